@@ -1,0 +1,180 @@
+//! Command-line arguments of every subcommand.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "xcluster",
+    version,
+    about = "XCluster: load-aware active-active balancing, supervision and a commerce core"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a balancer: the load-aware directory and the layer-4 proxy.
+    Lb(RoleArgs),
+    /// Run a host agent: sample load and push signed reports to the balancers.
+    Agent(RoleArgs),
+    /// Run the monitor: supervise this host's programs, serve the control API and dashboard.
+    Monitor(RoleArgs),
+    /// Run an XBuy app instance (the commerce core).
+    App(RoleArgs),
+    /// Run the whole local cluster: a monitor supervising balancers, an agent and app instances.
+    Up(UpArgs),
+    /// Control a running monitor (supervisorctl-like).
+    Ctl(CtlArgs),
+    /// Generate load against the cluster through the SDK, a proxy or plain round robin.
+    Load(LoadArgs),
+    /// Validate config files of any role (like `nginx -t`); exits 64 if any is invalid.
+    CheckConfig(CheckArgs),
+}
+
+#[derive(Debug, Clone, Copy, Default, ValueEnum)]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// Flags every daemon role takes.
+#[derive(Debug, Args)]
+pub struct RoleArgs {
+    /// Config file (TOML). Without it the role runs on its defaults.
+    #[arg(short, long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Override a config key, e.g. `--set listen=127.0.0.1:7005` (repeatable; applied after the file and the
+    /// XCLUSTER_<ROLE>__KEY environment variables).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
+    /// Print the effective config as TOML and exit.
+    #[arg(long)]
+    pub print_config: bool,
+    /// Log output format.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Args)]
+pub struct UpArgs {
+    /// The cluster description the monitor runs.
+    #[arg(short, long, value_name = "FILE", default_value = "configs/local.toml")]
+    pub config: PathBuf,
+    /// Override a config key (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
+    /// Print the effective config as TOML and exit.
+    #[arg(long)]
+    pub print_config: bool,
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+impl UpArgs {
+    pub fn into_role_args(self) -> RoleArgs {
+        RoleArgs {
+            config: Some(self.config),
+            set: self.set,
+            print_config: self.print_config,
+            log_format: self.log_format,
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct CtlArgs {
+    /// The monitor's API.
+    #[arg(long, env = "XCLUSTER_MONITOR_URL", default_value = "http://127.0.0.1:7300")]
+    pub url: String,
+    /// Bearer token for mutating calls.
+    #[arg(long, env = "XCLUSTER_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Machine-readable output.
+    #[arg(long)]
+    pub json: bool,
+    /// Seconds to wait for the monitor to answer.
+    #[arg(long, default_value_t = 10)]
+    pub timeout_secs: u64,
+    #[command(subcommand)]
+    pub verb: CtlVerb,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CtlVerb {
+    /// Show programs (all, one, or a group with `group:*`).
+    Status { names: Vec<String> },
+    /// Start programs.
+    Start { names: Vec<String> },
+    /// Stop programs.
+    Stop { names: Vec<String> },
+    /// Restart programs.
+    Restart { names: Vec<String> },
+    /// Send a signal (e.g. HUP, USR1) to programs.
+    Signal { signal: String, names: Vec<String> },
+    /// Show the tail of a program's log.
+    Tail {
+        name: String,
+        /// Keep following the log.
+        #[arg(short, long)]
+        follow: bool,
+        /// Which stream.
+        #[arg(long, default_value = "stdout")]
+        stream: String,
+        /// Bytes to show.
+        #[arg(long, default_value_t = 1600)]
+        bytes: u64,
+    },
+    /// Show what a reload would change (added / changed / removed programs).
+    Reread,
+    /// Apply the reloaded config, touching only what changed.
+    Update,
+    /// Stop every program and the monitor.
+    Shutdown,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum Via {
+    Sdk,
+    Proxy,
+    Rr,
+}
+
+#[derive(Debug, Args)]
+pub struct LoadArgs {
+    /// How requests find a backend.
+    #[arg(long, value_enum, default_value_t = Via::Sdk)]
+    pub via: Via,
+    /// Comma-separated addresses: balancers' APIs (sdk), the proxy (proxy), or the backends (rr).
+    #[arg(long, default_value = "127.0.0.1:7000,127.0.0.1:7001")]
+    pub targets: String,
+    /// Request mix by ratio, e.g. `browse=70,order=20,seckill=5,pay=5`.
+    #[arg(long, default_value = "browse=70,order=20,seckill=5,pay=5")]
+    pub mix: String,
+    /// Open loop at this many requests per second (latency corrected for coordinated omission).
+    #[arg(long, conflicts_with = "workers")]
+    pub rate: Option<u32>,
+    /// Closed loop with this many workers.
+    #[arg(long)]
+    pub workers: Option<u32>,
+    /// Run for this many seconds.
+    #[arg(long, default_value_t = 10)]
+    pub duration_secs: u64,
+    /// Stop after this many requests.
+    #[arg(long)]
+    pub requests: Option<u64>,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    /// Config files; each names its role with `role = "..."`.
+    #[arg(required = true)]
+    pub files: Vec<PathBuf>,
+}

@@ -1,0 +1,44 @@
+//! `xcluster check-config FILE...`: validates each file against its role's schema, like `nginx -t`.
+
+use std::path::Path;
+
+use xcluster_runtime::RoleConfig;
+use xcluster_runtime::config::{ConfigError, ConfigSource, load, role_of};
+
+pub fn run(files: &[std::path::PathBuf]) -> i32 {
+    let mut failed = 0;
+    for file in files {
+        match check(file) {
+            Ok(role) => println!("{}: ok (role {role})", file.display()),
+            Err(msg) => {
+                failed += 1;
+                eprintln!("{}: {msg}", file.display());
+            }
+        }
+    }
+    if failed == 0 { 0 } else { ConfigError::EXIT_CODE }
+}
+
+fn check(file: &Path) -> Result<&'static str, String> {
+    let role = role_of(file).map_err(|e| e.to_string())?;
+    match role.as_deref() {
+        Some(xcluster_lb::Config::ROLE) => check_as::<xcluster_lb::Config>(file),
+        Some(xcluster_agent::Config::ROLE) => check_as::<xcluster_agent::Config>(file),
+        Some(xcluster_monitor::Config::ROLE) => check_as::<xcluster_monitor::Config>(file),
+        Some(xcluster_app::Config::ROLE) => check_as::<xcluster_app::Config>(file),
+        Some(other) => Err(format!(
+            "role: unknown role {other:?} (expected lb, agent, monitor or app)"
+        )),
+        None => Err("role: missing; add role = \"lb\" (or agent, monitor, app) at the top".into()),
+    }
+}
+
+fn check_as<C: RoleConfig>(file: &Path) -> Result<&'static str, String> {
+    // The file alone is checked: environment overrides would make the verdict depend on the shell.
+    let source = ConfigSource {
+        path: Some(file.to_path_buf()),
+        overrides: Vec::new(),
+        use_env: false,
+    };
+    load::<C>(&source).map(|_| C::ROLE).map_err(|e| e.to_string())
+}

@@ -1,0 +1,26 @@
+//! `xcluster`: the one binary. Parses arguments and hands off; every role lives in its own library crate.
+
+mod args;
+mod check;
+mod ctl;
+mod load;
+mod role;
+
+use clap::Parser;
+
+fn main() {
+    let cli = args::Cli::parse();
+    let code = match cli.command {
+        args::Command::Lb(a) => role::run::<xcluster_lb::Config, _, _, _>(a, xcluster_lb::run),
+        args::Command::Agent(a) => role::run::<xcluster_agent::Config, _, _, _>(a, xcluster_agent::run),
+        args::Command::Monitor(a) => role::run::<xcluster_monitor::Config, _, _, _>(a, xcluster_monitor::run),
+        args::Command::App(a) => role::run::<xcluster_app::Config, _, _, _>(a, xcluster_app::run),
+        args::Command::Up(a) => {
+            role::run::<xcluster_monitor::Config, _, _, _>(a.into_role_args(), xcluster_monitor::run)
+        }
+        args::Command::Ctl(a) => ctl::run(a),
+        args::Command::Load(a) => load::run(a),
+        args::Command::CheckConfig(a) => check::run(&a.files),
+    };
+    std::process::exit(code);
+}

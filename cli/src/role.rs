@@ -1,0 +1,50 @@
+//! Runs one daemon role: load and validate config, print it if asked, init telemetry, run until a signal.
+
+use std::future::Future;
+
+use xcluster_runtime::config::{ConfigError, ConfigSource, load};
+use xcluster_runtime::telemetry::{self, LogFormat};
+use xcluster_runtime::{Context, DaemonConfig};
+
+use crate::args::{self, RoleArgs};
+
+pub fn run<C, E, F, Fut>(args: RoleArgs, role: F) -> i32
+where
+    C: DaemonConfig,
+    E: std::fmt::Display,
+    F: FnOnce(Context<C>) -> Fut,
+    Fut: Future<Output = Result<(), E>>,
+{
+    let source = ConfigSource {
+        path: args.config,
+        overrides: args.set,
+        use_env: true,
+    };
+    let loaded = match load::<C>(&source) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("xcluster {}: {e}", C::ROLE);
+            return ConfigError::EXIT_CODE;
+        }
+    };
+    if args.print_config {
+        print!("{}", loaded.effective_toml());
+        return 0;
+    }
+    let format = match args.log_format {
+        args::LogFormat::Text => LogFormat::Text,
+        args::LogFormat::Json => LogFormat::Json,
+    };
+    telemetry::init(loaded.config.log_filter(), format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("xcluster {}: cannot start the async runtime: {e}", C::ROLE);
+            return 1;
+        }
+    };
+    let code = runtime.block_on(xcluster_runtime::daemon::run(source, loaded, role));
+    // Background tasks (watchers, lingering connections) must not hold the exit.
+    runtime.shutdown_timeout(std::time::Duration::from_millis(200));
+    code
+}

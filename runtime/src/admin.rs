@@ -1,0 +1,72 @@
+//! The endpoints every daemon serves: `/metrics` (Prometheus text), `/livez` and `/readyz` (not ready while
+//! starting or draining). They are layered in front of a role's own API so each role needs one port only.
+
+use std::sync::Arc;
+
+use http::{Method, StatusCode};
+
+use crate::health::Health;
+use crate::http::{Handler, error, text, with_type};
+
+/// Wraps a role's handler so that the admin paths are answered first.
+pub fn wrap(health: Health, inner: Handler) -> Handler {
+    Arc::new(move |req, peer| {
+        if req.method() == Method::GET || req.method() == Method::HEAD {
+            match req.uri().path() {
+                "/metrics" => {
+                    let body = crate::telemetry::render_metrics();
+                    return Box::pin(async move {
+                        with_type(StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", body)
+                    });
+                }
+                "/livez" => return Box::pin(async { text(StatusCode::OK, "ok\n") }),
+                "/readyz" => {
+                    let phase = health.phase();
+                    return Box::pin(async move {
+                        if phase == crate::health::Phase::Ready {
+                            text(StatusCode::OK, "ready\n")
+                        } else {
+                            text(
+                                StatusCode::SERVICE_UNAVAILABLE,
+                                format!("not ready: {phase:?}\n").to_lowercase(),
+                            )
+                        }
+                    });
+                }
+                _ => {}
+            }
+        }
+        inner(req, peer)
+    })
+}
+
+/// A handler that knows nothing: every path is a 404 (for roles whose only HTTP surface is the admin one).
+pub fn not_found() -> Handler {
+    Arc::new(|req, _| {
+        let path = req.uri().path().to_string();
+        Box::pin(async move {
+            error(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                &format!("no such endpoint: {path}"),
+            )
+        })
+    })
+}
+
+/// Binds `addr` and serves `handler` behind the admin endpoints until the drain signal, then lets in-flight
+/// requests finish within `limits.grace`. The role marks itself ready once this is listening.
+pub async fn serve_api(
+    addr: std::net::SocketAddr,
+    health: Health,
+    handler: Handler,
+    limits: crate::http::ServerLimits,
+    drain: tokio_util::sync::CancellationToken,
+) -> std::io::Result<std::net::SocketAddr> {
+    let listener = crate::net::bind(&crate::net::ListenOptions::new(addr))?;
+    let local = listener.local_addr()?;
+    tracing::info!(%local, "listening");
+    let handler = wrap(health, handler);
+    tokio::spawn(crate::http::serve(listener, handler, limits, drain));
+    Ok(local)
+}

@@ -1,0 +1,583 @@
+//! Config loading: TOML file → layered overrides → raw serde struct → `validate()` → typed config.
+//!
+//! Layering is defaults < file < environment < flags. Defaults come from the raw struct's `#[serde(default)]`;
+//! the environment uses `XCLUSTER_<ROLE>__<KEY>__<SUBKEY>=value`; flags are `--set key.subkey=value`.
+//!
+//! Every problem is reported at once: a deserialisation error (unknown key, wrong type, negative duration)
+//! is recorded with its key path, the offending key is dropped, and deserialisation is retried, so the user
+//! sees the unknown key *and* the bad address *and* the negative duration in one run.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+/// Largest config file we read; anything bigger is certainly a mistake and must not exhaust memory.
+pub const MAX_CONFIG_BYTES: u64 = 1024 * 1024;
+
+/// Upper bound on how many distinct problems we collect before giving up (bounds the retry loop too).
+const MAX_ISSUES: usize = 64;
+
+/// A role's configuration: the raw, serde-facing form and the validated, typed form.
+pub trait RoleConfig: Sized + Send + Sync + 'static {
+    /// The role's name as used in `role = "..."`, env prefixes and metric labels.
+    const ROLE: &'static str;
+    /// The file-facing struct: `#[serde(default, deny_unknown_fields)]`, plain types.
+    type Raw: DeserializeOwned + Serialize + Default + Clone + Send + Sync + 'static;
+
+    /// Checks every field and converts to typed values, reporting every problem at once.
+    fn validate(raw: &Self::Raw) -> Result<Self, Vec<ConfigIssue>>;
+
+    /// Hides secrets before the raw config is printed or logged.
+    fn redact(_raw: &mut Self::Raw) {}
+}
+
+/// One problem with a config, naming the key and the bad value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigIssue {
+    pub key: String,
+    pub message: String,
+}
+
+impl ConfigIssue {
+    pub fn new(key: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for ConfigIssue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.key.is_empty() {
+            write!(f, "{}", self.message)
+        } else {
+            write!(f, "{}: {}", self.key, self.message)
+        }
+    }
+}
+
+/// Why a config could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("config {path} is larger than {MAX_CONFIG_BYTES} bytes")]
+    TooLarge { path: PathBuf },
+    #[error("config {origin} is not valid TOML: {message}")]
+    Syntax { origin: String, message: String },
+    #[error("config {origin} is invalid:\n{}", issues.iter().map(|i| format!("  {i}")).collect::<Vec<_>>().join("\n"))]
+    Invalid {
+        origin: String,
+        issues: Vec<ConfigIssue>,
+    },
+}
+
+impl ConfigError {
+    /// The process exit code for a bad config (EX_USAGE / EX_CONFIG convention used by `nginx -t` and others).
+    pub const EXIT_CODE: i32 = 64;
+
+    /// The individual problems, for tests and for the control API.
+    pub fn issues(&self) -> Vec<String> {
+        match self {
+            ConfigError::Invalid { issues, .. } => issues.iter().map(ToString::to_string).collect(),
+            other => vec![other.to_string()],
+        }
+    }
+}
+
+/// Where a config comes from: an optional file plus overrides.
+#[derive(Debug, Clone, Default)]
+pub struct ConfigSource {
+    pub path: Option<PathBuf>,
+    /// `key.path=value` pairs from `--set`, applied last.
+    pub overrides: Vec<String>,
+    /// Whether to apply `XCLUSTER_<ROLE>__*` environment variables.
+    pub use_env: bool,
+}
+
+impl ConfigSource {
+    pub fn file(path: impl Into<PathBuf>) -> Self {
+        Self {
+            path: Some(path.into()),
+            overrides: Vec::new(),
+            use_env: true,
+        }
+    }
+
+    fn origin(&self) -> String {
+        self.path
+            .as_ref()
+            .map_or_else(|| "<defaults>".to_string(), |p| p.display().to_string())
+    }
+}
+
+/// A validated config together with the effective raw form it came from.
+#[derive(Debug, Clone)]
+pub struct Loaded<C: RoleConfig> {
+    pub config: C,
+    pub raw: C::Raw,
+    /// The file's bytes, so a watcher can ignore events that did not change the content.
+    pub file_bytes: Option<Vec<u8>>,
+}
+
+impl<C: RoleConfig> Loaded<C> {
+    /// The effective config as TOML, secrets redacted (what `--print-config` shows).
+    pub fn effective_toml(&self) -> String {
+        effective_toml::<C>(&self.raw)
+    }
+}
+
+/// Renders a raw config as TOML with secrets redacted.
+pub fn effective_toml<C: RoleConfig>(raw: &C::Raw) -> String {
+    let mut raw = raw.clone();
+    C::redact(&mut raw);
+    match toml::to_string_pretty(&raw) {
+        Ok(s) => format!("role = \"{}\"\n{s}", C::ROLE),
+        Err(e) => format!("# cannot render config: {e}\n"),
+    }
+}
+
+/// Reads a file with a size bound.
+pub fn read_bounded(path: &Path) -> Result<Vec<u8>, ConfigError> {
+    use std::io::Read;
+    let file = std::fs::File::open(path).map_err(|source| ConfigError::Io {
+        path: path.into(),
+        source,
+    })?;
+    let mut buf = Vec::new();
+    file.take(MAX_CONFIG_BYTES + 1)
+        .read_to_end(&mut buf)
+        .map_err(|source| ConfigError::Io {
+            path: path.into(),
+            source,
+        })?;
+    if buf.len() as u64 > MAX_CONFIG_BYTES {
+        return Err(ConfigError::TooLarge { path: path.into() });
+    }
+    Ok(buf)
+}
+
+/// Parses TOML text into a table (syntax only).
+pub fn parse_table(text: &[u8], origin: &str) -> Result<toml::Table, ConfigError> {
+    let text = std::str::from_utf8(text).map_err(|e| ConfigError::Syntax {
+        origin: origin.into(),
+        message: format!("not utf-8: {e}"),
+    })?;
+    text.parse::<toml::Table>().map_err(|e| ConfigError::Syntax {
+        origin: origin.into(),
+        message: e.to_string().trim().to_string(),
+    })
+}
+
+/// Reads the `role = "..."` key of a config file, if it has one.
+pub fn role_of(path: &Path) -> Result<Option<String>, ConfigError> {
+    let bytes = read_bounded(path)?;
+    let table = parse_table(&bytes, &path.display().to_string())?;
+    Ok(table.get("role").and_then(|v| v.as_str()).map(str::to_string))
+}
+
+/// Loads, layers and validates a role's config.
+pub fn load<C: RoleConfig>(source: &ConfigSource) -> Result<Loaded<C>, ConfigError> {
+    let origin = source.origin();
+    let (mut table, file_bytes) = match &source.path {
+        Some(path) => {
+            let bytes = read_bounded(path)?;
+            (parse_table(&bytes, &origin)?, Some(bytes))
+        }
+        None => (toml::Table::new(), None),
+    };
+    let mut issues = Vec::new();
+
+    if let Some(role) = table.remove("role") {
+        match role.as_str() {
+            Some(r) if r == C::ROLE => {}
+            _ => issues.push(ConfigIssue::new(
+                "role",
+                format!("expected \"{}\", found {role}", C::ROLE),
+            )),
+        }
+    }
+    if source.use_env {
+        let prefix = format!("XCLUSTER_{}__", C::ROLE.to_ascii_uppercase());
+        let mut vars: Vec<(String, String)> =
+            std::env::vars().filter(|(k, _)| k.starts_with(&prefix)).collect();
+        vars.sort();
+        for (k, v) in vars {
+            let key = k[prefix.len()..].to_ascii_lowercase().replace("__", ".");
+            if let Err(issue) = set_path(&mut table, &key, &v) {
+                issues.push(ConfigIssue::new(format!("env {k}"), issue));
+            }
+        }
+    }
+    for ov in &source.overrides {
+        match ov.split_once('=') {
+            Some((k, v)) => {
+                if let Err(issue) = set_path(&mut table, k.trim(), v) {
+                    issues.push(ConfigIssue::new(format!("--set {k}"), issue));
+                }
+            }
+            None => issues.push(ConfigIssue::new(
+                "--set",
+                format!("expected KEY=VALUE, found {ov:?}"),
+            )),
+        }
+    }
+
+    let raw = deserialize_collecting::<C::Raw>(table, &mut issues);
+    let config = match raw.as_ref().map(C::validate) {
+        Some(Ok(c)) => Some(c),
+        Some(Err(more)) => {
+            issues.extend(more);
+            None
+        }
+        None => None,
+    };
+    match (raw, config) {
+        (Some(raw), Some(config)) if issues.is_empty() => Ok(Loaded {
+            config,
+            raw,
+            file_bytes,
+        }),
+        _ => Err(ConfigError::Invalid { origin, issues }),
+    }
+}
+
+/// Deserialises `table` into `T`, recording each error with its key and dropping the offending key so the
+/// remaining keys are still checked. Returns `None` if it could not get a value at all.
+fn deserialize_collecting<T: DeserializeOwned>(
+    mut table: toml::Table,
+    issues: &mut Vec<ConfigIssue>,
+) -> Option<T> {
+    for _ in 0..MAX_ISSUES {
+        let value = toml::Value::Table(table.clone());
+        match serde_path_to_error::deserialize::<_, T>(value) {
+            Ok(v) => return Some(v),
+            Err(err) => {
+                let mut path: Vec<String> = err.path().iter().map(|seg| seg.to_string()).collect();
+                path.retain(|s| s != "?");
+                let message = err.inner().to_string();
+                if let Some(field) = unknown_field(&message) {
+                    if path.last().map(String::as_str) != Some(field.as_str()) {
+                        path.push(field);
+                    }
+                    let key = path.join(".");
+                    issues.push(ConfigIssue::new(key, first_line(&message)));
+                } else {
+                    let key = path.join(".");
+                    let shown = match lookup(&table, &path) {
+                        Some(v) if !message.contains(&v.to_string()) => {
+                            format!("{} (found {v})", first_line(&message))
+                        }
+                        _ => first_line(&message),
+                    };
+                    issues.push(ConfigIssue::new(key, shown));
+                }
+                if path.is_empty() || !remove_path(&mut table, &path) {
+                    return None;
+                }
+            }
+        }
+    }
+    None
+}
+
+fn first_line(s: &str) -> String {
+    s.lines().next().unwrap_or("").trim().to_string()
+}
+
+fn unknown_field(message: &str) -> Option<String> {
+    let rest = message.strip_prefix("unknown field `")?;
+    Some(rest[..rest.find('`')?].to_string())
+}
+
+fn lookup<'a>(table: &'a toml::Table, path: &[String]) -> Option<&'a toml::Value> {
+    let (first, rest) = path.split_first()?;
+    let mut cur = table.get(first)?;
+    for seg in rest {
+        cur = match cur {
+            toml::Value::Table(t) => t.get(seg)?,
+            toml::Value::Array(a) => a.get(seg.parse::<usize>().ok()?)?,
+            _ => return None,
+        };
+    }
+    Some(cur)
+}
+
+fn remove_path(table: &mut toml::Table, path: &[String]) -> bool {
+    let Some((last, parents)) = path.split_last() else {
+        return false;
+    };
+    let mut cur: &mut toml::Table = table;
+    for seg in parents {
+        if matches!(cur.get(seg), Some(toml::Value::Array(_))) {
+            // Inside an array of tables: drop the whole array rather than guess which element to keep.
+            return cur.remove(seg).is_some();
+        }
+        match cur.get_mut(seg) {
+            Some(toml::Value::Table(t)) => cur = t,
+            _ => return false,
+        }
+    }
+    cur.remove(last).is_some()
+}
+
+/// Sets `a.b.c` in the table; the value is parsed as a TOML value when it is one, else taken as a string.
+fn set_path(table: &mut toml::Table, key: &str, raw_value: &str) -> Result<(), String> {
+    let segs: Vec<&str> = key.split('.').collect();
+    if key.is_empty() || segs.iter().any(|s| s.is_empty()) {
+        return Err(format!("invalid key {key:?}"));
+    }
+    let value = format!("v = {raw_value}")
+        .parse::<toml::Table>()
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw_value.to_string()));
+    let (last, parents) = segs.split_last().ok_or_else(|| format!("invalid key {key:?}"))?;
+    let mut cur = table;
+    for seg in parents {
+        let entry = cur
+            .entry(seg.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        cur = match entry {
+            toml::Value::Table(t) => t,
+            _ => return Err(format!("{seg} is not a table")),
+        };
+    }
+    cur.insert(last.to_string(), value);
+    Ok(())
+}
+
+/// Flattens a raw config into `key.path = value` lines, for one-line diffs on reload.
+pub fn flatten<T: Serialize>(raw: &T) -> Vec<(String, String)> {
+    fn walk(prefix: &str, v: &toml::Value, out: &mut Vec<(String, String)>) {
+        match v {
+            toml::Value::Table(t) => {
+                for (k, v) in t {
+                    let key = if prefix.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{prefix}.{k}")
+                    };
+                    walk(&key, v, out);
+                }
+            }
+            other => out.push((prefix.to_string(), other.to_string())),
+        }
+    }
+    let mut out = Vec::new();
+    if let Ok(v) = toml::Value::try_from(raw) {
+        walk("", &v, &mut out);
+    }
+    out
+}
+
+/// Describes what changed between two raw configs in one line (`a: x -> y, b added, c removed`).
+pub fn diff<T: Serialize>(old: &T, new: &T) -> String {
+    let old: std::collections::BTreeMap<_, _> = flatten(old).into_iter().collect();
+    let new: std::collections::BTreeMap<_, _> = flatten(new).into_iter().collect();
+    let mut parts = Vec::new();
+    for (k, v) in &new {
+        match old.get(k) {
+            None => parts.push(format!("{k} added ({v})")),
+            Some(o) if o != v => parts.push(format!("{k}: {o} -> {v}")),
+            _ => {}
+        }
+    }
+    for k in old.keys().filter(|k| !new.contains_key(*k)) {
+        parts.push(format!("{k} removed"));
+    }
+    if parts.is_empty() {
+        "no changes".to_string()
+    } else {
+        parts.join(", ")
+    }
+}
+
+/// Accumulates validation problems and converts fields, so `validate()` reports everything at once.
+#[derive(Debug, Default)]
+pub struct Validator {
+    pub issues: Vec<ConfigIssue>,
+}
+
+impl Validator {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn error(&mut self, key: impl Into<String>, message: impl Into<String>) {
+        self.issues.push(ConfigIssue::new(key, message));
+    }
+
+    /// Records an error when `ok` is false.
+    pub fn check(&mut self, ok: bool, key: &str, message: impl FnOnce() -> String) {
+        if !ok {
+            self.error(key, message());
+        }
+    }
+
+    /// Parses a socket address such as `127.0.0.1:7000`.
+    pub fn addr(&mut self, key: &str, value: &str) -> std::net::SocketAddr {
+        value.parse().unwrap_or_else(|_| {
+            self.error(
+                key,
+                format!("invalid socket address {value:?} (expected host:port, e.g. 127.0.0.1:7000)"),
+            );
+            std::net::SocketAddr::from(([127, 0, 0, 1], 0))
+        })
+    }
+
+    /// A duration in milliseconds that must lie in `min..=max`.
+    pub fn millis(&mut self, key: &str, value: u64, min: u64, max: u64) -> std::time::Duration {
+        if value < min || value > max {
+            self.error(key, format!("{value} ms is out of range ({min}..={max} ms)"));
+        }
+        std::time::Duration::from_millis(value.clamp(min, max))
+    }
+
+    /// An integer that must lie in `min..=max`.
+    pub fn range<T: PartialOrd + fmt::Display + Copy>(&mut self, key: &str, value: T, min: T, max: T) -> T {
+        if value < min || value > max {
+            self.error(key, format!("{value} is out of range ({min}..={max})"));
+            return if value < min { min } else { max };
+        }
+        value
+    }
+
+    /// Finishes validation: the typed value if there were no problems.
+    pub fn finish<T>(self, value: T) -> Result<T, Vec<ConfigIssue>> {
+        if self.issues.is_empty() {
+            Ok(value)
+        } else {
+            Err(self.issues)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde::Deserialize;
+
+    #[derive(Debug, Clone, Default, Serialize, Deserialize)]
+    #[serde(default, deny_unknown_fields)]
+    struct Inner {
+        timeout_ms: u64,
+    }
+
+    #[derive(Debug, Clone, Serialize, Deserialize)]
+    #[serde(default, deny_unknown_fields)]
+    struct Raw {
+        listen: String,
+        grace_ms: u64,
+        inner: Inner,
+    }
+
+    impl Default for Raw {
+        fn default() -> Self {
+            Self {
+                listen: "127.0.0.1:1".into(),
+                grace_ms: 5,
+                inner: Inner::default(),
+            }
+        }
+    }
+
+    #[derive(Debug)]
+    struct Cfg {
+        listen: std::net::SocketAddr,
+    }
+
+    impl RoleConfig for Cfg {
+        const ROLE: &'static str = "test";
+        type Raw = Raw;
+        fn validate(raw: &Raw) -> Result<Self, Vec<ConfigIssue>> {
+            let mut v = Validator::new();
+            let listen = v.addr("listen", &raw.listen);
+            v.finish(Cfg { listen })
+        }
+    }
+
+    fn load_str(text: &str, overrides: &[&str]) -> Result<Loaded<Cfg>, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, text).unwrap();
+        let mut src = ConfigSource::file(&path);
+        src.use_env = false;
+        src.overrides = overrides.iter().map(|s| s.to_string()).collect();
+        load::<Cfg>(&src)
+    }
+
+    #[test]
+    fn reports_every_problem_at_once() {
+        let err = load_str(
+            "bogus = 1\nlisten = \"nope\"\ngrace_ms = -3\n[inner]\ntimeout_ms = -1\nextra = 2\n",
+            &[],
+        )
+        .unwrap_err();
+        let issues = err.issues();
+        assert_eq!(issues.len(), 5, "{issues:#?}");
+        assert!(
+            issues.iter().any(|i| i.starts_with("bogus: unknown field")),
+            "{issues:#?}"
+        );
+        assert!(
+            issues.iter().any(|i| i.starts_with("inner.extra: unknown field")),
+            "{issues:#?}"
+        );
+        assert!(
+            issues
+                .iter()
+                .any(|i| i.starts_with("grace_ms:") && i.contains("-3")),
+            "{issues:#?}"
+        );
+        assert!(
+            issues
+                .iter()
+                .any(|i| i.starts_with("inner.timeout_ms:") && i.contains("-1")),
+            "{issues:#?}"
+        );
+        assert!(
+            issues
+                .iter()
+                .any(|i| i.starts_with("listen:") && i.contains("\"nope\"")),
+            "{issues:#?}"
+        );
+    }
+
+    #[test]
+    fn overrides_layer_over_file() {
+        let loaded = load_str(
+            "listen = \"127.0.0.1:5\"\n",
+            &["listen=127.0.0.1:9", "inner.timeout_ms=7"],
+        )
+        .unwrap();
+        assert_eq!(loaded.config.listen.port(), 9);
+        assert_eq!(loaded.raw.inner.timeout_ms, 7);
+        assert_eq!(loaded.raw.grace_ms, 5, "default kept");
+    }
+
+    #[test]
+    fn wrong_role_is_rejected() {
+        let err = load_str("role = \"lb\"\n", &[]).unwrap_err();
+        assert!(err.issues()[0].starts_with("role:"), "{:?}", err.issues());
+        assert!(load_str("role = \"test\"\n", &[]).is_ok());
+    }
+
+    #[test]
+    fn syntax_error_names_the_file() {
+        let err = load_str("listen = \n", &[]).unwrap_err();
+        assert!(matches!(err, ConfigError::Syntax { .. }), "{err}");
+    }
+
+    #[test]
+    fn diff_is_one_line() {
+        let a = Raw::default();
+        let mut b = a.clone();
+        b.grace_ms = 9;
+        assert_eq!(diff(&a, &b), "grace_ms: 5 -> 9");
+        assert_eq!(diff(&a, &a), "no changes");
+    }
+}

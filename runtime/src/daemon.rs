@@ -1,0 +1,123 @@
+//! Runs a role as a daemon: publishes its config snapshot, starts signal handling and hot reload, hands the
+//! role a [`Context`], and turns the outcome into an exit code. Only the entry point calls this.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::config::{ConfigSource, Loaded, RoleConfig};
+use crate::health::Health;
+use crate::reload::Reloader;
+use crate::signals::Shutdown;
+
+/// What a running role is given.
+#[derive(Debug, Clone)]
+pub struct Context<C: RoleConfig> {
+    /// The current config; replaced whole on every successful reload.
+    pub config: watch::Receiver<Arc<C>>,
+    /// Readiness, shown by `/readyz`; the role calls `set_ready()` when it can serve.
+    pub health: Health,
+    /// Drain and stop signals.
+    pub shutdown: Shutdown,
+    /// Asks for a reload and reports the outcome.
+    pub reloader: Reloader,
+    /// Where the config came from, so a role can re-read it itself (the monitor's `reread`).
+    pub source: ConfigSource,
+}
+
+impl<C: RoleConfig> Context<C> {
+    /// The current config snapshot.
+    pub fn config(&self) -> Arc<C> {
+        self.config.borrow().clone()
+    }
+}
+
+/// What a role's config tells the daemon runner.
+pub trait DaemonConfig: RoleConfig {
+    /// How long SIGTERM lets in-flight work finish.
+    fn grace(&self) -> Duration;
+    /// The `tracing` filter from `[log] level`.
+    fn log_filter(&self) -> &str;
+}
+
+/// Exit code when a second signal forced the exit.
+pub const EXIT_FORCED: i32 = 2;
+
+/// Runs `role` until it returns or a second signal forces the end. Returns the process exit code.
+pub async fn run<C, E, F, Fut>(source: ConfigSource, loaded: Loaded<C>, role: F) -> i32
+where
+    C: DaemonConfig,
+    E: std::fmt::Display,
+    F: FnOnce(Context<C>) -> Fut,
+    Fut: Future<Output = Result<(), E>>,
+{
+    let _ = crate::telemetry::set_filter(loaded.config.log_filter());
+    metrics::gauge!(crate::metrics::BUILD_INFO, "role" => C::ROLE, "version" => env!("CARGO_PKG_VERSION"))
+        .set(1.0);
+    let internal = CancellationToken::new();
+    tokio::spawn(crate::telemetry::upkeep(internal.clone()));
+
+    let reload_seed = (loaded.raw.clone(), loaded.file_bytes.clone());
+    let (publish, config_rx) = watch::channel(Arc::new(loaded.config));
+    let health = Health::new();
+    let shutdown = Shutdown::new();
+    let trigger = mpsc::channel(8);
+    let trigger_tx = trigger.0.clone();
+    let reloader = crate::reload::spawn::<C>(source.clone(), reload_seed, publish, trigger, internal.clone());
+
+    // Keep the log filter in step with the config.
+    let mut log_rx = config_rx.clone();
+    let log_cancel = internal.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = log_cancel.cancelled() => return,
+                r = log_rx.changed() => if r.is_err() { return },
+            }
+            let filter = log_rx.borrow_and_update().log_filter().to_string();
+            if let Err(e) = crate::telemetry::set_filter(&filter) {
+                warn!(error = %e, "cannot apply log filter");
+            }
+        }
+    });
+
+    let grace_rx = config_rx.clone();
+    let signals = crate::signals::spawn_listener(shutdown.clone(), health.clone(), trigger_tx, move || {
+        grace_rx.borrow().grace()
+    });
+    if let Err(e) = signals {
+        error!(error = %e, "cannot install signal handlers");
+        return 1;
+    }
+
+    let ctx = Context {
+        config: config_rx.clone(),
+        health: health.clone(),
+        shutdown: shutdown.clone(),
+        reloader,
+        source,
+    };
+    let force = shutdown.force_token();
+    let stop = shutdown.stop_token();
+    let role_fut = role(ctx);
+    tokio::pin!(role_fut);
+    // After `stop` the role has a short last chance to return before we force the exit.
+    let overdue = async {
+        stop.cancelled().await;
+        tokio::time::sleep(Duration::from_secs(5)).await;
+    };
+    let code = tokio::select! {
+        r = &mut role_fut => match r {
+            Ok(()) => { info!(role = C::ROLE, "stopped"); 0 }
+            Err(e) => { error!(role = C::ROLE, error = %e, "failed"); 1 }
+        },
+        _ = force.cancelled() => { warn!(role = C::ROLE, "forced exit"); EXIT_FORCED }
+        _ = overdue => { warn!(role = C::ROLE, "did not stop within 5 s of the stop signal; forcing exit"); EXIT_FORCED }
+    };
+    internal.cancel();
+    code
+}

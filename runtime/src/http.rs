@@ -1,0 +1,300 @@
+//! The HTTP/1.1 server every role's API runs on, with the limits every network input needs: a connection
+//! cap taken before `accept`, a header-read timeout (slowloris), a header size bound, bounded bodies with a
+//! read timeout, and graceful shutdown. Also the JSON response helpers, so every role answers errors alike.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderValue, Request, Response, StatusCode, header};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, debug, info_span, warn};
+
+/// The response body type of every XCluster server: a full buffer or a stream (SSE, long poll, log follow).
+pub type Body = BoxBody<Bytes, Infallible>;
+
+/// A boxed future returning a response.
+pub type ResponseFuture = Pin<Box<dyn Future<Output = Response<Body>> + Send>>;
+
+/// A request handler: one per server, shared by every connection.
+pub type Handler = Arc<dyn Fn(Request<Incoming>, SocketAddr) -> ResponseFuture + Send + Sync>;
+
+/// Limits applied to every connection of a server.
+#[derive(Debug, Clone)]
+pub struct ServerLimits {
+    /// Concurrent connections; the permit is taken before `accept`, so excess clients wait in the backlog.
+    pub max_connections: usize,
+    /// Time allowed for a request's headers to arrive (and for the first one after keep-alive).
+    pub header_read_timeout: Duration,
+    /// Largest buffered request head, in bytes (hyper's minimum is 8 KiB).
+    pub max_header_bytes: usize,
+    /// How long in-flight requests may run after shutdown starts.
+    pub grace: Duration,
+}
+
+impl Default for ServerLimits {
+    fn default() -> Self {
+        Self {
+            max_connections: 1024,
+            header_read_timeout: Duration::from_secs(10),
+            max_header_bytes: 16 * 1024,
+            grace: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Builds a boxed body from bytes.
+pub fn full(bytes: impl Into<Bytes>) -> Body {
+    Full::new(bytes.into()).boxed()
+}
+
+/// A JSON response.
+pub fn json<T: serde::Serialize>(status: StatusCode, value: &T) -> Response<Body> {
+    match serde_json::to_vec(value) {
+        Ok(bytes) => with_type(status, "application/json", bytes),
+        Err(e) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            &format!("cannot encode response: {e}"),
+        ),
+    }
+}
+
+/// A plain-text response.
+pub fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
+    with_type(status, "text/plain; charset=utf-8", body)
+}
+
+/// A response with a given content type.
+pub fn with_type(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Response<Body> {
+    let mut resp = Response::new(full(body));
+    *resp.status_mut() = status;
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    resp
+}
+
+/// The JSON error every XCluster API returns: `{"error": {"code": "...", "message": "..."}}`.
+pub fn error(status: StatusCode, code: &str, message: &str) -> Response<Body> {
+    let body = serde_json::json!({ "error": { "code": code, "message": message } });
+    let mut resp = with_type(status, "application/json", body.to_string());
+    *resp.status_mut() = status;
+    resp
+}
+
+/// Why a request body could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    #[error("request body larger than {limit} bytes")]
+    TooLarge { limit: usize },
+    #[error("request body not received within {0:?}")]
+    Timeout(Duration),
+    #[error("request body could not be read: {0}")]
+    Read(String),
+}
+
+impl BodyError {
+    /// The response this error deserves.
+    pub fn response(&self) -> Response<Body> {
+        match self {
+            BodyError::TooLarge { .. } => {
+                error(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", &self.to_string())
+            }
+            BodyError::Timeout(_) => error(StatusCode::REQUEST_TIMEOUT, "body_timeout", &self.to_string()),
+            BodyError::Read(_) => error(StatusCode::BAD_REQUEST, "bad_body", &self.to_string()),
+        }
+    }
+}
+
+/// Reads a request body completely, bounded in size and time.
+pub async fn read_body(body: Incoming, limit: usize, timeout: Duration) -> Result<Bytes, BodyError> {
+    let limited = Limited::new(body, limit);
+    match tokio::time::timeout(timeout, limited.collect()).await {
+        Err(_) => Err(BodyError::Timeout(timeout)),
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        Ok(Err(e)) => {
+            if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() {
+                Err(BodyError::TooLarge { limit })
+            } else {
+                Err(BodyError::Read(e.to_string()))
+            }
+        }
+    }
+}
+
+/// Reads and decodes a JSON body, answering the right 4xx on any problem.
+pub async fn read_json<T: serde::de::DeserializeOwned>(
+    req: Request<Incoming>,
+    limit: usize,
+    timeout: Duration,
+) -> Result<T, Response<Body>> {
+    let bytes = read_body(req.into_body(), limit, timeout)
+        .await
+        .map_err(|e| e.response())?;
+    serde_json::from_slice(&bytes).map_err(|e| {
+        error(
+            StatusCode::BAD_REQUEST,
+            "bad_json",
+            &format!("invalid JSON body: {e}"),
+        )
+    })
+}
+
+/// Parses a query string into pairs (percent-decoding `%XX` and `+`), bounded in count.
+pub fn query_pairs(query: Option<&str>) -> Result<Vec<(String, String)>, String> {
+    let Some(q) = query else { return Ok(Vec::new()) };
+    let mut out = Vec::new();
+    for part in q.split('&').filter(|p| !p.is_empty()) {
+        if out.len() >= 32 {
+            return Err("too many query parameters (max 32)".into());
+        }
+        let (k, v) = part.split_once('=').unwrap_or((part, ""));
+        out.push((percent_decode(k)?, percent_decode(v)?));
+    }
+    Ok(out)
+}
+
+fn percent_decode(s: &str) -> Result<String, String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' => {
+                let hex = bytes
+                    .get(i + 1..i + 3)
+                    .ok_or_else(|| format!("bad percent-encoding in {s:?}"))?;
+                let hex = std::str::from_utf8(hex).map_err(|_| format!("bad percent-encoding in {s:?}"))?;
+                out.push(u8::from_str_radix(hex, 16).map_err(|_| format!("bad percent-encoding in {s:?}"))?);
+                i += 2;
+            }
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8(out).map_err(|_| format!("query value is not utf-8: {s:?}"))
+}
+
+/// Checks `Authorization: Bearer <token>` in constant time. An empty configured token refuses everything.
+pub fn bearer_ok<B>(req: &Request<B>, token: &str) -> bool {
+    if token.is_empty() {
+        return false;
+    }
+    let Some(given) = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+    else {
+        return false;
+    };
+    let Some(given) = given.strip_prefix("Bearer ") else {
+        return false;
+    };
+    let (a, b) = (given.as_bytes(), token.as_bytes());
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// The 401 answer for a mutating call without a valid token.
+pub fn unauthorized() -> Response<Body> {
+    let mut resp = error(
+        StatusCode::UNAUTHORIZED,
+        "unauthorized",
+        "a valid bearer token is required for this call",
+    );
+    resp.headers_mut()
+        .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    resp
+}
+
+/// Serves `handler` on `listener` until `cancel` fires, then drains in-flight requests for up to `grace`.
+pub async fn serve(listener: TcpListener, handler: Handler, limits: ServerLimits, cancel: CancellationToken) {
+    let permits = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let local = listener.local_addr().ok();
+    let mut backoff = Duration::from_millis(5);
+    loop {
+        // The permit comes first: at the cap we stop accepting, and the kernel backlog holds the rest.
+        let permit = tokio::select! {
+            _ = cancel.cancelled() => break,
+            p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+        };
+        let (stream, peer) = tokio::select! {
+            _ = cancel.cancelled() => break,
+            r = listener.accept() => match r {
+                Ok(pair) => { backoff = Duration::from_millis(5); pair }
+                Err(e) => {
+                    // EMFILE/ENFILE and friends are transient: back off and keep the loop alive.
+                    metrics::counter!(crate::metrics::HTTP_ACCEPT_ERRORS_TOTAL).increment(1);
+                    warn!(error = %e, ?local, "accept failed; backing off");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let handler = handler.clone();
+        let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+            let fut = handler(req, peer);
+            async move { Ok::<_, Infallible>(fut.await) }
+        });
+        let mut builder = hyper::server::conn::http1::Builder::new();
+        builder
+            .timer(TokioTimer::new())
+            .header_read_timeout(limits.header_read_timeout)
+            .max_buf_size(limits.max_header_bytes.max(8192))
+            .keep_alive(true);
+        let conn = builder.serve_connection(TokioIo::new(stream), service);
+        let conn = graceful.watch(conn);
+        tokio::spawn(
+            async move {
+                if let Err(e) = conn.await {
+                    debug!(error = %e, "connection ended with an error");
+                }
+                drop(permit);
+            }
+            .instrument(info_span!("http_conn", %peer)),
+        );
+    }
+    drop(listener);
+    tokio::select! {
+        _ = graceful.shutdown() => {}
+        _ = tokio::time::sleep(limits.grace) => warn!(?local, "grace period over; closing remaining connections"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_decoding() {
+        let q = query_pairs(Some("type=browse&watch=12&x=a%20b+c")).unwrap();
+        assert_eq!(q[0], ("type".into(), "browse".into()));
+        assert_eq!(q[2], ("x".into(), "a b c".into()));
+        assert!(query_pairs(Some("x=%zz")).is_err());
+        assert!(query_pairs(Some("x=%4")).is_err());
+        let many = (0..40).map(|i| format!("k{i}=1")).collect::<Vec<_>>().join("&");
+        assert!(query_pairs(Some(&many)).is_err());
+    }
+
+    #[test]
+    fn bearer_checks_exactly() {
+        let req = |v: &str| Request::builder().header("authorization", v).body(()).unwrap();
+        assert!(bearer_ok(&req("Bearer s3cret"), "s3cret"));
+        assert!(!bearer_ok(&req("Bearer s3cre"), "s3cret"));
+        assert!(!bearer_ok(&req("Basic s3cret"), "s3cret"));
+        assert!(!bearer_ok(&req("Bearer "), ""));
+    }
+}

@@ -1,0 +1,116 @@
+//! Signal handling: SIGTERM drains, SIGINT stops fast, SIGHUP reloads, and a second SIGTERM or SIGINT while
+//! draining forces the exit.
+
+use std::time::Duration;
+
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::health::Health;
+
+/// The shutdown state a role watches.
+#[derive(Debug, Clone)]
+pub struct Shutdown {
+    drain: CancellationToken,
+    stop: CancellationToken,
+    force: CancellationToken,
+}
+
+impl Default for Shutdown {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Shutdown {
+    pub fn new() -> Self {
+        Self {
+            drain: CancellationToken::new(),
+            stop: CancellationToken::new(),
+            force: CancellationToken::new(),
+        }
+    }
+
+    /// Fires when the role must stop accepting new work (SIGTERM, SIGINT, or a programmatic stop).
+    pub fn drain_token(&self) -> CancellationToken {
+        self.drain.clone()
+    }
+
+    /// Fires when in-flight work must be abandoned (SIGINT, or the grace period is over).
+    pub fn stop_token(&self) -> CancellationToken {
+        self.stop.clone()
+    }
+
+    pub(crate) fn force_token(&self) -> CancellationToken {
+        self.force.clone()
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.drain.is_cancelled()
+    }
+
+    /// Starts a graceful drain; `stop` fires after `grace`.
+    pub fn begin_drain(&self, grace: Duration) {
+        if self.drain.is_cancelled() {
+            return;
+        }
+        self.drain.cancel();
+        let stop = self.stop.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(grace).await;
+            stop.cancel();
+        });
+    }
+
+    /// Stops fast: drain and stop at once.
+    pub fn stop_now(&self) {
+        self.drain.cancel();
+        self.stop.cancel();
+    }
+}
+
+/// Listens for signals until the process ends. `grace` is read on each SIGTERM so it reloads live.
+pub fn spawn_listener(
+    shutdown: Shutdown,
+    health: Health,
+    reload: mpsc::Sender<crate::reload::Cause>,
+    grace: impl Fn() -> Duration + Send + 'static,
+) -> std::io::Result<tokio::task::JoinHandle<()>> {
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    Ok(tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                Some(()) = term.recv() => {
+                    if shutdown.is_draining() {
+                        warn!("second SIGTERM while draining: forcing exit");
+                        shutdown.force.cancel();
+                    } else {
+                        let grace = grace();
+                        info!(?grace, "SIGTERM: draining");
+                        health.set_draining();
+                        shutdown.begin_drain(grace);
+                    }
+                }
+                Some(()) = int.recv() => {
+                    if shutdown.is_draining() {
+                        warn!("SIGINT while draining: forcing exit");
+                        shutdown.force.cancel();
+                    } else {
+                        info!("SIGINT: stopping");
+                        health.set_draining();
+                        shutdown.stop_now();
+                    }
+                }
+                Some(()) = hup.recv() => {
+                    info!("SIGHUP: reloading config");
+                    let _ = reload.try_send(crate::reload::Cause::Signal);
+                }
+                else => return,
+            }
+        }
+    }))
+}

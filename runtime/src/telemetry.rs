@@ -1,0 +1,104 @@
+//! Process-wide telemetry: the `tracing` subscriber (with a live-reloadable filter) and the Prometheus
+//! recorder behind the `metrics` facade. Only entry points call `init`; libraries just emit.
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, reload};
+
+static PROMETHEUS: OnceLock<PrometheusHandle> = OnceLock::new();
+static FILTER: OnceLock<reload::Handle<EnvFilter, tracing_subscriber::Registry>> = OnceLock::new();
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// Installs the tracing subscriber (stderr) and the Prometheus recorder. `RUST_LOG`, when set, wins over
+/// `default_filter`. Safe to call more than once; later calls do nothing.
+pub fn init(default_filter: &str, format: LogFormat) {
+    if FILTER.get().is_none() {
+        let filter = std::env::var("RUST_LOG")
+            .ok()
+            .and_then(|f| EnvFilter::try_new(f).ok())
+            .or_else(|| EnvFilter::try_new(default_filter).ok())
+            .unwrap_or_else(|| EnvFilter::new("info"));
+        let (layer, handle) = reload::Layer::new(filter);
+        let registry = tracing_subscriber::registry().with(layer);
+        let ok = match format {
+            LogFormat::Text => registry
+                .with(
+                    tracing_subscriber::fmt::layer()
+                        .with_writer(std::io::stderr)
+                        .with_target(false),
+                )
+                .try_init()
+                .is_ok(),
+            LogFormat::Json => registry
+                .with(
+                    tracing_subscriber::fmt::layer()
+                        .json()
+                        .with_writer(std::io::stderr),
+                )
+                .try_init()
+                .is_ok(),
+        };
+        if ok {
+            let _ = FILTER.set(handle);
+        }
+    }
+    prometheus();
+}
+
+/// Replaces the log filter at run time (the `log.level` key reloads live). `RUST_LOG` keeps precedence.
+pub fn set_filter(filter: &str) -> Result<(), String> {
+    if std::env::var_os("RUST_LOG").is_some() {
+        return Ok(());
+    }
+    let new = EnvFilter::try_new(filter).map_err(|e| format!("invalid log filter {filter:?}: {e}"))?;
+    match FILTER.get() {
+        Some(h) => h.reload(new).map_err(|e| e.to_string()),
+        None => Ok(()),
+    }
+}
+
+/// Checks a log filter without applying it (for config validation).
+pub fn check_filter(filter: &str) -> Result<(), String> {
+    EnvFilter::try_new(filter)
+        .map(|_| ())
+        .map_err(|e| format!("invalid log filter {filter:?}: {e}"))
+}
+
+/// The Prometheus handle, installing the recorder on first use. If another recorder is already installed
+/// (a test binary), a detached recorder is used so rendering still works.
+pub fn prometheus() -> &'static PrometheusHandle {
+    PROMETHEUS.get_or_init(|| {
+        let builder = PrometheusBuilder::new();
+        match builder.install_recorder() {
+            Ok(h) => h,
+            Err(_) => PrometheusBuilder::new().build_recorder().handle(),
+        }
+    })
+}
+
+/// Renders every metric in the Prometheus text format.
+pub fn render_metrics() -> String {
+    prometheus().render()
+}
+
+/// Runs the recorder's periodic upkeep (histogram expiry) until `cancel` fires.
+pub async fn upkeep(cancel: tokio_util::sync::CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tick.tick() => prometheus().run_upkeep(),
+        }
+    }
+}

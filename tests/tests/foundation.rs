@@ -1,0 +1,234 @@
+//! The foundation: every shipped config validates, bad configs are rejected with every problem named,
+//! admin endpoints answer, and hot reload applies valid changes and keeps the old config on invalid ones.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::process::Command;
+use std::time::Duration;
+
+use xcluster_tests::*;
+
+const ROLES: [&str; 4] = ["lb", "agent", "monitor", "app"];
+
+#[test]
+fn every_shipped_config_validates() {
+    let dir = workspace_root().join("configs");
+    let mut files: Vec<_> = walk(&dir)
+        .into_iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "toml"))
+        .collect();
+    files.sort();
+    assert!(
+        files.len() >= 5,
+        "expected configs for every role and local.toml, found {files:?}"
+    );
+    for f in files {
+        let out = Command::new(xcluster_bin())
+            .arg("check-config")
+            .arg(&f)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{} rejected:\n{}",
+            f.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p))
+        } else {
+            out.push(p)
+        }
+    }
+    out
+}
+
+#[test]
+fn bad_config_exits_64_with_one_message_per_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    for role in ROLES {
+        let path = write_file(
+            dir.path(),
+            &format!("{role}.toml"),
+            &format!(
+                "role = \"{role}\"\nno_such_key = 1\nlisten = \"300.1.1.1:99999\"\n[shutdown]\ngrace_ms = -5\n"
+            ),
+        );
+        // The daemon itself refuses to start...
+        let out = Command::new(xcluster_bin())
+            .arg(role)
+            .arg("--config")
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert_eq!(
+            out.status.code(),
+            Some(64),
+            "{role}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let problems: Vec<&str> = stderr.lines().filter(|l| l.starts_with("  ")).collect();
+        assert_eq!(
+            problems.len(),
+            3,
+            "{role}: expected three problems, got:\n{stderr}"
+        );
+        assert!(stderr.contains("no_such_key: unknown field"), "{stderr}");
+        assert!(
+            stderr.contains("listen: invalid socket address \"300.1.1.1:99999\""),
+            "{stderr}"
+        );
+        assert!(
+            stderr.contains("shutdown.grace_ms:") && stderr.contains("-5"),
+            "{stderr}"
+        );
+        // ...and check-config says the same.
+        let out = Command::new(xcluster_bin())
+            .arg("check-config")
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(64));
+    }
+}
+
+#[test]
+fn help_lists_every_subcommand_and_print_config_works() {
+    let out = Command::new(xcluster_bin()).arg("--help").output().unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    for cmd in [
+        "lb",
+        "agent",
+        "monitor",
+        "app",
+        "up",
+        "ctl",
+        "load",
+        "check-config",
+    ] {
+        assert!(
+            help.lines()
+                .any(|l| l.trim_start().starts_with(&format!("{cmd} "))),
+            "{cmd} missing:\n{help}"
+        );
+    }
+    let out = Command::new(xcluster_bin()).arg("--version").output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("xcluster "));
+    for role in ROLES {
+        let out = Command::new(xcluster_bin())
+            .args([role, "--print-config", "--set", "listen=127.0.0.1:9999"])
+            .env(
+                format!("XCLUSTER_{}__SHUTDOWN__GRACE_MS", role.to_uppercase()),
+                "1234",
+            )
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{role}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains(&format!("role = \"{role}\"")), "{text}");
+        assert!(
+            text.contains("listen = \"127.0.0.1:9999\""),
+            "flag override missing:\n{text}"
+        );
+        assert!(text.contains("grace_ms = 1234"), "env override missing:\n{text}");
+    }
+}
+
+#[test]
+fn admin_endpoints_answer_on_every_role() {
+    for role in ROLES {
+        let addr = free_addr();
+        let p = Proc::xcluster(role, &[role, "--set", &format!("listen=\"{addr}\"")]);
+        wait_ready(addr, Duration::from_secs(20));
+        assert_eq!(get(addr, "/livez").unwrap().status, 200);
+        let metrics = get(addr, "/metrics").unwrap();
+        assert_eq!(metrics.status, 200);
+        assert!(
+            metrics.body.contains("xcluster_config_reload_failures_total"),
+            "{}",
+            metrics.body
+        );
+        drop(p);
+    }
+}
+
+#[test]
+fn sigterm_drains_and_exits_zero() {
+    let addr = free_addr();
+    let mut p = Proc::xcluster(
+        "lb",
+        &[
+            "lb",
+            "--set",
+            &format!("listen=\"{addr}\""),
+            "--set",
+            "shutdown.grace_ms=300",
+        ],
+    );
+    wait_ready(addr, Duration::from_secs(20));
+    p.signal(nix::sys::signal::Signal::SIGTERM);
+    assert_eq!(p.wait_exit(Duration::from_secs(10)), Some(0), "{}", p.stderr());
+    assert!(p.stderr().contains("SIGTERM: draining"), "{}", p.stderr());
+}
+
+#[test]
+fn hot_reload_applies_valid_changes_and_keeps_old_config_on_invalid() {
+    let dir = tempfile::tempdir().unwrap();
+    let addr = free_addr();
+    let base = format!("role = \"app\"\nlisten = \"{addr}\"\n[log]\nlevel = \"info\"\n");
+    let path = write_file(dir.path(), "app.toml", &base);
+    let mut p = Proc::xcluster("app", &["app", "--config", path.to_str().unwrap()]);
+    wait_ready(addr, Duration::from_secs(20));
+    let pid = p.pid();
+    let counter = |name: &str| {
+        let m = get(addr, "/metrics").unwrap().body;
+        metric_value(&m, name, "role=\"app\"").unwrap_or(-1.0)
+    };
+    assert_eq!(counter("xcluster_config_reloads_total"), 0.0);
+
+    // A valid change, saved the way editors do it: write a new file and rename it over the old one.
+    let tmp = write_file(
+        dir.path(),
+        ".app.toml.swp",
+        &base.replace("\"info\"", "\"debug\""),
+    );
+    std::fs::rename(&tmp, &path).unwrap();
+    eventually(Duration::from_secs(10), "reload counter to reach 1", || {
+        (counter("xcluster_config_reloads_total") == 1.0).then_some(())
+    });
+    assert!(
+        p.stderr().contains("log.level: \"info\" -> \"debug\""),
+        "{}",
+        p.stderr()
+    );
+
+    // An invalid change: rejected, counted once, old config kept, daemon still serving.
+    write_file(dir.path(), "app.toml", &format!("{base}bogus = true\n"));
+    eventually(Duration::from_secs(10), "failure counter to reach 1", || {
+        (counter("xcluster_config_reload_failures_total") == 1.0).then_some(())
+    });
+    assert_eq!(counter("xcluster_config_reloads_total"), 1.0);
+    assert!(p.stderr().contains("config reload rejected"), "{}", p.stderr());
+    assert_eq!(get(addr, "/readyz").unwrap().status, 200);
+
+    // SIGHUP takes the same path: still invalid, so a second failure and nothing applied.
+    p.signal(nix::sys::signal::Signal::SIGHUP);
+    eventually(Duration::from_secs(10), "failure counter to reach 2", || {
+        (counter("xcluster_config_reload_failures_total") == 2.0).then_some(())
+    });
+    assert_eq!(counter("xcluster_config_reloads_total"), 1.0);
+    assert!(p.is_running());
+    assert_eq!(p.pid(), pid, "no restart");
+}
