@@ -171,7 +171,8 @@ impl ClientBuilder {
         for t in &self.request_types {
             let ok = !t.is_empty()
                 && t.len() <= 64
-                && t.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'_' || c == b'-');
+                && t.bytes()
+                    .all(|c| c.is_ascii_alphanumeric() || c == b'_' || c == b'-');
             if !ok {
                 problems.push(format!("request_types: {t:?} must be 1..=64 of [A-Za-z0-9_-]"));
             } else if !self.opts.request_types.contains(t) {

@@ -55,7 +55,9 @@ impl TypeSlot {
         if self.reachable.load(Ordering::Relaxed) || self.in_poll.load(Ordering::Relaxed) {
             return None;
         }
-        let age = clock.now_ms().saturating_sub(self.last_ok_ms.load(Ordering::Relaxed));
+        let age = clock
+            .now_ms()
+            .saturating_sub(self.last_ok_ms.load(Ordering::Relaxed));
         Some(Duration::from_millis(age))
     }
 
@@ -139,7 +141,9 @@ impl Shared {
         let mut served_by = Vec::with_capacity(self.types.len());
         // Start at a random seed so many clients spread over the balancers.
         let seeds = self.balancers.load();
-        let start = seeds.get(rand::rng().random_range(0..seeds.len().max(1))).copied();
+        let start = seeds
+            .get(rand::rng().random_range(0..seeds.len().max(1)))
+            .copied();
         for (idx, slot) in self.types.iter().enumerate() {
             let mut last = String::from("no balancer configured");
             let mut ok = None;
@@ -181,7 +185,10 @@ impl Shared {
 fn check_type(f: Fetched, want: &str) -> Result<Option<ServerList>, String> {
     match f {
         Fetched::List(l) if l.request_type == want => Ok(Some(l)),
-        Fetched::List(l) => Err(format!("list is for type {:?}, asked for {want:?}", l.request_type)),
+        Fetched::List(l) => Err(format!(
+            "list is for type {:?}, asked for {want:?}",
+            l.request_type
+        )),
         Fetched::Unchanged => Ok(None),
     }
 }
@@ -195,7 +202,12 @@ fn jitter(lo: Duration, hi: Duration) -> Duration {
 
 /// The watch task of one request type: long-polls the preferred balancer, fails over to the others in
 /// order, and backs off (jittered, capped) while none answers. Ends when `cancel` fires.
-pub(crate) async fn watch_loop(shared: Arc<Shared>, idx: usize, first: SocketAddr, cancel: CancellationToken) {
+pub(crate) async fn watch_loop(
+    shared: Arc<Shared>,
+    idx: usize,
+    first: SocketAddr,
+    cancel: CancellationToken,
+) {
     let slot = &shared.types[idx];
     let opts = &shared.opts;
     let mut preferred = Some(first);

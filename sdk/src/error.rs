@@ -188,10 +188,12 @@ mod tests {
         assert_eq!(e.side(), Side::Backend);
         assert_eq!(e.kind(), "connect_timeout");
         assert!(!e.is_retryable());
-        assert!(Error::Connect {
-            addr,
-            source: std::io::ErrorKind::ConnectionRefused.into()
-        }
-        .not_sent());
+        assert!(
+            Error::Connect {
+                addr,
+                source: std::io::ErrorKind::ConnectionRefused.into()
+            }
+            .not_sent()
+        );
     }
 }

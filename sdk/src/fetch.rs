@@ -76,10 +76,7 @@ pub(crate) async fn get(
         let mut buf = Vec::with_capacity(4096);
         let mut chunk = [0u8; 8192];
         loop {
-            let n = stream
-                .read(&mut chunk)
-                .await
-                .map_err(|e| format!("read: {e}"))?;
+            let n = stream.read(&mut chunk).await.map_err(|e| format!("read: {e}"))?;
             if n == 0 {
                 break;
             }
@@ -145,7 +142,10 @@ pub(crate) fn parse_response(buf: &[u8]) -> Result<(u16, Vec<u8>), String> {
         };
         let (k, v) = (k.trim(), v.trim());
         if k.eq_ignore_ascii_case("content-length") {
-            content_length = Some(v.parse::<usize>().map_err(|_| format!("bad content-length {v:?}"))?);
+            content_length = Some(
+                v.parse::<usize>()
+                    .map_err(|_| format!("bad content-length {v:?}"))?,
+            );
         } else if k.eq_ignore_ascii_case("transfer-encoding") && v.to_ascii_lowercase().contains("chunked") {
             chunked = true;
         }
@@ -192,7 +192,9 @@ mod tests {
     fn parses_length_chunked_and_close_bodies() {
         let r = parse_response(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhiXX");
         assert_eq!(r, Ok((200, b"hi".to_vec())));
-        let r = parse_response(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhi\r\n3\r\n!!!\r\n0\r\n\r\n");
+        let r = parse_response(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhi\r\n3\r\n!!!\r\n0\r\n\r\n",
+        );
         assert_eq!(r, Ok((200, b"hi!!!".to_vec())));
         let r = parse_response(b"HTTP/1.0 304 Not Modified\r\n\r\n");
         assert_eq!(r, Ok((304, vec![])));

@@ -78,7 +78,10 @@ pub async fn exchange(
         let (parts, body) = resp.into_parts();
         let body = Limited::new(body, max_body).collect().await.map_err(|e| {
             if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() {
-                Error::ResponseTooLarge { addr, limit: max_body }
+                Error::ResponseTooLarge {
+                    addr,
+                    limit: max_body,
+                }
             } else {
                 Error::Http {
                     addr,
@@ -169,12 +172,18 @@ impl Client {
     /// assert!(resp.status().is_success());
     /// # Ok(()) }
     /// ```
-    pub async fn send_idempotent(&self, request_type: &str, req: Request<Full<Bytes>>) -> Result<Response<Bytes>> {
+    pub async fn send_idempotent(
+        &self,
+        request_type: &str,
+        req: Request<Full<Bytes>>,
+    ) -> Result<Response<Bytes>> {
         let attempts = self.shared.opts.request_attempts;
         let mut tried = Vec::new();
         let mut last: Option<Result<Response<Bytes>>> = None;
         for attempt in 0..attempts {
-            let r = self.send_once(request_type, clone_request(&req), &mut tried).await;
+            let r = self
+                .send_once(request_type, clone_request(&req), &mut tried)
+                .await;
             if let (Err(Error::NoInstance(_)), Some(prev)) = (&r, last.take()) {
                 // Every instance has been tried: the previous failure says more than "none left".
                 return prev;
@@ -186,7 +195,11 @@ impl Client {
             if !again || attempt + 1 == attempts {
                 return r;
             }
-            tracing::debug!(request_type, attempt, "retrying an idempotent request on another instance");
+            tracing::debug!(
+                request_type,
+                attempt,
+                "retrying an idempotent request on another instance"
+            );
             last = Some(r);
         }
         last.unwrap_or_else(|| Err(Error::NoInstance(request_type.to_string())))

@@ -31,7 +31,9 @@ pub(crate) struct Clock {
 
 impl Clock {
     pub(crate) fn new() -> Self {
-        Self { epoch: Instant::now() }
+        Self {
+            epoch: Instant::now(),
+        }
     }
     pub(crate) fn now_ms(&self) -> u64 {
         u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
@@ -158,14 +160,23 @@ impl Table {
         let a = draw(&mut rng);
         let b = draw(&mut rng);
         match (a, b) {
-            (Some(a), Some(b)) => Some(if b.stats.cost(b.weight) < a.stats.cost(a.weight) { b } else { a }),
+            (Some(a), Some(b)) => Some(if b.stats.cost(b.weight) < a.stats.cost(a.weight) {
+                b
+            } else {
+                a
+            }),
             (Some(x), None) | (None, Some(x)) => Some(x),
             (None, None) => self.pick_slow(now_ms, exclude, &mut rng),
         }
     }
 
     /// Weighted random among the usable entries, computed afresh (many are excluded or ejected).
-    fn pick_slow(&self, now_ms: u64, exclude: &[SocketAddr], rng: &mut rand::rngs::ThreadRng) -> Option<&Entry> {
+    fn pick_slow(
+        &self,
+        now_ms: u64,
+        exclude: &[SocketAddr],
+        rng: &mut rand::rngs::ThreadRng,
+    ) -> Option<&Entry> {
         let candidates: Vec<&Entry> = self
             .pickable
             .iter()
@@ -239,11 +250,17 @@ mod tests {
 
     #[test]
     fn ejected_and_excluded_instances_are_avoided() {
-        let t = Table::new(1, vec![entry(1, 100, InstanceState::Up), entry(2, 100, InstanceState::Up)]);
+        let t = Table::new(
+            1,
+            vec![entry(1, 100, InstanceState::Up), entry(2, 100, InstanceState::Up)],
+        );
         t.all[1].stats.ejected_until_ms.store(10, Ordering::Relaxed);
         assert_eq!(counts(&t, 1000, &[]).get(&2), None);
         // Once the ejection has passed it is picked again.
-        let later = (0..1000).filter_map(|_| t.pick(11, &[])).filter(|e| e.addr.port() == 2).count();
+        let later = (0..1000)
+            .filter_map(|_| t.pick(11, &[]))
+            .filter(|e| e.addr.port() == 2)
+            .count();
         assert!(later > 0);
         let a1 = t.all[0].addr;
         // Everything else excluded: an ejected instance is still better than nothing.
@@ -254,7 +271,10 @@ mod tests {
 
     #[test]
     fn local_feedback_shifts_load_away_from_slow_and_failing_instances() {
-        let t = Table::new(1, vec![entry(1, 100, InstanceState::Up), entry(2, 100, InstanceState::Up)]);
+        let t = Table::new(
+            1,
+            vec![entry(1, 100, InstanceState::Up), entry(2, 100, InstanceState::Up)],
+        );
         for _ in 0..20 {
             t.all[0].stats.record_success(Duration::from_millis(40));
             t.all[1].stats.record_success(Duration::from_millis(1));

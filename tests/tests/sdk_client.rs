@@ -31,7 +31,10 @@ async fn eventually_async<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T 
         if let Some(v) = f() {
             return v;
         }
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for: {what}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for: {what}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -62,7 +65,10 @@ async fn follows_table_changes_within_a_watch_round_trip() {
     })
     .await;
     // The parked watch delivered it: at most the next watch has been sent since, no polling.
-    assert!(lb.requests.load(Ordering::Relaxed) <= 3, "the client polled instead of watching");
+    assert!(
+        lb.requests.load(Ordering::Relaxed) <= 3,
+        "the client polled instead of watching"
+    );
     for _ in 0..50 {
         assert_eq!(client.pick("browse").unwrap().addr(), b.addr);
     }
@@ -77,7 +83,12 @@ async fn fails_over_when_its_balancer_dies_with_no_failed_request() {
     let second = FakeBalancer::start(HOLD);
     let both = [first.addr, second.addr];
     for lb in [&first, &second] {
-        lb.set(list("browse", 1, &[("a", a.addr, 100), ("b", b.addr, 100)], &both));
+        lb.set(list(
+            "browse",
+            1,
+            &[("a", a.addr, 100), ("b", b.addr, 100)],
+            &both,
+        ));
     }
     // Seeded with the first balancer only: the second is learned from the list.
     let client = Client::builder()
@@ -122,7 +133,11 @@ async fn fails_over_when_its_balancer_dies_with_no_failed_request() {
     .await;
     stop.store(true, Ordering::Relaxed);
     traffic.await.unwrap();
-    assert_eq!(failed.load(Ordering::Relaxed), 0, "requests failed during the failover");
+    assert_eq!(
+        failed.load(Ordering::Relaxed),
+        0,
+        "requests failed during the failover"
+    );
     assert_eq!(client.state().types[0].freshness, Freshness::Live);
     assert!(!client.state().is_static());
 }
@@ -132,7 +147,12 @@ async fn avoids_a_refused_instance_at_once() {
     let a = Backend::start("a");
     let dead = dead_addr();
     let lb = FakeBalancer::start(HOLD);
-    lb.set(list("order", 1, &[("a", a.addr, 100), ("dead", dead, 100)], &[lb.addr]));
+    lb.set(list(
+        "order",
+        1,
+        &[("a", a.addr, 100), ("dead", dead, 100)],
+        &[lb.addr],
+    ));
     let client = Client::builder()
         .balancers([lb.addr.to_string()])
         .request_types(["order"])
@@ -148,14 +168,21 @@ async fn avoids_a_refused_instance_at_once() {
             break;
         }
     }
-    assert_eq!(client.state().types[0].ejected, [dead], "the refused instance was not ejected");
+    assert_eq!(
+        client.state().types[0].ejected,
+        [dead],
+        "the refused instance was not ejected"
+    );
     // From now on it is never picked, long before any balancer would say so.
     for _ in 0..500 {
         assert_eq!(client.pick("order").unwrap().addr(), a.addr);
     }
     // With only dead instances a connect fails, naming the backend side and the refusal.
     lb.set(list("order", 2, &[("dead", dead, 100)], &[lb.addr]));
-    eventually_async("version 2", || (client.state().types[0].version == 2).then_some(())).await;
+    eventually_async("version 2", || {
+        (client.state().types[0].version == 2).then_some(())
+    })
+    .await;
     let err = client.connect("order").await.unwrap_err();
     assert_eq!(err.side(), Side::Backend);
     assert_eq!(err.kind(), "connect", "{err}");
@@ -186,7 +213,10 @@ async fn serves_from_its_last_list_with_every_balancer_down() {
     assert!(client.state().is_static());
     // Requests keep flowing from the last list.
     for _ in 0..20 {
-        let resp = client.send_idempotent("browse", get("/v1/products")).await.unwrap();
+        let resp = client
+            .send_idempotent("browse", get("/v1/products"))
+            .await
+            .unwrap();
         assert_eq!(resp.status(), 200);
     }
     assert!(a.hits() >= 20);
@@ -225,7 +255,12 @@ async fn hyper_integration_sends_requests_to_the_picked_instance() {
         *seen.entry(body).or_default() += 1;
     }
     for b in &backends {
-        assert_eq!(seen.get(&b.name).copied().unwrap_or(0), b.hits(), "hits of {}", b.name);
+        assert_eq!(
+            seen.get(&b.name).copied().unwrap_or(0),
+            b.hits(),
+            "hits of {}",
+            b.name
+        );
     }
     assert_eq!(seen.len(), 3, "every instance gets a share: {seen:?}");
 
@@ -235,12 +270,22 @@ async fn hyper_integration_sends_requests_to_the_picked_instance() {
     lb.set(list(
         "browse",
         2,
-        &[("busy", unavailable.addr, 100), ("dead", dead, 100), ("a", backends[0].addr, 100)],
+        &[
+            ("busy", unavailable.addr, 100),
+            ("dead", dead, 100),
+            ("a", backends[0].addr, 100),
+        ],
         &[lb.addr],
     ));
-    eventually_async("version 2", || (client.state().types[0].version == 2).then_some(())).await;
+    eventually_async("version 2", || {
+        (client.state().types[0].version == 2).then_some(())
+    })
+    .await;
     for _ in 0..20 {
-        let resp = client.send_idempotent("browse", get("/v1/products")).await.unwrap();
+        let resp = client
+            .send_idempotent("browse", get("/v1/products"))
+            .await
+            .unwrap();
         assert_eq!(resp.status(), 200);
         assert_eq!(resp.body().as_ref(), b"a");
     }

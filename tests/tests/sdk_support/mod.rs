@@ -74,7 +74,12 @@ async fn respond(s: &mut TcpStream, status: u16, body: &[u8]) {
 }
 
 /// A server list for `request_type` with `servers` as `(id, addr, weight)`, all `up`.
-pub fn list(request_type: &str, version: u64, servers: &[(&str, SocketAddr, u32)], balancers: &[SocketAddr]) -> ServerList {
+pub fn list(
+    request_type: &str,
+    version: u64,
+    servers: &[(&str, SocketAddr, u32)],
+    balancers: &[SocketAddr],
+) -> ServerList {
     ServerList {
         request_type: request_type.into(),
         version,
@@ -125,10 +130,14 @@ impl FakeBalancer {
         rt.spawn(async move {
             let listener = TcpListener::from_std(std_listener).unwrap();
             loop {
-                let Ok((mut s, _)) = listener.accept().await else { continue };
+                let Ok((mut s, _)) = listener.accept().await else {
+                    continue;
+                };
                 let (t, r) = (t.clone(), r.clone());
                 tokio::spawn(async move {
-                    let Some((head, _)) = read_request(&mut s).await else { return };
+                    let Some((head, _)) = read_request(&mut s).await else {
+                        return;
+                    };
                     r.fetch_add(1, Ordering::Relaxed);
                     let (status, body) = serve_list(&t, &head).await;
                     respond(&mut s, status, &body).await;
@@ -181,7 +190,9 @@ async fn serve_list(t: &Tables, head: &str) -> (u16, Vec<u8>) {
             _ => {}
         }
     }
-    let Some(ty) = ty else { return (400, b"{}".to_vec()) };
+    let Some(ty) = ty else {
+        return (400, b"{}".to_vec());
+    };
     let mut rx = t.bump.subscribe();
     let current = |t: &Tables| t.lists.lock().unwrap().get(&ty).cloned();
     if let Some(w) = watch {
@@ -225,7 +236,9 @@ impl Backend {
         rt.spawn(async move {
             let listener = TcpListener::from_std(std_listener).unwrap();
             loop {
-                let Ok((mut s, _)) = listener.accept().await else { continue };
+                let Ok((mut s, _)) = listener.accept().await else {
+                    continue;
+                };
                 c.fetch_add(1, Ordering::Relaxed);
                 let (h, body) = (h.clone(), body.clone());
                 tokio::spawn(async move {
