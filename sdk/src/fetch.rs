@@ -41,7 +41,7 @@ pub(crate) async fn server_list(
         200 => ServerList::decode(&body)
             .map(Fetched::List)
             .map_err(|e| e.to_string()),
-        304 => Ok(Fetched::Unchanged),
+        304 | 204 => Ok(Fetched::Unchanged),
         s => Err(format!(
             "status {s}: {}",
             String::from_utf8_lossy(&body[..body.len().min(200)])
