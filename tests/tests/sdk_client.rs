@@ -290,3 +290,80 @@ async fn hyper_integration_sends_requests_to_the_picked_instance() {
         assert_eq!(resp.body().as_ref(), b"a");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_list_for_the_wrong_type_is_refused_and_another_balancer_used() {
+    let (a, b) = (Backend::start("a"), Backend::start("b"));
+    let (confused, good) = (FakeBalancer::start(HOLD), FakeBalancer::start(HOLD));
+    let both = [confused.addr, good.addr];
+    confused.set_for("browse", list("order", 1, &[("b", b.addr, 100)], &both));
+    good.set(list("browse", 1, &[("a", a.addr, 100)], &both));
+    for _ in 0..5 {
+        // Whichever seed the bootstrap starts with, only the valid list is installed.
+        let client = Client::builder()
+            .balancers(both.iter().map(|x| x.to_string()))
+            .request_types(["browse"])
+            .build()
+            .await
+            .unwrap();
+        assert_eq!(client.state().types[0].balancer, Some(good.addr));
+        assert_eq!(client.pick("browse").unwrap().addr(), a.addr);
+    }
+    // With no valid answer anywhere the bootstrap fails, naming the type and the balancer side.
+    let err = Client::builder()
+        .balancers([confused.addr.to_string()])
+        .request_types(["browse"])
+        .build()
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, Error::Bootstrap { request_type, .. } if request_type == "browse"),
+        "{err}"
+    );
+    assert_eq!(err.side(), Side::Balancer);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_that_times_out_is_ejected_and_the_request_retried() {
+    let (good, stuck) = (Backend::start("good"), Backend::hanging("stuck"));
+    let lb = FakeBalancer::start(HOLD);
+    lb.set(list(
+        "browse",
+        1,
+        &[("good", good.addr, 100), ("stuck", stuck.addr, 100)],
+        &[lb.addr],
+    ));
+    let client = Client::builder()
+        .balancers([lb.addr.to_string()])
+        .request_types(["browse"])
+        .request_timeout(Duration::from_millis(300))
+        .ejection(Duration::from_secs(60))
+        .build()
+        .await
+        .unwrap();
+    for _ in 0..40 {
+        let resp = client
+            .send_idempotent("browse", get("/v1/products"))
+            .await
+            .unwrap();
+        assert_eq!(resp.body().as_ref(), b"good");
+        if client.state().types[0].ejected == [stuck.addr] {
+            break;
+        }
+    }
+    assert_eq!(client.state().types[0].ejected, [stuck.addr]);
+    assert_eq!(
+        stuck.hits(),
+        1,
+        "the stuck instance got a request after it was ejected"
+    );
+    // A plain send (not idempotent) is not retried after a timeout: the error says so.
+    lb.set(list("browse", 2, &[("stuck", stuck.addr, 100)], &[lb.addr]));
+    eventually_async("version 2", || {
+        (client.state().types[0].version == 2).then_some(())
+    })
+    .await;
+    let err = client.send("browse", get("/v1/products")).await.unwrap_err();
+    assert!(matches!(err, Error::Timeout { .. }), "{err}");
+    assert!(err.is_retryable() && !err.not_sent());
+}

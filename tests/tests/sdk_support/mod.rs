@@ -162,6 +162,12 @@ impl FakeBalancer {
         self.tables.bump.send_modify(|v| *v += 1);
     }
 
+    /// Serves `list` when type `ty` is asked for, whatever type the list names (a confused balancer).
+    pub fn set_for(&self, ty: &str, list: ServerList) {
+        self.tables.lists.lock().unwrap().insert(ty.to_string(), list);
+        self.tables.bump.send_modify(|v| *v += 1);
+    }
+
     /// Dies at once: the listener and every open connection close.
     pub fn kill(&mut self) {
         if let Some(rt) = self.rt.take() {
@@ -226,6 +232,15 @@ impl Backend {
     }
 
     pub fn with_status(name: &str, status: u16) -> Backend {
+        Self::spawn(name, status, false)
+    }
+
+    /// Accepts connections and reads requests but never answers.
+    pub fn hanging(name: &str) -> Backend {
+        Self::spawn(name, 200, true)
+    }
+
+    fn spawn(name: &str, status: u16, hang: bool) -> Backend {
         let std_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         std_listener.set_nonblocking(true).unwrap();
         let addr = std_listener.local_addr().unwrap();
@@ -244,6 +259,9 @@ impl Backend {
                 tokio::spawn(async move {
                     if read_request(&mut s).await.is_some() {
                         h.fetch_add(1, Ordering::Relaxed);
+                        if hang {
+                            std::future::pending::<()>().await;
+                        }
                         respond(&mut s, status, &body).await;
                     }
                 });
