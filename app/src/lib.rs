@@ -98,6 +98,7 @@ pub async fn run(ctx: Context<Config>) -> Result<(), Error> {
     tokio::spawn(sampler(app.clone(), background.clone()));
     tokio::spawn(follow_config(app.clone(), background.clone()));
 
+    let app_for_drain = app.clone();
     let limits = ServerLimits {
         grace: cfg.grace,
         max_connections: (cfg.capacity as usize).max(64),
@@ -118,8 +119,13 @@ pub async fn run(ctx: Context<Config>) -> Result<(), Error> {
     ctx.health.set_ready();
     tracing::info!(instance = %cfg.instance, db = %cfg.db_path.display(), "xbuy serving");
     drain.cancelled().await;
-    // Let in-flight requests finish their commits before the background work stops.
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    // In-flight requests (and the group commits they wait on) finish within the grace period before the
+    // background work stops; an order is acknowledged only after its commit, so a cut here loses nothing.
+    let grace_end = tokio::time::Instant::now() + ctx.config().grace;
+    while app_for_drain.stats.in_flight.load(Ordering::Relaxed) > 0 && tokio::time::Instant::now() < grace_end
+    {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     background.cancel();
     Ok(())
 }
