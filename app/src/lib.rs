@@ -97,6 +97,7 @@ pub async fn run(ctx: Context<Config>) -> Result<(), Error> {
     ));
     tokio::spawn(sampler(app.clone(), background.clone()));
     tokio::spawn(follow_config(app.clone(), background.clone()));
+    tokio::spawn(reconciler(app.clone(), background.clone()));
 
     let app_for_drain = app.clone();
     let limits = ServerLimits {
@@ -182,6 +183,28 @@ async fn follow_config(app: Arc<api::App>, cancel: CancellationToken) {
         if level != last {
             app.degrade.set_manual(level);
             last = level;
+        }
+    }
+}
+
+/// The reconciler: runs the invariant audit every `audit_interval_ms` and reports any breach loudly.
+async fn reconciler(app: Arc<api::App>, cancel: CancellationToken) {
+    loop {
+        let every = app.cfg().audit_interval.unwrap_or(Duration::from_secs(60));
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        if app.cfg().audit_interval.is_none() {
+            continue;
+        }
+        match app.exec.run(|s| s.audit()).await {
+            Ok(report) if report.ok => tracing::debug!("reconciler: every invariant holds"),
+            Ok(report) => {
+                ::metrics::counter!(crate::metrics::AUDIT_FAILURES_TOTAL).increment(1);
+                tracing::error!(failures = ?report.failures(), "reconciler: invariant breach");
+            }
+            Err(e) => tracing::warn!(error = %e, "reconciler: audit could not run"),
         }
     }
 }

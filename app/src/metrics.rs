@@ -18,3 +18,5 @@ pub const OUTBOX_DEPTH: &str = "xcluster_app_outbox_depth";
 pub const DEGRADE_LEVEL: &str = "xcluster_app_degrade_level";
 /// Orders committed per group commit at the queued level.
 pub const BATCH_SIZE: &str = "xcluster_app_batch_orders";
+/// Background audits that found an invariant breach.
+pub const AUDIT_FAILURES_TOTAL: &str = "xcluster_app_audit_failures_total";
