@@ -102,6 +102,9 @@ impl Supervisor {
             saved: Vec::new(),
         };
         sup.update(cfg);
+        // The first snapshot is out before the API reports ready.
+        sup.kick();
+        sup.publish();
         tokio::spawn(async move {
             let mut hard = false;
             loop {
