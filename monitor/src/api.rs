@@ -58,7 +58,14 @@ impl Api {
             return unauthorized();
         }
         match (&method, segs.as_slice()) {
-            (&Method::GET, [""]) => crate::dashboard::page(),
+            (&Method::GET, [""]) => {
+                let cfg = self.config.borrow().clone();
+                let cluster = crate::cluster::fetch(&cfg.balancers, cfg.cluster_timeout).await;
+                let (history, _) = self.bus.subscribe();
+                let events: Vec<&crate::events::Event> = history.iter().map(|e| &**e).collect();
+                let initial = json!({ "status": self.status_json(), "cluster": cluster, "events": events });
+                crate::dashboard::page(&initial)
+            }
             (&Method::GET, ["v1", "status"]) => json(StatusCode::OK, &self.status_json()),
             (&Method::GET, ["v1", "events"]) => self.events_stream(),
             (&Method::GET, ["v1", "events", "recent"]) => {
@@ -116,6 +123,7 @@ impl Api {
                 "version": env!("CARGO_PKG_VERSION"),
                 "uptime_ms": now.saturating_sub(self.started_unix_ms),
                 "shutting_down": snap.shutting_down,
+                "event_subscribers": self.bus.subscribers(),
             },
             "reload": *self.reloader.status().borrow(),
             "programs": programs,

@@ -7,6 +7,9 @@ use xcluster_runtime::http::{Body, with_type};
 
 const PAGE: &str = include_str!("dashboard.html");
 
-pub(crate) fn page() -> Response<Body> {
-    with_type(StatusCode::OK, "text/html; charset=utf-8", PAGE)
+/// The page with the current status, cluster view and recent events embedded, so it renders complete at once.
+pub(crate) fn page(initial: &serde_json::Value) -> Response<Body> {
+    // `</` must not appear inside the script element.
+    let data = initial.to_string().replace("</", "<\\/");
+    with_type(StatusCode::OK, "text/html; charset=utf-8", PAGE.replace("/*INITIAL*/", &data))
 }

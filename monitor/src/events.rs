@@ -95,6 +95,11 @@ impl Bus {
         let _ = self.live.send(ev);
     }
 
+    /// Live subscribers (open event streams, e.g. dashboards).
+    pub fn subscribers(&self) -> usize {
+        self.live.receiver_count()
+    }
+
     /// The recent history and a subscription that continues right after it.
     pub fn subscribe(&self) -> (Vec<Arc<Event>>, broadcast::Receiver<Arc<Event>>) {
         let g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
