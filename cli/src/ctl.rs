@@ -37,9 +37,10 @@ impl Resp {
     }
     fn message(&self) -> String {
         let v = self.json();
-        v["error"]["message"]
-            .as_str()
-            .map_or_else(|| String::from_utf8_lossy(&self.body).trim().to_string(), str::to_string)
+        v["error"]["message"].as_str().map_or_else(
+            || String::from_utf8_lossy(&self.body).trim().to_string(),
+            str::to_string,
+        )
     }
 }
 
@@ -61,7 +62,10 @@ pub fn run(args: CtlArgs) -> i32 {
         Ok(code) => code,
         Err(Failure::Exit(code)) => code,
         Err(Failure::Unreachable(e)) => {
-            eprintln!("xcluster ctl: cannot reach the monitor at {}: {e} (is it running?)", client.url);
+            eprintln!(
+                "xcluster ctl: cannot reach the monitor at {}: {e} (is it running?)",
+                client.url
+            );
             EXIT_UNAVAILABLE
         }
     }
@@ -74,7 +78,12 @@ fn run_verb(c: &Client, args: &CtlArgs) -> Result<i32, Failure> {
         CtlVerb::Stop { names } => action(c, "stop", names, None, args.json),
         CtlVerb::Restart { names } => action(c, "restart", names, None, args.json),
         CtlVerb::Signal { signal, names } => action(c, "signal", names, Some(signal), args.json),
-        CtlVerb::Tail { name, follow, stream, bytes } => {
+        CtlVerb::Tail {
+            name,
+            follow,
+            stream,
+            bytes,
+        } => {
             let path = format!(
                 "/v1/programs/{}/log?stream={stream}&bytes={bytes}{}",
                 enc(name),
@@ -88,7 +97,14 @@ fn run_verb(c: &Client, args: &CtlArgs) -> Result<i32, Failure> {
         CtlVerb::Shutdown => {
             let r = c.call("POST", "/v1/shutdown")?;
             check(&r)?;
-            println!("{}", if args.json { String::from_utf8_lossy(&r.body).to_string() } else { "Shut down".into() });
+            println!(
+                "{}",
+                if args.json {
+                    String::from_utf8_lossy(&r.body).to_string()
+                } else {
+                    "Shut down".into()
+                }
+            );
             Ok(0)
         }
     }
@@ -103,7 +119,10 @@ fn check(r: &Resp) -> Result<(), Failure> {
         }
         _ => {
             eprintln!("xcluster ctl: {}", r.message());
-            let issues = r.json()["error"]["issues"].as_array().cloned().unwrap_or_default();
+            let issues = r.json()["error"]["issues"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
             for i in issues {
                 eprintln!("  {}", i.as_str().unwrap_or(""));
             }
@@ -142,11 +161,26 @@ fn status(c: &Client, names: &[String], as_json: bool) -> Result<i32, Failure> {
         shown = all.iter().collect();
     }
     if as_json {
-        println!("{}", serde_json::to_string_pretty(&Value::Array(shown.iter().map(|v| (*v).clone()).collect())).unwrap_or_default());
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&Value::Array(shown.iter().map(|v| (*v).clone()).collect()))
+                .unwrap_or_default()
+        );
     } else {
-        let width = shown.iter().filter_map(|p| p["name"].as_str()).map(str::len).max().unwrap_or(4).max(4);
+        let width = shown
+            .iter()
+            .filter_map(|p| p["name"].as_str())
+            .map(str::len)
+            .max()
+            .unwrap_or(4)
+            .max(4);
         for p in &shown {
-            println!("{:width$}  {:9} {}", p["name"].as_str().unwrap_or("?"), p["state"].as_str().unwrap_or("?"), describe(p));
+            println!(
+                "{:width$}  {:9} {}",
+                p["name"].as_str().unwrap_or("?"),
+                p["state"].as_str().unwrap_or("?"),
+                describe(p)
+            );
         }
         if let Some(e) = v["reload"]["last_error"].as_str() {
             eprintln!("config reload failed (the old config stays): {e}");
@@ -177,7 +211,11 @@ fn describe(p: &Value) -> String {
         parts.push(format!("restarts {r}"));
     }
     if p["readiness"].is_object() {
-        parts.push(if p["ready"] == true { "ready".into() } else { "not ready".into() });
+        parts.push(if p["ready"] == true {
+            "ready".into()
+        } else {
+            "not ready".into()
+        });
     }
     if let Some(w) = p["waiting_for"].as_array().filter(|w| !w.is_empty()) {
         let w: Vec<&str> = w.iter().filter_map(Value::as_str).collect();
@@ -191,7 +229,13 @@ fn describe(p: &Value) -> String {
     parts.join(", ")
 }
 
-fn action(c: &Client, verb: &str, names: &[String], signal: Option<&String>, as_json: bool) -> Result<i32, Failure> {
+fn action(
+    c: &Client,
+    verb: &str,
+    names: &[String],
+    signal: Option<&String>,
+    as_json: bool,
+) -> Result<i32, Failure> {
     if names.is_empty() {
         eprintln!("xcluster ctl: name a process, group:*, or all");
         return Err(Failure::Exit(EXIT_FAILED));
@@ -237,7 +281,11 @@ fn plan(c: &Client, path: &str, applied: bool, as_json: bool) -> Result<i32, Fai
     for (key, word) in [("added", "added"), ("changed", "changed"), ("removed", "removed")] {
         for n in v[key].as_array().cloned().unwrap_or_default() {
             any = true;
-            let verb = if applied { format!("{word} (applied)") } else { format!("{word}") };
+            let verb = if applied {
+                format!("{word} (applied)")
+            } else {
+                word.to_string()
+            };
             println!("{}: {verb}", n.as_str().unwrap_or("?"));
         }
     }
@@ -250,7 +298,9 @@ fn plan(c: &Client, path: &str, applied: bool, as_json: bool) -> Result<i32, Fai
 fn enc(s: &str) -> String {
     s.bytes()
         .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b':' | b'*' => (b as char).to_string(),
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b':' | b'*' => {
+                (b as char).to_string()
+            }
             _ => format!("%{b:02X}"),
         })
         .collect()
@@ -281,7 +331,10 @@ impl Client {
         let mut s = TcpStream::connect_timeout(&self.addr, self.timeout).map_err(unreachable)?;
         s.set_read_timeout(Some(self.timeout)).map_err(unreachable)?;
         s.set_write_timeout(Some(self.timeout)).map_err(unreachable)?;
-        let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n", self.addr);
+        let mut head = format!(
+            "{method} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n",
+            self.addr
+        );
         if let Some(t) = &self.token {
             head.push_str(&format!("Authorization: Bearer {t}\r\n"));
         }
@@ -303,7 +356,8 @@ impl Client {
                 body.extend(chunk);
             }
         } else {
-            r.read_to_end(&mut body).map_err(|e| Failure::Unreachable(e.to_string()))?;
+            r.read_to_end(&mut body)
+                .map_err(|e| Failure::Unreachable(e.to_string()))?;
         }
         Ok(Resp { status, body })
     }

@@ -15,7 +15,9 @@ use serde_json::json;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use xcluster_runtime::config::ConfigSource;
-use xcluster_runtime::http::{Body, Handler, bearer_ok, error, json, query_pairs, read_body, unauthorized, with_type};
+use xcluster_runtime::http::{
+    Body, Handler, bearer_ok, error, json, query_pairs, read_body, unauthorized, with_type,
+};
 use xcluster_runtime::reload::{Cause, Reloader};
 
 use crate::config::Config;
@@ -75,7 +77,10 @@ impl Api {
             }
             (&Method::GET, ["v1", "cluster"]) => {
                 let cfg = self.config.borrow().clone();
-                json(StatusCode::OK, &crate::cluster::fetch(&cfg.balancers, cfg.cluster_timeout).await)
+                json(
+                    StatusCode::OK,
+                    &crate::cluster::fetch(&cfg.balancers, cfg.cluster_timeout).await,
+                )
             }
             (&Method::GET, ["v1", "programs", name, "log"]) => self.log(&decode(name), req.uri().query()),
             (&Method::POST, ["v1", "programs", name, verb]) => {
@@ -88,7 +93,13 @@ impl Api {
                         Ok(sig) => Command::Signal(vec![name], sig),
                         Err(resp) => return resp,
                     },
-                    _ => return error(StatusCode::NOT_FOUND, "not_found", &format!("no such action: {verb}")),
+                    _ => {
+                        return error(
+                            StatusCode::NOT_FOUND,
+                            "not_found",
+                            &format!("no such action: {verb}"),
+                        );
+                    }
                 };
                 self.call(cmd).await
             }
@@ -106,7 +117,11 @@ impl Api {
                 }
             }
             (&Method::POST, ["v1", "shutdown"]) => self.call(Command::Shutdown).await,
-            _ => error(StatusCode::NOT_FOUND, "not_found", &format!("no such endpoint: {method} {path}")),
+            _ => error(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                &format!("no such endpoint: {method} {path}"),
+            ),
         }
     }
 
@@ -130,6 +145,7 @@ impl Api {
         })
     }
 
+    #[allow(clippy::result_large_err)] // the error is the answer itself, built once per request
     fn load(&self) -> Result<Arc<Config>, Response<Body>> {
         xcluster_runtime::config::load::<Config>(&self.source)
             .map(|l| Arc::new(l.config))
@@ -143,7 +159,11 @@ impl Api {
         let (tx, rx) = oneshot::channel();
         let sent = tokio::time::timeout(COMMAND_TIMEOUT, self.commands.send((cmd, tx))).await;
         if !matches!(sent, Ok(Ok(()))) {
-            return error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "the supervisor is not accepting commands");
+            return error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "the supervisor is not accepting commands",
+            );
         }
         match tokio::time::timeout(COMMAND_TIMEOUT, rx).await {
             Ok(Ok(Ok(Reply::Results(results)))) => json(StatusCode::OK, &json!({ "results": results })),
@@ -157,7 +177,11 @@ impl Api {
                 };
                 error(status, code, &e.to_string())
             }
-            _ => error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "the supervisor did not answer in time"),
+            _ => error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "the supervisor did not answer in time",
+            ),
         }
     }
 
@@ -175,22 +199,50 @@ impl Api {
         };
         let follow = matches!(get("follow"), Some("1" | "true"));
         let snap = self.status.borrow().clone();
-        let matches: Vec<_> = snap.programs.iter().filter(|p| p.name == name || p.group == name).collect();
+        let matches: Vec<_> = snap
+            .programs
+            .iter()
+            .filter(|p| p.name == name || p.group == name)
+            .collect();
         let p = match matches.as_slice() {
             [one] => *one,
-            [] => return error(StatusCode::NOT_FOUND, "unknown_program", &format!("no such process: {name}")),
-            _ => return error(StatusCode::BAD_REQUEST, "ambiguous", &format!("{name} is a group; name one process")),
+            [] => {
+                return error(
+                    StatusCode::NOT_FOUND,
+                    "unknown_program",
+                    &format!("no such process: {name}"),
+                );
+            }
+            _ => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "ambiguous",
+                    &format!("{name} is a group; name one process"),
+                );
+            }
         };
         let (path, live) = match stream {
             "stdout" => (&p.stdout_log, &p.outputs.stdout),
             "stderr" => (&p.stderr_log, &p.outputs.stderr),
-            other => return error(StatusCode::BAD_REQUEST, "bad_query", &format!("unknown stream {other:?}")),
+            other => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "bad_query",
+                    &format!("unknown stream {other:?}"),
+                );
+            }
         };
         let mut rx = live.subscribe();
         let head = match path.as_deref().map(|p| crate::logs::tail(p, bytes)) {
             None => Vec::new(),
             Some(Ok(b)) => b,
-            Some(Err(e)) => return error(StatusCode::INTERNAL_SERVER_ERROR, "log_unreadable", &e.to_string()),
+            Some(Err(e)) => {
+                return error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "log_unreadable",
+                    &e.to_string(),
+                );
+            }
         };
         if !follow {
             return with_type(StatusCode::OK, "text/plain; charset=utf-8", head);
@@ -252,7 +304,11 @@ impl Api {
 
 fn sse(ev: &crate::events::Event) -> Bytes {
     let data = serde_json::to_string(ev).unwrap_or_else(|_| "{}".into());
-    Bytes::from(format!("id: {}\nevent: {}\ndata: {data}\n\n", ev.seq, kind_name(ev)))
+    Bytes::from(format!(
+        "id: {}\nevent: {}\ndata: {data}\n\n",
+        ev.seq,
+        kind_name(ev)
+    ))
 }
 
 fn kind_name(ev: &crate::events::Event) -> &'static str {
@@ -284,8 +340,14 @@ impl hyper::body::Body for ChannelBody {
 
 fn stream_response(content_type: &'static str, body: mpsc::Receiver<Bytes>) -> Response<Body> {
     let mut resp = Response::new(ChannelBody(body).boxed());
-    resp.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static(content_type));
-    resp.headers_mut().insert(http::header::CACHE_CONTROL, http::HeaderValue::from_static("no-cache"));
+    resp.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static(content_type),
+    );
+    resp.headers_mut().insert(
+        http::header::CACHE_CONTROL,
+        http::HeaderValue::from_static("no-cache"),
+    );
     resp
 }
 
@@ -296,6 +358,7 @@ struct SignalBody {
 }
 
 /// The signal of a `signal` call: `?signal=HUP` or a JSON body `{"signal": "HUP"}`.
+#[allow(clippy::result_large_err)]
 async fn signal_of(req: Request<Incoming>) -> Result<nix::sys::signal::Signal, Response<Body>> {
     let from_query = query_pairs(req.uri().query())
         .map_err(|e| error(StatusCode::BAD_REQUEST, "bad_query", &e))?
@@ -305,15 +368,26 @@ async fn signal_of(req: Request<Incoming>) -> Result<nix::sys::signal::Signal, R
     let name = match from_query {
         Some(s) => s,
         None => {
-            let bytes = read_body(req.into_body(), MAX_BODY, BODY_TIMEOUT).await.map_err(|e| e.response())?;
+            let bytes = read_body(req.into_body(), MAX_BODY, BODY_TIMEOUT)
+                .await
+                .map_err(|e| e.response())?;
             let body: SignalBody = serde_json::from_slice(&bytes).map_err(|e| {
-                error(StatusCode::BAD_REQUEST, "bad_json", &format!("expected {{\"signal\": \"HUP\"}}: {e}"))
+                error(
+                    StatusCode::BAD_REQUEST,
+                    "bad_json",
+                    &format!("expected {{\"signal\": \"HUP\"}}: {e}"),
+                )
             })?;
             body.signal
         }
     };
-    crate::program::parse_signal(&name)
-        .ok_or_else(|| error(StatusCode::BAD_REQUEST, "bad_signal", &format!("unknown signal {name:?}")))
+    crate::program::parse_signal(&name).ok_or_else(|| {
+        error(
+            StatusCode::BAD_REQUEST,
+            "bad_signal",
+            &format!("unknown signal {name:?}"),
+        )
+    })
 }
 
 /// Percent-decodes a path segment (names may arrive as `app%3A*`); undecodable input is kept as it is.

@@ -24,7 +24,10 @@ pub struct Outputs {
 
 impl Default for Outputs {
     fn default() -> Self {
-        Self { stdout: broadcast::channel(256).0, stderr: broadcast::channel(256).0 }
+        Self {
+            stdout: broadcast::channel(256).0,
+            stderr: broadcast::channel(256).0,
+        }
     }
 }
 
@@ -45,7 +48,12 @@ pub struct Spawned {
 }
 
 /// Starts the process described by `spec`; its exit is sent on `exits`.
-pub fn spawn(spec: &ProcessSpec, outputs: &Outputs, spawn_id: u64, exits: mpsc::UnboundedSender<Exit>) -> std::io::Result<Spawned> {
+pub fn spawn(
+    spec: &ProcessSpec,
+    outputs: &Outputs,
+    spawn_id: u64,
+    exits: mpsc::UnboundedSender<Exit>,
+) -> std::io::Result<Spawned> {
     let (prog, args) = spec
         .argv
         .split_first()
@@ -66,7 +74,9 @@ pub fn spawn(spec: &ProcessSpec, outputs: &Outputs, spawn_id: u64, exits: mpsc::
     if let Some(user) = &spec.user {
         let u = nix::unistd::User::from_name(user)
             .map_err(std::io::Error::other)?
-            .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, format!("no such user {user:?}")))?;
+            .ok_or_else(|| {
+                std::io::Error::new(std::io::ErrorKind::NotFound, format!("no such user {user:?}"))
+            })?;
         if nix::unistd::geteuid().is_root() {
             cmd.uid(u.uid.as_raw()).gid(u.gid.as_raw());
         } else if u.uid != nix::unistd::geteuid() {
@@ -99,15 +109,25 @@ pub fn spawn(spec: &ProcessSpec, outputs: &Outputs, spawn_id: u64, exits: mpsc::
         tokio::spawn(copy_pipe(out, out_log, outputs.stdout.clone()));
     }
     if let Some(err) = child.stderr.take() {
-        let followers = if spec.redirect_stderr { outputs.stdout.clone() } else { outputs.stderr.clone() };
+        let followers = if spec.redirect_stderr {
+            outputs.stdout.clone()
+        } else {
+            outputs.stderr.clone()
+        };
         tokio::spawn(copy_pipe(err, err_log, followers));
     }
     let name = spec.name.clone();
     tokio::spawn(async move {
         use std::os::unix::process::ExitStatusExt;
         let info = match child.wait().await {
-            Ok(st) => ExitInfo { code: st.code(), signal: st.signal() },
-            Err(_) => ExitInfo { code: None, signal: None },
+            Ok(st) => ExitInfo {
+                code: st.code(),
+                signal: st.signal(),
+            },
+            Err(_) => ExitInfo {
+                code: None,
+                signal: None,
+            },
         };
         // The leader is gone; whatever is left of its group goes with it.
         let _ = kill(Pid::from_raw(-(pid as i32)), Signal::SIGKILL);

@@ -26,7 +26,10 @@ pub struct ClusterView {
 }
 
 pub async fn fetch(balancers: &[SocketAddr], timeout: Duration) -> ClusterView {
-    let tasks: Vec<_> = balancers.iter().map(|a| (*a, tokio::spawn(one(*a, timeout)))).collect();
+    let tasks: Vec<_> = balancers
+        .iter()
+        .map(|a| (*a, tokio::spawn(one(*a, timeout))))
+        .collect();
     let mut out = Vec::with_capacity(tasks.len());
     for (addr, t) in tasks {
         out.push(t.await.unwrap_or_else(|e| BalancerView {
@@ -42,7 +45,9 @@ pub async fn fetch(balancers: &[SocketAddr], timeout: Duration) -> ClusterView {
 
 async fn one(addr: SocketAddr, timeout: Duration) -> BalancerView {
     let t0 = Instant::now();
-    let res = tokio::time::timeout(timeout, get_json(addr)).await.unwrap_or_else(|_| Err(format!("no answer within {timeout:?}")));
+    let res = tokio::time::timeout(timeout, get_json(addr))
+        .await
+        .unwrap_or_else(|_| Err(format!("no answer within {timeout:?}")));
     match res {
         Ok(v) => BalancerView {
             addr: addr.to_string(),
@@ -51,17 +56,36 @@ async fn one(addr: SocketAddr, timeout: Duration) -> BalancerView {
             error: None,
             status: Some(v),
         },
-        Err(e) => BalancerView { addr: addr.to_string(), up: false, latency_ms: None, error: Some(e), status: None },
+        Err(e) => BalancerView {
+            addr: addr.to_string(),
+            up: false,
+            latency_ms: None,
+            error: Some(e),
+            status: None,
+        },
     }
 }
 
 async fn get_json(addr: SocketAddr) -> Result<serde_json::Value, String> {
-    let mut s = tokio::net::TcpStream::connect(addr).await.map_err(|e| format!("connect: {e}"))?;
-    let req = format!("GET /v1/status HTTP/1.1\r\nHost: {addr}\r\nAccept: application/json\r\nConnection: close\r\n\r\n");
-    s.write_all(req.as_bytes()).await.map_err(|e| format!("write: {e}"))?;
+    let mut s = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    let req = format!(
+        "GET /v1/status HTTP/1.1\r\nHost: {addr}\r\nAccept: application/json\r\nConnection: close\r\n\r\n"
+    );
+    s.write_all(req.as_bytes())
+        .await
+        .map_err(|e| format!("write: {e}"))?;
     let mut raw = Vec::new();
-    (&mut s).take(MAX_BODY as u64 + 65_536).read_to_end(&mut raw).await.map_err(|e| format!("read: {e}"))?;
-    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").ok_or("malformed response")?;
+    (&mut s)
+        .take(MAX_BODY as u64 + 65_536)
+        .read_to_end(&mut raw)
+        .await
+        .map_err(|e| format!("read: {e}"))?;
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or("malformed response")?;
     let head = String::from_utf8_lossy(&raw[..split]).to_ascii_lowercase();
     let status = head.split(' ').nth(1).unwrap_or("");
     if status != "200" {
@@ -93,7 +117,10 @@ fn dechunk(mut b: &[u8]) -> Option<Vec<u8>> {
 mod tests {
     #[test]
     fn dechunks() {
-        assert_eq!(super::dechunk(b"3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n").unwrap(), b"abcde");
+        assert_eq!(
+            super::dechunk(b"3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n").unwrap(),
+            b"abcde"
+        );
         assert!(super::dechunk(b"zz\r\n").is_none());
     }
 }

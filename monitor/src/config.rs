@@ -146,7 +146,10 @@ impl RoleConfig for Config {
         if processes.len() > MAX_PROCESSES {
             v.error(
                 "programs",
-                format!("{} processes after numprocs expansion (max {MAX_PROCESSES})", processes.len()),
+                format!(
+                    "{} processes after numprocs expansion (max {MAX_PROCESSES})",
+                    processes.len()
+                ),
             );
         }
         processes.sort_by(|a, b| (a.priority, &a.name).cmp(&(b.priority, &b.name)));

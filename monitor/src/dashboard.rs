@@ -11,5 +11,9 @@ const PAGE: &str = include_str!("dashboard.html");
 pub(crate) fn page(initial: &serde_json::Value) -> Response<Body> {
     // `</` must not appear inside the script element.
     let data = initial.to_string().replace("</", "<\\/");
-    with_type(StatusCode::OK, "text/html; charset=utf-8", PAGE.replace("/*INITIAL*/", &data))
+    with_type(
+        StatusCode::OK,
+        "text/html; charset=utf-8",
+        PAGE.replace("/*INITIAL*/", &data),
+    )
 }

@@ -69,7 +69,11 @@ pub struct Bus {
 impl Bus {
     pub fn new(cap: usize) -> Self {
         Self {
-            inner: Arc::new(Mutex::new(Inner { seq: 0, history: VecDeque::new(), cap: cap.max(1) })),
+            inner: Arc::new(Mutex::new(Inner {
+                seq: 0,
+                history: VecDeque::new(),
+                cap: cap.max(1),
+            })),
             live: broadcast::channel(1024).0,
         }
     }
@@ -83,10 +87,16 @@ impl Bus {
     }
 
     pub fn publish(&self, kind: Kind) {
-        let time_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+        let time_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
         let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         g.seq += 1;
-        let ev = Arc::new(Event { seq: g.seq, time_ms, kind });
+        let ev = Arc::new(Event {
+            seq: g.seq,
+            time_ms,
+            kind,
+        });
         if g.history.len() >= g.cap {
             g.history.pop_front();
         }

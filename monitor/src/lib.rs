@@ -46,13 +46,23 @@ pub async fn run(ctx: Context<Config>) -> Result<(), Error> {
     let drain = ctx.shutdown.drain_token();
     let run_dir = statefile::RunDir::acquire(&cfg.run_dir)?;
     // A previous monitor killed with -9 may have left programs running: stop them before starting anything.
-    let wait = cfg.processes.iter().map(|p| p.policy.stopwait).max().unwrap_or_default();
+    let wait = cfg
+        .processes
+        .iter()
+        .map(|p| p.policy.stopwait)
+        .max()
+        .unwrap_or_default();
     let (rd, leftovers) = tokio::task::spawn_blocking(move || {
         let left = run_dir.stop_leftovers(wait);
         (run_dir, left)
     })
     .await
-    .map_err(|e| Error::RunDir(statefile::RunDirError::Create { path: cfg.run_dir.clone(), source: std::io::Error::other(e) }))?;
+    .map_err(|e| {
+        Error::RunDir(statefile::RunDirError::Create {
+            path: cfg.run_dir.clone(),
+            source: std::io::Error::other(e),
+        })
+    })?;
     let run_dir = rd;
     if !leftovers.is_empty() {
         warn!(programs = ?leftovers, "stopped processes left by a previous monitor");
@@ -60,7 +70,12 @@ pub async fn run(ctx: Context<Config>) -> Result<(), Error> {
 
     let bus = events::Bus::new(cfg.events_history);
     if !leftovers.is_empty() {
-        bus.publish(events::Kind::Monitor { detail: format!("stopped leftovers of a previous monitor: {}", leftovers.join(", ")) });
+        bus.publish(events::Kind::Monitor {
+            detail: format!(
+                "stopped leftovers of a previous monitor: {}",
+                leftovers.join(", ")
+            ),
+        });
     }
     let (status_tx, status_rx) = watch::channel(Arc::new(status::Snapshot::default()));
     let (cmd_tx, cmd_rx) = mpsc::channel(64);
@@ -74,12 +89,24 @@ pub async fn run(ctx: Context<Config>) -> Result<(), Error> {
         drain: drain.clone(),
         started_unix_ms: supervisor::unix_ms(),
     };
-    let limits = ServerLimits { grace: cfg.grace, ..ServerLimits::default() };
+    let limits = ServerLimits {
+        grace: cfg.grace,
+        ..ServerLimits::default()
+    };
     // The API stays up until the programs are stopped, so `ctl status` works during a shutdown.
     let api_stop = tokio_util::sync::CancellationToken::new();
-    let local = xcluster_runtime::admin::serve_api(cfg.listen, ctx.health.clone(), api.handler(), limits, api_stop.clone())
-        .await
-        .map_err(|source| Error::Listen { addr: cfg.listen, source })?;
+    let local = xcluster_runtime::admin::serve_api(
+        cfg.listen,
+        ctx.health.clone(),
+        api.handler(),
+        limits,
+        api_stop.clone(),
+    )
+    .await
+    .map_err(|source| Error::Listen {
+        addr: cfg.listen,
+        source,
+    })?;
     info!(dashboard = %format!("http://{local}/"), "monitor ready");
     tokio::spawn(watch_reloads(ctx.reloader.clone(), bus.clone(), drain.clone()));
 
@@ -98,7 +125,11 @@ pub async fn run(ctx: Context<Config>) -> Result<(), Error> {
 }
 
 /// Turns the reloader's outcomes into events (the error also shows in status and metrics).
-async fn watch_reloads(reloader: xcluster_runtime::reload::Reloader, bus: events::Bus, stop: tokio_util::sync::CancellationToken) {
+async fn watch_reloads(
+    reloader: xcluster_runtime::reload::Reloader,
+    bus: events::Bus,
+    stop: tokio_util::sync::CancellationToken,
+) {
     let mut rx = reloader.status();
     loop {
         tokio::select! {

@@ -34,7 +34,13 @@ impl RotatingLog {
         }
         let file = OpenOptions::new().create(true).append(true).open(path)?;
         let size = file.metadata()?.len();
-        Ok(Some(Self { path: path.clone(), maxbytes: spec.maxbytes, backups: spec.backups, file, size }))
+        Ok(Some(Self {
+            path: path.clone(),
+            maxbytes: spec.maxbytes,
+            backups: spec.backups,
+            file,
+            size,
+        }))
     }
 
     pub fn write(&mut self, mut data: &[u8]) -> std::io::Result<()> {
@@ -42,7 +48,11 @@ impl RotatingLog {
             if self.maxbytes > 0 && self.size >= self.maxbytes {
                 self.rotate()?;
             }
-            let room = if self.maxbytes > 0 { (self.maxbytes - self.size) as usize } else { data.len() };
+            let room = if self.maxbytes > 0 {
+                (self.maxbytes - self.size) as usize
+            } else {
+                data.len()
+            };
             let n = room.min(data.len()).max(1);
             self.file.write_all(&data[..n])?;
             self.size += n as u64;
@@ -78,7 +88,11 @@ fn numbered(path: &Path, i: u32) -> PathBuf {
 }
 
 /// Copies a child's pipe into `log` (if any) and to followers until the pipe closes.
-pub async fn copy_pipe(mut pipe: impl AsyncRead + Unpin, mut log: Option<SharedLog>, followers: broadcast::Sender<Bytes>) {
+pub async fn copy_pipe(
+    mut pipe: impl AsyncRead + Unpin,
+    mut log: Option<SharedLog>,
+    followers: broadcast::Sender<Bytes>,
+) {
     let mut buf = vec![0u8; 8192];
     loop {
         let n = match pipe.read(&mut buf).await {
@@ -123,7 +137,11 @@ mod tests {
     fn rotates_by_size_and_keeps_backups() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("p.log");
-        let spec = LogSpec { path: Some(path.clone()), maxbytes: 1024, backups: 2 };
+        let spec = LogSpec {
+            path: Some(path.clone()),
+            maxbytes: 1024,
+            backups: 2,
+        };
         let mut log = RotatingLog::open(&spec).unwrap().unwrap();
         for i in 0..5u8 {
             log.write(&[b'a' + i; 1024]).unwrap();

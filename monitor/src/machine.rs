@@ -136,7 +136,10 @@ impl Machine {
     pub fn handle(&mut self, ev: Event, p: &Policy, now: Instant, rand01: f64) -> Step {
         let mut step = Step::default();
         match (self.state, ev) {
-            (State::Stopped | State::Exited | State::Fatal | State::Backoff, Event::Start | Event::Restart) => {
+            (
+                State::Stopped | State::Exited | State::Fatal | State::Backoff,
+                Event::Start | Event::Restart,
+            ) => {
                 if self.state != State::Stopped {
                     self.restart_count += 1;
                 }
@@ -215,7 +218,9 @@ impl Machine {
     /// A process that had reached RUNNING died and should come back: at once the first time, then with
     /// growing delays while it keeps dying young; too many restarts in the window is FATAL.
     fn after_crash(&mut self, p: &Policy, now: Instant, rand01: f64, step: &mut Step) {
-        let ran = self.spawned_at.map_or(Duration::ZERO, |s| now.saturating_duration_since(s));
+        let ran = self
+            .spawned_at
+            .map_or(Duration::ZERO, |s| now.saturating_duration_since(s));
         if ran >= p.backoff_reset {
             self.streak = 0;
         }
@@ -237,7 +242,8 @@ impl Machine {
             self.enter_starting(p, now, step);
         } else {
             self.go(State::Backoff, step);
-            step.actions.push(Action::Timer(p.backoff(self.streak - 1, rand01), self.generation));
+            step.actions
+                .push(Action::Timer(p.backoff(self.streak - 1, rand01), self.generation));
         }
     }
 

@@ -20,9 +20,18 @@ fn policy() -> Policy {
     }
 }
 
-const CRASH: ExitInfo = ExitInfo { code: Some(1), signal: None };
-const CLEAN: ExitInfo = ExitInfo { code: Some(0), signal: None };
-const KILLED: ExitInfo = ExitInfo { code: None, signal: Some(9) };
+const CRASH: ExitInfo = ExitInfo {
+    code: Some(1),
+    signal: None,
+};
+const CLEAN: ExitInfo = ExitInfo {
+    code: Some(0),
+    signal: None,
+};
+const KILLED: ExitInfo = ExitInfo {
+    code: None,
+    signal: Some(9),
+};
 
 struct T {
     m: Machine,
@@ -32,7 +41,11 @@ struct T {
 
 impl T {
     fn new() -> Self {
-        Self { m: Machine::new(), p: policy(), now: Instant::now() }
+        Self {
+            m: Machine::new(),
+            p: policy(),
+            now: Instant::now(),
+        }
     }
     fn ev(&mut self, ev: Event) -> Step {
         self.m.handle(ev, &self.p, self.now, 0.0)
@@ -58,7 +71,13 @@ fn stopped_start_starting_spawns_and_arms_startsecs() {
     let s = t.ev(Event::Start);
     assert_eq!(t.m.state, Starting);
     assert_eq!(s.transitions, vec![(Stopped, Starting)]);
-    assert_eq!(s.actions, vec![Action::Spawn, Action::Timer(Duration::from_secs(1), t.m.generation())]);
+    assert_eq!(
+        s.actions,
+        vec![
+            Action::Spawn,
+            Action::Timer(Duration::from_secs(1), t.m.generation())
+        ]
+    );
 }
 
 #[test]
@@ -76,11 +95,17 @@ fn starting_exit_goes_to_backoff_with_growing_delay() {
     t.ev(Event::Start);
     let s = t.ev(Event::Exited(CRASH));
     assert_eq!(s.transitions, vec![(Starting, Backoff)]);
-    assert_eq!(s.actions, vec![Action::Timer(Duration::from_millis(100), t.m.generation())]);
+    assert_eq!(
+        s.actions,
+        vec![Action::Timer(Duration::from_millis(100), t.m.generation())]
+    );
     let s = t.timer();
     assert_eq!(s.transitions, vec![(Backoff, Starting)]);
     let s = t.ev(Event::Exited(CRASH));
-    assert_eq!(s.actions, vec![Action::Timer(Duration::from_millis(200), t.m.generation())]);
+    assert_eq!(
+        s.actions,
+        vec![Action::Timer(Duration::from_millis(200), t.m.generation())]
+    );
 }
 
 #[test]
@@ -104,7 +129,10 @@ fn backoff_to_fatal_after_startretries_then_automatic_retry() {
     assert_eq!(s.actions, vec![Action::Timer(Duration::ZERO, t.m.generation())]);
     let s = t.timer();
     assert_eq!(s.transitions, vec![(Backoff, Fatal)]);
-    assert_eq!(s.actions, vec![Action::Timer(Duration::from_secs(30), t.m.generation())]);
+    assert_eq!(
+        s.actions,
+        vec![Action::Timer(Duration::from_secs(30), t.m.generation())]
+    );
     assert_eq!(t.m.fatal_reason, Some("too many start retries too quickly"));
     let s = t.timer();
     assert_eq!(s.transitions, vec![(Fatal, Starting)]);
@@ -147,7 +175,10 @@ fn running_exit_unexpected_restarts_at_once_then_backs_off() {
     t.timer();
     let s = t.ev(Event::Exited(CRASH));
     assert_eq!(s.transitions, vec![(Running, Exited), (Exited, Backoff)]);
-    assert_eq!(s.actions, vec![Action::Timer(Duration::from_millis(100), t.m.generation())]);
+    assert_eq!(
+        s.actions,
+        vec![Action::Timer(Duration::from_millis(100), t.m.generation())]
+    );
     t.timer();
     assert_eq!(t.m.state, Starting);
 }
@@ -200,7 +231,13 @@ fn stop_signals_then_kills_after_stopwait() {
     t.running();
     let s = t.ev(Event::Stop);
     assert_eq!(s.transitions, vec![(Running, Stopping)]);
-    assert_eq!(s.actions, vec![Action::SignalStop, Action::Timer(Duration::from_secs(5), t.m.generation())]);
+    assert_eq!(
+        s.actions,
+        vec![
+            Action::SignalStop,
+            Action::Timer(Duration::from_secs(5), t.m.generation())
+        ]
+    );
     let s = t.timer();
     assert_eq!(s.actions, vec![Action::Kill]);
     assert_eq!(t.m.state, Stopping);
@@ -223,7 +260,11 @@ fn stop_in_backoff_and_fatal_is_stopped() {
     t.ev(Event::Exited(CRASH));
     assert_eq!(t.ev(Event::Stop).transitions, vec![(Backoff, Stopped)]);
     let stale = t.m.generation() - 1;
-    assert_eq!(t.ev(Event::Timer(stale)), Step::default(), "the backoff timer is stale now");
+    assert_eq!(
+        t.ev(Event::Timer(stale)),
+        Step::default(),
+        "the backoff timer is stale now"
+    );
     t.p.startretries = 0;
     t.ev(Event::Start);
     t.ev(Event::Exited(CRASH));
@@ -238,7 +279,10 @@ fn restart_stops_then_starts() {
     t.running();
     let s = t.ev(Event::Restart);
     assert_eq!(s.transitions, vec![(Running, Stopping)]);
-    let s = t.ev(Event::Exited(ExitInfo { code: None, signal: Some(15) }));
+    let s = t.ev(Event::Exited(ExitInfo {
+        code: None,
+        signal: Some(15),
+    }));
     assert_eq!(s.transitions, vec![(Stopping, Stopped), (Stopped, Starting)]);
     assert_eq!(t.m.restart_count, 1);
 }

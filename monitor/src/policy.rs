@@ -75,7 +75,10 @@ impl Policy {
     /// do not restart in lockstep.
     pub fn backoff(&self, n: u32, rand01: f64) -> Duration {
         let exp = n.saturating_sub(1).min(30);
-        let base = self.backoff_initial.saturating_mul(1u32 << exp).min(self.backoff_max);
+        let base = self
+            .backoff_initial
+            .saturating_mul(1u32 << exp)
+            .min(self.backoff_max);
         let cut = base.as_secs_f64() * self.backoff_jitter * rand01.clamp(0.0, 1.0);
         base.saturating_sub(Duration::from_secs_f64(cut))
     }
@@ -87,15 +90,30 @@ mod tests {
 
     #[test]
     fn exitcodes_decide_unexpected() {
-        let p = Policy { exitcodes: vec![0, 2], ..Policy::default() };
-        let code = |c| ExitInfo { code: Some(c), signal: None };
+        let p = Policy {
+            exitcodes: vec![0, 2],
+            ..Policy::default()
+        };
+        let code = |c| ExitInfo {
+            code: Some(c),
+            signal: None,
+        };
         assert!(!p.should_restart(code(0)));
         assert!(!p.should_restart(code(2)));
         assert!(p.should_restart(code(1)));
-        assert!(p.should_restart(ExitInfo { code: None, signal: Some(9) }));
-        let always = Policy { autorestart: AutoRestart::Always, ..p.clone() };
+        assert!(p.should_restart(ExitInfo {
+            code: None,
+            signal: Some(9)
+        }));
+        let always = Policy {
+            autorestart: AutoRestart::Always,
+            ..p.clone()
+        };
         assert!(always.should_restart(code(0)));
-        let never = Policy { autorestart: AutoRestart::Never, ..p };
+        let never = Policy {
+            autorestart: AutoRestart::Never,
+            ..p
+        };
         assert!(!never.should_restart(code(1)));
     }
 

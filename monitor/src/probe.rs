@@ -43,9 +43,16 @@ impl Default for RawProbe {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ProbeKind {
     /// Connect to `addr` (host:port) and GET `path`.
-    Http { addr: String, path: String },
-    Tcp { addr: String },
-    Command { argv: Vec<String> },
+    Http {
+        addr: String,
+        path: String,
+    },
+    Tcp {
+        addr: String,
+    },
+    Command {
+        argv: Vec<String>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -59,7 +66,10 @@ pub struct ProbeSpec {
 
 impl RawProbe {
     pub fn validate(&self, key: &str, v: &mut Validator) -> ProbeSpec {
-        let set = [&self.http, &self.tcp, &self.command].iter().filter(|s| !s.is_empty()).count();
+        let set = [&self.http, &self.tcp, &self.command]
+            .iter()
+            .filter(|s| !s.is_empty())
+            .count();
         if set != 1 {
             v.error(key, "set exactly one of http, tcp, command");
         }
@@ -67,15 +77,27 @@ impl RawProbe {
             match self.http.strip_prefix("http://") {
                 Some(rest) => {
                     let (addr, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
-                    ProbeKind::Http { addr: addr.to_string(), path: if path.is_empty() { "/".into() } else { path.to_string() } }
+                    ProbeKind::Http {
+                        addr: addr.to_string(),
+                        path: if path.is_empty() {
+                            "/".into()
+                        } else {
+                            path.to_string()
+                        },
+                    }
                 }
                 None => {
-                    v.error(format!("{key}.http"), format!("expected http://host:port/path, found {:?}", self.http));
+                    v.error(
+                        format!("{key}.http"),
+                        format!("expected http://host:port/path, found {:?}", self.http),
+                    );
                     ProbeKind::Tcp { addr: String::new() }
                 }
             }
         } else if !self.tcp.is_empty() {
-            ProbeKind::Tcp { addr: self.tcp.clone() }
+            ProbeKind::Tcp {
+                addr: self.tcp.clone(),
+            }
         } else {
             let argv = crate::program::split_command(&self.command).unwrap_or_else(|e| {
                 v.error(format!("{key}.command"), e);
@@ -87,8 +109,18 @@ impl RawProbe {
             kind,
             period: v.millis(&format!("{key}.period_ms"), self.period_ms, 10, 3_600_000),
             timeout: v.millis(&format!("{key}.timeout_ms"), self.timeout_ms, 10, 600_000),
-            initial_delay: v.millis(&format!("{key}.initial_delay_ms"), self.initial_delay_ms, 0, 3_600_000),
-            failure_threshold: v.range(&format!("{key}.failure_threshold"), self.failure_threshold, 1, 1000),
+            initial_delay: v.millis(
+                &format!("{key}.initial_delay_ms"),
+                self.initial_delay_ms,
+                0,
+                3_600_000,
+            ),
+            failure_threshold: v.range(
+                &format!("{key}.failure_threshold"),
+                self.failure_threshold,
+                1,
+                1000,
+            ),
         }
     }
 }
@@ -98,9 +130,14 @@ impl ProbeSpec {
     pub fn substituted(mut self, vars: &[(&str, String)]) -> Self {
         let sub = |s: &str| crate::program::substitute(s, vars);
         self.kind = match self.kind {
-            ProbeKind::Http { addr, path } => ProbeKind::Http { addr: sub(&addr), path: sub(&path) },
+            ProbeKind::Http { addr, path } => ProbeKind::Http {
+                addr: sub(&addr),
+                path: sub(&path),
+            },
             ProbeKind::Tcp { addr } => ProbeKind::Tcp { addr: sub(&addr) },
-            ProbeKind::Command { argv } => ProbeKind::Command { argv: argv.iter().map(|a| sub(a)).collect() },
+            ProbeKind::Command { argv } => ProbeKind::Command {
+                argv: argv.iter().map(|a| sub(a)).collect(),
+            },
         };
         self
     }
@@ -115,17 +152,20 @@ impl ProbeSpec {
 
     async fn check_inner(&self) -> Result<(), String> {
         match &self.kind {
-            ProbeKind::Tcp { addr } => {
-                tokio::net::TcpStream::connect(addr.as_str()).await.map(|_| ()).map_err(|e| format!("connect {addr}: {e}"))
-            }
+            ProbeKind::Tcp { addr } => tokio::net::TcpStream::connect(addr.as_str())
+                .await
+                .map(|_| ())
+                .map_err(|e| format!("connect {addr}: {e}")),
             ProbeKind::Http { addr, path } => {
                 let mut s = tokio::net::TcpStream::connect(addr.as_str())
                     .await
                     .map_err(|e| format!("connect {addr}: {e}"))?;
                 let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-                s.write_all(req.as_bytes()).await.map_err(|e| format!("write: {e}"))?;
+                s.write_all(req.as_bytes())
+                    .await
+                    .map_err(|e| format!("write: {e}"))?;
                 // The status line is all we need; read a bounded prefix.
-                let mut buf = vec![0u8; 64];
+                let mut buf = [0u8; 64];
                 let mut n = 0;
                 while n < 12 {
                     let r = s.read(&mut buf[n..]).await.map_err(|e| format!("read: {e}"))?;
@@ -153,7 +193,11 @@ impl ProbeSpec {
                     .status()
                     .await
                     .map_err(|e| format!("run {prog}: {e}"))?;
-                if status.success() { Ok(()) } else { Err(format!("{prog} exited with {status}")) }
+                if status.success() {
+                    Ok(())
+                } else {
+                    Err(format!("{prog} exited with {status}"))
+                }
             }
         }
     }

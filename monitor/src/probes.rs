@@ -9,14 +9,25 @@ use crate::program::ProcessSpec;
 use crate::supervisor::Internal;
 
 /// Starts the probes of `spec` for spawn `spawn_id`; `None` when it has none.
-pub(crate) fn start(spec: &ProcessSpec, spawn_id: u64, tx: &mpsc::UnboundedSender<Internal>) -> Option<CancellationToken> {
+pub(crate) fn start(
+    spec: &ProcessSpec,
+    spawn_id: u64,
+    tx: &mpsc::UnboundedSender<Internal>,
+) -> Option<CancellationToken> {
     if spec.liveness.is_none() && spec.readiness.is_none() {
         return None;
     }
     let cancel = CancellationToken::new();
     for (probe, liveness) in [(&spec.liveness, true), (&spec.readiness, false)] {
         if let Some(p) = probe.clone() {
-            tokio::spawn(run(p, spec.name.clone(), spawn_id, liveness, tx.clone(), cancel.clone()));
+            tokio::spawn(run(
+                p,
+                spec.name.clone(),
+                spawn_id,
+                liveness,
+                tx.clone(),
+                cancel.clone(),
+            ));
         }
     }
     Some(cancel)
@@ -39,7 +50,15 @@ async fn run(
             _ = cancel.cancelled() => return,
             r = probe.check() => r,
         };
-        if tx.send(Internal::Probe { name: name.clone(), spawn_id, liveness, result }).is_err() {
+        if tx
+            .send(Internal::Probe {
+                name: name.clone(),
+                spawn_id,
+                liveness,
+                result,
+            })
+            .is_err()
+        {
             return;
         }
         tokio::select! {

@@ -160,8 +160,15 @@ impl RawProgram {
     pub fn expand(&self, program: &str, log_dir: &Path, v: &mut Validator) -> Vec<ProcessSpec> {
         let key = |k: &str| format!("programs.{program}.{k}");
         let errs_before = v.issues.len();
-        if program.is_empty() || !program.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
-            v.error(format!("programs.{program}"), "program names use only letters, digits, '-', '_', '.'");
+        if program.is_empty()
+            || !program
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        {
+            v.error(
+                format!("programs.{program}"),
+                "program names use only letters, digits, '-', '_', '.'",
+            );
         }
         if self.command.trim().is_empty() {
             v.error(key("command"), "a command is required");
@@ -178,7 +185,10 @@ impl RawProgram {
             RawAutoRestart::Word(w) if w == "true" => AutoRestart::Always,
             RawAutoRestart::Word(w) if w == "false" => AutoRestart::Never,
             RawAutoRestart::Word(w) => {
-                v.error(key("autorestart"), format!("expected true, false or \"unexpected\", found {w:?}"));
+                v.error(
+                    key("autorestart"),
+                    format!("expected true, false or \"unexpected\", found {w:?}"),
+                );
                 AutoRestart::Unexpected
             }
         };
@@ -188,7 +198,10 @@ impl RawProgram {
             match u32::from_str_radix(&self.umask, 8) {
                 Ok(m) if m <= 0o777 => Some(m),
                 _ => {
-                    v.error(key("umask"), format!("expected an octal mask like \"022\", found {:?}", self.umask));
+                    v.error(
+                        key("umask"),
+                        format!("expected an octal mask like \"022\", found {:?}", self.umask),
+                    );
                     None
                 }
             }
@@ -197,9 +210,11 @@ impl RawProgram {
             v.error(key("stopsignal"), format!("unknown signal {:?}", self.stopsignal));
             nix::sys::signal::Signal::SIGTERM
         });
-        v.check((0.0..=1.0).contains(&self.backoff_jitter), &key("backoff_jitter"), || {
-            format!("{} is out of range (0.0..=1.0)", self.backoff_jitter)
-        });
+        v.check(
+            (0.0..=1.0).contains(&self.backoff_jitter),
+            &key("backoff_jitter"),
+            || format!("{} is out of range (0.0..=1.0)", self.backoff_jitter),
+        );
         let policy = Policy {
             autorestart,
             exitcodes: self.exitcodes.clone(),
@@ -211,30 +226,57 @@ impl RawProgram {
             backoff_jitter: self.backoff_jitter.clamp(0.0, 1.0),
             backoff_reset: Duration::from_secs(self.backoff_reset_secs),
             max_restarts: self.max_restarts,
-            restart_window: Duration::from_secs(v.range(&key("restart_window_secs"), self.restart_window_secs, 1, 86_400)),
+            restart_window: Duration::from_secs(v.range(
+                &key("restart_window_secs"),
+                self.restart_window_secs,
+                1,
+                86_400,
+            )),
             fatal_retry: (self.fatal_retry_secs > 0).then(|| Duration::from_secs(self.fatal_retry_secs)),
         };
-        v.check(policy.backoff_initial <= policy.backoff_max, &key("backoff_max_ms"), || {
-            "must be at least backoff_initial_ms".into()
-        });
+        v.check(
+            policy.backoff_initial <= policy.backoff_max,
+            &key("backoff_max_ms"),
+            || "must be at least backoff_initial_ms".into(),
+        );
         let maxbytes_ok = |n: u64| n == 0 || n >= 1024;
-        v.check(maxbytes_ok(self.stdout_logfile_maxbytes), &key("stdout_logfile_maxbytes"), || {
-            "0 (no rotation) or at least 1024".into()
-        });
-        v.check(maxbytes_ok(self.stderr_logfile_maxbytes), &key("stderr_logfile_maxbytes"), || {
-            "0 (no rotation) or at least 1024".into()
-        });
-        v.range(&key("stdout_logfile_backups"), self.stdout_logfile_backups, 0, 100);
-        v.range(&key("stderr_logfile_backups"), self.stderr_logfile_backups, 0, 100);
+        v.check(
+            maxbytes_ok(self.stdout_logfile_maxbytes),
+            &key("stdout_logfile_maxbytes"),
+            || "0 (no rotation) or at least 1024".into(),
+        );
+        v.check(
+            maxbytes_ok(self.stderr_logfile_maxbytes),
+            &key("stderr_logfile_maxbytes"),
+            || "0 (no rotation) or at least 1024".into(),
+        );
+        v.range(
+            &key("stdout_logfile_backups"),
+            self.stdout_logfile_backups,
+            0,
+            100,
+        );
+        v.range(
+            &key("stderr_logfile_backups"),
+            self.stderr_logfile_backups,
+            0,
+            100,
+        );
         let liveness = self.liveness.as_ref().map(|p| p.validate(&key("liveness"), v));
         let readiness = self.readiness.as_ref().map(|p| p.validate(&key("readiness"), v));
         if self.numprocs > 1 && !self.process_name.is_empty() && !self.process_name.contains("{num}") {
-            v.error(key("process_name"), "with numprocs > 1 the name must contain {num}");
+            v.error(
+                key("process_name"),
+                "with numprocs > 1 the name must contain {num}",
+            );
         }
         if let Some(base) = self.port_base
             && u32::from(base) + self.numprocs > 65_536
         {
-            v.error(key("port_base"), format!("{base} + numprocs runs past port 65535"));
+            v.error(
+                key("port_base"),
+                format!("{base} + numprocs runs past port 65535"),
+            );
         }
         if v.issues.len() > errs_before {
             return Vec::new();
@@ -253,7 +295,11 @@ impl RawProgram {
         (0..self.numprocs)
             .map(|i| {
                 let num = self.numprocs_start + i;
-                let mut vars = vec![("self", self_exe.clone()), ("program", program.to_string()), ("num", num.to_string())];
+                let mut vars = vec![
+                    ("self", self_exe.clone()),
+                    ("program", program.to_string()),
+                    ("num", num.to_string()),
+                ];
                 if let Some(base) = self.port_base {
                     vars.push(("port", (u32::from(base) + i).to_string()));
                 }
@@ -273,7 +319,11 @@ impl RawProgram {
                     group: program.to_string(),
                     argv: argv_template.iter().map(|a| sub(a)).collect(),
                     directory: (!self.directory.is_empty()).then(|| PathBuf::from(sub(&self.directory))),
-                    environment: self.environment.iter().map(|(k, val)| (k.clone(), sub(val))).collect(),
+                    environment: self
+                        .environment
+                        .iter()
+                        .map(|(k, val)| (k.clone(), sub(val)))
+                        .collect(),
                     umask,
                     user: (!self.user.is_empty()).then(|| self.user.clone()),
                     priority: self.priority,
@@ -281,8 +331,18 @@ impl RawProgram {
                     policy: policy.clone(),
                     stopsignal,
                     redirect_stderr: self.redirect_stderr,
-                    stdout: log(&self.stdout_logfile, "out", self.stdout_logfile_maxbytes, self.stdout_logfile_backups),
-                    stderr: log(&self.stderr_logfile, "err", self.stderr_logfile_maxbytes, self.stderr_logfile_backups),
+                    stdout: log(
+                        &self.stdout_logfile,
+                        "out",
+                        self.stdout_logfile_maxbytes,
+                        self.stdout_logfile_backups,
+                    ),
+                    stderr: log(
+                        &self.stderr_logfile,
+                        "err",
+                        self.stderr_logfile_maxbytes,
+                        self.stderr_logfile_backups,
+                    ),
                     depends_on: self.depends_on.clone(),
                     liveness: liveness.clone().map(|p| p.substituted(&vars)),
                     readiness: readiness.clone().map(|p| p.substituted(&vars)),
@@ -299,23 +359,42 @@ pub fn check_set(specs: &[ProcessSpec], v: &mut Validator) {
     let groups: BTreeSet<&str> = specs.iter().map(|s| s.group.as_str()).collect();
     for s in specs {
         if !names.insert(s.name.as_str()) {
-            v.error(format!("programs.{}", s.group), format!("process name {:?} is used twice", s.name));
+            v.error(
+                format!("programs.{}", s.group),
+                format!("process name {:?} is used twice", s.name),
+            );
         }
         if s.name.contains(['/', ' ', '*']) {
-            v.error(format!("programs.{}.process_name", s.group), format!("{:?} may not contain '/', ' ' or '*'", s.name));
+            v.error(
+                format!("programs.{}.process_name", s.group),
+                format!("{:?} may not contain '/', ' ' or '*'", s.name),
+            );
         }
         for d in &s.depends_on {
             if !groups.contains(d.as_str()) {
-                v.error(format!("programs.{}.depends_on", s.group), format!("unknown program {d:?}"));
+                v.error(
+                    format!("programs.{}.depends_on", s.group),
+                    format!("unknown program {d:?}"),
+                );
             }
         }
     }
     // A cycle would wait forever: depth-first search over groups.
     let deps: BTreeMap<&str, Vec<&str>> = specs
         .iter()
-        .map(|s| (s.group.as_str(), s.depends_on.iter().map(String::as_str).collect()))
+        .map(|s| {
+            (
+                s.group.as_str(),
+                s.depends_on.iter().map(String::as_str).collect(),
+            )
+        })
         .collect();
-    fn visit<'a>(g: &'a str, deps: &BTreeMap<&'a str, Vec<&'a str>>, path: &mut Vec<&'a str>, done: &mut BTreeSet<&'a str>) -> Option<String> {
+    fn visit<'a>(
+        g: &'a str,
+        deps: &BTreeMap<&'a str, Vec<&'a str>>,
+        path: &mut Vec<&'a str>,
+        done: &mut BTreeSet<&'a str>,
+    ) -> Option<String> {
         if done.contains(g) {
             return None;
         }
@@ -335,7 +414,10 @@ pub fn check_set(specs: &[ProcessSpec], v: &mut Validator) {
     let mut done = BTreeSet::new();
     for g in deps.keys() {
         if let Some(cycle) = visit(g, &deps, &mut Vec::new(), &mut done) {
-            v.error(format!("programs.{g}.depends_on"), format!("dependency cycle: {cycle}"));
+            v.error(
+                format!("programs.{g}.depends_on"),
+                format!("dependency cycle: {cycle}"),
+            );
             break;
         }
     }
@@ -348,7 +430,11 @@ pub fn parse_signal(s: &str) -> Option<nix::sys::signal::Signal> {
         return nix::sys::signal::Signal::try_from(n).ok();
     }
     let up = s.trim().to_ascii_uppercase();
-    let full = if up.starts_with("SIG") { up } else { format!("SIG{up}") };
+    let full = if up.starts_with("SIG") {
+        up
+    } else {
+        format!("SIG{up}")
+    };
     nix::sys::signal::Signal::from_str(&full).ok()
 }
 
@@ -440,7 +526,10 @@ mod tests {
         let names: Vec<_> = specs.iter().map(|s| s.name.as_str()).collect();
         assert_eq!(names, ["app-0", "app-1", "app-2"]);
         assert_eq!(specs[2].argv[3], "listen=127.0.0.1:7103");
-        assert_eq!(specs[0].stdout.path.as_deref(), Some(Path::new("/tmp/l/app-0.out.log")));
+        assert_eq!(
+            specs[0].stdout.path.as_deref(),
+            Some(Path::new("/tmp/l/app-0.out.log"))
+        );
     }
 
     #[test]

@@ -11,7 +11,11 @@ pub(crate) fn build(sup: &Supervisor) -> Snapshot {
         .map(|(name, p)| {
             let exit = p.m.last_exit;
             let stdout_log = p.spec.stdout.path.clone();
-            let stderr_log = if p.spec.redirect_stderr { stdout_log.clone() } else { p.spec.stderr.path.clone() };
+            let stderr_log = if p.spec.redirect_stderr {
+                stdout_log.clone()
+            } else {
+                p.spec.stderr.path.clone()
+            };
             ProcStatus {
                 name: name.clone(),
                 group: p.spec.group.clone(),
@@ -27,7 +31,11 @@ pub(crate) fn build(sup: &Supervisor) -> Snapshot {
                 readiness: p.readiness.clone(),
                 fatal_reason: p.m.fatal_reason.map(str::to_string),
                 spawn_error: p.spawn_error.clone(),
-                waiting_for: if p.wanted { sup.waiting_for(name) } else { Vec::new() },
+                waiting_for: if p.wanted {
+                    sup.waiting_for(name)
+                } else {
+                    Vec::new()
+                },
                 command: p.spec.argv.clone(),
                 stdout_log,
                 stderr_log,
@@ -35,5 +43,8 @@ pub(crate) fn build(sup: &Supervisor) -> Snapshot {
             }
         })
         .collect();
-    Snapshot { programs, shutting_down: false }
+    Snapshot {
+        programs,
+        shutting_down: false,
+    }
 }

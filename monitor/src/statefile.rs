@@ -45,12 +45,18 @@ pub struct RunDir {
 
 impl RunDir {
     pub fn acquire(path: &Path) -> Result<Self, RunDirError> {
-        let create = |source| RunDirError::Create { path: path.into(), source };
+        let create = |source| RunDirError::Create {
+            path: path.into(),
+            source,
+        };
         std::fs::create_dir_all(path).map_err(create)?;
         let file = File::create(path.join("monitor.lock")).map_err(create)?;
         let lock = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock)
             .map_err(|_| RunDirError::Locked { path: path.into() })?;
-        Ok(Self { path: path.into(), _lock: lock })
+        Ok(Self {
+            path: path.into(),
+            _lock: lock,
+        })
     }
 
     fn state_path(&self) -> PathBuf {
@@ -59,7 +65,10 @@ impl RunDir {
 
     /// Records the running processes (atomically: write then rename).
     pub fn save(&self, processes: Vec<Entry>) {
-        let state = StateFile { monitor_pid: std::process::id(), processes };
+        let state = StateFile {
+            monitor_pid: std::process::id(),
+            processes,
+        };
         let tmp = self.path.join("state.json.tmp");
         let res = serde_json::to_vec_pretty(&state)
             .map_err(std::io::Error::other)
@@ -73,7 +82,9 @@ impl RunDir {
     /// Stops every process a previous monitor left behind: the stop signal to each group, SIGKILL after
     /// `wait`. Returns the names of the processes it stopped.
     pub fn stop_leftovers(&self, wait: Duration) -> Vec<String> {
-        let Ok(bytes) = std::fs::read(self.state_path()) else { return Vec::new() };
+        let Ok(bytes) = std::fs::read(self.state_path()) else {
+            return Vec::new();
+        };
         let Ok(state) = serde_json::from_slice::<StateFile>(&bytes) else {
             warn!("unreadable state file; ignoring it");
             return Vec::new();
@@ -125,7 +136,10 @@ mod tests {
     fn lock_is_exclusive_and_own_start_time_is_read() {
         let dir = tempfile::tempdir().unwrap();
         let a = RunDir::acquire(dir.path()).unwrap();
-        assert!(matches!(RunDir::acquire(dir.path()), Err(RunDirError::Locked { .. })));
+        assert!(matches!(
+            RunDir::acquire(dir.path()),
+            Err(RunDirError::Locked { .. })
+        ));
         drop(a);
         assert!(RunDir::acquire(dir.path()).is_ok());
         assert!(start_time(std::process::id() as i32).is_some());

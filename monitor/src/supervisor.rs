@@ -23,8 +23,17 @@ use crate::status::{Command, CommandError, ProbeStatus, Reply, Request, Snapshot
 /// Internal messages: timers and probe results.
 #[derive(Debug)]
 pub(crate) enum Internal {
-    Timer { name: String, epoch: u64, generation: u64 },
-    Probe { name: String, spawn_id: u64, liveness: bool, result: Result<(), String> },
+    Timer {
+        name: String,
+        epoch: u64,
+        generation: u64,
+    },
+    Probe {
+        name: String,
+        spawn_id: u64,
+        liveness: bool,
+        result: Result<(), String>,
+    },
     KillAll,
 }
 
@@ -74,7 +83,9 @@ pub(crate) struct Inputs {
 }
 
 pub(crate) fn unix_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 impl Supervisor {
@@ -143,7 +154,9 @@ impl Supervisor {
             Command::Start(names) => Ok(Reply::Results(self.each(&names, |s, name| s.user_start(name))?)),
             Command::Stop(names) => Ok(Reply::Results(self.each(&names, |s, name| s.user_stop(name))?)),
             Command::Restart(names) => Ok(Reply::Results(self.each(&names, |s, name| s.user_restart(name))?)),
-            Command::Signal(names, sig) => Ok(Reply::Results(self.each(&names, |s, name| s.user_signal(name, sig))?)),
+            Command::Signal(names, sig) => Ok(Reply::Results(
+                self.each(&names, |s, name| s.user_signal(name, sig))?,
+            )),
             Command::Plan(cfg) => Ok(Reply::Plan(self.plan(&cfg))),
             Command::Update(cfg) => Ok(Reply::Plan(self.update(cfg))),
             Command::Shutdown => {
@@ -163,13 +176,25 @@ impl Supervisor {
             let found: Vec<String> = if n == "all" {
                 self.order.clone()
             } else if let Some(group) = n.strip_suffix(":*") {
-                self.order.iter().filter(|p| self.procs[*p].spec.group == group).cloned().collect()
+                self.order
+                    .iter()
+                    .filter(|p| self.procs[*p].spec.group == group)
+                    .cloned()
+                    .collect()
             } else if let Some((_, name)) = n.split_once(':') {
-                self.procs.contains_key(name).then(|| vec![name.to_string()]).unwrap_or_default()
+                if self.procs.contains_key(name) {
+                    vec![name.to_string()]
+                } else {
+                    Vec::new()
+                }
             } else if self.procs.contains_key(n.as_str()) {
                 vec![n.clone()]
             } else {
-                self.order.iter().filter(|p| self.procs[*p].spec.group == *n).cloned().collect()
+                self.order
+                    .iter()
+                    .filter(|p| self.procs[*p].spec.group == *n)
+                    .cloned()
+                    .collect()
             };
             if found.is_empty() {
                 return Err(CommandError::Unknown(n.clone()));
@@ -194,13 +219,20 @@ impl Supervisor {
             .map(|name| {
                 let (ok, message) = f(self, name);
                 let state = self.procs.get(name).map_or(State::Stopped, |p| p.m.state);
-                crate::status::ActionResult { name: name.clone(), ok, state, message }
+                crate::status::ActionResult {
+                    name: name.clone(),
+                    ok,
+                    state,
+                    message,
+                }
             })
             .collect())
     }
 
     fn user_start(&mut self, name: &str) -> (bool, String) {
-        let Some(p) = self.procs.get_mut(name) else { return (false, "gone".into()) };
+        let Some(p) = self.procs.get_mut(name) else {
+            return (false, "gone".into());
+        };
         if p.m.state.has_process() {
             return (false, "already started".into());
         }
@@ -209,18 +241,29 @@ impl Supervisor {
     }
 
     fn user_stop(&mut self, name: &str) -> (bool, String) {
-        let Some(p) = self.procs.get_mut(name) else { return (false, "gone".into()) };
+        let Some(p) = self.procs.get_mut(name) else {
+            return (false, "gone".into());
+        };
         let was_wanted = std::mem::take(&mut p.wanted);
         let state = p.m.state;
         if matches!(state, State::Stopped | State::Exited | State::Stopping) {
-            return (was_wanted, if was_wanted { "pending start cancelled".into() } else { "not running".into() });
+            return (
+                was_wanted,
+                if was_wanted {
+                    "pending start cancelled".into()
+                } else {
+                    "not running".into()
+                },
+            );
         }
         self.event(name, Event::Stop);
         (true, "stopping".into())
     }
 
     fn user_restart(&mut self, name: &str) -> (bool, String) {
-        let Some(p) = self.procs.get_mut(name) else { return (false, "gone".into()) };
+        let Some(p) = self.procs.get_mut(name) else {
+            return (false, "gone".into());
+        };
         if p.m.state.has_process() && p.m.state != State::Stopping {
             self.event(name, Event::Restart);
         } else {
@@ -230,7 +273,9 @@ impl Supervisor {
     }
 
     fn user_signal(&mut self, name: &str, sig: nix::sys::signal::Signal) -> (bool, String) {
-        let Some(p) = self.procs.get(name) else { return (false, "gone".into()) };
+        let Some(p) = self.procs.get(name) else {
+            return (false, "gone".into());
+        };
         if p.pid == 0 || !p.m.state.has_process() {
             return (false, "not running".into());
         }
@@ -247,7 +292,8 @@ impl Supervisor {
         let step = p.m.handle(ev, &p.spec.policy, now, rand::random::<f64>());
         let (pid, exit) = (p.pid, p.m.last_exit);
         for (from, to) in &step.transitions {
-            let exited = matches!(to, State::Exited | State::Backoff | State::Stopped) && matches!(ev, Event::Exited(_));
+            let exited = matches!(to, State::Exited | State::Backoff | State::Stopped)
+                && matches!(ev, Event::Exited(_));
             info!(program = name, from = from.name(), to = to.name(), "state change");
             self.bus.publish(Kind::State {
                 program: name.to_string(),
@@ -293,7 +339,11 @@ impl Supervisor {
                 }
             }
             Action::Kill => {
-                warn!(program = name, pid = p.pid, "did not stop within stopwaitsecs; killing its process group");
+                warn!(
+                    program = name,
+                    pid = p.pid,
+                    "did not stop within stopwaitsecs; killing its process group"
+                );
                 let _ = child::signal_group(p.pid, nix::sys::signal::Signal::SIGKILL);
             }
             Action::Timer(delay, generation) => {
@@ -301,14 +351,20 @@ impl Supervisor {
                 let (name, epoch) = (name.to_string(), p.epoch);
                 tokio::spawn(async move {
                     tokio::time::sleep(delay).await;
-                    let _ = tx.send(Internal::Timer { name, epoch, generation });
+                    let _ = tx.send(Internal::Timer {
+                        name,
+                        epoch,
+                        generation,
+                    });
                 });
             }
         }
     }
 
     fn on_exit(&mut self, exit: Exit) {
-        let Some(p) = self.procs.get_mut(&exit.name) else { return };
+        let Some(p) = self.procs.get_mut(&exit.name) else {
+            return;
+        };
         if p.spawn_id != exit.spawn_id {
             return;
         }
@@ -327,12 +383,21 @@ impl Supervisor {
 
     fn on_internal(&mut self, msg: Internal) {
         match msg {
-            Internal::Timer { name, epoch, generation } => {
+            Internal::Timer {
+                name,
+                epoch,
+                generation,
+            } => {
                 if self.procs.get(&name).is_some_and(|p| p.epoch == epoch) {
                     self.event(&name, Event::Timer(generation));
                 }
             }
-            Internal::Probe { name, spawn_id, liveness, result } => self.on_probe(&name, spawn_id, liveness, result),
+            Internal::Probe {
+                name,
+                spawn_id,
+                liveness,
+                result,
+            } => self.on_probe(&name, spawn_id, liveness, result),
             Internal::KillAll => {
                 for p in self.procs.values().filter(|p| p.m.state.has_process()) {
                     let _ = child::signal_group(p.pid, nix::sys::signal::Signal::SIGKILL);
@@ -346,13 +411,21 @@ impl Supervisor {
         if p.spawn_id != spawn_id || !p.m.state.has_process() {
             return;
         }
-        let slot = if liveness { &mut p.liveness } else { &mut p.readiness };
+        let slot = if liveness {
+            &mut p.liveness
+        } else {
+            &mut p.readiness
+        };
         let failures = match (&result, slot.as_ref()) {
             (Ok(()), _) => 0,
             (Err(_), Some(prev)) => prev.failures + 1,
             (Err(_), None) => 1,
         };
-        let new = ProbeStatus { ok: result.is_ok(), detail: result.err().unwrap_or_else(|| "ok".into()), failures };
+        let new = ProbeStatus {
+            ok: result.is_ok(),
+            detail: result.err().unwrap_or_else(|| "ok".into()),
+            failures,
+        };
         if slot.as_ref().map(|s| s.ok) != Some(new.ok) {
             self.bus.publish(Kind::Probe {
                 program: name.to_string(),
@@ -371,16 +444,23 @@ impl Supervisor {
 
     /// Whether `p` counts as ready for its dependents.
     pub fn is_ready(p: &Proc) -> bool {
-        p.m.state == State::Running && (p.spec.readiness.is_none() || p.readiness.as_ref().is_some_and(|r| r.ok))
+        p.m.state == State::Running
+            && (p.spec.readiness.is_none() || p.readiness.as_ref().is_some_and(|r| r.ok))
     }
 
     /// Dependency groups of `name` that are not ready yet.
     pub fn waiting_for(&self, name: &str) -> Vec<String> {
-        let Some(p) = self.procs.get(name) else { return Vec::new() };
+        let Some(p) = self.procs.get(name) else {
+            return Vec::new();
+        };
         p.spec
             .depends_on
             .iter()
-            .filter(|g| self.procs.values().any(|q| q.spec.group == **g && !Self::is_ready(q)))
+            .filter(|g| {
+                self.procs
+                    .values()
+                    .any(|q| q.spec.group == **g && !Self::is_ready(q))
+            })
             .cloned()
             .collect()
     }
@@ -391,7 +471,9 @@ impl Supervisor {
         loop {
             let mut progressed = false;
             for name in self.order.clone() {
-                let Some(p) = self.procs.get_mut(&name) else { continue };
+                let Some(p) = self.procs.get_mut(&name) else {
+                    continue;
+                };
                 if p.m.state.has_process() {
                     continue;
                 }
@@ -436,7 +518,10 @@ impl Supervisor {
                 .procs
                 .values()
                 .any(|q| q.m.state.has_process() && q.spec.depends_on.contains(&group));
-            let stoppable = matches!(state, State::Starting | State::Running | State::Backoff | State::Fatal);
+            let stoppable = matches!(
+                state,
+                State::Starting | State::Running | State::Backoff | State::Fatal
+            );
             if stoppable && !needed {
                 self.event(&name, Event::Stop);
                 progressed = true;
@@ -451,7 +536,9 @@ impl Supervisor {
         }
         info!("stopping every program");
         self.shutting_down = true;
-        self.bus.publish(Kind::Monitor { detail: "shutting down".into() });
+        self.bus.publish(Kind::Monitor {
+            detail: "shutting down".into(),
+        });
         for p in self.procs.values_mut() {
             p.wanted = false;
         }
@@ -461,7 +548,10 @@ impl Supervisor {
     fn stop_everything_now(&mut self) {
         for name in self.order.clone() {
             let state = self.procs.get(&name).map(|p| p.m.state);
-            if matches!(state, Some(State::Starting | State::Running | State::Backoff | State::Fatal)) {
+            if matches!(
+                state,
+                Some(State::Starting | State::Running | State::Backoff | State::Fatal)
+            ) {
                 self.event(&name, Event::Stop);
             }
         }
@@ -501,13 +591,20 @@ impl Supervisor {
     fn publish(&mut self) {
         let snapshot = crate::snapshot::build(self);
         crate::metrics::record(&snapshot);
-        self.status.send_replace(Arc::new(Snapshot { shutting_down: self.shutting_down, ..snapshot }));
+        self.status.send_replace(Arc::new(Snapshot {
+            shutting_down: self.shutting_down,
+            ..snapshot
+        }));
         let entries: Vec<Entry> = self
             .order
             .iter()
             .filter_map(|n| self.procs.get(n).map(|p| (n, p)))
             .filter(|(_, p)| p.pid != 0)
-            .map(|(n, p)| Entry { name: n.clone(), pid: p.pid as i32, start_time: p.start_time })
+            .map(|(n, p)| Entry {
+                name: n.clone(),
+                pid: p.pid as i32,
+                start_time: p.start_time,
+            })
             .collect();
         if entries != self.saved {
             self.run_dir.save(entries.clone());

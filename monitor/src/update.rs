@@ -47,7 +47,10 @@ impl Supervisor {
                 let p = self.new_proc(Arc::new(spec.clone()));
                 self.procs.insert(spec.name.clone(), p);
             } else if plan.changed.contains(&spec.name) {
-                let active = self.procs.get(&spec.name).is_some_and(|p| p.m.state.has_process() || p.wanted);
+                let active = self
+                    .procs
+                    .get(&spec.name)
+                    .is_some_and(|p| p.m.state.has_process() || p.wanted);
                 if let Some(p) = self.procs.get_mut(&spec.name) {
                     p.removing = false;
                     p.replacement = Some(Arc::new(spec.clone()));

@@ -26,7 +26,15 @@ fn ctl_errors_and_tokens() {
 
     // Without the right token, nothing changes.
     let o = std::process::Command::new(xcluster_bin())
-        .args(["ctl", "--url", &format!("http://{}", m.addr), "--token", "wrong", "stop", "x"])
+        .args([
+            "ctl",
+            "--url",
+            &format!("http://{}", m.addr),
+            "--token",
+            "wrong",
+            "stop",
+            "x",
+        ])
         .output()
         .unwrap();
     assert_eq!(o.status.code(), Some(77), "{}", out(&o));
@@ -42,7 +50,12 @@ fn ctl_errors_and_tokens() {
 
     // The token never shows in the effective config.
     let o = std::process::Command::new(xcluster_bin())
-        .args(["monitor", "--config", m.config.to_str().unwrap(), "--print-config"])
+        .args([
+            "monitor",
+            "--config",
+            m.config.to_str().unwrap(),
+            "--print-config",
+        ])
         .output()
         .unwrap();
     assert!(!out(&o).contains(TOKEN), "{}", out(&o));
@@ -62,7 +75,8 @@ fn events_stream_as_server_sent_events() {
     m.wait_state("x", "RUNNING", T);
     let mut s = std::net::TcpStream::connect(m.addr).unwrap();
     s.set_read_timeout(Some(T)).unwrap();
-    s.write_all(format!("GET /v1/events HTTP/1.1\r\nHost: {}\r\n\r\n", m.addr).as_bytes()).unwrap();
+    s.write_all(format!("GET /v1/events HTTP/1.1\r\nHost: {}\r\n\r\n", m.addr).as_bytes())
+        .unwrap();
     let mut seen = String::new();
     let mut buf = [0u8; 4096];
     // History first: the start of x.

@@ -60,7 +60,12 @@ fn dump(addr: std::net::SocketAddr) -> String {
             ..Default::default()
         },
     );
-    assert_eq!(chrome.wait_exit(Duration::from_secs(20)), Some(0), "chromium: {}", chrome.stderr());
+    assert_eq!(
+        chrome.wait_exit(Duration::from_secs(20)),
+        Some(0),
+        "chromium: {}",
+        chrome.stderr()
+    );
     chrome.stdout()
 }
 
@@ -84,7 +89,10 @@ fn the_dashboard_shows_programs_and_the_cluster_and_reacts_to_a_restart() {
 
     let first = dump(m.addr);
     let row = row_of(&first, "web");
-    assert!(row.contains("RUNNING") && row.contains(&format!(">{pid}<")), "{row}");
+    assert!(
+        row.contains("RUNNING") && row.contains(&format!(">{pid}<")),
+        "{row}"
+    );
 
     // A restart (through the API, as the page's button does) shows up in the page.
     let r = m.post("/v1/programs/web/restart");
@@ -93,11 +101,26 @@ fn the_dashboard_shows_programs_and_the_cluster_and_reacts_to_a_restart() {
     let dom = dump(m.addr);
     let row = row_of(&dom, "web");
     assert!(row.contains("RUNNING"), "{row}");
-    assert!(row.contains(&format!(">{new_pid}<")), "the page shows the new pid {new_pid}: {row}");
+    assert!(
+        row.contains(&format!(">{new_pid}<")),
+        "the page shows the new pid {new_pid}: {row}"
+    );
     assert!(row.contains("class=\"restarts\">1<"), "{row}");
-    assert!(dom.contains("web: RUNNING → STOPPING"), "the restart in the event list: {dom}");
+    assert!(
+        dom.contains("web: RUNNING → STOPPING"),
+        "the restart in the event list: {dom}"
+    );
     // The cluster view: one balancer up with its instance and weights, the other down.
-    assert!(dom.contains(&format!("<b>{up}</b> <span class=\"up\">up</span>")), "{dom}");
-    assert!(dom.contains("app-7") && dom.contains("0.750") && dom.contains("w(order)"), "{dom}");
-    assert!(dom.contains(&format!("<b>{down}</b> <span class=\"down\">down</span>")), "{dom}");
+    assert!(
+        dom.contains(&format!("<b>{up}</b> <span class=\"up\">up</span>")),
+        "{dom}"
+    );
+    assert!(
+        dom.contains("app-7") && dom.contains("0.750") && dom.contains("w(order)"),
+        "{dom}"
+    );
+    assert!(
+        dom.contains(&format!("<b>{down}</b> <span class=\"down\">down</span>")),
+        "{dom}"
+    );
 }

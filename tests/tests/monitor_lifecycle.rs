@@ -70,17 +70,31 @@ fatal_retry_secs = 1
         m.events()
             .iter()
             .filter(|e| e["kind"] == "state" && e["program"] == "crash")
-            .map(|e| (e["from"].as_str().unwrap().to_string(), e["to"].as_str().unwrap().to_string()))
+            .map(|e| {
+                (
+                    e["from"].as_str().unwrap().to_string(),
+                    e["to"].as_str().unwrap().to_string(),
+                )
+            })
             .collect()
     };
     let t = transitions(&m);
     let starts = t.iter().filter(|(_, to)| to == "STARTING").count();
     assert_eq!(starts, 3, "one start and startretries=2 retries: {t:?}");
-    assert_eq!(t.iter().filter(|(f, to)| f == "STARTING" && to == "BACKOFF").count(), 3, "{t:?}");
+    assert_eq!(
+        t.iter()
+            .filter(|(f, to)| f == "STARTING" && to == "BACKOFF")
+            .count(),
+        3,
+        "{t:?}"
+    );
     assert_eq!(t.last().unwrap(), &("BACKOFF".to_string(), "FATAL".to_string()));
     // The cool-down retries FATAL without a human.
     eventually(T, "FATAL retried after fatal_retry_secs", || {
-        transitions(&m).iter().any(|(f, to)| f == "FATAL" && to == "STARTING").then_some(())
+        transitions(&m)
+            .iter()
+            .any(|(f, to)| f == "FATAL" && to == "STARTING")
+            .then_some(())
     });
 }
 
@@ -130,8 +144,12 @@ backoff_initial_ms = 50
     std::fs::remove_file(&gc).unwrap();
     kill9(leader);
     let leader2 = m.wait_new_pid("tree", leader, T);
-    eventually(T, "the killed leader reaped (no zombie)", || (!exists(leader)).then_some(()));
-    eventually(T, "the first grandchild killed with its program", || (!alive(grandchild)).then_some(()));
+    eventually(T, "the killed leader reaped (no zombie)", || {
+        (!exists(leader)).then_some(())
+    });
+    eventually(T, "the first grandchild killed with its program", || {
+        (!alive(grandchild)).then_some(())
+    });
     let grandchild2 = eventually(T, "second grandchild pid written", read_gc);
     assert!(alive(grandchild2));
 
@@ -139,7 +157,9 @@ backoff_initial_ms = 50
     let r = m.post("/v1/programs/tree/stop");
     assert_eq!(r.status, 200);
     m.wait_state("tree", "STOPPED", T);
-    eventually(Duration::from_secs(5), "the second grandchild stopped with its program", || {
-        (!alive(grandchild2) && !exists(leader2)).then_some(())
-    });
+    eventually(
+        Duration::from_secs(5),
+        "the second grandchild stopped with its program",
+        || (!alive(grandchild2) && !exists(leader2)).then_some(()),
+    );
 }

@@ -29,14 +29,24 @@ startsecs = 0
     }
     let o = m.ctl(&["status", "web:*"]);
     assert!(o.status.success(), "{}", out(&o));
-    assert_eq!(String::from_utf8_lossy(&o.stdout).lines().count(), 3, "{}", out(&o));
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout).lines().count(),
+        3,
+        "{}",
+        out(&o)
+    );
     let o = m.ctl(&["stop", "web:*"]);
     assert!(o.status.success(), "{}", out(&o));
     for name in ["web-0", "web-1", "web-2"] {
         m.wait_state(name, "STOPPED", T);
     }
     let o = m.ctl(&["status", "web:*"]);
-    assert_eq!(o.status.code(), Some(3), "status of stopped programs exits 3: {}", out(&o));
+    assert_eq!(
+        o.status.code(),
+        Some(3),
+        "status of stopped programs exits 3: {}",
+        out(&o)
+    );
 }
 
 #[test]
@@ -57,24 +67,43 @@ stdout_logfile_backups = 2
     m.wait_state("chatty", "RUNNING", T);
     let o = eventually(T, "the last line in the tail", || {
         let o = m.ctl(&["tail", "chatty", "--bytes", "200"]);
-        String::from_utf8_lossy(&o.stdout).contains("line-299-").then_some(o)
+        String::from_utf8_lossy(&o.stdout)
+            .contains("line-299-")
+            .then_some(o)
     });
     assert!(o.stdout.len() <= 200, "tail is bounded by --bytes");
     let backup = |i: u32| dir.path().join(format!("chatty.log.{i}"));
     assert!(backup(1).exists() && backup(2).exists(), "two backups kept");
     assert!(!backup(3).exists(), "no more than stdout_logfile_backups");
     for p in [log.clone(), backup(1), backup(2)] {
-        assert!(std::fs::metadata(&p).unwrap().len() <= 4096, "{} over maxbytes", p.display());
+        assert!(
+            std::fs::metadata(&p).unwrap().len() <= 4096,
+            "{} over maxbytes",
+            p.display()
+        );
     }
 
     // Follow: a signal makes the program print, and `tail -f` shows it as it happens.
     let follow = Proc::xcluster(
         "tail-f",
-        &["ctl", "--url", &format!("http://{}", m.addr), "tail", "-f", "chatty", "--bytes", "10"],
+        &[
+            "ctl",
+            "--url",
+            &format!("http://{}", m.addr),
+            "tail",
+            "-f",
+            "chatty",
+            "--bytes",
+            "10",
+        ],
     );
     // The follower subscribes before it reads the file, so anything printed after its first bytes arrive is seen.
-    eventually(T, "tail -f connected", || (!follow.stdout().is_empty()).then_some(()));
+    eventually(T, "tail -f connected", || {
+        (!follow.stdout().is_empty()).then_some(())
+    });
     let o = m.ctl(&["signal", "USR1", "chatty"]);
     assert!(o.status.success(), "{}", out(&o));
-    eventually(T, "tail -f shows the live line", || follow.stdout().contains("got-usr1").then_some(()));
+    eventually(T, "tail -f shows the live line", || {
+        follow.stdout().contains("got-usr1").then_some(())
+    });
 }

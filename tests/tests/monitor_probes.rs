@@ -27,12 +27,17 @@ failure_threshold = 2
     ));
     m.wait_state("svc", "RUNNING", T);
     let pid = m.pid("svc").unwrap();
-    eventually(T, "liveness passing", || (m.prog("svc")["liveness"]["ok"] == true).then_some(()));
+    eventually(T, "liveness passing", || {
+        (m.prog("svc")["liveness"]["ok"] == true).then_some(())
+    });
     assert_eq!(m.pid("svc"), Some(pid), "a passing probe restarts nothing");
     std::fs::remove_file(&healthy).unwrap();
     let events_before = m.events().len();
     eventually(T, "a liveness failure event", || {
-        m.events().iter().any(|e| e["kind"] == "probe" && e["probe"] == "liveness" && e["ok"] == false).then_some(())
+        m.events()
+            .iter()
+            .any(|e| e["kind"] == "probe" && e["probe"] == "liveness" && e["ok"] == false)
+            .then_some(())
     });
     // failure_threshold failures in a row: the process is restarted.
     m.wait_new_pid("svc", pid, T);
@@ -74,10 +79,18 @@ depends_on = ["db"]
     std::fs::write(&ready, "").unwrap();
     m.wait_state("web", "RUNNING", T);
     let events = m.events();
-    let seq = |pred: &dyn Fn(&serde_json::Value) -> bool| events.iter().find(|e| pred(e)).map(|e| e["seq"].as_u64().unwrap());
+    let seq = |pred: &dyn Fn(&serde_json::Value) -> bool| {
+        events
+            .iter()
+            .find(|e| pred(e))
+            .map(|e| e["seq"].as_u64().unwrap())
+    };
     let db_ready = seq(&|e| e["kind"] == "probe" && e["program"] == "db" && e["ok"] == true).unwrap();
     let web_start = seq(&|e| e["kind"] == "state" && e["program"] == "web" && e["to"] == "STARTING").unwrap();
-    assert!(db_ready < web_start, "web started before db was ready: {events:?}");
+    assert!(
+        db_ready < web_start,
+        "web started before db was ready: {events:?}"
+    );
 
     // Shutdown: web (the dependent) is stopped, and gone, before db gets its signal.
     let mut m = m;

@@ -11,9 +11,16 @@ use xcluster_tests::*;
 
 fn programs(b_arg: &str, with_c: bool, with_d: bool) -> String {
     let mut s = String::new();
-    for (name, on, arg) in [("a", true, "1"), ("b", true, b_arg), ("c", with_c, "3"), ("d", with_d, "4")] {
+    for (name, on, arg) in [
+        ("a", true, "1"),
+        ("b", true, b_arg),
+        ("c", with_c, "3"),
+        ("d", with_d, "4"),
+    ] {
         if on {
-            s.push_str(&format!("[programs.{name}]\ncommand = \"sleep 30{arg}\"\nstartsecs = 0\n"));
+            s.push_str(&format!(
+                "[programs.{name}]\ncommand = \"sleep 30{arg}\"\nstartsecs = 0\n"
+            ));
         }
     }
     s
@@ -27,21 +34,44 @@ fn reread_shows_the_plan_and_update_touches_only_what_changed() {
     let real = tempfile::tempdir().unwrap();
     let addr = free_addr();
     let real_path = real.path().join("real.toml");
-    std::fs::write(&real_path, config_text(addr, dir.path(), &programs("2", true, false))).unwrap();
+    std::fs::write(
+        &real_path,
+        config_text(addr, dir.path(), &programs("2", true, false)),
+    )
+    .unwrap();
     std::os::unix::fs::symlink(&real_path, dir.path().join("monitor.toml")).unwrap();
-    let proc = Proc::xcluster("monitor", &["monitor", "--config", dir.path().join("monitor.toml").to_str().unwrap()]);
+    let proc = Proc::xcluster(
+        "monitor",
+        &[
+            "monitor",
+            "--config",
+            dir.path().join("monitor.toml").to_str().unwrap(),
+        ],
+    );
     wait_ready(addr, T);
-    let m = Mon { proc, addr, dir: dir.clone(), config: dir.path().join("monitor.toml") };
+    let m = Mon {
+        proc,
+        addr,
+        dir: dir.clone(),
+        config: dir.path().join("monitor.toml"),
+    };
     for n in ["a", "b", "c"] {
         m.wait_state(n, "RUNNING", T);
     }
     let before: Vec<i32> = ["a", "b", "c"].iter().map(|n| m.pid(n).unwrap()).collect();
 
-    std::fs::write(&real_path, config_text(addr, dir.path(), &programs("9", false, true))).unwrap();
+    std::fs::write(
+        &real_path,
+        config_text(addr, dir.path(), &programs("9", false, true)),
+    )
+    .unwrap();
     let o = m.ctl(&["reread"]);
     assert!(o.status.success(), "{}", out(&o));
     let text = out(&o);
-    assert!(text.contains("b: changed") && text.contains("c: removed") && text.contains("d: added"), "{text}");
+    assert!(
+        text.contains("b: changed") && text.contains("c: removed") && text.contains("d: added"),
+        "{text}"
+    );
     assert!(!text.contains("a:"), "{text}");
     // Reread applies nothing.
     let after: Vec<i32> = ["a", "b", "c"].iter().map(|n| m.pid(n).unwrap()).collect();
@@ -54,7 +84,12 @@ fn reread_shows_the_plan_and_update_touches_only_what_changed() {
     assert_eq!(m.prog("b")["command"][1], "309");
     assert_eq!(m.pid("a"), Some(before[0]), "unchanged program keeps its pid");
     eventually(T, "c removed", || {
-        (!m.status()["programs"].as_array().unwrap().iter().any(|p| p["name"] == "c")).then_some(())
+        (!m.status()["programs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["name"] == "c"))
+        .then_some(())
     });
     eventually(T, "c's process gone", || (!alive(before[2])).then_some(()));
     // A second update has nothing to do.
@@ -78,7 +113,10 @@ fn the_file_watcher_applies_a_change_and_an_invalid_config_changes_nothing() {
     assert_eq!(m.pid("a"), Some(a));
 
     // An invalid edit: nothing changes, and the error is visible everywhere.
-    m.rewrite(&format!("{}\n[programs.e]\ncommand = \"sleep 1\"\nno_such_key = 1\n", programs("8", true, false)));
+    m.rewrite(&format!(
+        "{}\n[programs.e]\ncommand = \"sleep 1\"\nno_such_key = 1\n",
+        programs("8", true, false)
+    ));
     let err = eventually(T, "the reload error in the status", || {
         m.status()["reload"]["last_error"].as_str().map(str::to_string)
     });
@@ -86,12 +124,20 @@ fn the_file_watcher_applies_a_change_and_an_invalid_config_changes_nothing() {
     let o = m.ctl(&["status"]);
     assert!(out(&o).contains("config reload failed"), "{}", out(&o));
     let metrics = get(m.addr, "/metrics").unwrap().body;
-    assert_eq!(metric_value(&metrics, "xcluster_config_last_reload_ok", "monitor"), Some(0.0), "{metrics}");
+    assert_eq!(
+        metric_value(&metrics, "xcluster_config_last_reload_ok", "monitor"),
+        Some(0.0),
+        "{metrics}"
+    );
     let r = m.post("/v1/update");
     assert_eq!(r.status, 400, "{}", r.body);
     assert!(r.body.contains("no_such_key"), "{}", r.body);
     assert_eq!(m.pid("a"), Some(a));
     assert_eq!(m.pid("b"), Some(b2));
     assert_eq!(m.prog("b")["command"][1], "307");
-    assert!(m.events().iter().any(|e| e["kind"] == "reload" && e["ok"] == false));
+    assert!(
+        m.events()
+            .iter()
+            .any(|e| e["kind"] == "reload" && e["ok"] == false)
+    );
 }

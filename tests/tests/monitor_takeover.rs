@@ -37,7 +37,10 @@ environment = {{ MARK = "{mark}" }}
     for n in ["one", "two-0", "two-1"] {
         first.wait_state(n, "RUNNING", T);
     }
-    let old: Vec<i32> = ["one", "two-0", "two-1"].iter().map(|n| first.pid(n).unwrap()).collect();
+    let old: Vec<i32> = ["one", "two-0", "two-1"]
+        .iter()
+        .map(|n| first.pid(n).unwrap())
+        .collect();
     first.proc.signal(nix::sys::signal::Signal::SIGKILL);
     first.proc.wait_exit(T).unwrap();
     // The programs outlive the monitor...
@@ -55,16 +58,28 @@ environment = {{ MARK = "{mark}" }}
     assert_eq!(copies(&mark, "two-0").len(), 1);
     assert_eq!(copies(&mark, "two-1").len(), 1);
     assert_eq!(copies(&mark, "one"), vec![second.pid("one").unwrap()]);
-    assert!(second.events().iter().any(|e| e["kind"] == "monitor"
-        && e["detail"].as_str().unwrap().contains("previous monitor")));
+    assert!(
+        second
+            .events()
+            .iter()
+            .any(|e| e["kind"] == "monitor" && e["detail"].as_str().unwrap().contains("previous monitor"))
+    );
     drop(first);
 }
 
 #[test]
 fn a_second_monitor_on_the_same_run_dir_is_refused() {
     let dir = std::sync::Arc::new(tempfile::tempdir().unwrap());
-    let m = Mon::start_in(dir.clone(), free_addr(), "[programs.x]\ncommand = \"sleep 300\"\n");
-    let cfg = write_file(dir.path(), "second.toml", &config_text(free_addr(), dir.path(), ""));
+    let m = Mon::start_in(
+        dir.clone(),
+        free_addr(),
+        "[programs.x]\ncommand = \"sleep 300\"\n",
+    );
+    let cfg = write_file(
+        dir.path(),
+        "second.toml",
+        &config_text(free_addr(), dir.path(), ""),
+    );
     let o = std::process::Command::new(xcluster_bin())
         .args(["monitor", "--config", cfg.to_str().unwrap()])
         .output()

@@ -49,9 +49,18 @@ fn up_starts_the_local_cluster_in_order_and_sigint_stops_everything() {
     let mut up = Proc::xcluster("up", &args);
     let addr: std::net::SocketAddr = format!("127.0.0.1:{mon}").parse().unwrap();
     wait_ready(addr, Duration::from_secs(15));
-    assert!(up.stdout().contains(&format!("dashboard at http://{addr}/")), "{}", up.stdout());
+    assert!(
+        up.stdout().contains(&format!("dashboard at http://{addr}/")),
+        "{}",
+        up.stdout()
+    );
 
-    let m = Mon { proc: Proc::spawn("noop", std::path::Path::new("true"), Spawn::default()), addr, dir: std::sync::Arc::new(tempfile::tempdir().unwrap()), config };
+    let m = Mon {
+        proc: Proc::spawn("noop", std::path::Path::new("true"), Spawn::default()),
+        addr,
+        dir: std::sync::Arc::new(tempfile::tempdir().unwrap()),
+        config,
+    };
     let names = ["lb-0", "lb-1", "app-0", "app-1", "app-2", "agent"];
     for n in names {
         eventually(Duration::from_secs(15), &format!("{n} running and ready"), || {
@@ -65,11 +74,21 @@ fn up_starts_the_local_cluster_in_order_and_sigint_stops_everything() {
     }
     // The agent waited for every balancer and app to be ready.
     let events = m.events();
-    let seq_of = |pred: &dyn Fn(&serde_json::Value) -> bool| events.iter().filter(|e| pred(e)).map(|e| e["seq"].as_u64().unwrap()).collect::<Vec<_>>();
-    let agent_start = seq_of(&|e| e["kind"] == "state" && e["program"] == "agent" && e["to"] == "STARTING")[0];
+    let seq_of = |pred: &dyn Fn(&serde_json::Value) -> bool| {
+        events
+            .iter()
+            .filter(|e| pred(e))
+            .map(|e| e["seq"].as_u64().unwrap())
+            .collect::<Vec<_>>()
+    };
+    let agent_start =
+        seq_of(&|e| e["kind"] == "state" && e["program"] == "agent" && e["to"] == "STARTING")[0];
     for n in ["lb-0", "lb-1", "app-0", "app-1", "app-2"] {
         let ready = seq_of(&|e| e["kind"] == "probe" && e["program"] == n && e["ok"] == true);
-        assert!(!ready.is_empty() && ready[0] < agent_start, "{n} ready before the agent started: {events:?}");
+        assert!(
+            !ready.is_empty() && ready[0] < agent_start,
+            "{n} ready before the agent started: {events:?}"
+        );
     }
     let pids: Vec<i32> = names.iter().map(|n| m.pid(n).unwrap()).collect();
 
@@ -78,5 +97,8 @@ fn up_starts_the_local_cluster_in_order_and_sigint_stops_everything() {
     for p in pids {
         assert!(!alive(p), "pid {p} left behind");
     }
-    assert!(tagged_pids(&format!("XCLUSTER_TEST_TAG={}", up.tag())).is_empty(), "descendants left behind");
+    assert!(
+        tagged_pids(&format!("XCLUSTER_TEST_TAG={}", up.tag())).is_empty(),
+        "descendants left behind"
+    );
 }

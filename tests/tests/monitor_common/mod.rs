@@ -37,10 +37,19 @@ impl Mon {
 
     /// Starts a monitor on `addr` with its run directory in `dir` (so a second one can follow the first).
     pub fn start_in(dir: std::sync::Arc<tempfile::TempDir>, addr: SocketAddr, programs: &str) -> Mon {
-        let config = write_file(dir.path(), "monitor.toml", &config_text(addr, dir.path(), programs));
+        let config = write_file(
+            dir.path(),
+            "monitor.toml",
+            &config_text(addr, dir.path(), programs),
+        );
         let proc = Proc::xcluster("monitor", &["monitor", "--config", config.to_str().unwrap()]);
         wait_ready(addr, T);
-        Mon { proc, addr, dir, config }
+        Mon {
+            proc,
+            addr,
+            dir,
+            config,
+        }
     }
 
     pub fn rewrite(&self, programs: &str) {
@@ -106,7 +115,10 @@ impl Mon {
     }
 
     pub fn events(&self) -> Vec<Value> {
-        get(self.addr, "/v1/events/recent").unwrap().json()["events"].as_array().unwrap().clone()
+        get(self.addr, "/v1/events/recent").unwrap().json()["events"]
+            .as_array()
+            .unwrap()
+            .clone()
     }
 }
 
@@ -128,5 +140,9 @@ pub fn kill9(pid: i32) {
 }
 
 pub fn out(o: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
 }
