@@ -80,7 +80,14 @@ fn row_of(dom: &str, name: &str) -> String {
 #[test]
 fn the_dashboard_shows_programs_and_the_cluster_and_reacts_to_a_restart() {
     let up = fake_balancer();
-    let down = free_addr();
+    // A "balancer" that accepts and hangs up: held by this test, so no other test can take its port.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let down = dead.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for s in dead.incoming().take(100) {
+            drop(s);
+        }
+    });
     let m = Mon::start(&format!(
         "[cluster]\nbalancers = [\"{up}\", \"{down}\"]\n[programs.web]\ncommand = \"sleep 300\"\nstartsecs = 0\n"
     ));
