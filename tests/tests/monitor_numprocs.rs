@@ -27,6 +27,25 @@ startsecs = 0
             String::from_utf8_lossy(&o.stdout).contains(&want).then_some(())
         });
     }
+    let metrics = get(m.addr, "/metrics").unwrap().body;
+    for name in ["web-0", "web-1", "web-2"] {
+        let l = format!("program=\"{name}\"");
+        assert_eq!(
+            metric_value(&metrics, "xcluster_monitor_program_up", &l),
+            Some(1.0),
+            "{metrics}"
+        );
+        assert_eq!(
+            metric_value(&metrics, "xcluster_monitor_program_state", &l),
+            Some(2.0),
+            "{metrics}"
+        );
+        assert_eq!(
+            metric_value(&metrics, "xcluster_monitor_program_restarts_total", &l),
+            Some(0.0),
+            "{metrics}"
+        );
+    }
     let o = m.ctl(&["status", "web:*"]);
     assert!(o.status.success(), "{}", out(&o));
     assert_eq!(
