@@ -32,29 +32,17 @@ fn reread_shows_the_plan_and_update_touches_only_what_changed() {
     // link's directory) does not apply the change itself: reread and update are exercised alone.
     let dir = std::sync::Arc::new(tempfile::tempdir().unwrap());
     let real = tempfile::tempdir().unwrap();
-    let addr = free_addr();
     let real_path = real.path().join("real.toml");
-    std::fs::write(
-        &real_path,
-        config_text(addr, dir.path(), &programs("2", true, false)),
-    )
-    .unwrap();
-    std::os::unix::fs::symlink(&real_path, dir.path().join("monitor.toml")).unwrap();
-    let proc = Proc::xcluster(
-        "monitor",
-        &[
-            "monitor",
-            "--config",
-            dir.path().join("monitor.toml").to_str().unwrap(),
-        ],
-    );
-    wait_ready(addr, T);
-    let m = Mon {
-        proc,
-        addr,
-        dir: dir.clone(),
-        config: dir.path().join("monitor.toml"),
-    };
+    let d = dir.clone();
+    let rp = real_path.clone();
+    let m = Mon::launch(dir.clone(), None, move |addr| {
+        std::fs::write(&rp, config_text(addr, d.path(), &programs("2", true, false))).unwrap();
+        let link = d.path().join("monitor.toml");
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(&rp, &link).unwrap();
+        link
+    });
+    let addr = m.addr;
     for n in ["a", "b", "c"] {
         m.wait_state(n, "RUNNING", T);
     }

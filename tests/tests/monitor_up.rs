@@ -11,13 +11,15 @@ use std::time::Duration;
 use monitor_common::*;
 use xcluster_tests::*;
 
-/// A base port such that `base..base+n` are all free right now.
+/// A base port such that `base..base+n` are all free right now. Taken below the ephemeral range, where the
+/// client ends of other tests' connections (TIME_WAIT) do not crowd the ports.
 fn free_block(n: u16) -> u16 {
-    for _ in 0..200 {
-        let base = free_port();
-        if base > 65_000 {
-            continue;
-        }
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    for i in 0..200u32 {
+        let base = 20_000 + ((seed / 7 + i * 997 + std::process::id()) % 12_000) as u16;
         let ok = (0..n).all(|i| std::net::TcpListener::bind(("127.0.0.1", base + i)).is_ok());
         if ok {
             return base;
@@ -48,7 +50,13 @@ fn up_starts_the_local_cluster_in_order_and_sigint_stops_everything() {
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut up = Proc::xcluster("up", &args);
     let addr: std::net::SocketAddr = format!("127.0.0.1:{mon}").parse().unwrap();
-    wait_ready(addr, Duration::from_secs(15));
+    // Ready means *this* monitor answers (not another test's process on a port of the block).
+    let pid = u64::from(up.pid());
+    eventually(Duration::from_secs(15), "xcluster up's monitor to answer", || {
+        get(addr, "/readyz").ok().filter(|r| r.status == 200)?;
+        let r = get(addr, "/v1/status").ok().filter(|r| r.status == 200)?;
+        (r.json()["monitor"]["pid"].as_u64() == Some(pid)).then_some(())
+    });
     assert!(
         up.stdout().contains(&format!("dashboard at http://{addr}/")),
         "{}",

@@ -32,24 +32,54 @@ pub fn config_text(addr: SocketAddr, dir: &std::path::Path, programs: &str) -> S
 impl Mon {
     pub fn start(programs: &str) -> Mon {
         let dir = std::sync::Arc::new(tempfile::tempdir().unwrap());
-        Self::start_in(dir, free_addr(), programs)
+        let d = dir.clone();
+        let programs = programs.to_string();
+        Self::launch(dir, None, move |addr| {
+            write_file(d.path(), "monitor.toml", &config_text(addr, d.path(), &programs))
+        })
     }
 
     /// Starts a monitor on `addr` with its run directory in `dir` (so a second one can follow the first).
     pub fn start_in(dir: std::sync::Arc<tempfile::TempDir>, addr: SocketAddr, programs: &str) -> Mon {
-        let config = write_file(
-            dir.path(),
-            "monitor.toml",
-            &config_text(addr, dir.path(), programs),
-        );
-        let proc = Proc::xcluster("monitor", &["monitor", "--config", config.to_str().unwrap()]);
-        wait_ready(addr, T);
-        Mon {
-            proc,
-            addr,
-            dir,
-            config,
+        let d = dir.clone();
+        let programs = programs.to_string();
+        Self::launch(dir, Some(addr), move |addr| {
+            write_file(d.path(), "monitor.toml", &config_text(addr, d.path(), &programs))
+        })
+    }
+
+    /// Starts a monitor with the config `write(addr)` writes; with `addr` `None` a free port is picked, and
+    /// picked again if another test took it between the pick and the bind.
+    pub fn launch(
+        dir: std::sync::Arc<tempfile::TempDir>,
+        addr: Option<SocketAddr>,
+        write: impl Fn(SocketAddr) -> PathBuf,
+    ) -> Mon {
+        for _ in 0..5 {
+            let a = addr.unwrap_or_else(free_addr);
+            let config = write(a);
+            let mut proc = Proc::xcluster("monitor", &["monitor", "--config", config.to_str().unwrap()]);
+            let pid = proc.pid() as u64;
+            // Ready means *our* monitor answers: another test's process may hold a port we were given too.
+            let ours = eventually(T, &format!("the monitor on {a} to answer"), || {
+                if !proc.is_running() {
+                    return Some(false);
+                }
+                get(a, "/readyz").ok().filter(|r| r.status == 200)?;
+                let r = get(a, "/v1/status").ok().filter(|r| r.status == 200)?;
+                (r.json()["monitor"]["pid"].as_u64() == Some(pid)).then_some(true)
+            });
+            if ours {
+                return Mon {
+                    proc,
+                    addr: a,
+                    dir,
+                    config,
+                };
+            }
+            assert!(addr.is_none(), "monitor on {a} failed: {}", proc.stderr());
         }
+        panic!("no monitor could start");
     }
 
     pub fn rewrite(&self, programs: &str) {
