@@ -1,11 +1,443 @@
-//! `xcluster ctl`: the monitor's control client. The monitor issue gives it its verbs' behaviour.
+//! `xcluster ctl`: the monitor's control client, with Supervisorctl's verbs over the monitor's HTTP API.
+//!
+//! Exit codes: 0 success; 1 a refused or failed action (unknown program, already started, invalid config);
+//! 3 `status` found a process that is not RUNNING (as supervisorctl); 69 the monitor cannot be reached;
+//! 77 the token was refused.
 
-use crate::args::CtlArgs;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::args::{CtlArgs, CtlVerb};
+
+const EXIT_FAILED: i32 = 1;
+const EXIT_NOT_RUNNING: i32 = 3;
+const EXIT_UNAVAILABLE: i32 = 69;
+const EXIT_NOPERM: i32 = 77;
+/// Largest answer we read (a status of hundreds of programs is far smaller).
+const MAX_RESPONSE: u64 = 16 * 1024 * 1024;
+
+struct Client {
+    addr: SocketAddr,
+    url: String,
+    token: Option<String>,
+    timeout: Duration,
+}
+
+struct Resp {
+    status: u16,
+    body: Vec<u8>,
+}
+
+impl Resp {
+    fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or(Value::Null)
+    }
+    fn message(&self) -> String {
+        let v = self.json();
+        v["error"]["message"].as_str().map_or_else(
+            || String::from_utf8_lossy(&self.body).trim().to_string(),
+            str::to_string,
+        )
+    }
+}
+
+#[derive(Debug)]
+enum Failure {
+    Unreachable(String),
+    Exit(i32),
+}
 
 pub fn run(args: CtlArgs) -> i32 {
-    eprintln!(
-        "xcluster ctl: the monitor's control API is not available yet (monitor at {})",
-        args.url
-    );
-    69
+    let client = match Client::new(&args) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("xcluster ctl: {e}");
+            return 64;
+        }
+    };
+    match run_verb(&client, &args) {
+        Ok(code) => code,
+        Err(Failure::Exit(code)) => code,
+        Err(Failure::Unreachable(e)) => {
+            eprintln!(
+                "xcluster ctl: cannot reach the monitor at {}: {e} (is it running?)",
+                client.url
+            );
+            EXIT_UNAVAILABLE
+        }
+    }
+}
+
+fn run_verb(c: &Client, args: &CtlArgs) -> Result<i32, Failure> {
+    match &args.verb {
+        CtlVerb::Status { names } => status(c, names, args.json),
+        CtlVerb::Start { names } => action(c, "start", names, None, args.json),
+        CtlVerb::Stop { names } => action(c, "stop", names, None, args.json),
+        CtlVerb::Restart { names } => action(c, "restart", names, None, args.json),
+        CtlVerb::Signal { signal, names } => action(c, "signal", names, Some(signal), args.json),
+        CtlVerb::Tail {
+            name,
+            follow,
+            stream,
+            bytes,
+        } => {
+            let path = format!(
+                "/v1/programs/{}/log?stream={stream}&bytes={bytes}{}",
+                enc(name),
+                if *follow { "&follow=1" } else { "" }
+            );
+            let code = c.stream(&path, *follow)?;
+            Ok(code)
+        }
+        CtlVerb::Reread => plan(c, "/v1/reread", false, args.json),
+        CtlVerb::Update => plan(c, "/v1/update", true, args.json),
+        CtlVerb::Shutdown => {
+            let r = c.call("POST", "/v1/shutdown")?;
+            check(&r)?;
+            println!(
+                "{}",
+                if args.json {
+                    String::from_utf8_lossy(&r.body).to_string()
+                } else {
+                    "Shut down".into()
+                }
+            );
+            Ok(0)
+        }
+    }
+}
+
+fn check(r: &Resp) -> Result<(), Failure> {
+    match r.status {
+        200 => Ok(()),
+        401 => {
+            eprintln!("xcluster ctl: the monitor refused the token (set --token or XCLUSTER_TOKEN)");
+            Err(Failure::Exit(EXIT_NOPERM))
+        }
+        _ => {
+            eprintln!("xcluster ctl: {}", r.message());
+            let issues = r.json()["error"]["issues"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            for i in issues {
+                eprintln!("  {}", i.as_str().unwrap_or(""));
+            }
+            Err(Failure::Exit(EXIT_FAILED))
+        }
+    }
+}
+
+fn status(c: &Client, names: &[String], as_json: bool) -> Result<i32, Failure> {
+    let r = c.call("GET", "/v1/status")?;
+    check(&r)?;
+    let v = r.json();
+    let all = v["programs"].as_array().cloned().unwrap_or_default();
+    let mut shown = Vec::new();
+    for n in names {
+        let (group, name) = match n.split_once(':') {
+            Some((g, "*")) => (Some(g), None),
+            Some((_, p)) => (None, Some(p)),
+            None => (None, Some(n.as_str())),
+        };
+        let found: Vec<&Value> = all
+            .iter()
+            .filter(|p| match (group, name) {
+                (Some(g), _) => p["group"] == g,
+                (_, Some(x)) => p["name"] == x || p["group"] == x,
+                _ => false,
+            })
+            .collect();
+        if found.is_empty() {
+            eprintln!("xcluster ctl: no such process or group: {n}");
+            return Err(Failure::Exit(EXIT_FAILED));
+        }
+        shown.extend(found);
+    }
+    if names.is_empty() {
+        shown = all.iter().collect();
+    }
+    if as_json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&Value::Array(shown.iter().map(|v| (*v).clone()).collect()))
+                .unwrap_or_default()
+        );
+    } else {
+        let width = shown
+            .iter()
+            .filter_map(|p| p["name"].as_str())
+            .map(str::len)
+            .max()
+            .unwrap_or(4)
+            .max(4);
+        for p in &shown {
+            println!(
+                "{:width$}  {:9} {}",
+                p["name"].as_str().unwrap_or("?"),
+                p["state"].as_str().unwrap_or("?"),
+                describe(p)
+            );
+        }
+        if let Some(e) = v["reload"]["last_error"].as_str() {
+            eprintln!("config reload failed (the old config stays): {e}");
+        }
+    }
+    let all_running = shown.iter().all(|p| p["state"] == "RUNNING");
+    Ok(if all_running { 0 } else { EXIT_NOT_RUNNING })
+}
+
+/// Supervisorctl's description column.
+fn describe(p: &Value) -> String {
+    let mut parts = Vec::new();
+    if let Some(pid) = p["pid"].as_u64() {
+        parts.push(format!("pid {pid}"));
+    }
+    if let Some(ms) = p["uptime_ms"].as_u64() {
+        let s = ms / 1000;
+        parts.push(format!("uptime {}:{:02}:{:02}", s / 3600, s / 60 % 60, s % 60));
+    }
+    if p["state"] != "RUNNING" && p["state"] != "STARTING" {
+        if let Some(code) = p["exit_code"].as_i64() {
+            parts.push(format!("exit status {code}"));
+        } else if let Some(sig) = p["exit_signal"].as_i64() {
+            parts.push(format!("killed by signal {sig}"));
+        }
+    }
+    if let Some(r) = p["restarts"].as_u64().filter(|r| *r > 0) {
+        parts.push(format!("restarts {r}"));
+    }
+    if p["readiness"].is_object() {
+        parts.push(if p["ready"] == true {
+            "ready".into()
+        } else {
+            "not ready".into()
+        });
+    }
+    if let Some(w) = p["waiting_for"].as_array().filter(|w| !w.is_empty()) {
+        let w: Vec<&str> = w.iter().filter_map(Value::as_str).collect();
+        parts.push(format!("waiting for {}", w.join(", ")));
+    }
+    for key in ["fatal_reason", "spawn_error"] {
+        if let Some(s) = p[key].as_str() {
+            parts.push(s.to_string());
+        }
+    }
+    parts.join(", ")
+}
+
+fn action(
+    c: &Client,
+    verb: &str,
+    names: &[String],
+    signal: Option<&String>,
+    as_json: bool,
+) -> Result<i32, Failure> {
+    if names.is_empty() {
+        eprintln!("xcluster ctl: name a process, group:*, or all");
+        return Err(Failure::Exit(EXIT_FAILED));
+    }
+    let mut code = 0;
+    for n in names {
+        let mut path = format!("/v1/programs/{}/{verb}", enc(n));
+        if let Some(s) = signal {
+            path.push_str(&format!("?signal={}", enc(s)));
+        }
+        let r = c.call("POST", &path)?;
+        if let Err(Failure::Exit(e)) = check(&r) {
+            code = e;
+            continue;
+        }
+        if as_json {
+            println!("{}", String::from_utf8_lossy(&r.body));
+            continue;
+        }
+        for res in r.json()["results"].as_array().cloned().unwrap_or_default() {
+            let name = res["name"].as_str().unwrap_or("?");
+            let msg = res["message"].as_str().unwrap_or("");
+            if res["ok"] == true {
+                println!("{name}: {msg}");
+            } else {
+                println!("{name}: ERROR ({msg})");
+                code = EXIT_FAILED;
+            }
+        }
+    }
+    Ok(code)
+}
+
+fn plan(c: &Client, path: &str, applied: bool, as_json: bool) -> Result<i32, Failure> {
+    let r = c.call("POST", path)?;
+    check(&r)?;
+    if as_json {
+        println!("{}", String::from_utf8_lossy(&r.body));
+        return Ok(0);
+    }
+    let v = r.json();
+    let mut any = false;
+    for (key, word) in [("added", "added"), ("changed", "changed"), ("removed", "removed")] {
+        for n in v[key].as_array().cloned().unwrap_or_default() {
+            any = true;
+            let verb = if applied {
+                format!("{word} (applied)")
+            } else {
+                word.to_string()
+            };
+            println!("{}: {verb}", n.as_str().unwrap_or("?"));
+        }
+    }
+    if !any {
+        println!("No config updates to processes");
+    }
+    Ok(0)
+}
+
+fn enc(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b':' | b'*' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+impl Client {
+    fn new(args: &CtlArgs) -> Result<Self, String> {
+        let rest = args
+            .url
+            .strip_prefix("http://")
+            .ok_or_else(|| format!("--url must start with http://, found {:?}", args.url))?;
+        let hostport = rest.split('/').next().unwrap_or(rest);
+        let addr = hostport
+            .to_socket_addrs()
+            .map_err(|e| format!("bad --url {:?}: {e}", args.url))?
+            .next()
+            .ok_or_else(|| format!("bad --url {:?}", args.url))?;
+        Ok(Self {
+            addr,
+            url: args.url.clone(),
+            token: args.token.clone().filter(|t| !t.is_empty()),
+            timeout: Duration::from_secs(args.timeout_secs.max(1)),
+        })
+    }
+
+    fn open(&self, method: &str, path: &str) -> Result<TcpStream, Failure> {
+        let unreachable = |e: std::io::Error| Failure::Unreachable(e.to_string());
+        let mut s = TcpStream::connect_timeout(&self.addr, self.timeout).map_err(unreachable)?;
+        s.set_read_timeout(Some(self.timeout)).map_err(unreachable)?;
+        s.set_write_timeout(Some(self.timeout)).map_err(unreachable)?;
+        let mut head = format!(
+            "{method} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n",
+            self.addr
+        );
+        if let Some(t) = &self.token {
+            head.push_str(&format!("Authorization: Bearer {t}\r\n"));
+        }
+        if method == "POST" {
+            head.push_str("Content-Length: 0\r\n");
+        }
+        head.push_str("\r\n");
+        s.write_all(head.as_bytes()).map_err(unreachable)?;
+        Ok(s)
+    }
+
+    fn call(&self, method: &str, path: &str) -> Result<Resp, Failure> {
+        let s = self.open(method, path)?;
+        let mut r = BufReader::new(s.take(MAX_RESPONSE));
+        let (status, chunked) = read_head(&mut r)?;
+        let mut body = Vec::new();
+        if chunked {
+            while let Some(chunk) = read_chunk(&mut r)? {
+                body.extend(chunk);
+            }
+        } else {
+            r.read_to_end(&mut body)
+                .map_err(|e| Failure::Unreachable(e.to_string()))?;
+        }
+        Ok(Resp { status, body })
+    }
+
+    /// Copies a (possibly endless) response body to stdout as it arrives.
+    fn stream(&self, path: &str, follow: bool) -> Result<i32, Failure> {
+        let s = self.open("GET", path)?;
+        if follow {
+            // A quiet log is not a dead monitor: no read timeout while following.
+            let _ = s.set_read_timeout(None);
+        }
+        let mut r = BufReader::new(s);
+        let (status, chunked) = read_head(&mut r)?;
+        if status != 200 {
+            let mut body = Vec::new();
+            let _ = (&mut r).take(MAX_RESPONSE).read_to_end(&mut body);
+            if chunked {
+                body = dechunk_all(&body);
+            }
+            check(&Resp { status, body })?;
+        }
+        let mut out = std::io::stdout();
+        if chunked {
+            while let Some(chunk) = read_chunk(&mut r)? {
+                let _ = out.write_all(&chunk);
+                let _ = out.flush();
+            }
+        } else {
+            let _ = std::io::copy(&mut r.take(MAX_RESPONSE), &mut out);
+        }
+        Ok(0)
+    }
+}
+
+fn read_head(r: &mut impl BufRead) -> Result<(u16, bool), Failure> {
+    let io = |e: std::io::Error| Failure::Unreachable(e.to_string());
+    let mut line = String::new();
+    r.read_line(&mut line).map_err(io)?;
+    let status = line
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| Failure::Unreachable(format!("not an HTTP answer: {:?}", line.trim())))?;
+    let mut chunked = false;
+    for _ in 0..100 {
+        line.clear();
+        if r.read_line(&mut line).map_err(io)? == 0 || line == "\r\n" {
+            break;
+        }
+        let l = line.to_ascii_lowercase();
+        if l.starts_with("transfer-encoding:") && l.contains("chunked") {
+            chunked = true;
+        }
+    }
+    Ok((status, chunked))
+}
+
+fn read_chunk(r: &mut impl BufRead) -> Result<Option<Vec<u8>>, Failure> {
+    let io = |e: std::io::Error| Failure::Unreachable(e.to_string());
+    let mut line = String::new();
+    if r.read_line(&mut line).map_err(io)? == 0 {
+        return Ok(None);
+    }
+    let size = usize::from_str_radix(line.trim().split(';').next().unwrap_or(""), 16)
+        .map_err(|_| Failure::Unreachable("malformed chunked answer".into()))?;
+    if size == 0 {
+        return Ok(None);
+    }
+    let mut buf = vec![0; size.min(MAX_RESPONSE as usize)];
+    r.read_exact(&mut buf).map_err(io)?;
+    let mut crlf = [0u8; 2];
+    r.read_exact(&mut crlf).map_err(io)?;
+    Ok(Some(buf))
+}
+
+fn dechunk_all(b: &[u8]) -> Vec<u8> {
+    let mut r = BufReader::new(b);
+    let mut out = Vec::new();
+    while let Ok(Some(c)) = read_chunk(&mut r) {
+        out.extend(c);
+    }
+    out
 }

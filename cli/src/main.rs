@@ -16,7 +16,21 @@ fn main() {
         args::Command::Monitor(a) => role::run::<xcluster_monitor::Config, _, _, _>(a, xcluster_monitor::run),
         args::Command::App(a) => role::run::<xcluster_app::Config, _, _, _>(a, xcluster_app::run),
         args::Command::Up(a) => {
-            role::run::<xcluster_monitor::Config, _, _, _>(a.into_role_args(), xcluster_monitor::run)
+            let args = a.into_role_args();
+            if !args.print_config {
+                let source = xcluster_runtime::config::ConfigSource {
+                    path: args.config.clone(),
+                    overrides: args.set.clone(),
+                    use_env: true,
+                };
+                if let Ok(l) = xcluster_runtime::config::load::<xcluster_monitor::Config>(&source) {
+                    println!(
+                        "xcluster up: dashboard at http://{}/ ; Ctrl-C stops every program",
+                        l.config.listen
+                    );
+                }
+            }
+            role::run::<xcluster_monitor::Config, _, _, _>(args, xcluster_monitor::run)
         }
         args::Command::Ctl(a) => ctl::run(a),
         args::Command::Load(a) => load::run(a),

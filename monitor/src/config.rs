@@ -1,30 +1,80 @@
-//! The monitor's configuration: raw serde form, validation, typed form.
+//! The monitor's configuration: raw serde form, validation, typed form. The per-program section lives in
+//! [`crate::program`].
 //!
-//! Reloads live: `log.level`, `shutdown.grace_ms`. Needs a restart: `listen`.
+//! Reloads live: `log.level`, `shutdown.grace_ms`, `token`/`token_file`, `cluster.*`, `events_history`, and every
+//! `[programs.*]` section (an update touches only the programs whose expanded spec changed).
+//! Needs a restart: `listen`, `run_dir`, `log_dir`.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use xcluster_runtime::common::{LogSection, ShutdownSection};
 use xcluster_runtime::{ConfigIssue, DaemonConfig, RoleConfig, Validator};
 
+use crate::program::{ProcessSpec, RawProgram};
+
+/// Upper bound on the number of supervised processes (after `numprocs` expansion).
+pub const MAX_PROCESSES: usize = 512;
+
+/// `[cluster]`: where the dashboard's cluster view comes from.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawCluster {
+    /// Balancers' API addresses (`host:port`); the dashboard shows each one's `/v1/status`.
+    pub balancers: Vec<String>,
+    /// Time allowed for one balancer's answer.
+    pub timeout_ms: u64,
+}
+
+impl Default for RawCluster {
+    fn default() -> Self {
+        Self {
+            balancers: Vec::new(),
+            timeout_ms: 500,
+        }
+    }
+}
+
 /// The file-facing config (`role = "monitor"`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RawConfig {
-    /// Address of the monitor's HTTP API (also serves `/metrics`, `/livez`, `/readyz`).
+    /// Address of the monitor's HTTP API and dashboard (also serves `/metrics`, `/livez`, `/readyz`).
     pub listen: String,
+    /// Bearer token for mutating API calls. Empty (and no `token_file`) refuses every mutating call.
+    pub token: String,
+    /// A file holding the token (first line), instead of `token`.
+    pub token_file: String,
+    /// Where the monitor keeps its lock and state file. Empty: `$TMPDIR/xcluster-monitor-<listen port>`.
+    pub run_dir: String,
+    /// Default directory of program logs. Empty: `<run_dir>/logs`.
+    pub log_dir: String,
+    /// How many recent events are kept for `/v1/events` and the dashboard.
+    pub events_history: usize,
+    pub cluster: RawCluster,
     pub log: LogSection,
     pub shutdown: ShutdownSection,
+    /// The supervised programs, by name.
+    pub programs: BTreeMap<String, RawProgram>,
 }
 
 impl Default for RawConfig {
     fn default() -> Self {
         Self {
             listen: "127.0.0.1:7300".into(),
+            token: String::new(),
+            token_file: String::new(),
+            run_dir: String::new(),
+            log_dir: String::new(),
+            events_history: 256,
+            cluster: RawCluster::default(),
             log: LogSection::default(),
             shutdown: ShutdownSection::default(),
+            programs: BTreeMap::new(),
         }
     }
 }
@@ -33,8 +83,16 @@ impl Default for RawConfig {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub listen: SocketAddr,
+    pub token: String,
+    pub run_dir: PathBuf,
+    pub log_dir: PathBuf,
+    pub events_history: usize,
+    pub balancers: Vec<SocketAddr>,
+    pub cluster_timeout: Duration,
     pub log_filter: String,
     pub grace: Duration,
+    /// Every process after `numprocs` expansion, in start order (priority, then name).
+    pub processes: Arc<Vec<ProcessSpec>>,
 }
 
 impl RoleConfig for Config {
@@ -46,11 +104,73 @@ impl RoleConfig for Config {
         let listen = v.addr("listen", &raw.listen);
         raw.log.validate(&mut v);
         let grace = raw.shutdown.validate(&mut v);
+        let token = if !raw.token_file.is_empty() {
+            if !raw.token.is_empty() {
+                v.error("token_file", "set either token or token_file, not both");
+            }
+            match std::fs::read_to_string(&raw.token_file) {
+                Ok(s) => s.lines().next().unwrap_or("").trim().to_string(),
+                Err(e) => {
+                    v.error("token_file", format!("cannot read {:?}: {e}", raw.token_file));
+                    String::new()
+                }
+            }
+        } else {
+            raw.token.clone()
+        };
+        let run_dir = if raw.run_dir.is_empty() {
+            std::env::temp_dir().join(format!("xcluster-monitor-{}", listen.port()))
+        } else {
+            absolute(&raw.run_dir)
+        };
+        let log_dir = if raw.log_dir.is_empty() {
+            run_dir.join("logs")
+        } else {
+            absolute(&raw.log_dir)
+        };
+        let events_history = v.range("events_history", raw.events_history, 1, 100_000);
+        let balancers = raw
+            .cluster
+            .balancers
+            .iter()
+            .enumerate()
+            .map(|(i, b)| v.addr(&format!("cluster.balancers[{i}]"), b))
+            .collect();
+        let cluster_timeout = v.millis("cluster.timeout_ms", raw.cluster.timeout_ms, 10, 60_000);
+
+        let mut processes = Vec::new();
+        for (name, prog) in &raw.programs {
+            processes.extend(prog.expand(name, &log_dir, &mut v));
+        }
+        crate::program::check_set(&processes, &mut v);
+        if processes.len() > MAX_PROCESSES {
+            v.error(
+                "programs",
+                format!(
+                    "{} processes after numprocs expansion (max {MAX_PROCESSES})",
+                    processes.len()
+                ),
+            );
+        }
+        processes.sort_by(|a, b| (a.priority, &a.name).cmp(&(b.priority, &b.name)));
         v.finish(Config {
             listen,
+            token,
+            run_dir,
+            log_dir,
+            events_history,
+            balancers,
+            cluster_timeout,
             log_filter: raw.log.level.clone(),
             grace,
+            processes: Arc::new(processes),
         })
+    }
+
+    fn redact(raw: &mut RawConfig) {
+        if !raw.token.is_empty() {
+            raw.token = "<redacted>".into();
+        }
     }
 }
 
@@ -61,4 +181,8 @@ impl DaemonConfig for Config {
     fn log_filter(&self) -> &str {
         &self.log_filter
     }
+}
+
+fn absolute(p: &str) -> PathBuf {
+    std::path::absolute(p).unwrap_or_else(|_| PathBuf::from(p))
 }

@@ -1,8 +1,30 @@
-//! The monitor: supervises the programs of a host, serves the control API and the cluster dashboard.
+//! The monitor: supervises the programs of a host (Supervisord's model with backoff, probes, dependencies and
+//! minimal reloads), serves the control API, the event stream and the cluster dashboard.
 
+pub mod api;
+pub mod child;
+pub mod cluster;
 pub mod config;
+mod dashboard;
+pub mod events;
+pub mod logs;
+pub mod machine;
+pub mod metrics;
+pub mod policy;
+pub mod probe;
+mod probes;
+pub mod program;
+mod snapshot;
+pub mod statefile;
+pub mod status;
+mod supervisor;
+mod update;
+
+use std::sync::Arc;
 
 pub use config::Config;
+use tokio::sync::{mpsc, watch};
+use tracing::{info, warn};
 use xcluster_runtime::Context;
 use xcluster_runtime::http::ServerLimits;
 
@@ -14,29 +36,111 @@ pub enum Error {
         addr: std::net::SocketAddr,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    RunDir(#[from] statefile::RunDirError),
 }
 
-/// Runs the monitor until drained.
+/// Runs the monitor until every program is stopped after a shutdown (signal or API).
 pub async fn run(ctx: Context<Config>) -> Result<(), Error> {
     let cfg = ctx.config();
     let drain = ctx.shutdown.drain_token();
+    let run_dir = statefile::RunDir::acquire(&cfg.run_dir)?;
+    // A previous monitor killed with -9 may have left programs running: stop them before starting anything.
+    let wait = cfg
+        .processes
+        .iter()
+        .map(|p| p.policy.stopwait)
+        .max()
+        .unwrap_or_default();
+    let (rd, leftovers) = tokio::task::spawn_blocking(move || {
+        let left = run_dir.stop_leftovers(wait);
+        (run_dir, left)
+    })
+    .await
+    .map_err(|e| {
+        Error::RunDir(statefile::RunDirError::Create {
+            path: cfg.run_dir.clone(),
+            source: std::io::Error::other(e),
+        })
+    })?;
+    let run_dir = rd;
+    if !leftovers.is_empty() {
+        warn!(programs = ?leftovers, "stopped processes left by a previous monitor");
+    }
+
+    let bus = events::Bus::new(cfg.events_history);
+    if !leftovers.is_empty() {
+        bus.publish(events::Kind::Monitor {
+            detail: format!(
+                "stopped leftovers of a previous monitor: {}",
+                leftovers.join(", ")
+            ),
+        });
+    }
+    let (status_tx, status_rx) = watch::channel(Arc::new(status::Snapshot::default()));
+    let (cmd_tx, cmd_rx) = mpsc::channel(64);
+    let api = api::Api {
+        commands: cmd_tx,
+        status: status_rx,
+        config: ctx.config.clone(),
+        bus: bus.clone(),
+        source: ctx.source.clone(),
+        reloader: ctx.reloader.clone(),
+        drain: drain.clone(),
+        started_unix_ms: supervisor::unix_ms(),
+    };
     let limits = ServerLimits {
         grace: cfg.grace,
         ..ServerLimits::default()
     };
-    xcluster_runtime::admin::serve_api(
+    // The API stays up until the programs are stopped, so `ctl status` works during a shutdown.
+    let api_stop = tokio_util::sync::CancellationToken::new();
+    let local = xcluster_runtime::admin::serve_api(
         cfg.listen,
         ctx.health.clone(),
-        xcluster_runtime::admin::not_found(),
+        api.handler(),
         limits,
-        drain.clone(),
+        api_stop.clone(),
     )
     .await
     .map_err(|source| Error::Listen {
         addr: cfg.listen,
         source,
     })?;
+    info!(dashboard = %format!("http://{local}/"), "monitor ready");
+    tokio::spawn(watch_reloads(ctx.reloader.clone(), bus.clone(), drain.clone()));
+
+    let inputs = supervisor::Inputs {
+        commands: cmd_rx,
+        config: ctx.config.clone(),
+        drain: drain.clone(),
+        stop: ctx.shutdown.stop_token(),
+    };
+    let task = supervisor::Supervisor::start(cfg, run_dir, bus, status_tx, inputs);
     ctx.health.set_ready();
-    drain.cancelled().await;
+    let _ = task.await;
+    ctx.health.set_draining();
+    api_stop.cancel();
     Ok(())
+}
+
+/// Turns the reloader's outcomes into events (the error also shows in status and metrics).
+async fn watch_reloads(
+    reloader: xcluster_runtime::reload::Reloader,
+    bus: events::Bus,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let mut rx = reloader.status();
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            r = rx.changed() => if r.is_err() { return },
+        }
+        let s = rx.borrow_and_update().clone();
+        let (ok, detail) = match s.last_error {
+            Some(e) => (false, e),
+            None => (true, format!("reload {} applied", s.reloads)),
+        };
+        bus.publish(events::Kind::Reload { ok, detail });
+    }
 }

@@ -1,0 +1,399 @@
+//! The control API (HTTP/JSON on the monitor's `listen` address): status, start/stop/restart/signal, log tail and
+//! follow, reread, update, shutdown, the event stream, the cluster view and the dashboard page. Reads are open;
+//! every POST needs `Authorization: Bearer <token>`.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::BodyExt;
+use hyper::body::{Frame, Incoming};
+use serde::Deserialize;
+use serde_json::json;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_util::sync::CancellationToken;
+use xcluster_runtime::config::ConfigSource;
+use xcluster_runtime::http::{
+    Body, Handler, bearer_ok, error, json, query_pairs, read_body, unauthorized, with_type,
+};
+use xcluster_runtime::reload::{Cause, Reloader};
+
+use crate::config::Config;
+use crate::events::Bus;
+use crate::status::{Command, CommandError, Reply, Request as CmdRequest, Snapshot};
+use crate::supervisor::unix_ms;
+
+/// Largest request body (a signal name).
+const MAX_BODY: usize = 4096;
+const BODY_TIMEOUT: Duration = Duration::from_secs(5);
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What the handlers share.
+#[derive(Debug, Clone)]
+pub struct Api {
+    pub commands: mpsc::Sender<CmdRequest>,
+    pub status: watch::Receiver<Arc<Snapshot>>,
+    pub config: watch::Receiver<Arc<Config>>,
+    pub bus: Bus,
+    pub source: ConfigSource,
+    pub reloader: Reloader,
+    pub drain: CancellationToken,
+    pub started_unix_ms: u64,
+}
+
+impl Api {
+    pub fn handler(self) -> Handler {
+        let api = Arc::new(self);
+        Arc::new(move |req, _peer| {
+            let api = api.clone();
+            Box::pin(async move { api.route(req).await })
+        })
+    }
+
+    async fn route(&self, req: Request<Incoming>) -> Response<Body> {
+        let path = req.uri().path().to_string();
+        let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
+        let method = req.method().clone();
+        if method == Method::POST && !bearer_ok(&req, &self.config.borrow().token) {
+            return unauthorized();
+        }
+        match (&method, segs.as_slice()) {
+            (&Method::GET, [""]) => {
+                let cfg = self.config.borrow().clone();
+                let cluster = crate::cluster::fetch(&cfg.balancers, cfg.cluster_timeout).await;
+                let (history, _) = self.bus.subscribe();
+                let events: Vec<&crate::events::Event> = history.iter().map(|e| &**e).collect();
+                let initial = json!({ "status": self.status_json(), "cluster": cluster, "events": events });
+                crate::dashboard::page(&initial)
+            }
+            (&Method::GET, ["v1", "status"]) => json(StatusCode::OK, &self.status_json()),
+            (&Method::GET, ["v1", "events"]) => self.events_stream(),
+            (&Method::GET, ["v1", "events", "recent"]) => {
+                let (history, _) = self.bus.subscribe();
+                let events: Vec<&crate::events::Event> = history.iter().map(|e| &**e).collect();
+                json(StatusCode::OK, &json!({ "events": events }))
+            }
+            (&Method::GET, ["v1", "cluster"]) => {
+                let cfg = self.config.borrow().clone();
+                json(
+                    StatusCode::OK,
+                    &crate::cluster::fetch(&cfg.balancers, cfg.cluster_timeout).await,
+                )
+            }
+            (&Method::GET, ["v1", "programs", name, "log"]) => self.log(&decode(name), req.uri().query()),
+            (&Method::POST, ["v1", "programs", name, verb]) => {
+                let name = decode(name);
+                let cmd = match *verb {
+                    "start" => Command::Start(vec![name]),
+                    "stop" => Command::Stop(vec![name]),
+                    "restart" => Command::Restart(vec![name]),
+                    "signal" => match signal_of(req).await {
+                        Ok(sig) => Command::Signal(vec![name], sig),
+                        Err(resp) => return resp,
+                    },
+                    _ => {
+                        return error(
+                            StatusCode::NOT_FOUND,
+                            "not_found",
+                            &format!("no such action: {verb}"),
+                        );
+                    }
+                };
+                self.call(cmd).await
+            }
+            (&Method::POST, ["v1", "reread"]) => match self.load() {
+                Ok(cfg) => self.call(Command::Plan(cfg)).await,
+                Err(resp) => resp,
+            },
+            (&Method::POST, ["v1", "update"]) => {
+                // The runtime's reloader records the outcome (shown in status and metrics) and publishes the new
+                // snapshot; applying it here as well makes the answer carry the plan. The second apply is a no-op.
+                self.reloader.trigger(Cause::Api);
+                match self.load() {
+                    Ok(cfg) => self.call(Command::Update(cfg)).await,
+                    Err(resp) => resp,
+                }
+            }
+            (&Method::POST, ["v1", "shutdown"]) => self.call(Command::Shutdown).await,
+            _ => error(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                &format!("no such endpoint: {method} {path}"),
+            ),
+        }
+    }
+
+    fn status_json(&self) -> serde_json::Value {
+        let snap = self.status.borrow().clone();
+        let now = unix_ms();
+        let mut programs = snap.programs.clone();
+        for p in &mut programs {
+            p.uptime_ms = p.started_unix_ms.map(|s| now.saturating_sub(s));
+        }
+        json!({
+            "monitor": {
+                "pid": std::process::id(),
+                "version": env!("CARGO_PKG_VERSION"),
+                "uptime_ms": now.saturating_sub(self.started_unix_ms),
+                "shutting_down": snap.shutting_down,
+                "event_subscribers": self.bus.subscribers(),
+            },
+            "reload": *self.reloader.status().borrow(),
+            "programs": programs,
+        })
+    }
+
+    #[allow(clippy::result_large_err)] // the error is the answer itself, built once per request
+    fn load(&self) -> Result<Arc<Config>, Response<Body>> {
+        xcluster_runtime::config::load::<Config>(&self.source)
+            .map(|l| Arc::new(l.config))
+            .map_err(|e| {
+                let body = json!({ "error": { "code": "invalid_config", "message": e.to_string(), "issues": e.issues() } });
+                json(StatusCode::BAD_REQUEST, &body)
+            })
+    }
+
+    async fn call(&self, cmd: Command) -> Response<Body> {
+        let (tx, rx) = oneshot::channel();
+        let sent = tokio::time::timeout(COMMAND_TIMEOUT, self.commands.send((cmd, tx))).await;
+        if !matches!(sent, Ok(Ok(()))) {
+            return error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "the supervisor is not accepting commands",
+            );
+        }
+        match tokio::time::timeout(COMMAND_TIMEOUT, rx).await {
+            Ok(Ok(Ok(Reply::Results(results)))) => json(StatusCode::OK, &json!({ "results": results })),
+            Ok(Ok(Ok(Reply::Plan(plan)))) => json(StatusCode::OK, &plan),
+            Ok(Ok(Ok(Reply::Done))) => json(StatusCode::OK, &json!({ "ok": true })),
+            Ok(Ok(Err(e))) => {
+                let (status, code) = match e {
+                    CommandError::Unknown(_) => (StatusCode::NOT_FOUND, "unknown_program"),
+                    CommandError::NoNames => (StatusCode::BAD_REQUEST, "no_names"),
+                    CommandError::ShuttingDown => (StatusCode::CONFLICT, "shutting_down"),
+                };
+                error(status, code, &e.to_string())
+            }
+            _ => error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "the supervisor did not answer in time",
+            ),
+        }
+    }
+
+    fn log(&self, name: &str, query: Option<&str>) -> Response<Body> {
+        let pairs = match query_pairs(query) {
+            Ok(p) => p,
+            Err(e) => return error(StatusCode::BAD_REQUEST, "bad_query", &e),
+        };
+        let get = |k: &str| pairs.iter().find(|(key, _)| key == k).map(|(_, v)| v.as_str());
+        let stream = get("stream").unwrap_or("stdout");
+        let bytes = match get("bytes").map(str::parse::<u64>) {
+            None => 1600,
+            Some(Ok(n)) => n.min(crate::logs::MAX_TAIL_BYTES),
+            Some(Err(_)) => return error(StatusCode::BAD_REQUEST, "bad_query", "bytes must be a number"),
+        };
+        let follow = matches!(get("follow"), Some("1" | "true"));
+        let snap = self.status.borrow().clone();
+        let matches: Vec<_> = snap
+            .programs
+            .iter()
+            .filter(|p| p.name == name || p.group == name)
+            .collect();
+        let p = match matches.as_slice() {
+            [one] => *one,
+            [] => {
+                return error(
+                    StatusCode::NOT_FOUND,
+                    "unknown_program",
+                    &format!("no such process: {name}"),
+                );
+            }
+            _ => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "ambiguous",
+                    &format!("{name} is a group; name one process"),
+                );
+            }
+        };
+        let (path, live) = match stream {
+            "stdout" => (&p.stdout_log, &p.outputs.stdout),
+            "stderr" => (&p.stderr_log, &p.outputs.stderr),
+            other => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "bad_query",
+                    &format!("unknown stream {other:?}"),
+                );
+            }
+        };
+        let mut rx = live.subscribe();
+        let head = match path.as_deref().map(|p| crate::logs::tail(p, bytes)) {
+            None => Vec::new(),
+            Some(Ok(b)) => b,
+            Some(Err(e)) => {
+                return error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "log_unreadable",
+                    &e.to_string(),
+                );
+            }
+        };
+        if !follow {
+            return with_type(StatusCode::OK, "text/plain; charset=utf-8", head);
+        }
+        let drain = self.drain.clone();
+        let (tx, body) = mpsc::channel::<Bytes>(16);
+        tokio::spawn(async move {
+            if tx.send(Bytes::from(head)).await.is_err() {
+                return;
+            }
+            loop {
+                let chunk = tokio::select! {
+                    _ = drain.cancelled() => return,
+                    _ = tx.closed() => return,
+                    r = rx.recv() => match r {
+                        Ok(b) => b,
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                        Err(_) => return,
+                    },
+                };
+                if tx.send(chunk).await.is_err() {
+                    return;
+                }
+            }
+        });
+        stream_response("text/plain; charset=utf-8", body)
+    }
+
+    fn events_stream(&self) -> Response<Body> {
+        let (history, mut rx) = self.bus.subscribe();
+        let drain = self.drain.clone();
+        let (tx, body) = mpsc::channel::<Bytes>(64);
+        tokio::spawn(async move {
+            for ev in history {
+                if tx.send(sse(&ev)).await.is_err() {
+                    return;
+                }
+            }
+            loop {
+                let chunk = tokio::select! {
+                    _ = drain.cancelled() => return,
+                    _ = tx.closed() => return,
+                    // A comment now and then lets proxies and browsers see the stream is alive.
+                    _ = tokio::time::sleep(Duration::from_secs(15)) => Bytes::from_static(b": keep-alive\n\n"),
+                    r = rx.recv() => match r {
+                        Ok(ev) => sse(&ev),
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                        Err(_) => return,
+                    },
+                };
+                if tx.send(chunk).await.is_err() {
+                    return;
+                }
+            }
+        });
+        stream_response("text/event-stream", body)
+    }
+}
+
+fn sse(ev: &crate::events::Event) -> Bytes {
+    let data = serde_json::to_string(ev).unwrap_or_else(|_| "{}".into());
+    Bytes::from(format!(
+        "id: {}\nevent: {}\ndata: {data}\n\n",
+        ev.seq,
+        kind_name(ev)
+    ))
+}
+
+fn kind_name(ev: &crate::events::Event) -> &'static str {
+    use crate::events::Kind;
+    match ev.kind {
+        Kind::State { .. } => "state",
+        Kind::Probe { .. } => "probe",
+        Kind::Reload { .. } => "reload",
+        Kind::Update { .. } => "update",
+        Kind::Monitor { .. } => "monitor",
+    }
+}
+
+/// A streamed body fed by a channel; the producer ends when the client goes away (the receiver drops).
+#[derive(Debug)]
+struct ChannelBody(mpsc::Receiver<Bytes>);
+
+impl hyper::body::Body for ChannelBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        self.0.poll_recv(cx).map(|o| o.map(|b| Ok(Frame::data(b))))
+    }
+}
+
+fn stream_response(content_type: &'static str, body: mpsc::Receiver<Bytes>) -> Response<Body> {
+    let mut resp = Response::new(ChannelBody(body).boxed());
+    resp.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static(content_type),
+    );
+    resp.headers_mut().insert(
+        http::header::CACHE_CONTROL,
+        http::HeaderValue::from_static("no-cache"),
+    );
+    resp
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SignalBody {
+    signal: String,
+}
+
+/// The signal of a `signal` call: `?signal=HUP` or a JSON body `{"signal": "HUP"}`.
+#[allow(clippy::result_large_err)]
+async fn signal_of(req: Request<Incoming>) -> Result<nix::sys::signal::Signal, Response<Body>> {
+    let from_query = query_pairs(req.uri().query())
+        .map_err(|e| error(StatusCode::BAD_REQUEST, "bad_query", &e))?
+        .into_iter()
+        .find(|(k, _)| k == "signal")
+        .map(|(_, v)| v);
+    let name = match from_query {
+        Some(s) => s,
+        None => {
+            let bytes = read_body(req.into_body(), MAX_BODY, BODY_TIMEOUT)
+                .await
+                .map_err(|e| e.response())?;
+            let body: SignalBody = serde_json::from_slice(&bytes).map_err(|e| {
+                error(
+                    StatusCode::BAD_REQUEST,
+                    "bad_json",
+                    &format!("expected {{\"signal\": \"HUP\"}}: {e}"),
+                )
+            })?;
+            body.signal
+        }
+    };
+    crate::program::parse_signal(&name).ok_or_else(|| {
+        error(
+            StatusCode::BAD_REQUEST,
+            "bad_signal",
+            &format!("unknown signal {name:?}"),
+        )
+    })
+}
+
+/// Percent-decodes a path segment (names may arrive as `app%3A*`); undecodable input is kept as it is.
+fn decode(s: &str) -> String {
+    query_pairs(Some(&format!("x={}", s.replace('+', "%2B"))))
+        .ok()
+        .and_then(|mut v| v.pop())
+        .map_or_else(|| s.to_string(), |(_, v)| v)
+}

@@ -1,0 +1,155 @@
+//! Program output capture: a child's stdout/stderr pipe is copied into a log file rotated by size
+//! (`<file>.1` … `<file>.<backups>`, like Supervisord), and each chunk is also broadcast to `tail -f` followers.
+//! Also reads the tail of a log for the API.
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+use bytes::Bytes;
+use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::sync::broadcast;
+use tracing::warn;
+
+use crate::program::LogSpec;
+
+/// Largest tail the API returns.
+pub const MAX_TAIL_BYTES: u64 = 1024 * 1024;
+
+/// A log file that rotates when it would grow past `maxbytes`.
+#[derive(Debug)]
+pub struct RotatingLog {
+    path: PathBuf,
+    maxbytes: u64,
+    backups: u32,
+    file: File,
+    size: u64,
+}
+
+impl RotatingLog {
+    pub fn open(spec: &LogSpec) -> std::io::Result<Option<Self>> {
+        let Some(path) = &spec.path else { return Ok(None) };
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let file = OpenOptions::new().create(true).append(true).open(path)?;
+        let size = file.metadata()?.len();
+        Ok(Some(Self {
+            path: path.clone(),
+            maxbytes: spec.maxbytes,
+            backups: spec.backups,
+            file,
+            size,
+        }))
+    }
+
+    pub fn write(&mut self, mut data: &[u8]) -> std::io::Result<()> {
+        while !data.is_empty() {
+            if self.maxbytes > 0 && self.size >= self.maxbytes {
+                self.rotate()?;
+            }
+            let room = if self.maxbytes > 0 {
+                (self.maxbytes - self.size) as usize
+            } else {
+                data.len()
+            };
+            let n = room.min(data.len()).max(1);
+            self.file.write_all(&data[..n])?;
+            self.size += n as u64;
+            data = &data[n..];
+        }
+        Ok(())
+    }
+
+    fn rotate(&mut self) -> std::io::Result<()> {
+        if self.backups == 0 {
+            self.file.set_len(0)?;
+            self.file.seek(SeekFrom::Start(0))?;
+            self.size = 0;
+            return Ok(());
+        }
+        for i in (1..self.backups).rev() {
+            let from = numbered(&self.path, i);
+            if from.exists() {
+                std::fs::rename(&from, numbered(&self.path, i + 1))?;
+            }
+        }
+        std::fs::rename(&self.path, numbered(&self.path, 1))?;
+        self.file = OpenOptions::new().create(true).append(true).open(&self.path)?;
+        self.size = 0;
+        Ok(())
+    }
+}
+
+fn numbered(path: &Path, i: u32) -> PathBuf {
+    let mut s = path.as_os_str().to_owned();
+    s.push(format!(".{i}"));
+    PathBuf::from(s)
+}
+
+/// Copies a child's pipe into `log` (if any) and to followers until the pipe closes.
+pub async fn copy_pipe(
+    mut pipe: impl AsyncRead + Unpin,
+    mut log: Option<SharedLog>,
+    followers: broadcast::Sender<Bytes>,
+) {
+    let mut buf = vec![0u8; 8192];
+    loop {
+        let n = match pipe.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        if let Some(l) = log.as_mut() {
+            let mut guard = l.lock().unwrap_or_else(|p| p.into_inner());
+            if let Err(e) = guard.write(&buf[..n]) {
+                warn!(path = %guard.path.display(), error = %e, "cannot write program log; dropping output");
+                drop(guard);
+                log = None;
+            }
+        }
+        let _ = followers.send(Bytes::copy_from_slice(&buf[..n]));
+    }
+}
+
+/// A log shared by stdout and stderr when `redirect_stderr` is set.
+pub type SharedLog = std::sync::Arc<std::sync::Mutex<RotatingLog>>;
+
+/// The last `bytes` bytes of a log file (bounded by [`MAX_TAIL_BYTES`]); empty if it does not exist yet.
+pub fn tail(path: &Path, bytes: u64) -> std::io::Result<Vec<u8>> {
+    let bytes = bytes.min(MAX_TAIL_BYTES);
+    let mut f = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    let len = f.metadata()?.len();
+    f.seek(SeekFrom::Start(len.saturating_sub(bytes)))?;
+    let mut out = Vec::with_capacity(bytes.min(len) as usize);
+    f.take(bytes).read_to_end(&mut out)?;
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rotates_by_size_and_keeps_backups() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p.log");
+        let spec = LogSpec {
+            path: Some(path.clone()),
+            maxbytes: 1024,
+            backups: 2,
+        };
+        let mut log = RotatingLog::open(&spec).unwrap().unwrap();
+        for i in 0..5u8 {
+            log.write(&[b'a' + i; 1024]).unwrap();
+        }
+        assert_eq!(std::fs::read(&path).unwrap(), vec![b'e'; 1024]);
+        assert_eq!(std::fs::read(numbered(&path, 1)).unwrap(), vec![b'd'; 1024]);
+        assert_eq!(std::fs::read(numbered(&path, 2)).unwrap(), vec![b'c'; 1024]);
+        assert!(!numbered(&path, 3).exists());
+        assert_eq!(tail(&path, 3).unwrap(), b"eee");
+    }
+}

@@ -1,0 +1,280 @@
+//! The per-process state machine: Supervisord's states and transitions, plus the backoff, restart budget and
+//! FATAL cool-down of [`Policy`]. Pure: it takes events (with the time and a random number as inputs) and
+//! returns the actions to perform (spawn, signal, kill, arm a timer); the supervisor performs them.
+//!
+//! Each state arms at most one timer; a timer carries the generation it was armed in, and a timer from an
+//! earlier generation is ignored, so no cancellation is ever needed.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::policy::{ExitInfo, Policy};
+
+/// Supervisord's process states.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum State {
+    Stopped,
+    Starting,
+    Running,
+    Backoff,
+    Stopping,
+    Exited,
+    Fatal,
+}
+
+impl State {
+    pub fn name(self) -> &'static str {
+        match self {
+            State::Stopped => "STOPPED",
+            State::Starting => "STARTING",
+            State::Running => "RUNNING",
+            State::Backoff => "BACKOFF",
+            State::Stopping => "STOPPING",
+            State::Exited => "EXITED",
+            State::Fatal => "FATAL",
+        }
+    }
+
+    /// A number for the metrics gauge (the order of the enum).
+    pub fn code(self) -> u8 {
+        self as u8
+    }
+
+    /// Whether a process exists (or may, while a spawn is under way).
+    pub fn has_process(self) -> bool {
+        matches!(self, State::Starting | State::Running | State::Stopping)
+    }
+}
+
+/// What happened to a process.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Event {
+    /// `start` (by a person or autostart).
+    Start,
+    /// `stop` (by a person, an update or shutdown).
+    Stop,
+    /// `restart` (by a person, or a failing liveness probe).
+    Restart,
+    /// The process could not be spawned at all.
+    SpawnFailed,
+    /// The process exited.
+    Exited(ExitInfo),
+    /// The timer armed in generation `generation` fired.
+    Timer(u64),
+}
+
+/// What the supervisor must do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    Spawn,
+    /// Send the stop signal to the process group.
+    SignalStop,
+    /// SIGKILL the process group.
+    Kill,
+    /// Deliver `Event::Timer(generation)` after the delay.
+    Timer(Duration, u64),
+}
+
+/// The result of one event.
+#[derive(Debug, Default, PartialEq)]
+pub struct Step {
+    pub actions: Vec<Action>,
+    pub transitions: Vec<(State, State)>,
+}
+
+/// One process's supervision state.
+#[derive(Debug, Clone)]
+pub struct Machine {
+    pub state: State,
+    generation: u64,
+    /// Failed starts in a row (exits before `startsecs`): Supervisord's backoff counter.
+    pub start_failures: u32,
+    /// Crash restarts from RUNNING since the last long healthy run.
+    streak: u32,
+    /// When recent restarts happened, for the budget.
+    restarts: VecDeque<Instant>,
+    spawned_at: Option<Instant>,
+    restart_after_stop: bool,
+    pub last_exit: Option<ExitInfo>,
+    /// Restarts since the monitor started (automatic or requested).
+    pub restart_count: u64,
+    /// Why the process is FATAL.
+    pub fatal_reason: Option<&'static str>,
+}
+
+impl Default for Machine {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Machine {
+    pub fn new() -> Self {
+        Self {
+            state: State::Stopped,
+            generation: 0,
+            start_failures: 0,
+            streak: 0,
+            restarts: VecDeque::new(),
+            spawned_at: None,
+            restart_after_stop: false,
+            last_exit: None,
+            restart_count: 0,
+            fatal_reason: None,
+        }
+    }
+
+    /// When the current process was spawned.
+    pub fn spawned_at(&self) -> Option<Instant> {
+        self.spawned_at.filter(|_| self.state.has_process())
+    }
+
+    /// Applies one event.
+    pub fn handle(&mut self, ev: Event, p: &Policy, now: Instant, rand01: f64) -> Step {
+        let mut step = Step::default();
+        match (self.state, ev) {
+            (
+                State::Stopped | State::Exited | State::Fatal | State::Backoff,
+                Event::Start | Event::Restart,
+            ) => {
+                if self.state != State::Stopped {
+                    self.restart_count += 1;
+                }
+                self.start_failures = 0;
+                self.streak = 0;
+                self.restarts.clear();
+                self.enter_starting(p, now, &mut step);
+            }
+            (State::Starting, Event::Timer(g)) if g == self.generation => {
+                self.start_failures = 0;
+                self.go(State::Running, &mut step);
+            }
+            (State::Starting, Event::Exited(_) | Event::SpawnFailed) => {
+                if let Event::Exited(e) = ev {
+                    self.last_exit = Some(e);
+                }
+                self.start_failures += 1;
+                let delay = if self.start_failures > p.startretries {
+                    Duration::ZERO // BACKOFF turns into FATAL at once
+                } else {
+                    p.backoff(self.start_failures, rand01)
+                };
+                self.go(State::Backoff, &mut step);
+                step.actions.push(Action::Timer(delay, self.generation));
+            }
+            (State::Backoff, Event::Timer(g)) if g == self.generation => {
+                if self.start_failures > p.startretries {
+                    self.enter_fatal("too many start retries too quickly", p, &mut step);
+                } else {
+                    self.restart_count += 1;
+                    self.enter_starting(p, now, &mut step);
+                }
+            }
+            (State::Running, Event::Exited(e)) => {
+                self.last_exit = Some(e);
+                self.go(State::Exited, &mut step);
+                if p.should_restart(e) {
+                    self.after_crash(p, now, rand01, &mut step);
+                }
+            }
+            (State::Starting | State::Running, Event::Stop | Event::Restart) => {
+                self.restart_after_stop = ev == Event::Restart;
+                self.go(State::Stopping, &mut step);
+                step.actions.push(Action::SignalStop);
+                step.actions.push(Action::Timer(p.stopwait, self.generation));
+            }
+            (State::Stopping, Event::Timer(g)) if g == self.generation => {
+                self.generation += 1;
+                step.actions.push(Action::Kill);
+            }
+            (State::Stopping, Event::Exited(e)) => {
+                self.last_exit = Some(e);
+                self.go(State::Stopped, &mut step);
+                if std::mem::take(&mut self.restart_after_stop) {
+                    self.restart_count += 1;
+                    self.start_failures = 0;
+                    self.enter_starting(p, now, &mut step);
+                }
+            }
+            (State::Backoff | State::Fatal, Event::Stop) => {
+                self.go(State::Stopped, &mut step);
+            }
+            (State::Fatal, Event::Timer(g)) if g == self.generation => {
+                self.start_failures = 0;
+                self.streak = 0;
+                self.restarts.clear();
+                self.restart_count += 1;
+                self.enter_starting(p, now, &mut step);
+            }
+            // Anything else (a stale timer, stop while stopped, start while running) changes nothing.
+            _ => {}
+        }
+        step
+    }
+
+    /// A process that had reached RUNNING died and should come back: at once the first time, then with
+    /// growing delays while it keeps dying young; too many restarts in the window is FATAL.
+    fn after_crash(&mut self, p: &Policy, now: Instant, rand01: f64, step: &mut Step) {
+        let ran = self
+            .spawned_at
+            .map_or(Duration::ZERO, |s| now.saturating_duration_since(s));
+        if ran >= p.backoff_reset {
+            self.streak = 0;
+        }
+        while self
+            .restarts
+            .front()
+            .is_some_and(|t| now.saturating_duration_since(*t) > p.restart_window)
+        {
+            self.restarts.pop_front();
+        }
+        self.restarts.push_back(now);
+        if self.restarts.len() > p.max_restarts as usize {
+            self.enter_fatal("restart budget exhausted", p, step);
+            return;
+        }
+        self.streak += 1;
+        self.restart_count += 1;
+        if self.streak == 1 {
+            self.enter_starting(p, now, step);
+        } else {
+            self.go(State::Backoff, step);
+            step.actions
+                .push(Action::Timer(p.backoff(self.streak - 1, rand01), self.generation));
+        }
+    }
+
+    fn enter_starting(&mut self, p: &Policy, now: Instant, step: &mut Step) {
+        self.fatal_reason = None;
+        self.spawned_at = Some(now);
+        self.go(State::Starting, step);
+        step.actions.push(Action::Spawn);
+        step.actions.push(Action::Timer(p.startsecs, self.generation));
+    }
+
+    fn enter_fatal(&mut self, why: &'static str, p: &Policy, step: &mut Step) {
+        self.fatal_reason = Some(why);
+        self.go(State::Fatal, step);
+        if let Some(cool) = p.fatal_retry {
+            step.actions.push(Action::Timer(cool, self.generation));
+        }
+    }
+
+    fn go(&mut self, to: State, step: &mut Step) {
+        step.transitions.push((self.state, to));
+        self.state = to;
+        self.generation += 1;
+    }
+
+    /// The generation of the timer the current state armed (for tests and the supervisor's bookkeeping).
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+}
+
+#[cfg(test)]
+#[path = "machine_tests.rs"]
+mod tests;

@@ -1,0 +1,299 @@
+//! Every transition of the state machine, one by one.
+
+use super::*;
+use crate::policy::AutoRestart;
+use State::*;
+
+fn policy() -> Policy {
+    Policy {
+        startsecs: Duration::from_secs(1),
+        startretries: 2,
+        stopwait: Duration::from_secs(5),
+        backoff_initial: Duration::from_millis(100),
+        backoff_max: Duration::from_millis(400),
+        backoff_jitter: 0.0,
+        backoff_reset: Duration::from_secs(60),
+        max_restarts: 3,
+        restart_window: Duration::from_secs(60),
+        fatal_retry: Some(Duration::from_secs(30)),
+        ..Policy::default()
+    }
+}
+
+const CRASH: ExitInfo = ExitInfo {
+    code: Some(1),
+    signal: None,
+};
+const CLEAN: ExitInfo = ExitInfo {
+    code: Some(0),
+    signal: None,
+};
+const KILLED: ExitInfo = ExitInfo {
+    code: None,
+    signal: Some(9),
+};
+
+struct T {
+    m: Machine,
+    p: Policy,
+    now: Instant,
+}
+
+impl T {
+    fn new() -> Self {
+        Self {
+            m: Machine::new(),
+            p: policy(),
+            now: Instant::now(),
+        }
+    }
+    fn ev(&mut self, ev: Event) -> Step {
+        self.m.handle(ev, &self.p, self.now, 0.0)
+    }
+    fn timer(&mut self) -> Step {
+        let g = self.m.generation();
+        self.ev(Event::Timer(g))
+    }
+    fn advance(&mut self, d: Duration) {
+        self.now += d;
+    }
+    fn running(&mut self) {
+        self.ev(Event::Start);
+        self.advance(Duration::from_secs(1));
+        self.timer();
+        assert_eq!(self.m.state, Running);
+    }
+}
+
+#[test]
+fn stopped_start_starting_spawns_and_arms_startsecs() {
+    let mut t = T::new();
+    let s = t.ev(Event::Start);
+    assert_eq!(t.m.state, Starting);
+    assert_eq!(s.transitions, vec![(Stopped, Starting)]);
+    assert_eq!(
+        s.actions,
+        vec![
+            Action::Spawn,
+            Action::Timer(Duration::from_secs(1), t.m.generation())
+        ]
+    );
+}
+
+#[test]
+fn starting_to_running_after_startsecs() {
+    let mut t = T::new();
+    t.ev(Event::Start);
+    let s = t.timer();
+    assert_eq!(s.transitions, vec![(Starting, Running)]);
+    assert!(s.actions.is_empty());
+}
+
+#[test]
+fn starting_exit_goes_to_backoff_with_growing_delay() {
+    let mut t = T::new();
+    t.ev(Event::Start);
+    let s = t.ev(Event::Exited(CRASH));
+    assert_eq!(s.transitions, vec![(Starting, Backoff)]);
+    assert_eq!(
+        s.actions,
+        vec![Action::Timer(Duration::from_millis(100), t.m.generation())]
+    );
+    let s = t.timer();
+    assert_eq!(s.transitions, vec![(Backoff, Starting)]);
+    let s = t.ev(Event::Exited(CRASH));
+    assert_eq!(
+        s.actions,
+        vec![Action::Timer(Duration::from_millis(200), t.m.generation())]
+    );
+}
+
+#[test]
+fn spawn_failure_is_a_failed_start() {
+    let mut t = T::new();
+    t.ev(Event::Start);
+    let s = t.ev(Event::SpawnFailed);
+    assert_eq!(s.transitions, vec![(Starting, Backoff)]);
+}
+
+#[test]
+fn backoff_to_fatal_after_startretries_then_automatic_retry() {
+    let mut t = T::new();
+    t.ev(Event::Start);
+    for _ in 0..2 {
+        t.ev(Event::Exited(CRASH));
+        t.timer();
+        assert_eq!(t.m.state, Starting);
+    }
+    let s = t.ev(Event::Exited(CRASH));
+    assert_eq!(s.actions, vec![Action::Timer(Duration::ZERO, t.m.generation())]);
+    let s = t.timer();
+    assert_eq!(s.transitions, vec![(Backoff, Fatal)]);
+    assert_eq!(
+        s.actions,
+        vec![Action::Timer(Duration::from_secs(30), t.m.generation())]
+    );
+    assert_eq!(t.m.fatal_reason, Some("too many start retries too quickly"));
+    let s = t.timer();
+    assert_eq!(s.transitions, vec![(Fatal, Starting)]);
+    assert_eq!(t.m.fatal_reason, None);
+}
+
+#[test]
+fn fatal_without_cooldown_waits_for_start() {
+    let mut t = T::new();
+    t.p.fatal_retry = None;
+    t.p.startretries = 0;
+    t.ev(Event::Start);
+    t.ev(Event::Exited(CRASH));
+    let s = t.timer();
+    assert_eq!(s.transitions, vec![(Backoff, Fatal)]);
+    assert!(s.actions.is_empty());
+    let s = t.ev(Event::Start);
+    assert_eq!(s.transitions, vec![(Fatal, Starting)]);
+}
+
+#[test]
+fn running_exit_expected_stays_exited() {
+    let mut t = T::new();
+    t.running();
+    let s = t.ev(Event::Exited(CLEAN));
+    assert_eq!(s.transitions, vec![(Running, Exited)]);
+    assert!(s.actions.is_empty());
+    assert_eq!(t.m.last_exit, Some(CLEAN));
+    let s = t.ev(Event::Start);
+    assert_eq!(s.transitions, vec![(Exited, Starting)]);
+}
+
+#[test]
+fn running_exit_unexpected_restarts_at_once_then_backs_off() {
+    let mut t = T::new();
+    t.running();
+    let s = t.ev(Event::Exited(KILLED));
+    assert_eq!(s.transitions, vec![(Running, Exited), (Exited, Starting)]);
+    assert_eq!(s.actions[0], Action::Spawn);
+    t.timer();
+    let s = t.ev(Event::Exited(CRASH));
+    assert_eq!(s.transitions, vec![(Running, Exited), (Exited, Backoff)]);
+    assert_eq!(
+        s.actions,
+        vec![Action::Timer(Duration::from_millis(100), t.m.generation())]
+    );
+    t.timer();
+    assert_eq!(t.m.state, Starting);
+}
+
+#[test]
+fn long_healthy_run_resets_the_backoff() {
+    let mut t = T::new();
+    t.running();
+    t.ev(Event::Exited(CRASH));
+    t.timer();
+    t.advance(Duration::from_secs(61));
+    let s = t.ev(Event::Exited(CRASH));
+    assert_eq!(s.transitions, vec![(Running, Exited), (Exited, Starting)]);
+}
+
+#[test]
+fn autorestart_modes() {
+    for (mode, exit, restarts) in [
+        (AutoRestart::Always, CLEAN, true),
+        (AutoRestart::Never, CRASH, false),
+        (AutoRestart::Unexpected, CLEAN, false),
+        (AutoRestart::Unexpected, CRASH, true),
+    ] {
+        let mut t = T::new();
+        t.p.autorestart = mode;
+        t.running();
+        t.ev(Event::Exited(exit));
+        assert_eq!(t.m.state == Starting, restarts, "{mode:?} {exit:?}");
+    }
+}
+
+#[test]
+fn restart_budget_exhausted_is_fatal() {
+    let mut t = T::new();
+    t.p.backoff_reset = Duration::ZERO; // every run counts as healthy: only the budget stops it
+    t.running();
+    for _ in 0..3 {
+        t.ev(Event::Exited(CRASH));
+        t.timer();
+        assert_eq!(t.m.state, Running);
+    }
+    let s = t.ev(Event::Exited(CRASH));
+    assert_eq!(s.transitions, vec![(Running, Exited), (Exited, Fatal)]);
+    assert_eq!(t.m.fatal_reason, Some("restart budget exhausted"));
+}
+
+#[test]
+fn stop_signals_then_kills_after_stopwait() {
+    let mut t = T::new();
+    t.running();
+    let s = t.ev(Event::Stop);
+    assert_eq!(s.transitions, vec![(Running, Stopping)]);
+    assert_eq!(
+        s.actions,
+        vec![
+            Action::SignalStop,
+            Action::Timer(Duration::from_secs(5), t.m.generation())
+        ]
+    );
+    let s = t.timer();
+    assert_eq!(s.actions, vec![Action::Kill]);
+    assert_eq!(t.m.state, Stopping);
+    let s = t.ev(Event::Exited(KILLED));
+    assert_eq!(s.transitions, vec![(Stopping, Stopped)]);
+}
+
+#[test]
+fn stop_while_starting() {
+    let mut t = T::new();
+    t.ev(Event::Start);
+    let s = t.ev(Event::Stop);
+    assert_eq!(s.transitions, vec![(Starting, Stopping)]);
+}
+
+#[test]
+fn stop_in_backoff_and_fatal_is_stopped() {
+    let mut t = T::new();
+    t.ev(Event::Start);
+    t.ev(Event::Exited(CRASH));
+    assert_eq!(t.ev(Event::Stop).transitions, vec![(Backoff, Stopped)]);
+    let stale = t.m.generation() - 1;
+    assert_eq!(
+        t.ev(Event::Timer(stale)),
+        Step::default(),
+        "the backoff timer is stale now"
+    );
+    t.p.startretries = 0;
+    t.ev(Event::Start);
+    t.ev(Event::Exited(CRASH));
+    t.timer();
+    assert_eq!(t.m.state, Fatal);
+    assert_eq!(t.ev(Event::Stop).transitions, vec![(Fatal, Stopped)]);
+}
+
+#[test]
+fn restart_stops_then_starts() {
+    let mut t = T::new();
+    t.running();
+    let s = t.ev(Event::Restart);
+    assert_eq!(s.transitions, vec![(Running, Stopping)]);
+    let s = t.ev(Event::Exited(ExitInfo {
+        code: None,
+        signal: Some(15),
+    }));
+    assert_eq!(s.transitions, vec![(Stopping, Stopped), (Stopped, Starting)]);
+    assert_eq!(t.m.restart_count, 1);
+}
+
+#[test]
+fn meaningless_events_change_nothing() {
+    let mut t = T::new();
+    assert_eq!(t.ev(Event::Stop), Step::default());
+    assert_eq!(t.ev(Event::Exited(CRASH)), Step::default());
+    t.running();
+    assert_eq!(t.ev(Event::Start), Step::default());
+    let old = t.m.generation() - 1;
+    assert_eq!(t.ev(Event::Timer(old)), Step::default());
+}

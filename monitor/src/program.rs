@@ -1,0 +1,542 @@
+//! One `[programs.<name>]` section: its raw form (Supervisord's keys in TOML), validation, and expansion into
+//! one [`ProcessSpec`] per `numprocs` instance with `{self}`, `{name}`, `{num}` and `{port}` substituted.
+//! Two specs compare equal exactly when an update may leave the running process alone.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use xcluster_runtime::Validator;
+
+use crate::policy::{AutoRestart, Policy};
+use crate::probe::{ProbeSpec, RawProbe};
+
+/// `autorestart = true | false | "unexpected"`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(untagged)]
+pub enum RawAutoRestart {
+    Bool(bool),
+    Word(String),
+}
+
+/// A program as written in the file.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawProgram {
+    /// The command line (split like a shell: quotes group words). `{self}` is the monitor's own executable.
+    pub command: String,
+    pub numprocs: u32,
+    pub numprocs_start: u32,
+    /// Instance name template; default `{program}` for one instance, `{program}-{num}` for several.
+    pub process_name: String,
+    /// First `{port}`: instance `i` (counting from 0) gets `port_base + i`.
+    pub port_base: Option<u16>,
+    pub directory: String,
+    pub environment: BTreeMap<String, String>,
+    /// Octal, e.g. "022". Empty keeps the monitor's.
+    pub umask: String,
+    /// Run as this user (only when the monitor runs as root).
+    pub user: String,
+    /// Lower starts first (and stops last).
+    pub priority: i32,
+    pub autostart: bool,
+    pub autorestart: RawAutoRestart,
+    pub exitcodes: Vec<i32>,
+    pub startsecs: u64,
+    pub startretries: u32,
+    pub stopsignal: String,
+    pub stopwaitsecs: u64,
+    pub redirect_stderr: bool,
+    /// Empty: `<log_dir>/<name>.out.log`; "none" discards.
+    pub stdout_logfile: String,
+    pub stdout_logfile_maxbytes: u64,
+    pub stdout_logfile_backups: u32,
+    pub stderr_logfile: String,
+    pub stderr_logfile_maxbytes: u64,
+    pub stderr_logfile_backups: u32,
+    /// Programs (names of `[programs.*]`) that must be ready before this one starts.
+    pub depends_on: Vec<String>,
+    pub backoff_initial_ms: u64,
+    pub backoff_max_ms: u64,
+    /// Fraction of each delay that is random, 0.0..=1.0.
+    pub backoff_jitter: f64,
+    /// A run at least this long forgets earlier crashes.
+    pub backoff_reset_secs: u64,
+    /// More than `max_restarts` restarts within `restart_window_secs` → FATAL.
+    pub max_restarts: u32,
+    pub restart_window_secs: u64,
+    /// FATAL is retried automatically after this long; 0 waits for a human, like Supervisord.
+    pub fatal_retry_secs: u64,
+    pub liveness: Option<RawProbe>,
+    pub readiness: Option<RawProbe>,
+}
+
+impl Default for RawProgram {
+    fn default() -> Self {
+        Self {
+            command: String::new(),
+            numprocs: 1,
+            numprocs_start: 0,
+            process_name: String::new(),
+            port_base: None,
+            directory: String::new(),
+            environment: BTreeMap::new(),
+            umask: String::new(),
+            user: String::new(),
+            priority: 999,
+            autostart: true,
+            autorestart: RawAutoRestart::Word("unexpected".into()),
+            exitcodes: vec![0],
+            startsecs: 1,
+            startretries: 3,
+            stopsignal: "TERM".into(),
+            stopwaitsecs: 10,
+            redirect_stderr: false,
+            stdout_logfile: String::new(),
+            stdout_logfile_maxbytes: 50 * 1024 * 1024,
+            stdout_logfile_backups: 10,
+            stderr_logfile: String::new(),
+            stderr_logfile_maxbytes: 50 * 1024 * 1024,
+            stderr_logfile_backups: 10,
+            depends_on: Vec::new(),
+            backoff_initial_ms: 1000,
+            backoff_max_ms: 30_000,
+            backoff_jitter: 0.2,
+            backoff_reset_secs: 60,
+            max_restarts: 20,
+            restart_window_secs: 60,
+            fatal_retry_secs: 300,
+            liveness: None,
+            readiness: None,
+        }
+    }
+}
+
+/// Where a stream goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogSpec {
+    /// `None` discards the stream.
+    pub path: Option<PathBuf>,
+    pub maxbytes: u64,
+    pub backups: u32,
+}
+
+/// One supervised process, fully expanded.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProcessSpec {
+    pub name: String,
+    /// The `[programs.*]` key: the group that `name:*` addresses.
+    pub group: String,
+    pub argv: Vec<String>,
+    pub directory: Option<PathBuf>,
+    pub environment: Vec<(String, String)>,
+    pub umask: Option<u32>,
+    pub user: Option<String>,
+    pub priority: i32,
+    pub autostart: bool,
+    pub policy: Policy,
+    pub stopsignal: nix::sys::signal::Signal,
+    pub redirect_stderr: bool,
+    pub stdout: LogSpec,
+    pub stderr: LogSpec,
+    /// Group names this process waits for.
+    pub depends_on: Vec<String>,
+    pub liveness: Option<ProbeSpec>,
+    pub readiness: Option<ProbeSpec>,
+}
+
+/// Substitutes `{self}`, `{program}`, `{name}`, `{num}`, `{port}`.
+pub fn substitute(s: &str, vars: &[(&str, String)]) -> String {
+    let mut out = s.to_string();
+    for (k, v) in vars {
+        out = out.replace(&format!("{{{k}}}"), v);
+    }
+    out
+}
+
+impl RawProgram {
+    /// Validates the section and expands it into its instances; problems go to `v`.
+    pub fn expand(&self, program: &str, log_dir: &Path, v: &mut Validator) -> Vec<ProcessSpec> {
+        let key = |k: &str| format!("programs.{program}.{k}");
+        let errs_before = v.issues.len();
+        if program.is_empty()
+            || !program
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        {
+            v.error(
+                format!("programs.{program}"),
+                "program names use only letters, digits, '-', '_', '.'",
+            );
+        }
+        if self.command.trim().is_empty() {
+            v.error(key("command"), "a command is required");
+        }
+        let argv_template = split_command(&self.command).unwrap_or_else(|e| {
+            v.error(key("command"), e);
+            Vec::new()
+        });
+        v.range(&key("numprocs"), self.numprocs, 1, 256);
+        let autorestart = match &self.autorestart {
+            RawAutoRestart::Bool(true) => AutoRestart::Always,
+            RawAutoRestart::Bool(false) => AutoRestart::Never,
+            RawAutoRestart::Word(w) if w == "unexpected" => AutoRestart::Unexpected,
+            RawAutoRestart::Word(w) if w == "true" => AutoRestart::Always,
+            RawAutoRestart::Word(w) if w == "false" => AutoRestart::Never,
+            RawAutoRestart::Word(w) => {
+                v.error(
+                    key("autorestart"),
+                    format!("expected true, false or \"unexpected\", found {w:?}"),
+                );
+                AutoRestart::Unexpected
+            }
+        };
+        let umask = if self.umask.is_empty() {
+            None
+        } else {
+            match u32::from_str_radix(&self.umask, 8) {
+                Ok(m) if m <= 0o777 => Some(m),
+                _ => {
+                    v.error(
+                        key("umask"),
+                        format!("expected an octal mask like \"022\", found {:?}", self.umask),
+                    );
+                    None
+                }
+            }
+        };
+        let stopsignal = parse_signal(&self.stopsignal).unwrap_or_else(|| {
+            v.error(key("stopsignal"), format!("unknown signal {:?}", self.stopsignal));
+            nix::sys::signal::Signal::SIGTERM
+        });
+        v.check(
+            (0.0..=1.0).contains(&self.backoff_jitter),
+            &key("backoff_jitter"),
+            || format!("{} is out of range (0.0..=1.0)", self.backoff_jitter),
+        );
+        let policy = Policy {
+            autorestart,
+            exitcodes: self.exitcodes.clone(),
+            startsecs: Duration::from_secs(v.range(&key("startsecs"), self.startsecs, 0, 3600)),
+            startretries: v.range(&key("startretries"), self.startretries, 0, 1000),
+            stopwait: Duration::from_secs(v.range(&key("stopwaitsecs"), self.stopwaitsecs, 0, 3600)),
+            backoff_initial: v.millis(&key("backoff_initial_ms"), self.backoff_initial_ms, 1, 3_600_000),
+            backoff_max: v.millis(&key("backoff_max_ms"), self.backoff_max_ms, 1, 3_600_000),
+            backoff_jitter: self.backoff_jitter.clamp(0.0, 1.0),
+            backoff_reset: Duration::from_secs(self.backoff_reset_secs),
+            max_restarts: self.max_restarts,
+            restart_window: Duration::from_secs(v.range(
+                &key("restart_window_secs"),
+                self.restart_window_secs,
+                1,
+                86_400,
+            )),
+            fatal_retry: (self.fatal_retry_secs > 0).then(|| Duration::from_secs(self.fatal_retry_secs)),
+        };
+        v.check(
+            policy.backoff_initial <= policy.backoff_max,
+            &key("backoff_max_ms"),
+            || "must be at least backoff_initial_ms".into(),
+        );
+        let maxbytes_ok = |n: u64| n == 0 || n >= 1024;
+        v.check(
+            maxbytes_ok(self.stdout_logfile_maxbytes),
+            &key("stdout_logfile_maxbytes"),
+            || "0 (no rotation) or at least 1024".into(),
+        );
+        v.check(
+            maxbytes_ok(self.stderr_logfile_maxbytes),
+            &key("stderr_logfile_maxbytes"),
+            || "0 (no rotation) or at least 1024".into(),
+        );
+        v.range(
+            &key("stdout_logfile_backups"),
+            self.stdout_logfile_backups,
+            0,
+            100,
+        );
+        v.range(
+            &key("stderr_logfile_backups"),
+            self.stderr_logfile_backups,
+            0,
+            100,
+        );
+        let liveness = self.liveness.as_ref().map(|p| p.validate(&key("liveness"), v));
+        let readiness = self.readiness.as_ref().map(|p| p.validate(&key("readiness"), v));
+        if self.numprocs > 1 && !self.process_name.is_empty() && !self.process_name.contains("{num}") {
+            v.error(
+                key("process_name"),
+                "with numprocs > 1 the name must contain {num}",
+            );
+        }
+        if let Some(base) = self.port_base
+            && u32::from(base) + self.numprocs > 65_536
+        {
+            v.error(
+                key("port_base"),
+                format!("{base} + numprocs runs past port 65535"),
+            );
+        }
+        if v.issues.len() > errs_before {
+            return Vec::new();
+        }
+
+        let self_exe = std::env::current_exe()
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|_| "xcluster".into());
+        let template = if !self.process_name.is_empty() {
+            self.process_name.clone()
+        } else if self.numprocs > 1 {
+            "{program}-{num}".into()
+        } else {
+            "{program}".into()
+        };
+        (0..self.numprocs)
+            .map(|i| {
+                let num = self.numprocs_start + i;
+                let mut vars = vec![
+                    ("self", self_exe.clone()),
+                    ("program", program.to_string()),
+                    ("num", num.to_string()),
+                ];
+                if let Some(base) = self.port_base {
+                    vars.push(("port", (u32::from(base) + i).to_string()));
+                }
+                let name = substitute(&template, &vars);
+                vars.push(("name", name.clone()));
+                let sub = |s: &str| substitute(s, &vars);
+                let log = |path: &str, suffix: &str, maxbytes: u64, backups: u32| LogSpec {
+                    path: match path {
+                        "none" => None,
+                        "" => Some(log_dir.join(format!("{name}.{suffix}.log"))),
+                        p => Some(PathBuf::from(sub(p))),
+                    },
+                    maxbytes,
+                    backups,
+                };
+                ProcessSpec {
+                    group: program.to_string(),
+                    argv: argv_template.iter().map(|a| sub(a)).collect(),
+                    directory: (!self.directory.is_empty()).then(|| PathBuf::from(sub(&self.directory))),
+                    environment: self
+                        .environment
+                        .iter()
+                        .map(|(k, val)| (k.clone(), sub(val)))
+                        .collect(),
+                    umask,
+                    user: (!self.user.is_empty()).then(|| self.user.clone()),
+                    priority: self.priority,
+                    autostart: self.autostart,
+                    policy: policy.clone(),
+                    stopsignal,
+                    redirect_stderr: self.redirect_stderr,
+                    stdout: log(
+                        &self.stdout_logfile,
+                        "out",
+                        self.stdout_logfile_maxbytes,
+                        self.stdout_logfile_backups,
+                    ),
+                    stderr: log(
+                        &self.stderr_logfile,
+                        "err",
+                        self.stderr_logfile_maxbytes,
+                        self.stderr_logfile_backups,
+                    ),
+                    depends_on: self.depends_on.clone(),
+                    liveness: liveness.clone().map(|p| p.substituted(&vars)),
+                    readiness: readiness.clone().map(|p| p.substituted(&vars)),
+                    name,
+                }
+            })
+            .collect()
+    }
+}
+
+/// Checks what needs every program at once: unique names, known and acyclic `depends_on`.
+pub fn check_set(specs: &[ProcessSpec], v: &mut Validator) {
+    let mut names = BTreeSet::new();
+    let groups: BTreeSet<&str> = specs.iter().map(|s| s.group.as_str()).collect();
+    for s in specs {
+        if !names.insert(s.name.as_str()) {
+            v.error(
+                format!("programs.{}", s.group),
+                format!("process name {:?} is used twice", s.name),
+            );
+        }
+        if s.name.contains(['/', ' ', '*']) {
+            v.error(
+                format!("programs.{}.process_name", s.group),
+                format!("{:?} may not contain '/', ' ' or '*'", s.name),
+            );
+        }
+        for d in &s.depends_on {
+            if !groups.contains(d.as_str()) {
+                v.error(
+                    format!("programs.{}.depends_on", s.group),
+                    format!("unknown program {d:?}"),
+                );
+            }
+        }
+    }
+    // A cycle would wait forever: depth-first search over groups.
+    let deps: BTreeMap<&str, Vec<&str>> = specs
+        .iter()
+        .map(|s| {
+            (
+                s.group.as_str(),
+                s.depends_on.iter().map(String::as_str).collect(),
+            )
+        })
+        .collect();
+    fn visit<'a>(
+        g: &'a str,
+        deps: &BTreeMap<&'a str, Vec<&'a str>>,
+        path: &mut Vec<&'a str>,
+        done: &mut BTreeSet<&'a str>,
+    ) -> Option<String> {
+        if done.contains(g) {
+            return None;
+        }
+        if path.contains(&g) {
+            return Some(format!("{} -> {g}", path.join(" -> ")));
+        }
+        path.push(g);
+        for d in deps.get(g).into_iter().flatten() {
+            if let Some(c) = visit(d, deps, path, done) {
+                return Some(c);
+            }
+        }
+        path.pop();
+        done.insert(g);
+        None
+    }
+    let mut done = BTreeSet::new();
+    for g in deps.keys() {
+        if let Some(cycle) = visit(g, &deps, &mut Vec::new(), &mut done) {
+            v.error(
+                format!("programs.{g}.depends_on"),
+                format!("dependency cycle: {cycle}"),
+            );
+            break;
+        }
+    }
+}
+
+/// Parses `TERM`, `SIGTERM`, `term` or a number.
+pub fn parse_signal(s: &str) -> Option<nix::sys::signal::Signal> {
+    use std::str::FromStr;
+    if let Ok(n) = s.parse::<i32>() {
+        return nix::sys::signal::Signal::try_from(n).ok();
+    }
+    let up = s.trim().to_ascii_uppercase();
+    let full = if up.starts_with("SIG") {
+        up
+    } else {
+        format!("SIG{up}")
+    };
+    nix::sys::signal::Signal::from_str(&full).ok()
+}
+
+/// Splits a command line like a POSIX shell does for words: whitespace separates, single quotes are literal,
+/// double quotes group (with `\"` and `\\`), a backslash outside quotes escapes the next character.
+pub fn split_command(s: &str) -> Result<Vec<String>, String> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    let mut in_word = false;
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\'' => {
+                in_word = true;
+                loop {
+                    match chars.next() {
+                        Some('\'') => break,
+                        Some(ch) => cur.push(ch),
+                        None => return Err("unterminated single quote".into()),
+                    }
+                }
+            }
+            '"' => {
+                in_word = true;
+                loop {
+                    match chars.next() {
+                        Some('"') => break,
+                        Some('\\') => match chars.next() {
+                            Some(ch @ ('"' | '\\' | '$' | '`')) => cur.push(ch),
+                            Some(ch) => {
+                                cur.push('\\');
+                                cur.push(ch);
+                            }
+                            None => return Err("unterminated double quote".into()),
+                        },
+                        Some(ch) => cur.push(ch),
+                        None => return Err("unterminated double quote".into()),
+                    }
+                }
+            }
+            '\\' => {
+                in_word = true;
+                if let Some(ch) = chars.next() {
+                    cur.push(ch);
+                }
+            }
+            c if c.is_whitespace() => {
+                if in_word {
+                    out.push(std::mem::take(&mut cur));
+                    in_word = false;
+                }
+            }
+            c => {
+                in_word = true;
+                cur.push(c);
+            }
+        }
+    }
+    if in_word {
+        out.push(cur);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splits_like_a_shell() {
+        assert_eq!(
+            split_command(r#"/bin/sh -c 'echo "a b"; exit 3' x\ y "q\"z""#).unwrap(),
+            vec!["/bin/sh", "-c", "echo \"a b\"; exit 3", "x y", "q\"z"]
+        );
+        assert!(split_command("a 'b").is_err());
+    }
+
+    #[test]
+    fn numprocs_expand_names_and_ports() {
+        let raw = RawProgram {
+            command: "{self} app --set listen=127.0.0.1:{port}".into(),
+            numprocs: 3,
+            port_base: Some(7101),
+            ..RawProgram::default()
+        };
+        let mut v = Validator::new();
+        let specs = raw.expand("app", Path::new("/tmp/l"), &mut v);
+        assert!(v.issues.is_empty(), "{:?}", v.issues);
+        let names: Vec<_> = specs.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["app-0", "app-1", "app-2"]);
+        assert_eq!(specs[2].argv[3], "listen=127.0.0.1:7103");
+        assert_eq!(
+            specs[0].stdout.path.as_deref(),
+            Some(Path::new("/tmp/l/app-0.out.log"))
+        );
+    }
+
+    #[test]
+    fn signals_parse() {
+        assert_eq!(parse_signal("TERM"), Some(nix::sys::signal::Signal::SIGTERM));
+        assert_eq!(parse_signal("sighup"), Some(nix::sys::signal::Signal::SIGHUP));
+        assert_eq!(parse_signal("9"), Some(nix::sys::signal::Signal::SIGKILL));
+        assert_eq!(parse_signal("NOPE"), None);
+    }
+}

@@ -1,0 +1,50 @@
+//! Builds the status snapshot from the supervisor's processes.
+
+use crate::status::{ProcStatus, Snapshot};
+use crate::supervisor::Supervisor;
+
+pub(crate) fn build(sup: &Supervisor) -> Snapshot {
+    let programs = sup
+        .order
+        .iter()
+        .filter_map(|name| sup.procs.get(name).map(|p| (name, p)))
+        .map(|(name, p)| {
+            let exit = p.m.last_exit;
+            let stdout_log = p.spec.stdout.path.clone();
+            let stderr_log = if p.spec.redirect_stderr {
+                stdout_log.clone()
+            } else {
+                p.spec.stderr.path.clone()
+            };
+            ProcStatus {
+                name: name.clone(),
+                group: p.spec.group.clone(),
+                state: p.m.state,
+                pid: (p.pid != 0).then_some(p.pid),
+                started_unix_ms: p.started_unix_ms,
+                uptime_ms: None,
+                restarts: p.m.restart_count,
+                exit_code: exit.and_then(|e| e.code),
+                exit_signal: exit.and_then(|e| e.signal),
+                ready: Supervisor::is_ready(p),
+                liveness: p.liveness.clone(),
+                readiness: p.readiness.clone(),
+                fatal_reason: p.m.fatal_reason.map(str::to_string),
+                spawn_error: p.spawn_error.clone(),
+                waiting_for: if p.wanted {
+                    sup.waiting_for(name)
+                } else {
+                    Vec::new()
+                },
+                command: p.spec.argv.clone(),
+                stdout_log,
+                stderr_log,
+                outputs: p.outputs.clone(),
+            }
+        })
+        .collect();
+    Snapshot {
+        programs,
+        shutting_down: false,
+    }
+}

@@ -1,0 +1,110 @@
+//! The status snapshot the supervisor publishes after every change (a `watch` value, so API readers never
+//! lock the supervisor), and the commands the API sends it.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use serde::Serialize;
+use tokio::sync::oneshot;
+
+use crate::child::Outputs;
+use crate::config::Config;
+use crate::machine::State;
+
+/// A probe's latest result.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ProbeStatus {
+    pub ok: bool,
+    pub detail: String,
+    /// Failures in a row.
+    pub failures: u32,
+}
+
+/// One process, as `/v1/status` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct ProcStatus {
+    pub name: String,
+    pub group: String,
+    pub state: State,
+    pub pid: Option<u32>,
+    /// When the current process was spawned (ms since the Unix epoch); the API derives `uptime_ms`.
+    pub started_unix_ms: Option<u64>,
+    pub uptime_ms: Option<u64>,
+    pub restarts: u64,
+    pub exit_code: Option<i32>,
+    pub exit_signal: Option<i32>,
+    /// Ready for dependents: RUNNING and (no readiness probe, or it passes).
+    pub ready: bool,
+    pub liveness: Option<ProbeStatus>,
+    pub readiness: Option<ProbeStatus>,
+    pub fatal_reason: Option<String>,
+    pub spawn_error: Option<String>,
+    /// Dependencies a pending start waits for.
+    pub waiting_for: Vec<String>,
+    pub command: Vec<String>,
+    #[serde(skip)]
+    pub stdout_log: Option<PathBuf>,
+    #[serde(skip)]
+    pub stderr_log: Option<PathBuf>,
+    #[serde(skip)]
+    pub outputs: Outputs,
+}
+
+/// Everything the API reads.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Snapshot {
+    pub programs: Vec<ProcStatus>,
+    pub shutting_down: bool,
+}
+
+/// What the API can ask of the supervisor.
+#[derive(Debug)]
+pub enum Command {
+    Start(Vec<String>),
+    Stop(Vec<String>),
+    Restart(Vec<String>),
+    Signal(Vec<String>, nix::sys::signal::Signal),
+    /// Compute the plan for a config without applying it (`reread`).
+    Plan(Arc<Config>),
+    /// Apply a config, touching only what changed (`update`).
+    Update(Arc<Config>),
+    Shutdown,
+}
+
+/// The outcome for one process of a start/stop/restart/signal.
+#[derive(Debug, Clone, Serialize)]
+pub struct ActionResult {
+    pub name: String,
+    pub ok: bool,
+    pub state: State,
+    pub message: String,
+}
+
+/// What an update changes.
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct Plan {
+    pub added: Vec<String>,
+    pub changed: Vec<String>,
+    pub removed: Vec<String>,
+}
+
+/// A command's answer.
+#[derive(Debug)]
+pub enum Reply {
+    Results(Vec<ActionResult>),
+    Plan(Plan),
+    Done,
+}
+
+/// Why a command was refused.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum CommandError {
+    #[error("no such process or group: {0}")]
+    Unknown(String),
+    #[error("no process named; use a name, group:*, or all")]
+    NoNames,
+    #[error("the monitor is shutting down")]
+    ShuttingDown,
+}
+
+pub type Request = (Command, oneshot::Sender<Result<Reply, CommandError>>);

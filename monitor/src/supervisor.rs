@@ -1,0 +1,614 @@
+//! The supervisor: one task that owns every process's state machine and performs its actions. Everything that
+//! happens reaches it as a message — API commands, child exits (sent by each child's wait task the moment the
+//! kernel reports them), timers, probe results, new config snapshots, the shutdown signals — so there is no
+//! polling and no lock around the state. After each message it starts what is waiting for its dependencies,
+//! publishes a status snapshot, and rewrites the state file when a pid changed.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::child::{self, Exit, Outputs};
+use crate::config::Config;
+use crate::events::{Bus, Kind};
+use crate::machine::{Action, Event, Machine, State};
+use crate::program::ProcessSpec;
+use crate::statefile::{Entry, RunDir};
+use crate::status::{Command, CommandError, ProbeStatus, Reply, Request, Snapshot};
+
+/// Internal messages: timers and probe results.
+#[derive(Debug)]
+pub(crate) enum Internal {
+    Timer {
+        name: String,
+        epoch: u64,
+        generation: u64,
+    },
+    Probe {
+        name: String,
+        spawn_id: u64,
+        liveness: bool,
+        result: Result<(), String>,
+    },
+    KillAll,
+}
+
+pub(crate) struct Proc {
+    pub spec: Arc<ProcessSpec>,
+    pub m: Machine,
+    /// Distinguishes this entry from an earlier one of the same name (timers of a removed program).
+    pub epoch: u64,
+    pub pid: u32,
+    pub start_time: u64,
+    pub spawn_id: u64,
+    pub started_unix_ms: Option<u64>,
+    pub probes: Option<CancellationToken>,
+    pub liveness: Option<ProbeStatus>,
+    pub readiness: Option<ProbeStatus>,
+    pub outputs: Outputs,
+    /// Start as soon as its dependencies are ready.
+    pub wanted: bool,
+    /// Removed by an update: dropped once it has no process.
+    pub removing: bool,
+    /// Changed by an update: swapped in once the old process is gone.
+    pub replacement: Option<Arc<ProcessSpec>>,
+    pub spawn_error: Option<String>,
+}
+
+pub(crate) struct Supervisor {
+    pub procs: BTreeMap<String, Proc>,
+    /// Process names in start order.
+    pub order: Vec<String>,
+    pub cfg: Arc<Config>,
+    pub bus: Bus,
+    run_dir: RunDir,
+    internal: mpsc::UnboundedSender<Internal>,
+    exits: mpsc::UnboundedSender<Exit>,
+    status: watch::Sender<Arc<Snapshot>>,
+    next_id: u64,
+    shutting_down: bool,
+    saved: Vec<Entry>,
+}
+
+/// The channels the supervisor task listens on.
+pub(crate) struct Inputs {
+    pub commands: mpsc::Receiver<Request>,
+    pub config: watch::Receiver<Arc<Config>>,
+    pub drain: CancellationToken,
+    pub stop: CancellationToken,
+}
+
+pub(crate) fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+impl Supervisor {
+    /// Builds the supervisor and its task; the task returns once every process is stopped after shutdown.
+    pub fn start(
+        cfg: Arc<Config>,
+        run_dir: RunDir,
+        bus: Bus,
+        status: watch::Sender<Arc<Snapshot>>,
+        mut inputs: Inputs,
+    ) -> tokio::task::JoinHandle<()> {
+        let (internal, mut internal_rx) = mpsc::unbounded_channel();
+        let (exits, mut exits_rx) = mpsc::unbounded_channel();
+        let mut sup = Supervisor {
+            procs: BTreeMap::new(),
+            order: Vec::new(),
+            cfg: cfg.clone(),
+            bus,
+            run_dir,
+            internal,
+            exits,
+            status,
+            next_id: 0,
+            shutting_down: false,
+            saved: Vec::new(),
+        };
+        sup.update(cfg);
+        // The first snapshot is out before the API reports ready.
+        sup.kick();
+        sup.publish();
+        tokio::spawn(async move {
+            let mut hard = false;
+            loop {
+                sup.kick();
+                sup.publish();
+                if sup.shutting_down && sup.procs.values().all(|p| !p.m.state.has_process()) {
+                    info!("every program stopped");
+                    return;
+                }
+                tokio::select! {
+                    Some((cmd, reply)) = inputs.commands.recv() => {
+                        let _ = reply.send(sup.command(cmd));
+                    }
+                    Some(exit) = exits_rx.recv() => sup.on_exit(exit),
+                    Some(msg) = internal_rx.recv() => sup.on_internal(msg),
+                    Ok(()) = inputs.config.changed(), if !sup.shutting_down => {
+                        let cfg = inputs.config.borrow_and_update().clone();
+                        sup.update(cfg);
+                    }
+                    _ = inputs.drain.cancelled(), if !sup.shutting_down => sup.begin_shutdown(),
+                    _ = inputs.stop.cancelled(), if !hard => {
+                        hard = true;
+                        sup.begin_shutdown();
+                        sup.stop_everything_now();
+                    }
+                }
+            }
+        })
+    }
+
+    fn command(&mut self, cmd: Command) -> Result<Reply, CommandError> {
+        if self.shutting_down && !matches!(cmd, Command::Plan(_)) {
+            return Err(CommandError::ShuttingDown);
+        }
+        match cmd {
+            Command::Start(names) => Ok(Reply::Results(self.each(&names, |s, name| s.user_start(name))?)),
+            Command::Stop(names) => Ok(Reply::Results(self.each(&names, |s, name| s.user_stop(name))?)),
+            Command::Restart(names) => Ok(Reply::Results(self.each(&names, |s, name| s.user_restart(name))?)),
+            Command::Signal(names, sig) => Ok(Reply::Results(
+                self.each(&names, |s, name| s.user_signal(name, sig))?,
+            )),
+            Command::Plan(cfg) => Ok(Reply::Plan(self.plan(&cfg))),
+            Command::Update(cfg) => Ok(Reply::Plan(self.update(cfg))),
+            Command::Shutdown => {
+                self.begin_shutdown();
+                Ok(Reply::Done)
+            }
+        }
+    }
+
+    /// Resolves `name`, `group:*`, `group:name`, a bare group name, or `all`.
+    pub fn resolve(&self, names: &[String]) -> Result<Vec<String>, CommandError> {
+        if names.is_empty() {
+            return Err(CommandError::NoNames);
+        }
+        let mut out = Vec::new();
+        for n in names {
+            let found: Vec<String> = if n == "all" {
+                self.order.clone()
+            } else if let Some(group) = n.strip_suffix(":*") {
+                self.order
+                    .iter()
+                    .filter(|p| self.procs[*p].spec.group == group)
+                    .cloned()
+                    .collect()
+            } else if let Some((_, name)) = n.split_once(':') {
+                if self.procs.contains_key(name) {
+                    vec![name.to_string()]
+                } else {
+                    Vec::new()
+                }
+            } else if self.procs.contains_key(n.as_str()) {
+                vec![n.clone()]
+            } else {
+                self.order
+                    .iter()
+                    .filter(|p| self.procs[*p].spec.group == *n)
+                    .cloned()
+                    .collect()
+            };
+            if found.is_empty() {
+                return Err(CommandError::Unknown(n.clone()));
+            }
+            for f in found {
+                if !out.contains(&f) {
+                    out.push(f);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn each(
+        &mut self,
+        names: &[String],
+        mut f: impl FnMut(&mut Self, &str) -> (bool, String),
+    ) -> Result<Vec<crate::status::ActionResult>, CommandError> {
+        let names = self.resolve(names)?;
+        Ok(names
+            .iter()
+            .map(|name| {
+                let (ok, message) = f(self, name);
+                let state = self.procs.get(name).map_or(State::Stopped, |p| p.m.state);
+                crate::status::ActionResult {
+                    name: name.clone(),
+                    ok,
+                    state,
+                    message,
+                }
+            })
+            .collect())
+    }
+
+    fn user_start(&mut self, name: &str) -> (bool, String) {
+        let Some(p) = self.procs.get_mut(name) else {
+            return (false, "gone".into());
+        };
+        if p.m.state.has_process() {
+            return (false, "already started".into());
+        }
+        p.wanted = true;
+        (true, "starting".into())
+    }
+
+    fn user_stop(&mut self, name: &str) -> (bool, String) {
+        let Some(p) = self.procs.get_mut(name) else {
+            return (false, "gone".into());
+        };
+        let was_wanted = std::mem::take(&mut p.wanted);
+        let state = p.m.state;
+        if matches!(state, State::Stopped | State::Exited | State::Stopping) {
+            return (
+                was_wanted,
+                if was_wanted {
+                    "pending start cancelled".into()
+                } else {
+                    "not running".into()
+                },
+            );
+        }
+        self.event(name, Event::Stop);
+        (true, "stopping".into())
+    }
+
+    fn user_restart(&mut self, name: &str) -> (bool, String) {
+        let Some(p) = self.procs.get_mut(name) else {
+            return (false, "gone".into());
+        };
+        if p.m.state.has_process() && p.m.state != State::Stopping {
+            self.event(name, Event::Restart);
+        } else {
+            p.wanted = true;
+        }
+        (true, "restarting".into())
+    }
+
+    fn user_signal(&mut self, name: &str, sig: nix::sys::signal::Signal) -> (bool, String) {
+        let Some(p) = self.procs.get(name) else {
+            return (false, "gone".into());
+        };
+        if p.pid == 0 || !p.m.state.has_process() {
+            return (false, "not running".into());
+        }
+        match child::signal_group(p.pid, sig) {
+            Ok(()) => (true, format!("sent {sig}")),
+            Err(e) => (false, format!("cannot send {sig}: {e}")),
+        }
+    }
+
+    /// Feeds one event to a process's state machine and performs the resulting actions.
+    pub fn event(&mut self, name: &str, ev: Event) {
+        let Some(p) = self.procs.get_mut(name) else { return };
+        let now = Instant::now();
+        let step = p.m.handle(ev, &p.spec.policy, now, rand::random::<f64>());
+        let (pid, exit) = (p.pid, p.m.last_exit);
+        for (from, to) in &step.transitions {
+            let exited = matches!(to, State::Exited | State::Backoff | State::Stopped)
+                && matches!(ev, Event::Exited(_));
+            info!(program = name, from = from.name(), to = to.name(), "state change");
+            self.bus.publish(Kind::State {
+                program: name.to_string(),
+                from: from.name(),
+                to: to.name(),
+                pid: (pid != 0).then_some(pid),
+                exit_code: exit.filter(|_| exited).and_then(|e| e.code),
+                exit_signal: exit.filter(|_| exited).and_then(|e| e.signal),
+            });
+        }
+        for action in step.actions {
+            self.perform(name, action);
+        }
+    }
+
+    fn perform(&mut self, name: &str, action: Action) {
+        let Some(p) = self.procs.get_mut(name) else { return };
+        match action {
+            Action::Spawn => {
+                self.next_id += 1;
+                p.spawn_id = self.next_id;
+                match child::spawn(&p.spec, &p.outputs, p.spawn_id, self.exits.clone()) {
+                    Ok(s) => {
+                        p.pid = s.pid;
+                        p.start_time = s.start_time;
+                        p.started_unix_ms = Some(unix_ms());
+                        p.spawn_error = None;
+                        p.liveness = None;
+                        p.readiness = None;
+                        p.probes = crate::probes::start(&p.spec, p.spawn_id, &self.internal);
+                        info!(program = name, pid = s.pid, "spawned");
+                    }
+                    Err(e) => {
+                        warn!(program = name, error = %e, "spawn failed");
+                        p.spawn_error = Some(e.to_string());
+                        self.event(name, Event::SpawnFailed);
+                    }
+                }
+            }
+            Action::SignalStop => {
+                if let Err(e) = child::signal_group(p.pid, p.spec.stopsignal) {
+                    warn!(program = name, pid = p.pid, error = %e, "cannot signal");
+                }
+            }
+            Action::Kill => {
+                warn!(
+                    program = name,
+                    pid = p.pid,
+                    "did not stop within stopwaitsecs; killing its process group"
+                );
+                let _ = child::signal_group(p.pid, nix::sys::signal::Signal::SIGKILL);
+            }
+            Action::Timer(delay, generation) => {
+                let tx = self.internal.clone();
+                let (name, epoch) = (name.to_string(), p.epoch);
+                tokio::spawn(async move {
+                    tokio::time::sleep(delay).await;
+                    let _ = tx.send(Internal::Timer {
+                        name,
+                        epoch,
+                        generation,
+                    });
+                });
+            }
+        }
+    }
+
+    fn on_exit(&mut self, exit: Exit) {
+        let Some(p) = self.procs.get_mut(&exit.name) else {
+            return;
+        };
+        if p.spawn_id != exit.spawn_id {
+            return;
+        }
+        if let Some(c) = p.probes.take() {
+            c.cancel();
+        }
+        info!(program = %exit.name, pid = p.pid, code = ?exit.info.code, signal = ?exit.info.signal, "exited");
+        self.event(&exit.name, Event::Exited(exit.info));
+        if let Some(p) = self.procs.get_mut(&exit.name)
+            && !p.m.state.has_process()
+        {
+            p.pid = 0;
+            p.started_unix_ms = None;
+        }
+    }
+
+    fn on_internal(&mut self, msg: Internal) {
+        match msg {
+            Internal::Timer {
+                name,
+                epoch,
+                generation,
+            } => {
+                if self.procs.get(&name).is_some_and(|p| p.epoch == epoch) {
+                    self.event(&name, Event::Timer(generation));
+                }
+            }
+            Internal::Probe {
+                name,
+                spawn_id,
+                liveness,
+                result,
+            } => self.on_probe(&name, spawn_id, liveness, result),
+            Internal::KillAll => {
+                for p in self.procs.values().filter(|p| p.m.state.has_process()) {
+                    let _ = child::signal_group(p.pid, nix::sys::signal::Signal::SIGKILL);
+                }
+            }
+        }
+    }
+
+    fn on_probe(&mut self, name: &str, spawn_id: u64, liveness: bool, result: Result<(), String>) {
+        let Some(p) = self.procs.get_mut(name) else { return };
+        if p.spawn_id != spawn_id || !p.m.state.has_process() {
+            return;
+        }
+        let slot = if liveness {
+            &mut p.liveness
+        } else {
+            &mut p.readiness
+        };
+        let failures = match (&result, slot.as_ref()) {
+            (Ok(()), _) => 0,
+            (Err(_), Some(prev)) => prev.failures + 1,
+            (Err(_), None) => 1,
+        };
+        let new = ProbeStatus {
+            ok: result.is_ok(),
+            detail: result.err().unwrap_or_else(|| "ok".into()),
+            failures,
+        };
+        if slot.as_ref().map(|s| s.ok) != Some(new.ok) {
+            self.bus.publish(Kind::Probe {
+                program: name.to_string(),
+                probe: if liveness { "liveness" } else { "readiness" },
+                ok: new.ok,
+                detail: new.detail.clone(),
+            });
+        }
+        *slot = Some(new);
+        let threshold = p.spec.liveness.as_ref().map_or(u32::MAX, |s| s.failure_threshold);
+        if liveness && failures >= threshold && p.m.state == State::Running {
+            warn!(program = name, failures, "liveness probe failing; restarting");
+            self.event(name, Event::Restart);
+        }
+    }
+
+    /// Whether `p` counts as ready for its dependents.
+    pub fn is_ready(p: &Proc) -> bool {
+        p.m.state == State::Running
+            && (p.spec.readiness.is_none() || p.readiness.as_ref().is_some_and(|r| r.ok))
+    }
+
+    /// Dependency groups of `name` that are not ready yet.
+    pub fn waiting_for(&self, name: &str) -> Vec<String> {
+        let Some(p) = self.procs.get(name) else {
+            return Vec::new();
+        };
+        p.spec
+            .depends_on
+            .iter()
+            .filter(|g| {
+                self.procs
+                    .values()
+                    .any(|q| q.spec.group == **g && !Self::is_ready(q))
+            })
+            .cloned()
+            .collect()
+    }
+
+    /// Starts pending processes whose dependencies are ready; during shutdown, stops processes nothing running
+    /// depends on (reverse dependency order); finishes updates of processes whose old process is gone.
+    fn kick(&mut self) {
+        loop {
+            let mut progressed = false;
+            for name in self.order.clone() {
+                let Some(p) = self.procs.get_mut(&name) else {
+                    continue;
+                };
+                if p.m.state.has_process() {
+                    continue;
+                }
+                if let Some(spec) = p.replacement.take() {
+                    p.spec = spec;
+                    progressed = true;
+                }
+                if p.removing {
+                    if p.m.state != State::Stopped && p.m.state != State::Exited {
+                        self.event(&name, Event::Stop);
+                    }
+                    self.procs.remove(&name);
+                    self.order.retain(|n| *n != name);
+                    progressed = true;
+                    continue;
+                }
+                if p.wanted && !self.shutting_down && self.waiting_for(&name).is_empty() {
+                    if let Some(p) = self.procs.get_mut(&name) {
+                        p.wanted = false;
+                    }
+                    self.event(&name, Event::Start);
+                    progressed = true;
+                }
+            }
+            if self.shutting_down {
+                progressed |= self.stop_leaves();
+            }
+            if !progressed {
+                return;
+            }
+        }
+    }
+
+    /// During shutdown: stops every process that no live process depends on.
+    fn stop_leaves(&mut self) -> bool {
+        let mut progressed = false;
+        for name in self.order.clone().into_iter().rev() {
+            let Some(p) = self.procs.get(&name) else { continue };
+            let state = p.m.state;
+            let group = p.spec.group.clone();
+            let needed = self
+                .procs
+                .values()
+                .any(|q| q.m.state.has_process() && q.spec.depends_on.contains(&group));
+            let stoppable = matches!(
+                state,
+                State::Starting | State::Running | State::Backoff | State::Fatal
+            );
+            if stoppable && !needed {
+                self.event(&name, Event::Stop);
+                progressed = true;
+            }
+        }
+        progressed
+    }
+
+    fn begin_shutdown(&mut self) {
+        if self.shutting_down {
+            return;
+        }
+        info!("stopping every program");
+        self.shutting_down = true;
+        self.bus.publish(Kind::Monitor {
+            detail: "shutting down".into(),
+        });
+        for p in self.procs.values_mut() {
+            p.wanted = false;
+        }
+    }
+
+    /// The stop signal (SIGINT, or the drain grace is over): stop everything at once, SIGKILL after 3 s.
+    fn stop_everything_now(&mut self) {
+        for name in self.order.clone() {
+            let state = self.procs.get(&name).map(|p| p.m.state);
+            if matches!(
+                state,
+                Some(State::Starting | State::Running | State::Backoff | State::Fatal)
+            ) {
+                self.event(&name, Event::Stop);
+            }
+        }
+        let tx = self.internal.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            let _ = tx.send(Internal::KillAll);
+        });
+    }
+
+    pub fn new_proc(&mut self, spec: Arc<ProcessSpec>) -> Proc {
+        self.next_id += 1;
+        Proc {
+            wanted: spec.autostart,
+            spec,
+            m: Machine::new(),
+            epoch: self.next_id,
+            pid: 0,
+            start_time: 0,
+            spawn_id: 0,
+            started_unix_ms: None,
+            probes: None,
+            liveness: None,
+            readiness: None,
+            outputs: Outputs::default(),
+            removing: false,
+            replacement: None,
+            spawn_error: None,
+        }
+    }
+
+    pub fn set_config(&mut self, cfg: Arc<Config>) {
+        self.bus.set_capacity(cfg.events_history);
+        self.cfg = cfg;
+    }
+
+    fn publish(&mut self) {
+        let snapshot = crate::snapshot::build(self);
+        crate::metrics::record(&snapshot);
+        self.status.send_replace(Arc::new(Snapshot {
+            shutting_down: self.shutting_down,
+            ..snapshot
+        }));
+        let entries: Vec<Entry> = self
+            .order
+            .iter()
+            .filter_map(|n| self.procs.get(n).map(|p| (n, p)))
+            .filter(|(_, p)| p.pid != 0)
+            .map(|(n, p)| Entry {
+                name: n.clone(),
+                pid: p.pid as i32,
+                start_time: p.start_time,
+            })
+            .collect();
+        if entries != self.saved {
+            self.run_dir.save(entries.clone());
+            self.saved = entries;
+        }
+    }
+}

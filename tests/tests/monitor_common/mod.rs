@@ -1,0 +1,178 @@
+//! Helpers shared by the monitor's end-to-end tests: a monitor with its own temp config, free port and run
+//! directory, and small accessors over its API.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use serde_json::Value;
+use xcluster_tests::*;
+
+pub const TOKEN: &str = "test-token";
+pub const T: Duration = Duration::from_secs(10);
+
+#[derive(Debug)]
+pub struct Mon {
+    pub proc: Proc,
+    pub addr: SocketAddr,
+    pub dir: std::sync::Arc<tempfile::TempDir>,
+    pub config: PathBuf,
+}
+
+/// The config text: the header every test needs plus `programs`.
+pub fn config_text(addr: SocketAddr, dir: &std::path::Path, programs: &str) -> String {
+    format!(
+        "role = \"monitor\"\nlisten = \"{addr}\"\ntoken = \"{TOKEN}\"\nrun_dir = \"{}\"\n[shutdown]\ngrace_ms = 5000\n{programs}\n",
+        dir.join("run").display()
+    )
+}
+
+impl Mon {
+    pub fn start(programs: &str) -> Mon {
+        let dir = std::sync::Arc::new(tempfile::tempdir().unwrap());
+        let d = dir.clone();
+        let programs = programs.to_string();
+        Self::launch(dir, None, move |addr| {
+            write_file(d.path(), "monitor.toml", &config_text(addr, d.path(), &programs))
+        })
+    }
+
+    /// Starts a monitor on `addr` with its run directory in `dir` (so a second one can follow the first).
+    pub fn start_in(dir: std::sync::Arc<tempfile::TempDir>, addr: SocketAddr, programs: &str) -> Mon {
+        let d = dir.clone();
+        let programs = programs.to_string();
+        Self::launch(dir, Some(addr), move |addr| {
+            write_file(d.path(), "monitor.toml", &config_text(addr, d.path(), &programs))
+        })
+    }
+
+    /// Starts a monitor with the config `write(addr)` writes; with `addr` `None` a free port is picked, and
+    /// picked again if another test took it between the pick and the bind.
+    pub fn launch(
+        dir: std::sync::Arc<tempfile::TempDir>,
+        addr: Option<SocketAddr>,
+        write: impl Fn(SocketAddr) -> PathBuf,
+    ) -> Mon {
+        for _ in 0..5 {
+            let a = addr.unwrap_or_else(free_addr);
+            let config = write(a);
+            let mut proc = Proc::xcluster("monitor", &["monitor", "--config", config.to_str().unwrap()]);
+            let pid = proc.pid() as u64;
+            // Ready means *our* monitor answers: another test's process may hold a port we were given too.
+            let ours = eventually(T, &format!("the monitor on {a} to answer"), || {
+                if !proc.is_running() {
+                    return Some(false);
+                }
+                get(a, "/readyz").ok().filter(|r| r.status == 200)?;
+                let r = get(a, "/v1/status").ok().filter(|r| r.status == 200)?;
+                (r.json()["monitor"]["pid"].as_u64() == Some(pid)).then_some(true)
+            });
+            if ours {
+                return Mon {
+                    proc,
+                    addr: a,
+                    dir,
+                    config,
+                };
+            }
+            assert!(addr.is_none(), "monitor on {a} failed: {}", proc.stderr());
+        }
+        panic!("no monitor could start");
+    }
+
+    pub fn rewrite(&self, programs: &str) {
+        let text = config_text(self.addr, self.dir.path(), programs);
+        // Write then rename, as editors do, so the watcher never sees a half-written file.
+        let tmp = write_file(self.dir.path(), "monitor.toml.tmp", &text);
+        std::fs::rename(tmp, &self.config).unwrap();
+    }
+
+    pub fn status(&self) -> Value {
+        let r = get(self.addr, "/v1/status").unwrap();
+        assert_eq!(r.status, 200, "{}", r.body);
+        r.json()
+    }
+
+    pub fn prog(&self, name: &str) -> Value {
+        let s = self.status();
+        s["programs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == name)
+            .cloned()
+            .unwrap_or_else(|| panic!("no program {name} in {s}"))
+    }
+
+    pub fn state(&self, name: &str) -> String {
+        self.prog(name)["state"].as_str().unwrap().to_string()
+    }
+
+    pub fn pid(&self, name: &str) -> Option<i32> {
+        self.prog(name)["pid"].as_i64().map(|p| p as i32)
+    }
+
+    /// Waits until `name` is in `state`; returns its status.
+    pub fn wait_state(&self, name: &str, state: &str, timeout: Duration) -> Value {
+        eventually(timeout, &format!("{name} to be {state}"), || {
+            let p = self.prog(name);
+            (p["state"] == state).then_some(p)
+        })
+    }
+
+    /// Waits until `name` is RUNNING with a pid other than `old`; returns the new pid.
+    pub fn wait_new_pid(&self, name: &str, old: i32, timeout: Duration) -> i32 {
+        eventually(timeout, &format!("{name} to run with a new pid"), || {
+            let p = self.prog(name);
+            let pid = p["pid"].as_i64()? as i32;
+            (p["state"] == "RUNNING" && pid != old).then_some(pid)
+        })
+    }
+
+    pub fn post(&self, path: &str) -> HttpResponse {
+        let auth = format!("Bearer {TOKEN}");
+        request(self.addr, "POST", path, &[("Authorization", &auth)], None).unwrap()
+    }
+
+    pub fn ctl(&self, args: &[&str]) -> Output {
+        Command::new(xcluster_bin())
+            .args(["ctl", "--url", &format!("http://{}", self.addr), "--token", TOKEN])
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    pub fn events(&self) -> Vec<Value> {
+        get(self.addr, "/v1/events/recent").unwrap().json()["events"]
+            .as_array()
+            .unwrap()
+            .clone()
+    }
+}
+
+/// Whether `pid` is a live (non-zombie) process.
+pub fn alive(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(s) => !s.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'),
+        Err(_) => false,
+    }
+}
+
+/// Whether `pid` exists at all, zombie or not (a zombie means nobody reaped it).
+pub fn exists(pid: i32) -> bool {
+    std::path::Path::new(&format!("/proc/{pid}")).exists()
+}
+
+pub fn kill9(pid: i32) {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL).unwrap();
+}
+
+pub fn out(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}

@@ -1,0 +1,98 @@
+//! `xcluster ctl` and the API's guard rails: clear errors with distinct exit codes, the token on mutating calls,
+//! JSON output, and the server-sent event stream.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod monitor_common;
+
+use std::io::{Read, Write};
+
+use monitor_common::*;
+use xcluster_tests::*;
+
+#[test]
+fn ctl_errors_and_tokens() {
+    let m = Mon::start("[programs.x]\ncommand = \"sleep 300\"\nstartsecs = 0\n");
+    m.wait_state("x", "RUNNING", T);
+
+    let o = m.ctl(&["start", "nope"]);
+    assert_eq!(o.status.code(), Some(1), "{}", out(&o));
+    assert!(out(&o).contains("no such process or group: nope"), "{}", out(&o));
+    let o = m.ctl(&["status", "nope"]);
+    assert_eq!(o.status.code(), Some(1), "{}", out(&o));
+    let o = m.ctl(&["start", "x"]);
+    assert_eq!(o.status.code(), Some(1), "{}", out(&o));
+    assert!(out(&o).contains("already started"), "{}", out(&o));
+
+    // Without the right token, nothing changes.
+    let o = std::process::Command::new(xcluster_bin())
+        .args([
+            "ctl",
+            "--url",
+            &format!("http://{}", m.addr),
+            "--token",
+            "wrong",
+            "stop",
+            "x",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(77), "{}", out(&o));
+    let r = request(m.addr, "POST", "/v1/programs/x/stop", &[], None).unwrap();
+    assert_eq!(r.status, 401);
+    assert_eq!(m.state("x"), "RUNNING");
+
+    let o = m.ctl(&["--json", "status"]);
+    assert!(o.status.success(), "{}", out(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v[0]["name"], "x");
+    assert!(v[0]["pid"].as_u64().is_some());
+
+    // The token never shows in the effective config.
+    let o = std::process::Command::new(xcluster_bin())
+        .args([
+            "monitor",
+            "--config",
+            m.config.to_str().unwrap(),
+            "--print-config",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out(&o).contains(TOKEN), "{}", out(&o));
+
+    // No monitor there: a clear error and exit 69.
+    let o = std::process::Command::new(xcluster_bin())
+        .args(["ctl", "--url", &format!("http://{}", free_addr()), "status"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(69), "{}", out(&o));
+    assert!(out(&o).contains("cannot reach the monitor"), "{}", out(&o));
+}
+
+#[test]
+fn events_stream_as_server_sent_events() {
+    let m = Mon::start("[programs.x]\ncommand = \"sleep 300\"\nstartsecs = 0\n");
+    m.wait_state("x", "RUNNING", T);
+    let mut s = std::net::TcpStream::connect(m.addr).unwrap();
+    s.set_read_timeout(Some(T)).unwrap();
+    s.write_all(format!("GET /v1/events HTTP/1.1\r\nHost: {}\r\n\r\n", m.addr).as_bytes())
+        .unwrap();
+    let mut seen = String::new();
+    let mut buf = [0u8; 4096];
+    // History first: the start of x.
+    while !seen.contains("\"to\":\"RUNNING\"") {
+        let n = s.read(&mut buf).unwrap();
+        assert!(n > 0, "stream ended: {seen}");
+        seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    assert!(seen.contains("text/event-stream"), "{seen}");
+    assert!(seen.contains("event: state"), "{seen}");
+    // Then live: a restart shows up as it happens.
+    let r = m.post("/v1/programs/x/restart");
+    assert_eq!(r.status, 200, "{}", r.body);
+    while !seen.contains("\"to\":\"STOPPING\"") {
+        let n = s.read(&mut buf).unwrap();
+        assert!(n > 0, "stream ended: {seen}");
+        seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+}

@@ -1,0 +1,133 @@
+//! The dashboard in a real browser (headless Chromium): it shows the programs and the cluster view (a balancer
+//! up with its instances and weights, one down), and a restart shows in it (new pid,
+//! restart count, the transitions in the event list).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod monitor_common;
+
+use std::io::{Read, Write};
+use std::time::Duration;
+
+use monitor_common::*;
+use xcluster_tests::*;
+
+/// A scripted balancer: answers `GET /v1/status` with a fixed table.
+fn fake_balancer() -> std::net::SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for s in l.incoming().take(100) {
+            let Ok(mut s) = s else { continue };
+            s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+            let mut buf = [0u8; 2048];
+            let _ = s.read(&mut buf);
+            let body = r#"{"version": 42, "instances": [{"id": "app-7", "addr": "127.0.0.1:7101", "state": "healthy",
+                "report_age_ms": 120, "cpu": 0.25, "weights": {"browse": 0.75, "order": 0.5}}]}"#;
+            let _ = write!(
+                s,
+                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    addr
+}
+
+/// Loads the page in headless Chromium and returns the DOM after its script ran.
+fn dump(addr: std::net::SocketAddr) -> String {
+    let profile = tempfile::tempdir().unwrap();
+    let mut chrome = Proc::spawn(
+        "chromium",
+        std::path::Path::new("chromium"),
+        Spawn {
+            args: [
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                &format!("--user-data-dir={}", profile.path().display()),
+                "--timeout=5000",
+                "--dump-dom",
+                &format!("http://{addr}/"),
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
+            ..Default::default()
+        },
+    );
+    assert_eq!(
+        chrome.wait_exit(Duration::from_secs(20)),
+        Some(0),
+        "chromium: {}",
+        chrome.stderr()
+    );
+    chrome.stdout()
+}
+
+fn row_of(dom: &str, name: &str) -> String {
+    let row = dom
+        .split(&format!("<tr data-name=\"{name}\">"))
+        .nth(1)
+        .unwrap_or_else(|| panic!("no row for {name} in the page: {dom}"));
+    row[..row.find("</tr>").unwrap()].to_string()
+}
+
+#[test]
+fn the_dashboard_shows_programs_and_the_cluster_and_reacts_to_a_restart() {
+    let up = fake_balancer();
+    // A "balancer" that accepts and hangs up: held by this test, so no other test can take its port.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let down = dead.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for s in dead.incoming().take(100) {
+            drop(s);
+        }
+    });
+    let m = Mon::start(&format!(
+        "[cluster]\nbalancers = [\"{up}\", \"{down}\"]\n[programs.web]\ncommand = \"sleep 300\"\nstartsecs = 0\n"
+    ));
+    let p = m.wait_state("web", "RUNNING", T);
+    let pid = p["pid"].as_i64().unwrap() as i32;
+
+    let first = dump(m.addr);
+    let row = row_of(&first, "web");
+    assert!(
+        row.contains("RUNNING") && row.contains(&format!(">{pid}<")),
+        "{row}"
+    );
+
+    // A restart (through the API, as the page's button does) shows up in the page.
+    let r = m.post("/v1/programs/web/restart");
+    assert_eq!(r.status, 200, "{}", r.body);
+    let new_pid = m.wait_new_pid("web", pid, T);
+    let dom = dump(m.addr);
+    let row = row_of(&dom, "web");
+    assert!(row.contains("RUNNING"), "{row}");
+    assert!(
+        row.contains(&format!(">{new_pid}<")),
+        "the page shows the new pid {new_pid}: {row}"
+    );
+    assert!(row.contains("class=\"restarts\">1<"), "{row}");
+    assert!(
+        dom.contains("web: RUNNING → STOPPING"),
+        "the restart in the event list: {dom}"
+    );
+    // The cluster view: one balancer up with its instance and weights, the other down.
+    assert!(
+        dom.contains(&format!("<b>{up}</b> <span class=\"up\">up</span>")),
+        "{dom}"
+    );
+    assert!(
+        dom.contains("app-7") && dom.contains("0.750") && dom.contains("w(order)"),
+        "{dom}"
+    );
+    assert!(
+        dom.contains(&format!("<b>{down}</b> <span class=\"down\">down</span>")),
+        "{dom}"
+    );
+}

@@ -1,0 +1,165 @@
+//! The monitor's restart policy against real children: `autorestart` in its three modes with `exitcodes`,
+//! `startsecs`/`startretries` to FATAL and the automatic retry from FATAL, `stopwaitsecs` escalation to SIGKILL,
+//! and the whole process group dying with its program (no grandchild survives, no zombie is left).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod monitor_common;
+
+use std::time::Duration;
+
+use monitor_common::*;
+use xcluster_tests::*;
+
+#[test]
+fn autorestart_modes_with_exitcodes() {
+    let m = Mon::start(
+        r#"
+[programs.always]
+command = "/bin/sh -c 'sleep 0.2; exit 0'"
+autorestart = true
+startsecs = 0
+backoff_initial_ms = 50
+[programs.never]
+command = "/bin/sh -c 'sleep 0.2; exit 4'"
+autorestart = false
+startsecs = 0
+[programs.expected]
+command = "/bin/sh -c 'sleep 0.2; exit 3'"
+exitcodes = [0, 3]
+startsecs = 0
+[programs.unexpected]
+command = "/bin/sh -c 'sleep 0.2; exit 4'"
+exitcodes = [0, 3]
+startsecs = 0
+backoff_initial_ms = 50
+"#,
+    );
+    for name in ["always", "unexpected"] {
+        eventually(T, &format!("{name} restarted twice"), || {
+            (m.prog(name)["restarts"].as_u64().unwrap() >= 2).then_some(())
+        });
+    }
+    let never = m.wait_state("never", "EXITED", T);
+    assert_eq!(never["exit_code"], 4);
+    let expected = m.wait_state("expected", "EXITED", T);
+    assert_eq!(expected["exit_code"], 3);
+    // By now each has long exited (the others restarted twice meanwhile): they stay down.
+    assert_eq!(m.prog("never")["restarts"], 0);
+    assert_eq!(m.prog("expected")["restarts"], 0);
+    assert_eq!(m.state("never"), "EXITED");
+    assert_eq!(m.state("expected"), "EXITED");
+}
+
+#[test]
+fn startretries_lead_to_fatal_which_is_retried_after_the_cooldown() {
+    let m = Mon::start(
+        r#"
+[programs.crash]
+command = "/bin/sh -c 'exit 1'"
+startsecs = 1
+startretries = 2
+backoff_initial_ms = 50
+fatal_retry_secs = 1
+"#,
+    );
+    let p = m.wait_state("crash", "FATAL", T);
+    assert_eq!(p["fatal_reason"], "too many start retries too quickly");
+    assert_eq!(p["exit_code"], 1);
+    let transitions = |m: &Mon| -> Vec<(String, String)> {
+        m.events()
+            .iter()
+            .filter(|e| e["kind"] == "state" && e["program"] == "crash")
+            .map(|e| {
+                (
+                    e["from"].as_str().unwrap().to_string(),
+                    e["to"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect()
+    };
+    let t = transitions(&m);
+    let starts = t.iter().filter(|(_, to)| to == "STARTING").count();
+    assert_eq!(starts, 3, "one start and startretries=2 retries: {t:?}");
+    assert_eq!(
+        t.iter()
+            .filter(|(f, to)| f == "STARTING" && to == "BACKOFF")
+            .count(),
+        3,
+        "{t:?}"
+    );
+    assert_eq!(t.last().unwrap(), &("BACKOFF".to_string(), "FATAL".to_string()));
+    // The cool-down retries FATAL without a human.
+    eventually(T, "FATAL retried after fatal_retry_secs", || {
+        transitions(&m)
+            .iter()
+            .any(|(f, to)| f == "FATAL" && to == "STARTING")
+            .then_some(())
+    });
+}
+
+#[test]
+fn stopwaitsecs_escalates_to_sigkill_for_a_child_ignoring_sigterm() {
+    let m = Mon::start(
+        r#"
+[programs.stubborn]
+command = "/bin/sh -c 'trap \"\" TERM; while :; do sleep 0.1; done'"
+startsecs = 0
+stopwaitsecs = 1
+"#,
+    );
+    m.wait_state("stubborn", "RUNNING", T);
+    let pid = m.pid("stubborn").unwrap();
+    let r = m.post("/v1/programs/stubborn/stop");
+    assert_eq!(r.status, 200, "{}", r.body);
+    // SIGTERM is ignored, so it is still there while STOPPING...
+    assert_eq!(m.state("stubborn"), "STOPPING");
+    assert!(alive(pid));
+    // ...until stopwaitsecs runs out and the group gets SIGKILL.
+    let p = m.wait_state("stubborn", "STOPPED", T);
+    assert_eq!(p["exit_signal"], 9, "{p}");
+    eventually(T, "the process reaped", || (!exists(pid)).then_some(()));
+}
+
+#[test]
+fn grandchildren_die_with_their_program_and_nothing_is_left_a_zombie() {
+    let dir = tempfile::tempdir().unwrap();
+    let gc = dir.path().join("gc");
+    let m = Mon::start(&format!(
+        r#"
+[programs.tree]
+command = "/bin/sh -c 'sleep 300 & echo $! > {gc}; exec sleep 301'"
+startsecs = 0
+backoff_initial_ms = 50
+"#,
+        gc = gc.display()
+    ));
+    let read_gc = || -> Option<i32> { std::fs::read_to_string(&gc).ok()?.trim().parse().ok() };
+    m.wait_state("tree", "RUNNING", T);
+    let leader = m.pid("tree").unwrap();
+    let grandchild = eventually(T, "grandchild pid written", read_gc);
+    assert!(alive(grandchild));
+
+    // kill -9 of the leader: the monitor reaps it at once, kills the rest of its group, and restarts it.
+    std::fs::remove_file(&gc).unwrap();
+    kill9(leader);
+    let leader2 = m.wait_new_pid("tree", leader, T);
+    eventually(T, "the killed leader reaped (no zombie)", || {
+        (!exists(leader)).then_some(())
+    });
+    eventually(T, "the first grandchild killed with its program", || {
+        (!alive(grandchild)).then_some(())
+    });
+    let grandchild2 = eventually(T, "second grandchild pid written", read_gc);
+    assert!(alive(grandchild2));
+
+    // A stop signals the whole group.
+    let r = m.post("/v1/programs/tree/stop");
+    assert_eq!(r.status, 200);
+    m.wait_state("tree", "STOPPED", T);
+    eventually(
+        Duration::from_secs(5),
+        "the second grandchild stopped with its program",
+        || (!alive(grandchild2) && !exists(leader2)).then_some(()),
+    );
+}

@@ -1,0 +1,128 @@
+//! `numprocs` with per-instance names and ports, groups (`name:*`), log capture with size rotation, `tail`,
+//! `tail -f` and `signal`.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod monitor_common;
+
+use monitor_common::*;
+use xcluster_tests::*;
+
+#[test]
+fn numprocs_get_names_ports_and_a_group() {
+    let m = Mon::start(
+        r#"
+[programs.web]
+command = "/bin/sh -c 'echo port={port} num={num} name={name}; exec sleep 300'"
+numprocs = 3
+port_base = 7101
+startsecs = 0
+"#,
+    );
+    for (i, name) in ["web-0", "web-1", "web-2"].iter().enumerate() {
+        m.wait_state(name, "RUNNING", T);
+        let want = format!("port={} num={i} name={name}", 7101 + i);
+        eventually(T, &format!("{name} printed its port"), || {
+            let o = m.ctl(&["tail", name]);
+            String::from_utf8_lossy(&o.stdout).contains(&want).then_some(())
+        });
+    }
+    let metrics = get(m.addr, "/metrics").unwrap().body;
+    for name in ["web-0", "web-1", "web-2"] {
+        let l = format!("program=\"{name}\"");
+        assert_eq!(
+            metric_value(&metrics, "xcluster_monitor_program_up", &l),
+            Some(1.0),
+            "{metrics}"
+        );
+        assert_eq!(
+            metric_value(&metrics, "xcluster_monitor_program_state", &l),
+            Some(2.0),
+            "{metrics}"
+        );
+        assert_eq!(
+            metric_value(&metrics, "xcluster_monitor_program_restarts_total", &l),
+            Some(0.0),
+            "{metrics}"
+        );
+    }
+    let o = m.ctl(&["status", "web:*"]);
+    assert!(o.status.success(), "{}", out(&o));
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout).lines().count(),
+        3,
+        "{}",
+        out(&o)
+    );
+    let o = m.ctl(&["stop", "web:*"]);
+    assert!(o.status.success(), "{}", out(&o));
+    for name in ["web-0", "web-1", "web-2"] {
+        m.wait_state(name, "STOPPED", T);
+    }
+    let o = m.ctl(&["status", "web:*"]);
+    assert_eq!(
+        o.status.code(),
+        Some(3),
+        "status of stopped programs exits 3: {}",
+        out(&o)
+    );
+}
+
+#[test]
+fn logs_rotate_by_size_and_tail_follows_live_output() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("chatty.log");
+    let m = Mon::start(&format!(
+        r#"
+[programs.chatty]
+command = "/bin/sh -c 'i=0; while [ $i -lt 300 ]; do echo line-$i-0123456789012345678901234567890123456789; i=$((i+1)); done; trap \"echo got-usr1\" USR1; while :; do sleep 0.05; done'"
+startsecs = 0
+stdout_logfile = "{}"
+stdout_logfile_maxbytes = 4096
+stdout_logfile_backups = 2
+"#,
+        log.display()
+    ));
+    m.wait_state("chatty", "RUNNING", T);
+    let o = eventually(T, "the last line in the tail", || {
+        let o = m.ctl(&["tail", "chatty", "--bytes", "200"]);
+        String::from_utf8_lossy(&o.stdout)
+            .contains("line-299-")
+            .then_some(o)
+    });
+    assert!(o.stdout.len() <= 200, "tail is bounded by --bytes");
+    let backup = |i: u32| dir.path().join(format!("chatty.log.{i}"));
+    assert!(backup(1).exists() && backup(2).exists(), "two backups kept");
+    assert!(!backup(3).exists(), "no more than stdout_logfile_backups");
+    for p in [log.clone(), backup(1), backup(2)] {
+        assert!(
+            std::fs::metadata(&p).unwrap().len() <= 4096,
+            "{} over maxbytes",
+            p.display()
+        );
+    }
+
+    // Follow: a signal makes the program print, and `tail -f` shows it as it happens.
+    let follow = Proc::xcluster(
+        "tail-f",
+        &[
+            "ctl",
+            "--url",
+            &format!("http://{}", m.addr),
+            "tail",
+            "-f",
+            "chatty",
+            "--bytes",
+            "10",
+        ],
+    );
+    // The follower subscribes before it reads the file, so anything printed after its first bytes arrive is seen.
+    eventually(T, "tail -f connected", || {
+        (!follow.stdout().is_empty()).then_some(())
+    });
+    let o = m.ctl(&["signal", "USR1", "chatty"]);
+    assert!(o.status.success(), "{}", out(&o));
+    eventually(T, "tail -f shows the live line", || {
+        follow.stdout().contains("got-usr1").then_some(())
+    });
+}

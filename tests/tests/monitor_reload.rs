@@ -1,0 +1,131 @@
+//! Reread and update touch only what changed: unchanged programs keep their pids, a changed one is restarted,
+//! a removed one stopped, an added one started; the file watcher does the same by itself; an invalid config
+//! changes nothing and its error shows in the status, `ctl` and the metrics.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod monitor_common;
+
+use monitor_common::*;
+use xcluster_tests::*;
+
+fn programs(b_arg: &str, with_c: bool, with_d: bool) -> String {
+    let mut s = String::new();
+    for (name, on, arg) in [
+        ("a", true, "1"),
+        ("b", true, b_arg),
+        ("c", with_c, "3"),
+        ("d", with_d, "4"),
+    ] {
+        if on {
+            s.push_str(&format!(
+                "[programs.{name}]\ncommand = \"sleep 30{arg}\"\nstartsecs = 0\n"
+            ));
+        }
+    }
+    s
+}
+
+#[test]
+fn reread_shows_the_plan_and_update_touches_only_what_changed() {
+    // The config is reached through a symlink whose target lives elsewhere, so the watcher (which watches the
+    // link's directory) does not apply the change itself: reread and update are exercised alone.
+    let dir = std::sync::Arc::new(tempfile::tempdir().unwrap());
+    let real = tempfile::tempdir().unwrap();
+    let real_path = real.path().join("real.toml");
+    let d = dir.clone();
+    let rp = real_path.clone();
+    let m = Mon::launch(dir.clone(), None, move |addr| {
+        std::fs::write(&rp, config_text(addr, d.path(), &programs("2", true, false))).unwrap();
+        let link = d.path().join("monitor.toml");
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(&rp, &link).unwrap();
+        link
+    });
+    let addr = m.addr;
+    for n in ["a", "b", "c"] {
+        m.wait_state(n, "RUNNING", T);
+    }
+    let before: Vec<i32> = ["a", "b", "c"].iter().map(|n| m.pid(n).unwrap()).collect();
+
+    std::fs::write(
+        &real_path,
+        config_text(addr, dir.path(), &programs("9", false, true)),
+    )
+    .unwrap();
+    let o = m.ctl(&["reread"]);
+    assert!(o.status.success(), "{}", out(&o));
+    let text = out(&o);
+    assert!(
+        text.contains("b: changed") && text.contains("c: removed") && text.contains("d: added"),
+        "{text}"
+    );
+    assert!(!text.contains("a:"), "{text}");
+    // Reread applies nothing.
+    let after: Vec<i32> = ["a", "b", "c"].iter().map(|n| m.pid(n).unwrap()).collect();
+    assert_eq!(before, after);
+
+    let o = m.ctl(&["update"]);
+    assert!(o.status.success(), "{}", out(&o));
+    m.wait_state("d", "RUNNING", T);
+    let b2 = m.wait_new_pid("b", before[1], T);
+    assert_eq!(m.prog("b")["command"][1], "309");
+    assert_eq!(m.pid("a"), Some(before[0]), "unchanged program keeps its pid");
+    eventually(T, "c removed", || {
+        (!m.status()["programs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["name"] == "c"))
+        .then_some(())
+    });
+    eventually(T, "c's process gone", || (!alive(before[2])).then_some(()));
+    // A second update has nothing to do.
+    let o = m.ctl(&["update"]);
+    assert!(out(&o).contains("No config updates"), "{}", out(&o));
+    assert_eq!(m.pid("b"), Some(b2));
+}
+
+#[test]
+fn the_file_watcher_applies_a_change_and_an_invalid_config_changes_nothing() {
+    let m = Mon::start(&programs("2", true, false));
+    for n in ["a", "b", "c"] {
+        m.wait_state(n, "RUNNING", T);
+    }
+    let a = m.pid("a").unwrap();
+    let b = m.pid("b").unwrap();
+
+    // A valid edit: only b restarts.
+    m.rewrite(&programs("7", true, false));
+    let b2 = m.wait_new_pid("b", b, T);
+    assert_eq!(m.pid("a"), Some(a));
+
+    // An invalid edit: nothing changes, and the error is visible everywhere.
+    m.rewrite(&format!(
+        "{}\n[programs.e]\ncommand = \"sleep 1\"\nno_such_key = 1\n",
+        programs("8", true, false)
+    ));
+    let err = eventually(T, "the reload error in the status", || {
+        m.status()["reload"]["last_error"].as_str().map(str::to_string)
+    });
+    assert!(err.contains("no_such_key"), "{err}");
+    let o = m.ctl(&["status"]);
+    assert!(out(&o).contains("config reload failed"), "{}", out(&o));
+    let metrics = get(m.addr, "/metrics").unwrap().body;
+    assert_eq!(
+        metric_value(&metrics, "xcluster_config_last_reload_ok", "monitor"),
+        Some(0.0),
+        "{metrics}"
+    );
+    let r = m.post("/v1/update");
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert!(r.body.contains("no_such_key"), "{}", r.body);
+    assert_eq!(m.pid("a"), Some(a));
+    assert_eq!(m.pid("b"), Some(b2));
+    assert_eq!(m.prog("b")["command"][1], "307");
+    assert!(
+        m.events()
+            .iter()
+            .any(|e| e["kind"] == "reload" && e["ok"] == false)
+    );
+}
