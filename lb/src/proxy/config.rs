@@ -181,13 +181,17 @@ impl ProxySection {
             let key = format!("proxy.listeners[{i}]");
             let listen = v.addr(&format!("{key}.listen"), &l.listen);
             check_name(v, &format!("{key}.request_type"), &l.request_type);
+            // Port 0 would give each per-core socket a different port.
+            if listen.port() == 0 && l.listen.parse::<SocketAddr>().is_ok() {
+                v.error(format!("{key}.listen"), format!("{listen} must name a port"));
+            }
             let name = if l.name.is_empty() {
                 l.request_type.clone()
             } else {
+                check_name(v, &format!("{key}.name"), &l.name);
                 l.name.clone()
             };
-            check_name(v, &format!("{key}.name"), &name);
-            if listeners.iter().any(|o| o.listen == listen && listen.port() != 0) {
+            if listeners.iter().any(|o| o.listen == listen) {
                 v.error(
                     format!("{key}.listen"),
                     format!("{listen} is used by another listener"),
