@@ -149,7 +149,7 @@ fn refused(addr: SocketAddr) -> bool {
 
 #[test]
 fn random_payloads_arrive_byte_exact_both_ways() {
-    for forwarding in ["splice", "copy"] {
+    for forwarding in ["splice", "copy", "auto"] {
         let echo = echo_backend();
         let front = free_addr();
         let lb = start_lb(

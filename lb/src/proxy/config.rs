@@ -23,7 +23,8 @@ pub struct ProxySection {
     /// `per_core` (one current-thread runtime and one SO_REUSEPORT listener per worker) or `shared` (one
     /// multi-thread runtime with `workers` threads).
     pub runtime: String,
-    /// `splice` (zero-copy through pooled pipes) or `copy` (pooled user-space buffers).
+    /// `splice` (zero-copy through pooled pipes), `copy` (pooled user-space buffers) or `auto` (copy small
+    /// messages, splice bulk streams).
     pub forwarding: String,
     pub connect_timeout_ms: u64,
     /// How many backends a connection may try before any byte is forwarded (redispatch).
@@ -112,6 +113,7 @@ pub enum RuntimeMode {
 pub enum Forwarding {
     Splice,
     Copy,
+    Auto,
 }
 
 /// One validated listener.
@@ -247,10 +249,11 @@ impl ProxySection {
         let forwarding = match self.forwarding.as_str() {
             "splice" => Forwarding::Splice,
             "copy" => Forwarding::Copy,
+            "auto" => Forwarding::Auto,
             other => {
                 v.error(
                     "proxy.forwarding",
-                    format!("{other:?} is not one of \"splice\", \"copy\""),
+                    format!("{other:?} is not one of \"splice\", \"copy\", \"auto\""),
                 );
                 Forwarding::Splice
             }

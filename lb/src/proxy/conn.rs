@@ -33,7 +33,7 @@ impl Drop for Active {
 }
 
 /// Serves one accepted client connection to the end.
-pub async fn serve(client: TcpStream, peer: SocketAddr, l: Arc<ListenerState>, shared: Arc<Shared>) {
+pub async fn serve(mut client: TcpStream, peer: SocketAddr, l: Arc<ListenerState>, shared: Arc<Shared>) {
     let span = debug_span!("proxy", listener = %l.cfg.name, %peer);
     async move {
         l.metrics.accepted.increment(1);
@@ -45,7 +45,7 @@ pub async fn serve(client: TcpStream, peer: SocketAddr, l: Arc<ListenerState>, s
             c = connect(&l, &shared, &timeouts) => c,
             _ = stop.cancelled() => return,
         };
-        let Some((backend, addr, bm)) = connected else {
+        let Some((mut backend, addr, bm)) = connected else {
             l.metrics.failed.increment(1);
             debug!("no backend reachable; closing the client");
             return;
@@ -62,7 +62,7 @@ pub async fn serve(client: TcpStream, peer: SocketAddr, l: Arc<ListenerState>, s
             }
         }
         let _backend_active = Active::new(&bm.active);
-        let outcome = pump(&client, &backend, &l, &bm, &shared, timeouts.idle).await;
+        let outcome = pump(&mut client, &mut backend, &l, &bm, &shared, timeouts.idle).await;
         debug!(backend = %addr, ?outcome, "connection ended");
     }
     .instrument(span)
@@ -124,8 +124,8 @@ enum Outcome {
 }
 
 async fn pump(
-    client: &TcpStream,
-    backend: &TcpStream,
+    client: &mut TcpStream,
+    backend: &mut TcpStream,
     l: &ListenerState,
     bm: &BackendMetrics,
     shared: &Shared,
@@ -134,10 +134,12 @@ async fn pump(
     let start = Instant::now();
     let last = AtomicU64::new(0);
     let mode = shared.forwarding;
+    let (client_r, client_w) = client.split();
+    let (backend_r, backend_w) = backend.split();
     let up = forward::one_way(
         mode,
-        client,
-        backend,
+        client_r,
+        backend_w,
         Meter {
             listener_bytes: &l.metrics.bytes_up,
             backend_bytes: &bm.bytes_up,
@@ -147,8 +149,8 @@ async fn pump(
     );
     let down = forward::one_way(
         mode,
-        backend,
-        client,
+        backend_r,
+        client_w,
         Meter {
             listener_bytes: &l.metrics.bytes_down,
             backend_bytes: &bm.bytes_down,
