@@ -23,9 +23,9 @@ use std::time::Instant;
 use metrics::Counter;
 use nix::fcntl::{OFlag, SpliceFFlags};
 use std::pin::Pin;
-use std::task::Poll;
+use std::task::{Context, Poll, Waker};
 
-use tokio::io::{AsyncRead, AsyncWriteExt, Interest, ReadBuf};
+use tokio::io::{AsyncRead, Interest, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{ReadHalf, WriteHalf};
 
@@ -113,109 +113,97 @@ fn half_close(dst: &TcpStream) {
     let _ = socket2::SockRef::from(dst).shutdown(Shutdown::Write);
 }
 
-/// What one read-write exchange did.
-enum Step {
-    Moved(usize),
-    /// Not readable after all (readiness was stale): wait again.
-    Again,
-    Eof,
-}
-
 /// Moves bytes from `src` to `dst` until `src` ends, then half-closes `dst`.
+///
+/// Written as one flat loop rather than nested async steps so that the compiler overlays the read and write
+/// waits in one slot: this future is most of what an idle connection costs.
 pub async fn one_way(
     mode: Forwarding,
     mut src: ReadHalf<'_>,
-    mut dst: WriteHalf<'_>,
+    dst: WriteHalf<'_>,
     m: Meter<'_>,
 ) -> io::Result<()> {
     let mut splicing = mode == Forwarding::Splice;
     loop {
-        // `readable()` does not count against tokio's cooperative budget: without this, a bulk stream that is
-        // always ready would never yield and would starve the other connections of a per-core worker.
-        tokio::task::consume_budget().await;
-        // Wait with nothing borrowed: an idle direction holds no pipe and no buffer.
-        src.as_ref().readable().await?;
-        let step = if splicing {
-            splice_step(src.as_ref(), dst.as_ref()).await?
-        } else {
-            copy_step(&mut src, &mut dst).await?
-        };
-        match step {
-            Step::Moved(n) => {
-                m.moved(n);
-                if mode == Forwarding::Auto {
-                    splicing = if splicing { n >= SPLICE_MIN } else { n == BUF_SIZE };
+        // Wait with nothing borrowed: an idle direction holds no pipe and no buffer. The poll form keeps the
+        // wait to one pointer of state (`readable()` is a 150-byte future), and it spends tokio's cooperative
+        // budget, so an always-ready bulk stream still yields to the other connections of its worker.
+        std::future::poll_fn(|cx| src.as_ref().poll_read_ready(cx)).await?;
+        let n = if splicing {
+            // socket → pooled pipe → socket.
+            let pipe = take_pipe()?;
+            let (s, d) = (src.as_ref(), dst.as_ref());
+            let n = match s.try_io(Interest::READABLE, || splice(s, &pipe.w, PIPE_CHUNK)) {
+                Ok(n) => n,
+                Err(e) => {
+                    give_pipe(pipe);
+                    if e.kind() == io::ErrorKind::WouldBlock {
+                        continue;
+                    }
+                    return Err(e);
+                }
+            };
+            let mut left = n;
+            while left > 0 {
+                // The pipe holds `left` bytes, so WouldBlock can only come from the socket.
+                match d.try_io(Interest::WRITABLE, || splice(&pipe.r, d, left)) {
+                    Ok(k) => left -= k,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        std::future::poll_fn(|cx| d.poll_write_ready(cx)).await?
+                    }
+                    // The pipe still holds bytes: drop it rather than pool it.
+                    Err(e) => return Err(e),
                 }
             }
-            // Stale readiness, or `poll_read` ran out of budget (it then wakes us at once): yield so the
-            // loop cannot spin inside one poll.
-            Step::Again => tokio::task::yield_now().await,
-            Step::Eof => {
-                half_close(dst.as_ref());
-                return Ok(());
-            }
-        }
-    }
-}
-
-/// socket → pooled pipe → socket.
-async fn splice_step(src: &TcpStream, dst: &TcpStream) -> io::Result<Step> {
-    let pipe = take_pipe()?;
-    let n = match src.try_io(Interest::READABLE, || splice(src, &pipe.w, PIPE_CHUNK)) {
-        Ok(0) => {
             give_pipe(pipe);
-            return Ok(Step::Eof);
-        }
-        Ok(n) => n,
-        Err(e) => {
-            give_pipe(pipe);
-            return if e.kind() == io::ErrorKind::WouldBlock {
-                Ok(Step::Again)
-            } else {
-                Err(e)
+            n
+        } else {
+            // socket → pooled buffer → socket.
+            let mut buf = take_buf();
+            // One non-blocking attempt through `poll_read`, which clears readiness after a short read. A noop
+            // waker is enough: on `Pending` (stale readiness, or no budget left) we yield and wait again.
+            let (read, n) = {
+                let mut rb = ReadBuf::new(&mut buf);
+                let mut cx = Context::from_waker(Waker::noop());
+                let read = Pin::new(&mut src).poll_read(&mut cx, &mut rb);
+                (read, rb.filled().len())
             };
+            match read {
+                Poll::Ready(Ok(())) => {}
+                Poll::Ready(Err(e)) => {
+                    give_buf(buf);
+                    return Err(e);
+                }
+                Poll::Pending => {
+                    give_buf(buf);
+                    tokio::task::yield_now().await;
+                    continue;
+                }
+            }
+            let d = dst.as_ref();
+            let mut off = 0;
+            while off < n {
+                match d.try_write(&buf[off..n]) {
+                    Ok(k) => off += k,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        std::future::poll_fn(|cx| d.poll_write_ready(cx)).await?
+                    }
+                    Err(e) => {
+                        give_buf(buf);
+                        return Err(e);
+                    }
+                }
+            }
+            give_buf(buf);
+            n
+        };
+        if n == 0 {
+            half_close(dst.as_ref());
+            return Ok(());
         }
-    };
-    let mut left = n;
-    while left > 0 {
-        // The pipe holds `left` bytes, so WouldBlock can only come from the socket.
-        match dst.try_io(Interest::WRITABLE, || splice(&pipe.r, dst, left)) {
-            Ok(k) => left -= k,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => dst.writable().await?,
-            // The pipe still holds bytes: drop it rather than pool it.
-            Err(e) => return Err(e),
+        m.moved(n);
+        if mode == Forwarding::Auto {
+            splicing = if splicing { n >= SPLICE_MIN } else { n == BUF_SIZE };
         }
     }
-    give_pipe(pipe);
-    Ok(Step::Moved(n))
-}
-
-/// socket → pooled buffer → socket.
-async fn copy_step(src: &mut ReadHalf<'_>, dst: &mut WriteHalf<'_>) -> io::Result<Step> {
-    let mut buf = take_buf();
-    let mut rb = ReadBuf::new(&mut buf);
-    // One non-blocking attempt: `Pending` means the readiness was stale; give the buffer back and wait.
-    let read = std::future::poll_fn(|cx| match Pin::new(&mut *src).poll_read(cx, &mut rb) {
-        Poll::Pending => Poll::Ready(None),
-        Poll::Ready(r) => Poll::Ready(Some(r)),
-    })
-    .await;
-    let n = rb.filled().len();
-    let step = match read {
-        None => Step::Again,
-        Some(Err(e)) => {
-            give_buf(buf);
-            return Err(e);
-        }
-        Some(Ok(())) if n == 0 => Step::Eof,
-        Some(Ok(())) => {
-            if let Err(e) = dst.write_all(&buf[..n]).await {
-                give_buf(buf);
-                return Err(e);
-            }
-            Step::Moved(n)
-        }
-    };
-    give_buf(buf);
-    Ok(step)
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use socket2::{Domain, Protocol, SockAddr, Socket, TcpKeepalive, Type};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, warn};
+use tracing::{Instrument, debug, warn};
 
 use super::config::ListenerConfig;
 use super::service::{ListenerState, Shared};
@@ -76,7 +76,8 @@ pub async fn accept_loop(
         match accepted {
             Ok((stream, peer)) => {
                 backoff = BACKOFF_MIN;
-                let fut = super::conn::serve(stream, peer, state.clone(), shared.clone());
+                let span = super::conn::span(&state, peer);
+                let fut = super::conn::serve(stream, peer, state.clone(), shared.clone()).instrument(span);
                 shared.tracker.spawn(async move {
                     fut.await;
                     drop(permit);

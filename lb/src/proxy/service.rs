@@ -58,6 +58,21 @@ impl Shared {
     }
 }
 
+#[cfg(test)]
+impl Shared {
+    pub fn for_tests(cfg: &ProxyConfig) -> Self {
+        Self {
+            picker: Arc::new(super::pick::StaticPicker::new(cfg)),
+            timeouts: ArcSwap::from_pointee(cfg.timeouts.clone()),
+            forwarding: cfg.forwarding,
+            backends: ArcSwap::from_pointee(HashMap::new()),
+            permits: Arc::new(Semaphore::new(1)),
+            tracker: TaskTracker::new(),
+            stop: CancellationToken::new(),
+        }
+    }
+}
+
 /// One listener as its accept loops and connections see it.
 #[derive(Debug)]
 pub struct ListenerState {
