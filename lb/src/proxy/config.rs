@@ -20,11 +20,11 @@ pub struct ProxySection {
     pub backends: Vec<BackendRaw>,
     /// Worker threads; 0 means one per core.
     pub workers: usize,
-    /// `per_core` (one current-thread runtime and one SO_REUSEPORT listener per worker) or `shared` (one
-    /// multi-thread runtime with `workers` threads).
+    /// `per_core` (default, measured faster: one current-thread runtime and one SO_REUSEPORT listener per
+    /// worker) or `shared` (one multi-thread runtime with `workers` threads).
     pub runtime: String,
-    /// `splice` (zero-copy through pooled pipes), `copy` (pooled user-space buffers) or `auto` (copy small
-    /// messages, splice bulk streams).
+    /// `auto` (default: copy small messages, splice bulk streams; measured best), `splice` (always zero-copy
+    /// through pooled pipes) or `copy` (always pooled user-space buffers).
     pub forwarding: String,
     pub connect_timeout_ms: u64,
     /// How many backends a connection may try before any byte is forwarded (redispatch).
@@ -45,7 +45,7 @@ impl Default for ProxySection {
             backends: Vec::new(),
             workers: 0,
             runtime: "per_core".into(),
-            forwarding: "splice".into(),
+            forwarding: "auto".into(),
             connect_timeout_ms: 1_000,
             connect_attempts: 3,
             idle_timeout_ms: 300_000,
@@ -300,7 +300,7 @@ mod tests {
         let cfg = parse("").unwrap();
         assert!(cfg.listeners.is_empty());
         assert!(cfg.workers >= 1);
-        assert_eq!(cfg.forwarding, Forwarding::Splice);
+        assert_eq!(cfg.forwarding, Forwarding::Auto);
         assert_eq!(cfg.timeouts.connect_attempts, 3);
     }
 

@@ -6,7 +6,7 @@
 //!   `poll_read` does this), so a small message costs one `read` and one `write`, where splice needs a third
 //!   call that returns EAGAIN (a short splice does not prove the socket is empty: the pipe may be out of
 //!   slots).
-//! - `auto`: per direction, copy while messages are small and switch to splice once a read fills the whole
+//! - `auto` (the default): per direction, copy while messages are small and switch to splice once a read fills the whole
 //!   buffer (a bulk stream); back to copy when a splice moves less than `SPLICE_MIN`.
 //!
 //! Either way a connection holds **no pipe and no buffer while idle**: a direction waits for readiness first,
