@@ -61,8 +61,13 @@ struct Lb {
 }
 
 fn lb_config(admin: SocketAddr, grace_ms: u64, proxy: &str) -> String {
+    let workers = if proxy.contains("workers =") {
+        ""
+    } else {
+        "workers = 2\n"
+    };
     format!(
-        "role = \"lb\"\nlisten = \"{admin}\"\n[log]\nlevel = \"info,xcluster_lb=debug\"\n[shutdown]\ngrace_ms = {grace_ms}\n[proxy]\nworkers = 2\n{proxy}"
+        "role = \"lb\"\nlisten = \"{admin}\"\n[log]\nlevel = \"info,xcluster_lb=debug\"\n[shutdown]\ngrace_ms = {grace_ms}\n[proxy]\n{workers}{proxy}"
     )
 }
 
@@ -463,4 +468,43 @@ fn reload_removing_a_listener_keeps_its_connections() {
     let mut rest = Vec::new();
     on_a.read_to_end(&mut rest).unwrap();
     assert!(rest.is_empty());
+}
+
+#[test]
+fn max_connections_holds_new_clients_until_a_permit_frees() {
+    let echo = echo_backend();
+    let front = free_addr();
+    // One worker, so accepting and serving share one thread and the order below is deterministic enough.
+    let lb = start_lb(
+        1000,
+        &format!(
+            "workers = 1\nmax_connections = 2\n{}{}",
+            listener("web", front),
+            backends(&[echo])
+        ),
+    );
+    let mut c1 = connect(front);
+    ping(&mut c1, b"one");
+    let mut c2 = connect(front);
+    ping(&mut c2, b"two");
+    // The kernel completes the third handshake, but the proxy takes no permit, so it does not accept it.
+    let mut c3 = connect(front);
+    c3.write_all(b"three").unwrap();
+    ping(&mut c2, b"two again");
+    let accepted = |lb: &Lb| {
+        metric_value(
+            &lb.metrics(),
+            "xcluster_lb_proxy_connections_accepted_total",
+            "listener=\"web\"",
+        )
+    };
+    assert_eq!(accepted(&lb), Some(2.0));
+    // Ending one connection frees a permit: the waiting client is served with what it already sent.
+    c1.shutdown(Shutdown::Write).unwrap();
+    let mut rest = Vec::new();
+    c1.read_to_end(&mut rest).unwrap();
+    let mut got = [0u8; 5];
+    c3.read_exact(&mut got).unwrap();
+    assert_eq!(&got, b"three");
+    assert_eq!(accepted(&lb), Some(3.0));
 }
