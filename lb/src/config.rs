@@ -1,6 +1,7 @@
 //! The lb's configuration: raw serde form, validation, typed form.
 //!
-//! Reloads live: `log.level`, `shutdown.grace_ms`. Needs a restart: `listen`.
+//! Reloads live: `log.level`, `shutdown.grace_ms`, and the `[proxy]` keys listed in `crate::proxy::config`.
+//! Needs a restart: `listen`.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -17,6 +18,8 @@ pub struct RawConfig {
     pub listen: String,
     pub log: LogSection,
     pub shutdown: ShutdownSection,
+    /// `[proxy]`: the layer-4 proxy mode (issue 5); see `crate::proxy::config` for the keys that reload.
+    pub proxy: crate::proxy::ProxySection,
 }
 
 impl Default for RawConfig {
@@ -25,6 +28,7 @@ impl Default for RawConfig {
             listen: "127.0.0.1:7000".into(),
             log: LogSection::default(),
             shutdown: ShutdownSection::default(),
+            proxy: crate::proxy::ProxySection::default(),
         }
     }
 }
@@ -35,6 +39,8 @@ pub struct Config {
     pub listen: SocketAddr,
     pub log_filter: String,
     pub grace: Duration,
+    /// The L4 proxy (issue 5).
+    pub proxy: crate::proxy::ProxyConfig,
 }
 
 impl RoleConfig for Config {
@@ -46,10 +52,12 @@ impl RoleConfig for Config {
         let listen = v.addr("listen", &raw.listen);
         raw.log.validate(&mut v);
         let grace = raw.shutdown.validate(&mut v);
+        let proxy = raw.proxy.validate(&mut v);
         v.finish(Config {
             listen,
             log_filter: raw.log.level.clone(),
             grace,
+            proxy,
         })
     }
 }

@@ -1,6 +1,7 @@
 //! The balancer: the load-aware directory and the layer-4 proxy.
 
 pub mod config;
+pub mod proxy;
 
 pub use config::Config;
 use xcluster_runtime::Context;
@@ -14,6 +15,9 @@ pub enum Error {
         addr: std::net::SocketAddr,
         source: std::io::Error,
     },
+    /// The L4 proxy could not start (issue 5).
+    #[error(transparent)]
+    Proxy(#[from] proxy::Error),
 }
 
 /// Runs the lb until drained.
@@ -36,7 +40,12 @@ pub async fn run(ctx: Context<Config>) -> Result<(), Error> {
         addr: cfg.listen,
         source,
     })?;
+    // L4 proxy (issue 5): follows `ctx.config` reloads; drains with the process.
+    let picker = std::sync::Arc::new(proxy::StaticPicker::new(&cfg.proxy));
+    let proxy = proxy::start(ctx.config.clone(), picker, &drain, ctx.shutdown.stop_token())?;
     ctx.health.set_ready();
     drain.cancelled().await;
+    proxy.shutdown();
+    proxy.drained().await;
     Ok(())
 }

@@ -1,0 +1,116 @@
+//! Load tools for `scripts/bench/l4` (a benchmark helper, not a test):
+//! - `echo ADDR`: an echo backend (one thread);
+//! - `pingpong ADDR CONNS SECS SIZE`: small messages over long-lived connections; prints
+//!   `msgs_per_sec p50_us p99_us`;
+//! - `idle ADDR CONNS`: opens CONNS connections, one echoed byte on each, prints `ready` and holds them until
+//!   stdin closes.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let arg = |i: usize| -> anyhow::Result<&str> {
+        args.get(i)
+            .map(String::as_str)
+            .ok_or_else(|| anyhow::anyhow!("usage: l4load echo|pingpong|idle ADDR ..."))
+    };
+    let addr: SocketAddr = arg(1)?.parse()?;
+    match arg(0)? {
+        "echo" => rt.block_on(echo(addr)),
+        "pingpong" => rt.block_on(pingpong(
+            addr,
+            arg(2)?.parse()?,
+            Duration::from_secs_f64(arg(3)?.parse()?),
+            arg(4)?.parse()?,
+        )),
+        "idle" => rt.block_on(idle(addr, arg(2)?.parse()?)),
+        other => anyhow::bail!("unknown mode {other}"),
+    }
+}
+
+async fn echo(addr: SocketAddr) -> anyhow::Result<()> {
+    let l = TcpListener::bind(addr).await?;
+    loop {
+        let (mut s, _) = l.accept().await?;
+        let _ = s.set_nodelay(true);
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                match s.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => {
+                        if s.write_all(&buf[..n]).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+    }
+}
+
+async fn pingpong(addr: SocketAddr, conns: usize, secs: Duration, size: usize) -> anyhow::Result<()> {
+    let deadline = Instant::now() + secs;
+    let mut tasks = Vec::new();
+    for _ in 0..conns {
+        let mut s = TcpStream::connect(addr).await?;
+        s.set_nodelay(true)?;
+        tasks.push(tokio::spawn(async move {
+            let msg = vec![7u8; size];
+            let mut back = vec![0u8; size];
+            let mut lat: Vec<u32> = Vec::with_capacity(1 << 16);
+            while Instant::now() < deadline {
+                let t0 = Instant::now();
+                if s.write_all(&msg).await.is_err() || s.read_exact(&mut back).await.is_err() {
+                    break;
+                }
+                lat.push(u32::try_from(t0.elapsed().as_micros()).unwrap_or(u32::MAX));
+            }
+            lat
+        }));
+    }
+    let start = Instant::now();
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await?);
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    all.sort_unstable();
+    let pct = |p: f64| {
+        all.get(((all.len() as f64 * p) as usize).min(all.len().saturating_sub(1)))
+            .copied()
+    };
+    println!(
+        "{:.0} {} {}",
+        all.len() as f64 / elapsed,
+        pct(0.50).unwrap_or(0),
+        pct(0.99).unwrap_or(0)
+    );
+    Ok(())
+}
+
+async fn idle(addr: SocketAddr, conns: usize) -> anyhow::Result<()> {
+    let mut held = Vec::with_capacity(conns);
+    for _ in 0..conns {
+        let mut s = TcpStream::connect(addr).await?;
+        s.write_all(b"x").await?;
+        let mut b = [0u8; 1];
+        tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut b)).await??;
+        held.push(s);
+    }
+    println!("ready");
+    let mut stdin = tokio::io::stdin();
+    let mut sink = [0u8; 64];
+    while stdin.read(&mut sink).await? > 0 {}
+    drop(held);
+    Ok(())
+}

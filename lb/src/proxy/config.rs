@@ -1,0 +1,342 @@
+//! The `[proxy]` section of the lb config: raw serde form, validation, typed form.
+//!
+//! Reloads live: `listeners` (added, removed or changed; established connections stay), `backends` and their
+//! weights, `connect_timeout_ms`, `idle_timeout_ms`, `connect_attempts`, per-listener `proxy_protocol`.
+//! Needs a restart: `workers`, `runtime`, `forwarding`, `max_connections`, `backlog`, `keepalive_ms`.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use xcluster_runtime::Validator;
+
+/// `[proxy]` as written in the file.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ProxySection {
+    /// `[[proxy.listeners]]`: one TCP port per request type.
+    pub listeners: Vec<ListenerRaw>,
+    /// `[[proxy.backends]]`: the app instances the static picker chooses from.
+    pub backends: Vec<BackendRaw>,
+    /// Worker threads; 0 means one per core.
+    pub workers: usize,
+    /// `per_core` (default, measured faster: one current-thread runtime and one SO_REUSEPORT listener per
+    /// worker) or `shared` (one multi-thread runtime with `workers` threads).
+    pub runtime: String,
+    /// `auto` (default: copy small messages, splice bulk streams; measured best), `splice` (always zero-copy
+    /// through pooled pipes) or `copy` (always pooled user-space buffers).
+    pub forwarding: String,
+    pub connect_timeout_ms: u64,
+    /// How many backends a connection may try before any byte is forwarded (redispatch).
+    pub connect_attempts: u32,
+    /// A connection with no byte in either direction for this long is closed. 0 disables.
+    pub idle_timeout_ms: u64,
+    /// Concurrent proxied connections, over all listeners; a permit is taken before `accept`.
+    pub max_connections: usize,
+    pub backlog: i32,
+    /// TCP keepalive idle time on accepted sockets; 0 disables.
+    pub keepalive_ms: u64,
+}
+
+impl Default for ProxySection {
+    fn default() -> Self {
+        Self {
+            listeners: Vec::new(),
+            backends: Vec::new(),
+            workers: 0,
+            runtime: "per_core".into(),
+            forwarding: "auto".into(),
+            connect_timeout_ms: 1_000,
+            connect_attempts: 3,
+            idle_timeout_ms: 300_000,
+            max_connections: 20_000,
+            backlog: 4096,
+            keepalive_ms: 60_000,
+        }
+    }
+}
+
+/// `[[proxy.listeners]]`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ListenerRaw {
+    /// A short label used in metrics; defaults to the request type.
+    pub name: String,
+    pub listen: String,
+    /// The request type whose weights choose the backend.
+    pub request_type: String,
+    /// Send a PROXY protocol v2 header to the backend so it sees the client's address.
+    pub proxy_protocol: bool,
+}
+
+impl Default for ListenerRaw {
+    fn default() -> Self {
+        Self {
+            name: String::new(),
+            listen: String::new(),
+            request_type: "default".into(),
+            proxy_protocol: false,
+        }
+    }
+}
+
+/// `[[proxy.backends]]`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct BackendRaw {
+    pub addr: String,
+    /// Relative share of connections; 0 keeps the backend listed but unused.
+    pub weight: u32,
+    /// Request types this backend serves; empty means every type.
+    pub request_types: Vec<String>,
+}
+
+impl Default for BackendRaw {
+    fn default() -> Self {
+        Self {
+            addr: String::new(),
+            weight: 100,
+            request_types: Vec::new(),
+        }
+    }
+}
+
+/// How worker threads run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RuntimeMode {
+    PerCore,
+    Shared,
+}
+
+/// How bytes move between the two sockets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Forwarding {
+    Splice,
+    Copy,
+    Auto,
+}
+
+/// One validated listener.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenerConfig {
+    pub name: String,
+    pub listen: SocketAddr,
+    pub request_type: String,
+    pub proxy_protocol: bool,
+}
+
+/// One validated backend.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendConfig {
+    pub addr: SocketAddr,
+    pub weight: u32,
+    pub request_types: Vec<String>,
+}
+
+/// Per-connection settings that reload live.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Timeouts {
+    pub connect: Duration,
+    pub connect_attempts: u32,
+    /// `None` when disabled.
+    pub idle: Option<Duration>,
+}
+
+/// The validated `[proxy]` section.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProxyConfig {
+    pub listeners: Vec<ListenerConfig>,
+    pub backends: Vec<BackendConfig>,
+    pub workers: usize,
+    pub runtime: RuntimeMode,
+    pub forwarding: Forwarding,
+    pub timeouts: Timeouts,
+    pub max_connections: usize,
+    pub backlog: i32,
+    pub keepalive: Option<Duration>,
+}
+
+const MAX_LISTENERS: usize = 256;
+const MAX_BACKENDS: usize = 4096;
+
+fn check_name(v: &mut Validator, key: &str, s: &str) {
+    let ok = !s.is_empty()
+        && s.len() <= 64
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.');
+    v.check(ok, key, || {
+        format!("{s:?} must be 1..=64 characters of [A-Za-z0-9_.-]")
+    });
+}
+
+impl ProxySection {
+    /// Checks every key and returns the typed section; problems go to `v`.
+    pub fn validate(&self, v: &mut Validator) -> ProxyConfig {
+        v.check(self.listeners.len() <= MAX_LISTENERS, "proxy.listeners", || {
+            format!("{} listeners, at most {MAX_LISTENERS}", self.listeners.len())
+        });
+        v.check(self.backends.len() <= MAX_BACKENDS, "proxy.backends", || {
+            format!("{} backends, at most {MAX_BACKENDS}", self.backends.len())
+        });
+        let mut listeners: Vec<ListenerConfig> = Vec::new();
+        for (i, l) in self.listeners.iter().enumerate() {
+            let key = format!("proxy.listeners[{i}]");
+            let listen = v.addr(&format!("{key}.listen"), &l.listen);
+            check_name(v, &format!("{key}.request_type"), &l.request_type);
+            // Port 0 would give each per-core socket a different port.
+            if listen.port() == 0 && l.listen.parse::<SocketAddr>().is_ok() {
+                v.error(format!("{key}.listen"), format!("{listen} must name a port"));
+            }
+            let name = if l.name.is_empty() {
+                l.request_type.clone()
+            } else {
+                check_name(v, &format!("{key}.name"), &l.name);
+                l.name.clone()
+            };
+            if listeners.iter().any(|o| o.listen == listen) {
+                v.error(
+                    format!("{key}.listen"),
+                    format!("{listen} is used by another listener"),
+                );
+            }
+            if listeners.iter().any(|o| o.name == name) {
+                v.error(
+                    format!("{key}.name"),
+                    format!("{name:?} is used by another listener"),
+                );
+            }
+            listeners.push(ListenerConfig {
+                name,
+                listen,
+                request_type: l.request_type.clone(),
+                proxy_protocol: l.proxy_protocol,
+            });
+        }
+        let mut backends: Vec<BackendConfig> = Vec::new();
+        for (i, b) in self.backends.iter().enumerate() {
+            let key = format!("proxy.backends[{i}]");
+            let addr = v.addr(&format!("{key}.addr"), &b.addr);
+            let weight = v.range(&format!("{key}.weight"), b.weight, 0, 1_000_000);
+            for t in &b.request_types {
+                check_name(v, &format!("{key}.request_types"), t);
+            }
+            if backends.iter().any(|o| o.addr == addr) {
+                v.error(format!("{key}.addr"), format!("{addr} is listed twice"));
+            }
+            backends.push(BackendConfig {
+                addr,
+                weight,
+                request_types: b.request_types.clone(),
+            });
+        }
+        let workers = v.range("proxy.workers", self.workers, 0, 256);
+        let workers = if workers == 0 {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        } else {
+            workers
+        };
+        let runtime = match self.runtime.as_str() {
+            "per_core" => RuntimeMode::PerCore,
+            "shared" => RuntimeMode::Shared,
+            other => {
+                v.error(
+                    "proxy.runtime",
+                    format!("{other:?} is not one of \"per_core\", \"shared\""),
+                );
+                RuntimeMode::PerCore
+            }
+        };
+        let forwarding = match self.forwarding.as_str() {
+            "splice" => Forwarding::Splice,
+            "copy" => Forwarding::Copy,
+            "auto" => Forwarding::Auto,
+            other => {
+                v.error(
+                    "proxy.forwarding",
+                    format!("{other:?} is not one of \"splice\", \"copy\", \"auto\""),
+                );
+                Forwarding::Splice
+            }
+        };
+        let connect = v.millis("proxy.connect_timeout_ms", self.connect_timeout_ms, 1, 60_000);
+        let connect_attempts = v.range("proxy.connect_attempts", self.connect_attempts, 1, 16);
+        let idle = v.millis("proxy.idle_timeout_ms", self.idle_timeout_ms, 0, 86_400_000);
+        let max_connections = v.range("proxy.max_connections", self.max_connections, 1, 1_000_000);
+        let backlog = v.range("proxy.backlog", self.backlog, 1, 65_535);
+        let keepalive = v.millis("proxy.keepalive_ms", self.keepalive_ms, 0, 86_400_000);
+        ProxyConfig {
+            listeners,
+            backends,
+            workers,
+            runtime,
+            forwarding,
+            timeouts: Timeouts {
+                connect,
+                connect_attempts,
+                idle: (!idle.is_zero()).then_some(idle),
+            },
+            max_connections,
+            backlog,
+            keepalive: (!keepalive.is_zero()).then_some(keepalive),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn parse(text: &str) -> Result<ProxyConfig, Vec<String>> {
+        let raw: ProxySection = toml::from_str(text).map_err(|e| vec![e.to_string()])?;
+        let mut v = Validator::new();
+        let cfg = raw.validate(&mut v);
+        v.finish(cfg)
+            .map_err(|issues| issues.iter().map(|i| i.to_string()).collect())
+    }
+
+    #[test]
+    fn defaults_validate() {
+        let cfg = parse("").unwrap();
+        assert!(cfg.listeners.is_empty());
+        assert!(cfg.workers >= 1);
+        assert_eq!(cfg.forwarding, Forwarding::Auto);
+        assert_eq!(cfg.timeouts.connect_attempts, 3);
+    }
+
+    #[test]
+    fn every_problem_is_reported() {
+        let errs = parse(
+            r#"
+            runtime = "fibers"
+            forwarding = "magic"
+            connect_timeout_ms = 0
+            [[listeners]]
+            listen = "nope"
+            request_type = "bad type"
+            [[backends]]
+            addr = "127.0.0.1:1"
+            [[backends]]
+            addr = "127.0.0.1:1"
+            request_types = [""]
+            "#,
+        )
+        .unwrap_err();
+        assert_eq!(errs.len(), 7, "{errs:#?}");
+    }
+
+    #[test]
+    fn listener_name_defaults_to_request_type() {
+        let cfg = parse(
+            r#"
+            [[listeners]]
+            listen = "127.0.0.1:7100"
+            request_type = "browse"
+            proxy_protocol = true
+            "#,
+        )
+        .unwrap();
+        assert_eq!(cfg.listeners[0].name, "browse");
+        assert!(cfg.listeners[0].proxy_protocol);
+    }
+}

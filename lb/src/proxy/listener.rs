@@ -1,0 +1,102 @@
+//! Listening sockets for the proxy (built with `socket2`, converted to tokio inside the worker that owns
+//! them) and the accept loop: a connection permit is taken before `accept`, accept errors back off and never
+//! end the loop, and each connection runs as its own task on the worker's runtime.
+
+use std::io;
+use std::sync::Arc;
+use std::time::Duration;
+
+use socket2::{Domain, Protocol, SockAddr, Socket, TcpKeepalive, Type};
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, debug, warn};
+
+use super::config::ListenerConfig;
+use super::service::{ListenerState, Shared};
+
+const BACKOFF_MIN: Duration = Duration::from_millis(5);
+const BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+/// Binds one SO_REUSEPORT listener for `cfg`; each per-core worker gets its own and the kernel spreads
+/// connections among them. Options set here (TCP_NODELAY, keepalive) are inherited by accepted sockets.
+pub fn bind(
+    cfg: &ListenerConfig,
+    backlog: i32,
+    keepalive: Option<Duration>,
+) -> io::Result<std::net::TcpListener> {
+    let socket = Socket::new(Domain::for_address(cfg.listen), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.set_tcp_nodelay(true)?;
+    if let Some(k) = keepalive {
+        socket.set_tcp_keepalive(&TcpKeepalive::new().with_time(k))?;
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&SockAddr::from(cfg.listen))?;
+    socket.listen(backlog)?;
+    Ok(socket.into())
+}
+
+/// Errors that mean the process or system is out of a resource: wait before accepting again.
+fn is_resource_exhaustion(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+    )
+}
+
+/// Accepts until `cancel` fires. Must run on the worker runtime that will own the connections.
+pub async fn accept_loop(
+    std_listener: std::net::TcpListener,
+    state: Arc<ListenerState>,
+    shared: Arc<Shared>,
+    cancel: CancellationToken,
+) {
+    let listener = match tokio::net::TcpListener::from_std(std_listener) {
+        Ok(l) => l,
+        Err(e) => {
+            warn!(listener = %state.cfg.name, error = %e, "cannot register the listener");
+            return;
+        }
+    };
+    let mut backoff = BACKOFF_MIN;
+    loop {
+        let permit = tokio::select! {
+            biased;
+            _ = cancel.cancelled() => return,
+            p = shared.permits.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => return,
+            },
+        };
+        let accepted = tokio::select! {
+            biased;
+            _ = cancel.cancelled() => return,
+            r = listener.accept() => r,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                backoff = BACKOFF_MIN;
+                let span = super::conn::span(&state, peer);
+                let fut = super::conn::serve(stream, peer, state.clone(), shared.clone()).instrument(span);
+                shared.tracker.spawn(async move {
+                    fut.await;
+                    drop(permit);
+                });
+            }
+            Err(e) if is_resource_exhaustion(&e) => {
+                state.metrics.accept_errors.increment(1);
+                warn!(listener = %state.cfg.name, error = %e, ?backoff, "accept failed; backing off");
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+            }
+            Err(e) => {
+                // Per-connection errors (ECONNABORTED and the like): the next accept is fine.
+                state.metrics.accept_errors.increment(1);
+                debug!(listener = %state.cfg.name, error = %e, "accept failed");
+            }
+        }
+    }
+}

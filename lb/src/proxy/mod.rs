@@ -1,0 +1,16 @@
+//! The layer-4 TCP proxy mode of the balancer: listeners mapped to request types forward each connection to
+//! a backend chosen through [`BackendPicker`], with redispatch, timeouts, PROXY protocol v2, live reload and
+//! graceful drain. Config lives in `[proxy]` ([`config`]).
+
+pub mod config;
+mod conn;
+mod forward;
+mod listener;
+pub mod metrics;
+pub mod pick;
+pub mod proxy_protocol;
+mod service;
+
+pub use config::{ProxyConfig, ProxySection};
+pub use pick::{BackendPicker, StaticPicker};
+pub use service::{Error, ProxyHandle, start};

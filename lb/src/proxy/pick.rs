@@ -1,0 +1,157 @@
+//! How the proxy chooses a backend: the [`BackendPicker`] trait and the static weighted picker over the
+//! backends listed in `[proxy]`.
+//!
+//! The trait is the seam between the proxy and the load-aware directory: the directory implements it with
+//! its live weights, and the proxy never needs to know which one it talks to. `pick` runs once per connect
+//! attempt, so implementations read a snapshot (arc-swap) and take no lock.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+
+use super::config::ProxyConfig;
+
+/// Chooses backends for the proxy.
+pub trait BackendPicker: Send + Sync + std::fmt::Debug {
+    /// A backend for a connection of `request_type`, never one of `exclude` (those already failed for this
+    /// connection). `None` when no backend is left.
+    fn pick(&self, request_type: &str, exclude: &[SocketAddr]) -> Option<SocketAddr>;
+
+    /// The proxy could not connect to `addr` (refused or timed out). A live picker may avoid it at once.
+    fn report_failure(&self, _addr: SocketAddr) {}
+
+    /// Called with the new `[proxy]` section after each successful reload. The static picker rebuilds its
+    /// table from it; a directory-backed picker may ignore it.
+    fn on_config(&self, _cfg: &ProxyConfig) {}
+}
+
+/// Backends with their weights, per request type.
+#[derive(Debug, Default)]
+struct Table {
+    by_type: HashMap<String, Vec<(SocketAddr, u32)>>,
+    /// Backends that serve every type (no `request_types`), for types no backend names.
+    any: Vec<(SocketAddr, u32)>,
+}
+
+impl Table {
+    fn build(cfg: &ProxyConfig) -> Self {
+        let mut t = Table::default();
+        for b in &cfg.backends {
+            if b.request_types.is_empty() {
+                t.any.push((b.addr, b.weight));
+            }
+        }
+        let mut types: Vec<&str> = cfg.listeners.iter().map(|l| l.request_type.as_str()).collect();
+        types.extend(
+            cfg.backends
+                .iter()
+                .flat_map(|b| b.request_types.iter().map(String::as_str)),
+        );
+        for ty in types {
+            let list = cfg
+                .backends
+                .iter()
+                .filter(|b| b.request_types.is_empty() || b.request_types.iter().any(|t| t == ty))
+                .map(|b| (b.addr, b.weight))
+                .collect();
+            t.by_type.insert(ty.to_string(), list);
+        }
+        t
+    }
+}
+
+/// Weighted random choice over the backends of `[proxy]`, rebuilt whole on reload.
+#[derive(Debug)]
+pub struct StaticPicker {
+    table: ArcSwap<Table>,
+}
+
+impl StaticPicker {
+    pub fn new(cfg: &ProxyConfig) -> Self {
+        Self {
+            table: ArcSwap::from_pointee(Table::build(cfg)),
+        }
+    }
+}
+
+/// Weighted random over `list` minus `exclude`; `roll` maps a total weight to a value in `0..total`.
+fn weighted(
+    list: &[(SocketAddr, u32)],
+    exclude: &[SocketAddr],
+    roll: impl FnOnce(u64) -> u64,
+) -> Option<SocketAddr> {
+    let usable = |(a, w): &&(SocketAddr, u32)| *w > 0 && !exclude.contains(a);
+    let total: u64 = list.iter().filter(usable).map(|(_, w)| u64::from(*w)).sum();
+    if total == 0 {
+        return None;
+    }
+    let mut r = roll(total);
+    for (a, w) in list.iter().filter(usable) {
+        let w = u64::from(*w);
+        if r < w {
+            return Some(*a);
+        }
+        r -= w;
+    }
+    None
+}
+
+impl BackendPicker for StaticPicker {
+    fn pick(&self, request_type: &str, exclude: &[SocketAddr]) -> Option<SocketAddr> {
+        let t = self.table.load();
+        let list = t.by_type.get(request_type).unwrap_or(&t.any);
+        weighted(list, exclude, |total| rand::random_range(0..total))
+    }
+
+    fn on_config(&self, cfg: &ProxyConfig) {
+        self.table.store(Arc::new(Table::build(cfg)));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::proxy::config::ProxySection;
+
+    fn addr(p: u16) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], p))
+    }
+
+    #[test]
+    fn weighted_follows_weights_and_skips_excluded() {
+        let list = [(addr(1), 1), (addr(2), 3), (addr(3), 0)];
+        assert_eq!(weighted(&list, &[], |_| 0), Some(addr(1)));
+        assert_eq!(weighted(&list, &[], |_| 1), Some(addr(2)));
+        assert_eq!(weighted(&list, &[], |_| 3), Some(addr(2)));
+        assert_eq!(weighted(&list, &[addr(1)], |t| t - 1), Some(addr(2)));
+        assert_eq!(weighted(&list, &[addr(1), addr(2)], |_| 0), None);
+    }
+
+    #[test]
+    fn picks_by_request_type() {
+        let raw: ProxySection = toml::from_str(
+            r#"
+            [[listeners]]
+            listen = "127.0.0.1:7100"
+            request_type = "browse"
+            [[backends]]
+            addr = "127.0.0.1:1"
+            request_types = ["order"]
+            [[backends]]
+            addr = "127.0.0.1:2"
+            "#,
+        )
+        .unwrap();
+        let cfg = raw.validate(&mut xcluster_runtime::Validator::new());
+        let p = StaticPicker::new(&cfg);
+        for _ in 0..50 {
+            assert_eq!(p.pick("browse", &[]), Some(addr(2)));
+            assert_eq!(p.pick("unknown", &[]), Some(addr(2)));
+        }
+        assert_eq!(p.pick("order", &[addr(1)]), Some(addr(2)));
+        assert_eq!(p.pick("order", &[addr(1), addr(2)]), None);
+    }
+}

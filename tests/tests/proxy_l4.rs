@@ -1,0 +1,510 @@
+//! The lb's layer-4 proxy mode, end to end: a real `xcluster lb` forwarding to in-test backends on free ports.
+//! Byte-exact forwarding of many payload sizes, half-close both ways, redispatch past a dead backend, every
+//! backend down, idle timeout, the PROXY v2 header, SIGTERM drain, and a reload that removes a listener.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::mpsc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+use xcluster_tests::*;
+
+const T: Duration = Duration::from_secs(15);
+
+/// Starts a backend on a free loopback port; `serve` runs on its own thread per connection.
+fn backend(serve: impl Fn(TcpStream) + Send + Sync + Clone + 'static) -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    thread::spawn(move || {
+        for s in l.incoming().flatten() {
+            let serve = serve.clone();
+            thread::spawn(move || {
+                s.set_read_timeout(Some(T)).unwrap();
+                serve(s)
+            });
+        }
+    });
+    addr
+}
+
+/// Echoes everything, and half-closes after the client's end-of-stream.
+fn echo_backend() -> SocketAddr {
+    backend(|mut s| {
+        let mut buf = [0u8; 32 * 1024];
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if s.write_all(&buf[..n]).is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+        let _ = s.shutdown(Shutdown::Write);
+    })
+}
+
+/// An address where nothing listens (connect is refused).
+fn dead_addr() -> SocketAddr {
+    free_addr()
+}
+
+struct Lb {
+    proc: Proc,
+    admin: SocketAddr,
+    dir: tempfile::TempDir,
+}
+
+fn lb_config(admin: SocketAddr, grace_ms: u64, proxy: &str) -> String {
+    let workers = if proxy.contains("workers =") {
+        ""
+    } else {
+        "workers = 2\n"
+    };
+    format!(
+        "role = \"lb\"\nlisten = \"{admin}\"\n[log]\nlevel = \"info,xcluster_lb=debug\"\n[shutdown]\ngrace_ms = {grace_ms}\n[proxy]\n{workers}{proxy}"
+    )
+}
+
+fn listener(name: &str, addr: SocketAddr) -> String {
+    format!("[[proxy.listeners]]\nname = \"{name}\"\nlisten = \"{addr}\"\nrequest_type = \"browse\"\n")
+}
+
+fn backends(addrs: &[SocketAddr]) -> String {
+    addrs
+        .iter()
+        .map(|a| format!("[[proxy.backends]]\naddr = \"{a}\"\n"))
+        .collect()
+}
+
+fn start_lb(grace_ms: u64, proxy: &str) -> Lb {
+    let dir = tempfile::tempdir().unwrap();
+    let admin = free_addr();
+    let path = write_file(dir.path(), "lb.toml", &lb_config(admin, grace_ms, proxy));
+    let proc = Proc::xcluster("lb", &["lb", "--config", path.to_str().unwrap()]);
+    wait_ready(admin, T);
+    Lb { proc, admin, dir }
+}
+
+impl Lb {
+    fn metrics(&self) -> String {
+        get(self.admin, "/metrics").unwrap().body
+    }
+
+    fn reload(&self, grace_ms: u64, proxy: &str) {
+        write_file(
+            self.dir.path(),
+            "lb.toml",
+            &lb_config(self.admin, grace_ms, proxy),
+        );
+        self.proc.signal(Signal::SIGHUP);
+    }
+}
+
+fn connect(addr: SocketAddr) -> TcpStream {
+    let s = TcpStream::connect_timeout(&addr, T).unwrap();
+    s.set_read_timeout(Some(T)).unwrap();
+    s.set_write_timeout(Some(T)).unwrap();
+    s
+}
+
+/// Deterministic pseudo-random bytes (xorshift), different per seed.
+fn payload(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// Sends `data` on a writer thread while reading the echo to end-of-stream; returns what came back.
+fn round_trip(addr: SocketAddr, data: Vec<u8>) -> Vec<u8> {
+    let s = connect(addr);
+    let mut w = s.try_clone().unwrap();
+    let writer = thread::spawn(move || {
+        w.write_all(&data).unwrap();
+        w.shutdown(Shutdown::Write).unwrap();
+    });
+    let mut back = Vec::new();
+    (&s).read_to_end(&mut back).unwrap();
+    writer.join().unwrap();
+    back
+}
+
+/// One line through an established connection.
+fn ping(s: &mut TcpStream, msg: &[u8]) {
+    s.write_all(msg).unwrap();
+    let mut got = vec![0u8; msg.len()];
+    s.read_exact(&mut got).unwrap();
+    assert_eq!(got, msg);
+}
+
+fn refused(addr: SocketAddr) -> bool {
+    TcpStream::connect_timeout(&addr, Duration::from_secs(2)).is_err()
+}
+
+#[test]
+fn random_payloads_arrive_byte_exact_both_ways() {
+    for forwarding in ["splice", "copy", "auto"] {
+        let echo = echo_backend();
+        let front = free_addr();
+        let lb = start_lb(
+            1000,
+            &format!(
+                "forwarding = \"{forwarding}\"\n{}{}",
+                listener("web", front),
+                backends(&[echo])
+            ),
+        );
+        let sizes = [
+            0usize,
+            1,
+            7,
+            1460,
+            4096,
+            65_535,
+            65_536,
+            65_537,
+            300_001,
+            4 * 1024 * 1024 + 3,
+        ];
+        let handles: Vec<_> = sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &len)| {
+                thread::spawn(move || {
+                    let data = payload(len, i as u64 + 1);
+                    let back = round_trip(front, data.clone());
+                    assert_eq!(back.len(), data.len(), "{forwarding}: size {len}");
+                    assert!(back == data, "{forwarding}: size {len} came back altered");
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join().unwrap();
+        }
+        let total: usize = sizes.iter().sum();
+        let m = lb.metrics();
+        let up = metric_value(&m, "xcluster_lb_proxy_listener_bytes_total", "direction=\"up\"").unwrap();
+        let down = metric_value(&m, "xcluster_lb_proxy_listener_bytes_total", "direction=\"down\"").unwrap();
+        assert_eq!(up as usize, total, "{forwarding}: bytes up");
+        assert_eq!(down as usize, total, "{forwarding}: bytes down");
+        let accepted = metric_value(
+            &m,
+            "xcluster_lb_proxy_connections_accepted_total",
+            "listener=\"web\"",
+        );
+        assert_eq!(accepted, Some(sizes.len() as f64));
+    }
+}
+
+#[test]
+fn half_close_propagates_both_ways() {
+    // Client closes its side first; the backend answers after seeing end-of-stream.
+    let counter = backend(|mut s| {
+        let mut all = Vec::new();
+        s.read_to_end(&mut all).unwrap();
+        s.write_all(format!("got {} bytes", all.len()).as_bytes())
+            .unwrap();
+    });
+    // Backend closes its side first; the client answers after seeing end-of-stream.
+    let (tx, rx) = mpsc::channel::<Vec<u8>>();
+    let greeter = backend(move |mut s| {
+        s.write_all(b"hello").unwrap();
+        s.shutdown(Shutdown::Write).unwrap();
+        let mut all = Vec::new();
+        s.read_to_end(&mut all).unwrap();
+        tx.send(all).unwrap();
+    });
+    let (a, b) = (free_addr(), free_addr());
+    let proxy = format!(
+        "{}{}[[proxy.backends]]\naddr = \"{counter}\"\nrequest_types = [\"count\"]\n[[proxy.backends]]\naddr = \"{greeter}\"\nrequest_types = [\"greet\"]\n",
+        listener("count", a).replace("browse", "count"),
+        listener("greet", b).replace("browse", "greet"),
+    );
+    let _lb = start_lb(1000, &proxy);
+
+    let mut s = connect(a);
+    s.write_all(&payload(100_000, 9)).unwrap();
+    s.shutdown(Shutdown::Write).unwrap();
+    assert_eq!(read_all(s), "got 100000 bytes");
+
+    let mut s = connect(b);
+    let mut hello = Vec::new();
+    s.read_to_end(&mut hello).unwrap(); // ends only if the backend's FIN came through
+    assert_eq!(hello, b"hello");
+    s.write_all(b"still here").unwrap();
+    s.shutdown(Shutdown::Write).unwrap();
+    assert_eq!(rx.recv_timeout(T).unwrap(), b"still here");
+    let mut rest = Vec::new();
+    assert_eq!(s.read_to_end(&mut rest).unwrap(), 0);
+}
+
+#[test]
+fn dead_backend_is_skipped_by_redispatch() {
+    let echo = echo_backend();
+    let (dead1, dead2) = (dead_addr(), dead_addr());
+    let front = free_addr();
+    let lb = start_lb(
+        1000,
+        &format!(
+            "connect_attempts = 3\n{}{}",
+            listener("web", front),
+            backends(&[dead1, echo, dead2])
+        ),
+    );
+    for i in 0..30u64 {
+        let data = payload(1000 + i as usize, i);
+        assert_eq!(round_trip(front, data.clone()), data, "connection {i}");
+    }
+    let m = lb.metrics();
+    let retries = metric_value(&m, "xcluster_lb_proxy_retries_total", "listener=\"web\"").unwrap();
+    assert!(
+        retries >= 1.0,
+        "30 connections over 1 live and 2 dead backends needed no retry?\n{m}"
+    );
+    let failures = metric_value(
+        &m,
+        "xcluster_lb_proxy_backend_connect_failures_total",
+        &format!("backend=\"{dead1}\""),
+    )
+    .unwrap_or(0.0)
+        + metric_value(
+            &m,
+            "xcluster_lb_proxy_backend_connect_failures_total",
+            &format!("backend=\"{dead2}\""),
+        )
+        .unwrap_or(0.0);
+    assert_eq!(failures, retries);
+    assert_eq!(
+        metric_value(
+            &m,
+            "xcluster_lb_proxy_connections_failed_total",
+            "listener=\"web\""
+        ),
+        Some(0.0)
+    );
+}
+
+#[test]
+fn every_backend_down_closes_the_client_promptly_and_counts_it() {
+    let front = free_addr();
+    let lb = start_lb(
+        1000,
+        &format!(
+            "{}{}",
+            listener("web", front),
+            backends(&[dead_addr(), dead_addr()])
+        ),
+    );
+    let mut s = connect(front);
+    let started = Instant::now();
+    let mut buf = [0u8; 16];
+    match s.read(&mut buf) {
+        Ok(0) => {}
+        Ok(n) => panic!("read {n} bytes from a proxy with no backend"),
+        Err(e) => assert!(
+            matches!(
+                e.kind(),
+                ErrorKind::ConnectionReset | ErrorKind::ConnectionAborted
+            ),
+            "expected end-of-stream or reset, got {e} after {:?}",
+            started.elapsed()
+        ),
+    }
+    eventually(T, "the failed connection to be counted", || {
+        let m = lb.metrics();
+        metric_value(
+            &m,
+            "xcluster_lb_proxy_connections_failed_total",
+            "listener=\"web\"",
+        )
+        .filter(|v| *v == 1.0)
+    });
+}
+
+#[test]
+fn idle_connections_are_closed_and_counted() {
+    let echo = echo_backend();
+    let front = free_addr();
+    let lb = start_lb(
+        1000,
+        &format!(
+            "idle_timeout_ms = 300\n{}{}",
+            listener("web", front),
+            backends(&[echo])
+        ),
+    );
+    let mut s = connect(front);
+    ping(&mut s, b"hi");
+    let mut rest = Vec::new();
+    s.read_to_end(&mut rest).unwrap(); // returns only when the proxy closes the idle connection
+    assert!(rest.is_empty());
+    eventually(T, "the idle timeout to be counted", || {
+        metric_value(
+            &lb.metrics(),
+            "xcluster_lb_proxy_idle_timeouts_total",
+            "listener=\"web\"",
+        )
+        .filter(|v| *v == 1.0)
+    });
+}
+
+#[test]
+fn proxy_protocol_v2_header_names_the_client() {
+    let (tx, rx) = mpsc::channel::<(Vec<u8>, Vec<u8>)>();
+    let b = backend(move |mut s| {
+        let mut header = vec![0u8; 28];
+        s.read_exact(&mut header).unwrap();
+        let mut body = Vec::new();
+        s.read_to_end(&mut body).unwrap();
+        tx.send((header, body)).unwrap();
+    });
+    let front = free_addr();
+    let _lb = start_lb(
+        1000,
+        &format!(
+            "{}proxy_protocol = true\n{}",
+            listener("web", front),
+            backends(&[b])
+        ),
+    );
+    let mut s = connect(front);
+    let client = s.local_addr().unwrap();
+    s.write_all(b"payload").unwrap();
+    s.shutdown(Shutdown::Write).unwrap();
+    let (h, body) = rx.recv_timeout(T).unwrap();
+    assert_eq!(&h[..12], b"\r\n\r\n\0\r\nQUIT\n");
+    assert_eq!(h[12..16], [0x21, 0x11, 0, 12]);
+    assert_eq!(h[16..20], [127, 0, 0, 1]);
+    assert_eq!(u16::from_be_bytes([h[24], h[25]]), client.port());
+    assert_eq!(u16::from_be_bytes([h[26], h[27]]), front.port());
+    assert_eq!(body, b"payload");
+}
+
+#[test]
+fn sigterm_drains_established_connections() {
+    let echo = echo_backend();
+    let front = free_addr();
+    let mut lb = start_lb(
+        30_000,
+        &format!("{}{}", listener("web", front), backends(&[echo])),
+    );
+    let mut s = connect(front);
+    ping(&mut s, b"before");
+    lb.proc.signal(Signal::SIGTERM);
+    eventually(T, "the proxy listener to close", || refused(front).then_some(()));
+    // The established connection is still served while draining...
+    ping(&mut s, b"during the drain");
+    assert!(
+        lb.proc.is_running(),
+        "the lb must wait for the established connection"
+    );
+    // ...and the lb exits cleanly as soon as it ends, long before the 30 s grace period.
+    s.shutdown(Shutdown::Write).unwrap();
+    let mut rest = Vec::new();
+    s.read_to_end(&mut rest).unwrap();
+    let started = Instant::now();
+    let code = lb
+        .proc
+        .wait_exit(T)
+        .expect("lb did not exit after its last connection ended");
+    assert_eq!(code, 0, "{}", lb.proc.stderr());
+    assert!(started.elapsed() < Duration::from_secs(10));
+}
+
+#[test]
+fn reload_removing_a_listener_keeps_its_connections() {
+    let (echo1, echo2) = (echo_backend(), echo_backend());
+    let (a, b) = (free_addr(), free_addr());
+    let lb = start_lb(
+        1000,
+        &format!("{}{}{}", listener("a", a), listener("b", b), backends(&[echo1])),
+    );
+    let mut on_a = connect(a);
+    ping(&mut on_a, b"first");
+
+    // Remove listener `a`, switch the backends to echo2.
+    lb.reload(1000, &format!("{}{}", listener("b", b), backends(&[echo2])));
+    eventually(T, "the reload to be applied", || {
+        metric_value(&lb.metrics(), "xcluster_config_reloads_total", "").filter(|v| *v >= 1.0)
+    });
+    eventually(T, "listener a to close", || refused(a).then_some(()));
+    ping(&mut on_a, b"still served after the reload");
+
+    // New connections on `b` go to the new backend only.
+    for i in 0..5 {
+        assert_eq!(round_trip(b, payload(10, i)), payload(10, i));
+    }
+    let m = lb.metrics();
+    let to = |addr: SocketAddr| {
+        metric_value(
+            &m,
+            "xcluster_lb_proxy_backend_connects_total",
+            &format!("backend=\"{addr}\""),
+        )
+        .unwrap_or(0.0)
+    };
+    assert_eq!(to(echo2), 5.0, "{m}");
+    assert_eq!(to(echo1), 1.0, "{m}");
+
+    // Re-adding the listener works, and the old connection ends normally.
+    lb.reload(
+        1000,
+        &format!("{}{}{}", listener("a", a), listener("b", b), backends(&[echo2])),
+    );
+    eventually(T, "listener a to come back", || TcpStream::connect(a).ok());
+    ping(&mut on_a, b"last");
+    on_a.shutdown(Shutdown::Write).unwrap();
+    let mut rest = Vec::new();
+    on_a.read_to_end(&mut rest).unwrap();
+    assert!(rest.is_empty());
+}
+
+#[test]
+fn max_connections_holds_new_clients_until_a_permit_frees() {
+    let echo = echo_backend();
+    let front = free_addr();
+    // One worker, so accepting and serving share one thread and the order below is deterministic enough.
+    let lb = start_lb(
+        1000,
+        &format!(
+            "workers = 1\nmax_connections = 2\n{}{}",
+            listener("web", front),
+            backends(&[echo])
+        ),
+    );
+    let mut c1 = connect(front);
+    ping(&mut c1, b"one");
+    let mut c2 = connect(front);
+    ping(&mut c2, b"two");
+    // The kernel completes the third handshake, but the proxy takes no permit, so it does not accept it.
+    let mut c3 = connect(front);
+    c3.write_all(b"three").unwrap();
+    ping(&mut c2, b"two again");
+    let accepted = |lb: &Lb| {
+        metric_value(
+            &lb.metrics(),
+            "xcluster_lb_proxy_connections_accepted_total",
+            "listener=\"web\"",
+        )
+    };
+    assert_eq!(accepted(&lb), Some(2.0));
+    // Ending one connection frees a permit: the waiting client is served with what it already sent.
+    c1.shutdown(Shutdown::Write).unwrap();
+    let mut rest = Vec::new();
+    c1.read_to_end(&mut rest).unwrap();
+    let mut got = [0u8; 5];
+    c3.read_exact(&mut got).unwrap();
+    assert_eq!(&got, b"three");
+    assert_eq!(accepted(&lb), Some(3.0));
+}
