@@ -36,7 +36,7 @@ pub struct RawConfig {
 }
 
 /// `[reports]`: how agent reports are authenticated.
-#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ReportsSection {
     /// The shared HMAC key, inline (prefer `key_file`).
@@ -47,6 +47,17 @@ pub struct ReportsSection {
     pub skew_ms: u64,
     /// Most distinct agents remembered (bounds memory against a flood of agent ids).
     pub max_agents: usize,
+}
+
+impl Default for ReportsSection {
+    fn default() -> Self {
+        Self {
+            key: String::new(),
+            key_file: String::new(),
+            skew_ms: 10_000,
+            max_agents: 1024,
+        }
+    }
 }
 
 /// `[directory]`: the weight computation's tunables (see ARCHITECTURE.md, "lb").
@@ -130,11 +141,7 @@ impl Default for RawConfig {
             listen: "127.0.0.1:7000".into(),
             advertise: String::new(),
             peers: Vec::new(),
-            reports: ReportsSection {
-                skew_ms: 10_000,
-                max_agents: 1024,
-                ..Default::default()
-            },
+            reports: ReportsSection::default(),
             directory: DirectorySection::default(),
             admin: AdminSection::default(),
             types: BTreeMap::from([("default".to_string(), RawType::default())]),
