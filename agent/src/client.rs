@@ -18,7 +18,11 @@ pub enum CallError {
     #[error("{addr}: {message}")]
     Io { addr: SocketAddr, message: String },
     #[error("{addr}: answered {status}: {body}")]
-    Status { addr: SocketAddr, status: StatusCode, body: String },
+    Status {
+        addr: SocketAddr,
+        status: StatusCode,
+        body: String,
+    },
 }
 
 /// Sends one request and returns the body of a 2xx answer (at most `max_body` bytes).
@@ -45,7 +49,10 @@ async fn exchange(
     body: Bytes,
     max_body: usize,
 ) -> Result<Bytes, CallError> {
-    let io = |e: &dyn std::fmt::Display| CallError::Io { addr, message: e.to_string() };
+    let io = |e: &dyn std::fmt::Display| CallError::Io {
+        addr,
+        message: e.to_string(),
+    };
     let stream = tokio::net::TcpStream::connect(addr).await.map_err(|e| io(&e))?;
     let _ = stream.set_nodelay(true);
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))

@@ -125,9 +125,16 @@ impl RoleConfig for Config {
         v.check(
             !agent_id.is_empty() && agent_id.len() <= xcluster_proto::report::MAX_ID_BYTES,
             "agent_id",
-            || format!("{agent_id:?} must be 1..={} bytes", xcluster_proto::report::MAX_ID_BYTES),
+            || {
+                format!(
+                    "{agent_id:?} must be 1..={} bytes",
+                    xcluster_proto::report::MAX_ID_BYTES
+                )
+            },
         );
-        v.check(raw.balancers.len() <= 64, "balancers", || "at most 64 balancers".into());
+        v.check(raw.balancers.len() <= 64, "balancers", || {
+            "at most 64 balancers".into()
+        });
         let balancers = raw
             .balancers
             .iter()
@@ -147,11 +154,19 @@ impl RoleConfig for Config {
             v.check(
                 !i.id.is_empty() && i.id.len() <= xcluster_proto::report::MAX_ID_BYTES,
                 &format!("{key}.id"),
-                || format!("{:?} must be 1..={} bytes", i.id, xcluster_proto::report::MAX_ID_BYTES),
+                || {
+                    format!(
+                        "{:?} must be 1..={} bytes",
+                        i.id,
+                        xcluster_proto::report::MAX_ID_BYTES
+                    )
+                },
             );
-            v.check(!instances.iter().any(|o| o.id == i.id), &format!("{key}.id"), || {
-                format!("{:?} is repeated", i.id)
-            });
+            v.check(
+                !instances.iter().any(|o| o.id == i.id),
+                &format!("{key}.id"),
+                || format!("{:?} is repeated", i.id),
+            );
             let addr = v.addr(&format!("{key}.addr"), &i.addr);
             let (stats_addr, stats_path) = if i.stats_url.is_empty() {
                 (addr, "/v1/stats".to_string())

@@ -16,7 +16,11 @@ const TICKS_PER_SEC: f64 = 100.0;
 fn read_small(path: &Path) -> Option<String> {
     use std::io::Read;
     let mut s = String::new();
-    std::fs::File::open(path).ok()?.take(64 * 1024).read_to_string(&mut s).ok()?;
+    std::fs::File::open(path)
+        .ok()?
+        .take(64 * 1024)
+        .read_to_string(&mut s)
+        .ok()?;
     Some(s)
 }
 
@@ -84,7 +88,11 @@ impl HostSampler {
             None => (busy, total),
         };
         self.prev = Some((busy, total));
-        let cpu = if dt == 0 { 0.0 } else { (db as f64 / dt as f64).clamp(0.0, 1.0) };
+        let cpu = if dt == 0 {
+            0.0
+        } else {
+            (db as f64 / dt as f64).clamp(0.0, 1.0)
+        };
         let mem = read_small(Path::new("/proc/meminfo"))
             .and_then(|t| parse_meminfo(&t))
             .unwrap_or(0.0);
@@ -92,19 +100,30 @@ impl HostSampler {
             .and_then(|t| t.split_whitespace().next()?.parse::<f64>().ok())
             .filter(|l| l.is_finite() && *l >= 0.0)
             .unwrap_or(0.0);
-        HostLoad { cpu, mem, load1, cores: cores.min(4096) }
+        HostLoad {
+            cpu,
+            mem,
+            load1,
+            cores: cores.min(4096),
+        }
     }
 
     /// A process's CPU use in cores since the previous call for that pid, and its RSS in bytes.
     pub fn process(&mut self, pid: u32) -> Option<(f64, u64)> {
         let base = Path::new("/proc").join(pid.to_string());
         let ticks = parse_pid_stat(&read_small(&base.join("stat"))?)?;
-        let rss = read_small(&base.join("status")).and_then(|t| parse_rss(&t)).unwrap_or(0);
+        let rss = read_small(&base.join("status"))
+            .and_then(|t| parse_rss(&t))
+            .unwrap_or(0);
         let now = Instant::now();
         let cpu = match self.procs.insert(pid, (ticks, now)) {
             Some((prev, at)) => {
                 let secs = now.duration_since(at).as_secs_f64();
-                if secs > 0.0 { ticks.saturating_sub(prev) as f64 / TICKS_PER_SEC / secs } else { 0.0 }
+                if secs > 0.0 {
+                    ticks.saturating_sub(prev) as f64 / TICKS_PER_SEC / secs
+                } else {
+                    0.0
+                }
             }
             None => 0.0,
         };

@@ -45,12 +45,18 @@ pub async fn run(ctx: Context<Config>) -> Result<(), Error> {
     }
     let (latest_tx, latest_rx) = watch::channel(None);
     tokio::spawn(reporter::run(ctx.config.clone(), latest_tx, drain.clone()));
-    xcluster_runtime::admin::serve_api(cfg.listen, ctx.health.clone(), handler(latest_rx), limits, drain.clone())
-        .await
-        .map_err(|source| Error::Listen {
-            addr: cfg.listen,
-            source,
-        })?;
+    xcluster_runtime::admin::serve_api(
+        cfg.listen,
+        ctx.health.clone(),
+        handler(latest_rx),
+        limits,
+        drain.clone(),
+    )
+    .await
+    .map_err(|source| Error::Listen {
+        addr: cfg.listen,
+        source,
+    })?;
     ctx.health.set_ready();
     tracing::info!(agent = %cfg.agent_id, balancers = cfg.balancers.len(), instances = cfg.instances.len(), "reporting");
     drain.cancelled().await;
@@ -73,7 +79,11 @@ fn handler(latest: watch::Receiver<Option<LoadReport>>) -> Handler {
                     "method_not_allowed",
                     &format!("{m} is not allowed on /v1/report"),
                 ),
-                _ => error(StatusCode::NOT_FOUND, "not_found", &format!("no such endpoint: {path}")),
+                _ => error(
+                    StatusCode::NOT_FOUND,
+                    "not_found",
+                    &format!("no such endpoint: {path}"),
+                ),
             }
         })
     })

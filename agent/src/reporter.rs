@@ -27,9 +27,7 @@ const MIN_EARLY_GAP: Duration = Duration::from_millis(50);
 pub fn jumped(prev: &InstanceLoad, cur: &InstanceLoad) -> bool {
     let held = |i: &InstanceLoad| u64::from(i.in_flight) + u64::from(i.queued);
     let (p, c) = (held(prev), held(cur));
-    prev.ready != cur.ready
-        || (c >= 2 * p && c >= p + 4)
-        || cur.error_rate - prev.error_rate >= 0.2
+    prev.ready != cur.ready || (c >= 2 * p && c >= p + 4) || cur.error_rate - prev.error_rate >= 0.2
 }
 
 /// Whether any instance jumped, appeared or disappeared.
@@ -57,7 +55,11 @@ pub fn to_load(inst: &InstanceConfig, s: InstanceStats) -> InstanceLoad {
 
 /// An instance that could not be sampled: reported, but not ready.
 fn unreachable_load(inst: &InstanceConfig) -> InstanceLoad {
-    InstanceLoad { id: inst.id.clone(), addr: inst.addr.to_string(), ..Default::default() }
+    InstanceLoad {
+        id: inst.id.clone(),
+        addr: inst.addr.to_string(),
+        ..Default::default()
+    }
 }
 
 async fn fetch(inst: &InstanceConfig, timeout: Duration) -> Result<InstanceLoad, String> {
@@ -92,7 +94,8 @@ async fn sample_instances(cfg: &Config, failing: &mut Vec<bool>) -> Vec<Instance
                 l
             }
             Err(e) => {
-                ::metrics::counter!(metrics::STATS_FAILURES_TOTAL, "instance" => inst.id.clone()).increment(1);
+                ::metrics::counter!(metrics::STATS_FAILURES_TOTAL, "instance" => inst.id.clone())
+                    .increment(1);
                 // Warn on the transition only; repeat failures go to debug.
                 if !*was_failing {
                     warn!(instance = %inst.id, error = %e, "cannot sample instance; reporting it not ready");
@@ -107,7 +110,9 @@ async fn sample_instances(cfg: &Config, failing: &mut Vec<bool>) -> Vec<Instance
 }
 
 fn wall_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// Runs the loop until `cancel` fires. The latest report is published on `latest` (for `/v1/report`).
@@ -119,7 +124,9 @@ pub async fn run(
     let mut host = HostSampler::default();
     host.sample(); // Prime the CPU delta.
     // Sequence numbers start at the wall clock in µs, so they keep increasing across restarts.
-    let mut seq = SystemTime::now().duration_since(UNIX_EPOCH).map_or(1, |d| d.as_micros() as u64);
+    let mut seq = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(1, |d| d.as_micros() as u64);
     let mut last_sent: Vec<InstanceLoad> = Vec::new();
     let mut failing = Vec::new();
     let mut next_due = Instant::now();
@@ -165,7 +172,13 @@ fn build(cfg: &Config, host: &mut HostSampler, seq: u64, mut instances: Vec<Inst
     }
     host.retain_pids(&pids);
     ::metrics::counter!(metrics::REPORTS_TOTAL).increment(1);
-    LoadReport { agent: cfg.agent_id.clone(), seq, timestamp_ms: wall_ms(), host: h, instances }
+    LoadReport {
+        agent: cfg.agent_id.clone(),
+        seq,
+        timestamp_ms: wall_ms(),
+        host: h,
+        instances,
+    }
 }
 
 /// Signs the report once and pushes it to every balancer, each in its own task with its own timeout.
@@ -206,17 +219,42 @@ mod tests {
     use super::*;
 
     fn load(ready: bool, in_flight: u32, queued: u32, err: f64) -> InstanceLoad {
-        InstanceLoad { id: "a".into(), ready, in_flight, queued, error_rate: err, ..Default::default() }
+        InstanceLoad {
+            id: "a".into(),
+            ready,
+            in_flight,
+            queued,
+            error_rate: err,
+            ..Default::default()
+        }
     }
 
     #[test]
     fn jumps() {
-        assert!(jumped(&load(true, 2, 2, 0.0), &load(false, 2, 2, 0.0)), "turned unready");
-        assert!(jumped(&load(false, 0, 0, 0.0), &load(true, 0, 0, 0.0)), "turned ready");
-        assert!(jumped(&load(true, 5, 5, 0.0), &load(true, 10, 10, 0.0)), "queue doubled");
-        assert!(!jumped(&load(true, 1, 0, 0.0), &load(true, 2, 0, 0.0)), "1 -> 2 is noise");
-        assert!(!jumped(&load(true, 5, 5, 0.0), &load(true, 8, 8, 0.0)), "not doubled");
-        assert!(jumped(&load(true, 0, 0, 0.0), &load(true, 0, 0, 0.3)), "errors leapt");
+        assert!(
+            jumped(&load(true, 2, 2, 0.0), &load(false, 2, 2, 0.0)),
+            "turned unready"
+        );
+        assert!(
+            jumped(&load(false, 0, 0, 0.0), &load(true, 0, 0, 0.0)),
+            "turned ready"
+        );
+        assert!(
+            jumped(&load(true, 5, 5, 0.0), &load(true, 10, 10, 0.0)),
+            "queue doubled"
+        );
+        assert!(
+            !jumped(&load(true, 1, 0, 0.0), &load(true, 2, 0, 0.0)),
+            "1 -> 2 is noise"
+        );
+        assert!(
+            !jumped(&load(true, 5, 5, 0.0), &load(true, 8, 8, 0.0)),
+            "not doubled"
+        );
+        assert!(
+            jumped(&load(true, 0, 0, 0.0), &load(true, 0, 0, 0.3)),
+            "errors leapt"
+        );
         assert!(any_jump(&[], &[load(true, 0, 0, 0.0)]), "new instance");
     }
 }

@@ -311,7 +311,7 @@ fn validate_directory(v: &mut Validator, d: &DirectorySection, types: &BTreeMap<
                 v.error(format!("{key}.{k}"), format!("{x} is out of range (0..=1)"));
             }
         }
-        if !(t.cpu + t.mem + t.queue > 0.0) {
+        if t.cpu + t.mem + t.queue <= 0.0 {
             v.error(&key, "at least one of cpu, mem, queue must be above 0");
         }
         if !(t.cost.is_finite() && t.cost > 0.0 && t.cost <= 1000.0) {

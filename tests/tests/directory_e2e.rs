@@ -22,8 +22,18 @@ fn load_moves_weight_on_both_balancers_and_watch_expiry_drain_behave() {
     let _p2 = start("lb", lb2, &lb_config(lb2, &[lb1]), dir.path());
     let (app_a, app_b) = (FakeApp::start("a"), FakeApp::start("b"));
     let (ag1, ag2) = (free_addr(), free_addr());
-    let agent1 = start("agent", ag1, &agent_config(ag1, "host-1", &[lb1, lb2], &[("h1/a", &app_a)]), dir.path());
-    let agent2 = start("agent", ag2, &agent_config(ag2, "host-2", &[lb1, lb2], &[("h2/b", &app_b)]), dir.path());
+    let agent1 = start(
+        "agent",
+        ag1,
+        &agent_config(ag1, "host-1", &[lb1, lb2], &[("h1/a", &app_a)]),
+        dir.path(),
+    );
+    let agent2 = start(
+        "agent",
+        ag2,
+        &agent_config(ag2, "host-2", &[lb1, lb2], &[("h2/b", &app_b)]),
+        dir.path(),
+    );
     let cpu_start = proc_cpu_ticks(agent1.pid());
 
     // Both instances come up on both balancers, past slow start, with equal weights.
@@ -35,8 +45,12 @@ fn load_moves_weight_on_both_balancers_and_watch_expiry_drain_behave() {
         });
     }
     let list = servers(lb1, "browse");
-    let mut balancers: Vec<String> =
-        list["balancers"].as_array().unwrap().iter().map(|b| b.as_str().unwrap().to_string()).collect();
+    let mut balancers: Vec<String> = list["balancers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b.as_str().unwrap().to_string())
+        .collect();
     balancers.sort();
     let mut expected = vec![lb1.to_string(), lb2.to_string()];
     expected.sort();
@@ -44,13 +58,17 @@ fn load_moves_weight_on_both_balancers_and_watch_expiry_drain_behave() {
 
     // Load instance A's queue: its browse weight falls on both balancers, and both publish one version.
     app_a.set(|s| s.in_flight = 80);
-    let (wa, wb) = eventually(WAIT, "A's weight to fall on both balancers with equal versions", || {
-        let (l1, l2) = (servers(lb1, "browse"), servers(lb2, "browse"));
-        let (a1, b1) = (entry(&l1, "h1/a")?, entry(&l1, "h2/b")?);
-        let (a2, b2) = (entry(&l2, "h1/a")?, entry(&l2, "h2/b")?);
-        let settled = a1.0 * 4 < b1.0 && a2.0 * 4 < b2.0;
-        (settled && l1["version"] == l2["version"] && a1 == a2 && b1 == b2).then_some((a1.0, b1.0))
-    });
+    let (wa, wb) = eventually(
+        WAIT,
+        "A's weight to fall on both balancers with equal versions",
+        || {
+            let (l1, l2) = (servers(lb1, "browse"), servers(lb2, "browse"));
+            let (a1, b1) = (entry(&l1, "h1/a")?, entry(&l1, "h2/b")?);
+            let (a2, b2) = (entry(&l2, "h1/a")?, entry(&l2, "h2/b")?);
+            let settled = a1.0 * 4 < b1.0 && a2.0 * 4 < b2.0;
+            (settled && l1["version"] == l2["version"] && a1 == a2 && b1 == b2).then_some((a1.0, b1.0))
+        },
+    );
     println!("loaded instance weight {wa} vs idle {wb} on both balancers");
     // Picks follow the weights: the idle instance gets most of them.
     let mut b_picks = 0;
@@ -76,13 +94,19 @@ fn load_moves_weight_on_both_balancers_and_watch_expiry_drain_behave() {
     let (returned_at, r) = watcher.join().unwrap();
     assert_eq!(r.status, 200, "{}", r.body);
     let l = r.json();
-    assert_ne!(l["version"].as_u64().unwrap(), v, "the watch returned without a change (timeout)");
+    assert_ne!(
+        l["version"].as_u64().unwrap(),
+        v,
+        "the watch returned without a change (timeout)"
+    );
     println!(
         "watch returned {:?} after the app turned unready (agent sampling + early push + balancer)",
         returned_at.saturating_duration_since(changed_at)
     );
     eventually(WAIT, "B down with weight 0 on both", || {
-        let ok = [lb1, lb2].iter().all(|lb| entry(&servers(*lb, "browse"), "h2/b") == Some((0, "down".into())));
+        let ok = [lb1, lb2]
+            .iter()
+            .all(|lb| entry(&servers(*lb, "browse"), "h2/b") == Some((0, "down".into())));
         ok.then_some(())
     });
     app_b.set(|s| s.ready = true);
@@ -94,11 +118,18 @@ fn load_moves_weight_on_both_balancers_and_watch_expiry_drain_behave() {
 
     // Drain B on lb1: lb1 never picks it, lb2 still does; undrain restores it.
     let path = "/v1/servers/h2%2Fb/drain";
-    assert_eq!(request(lb1, "POST", path, &[], None).unwrap().status, 401, "token required");
+    assert_eq!(
+        request(lb1, "POST", path, &[], None).unwrap().status,
+        401,
+        "token required"
+    );
     let auth = format!("Bearer {TOKEN}");
     let r = request(lb1, "POST", path, &[("authorization", &auth)], None).unwrap();
     assert_eq!(r.status, 200, "{}", r.body);
-    assert_eq!(entry(&servers(lb1, "browse"), "h2/b"), Some((0, "drained".into())));
+    assert_eq!(
+        entry(&servers(lb1, "browse"), "h2/b"),
+        Some((0, "drained".into()))
+    );
     for _ in 0..50 {
         let p = get(lb1, "/v1/pick?type=browse").unwrap().json();
         assert_eq!(p["id"], "h1/a", "a drained instance was picked");
@@ -106,7 +137,14 @@ fn load_moves_weight_on_both_balancers_and_watch_expiry_drain_behave() {
     eventually(WAIT, "lb2 (not drained) still picks B", || {
         (get(lb2, "/v1/pick?type=browse").unwrap().json()["id"] == "h2/b").then_some(())
     });
-    let r = request(lb1, "POST", "/v1/servers/h2%2Fb/undrain", &[("authorization", &auth)], None).unwrap();
+    let r = request(
+        lb1,
+        "POST",
+        "/v1/servers/h2%2Fb/undrain",
+        &[("authorization", &auth)],
+        None,
+    )
+    .unwrap();
     assert_eq!(r.status, 200, "{}", r.body);
     eventually(WAIT, "lb1 picks B again", || {
         (get(lb1, "/v1/pick?type=browse").unwrap().json()["id"] == "h2/b").then_some(())
@@ -129,15 +167,22 @@ fn load_moves_weight_on_both_balancers_and_watch_expiry_drain_behave() {
             (entry(&l, "h2/b").is_none() && entry(&l, "h1/a").is_some()).then_some(())
         });
     }
-    println!("stale instance left both tables {:?} after its agent stopped", stopped.elapsed());
+    println!(
+        "stale instance left both tables {:?} after its agent stopped",
+        stopped.elapsed()
+    );
     let status = get(lb1, "/v1/status").unwrap().json();
     assert!(status["reports_accepted"].as_u64().unwrap() > 0);
     let metrics = get(lb1, "/metrics").unwrap().body;
     assert!(metric_value(&metrics, "xcluster_lb_reports_accepted_total", "").unwrap() > 0.0);
     eventually(WAIT, "weight gauge exported", || {
         let m = get(lb1, "/metrics").unwrap().body;
-        metric_value(&m, "xcluster_lb_instance_weight", "instance=\"h1/a\",type=\"browse\"")
-            .filter(|w| *w > 0.0)
+        metric_value(
+            &m,
+            "xcluster_lb_instance_weight",
+            "instance=\"h1/a\",type=\"browse\"",
+        )
+        .filter(|w| *w > 0.0)
     });
     drop(agent1);
 }

@@ -64,7 +64,10 @@ async fn reports(dir: Directory, req: Request<Incoming>) -> Response<Body> {
         Ok(b) => b,
         Err(e) => {
             if matches!(e, BodyError::TooLarge { .. }) {
-                dir.count_rejection(&ReportError::TooLarge);
+                // Same code as every other rejection: the reason it is counted under.
+                let err = ReportError::TooLarge;
+                dir.count_rejection(&err);
+                return error(StatusCode::PAYLOAD_TOO_LARGE, err.reason(), &err.to_string());
             }
             return e.response();
         }
@@ -92,8 +95,8 @@ struct Query {
     watch: Option<u64>,
 }
 
-fn parse_query(query: Option<&str>, allow_watch: bool) -> Result<Query, Response<Body>> {
-    let bad = |m: String| error(StatusCode::BAD_REQUEST, "bad_query", &m);
+fn parse_query(query: Option<&str>, allow_watch: bool) -> Result<Query, String> {
+    let bad = |m: String| m;
     let pairs = query_pairs(query).map_err(bad)?;
     let (mut ty, mut watch) = (None, None);
     for (k, v) in pairs {
@@ -130,7 +133,7 @@ fn query_error(e: &QueryError) -> Response<Body> {
 async fn servers(dir: Directory, query: Option<&str>) -> Response<Body> {
     let q = match parse_query(query, true) {
         Ok(q) => q,
-        Err(r) => return r,
+        Err(m) => return error(StatusCode::BAD_REQUEST, "bad_query", &m),
     };
     let result = match q.watch {
         None => {
@@ -152,7 +155,7 @@ async fn servers(dir: Directory, query: Option<&str>) -> Response<Body> {
 fn pick(dir: &Directory, query: Option<&str>) -> Response<Body> {
     let q = match parse_query(query, false) {
         Ok(q) => q,
-        Err(r) => return r,
+        Err(m) => return error(StatusCode::BAD_REQUEST, "bad_query", &m),
     };
     ::metrics::counter!(metrics::QUERIES_TOTAL, "endpoint" => "pick").increment(1);
     match dir.pick_answer(&q.ty) {

@@ -262,7 +262,7 @@ impl Directory {
                 _ = tick.tick() => {}
             }
             self.tick();
-            if n % 10 == 0 {
+            if n.is_multiple_of(10) {
                 self.snapshot().export_metrics(self.now_ms());
             }
             n += 1;

@@ -172,7 +172,8 @@ impl Table {
             let fresh = Self::is_fresh(i, now_ms, p);
             let drained = self.drained.contains(&*i.id);
             // Stale instances leave the list, unless panic mode spreads traffic over every known one.
-            if !fresh && !(panic && !drained) {
+            let listed = fresh || (panic && !drained);
+            if !listed {
                 continue;
             }
             let (state, weight) = if drained {

@@ -64,7 +64,12 @@ impl FakeApp {
                 }
             }
         });
-        FakeApp { addr, stats, stop, thread: Some(thread) }
+        FakeApp {
+            addr,
+            stats,
+            stop,
+            thread: Some(thread),
+        }
     }
 
     pub fn set(&self, f: impl FnOnce(&mut InstanceStats)) {
@@ -115,14 +120,22 @@ cost = 2.0
 }
 
 /// An agent config reporting `apps` (id, fake app) to `balancers`.
-pub fn agent_config(addr: SocketAddr, id: &str, balancers: &[SocketAddr], apps: &[(&str, &FakeApp)]) -> String {
+pub fn agent_config(
+    addr: SocketAddr,
+    id: &str,
+    balancers: &[SocketAddr],
+    apps: &[(&str, &FakeApp)],
+) -> String {
     let bals: Vec<String> = balancers.iter().map(|b| format!("\"{b}\"")).collect();
     let mut s = format!(
         "role = \"agent\"\nlisten = \"{addr}\"\nagent_id = \"{id}\"\nbalancers = [{}]\nkey = \"{KEY}\"\ninterval_ms = 500\nsample_ms = 50\ntimeout_ms = 300\n",
         bals.join(", ")
     );
     for (iid, app) in apps {
-        s.push_str(&format!("[[instances]]\nid = \"{iid}\"\naddr = \"{}\"\n", app.addr));
+        s.push_str(&format!(
+            "[[instances]]\nid = \"{iid}\"\naddr = \"{}\"\n",
+            app.addr
+        ));
     }
     s
 }
@@ -145,7 +158,12 @@ pub fn report(agent: &str, seq: u64, ts: u64, instances: &[(&str, SocketAddr, u3
         agent: agent.into(),
         seq,
         timestamp_ms: ts,
-        host: HostLoad { cpu: 0.1, mem: 0.1, load1: 0.0, cores: 8 },
+        host: HostLoad {
+            cpu: 0.1,
+            mem: 0.1,
+            load1: 0.0,
+            cores: 8,
+        },
         instances: instances
             .iter()
             .map(|(id, addr, in_flight)| InstanceLoad {
@@ -185,5 +203,10 @@ pub fn entry(list: &serde_json::Value, id: &str) -> Option<(u64, String)> {
         .as_array()?
         .iter()
         .find(|s| s["id"] == id)
-        .map(|s| (s["weight"].as_u64().unwrap(), s["state"].as_str().unwrap().to_string()))
+        .map(|s| {
+            (
+                s["weight"].as_u64().unwrap(),
+                s["state"].as_str().unwrap().to_string(),
+            )
+        })
 }
