@@ -9,7 +9,7 @@ use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use xcluster_proto::report::{MAX_REPORT_BYTES, ReportError, SIGNATURE_HEADER};
 use xcluster_runtime::http::{
-    Body, BodyError, Handler, bearer_ok, error, json, query_pairs, read_body, unauthorized,
+    Body, BodyError, Handler, bearer_ok, error, json, query_pairs, read_body, unauthorized, with_type,
 };
 
 use super::{Directory, QueryError};
@@ -138,7 +138,7 @@ async fn servers(dir: Directory, query: Option<&str>) -> Response<Body> {
     let result = match q.watch {
         None => {
             ::metrics::counter!(metrics::QUERIES_TOTAL, "endpoint" => "servers").increment(1);
-            dir.servers(&q.ty)
+            dir.servers_json(&q.ty)
         }
         Some(v) => {
             ::metrics::counter!(metrics::QUERIES_TOTAL, "endpoint" => "watch").increment(1);
@@ -147,7 +147,7 @@ async fn servers(dir: Directory, query: Option<&str>) -> Response<Body> {
         }
     };
     match result {
-        Ok(list) => json(StatusCode::OK, &list),
+        Ok((_, body)) => with_type(StatusCode::OK, "application/json", body),
         Err(e) => query_error(&e),
     }
 }

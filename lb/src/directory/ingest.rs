@@ -145,7 +145,7 @@ mod tests {
             assert_eq!(err.reason(), reason);
         }
         assert!(
-            d.snapshot().instances.is_empty(),
+            d.status().instances.is_empty(),
             "no rejected report touched the table"
         );
         d.ingest(&ok, Some(&report::sign(b"k", &ok))).unwrap();

@@ -175,13 +175,24 @@ impl Directory {
         snap.server_list(ty, self.now_ms(), &settings)
     }
 
-    /// Long poll: the list of `ty` as soon as its version differs from `version`, or after `timeout`.
-    pub async fn watch(&self, ty: &str, version: u64, timeout: Duration) -> Result<ServerList, QueryError> {
+    /// The server list of type `ty` as JSON (rendered once per snapshot), with its version.
+    pub fn servers_json(&self, ty: &str) -> Result<(u64, bytes::Bytes), QueryError> {
+        self.snapshot().server_list_json(ty, &self.settings())
+    }
+
+    /// Long poll: the list of `ty` (as JSON) as soon as its version differs from `version`, or after
+    /// `timeout`, or when the directory closes.
+    pub async fn watch(
+        &self,
+        ty: &str,
+        version: u64,
+        timeout: Duration,
+    ) -> Result<(u64, bytes::Bytes), QueryError> {
         let mut rx = self.inner.changed.subscribe();
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
-            let list = self.servers(ty)?;
-            if list.version != version {
+            let list = self.servers_json(ty)?;
+            if list.0 != version {
                 return Ok(list);
             }
             tokio::select! {
@@ -236,12 +247,13 @@ impl Directory {
     pub fn status(&self) -> LbStatus {
         let snap = self.snapshot();
         let settings = self.settings();
+        let instances = snapshot::instance_status(&self.table(), &snap, self.now_ms());
         let counts = &self.inner.counts;
         LbStatus {
             balancer: settings.balancers.first().cloned().unwrap_or_default(),
             version: snap.version,
             types: snap.types.keys().cloned().collect(),
-            instances: snap.instance_status(self.now_ms()),
+            instances,
             reports_accepted: counts.accepted.load(Ordering::Relaxed),
             reports_rejected: ingest::REASONS
                 .iter()
@@ -263,7 +275,9 @@ impl Directory {
             }
             self.tick();
             if n.is_multiple_of(10) {
-                self.snapshot().export_metrics(self.now_ms());
+                let snap = self.snapshot();
+                let status = snapshot::instance_status(&self.table(), &snap, self.now_ms());
+                snapshot::export_metrics(&status, &snap);
             }
             n += 1;
         }

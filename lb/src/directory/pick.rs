@@ -111,6 +111,7 @@ mod tests {
             .iter()
             .enumerate()
             .map(|(i, &w)| Row {
+                key: i as u64,
                 id: Arc::from(format!("i{i}").as_str()),
                 addr: SocketAddr::from(([127, 0, 0, 1], 1000 + i as u16)),
                 weight: w,

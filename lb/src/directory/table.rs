@@ -16,6 +16,8 @@ use super::weights::{self, Load, Params};
 /// One instance as the table remembers it.
 #[derive(Debug, Clone)]
 pub struct Instance {
+    /// [`identity`] of id and address.
+    pub key: u64,
     pub id: Arc<str>,
     pub addr: SocketAddr,
     pub agent: String,
@@ -44,6 +46,8 @@ pub struct Table {
 /// One published row of a type's list.
 #[derive(Debug, Clone)]
 pub struct Row {
+    /// Stable hash of the id and address (see [`identity`]), so versions hash 13 bytes per row.
+    pub key: u64,
     pub id: Arc<str>,
     pub addr: SocketAddr,
     pub weight: u32,
@@ -120,6 +124,7 @@ impl Table {
             self.instances.insert(
                 id.clone(),
                 Instance {
+                    key: identity(&id, &i.addr),
                     id,
                     addr,
                     agent: report.agent.clone(),
@@ -193,6 +198,7 @@ impl Table {
                 }
             };
             rows.push(Row {
+                key: i.key,
                 id: i.id.clone(),
                 addr: i.addr,
                 weight,
@@ -209,12 +215,21 @@ impl Table {
     }
 }
 
+/// A stable hash of an instance's id and address (as reported), the identity part of its version entry.
+pub fn identity(id: &str, addr: &str) -> u64 {
+    weights::fnv1a(
+        addr.as_bytes(),
+        weights::fnv1a(&[0], weights::fnv1a(id.as_bytes(), 0)),
+    )
+}
+
 /// The version of a type's list: a stable hash of its canonical content (rows are in id order).
 pub fn version_of(name: &str, rows: &[Row]) -> u64 {
     let mut h = weights::fnv1a(name.as_bytes(), 0);
     for r in rows {
-        let line = format!("\n{}\0{}\0{}\0{:?}", r.id, r.addr, r.weight, r.state);
-        h = weights::fnv1a(line.as_bytes(), h);
+        h = weights::fnv1a(&r.key.to_le_bytes(), h);
+        h = weights::fnv1a(&r.weight.to_le_bytes(), h);
+        h = weights::fnv1a(&[r.state as u8], h);
     }
     h
 }
