@@ -2,8 +2,8 @@
 
 /// Reports built (one per interval or jump).
 pub const REPORTS_TOTAL: &str = "xcluster_agent_reports_total";
-/// Reports sent early because a figure jumped.
-pub const EARLY_REPORTS_TOTAL: &str = "xcluster_agent_early_reports_total";
+/// Reports carrying a jump (sent at once, or with the interval's report when the jump was seen just then).
+pub const JUMP_REPORTS_TOTAL: &str = "xcluster_agent_jump_reports_total";
 /// Pushes to a balancer, by `balancer` and `result` (ok, error).
 pub const PUSHES_TOTAL: &str = "xcluster_agent_pushes_total";
 /// Failed stats fetches, by `instance`.

@@ -131,17 +131,21 @@ pub async fn run(
     let mut failing = Vec::new();
     let mut next_due = Instant::now();
     let mut last_push = Instant::now() - Duration::from_secs(1);
+    let mut reports_sent = 0u64;
     loop {
         let cfg = config.borrow().clone();
         let tick = cfg.sample.min(cfg.interval);
         let current = sample_instances(&cfg, &mut failing).await;
         let now = Instant::now();
-        let early = now < next_due && any_jump(&last_sent, &current) && now - last_push >= MIN_EARLY_GAP;
+        // The first report is not a jump: there is nothing to compare with yet.
+        let jump = reports_sent > 0 && any_jump(&last_sent, &current);
+        let early = now < next_due && jump && now - last_push >= MIN_EARLY_GAP;
         if now >= next_due || early {
-            if early {
-                ::metrics::counter!(metrics::EARLY_REPORTS_TOTAL).increment(1);
+            if jump {
+                ::metrics::counter!(metrics::JUMP_REPORTS_TOTAL).increment(1);
             }
             seq += 1;
+            reports_sent += 1;
             let report = build(&cfg, &mut host, seq, current.clone());
             push_all(&cfg, &report);
             let _ = latest.send_replace(Some(report));

@@ -22,12 +22,17 @@ fn load_moves_weight_on_both_balancers_and_watch_expiry_drain_behave() {
     let _p2 = start("lb", lb2, &lb_config(lb2, &[lb1]), dir.path());
     let (app_a, app_b) = (FakeApp::start("a"), FakeApp::start("b"));
     let (ag1, ag2) = (free_addr(), free_addr());
-    let agent1 = start(
-        "agent",
-        ag1,
-        &agent_config(ag1, "host-1", &[lb1, lb2], &[("h1/a", &app_a)]),
-        dir.path(),
+    // Instance A's "process" is this test process, so the agent has a real pid to sample.
+    let pid_file = write_file(dir.path(), "a.pid", &format!("{}\n", std::process::id()));
+    let cfg1 = agent_config(ag1, "host-1", &[lb1, lb2], &[("h1/a", &app_a)]).replace(
+        &format!("addr = \"{}\"\n", app_a.addr),
+        &format!(
+            "addr = \"{}\"\npid_file = \"{}\"\n",
+            app_a.addr,
+            pid_file.display()
+        ),
     );
+    let agent1 = start("agent", ag1, &cfg1, dir.path());
     let agent2 = start(
         "agent",
         ag2,
@@ -44,6 +49,17 @@ fn load_moves_weight_on_both_balancers_and_watch_expiry_drain_behave() {
             (a.1 == "up" && b.1 == "up" && a.0 == b.0 && a.0 > 0).then_some(())
         });
     }
+    // The agent's latest report: sequence numbers start at the wall clock in µs (so they survive restarts),
+    // and the instance's own process figures come from /proc/<pid>.
+    let rep = eventually(WAIT, "agent report with process figures", || {
+        let r = get(ag1, "/v1/report").ok().filter(|r| r.status == 200)?.json();
+        (r["instances"][0]["rss_bytes"].as_u64()? > 0).then_some(r)
+    });
+    assert!(
+        rep["seq"].as_u64().unwrap() > (now_ms() - 600_000) * 1000,
+        "{rep}"
+    );
+    assert!(rep["host"]["cores"].as_u64().unwrap() >= 1);
     let list = servers(lb1, "browse");
     let mut balancers: Vec<String> = list["balancers"]
         .as_array()
@@ -102,6 +118,16 @@ fn load_moves_weight_on_both_balancers_and_watch_expiry_drain_behave() {
     println!(
         "watch returned {:?} after the app turned unready (agent sampling + early push + balancer)",
         returned_at.saturating_duration_since(changed_at)
+    );
+    // The unready instance was reported as a jump (at once; the watch latency above shows how soon).
+    let early = metric_value(
+        &get(ag2, "/metrics").unwrap().body,
+        "xcluster_agent_jump_reports_total",
+        "",
+    );
+    assert!(
+        early.unwrap_or(0.0) >= 1.0,
+        "no jump report after an instance turned unready"
     );
     eventually(WAIT, "B down with weight 0 on both", || {
         let ok = [lb1, lb2]

@@ -193,3 +193,46 @@ fn fnv_is_stable() {
     assert_eq!(fnv1a(b"a", 0), 0xaf63_dc4c_8601_ec8c);
     assert_ne!(fnv1a(b"ab", 0), fnv1a(b"ba", 0));
 }
+
+/// Randomised properties over many seeded inputs (reproducible: fixed seed).
+#[test]
+fn properties_hold_for_random_inputs() {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0x5eed);
+    let p = Params::default();
+    for _ in 0..5_000 {
+        let t = TypeProfile {
+            cpu: rng.random(),
+            mem: rng.random(),
+            queue: rng.random::<f64>() + 0.01,
+            cost: 1.0,
+        };
+        let l = Load {
+            cpu: rng.random(),
+            mem: rng.random(),
+            queue: rng.random(),
+            error_rate: rng.random::<f64>() * 0.2,
+            cores_per_instance: rng.random_range(0.1..32.0),
+            ..Default::default()
+        };
+        let w = target("t", &t, &l, &p);
+        assert!((1..=MAX_WEIGHT).contains(&w));
+        // More of any resource never raises the weight.
+        for bump in 0..3 {
+            let mut more = l.clone();
+            match bump {
+                0 => more.cpu = (more.cpu + 0.1).min(1.0),
+                1 => more.mem = (more.mem + 0.1).min(1.0),
+                _ => more.queue = (more.queue + 0.1).min(1.0),
+            }
+            assert!(target("t", &t, &more, &p) <= w, "{t:?} {l:?} bump {bump}");
+        }
+        // Damping moves toward the target, never past it, within the bound.
+        let prev = rng.random_range(0..=MAX_WEIGHT);
+        let next = damp(Some(prev), w, &p);
+        let bound = (p.max_step * f64::from(MAX_WEIGHT)) as u32;
+        assert!(next.abs_diff(prev) <= bound);
+        assert!(next.abs_diff(w) <= prev.abs_diff(w));
+        assert!((prev.min(w)..=prev.max(w)).contains(&next));
+    }
+}
