@@ -98,6 +98,7 @@ async fn serve(dir: Directory, cancel: CancellationToken) -> SocketAddr {
     let addr = listener.local_addr().unwrap();
     let health = xcluster_runtime::Health::new();
     health.set_ready();
+    tokio::spawn(dir.clone().run_housekeeping(cancel.clone()));
     let handler = xcluster_runtime::admin::wrap(health, api::handler(dir));
     tokio::spawn(xcluster_runtime::http::serve(
         listener,

@@ -74,7 +74,7 @@ impl Directory {
         let mut table = self.table();
         table.check_seq(&r, settings.max_agents)?;
         table.apply(&r, self.now_ms(), &settings.params);
-        self.publish_locked(&table);
+        self.after_report(&table);
         Ok(r)
     }
 }
@@ -164,6 +164,38 @@ mod tests {
         }
         assert_eq!(d.servers("default").unwrap().servers.len(), 1);
         assert!(d.servers("nope").is_err());
+    }
+
+    #[tokio::test]
+    async fn reports_in_quick_succession_are_coalesced_then_published() {
+        let d = dir();
+        let cancel = tokio_util::sync::CancellationToken::new();
+        tokio::spawn(d.clone().run_housekeeping(cancel.clone()));
+        let first = body(1, wall_ms());
+        d.ingest(&first, Some(&report::sign(b"k", &first))).unwrap();
+        assert_eq!(
+            d.servers("default").unwrap().servers.len(),
+            1,
+            "the first report publishes at once"
+        );
+        let mut r: LoadReport = serde_json::from_slice(&body(2, wall_ms())).unwrap();
+        r.instances.push(InstanceLoad {
+            id: "h/b".into(),
+            addr: "127.0.0.1:10".into(),
+            ready: true,
+            ..Default::default()
+        });
+        let second = serde_json::to_vec(&r).unwrap();
+        d.ingest(&second, Some(&report::sign(b"k", &second))).unwrap();
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+        while d.servers("default").unwrap().servers.len() != 2 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the coalesced report was never published"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+        cancel.cancel();
     }
 
     #[test]

@@ -86,13 +86,26 @@ struct Inner {
     counts: ReportCounts,
     clock: Instant,
     closing: CancellationToken,
+    /// When the snapshot was last rebuilt (directory clock, ms), and whether the table changed since.
+    last_publish_ms: AtomicU64,
+    dirty: std::sync::atomic::AtomicBool,
+    wake: tokio::sync::Notify,
 }
+
+/// Reports closer together than this share one snapshot rebuild: a rebuild costs O(instances × types), so
+/// a busy balancer rebuilds at most 200 times a second, and a watcher waits at most this much longer.
+const COALESCE_MS: u64 = 5;
 
 impl Directory {
     /// An empty directory with the given settings.
     pub fn new(settings: Settings) -> Self {
         let snapshot = Snapshot::build(&Table::default(), 0, &settings.params);
         let (changed, _) = watch::channel(snapshot.version);
+        // Every counter shows in /metrics from the start, at 0, so a dashboard can tell "none" from "unknown".
+        ::metrics::counter!(crate::metrics::REPORTS_ACCEPTED_TOTAL).increment(0);
+        for reason in ingest::REASONS {
+            ::metrics::counter!(crate::metrics::REPORTS_REJECTED_TOTAL, "reason" => reason).increment(0);
+        }
         Self {
             inner: Arc::new(Inner {
                 table: Mutex::new(Table::default()),
@@ -102,6 +115,9 @@ impl Directory {
                 counts: ReportCounts::default(),
                 clock: Instant::now(),
                 closing: CancellationToken::new(),
+                last_publish_ms: AtomicU64::new(0),
+                dirty: std::sync::atomic::AtomicBool::new(false),
+                wake: tokio::sync::Notify::new(),
             }),
         }
     }
@@ -145,7 +161,11 @@ impl Directory {
     /// Rebuilds the snapshot from the table; wakes watchers when the content changed.
     fn publish_locked(&self, table: &Table) {
         let settings = self.inner.settings.load();
-        let snap = Snapshot::build(table, self.now_ms(), &settings.params);
+        let now = self.now_ms();
+        self.inner.dirty.store(false, Ordering::Relaxed);
+        // 0 means "never after a report", so the first report always publishes at once.
+        self.inner.last_publish_ms.store(now.max(1), Ordering::Relaxed);
+        let snap = Snapshot::build(table, now, &settings.params);
         let version = snap.version;
         self.inner.snapshot.store(Arc::new(snap));
         self.inner.changed.send_if_modified(|v| {
@@ -155,6 +175,35 @@ impl Directory {
         });
     }
 
+    /// After a report changed the table: rebuild now, unless a rebuild happened within `COALESCE_MS`; then
+    /// the publisher task rebuilds once that window ends (with every report that arrived meanwhile).
+    fn after_report(&self, table: &Table) {
+        let last = self.inner.last_publish_ms.load(Ordering::Relaxed);
+        if last == 0 || self.now_ms().saturating_sub(last) >= COALESCE_MS {
+            self.publish_locked(table);
+        } else {
+            self.inner.dirty.store(true, Ordering::Relaxed);
+            self.inner.wake.notify_one();
+        }
+    }
+
+    /// Rebuilds coalesced changes at the end of their window, until `cancel` fires.
+    async fn run_publisher(self, cancel: CancellationToken) {
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = self.inner.wake.notified() => {}
+            }
+            let due = self.inner.last_publish_ms.load(Ordering::Relaxed) + COALESCE_MS;
+            let wait = due.saturating_sub(self.now_ms());
+            tokio::time::sleep(Duration::from_millis(wait)).await;
+            let table = self.table();
+            if self.inner.dirty.load(Ordering::Relaxed) {
+                self.publish_locked(&table);
+            }
+        }
+    }
+
     fn republish(&self) {
         let table = self.table();
         self.publish_locked(&table);
@@ -162,6 +211,7 @@ impl Directory {
 
     /// Housekeeping: forgets long-gone instances and republishes so stale ones leave the lists.
     pub fn tick(&self) {
+        // (Also publishes any coalesced report change, should the publisher be behind.)
         let settings = self.inner.settings.load();
         let mut table = self.table();
         table.expire(self.now_ms(), &settings.params);
@@ -264,7 +314,9 @@ impl Directory {
     }
 
     /// Runs the housekeeping tick (expiry every 100 ms, metrics every second) until `cancel` fires.
+    /// Also runs the publisher of coalesced report changes: a directory fed reports needs this running.
     pub async fn run_housekeeping(self, cancel: CancellationToken) {
+        tokio::spawn(self.clone().run_publisher(cancel.clone()));
         let mut tick = tokio::time::interval(Duration::from_millis(100));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut n = 0u64;
