@@ -207,6 +207,10 @@ impl RoleConfig for Config {
         let skew = v.millis("reports.skew_ms", raw.reports.skew_ms, 100, 3_600_000);
         let max_agents = v.range("reports.max_agents", raw.reports.max_agents, 1, 100_000);
         let params = validate_directory(&mut v, &raw.directory, &raw.types);
+        v.check(params.forget_after >= skew, "directory.forget_after_ms", || {
+            "must be at least reports.skew_ms (a forgotten agent's old reports must fail the skew check)"
+                .into()
+        });
         raw.log.validate(&mut v);
         let grace = raw.shutdown.validate(&mut v);
         v.finish(Config {

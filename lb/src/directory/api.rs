@@ -96,8 +96,7 @@ struct Query {
 }
 
 fn parse_query(query: Option<&str>, allow_watch: bool) -> Result<Query, String> {
-    let bad = |m: String| m;
-    let pairs = query_pairs(query).map_err(bad)?;
+    let pairs = query_pairs(query)?;
     let (mut ty, mut watch) = (None, None);
     for (k, v) in pairs {
         match k.as_str() {
@@ -105,21 +104,21 @@ fn parse_query(query: Option<&str>, allow_watch: bool) -> Result<Query, String> 
             "watch" if allow_watch && watch.is_none() => {
                 watch = Some(
                     v.parse::<u64>()
-                        .map_err(|_| bad(format!("watch must be a version number, found {v:?}")))?,
+                        .map_err(|_| format!("watch must be a version number, found {v:?}"))?,
                 )
             }
-            "type" | "watch" if allow_watch || k == "type" => return Err(bad(format!("{k} given twice"))),
+            "type" | "watch" if allow_watch || k == "type" => return Err(format!("{k} given twice")),
             other => {
-                return Err(bad(format!(
+                return Err(format!(
                     "unknown query parameter {:?}",
                     other.chars().take(64).collect::<String>()
-                )));
+                ));
             }
         }
     }
     let ty = ty
         .filter(|t| !t.is_empty())
-        .ok_or_else(|| bad("the type parameter is required (?type=NAME)".into()))?;
+        .ok_or_else(|| "the type parameter is required (?type=NAME)".to_string())?;
     Ok(Query { ty, watch })
 }
 

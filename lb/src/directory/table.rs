@@ -39,7 +39,8 @@ pub struct Instance {
 #[derive(Debug, Default)]
 pub struct Table {
     pub instances: BTreeMap<Arc<str>, Instance>,
-    pub last_seq: BTreeMap<String, u64>,
+    /// Per agent: the last sequence number accepted and when (balancer clock, ms).
+    pub last_seq: BTreeMap<String, (u64, u64)>,
     pub drained: std::collections::BTreeSet<String>,
 }
 
@@ -69,7 +70,7 @@ impl Table {
     /// Checks that `seq` is above the last one from `agent` (and that the agent fits), without changing state.
     pub fn check_seq(&self, report: &LoadReport, max_agents: usize) -> Result<(), ReportError> {
         match self.last_seq.get(&report.agent) {
-            Some(&last) if report.seq <= last => Err(ReportError::Replay {
+            Some(&(last, _)) if report.seq <= last => Err(ReportError::Replay {
                 agent: report.agent.clone(),
                 seq: report.seq,
                 last,
@@ -85,7 +86,7 @@ impl Table {
     /// Applies an accepted report: updates each instance's load, damped weights and readiness ramp, and
     /// drops instances the agent no longer reports.
     pub fn apply(&mut self, report: &LoadReport, now_ms: u64, p: &Params) {
-        self.last_seq.insert(report.agent.clone(), report.seq);
+        self.last_seq.insert(report.agent.clone(), (report.seq, now_ms));
         let reported: std::collections::BTreeSet<&str> =
             report.instances.iter().map(|i| i.id.as_str()).collect();
         self.instances
@@ -146,6 +147,11 @@ impl Table {
         let before = self.instances.len();
         self.instances
             .retain(|_, i| now_ms.saturating_sub(i.received_ms) <= forget);
+        // Agents silent as long are forgotten too, so agent ids that come and go do not fill `max_agents`.
+        // Safe against replay: config validation keeps `forget_after` at least the timestamp skew, so any
+        // report of that agent old enough to be a replay is refused for its timestamp.
+        self.last_seq
+            .retain(|_, (_, at)| now_ms.saturating_sub(*at) <= forget);
         before != self.instances.len()
     }
 

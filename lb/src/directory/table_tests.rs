@@ -236,6 +236,11 @@ fn replay_and_agent_bound() {
         t.check_seq(&report("h3", 1, 0, 0.0, vec![]), 2).is_err(),
         "third agent over the bound"
     );
+    // Silent agents are forgotten after forget_after, which frees room for new ones.
+    t.apply(&report("h1", 7, 0, 0.0, vec![]), 9_000, &p);
+    t.expire(10_001, &p);
+    assert_eq!(t.last_seq.len(), 1, "h2 (silent since 0) forgotten, h1 kept");
+    assert!(t.check_seq(&report("h3", 1, 0, 0.0, vec![]), 2).is_ok());
 }
 
 #[test]
