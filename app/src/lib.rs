@@ -1,10 +1,56 @@
 //! XBuy, the bundled commerce core: catalog, stock, orders, flash sales, payment and settlement.
+//!
+//! The store ([`store::Store`], SQLite by default) is the only authority for stock and money; the sold-out
+//! gate only rejects early. Several app processes may share one database file.
+//!
+//! # API (HTTP/JSON; errors are `{"error": {"code", "message"}}` with a 4xx for every malformed request)
+//!
+//! | Method and path | Type | Notes |
+//! |---|---|---|
+//! | `GET /v1/products?after=&limit=` | browse | products with SKUs, price and stock |
+//! | `GET /v1/products/{id}` | browse | |
+//! | `GET /v1/orders/{id}` | browse | |
+//! | `GET /v1/wallets/{user}` | browse | wallet balance |
+//! | `POST /v1/orders` | order | `Idempotency-Key` required; `{"user", "lines": [{"sku", "qty"}]}`; 201, or 200 + `Idempotent-Replay: true` for a replay; 422 for a key reused with another body |
+//! | `POST /v1/orders/{id}/cancel` | order | gives the reservation back |
+//! | `POST /v1/orders/{id}/fulfil` | order | token |
+//! | `POST /v1/seckill/{sku}` | seckill | `{"user", "qty"?}`, optional `Idempotency-Key`; per-user limit; sold-out gate |
+//! | `POST /v1/orders/{id}/pay` | pay | from the buyer's wallet |
+//! | `POST /v1/payments/callback` | pay | token; `{"payment_id", "order_id", "amount_cents", "status"}`, idempotent by `payment_id` |
+//! | `POST /v1/refunds` | pay | token; `{"order_id"}` |
+//! | `POST /v1/merchant/stock` | admin | token; `{"updates": [{"sku", "receive"?, "price_cents"?}]}` |
+//! | `POST /v1/merchant/flash-sales/{sku}` | admin | token; `{"buckets"?}` splits stock into buckets |
+//! | `POST /admin/credit` | admin | token; `{"users": [...], "amount_cents"}` |
+//! | `POST /admin/settlements` | admin | token; one settlement batch |
+//! | `GET /admin/audit` | admin | invariant report; 409 when one fails |
+//! | `GET /admin/degrade`, `POST /admin/degrade` | admin | token for POST; `{"level": "auto"|"sync"|"queued"|"shed"|"read_only"}` |
+//! | `GET /v1/stats` | — | `xcluster_proto::stats::InstanceStats` for the agent |
+//!
+//! Stock statuses: 409 `out_of_stock`/`sold_out`; 402 `insufficient_funds`; 429 `limit_exceeded`; 503 with
+//! `Retry-After` for `overloaded`, `read_only` and `store_busy` (all retryable).
 
+pub mod api;
+pub mod audit;
 pub mod config;
+pub mod degrade;
+pub mod domain;
+pub mod exec;
+pub mod gate;
+pub mod metrics;
+pub mod queue;
+pub mod stats;
+pub mod store;
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 pub use config::Config;
+use tokio_util::sync::CancellationToken;
 use xcluster_runtime::Context;
 use xcluster_runtime::http::ServerLimits;
+
+use crate::degrade::{Signals, Thresholds};
 
 /// Why the app stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -14,20 +60,55 @@ pub enum Error {
         addr: std::net::SocketAddr,
         source: std::io::Error,
     },
+    #[error("cannot open the store at {path}: {source}")]
+    Store { path: String, source: store::StoreError },
 }
 
 /// Runs the app until drained.
 pub async fn run(ctx: Context<Config>) -> Result<(), Error> {
     let cfg = ctx.config();
     let drain = ctx.shutdown.drain_token();
+    let (path, busy, seed) = (cfg.db_path.clone(), cfg.busy_timeout, cfg.seed_demo);
+    let opened = tokio::task::spawn_blocking(move || store::sqlite::SqliteStore::open(&path, busy, seed))
+        .await
+        .unwrap_or_else(|e| Err(store::StoreError::Internal(format!("open task failed: {e}"))));
+    let sqlite = opened.map_err(|source| Error::Store {
+        path: cfg.db_path.display().to_string(),
+        source,
+    })?;
+    let exec = exec::StoreExec::new(Arc::new(sqlite), cfg.store_threads);
+    let background = CancellationToken::new();
+    let batcher = queue::Batcher::spawn(exec.clone(), cfg.capacity as usize, background.clone());
+    let app = Arc::new(api::App {
+        config: ctx.config.clone(),
+        exec: exec.clone(),
+        batcher,
+        degrade: degrade::Degrade::new(cfg.manual_level),
+        stats: stats::Stats::default(),
+        gate: gate::SoldOutGate::default(),
+        health: ctx.health.clone(),
+        queue_depth: Default::default(),
+    });
+    tokio::spawn(queue::workers::outbox_worker(exec.clone(), background.clone()));
+    tokio::spawn(queue::workers::sweeper(
+        exec.clone(),
+        ctx.config.clone(),
+        background.clone(),
+    ));
+    tokio::spawn(sampler(app.clone(), background.clone()));
+    tokio::spawn(follow_config(app.clone(), background.clone()));
+    tokio::spawn(reconciler(app.clone(), background.clone()));
+
+    let app_for_drain = app.clone();
     let limits = ServerLimits {
         grace: cfg.grace,
+        max_connections: (cfg.capacity as usize).max(64),
         ..ServerLimits::default()
     };
     xcluster_runtime::admin::serve_api(
         cfg.listen,
         ctx.health.clone(),
-        xcluster_runtime::admin::not_found(),
+        api::handler(app),
         limits,
         drain.clone(),
     )
@@ -37,6 +118,93 @@ pub async fn run(ctx: Context<Config>) -> Result<(), Error> {
         source,
     })?;
     ctx.health.set_ready();
+    tracing::info!(instance = %cfg.instance, db = %cfg.db_path.display(), "xbuy serving");
     drain.cancelled().await;
+    // In-flight requests (and the group commits they wait on) finish within the grace period before the
+    // background work stops; an order is acknowledged only after its commit, so a cut here loses nothing.
+    let grace_end = tokio::time::Instant::now() + ctx.config().grace;
+    while app_for_drain.stats.in_flight.load(Ordering::Relaxed) > 0 && tokio::time::Instant::now() < grace_end
+    {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    background.cancel();
     Ok(())
+}
+
+/// Once a second: closes the stats window, samples the outbox depth and feeds the degrade breakers.
+async fn sampler(app: Arc<api::App>, cancel: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        app.stats.roll();
+        let depth = match app.exec.run(|s| s.outbox_depth()).await {
+            Ok(d) => d,
+            Err(_) => app.queue_depth.load(Ordering::Relaxed),
+        };
+        app.queue_depth.store(depth, Ordering::Relaxed);
+        ::metrics::gauge!(crate::metrics::OUTBOX_DEPTH).set(depth as f64);
+        let sample = app.exec.sample();
+        let cfg = app.cfg();
+        let error_ratio = if sample.calls > 0 {
+            sample.errors as f64 / sample.calls as f64
+        } else {
+            0.0
+        };
+        app.degrade.sample(
+            Signals {
+                store_latency: Duration::from_micros(sample.mean_us),
+                error_ratio,
+                queue_depth: depth,
+            },
+            Thresholds {
+                latency: cfg.latency_threshold,
+                error_ratio: cfg.error_ratio_threshold,
+                queue_depth: cfg.queue_depth_threshold,
+                open_for: cfg.breaker_open,
+            },
+        );
+        ::metrics::gauge!(crate::metrics::DEGRADE_LEVEL).set(f64::from(app.degrade.level().as_u8()));
+    }
+}
+
+/// Applies a reloaded `degrade.level` (the other live keys are read per request).
+async fn follow_config(app: Arc<api::App>, cancel: CancellationToken) {
+    let mut rx = app.config.clone();
+    let mut last = rx.borrow().manual_level;
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            r = rx.changed() => if r.is_err() { return },
+        }
+        let level = rx.borrow_and_update().manual_level;
+        if level != last {
+            app.degrade.set_manual(level);
+            last = level;
+        }
+    }
+}
+
+/// The reconciler: runs the invariant audit every `audit_interval_ms` and reports any breach loudly.
+async fn reconciler(app: Arc<api::App>, cancel: CancellationToken) {
+    loop {
+        let every = app.cfg().audit_interval.unwrap_or(Duration::from_secs(60));
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        if app.cfg().audit_interval.is_none() {
+            continue;
+        }
+        match app.exec.run(|s| s.audit()).await {
+            Ok(report) if report.ok => tracing::debug!("reconciler: every invariant holds"),
+            Ok(report) => {
+                ::metrics::counter!(crate::metrics::AUDIT_FAILURES_TOTAL).increment(1);
+                tracing::error!(failures = ?report.failures(), "reconciler: invariant breach");
+            }
+            Err(e) => tracing::warn!(error = %e, "reconciler: audit could not run"),
+        }
+    }
 }

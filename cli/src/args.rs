@@ -146,7 +146,8 @@ pub enum Via {
 
 #[derive(Debug, Args)]
 pub struct LoadArgs {
-    /// How requests find a backend.
+    /// How requests find a backend: the SDK (targets are balancers), an L4 proxy (target is the proxy), or
+    /// plain round robin over fixed backends.
     #[arg(long, value_enum, default_value_t = Via::Sdk)]
     pub via: Via,
     /// Comma-separated addresses: balancers' APIs (sdk), the proxy (proxy), or the backends (rr).
@@ -155,18 +156,25 @@ pub struct LoadArgs {
     /// Request mix by ratio, e.g. `browse=70,order=20,seckill=5,pay=5`.
     #[arg(long, default_value = "browse=70,order=20,seckill=5,pay=5")]
     pub mix: String,
-    /// Open loop at this many requests per second (latency corrected for coordinated omission).
+    /// Open loop at this many requests per second (latency measured from each request's intended start,
+    /// which corrects for coordinated omission).
     #[arg(long, conflicts_with = "workers")]
     pub rate: Option<u32>,
-    /// Closed loop with this many workers.
+    /// Closed loop with this many workers (the default mode, with 8 workers).
     #[arg(long)]
     pub workers: Option<u32>,
-    /// Run for this many seconds.
+    /// Run for at most this many seconds.
     #[arg(long, default_value_t = 10)]
     pub duration_secs: u64,
     /// Stop after this many requests.
     #[arg(long)]
     pub requests: Option<u64>,
+    /// Timeout of one request, connect included.
+    #[arg(long, default_value_t = 5000)]
+    pub timeout_ms: u64,
+    /// Open loop: most requests outstanding at once (later ones wait, and their wait counts as latency).
+    #[arg(long, default_value_t = 4096)]
+    pub max_in_flight: u32,
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,

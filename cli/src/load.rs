@@ -1,11 +1,238 @@
-//! `xcluster load`: the load generator built on the SDK.
+//! `xcluster load`: the load generator built on the SDK. Drives a request mix against the app through the
+//! SDK, an L4 proxy or plain round robin, either open loop at a fixed rate (latency measured from each
+//! request's intended start, so a stalled server cannot hide its queue: no coordinated omission) or closed
+//! loop with N workers, and reports per-type HDR percentiles, throughput, errors by kind and backend shares.
+//!
+//! Every run is bounded by `--duration-secs` and optionally `--requests`; every request by `--timeout-ms`.
 
-use crate::args::LoadArgs;
+mod mix;
+mod report;
+mod target;
+
+use std::io::IsTerminal;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::sync::{Semaphore, mpsc};
+use tokio::time::Instant;
+
+use crate::args::{LoadArgs, Via};
+use mix::{Ctx, Mix};
+use report::{Recorder, Sample};
+use target::Target;
+
+/// Closed-loop workers when neither `--rate` nor `--workers` is given.
+const DEFAULT_WORKERS: u32 = 8;
+/// Longest run accepted, so a typo cannot start an unbounded load.
+const MAX_DURATION_SECS: u64 = 24 * 3600;
 
 pub fn run(args: LoadArgs) -> i32 {
-    eprintln!(
-        "xcluster load: not available yet (via {:?}, targets {})",
-        args.via, args.targets
-    );
-    69
+    if let Err(e) = check(&args) {
+        eprintln!("xcluster load: {e}");
+        return 64;
+    }
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("xcluster load: cannot start the runtime: {e}");
+            return 70;
+        }
+    };
+    match rt.block_on(drive(args)) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("xcluster load: {e}");
+            69
+        }
+    }
+}
+
+fn check(a: &LoadArgs) -> Result<(), String> {
+    let mut problems = Vec::new();
+    if a.duration_secs == 0 || a.duration_secs > MAX_DURATION_SECS {
+        problems.push(format!("--duration-secs must be in 1..={MAX_DURATION_SECS}"));
+    }
+    if a.rate == Some(0) || a.workers == Some(0) || a.requests == Some(0) {
+        problems.push("--rate, --workers and --requests must be above zero".into());
+    }
+    if a.workers.is_some_and(|w| w > 10_000) {
+        problems.push("--workers must be at most 10000".into());
+    }
+    if a.timeout_ms == 0 || a.max_in_flight == 0 {
+        problems.push("--timeout-ms and --max-in-flight must be above zero".into());
+    }
+    for t in a.targets.split(',').map(str::trim).filter(|t| !t.is_empty()) {
+        if t.parse::<std::net::SocketAddr>().is_err() {
+            problems.push(format!("target {t:?} is not ip:port"));
+        }
+    }
+    if let Err(e) = Mix::parse(&a.mix) {
+        problems.push(e);
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(problems.join("; "))
+    }
+}
+
+/// What one run shares between its request tasks.
+struct Run {
+    mix: Mix,
+    ctx: Ctx,
+    target: Target,
+    timeout: Duration,
+    tx: mpsc::Sender<Sample>,
+}
+
+impl Run {
+    /// Sends one request of type `k` and reports it; latency counts from `intended`.
+    async fn one(&self, k: usize, intended: Instant) {
+        let kind = self.mix.kinds[k];
+        let req = kind.build(&self.ctx);
+        let outcome = self.target.send(kind, req, self.timeout).await;
+        let latency = intended.elapsed();
+        let sample = match outcome {
+            Ok((resp, backend)) => {
+                let status = resp.status();
+                if status.is_success() {
+                    self.ctx.observe(kind, resp.body());
+                }
+                Sample {
+                    kind: k,
+                    latency,
+                    backend,
+                    error: (!status.is_success()).then(|| format!("status_{}", status.as_u16())),
+                }
+            }
+            Err(kind_of_error) => Sample {
+                kind: k,
+                latency,
+                backend: String::new(),
+                error: Some(kind_of_error),
+            },
+        };
+        let _ = self.tx.send(sample).await;
+    }
+}
+
+async fn drive(args: LoadArgs) -> Result<(), String> {
+    let mix = Mix::parse(&args.mix)?;
+    let timeout = Duration::from_millis(args.timeout_ms);
+    let names: Vec<&'static str> = mix.kinds.iter().map(|k| k.name).collect();
+    let target = Target::new(args.via, &args.targets, &names, timeout).await?;
+    let (tx, mut rx) = mpsc::channel::<Sample>(65_536);
+    let run = Arc::new(Run {
+        mix,
+        ctx: Ctx::default(),
+        target,
+        timeout,
+        tx,
+    });
+    let via = match args.via {
+        Via::Sdk => "sdk",
+        Via::Proxy => "proxy",
+        Via::Rr => "rr",
+    };
+    let mode = match (args.rate, args.workers) {
+        (Some(r), _) => format!("open loop, {r} req/s"),
+        (None, w) => format!("closed loop, {} workers", w.unwrap_or(DEFAULT_WORKERS)),
+    };
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(args.duration_secs);
+    let limit = args.requests.unwrap_or(u64::MAX);
+
+    let generator = {
+        let run = run.clone();
+        let (rate, workers, max_in_flight) = (args.rate, args.workers, args.max_in_flight);
+        tokio::spawn(async move {
+            match rate {
+                Some(rate) => open_loop(run, rate, max_in_flight, deadline, limit).await,
+                None => closed_loop(run, workers.unwrap_or(DEFAULT_WORKERS), deadline, limit).await,
+            }
+        })
+    };
+    // Only the request tasks hold senders now: the channel closes when the last one finishes.
+    drop(run);
+
+    let mut recorder = Recorder::new(names);
+    let progress = std::io::stderr().is_terminal() && !args.json;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            s = rx.recv() => match s {
+                Some(s) => recorder.record(s),
+                None => break,
+            },
+            _ = tick.tick(), if progress => {
+                let (n, errors) = recorder.total();
+                let secs = started.elapsed().as_secs_f64();
+                eprint!(
+                    "\r{via}: {secs:>6.1}s / {}s  {n:>9} requests  {errors:>7} errors  {:>9.1} req/s ",
+                    args.duration_secs,
+                    n as f64 / secs.max(1e-9)
+                );
+            }
+        }
+    }
+    if progress {
+        eprintln!();
+    }
+    let _ = generator.await;
+    let report = recorder.report(via, mode, started.elapsed());
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?
+        );
+    } else {
+        print!("{}", report.text());
+    }
+    Ok(())
+}
+
+/// Starts request `i` at `start + i / rate`, whatever the earlier requests are doing.
+async fn open_loop(run: Arc<Run>, rate: u32, max_in_flight: u32, deadline: Instant, limit: u64) {
+    let permits = Arc::new(Semaphore::new(max_in_flight as usize));
+    let start = Instant::now();
+    let interval = Duration::from_secs_f64(1.0 / f64::from(rate));
+    let mut i: u64 = 0;
+    while i < limit {
+        let intended = start + interval.mul_f64(i as f64);
+        if intended >= deadline {
+            break;
+        }
+        tokio::time::sleep_until(intended).await;
+        // Waiting for a permit delays the send, not the clock: the wait counts as latency.
+        let Ok(permit) = permits.clone().acquire_owned().await else {
+            break;
+        };
+        let run = run.clone();
+        let k = run.mix.draw();
+        tokio::spawn(async move {
+            run.one(k, intended).await;
+            drop(permit);
+        });
+        i += 1;
+    }
+}
+
+/// `workers` tasks, each sending its next request when the previous one is done.
+async fn closed_loop(run: Arc<Run>, workers: u32, deadline: Instant, limit: u64) {
+    let issued = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..workers {
+        let (run, issued) = (run.clone(), issued.clone());
+        tasks.push(tokio::spawn(async move {
+            while Instant::now() < deadline && issued.fetch_add(1, Ordering::Relaxed) < limit {
+                let k = run.mix.draw();
+                run.one(k, Instant::now()).await;
+            }
+        }));
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
 }

@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 pub mod http;
+pub mod services;
 
 pub use http::{HttpResponse, get, request};
 
@@ -131,9 +132,9 @@ impl Proc {
             .stdin(Stdio::null())
             .stdout(stdout)
             .stderr(stderr);
-        if let Some(cwd) = &spec.cwd {
-            cmd.current_dir(cwd);
-        }
+        // Default to the process's own temp dir, so files a role creates (an app's database) never land in the
+        // source tree.
+        cmd.current_dir(spec.cwd.as_deref().unwrap_or(dir.path()));
         let child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("spawn {}: {e}", program.display()));

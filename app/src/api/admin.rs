@@ -1,0 +1,189 @@
+//! Operations: the stats contract for the agent (`GET /v1/stats`), the invariant audit (`GET /admin/audit`),
+//! the degrade level (`GET|POST /admin/degrade`), and merchant batch updates (stock received, prices, opening a
+//! flash sale). Mutations need the bearer token.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use http::{Request, Response, StatusCode};
+use hyper::body::Incoming;
+use serde::Deserialize;
+use xcluster_proto::stats::InstanceStats;
+use xcluster_runtime::http::{Body, error, json, read_json, unauthorized};
+
+use super::{App, BODY_TIMEOUT, authorized, path_id, respond, store_failed};
+use crate::Config;
+use crate::degrade::Level;
+use crate::store::StockUpdate;
+
+/// Most updates in one merchant batch.
+const MAX_UPDATES: usize = 1000;
+
+/// `GET /v1/stats`: `xcluster_proto::stats::InstanceStats`.
+pub fn stats(app: &App) -> Response<Body> {
+    let cfg = app.cfg();
+    let w = app.stats.window();
+    let s = InstanceStats {
+        instance: cfg.instance.clone(),
+        ready: app.health.is_ready(),
+        in_flight: app.stats.in_flight.load(Ordering::Relaxed),
+        queued: app.batcher.queued() + app.exec.waiting(),
+        capacity: if app.degrade.level() >= Level::Shed {
+            cfg.capacity / 2
+        } else {
+            cfg.capacity
+        }
+        .max(1),
+        queue_depth: app.queue_depth.load(Ordering::Relaxed),
+        request_rate: w.request_rate,
+        error_rate: w.error_rate.clamp(0.0, 1.0),
+        types: w.types.clone(),
+    };
+    json(StatusCode::OK, &s)
+}
+
+/// `GET /admin/audit`: 200 when every invariant holds, 409 with the report when one does not.
+pub async fn audit(app: &Arc<App>) -> Response<Body> {
+    match app.exec.run(|s| s.audit()).await {
+        Ok(report) => json(
+            if report.ok {
+                StatusCode::OK
+            } else {
+                StatusCode::CONFLICT
+            },
+            &report,
+        ),
+        Err(e) => store_failed(&e),
+    }
+}
+
+fn degrade_view(app: &App) -> serde_json::Value {
+    let b = app.degrade.breakers.lock().unwrap_or_else(|e| e.into_inner());
+    serde_json::json!({
+        "level": app.degrade.level(),
+        "manual": app.degrade.manual(),
+        "auto": app.degrade.auto_level(),
+        "breakers": { "latency": b.latency.state, "errors": b.errors.state, "queue": b.queue.state },
+    })
+}
+
+/// `GET /admin/degrade`.
+pub fn degrade_get(app: &App) -> Response<Body> {
+    json(StatusCode::OK, &degrade_view(app))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DegradeReq {
+    /// `auto` or a level name.
+    level: String,
+}
+
+/// `POST /admin/degrade` `{"level": "queued"}` (bearer token). `auto` hands the choice back to the breakers.
+pub async fn degrade_set(app: &Arc<App>, cfg: &Config, req: Request<Incoming>) -> Response<Body> {
+    if !authorized(cfg, &req) {
+        return unauthorized();
+    }
+    let body: DegradeReq = match read_json(req, 4096, BODY_TIMEOUT).await {
+        Ok(b) => b,
+        Err(resp) => return resp,
+    };
+    let manual = match body.level.as_str() {
+        "auto" => None,
+        other => match Level::parse(other) {
+            Some(l) => Some(l),
+            None => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "bad_level",
+                    &format!("unknown level {other:?} (expected auto, sync, queued, shed or read_only)"),
+                );
+            }
+        },
+    };
+    app.degrade.set_manual(manual);
+    metrics::gauge!(crate::metrics::DEGRADE_LEVEL).set(f64::from(app.degrade.level().as_u8()));
+    json(StatusCode::OK, &degrade_view(app))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StockReq {
+    updates: Vec<StockUpdate>,
+}
+
+/// `POST /v1/merchant/stock` `{"updates": [{"sku": "...", "receive": 10, "price_cents": 990}]}` (bearer token):
+/// all of the batch or none of it.
+pub async fn merchant_stock(app: &Arc<App>, cfg: &Config, req: Request<Incoming>) -> Response<Body> {
+    if !authorized(cfg, &req) {
+        return unauthorized();
+    }
+    let body: StockReq = match read_json(req, cfg.max_body_bytes, BODY_TIMEOUT).await {
+        Ok(b) => b,
+        Err(resp) => return resp,
+    };
+    if body.updates.is_empty() || body.updates.len() > MAX_UPDATES {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "invalid_update",
+            &format!("updates must hold 1..={MAX_UPDATES} items"),
+        );
+    }
+    for u in &body.updates {
+        if let Err(resp) = path_id("sku", &u.sku) {
+            return resp;
+        }
+        if u.price_cents.is_some_and(|p| !(0..=1_000_000_000).contains(&p)) {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "invalid_update",
+                &format!("price_cents of {} is out of range", u.sku),
+            );
+        }
+    }
+    for u in &body.updates {
+        if u.receive > 0 {
+            app.gate.clear(&u.sku);
+        }
+    }
+    respond(
+        StatusCode::OK,
+        app.exec
+            .run(move |s| s.update_stock(&body.updates))
+            .await
+            .map(|r| r.map(|skus| serde_json::json!({ "skus": skus }))),
+    )
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+struct FlashSaleReq {
+    buckets: Option<u32>,
+}
+
+/// `POST /v1/merchant/flash-sales/{sku}` `{"buckets": 8}` (bearer token): splits the SKU's stock into buckets.
+pub async fn flash_sale(app: &Arc<App>, cfg: &Config, sku: &str, req: Request<Incoming>) -> Response<Body> {
+    if !authorized(cfg, &req) {
+        return unauthorized();
+    }
+    if let Err(resp) = path_id("sku", sku) {
+        return resp;
+    }
+    let body: FlashSaleReq = match read_json(req, 4096, BODY_TIMEOUT).await {
+        Ok(b) => b,
+        Err(resp) => return resp,
+    };
+    let buckets = body.buckets.unwrap_or(cfg.buckets);
+    if !(1..=64).contains(&buckets) {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "invalid_update",
+            &format!("buckets {buckets} is not in 1..=64"),
+        );
+    }
+    let sku = sku.to_string();
+    match app.exec.run(move |s| s.open_flash_sale(&sku, buckets)).await {
+        Ok(r) => respond(StatusCode::OK, Ok(r)),
+        Err(e) => store_failed(&e),
+    }
+}

@@ -1,0 +1,275 @@
+//! The HTTP/JSON API: routing, request classification (for `/v1/stats`), admission against capacity, the
+//! CPU-work knob, and the mapping of domain rejections and store failures to JSON errors. One file per area:
+//! `catalog` (browse), `orders` (order and seckill), `money` (pay, callbacks, refunds, wallets, settlement),
+//! `admin` (audit, degrade, stats, merchant updates).
+
+// Handlers return an error response by value once per request; boxing it would buy nothing.
+#![allow(clippy::result_large_err)]
+
+mod admin;
+mod catalog;
+mod money;
+mod orders;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http::{HeaderValue, Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use tokio::sync::watch;
+use xcluster_runtime::http::{Body, Handler, error};
+
+use crate::Config;
+use crate::degrade::{Degrade, Level};
+use crate::domain::Reject;
+use crate::exec::StoreExec;
+use crate::gate::SoldOutGate;
+use crate::queue::Batcher;
+use crate::stats::{ReqType, Stats};
+use crate::store::StoreError;
+
+/// Time allowed for a request body to arrive.
+const BODY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Everything a request handler needs.
+#[derive(Debug)]
+pub struct App {
+    pub config: watch::Receiver<Arc<Config>>,
+    pub exec: StoreExec,
+    pub batcher: Batcher,
+    pub degrade: Degrade,
+    pub stats: Stats,
+    pub gate: SoldOutGate,
+    pub health: xcluster_runtime::health::Health,
+    pub queue_depth: std::sync::atomic::AtomicU64,
+}
+
+impl App {
+    pub fn cfg(&self) -> Arc<Config> {
+        self.config.borrow().clone()
+    }
+}
+
+/// A route with its captured path parts.
+#[derive(Debug)]
+enum Route {
+    Products,
+    Product(String),
+    Order(String),
+    Wallet(String),
+    CreateOrder,
+    Pay(String),
+    Cancel(String),
+    Fulfil(String),
+    Seckill(String),
+    Callback,
+    Refund,
+    MerchantStock,
+    FlashSale(String),
+    Stats,
+    Audit,
+    DegradeGet,
+    DegradeSet,
+    Credit,
+    Settle,
+}
+
+/// Finds the route: `Err(true)` when the path exists with another method, `Err(false)` when it does not.
+fn route(method: &Method, path: &str) -> Result<(ReqType, Route), bool> {
+    let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let get = method == Method::GET;
+    let post = method == Method::POST;
+    let s = |v: &str| v.to_string();
+    let (ok, r) = match parts.as_slice() {
+        ["v1", "products"] => (get, (ReqType::Browse, Route::Products)),
+        ["v1", "products", id] => (get, (ReqType::Browse, Route::Product(s(id)))),
+        ["v1", "orders"] => (post, (ReqType::Order, Route::CreateOrder)),
+        ["v1", "orders", id] => (get, (ReqType::Browse, Route::Order(s(id)))),
+        ["v1", "orders", id, "pay"] => (post, (ReqType::Pay, Route::Pay(s(id)))),
+        ["v1", "orders", id, "cancel"] => (post, (ReqType::Order, Route::Cancel(s(id)))),
+        ["v1", "orders", id, "fulfil"] => (post, (ReqType::Order, Route::Fulfil(s(id)))),
+        ["v1", "wallets", user] => (get, (ReqType::Browse, Route::Wallet(s(user)))),
+        ["v1", "seckill", sku] => (post, (ReqType::Seckill, Route::Seckill(s(sku)))),
+        ["v1", "payments", "callback"] => (post, (ReqType::Pay, Route::Callback)),
+        ["v1", "refunds"] => (post, (ReqType::Pay, Route::Refund)),
+        ["v1", "merchant", "stock"] => (post, (ReqType::Admin, Route::MerchantStock)),
+        ["v1", "merchant", "flash-sales", sku] => (post, (ReqType::Admin, Route::FlashSale(s(sku)))),
+        ["v1", "stats"] => (get, (ReqType::Admin, Route::Stats)),
+        ["admin", "audit"] => (get, (ReqType::Admin, Route::Audit)),
+        ["admin", "degrade"] if get => (true, (ReqType::Admin, Route::DegradeGet)),
+        ["admin", "degrade"] => (post, (ReqType::Admin, Route::DegradeSet)),
+        ["admin", "credit"] => (post, (ReqType::Admin, Route::Credit)),
+        ["admin", "settlements"] => (post, (ReqType::Admin, Route::Settle)),
+        _ => return Err(false),
+    };
+    if ok { Ok(r) } else { Err(true) }
+}
+
+/// The app's request handler.
+pub fn handler(app: Arc<App>) -> Handler {
+    Arc::new(move |req, _peer: SocketAddr| {
+        let app = app.clone();
+        Box::pin(async move { dispatch(app, req).await })
+    })
+}
+
+async fn dispatch(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
+    let started = Instant::now();
+    let (ty, r) = match route(req.method(), req.uri().path()) {
+        Ok(found) => found,
+        Err(true) => {
+            return error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                &format!("{} is not allowed on {}", req.method(), req.uri().path()),
+            );
+        }
+        Err(false) => {
+            return error(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                &format!("no such endpoint: {}", req.uri().path()),
+            );
+        }
+    };
+    if matches!(r, Route::Stats) {
+        return admin::stats(&app);
+    }
+    let _in_flight = app.stats.enter();
+    let resp = admitted(&app, ty, r, req).await;
+    app.stats.record(ty, started, resp.status().as_u16());
+    resp
+}
+
+async fn admitted(app: &Arc<App>, ty: ReqType, r: Route, req: Request<Incoming>) -> Response<Body> {
+    let cfg = app.cfg();
+    let level = app.degrade.level();
+    // Shedding halves the admission limit: the tighter rate limit of the shed level.
+    let capacity = if level >= Level::Shed {
+        cfg.capacity / 2
+    } else {
+        cfg.capacity
+    }
+    .max(1);
+    let held = app.stats.in_flight.load(std::sync::atomic::Ordering::Relaxed) + app.batcher.queued();
+    if held > capacity && ty != ReqType::Admin {
+        return retry_later(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "overloaded",
+            &format!("{held} requests held, capacity {capacity}"),
+        );
+    }
+    if level == Level::ReadOnly && req.method() == Method::POST && ty != ReqType::Admin {
+        return retry_later(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "read_only",
+            "the store is in read-only degrade; retry later",
+        );
+    }
+    if let Some(us) = cfg.cpu_us.get(ty.name()).copied().filter(|us| *us > 0) {
+        burn(Duration::from_micros(us));
+    }
+    match r {
+        Route::Products => catalog::list(app, &req).await,
+        Route::Product(id) => catalog::product(app, &id).await,
+        Route::Order(id) => orders::get(app, &id).await,
+        Route::Wallet(user) => money::wallet(app, &user).await,
+        Route::CreateOrder => orders::create(app, &cfg, req).await,
+        Route::Seckill(sku) => orders::seckill(app, &cfg, &sku, req).await,
+        Route::Pay(id) => money::pay(app, &id).await,
+        Route::Cancel(id) => orders::cancel(app, &id).await,
+        Route::Fulfil(id) => orders::fulfil(app, &cfg, &id, req).await,
+        Route::Callback => money::callback(app, &cfg, req).await,
+        Route::Refund => money::refund(app, &cfg, req).await,
+        Route::MerchantStock => admin::merchant_stock(app, &cfg, req).await,
+        Route::FlashSale(sku) => admin::flash_sale(app, &cfg, &sku, req).await,
+        Route::Stats => admin::stats(app),
+        Route::Audit => admin::audit(app).await,
+        Route::DegradeGet => admin::degrade_get(app),
+        Route::DegradeSet => admin::degrade_set(app, &cfg, req).await,
+        Route::Credit => money::credit(app, &cfg, req).await,
+        Route::Settle => money::settle(app, &cfg, req).await,
+    }
+}
+
+/// The CPU-work knob: busy work on the request's own worker, as a slow instance would do.
+fn burn(d: Duration) {
+    let end = Instant::now() + d;
+    let mut x = 0u64;
+    while Instant::now() < end {
+        for i in 0..256u64 {
+            x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(i));
+        }
+    }
+}
+
+/// A retryable refusal with `Retry-After`.
+fn retry_later(status: StatusCode, code: &str, msg: &str) -> Response<Body> {
+    let mut resp = error(status, code, msg);
+    resp.headers_mut()
+        .insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
+    resp
+}
+
+/// The answer to a domain rejection.
+fn reject(r: &Reject) -> Response<Body> {
+    let status = StatusCode::from_u16(r.status()).unwrap_or(StatusCode::CONFLICT);
+    error(status, r.code(), &r.to_string())
+}
+
+/// The answer to a store failure: busy is retryable (503), anything else is ours (500).
+fn store_failed(e: &StoreError) -> Response<Body> {
+    match e {
+        StoreError::Busy(_) => retry_later(StatusCode::SERVICE_UNAVAILABLE, "store_busy", &e.to_string()),
+        StoreError::Internal(_) => {
+            tracing::error!(error = %e, "store failure");
+            error(StatusCode::INTERNAL_SERVER_ERROR, "internal", &e.to_string())
+        }
+    }
+}
+
+/// Maps a store call's outcome to a response with `ok` as the success status.
+fn respond<T: serde::Serialize>(ok: StatusCode, r: Result<Result<T, Reject>, StoreError>) -> Response<Body> {
+    match r {
+        Ok(Ok(v)) => xcluster_runtime::http::json(ok, &v),
+        Ok(Err(rej)) => reject(&rej),
+        Err(e) => store_failed(&e),
+    }
+}
+
+/// Checks the admin bearer token of a mutating call.
+fn authorized(cfg: &Config, req: &Request<Incoming>) -> bool {
+    xcluster_runtime::http::bearer_ok(req, &cfg.admin_token)
+}
+
+/// An id from the path, validated.
+fn path_id(what: &str, id: &str) -> Result<(), Response<Body>> {
+    if crate::domain::valid_id(id) {
+        Ok(())
+    } else {
+        Err(error(
+            StatusCode::BAD_REQUEST,
+            "bad_id",
+            &format!("{what} id {id:?} is not 1..=64 bytes of [A-Za-z0-9._:-]"),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes_classify_and_refuse() {
+        let t = |m: Method, p: &str| route(&m, p).map(|(t, _)| t);
+        assert_eq!(t(Method::GET, "/v1/products"), Ok(ReqType::Browse));
+        assert_eq!(t(Method::POST, "/v1/orders"), Ok(ReqType::Order));
+        assert_eq!(t(Method::POST, "/v1/orders/o1/pay"), Ok(ReqType::Pay));
+        assert_eq!(t(Method::POST, "/v1/seckill/flash-1"), Ok(ReqType::Seckill));
+        assert_eq!(t(Method::GET, "/v1/orders"), Err(true));
+        assert_eq!(t(Method::DELETE, "/admin/degrade"), Err(true));
+        assert_eq!(t(Method::GET, "/v2/x"), Err(false));
+        assert_eq!(t(Method::GET, "/v1/orders/a/b/c/d"), Err(false));
+    }
+}

@@ -1,0 +1,212 @@
+//! Orders (`order` type) and flash sales (`seckill` type): create with an idempotency key, get, cancel,
+//! fulfil. Creation takes the path of the current degrade level: at `sync` one transaction per order with
+//! weak effects inline; at `queued`/`shed` a group commit through the order queue with weak effects deferred
+//! to the outbox. Both answer only after the commit.
+
+use std::sync::Arc;
+
+use http::{HeaderValue, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use serde::Deserialize;
+use xcluster_runtime::http::{Body, error, json, read_json};
+
+use super::{App, BODY_TIMEOUT, authorized, path_id, reject, respond, store_failed};
+use crate::Config;
+use crate::degrade::Level;
+use crate::domain::request::{valid_idem_key, validate};
+use crate::domain::{NewOrder, OrderKind, OrderLineReq, Reject, fingerprint, new_order_id, now_ms};
+use crate::queue::OrderOutcome;
+use crate::store::StoreError;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateOrder {
+    user: String,
+    lines: Vec<OrderLineReq>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SeckillReq {
+    user: String,
+    #[serde(default = "one")]
+    qty: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// The `Idempotency-Key` header: `Ok(None)` when absent, an error response when malformed.
+fn idem_key(req: &Request<Incoming>) -> Result<Option<String>, Response<Body>> {
+    let Some(v) = req.headers().get("idempotency-key") else {
+        return Ok(None);
+    };
+    match v.to_str() {
+        Ok(s) if valid_idem_key(s) => Ok(Some(s.to_string())),
+        _ => Err(error(
+            StatusCode::BAD_REQUEST,
+            "bad_idempotency_key",
+            "Idempotency-Key must be 1..=128 printable ASCII bytes",
+        )),
+    }
+}
+
+/// Creates an order on the path of the current degrade level.
+async fn place(app: &Arc<App>, order: NewOrder) -> OrderOutcome {
+    let level = app.degrade.level();
+    let out = if level == Level::Sync {
+        let orders = vec![order];
+        app.exec
+            .run(move |s| s.create_orders(&orders, true))
+            .await
+            .and_then(|v| {
+                v.into_iter()
+                    .next()
+                    .ok_or_else(|| StoreError::Internal("store returned no outcome".into()))
+            })
+    } else {
+        app.batcher.submit(order).await
+    };
+    if let Ok(Ok(c)) = &out
+        && !c.replay
+    {
+        metrics::counter!(crate::metrics::ORDERS_CREATED_TOTAL, "level" => level.as_str()).increment(1);
+    }
+    out
+}
+
+fn created(out: OrderOutcome) -> Response<Body> {
+    match out {
+        Ok(Ok(c)) => {
+            let mut resp = json(
+                if c.replay {
+                    StatusCode::OK
+                } else {
+                    StatusCode::CREATED
+                },
+                &c.order,
+            );
+            if c.replay {
+                resp.headers_mut()
+                    .insert("idempotent-replay", HeaderValue::from_static("true"));
+            }
+            resp
+        }
+        Ok(Err(r)) => reject(&r),
+        Err(e) => store_failed(&e),
+    }
+}
+
+/// `POST /v1/orders` with `Idempotency-Key` and `{"user": "...", "lines": [{"sku": "...", "qty": 1}]}`.
+pub async fn create(app: &Arc<App>, cfg: &Config, req: Request<Incoming>) -> Response<Body> {
+    let key = match idem_key(&req) {
+        Ok(Some(k)) => k,
+        Ok(None) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "missing_idempotency_key",
+                "POST /v1/orders needs an Idempotency-Key header",
+            );
+        }
+        Err(resp) => return resp,
+    };
+    let body: CreateOrder = match read_json(req, cfg.max_body_bytes, BODY_TIMEOUT).await {
+        Ok(b) => b,
+        Err(resp) => return resp,
+    };
+    if let Err(msg) = validate(&body.user, &body.lines) {
+        return error(StatusCode::BAD_REQUEST, "invalid_order", &msg);
+    }
+    let now = now_ms();
+    let order = NewOrder {
+        id: new_order_id(),
+        fingerprint: fingerprint(OrderKind::Regular, &body.user, &body.lines),
+        user: body.user,
+        kind: OrderKind::Regular,
+        lines: body.lines,
+        idem_key: Some(key),
+        created_ms: now,
+        expires_ms: now + cfg.reservation_ttl.as_millis() as i64,
+        per_user_limit: 0,
+    };
+    created(place(app, order).await)
+}
+
+/// `POST /v1/seckill/{sku}` with `{"user": "...", "qty": 1}` and an optional `Idempotency-Key`.
+pub async fn seckill(app: &Arc<App>, cfg: &Config, sku: &str, req: Request<Incoming>) -> Response<Body> {
+    if let Err(resp) = path_id("sku", sku) {
+        return resp;
+    }
+    let key = match idem_key(&req) {
+        Ok(k) => k,
+        Err(resp) => return resp,
+    };
+    let body: SeckillReq = match read_json(req, cfg.max_body_bytes, BODY_TIMEOUT).await {
+        Ok(b) => b,
+        Err(resp) => return resp,
+    };
+    let lines = vec![OrderLineReq {
+        sku: sku.to_string(),
+        qty: body.qty,
+    }];
+    if let Err(msg) = validate(&body.user, &lines) {
+        return error(StatusCode::BAD_REQUEST, "invalid_order", &msg);
+    }
+    if app.gate.is_sold_out(sku) {
+        metrics::counter!(crate::metrics::SOLD_OUT_GATE_TOTAL).increment(1);
+        return reject(&Reject::SoldOut { sku: sku.to_string() });
+    }
+    let now = now_ms();
+    let order = NewOrder {
+        id: new_order_id(),
+        fingerprint: fingerprint(OrderKind::Seckill, &body.user, &lines),
+        user: body.user,
+        kind: OrderKind::Seckill,
+        lines,
+        idem_key: key,
+        created_ms: now,
+        expires_ms: now + cfg.reservation_ttl.as_millis() as i64,
+        per_user_limit: cfg.per_user_limit,
+    };
+    let out = place(app, order).await;
+    if let Ok(Err(Reject::SoldOut { .. })) = &out {
+        app.gate.mark(sku, cfg.sold_out_gate);
+    }
+    created(out)
+}
+
+/// `GET /v1/orders/{id}`.
+pub async fn get(app: &Arc<App>, id: &str) -> Response<Body> {
+    if let Err(resp) = path_id("order", id) {
+        return resp;
+    }
+    let id = id.to_string();
+    let key = id.clone();
+    match app.exec.run(move |s| s.get_order(&key)).await {
+        Ok(Some(o)) => json(StatusCode::OK, &o),
+        Ok(None) => reject(&Reject::NotFound { what: "order", id }),
+        Err(e) => store_failed(&e),
+    }
+}
+
+/// `POST /v1/orders/{id}/cancel`: gives a reservation back; a second cancel answers the same.
+pub async fn cancel(app: &Arc<App>, id: &str) -> Response<Body> {
+    if let Err(resp) = path_id("order", id) {
+        return resp;
+    }
+    let id = id.to_string();
+    respond(StatusCode::OK, app.exec.run(move |s| s.cancel(&id)).await)
+}
+
+/// `POST /v1/orders/{id}/fulfil` (merchant; bearer token).
+pub async fn fulfil(app: &Arc<App>, cfg: &Config, id: &str, req: Request<Incoming>) -> Response<Body> {
+    if !authorized(cfg, &req) {
+        return xcluster_runtime::http::unauthorized();
+    }
+    if let Err(resp) = path_id("order", id) {
+        return resp;
+    }
+    let id = id.to_string();
+    respond(StatusCode::OK, app.exec.run(move |s| s.fulfil(&id)).await)
+}

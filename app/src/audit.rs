@@ -1,0 +1,73 @@
+//! The invariant checker's report, served at `GET /admin/audit` and used by the tests. The checks themselves
+//! run inside the store (one read snapshot); this module owns what they mean:
+//!
+//! - `no_oversell`: no SKU has negative available, reserved or sold stock;
+//! - `stock_conserved`: received = available + bucketed + reserved + sold, per SKU;
+//! - `reserved_matches_orders` / `sold_matches_orders`: the stock columns equal the order lines in the
+//!   `reserved` and `paid`/`fulfilled` orders (so every expiry, cancel and refund gave stock back exactly once);
+//! - `order_placed_once`: every order has exactly one `order.placed` outbox row (an acknowledged order exists
+//!   once, with its follow-up work queued);
+//! - `ledger_balanced`: every ledger transaction sums to zero;
+//! - `balances_match_entries`: every account's balance equals the sum of its entries;
+//! - `wallets_not_negative`: no buyer wallet below zero;
+//! - `payments_once`: paid orders have exactly one payment posting, refunded ones one payment and one refund,
+//!   others none (idempotent replays had no second effect);
+//! - `effects_once`: no weak effect for an order that never reached the state that causes it.
+
+use serde::{Deserialize, Serialize};
+
+/// One check's outcome.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Check {
+    pub name: String,
+    pub ok: bool,
+    /// How many rows break the invariant.
+    pub violations: u64,
+    /// A few offending keys, for a human.
+    pub sample: Vec<String>,
+}
+
+/// Totals that describe the end state (the benchmark compares them across levels).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+pub struct Totals {
+    pub orders: u64,
+    pub reserved: u64,
+    pub paid: u64,
+    pub fulfilled: u64,
+    pub cancelled: u64,
+    pub expired: u64,
+    pub refunded: u64,
+    pub units_available: i64,
+    pub units_reserved: i64,
+    pub units_sold: i64,
+    pub outbox_pending: u64,
+    pub effects: u64,
+    pub ledger_transactions: u64,
+}
+
+/// The whole report.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct AuditReport {
+    pub ok: bool,
+    pub checks: Vec<Check>,
+    pub totals: Totals,
+}
+
+impl AuditReport {
+    pub fn new(checks: Vec<Check>, totals: Totals) -> Self {
+        Self {
+            ok: checks.iter().all(|c| c.ok),
+            checks,
+            totals,
+        }
+    }
+
+    /// The names of failing checks.
+    pub fn failures(&self) -> Vec<&str> {
+        self.checks
+            .iter()
+            .filter(|c| !c.ok)
+            .map(|c| c.name.as_str())
+            .collect()
+    }
+}

@@ -1,0 +1,76 @@
+//! Pure domain types and rules: money in integer minor units, the order state machine, validated requests
+//! and idempotency fingerprints. No I/O here; the store and the API both speak these types.
+
+pub mod order;
+pub mod request;
+
+pub use order::{OrderKind, OrderStatus, Transition};
+pub use request::{NewOrder, OrderLineReq, fingerprint, new_order_id, now_ms, valid_id};
+
+use serde::Serialize;
+
+/// Money in minor units (cents). Never a float.
+pub type Cents = i64;
+
+/// Why the domain refused a request (a client-side problem, never retryable as is).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize)]
+#[serde(tag = "code", rename_all = "snake_case")]
+pub enum Reject {
+    #[error("no such {what}: {id}")]
+    NotFound { what: &'static str, id: String },
+    #[error("sku {sku} has only {available} units available, {wanted} wanted")]
+    OutOfStock {
+        sku: String,
+        available: i64,
+        wanted: i64,
+    },
+    #[error("sku {sku} is sold out")]
+    SoldOut { sku: String },
+    #[error("idempotency key {key:?} was used with a different request")]
+    IdempotencyConflict { key: String },
+    #[error("order {id} is {from}; cannot {action}")]
+    BadTransition {
+        id: String,
+        from: &'static str,
+        action: &'static str,
+    },
+    #[error("account {account} has {balance} cents, {needed} needed")]
+    InsufficientFunds {
+        account: String,
+        balance: Cents,
+        needed: Cents,
+    },
+    #[error("user {user} may buy at most {limit} units of {sku} in this flash sale")]
+    LimitExceeded { user: String, sku: String, limit: u32 },
+    #[error("payment amount {given} does not match the order total {total}")]
+    AmountMismatch { given: Cents, total: Cents },
+}
+
+impl Reject {
+    /// The stable machine-readable code (also the JSON `error.code`).
+    pub fn code(&self) -> &'static str {
+        match self {
+            Reject::NotFound { .. } => "not_found",
+            Reject::OutOfStock { .. } => "out_of_stock",
+            Reject::SoldOut { .. } => "sold_out",
+            Reject::IdempotencyConflict { .. } => "idempotency_conflict",
+            Reject::BadTransition { .. } => "bad_transition",
+            Reject::InsufficientFunds { .. } => "insufficient_funds",
+            Reject::LimitExceeded { .. } => "limit_exceeded",
+            Reject::AmountMismatch { .. } => "amount_mismatch",
+        }
+    }
+
+    /// The HTTP status this rejection maps to.
+    pub fn status(&self) -> u16 {
+        match self {
+            Reject::NotFound { .. } => 404,
+            Reject::OutOfStock { .. } | Reject::SoldOut { .. } => 409,
+            Reject::IdempotencyConflict { .. } => 422,
+            Reject::BadTransition { .. } => 409,
+            Reject::InsufficientFunds { .. } => 402,
+            Reject::LimitExceeded { .. } => 429,
+            Reject::AmountMismatch { .. } => 422,
+        }
+    }
+}

@@ -1,0 +1,152 @@
+//! Validated order requests and idempotency fingerprints. Everything from the network passes through
+//! `validate` here before the store sees it.
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use super::OrderKind;
+
+/// Most lines in one order.
+pub const MAX_LINES: usize = 50;
+/// Most units of one SKU in one order line.
+pub const MAX_QTY: u32 = 10_000;
+
+/// One line of an order request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OrderLineReq {
+    pub sku: String,
+    pub qty: u32,
+}
+
+/// An order ready for the store: validated, with its id, idempotency key and fingerprint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewOrder {
+    pub id: String,
+    pub user: String,
+    pub kind: OrderKind,
+    pub lines: Vec<OrderLineReq>,
+    pub idem_key: Option<String>,
+    /// SHA-256 of the canonical request, so a key reused with another body is caught.
+    pub fingerprint: String,
+    pub created_ms: i64,
+    pub expires_ms: i64,
+    /// Flash-sale limit per user (only for `Seckill`).
+    pub per_user_limit: u32,
+}
+
+/// Ids and names from the network: 1..=64 bytes of `[A-Za-z0-9._:-]`.
+pub fn valid_id(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
+}
+
+/// Checks an idempotency key: 1..=128 printable ASCII bytes.
+pub fn valid_idem_key(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 128 && s.bytes().all(|b| b.is_ascii_graphic())
+}
+
+/// Validates the parts of an order request; the message names the offending value.
+pub fn validate(user: &str, lines: &[OrderLineReq]) -> Result<(), String> {
+    if !valid_id(user) {
+        return Err(format!("user {user:?} is not 1..=64 bytes of [A-Za-z0-9._:-]"));
+    }
+    if lines.is_empty() || lines.len() > MAX_LINES {
+        return Err(format!(
+            "an order needs 1..={MAX_LINES} lines, got {}",
+            lines.len()
+        ));
+    }
+    let mut seen = std::collections::HashSet::new();
+    for l in lines {
+        if !valid_id(&l.sku) {
+            return Err(format!("sku {:?} is not 1..=64 bytes of [A-Za-z0-9._:-]", l.sku));
+        }
+        if l.qty == 0 || l.qty > MAX_QTY {
+            return Err(format!("qty {} for sku {} is not in 1..={MAX_QTY}", l.qty, l.sku));
+        }
+        if !seen.insert(l.sku.as_str()) {
+            return Err(format!("sku {} appears twice; merge the lines", l.sku));
+        }
+    }
+    Ok(())
+}
+
+/// The fingerprint of a request: kind, user and lines in a canonical order.
+pub fn fingerprint(kind: OrderKind, user: &str, lines: &[OrderLineReq]) -> String {
+    let mut sorted: Vec<_> = lines.iter().collect();
+    sorted.sort_by(|a, b| a.sku.cmp(&b.sku));
+    let mut h = Sha256::new();
+    h.update(kind.as_str().as_bytes());
+    h.update([0]);
+    h.update(user.as_bytes());
+    for l in sorted {
+        h.update([0]);
+        h.update(l.sku.as_bytes());
+        h.update([0]);
+        h.update(l.qty.to_le_bytes());
+    }
+    hex::encode(h.finalize())
+}
+
+/// A new order id, unique across processes: time, then 64 random bits.
+pub fn new_order_id() -> String {
+    format!("o{:x}{:016x}", now_ms(), rand::random::<u64>())
+}
+
+/// Wall-clock milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn line(sku: &str, qty: u32) -> OrderLineReq {
+        OrderLineReq { sku: sku.into(), qty }
+    }
+
+    #[test]
+    fn fingerprint_ignores_line_order_but_not_content() {
+        let a = fingerprint(OrderKind::Regular, "u1", &[line("a", 1), line("b", 2)]);
+        let b = fingerprint(OrderKind::Regular, "u1", &[line("b", 2), line("a", 1)]);
+        let c = fingerprint(OrderKind::Regular, "u1", &[line("a", 1), line("b", 3)]);
+        let d = fingerprint(OrderKind::Seckill, "u1", &[line("a", 1), line("b", 2)]);
+        let e = fingerprint(OrderKind::Regular, "u2", &[line("a", 1), line("b", 2)]);
+        assert_eq!(a, b);
+        assert_ne!(a, c);
+        assert_ne!(a, d);
+        assert_ne!(a, e);
+    }
+
+    #[test]
+    fn validation_names_the_problem() {
+        assert!(validate("u1", &[line("sku-1", 1)]).is_ok());
+        assert!(validate("", &[line("a", 1)]).unwrap_err().contains("user"));
+        assert!(validate("u 1", &[line("a", 1)]).is_err());
+        assert!(validate("u1", &[]).unwrap_err().contains("lines"));
+        assert!(validate("u1", &[line("a", 0)]).unwrap_err().contains("qty"));
+        assert!(validate("u1", &[line("a", MAX_QTY + 1)]).is_err());
+        assert!(
+            validate("u1", &[line("a", 1), line("a", 2)])
+                .unwrap_err()
+                .contains("twice")
+        );
+        assert!(validate("u1", &[line("a/b", 1)]).is_err());
+        assert!(valid_idem_key("k-1"));
+        assert!(!valid_idem_key("k 1"));
+        assert!(!valid_idem_key(&"k".repeat(129)));
+    }
+
+    #[test]
+    fn ids_are_unique() {
+        let a: std::collections::HashSet<_> = (0..1000).map(|_| new_order_id()).collect();
+        assert_eq!(a.len(), 1000);
+    }
+}

@@ -1,0 +1,70 @@
+//! Background work of every app process: the outbox workers (idempotent effects, so redelivery after a crash
+//! or a race between processes has no second effect) and the reservation sweeper (expiry by a conditional
+//! status update, so each reservation gives its stock back exactly once, whichever process sweeps it).
+
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::warn;
+
+use crate::Config;
+use crate::domain::now_ms;
+use crate::exec::StoreExec;
+
+const OUTBOX_BATCH: u32 = 500;
+
+/// Drains the outbox: a pass every 100 ms, repeated at once while full batches come back.
+pub async fn outbox_worker(exec: StoreExec, cancel: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        loop {
+            match exec.run(|s| s.run_outbox(OUTBOX_BATCH)).await {
+                Ok(n) => {
+                    metrics::counter!(crate::metrics::OUTBOX_RUN_TOTAL).increment(u64::from(n));
+                    if n < OUTBOX_BATCH || cancel.is_cancelled() {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    warn!(error = %e, "outbox pass failed; retrying on the next tick");
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// Expires due reservations, ten times per TTL (at least every 50 ms, at most every second).
+pub async fn sweeper(
+    exec: StoreExec,
+    config: watch::Receiver<std::sync::Arc<Config>>,
+    cancel: CancellationToken,
+) {
+    loop {
+        let ttl = config.borrow().reservation_ttl;
+        let every = (ttl / 10).clamp(Duration::from_millis(50), Duration::from_secs(1));
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        loop {
+            match exec.run(|s| s.expire_due(now_ms(), 500)).await {
+                Ok(n) => {
+                    metrics::counter!(crate::metrics::RESERVATIONS_EXPIRED_TOTAL).increment(u64::from(n));
+                    if n < 500 {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    warn!(error = %e, "reservation sweep failed; retrying on the next tick");
+                    break;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,170 @@
+//! Request accounting for `GET /v1/stats` (the agent's contract, `xcluster_proto::stats`). The request path
+//! only bumps atomics; a once-a-second sampler turns them into windowed rates and publishes a snapshot.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use arc_swap::ArcSwap;
+use xcluster_proto::stats::TypeStats;
+
+use crate::config::REQUEST_TYPES;
+
+/// A request's type, as an index into `REQUEST_TYPES`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReqType {
+    Browse = 0,
+    Order = 1,
+    Seckill = 2,
+    Pay = 3,
+    Admin = 4,
+}
+
+impl ReqType {
+    pub fn name(self) -> &'static str {
+        REQUEST_TYPES[self as usize]
+    }
+}
+
+#[derive(Debug, Default)]
+struct TypeCounters {
+    done: AtomicU64,
+    errors: AtomicU64,
+    service_us: AtomicU64,
+}
+
+/// Cumulative (done, errors, service µs) of one type at the last roll.
+type Totals = (u64, u64, u64);
+
+/// Live counters and the last published window.
+#[derive(Debug)]
+pub struct Stats {
+    types: [TypeCounters; 5],
+    pub in_flight: AtomicU32,
+    window: ArcSwap<Window>,
+    last: Mutex<(Instant, [Totals; 5])>,
+}
+
+/// Figures over the last sampling window.
+#[derive(Debug, Clone, Default)]
+pub struct Window {
+    pub request_rate: f64,
+    pub error_rate: f64,
+    pub types: BTreeMap<String, TypeStats>,
+}
+
+impl Default for Stats {
+    fn default() -> Self {
+        Self {
+            types: Default::default(),
+            in_flight: AtomicU32::new(0),
+            window: ArcSwap::from_pointee(Window::default()),
+            last: Mutex::new((Instant::now(), [(0, 0, 0); 5])),
+        }
+    }
+}
+
+/// Marks one request in flight until dropped.
+#[derive(Debug)]
+pub struct InFlight<'a>(&'a Stats);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Stats {
+    pub fn enter(&self) -> InFlight<'_> {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(self)
+    }
+
+    /// Records a finished request; `server_error` counts toward the error rate (client errors do not).
+    pub fn record(&self, t: ReqType, started: Instant, status: u16) {
+        let c = &self.types[t as usize];
+        c.done.fetch_add(1, Ordering::Relaxed);
+        c.service_us
+            .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+        let outcome = if status >= 500 {
+            c.errors.fetch_add(1, Ordering::Relaxed);
+            "server_error"
+        } else if status >= 400 {
+            "client_error"
+        } else {
+            "ok"
+        };
+        metrics::counter!(crate::metrics::REQUESTS_TOTAL, "type" => t.name(), "outcome" => outcome)
+            .increment(1);
+    }
+
+    /// Closes a window: computes rates since the previous call and publishes them.
+    pub fn roll(&self) {
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        let secs = now.duration_since(last.0).as_secs_f64().max(1e-3);
+        let mut w = Window::default();
+        let (mut all, mut errs) = (0u64, 0u64);
+        for (i, c) in self.types.iter().enumerate() {
+            let cur = (
+                c.done.load(Ordering::Relaxed),
+                c.errors.load(Ordering::Relaxed),
+                c.service_us.load(Ordering::Relaxed),
+            );
+            let prev = last.1[i];
+            let (d, e, us) = (cur.0 - prev.0, cur.1 - prev.1, cur.2 - prev.2);
+            last.1[i] = cur;
+            all += d;
+            errs += e;
+            if i == ReqType::Admin as usize {
+                continue;
+            }
+            w.types.insert(
+                REQUEST_TYPES[i].to_string(),
+                TypeStats {
+                    rate: d as f64 / secs,
+                    service_ms: if d > 0 { us as f64 / d as f64 / 1000.0 } else { 0.0 },
+                    error_rate: if d > 0 { e as f64 / d as f64 } else { 0.0 },
+                },
+            );
+        }
+        w.request_rate = all as f64 / secs;
+        w.error_rate = if all > 0 { errs as f64 / all as f64 } else { 0.0 };
+        last.0 = now;
+        self.window.store(Arc::new(w));
+    }
+
+    pub fn window(&self) -> Arc<Window> {
+        self.window.load_full()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn window_counts_rates_and_errors() {
+        let s = Stats::default();
+        let t0 = Instant::now();
+        for _ in 0..3 {
+            s.record(ReqType::Order, t0, 201);
+        }
+        s.record(ReqType::Order, t0, 503);
+        s.record(ReqType::Browse, t0, 404);
+        s.roll();
+        let w = s.window();
+        let o = &w.types["order"];
+        assert!((o.error_rate - 0.25).abs() < 1e-9);
+        assert_eq!(w.types["browse"].error_rate, 0.0);
+        assert!((w.error_rate - 0.2).abs() < 1e-9);
+        // The next window starts from zero.
+        s.roll();
+        assert_eq!(s.window().request_rate, 0.0);
+        let g = s.enter();
+        assert_eq!(s.in_flight.load(Ordering::Relaxed), 1);
+        drop(g);
+        assert_eq!(s.in_flight.load(Ordering::Relaxed), 0);
+    }
+}

@@ -1,0 +1,166 @@
+//! The store: the only authority for stock and money. [`Store`] is a synchronous trait (callers run it on
+//! blocking threads through [`crate::exec::StoreExec`]), so a PostgreSQL backend with its own connection pool
+//! implements the same methods with `SELECT ... FOR UPDATE SKIP LOCKED` where SQLite takes the write lock.
+//!
+//! Every write method is one transaction: a method returns only after its commit is durable.
+
+pub mod sqlite;
+mod sqlite_audit;
+mod sqlite_money;
+mod sqlite_orders;
+mod sqlite_schema;
+#[cfg(test)]
+mod tests;
+
+use serde::{Deserialize, Serialize};
+
+use crate::audit::AuditReport;
+use crate::domain::{Cents, NewOrder, Reject};
+
+/// Why a store call failed: infrastructure, not the request.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StoreError {
+    /// Another writer held the lock past the busy timeout: retryable.
+    #[error("store busy: {0}")]
+    Busy(String),
+    #[error("store failure: {0}")]
+    Internal(String),
+}
+
+impl StoreError {
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, StoreError::Busy(_))
+    }
+}
+
+/// A store result whose inner `Result` carries the domain's answer.
+pub type StoreResult<T> = Result<Result<T, Reject>, StoreError>;
+
+/// A SKU as the catalog shows it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Sku {
+    pub sku: String,
+    pub price_cents: Cents,
+    pub available: i64,
+    pub reserved: i64,
+    pub sold: i64,
+    /// Units held in flash-sale buckets (sellable, counted apart from `available`).
+    pub bucketed: i64,
+}
+
+/// A product (SPU) with its SKUs.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Product {
+    pub id: i64,
+    pub shop_id: i64,
+    pub name: String,
+    pub skus: Vec<Sku>,
+}
+
+/// An order line as stored.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct LineView {
+    pub sku: String,
+    pub qty: i64,
+    pub price_cents: Cents,
+}
+
+/// An order as the API shows it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct OrderView {
+    pub id: String,
+    pub user: String,
+    pub kind: String,
+    pub status: String,
+    pub total_cents: Cents,
+    pub lines: Vec<LineView>,
+    pub created_ms: i64,
+    pub expires_ms: i64,
+    pub paid_via: Option<String>,
+}
+
+/// The result of creating an order: the answer and whether it was an idempotent replay.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Created {
+    pub order: OrderView,
+    pub replay: bool,
+}
+
+/// A payment provider's callback.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct PaymentCallback {
+    /// The provider's id for the payment: the idempotency key of the callback.
+    pub payment_id: String,
+    pub order_id: String,
+    pub amount_cents: Cents,
+    /// `succeeded` or `failed`.
+    pub status: String,
+}
+
+/// One merchant stock/price change.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct StockUpdate {
+    pub sku: String,
+    /// Units received into stock (added to `available`).
+    #[serde(default)]
+    pub receive: u32,
+    /// A new price, if any.
+    #[serde(default)]
+    pub price_cents: Option<Cents>,
+}
+
+/// One merchant's settlement in a batch.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Settlement {
+    pub batch: String,
+    pub shop_id: i64,
+    pub amount_cents: Cents,
+}
+
+/// The store: catalog, orders, payments, outbox and audit.
+pub trait Store: Send + Sync + 'static {
+    /// Products with their SKUs, by id, after `after`, at most `limit`.
+    fn list_products(&self, after: i64, limit: u32) -> Result<Vec<Product>, StoreError>;
+    fn get_product(&self, id: i64) -> Result<Option<Product>, StoreError>;
+    fn get_order(&self, id: &str) -> Result<Option<OrderView>, StoreError>;
+
+    /// Creates orders in ONE transaction (one per call at the sync level, a group at the queued level):
+    /// for each, the conditional stock decrements, the order row and its outbox row, or nothing (a
+    /// savepoint per order). `inline_weak` writes the weak effects (points, notifications) in the same
+    /// transaction instead of leaving them to the outbox workers.
+    fn create_orders(
+        &self,
+        orders: &[NewOrder],
+        inline_weak: bool,
+    ) -> Result<Vec<Result<Created, Reject>>, StoreError>;
+
+    /// Pays a reserved order from the buyer's wallet.
+    fn pay_wallet(&self, order_id: &str, inline_weak: bool) -> StoreResult<OrderView>;
+    /// Applies a provider callback; the same `payment_id` twice has one effect.
+    fn payment_callback(&self, cb: &PaymentCallback, inline_weak: bool) -> StoreResult<OrderView>;
+    fn cancel(&self, order_id: &str) -> StoreResult<OrderView>;
+    fn fulfil(&self, order_id: &str) -> StoreResult<OrderView>;
+    /// Refunds a paid order to whoever paid it and restocks; a second refund is a no-op answer.
+    fn refund(&self, order_id: &str, inline_weak: bool) -> StoreResult<OrderView>;
+
+    /// Expires reservations due at `now_ms` (at most `limit`), each giving its stock back exactly once.
+    fn expire_due(&self, now_ms: i64, limit: u32) -> Result<u32, StoreError>;
+    /// Runs up to `limit` pending outbox items (idempotent effects) and marks them done, in one transaction.
+    fn run_outbox(&self, limit: u32) -> Result<u32, StoreError>;
+    /// Pending outbox items.
+    fn outbox_depth(&self) -> Result<u64, StoreError>;
+
+    fn update_stock(&self, updates: &[StockUpdate]) -> StoreResult<Vec<Sku>>;
+    /// Moves a SKU's available stock into `buckets` flash-sale buckets.
+    fn open_flash_sale(&self, sku: &str, buckets: u32) -> StoreResult<Sku>;
+    /// Credits wallets from the mint account (one ledger transaction).
+    fn credit(&self, users: &[String], amount: Cents) -> Result<(), StoreError>;
+    fn balance(&self, account: &str) -> Result<Cents, StoreError>;
+    /// Settles every merchant's receivable into its payout account, as one batch.
+    fn settle(&self) -> Result<Vec<Settlement>, StoreError>;
+
+    /// Checks every invariant on the live data.
+    fn audit(&self) -> Result<AuditReport, StoreError>;
+}

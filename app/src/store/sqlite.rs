@@ -1,0 +1,214 @@
+//! The embedded SQLite store: WAL, `synchronous=FULL`, a busy timeout, `BEGIN IMMEDIATE` for every write (so a
+//! read-then-write never upgrades a lock and deadlocks), schema migrations and the demo seed on start. Safe for
+//! several app processes on one host sharing the file: SQLite's file locks serialise writers, and every stock
+//! decrement is conditional inside the writer's transaction.
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use rusqlite::{Connection, ErrorCode, OpenFlags, Transaction, TransactionBehavior};
+
+use super::{
+    Created, OrderView, PaymentCallback, Product, Settlement, Sku, StockUpdate, Store, StoreError,
+    StoreResult,
+};
+use crate::audit::AuditReport;
+use crate::domain::{Cents, NewOrder, Reject};
+
+/// The SQLite store: a small pool of connections to one file.
+#[derive(Debug)]
+pub struct SqliteStore {
+    path: PathBuf,
+    busy_timeout: Duration,
+    pool: Mutex<Vec<Connection>>,
+}
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> Self {
+        match e.sqlite_error_code() {
+            Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked) => StoreError::Busy(e.to_string()),
+            _ => StoreError::Internal(e.to_string()),
+        }
+    }
+}
+
+/// The wallet account name of a user.
+pub fn wallet_account(user: &str) -> String {
+    super::sqlite_money::wallet(user)
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database, migrates it and seeds the demo catalog when asked and empty.
+    pub fn open(path: &Path, busy_timeout: Duration, seed_demo: bool) -> Result<SqliteStore, StoreError> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| StoreError::Internal(format!("cannot create {}: {e}", dir.display())))?;
+        }
+        let store = SqliteStore {
+            path: path.to_path_buf(),
+            busy_timeout,
+            pool: Mutex::new(Vec::new()),
+        };
+        let mut conn = store.connect()?;
+        super::sqlite_schema::migrate(&mut conn)?;
+        if seed_demo {
+            super::sqlite_schema::seed_demo(&mut conn)?;
+        }
+        store.put(conn);
+        Ok(store)
+    }
+
+    fn connect(&self) -> Result<Connection, StoreError> {
+        let conn = Connection::open_with_flags(
+            &self.path,
+            OpenFlags::SQLITE_OPEN_READ_WRITE
+                | OpenFlags::SQLITE_OPEN_CREATE
+                | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(|e| StoreError::Internal(format!("cannot open {}: {e}", self.path.display())))?;
+        conn.busy_timeout(self.busy_timeout)?;
+        // WAL lets readers run beside the one writer; FULL makes every commit durable before it returns,
+        // which is what lets the API acknowledge an order only after its commit.
+        let mode: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(StoreError::Internal(format!(
+                "journal_mode is {mode}, WAL required"
+            )));
+        }
+        conn.execute_batch("PRAGMA synchronous=FULL; PRAGMA foreign_keys=ON;")?;
+        Ok(conn)
+    }
+
+    fn take(&self) -> Result<Connection, StoreError> {
+        let pooled = self.pool.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        match pooled {
+            Some(c) => Ok(c),
+            None => self.connect(),
+        }
+    }
+
+    fn put(&self, conn: Connection) {
+        let mut pool = self.pool.lock().unwrap_or_else(|e| e.into_inner());
+        if pool.len() < 64 {
+            pool.push(conn);
+        }
+    }
+
+    /// Runs `f` on a pooled connection.
+    pub(crate) fn with_conn<T>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let mut conn = self.take()?;
+        let out = f(&mut conn);
+        // A connection left inside a transaction (a failed commit) is not reused.
+        if conn.is_autocommit() {
+            self.put(conn);
+        }
+        out
+    }
+
+    /// Runs `f` in a `BEGIN IMMEDIATE` transaction, committing when it returns `Ok`.
+    pub(crate) fn write<T>(
+        &self,
+        f: impl FnOnce(&Transaction<'_>) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        self.with_conn(|conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let out = f(&tx)?;
+            tx.commit()?;
+            Ok(out)
+        })
+    }
+
+    /// Like `write`, for calls whose domain answer is a rejection: a rejection rolls back too.
+    pub(crate) fn write_domain<T>(
+        &self,
+        f: impl FnOnce(&Transaction<'_>) -> Result<Result<T, Reject>, StoreError>,
+    ) -> StoreResult<T> {
+        self.with_conn(|conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            match f(&tx)? {
+                Ok(v) => {
+                    tx.commit()?;
+                    Ok(Ok(v))
+                }
+                Err(r) => {
+                    tx.rollback()?;
+                    Ok(Err(r))
+                }
+            }
+        })
+    }
+}
+
+impl Store for SqliteStore {
+    fn list_products(&self, after: i64, limit: u32) -> Result<Vec<Product>, StoreError> {
+        self.with_conn(|c| super::sqlite_orders::list_products(c, after, limit))
+    }
+    fn get_product(&self, id: i64) -> Result<Option<Product>, StoreError> {
+        self.with_conn(|c| Ok(super::sqlite_orders::list_products_from(c, id, 1, true)?.pop()))
+    }
+    fn get_order(&self, id: &str) -> Result<Option<OrderView>, StoreError> {
+        self.with_conn(|c| super::sqlite_orders::load_order(c, id))
+    }
+    fn create_orders(
+        &self,
+        orders: &[NewOrder],
+        inline_weak: bool,
+    ) -> Result<Vec<Result<Created, Reject>>, StoreError> {
+        self.write(|tx| super::sqlite_orders::create_orders(tx, orders, inline_weak))
+    }
+    fn pay_wallet(&self, order_id: &str, inline_weak: bool) -> StoreResult<OrderView> {
+        self.write_domain(|tx| super::sqlite_money::pay(tx, order_id, None, inline_weak))
+    }
+    fn payment_callback(&self, cb: &PaymentCallback, inline_weak: bool) -> StoreResult<OrderView> {
+        self.write_domain(|tx| super::sqlite_money::callback(tx, cb, inline_weak))
+    }
+    fn cancel(&self, order_id: &str) -> StoreResult<OrderView> {
+        self.write_domain(|tx| super::sqlite_orders::cancel(tx, order_id))
+    }
+    fn fulfil(&self, order_id: &str) -> StoreResult<OrderView> {
+        self.write_domain(|tx| super::sqlite_orders::fulfil(tx, order_id))
+    }
+    fn refund(&self, order_id: &str, inline_weak: bool) -> StoreResult<OrderView> {
+        self.write_domain(|tx| super::sqlite_money::refund(tx, order_id, inline_weak))
+    }
+    fn expire_due(&self, now_ms: i64, limit: u32) -> Result<u32, StoreError> {
+        self.write(|tx| super::sqlite_orders::expire_due(tx, now_ms, limit))
+    }
+    fn run_outbox(&self, limit: u32) -> Result<u32, StoreError> {
+        self.write(|tx| super::sqlite_money::run_outbox(tx, limit))
+    }
+    fn outbox_depth(&self) -> Result<u64, StoreError> {
+        self.with_conn(|c| {
+            let n: i64 = c.query_row("SELECT COUNT(*) FROM outbox WHERE done = 0", [], |r| r.get(0))?;
+            Ok(n.max(0) as u64)
+        })
+    }
+    fn update_stock(&self, updates: &[StockUpdate]) -> StoreResult<Vec<Sku>> {
+        self.write_domain(|tx| super::sqlite_orders::update_stock(tx, updates))
+    }
+    fn open_flash_sale(&self, sku: &str, buckets: u32) -> StoreResult<Sku> {
+        self.write_domain(|tx| super::sqlite_orders::open_flash_sale(tx, sku, buckets))
+    }
+    fn credit(&self, users: &[String], amount: Cents) -> Result<(), StoreError> {
+        self.write(|tx| super::sqlite_money::credit(tx, users, amount))
+    }
+    fn balance(&self, account: &str) -> Result<Cents, StoreError> {
+        self.with_conn(|c| super::sqlite_money::balance(c, account))
+    }
+    fn settle(&self) -> Result<Vec<Settlement>, StoreError> {
+        self.write(super::sqlite_money::settle)
+    }
+    fn audit(&self) -> Result<AuditReport, StoreError> {
+        // One read transaction, so every check sees the same snapshot.
+        self.with_conn(|c| {
+            let tx = c.transaction_with_behavior(TransactionBehavior::Deferred)?;
+            let report = super::sqlite_audit::audit(&tx)?;
+            tx.commit()?;
+            Ok(report)
+        })
+    }
+}

@@ -1,0 +1,83 @@
+//! The invariant checks as SQL over one read snapshot (see `crate::audit` for what each one means). Each
+//! query returns the offending keys; an empty result is a pass.
+
+use rusqlite::Transaction;
+
+use super::StoreError;
+use crate::audit::{AuditReport, Check, Totals};
+
+const CHECKS: &[(&str, &str)] = &[
+    ("no_oversell", "SELECT sku FROM skus WHERE available < 0 OR reserved < 0 OR sold < 0
+        UNION ALL SELECT sku || '#' || bucket FROM sku_buckets WHERE available < 0"),
+    ("stock_conserved", "SELECT s.sku FROM skus s WHERE s.received != s.available + s.reserved + s.sold
+        + COALESCE((SELECT SUM(b.available) FROM sku_buckets b WHERE b.sku = s.sku), 0)"),
+    ("reserved_matches_orders", "SELECT s.sku FROM skus s WHERE s.reserved != COALESCE((SELECT SUM(l.qty)
+        FROM order_lines l JOIN orders o ON o.id = l.order_id WHERE l.sku = s.sku AND o.status = 'reserved'), 0)"),
+    ("sold_matches_orders", "SELECT s.sku FROM skus s WHERE s.sold != COALESCE((SELECT SUM(l.qty)
+        FROM order_lines l JOIN orders o ON o.id = l.order_id WHERE l.sku = s.sku AND o.status IN ('paid', 'fulfilled')), 0)"),
+    ("order_placed_once", "SELECT o.id FROM orders o WHERE (SELECT COUNT(*) FROM outbox x
+        WHERE x.order_id = o.id AND x.topic = 'order.placed') != 1
+        UNION ALL SELECT id FROM orders o WHERE NOT EXISTS (SELECT 1 FROM order_lines l WHERE l.order_id = o.id)
+        UNION ALL SELECT o.id FROM orders o WHERE o.total_cents != (SELECT SUM(l.qty * l.price_cents)
+        FROM order_lines l WHERE l.order_id = o.id)"),
+    ("ledger_balanced", "SELECT CAST(tx_id AS TEXT) FROM ledger_entries GROUP BY tx_id HAVING SUM(amount) != 0
+        UNION ALL SELECT CAST(t.id AS TEXT) FROM ledger_tx t WHERE NOT EXISTS (SELECT 1 FROM ledger_entries e WHERE e.tx_id = t.id)"),
+    ("balances_match_entries", "SELECT a.account FROM accounts a WHERE a.balance != COALESCE((SELECT SUM(e.amount)
+        FROM ledger_entries e WHERE e.account = a.account), 0)
+        UNION ALL SELECT DISTINCT e.account FROM ledger_entries e WHERE NOT EXISTS
+        (SELECT 1 FROM accounts a WHERE a.account = e.account)"),
+    ("wallets_not_negative", "SELECT account FROM accounts WHERE account LIKE 'user:%' AND balance < 0"),
+    ("payments_once", "SELECT o.id FROM orders o WHERE
+        (SELECT COUNT(*) FROM ledger_tx t WHERE t.kind = 'pay' AND t.ref = o.id)
+          != (CASE WHEN o.status IN ('paid', 'fulfilled', 'refunded') THEN 1 ELSE 0 END)
+        OR (SELECT COUNT(*) FROM ledger_tx t WHERE t.kind = 'refund' AND t.ref = o.id)
+          != (CASE WHEN o.status = 'refunded' THEN 1 ELSE 0 END)
+        OR (SELECT COALESCE(SUM(e.amount), 0) FROM ledger_tx t JOIN ledger_entries e ON e.tx_id = t.id
+            WHERE t.kind = 'pay' AND t.ref = o.id AND e.amount > 0)
+          != (CASE WHEN o.status IN ('paid', 'fulfilled', 'refunded') THEN o.total_cents ELSE 0 END)"),
+    ("effects_once", "SELECT f.order_id || '/' || f.kind FROM effects f JOIN orders o ON o.id = f.order_id WHERE
+        (f.kind IN ('points', 'notify_paid') AND o.status NOT IN ('paid', 'fulfilled', 'refunded'))
+        OR (f.kind IN ('points_revoked', 'notify_refunded') AND o.status != 'refunded')
+        UNION ALL SELECT order_id FROM effects f WHERE NOT EXISTS (SELECT 1 FROM orders o WHERE o.id = f.order_id)"),
+];
+
+pub fn audit(tx: &Transaction<'_>) -> Result<AuditReport, StoreError> {
+    let mut checks = Vec::new();
+    for (name, sql) in CHECKS {
+        let bad: Vec<String> = tx
+            .prepare_cached(sql)?
+            .query_map([], |r| r.get::<_, String>(0))?
+            .collect::<Result<_, _>>()?;
+        checks.push(Check {
+            name: (*name).into(),
+            ok: bad.is_empty(),
+            violations: bad.len() as u64,
+            sample: bad.into_iter().take(5).collect(),
+        });
+    }
+    let count = |sql: &str| -> Result<i64, StoreError> { Ok(tx.query_row(sql, [], |r| r.get::<_, i64>(0))?) };
+    let status = |s: &str| -> Result<u64, StoreError> {
+        Ok(
+            tx.query_row("SELECT COUNT(*) FROM orders WHERE status = ?1", [s], |r| {
+                r.get::<_, i64>(0)
+            })? as u64,
+        )
+    };
+    let totals = Totals {
+        orders: count("SELECT COUNT(*) FROM orders")? as u64,
+        reserved: status("reserved")?,
+        paid: status("paid")?,
+        fulfilled: status("fulfilled")?,
+        cancelled: status("cancelled")?,
+        expired: status("expired")?,
+        refunded: status("refunded")?,
+        units_available: count("SELECT COALESCE(SUM(available), 0) FROM skus")?
+            + count("SELECT COALESCE(SUM(available), 0) FROM sku_buckets")?,
+        units_reserved: count("SELECT COALESCE(SUM(reserved), 0) FROM skus")?,
+        units_sold: count("SELECT COALESCE(SUM(sold), 0) FROM skus")?,
+        outbox_pending: count("SELECT COUNT(*) FROM outbox WHERE done = 0")? as u64,
+        effects: count("SELECT COUNT(*) FROM effects")? as u64,
+        ledger_transactions: count("SELECT COUNT(*) FROM ledger_tx")? as u64,
+    };
+    Ok(AuditReport::new(checks, totals))
+}

@@ -1,0 +1,263 @@
+//! Money: wallet payments, provider callbacks, refunds, wallet credits and merchant settlement, all posted to
+//! a double-entry ledger (every transaction's entries sum to zero; an account's balance is the sum of its
+//! entries). Also the durable outbox and its idempotent effects (loyalty points, notifications).
+//!
+//! Balance checks run under the `BEGIN IMMEDIATE` write lock, so check-then-debit cannot race here; a
+//! PostgreSQL store does the same with a conditional `UPDATE ... WHERE balance >= $n`.
+
+use rusqlite::{Connection, OptionalExtension, Transaction, params};
+
+use super::sqlite_orders::{load_order, move_stock, transition};
+use super::{OrderView, PaymentCallback, Settlement, StoreError};
+use crate::domain::{Cents, OrderStatus, Reject, Transition, now_ms};
+
+type Res<T> = Result<Result<T, Reject>, StoreError>;
+
+/// The wallet account of a user.
+pub fn wallet(user: &str) -> String {
+    format!("user:{user}")
+}
+
+/// Posts one ledger transaction; `(kind, reference)` is unique, so a replay cannot post twice.
+fn post(
+    tx: &Transaction<'_>,
+    kind: &str,
+    reference: &str,
+    entries: &[(String, Cents)],
+) -> Result<(), StoreError> {
+    let sum: Cents = entries.iter().map(|(_, a)| a).sum();
+    if sum != 0 {
+        return Err(StoreError::Internal(format!(
+            "ledger {kind}/{reference} does not balance: {sum}"
+        )));
+    }
+    tx.prepare_cached("INSERT INTO ledger_tx(kind, ref, created_ms) VALUES (?1, ?2, ?3)")?
+        .execute(params![kind, reference, now_ms()])?;
+    let id = tx.last_insert_rowid();
+    for (account, amount) in entries {
+        tx.prepare_cached("INSERT INTO ledger_entries(tx_id, account, amount) VALUES (?1, ?2, ?3)")?
+            .execute(params![id, account, amount])?;
+        tx.prepare_cached(
+            "INSERT INTO accounts(account, balance) VALUES (?1, ?2)
+             ON CONFLICT(account) DO UPDATE SET balance = balance + excluded.balance",
+        )?
+        .execute(params![account, amount])?;
+    }
+    Ok(())
+}
+
+pub fn balance(c: &Connection, account: &str) -> Result<Cents, StoreError> {
+    Ok(
+        c.prepare_cached("SELECT balance FROM accounts WHERE account = ?1")?
+            .query_row([account], |r| r.get(0))
+            .optional()?
+            .unwrap_or(0),
+    )
+}
+
+/// What each shop is owed for an order.
+fn shop_shares(tx: &Transaction<'_>, order_id: &str) -> Result<Vec<(String, Cents)>, StoreError> {
+    Ok(tx
+        .prepare_cached("SELECT shop_id, SUM(qty * price_cents) FROM order_lines WHERE order_id = ?1 GROUP BY shop_id ORDER BY shop_id")?
+        .query_map([order_id], |r| Ok((format!("shop:{}", r.get::<_, i64>(0)?), r.get(1)?)))?
+        .collect::<Result<_, _>>()?)
+}
+
+fn order(tx: &Transaction<'_>, id: &str) -> Res<OrderView> {
+    Ok(load_order(tx, id)?.ok_or_else(|| Reject::NotFound {
+        what: "order",
+        id: id.into(),
+    }))
+}
+
+/// Pays a reserved order, from the wallet (`via = None`) or from the provider.
+pub fn pay(
+    tx: &Transaction<'_>,
+    id: &str,
+    via: Option<&PaymentCallback>,
+    inline_weak: bool,
+) -> Res<OrderView> {
+    let o = match order(tx, id)? {
+        Ok(o) => o,
+        Err(r) => return Ok(Err(r)),
+    };
+    if matches!(
+        OrderStatus::parse(&o.status),
+        Some(OrderStatus::Paid | OrderStatus::Fulfilled)
+    ) && via.is_none()
+    {
+        // Paying a paid order again is a replay: same answer, no second debit.
+        return Ok(Ok(o));
+    }
+    if let Some(cb) = via
+        && cb.amount_cents != o.total_cents
+    {
+        return Ok(Err(Reject::AmountMismatch {
+            given: cb.amount_cents,
+            total: o.total_cents,
+        }));
+    }
+    if let Err(r) = transition(tx, id, Transition::Pay)? {
+        return Ok(Err(r));
+    }
+    let (payer, method) = match via {
+        None => (wallet(&o.user), "wallet"),
+        Some(_) => ("psp".to_string(), "psp"),
+    };
+    if via.is_none() {
+        let have = balance(tx, &payer)?;
+        if have < o.total_cents {
+            return Ok(Err(Reject::InsufficientFunds {
+                account: payer,
+                balance: have,
+                needed: o.total_cents,
+            }));
+        }
+    }
+    let mut entries = vec![(payer, -o.total_cents)];
+    entries.extend(shop_shares(tx, id)?);
+    post(tx, "pay", id, &entries)?;
+    move_stock(tx, id, "reserved", "sold")?;
+    tx.prepare_cached("UPDATE orders SET paid_via = ?2 WHERE id = ?1")?
+        .execute(params![id, method])?;
+    enqueue(tx, "order.paid", id, inline_weak)?;
+    order(tx, id)
+}
+
+/// A provider callback; `payment_id` makes it idempotent.
+pub fn callback(tx: &Transaction<'_>, cb: &PaymentCallback, inline_weak: bool) -> Res<OrderView> {
+    let prior: Option<(String, String, Cents)> = tx
+        .prepare_cached("SELECT order_id, status, amount_cents FROM payments WHERE payment_id = ?1")?
+        .query_row([&cb.payment_id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .optional()?;
+    if let Some((order_id, status, amount)) = prior {
+        if order_id != cb.order_id || status != cb.status || amount != cb.amount_cents {
+            return Ok(Err(Reject::IdempotencyConflict {
+                key: cb.payment_id.clone(),
+            }));
+        }
+        return order(tx, &cb.order_id);
+    }
+    tx.prepare_cached("INSERT INTO payments(payment_id, order_id, status, amount_cents, created_ms) VALUES (?1, ?2, ?3, ?4, ?5)")?
+        .execute(params![cb.payment_id, cb.order_id, cb.status, cb.amount_cents, now_ms()])?;
+    if cb.status == "failed" {
+        // The reservation stays until the buyer retries or the sweeper expires it.
+        return order(tx, &cb.order_id);
+    }
+    pay(tx, &cb.order_id, Some(cb), inline_weak)
+}
+
+pub fn refund(tx: &Transaction<'_>, id: &str, inline_weak: bool) -> Res<OrderView> {
+    let o = match order(tx, id)? {
+        Ok(o) => o,
+        Err(r) => return Ok(Err(r)),
+    };
+    if o.status == OrderStatus::Refunded.as_str() {
+        return Ok(Ok(o));
+    }
+    if let Err(r) = transition(tx, id, Transition::Refund)? {
+        return Ok(Err(r));
+    }
+    let payer = match o.paid_via.as_deref() {
+        Some("wallet") => wallet(&o.user),
+        _ => "psp".to_string(),
+    };
+    let mut entries: Vec<(String, Cents)> = shop_shares(tx, id)?.into_iter().map(|(a, v)| (a, -v)).collect();
+    entries.push((payer, o.total_cents));
+    post(tx, "refund", id, &entries)?;
+    // Refunded goods come back into stock.
+    move_stock(tx, id, "sold", "available")?;
+    enqueue(tx, "order.refunded", id, inline_weak)?;
+    order(tx, id)
+}
+
+pub fn credit(tx: &Transaction<'_>, users: &[String], amount: Cents) -> Result<(), StoreError> {
+    let mut entries: Vec<(String, Cents)> = users.iter().map(|u| (wallet(u), amount)).collect();
+    entries.push(("mint".into(), -amount * users.len() as Cents));
+    let reference = format!("c{:x}{:016x}", now_ms(), rand::random::<u64>());
+    post(tx, "credit", &reference, &entries)
+}
+
+/// Moves every positive merchant receivable into its payout account, one ledger transaction per merchant.
+pub fn settle(tx: &Transaction<'_>) -> Result<Vec<Settlement>, StoreError> {
+    let owed: Vec<(String, Cents)> = tx
+        .prepare_cached("SELECT account, balance FROM accounts WHERE account LIKE 'shop:%' AND balance > 0 ORDER BY account")?
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<Result<_, _>>()?;
+    let batch = format!("b{:x}{:08x}", now_ms(), rand::random::<u32>());
+    let mut out = Vec::new();
+    for (account, amount) in owed {
+        let shop_id: i64 = account.trim_start_matches("shop:").parse().unwrap_or(0);
+        post(
+            tx,
+            "settle",
+            &format!("{batch}:{shop_id}"),
+            &[(account, -amount), (format!("payout:{shop_id}"), amount)],
+        )?;
+        tx.prepare_cached(
+            "INSERT INTO settlements(batch, shop_id, amount_cents, created_ms) VALUES (?1, ?2, ?3, ?4)",
+        )?
+        .execute(params![batch, shop_id, amount, now_ms()])?;
+        out.push(Settlement {
+            batch: batch.clone(),
+            shop_id,
+            amount_cents: amount,
+        });
+    }
+    Ok(out)
+}
+
+/// Adds an outbox row for `(topic, order)`; with `inline_weak` its effects are applied now and the row is
+/// born done (the synchronous level), otherwise the workers apply them later.
+pub fn enqueue(
+    tx: &Transaction<'_>,
+    topic: &str,
+    order_id: &str,
+    inline_weak: bool,
+) -> Result<(), StoreError> {
+    if inline_weak {
+        apply_effects(tx, topic, order_id)?;
+    }
+    tx.prepare_cached(
+        "INSERT OR IGNORE INTO outbox(topic, order_id, created_ms, done) VALUES (?1, ?2, ?3, ?4)",
+    )?
+    .execute(params![topic, order_id, now_ms(), inline_weak])?;
+    Ok(())
+}
+
+/// The weak effects of an event. Each is keyed by `(order, kind)`, so redelivery has no second effect.
+fn apply_effects(tx: &Transaction<'_>, topic: &str, order_id: &str) -> Result<(), StoreError> {
+    let total: Cents = tx
+        .prepare_cached("SELECT total_cents FROM orders WHERE id = ?1")?
+        .query_row([order_id], |r| r.get(0))
+        .optional()?
+        .unwrap_or(0);
+    let points = total / 100;
+    let effects: &[(&str, i64)] = match topic {
+        "order.placed" => &[("notify_placed", 0)],
+        "order.paid" => &[("points", points), ("notify_paid", 0)],
+        "order.refunded" => &[("points_revoked", -points), ("notify_refunded", 0)],
+        _ => &[],
+    };
+    for (kind, value) in effects {
+        tx.prepare_cached(
+            "INSERT OR IGNORE INTO effects(order_id, kind, value, created_ms) VALUES (?1, ?2, ?3, ?4)",
+        )?
+        .execute(params![order_id, kind, value, now_ms()])?;
+    }
+    Ok(())
+}
+
+/// Runs pending outbox items in id order.
+pub fn run_outbox(tx: &Transaction<'_>, limit: u32) -> Result<u32, StoreError> {
+    let items: Vec<(i64, String, String)> = tx
+        .prepare_cached("SELECT id, topic, order_id FROM outbox WHERE done = 0 ORDER BY id LIMIT ?1")?
+        .query_map([limit], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+        .collect::<Result<_, _>>()?;
+    for (id, topic, order_id) in &items {
+        apply_effects(tx, topic, order_id)?;
+        tx.prepare_cached("UPDATE outbox SET done = 1 WHERE id = ?1")?
+            .execute([id])?;
+    }
+    Ok(items.len() as u32)
+}

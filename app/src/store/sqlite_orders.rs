@@ -1,0 +1,414 @@
+//! Catalog reads, order creation (the conditional stock decrement, the order row and its outbox row in one
+//! transaction), order transitions that move stock, the reservation sweeper, and merchant stock updates.
+
+use rusqlite::{Connection, OptionalExtension, Transaction, params};
+
+use super::{Created, LineView, OrderView, Product, Sku, StockUpdate, StoreError};
+use crate::domain::{NewOrder, OrderKind, OrderStatus, Reject, Transition, now_ms};
+
+type Res<T> = Result<Result<T, Reject>, StoreError>;
+
+pub fn list_products(c: &Connection, after: i64, limit: u32) -> Result<Vec<Product>, StoreError> {
+    list_products_from(c, after.saturating_add(1), limit, false)
+}
+
+/// Products with id ≥ `from` (exactly `from` when `exact`).
+pub fn list_products_from(
+    c: &Connection,
+    from: i64,
+    limit: u32,
+    exact: bool,
+) -> Result<Vec<Product>, StoreError> {
+    let sql = if exact {
+        "SELECT id, shop_id, name FROM products WHERE id = ?1 LIMIT ?2"
+    } else {
+        "SELECT id, shop_id, name FROM products WHERE id >= ?1 ORDER BY id LIMIT ?2"
+    };
+    let mut stmt = c.prepare_cached(sql)?;
+    let mut products: Vec<Product> = stmt
+        .query_map(params![from, limit], |r| {
+            Ok(Product {
+                id: r.get(0)?,
+                shop_id: r.get(1)?,
+                name: r.get(2)?,
+                skus: Vec::new(),
+            })
+        })?
+        .collect::<Result<_, _>>()?;
+    let mut skus = c.prepare_cached(
+        "SELECT s.sku, s.price_cents, s.available, s.reserved, s.sold,
+                COALESCE((SELECT SUM(b.available) FROM sku_buckets b WHERE b.sku = s.sku), 0)
+         FROM skus s WHERE s.product_id = ?1 ORDER BY s.sku",
+    )?;
+    for p in &mut products {
+        p.skus = skus
+            .query_map([p.id], |r| {
+                Ok(Sku {
+                    sku: r.get(0)?,
+                    price_cents: r.get(1)?,
+                    available: r.get(2)?,
+                    reserved: r.get(3)?,
+                    sold: r.get(4)?,
+                    bucketed: r.get(5)?,
+                })
+            })?
+            .collect::<Result<_, _>>()?;
+    }
+    Ok(products)
+}
+
+pub fn load_order(c: &Connection, id: &str) -> Result<Option<OrderView>, StoreError> {
+    let mut stmt = c.prepare_cached(
+        "SELECT id, user, kind, status, total_cents, created_ms, expires_ms, paid_via FROM orders WHERE id = ?1",
+    )?;
+    let order = stmt
+        .query_row([id], |r| {
+            Ok(OrderView {
+                id: r.get(0)?,
+                user: r.get(1)?,
+                kind: r.get(2)?,
+                status: r.get(3)?,
+                total_cents: r.get(4)?,
+                created_ms: r.get(5)?,
+                expires_ms: r.get(6)?,
+                paid_via: r.get(7)?,
+                lines: Vec::new(),
+            })
+        })
+        .optional()?;
+    let Some(mut order) = order else { return Ok(None) };
+    order.lines = lines(c, id)?;
+    Ok(Some(order))
+}
+
+fn lines(c: &Connection, id: &str) -> Result<Vec<LineView>, StoreError> {
+    let mut stmt =
+        c.prepare_cached("SELECT sku, qty, price_cents FROM order_lines WHERE order_id = ?1 ORDER BY sku")?;
+    Ok(stmt
+        .query_map([id], |r| {
+            Ok(LineView {
+                sku: r.get(0)?,
+                qty: r.get(1)?,
+                price_cents: r.get(2)?,
+            })
+        })?
+        .collect::<Result<_, _>>()?)
+}
+
+/// Creates each order under its own savepoint inside the caller's transaction.
+pub fn create_orders(
+    tx: &Transaction<'_>,
+    orders: &[NewOrder],
+    inline_weak: bool,
+) -> Result<Vec<Result<Created, Reject>>, StoreError> {
+    let mut out = Vec::with_capacity(orders.len());
+    for o in orders {
+        tx.execute_batch("SAVEPOINT new_order")?;
+        match create_one(tx, o, inline_weak) {
+            Ok(Ok(created)) => {
+                tx.execute_batch("RELEASE new_order")?;
+                out.push(Ok(created));
+            }
+            Ok(Err(reject)) => {
+                tx.execute_batch("ROLLBACK TO new_order; RELEASE new_order")?;
+                out.push(Err(reject));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(out)
+}
+
+fn create_one(tx: &Transaction<'_>, o: &NewOrder, inline_weak: bool) -> Res<Created> {
+    if let Some(key) = &o.idem_key {
+        let prior: Option<(String, String)> = tx
+            .prepare_cached("SELECT fingerprint, answer FROM orders WHERE idem_key = ?1")?
+            .query_row([key], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()?;
+        if let Some((fp, answer)) = prior {
+            if fp != o.fingerprint {
+                return Ok(Err(Reject::IdempotencyConflict { key: key.clone() }));
+            }
+            let order: OrderView = serde_json::from_str(&answer)
+                .map_err(|e| StoreError::Internal(format!("stored answer of key {key:?} is corrupt: {e}")))?;
+            return Ok(Ok(Created { order, replay: true }));
+        }
+    }
+    if o.kind == OrderKind::Seckill {
+        for l in &o.lines {
+            let bought: i64 = tx
+                .prepare_cached(
+                    "SELECT COALESCE(SUM(l.qty), 0) FROM orders o JOIN order_lines l ON l.order_id = o.id
+                     WHERE o.user = ?1 AND o.kind = 'seckill' AND l.sku = ?2
+                       AND o.status IN ('reserved', 'paid', 'fulfilled')",
+                )?
+                .query_row(params![o.user, l.sku], |r| r.get(0))?;
+            if bought + i64::from(l.qty) > i64::from(o.per_user_limit) {
+                return Ok(Err(Reject::LimitExceeded {
+                    user: o.user.clone(),
+                    sku: l.sku.clone(),
+                    limit: o.per_user_limit,
+                }));
+            }
+        }
+    }
+    let mut views = Vec::with_capacity(o.lines.len());
+    let mut shops = Vec::with_capacity(o.lines.len());
+    let mut total = 0i64;
+    for l in &o.lines {
+        let qty = i64::from(l.qty);
+        let info: Option<(i64, i64)> = tx
+            .prepare_cached("SELECT s.price_cents, p.shop_id FROM skus s JOIN products p ON p.id = s.product_id WHERE s.sku = ?1")?
+            .query_row([&l.sku], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()?;
+        let Some((price, shop)) = info else {
+            return Ok(Err(Reject::NotFound {
+                what: "sku",
+                id: l.sku.clone(),
+            }));
+        };
+        if let Err(r) = reserve_stock(tx, o.kind, &l.sku, qty)? {
+            return Ok(Err(r));
+        }
+        total += price * qty;
+        shops.push(shop);
+        views.push(LineView {
+            sku: l.sku.clone(),
+            qty,
+            price_cents: price,
+        });
+    }
+    let mut sorted = views.clone();
+    sorted.sort_by(|a, b| a.sku.cmp(&b.sku));
+    let view = OrderView {
+        id: o.id.clone(),
+        user: o.user.clone(),
+        kind: o.kind.as_str().into(),
+        status: OrderStatus::Reserved.as_str().into(),
+        total_cents: total,
+        lines: sorted,
+        created_ms: o.created_ms,
+        expires_ms: o.expires_ms,
+        paid_via: None,
+    };
+    let answer = serde_json::to_string(&view).map_err(|e| StoreError::Internal(e.to_string()))?;
+    tx.prepare_cached(
+        "INSERT INTO orders(id, idem_key, fingerprint, user, kind, status, total_cents, created_ms, expires_ms,
+                            paid_via, updated_ms, answer)
+         VALUES (?1, ?2, ?3, ?4, ?5, 'reserved', ?6, ?7, ?8, NULL, ?7, ?9)",
+    )?
+    .execute(params![o.id, o.idem_key, o.fingerprint, o.user, o.kind.as_str(), total, o.created_ms, o.expires_ms, answer])?;
+    for (l, shop) in views.iter().zip(&shops) {
+        tx.prepare_cached(
+            "INSERT INTO order_lines(order_id, sku, qty, price_cents, shop_id) VALUES (?1, ?2, ?3, ?4, ?5)",
+        )?
+        .execute(params![o.id, l.sku, l.qty, l.price_cents, shop])?;
+    }
+    super::sqlite_money::enqueue(tx, "order.placed", &o.id, inline_weak)?;
+    Ok(Ok(Created {
+        order: view,
+        replay: false,
+    }))
+}
+
+/// The conditional decrement: never below zero. A flash-sale SKU takes from one of its buckets first (a
+/// random start, so concurrent buyers spread over rows in a store with row locks), then from `available`.
+fn reserve_stock(
+    tx: &Transaction<'_>,
+    kind: OrderKind,
+    sku: &str,
+    qty: i64,
+) -> Result<Result<(), Reject>, StoreError> {
+    if kind == OrderKind::Seckill {
+        let start = i64::from(rand::random::<u8>() % 64);
+        let took = tx
+            .prepare_cached(
+                "UPDATE sku_buckets SET available = available - ?2
+                 WHERE sku = ?1 AND available >= ?2 AND bucket = (
+                   SELECT bucket FROM sku_buckets WHERE sku = ?1 AND available >= ?2
+                   ORDER BY (bucket - ?3 + 64) % 64 LIMIT 1)",
+            )?
+            .execute(params![sku, qty, start])?;
+        if took == 1 {
+            tx.prepare_cached("UPDATE skus SET reserved = reserved + ?2 WHERE sku = ?1")?
+                .execute(params![sku, qty])?;
+            return Ok(Ok(()));
+        }
+    }
+    let took = tx
+        .prepare_cached(
+            "UPDATE skus SET available = available - ?2, reserved = reserved + ?2 WHERE sku = ?1 AND available >= ?2",
+        )?
+        .execute(params![sku, qty])?;
+    if took == 1 {
+        return Ok(Ok(()));
+    }
+    let available: i64 = tx
+        .prepare_cached("SELECT available FROM skus WHERE sku = ?1")?
+        .query_row([sku], |r| r.get(0))?;
+    Ok(Err(if kind == OrderKind::Seckill || available == 0 {
+        Reject::SoldOut { sku: sku.into() }
+    } else {
+        Reject::OutOfStock {
+            sku: sku.into(),
+            available,
+            wanted: qty,
+        }
+    }))
+}
+
+/// Moves an order along `t` with a conditional update; returns the state it left.
+pub fn transition(tx: &Transaction<'_>, id: &str, t: Transition) -> Res<(OrderStatus, OrderStatus)> {
+    let status: Option<String> = tx
+        .prepare_cached("SELECT status FROM orders WHERE id = ?1")?
+        .query_row([id], |r| r.get(0))
+        .optional()?;
+    let Some(status) = status else {
+        return Ok(Err(Reject::NotFound {
+            what: "order",
+            id: id.into(),
+        }));
+    };
+    let from = OrderStatus::parse(&status)
+        .ok_or_else(|| StoreError::Internal(format!("order {id} has unknown status {status:?}")))?;
+    let Some(to) = from.apply(t) else {
+        return Ok(Err(Reject::BadTransition {
+            id: id.into(),
+            from: from.as_str(),
+            action: t.as_str(),
+        }));
+    };
+    let n = tx
+        .prepare_cached("UPDATE orders SET status = ?3, updated_ms = ?4 WHERE id = ?1 AND status = ?2")?
+        .execute(params![id, from.as_str(), to.as_str(), now_ms()])?;
+    if n != 1 {
+        return Err(StoreError::Internal(format!(
+            "order {id} changed under a write lock"
+        )));
+    }
+    Ok(Ok((from, to)))
+}
+
+/// Moves an order's units between stock columns (e.g. `reserved` → `available`).
+pub fn move_stock(tx: &Transaction<'_>, id: &str, from_col: &str, to_col: &str) -> Result<(), StoreError> {
+    let sql = format!(
+        "UPDATE skus SET {from_col} = {from_col} - l.qty, {to_col} = {to_col} + l.qty
+         FROM order_lines l WHERE l.order_id = ?1 AND l.sku = skus.sku"
+    );
+    tx.prepare_cached(&sql)?.execute([id])?;
+    Ok(())
+}
+
+fn view(tx: &Transaction<'_>, id: &str) -> Res<OrderView> {
+    Ok(load_order(tx, id)?.ok_or_else(|| Reject::NotFound {
+        what: "order",
+        id: id.into(),
+    }))
+}
+
+pub fn cancel(tx: &Transaction<'_>, id: &str) -> Res<OrderView> {
+    match transition(tx, id, Transition::Cancel)? {
+        Ok((from, _)) => {
+            if from.holds_reservation() {
+                move_stock(tx, id, "reserved", "available")?;
+            }
+            view(tx, id)
+        }
+        // Cancelling a cancelled order again is a replay: same answer, no second effect.
+        Err(Reject::BadTransition {
+            from: "cancelled", ..
+        }) => view(tx, id),
+        Err(r) => Ok(Err(r)),
+    }
+}
+
+pub fn fulfil(tx: &Transaction<'_>, id: &str) -> Res<OrderView> {
+    match transition(tx, id, Transition::Fulfil)? {
+        Ok(_) => view(tx, id),
+        Err(Reject::BadTransition {
+            from: "fulfilled", ..
+        }) => view(tx, id),
+        Err(r) => Ok(Err(r)),
+    }
+}
+
+/// Expires due reservations; the conditional status update makes each give its stock back exactly once,
+/// however many sweepers (in however many processes) race.
+pub fn expire_due(tx: &Transaction<'_>, now: i64, limit: u32) -> Result<u32, StoreError> {
+    let due: Vec<String> = tx
+        .prepare_cached("SELECT id FROM orders WHERE status = 'reserved' AND expires_ms <= ?1 ORDER BY expires_ms LIMIT ?2")?
+        .query_map(params![now, limit], |r| r.get(0))?
+        .collect::<Result<_, _>>()?;
+    let mut n = 0;
+    for id in due {
+        if transition(tx, &id, Transition::Expire)?.is_ok() {
+            move_stock(tx, &id, "reserved", "available")?;
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
+pub fn update_stock(tx: &Transaction<'_>, updates: &[StockUpdate]) -> Res<Vec<Sku>> {
+    let mut out = Vec::new();
+    for u in updates {
+        let n = tx
+            .prepare_cached(
+                "UPDATE skus SET received = received + ?2, available = available + ?2,
+                    price_cents = COALESCE(?3, price_cents) WHERE sku = ?1",
+            )?
+            .execute(params![u.sku, i64::from(u.receive), u.price_cents])?;
+        if n != 1 {
+            return Ok(Err(Reject::NotFound {
+                what: "sku",
+                id: u.sku.clone(),
+            }));
+        }
+        out.push(sku(tx, &u.sku)?);
+    }
+    Ok(Ok(out))
+}
+
+fn sku(c: &Connection, sku: &str) -> Result<Sku, StoreError> {
+    Ok(c.prepare_cached(
+        "SELECT s.sku, s.price_cents, s.available, s.reserved, s.sold,
+                COALESCE((SELECT SUM(b.available) FROM sku_buckets b WHERE b.sku = s.sku), 0)
+         FROM skus s WHERE s.sku = ?1",
+    )?
+    .query_row([sku], |r| {
+        Ok(Sku {
+            sku: r.get(0)?,
+            price_cents: r.get(1)?,
+            available: r.get(2)?,
+            reserved: r.get(3)?,
+            sold: r.get(4)?,
+            bucketed: r.get(5)?,
+        })
+    })?)
+}
+
+/// Splits a SKU's available stock evenly over `buckets` rows (adding to buckets that already exist).
+pub fn open_flash_sale(tx: &Transaction<'_>, sku_id: &str, buckets: u32) -> Res<Sku> {
+    let available: Option<i64> = tx
+        .prepare_cached("SELECT available FROM skus WHERE sku = ?1")?
+        .query_row([sku_id], |r| r.get(0))
+        .optional()?;
+    let Some(available) = available else {
+        return Ok(Err(Reject::NotFound {
+            what: "sku",
+            id: sku_id.into(),
+        }));
+    };
+    let n = i64::from(buckets.max(1));
+    for b in 0..n {
+        let share = available / n + i64::from(b < available % n);
+        tx.prepare_cached(
+            "INSERT INTO sku_buckets(sku, bucket, available) VALUES (?1, ?2, ?3)
+             ON CONFLICT(sku, bucket) DO UPDATE SET available = available + excluded.available",
+        )?
+        .execute(params![sku_id, b, share])?;
+    }
+    tx.prepare_cached("UPDATE skus SET available = 0 WHERE sku = ?1")?
+        .execute([sku_id])?;
+    Ok(Ok(sku(tx, sku_id)?))
+}

@@ -1,0 +1,117 @@
+//! Schema migrations (by `PRAGMA user_version`, each step in a `BEGIN IMMEDIATE` transaction so processes
+//! starting together migrate once) and the demo seed. `CHECK` constraints repeat the stock invariants, so
+//! even a bug cannot store negative stock.
+
+use rusqlite::{Connection, TransactionBehavior, params};
+
+use super::StoreError;
+use crate::domain::now_ms;
+
+const V1: &str = r#"
+CREATE TABLE shops(id INTEGER PRIMARY KEY, name TEXT NOT NULL);
+CREATE TABLE products(id INTEGER PRIMARY KEY, shop_id INTEGER NOT NULL REFERENCES shops(id), name TEXT NOT NULL);
+CREATE TABLE skus(
+  sku TEXT PRIMARY KEY,
+  product_id INTEGER NOT NULL REFERENCES products(id),
+  price_cents INTEGER NOT NULL CHECK (price_cents >= 0),
+  received INTEGER NOT NULL CHECK (received >= 0),
+  available INTEGER NOT NULL CHECK (available >= 0),
+  reserved INTEGER NOT NULL CHECK (reserved >= 0),
+  sold INTEGER NOT NULL CHECK (sold >= 0));
+CREATE INDEX skus_product ON skus(product_id);
+CREATE TABLE sku_buckets(
+  sku TEXT NOT NULL REFERENCES skus(sku), bucket INTEGER NOT NULL,
+  available INTEGER NOT NULL CHECK (available >= 0), PRIMARY KEY (sku, bucket));
+CREATE TABLE orders(
+  id TEXT PRIMARY KEY, idem_key TEXT UNIQUE, fingerprint TEXT NOT NULL, user TEXT NOT NULL, kind TEXT NOT NULL,
+  status TEXT NOT NULL, total_cents INTEGER NOT NULL, created_ms INTEGER NOT NULL, expires_ms INTEGER NOT NULL,
+  paid_via TEXT, updated_ms INTEGER NOT NULL, answer TEXT NOT NULL);
+CREATE INDEX orders_due ON orders(status, expires_ms);
+CREATE INDEX orders_user ON orders(user, kind);
+CREATE TABLE order_lines(
+  order_id TEXT NOT NULL REFERENCES orders(id), sku TEXT NOT NULL REFERENCES skus(sku),
+  qty INTEGER NOT NULL CHECK (qty > 0), price_cents INTEGER NOT NULL, shop_id INTEGER NOT NULL,
+  PRIMARY KEY (order_id, sku));
+CREATE INDEX lines_sku ON order_lines(sku);
+CREATE TABLE outbox(
+  id INTEGER PRIMARY KEY AUTOINCREMENT, topic TEXT NOT NULL, order_id TEXT NOT NULL, created_ms INTEGER NOT NULL,
+  done INTEGER NOT NULL DEFAULT 0, UNIQUE (topic, order_id));
+CREATE INDEX outbox_pending ON outbox(done, id);
+CREATE TABLE effects(
+  order_id TEXT NOT NULL, kind TEXT NOT NULL, value INTEGER NOT NULL, created_ms INTEGER NOT NULL,
+  PRIMARY KEY (order_id, kind));
+CREATE TABLE accounts(account TEXT PRIMARY KEY, balance INTEGER NOT NULL);
+CREATE TABLE ledger_tx(
+  id INTEGER PRIMARY KEY AUTOINCREMENT, kind TEXT NOT NULL, ref TEXT NOT NULL, created_ms INTEGER NOT NULL,
+  UNIQUE (kind, ref));
+CREATE TABLE ledger_entries(tx_id INTEGER NOT NULL REFERENCES ledger_tx(id), account TEXT NOT NULL, amount INTEGER NOT NULL);
+CREATE INDEX entries_tx ON ledger_entries(tx_id);
+CREATE INDEX entries_account ON ledger_entries(account);
+CREATE TABLE payments(
+  payment_id TEXT PRIMARY KEY, order_id TEXT NOT NULL, status TEXT NOT NULL, amount_cents INTEGER NOT NULL,
+  created_ms INTEGER NOT NULL);
+CREATE TABLE settlements(
+  batch TEXT NOT NULL, shop_id INTEGER NOT NULL, amount_cents INTEGER NOT NULL, created_ms INTEGER NOT NULL,
+  PRIMARY KEY (batch, shop_id));
+"#;
+
+const MIGRATIONS: &[&str] = &[V1];
+
+/// Brings the schema to the newest version.
+pub fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    for (i, step) in MIGRATIONS.iter().enumerate() {
+        let version = i as i64 + 1;
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let current: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+        if current < version {
+            tx.execute_batch(step)?;
+            tx.execute_batch(&format!("PRAGMA user_version = {version}"))?;
+            tracing::info!(version, "store schema migrated");
+        }
+        tx.commit()?;
+    }
+    Ok(())
+}
+
+/// The demo catalog: three shops, twelve products, two SKUs each, plus the flash-sale SKU `flash-1`.
+pub fn seed_demo(conn: &mut Connection) -> Result<(), StoreError> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let shops: i64 = tx.query_row("SELECT COUNT(*) FROM shops", [], |r| r.get(0))?;
+    if shops > 0 {
+        tx.commit()?;
+        return Ok(());
+    }
+    for shop in 1..=3i64 {
+        tx.execute(
+            "INSERT INTO shops(id, name) VALUES (?1, ?2)",
+            params![shop, format!("Demo shop {shop}")],
+        )?;
+    }
+    for p in 1..=12i64 {
+        let shop = (p - 1) % 3 + 1;
+        tx.execute(
+            "INSERT INTO products(id, shop_id, name) VALUES (?1, ?2, ?3)",
+            params![p, shop, format!("Demo product {p}")],
+        )?;
+        for v in 1..=2i64 {
+            let stock = 1_000i64;
+            tx.execute(
+                "INSERT INTO skus(sku, product_id, price_cents, received, available, reserved, sold)
+                 VALUES (?1, ?2, ?3, ?4, ?4, 0, 0)",
+                params![format!("sku-{p}-{v}"), p, 500 + p * 100 + v * 10, stock],
+            )?;
+        }
+    }
+    tx.execute(
+        "INSERT INTO products(id, shop_id, name) VALUES (100, 1, 'Flash sale item')",
+        [],
+    )?;
+    tx.execute(
+        "INSERT INTO skus(sku, product_id, price_cents, received, available, reserved, sold)
+         VALUES ('flash-1', 100, 100, 100, 100, 0, 0)",
+        [],
+    )?;
+    tracing::info!(at_ms = now_ms(), "demo catalog seeded");
+    tx.commit()?;
+    Ok(())
+}

@@ -1,0 +1,218 @@
+//! Store tests on a real SQLite file: two store handles on one file stand in for two processes.
+
+use super::sqlite::SqliteStore;
+use super::*;
+use crate::domain::{OrderKind, OrderLineReq, fingerprint, new_order_id, now_ms};
+
+fn open(dir: &tempfile::TempDir) -> SqliteStore {
+    SqliteStore::open(&dir.path().join("x.db"), std::time::Duration::from_secs(10), true).unwrap()
+}
+
+fn order(user: &str, key: Option<&str>, kind: OrderKind, sku: &str, qty: u32, ttl_ms: i64) -> NewOrder {
+    let lines = vec![OrderLineReq { sku: sku.into(), qty }];
+    NewOrder {
+        id: new_order_id(),
+        fingerprint: fingerprint(kind, user, &lines),
+        user: user.into(),
+        kind,
+        lines,
+        idem_key: key.map(String::from),
+        created_ms: now_ms(),
+        expires_ms: now_ms() + ttl_ms,
+        per_user_limit: 1,
+    }
+}
+
+fn create(s: &SqliteStore, o: NewOrder, inline: bool) -> Result<Created, Reject> {
+    s.create_orders(&[o], inline).unwrap().pop().unwrap()
+}
+
+fn assert_audit(s: &SqliteStore) -> AuditReport {
+    let r = s.audit().unwrap();
+    assert!(r.ok, "audit failed: {:?}", r.failures());
+    r
+}
+
+#[test]
+fn idempotent_create_and_conflict() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(&dir);
+    let a = create(
+        &s,
+        order("u1", Some("k"), OrderKind::Regular, "sku-1-1", 2, 60_000),
+        true,
+    )
+    .unwrap();
+    assert!(!a.replay);
+    let b = create(
+        &s,
+        order("u1", Some("k"), OrderKind::Regular, "sku-1-1", 2, 60_000),
+        true,
+    )
+    .unwrap();
+    assert!(b.replay);
+    assert_eq!(a.order, b.order);
+    let c = create(
+        &s,
+        order("u1", Some("k"), OrderKind::Regular, "sku-1-1", 3, 60_000),
+        true,
+    );
+    assert!(matches!(c, Err(Reject::IdempotencyConflict { .. })));
+    let r = assert_audit(&s);
+    assert_eq!(r.totals.orders, 1);
+    assert_eq!(r.totals.units_reserved, 2);
+}
+
+#[test]
+fn never_oversells_and_rejects_in_a_batch_independently() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(&dir);
+    let batch: Vec<NewOrder> = (0..150)
+        .map(|i| order(&format!("u{i}"), None, OrderKind::Regular, "flash-1", 1, 60_000))
+        .collect();
+    let out = s.create_orders(&batch, false).unwrap();
+    assert_eq!(out.iter().filter(|r| r.is_ok()).count(), 100);
+    assert!(matches!(out[149], Err(Reject::SoldOut { .. })));
+    let big = create(
+        &s,
+        order("x", None, OrderKind::Regular, "sku-2-1", 1001, 60_000),
+        true,
+    );
+    assert!(matches!(big, Err(Reject::OutOfStock { available: 1000, .. })));
+    assert!(matches!(
+        create(&s, order("x", None, OrderKind::Regular, "nope", 1, 1), true),
+        Err(Reject::NotFound { .. })
+    ));
+    let r = assert_audit(&s);
+    assert_eq!(r.totals.orders, 100);
+    assert_eq!(r.totals.outbox_pending, 100);
+    assert_eq!(s.run_outbox(1000).unwrap(), 100);
+    assert_eq!(s.run_outbox(1000).unwrap(), 0);
+    assert_eq!(assert_audit(&s).totals.effects, 100);
+}
+
+#[test]
+fn pay_refund_settle_balance_the_ledger() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(&dir);
+    s.credit(&["u1".into(), "u2".into()], 1000).unwrap();
+    let a = create(
+        &s,
+        order("u1", None, OrderKind::Regular, "sku-1-1", 1, 60_000),
+        true,
+    )
+    .unwrap()
+    .order;
+    assert_eq!(a.total_cents, 610);
+    let paid = s.pay_wallet(&a.id, true).unwrap().unwrap();
+    assert_eq!(paid.status, "paid");
+    // A replayed payment has no second effect.
+    assert_eq!(s.pay_wallet(&a.id, true).unwrap().unwrap().status, "paid");
+    assert_eq!(s.balance("user:u1").unwrap(), 390);
+    let b = create(
+        &s,
+        order("u1", None, OrderKind::Regular, "sku-1-1", 1, 60_000),
+        true,
+    )
+    .unwrap()
+    .order;
+    assert!(matches!(
+        s.pay_wallet(&b.id, true).unwrap(),
+        Err(Reject::InsufficientFunds { .. })
+    ));
+    assert_eq!(s.get_order(&b.id).unwrap().unwrap().status, "reserved");
+    let cb = PaymentCallback {
+        payment_id: "p1".into(),
+        order_id: b.id.clone(),
+        amount_cents: 610,
+        status: "succeeded".into(),
+    };
+    assert_eq!(s.payment_callback(&cb, false).unwrap().unwrap().status, "paid");
+    assert_eq!(s.payment_callback(&cb, false).unwrap().unwrap().status, "paid");
+    let other = PaymentCallback {
+        amount_cents: 1,
+        ..cb.clone()
+    };
+    assert!(matches!(
+        s.payment_callback(&other, false).unwrap(),
+        Err(Reject::IdempotencyConflict { .. })
+    ));
+    assert_eq!(s.refund(&a.id, true).unwrap().unwrap().status, "refunded");
+    assert_eq!(s.refund(&a.id, true).unwrap().unwrap().status, "refunded");
+    assert_eq!(s.balance("user:u1").unwrap(), 1000);
+    let batch = s.settle().unwrap();
+    assert_eq!(batch.iter().map(|x| x.amount_cents).sum::<i64>(), 610);
+    assert_eq!(s.balance("payout:1").unwrap(), 610);
+    s.run_outbox(100).unwrap();
+    assert_audit(&s);
+}
+
+#[test]
+fn reservations_expire_exactly_once_across_handles() {
+    let dir = tempfile::tempdir().unwrap();
+    let s1 = open(&dir);
+    let s2 = open(&dir);
+    for i in 0..20 {
+        create(
+            &s1,
+            order(&format!("u{i}"), None, OrderKind::Regular, "sku-3-1", 2, -1),
+            true,
+        )
+        .unwrap();
+    }
+    let keep = create(
+        &s1,
+        order("k", None, OrderKind::Regular, "sku-3-1", 1, 60_000),
+        true,
+    )
+    .unwrap()
+    .order;
+    let (a, b) = std::thread::scope(|sc| {
+        let h1 = sc.spawn(|| s1.expire_due(now_ms(), 7).unwrap() + s1.expire_due(now_ms(), 100).unwrap());
+        let h2 = sc.spawn(|| s2.expire_due(now_ms(), 100).unwrap());
+        (h1.join().unwrap(), h2.join().unwrap())
+    });
+    assert_eq!(a + b, 20);
+    let r = assert_audit(&s1);
+    assert_eq!(r.totals.expired, 20);
+    assert_eq!(r.totals.units_reserved, 1);
+    // An expired order cannot be paid or cancelled back into stock.
+    assert_eq!(s1.cancel(&keep.id).unwrap().unwrap().status, "cancelled");
+    assert_eq!(s1.cancel(&keep.id).unwrap().unwrap().status, "cancelled");
+    assert_eq!(assert_audit(&s2).totals.units_reserved, 0);
+}
+
+#[test]
+fn flash_sale_buckets_and_user_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(&dir);
+    let sku = s.open_flash_sale("flash-1", 8).unwrap().unwrap();
+    assert_eq!((sku.available, sku.bucketed), (0, 100));
+    let first = create(
+        &s,
+        order("u1", None, OrderKind::Seckill, "flash-1", 1, 60_000),
+        false,
+    );
+    assert!(first.is_ok());
+    let again = create(
+        &s,
+        order("u1", None, OrderKind::Seckill, "flash-1", 1, 60_000),
+        false,
+    );
+    assert!(matches!(again, Err(Reject::LimitExceeded { .. })));
+    let many: Vec<NewOrder> = (2..=120)
+        .map(|i| order(&format!("u{i}"), None, OrderKind::Seckill, "flash-1", 1, 60_000))
+        .collect();
+    let ok = s
+        .create_orders(&many, false)
+        .unwrap()
+        .iter()
+        .filter(|r| r.is_ok())
+        .count();
+    assert_eq!(ok, 99);
+    let r = assert_audit(&s);
+    assert_eq!(
+        (r.totals.units_reserved, r.totals.units_available - 24_000),
+        (100, 0)
+    );
+}

@@ -1,0 +1,236 @@
+//! The workload: the request table (one builder per request type against XBuy's HTTP/JSON API) and the
+//! `--mix` ratios. The table is deliberately small and flat so it is easy to adjust as the app's API
+//! settles: a request type is a name, whether it is idempotent (safe to retry elsewhere), and a function
+//! building the request.
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use bytes::Bytes;
+use http::Request;
+use http_body_util::Full;
+use rand::Rng;
+
+/// SKUs the generated requests name (`sku-1` ..= `sku-N`).
+const SKU_COUNT: u32 = 100;
+/// Users the generated requests act for.
+const USER_COUNT: u64 = 10_000;
+/// Order ids remembered for `pay`.
+const ORDER_IDS_KEPT: usize = 4096;
+
+/// State shared by the builders: sequence numbers for idempotency keys, and order ids seen in `order`
+/// responses so `pay` pays real orders.
+#[derive(Debug, Default)]
+pub struct Ctx {
+    seq: AtomicU64,
+    orders: Mutex<VecDeque<String>>,
+}
+
+impl Ctx {
+    fn next(&self) -> u64 {
+        self.seq.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Remembers the order id of a successful `order` response (`{"id": ...}` or `{"order_id": ...}`).
+    pub fn observe(&self, kind: &Kind, body: &[u8]) {
+        if kind.name != "order" {
+            return;
+        }
+        let Ok(v) = serde_json::from_slice::<serde_json::Value>(body) else {
+            return;
+        };
+        let id = ["id", "order_id"].iter().find_map(|k| match v.get(*k)? {
+            serde_json::Value::String(s) if s.len() <= 128 => Some(s.clone()),
+            serde_json::Value::Number(n) => Some(n.to_string()),
+            _ => None,
+        });
+        if let Some(id) = id {
+            let mut q = self.orders.lock().unwrap_or_else(|p| p.into_inner());
+            if q.len() >= ORDER_IDS_KEPT {
+                q.pop_front();
+            }
+            q.push_back(id);
+        }
+    }
+
+    fn order_id(&self) -> Option<String> {
+        self.orders.lock().unwrap_or_else(|p| p.into_inner()).pop_front()
+    }
+}
+
+/// One request type of the workload.
+#[derive(Debug)]
+pub struct Kind {
+    /// The request type (as the balancers and the app name it).
+    pub name: &'static str,
+    /// Safe to send twice: the SDK may retry it on another instance.
+    pub idempotent: bool,
+    build: fn(&Ctx, u64) -> Request<Full<Bytes>>,
+}
+
+impl Kind {
+    /// Builds one request.
+    pub fn build(&self, ctx: &Ctx) -> Request<Full<Bytes>> {
+        (self.build)(ctx, ctx.next())
+    }
+}
+
+fn sku() -> String {
+    format!("sku-{}", rand::rng().random_range(1..=SKU_COUNT))
+}
+
+fn json_post(path: &str, key: Option<String>, body: serde_json::Value) -> Request<Full<Bytes>> {
+    let mut b = Request::post(path).header("content-type", "application/json");
+    if let Some(k) = key {
+        b = b.header("idempotency-key", k);
+    }
+    let body = Full::new(Bytes::from(body.to_string()));
+    b.body(body.clone()).unwrap_or_else(|_| Request::new(body))
+}
+
+fn browse(_: &Ctx, n: u64) -> Request<Full<Bytes>> {
+    let path = format!("/v1/products?limit=20&offset={}", (n % 5) * 20);
+    Request::get(path.as_str())
+        .body(Full::new(Bytes::new()))
+        .unwrap_or_else(|_| Request::new(Full::new(Bytes::new())))
+}
+
+fn order(_: &Ctx, n: u64) -> Request<Full<Bytes>> {
+    let key = format!("load-{}-{n}", std::process::id());
+    let user = format!("u{}", n % USER_COUNT);
+    json_post(
+        "/v1/orders",
+        Some(key),
+        serde_json::json!({"user": user, "items": [{"sku": sku(), "qty": 1}]}),
+    )
+}
+
+fn seckill(_: &Ctx, n: u64) -> Request<Full<Bytes>> {
+    let key = format!("load-sk-{}-{n}", std::process::id());
+    let user = format!("u{}", n % USER_COUNT);
+    json_post(
+        &format!("/v1/seckill/{}", sku()),
+        Some(key),
+        serde_json::json!({"user": user}),
+    )
+}
+
+fn pay(ctx: &Ctx, n: u64) -> Request<Full<Bytes>> {
+    // Without an order seen yet the app answers 404, which the report counts as an error of `pay`.
+    let id = ctx.order_id().unwrap_or_else(|| "0".into());
+    let key = format!("load-pay-{}-{n}", std::process::id());
+    json_post(&format!("/v1/orders/{id}/pay"), Some(key), serde_json::json!({}))
+}
+
+/// The request table.
+pub static KINDS: [Kind; 4] = [
+    Kind {
+        name: "browse",
+        idempotent: true,
+        build: browse,
+    },
+    Kind {
+        name: "order",
+        idempotent: true, // carries an Idempotency-Key
+        build: order,
+    },
+    Kind {
+        name: "seckill",
+        idempotent: true, // carries an Idempotency-Key
+        build: seckill,
+    },
+    Kind {
+        name: "pay",
+        idempotent: true, // carries an Idempotency-Key
+        build: pay,
+    },
+];
+
+/// A parsed `--mix`: the request types in use and their cumulative ratios.
+#[derive(Debug)]
+pub struct Mix {
+    pub kinds: Vec<&'static Kind>,
+    cumulative: Vec<u64>,
+}
+
+impl Mix {
+    /// Parses `name=ratio,...`; every name must be in the table, ratios are positive integers.
+    pub fn parse(s: &str) -> Result<Mix, String> {
+        let mut kinds = Vec::new();
+        let mut cumulative = Vec::new();
+        let mut sum = 0u64;
+        for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let (name, ratio) = part
+                .split_once('=')
+                .ok_or_else(|| format!("mix entry {part:?} is not name=ratio"))?;
+            let kind = KINDS.iter().find(|k| k.name == name.trim()).ok_or_else(|| {
+                let known: Vec<_> = KINDS.iter().map(|k| k.name).collect();
+                format!(
+                    "unknown request type {name:?} in mix (known: {})",
+                    known.join(", ")
+                )
+            })?;
+            let ratio: u64 = ratio
+                .trim()
+                .parse()
+                .ok()
+                .filter(|r| (1..=1_000_000).contains(r))
+                .ok_or_else(|| {
+                    format!("ratio of {name:?} must be an integer in 1..=1000000, got {ratio:?}")
+                })?;
+            if kinds.iter().any(|k: &&Kind| k.name == kind.name) {
+                return Err(format!("request type {name:?} appears twice in mix"));
+            }
+            sum += ratio;
+            kinds.push(kind);
+            cumulative.push(sum);
+        }
+        if kinds.is_empty() {
+            return Err("mix is empty".into());
+        }
+        Ok(Mix { kinds, cumulative })
+    }
+
+    /// Draws a request type (its index in `kinds`) by ratio.
+    pub fn draw(&self) -> usize {
+        let total = self.cumulative.last().copied().unwrap_or(1);
+        let x = rand::rng().random_range(0..total);
+        self.cumulative.partition_point(|c| *c <= x)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_and_draws_by_ratio() {
+        let m = Mix::parse("browse=3, order=1").unwrap();
+        assert_eq!(m.kinds.len(), 2);
+        let browses = (0..4000).filter(|_| m.draw() == 0).count();
+        assert!((2700..3300).contains(&browses), "{browses}");
+        for bad in [
+            "",
+            "browse",
+            "nope=1",
+            "browse=0",
+            "browse=x",
+            "browse=1,browse=2",
+        ] {
+            assert!(Mix::parse(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn builders_follow_the_app_api() {
+        let ctx = Ctx::default();
+        let r = KINDS[1].build(&ctx);
+        assert_eq!(r.method(), http::Method::POST);
+        assert_eq!(r.uri().path(), "/v1/orders");
+        assert!(r.headers().contains_key("idempotency-key"));
+        ctx.observe(&KINDS[1], br#"{"id":"o-42"}"#);
+        assert_eq!(KINDS[3].build(&ctx).uri().path(), "/v1/orders/o-42/pay");
+        assert!(KINDS[2].build(&ctx).uri().path().starts_with("/v1/seckill/sku-"));
+    }
+}

@@ -1,0 +1,247 @@
+//! Recording results and reporting them: one HDR histogram of successful latencies per request type (in
+//! microseconds), errors by kind, and how many requests each backend received; printed as a table or JSON.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use hdrhistogram::Histogram;
+use serde::Serialize;
+
+/// Highest latency tracked, in microseconds (one hour); higher values are clamped.
+const MAX_US: u64 = 3_600_000_000;
+
+/// One finished request.
+#[derive(Debug)]
+pub struct Sample {
+    /// Index of the request type in the mix.
+    pub kind: usize,
+    pub latency: Duration,
+    /// Who served it (empty when no backend was reached).
+    pub backend: String,
+    /// `None` for a 2xx, else the error kind (`status_503`, `connect`, `timeout`, ...).
+    pub error: Option<String>,
+}
+
+#[derive(Debug)]
+struct PerType {
+    hist: Histogram<u64>,
+    requests: u64,
+    errors: BTreeMap<String, u64>,
+    backends: BTreeMap<String, u64>,
+}
+
+/// Accumulates samples.
+#[derive(Debug)]
+pub struct Recorder {
+    names: Vec<&'static str>,
+    types: Vec<PerType>,
+}
+
+impl Recorder {
+    pub fn new(names: Vec<&'static str>) -> Self {
+        let types = names
+            .iter()
+            .map(|_| PerType {
+                hist: Histogram::new_with_bounds(1, MAX_US, 3).expect("constant histogram bounds are valid"),
+                requests: 0,
+                errors: BTreeMap::new(),
+                backends: BTreeMap::new(),
+            })
+            .collect();
+        Self { names, types }
+    }
+
+    pub fn record(&mut self, s: Sample) {
+        let Some(t) = self.types.get_mut(s.kind) else {
+            return;
+        };
+        t.requests += 1;
+        if !s.backend.is_empty() {
+            *t.backends.entry(s.backend).or_default() += 1;
+        }
+        match s.error {
+            None => {
+                let us = u64::try_from(s.latency.as_micros())
+                    .unwrap_or(MAX_US)
+                    .clamp(1, MAX_US);
+                t.hist.saturating_record(us);
+            }
+            Some(kind) => *t.errors.entry(kind).or_default() += 1,
+        }
+    }
+
+    pub fn total(&self) -> (u64, u64) {
+        let requests = self.types.iter().map(|t| t.requests).sum();
+        let errors = self.types.iter().map(|t| t.errors.values().sum::<u64>()).sum();
+        (requests, errors)
+    }
+
+    /// The final report.
+    pub fn report(&self, via: &str, mode: String, elapsed: Duration) -> Report {
+        let secs = elapsed.as_secs_f64().max(1e-9);
+        let shares = |m: &BTreeMap<String, u64>| -> BTreeMap<String, Share> {
+            let total: u64 = m.values().sum();
+            m.iter()
+                .map(|(k, v)| {
+                    let share = if total == 0 { 0.0 } else { *v as f64 / total as f64 };
+                    (k.clone(), Share { requests: *v, share })
+                })
+                .collect()
+        };
+        let mut all_backends: BTreeMap<String, u64> = BTreeMap::new();
+        let types = self
+            .names
+            .iter()
+            .zip(&self.types)
+            .map(|(name, t)| {
+                for (b, n) in &t.backends {
+                    *all_backends.entry(b.clone()).or_default() += n;
+                }
+                let h = &t.hist;
+                let ok = h.len();
+                TypeReport {
+                    request_type: name.to_string(),
+                    requests: t.requests,
+                    ok,
+                    throughput_rps: ok as f64 / secs,
+                    latency_us: Latency {
+                        p50: h.value_at_quantile(0.5),
+                        p90: h.value_at_quantile(0.9),
+                        p99: h.value_at_quantile(0.99),
+                        p999: h.value_at_quantile(0.999),
+                        max: h.max(),
+                        mean: h.mean(),
+                    },
+                    errors: t.errors.clone(),
+                    backends: shares(&t.backends),
+                }
+            })
+            .collect::<Vec<_>>();
+        let (requests, errors) = self.total();
+        Report {
+            via: via.to_string(),
+            mode,
+            elapsed_s: elapsed.as_secs_f64(),
+            requests,
+            errors,
+            throughput_rps: (requests - errors) as f64 / secs,
+            types,
+            backends: shares(&all_backends),
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct Share {
+    pub requests: u64,
+    pub share: f64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Latency {
+    pub p50: u64,
+    pub p90: u64,
+    pub p99: u64,
+    pub p999: u64,
+    pub max: u64,
+    pub mean: f64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct TypeReport {
+    pub request_type: String,
+    pub requests: u64,
+    /// 2xx responses.
+    pub ok: u64,
+    /// 2xx responses per second.
+    pub throughput_rps: f64,
+    /// Latency of 2xx responses, microseconds.
+    pub latency_us: Latency,
+    pub errors: BTreeMap<String, u64>,
+    pub backends: BTreeMap<String, Share>,
+}
+
+/// Everything `xcluster load` prints.
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub via: String,
+    pub mode: String,
+    pub elapsed_s: f64,
+    pub requests: u64,
+    pub errors: u64,
+    pub throughput_rps: f64,
+    pub types: Vec<TypeReport>,
+    pub backends: BTreeMap<String, Share>,
+}
+
+fn ms(us: u64) -> String {
+    format!("{:.2}", us as f64 / 1000.0)
+}
+
+impl Report {
+    /// The human-readable table.
+    pub fn text(&self) -> String {
+        let mut out = format!(
+            "via {} ({}): {} requests in {:.2}s, {} errors, {:.1} ok/s\n\n",
+            self.via, self.mode, self.requests, self.elapsed_s, self.errors, self.throughput_rps
+        );
+        out += &format!(
+            "{:<10} {:>8} {:>8} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}\n",
+            "type", "requests", "ok/s", "p50 ms", "p90 ms", "p99 ms", "p99.9 ms", "max ms", "errors"
+        );
+        for t in &self.types {
+            let l = &t.latency_us;
+            out += &format!(
+                "{:<10} {:>8} {:>8.1} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}\n",
+                t.request_type,
+                t.requests,
+                t.throughput_rps,
+                ms(l.p50),
+                ms(l.p90),
+                ms(l.p99),
+                ms(l.p999),
+                ms(l.max),
+                t.errors.values().sum::<u64>()
+            );
+            for (kind, n) in &t.errors {
+                out += &format!("    error {kind}: {n}\n");
+            }
+        }
+        out += "\nbackend share (all types):\n";
+        for (b, s) in &self.backends {
+            out += &format!("  {b:<28} {:>8} {:>6.1}%\n", s.requests, s.share * 100.0);
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn report_counts_percentiles_errors_and_shares() {
+        let mut r = Recorder::new(vec!["browse"]);
+        for i in 1..=100u64 {
+            r.record(Sample {
+                kind: 0,
+                latency: Duration::from_millis(i),
+                backend: if i % 4 == 0 { "b".into() } else { "a".into() },
+                error: (i > 98).then(|| "status_503".to_string()),
+            });
+        }
+        let rep = r.report("rr", "closed".into(), Duration::from_secs(1));
+        let t = &rep.types[0];
+        assert_eq!((t.requests, t.ok), (100, 98));
+        assert_eq!(t.errors["status_503"], 2);
+        assert!(
+            (49_000..=51_000).contains(&t.latency_us.p50),
+            "{}",
+            t.latency_us.p50
+        );
+        assert!(t.latency_us.max >= 97_000);
+        assert_eq!(rep.backends["b"].requests, 25);
+        assert!((rep.backends["a"].share - 0.75).abs() < 1e-9);
+        assert!(rep.text().contains("status_503: 2"));
+    }
+}

@@ -1,0 +1,238 @@
+//! [`ClientBuilder`]: the SDK's options, validated all at once, and the bootstrap that turns them into a
+//! running [`Client`].
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use crate::client::Client;
+use crate::error::{Error, Result};
+
+/// Validated options of a client.
+#[derive(Debug, Clone)]
+pub(crate) struct Options {
+    pub(crate) balancers: Vec<SocketAddr>,
+    pub(crate) request_types: Vec<String>,
+    pub(crate) connect_timeout: Duration,
+    pub(crate) balancer_timeout: Duration,
+    pub(crate) watch_timeout: Duration,
+    pub(crate) repoll_interval: Duration,
+    pub(crate) max_staleness: Duration,
+    pub(crate) ejection: Duration,
+    pub(crate) connect_attempts: u32,
+    pub(crate) request_attempts: u32,
+    pub(crate) request_timeout: Duration,
+    pub(crate) max_response_bytes: usize,
+}
+
+/// Builds a [`Client`]. Every option has a default except the balancers and the request types.
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), xcluster_sdk::Error> {
+/// use std::time::Duration;
+/// let client = xcluster_sdk::Client::builder()
+///     .balancers(["127.0.0.1:7000", "127.0.0.1:7001"])
+///     .request_types(["browse", "order"])
+///     .max_staleness(Duration::from_secs(120))
+///     .build()
+///     .await?;
+/// let stream = client.connect("browse").await?;
+/// # drop(stream); Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct ClientBuilder {
+    balancers: Vec<String>,
+    request_types: Vec<String>,
+    opts: Options,
+}
+
+impl Default for ClientBuilder {
+    fn default() -> Self {
+        Self {
+            balancers: Vec::new(),
+            request_types: Vec::new(),
+            opts: Options {
+                balancers: Vec::new(),
+                request_types: Vec::new(),
+                connect_timeout: Duration::from_millis(500),
+                balancer_timeout: Duration::from_secs(2),
+                watch_timeout: Duration::from_secs(35),
+                repoll_interval: Duration::from_secs(1),
+                max_staleness: Duration::from_secs(300),
+                ejection: Duration::from_secs(10),
+                connect_attempts: 3,
+                request_attempts: 3,
+                request_timeout: Duration::from_secs(10),
+                max_response_bytes: 8 * 1024 * 1024,
+            },
+        }
+    }
+}
+
+impl ClientBuilder {
+    /// Seed balancers' API addresses (`ip:port`). The client learns the others from the lists they serve.
+    pub fn balancers<I, S>(mut self, addrs: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        self.balancers = addrs.into_iter().map(|s| s.as_ref().trim().to_string()).collect();
+        self
+    }
+
+    /// The request types this client sends (`[A-Za-z0-9_-]`, 1..=64 chars); one list is kept per type.
+    pub fn request_types<I, S>(mut self, types: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        self.request_types = types.into_iter().map(|s| s.as_ref().to_string()).collect();
+        self
+    }
+
+    /// Timeout of every TCP connect, to balancers and instances (default 500 ms).
+    pub fn connect_timeout(mut self, d: Duration) -> Self {
+        self.opts.connect_timeout = d;
+        self
+    }
+
+    /// Timeout of a plain (non-watch) list fetch from a balancer (default 2 s).
+    pub fn balancer_timeout(mut self, d: Duration) -> Self {
+        self.opts.balancer_timeout = d;
+        self
+    }
+
+    /// How long a long-poll watch may stay open before the client gives up on it; set it above the
+    /// balancer's own watch timeout (default 35 s).
+    pub fn watch_timeout(mut self, d: Duration) -> Self {
+        self.opts.watch_timeout = d;
+        self
+    }
+
+    /// Base interval of re-polls after an answer that did not wait (jittered between half and all of it;
+    /// default 1 s).
+    pub fn repoll_interval(mut self, d: Duration) -> Self {
+        self.opts.repoll_interval = d;
+        self
+    }
+
+    /// How long the client keeps serving from its last lists once every balancer is unreachable (static
+    /// stability); after that, picks fail with [`Error::Stale`] (default 300 s).
+    pub fn max_staleness(mut self, d: Duration) -> Self {
+        self.opts.max_staleness = d;
+        self
+    }
+
+    /// How long an instance that refused a connection or timed out is avoided (default 10 s).
+    pub fn ejection(mut self, d: Duration) -> Self {
+        self.opts.ejection = d;
+        self
+    }
+
+    /// Instances tried by one `connect` before giving up (default 3).
+    pub fn connect_attempts(mut self, n: u32) -> Self {
+        self.opts.connect_attempts = n;
+        self
+    }
+
+    /// Attempts of one [`Client::send_idempotent`] (default 3).
+    pub fn request_attempts(mut self, n: u32) -> Self {
+        self.opts.request_attempts = n;
+        self
+    }
+
+    /// Timeout of one HTTP exchange with an instance, through the whole body (default 10 s).
+    pub fn request_timeout(mut self, d: Duration) -> Self {
+        self.opts.request_timeout = d;
+        self
+    }
+
+    /// Largest response body [`Client::send`] accepts (default 8 MiB).
+    pub fn max_response_bytes(mut self, n: usize) -> Self {
+        self.opts.max_response_bytes = n;
+        self
+    }
+
+    /// Checks every option, reporting every problem at once.
+    fn validate(mut self) -> Result<Options> {
+        let mut problems = Vec::new();
+        if self.balancers.is_empty() {
+            problems.push("balancers: at least one is required".to_string());
+        }
+        for b in &self.balancers {
+            match b.parse::<SocketAddr>() {
+                Ok(a) if !self.opts.balancers.contains(&a) => self.opts.balancers.push(a),
+                Ok(_) => {}
+                Err(_) => problems.push(format!("balancers: {b:?} is not an ip:port address")),
+            }
+        }
+        if self.request_types.is_empty() {
+            problems.push("request_types: at least one is required".to_string());
+        }
+        for t in &self.request_types {
+            let ok = !t.is_empty()
+                && t.len() <= 64
+                && t.bytes()
+                    .all(|c| c.is_ascii_alphanumeric() || c == b'_' || c == b'-');
+            if !ok {
+                problems.push(format!("request_types: {t:?} must be 1..=64 of [A-Za-z0-9_-]"));
+            } else if !self.opts.request_types.contains(t) {
+                self.opts.request_types.push(t.clone());
+            }
+        }
+        let o = &self.opts;
+        for (name, d) in [
+            ("connect_timeout", o.connect_timeout),
+            ("balancer_timeout", o.balancer_timeout),
+            ("watch_timeout", o.watch_timeout),
+            ("repoll_interval", o.repoll_interval),
+            ("request_timeout", o.request_timeout),
+        ] {
+            if d.is_zero() {
+                problems.push(format!("{name}: must be above zero"));
+            }
+        }
+        if o.connect_attempts == 0 || o.request_attempts == 0 {
+            problems.push("connect_attempts and request_attempts: must be at least 1".into());
+        }
+        if problems.is_empty() {
+            Ok(self.opts)
+        } else {
+            Err(Error::Config(problems.join("; ")))
+        }
+    }
+
+    /// Validates the options, fetches a list for every request type from the first balancer that answers,
+    /// and starts the background watches. Fails with [`Error::Bootstrap`] if no balancer serves a type.
+    pub async fn build(self) -> Result<Client> {
+        let opts = self.validate()?;
+        Client::bootstrap(opts).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn validation_reports_every_problem() {
+        let err = ClientBuilder::default()
+            .balancers(["nope", "127.0.0.1:1"])
+            .request_types(["ok", "bad type"])
+            .connect_timeout(Duration::ZERO)
+            .connect_attempts(0)
+            .validate()
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        for needle in ["\"nope\"", "\"bad type\"", "connect_timeout", "connect_attempts"] {
+            assert!(err.contains(needle), "{needle} missing from {err}");
+        }
+        let ok = ClientBuilder::default()
+            .balancers(["127.0.0.1:1", "127.0.0.1:1"])
+            .request_types(["a", "a", "b"])
+            .validate();
+        let ok = ok.unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(ok.balancers.len(), 1);
+        assert_eq!(ok.request_types, ["a", "b"]);
+    }
+}

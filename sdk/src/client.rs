@@ -1,0 +1,303 @@
+//! [`Client`]: picking and connecting per request type, the [`Picked`] guard that feeds local feedback
+//! back, and [`ClientState`], the client's own account of how fresh its lists are.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use tokio::net::TcpStream;
+use tokio_util::sync::{CancellationToken, DropGuard};
+
+use crate::builder::{ClientBuilder, Options};
+use crate::directory::{Shared, TypeSlot, watch_loop};
+use crate::error::{Error, Result};
+use crate::picker::{Clock, Stats};
+
+/// A handle to the SDK: cheap to clone, shared by every task of an application. Background watches stop
+/// when the last clone is dropped (or on [`Client::shutdown`]).
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), xcluster_sdk::Error> {
+/// let client = xcluster_sdk::Client::builder()
+///     .balancers(["127.0.0.1:7000"])
+///     .request_types(["browse"])
+///     .build()
+///     .await?;
+/// let picked = client.pick("browse")?;
+/// println!("would send to {} ({})", picked.addr(), picked.id());
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct Client {
+    pub(crate) shared: Arc<Shared>,
+    cancel: CancellationToken,
+    _guard: Arc<DropGuard>,
+}
+
+/// One picked instance. While it lives it counts as a request in flight to that instance; report how the
+/// request went with [`Picked::success`] or [`Picked::failure`] so later picks learn from it.
+#[derive(Debug)]
+pub struct Picked {
+    id: Arc<str>,
+    addr: SocketAddr,
+    version: u64,
+    stats: Arc<Stats>,
+    clock: Clock,
+    ejection: Duration,
+    started: Instant,
+}
+
+impl Picked {
+    /// The instance's address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The instance's id as the balancers name it (e.g. `host/app-1`).
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The version of the list it was picked from.
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+
+    /// Records a successful request: its latency (since the pick) feeds the instance's EWMA.
+    pub fn success(self) {
+        self.stats.record_success(self.started.elapsed());
+    }
+
+    /// Records a failed request (an error counts as load).
+    pub fn failure(self) {
+        self.stats.record_error();
+    }
+
+    /// Avoids this instance for the ejection period (it refused a connection or timed out).
+    pub fn eject(&self) {
+        self.stats.eject(&self.clock, self.ejection);
+    }
+}
+
+impl Drop for Picked {
+    fn drop(&mut self) {
+        self.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// How fresh a request type's list is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Freshness {
+    /// A balancer answered the last request (or a watch is connected).
+    Live,
+    /// No balancer is reachable; the client serves from the last list (static stability).
+    Static {
+        /// Time since a balancer last vouched for the list.
+        age: Duration,
+    },
+    /// No balancer for longer than `max_staleness`: picks fail with [`Error::Stale`].
+    Expired {
+        /// Time since a balancer last vouched for the list.
+        age: Duration,
+    },
+}
+
+/// One request type as the client sees it.
+#[derive(Debug, Clone)]
+pub struct TypeState {
+    /// The request type.
+    pub request_type: String,
+    /// Version of the installed list.
+    pub version: u64,
+    /// Servers in the list (all states).
+    pub servers: usize,
+    /// Instances currently ejected by local feedback.
+    pub ejected: Vec<SocketAddr>,
+    /// The balancer that served the list last.
+    pub balancer: Option<SocketAddr>,
+    /// Whether the list is live, served statically, or expired.
+    pub freshness: Freshness,
+}
+
+/// The client's state, from [`Client::state`].
+#[derive(Debug, Clone)]
+pub struct ClientState {
+    /// Every balancer the client knows (seeds and learned).
+    pub balancers: Vec<SocketAddr>,
+    /// One entry per request type, in builder order.
+    pub types: Vec<TypeState>,
+}
+
+impl ClientState {
+    /// True when any type is served from a list no balancer currently confirms.
+    pub fn is_static(&self) -> bool {
+        self.types.iter().any(|t| t.freshness != Freshness::Live)
+    }
+}
+
+impl Client {
+    /// Starts building a client.
+    pub fn builder() -> ClientBuilder {
+        ClientBuilder::default()
+    }
+
+    pub(crate) async fn bootstrap(opts: Options) -> Result<Client> {
+        let shared = Arc::new(Shared::new(opts));
+        let served_by = shared
+            .bootstrap()
+            .await
+            .map_err(|(request_type, last)| Error::Bootstrap { request_type, last })?;
+        let cancel = CancellationToken::new();
+        for (idx, b) in served_by.into_iter().enumerate() {
+            tokio::spawn(watch_loop(shared.clone(), idx, b, cancel.clone()));
+        }
+        Ok(Client {
+            shared,
+            _guard: Arc::new(cancel.clone().drop_guard()),
+            cancel,
+        })
+    }
+
+    /// Stops the background watches now (they also stop when the last clone is dropped). Picks keep
+    /// working from the last lists until they expire.
+    pub fn shutdown(&self) {
+        self.cancel.cancel();
+    }
+
+    fn slot(&self, request_type: &str) -> Result<&TypeSlot> {
+        self.shared
+            .types
+            .iter()
+            .find(|s| s.name == request_type)
+            .ok_or_else(|| Error::UnknownType(request_type.to_string()))
+    }
+
+    /// Picks an instance for `request_type` without connecting.
+    pub fn pick(&self, request_type: &str) -> Result<Picked> {
+        self.pick_excluding(request_type, &[])
+    }
+
+    pub(crate) fn pick_excluding(&self, request_type: &str, exclude: &[SocketAddr]) -> Result<Picked> {
+        let slot = self.slot(request_type)?;
+        let clock = self.shared.clock;
+        if let Some(age) = slot.staleness(&clock)
+            && age > self.shared.opts.max_staleness
+        {
+            return Err(Error::Stale {
+                request_type: request_type.to_string(),
+                age,
+            });
+        }
+        let table = slot.table.load();
+        let e = table
+            .pick(clock.now_ms(), exclude)
+            .ok_or_else(|| Error::NoInstance(request_type.to_string()))?;
+        e.stats.in_flight.fetch_add(1, Ordering::Relaxed);
+        Ok(Picked {
+            id: e.id.clone(),
+            addr: e.addr,
+            version: table.version,
+            stats: e.stats.clone(),
+            clock,
+            ejection: self.shared.opts.ejection,
+            started: Instant::now(),
+        })
+    }
+
+    /// Connects to an instance for `request_type`, trying others (up to `connect_attempts`) when one refuses
+    /// or times out; those are ejected at once.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: xcluster_sdk::Client) -> Result<(), xcluster_sdk::Error> {
+    /// use tokio::io::AsyncWriteExt;
+    /// let mut stream = client.connect("order").await?;
+    /// stream.write_all(b"PING\r\n").await.ok();
+    /// # Ok(()) }
+    /// ```
+    pub async fn connect(&self, request_type: &str) -> Result<TcpStream> {
+        self.connect_tracked(request_type).await.map(|(_, s)| s)
+    }
+
+    /// Like [`Client::connect`], also returning the [`Picked`] guard, which counts the request in flight
+    /// until dropped and takes its outcome.
+    pub async fn connect_tracked(&self, request_type: &str) -> Result<(Picked, TcpStream)> {
+        let mut tried = Vec::new();
+        self.connect_excluding(request_type, &mut tried).await
+    }
+
+    pub(crate) async fn connect_excluding(
+        &self,
+        request_type: &str,
+        tried: &mut Vec<SocketAddr>,
+    ) -> Result<(Picked, TcpStream)> {
+        let attempts = self.shared.opts.connect_attempts;
+        let mut last = None;
+        for _ in 0..attempts {
+            let picked = match self.pick_excluding(request_type, tried) {
+                Ok(p) => p,
+                Err(e) if last.is_none() => return Err(e),
+                Err(_) => break,
+            };
+            let addr = picked.addr;
+            tried.push(addr);
+            match tokio::time::timeout(self.shared.opts.connect_timeout, TcpStream::connect(addr)).await {
+                Ok(Ok(stream)) => {
+                    let _ = stream.set_nodelay(true);
+                    return Ok((picked, stream));
+                }
+                Ok(Err(source)) => {
+                    tracing::debug!(%addr, error = %source, "connect failed; ejecting the instance");
+                    picked.eject();
+                    last = Some(Error::Connect { addr, source });
+                }
+                Err(_) => {
+                    tracing::debug!(%addr, "connect timed out; ejecting the instance");
+                    picked.eject();
+                    last = Some(Error::ConnectTimeout { addr });
+                }
+            }
+        }
+        let last = last.unwrap_or_else(|| Error::NoInstance(request_type.to_string()));
+        Err(Error::Exhausted {
+            attempts: u32::try_from(tried.len()).unwrap_or(u32::MAX),
+            last: Box::new(last),
+        })
+    }
+
+    /// The client's view of its lists and balancers.
+    pub fn state(&self) -> ClientState {
+        let clock = self.shared.clock;
+        let now = clock.now_ms();
+        let types = self
+            .shared
+            .types
+            .iter()
+            .map(|slot| {
+                let table = slot.table.load();
+                let freshness = match slot.staleness(&clock) {
+                    None => Freshness::Live,
+                    Some(age) if age > self.shared.opts.max_staleness => Freshness::Expired { age },
+                    Some(age) => Freshness::Static { age },
+                };
+                TypeState {
+                    request_type: slot.name.clone(),
+                    version: table.version,
+                    servers: table.all.len(),
+                    ejected: table
+                        .all
+                        .iter()
+                        .filter(|e| e.stats.is_ejected(now))
+                        .map(|e| e.addr)
+                        .collect(),
+                    balancer: *slot.balancer.lock().unwrap_or_else(|p| p.into_inner()),
+                    freshness,
+                }
+            })
+            .collect();
+        ClientState {
+            balancers: self.shared.balancers.load().to_vec(),
+            types,
+        }
+    }
+}

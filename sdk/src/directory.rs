@@ -1,0 +1,287 @@
+//! Keeping the lists fresh: the bootstrap fetch, one long-poll watch task per request type with failover
+//! across balancers and jittered re-polls, learning balancers from the lists, and the freshness bookkeeping
+//! behind static stability.
+//!
+//! **Invariant**: a watch task is the only writer of its type's table; it installs a whole new [`Table`]
+//! (arc-swap) so pickers never see a half-updated list. With every balancer unreachable the last table
+//! stays installed; only its age grows.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use rand::Rng;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+use xcluster_proto::directory::ServerList;
+
+use crate::builder::Options;
+use crate::fetch::{self, Fetched};
+use crate::picker::{Clock, Entry, Stats, Table};
+
+/// Everything a client's handles and background tasks share.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub(crate) opts: Options,
+    pub(crate) clock: Clock,
+    /// Seeds plus the balancers named by the latest list.
+    pub(crate) balancers: ArcSwap<Vec<SocketAddr>>,
+    pub(crate) types: Vec<TypeSlot>,
+    /// Feedback per instance address, shared by every type's tables. Locked only when a list is installed.
+    stats: Mutex<HashMap<SocketAddr, Arc<Stats>>>,
+}
+
+/// One request type's current table and freshness.
+#[derive(Debug)]
+pub(crate) struct TypeSlot {
+    pub(crate) name: String,
+    pub(crate) table: ArcSwap<Table>,
+    /// Clock ms when a balancer was last known alive for this type.
+    pub(crate) last_ok_ms: AtomicU64,
+    /// The last round of requests reached a balancer.
+    pub(crate) reachable: AtomicBool,
+    /// A watch is connected and waiting on a balancer right now.
+    pub(crate) in_poll: AtomicBool,
+    /// The balancer currently serving this type (for `state()`; not on the hot path).
+    pub(crate) balancer: Mutex<Option<SocketAddr>>,
+}
+
+impl TypeSlot {
+    /// How long since a balancer last vouched for this list; zero while one is reachable.
+    pub(crate) fn staleness(&self, clock: &Clock) -> Option<Duration> {
+        if self.reachable.load(Ordering::Relaxed) || self.in_poll.load(Ordering::Relaxed) {
+            return None;
+        }
+        let age = clock
+            .now_ms()
+            .saturating_sub(self.last_ok_ms.load(Ordering::Relaxed));
+        Some(Duration::from_millis(age))
+    }
+
+    fn touch(&self, clock: &Clock) {
+        self.last_ok_ms.store(clock.now_ms(), Ordering::Relaxed);
+    }
+}
+
+impl Shared {
+    pub(crate) fn new(opts: Options) -> Self {
+        let types = opts
+            .request_types
+            .iter()
+            .map(|t| TypeSlot {
+                name: t.clone(),
+                table: ArcSwap::from_pointee(Table::new(0, Vec::new())),
+                last_ok_ms: AtomicU64::new(0),
+                reachable: AtomicBool::new(false),
+                in_poll: AtomicBool::new(false),
+                balancer: Mutex::new(None),
+            })
+            .collect();
+        Self {
+            balancers: ArcSwap::from_pointee(opts.balancers.clone()),
+            opts,
+            clock: Clock::new(),
+            types,
+            stats: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Installs a validated list as the type's new table and learns the balancers it names.
+    fn install(&self, idx: usize, list: &ServerList, from: SocketAddr) {
+        let slot = &self.types[idx];
+        {
+            let mut stats = self.stats.lock().unwrap_or_else(|p| p.into_inner());
+            let entries = list
+                .servers
+                .iter()
+                .filter_map(|s| {
+                    // `ServerList::decode` validated every address already.
+                    let addr: SocketAddr = s.addr.parse().ok()?;
+                    Some(Entry {
+                        id: Arc::from(s.id.as_str()),
+                        addr,
+                        weight: s.weight,
+                        state: s.state,
+                        stats: stats.entry(addr).or_default().clone(),
+                    })
+                })
+                .collect();
+            let old = slot.table.swap(Arc::new(Table::new(list.version, entries)));
+            drop(old);
+            // Forget feedback about instances that no table names any more.
+            stats.retain(|_, s| Arc::strong_count(s) > 1);
+        }
+        *slot.balancer.lock().unwrap_or_else(|p| p.into_inner()) = Some(from);
+        let mut learned = self.opts.balancers.clone();
+        for b in list.balancers.iter().filter_map(|b| b.parse::<SocketAddr>().ok()) {
+            if !learned.contains(&b) {
+                learned.push(b);
+            }
+        }
+        if **self.balancers.load() != learned {
+            info!(balancers = ?learned, "learned balancers from the server list");
+            self.balancers.store(Arc::new(learned));
+        }
+    }
+
+    /// The order to try balancers in: the preferred one first.
+    fn order(&self, preferred: Option<SocketAddr>) -> Vec<SocketAddr> {
+        let all = self.balancers.load();
+        let mut out = Vec::with_capacity(all.len());
+        out.extend(preferred);
+        out.extend(all.iter().copied().filter(|b| Some(*b) != preferred));
+        out
+    }
+
+    /// Fetches the first list of every type from any balancer; returns the balancer that served each.
+    pub(crate) async fn bootstrap(&self) -> Result<Vec<SocketAddr>, (String, String)> {
+        let mut served_by = Vec::with_capacity(self.types.len());
+        // Start at a random seed so many clients spread over the balancers.
+        let seeds = self.balancers.load();
+        let start = seeds
+            .get(rand::rng().random_range(0..seeds.len().max(1)))
+            .copied();
+        for (idx, slot) in self.types.iter().enumerate() {
+            let mut last = String::from("no balancer configured");
+            let mut ok = None;
+            for b in self.order(served_by.last().copied().or(start)) {
+                let r = fetch::server_list(
+                    b,
+                    &slot.name,
+                    None,
+                    self.opts.connect_timeout,
+                    self.opts.balancer_timeout,
+                    || {},
+                )
+                .await;
+                match r.and_then(|f| check_type(f, &slot.name)) {
+                    Ok(Some(list)) => {
+                        self.install(idx, &list, b);
+                        ok = Some(b);
+                        break;
+                    }
+                    Ok(None) => last = format!("{b}: 304 without a watch"),
+                    Err(e) => {
+                        debug!(balancer = %b, request_type = %slot.name, error = %e, "bootstrap fetch failed");
+                        last = format!("{b}: {e}");
+                    }
+                }
+            }
+            let Some(b) = ok else {
+                return Err((slot.name.clone(), last));
+            };
+            slot.touch(&self.clock);
+            slot.reachable.store(true, Ordering::Relaxed);
+            served_by.push(b);
+        }
+        Ok(served_by)
+    }
+}
+
+/// Rejects a list for another request type (a confused or malicious balancer).
+fn check_type(f: Fetched, want: &str) -> Result<Option<ServerList>, String> {
+    match f {
+        Fetched::List(l) if l.request_type == want => Ok(Some(l)),
+        Fetched::List(l) => Err(format!(
+            "list is for type {:?}, asked for {want:?}",
+            l.request_type
+        )),
+        Fetched::Unchanged => Ok(None),
+    }
+}
+
+fn jitter(lo: Duration, hi: Duration) -> Duration {
+    if hi <= lo {
+        return lo;
+    }
+    rand::rng().random_range(lo..=hi)
+}
+
+/// The watch task of one request type: long-polls the preferred balancer, fails over to the others in
+/// order, and backs off (jittered, capped) while none answers. Ends when `cancel` fires.
+pub(crate) async fn watch_loop(
+    shared: Arc<Shared>,
+    idx: usize,
+    first: SocketAddr,
+    cancel: CancellationToken,
+) {
+    let slot = &shared.types[idx];
+    let opts = &shared.opts;
+    let mut preferred = Some(first);
+    let mut backoff = Duration::from_millis(100);
+    let mut warned = false;
+    loop {
+        let version = slot.table.load().version;
+        // None: no balancer answered. Some(changed, waited): an answer, and whether the server held it.
+        let mut outcome: Option<(bool, bool)> = None;
+        for b in shared.order(preferred) {
+            let started = Instant::now();
+            let fetch = fetch::server_list(
+                b,
+                &slot.name,
+                Some(version),
+                opts.connect_timeout,
+                opts.watch_timeout,
+                || slot.in_poll.store(true, Ordering::Relaxed),
+            );
+            let r = tokio::select! {
+                _ = cancel.cancelled() => return,
+                r = fetch => r,
+            };
+            if slot.in_poll.swap(false, Ordering::Relaxed) {
+                // The balancer was alive until now, whatever the answer.
+                slot.touch(&shared.clock);
+            }
+            let waited = started.elapsed() >= Duration::from_millis(500);
+            match r.and_then(|f| check_type(f, &slot.name)) {
+                Ok(list) => {
+                    let changed = list.as_ref().is_some_and(|l| l.version != version);
+                    if let Some(list) = &list {
+                        shared.install(idx, list, b);
+                        if changed {
+                            debug!(request_type = %slot.name, version = list.version, balancer = %b, "server list changed");
+                        }
+                    }
+                    slot.touch(&shared.clock);
+                    slot.reachable.store(true, Ordering::Relaxed);
+                    if warned {
+                        info!(request_type = %slot.name, balancer = %b, "a balancer answers again");
+                        warned = false;
+                    }
+                    preferred = Some(b);
+                    outcome = Some((changed, waited));
+                    break;
+                }
+                Err(e) => {
+                    debug!(request_type = %slot.name, balancer = %b, error = %e, "watch failed; trying the next balancer");
+                }
+            }
+        }
+        let delay = match outcome {
+            // Changed, or the server held the poll: watch again at once, with a little jitter against herds.
+            Some((true, _)) | Some((false, true)) => jitter(Duration::ZERO, Duration::from_millis(20)),
+            // An immediate unchanged answer (no long poll on that balancer): re-poll on the interval.
+            Some((false, false)) => jitter(opts.repoll_interval / 2, opts.repoll_interval),
+            None => {
+                slot.reachable.store(false, Ordering::Relaxed);
+                if !warned {
+                    warn!(request_type = %slot.name, "no balancer reachable; serving from the last server list");
+                    warned = true;
+                }
+                let d = jitter(backoff / 2, backoff);
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+                d
+            }
+        };
+        if outcome.is_some() {
+            backoff = Duration::from_millis(100);
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(delay) => {}
+        }
+    }
+}

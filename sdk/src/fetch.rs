@@ -1,0 +1,207 @@
+//! The SDK's HTTP/1.1 client for the balancers' directory API: one `GET` per connection
+//! (`Connection: close`), a connect timeout, a whole-exchange timeout (long for a watch, short otherwise),
+//! and a hard bound on the bytes read. Hand-rolled over `TcpStream` because the directory API is tiny and a
+//! bounded, dependency-light reader is easier to reason about than a pooled client.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use xcluster_proto::directory::{MAX_LIST_BYTES, ServerList};
+
+/// Largest response head accepted from a balancer.
+const MAX_HEAD_BYTES: usize = 16 * 1024;
+
+/// What a list request returned.
+#[derive(Debug)]
+pub(crate) enum Fetched {
+    /// A valid list (maybe the same version as before, when a watch timed out on the server).
+    List(ServerList),
+    /// `304 Not Modified`: the watch timed out on the server with no change.
+    Unchanged,
+}
+
+/// Fetches `GET /v1/servers?type=T[&watch=V]` from `addr`. `on_connected` runs once the TCP connection is up
+/// (the caller uses it to know the balancer is alive while a long poll waits).
+pub(crate) async fn server_list(
+    addr: SocketAddr,
+    request_type: &str,
+    watch: Option<u64>,
+    connect_timeout: Duration,
+    exchange_timeout: Duration,
+    on_connected: impl FnOnce(),
+) -> Result<Fetched, String> {
+    let path = match watch {
+        Some(v) => format!("/v1/servers?type={request_type}&watch={v}"),
+        None => format!("/v1/servers?type={request_type}"),
+    };
+    let (status, body) = get(addr, &path, connect_timeout, exchange_timeout, on_connected).await?;
+    match status {
+        200 => ServerList::decode(&body)
+            .map(Fetched::List)
+            .map_err(|e| e.to_string()),
+        304 | 204 => Ok(Fetched::Unchanged),
+        s => Err(format!(
+            "status {s}: {}",
+            String::from_utf8_lossy(&body[..body.len().min(200)])
+        )),
+    }
+}
+
+/// One bounded `GET`. Returns the status and the decoded body.
+pub(crate) async fn get(
+    addr: SocketAddr,
+    path: &str,
+    connect_timeout: Duration,
+    exchange_timeout: Duration,
+    on_connected: impl FnOnce(),
+) -> Result<(u16, Vec<u8>), String> {
+    let mut stream = match tokio::time::timeout(connect_timeout, TcpStream::connect(addr)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => return Err(format!("connect: {e}")),
+        Err(_) => return Err("connect timed out".into()),
+    };
+    on_connected();
+    let _ = stream.set_nodelay(true);
+    let exchange = async {
+        let req = format!(
+            "GET {path} HTTP/1.1\r\nHost: {addr}\r\nAccept: application/json\r\nConnection: close\r\n\r\n"
+        );
+        stream
+            .write_all(req.as_bytes())
+            .await
+            .map_err(|e| format!("write: {e}"))?;
+        let limit = MAX_HEAD_BYTES + MAX_LIST_BYTES + 64 * 1024;
+        let mut buf = Vec::with_capacity(4096);
+        let mut chunk = [0u8; 8192];
+        loop {
+            let n = stream.read(&mut chunk).await.map_err(|e| format!("read: {e}"))?;
+            if n == 0 {
+                break;
+            }
+            buf.extend_from_slice(&chunk[..n]);
+            if buf.len() > limit {
+                return Err(format!("response larger than {limit} bytes"));
+            }
+            // Stop early once a Content-Length body is complete (some servers linger before closing).
+            if let Some(done) = complete_len(&buf)
+                && buf.len() >= done
+            {
+                break;
+            }
+        }
+        Ok::<_, String>(buf)
+    };
+    let buf = match tokio::time::timeout(exchange_timeout, exchange).await {
+        Ok(r) => r?,
+        Err(_) => return Err(format!("no answer within {exchange_timeout:?}")),
+    };
+    parse_response(&buf)
+}
+
+/// The total length of a response whose head is complete and carries `Content-Length`.
+fn complete_len(buf: &[u8]) -> Option<usize> {
+    let head_end = find(buf, b"\r\n\r\n")? + 4;
+    let head = std::str::from_utf8(&buf[..head_end]).ok()?;
+    let len = head.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.trim()
+            .eq_ignore_ascii_case("content-length")
+            .then(|| v.trim().parse::<usize>().ok())?
+    })?;
+    Some(head_end + len)
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+/// Parses a complete HTTP/1.1 response (Content-Length, chunked, or read-to-close body).
+pub(crate) fn parse_response(buf: &[u8]) -> Result<(u16, Vec<u8>), String> {
+    let head_end = find(&buf[..buf.len().min(MAX_HEAD_BYTES + 4)], b"\r\n\r\n")
+        .ok_or("response head missing or too large")?;
+    let head = std::str::from_utf8(&buf[..head_end]).map_err(|_| "response head is not utf-8")?;
+    let mut lines = head.split("\r\n");
+    let status_line = lines.next().unwrap_or("");
+    let mut parts = status_line.splitn(3, ' ');
+    let version = parts.next().unwrap_or("");
+    if !version.starts_with("HTTP/1.") {
+        return Err(format!("not an HTTP/1.x response: {status_line:?}"));
+    }
+    let status: u16 = parts
+        .next()
+        .and_then(|s| s.parse().ok())
+        .filter(|s| (100..600).contains(s))
+        .ok_or_else(|| format!("bad status line {status_line:?}"))?;
+    let mut content_length = None;
+    let mut chunked = false;
+    for line in lines {
+        let Some((k, v)) = line.split_once(':') else {
+            return Err(format!("malformed header line {line:?}"));
+        };
+        let (k, v) = (k.trim(), v.trim());
+        if k.eq_ignore_ascii_case("content-length") {
+            content_length = Some(
+                v.parse::<usize>()
+                    .map_err(|_| format!("bad content-length {v:?}"))?,
+            );
+        } else if k.eq_ignore_ascii_case("transfer-encoding") && v.to_ascii_lowercase().contains("chunked") {
+            chunked = true;
+        }
+    }
+    let rest = &buf[head_end + 4..];
+    let body = if chunked {
+        dechunk(rest)?
+    } else if let Some(len) = content_length {
+        if rest.len() < len {
+            return Err(format!("body truncated: {} of {len} bytes", rest.len()));
+        }
+        rest[..len].to_vec()
+    } else {
+        rest.to_vec()
+    };
+    Ok((status, body))
+}
+
+/// Decodes a chunked body (trailers ignored).
+fn dechunk(mut rest: &[u8]) -> Result<Vec<u8>, String> {
+    let mut out = Vec::new();
+    loop {
+        let line_end = find(rest, b"\r\n").ok_or("chunk size line missing")?;
+        let size_str = std::str::from_utf8(&rest[..line_end]).map_err(|_| "chunk size not utf-8")?;
+        let size_str = size_str.split(';').next().unwrap_or("").trim();
+        let size = usize::from_str_radix(size_str, 16).map_err(|_| format!("bad chunk size {size_str:?}"))?;
+        rest = &rest[line_end + 2..];
+        if size == 0 {
+            return Ok(out);
+        }
+        if rest.len() < size + 2 {
+            return Err("chunk truncated".into());
+        }
+        out.extend_from_slice(&rest[..size]);
+        rest = &rest[size + 2..];
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_length_chunked_and_close_bodies() {
+        let r = parse_response(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhiXX");
+        assert_eq!(r, Ok((200, b"hi".to_vec())));
+        let r = parse_response(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhi\r\n3\r\n!!!\r\n0\r\n\r\n",
+        );
+        assert_eq!(r, Ok((200, b"hi!!!".to_vec())));
+        let r = parse_response(b"HTTP/1.0 304 Not Modified\r\n\r\n");
+        assert_eq!(r, Ok((304, vec![])));
+        assert!(parse_response(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nhi").is_err());
+        assert!(parse_response(b"SSH-2.0 hello\r\n\r\n").is_err());
+        assert!(parse_response(b"HTTP/1.1 abc OK\r\n\r\n").is_err());
+        assert!(parse_response(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n").is_err());
+        assert!(parse_response(&vec![b'a'; 100_000]).is_err());
+    }
+}

@@ -1,0 +1,216 @@
+//! The hyper integration: send an HTTP/1.1 request to the instance the client picks for a request type,
+//! with bounded bodies and a timeout, feeding latency and errors back into the picker; plus a retry helper
+//! for idempotent requests that tries other instances.
+//!
+//! One connection per request keeps the integration simple and makes every request a fresh pick; the
+//! connect cost on a LAN is small next to picking the wrong instance.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderValue, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+use crate::client::Client;
+use crate::error::{Error, Result};
+
+/// Which instance served a response; [`Client::send`] puts it in the response's extensions.
+///
+/// ```
+/// # fn demo(resp: http::Response<bytes::Bytes>) {
+/// if let Some(b) = resp.extensions().get::<xcluster_sdk::Backend>() {
+///     println!("served by {} at {}", b.id, b.addr);
+/// }
+/// # }
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Backend {
+    /// The instance's id in the server list (empty when not known, as through a proxy).
+    pub id: String,
+    /// The address the request was sent to.
+    pub addr: SocketAddr,
+}
+
+/// Sends one request over an already connected stream and reads the whole response, bounded by
+/// `max_body` bytes and by `timeout` for the whole exchange. Sets `Host` when missing. Used by
+/// [`Client::send`]; public so tools can send the same way over streams they connected themselves.
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), xcluster_sdk::Error> {
+/// use std::time::Duration;
+/// let addr = "127.0.0.1:8080".parse().unwrap();
+/// let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+/// let req = http::Request::get("/v1/products").body(http_body_util::Full::new(bytes::Bytes::new())).unwrap();
+/// let resp = xcluster_sdk::exchange(stream, addr, req, Duration::from_secs(5), 1 << 20).await?;
+/// println!("{}", resp.status());
+/// # Ok(()) }
+/// ```
+pub async fn exchange(
+    stream: TcpStream,
+    addr: SocketAddr,
+    mut req: Request<Full<Bytes>>,
+    timeout: Duration,
+    max_body: usize,
+) -> Result<Response<Bytes>> {
+    if !req.headers().contains_key(header::HOST)
+        && let Ok(v) = HeaderValue::from_str(&addr.to_string())
+    {
+        req.headers_mut().insert(header::HOST, v);
+    }
+    let work = async {
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| Error::Http {
+                addr,
+                msg: e.to_string(),
+            })?;
+        // The connection task ends when the exchange does (the sender is dropped) or on error.
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        let resp = sender.send_request(req).await.map_err(|e| Error::Http {
+            addr,
+            msg: e.to_string(),
+        })?;
+        let (parts, body) = resp.into_parts();
+        let body = Limited::new(body, max_body).collect().await.map_err(|e| {
+            if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() {
+                Error::ResponseTooLarge {
+                    addr,
+                    limit: max_body,
+                }
+            } else {
+                Error::Http {
+                    addr,
+                    msg: e.to_string(),
+                }
+            }
+        })?;
+        Ok(Response::from_parts(parts, body.to_bytes()))
+    };
+    match tokio::time::timeout(timeout, work).await {
+        Ok(r) => r,
+        Err(_) => Err(Error::Timeout { addr }),
+    }
+}
+
+/// Statuses after which an idempotent request is worth trying on another instance.
+fn retryable_status(s: StatusCode) -> bool {
+    matches!(
+        s,
+        StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE | StatusCode::GATEWAY_TIMEOUT
+    )
+}
+
+impl Client {
+    /// Sends `req` to an instance picked for `request_type` and returns the whole response (any status).
+    /// Connect failures are retried on other instances (the request was not sent); anything later is not,
+    /// since the request may have had its effect. Use an origin-form URI (`/v1/...`).
+    ///
+    /// ```no_run
+    /// # async fn demo(client: xcluster_sdk::Client) -> Result<(), xcluster_sdk::Error> {
+    /// use bytes::Bytes;
+    /// use http_body_util::Full;
+    /// let req = http::Request::post("/v1/orders")
+    ///     .header("idempotency-key", "k-1")
+    ///     .body(Full::new(Bytes::from_static(b"{\"sku\":\"s1\",\"qty\":1}")))
+    ///     .unwrap();
+    /// let resp = client.send("order", req).await?;
+    /// println!("{} from {:?}", resp.status(), resp.extensions().get::<xcluster_sdk::Backend>());
+    /// # Ok(()) }
+    /// ```
+    pub async fn send(&self, request_type: &str, req: Request<Full<Bytes>>) -> Result<Response<Bytes>> {
+        let mut tried = Vec::new();
+        self.send_once(request_type, req, &mut tried).await
+    }
+
+    async fn send_once(
+        &self,
+        request_type: &str,
+        req: Request<Full<Bytes>>,
+        tried: &mut Vec<SocketAddr>,
+    ) -> Result<Response<Bytes>> {
+        let (picked, stream) = self.connect_excluding(request_type, tried).await?;
+        let addr = picked.addr();
+        let opts = &self.shared.opts;
+        match exchange(stream, addr, req, opts.request_timeout, opts.max_response_bytes).await {
+            Ok(mut resp) => {
+                resp.extensions_mut().insert(Backend {
+                    id: picked.id().to_string(),
+                    addr,
+                });
+                if resp.status().is_server_error() {
+                    picked.failure();
+                } else {
+                    picked.success();
+                }
+                Ok(resp)
+            }
+            Err(e) => {
+                if matches!(e, Error::Timeout { .. }) {
+                    picked.eject();
+                }
+                picked.failure();
+                Err(e)
+            }
+        }
+    }
+
+    /// Sends an idempotent request (a GET, or a POST carrying an idempotency key), retrying on another
+    /// instance after a retryable error or a 502/503/504, up to `request_attempts` in all. Returns the last
+    /// response or error.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: xcluster_sdk::Client) -> Result<(), xcluster_sdk::Error> {
+    /// let req = http::Request::get("/v1/products?limit=10")
+    ///     .body(http_body_util::Full::new(bytes::Bytes::new()))
+    ///     .unwrap();
+    /// let resp = client.send_idempotent("browse", req).await?;
+    /// assert!(resp.status().is_success());
+    /// # Ok(()) }
+    /// ```
+    pub async fn send_idempotent(
+        &self,
+        request_type: &str,
+        req: Request<Full<Bytes>>,
+    ) -> Result<Response<Bytes>> {
+        let attempts = self.shared.opts.request_attempts;
+        let mut tried = Vec::new();
+        let mut last: Option<Result<Response<Bytes>>> = None;
+        for attempt in 0..attempts {
+            let r = self
+                .send_once(request_type, clone_request(&req), &mut tried)
+                .await;
+            if let (Err(Error::NoInstance(_)), Some(prev)) = (&r, last.take()) {
+                // Every instance has been tried: the previous failure says more than "none left".
+                return prev;
+            }
+            let again = match &r {
+                Ok(resp) => retryable_status(resp.status()),
+                Err(e) => e.is_retryable() || matches!(e, Error::Exhausted { .. }),
+            };
+            if !again || attempt + 1 == attempts {
+                return r;
+            }
+            tracing::debug!(
+                request_type,
+                attempt,
+                "retrying an idempotent request on another instance"
+            );
+            last = Some(r);
+        }
+        last.unwrap_or_else(|| Err(Error::NoInstance(request_type.to_string())))
+    }
+}
+
+fn clone_request(req: &Request<Full<Bytes>>) -> Request<Full<Bytes>> {
+    let mut out = Request::new(req.body().clone());
+    *out.method_mut() = req.method().clone();
+    *out.uri_mut() = req.uri().clone();
+    *out.version_mut() = req.version();
+    *out.headers_mut() = req.headers().clone();
+    out
+}

@@ -1,0 +1,369 @@
+//! The SDK against scripted balancers and real backends over loopback: it follows table changes through the
+//! long-poll watch, fails over between balancers without failing a request, ejects a refused instance at
+//! once, keeps serving from its last list with every balancer down (and says so), and its hyper
+//! integration sends each request to the instance it picked.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod sdk_support;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use sdk_support::{Backend, FakeBalancer, dead_addr, list};
+use xcluster_sdk::{Client, Error, Freshness, Side};
+
+/// Long enough that only a watch notification (never a timed-out re-poll) can deliver a change in a test.
+const HOLD: Duration = Duration::from_secs(60);
+const WAIT: Duration = Duration::from_secs(10);
+
+fn get(path: &str) -> http::Request<Full<Bytes>> {
+    http::Request::get(path).body(Full::new(Bytes::new())).unwrap()
+}
+
+async fn eventually_async<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn follows_table_changes_within_a_watch_round_trip() {
+    let (a, b) = (Backend::start("a"), Backend::start("b"));
+    let lb = FakeBalancer::start(HOLD);
+    let peer = FakeBalancer::start(HOLD);
+    lb.set(list("browse", 1, &[("a", a.addr, 100)], &[lb.addr, peer.addr]));
+    let client = Client::builder()
+        .balancers([lb.addr.to_string()])
+        .request_types(["browse"])
+        .build()
+        .await
+        .unwrap();
+    assert_eq!(client.pick("browse").unwrap().addr(), a.addr);
+    // It learned the peer from the list.
+    assert!(client.state().balancers.contains(&peer.addr));
+    // Wait until the watch is parked on the balancer (request 2, after the bootstrap), then change the table.
+    eventually_async("the watch request", || {
+        (lb.requests.load(Ordering::Relaxed) >= 2).then_some(())
+    })
+    .await;
+    lb.set(list("browse", 2, &[("b", b.addr, 100)], &[lb.addr, peer.addr]));
+    eventually_async("the client to install version 2", || {
+        (client.state().types[0].version == 2).then_some(())
+    })
+    .await;
+    // The parked watch delivered it: at most the next watch has been sent since, no polling.
+    assert!(
+        lb.requests.load(Ordering::Relaxed) <= 3,
+        "the client polled instead of watching"
+    );
+    for _ in 0..50 {
+        assert_eq!(client.pick("browse").unwrap().addr(), b.addr);
+    }
+    assert!(matches!(client.pick("order"), Err(Error::UnknownType(_))));
+    assert_eq!(client.state().types[0].freshness, Freshness::Live);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fails_over_when_its_balancer_dies_with_no_failed_request() {
+    let (a, b) = (Backend::start("a"), Backend::start("b"));
+    let mut first = FakeBalancer::start(HOLD);
+    let second = FakeBalancer::start(HOLD);
+    let both = [first.addr, second.addr];
+    for lb in [&first, &second] {
+        lb.set(list(
+            "browse",
+            1,
+            &[("a", a.addr, 100), ("b", b.addr, 100)],
+            &both,
+        ));
+    }
+    // Seeded with the first balancer only: the second is learned from the list.
+    let client = Client::builder()
+        .balancers([first.addr.to_string()])
+        .request_types(["browse"])
+        .build()
+        .await
+        .unwrap();
+    assert_eq!(client.state().types[0].balancer, Some(first.addr));
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let traffic = {
+        let (client, stop, ok, failed) = (client.clone(), stop.clone(), ok.clone(), failed.clone());
+        tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                match client.send("browse", get("/v1/products")).await {
+                    Ok(r) if r.status() == 200 => ok.fetch_add(1, Ordering::Relaxed),
+                    _ => failed.fetch_add(1, Ordering::Relaxed),
+                };
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        })
+    };
+    let before = ok.load(Ordering::Relaxed);
+    eventually_async("traffic before the failover", || {
+        (ok.load(Ordering::Relaxed) > before + 20).then_some(())
+    })
+    .await;
+    first.kill();
+    // Only the surviving balancer can deliver this change.
+    second.set(list("browse", 2, &[("b", b.addr, 100)], &both));
+    eventually_async("the client to follow the second balancer's version 2", || {
+        let s = client.state();
+        (s.types[0].version == 2 && s.types[0].balancer == Some(second.addr)).then_some(())
+    })
+    .await;
+    let after = ok.load(Ordering::Relaxed);
+    eventually_async("traffic after the failover", || {
+        (ok.load(Ordering::Relaxed) > after + 20).then_some(())
+    })
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    traffic.await.unwrap();
+    assert_eq!(
+        failed.load(Ordering::Relaxed),
+        0,
+        "requests failed during the failover"
+    );
+    assert_eq!(client.state().types[0].freshness, Freshness::Live);
+    assert!(!client.state().is_static());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn avoids_a_refused_instance_at_once() {
+    let a = Backend::start("a");
+    let dead = dead_addr();
+    let lb = FakeBalancer::start(HOLD);
+    lb.set(list(
+        "order",
+        1,
+        &[("a", a.addr, 100), ("dead", dead, 100)],
+        &[lb.addr],
+    ));
+    let client = Client::builder()
+        .balancers([lb.addr.to_string()])
+        .request_types(["order"])
+        .ejection(Duration::from_secs(60))
+        .build()
+        .await
+        .unwrap();
+    // Every connect succeeds: the refusal is absorbed by trying the other instance.
+    for _ in 0..50 {
+        let (picked, _stream) = client.connect_tracked("order").await.unwrap();
+        assert_eq!(picked.addr(), a.addr);
+        if client.state().types[0].ejected == [dead] {
+            break;
+        }
+    }
+    assert_eq!(
+        client.state().types[0].ejected,
+        [dead],
+        "the refused instance was not ejected"
+    );
+    // From now on it is never picked, long before any balancer would say so.
+    for _ in 0..500 {
+        assert_eq!(client.pick("order").unwrap().addr(), a.addr);
+    }
+    // With only dead instances a connect fails, naming the backend side and the refusal.
+    lb.set(list("order", 2, &[("dead", dead, 100)], &[lb.addr]));
+    eventually_async("version 2", || {
+        (client.state().types[0].version == 2).then_some(())
+    })
+    .await;
+    let err = client.connect("order").await.unwrap_err();
+    assert_eq!(err.side(), Side::Backend);
+    assert_eq!(err.kind(), "connect", "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serves_from_its_last_list_with_every_balancer_down() {
+    let a = Backend::start("a");
+    let mut lbs = [FakeBalancer::start(HOLD), FakeBalancer::start(HOLD)];
+    let addrs = [lbs[0].addr, lbs[1].addr];
+    for lb in &lbs {
+        lb.set(list("browse", 1, &[("a", a.addr, 100)], &addrs));
+    }
+    let client = Client::builder()
+        .balancers(addrs.iter().map(|a| a.to_string()))
+        .request_types(["browse"])
+        .max_staleness(Duration::from_secs(3))
+        .build()
+        .await
+        .unwrap();
+    for lb in &mut lbs {
+        lb.kill();
+    }
+    eventually_async("the client to notice every balancer is down", || {
+        matches!(client.state().types[0].freshness, Freshness::Static { .. }).then_some(())
+    })
+    .await;
+    assert!(client.state().is_static());
+    // Requests keep flowing from the last list.
+    for _ in 0..20 {
+        let resp = client
+            .send_idempotent("browse", get("/v1/products"))
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+    }
+    assert!(a.hits() >= 20);
+    // Past max_staleness the list is no longer trusted, and the error says the balancers are the cause.
+    eventually_async("the list to expire", || {
+        matches!(client.state().types[0].freshness, Freshness::Expired { .. }).then_some(())
+    })
+    .await;
+    let err = client.pick("browse").unwrap_err();
+    assert!(matches!(err, Error::Stale { .. }), "{err}");
+    assert_eq!(err.side(), Side::Balancer);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hyper_integration_sends_requests_to_the_picked_instance() {
+    let backends = [Backend::start("a"), Backend::start("b"), Backend::start("c")];
+    let lb = FakeBalancer::start(HOLD);
+    let servers: Vec<_> = backends.iter().map(|b| (b.name.as_str(), b.addr, 100)).collect();
+    lb.set(list("browse", 1, &servers, &[lb.addr]));
+    let client = Client::builder()
+        .balancers([lb.addr.to_string()])
+        .request_types(["browse"])
+        .build()
+        .await
+        .unwrap();
+    let mut seen: HashMap<String, u64> = HashMap::new();
+    for _ in 0..60 {
+        let resp = client.send("browse", get("/v1/products?limit=5")).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        let backend = resp.extensions().get::<xcluster_sdk::Backend>().unwrap().clone();
+        // The instance that answered is the one the SDK says it picked.
+        let body = String::from_utf8(resp.body().to_vec()).unwrap();
+        assert_eq!(body, backend.id);
+        let expected = backends.iter().find(|b| b.name == body).unwrap();
+        assert_eq!(backend.addr, expected.addr);
+        *seen.entry(body).or_default() += 1;
+    }
+    for b in &backends {
+        assert_eq!(
+            seen.get(&b.name).copied().unwrap_or(0),
+            b.hits(),
+            "hits of {}",
+            b.name
+        );
+    }
+    assert_eq!(seen.len(), 3, "every instance gets a share: {seen:?}");
+
+    // The idempotent helper retries elsewhere after a 503 and after a refused instance.
+    let unavailable = Backend::with_status("busy", 503);
+    let dead = dead_addr();
+    lb.set(list(
+        "browse",
+        2,
+        &[
+            ("busy", unavailable.addr, 100),
+            ("dead", dead, 100),
+            ("a", backends[0].addr, 100),
+        ],
+        &[lb.addr],
+    ));
+    eventually_async("version 2", || {
+        (client.state().types[0].version == 2).then_some(())
+    })
+    .await;
+    for _ in 0..20 {
+        let resp = client
+            .send_idempotent("browse", get("/v1/products"))
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        assert_eq!(resp.body().as_ref(), b"a");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_list_for_the_wrong_type_is_refused_and_another_balancer_used() {
+    let (a, b) = (Backend::start("a"), Backend::start("b"));
+    let (confused, good) = (FakeBalancer::start(HOLD), FakeBalancer::start(HOLD));
+    let both = [confused.addr, good.addr];
+    confused.set_for("browse", list("order", 1, &[("b", b.addr, 100)], &both));
+    good.set(list("browse", 1, &[("a", a.addr, 100)], &both));
+    for _ in 0..5 {
+        // Whichever seed the bootstrap starts with, only the valid list is installed.
+        let client = Client::builder()
+            .balancers(both.iter().map(|x| x.to_string()))
+            .request_types(["browse"])
+            .build()
+            .await
+            .unwrap();
+        assert_eq!(client.state().types[0].balancer, Some(good.addr));
+        assert_eq!(client.pick("browse").unwrap().addr(), a.addr);
+    }
+    // With no valid answer anywhere the bootstrap fails, naming the type and the balancer side.
+    let err = Client::builder()
+        .balancers([confused.addr.to_string()])
+        .request_types(["browse"])
+        .build()
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, Error::Bootstrap { request_type, .. } if request_type == "browse"),
+        "{err}"
+    );
+    assert_eq!(err.side(), Side::Balancer);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_that_times_out_is_ejected_and_the_request_retried() {
+    let (good, stuck) = (Backend::start("good"), Backend::hanging("stuck"));
+    let lb = FakeBalancer::start(HOLD);
+    lb.set(list(
+        "browse",
+        1,
+        &[("good", good.addr, 100), ("stuck", stuck.addr, 100)],
+        &[lb.addr],
+    ));
+    let client = Client::builder()
+        .balancers([lb.addr.to_string()])
+        .request_types(["browse"])
+        .request_timeout(Duration::from_millis(300))
+        .ejection(Duration::from_secs(60))
+        .build()
+        .await
+        .unwrap();
+    for _ in 0..40 {
+        let resp = client
+            .send_idempotent("browse", get("/v1/products"))
+            .await
+            .unwrap();
+        assert_eq!(resp.body().as_ref(), b"good");
+        if client.state().types[0].ejected == [stuck.addr] {
+            break;
+        }
+    }
+    assert_eq!(client.state().types[0].ejected, [stuck.addr]);
+    assert_eq!(
+        stuck.hits(),
+        1,
+        "the stuck instance got a request after it was ejected"
+    );
+    // A plain send (not idempotent) is not retried after a timeout: the error says so.
+    lb.set(list("browse", 2, &[("stuck", stuck.addr, 100)], &[lb.addr]));
+    eventually_async("version 2", || {
+        (client.state().types[0].version == 2).then_some(())
+    })
+    .await;
+    let err = client.send("browse", get("/v1/products")).await.unwrap_err();
+    assert!(matches!(err, Error::Timeout { .. }), "{err}");
+    assert!(err.is_retryable() && !err.not_sent());
+}

@@ -1,0 +1,145 @@
+//! `xcluster load` (the real binary) against real HTTP backends in this process: it reports per-type
+//! percentiles, throughput, errors by kind and each backend's share, through plain round robin and through
+//! the SDK (with a scripted balancer publishing weights).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod sdk_support;
+
+use std::time::Duration;
+
+use sdk_support::{Backend, FakeBalancer, list};
+use serde_json::Value;
+use xcluster_tests::Proc;
+
+/// Runs `xcluster load ARGS --json` to completion and returns its report.
+fn load(args: &[&str]) -> Value {
+    let mut all = vec!["load"];
+    all.extend_from_slice(args);
+    all.push("--json");
+    let mut p = Proc::xcluster("load", &all);
+    let code = p.wait_exit(Duration::from_secs(60));
+    assert_eq!(code, Some(0), "xcluster load failed:\n{}", p.stderr());
+    serde_json::from_str(&p.stdout()).unwrap_or_else(|e| panic!("bad json ({e}):\n{}", p.stdout()))
+}
+
+fn by_type<'a>(report: &'a Value, t: &str) -> &'a Value {
+    report["types"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["request_type"] == t)
+        .unwrap_or_else(|| panic!("no {t} in {report}"))
+}
+
+fn check_percentiles(t: &Value) {
+    let l = &t["latency_us"];
+    let p: Vec<u64> = ["p50", "p90", "p99", "p999", "max"]
+        .iter()
+        .map(|k| l[*k].as_u64().unwrap_or_else(|| panic!("{k} missing in {l}")))
+        .collect();
+    assert!(p[0] > 0, "{l}");
+    assert!(p.windows(2).all(|w| w[0] <= w[1]), "percentiles not ordered: {l}");
+    assert!(t["throughput_rps"].as_f64().unwrap() > 0.0);
+}
+
+#[test]
+fn round_robin_reports_percentiles_and_equal_shares() {
+    let backends = [Backend::start("a"), Backend::start("b"), Backend::start("c")];
+    let targets = backends
+        .iter()
+        .map(|b| b.addr.to_string())
+        .collect::<Vec<_>>()
+        .join(",");
+    let report = load(&[
+        "--via",
+        "rr",
+        "--targets",
+        &targets,
+        "--mix",
+        "browse=3,order=1",
+        "--workers",
+        "4",
+        "--requests",
+        "300",
+    ]);
+    assert_eq!(report["requests"], 300);
+    assert_eq!(report["errors"], 0, "{report}");
+    for t in ["browse", "order"] {
+        let t = by_type(&report, t);
+        check_percentiles(t);
+        assert!(t["requests"].as_u64().unwrap() > 0);
+    }
+    // Round robin: exactly a third each, and the backends agree with the report.
+    for b in &backends {
+        let share = &report["backends"][b.addr.to_string()];
+        assert_eq!(share["requests"], 100, "{report}");
+        assert_eq!(b.hits(), 100);
+    }
+}
+
+#[test]
+fn errors_are_counted_by_kind_in_open_loop() {
+    let ok = Backend::start("ok");
+    let busy = Backend::with_status("busy", 503);
+    let targets = format!("{},{}", ok.addr, busy.addr);
+    let report = load(&[
+        "--via",
+        "rr",
+        "--targets",
+        &targets,
+        "--mix",
+        "browse=1",
+        "--rate",
+        "200",
+        "--requests",
+        "100",
+    ]);
+    assert_eq!(report["requests"], 100);
+    let t = by_type(&report, "browse");
+    assert_eq!(t["errors"]["status_503"], 50, "{report}");
+    assert_eq!(t["ok"], 50);
+    check_percentiles(t);
+    assert_eq!(report["backends"][busy.addr.to_string()]["requests"], 50);
+}
+
+#[test]
+fn sdk_mode_follows_the_published_weights() {
+    let (heavy, light) = (Backend::start("heavy"), Backend::start("light"));
+    let lb = FakeBalancer::start(Duration::from_secs(60));
+    for ty in ["browse", "order"] {
+        lb.set(list(
+            ty,
+            1,
+            &[("heavy", heavy.addr, 9000), ("light", light.addr, 1000)],
+            &[lb.addr],
+        ));
+    }
+    let report = load(&[
+        "--via",
+        "sdk",
+        "--targets",
+        &lb.addr.to_string(),
+        "--mix",
+        "browse=1,order=1",
+        "--workers",
+        "2",
+        "--requests",
+        "400",
+    ]);
+    assert_eq!(report["requests"], 400);
+    assert_eq!(report["errors"], 0, "{report}");
+    check_percentiles(by_type(&report, "browse"));
+    let heavy_share = report["backends"][heavy.addr.to_string()]["share"]
+        .as_f64()
+        .unwrap();
+    let light_n = report["backends"][light.addr.to_string()]["requests"]
+        .as_u64()
+        .unwrap_or(0);
+    assert!(
+        heavy_share > 0.7,
+        "weights 9:1 gave the heavy instance {heavy_share}: {report}"
+    );
+    assert_eq!(heavy.hits() + light.hits(), 400);
+    assert_eq!(light.hits(), light_n);
+}
