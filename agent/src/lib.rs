@@ -1,10 +1,25 @@
 //! The per-host agent: samples host and instance load and pushes signed reports to every balancer.
+//!
+//! - [`host`]: /proc sampling (host CPU, memory, load, cores; a process's CPU and RSS).
+//! - [`client`]: the bounded, timed HTTP calls (stats fetch, report push).
+//! - [`reporter`]: the sample/push loop with early reports on jumps.
+//!
+//! Its own API: `GET /v1/report` shows the latest report sent (plus `/metrics`, `/livez`, `/readyz`).
 
+pub mod client;
 pub mod config;
+pub mod host;
+pub mod metrics;
+pub mod reporter;
+
+use std::sync::Arc;
 
 pub use config::Config;
+use http::{Method, StatusCode};
+use tokio::sync::watch;
+use xcluster_proto::report::LoadReport;
 use xcluster_runtime::Context;
-use xcluster_runtime::http::ServerLimits;
+use xcluster_runtime::http::{Handler, ServerLimits, error, json};
 
 /// Why the agent stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -24,10 +39,16 @@ pub async fn run(ctx: Context<Config>) -> Result<(), Error> {
         grace: cfg.grace,
         ..ServerLimits::default()
     };
+    warn_if_key_exposed(&cfg);
+    if cfg.key.is_empty() {
+        tracing::warn!("no key or key_file: balancers will reject every report");
+    }
+    let (latest_tx, latest_rx) = watch::channel(None);
+    tokio::spawn(reporter::run(ctx.config.clone(), latest_tx, drain.clone()));
     xcluster_runtime::admin::serve_api(
         cfg.listen,
         ctx.health.clone(),
-        xcluster_runtime::admin::not_found(),
+        handler(latest_rx),
         limits,
         drain.clone(),
     )
@@ -37,6 +58,45 @@ pub async fn run(ctx: Context<Config>) -> Result<(), Error> {
         source,
     })?;
     ctx.health.set_ready();
+    tracing::info!(agent = %cfg.agent_id, balancers = cfg.balancers.len(), instances = cfg.instances.len(), "reporting");
     drain.cancelled().await;
     Ok(())
+}
+
+fn handler(latest: watch::Receiver<Option<LoadReport>>) -> Handler {
+    Arc::new(move |req, _| {
+        let report = latest.borrow().clone();
+        let path = req.uri().path().to_string();
+        let method = req.method().clone();
+        Box::pin(async move {
+            match (path.as_str(), method) {
+                ("/v1/report", Method::GET) => match report {
+                    Some(r) => json(StatusCode::OK, &r),
+                    None => error(StatusCode::SERVICE_UNAVAILABLE, "no_report", "no report sent yet"),
+                },
+                ("/v1/report", m) => error(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    "method_not_allowed",
+                    &format!("{m} is not allowed on /v1/report"),
+                ),
+                _ => error(
+                    StatusCode::NOT_FOUND,
+                    "not_found",
+                    &format!("no such endpoint: {path}"),
+                ),
+            }
+        })
+    })
+}
+
+/// Warns when the shared key file can be read by group or others.
+fn warn_if_key_exposed(cfg: &Config) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Some(path) = &cfg.key_file
+        && let Ok(meta) = std::fs::metadata(path)
+        && meta.permissions().mode() & 0o077 != 0
+    {
+        tracing::warn!(path = %path.display(), mode = format!("{:o}", meta.permissions().mode() & 0o777),
+            "the report key file is readable by group or others; chmod 600 it");
+    }
 }

@@ -1,8 +1,10 @@
 //! The lb's configuration: raw serde form, validation, typed form.
 //!
-//! Reloads live: `log.level`, `shutdown.grace_ms`, and the `[proxy]` keys listed in `crate::proxy::config`.
-//! Needs a restart: `listen`.
+//! Reloads live: `log.level`, `shutdown.grace_ms`, `peers`, `advertise`, every key of `[reports]`,
+//! `[directory]`, `[admin]` and `[types.*]` (request types and their cost profiles). and the `[proxy]` keys listed in
+//! `crate::proxy::config`. Needs a restart: `listen`.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -10,22 +12,142 @@ use serde::{Deserialize, Serialize};
 use xcluster_runtime::common::{LogSection, ShutdownSection};
 use xcluster_runtime::{ConfigIssue, DaemonConfig, RoleConfig, Validator};
 
+use crate::directory::weights::{Params, TypeProfile};
+
+/// Most request types a balancer may be configured with.
+pub const MAX_TYPES: usize = 32;
+
 /// The file-facing config (`role = "lb"`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RawConfig {
     /// Address of the lb's HTTP API (also serves `/metrics`, `/livez`, `/readyz`).
     pub listen: String,
+    /// The address clients should use for this balancer (defaults to `listen`).
+    pub advertise: String,
+    /// API addresses of the other balancers, published in every server list.
+    pub peers: Vec<String>,
+    pub reports: ReportsSection,
+    pub directory: DirectorySection,
+    pub admin: AdminSection,
+    /// Request types and their cost profiles, by name.
+    pub types: BTreeMap<String, RawType>,
     pub log: LogSection,
     pub shutdown: ShutdownSection,
     /// `[proxy]`: the layer-4 proxy mode (issue 5); see `crate::proxy::config` for the keys that reload.
     pub proxy: crate::proxy::ProxySection,
 }
 
+/// `[reports]`: how agent reports are authenticated.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ReportsSection {
+    /// The shared HMAC key, inline (prefer `key_file`).
+    pub key: String,
+    /// A file holding the shared HMAC key (surrounding whitespace is ignored).
+    pub key_file: String,
+    /// How far a report's timestamp may be from this balancer's clock.
+    pub skew_ms: u64,
+    /// Most distinct agents remembered (bounds memory against a flood of agent ids).
+    pub max_agents: usize,
+}
+
+impl Default for ReportsSection {
+    fn default() -> Self {
+        Self {
+            key: String::new(),
+            key_file: String::new(),
+            skew_ms: 10_000,
+            max_agents: 1024,
+        }
+    }
+}
+
+/// `[directory]`: the weight computation's tunables (see ARCHITECTURE.md, "lb").
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DirectorySection {
+    /// An instance without a report for this long is stale and leaves the published table.
+    pub report_ttl_ms: u64,
+    /// A stale instance is forgotten entirely (no longer counts for the panic threshold) after this long.
+    pub forget_after_ms: u64,
+    /// How long a client may cache a server list.
+    pub list_ttl_ms: u64,
+    /// Longest a `watch` long poll waits before answering with an unchanged table.
+    pub watch_timeout_ms: u64,
+    /// Below this fraction of fresh, ready instances, publish equal weights among all known ones.
+    pub panic_threshold: f64,
+    /// How long a new or recovered instance takes to ramp up to its full weight.
+    pub slow_start_ms: u64,
+    /// The weight fraction a slow-starting instance begins at.
+    pub slow_start_min: f64,
+    /// EWMA factor applied to each new target weight (1 = no damping).
+    pub damping: f64,
+    /// Largest change of a weight per report, as a fraction of the maximum weight.
+    pub max_step: f64,
+    /// How much an error rate counts as load (1 = a 10% error rate weighs like 10% more load).
+    pub error_penalty: f64,
+    /// Cores per instance at which an instance reaches the full weight scale (heterogeneous hosts).
+    pub full_weight_cores: f64,
+}
+
+impl Default for DirectorySection {
+    fn default() -> Self {
+        Self {
+            report_ttl_ms: 2_000,
+            forget_after_ms: 60_000,
+            list_ttl_ms: 1_000,
+            watch_timeout_ms: 30_000,
+            panic_threshold: 0.5,
+            slow_start_ms: 10_000,
+            slow_start_min: 0.1,
+            damping: 0.5,
+            max_step: 0.25,
+            error_penalty: 2.0,
+            full_weight_cores: 8.0,
+        }
+    }
+}
+
+/// `[admin]`: the bearer token for drain/undrain.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdminSection {
+    /// Empty refuses every mutating call.
+    pub token: String,
+}
+
+/// `[types.NAME]`: how much of each resource a request type uses, and its relative cost.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawType {
+    pub cpu: f64,
+    pub mem: f64,
+    pub queue: f64,
+    pub cost: f64,
+}
+
+impl Default for RawType {
+    fn default() -> Self {
+        Self {
+            cpu: 0.4,
+            mem: 0.1,
+            queue: 0.5,
+            cost: 1.0,
+        }
+    }
+}
+
 impl Default for RawConfig {
     fn default() -> Self {
         Self {
             listen: "127.0.0.1:7000".into(),
+            advertise: String::new(),
+            peers: Vec::new(),
+            reports: ReportsSection::default(),
+            directory: DirectorySection::default(),
+            admin: AdminSection::default(),
+            types: BTreeMap::from([("default".to_string(), RawType::default())]),
             log: LogSection::default(),
             shutdown: ShutdownSection::default(),
             proxy: crate::proxy::ProxySection::default(),
@@ -34,13 +156,33 @@ impl Default for RawConfig {
 }
 
 /// The validated config.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Config {
     pub listen: SocketAddr,
+    /// This balancer first, then its peers: what every server list names.
+    pub balancers: Vec<SocketAddr>,
+    pub key: Vec<u8>,
+    /// The key file, if any (its permissions are checked at start).
+    pub key_file: Option<std::path::PathBuf>,
+    pub skew: Duration,
+    pub max_agents: usize,
+    pub params: Params,
+    pub admin_token: String,
     pub log_filter: String,
     pub grace: Duration,
     /// The L4 proxy (issue 5).
     pub proxy: crate::proxy::ProxyConfig,
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The key and the token never reach a log.
+        f.debug_struct("Config")
+            .field("listen", &self.listen)
+            .field("balancers", &self.balancers)
+            .field("params", &self.params)
+            .finish_non_exhaustive()
+    }
 }
 
 impl RoleConfig for Config {
@@ -50,15 +192,169 @@ impl RoleConfig for Config {
     fn validate(raw: &RawConfig) -> Result<Self, Vec<ConfigIssue>> {
         let mut v = Validator::new();
         let listen = v.addr("listen", &raw.listen);
+        let advertise = if raw.advertise.is_empty() {
+            listen
+        } else {
+            v.addr("advertise", &raw.advertise)
+        };
+        let mut balancers = vec![advertise];
+        v.check(
+            raw.peers.len() < xcluster_proto::directory::MAX_BALANCERS,
+            "peers",
+            || format!("at most {} peers", xcluster_proto::directory::MAX_BALANCERS - 1),
+        );
+        for (i, p) in raw.peers.iter().enumerate() {
+            let a = v.addr(&format!("peers.{i}"), p);
+            if !balancers.contains(&a) {
+                balancers.push(a);
+            }
+        }
+        let (key, key_file) = read_key(&mut v, &raw.reports.key, &raw.reports.key_file);
+        let skew = v.millis("reports.skew_ms", raw.reports.skew_ms, 100, 3_600_000);
+        let max_agents = v.range("reports.max_agents", raw.reports.max_agents, 1, 100_000);
+        let params = validate_directory(&mut v, &raw.directory, &raw.types);
+        v.check(params.forget_after >= skew, "directory.forget_after_ms", || {
+            "must be at least reports.skew_ms (a forgotten agent's old reports must fail the skew check)"
+                .into()
+        });
         raw.log.validate(&mut v);
         let grace = raw.shutdown.validate(&mut v);
         let proxy = raw.proxy.validate(&mut v);
         v.finish(Config {
             listen,
+            balancers,
+            key,
+            key_file,
+            skew,
+            max_agents,
+            params,
+            admin_token: raw.admin.token.clone(),
             log_filter: raw.log.level.clone(),
             grace,
             proxy,
         })
+    }
+
+    fn redact(raw: &mut RawConfig) {
+        if !raw.reports.key.is_empty() {
+            raw.reports.key = "<redacted>".into();
+        }
+        if !raw.admin.token.is_empty() {
+            raw.admin.token = "<redacted>".into();
+        }
+    }
+}
+
+/// Reads the shared key from `key` or `key_file` (exactly one may be set; neither means reports are refused).
+pub fn read_key(v: &mut Validator, key: &str, key_file: &str) -> (Vec<u8>, Option<std::path::PathBuf>) {
+    match (key.is_empty(), key_file.is_empty()) {
+        (false, false) => {
+            v.error("reports.key", "set key or key_file, not both");
+            (Vec::new(), None)
+        }
+        (false, true) => (key.as_bytes().to_vec(), None),
+        (true, false) => {
+            let path = std::path::PathBuf::from(key_file);
+            match xcluster_runtime::config::read_bounded(&path) {
+                Ok(bytes) => {
+                    let text = String::from_utf8_lossy(&bytes).trim().to_string();
+                    if text.is_empty() {
+                        v.error("reports.key_file", format!("{key_file} is empty"));
+                    }
+                    (text.into_bytes(), Some(path))
+                }
+                Err(e) => {
+                    v.error("reports.key_file", e.to_string());
+                    (Vec::new(), None)
+                }
+            }
+        }
+        (true, true) => (Vec::new(), None),
+    }
+}
+
+fn validate_directory(v: &mut Validator, d: &DirectorySection, types: &BTreeMap<String, RawType>) -> Params {
+    let unit = |v: &mut Validator, key: &str, x: f64, min: f64| {
+        if !(x.is_finite() && x >= min && x <= 1.0) {
+            v.error(key, format!("{x} is out of range ({min}..=1)"));
+        }
+    };
+    unit(v, "directory.panic_threshold", d.panic_threshold, 0.0);
+    unit(v, "directory.slow_start_min", d.slow_start_min, 0.01);
+    unit(v, "directory.damping", d.damping, 0.01);
+    unit(v, "directory.max_step", d.max_step, 0.01);
+    if !(d.error_penalty.is_finite() && (0.0..=100.0).contains(&d.error_penalty)) {
+        v.error(
+            "directory.error_penalty",
+            format!("{} is out of range (0..=100)", d.error_penalty),
+        );
+    }
+    if !(d.full_weight_cores.is_finite() && (0.01..=4096.0).contains(&d.full_weight_cores)) {
+        v.error(
+            "directory.full_weight_cores",
+            format!("{} is out of range (0.01..=4096)", d.full_weight_cores),
+        );
+    }
+    let ttl = v.millis("directory.report_ttl_ms", d.report_ttl_ms, 100, 600_000);
+    let forget = v.millis("directory.forget_after_ms", d.forget_after_ms, 100, 86_400_000);
+    v.check(forget >= ttl, "directory.forget_after_ms", || {
+        "must be at least directory.report_ttl_ms".into()
+    });
+    let list_ttl = v.millis("directory.list_ttl_ms", d.list_ttl_ms, 10, 600_000);
+    let watch_timeout = v.millis("directory.watch_timeout_ms", d.watch_timeout_ms, 10, 300_000);
+    let slow_start = v.millis("directory.slow_start_ms", d.slow_start_ms, 0, 3_600_000);
+    v.check(!types.is_empty(), "types", || {
+        "at least one request type is required".into()
+    });
+    v.check(types.len() <= MAX_TYPES, "types", || {
+        format!("at most {MAX_TYPES} request types")
+    });
+    let mut profiles = BTreeMap::new();
+    for (name, t) in types {
+        let key = format!("types.{name}");
+        let name_ok = !name.is_empty()
+            && name.len() <= 64
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+        v.check(name_ok, &key, || "type names are 1..=64 of [A-Za-z0-9_-]".into());
+        for (k, x) in [("cpu", t.cpu), ("mem", t.mem), ("queue", t.queue)] {
+            if !(x.is_finite() && (0.0..=1.0).contains(&x)) {
+                v.error(format!("{key}.{k}"), format!("{x} is out of range (0..=1)"));
+            }
+        }
+        if t.cpu + t.mem + t.queue <= 0.0 {
+            v.error(&key, "at least one of cpu, mem, queue must be above 0");
+        }
+        if !(t.cost.is_finite() && t.cost > 0.0 && t.cost <= 1000.0) {
+            v.error(
+                format!("{key}.cost"),
+                format!("{} is out of range (0 < cost <= 1000)", t.cost),
+            );
+        }
+        profiles.insert(
+            name.clone(),
+            TypeProfile {
+                cpu: t.cpu,
+                mem: t.mem,
+                queue: t.queue,
+                cost: t.cost,
+            },
+        );
+    }
+    Params {
+        types: profiles,
+        report_ttl: ttl,
+        forget_after: forget,
+        list_ttl,
+        watch_timeout,
+        panic_threshold: d.panic_threshold,
+        slow_start,
+        slow_start_min: d.slow_start_min,
+        damping: d.damping,
+        max_step: d.max_step,
+        error_penalty: d.error_penalty,
+        full_weight_cores: d.full_weight_cores,
     }
 }
 

@@ -1,9 +1,18 @@
 //! The balancer: the load-aware directory and the layer-4 proxy.
+//!
+//! - [`directory`]: report ingestion, the server table and weights, and the client API (`/v1/servers`,
+//!   `/v1/pick`, `/v1/status`, drain). [`directory::Directory::pick`] is what the L4 proxy calls.
+//! - [`proxy`]: the layer-4 proxy; its listeners route by the directory's live weights unless `[proxy]`
+//!   lists fixed backends for their request type (`live_picker`).
 
 pub mod config;
+pub mod directory;
+mod live_picker;
+pub mod metrics;
 pub mod proxy;
 
 pub use config::Config;
+pub use directory::Directory;
 use xcluster_runtime::Context;
 use xcluster_runtime::http::ServerLimits;
 
@@ -28,10 +37,17 @@ pub async fn run(ctx: Context<Config>) -> Result<(), Error> {
         grace: cfg.grace,
         ..ServerLimits::default()
     };
+    warn_if_key_exposed(&cfg);
+    if cfg.key.is_empty() {
+        tracing::warn!("no [reports] key or key_file: every load report will be rejected");
+    }
+    let dir = Directory::new(directory::Settings::from_config(&cfg));
+    tokio::spawn(dir.clone().run_housekeeping(drain.clone()));
+    tokio::spawn(follow_config(ctx.config.clone(), dir.clone(), drain.clone()));
     xcluster_runtime::admin::serve_api(
         cfg.listen,
         ctx.health.clone(),
-        xcluster_runtime::admin::not_found(),
+        directory::api::handler(dir.clone()),
         limits,
         drain.clone(),
     )
@@ -41,11 +57,43 @@ pub async fn run(ctx: Context<Config>) -> Result<(), Error> {
         source,
     })?;
     // L4 proxy (issue 5): follows `ctx.config` reloads; drains with the process.
-    let picker = std::sync::Arc::new(proxy::StaticPicker::new(&cfg.proxy));
+    let picker = std::sync::Arc::new(live_picker::LivePicker::new(&cfg.proxy, dir.clone()));
     let proxy = proxy::start(ctx.config.clone(), picker, &drain, ctx.shutdown.stop_token())?;
     ctx.health.set_ready();
     drain.cancelled().await;
+    // Pending long polls answer now, so the graceful shutdown is not held by them.
+    dir.close();
     proxy.shutdown();
     proxy.drained().await;
     Ok(())
+}
+
+/// Applies every reloaded config to the directory (types, tunables, key, peers, token reload live).
+async fn follow_config(
+    mut rx: tokio::sync::watch::Receiver<std::sync::Arc<Config>>,
+    dir: Directory,
+    cancel: tokio_util::sync::CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            r = rx.changed() => if r.is_err() { return },
+        }
+        let cfg = rx.borrow_and_update().clone();
+        warn_if_key_exposed(&cfg);
+        dir.reconfigure(directory::Settings::from_config(&cfg));
+        tracing::info!(types = ?cfg.params.types.keys().collect::<Vec<_>>(), "directory settings reloaded");
+    }
+}
+
+/// Warns when the shared key file can be read by group or others.
+fn warn_if_key_exposed(cfg: &Config) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Some(path) = &cfg.key_file
+        && let Ok(meta) = std::fs::metadata(path)
+        && meta.permissions().mode() & 0o077 != 0
+    {
+        tracing::warn!(path = %path.display(), mode = format!("{:o}", meta.permissions().mode() & 0o777),
+            "the report key file is readable by group or others; chmod 600 it");
+    }
 }

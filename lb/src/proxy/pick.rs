@@ -74,6 +74,12 @@ impl StaticPicker {
             table: ArcSwap::from_pointee(Table::build(cfg)),
         }
     }
+
+    /// Whether `[proxy]` lists any backend for `request_type` (then they route it, not the directory).
+    pub fn serves(&self, request_type: &str) -> bool {
+        let t = self.table.load();
+        !t.by_type.get(request_type).unwrap_or(&t.any).is_empty()
+    }
 }
 
 /// Weighted random over `list` minus `exclude`; `roll` maps a total weight to a value in `0..total`.

@@ -1,0 +1,169 @@
+//! Host and process sampling from /proc: CPU utilisation from /proc/stat deltas, memory from
+//! /proc/meminfo, the load average, the core count, and a process's CPU (from /proc/PID/stat deltas) and
+//! resident memory (/proc/PID/status). Reads are small and bounded; a missing or odd file gives zeroes,
+//! never a panic.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Instant;
+
+use xcluster_proto::report::HostLoad;
+
+/// Kernel clock ticks per second for /proc times (USER_HZ: 100 on every Linux ABI in use).
+const TICKS_PER_SEC: f64 = 100.0;
+
+/// Reads at most 64 KiB of a /proc file.
+fn read_small(path: &Path) -> Option<String> {
+    use std::io::Read;
+    let mut s = String::new();
+    std::fs::File::open(path)
+        .ok()?
+        .take(64 * 1024)
+        .read_to_string(&mut s)
+        .ok()?;
+    Some(s)
+}
+
+/// CPU times from the first line of /proc/stat: (busy, total) in ticks, and the number of `cpuN` lines.
+pub fn parse_stat(text: &str) -> Option<(u64, u64, u32)> {
+    let mut lines = text.lines();
+    let first = lines.next()?;
+    let mut fields = first.split_whitespace();
+    if fields.next()? != "cpu" {
+        return None;
+    }
+    let v: Vec<u64> = fields.filter_map(|f| f.parse().ok()).collect();
+    if v.len() < 4 {
+        return None;
+    }
+    // user nice system idle iowait irq softirq steal (guest time is already in user).
+    let total: u64 = v.iter().take(8).sum();
+    let idle = v[3] + v.get(4).copied().unwrap_or(0);
+    let cores = lines
+        .filter(|l| l.starts_with("cpu") && l.as_bytes().get(3).is_some_and(u8::is_ascii_digit))
+        .count() as u32;
+    Some((total.saturating_sub(idle), total, cores.max(1)))
+}
+
+/// Memory in use, 0..=1, from /proc/meminfo (1 - MemAvailable/MemTotal).
+pub fn parse_meminfo(text: &str) -> Option<f64> {
+    let field = |name: &str| -> Option<f64> {
+        let line = text.lines().find(|l| l.starts_with(name))?;
+        line.split_whitespace().nth(1)?.parse().ok()
+    };
+    let total = field("MemTotal:")?;
+    let avail = field("MemAvailable:")?;
+    (total > 0.0).then(|| (1.0 - avail / total).clamp(0.0, 1.0))
+}
+
+/// utime + stime of a process in ticks, from /proc/PID/stat (the command may contain spaces and parens).
+pub fn parse_pid_stat(text: &str) -> Option<u64> {
+    let after = &text[text.rfind(')')? + 1..];
+    let f: Vec<&str> = after.split_whitespace().collect();
+    // After the command: state(0) ppid(1) ... utime(11) stime(12).
+    Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+}
+
+/// Resident memory in bytes from /proc/PID/status (`VmRSS: N kB`).
+pub fn parse_rss(text: &str) -> Option<u64> {
+    let line = text.lines().find(|l| l.starts_with("VmRSS:"))?;
+    Some(line.split_whitespace().nth(1)?.parse::<u64>().ok()? * 1024)
+}
+
+/// Samples the host; keeps the previous CPU counters so each sample is a delta.
+#[derive(Debug, Default)]
+pub struct HostSampler {
+    prev: Option<(u64, u64)>,
+    procs: BTreeMap<u32, (u64, Instant)>,
+}
+
+impl HostSampler {
+    /// Host CPU, memory, load and cores now. The first CPU figure is since boot.
+    pub fn sample(&mut self) -> HostLoad {
+        let (busy, total, cores) = read_small(Path::new("/proc/stat"))
+            .and_then(|t| parse_stat(&t))
+            .unwrap_or((0, 0, 1));
+        let (db, dt) = match self.prev {
+            Some((pb, pt)) => (busy.saturating_sub(pb), total.saturating_sub(pt)),
+            None => (busy, total),
+        };
+        self.prev = Some((busy, total));
+        let cpu = if dt == 0 {
+            0.0
+        } else {
+            (db as f64 / dt as f64).clamp(0.0, 1.0)
+        };
+        let mem = read_small(Path::new("/proc/meminfo"))
+            .and_then(|t| parse_meminfo(&t))
+            .unwrap_or(0.0);
+        let load1 = read_small(Path::new("/proc/loadavg"))
+            .and_then(|t| t.split_whitespace().next()?.parse::<f64>().ok())
+            .filter(|l| l.is_finite() && *l >= 0.0)
+            .unwrap_or(0.0);
+        HostLoad {
+            cpu,
+            mem,
+            load1,
+            cores: cores.min(4096),
+        }
+    }
+
+    /// A process's CPU use in cores since the previous call for that pid, and its RSS in bytes.
+    pub fn process(&mut self, pid: u32) -> Option<(f64, u64)> {
+        let base = Path::new("/proc").join(pid.to_string());
+        let ticks = parse_pid_stat(&read_small(&base.join("stat"))?)?;
+        let rss = read_small(&base.join("status"))
+            .and_then(|t| parse_rss(&t))
+            .unwrap_or(0);
+        let now = Instant::now();
+        let cpu = match self.procs.insert(pid, (ticks, now)) {
+            Some((prev, at)) => {
+                let secs = now.duration_since(at).as_secs_f64();
+                if secs > 0.0 {
+                    ticks.saturating_sub(prev) as f64 / TICKS_PER_SEC / secs
+                } else {
+                    0.0
+                }
+            }
+            None => 0.0,
+        };
+        Some((cpu, rss))
+    }
+
+    /// Forgets pids no longer watched (bounds the map).
+    pub fn retain_pids(&mut self, live: &[u32]) {
+        self.procs.retain(|p, _| live.contains(p));
+    }
+}
+
+/// Reads a pid file (a decimal pid, surrounding whitespace ignored).
+pub fn read_pid_file(path: &Path) -> Option<u32> {
+    read_small(path)?.trim().parse().ok().filter(|p| *p > 0)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn parses_proc_files() {
+        let stat = "cpu  100 0 50 800 50 0 0 0 0 0\ncpu0 50 0 25 400 25 0 0 0 0 0\ncpu1 50 0 25 400 25 0 0 0 0 0\nintr 1\n";
+        assert_eq!(parse_stat(stat), Some((150, 1000, 2)));
+        assert_eq!(parse_stat("bogus"), None);
+        let mem = "MemTotal:       1000 kB\nMemFree:  10 kB\nMemAvailable:    250 kB\n";
+        assert_eq!(parse_meminfo(mem), Some(0.75));
+        let pid = "42 (my (odd) app) S 1 42 42 0 -1 4194560 100 0 0 0 7 3 0 0 20 0 1 0 100 1000 10";
+        assert_eq!(parse_pid_stat(pid), Some(10));
+        assert_eq!(parse_rss("Name: x\nVmRSS:\t  2048 kB\n"), Some(2048 * 1024));
+    }
+
+    #[test]
+    fn samples_this_host_and_process() {
+        let mut s = HostSampler::default();
+        let h = s.sample();
+        assert!(h.cores >= 1 && (0.0..=1.0).contains(&h.cpu) && (0.0..=1.0).contains(&h.mem));
+        let (_, rss) = s.process(std::process::id()).unwrap();
+        assert!(rss > 0);
+    }
+}

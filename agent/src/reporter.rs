@@ -1,0 +1,264 @@
+//! The report loop: samples every instance's stats every `sample_ms`, and pushes a signed report to every
+//! balancer every `interval_ms`, or at once when a figure jumps (an instance turning ready or unready, its
+//! queue doubling, its error rate leaping). Each push runs in its own task under a timeout, so a dead
+//! balancer never delays the others or the next report.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http::Method;
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+use xcluster_proto::report::{self, InstanceLoad, LoadReport, SIGNATURE_HEADER};
+use xcluster_proto::stats::{InstanceStats, MAX_STATS_BYTES};
+
+use crate::client;
+use crate::config::{Config, InstanceConfig};
+use crate::host::{self, HostSampler};
+use crate::metrics;
+
+/// Least time between two early (jump) reports, so a flapping instance cannot flood the balancers.
+const MIN_EARLY_GAP: Duration = Duration::from_millis(50);
+
+/// Whether an instance's figures changed enough since the last report to send a new one at once.
+pub fn jumped(prev: &InstanceLoad, cur: &InstanceLoad) -> bool {
+    let held = |i: &InstanceLoad| u64::from(i.in_flight) + u64::from(i.queued);
+    let (p, c) = (held(prev), held(cur));
+    prev.ready != cur.ready || (c >= 2 * p && c >= p + 4) || cur.error_rate - prev.error_rate >= 0.2
+}
+
+/// Whether any instance jumped, appeared or disappeared.
+pub fn any_jump(prev: &[InstanceLoad], cur: &[InstanceLoad]) -> bool {
+    prev.len() != cur.len() || prev.iter().zip(cur).any(|(p, c)| p.id != c.id || jumped(p, c))
+}
+
+/// Turns an instance's stats document into the instance part of a report.
+pub fn to_load(inst: &InstanceConfig, s: InstanceStats) -> InstanceLoad {
+    InstanceLoad {
+        id: inst.id.clone(),
+        addr: inst.addr.to_string(),
+        ready: s.ready,
+        in_flight: s.in_flight,
+        queued: s.queued,
+        capacity: s.capacity,
+        queue_depth: s.queue_depth,
+        request_rate: s.request_rate,
+        error_rate: s.error_rate,
+        types: s.types,
+        proc_cpu: 0.0,
+        rss_bytes: 0,
+    }
+}
+
+/// An instance that could not be sampled: reported, but not ready.
+fn unreachable_load(inst: &InstanceConfig) -> InstanceLoad {
+    InstanceLoad {
+        id: inst.id.clone(),
+        addr: inst.addr.to_string(),
+        ..Default::default()
+    }
+}
+
+async fn fetch(inst: &InstanceConfig, timeout: Duration) -> Result<InstanceLoad, String> {
+    let body = client::call(
+        inst.stats_addr,
+        Method::GET,
+        &inst.stats_path,
+        &[],
+        Bytes::new(),
+        MAX_STATS_BYTES,
+        timeout,
+    )
+    .await
+    .map_err(|e| e.to_string())?;
+    let stats: InstanceStats = serde_json::from_slice(&body).map_err(|e| format!("bad stats JSON: {e}"))?;
+    stats.validate().map_err(|e| e.to_string())?;
+    Ok(to_load(inst, stats))
+}
+
+/// Samples every configured instance concurrently.
+async fn sample_instances(cfg: &Config, failing: &mut Vec<bool>) -> Vec<InstanceLoad> {
+    let futs = cfg.instances.iter().map(|i| fetch(i, cfg.timeout));
+    let results = futures_util::future::join_all(futs).await;
+    failing.resize(cfg.instances.len(), false);
+    results
+        .into_iter()
+        .zip(&cfg.instances)
+        .zip(failing.iter_mut())
+        .map(|((r, inst), was_failing)| match r {
+            Ok(l) => {
+                *was_failing = false;
+                l
+            }
+            Err(e) => {
+                ::metrics::counter!(metrics::STATS_FAILURES_TOTAL, "instance" => inst.id.clone())
+                    .increment(1);
+                // Warn on the transition only; repeat failures go to debug.
+                if !*was_failing {
+                    warn!(instance = %inst.id, error = %e, "cannot sample instance; reporting it not ready");
+                } else {
+                    debug!(instance = %inst.id, error = %e, "cannot sample instance");
+                }
+                *was_failing = true;
+                unreachable_load(inst)
+            }
+        })
+        .collect()
+}
+
+fn wall_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Runs the loop until `cancel` fires. The latest report is published on `latest` (for `/v1/report`).
+pub async fn run(
+    config: watch::Receiver<Arc<Config>>,
+    latest: watch::Sender<Option<LoadReport>>,
+    cancel: CancellationToken,
+) {
+    let mut host = HostSampler::default();
+    host.sample(); // Prime the CPU delta.
+    // Sequence numbers start at the wall clock in µs, so they keep increasing across restarts.
+    let mut seq = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(1, |d| d.as_micros() as u64);
+    let mut last_sent: Vec<InstanceLoad> = Vec::new();
+    let mut failing = Vec::new();
+    let mut next_due = Instant::now();
+    let mut last_push = Instant::now() - Duration::from_secs(1);
+    let mut reports_sent = 0u64;
+    loop {
+        let cfg = config.borrow().clone();
+        let tick = cfg.sample.min(cfg.interval);
+        let current = sample_instances(&cfg, &mut failing).await;
+        let now = Instant::now();
+        // The first report is not a jump: there is nothing to compare with yet.
+        let jump = reports_sent > 0 && any_jump(&last_sent, &current);
+        let early = now < next_due && jump && now - last_push >= MIN_EARLY_GAP;
+        if now >= next_due || early {
+            if jump {
+                ::metrics::counter!(metrics::JUMP_REPORTS_TOTAL).increment(1);
+            }
+            seq += 1;
+            reports_sent += 1;
+            let report = build(&cfg, &mut host, seq, current.clone());
+            push_all(&cfg, &report);
+            let _ = latest.send_replace(Some(report));
+            last_sent = current;
+            last_push = now;
+            next_due = now + cfg.interval;
+        }
+        let wake = (Instant::now() + tick).min(next_due);
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep_until(wake) => {}
+        }
+    }
+}
+
+fn build(cfg: &Config, host: &mut HostSampler, seq: u64, mut instances: Vec<InstanceLoad>) -> LoadReport {
+    let h = host.sample();
+    ::metrics::gauge!(metrics::HOST_CPU).set(h.cpu);
+    let mut pids = Vec::new();
+    for (load, inst) in instances.iter_mut().zip(&cfg.instances) {
+        if let Some(pid) = inst.pid_file.as_deref().and_then(host::read_pid_file) {
+            pids.push(pid);
+            if let Some((cpu, rss)) = host.process(pid) {
+                load.proc_cpu = cpu;
+                load.rss_bytes = rss;
+            }
+        }
+    }
+    host.retain_pids(&pids);
+    ::metrics::counter!(metrics::REPORTS_TOTAL).increment(1);
+    LoadReport {
+        agent: cfg.agent_id.clone(),
+        seq,
+        timestamp_ms: wall_ms(),
+        host: h,
+        instances,
+    }
+}
+
+/// Signs the report once and pushes it to every balancer, each in its own task with its own timeout.
+fn push_all(cfg: &Config, report: &LoadReport) {
+    let body = match serde_json::to_vec(report) {
+        Ok(b) => Bytes::from(b),
+        Err(e) => {
+            warn!(error = %e, "cannot encode report");
+            return;
+        }
+    };
+    let sig: Arc<str> = Arc::from(report::sign(&cfg.key, &body));
+    for &addr in &cfg.balancers {
+        let (body, sig, timeout) = (body.clone(), sig.clone(), cfg.timeout);
+        tokio::spawn(async move {
+            let r = client::call(
+                addr,
+                Method::POST,
+                "/v1/reports",
+                &[(SIGNATURE_HEADER, &sig)],
+                body,
+                16 * 1024,
+                timeout,
+            )
+            .await;
+            let result = if r.is_ok() { "ok" } else { "error" };
+            ::metrics::counter!(metrics::PUSHES_TOTAL, "balancer" => addr.to_string(), "result" => result)
+                .increment(1);
+            if let Err(e) = r {
+                debug!(balancer = %addr, error = %e, "report push failed");
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(ready: bool, in_flight: u32, queued: u32, err: f64) -> InstanceLoad {
+        InstanceLoad {
+            id: "a".into(),
+            ready,
+            in_flight,
+            queued,
+            error_rate: err,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn jumps() {
+        assert!(
+            jumped(&load(true, 2, 2, 0.0), &load(false, 2, 2, 0.0)),
+            "turned unready"
+        );
+        assert!(
+            jumped(&load(false, 0, 0, 0.0), &load(true, 0, 0, 0.0)),
+            "turned ready"
+        );
+        assert!(
+            jumped(&load(true, 5, 5, 0.0), &load(true, 10, 10, 0.0)),
+            "queue doubled"
+        );
+        assert!(
+            !jumped(&load(true, 1, 0, 0.0), &load(true, 2, 0, 0.0)),
+            "1 -> 2 is noise"
+        );
+        assert!(
+            !jumped(&load(true, 5, 5, 0.0), &load(true, 8, 8, 0.0)),
+            "not doubled"
+        );
+        assert!(
+            jumped(&load(true, 0, 0, 0.0), &load(true, 0, 0, 0.3)),
+            "errors leapt"
+        );
+        assert!(any_jump(&[], &[load(true, 0, 0, 0.0)]), "new instance");
+    }
+}

@@ -1,0 +1,230 @@
+//! The directory's HTTP API: `POST /v1/reports`, `GET /v1/servers?type=T[&watch=V]`, `GET /v1/pick?type=T`,
+//! `POST /v1/servers/{id}/drain|undrain` (bearer token) and `GET /v1/status`. Every refusal is a JSON error
+//! from `runtime::http::error` with a 4xx status; nothing here panics on input.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use xcluster_proto::report::{MAX_REPORT_BYTES, ReportError, SIGNATURE_HEADER};
+use xcluster_runtime::http::{
+    Body, BodyError, Handler, bearer_ok, error, json, query_pairs, read_body, unauthorized, with_type,
+};
+
+use super::{Directory, QueryError};
+use crate::metrics;
+
+/// How long a report body may take to arrive.
+const BODY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The directory's request handler.
+pub fn handler(dir: Directory) -> Handler {
+    Arc::new(move |req, _peer| {
+        let dir = dir.clone();
+        Box::pin(async move { route(dir, req).await })
+    })
+}
+
+async fn route(dir: Directory, req: Request<Incoming>) -> Response<Body> {
+    let path = req.uri().path().to_string();
+    let method = req.method().clone();
+    match (path.as_str(), &method) {
+        ("/v1/reports", &Method::POST) => reports(dir, req).await,
+        ("/v1/servers", &Method::GET) => servers(dir, req.uri().query()).await,
+        ("/v1/pick", &Method::GET) => pick(&dir, req.uri().query()),
+        ("/v1/status", &Method::GET) => json(StatusCode::OK, &dir.status()),
+        ("/v1/reports" | "/v1/servers" | "/v1/pick" | "/v1/status", _) => method_not_allowed(&method, &path),
+        _ => match drain_target(&path) {
+            Some(_) if method != Method::POST => method_not_allowed(&method, &path),
+            Some((id, on)) => drain(&dir, &req, &id, on),
+            None => error(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                &format!("no such endpoint: {path}"),
+            ),
+        },
+    }
+}
+
+fn method_not_allowed(method: &Method, path: &str) -> Response<Body> {
+    error(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        &format!("{method} is not allowed on {path}"),
+    )
+}
+
+async fn reports(dir: Directory, req: Request<Incoming>) -> Response<Body> {
+    let signature = req
+        .headers()
+        .get(SIGNATURE_HEADER)
+        .map(|v| v.to_str().unwrap_or("<not ascii>").to_string());
+    let body = match read_body(req.into_body(), MAX_REPORT_BYTES, BODY_TIMEOUT).await {
+        Ok(b) => b,
+        Err(e) => {
+            if matches!(e, BodyError::TooLarge { .. }) {
+                // Same code as every other rejection: the reason it is counted under.
+                let err = ReportError::TooLarge;
+                dir.count_rejection(&err);
+                return error(StatusCode::PAYLOAD_TOO_LARGE, err.reason(), &err.to_string());
+            }
+            return e.response();
+        }
+    };
+    match dir.ingest(&body, signature.as_deref()) {
+        Ok(r) => json(
+            StatusCode::OK,
+            &serde_json::json!({"accepted": true, "agent": r.agent, "seq": r.seq}),
+        ),
+        Err(e) => {
+            let status = match e {
+                ReportError::MissingSignature | ReportError::BadSignature => StatusCode::UNAUTHORIZED,
+                ReportError::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+                ReportError::Malformed(_) | ReportError::Skew { .. } => StatusCode::BAD_REQUEST,
+                ReportError::Replay { .. } => StatusCode::CONFLICT,
+            };
+            error(status, e.reason(), &e.to_string())
+        }
+    }
+}
+
+/// The parsed query of `/v1/servers` and `/v1/pick`.
+struct Query {
+    ty: String,
+    watch: Option<u64>,
+}
+
+fn parse_query(query: Option<&str>, allow_watch: bool) -> Result<Query, String> {
+    let pairs = query_pairs(query)?;
+    let (mut ty, mut watch) = (None, None);
+    for (k, v) in pairs {
+        match k.as_str() {
+            "type" if ty.is_none() => ty = Some(v),
+            "watch" if allow_watch && watch.is_none() => {
+                watch = Some(
+                    v.parse::<u64>()
+                        .map_err(|_| format!("watch must be a version number, found {v:?}"))?,
+                )
+            }
+            "type" | "watch" if allow_watch || k == "type" => return Err(format!("{k} given twice")),
+            other => {
+                return Err(format!(
+                    "unknown query parameter {:?}",
+                    other.chars().take(64).collect::<String>()
+                ));
+            }
+        }
+    }
+    let ty = ty
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| "the type parameter is required (?type=NAME)".to_string())?;
+    Ok(Query { ty, watch })
+}
+
+fn query_error(e: &QueryError) -> Response<Body> {
+    match e {
+        QueryError::UnknownType { .. } => error(StatusCode::NOT_FOUND, "unknown_type", &e.to_string()),
+        QueryError::NoInstance(_) => error(StatusCode::SERVICE_UNAVAILABLE, "no_instance", &e.to_string()),
+    }
+}
+
+async fn servers(dir: Directory, query: Option<&str>) -> Response<Body> {
+    let q = match parse_query(query, true) {
+        Ok(q) => q,
+        Err(m) => return error(StatusCode::BAD_REQUEST, "bad_query", &m),
+    };
+    let result = match q.watch {
+        None => {
+            ::metrics::counter!(metrics::QUERIES_TOTAL, "endpoint" => "servers").increment(1);
+            dir.servers_json(&q.ty)
+        }
+        Some(v) => {
+            ::metrics::counter!(metrics::QUERIES_TOTAL, "endpoint" => "watch").increment(1);
+            let timeout = dir.settings().params.watch_timeout;
+            dir.watch(&q.ty, v, timeout).await
+        }
+    };
+    match result {
+        Ok((_, body)) => with_type(StatusCode::OK, "application/json", body),
+        Err(e) => query_error(&e),
+    }
+}
+
+fn pick(dir: &Directory, query: Option<&str>) -> Response<Body> {
+    let q = match parse_query(query, false) {
+        Ok(q) => q,
+        Err(m) => return error(StatusCode::BAD_REQUEST, "bad_query", &m),
+    };
+    ::metrics::counter!(metrics::QUERIES_TOTAL, "endpoint" => "pick").increment(1);
+    match dir.pick_answer(&q.ty) {
+        Ok(p) => json(StatusCode::OK, &p),
+        Err(e) => query_error(&e),
+    }
+}
+
+/// `/v1/servers/{id}/drain` or `/undrain` → (decoded id, drain?). Ids may contain `/` (`host/app-1`).
+fn drain_target(path: &str) -> Option<(String, bool)> {
+    let rest = path.strip_prefix("/v1/servers/")?;
+    let (raw, on) = if let Some(id) = rest.strip_suffix("/drain") {
+        (id, true)
+    } else {
+        (rest.strip_suffix("/undrain")?, false)
+    };
+    if raw.is_empty() || raw.len() > 3 * xcluster_proto::report::MAX_ID_BYTES || raw.contains(['&', '=', '+'])
+    {
+        return None;
+    }
+    let decoded = query_pairs(Some(&format!("id={raw}"))).ok()?.pop()?.1;
+    Some((decoded, on))
+}
+
+fn drain(dir: &Directory, req: &Request<Incoming>, id: &str, on: bool) -> Response<Body> {
+    if !bearer_ok(req, &dir.settings().admin_token) {
+        return unauthorized();
+    }
+    if dir.set_drained(id, on) {
+        tracing::info!(instance = id, drained = on, "drain state changed");
+        json(StatusCode::OK, &serde_json::json!({"id": id, "drained": on}))
+    } else {
+        error(
+            StatusCode::NOT_FOUND,
+            "unknown_instance",
+            &format!("no instance {id:?} in the table"),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn drain_paths() {
+        assert_eq!(
+            drain_target("/v1/servers/h%2Fa/drain"),
+            Some(("h/a".into(), true))
+        );
+        assert_eq!(
+            drain_target("/v1/servers/h/a/undrain"),
+            Some(("h/a".into(), false))
+        );
+        assert_eq!(drain_target("/v1/servers//drain"), None);
+        assert_eq!(drain_target("/v1/servers/x/other"), None);
+    }
+
+    #[test]
+    fn queries() {
+        assert_eq!(
+            parse_query(Some("type=browse&watch=5"), true).ok().unwrap().watch,
+            Some(5)
+        );
+        assert!(parse_query(Some("type=browse&watch=5"), false).is_err());
+        assert!(parse_query(Some("type=a&type=b"), true).is_err());
+        assert!(parse_query(Some("watch=x&type=a"), true).is_err());
+        assert!(parse_query(None, true).is_err());
+        assert!(parse_query(Some("type="), true).is_err());
+        assert!(parse_query(Some("bogus=1&type=a"), true).is_err());
+    }
+}

@@ -1,0 +1,213 @@
+//! Report ingestion: the checks a report passes before it may touch the table, in order of cost: size,
+//! signature (HMAC over the exact body), decoding and ranges, timestamp skew, then — under the table lock —
+//! the per-agent sequence number. A rejected report changes nothing; each rejection is counted by reason.
+
+use std::sync::atomic::Ordering;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use xcluster_proto::report::{self, LoadReport, MAX_REPORT_BYTES, ReportError};
+
+use super::Directory;
+use crate::metrics;
+
+/// Every rejection reason ([`ReportError::reason`]), in the order `ReportCounts::rejected` holds them.
+pub const REASONS: [&str; 6] = [
+    "missing_signature",
+    "bad_signature",
+    "too_large",
+    "malformed",
+    "skew",
+    "replay",
+];
+
+/// Milliseconds since the Unix epoch on this balancer's clock.
+pub fn wall_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+impl Directory {
+    /// Verifies and applies one report body. Counts the outcome.
+    pub fn ingest(&self, body: &[u8], signature: Option<&str>) -> Result<LoadReport, ReportError> {
+        let result = self.check_and_apply(body, signature);
+        match &result {
+            Ok(_) => {
+                self.counts().accepted.fetch_add(1, Ordering::Relaxed);
+                ::metrics::counter!(metrics::REPORTS_ACCEPTED_TOTAL).increment(1);
+            }
+            Err(e) => self.count_rejection(e),
+        }
+        result
+    }
+
+    /// Counts a rejection (also used by the HTTP layer for bodies it refused before reading them whole).
+    pub fn count_rejection(&self, e: &ReportError) {
+        let reason = e.reason();
+        if let Some(i) = REASONS.iter().position(|r| *r == reason) {
+            self.counts().rejected[i].fetch_add(1, Ordering::Relaxed);
+        }
+        ::metrics::counter!(metrics::REPORTS_REJECTED_TOTAL, "reason" => reason).increment(1);
+        tracing::debug!(reason, error = %e, "report rejected");
+    }
+
+    fn check_and_apply(&self, body: &[u8], signature: Option<&str>) -> Result<LoadReport, ReportError> {
+        if body.len() > MAX_REPORT_BYTES {
+            return Err(ReportError::TooLarge);
+        }
+        let settings = self.settings();
+        let signature = signature.ok_or(ReportError::MissingSignature)?;
+        if settings.key.is_empty() {
+            // No key configured: nothing can be authenticated, so nothing is accepted.
+            return Err(ReportError::BadSignature);
+        }
+        report::verify(&settings.key, body, signature)?;
+        let r = report::decode(body)?;
+        let now = wall_ms();
+        if now.abs_diff(r.timestamp_ms) > settings.skew_ms {
+            return Err(ReportError::Skew {
+                timestamp_ms: r.timestamp_ms,
+                now_ms: now,
+                skew_ms: settings.skew_ms,
+            });
+        }
+        let mut table = self.table();
+        table.check_seq(&r, settings.max_agents)?;
+        table.apply(&r, self.now_ms(), &settings.params);
+        self.after_report(&table);
+        Ok(r)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use xcluster_proto::report::{HostLoad, InstanceLoad};
+
+    use super::*;
+    use crate::directory::Settings;
+    use crate::directory::weights::Params;
+
+    fn dir() -> Directory {
+        Directory::new(Settings {
+            params: Params {
+                panic_threshold: 0.0,
+                ..Default::default()
+            },
+            key: b"k".to_vec(),
+            skew_ms: 5_000,
+            max_agents: 8,
+            balancers: vec!["127.0.0.1:7000".into()],
+            admin_token: "t".into(),
+        })
+    }
+
+    fn body(seq: u64, ts: u64) -> Vec<u8> {
+        serde_json::to_vec(&LoadReport {
+            agent: "h".into(),
+            seq,
+            timestamp_ms: ts,
+            host: HostLoad {
+                cpu: 0.1,
+                mem: 0.1,
+                load1: 0.0,
+                cores: 8,
+            },
+            instances: vec![InstanceLoad {
+                id: "h/a".into(),
+                addr: "127.0.0.1:9".into(),
+                ready: true,
+                capacity: 10,
+                ..Default::default()
+            }],
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn every_rejection_is_counted_and_changes_nothing() {
+        let d = dir();
+        let now = wall_ms();
+        let ok = body(10, now);
+        let cases: Vec<(Vec<u8>, Option<String>, &str)> = vec![
+            (ok.clone(), None, "missing_signature"),
+            (ok.clone(), Some(report::sign(b"wrong", &ok)), "bad_signature"),
+            (b"{}".to_vec(), Some(report::sign(b"k", b"{}")), "malformed"),
+            (
+                body(11, now - 60_000),
+                Some(report::sign(b"k", &body(11, now - 60_000))),
+                "skew",
+            ),
+            (vec![b' '; MAX_REPORT_BYTES + 1], Some("x".into()), "too_large"),
+        ];
+        for (b, sig, reason) in cases {
+            let err = d.ingest(&b, sig.as_deref()).unwrap_err();
+            assert_eq!(err.reason(), reason);
+        }
+        assert!(
+            d.status().instances.is_empty(),
+            "no rejected report touched the table"
+        );
+        d.ingest(&ok, Some(&report::sign(b"k", &ok))).unwrap();
+        let v = d.snapshot().version;
+        assert_eq!(
+            d.ingest(&ok, Some(&report::sign(b"k", &ok)))
+                .unwrap_err()
+                .reason(),
+            "replay"
+        );
+        assert_eq!(d.snapshot().version, v);
+        let status = d.status();
+        assert_eq!(status.reports_accepted, 1);
+        for r in REASONS {
+            assert_eq!(status.reports_rejected[r], 1, "{r}");
+        }
+        assert_eq!(d.servers("default").unwrap().servers.len(), 1);
+        assert!(d.servers("nope").is_err());
+    }
+
+    #[tokio::test]
+    async fn reports_in_quick_succession_are_coalesced_then_published() {
+        let d = dir();
+        let cancel = tokio_util::sync::CancellationToken::new();
+        tokio::spawn(d.clone().run_housekeeping(cancel.clone()));
+        let first = body(1, wall_ms());
+        d.ingest(&first, Some(&report::sign(b"k", &first))).unwrap();
+        assert_eq!(
+            d.servers("default").unwrap().servers.len(),
+            1,
+            "the first report publishes at once"
+        );
+        let mut r: LoadReport = serde_json::from_slice(&body(2, wall_ms())).unwrap();
+        r.instances.push(InstanceLoad {
+            id: "h/b".into(),
+            addr: "127.0.0.1:10".into(),
+            ready: true,
+            ..Default::default()
+        });
+        let second = serde_json::to_vec(&r).unwrap();
+        d.ingest(&second, Some(&report::sign(b"k", &second))).unwrap();
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+        while d.servers("default").unwrap().servers.len() != 2 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the coalesced report was never published"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+        cancel.cancel();
+    }
+
+    #[test]
+    fn drain_removes_an_instance_from_picks() {
+        let d = dir();
+        let b = body(1, wall_ms());
+        d.ingest(&b, Some(&report::sign(b"k", &b))).unwrap();
+        assert!(d.pick("default", &[]).is_some());
+        assert!(d.set_drained("h/a", true));
+        assert!(d.pick("default", &[]).is_none());
+        assert!(!d.set_drained("nope", true));
+        assert!(d.set_drained("h/a", false));
+        assert!(d.pick("default", &[]).is_some());
+    }
+}

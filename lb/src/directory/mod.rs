@@ -1,0 +1,337 @@
+//! The load-aware directory: ingests signed agent reports into the server table and publishes, per request
+//! type, a weighted server list that clients read (`/v1/servers`, `/v1/pick`) and the L4 proxy picks from.
+//!
+//! Writes (reports, drains, the expiry tick) take the table's mutex and publish a whole new [`Snapshot`]
+//! through an `ArcSwap`; reads (lists, picks, status) only load the snapshot, so the hot path takes no
+//! lock. Watchers wait on a `watch` channel that carries the snapshot's version.
+//!
+//! The L4 proxy calls [`Directory::pick`]: `directory.pick("browse", &[tried_addr])` returns an address
+//! drawn by weight (power of two choices over predicted load), or `None` when no instance may be picked.
+
+pub mod api;
+pub mod ingest;
+pub mod pick;
+pub mod snapshot;
+pub mod table;
+pub mod weights;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use xcluster_proto::directory::{LbStatus, Pick, ServerList};
+
+pub use snapshot::Snapshot;
+use table::Table;
+use weights::Params;
+
+use crate::config::Config;
+
+/// Why a directory query was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum QueryError {
+    #[error("unknown request type {name:?} (known: {known})")]
+    UnknownType { name: String, known: String },
+    #[error("no instance of type {0:?} can take a request now")]
+    NoInstance(String),
+}
+
+/// The settings the directory reads on every report or query; replaced whole on reload.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub params: Params,
+    pub key: Vec<u8>,
+    pub skew_ms: u64,
+    pub max_agents: usize,
+    pub balancers: Vec<String>,
+    pub admin_token: String,
+}
+
+impl Settings {
+    pub fn from_config(c: &Config) -> Self {
+        Self {
+            params: c.params.clone(),
+            key: c.key.clone(),
+            skew_ms: c.skew.as_millis() as u64,
+            max_agents: c.max_agents,
+            balancers: c.balancers.iter().map(ToString::to_string).collect(),
+            admin_token: c.admin_token.clone(),
+        }
+    }
+}
+
+/// Reports accepted and rejected by reason, for `/v1/status` (the Prometheus counters mirror them).
+#[derive(Debug, Default)]
+pub struct ReportCounts {
+    pub accepted: AtomicU64,
+    pub rejected: [AtomicU64; ingest::REASONS.len()],
+}
+
+/// The directory. Cheap to clone; every clone shares the same table.
+#[derive(Debug, Clone)]
+pub struct Directory {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    table: Mutex<Table>,
+    snapshot: ArcSwap<Snapshot>,
+    settings: ArcSwap<Settings>,
+    changed: watch::Sender<u64>,
+    counts: ReportCounts,
+    clock: Instant,
+    closing: CancellationToken,
+    /// When the snapshot was last rebuilt (directory clock, ms), and whether the table changed since.
+    last_publish_ms: AtomicU64,
+    dirty: std::sync::atomic::AtomicBool,
+    wake: tokio::sync::Notify,
+}
+
+/// Reports closer together than this share one snapshot rebuild: a rebuild costs O(instances × types), so
+/// a busy balancer rebuilds at most 200 times a second, and a watcher waits at most this much longer.
+const COALESCE_MS: u64 = 5;
+
+impl Directory {
+    /// An empty directory with the given settings.
+    pub fn new(settings: Settings) -> Self {
+        let snapshot = Snapshot::build(&Table::default(), 0, &settings.params);
+        let (changed, _) = watch::channel(snapshot.version);
+        // Every counter shows in /metrics from the start, at 0, so a dashboard can tell "none" from "unknown".
+        ::metrics::counter!(crate::metrics::REPORTS_ACCEPTED_TOTAL).increment(0);
+        for reason in ingest::REASONS {
+            ::metrics::counter!(crate::metrics::REPORTS_REJECTED_TOTAL, "reason" => reason).increment(0);
+        }
+        Self {
+            inner: Arc::new(Inner {
+                table: Mutex::new(Table::default()),
+                snapshot: ArcSwap::from_pointee(snapshot),
+                settings: ArcSwap::from_pointee(settings),
+                changed,
+                counts: ReportCounts::default(),
+                clock: Instant::now(),
+                closing: CancellationToken::new(),
+                last_publish_ms: AtomicU64::new(0),
+                dirty: std::sync::atomic::AtomicBool::new(false),
+                wake: tokio::sync::Notify::new(),
+            }),
+        }
+    }
+
+    /// Applies reloaded settings (types, tunables, key, peers, token) and republishes.
+    pub fn reconfigure(&self, settings: Settings) {
+        self.inner.settings.store(Arc::new(settings));
+        self.republish();
+    }
+
+    /// The current settings.
+    pub fn settings(&self) -> Arc<Settings> {
+        self.inner.settings.load_full()
+    }
+
+    /// The current published snapshot.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.inner.snapshot.load_full()
+    }
+
+    /// Milliseconds on the directory's monotonic clock.
+    pub fn now_ms(&self) -> u64 {
+        self.inner.clock.elapsed().as_millis() as u64
+    }
+
+    /// Ends every pending watch (the balancer is draining).
+    pub fn close(&self) {
+        self.inner.closing.cancel();
+    }
+
+    fn counts(&self) -> &ReportCounts {
+        &self.inner.counts
+    }
+
+    fn table(&self) -> MutexGuard<'_, Table> {
+        // A panic while holding the lock cannot leave the table half-written in a way that matters more
+        // than losing the directory: keep serving.
+        self.inner.table.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Rebuilds the snapshot from the table; wakes watchers when the content changed.
+    fn publish_locked(&self, table: &Table) {
+        let settings = self.inner.settings.load();
+        let now = self.now_ms();
+        self.inner.dirty.store(false, Ordering::Relaxed);
+        // 0 means "never after a report", so the first report always publishes at once.
+        self.inner.last_publish_ms.store(now.max(1), Ordering::Relaxed);
+        let snap = Snapshot::build(table, now, &settings.params);
+        let version = snap.version;
+        self.inner.snapshot.store(Arc::new(snap));
+        self.inner.changed.send_if_modified(|v| {
+            let changed = *v != version;
+            *v = version;
+            changed
+        });
+    }
+
+    /// After a report changed the table: rebuild now, unless a rebuild happened within `COALESCE_MS`; then
+    /// the publisher task rebuilds once that window ends (with every report that arrived meanwhile).
+    fn after_report(&self, table: &Table) {
+        let last = self.inner.last_publish_ms.load(Ordering::Relaxed);
+        if last == 0 || self.now_ms().saturating_sub(last) >= COALESCE_MS {
+            self.publish_locked(table);
+        } else {
+            self.inner.dirty.store(true, Ordering::Relaxed);
+            self.inner.wake.notify_one();
+        }
+    }
+
+    /// Rebuilds coalesced changes at the end of their window, until `cancel` fires.
+    async fn run_publisher(self, cancel: CancellationToken) {
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = self.inner.wake.notified() => {}
+            }
+            let due = self.inner.last_publish_ms.load(Ordering::Relaxed) + COALESCE_MS;
+            let wait = due.saturating_sub(self.now_ms());
+            tokio::time::sleep(Duration::from_millis(wait)).await;
+            let table = self.table();
+            if self.inner.dirty.load(Ordering::Relaxed) {
+                self.publish_locked(&table);
+            }
+        }
+    }
+
+    fn republish(&self) {
+        let table = self.table();
+        self.publish_locked(&table);
+    }
+
+    /// Housekeeping: forgets long-gone instances and republishes so stale ones leave the lists.
+    pub fn tick(&self) {
+        // (Also publishes any coalesced report change, should the publisher be behind.)
+        let settings = self.inner.settings.load();
+        let mut table = self.table();
+        table.expire(self.now_ms(), &settings.params);
+        self.publish_locked(&table);
+    }
+
+    /// The server list of type `ty`.
+    pub fn servers(&self, ty: &str) -> Result<ServerList, QueryError> {
+        let snap = self.snapshot();
+        let settings = self.settings();
+        snap.server_list(ty, self.now_ms(), &settings)
+    }
+
+    /// The server list of type `ty` as JSON (rendered once per snapshot), with its version.
+    pub fn servers_json(&self, ty: &str) -> Result<(u64, bytes::Bytes), QueryError> {
+        self.snapshot().server_list_json(ty, &self.settings())
+    }
+
+    /// Long poll: the list of `ty` (as JSON) as soon as its version differs from `version`, or after
+    /// `timeout`, or when the directory closes.
+    pub async fn watch(
+        &self,
+        ty: &str,
+        version: u64,
+        timeout: Duration,
+    ) -> Result<(u64, bytes::Bytes), QueryError> {
+        let mut rx = self.inner.changed.subscribe();
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let list = self.servers_json(ty)?;
+            if list.0 != version {
+                return Ok(list);
+            }
+            tokio::select! {
+                r = tokio::time::timeout_at(deadline, rx.changed()) => match r {
+                    Ok(Ok(())) => continue,
+                    _ => return Ok(list),
+                },
+                _ = self.inner.closing.cancelled() => return Ok(list),
+            }
+        }
+    }
+
+    /// Picks one instance for a request of type `ty`, avoiding `exclude` (addresses already tried).
+    /// `None` when the type is unknown or no instance may be picked. This is the L4 proxy's entry point.
+    pub fn pick(&self, ty: &str, exclude: &[SocketAddr]) -> Option<SocketAddr> {
+        let snap = self.snapshot();
+        let row = snap.types.get(ty)?.pick(exclude, &mut rand::rng())?;
+        Some(row.addr)
+    }
+
+    /// `GET /v1/pick`: one instance, with the list version it came from.
+    pub fn pick_answer(&self, ty: &str) -> Result<Pick, QueryError> {
+        let snap = self.snapshot();
+        let view = snap.types.get(ty).ok_or_else(|| snapshot::unknown(ty, &snap))?;
+        let row = view
+            .pick(&[], &mut rand::rng())
+            .ok_or_else(|| QueryError::NoInstance(ty.to_string()))?;
+        Ok(Pick {
+            request_type: ty.to_string(),
+            version: view.list.version,
+            id: row.id.to_string(),
+            addr: row.addr.to_string(),
+        })
+    }
+
+    /// Drains (`on = true`) or undrains an instance. `false` if the instance is unknown.
+    pub fn set_drained(&self, id: &str, on: bool) -> bool {
+        let mut table = self.table();
+        if !table.instances.contains_key(id) {
+            return false;
+        }
+        if on {
+            table.drained.insert(id.to_string());
+        } else {
+            table.drained.remove(id);
+        }
+        self.publish_locked(&table);
+        true
+    }
+
+    /// `GET /v1/status`.
+    pub fn status(&self) -> LbStatus {
+        let snap = self.snapshot();
+        let settings = self.settings();
+        let instances = snapshot::instance_status(&self.table(), &snap, self.now_ms());
+        let counts = &self.inner.counts;
+        LbStatus {
+            balancer: settings.balancers.first().cloned().unwrap_or_default(),
+            version: snap.version,
+            types: snap.types.keys().cloned().collect(),
+            instances,
+            reports_accepted: counts.accepted.load(Ordering::Relaxed),
+            reports_rejected: ingest::REASONS
+                .iter()
+                .zip(&counts.rejected)
+                .map(|(r, c)| (r.to_string(), c.load(Ordering::Relaxed)))
+                .collect(),
+        }
+    }
+
+    /// Runs the housekeeping tick (expiry every 100 ms, metrics every second) until `cancel` fires.
+    /// Also runs the publisher of coalesced report changes: a directory fed reports needs this running.
+    pub async fn run_housekeeping(self, cancel: CancellationToken) {
+        tokio::spawn(self.clone().run_publisher(cancel.clone()));
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut n = 0u64;
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            self.tick();
+            if n.is_multiple_of(10) {
+                let snap = self.snapshot();
+                let status = snapshot::instance_status(&self.table(), &snap, self.now_ms());
+                snapshot::export_metrics(&status, &snap);
+            }
+            n += 1;
+        }
+    }
+}

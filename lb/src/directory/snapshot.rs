@@ -1,0 +1,148 @@
+//! The published, immutable view of the directory: one [`PickView`] per request type, and each type's
+//! server-list JSON rendered at most once per snapshot. Built whole from the table after every change
+//! (and every housekeeping tick) and swapped in atomically. The status page is built on demand from the
+//! table instead: it is read rarely, so the per-report rebuild stays small.
+
+use std::collections::BTreeMap;
+use std::sync::OnceLock;
+
+use bytes::Bytes;
+use xcluster_proto::directory::{InstanceState, InstanceStatus, ServerEntry, ServerList};
+
+use super::pick::PickView;
+use super::table::Table;
+use super::weights::{self, Params};
+use super::{QueryError, Settings};
+use crate::metrics;
+
+/// Everything a reader needs, immutable.
+#[derive(Debug)]
+pub struct Snapshot {
+    /// Version of the whole table: a hash of every type's version.
+    pub version: u64,
+    pub types: BTreeMap<String, PickView>,
+    /// When the snapshot was built (directory clock, ms): report ages in a rendered list are as of then.
+    pub built_ms: u64,
+    bodies: BTreeMap<String, OnceLock<Bytes>>,
+}
+
+impl Snapshot {
+    /// Builds the snapshot of `table` at `now_ms`.
+    pub fn build(table: &Table, now_ms: u64, p: &Params) -> Self {
+        let lists = table.publish(now_ms, p);
+        let mut version = 0;
+        let mut types = BTreeMap::new();
+        for (name, list) in lists {
+            version = weights::fnv1a(
+                &list.version.to_le_bytes(),
+                weights::fnv1a(name.as_bytes(), version),
+            );
+            let cost = p.types.get(&name).map_or(1000, weights::TypeProfile::cost_milli);
+            types.insert(name, PickView::new(list, cost));
+        }
+        let bodies = types.keys().map(|k| (k.clone(), OnceLock::new())).collect();
+        Snapshot {
+            version,
+            types,
+            built_ms: now_ms,
+            bodies,
+        }
+    }
+
+    /// The client-facing list of `ty`, with report ages as of `now_ms`.
+    pub fn server_list(&self, ty: &str, now_ms: u64, s: &Settings) -> Result<ServerList, QueryError> {
+        let view = self.types.get(ty).ok_or_else(|| unknown(ty, self))?;
+        Ok(ServerList {
+            request_type: ty.to_string(),
+            version: view.list.version,
+            ttl_ms: s.params.list_ttl.as_millis() as u64,
+            servers: view
+                .list
+                .rows
+                .iter()
+                .map(|r| ServerEntry {
+                    id: r.id.to_string(),
+                    addr: r.addr.to_string(),
+                    weight: r.weight,
+                    state: r.state,
+                    report_age_ms: now_ms.saturating_sub(r.received_ms),
+                })
+                .collect(),
+            balancers: s.balancers.clone(),
+        })
+    }
+
+    /// The list of `ty` as JSON, rendered once per snapshot (ages as of the snapshot, which the
+    /// housekeeping tick rebuilds every 100 ms), with its version.
+    pub fn server_list_json(&self, ty: &str, s: &Settings) -> Result<(u64, Bytes), QueryError> {
+        let view = self.types.get(ty).ok_or_else(|| unknown(ty, self))?;
+        let cell = self.bodies.get(ty).ok_or_else(|| unknown(ty, self))?;
+        let body = cell.get_or_init(|| {
+            let list = self.server_list(ty, self.built_ms, s);
+            list.ok()
+                .and_then(|l| serde_json::to_vec(&l).ok())
+                .map(Bytes::from)
+                .unwrap_or_default()
+        });
+        Ok((view.list.version, body.clone()))
+    }
+}
+
+/// The status rows of every known instance (report ages as of `now_ms`).
+pub fn instance_status(table: &Table, snap: &Snapshot, now_ms: u64) -> Vec<InstanceStatus> {
+    // Rows and instances are both in id order: walk them with one cursor per type (linear, not n²).
+    let mut cursors = vec![0usize; snap.types.len()];
+    table
+        .instances
+        .values()
+        .map(|i| {
+            let mut weights = BTreeMap::new();
+            let mut state = None;
+            for ((name, view), cur) in snap.types.iter().zip(cursors.iter_mut()) {
+                let rows = &view.list.rows;
+                while *cur < rows.len() && *rows[*cur].id < *i.id {
+                    *cur += 1;
+                }
+                if let Some(r) = rows.get(*cur).filter(|r| r.id == i.id) {
+                    weights.insert(name.clone(), r.weight);
+                    state = Some(r.state);
+                }
+            }
+            InstanceStatus {
+                id: i.id.to_string(),
+                addr: i.addr.to_string(),
+                // Not in any list: stale (and not in panic mode).
+                state: state.or(Some(InstanceState::Down)),
+                report_age_ms: now_ms.saturating_sub(i.received_ms),
+                cpu: i.load.cpu,
+                mem: i.load.mem,
+                queue: i.load.queue,
+                weights,
+            }
+        })
+        .collect()
+}
+
+/// Sets the per-instance gauges (weight per type, report age) and the per-type panic gauge.
+pub fn export_metrics(status: &[InstanceStatus], snap: &Snapshot) {
+    for s in status {
+        let age = s.report_age_ms as f64 / 1000.0;
+        ::metrics::gauge!(metrics::INSTANCE_REPORT_AGE_SECONDS, "instance" => s.id.clone()).set(age);
+        for (ty, w) in &s.weights {
+            ::metrics::gauge!(metrics::INSTANCE_WEIGHT, "instance" => s.id.clone(), "type" => ty.clone())
+                .set(f64::from(*w));
+        }
+    }
+    for (ty, view) in &snap.types {
+        ::metrics::gauge!(metrics::PANIC, "type" => ty.clone()).set(if view.list.panic { 1.0 } else { 0.0 });
+    }
+    ::metrics::gauge!(metrics::INSTANCES).set(status.len() as f64);
+}
+
+/// The error for a type the balancer is not configured with.
+pub fn unknown(ty: &str, snap: &Snapshot) -> QueryError {
+    QueryError::UnknownType {
+        name: ty.chars().take(64).collect(),
+        known: snap.types.keys().cloned().collect::<Vec<_>>().join(", "),
+    }
+}

@@ -1,0 +1,245 @@
+//! The server table: what the balancer knows about each instance (latest load, damped weights, readiness
+//! ramp, drain flag) and each agent's last sequence number, and how it turns into the published per-type
+//! lists. Pure: the caller passes `now_ms` (a monotonic clock) so expiry is testable without sleeping.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use xcluster_proto::directory::InstanceState;
+use xcluster_proto::report::{LoadReport, ReportError};
+
+use super::weights::{self, Load, Params};
+
+/// One instance as the table remembers it.
+#[derive(Debug, Clone)]
+pub struct Instance {
+    /// [`identity`] of id and address.
+    pub key: u64,
+    pub id: Arc<str>,
+    pub addr: SocketAddr,
+    pub agent: String,
+    pub ready: bool,
+    pub load: Load,
+    /// Balancer clock (ms) when its latest report arrived.
+    pub received_ms: u64,
+    /// Agent clock (ms) of its latest report.
+    pub report_ts_ms: u64,
+    /// Agent clock (ms) at which it last became ready (new, recovered, or ready again); `None` when not ready.
+    pub ready_since_ms: Option<u64>,
+    /// Damped weight per request type.
+    pub damped: BTreeMap<String, u32>,
+    /// Predicted load from this balancer's own picks since the latest report, in thousandths of a cost unit.
+    pub predicted: Arc<AtomicU64>,
+}
+
+/// The mutable state behind the directory. Only the ingest path and the housekeeping tick write it.
+#[derive(Debug, Default)]
+pub struct Table {
+    pub instances: BTreeMap<Arc<str>, Instance>,
+    /// Per agent: the last sequence number accepted and when (balancer clock, ms).
+    pub last_seq: BTreeMap<String, (u64, u64)>,
+    pub drained: std::collections::BTreeSet<String>,
+}
+
+/// One published row of a type's list.
+#[derive(Debug, Clone)]
+pub struct Row {
+    /// Stable hash of the id and address (see [`identity`]), so versions hash 13 bytes per row.
+    pub key: u64,
+    pub id: Arc<str>,
+    pub addr: SocketAddr,
+    pub weight: u32,
+    pub state: InstanceState,
+    pub received_ms: u64,
+    pub predicted: Arc<AtomicU64>,
+}
+
+/// The published list of one type.
+#[derive(Debug, Clone)]
+pub struct TypeList {
+    pub version: u64,
+    pub rows: Vec<Row>,
+    /// Whether the panic threshold forced equal weights.
+    pub panic: bool,
+}
+
+impl Table {
+    /// Checks that `seq` is above the last one from `agent` (and that the agent fits), without changing state.
+    pub fn check_seq(&self, report: &LoadReport, max_agents: usize) -> Result<(), ReportError> {
+        match self.last_seq.get(&report.agent) {
+            Some(&(last, _)) if report.seq <= last => Err(ReportError::Replay {
+                agent: report.agent.clone(),
+                seq: report.seq,
+                last,
+            }),
+            None if self.last_seq.len() >= max_agents => Err(ReportError::Malformed(format!(
+                "more than {max_agents} agents; agent {:?} refused",
+                report.agent
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    /// Applies an accepted report: updates each instance's load, damped weights and readiness ramp, and
+    /// drops instances the agent no longer reports.
+    pub fn apply(&mut self, report: &LoadReport, now_ms: u64, p: &Params) {
+        self.last_seq.insert(report.agent.clone(), (report.seq, now_ms));
+        let reported: std::collections::BTreeSet<&str> =
+            report.instances.iter().map(|i| i.id.as_str()).collect();
+        self.instances
+            .retain(|id, inst| inst.agent != report.agent || reported.contains(&**id));
+        let n = report.instances.len();
+        let gap = p.report_ttl.as_millis() as u64;
+        for i in &report.instances {
+            let Ok(addr) = i.addr.parse::<SocketAddr>() else {
+                continue;
+            };
+            let load = Load::from_report(&report.host, i, n);
+            let id: Arc<str> = Arc::from(i.id.as_str());
+            let prev = self.instances.remove(&id);
+            // Recovered: its previous report is older than the TTL by the agent's own clock, so every
+            // balancer decides the same from the same reports.
+            let fresh_before = prev
+                .as_ref()
+                .is_some_and(|p| report.timestamp_ms.saturating_sub(p.report_ts_ms) <= gap);
+            let ready_since_ms = match (&prev, i.ready) {
+                (_, false) => None,
+                (Some(p), true) if fresh_before && p.ready => p.ready_since_ms.or(Some(report.timestamp_ms)),
+                _ => Some(report.timestamp_ms),
+            };
+            let mut damped = BTreeMap::new();
+            for (name, profile) in &p.types {
+                let target = weights::target(name, profile, &load, p);
+                let before = prev
+                    .as_ref()
+                    .filter(|_| fresh_before)
+                    .and_then(|p| p.damped.get(name).copied());
+                damped.insert(name.clone(), weights::damp(before, target, p));
+            }
+            let predicted = prev.map(|p| p.predicted).unwrap_or_default();
+            // The report already includes the effect of our earlier picks: start predicting afresh.
+            predicted.store(0, Ordering::Relaxed);
+            self.instances.insert(
+                id.clone(),
+                Instance {
+                    key: identity(&id, &i.addr),
+                    id,
+                    addr,
+                    agent: report.agent.clone(),
+                    ready: i.ready,
+                    load,
+                    received_ms: now_ms,
+                    report_ts_ms: report.timestamp_ms,
+                    ready_since_ms,
+                    damped,
+                    predicted,
+                },
+            );
+        }
+    }
+
+    /// Forgets instances not heard from for `forget_after`. Returns whether anything was removed.
+    pub fn expire(&mut self, now_ms: u64, p: &Params) -> bool {
+        let forget = p.forget_after.as_millis() as u64;
+        let before = self.instances.len();
+        self.instances
+            .retain(|_, i| now_ms.saturating_sub(i.received_ms) <= forget);
+        // Agents silent as long are forgotten too, so agent ids that come and go do not fill `max_agents`.
+        // Safe against replay: config validation keeps `forget_after` at least the timestamp skew, so any
+        // report of that agent old enough to be a replay is refused for its timestamp.
+        self.last_seq
+            .retain(|_, (_, at)| now_ms.saturating_sub(*at) <= forget);
+        before != self.instances.len()
+    }
+
+    /// Whether an instance's latest report is within the TTL.
+    pub fn is_fresh(i: &Instance, now_ms: u64, p: &Params) -> bool {
+        now_ms.saturating_sub(i.received_ms) <= p.report_ttl.as_millis() as u64
+    }
+
+    /// Builds the published list of every configured type.
+    pub fn publish(&self, now_ms: u64, p: &Params) -> BTreeMap<String, TypeList> {
+        let mut known = 0;
+        let mut usable = 0;
+        for i in self.instances.values().filter(|i| !self.drained.contains(&*i.id)) {
+            known += 1;
+            if i.ready && Self::is_fresh(i, now_ms, p) {
+                usable += 1;
+            }
+        }
+        let panic = weights::panic(usable, known, p.panic_threshold);
+        p.types
+            .keys()
+            .map(|name| (name.clone(), self.publish_type(name, now_ms, p, panic)))
+            .collect()
+    }
+
+    fn publish_type(&self, name: &str, now_ms: u64, p: &Params, panic: bool) -> TypeList {
+        let mut rows = Vec::with_capacity(self.instances.len());
+        for i in self.instances.values() {
+            let fresh = Self::is_fresh(i, now_ms, p);
+            let drained = self.drained.contains(&*i.id);
+            // Stale instances leave the list, unless panic mode spreads traffic over every known one.
+            let listed = fresh || (panic && !drained);
+            if !listed {
+                continue;
+            }
+            let (state, weight) = if drained {
+                (InstanceState::Drained, 0)
+            } else if !i.ready || !fresh {
+                (InstanceState::Down, if panic { weights::PANIC_WEIGHT } else { 0 })
+            } else if panic {
+                (InstanceState::Up, weights::PANIC_WEIGHT)
+            } else {
+                let damped = i.damped.get(name).copied().unwrap_or(1);
+                let elapsed = i
+                    .report_ts_ms
+                    .saturating_sub(i.ready_since_ms.unwrap_or(i.report_ts_ms));
+                match weights::slow_start(Duration::from_millis(elapsed), p) {
+                    None => (InstanceState::Up, damped),
+                    f => (InstanceState::SlowStart, weights::ramp(damped, f)),
+                }
+            };
+            rows.push(Row {
+                key: i.key,
+                id: i.id.clone(),
+                addr: i.addr,
+                weight,
+                state,
+                received_ms: i.received_ms,
+                predicted: i.predicted.clone(),
+            });
+        }
+        TypeList {
+            version: version_of(name, &rows),
+            rows,
+            panic,
+        }
+    }
+}
+
+/// A stable hash of an instance's id and address (as reported), the identity part of its version entry.
+pub fn identity(id: &str, addr: &str) -> u64 {
+    weights::fnv1a(
+        addr.as_bytes(),
+        weights::fnv1a(&[0], weights::fnv1a(id.as_bytes(), 0)),
+    )
+}
+
+/// The version of a type's list: a stable hash of its canonical content (rows are in id order).
+pub fn version_of(name: &str, rows: &[Row]) -> u64 {
+    let mut h = weights::fnv1a(name.as_bytes(), 0);
+    for r in rows {
+        h = weights::fnv1a(&r.key.to_le_bytes(), h);
+        h = weights::fnv1a(&r.weight.to_le_bytes(), h);
+        h = weights::fnv1a(&[r.state as u8], h);
+    }
+    h
+}
+
+#[cfg(test)]
+#[path = "table_tests.rs"]
+mod tests;

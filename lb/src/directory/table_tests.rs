@@ -1,0 +1,259 @@
+//! Unit tests of the server table: determinism, expiry, panic threshold, slow start, drain, replay.
+#![allow(clippy::unwrap_used)]
+
+use super::*;
+use xcluster_proto::report::{HostLoad, InstanceLoad};
+
+fn params() -> Params {
+    let mut p = Params {
+        slow_start: Duration::from_secs(4),
+        report_ttl: Duration::from_secs(2),
+        forget_after: Duration::from_secs(10),
+        ..Default::default()
+    };
+    p.types = BTreeMap::from([
+        (
+            "cpu".into(),
+            weights::TypeProfile {
+                cpu: 1.0,
+                mem: 0.0,
+                queue: 0.0,
+                cost: 3.0,
+            },
+        ),
+        (
+            "queue".into(),
+            weights::TypeProfile {
+                cpu: 0.0,
+                mem: 0.0,
+                queue: 1.0,
+                cost: 1.0,
+            },
+        ),
+    ]);
+    p
+}
+
+fn inst(id: &str, port: u16, queued: u32) -> InstanceLoad {
+    InstanceLoad {
+        id: id.into(),
+        addr: format!("127.0.0.1:{port}"),
+        ready: true,
+        queued,
+        capacity: 100,
+        ..Default::default()
+    }
+}
+
+fn report(agent: &str, seq: u64, ts: u64, cpu: f64, instances: Vec<InstanceLoad>) -> LoadReport {
+    LoadReport {
+        agent: agent.into(),
+        seq,
+        timestamp_ms: ts,
+        host: HostLoad {
+            cpu,
+            mem: 0.1,
+            load1: 0.0,
+            cores: 8,
+        },
+        instances,
+    }
+}
+
+fn weight(t: &BTreeMap<String, TypeList>, ty: &str, id: &str) -> Option<(u32, InstanceState)> {
+    t[ty]
+        .rows
+        .iter()
+        .find(|r| &*r.id == id)
+        .map(|r| (r.weight, r.state))
+}
+
+#[test]
+fn same_reports_give_the_same_table_and_version() {
+    let p = params();
+    let (mut a, mut b) = (Table::default(), Table::default());
+    for (seq, ts) in [(1, 1000), (2, 1500), (3, 2000)] {
+        let r1 = report("h1", seq, ts, 0.7, vec![inst("h1/a", 1, 10 * seq as u32)]);
+        let r2 = report("h2", seq, ts, 0.1, vec![inst("h2/a", 2, 5)]);
+        a.apply(&r1, ts, &p);
+        a.apply(&r2, ts, &p);
+        // The other balancer hears the agents in the other order and at other local times.
+        b.apply(&r2, ts + 7, &p);
+        b.apply(&r1, ts + 9, &p);
+    }
+    let (ta, tb) = (a.publish(2010, &p), b.publish(2010, &p));
+    for ty in ["cpu", "queue"] {
+        assert_eq!(ta[ty].version, tb[ty].version);
+        assert_eq!(weight(&ta, ty, "h1/a"), weight(&tb, ty, "h1/a"));
+    }
+    assert_ne!(ta["cpu"].version, ta["queue"].version);
+}
+
+#[test]
+fn stale_instances_leave_the_list_and_are_forgotten_later() {
+    let p = params();
+    let mut t = Table::default();
+    t.apply(&report("h1", 1, 0, 0.1, vec![inst("h1/a", 1, 0)]), 0, &p);
+    t.apply(&report("h2", 1, 0, 0.1, vec![inst("h2/a", 2, 0)]), 0, &p);
+    t.apply(&report("h3", 1, 0, 0.1, vec![inst("h3/a", 3, 0)]), 0, &p);
+    // h1 keeps reporting; h2 and h3 stop. 1 of 3 fresh is below the 0.5 panic threshold...
+    t.apply(&report("h1", 2, 2500, 0.1, vec![inst("h1/a", 1, 0)]), 2500, &p);
+    let list = t.publish(2500, &p);
+    assert!(list["queue"].panic);
+    assert_eq!(
+        list["queue"].rows.len(),
+        3,
+        "panic spreads over every known instance"
+    );
+    assert!(
+        list["queue"]
+            .rows
+            .iter()
+            .all(|r| r.weight == weights::PANIC_WEIGHT)
+    );
+    // ...so with a lower threshold the stale ones simply leave the list.
+    let lenient = Params {
+        panic_threshold: 0.3,
+        ..params()
+    };
+    let list = t.publish(2500, &lenient);
+    assert!(!list["queue"].panic);
+    assert_eq!(list["queue"].rows.len(), 1);
+    assert!(weight(&list, "queue", "h2/a").is_none());
+    // Within TTL it is still listed (the TTL boundary is inclusive).
+    assert!(weight(&t.publish(2000, &lenient), "queue", "h2/a").is_some());
+    // After forget_after it is gone from memory too.
+    assert!(!t.expire(10_000, &p));
+    assert!(t.expire(10_001, &p));
+    assert_eq!(t.instances.len(), 1);
+}
+
+#[test]
+fn not_ready_is_down_with_weight_zero() {
+    let p = params();
+    let mut t = Table::default();
+    let mut down = inst("h1/b", 2, 0);
+    down.ready = false;
+    t.apply(&report("h1", 1, 0, 0.1, vec![inst("h1/a", 1, 0), down]), 0, &p);
+    let list = t.publish(0, &p);
+    assert_eq!(weight(&list, "queue", "h1/b"), Some((0, InstanceState::Down)));
+}
+
+#[test]
+fn slow_start_ramps_new_and_recovered_instances() {
+    let p = params();
+    let mut t = Table::default();
+    t.apply(&report("h1", 1, 10_000, 0.0, vec![inst("h1/a", 1, 0)]), 0, &p);
+    let (w0, s0) = weight(&t.publish(0, &p), "queue", "h1/a").unwrap();
+    assert_eq!(s0, InstanceState::SlowStart);
+    assert_eq!(w0, 1000, "starts at slow_start_min (0.1) of full weight");
+    t.apply(&report("h1", 2, 12_000, 0.0, vec![inst("h1/a", 1, 0)]), 1, &p);
+    let (w1, _) = weight(&t.publish(1, &p), "queue", "h1/a").unwrap();
+    assert_eq!(w1, 5500, "half way: 0.1 + 0.9 * 0.5");
+    t.apply(&report("h1", 3, 14_000, 0.0, vec![inst("h1/a", 1, 0)]), 2, &p);
+    assert_eq!(
+        weight(&t.publish(2, &p), "queue", "h1/a"),
+        Some((10_000, InstanceState::Up))
+    );
+    // Unready, then ready again: ramps afresh.
+    let mut off = inst("h1/a", 1, 0);
+    off.ready = false;
+    t.apply(&report("h1", 4, 14_500, 0.0, vec![off]), 3, &p);
+    t.apply(&report("h1", 5, 15_000, 0.0, vec![inst("h1/a", 1, 0)]), 4, &p);
+    assert_eq!(
+        weight(&t.publish(4, &p), "queue", "h1/a"),
+        Some((1000, InstanceState::SlowStart))
+    );
+    // A gap longer than the TTL (by the agent's clock) counts as a recovery too.
+    t.apply(&report("h1", 6, 20_000, 0.0, vec![inst("h1/a", 1, 0)]), 5, &p);
+    t.apply(&report("h1", 7, 30_000, 0.0, vec![inst("h1/a", 1, 0)]), 6, &p);
+    assert_eq!(
+        weight(&t.publish(6, &p), "queue", "h1/a").unwrap().1,
+        InstanceState::SlowStart
+    );
+}
+
+#[test]
+fn loaded_instance_loses_weight_over_damped_steps() {
+    let p = Params {
+        slow_start: Duration::ZERO,
+        ..params()
+    };
+    let mut t = Table::default();
+    t.apply(&report("h1", 1, 0, 0.0, vec![inst("h1/a", 1, 0)]), 0, &p);
+    let mut last = weight(&t.publish(0, &p), "queue", "h1/a").unwrap().0;
+    assert_eq!(last, 10_000);
+    for seq in 2..6 {
+        t.apply(
+            &report("h1", seq, seq * 100, 0.0, vec![inst("h1/a", 1, 90)]),
+            seq,
+            &p,
+        );
+        let w = weight(&t.publish(seq, &p), "queue", "h1/a").unwrap().0;
+        assert!(w < last && last - w <= 2500, "{last} -> {w}");
+        last = w;
+    }
+    assert_eq!(
+        weight(&t.publish(5, &p), "cpu", "h1/a").unwrap().0,
+        10_000,
+        "cpu type unaffected"
+    );
+}
+
+#[test]
+fn drained_instance_is_listed_with_weight_zero() {
+    let p = params();
+    let mut t = Table::default();
+    t.apply(
+        &report("h1", 1, 0, 0.0, vec![inst("h1/a", 1, 0), inst("h1/b", 2, 0)]),
+        0,
+        &p,
+    );
+    let v0 = t.publish(0, &p)["queue"].version;
+    t.drained.insert("h1/a".into());
+    let list = t.publish(0, &p);
+    assert_eq!(weight(&list, "queue", "h1/a"), Some((0, InstanceState::Drained)));
+    assert_ne!(list["queue"].version, v0, "draining changes the version");
+}
+
+#[test]
+fn replay_and_agent_bound() {
+    let p = params();
+    let mut t = Table::default();
+    let r = report("h1", 5, 0, 0.0, vec![]);
+    assert!(t.check_seq(&r, 2).is_ok());
+    t.apply(&r, 0, &p);
+    assert_eq!(t.check_seq(&r, 2).unwrap_err().reason(), "replay");
+    assert_eq!(
+        t.check_seq(&report("h1", 4, 0, 0.0, vec![]), 2)
+            .unwrap_err()
+            .reason(),
+        "replay"
+    );
+    assert!(t.check_seq(&report("h1", 6, 0, 0.0, vec![]), 2).is_ok());
+    t.apply(&report("h2", 1, 0, 0.0, vec![]), 0, &p);
+    assert!(
+        t.check_seq(&report("h3", 1, 0, 0.0, vec![]), 2).is_err(),
+        "third agent over the bound"
+    );
+    // Silent agents are forgotten after forget_after, which frees room for new ones.
+    t.apply(&report("h1", 7, 0, 0.0, vec![]), 9_000, &p);
+    t.expire(10_001, &p);
+    assert_eq!(t.last_seq.len(), 1, "h2 (silent since 0) forgotten, h1 kept");
+    assert!(t.check_seq(&report("h3", 1, 0, 0.0, vec![]), 2).is_ok());
+}
+
+#[test]
+fn an_agent_dropping_an_instance_removes_it() {
+    let p = params();
+    let mut t = Table::default();
+    t.apply(
+        &report("h1", 1, 0, 0.0, vec![inst("h1/a", 1, 0), inst("h1/b", 2, 0)]),
+        0,
+        &p,
+    );
+    t.apply(&report("h2", 1, 0, 0.0, vec![inst("h2/a", 3, 0)]), 0, &p);
+    t.apply(&report("h1", 2, 1, 0.0, vec![inst("h1/a", 1, 0)]), 1, &p);
+    assert_eq!(t.instances.len(), 2);
+    assert!(t.instances.contains_key("h2/a"), "another agent's instance stays");
+}

@@ -1,0 +1,192 @@
+//! The weight formula: pure functions from an instance's reported load and a request type's cost profile to
+//! an integer weight, plus damping, slow start and the panic threshold. No clock and no I/O: every input is
+//! an argument, so two balancers fed the same reports compute the same integers. ARCHITECTURE.md ("lb")
+//! gives the formula and the reason for each term.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use xcluster_proto::directory::MAX_WEIGHT;
+
+/// How much of each resource a request type uses (relative shares) and what one request costs.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TypeProfile {
+    pub cpu: f64,
+    pub mem: f64,
+    pub queue: f64,
+    /// Relative cost of one request; each pick adds it to the instance's predicted load.
+    pub cost: f64,
+}
+
+impl TypeProfile {
+    /// The cost in thousandths, the unit of the predicted-load counters.
+    pub fn cost_milli(&self) -> u64 {
+        (self.cost * 1000.0).round().max(1.0) as u64
+    }
+}
+
+/// The tunables of the directory (validated config).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Params {
+    pub types: BTreeMap<String, TypeProfile>,
+    pub report_ttl: Duration,
+    pub forget_after: Duration,
+    pub list_ttl: Duration,
+    pub watch_timeout: Duration,
+    pub panic_threshold: f64,
+    pub slow_start: Duration,
+    pub slow_start_min: f64,
+    pub damping: f64,
+    pub max_step: f64,
+    pub error_penalty: f64,
+    pub full_weight_cores: f64,
+}
+
+impl Default for Params {
+    fn default() -> Self {
+        Self {
+            types: BTreeMap::from([(
+                "default".to_string(),
+                TypeProfile {
+                    cpu: 0.4,
+                    mem: 0.1,
+                    queue: 0.5,
+                    cost: 1.0,
+                },
+            )]),
+            report_ttl: Duration::from_secs(2),
+            forget_after: Duration::from_secs(60),
+            list_ttl: Duration::from_secs(1),
+            watch_timeout: Duration::from_secs(30),
+            panic_threshold: 0.5,
+            slow_start: Duration::from_secs(10),
+            slow_start_min: 0.1,
+            damping: 0.5,
+            max_step: 0.25,
+            error_penalty: 2.0,
+            full_weight_cores: 8.0,
+        }
+    }
+}
+
+/// One instance's figures from its latest report: the inputs of its weight.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Load {
+    /// Host CPU utilisation, 0..=1.
+    pub cpu: f64,
+    /// Host memory utilisation, 0..=1.
+    pub mem: f64,
+    /// In flight + queued over capacity, 0..=1 (clamped; 0 when the capacity is unknown).
+    pub queue: f64,
+    /// Server-side error rate of the instance, 0..=1.
+    pub error_rate: f64,
+    /// Error rate per request type, when the instance reports it.
+    pub type_errors: BTreeMap<String, f64>,
+    /// The host's cores divided by the instances the agent reports on it.
+    pub cores_per_instance: f64,
+}
+
+impl Load {
+    /// Extracts the figures that matter from a report.
+    pub fn from_report(
+        host: &xcluster_proto::report::HostLoad,
+        i: &xcluster_proto::report::InstanceLoad,
+        n: usize,
+    ) -> Self {
+        let held = f64::from(i.in_flight) + f64::from(i.queued);
+        let queue = if i.capacity == 0 {
+            0.0
+        } else {
+            (held / f64::from(i.capacity)).clamp(0.0, 1.0)
+        };
+        Load {
+            cpu: host.cpu.clamp(0.0, 1.0),
+            mem: host.mem.clamp(0.0, 1.0),
+            queue,
+            error_rate: i.error_rate.clamp(0.0, 1.0),
+            type_errors: i
+                .types
+                .iter()
+                .map(|(k, t)| (k.clone(), t.error_rate.clamp(0.0, 1.0)))
+                .collect(),
+            cores_per_instance: f64::from(host.cores) / n.max(1) as f64,
+        }
+    }
+}
+
+/// How full the resources that `t` uses are on this instance, 0..=1: the profile-weighted mean utilisation.
+pub fn utilisation(t: &TypeProfile, load: &Load) -> f64 {
+    let total = t.cpu + t.mem + t.queue;
+    if total <= 0.0 {
+        return 0.0;
+    }
+    ((t.cpu * load.cpu + t.mem * load.mem + t.queue * load.queue) / total).clamp(0.0, 1.0)
+}
+
+/// The undamped weight of an instance for type `name`: spare capacity for that type, less an error penalty,
+/// scaled by the instance's share of its host. Never below 1 for a live instance, so that when every
+/// instance is saturated the traffic still spreads evenly instead of stopping.
+pub fn target(name: &str, t: &TypeProfile, load: &Load, p: &Params) -> u32 {
+    let err = load.type_errors.get(name).copied().unwrap_or(load.error_rate);
+    let headroom = (1.0 - utilisation(t, load) - p.error_penalty * err).clamp(0.0, 1.0);
+    let size = (load.cores_per_instance / p.full_weight_cores).clamp(0.0, 1.0);
+    let w = (f64::from(MAX_WEIGHT) * headroom * size).round();
+    (w as u32).clamp(1, MAX_WEIGHT)
+}
+
+/// Moves the published weight toward `target`: an EWMA step of factor `damping`, bounded by `max_step` of
+/// the full scale, and at least 1 so that it always converges exactly.
+pub fn damp(prev: Option<u32>, target: u32, p: &Params) -> u32 {
+    let Some(prev) = prev else { return target };
+    let delta = i64::from(target) - i64::from(prev);
+    if delta == 0 {
+        return prev;
+    }
+    let bound = (p.max_step * f64::from(MAX_WEIGHT)).round().max(1.0) as i64;
+    let mut step = (p.damping * delta as f64).round() as i64;
+    if step == 0 {
+        step = delta.signum();
+    }
+    let step = step.clamp(-bound, bound);
+    (i64::from(prev) + step).clamp(0, i64::from(MAX_WEIGHT)) as u32
+}
+
+/// The slow-start factor after `elapsed` of readiness: `None` once the ramp is over, else a linear ramp
+/// from `slow_start_min` to 1.
+pub fn slow_start(elapsed: Duration, p: &Params) -> Option<f64> {
+    if p.slow_start.is_zero() || elapsed >= p.slow_start {
+        return None;
+    }
+    let frac = elapsed.as_secs_f64() / p.slow_start.as_secs_f64();
+    Some(p.slow_start_min + (1.0 - p.slow_start_min) * frac)
+}
+
+/// Applies a slow-start factor to a weight (never below 1).
+pub fn ramp(weight: u32, factor: Option<f64>) -> u32 {
+    match factor {
+        None => weight,
+        Some(f) => ((f64::from(weight) * f).round() as u32).clamp(1, MAX_WEIGHT),
+    }
+}
+
+/// Whether too few instances are usable: fewer than `threshold` of the known ones are fresh and ready.
+pub fn panic(usable: usize, known: usize, threshold: f64) -> bool {
+    known > 0 && (usable as f64) < threshold * known as f64
+}
+
+/// The weight every known instance gets in panic mode.
+pub const PANIC_WEIGHT: u32 = MAX_WEIGHT / 2;
+
+/// FNV-1a, 64 bits: a stable hash (the same in every build and process) for table versions.
+pub fn fnv1a(bytes: &[u8], seed: u64) -> u64 {
+    let mut h = if seed == 0 { 0xcbf2_9ce4_8422_2325 } else { seed };
+    for b in bytes {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
+#[cfg(test)]
+#[path = "weights_tests.rs"]
+mod tests;

@@ -1,0 +1,39 @@
+//! The proxy's backend choice in a running balancer. Backends listed in `[proxy]` for a request type route
+//! it (fixed routing, like HAProxy `server` lines: useful without agents, and for benchmarks); a type with
+//! none listed is routed by the directory's live weights, the same ones `/v1/pick` uses, so the L4 proxy
+//! and SDK clients share one view of the load.
+
+use std::net::SocketAddr;
+
+use crate::directory::Directory;
+use crate::proxy::config::ProxyConfig;
+use crate::proxy::{BackendPicker, StaticPicker};
+
+#[derive(Debug)]
+pub(crate) struct LivePicker {
+    fixed: StaticPicker,
+    dir: Directory,
+}
+
+impl LivePicker {
+    pub(crate) fn new(cfg: &ProxyConfig, dir: Directory) -> Self {
+        Self {
+            fixed: StaticPicker::new(cfg),
+            dir,
+        }
+    }
+}
+
+impl BackendPicker for LivePicker {
+    fn pick(&self, request_type: &str, exclude: &[SocketAddr]) -> Option<SocketAddr> {
+        if self.fixed.serves(request_type) {
+            self.fixed.pick(request_type, exclude)
+        } else {
+            self.dir.pick(request_type, exclude)
+        }
+    }
+
+    fn on_config(&self, cfg: &ProxyConfig) {
+        self.fixed.on_config(cfg);
+    }
+}

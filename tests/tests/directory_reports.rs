@@ -1,0 +1,216 @@
+//! Report ingestion and the client API's refusals on one real balancer, with reports the test signs
+//! itself: forged, unsigned, replayed, stale, oversized and malformed reports are rejected, counted by
+//! reason in `/metrics` and `/v1/status`, and change nothing; bad queries get clear 4xx JSON; a watch wakes
+//! on an accepted report; request types reload live.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod directory_support;
+
+use std::time::{Duration, Instant};
+
+use directory_support::*;
+use xcluster_proto::report::{MAX_REPORT_BYTES, sign};
+use xcluster_tests::*;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+fn rejected(lb: std::net::SocketAddr, reason: &str) -> (f64, u64) {
+    let m = get(lb, "/metrics").unwrap().body;
+    let metric = metric_value(
+        &m,
+        "xcluster_lb_reports_rejected_total",
+        &format!("reason=\"{reason}\""),
+    )
+    .unwrap_or(0.0);
+    let status = get(lb, "/v1/status").unwrap().json();
+    (metric, status["reports_rejected"][reason].as_u64().unwrap())
+}
+
+#[test]
+fn bad_reports_are_rejected_counted_and_change_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let lb = free_addr();
+    let _p = start("lb", lb, &lb_config(lb, &[]), dir.path());
+    let app: std::net::SocketAddr = "127.0.0.1:9".parse().unwrap();
+    let seq0 = 1_000;
+
+    let good = report("t", seq0, now_ms(), &[("t/a", app, 0)]);
+    let r = post_signed(lb, &good);
+    assert_eq!(r.status, 200, "{}", r.body);
+    // Reports are published within a few milliseconds (rebuilds are coalesced), not necessarily at once.
+    let before = eventually(WAIT, "the accepted report to be published", || {
+        let l = servers(lb, "browse");
+        (l["servers"].as_array().unwrap().len() == 1).then_some(l)
+    });
+
+    // Each bad report: its status, its error code, and that it moved only its own counter.
+    let body = |r: &xcluster_proto::report::LoadReport| serde_json::to_vec(r).unwrap();
+    let loaded = report("t", seq0 + 1, now_ms(), &[("t/a", app, 99), ("t/evil", app, 0)]);
+    let cases: Vec<(&str, u16, Vec<u8>, Option<String>)> = vec![
+        (
+            "bad_signature",
+            401,
+            body(&loaded),
+            Some(sign(b"not-the-key", &body(&loaded))),
+        ),
+        ("bad_signature", 401, body(&loaded), Some("hmac-sha256=zz".into())),
+        ("missing_signature", 401, body(&loaded), None),
+        (
+            "replay",
+            409,
+            body(&good),
+            Some(sign(KEY.as_bytes(), &body(&good))),
+        ),
+        (
+            "replay",
+            409,
+            body(&report("t", seq0 - 1, now_ms(), &[])),
+            Some(sign(KEY.as_bytes(), &body(&report("t", seq0 - 1, now_ms(), &[])))),
+        ),
+        (
+            "skew",
+            400,
+            body(&report("t", seq0 + 2, now_ms() - 60_000, &[])),
+            Some(sign(
+                KEY.as_bytes(),
+                &body(&report("t", seq0 + 2, now_ms() - 60_000, &[])),
+            )),
+        ),
+        (
+            "skew",
+            400,
+            body(&report("t", seq0 + 3, now_ms() + 60_000, &[])),
+            Some(sign(
+                KEY.as_bytes(),
+                &body(&report("t", seq0 + 3, now_ms() + 60_000, &[])),
+            )),
+        ),
+        (
+            "malformed",
+            400,
+            b"{\"agent\":".to_vec(),
+            Some(sign(KEY.as_bytes(), b"{\"agent\":")),
+        ),
+        (
+            "too_large",
+            413,
+            vec![b' '; MAX_REPORT_BYTES + 10],
+            Some("hmac-sha256=00".into()),
+        ),
+    ];
+    for (reason, status, b, sig) in cases {
+        let (m0, s0) = rejected(lb, reason);
+        let r = post_report(lb, &b, sig.as_deref());
+        assert_eq!(r.status, status, "{reason}: {}", r.body);
+        assert_eq!(r.json()["error"]["code"], reason, "{}", r.body);
+        let (m1, s1) = rejected(lb, reason);
+        assert_eq!(
+            (m1 - m0, s1 - s0),
+            (1.0, 1),
+            "{reason} counted once in /metrics and /v1/status"
+        );
+    }
+    let after = servers(lb, "browse");
+    assert_eq!(
+        after["version"], before["version"],
+        "a rejected report changed the table"
+    );
+    assert_eq!(after["servers"], {
+        // Only the report age may differ.
+        let mut s = before["servers"].clone();
+        s[0]["report_age_ms"] = after["servers"][0]["report_age_ms"].clone();
+        s
+    });
+    let status = get(lb, "/v1/status").unwrap().json();
+    assert_eq!(status["reports_accepted"], 1);
+
+    // A watch on the current version wakes when an accepted report changes the table.
+    let v = after["version"].as_u64().unwrap();
+    let watcher = std::thread::spawn(move || {
+        let r = get(lb, &format!("/v1/servers?type=browse&watch={v}")).unwrap();
+        (Instant::now(), r)
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    let sent = Instant::now();
+    let r = post_signed(
+        lb,
+        &report("t", seq0 + 10, now_ms(), &[("t/a", app, 0), ("t/new", app, 0)]),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let (woke, w) = watcher.join().unwrap();
+    assert_eq!(w.status, 200);
+    assert_ne!(
+        w.json()["version"].as_u64().unwrap(),
+        v,
+        "watch timed out instead of waking"
+    );
+    assert!(entry(&w.json(), "t/new").is_some());
+    println!(
+        "watch woke {:?} after the report was sent",
+        woke.saturating_duration_since(sent)
+    );
+}
+
+#[test]
+fn bad_queries_get_clear_4xx_json_and_types_reload_live() {
+    let dir = tempfile::tempdir().unwrap();
+    let lb = free_addr();
+    let cfg = lb_config(lb, &[]);
+    let path = write_file(dir.path(), "lb.toml", &cfg);
+    let _p = Proc::xcluster("lb", &["lb", "--config", path.to_str().unwrap()]);
+    wait_ready(lb, WAIT);
+
+    let expect = |method: &str, path: &str, status: u16, code: &str| {
+        let r = request(lb, method, path, &[], None).unwrap();
+        assert_eq!(r.status, status, "{method} {path}: {}", r.body);
+        assert_eq!(r.json()["error"]["code"], code, "{method} {path}: {}", r.body);
+    };
+    expect("GET", "/v1/servers?type=nope", 404, "unknown_type");
+    expect("GET", "/v1/pick?type=nope", 404, "unknown_type");
+    expect("GET", "/v1/servers", 400, "bad_query");
+    expect("GET", "/v1/servers?type=browse&watch=abc", 400, "bad_query");
+    expect("GET", "/v1/servers?type=browse&type=compute", 400, "bad_query");
+    expect("GET", "/v1/servers?type=%zz", 400, "bad_query");
+    expect("GET", "/v1/pick?type=browse&watch=1", 400, "bad_query");
+    expect("GET", "/v1/pick?type=browse", 503, "no_instance");
+    expect("DELETE", "/v1/servers", 405, "method_not_allowed");
+    expect("POST", "/v1/servers/x/drain", 401, "unauthorized");
+    let auth = format!("Bearer {TOKEN}");
+    let r = request(
+        lb,
+        "POST",
+        "/v1/servers/x/drain",
+        &[("authorization", &auth)],
+        None,
+    )
+    .unwrap();
+    assert_eq!(
+        (r.status, r.json()["error"]["code"].as_str()),
+        (404, Some("unknown_instance"))
+    );
+    expect("GET", "/v1/nothing", 404, "not_found");
+    // An unknown type names the known ones.
+    let r = get(lb, "/v1/servers?type=nope").unwrap();
+    assert!(r.body.contains("browse, compute"), "{}", r.body);
+
+    // A new request type, added to the file, is served without a restart.
+    let with_pay = format!("{cfg}[types.pay]\ncpu = 0.5\nmem = 0.1\nqueue = 0.4\ncost = 4.0\n");
+    let tmp = write_file(dir.path(), ".lb.toml.swp", &with_pay);
+    std::fs::rename(&tmp, &path).unwrap();
+    eventually(WAIT, "type pay to be served after reload", || {
+        (get(lb, "/v1/servers?type=pay").unwrap().status == 200).then_some(())
+    });
+    // An invalid profile is refused and the old types stay.
+    write_file(
+        dir.path(),
+        "lb.toml",
+        &format!("{with_pay}[types.bad]\ncpu = 2.0\n"),
+    );
+    eventually(WAIT, "invalid reload to be rejected", || {
+        let m = get(lb, "/metrics").unwrap().body;
+        metric_value(&m, "xcluster_config_reload_failures_total", "").filter(|v| *v >= 1.0)
+    });
+    assert_eq!(get(lb, "/v1/servers?type=pay").unwrap().status, 200);
+    assert_eq!(get(lb, "/v1/servers?type=bad").unwrap().status, 404);
+}
