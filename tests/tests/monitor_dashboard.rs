@@ -22,8 +22,8 @@ fn fake_balancer() -> std::net::SocketAddr {
             s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
             let mut buf = [0u8; 2048];
             let _ = s.read(&mut buf);
-            let body = r#"{"version": 42, "instances": [{"id": "app-7", "addr": "127.0.0.1:7101", "state": "healthy",
-                "report_age_ms": 120, "cpu": 0.25, "weights": {"browse": 0.75, "order": 0.5}}]}"#;
+            let body = r#"{"version": 42, "instances": [{"id": "app-7", "addr": "127.0.0.1:7101", "state": "up",
+                "report_age_ms": 120, "cpu": 0.25, "weights": {"browse": 7500, "order": 5000}}]}"#;
             let _ = write!(
                 s,
                 "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
@@ -123,7 +123,10 @@ fn the_dashboard_shows_programs_and_the_cluster_and_reacts_to_a_restart() {
         "{dom}"
     );
     assert!(
-        dom.contains("app-7") && dom.contains("0.750") && dom.contains("w(order)"),
+        dom.contains("app-7")
+            && dom.contains(">7500<")
+            && dom.contains(">25.0%<")
+            && dom.contains("w(order)"),
         "{dom}"
     );
     assert!(

@@ -28,13 +28,64 @@ fn free_block(n: u16) -> u16 {
     panic!("no block of {n} free ports");
 }
 
+/// `configs/local/NAME` with each fixed port replaced by the test's own.
+fn local_with_ports(name: &str, ports: &[(u16, u16)]) -> String {
+    let mut text = std::fs::read_to_string(workspace_root().join("configs/local").join(name)).unwrap();
+    for (from, to) in ports {
+        text = text.replace(&format!("127.0.0.1:{from}\""), &format!("127.0.0.1:{to}\""));
+    }
+    text
+}
+
+fn role_config(dir: &tempfile::TempDir, role: &str, text: &str) -> String {
+    write_file(dir.path(), &format!("{role}.toml"), text)
+        .display()
+        .to_string()
+}
+
 #[test]
 fn up_starts_the_local_cluster_in_order_and_sigint_stops_everything() {
     let base = free_block(7);
     let (lb, app, agent, mon) = (base, base + 2, base + 5, base + 6);
     let run = tempfile::tempdir().unwrap();
     let config = workspace_root().join("configs/local.toml");
+    // The roles' own configs as in configs/local/, but on this test's free ports and temp dir.
+    let proxy = free_addr();
+    let (p1, p2, p3) = (free_port(), free_port(), free_port());
+    let lb_ports = [
+        (7000, lb),
+        (7001, lb + 1),
+        (7400, proxy.port()),
+        (7401, p1),
+        (7402, p2),
+        (7403, p3),
+    ];
+    let lb_file = role_config(&run, "lb", &local_with_ports("lb.toml", &lb_ports));
+    let app_file = role_config(
+        &run,
+        "app",
+        &format!("role = \"app\"\ndb_path = \"{}/xbuy.db\"\n", run.path().display()),
+    );
+    let agent_file = role_config(
+        &run,
+        "agent",
+        &local_with_ports(
+            "agent.toml",
+            &[
+                (7000, lb),
+                (7001, lb + 1),
+                (7101, app),
+                (7102, app + 1),
+                (7103, app + 2),
+            ],
+        ),
+    );
     let sets = [
+        format!("programs.lb.command={{self}} lb --config {lb_file} --set listen=127.0.0.1:{{port}}"),
+        format!("programs.app.command={{self}} app --config {app_file} --set listen=127.0.0.1:{{port}}"),
+        format!(
+            "programs.agent.command={{self}} agent --config {agent_file} --set listen=127.0.0.1:{{port}}"
+        ),
         format!("listen=127.0.0.1:{mon}"),
         format!("run_dir={}", run.path().display()),
         format!("programs.lb.port_base={lb}"),
@@ -98,6 +149,29 @@ fn up_starts_the_local_cluster_in_order_and_sigint_stops_everything() {
             "{n} ready before the agent started: {events:?}"
         );
     }
+    // The cluster works as one: the agent's reports reach both balancers, which list all three apps, and
+    // the balancers' shared L4 listener forwards to an app picked by those weights.
+    for b in [lb, lb + 1] {
+        let b: std::net::SocketAddr = format!("127.0.0.1:{b}").parse().unwrap();
+        eventually(
+            Duration::from_secs(15),
+            &format!("balancer {b} to list three apps"),
+            || {
+                let r = get(b, "/v1/servers?type=browse")
+                    .ok()
+                    .filter(|r| r.status == 200)?;
+                (r.json()["servers"].as_array()?.len() == 3).then_some(())
+            },
+        );
+    }
+    eventually(
+        Duration::from_secs(15),
+        "a browse request through the L4 proxy",
+        || {
+            let r = get(proxy, "/v1/products?limit=1").ok()?;
+            (r.status == 200).then_some(())
+        },
+    );
     let pids: Vec<i32> = names.iter().map(|n| m.pid(n).unwrap()).collect();
 
     up.signal(nix::sys::signal::Signal::SIGINT);

@@ -74,6 +74,10 @@ pub fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
 }
 
 /// The demo catalog: three shops, twelve products, two SKUs each, plus the flash-sale SKU `flash-1`.
+/// Demo buyers seeded with wallet credit (`demo-0`..), and how much each gets.
+pub const DEMO_BUYERS: usize = 1000;
+pub const DEMO_CREDIT_CENTS: i64 = 1_000_000;
+
 pub fn seed_demo(conn: &mut Connection) -> Result<(), StoreError> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let shops: i64 = tx.query_row("SELECT COUNT(*) FROM shops", [], |r| r.get(0))?;
@@ -111,6 +115,9 @@ pub fn seed_demo(conn: &mut Connection) -> Result<(), StoreError> {
          VALUES ('flash-1', 100, 100, 100, 100, 0, 0)",
         [],
     )?;
+    // Demo buyers demo-0..demo-999 get wallet credit, so `xcluster load` can pay for what it orders out of the box.
+    let buyers: Vec<String> = (0..DEMO_BUYERS).map(|i| format!("demo-{i}")).collect();
+    super::sqlite_money::credit(&tx, &buyers, DEMO_CREDIT_CENTS)?;
     tracing::info!(at_ms = now_ms(), "demo catalog seeded");
     tx.commit()?;
     Ok(())

@@ -13,9 +13,11 @@ use http_body_util::Full;
 use rand::Rng;
 
 /// SKUs the generated requests name (`sku-1` ..= `sku-N`).
-const SKU_COUNT: u32 = 100;
+/// The demo catalog XBuy seeds: products 1..=12, each with SKUs `sku-<product>-1` and `-2`.
+const PRODUCTS: u32 = 12;
 /// Users the generated requests act for.
-const USER_COUNT: u64 = 10_000;
+/// Demo buyers `demo-0`.. that XBuy seeds with wallet credit.
+const USER_COUNT: u64 = 1_000;
 /// Order ids remembered for `pay`.
 const ORDER_IDS_KEPT: usize = 4096;
 
@@ -77,7 +79,12 @@ impl Kind {
 }
 
 fn sku() -> String {
-    format!("sku-{}", rand::rng().random_range(1..=SKU_COUNT))
+    let mut rng = rand::rng();
+    format!(
+        "sku-{}-{}",
+        rng.random_range(1..=PRODUCTS),
+        rng.random_range(1..=2)
+    )
 }
 
 fn json_post(path: &str, key: Option<String>, body: serde_json::Value) -> Request<Full<Bytes>> {
@@ -90,7 +97,7 @@ fn json_post(path: &str, key: Option<String>, body: serde_json::Value) -> Reques
 }
 
 fn browse(_: &Ctx, n: u64) -> Request<Full<Bytes>> {
-    let path = format!("/v1/products?limit=20&offset={}", (n % 5) * 20);
+    let path = format!("/v1/products?limit=5&after={}", (n % 3) * 4);
     Request::get(path.as_str())
         .body(Full::new(Bytes::new()))
         .unwrap_or_else(|_| Request::new(Full::new(Bytes::new())))
@@ -98,19 +105,19 @@ fn browse(_: &Ctx, n: u64) -> Request<Full<Bytes>> {
 
 fn order(_: &Ctx, n: u64) -> Request<Full<Bytes>> {
     let key = format!("load-{}-{n}", std::process::id());
-    let user = format!("u{}", n % USER_COUNT);
+    let user = format!("demo-{}", n % USER_COUNT);
     json_post(
         "/v1/orders",
         Some(key),
-        serde_json::json!({"user": user, "items": [{"sku": sku(), "qty": 1}]}),
+        serde_json::json!({"user": user, "lines": [{"sku": sku(), "qty": 1}]}),
     )
 }
 
 fn seckill(_: &Ctx, n: u64) -> Request<Full<Bytes>> {
     let key = format!("load-sk-{}-{n}", std::process::id());
-    let user = format!("u{}", n % USER_COUNT);
+    let user = format!("demo-{}", n % USER_COUNT);
     json_post(
-        &format!("/v1/seckill/{}", sku()),
+        "/v1/seckill/flash-1",
         Some(key),
         serde_json::json!({"user": user}),
     )
