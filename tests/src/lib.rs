@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 pub mod http;
+pub mod services;
 
 pub use http::{HttpResponse, get, request};
 

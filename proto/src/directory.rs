@@ -1,0 +1,188 @@
+//! The client-connection protocol: what a balancer answers to clients (`GET /v1/servers`, `GET /v1/pick`)
+//! and to the dashboard (`GET /v1/status`).
+//!
+//! Weights are integers (0..=[`MAX_WEIGHT`]) so every balancer, given the same reports, publishes the same
+//! table byte for byte; `version` is derived from the table's content, so equal tables have equal versions.
+//!
+//! ```
+//! use xcluster_proto::directory::{ServerList, ServerEntry, InstanceState};
+//! let list: ServerList = serde_json::from_str(r#"{"request_type":"browse","version":7,"ttl_ms":2000,
+//!   "servers":[{"id":"h/app-1","addr":"127.0.0.1:7101","weight":500,"state":"up","report_age_ms":120}],
+//!   "balancers":["127.0.0.1:7000"]}"#).unwrap();
+//! assert_eq!(list.servers[0].state, InstanceState::Up);
+//! assert!(list.validate().is_ok());
+//! ```
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// The largest weight a balancer publishes.
+pub const MAX_WEIGHT: u32 = 10_000;
+/// Largest server-list or pick body a client accepts, in bytes.
+pub const MAX_LIST_BYTES: usize = 1024 * 1024;
+/// Most servers one list may hold.
+pub const MAX_SERVERS: usize = 4096;
+/// Most balancers one list may name.
+pub const MAX_BALANCERS: usize = 64;
+
+/// An instance's state in the directory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum InstanceState {
+    /// Fresh report, ready, full weight.
+    Up,
+    /// New or recovered: weight ramping up.
+    SlowStart,
+    /// Drained by an operator: no new picks.
+    Drained,
+    /// Not ready, or its report is stale: no picks.
+    Down,
+}
+
+/// `GET /v1/servers?type=T[&watch=VERSION]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ServerList {
+    pub request_type: String,
+    /// Changes whenever the table for this type changes; equal tables have equal versions.
+    pub version: u64,
+    /// How long a client may use this list before asking again.
+    pub ttl_ms: u64,
+    pub servers: Vec<ServerEntry>,
+    /// API addresses of every balancer (`ip:port`), so a client learns its peers.
+    pub balancers: Vec<String>,
+}
+
+/// One instance in a server list.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ServerEntry {
+    pub id: String,
+    /// Where to connect, `ip:port`.
+    pub addr: String,
+    /// Relative weight, 0..=MAX_WEIGHT; 0 means "do not pick".
+    pub weight: u32,
+    pub state: InstanceState,
+    /// Age of the report this entry came from, in milliseconds.
+    pub report_age_ms: u64,
+}
+
+/// `GET /v1/pick?type=T`: one instance to connect to now.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Pick {
+    pub request_type: String,
+    pub version: u64,
+    pub id: String,
+    pub addr: String,
+}
+
+/// `GET /v1/status`: the balancer's whole view, for the monitor's dashboard.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(default)]
+pub struct LbStatus {
+    /// This balancer's API address.
+    pub balancer: String,
+    /// Version of the whole table (all types).
+    pub version: u64,
+    pub types: Vec<String>,
+    pub instances: Vec<InstanceStatus>,
+    /// Reports accepted, and rejected by reason.
+    pub reports_accepted: u64,
+    pub reports_rejected: BTreeMap<String, u64>,
+}
+
+/// One instance as the dashboard shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(default)]
+pub struct InstanceStatus {
+    pub id: String,
+    pub addr: String,
+    pub state: Option<InstanceState>,
+    pub report_age_ms: u64,
+    /// Host CPU utilisation, 0..=1.
+    pub cpu: f64,
+    /// Host memory utilisation, 0..=1.
+    pub mem: f64,
+    /// In flight + queued over capacity, 0..=1 (may exceed 1 when overloaded).
+    pub queue: f64,
+    /// Weight per request type.
+    pub weights: BTreeMap<String, u32>,
+}
+
+/// Why a directory answer was refused by a client.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ListError {
+    #[error("server list larger than {MAX_LIST_BYTES} bytes")]
+    TooLarge,
+    #[error("malformed server list: {0}")]
+    Malformed(String),
+}
+
+impl ServerList {
+    /// Decodes and validates a server-list body.
+    pub fn decode(body: &[u8]) -> Result<Self, ListError> {
+        if body.len() > MAX_LIST_BYTES {
+            return Err(ListError::TooLarge);
+        }
+        let list: ServerList =
+            serde_json::from_slice(body).map_err(|e| ListError::Malformed(e.to_string()))?;
+        list.validate()?;
+        Ok(list)
+    }
+
+    /// Checks sizes, addresses and weights.
+    pub fn validate(&self) -> Result<(), ListError> {
+        let bad = |m: String| Err(ListError::Malformed(m));
+        if self.servers.len() > MAX_SERVERS || self.balancers.len() > MAX_BALANCERS {
+            return bad("too many servers or balancers".into());
+        }
+        for s in &self.servers {
+            if s.addr.parse::<std::net::SocketAddr>().is_err() {
+                return bad(format!("server {:?} has an invalid addr {:?}", s.id, s.addr));
+            }
+            if s.weight > MAX_WEIGHT {
+                return bad(format!(
+                    "server {:?} weight {} above {MAX_WEIGHT}",
+                    s.id, s.weight
+                ));
+            }
+        }
+        for b in &self.balancers {
+            if b.parse::<std::net::SocketAddr>().is_err() {
+                return bad(format!("invalid balancer addr {b:?}"));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Pick {
+    /// Decodes and validates a pick body.
+    pub fn decode(body: &[u8]) -> Result<Self, ListError> {
+        if body.len() > MAX_LIST_BYTES {
+            return Err(ListError::TooLarge);
+        }
+        let pick: Pick = serde_json::from_slice(body).map_err(|e| ListError::Malformed(e.to_string()))?;
+        if pick.addr.parse::<std::net::SocketAddr>().is_err() {
+            return Err(ListError::Malformed(format!("invalid addr {:?}", pick.addr)));
+        }
+        Ok(pick)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rejects_bad_lists() {
+        let ok = r#"{"request_type":"t","version":1,"ttl_ms":1,"servers":[],"balancers":[]}"#;
+        assert!(ServerList::decode(ok.as_bytes()).is_ok());
+        let bad_addr = ok.replace("\"balancers\":[]", "\"balancers\":[\"x\"]");
+        assert!(ServerList::decode(bad_addr.as_bytes()).is_err());
+        assert_eq!(
+            ServerList::decode(&vec![b' '; MAX_LIST_BYTES + 1]),
+            Err(ListError::TooLarge)
+        );
+        assert!(Pick::decode(br#"{"request_type":"t","version":1,"id":"a","addr":"nope"}"#).is_err());
+    }
+}

@@ -1,0 +1,260 @@
+//! Load reports: what an agent pushes to every balancer (`POST /v1/reports`), and how they are signed.
+//!
+//! The body is the JSON of a [`LoadReport`]; the header [`SIGNATURE_HEADER`] carries
+//! `hmac-sha256=<hex>` over the exact body bytes with the cluster's shared key. The timestamp and sequence
+//! number are inside the signed body, so a replay or a stale report is detectable by the balancer.
+//!
+//! ```
+//! use xcluster_proto::report::{HostLoad, LoadReport, decode, sign, verify};
+//! let report = LoadReport { agent: "host-a".into(), seq: 1, timestamp_ms: 1_700_000_000_000,
+//!     host: HostLoad { cpu: 0.25, mem: 0.5, load1: 0.8, cores: 2 }, instances: vec![] };
+//! let body = serde_json::to_vec(&report).unwrap();
+//! let sig = sign(b"shared-key", &body);
+//! assert!(verify(b"shared-key", &body, &sig).is_ok());
+//! assert_eq!(decode(&body).unwrap(), report);
+//! ```
+
+use hmac::{Hmac, Mac};
+use serde::{Deserialize, Serialize};
+use sha2::Sha256;
+
+use crate::stats::TypeStats;
+
+/// The HTTP header carrying the signature.
+pub const SIGNATURE_HEADER: &str = "x-xcluster-signature";
+/// Largest report body a balancer accepts, in bytes.
+pub const MAX_REPORT_BYTES: usize = 256 * 1024;
+/// Most instances one report may describe.
+pub const MAX_INSTANCES: usize = 256;
+/// Longest id (agent or instance) in bytes.
+pub const MAX_ID_BYTES: usize = 128;
+
+/// One agent's view of its host and the app instances on it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LoadReport {
+    /// The agent's id (usually the host name); sequence numbers are tracked per agent.
+    pub agent: String,
+    /// Strictly increasing per agent, across agent restarts (agents start from the wall clock in µs).
+    pub seq: u64,
+    /// When the report was made, milliseconds since the Unix epoch.
+    pub timestamp_ms: u64,
+    pub host: HostLoad,
+    pub instances: Vec<InstanceLoad>,
+}
+
+/// Host-wide figures.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct HostLoad {
+    /// CPU utilisation over the last interval, 0..=1 across all cores.
+    pub cpu: f64,
+    /// Memory in use, 0..=1 (1 - MemAvailable/MemTotal).
+    pub mem: f64,
+    /// One-minute load average.
+    pub load1: f64,
+    /// Online cores.
+    pub cores: u32,
+}
+
+/// One app instance on the host.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(default)]
+pub struct InstanceLoad {
+    /// Cluster-unique instance id (e.g. `host-a/app-1`).
+    pub id: String,
+    /// Where clients connect, `ip:port`.
+    pub addr: String,
+    pub ready: bool,
+    pub in_flight: u32,
+    pub queued: u32,
+    pub capacity: u32,
+    pub queue_depth: u64,
+    pub request_rate: f64,
+    pub error_rate: f64,
+    /// Per request type: rate, service time, error rate.
+    pub types: std::collections::BTreeMap<String, TypeStats>,
+    /// The instance process's CPU use, in cores (1.0 = one full core).
+    pub proc_cpu: f64,
+    /// The instance process's resident memory in bytes.
+    pub rss_bytes: u64,
+}
+
+/// Why a report was refused. Each variant is a distinct reason counted by the balancer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReportError {
+    #[error("missing signature header {SIGNATURE_HEADER}")]
+    MissingSignature,
+    #[error("bad signature")]
+    BadSignature,
+    #[error("report body larger than {MAX_REPORT_BYTES} bytes")]
+    TooLarge,
+    #[error("malformed report: {0}")]
+    Malformed(String),
+    #[error("report timestamp {timestamp_ms} is outside the allowed skew of {skew_ms} ms (now {now_ms})")]
+    Skew {
+        timestamp_ms: u64,
+        now_ms: u64,
+        skew_ms: u64,
+    },
+    #[error("sequence number {seq} is not above the last one accepted from agent {agent:?} ({last})")]
+    Replay { agent: String, seq: u64, last: u64 },
+}
+
+impl ReportError {
+    /// A short, bounded label for metrics.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            ReportError::MissingSignature => "missing_signature",
+            ReportError::BadSignature => "bad_signature",
+            ReportError::TooLarge => "too_large",
+            ReportError::Malformed(_) => "malformed",
+            ReportError::Skew { .. } => "skew",
+            ReportError::Replay { .. } => "replay",
+        }
+    }
+}
+
+type HmacSha256 = Hmac<Sha256>;
+
+/// Signs `body` with `key`: the value of the signature header.
+pub fn sign(key: &[u8], body: &[u8]) -> String {
+    // HMAC accepts keys of any length, so this cannot fail.
+    let mut mac = <HmacSha256 as Mac>::new_from_slice(key)
+        .unwrap_or_else(|_| unreachable!("hmac takes any key length"));
+    mac.update(body);
+    format!("hmac-sha256={}", hex::encode(mac.finalize().into_bytes()))
+}
+
+/// Checks a signature header value against `body` in constant time.
+pub fn verify(key: &[u8], body: &[u8], header: &str) -> Result<(), ReportError> {
+    let hex_sig = header
+        .trim()
+        .strip_prefix("hmac-sha256=")
+        .ok_or(ReportError::BadSignature)?;
+    let sig = hex::decode(hex_sig).map_err(|_| ReportError::BadSignature)?;
+    let mut mac = <HmacSha256 as Mac>::new_from_slice(key).map_err(|_| ReportError::BadSignature)?;
+    mac.update(body);
+    mac.verify_slice(&sig).map_err(|_| ReportError::BadSignature)
+}
+
+/// Decodes and validates a report body (size, JSON, ranges). Signature, skew and replay are checked by the
+/// receiver, which knows the key, the clock and the last sequence numbers.
+pub fn decode(body: &[u8]) -> Result<LoadReport, ReportError> {
+    if body.len() > MAX_REPORT_BYTES {
+        return Err(ReportError::TooLarge);
+    }
+    let report: LoadReport =
+        serde_json::from_slice(body).map_err(|e| ReportError::Malformed(e.to_string()))?;
+    report.validate()?;
+    Ok(report)
+}
+
+impl LoadReport {
+    /// Checks every figure is in range.
+    pub fn validate(&self) -> Result<(), ReportError> {
+        let bad = |m: String| Err(ReportError::Malformed(m));
+        if self.agent.is_empty() || self.agent.len() > MAX_ID_BYTES {
+            return bad(format!(
+                "agent id length {} not in 1..={MAX_ID_BYTES}",
+                self.agent.len()
+            ));
+        }
+        if self.instances.len() > MAX_INSTANCES {
+            return bad(format!("{} instances, max {MAX_INSTANCES}", self.instances.len()));
+        }
+        let unit = |v: f64| v.is_finite() && (0.0..=1.0).contains(&v);
+        let nonneg = |v: f64| v.is_finite() && v >= 0.0;
+        if !unit(self.host.cpu) || !unit(self.host.mem) || !nonneg(self.host.load1) {
+            return bad("host cpu/mem must be in 0..=1 and load1 non-negative".into());
+        }
+        if self.host.cores == 0 || self.host.cores > 4096 {
+            return bad(format!("host cores {} not in 1..=4096", self.host.cores));
+        }
+        let mut ids = std::collections::BTreeSet::new();
+        for i in &self.instances {
+            if i.id.is_empty() || i.id.len() > MAX_ID_BYTES || !ids.insert(i.id.as_str()) {
+                return bad(format!("instance id {:?} empty, too long or repeated", i.id));
+            }
+            if i.addr.parse::<std::net::SocketAddr>().is_err() {
+                return bad(format!("instance {:?} has an invalid addr {:?}", i.id, i.addr));
+            }
+            if !unit(i.error_rate) || !nonneg(i.request_rate) || !nonneg(i.proc_cpu) {
+                return bad(format!("instance {:?} has an out-of-range rate", i.id));
+            }
+            if i.types.len() > crate::stats::MAX_REQUEST_TYPES {
+                return bad(format!("instance {:?} reports too many types", i.id));
+            }
+            for (name, t) in &i.types {
+                if name.is_empty()
+                    || name.len() > 64
+                    || !nonneg(t.rate)
+                    || !nonneg(t.service_ms)
+                    || !unit(t.error_rate)
+                {
+                    return bad(format!(
+                        "instance {:?} type {name:?} has an out-of-range figure",
+                        i.id
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report() -> LoadReport {
+        LoadReport {
+            agent: "h".into(),
+            seq: 1,
+            timestamp_ms: 1,
+            host: HostLoad {
+                cpu: 0.1,
+                mem: 0.2,
+                load1: 0.3,
+                cores: 2,
+            },
+            instances: vec![InstanceLoad {
+                id: "h/app-1".into(),
+                addr: "127.0.0.1:7101".into(),
+                ..Default::default()
+            }],
+        }
+    }
+
+    #[test]
+    fn signature_roundtrip_and_tamper() {
+        let body = serde_json::to_vec(&report()).unwrap();
+        let sig = sign(b"k", &body);
+        assert!(verify(b"k", &body, &sig).is_ok());
+        assert_eq!(verify(b"other", &body, &sig), Err(ReportError::BadSignature));
+        let mut tampered = body.clone();
+        tampered[5] ^= 1;
+        assert_eq!(verify(b"k", &tampered, &sig), Err(ReportError::BadSignature));
+        assert_eq!(
+            verify(b"k", &body, "hmac-sha256=zz"),
+            Err(ReportError::BadSignature)
+        );
+        assert_eq!(verify(b"k", &body, "sha1=00"), Err(ReportError::BadSignature));
+    }
+
+    #[test]
+    fn decode_rejects_bad_input() {
+        assert!(matches!(decode(b"{"), Err(ReportError::Malformed(_))));
+        assert_eq!(
+            decode(&vec![b' '; MAX_REPORT_BYTES + 1]),
+            Err(ReportError::TooLarge)
+        );
+        let mut r = report();
+        r.host.cpu = 1.5;
+        assert!(decode(&serde_json::to_vec(&r).unwrap()).is_err());
+        let mut r = report();
+        r.instances[0].addr = "nope".into();
+        assert!(decode(&serde_json::to_vec(&r).unwrap()).is_err());
+        let mut r = report();
+        r.instances.push(r.instances[0].clone());
+        assert!(decode(&serde_json::to_vec(&r).unwrap()).is_err(), "repeated id");
+    }
+}

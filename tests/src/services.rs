@@ -1,0 +1,235 @@
+//! Throwaway PostgreSQL and Redis servers for tests: data in a temporary directory, a free loopback port,
+//! started as real servers and killed (with everything they spawned) when the handle drops.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use crate::{Proc, Spawn, eventually, free_addr};
+
+/// A running PostgreSQL server with a `xcluster` superuser (trust auth on loopback).
+#[derive(Debug)]
+pub struct Postgres {
+    pub addr: SocketAddr,
+    /// `postgres://xcluster@127.0.0.1:PORT/xcluster`
+    pub url: String,
+    _proc: Proc,
+    _dir: tempfile::TempDir,
+}
+
+/// A running Redis server (no persistence).
+#[derive(Debug)]
+pub struct Redis {
+    pub addr: SocketAddr,
+    /// `redis://127.0.0.1:PORT`
+    pub url: String,
+    proc: Option<Proc>,
+    dir: tempfile::TempDir,
+}
+
+fn pg_bin(name: &str) -> PathBuf {
+    // Debian keeps the server binaries out of PATH.
+    let mut versions: Vec<_> = std::fs::read_dir("/usr/lib/postgresql")
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    versions.sort();
+    versions
+        .last()
+        .map(|v| v.join("bin").join(name))
+        .filter(|p| p.exists())
+        .unwrap_or_else(|| PathBuf::from(name))
+}
+
+fn is_root() -> bool {
+    nix::unistd::Uid::effective().is_root()
+}
+
+/// Runs a PostgreSQL tool, as the `postgres` user when we are root (PostgreSQL refuses to run as root).
+fn pg_command(tool: &str) -> Command {
+    if is_root() {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "postgres", "--"]).arg(pg_bin(tool));
+        c
+    } else {
+        Command::new(pg_bin(tool))
+    }
+}
+
+fn make_accessible(dir: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755));
+}
+
+impl Postgres {
+    /// Initialises a cluster in a temp dir and starts it. Panics with the server's output if it cannot.
+    pub fn start() -> Postgres {
+        let dir = tempfile::tempdir().expect("tempdir");
+        make_accessible(dir.path());
+        let data = dir.path().join("data");
+        std::fs::create_dir(&data).expect("mkdir data");
+        if is_root() {
+            let status = Command::new("chown")
+                .arg("postgres:postgres")
+                .arg(&data)
+                .status()
+                .expect("chown");
+            assert!(status.success(), "chown postgres data dir");
+        }
+        let out = pg_command("initdb")
+            .args(["-A", "trust", "-U", "xcluster", "--no-sync", "-D"])
+            .arg(&data)
+            .output()
+            .expect("run initdb");
+        assert!(
+            out.status.success(),
+            "initdb failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let addr = free_addr();
+        let program = if is_root() {
+            PathBuf::from("runuser")
+        } else {
+            pg_bin("postgres")
+        };
+        let mut args: Vec<String> = Vec::new();
+        if is_root() {
+            args.extend(["-u", "postgres", "--"].map(String::from));
+            args.push(pg_bin("postgres").display().to_string());
+        }
+        args.extend([
+            "-D".into(),
+            data.display().to_string(),
+            "-p".into(),
+            addr.port().to_string(),
+            "-k".into(),
+            data.display().to_string(),
+            "-c".into(),
+            "listen_addresses=127.0.0.1".into(),
+            "-c".into(),
+            "max_connections=200".into(),
+        ]);
+        let proc = Proc::spawn(
+            "postgres",
+            &program,
+            Spawn {
+                args,
+                ..Default::default()
+            },
+        );
+        let url = format!("postgres://xcluster@127.0.0.1:{}/postgres", addr.port());
+        eventually(Duration::from_secs(30), "postgres to accept queries", || {
+            let out = Command::new(pg_bin("psql"))
+                .args([
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    &addr.port().to_string(),
+                    "-U",
+                    "xcluster",
+                    "-d",
+                    "postgres",
+                    "-c",
+                    "select 1",
+                ])
+                .output()
+                .ok()?;
+            out.status.success().then_some(())
+        });
+        let created = Command::new(pg_bin("psql"))
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &addr.port().to_string(),
+                "-U",
+                "xcluster",
+                "-d",
+                "postgres",
+                "-c",
+                "create database xcluster",
+            ])
+            .output()
+            .expect("psql");
+        assert!(
+            created.status.success(),
+            "create database: {}",
+            String::from_utf8_lossy(&created.stderr)
+        );
+        let url = url.replace("/postgres", "/xcluster");
+        Postgres {
+            addr,
+            url,
+            _proc: proc,
+            _dir: dir,
+        }
+    }
+}
+
+impl Redis {
+    /// Starts a Redis server with persistence off.
+    pub fn start() -> Redis {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let addr = free_addr();
+        let proc = Self::spawn(addr, dir.path());
+        Redis {
+            addr,
+            url: format!("redis://127.0.0.1:{}", addr.port()),
+            proc: Some(proc),
+            dir,
+        }
+    }
+
+    fn spawn(addr: SocketAddr, dir: &Path) -> Proc {
+        let args = [
+            "--port",
+            &addr.port().to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .chain([dir.display().to_string()])
+        .collect();
+        let proc = Proc::spawn(
+            "redis",
+            Path::new("redis-server"),
+            Spawn {
+                args,
+                ..Default::default()
+            },
+        );
+        eventually(Duration::from_secs(20), "redis to answer PING", || {
+            ping(addr).then_some(())
+        });
+        proc
+    }
+
+    /// Kills the server (SIGKILL) and starts a fresh, empty one on the same port: a Redis restart.
+    pub fn restart(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            p.signal(nix::sys::signal::Signal::SIGKILL);
+            let _ = p.wait_exit(Duration::from_secs(10));
+        }
+        self.proc = Some(Self::spawn(self.addr, self.dir.path()));
+    }
+}
+
+/// Sends `PING` over RESP and expects `+PONG`.
+pub fn ping(addr: SocketAddr) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
+    if s.write_all(b"PING\r\n").is_err() {
+        return false;
+    }
+    let mut buf = [0u8; 7];
+    s.read_exact(&mut buf).is_ok() && &buf == b"+PONG\r\n"
+}
