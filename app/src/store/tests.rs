@@ -1,11 +1,52 @@
-//! Store tests on a real SQLite file: two store handles on one file stand in for two processes.
+//! The store invariant suite, run unchanged against every store (`store_suite!` at the end): SQLite on a real
+//! file, PostgreSQL on a throwaway server. Two store handles on one database stand in for two processes.
 
 use super::sqlite::SqliteStore;
 use super::*;
 use crate::domain::{OrderKind, OrderLineReq, fingerprint, new_order_id, now_ms};
 
-fn open(dir: &tempfile::TempDir) -> SqliteStore {
-    SqliteStore::open(&dir.path().join("x.db"), std::time::Duration::from_secs(10), true).unwrap()
+/// A fresh, seeded database; `open` returns another handle (another "process") on it.
+trait Fixture {
+    fn open(&self) -> Box<dyn Store>;
+}
+
+struct SqliteFixture(tempfile::TempDir);
+
+impl SqliteFixture {
+    fn new() -> Self {
+        SqliteFixture(tempfile::tempdir().unwrap())
+    }
+}
+
+impl Fixture for SqliteFixture {
+    fn open(&self) -> Box<dyn Store> {
+        Box::new(
+            SqliteStore::open(&self.0.path().join("x.db"), std::time::Duration::from_secs(10), true).unwrap(),
+        )
+    }
+}
+
+struct PostgresFixture(xcluster_tests::services::Postgres);
+
+impl PostgresFixture {
+    fn new() -> Self {
+        PostgresFixture(xcluster_tests::services::Postgres::start())
+    }
+}
+
+impl Fixture for PostgresFixture {
+    fn open(&self) -> Box<dyn Store> {
+        Box::new(
+            super::postgres::PostgresStore::open(&super::postgres::PgOptions {
+                url: self.0.url.clone(),
+                pool_size: 8,
+                connect_timeout: std::time::Duration::from_secs(5),
+                statement_timeout: std::time::Duration::from_secs(10),
+                seed_demo: true,
+            })
+            .unwrap(),
+        )
+    }
 }
 
 fn order(user: &str, key: Option<&str>, kind: OrderKind, sku: &str, qty: u32, ttl_ms: i64) -> NewOrder {
@@ -23,20 +64,18 @@ fn order(user: &str, key: Option<&str>, kind: OrderKind, sku: &str, qty: u32, tt
     }
 }
 
-fn create(s: &SqliteStore, o: NewOrder, inline: bool) -> Result<Created, Reject> {
+fn create(s: &dyn Store, o: NewOrder, inline: bool) -> Result<Created, Reject> {
     s.create_orders(&[o], inline).unwrap().pop().unwrap()
 }
 
-fn assert_audit(s: &SqliteStore) -> AuditReport {
+fn assert_audit(s: &dyn Store) -> AuditReport {
     let r = s.audit().unwrap();
     assert!(r.ok, "audit failed: {:?}", r.failures());
     r
 }
 
-#[test]
-fn idempotent_create_and_conflict() {
-    let dir = tempfile::tempdir().unwrap();
-    let s = open(&dir);
+fn idempotent_create_and_conflict(fx: &dyn Fixture) {
+    let s = fx.open();
     let a = create(
         &s,
         order("u1", Some("k"), OrderKind::Regular, "sku-1-1", 2, 60_000),
@@ -63,10 +102,8 @@ fn idempotent_create_and_conflict() {
     assert_eq!(r.totals.units_reserved, 2);
 }
 
-#[test]
-fn never_oversells_and_rejects_in_a_batch_independently() {
-    let dir = tempfile::tempdir().unwrap();
-    let s = open(&dir);
+fn never_oversells_and_rejects_in_a_batch_independently(fx: &dyn Fixture) {
+    let s = fx.open();
     let batch: Vec<NewOrder> = (0..150)
         .map(|i| order(&format!("u{i}"), None, OrderKind::Regular, "flash-1", 1, 60_000))
         .collect();
@@ -91,10 +128,8 @@ fn never_oversells_and_rejects_in_a_batch_independently() {
     assert_eq!(assert_audit(&s).totals.effects, 100);
 }
 
-#[test]
-fn pay_refund_settle_balance_the_ledger() {
-    let dir = tempfile::tempdir().unwrap();
-    let s = open(&dir);
+fn pay_refund_settle_balance_the_ledger(fx: &dyn Fixture) {
+    let s = fx.open();
     s.credit(&["u1".into(), "u2".into()], 1000).unwrap();
     let a = create(
         &s,
@@ -147,11 +182,9 @@ fn pay_refund_settle_balance_the_ledger() {
     assert_audit(&s);
 }
 
-#[test]
-fn reservations_expire_exactly_once_across_handles() {
-    let dir = tempfile::tempdir().unwrap();
-    let s1 = open(&dir);
-    let s2 = open(&dir);
+fn reservations_expire_exactly_once_across_handles(fx: &dyn Fixture) {
+    let s1 = fx.open();
+    let s2 = fx.open();
     for i in 0..20 {
         create(
             &s1,
@@ -182,10 +215,8 @@ fn reservations_expire_exactly_once_across_handles() {
     assert_eq!(assert_audit(&s2).totals.units_reserved, 0);
 }
 
-#[test]
-fn flash_sale_buckets_and_user_limit() {
-    let dir = tempfile::tempdir().unwrap();
-    let s = open(&dir);
+fn flash_sale_buckets_and_user_limit(fx: &dyn Fixture) {
+    let s = fx.open();
     let sku = s.open_flash_sale("flash-1", 8).unwrap().unwrap();
     assert_eq!((sku.available, sku.bucketed), (0, 100));
     let first = create(
@@ -215,4 +246,24 @@ fn flash_sale_buckets_and_user_limit() {
         (r.totals.units_reserved, r.totals.units_available - 24_000),
         (100, 0)
     );
+}
+
+/// Runs every suite function as a test against the fixture `$fx`.
+macro_rules! store_suite {
+    ($fx:ty: $($name:ident),* $(,)?) => {
+        $(
+            #[test]
+            fn $name() {
+                super::$name(&<$fx>::new());
+            }
+        )*
+    };
+}
+
+mod sqlite {
+    store_suite!(super::SqliteFixture: idempotent_create_and_conflict, never_oversells_and_rejects_in_a_batch_independently, pay_refund_settle_balance_the_ledger, reservations_expire_exactly_once_across_handles, flash_sale_buckets_and_user_limit);
+}
+
+mod postgres {
+    store_suite!(super::PostgresFixture: idempotent_create_and_conflict, never_oversells_and_rejects_in_a_batch_independently, pay_refund_settle_balance_the_ledger, reservations_expire_exactly_once_across_handles, flash_sale_buckets_and_user_limit);
 }
