@@ -34,13 +34,16 @@ struct TypeCounters {
     service_us: AtomicU64,
 }
 
+/// Cumulative (done, errors, service µs) of one type at the last roll.
+type Totals = (u64, u64, u64);
+
 /// Live counters and the last published window.
 #[derive(Debug)]
 pub struct Stats {
     types: [TypeCounters; 5],
     pub in_flight: AtomicU32,
     window: ArcSwap<Window>,
-    last: Mutex<(Instant, [(u64, u64, u64); 5])>,
+    last: Mutex<(Instant, [Totals; 5])>,
 }
 
 /// Figures over the last sampling window.

@@ -1,0 +1,385 @@
+//! XBuy's API edges on real processes: every malformed request gets a 4xx JSON error, reservations expire
+//! exactly once across processes, payments and refunds through the API keep the ledger balanced, the stats
+//! contract for the agent, and the token-protected degrade switch.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+#[path = "app_common.rs"]
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use serde_json::json;
+use xcluster_tests::*;
+
+#[test]
+fn every_malformed_request_gets_a_4xx_json_error() {
+    let db = Db::new();
+    let (_p, addrs) = start_apps(&db, 1, "max_body_bytes = 2048");
+    let a = addrs[0];
+    let order = |key: Option<&str>, body: &str| {
+        let mut h = vec![("Content-Type", "application/json")];
+        if let Some(k) = key {
+            h.push(("Idempotency-Key", k));
+        }
+        request(a, "POST", "/v1/orders", &h, Some(body.as_bytes())).unwrap()
+    };
+    let long_key = "k".repeat(200);
+    let big = format!("{{\"user\":\"u\",\"lines\":[],\"pad\":\"{}\"}}", "x".repeat(4096));
+    let cases: Vec<(&str, HttpResponse)> = vec![
+        (
+            "no key",
+            order(None, r#"{"user":"u","lines":[{"sku":"sku-1-1","qty":1}]}"#),
+        ),
+        (
+            "bad key",
+            order(
+                Some(&long_key),
+                r#"{"user":"u","lines":[{"sku":"sku-1-1","qty":1}]}"#,
+            ),
+        ),
+        ("not json", order(Some("k1"), "not json")),
+        ("empty body", order(Some("k1"), "")),
+        (
+            "unknown field",
+            order(Some("k1"), r#"{"user":"u","lines":[],"x":1}"#),
+        ),
+        ("no lines", order(Some("k1"), r#"{"user":"u","lines":[]}"#)),
+        (
+            "zero qty",
+            order(Some("k1"), r#"{"user":"u","lines":[{"sku":"sku-1-1","qty":0}]}"#),
+        ),
+        (
+            "negative qty",
+            order(Some("k1"), r#"{"user":"u","lines":[{"sku":"sku-1-1","qty":-1}]}"#),
+        ),
+        (
+            "huge qty",
+            order(
+                Some("k1"),
+                r#"{"user":"u","lines":[{"sku":"sku-1-1","qty":99999999999}]}"#,
+            ),
+        ),
+        (
+            "bad user",
+            order(
+                Some("k1"),
+                r#"{"user":"a b","lines":[{"sku":"sku-1-1","qty":1}]}"#,
+            ),
+        ),
+        (
+            "dup sku",
+            order(
+                Some("k1"),
+                r#"{"user":"u","lines":[{"sku":"a","qty":1},{"sku":"a","qty":1}]}"#,
+            ),
+        ),
+        (
+            "unknown sku",
+            order(Some("k2"), r#"{"user":"u","lines":[{"sku":"nope","qty":1}]}"#),
+        ),
+        ("too large", order(Some("k1"), &big)),
+        (
+            "too much stock",
+            order(
+                Some("k3"),
+                r#"{"user":"u","lines":[{"sku":"sku-1-1","qty":5000}]}"#,
+            ),
+        ),
+        ("unknown path", get(a, "/v1/nothing").unwrap()),
+        (
+            "wrong method",
+            request(a, "DELETE", "/v1/orders", &[], None).unwrap(),
+        ),
+        ("bad product id", get(a, "/v1/products/abc").unwrap()),
+        ("missing product", get(a, "/v1/products/999999").unwrap()),
+        ("missing order", get(a, "/v1/orders/o-missing").unwrap()),
+        ("bad order id", get(a, "/v1/orders/o%20x").unwrap()),
+        ("bad query", get(a, "/v1/products?limit=0").unwrap()),
+        ("unknown query", get(a, "/v1/products?color=red").unwrap()),
+        (
+            "pay missing",
+            post(a, "/v1/orders/o-missing/pay", None, false, &json!({})).unwrap(),
+        ),
+        (
+            "seckill bad body",
+            request(a, "POST", "/v1/seckill/flash-1", &[], Some(b"{\"usr\":1}")).unwrap(),
+        ),
+        (
+            "seckill bad qty",
+            post(
+                a,
+                "/v1/seckill/flash-1",
+                None,
+                false,
+                &json!({"user": "u", "qty": 0}),
+            )
+            .unwrap(),
+        ),
+        (
+            "callback no token",
+            post(a, "/v1/payments/callback", None, false, &json!({})).unwrap(),
+        ),
+        (
+            "callback bad status",
+            post(
+                a,
+                "/v1/payments/callback",
+                None,
+                true,
+                &json!({"payment_id": "p", "order_id": "o", "amount_cents": 1, "status": "maybe"}),
+            )
+            .unwrap(),
+        ),
+        (
+            "refund missing",
+            post(a, "/v1/refunds", None, true, &json!({"order_id": "o-missing"})).unwrap(),
+        ),
+        (
+            "degrade no token",
+            post(a, "/admin/degrade", None, false, &json!({"level": "sync"})).unwrap(),
+        ),
+        (
+            "degrade bad level",
+            post(a, "/admin/degrade", None, true, &json!({"level": "fast"})).unwrap(),
+        ),
+        (
+            "credit negative",
+            post(
+                a,
+                "/admin/credit",
+                None,
+                true,
+                &json!({"users": ["u"], "amount_cents": -5}),
+            )
+            .unwrap(),
+        ),
+        (
+            "stock unknown sku",
+            post(
+                a,
+                "/v1/merchant/stock",
+                None,
+                true,
+                &json!({"updates": [{"sku": "nope", "receive": 1}]}),
+            )
+            .unwrap(),
+        ),
+        (
+            "flash bad buckets",
+            post(
+                a,
+                "/v1/merchant/flash-sales/flash-1",
+                None,
+                true,
+                &json!({"buckets": 500}),
+            )
+            .unwrap(),
+        ),
+    ];
+    for (what, r) in &cases {
+        assert!(
+            (400..500).contains(&r.status),
+            "{what}: status {} body {}",
+            r.status,
+            r.body
+        );
+        let v: serde_json::Value =
+            serde_json::from_str(&r.body).unwrap_or_else(|e| panic!("{what}: not JSON ({e}): {}", r.body));
+        assert!(
+            v["error"]["code"].is_string() && v["error"]["message"].is_string(),
+            "{what}: {v}"
+        );
+    }
+    // Nothing malformed left a trace in the store.
+    assert_eq!(audit_ok(a)["totals"]["orders"], 0);
+}
+
+#[test]
+fn reservations_expire_exactly_once_across_processes() {
+    let db = Db::new();
+    let (procs, addrs) = start_apps(&db, 2, "reservation_ttl_ms = 2500");
+    let ids = parallel(50, 10, |i| {
+        buy(&addrs, i, &format!("u{i}"), &format!("e{i}"), "sku-8-1", false).unwrap()
+    });
+    assert_eq!(sku_stock(addrs[0], 8, "sku-8-1")["reserved"], 50);
+    let totals = eventually(Duration::from_secs(20), "every reservation expired", || {
+        let t = audit_ok(addrs[1])["totals"].clone();
+        (t["expired"] == 50).then_some(t)
+    });
+    assert_eq!(totals["units_reserved"], 0);
+    let stock = sku_stock(addrs[0], 8, "sku-8-1");
+    assert_eq!(
+        (stock["available"].as_i64(), stock["reserved"].as_i64()),
+        (Some(1000), Some(0))
+    );
+    // Both sweepers ran; together they expired each reservation once.
+    let expired: f64 = addrs
+        .iter()
+        .map(|a| {
+            metric_value(
+                &get(*a, "/metrics").unwrap().body,
+                "xcluster_app_reservations_expired_total",
+                "",
+            )
+            .unwrap_or(0.0)
+        })
+        .sum();
+    assert_eq!(expired, 50.0);
+    // An expired order can be neither paid nor cancelled back into stock.
+    let r = post(
+        addrs[0],
+        &format!("/v1/orders/{}/pay", ids[0]),
+        None,
+        false,
+        &json!({}),
+    )
+    .unwrap();
+    assert_eq!(r.status, 409, "{}", r.body);
+    let r = post(
+        addrs[1],
+        &format!("/v1/orders/{}/cancel", ids[1]),
+        None,
+        false,
+        &json!({}),
+    )
+    .unwrap();
+    assert_eq!(r.status, 409, "{}", r.body);
+    audit_ok(addrs[0]);
+    drop(procs);
+}
+
+#[test]
+fn payments_refunds_and_settlement_balance_the_ledger() {
+    let db = Db::new();
+    let (_p, addrs) = start_apps(&db, 2, "");
+    let (a, b) = (addrs[0], addrs[1]);
+    credit(a, &["alice".to_string()], 700);
+    let o1 = buy(&addrs, 0, "alice", "p1", "sku-1-1", true).unwrap();
+    assert_eq!(get(b, "/v1/wallets/alice").unwrap().json()["balance_cents"], 90);
+    // Not enough left for a second one: 402, the reservation stays.
+    let o2 = buy(&addrs, 1, "alice", "p2", "sku-1-1", false).unwrap();
+    let r = post(b, &format!("/v1/orders/{o2}/pay"), None, false, &json!({})).unwrap();
+    assert_eq!(r.status, 402, "{}", r.body);
+    // The provider pays it instead; the callback delivered twice (to two instances) has one effect.
+    let cb = json!({"payment_id": "psp-1", "order_id": o2, "amount_cents": 610, "status": "succeeded"});
+    for addr in [a, b] {
+        let r = post(addr, "/v1/payments/callback", None, true, &cb).unwrap();
+        assert_eq!(r.status, 200, "{}", r.body);
+        assert_eq!(r.json()["paid_via"], "psp");
+    }
+    let wrong = json!({"payment_id": "psp-2", "order_id": o2, "amount_cents": 1, "status": "succeeded"});
+    assert_eq!(
+        post(a, "/v1/payments/callback", None, true, &wrong)
+            .unwrap()
+            .status,
+        422
+    );
+    // Refund the wallet payment twice: one effect, money back.
+    for addr in [a, b] {
+        let r = post(addr, "/v1/refunds", None, true, &json!({"order_id": o1})).unwrap();
+        assert_eq!(r.status, 200, "{}", r.body);
+        assert_eq!(r.json()["status"], "refunded");
+    }
+    assert_eq!(get(a, "/v1/wallets/alice").unwrap().json()["balance_cents"], 700);
+    let r = post(b, &format!("/v1/orders/{o2}/fulfil"), None, true, &json!({})).unwrap();
+    assert_eq!(r.json()["status"], "fulfilled");
+    let s = post(a, "/admin/settlements", None, true, &json!({}))
+        .unwrap()
+        .json();
+    let settled: i64 = s["settlements"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x["amount_cents"].as_i64().unwrap())
+        .sum();
+    assert_eq!(settled, 610);
+    let totals = drained_totals(b);
+    assert_eq!(
+        (totals["refunded"].as_u64(), totals["fulfilled"].as_u64()),
+        (Some(1), Some(1))
+    );
+}
+
+#[test]
+fn stats_contract_degrade_switch_and_flash_sale() {
+    let db = Db::new();
+    let (_p, addrs) = start_apps(&db, 1, "[slowdown]\ncpu_us_per_request = { seckill = 200 }");
+    let a = addrs[0];
+    let opened = post(
+        a,
+        "/v1/merchant/flash-sales/flash-1",
+        None,
+        true,
+        &json!({"buckets": 4}),
+    )
+    .unwrap();
+    assert_eq!(opened.json()["bucketed"], 100, "{}", opened.body);
+    let res = parallel(150, 20, |i| {
+        until_answered(&addrs, i, |x| {
+            post(
+                x,
+                "/v1/seckill/flash-1",
+                None,
+                false,
+                &json!({"user": format!("s{i}")}),
+            )
+        })
+    });
+    assert_eq!(res.iter().filter(|r| r.status == 201).count(), 100);
+    assert!(res.iter().filter(|r| r.status != 201).all(|r| r.status == 409));
+    // The per-user limit holds.
+    let first = res.iter().position(|r| r.status == 201).unwrap();
+    let again = post(
+        a,
+        "/v1/seckill/flash-1",
+        None,
+        false,
+        &json!({"user": format!("s{first}")}),
+    )
+    .unwrap();
+    assert!(again.status == 429 || again.status == 409, "{}", again.body);
+    let stats = eventually(
+        Duration::from_secs(10),
+        "a stats window with seckill traffic",
+        || {
+            let s = get(a, "/v1/stats").unwrap().json();
+            (s["types"]["seckill"]["rate"].as_f64().unwrap_or(0.0) > 0.0).then_some(s)
+        },
+    );
+    assert_eq!(stats["instance"], "app-1");
+    assert_eq!(stats["ready"], true);
+    assert!(stats["capacity"].as_u64().unwrap() > 0);
+    for t in ["browse", "order", "seckill", "pay"] {
+        assert!(stats["types"][t]["service_ms"].is_number(), "{stats}");
+    }
+    assert!(
+        stats["types"]["seckill"]["service_ms"].as_f64().unwrap() >= 0.2,
+        "the CPU knob shows: {stats}"
+    );
+    // The degrade switch: token-protected, visible, and enforced.
+    assert_eq!(
+        post(a, "/admin/degrade", None, false, &json!({"level": "read_only"}))
+            .unwrap()
+            .status,
+        401
+    );
+    let d = post(a, "/admin/degrade", None, true, &json!({"level": "read_only"}))
+        .unwrap()
+        .json();
+    assert_eq!(d["level"], "read_only");
+    assert_eq!(
+        post(a, "/v1/seckill/flash-1", None, false, &json!({"user": "late"}))
+            .unwrap()
+            .status,
+        503
+    );
+    let d = post(a, "/admin/degrade", None, true, &json!({"level": "auto"}))
+        .unwrap()
+        .json();
+    assert_eq!(d["manual"], serde_json::Value::Null);
+    assert_eq!(get(a, "/admin/degrade").unwrap().json()["level"], "sync");
+    let totals = drained_totals(a);
+    assert_eq!(totals["units_reserved"], 100);
+}
