@@ -2,8 +2,6 @@
 //! `redis_url`, and the `[postgres]` and `[redis]` sections with pool size and timeouts. All need a restart.
 //! Passwords in the URLs are hidden by [`redact_url`] whenever the config is shown.
 
-use std::time::Duration;
-
 use serde::{Deserialize, Serialize};
 use xcluster_runtime::Validator;
 
@@ -72,14 +70,22 @@ pub fn validate(
 ) -> (Backend, Option<RedisOptions>) {
     let pool_size = v.range("postgres.pool_size", pg.pool_size, 1, 256) as usize;
     let connect_timeout = v.millis("postgres.connect_timeout_ms", pg.connect_timeout_ms, 10, 60_000);
-    let statement_timeout = v.millis("postgres.statement_timeout_ms", pg.statement_timeout_ms, 10, 600_000);
+    let statement_timeout = v.millis(
+        "postgres.statement_timeout_ms",
+        pg.statement_timeout_ms,
+        10,
+        600_000,
+    );
     let backend = match store {
         "sqlite" => Backend::Sqlite,
         "postgres" => {
             v.check(
                 postgres_url.starts_with("postgres://") || postgres_url.starts_with("postgresql://"),
                 "postgres_url",
-                || "store = \"postgres\" needs postgres_url = \"postgres://user[:password]@host:port/db\"".into(),
+                || {
+                    "store = \"postgres\" needs postgres_url = \"postgres://user[:password]@host:port/db\""
+                        .into()
+                },
             );
             Backend::Postgres(PgOptions {
                 url: postgres_url.to_string(),
@@ -90,7 +96,10 @@ pub fn validate(
             })
         }
         other => {
-            v.error("store", format!("unknown store {other:?} (expected sqlite or postgres)"));
+            v.error(
+                "store",
+                format!("unknown store {other:?} (expected sqlite or postgres)"),
+            );
             Backend::Sqlite
         }
     };
@@ -100,11 +109,9 @@ pub fn validate(
     let redis = if redis_url.is_empty() {
         None
     } else {
-        v.check(
-            crate::resp::parse_url(redis_url).is_some(),
-            "redis_url",
-            || "expected redis://[:password@]host:port".into(),
-        );
+        v.check(crate::resp::parse_url(redis_url).is_some(), "redis_url", || {
+            "expected redis://[:password@]host:port".into()
+        });
         Some(RedisOptions {
             url: redis_url.to_string(),
             timeout,
@@ -147,7 +154,15 @@ mod tests {
     #[test]
     fn postgres_needs_a_url() {
         let mut v = Validator::new();
-        let (_, r) = validate(&mut v, "postgres", "", &PostgresSection::default(), "", &RedisSection::default(), true);
+        let (_, r) = validate(
+            &mut v,
+            "postgres",
+            "",
+            &PostgresSection::default(),
+            "",
+            &RedisSection::default(),
+            true,
+        );
         assert!(r.is_none());
         assert!(v.finish(()).is_err());
     }

@@ -88,7 +88,8 @@ fn bought_key(sku: &str) -> String {
 
 impl RedisGate {
     pub fn new(opts: RedisOptions) -> Result<RedisGate, String> {
-        let (addr, password) = resp::parse_url(&opts.url).ok_or("redis_url must be redis://[:password@]host:port")?;
+        let (addr, password) =
+            resp::parse_url(&opts.url).ok_or("redis_url must be redis://[:password@]host:port")?;
         Ok(RedisGate {
             addr,
             password,
@@ -181,19 +182,27 @@ impl RedisGate {
     pub async fn release(&self, sku: &str, user: &str, qty: u32) {
         let (stock, bought) = (stock_key(sku), bought_key(sku));
         let qty = qty.to_string();
-        self.call(&["EVAL", RELEASE, "2", &stock, &bought, user, &qty]).await;
+        self.call(&["EVAL", RELEASE, "2", &stock, &bought, user, &qty])
+            .await;
     }
 
     /// Sets a SKU's stock counter to what the store says is sellable. The counter expires unless rebuilt,
     /// so a stopped reconciler cannot leave Redis rejecting on stale numbers for long.
     async fn set_stock(&self, sku: &str, sellable: i64) {
-        let ttl = (self.opts.rebuild_every.as_millis() as u64 * 10).max(5_000).to_string();
+        let ttl = (self.opts.rebuild_every.as_millis() as u64 * 10)
+            .max(5_000)
+            .to_string();
         self.call(&["SET", &stock_key(sku), &sellable.max(0).to_string(), "PX", &ttl])
             .await;
     }
 
     fn hot(&self) -> Vec<String> {
-        self.hot.lock().unwrap_or_else(|e| e.into_inner()).iter().cloned().collect()
+        self.hot
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .cloned()
+            .collect()
     }
 }
 

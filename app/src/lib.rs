@@ -91,12 +91,12 @@ pub async fn run(ctx: Context<Config>) -> Result<(), Error> {
     })?;
     let exec = exec::StoreExec::new(opened, cfg.store_threads);
     let redis_gate = match &cfg.redis {
-        Some(opts) => Some(Arc::new(
-            gate_redis::RedisGate::new(opts.clone()).map_err(|e| Error::Store {
+        Some(opts) => Some(Arc::new(gate_redis::RedisGate::new(opts.clone()).map_err(
+            |e| Error::Store {
                 path: config_backend::redact_url(&opts.url),
                 source: store::StoreError::Internal(e),
-            })?,
-        )),
+            },
+        )?)),
         None => None,
     };
     let background = CancellationToken::new();

@@ -87,7 +87,10 @@ impl Conn {
 
     async fn line(&mut self) -> Result<String, RespError> {
         let mut line = Vec::new();
-        let n = (&mut self.io).take(MAX_BULK as u64).read_until(b'\n', &mut line).await?;
+        let n = (&mut self.io)
+            .take(MAX_BULK as u64)
+            .read_until(b'\n', &mut line)
+            .await?;
         if n == 0 || !line.ends_with(b"\r\n") {
             return Err(RespError::Protocol("connection closed mid-reply".into()));
         }
@@ -98,8 +101,11 @@ impl Conn {
     /// Reads one value; an array is returned with placeholder items for the caller to fill.
     async fn read_value(&mut self) -> Result<Value, RespError> {
         let line = self.line().await?;
-        let (kind, rest) = line.split_at(line.len().min(1));
-        let int = || rest.parse::<i64>().map_err(|_| RespError::Protocol(format!("bad length {rest:?}")));
+        let (kind, rest) = (line.get(..1).unwrap_or(""), line.get(1..).unwrap_or(""));
+        let int = || {
+            rest.parse::<i64>()
+                .map_err(|_| RespError::Protocol(format!("bad length {rest:?}")))
+        };
         match kind {
             "+" => Ok(Value::Text(rest.to_string())),
             "-" => Err(RespError::Server(rest.to_string())),
@@ -158,7 +164,10 @@ mod tests {
 
     #[test]
     fn urls() {
-        assert_eq!(parse_url("redis://127.0.0.1:6379"), Some(("127.0.0.1:6379".into(), None)));
+        assert_eq!(
+            parse_url("redis://127.0.0.1:6379"),
+            Some(("127.0.0.1:6379".into(), None))
+        );
         assert_eq!(
             parse_url("redis://:s3cret@10.0.0.1:6379/0"),
             Some(("10.0.0.1:6379".into(), Some("s3cret".into())))

@@ -50,7 +50,9 @@ sold_out_gate_ms = 0
         pg = pg.url,
         redis = redis.url,
     );
-    write_file(dir, &format!("app{n}.toml"), &text).display().to_string()
+    write_file(dir, &format!("app{n}.toml"), &text)
+        .display()
+        .to_string()
 }
 
 fn start_app(n: usize, config: &str, addr: SocketAddr) -> Proc {
@@ -77,7 +79,11 @@ fn redis_answers(addrs: &[SocketAddr]) -> f64 {
             ["taken", "sold_out", "over_limit"]
                 .iter()
                 .filter_map(|ans| {
-                    metric_value(&m.body, "xcluster_app_redis_gate_total", &format!("answer=\"{ans}\""))
+                    metric_value(
+                        &m.body,
+                        "xcluster_app_redis_gate_total",
+                        &format!("answer=\"{ans}\""),
+                    )
                 })
                 .sum::<f64>()
         })
@@ -98,8 +104,13 @@ fn three_instances_sell_exactly_the_stock_through_kill_and_redis_restart() {
     let pg = Postgres::start();
     let mut redis = Redis::start();
     let dir = tempfile::tempdir().unwrap();
-    let addrs: Vec<SocketAddr> = ["127.0.0.2", "127.0.0.3", "127.0.0.4"].iter().map(|ip| free_on(ip)).collect();
-    let configs: Vec<String> = (0..3).map(|n| app_config(dir.path(), n, addrs[n], &pg, &redis)).collect();
+    let addrs: Vec<SocketAddr> = ["127.0.0.2", "127.0.0.3", "127.0.0.4"]
+        .iter()
+        .map(|ip| free_on(ip))
+        .collect();
+    let configs: Vec<String> = (0..3)
+        .map(|n| app_config(dir.path(), n, addrs[n], &pg, &redis))
+        .collect();
     // One instance first: it migrates and seeds; the others find the schema in place.
     let mut apps: Vec<Proc> = vec![start_app(0, &configs[0], addrs[0])];
     for n in 1..3 {
@@ -137,7 +148,13 @@ fn three_instances_sell_exactly_the_stock_through_kill_and_redis_restart() {
                         assert!(Instant::now() < deadline, "buyer {i} never got an answer");
                         let addr = addrs[(i + w + attempt) % addrs.len()];
                         attempt += 1;
-                        match request(addr, "POST", "/v1/seckill/flash-1", &[("Content-Type", "application/json")], Some(body.as_bytes())) {
+                        match request(
+                            addr,
+                            "POST",
+                            "/v1/seckill/flash-1",
+                            &[("Content-Type", "application/json")],
+                            Some(body.as_bytes()),
+                        ) {
                             Ok(r) if r.status == 503 => std::thread::sleep(Duration::from_millis(20)),
                             Ok(r) => break r,
                             Err(e) => {
@@ -193,17 +210,33 @@ fn three_instances_sell_exactly_the_stock_through_kill_and_redis_restart() {
         assert_eq!(t["units_reserved"], 100, "{t}");
     }
     // Orders the store holds beyond the acknowledged ones are exactly those whose answer was lost.
-    assert!(100 - o.acked.len() <= o.ambiguous, "{} acked, {} ambiguous", o.acked.len(), o.ambiguous);
+    assert!(
+        100 - o.acked.len() <= o.ambiguous,
+        "{} acked, {} ambiguous",
+        o.acked.len(),
+        o.ambiguous
+    );
 
     // The Redis gate answered during the sale, and after the restart it is rebuilt and rejects early again.
     let seen = redis_answers(&addrs);
     assert!(seen > 0.0, "the Redis gate never answered");
-    eventually(Duration::from_secs(30), "the rebuilt Redis gate to answer sold out", || {
-        let before = redis_answers(&addrs);
-        for a in &addrs {
-            let r = request(*a, "POST", "/v1/seckill/flash-1", &[("Content-Type", "application/json")], Some(br#"{"user": "late"}"#)).unwrap();
-            assert_eq!(r.status, 409, "{}", r.body);
-        }
-        (redis_answers(&addrs) >= before + 3.0).then_some(())
-    });
+    eventually(
+        Duration::from_secs(30),
+        "the rebuilt Redis gate to answer sold out",
+        || {
+            let before = redis_answers(&addrs);
+            for a in &addrs {
+                let r = request(
+                    *a,
+                    "POST",
+                    "/v1/seckill/flash-1",
+                    &[("Content-Type", "application/json")],
+                    Some(br#"{"user": "late"}"#),
+                )
+                .unwrap();
+                assert_eq!(r.status, 409, "{}", r.body);
+            }
+            (redis_answers(&addrs) >= before + 3.0).then_some(())
+        },
+    );
 }

@@ -157,7 +157,7 @@ impl PostgresStore {
             .keepalives_idle(Duration::from_secs(30))
             .application_name("xcluster-app")
             // A killed instance's open transaction must not hold row locks for long.
-            .options(format!(
+            .options(&format!(
                 "-c statement_timeout={ms} -c lock_timeout={ms} -c idle_in_transaction_session_timeout={}",
                 ms.max(1000) * 2
             ));
@@ -272,7 +272,10 @@ impl PostgresStore {
         out
     }
 
-    pub(crate) fn write<T>(&self, mut f: impl FnMut(&mut Tx<'_>) -> Result<T, StoreError>) -> Result<T, StoreError> {
+    pub(crate) fn write<T>(
+        &self,
+        mut f: impl FnMut(&mut Tx<'_>) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
         self.run(IsolationLevel::ReadCommitted, false, &mut f, |_| true)
     }
 

@@ -43,23 +43,23 @@ fn post(t: &mut Tx<'_>, kind: &str, reference: &str, entries: &[(String, Cents)]
 }
 
 pub fn balance(t: &mut Tx<'_>, account: &str) -> Result<Cents, StoreError> {
-    Ok(t
-        .opt("SELECT balance FROM accounts WHERE account = $1", &[&account])?
-        .map(|r| r.get(0))
-        .unwrap_or(0))
+    Ok(
+        t.opt("SELECT balance FROM accounts WHERE account = $1", &[&account])?
+            .map(|r| r.get(0))
+            .unwrap_or(0),
+    )
 }
 
 /// What each shop is owed for an order.
 fn shop_shares(t: &mut Tx<'_>, order_id: &str) -> Result<Vec<(String, Cents)>, StoreError> {
-    Ok(t
-        .query(
-            "SELECT shop_id, SUM(qty * price_cents)::BIGINT FROM order_lines WHERE order_id = $1
+    Ok(t.query(
+        "SELECT shop_id, SUM(qty * price_cents)::BIGINT FROM order_lines WHERE order_id = $1
              GROUP BY shop_id ORDER BY shop_id",
-            &[&order_id],
-        )?
-        .iter()
-        .map(|r| (format!("shop:{}", r.get::<_, i64>(0)), r.get(1)))
-        .collect())
+        &[&order_id],
+    )?
+    .iter()
+    .map(|r| (format!("shop:{}", r.get::<_, i64>(0)), r.get(1)))
+    .collect())
 }
 
 fn order(t: &mut Tx<'_>, id: &str) -> Res<OrderView> {
@@ -101,7 +101,10 @@ pub fn pay(t: &mut Tx<'_>, id: &str, via: Option<&PaymentCallback>, inline_weak:
     };
     if via.is_none() {
         let have: Cents = t
-            .opt("SELECT balance FROM accounts WHERE account = $1 FOR UPDATE", &[&payer])?
+            .opt(
+                "SELECT balance FROM accounts WHERE account = $1 FOR UPDATE",
+                &[&payer],
+            )?
             .map(|r| r.get(0))
             .unwrap_or(0);
         if have < o.total_cents {

@@ -26,7 +26,12 @@ fn sku_row(r: &Row) -> Sku {
 }
 
 /// Products with id ≥ `from` (exactly `from` when `exact`).
-pub fn list_products_from(t: &mut Tx<'_>, from: i64, limit: u32, exact: bool) -> Result<Vec<Product>, StoreError> {
+pub fn list_products_from(
+    t: &mut Tx<'_>,
+    from: i64,
+    limit: u32,
+    exact: bool,
+) -> Result<Vec<Product>, StoreError> {
     let sql = if exact {
         "SELECT id, shop_id, name FROM products WHERE id = $1 LIMIT $2"
     } else {
@@ -107,7 +112,10 @@ fn create_one(t: &mut Tx<'_>, o: &NewOrder, inline_weak: bool) -> Res<Created> {
     if let Some(key) = &o.idem_key {
         // Concurrent requests with one key (on any instance) queue here; the second sees the first's row.
         t.lock_key(&format!("idem:{key}"))?;
-        let prior = t.opt("SELECT fingerprint, answer FROM orders WHERE idem_key = $1", &[key])?;
+        let prior = t.opt(
+            "SELECT fingerprint, answer FROM orders WHERE idem_key = $1",
+            &[key],
+        )?;
         if let Some(r) = prior {
             let (fp, answer): (String, String) = (r.get(0), r.get(1));
             if fp != o.fingerprint {
@@ -202,7 +210,12 @@ fn create_one(t: &mut Tx<'_>, o: &NewOrder, inline_weak: bool) -> Res<Created> {
 /// version after waiting for a concurrent writer). A flash-sale SKU takes from a bucket first: `SKIP LOCKED`
 /// picks a bucket no other buyer holds, so buyers spread over the rows; when every bucket with stock is
 /// held, it waits for one.
-fn reserve_stock(t: &mut Tx<'_>, kind: OrderKind, sku: &str, qty: i64) -> Result<Result<(), Reject>, StoreError> {
+fn reserve_stock(
+    t: &mut Tx<'_>,
+    kind: OrderKind,
+    sku: &str,
+    qty: i64,
+) -> Result<Result<(), Reject>, StoreError> {
     if kind == OrderKind::Seckill {
         let start = i64::from(rand::random::<u8>() % 64);
         for pick in [
@@ -220,7 +233,10 @@ fn reserve_stock(t: &mut Tx<'_>, kind: OrderKind, sku: &str, qty: i64) -> Result
                 &[&sku, &bucket, &qty],
             )?;
             if took == 1 {
-                t.exec("UPDATE skus SET reserved = reserved + $2 WHERE sku = $1", &[&sku, &qty])?;
+                t.exec(
+                    "UPDATE skus SET reserved = reserved + $2 WHERE sku = $1",
+                    &[&sku, &qty],
+                )?;
                 return Ok(Ok(()));
             }
         }
@@ -232,7 +248,9 @@ fn reserve_stock(t: &mut Tx<'_>, kind: OrderKind, sku: &str, qty: i64) -> Result
     if took == 1 {
         return Ok(Ok(()));
     }
-    let available: i64 = t.one("SELECT available FROM skus WHERE sku = $1", &[&sku])?.get(0);
+    let available: i64 = t
+        .one("SELECT available FROM skus WHERE sku = $1", &[&sku])?
+        .get(0);
     Ok(Err(if kind == OrderKind::Seckill || available == 0 {
         Reject::SoldOut { sku: sku.into() }
     } else {
@@ -268,7 +286,9 @@ pub fn transition(t: &mut Tx<'_>, id: &str, tr: Transition) -> Res<(OrderStatus,
         &[&id, &from.as_str(), &to.as_str(), &now_ms()],
     )?;
     if n != 1 {
-        return Err(StoreError::Internal(format!("order {id} changed under its row lock")));
+        return Err(StoreError::Internal(format!(
+            "order {id} changed under its row lock"
+        )));
     }
     Ok(Ok((from, to)))
 }
@@ -364,7 +384,9 @@ pub fn update_stock(t: &mut Tx<'_>, updates: &[StockUpdate]) -> Res<Vec<Sku>> {
 }
 
 fn sku(t: &mut Tx<'_>, id: &str) -> Result<Sku, StoreError> {
-    Ok(sku_row(&t.one(&format!("{SKU_COLUMNS} WHERE s.sku = $1"), &[&id])?))
+    Ok(sku_row(
+        &t.one(&format!("{SKU_COLUMNS} WHERE s.sku = $1"), &[&id])?,
+    ))
 }
 
 /// Splits a SKU's available stock evenly over `buckets` rows (adding to buckets that already exist).

@@ -21,7 +21,12 @@ impl SqliteFixture {
 impl Fixture for SqliteFixture {
     fn open(&self) -> Box<dyn Store> {
         Box::new(
-            SqliteStore::open(&self.0.path().join("x.db"), std::time::Duration::from_secs(10), true).unwrap(),
+            SqliteStore::open(
+                &self.0.path().join("x.db"),
+                std::time::Duration::from_secs(10),
+                true,
+            )
+            .unwrap(),
         )
     }
 }
@@ -64,11 +69,15 @@ fn order(user: &str, key: Option<&str>, kind: OrderKind, sku: &str, qty: u32, tt
     }
 }
 
-fn create(s: &dyn Store, o: NewOrder, inline: bool) -> Result<Created, Reject> {
+fn create(
+    s: &impl std::ops::Deref<Target = dyn Store>,
+    o: NewOrder,
+    inline: bool,
+) -> Result<Created, Reject> {
     s.create_orders(&[o], inline).unwrap().pop().unwrap()
 }
 
-fn assert_audit(s: &dyn Store) -> AuditReport {
+fn assert_audit(s: &impl std::ops::Deref<Target = dyn Store>) -> AuditReport {
     let r = s.audit().unwrap();
     assert!(r.ok, "audit failed: {:?}", r.failures());
     r
