@@ -185,6 +185,7 @@ fn three_instances_sell_exactly_the_stock_through_kill_and_redis_restart() {
     eventually(Duration::from_secs(120), "the first buyers to finish", || {
         (done.load(Ordering::Relaxed) >= 30).then_some(())
     });
+    let acked_at_kill = outcomes.lock().unwrap().acked.len();
     apps[0].signal(nix::sys::signal::Signal::SIGKILL);
     assert!(apps[0].wait_exit(Duration::from_secs(10)).is_some());
     redis.restart();
@@ -194,6 +195,12 @@ fn three_instances_sell_exactly_the_stock_through_kill_and_redis_restart() {
     }
 
     let o = outcomes.lock().unwrap();
+    eprintln!(
+        "acked at kill {acked_at_kill}; end: acked {}, sold out {}, ambiguous {}",
+        o.acked.len(),
+        o.sold_out,
+        o.ambiguous
+    );
     let acked: HashSet<&String> = o.acked.iter().collect();
     assert_eq!(acked.len(), o.acked.len(), "an order id was acknowledged twice");
     assert_eq!(o.acked.len() + o.sold_out + o.ambiguous, BUYERS);
