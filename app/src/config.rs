@@ -1,7 +1,8 @@
 //! The app's configuration: raw serde form, validation, typed form.
 //!
 //! Reloads live: `log.level`, `shutdown.grace_ms`, `slowdown.*`, `degrade.*` (the manual level and the
-//! breaker thresholds), `reservation_ttl_ms`, `seckill.per_user_limit`, `admin_token`.
+//! breaker thresholds), `reservation_ttl_ms`, `seckill.per_user_limit`, `admin_token`,
+//! `audit_interval_ms`.
 //! Needs a restart: `listen`, `instance`, `db_path`, `store_threads`, `busy_timeout_ms`, `seed_demo`,
 //! `capacity`, `max_body_bytes`, `seckill.buckets` (buckets are laid out when a flash sale is opened), and
 //! the storage backend keys of `config_backend` (`store`, `postgres_url`, `redis_url`, `[postgres]`, `[redis]`).
@@ -44,6 +45,8 @@ pub struct RawConfig {
     pub admin_token: String,
     /// How long a reservation holds stock before the sweeper gives it back.
     pub reservation_ttl_ms: u64,
+    /// How often the reconciler runs the invariant audit in the background (0 = never).
+    pub audit_interval_ms: u64,
     pub degrade: DegradeSection,
     pub seckill: SeckillSection,
     pub slowdown: SlowdownSection,
@@ -131,6 +134,7 @@ impl Default for RawConfig {
             max_body_bytes: 64 * 1024,
             admin_token: String::new(),
             reservation_ttl_ms: 15 * 60 * 1000,
+            audit_interval_ms: 60_000,
             degrade: DegradeSection::default(),
             seckill: SeckillSection::default(),
             slowdown: SlowdownSection::default(),
@@ -158,6 +162,8 @@ pub struct Config {
     pub max_body_bytes: usize,
     pub admin_token: String,
     pub reservation_ttl: Duration,
+    /// `None` disables the background reconciler.
+    pub audit_interval: Option<Duration>,
     /// `None` means automatic (breakers decide).
     pub manual_level: Option<Level>,
     pub latency_threshold: Duration,
@@ -194,6 +200,10 @@ impl RoleConfig for Config {
         let capacity = v.range("capacity", raw.capacity, 1, 1_000_000);
         let max_body_bytes = v.range("max_body_bytes", raw.max_body_bytes, 1024, 16 * 1024 * 1024);
         let reservation_ttl = v.millis("reservation_ttl_ms", raw.reservation_ttl_ms, 100, 7 * 86_400_000);
+        let audit_interval = match raw.audit_interval_ms {
+            0 => None,
+            ms => Some(v.millis("audit_interval_ms", ms, 1000, 86_400_000)),
+        };
         let manual_level = match raw.degrade.level.as_str() {
             "auto" => None,
             other => match Level::parse(other) {
@@ -264,6 +274,7 @@ impl RoleConfig for Config {
             max_body_bytes,
             admin_token: raw.admin_token.clone(),
             reservation_ttl,
+            audit_interval,
             manual_level,
             latency_threshold,
             error_ratio_threshold: d.error_ratio_threshold,

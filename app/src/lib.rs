@@ -123,7 +123,9 @@ pub async fn run(ctx: Context<Config>) -> Result<(), Error> {
         tokio::spawn(gate_redis::reconciler(g, exec.clone(), background.clone()));
     }
     tokio::spawn(follow_config(app.clone(), background.clone()));
+    tokio::spawn(reconciler(app.clone(), background.clone()));
 
+    let app_for_drain = app.clone();
     let limits = ServerLimits {
         grace: cfg.grace,
         max_connections: (cfg.capacity as usize).max(64),
@@ -144,8 +146,13 @@ pub async fn run(ctx: Context<Config>) -> Result<(), Error> {
     ctx.health.set_ready();
     tracing::info!(instance = %cfg.instance, db = %cfg.db_path.display(), "xbuy serving");
     drain.cancelled().await;
-    // Let in-flight requests finish their commits before the background work stops.
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    // In-flight requests (and the group commits they wait on) finish within the grace period before the
+    // background work stops; an order is acknowledged only after its commit, so a cut here loses nothing.
+    let grace_end = tokio::time::Instant::now() + ctx.config().grace;
+    while app_for_drain.stats.in_flight.load(Ordering::Relaxed) > 0 && tokio::time::Instant::now() < grace_end
+    {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     background.cancel();
     Ok(())
 }
@@ -202,6 +209,28 @@ async fn follow_config(app: Arc<api::App>, cancel: CancellationToken) {
         if level != last {
             app.degrade.set_manual(level);
             last = level;
+        }
+    }
+}
+
+/// The reconciler: runs the invariant audit every `audit_interval_ms` and reports any breach loudly.
+async fn reconciler(app: Arc<api::App>, cancel: CancellationToken) {
+    loop {
+        let every = app.cfg().audit_interval.unwrap_or(Duration::from_secs(60));
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        if app.cfg().audit_interval.is_none() {
+            continue;
+        }
+        match app.exec.run(|s| s.audit()).await {
+            Ok(report) if report.ok => tracing::debug!("reconciler: every invariant holds"),
+            Ok(report) => {
+                ::metrics::counter!(crate::metrics::AUDIT_FAILURES_TOTAL).increment(1);
+                tracing::error!(failures = ?report.failures(), "reconciler: invariant breach");
+            }
+            Err(e) => tracing::warn!(error = %e, "reconciler: audit could not run"),
         }
     }
 }

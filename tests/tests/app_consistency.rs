@@ -108,7 +108,7 @@ fn concurrent_requests_with_one_key_create_one_order() {
 #[test]
 fn kill_9_during_load_loses_no_acknowledged_order() {
     let db = Db::new();
-    let (mut procs, addrs) = start_apps(&db, 3, "[degrade]\nlevel = \"queued\"");
+    let (mut procs, addrs) = start_apps(&db, 3, "audit_interval_ms = 1000\n[degrade]\nlevel = \"queued\"");
     let acked = Mutex::new(Vec::new());
     let count = AtomicUsize::new(0);
     let results = std::thread::scope(|s| {
