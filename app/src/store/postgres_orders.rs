@@ -91,6 +91,18 @@ pub fn create_orders(
     orders: &[NewOrder],
     inline_weak: bool,
 ) -> Result<Vec<Result<Created, Reject>>, StoreError> {
+    // Lock every SKU row the group touches up front, in name order: concurrent groups (from any instance)
+    // then queue on the first common SKU instead of deadlocking on each other's rows.
+    let mut skus: Vec<&str> = orders
+        .iter()
+        .flat_map(|o| o.lines.iter().map(|l| l.sku.as_str()))
+        .collect();
+    skus.sort_unstable();
+    skus.dedup();
+    t.exec(
+        "SELECT 1 FROM (SELECT sku FROM skus WHERE sku = ANY($1) ORDER BY sku FOR UPDATE) l",
+        &[&skus],
+    )?;
     let mut out = Vec::with_capacity(orders.len());
     for o in orders {
         t.batch("SAVEPOINT new_order")?;
