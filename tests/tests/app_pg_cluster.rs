@@ -247,3 +247,51 @@ fn three_instances_sell_exactly_the_stock_through_kill_and_redis_restart() {
         },
     );
 }
+
+/// A Redis that is down from the start: flash-sale orders take the store-only path, nothing fails, and the
+/// circuit means Redis is tried once per `retry_after_ms`, not once per request.
+#[test]
+fn dead_redis_costs_one_attempt_and_fails_no_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let app_addr = free_addr();
+    let dead_redis = free_addr(); // nothing listens here
+    let text = format!(
+        r#"role = "app"
+listen = "{app_addr}"
+db_path = "{db}"
+redis_url = "redis://{dead_redis}"
+[redis]
+timeout_ms = 200
+retry_after_ms = 600000
+[seckill]
+sold_out_gate_ms = 0
+"#,
+        db = dir.path().join("x.db").display(),
+    );
+    let config = write_file(dir.path(), "app.toml", &text);
+    let _app = Proc::xcluster("app", &["app", "--config", config.to_str().unwrap()]);
+    wait_ready(app_addr, Duration::from_secs(60));
+    let (mut won, mut sold_out) = (0, 0);
+    for i in 0..130 {
+        let body = format!(r#"{{"user": "u{i}"}}"#);
+        let r = request(
+            app_addr,
+            "POST",
+            "/v1/seckill/flash-1",
+            &[("Content-Type", "application/json")],
+            Some(body.as_bytes()),
+        )
+        .unwrap();
+        match r.status {
+            201 => won += 1,
+            409 => sold_out += 1,
+            other => panic!("attempt {i}: {other} {}", r.body),
+        }
+    }
+    assert_eq!((won, sold_out), (100, 30));
+    let m = get(app_addr, "/metrics").unwrap().body;
+    let errors = metric_value(&m, "xcluster_app_redis_gate_total", "answer=\"error\"").unwrap_or(0.0);
+    let passed = metric_value(&m, "xcluster_app_redis_gate_total", "answer=\"pass\"").unwrap_or(0.0);
+    assert_eq!(errors, 1.0, "the circuit should stop per-request Redis attempts");
+    assert_eq!(passed, 130.0);
+}
