@@ -257,6 +257,71 @@ fn flash_sale_buckets_and_user_limit(fx: &dyn Fixture) {
     );
 }
 
+/// Several handles (processes) at once: groups racing for one SKU sell exactly its stock, and concurrent
+/// payments from one wallet cannot overdraw it.
+fn concurrent_handles_never_oversell_or_overdraw(fx: &dyn Fixture) {
+    let handles: Vec<Box<dyn Store>> = (0..4).map(|_| fx.open()).collect();
+    let sold: usize = std::thread::scope(|sc| {
+        let joins: Vec<_> = handles
+            .iter()
+            .enumerate()
+            .map(|(h, s)| {
+                sc.spawn(move || {
+                    let mut ok = 0;
+                    for g in 0..5 {
+                        let group: Vec<NewOrder> = (0..10)
+                            .map(|i| {
+                                order(
+                                    &format!("h{h}g{g}u{i}"),
+                                    None,
+                                    OrderKind::Regular,
+                                    "flash-1",
+                                    1,
+                                    60_000,
+                                )
+                            })
+                            .collect();
+                        ok += s
+                            .create_orders(&group, false)
+                            .unwrap()
+                            .iter()
+                            .filter(|r| r.is_ok())
+                            .count();
+                    }
+                    ok
+                })
+            })
+            .collect();
+        joins.into_iter().map(|j| j.join().unwrap()).sum()
+    });
+    assert_eq!(sold, 100);
+    handles[0].credit(&["w".into()], 1000).unwrap();
+    let ids: Vec<String> = (0..4)
+        .map(|_| {
+            create(
+                &handles[0],
+                order("w", None, OrderKind::Regular, "sku-1-1", 1, 60_000),
+                true,
+            )
+            .unwrap()
+            .order
+            .id
+        })
+        .collect();
+    let paid: usize = std::thread::scope(|sc| {
+        let joins: Vec<_> = handles
+            .iter()
+            .zip(&ids)
+            .map(|(s, id)| sc.spawn(move || s.pay_wallet(id, true).unwrap().is_ok() as usize))
+            .collect();
+        joins.into_iter().map(|j| j.join().unwrap()).sum()
+    });
+    assert_eq!(paid, 1, "1000 cents pay for exactly one 610-cent order");
+    assert_eq!(handles[1].balance("user:w").unwrap(), 390);
+    let r = assert_audit(&handles[2]);
+    assert_eq!((r.totals.orders, r.totals.paid), (104, 1));
+}
+
 /// Runs every suite function as a test against the fixture `$fx`.
 macro_rules! store_suite {
     ($fx:ty: $($name:ident),* $(,)?) => {
@@ -270,9 +335,23 @@ macro_rules! store_suite {
 }
 
 mod sqlite {
-    store_suite!(super::SqliteFixture: idempotent_create_and_conflict, never_oversells_and_rejects_in_a_batch_independently, pay_refund_settle_balance_the_ledger, reservations_expire_exactly_once_across_handles, flash_sale_buckets_and_user_limit);
+    store_suite!(super::SqliteFixture:
+        idempotent_create_and_conflict,
+        never_oversells_and_rejects_in_a_batch_independently,
+        pay_refund_settle_balance_the_ledger,
+        reservations_expire_exactly_once_across_handles,
+        flash_sale_buckets_and_user_limit,
+        concurrent_handles_never_oversell_or_overdraw,
+    );
 }
 
 mod postgres {
-    store_suite!(super::PostgresFixture: idempotent_create_and_conflict, never_oversells_and_rejects_in_a_batch_independently, pay_refund_settle_balance_the_ledger, reservations_expire_exactly_once_across_handles, flash_sale_buckets_and_user_limit);
+    store_suite!(super::PostgresFixture:
+        idempotent_create_and_conflict,
+        never_oversells_and_rejects_in_a_batch_independently,
+        pay_refund_settle_balance_the_ledger,
+        reservations_expire_exactly_once_across_handles,
+        flash_sale_buckets_and_user_limit,
+        concurrent_handles_never_oversell_or_overdraw,
+    );
 }
