@@ -309,7 +309,48 @@ impl Store for PostgresStore {
         new: &[NewOrder],
         inline_weak: bool,
     ) -> Result<Vec<Result<Created, Reject>>, StoreError> {
-        self.write(|t| orders::create_orders(t, new, inline_weak))
+        if new.len() <= 1 {
+            return self.write(|t| orders::create_orders(t, new, inline_weak));
+        }
+        // A group (the queued level): SQLite needs one transaction to share one fsync; PostgreSQL already
+        // group-commits concurrent transactions, while one long transaction would hold its SKU rows across
+        // every order and serialise the instances. So each order commits on its own, up to `max` at once.
+        // Each is still atomic with its outbox row; on an error the caller acknowledges none of the group
+        // (some may have committed: the same as a lost answer, and keyed retries replay them).
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let slots: Vec<Mutex<Option<Result<Created, Reject>>>> =
+            new.iter().map(|_| Mutex::new(None)).collect();
+        let failed: Mutex<Option<StoreError>> = Mutex::new(None);
+        std::thread::scope(|sc| {
+            for _ in 0..self.max.min(new.len()) {
+                sc.spawn(|| {
+                    loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let Some(o) = new.get(i) else { return };
+                        match self.write(|t| orders::create_orders(t, std::slice::from_ref(o), inline_weak)) {
+                            Ok(mut r) => {
+                                *slots[i].lock().unwrap_or_else(|e| e.into_inner()) = r.pop();
+                            }
+                            Err(e) => {
+                                *failed.lock().unwrap_or_else(|e| e.into_inner()) = Some(e);
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        if let Some(e) = failed.into_inner().unwrap_or_else(|e| e.into_inner()) {
+            return Err(e);
+        }
+        slots
+            .into_iter()
+            .map(|m| {
+                m.into_inner()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .ok_or_else(|| StoreError::Internal("an order of the group has no outcome".into()))
+            })
+            .collect()
     }
     fn pay_wallet(&self, order_id: &str, inline_weak: bool) -> StoreResult<OrderView> {
         self.write_domain(|t| money::pay(t, order_id, None, inline_weak))
