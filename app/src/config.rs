@@ -4,7 +4,8 @@
 //! breaker thresholds), `reservation_ttl_ms`, `seckill.per_user_limit`, `admin_token`,
 //! `audit_interval_ms`.
 //! Needs a restart: `listen`, `instance`, `db_path`, `store_threads`, `busy_timeout_ms`, `seed_demo`,
-//! `capacity`, `max_body_bytes`, `seckill.buckets` (buckets are laid out when a flash sale is opened).
+//! `capacity`, `max_body_bytes`, `seckill.buckets` (buckets are laid out when a flash sale is opened), and
+//! the storage backend keys of `config_backend` (`store`, `postgres_url`, `redis_url`, `[postgres]`, `[redis]`).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -51,6 +52,15 @@ pub struct RawConfig {
     pub slowdown: SlowdownSection,
     pub log: LogSection,
     pub shutdown: ShutdownSection,
+    // --- Storage backend (issue 8; see `config_backend`). ---
+    /// `sqlite` (one host, `db_path`) or `postgres` (several hosts, `postgres_url`).
+    pub store: String,
+    /// `postgres://user[:password]@host:port/db`, used when `store = "postgres"`.
+    pub postgres_url: String,
+    /// `redis://[:password@]host:port` for the shared flash-sale gate; empty: no Redis.
+    pub redis_url: String,
+    pub postgres: crate::config_backend::PostgresSection,
+    pub redis: crate::config_backend::RedisSection,
 }
 
 /// `[degrade]`: the manual level and the circuit-breaker thresholds.
@@ -130,6 +140,11 @@ impl Default for RawConfig {
             slowdown: SlowdownSection::default(),
             log: LogSection::default(),
             shutdown: ShutdownSection::default(),
+            store: "sqlite".into(),
+            postgres_url: String::new(),
+            redis_url: String::new(),
+            postgres: Default::default(),
+            redis: Default::default(),
         }
     }
 }
@@ -161,6 +176,10 @@ pub struct Config {
     pub cpu_us: BTreeMap<String, u64>,
     pub log_filter: String,
     pub grace: Duration,
+    /// The store to open (issue 8).
+    pub backend: crate::config_backend::Backend,
+    /// The shared Redis gate, if configured (issue 8).
+    pub redis: Option<crate::gate_redis::RedisOptions>,
 }
 
 impl RoleConfig for Config {
@@ -228,6 +247,15 @@ impl RoleConfig for Config {
                 format!("{ty} = {us} us is above 1000000")
             });
         }
+        let (backend, redis) = crate::config_backend::validate(
+            &mut v,
+            &raw.store,
+            &raw.postgres_url,
+            &raw.postgres,
+            &raw.redis_url,
+            &raw.redis,
+            raw.seed_demo,
+        );
         raw.log.validate(&mut v);
         let grace = raw.shutdown.validate(&mut v);
         let instance = if raw.instance.is_empty() {
@@ -258,6 +286,8 @@ impl RoleConfig for Config {
             cpu_us: raw.slowdown.cpu_us_per_request.clone(),
             log_filter: raw.log.level.clone(),
             grace,
+            backend,
+            redis,
         })
     }
 
@@ -265,6 +295,8 @@ impl RoleConfig for Config {
         if !raw.admin_token.is_empty() {
             raw.admin_token = "<redacted>".into();
         }
+        raw.postgres_url = crate::config_backend::redact_url(&raw.postgres_url);
+        raw.redis_url = crate::config_backend::redact_url(&raw.redis_url);
     }
 }
 

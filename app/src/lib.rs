@@ -32,12 +32,15 @@
 pub mod api;
 pub mod audit;
 pub mod config;
+pub mod config_backend;
 pub mod degrade;
 pub mod domain;
 pub mod exec;
 pub mod gate;
+pub mod gate_redis;
 pub mod metrics;
 pub mod queue;
+pub mod resp;
 pub mod stats;
 pub mod store;
 
@@ -69,14 +72,33 @@ pub async fn run(ctx: Context<Config>) -> Result<(), Error> {
     let cfg = ctx.config();
     let drain = ctx.shutdown.drain_token();
     let (path, busy, seed) = (cfg.db_path.clone(), cfg.busy_timeout, cfg.seed_demo);
-    let opened = tokio::task::spawn_blocking(move || store::sqlite::SqliteStore::open(&path, busy, seed))
-        .await
-        .unwrap_or_else(|e| Err(store::StoreError::Internal(format!("open task failed: {e}"))));
-    let sqlite = opened.map_err(|source| Error::Store {
-        path: cfg.db_path.display().to_string(),
+    // Store construction: SQLite or PostgreSQL (issue 8).
+    let backend = cfg.backend.clone();
+    let opened = tokio::task::spawn_blocking(move || -> Result<Arc<dyn store::Store>, store::StoreError> {
+        Ok(match backend {
+            config_backend::Backend::Sqlite => Arc::new(store::sqlite::SqliteStore::open(&path, busy, seed)?),
+            config_backend::Backend::Postgres(opts) => Arc::new(store::postgres::PostgresStore::open(&opts)?),
+        })
+    })
+    .await
+    .unwrap_or_else(|e| Err(store::StoreError::Internal(format!("open task failed: {e}"))));
+    let opened = opened.map_err(|source| Error::Store {
+        path: match &cfg.backend {
+            config_backend::Backend::Sqlite => cfg.db_path.display().to_string(),
+            config_backend::Backend::Postgres(o) => config_backend::redact_url(&o.url),
+        },
         source,
     })?;
-    let exec = exec::StoreExec::new(Arc::new(sqlite), cfg.store_threads);
+    let exec = exec::StoreExec::new(opened, cfg.store_threads);
+    let redis_gate = match &cfg.redis {
+        Some(opts) => Some(Arc::new(gate_redis::RedisGate::new(opts.clone()).map_err(
+            |e| Error::Store {
+                path: config_backend::redact_url(&opts.url),
+                source: store::StoreError::Internal(e),
+            },
+        )?)),
+        None => None,
+    };
     let background = CancellationToken::new();
     let batcher = queue::Batcher::spawn(exec.clone(), cfg.capacity as usize, background.clone());
     let app = Arc::new(api::App {
@@ -86,6 +108,7 @@ pub async fn run(ctx: Context<Config>) -> Result<(), Error> {
         degrade: degrade::Degrade::new(cfg.manual_level),
         stats: stats::Stats::default(),
         gate: gate::SoldOutGate::default(),
+        redis_gate: redis_gate.clone(),
         health: ctx.health.clone(),
         queue_depth: Default::default(),
     });
@@ -96,6 +119,9 @@ pub async fn run(ctx: Context<Config>) -> Result<(), Error> {
         background.clone(),
     ));
     tokio::spawn(sampler(app.clone(), background.clone()));
+    if let Some(g) = redis_gate {
+        tokio::spawn(gate_redis::reconciler(g, exec.clone(), background.clone()));
+    }
     tokio::spawn(follow_config(app.clone(), background.clone()));
     tokio::spawn(reconciler(app.clone(), background.clone()));
 

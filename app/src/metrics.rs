@@ -18,5 +18,7 @@ pub const OUTBOX_DEPTH: &str = "xcluster_app_outbox_depth";
 pub const DEGRADE_LEVEL: &str = "xcluster_app_degrade_level";
 /// Orders committed per group commit at the queued level.
 pub const BATCH_SIZE: &str = "xcluster_app_batch_orders";
+/// Redis gate answers, by `answer` (taken, pass, sold_out, over_limit, error) — issue 8.
+pub const REDIS_GATE_TOTAL: &str = "xcluster_app_redis_gate_total";
 /// Background audits that found an invariant breach.
 pub const AUDIT_FAILURES_TOTAL: &str = "xcluster_app_audit_failures_total";

@@ -41,6 +41,8 @@ pub struct App {
     pub degrade: Degrade,
     pub stats: Stats,
     pub gate: SoldOutGate,
+    /// The shared Redis gate (issue 8), when `redis_url` is set.
+    pub redis_gate: Option<Arc<crate::gate_redis::RedisGate>>,
     pub health: xcluster_runtime::health::Health,
     pub queue_depth: std::sync::atomic::AtomicU64,
 }

@@ -157,6 +157,25 @@ pub async fn seckill(app: &Arc<App>, cfg: &Config, sku: &str, req: Request<Incom
         metrics::counter!(crate::metrics::SOLD_OUT_GATE_TOTAL).increment(1);
         return reject(&Reject::SoldOut { sku: sku.to_string() });
     }
+    // The shared Redis gate (issue 8): may only reject early; skipped for keyed requests, whose replay
+    // must get the first answer from the store.
+    let redis = app.redis_gate.clone().filter(|_| key.is_none());
+    let (user, qty) = (body.user.clone(), body.qty);
+    let admission = match &redis {
+        Some(g) => g.admit(sku, &user, qty, cfg.per_user_limit).await,
+        None => crate::gate_redis::Admission::Pass,
+    };
+    match admission {
+        crate::gate_redis::Admission::SoldOut => return reject(&Reject::SoldOut { sku: sku.to_string() }),
+        crate::gate_redis::Admission::OverLimit => {
+            return reject(&Reject::LimitExceeded {
+                user,
+                sku: sku.to_string(),
+                limit: cfg.per_user_limit,
+            });
+        }
+        _ => {}
+    }
     let now = now_ms();
     let order = NewOrder {
         id: new_order_id(),
@@ -172,6 +191,12 @@ pub async fn seckill(app: &Arc<App>, cfg: &Config, sku: &str, req: Request<Incom
     let out = place(app, order).await;
     if let Ok(Err(Reject::SoldOut { .. })) = &out {
         app.gate.mark(sku, cfg.sold_out_gate);
+    }
+    if let Some(g) = redis
+        && admission == crate::gate_redis::Admission::Taken
+        && !matches!(out, Ok(Ok(_)))
+    {
+        g.release(sku, &user, qty).await;
     }
     created(out)
 }

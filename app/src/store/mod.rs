@@ -4,6 +4,12 @@
 //!
 //! Every write method is one transaction: a method returns only after its commit is durable.
 
+// PostgreSQL backend (issue 8).
+pub mod postgres;
+mod postgres_audit;
+mod postgres_money;
+mod postgres_orders;
+mod postgres_schema;
 pub mod sqlite;
 mod sqlite_audit;
 mod sqlite_money;

@@ -1,11 +1,57 @@
-//! Store tests on a real SQLite file: two store handles on one file stand in for two processes.
+//! The store invariant suite, run unchanged against every store (`store_suite!` at the end): SQLite on a real
+//! file, PostgreSQL on a throwaway server. Two store handles on one database stand in for two processes.
 
 use super::sqlite::SqliteStore;
 use super::*;
 use crate::domain::{OrderKind, OrderLineReq, fingerprint, new_order_id, now_ms};
 
-fn open(dir: &tempfile::TempDir) -> SqliteStore {
-    SqliteStore::open(&dir.path().join("x.db"), std::time::Duration::from_secs(10), true).unwrap()
+/// A fresh, seeded database; `open` returns another handle (another "process") on it.
+trait Fixture {
+    fn open(&self) -> Box<dyn Store>;
+}
+
+struct SqliteFixture(tempfile::TempDir);
+
+impl SqliteFixture {
+    fn new() -> Self {
+        SqliteFixture(tempfile::tempdir().unwrap())
+    }
+}
+
+impl Fixture for SqliteFixture {
+    fn open(&self) -> Box<dyn Store> {
+        Box::new(
+            SqliteStore::open(
+                &self.0.path().join("x.db"),
+                std::time::Duration::from_secs(10),
+                true,
+            )
+            .unwrap(),
+        )
+    }
+}
+
+struct PostgresFixture(xcluster_tests::services::Postgres);
+
+impl PostgresFixture {
+    fn new() -> Self {
+        PostgresFixture(xcluster_tests::services::Postgres::start())
+    }
+}
+
+impl Fixture for PostgresFixture {
+    fn open(&self) -> Box<dyn Store> {
+        Box::new(
+            super::postgres::PostgresStore::open(&super::postgres::PgOptions {
+                url: self.0.url.clone(),
+                pool_size: 8,
+                connect_timeout: std::time::Duration::from_secs(5),
+                statement_timeout: std::time::Duration::from_secs(10),
+                seed_demo: true,
+            })
+            .unwrap(),
+        )
+    }
 }
 
 fn order(user: &str, key: Option<&str>, kind: OrderKind, sku: &str, qty: u32, ttl_ms: i64) -> NewOrder {
@@ -23,20 +69,22 @@ fn order(user: &str, key: Option<&str>, kind: OrderKind, sku: &str, qty: u32, tt
     }
 }
 
-fn create(s: &SqliteStore, o: NewOrder, inline: bool) -> Result<Created, Reject> {
+fn create(
+    s: &impl std::ops::Deref<Target = dyn Store>,
+    o: NewOrder,
+    inline: bool,
+) -> Result<Created, Reject> {
     s.create_orders(&[o], inline).unwrap().pop().unwrap()
 }
 
-fn assert_audit(s: &SqliteStore) -> AuditReport {
+fn assert_audit(s: &impl std::ops::Deref<Target = dyn Store>) -> AuditReport {
     let r = s.audit().unwrap();
     assert!(r.ok, "audit failed: {:?}", r.failures());
     r
 }
 
-#[test]
-fn idempotent_create_and_conflict() {
-    let dir = tempfile::tempdir().unwrap();
-    let s = open(&dir);
+fn idempotent_create_and_conflict(fx: &dyn Fixture) {
+    let s = fx.open();
     let a = create(
         &s,
         order("u1", Some("k"), OrderKind::Regular, "sku-1-1", 2, 60_000),
@@ -63,10 +111,8 @@ fn idempotent_create_and_conflict() {
     assert_eq!(r.totals.units_reserved, 2);
 }
 
-#[test]
-fn never_oversells_and_rejects_in_a_batch_independently() {
-    let dir = tempfile::tempdir().unwrap();
-    let s = open(&dir);
+fn never_oversells_and_rejects_in_a_batch_independently(fx: &dyn Fixture) {
+    let s = fx.open();
     let batch: Vec<NewOrder> = (0..150)
         .map(|i| order(&format!("u{i}"), None, OrderKind::Regular, "flash-1", 1, 60_000))
         .collect();
@@ -91,10 +137,8 @@ fn never_oversells_and_rejects_in_a_batch_independently() {
     assert_eq!(assert_audit(&s).totals.effects, 100);
 }
 
-#[test]
-fn pay_refund_settle_balance_the_ledger() {
-    let dir = tempfile::tempdir().unwrap();
-    let s = open(&dir);
+fn pay_refund_settle_balance_the_ledger(fx: &dyn Fixture) {
+    let s = fx.open();
     s.credit(&["u1".into(), "u2".into()], 1000).unwrap();
     let a = create(
         &s,
@@ -147,11 +191,9 @@ fn pay_refund_settle_balance_the_ledger() {
     assert_audit(&s);
 }
 
-#[test]
-fn reservations_expire_exactly_once_across_handles() {
-    let dir = tempfile::tempdir().unwrap();
-    let s1 = open(&dir);
-    let s2 = open(&dir);
+fn reservations_expire_exactly_once_across_handles(fx: &dyn Fixture) {
+    let s1 = fx.open();
+    let s2 = fx.open();
     for i in 0..20 {
         create(
             &s1,
@@ -182,10 +224,8 @@ fn reservations_expire_exactly_once_across_handles() {
     assert_eq!(assert_audit(&s2).totals.units_reserved, 0);
 }
 
-#[test]
-fn flash_sale_buckets_and_user_limit() {
-    let dir = tempfile::tempdir().unwrap();
-    let s = open(&dir);
+fn flash_sale_buckets_and_user_limit(fx: &dyn Fixture) {
+    let s = fx.open();
     let sku = s.open_flash_sale("flash-1", 8).unwrap().unwrap();
     assert_eq!((sku.available, sku.bucketed), (0, 100));
     let first = create(
@@ -214,5 +254,104 @@ fn flash_sale_buckets_and_user_limit() {
     assert_eq!(
         (r.totals.units_reserved, r.totals.units_available - 24_000),
         (100, 0)
+    );
+}
+
+/// Several handles (processes) at once: groups racing for one SKU sell exactly its stock, and concurrent
+/// payments from one wallet cannot overdraw it.
+fn concurrent_handles_never_oversell_or_overdraw(fx: &dyn Fixture) {
+    let handles: Vec<Box<dyn Store>> = (0..4).map(|_| fx.open()).collect();
+    let sold: usize = std::thread::scope(|sc| {
+        let joins: Vec<_> = handles
+            .iter()
+            .enumerate()
+            .map(|(h, s)| {
+                sc.spawn(move || {
+                    let mut ok = 0;
+                    for g in 0..5 {
+                        let group: Vec<NewOrder> = (0..10)
+                            .map(|i| {
+                                order(
+                                    &format!("h{h}g{g}u{i}"),
+                                    None,
+                                    OrderKind::Regular,
+                                    "flash-1",
+                                    1,
+                                    60_000,
+                                )
+                            })
+                            .collect();
+                        ok += s
+                            .create_orders(&group, false)
+                            .unwrap()
+                            .iter()
+                            .filter(|r| r.is_ok())
+                            .count();
+                    }
+                    ok
+                })
+            })
+            .collect();
+        joins.into_iter().map(|j| j.join().unwrap()).sum()
+    });
+    assert_eq!(sold, 100);
+    handles[0].credit(&["w".into()], 1000).unwrap();
+    let ids: Vec<String> = (0..4)
+        .map(|_| {
+            create(
+                &handles[0],
+                order("w", None, OrderKind::Regular, "sku-1-1", 1, 60_000),
+                true,
+            )
+            .unwrap()
+            .order
+            .id
+        })
+        .collect();
+    let paid: usize = std::thread::scope(|sc| {
+        let joins: Vec<_> = handles
+            .iter()
+            .zip(&ids)
+            .map(|(s, id)| sc.spawn(move || s.pay_wallet(id, true).unwrap().is_ok() as usize))
+            .collect();
+        joins.into_iter().map(|j| j.join().unwrap()).sum()
+    });
+    assert_eq!(paid, 1, "1000 cents pay for exactly one 610-cent order");
+    assert_eq!(handles[1].balance("user:w").unwrap(), 390);
+    let r = assert_audit(&handles[2]);
+    assert_eq!((r.totals.orders, r.totals.paid), (104, 1));
+}
+
+/// Runs every suite function as a test against the fixture `$fx`.
+macro_rules! store_suite {
+    ($fx:ty: $($name:ident),* $(,)?) => {
+        $(
+            #[test]
+            fn $name() {
+                super::$name(&<$fx>::new());
+            }
+        )*
+    };
+}
+
+mod sqlite {
+    store_suite!(super::SqliteFixture:
+        idempotent_create_and_conflict,
+        never_oversells_and_rejects_in_a_batch_independently,
+        pay_refund_settle_balance_the_ledger,
+        reservations_expire_exactly_once_across_handles,
+        flash_sale_buckets_and_user_limit,
+        concurrent_handles_never_oversell_or_overdraw,
+    );
+}
+
+mod postgres {
+    store_suite!(super::PostgresFixture:
+        idempotent_create_and_conflict,
+        never_oversells_and_rejects_in_a_batch_independently,
+        pay_refund_settle_balance_the_ledger,
+        reservations_expire_exactly_once_across_handles,
+        flash_sale_buckets_and_user_limit,
+        concurrent_handles_never_oversell_or_overdraw,
     );
 }

@@ -1,0 +1,169 @@
+//! The storage backend keys of the app config (issue 8): `store = "sqlite" | "postgres"`, `postgres_url`,
+//! `redis_url`, and the `[postgres]` and `[redis]` sections with pool size and timeouts. All need a restart.
+//! Passwords in the URLs are hidden by [`redact_url`] whenever the config is shown.
+
+use serde::{Deserialize, Serialize};
+use xcluster_runtime::Validator;
+
+use crate::gate_redis::RedisOptions;
+use crate::store::postgres::PgOptions;
+
+/// `[postgres]`: used when `store = "postgres"`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct PostgresSection {
+    /// Connections this process keeps at most (also bounded by `store_threads` in use at once).
+    pub pool_size: u32,
+    pub connect_timeout_ms: u64,
+    /// Server-side bound on one statement and on one lock wait; past it the call is a retryable 503.
+    pub statement_timeout_ms: u64,
+}
+
+impl Default for PostgresSection {
+    fn default() -> Self {
+        Self {
+            pool_size: 8,
+            connect_timeout_ms: 3_000,
+            statement_timeout_ms: 5_000,
+        }
+    }
+}
+
+/// `[redis]`: used when `redis_url` is set.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct RedisSection {
+    /// Bound on connecting and on each command; keep it short, Redis only saves the store work.
+    pub timeout_ms: u64,
+    /// After a Redis failure, how long the gate is skipped (store-only path) before Redis is tried again.
+    pub retry_after_ms: u64,
+    /// How often the reconciler rebuilds the stock counters from the store.
+    pub rebuild_ms: u64,
+}
+
+impl Default for RedisSection {
+    fn default() -> Self {
+        Self {
+            timeout_ms: 50,
+            retry_after_ms: 2_000,
+            rebuild_ms: 1_000,
+        }
+    }
+}
+
+/// Which store the app runs on.
+#[derive(Debug, Clone)]
+pub enum Backend {
+    Sqlite,
+    Postgres(PgOptions),
+}
+
+/// Validates the backend keys (every problem goes to `v`).
+pub fn validate(
+    v: &mut Validator,
+    store: &str,
+    postgres_url: &str,
+    pg: &PostgresSection,
+    redis_url: &str,
+    redis: &RedisSection,
+    seed_demo: bool,
+) -> (Backend, Option<RedisOptions>) {
+    let pool_size = v.range("postgres.pool_size", pg.pool_size, 1, 256) as usize;
+    let connect_timeout = v.millis("postgres.connect_timeout_ms", pg.connect_timeout_ms, 10, 60_000);
+    let statement_timeout = v.millis(
+        "postgres.statement_timeout_ms",
+        pg.statement_timeout_ms,
+        10,
+        600_000,
+    );
+    let backend = match store {
+        "sqlite" => Backend::Sqlite,
+        "postgres" => {
+            v.check(
+                postgres_url.starts_with("postgres://") || postgres_url.starts_with("postgresql://"),
+                "postgres_url",
+                || {
+                    "store = \"postgres\" needs postgres_url = \"postgres://user[:password]@host:port/db\""
+                        .into()
+                },
+            );
+            Backend::Postgres(PgOptions {
+                url: postgres_url.to_string(),
+                pool_size,
+                connect_timeout,
+                statement_timeout,
+                seed_demo,
+            })
+        }
+        other => {
+            v.error(
+                "store",
+                format!("unknown store {other:?} (expected sqlite or postgres)"),
+            );
+            Backend::Sqlite
+        }
+    };
+    let timeout = v.millis("redis.timeout_ms", redis.timeout_ms, 1, 10_000);
+    let retry_after = v.millis("redis.retry_after_ms", redis.retry_after_ms, 10, 600_000);
+    let rebuild_every = v.millis("redis.rebuild_ms", redis.rebuild_ms, 50, 600_000);
+    let redis = if redis_url.is_empty() {
+        None
+    } else {
+        v.check(crate::resp::parse_url(redis_url).is_some(), "redis_url", || {
+            "expected redis://[:password@]host:port".into()
+        });
+        Some(RedisOptions {
+            url: redis_url.to_string(),
+            timeout,
+            retry_after,
+            rebuild_every,
+        })
+    };
+    (backend, redis)
+}
+
+/// Hides the password of `scheme://user:password@host...`.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let Some(at) = rest[..authority_end].rfind('@') else {
+        return url.to_string();
+    };
+    match rest[..at].split_once(':') {
+        Some((user, _)) => format!("{scheme}://{user}:<redacted>{}", &rest[at..]),
+        None => url.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_are_hidden() {
+        assert_eq!(
+            redact_url("postgres://xb:pw@10.0.0.1:5432/xbuy"),
+            "postgres://xb:<redacted>@10.0.0.1:5432/xbuy"
+        );
+        assert_eq!(redact_url("redis://:pw@h:6379"), "redis://:<redacted>@h:6379");
+        assert_eq!(redact_url("postgres://xb@h/db"), "postgres://xb@h/db");
+    }
+
+    #[test]
+    fn postgres_needs_a_url() {
+        let mut v = Validator::new();
+        let (_, r) = validate(
+            &mut v,
+            "postgres",
+            "",
+            &PostgresSection::default(),
+            "",
+            &RedisSection::default(),
+            true,
+        );
+        assert!(r.is_none());
+        assert!(v.finish(()).is_err());
+    }
+}

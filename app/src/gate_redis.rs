@@ -1,0 +1,246 @@
+//! The shared flash-sale gate on Redis (issue 8), beside the local sold-out gate (`gate`): one atomic Lua
+//! script checks a SKU's cached stock and the buyer's per-user count and takes both, so a flood of attempts on
+//! a hot or sold-out item is answered by Redis instead of the store.
+//!
+//! Redis may only reject early; the store's conditional decrement stays the authority, so Redis can never
+//! cause an oversell: an admitted attempt still goes to the store, and when the store refuses it the unit
+//! and the user's count are given back. A missing key (a fresh or restarted Redis) admits everything until
+//! the reconciler ([`reconciler`]) rebuilds the stock counters from the store. Any Redis failure opens a
+//! circuit for `retry_after`: while open, the gate admits without a network call, so a dead Redis costs a
+//! request nothing and orders take the store-only path.
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::domain::now_ms;
+use crate::exec::StoreExec;
+use crate::resp::{self, Conn, RespError, Value};
+
+/// Takes `qty` of stock and of the user's allowance, or says why not. Keys: stock, bought (a hash).
+/// Returns 1 (taken), 0 (sold out), -1 (over the user's limit), -2 (no counter yet: ask the store).
+const ADMIT: &str = r#"
+local s = redis.call('GET', KEYS[1])
+if not s then return -2 end
+local q = tonumber(ARGV[2])
+if tonumber(s) < q then return 0 end
+local b = tonumber(redis.call('HGET', KEYS[2], ARGV[1]) or '0')
+if b + q > tonumber(ARGV[3]) then return -1 end
+redis.call('DECRBY', KEYS[1], q)
+redis.call('HINCRBY', KEYS[2], ARGV[1], q)
+return 1
+"#;
+
+/// Gives back what `ADMIT` took (the store refused or failed).
+const RELEASE: &str = r#"
+if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('INCRBY', KEYS[1], ARGV[2]) end
+local b = tonumber(redis.call('HGET', KEYS[2], ARGV[1]) or '0')
+if b > 0 then redis.call('HINCRBY', KEYS[2], ARGV[1], -math.min(b, tonumber(ARGV[2]))) end
+return 1
+"#;
+
+/// What the gate says about one attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    /// Taken from the Redis counters: give back with [`RedisGate::release`] if the store refuses.
+    Taken,
+    /// Redis has no opinion (no counter, circuit open, or an error): ask the store.
+    Pass,
+    SoldOut,
+    OverLimit,
+}
+
+/// Redis connection settings and timeouts.
+#[derive(Debug, Clone)]
+pub struct RedisOptions {
+    pub url: String,
+    /// Bound on connecting and on each command.
+    pub timeout: Duration,
+    /// How long the circuit stays open after a failure.
+    pub retry_after: Duration,
+    /// How often the reconciler rebuilds the stock counters from the store.
+    pub rebuild_every: Duration,
+}
+
+/// The Redis gate.
+#[derive(Debug)]
+pub struct RedisGate {
+    addr: String,
+    password: Option<String>,
+    opts: RedisOptions,
+    idle: Mutex<Vec<Conn>>,
+    /// Until when (unix ms) the circuit is open.
+    open_until_ms: AtomicI64,
+    /// SKUs seen on the flash-sale path: the reconciler keeps their counters (bounded).
+    hot: Mutex<BTreeSet<String>>,
+}
+
+fn stock_key(sku: &str) -> String {
+    format!("xbuy:stock:{sku}")
+}
+
+fn bought_key(sku: &str) -> String {
+    format!("xbuy:bought:{sku}")
+}
+
+impl RedisGate {
+    pub fn new(opts: RedisOptions) -> Result<RedisGate, String> {
+        let (addr, password) =
+            resp::parse_url(&opts.url).ok_or("redis_url must be redis://[:password@]host:port")?;
+        Ok(RedisGate {
+            addr,
+            password,
+            opts,
+            idle: Mutex::new(Vec::new()),
+            open_until_ms: AtomicI64::new(0),
+            hot: Mutex::new(BTreeSet::new()),
+        })
+    }
+
+    /// Whether the circuit is closed (Redis is being used).
+    pub fn is_up(&self) -> bool {
+        now_ms() >= self.open_until_ms.load(Ordering::Relaxed)
+    }
+
+    /// Runs one command on a pooled connection, opening the circuit on any failure.
+    async fn call(&self, args: &[&str]) -> Option<Value> {
+        if !self.is_up() {
+            return None;
+        }
+        let pooled = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        let conn = match pooled {
+            Some(c) => Ok(c),
+            None => Conn::connect(&self.addr, self.password.as_deref(), self.opts.timeout).await,
+        };
+        let result = match conn {
+            Ok(mut c) => match c.call(args, self.opts.timeout).await {
+                Ok(v) => {
+                    let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+                    if idle.len() < 32 {
+                        idle.push(c);
+                    }
+                    Ok(v)
+                }
+                // A script error is an answer, the connection is fine; anything else drops it.
+                Err(e) => Err(e),
+            },
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(v) => Some(v),
+            Err(e) => {
+                self.trip(&e);
+                None
+            }
+        }
+    }
+
+    fn trip(&self, e: &RespError) {
+        let until = now_ms() + self.opts.retry_after.as_millis() as i64;
+        let was = self.open_until_ms.swap(until, Ordering::Relaxed);
+        if was < now_ms() {
+            tracing::warn!(error = %e, retry_ms = self.opts.retry_after.as_millis() as u64, "redis gate circuit open: store-only path");
+        }
+        metrics::counter!(crate::metrics::REDIS_GATE_TOTAL, "answer" => "error").increment(1);
+        // Connections may be dead too (a restart): start afresh.
+        self.idle.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    }
+
+    /// Asks the gate for `qty` units of `sku` for `user` with a per-user `limit`.
+    pub async fn admit(&self, sku: &str, user: &str, qty: u32, limit: u32) -> Admission {
+        {
+            let mut hot = self.hot.lock().unwrap_or_else(|e| e.into_inner());
+            if hot.len() < 256 && !hot.contains(sku) {
+                hot.insert(sku.to_string());
+            }
+        }
+        let (stock, bought) = (stock_key(sku), bought_key(sku));
+        let (qty, limit) = (qty.to_string(), limit.to_string());
+        let answer = match self
+            .call(&["EVAL", ADMIT, "2", &stock, &bought, user, &qty, &limit])
+            .await
+        {
+            Some(Value::Int(1)) => Admission::Taken,
+            Some(Value::Int(0)) => Admission::SoldOut,
+            Some(Value::Int(-1)) => Admission::OverLimit,
+            _ => Admission::Pass,
+        };
+        let label = match answer {
+            Admission::Taken => "taken",
+            Admission::Pass => "pass",
+            Admission::SoldOut => "sold_out",
+            Admission::OverLimit => "over_limit",
+        };
+        metrics::counter!(crate::metrics::REDIS_GATE_TOTAL, "answer" => label).increment(1);
+        answer
+    }
+
+    /// Gives back a [`Admission::Taken`] the store did not turn into an order.
+    pub async fn release(&self, sku: &str, user: &str, qty: u32) {
+        let (stock, bought) = (stock_key(sku), bought_key(sku));
+        let qty = qty.to_string();
+        self.call(&["EVAL", RELEASE, "2", &stock, &bought, user, &qty])
+            .await;
+    }
+
+    /// Sets a SKU's stock counter to what the store says is sellable. The counter expires unless rebuilt,
+    /// so a stopped reconciler cannot leave Redis rejecting on stale numbers for long.
+    async fn set_stock(&self, sku: &str, sellable: i64) {
+        let ttl = (self.opts.rebuild_every.as_millis() as u64 * 10)
+            .max(5_000)
+            .to_string();
+        self.call(&["SET", &stock_key(sku), &sellable.max(0).to_string(), "PX", &ttl])
+            .await;
+    }
+
+    fn hot(&self) -> Vec<String> {
+        self.hot
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .cloned()
+            .collect()
+    }
+}
+
+/// Rebuilds the hot SKUs' counters from the store every `rebuild_every` (and right after Redis comes back,
+/// since a restarted Redis is empty and the circuit's half-open call lands here or on a request).
+pub async fn reconciler(gate: Arc<RedisGate>, exec: StoreExec, cancel: CancellationToken) {
+    let mut tick = tokio::time::interval(gate.opts.rebuild_every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let hot = gate.hot();
+        if hot.is_empty() || !gate.is_up() {
+            continue;
+        }
+        // Products are few and small; a bounded scan finds the hot SKUs' sellable stock.
+        let products = exec
+            .run(|s| {
+                let mut all = Vec::new();
+                let mut after = 0;
+                for _ in 0..10 {
+                    let page = s.list_products(after, 500)?;
+                    let Some(last) = page.last() else { break };
+                    after = last.id;
+                    all.extend(page);
+                }
+                Ok(all)
+            })
+            .await;
+        let Ok(products) = products else { continue };
+        for p in products {
+            for s in p.skus {
+                if hot.contains(&s.sku) {
+                    gate.set_stock(&s.sku, s.available + s.bucketed).await;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,401 @@
+//! The PostgreSQL store, for app instances on several hosts sharing one database: the same schema and
+//! invariants as the SQLite store (`postgres_*` mirror `sqlite_*` file by file), on the synchronous `postgres`
+//! client (the trait runs on blocking threads) with a small bounded pool of its own.
+//!
+//! Where SQLite serialises every writer with `BEGIN IMMEDIATE`, PostgreSQL runs writers side by side under
+//! READ COMMITTED, so each read-then-write takes the lock it needs: conditional `UPDATE ... WHERE available >=`
+//! for stock (re-checked on the newest row version), `SELECT ... FOR UPDATE` on the order and the paying
+//! wallet, transaction-scoped advisory locks on an idempotency key or a (user, SKU) flash-sale limit, and
+//! `FOR UPDATE SKIP LOCKED` for the sweeper and the outbox workers so instances share the work without waiting
+//! on each other. Serialization failures, deadlocks, lock and statement timeouts and lost connections are
+//! retried here a few times, then surface as the retryable [`StoreError::Busy`].
+
+use std::collections::HashMap;
+use std::sync::{Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use postgres::error::SqlState;
+use postgres::types::ToSql;
+use postgres::{Client, IsolationLevel, NoTls, Row, Statement, Transaction};
+
+use super::{
+    Created, OrderView, PaymentCallback, Product, Settlement, Sku, StockUpdate, Store, StoreError,
+    StoreResult,
+};
+use crate::audit::AuditReport;
+use crate::domain::{Cents, NewOrder, Reject};
+
+/// How to reach PostgreSQL and how long to wait for it.
+#[derive(Debug, Clone)]
+pub struct PgOptions {
+    pub url: String,
+    /// Connections this process keeps at most.
+    pub pool_size: usize,
+    pub connect_timeout: Duration,
+    /// Server-side bound on one statement (and on one lock wait).
+    pub statement_timeout: Duration,
+    pub seed_demo: bool,
+}
+
+/// Attempts for a transaction that failed with a retryable error (deadlock, serialization, lost connection).
+const ATTEMPTS: u32 = 4;
+
+/// One pooled connection with its prepared statements (a prepare costs a round trip; reuse saves it).
+pub(crate) struct Conn {
+    client: Client,
+    stmts: HashMap<String, Statement>,
+}
+
+#[derive(Default)]
+struct PoolState {
+    idle: Vec<Conn>,
+    open: usize,
+}
+
+/// The PostgreSQL store.
+pub struct PostgresStore {
+    config: postgres::Config,
+    max: usize,
+    acquire_timeout: Duration,
+    pool: Mutex<PoolState>,
+    freed: Condvar,
+}
+
+impl std::fmt::Debug for PostgresStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresStore").field("max", &self.max).finish()
+    }
+}
+
+impl From<postgres::Error> for StoreError {
+    fn from(e: postgres::Error) -> Self {
+        let busy = match e.code() {
+            Some(code) => {
+                *code == SqlState::T_R_SERIALIZATION_FAILURE
+                    || *code == SqlState::T_R_DEADLOCK_DETECTED
+                    || *code == SqlState::LOCK_NOT_AVAILABLE
+                    || *code == SqlState::QUERY_CANCELED
+                    || *code == SqlState::UNIQUE_VIOLATION
+                    || *code == SqlState::ADMIN_SHUTDOWN
+                    || *code == SqlState::TOO_MANY_CONNECTIONS
+                    || code.code().starts_with("08")
+            }
+            // No SQLSTATE: the connection failed or closed, which another connection may not.
+            None => true,
+        };
+        let text = match e.as_db_error() {
+            Some(db) => format!("{}: {}", db.code().code(), db.message()),
+            None => e.to_string(),
+        };
+        if busy {
+            StoreError::Busy(text)
+        } else {
+            StoreError::Internal(text)
+        }
+    }
+}
+
+/// A transaction with the connection's statement cache.
+pub(crate) struct Tx<'a> {
+    tx: Transaction<'a>,
+    stmts: &'a mut HashMap<String, Statement>,
+}
+
+pub(crate) type Params<'p> = &'p [&'p (dyn ToSql + Sync)];
+
+impl Tx<'_> {
+    fn stmt(&mut self, sql: &str) -> Result<Statement, StoreError> {
+        if let Some(s) = self.stmts.get(sql) {
+            return Ok(s.clone());
+        }
+        let s = self.tx.prepare(sql)?;
+        // Bounded: the SQL is our own constants (plus two column-pair variants), never request text.
+        if self.stmts.len() < 256 {
+            self.stmts.insert(sql.to_string(), s.clone());
+        }
+        Ok(s)
+    }
+    pub fn exec(&mut self, sql: &str, params: Params<'_>) -> Result<u64, StoreError> {
+        let s = self.stmt(sql)?;
+        Ok(self.tx.execute(&s, params)?)
+    }
+    pub fn query(&mut self, sql: &str, params: Params<'_>) -> Result<Vec<Row>, StoreError> {
+        let s = self.stmt(sql)?;
+        Ok(self.tx.query(&s, params)?)
+    }
+    pub fn opt(&mut self, sql: &str, params: Params<'_>) -> Result<Option<Row>, StoreError> {
+        let s = self.stmt(sql)?;
+        Ok(self.tx.query_opt(&s, params)?)
+    }
+    pub fn one(&mut self, sql: &str, params: Params<'_>) -> Result<Row, StoreError> {
+        let s = self.stmt(sql)?;
+        Ok(self.tx.query_one(&s, params)?)
+    }
+    pub fn batch(&mut self, sql: &str) -> Result<(), StoreError> {
+        Ok(self.tx.batch_execute(sql)?)
+    }
+    /// A transaction-scoped advisory lock on a string key: serialises check-then-insert on that key across
+    /// every instance (idempotency keys, per-user limits, payment ids).
+    pub fn lock_key(&mut self, key: &str) -> Result<(), StoreError> {
+        self.exec("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", &[&key])?;
+        Ok(())
+    }
+}
+
+impl PostgresStore {
+    /// Connects, migrates (idempotent; concurrent starters migrate once) and seeds the demo catalog if asked
+    /// and empty.
+    pub fn open(opts: &PgOptions) -> Result<PostgresStore, StoreError> {
+        let mut config: postgres::Config = opts
+            .url
+            .parse()
+            .map_err(|e| StoreError::Internal(format!("bad postgres_url: {e}")))?;
+        let ms = opts.statement_timeout.as_millis();
+        config
+            .connect_timeout(opts.connect_timeout)
+            .keepalives(true)
+            .keepalives_idle(Duration::from_secs(30))
+            .application_name("xcluster-app")
+            // A killed instance's open transaction must not hold row locks for long.
+            .options(&format!(
+                "-c statement_timeout={ms} -c lock_timeout={ms} -c idle_in_transaction_session_timeout={}",
+                ms.max(1000) * 2
+            ));
+        let store = PostgresStore {
+            config,
+            max: opts.pool_size.max(1),
+            acquire_timeout: opts.statement_timeout.max(Duration::from_secs(1)),
+            pool: Mutex::new(PoolState::default()),
+            freed: Condvar::new(),
+        };
+        store.write(super::postgres_schema::migrate)?;
+        if opts.seed_demo {
+            store.write(super::postgres_schema::seed_demo)?;
+        }
+        Ok(store)
+    }
+
+    fn take(&self) -> Result<Conn, StoreError> {
+        let deadline = Instant::now() + self.acquire_timeout;
+        let mut pool = self.pool.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if let Some(c) = pool.idle.pop() {
+                return Ok(c);
+            }
+            if pool.open < self.max {
+                pool.open += 1;
+                drop(pool);
+                return match self.config.connect(NoTls) {
+                    Ok(client) => Ok(Conn {
+                        client,
+                        stmts: HashMap::new(),
+                    }),
+                    Err(e) => {
+                        self.release(None);
+                        Err(StoreError::Busy(format!("cannot connect to postgres: {e}")))
+                    }
+                };
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(StoreError::Busy("no postgres connection free".into()));
+            }
+            pool = self
+                .freed
+                .wait_timeout(pool, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    /// Returns a connection (or its slot, when it broke) to the pool.
+    fn release(&self, conn: Option<Conn>) {
+        let mut pool = self.pool.lock().unwrap_or_else(|e| e.into_inner());
+        match conn {
+            Some(c) if !c.client.is_closed() => pool.idle.push(c),
+            _ => pool.open = pool.open.saturating_sub(1),
+        }
+        drop(pool);
+        self.freed.notify_one();
+    }
+
+    /// Runs `f` in one transaction at `level`, retrying retryable failures; `f` decides commit or rollback
+    /// through `commit(&T)`.
+    fn run<T>(
+        &self,
+        level: IsolationLevel,
+        read_only: bool,
+        f: &mut dyn FnMut(&mut Tx<'_>) -> Result<T, StoreError>,
+        commit: fn(&T) -> bool,
+    ) -> Result<T, StoreError> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let out = self.once(level, read_only, f, commit);
+            match out {
+                Err(StoreError::Busy(why)) if attempt < ATTEMPTS => {
+                    tracing::debug!(attempt, %why, "postgres transaction retried");
+                    std::thread::sleep(Duration::from_millis(
+                        u64::from(attempt) * 5 + u64::from(rand::random::<u8>() % 10),
+                    ));
+                }
+                other => return other,
+            }
+        }
+    }
+
+    fn once<T>(
+        &self,
+        level: IsolationLevel,
+        read_only: bool,
+        f: &mut dyn FnMut(&mut Tx<'_>) -> Result<T, StoreError>,
+        commit: fn(&T) -> bool,
+    ) -> Result<T, StoreError> {
+        let mut conn = self.take()?;
+        let out = (|| {
+            let Conn { client, stmts } = &mut conn;
+            let tx = client
+                .build_transaction()
+                .isolation_level(level)
+                .read_only(read_only)
+                .start()?;
+            let mut tx = Tx { tx, stmts };
+            let out = f(&mut tx)?;
+            if commit(&out) {
+                tx.tx.commit()?;
+            } else {
+                tx.tx.rollback()?;
+            }
+            Ok(out)
+        })();
+        self.release(Some(conn));
+        out
+    }
+
+    pub(crate) fn write<T>(
+        &self,
+        mut f: impl FnMut(&mut Tx<'_>) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        self.run(IsolationLevel::ReadCommitted, false, &mut f, |_| true)
+    }
+
+    fn write_domain<T>(
+        &self,
+        mut f: impl FnMut(&mut Tx<'_>) -> Result<Result<T, Reject>, StoreError>,
+    ) -> StoreResult<T> {
+        self.run(IsolationLevel::ReadCommitted, false, &mut f, |r| r.is_ok())
+    }
+
+    fn read<T>(&self, mut f: impl FnMut(&mut Tx<'_>) -> Result<T, StoreError>) -> Result<T, StoreError> {
+        self.run(IsolationLevel::RepeatableRead, true, &mut f, |_| true)
+    }
+}
+
+use super::postgres_money as money;
+use super::postgres_orders as orders;
+
+impl Store for PostgresStore {
+    fn list_products(&self, after: i64, limit: u32) -> Result<Vec<Product>, StoreError> {
+        self.read(|t| orders::list_products_from(t, after.saturating_add(1), limit, false))
+    }
+    fn get_product(&self, id: i64) -> Result<Option<Product>, StoreError> {
+        self.read(|t| Ok(orders::list_products_from(t, id, 1, true)?.pop()))
+    }
+    fn get_order(&self, id: &str) -> Result<Option<OrderView>, StoreError> {
+        self.read(|t| orders::load_order(t, id))
+    }
+    fn create_orders(
+        &self,
+        new: &[NewOrder],
+        inline_weak: bool,
+    ) -> Result<Vec<Result<Created, Reject>>, StoreError> {
+        if new.len() <= 1 {
+            return self.write(|t| orders::create_orders(t, new, inline_weak));
+        }
+        // A group (the queued level): SQLite needs one transaction to share one fsync; PostgreSQL already
+        // group-commits concurrent transactions, while one long transaction would hold its SKU rows across
+        // every order and serialise the instances. So each order commits on its own, up to `max` at once.
+        // Each is still atomic with its outbox row; on an error the caller acknowledges none of the group
+        // (some may have committed: the same as a lost answer, and keyed retries replay them).
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let slots: Vec<Mutex<Option<Result<Created, Reject>>>> =
+            new.iter().map(|_| Mutex::new(None)).collect();
+        let failed: Mutex<Option<StoreError>> = Mutex::new(None);
+        std::thread::scope(|sc| {
+            for _ in 0..self.max.min(new.len()) {
+                sc.spawn(|| {
+                    loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let Some(o) = new.get(i) else { return };
+                        match self.write(|t| orders::create_orders(t, std::slice::from_ref(o), inline_weak)) {
+                            Ok(mut r) => {
+                                *slots[i].lock().unwrap_or_else(|e| e.into_inner()) = r.pop();
+                            }
+                            Err(e) => {
+                                *failed.lock().unwrap_or_else(|e| e.into_inner()) = Some(e);
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        if let Some(e) = failed.into_inner().unwrap_or_else(|e| e.into_inner()) {
+            return Err(e);
+        }
+        slots
+            .into_iter()
+            .map(|m| {
+                m.into_inner()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .ok_or_else(|| StoreError::Internal("an order of the group has no outcome".into()))
+            })
+            .collect()
+    }
+    fn pay_wallet(&self, order_id: &str, inline_weak: bool) -> StoreResult<OrderView> {
+        self.write_domain(|t| money::pay(t, order_id, None, inline_weak))
+    }
+    fn payment_callback(&self, cb: &PaymentCallback, inline_weak: bool) -> StoreResult<OrderView> {
+        self.write_domain(|t| money::callback(t, cb, inline_weak))
+    }
+    fn cancel(&self, order_id: &str) -> StoreResult<OrderView> {
+        self.write_domain(|t| orders::cancel(t, order_id))
+    }
+    fn fulfil(&self, order_id: &str) -> StoreResult<OrderView> {
+        self.write_domain(|t| orders::fulfil(t, order_id))
+    }
+    fn refund(&self, order_id: &str, inline_weak: bool) -> StoreResult<OrderView> {
+        self.write_domain(|t| money::refund(t, order_id, inline_weak))
+    }
+    fn expire_due(&self, now_ms: i64, limit: u32) -> Result<u32, StoreError> {
+        self.write(|t| orders::expire_due(t, now_ms, limit))
+    }
+    fn run_outbox(&self, limit: u32) -> Result<u32, StoreError> {
+        self.write(|t| money::run_outbox(t, limit))
+    }
+    fn outbox_depth(&self) -> Result<u64, StoreError> {
+        self.read(|t| {
+            let n: i64 = t.one("SELECT COUNT(*) FROM outbox WHERE NOT done", &[])?.get(0);
+            Ok(n.max(0) as u64)
+        })
+    }
+    fn update_stock(&self, updates: &[StockUpdate]) -> StoreResult<Vec<Sku>> {
+        self.write_domain(|t| orders::update_stock(t, updates))
+    }
+    fn open_flash_sale(&self, sku: &str, buckets: u32) -> StoreResult<Sku> {
+        self.write_domain(|t| orders::open_flash_sale(t, sku, buckets))
+    }
+    fn credit(&self, users: &[String], amount: Cents) -> Result<(), StoreError> {
+        self.write(|t| money::credit(t, users, amount))
+    }
+    fn balance(&self, account: &str) -> Result<Cents, StoreError> {
+        self.read(|t| money::balance(t, account))
+    }
+    fn settle(&self) -> Result<Vec<Settlement>, StoreError> {
+        self.write(money::settle)
+    }
+    fn audit(&self) -> Result<AuditReport, StoreError> {
+        // REPEATABLE READ: every check sees one snapshot.
+        self.read(super::postgres_audit::audit)
+    }
+}

@@ -1,0 +1,425 @@
+//! PostgreSQL catalog reads, order creation (conditional stock decrement, order row and outbox row in one
+//! transaction, a savepoint per order), order transitions, the `SKIP LOCKED` reservation sweeper and merchant
+//! stock updates. Mirrors `sqlite_orders`; the differences are the locks PostgreSQL needs because its writers
+//! run concurrently (see `postgres`).
+
+use postgres::Row;
+
+use super::postgres::Tx;
+use super::{Created, LineView, OrderView, Product, Sku, StockUpdate, StoreError};
+use crate::domain::{NewOrder, OrderKind, OrderStatus, Reject, Transition, now_ms};
+
+type Res<T> = Result<Result<T, Reject>, StoreError>;
+
+const SKU_COLUMNS: &str = "SELECT s.sku, s.price_cents, s.available, s.reserved, s.sold,
+        COALESCE((SELECT SUM(b.available) FROM sku_buckets b WHERE b.sku = s.sku), 0)::BIGINT FROM skus s";
+
+fn sku_row(r: &Row) -> Sku {
+    Sku {
+        sku: r.get(0),
+        price_cents: r.get(1),
+        available: r.get(2),
+        reserved: r.get(3),
+        sold: r.get(4),
+        bucketed: r.get(5),
+    }
+}
+
+/// Products with id ≥ `from` (exactly `from` when `exact`).
+pub fn list_products_from(
+    t: &mut Tx<'_>,
+    from: i64,
+    limit: u32,
+    exact: bool,
+) -> Result<Vec<Product>, StoreError> {
+    let sql = if exact {
+        "SELECT id, shop_id, name FROM products WHERE id = $1 LIMIT $2"
+    } else {
+        "SELECT id, shop_id, name FROM products WHERE id >= $1 ORDER BY id LIMIT $2"
+    };
+    let rows = t.query(sql, &[&from, &i64::from(limit)])?;
+    let mut products: Vec<Product> = rows
+        .iter()
+        .map(|r| Product {
+            id: r.get(0),
+            shop_id: r.get(1),
+            name: r.get(2),
+            skus: Vec::new(),
+        })
+        .collect();
+    let sql = format!("{SKU_COLUMNS} WHERE s.product_id = $1 ORDER BY s.sku");
+    for p in &mut products {
+        p.skus = t.query(&sql, &[&p.id])?.iter().map(sku_row).collect();
+    }
+    Ok(products)
+}
+
+pub fn load_order(t: &mut Tx<'_>, id: &str) -> Result<Option<OrderView>, StoreError> {
+    let row = t.opt(
+        r#"SELECT id, "user", kind, status, total_cents, created_ms, expires_ms, paid_via FROM orders WHERE id = $1"#,
+        &[&id],
+    )?;
+    let Some(r) = row else { return Ok(None) };
+    let lines = t
+        .query(
+            "SELECT sku, qty, price_cents FROM order_lines WHERE order_id = $1 ORDER BY sku",
+            &[&id],
+        )?
+        .iter()
+        .map(|l| LineView {
+            sku: l.get(0),
+            qty: l.get(1),
+            price_cents: l.get(2),
+        })
+        .collect();
+    Ok(Some(OrderView {
+        id: r.get(0),
+        user: r.get(1),
+        kind: r.get(2),
+        status: r.get(3),
+        total_cents: r.get(4),
+        created_ms: r.get(5),
+        expires_ms: r.get(6),
+        paid_via: r.get(7),
+        lines,
+    }))
+}
+
+/// Creates each order under its own savepoint inside the caller's transaction.
+pub fn create_orders(
+    t: &mut Tx<'_>,
+    orders: &[NewOrder],
+    inline_weak: bool,
+) -> Result<Vec<Result<Created, Reject>>, StoreError> {
+    // Lock every SKU row the group touches up front, in name order: concurrent groups (from any instance)
+    // then queue on the first common SKU instead of deadlocking on each other's rows.
+    let mut skus: Vec<&str> = orders
+        .iter()
+        .flat_map(|o| o.lines.iter().map(|l| l.sku.as_str()))
+        .collect();
+    skus.sort_unstable();
+    skus.dedup();
+    t.exec(
+        "SELECT 1 FROM (SELECT sku FROM skus WHERE sku = ANY($1) ORDER BY sku FOR UPDATE) l",
+        &[&skus],
+    )?;
+    let mut out = Vec::with_capacity(orders.len());
+    for o in orders {
+        t.batch("SAVEPOINT new_order")?;
+        match create_one(t, o, inline_weak)? {
+            Ok(created) => {
+                t.batch("RELEASE new_order")?;
+                out.push(Ok(created));
+            }
+            Err(reject) => {
+                t.batch("ROLLBACK TO new_order; RELEASE new_order")?;
+                out.push(Err(reject));
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn create_one(t: &mut Tx<'_>, o: &NewOrder, inline_weak: bool) -> Res<Created> {
+    if let Some(key) = &o.idem_key {
+        // Concurrent requests with one key (on any instance) queue here; the second sees the first's row.
+        t.lock_key(&format!("idem:{key}"))?;
+        let prior = t.opt(
+            "SELECT fingerprint, answer FROM orders WHERE idem_key = $1",
+            &[key],
+        )?;
+        if let Some(r) = prior {
+            let (fp, answer): (String, String) = (r.get(0), r.get(1));
+            if fp != o.fingerprint {
+                return Ok(Err(Reject::IdempotencyConflict { key: key.clone() }));
+            }
+            let order: OrderView = serde_json::from_str(&answer)
+                .map_err(|e| StoreError::Internal(format!("stored answer of key {key:?} is corrupt: {e}")))?;
+            return Ok(Ok(Created { order, replay: true }));
+        }
+    }
+    if o.kind == OrderKind::Seckill {
+        for l in &o.lines {
+            t.lock_key(&format!("limit:{}:{}", o.user, l.sku))?;
+            let bought: i64 = t
+                .one(
+                    r#"SELECT COALESCE(SUM(l.qty), 0)::BIGINT FROM orders o JOIN order_lines l ON l.order_id = o.id
+                     WHERE o."user" = $1 AND o.kind = 'seckill' AND l.sku = $2
+                       AND o.status IN ('reserved', 'paid', 'fulfilled')"#,
+                    &[&o.user, &l.sku],
+                )?
+                .get(0);
+            if bought + i64::from(l.qty) > i64::from(o.per_user_limit) {
+                return Ok(Err(Reject::LimitExceeded {
+                    user: o.user.clone(),
+                    sku: l.sku.clone(),
+                    limit: o.per_user_limit,
+                }));
+            }
+        }
+    }
+    let mut views = Vec::with_capacity(o.lines.len());
+    let mut shops = Vec::with_capacity(o.lines.len());
+    let mut total = 0i64;
+    for l in &o.lines {
+        let qty = i64::from(l.qty);
+        let info = t.opt(
+            "SELECT s.price_cents, p.shop_id FROM skus s JOIN products p ON p.id = s.product_id WHERE s.sku = $1",
+            &[&l.sku],
+        )?;
+        let Some(info) = info else {
+            return Ok(Err(Reject::NotFound {
+                what: "sku",
+                id: l.sku.clone(),
+            }));
+        };
+        let (price, shop): (i64, i64) = (info.get(0), info.get(1));
+        if let Err(r) = reserve_stock(t, o.kind, &l.sku, qty)? {
+            return Ok(Err(r));
+        }
+        total += price * qty;
+        shops.push(shop);
+        views.push(LineView {
+            sku: l.sku.clone(),
+            qty,
+            price_cents: price,
+        });
+    }
+    let mut sorted = views.clone();
+    sorted.sort_by(|a, b| a.sku.cmp(&b.sku));
+    let view = OrderView {
+        id: o.id.clone(),
+        user: o.user.clone(),
+        kind: o.kind.as_str().into(),
+        status: OrderStatus::Reserved.as_str().into(),
+        total_cents: total,
+        lines: sorted,
+        created_ms: o.created_ms,
+        expires_ms: o.expires_ms,
+        paid_via: None,
+    };
+    let answer = serde_json::to_string(&view).map_err(|e| StoreError::Internal(e.to_string()))?;
+    t.exec(
+        r#"INSERT INTO orders(id, idem_key, fingerprint, "user", kind, status, total_cents, created_ms, expires_ms,
+                            paid_via, updated_ms, answer)
+         VALUES ($1, $2, $3, $4, $5, 'reserved', $6, $7, $8, NULL, $7, $9)"#,
+        &[&o.id, &o.idem_key, &o.fingerprint, &o.user, &o.kind.as_str(), &total, &o.created_ms, &o.expires_ms, &answer],
+    )?;
+    for (l, shop) in views.iter().zip(&shops) {
+        t.exec(
+            "INSERT INTO order_lines(order_id, sku, qty, price_cents, shop_id) VALUES ($1, $2, $3, $4, $5)",
+            &[&o.id, &l.sku, &l.qty, &l.price_cents, shop],
+        )?;
+    }
+    super::postgres_money::enqueue(t, "order.placed", &o.id, inline_weak)?;
+    Ok(Ok(Created {
+        order: view,
+        replay: false,
+    }))
+}
+
+/// The conditional decrement: never below zero (PostgreSQL re-checks `available >= qty` on the newest row
+/// version after waiting for a concurrent writer). A flash-sale SKU takes from a bucket first: `SKIP LOCKED`
+/// picks a bucket no other buyer holds, so buyers spread over the rows; when every bucket with stock is
+/// held, it waits for one.
+fn reserve_stock(
+    t: &mut Tx<'_>,
+    kind: OrderKind,
+    sku: &str,
+    qty: i64,
+) -> Result<Result<(), Reject>, StoreError> {
+    if kind == OrderKind::Seckill {
+        let start = i64::from(rand::random::<u8>() % 64);
+        for pick in [
+            "SELECT bucket FROM sku_buckets WHERE sku = $1 AND available >= $2
+             ORDER BY (bucket - $3 + 64) % 64 LIMIT 1 FOR UPDATE SKIP LOCKED",
+            "SELECT bucket FROM sku_buckets WHERE sku = $1 AND available >= $2
+             ORDER BY (bucket - $3 + 64) % 64 LIMIT 1 FOR UPDATE",
+        ] {
+            let Some(row) = t.opt(pick, &[&sku, &qty, &start])? else {
+                continue;
+            };
+            let bucket: i64 = row.get(0);
+            let took = t.exec(
+                "UPDATE sku_buckets SET available = available - $3 WHERE sku = $1 AND bucket = $2 AND available >= $3",
+                &[&sku, &bucket, &qty],
+            )?;
+            if took == 1 {
+                t.exec(
+                    "UPDATE skus SET reserved = reserved + $2 WHERE sku = $1",
+                    &[&sku, &qty],
+                )?;
+                return Ok(Ok(()));
+            }
+        }
+    }
+    let took = t.exec(
+        "UPDATE skus SET available = available - $2, reserved = reserved + $2 WHERE sku = $1 AND available >= $2",
+        &[&sku, &qty],
+    )?;
+    if took == 1 {
+        return Ok(Ok(()));
+    }
+    let available: i64 = t
+        .one("SELECT available FROM skus WHERE sku = $1", &[&sku])?
+        .get(0);
+    Ok(Err(if kind == OrderKind::Seckill || available == 0 {
+        Reject::SoldOut { sku: sku.into() }
+    } else {
+        Reject::OutOfStock {
+            sku: sku.into(),
+            available,
+            wanted: qty,
+        }
+    }))
+}
+
+/// Moves an order along `t` under its row lock; returns the state it left.
+pub fn transition(t: &mut Tx<'_>, id: &str, tr: Transition) -> Res<(OrderStatus, OrderStatus)> {
+    let status = t.opt("SELECT status FROM orders WHERE id = $1 FOR UPDATE", &[&id])?;
+    let Some(status) = status else {
+        return Ok(Err(Reject::NotFound {
+            what: "order",
+            id: id.into(),
+        }));
+    };
+    let status: String = status.get(0);
+    let from = OrderStatus::parse(&status)
+        .ok_or_else(|| StoreError::Internal(format!("order {id} has unknown status {status:?}")))?;
+    let Some(to) = from.apply(tr) else {
+        return Ok(Err(Reject::BadTransition {
+            id: id.into(),
+            from: from.as_str(),
+            action: tr.as_str(),
+        }));
+    };
+    let n = t.exec(
+        "UPDATE orders SET status = $3, updated_ms = $4 WHERE id = $1 AND status = $2",
+        &[&id, &from.as_str(), &to.as_str(), &now_ms()],
+    )?;
+    if n != 1 {
+        return Err(StoreError::Internal(format!(
+            "order {id} changed under its row lock"
+        )));
+    }
+    Ok(Ok((from, to)))
+}
+
+/// Locks an order's row for the rest of the transaction (so a read-then-transition cannot race).
+pub fn lock_order(t: &mut Tx<'_>, id: &str) -> Result<(), StoreError> {
+    t.exec("SELECT 1 FROM orders WHERE id = $1 FOR UPDATE", &[&id])?;
+    Ok(())
+}
+
+/// Moves an order's units between stock columns (e.g. `reserved` → `available`).
+pub fn move_stock(t: &mut Tx<'_>, id: &str, from_col: &str, to_col: &str) -> Result<(), StoreError> {
+    let sql = format!(
+        "UPDATE skus SET {from_col} = skus.{from_col} - l.qty, {to_col} = skus.{to_col} + l.qty
+         FROM order_lines l WHERE l.order_id = $1 AND l.sku = skus.sku"
+    );
+    t.exec(&sql, &[&id])?;
+    Ok(())
+}
+
+fn view(t: &mut Tx<'_>, id: &str) -> Res<OrderView> {
+    Ok(load_order(t, id)?.ok_or_else(|| Reject::NotFound {
+        what: "order",
+        id: id.into(),
+    }))
+}
+
+pub fn cancel(t: &mut Tx<'_>, id: &str) -> Res<OrderView> {
+    match transition(t, id, Transition::Cancel)? {
+        Ok((from, _)) => {
+            if from.holds_reservation() {
+                move_stock(t, id, "reserved", "available")?;
+            }
+            view(t, id)
+        }
+        // Cancelling a cancelled order again is a replay: same answer, no second effect.
+        Err(Reject::BadTransition {
+            from: "cancelled", ..
+        }) => view(t, id),
+        Err(r) => Ok(Err(r)),
+    }
+}
+
+pub fn fulfil(t: &mut Tx<'_>, id: &str) -> Res<OrderView> {
+    match transition(t, id, Transition::Fulfil)? {
+        Ok(_) => view(t, id),
+        Err(Reject::BadTransition {
+            from: "fulfilled", ..
+        }) => view(t, id),
+        Err(r) => Ok(Err(r)),
+    }
+}
+
+/// Expires due reservations. `SKIP LOCKED` lets sweepers in every instance take disjoint rows; the row lock
+/// plus the conditional status update make each give its stock back exactly once.
+pub fn expire_due(t: &mut Tx<'_>, now: i64, limit: u32) -> Result<u32, StoreError> {
+    let due: Vec<String> = t
+        .query(
+            "SELECT id FROM orders WHERE status = 'reserved' AND expires_ms <= $1
+             ORDER BY expires_ms LIMIT $2 FOR UPDATE SKIP LOCKED",
+            &[&now, &i64::from(limit)],
+        )?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let mut n = 0;
+    for id in due {
+        if transition(t, &id, Transition::Expire)?.is_ok() {
+            move_stock(t, &id, "reserved", "available")?;
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
+pub fn update_stock(t: &mut Tx<'_>, updates: &[StockUpdate]) -> Res<Vec<Sku>> {
+    let mut out = Vec::new();
+    for u in updates {
+        let n = t.exec(
+            "UPDATE skus SET received = received + $2, available = available + $2,
+                price_cents = COALESCE($3, price_cents) WHERE sku = $1",
+            &[&u.sku, &i64::from(u.receive), &u.price_cents],
+        )?;
+        if n != 1 {
+            return Ok(Err(Reject::NotFound {
+                what: "sku",
+                id: u.sku.clone(),
+            }));
+        }
+        out.push(sku(t, &u.sku)?);
+    }
+    Ok(Ok(out))
+}
+
+fn sku(t: &mut Tx<'_>, id: &str) -> Result<Sku, StoreError> {
+    Ok(sku_row(
+        &t.one(&format!("{SKU_COLUMNS} WHERE s.sku = $1"), &[&id])?,
+    ))
+}
+
+/// Splits a SKU's available stock evenly over `buckets` rows (adding to buckets that already exist).
+pub fn open_flash_sale(t: &mut Tx<'_>, sku_id: &str, buckets: u32) -> Res<Sku> {
+    let available = t.opt("SELECT available FROM skus WHERE sku = $1 FOR UPDATE", &[&sku_id])?;
+    let Some(available) = available else {
+        return Ok(Err(Reject::NotFound {
+            what: "sku",
+            id: sku_id.into(),
+        }));
+    };
+    let available: i64 = available.get(0);
+    let n = i64::from(buckets.max(1));
+    for b in 0..n {
+        let share = available / n + i64::from(b < available % n);
+        t.exec(
+            "INSERT INTO sku_buckets(sku, bucket, available) VALUES ($1, $2, $3)
+             ON CONFLICT(sku, bucket) DO UPDATE SET available = sku_buckets.available + excluded.available",
+            &[&sku_id, &b, &share],
+        )?;
+    }
+    t.exec("UPDATE skus SET available = 0 WHERE sku = $1", &[&sku_id])?;
+    Ok(Ok(sku(t, sku_id)?))
+}
