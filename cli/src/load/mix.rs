@@ -238,6 +238,15 @@ mod tests {
         assert!(r.headers().contains_key("idempotency-key"));
         ctx.observe(&KINDS[1], br#"{"id":"o-42"}"#);
         assert_eq!(KINDS[3].build(&ctx).uri().path(), "/v1/orders/o-42/pay");
-        assert!(KINDS[2].build(&ctx).uri().path().starts_with("/v1/seckill/sku-"));
+        assert_eq!(KINDS[2].build(&ctx).uri().path(), "/v1/seckill/flash-1");
+        assert!(
+            KINDS[0]
+                .build(&ctx)
+                .uri()
+                .path_and_query()
+                .unwrap()
+                .as_str()
+                .contains("after=")
+        );
     }
 }
