@@ -88,12 +88,7 @@ async fn follow_config(
 
 /// Warns when the shared key file can be read by group or others.
 fn warn_if_key_exposed(cfg: &Config) {
-    use std::os::unix::fs::PermissionsExt;
-    if let Some(path) = &cfg.key_file
-        && let Ok(meta) = std::fs::metadata(path)
-        && meta.permissions().mode() & 0o077 != 0
-    {
-        tracing::warn!(path = %path.display(), mode = format!("{:o}", meta.permissions().mode() & 0o777),
-            "the report key file is readable by group or others; chmod 600 it");
+    if let Some(path) = &cfg.key_file {
+        xcluster_runtime::config::warn_if_secret_exposed(path, "report key");
     }
 }

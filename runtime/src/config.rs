@@ -160,6 +160,17 @@ pub fn read_bounded(path: &Path) -> Result<Vec<u8>, ConfigError> {
     Ok(buf)
 }
 
+/// Warns when a secret file (a key, a token) can be read by group or others: it works, but it should not.
+pub fn warn_if_secret_exposed(path: &Path, what: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Ok(meta) = std::fs::metadata(path)
+        && meta.permissions().mode() & 0o077 != 0
+    {
+        tracing::warn!(path = %path.display(), mode = format!("{:o}", meta.permissions().mode() & 0o777),
+            "the {what} file is readable by group or others; chmod 600 it");
+    }
+}
+
 /// Parses TOML text into a table (syntax only).
 pub fn parse_table(text: &[u8], origin: &str) -> Result<toml::Table, ConfigError> {
     let text = std::str::from_utf8(text).map_err(|e| ConfigError::Syntax {
