@@ -1,7 +1,7 @@
 //! Signal handling: SIGTERM drains, SIGINT stops fast, SIGHUP reloads, and a second SIGTERM or SIGINT while
 //! draining forces the exit.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc;
@@ -71,6 +71,11 @@ impl Shutdown {
     }
 }
 
+/// A repeat of the stop signal within this window is the same request delivered twice (GNU `timeout`, systemd
+/// and `kill -- -PGID` signal the process and then its group), not an operator insisting; only a later one
+/// forces the exit.
+pub const REPEAT_WINDOW: Duration = Duration::from_millis(250);
+
 /// Listens for signals until the process ends. `grace` is read on each SIGTERM so it reloads live.
 pub fn spawn_listener(
     shutdown: Shutdown,
@@ -82,12 +87,21 @@ pub fn spawn_listener(
     let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;
     Ok(tokio::spawn(async move {
+        let mut first_stop: Option<Instant> = None;
+        // Whether a stop signal arriving now should force the exit (see REPEAT_WINDOW).
+        let mut insists = move |shutdown: &Shutdown| {
+            let now = Instant::now();
+            let started = *first_stop.get_or_insert(now);
+            shutdown.is_draining() && now.duration_since(started) >= REPEAT_WINDOW
+        };
         loop {
             tokio::select! {
                 Some(()) = term.recv() => {
-                    if shutdown.is_draining() {
+                    if insists(&shutdown) {
                         warn!("second SIGTERM while draining: forcing exit");
                         shutdown.force.cancel();
+                    } else if shutdown.is_draining() {
+                        info!("repeated SIGTERM within {REPEAT_WINDOW:?}: already draining");
                     } else {
                         let grace = grace();
                         info!(?grace, "SIGTERM: draining");
@@ -96,9 +110,11 @@ pub fn spawn_listener(
                     }
                 }
                 Some(()) = int.recv() => {
-                    if shutdown.is_draining() {
+                    if insists(&shutdown) {
                         warn!("SIGINT while draining: forcing exit");
                         shutdown.force.cancel();
+                    } else if shutdown.is_draining() {
+                        info!("repeated SIGINT within {REPEAT_WINDOW:?}: already stopping");
                     } else {
                         info!("SIGINT: stopping");
                         health.set_draining();

@@ -232,3 +232,83 @@ fn hot_reload_applies_valid_changes_and_keeps_old_config_on_invalid() {
     assert!(p.is_running());
     assert_eq!(p.pid(), pid, "no restart");
 }
+
+/// An lb whose L4 listener holds one established connection to an echo backend, so its drain takes as long
+/// as that connection lives (up to the grace period).
+fn draining_lb() -> (Proc, std::net::TcpStream, tempfile::TempDir) {
+    use std::io::{Read, Write};
+    let backend = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let backend_addr = backend.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for s in backend.incoming().take(4).flatten() {
+            std::thread::spawn(move || {
+                let mut s = s;
+                let mut buf = [0u8; 1024];
+                while let Ok(n) = s.read(&mut buf) {
+                    if n == 0 || s.write_all(&buf[..n]).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let (api, l4) = (free_addr(), free_addr());
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = format!(
+        "role = \"lb\"\nlisten = \"{api}\"\n[shutdown]\ngrace_ms = 30000\n[[proxy.listeners]]\nname = \"t\"\nlisten = \"{l4}\"\nrequest_type = \"default\"\n[[proxy.backends]]\naddr = \"{backend_addr}\"\n"
+    );
+    let path = write_file(dir.path(), "lb.toml", &cfg);
+    let p = Proc::xcluster("lb", &["lb", "--config", path.to_str().unwrap()]);
+    wait_ready(api, Duration::from_secs(20));
+    let mut conn = std::net::TcpStream::connect(l4).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    conn.write_all(b"ping").unwrap();
+    let mut buf = [0u8; 4];
+    conn.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"ping");
+    (p, conn, dir)
+}
+
+#[test]
+fn a_signal_delivered_twice_at_once_still_drains_gracefully() {
+    use std::io::{Read, Write};
+    // GNU timeout, systemd and `kill -- -PGID` deliver SIGTERM to the process and then to its group.
+    let (mut p, mut conn, _dir) = draining_lb();
+    p.signal(nix::sys::signal::Signal::SIGTERM);
+    p.signal(nix::sys::signal::Signal::SIGTERM);
+    eventually(Duration::from_secs(10), "the drain to start", || {
+        p.stderr().contains("SIGTERM: draining").then_some(())
+    });
+    // Still draining, not forced out: the established connection keeps working.
+    conn.write_all(b"pong").unwrap();
+    let mut buf = [0u8; 4];
+    conn.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"pong");
+    assert!(p.is_running(), "{}", p.stderr());
+    drop(conn);
+    assert_eq!(p.wait_exit(Duration::from_secs(20)), Some(0), "{}", p.stderr());
+}
+
+#[test]
+fn a_second_signal_while_draining_forces_the_exit() {
+    let (mut p, conn, _dir) = draining_lb();
+    p.signal(nix::sys::signal::Signal::SIGTERM);
+    eventually(Duration::from_secs(10), "the drain to start", || {
+        p.stderr().contains("SIGTERM: draining").then_some(())
+    });
+    // The operator insists, later than a duplicate delivery would arrive.
+    std::thread::sleep(xcluster_runtime_repeat_window() + Duration::from_millis(100));
+    assert!(
+        p.is_running(),
+        "the open connection holds the drain: {}",
+        p.stderr()
+    );
+    p.signal(nix::sys::signal::Signal::SIGTERM);
+    assert_eq!(p.wait_exit(Duration::from_secs(10)), Some(2), "{}", p.stderr());
+    drop(conn);
+}
+
+/// runtime::signals::REPEAT_WINDOW (the tests crate drives the binary and does not link the runtime).
+fn xcluster_runtime_repeat_window() -> Duration {
+    Duration::from_millis(250)
+}
