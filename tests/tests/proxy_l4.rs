@@ -423,6 +423,29 @@ fn sigterm_drains_established_connections() {
 }
 
 #[test]
+fn connections_still_open_at_the_end_of_the_grace_period_are_closed() {
+    let echo = echo_backend();
+    let front = free_addr();
+    let mut lb = start_lb(300, &format!("{}{}", listener("web", front), backends(&[echo])));
+    let mut s = connect(front);
+    ping(&mut s, b"before");
+    lb.proc.signal(Signal::SIGTERM);
+    // The client never ends its connection: once the grace period is over the proxy closes it...
+    s.set_read_timeout(Some(T)).unwrap();
+    let mut rest = Vec::new();
+    let closed = s.read_to_end(&mut rest);
+    assert!(
+        matches!(&closed, Ok(0))
+            || matches!(&closed, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
+        "the proxy must close the connection after the grace period, got {closed:?}"
+    );
+    // ...and exits.
+    lb.proc
+        .wait_exit(T)
+        .expect("lb did not exit after the grace period");
+}
+
+#[test]
 fn reload_removing_a_listener_keeps_its_connections() {
     let (echo1, echo2) = (echo_backend(), echo_backend());
     let (a, b) = (free_addr(), free_addr());

@@ -1,61 +1,122 @@
 //! One proxied connection: pick and connect a backend with redispatch, send the optional PROXY header, then
-//! forward both directions until both end, either side fails, the idle timeout fires, or the stop signal
-//! (end of the drain grace period) arrives.
+//! forward both directions until both end, either side fails, or the idle timeout fires. The end of the
+//! drain grace period needs nothing here: it ends the worker runtimes, which drops every connection.
+//!
+//! The task is [`Serve`]: a boxed connect phase (its large futures are freed once the backend answers), then
+//! [`Conn`], a hand-written future of a few hundred bytes, because what a connection holds while forwarding is
+//! what every idle connection costs.
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 
-use metrics::Gauge;
+use pin_project_lite::pin_project;
 use tokio::net::TcpStream;
-use tracing::{debug, debug_span};
+use tokio::sync::OwnedSemaphorePermit;
+use tokio::time::Sleep;
+use tracing::{Instrument, debug, debug_span};
 
-use super::config::Timeouts;
-use super::forward::{self, Meter};
+use super::config::{Forwarding, Timeouts};
+use super::forward::Direction;
 use super::metrics::BackendMetrics;
 use super::service::{ListenerState, Shared};
 
-/// Counts one active connection on a gauge for as long as it lives.
-struct Active(Gauge);
+/// Counts the connection on the listener's active gauge, and on its backend's once connected, for as long
+/// as it lives; holds the connection's permit of `max_connections`.
+struct Active {
+    l: Arc<ListenerState>,
+    bm: Option<Arc<BackendMetrics>>,
+    _permit: OwnedSemaphorePermit,
+}
 
 impl Active {
-    fn new(g: &Gauge) -> Self {
-        g.increment(1.0);
-        Self(g.clone())
+    fn new(l: Arc<ListenerState>, permit: OwnedSemaphorePermit) -> Self {
+        l.metrics.active.increment(1.0);
+        Self {
+            l,
+            bm: None,
+            _permit: permit,
+        }
+    }
+
+    fn set_backend(&mut self, bm: Arc<BackendMetrics>) {
+        bm.active.increment(1.0);
+        self.bm = Some(bm);
     }
 }
 
 impl Drop for Active {
     fn drop(&mut self) {
-        self.0.decrement(1.0);
+        self.l.metrics.active.decrement(1.0);
+        if let Some(bm) = &self.bm {
+            bm.active.decrement(1.0);
+        }
     }
 }
 
-/// Serves one accepted client connection to the end.
-///
-/// The connect phase is boxed so that its large futures (connect, timeout, PROXY header) are freed once the
-/// backend answers; what stays for the connection's life is the small forwarding state.
-pub async fn serve(mut client: TcpStream, peer: SocketAddr, l: Arc<ListenerState>, shared: Arc<Shared>) {
-    l.metrics.accepted.increment(1);
-    let _active = Active::new(&l.metrics.active);
-    let _ = client.set_nodelay(true);
-    let connected = tokio::select! {
-        c = Box::pin(establish(&client, peer, &l, &shared)) => c,
-        _ = shared.stop.cancelled() => return,
-    };
-    let Some((mut backend, bm)) = connected else {
-        return;
-    };
-    let _backend_active = Active::new(&bm.active);
-    let idle = shared.timeouts.load().idle;
-    let outcome = pump(&mut client, &mut backend, &l, &bm, &shared, idle).await;
-    debug!(?outcome, "connection ended");
+type Connecting = Pin<Box<dyn Future<Output = Option<Conn>> + Send>>;
+
+pin_project! {
+    /// The task of one accepted client connection, from connect to close.
+    #[project = ServeProj]
+    pub enum Serve {
+        Connecting { fut: Connecting },
+        Forwarding { #[pin] conn: Conn },
+    }
 }
 
-/// The span every event of one connection carries.
-pub fn span(l: &ListenerState, peer: SocketAddr) -> tracing::Span {
-    debug_span!("proxy", listener = %l.cfg.name, %peer)
+/// Serves one accepted client connection to the end; `permit` is released when it ends.
+pub fn serve(
+    client: TcpStream,
+    peer: SocketAddr,
+    l: Arc<ListenerState>,
+    shared: Arc<Shared>,
+    permit: OwnedSemaphorePermit,
+) -> Serve {
+    l.metrics.accepted.increment(1);
+    let _ = client.set_nodelay(true);
+    let span = debug_span!("proxy", listener = %l.cfg.name, %peer);
+    let active = Active::new(l, permit);
+    Serve::Connecting {
+        fut: Box::pin(
+            async move {
+                let timeouts = shared.timeouts.load_full();
+                let (backend, bm) = establish(&client, peer, &active.l, &shared, &timeouts).await?;
+                Some(Conn::new(
+                    client,
+                    backend,
+                    bm,
+                    active,
+                    shared.forwarding,
+                    timeouts.idle,
+                ))
+            }
+            .instrument(span),
+        ),
+    }
+}
+
+impl Future for Serve {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        loop {
+            match self.as_mut().project() {
+                ServeProj::Connecting { fut } => match ready!(fut.as_mut().poll(cx)) {
+                    Some(conn) => self.set(Self::Forwarding { conn }),
+                    None => return Poll::Ready(()),
+                },
+                ServeProj::Forwarding { conn } => {
+                    let outcome = ready!(conn.poll(cx));
+                    debug!(?outcome, "connection ended");
+                    return Poll::Ready(());
+                }
+            }
+        }
+    }
 }
 
 /// Connects a backend (with redispatch) and sends the optional PROXY header.
@@ -64,9 +125,9 @@ async fn establish(
     peer: SocketAddr,
     l: &ListenerState,
     shared: &Shared,
+    timeouts: &Timeouts,
 ) -> Option<(TcpStream, Arc<BackendMetrics>)> {
-    let timeouts = shared.timeouts.load_full();
-    let Some((backend, addr, bm)) = connect(l, shared, &timeouts).await else {
+    let Some((backend, addr, bm)) = connect(l, shared, timeouts).await else {
         l.metrics.failed.increment(1);
         debug!("no backend reachable; closing the client");
         return None;
@@ -133,71 +194,105 @@ async fn connect(
 
 /// How a forwarded connection ended.
 #[derive(Debug)]
-enum Outcome {
+pub enum Outcome {
     Done,
     Error(#[expect(dead_code, reason = "read through Debug in the closing log line")] std::io::Error),
     Idle,
-    Stopped,
 }
 
-async fn pump(
-    client: &mut TcpStream,
-    backend: &mut TcpStream,
-    l: &ListenerState,
-    bm: &BackendMetrics,
-    shared: &Shared,
-    idle: Option<Duration>,
-) -> Outcome {
-    let start = Instant::now();
-    let last = AtomicU64::new(0);
-    let mode = shared.forwarding;
-    let (client_r, client_w) = client.split();
-    let (backend_r, backend_w) = backend.split();
-    // Built in place inside `try_join` (no named locals): a future moved into another is otherwise stored
-    // twice in the enclosing state machine, and this state is what every idle connection costs.
-    let both = futures_util::future::try_join(
-        forward::one_way(
-            mode,
-            client_r,
-            backend_w,
-            Meter {
-                listener_bytes: &l.metrics.bytes_up,
-                backend_bytes: &bm.bytes_up,
-                last: &last,
-                start,
-            },
-        ),
-        forward::one_way(
-            mode,
-            backend_r,
-            client_w,
-            Meter {
-                listener_bytes: &l.metrics.bytes_down,
-                backend_bytes: &bm.bytes_down,
-                last: &last,
-                start,
-            },
-        ),
-    );
-    tokio::pin!(both);
-    // One timer for the connection's life, pushed forward lazily: activity only stamps `last`, and the
-    // timer, when it fires, re-arms itself for `last + idle`.
-    let idle = idle.unwrap_or(NO_IDLE_TIMEOUT);
-    let sleep = tokio::time::sleep_until(tokio::time::Instant::from_std(start + idle));
-    tokio::pin!(sleep);
-    loop {
-        tokio::select! {
-            r = &mut both => return r.map_or_else(Outcome::Error, |_| Outcome::Done),
-            _ = shared.stop.cancelled() => return Outcome::Stopped,
-            _ = &mut sleep => {
-                let due = start + Duration::from_millis(last.load(Ordering::Relaxed)) + idle;
-                if due <= Instant::now() {
-                    l.metrics.idle_timeouts.increment(1);
-                    return Outcome::Idle;
+pin_project! {
+    /// An established connection: both directions, and one timer for the idle timeout.
+    pub struct Conn {
+        client: TcpStream,
+        backend: TcpStream,
+        up: Direction,
+        down: Direction,
+        active: Active,
+        start: Instant,
+        // Milliseconds after `start` of the last byte moved either way.
+        last_ms: u64,
+        idle: Duration,
+        // Pushed forward lazily: activity only stamps `last_ms`, and the timer, when it fires, re-arms itself
+        // for `last + idle`. One timer for the connection's life, never one per read.
+        #[pin]
+        timer: Sleep,
+    }
+}
+
+impl Conn {
+    fn new(
+        client: TcpStream,
+        backend: TcpStream,
+        bm: Arc<BackendMetrics>,
+        mut active: Active,
+        mode: Forwarding,
+        idle: Option<Duration>,
+    ) -> Self {
+        active.set_backend(bm);
+        let start = Instant::now();
+        let idle = idle.unwrap_or(NO_IDLE_TIMEOUT);
+        Self {
+            client,
+            backend,
+            up: Direction::new(mode),
+            down: Direction::new(mode),
+            active,
+            start,
+            last_ms: 0,
+            idle,
+            timer: tokio::time::sleep_until(tokio::time::Instant::from_std(start + idle)),
+        }
+    }
+}
+
+impl Future for Conn {
+    type Output = Outcome;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Outcome> {
+        let mut this = self.project();
+        let (l, bm) = (&this.active.l.metrics, this.active.bm.as_deref());
+        let (client_r, client_w) = this.client.split();
+        let (backend_r, backend_w) = this.backend.split();
+        let mut moved = false;
+        if !this.up.is_done() {
+            let r = this.up.poll_forward(cx, client_r, backend_w, |n| {
+                moved = true;
+                l.bytes_up.increment(n as u64);
+                if let Some(bm) = bm {
+                    bm.bytes_up.increment(n as u64);
                 }
-                sleep.as_mut().reset(tokio::time::Instant::from_std(due));
+            });
+            if let Poll::Ready(Err(e)) = r {
+                return Poll::Ready(Outcome::Error(e));
             }
         }
+        if !this.down.is_done() {
+            let r = this.down.poll_forward(cx, backend_r, client_w, |n| {
+                moved = true;
+                l.bytes_down.increment(n as u64);
+                if let Some(bm) = bm {
+                    bm.bytes_down.increment(n as u64);
+                }
+            });
+            if let Poll::Ready(Err(e)) = r {
+                return Poll::Ready(Outcome::Error(e));
+            }
+        }
+        if this.up.is_done() && this.down.is_done() {
+            return Poll::Ready(Outcome::Done);
+        }
+        if moved {
+            *this.last_ms = u64::try_from(this.start.elapsed().as_millis()).unwrap_or(u64::MAX);
+        }
+        while this.timer.as_mut().poll(cx).is_ready() {
+            let due = *this.start + Duration::from_millis(*this.last_ms) + *this.idle;
+            if due <= Instant::now() {
+                l.idle_timeouts.increment(1);
+                return Poll::Ready(Outcome::Idle);
+            }
+            this.timer.as_mut().reset(tokio::time::Instant::from_std(due));
+        }
+        Poll::Pending
     }
 }
 
@@ -227,8 +322,13 @@ mod tests {
             },
             metrics: crate::proxy::metrics::ListenerMetrics::new("x"),
         });
-        let f = serve(c, a, state, shared);
+        let permit = Arc::new(tokio::sync::Semaphore::new(1))
+            .acquire_owned()
+            .await
+            .unwrap();
+        let f = serve(c, a, state, shared, permit);
         let size = std::mem::size_of_val(&f);
-        assert!(size <= 1280, "the connection future grew to {size} bytes");
+        eprintln!("the connection future is {size} bytes");
+        assert!(size <= 384, "the connection future grew to {size} bytes");
     }
 }

@@ -1,4 +1,4 @@
-//! Moving bytes between the client and the backend socket, one direction per future, with half-close.
+//! Moving bytes between the client and the backend socket, one [`Direction`] each way, with half-close.
 //!
 //! Three strategies, chosen by `proxy.forwarding`:
 //! - `splice`: data goes socket → pipe → socket inside the kernel (`splice(2)`), never through user space.
@@ -11,19 +11,17 @@
 //!
 //! Either way a connection holds **no pipe and no buffer while idle**: a direction waits for readiness first,
 //! then borrows a pipe or buffer from a per-thread pool, moves what is there, and gives it back as soon as
-//! everything read has been written. Memory per idle connection is the task's own state, a few hundred bytes.
+//! everything read has been written. A direction is a poll function over a few words of state rather than
+//! an `async fn`: the compiler's state machine for the same loop kept every argument twice and a slot for
+//! each await, five times the size — and this state is what every idle connection costs.
 
+use nix::fcntl::{OFlag, SpliceFFlags};
 use std::cell::RefCell;
 use std::io;
 use std::net::Shutdown;
 use std::os::fd::{AsFd, OwnedFd};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Instant;
-
-use metrics::Counter;
-use nix::fcntl::{OFlag, SpliceFFlags};
 use std::pin::Pin;
-use std::task::{Context, Poll, Waker};
+use std::task::{Context, Poll, ready};
 
 use tokio::io::{AsyncRead, Interest, ReadBuf};
 use tokio::net::TcpStream;
@@ -87,123 +85,156 @@ fn splice(from: impl AsFd, to: impl AsFd, len: usize) -> io::Result<usize> {
     nix::fcntl::splice(from, None, to, None, len, flags).map_err(io::Error::from)
 }
 
-/// What a direction counts into, and where it stamps its last activity (for the idle timeout).
-#[derive(Debug)]
-pub struct Meter<'a> {
-    pub listener_bytes: &'a Counter,
-    pub backend_bytes: &'a Counter,
-    /// Milliseconds after `start` of the last byte moved in either direction.
-    pub last: &'a AtomicU64,
-    pub start: Instant,
-}
-
-impl Meter<'_> {
-    fn moved(&self, n: usize) {
-        let n = n as u64;
-        self.listener_bytes.increment(n);
-        self.backend_bytes.increment(n);
-        let ms = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.last.store(ms, Ordering::Relaxed);
-    }
-}
-
 /// Propagates end-of-stream: the peer that sent FIN sees its half closed on the other side.
 fn half_close(dst: &TcpStream) {
     // ENOTCONN when the other side already reset: nothing left to tell it.
     let _ = socket2::SockRef::from(dst).shutdown(Shutdown::Write);
 }
 
-/// Moves bytes from `src` to `dst` until `src` ends, then half-closes `dst`.
-///
-/// Written as one flat loop rather than nested async steps so that the compiler overlays the read and write
-/// waits in one slot: this future is most of what an idle connection costs.
-pub async fn one_way(
+/// One direction of a connection: whether it splices, whether it has ended, and what it holds between polls.
+#[derive(Debug)]
+pub struct Direction {
     mode: Forwarding,
-    mut src: ReadHalf<'_>,
-    dst: WriteHalf<'_>,
-    m: Meter<'_>,
-) -> io::Result<()> {
-    let mut splicing = mode == Forwarding::Splice;
-    loop {
-        // Wait with nothing borrowed: an idle direction holds no pipe and no buffer. The poll form keeps the
-        // wait to one pointer of state (`readable()` is a 150-byte future), and it spends tokio's cooperative
-        // budget, so an always-ready bulk stream still yields to the other connections of its worker.
-        std::future::poll_fn(|cx| src.as_ref().poll_read_ready(cx)).await?;
-        let n = if splicing {
-            // socket → pooled pipe → socket.
-            let pipe = take_pipe()?;
-            let (s, d) = (src.as_ref(), dst.as_ref());
-            let n = match s.try_io(Interest::READABLE, || splice(s, &pipe.w, PIPE_CHUNK)) {
-                Ok(n) => n,
-                Err(e) => {
-                    give_pipe(pipe);
-                    if e.kind() == io::ErrorKind::WouldBlock {
-                        continue;
+    splicing: bool,
+    done: bool,
+    held: Held,
+}
+
+/// Bytes read but not yet written, in the pipe or buffer they were read into. `Nothing` while idle.
+#[derive(Debug, Default)]
+enum Held {
+    #[default]
+    Nothing,
+    /// A pipe holding `left` bytes.
+    Pipe { pipe: Pipe, left: usize },
+    /// A buffer whose bytes `off..len` are still to be written.
+    Buf { buf: Box<[u8]>, off: u32, len: u32 },
+}
+
+impl Direction {
+    pub fn new(mode: Forwarding) -> Self {
+        Self {
+            mode,
+            splicing: mode == Forwarding::Splice,
+            done: false,
+            held: Held::Nothing,
+        }
+    }
+
+    /// The source has ended and the end was passed on.
+    pub fn is_done(&self) -> bool {
+        self.done
+    }
+
+    /// Moves bytes from `src` to `dst` until `src` has nothing more for now (`Pending`, with `cx` woken when
+    /// either socket is ready again) or has ended (`Ready(Ok)`, after half-closing `dst`). `moved` is told the
+    /// size of every batch read.
+    pub fn poll_forward(
+        &mut self,
+        cx: &mut Context<'_>,
+        mut src: ReadHalf<'_>,
+        dst: WriteHalf<'_>,
+        mut moved: impl FnMut(usize),
+    ) -> Poll<io::Result<()>> {
+        let d = dst.as_ref();
+        loop {
+            ready!(self.poll_flush(cx, d))?;
+            // Wait with nothing borrowed: an idle direction holds no pipe and no buffer. This spends tokio's
+            // cooperative budget, so an always-ready bulk stream still yields to the other connections.
+            ready!(src.as_ref().poll_read_ready(cx))?;
+            let n = if self.splicing {
+                // socket → pooled pipe; the pipe → socket half is `poll_flush`.
+                let pipe = take_pipe()?;
+                let s = src.as_ref();
+                match s.try_io(Interest::READABLE, || splice(s, &pipe.w, PIPE_CHUNK)) {
+                    Ok(0) => {
+                        give_pipe(pipe);
+                        0
                     }
-                    return Err(e);
-                }
-            };
-            let mut left = n;
-            while left > 0 {
-                // The pipe holds `left` bytes, so WouldBlock can only come from the socket.
-                match d.try_io(Interest::WRITABLE, || splice(&pipe.r, d, left)) {
-                    Ok(k) => left -= k,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                        std::future::poll_fn(|cx| d.poll_write_ready(cx)).await?
-                    }
-                    // The pipe still holds bytes: drop it rather than pool it.
-                    Err(e) => return Err(e),
-                }
-            }
-            give_pipe(pipe);
-            n
-        } else {
-            // socket → pooled buffer → socket.
-            let mut buf = take_buf();
-            // One non-blocking attempt through `poll_read`, which clears readiness after a short read. A noop
-            // waker is enough: on `Pending` (stale readiness, or no budget left) we yield and wait again.
-            let (read, n) = {
-                let mut rb = ReadBuf::new(&mut buf);
-                let mut cx = Context::from_waker(Waker::noop());
-                let read = Pin::new(&mut src).poll_read(&mut cx, &mut rb);
-                (read, rb.filled().len())
-            };
-            match read {
-                Poll::Ready(Ok(())) => {}
-                Poll::Ready(Err(e)) => {
-                    give_buf(buf);
-                    return Err(e);
-                }
-                Poll::Pending => {
-                    give_buf(buf);
-                    tokio::task::yield_now().await;
-                    continue;
-                }
-            }
-            let d = dst.as_ref();
-            let mut off = 0;
-            while off < n {
-                match d.try_write(&buf[off..n]) {
-                    Ok(k) => off += k,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                        std::future::poll_fn(|cx| d.poll_write_ready(cx)).await?
+                    Ok(n) => {
+                        self.held = Held::Pipe { pipe, left: n };
+                        n
                     }
                     Err(e) => {
-                        give_buf(buf);
-                        return Err(e);
+                        give_pipe(pipe);
+                        if e.kind() == io::ErrorKind::WouldBlock {
+                            continue;
+                        }
+                        return Poll::Ready(Err(e));
                     }
                 }
+            } else {
+                // socket → pooled buffer through `poll_read`, which clears readiness after a short read.
+                let mut buf = take_buf();
+                let mut rb = ReadBuf::new(&mut buf);
+                let read = Pin::new(&mut src).poll_read(cx, &mut rb);
+                let n = rb.filled().len();
+                match read {
+                    Poll::Ready(Ok(())) if n > 0 => {
+                        // `n` is at most BUF_SIZE, far below u32::MAX.
+                        let len = u32::try_from(n).unwrap_or(u32::MAX);
+                        self.held = Held::Buf { buf, off: 0, len };
+                    }
+                    Poll::Ready(Ok(())) => give_buf(buf),
+                    Poll::Ready(Err(e)) => {
+                        give_buf(buf);
+                        return Poll::Ready(Err(e));
+                    }
+                    // Stale readiness (now cleared and the waker registered), or no budget left.
+                    Poll::Pending => {
+                        give_buf(buf);
+                        return Poll::Pending;
+                    }
+                }
+                n
+            };
+            if n == 0 {
+                half_close(d);
+                self.done = true;
+                return Poll::Ready(Ok(()));
             }
-            give_buf(buf);
-            n
-        };
-        if n == 0 {
-            half_close(dst.as_ref());
-            return Ok(());
+            moved(n);
+            if self.mode == Forwarding::Auto {
+                self.splicing = if self.splicing {
+                    n >= SPLICE_MIN
+                } else {
+                    n == BUF_SIZE
+                };
+            }
         }
-        m.moved(n);
-        if mode == Forwarding::Auto {
-            splicing = if splicing { n >= SPLICE_MIN } else { n == BUF_SIZE };
+    }
+
+    /// Writes what is held to `dst`; once it is all written, the pipe or buffer goes back to its pool.
+    fn poll_flush(&mut self, cx: &mut Context<'_>, dst: &TcpStream) -> Poll<io::Result<()>> {
+        loop {
+            let wrote = match &mut self.held {
+                Held::Nothing => return Poll::Ready(Ok(())),
+                // The pipe holds `left` bytes, so WouldBlock can only come from the socket.
+                Held::Pipe { pipe, left } if *left > 0 => dst
+                    .try_io(Interest::WRITABLE, || splice(&pipe.r, dst, *left))
+                    .map(|k| *left -= k),
+                Held::Buf { buf, off, len } if *off < *len => {
+                    let (from, to) = (*off as usize, *len as usize);
+                    dst.try_write(&buf[from..to]).map(|k| {
+                        *off += u32::try_from(k).unwrap_or(u32::MAX);
+                    })
+                }
+                // Everything written: return the pipe (now empty) or buffer to its pool.
+                Held::Pipe { .. } | Held::Buf { .. } => {
+                    match std::mem::take(&mut self.held) {
+                        Held::Pipe { pipe, .. } => give_pipe(pipe),
+                        Held::Buf { buf, .. } => give_buf(buf),
+                        Held::Nothing => {}
+                    }
+                    return Poll::Ready(Ok(()));
+                }
+            };
+            match wrote {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => ready!(dst.poll_write_ready(cx))?,
+                // A pipe that still holds bytes is dropped with `self`, never pooled.
+                Err(e) => return Poll::Ready(Err(e)),
+            }
         }
     }
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use socket2::{Domain, Protocol, SockAddr, Socket, TcpKeepalive, Type};
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, debug, warn};
+use tracing::{debug, warn};
 
 use super::config::ListenerConfig;
 use super::service::{ListenerState, Shared};
@@ -76,12 +76,13 @@ pub async fn accept_loop(
         match accepted {
             Ok((stream, peer)) => {
                 backoff = BACKOFF_MIN;
-                let span = super::conn::span(&state, peer);
-                let fut = super::conn::serve(stream, peer, state.clone(), shared.clone()).instrument(span);
-                shared.tracker.spawn(async move {
-                    fut.await;
-                    drop(permit);
-                });
+                shared.tracker.spawn(super::conn::serve(
+                    stream,
+                    peer,
+                    state.clone(),
+                    shared.clone(),
+                    permit,
+                ));
             }
             Err(e) if is_resource_exhaustion(&e) => {
                 state.metrics.accept_errors.increment(1);
