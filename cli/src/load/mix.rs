@@ -34,26 +34,26 @@ impl Ctx {
         self.seq.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// Remembers the order id of a successful `order` response (`{"id": ...}` or `{"order_id": ...}`).
-    pub fn observe(&self, kind: &Kind, body: &[u8]) {
-        if kind.name != "order" {
-            return;
+    /// Remembers the order id of a successful `order` response (`{"id": ...}` or `{"order_id": ...}`) for
+    /// `pay`, and returns the id of an order the app acknowledged (`order` or `seckill`).
+    pub fn observe(&self, kind: &Kind, body: &[u8]) -> Option<String> {
+        if kind.name != "order" && kind.name != "seckill" {
+            return None;
         }
-        let Ok(v) = serde_json::from_slice::<serde_json::Value>(body) else {
-            return;
-        };
+        let v = serde_json::from_slice::<serde_json::Value>(body).ok()?;
         let id = ["id", "order_id"].iter().find_map(|k| match v.get(*k)? {
             serde_json::Value::String(s) if s.len() <= 128 => Some(s.clone()),
             serde_json::Value::Number(n) => Some(n.to_string()),
             _ => None,
-        });
-        if let Some(id) = id {
+        })?;
+        if kind.name == "order" {
             let mut q = self.orders.lock().unwrap_or_else(|p| p.into_inner());
             if q.len() >= ORDER_IDS_KEPT {
                 q.pop_front();
             }
-            q.push_back(id);
+            q.push_back(id.clone());
         }
+        Some(id)
     }
 
     fn order_id(&self) -> Option<String> {
@@ -236,7 +236,16 @@ mod tests {
         assert_eq!(r.method(), http::Method::POST);
         assert_eq!(r.uri().path(), "/v1/orders");
         assert!(r.headers().contains_key("idempotency-key"));
-        ctx.observe(&KINDS[1], br#"{"id":"o-42"}"#);
+        assert_eq!(
+            ctx.observe(&KINDS[1], br#"{"id":"o-42"}"#).as_deref(),
+            Some("o-42")
+        );
+        // A flash-sale order is acknowledged too, but is not one to pay by the `pay` builder.
+        assert_eq!(
+            ctx.observe(&KINDS[2], br#"{"order_id":"o-7"}"#).as_deref(),
+            Some("o-7")
+        );
+        assert_eq!(ctx.observe(&KINDS[0], br#"{"id":"p-1"}"#), None);
         assert_eq!(KINDS[3].build(&ctx).uri().path(), "/v1/orders/o-42/pay");
         assert_eq!(KINDS[2].build(&ctx).uri().path(), "/v1/seckill/flash-1");
         assert!(
