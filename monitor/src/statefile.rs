@@ -150,6 +150,22 @@ fn is_same_process(e: &Entry) -> bool {
     e.pid > 0 && start_time(e.pid).is_some_and(|t| t == e.start_time)
 }
 
+/// When a process started, in Unix milliseconds: its `/proc` start time is in clock ticks since boot, and
+/// `/proc/stat` has the boot time. Used for the uptime of an adopted process.
+pub fn started_unix_ms(start_time: u64) -> Option<u64> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let btime: u64 = stat
+        .lines()
+        .find_map(|l| l.strip_prefix("btime "))?
+        .trim()
+        .parse()
+        .ok()?;
+    // SAFETY: sysconf only reads a system constant.
+    let hz = unsafe { nix::libc::sysconf(nix::libc::_SC_CLK_TCK) };
+    let hz = u64::try_from(hz).ok().filter(|h| *h > 0)?;
+    Some(btime.saturating_mul(1000) + start_time.saturating_mul(1000) / hz)
+}
+
 /// The kernel start time of a live (non-zombie) process, field 22 of `/proc/<pid>/stat`.
 pub fn start_time(pid: i32) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -176,6 +192,13 @@ mod tests {
         ));
         drop(a);
         assert!(RunDir::acquire(dir.path()).is_ok());
-        assert!(start_time(std::process::id() as i32).is_some());
+        let t = start_time(std::process::id() as i32).unwrap();
+        // This test process started a moment ago (clock ticks are 10 ms; allow an hour for slow machines).
+        let started = started_unix_ms(t).unwrap();
+        let now = crate::supervisor::unix_ms();
+        assert!(
+            started <= now + 1000 && now - started < 3_600_000,
+            "{started} vs {now}"
+        );
     }
 }

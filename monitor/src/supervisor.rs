@@ -170,7 +170,7 @@ impl Supervisor {
             p.pid = pid;
             p.start_time = e.start_time;
             p.spawn_id = spawn_id;
-            p.started_unix_ms = Some(unix_ms());
+            p.started_unix_ms = Some(crate::statefile::started_unix_ms(e.start_time).unwrap_or_else(unix_ms));
             p.wanted = false;
             p.probes = crate::probes::start(&p.spec, spawn_id, &self.internal);
             let step = p.m.adopt(Instant::now());
