@@ -178,6 +178,10 @@ pub struct LoadArgs {
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
+    /// Write the id of every order the app acknowledged (2xx to `order` or `seckill`) to this file, one per
+    /// line, so a check after the run can look each one up.
+    #[arg(long)]
+    pub orders_out: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Args)]

@@ -4,6 +4,8 @@
 //! loop with N workers, and reports per-type HDR percentiles, throughput, errors by kind and backend shares.
 //!
 //! Every run is bounded by `--duration-secs` and optionally `--requests`; every request by `--timeout-ms`.
+//! SIGINT or SIGTERM ends a run early: no new request starts, those in flight finish, and the report is
+//! printed as usual (so a harness can end the load when its own work is done).
 
 mod mix;
 mod report;
@@ -11,7 +13,7 @@ mod target;
 
 use std::io::IsTerminal;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::sync::{Semaphore, mpsc};
@@ -26,6 +28,9 @@ use target::Target;
 const DEFAULT_WORKERS: u32 = 8;
 /// Longest run accepted, so a typo cannot start an unbounded load.
 const MAX_DURATION_SECS: u64 = 24 * 3600;
+/// Most acknowledged order ids kept for `--orders-out` (about 40 MB); past it the file says how many were
+/// dropped, so a check never mistakes a truncated list for a complete one.
+const MAX_ORDER_IDS: usize = 1_000_000;
 
 pub fn run(args: LoadArgs) -> i32 {
     if let Err(e) = check(&args) {
@@ -84,20 +89,43 @@ struct Run {
     target: Target,
     timeout: Duration,
     tx: mpsc::Sender<Sample>,
+    /// Set by SIGINT/SIGTERM: start no new request.
+    stopped: AtomicBool,
+    /// Acknowledged order ids, when `--orders-out` asks for them.
+    acked: Option<Arc<std::sync::Mutex<AckedOrders>>>,
+}
+
+#[derive(Debug, Default)]
+struct AckedOrders {
+    ids: Vec<String>,
+    dropped: u64,
 }
 
 impl Run {
     /// Sends one request of type `k` and reports it; latency counts from `intended`.
     async fn one(&self, k: usize, intended: Instant) {
         let kind = self.mix.kinds[k];
-        let req = kind.build(&self.ctx);
+        let Some(req) = kind.build(&self.ctx) else {
+            // Nothing to send of this type yet (no order to pay): not a request, so not reported. The pause
+            // keeps a closed-loop worker from spinning when the mix has nothing else to draw.
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            return;
+        };
         let outcome = self.target.send(kind, req, self.timeout).await;
         let latency = intended.elapsed();
         let sample = match outcome {
             Ok((resp, backend)) => {
                 let status = resp.status();
-                if status.is_success() {
-                    self.ctx.observe(kind, resp.body());
+                if status.is_success()
+                    && let Some(id) = self.ctx.observe(kind, resp.body())
+                    && let Some(acked) = &self.acked
+                {
+                    let mut a = acked.lock().unwrap_or_else(|p| p.into_inner());
+                    if a.ids.len() < MAX_ORDER_IDS {
+                        a.ids.push(id);
+                    } else {
+                        a.dropped += 1;
+                    }
                 }
                 Sample {
                     kind: k,
@@ -123,13 +151,32 @@ async fn drive(args: LoadArgs) -> Result<(), String> {
     let names: Vec<&'static str> = mix.kinds.iter().map(|k| k.name).collect();
     let target = Target::new(args.via, &args.targets, &names, timeout).await?;
     let (tx, mut rx) = mpsc::channel::<Sample>(65_536);
+    let acked = args.orders_out.as_ref().map(|_| Arc::default());
     let run = Arc::new(Run {
         mix,
         ctx: Ctx::default(),
         target,
         timeout,
         tx,
+        acked: acked.clone(),
+        stopped: AtomicBool::new(false),
     });
+    {
+        let run = Arc::downgrade(&run);
+        tokio::spawn(async move {
+            let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            else {
+                return;
+            };
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            if let Some(run) = run.upgrade() {
+                run.stopped.store(true, Ordering::Relaxed);
+            }
+        });
+    }
     let via = match args.via {
         Via::Sdk => "sdk",
         Via::Proxy => "proxy",
@@ -181,6 +228,9 @@ async fn drive(args: LoadArgs) -> Result<(), String> {
         eprintln!();
     }
     let _ = generator.await;
+    if let (Some(path), Some(acked)) = (&args.orders_out, &acked) {
+        write_orders(path, acked)?;
+    }
     let report = recorder.report(via, mode, started.elapsed());
     if args.json {
         println!(
@@ -193,6 +243,20 @@ async fn drive(args: LoadArgs) -> Result<(), String> {
     Ok(())
 }
 
+/// Writes the acknowledged order ids, one per line; a last line `# dropped N` if the cap was reached.
+fn write_orders(path: &std::path::Path, acked: &std::sync::Mutex<AckedOrders>) -> Result<(), String> {
+    let a = acked.lock().unwrap_or_else(|p| p.into_inner());
+    let mut text = String::with_capacity(a.ids.len() * 40);
+    for id in &a.ids {
+        text.push_str(id);
+        text.push('\n');
+    }
+    if a.dropped > 0 {
+        text.push_str(&format!("# dropped {}\n", a.dropped));
+    }
+    std::fs::write(path, text).map_err(|e| format!("cannot write {}: {e}", path.display()))
+}
+
 /// Starts request `i` at `start + i / rate`, whatever the earlier requests are doing.
 async fn open_loop(run: Arc<Run>, rate: u32, max_in_flight: u32, deadline: Instant, limit: u64) {
     let permits = Arc::new(Semaphore::new(max_in_flight as usize));
@@ -201,7 +265,7 @@ async fn open_loop(run: Arc<Run>, rate: u32, max_in_flight: u32, deadline: Insta
     let mut i: u64 = 0;
     while i < limit {
         let intended = start + interval.mul_f64(i as f64);
-        if intended >= deadline {
+        if intended >= deadline || run.stopped.load(Ordering::Relaxed) {
             break;
         }
         tokio::time::sleep_until(intended).await;
@@ -226,7 +290,10 @@ async fn closed_loop(run: Arc<Run>, workers: u32, deadline: Instant, limit: u64)
     for _ in 0..workers {
         let (run, issued) = (run.clone(), issued.clone());
         tasks.push(tokio::spawn(async move {
-            while Instant::now() < deadline && issued.fetch_add(1, Ordering::Relaxed) < limit {
+            while Instant::now() < deadline
+                && !run.stopped.load(Ordering::Relaxed)
+                && issued.fetch_add(1, Ordering::Relaxed) < limit
+            {
                 let k = run.mix.draw();
                 run.one(k, Instant::now()).await;
             }

@@ -143,3 +143,32 @@ pub fn signal_group(pid: u32, sig: Signal) -> nix::Result<()> {
     }
     kill(Pid::from_raw(-(pid as i32)), sig)
 }
+
+/// Watches a process this monitor did not spawn (adopted from a previous monitor after its `kill -9`): the
+/// pidfd turns readable when the process exits. It is not our child, so its exit status cannot be read; the
+/// exit is reported as unknown (no code, no signal), which counts as unexpected.
+pub fn watch_adopted(
+    name: String,
+    pid: u32,
+    pidfd: std::os::fd::OwnedFd,
+    spawn_id: u64,
+    exits: mpsc::UnboundedSender<Exit>,
+) -> std::io::Result<()> {
+    // SAFETY: `pidfd` is an `OwnedFd` moved into the `AsyncFd`: it stays open and is the same fd for the
+    // `AsyncFd`'s whole life.
+    let fd =
+        unsafe { tokio::io::unix::AsyncFd::register_with_interest(pidfd, tokio::io::Interest::READABLE) }
+            .map_err(std::io::Error::from)?;
+    tokio::spawn(async move {
+        // An error here means the fd is unusable; treating it as an exit restarts the program rather than
+        // leaving it unwatched.
+        let _ = fd.readable().await;
+        let _ = kill(Pid::from_raw(-(pid as i32)), Signal::SIGKILL);
+        let info = ExitInfo {
+            code: None,
+            signal: None,
+        };
+        let _ = exits.send(Exit { name, spawn_id, info });
+    });
+    Ok(())
+}

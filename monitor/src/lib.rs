@@ -45,16 +45,25 @@ pub async fn run(ctx: Context<Config>) -> Result<(), Error> {
     let cfg = ctx.config();
     let drain = ctx.shutdown.drain_token();
     let run_dir = statefile::RunDir::acquire(&cfg.run_dir)?;
-    // A previous monitor killed with -9 may have left programs running: stop them before starting anything.
+    // A previous monitor killed with -9 may have left programs running. Those whose program is still
+    // configured with the same command line are adopted (no downtime); the rest are stopped before anything
+    // starts, so no two copies of a program fight for a port.
     let wait = cfg
         .processes
         .iter()
         .map(|p| p.policy.stopwait)
         .max()
         .unwrap_or_default();
-    let (rd, leftovers) = tokio::task::spawn_blocking(move || {
-        let left = run_dir.stop_leftovers(wait);
-        (run_dir, left)
+    let specs = cfg.clone();
+    let (rd, adopt, stopped) = tokio::task::spawn_blocking(move || {
+        let (adopt, stop): (Vec<_>, Vec<_>) = run_dir.leftovers().into_iter().partition(|e| {
+            specs
+                .processes
+                .iter()
+                .any(|s| s.name == e.name && s.argv == e.argv)
+        });
+        let stopped = run_dir.stop_leftovers(stop, wait);
+        (run_dir, adopt, stopped)
     })
     .await
     .map_err(|e| {
@@ -64,17 +73,14 @@ pub async fn run(ctx: Context<Config>) -> Result<(), Error> {
         })
     })?;
     let run_dir = rd;
-    if !leftovers.is_empty() {
-        warn!(programs = ?leftovers, "stopped processes left by a previous monitor");
+    if !stopped.is_empty() {
+        warn!(programs = ?stopped, "stopped processes left by a previous monitor");
     }
 
     let bus = events::Bus::new(cfg.events_history);
-    if !leftovers.is_empty() {
+    if !stopped.is_empty() {
         bus.publish(events::Kind::Monitor {
-            detail: format!(
-                "stopped leftovers of a previous monitor: {}",
-                leftovers.join(", ")
-            ),
+            detail: format!("stopped leftovers of a previous monitor: {}", stopped.join(", ")),
         });
     }
     let (status_tx, status_rx) = watch::channel(Arc::new(status::Snapshot::default()));
@@ -116,7 +122,7 @@ pub async fn run(ctx: Context<Config>) -> Result<(), Error> {
         drain: drain.clone(),
         stop: ctx.shutdown.stop_token(),
     };
-    let task = supervisor::Supervisor::start(cfg, run_dir, bus, status_tx, inputs);
+    let task = supervisor::Supervisor::start(cfg, run_dir, bus, status_tx, inputs, adopt);
     ctx.health.set_ready();
     let _ = task.await;
     ctx.health.set_draining();

@@ -132,6 +132,18 @@ impl Machine {
         self.spawned_at.filter(|_| self.state.has_process())
     }
 
+    /// Takes over a process a previous monitor started and that is still running: it goes straight to
+    /// RUNNING (it already proved itself under that monitor). Its run time counts from now, as its real start
+    /// under the old monitor is unknown to the restart policy.
+    pub fn adopt(&mut self, now: Instant) -> Step {
+        let mut step = Step::default();
+        if self.state == State::Stopped {
+            self.spawned_at = Some(now);
+            self.go(State::Running, &mut step);
+        }
+        step
+    }
+
     /// Applies one event.
     pub fn handle(&mut self, ev: Event, p: &Policy, now: Instant, rand01: f64) -> Step {
         let mut step = Step::default();
@@ -237,10 +249,11 @@ impl Machine {
             return;
         }
         self.streak += 1;
-        self.restart_count += 1;
         if self.streak == 1 {
+            self.restart_count += 1;
             self.enter_starting(p, now, step);
         } else {
+            // The restart is counted when the BACKOFF timer starts it.
             self.go(State::Backoff, step);
             step.actions
                 .push(Action::Timer(p.backoff(self.streak - 1, rand01), self.generation));

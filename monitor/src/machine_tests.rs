@@ -297,3 +297,36 @@ fn meaningless_events_change_nothing() {
     let old = t.m.generation() - 1;
     assert_eq!(t.ev(Event::Timer(old)), Step::default());
 }
+
+#[test]
+fn a_restart_through_backoff_is_counted_once() {
+    let mut t = T::new();
+    t.running();
+    // First crash: restarted at once (one restart).
+    t.ev(Event::Exited(CRASH));
+    assert_eq!((t.m.state, t.m.restart_count), (Starting, 1));
+    t.advance(Duration::from_secs(1));
+    t.timer();
+    // Second crash while young: BACKOFF, then the timer restarts it (one more, not two).
+    t.ev(Event::Exited(CRASH));
+    assert_eq!(t.m.state, Backoff);
+    t.timer();
+    assert_eq!((t.m.state, t.m.restart_count), (Starting, 2));
+}
+
+#[test]
+fn an_adopted_process_is_running_and_restarts_when_it_dies() {
+    let mut t = T::new();
+    let s = t.m.adopt(t.now);
+    assert_eq!(s.transitions, vec![(Stopped, Running)]);
+    assert!(s.actions.is_empty());
+    assert!(t.m.spawned_at().is_some());
+    // Its exit status is unknown (not our child): that is unexpected, so it restarts.
+    let s = t.ev(Event::Exited(ExitInfo {
+        code: None,
+        signal: None,
+    }));
+    assert_eq!(s.transitions, vec![(Running, Exited), (Exited, Starting)]);
+    // Adopting only applies to a process the machine has not started.
+    assert_eq!(t.m.adopt(t.now), Step::default());
+}

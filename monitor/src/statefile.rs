@@ -1,8 +1,9 @@
 //! The monitor's run directory: an exclusive lock (two monitors never share one) and a state file listing the
-//! processes it runs (name, pid, kernel start time). A monitor started after a `kill -9` of the previous one
-//! reads the file, checks each pid still is the same process (by `/proc/<pid>/stat` start time, so a reused
-//! pid is never signalled), and stops those process groups cleanly before it starts anything — so no two
-//! copies of a program ever fight for a port.
+//! processes it runs (name, pid, kernel start time, command line). A monitor started after a `kill -9` of the
+//! previous one reads the file and checks each pid still is the same process (by `/proc/<pid>/stat` start
+//! time, so a reused pid is never touched). A process whose program still exists with the same command line
+//! is adopted (the supervisor watches it with a pidfd); the others are stopped cleanly before anything
+//! starts — so no two copies of a program ever fight for a port, and a monitor restart costs no downtime.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -19,6 +20,10 @@ pub struct Entry {
     pub name: String,
     pub pid: i32,
     pub start_time: u64,
+    /// The command line it was started with; a program whose command changed is not adopted. Empty in files
+    /// written before adoption existed, which therefore never match.
+    #[serde(default)]
+    pub argv: Vec<String>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -79,9 +84,8 @@ impl RunDir {
         }
     }
 
-    /// Stops every process a previous monitor left behind: the stop signal to each group, SIGKILL after
-    /// `wait`. Returns the names of the processes it stopped.
-    pub fn stop_leftovers(&self, wait: Duration) -> Vec<String> {
+    /// The processes a previous monitor left behind that are still alive (same pid *and* start time).
+    pub fn leftovers(&self) -> Vec<Entry> {
         let Ok(bytes) = std::fs::read(self.state_path()) else {
             return Vec::new();
         };
@@ -89,7 +93,17 @@ impl RunDir {
             warn!("unreadable state file; ignoring it");
             return Vec::new();
         };
-        let alive: Vec<Entry> = state.processes.into_iter().filter(is_same_process).collect();
+        state
+            .processes
+            .into_iter()
+            .take(MAX_ENTRIES)
+            .filter(is_same_process)
+            .collect()
+    }
+
+    /// Stops `alive` (leftovers that are not adopted): the stop signal to each group, SIGKILL after `wait`.
+    /// Returns their names.
+    pub fn stop_leftovers(&self, alive: Vec<Entry>, wait: Duration) -> Vec<String> {
         for e in &alive {
             info!(program = %e.name, pid = e.pid, "stopping a process left by the previous monitor");
             let _ = kill(Pid::from_raw(-e.pid), Signal::SIGTERM);
@@ -107,13 +121,49 @@ impl RunDir {
         while alive.iter().any(is_same_process) && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));
         }
-        self.save(Vec::new());
         alive.into_iter().map(|e| e.name).collect()
     }
 }
 
+/// At most this many entries are read from a state file (a monitor runs far fewer processes).
+const MAX_ENTRIES: usize = 4096;
+
+/// Opens a pidfd for `e` and checks, after opening, that the pid is still the same process (a pid reused
+/// between the check and the open would otherwise be watched by mistake). Linux ≥ 5.3.
+pub fn open_pidfd(e: &Entry) -> std::io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1; no memory is shared.
+    let fd = unsafe { nix::libc::syscall(nix::libc::SYS_pidfd_open, e.pid, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let fd = i32::try_from(fd).map_err(std::io::Error::other)?;
+    // SAFETY: the syscall just returned this fd and nothing else owns it.
+    let owned = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+    if !is_same_process(e) {
+        return Err(std::io::Error::from_raw_os_error(nix::libc::ESRCH));
+    }
+    Ok(owned)
+}
+
 fn is_same_process(e: &Entry) -> bool {
     e.pid > 0 && start_time(e.pid).is_some_and(|t| t == e.start_time)
+}
+
+/// When a process started, in Unix milliseconds: its `/proc` start time is in clock ticks since boot, and
+/// `/proc/stat` has the boot time. Used for the uptime of an adopted process.
+pub fn started_unix_ms(start_time: u64) -> Option<u64> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let btime: u64 = stat
+        .lines()
+        .find_map(|l| l.strip_prefix("btime "))?
+        .trim()
+        .parse()
+        .ok()?;
+    // SAFETY: sysconf only reads a system constant.
+    let hz = unsafe { nix::libc::sysconf(nix::libc::_SC_CLK_TCK) };
+    let hz = u64::try_from(hz).ok().filter(|h| *h > 0)?;
+    Some(btime.saturating_mul(1000) + start_time.saturating_mul(1000) / hz)
 }
 
 /// The kernel start time of a live (non-zombie) process, field 22 of `/proc/<pid>/stat`.
@@ -142,6 +192,13 @@ mod tests {
         ));
         drop(a);
         assert!(RunDir::acquire(dir.path()).is_ok());
-        assert!(start_time(std::process::id() as i32).is_some());
+        let t = start_time(std::process::id() as i32).unwrap();
+        // This test process started a moment ago (clock ticks are 10 ms; allow an hour for slow machines).
+        let started = started_unix_ms(t).unwrap();
+        let now = crate::supervisor::unix_ms();
+        assert!(
+            started <= now + 1000 && now - started < 3_600_000,
+            "{started} vs {now}"
+        );
     }
 }

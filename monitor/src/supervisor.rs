@@ -96,6 +96,7 @@ impl Supervisor {
         bus: Bus,
         status: watch::Sender<Arc<Snapshot>>,
         mut inputs: Inputs,
+        adopt: Vec<Entry>,
     ) -> tokio::task::JoinHandle<()> {
         let (internal, mut internal_rx) = mpsc::unbounded_channel();
         let (exits, mut exits_rx) = mpsc::unbounded_channel();
@@ -113,6 +114,7 @@ impl Supervisor {
             saved: Vec::new(),
         };
         sup.update(cfg);
+        sup.adopt(adopt);
         // The first snapshot is out before the API reports ready.
         sup.kick();
         sup.publish();
@@ -144,6 +146,52 @@ impl Supervisor {
                 }
             }
         })
+    }
+
+    /// Takes over processes a previous monitor left running with this config's command line: they go to
+    /// RUNNING under a pidfd watch and their probes start. One that cannot be watched is killed (its group)
+    /// and started afresh, so a program is never left running unsupervised beside a new copy.
+    fn adopt(&mut self, entries: Vec<Entry>) {
+        let mut adopted = Vec::new();
+        for e in entries {
+            let Some(p) = self.procs.get_mut(&e.name) else {
+                continue;
+            };
+            let pid = u32::try_from(e.pid).unwrap_or(0);
+            self.next_id += 1;
+            let spawn_id = self.next_id;
+            let watched = crate::statefile::open_pidfd(&e)
+                .and_then(|fd| child::watch_adopted(e.name.clone(), pid, fd, spawn_id, self.exits.clone()));
+            if let Err(err) = watched {
+                warn!(program = %e.name, pid, error = %err, "cannot watch a process left by the previous monitor; replacing it");
+                let _ = child::signal_group(pid, nix::sys::signal::Signal::SIGKILL);
+                continue;
+            }
+            p.pid = pid;
+            p.start_time = e.start_time;
+            p.spawn_id = spawn_id;
+            p.started_unix_ms = Some(crate::statefile::started_unix_ms(e.start_time).unwrap_or_else(unix_ms));
+            p.wanted = false;
+            p.probes = crate::probes::start(&p.spec, spawn_id, &self.internal);
+            let step = p.m.adopt(Instant::now());
+            for (from, to) in step.transitions {
+                self.bus.publish(Kind::State {
+                    program: e.name.clone(),
+                    from: from.name(),
+                    to: to.name(),
+                    pid: Some(pid),
+                    exit_code: None,
+                    exit_signal: None,
+                });
+            }
+            info!(program = %e.name, pid, "adopted a process left by the previous monitor");
+            adopted.push(e.name);
+        }
+        if !adopted.is_empty() {
+            self.bus.publish(Kind::Monitor {
+                detail: format!("adopted processes of a previous monitor: {}", adopted.join(", ")),
+            });
+        }
     }
 
     fn command(&mut self, cmd: Command) -> Result<Reply, CommandError> {
@@ -604,6 +652,7 @@ impl Supervisor {
                 name: n.clone(),
                 pid: p.pid as i32,
                 start_time: p.start_time,
+                argv: p.spec.argv.clone(),
             })
             .collect();
         if entries != self.saved {

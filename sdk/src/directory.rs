@@ -109,7 +109,17 @@ impl Shared {
                     })
                 })
                 .collect();
-            let old = slot.table.swap(Arc::new(Table::new(list.version, entries)));
+            let mut table = Table::new(list.version, entries);
+            let current = slot.table.load();
+            if table.all.is_empty() && current.has_healthy() {
+                // A balancer that has just restarted has no reports yet and lists nothing. Replacing a usable
+                // table with that would fail every pick until its first report; keep the entries (static
+                // stability) under the new version, so the watch follows the balancer's versions.
+                debug!(request_type = %slot.name, balancer = %from, "empty server list; keeping the last entries");
+                table = Table::new(list.version, current.all.clone());
+            }
+            drop(current);
+            let old = slot.table.swap(Arc::new(table));
             drop(old);
             // Forget feedback about instances that no table names any more.
             stats.retain(|_, s| Arc::strong_count(s) > 1);

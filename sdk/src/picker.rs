@@ -115,8 +115,11 @@ pub(crate) struct Table {
     /// Every entry of the list (for state reports).
     pub(crate) all: Vec<Entry>,
     /// Indices into `all` of pickable entries (Up or SlowStart, weight > 0) and their cumulative weights.
+    /// When there is none, every entry that is not drained, at equal weight (panic mode).
     pickable: Vec<usize>,
     cumulative: Vec<u64>,
+    /// No entry was Up or SlowStart with a weight, so `pickable` is the panic set.
+    panic: bool,
 }
 
 impl Table {
@@ -131,12 +134,36 @@ impl Table {
                 cumulative.push(sum);
             }
         }
+        // Panic mode (as Envoy's): when nothing is Up, the signals are more likely wrong than every instance
+        // — a balancer that just restarted marks all instances Down until the first readiness reports. A
+        // request to an instance that turns out dead fails over; refusing every request would be certain loss.
+        let panic = pickable.is_empty();
+        if panic {
+            for (i, e) in all.iter().enumerate() {
+                if e.state != InstanceState::Drained {
+                    sum += 1;
+                    pickable.push(i);
+                    cumulative.push(sum);
+                }
+            }
+        }
         Self {
             version,
             all,
             pickable,
             cumulative,
+            panic,
         }
+    }
+
+    /// Whether some entry is Up or SlowStart with a weight (not only the panic set).
+    pub(crate) fn has_healthy(&self) -> bool {
+        !self.panic && !self.pickable.is_empty()
+    }
+
+    /// The weight an entry is picked by: its published weight, or 1 for all in panic mode.
+    fn weight_of(&self, e: &Entry) -> u32 {
+        if self.panic { 1 } else { e.weight }
     }
 
     /// Picks an entry not in `exclude`, preferring instances that are not ejected. When every candidate is
@@ -160,11 +187,13 @@ impl Table {
         let a = draw(&mut rng);
         let b = draw(&mut rng);
         match (a, b) {
-            (Some(a), Some(b)) => Some(if b.stats.cost(b.weight) < a.stats.cost(a.weight) {
-                b
-            } else {
-                a
-            }),
+            (Some(a), Some(b)) => Some(
+                if b.stats.cost(self.weight_of(b)) < a.stats.cost(self.weight_of(a)) {
+                    b
+                } else {
+                    a
+                },
+            ),
             (Some(x), None) | (None, Some(x)) => Some(x),
             (None, None) => self.pick_slow(now_ms, exclude, &mut rng),
         }
@@ -189,13 +218,13 @@ impl Table {
             .filter(|e| !e.stats.is_ejected(now_ms))
             .collect();
         let pool = if live.is_empty() { candidates } else { live };
-        let total: u64 = pool.iter().map(|e| u64::from(e.weight)).sum();
+        let total: u64 = pool.iter().map(|e| u64::from(self.weight_of(e))).sum();
         if total == 0 {
             return None;
         }
         let mut x = rng.random_range(0..total);
         for e in pool {
-            let w = u64::from(e.weight);
+            let w = u64::from(self.weight_of(e));
             if x < w {
                 return Some(e);
             }
@@ -246,6 +275,30 @@ mod tests {
         let (a, b) = (c[&1] as f64, c[&2] as f64);
         // p2c over weights sharpens the split; the heavy instance must dominate, the light one still gets some.
         assert!(a > 5.0 * b && b > 0.0, "{c:?}");
+    }
+
+    #[test]
+    fn with_nothing_up_every_instance_but_drained_ones_is_used() {
+        let t = Table::new(
+            1,
+            vec![
+                entry(1, 0, InstanceState::Down),
+                entry(2, 700, InstanceState::Down),
+                entry(3, 100, InstanceState::Drained),
+            ],
+        );
+        assert!(!t.has_healthy());
+        let c = counts(&t, 4000, &[]);
+        assert_eq!(c.get(&3), None, "{c:?}");
+        // Equal weights in panic mode: the published (stale) weights mean nothing.
+        assert!(c[&1] > 1000 && c[&2] > 1000, "{c:?}");
+        assert!(
+            Table::new(1, vec![entry(1, 5, InstanceState::Drained)])
+                .pick(0, &[])
+                .is_none()
+        );
+        let up = Table::new(1, vec![entry(1, 5, InstanceState::Up)]);
+        assert!(up.has_healthy());
     }
 
     #[test]

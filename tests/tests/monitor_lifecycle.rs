@@ -103,13 +103,18 @@ fn stopwaitsecs_escalates_to_sigkill_for_a_child_ignoring_sigterm() {
     let m = Mon::start(
         r#"
 [programs.stubborn]
-command = "/bin/sh -c 'trap \"\" TERM; while :; do sleep 0.1; done'"
+command = "/bin/sh -c 'trap \"\" TERM; echo trapped; while :; do sleep 0.1; done'"
 startsecs = 0
 stopwaitsecs = 1
 "#,
     );
     m.wait_state("stubborn", "RUNNING", T);
     let pid = m.pid("stubborn").unwrap();
+    // A stop sent before the shell has set its trap would end it at once: wait for the line it prints after.
+    eventually(T, "the TERM trap installed", || {
+        let r = get(m.addr, "/v1/programs/stubborn/log?stream=stdout&bytes=4096").ok()?;
+        r.body.contains("trapped").then_some(())
+    });
     let r = m.post("/v1/programs/stubborn/stop");
     assert_eq!(r.status, 200, "{}", r.body);
     // SIGTERM is ignored, so it is still there while STOPPING...

@@ -1,5 +1,7 @@
 //! The monitor's own `kill -9` and restart leave exactly one copy of each program: the new monitor finds what
-//! the old one left (state file + /proc start time) and stops it before starting its own.
+//! the old one left (state file + /proc start time). What is still configured with the same command is
+//! adopted (same pid, watched, restarted when it dies); what changed or was removed is stopped before the
+//! new monitor starts its own.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -15,54 +17,89 @@ fn copies(mark: &str, name: &str) -> Vec<i32> {
     a.into_iter().filter(|p| b.contains(p)).collect()
 }
 
-#[test]
-fn kill_9_of_the_monitor_then_restart_leaves_one_copy_of_each_program() {
-    let mark = format!("takeover-{}-{}", std::process::id(), free_port());
-    let programs = format!(
+fn programs(mark: &str, two: &str) -> String {
+    format!(
         r#"
 [programs.one]
 command = "sleep 300"
 startsecs = 0
 environment = {{ MARK = "{mark}" }}
 [programs.two]
-command = "sleep 301"
+command = "{two}"
 startsecs = 0
 numprocs = 2
 environment = {{ MARK = "{mark}" }}
 "#
-    );
+    )
+}
+
+#[test]
+fn kill_9_of_the_monitor_then_restart_adopts_the_running_programs() {
+    let mark = format!("takeover-{}-{}", std::process::id(), free_port());
+    let programs = programs(&mark, "sleep 301");
     let dir = std::sync::Arc::new(tempfile::tempdir().unwrap());
     let addr = free_addr();
     let mut first = Mon::start_in(dir.clone(), addr, &programs);
-    for n in ["one", "two-0", "two-1"] {
+    let names = ["one", "two-0", "two-1"];
+    for n in names {
         first.wait_state(n, "RUNNING", T);
     }
-    let old: Vec<i32> = ["one", "two-0", "two-1"]
-        .iter()
-        .map(|n| first.pid(n).unwrap())
-        .collect();
+    let old: Vec<i32> = names.iter().map(|n| first.pid(n).unwrap()).collect();
     first.proc.signal(nix::sys::signal::Signal::SIGKILL);
     first.proc.wait_exit(T).unwrap();
     // The programs outlive the monitor...
     assert!(old.iter().all(|p| alive(*p)));
 
-    // ...and the next monitor stops them before it starts its own.
+    // ...and the next monitor adopts them: the same processes, RUNNING, one copy each.
     let second = Mon::start_in(dir, addr, &programs);
-    for n in ["one", "two-0", "two-1"] {
-        second.wait_state(n, "RUNNING", T);
+    for (n, pid) in names.iter().zip(&old) {
+        let p = second.wait_state(n, "RUNNING", T);
+        assert_eq!(p["pid"], *pid, "{n} adopted: {p}");
+        assert_eq!(copies(&mark, n), vec![*pid], "one copy of {n}");
     }
-    for p in &old {
-        eventually(T, "the old copy stopped", || (!alive(*p)).then_some(()));
-    }
-    assert_eq!(copies(&mark, "one").len(), 1, "one copy of one");
-    assert_eq!(copies(&mark, "two-0").len(), 1);
-    assert_eq!(copies(&mark, "two-1").len(), 1);
-    assert_eq!(copies(&mark, "one"), vec![second.pid("one").unwrap()]);
     assert!(
         second
             .events()
             .iter()
-            .any(|e| e["kind"] == "monitor" && e["detail"].as_str().unwrap().contains("previous monitor"))
+            .any(|e| e["kind"] == "monitor" && e["detail"].as_str().unwrap().contains("adopted"))
+    );
+    // An adopted process is supervised: its death is seen (pidfd) and it is restarted.
+    kill9(old[0]);
+    let new = second.wait_new_pid("one", old[0], T);
+    assert_eq!(copies(&mark, "one"), vec![new]);
+    assert_eq!(second.prog("one")["restarts"], 1, "{}", second.prog("one"));
+    drop(first);
+}
+
+#[test]
+fn after_kill_9_a_program_whose_command_changed_is_replaced_not_adopted() {
+    let mark = format!("takeover-c-{}-{}", std::process::id(), free_port());
+    let dir = std::sync::Arc::new(tempfile::tempdir().unwrap());
+    let addr = free_addr();
+    let mut first = Mon::start_in(dir.clone(), addr, &programs(&mark, "sleep 301"));
+    for n in ["one", "two-0", "two-1"] {
+        first.wait_state(n, "RUNNING", T);
+    }
+    let one = first.pid("one").unwrap();
+    let two: Vec<i32> = ["two-0", "two-1"].iter().map(|n| first.pid(n).unwrap()).collect();
+    first.proc.signal(nix::sys::signal::Signal::SIGKILL);
+    first.proc.wait_exit(T).unwrap();
+
+    let second = Mon::start_in(dir, addr, &programs(&mark, "sleep 302"));
+    for p in &two {
+        eventually(T, "the old copy stopped", || (!alive(*p)).then_some(()));
+    }
+    for n in ["two-0", "two-1"] {
+        let pid = second.wait_state(n, "RUNNING", T)["pid"].as_i64().unwrap() as i32;
+        assert!(!two.contains(&pid));
+        assert_eq!(copies(&mark, n), vec![pid], "one copy of {n}");
+    }
+    assert_eq!(second.pid("one"), Some(one), "the unchanged program is adopted");
+    assert!(
+        second
+            .events()
+            .iter()
+            .any(|e| e["kind"] == "monitor" && e["detail"].as_str().unwrap().contains("stopped leftovers"))
     );
     drop(first);
 }

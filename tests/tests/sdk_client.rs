@@ -367,3 +367,55 @@ async fn an_instance_that_times_out_is_ejected_and_the_request_retried() {
     assert!(matches!(err, Error::Timeout { .. }), "{err}");
     assert!(err.is_retryable() && !err.not_sent());
 }
+
+/// A balancer that has just restarted lists nothing, then every instance Down until readiness reports
+/// arrive. The client keeps its last entries through the empty list and uses every instance that is not
+/// drained through the all-Down one (panic mode), so no request fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_balancers_empty_then_all_down_lists_do_not_stop_requests() {
+    use xcluster_proto::directory::InstanceState;
+    let (a, b) = (Backend::start("a"), Backend::start("b"));
+    let lb = FakeBalancer::start(HOLD);
+    let both = [("a", a.addr, 100), ("b", b.addr, 100)];
+    lb.set(list("browse", 1, &both, &[lb.addr]));
+    let client = Client::builder()
+        .balancers([lb.addr.to_string()])
+        .request_types(["browse"])
+        .build()
+        .await
+        .unwrap();
+    eventually_async("the watch request", || {
+        (lb.requests.load(Ordering::Relaxed) >= 2).then_some(())
+    })
+    .await;
+
+    lb.set(list("browse", 2, &[], &[lb.addr]));
+    eventually_async("the client to see version 2", || {
+        (client.state().types[0].version == 2).then_some(())
+    })
+    .await;
+    for _ in 0..20 {
+        let r = client.send_idempotent("browse", get("/v1/products")).await;
+        assert_eq!(r.unwrap().status(), 200);
+    }
+
+    let mut down = list("browse", 3, &both, &[lb.addr]);
+    for s in &mut down.servers {
+        s.state = InstanceState::Down;
+    }
+    down.servers[1].state = InstanceState::Drained;
+    lb.set(down);
+    eventually_async("the client to see version 3", || {
+        (client.state().types[0].version == 3).then_some(())
+    })
+    .await;
+    for _ in 0..20 {
+        assert_eq!(
+            client.pick("browse").unwrap().addr(),
+            a.addr,
+            "not the drained one"
+        );
+        let r = client.send_idempotent("browse", get("/v1/products")).await;
+        assert_eq!(r.unwrap().status(), 200);
+    }
+}

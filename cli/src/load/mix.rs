@@ -34,26 +34,26 @@ impl Ctx {
         self.seq.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// Remembers the order id of a successful `order` response (`{"id": ...}` or `{"order_id": ...}`).
-    pub fn observe(&self, kind: &Kind, body: &[u8]) {
-        if kind.name != "order" {
-            return;
+    /// Remembers the order id of a successful `order` response (`{"id": ...}` or `{"order_id": ...}`) for
+    /// `pay`, and returns the id of an order the app acknowledged (`order` or `seckill`).
+    pub fn observe(&self, kind: &Kind, body: &[u8]) -> Option<String> {
+        if kind.name != "order" && kind.name != "seckill" {
+            return None;
         }
-        let Ok(v) = serde_json::from_slice::<serde_json::Value>(body) else {
-            return;
-        };
+        let v = serde_json::from_slice::<serde_json::Value>(body).ok()?;
         let id = ["id", "order_id"].iter().find_map(|k| match v.get(*k)? {
             serde_json::Value::String(s) if s.len() <= 128 => Some(s.clone()),
             serde_json::Value::Number(n) => Some(n.to_string()),
             _ => None,
-        });
-        if let Some(id) = id {
+        })?;
+        if kind.name == "order" {
             let mut q = self.orders.lock().unwrap_or_else(|p| p.into_inner());
             if q.len() >= ORDER_IDS_KEPT {
                 q.pop_front();
             }
-            q.push_back(id);
+            q.push_back(id.clone());
         }
+        Some(id)
     }
 
     fn order_id(&self) -> Option<String> {
@@ -68,12 +68,12 @@ pub struct Kind {
     pub name: &'static str,
     /// Safe to send twice: the SDK may retry it on another instance.
     pub idempotent: bool,
-    build: fn(&Ctx, u64) -> Request<Full<Bytes>>,
+    build: fn(&Ctx, u64) -> Option<Request<Full<Bytes>>>,
 }
 
 impl Kind {
-    /// Builds one request.
-    pub fn build(&self, ctx: &Ctx) -> Request<Full<Bytes>> {
+    /// Builds one request; `None` when there is nothing to send yet (`pay` before any order was seen).
+    pub fn build(&self, ctx: &Ctx) -> Option<Request<Full<Bytes>>> {
         (self.build)(ctx, ctx.next())
     }
 }
@@ -96,38 +96,40 @@ fn json_post(path: &str, key: Option<String>, body: serde_json::Value) -> Reques
     b.body(body.clone()).unwrap_or_else(|_| Request::new(body))
 }
 
-fn browse(_: &Ctx, n: u64) -> Request<Full<Bytes>> {
+fn browse(_: &Ctx, n: u64) -> Option<Request<Full<Bytes>>> {
     let path = format!("/v1/products?limit=5&after={}", (n % 3) * 4);
-    Request::get(path.as_str())
-        .body(Full::new(Bytes::new()))
-        .unwrap_or_else(|_| Request::new(Full::new(Bytes::new())))
+    Request::get(path.as_str()).body(Full::new(Bytes::new())).ok()
 }
 
-fn order(_: &Ctx, n: u64) -> Request<Full<Bytes>> {
+fn order(_: &Ctx, n: u64) -> Option<Request<Full<Bytes>>> {
     let key = format!("load-{}-{n}", std::process::id());
     let user = format!("demo-{}", n % USER_COUNT);
-    json_post(
+    Some(json_post(
         "/v1/orders",
         Some(key),
         serde_json::json!({"user": user, "lines": [{"sku": sku(), "qty": 1}]}),
-    )
+    ))
 }
 
-fn seckill(_: &Ctx, n: u64) -> Request<Full<Bytes>> {
+fn seckill(_: &Ctx, n: u64) -> Option<Request<Full<Bytes>>> {
     let key = format!("load-sk-{}-{n}", std::process::id());
     let user = format!("demo-{}", n % USER_COUNT);
-    json_post(
+    Some(json_post(
         "/v1/seckill/flash-1",
         Some(key),
         serde_json::json!({"user": user}),
-    )
+    ))
 }
 
-fn pay(ctx: &Ctx, n: u64) -> Request<Full<Bytes>> {
-    // Without an order seen yet the app answers 404, which the report counts as an error of `pay`.
-    let id = ctx.order_id().unwrap_or_else(|| "0".into());
+fn pay(ctx: &Ctx, n: u64) -> Option<Request<Full<Bytes>>> {
+    // Only real orders are paid: a made-up id would get a 404 that says nothing about the cluster.
+    let id = ctx.order_id()?;
     let key = format!("load-pay-{}-{n}", std::process::id());
-    json_post(&format!("/v1/orders/{id}/pay"), Some(key), serde_json::json!({}))
+    Some(json_post(
+        &format!("/v1/orders/{id}/pay"),
+        Some(key),
+        serde_json::json!({}),
+    ))
 }
 
 /// The request table.
@@ -232,16 +234,27 @@ mod tests {
     #[test]
     fn builders_follow_the_app_api() {
         let ctx = Ctx::default();
-        let r = KINDS[1].build(&ctx);
+        assert!(KINDS[3].build(&ctx).is_none(), "nothing to pay yet");
+        let r = KINDS[1].build(&ctx).unwrap();
         assert_eq!(r.method(), http::Method::POST);
         assert_eq!(r.uri().path(), "/v1/orders");
         assert!(r.headers().contains_key("idempotency-key"));
-        ctx.observe(&KINDS[1], br#"{"id":"o-42"}"#);
-        assert_eq!(KINDS[3].build(&ctx).uri().path(), "/v1/orders/o-42/pay");
-        assert_eq!(KINDS[2].build(&ctx).uri().path(), "/v1/seckill/flash-1");
+        assert_eq!(
+            ctx.observe(&KINDS[1], br#"{"id":"o-42"}"#).as_deref(),
+            Some("o-42")
+        );
+        // A flash-sale order is acknowledged too, but is not one to pay by the `pay` builder.
+        assert_eq!(
+            ctx.observe(&KINDS[2], br#"{"order_id":"o-7"}"#).as_deref(),
+            Some("o-7")
+        );
+        assert_eq!(ctx.observe(&KINDS[0], br#"{"id":"p-1"}"#), None);
+        assert_eq!(KINDS[3].build(&ctx).unwrap().uri().path(), "/v1/orders/o-42/pay");
+        assert_eq!(KINDS[2].build(&ctx).unwrap().uri().path(), "/v1/seckill/flash-1");
         assert!(
             KINDS[0]
                 .build(&ctx)
+                .unwrap()
                 .uri()
                 .path_and_query()
                 .unwrap()
