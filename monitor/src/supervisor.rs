@@ -653,6 +653,7 @@ impl Supervisor {
                 pid: p.pid as i32,
                 start_time: p.start_time,
                 argv: p.spec.argv.clone(),
+                launch: p.spec.launch_fingerprint(),
             })
             .collect();
         if entries != self.saved {
