@@ -45,9 +45,9 @@ pub async fn run(ctx: Context<Config>) -> Result<(), Error> {
     let cfg = ctx.config();
     let drain = ctx.shutdown.drain_token();
     let run_dir = statefile::RunDir::acquire(&cfg.run_dir)?;
-    // A previous monitor killed with -9 may have left programs running. Those whose program is still
-    // configured with the same command line are adopted (no downtime); the rest are stopped before anything
-    // starts, so no two copies of a program fight for a port.
+    // A previous monitor killed with -9 may have left programs running. Those still configured with the
+    // same launch settings are adopted (no downtime); the rest are stopped before anything starts, so no two
+    // copies of a program fight for a port.
     let wait = cfg
         .processes
         .iter()
@@ -60,7 +60,7 @@ pub async fn run(ctx: Context<Config>) -> Result<(), Error> {
             specs
                 .processes
                 .iter()
-                .any(|s| s.name == e.name && s.argv == e.argv)
+                .any(|s| s.name == e.name && s.argv == e.argv && s.launch_fingerprint() == e.launch)
         });
         let stopped = run_dir.stop_leftovers(stop, wait);
         (run_dir, adopt, stopped)

@@ -146,6 +146,26 @@ pub struct ProcessSpec {
     pub readiness: Option<ProbeSpec>,
 }
 
+impl ProcessSpec {
+    /// A fingerprint of what the process was started with (command, directory, environment, umask, user): a
+    /// process left by a previous monitor is adopted only if its fingerprint matches the config. A hash, so
+    /// secrets in the environment never reach the state file. `DefaultHasher` is stable within one build; a
+    /// mismatch after an upgrade only means the process is replaced rather than adopted.
+    pub fn launch_fingerprint(&self) -> u64 {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::hash::DefaultHasher::new();
+        (
+            &self.argv,
+            &self.directory,
+            &self.environment,
+            self.umask,
+            &self.user,
+        )
+            .hash(&mut h);
+        h.finish()
+    }
+}
+
 /// Substitutes `{self}`, `{program}`, `{name}`, `{num}`, `{port}`.
 pub fn substitute(s: &str, vars: &[(&str, String)]) -> String {
     let mut out = s.to_string();
@@ -530,6 +550,15 @@ mod tests {
             specs[0].stdout.path.as_deref(),
             Some(Path::new("/tmp/l/app-0.out.log"))
         );
+        // What a process was launched with decides adoption; probes or restart policy do not.
+        let mut same = specs[0].clone();
+        same.policy.max_restarts += 1;
+        same.readiness = None;
+        assert_eq!(same.launch_fingerprint(), specs[0].launch_fingerprint());
+        assert_ne!(specs[0].launch_fingerprint(), specs[1].launch_fingerprint());
+        let mut env = specs[0].clone();
+        env.environment.push(("K".into(), "v".into()));
+        assert_ne!(env.launch_fingerprint(), specs[0].launch_fingerprint());
     }
 
     #[test]

@@ -24,6 +24,9 @@ pub struct Entry {
     /// written before adoption existed, which therefore never match.
     #[serde(default)]
     pub argv: Vec<String>,
+    /// `ProcessSpec::launch_fingerprint` of what it was started with.
+    #[serde(default)]
+    pub launch: u64,
 }
 
 #[derive(Debug, Serialize, Deserialize)]

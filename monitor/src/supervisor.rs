@@ -148,7 +148,7 @@ impl Supervisor {
         })
     }
 
-    /// Takes over processes a previous monitor left running with this config's command line: they go to
+    /// Takes over processes a previous monitor left running with this config's launch settings: they go to
     /// RUNNING under a pidfd watch and their probes start. One that cannot be watched is killed (its group)
     /// and started afresh, so a program is never left running unsupervised beside a new copy.
     fn adopt(&mut self, entries: Vec<Entry>) {
@@ -653,6 +653,7 @@ impl Supervisor {
                 pid: p.pid as i32,
                 start_time: p.start_time,
                 argv: p.spec.argv.clone(),
+                launch: p.spec.launch_fingerprint(),
             })
             .collect();
         if entries != self.saved {
