@@ -1,7 +1,7 @@
 //! The agent's configuration: raw serde form, validation, typed form.
 //!
 //! Reloads live: `log.level`, `shutdown.grace_ms`, `balancers`, `key`/`key_file`, `interval_ms`,
-//! `sample_ms`, `timeout_ms`, `instances`. Needs a restart: `listen`, `agent_id` (sequence numbers are per
+//! `sample_ms`, `timeout_ms`, `instances`. Needs a restart: `listen`, `http.*`, `agent_id` (sequence numbers are per
 //! agent id).
 
 use std::net::SocketAddr;

@@ -3,7 +3,7 @@
 //! Reloads live: `log.level`, `shutdown.grace_ms`, `slowdown.*`, `degrade.*` (the manual level and the
 //! breaker thresholds), `reservation_ttl_ms`, `seckill.per_user_limit`, `admin_token`,
 //! `audit_interval_ms`.
-//! Needs a restart: `listen`, `instance`, `db_path`, `store_threads`, `busy_timeout_ms`, `seed_demo`,
+//! Needs a restart: `listen`, `http.*`, `instance`, `db_path`, `store_threads`, `busy_timeout_ms`, `seed_demo`,
 //! `capacity`, `max_body_bytes`, `seckill.buckets` (buckets are laid out when a flash sale is opened), and
 //! the storage backend keys of `config_backend` (`store`, `postgres_url`, `redis_url`, `[postgres]`, `[redis]`).
 

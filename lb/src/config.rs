@@ -2,7 +2,7 @@
 //!
 //! Reloads live: `log.level`, `shutdown.grace_ms`, `peers`, `advertise`, every key of `[reports]`,
 //! `[directory]`, `[admin]` and `[types.*]` (request types and their cost profiles). and the `[proxy]` keys listed in
-//! `crate::proxy::config`. Needs a restart: `listen`.
+//! `crate::proxy::config`. Needs a restart: `listen`, `http.*`.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;

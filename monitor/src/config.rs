@@ -3,7 +3,7 @@
 //!
 //! Reloads live: `log.level`, `shutdown.grace_ms`, `token`/`token_file`, `cluster.*`, `events_history`, and every
 //! `[programs.*]` section (an update touches only the programs whose expanded spec changed).
-//! Needs a restart: `listen`, `run_dir`, `log_dir`.
+//! Needs a restart: `listen`, `run_dir`, `log_dir`, `http.*`.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;

@@ -227,8 +227,9 @@ mod tests {
         assert!(parse_response(&vec![b'a'; 100_000]).is_err());
     }
 
-    /// Found by the `sdk_lists` fuzz target: a Content-Length or chunk size near `usize::MAX` overflowed the
-    /// length arithmetic (a panic in debug builds, a wrong slice bound in release).
+    /// A balancer's chunk size near `usize::MAX` wrapped `size + 2`, and the slice after it panicked (in
+    /// release builds too); a huge Content-Length wrapped the completion check. The `sdk_lists` fuzz target
+    /// feeds exactly such heads.
     #[test]
     fn huge_lengths_do_not_overflow() {
         let huge = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\nhi", usize::MAX);
