@@ -1,7 +1,7 @@
 //! The agent's configuration: raw serde form, validation, typed form.
 //!
 //! Reloads live: `log.level`, `shutdown.grace_ms`, `balancers`, `key`/`key_file`, `interval_ms`,
-//! `sample_ms`, `timeout_ms`, `instances`. Needs a restart: `listen`, `agent_id` (sequence numbers are per
+//! `sample_ms`, `timeout_ms`, `instances`. Needs a restart: `listen`, `http.*`, `agent_id` (sequence numbers are per
 //! agent id).
 
 use std::net::SocketAddr;
@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use xcluster_runtime::common::{LogSection, ShutdownSection};
+use xcluster_runtime::common::{HttpSection, LogSection, ShutdownSection};
 use xcluster_runtime::{ConfigIssue, DaemonConfig, RoleConfig, Validator};
 
 /// Most instances one agent reports (the report format's own bound).
@@ -38,6 +38,8 @@ pub struct RawConfig {
     pub instances: Vec<RawInstance>,
     pub log: LogSection,
     pub shutdown: ShutdownSection,
+    /// `[http]`: the API server's limits (connections, header timeout and size, declared body size).
+    pub http: HttpSection,
 }
 
 /// `[[instances]]`: one app instance on this host.
@@ -68,6 +70,7 @@ impl Default for RawConfig {
             instances: Vec::new(),
             log: LogSection::default(),
             shutdown: ShutdownSection::default(),
+            http: HttpSection::default(),
         }
     }
 }
@@ -97,6 +100,8 @@ pub struct Config {
     pub instances: Vec<InstanceConfig>,
     pub log_filter: String,
     pub grace: Duration,
+    /// The API server's limits (`[http]`; `grace` is filled in from `[shutdown]` when serving).
+    pub http: xcluster_runtime::http::ServerLimits,
 }
 
 impl std::fmt::Debug for Config {
@@ -192,6 +197,7 @@ impl RoleConfig for Config {
         }
         raw.log.validate(&mut v);
         let grace = raw.shutdown.validate(&mut v);
+        let http = raw.http.validate(&mut v);
         v.finish(Config {
             listen,
             agent_id,
@@ -204,6 +210,7 @@ impl RoleConfig for Config {
             instances,
             log_filter: raw.log.level.clone(),
             grace,
+            http,
         })
     }
 

@@ -37,7 +37,7 @@ pub async fn run(ctx: Context<Config>) -> Result<(), Error> {
     let drain = ctx.shutdown.drain_token();
     let limits = ServerLimits {
         grace: cfg.grace,
-        ..ServerLimits::default()
+        ..cfg.http.clone()
     };
     warn_if_key_exposed(&cfg);
     if cfg.key.is_empty() {

@@ -3,7 +3,7 @@
 //! Reloads live: `log.level`, `shutdown.grace_ms`, `slowdown.*`, `degrade.*` (the manual level and the
 //! breaker thresholds), `reservation_ttl_ms`, `seckill.per_user_limit`, `admin_token`,
 //! `audit_interval_ms`.
-//! Needs a restart: `listen`, `instance`, `db_path`, `store_threads`, `busy_timeout_ms`, `seed_demo`,
+//! Needs a restart: `listen`, `http.*`, `instance`, `db_path`, `store_threads`, `busy_timeout_ms`, `seed_demo`,
 //! `capacity`, `max_body_bytes`, `seckill.buckets` (buckets are laid out when a flash sale is opened), and
 //! the storage backend keys of `config_backend` (`store`, `postgres_url`, `redis_url`, `[postgres]`, `[redis]`).
 
@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use xcluster_runtime::common::{LogSection, ShutdownSection};
+use xcluster_runtime::common::{HttpSection, LogSection, ShutdownSection};
 use xcluster_runtime::{ConfigIssue, DaemonConfig, RoleConfig, Validator};
 
 use crate::degrade::Level;
@@ -52,6 +52,8 @@ pub struct RawConfig {
     pub slowdown: SlowdownSection,
     pub log: LogSection,
     pub shutdown: ShutdownSection,
+    /// `[http]`: the API server's limits (connections, header timeout and size, declared body size).
+    pub http: HttpSection,
     // --- Storage backend (issue 8; see `config_backend`). ---
     /// `sqlite` (one host, `db_path`) or `postgres` (several hosts, `postgres_url`).
     pub store: String,
@@ -140,6 +142,7 @@ impl Default for RawConfig {
             slowdown: SlowdownSection::default(),
             log: LogSection::default(),
             shutdown: ShutdownSection::default(),
+            http: HttpSection::default(),
             store: "sqlite".into(),
             postgres_url: String::new(),
             redis_url: String::new(),
@@ -176,6 +179,8 @@ pub struct Config {
     pub cpu_us: BTreeMap<String, u64>,
     pub log_filter: String,
     pub grace: Duration,
+    /// The API server's limits (`[http]`; `grace` is filled in from `[shutdown]` when serving).
+    pub http: xcluster_runtime::http::ServerLimits,
     /// The store to open (issue 8).
     pub backend: crate::config_backend::Backend,
     /// The shared Redis gate, if configured (issue 8).
@@ -258,6 +263,7 @@ impl RoleConfig for Config {
         );
         raw.log.validate(&mut v);
         let grace = raw.shutdown.validate(&mut v);
+        let http = raw.http.validate(&mut v);
         let instance = if raw.instance.is_empty() {
             format!("app-{}", listen.port())
         } else {
@@ -286,6 +292,7 @@ impl RoleConfig for Config {
             cpu_us: raw.slowdown.cpu_us_per_request.clone(),
             log_filter: raw.log.level.clone(),
             grace,
+            http,
             backend,
             redis,
         })

@@ -128,8 +128,7 @@ pub async fn run(ctx: Context<Config>) -> Result<(), Error> {
     let app_for_drain = app.clone();
     let limits = ServerLimits {
         grace: cfg.grace,
-        max_connections: (cfg.capacity as usize).max(64),
-        ..ServerLimits::default()
+        ..cfg.http.clone()
     };
     xcluster_runtime::admin::serve_api(
         cfg.listen,

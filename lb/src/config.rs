@@ -2,14 +2,14 @@
 //!
 //! Reloads live: `log.level`, `shutdown.grace_ms`, `peers`, `advertise`, every key of `[reports]`,
 //! `[directory]`, `[admin]` and `[types.*]` (request types and their cost profiles). and the `[proxy]` keys listed in
-//! `crate::proxy::config`. Needs a restart: `listen`.
+//! `crate::proxy::config`. Needs a restart: `listen`, `http.*`.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use xcluster_runtime::common::{LogSection, ShutdownSection};
+use xcluster_runtime::common::{HttpSection, LogSection, ShutdownSection};
 use xcluster_runtime::{ConfigIssue, DaemonConfig, RoleConfig, Validator};
 
 use crate::directory::weights::{Params, TypeProfile};
@@ -34,6 +34,8 @@ pub struct RawConfig {
     pub types: BTreeMap<String, RawType>,
     pub log: LogSection,
     pub shutdown: ShutdownSection,
+    /// `[http]`: the API server's limits (connections, header timeout and size, declared body size).
+    pub http: HttpSection,
     /// `[proxy]`: the layer-4 proxy mode (issue 5); see `crate::proxy::config` for the keys that reload.
     pub proxy: crate::proxy::ProxySection,
 }
@@ -150,6 +152,7 @@ impl Default for RawConfig {
             types: BTreeMap::from([("default".to_string(), RawType::default())]),
             log: LogSection::default(),
             shutdown: ShutdownSection::default(),
+            http: HttpSection::default(),
             proxy: crate::proxy::ProxySection::default(),
         }
     }
@@ -170,6 +173,8 @@ pub struct Config {
     pub admin_token: String,
     pub log_filter: String,
     pub grace: Duration,
+    /// The API server's limits (`[http]`; `grace` is filled in from `[shutdown]` when serving).
+    pub http: xcluster_runtime::http::ServerLimits,
     /// The L4 proxy (issue 5).
     pub proxy: crate::proxy::ProxyConfig,
 }
@@ -219,6 +224,7 @@ impl RoleConfig for Config {
         });
         raw.log.validate(&mut v);
         let grace = raw.shutdown.validate(&mut v);
+        let http = raw.http.validate(&mut v);
         let proxy = raw.proxy.validate(&mut v);
         v.finish(Config {
             listen,
@@ -231,6 +237,7 @@ impl RoleConfig for Config {
             admin_token: raw.admin.token.clone(),
             log_filter: raw.log.level.clone(),
             grace,
+            http,
             proxy,
         })
     }

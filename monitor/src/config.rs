@@ -3,7 +3,7 @@
 //!
 //! Reloads live: `log.level`, `shutdown.grace_ms`, `token`/`token_file`, `cluster.*`, `events_history`, and every
 //! `[programs.*]` section (an update touches only the programs whose expanded spec changed).
-//! Needs a restart: `listen`, `run_dir`, `log_dir`.
+//! Needs a restart: `listen`, `run_dir`, `log_dir`, `http.*`.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use xcluster_runtime::common::{LogSection, ShutdownSection};
+use xcluster_runtime::common::{HttpSection, LogSection, ShutdownSection};
 use xcluster_runtime::{ConfigIssue, DaemonConfig, RoleConfig, Validator};
 
 use crate::program::{ProcessSpec, RawProgram};
@@ -58,6 +58,8 @@ pub struct RawConfig {
     pub cluster: RawCluster,
     pub log: LogSection,
     pub shutdown: ShutdownSection,
+    /// `[http]`: the API server's limits (connections, header timeout and size, declared body size).
+    pub http: HttpSection,
     /// The supervised programs, by name.
     pub programs: BTreeMap<String, RawProgram>,
 }
@@ -74,16 +76,19 @@ impl Default for RawConfig {
             cluster: RawCluster::default(),
             log: LogSection::default(),
             shutdown: ShutdownSection::default(),
+            http: HttpSection::default(),
             programs: BTreeMap::new(),
         }
     }
 }
 
 /// The validated config.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Config {
     pub listen: SocketAddr,
     pub token: String,
+    /// The token file, if any (its permissions are checked at start).
+    pub token_file: Option<PathBuf>,
     pub run_dir: PathBuf,
     pub log_dir: PathBuf,
     pub events_history: usize,
@@ -91,8 +96,21 @@ pub struct Config {
     pub cluster_timeout: Duration,
     pub log_filter: String,
     pub grace: Duration,
+    /// The API server's limits (`[http]`; `grace` is filled in from `[shutdown]` when serving).
+    pub http: xcluster_runtime::http::ServerLimits,
     /// Every process after `numprocs` expansion, in start order (priority, then name).
     pub processes: Arc<Vec<ProcessSpec>>,
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The token never reaches a log.
+        f.debug_struct("Config")
+            .field("listen", &self.listen)
+            .field("run_dir", &self.run_dir)
+            .field("processes", &self.processes.len())
+            .finish_non_exhaustive()
+    }
 }
 
 impl RoleConfig for Config {
@@ -104,14 +122,22 @@ impl RoleConfig for Config {
         let listen = v.addr("listen", &raw.listen);
         raw.log.validate(&mut v);
         let grace = raw.shutdown.validate(&mut v);
+        let http = raw.http.validate(&mut v);
         let token = if !raw.token_file.is_empty() {
             if !raw.token.is_empty() {
                 v.error("token_file", "set either token or token_file, not both");
             }
-            match std::fs::read_to_string(&raw.token_file) {
-                Ok(s) => s.lines().next().unwrap_or("").trim().to_string(),
+            // Bounded: a token_file naming /dev/zero or a huge file must not exhaust memory (the `config`
+            // fuzz target reads whatever files a config names; regression test below).
+            match xcluster_runtime::config::read_bounded(std::path::Path::new(&raw.token_file)) {
+                Ok(bytes) => String::from_utf8_lossy(&bytes)
+                    .lines()
+                    .next()
+                    .unwrap_or("")
+                    .trim()
+                    .to_string(),
                 Err(e) => {
-                    v.error("token_file", format!("cannot read {:?}: {e}", raw.token_file));
+                    v.error("token_file", e.to_string());
                     String::new()
                 }
             }
@@ -156,6 +182,7 @@ impl RoleConfig for Config {
         v.finish(Config {
             listen,
             token,
+            token_file: (!raw.token_file.is_empty()).then(|| PathBuf::from(&raw.token_file)),
             run_dir,
             log_dir,
             events_history,
@@ -163,6 +190,7 @@ impl RoleConfig for Config {
             cluster_timeout,
             log_filter: raw.log.level.clone(),
             grace,
+            http,
             processes: Arc::new(processes),
         })
     }
@@ -185,4 +213,26 @@ impl DaemonConfig for Config {
 
 fn absolute(p: &str) -> PathBuf {
     std::path::absolute(p).unwrap_or_else(|_| PathBuf::from(p))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// A token_file that never ends (or is huge) used to be read whole; now it is refused with the bound.
+    #[test]
+    fn endless_token_file_is_refused_not_read_whole() {
+        let raw = RawConfig {
+            token_file: "/dev/zero".into(),
+            ..RawConfig::default()
+        };
+        let issues = Config::validate(&raw).unwrap_err();
+        assert!(
+            issues
+                .iter()
+                .any(|i| i.key == "token_file" && i.message.contains("larger than")),
+            "{issues:?}"
+        );
+    }
 }

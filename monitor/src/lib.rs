@@ -28,6 +28,9 @@ use tracing::{info, warn};
 use xcluster_runtime::Context;
 use xcluster_runtime::http::ServerLimits;
 
+/// Longest the monitor waits, once its programs are stopped, for in-flight API answers to be written.
+const API_FLUSH: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Why the monitor stopped with an error.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -77,6 +80,9 @@ pub async fn run(ctx: Context<Config>) -> Result<(), Error> {
         warn!(programs = ?stopped, "stopped processes left by a previous monitor");
     }
 
+    if let Some(path) = &cfg.token_file {
+        xcluster_runtime::config::warn_if_secret_exposed(path, "token");
+    }
     let bus = events::Bus::new(cfg.events_history);
     if !stopped.is_empty() {
         bus.publish(events::Kind::Monitor {
@@ -97,11 +103,11 @@ pub async fn run(ctx: Context<Config>) -> Result<(), Error> {
     };
     let limits = ServerLimits {
         grace: cfg.grace,
-        ..ServerLimits::default()
+        ..cfg.http.clone()
     };
     // The API stays up until the programs are stopped, so `ctl status` works during a shutdown.
     let api_stop = tokio_util::sync::CancellationToken::new();
-    let local = xcluster_runtime::admin::serve_api(
+    let (local, api_task) = xcluster_runtime::admin::spawn_api(
         cfg.listen,
         ctx.health.clone(),
         api.handler(),
@@ -127,6 +133,9 @@ pub async fn run(ctx: Context<Config>) -> Result<(), Error> {
     let _ = task.await;
     ctx.health.set_draining();
     api_stop.cancel();
+    // Let the answers in flight (the `/v1/shutdown` that got us here) reach their clients before the
+    // process exits; an open event stream must not hold the exit, hence the short bound.
+    let _ = tokio::time::timeout(API_FLUSH, api_task).await;
     Ok(())
 }
 

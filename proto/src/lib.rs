@@ -4,10 +4,12 @@
 //! - [`stats`]: app → agent (`GET /v1/stats` on an app instance).
 //! - [`report`]: agent → balancer (`POST /v1/reports`, HMAC-signed).
 //! - [`directory`]: balancer → client and dashboard (`/v1/servers`, `/v1/pick`, `/v1/status`).
+//! - [`proxy_header`]: balancer's L4 proxy → backend (PROXY protocol v2).
 
 /// The version of the wire protocol these types describe.
 pub const PROTOCOL_VERSION: u32 = 1;
 
 pub mod directory;
+pub mod proxy_header;
 pub mod report;
 pub mod stats;

@@ -63,10 +63,25 @@ pub async fn serve_api(
     limits: crate::http::ServerLimits,
     drain: tokio_util::sync::CancellationToken,
 ) -> std::io::Result<std::net::SocketAddr> {
+    spawn_api(addr, health, handler, limits, drain)
+        .await
+        .map(|(local, _task)| local)
+}
+
+/// [`serve_api`], also returning the server's task: it ends once the drain signal fired and in-flight
+/// requests finished (or `limits.grace` ran out). A role that must answer a request before it exits (the
+/// monitor's `/v1/shutdown`) awaits it.
+pub async fn spawn_api(
+    addr: std::net::SocketAddr,
+    health: Health,
+    handler: Handler,
+    limits: crate::http::ServerLimits,
+    drain: tokio_util::sync::CancellationToken,
+) -> std::io::Result<(std::net::SocketAddr, tokio::task::JoinHandle<()>)> {
     let listener = crate::net::bind(&crate::net::ListenOptions::new(addr))?;
     let local = listener.local_addr()?;
     tracing::info!(%local, "listening");
     let handler = wrap(health, handler);
-    tokio::spawn(crate::http::serve(listener, handler, limits, drain));
-    Ok(local)
+    let task = tokio::spawn(crate::http::serve(listener, handler, limits, drain));
+    Ok((local, task))
 }

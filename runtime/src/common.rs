@@ -44,3 +44,49 @@ impl ShutdownSection {
         v.millis("shutdown.grace_ms", self.grace_ms, 0, 3_600_000)
     }
 }
+
+/// `[http]`: the limits of the role's HTTP server (see [`crate::http::ServerLimits`]). Needs a restart: the
+/// server is built once.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpSection {
+    /// Concurrent connections; above it new clients wait in the listen backlog.
+    pub max_connections: usize,
+    /// Time a client has to send a request's headers; a slower one (slowloris) is closed.
+    pub header_read_timeout_ms: u64,
+    /// Largest request head; a larger one is answered 431.
+    pub max_header_bytes: usize,
+    /// Largest declared request body; a larger `Content-Length` is answered 413 before the body is read.
+    pub max_body_bytes: usize,
+}
+
+impl Default for HttpSection {
+    fn default() -> Self {
+        let d = crate::http::ServerLimits::default();
+        Self {
+            max_connections: d.max_connections,
+            header_read_timeout_ms: d.header_read_timeout.as_millis() as u64,
+            max_header_bytes: d.max_header_bytes,
+            max_body_bytes: d.max_body_bytes,
+        }
+    }
+}
+
+impl HttpSection {
+    /// The server limits these keys describe (`grace` is the `[shutdown]` section's).
+    pub fn validate(&self, v: &mut Validator) -> crate::http::ServerLimits {
+        crate::http::ServerLimits {
+            max_connections: v.range("http.max_connections", self.max_connections, 1, 1_000_000),
+            header_read_timeout: v.millis(
+                "http.header_read_timeout_ms",
+                self.header_read_timeout_ms,
+                100,
+                600_000,
+            ),
+            // hyper will not buffer less than 8 KiB of head.
+            max_header_bytes: v.range("http.max_header_bytes", self.max_header_bytes, 8192, 1024 * 1024),
+            max_body_bytes: v.range("http.max_body_bytes", self.max_body_bytes, 1024, 64 * 1024 * 1024),
+            ..crate::http::ServerLimits::default()
+        }
+    }
+}

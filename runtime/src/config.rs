@@ -192,13 +192,37 @@ pub fn role_of(path: &Path) -> Result<Option<String>, ConfigError> {
 
 /// Loads, layers and validates a role's config.
 pub fn load<C: RoleConfig>(source: &ConfigSource) -> Result<Loaded<C>, ConfigError> {
+    let bytes = match &source.path {
+        Some(path) => Some(read_bounded(path)?),
+        None => None,
+    };
+    load_layered::<C>(bytes, source)
+}
+
+/// Loads and validates a role's config from a file's bytes alone (no environment, no overrides): what a
+/// reload of those bytes would do. The entry point of the `config` fuzz target; it must never panic.
+pub fn load_bytes<C: RoleConfig>(bytes: &[u8]) -> Result<Loaded<C>, ConfigError> {
+    if bytes.len() as u64 > MAX_CONFIG_BYTES {
+        return Err(ConfigError::TooLarge {
+            path: PathBuf::from("<bytes>"),
+        });
+    }
+    let source = ConfigSource {
+        path: Some(PathBuf::from("<bytes>")),
+        overrides: Vec::new(),
+        use_env: false,
+    };
+    load_layered::<C>(Some(bytes.to_vec()), &source)
+}
+
+fn load_layered<C: RoleConfig>(
+    file_bytes: Option<Vec<u8>>,
+    source: &ConfigSource,
+) -> Result<Loaded<C>, ConfigError> {
     let origin = source.origin();
-    let (mut table, file_bytes) = match &source.path {
-        Some(path) => {
-            let bytes = read_bounded(path)?;
-            (parse_table(&bytes, &origin)?, Some(bytes))
-        }
-        None => (toml::Table::new(), None),
+    let mut table = match &file_bytes {
+        Some(bytes) => parse_table(bytes, &origin)?,
+        None => toml::Table::new(),
     };
     let mut issues = Vec::new();
 

@@ -1,6 +1,7 @@
 //! The HTTP/1.1 server every role's API runs on, with the limits every network input needs: a connection
-//! cap taken before `accept`, a header-read timeout (slowloris), a header size bound, bounded bodies with a
-//! read timeout, and graceful shutdown. Also the JSON response helpers, so every role answers errors alike.
+//! cap taken before `accept` (connections over it get a 503), a header-read timeout (slowloris), a header
+//! size bound (431), a bound on declared bodies (413), bounded body reads with a timeout, and graceful
+//! shutdown. Also the JSON response helpers, so every role answers errors alike.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -32,12 +33,16 @@ pub type Handler = Arc<dyn Fn(Request<Incoming>, SocketAddr) -> ResponseFuture +
 /// Limits applied to every connection of a server.
 #[derive(Debug, Clone)]
 pub struct ServerLimits {
-    /// Concurrent connections; the permit is taken before `accept`, so excess clients wait in the backlog.
+    /// Concurrent connections. A connection over it is answered 503 `too_many_connections` and closed (by at
+    /// most 64 short-lived tasks at once; past that, excess clients wait in the listen backlog).
     pub max_connections: usize,
     /// Time allowed for a request's headers to arrive (and for the first one after keep-alive).
     pub header_read_timeout: Duration,
     /// Largest buffered request head, in bytes (hyper's minimum is 8 KiB).
     pub max_header_bytes: usize,
+    /// Largest declared body (`Content-Length`): a larger one is answered 413 before any of it is read.
+    /// Handlers bound what they actually read with their own, usually smaller, limits.
+    pub max_body_bytes: usize,
     /// How long in-flight requests may run after shutdown starts.
     pub grace: Duration,
 }
@@ -48,6 +53,7 @@ impl Default for ServerLimits {
             max_connections: 1024,
             header_read_timeout: Duration::from_secs(10),
             max_header_bytes: 16 * 1024,
+            max_body_bytes: 1024 * 1024,
             grace: Duration::from_secs(10),
         }
     }
@@ -222,12 +228,21 @@ pub async fn serve(listener: TcpListener, handler: Handler, limits: ServerLimits
     let permits = Arc::new(Semaphore::new(limits.max_connections.max(1)));
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let local = listener.local_addr().ok();
+    // Connections over the cap are told so (503) by short-lived tasks, themselves capped: past that the
+    // listener stops accepting and the kernel backlog holds the rest.
+    let refusals = Arc::new(Semaphore::new(REFUSALS_AT_ONCE));
     let mut backoff = Duration::from_millis(5);
     loop {
-        // The permit comes first: at the cap we stop accepting, and the kernel backlog holds the rest.
-        let permit = tokio::select! {
-            _ = cancel.cancelled() => break,
-            p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+        // The permit comes first, so a connection over the cap never reaches hyper.
+        let slot = match permits.clone().try_acquire_owned() {
+            Ok(p) => Ok(p),
+            Err(_) => match refusals.clone().try_acquire_owned() {
+                Ok(r) => Err(r),
+                Err(_) => tokio::select! {
+                    _ = cancel.cancelled() => break,
+                    p = permits.clone().acquire_owned() => match p { Ok(p) => Ok(p), Err(_) => break },
+                },
+            },
         };
         let (stream, peer) = tokio::select! {
             _ = cancel.cancelled() => break,
@@ -244,9 +259,24 @@ pub async fn serve(listener: TcpListener, handler: Handler, limits: ServerLimits
             },
         };
         let _ = stream.set_nodelay(true);
+        // A connection may have closed while we waited in `accept`: take its permit rather than refuse.
+        let slot = slot.or_else(|refusal| permits.clone().try_acquire_owned().map_err(|_| refusal));
+        let permit = match slot {
+            Ok(permit) => permit,
+            Err(refusal) => {
+                metrics::counter!(crate::metrics::HTTP_CONNECTIONS_REJECTED_TOTAL).increment(1);
+                debug!(%peer, max = limits.max_connections, "at the connection cap; refusing");
+                tokio::spawn(refuse(stream, refusal));
+                continue;
+            }
+        };
         let handler = handler.clone();
+        let max_body = limits.max_body_bytes;
         let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-            let fut = handler(req, peer);
+            let fut = match declared_too_large(&req, max_body) {
+                Some(resp) => Box::pin(std::future::ready(resp)),
+                None => handler(req, peer),
+            };
             async move { Ok::<_, Infallible>(fut.await) }
         });
         let mut builder = hyper::server::conn::http1::Builder::new();
@@ -274,6 +304,59 @@ pub async fn serve(listener: TcpListener, handler: Handler, limits: ServerLimits
     }
 }
 
+/// Most connections being refused at once (each for at most [`REFUSAL_TIME`]).
+const REFUSALS_AT_ONCE: usize = 64;
+/// How long a refused connection is given to take its 503.
+const REFUSAL_TIME: Duration = Duration::from_secs(1);
+
+/// Answers a connection over the cap with a 503 and closes it. The request is read (bounded) first, so
+/// the close does not reset the connection before the client has read the answer.
+async fn refuse(mut stream: tokio::net::TcpStream, _refusal: tokio::sync::OwnedSemaphorePermit) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const BODY: &str = r#"{"error":{"code":"too_many_connections","message":"the server is at its connection limit (http.max_connections); retry later"}}"#;
+    let answer = format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: {}\r\nretry-after: 1\r\nconnection: close\r\n\r\n{BODY}",
+        BODY.len()
+    );
+    let _ = tokio::time::timeout(REFUSAL_TIME, async {
+        let mut buf = [0u8; 4096];
+        // Wait for the request head (or give up at the deadline), then answer and drain what follows.
+        let _ = stream.read(&mut buf).await;
+        stream.write_all(answer.as_bytes()).await?;
+        stream.shutdown().await?;
+        let mut total = 0usize;
+        while total < 64 * 1024 {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => total += n,
+            }
+        }
+        Ok::<_, std::io::Error>(())
+    })
+    .await;
+}
+
+/// The 413 for a request that declares a body over the server's bound, so no handler buffers any of it.
+fn declared_too_large<B>(req: &Request<B>, max: usize) -> Option<Response<Body>> {
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse::<u64>()
+        .ok()?;
+    if declared <= max as u64 {
+        return None;
+    }
+    debug!(declared, max, "request body over the server's bound");
+    let mut resp = BodyError::TooLarge { limit: max }.response();
+    // The unread body would otherwise have to be drained before the next request on this connection.
+    resp.headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    Some(resp)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -296,5 +379,15 @@ mod tests {
         assert!(!bearer_ok(&req("Bearer s3cre"), "s3cret"));
         assert!(!bearer_ok(&req("Basic s3cret"), "s3cret"));
         assert!(!bearer_ok(&req("Bearer "), ""));
+    }
+
+    #[test]
+    fn declared_bodies_over_the_bound_are_refused() {
+        let req = |len: &str| Request::builder().header("content-length", len).body(()).unwrap();
+        assert!(declared_too_large(&req("1024"), 1024).is_none());
+        let resp = declared_too_large(&req("1025"), 1024).unwrap();
+        assert_eq!(resp.status(), StatusCode::PAYLOAD_TOO_LARGE);
+        assert!(declared_too_large(&req("99999999999999999999999"), 1024).is_none());
+        assert!(declared_too_large(&Request::new(()), 1024).is_none());
     }
 }

@@ -192,7 +192,7 @@ impl Shared {
 }
 
 /// Rejects a list for another request type (a confused or malicious balancer).
-fn check_type(f: Fetched, want: &str) -> Result<Option<ServerList>, String> {
+pub(crate) fn check_type(f: Fetched, want: &str) -> Result<Option<ServerList>, String> {
     match f {
         Fetched::List(l) if l.request_type == want => Ok(Some(l)),
         Fetched::List(l) => Err(format!(

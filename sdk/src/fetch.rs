@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use xcluster_proto::directory::{MAX_LIST_BYTES, ServerList};
+use xcluster_proto::directory::{MAX_LIST_BYTES, Pick, ServerList};
 
 /// Largest response head accepted from a balancer.
 const MAX_HEAD_BYTES: usize = 16 * 1024;
@@ -37,8 +37,12 @@ pub(crate) async fn server_list(
         None => format!("/v1/servers?type={request_type}"),
     };
     let (status, body) = get(addr, &path, connect_timeout, exchange_timeout, on_connected).await?;
+    list_from(status, &body)
+}
+
+fn list_from(status: u16, body: &[u8]) -> Result<Fetched, String> {
     match status {
-        200 => ServerList::decode(&body)
+        200 => ServerList::decode(body)
             .map(Fetched::List)
             .map_err(|e| e.to_string()),
         304 | 204 => Ok(Fetched::Unchanged),
@@ -46,6 +50,22 @@ pub(crate) async fn server_list(
             "status {s}: {}",
             String::from_utf8_lossy(&body[..body.len().min(200)])
         )),
+    }
+}
+
+/// Decodes a balancer's whole raw answer to `GET /v1/servers?type=T` as the watch loop does: the HTTP head,
+/// the body framing, the list and its type. `Ok(None)` means unchanged. The entry point of the `sdk_lists`
+/// fuzz target; nothing here may panic, whatever the bytes.
+pub fn decode_list_response(raw: &[u8], request_type: &str) -> Result<Option<ServerList>, String> {
+    let (status, body) = parse_response(raw)?;
+    crate::directory::check_type(list_from(status, &body)?, request_type)
+}
+
+/// Decodes a raw answer to `GET /v1/pick?type=T` (head, framing, body).
+pub fn decode_pick_response(raw: &[u8]) -> Result<Pick, String> {
+    match parse_response(raw)? {
+        (200, body) => Pick::decode(&body).map_err(|e| e.to_string()),
+        (s, _) => Err(format!("status {s}")),
     }
 }
 
@@ -110,7 +130,8 @@ fn complete_len(buf: &[u8]) -> Option<usize> {
             .eq_ignore_ascii_case("content-length")
             .then(|| v.trim().parse::<usize>().ok())?
     })?;
-    Some(head_end + len)
+    // A hostile Content-Length near usize::MAX must not overflow; such a body can never complete anyway.
+    head_end.checked_add(len)
 }
 
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
@@ -176,7 +197,8 @@ fn dechunk(mut rest: &[u8]) -> Result<Vec<u8>, String> {
         if size == 0 {
             return Ok(out);
         }
-        if rest.len() < size + 2 {
+        // `size` comes from the peer: compare without adding to it, so a huge size cannot overflow.
+        if rest.len() < 2 || rest.len() - 2 < size {
             return Err("chunk truncated".into());
         }
         out.extend_from_slice(&rest[..size]);
@@ -203,5 +225,23 @@ mod tests {
         assert!(parse_response(b"HTTP/1.1 abc OK\r\n\r\n").is_err());
         assert!(parse_response(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n").is_err());
         assert!(parse_response(&vec![b'a'; 100_000]).is_err());
+    }
+
+    /// A balancer's chunk size near `usize::MAX` wrapped `size + 2`, and the slice after it panicked (in
+    /// release builds too); a huge Content-Length wrapped the completion check. The `sdk_lists` fuzz target
+    /// feeds exactly such heads.
+    #[test]
+    fn huge_lengths_do_not_overflow() {
+        let huge = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\nhi", usize::MAX);
+        assert_eq!(complete_len(huge.as_bytes()), None);
+        assert!(parse_response(huge.as_bytes()).is_err());
+        let chunk = format!(
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\nhi\r\n0\r\n\r\n",
+            usize::MAX
+        );
+        assert!(parse_response(chunk.as_bytes()).is_err());
+        assert!(decode_list_response(chunk.as_bytes(), "t").is_err());
+        let ok = b"HTTP/1.1 304 Not Modified\r\n\r\n";
+        assert_eq!(decode_list_response(ok, "t"), Ok(None));
     }
 }

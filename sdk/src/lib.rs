@@ -37,6 +37,13 @@ mod http;
 mod picker;
 
 pub use builder::ClientBuilder;
+
+/// Entry points for the fuzz targets (`fuzz/`): the decoders of what balancers send, callable without a
+/// network. Not part of the supported API.
+#[doc(hidden)]
+pub mod fuzzing {
+    pub use crate::fetch::{decode_list_response, decode_pick_response};
+}
 pub use client::{Client, ClientState, Freshness, Picked, TypeState};
 pub use error::{Error, Result, Side};
 pub use http::{Backend, exchange};

@@ -7,17 +7,13 @@ use std::sync::atomic::Ordering;
 
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
-use serde::Deserialize;
 use xcluster_proto::stats::InstanceStats;
 use xcluster_runtime::http::{Body, error, json, read_json, unauthorized};
 
+use super::bodies::{DegradeReq, FlashSaleReq, StockReq};
 use super::{App, BODY_TIMEOUT, authorized, path_id, respond, store_failed};
 use crate::Config;
 use crate::degrade::Level;
-use crate::store::StockUpdate;
-
-/// Most updates in one merchant batch.
-const MAX_UPDATES: usize = 1000;
 
 /// `GET /v1/stats`: `xcluster_proto::stats::InstanceStats`.
 pub fn stats(app: &App) -> Response<Body> {
@@ -72,13 +68,6 @@ pub fn degrade_get(app: &App) -> Response<Body> {
     json(StatusCode::OK, &degrade_view(app))
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct DegradeReq {
-    /// `auto` or a level name.
-    level: String,
-}
-
 /// `POST /admin/degrade` `{"level": "queued"}` (bearer token). `auto` hands the choice back to the breakers.
 pub async fn degrade_set(app: &Arc<App>, cfg: &Config, req: Request<Incoming>) -> Response<Body> {
     if !authorized(cfg, &req) {
@@ -106,12 +95,6 @@ pub async fn degrade_set(app: &Arc<App>, cfg: &Config, req: Request<Incoming>) -
     json(StatusCode::OK, &degrade_view(app))
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct StockReq {
-    updates: Vec<StockUpdate>,
-}
-
 /// `POST /v1/merchant/stock` `{"updates": [{"sku": "...", "receive": 10, "price_cents": 990}]}` (bearer token):
 /// all of the batch or none of it.
 pub async fn merchant_stock(app: &Arc<App>, cfg: &Config, req: Request<Incoming>) -> Response<Body> {
@@ -122,24 +105,8 @@ pub async fn merchant_stock(app: &Arc<App>, cfg: &Config, req: Request<Incoming>
         Ok(b) => b,
         Err(resp) => return resp,
     };
-    if body.updates.is_empty() || body.updates.len() > MAX_UPDATES {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "invalid_update",
-            &format!("updates must hold 1..={MAX_UPDATES} items"),
-        );
-    }
-    for u in &body.updates {
-        if let Err(resp) = path_id("sku", &u.sku) {
-            return resp;
-        }
-        if u.price_cents.is_some_and(|p| !(0..=1_000_000_000).contains(&p)) {
-            return error(
-                StatusCode::BAD_REQUEST,
-                "invalid_update",
-                &format!("price_cents of {} is out of range", u.sku),
-            );
-        }
+    if let Err((code, msg)) = body.check() {
+        return error(StatusCode::BAD_REQUEST, code, &msg);
     }
     for u in &body.updates {
         if u.receive > 0 {
@@ -153,12 +120,6 @@ pub async fn merchant_stock(app: &Arc<App>, cfg: &Config, req: Request<Incoming>
             .await
             .map(|r| r.map(|skus| serde_json::json!({ "skus": skus }))),
     )
-}
-
-#[derive(Debug, Deserialize, Default)]
-#[serde(default, deny_unknown_fields)]
-struct FlashSaleReq {
-    buckets: Option<u32>,
 }
 
 /// `POST /v1/merchant/flash-sales/{sku}` `{"buckets": 8}` (bearer token): splits the SKU's stock into buckets.

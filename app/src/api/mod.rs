@@ -7,6 +7,7 @@
 #![allow(clippy::result_large_err)]
 
 mod admin;
+pub mod bodies;
 mod catalog;
 mod money;
 mod orders;

@@ -5,19 +5,13 @@ use std::sync::Arc;
 
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
-use serde::Deserialize;
 use xcluster_runtime::http::{Body, error, json, read_json, unauthorized};
 
+use super::bodies::{CreditReq, RefundReq, check_callback};
 use super::{App, BODY_TIMEOUT, authorized, path_id, respond, store_failed};
 use crate::Config;
 use crate::degrade::Level;
-use crate::domain::{Cents, valid_id};
 use crate::store::PaymentCallback;
-
-/// Most wallets credited in one call.
-const MAX_CREDIT_USERS: usize = 10_000;
-/// Largest single credit, in cents.
-const MAX_CREDIT: Cents = 1_000_000_000;
 
 fn inline_weak(app: &App) -> bool {
     app.degrade.level() == Level::Sync
@@ -45,38 +39,14 @@ pub async fn callback(app: &Arc<App>, cfg: &Config, req: Request<Incoming>) -> R
         Ok(b) => b,
         Err(resp) => return resp,
     };
-    if !valid_id(&cb.payment_id) || !valid_id(&cb.order_id) {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "invalid_callback",
-            "payment_id and order_id must be 1..=64 bytes of [A-Za-z0-9._:-]",
-        );
-    }
-    if cb.status != "succeeded" && cb.status != "failed" {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "invalid_callback",
-            &format!("status {:?} is not succeeded or failed", cb.status),
-        );
-    }
-    if !(0..=MAX_CREDIT).contains(&cb.amount_cents) {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "invalid_callback",
-            &format!("amount_cents {} is out of range", cb.amount_cents),
-        );
+    if let Err((code, msg)) = check_callback(&cb) {
+        return error(StatusCode::BAD_REQUEST, code, &msg);
     }
     let weak = inline_weak(app);
     respond(
         StatusCode::OK,
         app.exec.run(move |s| s.payment_callback(&cb, weak)).await,
     )
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RefundReq {
-    order_id: String,
 }
 
 /// `POST /v1/refunds` `{"order_id": "..."}` (merchant; bearer token). A second refund answers the same.
@@ -114,13 +84,6 @@ pub async fn wallet(app: &Arc<App>, user: &str) -> Response<Body> {
     }
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct CreditReq {
-    users: Vec<String>,
-    amount_cents: Cents,
-}
-
 /// `POST /admin/credit` `{"users": [...], "amount_cents": N}` (bearer token): tops wallets up from `mint`.
 pub async fn credit(app: &Arc<App>, cfg: &Config, req: Request<Incoming>) -> Response<Body> {
     if !authorized(cfg, &req) {
@@ -130,34 +93,8 @@ pub async fn credit(app: &Arc<App>, cfg: &Config, req: Request<Incoming>) -> Res
         Ok(b) => b,
         Err(resp) => return resp,
     };
-    if body.users.is_empty() || body.users.len() > MAX_CREDIT_USERS {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "invalid_credit",
-            &format!("users must hold 1..={MAX_CREDIT_USERS} ids"),
-        );
-    }
-    if let Some(bad) = body.users.iter().find(|u| !valid_id(u)) {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "invalid_credit",
-            &format!("user {bad:?} is not 1..=64 bytes of [A-Za-z0-9._:-]"),
-        );
-    }
-    let mut seen = std::collections::HashSet::new();
-    if let Some(dup) = body.users.iter().find(|u| !seen.insert(u.as_str())) {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "invalid_credit",
-            &format!("user {dup:?} is listed twice"),
-        );
-    }
-    if !(1..=MAX_CREDIT).contains(&body.amount_cents) {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "invalid_credit",
-            &format!("amount_cents {} is not in 1..={MAX_CREDIT}", body.amount_cents),
-        );
+    if let Err((code, msg)) = body.check() {
+        return error(StatusCode::BAD_REQUEST, code, &msg);
     }
     let n = body.users.len();
     match app

@@ -7,35 +7,16 @@ use std::sync::Arc;
 
 use http::{HeaderValue, Request, Response, StatusCode};
 use hyper::body::Incoming;
-use serde::Deserialize;
 use xcluster_runtime::http::{Body, error, json, read_json};
 
+use super::bodies::{CreateOrder, SeckillReq};
 use super::{App, BODY_TIMEOUT, authorized, path_id, reject, respond, store_failed};
 use crate::Config;
 use crate::degrade::Level;
-use crate::domain::request::{valid_idem_key, validate};
-use crate::domain::{NewOrder, OrderKind, OrderLineReq, Reject, fingerprint, new_order_id, now_ms};
+use crate::domain::request::valid_idem_key;
+use crate::domain::{NewOrder, OrderKind, Reject, fingerprint, new_order_id, now_ms};
 use crate::queue::OrderOutcome;
 use crate::store::StoreError;
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct CreateOrder {
-    user: String,
-    lines: Vec<OrderLineReq>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct SeckillReq {
-    user: String,
-    #[serde(default = "one")]
-    qty: u32,
-}
-
-fn one() -> u32 {
-    1
-}
 
 /// The `Idempotency-Key` header: `Ok(None)` when absent, an error response when malformed.
 fn idem_key(req: &Request<Incoming>) -> Result<Option<String>, Response<Body>> {
@@ -115,8 +96,8 @@ pub async fn create(app: &Arc<App>, cfg: &Config, req: Request<Incoming>) -> Res
         Ok(b) => b,
         Err(resp) => return resp,
     };
-    if let Err(msg) = validate(&body.user, &body.lines) {
-        return error(StatusCode::BAD_REQUEST, "invalid_order", &msg);
+    if let Err((code, msg)) = body.check() {
+        return error(StatusCode::BAD_REQUEST, code, &msg);
     }
     let now = now_ms();
     let order = NewOrder {
@@ -146,13 +127,10 @@ pub async fn seckill(app: &Arc<App>, cfg: &Config, sku: &str, req: Request<Incom
         Ok(b) => b,
         Err(resp) => return resp,
     };
-    let lines = vec![OrderLineReq {
-        sku: sku.to_string(),
-        qty: body.qty,
-    }];
-    if let Err(msg) = validate(&body.user, &lines) {
-        return error(StatusCode::BAD_REQUEST, "invalid_order", &msg);
-    }
+    let lines = match body.lines(sku) {
+        Ok(lines) => lines,
+        Err((code, msg)) => return error(StatusCode::BAD_REQUEST, code, &msg),
+    };
     if app.gate.is_sold_out(sku) {
         metrics::counter!(crate::metrics::SOLD_OUT_GATE_TOTAL).increment(1);
         return reject(&Reject::SoldOut { sku: sku.to_string() });

@@ -135,7 +135,7 @@ async fn establish(
     debug!(backend = %addr, "connected");
     if l.cfg.proxy_protocol {
         let local = client.local_addr().unwrap_or(l.cfg.listen);
-        let header = super::proxy_protocol::v2_header(peer, local);
+        let header = xcluster_proto::proxy_header::encode_v2(peer, local);
         match tokio::time::timeout(timeouts.connect, write_all(&backend, &header)).await {
             Ok(Ok(())) => {}
             _ => {

@@ -8,7 +8,6 @@ mod forward;
 mod listener;
 pub mod metrics;
 pub mod pick;
-pub mod proxy_protocol;
 mod service;
 
 pub use config::{ProxyConfig, ProxySection};

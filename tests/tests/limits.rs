@@ -1,0 +1,215 @@
+//! The HTTP limits of every role's API server (`[http]`): an oversized head gets 431, an oversized declared
+//! body 413 with a JSON error, a client that never finishes its head (slowloris) is closed, and connections
+//! over the cap get 503 `too_many_connections` — and each time the daemon goes on serving everyone else.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::Duration;
+
+use xcluster_tests::http::get;
+use xcluster_tests::{Proc, eventually, free_addr, metric_value, wait_ready};
+
+const ROLES: [&str; 4] = ["lb", "agent", "monitor", "app"];
+/// A mutating path of each role, to show the body bound applies before any handler.
+fn post_path(role: &str) -> &'static str {
+    match role {
+        "lb" => "/v1/reports",
+        "agent" => "/v1/report",
+        "monitor" => "/v1/update",
+        _ => "/v1/orders",
+    }
+}
+
+fn start(role: &str, sets: &[&str]) -> (Proc, SocketAddr) {
+    let addr = free_addr();
+    let listen = format!("listen=\"{addr}\"");
+    let mut args = vec![role, "--set", listen.as_str()];
+    for s in sets {
+        args.extend(["--set", s]);
+    }
+    let p = Proc::xcluster(role, &args);
+    wait_ready(addr, Duration::from_secs(20));
+    (p, addr)
+}
+
+/// Writes `bytes` (write errors ignored: the server may close early) and reads until the server closes.
+/// Returns what was read; a reset after the answer arrived is not an error here.
+fn exchange(addr: SocketAddr, bytes: &[u8]) -> String {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(10)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    s.set_write_timeout(Some(Duration::from_secs(10))).unwrap();
+    let _ = s.write_all(bytes);
+    read_until_close(&mut s)
+}
+
+fn read_until_close(s: &mut TcpStream) -> String {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+            Err(e) => panic!("read failed after {} bytes: {e}", out.len()),
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn still_serves(role: &str, addr: SocketAddr) {
+    let r = get(addr, "/livez").unwrap_or_else(|e| panic!("{role}: /livez after the limit: {e}"));
+    assert_eq!(r.status, 200, "{role}: {}", r.body);
+}
+
+const SMALL: [&str; 3] = [
+    "http.max_header_bytes=8192",
+    "http.max_body_bytes=2048",
+    "http.header_read_timeout_ms=1000",
+];
+
+#[test]
+fn oversized_heads_get_431_and_the_daemon_serves_on() {
+    for role in ROLES {
+        let (_p, addr) = start(role, &SMALL);
+        let big = "a".repeat(12 * 1024);
+        let req = format!("GET /livez HTTP/1.1\r\nHost: x\r\nX-Big: {big}\r\nConnection: close\r\n\r\n");
+        let answer = exchange(addr, req.as_bytes());
+        assert!(answer.starts_with("HTTP/1.1 431"), "{role}: {answer:?}");
+        still_serves(role, addr);
+        // A head under the bound is served as usual.
+        let small = "a".repeat(4 * 1024);
+        let req = format!("GET /livez HTTP/1.1\r\nHost: x\r\nX-Big: {small}\r\nConnection: close\r\n\r\n");
+        assert!(
+            exchange(addr, req.as_bytes()).starts_with("HTTP/1.1 200"),
+            "{role}"
+        );
+    }
+}
+
+#[test]
+fn oversized_declared_bodies_get_413_json_and_the_daemon_serves_on() {
+    for role in ROLES {
+        let (_p, addr) = start(role, &SMALL);
+        let path = post_path(role);
+        // Only the head is sent: the answer must come without the server waiting for (or reading) the body.
+        let req = format!(
+            "POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100000\r\n\r\n"
+        );
+        let answer = exchange(addr, req.as_bytes());
+        assert!(answer.starts_with("HTTP/1.1 413"), "{role}: {answer:?}");
+        let body = &answer[answer.find("\r\n\r\n").unwrap() + 4..];
+        let json: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert_eq!(json["error"]["code"], "body_too_large", "{role}: {body}");
+        assert!(
+            json["error"]["message"].as_str().unwrap().contains("2048"),
+            "{role}: the message names the bound: {body}"
+        );
+        still_serves(role, addr);
+    }
+}
+
+#[test]
+fn a_slowloris_client_is_closed_while_others_are_served() {
+    for role in ROLES {
+        let (_p, addr) = start(role, &SMALL);
+        let mut slow = TcpStream::connect_timeout(&addr, Duration::from_secs(10)).unwrap();
+        // Half a head, then nothing: the server must not wait for the rest forever.
+        slow.write_all(b"GET /livez HTTP/1.1\r\nHost: x\r\n").unwrap();
+        still_serves(role, addr);
+        slow.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let mut buf = [0u8; 1024];
+        match slow.read(&mut buf) {
+            // Closed (hyper may say 408 first); a read timeout would mean the server still holds it.
+            Ok(n) => assert!(
+                n == 0 || String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 408"),
+                "{role}: {:?}",
+                String::from_utf8_lossy(&buf[..n])
+            ),
+            Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{role}: {e}"),
+        }
+        still_serves(role, addr);
+    }
+}
+
+/// Sends a keep-alive request on `s` and reads one response with a Content-Length body.
+fn keep_alive_get(s: &mut TcpStream, path: &str) -> String {
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .unwrap();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = s.read(&mut buf).unwrap();
+        assert!(
+            n > 0,
+            "closed before a whole response: {:?}",
+            String::from_utf8_lossy(&out)
+        );
+        out.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&out).into_owned();
+        if let Some(end) = text.find("\r\n\r\n") {
+            let len = text[..end]
+                .lines()
+                .find_map(|l| {
+                    let (k, v) = l.split_once(':')?;
+                    k.eq_ignore_ascii_case("content-length")
+                        .then(|| v.trim().parse::<usize>().ok())?
+                })
+                .unwrap_or(0);
+            if out.len() >= end + 4 + len {
+                return text;
+            }
+        }
+    }
+}
+
+#[test]
+fn connections_over_the_cap_get_503_while_the_others_are_served() {
+    for role in ROLES {
+        let (_p, addr) = start(
+            role,
+            &["http.max_connections=3", "http.header_read_timeout_ms=60000"],
+        );
+        // Three keep-alive connections, each answered once, so each surely holds a permit. (The readiness
+        // probe's connection may hold its permit a moment after it closed: a 503 here is retried.)
+        let mut held: Vec<TcpStream> = (0..3)
+            .map(|i| {
+                eventually(
+                    Duration::from_secs(10),
+                    &format!("{role}: connection {i} served"),
+                    || {
+                        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(10)).unwrap();
+                        s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+                        keep_alive_get(&mut s, "/livez")
+                            .starts_with("HTTP/1.1 200")
+                            .then_some(s)
+                    },
+                )
+            })
+            .collect();
+        let answer = exchange(
+            addr,
+            b"GET /livez HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        );
+        assert!(answer.starts_with("HTTP/1.1 503"), "{role}: {answer:?}");
+        assert!(answer.contains("too_many_connections"), "{role}: {answer:?}");
+        // The connections within the cap are still served.
+        assert!(
+            keep_alive_get(&mut held[0], "/livez").starts_with("HTTP/1.1 200"),
+            "{role}"
+        );
+        // One closes: its slot is free again for a newcomer.
+        drop(held.pop());
+        let body = eventually(Duration::from_secs(10), "a new connection to be served", || {
+            let a = exchange(
+                addr,
+                b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+            );
+            a.starts_with("HTTP/1.1 200").then_some(a)
+        });
+        let rejected = metric_value(&body, "xcluster_http_connections_rejected_total", "")
+            .unwrap_or_else(|| panic!("{role}: no rejection counter"));
+        assert!(rejected >= 1.0, "{role}: {rejected}");
+    }
+}
