@@ -28,6 +28,17 @@ impl HttpResponse {
     }
 }
 
+/// The `Content-Length` a message head announces (0 when it announces none).
+pub fn content_length(head: &str) -> usize {
+    head.lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("content-length")
+                .then(|| v.trim().parse::<usize>().ok())?
+        })
+        .unwrap_or(0)
+}
+
 /// `GET path`.
 pub fn get(addr: SocketAddr, path: &str) -> std::io::Result<HttpResponse> {
     request(addr, "GET", path, &[], None)

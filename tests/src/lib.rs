@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 pub mod http;
 pub mod services;
 
-pub use http::{HttpResponse, get, request};
+pub use http::{HttpResponse, content_length, get, request};
 
 /// The `xcluster` binary under test: `$XCLUSTER_BIN`, or built once per test process with cargo.
 pub fn xcluster_bin() -> PathBuf {

@@ -9,7 +9,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
 use xcluster_tests::http::get;
-use xcluster_tests::{Proc, eventually, free_addr, metric_value, wait_ready};
+use xcluster_tests::{Proc, content_length, eventually, free_addr, metric_value, wait_ready};
 
 const ROLES: [&str; 4] = ["lb", "agent", "monitor", "app"];
 /// A mutating path of each role, to show the body bound applies before any handler.
@@ -149,14 +149,7 @@ fn keep_alive_get(s: &mut TcpStream, path: &str) -> String {
         out.extend_from_slice(&buf[..n]);
         let text = String::from_utf8_lossy(&out).into_owned();
         if let Some(end) = text.find("\r\n\r\n") {
-            let len = text[..end]
-                .lines()
-                .find_map(|l| {
-                    let (k, v) = l.split_once(':')?;
-                    k.eq_ignore_ascii_case("content-length")
-                        .then(|| v.trim().parse::<usize>().ok())?
-                })
-                .unwrap_or(0);
+            let len = content_length(&text[..end]);
             if out.len() >= end + 4 + len {
                 return text;
             }

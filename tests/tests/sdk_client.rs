@@ -45,12 +45,7 @@ async fn follows_table_changes_within_a_watch_round_trip() {
     let lb = FakeBalancer::start(HOLD);
     let peer = FakeBalancer::start(HOLD);
     lb.set(list("browse", 1, &[("a", a.addr, 100)], &[lb.addr, peer.addr]));
-    let client = Client::builder()
-        .balancers([lb.addr.to_string()])
-        .request_types(["browse"])
-        .build()
-        .await
-        .unwrap();
+    let client = browse_client(&lb).await;
     assert_eq!(client.pick("browse").unwrap().addr(), a.addr);
     // It learned the peer from the list.
     assert!(client.state().balancers.contains(&peer.addr));
@@ -236,12 +231,7 @@ async fn hyper_integration_sends_requests_to_the_picked_instance() {
     let lb = FakeBalancer::start(HOLD);
     let servers: Vec<_> = backends.iter().map(|b| (b.name.as_str(), b.addr, 100)).collect();
     lb.set(list("browse", 1, &servers, &[lb.addr]));
-    let client = Client::builder()
-        .balancers([lb.addr.to_string()])
-        .request_types(["browse"])
-        .build()
-        .await
-        .unwrap();
+    let client = browse_client(&lb).await;
     let mut seen: HashMap<String, u64> = HashMap::new();
     for _ in 0..60 {
         let resp = client.send("browse", get("/v1/products?limit=5")).await.unwrap();
@@ -378,12 +368,7 @@ async fn a_restarted_balancers_empty_then_all_down_lists_do_not_stop_requests() 
     let lb = FakeBalancer::start(HOLD);
     let both = [("a", a.addr, 100), ("b", b.addr, 100)];
     lb.set(list("browse", 1, &both, &[lb.addr]));
-    let client = Client::builder()
-        .balancers([lb.addr.to_string()])
-        .request_types(["browse"])
-        .build()
-        .await
-        .unwrap();
+    let client = browse_client(&lb).await;
     eventually_async("the watch request", || {
         (lb.requests.load(Ordering::Relaxed) >= 2).then_some(())
     })
@@ -418,4 +403,14 @@ async fn a_restarted_balancers_empty_then_all_down_lists_do_not_stop_requests() 
         let r = client.send_idempotent("browse", get("/v1/products")).await;
         assert_eq!(r.unwrap().status(), 200);
     }
+}
+
+/// A client of `lb` for `browse`, with every other setting at its default.
+async fn browse_client(lb: &FakeBalancer) -> Client {
+    Client::builder()
+        .balancers([lb.addr.to_string()])
+        .request_types(["browse"])
+        .build()
+        .await
+        .unwrap()
 }

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 
+use metrics::Counter;
 use pin_project_lite::pin_project;
 use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
@@ -255,26 +256,14 @@ impl Future for Conn {
         let (backend_r, backend_w) = this.backend.split();
         let mut moved = false;
         if !this.up.is_done() {
-            let r = this.up.poll_forward(cx, client_r, backend_w, |n| {
-                moved = true;
-                l.bytes_up.increment(n as u64);
-                if let Some(bm) = bm {
-                    bm.bytes_up.increment(n as u64);
-                }
-            });
-            if let Poll::Ready(Err(e)) = r {
+            let count = counting(&mut moved, &l.bytes_up, bm.map(|b| &b.bytes_up));
+            if let Poll::Ready(Err(e)) = this.up.poll_forward(cx, client_r, backend_w, count) {
                 return Poll::Ready(Outcome::Error(e));
             }
         }
         if !this.down.is_done() {
-            let r = this.down.poll_forward(cx, backend_r, client_w, |n| {
-                moved = true;
-                l.bytes_down.increment(n as u64);
-                if let Some(bm) = bm {
-                    bm.bytes_down.increment(n as u64);
-                }
-            });
-            if let Poll::Ready(Err(e)) = r {
+            let count = counting(&mut moved, &l.bytes_down, bm.map(|b| &b.bytes_down));
+            if let Poll::Ready(Err(e)) = this.down.poll_forward(cx, backend_r, client_w, count) {
                 return Poll::Ready(Outcome::Error(e));
             }
         }
@@ -293,6 +282,21 @@ impl Future for Conn {
             this.timer.as_mut().reset(tokio::time::Instant::from_std(due));
         }
         Poll::Pending
+    }
+}
+
+/// Counts the bytes of each batch one way, on the listener's and the backend's counter, and notes activity.
+fn counting<'a>(
+    moved: &'a mut bool,
+    listener: &'a Counter,
+    backend: Option<&'a Counter>,
+) -> impl FnMut(usize) + 'a {
+    move |n| {
+        *moved = true;
+        listener.increment(n as u64);
+        if let Some(b) = backend {
+            b.increment(n as u64);
+        }
     }
 }
 

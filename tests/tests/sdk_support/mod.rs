@@ -44,14 +44,7 @@ async fn read_request(s: &mut TcpStream) -> Option<(String, Vec<u8>)> {
         }
     };
     let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
-    let len = head
-        .lines()
-        .find_map(|l| {
-            let (k, v) = l.split_once(':')?;
-            k.eq_ignore_ascii_case("content-length")
-                .then(|| v.trim().parse::<usize>().ok())?
-        })
-        .unwrap_or(0);
+    let len = xcluster_tests::content_length(&head);
     let mut body = buf[head_end..].to_vec();
     while body.len() < len {
         let n = s.read(&mut chunk).await.ok()?;
