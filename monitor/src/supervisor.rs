@@ -129,7 +129,12 @@ impl Supervisor {
                 }
                 tokio::select! {
                     Some((cmd, reply)) = inputs.commands.recv() => {
-                        let _ = reply.send(sup.command(cmd));
+                        let r = sup.command(cmd);
+                        // Published before the answer, so a client that reads the status right after it (as
+                        // `ctl update` then `ctl status` does) sees what the command changed.
+                        sup.kick();
+                        sup.publish();
+                        let _ = reply.send(r);
                     }
                     Some(exit) = exits_rx.recv() => sup.on_exit(exit),
                     Some(msg) = internal_rx.recv() => sup.on_internal(msg),
