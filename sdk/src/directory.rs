@@ -30,8 +30,9 @@ pub(crate) struct Shared {
     /// Seeds plus the balancers named by the latest list.
     pub(crate) balancers: ArcSwap<Vec<SocketAddr>>,
     pub(crate) types: Vec<TypeSlot>,
-    /// Feedback per instance address, shared by every type's tables. Locked only when a list is installed.
-    stats: Mutex<HashMap<SocketAddr, Arc<Stats>>>,
+    /// Feedback per request type (index into `types`) and instance address. Locked only when a list is
+    /// installed.
+    stats: Mutex<HashMap<(usize, SocketAddr), Arc<Stats>>>,
 }
 
 /// One request type's current table and freshness.
@@ -105,7 +106,7 @@ impl Shared {
                         addr,
                         weight: s.weight,
                         state: s.state,
-                        stats: stats.entry(addr).or_default().clone(),
+                        stats: stats_for(&mut stats, idx, addr),
                     })
                 })
                 .collect();
@@ -293,5 +294,51 @@ pub(crate) async fn watch_loop(
             _ = cancel.cancelled() => return,
             _ = tokio::time::sleep(delay) => {}
         }
+    }
+}
+
+/// The feedback of request type `idx` at `addr`, created on first use; a new one shares the ejection clock
+/// of the instance's other types.
+fn stats_for(
+    stats: &mut HashMap<(usize, SocketAddr), Arc<Stats>>,
+    idx: usize,
+    addr: SocketAddr,
+) -> Arc<Stats> {
+    if let Some(s) = stats.get(&(idx, addr)) {
+        return s.clone();
+    }
+    let ejection = stats
+        .iter()
+        .find(|((_, a), _)| *a == addr)
+        .map(|(_, s)| s.ejected_until_ms.clone())
+        .unwrap_or_default();
+    let s = Arc::new(Stats::sharing_ejection(ejection));
+    stats.insert((idx, addr), s.clone());
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use std::sync::atomic::Ordering;
+    use std::time::Duration;
+
+    #[test]
+    fn feedback_is_per_type_and_ejection_per_instance() {
+        let mut m = HashMap::new();
+        let a: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let order = stats_for(&mut m, 0, a);
+        let browse = stats_for(&mut m, 1, a);
+        assert!(!Arc::ptr_eq(&order, &browse));
+        assert!(Arc::ptr_eq(&stats_for(&mut m, 0, a), &order), "kept across lists");
+        // A slow order says nothing about browsing on the same instance...
+        order.record_success(Duration::from_millis(40));
+        assert_eq!(browse.ewma_us.load(Ordering::Relaxed), 0);
+        // ...but a refused connection takes the instance out for every type.
+        order.eject(&Clock::new(), Duration::from_secs(5));
+        assert!(browse.is_ejected(0));
+        let other = stats_for(&mut m, 0, "127.0.0.1:2".parse().unwrap());
+        assert!(!other.is_ejected(0));
     }
 }

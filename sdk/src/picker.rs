@@ -4,9 +4,12 @@
 //! client reacts to a slow or failing instance before the next load report does, and randomisation keeps
 //! many clients reading the same table from herding onto one instance.
 //!
-//! **Invariant**: a [`Table`] is immutable once built and swapped whole; per-instance feedback lives in
-//! [`Stats`] (atomics only) shared across table versions by address, so a new list keeps what the client
-//! learned. Picking takes no lock.
+//! **Invariant**: a [`Table`] is immutable once built and swapped whole; feedback lives in [`Stats`] (atomics
+//! only), one per request type and instance, shared across table versions, so a new list keeps what the
+//! client learned. Latency and in-flight counts are per type because request types cost very different
+//! amounts: an instance slow at orders may be fine for browsing, and a mixed average would hide it. An
+//! ejection is per instance (a refused connection is the instance's fault, whatever the type). Picking takes
+//! no lock.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -40,8 +43,8 @@ impl Clock {
     }
 }
 
-/// The client's live feedback about one instance (by address), updated with relaxed atomics: a lost update
-/// costs a little precision, never correctness.
+/// The client's live feedback about one instance for one request type, updated with relaxed atomics: a lost
+/// update costs a little precision, never correctness.
 #[derive(Debug, Default)]
 pub(crate) struct Stats {
     pub(crate) in_flight: AtomicU32,
@@ -49,11 +52,19 @@ pub(crate) struct Stats {
     pub(crate) ewma_us: AtomicU64,
     /// Decaying error rate, 0..=ERR_SCALE.
     pub(crate) err_rate: AtomicU32,
-    /// Until when (Clock ms) the instance is ejected; 0 when not.
-    pub(crate) ejected_until_ms: AtomicU64,
+    /// Until when (Clock ms) the instance is ejected; 0 when not. Shared by every type's stats of the instance.
+    pub(crate) ejected_until_ms: Arc<AtomicU64>,
 }
 
 impl Stats {
+    /// Stats for one more request type of an instance whose ejection clock is `ejection`.
+    pub(crate) fn sharing_ejection(ejection: Arc<AtomicU64>) -> Self {
+        Self {
+            ejected_until_ms: ejection,
+            ..Self::default()
+        }
+    }
+
     pub(crate) fn record_success(&self, latency: Duration) {
         let sample = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX).max(1);
         let old = self.ewma_us.load(Ordering::Relaxed);
