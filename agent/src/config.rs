@@ -100,7 +100,7 @@ pub struct Config {
     pub instances: Vec<InstanceConfig>,
     pub log_filter: String,
     pub grace: Duration,
-    /// The API server's limits (`[http]`; `grace` is filled in from `[shutdown]` when serving).
+    /// The API server's limits (`[http]`, with `[shutdown]`'s grace period).
     pub http: xcluster_runtime::http::ServerLimits,
 }
 
@@ -197,7 +197,7 @@ impl RoleConfig for Config {
         }
         raw.log.validate(&mut v);
         let grace = raw.shutdown.validate(&mut v);
-        let http = raw.http.validate(&mut v);
+        let http = raw.http.validate(&mut v, grace);
         v.finish(Config {
             listen,
             agent_id,

@@ -19,7 +19,7 @@ use http::{Method, StatusCode};
 use tokio::sync::watch;
 use xcluster_proto::report::LoadReport;
 use xcluster_runtime::Context;
-use xcluster_runtime::http::{Handler, ServerLimits, error, json};
+use xcluster_runtime::http::{Handler, error, json};
 
 /// Why the agent stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -35,10 +35,7 @@ pub enum Error {
 pub async fn run(ctx: Context<Config>) -> Result<(), Error> {
     let cfg = ctx.config();
     let drain = ctx.shutdown.drain_token();
-    let limits = ServerLimits {
-        grace: cfg.grace,
-        ..cfg.http.clone()
-    };
+    let limits = cfg.http.clone();
     warn_if_key_exposed(&cfg);
     if cfg.key.is_empty() {
         tracing::warn!("no key or key_file: balancers will reject every report");

@@ -179,7 +179,7 @@ pub struct Config {
     pub cpu_us: BTreeMap<String, u64>,
     pub log_filter: String,
     pub grace: Duration,
-    /// The API server's limits (`[http]`; `grace` is filled in from `[shutdown]` when serving).
+    /// The API server's limits (`[http]`, with `[shutdown]`'s grace period).
     pub http: xcluster_runtime::http::ServerLimits,
     /// The store to open (issue 8).
     pub backend: crate::config_backend::Backend,
@@ -263,7 +263,7 @@ impl RoleConfig for Config {
         );
         raw.log.validate(&mut v);
         let grace = raw.shutdown.validate(&mut v);
-        let http = raw.http.validate(&mut v);
+        let http = raw.http.validate(&mut v, grace);
         let instance = if raw.instance.is_empty() {
             format!("app-{}", listen.port())
         } else {

@@ -51,7 +51,6 @@ use std::time::Duration;
 pub use config::Config;
 use tokio_util::sync::CancellationToken;
 use xcluster_runtime::Context;
-use xcluster_runtime::http::ServerLimits;
 
 use crate::degrade::{Signals, Thresholds};
 
@@ -126,10 +125,7 @@ pub async fn run(ctx: Context<Config>) -> Result<(), Error> {
     tokio::spawn(reconciler(app.clone(), background.clone()));
 
     let app_for_drain = app.clone();
-    let limits = ServerLimits {
-        grace: cfg.grace,
-        ..cfg.http.clone()
-    };
+    let limits = cfg.http.clone();
     xcluster_runtime::admin::serve_api(
         cfg.listen,
         ctx.health.clone(),

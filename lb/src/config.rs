@@ -173,7 +173,7 @@ pub struct Config {
     pub admin_token: String,
     pub log_filter: String,
     pub grace: Duration,
-    /// The API server's limits (`[http]`; `grace` is filled in from `[shutdown]` when serving).
+    /// The API server's limits (`[http]`, with `[shutdown]`'s grace period).
     pub http: xcluster_runtime::http::ServerLimits,
     /// The L4 proxy (issue 5).
     pub proxy: crate::proxy::ProxyConfig,
@@ -224,7 +224,7 @@ impl RoleConfig for Config {
         });
         raw.log.validate(&mut v);
         let grace = raw.shutdown.validate(&mut v);
-        let http = raw.http.validate(&mut v);
+        let http = raw.http.validate(&mut v, grace);
         let proxy = raw.proxy.validate(&mut v);
         v.finish(Config {
             listen,

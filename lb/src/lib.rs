@@ -14,7 +14,6 @@ pub mod proxy;
 pub use config::Config;
 pub use directory::Directory;
 use xcluster_runtime::Context;
-use xcluster_runtime::http::ServerLimits;
 
 /// Why the lb stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -33,10 +32,7 @@ pub enum Error {
 pub async fn run(ctx: Context<Config>) -> Result<(), Error> {
     let cfg = ctx.config();
     let drain = ctx.shutdown.drain_token();
-    let limits = ServerLimits {
-        grace: cfg.grace,
-        ..cfg.http.clone()
-    };
+    let limits = cfg.http.clone();
     warn_if_key_exposed(&cfg);
     if cfg.key.is_empty() {
         tracing::warn!("no [reports] key or key_file: every load report will be rejected");

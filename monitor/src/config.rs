@@ -96,7 +96,7 @@ pub struct Config {
     pub cluster_timeout: Duration,
     pub log_filter: String,
     pub grace: Duration,
-    /// The API server's limits (`[http]`; `grace` is filled in from `[shutdown]` when serving).
+    /// The API server's limits (`[http]`, with `[shutdown]`'s grace period).
     pub http: xcluster_runtime::http::ServerLimits,
     /// Every process after `numprocs` expansion, in start order (priority, then name).
     pub processes: Arc<Vec<ProcessSpec>>,
@@ -122,7 +122,7 @@ impl RoleConfig for Config {
         let listen = v.addr("listen", &raw.listen);
         raw.log.validate(&mut v);
         let grace = raw.shutdown.validate(&mut v);
-        let http = raw.http.validate(&mut v);
+        let http = raw.http.validate(&mut v, grace);
         let token = if !raw.token_file.is_empty() {
             if !raw.token.is_empty() {
                 v.error("token_file", "set either token or token_file, not both");

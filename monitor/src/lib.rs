@@ -26,7 +26,6 @@ pub use config::Config;
 use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 use xcluster_runtime::Context;
-use xcluster_runtime::http::ServerLimits;
 
 /// Longest the monitor waits, once its programs are stopped, for in-flight API answers to be written.
 const API_FLUSH: std::time::Duration = std::time::Duration::from_secs(2);
@@ -63,7 +62,7 @@ pub async fn run(ctx: Context<Config>) -> Result<(), Error> {
             specs
                 .processes
                 .iter()
-                .any(|s| s.name == e.name && s.argv == e.argv && s.launch_fingerprint() == e.launch)
+                .any(|s| s.name == e.name && s.launch_fingerprint() == e.launch)
         });
         let stopped = run_dir.stop_leftovers(stop, wait);
         (run_dir, adopt, stopped)
@@ -101,10 +100,7 @@ pub async fn run(ctx: Context<Config>) -> Result<(), Error> {
         drain: drain.clone(),
         started_unix_ms: supervisor::unix_ms(),
     };
-    let limits = ServerLimits {
-        grace: cfg.grace,
-        ..cfg.http.clone()
-    };
+    let limits = cfg.http.clone();
     // The API stays up until the programs are stopped, so `ctl status` works during a shutdown.
     let api_stop = tokio_util::sync::CancellationToken::new();
     let (local, api_task) = xcluster_runtime::admin::spawn_api(

@@ -1,7 +1,7 @@
 //! The monitor's run directory: an exclusive lock (two monitors never share one) and a state file listing the
-//! processes it runs (name, pid, kernel start time, command line). A monitor started after a `kill -9` of the
+//! processes it runs (name, pid, kernel start time, launch fingerprint). A monitor started after a `kill -9` of the
 //! previous one reads the file and checks each pid still is the same process (by `/proc/<pid>/stat` start
-//! time, so a reused pid is never touched). A process whose program still exists with the same command line
+//! time, so a reused pid is never touched). A process whose program still exists with the same launch settings
 //! is adopted (the supervisor watches it with a pidfd); the others are stopped cleanly before anything
 //! starts — so no two copies of a program ever fight for a port, and a monitor restart costs no downtime.
 
@@ -20,11 +20,9 @@ pub struct Entry {
     pub name: String,
     pub pid: i32,
     pub start_time: u64,
-    /// The command line it was started with; a program whose command changed is not adopted. Empty in files
-    /// written before adoption existed, which therefore never match.
-    #[serde(default)]
-    pub argv: Vec<String>,
-    /// `ProcessSpec::launch_fingerprint` of what it was started with.
+    /// `ProcessSpec::launch_fingerprint` of what it was started with (command, directory, environment, umask,
+    /// user); a program whose launch settings changed is not adopted. 0 in files written before adoption
+    /// existed, which therefore never match.
     #[serde(default)]
     pub launch: u64,
 }

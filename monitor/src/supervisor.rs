@@ -657,7 +657,6 @@ impl Supervisor {
                 name: n.clone(),
                 pid: p.pid as i32,
                 start_time: p.start_time,
-                argv: p.spec.argv.clone(),
                 launch: p.spec.launch_fingerprint(),
             })
             .collect();

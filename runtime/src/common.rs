@@ -73,8 +73,8 @@ impl Default for HttpSection {
 }
 
 impl HttpSection {
-    /// The server limits these keys describe (`grace` is the `[shutdown]` section's).
-    pub fn validate(&self, v: &mut Validator) -> crate::http::ServerLimits {
+    /// The server limits these keys describe, with `grace` from the `[shutdown]` section.
+    pub fn validate(&self, v: &mut Validator, grace: std::time::Duration) -> crate::http::ServerLimits {
         crate::http::ServerLimits {
             max_connections: v.range("http.max_connections", self.max_connections, 1, 1_000_000),
             header_read_timeout: v.millis(
@@ -86,7 +86,7 @@ impl HttpSection {
             // hyper will not buffer less than 8 KiB of head.
             max_header_bytes: v.range("http.max_header_bytes", self.max_header_bytes, 8192, 1024 * 1024),
             max_body_bytes: v.range("http.max_body_bytes", self.max_body_bytes, 1024, 64 * 1024 * 1024),
-            ..crate::http::ServerLimits::default()
+            grace,
         }
     }
 }
