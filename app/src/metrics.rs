@@ -6,6 +6,8 @@ pub const REQUESTS_TOTAL: &str = "xcluster_app_requests_total";
 pub const ORDERS_CREATED_TOTAL: &str = "xcluster_app_orders_created_total";
 /// Requests refused early by the sold-out gate.
 pub const SOLD_OUT_GATE_TOTAL: &str = "xcluster_app_sold_out_gate_total";
+/// SQLite writes that found the file's write lock held by another process and waited for it.
+pub const STORE_LOCK_WAITS_TOTAL: &str = "xcluster_app_store_lock_waits_total";
 /// Store calls that failed, by `retryable`.
 pub const STORE_ERRORS_TOTAL: &str = "xcluster_app_store_errors_total";
 /// Reservations expired by this process's sweeper.

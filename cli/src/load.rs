@@ -64,6 +64,9 @@ fn check(a: &LoadArgs) -> Result<(), String> {
     if a.workers.is_some_and(|w| w > 10_000) {
         problems.push("--workers must be at most 10000".into());
     }
+    if a.interval_ms != 0 && a.interval_ms < 100 {
+        problems.push("--interval-ms must be 0 (no timeline) or at least 100".into());
+    }
     if a.timeout_ms == 0 || a.max_in_flight == 0 {
         problems.push("--timeout-ms and --max-in-flight must be above zero".into());
     }
@@ -203,14 +206,14 @@ async fn drive(args: LoadArgs) -> Result<(), String> {
     // Only the request tasks hold senders now: the channel closes when the last one finishes.
     drop(run);
 
-    let mut recorder = Recorder::new(names);
+    let mut recorder = Recorder::new(names).with_interval(Duration::from_millis(args.interval_ms));
     let progress = std::io::stderr().is_terminal() && !args.json;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.tick().await;
     loop {
         tokio::select! {
             s = rx.recv() => match s {
-                Some(s) => recorder.record(s),
+                Some(s) => recorder.record(s, started.elapsed()),
                 None => break,
             },
             _ = tick.tick(), if progress => {

@@ -66,12 +66,13 @@ impl Picked {
 
     /// Records a successful request: its latency (since the pick) feeds the instance's EWMA.
     pub fn success(self) {
-        self.stats.record_success(self.started.elapsed());
+        self.stats
+            .record_success(self.started.elapsed(), self.clock.now_ms());
     }
 
     /// Records a failed request (an error counts as load).
     pub fn failure(self) {
-        self.stats.record_error();
+        self.stats.record_error(self.clock.now_ms());
     }
 
     /// Avoids this instance for the ejection period (it refused a connection or timed out).
@@ -82,7 +83,7 @@ impl Picked {
 
 impl Drop for Picked {
     fn drop(&mut self) {
-        self.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.stats.instance.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -193,7 +194,7 @@ impl Client {
         let e = table
             .pick(clock.now_ms(), exclude)
             .ok_or_else(|| Error::NoInstance(request_type.to_string()))?;
-        e.stats.in_flight.fetch_add(1, Ordering::Relaxed);
+        e.stats.instance.in_flight.fetch_add(1, Ordering::Relaxed);
         Ok(Picked {
             id: e.id.clone(),
             addr: e.addr,

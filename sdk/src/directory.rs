@@ -297,8 +297,8 @@ pub(crate) async fn watch_loop(
     }
 }
 
-/// The feedback of request type `idx` at `addr`, created on first use; a new one shares the ejection clock
-/// of the instance's other types.
+/// The feedback of request type `idx` at `addr`, created on first use; a new one shares the instance-wide
+/// part (in-flight count, ejection) with the instance's other types.
 fn stats_for(
     stats: &mut HashMap<(usize, SocketAddr), Arc<Stats>>,
     idx: usize,
@@ -307,12 +307,12 @@ fn stats_for(
     if let Some(s) = stats.get(&(idx, addr)) {
         return s.clone();
     }
-    let ejection = stats
+    let instance = stats
         .iter()
         .find(|((_, a), _)| *a == addr)
-        .map(|(_, s)| s.ejected_until_ms.clone())
+        .map(|(_, s)| s.instance.clone())
         .unwrap_or_default();
-    let s = Arc::new(Stats::sharing_ejection(ejection));
+    let s = Arc::new(Stats::of_instance(instance));
     stats.insert((idx, addr), s.clone());
     s
 }
@@ -325,7 +325,7 @@ mod tests {
     use std::time::Duration;
 
     #[test]
-    fn feedback_is_per_type_and_ejection_per_instance() {
+    fn latency_is_per_type_in_flight_and_ejection_per_instance() {
         let mut m = HashMap::new();
         let a: SocketAddr = "127.0.0.1:1".parse().unwrap();
         let order = stats_for(&mut m, 0, a);
@@ -333,11 +333,14 @@ mod tests {
         assert!(!Arc::ptr_eq(&order, &browse));
         assert!(Arc::ptr_eq(&stats_for(&mut m, 0, a), &order), "kept across lists");
         // A slow order says nothing about browsing on the same instance...
-        order.record_success(Duration::from_millis(40));
+        order.record_success(Duration::from_millis(40), 0);
         assert_eq!(browse.ewma_us.load(Ordering::Relaxed), 0);
-        // ...but a refused connection takes the instance out for every type.
+        // ...but a refused connection takes the instance out for every type, and an order in flight is
+        // queued work a browse request there waits behind.
         order.eject(&Clock::new(), Duration::from_secs(5));
         assert!(browse.is_ejected(0));
+        order.instance.in_flight.fetch_add(1, Ordering::Relaxed);
+        assert_eq!(browse.instance.in_flight.load(Ordering::Relaxed), 1);
         let other = stats_for(&mut m, 0, "127.0.0.1:2".parse().unwrap());
         assert!(!other.is_ejected(0));
     }

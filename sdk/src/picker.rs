@@ -1,15 +1,34 @@
-//! Picking an instance for one request type: power-of-two-choices over the published weights, where each of
-//! the two candidates is drawn by weighted random and the one with the lower local cost wins. The cost
-//! combines the SDK's own fast feedback — requests in flight, a latency EWMA and a decaying error rate — so a
-//! client reacts to a slow or failing instance before the next load report does, and randomisation keeps
-//! many clients reading the same table from herding onto one instance.
+//! Picking an instance for one request type: power-of-two-choices over the published weights. Two different
+//! instances are drawn by weighted random; the second wins only when its local cost is clearly lower (below
+//! [`SWITCH_RATIO`] of the first's), otherwise the first draw stands. The cost combines the SDK's own fast
+//! feedback — requests in flight, a latency EWMA and a decaying error rate — so a client reacts to a slow or
+//! failing instance before the next load report does, and randomisation keeps many clients reading the same
+//! table from herding onto one instance.
+//!
+//! Why this shape:
+//! - **Two different instances.** If both draws could land on the same one, a slow instance would still take
+//!   (its share)² of the requests with no comparison made: a ninth of them among three equal weights, and
+//!   those set the tail.
+//! - **The first draw stands unless the second is clearly better.** When the local signals do not tell two
+//!   instances apart, the split is the published weights' (the balancers see every client's load; one client
+//!   sees only its own). Comparing cost per weight instead would send everything to the heaviest instance
+//!   whenever a client is lightly loaded, and every such client at once.
 //!
 //! **Invariant**: a [`Table`] is immutable once built and swapped whole; feedback lives in [`Stats`] (atomics
 //! only), one per request type and instance, shared across table versions, so a new list keeps what the
-//! client learned. Latency and in-flight counts are per type because request types cost very different
-//! amounts: an instance slow at orders may be fine for browsing, and a mixed average would hide it. An
-//! ejection is per instance (a refused connection is the instance's fault, whatever the type). Picking takes
-//! no lock.
+//! client learned. Picking takes no lock.
+//!
+//! What is per type and what is per instance follows what each signal means:
+//! - **Latency and errors are per type**: request types cost very different amounts, and an instance slow at
+//!   orders may be fine for browsing; a mixed average would hide it.
+//! - **Requests in flight are per instance** (every type's): they share the instance's workers, so a browse
+//!   request sent where three slow orders are running waits behind them. Counting only browse requests
+//!   there would miss exactly the queue that makes the tail (HAProxy's `leastconn` counts the same way).
+//! - **An ejection is per instance**: a refused connection is the instance's fault, whatever the type.
+//!
+//! The latency EWMA rises at once to a slower sample and decays toward faster ones (a "peak" EWMA, as
+//! Finagle's): a stall is acted on by the next pick, while one lucky fast answer does not make a slow
+//! instance look good again.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -25,6 +44,10 @@ const UNKNOWN_LATENCY_US: u64 = 1_000;
 const EWMA_NEW_SIXTEENTHS: u64 = 4;
 /// Error-rate scale: 1_000 means every recent request failed.
 const ERR_SCALE: u32 = 1_000;
+/// The second candidate wins when its cost is below this share of the first's.
+const SWITCH_RATIO: f64 = 0.8;
+/// What the client learned about an instance fades by half per this many milliseconds without a new sample.
+const FADE_HALF_LIFE_MS: f64 = 1_000.0;
 
 /// A monotonic millisecond clock shared by a client's tasks (atomics store times as u64).
 #[derive(Debug, Clone, Copy)]
@@ -43,69 +66,94 @@ impl Clock {
     }
 }
 
+/// What the client knows about one instance whatever the request type: shared by the instance's [`Stats`].
+#[derive(Debug, Default)]
+pub(crate) struct InstanceStats {
+    /// This client's requests of every type in flight there.
+    pub(crate) in_flight: AtomicU32,
+    /// Until when (Clock ms) the instance is ejected; 0 when not.
+    pub(crate) ejected_until_ms: AtomicU64,
+}
+
 /// The client's live feedback about one instance for one request type, updated with relaxed atomics: a lost
 /// update costs a little precision, never correctness.
 #[derive(Debug, Default)]
 pub(crate) struct Stats {
-    pub(crate) in_flight: AtomicU32,
     /// Latency EWMA in microseconds; 0 until the first sample.
     pub(crate) ewma_us: AtomicU64,
     /// Decaying error rate, 0..=ERR_SCALE.
     pub(crate) err_rate: AtomicU32,
-    /// Until when (Clock ms) the instance is ejected; 0 when not. Shared by every type's stats of the instance.
-    pub(crate) ejected_until_ms: Arc<AtomicU64>,
+    /// When (Clock ms) the last sample came.
+    stamp_ms: AtomicU64,
+    /// Shared by every type's stats of the instance.
+    pub(crate) instance: Arc<InstanceStats>,
 }
 
 impl Stats {
-    /// Stats for one more request type of an instance whose ejection clock is `ejection`.
-    pub(crate) fn sharing_ejection(ejection: Arc<AtomicU64>) -> Self {
+    /// Stats for one more request type of `instance`.
+    pub(crate) fn of_instance(instance: Arc<InstanceStats>) -> Self {
         Self {
-            ejected_until_ms: ejection,
+            instance,
             ..Self::default()
         }
     }
 
-    pub(crate) fn record_success(&self, latency: Duration) {
+    /// How much of what was learned still holds at `now_ms`: 1 right after a sample, halving every
+    /// [`FADE_HALF_LIFE_MS`] after. Without it an instance avoided for being slow would never be sampled
+    /// again, and would stay avoided after it recovered; faded, it looks cheap after a few seconds, gets a
+    /// request, and that request's latency says whether it is still slow (at once, being a peak).
+    fn fade(&self, now_ms: u64) -> f64 {
+        let idle = now_ms.saturating_sub(self.stamp_ms.load(Ordering::Relaxed));
+        (-(idle as f64) / FADE_HALF_LIFE_MS).exp2()
+    }
+
+    pub(crate) fn record_success(&self, latency: Duration, now_ms: u64) {
         let sample = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX).max(1);
-        let old = self.ewma_us.load(Ordering::Relaxed);
-        let new = if old == 0 {
+        let fade = self.fade(now_ms);
+        let old = (self.ewma_us.load(Ordering::Relaxed) as f64 * fade) as u64;
+        let new = if old == 0 || sample > old {
+            // Peak: a slower answer is believed at once (see the module doc).
             sample
         } else {
             (old.saturating_mul(16 - EWMA_NEW_SIXTEENTHS) + sample.saturating_mul(EWMA_NEW_SIXTEENTHS)) / 16
         };
         self.ewma_us.store(new, Ordering::Relaxed);
-        let e = self.err_rate.load(Ordering::Relaxed);
+        let e = (f64::from(self.err_rate.load(Ordering::Relaxed)) * fade) as u32;
         self.err_rate.store(e - e / 8, Ordering::Relaxed);
+        self.stamp_ms.store(now_ms, Ordering::Relaxed);
     }
 
-    pub(crate) fn record_error(&self) {
-        let e = self.err_rate.load(Ordering::Relaxed);
+    pub(crate) fn record_error(&self, now_ms: u64) {
+        let e = (f64::from(self.err_rate.load(Ordering::Relaxed)) * self.fade(now_ms)) as u32;
         self.err_rate
             .store((e - e / 8 + ERR_SCALE / 8).min(ERR_SCALE), Ordering::Relaxed);
+        self.stamp_ms.store(now_ms, Ordering::Relaxed);
     }
 
     pub(crate) fn eject(&self, clock: &Clock, period: Duration) {
         let until = clock
             .now_ms()
             .saturating_add(u64::try_from(period.as_millis()).unwrap_or(u64::MAX));
-        self.ejected_until_ms.store(until, Ordering::Relaxed);
-        self.record_error();
+        self.instance.ejected_until_ms.store(until, Ordering::Relaxed);
+        self.record_error(clock.now_ms());
     }
 
     pub(crate) fn is_ejected(&self, now_ms: u64) -> bool {
-        self.ejected_until_ms.load(Ordering::Relaxed) > now_ms
+        self.instance.ejected_until_ms.load(Ordering::Relaxed) > now_ms
     }
 
-    /// The local cost of sending one more request here, per unit of published weight. Lower is better.
-    fn cost(&self, weight: u32) -> f64 {
-        let in_flight = f64::from(self.in_flight.load(Ordering::Relaxed)) + 1.0;
+    /// The local cost at `now_ms` of sending one more request here: the latency it can expect. Lower is
+    /// better.
+    fn cost(&self, now_ms: u64) -> f64 {
+        let in_flight = f64::from(self.instance.in_flight.load(Ordering::Relaxed)) + 1.0;
+        let fade = self.fade(now_ms);
         let lat = match self.ewma_us.load(Ordering::Relaxed) {
-            0 => UNKNOWN_LATENCY_US,
-            v => v,
-        } as f64;
+            0 => UNKNOWN_LATENCY_US as f64,
+            v => v as f64 * fade,
+        };
         // Errors count as load: a fast-failing instance must not look attractive.
-        let err = 1.0 + 4.0 * f64::from(self.err_rate.load(Ordering::Relaxed)) / f64::from(ERR_SCALE);
-        in_flight * lat * err / f64::from(weight.max(1))
+        let err = 1.0 + 4.0 * f64::from(self.err_rate.load(Ordering::Relaxed)) * fade / f64::from(ERR_SCALE);
+        in_flight * lat * err
     }
 }
 
@@ -183,31 +231,41 @@ impl Table {
         let total = *self.cumulative.last()?;
         let mut rng = rand::rng();
         let usable = |e: &Entry| !exclude.contains(&e.addr) && !e.stats.is_ejected(now_ms);
-        // Fast path: a few weighted draws for each of the two choices.
-        let draw = |rng: &mut rand::rngs::ThreadRng| -> Option<&Entry> {
+        // Fast path: a few weighted draws for each of the two choices. The second is drawn from the weights
+        // without the first's span (`skip`: the first's position in `pickable`), so it is always another entry.
+        let draw = |rng: &mut rand::rngs::ThreadRng, skip: Option<usize>| -> Option<(usize, &Entry)> {
+            let (lo, hi) = match skip {
+                Some(j) => (
+                    j.checked_sub(1).map_or(0, |p| self.cumulative[p]),
+                    self.cumulative[j],
+                ),
+                None => (0, 0),
+            };
+            let span = total - (hi - lo);
+            if span == 0 {
+                return None;
+            }
             for _ in 0..4 {
-                let x = rng.random_range(0..total);
+                let mut x = rng.random_range(0..span);
+                if x >= lo {
+                    x += hi - lo;
+                }
                 let i = self.cumulative.partition_point(|c| *c <= x);
                 let e = &self.all[*self.pickable.get(i)?];
                 if usable(e) {
-                    return Some(e);
+                    return Some((i, e));
                 }
             }
             None
         };
-        let a = draw(&mut rng);
-        let b = draw(&mut rng);
-        match (a, b) {
-            (Some(a), Some(b)) => Some(
-                if b.stats.cost(self.weight_of(b)) < a.stats.cost(self.weight_of(a)) {
-                    b
-                } else {
-                    a
-                },
-            ),
-            (Some(x), None) | (None, Some(x)) => Some(x),
-            (None, None) => self.pick_slow(now_ms, exclude, &mut rng),
-        }
+        let Some((i, a)) = draw(&mut rng, None) else {
+            return self.pick_slow(now_ms, exclude, &mut rng);
+        };
+        // No other usable instance came up: no comparison to make.
+        Some(match draw(&mut rng, Some(i)).map(|(_, b)| b) {
+            Some(b) if b.stats.cost(now_ms) < SWITCH_RATIO * a.stats.cost(now_ms) => b,
+            _ => a,
+        })
     }
 
     /// Weighted random among the usable entries, computed afresh (many are excluded or ejected).
@@ -269,6 +327,11 @@ mod tests {
         m
     }
 
+    /// How many picks went to `port`.
+    fn n(c: &std::collections::HashMap<u16, usize>, port: u16) -> usize {
+        c.get(&port).copied().unwrap_or(0)
+    }
+
     #[test]
     fn follows_weights_and_skips_unpickable() {
         let t = Table::new(
@@ -283,9 +346,9 @@ mod tests {
         );
         let c = counts(&t, 10_000, &[]);
         assert_eq!(c.keys().filter(|p| **p > 2).count(), 0, "{c:?}");
-        let (a, b) = (c[&1] as f64, c[&2] as f64);
-        // p2c over weights sharpens the split; the heavy instance must dominate, the light one still gets some.
-        assert!(a > 5.0 * b && b > 0.0, "{c:?}");
+        // With nothing learned locally, the split is the published weights' 9:1.
+        let share = c[&1] as f64 / 10_000.0;
+        assert!((0.87..0.93).contains(&share), "{c:?}");
     }
 
     #[test]
@@ -318,7 +381,11 @@ mod tests {
             1,
             vec![entry(1, 100, InstanceState::Up), entry(2, 100, InstanceState::Up)],
         );
-        t.all[1].stats.ejected_until_ms.store(10, Ordering::Relaxed);
+        t.all[1]
+            .stats
+            .instance
+            .ejected_until_ms
+            .store(10, Ordering::Relaxed);
         assert_eq!(counts(&t, 1000, &[]).get(&2), None);
         // Once the ejection has passed it is picked again.
         let later = (0..1000)
@@ -340,16 +407,113 @@ mod tests {
             vec![entry(1, 100, InstanceState::Up), entry(2, 100, InstanceState::Up)],
         );
         for _ in 0..20 {
-            t.all[0].stats.record_success(Duration::from_millis(40));
-            t.all[1].stats.record_success(Duration::from_millis(1));
+            t.all[0].stats.record_success(Duration::from_millis(40), 0);
+            t.all[1].stats.record_success(Duration::from_millis(1), 0);
         }
         let c = counts(&t, 4000, &[]);
-        assert!(c[&2] > 2 * c[&1], "{c:?}");
+        assert!(n(&c, 2) > 2 * n(&c, 1), "{c:?}");
         for _ in 0..20 {
-            t.all[1].stats.record_success(Duration::from_millis(40));
-            t.all[1].stats.record_error();
+            t.all[1].stats.record_success(Duration::from_millis(40), 0);
+            t.all[1].stats.record_error(0);
         }
         let c = counts(&t, 4000, &[]);
-        assert!(c[&1] > 2 * c[&2], "{c:?}");
+        assert!(n(&c, 1) > 2 * n(&c, 2), "{c:?}");
+    }
+
+    #[test]
+    fn a_slow_instance_is_compared_on_every_pick_not_only_when_drawn_twice() {
+        let t = Table::new(
+            1,
+            vec![
+                entry(1, 100, InstanceState::Up),
+                entry(2, 100, InstanceState::Up),
+                entry(3, 100, InstanceState::Up),
+            ],
+        );
+        for _ in 0..20 {
+            t.all[0].stats.record_success(Duration::from_millis(8), 0);
+            t.all[1].stats.record_success(Duration::from_millis(2), 0);
+            t.all[2].stats.record_success(Duration::from_millis(2), 0);
+        }
+        // Equal weights: a pick that could draw the slow one twice would send it about 1/9 of requests.
+        let c = counts(&t, 9000, &[]);
+        assert!(n(&c, 1) < 90, "{c:?}");
+        assert!(n(&c, 2) > 3000 && c[&3] > 3000, "{c:?}");
+    }
+
+    #[test]
+    fn a_slow_answer_counts_at_once_and_fades_over_fast_ones() {
+        let s = Stats::default();
+        s.record_success(Duration::from_millis(1), 0);
+        s.record_success(Duration::from_millis(30), 0);
+        assert_eq!(
+            s.ewma_us.load(Ordering::Relaxed),
+            30_000,
+            "the peak is taken whole"
+        );
+        s.record_success(Duration::from_millis(1), 0);
+        let after_one = s.ewma_us.load(Ordering::Relaxed);
+        assert!((20_000..30_000).contains(&after_one), "{after_one}");
+        for _ in 0..30 {
+            s.record_success(Duration::from_millis(1), 0);
+        }
+        assert!(s.ewma_us.load(Ordering::Relaxed) < 1_200);
+    }
+
+    #[test]
+    fn an_avoided_instance_is_tried_again_after_a_while_and_taken_back_when_fast() {
+        let t = Table::new(
+            1,
+            vec![
+                entry(1, 100, InstanceState::Up),
+                entry(2, 100, InstanceState::Up),
+                entry(3, 100, InstanceState::Up),
+            ],
+        );
+        for e in &t.all[1..] {
+            e.stats.record_success(Duration::from_millis(2), 0);
+        }
+        t.all[0].stats.record_success(Duration::from_millis(8), 0);
+        let picks_at = |now| {
+            (0..3000)
+                .filter(|_| t.pick(now, &[]).is_some_and(|e| e.addr.port() == 1))
+                .count()
+        };
+        assert!(picks_at(0) < 30, "slow: avoided");
+        // The others keep being sampled; the slow one is not. Three seconds on it is worth a try again.
+        for e in &t.all[1..] {
+            e.stats.record_success(Duration::from_millis(2), 3_000);
+        }
+        assert!(picks_at(3_000) > 500, "faded: tried again");
+        // It answered fast: from then on it is an equal again.
+        t.all[0].stats.record_success(Duration::from_millis(2), 3_000);
+        let share = picks_at(3_000) as f64 / 3000.0;
+        assert!((0.25..0.42).contains(&share), "{share}");
+        // Errors fade the same way.
+        for _ in 0..20 {
+            t.all[0].stats.record_error(3_000);
+        }
+        assert!(picks_at(3_000) < 300);
+        assert!(picks_at(8_000) > 500);
+    }
+
+    #[test]
+    fn requests_of_other_types_in_flight_count_against_an_instance() {
+        let (busy, idle) = (
+            Arc::new(InstanceStats::default()),
+            Arc::new(InstanceStats::default()),
+        );
+        let browse = |i: &Arc<InstanceStats>, port| Entry {
+            stats: Arc::new(Stats::of_instance(i.clone())),
+            ..entry(port, 100, InstanceState::Up)
+        };
+        let t = Table::new(1, vec![browse(&busy, 1), browse(&idle, 2)]);
+        for e in &t.all {
+            e.stats.record_success(Duration::from_millis(1), 0);
+        }
+        // Slow orders in flight on instance 1, counted in its instance stats by the order table's pick.
+        busy.in_flight.store(4, Ordering::Relaxed);
+        let c = counts(&t, 4000, &[]);
+        assert!(n(&c, 2) > 2 * n(&c, 1), "{c:?}");
     }
 }

@@ -355,3 +355,32 @@ mod postgres {
         concurrent_handles_never_oversell_or_overdraw,
     );
 }
+
+/// SQLite only: a write that finds another process's lock waits for it (and commits once it is released),
+/// and gives up with a retryable `Busy` at its own busy timeout rather than hanging.
+#[test]
+fn sqlite_write_waits_for_another_process_lock_up_to_its_busy_timeout() {
+    use std::sync::atomic::Ordering;
+    use std::time::{Duration, Instant};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("x.db");
+    let patient = SqliteStore::open(&path, Duration::from_secs(30), true).unwrap();
+    let hasty = SqliteStore::open(&path, Duration::from_millis(150), false).unwrap();
+    // Another process holding the write lock.
+    let holder = rusqlite::Connection::open(&path).unwrap();
+    holder.execute_batch("BEGIN IMMEDIATE").unwrap();
+
+    let users = vec!["lock".to_string()];
+    assert!(matches!(hasty.credit(&users, 5), Err(StoreError::Busy(_))));
+
+    let waits = super::sqlite::LOCK_WAITS.load(Ordering::Relaxed);
+    let writer = std::thread::spawn(move || patient.credit(&["lock".to_string()], 7).map(|()| patient));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while super::sqlite::LOCK_WAITS.load(Ordering::Relaxed) == waits {
+        assert!(Instant::now() < deadline, "the write never waited for the lock");
+        std::thread::yield_now();
+    }
+    holder.execute_batch("COMMIT").unwrap();
+    let patient = writer.join().unwrap().unwrap();
+    assert_eq!(patient.balance("user:lock").unwrap(), 7);
+}

@@ -1,5 +1,7 @@
 //! Recording results and reporting them: one HDR histogram of successful latencies per request type (in
 //! microseconds), errors by kind, and how many requests each backend received; printed as a table or JSON.
+//! With an interval, also a timeline: requests, errors and backend shares per interval, so a user can watch
+//! the split move while an instance slows down or recovers, within one client's lifetime.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -35,7 +37,21 @@ struct PerType {
 pub struct Recorder {
     names: Vec<&'static str>,
     types: Vec<PerType>,
+    /// The timeline's slot length, when one is kept.
+    interval: Option<Duration>,
+    /// One entry per elapsed interval (by the time a sample is recorded), grown as samples arrive.
+    slots: Vec<Slot>,
 }
+
+#[derive(Debug, Default, Clone)]
+struct Slot {
+    requests: u64,
+    errors: u64,
+    backends: BTreeMap<String, u64>,
+}
+
+/// Most timeline slots kept (a day at one per second); later samples go to the last one.
+const MAX_SLOTS: usize = 86_400;
 
 impl Recorder {
     pub fn new(names: Vec<&'static str>) -> Self {
@@ -48,14 +64,40 @@ impl Recorder {
                 backends: BTreeMap::new(),
             })
             .collect();
-        Self { names, types }
+        Self {
+            names,
+            types,
+            interval: None,
+            slots: Vec::new(),
+        }
     }
 
-    pub fn record(&mut self, s: Sample) {
+    /// Also keeps a timeline with one slot per `interval` (zero keeps none).
+    pub fn with_interval(mut self, interval: Duration) -> Self {
+        self.interval = (!interval.is_zero()).then_some(interval);
+        self
+    }
+
+    /// Records a sample that finished `at` after the run started.
+    pub fn record(&mut self, s: Sample, at: Duration) {
         let Some(t) = self.types.get_mut(s.kind) else {
             return;
         };
         t.requests += 1;
+        if let Some(iv) = self.interval {
+            let i = usize::try_from(at.as_nanos() / iv.as_nanos())
+                .unwrap_or(usize::MAX)
+                .min(MAX_SLOTS - 1);
+            if self.slots.len() <= i {
+                self.slots.resize(i + 1, Slot::default());
+            }
+            let slot = &mut self.slots[i];
+            slot.requests += 1;
+            slot.errors += u64::from(s.error.is_some());
+            if !s.backend.is_empty() {
+                *slot.backends.entry(s.backend.clone()).or_default() += 1;
+            }
+        }
         if !s.backend.is_empty() {
             *t.backends.entry(s.backend).or_default() += 1;
         }
@@ -118,6 +160,21 @@ impl Recorder {
             })
             .collect::<Vec<_>>();
         let (requests, errors) = self.total();
+        let timeline = self
+            .interval
+            .map(|iv| {
+                self.slots
+                    .iter()
+                    .enumerate()
+                    .map(|(i, slot)| Interval {
+                        start_s: iv.as_secs_f64() * i as f64,
+                        requests: slot.requests,
+                        errors: slot.errors,
+                        backends: shares(&slot.backends),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
         Report {
             via: via.to_string(),
             mode,
@@ -127,8 +184,18 @@ impl Recorder {
             throughput_rps: (requests - errors) as f64 / secs,
             types,
             backends: shares(&all_backends),
+            timeline,
         }
     }
+}
+
+/// One slot of the timeline: what finished between `start_s` and the next slot's start.
+#[derive(Debug, Serialize)]
+pub struct Interval {
+    pub start_s: f64,
+    pub requests: u64,
+    pub errors: u64,
+    pub backends: BTreeMap<String, Share>,
 }
 
 #[derive(Debug, Serialize)]
@@ -172,6 +239,9 @@ pub struct Report {
     pub throughput_rps: f64,
     pub types: Vec<TypeReport>,
     pub backends: BTreeMap<String, Share>,
+    /// Per interval, when `--interval-ms` asked for it (empty otherwise).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub timeline: Vec<Interval>,
 }
 
 fn ms(us: u64) -> String {
@@ -211,6 +281,19 @@ impl Report {
         for (b, s) in &self.backends {
             out += &format!("  {b:<28} {:>8} {:>6.1}%\n", s.requests, s.share * 100.0);
         }
+        if !self.timeline.is_empty() {
+            out += "\ntimeline (backend shares per interval):\n";
+            for iv in &self.timeline {
+                out += &format!(
+                    "  {:>7.1}s {:>7} req {:>5} err ",
+                    iv.start_s, iv.requests, iv.errors
+                );
+                for (b, s) in &iv.backends {
+                    out += &format!("  {b} {:>5.1}%", s.share * 100.0);
+                }
+                out += "\n";
+            }
+        }
         out
     }
 }
@@ -223,12 +306,15 @@ mod tests {
     fn report_counts_percentiles_errors_and_shares() {
         let mut r = Recorder::new(vec!["browse"]);
         for i in 1..=100u64 {
-            r.record(Sample {
-                kind: 0,
-                latency: Duration::from_millis(i),
-                backend: if i % 4 == 0 { "b".into() } else { "a".into() },
-                error: (i > 98).then(|| "status_503".to_string()),
-            });
+            r.record(
+                Sample {
+                    kind: 0,
+                    latency: Duration::from_millis(i),
+                    backend: if i % 4 == 0 { "b".into() } else { "a".into() },
+                    error: (i > 98).then(|| "status_503".to_string()),
+                },
+                Duration::ZERO,
+            );
         }
         let rep = r.report("rr", "closed".into(), Duration::from_secs(1));
         let t = &rep.types[0];
@@ -243,5 +329,36 @@ mod tests {
         assert_eq!(rep.backends["b"].requests, 25);
         assert!((rep.backends["a"].share - 0.75).abs() < 1e-9);
         assert!(rep.text().contains("status_503: 2"));
+        assert!(rep.timeline.is_empty(), "no timeline unless asked");
+    }
+
+    #[test]
+    fn timeline_splits_shares_by_interval() {
+        let mut r = Recorder::new(vec!["browse"]).with_interval(Duration::from_secs(1));
+        let sample = |backend: &str, error: bool| Sample {
+            kind: 0,
+            latency: Duration::from_millis(1),
+            backend: backend.into(),
+            error: error.then(|| "timeout".to_string()),
+        };
+        // Second 0: all to a. Second 1: nothing. Second 2: a quarter to a, one error.
+        for _ in 0..4 {
+            r.record(sample("a", false), Duration::from_millis(500));
+        }
+        r.record(sample("a", false), Duration::from_millis(2100));
+        for _ in 0..3 {
+            r.record(sample("b", false), Duration::from_millis(2900));
+        }
+        r.record(sample("", true), Duration::from_millis(2950));
+        let rep = r.report("sdk", "open".into(), Duration::from_secs(3));
+        let tl = &rep.timeline;
+        assert_eq!(tl.len(), 3);
+        assert_eq!((tl[0].requests, tl[1].requests, tl[2].requests), (4, 0, 5));
+        assert!((tl[0].backends["a"].share - 1.0).abs() < 1e-9);
+        assert!(tl[1].backends.is_empty());
+        assert!((tl[2].backends["a"].share - 0.25).abs() < 1e-9);
+        assert_eq!(tl[2].errors, 1);
+        assert!((tl[2].start_s - 2.0).abs() < 1e-9);
+        assert!(rep.text().contains("timeline"));
     }
 }
