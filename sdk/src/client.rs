@@ -84,6 +84,10 @@ impl Picked {
 impl Drop for Picked {
     fn drop(&mut self) {
         self.stats.instance.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.stats
+            .instance
+            .total_in_flight
+            .fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -195,6 +199,7 @@ impl Client {
             .pick(clock.now_ms(), exclude)
             .ok_or_else(|| Error::NoInstance(request_type.to_string()))?;
         e.stats.instance.in_flight.fetch_add(1, Ordering::Relaxed);
+        e.stats.instance.total_in_flight.fetch_add(1, Ordering::Relaxed);
         Ok(Picked {
             id: e.id.clone(),
             addr: e.addr,

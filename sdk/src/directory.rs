@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -20,7 +20,7 @@ use xcluster_proto::directory::ServerList;
 
 use crate::builder::Options;
 use crate::fetch::{self, Fetched};
-use crate::picker::{Clock, Entry, Stats, Table};
+use crate::picker::{Clock, Entry, InstanceStats, Stats, Table};
 
 /// Everything a client's handles and background tasks share.
 #[derive(Debug)]
@@ -33,6 +33,8 @@ pub(crate) struct Shared {
     /// Feedback per request type (index into `types`) and instance address. Locked only when a list is
     /// installed.
     stats: Mutex<HashMap<(usize, SocketAddr), Arc<Stats>>>,
+    /// The client's requests in flight to any instance (shared by every instance's stats).
+    in_flight_total: Arc<AtomicU32>,
 }
 
 /// One request type's current table and freshness.
@@ -87,6 +89,7 @@ impl Shared {
             clock: Clock::new(),
             types,
             stats: Mutex::new(HashMap::new()),
+            in_flight_total: Arc::default(),
         }
     }
 
@@ -106,7 +109,7 @@ impl Shared {
                         addr,
                         weight: s.weight,
                         state: s.state,
-                        stats: stats_for(&mut stats, idx, addr),
+                        stats: stats_for(&mut stats, idx, addr, &self.in_flight_total),
                     })
                 })
                 .collect();
@@ -298,11 +301,13 @@ pub(crate) async fn watch_loop(
 }
 
 /// The feedback of request type `idx` at `addr`, created on first use; a new one shares the instance-wide
-/// part (in-flight count, ejection) with the instance's other types.
+/// part (in-flight count, ejection) with the instance's other types, and a new instance counts into the
+/// client's `total` in flight.
 fn stats_for(
     stats: &mut HashMap<(usize, SocketAddr), Arc<Stats>>,
     idx: usize,
     addr: SocketAddr,
+    total: &Arc<AtomicU32>,
 ) -> Arc<Stats> {
     if let Some(s) = stats.get(&(idx, addr)) {
         return s.clone();
@@ -311,7 +316,12 @@ fn stats_for(
         .iter()
         .find(|((_, a), _)| *a == addr)
         .map(|(_, s)| s.instance.clone())
-        .unwrap_or_default();
+        .unwrap_or_else(|| {
+            Arc::new(InstanceStats {
+                total_in_flight: total.clone(),
+                ..InstanceStats::default()
+            })
+        });
     let s = Arc::new(Stats::of_instance(instance));
     stats.insert((idx, addr), s.clone());
     s
@@ -328,10 +338,14 @@ mod tests {
     fn latency_is_per_type_in_flight_and_ejection_per_instance() {
         let mut m = HashMap::new();
         let a: SocketAddr = "127.0.0.1:1".parse().unwrap();
-        let order = stats_for(&mut m, 0, a);
-        let browse = stats_for(&mut m, 1, a);
+        let total = Arc::new(AtomicU32::new(0));
+        let order = stats_for(&mut m, 0, a, &total);
+        let browse = stats_for(&mut m, 1, a, &total);
         assert!(!Arc::ptr_eq(&order, &browse));
-        assert!(Arc::ptr_eq(&stats_for(&mut m, 0, a), &order), "kept across lists");
+        assert!(
+            Arc::ptr_eq(&stats_for(&mut m, 0, a, &total), &order),
+            "kept across lists"
+        );
         // A slow order says nothing about browsing on the same instance...
         order.record_success(Duration::from_millis(40), 0);
         assert_eq!(browse.ewma_us.load(Ordering::Relaxed), 0);
@@ -341,7 +355,11 @@ mod tests {
         assert!(browse.is_ejected(0));
         order.instance.in_flight.fetch_add(1, Ordering::Relaxed);
         assert_eq!(browse.instance.in_flight.load(Ordering::Relaxed), 1);
-        let other = stats_for(&mut m, 0, "127.0.0.1:2".parse().unwrap());
+        let other = stats_for(&mut m, 0, "127.0.0.1:2".parse().unwrap(), &total);
+        assert!(
+            Arc::ptr_eq(&other.instance.total_in_flight, &total),
+            "one client-wide count"
+        );
         assert!(!other.is_ejected(0));
     }
 }

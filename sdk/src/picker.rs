@@ -24,11 +24,20 @@
 //! - **Requests in flight are per instance** (every type's): they share the instance's workers, so a browse
 //!   request sent where three slow orders are running waits behind them. Counting only browse requests
 //!   there would miss exactly the queue that makes the tail (HAProxy's `leastconn` counts the same way).
+//!   What counts against an instance is its *excess*: requests in flight beyond its weight's share of all
+//!   this client's requests in flight. Raw counts would split a 9:1 table evenly for a client with two
+//!   requests at a time (the heavy one nearly always has one more), against the weights.
 //! - **An ejection is per instance**: a refused connection is the instance's fault, whatever the type.
 //!
-//! The latency EWMA rises at once to a slower sample and decays toward faster ones (a "peak" EWMA, as
-//! Finagle's): a stall is acted on by the next pick, while one lucky fast answer does not make a slow
-//! instance look good again.
+//! Latency is compared with [`LATENCY_FLOOR_US`] added to each side: under a millisecond, differences are
+//! noise (a cold connection, a page fault), and a client must not abandon an instance over them. The EWMA
+//! moves a quarter of the way to each sample, a sample counting for at most [`OUTLIER_CLIP`] times the
+//! estimate, so one stalled answer does not send an instance's share swinging for seconds while a steadily
+//! slower instance shows within a few answers. (Taking slower samples whole, a "peak" EWMA, had the best
+//! tail in `scripts/bench/balance`, but one slow answer left an instance unpicked — so unmeasured — until
+//! its estimate faded, and a client making a few quick requests in a row would leave an instance out.) An
+//! instance not measured yet is compared on its queue alone, so a new instance gets its weight's share
+//! until its first answers say what it is worth.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -38,8 +47,10 @@ use std::time::{Duration, Instant};
 use rand::Rng;
 use xcluster_proto::directory::InstanceState;
 
-/// Latency assumed for an instance the client has not measured yet, in microseconds.
-const UNKNOWN_LATENCY_US: u64 = 1_000;
+/// Added to both latencies compared, in microseconds.
+const LATENCY_FLOOR_US: f64 = 1_000.0;
+/// A latency sample counts for at most this many times the current estimate.
+const OUTLIER_CLIP: u64 = 4;
 /// EWMA smoothing: the newest sample's share, in 1/16ths.
 const EWMA_NEW_SIXTEENTHS: u64 = 4;
 /// Error-rate scale: 1_000 means every recent request failed.
@@ -71,6 +82,8 @@ impl Clock {
 pub(crate) struct InstanceStats {
     /// This client's requests of every type in flight there.
     pub(crate) in_flight: AtomicU32,
+    /// This client's requests in flight anywhere: one counter shared by all its instances.
+    pub(crate) total_in_flight: Arc<AtomicU32>,
     /// Until when (Clock ms) the instance is ejected; 0 when not.
     pub(crate) ejected_until_ms: AtomicU64,
 }
@@ -101,7 +114,7 @@ impl Stats {
     /// How much of what was learned still holds at `now_ms`: 1 right after a sample, halving every
     /// [`FADE_HALF_LIFE_MS`] after. Without it an instance avoided for being slow would never be sampled
     /// again, and would stay avoided after it recovered; faded, it looks cheap after a few seconds, gets a
-    /// request, and that request's latency says whether it is still slow (at once, being a peak).
+    /// request, and that request's latency says whether it is still slow.
     fn fade(&self, now_ms: u64) -> f64 {
         let idle = now_ms.saturating_sub(self.stamp_ms.load(Ordering::Relaxed));
         (-(idle as f64) / FADE_HALF_LIFE_MS).exp2()
@@ -110,12 +123,16 @@ impl Stats {
     pub(crate) fn record_success(&self, latency: Duration, now_ms: u64) {
         let sample = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX).max(1);
         let fade = self.fade(now_ms);
-        let old = (self.ewma_us.load(Ordering::Relaxed) as f64 * fade) as u64;
-        let new = if old == 0 || sample > old {
-            // Peak: a slower answer is believed at once (see the module doc).
+        let old = self.ewma_us.load(Ordering::Relaxed);
+        let new = if old == 0 {
             sample
         } else {
-            (old.saturating_mul(16 - EWMA_NEW_SIXTEENTHS) + sample.saturating_mul(EWMA_NEW_SIXTEENTHS)) / 16
+            // The stored estimate is not faded (only its use in `cost` is); instead a sample after a quiet
+            // spell counts for more: for as much of the old estimate as has faded, at least a quarter.
+            let sample = sample.min(old.saturating_mul(OUTLIER_CLIP)) as f64;
+            let weight = (1.0 - fade).max(EWMA_NEW_SIXTEENTHS as f64 / 16.0);
+            let old = old as f64;
+            (old + (sample - old) * weight).max(1.0) as u64
         };
         self.ewma_us.store(new, Ordering::Relaxed);
         let e = (f64::from(self.err_rate.load(Ordering::Relaxed)) * fade) as u32;
@@ -142,18 +159,42 @@ impl Stats {
         self.instance.ejected_until_ms.load(Ordering::Relaxed) > now_ms
     }
 
-    /// The local cost at `now_ms` of sending one more request here: the latency it can expect. Lower is
-    /// better.
-    fn cost(&self, now_ms: u64) -> f64 {
-        let in_flight = f64::from(self.instance.in_flight.load(Ordering::Relaxed)) + 1.0;
+    /// What sending one more request here at `now_ms` would cost, where the instance's published weight is
+    /// `share` of the table's. Compared with [`Cost::below`].
+    fn cost(&self, now_ms: u64, share: f64) -> Cost {
+        let mine = f64::from(self.instance.in_flight.load(Ordering::Relaxed));
+        let all = f64::from(self.instance.total_in_flight.load(Ordering::Relaxed));
+        let queue = 1.0 + (mine - all * share).max(0.0);
         let fade = self.fade(now_ms);
-        let lat = match self.ewma_us.load(Ordering::Relaxed) {
-            0 => UNKNOWN_LATENCY_US as f64,
-            v => v as f64 * fade,
-        };
         // Errors count as load: a fast-failing instance must not look attractive.
         let err = 1.0 + 4.0 * f64::from(self.err_rate.load(Ordering::Relaxed)) * fade / f64::from(ERR_SCALE);
-        in_flight * lat * err
+        let latency_us = match self.ewma_us.load(Ordering::Relaxed) {
+            0 => None,
+            v => Some(v as f64 * fade + LATENCY_FLOOR_US),
+        };
+        Cost {
+            load: queue * err,
+            latency_us,
+        }
+    }
+}
+
+/// An instance's local cost: its excess queue and errors, and its expected latency when measured.
+#[derive(Debug, Clone, Copy)]
+struct Cost {
+    load: f64,
+    latency_us: Option<f64>,
+}
+
+impl Cost {
+    /// Whether this is clearly cheaper than `other`: below `ratio` of it. Latency takes part only when both
+    /// were measured.
+    fn below(self, other: Cost, ratio: f64) -> bool {
+        let (mine, theirs) = match (self.latency_us, other.latency_us) {
+            (Some(a), Some(b)) => (a, b),
+            _ => (1.0, 1.0),
+        };
+        self.load * mine < ratio * other.load * theirs
     }
 }
 
@@ -225,6 +266,11 @@ impl Table {
         if self.panic { 1 } else { e.weight }
     }
 
+    /// The entry's share of the table's weight (`total`, the sum over pickable entries).
+    fn share(&self, e: &Entry, total: u64) -> f64 {
+        f64::from(self.weight_of(e)) / total.max(1) as f64
+    }
+
     /// Picks an entry not in `exclude`, preferring instances that are not ejected. When every candidate is
     /// ejected it still picks among them (an ejection is a guess; refusing all traffic would be worse).
     pub(crate) fn pick(&self, now_ms: u64, exclude: &[SocketAddr]) -> Option<&Entry> {
@@ -263,7 +309,13 @@ impl Table {
         };
         // No other usable instance came up: no comparison to make.
         Some(match draw(&mut rng, Some(i)).map(|(_, b)| b) {
-            Some(b) if b.stats.cost(now_ms) < SWITCH_RATIO * a.stats.cost(now_ms) => b,
+            Some(b)
+                if b.stats
+                    .cost(now_ms, self.share(b, total))
+                    .below(a.stats.cost(now_ms, self.share(a, total)), SWITCH_RATIO) =>
+            {
+                b
+            }
             _ => a,
         })
     }
@@ -442,22 +494,34 @@ mod tests {
     }
 
     #[test]
-    fn a_slow_answer_counts_at_once_and_fades_over_fast_ones() {
+    fn one_stalled_answer_moves_the_estimate_a_bounded_step() {
         let s = Stats::default();
-        s.record_success(Duration::from_millis(1), 0);
-        s.record_success(Duration::from_millis(30), 0);
-        assert_eq!(
-            s.ewma_us.load(Ordering::Relaxed),
-            30_000,
-            "the peak is taken whole"
-        );
-        s.record_success(Duration::from_millis(1), 0);
-        let after_one = s.ewma_us.load(Ordering::Relaxed);
-        assert!((20_000..30_000).contains(&after_one), "{after_one}");
-        for _ in 0..30 {
-            s.record_success(Duration::from_millis(1), 0);
+        for _ in 0..10 {
+            s.record_success(Duration::from_millis(2), 0);
         }
-        assert!(s.ewma_us.load(Ordering::Relaxed) < 1_200);
+        s.record_success(Duration::from_millis(30), 0);
+        // Clipped to 4 × 2 ms, then a quarter of the way: 2 + (8 − 2) / 4.
+        assert_eq!(s.ewma_us.load(Ordering::Relaxed), 3_500);
+        // A steadily slower instance still shows within a few answers.
+        for _ in 0..4 {
+            s.record_success(Duration::from_millis(8), 0);
+        }
+        assert!(s.ewma_us.load(Ordering::Relaxed) > 6_000);
+    }
+
+    #[test]
+    fn an_unmeasured_instance_gets_its_weights_share_and_sub_millisecond_noise_is_ignored() {
+        let t = Table::new(
+            1,
+            vec![entry(1, 100, InstanceState::Up), entry(2, 100, InstanceState::Up)],
+        );
+        t.all[0].stats.record_success(Duration::from_micros(200), 0);
+        let share = n(&counts(&t, 4000, &[]), 2) as f64 / 4000.0;
+        assert!((0.4..0.6).contains(&share), "unmeasured: {share}");
+        // 0.2 ms against 0.4 ms: twice, but both far under a millisecond.
+        t.all[1].stats.record_success(Duration::from_micros(400), 0);
+        let share = n(&counts(&t, 4000, &[]), 2) as f64 / 4000.0;
+        assert!((0.4..0.6).contains(&share), "sub-millisecond: {share}");
     }
 
     #[test]
@@ -495,6 +559,36 @@ mod tests {
         }
         assert!(picks_at(3_000) < 300);
         assert!(picks_at(8_000) > 500);
+    }
+
+    #[test]
+    fn a_clients_own_in_flight_follows_the_weights_without_countering_them() {
+        // One client-wide count, as the directory wires it.
+        let total = Arc::new(AtomicU32::new(0));
+        let inst = |port, weight| {
+            let i = Arc::new(InstanceStats {
+                total_in_flight: total.clone(),
+                ..InstanceStats::default()
+            });
+            Entry {
+                stats: Arc::new(Stats::of_instance(i)),
+                ..entry(port, weight, InstanceState::Up)
+            }
+        };
+        let t = Table::new(1, vec![inst(1, 900), inst(2, 100)]);
+        for e in &t.all {
+            e.stats.record_success(Duration::from_millis(1), 0);
+        }
+        // Two requests in flight, both on the heavy instance: its fair share (1.8), so no excess.
+        t.all[0].stats.instance.in_flight.store(2, Ordering::Relaxed);
+        total.store(2, Ordering::Relaxed);
+        let share = n(&counts(&t, 10_000, &[]), 1) as f64 / 10_000.0;
+        assert!((0.87..0.93).contains(&share), "{share}");
+        // Six there, far past its share of six: the light one takes over.
+        t.all[0].stats.instance.in_flight.store(6, Ordering::Relaxed);
+        total.store(6, Ordering::Relaxed);
+        let share = n(&counts(&t, 10_000, &[]), 1) as f64 / 10_000.0;
+        assert!(share < 0.2, "{share}");
     }
 
     #[test]
