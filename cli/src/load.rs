@@ -64,8 +64,13 @@ fn check(a: &LoadArgs) -> Result<(), String> {
     if a.workers.is_some_and(|w| w > 10_000) {
         problems.push("--workers must be at most 10000".into());
     }
-    if a.interval_ms != 0 && a.interval_ms < 100 {
-        problems.push("--interval-ms must be 0 (no timeline) or at least 100".into());
+    if a.interval_ms != 0
+        && (a.interval_ms < 100 || a.duration_secs.saturating_mul(1000) / a.interval_ms > report::MAX_SLOTS)
+    {
+        problems.push(format!(
+            "--interval-ms must be 0 (no timeline), or at least 100 and give at most {} intervals over --duration-secs",
+            report::MAX_SLOTS
+        ));
     }
     if a.timeout_ms == 0 || a.max_in_flight == 0 {
         problems.push("--timeout-ms and --max-in-flight must be above zero".into());

@@ -152,11 +152,10 @@ impl Stats {
     }
 
     pub(crate) fn eject(&self, clock: &Clock, period: Duration) {
-        let until = clock
-            .now_ms()
-            .saturating_add(u64::try_from(period.as_millis()).unwrap_or(u64::MAX));
+        let now = clock.now_ms();
+        let until = now.saturating_add(u64::try_from(period.as_millis()).unwrap_or(u64::MAX));
         self.instance.ejected_until_ms.store(until, Ordering::Relaxed);
-        self.record_error(clock.now_ms());
+        self.record_error(now);
     }
 
     pub(crate) fn is_ejected(&self, now_ms: u64) -> bool {

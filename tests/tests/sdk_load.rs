@@ -143,3 +143,19 @@ fn sdk_mode_follows_the_published_weights() {
     assert_eq!(heavy.hits() + light.hits(), 400);
     assert_eq!(light.hits(), light_n);
 }
+
+/// A timeline interval that is too fine, or too many intervals for the run, is refused before any request
+/// (exit 64, the reason on stderr).
+#[test]
+fn a_bad_interval_is_refused_with_a_reason() {
+    for args in [
+        ["--interval-ms", "50", "--duration-secs", "1"],
+        ["--interval-ms", "100", "--duration-secs", "86400"],
+    ] {
+        let mut all = vec!["load", "--via", "rr", "--targets", "127.0.0.1:9"];
+        all.extend_from_slice(&args);
+        let mut p = Proc::xcluster("load", &all);
+        assert_eq!(p.wait_exit(Duration::from_secs(30)), Some(64), "{args:?}");
+        assert!(p.stderr().contains("--interval-ms"), "{}", p.stderr());
+    }
+}

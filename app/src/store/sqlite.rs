@@ -40,7 +40,7 @@ const BUSY_FIRST_PAUSE: Duration = Duration::from_micros(50);
 const BUSY_MAX_PAUSE: Duration = Duration::from_millis(1);
 
 thread_local! {
-    /// The busy timeout of the store this thread is using (set by `with_conn`; the handler is a plain `fn`
+    /// The busy timeout of the store this thread is using (set by `take`; the handler is a plain `fn`
     /// and a connection moves between threads, so the timeout travels with the call, not the connection).
     static BUSY_TIMEOUT: Cell<Duration> = const { Cell::new(Duration::from_secs(10)) };
     /// When the current wait for a lock began.
@@ -98,7 +98,7 @@ impl SqliteStore {
             pool: Mutex::new(Vec::new()),
             writer: Mutex::new(()),
         };
-        let mut conn = store.connect()?;
+        let mut conn = store.take()?;
         super::sqlite_schema::migrate(&mut conn)?;
         if seed_demo {
             super::sqlite_schema::seed_demo(&mut conn)?;
@@ -128,7 +128,9 @@ impl SqliteStore {
         Ok(conn)
     }
 
+    /// A connection for this thread's next statements, with this store's busy timeout in force.
     fn take(&self) -> Result<Connection, StoreError> {
+        BUSY_TIMEOUT.set(self.busy_timeout);
         let pooled = self.pool.lock().unwrap_or_else(|e| e.into_inner()).pop();
         match pooled {
             Some(c) => Ok(c),
@@ -148,7 +150,6 @@ impl SqliteStore {
         &self,
         f: impl FnOnce(&mut Connection) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
-        BUSY_TIMEOUT.set(self.busy_timeout);
         let mut conn = self.take()?;
         let out = f(&mut conn);
         // A connection left inside a transaction (a failed commit) is not reused.

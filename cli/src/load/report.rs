@@ -50,8 +50,22 @@ struct Slot {
     backends: BTreeMap<String, u64>,
 }
 
-/// Most timeline slots kept (a day at one per second); later samples go to the last one.
-const MAX_SLOTS: usize = 86_400;
+/// Most timeline slots kept (a day at one per second); `xcluster load` refuses an interval that would need
+/// more, and samples finishing later (past the deadline, within a timeout) go to the last one.
+pub const MAX_SLOTS: u64 = 86_400;
+
+/// Counts one more request for `backend` (none when empty), allocating its key only the first time.
+fn bump(counts: &mut BTreeMap<String, u64>, backend: &str) {
+    if backend.is_empty() {
+        return;
+    }
+    match counts.get_mut(backend) {
+        Some(n) => *n += 1,
+        None => {
+            counts.insert(backend.to_string(), 1);
+        }
+    }
+}
 
 impl Recorder {
     pub fn new(names: Vec<&'static str>) -> Self {
@@ -85,22 +99,17 @@ impl Recorder {
         };
         t.requests += 1;
         if let Some(iv) = self.interval {
-            let i = usize::try_from(at.as_nanos() / iv.as_nanos())
-                .unwrap_or(usize::MAX)
-                .min(MAX_SLOTS - 1);
+            let i =
+                usize::try_from((at.as_nanos() / iv.as_nanos()).min(u128::from(MAX_SLOTS - 1))).unwrap_or(0);
             if self.slots.len() <= i {
                 self.slots.resize(i + 1, Slot::default());
             }
             let slot = &mut self.slots[i];
             slot.requests += 1;
             slot.errors += u64::from(s.error.is_some());
-            if !s.backend.is_empty() {
-                *slot.backends.entry(s.backend.clone()).or_default() += 1;
-            }
+            bump(&mut slot.backends, &s.backend);
         }
-        if !s.backend.is_empty() {
-            *t.backends.entry(s.backend).or_default() += 1;
-        }
+        bump(&mut t.backends, &s.backend);
         match s.error {
             None => {
                 let us = u64::try_from(s.latency.as_micros())
