@@ -31,7 +31,7 @@ pub struct RawConfig {
     pub instance: String,
     /// The SQLite database file, shared by every app process on the host.
     pub db_path: String,
-    /// Blocking threads (and SQLite connections) this process uses for the store.
+    /// Blocking threads (and SQLite connections) this process uses for store writes, and as many for reads.
     pub store_threads: u32,
     /// How long a writer waits for another process's write lock before giving up (503, retryable).
     pub busy_timeout_ms: u64,

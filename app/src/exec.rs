@@ -1,6 +1,9 @@
-//! Runs store calls off the async workers: a semaphore bounds them to `store_threads` (so at most that many
-//! SQLite connections per process wait on the write lock), and each call runs on tokio's blocking pool. It
-//! also measures what the degrade breakers watch: store latency and the store error ratio.
+//! Runs store calls off the async workers, on tokio's blocking pool, in two lanes of `store_threads` calls
+//! each: writes (so at most that many SQLite connections per process wait on the write lock) and reads.
+//! Reads have their own lane because writes queue for the one write lock: with one shared bound, a burst of
+//! orders held every thread while waiting for the lock, and a catalog read waited behind them (tens of
+//! milliseconds for a read that takes a fraction of one). It also measures what the degrade breakers watch:
+//! store latency and the store error ratio.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -14,7 +17,8 @@ use crate::store::{Store, StoreError};
 #[derive(Clone)]
 pub struct StoreExec {
     store: Arc<dyn Store>,
-    permits: Arc<Semaphore>,
+    writes: Arc<Semaphore>,
+    reads: Arc<Semaphore>,
     counters: Arc<Counters>,
 }
 
@@ -46,7 +50,8 @@ impl StoreExec {
     pub fn new(store: Arc<dyn Store>, threads: usize) -> Self {
         Self {
             store,
-            permits: Arc::new(Semaphore::new(threads.max(1))),
+            writes: Arc::new(Semaphore::new(threads.max(1))),
+            reads: Arc::new(Semaphore::new(threads.max(1))),
             counters: Arc::default(),
         }
     }
@@ -56,14 +61,31 @@ impl StoreExec {
         self.counters.waiting.load(Ordering::Relaxed)
     }
 
-    /// Runs `f` against the store on a blocking thread.
+    /// Runs `f`, which may write, against the store on a blocking thread.
     pub async fn run<T, F>(&self, f: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
         F: FnOnce(&dyn Store) -> Result<T, StoreError> + Send + 'static,
     {
+        self.lane(&self.writes, f).await
+    }
+
+    /// Runs `f`, which only reads, in the read lane: it never waits behind writers queued for the lock.
+    pub async fn read<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&dyn Store) -> Result<T, StoreError> + Send + 'static,
+    {
+        self.lane(&self.reads, f).await
+    }
+
+    async fn lane<T, F>(&self, permits: &Arc<Semaphore>, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&dyn Store) -> Result<T, StoreError> + Send + 'static,
+    {
         self.counters.waiting.fetch_add(1, Ordering::Relaxed);
-        let permit = self.permits.clone().acquire_owned().await;
+        let permit = permits.clone().acquire_owned().await;
         self.counters.waiting.fetch_sub(1, Ordering::Relaxed);
         let permit = permit.map_err(|_| StoreError::Internal("store executor closed".into()))?;
         let store = self.store.clone();
@@ -103,5 +125,53 @@ impl StoreExec {
             errors,
             mean_us: busy.checked_div(calls).unwrap_or(0),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use std::time::Duration;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_read_does_not_wait_behind_writes_that_hold_every_write_slot() {
+        let dir = tempfile::tempdir().unwrap();
+        let store =
+            crate::store::sqlite::SqliteStore::open(&dir.path().join("x.db"), Duration::from_secs(5), true)
+                .unwrap();
+        let exec = StoreExec::new(Arc::new(store), 1);
+        // The one write slot is taken by a call that blocks until told to finish.
+        let (release, held) = std::sync::mpsc::channel::<()>();
+        let (entered, started) = tokio::sync::oneshot::channel::<()>();
+        let writer = exec.clone();
+        let write = tokio::spawn(async move {
+            writer
+                .run(move |_| {
+                    let _ = entered.send(());
+                    let _ = held.recv_timeout(Duration::from_secs(30));
+                    Ok(())
+                })
+                .await
+        });
+        started.await.unwrap();
+        // A second write has to wait for that slot...
+        let queued = tokio::spawn({
+            let exec = exec.clone();
+            async move { exec.run(|_| Ok(())).await }
+        });
+        // ...but a read has its own lane and answers while the write slot is still held.
+        let read = tokio::time::timeout(Duration::from_secs(10), exec.read(|s| s.list_products(0, 5)))
+            .await
+            .expect("the read waited behind the held write")
+            .unwrap();
+        assert!(!read.is_empty());
+        assert!(
+            !queued.is_finished(),
+            "the second write should still be waiting for the slot"
+        );
+        release.send(()).unwrap();
+        write.await.unwrap().unwrap();
+        queued.await.unwrap().unwrap();
     }
 }

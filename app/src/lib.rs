@@ -161,7 +161,7 @@ async fn sampler(app: Arc<api::App>, cancel: CancellationToken) {
             _ = tick.tick() => {}
         }
         app.stats.roll();
-        let depth = match app.exec.run(|s| s.outbox_depth()).await {
+        let depth = match app.exec.read(|s| s.outbox_depth()).await {
             Ok(d) => d,
             Err(_) => app.queue_depth.load(Ordering::Relaxed),
         };
@@ -219,7 +219,7 @@ async fn reconciler(app: Arc<api::App>, cancel: CancellationToken) {
         if app.cfg().audit_interval.is_none() {
             continue;
         }
-        match app.exec.run(|s| s.audit()).await {
+        match app.exec.read(|s| s.audit()).await {
             Ok(report) if report.ok => tracing::debug!("reconciler: every invariant holds"),
             Ok(report) => {
                 ::metrics::counter!(crate::metrics::AUDIT_FAILURES_TOTAL).increment(1);

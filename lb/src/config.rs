@@ -91,6 +91,10 @@ pub struct DirectorySection {
     pub error_penalty: f64,
     /// Cores per instance at which an instance reaches the full weight scale (heterogeneous hosts).
     pub full_weight_cores: f64,
+    /// An instance whose mean service time for a type is within this factor of the type's reference (the
+    /// lower median over the instances) keeps its whole weight; a slower one's weight scales down with the
+    /// ratio. 0 turns it off.
+    pub service_tolerance: f64,
 }
 
 impl Default for DirectorySection {
@@ -107,6 +111,7 @@ impl Default for DirectorySection {
             max_step: 0.25,
             error_penalty: 2.0,
             full_weight_cores: 8.0,
+            service_tolerance: 1.25,
         }
     }
 }
@@ -302,6 +307,13 @@ fn validate_directory(v: &mut Validator, d: &DirectorySection, types: &BTreeMap<
             format!("{} is out of range (0.01..=4096)", d.full_weight_cores),
         );
     }
+    let tol = d.service_tolerance;
+    if !(tol.is_finite() && (tol == 0.0 || (1.0..=100.0).contains(&tol))) {
+        v.error(
+            "directory.service_tolerance",
+            format!("{tol} is out of range (0 to turn it off, or 1..=100)"),
+        );
+    }
     let ttl = v.millis("directory.report_ttl_ms", d.report_ttl_ms, 100, 600_000);
     let forget = v.millis("directory.forget_after_ms", d.forget_after_ms, 100, 86_400_000);
     v.check(forget >= ttl, "directory.forget_after_ms", || {
@@ -362,6 +374,7 @@ fn validate_directory(v: &mut Validator, d: &DirectorySection, types: &BTreeMap<
         max_step: d.max_step,
         error_penalty: d.error_penalty,
         full_weight_cores: d.full_weight_cores,
+        service_tolerance: d.service_tolerance,
     }
 }
 

@@ -46,7 +46,7 @@ pub async fn list(app: &Arc<App>, req: &Request<Incoming>) -> Response<Body> {
             }
         }
     }
-    match app.exec.run(move |s| s.list_products(after, limit)).await {
+    match app.exec.read(move |s| s.list_products(after, limit)).await {
         Ok(products) => {
             let next = products
                 .last()
@@ -70,7 +70,7 @@ pub async fn product(app: &Arc<App>, id: &str) -> Response<Body> {
             &format!("product id {id:?} is not an integer"),
         );
     };
-    match app.exec.run(move |s| s.get_product(id)).await {
+    match app.exec.read(move |s| s.get_product(id)).await {
         Ok(Some(p)) => json(StatusCode::OK, &p),
         Ok(None) => error(
             StatusCode::NOT_FOUND,

@@ -75,7 +75,7 @@ pub async fn wallet(app: &Arc<App>, user: &str) -> Response<Body> {
     }
     let account = crate::store::sqlite::wallet_account(user);
     let key = account.clone();
-    match app.exec.run(move |s| s.balance(&key)).await {
+    match app.exec.read(move |s| s.balance(&key)).await {
         Ok(b) => json(
             StatusCode::OK,
             &serde_json::json!({ "account": account, "balance_cents": b }),

@@ -186,7 +186,7 @@ pub async fn get(app: &Arc<App>, id: &str) -> Response<Body> {
     }
     let id = id.to_string();
     let key = id.clone();
-    match app.exec.run(move |s| s.get_order(&key)).await {
+    match app.exec.read(move |s| s.get_order(&key)).await {
         Ok(Some(o)) => json(StatusCode::OK, &o),
         Ok(None) => reject(&Reject::NotFound { what: "order", id }),
         Err(e) => store_failed(&e),

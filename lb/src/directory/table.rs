@@ -31,6 +31,8 @@ pub struct Instance {
     pub ready_since_ms: Option<u64>,
     /// Damped weight per request type.
     pub damped: BTreeMap<String, u32>,
+    /// Smoothed service time (ms) per request type ([`weights::smooth_service`]).
+    pub service: BTreeMap<String, weights::Served>,
     /// Predicted load from this balancer's own picks since the latest report, in thousandths of a cost unit.
     pub predicted: Arc<AtomicU64>,
 }
@@ -110,14 +112,17 @@ impl Table {
                 (Some(p), true) if fresh_before && p.ready => p.ready_since_ms.or(Some(report.timestamp_ms)),
                 _ => Some(report.timestamp_ms),
             };
+            let before = prev.as_ref().filter(|_| fresh_before);
+            let service = weights::smooth_service(
+                before.map(|p| &p.service),
+                &load.service_ms,
+                before.map_or(0, |p| report.timestamp_ms.saturating_sub(p.report_ts_ms)),
+            );
             let mut damped = BTreeMap::new();
             for (name, profile) in &p.types {
                 let target = weights::target(name, profile, &load, p);
-                let before = prev
-                    .as_ref()
-                    .filter(|_| fresh_before)
-                    .and_then(|p| p.damped.get(name).copied());
-                damped.insert(name.clone(), weights::damp(before, target, p));
+                let last = before.and_then(|p| p.damped.get(name).copied());
+                damped.insert(name.clone(), weights::damp(last, target, p));
             }
             let predicted = prev.map(|p| p.predicted).unwrap_or_default();
             // The report already includes the effect of our earlier picks: start predicting afresh.
@@ -135,6 +140,7 @@ impl Table {
                     report_ts_ms: report.timestamp_ms,
                     ready_since_ms,
                     damped,
+                    service,
                     predicted,
                 },
             );
@@ -177,7 +183,21 @@ impl Table {
             .collect()
     }
 
+    /// Whether an instance's weight is its own (not zero, not the panic weight): fresh, ready, not drained.
+    fn weighed(&self, i: &Instance, now_ms: u64, p: &Params, panic: bool) -> bool {
+        !panic && i.ready && Self::is_fresh(i, now_ms, p) && !self.drained.contains(&*i.id)
+    }
+
     fn publish_type(&self, name: &str, now_ms: u64, p: &Params, panic: bool) -> TypeList {
+        // Compared among the instances that carry their own weight, at publish time, so that the result
+        // depends on the latest reports only and not on the order they arrived in.
+        let reference = weights::reference_service(
+            self.instances
+                .values()
+                .filter(|i| self.weighed(i, now_ms, p, panic))
+                .filter_map(|i| i.service.get(name).map(|s| s.ms))
+                .collect(),
+        );
         let mut rows = Vec::with_capacity(self.instances.len());
         for i in self.instances.values() {
             let fresh = Self::is_fresh(i, now_ms, p);
@@ -194,7 +214,8 @@ impl Table {
             } else if panic {
                 (InstanceState::Up, weights::PANIC_WEIGHT)
             } else {
-                let damped = i.damped.get(name).copied().unwrap_or(1);
+                let speed = weights::speed(i.service.get(name).map(|s| s.ms), reference, p);
+                let damped = weights::scale(i.damped.get(name).copied().unwrap_or(1), speed);
                 let elapsed = i
                     .report_ts_ms
                     .saturating_sub(i.ready_since_ms.unwrap_or(i.report_ts_ms));

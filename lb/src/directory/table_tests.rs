@@ -257,3 +257,107 @@ fn an_agent_dropping_an_instance_removes_it() {
     assert_eq!(t.instances.len(), 2);
     assert!(t.instances.contains_key("h2/a"), "another agent's instance stays");
 }
+
+/// An instance that reports `ms` of service time for the "cpu" type.
+fn timed(id: &str, port: u16, ms: f64) -> InstanceLoad {
+    let mut i = inst(id, port, 0);
+    i.types.insert(
+        "cpu".into(),
+        xcluster_proto::stats::TypeStats {
+            rate: 100.0,
+            service_ms: ms,
+            error_rate: 0.0,
+        },
+    );
+    i
+}
+
+#[test]
+fn an_instance_slower_at_a_type_loses_weight_for_it_and_regains_it_when_fast_again() {
+    let p = Params {
+        slow_start: Duration::ZERO,
+        ..params()
+    };
+    let mut t = Table::default();
+    let three = |slow_ms: f64| {
+        vec![
+            timed("h1/a", 1, slow_ms),
+            timed("h1/b", 2, 2.0),
+            timed("h1/c", 3, 2.2),
+        ]
+    };
+    for seq in 1..=8 {
+        t.apply(&report("h1", seq, seq * 1000, 0.0, three(8.0)), seq, &p);
+    }
+    let table = t.publish(8, &p);
+    let slow = weight(&table, "cpu", "h1/a").unwrap().0;
+    // Three instances on an 8-core host: a third of the scale each, before any service-time term.
+    let full = 3_333;
+    let fast = weight(&table, "cpu", "h1/b").unwrap().0;
+    assert_eq!(
+        fast, full,
+        "within the tolerance of the reference: its whole weight"
+    );
+    assert_eq!(
+        weight(&table, "cpu", "h1/c").unwrap().0,
+        full,
+        "2.2 ms is within 1.25x of 2.0"
+    );
+    // (1.25 * 2.2 + 0.5) / 8 of the weight: the reference is the lower median, 2.2 ms.
+    assert!(
+        (1_340..=1_370).contains(&slow),
+        "4x slower keeps about 40%: {slow}"
+    );
+    assert_eq!(
+        weight(&table, "queue", "h1/a").unwrap().0,
+        full,
+        "other types unaffected"
+    );
+
+    // Fast again: back to its whole weight within 4 s of reports a second apart, never overshooting.
+    let mut last = slow;
+    for seq in 9..=12 {
+        t.apply(&report("h1", seq, seq * 1000, 0.0, three(2.0)), seq, &p);
+        let w = weight(&t.publish(seq, &p), "cpu", "h1/a").unwrap().0;
+        assert!(w >= last && w <= full, "{last} -> {w}");
+        last = w;
+    }
+    assert_eq!(last, full);
+}
+
+#[test]
+fn service_time_needs_two_instances_to_compare_and_can_be_turned_off() {
+    let p = Params {
+        slow_start: Duration::ZERO,
+        ..params()
+    };
+    let mut t = Table::default();
+    t.apply(&report("h1", 1, 100, 0.0, vec![timed("h1/a", 1, 50.0)]), 1, &p);
+    assert_eq!(
+        weight(&t.publish(1, &p), "cpu", "h1/a").unwrap().0,
+        10_000,
+        "alone: nothing to compare"
+    );
+
+    let off = Params {
+        service_tolerance: 0.0,
+        ..p.clone()
+    };
+    let two = vec![timed("h1/a", 1, 50.0), timed("h1/b", 2, 1.0)];
+    t.apply(&report("h1", 2, 200, 0.0, two), 2, &p);
+    let unscaled = weight(&t.publish(2, &off), "queue", "h1/a").unwrap().0;
+    assert_eq!(weight(&t.publish(2, &off), "cpu", "h1/a").unwrap().0, unscaled);
+    assert!(weight(&t.publish(2, &p), "cpu", "h1/a").unwrap().0 < unscaled / 2);
+
+    // A mean over a couple of requests a second is noise, not a slow instance.
+    let mut t = Table::default();
+    let mut few = timed("h1/a", 1, 50.0);
+    few.types.get_mut("cpu").unwrap().rate = 2.0;
+    t.apply(
+        &report("h1", 1, 100, 0.0, vec![few, timed("h1/b", 2, 1.0)]),
+        1,
+        &p,
+    );
+    let table = t.publish(1, &p);
+    assert_eq!(weight(&table, "cpu", "h1/a"), weight(&table, "queue", "h1/a"));
+}

@@ -40,6 +40,9 @@ pub struct Params {
     pub max_step: f64,
     pub error_penalty: f64,
     pub full_weight_cores: f64,
+    /// An instance whose service time for a type is within this factor of the type's reference keeps its
+    /// whole weight; beyond it the weight scales down with the ratio. 0 turns the term off.
+    pub service_tolerance: f64,
 }
 
 impl Default for Params {
@@ -65,6 +68,7 @@ impl Default for Params {
             max_step: 0.25,
             error_penalty: 2.0,
             full_weight_cores: 8.0,
+            service_tolerance: 1.25,
         }
     }
 }
@@ -84,6 +88,9 @@ pub struct Load {
     pub type_errors: BTreeMap<String, f64>,
     /// The host's cores divided by the instances the agent reports on it.
     pub cores_per_instance: f64,
+    /// Mean service time (ms) per request type over the instance's last window; absent for a type it served
+    /// fewer than `SERVICE_MIN_RATE` requests a second of (a mean of a few is noise).
+    pub service_ms: BTreeMap<String, f64>,
 }
 
 impl Load {
@@ -110,6 +117,12 @@ impl Load {
                 .map(|(k, t)| (k.clone(), t.error_rate.clamp(0.0, 1.0)))
                 .collect(),
             cores_per_instance: f64::from(host.cores) / n.max(1) as f64,
+            service_ms: i
+                .types
+                .iter()
+                .filter(|(_, t)| t.rate >= SERVICE_MIN_RATE && t.service_ms > 0.0)
+                .map(|(k, t)| (k.clone(), t.service_ms))
+                .collect(),
         }
     }
 }
@@ -151,6 +164,90 @@ pub fn damp(prev: Option<u32>, target: u32, p: &Params) -> u32 {
     (i64::from(prev) + step).clamp(0, i64::from(MAX_WEIGHT)) as u32
 }
 
+/// Service time added to the tolerated one, so sub-millisecond types are not told apart by scheduling noise.
+const SERVICE_SLACK_MS: f64 = 0.5;
+/// The least fraction of its weight the service-time term leaves an instance: it still gets some requests,
+/// so its service time stays measured and a recovery is seen.
+const SPEED_FLOOR: f64 = 0.05;
+
+/// How fast a smoothed service time follows the reported one: it moves `1 − e^(−Δt/τ)` of the way per report
+/// that comes Δt after the previous one (by the agent's clock). By time rather than per report, because an
+/// agent may send the same one-second window several times.
+const SERVICE_TAU_MS: f64 = 1_500.0;
+/// A reported service time counts for at most this multiple of the smoothed one. One window with a stall (a
+/// second of 300 ms answers was seen on a loaded 2-core host, and with a clip of 4 it cut a healthy
+/// instance's weight to a third) then moves the figure by about half, mostly within the tolerance; a slowness
+/// that lasts still reaches its level, growing about 1.5× a second.
+const SERVICE_CLIP: f64 = 2.0;
+
+/// Fewer requests a second than this of a type, and the window's mean service time is not used.
+const SERVICE_MIN_RATE: f64 = 5.0;
+/// A type without a usable window for this long (agent clock) forgets its smoothed figure, so an instance
+/// that lost most of its traffic for being slow is not held to that figure forever: it gets its whole
+/// weight back, and is measured again.
+const SERVICE_FORGET_MS: u64 = 5_000;
+
+/// An instance's smoothed service time for one type.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Served {
+    pub ms: f64,
+    /// Agent time since the last usable window.
+    pub unsampled_ms: u64,
+}
+
+/// Smooths an instance's service times across its reports, `elapsed_ms` after the previous one (`prev`,
+/// `None` for the first). A type the report has no figure for keeps its previous value, for at most
+/// `SERVICE_FORGET_MS`.
+pub fn smooth_service(
+    prev: Option<&BTreeMap<String, Served>>,
+    sample: &BTreeMap<String, f64>,
+    elapsed_ms: u64,
+) -> BTreeMap<String, Served> {
+    let step = 1.0 - (-(elapsed_ms as f64) / SERVICE_TAU_MS).exp();
+    let mut out = prev.cloned().unwrap_or_default();
+    out.retain(|name, s| {
+        if !sample.contains_key(name) {
+            s.unsampled_ms = s.unsampled_ms.saturating_add(elapsed_ms);
+        }
+        s.unsampled_ms <= SERVICE_FORGET_MS
+    });
+    for (name, &ms) in sample {
+        let v = out
+            .get(name)
+            .map_or(ms, |old| old.ms + step * (ms.min(old.ms * SERVICE_CLIP) - old.ms));
+        out.insert(
+            name.clone(),
+            Served {
+                ms: v,
+                unsampled_ms: 0,
+            },
+        );
+    }
+    out
+}
+
+/// A type's reference service time: the lower median over the instances that have one (a half that is
+/// slow cannot drag it up). `None` with fewer than two, since one instance has nothing to be compared with.
+pub fn reference_service(mut times: Vec<f64>) -> Option<f64> {
+    if times.len() < 2 {
+        return None;
+    }
+    times.sort_by(f64::total_cmp);
+    Some(times[(times.len() - 1) / 2])
+}
+
+/// The fraction of its weight an instance keeps for its service time: all of it within `service_tolerance`
+/// of the reference (plus a small slack), else the ratio, so an instance four times slower at a type gets
+/// about a third of the weight for it.
+pub fn speed(own: Option<f64>, reference: Option<f64>, p: &Params) -> f64 {
+    match (own, reference) {
+        (Some(own), Some(r)) if p.service_tolerance > 0.0 && own > 0.0 => {
+            ((p.service_tolerance * r + SERVICE_SLACK_MS) / own).clamp(SPEED_FLOOR, 1.0)
+        }
+        _ => 1.0,
+    }
+}
+
 /// The slow-start factor after `elapsed` of readiness: `None` once the ramp is over, else a linear ramp
 /// from `slow_start_min` to 1.
 pub fn slow_start(elapsed: Duration, p: &Params) -> Option<f64> {
@@ -163,10 +260,12 @@ pub fn slow_start(elapsed: Duration, p: &Params) -> Option<f64> {
 
 /// Applies a slow-start factor to a weight (never below 1).
 pub fn ramp(weight: u32, factor: Option<f64>) -> u32 {
-    match factor {
-        None => weight,
-        Some(f) => ((f64::from(weight) * f).round() as u32).clamp(1, MAX_WEIGHT),
-    }
+    factor.map_or(weight, |f| scale(weight, f))
+}
+
+/// A weight times a factor, rounded, never below 1.
+pub fn scale(weight: u32, f: f64) -> u32 {
+    ((f64::from(weight) * f).round() as u32).clamp(1, MAX_WEIGHT)
 }
 
 /// Whether too few instances are usable: fewer than `threshold` of the known ones are fresh and ready.

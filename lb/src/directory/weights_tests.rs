@@ -236,3 +236,66 @@ fn properties_hold_for_random_inputs() {
         assert!((prev.min(w)..=prev.max(w)).contains(&next));
     }
 }
+
+#[test]
+fn service_reference_is_the_lower_median_and_speed_is_the_bounded_ratio() {
+    assert_eq!(reference_service(vec![]), None);
+    assert_eq!(reference_service(vec![3.0]), None);
+    assert_eq!(reference_service(vec![8.0, 2.0]), Some(2.0));
+    assert_eq!(reference_service(vec![8.0, 2.0, 2.5]), Some(2.5));
+    assert_eq!(
+        reference_service(vec![8.0, 9.0, 2.0, 2.5]),
+        Some(2.5),
+        "a slow half does not drag it up"
+    );
+
+    let p = Params::default();
+    assert_eq!(speed(Some(3.0), Some(2.0), &p), 1.0, "within tolerance and slack");
+    assert!((speed(Some(8.0), Some(2.0), &p) - 3.0 / 8.0).abs() < 1e-9);
+    assert_eq!(speed(Some(1e9), Some(1.0), &p), 0.05, "never below the floor");
+    assert_eq!(speed(None, Some(1.0), &p), 1.0, "unmeasured: no change");
+    assert_eq!(speed(Some(5.0), None, &p), 1.0);
+    // Sub-millisecond noise does not count.
+    assert_eq!(speed(Some(0.6), Some(0.2), &p), 1.0);
+}
+
+#[test]
+fn service_times_are_smoothed_by_time_clipped_and_forgotten_without_samples() {
+    let at = |ms: f64| BTreeMap::from([("t".to_string(), ms)]);
+    let ms = |m: &BTreeMap<String, Served>| m["t"].ms;
+    let first = smooth_service(None, &at(8.0), 0);
+    assert_eq!(ms(&first), 8.0);
+    let same = smooth_service(Some(&first), &at(2.0), 0);
+    assert_eq!(ms(&same), 8.0, "no time passed: no step");
+    // 1.5 s later (one time constant): 1 - 1/e of the way.
+    let next = smooth_service(Some(&first), &at(2.0), 1_500);
+    assert!((ms(&next) - (8.0 - 6.0 * (1.0 - (-1.0f64).exp()))).abs() < 1e-9);
+    // Four reports 250 ms apart move as far as one a second later.
+    let mut four = first.clone();
+    for _ in 0..4 {
+        four = smooth_service(Some(&four), &at(2.0), 250);
+    }
+    let once = smooth_service(Some(&first), &at(2.0), 1_000);
+    assert!((ms(&four) - ms(&once)).abs() < 1e-9);
+    // A stalled window counts for at most 2x the smoothed figure.
+    let spike = smooth_service(Some(&at_served(1.0)), &at(300.0), 1_000_000);
+    assert!((ms(&spike) - 2.0).abs() < 1e-6, "{spike:?}");
+    let p = Params::default();
+    let one_second = smooth_service(Some(&at_served(4.0)), &at(300.0), 1_000);
+    assert!(
+        speed(Some(ms(&one_second)), Some(4.0), &p) > 0.8,
+        "one stalled second: {one_second:?}"
+    );
+    // Without usable windows the figure is kept for 5 s, then forgotten.
+    let mut quiet = next.clone();
+    for _ in 0..5 {
+        quiet = smooth_service(Some(&quiet), &BTreeMap::new(), 1_000);
+        assert_eq!(ms(&quiet), ms(&next));
+    }
+    quiet = smooth_service(Some(&quiet), &BTreeMap::new(), 1_000);
+    assert!(quiet.is_empty());
+}
+
+fn at_served(ms: f64) -> BTreeMap<String, Served> {
+    BTreeMap::from([("t".to_string(), Served { ms, unsampled_ms: 0 })])
+}
