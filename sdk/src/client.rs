@@ -3,7 +3,6 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use tokio::net::TcpStream;
@@ -83,11 +82,7 @@ impl Picked {
 
 impl Drop for Picked {
     fn drop(&mut self) {
-        self.stats.instance.in_flight.fetch_sub(1, Ordering::Relaxed);
-        self.stats
-            .instance
-            .total_in_flight
-            .fetch_sub(1, Ordering::Relaxed);
+        self.stats.instance.finish();
     }
 }
 
@@ -198,8 +193,7 @@ impl Client {
         let e = table
             .pick(clock.now_ms(), exclude)
             .ok_or_else(|| Error::NoInstance(request_type.to_string()))?;
-        e.stats.instance.in_flight.fetch_add(1, Ordering::Relaxed);
-        e.stats.instance.total_in_flight.fetch_add(1, Ordering::Relaxed);
+        e.stats.instance.start();
         Ok(Picked {
             id: e.id.clone(),
             addr: e.addr,

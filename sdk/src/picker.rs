@@ -92,6 +92,20 @@ pub(crate) struct InstanceStats {
     pub(crate) ejected_until_ms: AtomicU64,
 }
 
+impl InstanceStats {
+    /// One more request of this client in flight here.
+    pub(crate) fn start(&self) {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.total_in_flight.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A request counted by [`InstanceStats::start`] has ended.
+    pub(crate) fn finish(&self) {
+        self.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.total_in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// The client's live feedback about one instance for one request type, updated with relaxed atomics: a lost
 /// update costs a little precision, never correctness.
 #[derive(Debug, Default)]

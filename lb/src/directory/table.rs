@@ -183,21 +183,26 @@ impl Table {
             .collect()
     }
 
-    /// Whether an instance's weight is its own (not zero, not the panic weight): fresh, ready, not drained.
-    fn weighed(&self, i: &Instance, now_ms: u64, p: &Params, panic: bool) -> bool {
-        !panic && i.ready && Self::is_fresh(i, now_ms, p) && !self.drained.contains(&*i.id)
+    /// The type's reference service time among the instances that carry their own weight (fresh, ready, not
+    /// drained), computed at publish time so that it depends on the latest reports only, not on the order
+    /// they arrived in.
+    fn reference_service(&self, name: &str, now_ms: u64, p: &Params) -> Option<f64> {
+        weights::reference_service(
+            self.instances
+                .values()
+                .filter(|i| i.ready && Self::is_fresh(i, now_ms, p) && !self.drained.contains(&*i.id))
+                .filter_map(|i| i.service.get(name).map(|s| s.ms))
+                .collect(),
+        )
     }
 
     fn publish_type(&self, name: &str, now_ms: u64, p: &Params, panic: bool) -> TypeList {
-        // Compared among the instances that carry their own weight, at publish time, so that the result
-        // depends on the latest reports only and not on the order they arrived in.
-        let reference = weights::reference_service(
-            self.instances
-                .values()
-                .filter(|i| self.weighed(i, now_ms, p, panic))
-                .filter_map(|i| i.service.get(name).map(|s| s.ms))
-                .collect(),
-        );
+        // In panic mode every weight is the panic weight: nothing to compare.
+        let reference = if panic {
+            None
+        } else {
+            self.reference_service(name, now_ms, p)
+        };
         let mut rows = Vec::with_capacity(self.instances.len());
         for i in self.instances.values() {
             let fresh = Self::is_fresh(i, now_ms, p);
