@@ -115,6 +115,16 @@ impl StoreExec {
         }
     }
 
+    /// Runs the store's housekeeping ([`Store::maintain`]) on a blocking thread, outside both lanes and the
+    /// breakers' figures: a checkpoint's fsync may take 100 ms, which is neither a request waiting nor a
+    /// sign that the store fails.
+    pub async fn maintain(&self) -> Result<(), StoreError> {
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || store.maintain())
+            .await
+            .unwrap_or_else(|e| Err(StoreError::Internal(format!("store task failed: {e}"))))
+    }
+
     /// Takes (and resets) the figures since the last call.
     pub fn sample(&self) -> ExecSample {
         let calls = self.counters.calls.swap(0, Ordering::Relaxed);

@@ -112,6 +112,7 @@ pub async fn run(ctx: Context<Config>) -> Result<(), Error> {
         queue_depth: Default::default(),
     });
     tokio::spawn(queue::workers::outbox_worker(exec.clone(), background.clone()));
+    tokio::spawn(queue::workers::maintainer(exec.clone(), background.clone()));
     tokio::spawn(queue::workers::sweeper(
         exec.clone(),
         ctx.config.clone(),

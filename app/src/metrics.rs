@@ -8,6 +8,8 @@ pub const ORDERS_CREATED_TOTAL: &str = "xcluster_app_orders_created_total";
 pub const SOLD_OUT_GATE_TOTAL: &str = "xcluster_app_sold_out_gate_total";
 /// SQLite writes that found the file's write lock held by another process and waited for it.
 pub const STORE_LOCK_WAITS_TOTAL: &str = "xcluster_app_store_lock_waits_total";
+/// WAL frames left after the last background checkpoint (SQLite).
+pub const STORE_WAL_FRAMES: &str = "xcluster_app_store_wal_frames";
 /// Store calls that failed, by `retryable`.
 pub const STORE_ERRORS_TOTAL: &str = "xcluster_app_store_errors_total";
 /// Reservations expired by this process's sweeper.

@@ -39,6 +39,25 @@ pub async fn outbox_worker(exec: StoreExec, cancel: CancellationToken) {
     }
 }
 
+/// Store housekeeping (the SQLite WAL checkpoint) every [`MAINTAIN_EVERY`], so no commit runs it.
+pub async fn maintainer(exec: StoreExec, cancel: CancellationToken) {
+    let mut tick = tokio::time::interval(MAINTAIN_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        if let Err(e) = exec.maintain().await {
+            warn!(error = %e, "store housekeeping failed; retrying on the next tick");
+        }
+    }
+}
+
+/// How often [`maintainer`] runs: at a few hundred orders a second the WAL gains about 1,000 pages (4 MB) in
+/// this time, so each checkpoint's fsync stays short.
+const MAINTAIN_EVERY: Duration = Duration::from_millis(200);
+
 /// Expires due reservations, ten times per TTL (at least every 50 ms, at most every second).
 pub async fn sweeper(
     exec: StoreExec,

@@ -169,4 +169,10 @@ pub trait Store: Send + Sync + 'static {
 
     /// Checks every invariant on the live data.
     fn audit(&self) -> Result<AuditReport, StoreError>;
+
+    /// Housekeeping run in the background, never on a request's path (SQLite: a checkpoint of the
+    /// write-ahead log). The default has none.
+    fn maintain(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
 }

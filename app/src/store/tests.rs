@@ -384,3 +384,34 @@ fn sqlite_write_waits_for_another_process_lock_up_to_its_busy_timeout() {
     let patient = writer.join().unwrap().unwrap();
     assert_eq!(patient.balance("user:lock").unwrap(), 7);
 }
+
+/// SQLite only: commits leave the write-ahead log to grow (no checkpoint inside a commit below the backstop)
+/// and `maintain` copies it into the database file, so a commit never waits for that file's fsync.
+#[test]
+fn sqlite_commits_do_not_checkpoint_and_maintain_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("x.db");
+    let store = SqliteStore::open(&path, std::time::Duration::from_secs(10), true).unwrap();
+    let db_len = || std::fs::metadata(&path).unwrap().len();
+    // Start from a checkpointed file, so what follows is only this test's commits.
+    store.maintain().unwrap();
+    let before = db_len();
+    // About 2,000 WAL pages: SQLite's default would have checkpointed twice inside these commits.
+    for i in 0..400 {
+        let users: Vec<String> = (0..20).map(|j| format!("wal-{i}-{j}")).collect();
+        store.credit(&users, 1).unwrap();
+    }
+    let wal = std::fs::metadata(dir.path().join("x.db-wal")).unwrap().len();
+    assert!(wal > 4 << 20, "the WAL holds the commits ({wal} bytes)");
+    assert_eq!(
+        db_len(),
+        before,
+        "no commit copied the WAL into the database file"
+    );
+    store.maintain().unwrap();
+    assert!(
+        db_len() > before,
+        "maintain checkpointed the new pages into the file"
+    );
+    assert_eq!(store.balance("user:wal-399-19").unwrap(), 1);
+}
