@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tracing::warn;
+use tracing::{info, warn};
 
 use crate::Config;
 use crate::domain::now_ms;
@@ -43,13 +43,24 @@ pub async fn outbox_worker(exec: StoreExec, cancel: CancellationToken) {
 pub async fn maintainer(exec: StoreExec, cancel: CancellationToken) {
     let mut tick = tokio::time::interval(MAINTAIN_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Logged when it starts failing and when it recovers, not five times a second in between.
+    let mut failing = false;
     loop {
         tokio::select! {
             _ = cancel.cancelled() => return,
             _ = tick.tick() => {}
         }
-        if let Err(e) = exec.maintain().await {
-            warn!(error = %e, "store housekeeping failed; retrying on the next tick");
+        match exec.maintain().await {
+            Err(e) if !failing => {
+                warn!(error = %e, "store housekeeping failed; retrying every {MAINTAIN_EVERY:?}");
+                failing = true;
+            }
+            Err(_) => {}
+            Ok(()) if failing => {
+                info!("store housekeeping works again");
+                failing = false;
+            }
+            Ok(()) => {}
         }
     }
 }
