@@ -166,16 +166,23 @@ impl Table {
         now_ms.saturating_sub(i.received_ms) <= p.report_ttl.as_millis() as u64
     }
 
+    /// Whether an instance carries its own weight: not drained, ready, and its latest report within the TTL.
+    fn is_usable(&self, i: &Instance, now_ms: u64, p: &Params) -> bool {
+        !self.drained.contains(&*i.id) && i.ready && Self::is_fresh(i, now_ms, p)
+    }
+
     /// Builds the published list of every configured type.
     pub fn publish(&self, now_ms: u64, p: &Params) -> BTreeMap<String, TypeList> {
-        let mut known = 0;
-        let mut usable = 0;
-        for i in self.instances.values().filter(|i| !self.drained.contains(&*i.id)) {
-            known += 1;
-            if i.ready && Self::is_fresh(i, now_ms, p) {
-                usable += 1;
-            }
-        }
+        let known = self
+            .instances
+            .values()
+            .filter(|i| !self.drained.contains(&*i.id))
+            .count();
+        let usable = self
+            .instances
+            .values()
+            .filter(|i| self.is_usable(i, now_ms, p))
+            .count();
         let panic = weights::panic(usable, known, p.panic_threshold);
         p.types
             .keys()
@@ -183,14 +190,13 @@ impl Table {
             .collect()
     }
 
-    /// The type's reference service time among the instances that carry their own weight (fresh, ready, not
-    /// drained), computed at publish time so that it depends on the latest reports only, not on the order
+    /// The type's reference service time among the usable instances, computed at publish time so that it depends on the latest reports only, not on the order
     /// they arrived in.
     fn reference_service(&self, name: &str, now_ms: u64, p: &Params) -> Option<f64> {
         weights::reference_service(
             self.instances
                 .values()
-                .filter(|i| i.ready && Self::is_fresh(i, now_ms, p) && !self.drained.contains(&*i.id))
+                .filter(|i| self.is_usable(i, now_ms, p))
                 .filter_map(|i| i.service.get(name).map(|s| s.ms))
                 .collect(),
         )
