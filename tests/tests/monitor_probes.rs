@@ -51,6 +51,9 @@ fn depends_on_waits_for_readiness_and_shutdown_stops_in_reverse_order() {
     let dir = tempfile::tempdir().unwrap();
     let ready = dir.path().join("db-ready");
     let order = dir.path().join("order");
+    // Written by web once its TERM trap is set: RUNNING (startsecs = 0) only means spawned, and a shell
+    // signalled before its `trap` line dies without recording its turn.
+    let web_trapped = dir.path().join("web-trapped");
     let m = Mon::start(&format!(
         r#"
 [programs.db]
@@ -60,12 +63,13 @@ startsecs = 0
 command = "test -e {ready}"
 period_ms = 100
 [programs.web]
-command = "/bin/sh -c 'trap \"echo web >> {order}; exit 0\" TERM; while :; do sleep 0.05; done'"
+command = "/bin/sh -c 'trap \"echo web >> {order}; exit 0\" TERM; touch {web_trapped}; while :; do sleep 0.05; done'"
 startsecs = 0
 depends_on = ["db"]
 "#,
         ready = ready.display(),
-        order = order.display()
+        order = order.display(),
+        web_trapped = web_trapped.display()
     ));
     m.wait_state("db", "RUNNING", T);
     eventually(T, "db's readiness probe to fail once", || {
@@ -93,6 +97,9 @@ depends_on = ["db"]
     );
 
     // Shutdown: web (the dependent) is stopped, and gone, before db gets its signal.
+    eventually(T, "web to set its TERM trap", || {
+        web_trapped.exists().then_some(())
+    });
     let mut m = m;
     m.proc.signal(nix::sys::signal::Signal::SIGTERM);
     assert_eq!(m.proc.wait_exit(T), Some(0));
