@@ -123,6 +123,7 @@ impl Shared {
                 table = Table::new(list.version, current.all.clone());
             }
             drop(current);
+            table.publish_shares();
             let old = slot.table.swap(Arc::new(table));
             drop(old);
             // Forget feedback about instances that no table names any more.

@@ -62,12 +62,28 @@ const EWMA_NEW_SIXTEENTHS: u64 = 4;
 const ERR_SCALE: u32 = 1_000;
 /// The second candidate wins when its cost is below this share of the first's.
 const SWITCH_RATIO: f64 = 0.8;
-/// What the client learned about an instance fades by half per this many milliseconds without a new sample.
+/// What the client learned about an instance fades by half per this many milliseconds without a new sample,
+/// when the balancers have cut the instance's weight for the type (to half of an even share or less).
 /// The half-life sets how often an avoided instance is tried again, and those tries land in the tail: with
 /// one second, a 1.5× slower instance fades back into contention about 0.3 s after each try — over 1% of
 /// a type at 200 requests a second — and the SDK's order p99 came out at round robin's in
 /// `scripts/bench/balance`. Four seconds stretch that to about 1.2 s.
 const FADE_HALF_LIFE_MS: f64 = 4_000.0;
+/// The half-life when the balancers give the instance a full share (90% of an even one or more), between
+/// the two in proportion. Their figures come from every client's requests: if they see nothing wrong, what
+/// made this client avoid the instance was most likely a passing queue behind another type's requests, and
+/// with the long half-life that kept a healthy instance out of a type for seconds while the others crowded
+/// onto it (browse at 0% of one instance for 4 s in `scripts/bench/balance`, its orders at 50%).
+const FADE_SHORT_HALF_LIFE_MS: f64 = 1_000.0;
+/// Relative shares (the instance's weight over the mean weight of the table) bounding the interpolation.
+const FULL_SHARE: f64 = 0.9;
+const CUT_SHARE: f64 = 0.5;
+
+/// When the balancers give an instance at least this many times the share of a type's weight they gave it
+/// when this client last measured it, the client drops its measurement (see [`Stats::published`]).
+const SUPERSEDE_RATIO: f64 = 1.5;
+/// Relative shares are kept in parts per this many.
+const SHARE_SCALE: f64 = 1_000_000.0;
 
 /// A monotonic millisecond clock shared by a client's tasks (atomics store times as u64).
 #[derive(Debug, Clone, Copy)]
@@ -121,6 +137,11 @@ pub(crate) struct Stats {
     pub(crate) err_rate: AtomicU32,
     /// When (Clock ms) the last sample came.
     stamp_ms: AtomicU64,
+    /// The instance's relative share of the type's published weight (its weight over the table's mean, in
+    /// parts per `SHARE_SCALE`; 0 before any table) in the latest table, and in the table that was current
+    /// when the last sample came.
+    published_share: AtomicU32,
+    sampled_share: AtomicU32,
     /// Shared by every type's stats of the instance.
     pub(crate) instance: Arc<InstanceStats>,
 }
@@ -140,7 +161,18 @@ impl Stats {
     /// request, and that request's latency says whether it is still slow.
     fn fade(&self, now_ms: u64) -> f64 {
         let idle = now_ms.saturating_sub(self.stamp_ms.load(Ordering::Relaxed));
-        (-(idle as f64) / FADE_HALF_LIFE_MS).exp2()
+        (-(idle as f64) / self.half_life_ms()).exp2()
+    }
+
+    /// [`FADE_HALF_LIFE_MS`], or shorter as far as the balancers give the instance a full share (see
+    /// [`FADE_SHORT_HALF_LIFE_MS`]); the long one before any table says.
+    fn half_life_ms(&self) -> f64 {
+        let rel = f64::from(self.published_share.load(Ordering::Relaxed)) / SHARE_SCALE;
+        if rel <= 0.0 {
+            return FADE_HALF_LIFE_MS;
+        }
+        let full = ((rel - CUT_SHARE) / (FULL_SHARE - CUT_SHARE)).clamp(0.0, 1.0);
+        FADE_HALF_LIFE_MS + (FADE_SHORT_HALF_LIFE_MS - FADE_HALF_LIFE_MS) * full
     }
 
     pub(crate) fn record_success(&self, latency: Duration, now_ms: u64) {
@@ -160,14 +192,40 @@ impl Stats {
         self.ewma_us.store(new, Ordering::Relaxed);
         let e = (f64::from(self.err_rate.load(Ordering::Relaxed)) * fade) as u32;
         self.err_rate.store(e - e / 8, Ordering::Relaxed);
+        self.sampled(now_ms);
+    }
+
+    /// A sample came at `now_ms`, while the latest table was current.
+    fn sampled(&self, now_ms: u64) {
         self.stamp_ms.store(now_ms, Ordering::Relaxed);
+        let share = self.published_share.load(Ordering::Relaxed);
+        self.sampled_share.store(share, Ordering::Relaxed);
+    }
+
+    /// Notes the instance's relative `share` of the type's weight (its weight over the table's mean) in a
+    /// newly installed table. When that is at least
+    /// [`SUPERSEDE_RATIO`] times its share when this client last measured it, the balancers' view (from
+    /// every client's requests, reported a moment ago) is newer than the client's, and the latency measured
+    /// is dropped: the instance is compared on its queue alone until its next answer says what it is worth.
+    /// This is how a client notices that an instance it has been avoiding recovered. On its own it would
+    /// try the instance again only as its estimate fades (seconds: see [`FADE_HALF_LIFE_MS`]), and then
+    /// believe the answer only in part; meanwhile that type's share stays away from the instance while the
+    /// others' crowd onto it. If the instance is still slow, the cost is the one answer that says so.
+    pub(crate) fn published(&self, share: f64) {
+        let now = (share.clamp(0.0, 4_000.0) * SHARE_SCALE).round() as u32;
+        self.published_share.store(now, Ordering::Relaxed);
+        let then = self.sampled_share.load(Ordering::Relaxed);
+        if then > 0 && f64::from(now) >= SUPERSEDE_RATIO * f64::from(then) {
+            self.ewma_us.store(0, Ordering::Relaxed);
+            self.sampled_share.store(now, Ordering::Relaxed);
+        }
     }
 
     pub(crate) fn record_error(&self, now_ms: u64) {
         let e = (f64::from(self.err_rate.load(Ordering::Relaxed)) * self.fade(now_ms)) as u32;
         self.err_rate
             .store((e - e / 8 + ERR_SCALE / 8).min(ERR_SCALE), Ordering::Relaxed);
-        self.stamp_ms.store(now_ms, Ordering::Relaxed);
+        self.sampled(now_ms);
     }
 
     pub(crate) fn eject(&self, clock: &Clock, period: Duration) {
@@ -276,6 +334,22 @@ impl Table {
             pickable,
             cumulative,
             panic,
+        }
+    }
+
+    /// Tells each pickable entry's feedback its relative share of the table's weight ([`Stats::published`]);
+    /// called once when the table is installed. Panic mode's equal weights say nothing of the instances.
+    pub(crate) fn publish_shares(&self) {
+        let Some(&total) = self.cumulative.last() else {
+            return;
+        };
+        if self.panic {
+            return;
+        }
+        let n = self.pickable.len() as f64;
+        for &i in &self.pickable {
+            let e = &self.all[i];
+            e.stats.published(self.share(e, total) * n);
         }
     }
 
@@ -657,5 +731,84 @@ mod tests {
         busy.in_flight.store(4, Ordering::Relaxed);
         let c = counts(&t, 4000, &[]);
         assert!(n(&c, 2) > 2 * n(&c, 1), "{c:?}");
+    }
+
+    #[test]
+    fn a_balancer_raising_an_avoided_instances_share_makes_the_client_measure_it_again() {
+        // Measured slow (15 ms against 5) while the balancers gave it a small share.
+        let table = |slow_weight| {
+            let t = Table::new(
+                1,
+                vec![
+                    entry(1, 400, InstanceState::Up),
+                    entry(2, slow_weight, InstanceState::Up),
+                ],
+            );
+            t.publish_shares();
+            t
+        };
+        let before = table(100);
+        before.all[0].stats.record_success(Duration::from_millis(5), 0);
+        before.all[1].stats.record_success(Duration::from_millis(15), 0);
+        assert_eq!(n(&counts(&before, 4000, &[]), 2), 0);
+        // The same stats under a new table: a small change to the share keeps the client's measurement...
+        let same = |t: &Table, slow_weight| {
+            let next = Table::new(
+                2,
+                vec![
+                    Entry {
+                        stats: t.all[0].stats.clone(),
+                        ..entry(1, 400, InstanceState::Up)
+                    },
+                    Entry {
+                        stats: t.all[1].stats.clone(),
+                        ..entry(2, slow_weight, InstanceState::Up)
+                    },
+                ],
+            );
+            next.publish_shares();
+            next
+        };
+        let a_little = same(&before, 130);
+        assert_eq!(n(&counts(&a_little, 4000, &[]), 2), 0);
+        // ...while the balancers giving it its whole share back (their figures come from every client's
+        // requests) drops it: picks follow the weights until its next answer.
+        let back = same(&a_little, 400);
+        let c = counts(&back, 4000, &[]);
+        assert!((1600..2400).contains(&n(&c, 2)), "{c:?}");
+        // That answer decides: still slow, and it is avoided again.
+        back.all[1].stats.record_success(Duration::from_millis(15), 0);
+        assert_eq!(n(&counts(&back, 4000, &[]), 2), 0);
+        // A later table at that same share keeps the new measurement.
+        let again = same(&back, 400);
+        assert_eq!(n(&counts(&again, 4000, &[]), 2), 0);
+    }
+
+    #[test]
+    fn an_instance_the_balancers_find_healthy_is_tried_again_sooner_than_one_they_cut() {
+        // Both measured at 12 ms against a peer at 4 ms; one is at a full share of the table, one at a third.
+        let measured = |rel_share: f64| {
+            let s = Stats::default();
+            s.published(rel_share);
+            s.record_success(Duration::from_millis(12), 0);
+            s
+        };
+        let (full, cut, peer) = (measured(1.0), measured(0.3), Stats::default());
+        peer.record_success(Duration::from_millis(4), 0);
+        // When the avoided one is the first draw, it keeps the pick once the peer is no longer clearly cheaper.
+        // (The peer keeps answering in 4 ms, so its own estimate stays fresh.)
+        let tried = |s: &Stats, at: u64| {
+            peer.record_success(Duration::from_millis(4), at);
+            !peer.cost(at, 0.5).below(s.cost(at, 0.5), SWITCH_RATIO)
+        };
+        let first = |s: &Stats| (0..20_000u64).step_by(100).find(|&at| tried(s, at));
+        let (f, c) = (first(&full).unwrap(), first(&cut).unwrap());
+        // 12 ms fades to about 5 ms: 1.2 half-lives, 1.2 s at a full share, 4.8 s when cut.
+        assert!((1_000..1_500).contains(&f), "{f}");
+        assert!((4_500..5_500).contains(&c), "{c}");
+        // Before any table, the long half-life.
+        let none = Stats::default();
+        none.record_success(Duration::from_millis(12), 0);
+        assert_eq!(first(&none), Some(c));
     }
 }

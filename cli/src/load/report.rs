@@ -48,6 +48,8 @@ struct Slot {
     requests: u64,
     errors: u64,
     backends: BTreeMap<String, u64>,
+    /// The same counts per request type (indexed as the mix): a type's split can move against the others'.
+    by_type: Vec<BTreeMap<String, u64>>,
 }
 
 /// Most timeline slots kept (a day at one per second); `xcluster load` refuses an interval that would need
@@ -102,12 +104,19 @@ impl Recorder {
             let i =
                 usize::try_from((at.as_nanos() / iv.as_nanos()).min(u128::from(MAX_SLOTS - 1))).unwrap_or(0);
             if self.slots.len() <= i {
-                self.slots.resize(i + 1, Slot::default());
+                let empty = Slot {
+                    by_type: vec![BTreeMap::new(); self.names.len()],
+                    ..Slot::default()
+                };
+                self.slots.resize(i + 1, empty);
             }
             let slot = &mut self.slots[i];
             slot.requests += 1;
             slot.errors += u64::from(s.error.is_some());
             bump(&mut slot.backends, &s.backend);
+            if let Some(counts) = slot.by_type.get_mut(s.kind) {
+                bump(counts, &s.backend);
+            }
         }
         bump(&mut t.backends, &s.backend);
         match s.error {
@@ -180,6 +189,12 @@ impl Recorder {
                         requests: slot.requests,
                         errors: slot.errors,
                         backends: shares(&slot.backends),
+                        types: self
+                            .names
+                            .iter()
+                            .zip(&slot.by_type)
+                            .map(|(name, counts)| (name.to_string(), shares(counts)))
+                            .collect(),
                     })
                     .collect()
             })
@@ -205,6 +220,8 @@ pub struct Interval {
     pub requests: u64,
     pub errors: u64,
     pub backends: BTreeMap<String, Share>,
+    /// The backend shares of each request type's requests in the slot.
+    pub types: BTreeMap<String, BTreeMap<String, Share>>,
 }
 
 #[derive(Debug, Serialize)]
@@ -343,28 +360,32 @@ mod tests {
 
     #[test]
     fn timeline_splits_shares_by_interval() {
-        let mut r = Recorder::new(vec!["browse"]).with_interval(Duration::from_secs(1));
-        let sample = |backend: &str, error: bool| Sample {
-            kind: 0,
+        let mut r = Recorder::new(vec!["browse", "order"]).with_interval(Duration::from_secs(1));
+        let sample = |kind: usize, backend: &str, error: bool| Sample {
+            kind,
             latency: Duration::from_millis(1),
             backend: backend.into(),
             error: error.then(|| "timeout".to_string()),
         };
-        // Second 0: all to a. Second 1: nothing. Second 2: a quarter to a, one error.
+        // Second 0: all browse to a, one order to b. Second 1: nothing. Second 2: a quarter to a, one error.
         for _ in 0..4 {
-            r.record(sample("a", false), Duration::from_millis(500));
+            r.record(sample(0, "a", false), Duration::from_millis(500));
         }
-        r.record(sample("a", false), Duration::from_millis(2100));
+        r.record(sample(1, "b", false), Duration::from_millis(700));
+        r.record(sample(0, "a", false), Duration::from_millis(2100));
         for _ in 0..3 {
-            r.record(sample("b", false), Duration::from_millis(2900));
+            r.record(sample(0, "b", false), Duration::from_millis(2900));
         }
-        r.record(sample("", true), Duration::from_millis(2950));
+        r.record(sample(0, "", true), Duration::from_millis(2950));
         let rep = r.report("sdk", "open".into(), Duration::from_secs(3));
         let tl = &rep.timeline;
         assert_eq!(tl.len(), 3);
-        assert_eq!((tl[0].requests, tl[1].requests, tl[2].requests), (4, 0, 5));
-        assert!((tl[0].backends["a"].share - 1.0).abs() < 1e-9);
-        assert!(tl[1].backends.is_empty());
+        assert_eq!((tl[0].requests, tl[1].requests, tl[2].requests), (5, 0, 5));
+        assert!((tl[0].backends["a"].share - 0.8).abs() < 1e-9);
+        assert!((tl[0].types["browse"]["a"].share - 1.0).abs() < 1e-9);
+        assert!((tl[0].types["order"]["b"].share - 1.0).abs() < 1e-9);
+        assert!(!tl[0].types["order"].contains_key("a"));
+        assert!(tl[1].backends.is_empty() && tl[1].types["order"].is_empty());
         assert!((tl[2].backends["a"].share - 0.25).abs() < 1e-9);
         assert_eq!(tl[2].errors, 1);
         assert!((tl[2].start_s - 2.0).abs() < 1e-9);

@@ -115,7 +115,7 @@ impl Table {
             let before = prev.as_ref().filter(|_| fresh_before);
             let service = weights::smooth_service(
                 before.map(|p| &p.service),
-                &load.service_ms,
+                &load.service,
                 before.map_or(0, |p| report.timestamp_ms.saturating_sub(p.report_ts_ms)),
             );
             let mut damped = BTreeMap::new();
@@ -225,7 +225,11 @@ impl Table {
             } else if panic {
                 (InstanceState::Up, weights::PANIC_WEIGHT)
             } else {
-                let speed = weights::speed(i.service.get(name).map(|s| s.ms), reference, p);
+                let speed = weights::speed(
+                    i.service.get(name).map(|s| s.credible_ms(reference)),
+                    reference,
+                    p,
+                );
                 let damped = weights::scale(i.damped.get(name).copied().unwrap_or(1), speed);
                 let elapsed = i
                     .report_ts_ms

@@ -349,15 +349,22 @@ fn service_time_needs_two_instances_to_compare_and_can_be_turned_off() {
     assert_eq!(weight(&t.publish(2, &off), "cpu", "h1/a").unwrap().0, unscaled);
     assert!(weight(&t.publish(2, &p), "cpu", "h1/a").unwrap().0 < unscaled / 2);
 
-    // A mean over a couple of requests a second is noise, not a slow instance.
+    // A figure no request has refreshed fades back toward the reference.
     let mut t = Table::default();
-    let mut few = timed("h1/a", 1, 50.0);
-    few.types.get_mut("cpu").unwrap().rate = 2.0;
+    let b = || timed("h1/b", 2, 1.0);
     t.apply(
-        &report("h1", 1, 100, 0.0, vec![few, timed("h1/b", 2, 1.0)]),
+        &report("h1", 1, 100, 0.0, vec![timed("h1/a", 1, 20.0), b()]),
         1,
         &p,
     );
-    let table = t.publish(1, &p);
-    assert_eq!(weight(&table, "cpu", "h1/a"), weight(&table, "queue", "h1/a"));
+    let full = weight(&t.publish(1, &p), "queue", "h1/a").unwrap().0;
+    let cut = weight(&t.publish(1, &p), "cpu", "h1/a").unwrap().0;
+    assert_eq!(cut, (f64::from(full) * 1.75 / 20.0).round() as u32);
+    let mut quiet = inst("h1/a", 1, 0);
+    quiet.types.clear();
+    t.apply(&report("h1", 2, 1_600, 0.0, vec![quiet, b()]), 2, &p);
+    let later = weight(&t.publish(2, &p), "cpu", "h1/a").unwrap().0;
+    // (1.25 · 1 + 0.5) / (1 + 19 / e) after one time constant without a request.
+    let expected = f64::from(full) * 1.75 / (1.0 + 19.0 / std::f64::consts::E);
+    assert_eq!(later, expected.round() as u32, "{cut} -> {later} of {full}");
 }

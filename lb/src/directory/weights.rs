@@ -8,6 +8,15 @@ use std::time::Duration;
 
 use xcluster_proto::directory::MAX_WEIGHT;
 
+/// One request type's figures in an instance's latest window.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ServiceWindow {
+    /// Requests served per second.
+    pub rate: f64,
+    /// Their mean service time, in milliseconds.
+    pub ms: f64,
+}
+
 /// How much of each resource a request type uses (relative shares) and what one request costs.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct TypeProfile {
@@ -88,9 +97,9 @@ pub struct Load {
     pub type_errors: BTreeMap<String, f64>,
     /// The host's cores divided by the instances the agent reports on it.
     pub cores_per_instance: f64,
-    /// Mean service time (ms) per request type over the instance's last window; absent for a type it served
-    /// fewer than `SERVICE_MIN_RATE` requests a second of (a mean of a few is noise).
-    pub service_ms: BTreeMap<String, f64>,
+    /// The instance's last window per request type that it served any requests of: how many a second, and
+    /// their mean service time.
+    pub service: BTreeMap<String, ServiceWindow>,
 }
 
 impl Load {
@@ -117,11 +126,17 @@ impl Load {
                 .map(|(k, t)| (k.clone(), t.error_rate.clamp(0.0, 1.0)))
                 .collect(),
             cores_per_instance: f64::from(host.cores) / n.max(1) as f64,
-            service_ms: i
+            service: i
                 .types
                 .iter()
-                .filter(|(_, t)| t.rate >= SERVICE_MIN_RATE && t.service_ms > 0.0)
-                .map(|(k, t)| (k.clone(), t.service_ms))
+                .filter(|(_, t)| t.rate > 0.0 && t.service_ms > 0.0)
+                .map(|(k, t)| {
+                    let w = ServiceWindow {
+                        rate: t.rate,
+                        ms: t.service_ms,
+                    };
+                    (k.clone(), w)
+                })
                 .collect(),
         }
     }
@@ -170,58 +185,97 @@ const SERVICE_SLACK_MS: f64 = 0.5;
 /// so its service time stays measured and a recovery is seen.
 const SPEED_FLOOR: f64 = 0.05;
 
-/// How fast a smoothed service time follows the reported one: it moves `1 − e^(−Δt/τ)` of the way per report
-/// that comes Δt after the previous one (by the agent's clock). By time rather than per report, because an
-/// agent may send the same one-second window several times.
+/// How long a request's service time keeps counting toward an instance's figure: its weight fades by
+/// `e^(−Δt/τ)` (by the agent's clock, since an agent may send the same one-second window several times).
 const SERVICE_TAU_MS: f64 = 1_500.0;
 /// A reported service time counts for at most this multiple of the smoothed one. One window with a stall (a
 /// second of 300 ms answers was seen on a loaded 2-core host, and with a clip of 4 it cut a healthy
 /// instance's weight to a third) then moves the figure by about half, mostly within the tolerance; a slowness
 /// that lasts still reaches its level, growing about 1.5× a second.
 const SERVICE_CLIP: f64 = 2.0;
+/// The most of one window a report counts: the app's window is a second long.
+const SERVICE_WINDOW_MS: u64 = 1_000;
+/// A type without a request for this long (agent clock) forgets its smoothed figure, so an instance that
+/// lost all its traffic for being slow is not held to that figure forever: it gets its whole weight back,
+/// and is measured again.
+const SERVICE_FORGET_MS: u64 = 10_000;
 
-/// Fewer requests a second than this of a type, and the window's mean service time is not used.
-const SERVICE_MIN_RATE: f64 = 5.0;
-/// A type without a usable window for this long (agent clock) forgets its smoothed figure, so an instance
-/// that lost most of its traffic for being slow is not held to that figure forever: it gets its whole
-/// weight back, and is measured again.
-const SERVICE_FORGET_MS: u64 = 5_000;
-
-/// An instance's smoothed service time for one type.
+/// An instance's smoothed service time for one type: the mean over its recent requests, each counting less
+/// as it ages.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Served {
     pub ms: f64,
-    /// Agent time since the last usable window.
+    /// How many requests the figure stands for, faded by age (`SERVICE_TAU_MS`).
+    pub samples: f64,
+    /// Agent time since the last window with a request of the type.
     pub unsampled_ms: u64,
 }
 
+impl Served {
+    /// The figure to judge the instance by against the type's `reference`: by as much as it is slower,
+    /// fading toward the reference as the time since its last request of the type grows (by the same
+    /// `SERVICE_TAU_MS` as its requests' weight). A figure nothing has refreshed for seconds says little
+    /// about now: the instance drifts back toward its whole weight, to be measured again, rather than being
+    /// held to an old figure and then given everything back at once. While even a trickle of requests
+    /// comes (as to a slow instance whose weight is cut), the figure holds.
+    pub fn credible_ms(&self, reference: Option<f64>) -> f64 {
+        match reference {
+            Some(r) if self.ms > r => {
+                r + (self.ms - r) * (-(self.unsampled_ms as f64) / SERVICE_TAU_MS).exp()
+            }
+            _ => self.ms,
+        }
+    }
+}
+
 /// Smooths an instance's service times across its reports, `elapsed_ms` after the previous one (`prev`,
-/// `None` for the first). A type the report has no figure for keeps its previous value, for at most
-/// `SERVICE_FORGET_MS`.
+/// `None` for the first). Each report adds the requests of its window since the previous report, and moves
+/// the figure by their share of all the requests it stands for. Weighting by requests rather than by time
+/// is what lets an instance that gets few requests show a change as fast as a busy one: an instance that
+/// was slow, and so got a trickle of requests, has a figure that stands for only a few of them, and its
+/// first fast answers after it recovers outweigh them. (A figure moved only by windows of at least 5
+/// requests a second, and held otherwise, kept such an instance at its slow weight until it was forgotten
+/// 5 s later; and while it was still slow that forgetting gave it its whole weight back every few seconds.)
+/// A type the report has no requests of keeps its figure, fading, for at most `SERVICE_FORGET_MS`.
 pub fn smooth_service(
     prev: Option<&BTreeMap<String, Served>>,
-    sample: &BTreeMap<String, f64>,
+    sample: &BTreeMap<String, ServiceWindow>,
     elapsed_ms: u64,
 ) -> BTreeMap<String, Served> {
-    let step = 1.0 - (-(elapsed_ms as f64) / SERVICE_TAU_MS).exp();
+    let keep = (-(elapsed_ms as f64) / SERVICE_TAU_MS).exp();
     let mut out = prev.cloned().unwrap_or_default();
     out.retain(|name, s| {
         if !sample.contains_key(name) {
             s.unsampled_ms = s.unsampled_ms.saturating_add(elapsed_ms);
+            s.samples *= keep;
         }
         s.unsampled_ms <= SERVICE_FORGET_MS
     });
-    for (name, &ms) in sample {
-        let v = out
-            .get(name)
-            .map_or(ms, |old| old.ms + step * (ms.min(old.ms * SERVICE_CLIP) - old.ms));
-        out.insert(
-            name.clone(),
-            Served {
-                ms: v,
+    for (name, w) in sample {
+        let served = match out.get(name) {
+            None => Served {
+                ms: w.ms,
+                samples: w.rate * SERVICE_WINDOW_MS as f64 / 1000.0,
                 unsampled_ms: 0,
             },
-        );
+            Some(old) => {
+                // The window's requests since the previous report, not the whole window again.
+                let new = w.rate * elapsed_ms.min(SERVICE_WINDOW_MS) as f64 / 1000.0;
+                let kept = old.samples * keep;
+                let total = kept + new;
+                let ms = if total > 0.0 {
+                    (old.ms * kept + w.ms.min(old.ms * SERVICE_CLIP) * new) / total
+                } else {
+                    old.ms
+                };
+                Served {
+                    ms,
+                    samples: total,
+                    unsampled_ms: 0,
+                }
+            }
+        };
+        out.insert(name.clone(), served);
     }
     out
 }

@@ -259,43 +259,136 @@ fn service_reference_is_the_lower_median_and_speed_is_the_bounded_ratio() {
     assert_eq!(speed(Some(0.6), Some(0.2), &p), 1.0);
 }
 
+/// One type's window: `rate` requests a second of `ms` each.
+fn window(rate: f64, ms: f64) -> BTreeMap<String, ServiceWindow> {
+    BTreeMap::from([("t".to_string(), ServiceWindow { rate, ms })])
+}
+
+/// The figure after `secs` seconds of reports 250 ms apart, each carrying `w`.
+fn reports(
+    from: &BTreeMap<String, Served>,
+    w: &BTreeMap<String, ServiceWindow>,
+    secs: u32,
+) -> BTreeMap<String, Served> {
+    (0..secs * 4).fold(from.clone(), |s, _| smooth_service(Some(&s), w, 250))
+}
+
 #[test]
-fn service_times_are_smoothed_by_time_clipped_and_forgotten_without_samples() {
-    let at = |ms: f64| BTreeMap::from([("t".to_string(), ms)]);
+fn service_times_are_smoothed_by_requests_clipped_and_forgotten_without_requests() {
     let ms = |m: &BTreeMap<String, Served>| m["t"].ms;
-    let first = smooth_service(None, &at(8.0), 0);
-    assert_eq!(ms(&first), 8.0);
-    let same = smooth_service(Some(&first), &at(2.0), 0);
-    assert_eq!(ms(&same), 8.0, "no time passed: no step");
-    // 1.5 s later (one time constant): 1 - 1/e of the way.
-    let next = smooth_service(Some(&first), &at(2.0), 1_500);
-    assert!((ms(&next) - (8.0 - 6.0 * (1.0 - (-1.0f64).exp()))).abs() < 1e-9);
-    // Four reports 250 ms apart move as far as one a second later.
-    let mut four = first.clone();
-    for _ in 0..4 {
-        four = smooth_service(Some(&four), &at(2.0), 250);
-    }
-    let once = smooth_service(Some(&first), &at(2.0), 1_000);
-    assert!((ms(&four) - ms(&once)).abs() < 1e-9);
-    // A stalled window counts for at most 2x the smoothed figure.
-    let spike = smooth_service(Some(&at_served(1.0)), &at(300.0), 1_000_000);
-    assert!((ms(&spike) - 2.0).abs() < 1e-6, "{spike:?}");
-    let p = Params::default();
-    let one_second = smooth_service(Some(&at_served(4.0)), &at(300.0), 1_000);
-    assert!(
-        speed(Some(ms(&one_second)), Some(4.0), &p) > 0.8,
-        "one stalled second: {one_second:?}"
+    let first = smooth_service(None, &window(100.0, 8.0), 0);
+    assert_eq!(
+        (ms(&first), first["t"].samples),
+        (8.0, 100.0),
+        "a first window: its second of requests"
     );
-    // Without usable windows the figure is kept for 5 s, then forgotten.
-    let mut quiet = next.clone();
-    for _ in 0..5 {
+    let same = smooth_service(Some(&first), &window(100.0, 2.0), 0);
+    assert_eq!(ms(&same), 8.0, "no time passed: no new requests");
+    // At a steady rate, the figure moves 1 − e^(−Δt/1.5 s) of the way per report, however often they come:
+    // the requests it stands for settle at rate × 1.5 s.
+    let steady = reports(&first, &window(100.0, 8.0), 10);
+    assert!((steady["t"].samples - 100.0 * 1.5).abs() < 20.0, "{steady:?}");
+    let four = reports(&steady, &window(100.0, 4.0), 1);
+    let once = smooth_service(Some(&steady), &window(100.0, 4.0), 1_000);
+    assert!((ms(&four) - ms(&once)).abs() < 0.3, "{four:?} {once:?}");
+    assert!(
+        ms(&once) > 5.0 && ms(&once) < 6.5,
+        "about half way in a second: {once:?}"
+    );
+    // A stalled window counts for at most 2x the figure, so one second of it stays near the tolerance.
+    let spike = smooth_service(Some(&steady), &window(100.0, 300.0), 1_000_000);
+    assert!((ms(&spike) - 16.0).abs() < 1e-6, "{spike:?}");
+    let p = Params::default();
+    let stalled = smooth_service(Some(&steady), &window(100.0, 300.0), 1_000);
+    assert!(
+        speed(Some(ms(&stalled)), Some(8.0), &p) > 0.8,
+        "one stalled second: {stalled:?}"
+    );
+    // Without requests the figure is kept (its requests fading) for 10 s, then forgotten.
+    let mut quiet = steady.clone();
+    for _ in 0..10 {
         quiet = smooth_service(Some(&quiet), &BTreeMap::new(), 1_000);
-        assert_eq!(ms(&quiet), ms(&next));
+        assert_eq!(ms(&quiet), ms(&steady));
     }
+    assert!(quiet["t"].samples < 0.01 * steady["t"].samples, "{quiet:?}");
     quiet = smooth_service(Some(&quiet), &BTreeMap::new(), 1_000);
     assert!(quiet.is_empty());
 }
 
-fn at_served(ms: f64) -> BTreeMap<String, Served> {
-    BTreeMap::from([("t".to_string(), Served { ms, unsampled_ms: 0 })])
+#[test]
+fn an_instance_that_gets_few_requests_shows_a_recovery_as_fast_as_a_busy_one() {
+    // Slow (12 ms) for a while: one instance with a trickle of 2 requests a second (as a slow one gets once
+    // its weight is cut), one with 200.
+    let p = Params::default();
+    for rate in [2.0, 200.0] {
+        let slow = reports(
+            &smooth_service(None, &window(rate, 12.0), 0),
+            &window(rate, 12.0),
+            10,
+        );
+        assert!((ms_of(&slow) - 12.0).abs() < 1e-9);
+        // Fast again (3 ms against a 3 ms reference): within three seconds of reports it is back within the
+        // tolerance, and in one past half its weight, whatever its rate.
+        let back = reports(&slow, &window(rate, 3.0), 3);
+        assert_eq!(
+            speed(Some(ms_of(&back)), Some(3.0), &p),
+            1.0,
+            "rate {rate}: {back:?}"
+        );
+        let one = reports(&slow, &window(rate, 3.0), 1);
+        assert!(
+            speed(Some(ms_of(&one)), Some(3.0), &p) > 0.5,
+            "rate {rate}: {one:?}"
+        );
+    }
+    // And a thin trickle is not held at its old figure: a window of one request still counts.
+    let slow = reports(
+        &smooth_service(None, &window(1.0, 12.0), 0),
+        &window(1.0, 12.0),
+        10,
+    );
+    let moved = reports(&slow, &window(1.0, 3.0), 1);
+    assert!(ms_of(&moved) < 8.0, "{moved:?}");
+}
+
+fn ms_of(m: &BTreeMap<String, Served>) -> f64 {
+    m["t"].ms
+}
+
+#[test]
+fn a_figure_without_new_requests_fades_toward_the_reference() {
+    let p = Params::default();
+    let served = |ms: f64, unsampled_ms: u64| Served {
+        ms,
+        samples: 1.0,
+        unsampled_ms,
+    };
+    assert_eq!(
+        served(12.0, 0).credible_ms(Some(3.0)),
+        12.0,
+        "refreshed: taken as it is"
+    );
+    let one_tau = served(12.0, 1_500).credible_ms(Some(3.0));
+    assert!(
+        (one_tau - (3.0 + 9.0 / std::f64::consts::E)).abs() < 1e-9,
+        "{one_tau}"
+    );
+    assert_eq!(
+        served(2.0, 9_000).credible_ms(Some(3.0)),
+        2.0,
+        "faster is taken as it is"
+    );
+    assert_eq!(served(12.0, 9_000).credible_ms(None), 12.0);
+    // One slow request on a quiet type cuts the weight; seconds without another give it back.
+    let one = smooth_service(None, &window(1.0, 50.0), 0);
+    let cut = speed(Some(one["t"].credible_ms(Some(1.0))), Some(1.0), &p);
+    assert!(cut < 0.1, "{cut}");
+    let later = (0..6).fold(one, |s, _| smooth_service(Some(&s), &BTreeMap::new(), 1_000));
+    let back = speed(Some(later["t"].credible_ms(Some(1.0))), Some(1.0), &p);
+    assert!(back > 0.5, "{back} {later:?}");
+    // A trickle keeps it: one request every second, each as slow.
+    let trickle = (0..6).fold(smooth_service(None, &window(1.0, 50.0), 0), |s, _| {
+        smooth_service(Some(&s), &window(1.0, 50.0), 1_000)
+    });
+    assert_eq!(trickle["t"].credible_ms(Some(1.0)), 50.0);
 }
