@@ -106,6 +106,9 @@ pub struct InstanceStatus {
     pub queue: f64,
     /// Weight per request type.
     pub weights: BTreeMap<String, u32>,
+    /// The smoothed mean service time per request type, in milliseconds, that the weight compares with its
+    /// peers' (absent for a type without recent requests).
+    pub service_ms: BTreeMap<String, f64>,
 }
 
 /// Why a directory answer was refused by a client.

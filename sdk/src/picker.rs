@@ -138,10 +138,10 @@ pub(crate) struct Stats {
     /// When (Clock ms) the last sample came.
     stamp_ms: AtomicU64,
     /// The instance's relative share of the type's published weight (its weight over the table's mean, in
-    /// parts per `SHARE_SCALE`; 0 before any table) in the latest table, and in the table that was current
-    /// when the last sample came.
+    /// parts per `SHARE_SCALE`; 0 before any table) in the latest table, and the lowest since the last
+    /// sample (0 before any sample).
     published_share: AtomicU32,
-    sampled_share: AtomicU32,
+    low_share: AtomicU32,
     /// Shared by every type's stats of the instance.
     pub(crate) instance: Arc<InstanceStats>,
 }
@@ -199,14 +199,16 @@ impl Stats {
     fn sampled(&self, now_ms: u64) {
         self.stamp_ms.store(now_ms, Ordering::Relaxed);
         let share = self.published_share.load(Ordering::Relaxed);
-        self.sampled_share.store(share, Ordering::Relaxed);
+        self.low_share.store(share, Ordering::Relaxed);
     }
 
     /// Notes the instance's relative `share` of the type's weight (its weight over the table's mean) in a
-    /// newly installed table. When that is at least
-    /// [`SUPERSEDE_RATIO`] times its share when this client last measured it, the balancers' view (from
-    /// every client's requests, reported a moment ago) is newer than the client's, and the latency measured
-    /// is dropped: the instance is compared on its queue alone until its next answer says what it is worth.
+    /// newly installed table. When that is at least [`SUPERSEDE_RATIO`] times the lowest it has been since
+    /// this client last measured the instance, the balancers' view (from every client's requests, reported
+    /// a moment ago) is newer than the client's, and the latency measured is dropped: the instance is
+    /// compared on its queue alone until its next answer says what it is worth. (The lowest, not the share
+    /// at the sample: a client's last sample may come just before the balancers cut the instance further,
+    /// and the rise back from there is the news.)
     /// This is how a client notices that an instance it has been avoiding recovered. On its own it would
     /// try the instance again only as its estimate fades (seconds: see [`FADE_HALF_LIFE_MS`]), and then
     /// believe the answer only in part; meanwhile that type's share stays away from the instance while the
@@ -214,10 +216,15 @@ impl Stats {
     pub(crate) fn published(&self, share: f64) {
         let now = (share.clamp(0.0, 4_000.0) * SHARE_SCALE).round() as u32;
         self.published_share.store(now, Ordering::Relaxed);
-        let then = self.sampled_share.load(Ordering::Relaxed);
-        if then > 0 && f64::from(now) >= SUPERSEDE_RATIO * f64::from(then) {
+        let low = self.low_share.load(Ordering::Relaxed);
+        if low == 0 {
+            return;
+        }
+        if f64::from(now) >= SUPERSEDE_RATIO * f64::from(low) {
             self.ewma_us.store(0, Ordering::Relaxed);
-            self.sampled_share.store(now, Ordering::Relaxed);
+            self.low_share.store(now, Ordering::Relaxed);
+        } else if now < low {
+            self.low_share.store(now, Ordering::Relaxed);
         }
     }
 
@@ -782,6 +789,12 @@ mod tests {
         // A later table at that same share keeps the new measurement.
         let again = same(&back, 400);
         assert_eq!(n(&counts(&again, 4000, &[]), 2), 0);
+        // A cut after the last sample and a rise back from it is news too, though the share is only back
+        // where it was at the sample.
+        let lower = same(&again, 150);
+        assert_eq!(n(&counts(&lower, 4000, &[]), 2), 0);
+        let up = same(&lower, 400);
+        assert!(n(&counts(&up, 4000, &[]), 2) > 1000);
     }
 
     #[test]

@@ -118,6 +118,7 @@ pub fn instance_status(table: &Table, snap: &Snapshot, now_ms: u64) -> Vec<Insta
                 mem: i.load.mem,
                 queue: i.load.queue,
                 weights,
+                service_ms: i.service.iter().map(|(k, s)| (k.clone(), s.ms)).collect(),
             }
         })
         .collect()
