@@ -23,8 +23,9 @@ pub struct ProxySection {
     /// `per_core` (default, measured faster: one current-thread runtime and one SO_REUSEPORT listener per
     /// worker) or `shared` (one multi-thread runtime with `workers` threads).
     pub runtime: String,
-    /// `auto` (default: copy small messages, splice bulk streams; measured best), `splice` (always zero-copy
-    /// through pooled pipes) or `copy` (always pooled user-space buffers).
+    /// `auto` (default: copy small messages, splice bulk streams to remote peers, copy to loopback ones;
+    /// measured best), `splice` (always zero-copy through pooled pipes) or `copy` (always pooled user-space
+    /// buffers).
     pub forwarding: String,
     pub connect_timeout_ms: u64,
     /// How many backends a connection may try before any byte is forwarded (redispatch).

@@ -20,7 +20,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Sleep;
 use tracing::{Instrument, debug, debug_span};
 
-use super::config::{Forwarding, Timeouts};
+use super::config::Timeouts;
 use super::forward::Direction;
 use super::metrics::BackendMetrics;
 use super::service::{ListenerState, Shared};
@@ -85,15 +85,12 @@ pub fn serve(
         fut: Box::pin(
             async move {
                 let timeouts = shared.timeouts.load_full();
-                let (backend, bm) = establish(&client, peer, &active.l, &shared, &timeouts).await?;
-                Some(Conn::new(
-                    client,
-                    backend,
-                    bm,
-                    active,
-                    shared.forwarding,
-                    timeouts.idle,
-                ))
+                let (backend, addr, bm) = establish(&client, peer, &active.l, &shared, &timeouts).await?;
+                // Each direction is told whether its destination is on this host (see `Direction::new`).
+                let local = |a: SocketAddr| a.ip().to_canonical().is_loopback();
+                let up = Direction::new(shared.forwarding, local(addr));
+                let down = Direction::new(shared.forwarding, local(peer));
+                Some(Conn::new(client, backend, bm, active, (up, down), timeouts.idle))
             }
             .instrument(span),
         ),
@@ -127,7 +124,7 @@ async fn establish(
     l: &ListenerState,
     shared: &Shared,
     timeouts: &Timeouts,
-) -> Option<(TcpStream, Arc<BackendMetrics>)> {
+) -> Option<(TcpStream, SocketAddr, Arc<BackendMetrics>)> {
     let Some((backend, addr, bm)) = connect(l, shared, timeouts).await else {
         l.metrics.failed.increment(1);
         debug!("no backend reachable; closing the client");
@@ -145,7 +142,7 @@ async fn establish(
             }
         }
     }
-    Some((backend, bm))
+    Some((backend, addr, bm))
 }
 
 /// Writes all of `data` through a shared reference (the header is small: one write in practice).
@@ -226,7 +223,7 @@ impl Conn {
         backend: TcpStream,
         bm: Arc<BackendMetrics>,
         mut active: Active,
-        mode: Forwarding,
+        (up, down): (Direction, Direction),
         idle: Option<Duration>,
     ) -> Self {
         active.set_backend(bm);
@@ -235,8 +232,8 @@ impl Conn {
         Self {
             client,
             backend,
-            up: Direction::new(mode),
-            down: Direction::new(mode),
+            up,
+            down,
             active,
             start,
             last_ms: 0,
