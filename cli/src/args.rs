@@ -178,8 +178,8 @@ pub struct LoadArgs {
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
-    /// Also report requests, errors and backend shares per interval of this many milliseconds (a timeline;
-    /// 0 keeps none), to watch the split change during one run.
+    /// Also report requests, errors and backend shares (of all requests and of each type) per interval of
+    /// this many milliseconds (a timeline; 0 keeps none), to watch the split change during one run.
     #[arg(long, default_value_t = 0)]
     pub interval_ms: u64,
     /// Write the id of every order the app acknowledged (2xx to `order` or `seckill`) to this file, one per

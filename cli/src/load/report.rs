@@ -318,6 +318,17 @@ impl Report {
                     out += &format!("  {b} {:>5.1}%", s.share * 100.0);
                 }
                 out += "\n";
+                // Each type's own split, when there is more than one: a cheap type may make room for an
+                // expensive one, which the all-types shares above would show as an imbalance.
+                if iv.types.len() > 1 {
+                    for (ty, shares) in iv.types.iter().filter(|(_, m)| !m.is_empty()) {
+                        out += &format!("  {:>29} ", ty);
+                        for (b, s) in shares {
+                            out += &format!("  {b} {:>5.1}%", s.share * 100.0);
+                        }
+                        out += "\n";
+                    }
+                }
             }
         }
         out
@@ -389,6 +400,12 @@ mod tests {
         assert!((tl[2].backends["a"].share - 0.25).abs() < 1e-9);
         assert_eq!(tl[2].errors, 1);
         assert!((tl[2].start_s - 2.0).abs() < 1e-9);
-        assert!(rep.text().contains("timeline"));
+        let text = rep.text();
+        assert!(text.contains("timeline"));
+        assert!(
+            text.lines()
+                .any(|l| l.trim_start().starts_with("order") && l.contains("b 100.0%")),
+            "each type's split per interval:\n{text}"
+        );
     }
 }
