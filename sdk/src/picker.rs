@@ -79,8 +79,8 @@ const FADE_SHORT_HALF_LIFE_MS: f64 = 1_000.0;
 const FULL_SHARE: f64 = 0.9;
 const CUT_SHARE: f64 = 0.5;
 
-/// When the balancers give an instance at least this many times the share of a type's weight they gave it
-/// when this client last measured it, the client drops its measurement (see [`Stats::published`]).
+/// When the balancers give an instance at least this many times the lowest share of a type's weight they gave
+/// it since this client last measured it, the client drops its measurement (see [`Stats::published`]).
 const SUPERSEDE_RATIO: f64 = 1.5;
 /// Relative shares are kept in parts per this many.
 const SHARE_SCALE: f64 = 1_000_000.0;
@@ -347,12 +347,9 @@ impl Table {
     /// Tells each pickable entry's feedback its relative share of the table's weight ([`Stats::published`]);
     /// called once when the table is installed. Panic mode's equal weights say nothing of the instances.
     pub(crate) fn publish_shares(&self) {
-        let Some(&total) = self.cumulative.last() else {
+        let Some(&total) = self.cumulative.last().filter(|_| !self.panic) else {
             return;
         };
-        if self.panic {
-            return;
-        }
         let n = self.pickable.len() as f64;
         for &i in &self.pickable {
             let e = &self.all[i];

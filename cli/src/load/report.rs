@@ -47,14 +47,25 @@ pub struct Recorder {
 struct Slot {
     requests: u64,
     errors: u64,
-    backends: BTreeMap<String, u64>,
-    /// The same counts per request type (indexed as the mix): a type's split can move against the others'.
+    /// Requests per backend, per request type (indexed as the mix): a type's split can move against the
+    /// others'. The slot's all-types counts are their sum.
     by_type: Vec<BTreeMap<String, u64>>,
 }
 
 /// Most timeline slots kept (a day at one per second); `xcluster load` refuses an interval that would need
 /// more, and samples finishing later (past the deadline, within a timeout) go to the last one.
 pub const MAX_SLOTS: u64 = 86_400;
+
+/// The per-backend counts of several request types added up.
+fn merged<'a>(per_type: impl IntoIterator<Item = &'a BTreeMap<String, u64>>) -> BTreeMap<String, u64> {
+    let mut all = BTreeMap::new();
+    for counts in per_type {
+        for (b, n) in counts {
+            *all.entry(b.clone()).or_default() += n;
+        }
+    }
+    all
+}
 
 /// Counts one more request for `backend` (none when empty), allocating its key only the first time.
 fn bump(counts: &mut BTreeMap<String, u64>, backend: &str) {
@@ -113,7 +124,6 @@ impl Recorder {
             let slot = &mut self.slots[i];
             slot.requests += 1;
             slot.errors += u64::from(s.error.is_some());
-            bump(&mut slot.backends, &s.backend);
             if let Some(counts) = slot.by_type.get_mut(s.kind) {
                 bump(counts, &s.backend);
             }
@@ -148,15 +158,11 @@ impl Recorder {
                 })
                 .collect()
         };
-        let mut all_backends: BTreeMap<String, u64> = BTreeMap::new();
         let types = self
             .names
             .iter()
             .zip(&self.types)
             .map(|(name, t)| {
-                for (b, n) in &t.backends {
-                    *all_backends.entry(b.clone()).or_default() += n;
-                }
                 let h = &t.hist;
                 let ok = h.len();
                 TypeReport {
@@ -188,7 +194,7 @@ impl Recorder {
                         start_s: iv.as_secs_f64() * i as f64,
                         requests: slot.requests,
                         errors: slot.errors,
-                        backends: shares(&slot.backends),
+                        backends: shares(&merged(&slot.by_type)),
                         types: self
                             .names
                             .iter()
@@ -207,7 +213,7 @@ impl Recorder {
             errors,
             throughput_rps: (requests - errors) as f64 / secs,
             types,
-            backends: shares(&all_backends),
+            backends: shares(&merged(self.types.iter().map(|t| &t.backends))),
             timeline,
         }
     }
@@ -270,6 +276,14 @@ pub struct Report {
     pub timeline: Vec<Interval>,
 }
 
+/// One timeline line's backend shares, and its end.
+fn share_cells(out: &mut String, shares: &BTreeMap<String, Share>) {
+    for (b, s) in shares {
+        *out += &format!("  {b} {:>5.1}%", s.share * 100.0);
+    }
+    out.push('\n');
+}
+
 fn ms(us: u64) -> String {
     format!("{:.2}", us as f64 / 1000.0)
 }
@@ -314,19 +328,13 @@ impl Report {
                     "  {:>7.1}s {:>7} req {:>5} err ",
                     iv.start_s, iv.requests, iv.errors
                 );
-                for (b, s) in &iv.backends {
-                    out += &format!("  {b} {:>5.1}%", s.share * 100.0);
-                }
-                out += "\n";
+                share_cells(&mut out, &iv.backends);
                 // Each type's own split, when there is more than one: a cheap type may make room for an
                 // expensive one, which the all-types shares above would show as an imbalance.
                 if iv.types.len() > 1 {
                     for (ty, shares) in iv.types.iter().filter(|(_, m)| !m.is_empty()) {
                         out += &format!("  {:>29} ", ty);
-                        for (b, s) in shares {
-                            out += &format!("  {b} {:>5.1}%", s.share * 100.0);
-                        }
-                        out += "\n";
+                        share_cells(&mut out, shares);
                     }
                 }
             }

@@ -190,8 +190,8 @@ impl Table {
             .collect()
     }
 
-    /// The type's reference service time among the usable instances, computed at publish time so that it depends on the latest reports only, not on the order
-    /// they arrived in.
+    /// The type's reference service time among the usable instances, computed at publish time so that it
+    /// depends on the latest reports only, not on the order they arrived in.
     fn reference_service(&self, name: &str, now_ms: u64, p: &Params) -> Option<f64> {
         weights::reference_service(
             self.instances

@@ -7,15 +7,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use xcluster_proto::directory::MAX_WEIGHT;
-
-/// One request type's figures in an instance's latest window.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct ServiceWindow {
-    /// Requests served per second.
-    pub rate: f64,
-    /// Their mean service time, in milliseconds.
-    pub ms: f64,
-}
+use xcluster_proto::stats::TypeStats;
 
 /// How much of each resource a request type uses (relative shares) and what one request costs.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -97,9 +89,9 @@ pub struct Load {
     pub type_errors: BTreeMap<String, f64>,
     /// The host's cores divided by the instances the agent reports on it.
     pub cores_per_instance: f64,
-    /// The instance's last window per request type that it served any requests of: how many a second, and
-    /// their mean service time.
-    pub service: BTreeMap<String, ServiceWindow>,
+    /// The instance's last window per request type that it served any requests of, as reported (its rate
+    /// and mean service time are what [`smooth_service`] uses).
+    pub service: BTreeMap<String, TypeStats>,
 }
 
 impl Load {
@@ -130,13 +122,7 @@ impl Load {
                 .types
                 .iter()
                 .filter(|(_, t)| t.rate > 0.0 && t.service_ms > 0.0)
-                .map(|(k, t)| {
-                    let w = ServiceWindow {
-                        rate: t.rate,
-                        ms: t.service_ms,
-                    };
-                    (k.clone(), w)
-                })
+                .map(|(k, t)| (k.clone(), t.clone()))
                 .collect(),
         }
     }
@@ -239,7 +225,7 @@ impl Served {
 /// A type the report has no requests of keeps its figure, fading, for at most `SERVICE_FORGET_MS`.
 pub fn smooth_service(
     prev: Option<&BTreeMap<String, Served>>,
-    sample: &BTreeMap<String, ServiceWindow>,
+    sample: &BTreeMap<String, TypeStats>,
     elapsed_ms: u64,
 ) -> BTreeMap<String, Served> {
     let keep = (-(elapsed_ms as f64) / SERVICE_TAU_MS).exp();
@@ -254,7 +240,7 @@ pub fn smooth_service(
     for (name, w) in sample {
         let served = match out.get(name) {
             None => Served {
-                ms: w.ms,
+                ms: w.service_ms,
                 samples: w.rate * SERVICE_WINDOW_MS as f64 / 1000.0,
                 unsampled_ms: 0,
             },
@@ -264,7 +250,7 @@ pub fn smooth_service(
                 let kept = old.samples * keep;
                 let total = kept + new;
                 let ms = if total > 0.0 {
-                    (old.ms * kept + w.ms.min(old.ms * SERVICE_CLIP) * new) / total
+                    (old.ms * kept + w.service_ms.min(old.ms * SERVICE_CLIP) * new) / total
                 } else {
                     old.ms
                 };

@@ -260,14 +260,19 @@ fn service_reference_is_the_lower_median_and_speed_is_the_bounded_ratio() {
 }
 
 /// One type's window: `rate` requests a second of `ms` each.
-fn window(rate: f64, ms: f64) -> BTreeMap<String, ServiceWindow> {
-    BTreeMap::from([("t".to_string(), ServiceWindow { rate, ms })])
+fn window(rate: f64, ms: f64) -> BTreeMap<String, TypeStats> {
+    let w = TypeStats {
+        rate,
+        service_ms: ms,
+        error_rate: 0.0,
+    };
+    BTreeMap::from([("t".to_string(), w)])
 }
 
 /// The figure after `secs` seconds of reports 250 ms apart, each carrying `w`.
 fn reports(
     from: &BTreeMap<String, Served>,
-    w: &BTreeMap<String, ServiceWindow>,
+    w: &BTreeMap<String, TypeStats>,
     secs: u32,
 ) -> BTreeMap<String, Served> {
     (0..secs * 4).fold(from.clone(), |s, _| smooth_service(Some(&s), w, 250))
