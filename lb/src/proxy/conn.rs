@@ -254,13 +254,15 @@ impl Future for Conn {
         let mut moved = false;
         if !this.up.is_done() {
             let count = counting(&mut moved, &l.bytes_up, bm.map(|b| &b.bytes_up));
-            if let Poll::Ready(Err(e)) = this.up.poll_forward(cx, client_r, backend_w, count) {
+            let last = this.down.is_done();
+            if let Poll::Ready(Err(e)) = this.up.poll_forward(cx, client_r, backend_w, last, count) {
                 return Poll::Ready(Outcome::Error(e));
             }
         }
         if !this.down.is_done() {
             let count = counting(&mut moved, &l.bytes_down, bm.map(|b| &b.bytes_down));
-            if let Poll::Ready(Err(e)) = this.down.poll_forward(cx, backend_r, client_w, count) {
+            let last = this.up.is_done();
+            if let Poll::Ready(Err(e)) = this.down.poll_forward(cx, backend_r, client_w, last, count) {
                 return Poll::Ready(Outcome::Error(e));
             }
         }
