@@ -77,8 +77,8 @@ pub fn serve(
     shared: Arc<Shared>,
     permit: OwnedSemaphorePermit,
 ) -> Serve {
+    // No `set_nodelay` here: the socket inherited TCP_NODELAY from its listener (`listener::bind`).
     l.metrics.accepted.increment(1);
-    let _ = client.set_nodelay(true);
     let span = debug_span!("proxy", listener = %l.cfg.name, %peer);
     let active = Active::new(l, permit);
     Serve::Connecting {

@@ -101,3 +101,30 @@ pub async fn accept_loop(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// `conn::serve` relies on accepted sockets inheriting TCP_NODELAY and keepalive from the listener
+    /// rather than setting them again (a syscall per connection).
+    #[test]
+    fn accepted_sockets_inherit_nodelay_and_keepalive() {
+        let cfg = ListenerConfig {
+            name: "x".into(),
+            listen: "127.0.0.1:0".parse().unwrap(),
+            request_type: "x".into(),
+            proxy_protocol: false,
+        };
+        let l = bind(&cfg, 16, Some(Duration::from_secs(30))).unwrap();
+        let _c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        l.set_nonblocking(false).unwrap();
+        let (a, _) = l.accept().unwrap();
+        assert!(a.nodelay().unwrap(), "TCP_NODELAY not inherited");
+        assert!(
+            socket2::SockRef::from(&a).keepalive().unwrap(),
+            "keepalive not inherited"
+        );
+    }
+}
