@@ -6,7 +6,7 @@
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::sync::mpsc;
+use std::sync::{Arc, RwLock, mpsc};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -17,7 +17,11 @@ const T: Duration = Duration::from_secs(15);
 
 /// Starts a backend on a free loopback port; `serve` runs on its own thread per connection.
 fn backend(serve: impl Fn(TcpStream) + Send + Sync + Clone + 'static) -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    serve_on(TcpListener::bind("127.0.0.1:0").unwrap(), serve)
+}
+
+/// Serves `l` as [`backend`] does.
+fn serve_on(l: TcpListener, serve: impl Fn(TcpStream) + Send + Sync + Clone + 'static) -> SocketAddr {
     let addr = l.local_addr().unwrap();
     thread::spawn(move || {
         for s in l.incoming().flatten() {
@@ -58,16 +62,17 @@ struct Lb {
     proc: Proc,
     admin: SocketAddr,
     dir: tempfile::TempDir,
+    rt: &'static str,
 }
 
-fn lb_config(admin: SocketAddr, grace_ms: u64, proxy: &str) -> String {
+fn lb_config(rt: &str, admin: SocketAddr, grace_ms: u64, proxy: &str) -> String {
     let workers = if proxy.contains("workers =") {
         ""
     } else {
         "workers = 2\n"
     };
     format!(
-        "role = \"lb\"\nlisten = \"{admin}\"\n[log]\nlevel = \"info,xcluster_lb=debug\"\n[shutdown]\ngrace_ms = {grace_ms}\n[proxy]\n{workers}{proxy}"
+        "role = \"lb\"\nlisten = \"{admin}\"\n[log]\nlevel = \"info,xcluster_lb=debug\"\n[shutdown]\ngrace_ms = {grace_ms}\n[proxy]\nruntime = \"{rt}\"\n{workers}{proxy}"
     )
 }
 
@@ -82,13 +87,22 @@ fn backends(addrs: &[SocketAddr]) -> String {
         .collect()
 }
 
-fn start_lb(grace_ms: u64, proxy: &str) -> Lb {
+/// Starts an lb whose proxy runs runtime `rt`, and checks that runtime is the one running (io_uring falls
+/// back to per_core where the kernel refuses it, which would leave its tests testing the wrong thing).
+fn start_lb(rt: &'static str, grace_ms: u64, proxy: &str) -> Lb {
     let dir = tempfile::tempdir().unwrap();
     let admin = free_addr();
-    let path = write_file(dir.path(), "lb.toml", &lb_config(admin, grace_ms, proxy));
+    let path = write_file(dir.path(), "lb.toml", &lb_config(rt, admin, grace_ms, proxy));
     let proc = Proc::xcluster("lb", &["lb", "--config", path.to_str().unwrap()]);
     wait_ready(admin, T);
-    Lb { proc, admin, dir }
+    let lb = Lb { proc, admin, dir, rt };
+    let m = lb.metrics();
+    let workers = metric_value(&m, "xcluster_lb_proxy_workers", &format!("runtime=\"{rt}\""));
+    assert!(
+        workers.is_some_and(|w| w >= 1.0),
+        "runtime {rt} is not running:\n{m}"
+    );
+    lb
 }
 
 impl Lb {
@@ -100,7 +114,7 @@ impl Lb {
         write_file(
             self.dir.path(),
             "lb.toml",
-            &lb_config(self.admin, grace_ms, proxy),
+            &lb_config(self.rt, self.admin, grace_ms, proxy),
         );
         self.proc.signal(Signal::SIGHUP);
     }
@@ -152,12 +166,18 @@ fn refused(addr: SocketAddr) -> bool {
     TcpStream::connect_timeout(&addr, Duration::from_secs(2)).is_err()
 }
 
-#[test]
-fn random_payloads_arrive_byte_exact_both_ways() {
-    for forwarding in ["splice", "copy", "auto"] {
+fn random_payloads_arrive_byte_exact_both_ways(rt: &'static str) {
+    // The io_uring runtime has no splice path (the config refuses it).
+    let modes: &[&str] = if rt == "io_uring" {
+        &["copy", "auto"]
+    } else {
+        &["splice", "copy", "auto"]
+    };
+    for &forwarding in modes {
         let echo = echo_backend();
         let front = free_addr();
         let lb = start_lb(
+            rt,
             1000,
             &format!(
                 "forwarding = \"{forwarding}\"\n{}{}",
@@ -207,8 +227,7 @@ fn random_payloads_arrive_byte_exact_both_ways() {
     }
 }
 
-#[test]
-fn half_close_propagates_both_ways() {
+fn half_close_propagates_both_ways(rt: &'static str) {
     // Client closes its side first; the backend answers after seeing end-of-stream.
     let counter = backend(|mut s| {
         let mut all = Vec::new();
@@ -231,7 +250,7 @@ fn half_close_propagates_both_ways() {
         listener("count", a).replace("browse", "count"),
         listener("greet", b).replace("browse", "greet"),
     );
-    let _lb = start_lb(1000, &proxy);
+    let _lb = start_lb(rt, 1000, &proxy);
 
     let mut s = connect(a);
     s.write_all(&payload(100_000, 9)).unwrap();
@@ -249,12 +268,12 @@ fn half_close_propagates_both_ways() {
     assert_eq!(s.read_to_end(&mut rest).unwrap(), 0);
 }
 
-#[test]
-fn dead_backend_is_skipped_by_redispatch() {
+fn dead_backend_is_skipped_by_redispatch(rt: &'static str) {
     let echo = echo_backend();
     let (dead1, dead2) = (dead_addr(), dead_addr());
     let front = free_addr();
     let lb = start_lb(
+        rt,
         1000,
         &format!(
             "connect_attempts = 3\n{}{}",
@@ -295,10 +314,10 @@ fn dead_backend_is_skipped_by_redispatch() {
     );
 }
 
-#[test]
-fn every_backend_down_closes_the_client_promptly_and_counts_it() {
+fn every_backend_down_closes_the_client_promptly_and_counts_it(rt: &'static str) {
     let front = free_addr();
     let lb = start_lb(
+        rt,
         1000,
         &format!(
             "{}{}",
@@ -332,11 +351,11 @@ fn every_backend_down_closes_the_client_promptly_and_counts_it() {
     });
 }
 
-#[test]
-fn idle_connections_are_closed_and_counted() {
+fn idle_connections_are_closed_and_counted(rt: &'static str) {
     let echo = echo_backend();
     let front = free_addr();
     let lb = start_lb(
+        rt,
         1000,
         &format!(
             "idle_timeout_ms = 300\n{}{}",
@@ -359,8 +378,7 @@ fn idle_connections_are_closed_and_counted() {
     });
 }
 
-#[test]
-fn proxy_protocol_v2_header_names_the_client() {
+fn proxy_protocol_v2_header_names_the_client(rt: &'static str) {
     let (tx, rx) = mpsc::channel::<(Vec<u8>, Vec<u8>)>();
     let b = backend(move |mut s| {
         let mut header = vec![0u8; 28];
@@ -371,6 +389,7 @@ fn proxy_protocol_v2_header_names_the_client() {
     });
     let front = free_addr();
     let _lb = start_lb(
+        rt,
         1000,
         &format!(
             "{}proxy_protocol = true\n{}",
@@ -391,11 +410,11 @@ fn proxy_protocol_v2_header_names_the_client() {
     assert_eq!(body, b"payload");
 }
 
-#[test]
-fn sigterm_drains_established_connections() {
+fn sigterm_drains_established_connections(rt: &'static str) {
     let echo = echo_backend();
     let front = free_addr();
     let mut lb = start_lb(
+        rt,
         30_000,
         &format!("{}{}", listener("web", front), backends(&[echo])),
     );
@@ -422,11 +441,14 @@ fn sigterm_drains_established_connections() {
     assert!(started.elapsed() < Duration::from_secs(10));
 }
 
-#[test]
-fn connections_still_open_at_the_end_of_the_grace_period_are_closed() {
+fn connections_still_open_at_the_end_of_the_grace_period_are_closed(rt: &'static str) {
     let echo = echo_backend();
     let front = free_addr();
-    let mut lb = start_lb(300, &format!("{}{}", listener("web", front), backends(&[echo])));
+    let mut lb = start_lb(
+        rt,
+        300,
+        &format!("{}{}", listener("web", front), backends(&[echo])),
+    );
     let mut s = connect(front);
     ping(&mut s, b"before");
     lb.proc.signal(Signal::SIGTERM);
@@ -445,11 +467,11 @@ fn connections_still_open_at_the_end_of_the_grace_period_are_closed() {
         .expect("lb did not exit after the grace period");
 }
 
-#[test]
-fn reload_removing_a_listener_keeps_its_connections() {
+fn reload_removing_a_listener_keeps_its_connections(rt: &'static str) {
     let (echo1, echo2) = (echo_backend(), echo_backend());
     let (a, b) = (free_addr(), free_addr());
     let lb = start_lb(
+        rt,
         1000,
         &format!("{}{}{}", listener("a", a), listener("b", b), backends(&[echo1])),
     );
@@ -493,12 +515,12 @@ fn reload_removing_a_listener_keeps_its_connections() {
     assert!(rest.is_empty());
 }
 
-#[test]
-fn max_connections_holds_new_clients_until_a_permit_frees() {
+fn max_connections_holds_new_clients_until_a_permit_frees(rt: &'static str) {
     let echo = echo_backend();
     let front = free_addr();
     // One worker, so accepting and serving share one thread and the order below is deterministic enough.
     let lb = start_lb(
+        rt,
         1000,
         &format!(
             "workers = 1\nmax_connections = 2\n{}{}",
@@ -531,3 +553,133 @@ fn max_connections_holds_new_clients_until_a_permit_frees() {
     assert_eq!(&got, b"three");
     assert_eq!(accepted(&lb), Some(3.0));
 }
+
+/// The io_uring runtime's receives take a buffer from a shared pool only when data arrives. When every buffer
+/// is held (here: 4 buffers, 8 connections whose backends do not read yet, so each stalls with a buffer in
+/// its send), receives wait for one, and nothing is lost once the backends read again.
+#[test]
+fn io_uring_buffer_pool_running_dry_loses_no_byte() {
+    const CONNS: u64 = 8;
+    // More than the proxy's send buffer toward a backend can take (the kernel grows it up to tcp_wmem's
+    // maximum), so its sends stall and hold their buffers.
+    let wmem_max: usize = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_wmem")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(2)?.parse().ok())
+        .unwrap_or(4 << 20);
+    let len = 2 * wmem_max + (1 << 20);
+    // Backends block on the gate before reading, then answer with a digest of everything they read.
+    let gate = Arc::new(RwLock::new(()));
+    let closed = gate.write().unwrap();
+    let g = gate.clone();
+    // A small receive buffer, set before `listen` so the window it advertises is small too.
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    sock.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into()).unwrap();
+    sock.listen(128).unwrap();
+    let sink = serve_on(sock.into(), move |mut s| {
+        drop(g.read().unwrap());
+        let mut d = Digest::default();
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            match s.read(&mut buf).unwrap() {
+                0 => break,
+                n => d.update(&buf[..n]),
+            }
+        }
+        s.write_all(&d.0.to_be_bytes()).unwrap();
+    });
+    let front = free_addr();
+    let lb = start_lb(
+        "io_uring",
+        1000,
+        &format!(
+            "workers = 1\nio_uring_buffers = 4\n{}{}",
+            listener("web", front),
+            backends(&[sink])
+        ),
+    );
+    let clients: Vec<_> = (0..CONNS)
+        .map(|i| {
+            let mut s = connect(front);
+            thread::spawn(move || {
+                let mut d = Digest::default();
+                let mut left = len;
+                let mut k = 0;
+                while left > 0 {
+                    let chunk = payload(left.min(64 * 1024), i * 10_000 + k);
+                    d.update(&chunk);
+                    s.write_all(&chunk).unwrap();
+                    left -= chunk.len();
+                    k += 1;
+                }
+                s.shutdown(Shutdown::Write).unwrap();
+                let mut got = [0u8; 8];
+                s.read_exact(&mut got).unwrap();
+                assert_eq!(
+                    u64::from_be_bytes(got),
+                    d.0,
+                    "connection {i}: the bytes came through altered"
+                );
+            })
+        })
+        .collect();
+    eventually(T, "a receive to wait for a buffer", || {
+        metric_value(&lb.metrics(), "xcluster_lb_proxy_buffer_waits_total", "").filter(|v| *v >= 1.0)
+    });
+    drop(closed);
+    for c in clients {
+        c.join().unwrap();
+    }
+    let up = metric_value(
+        &lb.metrics(),
+        "xcluster_lb_proxy_listener_bytes_total",
+        "direction=\"up\"",
+    );
+    assert_eq!(up, Some((CONNS as usize * len) as f64));
+}
+
+/// FNV-1a, fed in pieces: enough to tell altered, lost or reordered bytes apart.
+struct Digest(u64);
+
+impl Default for Digest {
+    fn default() -> Self {
+        Self(0xcbf2_9ce4_8422_2325)
+    }
+}
+
+impl Digest {
+    fn update(&mut self, data: &[u8]) {
+        for &b in data {
+            self.0 = (self.0 ^ u64::from(b)).wrapping_mul(0x100_0000_01b3);
+        }
+    }
+}
+
+/// Runs each test above once per runtime the proxy offers.
+macro_rules! per_runtime {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[test]
+            fn per_core() {
+                super::$name("per_core");
+            }
+            #[test]
+            fn io_uring() {
+                super::$name("io_uring");
+            }
+        }
+    )*};
+}
+
+per_runtime!(
+    random_payloads_arrive_byte_exact_both_ways,
+    half_close_propagates_both_ways,
+    dead_backend_is_skipped_by_redispatch,
+    every_backend_down_closes_the_client_promptly_and_counts_it,
+    idle_connections_are_closed_and_counted,
+    proxy_protocol_v2_header_names_the_client,
+    sigterm_drains_established_connections,
+    connections_still_open_at_the_end_of_the_grace_period_are_closed,
+    reload_removing_a_listener_keeps_its_connections,
+    max_connections_holds_new_clients_until_a_permit_frees
+);

@@ -2,7 +2,8 @@
 //!
 //! Reloads live: `listeners` (added, removed or changed; established connections stay), `backends` and their
 //! weights, `connect_timeout_ms`, `idle_timeout_ms`, `connect_attempts`, per-listener `proxy_protocol`.
-//! Needs a restart: `workers`, `runtime`, `forwarding`, `max_connections`, `backlog`, `keepalive_ms`.
+//! Needs a restart: `workers`, `runtime`, `forwarding`, `max_connections`, `backlog`, `keepalive_ms`,
+//! `io_uring_buffers`.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -37,6 +38,9 @@ pub struct ProxySection {
     pub backlog: i32,
     /// TCP keepalive idle time on accepted sockets; 0 disables.
     pub keepalive_ms: u64,
+    /// With `runtime = "io_uring"`: provided buffers of 16 KiB per worker, a power of two. Only directions
+    /// with bytes in flight hold one; when all are in use, receives wait for the next one freed.
+    pub io_uring_buffers: u32,
 }
 
 impl Default for ProxySection {
@@ -53,6 +57,7 @@ impl Default for ProxySection {
             max_connections: 20_000,
             backlog: 4096,
             keepalive_ms: 60_000,
+            io_uring_buffers: 256,
         }
     }
 }
@@ -107,6 +112,19 @@ impl Default for BackendRaw {
 pub enum RuntimeMode {
     PerCore,
     Shared,
+    /// One io_uring event loop per worker (`uring`); falls back to `PerCore` where the kernel refuses it.
+    IoUring,
+}
+
+impl RuntimeMode {
+    /// The name `proxy.runtime` gives it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::PerCore => "per_core",
+            Self::Shared => "shared",
+            Self::IoUring => "io_uring",
+        }
+    }
 }
 
 /// How bytes move between the two sockets.
@@ -155,6 +173,7 @@ pub struct ProxyConfig {
     pub max_connections: usize,
     pub backlog: i32,
     pub keepalive: Option<Duration>,
+    pub io_uring_buffers: u16,
 }
 
 const MAX_LISTENERS: usize = 256;
@@ -239,10 +258,11 @@ impl ProxySection {
         let runtime = match self.runtime.as_str() {
             "per_core" => RuntimeMode::PerCore,
             "shared" => RuntimeMode::Shared,
+            "io_uring" => RuntimeMode::IoUring,
             other => {
                 v.error(
                     "proxy.runtime",
-                    format!("{other:?} is not one of \"per_core\", \"shared\""),
+                    format!("{other:?} is not one of \"per_core\", \"shared\", \"io_uring\""),
                 );
                 RuntimeMode::PerCore
             }
@@ -259,11 +279,23 @@ impl ProxySection {
                 Forwarding::Splice
             }
         };
+        // The io_uring runtime copies through its ring of provided buffers; it has no splice path.
+        v.check(
+            !(runtime == RuntimeMode::IoUring && forwarding == Forwarding::Splice),
+            "proxy.forwarding",
+            || "\"splice\" is not available with runtime \"io_uring\" (use \"auto\" or \"copy\")".to_string(),
+        );
         let connect = v.millis("proxy.connect_timeout_ms", self.connect_timeout_ms, 1, 60_000);
         let connect_attempts = v.range("proxy.connect_attempts", self.connect_attempts, 1, 16);
         let idle = v.millis("proxy.idle_timeout_ms", self.idle_timeout_ms, 0, 86_400_000);
         let max_connections = v.range("proxy.max_connections", self.max_connections, 1, 1_000_000);
         let backlog = v.range("proxy.backlog", self.backlog, 1, 65_535);
+        let io_uring_buffers = v.range("proxy.io_uring_buffers", self.io_uring_buffers, 1, 32_768);
+        v.check(
+            io_uring_buffers.is_power_of_two(),
+            "proxy.io_uring_buffers",
+            || format!("{io_uring_buffers} must be a power of two"),
+        );
         let keepalive = v.millis("proxy.keepalive_ms", self.keepalive_ms, 0, 86_400_000);
         ProxyConfig {
             listeners,
@@ -279,6 +311,8 @@ impl ProxySection {
             max_connections,
             backlog,
             keepalive: (!keepalive.is_zero()).then_some(keepalive),
+            // At most 32,768 after the range check.
+            io_uring_buffers: u16::try_from(io_uring_buffers).unwrap_or(u16::MAX),
         }
     }
 }
@@ -324,6 +358,19 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(errs.len(), 7, "{errs:#?}");
+    }
+
+    #[test]
+    fn io_uring_refuses_splice_and_odd_buffer_counts() {
+        let errs =
+            parse("runtime = \"io_uring\"\nforwarding = \"splice\"\nio_uring_buffers = 300\n").unwrap_err();
+        assert_eq!(errs.len(), 2, "{errs:#?}");
+        assert!(
+            errs[0].contains("splice") && errs[1].contains("power of two"),
+            "{errs:#?}"
+        );
+        let cfg = parse("runtime = \"io_uring\"\nio_uring_buffers = 16\n").unwrap();
+        assert_eq!((cfg.runtime, cfg.io_uring_buffers), (RuntimeMode::IoUring, 16));
     }
 
     #[test]

@@ -27,14 +27,14 @@ use super::service::{ListenerState, Shared};
 
 /// Counts the connection on the listener's active gauge, and on its backend's once connected, for as long
 /// as it lives; holds the connection's permit of `max_connections`.
-struct Active {
-    l: Arc<ListenerState>,
-    bm: Option<Arc<BackendMetrics>>,
+pub(super) struct Active {
+    pub(super) l: Arc<ListenerState>,
+    pub(super) bm: Option<Arc<BackendMetrics>>,
     _permit: OwnedSemaphorePermit,
 }
 
 impl Active {
-    fn new(l: Arc<ListenerState>, permit: OwnedSemaphorePermit) -> Self {
+    pub(super) fn new(l: Arc<ListenerState>, permit: OwnedSemaphorePermit) -> Self {
         l.metrics.active.increment(1.0);
         Self {
             l,
@@ -43,7 +43,7 @@ impl Active {
         }
     }
 
-    fn set_backend(&mut self, bm: Arc<BackendMetrics>) {
+    pub(super) fn set_backend(&mut self, bm: Arc<BackendMetrics>) {
         bm.active.increment(1.0);
         self.bm = Some(bm);
     }

@@ -13,8 +13,8 @@ use tracing::{debug, warn};
 use super::config::ListenerConfig;
 use super::service::{ListenerState, Shared};
 
-const BACKOFF_MIN: Duration = Duration::from_millis(5);
-const BACKOFF_MAX: Duration = Duration::from_secs(1);
+pub(super) const BACKOFF_MIN: Duration = Duration::from_millis(5);
+pub(super) const BACKOFF_MAX: Duration = Duration::from_secs(1);
 
 /// Binds one SO_REUSEPORT listener for `cfg`; each per-core worker gets its own and the kernel spreads
 /// connections among them. Options set here (TCP_NODELAY, keepalive) are inherited by accepted sockets.
@@ -37,7 +37,7 @@ pub fn bind(
 }
 
 /// Errors that mean the process or system is out of a resource: wait before accepting again.
-fn is_resource_exhaustion(e: &io::Error) -> bool {
+pub(super) fn is_resource_exhaustion(e: &io::Error) -> bool {
     matches!(
         e.raw_os_error(),
         Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)

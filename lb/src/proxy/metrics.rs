@@ -21,6 +21,10 @@ pub const BACKEND_CONNECT_FAILURES_TOTAL: &str = "xcluster_lb_proxy_backend_conn
 pub const BACKEND_ACTIVE: &str = "xcluster_lb_proxy_backend_connections_active";
 pub const BACKEND_BYTES_TOTAL: &str = "xcluster_lb_proxy_backend_bytes_total";
 pub const BACKEND_CONNECT_SECONDS: &str = "xcluster_lb_proxy_backend_connect_seconds";
+/// Worker threads, labelled with the `runtime` they run (after any fallback from `io_uring`).
+pub const WORKERS: &str = "xcluster_lb_proxy_workers";
+/// Receives of the io_uring runtime that found every provided buffer in use and waited for one.
+pub const BUFFER_WAITS_TOTAL: &str = "xcluster_lb_proxy_buffer_waits_total";
 pub const LISTENER_BIND_FAILURES_TOTAL: &str = "xcluster_lb_proxy_listener_bind_failures_total";
 
 /// Handles for one listener.

@@ -9,6 +9,7 @@ mod listener;
 pub mod metrics;
 pub mod pick;
 mod service;
+mod uring;
 
 pub use config::{ProxyConfig, ProxySection};
 pub use pick::{BackendPicker, StaticPicker};

@@ -3,8 +3,10 @@
 //! A manager task on the lb's main runtime owns the listener set. Connections never run there: they run on
 //! the worker runtimes, either one current-thread runtime per core with its own SO_REUSEPORT socket per
 //! listener (`per_core`: a connection's two sockets stay on one thread, no cross-thread wakeups), or one
-//! multi-thread runtime sharing one socket per listener (`shared`). Removing a listener only stops its
-//! accept loops; its established connections are separate tasks and run on until they end.
+//! multi-thread runtime sharing one socket per listener (`shared`), or one io_uring event loop per core with
+//! its own SO_REUSEPORT sockets (`io_uring`, see [`super::uring`]; where the kernel refuses io_uring the
+//! proxy falls back to `per_core` and says so). Removing a listener only stops its accept loops; its
+//! established connections are separate tasks (or slots) and run on until they end.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -18,7 +20,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
 use super::config::{Forwarding, ListenerConfig, ProxyConfig, RuntimeMode, Timeouts};
-use super::metrics::{BackendMetrics, LISTENER_BIND_FAILURES_TOTAL, ListenerMetrics};
+use super::metrics::{BackendMetrics, LISTENER_BIND_FAILURES_TOTAL, ListenerMetrics, WORKERS};
 use super::pick::BackendPicker;
 
 /// Why the proxy could not start.
@@ -80,10 +82,28 @@ pub struct ListenerState {
     pub metrics: ListenerMetrics,
 }
 
+/// A worker thread: a tokio runtime, or an io_uring event loop.
+enum Engine {
+    Tokio {
+        handle: tokio::runtime::Handle,
+        finish: CancellationToken,
+    },
+    Uring(super::uring::Remote),
+}
+
 struct Worker {
-    handle: tokio::runtime::Handle,
-    finish: CancellationToken,
+    engine: Engine,
     thread: std::thread::JoinHandle<()>,
+}
+
+impl Worker {
+    /// Ends the thread; connections still open on it are closed.
+    fn finish(&self) {
+        match &self.engine {
+            Engine::Tokio { finish, .. } => finish.cancel(),
+            Engine::Uring(r) => r.send(super::uring::Msg::Finish),
+        }
+    }
 }
 
 fn spawn_worker(name: String, mut builder: tokio::runtime::Builder) -> std::io::Result<Worker> {
@@ -96,15 +116,39 @@ fn spawn_worker(name: String, mut builder: tokio::runtime::Builder) -> std::io::
         rt.shutdown_timeout(Duration::from_millis(100));
     })?;
     Ok(Worker {
-        handle,
-        finish,
+        engine: Engine::Tokio { handle, finish },
         thread,
     })
 }
 
-fn spawn_workers(cfg: &ProxyConfig) -> std::io::Result<Vec<Worker>> {
-    match cfg.runtime {
-        RuntimeMode::PerCore => (0..cfg.workers)
+/// Starts the workers; returns them with the runtime they run (`io_uring` falls back to `per_core`).
+fn spawn_workers(cfg: &ProxyConfig, shared: &Arc<Shared>) -> std::io::Result<(Vec<Worker>, RuntimeMode)> {
+    if cfg.runtime == RuntimeMode::IoUring {
+        let mut workers = Vec::new();
+        for i in 0..cfg.workers {
+            match super::uring::spawn(i, shared.clone(), cfg.io_uring_buffers) {
+                Ok((remote, thread)) => workers.push(Worker {
+                    engine: Engine::Uring(remote),
+                    thread,
+                }),
+                Err(e) => {
+                    warn!(error = %e, "io_uring is not available here; the proxy runs the per_core runtime");
+                    for w in &workers {
+                        w.finish();
+                    }
+                    let mode = RuntimeMode::PerCore;
+                    return Ok((spawn_tokio_workers(cfg.workers, mode)?, mode));
+                }
+            }
+        }
+        return Ok((workers, RuntimeMode::IoUring));
+    }
+    Ok((spawn_tokio_workers(cfg.workers, cfg.runtime)?, cfg.runtime))
+}
+
+fn spawn_tokio_workers(workers: usize, mode: RuntimeMode) -> std::io::Result<Vec<Worker>> {
+    match mode {
+        RuntimeMode::PerCore | RuntimeMode::IoUring => (0..workers)
             .map(|i| {
                 spawn_worker(
                     format!("lb-proxy-{i}"),
@@ -114,13 +158,14 @@ fn spawn_workers(cfg: &ProxyConfig) -> std::io::Result<Vec<Worker>> {
             .collect(),
         RuntimeMode::Shared => {
             let mut b = tokio::runtime::Builder::new_multi_thread();
-            b.worker_threads(cfg.workers).thread_name("lb-proxy");
+            b.worker_threads(workers).thread_name("lb-proxy");
             Ok(vec![spawn_worker("lb-proxy-main".into(), b)?])
         }
     }
 }
 
 struct Running {
+    id: u64,
     cfg: ListenerConfig,
     cancel: CancellationToken,
 }
@@ -149,6 +194,7 @@ struct Manager {
     shared: Arc<Shared>,
     workers: Vec<Worker>,
     running: Vec<Running>,
+    next_id: u64,
     backlog: i32,
     keepalive: Option<Duration>,
     started: ProxyConfig,
@@ -163,7 +209,6 @@ pub fn start(
     stop: CancellationToken,
 ) -> Result<ProxyHandle, Error> {
     let cfg = config.borrow_and_update().proxy.clone();
-    let workers = spawn_workers(&cfg).map_err(Error::Workers)?;
     let shared = Arc::new(Shared {
         picker,
         timeouts: ArcSwap::from_pointee(cfg.timeouts.clone()),
@@ -173,10 +218,13 @@ pub fn start(
         tracker: TaskTracker::new(),
         stop,
     });
+    let (workers, runtime) = spawn_workers(&cfg, &shared).map_err(Error::Workers)?;
+    metrics::gauge!(WORKERS, "runtime" => runtime.name()).set(cfg.workers as f64);
     let mut m = Manager {
         shared,
         workers,
         running: Vec::new(),
+        next_id: 0,
         backlog: cfg.backlog,
         keepalive: cfg.keepalive,
         started: cfg.clone(),
@@ -195,7 +243,7 @@ pub fn start(
     info!(
         listeners = cfg.listeners.len(),
         workers = cfg.workers,
-        runtime = ?cfg.runtime,
+        ?runtime,
         forwarding = ?cfg.forwarding,
         "proxy started"
     );
@@ -245,11 +293,28 @@ impl Manager {
             metrics: ListenerMetrics::new(&cfg.name),
         });
         let cancel = CancellationToken::new();
-        for (w, sock) in self.workers.iter().zip(sockets) {
-            let fut = super::listener::accept_loop(sock, state.clone(), self.shared.clone(), cancel.clone());
-            w.handle.spawn(fut);
+        let id = self.next_id;
+        self.next_id += 1;
+        for (w, socket) in self.workers.iter().zip(sockets) {
+            match &w.engine {
+                Engine::Tokio { handle, .. } => {
+                    let fut = super::listener::accept_loop(
+                        socket,
+                        state.clone(),
+                        self.shared.clone(),
+                        cancel.clone(),
+                    );
+                    handle.spawn(fut);
+                }
+                Engine::Uring(r) => r.send(super::uring::Msg::Add {
+                    id,
+                    socket,
+                    state: state.clone(),
+                }),
+            }
         }
         self.running.push(Running {
+            id,
             cfg: cfg.clone(),
             cancel,
         });
@@ -262,22 +327,23 @@ impl Manager {
             || new.forwarding != self.started.forwarding
             || new.max_connections != self.started.max_connections
             || new.backlog != self.started.backlog
-            || new.keepalive != self.started.keepalive;
+            || new.keepalive != self.started.keepalive
+            || new.io_uring_buffers != self.started.io_uring_buffers;
         if restart_only {
             warn!(
-                "proxy: workers, runtime, forwarding, max_connections, backlog and keepalive_ms need a restart"
+                "proxy: workers, runtime, forwarding, max_connections, backlog, keepalive_ms and io_uring_buffers need a restart"
             );
         }
         self.apply_live(new);
         // Stop listeners that are gone or changed; their connections are not touched.
-        self.running.retain(|r| {
-            let keep = new.listeners.contains(&r.cfg);
-            if !keep {
-                info!(listener = %r.cfg.name, addr = %r.cfg.listen, "proxy listener removed");
-                r.cancel.cancel();
-            }
-            keep
-        });
+        let (keep, gone) = std::mem::take(&mut self.running)
+            .into_iter()
+            .partition(|r| new.listeners.contains(&r.cfg));
+        self.running = keep;
+        for r in gone {
+            info!(listener = %r.cfg.name, addr = %r.cfg.listen, "proxy listener removed");
+            self.stop_listener(&r);
+        }
         for l in &new.listeners {
             if self.running.iter().any(|r| &r.cfg == l) {
                 continue;
@@ -293,10 +359,20 @@ impl Manager {
         }
     }
 
+    /// Stops accepting on `r`'s sockets, on every worker.
+    fn stop_listener(&self, r: &Running) {
+        r.cancel.cancel();
+        for w in &self.workers {
+            if let Engine::Uring(remote) = &w.engine {
+                remote.send(super::uring::Msg::Remove(r.id));
+            }
+        }
+    }
+
     /// Stops accepting, waits for established connections (until `stop`), then ends the workers.
     async fn drain(mut self) {
-        for r in self.running.drain(..) {
-            r.cancel.cancel();
+        for r in std::mem::take(&mut self.running) {
+            self.stop_listener(&r);
         }
         let tracker = self.shared.tracker.clone();
         tracker.close();
@@ -307,15 +383,16 @@ impl Manager {
         tokio::select! {
             _ = tracker.wait() => {}
             _ = self.shared.stop.cancelled() => {
+                // Ending the workers below closes what is left.
                 warn!(connections = tracker.len(), "grace period over: closing proxied connections");
-                // Connections watch `stop` and end at once; bound the wait anyway.
-                let _ = tokio::time::timeout(Duration::from_secs(2), tracker.wait()).await;
             }
         }
         let workers = std::mem::take(&mut self.workers);
         let _ = tokio::task::spawn_blocking(move || {
+            for w in &workers {
+                w.finish();
+            }
             for w in workers {
-                w.finish.cancel();
                 let _ = w.thread.join();
             }
         })
@@ -325,11 +402,11 @@ impl Manager {
 
     /// Ends the workers without waiting (start-up failed).
     fn finish_now(&mut self) {
-        for r in self.running.drain(..) {
-            r.cancel.cancel();
+        for r in std::mem::take(&mut self.running) {
+            self.stop_listener(&r);
         }
         for w in &self.workers {
-            w.finish.cancel();
+            w.finish();
         }
     }
 }

@@ -1,0 +1,1021 @@
+//! The `io_uring` runtime of the proxy (`proxy.runtime = "io_uring"`): each worker thread runs its own event
+//! loop over one io_uring, with its own SO_REUSEPORT socket per listener, and no tokio.
+//!
+//! Why a loop of its own: under epoll a message costs a readiness wakeup, a re-poll of the socket
+//! (`tcp_poll`) and a syscall for each `recv` and `send`. Here one `io_uring_enter` submits every receive and
+//! send the last batch of completions asked for and reaps the next batch. Driving a ring from inside tokio
+//! (an eventfd and a driver task) was measured and kept little of the gain; see ARCHITECTURE.md.
+//!
+//! What it keeps from the tokio runtimes: a permit of `max_connections` is held by each pending `accept`;
+//! accept errors back off; connects time out (a linked timeout) and redispatch; the idle timeout; PROXY
+//! protocol v2; half-close both ways; the same metrics; removed listeners leave their connections alone;
+//! drain is counted on the same [`TaskTracker`](tokio_util::task::TaskTracker).
+//!
+//! Memory: a receive picks its buffer from a ring of provided buffers (`IORING_REGISTER_PBUF_RING`) only
+//! when data arrives, so an idle connection holds no buffer, only its slot here (under 100 bytes) and its
+//! two pending receives in the kernel. When the ring is empty a receive ends with ENOBUFS and waits in a
+//! queue for the next buffer given back.
+//!
+//! Soundness rests on one rule: every operation in flight is counted on its connection, and a slot (its
+//! descriptors, and the buffers the kernel may still write through) is freed only when none is left.
+//! Closing a connection cancels what is pending on its descriptors and waits for those completions.
+
+use std::alloc::{Layout, alloc, alloc_zeroed, dealloc};
+use std::collections::VecDeque;
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use io_uring::types::{BufRingEntry, CancelBuilder, Fd, Timespec};
+use io_uring::{IoUring, cqueue, opcode, squeue};
+use socket2::{Domain, Protocol, SockAddr, SockAddrStorage, Socket, Type};
+use tokio::sync::OwnedSemaphorePermit;
+use tokio_util::task::task_tracker::TaskTrackerToken;
+use tracing::{debug, error, warn};
+
+use super::conn::Active;
+use super::listener::{BACKOFF_MAX, BACKOFF_MIN, is_resource_exhaustion};
+use super::metrics::{BUFFER_WAITS_TOTAL, BackendMetrics};
+use super::service::{ListenerState, Shared};
+
+/// Submission queue size; the completion queue is twice that, and overflow is kept by the kernel.
+const RING_ENTRIES: u32 = 4096;
+/// The size of a provided buffer. Their number per worker is `proxy.io_uring_buffers` (a power of two, as the
+/// buffer ring requires); only directions with bytes in flight hold one, so the default 256 serve hundreds
+/// of busy connections at once.
+const BUF_LEN: u32 = 16 * 1024;
+const BUF_GROUP: u16 = 0;
+/// How often the loop wakes on its own: re-arming accepts that wait for a permit or a back-off, and the
+/// idle-timeout scan.
+const TICK: Duration = Duration::from_millis(50);
+/// After `Finish`, how long the loop waits for cancelled operations to complete before it exits anyway.
+const FINISH_WAIT: Duration = Duration::from_millis(500);
+
+/// What the manager tells a worker; each message is followed by a write to the worker's eventfd.
+#[derive(Debug)]
+pub enum Msg {
+    /// Start accepting on `socket`, this worker's SO_REUSEPORT socket of a listener.
+    Add {
+        id: u64,
+        socket: std::net::TcpListener,
+        state: Arc<ListenerState>,
+    },
+    /// Stop accepting on listener `id` and close its socket; its connections run on.
+    Remove(u64),
+    /// Close every connection and end the thread.
+    Finish,
+}
+
+/// The manager's side of one io_uring worker.
+#[derive(Debug)]
+pub struct Remote {
+    tx: mpsc::Sender<Msg>,
+    wake: Arc<OwnedFd>,
+}
+
+impl Remote {
+    pub fn send(&self, msg: Msg) {
+        if self.tx.send(msg).is_ok() {
+            let one = 1u64.to_ne_bytes();
+            // SAFETY: writes 8 bytes from a live buffer to an eventfd we own. A full counter (EAGAIN) is
+            // impossible in practice and would still leave the worker awake.
+            let _ = unsafe { libc::write(self.wake.as_raw_fd(), one.as_ptr().cast(), one.len()) };
+        }
+    }
+}
+
+/// Starts worker `index`; fails (and starts nothing) when this kernel or its settings refuse io_uring, so
+/// the caller can fall back to the tokio runtime.
+pub fn spawn(
+    index: usize,
+    shared: Arc<Shared>,
+    buffers: u16,
+) -> io::Result<(Remote, std::thread::JoinHandle<()>)> {
+    // SAFETY: plain syscall; the result is checked before it is wrapped.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a fresh descriptor that nothing else owns.
+    let wake = Arc::new(unsafe { OwnedFd::from_raw_fd(fd) });
+    let (tx, rx) = mpsc::channel();
+    let (ready_tx, ready_rx) = mpsc::sync_channel(1);
+    let w = wake.clone();
+    let thread = std::thread::Builder::new()
+        .name(format!("lb-proxy-{index}"))
+        .spawn(move || {
+            // The ring is built on the thread that submits to it (SINGLE_ISSUER).
+            match Loop::new(shared, rx, w, buffers) {
+                Ok(mut l) => {
+                    let _ = ready_tx.send(Ok(()));
+                    l.run();
+                }
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                }
+            }
+        })?;
+    match ready_rx.recv() {
+        Ok(Ok(())) => Ok((Remote { tx, wake }, thread)),
+        Ok(Err(e)) => {
+            let _ = thread.join();
+            Err(e)
+        }
+        Err(_) => Err(io::Error::other("the io_uring worker ended while starting")),
+    }
+}
+
+/// What a completion is for: the low 8 bits of its user data; the direction is the next 8, the slot (of a
+/// connection or a listener) the top 32.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Op {
+    Accept = 1,
+    Connect,
+    LinkTimeout,
+    Recv,
+    Send,
+    Cancel,
+    Wake,
+    Tick,
+}
+
+impl Op {
+    fn from_u8(v: u8) -> Option<Self> {
+        [
+            Self::Accept,
+            Self::Connect,
+            Self::LinkTimeout,
+            Self::Recv,
+            Self::Send,
+            Self::Cancel,
+            Self::Wake,
+            Self::Tick,
+        ]
+        .into_iter()
+        .find(|op| *op as u8 == v)
+    }
+}
+
+fn user_data(op: Op, slot: u32, dir: usize) -> u64 {
+    (u64::from(slot) << 32) | ((dir as u64 & 0xff) << 8) | op as u64
+}
+
+/// The ring of provided buffers: `count` buffers of `BUF_LEN` bytes, and the ring of entries through which
+/// they are handed to the kernel.
+struct Bufs {
+    entries: *mut BufRingEntry,
+    mem: *mut u8,
+    count: u16,
+    tail: u16,
+}
+
+impl Bufs {
+    fn entries_layout(count: u16) -> Layout {
+        // The ring must be page-aligned; 16 bytes per entry.
+        Layout::from_size_align(usize::from(count) * size_of::<BufRingEntry>(), 4096)
+            .unwrap_or(Layout::new::<u8>())
+    }
+
+    fn mem_layout(count: u16) -> Layout {
+        Layout::from_size_align(usize::from(count) * BUF_LEN as usize, 4096).unwrap_or(Layout::new::<u8>())
+    }
+
+    /// Allocates `count` buffers (a power of two) and registers them with `ring`, every one handed to the
+    /// kernel.
+    fn new(ring: &IoUring, count: u16) -> io::Result<Self> {
+        if !count.is_power_of_two() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "the number of io_uring buffers must be a power of two",
+            ));
+        }
+        // SAFETY: both layouts have a non-zero size. The buffer memory is not zeroed: the kernel writes a
+        // buffer before this code reads any of it, and only the bytes it wrote are read.
+        let (entries, mem) = unsafe {
+            (
+                alloc_zeroed(Self::entries_layout(count)),
+                alloc(Self::mem_layout(count)),
+            )
+        };
+        let mut b = Self {
+            entries: entries.cast(),
+            mem,
+            count,
+            tail: 0,
+        };
+        if entries.is_null() || mem.is_null() {
+            return Err(io::Error::from(io::ErrorKind::OutOfMemory));
+        }
+        // SAFETY: `entries` holds `count` entries and stays allocated until `Bufs` is dropped, after the ring
+        // it is registered with (the loop unregisters it first, see `Loop::drop`).
+        unsafe {
+            ring.submitter()
+                .register_buf_ring_with_flags(b.entries as u64, count, BUF_GROUP, 0)?;
+        }
+        for bid in 0..count {
+            b.give(bid);
+        }
+        Ok(b)
+    }
+
+    fn addr(&self, bid: u16) -> *mut u8 {
+        // SAFETY: `bid` < `count` (the kernel returns only ids this code gave it), so the offset is in the
+        // allocation.
+        unsafe { self.mem.add(usize::from(bid) * BUF_LEN as usize) }
+    }
+
+    /// Hands buffer `bid` (back) to the kernel.
+    fn give(&mut self, bid: u16) {
+        let idx = usize::from(self.tail & (self.count - 1));
+        let addr = self.addr(bid) as u64;
+        // SAFETY: `idx` < `count`. The entry at the tail is not in the kernel's part of the ring (head to
+        // tail) until the tail is published below, so nothing reads it while it is written.
+        unsafe {
+            let e = &mut *self.entries.add(idx);
+            e.set_addr(addr);
+            e.set_len(BUF_LEN);
+            e.set_bid(bid);
+        }
+        self.tail = self.tail.wrapping_add(1);
+        // SAFETY: the tail is the u16 the kernel reads in the first entry; it is published with release
+        // order so the entry written above is visible first.
+        unsafe {
+            let tail = BufRingEntry::tail(self.entries).cast::<AtomicU16>();
+            (*tail).store(self.tail, Ordering::Release);
+        }
+    }
+}
+
+impl Drop for Bufs {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `new` with these layouts (unless the allocation failed: null); the ring no
+        // longer uses them (see `Loop::drop`).
+        unsafe {
+            if !self.entries.is_null() {
+                dealloc(self.entries.cast(), Self::entries_layout(self.count));
+            }
+            if !self.mem.is_null() {
+                dealloc(self.mem, Self::mem_layout(self.count));
+            }
+        }
+    }
+}
+
+/// One listener's socket on this worker.
+struct Lst {
+    id: u64,
+    socket: std::net::TcpListener,
+    state: Arc<ListenerState>,
+    /// The permit held by the pending accept: taken before it is submitted.
+    permit: Option<OwnedSemaphorePermit>,
+    armed: bool,
+    removed: bool,
+    not_before: Option<Instant>,
+    backoff: Duration,
+    /// Where the pending accept writes the client's address.
+    peer: Box<(SockAddrStorage, libc::socklen_t)>,
+}
+
+/// One direction of a connection. `buf` is the provided buffer whose bytes `off..len` are being sent.
+#[derive(Debug, Clone, Copy)]
+struct Dir {
+    buf: Option<u16>,
+    len: u32,
+    off: u32,
+    done: bool,
+    /// Its receive ended with ENOBUFS; it waits in `Loop::starved` for a buffer.
+    starved: bool,
+}
+
+const DIR: Dir = Dir {
+    buf: None,
+    len: 0,
+    off: 0,
+    done: false,
+    starved: false,
+};
+
+/// What a connection needs only until its backend answers.
+struct Connecting {
+    peer: SocketAddr,
+    tried: Vec<SocketAddr>,
+    attempt: u32,
+    addr: SocketAddr,
+    bm: Option<Arc<BackendMetrics>>,
+    // Read by the kernel when the connect and its linked timeout are submitted.
+    sockaddr: SockAddr,
+    timeout: Timespec,
+    started: Instant,
+}
+
+struct Conn {
+    client: OwnedFd,
+    backend: Option<OwnedFd>,
+    active: Active,
+    _token: TaskTrackerToken,
+    connecting: Option<Box<Connecting>>,
+    /// `[up, down]`: client to backend, backend to client.
+    dirs: [Dir; 2],
+    /// Operations in flight that name this slot.
+    ops: u16,
+    /// Milliseconds after the loop's epoch of the last byte received either way.
+    last_ms: u32,
+    closing: bool,
+}
+
+impl Conn {
+    /// (source, destination) of direction `d`.
+    fn fds(&self, d: usize) -> (RawFd, RawFd) {
+        let b = self.backend.as_ref().map_or(-1, AsRawFd::as_raw_fd);
+        let c = self.client.as_raw_fd();
+        if d == 0 { (c, b) } else { (b, c) }
+    }
+}
+
+struct Loop {
+    ring: IoUring,
+    bufs: Bufs,
+    shared: Arc<Shared>,
+    rx: mpsc::Receiver<Msg>,
+    wake: Arc<OwnedFd>,
+    wake_buf: Box<u64>,
+    tick: Box<Timespec>,
+    listeners: Vec<Option<Lst>>,
+    conns: Vec<Option<Conn>>,
+    free: Vec<u32>,
+    starved: VecDeque<(u32, usize)>,
+    epoch: Instant,
+    now_ms: u32,
+    last_scan_ms: u32,
+    /// Set by `Finish`: the deadline for cancelled operations to complete.
+    finishing: Option<Instant>,
+    cqes: Vec<(u64, i32, u32)>,
+}
+
+impl Loop {
+    fn new(
+        shared: Arc<Shared>,
+        rx: mpsc::Receiver<Msg>,
+        wake: Arc<OwnedFd>,
+        buffers: u16,
+    ) -> io::Result<Self> {
+        let ring = IoUring::builder()
+            .setup_single_issuer()
+            .setup_defer_taskrun()
+            .build(RING_ENTRIES)?;
+        let bufs = Bufs::new(&ring, buffers)?;
+        Ok(Self {
+            ring,
+            bufs,
+            shared,
+            rx,
+            wake,
+            wake_buf: Box::new(0),
+            tick: Box::new(Timespec::from(TICK)),
+            listeners: Vec::new(),
+            conns: Vec::new(),
+            free: Vec::new(),
+            starved: VecDeque::new(),
+            epoch: Instant::now(),
+            now_ms: 0,
+            last_scan_ms: 0,
+            finishing: None,
+            cqes: Vec::with_capacity(1024),
+        })
+    }
+
+    fn run(&mut self) {
+        self.arm_wake();
+        self.arm_tick();
+        loop {
+            if let Err(e) = self.ring.submit_and_wait(1) {
+                // EBUSY: the completion queue overflowed; reaping below makes room.
+                if !matches!(e.raw_os_error(), Some(libc::EINTR | libc::EBUSY | libc::EAGAIN)) {
+                    error!(error = %e, "io_uring proxy worker cannot submit; closing its connections");
+                    return;
+                }
+            }
+            self.now_ms = u32::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u32::MAX);
+            let mut cqes = std::mem::take(&mut self.cqes);
+            cqes.extend(
+                self.ring
+                    .completion()
+                    .map(|c| (c.user_data(), c.result(), c.flags())),
+            );
+            for &(ud, res, flags) in &cqes {
+                self.complete(ud, res, flags);
+            }
+            cqes.clear();
+            self.cqes = cqes;
+            if let Some(deadline) = self.finishing {
+                let quiet =
+                    self.conns.iter().all(Option::is_none) && self.listeners.iter().all(Option::is_none);
+                if quiet || Instant::now() >= deadline {
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Queues `e`, submitting first when the queue is full.
+    fn push(&mut self, e: &squeue::Entry) {
+        self.push_all(std::slice::from_ref(e));
+    }
+
+    /// Queues `entries` together (a linked chain must not be split across submissions).
+    fn push_all(&mut self, entries: &[squeue::Entry]) {
+        loop {
+            let mut sq = self.ring.submission();
+            if sq.capacity() - sq.len() >= entries.len() {
+                for e in entries {
+                    // SAFETY: every buffer, address and timespec an entry points to lives in this loop's
+                    // heap (`Bufs`, `Lst::peer`, `Connecting`, `wake_buf`, `tick`) until its completion
+                    // is reaped, or, for what the kernel reads at submission, until the next submit.
+                    // Room was checked above.
+                    let _ = unsafe { sq.push(e) };
+                }
+                return;
+            }
+            drop(sq);
+            if let Err(e) = self.ring.submit()
+                && !matches!(e.raw_os_error(), Some(libc::EINTR | libc::EBUSY | libc::EAGAIN))
+            {
+                // Not expected of a live ring; dropping the entries beats spinning on it.
+                error!(error = %e, "io_uring proxy worker cannot submit");
+                return;
+            }
+        }
+    }
+
+    fn arm_wake(&mut self) {
+        let buf: *mut u64 = &mut *self.wake_buf;
+        let e = opcode::Read::new(Fd(self.wake.as_raw_fd()), buf.cast(), 8)
+            .build()
+            .user_data(user_data(Op::Wake, 0, 0));
+        self.push(&e);
+    }
+
+    fn arm_tick(&mut self) {
+        let ts: *const Timespec = &*self.tick;
+        let e = opcode::Timeout::new(ts)
+            .build()
+            .user_data(user_data(Op::Tick, 0, 0));
+        self.push(&e);
+    }
+
+    fn complete(&mut self, ud: u64, res: i32, flags: u32) {
+        let slot = (ud >> 32) as u32;
+        let dir = ((ud >> 8) & 0xff) as usize & 1;
+        match Op::from_u8(ud as u8) {
+            Some(Op::Wake) => self.on_wake(),
+            Some(Op::Tick) => self.on_tick(),
+            Some(Op::Accept) => self.on_accept(slot, res),
+            Some(Op::Connect) => self.on_connect(slot, res),
+            Some(Op::LinkTimeout) => {
+                self.finish_op(slot);
+            }
+            Some(Op::Recv) => self.on_recv(slot, dir, res, flags),
+            Some(Op::Send) => self.on_send(slot, dir, res),
+            Some(Op::Cancel) | None => {}
+        }
+    }
+
+    fn on_wake(&mut self) {
+        while let Ok(msg) = self.rx.try_recv() {
+            match msg {
+                Msg::Add { id, socket, state } => {
+                    let l = Lst {
+                        id,
+                        socket,
+                        state,
+                        permit: None,
+                        armed: false,
+                        removed: false,
+                        not_before: None,
+                        backoff: BACKOFF_MIN,
+                        peer: Box::new((SockAddrStorage::zeroed(), 0)),
+                    };
+                    let i = match self.listeners.iter().position(Option::is_none) {
+                        Some(i) => i,
+                        None => {
+                            self.listeners.push(None);
+                            self.listeners.len() - 1
+                        }
+                    };
+                    self.listeners[i] = Some(l);
+                    self.arm_accept(i);
+                }
+                Msg::Remove(id) => {
+                    if let Some(i) = self
+                        .listeners
+                        .iter()
+                        .position(|l| l.as_ref().is_some_and(|l| l.id == id))
+                    {
+                        self.remove_listener(i);
+                    }
+                }
+                Msg::Finish => {
+                    self.finishing = Some(Instant::now() + FINISH_WAIT);
+                    for i in 0..self.listeners.len() {
+                        self.remove_listener(i);
+                    }
+                    for slot in 0..self.conns.len() {
+                        self.close(slot as u32);
+                    }
+                    return;
+                }
+            }
+        }
+        self.arm_wake();
+    }
+
+    fn on_tick(&mut self) {
+        if self.finishing.is_some() {
+            self.arm_tick();
+            return;
+        }
+        // Accepts that wait for a permit freed on another worker, or for the end of a back-off.
+        for i in 0..self.listeners.len() {
+            self.arm_accept(i);
+        }
+        if let Some(idle) = self.shared.timeouts.load().idle {
+            let idle_ms = u32::try_from(idle.as_millis()).unwrap_or(u32::MAX);
+            // Scan often enough that a connection outlives its timeout by at most a quarter of it (and a
+            // second at most); 8,000 connections take some tens of microseconds.
+            let every = (idle_ms / 4).clamp(1, 1_000);
+            if self.now_ms.wrapping_sub(self.last_scan_ms) >= every {
+                self.last_scan_ms = self.now_ms;
+                for slot in 0..self.conns.len() {
+                    let Some(c) = &self.conns[slot] else { continue };
+                    if !c.closing && c.connecting.is_none() && self.now_ms.wrapping_sub(c.last_ms) >= idle_ms
+                    {
+                        c.active.l.metrics.idle_timeouts.increment(1);
+                        debug!(listener = %c.active.l.cfg.name, "idle timeout");
+                        self.close(slot as u32);
+                    }
+                }
+            }
+        }
+        self.arm_tick();
+    }
+
+    fn remove_listener(&mut self, i: usize) {
+        let Some(l) = self.listeners.get_mut(i).and_then(Option::as_mut) else {
+            return;
+        };
+        l.removed = true;
+        if l.armed {
+            // The accept's completion (cancelled, or a client accepted just before) closes the socket.
+            let e = opcode::AsyncCancel::new(user_data(Op::Accept, i as u32, 0))
+                .build()
+                .user_data(user_data(Op::Cancel, 0, 0));
+            self.push(&e);
+        } else {
+            self.listeners[i] = None;
+        }
+    }
+
+    /// Submits an accept on listener `i` if it has none pending and a permit is free.
+    fn arm_accept(&mut self, i: usize) {
+        let Some(l) = self.listeners.get_mut(i).and_then(Option::as_mut) else {
+            return;
+        };
+        if l.armed || l.removed || self.finishing.is_some() {
+            return;
+        }
+        if let Some(t) = l.not_before {
+            if Instant::now() < t {
+                return;
+            }
+            l.not_before = None;
+        }
+        if l.permit.is_none() {
+            match self.shared.permits.clone().try_acquire_owned() {
+                Ok(p) => l.permit = Some(p),
+                // Re-armed when a connection here ends, or by the tick.
+                Err(_) => return,
+            }
+        }
+        l.armed = true;
+        let peer = &mut *l.peer;
+        peer.1 = peer.0.size_of();
+        let addr: *mut SockAddrStorage = &mut peer.0;
+        let e = opcode::Accept::new(Fd(l.socket.as_raw_fd()), addr.cast(), &mut peer.1)
+            .flags(libc::SOCK_CLOEXEC)
+            .build()
+            .user_data(user_data(Op::Accept, i as u32, 0));
+        self.push(&e);
+    }
+
+    fn on_accept(&mut self, i: u32, res: i32) {
+        let Some(l) = self.listeners.get_mut(i as usize).and_then(Option::as_mut) else {
+            return;
+        };
+        l.armed = false;
+        if res >= 0 {
+            // SAFETY: a successful accept returns a new descriptor that nothing else owns.
+            let client = unsafe { OwnedFd::from_raw_fd(res) };
+            l.backoff = BACKOFF_MIN;
+            let (storage, len) = std::mem::replace(&mut *l.peer, (SockAddrStorage::zeroed(), 0));
+            // SAFETY: the kernel wrote a socket address of `len` bytes into `storage`.
+            let peer = unsafe { SockAddr::new(storage, len) }.as_socket();
+            let state = l.state.clone();
+            let permit = l.permit.take();
+            if let (Some(peer), Some(permit)) = (peer, permit) {
+                self.start_conn(client, peer, state, permit);
+            }
+        } else if res != -libc::ECANCELED {
+            let e = io::Error::from_raw_os_error(-res);
+            l.state.metrics.accept_errors.increment(1);
+            if is_resource_exhaustion(&e) {
+                warn!(listener = %l.state.cfg.name, error = %e, backoff = ?l.backoff, "accept failed; backing off");
+                l.not_before = Some(Instant::now() + l.backoff);
+                l.backoff = (l.backoff * 2).min(BACKOFF_MAX);
+            } else {
+                // Per-connection errors (ECONNABORTED and the like): the next accept is fine.
+                debug!(listener = %l.state.cfg.name, error = %e, "accept failed");
+            }
+        }
+        if self.listeners[i as usize].as_ref().is_some_and(|l| l.removed) {
+            self.listeners[i as usize] = None;
+        } else {
+            self.arm_accept(i as usize);
+        }
+    }
+
+    fn start_conn(
+        &mut self,
+        client: OwnedFd,
+        peer: SocketAddr,
+        l: Arc<ListenerState>,
+        permit: OwnedSemaphorePermit,
+    ) {
+        l.metrics.accepted.increment(1);
+        let conn = Conn {
+            client,
+            backend: None,
+            active: Active::new(l, permit),
+            _token: self.shared.tracker.token(),
+            connecting: Some(Box::new(Connecting {
+                peer,
+                tried: Vec::new(),
+                attempt: 0,
+                addr: peer,
+                bm: None,
+                sockaddr: SockAddr::from(peer),
+                timeout: Timespec::new(),
+                started: Instant::now(),
+            })),
+            dirs: [DIR; 2],
+            ops: 0,
+            last_ms: self.now_ms,
+            closing: false,
+        };
+        let slot = match self.free.pop() {
+            Some(s) => {
+                self.conns[s as usize] = Some(conn);
+                s
+            }
+            None => {
+                self.conns.push(Some(conn));
+                u32::try_from(self.conns.len() - 1).unwrap_or(u32::MAX)
+            }
+        };
+        self.connect_next(slot);
+    }
+
+    fn conn(&mut self, slot: u32) -> Option<&mut Conn> {
+        self.conns.get_mut(slot as usize).and_then(Option::as_mut)
+    }
+
+    /// Submits a connect to the next backend, with its timeout linked; closes the client when no backend
+    /// is left to try (none of its bytes were read, so a retry is invisible to it).
+    fn connect_next(&mut self, slot: u32) {
+        let t = self.shared.timeouts.load_full();
+        let shared = self.shared.clone();
+        loop {
+            let Some(c) = self.conn(slot) else { return };
+            let l = c.active.l.clone();
+            let Some(k) = c.connecting.as_mut() else { return };
+            let next = if k.attempt < t.connect_attempts {
+                shared.picker.pick(&l.cfg.request_type, &k.tried)
+            } else {
+                None
+            };
+            let Some(addr) = next else {
+                l.metrics.failed.increment(1);
+                debug!(listener = %l.cfg.name, peer = %k.peer, "no backend reachable; closing the client");
+                self.close(slot);
+                return;
+            };
+            if k.attempt > 0 {
+                l.metrics.retries.increment(1);
+            }
+            k.attempt += 1;
+            let bm = shared.backend_metrics(addr);
+            let socket = match backend_socket(addr) {
+                Ok(s) => s,
+                Err(e) => {
+                    debug!(backend = %addr, error = %e, "cannot open a socket");
+                    bm.connect_failures.increment(1);
+                    k.tried.push(addr);
+                    continue;
+                }
+            };
+            k.addr = addr;
+            k.bm = Some(bm);
+            k.sockaddr = SockAddr::from(addr);
+            k.timeout = Timespec::from(t.connect);
+            k.started = Instant::now();
+            let fd = socket.as_raw_fd();
+            let connect = opcode::Connect::new(Fd(fd), k.sockaddr.as_ptr().cast(), k.sockaddr.len())
+                .build()
+                .flags(squeue::Flags::IO_LINK)
+                .user_data(user_data(Op::Connect, slot, 0));
+            let timeout =
+                opcode::LinkTimeout::new(&k.timeout)
+                    .build()
+                    .user_data(user_data(Op::LinkTimeout, slot, 0));
+            c.backend = Some(socket);
+            c.ops += 2;
+            self.push_all(&[connect, timeout]);
+            return;
+        }
+    }
+
+    fn on_connect(&mut self, slot: u32, res: i32) {
+        if !self.finish_op(slot) {
+            return;
+        }
+        let now_ms = self.now_ms;
+        let shared = self.shared.clone();
+        let Some(c) = self.conn(slot) else { return };
+        let Some(k) = c.connecting.as_mut() else { return };
+        let Some(bm) = k.bm.clone() else { return };
+        let (addr, peer, started) = (k.addr, k.peer, k.started);
+        if res < 0 {
+            let e = io::Error::from_raw_os_error(-res);
+            // ECANCELED: the linked timeout fired first.
+            debug!(backend = %addr, error = %e, "connect failed or timed out");
+            bm.connect_failures.increment(1);
+            shared.picker.report_failure(addr);
+            k.tried.push(addr);
+            c.backend = None;
+            self.connect_next(slot);
+            return;
+        }
+        bm.connects.increment(1);
+        bm.connect_seconds.record(started.elapsed().as_secs_f64());
+        debug!(backend = %addr, "connected");
+        if c.active.l.cfg.proxy_protocol && !send_proxy_header(c, peer) {
+            debug!(backend = %addr, "cannot send the PROXY header");
+            self.close(slot);
+            return;
+        }
+        c.connecting = None;
+        c.active.set_backend(bm);
+        c.last_ms = now_ms;
+        self.arm_recv(slot, 0);
+        self.arm_recv(slot, 1);
+    }
+
+    fn arm_recv(&mut self, slot: u32, d: usize) {
+        let Some(c) = self.conn(slot) else { return };
+        c.ops += 1;
+        let (src, _) = c.fds(d);
+        let e = opcode::Recv::new(Fd(src), std::ptr::null_mut(), BUF_LEN)
+            .buf_group(BUF_GROUP)
+            .build()
+            .flags(squeue::Flags::BUFFER_SELECT)
+            .user_data(user_data(Op::Recv, slot, d));
+        self.push(&e);
+    }
+
+    fn push_send(&mut self, slot: u32, d: usize) {
+        let Some(c) = self.conn(slot) else { return };
+        let dir = c.dirs[d];
+        let Some(bid) = dir.buf else { return };
+        c.ops += 1;
+        let (_, dst) = c.fds(d);
+        // SAFETY: `off` < `len` <= BUF_LEN, inside buffer `bid`.
+        let ptr = unsafe { self.bufs.addr(bid).add(dir.off as usize) };
+        let e = opcode::Send::new(Fd(dst), ptr, dir.len - dir.off)
+            .flags(libc::MSG_NOSIGNAL)
+            .build()
+            .user_data(user_data(Op::Send, slot, d));
+        self.push(&e);
+    }
+
+    fn on_recv(&mut self, slot: u32, d: usize, res: i32, flags: u32) {
+        let bid = cqueue::buffer_select(flags);
+        if !self.finish_op(slot) {
+            if let Some(b) = bid {
+                self.give_buf(b);
+            }
+            return;
+        }
+        let now_ms = self.now_ms;
+        let Some(c) = self.conn(slot) else { return };
+        if res == -libc::ENOBUFS {
+            metrics::counter!(BUFFER_WAITS_TOTAL).increment(1);
+            c.dirs[d].starved = true;
+            self.starved.push_back((slot, d));
+            return;
+        }
+        if res < 0 {
+            debug!(error = %io::Error::from_raw_os_error(-res), "connection ended");
+            self.close(slot);
+            return;
+        }
+        if res == 0 {
+            c.dirs[d].done = true;
+            if c.dirs[1 - d].done {
+                self.close(slot);
+            } else {
+                // Propagate the end of stream. ENOTCONN when the peer already reset: nothing to tell it.
+                // SAFETY: plain syscall on a descriptor this connection owns.
+                let _ = unsafe { libc::shutdown(c.fds(d).1, libc::SHUT_WR) };
+            }
+            return;
+        }
+        let Some(bid) = bid else {
+            self.close(slot);
+            return;
+        };
+        let n = res.unsigned_abs();
+        let (l, bm) = (&c.active.l.metrics, c.active.bm.as_deref());
+        let (lc, bc) = if d == 0 {
+            (&l.bytes_up, bm.map(|b| &b.bytes_up))
+        } else {
+            (&l.bytes_down, bm.map(|b| &b.bytes_down))
+        };
+        lc.increment(u64::from(n));
+        if let Some(b) = bc {
+            b.increment(u64::from(n));
+        }
+        c.last_ms = now_ms;
+        c.dirs[d].buf = Some(bid);
+        c.dirs[d].len = n;
+        c.dirs[d].off = 0;
+        self.push_send(slot, d);
+    }
+
+    fn on_send(&mut self, slot: u32, d: usize, res: i32) {
+        if !self.finish_op(slot) {
+            return;
+        }
+        let Some(c) = self.conn(slot) else { return };
+        if res <= 0 {
+            if res < 0 {
+                debug!(error = %io::Error::from_raw_os_error(-res), "connection ended");
+            }
+            self.close(slot);
+            return;
+        }
+        let dir = &mut c.dirs[d];
+        dir.off += res.unsigned_abs();
+        if dir.off < dir.len {
+            self.push_send(slot, d);
+            return;
+        }
+        if let Some(b) = dir.buf.take() {
+            self.give_buf(b);
+        }
+        self.arm_recv(slot, d);
+    }
+
+    /// Gives a buffer back to the kernel, and lets one direction that found the ring empty try again.
+    fn give_buf(&mut self, bid: u16) {
+        self.bufs.give(bid);
+        while let Some((slot, d)) = self.starved.pop_front() {
+            let Some(c) = self.conn(slot) else { continue };
+            if c.closing || !c.dirs[d].starved {
+                continue;
+            }
+            c.dirs[d].starved = false;
+            self.arm_recv(slot, d);
+            return;
+        }
+    }
+
+    /// Counts one of `slot`'s operations as completed. False when the connection is closing (its slot is
+    /// freed once nothing is in flight) or gone.
+    fn finish_op(&mut self, slot: u32) -> bool {
+        let Some(c) = self.conn(slot) else { return false };
+        c.ops = c.ops.saturating_sub(1);
+        if !c.closing {
+            return true;
+        }
+        if c.ops == 0 {
+            self.free_conn(slot);
+        }
+        false
+    }
+
+    /// Ends a connection: at once if nothing is in flight, else after cancelling what is pending.
+    fn close(&mut self, slot: u32) {
+        let Some(c) = self.conn(slot) else { return };
+        if c.closing {
+            return;
+        }
+        c.closing = true;
+        if c.ops == 0 {
+            self.free_conn(slot);
+            return;
+        }
+        let fds = [
+            Some(c.client.as_raw_fd()),
+            c.backend.as_ref().map(AsRawFd::as_raw_fd),
+        ];
+        for fd in fds.into_iter().flatten() {
+            let e = opcode::AsyncCancel2::new(CancelBuilder::fd(Fd(fd)).all())
+                .build()
+                .user_data(user_data(Op::Cancel, slot, 0));
+            self.push(&e);
+        }
+    }
+
+    /// Drops the connection in `slot` (closing both sockets; with both ends read to their end the close
+    /// sends a FIN) and lets the listeners use the permit it frees.
+    fn free_conn(&mut self, slot: u32) {
+        let Some(c) = self.conns.get_mut(slot as usize).and_then(Option::take) else {
+            return;
+        };
+        // Nothing is in flight, so no send still reads these buffers.
+        for b in c.dirs.iter().filter_map(|d| d.buf) {
+            self.give_buf(b);
+        }
+        drop(c);
+        self.free.push(slot);
+        for i in 0..self.listeners.len() {
+            self.arm_accept(i);
+        }
+    }
+}
+
+impl Drop for Loop {
+    fn drop(&mut self) {
+        // Taken back before the buffers are freed (fields drop after this).
+        let _ = self.ring.submitter().unregister_buf_ring(BUF_GROUP);
+    }
+}
+
+/// A non-blocking socket for a connect to `addr`, with TCP_NODELAY.
+fn backend_socket(addr: SocketAddr) -> io::Result<OwnedFd> {
+    let s = Socket::new(
+        Domain::for_address(addr),
+        Type::STREAM.nonblocking().cloexec(),
+        Some(Protocol::TCP),
+    )?;
+    s.set_tcp_nodelay(true)?;
+    Ok(s.into())
+}
+
+/// Writes the PROXY v2 header on a just-connected backend socket. Its send buffer is empty, so the few
+/// dozen bytes go in one non-blocking `send` or the connection is given up.
+fn send_proxy_header(c: &Conn, peer: SocketAddr) -> bool {
+    let local = socket2::SockRef::from(&c.client)
+        .local_addr()
+        .ok()
+        .and_then(|a| a.as_socket())
+        .unwrap_or(c.active.l.cfg.listen);
+    let header = xcluster_proto::proxy_header::encode_v2(peer, local);
+    let Some(b) = &c.backend else { return false };
+    // SAFETY: sends from a live buffer on a descriptor this connection owns.
+    let n = unsafe {
+        libc::send(
+            b.as_raw_fd(),
+            header.as_ptr().cast(),
+            header.len(),
+            libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
+        )
+    };
+    usize::try_from(n).is_ok_and(|n| n == header.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An idle connection costs its slot; this guards against a change that silently grows it.
+    #[test]
+    fn connection_slot_stays_small() {
+        let size = size_of::<Option<Conn>>();
+        eprintln!("a connection slot is {size} bytes");
+        assert!(size <= 112, "the connection slot grew to {size} bytes");
+    }
+
+    #[test]
+    fn user_data_round_trips() {
+        for op in [Op::Accept, Op::Recv, Op::Send, Op::Tick] {
+            let ud = user_data(op, u32::MAX - 1, 1);
+            assert_eq!(Op::from_u8(ud as u8), Some(op));
+            assert_eq!((ud >> 32) as u32, u32::MAX - 1);
+            assert_eq!((ud >> 8) & 0xff, 1);
+        }
+    }
+}
