@@ -21,12 +21,15 @@ pub struct ProxySection {
     pub backends: Vec<BackendRaw>,
     /// Worker threads; 0 means one per core.
     pub workers: usize,
-    /// `per_core` (default, measured faster: one current-thread runtime and one SO_REUSEPORT listener per
-    /// worker) or `shared` (one multi-thread runtime with `workers` threads).
+    /// `io_uring` (default, measured fastest: one io_uring event loop and one SO_REUSEPORT listener per
+    /// worker; `per_core` where the kernel refuses io_uring), `per_core` (one current-thread tokio runtime
+    /// and one SO_REUSEPORT listener per worker) or `shared` (one multi-thread runtime with `workers`
+    /// threads).
     pub runtime: String,
-    /// `auto` (default: copy small messages, splice bulk streams to remote peers, copy to loopback ones;
-    /// measured best), `splice` (always zero-copy through pooled pipes) or `copy` (always pooled user-space
-    /// buffers).
+    /// For the tokio runtimes: `auto` (default: copy small messages, splice bulk streams to remote peers,
+    /// copy to loopback ones; measured best), `splice` (always zero-copy through pooled pipes) or `copy`
+    /// (always pooled user-space buffers). The io_uring runtime copies through its provided buffers, for
+    /// `auto` and `copy` alike, and refuses `splice`.
     pub forwarding: String,
     pub connect_timeout_ms: u64,
     /// How many backends a connection may try before any byte is forwarded (redispatch).
@@ -49,7 +52,7 @@ impl Default for ProxySection {
             listeners: Vec::new(),
             backends: Vec::new(),
             workers: 0,
-            runtime: "per_core".into(),
+            runtime: "io_uring".into(),
             forwarding: "auto".into(),
             connect_timeout_ms: 1_000,
             connect_attempts: 3,
@@ -283,7 +286,11 @@ impl ProxySection {
         v.check(
             !(runtime == RuntimeMode::IoUring && forwarding == Forwarding::Splice),
             "proxy.forwarding",
-            || "\"splice\" is not available with runtime \"io_uring\" (use \"auto\" or \"copy\")".to_string(),
+            || {
+                "\"splice\" needs runtime \"per_core\" or \"shared\": \"io_uring\" (the default) copies through its \
+                 buffers (use \"auto\" or \"copy\")"
+                    .to_string()
+            },
         );
         let connect = v.millis("proxy.connect_timeout_ms", self.connect_timeout_ms, 1, 60_000);
         let connect_attempts = v.range("proxy.connect_attempts", self.connect_attempts, 1, 16);

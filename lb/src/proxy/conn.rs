@@ -166,26 +166,19 @@ async fn connect(
     t: &Timeouts,
 ) -> Option<(TcpStream, SocketAddr, Arc<BackendMetrics>)> {
     let mut tried: Vec<SocketAddr> = Vec::new();
-    for attempt in 0..t.connect_attempts {
-        let addr = shared.picker.pick(&l.cfg.request_type, &tried)?;
-        if attempt > 0 {
-            l.metrics.retries.increment(1);
-        }
-        let bm = shared.backend_metrics(addr);
+    for attempt in 0.. {
+        let (addr, bm) = shared.next_backend(l, &tried, attempt)?;
         let t0 = Instant::now();
         match tokio::time::timeout(t.connect, TcpStream::connect(addr)).await {
             Ok(Ok(s)) => {
-                bm.connects.increment(1);
-                bm.connect_seconds.record(t0.elapsed().as_secs_f64());
+                bm.connected(t0);
                 let _ = s.set_nodelay(true);
                 return Some((s, addr, bm));
             }
             Ok(Err(e)) => debug!(backend = %addr, error = %e, "connect failed"),
             Err(_) => debug!(backend = %addr, timeout = ?t.connect, "connect timed out"),
         }
-        bm.connect_failures.increment(1);
-        shared.picker.report_failure(addr);
-        tried.push(addr);
+        shared.connect_failed(addr, &bm, &mut tried);
     }
     None
 }

@@ -68,6 +68,12 @@ pub struct BackendMetrics {
 }
 
 impl BackendMetrics {
+    /// Counts a successful connect begun at `started`.
+    pub fn connected(&self, started: std::time::Instant) {
+        self.connects.increment(1);
+        self.connect_seconds.record(started.elapsed().as_secs_f64());
+    }
+
     pub fn new(addr: SocketAddr) -> Self {
         let b = addr.to_string();
         Self {

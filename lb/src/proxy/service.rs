@@ -58,6 +58,33 @@ impl Shared {
             .cloned()
             .unwrap_or_else(|| Arc::new(BackendMetrics::new(addr)))
     }
+
+    /// The backend for connect attempt `attempt` (from 0) of a connection on `l`, never one of `tried`
+    /// (redispatch), with its metric handles; an attempt after the first is counted as a retry. `None` when
+    /// the attempts are used up or no backend is left.
+    pub fn next_backend(
+        &self,
+        l: &ListenerState,
+        tried: &[SocketAddr],
+        attempt: u32,
+    ) -> Option<(SocketAddr, Arc<BackendMetrics>)> {
+        if attempt >= self.timeouts.load().connect_attempts {
+            return None;
+        }
+        let addr = self.picker.pick(&l.cfg.request_type, tried)?;
+        if attempt > 0 {
+            l.metrics.retries.increment(1);
+        }
+        Some((addr, self.backend_metrics(addr)))
+    }
+
+    /// A connect to `addr` failed or timed out: it is counted, told to the picker, and left out of the
+    /// connection's next attempts.
+    pub fn connect_failed(&self, addr: SocketAddr, bm: &BackendMetrics, tried: &mut Vec<SocketAddr>) {
+        bm.connect_failures.increment(1);
+        self.picker.report_failure(addr);
+        tried.push(addr);
+    }
 }
 
 #[cfg(test)]
