@@ -554,30 +554,25 @@ fn max_connections_holds_new_clients_until_a_permit_frees(rt: &'static str) {
     assert_eq!(accepted(&lb), Some(3.0));
 }
 
-/// The io_uring runtime's receives take a buffer from a shared pool only when data arrives. When every buffer
-/// is held (here: 4 buffers, 8 connections whose backends do not read yet, so each stalls with a buffer in
-/// its send), receives wait for one, and nothing is lost once the backends read again.
-#[test]
-fn io_uring_buffer_pool_running_dry_loses_no_byte() {
-    const CONNS: u64 = 8;
-    // More than the proxy's send buffer toward a backend can take (the kernel grows it up to tcp_wmem's
-    // maximum), so its sends stall and hold their buffers.
+/// More than the proxy's send buffer toward a backend can take (the kernel grows it up to tcp_wmem's
+/// maximum), so a stream this long stalls the proxy's sends to a backend that does not read.
+fn stalling_len() -> usize {
     let wmem_max: usize = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_wmem")
         .ok()
         .and_then(|s| s.split_whitespace().nth(2)?.parse().ok())
         .unwrap_or(4 << 20);
-    let len = 2 * wmem_max + (1 << 20);
-    // Backends block on the gate before reading, then answer with a digest of everything they read.
-    let gate = Arc::new(RwLock::new(()));
-    let closed = gate.write().unwrap();
-    let g = gate.clone();
-    // A small receive buffer, set before `listen` so the window it advertises is small too.
+    2 * wmem_max + (1 << 20)
+}
+
+/// A backend that blocks on `gate` before reading, then answers with a digest of everything it read. Its
+/// receive buffer is small, set before `listen` so the window it advertises is small too.
+fn digest_sink(gate: Arc<RwLock<()>>) -> SocketAddr {
     let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
     sock.set_recv_buffer_size(4096).unwrap();
     sock.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into()).unwrap();
     sock.listen(128).unwrap();
-    let sink = serve_on(sock.into(), move |mut s| {
-        drop(g.read().unwrap());
+    serve_on(sock.into(), move |mut s| {
+        drop(gate.read().unwrap());
         let mut d = Digest::default();
         let mut buf = vec![0u8; 64 * 1024];
         loop {
@@ -587,7 +582,45 @@ fn io_uring_buffer_pool_running_dry_loses_no_byte() {
             }
         }
         s.write_all(&d.0.to_be_bytes()).unwrap();
-    });
+    })
+}
+
+/// Streams `len` pseudo-random bytes (seeded by `seed`) to a [`digest_sink`] through `front`, on a thread
+/// that checks the digest the sink answers.
+fn stream_to_sink(front: SocketAddr, len: usize, seed: u64) -> thread::JoinHandle<()> {
+    let mut s = connect(front);
+    thread::spawn(move || {
+        let mut d = Digest::default();
+        let mut left = len;
+        let mut k = 0;
+        while left > 0 {
+            let chunk = payload(left.min(64 * 1024), seed * 10_000 + k);
+            d.update(&chunk);
+            s.write_all(&chunk).unwrap();
+            left -= chunk.len();
+            k += 1;
+        }
+        s.shutdown(Shutdown::Write).unwrap();
+        let mut got = [0u8; 8];
+        s.read_exact(&mut got).unwrap();
+        assert_eq!(
+            u64::from_be_bytes(got),
+            d.0,
+            "stream {seed}: the bytes came through altered"
+        );
+    })
+}
+
+/// The io_uring runtime's receives take a buffer from a shared pool only when data arrives. When every buffer
+/// is held (here: at most 4 buffers, 8 connections whose backends do not read yet, so each stalls with a
+/// buffer in its send), receives wait for one, and nothing is lost once the backends read again.
+#[test]
+fn io_uring_buffer_pool_running_dry_loses_no_byte() {
+    const CONNS: u64 = 8;
+    let len = stalling_len();
+    let gate = Arc::new(RwLock::new(()));
+    let closed = gate.write().unwrap();
+    let sink = digest_sink(gate.clone());
     let front = free_addr();
     let lb = start_lb(
         "io_uring",
@@ -598,31 +631,7 @@ fn io_uring_buffer_pool_running_dry_loses_no_byte() {
             backends(&[sink])
         ),
     );
-    let clients: Vec<_> = (0..CONNS)
-        .map(|i| {
-            let mut s = connect(front);
-            thread::spawn(move || {
-                let mut d = Digest::default();
-                let mut left = len;
-                let mut k = 0;
-                while left > 0 {
-                    let chunk = payload(left.min(64 * 1024), i * 10_000 + k);
-                    d.update(&chunk);
-                    s.write_all(&chunk).unwrap();
-                    left -= chunk.len();
-                    k += 1;
-                }
-                s.shutdown(Shutdown::Write).unwrap();
-                let mut got = [0u8; 8];
-                s.read_exact(&mut got).unwrap();
-                assert_eq!(
-                    u64::from_be_bytes(got),
-                    d.0,
-                    "connection {i}: the bytes came through altered"
-                );
-            })
-        })
-        .collect();
+    let clients: Vec<_> = (0..CONNS).map(|i| stream_to_sink(front, len, i)).collect();
     eventually(T, "a receive to wait for a buffer", || {
         metric_value(&lb.metrics(), "xcluster_lb_proxy_buffer_waits_total", "").filter(|v| *v >= 1.0)
     });
@@ -640,6 +649,33 @@ fn io_uring_buffer_pool_running_dry_loses_no_byte() {
         )
         .filter(|up| *up == want)
     });
+}
+
+/// A direction whose destination does not keep up pauses its receive after a few buffers, and resumes it
+/// as the destination drains: every byte still arrives, in order, and the pool never runs dry.
+#[test]
+fn io_uring_receive_pauses_for_a_slow_destination_and_resumes() {
+    let gate = Arc::new(RwLock::new(()));
+    let closed = gate.write().unwrap();
+    let sink = digest_sink(gate.clone());
+    let front = free_addr();
+    let lb = start_lb(
+        "io_uring",
+        1000,
+        &format!("workers = 1\n{}{}", listener("web", front), backends(&[sink])),
+    );
+    let client = stream_to_sink(front, stalling_len(), 1);
+    eventually(T, "the receive to pause", || {
+        metric_value(&lb.metrics(), "xcluster_lb_proxy_receive_pauses_total", "").filter(|v| *v >= 1.0)
+    });
+    drop(closed);
+    client.join().unwrap();
+    let m = lb.metrics();
+    assert_eq!(
+        metric_value(&m, "xcluster_lb_proxy_buffer_waits_total", ""),
+        None,
+        "{m}"
+    );
 }
 
 /// FNV-1a, fed in pieces: enough to tell altered, lost or reordered bytes apart.

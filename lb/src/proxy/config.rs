@@ -41,8 +41,10 @@ pub struct ProxySection {
     pub backlog: i32,
     /// TCP keepalive idle time on accepted sockets; 0 disables.
     pub keepalive_ms: u64,
-    /// With `runtime = "io_uring"`: provided buffers of 16 KiB per worker, a power of two. Only directions
-    /// with bytes in flight hold one; when all are in use, receives wait for the next one freed.
+    /// With `runtime = "io_uring"`: the most provided buffers of 16 KiB per worker, a power of two. Only
+    /// directions with bytes in flight hold one; 256 are handed out at start and more as receives find
+    /// none, up to this; then receives wait for the next one freed. Memory is reserved for all of them but
+    /// resident only for those handed out.
     pub io_uring_buffers: u32,
 }
 
@@ -60,7 +62,7 @@ impl Default for ProxySection {
             max_connections: 20_000,
             backlog: 4096,
             keepalive_ms: 60_000,
-            io_uring_buffers: 256,
+            io_uring_buffers: 4096,
         }
     }
 }

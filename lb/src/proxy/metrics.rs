@@ -25,6 +25,8 @@ pub const BACKEND_CONNECT_SECONDS: &str = "xcluster_lb_proxy_backend_connect_sec
 pub const WORKERS: &str = "xcluster_lb_proxy_workers";
 /// Receives of the io_uring runtime that found every provided buffer in use and waited for one.
 pub const BUFFER_WAITS_TOTAL: &str = "xcluster_lb_proxy_buffer_waits_total";
+/// Receives of the io_uring runtime paused because their direction's destination is not keeping up.
+pub const RECEIVE_PAUSES_TOTAL: &str = "xcluster_lb_proxy_receive_pauses_total";
 pub const LISTENER_BIND_FAILURES_TOTAL: &str = "xcluster_lb_proxy_listener_bind_failures_total";
 
 /// Handles for one listener.

@@ -39,15 +39,21 @@ use tracing::{debug, error, warn};
 
 use super::conn::Active;
 use super::listener::{BACKOFF_MAX, BACKOFF_MIN, is_resource_exhaustion};
-use super::metrics::{BUFFER_WAITS_TOTAL, BackendMetrics};
+use super::metrics::{BUFFER_WAITS_TOTAL, BackendMetrics, RECEIVE_PAUSES_TOTAL};
 use super::service::{ListenerState, Shared};
 
 /// Submission queue size; the completion queue is twice that, and overflow is kept by the kernel.
 const RING_ENTRIES: u32 = 4096;
-/// The size of a provided buffer. Their number per worker is `proxy.io_uring_buffers` (a power of two, as the
-/// buffer ring requires); only directions with bytes in flight hold one, so the default 256 serve hundreds
-/// of busy connections at once.
+/// The size of a provided buffer. Their number per worker is at most `proxy.io_uring_buffers` (a power of
+/// two, as the buffer ring requires); only directions with bytes in flight hold one.
 const BUF_LEN: u32 = 16 * 1024;
+/// Buffers handed to the kernel at start. Their memory is reserved for `io_uring_buffers` but touched only
+/// once a buffer is handed out, so a worker's resident buffers follow its peak of bytes in flight.
+const BUF_INITIAL: u16 = 256;
+/// Buffers added at once when a receive finds the ring empty, until `io_uring_buffers` are out. A direction
+/// whose destination stalls can hold a few dozen (a multishot receive takes several buffers in one go
+/// before its pause takes effect), so the pool grows rather than let a few slow peers starve the rest.
+const BUF_GROW: u16 = 64;
 const BUF_GROUP: u16 = 0;
 /// How often the loop wakes on its own: re-arming accepts that wait for a permit or a back-off, and the
 /// idle-timeout scan.
@@ -170,6 +176,8 @@ struct Bufs {
     entries: *mut BufRingEntry,
     mem: *mut u8,
     count: u16,
+    /// Buffer ids `0..given` have been handed to the kernel; the rest of `mem` is untouched.
+    given: u16,
     tail: u16,
     /// Per buffer id, while it is queued: the bytes received into it, and the next buffer of its queue.
     len: Vec<u32>,
@@ -208,6 +216,7 @@ impl Bufs {
             entries: entries.cast(),
             mem,
             count,
+            given: 0,
             tail: 0,
             len: vec![0; usize::from(count)],
             next: vec![NO_BUF; usize::from(count)],
@@ -221,10 +230,21 @@ impl Bufs {
             ring.submitter()
                 .register_buf_ring_with_flags(b.entries as u64, count, BUF_GROUP, 0)?;
         }
-        for bid in 0..count {
-            b.give(bid);
-        }
+        b.grow(BUF_INITIAL);
         Ok(b)
+    }
+
+    /// Hands up to `n` more buffers to the kernel; false when all `count` are out already.
+    fn grow(&mut self, n: u16) -> bool {
+        let to = self.given.saturating_add(n).min(self.count);
+        if to == self.given {
+            return false;
+        }
+        for bid in self.given..to {
+            self.give(bid);
+        }
+        self.given = to;
+        true
     }
 
     fn addr(&self, bid: u16) -> *mut u8 {
@@ -924,6 +944,7 @@ impl Loop {
             dir.tail = bid;
             let pause = dir.queued >= QUEUE_MAX && dir.armed && !dir.pausing;
             if pause {
+                metrics::counter!(RECEIVE_PAUSES_TOTAL).increment(1);
                 dir.pausing = true;
                 let e = opcode::AsyncCancel::new(user_data(Op::Recv, slot, d))
                     .build()
@@ -946,9 +967,13 @@ impl Loop {
                 }
             }
             e if e == -libc::ENOBUFS => {
-                metrics::counter!(BUFFER_WAITS_TOTAL).increment(1);
-                dir.starved = true;
-                self.starved.push_back((slot, d));
+                if self.bufs.grow(BUF_GROW) {
+                    self.arm_recv(slot, d);
+                } else {
+                    metrics::counter!(BUFFER_WAITS_TOTAL).increment(1);
+                    dir.starved = true;
+                    self.starved.push_back((slot, d));
+                }
             }
             // The pause asked for above; the receive resumes when the queue drains.
             e if e == -libc::ECANCELED => self.maybe_resume(slot, d),
