@@ -585,6 +585,20 @@ fn digest_sink(gate: Arc<RwLock<()>>) -> SocketAddr {
     })
 }
 
+/// An lb on the io_uring runtime (one worker, `extra` config) whose listener forwards to a [`digest_sink`];
+/// returns it, its listener's address, and the sink's gate.
+fn io_uring_lb_to_sink(extra: &str) -> (Lb, SocketAddr, Arc<RwLock<()>>) {
+    let gate = Arc::new(RwLock::new(()));
+    let sink = digest_sink(gate.clone());
+    let front = free_addr();
+    let proxy = format!(
+        "workers = 1\n{extra}{}{}",
+        listener("web", front),
+        backends(&[sink])
+    );
+    (start_lb("io_uring", 1000, &proxy), front, gate)
+}
+
 /// Streams `len` pseudo-random bytes (seeded by `seed`) to a [`digest_sink`] through `front`, on a thread
 /// that checks the digest the sink answers.
 fn stream_to_sink(front: SocketAddr, len: usize, seed: u64) -> thread::JoinHandle<()> {
@@ -618,19 +632,8 @@ fn stream_to_sink(front: SocketAddr, len: usize, seed: u64) -> thread::JoinHandl
 fn io_uring_buffer_pool_running_dry_loses_no_byte() {
     const CONNS: u64 = 8;
     let len = stalling_len();
-    let gate = Arc::new(RwLock::new(()));
+    let (lb, front, gate) = io_uring_lb_to_sink("io_uring_buffers = 4\n");
     let closed = gate.write().unwrap();
-    let sink = digest_sink(gate.clone());
-    let front = free_addr();
-    let lb = start_lb(
-        "io_uring",
-        1000,
-        &format!(
-            "workers = 1\nio_uring_buffers = 4\n{}{}",
-            listener("web", front),
-            backends(&[sink])
-        ),
-    );
     let clients: Vec<_> = (0..CONNS).map(|i| stream_to_sink(front, len, i)).collect();
     eventually(T, "a receive to wait for a buffer", || {
         metric_value(&lb.metrics(), "xcluster_lb_proxy_buffer_waits_total", "").filter(|v| *v >= 1.0)
@@ -655,15 +658,8 @@ fn io_uring_buffer_pool_running_dry_loses_no_byte() {
 /// as the destination drains: every byte still arrives, in order, and the pool never runs dry.
 #[test]
 fn io_uring_receive_pauses_for_a_slow_destination_and_resumes() {
-    let gate = Arc::new(RwLock::new(()));
+    let (lb, front, gate) = io_uring_lb_to_sink("");
     let closed = gate.write().unwrap();
-    let sink = digest_sink(gate.clone());
-    let front = free_addr();
-    let lb = start_lb(
-        "io_uring",
-        1000,
-        &format!("workers = 1\n{}{}", listener("web", front), backends(&[sink])),
-    );
     let client = stream_to_sink(front, stalling_len(), 1);
     eventually(T, "the receive to pause", || {
         metric_value(&lb.metrics(), "xcluster_lb_proxy_receive_pauses_total", "").filter(|v| *v >= 1.0)
