@@ -1,6 +1,6 @@
-//! Listening sockets for the proxy (built with `socket2`, converted to tokio inside the worker that owns
-//! them) and the accept loop: a connection permit is taken before `accept`, accept errors back off and never
-//! end the loop, and each connection runs as its own task on the worker's runtime.
+//! Listening sockets for the proxy (built with `socket2`; a tokio worker converts its own, an io_uring worker
+//! accepts on it directly) and the tokio accept loop: a connection permit is taken before `accept`, accept
+//! errors back off and never end the loop, and each connection runs as its own task on the worker's runtime.
 
 use std::io;
 use std::sync::Arc;
