@@ -627,7 +627,8 @@ fn stream_to_sink(front: SocketAddr, len: usize, seed: u64) -> thread::JoinHandl
 
 /// The io_uring runtime's receives take a buffer from a shared pool only when data arrives. When every buffer
 /// is held (here: at most 4 buffers, 8 connections whose backends do not read yet, so each stalls with a
-/// buffer in its send), receives wait for one, and nothing is lost once the backends read again.
+/// buffer in its send), receives wait for one, and nothing is lost once the backends read again. The
+/// held-buffers gauge shows the pool in use, and empty again at the end.
 #[test]
 fn io_uring_buffer_pool_running_dry_loses_no_byte() {
     const CONNS: u64 = 8;
@@ -637,6 +638,10 @@ fn io_uring_buffer_pool_running_dry_loses_no_byte() {
     let clients: Vec<_> = (0..CONNS).map(|i| stream_to_sink(front, len, i)).collect();
     eventually(T, "a receive to wait for a buffer", || {
         metric_value(&lb.metrics(), "xcluster_lb_proxy_buffer_waits_total", "").filter(|v| *v >= 1.0)
+    });
+    let held = |lb: &Lb| metric_value(&lb.metrics(), "xcluster_lb_proxy_buffers_held", "");
+    eventually(T, "every buffer to be shown held", || {
+        held(&lb).filter(|v| *v == 4.0)
     });
     drop(closed);
     for c in clients {
@@ -651,6 +656,9 @@ fn io_uring_buffer_pool_running_dry_loses_no_byte() {
             "direction=\"up\"",
         )
         .filter(|up| *up == want)
+    });
+    eventually(T, "every buffer to be given back", || {
+        held(&lb).filter(|v| *v == 0.0)
     });
 }
 

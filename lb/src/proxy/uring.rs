@@ -39,7 +39,7 @@ use tracing::{debug, error, warn};
 
 use super::conn::Active;
 use super::listener::{BACKOFF_MAX, BACKOFF_MIN, is_resource_exhaustion};
-use super::metrics::{BUFFER_WAITS_TOTAL, BackendMetrics, RECEIVE_PAUSES_TOTAL};
+use super::metrics::{BUFFER_WAITS_TOTAL, BUFFERS_HELD, BackendMetrics, RECEIVE_PAUSES_TOTAL};
 use super::service::{ListenerState, Shared};
 
 /// Submission queue size; the completion queue is twice that, and overflow is kept by the kernel.
@@ -414,6 +414,10 @@ struct Loop {
     /// Set by `Finish`: the deadline for cancelled operations to complete.
     finishing: Option<Instant>,
     cqes: Vec<(u64, i32, u32)>,
+    /// Buffers queued in connections' directions, and how many of them the gauge counts (it is updated
+    /// on the tick, not per buffer).
+    held: u32,
+    held_shown: u32,
 }
 
 impl Loop {
@@ -445,6 +449,8 @@ impl Loop {
             last_scan_ms: 0,
             finishing: None,
             cqes: Vec::with_capacity(1024),
+            held: 0,
+            held_shown: 0,
         })
     }
 
@@ -623,7 +629,18 @@ impl Loop {
                 self.close(slot as u32);
             }
         }
+        self.show_held();
         self.arm_tick();
+    }
+
+    /// Brings the held-buffers gauge up to date with this worker's count.
+    fn show_held(&mut self) {
+        if self.held != self.held_shown {
+            let g = metrics::gauge!(BUFFERS_HELD);
+            g.increment(f64::from(self.held));
+            g.decrement(f64::from(self.held_shown));
+            self.held_shown = self.held;
+        }
     }
 
     fn remove_listener(&mut self, i: usize) {
@@ -924,6 +941,7 @@ impl Loop {
             self.bufs.len[usize::from(bid)] = n;
             self.bufs.next[usize::from(bid)] = NO_BUF;
             dir.queued += 1;
+            self.held += 1;
             let first = dir.head == NO_BUF;
             if first {
                 dir.head = bid;
@@ -1017,6 +1035,7 @@ impl Loop {
             dir.tail = NO_BUF;
         }
         let (more_queued, eof) = (dir.head != NO_BUF, dir.eof);
+        self.held -= 1;
         self.give_buf(head);
         if more_queued {
             self.push_send(slot, d);
@@ -1088,6 +1107,7 @@ impl Loop {
             let mut b = d.head;
             while b != NO_BUF {
                 let next = self.bufs.next[usize::from(b)];
+                self.held -= 1;
                 self.give_buf(b);
                 b = next;
             }
@@ -1105,6 +1125,8 @@ impl Drop for Loop {
     fn drop(&mut self) {
         // Taken back before the buffers are freed (fields drop after this).
         let _ = self.ring.submitter().unregister_buf_ring(BUF_GROUP);
+        self.held = 0;
+        self.show_held();
     }
 }
 
