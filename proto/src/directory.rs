@@ -88,6 +88,46 @@ pub struct LbStatus {
     /// Reports accepted, and rejected by reason.
     pub reports_accepted: u64,
     pub reports_rejected: BTreeMap<String, u64>,
+    /// The L4 proxy's counters per listener and per backend (empty lists without a proxy).
+    pub proxy: ProxyStatus,
+}
+
+/// The L4 proxy's counters, the same values `/metrics` shows, for the dashboard.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(default)]
+pub struct ProxyStatus {
+    /// By name.
+    pub listeners: Vec<ProxyListenerStatus>,
+    /// By address.
+    pub backends: Vec<ProxyBackendStatus>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(default)]
+pub struct ProxyListenerStatus {
+    pub name: String,
+    pub active: u64,
+    pub accepted: u64,
+    /// Connections closed because no backend could be reached.
+    pub failed: u64,
+    /// Connect attempts beyond the first (redispatch).
+    pub retries: u64,
+    pub idle_timeouts: u64,
+    /// Client to backend.
+    pub bytes_up: u64,
+    /// Backend to client.
+    pub bytes_down: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(default)]
+pub struct ProxyBackendStatus {
+    pub addr: String,
+    pub active: u64,
+    pub connects: u64,
+    pub connect_failures: u64,
+    pub bytes_up: u64,
+    pub bytes_down: u64,
 }
 
 /// One instance as the dashboard shows it.

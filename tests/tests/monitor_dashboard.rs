@@ -23,7 +23,11 @@ fn fake_balancer() -> std::net::SocketAddr {
             let mut buf = [0u8; 2048];
             let _ = s.read(&mut buf);
             let body = r#"{"version": 42, "instances": [{"id": "app-7", "addr": "127.0.0.1:7101", "state": "up",
-                "report_age_ms": 120, "cpu": 0.25, "weights": {"browse": 7500, "order": 5000}}]}"#;
+                "report_age_ms": 120, "cpu": 0.25, "weights": {"browse": 7500, "order": 5000}}],
+                "proxy": {"listeners": [{"name": "browse", "active": 2, "accepted": 1234, "failed": 1,
+                "retries": 3, "idle_timeouts": 0, "bytes_up": 2048, "bytes_down": 5242880}],
+                "backends": [{"addr": "127.0.0.1:7101", "active": 2, "connects": 1233,
+                "connect_failures": 1, "bytes_up": 2048, "bytes_down": 5242880}]}}"#;
             let _ = write!(
                 s,
                 "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
@@ -131,6 +135,18 @@ fn the_dashboard_shows_programs_and_the_cluster_and_reacts_to_a_restart() {
     );
     assert!(
         dom.contains(&format!("<b>{down}</b> <span class=\"down\">down</span>")),
+        "{dom}"
+    );
+    // Its L4 proxy, per listener and per backend.
+    assert!(
+        dom.contains(
+            "<tr data-listener=\"browse\"><td>browse</td><td>2</td><td>1234</td><td>1</td><td>3</td>\
+             <td>0</td><td>2.0 KiB</td><td>5.0 MiB</td></tr>"
+        ),
+        "{dom}"
+    );
+    assert!(
+        dom.contains("<tr data-backend=\"127.0.0.1:7101\"><td>127.0.0.1:7101</td><td>2</td><td>1233</td>"),
         "{dom}"
     );
 }

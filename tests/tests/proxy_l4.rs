@@ -224,6 +224,17 @@ fn random_payloads_arrive_byte_exact_both_ways(rt: &'static str) {
             "listener=\"web\"",
         );
         assert_eq!(accepted, Some(sizes.len() as f64));
+        // `/v1/status` shows the same counters per listener and per backend, for the dashboard.
+        let body = get(lb.admin, "/v1/status").unwrap().body;
+        let status: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let (web, b) = (&status["proxy"]["listeners"][0], &status["proxy"]["backends"][0]);
+        let n = Some(sizes.len() as u64);
+        assert_eq!(web["name"], "web", "{body}");
+        assert_eq!(web["accepted"].as_u64(), n, "{body}");
+        assert_eq!(web["bytes_up"].as_u64(), Some(total as u64), "{body}");
+        assert_eq!(web["bytes_down"].as_u64(), Some(total as u64), "{body}");
+        assert_eq!(b["addr"], echo.to_string().as_str(), "{body}");
+        assert_eq!(b["connects"].as_u64(), n, "{body}");
     }
 }
 

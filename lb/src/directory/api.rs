@@ -33,7 +33,11 @@ async fn route(dir: Directory, req: Request<Incoming>) -> Response<Body> {
         ("/v1/reports", &Method::POST) => reports(dir, req).await,
         ("/v1/servers", &Method::GET) => servers(dir, req.uri().query()).await,
         ("/v1/pick", &Method::GET) => pick(&dir, req.uri().query()),
-        ("/v1/status", &Method::GET) => json(StatusCode::OK, &dir.status()),
+        ("/v1/status", &Method::GET) => {
+            let mut status = dir.status();
+            status.proxy = crate::proxy::metrics::status(&xcluster_runtime::telemetry::render_metrics());
+            json(StatusCode::OK, &status)
+        }
         ("/v1/reports" | "/v1/servers" | "/v1/pick" | "/v1/status", _) => method_not_allowed(&method, &path),
         _ => match drain_target(&path) {
             Some(_) if method != Method::POST => method_not_allowed(&method, &path),

@@ -310,6 +310,8 @@ impl Directory {
                 .zip(&counts.rejected)
                 .map(|(r, c)| (r.to_string(), c.load(Ordering::Relaxed)))
                 .collect(),
+            // Filled in by the API, which has the metrics registry.
+            proxy: Default::default(),
         }
     }
 

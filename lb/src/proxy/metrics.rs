@@ -2,9 +2,11 @@
 //! a metric up by name. Labels are bounded: listener names and backend addresses come from config (or from
 //! the directory's bounded instance list).
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 
 use metrics::{Counter, Gauge, Histogram};
+use xcluster_proto::directory::{ProxyBackendStatus, ProxyListenerStatus, ProxyStatus};
 
 pub const ACCEPTED_TOTAL: &str = "xcluster_lb_proxy_connections_accepted_total";
 pub const ACTIVE: &str = "xcluster_lb_proxy_connections_active";
@@ -88,5 +90,160 @@ impl BackendMetrics {
             bytes_down: metrics::counter!(BACKEND_BYTES_TOTAL, "backend" => b.clone(), "direction" => "down"),
             connect_seconds: metrics::histogram!(BACKEND_CONNECT_SECONDS, "backend" => b),
         }
+    }
+}
+
+/// The proxy's counters per listener and per backend, read back from the Prometheus exposition `text`: the
+/// counters are kept once, by the metrics registry, and `/v1/status` shows the same values as `/metrics`.
+/// Lines that do not parse are skipped.
+pub fn status(text: &str) -> ProxyStatus {
+    let mut listeners: BTreeMap<String, ProxyListenerStatus> = BTreeMap::new();
+    let mut backends: BTreeMap<String, ProxyBackendStatus> = BTreeMap::new();
+    for line in text.lines() {
+        let Some(Sample { name, labels, value }) = Sample::parse(line) else {
+            continue;
+        };
+        let label = |k: &str| labels.iter().find(|(n, _)| *n == k).map(|(_, v)| v.as_str());
+        let up = label("direction") == Some("up");
+        if let Some(l) = label("listener") {
+            let e = listeners
+                .entry(l.to_string())
+                .or_insert_with(|| ProxyListenerStatus {
+                    name: l.to_string(),
+                    ..Default::default()
+                });
+            match name {
+                ACCEPTED_TOTAL => e.accepted = value,
+                ACTIVE => e.active = value,
+                FAILED_TOTAL => e.failed = value,
+                RETRIES_TOTAL => e.retries = value,
+                IDLE_TIMEOUTS_TOTAL => e.idle_timeouts = value,
+                LISTENER_BYTES_TOTAL if up => e.bytes_up = value,
+                LISTENER_BYTES_TOTAL => e.bytes_down = value,
+                _ => {}
+            }
+        } else if let Some(b) = label("backend") {
+            let e = backends
+                .entry(b.to_string())
+                .or_insert_with(|| ProxyBackendStatus {
+                    addr: b.to_string(),
+                    ..Default::default()
+                });
+            match name {
+                BACKEND_ACTIVE => e.active = value,
+                BACKEND_CONNECTS_TOTAL => e.connects = value,
+                BACKEND_CONNECT_FAILURES_TOTAL => e.connect_failures = value,
+                BACKEND_BYTES_TOTAL if up => e.bytes_up = value,
+                BACKEND_BYTES_TOTAL => e.bytes_down = value,
+                _ => {}
+            }
+        }
+    }
+    ProxyStatus {
+        listeners: listeners.into_values().collect(),
+        backends: backends.into_values().collect(),
+    }
+}
+
+/// One sample line of the exposition format, `name{k="v",...} value`.
+struct Sample<'a> {
+    name: &'a str,
+    /// Unescaped values.
+    labels: Vec<(&'a str, String)>,
+    /// As a whole number; negative or not finite: 0.
+    value: u64,
+}
+
+impl<'a> Sample<'a> {
+    /// `line` if it is a sample of one of the proxy's series.
+    fn parse(line: &'a str) -> Option<Self> {
+        if !line.starts_with("xcluster_lb_proxy_") {
+            return None;
+        }
+        let (series, value) = line.rsplit_once(' ')?;
+        let value: f64 = value.parse().ok()?;
+        let value = if value.is_finite() && value > 0.0 {
+            value as u64
+        } else {
+            0
+        };
+        let Some((name, rest)) = series.split_once('{') else {
+            return Some(Self {
+                name: series,
+                labels: Vec::new(),
+                value,
+            });
+        };
+        let mut rest = rest.strip_suffix('}')?;
+        let mut labels = Vec::new();
+        while !rest.is_empty() {
+            let (key, after) = rest.split_once("=\"")?;
+            let mut v = String::new();
+            let mut chars = after.char_indices();
+            let end = loop {
+                match chars.next()? {
+                    (i, '"') => break i,
+                    (_, '\\') => match chars.next()?.1 {
+                        'n' => v.push('\n'),
+                        c => v.push(c),
+                    },
+                    (_, c) => v.push(c),
+                }
+            };
+            labels.push((key, v));
+            rest = &after[end + 1..];
+            rest = rest.strip_prefix(',').unwrap_or(rest);
+        }
+        Some(Self { name, labels, value })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_reads_the_proxy_series_back() {
+        let text = r#"# TYPE xcluster_lb_proxy_connections_accepted_total counter
+xcluster_lb_proxy_connections_accepted_total{listener="web"} 12
+xcluster_lb_proxy_connections_active{listener="web"} 3
+xcluster_lb_proxy_connections_active{listener="odd \"name\""} -1
+xcluster_lb_proxy_listener_bytes_total{listener="web",direction="up"} 1000
+xcluster_lb_proxy_listener_bytes_total{listener="web",direction="down"} 2.5e3
+xcluster_lb_proxy_backend_connects_total{backend="127.0.0.1:9"} 7
+xcluster_lb_proxy_backend_bytes_total{backend="127.0.0.1:9",direction="down"} 5
+xcluster_lb_proxy_backend_connect_seconds_bucket{backend="127.0.0.1:9",le="0.001"} 7
+xcluster_lb_proxy_workers{runtime="io_uring"} 2
+xcluster_lb_reports_accepted_total{listener="web"} 99
+xcluster_lb_proxy_connections_failed_total{listener="web" 4
+not a sample
+"#;
+        let s = status(text);
+        assert_eq!(
+            s.listeners,
+            vec![
+                ProxyListenerStatus {
+                    name: "odd \"name\"".into(),
+                    ..Default::default()
+                },
+                ProxyListenerStatus {
+                    name: "web".into(),
+                    accepted: 12,
+                    active: 3,
+                    bytes_up: 1000,
+                    bytes_down: 2500,
+                    ..Default::default()
+                },
+            ]
+        );
+        assert_eq!(
+            s.backends,
+            vec![ProxyBackendStatus {
+                addr: "127.0.0.1:9".into(),
+                connects: 7,
+                bytes_down: 5,
+                ..Default::default()
+            }]
+        );
     }
 }
