@@ -129,6 +129,9 @@ pub enum CtlVerb {
         #[arg(long, default_value_t = 1600)]
         bytes: u64,
     },
+    /// Show each balancer the monitor watches: its instances (load, weight per type) and its L4 proxy's
+    /// listeners and backends.
+    Cluster,
     /// Show what a reload would change (added / changed / removed programs).
     Reread,
     /// Apply the reloaded config, touching only what changed.

@@ -1,8 +1,8 @@
 //! `xcluster ctl`: the monitor's control client, with Supervisorctl's verbs over the monitor's HTTP API.
 //!
 //! Exit codes: 0 success; 1 a refused or failed action (unknown program, already started, invalid config);
-//! 3 `status` found a process that is not RUNNING (as supervisorctl); 69 the monitor cannot be reached;
-//! 77 the token was refused.
+//! 3 `status` found a process that is not RUNNING (as supervisorctl), or `cluster` a balancer that does not
+//! answer; 69 the monitor cannot be reached; 77 the token was refused.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
@@ -92,6 +92,7 @@ fn run_verb(c: &Client, args: &CtlArgs) -> Result<i32, Failure> {
             let code = c.stream(&path, *follow)?;
             Ok(code)
         }
+        CtlVerb::Cluster => cluster(c, args.json),
         CtlVerb::Reread => plan(c, "/v1/reread", false, args.json),
         CtlVerb::Update => plan(c, "/v1/update", true, args.json),
         CtlVerb::Shutdown => {
@@ -188,6 +189,179 @@ fn status(c: &Client, names: &[String], as_json: bool) -> Result<i32, Failure> {
     }
     let all_running = shown.iter().all(|p| p["state"] == "RUNNING");
     Ok(if all_running { 0 } else { EXIT_NOT_RUNNING })
+}
+
+/// The cluster view, as the dashboard shows it: per balancer, its instances and its L4 proxy.
+fn cluster(c: &Client, as_json: bool) -> Result<i32, Failure> {
+    let r = c.call("GET", "/v1/cluster")?;
+    check(&r)?;
+    let v = r.json();
+    if as_json {
+        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+    }
+    let balancers = v["balancers"].as_array().cloned().unwrap_or_default();
+    if balancers.is_empty() && !as_json {
+        println!("no balancers configured ([cluster] balancers)");
+    }
+    let mut all_up = true;
+    for b in &balancers {
+        let up = b["up"].as_bool().unwrap_or(false);
+        all_up &= up;
+        if as_json {
+            continue;
+        }
+        let addr = b["addr"].as_str().unwrap_or("?");
+        if !up {
+            println!("{addr}  down  {}", b["error"].as_str().unwrap_or(""));
+            continue;
+        }
+        let st = &b["status"];
+        println!(
+            "{addr}  up  table version {}, {} ms",
+            cell(&st["version"]),
+            cell(&b["latency_ms"])
+        );
+        let instances = st["instances"].as_array().cloned().unwrap_or_default();
+        let mut types: Vec<String> = Vec::new();
+        for i in &instances {
+            for t in i["weights"].as_object().into_iter().flat_map(|w| w.keys()) {
+                if !types.contains(t) {
+                    types.push(t.clone());
+                }
+            }
+        }
+        let mut rows = vec![
+            [
+                "instance",
+                "address",
+                "state",
+                "report age ms",
+                "cpu",
+                "mem",
+                "queue",
+            ]
+            .iter()
+            .map(|h| (*h).to_string())
+            .chain(types.iter().map(|t| format!("w({t})")))
+            .collect::<Vec<_>>(),
+        ];
+        for i in &instances {
+            let mut row = vec![
+                cell(&i["id"]),
+                cell(&i["addr"]),
+                cell(&i["state"]),
+                cell(&i["report_age_ms"]),
+                percent(&i["cpu"]),
+                percent(&i["mem"]),
+                percent(&i["queue"]),
+            ];
+            row.extend(types.iter().map(|t| match i["weights"][t].as_f64() {
+                Some(w) => format!("{w:.0}"),
+                None => cell(&i["weights"][t]),
+            }));
+            rows.push(row);
+        }
+        print_table(&rows);
+        let proxy = &st["proxy"];
+        let listeners = proxy["listeners"].as_array().cloned().unwrap_or_default();
+        let backends = proxy["backends"].as_array().cloned().unwrap_or_default();
+        if listeners.is_empty() && backends.is_empty() {
+            continue;
+        }
+        let heads = |h: &[&str]| h.iter().map(|s| (*s).to_string()).collect::<Vec<_>>();
+        let mut rows = vec![heads(&[
+            "proxy listener",
+            "active",
+            "accepted",
+            "failed",
+            "retries",
+            "idle timeouts",
+            "bytes up",
+            "bytes down",
+        ])];
+        rows.extend(listeners.iter().map(|l| {
+            vec![
+                cell(&l["name"]),
+                cell(&l["active"]),
+                cell(&l["accepted"]),
+                cell(&l["failed"]),
+                cell(&l["retries"]),
+                cell(&l["idle_timeouts"]),
+                bytes(&l["bytes_up"]),
+                bytes(&l["bytes_down"]),
+            ]
+        }));
+        print_table(&rows);
+        let mut rows = vec![heads(&[
+            "proxy backend",
+            "active",
+            "connects",
+            "connect failures",
+            "bytes up",
+            "bytes down",
+        ])];
+        rows.extend(backends.iter().map(|b| {
+            vec![
+                cell(&b["addr"]),
+                cell(&b["active"]),
+                cell(&b["connects"]),
+                cell(&b["connect_failures"]),
+                bytes(&b["bytes_up"]),
+                bytes(&b["bytes_down"]),
+            ]
+        }));
+        print_table(&rows);
+    }
+    Ok(if all_up { 0 } else { EXIT_NOT_RUNNING })
+}
+
+/// A JSON value as a table cell: strings without quotes, nothing as "-".
+fn cell(v: &Value) -> String {
+    match v {
+        Value::Null => "-".to_string(),
+        Value::String(s) => s.clone(),
+        v => v.to_string(),
+    }
+}
+
+/// A fraction (0..=1) as a percentage.
+fn percent(v: &Value) -> String {
+    v.as_f64()
+        .map_or_else(|| cell(v), |x| format!("{:.1}%", x * 100.0))
+}
+
+/// A byte count in binary units.
+fn bytes(v: &Value) -> String {
+    let Some(n) = v.as_u64() else { return cell(v) };
+    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let (mut x, mut i) = (n as f64, 0);
+    while x >= 1024.0 && i < units.len() - 1 {
+        x /= 1024.0;
+        i += 1;
+    }
+    if i == 0 {
+        format!("{n} B")
+    } else {
+        format!("{x:.1} {}", units[i])
+    }
+}
+
+/// Rows of cells in aligned columns, indented under their balancer.
+fn print_table(rows: &[Vec<String>]) {
+    let cols = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..cols)
+        .map(|c| {
+            rows.iter()
+                .filter_map(|r| r.get(c))
+                .map(|s| s.chars().count())
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    for r in rows {
+        let line: Vec<String> = r.iter().zip(&widths).map(|(s, w)| format!("{s:w$}")).collect();
+        println!("  {}", line.join("  ").trim_end());
+    }
 }
 
 /// Supervisorctl's description column.

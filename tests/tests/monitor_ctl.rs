@@ -96,3 +96,54 @@ fn events_stream_as_server_sent_events() {
         seen.push_str(&String::from_utf8_lossy(&buf[..n]));
     }
 }
+
+/// `ctl cluster` prints each balancer the monitor watches: its instances with load and weights, and its L4
+/// proxy's listeners and backends. A balancer that does not answer shows as down, and the exit code says so.
+#[test]
+fn ctl_cluster_shows_balancers_and_their_proxies() {
+    let up = fake_balancer();
+    let down = free_addr();
+    let m = Mon::start(&format!(
+        "[cluster]\nbalancers = [\"{up}\", \"{down}\"]\n[programs.x]\ncommand = \"sleep 300\"\nstartsecs = 0\n"
+    ));
+    let o = m.ctl(&["cluster"]);
+    let text = out(&o);
+    assert_eq!(o.status.code(), Some(3), "{text}");
+    let row = |cells: &[&str]| {
+        text.lines()
+            .any(|l| l.split_whitespace().eq(cells.iter().copied()))
+    };
+    assert!(text.contains(&format!("{up}  up  table version 42")), "{text}");
+    assert!(
+        row(&[
+            "app-7",
+            "127.0.0.1:7101",
+            "up",
+            "120",
+            "25.0%",
+            "-",
+            "-",
+            "7500",
+            "5000"
+        ]),
+        "{text}"
+    );
+    assert!(
+        row(&["browse", "2", "1234", "1", "3", "0", "2.0", "KiB", "5.0", "MiB"]),
+        "{text}"
+    );
+    assert!(
+        row(&["127.0.0.1:7101", "2", "1233", "1", "2.0", "KiB", "5.0", "MiB"]),
+        "{text}"
+    );
+    assert!(text.contains(&format!("{down}  down")), "{text}");
+
+    let o = m.ctl(&["--json", "cluster"]);
+    assert_eq!(o.status.code(), Some(3), "{}", out(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(
+        v["balancers"][0]["status"]["proxy"]["listeners"][0]["accepted"],
+        1234
+    );
+    assert_eq!(v["balancers"][1]["up"], false);
+}

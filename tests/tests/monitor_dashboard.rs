@@ -6,37 +6,10 @@
 
 mod monitor_common;
 
-use std::io::{Read, Write};
 use std::time::Duration;
 
 use monitor_common::*;
 use xcluster_tests::*;
-
-/// A scripted balancer: answers `GET /v1/status` with a fixed table.
-fn fake_balancer() -> std::net::SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = l.local_addr().unwrap();
-    std::thread::spawn(move || {
-        for s in l.incoming().take(100) {
-            let Ok(mut s) = s else { continue };
-            s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-            let mut buf = [0u8; 2048];
-            let _ = s.read(&mut buf);
-            let body = r#"{"version": 42, "instances": [{"id": "app-7", "addr": "127.0.0.1:7101", "state": "up",
-                "report_age_ms": 120, "cpu": 0.25, "weights": {"browse": 7500, "order": 5000}}],
-                "proxy": {"listeners": [{"name": "browse", "active": 2, "accepted": 1234, "failed": 1,
-                "retries": 3, "idle_timeouts": 0, "bytes_up": 2048, "bytes_down": 5242880}],
-                "backends": [{"addr": "127.0.0.1:7101", "active": 2, "connects": 1233,
-                "connect_failures": 1, "bytes_up": 2048, "bytes_down": 5242880}]}}"#;
-            let _ = write!(
-                s,
-                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-        }
-    });
-    addr
-}
 
 /// Loads the page in headless Chromium and returns the DOM after its script ran.
 fn dump(addr: std::net::SocketAddr) -> String {
