@@ -268,51 +268,45 @@ fn cluster(c: &Client, as_json: bool) -> Result<i32, Failure> {
         if listeners.is_empty() && backends.is_empty() {
             continue;
         }
-        let heads = |h: &[&str]| h.iter().map(|s| (*s).to_string()).collect::<Vec<_>>();
-        let mut rows = vec![heads(&[
-            "proxy listener",
-            "active",
-            "accepted",
-            "failed",
-            "retries",
-            "idle timeouts",
-            "bytes up",
-            "bytes down",
-        ])];
-        rows.extend(listeners.iter().map(|l| {
-            vec![
-                cell(&l["name"]),
-                cell(&l["active"]),
-                cell(&l["accepted"]),
-                cell(&l["failed"]),
-                cell(&l["retries"]),
-                cell(&l["idle_timeouts"]),
-                bytes(&l["bytes_up"]),
-                bytes(&l["bytes_down"]),
-            ]
-        }));
-        print_table(&rows);
-        let mut rows = vec![heads(&[
-            "proxy backend",
-            "active",
-            "connects",
-            "connect failures",
-            "bytes up",
-            "bytes down",
-        ])];
-        rows.extend(backends.iter().map(|b| {
-            vec![
-                cell(&b["addr"]),
-                cell(&b["active"]),
-                cell(&b["connects"]),
-                cell(&b["connect_failures"]),
-                bytes(&b["bytes_up"]),
-                bytes(&b["bytes_down"]),
-            ]
-        }));
-        print_table(&rows);
+        print_table(&spec_rows(&listeners, LISTENER_COLUMNS));
+        print_table(&spec_rows(&backends, BACKEND_COLUMNS));
     }
     Ok(if all_up { 0 } else { EXIT_NOT_RUNNING })
+}
+
+/// A column of the proxy tables: its heading, the JSON field it shows, and how.
+type Column = (&'static str, &'static str, fn(&Value) -> String);
+
+const LISTENER_COLUMNS: &[Column] = &[
+    ("proxy listener", "name", cell),
+    ("active", "active", cell),
+    ("accepted", "accepted", cell),
+    ("failed", "failed", cell),
+    ("retries", "retries", cell),
+    ("idle timeouts", "idle_timeouts", cell),
+    ("bytes up", "bytes_up", bytes),
+    ("bytes down", "bytes_down", bytes),
+];
+
+const BACKEND_COLUMNS: &[Column] = &[
+    ("proxy backend", "addr", cell),
+    ("active", "active", cell),
+    ("connects", "connects", cell),
+    ("connect failures", "connect_failures", cell),
+    ("bytes up", "bytes_up", bytes),
+    ("bytes down", "bytes_down", bytes),
+];
+
+/// A heading row, then one row per item, as `columns` say.
+fn spec_rows(items: &[Value], columns: &[Column]) -> Vec<Vec<String>> {
+    let head = columns.iter().map(|(h, _, _)| (*h).to_string()).collect();
+    std::iter::once(head)
+        .chain(
+            items
+                .iter()
+                .map(|i| columns.iter().map(|(_, k, f)| f(&i[*k])).collect()),
+        )
+        .collect()
 }
 
 /// A JSON value as a table cell: strings without quotes, nothing as "-".
