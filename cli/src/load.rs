@@ -135,11 +135,14 @@ impl Run {
                         a.dropped += 1;
                     }
                 }
+                let refused = report::refusal(status.as_u16());
                 Sample {
                     kind: k,
                     latency,
                     backend,
-                    error: (!status.is_success()).then(|| format!("status_{}", status.as_u16())),
+                    error: (!status.is_success() && refused.is_none())
+                        .then(|| format!("status_{}", status.as_u16())),
+                    refused,
                 }
             }
             Err(kind_of_error) => Sample {
@@ -147,6 +150,7 @@ impl Run {
                 latency,
                 backend: String::new(),
                 error: Some(kind_of_error),
+                refused: None,
             },
         };
         let _ = self.tx.send(sample).await;
@@ -222,7 +226,7 @@ async fn drive(args: LoadArgs) -> Result<(), String> {
                 None => break,
             },
             _ = tick.tick(), if progress => {
-                let (n, errors) = recorder.total();
+                let (n, errors, _) = recorder.total();
                 let secs = started.elapsed().as_secs_f64();
                 eprint!(
                     "\r{via}: {secs:>6.1}s / {}s  {n:>9} requests  {errors:>7} errors  {:>9.1} req/s ",

@@ -148,6 +148,7 @@ fn the_cluster_survives_each_component_being_killed_or_hung_under_load() {
     assert!(report["requests"].as_u64().unwrap() > 100, "{report}");
     // Every request type here is idempotent (browse is a GET, order and pay carry keys): none may fail.
     assert_eq!(report["errors"], 0, "{report}");
+    assert_eq!(report["refused"], 0, "{report}");
 
     // No acknowledged order lost: each is found through the API (any app: they share the store).
     let acked = std::fs::read_to_string(&orders_file).unwrap();

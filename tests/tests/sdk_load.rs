@@ -65,6 +65,7 @@ fn round_robin_reports_percentiles_and_equal_shares() {
     ]);
     assert_eq!(report["requests"], 300);
     assert_eq!(report["errors"], 0, "{report}");
+    assert_eq!(report["refused"], 0, "{report}");
     for t in ["browse", "order"] {
         let t = by_type(&report, t);
         check_percentiles(t);
@@ -129,6 +130,7 @@ fn sdk_mode_follows_the_published_weights() {
     ]);
     assert_eq!(report["requests"], 400);
     assert_eq!(report["errors"], 0, "{report}");
+    assert_eq!(report["refused"], 0, "{report}");
     check_percentiles(by_type(&report, "browse"));
     let heavy_share = report["backends"][heavy.addr.to_string()]["share"]
         .as_f64()

@@ -1,5 +1,7 @@
 //! Recording results and reporting them: one HDR histogram of successful latencies per request type (in
-//! microseconds), errors by kind, and how many requests each backend received; printed as a table or JSON.
+//! microseconds), errors and refusals by kind, and how many requests each backend received; printed as a
+//! table or JSON. A refusal is XBuy's answer that the shop said no (see [`refusal`]): counted apart from
+//! errors, since a sold-out flash sale is the shop working, not failing.
 //! With an interval, also a timeline: requests, errors and backend shares per interval, so a user can watch
 //! the split move while an instance slows down or recovers, within one client's lifetime.
 
@@ -20,8 +22,16 @@ pub struct Sample {
     pub latency: Duration,
     /// Who served it (empty when no backend was reached).
     pub backend: String,
-    /// `None` for a 2xx, else the error kind (`status_503`, `connect`, `timeout`, ...).
+    /// `None` for a 2xx or a refusal, else the error kind (`status_503`, `connect`, `timeout`, ...).
     pub error: Option<String>,
+    /// A refusal's kind (`status_409`, ...).
+    pub refused: Option<String>,
+}
+
+/// The kind of a refusal, for XBuy's statuses that answer "no" to a valid request: 402 insufficient funds,
+/// 409 out of stock or sold out, 429 over the per-user limit. `None` for every other status.
+pub fn refusal(status: u16) -> Option<String> {
+    matches!(status, 402 | 409 | 429).then(|| format!("status_{status}"))
 }
 
 #[derive(Debug)]
@@ -29,6 +39,7 @@ struct PerType {
     hist: Histogram<u64>,
     requests: u64,
     errors: BTreeMap<String, u64>,
+    refused: BTreeMap<String, u64>,
     backends: BTreeMap<String, u64>,
 }
 
@@ -88,6 +99,7 @@ impl Recorder {
                 hist: Histogram::new_with_bounds(1, MAX_US, 3).expect("constant histogram bounds are valid"),
                 requests: 0,
                 errors: BTreeMap::new(),
+                refused: BTreeMap::new(),
                 backends: BTreeMap::new(),
             })
             .collect();
@@ -129,21 +141,24 @@ impl Recorder {
             }
         }
         bump(&mut t.backends, &s.backend);
-        match s.error {
-            None => {
+        match (s.error, s.refused) {
+            (Some(kind), _) => *t.errors.entry(kind).or_default() += 1,
+            (None, Some(kind)) => *t.refused.entry(kind).or_default() += 1,
+            (None, None) => {
                 let us = u64::try_from(s.latency.as_micros())
                     .unwrap_or(MAX_US)
                     .clamp(1, MAX_US);
                 t.hist.saturating_record(us);
             }
-            Some(kind) => *t.errors.entry(kind).or_default() += 1,
         }
     }
 
-    pub fn total(&self) -> (u64, u64) {
+    /// Requests, errors and refusals over all types.
+    pub fn total(&self) -> (u64, u64, u64) {
         let requests = self.types.iter().map(|t| t.requests).sum();
         let errors = self.types.iter().map(|t| t.errors.values().sum::<u64>()).sum();
-        (requests, errors)
+        let refused = self.types.iter().map(|t| t.refused.values().sum::<u64>()).sum();
+        (requests, errors, refused)
     }
 
     /// The final report.
@@ -179,11 +194,12 @@ impl Recorder {
                         mean: h.mean(),
                     },
                     errors: t.errors.clone(),
+                    refused: t.refused.clone(),
                     backends: shares(&t.backends),
                 }
             })
             .collect::<Vec<_>>();
-        let (requests, errors) = self.total();
+        let (requests, errors, refused) = self.total();
         let timeline = self
             .interval
             .map(|iv| {
@@ -211,7 +227,8 @@ impl Recorder {
             elapsed_s: elapsed.as_secs_f64(),
             requests,
             errors,
-            throughput_rps: (requests - errors) as f64 / secs,
+            refused,
+            throughput_rps: (requests - errors - refused) as f64 / secs,
             types,
             backends: shares(&merged(self.types.iter().map(|t| &t.backends))),
             timeline,
@@ -257,6 +274,8 @@ pub struct TypeReport {
     /// Latency of 2xx responses, microseconds.
     pub latency_us: Latency,
     pub errors: BTreeMap<String, u64>,
+    /// The shop's "no" (insufficient funds, sold out, over the limit), by status: answers, not errors.
+    pub refused: BTreeMap<String, u64>,
     pub backends: BTreeMap<String, Share>,
 }
 
@@ -268,6 +287,8 @@ pub struct Report {
     pub elapsed_s: f64,
     pub requests: u64,
     pub errors: u64,
+    pub refused: u64,
+    /// 2xx responses per second.
     pub throughput_rps: f64,
     pub types: Vec<TypeReport>,
     pub backends: BTreeMap<String, Share>,
@@ -292,17 +313,32 @@ impl Report {
     /// The human-readable table.
     pub fn text(&self) -> String {
         let mut out = format!(
-            "via {} ({}): {} requests in {:.2}s, {} errors, {:.1} ok/s\n\n",
-            self.via, self.mode, self.requests, self.elapsed_s, self.errors, self.throughput_rps
+            "via {} ({}): {} requests in {:.2}s, {} errors, {} refused, {:.1} ok/s\n\n",
+            self.via,
+            self.mode,
+            self.requests,
+            self.elapsed_s,
+            self.errors,
+            self.refused,
+            self.throughput_rps
         );
         out += &format!(
-            "{:<10} {:>8} {:>8} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}\n",
-            "type", "requests", "ok/s", "p50 ms", "p90 ms", "p99 ms", "p99.9 ms", "max ms", "errors"
+            "{:<10} {:>8} {:>8} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}\n",
+            "type",
+            "requests",
+            "ok/s",
+            "p50 ms",
+            "p90 ms",
+            "p99 ms",
+            "p99.9 ms",
+            "max ms",
+            "errors",
+            "refused"
         );
         for t in &self.types {
             let l = &t.latency_us;
             out += &format!(
-                "{:<10} {:>8} {:>8.1} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}\n",
+                "{:<10} {:>8} {:>8.1} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}\n",
                 t.request_type,
                 t.requests,
                 t.throughput_rps,
@@ -311,10 +347,14 @@ impl Report {
                 ms(l.p99),
                 ms(l.p999),
                 ms(l.max),
-                t.errors.values().sum::<u64>()
+                t.errors.values().sum::<u64>(),
+                t.refused.values().sum::<u64>()
             );
             for (kind, n) in &t.errors {
                 out += &format!("    error {kind}: {n}\n");
+            }
+            for (kind, n) in &t.refused {
+                out += &format!("    refused {kind}: {n}\n");
             }
         }
         out += "\nbackend share (all types):\n";
@@ -357,24 +397,47 @@ mod tests {
                     latency: Duration::from_millis(i),
                     backend: if i % 4 == 0 { "b".into() } else { "a".into() },
                     error: (i > 98).then(|| "status_503".to_string()),
+                    refused: (i <= 5).then(|| "status_409".to_string()),
                 },
                 Duration::ZERO,
             );
         }
         let rep = r.report("rr", "closed".into(), Duration::from_secs(1));
         let t = &rep.types[0];
-        assert_eq!((t.requests, t.ok), (100, 98));
+        // A refusal is neither a success (its latency stays out of the histogram) nor an error.
+        assert_eq!((t.requests, t.ok), (100, 93));
         assert_eq!(t.errors["status_503"], 2);
+        assert_eq!(t.refused["status_409"], 5);
+        assert_eq!((rep.errors, rep.refused), (2, 5));
+        assert!((rep.throughput_rps - 93.0).abs() < 1e-9);
+        // The successes took 6..=98 ms.
         assert!(
-            (49_000..=51_000).contains(&t.latency_us.p50),
+            (51_000..=53_000).contains(&t.latency_us.p50),
             "{}",
             t.latency_us.p50
         );
         assert!(t.latency_us.max >= 97_000);
         assert_eq!(rep.backends["b"].requests, 25);
         assert!((rep.backends["a"].share - 0.75).abs() < 1e-9);
-        assert!(rep.text().contains("status_503: 2"));
+        let text = rep.text();
+        assert!(text.contains("error status_503: 2"), "{text}");
+        assert!(text.contains("refused status_409: 5"), "{text}");
+        assert!(text.contains("2 errors, 5 refused, 93.0 ok/s"), "{text}");
         assert!(rep.timeline.is_empty(), "no timeline unless asked");
+    }
+
+    #[test]
+    fn only_xbuy_refusals_are_refusals() {
+        for (status, refused) in [
+            (402, true),
+            (409, true),
+            (429, true),
+            (400, false),
+            (404, false),
+            (503, false),
+        ] {
+            assert_eq!(refusal(status).is_some(), refused, "{status}");
+        }
     }
 
     #[test]
@@ -385,6 +448,7 @@ mod tests {
             latency: Duration::from_millis(1),
             backend: backend.into(),
             error: error.then(|| "timeout".to_string()),
+            refused: None,
         };
         // Second 0: all browse to a, one order to b. Second 1: nothing. Second 2: a quarter to a, one error.
         for _ in 0..4 {
