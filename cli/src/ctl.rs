@@ -196,22 +196,22 @@ fn cluster(c: &Client, as_json: bool) -> Result<i32, Failure> {
     let r = c.call("GET", "/v1/cluster")?;
     check(&r)?;
     let v = r.json();
+    let balancers = items(&v["balancers"]);
+    let code = if balancers.iter().all(|b| b["up"] == true) {
+        0
+    } else {
+        EXIT_NOT_RUNNING
+    };
     if as_json {
         println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+        return Ok(code);
     }
-    let balancers = v["balancers"].as_array().cloned().unwrap_or_default();
-    if balancers.is_empty() && !as_json {
+    if balancers.is_empty() {
         println!("no balancers configured ([cluster] balancers)");
     }
-    let mut all_up = true;
-    for b in &balancers {
-        let up = b["up"].as_bool().unwrap_or(false);
-        all_up &= up;
-        if as_json {
-            continue;
-        }
+    for b in balancers {
         let addr = b["addr"].as_str().unwrap_or("?");
-        if !up {
+        if b["up"] != true {
             println!("{addr}  down  {}", b["error"].as_str().unwrap_or(""));
             continue;
         }
@@ -221,61 +221,50 @@ fn cluster(c: &Client, as_json: bool) -> Result<i32, Failure> {
             cell(&st["version"]),
             cell(&b["latency_ms"])
         );
-        let instances = st["instances"].as_array().cloned().unwrap_or_default();
-        let mut types: Vec<String> = Vec::new();
-        for i in &instances {
-            for t in i["weights"].as_object().into_iter().flat_map(|w| w.keys()) {
-                if !types.contains(t) {
-                    types.push(t.clone());
-                }
+        let instances = items(&st["instances"]);
+        let mut types: Vec<&String> = Vec::new();
+        for t in instances
+            .iter()
+            .filter_map(|i| i["weights"].as_object())
+            .flat_map(|w| w.keys())
+        {
+            if !types.contains(&t) {
+                types.push(t);
             }
         }
-        let mut rows = vec![
-            [
-                "instance",
-                "address",
-                "state",
-                "report age ms",
-                "cpu",
-                "mem",
-                "queue",
-            ]
-            .iter()
-            .map(|h| (*h).to_string())
-            .chain(types.iter().map(|t| format!("w({t})")))
-            .collect::<Vec<_>>(),
-        ];
-        for i in &instances {
-            let mut row = vec![
-                cell(&i["id"]),
-                cell(&i["addr"]),
-                cell(&i["state"]),
-                cell(&i["report_age_ms"]),
-                percent(&i["cpu"]),
-                percent(&i["mem"]),
-                percent(&i["queue"]),
-            ];
-            row.extend(types.iter().map(|t| match i["weights"][t].as_f64() {
-                Some(w) => format!("{w:.0}"),
-                None => cell(&i["weights"][t]),
-            }));
-            rows.push(row);
+        // The fixed columns, then one weight column per request type seen.
+        let mut rows = spec_rows(instances, INSTANCE_COLUMNS);
+        rows[0].extend(types.iter().map(|t| format!("w({t})")));
+        for (row, i) in rows[1..].iter_mut().zip(instances) {
+            row.extend(types.iter().map(|t| weight(&i["weights"][t.as_str()])));
         }
         print_table(&rows);
-        let proxy = &st["proxy"];
-        let listeners = proxy["listeners"].as_array().cloned().unwrap_or_default();
-        let backends = proxy["backends"].as_array().cloned().unwrap_or_default();
-        if listeners.is_empty() && backends.is_empty() {
-            continue;
+        let (listeners, backends) = (items(&st["proxy"]["listeners"]), items(&st["proxy"]["backends"]));
+        if !listeners.is_empty() || !backends.is_empty() {
+            print_table(&spec_rows(listeners, LISTENER_COLUMNS));
+            print_table(&spec_rows(backends, BACKEND_COLUMNS));
         }
-        print_table(&spec_rows(&listeners, LISTENER_COLUMNS));
-        print_table(&spec_rows(&backends, BACKEND_COLUMNS));
     }
-    Ok(if all_up { 0 } else { EXIT_NOT_RUNNING })
+    Ok(code)
 }
 
-/// A column of the proxy tables: its heading, the JSON field it shows, and how.
+/// The elements of a JSON array; none for anything else.
+fn items(v: &Value) -> &[Value] {
+    v.as_array().map_or(&[], Vec::as_slice)
+}
+
+/// A column of the cluster tables: its heading, the JSON field it shows, and how.
 type Column = (&'static str, &'static str, fn(&Value) -> String);
+
+const INSTANCE_COLUMNS: &[Column] = &[
+    ("instance", "id", cell),
+    ("address", "addr", cell),
+    ("state", "state", cell),
+    ("report age ms", "report_age_ms", cell),
+    ("cpu", "cpu", percent),
+    ("mem", "mem", percent),
+    ("queue", "queue", percent),
+];
 
 const LISTENER_COLUMNS: &[Column] = &[
     ("proxy listener", "name", cell),
@@ -322,6 +311,11 @@ fn cell(v: &Value) -> String {
 fn percent(v: &Value) -> String {
     v.as_f64()
         .map_or_else(|| cell(v), |x| format!("{:.1}%", x * 100.0))
+}
+
+/// A weight, rounded.
+fn weight(v: &Value) -> String {
+    v.as_f64().map_or_else(|| cell(v), |w| format!("{w:.0}"))
 }
 
 /// A byte count in binary units.

@@ -21,7 +21,7 @@ use tokio::time::Instant;
 
 use crate::args::{LoadArgs, Via};
 use mix::{Ctx, Mix};
-use report::{Recorder, Sample};
+use report::{Outcome, Recorder, Sample};
 use target::Target;
 
 /// Closed-loop workers when neither `--rate` nor `--workers` is given.
@@ -135,22 +135,18 @@ impl Run {
                         a.dropped += 1;
                     }
                 }
-                let refused = report::refusal(status.as_u16());
                 Sample {
                     kind: k,
                     latency,
                     backend,
-                    error: (!status.is_success() && refused.is_none())
-                        .then(|| format!("status_{}", status.as_u16())),
-                    refused,
+                    outcome: Outcome::of_status(status.as_u16()),
                 }
             }
             Err(kind_of_error) => Sample {
                 kind: k,
                 latency,
                 backend: String::new(),
-                error: Some(kind_of_error),
-                refused: None,
+                outcome: Outcome::Error(kind_of_error),
             },
         };
         let _ = self.tx.send(sample).await;

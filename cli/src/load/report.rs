@@ -1,7 +1,7 @@
 //! Recording results and reporting them: one HDR histogram of successful latencies per request type (in
 //! microseconds), errors and refusals by kind, and how many requests each backend received; printed as a
-//! table or JSON. A refusal is XBuy's answer that the shop said no (see [`refusal`]): counted apart from
-//! errors, since a sold-out flash sale is the shop working, not failing.
+//! table or JSON. A refusal is XBuy's answer that the shop said no (see [`Outcome::Refused`]): counted apart
+//! from errors, since a sold-out flash sale is the shop working, not failing.
 //! With an interval, also a timeline: requests, errors and backend shares per interval, so a user can watch
 //! the split move while an instance slows down or recovers, within one client's lifetime.
 
@@ -22,16 +22,29 @@ pub struct Sample {
     pub latency: Duration,
     /// Who served it (empty when no backend was reached).
     pub backend: String,
-    /// `None` for a 2xx or a refusal, else the error kind (`status_503`, `connect`, `timeout`, ...).
-    pub error: Option<String>,
-    /// A refusal's kind (`status_409`, ...).
-    pub refused: Option<String>,
+    pub outcome: Outcome,
 }
 
-/// The kind of a refusal, for XBuy's statuses that answer "no" to a valid request: 402 insufficient funds,
-/// 409 out of stock or sold out, 429 over the per-user limit. `None` for every other status.
-pub fn refusal(status: u16) -> Option<String> {
-    matches!(status, 402 | 409 | 429).then(|| format!("status_{status}"))
+/// How a request ended.
+#[derive(Debug)]
+pub enum Outcome {
+    /// A 2xx.
+    Ok,
+    /// XBuy's "no" to a valid request, by kind (`status_409`): 402 insufficient funds, 409 out of stock or
+    /// sold out, 429 over the per-user limit.
+    Refused(String),
+    /// Any other status (`status_503`), or no answer (`connect`, `timeout`, ...).
+    Error(String),
+}
+
+impl Outcome {
+    pub fn of_status(status: u16) -> Self {
+        match status {
+            200..=299 => Self::Ok,
+            402 | 409 | 429 => Self::Refused(format!("status_{status}")),
+            _ => Self::Error(format!("status_{status}")),
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -135,16 +148,16 @@ impl Recorder {
             }
             let slot = &mut self.slots[i];
             slot.requests += 1;
-            slot.errors += u64::from(s.error.is_some());
+            slot.errors += u64::from(matches!(s.outcome, Outcome::Error(_)));
             if let Some(counts) = slot.by_type.get_mut(s.kind) {
                 bump(counts, &s.backend);
             }
         }
         bump(&mut t.backends, &s.backend);
-        match (s.error, s.refused) {
-            (Some(kind), _) => *t.errors.entry(kind).or_default() += 1,
-            (None, Some(kind)) => *t.refused.entry(kind).or_default() += 1,
-            (None, None) => {
+        match s.outcome {
+            Outcome::Error(kind) => *t.errors.entry(kind).or_default() += 1,
+            Outcome::Refused(kind) => *t.refused.entry(kind).or_default() += 1,
+            Outcome::Ok => {
                 let us = u64::try_from(s.latency.as_micros())
                     .unwrap_or(MAX_US)
                     .clamp(1, MAX_US);
@@ -396,8 +409,11 @@ mod tests {
                     kind: 0,
                     latency: Duration::from_millis(i),
                     backend: if i % 4 == 0 { "b".into() } else { "a".into() },
-                    error: (i > 98).then(|| "status_503".to_string()),
-                    refused: (i <= 5).then(|| "status_409".to_string()),
+                    outcome: match i {
+                        99.. => Outcome::of_status(503),
+                        ..=5 => Outcome::of_status(409),
+                        _ => Outcome::Ok,
+                    },
                 },
                 Duration::ZERO,
             );
@@ -436,7 +452,11 @@ mod tests {
             (404, false),
             (503, false),
         ] {
-            assert_eq!(refusal(status).is_some(), refused, "{status}");
+            assert_eq!(
+                matches!(Outcome::of_status(status), Outcome::Refused(_)),
+                refused,
+                "{status}"
+            );
         }
     }
 
@@ -447,8 +467,11 @@ mod tests {
             kind,
             latency: Duration::from_millis(1),
             backend: backend.into(),
-            error: error.then(|| "timeout".to_string()),
-            refused: None,
+            outcome: if error {
+                Outcome::Error("timeout".to_string())
+            } else {
+                Outcome::Ok
+            },
         };
         // Second 0: all browse to a, one order to b. Second 1: nothing. Second 2: a quarter to a, one error.
         for _ in 0..4 {
