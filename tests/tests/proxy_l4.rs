@@ -693,6 +693,69 @@ fn io_uring_receive_pauses_for_a_slow_destination_and_resumes() {
     );
 }
 
+/// Segments received on `s` so far, handshake and ACKs included (the kernel's `TCP_INFO`).
+fn segments_in(s: &TcpStream) -> u32 {
+    use std::os::fd::AsRawFd;
+    // SAFETY: `tcp_info` is plain integers, for which all zeroes is a value.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: `info` and `len` outlive the call, and `len` is the size of `info`.
+    let rc = unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&raw mut info).cast(),
+            &raw mut len,
+        )
+    };
+    assert_eq!(rc, 0, "TCP_INFO: {}", std::io::Error::last_os_error());
+    info.tcpi_segs_in
+}
+
+/// One short request-response exchange with `addr`, read to the end of stream; returns the segments the
+/// client received.
+fn short_exchange(addr: SocketAddr) -> u32 {
+    let mut s = connect(addr);
+    s.write_all(b"ask").unwrap();
+    let mut answer = Vec::new();
+    s.read_to_end(&mut answer).unwrap();
+    assert_eq!(answer, b"the answer");
+    segments_in(&s)
+}
+
+/// An answer followed at once by the end of its stream leaves the io_uring proxy as it left the backend: as
+/// one segment with the FIN. The client of a short connection then receives no more segments through the
+/// proxy than directly (otherwise one more: the FIN on its own, after an ACK of the data).
+#[test]
+fn io_uring_last_bytes_leave_with_the_fin() {
+    let answering = backend(|mut s| {
+        let mut ask = [0u8; 3];
+        s.read_exact(&mut ask).unwrap();
+        // MSG_MORE holds the answer in the socket until the shutdown sends it with the FIN.
+        socket2::SockRef::from(&s)
+            .send_with_flags(b"the answer", libc::MSG_MORE)
+            .unwrap();
+        s.shutdown(Shutdown::Write).unwrap();
+        let _ = s.read_to_end(&mut Vec::new());
+    });
+    let front = free_addr();
+    let proxy = format!(
+        "workers = 1\n{}{}",
+        listener("web", front),
+        backends(&[answering])
+    );
+    let _lb = start_lb("io_uring", 1000, &proxy);
+    let direct = short_exchange(answering);
+    for i in 0..5 {
+        assert_eq!(
+            short_exchange(front),
+            direct,
+            "exchange {i}: segments the client received through the proxy, against directly"
+        );
+    }
+}
+
 /// FNV-1a, fed in pieces: enough to tell altered, lost or reordered bytes apart.
 struct Digest(u64);
 
