@@ -284,6 +284,7 @@ const BACKEND_COLUMNS: &[Column] = &[
     ("connect failures", "connect_failures", cell),
     ("bytes up", "bytes_up", bytes),
     ("bytes down", "bytes_down", bytes),
+    ("state", "failing", failing),
 ];
 
 /// A heading row, then one row per item, as `columns` say.
@@ -304,6 +305,15 @@ fn cell(v: &Value) -> String {
         Value::Null => "-".to_string(),
         Value::String(s) => s.clone(),
         v => v.to_string(),
+    }
+}
+
+/// A backend's `failing` flag as its state.
+fn failing(v: &Value) -> String {
+    match v.as_bool() {
+        Some(true) => "failing".to_string(),
+        Some(false) => "ok".to_string(),
+        None => cell(v),
     }
 }
 

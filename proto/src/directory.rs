@@ -128,6 +128,8 @@ pub struct ProxyBackendStatus {
     pub connect_failures: u64,
     pub bytes_up: u64,
     pub bytes_down: u64,
+    /// Its last connect failed: it is held out of the picks until its hold ends and a connect succeeds.
+    pub failing: bool,
 }
 
 /// One instance as the dashboard shows it.

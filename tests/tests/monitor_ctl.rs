@@ -133,7 +133,17 @@ fn ctl_cluster_shows_balancers_and_their_proxies() {
         "{text}"
     );
     assert!(
-        row(&["127.0.0.1:7101", "2", "1233", "1", "2.0", "KiB", "5.0", "MiB"]),
+        row(&[
+            "127.0.0.1:7101",
+            "2",
+            "1233",
+            "1",
+            "2.0",
+            "KiB",
+            "5.0",
+            "MiB",
+            "failing"
+        ]),
         "{text}"
     );
     assert!(text.contains(&format!("{down}  down")), "{text}");

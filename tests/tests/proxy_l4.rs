@@ -325,6 +325,85 @@ fn dead_backend_is_skipped_by_redispatch(rt: &'static str) {
     );
 }
 
+/// An address that takes no new connection: its listener (backlog 0) has one connection queued that nobody
+/// accepts, so the kernel drops further SYNs and connects to it time out. Returns the address, the listener,
+/// and the queued connection's client end.
+fn black_hole() -> (SocketAddr, TcpListener, TcpStream) {
+    use socket2::{Domain, Socket, Type};
+    let l = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+    l.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into()).unwrap();
+    l.listen(0).unwrap();
+    let l = TcpListener::from(l);
+    let addr = l.local_addr().unwrap();
+    let queued = TcpStream::connect_timeout(&addr, T).unwrap();
+    (addr, l, queued)
+}
+
+/// A backend whose connects time out is held out of the picks after the first: the connections after it go
+/// straight to the backend that answers, though the failing one has 100 times its weight. Once it answers
+/// again, a connection after its hold ends brings it back.
+fn a_failing_backend_is_held_out_until_it_answers_again(rt: &'static str) {
+    let echo = echo_backend();
+    let (hole, hole_listener, _queued) = black_hole();
+    let front = free_addr();
+    let proxy = format!(
+        "connect_timeout_ms = 200\n{}[[proxy.backends]]\naddr = \"{hole}\"\nweight = 100\n[[proxy.backends]]\naddr = \"{echo}\"\nweight = 1\n",
+        listener("web", front)
+    );
+    let lb = start_lb(rt, 1000, &proxy);
+    for _ in 0..20 {
+        ping(&mut connect(front), b"hello\n");
+    }
+    let m = lb.metrics();
+    let of_hole = format!("backend=\"{hole}\"");
+    let failures =
+        metric_value(&m, "xcluster_lb_proxy_backend_connect_failures_total", &of_hole).unwrap_or(0.0);
+    // Not held out, it would be tried first by about 20 of the 20 connections.
+    assert!(
+        (1.0..=4.0).contains(&failures),
+        "{failures} connects to the failing backend:\n{m}"
+    );
+    assert_eq!(
+        metric_value(&m, "xcluster_lb_proxy_backend_failing", &of_hole),
+        Some(1.0),
+        "{m}"
+    );
+    let failing = || {
+        let body = get(lb.admin, "/v1/status").unwrap().body;
+        let status: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let backends = status["proxy"]["backends"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        let of = |addr: SocketAddr| {
+            let b = backends.iter().find(|b| b["addr"] == addr.to_string().as_str());
+            b.and_then(|b| b["failing"].as_bool())
+        };
+        (of(hole), of(echo))
+    };
+    assert_eq!(failing(), (Some(true), Some(false)), "shown on /v1/status");
+    // It answers again once its queue is accepted.
+    serve_on(hole_listener, |mut s| {
+        let mut buf = [0u8; 1024];
+        while let Ok(n @ 1..) = s.read(&mut buf) {
+            if s.write_all(&buf[..n]).is_err() {
+                return;
+            }
+        }
+    });
+    eventually(T, "the backend to be picked again and answer", || {
+        ping(&mut connect(front), b"again\n");
+        let m = lb.metrics();
+        metric_value(&m, "xcluster_lb_proxy_backend_failing", &of_hole).filter(|v| *v == 0.0)
+    });
+    assert_eq!(failing(), (Some(false), Some(false)), "shown on /v1/status");
+    let m = lb.metrics();
+    assert!(
+        metric_value(&m, "xcluster_lb_proxy_backend_connects_total", &of_hole).is_some_and(|v| v >= 1.0),
+        "{m}"
+    );
+}
+
 fn every_backend_down_closes_the_client_promptly_and_counts_it(rt: &'static str) {
     let front = free_addr();
     let lb = start_lb(
@@ -793,6 +872,7 @@ per_runtime!(
     random_payloads_arrive_byte_exact_both_ways,
     half_close_propagates_both_ways,
     dead_backend_is_skipped_by_redispatch,
+    a_failing_backend_is_held_out_until_it_answers_again,
     every_backend_down_closes_the_client_promptly_and_counts_it,
     idle_connections_are_closed_and_counted,
     proxy_protocol_v2_header_names_the_client,

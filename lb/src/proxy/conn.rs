@@ -171,7 +171,7 @@ async fn connect(
         let t0 = Instant::now();
         match tokio::time::timeout(t.connect, TcpStream::connect(addr)).await {
             Ok(Ok(s)) => {
-                bm.connected(t0);
+                shared.connected(addr, &bm, t0);
                 let _ = s.set_nodelay(true);
                 return Some((s, addr, bm));
             }

@@ -22,6 +22,9 @@ pub const BACKEND_CONNECTS_TOTAL: &str = "xcluster_lb_proxy_backend_connects_tot
 pub const BACKEND_CONNECT_FAILURES_TOTAL: &str = "xcluster_lb_proxy_backend_connect_failures_total";
 pub const BACKEND_ACTIVE: &str = "xcluster_lb_proxy_backend_connections_active";
 pub const BACKEND_BYTES_TOTAL: &str = "xcluster_lb_proxy_backend_bytes_total";
+/// 1 from a failed connect to the backend until the next one that succeeds (it is held out of the picks
+/// meanwhile, see `health`), else 0.
+pub const BACKEND_FAILING: &str = "xcluster_lb_proxy_backend_failing";
 pub const BACKEND_CONNECT_SECONDS: &str = "xcluster_lb_proxy_backend_connect_seconds";
 /// Worker threads, labelled with the `runtime` they run (after any fallback from `io_uring`).
 pub const WORKERS: &str = "xcluster_lb_proxy_workers";
@@ -71,6 +74,7 @@ pub struct BackendMetrics {
     pub bytes_up: Counter,
     pub bytes_down: Counter,
     pub connect_seconds: Histogram,
+    pub failing: Gauge,
 }
 
 impl BackendMetrics {
@@ -88,7 +92,8 @@ impl BackendMetrics {
             active: metrics::gauge!(BACKEND_ACTIVE, "backend" => b.clone()),
             bytes_up: metrics::counter!(BACKEND_BYTES_TOTAL, "backend" => b.clone(), "direction" => "up"),
             bytes_down: metrics::counter!(BACKEND_BYTES_TOTAL, "backend" => b.clone(), "direction" => "down"),
-            connect_seconds: metrics::histogram!(BACKEND_CONNECT_SECONDS, "backend" => b),
+            connect_seconds: metrics::histogram!(BACKEND_CONNECT_SECONDS, "backend" => b.clone()),
+            failing: metrics::gauge!(BACKEND_FAILING, "backend" => b),
         }
     }
 }
@@ -135,6 +140,7 @@ pub fn status(text: &str) -> ProxyStatus {
                 BACKEND_CONNECT_FAILURES_TOTAL => e.connect_failures = value,
                 BACKEND_BYTES_TOTAL if up => e.bytes_up = value,
                 BACKEND_BYTES_TOTAL => e.bytes_down = value,
+                BACKEND_FAILING => e.failing = value > 0,
                 _ => {}
             }
         }
@@ -213,6 +219,7 @@ xcluster_lb_proxy_listener_bytes_total{listener="web",direction="down"} 2.5e3
 xcluster_lb_proxy_backend_connects_total{backend="127.0.0.1:9"} 7
 xcluster_lb_proxy_backend_bytes_total{backend="127.0.0.1:9",direction="down"} 5
 xcluster_lb_proxy_backend_connect_seconds_bucket{backend="127.0.0.1:9",le="0.001"} 7
+xcluster_lb_proxy_backend_failing{backend="127.0.0.1:9"} 1
 xcluster_lb_proxy_workers{runtime="io_uring"} 2
 xcluster_lb_reports_accepted_total{listener="web"} 99
 xcluster_lb_proxy_connections_failed_total{listener="web" 4
@@ -242,6 +249,7 @@ not a sample
                 addr: "127.0.0.1:9".into(),
                 connects: 7,
                 bytes_down: 5,
+                failing: true,
                 ..Default::default()
             }]
         );

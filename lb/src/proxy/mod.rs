@@ -5,6 +5,7 @@
 pub mod config;
 mod conn;
 mod forward;
+mod health;
 mod listener;
 pub mod metrics;
 pub mod pick;

@@ -11,7 +11,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use tokio::sync::{Semaphore, watch};
@@ -20,6 +20,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
 use super::config::{Forwarding, ListenerConfig, ProxyConfig, RuntimeMode, Timeouts};
+use super::health::Holds;
 use super::metrics::{BackendMetrics, LISTENER_BIND_FAILURES_TOTAL, ListenerMetrics, WORKERS};
 use super::pick::BackendPicker;
 
@@ -47,6 +48,8 @@ pub struct Shared {
     pub tracker: TaskTracker,
     /// Fires when established connections must be abandoned (end of the drain grace period).
     pub stop: CancellationToken,
+    /// Backends held out of the picks after failed connects.
+    holds: Holds,
 }
 
 impl Shared {
@@ -71,19 +74,38 @@ impl Shared {
         if attempt >= self.timeouts.load().connect_attempts {
             return None;
         }
-        let addr = self.picker.pick(&l.cfg.request_type, tried)?;
+        let ty = &l.cfg.request_type;
+        let addr = match self.holds.exclude(tried) {
+            Some(held) => self
+                .picker
+                .pick(ty, &held)
+                .or_else(|| self.picker.pick(ty, tried)),
+            None => self.picker.pick(ty, tried),
+        }?;
         if attempt > 0 {
             l.metrics.retries.increment(1);
         }
         Some((addr, self.backend_metrics(addr)))
     }
 
-    /// A connect to `addr` failed or timed out: it is counted, told to the picker, and left out of the
-    /// connection's next attempts.
+    /// A connect to `addr` failed or timed out: it is counted, told to the picker, held out of the picks for
+    /// a while ([`Holds`]) and left out of the connection's next attempts.
     pub fn connect_failed(&self, addr: SocketAddr, bm: &BackendMetrics, tried: &mut Vec<SocketAddr>) {
         bm.connect_failures.increment(1);
+        bm.failing.set(1.0);
+        let hold = self.holds.failed(addr);
+        info!(backend = %addr, ?hold, "backend held out of the picks after a failed connect");
         self.picker.report_failure(addr);
         tried.push(addr);
+    }
+
+    /// A connect to `addr`, begun at `started`, succeeded: it is counted, and ends the backend's hold.
+    pub fn connected(&self, addr: SocketAddr, bm: &BackendMetrics, started: Instant) {
+        bm.connected(started);
+        if self.holds.succeeded(addr) {
+            bm.failing.set(0.0);
+            info!(backend = %addr, "backend answers again");
+        }
     }
 }
 
@@ -98,6 +120,7 @@ impl Shared {
             permits: Arc::new(Semaphore::new(1)),
             tracker: TaskTracker::new(),
             stop: CancellationToken::new(),
+            holds: Holds::default(),
         }
     }
 }
@@ -244,6 +267,7 @@ pub fn start(
         permits: Arc::new(Semaphore::new(cfg.max_connections)),
         tracker: TaskTracker::new(),
         stop,
+        holds: Holds::default(),
     });
     let (workers, runtime) = spawn_workers(&cfg, &shared).map_err(Error::Workers)?;
     metrics::gauge!(WORKERS, "runtime" => runtime.name()).set(cfg.workers as f64);

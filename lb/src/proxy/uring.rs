@@ -849,7 +849,7 @@ impl Loop {
             self.connect_next(slot);
             return;
         }
-        bm.connected(started);
+        shared.connected(addr, &bm, started);
         debug!(backend = %addr, "connected");
         if c.active.l.cfg.proxy_protocol && !send_proxy_header(c, peer) {
             debug!(backend = %addr, "cannot send the PROXY header");
