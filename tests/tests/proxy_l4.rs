@@ -339,15 +339,16 @@ fn black_hole() -> (SocketAddr, TcpListener, TcpStream) {
     (addr, l, queued)
 }
 
-/// A backend whose connects time out is held out of the picks after the first: the connections after it go
-/// straight to the backend that answers, though the failing one has 100 times its weight. Once it answers
-/// again, a connection after its hold ends brings it back.
+/// A backend whose connects time out is held out of the picks after the first (health checks off, so only
+/// clients' connects tell): the connections after it go straight to the backend that answers, though the
+/// failing one has 100 times its weight. Once it answers again, a connection after its hold ends brings it
+/// back.
 fn a_failing_backend_is_held_out_until_it_answers_again(rt: &'static str) {
     let echo = echo_backend();
     let (hole, hole_listener, _queued) = black_hole();
     let front = free_addr();
     let proxy = format!(
-        "connect_timeout_ms = 200\n{}[[proxy.backends]]\naddr = \"{hole}\"\nweight = 100\n[[proxy.backends]]\naddr = \"{echo}\"\nweight = 1\n",
+        "connect_timeout_ms = 200\ncheck_interval_ms = 0\n{}[[proxy.backends]]\naddr = \"{hole}\"\nweight = 100\n[[proxy.backends]]\naddr = \"{echo}\"\nweight = 1\n",
         listener("web", front)
     );
     let lb = start_lb(rt, 1000, &proxy);
@@ -401,6 +402,50 @@ fn a_failing_backend_is_held_out_until_it_answers_again(rt: &'static str) {
     assert!(
         metric_value(&m, "xcluster_lb_proxy_backend_connects_total", &of_hole).is_some_and(|v| v >= 1.0),
         "{m}"
+    );
+}
+
+/// Health checks find a backend down with no client connecting, and find it back up: nothing is proxied
+/// meanwhile.
+fn health_checks_mark_a_backend_down_and_up_without_traffic(rt: &'static str) {
+    let echo = echo_backend();
+    let later = dead_addr();
+    let front = free_addr();
+    let proxy = format!(
+        "check_interval_ms = 100\n{}{}",
+        listener("web", front),
+        backends(&[echo, later])
+    );
+    let lb = start_lb(rt, 1000, &proxy);
+    let failing = |addr: SocketAddr| {
+        metric_value(
+            &lb.metrics(),
+            "xcluster_lb_proxy_backend_failing",
+            &format!("backend=\"{addr}\""),
+        )
+    };
+    eventually(T, "the dead backend's check to fail", || {
+        failing(later).filter(|v| *v == 1.0)
+    });
+    assert_eq!(failing(echo), Some(0.0));
+    let _up = serve_on(TcpListener::bind(later).unwrap(), |_| {});
+    eventually(T, "the backend's check to pass once it listens", || {
+        failing(later).filter(|v| *v == 0.0)
+    });
+    let m = lb.metrics();
+    assert!(
+        metric_value(
+            &m,
+            "xcluster_lb_proxy_backend_check_failures_total",
+            &format!("backend=\"{later}\"")
+        )
+        .is_some_and(|v| v >= 1.0),
+        "{m}"
+    );
+    assert_eq!(
+        metric_value(&m, "xcluster_lb_proxy_connections_accepted_total", "").unwrap_or(0.0),
+        0.0,
+        "no client connected:\n{m}"
     );
 }
 
@@ -873,6 +918,7 @@ per_runtime!(
     half_close_propagates_both_ways,
     dead_backend_is_skipped_by_redispatch,
     a_failing_backend_is_held_out_until_it_answers_again,
+    health_checks_mark_a_backend_down_and_up_without_traffic,
     every_backend_down_closes_the_client_promptly_and_counts_it,
     idle_connections_are_closed_and_counted,
     proxy_protocol_v2_header_names_the_client,

@@ -1,7 +1,8 @@
 //! The `[proxy]` section of the lb config: raw serde form, validation, typed form.
 //!
 //! Reloads live: `listeners` (added, removed or changed; established connections stay), `backends` and their
-//! weights, `connect_timeout_ms`, `idle_timeout_ms`, `connect_attempts`, per-listener `proxy_protocol`.
+//! weights, `connect_timeout_ms`, `idle_timeout_ms`, `connect_attempts`, `check_interval_ms`, per-listener
+//! `proxy_protocol`.
 //! Needs a restart: `workers`, `runtime`, `forwarding`, `max_connections`, `backlog`, `keepalive_ms`,
 //! `io_uring_buffers`.
 
@@ -36,6 +37,10 @@ pub struct ProxySection {
     pub connect_attempts: u32,
     /// A connection with no byte in either direction for this long is closed. 0 disables.
     pub idle_timeout_ms: u64,
+    /// Active health checks: every `[[proxy.backends]]` entry gets a TCP connect this often (timing out
+    /// after `connect_timeout_ms`); one that fails holds the backend out of the picks until one succeeds.
+    /// 0 disables (failed client connects still hold a backend out).
+    pub check_interval_ms: u64,
     /// Concurrent proxied connections, over all listeners; a permit is taken before `accept`.
     pub max_connections: usize,
     pub backlog: i32,
@@ -59,6 +64,7 @@ impl Default for ProxySection {
             connect_timeout_ms: 1_000,
             connect_attempts: 3,
             idle_timeout_ms: 300_000,
+            check_interval_ms: 2_000,
             max_connections: 20_000,
             backlog: 4096,
             keepalive_ms: 60_000,
@@ -164,6 +170,8 @@ pub struct Timeouts {
     pub connect_attempts: u32,
     /// `None` when disabled.
     pub idle: Option<Duration>,
+    /// Active health checks of the configured backends; `None` when disabled.
+    pub check_interval: Option<Duration>,
 }
 
 /// The validated `[proxy]` section.
@@ -297,6 +305,12 @@ impl ProxySection {
         let connect = v.millis("proxy.connect_timeout_ms", self.connect_timeout_ms, 1, 60_000);
         let connect_attempts = v.range("proxy.connect_attempts", self.connect_attempts, 1, 16);
         let idle = v.millis("proxy.idle_timeout_ms", self.idle_timeout_ms, 0, 86_400_000);
+        let check = v.millis("proxy.check_interval_ms", self.check_interval_ms, 0, 3_600_000);
+        v.check(
+            check.is_zero() || check >= Duration::from_millis(100),
+            "proxy.check_interval_ms",
+            || format!("{} must be 0 (off) or at least 100", check.as_millis()),
+        );
         let max_connections = v.range("proxy.max_connections", self.max_connections, 1, 1_000_000);
         let backlog = v.range("proxy.backlog", self.backlog, 1, 65_535);
         let io_uring_buffers = v.range("proxy.io_uring_buffers", self.io_uring_buffers, 1, 32_768);
@@ -316,6 +330,7 @@ impl ProxySection {
                 connect,
                 connect_attempts,
                 idle: (!idle.is_zero()).then_some(idle),
+                check_interval: (!check.is_zero()).then_some(check),
             },
             max_connections,
             backlog,
@@ -346,6 +361,18 @@ mod tests {
         assert!(cfg.workers >= 1);
         assert_eq!(cfg.forwarding, Forwarding::Auto);
         assert_eq!(cfg.timeouts.connect_attempts, 3);
+        assert_eq!(cfg.timeouts.check_interval, Some(Duration::from_secs(2)));
+    }
+
+    #[test]
+    fn health_checks_are_off_at_0_and_refused_below_100_ms() {
+        let cfg = parse("check_interval_ms = 0\n").unwrap();
+        assert_eq!(cfg.timeouts.check_interval, None);
+        let errs = parse("check_interval_ms = 50\n").unwrap_err();
+        assert!(
+            errs.len() == 1 && errs[0].contains("check_interval_ms"),
+            "{errs:#?}"
+        );
     }
 
     #[test]

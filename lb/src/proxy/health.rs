@@ -1,10 +1,12 @@
-//! Passive health: a backend whose connect fails is held out of the picks for a while, so the connections
-//! after it do not each pay a refused or timed-out connect before their redispatch (HAProxy's `observe
-//! layer4` with `on-error mark-down` does the same).
+//! Backend health: a backend whose connect fails is held out of the picks for a while, so the connections
+//! after it do not each pay a refused or timed-out connect before their redispatch. Failed connects come
+//! from clients' connections (passive, like HAProxy's `observe layer4` with `on-error mark-down`) and from
+//! the active checks of the configured backends (`check_interval_ms`, like HAProxy's `check`).
 //!
-//! The hold is 1 s after one failure and doubles with each failure in a row, up to 30 s; the first connect
-//! that succeeds ends it. Once a hold runs out the backend may be picked again, and that connection is the
-//! probe: a failure sends the backend out for twice as long, and the connection is redispatched as before.
+//! The hold is 1 s after one failure and doubles with each failure in a row, up to 30 s; after a failed check
+//! it lasts at least until the next check ends. The first connect that succeeds, a client's or a check's,
+//! ends it. Once a hold runs out the backend may be picked again, and that connection is the probe: a
+//! failure sends the backend out for twice as long, and the connection is redispatched as before.
 //! When every backend a connection could use is held out, the holds are ignored: trying a backend that has
 //! been failing beats turning the client away.
 //!
@@ -57,17 +59,20 @@ impl Holds {
         (all.len() > tried.len()).then_some(all)
     }
 
-    /// A connect to `addr` failed: holds it out, for longer than last time if it failed then too. Returns
-    /// how long.
-    pub fn failed(&self, addr: SocketAddr) -> Duration {
-        self.failed_at(addr, Instant::now())
+    /// A connect to `addr` failed: holds it out, for longer than last time if it failed then too, and for
+    /// `at_least`. Returns how long, and how many connects in a row have failed.
+    pub fn failed(&self, addr: SocketAddr, at_least: Duration) -> (Duration, u32) {
+        self.failed_at(addr, at_least, Instant::now())
     }
 
-    fn failed_at(&self, addr: SocketAddr, now: Instant) -> Duration {
+    fn failed_at(&self, addr: SocketAddr, at_least: Duration, now: Instant) -> (Duration, u32) {
         self.update(|map| {
             map.retain(|_, h| h.until + FORGET_AFTER > now);
             let fails = map.get(&addr).map_or(0, |h| h.fails).saturating_add(1);
-            let hold = FIRST_HOLD.saturating_mul(1 << (fails - 1).min(16)).min(MAX_HOLD);
+            let hold = FIRST_HOLD
+                .saturating_mul(1 << (fails - 1).min(16))
+                .min(MAX_HOLD)
+                .max(at_least);
             map.insert(
                 addr,
                 Hold {
@@ -75,7 +80,7 @@ impl Holds {
                     fails,
                 },
             );
-            hold
+            (hold, fails)
         })
     }
 
@@ -109,7 +114,7 @@ mod tests {
         let h = Holds::default();
         let t0 = Instant::now();
         assert_eq!(h.exclude_at(&[addr(1)], t0), None);
-        assert_eq!(h.failed_at(addr(2), t0), FIRST_HOLD);
+        assert_eq!(h.failed_at(addr(2), Duration::ZERO, t0), (FIRST_HOLD, 1));
         assert_eq!(
             h.exclude_at(&[addr(1)], t0 + Duration::from_millis(999)),
             Some(vec![addr(1), addr(2)])
@@ -121,24 +126,29 @@ mod tests {
     fn holds_double_with_each_failure_in_a_row_and_a_success_ends_them() {
         let h = Holds::default();
         let t0 = Instant::now();
-        let holds: Vec<u64> = (0..8).map(|_| h.failed_at(addr(2), t0).as_secs()).collect();
+        let holds: Vec<u64> = (0..8)
+            .map(|_| h.failed_at(addr(2), Duration::ZERO, t0).0.as_secs())
+            .collect();
         assert_eq!(holds, [1, 2, 4, 8, 16, 30, 30, 30]);
         assert!(h.succeeded(addr(2)));
         assert!(!h.succeeded(addr(2)));
         assert_eq!(h.exclude_at(&[], t0), None);
-        assert_eq!(h.failed_at(addr(2), t0), FIRST_HOLD);
+        assert_eq!(h.failed_at(addr(2), Duration::ZERO, t0), (FIRST_HOLD, 1));
+        // A failed check holds it at least until the next check.
+        let next_check = Duration::from_millis(2_500);
+        assert_eq!(h.failed_at(addr(2), next_check, t0), (next_check, 2));
     }
 
     #[test]
     fn a_backend_quiet_for_long_is_forgotten() {
         let h = Holds::default();
         let t0 = Instant::now();
-        h.failed_at(addr(2), t0);
-        h.failed_at(addr(2), t0);
+        h.failed_at(addr(2), Duration::ZERO, t0);
+        h.failed_at(addr(2), Duration::ZERO, t0);
         // Its 2 s hold ended long ago: the next failure anywhere drops it, and its own counts as a first.
         let later = t0 + FORGET_AFTER + Duration::from_secs(3);
-        h.failed_at(addr(3), later);
+        h.failed_at(addr(3), Duration::ZERO, later);
         assert_eq!(h.map.load().len(), 1);
-        assert_eq!(h.failed_at(addr(2), later), FIRST_HOLD);
+        assert_eq!(h.failed_at(addr(2), Duration::ZERO, later), (FIRST_HOLD, 1));
     }
 }

@@ -25,6 +25,7 @@ pub const BACKEND_BYTES_TOTAL: &str = "xcluster_lb_proxy_backend_bytes_total";
 /// 1 from a failed connect to the backend until the next one that succeeds (it is held out of the picks
 /// meanwhile, see `health`), else 0.
 pub const BACKEND_FAILING: &str = "xcluster_lb_proxy_backend_failing";
+pub const BACKEND_CHECK_FAILURES_TOTAL: &str = "xcluster_lb_proxy_backend_check_failures_total";
 pub const BACKEND_CONNECT_SECONDS: &str = "xcluster_lb_proxy_backend_connect_seconds";
 /// Worker threads, labelled with the `runtime` they run (after any fallback from `io_uring`).
 pub const WORKERS: &str = "xcluster_lb_proxy_workers";
@@ -75,6 +76,7 @@ pub struct BackendMetrics {
     pub bytes_down: Counter,
     pub connect_seconds: Histogram,
     pub failing: Gauge,
+    pub check_failures: Counter,
 }
 
 impl BackendMetrics {
@@ -93,7 +95,8 @@ impl BackendMetrics {
             bytes_up: metrics::counter!(BACKEND_BYTES_TOTAL, "backend" => b.clone(), "direction" => "up"),
             bytes_down: metrics::counter!(BACKEND_BYTES_TOTAL, "backend" => b.clone(), "direction" => "down"),
             connect_seconds: metrics::histogram!(BACKEND_CONNECT_SECONDS, "backend" => b.clone()),
-            failing: metrics::gauge!(BACKEND_FAILING, "backend" => b),
+            failing: metrics::gauge!(BACKEND_FAILING, "backend" => b.clone()),
+            check_failures: metrics::counter!(BACKEND_CHECK_FAILURES_TOTAL, "backend" => b),
         }
     }
 }

@@ -93,19 +93,49 @@ impl Shared {
     pub fn connect_failed(&self, addr: SocketAddr, bm: &BackendMetrics, tried: &mut Vec<SocketAddr>) {
         bm.connect_failures.increment(1);
         bm.failing.set(1.0);
-        let hold = self.holds.failed(addr);
+        let (hold, _) = self.holds.failed(addr, Duration::ZERO);
         info!(backend = %addr, ?hold, "backend held out of the picks after a failed connect");
         self.picker.report_failure(addr);
         tried.push(addr);
     }
 
+    /// Checks every configured backend once, all at the same time, each with the connect timeout: a
+    /// connect that fails holds the backend out until the check after next could have ended, one that
+    /// succeeds ends its hold.
+    async fn check_backends(&self, interval: Duration) {
+        let timeout = self.timeouts.load().connect;
+        let backends = self.backends.load_full();
+        let checks = backends.iter().map(|(&addr, bm)| async move {
+            match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr)).await {
+                Ok(Ok(_)) => self.answered(addr, bm, "its health check"),
+                Ok(Err(e)) => self.check_failed(addr, bm, interval + timeout, &e.to_string()),
+                Err(_) => self.check_failed(addr, bm, interval + timeout, "timed out"),
+            }
+        });
+        futures_util::future::join_all(checks).await;
+    }
+
+    fn check_failed(&self, addr: SocketAddr, bm: &BackendMetrics, at_least: Duration, error: &str) {
+        bm.check_failures.increment(1);
+        bm.failing.set(1.0);
+        let (hold, fails) = self.holds.failed(addr, at_least);
+        if fails == 1 {
+            warn!(backend = %addr, error, ?hold, "backend failed its health check; held out of the picks");
+        }
+    }
+
+    /// `addr` accepted a connect (`what`): ends its hold.
+    fn answered(&self, addr: SocketAddr, bm: &BackendMetrics, what: &str) {
+        if self.holds.succeeded(addr) {
+            bm.failing.set(0.0);
+            info!(backend = %addr, "backend answers {what} again; back in the picks");
+        }
+    }
+
     /// A connect to `addr`, begun at `started`, succeeded: it is counted, and ends the backend's hold.
     pub fn connected(&self, addr: SocketAddr, bm: &BackendMetrics, started: Instant) {
         bm.connected(started);
-        if self.holds.succeeded(addr) {
-            bm.failing.set(0.0);
-            info!(backend = %addr, "backend answers again");
-        }
+        self.answered(addr, bm, "a connect");
     }
 }
 
@@ -299,6 +329,7 @@ pub fn start(
         "proxy started"
     );
     let drain = drain.child_token();
+    tokio::spawn(check_backends(m.shared.clone(), drain.clone()));
     let d = drain.clone();
     let task = tokio::spawn(async move {
         loop {
@@ -317,6 +348,26 @@ pub fn start(
         m.drain().await;
     });
     Ok(ProxyHandle { drain, task })
+}
+
+/// Active health checks of the configured backends, every `check_interval_ms` (read again each round, so a
+/// reload can change it or turn checks on or off), until the drain.
+async fn check_backends(shared: Arc<Shared>, drain: CancellationToken) {
+    /// How often a disabled check looks whether a reload turned it on.
+    const OFF_POLL: Duration = Duration::from_secs(1);
+    loop {
+        let interval = shared.timeouts.load().check_interval;
+        tokio::select! {
+            () = drain.cancelled() => return,
+            () = tokio::time::sleep(interval.unwrap_or(OFF_POLL)) => {}
+        }
+        if let Some(interval) = interval {
+            tokio::select! {
+                () = drain.cancelled() => return,
+                () = shared.check_backends(interval) => {}
+            }
+        }
+    }
 }
 
 impl Manager {
