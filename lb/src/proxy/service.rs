@@ -93,16 +93,19 @@ impl Shared {
     pub fn connect_failed(&self, addr: SocketAddr, bm: &BackendMetrics, tried: &mut Vec<SocketAddr>) {
         bm.connect_failures.increment(1);
         bm.failing.set(1.0);
-        let (hold, _) = self.holds.failed(addr, Duration::ZERO);
-        info!(backend = %addr, ?hold, "backend held out of the picks after a failed connect");
+        let (hold, fails) = self.holds.failed(addr, Duration::ZERO);
+        // Once per outage: with every backend down, each connection still tries one.
+        if fails == 1 {
+            warn!(backend = %addr, ?hold, "backend failed a connect; held out of the picks");
+        }
         self.picker.report_failure(addr);
         tried.push(addr);
     }
 
     /// Checks every configured backend once, all at the same time, each with the connect timeout: a
-    /// connect that fails holds the backend out until the check after next could have ended, one that
+    /// connect that fails holds the backend out at least until the next check could have ended, one that
     /// succeeds ends its hold.
-    async fn check_backends(&self, interval: Duration) {
+    async fn check_all(&self, interval: Duration) {
         let timeout = self.timeouts.load().connect;
         let backends = self.backends.load_full();
         let checks = backends.iter().map(|(&addr, bm)| async move {
@@ -364,7 +367,7 @@ async fn check_backends(shared: Arc<Shared>, drain: CancellationToken) {
         if let Some(interval) = interval {
             tokio::select! {
                 () = drain.cancelled() => return,
-                () = shared.check_backends(interval) => {}
+                () = shared.check_all(interval) => {}
             }
         }
     }
