@@ -460,6 +460,60 @@ fn health_checks_mark_a_backend_down_and_up_without_traffic(rt: &'static str) {
     );
 }
 
+/// With `check_http_path`, a backend that accepts connections but answers the check with 503 is held out,
+/// and back once it answers 200; the check asks for that path. No client connects meanwhile.
+#[test]
+fn http_health_checks_follow_the_status() {
+    use std::sync::atomic::{AtomicU16, Ordering};
+    let status = Arc::new(AtomicU16::new(503));
+    let (tx, asked) = mpsc::channel::<String>();
+    let s2 = status.clone();
+    let app = backend(move |mut s| {
+        let mut req = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !req.ends_with(b"\r\n\r\n") {
+            match s.read(&mut buf) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => req.extend_from_slice(&buf[..n]),
+            }
+        }
+        let _ = tx.send(String::from_utf8_lossy(&req).into_owned());
+        let code = s2.load(Ordering::SeqCst);
+        let _ = write!(
+            s,
+            "HTTP/1.1 {code} X\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        );
+    });
+    let front = free_addr();
+    let proxy = format!(
+        "check_interval_ms = 100\ncheck_http_path = \"/readyz\"\n{}{}",
+        listener("web", front),
+        backends(&[app])
+    );
+    let lb = start_lb("io_uring", 1000, &proxy);
+    let failing = || {
+        metric_value(
+            &lb.metrics(),
+            "xcluster_lb_proxy_backend_failing",
+            &format!("backend=\"{app}\""),
+        )
+    };
+    eventually(T, "a 503 to fail the check", || failing().filter(|v| *v == 1.0));
+    let req = asked.recv_timeout(T).unwrap();
+    assert!(
+        req.starts_with("GET /readyz HTTP/1.1\r\n") && req.contains("Connection: close\r\n"),
+        "{req}"
+    );
+    status.store(200, Ordering::SeqCst);
+    eventually(T, "a 200 to pass the check", || failing().filter(|v| *v == 0.0));
+    let m = lb.metrics();
+    assert_eq!(
+        metric_value(&m, "xcluster_lb_proxy_connections_accepted_total", "").unwrap_or(0.0),
+        0.0,
+        "no client connected:\n{m}"
+    );
+}
+
 fn every_backend_down_closes_the_client_promptly_and_counts_it(rt: &'static str) {
     let front = free_addr();
     let lb = start_lb(

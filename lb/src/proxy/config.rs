@@ -1,8 +1,8 @@
 //! The `[proxy]` section of the lb config: raw serde form, validation, typed form.
 //!
 //! Reloads live: `listeners` (added, removed or changed; established connections stay), `backends` and their
-//! weights, `connect_timeout_ms`, `idle_timeout_ms`, `connect_attempts`, `check_interval_ms`, per-listener
-//! `proxy_protocol`.
+//! weights, `connect_timeout_ms`, `idle_timeout_ms`, `connect_attempts`, `check_interval_ms`,
+//! `check_http_path`, per-listener `proxy_protocol`.
 //! Needs a restart: `workers`, `runtime`, `forwarding`, `max_connections`, `backlog`, `keepalive_ms`,
 //! `io_uring_buffers`.
 
@@ -41,6 +41,11 @@ pub struct ProxySection {
     /// after `connect_timeout_ms`); one that fails holds the backend out of the picks until one succeeds.
     /// 0 disables (failed client connects still hold a backend out).
     pub check_interval_ms: u64,
+    /// With health checks on: instead of the bare connect, send `GET <path>` (HTTP/1.1, `Connection: close`)
+    /// and pass only on a 2xx or 3xx status, as HAProxy's `option httpchk` does; the whole check stays within
+    /// `connect_timeout_ms`. `/readyz`, which every XCluster role serves (503 while starting or draining),
+    /// holds an XBuy instance out while it cannot serve. Empty (the default): the connect alone.
+    pub check_http_path: String,
     /// Concurrent proxied connections, over all listeners; a permit is taken before `accept`.
     pub max_connections: usize,
     pub backlog: i32,
@@ -65,6 +70,7 @@ impl Default for ProxySection {
             connect_attempts: 3,
             idle_timeout_ms: 300_000,
             check_interval_ms: 2_000,
+            check_http_path: String::new(),
             max_connections: 20_000,
             backlog: 4096,
             keepalive_ms: 60_000,
@@ -172,6 +178,8 @@ pub struct Timeouts {
     pub idle: Option<Duration>,
     /// Active health checks of the configured backends; `None` when disabled.
     pub check_interval: Option<Duration>,
+    /// The path an HTTP health check asks for; `None` for a TCP connect alone.
+    pub check_http_path: Option<String>,
 }
 
 /// The validated `[proxy]` section.
@@ -311,6 +319,19 @@ impl ProxySection {
             "proxy.check_interval_ms",
             || format!("{} must be 0 (off) or at least 100", check.as_millis()),
         );
+        let path = &self.check_http_path;
+        v.check(
+            path.is_empty()
+                || (path.starts_with('/')
+                    && path.len() <= 1024
+                    && path.bytes().all(|b| b.is_ascii_graphic())),
+            "proxy.check_http_path",
+            || {
+                format!(
+                    "{path:?} must be empty or a path starting with '/', at most 1024 visible ASCII bytes"
+                )
+            },
+        );
         let max_connections = v.range("proxy.max_connections", self.max_connections, 1, 1_000_000);
         let backlog = v.range("proxy.backlog", self.backlog, 1, 65_535);
         let io_uring_buffers = v.range("proxy.io_uring_buffers", self.io_uring_buffers, 1, 32_768);
@@ -331,6 +352,7 @@ impl ProxySection {
                 connect_attempts,
                 idle: (!idle.is_zero()).then_some(idle),
                 check_interval: (!check.is_zero()).then_some(check),
+                check_http_path: (!path.is_empty()).then(|| path.clone()),
             },
             max_connections,
             backlog,
@@ -373,6 +395,20 @@ mod tests {
             errs.len() == 1 && errs[0].contains("check_interval_ms"),
             "{errs:#?}"
         );
+    }
+
+    #[test]
+    fn an_http_check_path_is_a_plain_absolute_path() {
+        let cfg = parse("check_http_path = \"/readyz\"\n").unwrap();
+        assert_eq!(cfg.timeouts.check_http_path.as_deref(), Some("/readyz"));
+        assert_eq!(parse("").unwrap().timeouts.check_http_path, None);
+        for bad in ["readyz", "/a b", "/a\\r\\nHost: x"] {
+            let errs = parse(&format!("check_http_path = \"{bad}\"\n")).unwrap_err();
+            assert!(
+                errs.len() == 1 && errs[0].contains("check_http_path"),
+                "{bad}: {errs:#?}"
+            );
+        }
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! Backend health: a backend whose connect fails is held out of the picks for a while, so the connections
 //! after it do not each pay a refused or timed-out connect before their redispatch. Failed connects come
 //! from clients' connections (passive, like HAProxy's `observe layer4` with `on-error mark-down`) and from
-//! the active checks of the configured backends (`check_interval_ms`, like HAProxy's `check`).
+//! the active checks of the configured backends (`check_interval_ms`, like HAProxy's `check`; with
+//! `check_http_path`, an HTTP request whose status must be 2xx or 3xx, like `option httpchk`).
 //!
 //! The hold is 1 s after one failure and doubles with each failure in a row, up to 30 s; after a failed check
 //! it lasts at least until the next check ends. The first connect that succeeds, a client's or a check's,
@@ -19,6 +20,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 
 /// The hold after the first failure in a row.
 const FIRST_HOLD: Duration = Duration::from_secs(1);
@@ -101,6 +104,51 @@ impl Holds {
     }
 }
 
+/// The most of an HTTP check's answer read: its status line must fit.
+const STATUS_LINE_MAX: usize = 512;
+
+/// One health check of `addr`: a TCP connect, then with `http_path` a `GET` whose status must be 2xx or 3xx.
+/// The caller bounds it with the connect timeout. The error says what failed, for the log.
+pub async fn check(addr: SocketAddr, http_path: Option<&str>) -> Result<(), String> {
+    let mut s = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+    let Some(path) = http_path else { return Ok(()) };
+    let req = format!(
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: xcluster-check\r\nConnection: close\r\n\r\n"
+    );
+    s.write_all(req.as_bytes()).await.map_err(|e| e.to_string())?;
+    let mut buf = [0u8; STATUS_LINE_MAX];
+    let mut n = 0;
+    loop {
+        if let Some(end) = buf[..n].windows(2).position(|w| w == b"\r\n") {
+            return status_passes(&buf[..end]);
+        }
+        if n == buf.len() {
+            return Err(format!(
+                "no HTTP status line in the first {STATUS_LINE_MAX} bytes"
+            ));
+        }
+        match s.read(&mut buf[n..]).await.map_err(|e| e.to_string())? {
+            0 => return Err("closed before an HTTP status line".into()),
+            m => n += m,
+        }
+    }
+}
+
+/// Whether an HTTP status line (`HTTP/1.1 200 OK`) passes a health check: 2xx or 3xx.
+fn status_passes(line: &[u8]) -> Result<(), String> {
+    let text = String::from_utf8_lossy(line);
+    let mut parts = text.splitn(3, ' ');
+    let (version, code) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    match code.parse::<u16>() {
+        Ok(200..=399) if version.starts_with("HTTP/") => Ok(()),
+        Ok(c) if version.starts_with("HTTP/") => Err(format!("HTTP status {c}")),
+        _ => Err(format!(
+            "not an HTTP status line: {:?}",
+            text.chars().take(60).collect::<String>()
+        )),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -137,6 +185,26 @@ mod tests {
         // A failed check holds it at least until the next check.
         let next_check = Duration::from_millis(2_500);
         assert_eq!(h.failed_at(addr(2), next_check, t0), (next_check, 2));
+    }
+
+    #[test]
+    fn an_http_check_passes_on_2xx_and_3xx_only() {
+        assert_eq!(status_passes(b"HTTP/1.1 200 OK"), Ok(()));
+        assert_eq!(status_passes(b"HTTP/1.0 302 Found"), Ok(()));
+        assert_eq!(
+            status_passes(b"HTTP/1.1 503 Service Unavailable"),
+            Err("HTTP status 503".into())
+        );
+        assert_eq!(status_passes(b"HTTP/1.1 404"), Err("HTTP status 404".into()));
+        for bad in [
+            &b"SSH-2.0-OpenSSH_9.2"[..],
+            b"HTTP/1.1 2OO OK",
+            b"",
+            b"\xff\xfe 200",
+        ] {
+            let e = status_passes(bad).unwrap_err();
+            assert!(e.starts_with("not an HTTP status line"), "{e}");
+        }
     }
 
     #[test]

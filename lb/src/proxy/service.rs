@@ -20,7 +20,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
 use super::config::{Forwarding, ListenerConfig, ProxyConfig, RuntimeMode, Timeouts};
-use super::health::Holds;
+use super::health::{Holds, check};
 use super::metrics::{BackendMetrics, LISTENER_BIND_FAILURES_TOTAL, ListenerMetrics, WORKERS};
 use super::pick::BackendPicker;
 
@@ -106,13 +106,17 @@ impl Shared {
     /// connect that fails holds the backend out at least until the next check could have ended, one that
     /// succeeds ends its hold.
     async fn check_all(&self, interval: Duration) {
-        let timeout = self.timeouts.load().connect;
+        let t = self.timeouts.load_full();
         let backends = self.backends.load_full();
-        let checks = backends.iter().map(|(&addr, bm)| async move {
-            match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr)).await {
-                Ok(Ok(_)) => self.answered(addr, bm, "its health check"),
-                Ok(Err(e)) => self.check_failed(addr, bm, interval + timeout, &e.to_string()),
-                Err(_) => self.check_failed(addr, bm, interval + timeout, "timed out"),
+        let checks = backends.iter().map(|(&addr, bm)| {
+            let t = &t;
+            async move {
+                let hold = interval + t.connect;
+                match tokio::time::timeout(t.connect, check(addr, t.check_http_path.as_deref())).await {
+                    Ok(Ok(())) => self.answered(addr, bm, "its health check"),
+                    Ok(Err(e)) => self.check_failed(addr, bm, hold, &e),
+                    Err(_) => self.check_failed(addr, bm, hold, "timed out"),
+                }
             }
         });
         futures_util::future::join_all(checks).await;
