@@ -484,13 +484,7 @@ fn http_health_checks_follow_the_status() {
             "HTTP/1.1 {code} X\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
         );
     });
-    let front = free_addr();
-    let proxy = format!(
-        "check_interval_ms = 100\ncheck_http_path = \"/readyz\"\n{}{}",
-        listener("web", front),
-        backends(&[app])
-    );
-    let lb = start_lb("io_uring", 1000, &proxy);
+    let (lb, _) = io_uring_lb_to(app, "check_interval_ms = 100\ncheck_http_path = \"/readyz\"\n");
     let failing = || {
         metric_value(
             &lb.metrics(),
@@ -793,14 +787,20 @@ fn digest_sink(gate: Arc<RwLock<()>>) -> SocketAddr {
 /// returns it, its listener's address, and the sink's gate.
 fn io_uring_lb_to_sink(extra: &str) -> (Lb, SocketAddr, Arc<RwLock<()>>) {
     let gate = Arc::new(RwLock::new(()));
-    let sink = digest_sink(gate.clone());
+    let (lb, front) = io_uring_lb_to(digest_sink(gate.clone()), extra);
+    (lb, front, gate)
+}
+
+/// Starts an lb with one io_uring worker and `extra` in `[proxy]`, forwarding one listener to `backend`;
+/// returns it and the listener's address.
+fn io_uring_lb_to(backend: SocketAddr, extra: &str) -> (Lb, SocketAddr) {
     let front = free_addr();
     let proxy = format!(
         "workers = 1\n{extra}{}{}",
         listener("web", front),
-        backends(&[sink])
+        backends(&[backend])
     );
-    (start_lb("io_uring", 1000, &proxy), front, gate)
+    (start_lb("io_uring", 1000, &proxy), front)
 }
 
 /// Streams `len` pseudo-random bytes (seeded by `seed`) to a [`digest_sink`] through `front`, on a thread
@@ -932,13 +932,7 @@ fn io_uring_last_bytes_leave_with_the_fin() {
         s.shutdown(Shutdown::Write).unwrap();
         let _ = s.read_to_end(&mut Vec::new());
     });
-    let front = free_addr();
-    let proxy = format!(
-        "workers = 1\n{}{}",
-        listener("web", front),
-        backends(&[answering])
-    );
-    let _lb = start_lb("io_uring", 1000, &proxy);
+    let (_lb, front) = io_uring_lb_to(answering, "");
     let direct = short_exchange(answering);
     for i in 0..5 {
         assert_eq!(
