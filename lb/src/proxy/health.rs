@@ -56,10 +56,25 @@ impl Holds {
         if map.is_empty() {
             return None;
         }
+        // Holds that ran out stay in the map until forgotten: no allocation for them.
+        if !map.values().any(|h| h.until > now) {
+            return None;
+        }
         let held = map.iter().filter(|(_, h)| h.until > now).map(|(a, _)| *a);
-        let mut all = tried.to_vec();
-        all.extend(held);
-        (all.len() > tried.len()).then_some(all)
+        Some(tried.iter().copied().chain(held).collect())
+    }
+
+    /// Forgets backends whose hold ended long ago (see `FORGET_AFTER`), so that picks stop looking at them.
+    /// Called on the health-check task's every turn; writes only when there is one to forget.
+    pub fn forget_stale(&self) {
+        self.forget_stale_at(Instant::now());
+    }
+
+    fn forget_stale_at(&self, now: Instant) {
+        let stale = |h: &Hold| h.until + FORGET_AFTER <= now;
+        if self.map.load().values().any(stale) {
+            self.update(|map| map.retain(|_, h| !stale(h)));
+        }
     }
 
     /// A connect to `addr` failed: holds it out, for longer than last time if it failed then too, and for
@@ -213,8 +228,19 @@ mod tests {
         let t0 = Instant::now();
         h.failed_at(addr(2), Duration::ZERO, t0);
         h.failed_at(addr(2), Duration::ZERO, t0);
-        // Its 2 s hold ended long ago: the next failure anywhere drops it, and its own counts as a first.
+        // Its 2 s hold ends at t0 + 2 s and is forgotten FORGET_AFTER later: by the health-check task's turn,
+        // or by the next failure anywhere, after which its own counts as a first again.
         let later = t0 + FORGET_AFTER + Duration::from_secs(3);
+        h.forget_stale_at(later - Duration::from_secs(2));
+        assert_eq!(h.map.load().len(), 1, "its hold ended less than FORGET_AFTER ago");
+        assert_eq!(
+            h.exclude_at(&[], later),
+            None,
+            "a hold that ran out holds nothing"
+        );
+        h.forget_stale_at(later);
+        assert!(h.map.load().is_empty());
+        h.failed_at(addr(2), Duration::ZERO, t0);
         h.failed_at(addr(3), Duration::ZERO, later);
         assert_eq!(h.map.load().len(), 1);
         assert_eq!(h.failed_at(addr(2), Duration::ZERO, later), (FIRST_HOLD, 1));

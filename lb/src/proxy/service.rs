@@ -368,6 +368,7 @@ async fn check_backends(shared: Arc<Shared>, drain: CancellationToken) {
             () = drain.cancelled() => return,
             () = tokio::time::sleep(interval.unwrap_or(OFF_POLL)) => {}
         }
+        shared.holds.forget_stale();
         if let Some(interval) = interval {
             tokio::select! {
                 () = drain.cancelled() => return,
