@@ -169,7 +169,7 @@ pub struct BackendConfig {
     pub request_types: Vec<String>,
 }
 
-/// Per-connection settings that reload live.
+/// Settings that reload live: each connection's, and the health checks'.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Timeouts {
     pub connect: Duration,

@@ -92,14 +92,20 @@ impl Shared {
     /// a while ([`Holds`]) and left out of the connection's next attempts.
     pub fn connect_failed(&self, addr: SocketAddr, bm: &BackendMetrics, tried: &mut Vec<SocketAddr>) {
         bm.connect_failures.increment(1);
-        bm.failing.set(1.0);
-        let (hold, fails) = self.holds.failed(addr, Duration::ZERO);
-        // Once per outage: with every backend down, each connection still tries one.
-        if fails == 1 {
-            warn!(backend = %addr, ?hold, "backend failed a connect; held out of the picks");
-        }
+        self.hold_out(addr, bm, Duration::ZERO, "a connect failed");
         self.picker.report_failure(addr);
         tried.push(addr);
+    }
+
+    /// Holds `addr` out of the picks after a failed connect (a client's or a check's), for at least
+    /// `at_least`; `why` is for the log.
+    fn hold_out(&self, addr: SocketAddr, bm: &BackendMetrics, at_least: Duration, why: &str) {
+        bm.failing.set(1.0);
+        let (hold, fails) = self.holds.failed(addr, at_least);
+        // Once per outage: with every backend down, each connection still tries one, and each check fails.
+        if fails == 1 {
+            warn!(backend = %addr, why, ?hold, "backend held out of the picks");
+        }
     }
 
     /// Checks every configured backend once, all at the same time, each with the connect timeout: a
@@ -111,24 +117,20 @@ impl Shared {
         let checks = backends.iter().map(|(&addr, bm)| {
             let t = &t;
             async move {
-                let hold = interval + t.connect;
-                match tokio::time::timeout(t.connect, check(addr, t.check_http_path.as_deref())).await {
-                    Ok(Ok(())) => self.answered(addr, bm, "its health check"),
-                    Ok(Err(e)) => self.check_failed(addr, bm, hold, &e),
-                    Err(_) => self.check_failed(addr, bm, hold, "timed out"),
+                let checked = tokio::time::timeout(t.connect, check(addr, t.check_http_path.as_deref()))
+                    .await
+                    .unwrap_or_else(|_| Err("timed out".into()));
+                match checked {
+                    Ok(()) => self.answered(addr, bm, "its health check"),
+                    Err(e) => {
+                        bm.check_failures.increment(1);
+                        let why = format!("its health check failed: {e}");
+                        self.hold_out(addr, bm, interval + t.connect, &why);
+                    }
                 }
             }
         });
         futures_util::future::join_all(checks).await;
-    }
-
-    fn check_failed(&self, addr: SocketAddr, bm: &BackendMetrics, at_least: Duration, error: &str) {
-        bm.check_failures.increment(1);
-        bm.failing.set(1.0);
-        let (hold, fails) = self.holds.failed(addr, at_least);
-        if fails == 1 {
-            warn!(backend = %addr, error, ?hold, "backend failed its health check; held out of the picks");
-        }
     }
 
     /// `addr` accepted a connect (`what`): ends its hold.

@@ -984,7 +984,10 @@ impl Loop {
                 self.bufs.next[usize::from(dir.tail)] = bid;
             }
             dir.tail = bid;
-            dir.unsent |= first;
+            if first {
+                dir.unsent = true;
+                self.unsent.push((slot, d as u8));
+            }
             let pause = dir.queued >= QUEUE_MAX && dir.armed && !dir.pausing;
             if pause {
                 metrics::counter!(RECEIVE_PAUSES_TOTAL).increment(1);
@@ -993,9 +996,6 @@ impl Loop {
                     .build()
                     .user_data(user_data(Op::Cancel, slot, d));
                 self.push(&e);
-            }
-            if first {
-                self.unsent.push((slot, d as u8));
             }
             if !more {
                 self.maybe_resume(slot, d);
