@@ -417,42 +417,41 @@ fn a_failing_backend_is_held_out_until_it_answers_again(rt: &'static str) {
 }
 
 /// Health checks find a backend down with no client connecting, and find it back up: nothing is proxied
-/// meanwhile.
+/// meanwhile. It goes down only after `check_fall` failed checks in a row.
 fn health_checks_mark_a_backend_down_and_up_without_traffic(rt: &'static str) {
     let echo = echo_backend();
     let later = dead_addr();
     let front = free_addr();
     let proxy = format!(
-        "check_interval_ms = 100\n{}{}",
+        "check_interval_ms = 100\ncheck_fall = 3\ncheck_rise = 2\n{}{}",
         listener("web", front),
         backends(&[echo, later])
     );
     let lb = start_lb(rt, 1000, &proxy);
-    let failing = |addr: SocketAddr| {
+    let of_later = format!("backend=\"{later}\"");
+    let failing = |m: &str, addr: SocketAddr| {
         metric_value(
-            &lb.metrics(),
+            m,
             "xcluster_lb_proxy_backend_failing",
             &format!("backend=\"{addr}\""),
         )
     };
-    eventually(T, "the dead backend's check to fail", || {
-        failing(later).filter(|v| *v == 1.0)
+    let m = eventually(T, "the dead backend's checks to fail", || {
+        let m = lb.metrics();
+        failing(&m, later).filter(|v| *v == 1.0).map(|_| m)
     });
-    assert_eq!(failing(echo), Some(0.0));
+    // The gauge is set after the third failure, and this scrape was taken after the gauge.
+    let failed = metric_value(&m, "xcluster_lb_proxy_backend_check_failures_total", &of_later);
+    assert!(
+        failed.is_some_and(|v| v >= 3.0),
+        "down after {failed:?} failed checks:\n{m}"
+    );
+    assert_eq!(failing(&m, echo), Some(0.0));
     let _up = serve_on(TcpListener::bind(later).unwrap(), |_| {});
-    eventually(T, "the backend's check to pass once it listens", || {
-        failing(later).filter(|v| *v == 0.0)
+    eventually(T, "the backend's checks to pass once it listens", || {
+        failing(&lb.metrics(), later).filter(|v| *v == 0.0)
     });
     let m = lb.metrics();
-    assert!(
-        metric_value(
-            &m,
-            "xcluster_lb_proxy_backend_check_failures_total",
-            &format!("backend=\"{later}\"")
-        )
-        .is_some_and(|v| v >= 1.0),
-        "{m}"
-    );
     assert_eq!(
         metric_value(&m, "xcluster_lb_proxy_connections_accepted_total", "").unwrap_or(0.0),
         0.0,
@@ -461,11 +460,14 @@ fn health_checks_mark_a_backend_down_and_up_without_traffic(rt: &'static str) {
 }
 
 /// With `check_http_path`, a backend that accepts connections but answers the check with 503 is held out,
-/// and back once it answers 200; the check asks for that path. No client connects meanwhile.
+/// and back once it has answered 200 to `check_rise` checks in a row; the check asks for that path. No client
+/// connects meanwhile.
 #[test]
 fn http_health_checks_follow_the_status() {
-    use std::sync::atomic::{AtomicU16, Ordering};
+    use std::sync::atomic::{AtomicU16, AtomicU32, Ordering};
     let status = Arc::new(AtomicU16::new(503));
+    let passes = Arc::new(AtomicU32::new(0));
+    let p2 = passes.clone();
     let (tx, asked) = mpsc::channel::<String>();
     let s2 = status.clone();
     let app = backend(move |mut s| {
@@ -479,12 +481,19 @@ fn http_health_checks_follow_the_status() {
         }
         let _ = tx.send(String::from_utf8_lossy(&req).into_owned());
         let code = s2.load(Ordering::SeqCst);
+        if code == 200 {
+            // Counted before the answer, so before the check that reads it can pass.
+            p2.fetch_add(1, Ordering::SeqCst);
+        }
         let _ = write!(
             s,
             "HTTP/1.1 {code} X\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
         );
     });
-    let (lb, _) = io_uring_lb_to(app, "check_interval_ms = 100\ncheck_http_path = \"/readyz\"\n");
+    let (lb, _) = io_uring_lb_to(
+        app,
+        "check_interval_ms = 100\ncheck_rise = 3\ncheck_http_path = \"/readyz\"\n",
+    );
     let failing = || {
         metric_value(
             &lb.metrics(),
@@ -499,7 +508,12 @@ fn http_health_checks_follow_the_status() {
         "{req}"
     );
     status.store(200, Ordering::SeqCst);
-    eventually(T, "a 200 to pass the check", || failing().filter(|v| *v == 0.0));
+    let passed = eventually(T, "200s to pass the checks", || {
+        // Read before the gauge, so no later check is counted.
+        let passed = passes.load(Ordering::SeqCst);
+        failing().filter(|v| *v == 0.0).map(|_| passed)
+    });
+    assert!(passed >= 3, "back after {passed} passing check(s)");
     let m = lb.metrics();
     assert_eq!(
         metric_value(&m, "xcluster_lb_proxy_connections_accepted_total", "").unwrap_or(0.0),

@@ -2,7 +2,7 @@
 //!
 //! Reloads live: `listeners` (added, removed or changed; established connections stay), `backends` and their
 //! weights, `connect_timeout_ms`, `idle_timeout_ms`, `connect_attempts`, `check_interval_ms`,
-//! `check_http_path`, per-listener `proxy_protocol`.
+//! `check_fall`, `check_rise`, `check_http_path`, per-listener `proxy_protocol`.
 //! Needs a restart: `workers`, `runtime`, `forwarding`, `max_connections`, `backlog`, `keepalive_ms`,
 //! `io_uring_buffers`.
 
@@ -38,9 +38,12 @@ pub struct ProxySection {
     /// A connection with no byte in either direction for this long is closed. 0 disables.
     pub idle_timeout_ms: u64,
     /// Active health checks: every `[[proxy.backends]]` entry gets a TCP connect this often (timing out
-    /// after `connect_timeout_ms`); one that fails holds the backend out of the picks until one succeeds.
-    /// 0 disables (failed client connects still hold a backend out).
+    /// after `connect_timeout_ms`). 0 disables (failed client connects still hold a backend out).
     pub check_interval_ms: u64,
+    /// Failed checks in a row that put a backend down, held out of the picks (HAProxy's `fall`).
+    pub check_fall: u32,
+    /// Passing checks in a row that bring a down backend back (HAProxy's `rise`).
+    pub check_rise: u32,
     /// With health checks on: instead of the bare connect, send `GET <path>` (HTTP/1.1, `Connection: close`)
     /// and pass only on a 2xx or 3xx status, as HAProxy's `option httpchk` does; the whole check stays within
     /// `connect_timeout_ms`. `/readyz`, which every XCluster role serves (503 while starting or draining),
@@ -70,6 +73,9 @@ impl Default for ProxySection {
             connect_attempts: 3,
             idle_timeout_ms: 300_000,
             check_interval_ms: 2_000,
+            // HAProxy's defaults.
+            check_fall: 3,
+            check_rise: 2,
             check_http_path: String::new(),
             max_connections: 20_000,
             backlog: 4096,
@@ -180,6 +186,9 @@ pub struct Timeouts {
     pub check_interval: Option<Duration>,
     /// The path an HTTP health check asks for; `None` for a TCP connect alone.
     pub check_http_path: Option<String>,
+    /// Failed checks in a row that put a backend down, and passing ones that bring it back; at least 1.
+    pub check_fall: u32,
+    pub check_rise: u32,
 }
 
 /// The validated `[proxy]` section.
@@ -319,6 +328,8 @@ impl ProxySection {
             "proxy.check_interval_ms",
             || format!("{} must be 0 (off) or at least 100", check.as_millis()),
         );
+        let check_fall = v.range("proxy.check_fall", self.check_fall, 1, 100);
+        let check_rise = v.range("proxy.check_rise", self.check_rise, 1, 100);
         let path = &self.check_http_path;
         v.check(
             path.is_empty()
@@ -353,6 +364,8 @@ impl ProxySection {
                 idle: (!idle.is_zero()).then_some(idle),
                 check_interval: (!check.is_zero()).then_some(check),
                 check_http_path: (!path.is_empty()).then(|| path.clone()),
+                check_fall,
+                check_rise,
             },
             max_connections,
             backlog,
@@ -393,6 +406,19 @@ mod tests {
         let errs = parse("check_interval_ms = 50\n").unwrap_err();
         assert!(
             errs.len() == 1 && errs[0].contains("check_interval_ms"),
+            "{errs:#?}"
+        );
+    }
+
+    #[test]
+    fn check_streaks_default_to_haproxys_and_are_at_least_1() {
+        let t = parse("").unwrap().timeouts;
+        assert_eq!((t.check_fall, t.check_rise), (3, 2));
+        let t = parse("check_fall = 1\ncheck_rise = 5\n").unwrap().timeouts;
+        assert_eq!((t.check_fall, t.check_rise), (1, 5));
+        let errs = parse("check_fall = 0\ncheck_rise = 101\n").unwrap_err();
+        assert!(
+            errs.len() == 2 && errs[0].contains("check_fall") && errs[1].contains("check_rise"),
             "{errs:#?}"
         );
     }

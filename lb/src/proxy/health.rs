@@ -4,9 +4,12 @@
 //! the active checks of the configured backends (`check_interval_ms`, like HAProxy's `check`; with
 //! `check_http_path`, an HTTP request whose status must be 2xx or 3xx, like `option httpchk`).
 //!
-//! The hold is 1 s after one failure and doubles with each failure in a row, up to 30 s; after a failed check
-//! it lasts at least until the next check ends. The first connect that succeeds, a client's or a check's,
-//! ends it. Once a hold runs out the backend may be picked again, and that connection is the probe: a
+//! The hold is 1 s after one failure and doubles with each failure in a row, up to 30 s. A client's failed
+//! connect holds the backend out at once, and the first connect that succeeds, a client's or a check's, ends
+//! that hold. Checks go by streaks, as HAProxy's `fall` and `rise` do ([`CheckStreaks`]): `check_fall`
+//! failed checks in a row put the backend down, held out at least until the next check ends, and only
+//! `check_rise` passing checks in a row bring it back, so one lost check does not take out a busy backend and
+//! one lucky check does not bring back a flapping one. Once a hold runs out the backend may be picked again, and that connection is the probe: a
 //! failure sends the backend out for twice as long, and the connection is redispatched as before.
 //! When every backend a connection could use is held out, the holds are ignored: trying a backend that has
 //! been failing beats turning the client away.
@@ -102,6 +105,25 @@ impl Holds {
         })
     }
 
+    /// Keeps `addr`'s hold going for at least `at_least` more, without counting a failure; false if it has
+    /// no hold (a client's connect ended it), which is left so.
+    pub fn keep(&self, addr: SocketAddr, at_least: Duration) -> bool {
+        self.keep_at(addr, at_least, Instant::now())
+    }
+
+    fn keep_at(&self, addr: SocketAddr, at_least: Duration, now: Instant) -> bool {
+        if !self.map.load().contains_key(&addr) {
+            return false;
+        }
+        self.update(|map| match map.get_mut(&addr) {
+            Some(h) => {
+                h.until = h.until.max(now + at_least);
+                true
+            }
+            None => false,
+        })
+    }
+
     /// A connect to `addr` succeeded: ends its hold. True if it had one.
     pub fn succeeded(&self, addr: SocketAddr) -> bool {
         if !self.map.load().contains_key(&addr) {
@@ -116,6 +138,66 @@ impl Holds {
         let out = f(&mut map);
         self.map.store(Arc::new(map));
         out
+    }
+}
+
+/// What one check's result does to its backend, given the checks before it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Up: the check passed (ending a hold a client's failed connect began), or the backend came back.
+    Up,
+    /// Down: `fall` checks in a row have failed (or it was down and failed again): hold it out.
+    Down,
+    /// Failed, but fewer than `fall` in a row: nothing changes yet.
+    Suspect,
+    /// Down and passed, but fewer than `rise` in a row: keep it held out.
+    Rising,
+}
+
+/// Each checked backend's streak: whether checks put it down, and how many results in a row went the other
+/// way. Owned by the health-check task alone.
+#[derive(Debug, Default)]
+pub struct CheckStreaks(HashMap<SocketAddr, Streak>);
+
+#[derive(Debug, Default, Clone, Copy)]
+struct Streak {
+    down: bool,
+    /// Results in a row against `down`: failures while up, passes while down.
+    against: u32,
+}
+
+impl CheckStreaks {
+    /// Records one check of `addr`; `fall` and `rise` are at least 1.
+    pub fn record(&mut self, addr: SocketAddr, passed: bool, fall: u32, rise: u32) -> Verdict {
+        let s = self.0.entry(addr).or_default();
+        if passed != s.down {
+            s.against = 0;
+            return if passed { Verdict::Up } else { Verdict::Down };
+        }
+        s.against += 1;
+        let (enough, flipped, waiting) = if passed {
+            (rise, Verdict::Up, Verdict::Rising)
+        } else {
+            (fall, Verdict::Down, Verdict::Suspect)
+        };
+        if s.against < enough {
+            return waiting;
+        }
+        *s = Streak {
+            down: !passed,
+            against: 0,
+        };
+        flipped
+    }
+
+    /// Marks `addr` up without a check: its hold ended otherwise (a client's connect succeeded).
+    pub fn up(&mut self, addr: SocketAddr) {
+        self.0.remove(&addr);
+    }
+
+    /// Forgets the backends `keep` refuses (no longer configured).
+    pub fn retain(&mut self, keep: impl Fn(&SocketAddr) -> bool) {
+        self.0.retain(|a, _| keep(a));
     }
 }
 
@@ -200,6 +282,45 @@ mod tests {
         // A failed check holds it at least until the next check.
         let next_check = Duration::from_millis(2_500);
         assert_eq!(h.failed_at(addr(2), next_check, t0), (next_check, 2));
+    }
+
+    #[test]
+    fn checks_put_a_backend_down_after_fall_failures_and_back_after_rise_passes() {
+        use Verdict::*;
+        let mut s = CheckStreaks::default();
+        let mut run = |results: &str| -> Vec<Verdict> {
+            results
+                .chars()
+                .map(|c| s.record(addr(2), c == '+', 3, 2))
+                .collect()
+        };
+        // Two failures are suspect, a pass clears them; the third failure in a row puts it down.
+        assert_eq!(run("+--+"), [Up, Suspect, Suspect, Up]);
+        assert_eq!(run("---"), [Suspect, Suspect, Down]);
+        // Down: failures keep it down, one pass is not enough, a failure restarts the count.
+        assert_eq!(run("-+-++"), [Down, Rising, Down, Rising, Up]);
+        assert_eq!(run("+-"), [Up, Suspect]);
+        // Marked up otherwise (a client's connect), its streak starts over.
+        assert_eq!(run("--"), [Suspect, Down]);
+        s.up(addr(2));
+        assert_eq!(s.record(addr(2), false, 3, 2), Suspect);
+        // With 1 and 1, every result counts at once.
+        assert_eq!(s.record(addr(3), false, 1, 1), Down);
+        assert_eq!(s.record(addr(3), true, 1, 1), Up);
+    }
+
+    #[test]
+    fn keeping_a_hold_extends_it_without_counting_a_failure() {
+        let h = Holds::default();
+        let t0 = Instant::now();
+        assert!(!h.keep_at(addr(2), FIRST_HOLD, t0), "nothing to keep");
+        assert!(h.map.load().is_empty());
+        h.failed_at(addr(2), Duration::ZERO, t0);
+        let later = t0 + Duration::from_secs(5);
+        assert!(h.keep_at(addr(2), FIRST_HOLD, later));
+        assert!(h.exclude_at(&[], later + Duration::from_millis(999)).is_some());
+        assert_eq!(h.exclude_at(&[], later + FIRST_HOLD), None);
+        assert_eq!(h.failed_at(addr(2), Duration::ZERO, later), (2 * FIRST_HOLD, 2));
     }
 
     #[test]

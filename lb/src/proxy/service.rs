@@ -17,10 +17,10 @@ use arc_swap::ArcSwap;
 use tokio::sync::{Semaphore, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use super::config::{Forwarding, ListenerConfig, ProxyConfig, RuntimeMode, Timeouts};
-use super::health::{Holds, check};
+use super::health::{CheckStreaks, Holds, Verdict, check};
 use super::metrics::{BackendMetrics, LISTENER_BIND_FAILURES_TOTAL, ListenerMetrics, WORKERS};
 use super::pick::BackendPicker;
 
@@ -108,29 +108,42 @@ impl Shared {
         }
     }
 
-    /// Checks every configured backend once, all at the same time, each with the connect timeout: a
-    /// connect that fails holds the backend out at least until the next check could have ended, one that
-    /// succeeds ends its hold.
-    async fn check_all(&self, interval: Duration) {
+    /// Checks every configured backend once, all at the same time, each with the connect timeout, and acts
+    /// on each result as its streak says ([`CheckStreaks`]): a backend down is held out at least until the
+    /// next check could have ended; one back up, or a pass while up, ends its hold.
+    async fn check_all(&self, interval: Duration, streaks: &mut CheckStreaks) {
         let t = self.timeouts.load_full();
         let backends = self.backends.load_full();
+        streaks.retain(|a| backends.contains_key(a));
         let checks = backends.iter().map(|(&addr, bm)| {
             let t = &t;
             async move {
                 let checked = tokio::time::timeout(t.connect, check(addr, t.check_http_path.as_deref()))
                     .await
                     .unwrap_or_else(|_| Err("timed out".into()));
-                match checked {
-                    Ok(()) => self.answered(addr, bm, "its health check"),
-                    Err(e) => {
-                        bm.check_failures.increment(1);
-                        let why = format!("its health check failed: {e}");
-                        self.hold_out(addr, bm, interval + t.connect, &why);
-                    }
-                }
+                (addr, bm, checked)
             }
         });
-        futures_util::future::join_all(checks).await;
+        let until_next = interval + t.connect;
+        for (addr, bm, checked) in futures_util::future::join_all(checks).await {
+            let verdict = streaks.record(addr, checked.is_ok(), t.check_fall, t.check_rise);
+            if let Err(e) = &checked {
+                bm.check_failures.increment(1);
+                debug!(backend = %addr, error = %e, ?verdict, "health check failed");
+            }
+            match (verdict, checked) {
+                (Verdict::Up, _) => self.answered(addr, bm, "its health checks"),
+                (Verdict::Down, Err(e)) => {
+                    let why = format!("its health checks failed: {e}");
+                    self.hold_out(addr, bm, until_next, &why);
+                }
+                (Verdict::Rising, _) if !self.holds.keep(addr, until_next) => {
+                    // A client's connect ended the hold meanwhile: it answers.
+                    streaks.up(addr);
+                }
+                _ => {}
+            }
+        }
     }
 
     /// `addr` accepted a connect (`what`): ends its hold.
@@ -364,6 +377,7 @@ pub fn start(
 async fn check_backends(shared: Arc<Shared>, drain: CancellationToken) {
     /// How often a disabled check looks whether a reload turned it on.
     const OFF_POLL: Duration = Duration::from_secs(1);
+    let mut streaks = CheckStreaks::default();
     loop {
         let interval = shared.timeouts.load().check_interval;
         tokio::select! {
@@ -374,7 +388,7 @@ async fn check_backends(shared: Arc<Shared>, drain: CancellationToken) {
         if let Some(interval) = interval {
             tokio::select! {
                 () = drain.cancelled() => return,
-                () = shared.check_all(interval) => {}
+                () = shared.check_all(interval, &mut streaks) => {}
             }
         }
     }
