@@ -1,6 +1,7 @@
 //! Process-wide telemetry: the `tracing` subscriber (with a live-reloadable filter) and the Prometheus
 //! recorder behind the `metrics` facade. Only entry points call `init`; libraries just emit.
 
+use std::io::IsTerminal;
 use std::sync::OnceLock;
 use std::time::Duration;
 
@@ -36,6 +37,8 @@ pub fn init(default_filter: &str, format: LogFormat) {
                 .with(
                     tracing_subscriber::fmt::layer()
                         .with_writer(std::io::stderr)
+                        // No colour codes in a file or a pipe (the monitor captures programs' output).
+                        .with_ansi(std::io::stderr().is_terminal())
                         .with_target(false),
                 )
                 .try_init()

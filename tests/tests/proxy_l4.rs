@@ -522,6 +522,72 @@ fn http_health_checks_follow_the_status() {
     );
 }
 
+/// With `log_connections = true`, each connection on that listener leaves one line when it ends: client,
+/// backend, tries, bytes each way and how it ended; a listener without it logs nothing.
+fn connections_are_logged_where_the_listener_asks(rt: &'static str) {
+    let echo = echo_backend();
+    let (web, quiet, nowhere) = (free_addr(), free_addr(), free_addr());
+    let proxy = format!(
+        "{}log_connections = true\n{}[[proxy.listeners]]\nname = \"nowhere\"\nlisten = \"{nowhere}\"\nrequest_type = \"ghost\"\nlog_connections = true\n[[proxy.backends]]\naddr = \"{echo}\"\nrequest_types = [\"browse\"]\n[[proxy.backends]]\naddr = \"{}\"\nrequest_types = [\"ghost\"]\n",
+        listener("web", web),
+        listener("quiet", quiet),
+        dead_addr()
+    );
+    let lb = start_lb(rt, 1000, &proxy);
+    // One round trip of `up` bytes answered in full; returns the client's own address.
+    let exchange = |front: SocketAddr, up: usize| {
+        let s = connect(front);
+        let me = s.local_addr().unwrap();
+        (&s).write_all(&payload(up, 7)).unwrap();
+        s.shutdown(Shutdown::Write).unwrap();
+        let mut back = Vec::new();
+        (&s).read_to_end(&mut back).unwrap();
+        (me, back.len())
+    };
+    let (logged, n) = exchange(web, 70_000);
+    assert_eq!(n, 70_000);
+    let (unlogged, _) = exchange(quiet, 10);
+    let refused = {
+        let s = connect(nowhere);
+        let me = s.local_addr().unwrap();
+        // Closed without a byte: an end of stream, or a reset.
+        assert!(matches!((&s).read(&mut [0u8; 16]), Ok(0) | Err(_)));
+        me
+    };
+    let line_of = |client: SocketAddr| {
+        let log = lb.proc.stderr();
+        let mut lines = log.lines().filter(|l| l.contains(&format!("client={client} ")));
+        let line = lines.next().map(str::to_string);
+        assert!(lines.next().is_none(), "two lines for {client}:\n{log}");
+        line
+    };
+    let line = eventually(T, "the connection's log line", || line_of(logged));
+    for field in [
+        " INFO ".to_string(),
+        "listener=web ".into(),
+        format!("backend={echo} "),
+        "tries=1 ".into(),
+        "connect_ms=".into(),
+        "bytes_up=70000 ".into(),
+        "bytes_down=70000 ".into(),
+        "end=closed".into(),
+    ] {
+        assert!(line.contains(&field), "no {field:?} in: {line}");
+    }
+    let line = eventually(T, "the refused connection's log line", || line_of(refused));
+    for field in [
+        "listener=nowhere ",
+        "backend=- ",
+        "tries=1 ",
+        "bytes_up=0 ",
+        "end=no backend",
+    ] {
+        assert!(line.contains(field), "no {field:?} in: {line}");
+    }
+    assert!(!line.contains("connect_ms="), "{line}");
+    assert_eq!(line_of(unlogged), None, "the quiet listener logged");
+}
+
 fn every_backend_down_closes_the_client_promptly_and_counts_it(rt: &'static str) {
     let front = free_addr();
     let lb = start_lb(
@@ -658,9 +724,14 @@ fn connections_still_open_at_the_end_of_the_grace_period_are_closed(rt: &'static
     let mut lb = start_lb(
         rt,
         300,
-        &format!("{}{}", listener("web", front), backends(&[echo])),
+        &format!(
+            "{}log_connections = true\n{}",
+            listener("web", front),
+            backends(&[echo])
+        ),
     );
     let mut s = connect(front);
+    let me = s.local_addr().unwrap();
     ping(&mut s, b"before");
     lb.proc.signal(Signal::SIGTERM);
     // The client never ends its connection: once the grace period is over the proxy closes it...
@@ -676,6 +747,13 @@ fn connections_still_open_at_the_end_of_the_grace_period_are_closed(rt: &'static
     lb.proc
         .wait_exit(T)
         .expect("lb did not exit after the grace period");
+    // The connection log says why, with the bytes that went through.
+    let log = lb.proc.stderr();
+    let line = log.lines().find(|l| l.contains(&format!("client={me} ")));
+    assert!(
+        line.is_some_and(|l| l.contains("bytes_up=6 ") && l.ends_with("end=shutdown")),
+        "{log}"
+    );
 }
 
 fn reload_removing_a_listener_keeps_its_connections(rt: &'static str) {
@@ -1002,5 +1080,6 @@ per_runtime!(
     sigterm_drains_established_connections,
     connections_still_open_at_the_end_of_the_grace_period_are_closed,
     reload_removing_a_listener_keeps_its_connections,
-    max_connections_holds_new_clients_until_a_permit_frees
+    max_connections_holds_new_clients_until_a_permit_frees,
+    connections_are_logged_where_the_listener_asks
 );

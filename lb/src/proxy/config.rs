@@ -2,7 +2,7 @@
 //!
 //! Reloads live: `listeners` (added, removed or changed; established connections stay), `backends` and their
 //! weights, `connect_timeout_ms`, `idle_timeout_ms`, `connect_attempts`, `check_interval_ms`,
-//! `check_fall`, `check_rise`, `check_http_path`, per-listener `proxy_protocol`.
+//! `check_fall`, `check_rise`, `check_http_path`, per-listener `proxy_protocol` and `log_connections`.
 //! Needs a restart: `workers`, `runtime`, `forwarding`, `max_connections`, `backlog`, `keepalive_ms`,
 //! `io_uring_buffers`.
 
@@ -96,6 +96,8 @@ pub struct ListenerRaw {
     pub request_type: String,
     /// Send a PROXY protocol v2 header to the backend so it sees the client's address.
     pub proxy_protocol: bool,
+    /// One log line per connection when it ends (HAProxy's `option tcplog`); see `proxy::access`.
+    pub log_connections: bool,
 }
 
 impl Default for ListenerRaw {
@@ -105,6 +107,7 @@ impl Default for ListenerRaw {
             listen: String::new(),
             request_type: "default".into(),
             proxy_protocol: false,
+            log_connections: false,
         }
     }
 }
@@ -165,6 +168,7 @@ pub struct ListenerConfig {
     pub listen: SocketAddr,
     pub request_type: String,
     pub proxy_protocol: bool,
+    pub log_connections: bool,
 }
 
 /// One validated backend.
@@ -260,6 +264,7 @@ impl ProxySection {
                 listen,
                 request_type: l.request_type.clone(),
                 proxy_protocol: l.proxy_protocol,
+                log_connections: l.log_connections,
             });
         }
         let mut backends: Vec<BackendConfig> = Vec::new();

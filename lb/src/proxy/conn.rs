@@ -20,6 +20,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Sleep;
 use tracing::{Instrument, debug, debug_span};
 
+use super::access::{self, ConnLog, End};
 use super::config::Timeouts;
 use super::forward::Direction;
 use super::metrics::BackendMetrics;
@@ -81,16 +82,26 @@ pub fn serve(
     l.metrics.accepted.increment(1);
     let span = debug_span!("proxy", listener = %l.cfg.name, %peer);
     let active = Active::new(l, permit);
+    let mut log = ConnLog::start(&active.l, peer);
     Serve::Connecting {
         fut: Box::pin(
             async move {
                 let timeouts = shared.timeouts.load_full();
-                let (backend, addr, bm) = establish(&client, peer, &active.l, &shared, &timeouts).await?;
+                let (backend, addr, bm) =
+                    establish(&client, peer, &active.l, &shared, &timeouts, &mut log).await?;
                 // Each direction is told whether its destination is on this host (see `Direction::new`).
                 let local = |a: SocketAddr| a.ip().to_canonical().is_loopback();
                 let up = Direction::new(shared.forwarding, local(addr));
                 let down = Direction::new(shared.forwarding, local(peer));
-                Some(Conn::new(client, backend, bm, active, (up, down), timeouts.idle))
+                Some(Conn::new(
+                    client,
+                    backend,
+                    bm,
+                    active,
+                    (up, down),
+                    timeouts.idle,
+                    log,
+                ))
             }
             .instrument(span),
         ),
@@ -124,9 +135,11 @@ async fn establish(
     l: &ListenerState,
     shared: &Shared,
     timeouts: &Timeouts,
+    log: &mut Option<Box<ConnLog>>,
 ) -> Option<(TcpStream, SocketAddr, Arc<BackendMetrics>)> {
-    let Some((backend, addr, bm)) = connect(l, shared, timeouts).await else {
+    let Some((backend, addr, bm)) = connect(l, shared, timeouts, log.as_deref_mut()).await else {
         l.metrics.failed.increment(1);
+        access::ended(log, End::NoBackend);
         debug!("no backend reachable; closing the client");
         return None;
     };
@@ -138,6 +151,7 @@ async fn establish(
             Ok(Ok(())) => {}
             _ => {
                 debug!(backend = %addr, "cannot send the PROXY header");
+                access::ended(log, End::ProxyHeader);
                 return None;
             }
         }
@@ -164,14 +178,21 @@ async fn connect(
     l: &ListenerState,
     shared: &Shared,
     t: &Timeouts,
+    mut log: Option<&mut ConnLog>,
 ) -> Option<(TcpStream, SocketAddr, Arc<BackendMetrics>)> {
     let mut tried: Vec<SocketAddr> = Vec::new();
     for attempt in 0.. {
         let (addr, bm) = shared.next_backend(l, &tried, attempt)?;
+        if let Some(g) = log.as_deref_mut() {
+            g.tried();
+        }
         let t0 = Instant::now();
         match tokio::time::timeout(t.connect, TcpStream::connect(addr)).await {
             Ok(Ok(s)) => {
                 shared.connected(addr, &bm, t0);
+                if let Some(g) = log {
+                    g.connected(addr);
+                }
                 let _ = s.set_nodelay(true);
                 return Some((s, addr, bm));
             }
@@ -187,7 +208,7 @@ async fn connect(
 #[derive(Debug)]
 pub enum Outcome {
     Done,
-    Error(#[expect(dead_code, reason = "read through Debug in the closing log line")] std::io::Error),
+    Error(std::io::Error),
     Idle,
 }
 
@@ -199,6 +220,7 @@ pin_project! {
         up: Direction,
         down: Direction,
         active: Active,
+        log: Option<Box<ConnLog>>,
         start: Instant,
         // Milliseconds after `start` of the last byte moved either way.
         last_ms: u64,
@@ -218,6 +240,7 @@ impl Conn {
         mut active: Active,
         (up, down): (Direction, Direction),
         idle: Option<Duration>,
+        log: Option<Box<ConnLog>>,
     ) -> Self {
         active.set_backend(bm);
         let start = Instant::now();
@@ -228,6 +251,7 @@ impl Conn {
             up,
             down,
             active,
+            log,
             start,
             last_ms: 0,
             idle,
@@ -245,49 +269,67 @@ impl Future for Conn {
         let (client_r, client_w) = this.client.split();
         let (backend_r, backend_w) = this.backend.split();
         let mut moved = false;
+        let mut result = None;
         if !this.up.is_done() {
-            let count = counting(&mut moved, &l.bytes_up, bm.map(|b| &b.bytes_up));
+            let logged = this.log.as_deref_mut().map(|g| &mut g.bytes[0]);
+            let count = counting(&mut moved, &l.bytes_up, bm.map(|b| &b.bytes_up), logged);
             let last = this.down.is_done();
             if let Poll::Ready(Err(e)) = this.up.poll_forward(cx, client_r, backend_w, last, count) {
-                return Poll::Ready(Outcome::Error(e));
+                result = Some(Outcome::Error(e));
             }
         }
-        if !this.down.is_done() {
-            let count = counting(&mut moved, &l.bytes_down, bm.map(|b| &b.bytes_down));
+        if result.is_none() && !this.down.is_done() {
+            let logged = this.log.as_deref_mut().map(|g| &mut g.bytes[1]);
+            let count = counting(&mut moved, &l.bytes_down, bm.map(|b| &b.bytes_down), logged);
             let last = this.up.is_done();
             if let Poll::Ready(Err(e)) = this.down.poll_forward(cx, backend_r, client_w, last, count) {
-                return Poll::Ready(Outcome::Error(e));
+                result = Some(Outcome::Error(e));
             }
         }
-        if this.up.is_done() && this.down.is_done() {
-            return Poll::Ready(Outcome::Done);
+        if result.is_none() && this.up.is_done() && this.down.is_done() {
+            result = Some(Outcome::Done);
         }
-        if moved {
+        if result.is_none() && moved {
             *this.last_ms = u64::try_from(this.start.elapsed().as_millis()).unwrap_or(u64::MAX);
         }
-        while this.timer.as_mut().poll(cx).is_ready() {
+        while result.is_none() && this.timer.as_mut().poll(cx).is_ready() {
             let due = *this.start + Duration::from_millis(*this.last_ms) + *this.idle;
             if due <= Instant::now() {
                 l.idle_timeouts.increment(1);
-                return Poll::Ready(Outcome::Idle);
+                result = Some(Outcome::Idle);
+            } else {
+                this.timer.as_mut().reset(tokio::time::Instant::from_std(due));
             }
-            this.timer.as_mut().reset(tokio::time::Instant::from_std(due));
         }
-        Poll::Pending
+        let Some(outcome) = result else {
+            return Poll::Pending;
+        };
+        let end = match &outcome {
+            Outcome::Done => End::Closed,
+            Outcome::Error(e) => End::Error(access::errno(e)),
+            Outcome::Idle => End::Idle,
+        };
+        access::ended(this.log, end);
+        Poll::Ready(outcome)
     }
 }
 
-/// Counts the bytes of each batch one way, on the listener's and the backend's counter, and notes activity.
+/// Counts the bytes of each batch one way, on the listener's and the backend's counter and in the
+/// connection's log record if it has one, and notes activity.
 fn counting<'a>(
     moved: &'a mut bool,
     listener: &'a Counter,
     backend: Option<&'a Counter>,
+    mut logged: Option<&'a mut u64>,
 ) -> impl FnMut(usize) + 'a {
     move |n| {
         *moved = true;
         listener.increment(n as u64);
         if let Some(b) = backend {
             b.increment(n as u64);
+        }
+        if let Some(g) = logged.as_deref_mut() {
+            *g += n as u64;
         }
     }
 }
@@ -315,6 +357,7 @@ mod tests {
                 listen: a,
                 request_type: "x".into(),
                 proxy_protocol: false,
+                log_connections: false,
             },
             metrics: crate::proxy::metrics::ListenerMetrics::new("x"),
         });

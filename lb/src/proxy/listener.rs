@@ -116,6 +116,7 @@ mod tests {
             listen: "127.0.0.1:0".parse().unwrap(),
             request_type: "x".into(),
             proxy_protocol: false,
+            log_connections: false,
         };
         let l = bind(&cfg, 16, Some(Duration::from_secs(30))).unwrap();
         let _c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();

@@ -2,6 +2,7 @@
 //! a backend chosen through [`BackendPicker`], with redispatch, timeouts, PROXY protocol v2, live reload and
 //! graceful drain. Config lives in `[proxy]` ([`config`]).
 
+mod access;
 pub mod config;
 mod conn;
 mod forward;

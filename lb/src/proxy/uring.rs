@@ -37,6 +37,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::task::task_tracker::TaskTrackerToken;
 use tracing::{debug, error, warn};
 
+use super::access::{self, ConnLog, End};
 use super::conn::Active;
 use super::listener::{BACKOFF_MAX, BACKOFF_MIN, is_resource_exhaustion};
 use super::metrics::{BUFFER_WAITS_TOTAL, BUFFERS_HELD, BackendMetrics, RECEIVE_PAUSES_TOTAL};
@@ -373,12 +374,17 @@ struct Conn {
     /// close, not per receive (two atomic adds per message were 1.4% of the proxy's CPU).
     unflushed: [u32; 2],
     closing: bool,
+    log: Option<Box<ConnLog>>,
 }
 
 impl Conn {
     /// Adds the bytes received since the last flush to the listener's and the backend's counters.
     fn flush_bytes(&mut self) {
         let [up, down] = std::mem::take(&mut self.unflushed);
+        if let Some(g) = self.log.as_deref_mut() {
+            g.bytes[0] += u64::from(up);
+            g.bytes[1] += u64::from(down);
+        }
         let (l, bm) = (&self.active.l.metrics, self.active.bm.as_deref());
         for (n, lc, bc) in [
             (up, &l.bytes_up, bm.map(|b| &b.bytes_up)),
@@ -634,6 +640,7 @@ impl Loop {
             if idle && !c.closing && c.connecting.is_none() {
                 c.active.l.metrics.idle_timeouts.increment(1);
                 debug!(listener = %c.active.l.cfg.name, "idle timeout");
+                access::ended(&mut c.log, End::Idle);
                 self.close(slot as u32);
             }
             // Counted after a close, which may have freed the slot and its buffers.
@@ -747,6 +754,7 @@ impl Loop {
         permit: OwnedSemaphorePermit,
     ) {
         l.metrics.accepted.increment(1);
+        let log = ConnLog::start(&l, peer);
         let conn = Conn {
             client,
             backend: None,
@@ -767,6 +775,7 @@ impl Loop {
             last_ms: self.now_ms,
             unflushed: [0; 2],
             closing: false,
+            log,
         };
         let slot = match self.free.pop() {
             Some(s) => {
@@ -797,10 +806,14 @@ impl Loop {
             let Some((addr, bm)) = shared.next_backend(&l, &k.tried, k.attempt) else {
                 l.metrics.failed.increment(1);
                 debug!(listener = %l.cfg.name, peer = %k.peer, "no backend reachable; closing the client");
+                access::ended(&mut c.log, End::NoBackend);
                 self.close(slot);
                 return;
             };
             k.attempt += 1;
+            if let Some(g) = c.log.as_deref_mut() {
+                g.tried();
+            }
             let socket = match backend_socket(addr) {
                 Ok(s) => s,
                 Err(e) => {
@@ -851,8 +864,12 @@ impl Loop {
         }
         shared.connected(addr, &bm, started);
         debug!(backend = %addr, "connected");
+        if let Some(g) = c.log.as_deref_mut() {
+            g.connected(addr);
+        }
         if c.active.l.cfg.proxy_protocol && !send_proxy_header(c, peer) {
             debug!(backend = %addr, "cannot send the PROXY header");
+            access::ended(&mut c.log, End::ProxyHeader);
             self.close(slot);
             return;
         }
@@ -1022,6 +1039,9 @@ impl Loop {
             e if e == -libc::ECANCELED => self.maybe_resume(slot, d),
             e => {
                 debug!(error = %io::Error::from_raw_os_error(-e), "connection ended");
+                if let Some(c) = self.conn(slot) {
+                    access::ended(&mut c.log, End::Error(-e));
+                }
                 self.close(slot);
             }
         }
@@ -1033,6 +1053,7 @@ impl Loop {
         let Some(c) = self.conn(slot) else { return };
         c.dirs[d].done = true;
         if c.dirs[1 - d].done {
+            access::ended(&mut c.log, End::Closed);
             self.close(slot);
         } else {
             // ENOTCONN when the peer already reset: nothing left to tell it.
@@ -1052,6 +1073,7 @@ impl Loop {
             if res < 0 {
                 debug!(error = %io::Error::from_raw_os_error(-res), "connection ended");
             }
+            access::ended(&mut c.log, if res < 0 { End::Error(-res) } else { End::Closed });
             self.close(slot);
             return;
         }
@@ -1156,6 +1178,10 @@ impl Loop {
 
 impl Drop for Loop {
     fn drop(&mut self) {
+        // Connections still open at the end of the drain: their last bytes counted before they close.
+        for c in self.conns.iter_mut().flatten() {
+            c.flush_bytes();
+        }
         // Taken back before the buffers are freed (fields drop after this).
         let _ = self.ring.submitter().unregister_buf_ring(BUF_GROUP);
         self.show_held(0);

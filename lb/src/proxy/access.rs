@@ -1,0 +1,146 @@
+//! The connection log, HAProxy's `option tcplog`: on a listener with `log_connections = true`, each
+//! connection leaves one line at `info` when it ends, with target `access` (so `level = "info,access=off"`
+//! silences it, and the JSON format gives every field as a key): the client, the backend, how long the connect
+//! took and how many backends it tried, the bytes each way, the duration and how it ended.
+//!
+//! The line is written when the record drops, so every way a connection can end is covered, the end of the
+//! drain grace period included (`shutdown`). Listeners without it hold `None`: a word per connection.
+
+use std::fmt;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tracing::info;
+
+use super::service::ListenerState;
+
+/// How a connection ended, for the log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum End {
+    /// Both directions reached their end of stream and were passed on.
+    Closed,
+    /// No byte either way for `idle_timeout_ms`.
+    Idle,
+    /// A socket error (an OS error number); most often a reset by one side.
+    Error(i32),
+    /// No backend accepted the connect (the client is closed without a byte).
+    NoBackend,
+    /// The PROXY protocol header could not be sent to the backend.
+    ProxyHeader,
+    /// Still open when the proxy stopped (the end of the drain grace period).
+    Shutdown,
+}
+
+impl fmt::Display for End {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Closed => f.write_str("closed"),
+            Self::Idle => f.write_str("idle timeout"),
+            Self::Error(errno) => write!(f, "error: {}", io::Error::from_raw_os_error(*errno)),
+            Self::NoBackend => f.write_str("no backend"),
+            Self::ProxyHeader => f.write_str("PROXY header not sent"),
+            Self::Shutdown => f.write_str("shutdown"),
+        }
+    }
+}
+
+/// What the log line of one connection says, gathered while it lives.
+#[derive(Debug)]
+pub struct ConnLog {
+    l: Arc<ListenerState>,
+    client: SocketAddr,
+    accepted: Instant,
+    backend: Option<SocketAddr>,
+    /// From the accept to the backend's answer, retries included.
+    connect: Option<Duration>,
+    tries: u32,
+    /// `[up, down]`: client to backend, backend to client.
+    pub bytes: [u64; 2],
+    end: Option<End>,
+}
+
+impl ConnLog {
+    /// A record for a connection just accepted on `l` from `client`, if `l` logs connections.
+    pub fn start(l: &Arc<ListenerState>, client: SocketAddr) -> Option<Box<Self>> {
+        l.cfg.log_connections.then(|| {
+            Box::new(Self {
+                l: l.clone(),
+                client,
+                accepted: Instant::now(),
+                backend: None,
+                connect: None,
+                tries: 0,
+                bytes: [0; 2],
+                end: None,
+            })
+        })
+    }
+
+    /// A connect to a backend is tried.
+    pub fn tried(&mut self) {
+        self.tries += 1;
+    }
+
+    /// `addr` answered.
+    pub fn connected(&mut self, addr: SocketAddr) {
+        self.backend = Some(addr);
+        self.connect = Some(self.accepted.elapsed());
+    }
+
+    /// Records how the connection ended; the first cause given is kept (a close that follows an error is
+    /// not the reason).
+    pub fn ended(&mut self, end: End) {
+        self.end.get_or_insert(end);
+    }
+}
+
+/// `ended` through an optional record.
+pub fn ended(log: &mut Option<Box<ConnLog>>, end: End) {
+    if let Some(g) = log {
+        g.ended(end);
+    }
+}
+
+/// The errno of `e` for [`End::Error`]; 0 ("success") only for errors without one, which sockets do not
+/// raise.
+pub fn errno(e: &io::Error) -> i32 {
+    e.raw_os_error().unwrap_or(0)
+}
+
+impl Drop for ConnLog {
+    fn drop(&mut self) {
+        let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        let backend = self.backend.map_or_else(|| "-".to_string(), |a| a.to_string());
+        info!(
+            target: "access",
+            listener = %self.l.cfg.name,
+            client = %self.client,
+            backend = %backend,
+            tries = self.tries,
+            connect_ms = self.connect.map(ms),
+            duration_ms = ms(self.accepted.elapsed()),
+            bytes_up = self.bytes[0],
+            bytes_down = self.bytes[1],
+            end = %self.end.unwrap_or(End::Shutdown),
+            "connection"
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_end_reads_plainly() {
+        let reset = End::Error(libc::ECONNRESET);
+        assert_eq!(
+            reset.to_string(),
+            "error: Connection reset by peer (os error 104)"
+        );
+        assert_eq!(End::NoBackend.to_string(), "no backend");
+        assert_eq!(End::Closed.to_string(), "closed");
+    }
+}
