@@ -844,6 +844,49 @@ fn max_connections_holds_new_clients_until_a_permit_frees(rt: &'static str) {
     assert_eq!(accepted(&lb), Some(3.0));
 }
 
+/// A reload that changes a listener but not its address applies to the same sockets: a client waiting in
+/// their queue (no permit yet, `max_connections = 1`) is not reset by it, and is served under the new settings
+/// (here, the connection log turned on) once a permit frees.
+fn a_listener_changed_in_place_keeps_its_queued_clients(rt: &'static str) {
+    let echo = echo_backend();
+    let front = free_addr();
+    let proxy = |extra: &str| {
+        format!(
+            "workers = 1\nmax_connections = 1\n{}{extra}{}",
+            listener("web", front),
+            backends(&[echo])
+        )
+    };
+    let lb = start_lb(rt, 1000, &proxy(""));
+    let mut c1 = connect(front);
+    let first = c1.local_addr().unwrap();
+    ping(&mut c1, b"one");
+    // Its handshake completes in the kernel; the proxy holds no permit to accept it.
+    let mut c2 = connect(front);
+    let second = c2.local_addr().unwrap();
+    c2.write_all(b"two").unwrap();
+    lb.reload(1000, &proxy("log_connections = true\n"));
+    eventually(T, "the reload to be applied", || {
+        metric_value(&lb.metrics(), "xcluster_config_reloads_total", "").filter(|v| *v >= 1.0)
+    });
+    assert!(listening(front), "the listener's sockets stay open");
+    ping(&mut c1, b"one again");
+    c1.shutdown(Shutdown::Write).unwrap();
+    let mut rest = Vec::new();
+    c1.read_to_end(&mut rest).unwrap();
+    // The permit c1 frees goes to the waiting client, served with what it sent before the reload.
+    let mut got = [0u8; 3];
+    c2.read_exact(&mut got).unwrap();
+    assert_eq!(&got, b"two");
+    drop(c2);
+    let logged = |client: SocketAddr| lb.proc.stderr().contains(&format!("client={client} "));
+    eventually(T, "the second client's log line", || logged(second).then_some(()));
+    assert!(
+        !logged(first),
+        "accepted before the reload, under the old settings"
+    );
+}
+
 /// More than the proxy's send buffer toward a backend can take (the kernel grows it up to tcp_wmem's
 /// maximum), so a stream this long stalls the proxy's sends to a backend that does not read.
 fn stalling_len() -> usize {
@@ -1081,5 +1124,6 @@ per_runtime!(
     connections_still_open_at_the_end_of_the_grace_period_are_closed,
     reload_removing_a_listener_keeps_its_connections,
     max_connections_holds_new_clients_until_a_permit_frees,
-    connections_are_logged_where_the_listener_asks
+    connections_are_logged_where_the_listener_asks,
+    a_listener_changed_in_place_keeps_its_queued_clients
 );

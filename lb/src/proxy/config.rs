@@ -1,8 +1,9 @@
 //! The `[proxy]` section of the lb config: raw serde form, validation, typed form.
 //!
-//! Reloads live: `listeners` (added, removed or changed; established connections stay), `backends` and their
-//! weights, `connect_timeout_ms`, `idle_timeout_ms`, `connect_attempts`, `check_interval_ms`,
-//! `check_fall`, `check_rise`, `check_http_path`, per-listener `proxy_protocol` and `log_connections`.
+//! Reloads live: `listeners` (added, removed or changed; established connections stay, and one changed on the
+//! same address keeps its sockets), `backends` and their weights, `connect_timeout_ms`, `idle_timeout_ms`,
+//! `connect_attempts`, `check_interval_ms`, `check_fall`, `check_rise`, `check_http_path`, per-listener
+//! `proxy_protocol` and `log_connections`.
 //! Needs a restart: `workers`, `runtime`, `forwarding`, `max_connections`, `backlog`, `keepalive_ms`,
 //! `io_uring_buffers`.
 

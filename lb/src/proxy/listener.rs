@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use super::config::ListenerConfig;
-use super::service::{ListenerState, Shared};
+use super::service::{LiveListener, Shared};
 
 pub(super) const BACKOFF_MIN: Duration = Duration::from_millis(5);
 pub(super) const BACKOFF_MAX: Duration = Duration::from_secs(1);
@@ -47,14 +47,14 @@ pub(super) fn is_resource_exhaustion(e: &io::Error) -> bool {
 /// Accepts until `cancel` fires. Must run on the worker runtime that will own the connections.
 pub async fn accept_loop(
     std_listener: std::net::TcpListener,
-    state: Arc<ListenerState>,
+    state: LiveListener,
     shared: Arc<Shared>,
     cancel: CancellationToken,
 ) {
     let listener = match tokio::net::TcpListener::from_std(std_listener) {
         Ok(l) => l,
         Err(e) => {
-            warn!(listener = %state.cfg.name, error = %e, "cannot register the listener");
+            warn!(listener = %state.load().cfg.name, error = %e, "cannot register the listener");
             return;
         }
     };
@@ -79,12 +79,13 @@ pub async fn accept_loop(
                 shared.tracker.spawn(super::conn::serve(
                     stream,
                     peer,
-                    state.clone(),
+                    state.load_full(),
                     shared.clone(),
                     permit,
                 ));
             }
             Err(e) if is_resource_exhaustion(&e) => {
+                let state = state.load();
                 state.metrics.accept_errors.increment(1);
                 warn!(listener = %state.cfg.name, error = %e, ?backoff, "accept failed; backing off");
                 tokio::select! {
@@ -95,6 +96,7 @@ pub async fn accept_loop(
             }
             Err(e) => {
                 // Per-connection errors (ECONNABORTED and the like): the next accept is fine.
+                let state = state.load();
                 state.metrics.accept_errors.increment(1);
                 debug!(listener = %state.cfg.name, error = %e, "accept failed");
             }

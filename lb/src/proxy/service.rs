@@ -184,6 +184,20 @@ pub struct ListenerState {
     pub metrics: ListenerMetrics,
 }
 
+impl ListenerState {
+    fn new(cfg: &ListenerConfig) -> Arc<Self> {
+        Arc::new(Self {
+            cfg: cfg.clone(),
+            metrics: ListenerMetrics::new(&cfg.name),
+        })
+    }
+}
+
+/// A listener's state as its accept loops read it, once per accept: a reload that changes a listener but
+/// not its address swaps it here, on the same sockets, so no connection waiting in their queues is lost.
+/// Connections keep the state they were accepted with.
+pub type LiveListener = Arc<ArcSwap<ListenerState>>;
+
 /// A worker thread: a tokio runtime, or an io_uring event loop.
 enum Engine {
     Tokio {
@@ -269,6 +283,7 @@ fn spawn_tokio_workers(workers: usize, mode: RuntimeMode) -> std::io::Result<Vec
 struct Running {
     id: u64,
     cfg: ListenerConfig,
+    state: LiveListener,
     cancel: CancellationToken,
 }
 
@@ -414,10 +429,7 @@ impl Manager {
             .iter()
             .map(|_| super::listener::bind(cfg, self.backlog, self.keepalive))
             .collect::<std::io::Result<Vec<_>>>()?;
-        let state = Arc::new(ListenerState {
-            cfg: cfg.clone(),
-            metrics: ListenerMetrics::new(&cfg.name),
-        });
+        let state: LiveListener = Arc::new(ArcSwap::new(ListenerState::new(cfg)));
         let cancel = CancellationToken::new();
         let id = self.next_id;
         self.next_id += 1;
@@ -442,6 +454,7 @@ impl Manager {
         self.running.push(Running {
             id,
             cfg: cfg.clone(),
+            state,
             cancel,
         });
         Ok(())
@@ -461,11 +474,22 @@ impl Manager {
             );
         }
         self.apply_live(new);
-        // Stop listeners that are gone or changed; their connections are not touched.
-        let (keep, gone) = std::mem::take(&mut self.running)
+        // A listener changed on the same address keeps its sockets and takes its new state; stop those whose
+        // address is gone. Their connections are not touched.
+        let (keep, gone): (Vec<_>, _) = std::mem::take(&mut self.running)
             .into_iter()
-            .partition(|r| new.listeners.contains(&r.cfg));
+            .partition(|r| new.listeners.iter().any(|l| l.listen == r.cfg.listen));
         self.running = keep;
+        for r in &mut self.running {
+            let Some(l) = new.listeners.iter().find(|l| l.listen == r.cfg.listen) else {
+                continue;
+            };
+            if *l != r.cfg {
+                info!(listener = %l.name, addr = %l.listen, "proxy listener changed in place");
+                r.state.store(ListenerState::new(l));
+                r.cfg = l.clone();
+            }
+        }
         for r in gone {
             info!(listener = %r.cfg.name, addr = %r.cfg.listen, "proxy listener removed");
             self.stop_listener(&r);

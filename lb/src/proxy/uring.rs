@@ -41,7 +41,7 @@ use super::access::{self, ConnLog, End};
 use super::conn::Active;
 use super::listener::{BACKOFF_MAX, BACKOFF_MIN, is_resource_exhaustion};
 use super::metrics::{BUFFER_WAITS_TOTAL, BUFFERS_HELD, BackendMetrics, RECEIVE_PAUSES_TOTAL};
-use super::service::{ListenerState, Shared};
+use super::service::{ListenerState, LiveListener, Shared};
 
 /// Submission queue size; the completion queue is twice that, and overflow is kept by the kernel.
 const RING_ENTRIES: u32 = 4096;
@@ -70,7 +70,7 @@ pub enum Msg {
     Add {
         id: u64,
         socket: std::net::TcpListener,
-        state: Arc<ListenerState>,
+        state: LiveListener,
     },
     /// Stop accepting on listener `id` and close its socket; its connections run on.
     Remove(u64),
@@ -290,7 +290,7 @@ impl Drop for Bufs {
 struct Lst {
     id: u64,
     socket: std::net::TcpListener,
-    state: Arc<ListenerState>,
+    state: LiveListener,
     /// The permit held by the pending accept: taken before it is submitted.
     permit: Option<OwnedSemaphorePermit>,
     armed: bool,
@@ -722,21 +722,22 @@ impl Loop {
             let (storage, len) = std::mem::replace(&mut *l.peer, (SockAddrStorage::zeroed(), 0));
             // SAFETY: the kernel wrote a socket address of `len` bytes into `storage`.
             let peer = unsafe { SockAddr::new(storage, len) }.as_socket();
-            let state = l.state.clone();
+            let state = l.state.load_full();
             let permit = l.permit.take();
             if let (Some(peer), Some(permit)) = (peer, permit) {
                 self.start_conn(client, peer, state, permit);
             }
         } else if res != -libc::ECANCELED {
             let e = io::Error::from_raw_os_error(-res);
-            l.state.metrics.accept_errors.increment(1);
+            let state = l.state.load();
+            state.metrics.accept_errors.increment(1);
             if is_resource_exhaustion(&e) {
-                warn!(listener = %l.state.cfg.name, error = %e, backoff = ?l.backoff, "accept failed; backing off");
+                warn!(listener = %state.cfg.name, error = %e, backoff = ?l.backoff, "accept failed; backing off");
                 l.not_before = Some(Instant::now() + l.backoff);
                 l.backoff = (l.backoff * 2).min(BACKOFF_MAX);
             } else {
                 // Per-connection errors (ECONNABORTED and the like): the next accept is fine.
-                debug!(listener = %l.state.cfg.name, error = %e, "accept failed");
+                debug!(listener = %state.cfg.name, error = %e, "accept failed");
             }
         }
         if self.listeners[i as usize].as_ref().is_some_and(|l| l.removed) {
