@@ -887,6 +887,60 @@ fn a_listener_changed_in_place_keeps_its_queued_clients(rt: &'static str) {
     );
 }
 
+/// With `max_connections_per_client = 2`, a client's third connection at once is closed as soon as it is
+/// accepted, counted and logged; once one of its connections ends it may open another.
+fn a_client_over_its_connection_limit_is_closed_at_once(rt: &'static str) {
+    let echo = echo_backend();
+    let front = free_addr();
+    let lb = start_lb(
+        rt,
+        1000,
+        &format!(
+            "{}max_connections_per_client = 2\nlog_connections = true\n{}",
+            listener("web", front),
+            backends(&[echo])
+        ),
+    );
+    let mut c1 = connect(front);
+    ping(&mut c1, b"one");
+    let mut c2 = connect(front);
+    ping(&mut c2, b"two");
+    let c3 = connect(front);
+    let third = c3.local_addr().unwrap();
+    let closed = (&c3).read(&mut [0u8; 16]);
+    assert!(matches!(closed, Ok(0) | Err(_)), "{closed:?}");
+    let web = "listener=\"web\"";
+    let m = lb.metrics();
+    assert_eq!(
+        metric_value(&m, "xcluster_lb_proxy_connections_rejected_total", web),
+        Some(1.0),
+        "{m}"
+    );
+    assert_eq!(
+        metric_value(&m, "xcluster_lb_proxy_connections_accepted_total", web),
+        Some(2.0),
+        "{m}"
+    );
+    eventually(T, "the rejected connection's log line", || {
+        let log = lb.proc.stderr();
+        log.lines()
+            .find(|l| l.contains(&format!("client={third} ")))
+            .map(|l| assert!(l.contains("backend=- ") && l.ends_with("end=client limit"), "{l}"))
+    });
+    ping(&mut c2, b"two still served");
+    c1.shutdown(Shutdown::Write).unwrap();
+    c1.read_to_end(&mut Vec::new()).unwrap();
+    eventually(T, "the first connection to end", || {
+        metric_value(&lb.metrics(), "xcluster_lb_proxy_connections_active", web).filter(|v| *v == 1.0)
+    });
+    let mut c4 = connect(front);
+    ping(&mut c4, b"four, after one ended");
+    assert_eq!(
+        metric_value(&lb.metrics(), "xcluster_lb_proxy_connections_rejected_total", web),
+        Some(1.0)
+    );
+}
+
 /// More than the proxy's send buffer toward a backend can take (the kernel grows it up to tcp_wmem's
 /// maximum), so a stream this long stalls the proxy's sends to a backend that does not read.
 fn stalling_len() -> usize {
@@ -1125,5 +1179,6 @@ per_runtime!(
     reload_removing_a_listener_keeps_its_connections,
     max_connections_holds_new_clients_until_a_permit_frees,
     connections_are_logged_where_the_listener_asks,
-    a_listener_changed_in_place_keeps_its_queued_clients
+    a_listener_changed_in_place_keeps_its_queued_clients,
+    a_client_over_its_connection_limit_is_closed_at_once
 );

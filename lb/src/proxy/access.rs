@@ -27,6 +27,8 @@ pub enum End {
     Error(i32),
     /// No backend accepted the connect (the client is closed without a byte).
     NoBackend,
+    /// The client held `max_connections_per_client` already: closed as soon as accepted.
+    ClientLimit,
     /// The PROXY protocol header could not be sent to the backend.
     ProxyHeader,
     /// Still open when the proxy stopped (the end of the drain grace period).
@@ -40,6 +42,7 @@ impl fmt::Display for End {
             Self::Idle => f.write_str("idle timeout"),
             Self::Error(errno) => write!(f, "error: {}", io::Error::from_raw_os_error(*errno)),
             Self::NoBackend => f.write_str("no backend"),
+            Self::ClientLimit => f.write_str("client limit"),
             Self::ProxyHeader => f.write_str("PROXY header not sent"),
             Self::Shutdown => f.write_str("shutdown"),
         }

@@ -3,7 +3,7 @@
 //! Reloads live: `listeners` (added, removed or changed; established connections stay, and one changed on the
 //! same address keeps its sockets), `backends` and their weights, `connect_timeout_ms`, `idle_timeout_ms`,
 //! `connect_attempts`, `check_interval_ms`, `check_fall`, `check_rise`, `check_http_path`, per-listener
-//! `proxy_protocol` and `log_connections`.
+//! `proxy_protocol`, `log_connections` and `max_connections_per_client`.
 //! Needs a restart: `workers`, `runtime`, `forwarding`, `max_connections`, `backlog`, `keepalive_ms`,
 //! `io_uring_buffers`.
 
@@ -99,6 +99,9 @@ pub struct ListenerRaw {
     pub proxy_protocol: bool,
     /// One log line per connection when it ends (HAProxy's `option tcplog`); see `proxy::access`.
     pub log_connections: bool,
+    /// Connections one client address may hold open through this listener at once; 0 (the default): no
+    /// limit. See `proxy::clients`.
+    pub max_connections_per_client: u32,
 }
 
 impl Default for ListenerRaw {
@@ -109,6 +112,7 @@ impl Default for ListenerRaw {
             request_type: "default".into(),
             proxy_protocol: false,
             log_connections: false,
+            max_connections_per_client: 0,
         }
     }
 }
@@ -170,6 +174,8 @@ pub struct ListenerConfig {
     pub request_type: String,
     pub proxy_protocol: bool,
     pub log_connections: bool,
+    /// `None`: no limit.
+    pub max_connections_per_client: Option<u32>,
 }
 
 /// One validated backend.
@@ -266,6 +272,13 @@ impl ProxySection {
                 request_type: l.request_type.clone(),
                 proxy_protocol: l.proxy_protocol,
                 log_connections: l.log_connections,
+                max_connections_per_client: Some(v.range(
+                    &format!("{key}.max_connections_per_client"),
+                    l.max_connections_per_client,
+                    0,
+                    1_000_000,
+                ))
+                .filter(|&n| n > 0),
             });
         }
         let mut backends: Vec<BackendConfig> = Vec::new();
@@ -425,6 +438,26 @@ mod tests {
         let errs = parse("check_fall = 0\ncheck_rise = 101\n").unwrap_err();
         assert!(
             errs.len() == 2 && errs[0].contains("check_fall") && errs[1].contains("check_rise"),
+            "{errs:#?}"
+        );
+    }
+
+    #[test]
+    fn a_per_client_limit_is_off_at_0_and_bounded() {
+        let l = |n: u64| {
+            format!("[[listeners]]\nlisten = \"127.0.0.1:7100\"\nmax_connections_per_client = {n}\n")
+        };
+        assert_eq!(
+            parse(&l(0)).unwrap().listeners[0].max_connections_per_client,
+            None
+        );
+        assert_eq!(
+            parse(&l(5)).unwrap().listeners[0].max_connections_per_client,
+            Some(5)
+        );
+        let errs = parse(&l(2_000_000)).unwrap_err();
+        assert!(
+            errs.len() == 1 && errs[0].contains("max_connections_per_client"),
             "{errs:#?}"
         );
     }

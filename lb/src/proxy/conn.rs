@@ -21,6 +21,7 @@ use tokio::time::Sleep;
 use tracing::{Instrument, debug, debug_span};
 
 use super::access::{self, ConnLog, End};
+use super::clients::ClientSlot;
 use super::config::Timeouts;
 use super::forward::Direction;
 use super::metrics::BackendMetrics;
@@ -32,15 +33,22 @@ pub(super) struct Active {
     pub(super) l: Arc<ListenerState>,
     pub(super) bm: Option<Arc<BackendMetrics>>,
     _permit: OwnedSemaphorePermit,
+    /// Its count against its client's `max_connections_per_client`, on listeners with one.
+    client: Option<Box<ClientSlot>>,
 }
 
 impl Active {
-    pub(super) fn new(l: Arc<ListenerState>, permit: OwnedSemaphorePermit) -> Self {
+    pub(super) fn new(
+        l: Arc<ListenerState>,
+        permit: OwnedSemaphorePermit,
+        client: Option<Box<ClientSlot>>,
+    ) -> Self {
         l.metrics.active.increment(1.0);
         Self {
             l,
             bm: None,
             _permit: permit,
+            client,
         }
     }
 
@@ -52,6 +60,8 @@ impl Active {
 
 impl Drop for Active {
     fn drop(&mut self) {
+        // The client's count first: once the gauge shows the connection gone, its client may open another.
+        self.client = None;
         self.l.metrics.active.decrement(1.0);
         if let Some(bm) = &self.bm {
             bm.active.decrement(1.0);
@@ -77,11 +87,12 @@ pub fn serve(
     l: Arc<ListenerState>,
     shared: Arc<Shared>,
     permit: OwnedSemaphorePermit,
+    slot: Option<Box<ClientSlot>>,
 ) -> Serve {
     // No `set_nodelay` here: the socket inherited TCP_NODELAY from its listener (`listener::bind`).
     l.metrics.accepted.increment(1);
     let span = debug_span!("proxy", listener = %l.cfg.name, %peer);
-    let active = Active::new(l, permit);
+    let active = Active::new(l, permit, slot);
     let mut log = ConnLog::start(&active.l, peer);
     Serve::Connecting {
         fut: Box::pin(
@@ -351,21 +362,22 @@ mod tests {
         let c = TcpStream::connect(a).await.unwrap();
         let cfg = crate::proxy::ProxySection::default().validate(&mut xcluster_runtime::Validator::new());
         let shared = Arc::new(Shared::for_tests(&cfg));
-        let state = Arc::new(ListenerState {
-            cfg: crate::proxy::config::ListenerConfig {
+        let state = ListenerState::new(
+            &crate::proxy::config::ListenerConfig {
                 name: "x".into(),
                 listen: a,
                 request_type: "x".into(),
                 proxy_protocol: false,
                 log_connections: false,
+                max_connections_per_client: None,
             },
-            metrics: crate::proxy::metrics::ListenerMetrics::new("x"),
-        });
+            Arc::default(),
+        );
         let permit = Arc::new(tokio::sync::Semaphore::new(1))
             .acquire_owned()
             .await
             .unwrap();
-        let f = serve(c, a, state, shared, permit);
+        let f = serve(c, a, state, shared, permit, None);
         let size = std::mem::size_of_val(&f);
         eprintln!("the connection future is {size} bytes");
         assert!(size <= 384, "the connection future grew to {size} bytes");

@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use super::config::ListenerConfig;
-use super::service::{LiveListener, Shared};
+use super::service::{Admit, LiveListener, Shared};
 
 pub(super) const BACKOFF_MIN: Duration = Duration::from_millis(5);
 pub(super) const BACKOFF_MAX: Duration = Duration::from_secs(1);
@@ -76,13 +76,18 @@ pub async fn accept_loop(
         match accepted {
             Ok((stream, peer)) => {
                 backoff = BACKOFF_MIN;
-                shared.tracker.spawn(super::conn::serve(
-                    stream,
-                    peer,
-                    state.load_full(),
-                    shared.clone(),
-                    permit,
-                ));
+                let state = state.load_full();
+                // Rejected: the stream and the permit drop here.
+                if let Admit::Open(client) = state.admit(peer) {
+                    shared.tracker.spawn(super::conn::serve(
+                        stream,
+                        peer,
+                        state,
+                        shared.clone(),
+                        permit,
+                        client,
+                    ));
+                }
             }
             Err(e) if is_resource_exhaustion(&e) => {
                 let state = state.load();
@@ -119,6 +124,7 @@ mod tests {
             request_type: "x".into(),
             proxy_protocol: false,
             log_connections: false,
+            max_connections_per_client: None,
         };
         let l = bind(&cfg, 16, Some(Duration::from_secs(30))).unwrap();
         let _c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();

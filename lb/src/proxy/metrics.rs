@@ -12,6 +12,8 @@ pub const ACCEPTED_TOTAL: &str = "xcluster_lb_proxy_connections_accepted_total";
 pub const ACTIVE: &str = "xcluster_lb_proxy_connections_active";
 /// Connections closed because no backend could be reached.
 pub const FAILED_TOTAL: &str = "xcluster_lb_proxy_connections_failed_total";
+/// Connections closed as soon as accepted: their client held `max_connections_per_client` already.
+pub const REJECTED_TOTAL: &str = "xcluster_lb_proxy_connections_rejected_total";
 pub const ACCEPT_ERRORS_TOTAL: &str = "xcluster_lb_proxy_accept_errors_total";
 pub const IDLE_TIMEOUTS_TOTAL: &str = "xcluster_lb_proxy_idle_timeouts_total";
 /// Connect attempts beyond the first (redispatch to another backend).
@@ -43,6 +45,7 @@ pub struct ListenerMetrics {
     pub accepted: Counter,
     pub active: Gauge,
     pub failed: Counter,
+    pub rejected: Counter,
     pub accept_errors: Counter,
     pub idle_timeouts: Counter,
     pub retries: Counter,
@@ -57,6 +60,7 @@ impl ListenerMetrics {
             accepted: metrics::counter!(ACCEPTED_TOTAL, "listener" => l.clone()),
             active: metrics::gauge!(ACTIVE, "listener" => l.clone()),
             failed: metrics::counter!(FAILED_TOTAL, "listener" => l.clone()),
+            rejected: metrics::counter!(REJECTED_TOTAL, "listener" => l.clone()),
             accept_errors: metrics::counter!(ACCEPT_ERRORS_TOTAL, "listener" => l.clone()),
             idle_timeouts: metrics::counter!(IDLE_TIMEOUTS_TOTAL, "listener" => l.clone()),
             retries: metrics::counter!(RETRIES_TOTAL, "listener" => l.clone()),

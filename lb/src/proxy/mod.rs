@@ -3,6 +3,7 @@
 //! graceful drain. Config lives in `[proxy]` ([`config`]).
 
 mod access;
+mod clients;
 pub mod config;
 mod conn;
 mod forward;

@@ -19,6 +19,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn};
 
+use super::access::{ConnLog, End};
+use super::clients::{ClientCounts, ClientSlot};
 use super::config::{Forwarding, ListenerConfig, ProxyConfig, RuntimeMode, Timeouts};
 use super::health::{CheckStreaks, Holds, Verdict, check};
 use super::metrics::{BackendMetrics, LISTENER_BIND_FAILURES_TOTAL, ListenerMetrics, WORKERS};
@@ -182,14 +184,44 @@ impl Shared {
 pub struct ListenerState {
     pub cfg: ListenerConfig,
     pub metrics: ListenerMetrics,
+    /// Open connections per client, for `max_connections_per_client`; kept across in-place changes.
+    pub clients: Arc<ClientCounts>,
+}
+
+/// Whether a connection just accepted may go on.
+pub enum Admit {
+    /// Yes; counted against its client while the slot lives, when the listener has a per-client limit.
+    Open(Option<Box<ClientSlot>>),
+    /// No: its client holds `max_connections_per_client` already. It is counted and logged; the caller
+    /// closes the socket.
+    Rejected,
 }
 
 impl ListenerState {
-    fn new(cfg: &ListenerConfig) -> Arc<Self> {
+    pub fn new(cfg: &ListenerConfig, clients: Arc<ClientCounts>) -> Arc<Self> {
         Arc::new(Self {
             cfg: cfg.clone(),
             metrics: ListenerMetrics::new(&cfg.name),
+            clients,
         })
+    }
+
+    /// Admits a connection from `peer` just accepted on this listener (see [`Admit`]).
+    pub fn admit(self: &Arc<Self>, peer: SocketAddr) -> Admit {
+        let Some(limit) = self.cfg.max_connections_per_client else {
+            return Admit::Open(None);
+        };
+        match self.clients.admit(peer.ip(), limit) {
+            Some(slot) => Admit::Open(Some(Box::new(slot))),
+            None => {
+                self.metrics.rejected.increment(1);
+                debug!(listener = %self.cfg.name, %peer, limit, "client at its connection limit; closed");
+                if let Some(mut log) = ConnLog::start(self, peer) {
+                    log.ended(End::ClientLimit);
+                }
+                Admit::Rejected
+            }
+        }
     }
 }
 
@@ -429,7 +461,7 @@ impl Manager {
             .iter()
             .map(|_| super::listener::bind(cfg, self.backlog, self.keepalive))
             .collect::<std::io::Result<Vec<_>>>()?;
-        let state: LiveListener = Arc::new(ArcSwap::new(ListenerState::new(cfg)));
+        let state: LiveListener = Arc::new(ArcSwap::new(ListenerState::new(cfg, Arc::default())));
         let cancel = CancellationToken::new();
         let id = self.next_id;
         self.next_id += 1;
@@ -486,7 +518,8 @@ impl Manager {
             };
             if *l != r.cfg {
                 info!(listener = %l.name, addr = %l.listen, "proxy listener changed in place");
-                r.state.store(ListenerState::new(l));
+                let clients = r.state.load().clients.clone();
+                r.state.store(ListenerState::new(l, clients));
                 r.cfg = l.clone();
             }
         }
