@@ -271,6 +271,7 @@ const LISTENER_COLUMNS: &[Column] = &[
     ("active", "active", cell),
     ("accepted", "accepted", cell),
     ("failed", "failed", cell),
+    ("rejected", "rejected", cell),
     ("retries", "retries", cell),
     ("idle timeouts", "idle_timeouts", cell),
     ("bytes up", "bytes_up", bytes),

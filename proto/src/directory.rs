@@ -110,6 +110,8 @@ pub struct ProxyListenerStatus {
     pub accepted: u64,
     /// Connections closed because no backend could be reached.
     pub failed: u64,
+    /// Connections closed at accept: their client held `max_connections_per_client` already.
+    pub rejected: u64,
     /// Connect attempts beyond the first (redispatch).
     pub retries: u64,
     pub idle_timeouts: u64,

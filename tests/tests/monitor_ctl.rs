@@ -129,7 +129,9 @@ fn ctl_cluster_shows_balancers_and_their_proxies() {
         "{text}"
     );
     assert!(
-        row(&["browse", "2", "1234", "1", "3", "0", "2.0", "KiB", "5.0", "MiB"]),
+        row(&[
+            "browse", "2", "1234", "1", "4", "3", "0", "2.0", "KiB", "5.0", "MiB"
+        ]),
         "{text}"
     );
     assert!(

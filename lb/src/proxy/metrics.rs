@@ -128,6 +128,7 @@ pub fn status(text: &str) -> ProxyStatus {
                 ACCEPTED_TOTAL => e.accepted = value,
                 ACTIVE => e.active = value,
                 FAILED_TOTAL => e.failed = value,
+                REJECTED_TOTAL => e.rejected = value,
                 RETRIES_TOTAL => e.retries = value,
                 IDLE_TIMEOUTS_TOTAL => e.idle_timeouts = value,
                 LISTENER_BYTES_TOTAL if up => e.bytes_up = value,
