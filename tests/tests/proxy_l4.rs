@@ -80,6 +80,36 @@ fn listener(name: &str, addr: SocketAddr) -> String {
     format!("[[proxy.listeners]]\nname = \"{name}\"\nlisten = \"{addr}\"\nrequest_type = \"browse\"\n")
 }
 
+/// Proxy config with `proxy` (proxy-wide keys), then listener `web` on `front` with `on_listener` (its own
+/// keys), to the one backend `echo`.
+fn echo_proxy(front: SocketAddr, echo: SocketAddr, proxy: &str, on_listener: &str) -> String {
+    format!(
+        "{proxy}{}{on_listener}{}",
+        listener("web", front),
+        backends(&[echo])
+    )
+}
+
+/// An lb on runtime `rt` (drain grace `grace_ms`) with listener `web` on a free port, to a fresh echo backend,
+/// configured as [`echo_proxy`]; returns it and the listener's address.
+fn echo_lb(rt: &'static str, grace_ms: u64, proxy: &str, on_listener: &str) -> (Lb, SocketAddr) {
+    let front = free_addr();
+    let lb = start_lb(
+        rt,
+        grace_ms,
+        &echo_proxy(front, echo_backend(), proxy, on_listener),
+    );
+    (lb, front)
+}
+
+/// Ends the client's side of `s` and reads until the proxy ends its side; returns what came meanwhile.
+fn finish(s: &mut TcpStream) -> Vec<u8> {
+    s.shutdown(Shutdown::Write).unwrap();
+    let mut rest = Vec::new();
+    s.read_to_end(&mut rest).unwrap();
+    rest
+}
+
 fn backends(addrs: &[SocketAddr]) -> String {
     addrs
         .iter()
@@ -719,17 +749,7 @@ fn sigterm_drains_established_connections(rt: &'static str) {
 }
 
 fn connections_still_open_at_the_end_of_the_grace_period_are_closed(rt: &'static str) {
-    let echo = echo_backend();
-    let front = free_addr();
-    let mut lb = start_lb(
-        rt,
-        300,
-        &format!(
-            "{}log_connections = true\n{}",
-            listener("web", front),
-            backends(&[echo])
-        ),
-    );
+    let (mut lb, front) = echo_lb(rt, 300, "", "log_connections = true\n");
     let mut s = connect(front);
     let me = s.local_addr().unwrap();
     ping(&mut s, b"before");
@@ -806,18 +826,8 @@ fn reload_removing_a_listener_keeps_its_connections(rt: &'static str) {
 }
 
 fn max_connections_holds_new_clients_until_a_permit_frees(rt: &'static str) {
-    let echo = echo_backend();
-    let front = free_addr();
     // One worker, so accepting and serving share one thread and the order below is deterministic enough.
-    let lb = start_lb(
-        rt,
-        1000,
-        &format!(
-            "workers = 1\nmax_connections = 2\n{}{}",
-            listener("web", front),
-            backends(&[echo])
-        ),
-    );
+    let (lb, front) = echo_lb(rt, 1000, "workers = 1\nmax_connections = 2\n", "");
     let mut c1 = connect(front);
     ping(&mut c1, b"one");
     let mut c2 = connect(front);
@@ -835,9 +845,7 @@ fn max_connections_holds_new_clients_until_a_permit_frees(rt: &'static str) {
     };
     assert_eq!(accepted(&lb), Some(2.0));
     // Ending one connection frees a permit: the waiting client is served with what it already sent.
-    c1.shutdown(Shutdown::Write).unwrap();
-    let mut rest = Vec::new();
-    c1.read_to_end(&mut rest).unwrap();
+    finish(&mut c1);
     let mut got = [0u8; 5];
     c3.read_exact(&mut got).unwrap();
     assert_eq!(&got, b"three");
@@ -848,15 +856,8 @@ fn max_connections_holds_new_clients_until_a_permit_frees(rt: &'static str) {
 /// their queue (no permit yet, `max_connections = 1`) is not reset by it, and is served under the new settings
 /// (here, the connection log turned on) once a permit frees.
 fn a_listener_changed_in_place_keeps_its_queued_clients(rt: &'static str) {
-    let echo = echo_backend();
-    let front = free_addr();
-    let proxy = |extra: &str| {
-        format!(
-            "workers = 1\nmax_connections = 1\n{}{extra}{}",
-            listener("web", front),
-            backends(&[echo])
-        )
-    };
+    let (echo, front) = (echo_backend(), free_addr());
+    let proxy = |on_listener| echo_proxy(front, echo, "workers = 1\nmax_connections = 1\n", on_listener);
     let lb = start_lb(rt, 1000, &proxy(""));
     let mut c1 = connect(front);
     let first = c1.local_addr().unwrap();
@@ -871,9 +872,7 @@ fn a_listener_changed_in_place_keeps_its_queued_clients(rt: &'static str) {
     });
     assert!(listening(front), "the listener's sockets stay open");
     ping(&mut c1, b"one again");
-    c1.shutdown(Shutdown::Write).unwrap();
-    let mut rest = Vec::new();
-    c1.read_to_end(&mut rest).unwrap();
+    finish(&mut c1);
     // The permit c1 frees goes to the waiting client, served with what it sent before the reload.
     let mut got = [0u8; 3];
     c2.read_exact(&mut got).unwrap();
@@ -890,17 +889,8 @@ fn a_listener_changed_in_place_keeps_its_queued_clients(rt: &'static str) {
 /// With `max_connections_per_client = 2`, a client's third connection at once is closed as soon as it is
 /// accepted, counted and logged; once one of its connections ends it may open another.
 fn a_client_over_its_connection_limit_is_closed_at_once(rt: &'static str) {
-    let echo = echo_backend();
-    let front = free_addr();
-    let lb = start_lb(
-        rt,
-        1000,
-        &format!(
-            "{}max_connections_per_client = 2\nlog_connections = true\n{}",
-            listener("web", front),
-            backends(&[echo])
-        ),
-    );
+    let on_listener = "max_connections_per_client = 2\nlog_connections = true\n";
+    let (lb, front) = echo_lb(rt, 1000, "", on_listener);
     let mut c1 = connect(front);
     ping(&mut c1, b"one");
     let mut c2 = connect(front);
@@ -928,8 +918,7 @@ fn a_client_over_its_connection_limit_is_closed_at_once(rt: &'static str) {
             .map(|l| assert!(l.contains("backend=- ") && l.ends_with("end=client limit"), "{l}"))
     });
     ping(&mut c2, b"two still served");
-    c1.shutdown(Shutdown::Write).unwrap();
-    c1.read_to_end(&mut Vec::new()).unwrap();
+    finish(&mut c1);
     eventually(T, "the first connection to end", || {
         metric_value(&lb.metrics(), "xcluster_lb_proxy_connections_active", web).filter(|v| *v == 1.0)
     });
