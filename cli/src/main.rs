@@ -36,5 +36,7 @@ fn main() {
         args::Command::Load(a) => load::run(a),
         args::Command::CheckConfig(a) => check::run(&a.files),
     };
+    // `exit` runs no destructors: the log lines still queued are written first.
+    xcluster_runtime::logwriter::flush(std::time::Duration::from_secs(2));
     std::process::exit(code);
 }

@@ -8,6 +8,7 @@ pub mod config;
 pub mod daemon;
 pub mod health;
 pub mod http;
+pub mod logwriter;
 pub mod metrics;
 pub mod net;
 pub mod reload;

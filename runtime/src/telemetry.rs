@@ -6,9 +6,12 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use tracing_subscriber::fmt::writer::BoxMakeWriter;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, reload};
+
+use crate::logwriter::{NonBlocking, QUEUE_LINES};
 
 static PROMETHEUS: OnceLock<PrometheusHandle> = OnceLock::new();
 static FILTER: OnceLock<reload::Handle<EnvFilter, tracing_subscriber::Registry>> = OnceLock::new();
@@ -21,7 +24,8 @@ pub enum LogFormat {
     Json,
 }
 
-/// Installs the tracing subscriber (stderr) and the Prometheus recorder. `RUST_LOG`, when set, wins over
+/// Installs the tracing subscriber (stderr, through [`crate::logwriter`]: call [`crate::logwriter::flush`]
+/// before exiting) and the Prometheus recorder. `RUST_LOG`, when set, wins over
 /// `default_filter`. Safe to call more than once; later calls do nothing.
 pub fn init(default_filter: &str, format: LogFormat) {
     if FILTER.get().is_none() {
@@ -32,11 +36,19 @@ pub fn init(default_filter: &str, format: LogFormat) {
             .unwrap_or_else(|| EnvFilter::new("info"));
         let (layer, handle) = reload::Layer::new(filter);
         let registry = tracing_subscriber::registry().with(layer);
+        // Lines go through a writer thread, so a stalled stderr never stalls the threads that log.
+        let writer = match NonBlocking::start(std::io::stderr(), QUEUE_LINES) {
+            Some(w) => {
+                w.install_global();
+                BoxMakeWriter::new(w)
+            }
+            None => BoxMakeWriter::new(std::io::stderr),
+        };
         let ok = match format {
             LogFormat::Text => registry
                 .with(
                     tracing_subscriber::fmt::layer()
-                        .with_writer(std::io::stderr)
+                        .with_writer(writer)
                         // No colour codes in a file or a pipe (the monitor captures programs' output).
                         .with_ansi(std::io::stderr().is_terminal())
                         .with_target(false),
@@ -44,11 +56,7 @@ pub fn init(default_filter: &str, format: LogFormat) {
                 .try_init()
                 .is_ok(),
             LogFormat::Json => registry
-                .with(
-                    tracing_subscriber::fmt::layer()
-                        .json()
-                        .with_writer(std::io::stderr),
-                )
+                .with(tracing_subscriber::fmt::layer().json().with_writer(writer))
                 .try_init()
                 .is_ok(),
         };

@@ -104,6 +104,8 @@ pub struct Spawn {
     pub args: Vec<String>,
     pub env: Vec<(String, String)>,
     pub cwd: Option<PathBuf>,
+    /// Stderr goes to a pipe that nobody reads (it fills, as a stuck log reader's would), not to a file.
+    pub unread_stderr: bool,
 }
 
 impl Proc {
@@ -130,8 +132,13 @@ impl Proc {
             .env("XCLUSTER_TEST_TAG", &tag)
             .envs(spec.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
-            .stdout(stdout)
-            .stderr(stderr);
+            .stdout(stdout);
+        if spec.unread_stderr {
+            // The read end stays open, unread, in the `Child` until it is dropped.
+            cmd.stderr(Stdio::piped());
+        } else {
+            cmd.stderr(stderr);
+        }
         // Default to the process's own temp dir, so files a role creates (an app's database) never land in the
         // source tree.
         cmd.current_dir(spec.cwd.as_deref().unwrap_or(dir.path()));

@@ -930,6 +930,42 @@ fn a_client_over_its_connection_limit_is_closed_at_once(rt: &'static str) {
     );
 }
 
+/// With stderr never read (a stuck log reader: the pipe fills), the connection log drops lines instead of
+/// stalling the proxy: thousands of connections, each logged, are all served, and the drops are counted.
+fn a_stuck_log_output_never_stalls_the_proxy(rt: &'static str) {
+    let (echo, front, admin) = (echo_backend(), free_addr(), free_addr());
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = echo_proxy(front, echo, "", "log_connections = true\n");
+    let path = write_file(dir.path(), "lb.toml", &lb_config(rt, admin, 1000, &proxy));
+    let spec = Spawn {
+        args: ["lb", "--config", path.to_str().unwrap()]
+            .map(String::from)
+            .to_vec(),
+        unread_stderr: true,
+        ..Default::default()
+    };
+    let _lb = Proc::spawn("lb", &xcluster_bin(), spec);
+    wait_ready(admin, T);
+    // Several lines per connection (at debug too): well over the pipe's 64 KiB, and over the log queue.
+    let clients: Vec<_> = (0..4)
+        .map(|t| {
+            thread::spawn(move || {
+                for i in 0..2_500 {
+                    let mut s = connect(front);
+                    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                    ping(&mut s, format!("client {t} connection {i}\n").as_bytes());
+                }
+            })
+        })
+        .collect();
+    for c in clients {
+        c.join().expect("a connection stalled or failed");
+    }
+    let m = get(admin, "/metrics").unwrap().body;
+    let dropped = metric_value(&m, "xcluster_log_lines_dropped_total", "");
+    assert!(dropped.is_some_and(|d| d > 0.0), "{dropped:?}:\n{m}");
+}
+
 /// More than the proxy's send buffer toward a backend can take (the kernel grows it up to tcp_wmem's
 /// maximum), so a stream this long stalls the proxy's sends to a backend that does not read.
 fn stalling_len() -> usize {
@@ -1169,5 +1205,6 @@ per_runtime!(
     max_connections_holds_new_clients_until_a_permit_frees,
     connections_are_logged_where_the_listener_asks,
     a_listener_changed_in_place_keeps_its_queued_clients,
-    a_client_over_its_connection_limit_is_closed_at_once
+    a_client_over_its_connection_limit_is_closed_at_once,
+    a_stuck_log_output_never_stalls_the_proxy
 );
