@@ -11,7 +11,7 @@ use std::io::{self, BufWriter, Write};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
 use std::sync::{Arc, OnceLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tracing_subscriber::fmt::MakeWriter;
 
@@ -60,23 +60,16 @@ impl NonBlocking {
 
     /// Waits up to `timeout` for every line queued so far to be written; false if that did not happen.
     pub fn flush(&self, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
         let (done_tx, done_rx) = sync_channel(1);
-        let mut msg = Out::Flush(done_tx);
-        loop {
-            match self.tx.try_send(msg) {
-                Ok(()) => break,
-                Err(TrySendError::Full(m)) if Instant::now() < deadline => {
-                    msg = m;
-                    // Bounded by the deadline: at exit, a stuck stderr must not hang the process.
-                    std::thread::sleep(Duration::from_millis(1));
-                }
-                Err(_) => return false,
-            }
-        }
-        done_rx
-            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            .is_ok()
+        let tx = self.tx.clone();
+        // The request waits for room in a full queue on a thread of its own, so this wait stays bounded by
+        // `timeout` even when stderr is stuck (at exit, that thread goes with the process).
+        let queued = std::thread::Builder::new()
+            .name("log-flush".into())
+            .spawn(move || {
+                let _ = tx.send(Out::Flush(done_tx));
+            });
+        queued.is_ok() && done_rx.recv_timeout(timeout).is_ok()
     }
 }
 

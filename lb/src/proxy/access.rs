@@ -3,18 +3,16 @@
 //! silences it, and the JSON format gives every field as a key): the client, the backend, how long the connect
 //! took and how many backends it tried, the bytes each way, the duration and how it ended.
 //!
-//! The line is written when the record drops, so every way a connection can end is covered, the end of the
-//! drain grace period included (`shutdown`). Listeners without it hold `None`: a word per connection.
+//! The record lives in the connection's `conn::Active`, which writes the line when it drops, so every way a
+//! connection can end is covered, the end of the drain grace period included (`shutdown`). Listeners without
+//! it hold `None`: a word per connection.
 
 use std::fmt;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tracing::info;
-
-use super::service::ListenerState;
 
 /// How a connection ended, for the log.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,7 +50,6 @@ impl fmt::Display for End {
 /// What the log line of one connection says, gathered while it lives.
 #[derive(Debug)]
 pub struct ConnLog {
-    l: Arc<ListenerState>,
     client: SocketAddr,
     accepted: Instant,
     backend: Option<SocketAddr>,
@@ -65,19 +62,16 @@ pub struct ConnLog {
 }
 
 impl ConnLog {
-    /// A record for a connection just accepted on `l` from `client`, if `l` logs connections.
-    pub fn start(l: &Arc<ListenerState>, client: SocketAddr) -> Option<Box<Self>> {
-        l.cfg.log_connections.then(|| {
-            Box::new(Self {
-                l: l.clone(),
-                client,
-                accepted: Instant::now(),
-                backend: None,
-                connect: None,
-                tries: 0,
-                bytes: [0; 2],
-                end: None,
-            })
+    /// A record for a connection just accepted from `client`.
+    pub fn new(client: SocketAddr) -> Box<Self> {
+        Box::new(Self {
+            client,
+            accepted: Instant::now(),
+            backend: None,
+            connect: None,
+            tries: 0,
+            bytes: [0; 2],
+            end: None,
         })
     }
 
@@ -97,28 +91,14 @@ impl ConnLog {
     pub fn ended(&mut self, end: End) {
         self.end.get_or_insert(end);
     }
-}
 
-/// `ended` through an optional record.
-pub fn ended(log: &mut Option<Box<ConnLog>>, end: End) {
-    if let Some(g) = log {
-        g.ended(end);
-    }
-}
-
-/// The errno of `e` for [`End::Error`]; 0 ("success") only for errors without one, which sockets do not
-/// raise.
-pub fn errno(e: &io::Error) -> i32 {
-    e.raw_os_error().unwrap_or(0)
-}
-
-impl Drop for ConnLog {
-    fn drop(&mut self) {
+    /// Writes the line, for a connection on `listener`; with no end recorded, it was cut by the shutdown.
+    pub fn write(&self, listener: &str) {
         let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
         let backend = self.backend.map_or_else(|| "-".to_string(), |a| a.to_string());
         info!(
             target: "access",
-            listener = %self.l.cfg.name,
+            listener = %listener,
             client = %self.client,
             backend = %backend,
             tries = self.tries,
@@ -130,6 +110,12 @@ impl Drop for ConnLog {
             "connection"
         );
     }
+}
+
+/// The errno of `e` for [`End::Error`]; 0 ("success") only for errors without one, which sockets do not
+/// raise.
+pub fn errno(e: &io::Error) -> i32 {
+    e.raw_os_error().unwrap_or(0)
 }
 
 #[cfg(test)]

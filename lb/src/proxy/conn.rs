@@ -35,20 +35,47 @@ pub(super) struct Active {
     _permit: OwnedSemaphorePermit,
     /// Its count against its client's `max_connections_per_client`, on listeners with one.
     client: Option<Box<ClientSlot>>,
+    /// Its record for the connection log, on listeners with `log_connections`; written when this drops.
+    pub(super) log: Option<Box<ConnLog>>,
 }
 
 impl Active {
+    /// A connection just accepted on `l` from `peer`.
     pub(super) fn new(
         l: Arc<ListenerState>,
         permit: OwnedSemaphorePermit,
         client: Option<Box<ClientSlot>>,
+        peer: SocketAddr,
     ) -> Self {
         l.metrics.active.increment(1.0);
+        let log = l.cfg.log_connections.then(|| ConnLog::new(peer));
         Self {
             l,
             bm: None,
             _permit: permit,
             client,
+            log,
+        }
+    }
+
+    /// A connect to a backend is tried (for the connection log).
+    pub(super) fn tried(&mut self) {
+        if let Some(g) = self.log.as_deref_mut() {
+            g.tried();
+        }
+    }
+
+    /// Backend `addr` answered (for the connection log).
+    pub(super) fn connected_to(&mut self, addr: SocketAddr) {
+        if let Some(g) = self.log.as_deref_mut() {
+            g.connected(addr);
+        }
+    }
+
+    /// How the connection ended (for the connection log; the first cause given is kept).
+    pub(super) fn ended(&mut self, end: End) {
+        if let Some(g) = self.log.as_deref_mut() {
+            g.ended(end);
         }
     }
 
@@ -63,6 +90,9 @@ impl Drop for Active {
         // The client's count first: once the gauge shows the connection gone, its client may open another.
         self.client = None;
         self.l.metrics.active.decrement(1.0);
+        if let Some(g) = &self.log {
+            g.write(&self.l.cfg.name);
+        }
         if let Some(bm) = &self.bm {
             bm.active.decrement(1.0);
         }
@@ -92,27 +122,17 @@ pub fn serve(
     // No `set_nodelay` here: the socket inherited TCP_NODELAY from its listener (`listener::bind`).
     l.metrics.accepted.increment(1);
     let span = debug_span!("proxy", listener = %l.cfg.name, %peer);
-    let active = Active::new(l, permit, slot);
-    let mut log = ConnLog::start(&active.l, peer);
+    let mut active = Active::new(l, permit, slot, peer);
     Serve::Connecting {
         fut: Box::pin(
             async move {
                 let timeouts = shared.timeouts.load_full();
-                let (backend, addr, bm) =
-                    establish(&client, peer, &active.l, &shared, &timeouts, &mut log).await?;
+                let (backend, addr, bm) = establish(&client, peer, &mut active, &shared, &timeouts).await?;
                 // Each direction is told whether its destination is on this host (see `Direction::new`).
                 let local = |a: SocketAddr| a.ip().to_canonical().is_loopback();
                 let up = Direction::new(shared.forwarding, local(addr));
                 let down = Direction::new(shared.forwarding, local(peer));
-                Some(Conn::new(
-                    client,
-                    backend,
-                    bm,
-                    active,
-                    (up, down),
-                    timeouts.idle,
-                    log,
-                ))
+                Some(Conn::new(client, backend, bm, active, (up, down), timeouts.idle))
             }
             .instrument(span),
         ),
@@ -143,26 +163,25 @@ impl Future for Serve {
 async fn establish(
     client: &TcpStream,
     peer: SocketAddr,
-    l: &ListenerState,
+    active: &mut Active,
     shared: &Shared,
     timeouts: &Timeouts,
-    log: &mut Option<Box<ConnLog>>,
 ) -> Option<(TcpStream, SocketAddr, Arc<BackendMetrics>)> {
-    let Some((backend, addr, bm)) = connect(l, shared, timeouts, log.as_deref_mut()).await else {
-        l.metrics.failed.increment(1);
-        access::ended(log, End::NoBackend);
+    let Some((backend, addr, bm)) = connect(active, shared, timeouts).await else {
+        active.l.metrics.failed.increment(1);
+        active.ended(End::NoBackend);
         debug!("no backend reachable; closing the client");
         return None;
     };
     debug!(backend = %addr, "connected");
-    if l.cfg.proxy_protocol {
-        let local = client.local_addr().unwrap_or(l.cfg.listen);
+    if active.l.cfg.proxy_protocol {
+        let local = client.local_addr().unwrap_or(active.l.cfg.listen);
         let header = xcluster_proto::proxy_header::encode_v2(peer, local);
         match tokio::time::timeout(timeouts.connect, write_all(&backend, &header)).await {
             Ok(Ok(())) => {}
             _ => {
                 debug!(backend = %addr, "cannot send the PROXY header");
-                access::ended(log, End::ProxyHeader);
+                active.ended(End::ProxyHeader);
                 return None;
             }
         }
@@ -186,24 +205,19 @@ async fn write_all(s: &TcpStream, mut data: &[u8]) -> std::io::Result<()> {
 /// Tries up to `connect_attempts` distinct backends; none of the client's bytes are read before one answers,
 /// so a retry is invisible to the client.
 async fn connect(
-    l: &ListenerState,
+    active: &mut Active,
     shared: &Shared,
     t: &Timeouts,
-    mut log: Option<&mut ConnLog>,
 ) -> Option<(TcpStream, SocketAddr, Arc<BackendMetrics>)> {
     let mut tried: Vec<SocketAddr> = Vec::new();
     for attempt in 0.. {
-        let (addr, bm) = shared.next_backend(l, &tried, attempt)?;
-        if let Some(g) = log.as_deref_mut() {
-            g.tried();
-        }
+        let (addr, bm) = shared.next_backend(&active.l, &tried, attempt)?;
+        active.tried();
         let t0 = Instant::now();
         match tokio::time::timeout(t.connect, TcpStream::connect(addr)).await {
             Ok(Ok(s)) => {
                 shared.connected(addr, &bm, t0);
-                if let Some(g) = log {
-                    g.connected(addr);
-                }
+                active.connected_to(addr);
                 let _ = s.set_nodelay(true);
                 return Some((s, addr, bm));
             }
@@ -231,7 +245,6 @@ pin_project! {
         up: Direction,
         down: Direction,
         active: Active,
-        log: Option<Box<ConnLog>>,
         start: Instant,
         // Milliseconds after `start` of the last byte moved either way.
         last_ms: u64,
@@ -251,7 +264,6 @@ impl Conn {
         mut active: Active,
         (up, down): (Direction, Direction),
         idle: Option<Duration>,
-        log: Option<Box<ConnLog>>,
     ) -> Self {
         active.set_backend(bm);
         let start = Instant::now();
@@ -262,7 +274,6 @@ impl Conn {
             up,
             down,
             active,
-            log,
             start,
             last_ms: 0,
             idle,
@@ -282,7 +293,7 @@ impl Future for Conn {
         let mut moved = false;
         let mut result = None;
         if !this.up.is_done() {
-            let logged = this.log.as_deref_mut().map(|g| &mut g.bytes[0]);
+            let logged = this.active.log.as_deref_mut().map(|g| &mut g.bytes[0]);
             let count = counting(&mut moved, &l.bytes_up, bm.map(|b| &b.bytes_up), logged);
             let last = this.down.is_done();
             if let Poll::Ready(Err(e)) = this.up.poll_forward(cx, client_r, backend_w, last, count) {
@@ -290,7 +301,7 @@ impl Future for Conn {
             }
         }
         if result.is_none() && !this.down.is_done() {
-            let logged = this.log.as_deref_mut().map(|g| &mut g.bytes[1]);
+            let logged = this.active.log.as_deref_mut().map(|g| &mut g.bytes[1]);
             let count = counting(&mut moved, &l.bytes_down, bm.map(|b| &b.bytes_down), logged);
             let last = this.up.is_done();
             if let Poll::Ready(Err(e)) = this.down.poll_forward(cx, backend_r, client_w, last, count) {
@@ -320,7 +331,7 @@ impl Future for Conn {
             Outcome::Error(e) => End::Error(access::errno(e)),
             Outcome::Idle => End::Idle,
         };
-        access::ended(this.log, end);
+        this.active.ended(end);
         Poll::Ready(outcome)
     }
 }

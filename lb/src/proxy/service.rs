@@ -207,7 +207,7 @@ impl ListenerState {
     }
 
     /// Admits a connection from `peer` just accepted on this listener (see [`Admit`]).
-    pub fn admit(self: &Arc<Self>, peer: SocketAddr) -> Admit {
+    pub fn admit(&self, peer: SocketAddr) -> Admit {
         let Some(limit) = self.cfg.max_connections_per_client else {
             return Admit::Open(None);
         };
@@ -216,8 +216,10 @@ impl ListenerState {
             None => {
                 self.metrics.rejected.increment(1);
                 debug!(listener = %self.cfg.name, %peer, limit, "client at its connection limit; closed");
-                if let Some(mut log) = ConnLog::start(self, peer) {
+                if self.cfg.log_connections {
+                    let mut log = ConnLog::new(peer);
                     log.ended(End::ClientLimit);
+                    log.write(&self.cfg.name);
                 }
                 Admit::Rejected
             }
@@ -314,7 +316,8 @@ fn spawn_tokio_workers(workers: usize, mode: RuntimeMode) -> std::io::Result<Vec
 
 struct Running {
     id: u64,
-    cfg: ListenerConfig,
+    /// Fixed for its life: a change of address is a new listener. The rest of its settings are in `state`.
+    listen: SocketAddr,
     state: LiveListener,
     cancel: CancellationToken,
 }
@@ -485,7 +488,7 @@ impl Manager {
         }
         self.running.push(Running {
             id,
-            cfg: cfg.clone(),
+            listen: cfg.listen,
             state,
             cancel,
         });
@@ -506,29 +509,26 @@ impl Manager {
             );
         }
         self.apply_live(new);
-        // A listener changed on the same address keeps its sockets and takes its new state; stop those whose
-        // address is gone. Their connections are not touched.
-        let (keep, gone): (Vec<_>, _) = std::mem::take(&mut self.running)
-            .into_iter()
-            .partition(|r| new.listeners.iter().any(|l| l.listen == r.cfg.listen));
-        self.running = keep;
-        for r in &mut self.running {
-            let Some(l) = new.listeners.iter().find(|l| l.listen == r.cfg.listen) else {
+        // By address: a listener whose address is still listed keeps its sockets and, if changed, takes its new
+        // settings in place; one whose address is gone stops. Their connections are not touched.
+        for r in std::mem::take(&mut self.running) {
+            let Some(l) = new.listeners.iter().find(|l| l.listen == r.listen) else {
+                info!(listener = %r.state.load().cfg.name, addr = %r.listen, "proxy listener removed");
+                self.stop_listener(&r);
                 continue;
             };
-            if *l != r.cfg {
+            let clients = {
+                let old = r.state.load();
+                (old.cfg != *l).then(|| old.clients.clone())
+            };
+            if let Some(clients) = clients {
                 info!(listener = %l.name, addr = %l.listen, "proxy listener changed in place");
-                let clients = r.state.load().clients.clone();
                 r.state.store(ListenerState::new(l, clients));
-                r.cfg = l.clone();
             }
-        }
-        for r in gone {
-            info!(listener = %r.cfg.name, addr = %r.cfg.listen, "proxy listener removed");
-            self.stop_listener(&r);
+            self.running.push(r);
         }
         for l in &new.listeners {
-            if self.running.iter().any(|r| &r.cfg == l) {
+            if self.running.iter().any(|r| r.listen == l.listen) {
                 continue;
             }
             match self.add_listener(l) {

@@ -37,7 +37,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::task::task_tracker::TaskTrackerToken;
 use tracing::{debug, error, warn};
 
-use super::access::{self, ConnLog, End};
+use super::access::End;
 use super::clients::ClientSlot;
 use super::conn::Active;
 use super::listener::{BACKOFF_MAX, BACKOFF_MIN, is_resource_exhaustion};
@@ -375,14 +375,13 @@ struct Conn {
     /// close, not per receive (two atomic adds per message were 1.4% of the proxy's CPU).
     unflushed: [u32; 2],
     closing: bool,
-    log: Option<Box<ConnLog>>,
 }
 
 impl Conn {
     /// Adds the bytes received since the last flush to the listener's and the backend's counters.
     fn flush_bytes(&mut self) {
         let [up, down] = std::mem::take(&mut self.unflushed);
-        if let Some(g) = self.log.as_deref_mut() {
+        if let Some(g) = self.active.log.as_deref_mut() {
             g.bytes[0] += u64::from(up);
             g.bytes[1] += u64::from(down);
         }
@@ -641,7 +640,7 @@ impl Loop {
             if idle && !c.closing && c.connecting.is_none() {
                 c.active.l.metrics.idle_timeouts.increment(1);
                 debug!(listener = %c.active.l.cfg.name, "idle timeout");
-                access::ended(&mut c.log, End::Idle);
+                c.active.ended(End::Idle);
                 self.close(slot as u32);
             }
             // Counted after a close, which may have freed the slot and its buffers.
@@ -760,11 +759,10 @@ impl Loop {
         slot: Option<Box<ClientSlot>>,
     ) {
         l.metrics.accepted.increment(1);
-        let log = ConnLog::start(&l, peer);
         let conn = Conn {
             client,
             backend: None,
-            active: Active::new(l, permit, slot),
+            active: Active::new(l, permit, slot, peer),
             _token: self.shared.tracker.token(),
             connecting: Some(Box::new(Connecting {
                 peer,
@@ -781,7 +779,6 @@ impl Loop {
             last_ms: self.now_ms,
             unflushed: [0; 2],
             closing: false,
-            log,
         };
         let slot = match self.free.pop() {
             Some(s) => {
@@ -812,14 +809,12 @@ impl Loop {
             let Some((addr, bm)) = shared.next_backend(&l, &k.tried, k.attempt) else {
                 l.metrics.failed.increment(1);
                 debug!(listener = %l.cfg.name, peer = %k.peer, "no backend reachable; closing the client");
-                access::ended(&mut c.log, End::NoBackend);
+                c.active.ended(End::NoBackend);
                 self.close(slot);
                 return;
             };
             k.attempt += 1;
-            if let Some(g) = c.log.as_deref_mut() {
-                g.tried();
-            }
+            c.active.tried();
             let socket = match backend_socket(addr) {
                 Ok(s) => s,
                 Err(e) => {
@@ -870,12 +865,10 @@ impl Loop {
         }
         shared.connected(addr, &bm, started);
         debug!(backend = %addr, "connected");
-        if let Some(g) = c.log.as_deref_mut() {
-            g.connected(addr);
-        }
+        c.active.connected_to(addr);
         if c.active.l.cfg.proxy_protocol && !send_proxy_header(c, peer) {
             debug!(backend = %addr, "cannot send the PROXY header");
-            access::ended(&mut c.log, End::ProxyHeader);
+            c.active.ended(End::ProxyHeader);
             self.close(slot);
             return;
         }
@@ -1046,7 +1039,7 @@ impl Loop {
             e => {
                 debug!(error = %io::Error::from_raw_os_error(-e), "connection ended");
                 if let Some(c) = self.conn(slot) {
-                    access::ended(&mut c.log, End::Error(-e));
+                    c.active.ended(End::Error(-e));
                 }
                 self.close(slot);
             }
@@ -1059,7 +1052,7 @@ impl Loop {
         let Some(c) = self.conn(slot) else { return };
         c.dirs[d].done = true;
         if c.dirs[1 - d].done {
-            access::ended(&mut c.log, End::Closed);
+            c.active.ended(End::Closed);
             self.close(slot);
         } else {
             // ENOTCONN when the peer already reset: nothing left to tell it.
@@ -1079,7 +1072,8 @@ impl Loop {
             if res < 0 {
                 debug!(error = %io::Error::from_raw_os_error(-res), "connection ended");
             }
-            access::ended(&mut c.log, if res < 0 { End::Error(-res) } else { End::Closed });
+            c.active
+                .ended(if res < 0 { End::Error(-res) } else { End::Closed });
             self.close(slot);
             return;
         }
