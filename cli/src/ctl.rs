@@ -285,7 +285,8 @@ const BACKEND_COLUMNS: &[Column] = &[
     ("connect failures", "connect_failures", cell),
     ("bytes up", "bytes_up", bytes),
     ("bytes down", "bytes_down", bytes),
-    ("state", "failing", failing),
+    ("state", "failing", |v| flag(v, "failing", "ok")),
+    ("tier", "backup", |v| flag(v, "backup", "primary")),
 ];
 
 /// A heading row, then one row per item, as `columns` say.
@@ -309,11 +310,11 @@ fn cell(v: &Value) -> String {
     }
 }
 
-/// A backend's `failing` flag as its state.
-fn failing(v: &Value) -> String {
+/// A flag as one of two words.
+fn flag(v: &Value, yes: &str, no: &str) -> String {
     match v.as_bool() {
-        Some(true) => "failing".to_string(),
-        Some(false) => "ok".to_string(),
+        Some(true) => yes.to_string(),
+        Some(false) => no.to_string(),
         None => cell(v),
     }
 }

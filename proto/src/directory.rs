@@ -132,6 +132,8 @@ pub struct ProxyBackendStatus {
     pub bytes_down: u64,
     /// Its last connect failed: it is held out of the picks until its hold ends and a connect succeeds.
     pub failing: bool,
+    /// A backup (`backup = true`): picked only while no other backend of its request type can be.
+    pub backup: bool,
 }
 
 /// One instance as the dashboard shows it.

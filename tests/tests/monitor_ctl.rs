@@ -144,7 +144,8 @@ fn ctl_cluster_shows_balancers_and_their_proxies() {
             "KiB",
             "5.0",
             "MiB",
-            "failing"
+            "failing",
+            "backup"
         ]),
         "{text}"
     );

@@ -489,6 +489,53 @@ fn health_checks_mark_a_backend_down_and_up_without_traffic(rt: &'static str) {
     );
 }
 
+/// A backup backend takes the connections only while no primary can: with the primary down (its first
+/// connect is redispatched to the backup, then health checks hold it out), every client reaches the backup;
+/// once the primary listens and passes its checks, every client reaches the primary again. `/v1/status` tells
+/// the two apart. (The pick is shared by both runtimes.)
+#[test]
+fn a_backup_serves_only_while_every_primary_is_down() {
+    let primary = dead_addr();
+    let backup = backend(|mut s| {
+        let _ = s.write_all(b"backup");
+    });
+    let front = free_addr();
+    let proxy = format!(
+        "check_interval_ms = 100\ncheck_fall = 1\ncheck_rise = 1\n{}[[proxy.backends]]\naddr = \"{primary}\"\n\
+         [[proxy.backends]]\naddr = \"{backup}\"\nbackup = true\n",
+        listener("web", front)
+    );
+    let lb = start_lb("io_uring", 1000, &proxy);
+    let answer = || {
+        let mut s = connect(front);
+        let mut got = Vec::new();
+        s.read_to_end(&mut got).unwrap();
+        String::from_utf8(got).unwrap()
+    };
+    for _ in 0..10 {
+        assert_eq!(answer(), "backup");
+    }
+    let body = get(lb.admin, "/v1/status").unwrap().body;
+    let status: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let tier = |addr: SocketAddr| {
+        status["proxy"]["backends"]
+            .as_array()
+            .and_then(|bs| bs.iter().find(|b| b["addr"] == addr.to_string().as_str()))
+            .and_then(|b| b["backup"].as_bool())
+    };
+    assert_eq!((tier(primary), tier(backup)), (Some(false), Some(true)), "{body}");
+
+    let _up = serve_on(TcpListener::bind(primary).unwrap(), |mut s| {
+        let _ = s.write_all(b"primary");
+    });
+    eventually(T, "the primary to take the connections back", || {
+        (answer() == "primary").then_some(())
+    });
+    for _ in 0..20 {
+        assert_eq!(answer(), "primary");
+    }
+}
+
 /// With `check_http_path`, a backend that accepts connections but answers the check with 503 is held out,
 /// and back once it has answered 200 to `check_rise` checks in a row; the check asks for that path. No client
 /// connects meanwhile.

@@ -1,7 +1,7 @@
 //! The `[proxy]` section of the lb config: raw serde form, validation, typed form.
 //!
 //! Reloads live: `listeners` (added, removed or changed; established connections stay, and one changed on the
-//! same address keeps its sockets), `backends` and their weights, `connect_timeout_ms`, `idle_timeout_ms`,
+//! same address keeps its sockets), `backends` (their weights and `backup`), `connect_timeout_ms`, `idle_timeout_ms`,
 //! `connect_attempts`, `check_interval_ms`, `check_fall`, `check_rise`, `check_http_path`, per-listener
 //! `proxy_protocol`, `log_connections` and `max_connections_per_client`.
 //! Needs a restart: `workers`, `runtime`, `forwarding`, `max_connections`, `backlog`, `keepalive_ms`,
@@ -126,6 +126,9 @@ pub struct BackendRaw {
     pub weight: u32,
     /// Request types this backend serves; empty means every type.
     pub request_types: Vec<String>,
+    /// Used only while no other backend of its request type can take a connection (every one is down,
+    /// held out or weighted 0), as HAProxy's `backup`: a standby instance, or a server of a "back soon" page.
+    pub backup: bool,
 }
 
 impl Default for BackendRaw {
@@ -134,6 +137,7 @@ impl Default for BackendRaw {
             addr: String::new(),
             weight: 100,
             request_types: Vec::new(),
+            backup: false,
         }
     }
 }
@@ -184,6 +188,7 @@ pub struct BackendConfig {
     pub addr: SocketAddr,
     pub weight: u32,
     pub request_types: Vec<String>,
+    pub backup: bool,
 }
 
 /// Settings that reload live: each connection's, and the health checks'.
@@ -296,6 +301,7 @@ impl ProxySection {
                 addr,
                 weight,
                 request_types: b.request_types.clone(),
+                backup: b.backup,
             });
         }
         let workers = v.range("proxy.workers", self.workers, 0, 256);

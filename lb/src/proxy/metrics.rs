@@ -27,6 +27,9 @@ pub const BACKEND_BYTES_TOTAL: &str = "xcluster_lb_proxy_backend_bytes_total";
 /// 1 from a failed connect to the backend until the next one that succeeds (it is held out of the picks
 /// meanwhile, see `health`), else 0.
 pub const BACKEND_FAILING: &str = "xcluster_lb_proxy_backend_failing";
+/// 1 for a backend configured as a `backup`, 0 for the others; set for every configured backend on each
+/// (re)load, so `/v1/status` lists them all before any connection.
+pub const BACKEND_BACKUP: &str = "xcluster_lb_proxy_backend_backup";
 pub const BACKEND_CHECK_FAILURES_TOTAL: &str = "xcluster_lb_proxy_backend_check_failures_total";
 pub const BACKEND_CONNECT_SECONDS: &str = "xcluster_lb_proxy_backend_connect_seconds";
 /// Worker threads, labelled with the `runtime` they run (after any fallback from `io_uring`).
@@ -149,6 +152,7 @@ pub fn status(text: &str) -> ProxyStatus {
                 BACKEND_BYTES_TOTAL if up => e.bytes_up = value,
                 BACKEND_BYTES_TOTAL => e.bytes_down = value,
                 BACKEND_FAILING => e.failing = value > 0,
+                BACKEND_BACKUP => e.backup = value > 0,
                 _ => {}
             }
         }
@@ -228,6 +232,7 @@ xcluster_lb_proxy_backend_connects_total{backend="127.0.0.1:9"} 7
 xcluster_lb_proxy_backend_bytes_total{backend="127.0.0.1:9",direction="down"} 5
 xcluster_lb_proxy_backend_connect_seconds_bucket{backend="127.0.0.1:9",le="0.001"} 7
 xcluster_lb_proxy_backend_failing{backend="127.0.0.1:9"} 1
+xcluster_lb_proxy_backend_backup{backend="127.0.0.1:9"} 1
 xcluster_lb_proxy_workers{runtime="io_uring"} 2
 xcluster_lb_reports_accepted_total{listener="web"} 99
 xcluster_lb_proxy_connections_failed_total{listener="web" 4
@@ -258,6 +263,7 @@ not a sample
                 connects: 7,
                 bytes_down: 5,
                 failing: true,
+                backup: true,
                 ..Default::default()
             }]
         );

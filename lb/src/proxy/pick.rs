@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 
-use super::config::ProxyConfig;
+use super::config::{BackendConfig, ProxyConfig};
 
 /// Chooses backends for the proxy.
 pub trait BackendPicker: Send + Sync + std::fmt::Debug {
@@ -27,21 +27,45 @@ pub trait BackendPicker: Send + Sync + std::fmt::Debug {
     fn on_config(&self, _cfg: &ProxyConfig) {}
 }
 
+/// The backends of one request type, with their weights: the backups are picked only when no other is left.
+#[derive(Debug, Default)]
+struct Tiers {
+    primary: Vec<(SocketAddr, u32)>,
+    backup: Vec<(SocketAddr, u32)>,
+}
+
+impl Tiers {
+    fn push(&mut self, b: &BackendConfig) {
+        let tier = if b.backup {
+            &mut self.backup
+        } else {
+            &mut self.primary
+        };
+        tier.push((b.addr, b.weight));
+    }
+
+    fn is_empty(&self) -> bool {
+        self.primary.is_empty() && self.backup.is_empty()
+    }
+
+    fn pick(&self, exclude: &[SocketAddr], roll: impl Fn(u64) -> u64) -> Option<SocketAddr> {
+        weighted(&self.primary, exclude, &roll).or_else(|| weighted(&self.backup, exclude, &roll))
+    }
+}
+
 /// Backends with their weights, per request type.
 #[derive(Debug, Default)]
 struct Table {
-    by_type: HashMap<String, Vec<(SocketAddr, u32)>>,
+    by_type: HashMap<String, Tiers>,
     /// Backends that serve every type (no `request_types`), for types no backend names.
-    any: Vec<(SocketAddr, u32)>,
+    any: Tiers,
 }
 
 impl Table {
     fn build(cfg: &ProxyConfig) -> Self {
         let mut t = Table::default();
-        for b in &cfg.backends {
-            if b.request_types.is_empty() {
-                t.any.push((b.addr, b.weight));
-            }
+        for b in cfg.backends.iter().filter(|b| b.request_types.is_empty()) {
+            t.any.push(b);
         }
         let mut types: Vec<&str> = cfg.listeners.iter().map(|l| l.request_type.as_str()).collect();
         types.extend(
@@ -50,13 +74,15 @@ impl Table {
                 .flat_map(|b| b.request_types.iter().map(String::as_str)),
         );
         for ty in types {
-            let list = cfg
+            let mut tiers = Tiers::default();
+            for b in cfg
                 .backends
                 .iter()
                 .filter(|b| b.request_types.is_empty() || b.request_types.iter().any(|t| t == ty))
-                .map(|b| (b.addr, b.weight))
-                .collect();
-            t.by_type.insert(ty.to_string(), list);
+            {
+                tiers.push(b);
+            }
+            t.by_type.insert(ty.to_string(), tiers);
         }
         t
     }
@@ -107,8 +133,8 @@ fn weighted(
 impl BackendPicker for StaticPicker {
     fn pick(&self, request_type: &str, exclude: &[SocketAddr]) -> Option<SocketAddr> {
         let t = self.table.load();
-        let list = t.by_type.get(request_type).unwrap_or(&t.any);
-        weighted(list, exclude, |total| rand::random_range(0..total))
+        let tiers = t.by_type.get(request_type).unwrap_or(&t.any);
+        tiers.pick(exclude, |total| rand::random_range(0..total))
     }
 
     fn on_config(&self, cfg: &ProxyConfig) {
@@ -159,5 +185,40 @@ mod tests {
         }
         assert_eq!(p.pick("order", &[addr(1)]), Some(addr(2)));
         assert_eq!(p.pick("order", &[addr(1), addr(2)]), None);
+    }
+
+    #[test]
+    fn backups_take_connections_only_when_no_other_backend_is_left() {
+        let raw: ProxySection = toml::from_str(
+            r#"
+            [[listeners]]
+            listen = "127.0.0.1:7100"
+            [[backends]]
+            addr = "127.0.0.1:1"
+            [[backends]]
+            addr = "127.0.0.1:2"
+            weight = 0
+            [[backends]]
+            addr = "127.0.0.1:3"
+            backup = true
+            [[backends]]
+            addr = "127.0.0.1:4"
+            backup = true
+            request_types = ["order"]
+            "#,
+        )
+        .unwrap();
+        let cfg = raw.validate(&mut xcluster_runtime::Validator::new());
+        let p = StaticPicker::new(&cfg);
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..200 {
+            assert_eq!(p.pick("default", &[]), Some(addr(1)));
+            seen.insert(p.pick("order", &[addr(1)]).unwrap());
+        }
+        // With the one usable primary gone (tried, or held out), both backups of `order` share the load.
+        assert_eq!(seen, [addr(3), addr(4)].into_iter().collect());
+        assert_eq!(p.pick("default", &[addr(1)]), Some(addr(3)));
+        assert_eq!(p.pick("default", &[addr(1), addr(3)]), None);
+        assert!(p.serves("order"));
     }
 }

@@ -23,7 +23,9 @@ use super::access::{ConnLog, End};
 use super::clients::{ClientCounts, ClientSlot};
 use super::config::{Forwarding, ListenerConfig, ProxyConfig, RuntimeMode, Timeouts};
 use super::health::{CheckStreaks, Holds, Verdict, check};
-use super::metrics::{BackendMetrics, LISTENER_BIND_FAILURES_TOTAL, ListenerMetrics, WORKERS};
+use super::metrics::{
+    BACKEND_BACKUP, BackendMetrics, LISTENER_BIND_FAILURES_TOTAL, ListenerMetrics, WORKERS,
+};
 use super::pick::BackendPicker;
 
 /// Why the proxy could not start.
@@ -451,7 +453,11 @@ impl Manager {
         let map = cfg
             .backends
             .iter()
-            .map(|b| (b.addr, Arc::new(BackendMetrics::new(b.addr))))
+            .map(|b| {
+                metrics::gauge!(BACKEND_BACKUP, "backend" => b.addr.to_string())
+                    .set(f64::from(u8::from(b.backup)));
+                (b.addr, Arc::new(BackendMetrics::new(b.addr)))
+            })
             .collect();
         self.shared.backends.store(Arc::new(map));
         self.shared.picker.on_config(cfg);

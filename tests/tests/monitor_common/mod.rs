@@ -194,7 +194,7 @@ pub fn fake_balancer() -> std::net::SocketAddr {
                 "proxy": {"listeners": [{"name": "browse", "active": 2, "accepted": 1234, "failed": 1,
                 "rejected": 4, "retries": 3, "idle_timeouts": 0, "bytes_up": 2048, "bytes_down": 5242880}],
                 "backends": [{"addr": "127.0.0.1:7101", "active": 2, "connects": 1233,
-                "connect_failures": 1, "bytes_up": 2048, "bytes_down": 5242880, "failing": true}]}}"#;
+                "connect_failures": 1, "bytes_up": 2048, "bytes_down": 5242880, "failing": true, "backup": true}]}}"#;
             let _ = write!(
                 s,
                 "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
