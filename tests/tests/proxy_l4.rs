@@ -536,6 +536,64 @@ fn a_backup_serves_only_while_every_primary_is_down() {
     }
 }
 
+/// With `slow_start_ms`, a backend back from being down gets a share of the connections that grows from
+/// nothing: seconds into a 5-minute slow start, about 1% of its half of 200 connections. Once a reload turns
+/// slow start off, it takes its half at once. (The pick is shared by both runtimes.)
+#[test]
+fn a_backend_back_from_a_hold_slow_starts() {
+    let steady = backend(|mut s| {
+        let _ = s.write_all(b"steady");
+    });
+    let back = dead_addr();
+    let front = free_addr();
+    let proxy = |slow_start_ms: u64| {
+        format!(
+            "check_interval_ms = 100\ncheck_fall = 1\ncheck_rise = 1\nslow_start_ms = {slow_start_ms}\n{}{}",
+            listener("web", front),
+            backends(&[steady, back])
+        )
+    };
+    let lb = start_lb("io_uring", 1000, &proxy(300_000));
+    let failing = |v: f64| {
+        let m = lb.metrics();
+        metric_value(
+            &m,
+            "xcluster_lb_proxy_backend_failing",
+            &format!("backend=\"{back}\""),
+        )
+        .filter(|f| *f == v)
+    };
+    eventually(T, "the dead backend to be held out", || failing(1.0));
+    let _up = serve_on(TcpListener::bind(back).unwrap(), |mut s| {
+        let _ = s.write_all(b"back");
+    });
+    eventually(T, "the backend to pass its check", || failing(0.0));
+    let to_back = |n: usize| {
+        (0..n)
+            .filter(|_| {
+                let mut got = Vec::new();
+                connect(front).read_to_end(&mut got).unwrap();
+                got == b"back"
+            })
+            .count()
+    };
+    let early = to_back(200);
+    assert!(
+        early <= 20,
+        "{early} of 200 connections went to the slow-starting backend"
+    );
+
+    lb.reload(1000, &proxy(0));
+    eventually(T, "the reload", || {
+        metric_value(&lb.metrics(), "xcluster_config_reloads_total", "").filter(|v| *v >= 1.0)
+    });
+    let later = to_back(200);
+    assert!(
+        later >= 60,
+        "{later} of 200 connections went to it without slow start"
+    );
+}
+
 /// With `check_http_path`, a backend that accepts connections but answers the check with 503 is held out,
 /// and back once it has answered 200 to `check_rise` checks in a row; the check asks for that path. No client
 /// connects meanwhile.

@@ -2,7 +2,7 @@
 //!
 //! Reloads live: `listeners` (added, removed or changed; established connections stay, and one changed on the
 //! same address keeps its sockets), `backends` (their weights and `backup`), `connect_timeout_ms`, `idle_timeout_ms`,
-//! `connect_attempts`, `check_interval_ms`, `check_fall`, `check_rise`, `check_http_path`, per-listener
+//! `connect_attempts`, `check_interval_ms`, `check_fall`, `check_rise`, `check_http_path`, `slow_start_ms`, per-listener
 //! `proxy_protocol`, `log_connections` and `max_connections_per_client`.
 //! Needs a restart: `workers`, `runtime`, `forwarding`, `max_connections`, `backlog`, `keepalive_ms`,
 //! `io_uring_buffers`.
@@ -45,6 +45,10 @@ pub struct ProxySection {
     pub check_fall: u32,
     /// Passing checks in a row that bring a down backend back (HAProxy's `rise`).
     pub check_rise: u32,
+    /// A backend back from being held out gets a share of the connections that grows from nothing to its
+    /// whole weight over this time (HAProxy's `slowstart`); what it is passed over for goes to the other
+    /// backends of its type. 0 (the default): its whole weight at once. At most 300,000 (5 minutes).
+    pub slow_start_ms: u64,
     /// With health checks on: instead of the bare connect, send `GET <path>` (HTTP/1.1, `Connection: close`)
     /// and pass only on a 2xx or 3xx status, as HAProxy's `option httpchk` does; the whole check stays within
     /// `connect_timeout_ms`. `/readyz`, which every XCluster role serves (503 while starting or draining),
@@ -77,6 +81,7 @@ impl Default for ProxySection {
             // HAProxy's defaults.
             check_fall: 3,
             check_rise: 2,
+            slow_start_ms: 0,
             check_http_path: String::new(),
             max_connections: 20_000,
             backlog: 4096,
@@ -205,6 +210,8 @@ pub struct Timeouts {
     /// Failed checks in a row that put a backend down, and passing ones that bring it back; at least 1.
     pub check_fall: u32,
     pub check_rise: u32,
+    /// The ramp of a backend back from a hold; `None` when off.
+    pub slow_start: Option<Duration>,
 }
 
 /// The validated `[proxy]` section.
@@ -355,6 +362,7 @@ impl ProxySection {
         );
         let check_fall = v.range("proxy.check_fall", self.check_fall, 1, 100);
         let check_rise = v.range("proxy.check_rise", self.check_rise, 1, 100);
+        let slow_start = v.millis("proxy.slow_start_ms", self.slow_start_ms, 0, 300_000);
         let path = &self.check_http_path;
         v.check(
             path.is_empty()
@@ -391,6 +399,7 @@ impl ProxySection {
                 check_http_path: (!path.is_empty()).then(|| path.clone()),
                 check_fall,
                 check_rise,
+                slow_start: (!slow_start.is_zero()).then_some(slow_start),
             },
             max_connections,
             backlog,
@@ -446,6 +455,15 @@ mod tests {
             errs.len() == 2 && errs[0].contains("check_fall") && errs[1].contains("check_rise"),
             "{errs:#?}"
         );
+    }
+
+    #[test]
+    fn slow_start_is_off_by_default_and_at_most_5_minutes() {
+        assert_eq!(parse("").unwrap().timeouts.slow_start, None);
+        let t = parse("slow_start_ms = 30000\n").unwrap().timeouts;
+        assert_eq!(t.slow_start, Some(Duration::from_secs(30)));
+        let errs = parse("slow_start_ms = 300001\n").unwrap_err();
+        assert!(errs.len() == 1 && errs[0].contains("slow_start_ms"), "{errs:#?}");
     }
 
     #[test]

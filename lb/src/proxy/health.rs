@@ -14,6 +14,10 @@
 //! When every backend a connection could use is held out, the holds are ignored: trying a backend that has
 //! been failing beats turning the client away.
 //!
+//! Slow start (`slow_start_ms`, HAProxy's `slowstart`): a backend that comes back from a hold gets a share of
+//! the picks that grows from nothing to its whole weight over that time ([`Holds::share`]), so a restarted
+//! instance with cold caches is not handed its full load at once.
+//!
 //! Picks read a snapshot and allocate nothing while no backend is held; the rare writes (a failure, or the
 //! first success after one) copy the map under a mutex.
 
@@ -36,9 +40,17 @@ const FORGET_AFTER: Duration = Duration::from_secs(300);
 
 #[derive(Debug, Clone, Copy)]
 struct Hold {
+    /// Held out of the picks until then; once a connect ended the hold, when it did (its slow start began).
     until: Instant,
-    /// Connects failed in a row.
+    /// Connects failed in a row; 0 once a connect ended the hold with slow start on, and the entry stays
+    /// until forgotten (`FORGET_AFTER` is the longest slow start).
     fails: u32,
+}
+
+impl Hold {
+    fn holds(&self) -> bool {
+        self.fails > 0
+    }
 }
 
 /// Backends held out after failed connects, shared by every worker.
@@ -112,10 +124,10 @@ impl Holds {
     }
 
     fn keep_at(&self, addr: SocketAddr, at_least: Duration, now: Instant) -> bool {
-        if !self.map.load().contains_key(&addr) {
+        if !self.map.load().get(&addr).is_some_and(Hold::holds) {
             return false;
         }
-        self.update(|map| match map.get_mut(&addr) {
+        self.update(|map| match map.get_mut(&addr).filter(|h| h.holds()) {
             Some(h) => {
                 h.until = h.until.max(now + at_least);
                 true
@@ -124,12 +136,43 @@ impl Holds {
         })
     }
 
-    /// A connect to `addr` succeeded: ends its hold. True if it had one.
-    pub fn succeeded(&self, addr: SocketAddr) -> bool {
-        if !self.map.load().contains_key(&addr) {
+    /// A connect to `addr` succeeded: ends its hold, and starts its slow start if there is one. True if it had
+    /// a hold.
+    pub fn succeeded(&self, addr: SocketAddr, slow_start: Option<Duration>) -> bool {
+        self.succeeded_at(addr, slow_start, Instant::now())
+    }
+
+    fn succeeded_at(&self, addr: SocketAddr, slow_start: Option<Duration>, now: Instant) -> bool {
+        if !self.map.load().get(&addr).is_some_and(Hold::holds) {
             return false;
         }
-        self.update(|map| map.remove(&addr).is_some())
+        self.update(|map| {
+            if !map.get(&addr).is_some_and(Hold::holds) {
+                return false;
+            }
+            match slow_start {
+                Some(_) => map.insert(addr, Hold { until: now, fails: 0 }),
+                None => map.remove(&addr),
+            };
+            true
+        })
+    }
+
+    /// The share of its weight `addr` gets now, below 1 while it slow-starts: from 0 as its hold ended, growing
+    /// evenly over `slow_start` (the setting now, so a reload applies to slow starts under way). `None` (all of
+    /// it) otherwise. Reads the snapshot; nothing to do while no backend is held or back lately.
+    pub fn share(&self, addr: SocketAddr, slow_start: Option<Duration>) -> Option<f64> {
+        self.share_at(addr, slow_start?, Instant::now())
+    }
+
+    fn share_at(&self, addr: SocketAddr, slow_start: Duration, now: Instant) -> Option<f64> {
+        let map = self.map.load();
+        if map.is_empty() {
+            return None;
+        }
+        let h = map.get(&addr).filter(|h| !h.holds())?;
+        let share = now.saturating_duration_since(h.until).as_secs_f64() / slow_start.as_secs_f64();
+        (share < 1.0).then_some(share)
     }
 
     fn update<T>(&self, f: impl FnOnce(&mut HashMap<SocketAddr, Hold>) -> T) -> T {
@@ -275,8 +318,9 @@ mod tests {
             .map(|_| h.failed_at(addr(2), Duration::ZERO, t0).0.as_secs())
             .collect();
         assert_eq!(holds, [1, 2, 4, 8, 16, 30, 30, 30]);
-        assert!(h.succeeded(addr(2)));
-        assert!(!h.succeeded(addr(2)));
+        assert!(h.succeeded(addr(2), None));
+        assert!(!h.succeeded(addr(2), None));
+        assert!(h.map.load().is_empty(), "no slow start: nothing left");
         assert_eq!(h.exclude_at(&[], t0), None);
         assert_eq!(h.failed_at(addr(2), Duration::ZERO, t0), (FIRST_HOLD, 1));
         // A failed check holds it at least until the next check.
@@ -321,6 +365,42 @@ mod tests {
         assert!(h.exclude_at(&[], later + Duration::from_millis(999)).is_some());
         assert_eq!(h.exclude_at(&[], later + FIRST_HOLD), None);
         assert_eq!(h.failed_at(addr(2), Duration::ZERO, later), (2 * FIRST_HOLD, 2));
+    }
+
+    #[test]
+    fn a_backend_back_from_a_hold_slow_starts() {
+        let h = Holds::default();
+        let t0 = Instant::now();
+        let ramp = Duration::from_secs(10);
+        let s = |t: Instant| h.share_at(addr(2), ramp, t);
+        h.failed_at(addr(2), Duration::ZERO, t0);
+        assert_eq!(s(t0), None, "held out: not picked at all, no share to give");
+        let back = t0 + Duration::from_secs(3);
+        assert!(h.succeeded_at(addr(2), Some(ramp), back));
+        assert!(
+            !h.succeeded_at(addr(2), Some(ramp), back),
+            "a slow start is not a hold"
+        );
+        assert!(!h.keep_at(addr(2), FIRST_HOLD, back), "nor is it kept as one");
+        assert_eq!(h.exclude_at(&[], back), None, "it is in the picks");
+        assert_eq!(s(back), Some(0.0));
+        assert_eq!(s(back + Duration::from_millis(2_500)), Some(0.25));
+        assert_eq!(s(back + ramp), None, "whole again");
+        assert_eq!(h.share_at(addr(3), ramp, back), None);
+        let longer = Duration::from_secs(20);
+        assert_eq!(
+            h.share_at(addr(2), longer, back + Duration::from_secs(5)),
+            Some(0.25),
+            "a reload changes the slow start under way"
+        );
+        // Forgotten as a hold is, FORGET_AFTER being the longest slow start.
+        h.forget_stale_at(back + FORGET_AFTER);
+        assert!(h.map.load().is_empty());
+        // A failure while it slow-starts counts as a first one, and holds it again.
+        h.failed_at(addr(2), Duration::ZERO, back);
+        h.succeeded_at(addr(2), Some(ramp), back);
+        assert_eq!(h.failed_at(addr(2), Duration::ZERO, back), (FIRST_HOLD, 1));
+        assert_eq!(s(back), None);
     }
 
     #[test]

@@ -75,21 +75,35 @@ impl Shared {
         tried: &[SocketAddr],
         attempt: u32,
     ) -> Option<(SocketAddr, Arc<BackendMetrics>)> {
-        if attempt >= self.timeouts.load().connect_attempts {
+        let t = self.timeouts.load();
+        if attempt >= t.connect_attempts {
             return None;
         }
         let ty = &l.cfg.request_type;
-        let addr = match self.holds.exclude(tried) {
+        let mut addr = self.pick(ty, tried)?;
+        // Slow start: a backend back from a hold is taken only at its share; else another is, if any.
+        if let Some(share) = self.holds.share(addr, t.slow_start)
+            && rand::random::<f64>() >= share
+        {
+            let mut passed = tried.to_vec();
+            passed.push(addr);
+            addr = self.pick(ty, &passed).unwrap_or(addr);
+        }
+        if attempt > 0 {
+            l.metrics.retries.increment(1);
+        }
+        Some((addr, self.backend_metrics(addr)))
+    }
+
+    /// A backend for `ty` other than `tried`, leaving out those held out unless every one left is.
+    fn pick(&self, ty: &str, tried: &[SocketAddr]) -> Option<SocketAddr> {
+        match self.holds.exclude(tried) {
             Some(held) => self
                 .picker
                 .pick(ty, &held)
                 .or_else(|| self.picker.pick(ty, tried)),
             None => self.picker.pick(ty, tried),
-        }?;
-        if attempt > 0 {
-            l.metrics.retries.increment(1);
         }
-        Some((addr, self.backend_metrics(addr)))
     }
 
     /// A connect to `addr` failed or timed out: it is counted, told to the picker, held out of the picks for
@@ -152,9 +166,10 @@ impl Shared {
 
     /// `addr` accepted a connect (`what`): ends its hold.
     fn answered(&self, addr: SocketAddr, bm: &BackendMetrics, what: &str) {
-        if self.holds.succeeded(addr) {
+        let slow_start = self.timeouts.load().slow_start;
+        if self.holds.succeeded(addr, slow_start) {
             bm.failing.set(0.0);
-            info!(backend = %addr, "backend answers {what} again; back in the picks");
+            info!(backend = %addr, ?slow_start, "backend answers {what} again; back in the picks");
         }
     }
 
