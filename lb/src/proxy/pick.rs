@@ -162,9 +162,15 @@ mod tests {
         assert_eq!(weighted(&list, &[addr(1), addr(2)], |_| 0), None);
     }
 
+    /// A static picker over the `[proxy]` section `toml`.
+    fn picker(toml: &str) -> StaticPicker {
+        let raw: ProxySection = toml::from_str(toml).unwrap();
+        StaticPicker::new(&raw.validate(&mut xcluster_runtime::Validator::new()))
+    }
+
     #[test]
     fn picks_by_request_type() {
-        let raw: ProxySection = toml::from_str(
+        let p = picker(
             r#"
             [[listeners]]
             listen = "127.0.0.1:7100"
@@ -175,10 +181,7 @@ mod tests {
             [[backends]]
             addr = "127.0.0.1:2"
             "#,
-        )
-        .unwrap();
-        let cfg = raw.validate(&mut xcluster_runtime::Validator::new());
-        let p = StaticPicker::new(&cfg);
+        );
         for _ in 0..50 {
             assert_eq!(p.pick("browse", &[]), Some(addr(2)));
             assert_eq!(p.pick("unknown", &[]), Some(addr(2)));
@@ -189,7 +192,7 @@ mod tests {
 
     #[test]
     fn backups_take_connections_only_when_no_other_backend_is_left() {
-        let raw: ProxySection = toml::from_str(
+        let p = picker(
             r#"
             [[listeners]]
             listen = "127.0.0.1:7100"
@@ -206,10 +209,7 @@ mod tests {
             backup = true
             request_types = ["order"]
             "#,
-        )
-        .unwrap();
-        let cfg = raw.validate(&mut xcluster_runtime::Validator::new());
-        let p = StaticPicker::new(&cfg);
+        );
         let mut seen = std::collections::HashSet::new();
         for _ in 0..200 {
             assert_eq!(p.pick("default", &[]), Some(addr(1)));
