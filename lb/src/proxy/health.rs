@@ -136,16 +136,16 @@ impl Holds {
         })
     }
 
-    /// A connect to `addr` succeeded: ends its hold, and starts its slow start if there is one. True if it had
-    /// a hold.
-    pub fn succeeded(&self, addr: SocketAddr, slow_start: Option<Duration>) -> bool {
-        self.succeeded_at(addr, slow_start, Instant::now())
-    }
-
-    fn succeeded_at(&self, addr: SocketAddr, slow_start: Option<Duration>, now: Instant) -> bool {
+    /// A connect to `addr` succeeded: ends its hold, and starts its slow start if `slow_start` (asked only then:
+    /// this runs on every connect) gives one. True if it had a hold.
+    pub fn succeeded(&self, addr: SocketAddr, slow_start: impl FnOnce() -> Option<Duration>) -> bool {
         if !self.map.load().get(&addr).is_some_and(Hold::holds) {
             return false;
         }
+        self.succeeded_at(addr, slow_start(), Instant::now())
+    }
+
+    fn succeeded_at(&self, addr: SocketAddr, slow_start: Option<Duration>, now: Instant) -> bool {
         self.update(|map| {
             if !map.get(&addr).is_some_and(Hold::holds) {
                 return false;
@@ -318,8 +318,8 @@ mod tests {
             .map(|_| h.failed_at(addr(2), Duration::ZERO, t0).0.as_secs())
             .collect();
         assert_eq!(holds, [1, 2, 4, 8, 16, 30, 30, 30]);
-        assert!(h.succeeded(addr(2), None));
-        assert!(!h.succeeded(addr(2), None));
+        assert!(h.succeeded(addr(2), || None));
+        assert!(!h.succeeded(addr(2), || unreachable!("asked only for a hold")));
         assert!(h.map.load().is_empty(), "no slow start: nothing left");
         assert_eq!(h.exclude_at(&[], t0), None);
         assert_eq!(h.failed_at(addr(2), Duration::ZERO, t0), (FIRST_HOLD, 1));

@@ -166,10 +166,11 @@ impl Shared {
 
     /// `addr` accepted a connect (`what`): ends its hold.
     fn answered(&self, addr: SocketAddr, bm: &BackendMetrics, what: &str) {
-        let slow_start = self.timeouts.load().slow_start;
+        let slow_start = || self.timeouts.load().slow_start;
         if self.holds.succeeded(addr, slow_start) {
             bm.failing.set(0.0);
-            info!(backend = %addr, ?slow_start, "backend answers {what} again; back in the picks");
+            let slow_start_ms = slow_start().map(|d| d.as_millis());
+            info!(backend = %addr, ?slow_start_ms, "backend answers {what} again; back in the picks");
         }
     }
 
