@@ -132,6 +132,18 @@ pub enum CtlVerb {
     /// Show each balancer the monitor watches: its instances (load, weight per type) and its L4 proxy's
     /// listeners and backends.
     Cluster,
+    /// Drain instances on every balancer the monitor watches: their directory weight goes to 0, so new
+    /// clients and L4 proxy connections go elsewhere, while established ones run on. Needs the balancers'
+    /// admin token (`--token`); kept until `undrain` or the balancer's restart.
+    Drain {
+        #[arg(required = true)]
+        ids: Vec<String>,
+    },
+    /// Undo `drain` on every balancer the monitor watches.
+    Undrain {
+        #[arg(required = true)]
+        ids: Vec<String>,
+    },
     /// Show what a reload would change (added / changed / removed programs).
     Reread,
     /// Apply the reloaded config, touching only what changed.

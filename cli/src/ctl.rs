@@ -1,8 +1,8 @@
 //! `xcluster ctl`: the monitor's control client, with Supervisorctl's verbs over the monitor's HTTP API.
 //!
 //! Exit codes: 0 success; 1 a refused or failed action (unknown program, already started, invalid config);
-//! 3 `status` found a process that is not RUNNING (as supervisorctl), or `cluster` a balancer that does not
-//! answer; 69 the monitor cannot be reached; 77 the token was refused.
+//! 3 `status` found a process that is not RUNNING (as supervisorctl), or `cluster`, `drain` or `undrain` a
+//! balancer that does not answer; 69 the monitor cannot be reached; 77 the token was refused.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
@@ -93,6 +93,8 @@ fn run_verb(c: &Client, args: &CtlArgs) -> Result<i32, Failure> {
             Ok(code)
         }
         CtlVerb::Cluster => cluster(c, args.json),
+        CtlVerb::Drain { ids } => drain(c, ids, true, args.json),
+        CtlVerb::Undrain { ids } => drain(c, ids, false, args.json),
         CtlVerb::Reread => plan(c, "/v1/reread", false, args.json),
         CtlVerb::Update => plan(c, "/v1/update", true, args.json),
         CtlVerb::Shutdown => {
@@ -246,6 +248,65 @@ fn cluster(c: &Client, as_json: bool) -> Result<i32, Failure> {
         }
     }
     Ok(code)
+}
+
+/// Drains (`on`) or undrains instances `ids` on every balancer the monitor watches, through each balancer's
+/// own API (`POST /v1/servers/ID/drain`) with this client's token; one line per balancer and instance. The
+/// exit code is the worst seen: 77 a refused token, 3 a balancer that does not answer, 1 an instance a
+/// balancer does not know.
+fn drain(c: &Client, ids: &[String], on: bool, as_json: bool) -> Result<i32, Failure> {
+    let r = c.call("GET", "/v1/cluster")?;
+    check(&r)?;
+    let balancers: Vec<SocketAddr> = items(&r.json()["balancers"])
+        .iter()
+        .filter_map(|b| b["addr"].as_str()?.parse().ok())
+        .collect();
+    if balancers.is_empty() {
+        eprintln!("xcluster ctl: no balancers configured ([cluster] balancers)");
+        return Ok(EXIT_FAILED);
+    }
+    let verb = if on { "drain" } else { "undrain" };
+    let mut code = 0;
+    let mut results = Vec::new();
+    for addr in balancers {
+        let b = Client {
+            addr,
+            url: format!("http://{addr}"),
+            token: c.token.clone(),
+            timeout: c.timeout,
+        };
+        for id in ids {
+            let (fail, outcome) = match b.call("POST", &format!("/v1/servers/{}/{verb}", enc(id))) {
+                Ok(r) if r.status == 200 => (0, format!("{verb}ed")),
+                Ok(r) if r.status == 401 => (EXIT_NOPERM, "the balancer refused the token".into()),
+                Ok(r) => (EXIT_FAILED, r.message()),
+                Err(Failure::Unreachable(e)) => (EXIT_NOT_RUNNING, format!("down: {e}")),
+                Err(Failure::Exit(e)) => (e, "failed".into()),
+            };
+            code = worst(code, fail);
+            if as_json {
+                results.push(serde_json::json!({
+                    "balancer": addr.to_string(), "id": id, "ok": fail == 0, "outcome": outcome
+                }));
+            } else {
+                println!("{addr}  {id}  {outcome}");
+            }
+        }
+    }
+    if as_json {
+        println!("{}", serde_json::to_string_pretty(&results).unwrap_or_default());
+    }
+    Ok(code)
+}
+
+/// The worse of two exit codes: a refused token, then a balancer down, then any other failure.
+fn worst(a: i32, b: i32) -> i32 {
+    let rank = |c: i32| {
+        [0, EXIT_FAILED, EXIT_NOT_RUNNING, EXIT_NOPERM]
+            .iter()
+            .position(|&x| x == c)
+    };
+    if rank(b) > rank(a) { b } else { a }
 }
 
 /// The elements of a JSON array; none for anything else.

@@ -8,6 +8,15 @@ mod role;
 
 use clap::Parser;
 
+/// A command that prints and exits ends quietly when its reader goes away (`xcluster ctl cluster | head`), as
+/// Unix tools do: Rust ignores SIGPIPE, which turns the next print into a panic. Daemons keep ignoring it, so
+/// a peer that closes a socket or a pipe never kills them.
+pub fn quiet_on_closed_output() {
+    use nix::sys::signal::{SigHandler, Signal, signal};
+    // SAFETY: restores the default disposition, with no handler to run; called before any thread starts.
+    let _ = unsafe { signal(Signal::SIGPIPE, SigHandler::SigDfl) };
+}
+
 fn main() {
     let cli = args::Cli::parse();
     let code = match cli.command {
@@ -32,9 +41,15 @@ fn main() {
             }
             role::run::<xcluster_monitor::Config, _, _, _>(args, xcluster_monitor::run)
         }
-        args::Command::Ctl(a) => ctl::run(a),
+        args::Command::Ctl(a) => {
+            quiet_on_closed_output();
+            ctl::run(a)
+        }
         args::Command::Load(a) => load::run(a),
-        args::Command::CheckConfig(a) => check::run(&a.files),
+        args::Command::CheckConfig(a) => {
+            quiet_on_closed_output();
+            check::run(&a.files)
+        }
     };
     // `exit` runs no destructors: the log lines still queued are written first.
     xcluster_runtime::logwriter::flush(std::time::Duration::from_secs(2));

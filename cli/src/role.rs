@@ -28,6 +28,7 @@ where
         }
     };
     if args.print_config {
+        crate::quiet_on_closed_output();
         print!("{}", loaded.effective_toml());
         return 0;
     }

@@ -146,6 +146,34 @@ fn help_lists_every_subcommand_and_print_config_works() {
     }
 }
 
+/// A printing command whose reader has gone (`xcluster check-config ... | head`) ends by SIGPIPE, quietly,
+/// as Unix tools do, instead of panicking on the write.
+#[test]
+fn printing_commands_end_quietly_when_their_reader_is_gone() {
+    use std::os::unix::process::ExitStatusExt;
+    let lb = workspace_root().join("configs/lb.toml");
+    for args in [
+        vec!["check-config", lb.to_str().unwrap()],
+        vec!["lb", "--print-config"],
+    ] {
+        let (read, write) = nix::unistd::pipe().unwrap();
+        drop(read);
+        let out = Command::new(xcluster_bin())
+            .args(&args)
+            .stdout(std::process::Stdio::from(write))
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(
+            out.status.signal(),
+            Some(libc::SIGPIPE),
+            "{args:?}: {:?} {stderr}",
+            out.status
+        );
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+    }
+}
+
 #[test]
 fn admin_endpoints_answer_on_every_role() {
     for role in ROLES {

@@ -76,6 +76,53 @@ fn up_starts_the_local_cluster_in_order_and_sigint_stops_everything() {
             (r.status == 200).then_some(())
         },
     );
+    // `ctl drain` drains an instance on both balancers the monitor watches, `undrain` undoes it; an unknown
+    // instance and a wrong token fail with their exit codes.
+    let ctl = |token: &str, args: &[&str]| {
+        let o = std::process::Command::new(xcluster_bin())
+            .args(["ctl", "--url", &format!("http://{addr}"), "--token", token])
+            .args(args)
+            .output()
+            .unwrap();
+        (o.status.code(), String::from_utf8_lossy(&o.stdout).into_owned())
+    };
+    let state = |b: std::net::SocketAddr| {
+        let st = get(b, "/v1/status").unwrap().json();
+        let i = st["instances"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|i| i["id"] == "local/app-1")
+            .cloned();
+        i.map(|i| i["state"].clone())
+    };
+    let (code, out) = ctl("xcluster-local", &["drain", "local/app-1"]);
+    assert_eq!(
+        (code, out.matches("local/app-1  drained").count()),
+        (Some(0), 2),
+        "{out}"
+    );
+    for b in c.balancers {
+        assert_eq!(state(b), Some("drained".into()), "on {b}");
+    }
+    let (code, out) = ctl("xcluster-local", &["undrain", "local/app-1"]);
+    assert_eq!(
+        (code, out.matches("local/app-1  undrained").count()),
+        (Some(0), 2),
+        "{out}"
+    );
+    for b in c.balancers {
+        assert_ne!(state(b), Some("drained".into()), "on {b}");
+    }
+    let (code, out) = ctl("xcluster-local", &["drain", "local/nope"]);
+    assert_eq!((code, out.matches("no instance").count()), (Some(1), 2), "{out}");
+    let (code, out) = ctl("wrong", &["drain", "local/app-1"]);
+    assert_eq!(
+        (code, out.matches("refused the token").count()),
+        (Some(77), 2),
+        "{out}"
+    );
+
     let pids: Vec<i32> = names.iter().map(|n| m.pid(n).unwrap()).collect();
 
     c.up.signal(nix::sys::signal::Signal::SIGINT);
