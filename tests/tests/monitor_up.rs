@@ -78,50 +78,46 @@ fn up_starts_the_local_cluster_in_order_and_sigint_stops_everything() {
     );
     // `ctl drain` drains an instance on both balancers the monitor watches, `undrain` undoes it; an unknown
     // instance and a wrong token fail with their exit codes.
-    let ctl = |token: &str, args: &[&str]| {
+    // Runs ctl with `token` and checks its exit code and that it says `what` once per balancer.
+    let ctl = |token: &str, args: &[&str], code: i32, what: &str| {
         let o = std::process::Command::new(xcluster_bin())
             .args(["ctl", "--url", &format!("http://{addr}"), "--token", token])
             .args(args)
             .output()
             .unwrap();
-        (o.status.code(), String::from_utf8_lossy(&o.stdout).into_owned())
+        let out = String::from_utf8_lossy(&o.stdout);
+        assert_eq!(
+            (o.status.code(), out.matches(what).count()),
+            (Some(code), 2),
+            "{args:?}: {out}"
+        );
     };
-    let state = |b: std::net::SocketAddr| {
+    let drained = |b: std::net::SocketAddr| {
         let st = get(b, "/v1/status").unwrap().json();
-        let i = st["instances"]
+        let app = st["instances"]
             .as_array()
             .unwrap()
             .iter()
             .find(|i| i["id"] == "local/app-1")
             .cloned();
-        i.map(|i| i["state"].clone())
+        app.is_some_and(|i| i["state"] == "drained")
     };
-    let (code, out) = ctl("xcluster-local", &["drain", "local/app-1"]);
-    assert_eq!(
-        (code, out.matches("local/app-1  drained").count()),
-        (Some(0), 2),
-        "{out}"
+    ctl(
+        "xcluster-local",
+        &["drain", "local/app-1"],
+        0,
+        "local/app-1  drained",
     );
-    for b in c.balancers {
-        assert_eq!(state(b), Some("drained".into()), "on {b}");
-    }
-    let (code, out) = ctl("xcluster-local", &["undrain", "local/app-1"]);
-    assert_eq!(
-        (code, out.matches("local/app-1  undrained").count()),
-        (Some(0), 2),
-        "{out}"
+    assert!(c.balancers.iter().all(|&b| drained(b)));
+    ctl(
+        "xcluster-local",
+        &["undrain", "local/app-1"],
+        0,
+        "local/app-1  undrained",
     );
-    for b in c.balancers {
-        assert_ne!(state(b), Some("drained".into()), "on {b}");
-    }
-    let (code, out) = ctl("xcluster-local", &["drain", "local/nope"]);
-    assert_eq!((code, out.matches("no instance").count()), (Some(1), 2), "{out}");
-    let (code, out) = ctl("wrong", &["drain", "local/app-1"]);
-    assert_eq!(
-        (code, out.matches("refused the token").count()),
-        (Some(77), 2),
-        "{out}"
-    );
+    assert!(!c.balancers.iter().any(|&b| drained(b)));
+    ctl("xcluster-local", &["drain", "local/nope"], 1, "no instance");
+    ctl("wrong", &["drain", "local/app-1"], 77, "refused the token");
 
     let pids: Vec<i32> = names.iter().map(|n| m.pid(n).unwrap()).collect();
 
