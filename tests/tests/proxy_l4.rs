@@ -140,6 +140,16 @@ impl Lb {
         get(self.admin, "/metrics").unwrap().body
     }
 
+    /// Reloads as [`Lb::reload`] does, and waits until the lb has taken the new config.
+    fn reload_applied(&self, grace_ms: u64, proxy: &str) {
+        let reloads = || metric_value(&self.metrics(), "xcluster_config_reloads_total", "").unwrap_or(0.0);
+        let before = reloads();
+        self.reload(grace_ms, proxy);
+        eventually(T, "the reload to be applied", || {
+            (reloads() > before).then_some(())
+        });
+    }
+
     fn reload(&self, grace_ms: u64, proxy: &str) {
         write_file(
             self.dir.path(),
@@ -583,15 +593,71 @@ fn a_backend_back_from_a_hold_slow_starts() {
         "{early} of 200 connections went to the slow-starting backend"
     );
 
-    lb.reload(1000, &proxy(0));
-    eventually(T, "the reload", || {
-        metric_value(&lb.metrics(), "xcluster_config_reloads_total", "").filter(|v| *v >= 1.0)
-    });
+    lb.reload_applied(1000, &proxy(0));
     let later = to_back(200);
     assert!(
         later >= 60,
         "{later} of 200 connections went to it without slow start"
     );
+}
+
+/// With `balance = "least_connections"`, long-lived connections spread evenly over two backends, and once
+/// one backend's connections end, every new one goes to it until the two are level again: 10 of 10, where a
+/// random draw would give it about 5. The counts live in both runtimes' connection state and outlive a reload.
+fn least_connections_levels_long_lived_connections(rt: &'static str) {
+    // Each backend answers every read with its name and keeps the connection open.
+    let named = |name: &'static [u8]| {
+        backend(move |mut s| {
+            let mut buf = [0u8; 64];
+            while let Ok(1..) = s.read(&mut buf) {
+                if s.write_all(name).is_err() {
+                    return;
+                }
+            }
+        })
+    };
+    let (a, b) = (named(b"a"), named(b"b"));
+    let front = free_addr();
+    let proxy = format!(
+        "balance = \"least_connections\"\n{}{}",
+        listener("web", front),
+        backends(&[a, b])
+    );
+    let lb = start_lb(rt, 1000, &proxy);
+    // A round trip: the proxy has counted the connection on its backend once bytes come back.
+    let open = || {
+        let mut s = connect(front);
+        s.write_all(b"?").unwrap();
+        let mut name = [0u8; 1];
+        s.read_exact(&mut name).unwrap();
+        (name[0], s)
+    };
+    let conns: Vec<(u8, TcpStream)> = (0..20).map(|_| open()).collect();
+    let on_a = conns.iter().filter(|(n, _)| *n == b'a').count();
+    assert_eq!(on_a, 10, "20 connections spread {on_a} to 20 - {on_a}");
+    // The counts outlive a reload that keeps the backends.
+    lb.reload_applied(1000, &format!("check_interval_ms = 1000\n{proxy}"));
+    let kept: Vec<TcpStream> = conns
+        .into_iter()
+        .filter(|(n, _)| *n == b'b')
+        .map(|(_, s)| s)
+        .collect();
+    eventually(T, "a's connections to end", || {
+        let m = lb.metrics();
+        let active = metric_value(
+            &m,
+            "xcluster_lb_proxy_backend_connections_active",
+            &format!("backend=\"{a}\""),
+        );
+        (active == Some(0.0)).then_some(())
+    });
+    let later: Vec<(u8, TcpStream)> = (0..10).map(|_| open()).collect();
+    let names: Vec<u8> = later.iter().map(|(n, _)| *n).collect();
+    assert_eq!(
+        names, [b'a'; 10],
+        "every new connection goes to the less loaded backend"
+    );
+    drop((kept, later));
 }
 
 /// With `check_http_path`, a backend that accepts connections but answers the check with 503 is held out,
@@ -894,10 +960,7 @@ fn reload_removing_a_listener_keeps_its_connections(rt: &'static str) {
     assert!(listening(a) && listening(b));
 
     // Remove listener `a`, switch the backends to echo2.
-    lb.reload(1000, &format!("{}{}", listener("b", b), backends(&[echo2])));
-    eventually(T, "the reload to be applied", || {
-        metric_value(&lb.metrics(), "xcluster_config_reloads_total", "").filter(|v| *v >= 1.0)
-    });
+    lb.reload_applied(1000, &format!("{}{}", listener("b", b), backends(&[echo2])));
     eventually(T, "listener a to close", || (!listening(a)).then_some(()));
     ping(&mut on_a, b"still served after the reload");
 
@@ -918,7 +981,7 @@ fn reload_removing_a_listener_keeps_its_connections(rt: &'static str) {
     assert_eq!(to(echo1), 1.0, "{m}");
 
     // Re-adding the listener works, and the old connection ends normally.
-    lb.reload(
+    lb.reload_applied(
         1000,
         &format!("{}{}{}", listener("a", a), listener("b", b), backends(&[echo2])),
     );
@@ -972,8 +1035,12 @@ fn a_listener_changed_in_place_keeps_its_queued_clients(rt: &'static str) {
     let second = c2.local_addr().unwrap();
     c2.write_all(b"two").unwrap();
     lb.reload(1000, &proxy("log_connections = true\n"));
-    eventually(T, "the reload to be applied", || {
-        metric_value(&lb.metrics(), "xcluster_config_reloads_total", "").filter(|v| *v >= 1.0)
+    // Applied by the proxy itself, not only taken by the config watcher.
+    eventually(T, "the listener's new settings", || {
+        lb.proc
+            .stderr()
+            .contains("proxy listener changed in place")
+            .then_some(())
     });
     assert!(listening(front), "the listener's sockets stay open");
     ping(&mut c1, b"one again");
@@ -1311,5 +1378,6 @@ per_runtime!(
     connections_are_logged_where_the_listener_asks,
     a_listener_changed_in_place_keeps_its_queued_clients,
     a_client_over_its_connection_limit_is_closed_at_once,
+    least_connections_levels_long_lived_connections,
     a_stuck_log_output_never_stalls_the_proxy
 );

@@ -2,7 +2,7 @@
 //!
 //! Reloads live: `listeners` (added, removed or changed; established connections stay, and one changed on the
 //! same address keeps its sockets), `backends` (their weights and `backup`), `connect_timeout_ms`, `idle_timeout_ms`,
-//! `connect_attempts`, `check_interval_ms`, `check_fall`, `check_rise`, `check_http_path`, `slow_start_ms`, per-listener
+//! `connect_attempts`, `check_interval_ms`, `check_fall`, `check_rise`, `check_http_path`, `slow_start_ms`, `balance`, per-listener
 //! `proxy_protocol`, `log_connections` and `max_connections_per_client`.
 //! Needs a restart: `workers`, `runtime`, `forwarding`, `max_connections`, `backlog`, `keepalive_ms`,
 //! `io_uring_buffers`.
@@ -45,6 +45,11 @@ pub struct ProxySection {
     pub check_fall: u32,
     /// Passing checks in a row that bring a down backend back (HAProxy's `rise`).
     pub check_rise: u32,
+    /// How a connection's backend is chosen among the `[[proxy.backends]]` of its type: `random` (the default:
+    /// weighted random) or `least_connections` (the fewest established connections for its weight, as
+    /// HAProxy's `leastconn`: for long-lived connections, which a random draw can pile onto one backend).
+    /// Types routed by the directory follow its live weights either way.
+    pub balance: String,
     /// A backend back from being held out gets a share of the connections that grows from nothing to its
     /// whole weight over this time (HAProxy's `slowstart`); what it is passed over for goes to the other
     /// backends of its type. 0 (the default): its whole weight at once. At most 300,000 (5 minutes).
@@ -81,6 +86,7 @@ impl Default for ProxySection {
             // HAProxy's defaults.
             check_fall: 3,
             check_rise: 2,
+            balance: "random".into(),
             slow_start_ms: 0,
             check_http_path: String::new(),
             max_connections: 20_000,
@@ -167,6 +173,13 @@ impl RuntimeMode {
     }
 }
 
+/// How a static backend is chosen (`proxy.balance`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Balance {
+    Random,
+    LeastConnections,
+}
+
 /// How bytes move between the two sockets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Forwarding {
@@ -227,6 +240,7 @@ pub struct ProxyConfig {
     pub backlog: i32,
     pub keepalive: Option<Duration>,
     pub io_uring_buffers: u16,
+    pub balance: Balance,
 }
 
 const MAX_LISTENERS: usize = 256;
@@ -363,6 +377,17 @@ impl ProxySection {
         let check_fall = v.range("proxy.check_fall", self.check_fall, 1, 100);
         let check_rise = v.range("proxy.check_rise", self.check_rise, 1, 100);
         let slow_start = v.millis("proxy.slow_start_ms", self.slow_start_ms, 0, 300_000);
+        let balance = match self.balance.as_str() {
+            "random" => Balance::Random,
+            "least_connections" => Balance::LeastConnections,
+            other => {
+                v.error(
+                    "proxy.balance",
+                    format!("{other:?} is not one of \"random\", \"least_connections\""),
+                );
+                Balance::Random
+            }
+        };
         let path = &self.check_http_path;
         v.check(
             path.is_empty()
@@ -406,6 +431,7 @@ impl ProxySection {
             keepalive: (!keepalive.is_zero()).then_some(keepalive),
             // At most 32,768 after the range check.
             io_uring_buffers: u16::try_from(io_uring_buffers).unwrap_or(u16::MAX),
+            balance,
         }
     }
 }
@@ -455,6 +481,15 @@ mod tests {
             errs.len() == 2 && errs[0].contains("check_fall") && errs[1].contains("check_rise"),
             "{errs:#?}"
         );
+    }
+
+    #[test]
+    fn balance_is_random_or_least_connections() {
+        assert_eq!(parse("").unwrap().balance, Balance::Random);
+        let cfg = parse("balance = \"least_connections\"\n").unwrap();
+        assert_eq!(cfg.balance, Balance::LeastConnections);
+        let errs = parse("balance = \"leastconn\"\n").unwrap_err();
+        assert!(errs.len() == 1 && errs[0].contains("balance"), "{errs:#?}");
     }
 
     #[test]

@@ -10,6 +10,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 
@@ -81,6 +82,7 @@ impl Active {
 
     pub(super) fn set_backend(&mut self, bm: Arc<BackendMetrics>) {
         bm.active.increment(1.0);
+        bm.open.fetch_add(1, Ordering::Relaxed);
         self.bm = Some(bm);
     }
 }
@@ -95,6 +97,7 @@ impl Drop for Active {
         }
         if let Some(bm) = &self.bm {
             bm.active.decrement(1.0);
+            bm.open.fetch_sub(1, Ordering::Relaxed);
         }
     }
 }

@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::sync::atomic::AtomicU64;
 
 use metrics::{Counter, Gauge, Histogram};
 use xcluster_proto::directory::{ProxyBackendStatus, ProxyListenerStatus, ProxyStatus};
@@ -73,9 +74,12 @@ impl ListenerMetrics {
     }
 }
 
-/// Handles for one backend.
-#[derive(Debug, Clone)]
+/// Handles for one backend, and its count of established connections.
+#[derive(Debug)]
 pub struct BackendMetrics {
+    /// Established connections to it now (the `active` gauge, readable): what `balance =
+    /// "least_connections"` compares. One per configured backend, kept across reloads.
+    pub open: AtomicU64,
     pub connects: Counter,
     pub connect_failures: Counter,
     pub active: Gauge,
@@ -96,6 +100,7 @@ impl BackendMetrics {
     pub fn new(addr: SocketAddr) -> Self {
         let b = addr.to_string();
         Self {
+            open: AtomicU64::new(0),
             connects: metrics::counter!(BACKEND_CONNECTS_TOTAL, "backend" => b.clone()),
             connect_failures: metrics::counter!(BACKEND_CONNECT_FAILURES_TOTAL, "backend" => b.clone()),
             active: metrics::gauge!(BACKEND_ACTIVE, "backend" => b.clone()),

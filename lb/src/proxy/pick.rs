@@ -11,13 +11,17 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 
-use super::config::{BackendConfig, ProxyConfig};
+use super::config::{BackendConfig, Balance, ProxyConfig};
+
+/// How many connections a backend has established now, for the pickers that weigh them.
+pub type OpenCount<'a> = &'a dyn Fn(SocketAddr) -> u64;
 
 /// Chooses backends for the proxy.
 pub trait BackendPicker: Send + Sync + std::fmt::Debug {
     /// A backend for a connection of `request_type`, never one of `exclude` (those already failed for this
-    /// connection). `None` when no backend is left.
-    fn pick(&self, request_type: &str, exclude: &[SocketAddr]) -> Option<SocketAddr>;
+    /// connection). `open` tells how many connections a backend has established now; it is read only by a
+    /// picker that weighs them (`balance = "least_connections"`). `None` when no backend is left.
+    fn pick(&self, request_type: &str, exclude: &[SocketAddr], open: OpenCount<'_>) -> Option<SocketAddr>;
 
     /// The proxy could not connect to `addr` (refused or timed out). A live picker may avoid it at once.
     fn report_failure(&self, _addr: SocketAddr) {}
@@ -51,11 +55,46 @@ impl Tiers {
     fn pick(&self, exclude: &[SocketAddr], roll: impl Fn(u64) -> u64) -> Option<SocketAddr> {
         weighted(&self.primary, exclude, &roll).or_else(|| weighted(&self.backup, exclude, &roll))
     }
+
+    fn least(
+        &self,
+        exclude: &[SocketAddr],
+        open: &dyn Fn(SocketAddr) -> u64,
+        start: usize,
+    ) -> Option<SocketAddr> {
+        least(&self.primary, exclude, open, start).or_else(|| least(&self.backup, exclude, open, start))
+    }
+}
+
+/// The backend of `list` minus `exclude` (and those at weight 0) with the fewest open connections for its
+/// weight, counting the one about to be made (`(open + 1) / weight`, as HAProxy's `leastconn`); ties go to
+/// the first from index `start` on, so that a random `start` spreads them.
+fn least(
+    list: &[(SocketAddr, u32)],
+    exclude: &[SocketAddr],
+    open: OpenCount<'_>,
+    start: usize,
+) -> Option<SocketAddr> {
+    let n = list.len();
+    let mut best: Option<(SocketAddr, u128, u128)> = None;
+    for i in 0..n {
+        let (a, w) = list[(start + i) % n];
+        if w == 0 || exclude.contains(&a) {
+            continue;
+        }
+        let (load, w) = (u128::from(open(a)) + 1, u128::from(w));
+        // load / w < best_load / best_w, without division.
+        if best.is_none_or(|(_, bl, bw)| load * bw < bl * w) {
+            best = Some((a, load, w));
+        }
+    }
+    best.map(|(a, ..)| a)
 }
 
 /// Backends with their weights, per request type.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Table {
+    balance: Balance,
     by_type: HashMap<String, Tiers>,
     /// Backends that serve every type (no `request_types`), for types no backend names.
     any: Tiers,
@@ -63,7 +102,11 @@ struct Table {
 
 impl Table {
     fn build(cfg: &ProxyConfig) -> Self {
-        let mut t = Table::default();
+        let mut t = Table {
+            balance: cfg.balance,
+            by_type: HashMap::new(),
+            any: Tiers::default(),
+        };
         for b in cfg.backends.iter().filter(|b| b.request_types.is_empty()) {
             t.any.push(b);
         }
@@ -131,10 +174,13 @@ fn weighted(
 }
 
 impl BackendPicker for StaticPicker {
-    fn pick(&self, request_type: &str, exclude: &[SocketAddr]) -> Option<SocketAddr> {
+    fn pick(&self, request_type: &str, exclude: &[SocketAddr], open: OpenCount<'_>) -> Option<SocketAddr> {
         let t = self.table.load();
         let tiers = t.by_type.get(request_type).unwrap_or(&t.any);
-        tiers.pick(exclude, |total| rand::random_range(0..total))
+        match t.balance {
+            Balance::Random => tiers.pick(exclude, |total| rand::random_range(0..total)),
+            Balance::LeastConnections => tiers.least(exclude, open, rand::random::<u32>() as usize),
+        }
     }
 
     fn on_config(&self, cfg: &ProxyConfig) {
@@ -162,6 +208,11 @@ mod tests {
         assert_eq!(weighted(&list, &[addr(1), addr(2)], |_| 0), None);
     }
 
+    /// No connections open anywhere.
+    fn none(_: SocketAddr) -> u64 {
+        0
+    }
+
     /// A static picker over the `[proxy]` section `toml`.
     fn picker(toml: &str) -> StaticPicker {
         let raw: ProxySection = toml::from_str(toml).unwrap();
@@ -183,11 +234,44 @@ mod tests {
             "#,
         );
         for _ in 0..50 {
-            assert_eq!(p.pick("browse", &[]), Some(addr(2)));
-            assert_eq!(p.pick("unknown", &[]), Some(addr(2)));
+            assert_eq!(p.pick("browse", &[], &none), Some(addr(2)));
+            assert_eq!(p.pick("unknown", &[], &none), Some(addr(2)));
         }
-        assert_eq!(p.pick("order", &[addr(1)]), Some(addr(2)));
-        assert_eq!(p.pick("order", &[addr(1), addr(2)]), None);
+        assert_eq!(p.pick("order", &[addr(1)], &none), Some(addr(2)));
+        assert_eq!(p.pick("order", &[addr(1), addr(2)], &none), None);
+    }
+
+    #[test]
+    fn least_connections_takes_the_fewest_open_for_the_weight() {
+        let list = [(addr(1), 1), (addr(2), 2), (addr(3), 0)];
+        let open = |a: SocketAddr| match a.port() {
+            1 => 1,
+            2 => 3,
+            _ => 0,
+        };
+        // (1 + 1) / 1 against (3 + 1) / 2: a tie, to the first from `start` on.
+        assert_eq!(least(&list, &[], &open, 0), Some(addr(1)));
+        assert_eq!(least(&list, &[], &open, 1), Some(addr(2)));
+        assert_eq!(least(&list, &[], &open, 2), Some(addr(1)));
+        // Weight 0 takes nothing, however idle.
+        let open = |a: SocketAddr| if a.port() == 1 { 5 } else { 0 };
+        assert_eq!(least(&list, &[], &open, 0), Some(addr(2)));
+        assert_eq!(least(&list, &[addr(2)], &open, 0), Some(addr(1)));
+        assert_eq!(least(&list, &[addr(1), addr(2)], &open, 0), None);
+        // The tiers hold: a backup is not taken while a primary is left, however busy.
+        let p = picker(
+            r#"
+            balance = "least_connections"
+            [[backends]]
+            addr = "127.0.0.1:1"
+            [[backends]]
+            addr = "127.0.0.1:2"
+            backup = true
+            "#,
+        );
+        let busy = |a: SocketAddr| if a.port() == 1 { 1000 } else { 0 };
+        assert_eq!(p.pick("default", &[], &busy), Some(addr(1)));
+        assert_eq!(p.pick("default", &[addr(1)], &busy), Some(addr(2)));
     }
 
     #[test]
@@ -212,13 +296,13 @@ mod tests {
         );
         let mut seen = std::collections::HashSet::new();
         for _ in 0..200 {
-            assert_eq!(p.pick("default", &[]), Some(addr(1)));
-            seen.insert(p.pick("order", &[addr(1)]).unwrap());
+            assert_eq!(p.pick("default", &[], &none), Some(addr(1)));
+            seen.insert(p.pick("order", &[addr(1)], &none).unwrap());
         }
         // With the one usable primary gone (tried, or held out), both backups of `order` share the load.
         assert_eq!(seen, [addr(3), addr(4)].into_iter().collect());
-        assert_eq!(p.pick("default", &[addr(1)]), Some(addr(3)));
-        assert_eq!(p.pick("default", &[addr(1), addr(3)]), None);
+        assert_eq!(p.pick("default", &[addr(1)], &none), Some(addr(3)));
+        assert_eq!(p.pick("default", &[addr(1), addr(3)], &none), None);
         assert!(p.serves("order"));
     }
 }

@@ -97,12 +97,19 @@ impl Shared {
 
     /// A backend for `ty` other than `tried`, leaving out those held out unless every one left is.
     fn pick(&self, ty: &str, tried: &[SocketAddr]) -> Option<SocketAddr> {
+        // Read only by `balance = "least_connections"`.
+        let open = |a: SocketAddr| {
+            self.backends
+                .load()
+                .get(&a)
+                .map_or(0, |b| b.open.load(std::sync::atomic::Ordering::Relaxed))
+        };
         match self.holds.exclude(tried) {
             Some(held) => self
                 .picker
-                .pick(ty, &held)
-                .or_else(|| self.picker.pick(ty, tried)),
-            None => self.picker.pick(ty, tried),
+                .pick(ty, &held, &open)
+                .or_else(|| self.picker.pick(ty, tried, &open)),
+            None => self.picker.pick(ty, tried, &open),
         }
     }
 
@@ -466,13 +473,19 @@ impl Manager {
     /// Applies what reloads without touching listeners: timeouts, backends and weights.
     fn apply_live(&mut self, cfg: &ProxyConfig) {
         self.shared.timeouts.store(Arc::new(cfg.timeouts.clone()));
+        // A backend kept by the reload keeps its handles, so its count of open connections stays true.
+        let old = self.shared.backends.load_full();
         let map = cfg
             .backends
             .iter()
             .map(|b| {
                 metrics::gauge!(BACKEND_BACKUP, "backend" => b.addr.to_string())
                     .set(f64::from(u8::from(b.backup)));
-                (b.addr, Arc::new(BackendMetrics::new(b.addr)))
+                let bm = old.get(&b.addr).cloned();
+                (
+                    b.addr,
+                    bm.unwrap_or_else(|| Arc::new(BackendMetrics::new(b.addr))),
+                )
             })
             .collect();
         self.shared.backends.store(Arc::new(map));
