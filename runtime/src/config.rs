@@ -481,6 +481,17 @@ impl Validator {
         value
     }
 
+    /// One of the named `choices`, by its name `value`; an unknown name is an error naming them all, and gives
+    /// the first choice.
+    pub fn one_of<T: Copy>(&mut self, key: &str, value: &str, choices: &[(&str, T)]) -> T {
+        if let Some(&(_, t)) = choices.iter().find(|(name, _)| *name == value) {
+            return t;
+        }
+        let names: Vec<String> = choices.iter().map(|(name, _)| format!("{name:?}")).collect();
+        self.error(key, format!("{value:?} is not one of {}", names.join(", ")));
+        choices[0].1
+    }
+
     /// Finishes validation: the typed value if there were no problems.
     pub fn finish<T>(self, value: T) -> Result<T, Vec<ConfigIssue>> {
         if self.issues.is_empty() {

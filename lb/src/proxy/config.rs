@@ -1,9 +1,10 @@
 //! The `[proxy]` section of the lb config: raw serde form, validation, typed form.
 //!
 //! Reloads live: `listeners` (added, removed or changed; established connections stay, and one changed on the
-//! same address keeps its sockets), `backends` (their weights and `backup`), `connect_timeout_ms`, `idle_timeout_ms`,
-//! `connect_attempts`, `check_interval_ms`, `check_fall`, `check_rise`, `check_http_path`, `slow_start_ms`, `balance`, per-listener
-//! `proxy_protocol`, `log_connections` and `max_connections_per_client`.
+//! same address keeps its sockets), `backends` (their weights and `backup`), `connect_timeout_ms`,
+//! `idle_timeout_ms`, `connect_attempts`, `check_interval_ms`, `check_fall`, `check_rise`, `check_http_path`,
+//! `slow_start_ms`, `balance`, per-listener `proxy_protocol`, `log_connections` and
+//! `max_connections_per_client`.
 //! Needs a restart: `workers`, `runtime`, `forwarding`, `max_connections`, `backlog`, `keepalive_ms`,
 //! `io_uring_buffers`.
 
@@ -331,30 +332,24 @@ impl ProxySection {
         } else {
             workers
         };
-        let runtime = match self.runtime.as_str() {
-            "per_core" => RuntimeMode::PerCore,
-            "shared" => RuntimeMode::Shared,
-            "io_uring" => RuntimeMode::IoUring,
-            other => {
-                v.error(
-                    "proxy.runtime",
-                    format!("{other:?} is not one of \"per_core\", \"shared\", \"io_uring\""),
-                );
-                RuntimeMode::PerCore
-            }
-        };
-        let forwarding = match self.forwarding.as_str() {
-            "splice" => Forwarding::Splice,
-            "copy" => Forwarding::Copy,
-            "auto" => Forwarding::Auto,
-            other => {
-                v.error(
-                    "proxy.forwarding",
-                    format!("{other:?} is not one of \"splice\", \"copy\", \"auto\""),
-                );
-                Forwarding::Splice
-            }
-        };
+        let runtime = v.one_of(
+            "proxy.runtime",
+            &self.runtime,
+            &[
+                ("per_core", RuntimeMode::PerCore),
+                ("shared", RuntimeMode::Shared),
+                ("io_uring", RuntimeMode::IoUring),
+            ],
+        );
+        let forwarding = v.one_of(
+            "proxy.forwarding",
+            &self.forwarding,
+            &[
+                ("splice", Forwarding::Splice),
+                ("copy", Forwarding::Copy),
+                ("auto", Forwarding::Auto),
+            ],
+        );
         // The io_uring runtime copies through its ring of provided buffers; it has no splice path.
         v.check(
             !(runtime == RuntimeMode::IoUring && forwarding == Forwarding::Splice),
@@ -377,17 +372,14 @@ impl ProxySection {
         let check_fall = v.range("proxy.check_fall", self.check_fall, 1, 100);
         let check_rise = v.range("proxy.check_rise", self.check_rise, 1, 100);
         let slow_start = v.millis("proxy.slow_start_ms", self.slow_start_ms, 0, 300_000);
-        let balance = match self.balance.as_str() {
-            "random" => Balance::Random,
-            "least_connections" => Balance::LeastConnections,
-            other => {
-                v.error(
-                    "proxy.balance",
-                    format!("{other:?} is not one of \"random\", \"least_connections\""),
-                );
-                Balance::Random
-            }
-        };
+        let balance = v.one_of(
+            "proxy.balance",
+            &self.balance,
+            &[
+                ("random", Balance::Random),
+                ("least_connections", Balance::LeastConnections),
+            ],
+        );
         let path = &self.check_http_path;
         v.check(
             path.is_empty()

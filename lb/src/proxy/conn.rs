@@ -41,13 +41,14 @@ pub(super) struct Active {
 }
 
 impl Active {
-    /// A connection just accepted on `l` from `peer`.
+    /// A connection just accepted on `l` from `peer` (counted as accepted, and active while this lives).
     pub(super) fn new(
         l: Arc<ListenerState>,
         permit: OwnedSemaphorePermit,
         client: Option<Box<ClientSlot>>,
         peer: SocketAddr,
     ) -> Self {
+        l.metrics.accepted.increment(1);
         l.metrics.active.increment(1.0);
         let log = l.cfg.log_connections.then(|| ConnLog::new(peer));
         Self {
@@ -123,7 +124,6 @@ pub fn serve(
     slot: Option<Box<ClientSlot>>,
 ) -> Serve {
     // No `set_nodelay` here: the socket inherited TCP_NODELAY from its listener (`listener::bind`).
-    l.metrics.accepted.increment(1);
     let span = debug_span!("proxy", listener = %l.cfg.name, %peer);
     let mut active = Active::new(l, permit, slot, peer);
     Serve::Connecting {

@@ -52,17 +52,9 @@ impl Tiers {
         self.primary.is_empty() && self.backup.is_empty()
     }
 
-    fn pick(&self, exclude: &[SocketAddr], roll: impl Fn(u64) -> u64) -> Option<SocketAddr> {
-        weighted(&self.primary, exclude, &roll).or_else(|| weighted(&self.backup, exclude, &roll))
-    }
-
-    fn least(
-        &self,
-        exclude: &[SocketAddr],
-        open: &dyn Fn(SocketAddr) -> u64,
-        start: usize,
-    ) -> Option<SocketAddr> {
-        least(&self.primary, exclude, open, start).or_else(|| least(&self.backup, exclude, open, start))
+    /// What `pick` finds among the primaries, or else among the backups.
+    fn first(&self, pick: impl Fn(&[(SocketAddr, u32)]) -> Option<SocketAddr>) -> Option<SocketAddr> {
+        pick(&self.primary).or_else(|| pick(&self.backup))
     }
 }
 
@@ -178,8 +170,13 @@ impl BackendPicker for StaticPicker {
         let t = self.table.load();
         let tiers = t.by_type.get(request_type).unwrap_or(&t.any);
         match t.balance {
-            Balance::Random => tiers.pick(exclude, |total| rand::random_range(0..total)),
-            Balance::LeastConnections => tiers.least(exclude, open, rand::random::<u32>() as usize),
+            Balance::Random => {
+                tiers.first(|list| weighted(list, exclude, |total| rand::random_range(0..total)))
+            }
+            Balance::LeastConnections => {
+                let start = rand::random::<u32>() as usize;
+                tiers.first(|list| least(list, exclude, open, start))
+            }
         }
     }
 

@@ -11,6 +11,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
@@ -102,7 +103,7 @@ impl Shared {
             self.backends
                 .load()
                 .get(&a)
-                .map_or(0, |b| b.open.load(std::sync::atomic::Ordering::Relaxed))
+                .map_or(0, |b| b.open.load(Ordering::Relaxed))
         };
         match self.holds.exclude(tried) {
             Some(held) => self

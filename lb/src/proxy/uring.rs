@@ -758,7 +758,6 @@ impl Loop {
         permit: OwnedSemaphorePermit,
         slot: Option<Box<ClientSlot>>,
     ) {
-        l.metrics.accepted.increment(1);
         let conn = Conn {
             client,
             backend: None,
