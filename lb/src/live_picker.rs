@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 
 use crate::directory::Directory;
 use crate::proxy::config::ProxyConfig;
-use crate::proxy::{BackendPicker, OpenCount, StaticPicker};
+use crate::proxy::{BackendPicker, PickFor, StaticPicker};
 
 #[derive(Debug)]
 pub(crate) struct LivePicker {
@@ -25,9 +25,9 @@ impl LivePicker {
 }
 
 impl BackendPicker for LivePicker {
-    fn pick(&self, request_type: &str, exclude: &[SocketAddr], open: OpenCount<'_>) -> Option<SocketAddr> {
+    fn pick(&self, request_type: &str, exclude: &[SocketAddr], conn: &PickFor<'_>) -> Option<SocketAddr> {
         if self.fixed.serves(request_type) {
-            self.fixed.pick(request_type, exclude, open)
+            self.fixed.pick(request_type, exclude, conn)
         } else {
             self.dir.pick(request_type, exclude)
         }

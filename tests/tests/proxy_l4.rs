@@ -605,17 +605,6 @@ fn a_backend_back_from_a_hold_slow_starts() {
 /// one backend's connections end, every new one goes to it until the two are level again: 10 of 10, where a
 /// random draw would give it about 5. The counts live in both runtimes' connection state and outlive a reload.
 fn least_connections_levels_long_lived_connections(rt: &'static str) {
-    // Each backend answers every read with its name and keeps the connection open.
-    let named = |name: &'static [u8]| {
-        backend(move |mut s| {
-            let mut buf = [0u8; 64];
-            while let Ok(1..) = s.read(&mut buf) {
-                if s.write_all(name).is_err() {
-                    return;
-                }
-            }
-        })
-    };
     let (a, b) = (named(b"a"), named(b"b"));
     let front = free_addr();
     let proxy = format!(
@@ -627,10 +616,7 @@ fn least_connections_levels_long_lived_connections(rt: &'static str) {
     // A round trip: the proxy has counted the connection on its backend once bytes come back.
     let open = || {
         let mut s = connect(front);
-        s.write_all(b"?").unwrap();
-        let mut name = [0u8; 1];
-        s.read_exact(&mut name).unwrap();
-        (name[0], s)
+        (ask_name(&mut s), s)
     };
     let conns: Vec<(u8, TcpStream)> = (0..20).map(|_| open()).collect();
     let on_a = conns.iter().filter(|(n, _)| *n == b'a').count();
@@ -658,6 +644,89 @@ fn least_connections_levels_long_lived_connections(rt: &'static str) {
         "every new connection goes to the less loaded backend"
     );
     drop((kept, later));
+}
+
+/// A backend that answers every read with its one-byte `name` and keeps the connection open.
+fn named(name: &'static [u8; 1]) -> SocketAddr {
+    backend(move |mut s| {
+        let mut buf = [0u8; 64];
+        while let Ok(1..) = s.read(&mut buf) {
+            if s.write_all(name).is_err() {
+                return;
+            }
+        }
+    })
+}
+
+/// The name of the [`named`] backend behind `s`, by a round trip.
+fn ask_name(s: &mut TcpStream) -> u8 {
+    s.write_all(b"?").unwrap();
+    let mut name = [0u8; 1];
+    s.read_exact(&mut name).unwrap();
+    name[0]
+}
+
+/// With `balance = "source"`, every connection of a client (here: a source address of 127.0.0.0/8) goes to
+/// the same backend, different clients spread over the backends, and a reload that removes one backend
+/// moves only the clients that were on it.
+fn source_keeps_each_client_on_its_backend(rt: &'static str) {
+    let addrs = [named(b"a"), named(b"b"), named(b"c")];
+    let front = free_addr();
+    let proxy = |addrs: &[SocketAddr]| {
+        format!(
+            "balance = \"source\"\n{}{}",
+            listener("web", front),
+            backends(addrs)
+        )
+    };
+    let lb = start_lb(rt, 1000, &proxy(&addrs));
+    let clients: Vec<[u8; 4]> = (10..30).map(|i| [127, 0, 0, i]).collect();
+    // Each client's backend, asked three times over fresh connections.
+    let backend_of = |client: [u8; 4]| {
+        let names: Vec<u8> = (0..3)
+            .map(|_| ask_name(&mut connect_from(client, front)))
+            .collect();
+        assert!(
+            names.iter().all(|n| *n == names[0]),
+            "{client:?} went to {names:?}"
+        );
+        names[0]
+    };
+    let before: Vec<u8> = clients.iter().map(|c| backend_of(*c)).collect();
+    let used: std::collections::HashSet<u8> = before.iter().copied().collect();
+    assert!(used.len() >= 2, "20 clients all went to {used:?}");
+    // The first client's backend leaves the config.
+    let gone = before[0];
+    let kept: Vec<SocketAddr> = [b'a', b'b', b'c']
+        .iter()
+        .zip(addrs)
+        .filter(|(n, _)| **n != gone)
+        .map(|(_, a)| a)
+        .collect();
+    lb.reload_applied(1000, &proxy(&kept));
+    // The proxy's manager applies a reload just after it is counted.
+    eventually(T, "the first client to leave the removed backend", || {
+        (backend_of(clients[0]) != gone).then_some(())
+    });
+    for (c, was) in clients.iter().zip(&before) {
+        let now = backend_of(*c);
+        if *was == gone {
+            assert_ne!(now, gone, "{c:?} still reaches a removed backend");
+        } else {
+            assert_eq!(now, *was, "{c:?} moved though its backend stayed");
+        }
+    }
+}
+
+/// A connection to `to` from source address `from` (any of 127.0.0.0/8 works on loopback).
+fn connect_from(from: [u8; 4], to: SocketAddr) -> TcpStream {
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    sock.bind(&SocketAddr::from((from, 0)).into()).unwrap();
+    sock.connect_timeout(&to.into(), T).unwrap();
+    let s = TcpStream::from(sock);
+    s.set_read_timeout(Some(T)).unwrap();
+    s.set_write_timeout(Some(T)).unwrap();
+    s
 }
 
 /// With `check_http_path`, a backend that accepts connections but answers the check with 503 is held out,
@@ -1379,5 +1448,6 @@ per_runtime!(
     a_listener_changed_in_place_keeps_its_queued_clients,
     a_client_over_its_connection_limit_is_closed_at_once,
     least_connections_levels_long_lived_connections,
+    source_keeps_each_client_on_its_backend,
     a_stuck_log_output_never_stalls_the_proxy
 );

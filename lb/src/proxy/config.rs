@@ -174,11 +174,13 @@ impl RuntimeMode {
     }
 }
 
-/// How a static backend is chosen (`proxy.balance`).
+/// How a static backend is chosen (`proxy.balance`): see `pick` for each.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Balance {
     Random,
     LeastConnections,
+    /// By the client's address (HAProxy's `balance source` with `hash-type consistent`).
+    Source,
 }
 
 /// How bytes move between the two sockets.
@@ -378,6 +380,7 @@ impl ProxySection {
             &[
                 ("random", Balance::Random),
                 ("least_connections", Balance::LeastConnections),
+                ("source", Balance::Source),
             ],
         );
         let path = &self.check_http_path;

@@ -7,7 +7,7 @@
 //! what every idle connection costs.
 
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -170,7 +170,7 @@ async fn establish(
     shared: &Shared,
     timeouts: &Timeouts,
 ) -> Option<(TcpStream, SocketAddr, Arc<BackendMetrics>)> {
-    let Some((backend, addr, bm)) = connect(active, shared, timeouts).await else {
+    let Some((backend, addr, bm)) = connect(active, peer.ip(), shared, timeouts).await else {
         active.l.metrics.failed.increment(1);
         active.ended(End::NoBackend);
         debug!("no backend reachable; closing the client");
@@ -205,16 +205,17 @@ async fn write_all(s: &TcpStream, mut data: &[u8]) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Tries up to `connect_attempts` distinct backends; none of the client's bytes are read before one answers,
-/// so a retry is invisible to the client.
+/// Tries up to `connect_attempts` distinct backends for a connection from `client`; none of its bytes are
+/// read before one answers, so a retry is invisible to it.
 async fn connect(
     active: &mut Active,
+    client: IpAddr,
     shared: &Shared,
     t: &Timeouts,
 ) -> Option<(TcpStream, SocketAddr, Arc<BackendMetrics>)> {
     let mut tried: Vec<SocketAddr> = Vec::new();
     for attempt in 0.. {
-        let (addr, bm) = shared.next_backend(&active.l, &tried, attempt)?;
+        let (addr, bm) = shared.next_backend(&active.l, client, &tried, attempt)?;
         active.tried();
         let t0 = Instant::now();
         match tokio::time::timeout(t.connect, TcpStream::connect(addr)).await {

@@ -15,5 +15,5 @@ mod service;
 mod uring;
 
 pub use config::{ProxyConfig, ProxySection};
-pub use pick::{BackendPicker, OpenCount, StaticPicker};
+pub use pick::{BackendPicker, OpenCount, PickFor, StaticPicker};
 pub use service::{Error, ProxyHandle, start};

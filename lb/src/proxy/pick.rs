@@ -6,7 +6,7 @@
 //! attempt, so implementations read a snapshot (arc-swap) and take no lock.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -16,12 +16,29 @@ use super::config::{BackendConfig, Balance, ProxyConfig};
 /// How many connections a backend has established now, for the pickers that weigh them.
 pub type OpenCount<'a> = &'a dyn Fn(SocketAddr) -> u64;
 
+/// The connection a backend is picked for: what the balance modes that look past the weights read.
+#[derive(Clone, Copy)]
+pub struct PickFor<'a> {
+    /// The client's address (`balance = "source"`).
+    pub client: IpAddr,
+    /// How many connections a backend has established now (`balance = "least_connections"`).
+    pub open: OpenCount<'a>,
+}
+
+impl std::fmt::Debug for PickFor<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PickFor")
+            .field("client", &self.client)
+            .finish_non_exhaustive()
+    }
+}
+
 /// Chooses backends for the proxy.
 pub trait BackendPicker: Send + Sync + std::fmt::Debug {
     /// A backend for a connection of `request_type`, never one of `exclude` (those already failed for this
-    /// connection). `open` tells how many connections a backend has established now; it is read only by a
-    /// picker that weighs them (`balance = "least_connections"`). `None` when no backend is left.
-    fn pick(&self, request_type: &str, exclude: &[SocketAddr], open: OpenCount<'_>) -> Option<SocketAddr>;
+    /// connection, or held out). `conn` is read only by a picker that weighs more than the weights. `None`
+    /// when no backend is left.
+    fn pick(&self, request_type: &str, exclude: &[SocketAddr], conn: &PickFor<'_>) -> Option<SocketAddr>;
 
     /// The proxy could not connect to `addr` (refused or timed out). A live picker may avoid it at once.
     fn report_failure(&self, _addr: SocketAddr) {}
@@ -81,6 +98,47 @@ fn least(
         }
     }
     best.map(|(a, ..)| a)
+}
+
+/// The backend of `list` minus `exclude` (and those at weight 0) that ranks first for `client`, by weighted
+/// rendezvous hashing: each backend draws a number from a hash of the pair, and the highest `weight / -ln(u)`
+/// wins, so each backend gets a share of the clients in proportion to its weight, a client keeps its backend
+/// as long as it is usable, and a backend that goes (or comes back) moves only its own clients. The hash is
+/// fixed, so every balancer sends a client to the same backend.
+fn source(list: &[(SocketAddr, u32)], exclude: &[SocketAddr], client: IpAddr) -> Option<SocketAddr> {
+    let mut best: Option<(SocketAddr, f64)> = None;
+    for &(a, w) in list {
+        if w == 0 || exclude.contains(&a) {
+            continue;
+        }
+        // A uniform draw in (0, 1) from the hash's top 53 bits.
+        let u = ((affinity(client, a) >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
+        let score = f64::from(w) / -u.ln();
+        if best.is_none_or(|(_, b)| score > b) {
+            best = Some((a, score));
+        }
+    }
+    best.map(|(a, _)| a)
+}
+
+/// A hash of a client address and a backend address that is the same on every balancer and build (an IPv4
+/// client as its IPv6-mapped form, so a dual-stack listener sees one client once).
+fn affinity(client: IpAddr, backend: SocketAddr) -> u64 {
+    let v6 = |ip: IpAddr| match ip {
+        IpAddr::V4(a) => u128::from(a.to_ipv6_mapped()),
+        IpAddr::V6(a) => u128::from(a),
+    };
+    let (c, b) = (v6(client), v6(backend.ip()));
+    [c >> 64, c, b >> 64, b, u128::from(backend.port())]
+        .into_iter()
+        .fold(0x9e37_79b9_7f4a_7c15, |h, word| mix(h ^ word as u64))
+}
+
+/// SplitMix64's finaliser: every input bit moves about half the output bits.
+fn mix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
 }
 
 /// Backends with their weights, per request type.
@@ -166,7 +224,7 @@ fn weighted(
 }
 
 impl BackendPicker for StaticPicker {
-    fn pick(&self, request_type: &str, exclude: &[SocketAddr], open: OpenCount<'_>) -> Option<SocketAddr> {
+    fn pick(&self, request_type: &str, exclude: &[SocketAddr], conn: &PickFor<'_>) -> Option<SocketAddr> {
         let t = self.table.load();
         let tiers = t.by_type.get(request_type).unwrap_or(&t.any);
         match t.balance {
@@ -175,8 +233,9 @@ impl BackendPicker for StaticPicker {
             }
             Balance::LeastConnections => {
                 let start = rand::random::<u32>() as usize;
-                tiers.first(|list| least(list, exclude, open, start))
+                tiers.first(|list| least(list, exclude, conn.open, start))
             }
+            Balance::Source => tiers.first(|list| source(list, exclude, conn.client)),
         }
     }
 
@@ -210,6 +269,12 @@ mod tests {
         0
     }
 
+    /// A connection from localhost, with no connections open anywhere.
+    const ANY: PickFor<'static> = PickFor {
+        client: IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
+        open: &none,
+    };
+
     /// A static picker over the `[proxy]` section `toml`.
     fn picker(toml: &str) -> StaticPicker {
         let raw: ProxySection = toml::from_str(toml).unwrap();
@@ -231,11 +296,11 @@ mod tests {
             "#,
         );
         for _ in 0..50 {
-            assert_eq!(p.pick("browse", &[], &none), Some(addr(2)));
-            assert_eq!(p.pick("unknown", &[], &none), Some(addr(2)));
+            assert_eq!(p.pick("browse", &[], &ANY), Some(addr(2)));
+            assert_eq!(p.pick("unknown", &[], &ANY), Some(addr(2)));
         }
-        assert_eq!(p.pick("order", &[addr(1)], &none), Some(addr(2)));
-        assert_eq!(p.pick("order", &[addr(1), addr(2)], &none), None);
+        assert_eq!(p.pick("order", &[addr(1)], &ANY), Some(addr(2)));
+        assert_eq!(p.pick("order", &[addr(1), addr(2)], &ANY), None);
     }
 
     #[test]
@@ -267,8 +332,9 @@ mod tests {
             "#,
         );
         let busy = |a: SocketAddr| if a.port() == 1 { 1000 } else { 0 };
-        assert_eq!(p.pick("default", &[], &busy), Some(addr(1)));
-        assert_eq!(p.pick("default", &[addr(1)], &busy), Some(addr(2)));
+        let conn = PickFor { open: &busy, ..ANY };
+        assert_eq!(p.pick("default", &[], &conn), Some(addr(1)));
+        assert_eq!(p.pick("default", &[addr(1)], &conn), Some(addr(2)));
     }
 
     #[test]
@@ -293,13 +359,94 @@ mod tests {
         );
         let mut seen = std::collections::HashSet::new();
         for _ in 0..200 {
-            assert_eq!(p.pick("default", &[], &none), Some(addr(1)));
-            seen.insert(p.pick("order", &[addr(1)], &none).unwrap());
+            assert_eq!(p.pick("default", &[], &ANY), Some(addr(1)));
+            seen.insert(p.pick("order", &[addr(1)], &ANY).unwrap());
         }
         // With the one usable primary gone (tried, or held out), both backups of `order` share the load.
         assert_eq!(seen, [addr(3), addr(4)].into_iter().collect());
-        assert_eq!(p.pick("default", &[addr(1)], &none), Some(addr(3)));
-        assert_eq!(p.pick("default", &[addr(1), addr(3)], &none), None);
+        assert_eq!(p.pick("default", &[addr(1)], &ANY), Some(addr(3)));
+        assert_eq!(p.pick("default", &[addr(1), addr(3)], &ANY), None);
         assert!(p.serves("order"));
+    }
+
+    /// Client `i` of a /16.
+    fn client(i: u32) -> IpAddr {
+        IpAddr::V4(std::net::Ipv4Addr::from(0x0a00_0000 | i))
+    }
+
+    #[test]
+    fn source_keeps_each_client_on_one_backend_in_proportion_to_the_weights() {
+        let list = [(addr(1), 100), (addr(2), 300), (addr(3), 0)];
+        let n = 8000;
+        let mut on_2 = 0;
+        for i in 0..n {
+            let b = source(&list, &[], client(i)).unwrap();
+            assert_eq!(source(&list, &[], client(i)), Some(b), "client {i} moved");
+            assert_ne!(b, addr(3), "weight 0 takes nobody");
+            on_2 += u32::from(b == addr(2));
+        }
+        // A fixed hash, so a fixed count; 300 of 400 expects 6,000 (a standard deviation is 39).
+        let share = f64::from(on_2) / f64::from(n);
+        assert!(
+            (0.72..0.78).contains(&share),
+            "{on_2} of {n} on the weight-300 backend"
+        );
+        // The same client in its IPv6-mapped form (a dual-stack listener) is the same client.
+        let v4 = std::net::Ipv4Addr::new(10, 0, 0, 7);
+        assert_eq!(
+            source(&list, &[], IpAddr::V4(v4)),
+            source(&list, &[], IpAddr::V6(v4.to_ipv6_mapped()))
+        );
+    }
+
+    #[test]
+    fn source_moves_only_the_clients_of_a_backend_that_goes() {
+        let all = [(addr(1), 100), (addr(2), 100), (addr(3), 100)];
+        let (mut moved, mut kept) = (0, 0);
+        for i in 0..3000 {
+            let before = source(&all, &[], client(i)).unwrap();
+            // Backend 2 held out (or tried and failed): its clients go elsewhere, the rest stay.
+            let during = source(&all, &[addr(2)], client(i)).unwrap();
+            // Backend 2 removed from the config: the same.
+            let without = source(&[all[0], all[2]], &[], client(i)).unwrap();
+            assert_eq!(during, without);
+            if before == addr(2) {
+                assert_ne!(during, addr(2));
+                moved += 1;
+            } else {
+                assert_eq!(during, before, "client {i} moved though its backend stayed");
+                kept += 1;
+            }
+        }
+        assert!(moved > 800 && kept > 1600, "moved {moved}, kept {kept}");
+        assert_eq!(source(&all, &[addr(1), addr(2), addr(3)], client(0)), None);
+    }
+
+    #[test]
+    fn source_keeps_the_tiers() {
+        let p = picker(
+            r#"
+            balance = "source"
+            [[backends]]
+            addr = "127.0.0.1:1"
+            [[backends]]
+            addr = "127.0.0.1:2"
+            [[backends]]
+            addr = "127.0.0.1:3"
+            backup = true
+            "#,
+        );
+        let mut seen = std::collections::HashSet::new();
+        for i in 0..100 {
+            let conn = PickFor {
+                client: client(i),
+                ..ANY
+            };
+            let b = p.pick("default", &[], &conn).unwrap();
+            assert_eq!(p.pick("default", &[], &conn), Some(b));
+            seen.insert(b);
+            assert_eq!(p.pick("default", &[addr(1), addr(2)], &conn), Some(addr(3)));
+        }
+        assert_eq!(seen, [addr(1), addr(2)].into_iter().collect());
     }
 }

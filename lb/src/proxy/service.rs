@@ -9,7 +9,7 @@
 //! established connections are separate tasks (or slots) and run on until they end.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -27,7 +27,7 @@ use super::health::{CheckStreaks, Holds, Verdict, check};
 use super::metrics::{
     BACKEND_BACKUP, BackendMetrics, LISTENER_BIND_FAILURES_TOTAL, ListenerMetrics, WORKERS,
 };
-use super::pick::BackendPicker;
+use super::pick::{BackendPicker, PickFor};
 
 /// Why the proxy could not start.
 #[derive(Debug, thiserror::Error)]
@@ -67,12 +67,13 @@ impl Shared {
             .unwrap_or_else(|| Arc::new(BackendMetrics::new(addr)))
     }
 
-    /// The backend for connect attempt `attempt` (from 0) of a connection on `l`, never one of `tried`
-    /// (redispatch), with its metric handles; an attempt after the first is counted as a retry. `None` when
-    /// the attempts are used up or no backend is left.
+    /// The backend for connect attempt `attempt` (from 0) of a connection from `client` on `l`, never one of
+    /// `tried` (redispatch), with its metric handles; an attempt after the first is counted as a retry.
+    /// `None` when the attempts are used up or no backend is left.
     pub fn next_backend(
         &self,
         l: &ListenerState,
+        client: IpAddr,
         tried: &[SocketAddr],
         attempt: u32,
     ) -> Option<(SocketAddr, Arc<BackendMetrics>)> {
@@ -81,14 +82,22 @@ impl Shared {
             return None;
         }
         let ty = &l.cfg.request_type;
-        let mut addr = self.pick(ty, tried)?;
+        // Read only by `balance = "least_connections"`.
+        let open = |a: SocketAddr| {
+            self.backends
+                .load()
+                .get(&a)
+                .map_or(0, |b| b.open.load(Ordering::Relaxed))
+        };
+        let conn = PickFor { client, open: &open };
+        let mut addr = self.pick(ty, tried, &conn)?;
         // Slow start: a backend back from a hold is taken only at its share; else another is, if any.
         if let Some(share) = self.holds.share(addr, t.slow_start)
             && rand::random::<f64>() >= share
         {
             let mut passed = tried.to_vec();
             passed.push(addr);
-            addr = self.pick(ty, &passed).unwrap_or(addr);
+            addr = self.pick(ty, &passed, &conn).unwrap_or(addr);
         }
         if attempt > 0 {
             l.metrics.retries.increment(1);
@@ -97,20 +106,13 @@ impl Shared {
     }
 
     /// A backend for `ty` other than `tried`, leaving out those held out unless every one left is.
-    fn pick(&self, ty: &str, tried: &[SocketAddr]) -> Option<SocketAddr> {
-        // Read only by `balance = "least_connections"`.
-        let open = |a: SocketAddr| {
-            self.backends
-                .load()
-                .get(&a)
-                .map_or(0, |b| b.open.load(Ordering::Relaxed))
-        };
+    fn pick(&self, ty: &str, tried: &[SocketAddr], conn: &PickFor<'_>) -> Option<SocketAddr> {
         match self.holds.exclude(tried) {
             Some(held) => self
                 .picker
-                .pick(ty, &held, &open)
-                .or_else(|| self.picker.pick(ty, tried, &open)),
-            None => self.picker.pick(ty, tried, &open),
+                .pick(ty, &held, conn)
+                .or_else(|| self.picker.pick(ty, tried, conn)),
+            None => self.picker.pick(ty, tried, conn),
         }
     }
 

@@ -805,7 +805,7 @@ impl Loop {
             let Some(c) = self.conn(slot) else { return };
             let l = c.active.l.clone();
             let Some(k) = c.connecting.as_mut() else { return };
-            let Some((addr, bm)) = shared.next_backend(&l, &k.tried, k.attempt) else {
+            let Some((addr, bm)) = shared.next_backend(&l, k.peer.ip(), &k.tried, k.attempt) else {
                 l.metrics.failed.increment(1);
                 debug!(listener = %l.cfg.name, peer = %k.peer, "no backend reachable; closing the client");
                 c.active.ended(End::NoBackend);
