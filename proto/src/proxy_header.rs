@@ -1,6 +1,7 @@
-//! The PROXY protocol v2 header (binary form) that tells a backend the real client address of a proxied
-//! connection: the balancer's L4 proxy encodes it, and [`decode_v2`] reads it (for backends and tests).
-//! Spec: haproxy's `doc/proxy-protocol.txt`, section 2.2.
+//! The PROXY protocol header that tells a backend the real client address of a proxied connection: the
+//! balancer's L4 proxy encodes it (v2, binary) toward backends, and [`decode`] reads either version (from a
+//! front balancer, on listeners with `accept_proxy`; and for backends and tests). Spec: haproxy's
+//! `doc/proxy-protocol.txt`, sections 2.1 (v1, text) and 2.2 (v2).
 //!
 //! ```
 //! use xcluster_proto::proxy_header::{Addresses, decode_v2, encode_v2};
@@ -27,6 +28,10 @@ pub const FIXED_LEN: usize = 16;
 /// Largest header a decoder accepts: the fixed part plus the largest length field. TLVs beyond the addresses
 /// are skipped, not interpreted.
 pub const MAX_HEADER_LEN: usize = FIXED_LEN + u16::MAX as usize;
+/// Longest v1 header, its CRLF included (the spec's bound: a TCP6 line with the longest addresses).
+pub const V1_MAX_LEN: usize = 107;
+/// How a v1 header starts.
+const V1_PREFIX: &[u8] = b"PROXY ";
 
 /// The header for a TCP connection from `src` (the client) to `dst` (the proxy's listening address).
 /// Mixed families are sent as IPv6 (IPv4 mapped), as the spec allows.
@@ -88,6 +93,82 @@ pub enum HeaderError {
     BadVersion(u8),
     #[error("PROXY header address block of {len} bytes is too short for family {family:#04x}")]
     ShortAddresses { family: u8, len: usize },
+    #[error("malformed PROXY v1 header: {0}")]
+    BadV1(&'static str),
+}
+
+/// Decodes a header of either version from the start of `buf`: v1 if it starts with `P`, else v2. On
+/// `Incomplete`, every byte of `buf` belongs to the header, and `need` is a lower bound of its length (for
+/// v2, once its fixed part is in, the exact length). Never reads past `buf` and never allocates.
+pub fn decode(buf: &[u8]) -> Result<Header, HeaderError> {
+    match buf.first() {
+        Some(b'P') => decode_v1(buf),
+        _ => decode_v2(buf),
+    }
+}
+
+/// Decodes a v1 (text) header: `PROXY TCP4|TCP6 <src ip> <dst ip> <src port> <dst port>\r\n`, or
+/// `PROXY UNKNOWN ...\r\n` (the connection's own addresses stand).
+pub fn decode_v1(buf: &[u8]) -> Result<Header, HeaderError> {
+    let head = &buf[..buf.len().min(V1_MAX_LEN)];
+    let prefix = head.len().min(V1_PREFIX.len());
+    if head[..prefix] != V1_PREFIX[..prefix] {
+        return Err(HeaderError::BadV1("does not start with \"PROXY \""));
+    }
+    let Some(cr) = head.iter().position(|&b| b == b'\r' || b == b'\n') else {
+        if head.len() == V1_MAX_LEN {
+            return Err(HeaderError::BadV1("no CRLF within 107 bytes"));
+        }
+        if !head.iter().all(|b| b.is_ascii_graphic() || *b == b' ') {
+            return Err(HeaderError::BadV1("a byte that is not printable ASCII"));
+        }
+        return Err(HeaderError::Incomplete { need: head.len() + 1 });
+    };
+    match head.get(cr..cr + 2) {
+        Some(b"\r\n") => {}
+        Some(_) => return Err(HeaderError::BadV1("a line end that is not CRLF")),
+        None if head[cr] == b'\r' && cr + 1 < V1_MAX_LEN => {
+            return Err(HeaderError::Incomplete { need: cr + 2 });
+        }
+        None => return Err(HeaderError::BadV1("a line end that is not CRLF")),
+    }
+    let line = std::str::from_utf8(&head[V1_PREFIX.len().min(cr)..cr])
+        .map_err(|_| HeaderError::BadV1("a byte that is not printable ASCII"))?;
+    let mut fields = line.split(' ');
+    let addresses = match fields.next() {
+        Some("UNKNOWN") => Addresses::Local,
+        Some(family @ ("TCP4" | "TCP6")) => {
+            let mut next = || fields.next().ok_or(HeaderError::BadV1("too few fields"));
+            let (src, dst, sport, dport) = (next()?, next()?, next()?, next()?);
+            if fields.next().is_some() {
+                return Err(HeaderError::BadV1("too many fields"));
+            }
+            let ip = |s: &str| -> Result<std::net::IpAddr, HeaderError> {
+                let ip = if family == "TCP4" {
+                    s.parse::<Ipv4Addr>().map(Into::into)
+                } else {
+                    s.parse::<Ipv6Addr>().map(Into::into)
+                };
+                ip.map_err(|_| HeaderError::BadV1("an address that does not parse for its family"))
+            };
+            let port = |s: &str| -> Result<u16, HeaderError> {
+                // The spec's ports are plain decimal: no sign, no leading zero.
+                match s.parse::<u16>() {
+                    Ok(p) if !s.starts_with('+') && (s == "0" || !s.starts_with('0')) => Ok(p),
+                    _ => Err(HeaderError::BadV1("a port that is not 0-65535")),
+                }
+            };
+            Addresses::Proxied {
+                src: SocketAddr::new(ip(src)?, port(sport)?),
+                dst: SocketAddr::new(ip(dst)?, port(dport)?),
+            }
+        }
+        _ => return Err(HeaderError::BadV1("a protocol other than TCP4, TCP6 or UNKNOWN")),
+    };
+    Ok(Header {
+        len: cr + 2,
+        addresses,
+    })
 }
 
 /// Decodes a v2 header from the start of `buf`. Never reads past `buf` and never allocates.
@@ -219,5 +300,81 @@ mod tests {
         tlv.extend_from_slice(&good[16..]);
         tlv.extend_from_slice(&[0x04, 0, 0, b'x']);
         assert_eq!(decode_v2(&tlv).unwrap().len, 31);
+    }
+
+    #[test]
+    fn v1_headers_decode() {
+        let tcp4 = b"PROXY TCP4 192.168.0.1 10.0.0.2 56324 443\r\nGET /";
+        let h = decode(tcp4).unwrap();
+        assert_eq!(h.len, tcp4.len() - 5);
+        assert_eq!(
+            h.addresses,
+            Addresses::Proxied {
+                src: "192.168.0.1:56324".parse().unwrap(),
+                dst: "10.0.0.2:443".parse().unwrap()
+            }
+        );
+        let tcp6 = b"PROXY TCP6 2001:db8::1 ::1 1 65535\r\n";
+        assert_eq!(
+            decode(tcp6).unwrap().addresses,
+            Addresses::Proxied {
+                src: "[2001:db8::1]:1".parse().unwrap(),
+                dst: "[::1]:65535".parse().unwrap()
+            }
+        );
+        let unknown = b"PROXY UNKNOWN ffff:f...f:ffff 4242\r\n";
+        assert_eq!(
+            decode(unknown).unwrap(),
+            Header {
+                len: unknown.len(),
+                addresses: Addresses::Local
+            }
+        );
+        assert_eq!(decode(b"PROXY UNKNOWN\r\n").unwrap().len, 15);
+        // Every cut of a good header is a prefix that asks for more, never an error or a header.
+        for cut in 0..tcp6.len() {
+            assert!(
+                matches!(decode(&tcp6[..cut]), Err(HeaderError::Incomplete { need }) if need > cut),
+                "cut at {cut}"
+            );
+        }
+        // v2 still decodes through the same entry point.
+        let v2 = encode_v2("1.2.3.4:5".parse().unwrap(), "5.6.7.8:9".parse().unwrap());
+        assert_eq!(decode(&v2).unwrap(), decode_v2(&v2).unwrap());
+    }
+
+    #[test]
+    fn v1_refuses_malformed_lines() {
+        for bad in [
+            &b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2\n"[..],
+            b"PROXY TCP4 1.2.3.4 5.6.7.8 1\r\n",
+            b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2 3\r\n",
+            b"PROXY TCP4 ::1 5.6.7.8 1 2\r\n",
+            b"PROXY TCP6 1.2.3.4 ::1 1 2\r\n",
+            b"PROXY TCP4 1.2.3.4 5.6.7.8 65536 2\r\n",
+            b"PROXY TCP4 1.2.3.4 5.6.7.8 01 2\r\n",
+            b"PROXY TCP4 1.2.3.4 5.6.7.8 +1 2\r\n",
+            b"PROXY TCP4  1.2.3.4 5.6.7.8 1 2\r\n",
+            b"PROXY UDP4 1.2.3.4 5.6.7.8 1 2\r\n",
+            b"PROXY\r\n",
+            b"PROXI TCP4",
+            b"PROXY TCP4 1.2.3.4\x00",
+            b"PROXY TCP4 1.2.3.4\rX",
+        ] {
+            assert!(
+                matches!(decode(bad), Err(HeaderError::BadV1(_))),
+                "{:?} gave {:?}",
+                String::from_utf8_lossy(bad),
+                decode(bad)
+            );
+        }
+        // No line end within the spec's 107 bytes.
+        let mut long = b"PROXY UNKNOWN ".to_vec();
+        long.resize(200, b'x');
+        assert_eq!(decode(&long), Err(HeaderError::BadV1("no CRLF within 107 bytes")));
+        long.truncate(106);
+        assert_eq!(decode(&long), Err(HeaderError::Incomplete { need: 107 }));
+        long.push(b'\r');
+        assert!(matches!(decode(&long), Err(HeaderError::BadV1(_))));
     }
 }

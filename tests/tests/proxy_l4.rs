@@ -954,6 +954,111 @@ fn proxy_protocol_v2_header_names_the_client(rt: &'static str) {
     assert_eq!(body, b"payload");
 }
 
+/// With `accept_proxy`, each client's PROXY header (v1 or v2, in one piece with the payload or split) is taken
+/// off the stream and names the client from then on: in the header sent on to the backend, and for
+/// `max_connections_per_client`. A `LOCAL` header keeps the socket's own addresses. A client whose header is
+/// not one, or does not come within the connect timeout, is closed before any backend is tried, and counted.
+fn accept_proxy_takes_the_client_from_its_header(rt: &'static str) {
+    use xcluster_proto::proxy_header::{Addresses, SIGNATURE, decode_v2, encode_v2};
+    // The backend tells the header the proxy sent it, then echoes.
+    let (tx, rx) = mpsc::channel::<Addresses>();
+    let b = backend(move |mut s| {
+        let mut h = vec![0u8; 16];
+        // Health checks connect and close without a byte.
+        let Ok(()) = s.read_exact(&mut h) else { return };
+        h.resize(16 + usize::from(u16::from_be_bytes([h[14], h[15]])), 0);
+        s.read_exact(&mut h[16..]).unwrap();
+        tx.send(decode_v2(&h).unwrap().addresses).unwrap();
+        let mut buf = [0u8; 1024];
+        while let Ok(n @ 1..) = s.read(&mut buf) {
+            s.write_all(&buf[..n]).unwrap();
+        }
+    });
+    let front = free_addr();
+    let lb = start_lb(
+        rt,
+        1000,
+        &format!(
+            "connect_timeout_ms = 500\n{}proxy_protocol = true\naccept_proxy = true\n\
+             max_connections_per_client = 1\n{}",
+            listener("web", front),
+            backends(&[b])
+        ),
+    );
+    let proxied = |src: &str, dst: &str| Addresses::Proxied {
+        src: src.parse().unwrap(),
+        dst: dst.parse().unwrap(),
+    };
+    let echoed = |s: &mut TcpStream, want: &[u8]| {
+        let mut got = vec![0u8; want.len()];
+        s.read_exact(&mut got).unwrap();
+        assert_eq!(got, want);
+    };
+
+    // v1, with the payload in the same write.
+    let mut c1 = connect(front);
+    c1.write_all(b"PROXY TCP4 203.0.113.7 198.51.100.1 40000 443\r\nhello")
+        .unwrap();
+    let want = proxied("203.0.113.7:40000", "198.51.100.1:443");
+    assert_eq!(rx.recv_timeout(T).unwrap(), want);
+    echoed(&mut c1, b"hello");
+    // v2 in two writes, from another client (c1 holds 203.0.113.7's one connection).
+    let v2 = encode_v2(
+        "[2001:db8::9]:5000".parse().unwrap(),
+        "[2001:db8::1]:443".parse().unwrap(),
+    );
+    let mut c2 = connect(front);
+    c2.write_all(&v2[..7]).unwrap();
+    c2.write_all(&[&v2[7..], b"world"].concat()).unwrap();
+    let want = proxied("[2001:db8::9]:5000", "[2001:db8::1]:443");
+    assert_eq!(rx.recv_timeout(T).unwrap(), want);
+    echoed(&mut c2, b"world");
+    // c1's client again, by its header though not by its socket: over its limit of one.
+    let mut c3 = connect(front);
+    c3.write_all(b"PROXY TCP4 203.0.113.7 198.51.100.1 40001 443\r\n")
+        .unwrap();
+    assert_closed(&mut c3);
+    // LOCAL (a front balancer's own health check): the socket's addresses stand.
+    let mut c4 = connect(front);
+    c4.write_all(&[&SIGNATURE[..], &[0x20, 0, 0, 0]].concat())
+        .unwrap();
+    let own = Addresses::Proxied {
+        src: c4.local_addr().unwrap(),
+        dst: front,
+    };
+    assert_eq!(rx.recv_timeout(T).unwrap(), own);
+    // Not a header; then no header at all (closed once the 500 ms connect timeout is up).
+    let mut c5 = connect(front);
+    c5.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+    assert_closed(&mut c5);
+    assert_closed(&mut connect(front));
+    let web = "listener=\"web\"";
+    let m = lb.metrics();
+    assert_eq!(
+        metric_value(&m, "xcluster_lb_proxy_header_errors_total", web),
+        Some(2.0),
+        "{m}"
+    );
+    assert_eq!(
+        metric_value(&m, "xcluster_lb_proxy_connections_rejected_total", web),
+        Some(1.0),
+        "{m}"
+    );
+    assert!(rx.try_recv().is_err(), "a refused client reached the backend");
+    c1.write_all(b"still served").unwrap();
+    echoed(&mut c1, b"still served");
+    drop((c2, c4));
+}
+
+/// The proxy closed `s` (its end of stream, or a reset when bytes were left unread), without a byte.
+fn assert_closed(s: &mut TcpStream) {
+    match s.read(&mut [0u8; 16]) {
+        Ok(0) => {}
+        Err(e) if e.kind() == ErrorKind::ConnectionReset => {}
+        other => panic!("expected the proxy to close the connection, got {other:?}"),
+    }
+}
+
 fn sigterm_drains_established_connections(rt: &'static str) {
     let echo = echo_backend();
     let front = free_addr();
@@ -1440,6 +1545,7 @@ per_runtime!(
     every_backend_down_closes_the_client_promptly_and_counts_it,
     idle_connections_are_closed_and_counted,
     proxy_protocol_v2_header_names_the_client,
+    accept_proxy_takes_the_client_from_its_header,
     sigterm_drains_established_connections,
     connections_still_open_at_the_end_of_the_grace_period_are_closed,
     reload_removing_a_listener_keeps_its_connections,

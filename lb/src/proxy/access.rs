@@ -29,6 +29,8 @@ pub enum End {
     ClientLimit,
     /// The PROXY protocol header could not be sent to the backend.
     ProxyHeader,
+    /// On a listener with `accept_proxy`: the client sent no valid PROXY header in time.
+    ClientHeader,
     /// Still open when the proxy stopped (the end of the drain grace period).
     Shutdown,
 }
@@ -42,6 +44,7 @@ impl fmt::Display for End {
             Self::NoBackend => f.write_str("no backend"),
             Self::ClientLimit => f.write_str("client limit"),
             Self::ProxyHeader => f.write_str("PROXY header not sent"),
+            Self::ClientHeader => f.write_str("no valid PROXY header from the client"),
             Self::Shutdown => f.write_str("shutdown"),
         }
     }
@@ -50,7 +53,7 @@ impl fmt::Display for End {
 /// What the log line of one connection says, gathered while it lives.
 #[derive(Debug)]
 pub struct ConnLog {
-    client: SocketAddr,
+    pub(super) client: SocketAddr,
     accepted: Instant,
     backend: Option<SocketAddr>,
     /// From the accept to the backend's answer, retries included.

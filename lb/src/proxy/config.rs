@@ -3,7 +3,7 @@
 //! Reloads live: `listeners` (added, removed or changed; established connections stay, and one changed on the
 //! same address keeps its sockets), `backends` (their weights and `backup`), `connect_timeout_ms`,
 //! `idle_timeout_ms`, `connect_attempts`, `check_interval_ms`, `check_fall`, `check_rise`, `check_http_path`,
-//! `slow_start_ms`, `balance`, per-listener `proxy_protocol`, `log_connections` and
+//! `slow_start_ms`, `balance`, per-listener `proxy_protocol`, `accept_proxy`, `log_connections` and
 //! `max_connections_per_client`.
 //! Needs a restart: `workers`, `runtime`, `forwarding`, `max_connections`, `backlog`, `keepalive_ms`,
 //! `io_uring_buffers`.
@@ -109,6 +109,10 @@ pub struct ListenerRaw {
     pub request_type: String,
     /// Send a PROXY protocol v2 header to the backend so it sees the client's address.
     pub proxy_protocol: bool,
+    /// Every client sends a PROXY header (v1 or v2) first, as a front balancer does (HAProxy's
+    /// `accept-proxy`): the address it names is the client's everywhere (log, per-client limit,
+    /// `balance = "source"`, the header sent on). See `proxy::inbound`.
+    pub accept_proxy: bool,
     /// One log line per connection when it ends (HAProxy's `option tcplog`); see `proxy::access`.
     pub log_connections: bool,
     /// Connections one client address may hold open through this listener at once; 0 (the default): no
@@ -123,6 +127,7 @@ impl Default for ListenerRaw {
             listen: String::new(),
             request_type: "default".into(),
             proxy_protocol: false,
+            accept_proxy: false,
             log_connections: false,
             max_connections_per_client: 0,
         }
@@ -198,6 +203,7 @@ pub struct ListenerConfig {
     pub listen: SocketAddr,
     pub request_type: String,
     pub proxy_protocol: bool,
+    pub accept_proxy: bool,
     pub log_connections: bool,
     /// `None`: no limit.
     pub max_connections_per_client: Option<u32>,
@@ -300,6 +306,7 @@ impl ProxySection {
                 listen,
                 request_type: l.request_type.clone(),
                 proxy_protocol: l.proxy_protocol,
+                accept_proxy: l.accept_proxy,
                 log_connections: l.log_connections,
                 max_connections_per_client: Some(v.range(
                     &format!("{key}.max_connections_per_client"),

@@ -8,6 +8,7 @@
 
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
+use std::os::fd::AsRawFd;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -16,17 +17,20 @@ use std::time::{Duration, Instant};
 
 use metrics::Counter;
 use pin_project_lite::pin_project;
+use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Sleep;
 use tracing::{Instrument, debug, debug_span};
+use xcluster_proto::proxy_header::Addresses;
 
 use super::access::{self, ConnLog, End};
 use super::clients::ClientSlot;
 use super::config::Timeouts;
 use super::forward::Direction;
+use super::inbound::Inbound;
 use super::metrics::BackendMetrics;
-use super::service::{ListenerState, Shared};
+use super::service::{Admit, ListenerState, Shared};
 
 /// Counts the connection on the listener's active gauge, and on its backend's once connected, for as long
 /// as it lives; holds the connection's permit of `max_connections`.
@@ -57,6 +61,41 @@ impl Active {
             _permit: permit,
             client,
             log,
+        }
+    }
+
+    /// Takes in what reading the client's PROXY header (`accept_proxy`, see `inbound`) gave, for a
+    /// connection from `peer`: the client's own address (named in the connection log from now on, and
+    /// counted against its `max_connections_per_client`) and the address it connected to, or `None` when
+    /// the connection must close: no valid header (counted), or a client over its limit (counted).
+    pub(super) fn header_read(
+        &mut self,
+        header: std::io::Result<Addresses>,
+        peer: SocketAddr,
+    ) -> Option<(SocketAddr, Option<SocketAddr>)> {
+        let (client, to) = match header {
+            Ok(Addresses::Proxied { src, dst }) => (src, Some(dst)),
+            // `LOCAL` (a front balancer's own health check): the socket's addresses stand.
+            Ok(Addresses::Local) => (peer, None),
+            Err(e) => {
+                self.l.metrics.header_errors.increment(1);
+                self.ended(End::ClientHeader);
+                debug!(listener = %self.l.cfg.name, %peer, error = %e, "no valid PROXY header; closing the client");
+                return None;
+            }
+        };
+        if let Some(g) = self.log.as_deref_mut() {
+            g.client = client;
+        }
+        match self.l.count_client(client) {
+            Admit::Open(slot) => {
+                self.client = slot;
+                Some((client, to))
+            }
+            Admit::Rejected => {
+                self.ended(End::ClientLimit);
+                None
+            }
         }
     }
 
@@ -130,7 +169,18 @@ pub fn serve(
         fut: Box::pin(
             async move {
                 let timeouts = shared.timeouts.load_full();
-                let (backend, addr, bm) = establish(&client, peer, &mut active, &shared, &timeouts).await?;
+                // With `accept_proxy`, the client as its header names it; the socket's peer stays `peer`.
+                let client_addrs = if active.l.cfg.accept_proxy {
+                    let mut header = Inbound::default();
+                    let fd = client.as_raw_fd();
+                    let read = client.async_io(Interest::READABLE, || header.step(fd));
+                    let read = tokio::time::timeout(timeouts.connect, read).await;
+                    active.header_read(read.unwrap_or_else(|e| Err(e.into())), peer)?
+                } else {
+                    (peer, None)
+                };
+                let (backend, addr, bm) =
+                    establish(&client, client_addrs, &mut active, &shared, &timeouts).await?;
                 // Each direction is told whether its destination is on this host (see `Direction::new`).
                 let local = |a: SocketAddr| a.ip().to_canonical().is_loopback();
                 let up = Direction::new(shared.forwarding, local(addr));
@@ -162,10 +212,11 @@ impl Future for Serve {
     }
 }
 
-/// Connects a backend (with redispatch) and sends the optional PROXY header.
+/// Connects a backend (with redispatch) and sends the optional PROXY header, which names `peer` and `to`,
+/// the address the client connected to (`None`: the client socket's own).
 async fn establish(
     client: &TcpStream,
-    peer: SocketAddr,
+    (peer, to): (SocketAddr, Option<SocketAddr>),
     active: &mut Active,
     shared: &Shared,
     timeouts: &Timeouts,
@@ -178,7 +229,7 @@ async fn establish(
     };
     debug!(backend = %addr, "connected");
     if active.l.cfg.proxy_protocol {
-        let local = client.local_addr().unwrap_or(active.l.cfg.listen);
+        let local = to.unwrap_or_else(|| client.local_addr().unwrap_or(active.l.cfg.listen));
         let header = xcluster_proto::proxy_header::encode_v2(peer, local);
         match tokio::time::timeout(timeouts.connect, write_all(&backend, &header)).await {
             Ok(Ok(())) => {}
@@ -383,6 +434,7 @@ mod tests {
                 listen: a,
                 request_type: "x".into(),
                 proxy_protocol: false,
+                accept_proxy: false,
                 log_connections: false,
                 max_connections_per_client: None,
             },

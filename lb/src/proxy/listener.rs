@@ -123,6 +123,7 @@ mod tests {
             listen: "127.0.0.1:0".parse().unwrap(),
             request_type: "x".into(),
             proxy_protocol: false,
+            accept_proxy: false,
             log_connections: false,
             max_connections_per_client: None,
         };

@@ -1,6 +1,7 @@
 //! The layer-4 TCP proxy mode of the balancer: listeners mapped to request types forward each connection to
-//! a backend chosen through [`BackendPicker`], with redispatch, timeouts, PROXY protocol v2, live reload and
-//! graceful drain. Config lives in `[proxy]` ([`config`]).
+//! a backend chosen through [`BackendPicker`], with redispatch, timeouts, the PROXY protocol (v2 sent on, v1
+//! or v2 accepted from a front balancer), live reload and graceful drain. Config lives in `[proxy]`
+//! ([`config`]).
 
 mod access;
 mod clients;
@@ -8,6 +9,7 @@ pub mod config;
 mod conn;
 mod forward;
 mod health;
+mod inbound;
 mod listener;
 pub mod metrics;
 pub mod pick;

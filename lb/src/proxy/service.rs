@@ -234,8 +234,24 @@ impl ListenerState {
         })
     }
 
-    /// Admits a connection from `peer` just accepted on this listener (see [`Admit`]).
+    /// Admits a connection from `peer` just accepted on this listener (see [`Admit`]). With `accept_proxy`
+    /// its client is not known yet: it is counted once its header names it (`Active::client_is`).
     pub fn admit(&self, peer: SocketAddr) -> Admit {
+        if self.cfg.accept_proxy {
+            return Admit::Open(None);
+        }
+        let admit = self.count_client(peer);
+        if matches!(admit, Admit::Rejected) && self.cfg.log_connections {
+            let mut log = ConnLog::new(peer);
+            log.ended(End::ClientLimit);
+            log.write(&self.cfg.name);
+        }
+        admit
+    }
+
+    /// Counts a connection from `peer` against its client's `max_connections_per_client`, or refuses it
+    /// (counted as rejected) when that client holds as many already.
+    pub fn count_client(&self, peer: SocketAddr) -> Admit {
         let Some(limit) = self.cfg.max_connections_per_client else {
             return Admit::Open(None);
         };
@@ -244,11 +260,6 @@ impl ListenerState {
             None => {
                 self.metrics.rejected.increment(1);
                 debug!(listener = %self.cfg.name, %peer, limit, "client at its connection limit; closed");
-                if self.cfg.log_connections {
-                    let mut log = ConnLog::new(peer);
-                    log.ended(End::ClientLimit);
-                    log.write(&self.cfg.name);
-                }
                 Admit::Rejected
             }
         }

@@ -36,10 +36,12 @@ use socket2::{Domain, Protocol, SockAddr, SockAddrStorage, Socket, Type};
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::task::task_tracker::TaskTrackerToken;
 use tracing::{debug, error, warn};
+use xcluster_proto::proxy_header::Addresses;
 
 use super::access::End;
 use super::clients::ClientSlot;
 use super::conn::Active;
+use super::inbound::Inbound;
 use super::listener::{BACKOFF_MAX, BACKOFF_MIN, is_resource_exhaustion};
 use super::metrics::{BUFFER_WAITS_TOTAL, BUFFERS_HELD, BackendMetrics, RECEIVE_PAUSES_TOTAL};
 use super::service::{Admit, ListenerState, LiveListener, Shared};
@@ -143,6 +145,8 @@ pub fn spawn(
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Op {
     Accept = 1,
+    /// A poll for the rest of a client's PROXY header (`accept_proxy`).
+    Header,
     Connect,
     LinkTimeout,
     Recv,
@@ -156,6 +160,7 @@ impl Op {
     fn from_u8(v: u8) -> Option<Self> {
         [
             Self::Accept,
+            Self::Header,
             Self::Connect,
             Self::LinkTimeout,
             Self::Recv,
@@ -348,7 +353,12 @@ const DIR: Dir = Dir {
 
 /// What a connection needs only until its backend answers.
 struct Connecting {
+    /// The client: the socket's peer, or what its PROXY header names (`accept_proxy`).
     peer: SocketAddr,
+    /// The address the client connected to, as its PROXY header names it; `None`: the socket's own.
+    to: Option<SocketAddr>,
+    /// The client's PROXY header while it is being read (`accept_proxy`).
+    header: Option<Box<Inbound>>,
     tried: Vec<SocketAddr>,
     attempt: u32,
     addr: SocketAddr,
@@ -553,6 +563,7 @@ impl Loop {
             Some(Op::Wake) => self.on_wake(),
             Some(Op::Tick) => self.on_tick(),
             Some(Op::Accept) => self.on_accept(slot, res),
+            Some(Op::Header) => self.on_header(slot, res),
             Some(Op::Connect) => self.on_connect(slot, res),
             Some(Op::LinkTimeout) => {
                 self.finish_op(slot);
@@ -758,6 +769,7 @@ impl Loop {
         permit: OwnedSemaphorePermit,
         slot: Option<Box<ClientSlot>>,
     ) {
+        let header = l.cfg.accept_proxy.then(Box::default);
         let conn = Conn {
             client,
             backend: None,
@@ -765,6 +777,8 @@ impl Loop {
             _token: self.shared.tracker.token(),
             connecting: Some(Box::new(Connecting {
                 peer,
+                to: None,
+                header,
                 tried: Vec::new(),
                 attempt: 0,
                 addr: peer,
@@ -789,7 +803,69 @@ impl Loop {
                 u32::try_from(self.conns.len() - 1).unwrap_or(u32::MAX)
             }
         };
-        self.connect_next(slot);
+        self.read_header(slot);
+    }
+
+    /// Reads the client's PROXY header (`accept_proxy`) as far as its socket holds it, then goes on to the
+    /// connect; while bytes are missing, a poll waits for more, with a linked timeout so that the header
+    /// takes at most the connect timeout from the accept. Without `accept_proxy`: the connect at once.
+    fn read_header(&mut self, slot: u32) {
+        let connect = self.shared.timeouts.load().connect;
+        let Some(c) = self.conn(slot) else { return };
+        let Some(k) = c.connecting.as_mut() else { return };
+        let Some(header) = k.header.as_mut() else {
+            self.connect_next(slot);
+            return;
+        };
+        let read = match header.step(c.client.as_raw_fd()) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                let left = connect.saturating_sub(k.started.elapsed());
+                if !left.is_zero() {
+                    k.timeout = Timespec::from(left);
+                    let poll = opcode::PollAdd::new(Fd(c.client.as_raw_fd()), libc::POLLIN as u32)
+                        .build()
+                        .flags(squeue::Flags::IO_LINK)
+                        .user_data(user_data(Op::Header, slot, 0));
+                    let timeout = opcode::LinkTimeout::new(&k.timeout).build().user_data(user_data(
+                        Op::LinkTimeout,
+                        slot,
+                        0,
+                    ));
+                    c.ops += 2;
+                    self.push_all(&[poll, timeout]);
+                    return;
+                }
+                Err(io::ErrorKind::TimedOut.into())
+            }
+            read => read,
+        };
+        self.header_read(slot, read);
+    }
+
+    /// The poll for the rest of a PROXY header completed: bytes came, or (ECANCELED) its timeout fired.
+    fn on_header(&mut self, slot: u32, res: i32) {
+        if !self.finish_op(slot) {
+            return;
+        }
+        match res {
+            0.. => self.read_header(slot),
+            e if e == -libc::ECANCELED => self.header_read(slot, Err(io::ErrorKind::TimedOut.into())),
+            e => self.header_read(slot, Err(io::Error::from_raw_os_error(-e))),
+        }
+    }
+
+    /// The client's PROXY header is read, or failed to be: on to the connect, or closed.
+    fn header_read(&mut self, slot: u32, read: io::Result<Addresses>) {
+        let Some(c) = self.conn(slot) else { return };
+        let Some(k) = c.connecting.as_mut() else { return };
+        k.header = None;
+        match c.active.header_read(read, k.peer) {
+            Some((peer, to)) => {
+                (k.peer, k.to) = (peer, to);
+                self.connect_next(slot);
+            }
+            None => self.close(slot),
+        }
     }
 
     fn conn(&mut self, slot: u32) -> Option<&mut Conn> {
@@ -852,7 +928,7 @@ impl Loop {
         let Some(c) = self.conn(slot) else { return };
         let Some(k) = c.connecting.as_mut() else { return };
         let Some(bm) = k.bm.clone() else { return };
-        let (addr, peer, started) = (k.addr, k.peer, k.started);
+        let (addr, peer, to, started) = (k.addr, k.peer, k.to, k.started);
         if res < 0 {
             let e = io::Error::from_raw_os_error(-res);
             // ECANCELED: the linked timeout fired first.
@@ -865,7 +941,7 @@ impl Loop {
         shared.connected(addr, &bm, started);
         debug!(backend = %addr, "connected");
         c.active.connected_to(addr);
-        if c.active.l.cfg.proxy_protocol && !send_proxy_header(c, peer) {
+        if c.active.l.cfg.proxy_protocol && !send_proxy_header(c, peer, to) {
             debug!(backend = %addr, "cannot send the PROXY header");
             c.active.ended(End::ProxyHeader);
             self.close(slot);
@@ -1200,12 +1276,14 @@ fn backend_socket(addr: SocketAddr) -> io::Result<OwnedFd> {
 
 /// Writes the PROXY v2 header on a just-connected backend socket. Its send buffer is empty, so the few
 /// dozen bytes go in one non-blocking `send` or the connection is given up.
-fn send_proxy_header(c: &Conn, peer: SocketAddr) -> bool {
-    let local = socket2::SockRef::from(&c.client)
-        .local_addr()
-        .ok()
-        .and_then(|a| a.as_socket())
-        .unwrap_or(c.active.l.cfg.listen);
+fn send_proxy_header(c: &Conn, peer: SocketAddr, to: Option<SocketAddr>) -> bool {
+    let local = to.unwrap_or_else(|| {
+        socket2::SockRef::from(&c.client)
+            .local_addr()
+            .ok()
+            .and_then(|a| a.as_socket())
+            .unwrap_or(c.active.l.cfg.listen)
+    });
     let header = xcluster_proto::proxy_header::encode_v2(peer, local);
     let Some(b) = &c.backend else { return false };
     // SAFETY: sends from a live buffer on a descriptor this connection owns.
