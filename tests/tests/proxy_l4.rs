@@ -956,7 +956,7 @@ fn proxy_protocol_v2_header_names_the_client(rt: &'static str) {
 
 /// With `accept_proxy`, each client's PROXY header (v1 or v2, in one piece with the payload or split) is taken
 /// off the stream and names the client from then on: in the header sent on to the backend, and for
-/// `max_connections_per_client`. A `LOCAL` header keeps the socket's own addresses. A client whose header is
+/// `max_connections_per_client` and `deny`. A `LOCAL` header keeps the socket's own addresses. A client whose header is
 /// not one, or does not come within the connect timeout, is closed before any backend is tried, and counted.
 fn accept_proxy_takes_the_client_from_its_header(rt: &'static str) {
     use xcluster_proto::proxy_header::{Addresses, SIGNATURE, decode_v2, encode_v2};
@@ -980,7 +980,7 @@ fn accept_proxy_takes_the_client_from_its_header(rt: &'static str) {
         1000,
         &format!(
             "connect_timeout_ms = 500\n{}proxy_protocol = true\naccept_proxy = true\n\
-             max_connections_per_client = 1\n{}",
+             max_connections_per_client = 1\ndeny = [\"192.0.2.0/24\"]\n{}",
             listener("web", front),
             backends(&[b])
         ),
@@ -1018,6 +1018,12 @@ fn accept_proxy_takes_the_client_from_its_header(rt: &'static str) {
     c3.write_all(b"PROXY TCP4 203.0.113.7 198.51.100.1 40001 443\r\n")
         .unwrap();
     assert_closed(&mut c3);
+    // A client the listener denies, by its header (its socket's address, 127.0.0.1, is not denied).
+    let mut denied = connect(front);
+    denied
+        .write_all(b"PROXY TCP4 192.0.2.1 198.51.100.1 40000 443\r\n")
+        .unwrap();
+    assert_closed(&mut denied);
     // LOCAL (a front balancer's own health check): the socket's addresses stand.
     let mut c4 = connect(front);
     c4.write_all(&[&SIGNATURE[..], &[0x20, 0, 0, 0]].concat())
@@ -1044,10 +1050,56 @@ fn accept_proxy_takes_the_client_from_its_header(rt: &'static str) {
         Some(1.0),
         "{m}"
     );
+    assert_eq!(
+        metric_value(&m, "xcluster_lb_proxy_connections_denied_total", web),
+        Some(1.0),
+        "{m}"
+    );
     assert!(rx.try_recv().is_err(), "a refused client reached the backend");
     c1.write_all(b"still served").unwrap();
     echoed(&mut c1, b"still served");
     drop((c2, c4));
+}
+
+/// A listener's `deny` closes the clients it covers at once, and a non-empty `allow` every client it does
+/// not cover; each is counted and logged, and the rules reload live.
+fn allow_and_deny_keep_clients_out(rt: &'static str) {
+    let (echo, front) = (echo_backend(), free_addr());
+    let rules = |deny: &str| format!("log_connections = true\nallow = [\"127.0.0.0/29\"]\ndeny = [{deny}]\n");
+    let lb = start_lb(rt, 1000, &echo_proxy(front, echo, "", &rules("\"127.0.0.5\"")));
+    ping(&mut connect_from([127, 0, 0, 2], front), b"allowed");
+    assert_closed(&mut connect_from([127, 0, 0, 5], front));
+    assert_closed(&mut connect_from([127, 0, 0, 9], front));
+    let web = "listener=\"web\"";
+    let m = lb.metrics();
+    assert_eq!(
+        metric_value(&m, "xcluster_lb_proxy_connections_denied_total", web),
+        Some(2.0),
+        "{m}"
+    );
+    assert_eq!(
+        metric_value(&m, "xcluster_lb_proxy_connections_accepted_total", web),
+        Some(1.0),
+        "{m}"
+    );
+    eventually(T, "the denied connections' log lines", || {
+        let log = lb.proc.stderr();
+        let denied = log
+            .lines()
+            .filter(|l| l.contains("end=denied"))
+            .collect::<Vec<_>>();
+        (denied.len() == 2).then(|| assert!(denied[0].contains("client=127.0.0.5:"), "{denied:?}"))
+    });
+    // Without the deny entry, 127.0.0.5 is let in, once the proxy has the new rules.
+    lb.reload_applied(1000, &echo_proxy(front, echo, "", &rules("")));
+    eventually(T, "127.0.0.5 to be let in", || {
+        let mut s = connect_from([127, 0, 0, 5], front);
+        // Refused under the old rules, the write may find the connection closed already.
+        s.write_all(b"in?").ok()?;
+        let mut got = [0u8; 3];
+        s.read_exact(&mut got).ok().map(|()| assert_eq!(&got, b"in?"))
+    });
+    assert_closed(&mut connect_from([127, 0, 0, 9], front));
 }
 
 /// The proxy closed `s` (its end of stream, or a reset when bytes were left unread), without a byte.
@@ -1546,6 +1598,7 @@ per_runtime!(
     idle_connections_are_closed_and_counted,
     proxy_protocol_v2_header_names_the_client,
     accept_proxy_takes_the_client_from_its_header,
+    allow_and_deny_keep_clients_out,
     sigterm_drains_established_connections,
     connections_still_open_at_the_end_of_the_grace_period_are_closed,
     reload_removing_a_listener_keeps_its_connections,

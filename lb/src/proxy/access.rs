@@ -27,6 +27,8 @@ pub enum End {
     NoBackend,
     /// The client held `max_connections_per_client` already: closed as soon as accepted.
     ClientLimit,
+    /// The listener's `allow`/`deny` keep the client out: closed as soon as accepted.
+    Denied,
     /// The PROXY protocol header could not be sent to the backend.
     ProxyHeader,
     /// On a listener with `accept_proxy`: the client sent no valid PROXY header in time.
@@ -43,6 +45,7 @@ impl fmt::Display for End {
             Self::Error(errno) => write!(f, "error: {}", io::Error::from_raw_os_error(*errno)),
             Self::NoBackend => f.write_str("no backend"),
             Self::ClientLimit => f.write_str("client limit"),
+            Self::Denied => f.write_str("denied"),
             Self::ProxyHeader => f.write_str("PROXY header not sent"),
             Self::ClientHeader => f.write_str("no valid PROXY header from the client"),
             Self::Shutdown => f.write_str("shutdown"),

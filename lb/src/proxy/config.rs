@@ -14,6 +14,8 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use xcluster_runtime::Validator;
 
+use super::acl::{self, Acl, Net};
+
 /// `[proxy]` as written in the file.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(default, deny_unknown_fields)]
@@ -118,6 +120,11 @@ pub struct ListenerRaw {
     /// Connections one client address may hold open through this listener at once; 0 (the default): no
     /// limit. See `proxy::clients`.
     pub max_connections_per_client: u32,
+    /// Client addresses or CIDR networks let in; empty (the default): every one not denied. See
+    /// `proxy::acl`.
+    pub allow: Vec<String>,
+    /// Client addresses or CIDR networks closed at once, even when an `allow` entry covers them.
+    pub deny: Vec<String>,
 }
 
 impl Default for ListenerRaw {
@@ -130,6 +137,8 @@ impl Default for ListenerRaw {
             accept_proxy: false,
             log_connections: false,
             max_connections_per_client: 0,
+            allow: Vec::new(),
+            deny: Vec::new(),
         }
     }
 }
@@ -207,6 +216,7 @@ pub struct ListenerConfig {
     pub log_connections: bool,
     /// `None`: no limit.
     pub max_connections_per_client: Option<u32>,
+    pub acl: Acl,
 }
 
 /// One validated backend.
@@ -254,6 +264,24 @@ pub struct ProxyConfig {
 
 const MAX_LISTENERS: usize = 256;
 const MAX_BACKENDS: usize = 4096;
+
+/// The entries of a listener's `allow` or `deny` at `key`, each an address or CIDR network.
+fn nets(v: &mut Validator, key: &str, entries: &[String]) -> Vec<Net> {
+    v.check(entries.len() <= acl::MAX_ENTRIES, key, || {
+        format!("{} entries, at most {}", entries.len(), acl::MAX_ENTRIES)
+    });
+    entries
+        .iter()
+        .enumerate()
+        .filter_map(|(j, e)| match Net::parse(e) {
+            Ok(n) => Some(n),
+            Err(msg) => {
+                v.error(format!("{key}[{j}]"), msg);
+                None
+            }
+        })
+        .collect()
+}
 
 fn check_name(v: &mut Validator, key: &str, s: &str) {
     let ok = !s.is_empty()
@@ -315,6 +343,10 @@ impl ProxySection {
                     1_000_000,
                 ))
                 .filter(|&n| n > 0),
+                acl: Acl {
+                    allow: nets(v, &format!("{key}.allow"), &l.allow),
+                    deny: nets(v, &format!("{key}.deny"), &l.deny),
+                },
             });
         }
         let mut backends: Vec<BackendConfig> = Vec::new();
@@ -584,5 +616,28 @@ mod tests {
         .unwrap();
         assert_eq!(cfg.listeners[0].name, "browse");
         assert!(cfg.listeners[0].proxy_protocol);
+    }
+
+    #[test]
+    fn allow_and_deny_entries_are_checked_one_by_one() {
+        let listener = |rules: &str| format!("[[listeners]]\nlisten = \"127.0.0.1:7100\"\n{rules}\n");
+        let cfg = parse(&listener(
+            "allow = [\"10.0.0.0/8\", \"::1\"]\ndeny = [\"10.6.0.0/16\"]",
+        ))
+        .unwrap();
+        let acl = &cfg.listeners[0].acl;
+        assert_eq!((acl.allow.len(), acl.deny.len()), (2, 1));
+        assert!(acl.admits("10.1.1.1".parse().unwrap()) && !acl.admits("10.6.1.1".parse().unwrap()));
+        let errs = parse(&listener(
+            "allow = [\"10.0.0.0/8\", \"10.1.2.3/8\"]\ndeny = [\"nowhere\"]",
+        ))
+        .unwrap_err();
+        assert!(
+            errs.len() == 2
+                && errs[0].contains("proxy.listeners[0].allow[1]")
+                && errs[0].contains("below its /8 prefix")
+                && errs[1].contains("proxy.listeners[0].deny[0]"),
+            "{errs:#?}"
+        );
     }
 }

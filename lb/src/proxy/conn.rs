@@ -66,8 +66,9 @@ impl Active {
 
     /// Takes in what reading the client's PROXY header (`accept_proxy`, see `inbound`) gave, for a
     /// connection from `peer`: the client's own address (named in the connection log from now on, and
-    /// counted against its `max_connections_per_client`) and the address it connected to, or `None` when
-    /// the connection must close: no valid header (counted), or a client over its limit (counted).
+    /// admitted by the listener's `allow`/`deny` and `max_connections_per_client`) and the address it
+    /// connected to, or `None` when the connection must close: no valid header, or a client refused (each
+    /// counted).
     pub(super) fn header_read(
         &mut self,
         header: std::io::Result<Addresses>,
@@ -87,13 +88,13 @@ impl Active {
         if let Some(g) = self.log.as_deref_mut() {
             g.client = client;
         }
-        match self.l.count_client(client) {
+        match self.l.admit_client(client) {
             Admit::Open(slot) => {
                 self.client = slot;
                 Some((client, to))
             }
-            Admit::Rejected => {
-                self.ended(End::ClientLimit);
+            Admit::Rejected(end) => {
+                self.ended(end);
                 None
             }
         }
@@ -437,6 +438,7 @@ mod tests {
                 accept_proxy: false,
                 log_connections: false,
                 max_connections_per_client: None,
+                acl: Default::default(),
             },
             Arc::default(),
         );

@@ -18,6 +18,8 @@ pub const REJECTED_TOTAL: &str = "xcluster_lb_proxy_connections_rejected_total";
 /// Connections closed before any backend was tried, on listeners with `accept_proxy`: no valid PROXY header
 /// within the connect timeout.
 pub const HEADER_ERRORS_TOTAL: &str = "xcluster_lb_proxy_header_errors_total";
+/// Connections closed as soon as accepted: the listener's `allow`/`deny` keep their client out.
+pub const DENIED_TOTAL: &str = "xcluster_lb_proxy_connections_denied_total";
 pub const ACCEPT_ERRORS_TOTAL: &str = "xcluster_lb_proxy_accept_errors_total";
 pub const IDLE_TIMEOUTS_TOTAL: &str = "xcluster_lb_proxy_idle_timeouts_total";
 /// Connect attempts beyond the first (redispatch to another backend).
@@ -53,6 +55,7 @@ pub struct ListenerMetrics {
     pub active: Gauge,
     pub failed: Counter,
     pub rejected: Counter,
+    pub denied: Counter,
     pub header_errors: Counter,
     pub accept_errors: Counter,
     pub idle_timeouts: Counter,
@@ -69,6 +72,7 @@ impl ListenerMetrics {
             active: metrics::gauge!(ACTIVE, "listener" => l.clone()),
             failed: metrics::counter!(FAILED_TOTAL, "listener" => l.clone()),
             rejected: metrics::counter!(REJECTED_TOTAL, "listener" => l.clone()),
+            denied: metrics::counter!(DENIED_TOTAL, "listener" => l.clone()),
             header_errors: metrics::counter!(HEADER_ERRORS_TOTAL, "listener" => l.clone()),
             accept_errors: metrics::counter!(ACCEPT_ERRORS_TOTAL, "listener" => l.clone()),
             idle_timeouts: metrics::counter!(IDLE_TIMEOUTS_TOTAL, "listener" => l.clone()),

@@ -4,6 +4,7 @@
 //! ([`config`]).
 
 mod access;
+mod acl;
 mod clients;
 pub mod config;
 mod conn;

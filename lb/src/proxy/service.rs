@@ -220,9 +220,10 @@ pub struct ListenerState {
 pub enum Admit {
     /// Yes; counted against its client while the slot lives, when the listener has a per-client limit.
     Open(Option<Box<ClientSlot>>),
-    /// No: its client holds `max_connections_per_client` already. It is counted and logged; the caller
+    /// No, for the reason given: the listener's `allow`/`deny` keep its client out (`End::Denied`), or that
+    /// client holds `max_connections_per_client` already (`End::ClientLimit`). It is counted; the caller
     /// closes the socket.
-    Rejected,
+    Rejected(End),
 }
 
 impl ListenerState {
@@ -234,24 +235,32 @@ impl ListenerState {
         })
     }
 
-    /// Admits a connection from `peer` just accepted on this listener (see [`Admit`]). With `accept_proxy`
-    /// its client is not known yet: it is counted once its header names it (`Active::client_is`).
+    /// Admits a connection from `peer` just accepted on this listener (see [`Admit`]), and logs a refusal.
+    /// With `accept_proxy` its client is not known yet: it is admitted once its header names it
+    /// (`Active::header_read`).
     pub fn admit(&self, peer: SocketAddr) -> Admit {
         if self.cfg.accept_proxy {
             return Admit::Open(None);
         }
-        let admit = self.count_client(peer);
-        if matches!(admit, Admit::Rejected) && self.cfg.log_connections {
+        let admit = self.admit_client(peer);
+        if let Admit::Rejected(end) = &admit
+            && self.cfg.log_connections
+        {
             let mut log = ConnLog::new(peer);
-            log.ended(End::ClientLimit);
+            log.ended(*end);
             log.write(&self.cfg.name);
         }
         admit
     }
 
-    /// Counts a connection from `peer` against its client's `max_connections_per_client`, or refuses it
-    /// (counted as rejected) when that client holds as many already.
-    pub fn count_client(&self, peer: SocketAddr) -> Admit {
+    /// Admits a connection from client `peer` by the listener's `allow`/`deny` and counts it against its
+    /// `max_connections_per_client`; a refusal is counted (`denied` or `rejected`).
+    pub fn admit_client(&self, peer: SocketAddr) -> Admit {
+        if !self.cfg.acl.admits(peer.ip()) {
+            self.metrics.denied.increment(1);
+            debug!(listener = %self.cfg.name, %peer, "client denied by the listener's allow/deny; closed");
+            return Admit::Rejected(End::Denied);
+        }
         let Some(limit) = self.cfg.max_connections_per_client else {
             return Admit::Open(None);
         };
@@ -260,7 +269,7 @@ impl ListenerState {
             None => {
                 self.metrics.rejected.increment(1);
                 debug!(listener = %self.cfg.name, %peer, limit, "client at its connection limit; closed");
-                Admit::Rejected
+                Admit::Rejected(End::ClientLimit)
             }
         }
     }
