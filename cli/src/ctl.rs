@@ -9,6 +9,7 @@ use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::time::Duration;
 
 use serde_json::Value;
+use xcluster_runtime::http::percent_encode;
 
 use crate::args::{CtlArgs, CtlVerb};
 
@@ -86,7 +87,7 @@ fn run_verb(c: &Client, args: &CtlArgs) -> Result<i32, Failure> {
         } => {
             let path = format!(
                 "/v1/programs/{}/log?stream={stream}&bytes={bytes}{}",
-                enc(name),
+                percent_encode(name),
                 if *follow { "&follow=1" } else { "" }
             );
             let code = c.stream(&path, *follow)?;
@@ -250,44 +251,33 @@ fn cluster(c: &Client, as_json: bool) -> Result<i32, Failure> {
     Ok(code)
 }
 
-/// Drains (`on`) or undrains instances `ids` on every balancer the monitor watches, through each balancer's
-/// own API (`POST /v1/servers/ID/drain`) with this client's token; one line per balancer and instance. The
-/// exit code is the worst seen: 77 a refused token, 3 a balancer that does not answer, 1 an instance a
-/// balancer does not know.
+/// Drains (`on`) or undrains instances `ids` on every balancer the monitor watches: the monitor calls each
+/// balancer's own API with its token (`POST /v1/cluster/servers/ID/drain`). One line per balancer and
+/// instance; the exit code is the worst seen: 77 a refused token, 3 a balancer that does not answer, 1 an
+/// instance a balancer does not know.
 fn drain(c: &Client, ids: &[String], on: bool, as_json: bool) -> Result<i32, Failure> {
-    let r = c.call("GET", "/v1/cluster")?;
-    check(&r)?;
-    let balancers: Vec<SocketAddr> = items(&r.json()["balancers"])
-        .iter()
-        .filter_map(|b| b["addr"].as_str()?.parse().ok())
-        .collect();
-    if balancers.is_empty() {
-        eprintln!("xcluster ctl: no balancers configured ([cluster] balancers)");
-        return Ok(EXIT_FAILED);
-    }
     let verb = if on { "drain" } else { "undrain" };
     let mut code = 0;
     let mut results = Vec::new();
-    for addr in balancers {
-        let b = Client {
-            addr,
-            url: format!("http://{addr}"),
-            token: c.token.clone(),
-            timeout: c.timeout,
-        };
-        for id in ids {
-            let (fail, outcome) = match b.call("POST", &format!("/v1/servers/{}/{verb}", enc(id))) {
-                Ok(r) if r.status == 200 => (0, format!("{verb}ed")),
-                Ok(r) if r.status == 401 => (EXIT_NOPERM, "the balancer refused the token".into()),
-                Ok(r) => (EXIT_FAILED, r.message()),
-                Err(Failure::Unreachable(e)) => (EXIT_NOT_RUNNING, format!("down: {e}")),
-                Err(Failure::Exit(e)) => (e, "failed".into()),
+    for id in ids {
+        let r = c.call(
+            "POST",
+            &format!("/v1/cluster/servers/{}/{verb}", percent_encode(id)),
+        )?;
+        check(&r)?;
+        for b in items(&r.json()["results"]) {
+            let fail = match b["result"].as_str() {
+                Some("ok") => 0,
+                Some("token_refused") => EXIT_NOPERM,
+                Some("down") => EXIT_NOT_RUNNING,
+                _ => EXIT_FAILED,
             };
             code = worst(code, fail);
+            let (addr, outcome) = (cell(&b["balancer"]), cell(&b["outcome"]));
             if as_json {
-                results.push(serde_json::json!({
-                    "balancer": addr.to_string(), "id": id, "ok": fail == 0, "outcome": outcome
-                }));
+                results.push(
+                    serde_json::json!({ "balancer": addr, "id": id, "ok": fail == 0, "outcome": outcome }),
+                );
             } else {
                 println!("{addr}  {id}  {outcome}");
             }
@@ -477,9 +467,9 @@ fn action(
     }
     let mut code = 0;
     for n in names {
-        let mut path = format!("/v1/programs/{}/{verb}", enc(n));
+        let mut path = format!("/v1/programs/{}/{verb}", percent_encode(n));
         if let Some(s) = signal {
-            path.push_str(&format!("?signal={}", enc(s)));
+            path.push_str(&format!("?signal={}", percent_encode(s)));
         }
         let r = c.call("POST", &path)?;
         if let Err(Failure::Exit(e)) = check(&r) {
@@ -528,17 +518,6 @@ fn plan(c: &Client, path: &str, applied: bool, as_json: bool) -> Result<i32, Fai
         println!("No config updates to processes");
     }
     Ok(0)
-}
-
-fn enc(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b':' | b'*' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
 }
 
 impl Client {

@@ -83,6 +83,13 @@ impl Api {
                 )
             }
             (&Method::GET, ["v1", "programs", name, "log"]) => self.log(&decode(name), req.uri().query()),
+            // An instance id may hold `/` (`host/app-1`), sent as `%2F` or as it is.
+            (&Method::POST, ["v1", "cluster", "servers", id @ .., verb @ ("drain" | "undrain")])
+                if !id.is_empty() =>
+            {
+                let id: Vec<String> = id.iter().map(|s| decode(s)).collect();
+                self.drain(&id.join("/"), *verb == "drain").await
+            }
             (&Method::POST, ["v1", "programs", name, verb]) => {
                 let name = decode(name);
                 let cmd = match *verb {
@@ -123,6 +130,31 @@ impl Api {
                 &format!("no such endpoint: {method} {path}"),
             ),
         }
+    }
+
+    /// Drains or undrains instance `id` on every balancer (see `cluster::drain`): 200 with each one's
+    /// result, whatever they are.
+    async fn drain(&self, id: &str, on: bool) -> Response<Body> {
+        if id.is_empty() || id.len() > xcluster_proto::report::MAX_ID_BYTES {
+            let msg = format!(
+                "an instance id is 1 to {} bytes",
+                xcluster_proto::report::MAX_ID_BYTES
+            );
+            return error(StatusCode::BAD_REQUEST, "bad_id", &msg);
+        }
+        let cfg = self.config.borrow().clone();
+        if cfg.balancers.is_empty() {
+            return error(
+                StatusCode::CONFLICT,
+                "no_balancers",
+                "no balancers configured ([cluster] balancers)",
+            );
+        }
+        let results = crate::cluster::drain(&cfg.balancers, id, on, &cfg.token, cfg.cluster_timeout).await;
+        for r in &results {
+            tracing::info!(balancer = %r.balancer, instance = id, result = r.result, "{}", r.outcome);
+        }
+        json(StatusCode::OK, &json!({ "results": results }))
     }
 
     fn status_json(&self) -> serde_json::Value {

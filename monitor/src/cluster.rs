@@ -1,6 +1,7 @@
 //! The cluster view: each configured balancer's `GET /v1/status`, fetched concurrently with a short timeout.
 //! A balancer that does not answer 200 with JSON in time is "down"; the JSON is passed through as it is, so the
-//! dashboard renders whatever fields the balancer has.
+//! dashboard renders whatever fields the balancer has. And cluster-wide actions: [`drain`] calls every
+//! balancer's own drain endpoint at once (for the dashboard's buttons and `xcluster ctl drain`).
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -45,9 +46,11 @@ pub async fn fetch(balancers: &[SocketAddr], timeout: Duration) -> ClusterView {
 
 async fn one(addr: SocketAddr, timeout: Duration) -> BalancerView {
     let t0 = Instant::now();
-    let res = tokio::time::timeout(timeout, get_json(addr))
-        .await
-        .unwrap_or_else(|_| Err(format!("no answer within {timeout:?}")));
+    let res = match call(addr, "GET", "/v1/status", None, timeout).await {
+        Ok((200, body)) => Ok(body),
+        Ok((status, _)) => Err(format!("status {status}")),
+        Err(e) => Err(e),
+    };
     match res {
         Ok(v) => BalancerView {
             addr: addr.to_string(),
@@ -66,12 +69,94 @@ async fn one(addr: SocketAddr, timeout: Duration) -> BalancerView {
     }
 }
 
-async fn get_json(addr: SocketAddr) -> Result<serde_json::Value, String> {
+/// What one balancer said to a drain or undrain.
+#[derive(Debug, Serialize)]
+pub struct DrainResult {
+    pub balancer: String,
+    pub id: String,
+    /// `ok`, `unknown_instance`, `token_refused`, `down` or `failed`.
+    pub result: &'static str,
+    /// For people: `drained`, `undrained`, or what went wrong.
+    pub outcome: String,
+}
+
+/// Drains (`on`) or undrains instance `id` on every balancer in `balancers` at once, through each one's
+/// `POST /v1/servers/ID/drain` with `token` (the monitor's own: balancers take the same, as `xcluster up`
+/// sets them).
+pub async fn drain(
+    balancers: &[SocketAddr],
+    id: &str,
+    on: bool,
+    token: &str,
+    timeout: Duration,
+) -> Vec<DrainResult> {
+    let verb = if on { "drain" } else { "undrain" };
+    let path = format!(
+        "/v1/servers/{}/{verb}",
+        xcluster_runtime::http::percent_encode(id)
+    );
+    let calls: Vec<_> = balancers
+        .iter()
+        .map(|&a| {
+            let (path, token) = (path.clone(), token.to_string());
+            (
+                a,
+                tokio::spawn(async move { call(a, "POST", &path, Some(&token), timeout).await }),
+            )
+        })
+        .collect();
+    let mut out = Vec::with_capacity(calls.len());
+    for (addr, t) in calls {
+        let answer = t.await.unwrap_or_else(|e| Err(e.to_string()));
+        let message = |body: &serde_json::Value, status: u16| {
+            body["error"]["message"]
+                .as_str()
+                .map_or_else(|| format!("status {status}"), str::to_string)
+        };
+        let (result, outcome) = match answer {
+            Ok((200, _)) => ("ok", format!("{verb}ed")),
+            Ok((401, _)) => ("token_refused", "the balancer refused the token".into()),
+            Ok((404, body)) => ("unknown_instance", message(&body, 404)),
+            Ok((status, body)) => ("failed", message(&body, status)),
+            Err(e) => ("down", format!("down: {e}")),
+        };
+        out.push(DrainResult {
+            balancer: addr.to_string(),
+            id: id.to_string(),
+            result,
+            outcome,
+        });
+    }
+    out
+}
+
+/// One HTTP/1.1 request to a balancer, within `timeout`: its status and JSON body (`null` when the body is
+/// not JSON).
+async fn call(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    bearer: Option<&str>,
+    timeout: Duration,
+) -> Result<(u16, serde_json::Value), String> {
+    tokio::time::timeout(timeout, request(addr, method, path, bearer))
+        .await
+        .unwrap_or_else(|_| Err(format!("no answer within {timeout:?}")))
+}
+
+async fn request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    bearer: Option<&str>,
+) -> Result<(u16, serde_json::Value), String> {
     let mut s = tokio::net::TcpStream::connect(addr)
         .await
         .map_err(|e| format!("connect: {e}"))?;
+    let auth = bearer.map_or_else(String::new, |t| format!("Authorization: Bearer {t}\r\n"));
     let req = format!(
-        "GET /v1/status HTTP/1.1\r\nHost: {addr}\r\nAccept: application/json\r\nConnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nAccept: application/json\r\n{auth}Content-Length: 0\r\n\
+         Connection: close\r\n\r\n"
     );
     s.write_all(req.as_bytes())
         .await
@@ -87,15 +172,20 @@ async fn get_json(addr: SocketAddr) -> Result<serde_json::Value, String> {
         .position(|w| w == b"\r\n\r\n")
         .ok_or("malformed response")?;
     let head = String::from_utf8_lossy(&raw[..split]).to_ascii_lowercase();
-    let status = head.split(' ').nth(1).unwrap_or("");
-    if status != "200" {
-        return Err(format!("status {status}"));
-    }
+    let status: u16 = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or("malformed status line")?;
     let mut body = raw[split + 4..].to_vec();
     if head.contains("transfer-encoding: chunked") {
         body = dechunk(&body).ok_or("malformed chunked body")?;
     }
-    serde_json::from_slice(&body).map_err(|e| format!("not JSON: {e}"))
+    match serde_json::from_slice(&body) {
+        Ok(v) => Ok((status, v)),
+        Err(_) if status != 200 => Ok((status, serde_json::Value::Null)),
+        Err(e) => Err(format!("not JSON: {e}")),
+    }
 }
 
 fn dechunk(mut b: &[u8]) -> Option<Vec<u8>> {
@@ -115,6 +205,73 @@ fn dechunk(mut b: &[u8]) -> Option<Vec<u8>> {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A balancer that answers one request with `answer` and sends the request's head back on `tx`.
+    async fn balancer(
+        answer: &'static str,
+        tx: tokio::sync::mpsc::UnboundedSender<String>,
+    ) -> std::net::SocketAddr {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.unwrap();
+            let mut head = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !head.ends_with(b"\r\n\r\n") {
+                let n = s.read(&mut buf).await.unwrap();
+                if n == 0 {
+                    return;
+                }
+                head.extend_from_slice(&buf[..n]);
+            }
+            tx.send(String::from_utf8_lossy(&head).into_owned()).unwrap();
+            s.write_all(answer.as_bytes()).await.unwrap();
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn drain_calls_every_balancer_and_tells_each_answer() {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let not_found = "HTTP/1.1 404 Not Found\r\ncontent-length: 63\r\n\r\n\
+                         {\"error\":{\"code\":\"unknown_instance\",\"message\":\"no such thing\"}}";
+        let ok = balancer("HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}", tx.clone()).await;
+        let refused = balancer(
+            "HTTP/1.1 401 Unauthorized\r\ncontent-length: 0\r\n\r\n",
+            tx.clone(),
+        )
+        .await;
+        let unknown = balancer(not_found, tx).await;
+        // Bound and closed again: nothing listens there.
+        let down = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let timeout = std::time::Duration::from_secs(5);
+        let got = super::drain(&[ok, refused, unknown, down], "h/app 1", true, "tok", timeout).await;
+        let results: Vec<(&str, &str)> = got.iter().map(|r| (r.result, r.outcome.as_str())).collect();
+        assert_eq!(
+            results[..3],
+            [
+                ("ok", "drained"),
+                ("token_refused", "the balancer refused the token"),
+                ("unknown_instance", "no such thing")
+            ]
+        );
+        assert_eq!(results[3].0, "down");
+        for _ in 0..3 {
+            let head = rx.recv().await.unwrap();
+            assert!(
+                head.starts_with("POST /v1/servers/h%2Fapp%201/drain HTTP/1.1\r\n"),
+                "{head}"
+            );
+            assert!(head.contains("\r\nAuthorization: Bearer tok\r\n"), "{head}");
+        }
+    }
+
     #[test]
     fn dechunks() {
         assert_eq!(

@@ -170,6 +170,20 @@ pub fn query_pairs(query: Option<&str>) -> Result<Vec<(String, String)>, String>
     Ok(out)
 }
 
+/// Percent-encodes `s` for a path segment or a query value: everything but letters, digits and `-_.:*`.
+pub fn percent_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b':' | b'*' => {
+                out.push(char::from(b))
+            }
+            _ => out.push_str(&format!("%{b:02X}")),
+        }
+    }
+    out
+}
+
 fn percent_decode(s: &str) -> Result<String, String> {
     let bytes = s.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());

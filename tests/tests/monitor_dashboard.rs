@@ -94,13 +94,14 @@ fn the_dashboard_shows_programs_and_the_cluster_and_reacts_to_a_restart() {
         dom.contains("web: RUNNING → STOPPING"),
         "the restart in the event list: {dom}"
     );
-    // The cluster view: one balancer up with its instance and weights, the other down.
+    // The cluster view: one balancer up with its instance, its weights and a drain button, the other down.
     assert!(
         dom.contains(&format!("<b>{up}</b> <span class=\"up\">up</span>")),
         "{dom}"
     );
     assert!(
         dom.contains("app-7")
+            && dom.contains("<button data-drain=\"app-7\" data-action=\"drain\">drain</button>")
             && dom.contains(">7500<")
             && dom.contains(">25.0%<")
             && dom.contains("w(order)"),

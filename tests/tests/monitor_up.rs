@@ -76,22 +76,24 @@ fn up_starts_the_local_cluster_in_order_and_sigint_stops_everything() {
             (r.status == 200).then_some(())
         },
     );
-    // `ctl drain` drains an instance on both balancers the monitor watches, `undrain` undoes it; an unknown
-    // instance and a wrong token fail with their exit codes.
-    // Runs ctl with `token` and checks its exit code and that it says `what` once per balancer.
-    let ctl = |token: &str, args: &[&str], code: i32, what: &str| {
+    // `ctl drain` drains an instance on both balancers the monitor watches (the monitor calls each), `undrain`
+    // undoes it; an unknown instance and a wrong token fail with their exit codes.
+    // Runs ctl with `token` and checks its exit code and that it says `what` `times` times.
+    let ctl_says = |token: &str, args: &[&str], code: i32, what: &str, times: usize| {
         let o = std::process::Command::new(xcluster_bin())
             .args(["ctl", "--url", &format!("http://{addr}"), "--token", token])
             .args(args)
             .output()
             .unwrap();
-        let out = String::from_utf8_lossy(&o.stdout);
+        let out = String::from_utf8_lossy(&o.stdout) + String::from_utf8_lossy(&o.stderr);
         assert_eq!(
             (o.status.code(), out.matches(what).count()),
-            (Some(code), 2),
+            (Some(code), times),
             "{args:?}: {out}"
         );
     };
+    // Once per balancer.
+    let ctl = |token: &str, args: &[&str], code: i32, what: &str| ctl_says(token, args, code, what, 2);
     let drained = |b: std::net::SocketAddr| {
         let st = get(b, "/v1/status").unwrap().json();
         let app = st["instances"]
@@ -117,7 +119,13 @@ fn up_starts_the_local_cluster_in_order_and_sigint_stops_everything() {
     );
     assert!(!c.balancers.iter().any(|&b| drained(b)));
     ctl("xcluster-local", &["drain", "local/nope"], 1, "no instance");
-    ctl("wrong", &["drain", "local/app-1"], 77, "refused the token");
+    ctl_says(
+        "wrong",
+        &["drain", "local/app-1"],
+        77,
+        "the monitor refused the token",
+        1,
+    );
 
     let pids: Vec<i32> = names.iter().map(|n| m.pid(n).unwrap()).collect();
 
