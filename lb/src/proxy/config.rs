@@ -49,9 +49,10 @@ pub struct ProxySection {
     /// Passing checks in a row that bring a down backend back (HAProxy's `rise`).
     pub check_rise: u32,
     /// How a connection's backend is chosen among the `[[proxy.backends]]` of its type: `random` (the default:
-    /// weighted random) or `least_connections` (the fewest established connections for its weight, as
-    /// HAProxy's `leastconn`: for long-lived connections, which a random draw can pile onto one backend).
-    /// Types routed by the directory follow its live weights either way.
+    /// weighted random), `least_connections` (the fewest connections, connecting or established, for its
+    /// weight, as HAProxy's `leastconn`: for long-lived connections, which a random draw can pile onto one
+    /// backend) or `source` (by the client's address, see `proxy::pick`). Types routed by the directory
+    /// follow its live weights either way.
     pub balance: String,
     /// A backend back from being held out gets a share of the connections that grows from nothing to its
     /// whole weight over this time (HAProxy's `slowstart`); what it is passed over for goes to the other
@@ -518,10 +519,11 @@ mod tests {
     }
 
     #[test]
-    fn balance_is_random_or_least_connections() {
+    fn balance_is_random_least_connections_or_source() {
         assert_eq!(parse("").unwrap().balance, Balance::Random);
         let cfg = parse("balance = \"least_connections\"\n").unwrap();
         assert_eq!(cfg.balance, Balance::LeastConnections);
+        assert_eq!(parse("balance = \"source\"\n").unwrap().balance, Balance::Source);
         let errs = parse("balance = \"leastconn\"\n").unwrap_err();
         assert!(errs.len() == 1 && errs[0].contains("balance"), "{errs:#?}");
     }

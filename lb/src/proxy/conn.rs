@@ -11,7 +11,6 @@ use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsRawFd;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 
@@ -29,14 +28,14 @@ use super::clients::ClientSlot;
 use super::config::Timeouts;
 use super::forward::Direction;
 use super::inbound::Inbound;
-use super::metrics::BackendMetrics;
+use super::metrics::Assigned;
 use super::service::{Admit, ListenerState, Shared};
 
 /// Counts the connection on the listener's active gauge, and on its backend's once connected, for as long
 /// as it lives; holds the connection's permit of `max_connections`.
 pub(super) struct Active {
     pub(super) l: Arc<ListenerState>,
-    pub(super) bm: Option<Arc<BackendMetrics>>,
+    pub(super) bm: Option<Assigned>,
     _permit: OwnedSemaphorePermit,
     /// Its count against its client's `max_connections_per_client`, on listeners with one.
     client: Option<Box<ClientSlot>>,
@@ -121,9 +120,9 @@ impl Active {
         }
     }
 
-    pub(super) fn set_backend(&mut self, bm: Arc<BackendMetrics>) {
+    /// The connection is established to the backend it was assigned (and is counted on from now on).
+    pub(super) fn set_backend(&mut self, bm: Assigned) {
         bm.active.increment(1.0);
-        bm.open.fetch_add(1, Ordering::Relaxed);
         self.bm = Some(bm);
     }
 }
@@ -138,7 +137,6 @@ impl Drop for Active {
         }
         if let Some(bm) = &self.bm {
             bm.active.decrement(1.0);
-            bm.open.fetch_sub(1, Ordering::Relaxed);
         }
     }
 }
@@ -221,7 +219,7 @@ async fn establish(
     active: &mut Active,
     shared: &Shared,
     timeouts: &Timeouts,
-) -> Option<(TcpStream, SocketAddr, Arc<BackendMetrics>)> {
+) -> Option<(TcpStream, SocketAddr, Assigned)> {
     let Some((backend, addr, bm)) = connect(active, peer.ip(), shared, timeouts).await else {
         active.l.metrics.failed.increment(1);
         active.ended(End::NoBackend);
@@ -264,7 +262,7 @@ async fn connect(
     client: IpAddr,
     shared: &Shared,
     t: &Timeouts,
-) -> Option<(TcpStream, SocketAddr, Arc<BackendMetrics>)> {
+) -> Option<(TcpStream, SocketAddr, Assigned)> {
     let mut tried: Vec<SocketAddr> = Vec::new();
     for attempt in 0.. {
         let (addr, bm) = shared.next_backend(&active.l, client, &tried, attempt)?;
@@ -316,7 +314,7 @@ impl Conn {
     fn new(
         client: TcpStream,
         backend: TcpStream,
-        bm: Arc<BackendMetrics>,
+        bm: Assigned,
         mut active: Active,
         (up, down): (Direction, Direction),
         idle: Option<Duration>,

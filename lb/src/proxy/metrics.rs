@@ -4,7 +4,8 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use metrics::{Counter, Gauge, Histogram};
 use xcluster_proto::directory::{ProxyBackendStatus, ProxyListenerStatus, ProxyStatus};
@@ -86,7 +87,7 @@ impl ListenerMetrics {
 /// Handles for one backend, and its count of established connections.
 #[derive(Debug)]
 pub struct BackendMetrics {
-    /// Established connections to it now (the `active` gauge, readable): what `balance =
+    /// Connections assigned to it now, connecting or established ([`Assigned`]): what `balance =
     /// "least_connections"` compares. One per configured backend, kept across reloads.
     pub open: AtomicU64,
     pub connects: Counter,
@@ -97,6 +98,34 @@ pub struct BackendMetrics {
     pub connect_seconds: Histogram,
     pub failing: Gauge,
     pub check_failures: Counter,
+}
+
+/// One connection counted in its backend's `open` from the pick on: held by the connect attempt, then by the
+/// connection once established, and uncounted when dropped. So a burst of connections that arrive within one
+/// connect time is spread by least connections too, as HAProxy counts a connection on its server from the
+/// moment it is assigned.
+#[derive(Debug)]
+pub struct Assigned(Arc<BackendMetrics>);
+
+impl Assigned {
+    pub fn new(bm: Arc<BackendMetrics>) -> Self {
+        bm.open.fetch_add(1, Ordering::Relaxed);
+        Self(bm)
+    }
+}
+
+impl std::ops::Deref for Assigned {
+    type Target = BackendMetrics;
+
+    fn deref(&self) -> &BackendMetrics {
+        &self.0
+    }
+}
+
+impl Drop for Assigned {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl BackendMetrics {

@@ -25,7 +25,7 @@ use super::clients::{ClientCounts, ClientSlot};
 use super::config::{Forwarding, ListenerConfig, ProxyConfig, RuntimeMode, Timeouts};
 use super::health::{CheckStreaks, Holds, Verdict, check};
 use super::metrics::{
-    BACKEND_BACKUP, BackendMetrics, LISTENER_BIND_FAILURES_TOTAL, ListenerMetrics, WORKERS,
+    Assigned, BACKEND_BACKUP, BackendMetrics, LISTENER_BIND_FAILURES_TOTAL, ListenerMetrics, WORKERS,
 };
 use super::pick::{BackendPicker, PickFor};
 
@@ -76,7 +76,7 @@ impl Shared {
         client: IpAddr,
         tried: &[SocketAddr],
         attempt: u32,
-    ) -> Option<(SocketAddr, Arc<BackendMetrics>)> {
+    ) -> Option<(SocketAddr, Assigned)> {
         let t = self.timeouts.load();
         if attempt >= t.connect_attempts {
             return None;
@@ -102,7 +102,7 @@ impl Shared {
         if attempt > 0 {
             l.metrics.retries.increment(1);
         }
-        Some((addr, self.backend_metrics(addr)))
+        Some((addr, Assigned::new(self.backend_metrics(addr))))
     }
 
     /// A backend for `ty` other than `tried`, leaving out those held out unless every one left is.
@@ -198,7 +198,12 @@ impl Shared {
             picker: Arc::new(super::pick::StaticPicker::new(cfg)),
             timeouts: ArcSwap::from_pointee(cfg.timeouts.clone()),
             forwarding: cfg.forwarding,
-            backends: ArcSwap::from_pointee(HashMap::new()),
+            backends: ArcSwap::from_pointee(
+                cfg.backends
+                    .iter()
+                    .map(|b| (b.addr, Arc::new(BackendMetrics::new(b.addr))))
+                    .collect(),
+            ),
             permits: Arc::new(Semaphore::new(1)),
             tracker: TaskTracker::new(),
             stop: CancellationToken::new(),
@@ -649,5 +654,48 @@ impl Manager {
         for w in &self.workers {
             w.finish();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// With `balance = "least_connections"`, a connection counts on its backend from the pick, while it
+    /// connects: picks made before any connect completes (a burst of accepts) alternate between two equal
+    /// backends instead of all taking the one that looked idle, and a backend whose connections end is
+    /// preferred again.
+    #[test]
+    fn least_connections_counts_connections_from_the_pick() {
+        let raw: super::super::ProxySection = toml::from_str(
+            r#"
+            balance = "least_connections"
+            [[listeners]]
+            listen = "127.0.0.1:7100"
+            [[backends]]
+            addr = "127.0.0.1:1"
+            [[backends]]
+            addr = "127.0.0.1:2"
+            "#,
+        )
+        .unwrap();
+        let cfg = raw.validate(&mut xcluster_runtime::Validator::new());
+        let shared = Shared::for_tests(&cfg);
+        let l = ListenerState::new(&cfg.listeners[0], Arc::default());
+        let client = IpAddr::from([127, 0, 0, 1]);
+        // Ten connections still connecting: none has completed, all hold their assignment.
+        let connecting: Vec<(SocketAddr, Assigned)> = (0..10)
+            .map(|_| shared.next_backend(&l, client, &[], 0).unwrap())
+            .collect();
+        let on_1 = connecting.iter().filter(|(a, _)| a.port() == 1).count();
+        assert_eq!(on_1, 5, "10 picks in a burst went {on_1} to 10 - {on_1}");
+        // Backend 1's connections end: the next five go to it.
+        let kept: Vec<_> = connecting.into_iter().filter(|(a, _)| a.port() == 2).collect();
+        let later: Vec<(SocketAddr, Assigned)> = (0..5)
+            .map(|_| shared.next_backend(&l, client, &[], 0).unwrap())
+            .collect();
+        assert!(later.iter().all(|(a, _)| a.port() == 1));
+        drop((kept, later));
     }
 }

@@ -43,7 +43,7 @@ use super::clients::ClientSlot;
 use super::conn::Active;
 use super::inbound::Inbound;
 use super::listener::{BACKOFF_MAX, BACKOFF_MIN, is_resource_exhaustion};
-use super::metrics::{BUFFER_WAITS_TOTAL, BUFFERS_HELD, BackendMetrics, RECEIVE_PAUSES_TOTAL};
+use super::metrics::{Assigned, BUFFER_WAITS_TOTAL, BUFFERS_HELD, RECEIVE_PAUSES_TOTAL};
 use super::service::{Admit, ListenerState, LiveListener, Shared};
 
 /// Submission queue size; the completion queue is twice that, and overflow is kept by the kernel.
@@ -362,7 +362,7 @@ struct Connecting {
     tried: Vec<SocketAddr>,
     attempt: u32,
     addr: SocketAddr,
-    bm: Option<Arc<BackendMetrics>>,
+    bm: Option<Assigned>,
     // Read by the kernel when the connect and its linked timeout are submitted.
     sockaddr: SockAddr,
     timeout: Timespec,
@@ -927,7 +927,7 @@ impl Loop {
         let shared = self.shared.clone();
         let Some(c) = self.conn(slot) else { return };
         let Some(k) = c.connecting.as_mut() else { return };
-        let Some(bm) = k.bm.clone() else { return };
+        let Some(bm) = k.bm.take() else { return };
         let (addr, peer, to, started) = (k.addr, k.peer, k.to, k.started);
         if res < 0 {
             let e = io::Error::from_raw_os_error(-res);
@@ -935,6 +935,8 @@ impl Loop {
             debug!(backend = %addr, error = %e, "connect failed or timed out");
             shared.connect_failed(addr, &bm, &mut k.tried);
             c.backend = None;
+            // Uncounted before the next pick.
+            drop(bm);
             self.connect_next(slot);
             return;
         }
