@@ -472,6 +472,17 @@ impl ProxySection {
 }
 
 #[cfg(test)]
+impl ProxyConfig {
+    /// The `[proxy]` section written as `toml`, validated; for tests, so it must be valid.
+    pub fn for_tests(toml: &str) -> Self {
+        let raw: ProxySection = toml::from_str(toml).expect("a [proxy] section");
+        let mut v = Validator::new();
+        let cfg = raw.validate(&mut v);
+        v.finish(cfg).expect("a valid [proxy] section")
+    }
+}
+
+#[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;

@@ -425,7 +425,7 @@ mod tests {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let a = l.local_addr().unwrap();
         let c = TcpStream::connect(a).await.unwrap();
-        let cfg = crate::proxy::ProxySection::default().validate(&mut xcluster_runtime::Validator::new());
+        let cfg = crate::proxy::ProxyConfig::for_tests("");
         let shared = Arc::new(Shared::for_tests(&cfg));
         let state = ListenerState::new(
             &crate::proxy::config::ListenerConfig {

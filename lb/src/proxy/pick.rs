@@ -248,7 +248,6 @@ impl BackendPicker for StaticPicker {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-    use crate::proxy::config::ProxySection;
 
     fn addr(p: u16) -> SocketAddr {
         SocketAddr::from(([127, 0, 0, 1], p))
@@ -277,8 +276,7 @@ mod tests {
 
     /// A static picker over the `[proxy]` section `toml`.
     fn picker(toml: &str) -> StaticPicker {
-        let raw: ProxySection = toml::from_str(toml).unwrap();
-        StaticPicker::new(&raw.validate(&mut xcluster_runtime::Validator::new()))
+        StaticPicker::new(&ProxyConfig::for_tests(toml))
     }
 
     #[test]

@@ -668,7 +668,7 @@ mod tests {
     /// preferred again.
     #[test]
     fn least_connections_counts_connections_from_the_pick() {
-        let raw: super::super::ProxySection = toml::from_str(
+        let cfg = ProxyConfig::for_tests(
             r#"
             balance = "least_connections"
             [[listeners]]
@@ -678,9 +678,7 @@ mod tests {
             [[backends]]
             addr = "127.0.0.1:2"
             "#,
-        )
-        .unwrap();
-        let cfg = raw.validate(&mut xcluster_runtime::Validator::new());
+        );
         let shared = Shared::for_tests(&cfg);
         let l = ListenerState::new(&cfg.listeners[0], Arc::default());
         let client = IpAddr::from([127, 0, 0, 1]);
