@@ -323,6 +323,8 @@ const LISTENER_COLUMNS: &[Column] = &[
     ("accepted", "accepted", cell),
     ("failed", "failed", cell),
     ("rejected", "rejected", cell),
+    ("denied", "denied", cell),
+    ("bad headers", "header_errors", cell),
     ("retries", "retries", cell),
     ("idle timeouts", "idle_timeouts", cell),
     ("bytes up", "bytes_up", bytes),

@@ -112,6 +112,10 @@ pub struct ProxyListenerStatus {
     pub failed: u64,
     /// Connections closed at accept: their client held `max_connections_per_client` already.
     pub rejected: u64,
+    /// Connections closed at accept: the listener's `allow`/`deny` keep their client out.
+    pub denied: u64,
+    /// Connections closed without a valid PROXY header (`accept_proxy`).
+    pub header_errors: u64,
     /// Connect attempts beyond the first (redispatch).
     pub retries: u64,
     pub idle_timeouts: u64,

@@ -140,6 +140,12 @@ impl Lb {
         get(self.admin, "/metrics").unwrap().body
     }
 
+    /// The proxy's counters as `/v1/status` shows them (for `xcluster ctl cluster` and the dashboard).
+    fn proxy_status(&self) -> xcluster_proto::directory::ProxyStatus {
+        let st = get(self.admin, "/v1/status").unwrap().json();
+        serde_json::from_value(st["proxy"].clone()).unwrap()
+    }
+
     /// Reloads as [`Lb::reload`] does, and waits until the lb has taken the new config.
     fn reload_applied(&self, grace_ms: u64, proxy: &str) {
         let reloads = || metric_value(&self.metrics(), "xcluster_config_reloads_total", "").unwrap_or(0.0);
@@ -1055,6 +1061,16 @@ fn accept_proxy_takes_the_client_from_its_header(rt: &'static str) {
         Some(1.0),
         "{m}"
     );
+    let st = lb.proxy_status();
+    assert_eq!(
+        (
+            st.listeners[0].header_errors,
+            st.listeners[0].denied,
+            st.listeners[0].rejected
+        ),
+        (2, 1, 1),
+        "{st:?}"
+    );
     assert!(rx.try_recv().is_err(), "a refused client reached the backend");
     c1.write_all(b"still served").unwrap();
     echoed(&mut c1, b"still served");
@@ -1077,6 +1093,9 @@ fn allow_and_deny_keep_clients_out(rt: &'static str) {
         Some(2.0),
         "{m}"
     );
+    // And on `/v1/status`, for `xcluster ctl cluster` and the dashboard.
+    let st = lb.proxy_status();
+    assert_eq!(st.listeners[0].denied, 2, "{st:?}");
     assert_eq!(
         metric_value(&m, "xcluster_lb_proxy_connections_accepted_total", web),
         Some(1.0),

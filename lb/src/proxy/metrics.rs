@@ -175,6 +175,8 @@ pub fn status(text: &str) -> ProxyStatus {
                 ACTIVE => e.active = value,
                 FAILED_TOTAL => e.failed = value,
                 REJECTED_TOTAL => e.rejected = value,
+                DENIED_TOTAL => e.denied = value,
+                HEADER_ERRORS_TOTAL => e.header_errors = value,
                 RETRIES_TOTAL => e.retries = value,
                 IDLE_TIMEOUTS_TOTAL => e.idle_timeouts = value,
                 LISTENER_BYTES_TOTAL if up => e.bytes_up = value,
