@@ -110,7 +110,8 @@ pub struct ProxyListenerStatus {
     pub accepted: u64,
     /// Connections closed because no backend could be reached.
     pub failed: u64,
-    /// Connections closed at accept: their client held `max_connections_per_client` already.
+    /// Connections closed at accept: their client held `max_connections_per_client` already, or was over its
+    /// `max_connection_rate_per_client`.
     pub rejected: u64,
     /// Connections closed at accept: the listener's `allow`/`deny` keep their client out.
     pub denied: u64,

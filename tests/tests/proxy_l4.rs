@@ -1121,6 +1121,50 @@ fn allow_and_deny_keep_clients_out(rt: &'static str) {
     assert_closed(&mut connect_from([127, 0, 0, 9], front));
 }
 
+/// `max_connection_rate_per_client` lets a client open that many connections per period and closes the next
+/// at once (counted, logged as `client rate`), other clients unaffected; what a client used stays used across
+/// a reload that changes the listener in place.
+fn a_client_over_its_connection_rate_is_closed_at_once(rt: &'static str) {
+    let (echo, front) = (echo_backend(), free_addr());
+    // A long period, so that no allowance comes back while the test runs.
+    let rules = |n: u32| {
+        format!(
+            "log_connections = true\nmax_connection_rate_per_client = {n}\nconnection_rate_period_ms = 3600000\n"
+        )
+    };
+    let lb = start_lb(rt, 1000, &echo_proxy(front, echo, "", &rules(3)));
+    for i in 0..3 {
+        ping(
+            &mut connect_from([127, 0, 0, 2], front),
+            format!("burst {i}").as_bytes(),
+        );
+    }
+    assert_closed(&mut connect_from([127, 0, 0, 2], front));
+    ping(&mut connect_from([127, 0, 0, 3], front), b"another client");
+    let web = "listener=\"web\"";
+    let m = lb.metrics();
+    assert_eq!(
+        metric_value(&m, "xcluster_lb_proxy_connections_rejected_total", web),
+        Some(1.0),
+        "{m}"
+    );
+    eventually(T, "the refused connection's log line", || {
+        let log = lb.proc.stderr();
+        log.lines()
+            .find(|l| l.ends_with("end=client rate"))
+            .map(|l| assert!(l.contains("client=127.0.0.2:") && l.contains("backend=- "), "{l}"))
+    });
+    // One more per period: 127.0.0.2 has used three of four, so it gets exactly one.
+    lb.reload_applied(1000, &echo_proxy(front, echo, "", &rules(4)));
+    eventually(T, "the fourth connection to be let in", || {
+        let mut s = connect_from([127, 0, 0, 2], front);
+        s.write_all(b"4th").ok()?;
+        let mut got = [0u8; 3];
+        s.read_exact(&mut got).ok().map(|()| assert_eq!(&got, b"4th"))
+    });
+    assert_closed(&mut connect_from([127, 0, 0, 2], front));
+}
+
 /// The proxy closed `s` (its end of stream, or a reset when bytes were left unread), without a byte.
 fn assert_closed(s: &mut TcpStream) {
     match s.read(&mut [0u8; 16]) {
@@ -1618,6 +1662,7 @@ per_runtime!(
     proxy_protocol_v2_header_names_the_client,
     accept_proxy_takes_the_client_from_its_header,
     allow_and_deny_keep_clients_out,
+    a_client_over_its_connection_rate_is_closed_at_once,
     sigterm_drains_established_connections,
     connections_still_open_at_the_end_of_the_grace_period_are_closed,
     reload_removing_a_listener_keeps_its_connections,

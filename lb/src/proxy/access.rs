@@ -27,6 +27,9 @@ pub enum End {
     NoBackend,
     /// The client held `max_connections_per_client` already: closed as soon as accepted.
     ClientLimit,
+    /// The client opened `max_connection_rate_per_client` connections within the period: closed as soon as
+    /// accepted.
+    ClientRate,
     /// The listener's `allow`/`deny` keep the client out: closed as soon as accepted.
     Denied,
     /// The PROXY protocol header could not be sent to the backend.
@@ -45,6 +48,7 @@ impl fmt::Display for End {
             Self::Error(errno) => write!(f, "error: {}", io::Error::from_raw_os_error(*errno)),
             Self::NoBackend => f.write_str("no backend"),
             Self::ClientLimit => f.write_str("client limit"),
+            Self::ClientRate => f.write_str("client rate"),
             Self::Denied => f.write_str("denied"),
             Self::ProxyHeader => f.write_str("PROXY header not sent"),
             Self::ClientHeader => f.write_str("no valid PROXY header from the client"),

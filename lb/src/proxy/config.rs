@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use xcluster_runtime::Validator;
 
 use super::acl::{self, Acl, Net};
+use super::clients::Rate;
 
 /// `[proxy]` as written in the file.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -121,6 +122,11 @@ pub struct ListenerRaw {
     /// Connections one client address may hold open through this listener at once; 0 (the default): no
     /// limit. See `proxy::clients`.
     pub max_connections_per_client: u32,
+    /// New connections one client address may open through this listener per `connection_rate_period_ms`
+    /// (a burst, or spread out); 0 (the default): no limit. See `proxy::clients`.
+    pub max_connection_rate_per_client: u32,
+    /// The period of `max_connection_rate_per_client`, 1 s to 1 h.
+    pub connection_rate_period_ms: u64,
     /// Client addresses or CIDR networks let in; empty (the default): every one not denied. See
     /// `proxy::acl`.
     pub allow: Vec<String>,
@@ -138,6 +144,8 @@ impl Default for ListenerRaw {
             accept_proxy: false,
             log_connections: false,
             max_connections_per_client: 0,
+            max_connection_rate_per_client: 0,
+            connection_rate_period_ms: 10_000,
             allow: Vec::new(),
             deny: Vec::new(),
         }
@@ -217,6 +225,8 @@ pub struct ListenerConfig {
     pub log_connections: bool,
     /// `None`: no limit.
     pub max_connections_per_client: Option<u32>,
+    /// `None`: no limit.
+    pub connection_rate: Option<Rate>,
     pub acl: Acl,
 }
 
@@ -344,6 +354,21 @@ impl ProxySection {
                     1_000_000,
                 ))
                 .filter(|&n| n > 0),
+                connection_rate: Some(Rate {
+                    count: v.range(
+                        &format!("{key}.max_connection_rate_per_client"),
+                        l.max_connection_rate_per_client,
+                        0,
+                        1_000_000,
+                    ),
+                    period: v.millis(
+                        &format!("{key}.connection_rate_period_ms"),
+                        l.connection_rate_period_ms,
+                        1000,
+                        3_600_000,
+                    ),
+                })
+                .filter(|r| r.count > 0),
                 acl: Acl {
                     allow: nets(v, &format!("{key}.allow"), &l.allow),
                     deny: nets(v, &format!("{key}.deny"), &l.deny),
@@ -650,6 +675,26 @@ mod tests {
                 && errs[0].contains("proxy.listeners[0].allow[1]")
                 && errs[0].contains("below its /8 prefix")
                 && errs[1].contains("proxy.listeners[0].deny[0]"),
+            "{errs:#?}"
+        );
+    }
+
+    #[test]
+    fn a_connection_rate_is_off_by_default_and_its_period_bounded() {
+        let listener = |keys: &str| format!("[[listeners]]\nlisten = \"127.0.0.1:7100\"\n{keys}\n");
+        assert_eq!(parse(&listener("")).unwrap().listeners[0].connection_rate, None);
+        let cfg = parse(&listener("max_connection_rate_per_client = 20")).unwrap();
+        let want = Rate {
+            count: 20,
+            period: Duration::from_secs(10),
+        };
+        assert_eq!(cfg.listeners[0].connection_rate, Some(want));
+        let errs = parse(&listener(
+            "max_connection_rate_per_client = 5\nconnection_rate_period_ms = 500",
+        ))
+        .unwrap_err();
+        assert!(
+            errs.len() == 1 && errs[0].contains("proxy.listeners[0].connection_rate_period_ms"),
             "{errs:#?}"
         );
     }

@@ -436,6 +436,7 @@ mod tests {
                 accept_proxy: false,
                 log_connections: false,
                 max_connections_per_client: None,
+                connection_rate: None,
                 acl: Default::default(),
             },
             Arc::default(),

@@ -126,6 +126,7 @@ mod tests {
             accept_proxy: false,
             log_connections: false,
             max_connections_per_client: None,
+            connection_rate: None,
             acl: Default::default(),
         };
         let l = bind(&cfg, 16, Some(Duration::from_secs(30))).unwrap();

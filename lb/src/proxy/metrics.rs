@@ -14,7 +14,8 @@ pub const ACCEPTED_TOTAL: &str = "xcluster_lb_proxy_connections_accepted_total";
 pub const ACTIVE: &str = "xcluster_lb_proxy_connections_active";
 /// Connections closed because no backend could be reached.
 pub const FAILED_TOTAL: &str = "xcluster_lb_proxy_connections_failed_total";
-/// Connections closed as soon as accepted: their client held `max_connections_per_client` already.
+/// Connections closed as soon as accepted: their client held `max_connections_per_client` already, or was
+/// over its `max_connection_rate_per_client`.
 pub const REJECTED_TOTAL: &str = "xcluster_lb_proxy_connections_rejected_total";
 /// Connections closed before any backend was tried, on listeners with `accept_proxy`: no valid PROXY header
 /// within the connect timeout.

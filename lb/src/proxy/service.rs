@@ -258,13 +258,21 @@ impl ListenerState {
         admit
     }
 
-    /// Admits a connection from client `peer` by the listener's `allow`/`deny` and counts it against its
-    /// `max_connections_per_client`; a refusal is counted (`denied` or `rejected`).
+    /// Admits a connection from client `peer` by the listener's `allow`/`deny`, its
+    /// `max_connection_rate_per_client` and its `max_connections_per_client` (counting it against the last
+    /// two); a refusal is counted (`denied` or `rejected`).
     pub fn admit_client(&self, peer: SocketAddr) -> Admit {
         if !self.cfg.acl.admits(peer.ip()) {
             self.metrics.denied.increment(1);
             debug!(listener = %self.cfg.name, %peer, "client denied by the listener's allow/deny; closed");
             return Admit::Rejected(End::Denied);
+        }
+        if let Some(rate) = self.cfg.connection_rate
+            && !self.clients.within_rate(peer.ip(), rate)
+        {
+            self.metrics.rejected.increment(1);
+            debug!(listener = %self.cfg.name, %peer, ?rate, "client over its connection rate; closed");
+            return Admit::Rejected(End::ClientRate);
         }
         let Some(limit) = self.cfg.max_connections_per_client else {
             return Admit::Open(None);
