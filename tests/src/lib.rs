@@ -49,13 +49,46 @@ pub fn workspace_root() -> PathBuf {
         .to_path_buf()
 }
 
-/// A free loopback port (bound and released; good enough on a test machine).
+/// A free loopback port that nothing else takes while this test process lives, for a server the test starts
+/// later. A port from `bind(0)` would be released until then, and any socket could land on it meanwhile: the
+/// kernel hands out the same ephemeral range to `bind(0)` and to every `connect`. So the port is chosen below
+/// that range, checked bindable, and reserved among the test processes running at once by a lock on a file
+/// named after it (held until this process exits).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    const LOW: u32 = 10_000;
+    static HELD: std::sync::Mutex<Vec<std::fs::File>> = std::sync::Mutex::new(Vec::new());
+    let high: u32 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse().ok())
+        .filter(|&h| h > LOW + 1000)
+        .unwrap_or(32_768);
+    let dir = std::env::temp_dir().join("xcluster-test-ports");
+    std::fs::create_dir_all(&dir).unwrap();
+    // A different starting point per process and per call, so concurrent tests rarely try the same ports.
+    let seed = u64::from(std::process::id()).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        ^ SEQ.fetch_add(1, Ordering::Relaxed).wrapping_mul(7919);
+    let span = high - LOW;
+    for i in 0..span {
+        let port = u16::try_from(LOW + (u32::try_from(seed % u64::from(span)).unwrap() + i) % span).unwrap();
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(dir.join(port.to_string()))
+            .unwrap();
+        // SAFETY: flock on a descriptor this function owns.
+        let locked = unsafe {
+            libc::flock(
+                std::os::fd::AsRawFd::as_raw_fd(&lock),
+                libc::LOCK_EX | libc::LOCK_NB,
+            )
+        } == 0;
+        if locked && TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            HELD.lock().unwrap().push(lock);
+            return port;
+        }
+    }
+    panic!("no free port in {LOW}..{high}");
 }
 
 /// A free loopback address.

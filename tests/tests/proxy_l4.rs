@@ -140,6 +140,15 @@ impl Lb {
         get(self.admin, "/metrics").unwrap().body
     }
 
+    /// Asserts counters of listener `web` on `/metrics`: each `xcluster_lb_proxy_NAME` has its value.
+    fn assert_web_counts(&self, counts: &[(&str, f64)]) {
+        let m = self.metrics();
+        for (name, want) in counts {
+            let got = metric_value(&m, &format!("xcluster_lb_proxy_{name}"), "listener=\"web\"");
+            assert_eq!(got, Some(*want), "{name}: {m}");
+        }
+    }
+
     /// The proxy's counters as `/v1/status` shows them (for `xcluster ctl cluster` and the dashboard).
     fn proxy_status(&self) -> xcluster_proto::directory::ProxyStatus {
         let st = get(self.admin, "/v1/status").unwrap().json();
@@ -1044,23 +1053,11 @@ fn accept_proxy_takes_the_client_from_its_header(rt: &'static str) {
     c5.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
     assert_closed(&mut c5);
     assert_closed(&mut connect(front));
-    let web = "listener=\"web\"";
-    let m = lb.metrics();
-    assert_eq!(
-        metric_value(&m, "xcluster_lb_proxy_header_errors_total", web),
-        Some(2.0),
-        "{m}"
-    );
-    assert_eq!(
-        metric_value(&m, "xcluster_lb_proxy_connections_rejected_total", web),
-        Some(1.0),
-        "{m}"
-    );
-    assert_eq!(
-        metric_value(&m, "xcluster_lb_proxy_connections_denied_total", web),
-        Some(1.0),
-        "{m}"
-    );
+    lb.assert_web_counts(&[
+        ("header_errors_total", 2.0),
+        ("connections_rejected_total", 1.0),
+        ("connections_denied_total", 1.0),
+    ]);
     let st = lb.proxy_status();
     assert_eq!(
         (
@@ -1086,21 +1083,13 @@ fn allow_and_deny_keep_clients_out(rt: &'static str) {
     ping(&mut connect_from([127, 0, 0, 2], front), b"allowed");
     assert_closed(&mut connect_from([127, 0, 0, 5], front));
     assert_closed(&mut connect_from([127, 0, 0, 9], front));
-    let web = "listener=\"web\"";
-    let m = lb.metrics();
-    assert_eq!(
-        metric_value(&m, "xcluster_lb_proxy_connections_denied_total", web),
-        Some(2.0),
-        "{m}"
-    );
+    lb.assert_web_counts(&[
+        ("connections_denied_total", 2.0),
+        ("connections_accepted_total", 1.0),
+    ]);
     // And on `/v1/status`, for `xcluster ctl cluster` and the dashboard.
     let st = lb.proxy_status();
     assert_eq!(st.listeners[0].denied, 2, "{st:?}");
-    assert_eq!(
-        metric_value(&m, "xcluster_lb_proxy_connections_accepted_total", web),
-        Some(1.0),
-        "{m}"
-    );
     eventually(T, "the denied connections' log lines", || {
         let log = lb.proc.stderr();
         let denied = log
@@ -1141,13 +1130,7 @@ fn a_client_over_its_connection_rate_is_closed_at_once(rt: &'static str) {
     }
     assert_closed(&mut connect_from([127, 0, 0, 2], front));
     ping(&mut connect_from([127, 0, 0, 3], front), b"another client");
-    let web = "listener=\"web\"";
-    let m = lb.metrics();
-    assert_eq!(
-        metric_value(&m, "xcluster_lb_proxy_connections_rejected_total", web),
-        Some(1.0),
-        "{m}"
-    );
+    lb.assert_web_counts(&[("connections_rejected_total", 1.0)]);
     eventually(T, "the refused connection's log line", || {
         let log = lb.proc.stderr();
         log.lines()
@@ -1356,22 +1339,13 @@ fn a_client_over_its_connection_limit_is_closed_at_once(rt: &'static str) {
     ping(&mut c1, b"one");
     let mut c2 = connect(front);
     ping(&mut c2, b"two");
-    let c3 = connect(front);
+    let mut c3 = connect(front);
     let third = c3.local_addr().unwrap();
-    let closed = (&c3).read(&mut [0u8; 16]);
-    assert!(matches!(closed, Ok(0) | Err(_)), "{closed:?}");
-    let web = "listener=\"web\"";
-    let m = lb.metrics();
-    assert_eq!(
-        metric_value(&m, "xcluster_lb_proxy_connections_rejected_total", web),
-        Some(1.0),
-        "{m}"
-    );
-    assert_eq!(
-        metric_value(&m, "xcluster_lb_proxy_connections_accepted_total", web),
-        Some(2.0),
-        "{m}"
-    );
+    assert_closed(&mut c3);
+    lb.assert_web_counts(&[
+        ("connections_rejected_total", 1.0),
+        ("connections_accepted_total", 2.0),
+    ]);
     eventually(T, "the rejected connection's log line", || {
         let log = lb.proc.stderr();
         log.lines()
@@ -1381,14 +1355,12 @@ fn a_client_over_its_connection_limit_is_closed_at_once(rt: &'static str) {
     ping(&mut c2, b"two still served");
     finish(&mut c1);
     eventually(T, "the first connection to end", || {
-        metric_value(&lb.metrics(), "xcluster_lb_proxy_connections_active", web).filter(|v| *v == 1.0)
+        let m = lb.metrics();
+        metric_value(&m, "xcluster_lb_proxy_connections_active", "listener=\"web\"").filter(|v| *v == 1.0)
     });
     let mut c4 = connect(front);
     ping(&mut c4, b"four, after one ended");
-    assert_eq!(
-        metric_value(&lb.metrics(), "xcluster_lb_proxy_connections_rejected_total", web),
-        Some(1.0)
-    );
+    lb.assert_web_counts(&[("connections_rejected_total", 1.0)]);
 }
 
 /// With stderr never read (a stuck log reader: the pipe fills), the connection log drops lines instead of
