@@ -27,45 +27,25 @@ pub struct ClusterView {
 }
 
 pub async fn fetch(balancers: &[SocketAddr], timeout: Duration) -> ClusterView {
-    let tasks: Vec<_> = balancers
-        .iter()
-        .map(|a| (*a, tokio::spawn(one(*a, timeout))))
-        .collect();
-    let mut out = Vec::with_capacity(tasks.len());
-    for (addr, t) in tasks {
-        out.push(t.await.unwrap_or_else(|e| BalancerView {
-            addr: addr.to_string(),
-            up: false,
-            latency_ms: None,
-            error: Some(e.to_string()),
-            status: None,
-        }));
+    let views = balancers.iter().map(|&a| one(a, timeout));
+    ClusterView {
+        balancers: futures_util::future::join_all(views).await,
     }
-    ClusterView { balancers: out }
 }
 
 async fn one(addr: SocketAddr, timeout: Duration) -> BalancerView {
     let t0 = Instant::now();
-    let res = match call(addr, "GET", "/v1/status", None, timeout).await {
-        Ok((200, body)) => Ok(body),
-        Ok((status, _)) => Err(format!("status {status}")),
-        Err(e) => Err(e),
+    let (status, error) = match call(addr, "GET", "/v1/status", None, timeout).await {
+        Ok((200, body)) => (Some(body), None),
+        Ok((status, _)) => (None, Some(format!("status {status}"))),
+        Err(e) => (None, Some(e)),
     };
-    match res {
-        Ok(v) => BalancerView {
-            addr: addr.to_string(),
-            up: true,
-            latency_ms: Some(t0.elapsed().as_millis() as u64),
-            error: None,
-            status: Some(v),
-        },
-        Err(e) => BalancerView {
-            addr: addr.to_string(),
-            up: false,
-            latency_ms: None,
-            error: Some(e),
-            status: None,
-        },
+    BalancerView {
+        addr: addr.to_string(),
+        up: status.is_some(),
+        latency_ms: status.as_ref().map(|_| t0.elapsed().as_millis() as u64),
+        error,
+        status,
     }
 }
 
@@ -95,39 +75,30 @@ pub async fn drain(
         "/v1/servers/{}/{verb}",
         xcluster_runtime::http::percent_encode(id)
     );
-    let calls: Vec<_> = balancers
-        .iter()
-        .map(|&a| {
-            let (path, token) = (path.clone(), token.to_string());
-            (
-                a,
-                tokio::spawn(async move { call(a, "POST", &path, Some(&token), timeout).await }),
-            )
-        })
-        .collect();
-    let mut out = Vec::with_capacity(calls.len());
-    for (addr, t) in calls {
-        let answer = t.await.unwrap_or_else(|e| Err(e.to_string()));
-        let message = |body: &serde_json::Value, status: u16| {
-            body["error"]["message"]
-                .as_str()
-                .map_or_else(|| format!("status {status}"), str::to_string)
-        };
-        let (result, outcome) = match answer {
-            Ok((200, _)) => ("ok", format!("{verb}ed")),
-            Ok((401, _)) => ("token_refused", "the balancer refused the token".into()),
-            Ok((404, body)) => ("unknown_instance", message(&body, 404)),
-            Ok((status, body)) => ("failed", message(&body, status)),
-            Err(e) => ("down", format!("down: {e}")),
-        };
-        out.push(DrainResult {
-            balancer: addr.to_string(),
-            id: id.to_string(),
-            result,
-            outcome,
-        });
-    }
-    out
+    let calls = balancers.iter().map(|&addr| {
+        let path = &path;
+        async move {
+            let message = |body: &serde_json::Value, status: u16| {
+                body["error"]["message"]
+                    .as_str()
+                    .map_or_else(|| format!("status {status}"), str::to_string)
+            };
+            let (result, outcome) = match call(addr, "POST", path, Some(token), timeout).await {
+                Ok((200, _)) => ("ok", format!("{verb}ed")),
+                Ok((401, _)) => ("token_refused", "the balancer refused the token".into()),
+                Ok((404, body)) => ("unknown_instance", message(&body, 404)),
+                Ok((status, body)) => ("failed", message(&body, status)),
+                Err(e) => ("down", format!("down: {e}")),
+            };
+            DrainResult {
+                balancer: addr.to_string(),
+                id: id.to_string(),
+                result,
+                outcome,
+            }
+        }
+    });
+    futures_util::future::join_all(calls).await
 }
 
 /// One HTTP/1.1 request to a balancer, within `timeout`: its status and JSON body (`null` when the body is

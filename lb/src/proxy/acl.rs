@@ -69,7 +69,8 @@ impl fmt::Display for Net {
     }
 }
 
-fn mapped(ip: IpAddr) -> u128 {
+/// `ip` as the 128 bits of its IPv6 form (IPv4 as IPv4-mapped), so a client seen either way is one client.
+pub(super) fn mapped(ip: IpAddr) -> u128 {
     match ip {
         IpAddr::V4(a) => u128::from(a.to_ipv6_mapped()),
         IpAddr::V6(a) => u128::from(a),

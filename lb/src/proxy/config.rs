@@ -3,8 +3,9 @@
 //! Reloads live: `listeners` (added, removed or changed; established connections stay, and one changed on the
 //! same address keeps its sockets), `backends` (their weights and `backup`), `connect_timeout_ms`,
 //! `idle_timeout_ms`, `connect_attempts`, `check_interval_ms`, `check_fall`, `check_rise`, `check_http_path`,
-//! `slow_start_ms`, `balance`, per-listener `proxy_protocol`, `accept_proxy`, `log_connections` and
-//! `max_connections_per_client`.
+//! `slow_start_ms`, `balance`, per-listener `proxy_protocol`, `accept_proxy`, `log_connections`,
+//! `max_connections_per_client`, `max_connection_rate_per_client`, `connection_rate_period_ms`, `allow` and
+//! `deny`.
 //! Needs a restart: `workers`, `runtime`, `forwarding`, `max_connections`, `backlog`, `keepalive_ms`,
 //! `io_uring_buffers`.
 

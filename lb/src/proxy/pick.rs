@@ -11,9 +11,10 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 
+use super::acl::mapped;
 use super::config::{BackendConfig, Balance, ProxyConfig};
 
-/// How many connections a backend has established now, for the pickers that weigh them.
+/// How many connections a backend has now (connecting or established), for the pickers that weigh them.
 pub type OpenCount<'a> = &'a dyn Fn(SocketAddr) -> u64;
 
 /// The connection a backend is picked for: what the balance modes that look past the weights read.
@@ -21,7 +22,7 @@ pub type OpenCount<'a> = &'a dyn Fn(SocketAddr) -> u64;
 pub struct PickFor<'a> {
     /// The client's address (`balance = "source"`).
     pub client: IpAddr,
-    /// How many connections a backend has established now (`balance = "least_connections"`).
+    /// How many connections a backend has now (`balance = "least_connections"`).
     pub open: OpenCount<'a>,
 }
 
@@ -124,11 +125,7 @@ fn source(list: &[(SocketAddr, u32)], exclude: &[SocketAddr], client: IpAddr) ->
 /// A hash of a client address and a backend address that is the same on every balancer and build (an IPv4
 /// client as its IPv6-mapped form, so a dual-stack listener sees one client once).
 fn affinity(client: IpAddr, backend: SocketAddr) -> u64 {
-    let v6 = |ip: IpAddr| match ip {
-        IpAddr::V4(a) => u128::from(a.to_ipv6_mapped()),
-        IpAddr::V6(a) => u128::from(a),
-    };
-    let (c, b) = (v6(client), v6(backend.ip()));
+    let (c, b) = (mapped(client), mapped(backend.ip()));
     [c >> 64, c, b >> 64, b, u128::from(backend.port())]
         .into_iter()
         .fold(0x9e37_79b9_7f4a_7c15, |h, word| mix(h ^ word as u64))

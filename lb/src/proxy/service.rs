@@ -58,15 +58,6 @@ pub struct Shared {
 }
 
 impl Shared {
-    /// Metric handles of `addr`, cached for configured backends.
-    pub fn backend_metrics(&self, addr: SocketAddr) -> Arc<BackendMetrics> {
-        self.backends
-            .load()
-            .get(&addr)
-            .cloned()
-            .unwrap_or_else(|| Arc::new(BackendMetrics::new(addr)))
-    }
-
     /// The backend for connect attempt `attempt` (from 0) of a connection from `client` on `l`, never one of
     /// `tried` (redispatch), with its metric handles; an attempt after the first is counted as a retry.
     /// `None` when the attempts are used up or no backend is left.
@@ -82,13 +73,10 @@ impl Shared {
             return None;
         }
         let ty = &l.cfg.request_type;
+        // The metric handles of the configured backends, one snapshot for the whole pick.
+        let backends = self.backends.load();
         // Read only by `balance = "least_connections"`.
-        let open = |a: SocketAddr| {
-            self.backends
-                .load()
-                .get(&a)
-                .map_or(0, |b| b.open.load(Ordering::Relaxed))
-        };
+        let open = |a: SocketAddr| backends.get(&a).map_or(0, |b| b.open.load(Ordering::Relaxed));
         let conn = PickFor { client, open: &open };
         let mut addr = self.pick(ty, tried, &conn)?;
         // Slow start: a backend back from a hold is taken only at its share; else another is, if any.
@@ -102,7 +90,12 @@ impl Shared {
         if attempt > 0 {
             l.metrics.retries.increment(1);
         }
-        Some((addr, Assigned::new(self.backend_metrics(addr))))
+        // Handles are cached for configured backends; one the directory routes to gets its own.
+        let bm = backends
+            .get(&addr)
+            .cloned()
+            .unwrap_or_else(|| Arc::new(BackendMetrics::new(addr)));
+        Some((addr, Assigned::new(bm)))
     }
 
     /// A backend for `ty` other than `tried`, leaving out those held out unless every one left is.
@@ -198,18 +191,33 @@ impl Shared {
             picker: Arc::new(super::pick::StaticPicker::new(cfg)),
             timeouts: ArcSwap::from_pointee(cfg.timeouts.clone()),
             forwarding: cfg.forwarding,
-            backends: ArcSwap::from_pointee(
-                cfg.backends
-                    .iter()
-                    .map(|b| (b.addr, Arc::new(BackendMetrics::new(b.addr))))
-                    .collect(),
-            ),
+            backends: ArcSwap::from_pointee(backend_handles(cfg, &HashMap::new())),
             permits: Arc::new(Semaphore::new(1)),
             tracker: TaskTracker::new(),
             stop: CancellationToken::new(),
             holds: Holds::default(),
         }
     }
+}
+
+/// The metric handles of `cfg`'s backends, their `backup` gauge set. A backend in `old` keeps its handles,
+/// so its count of open connections stays true across a reload.
+fn backend_handles(
+    cfg: &ProxyConfig,
+    old: &HashMap<SocketAddr, Arc<BackendMetrics>>,
+) -> HashMap<SocketAddr, Arc<BackendMetrics>> {
+    cfg.backends
+        .iter()
+        .map(|b| {
+            metrics::gauge!(BACKEND_BACKUP, "backend" => b.addr.to_string())
+                .set(f64::from(u8::from(b.backup)));
+            let bm = old.get(&b.addr).cloned();
+            (
+                b.addr,
+                bm.unwrap_or_else(|| Arc::new(BackendMetrics::new(b.addr))),
+            )
+        })
+        .collect()
 }
 
 /// One listener as its accept loops and connections see it.
@@ -509,21 +517,7 @@ impl Manager {
     /// Applies what reloads without touching listeners: timeouts, backends and weights.
     fn apply_live(&mut self, cfg: &ProxyConfig) {
         self.shared.timeouts.store(Arc::new(cfg.timeouts.clone()));
-        // A backend kept by the reload keeps its handles, so its count of open connections stays true.
-        let old = self.shared.backends.load_full();
-        let map = cfg
-            .backends
-            .iter()
-            .map(|b| {
-                metrics::gauge!(BACKEND_BACKUP, "backend" => b.addr.to_string())
-                    .set(f64::from(u8::from(b.backup)));
-                let bm = old.get(&b.addr).cloned();
-                (
-                    b.addr,
-                    bm.unwrap_or_else(|| Arc::new(BackendMetrics::new(b.addr))),
-                )
-            })
-            .collect();
+        let map = backend_handles(cfg, &self.shared.backends.load());
         self.shared.backends.store(Arc::new(map));
         self.shared.picker.on_config(cfg);
     }
