@@ -1481,9 +1481,9 @@ fn stream_to_sink(front: SocketAddr, len: usize, seed: u64) -> thread::JoinHandl
 }
 
 /// The io_uring runtime's receives take a buffer from a shared pool only when data arrives. When every buffer
-/// is held (here: at most 4 buffers, 8 connections whose backends do not read yet, so each stalls with a
-/// buffer in its send), receives wait for one, and nothing is lost once the backends read again. The
-/// held-buffers gauge shows the pool in use, and empty again at the end.
+/// is held (here: at most 4 buffers and 1 spare for bulk streams, 8 connections whose backends do not read
+/// yet, so each stalls with a buffer in its send), receives wait for one, and nothing is lost once the
+/// backends read again. The held-buffers gauge shows the pool in use, and empty again at the end.
 #[test]
 fn io_uring_buffer_pool_running_dry_loses_no_byte() {
     const CONNS: u64 = 8;
@@ -1495,8 +1495,8 @@ fn io_uring_buffer_pool_running_dry_loses_no_byte() {
         metric_value(&lb.metrics(), "xcluster_lb_proxy_buffer_waits_total", "").filter(|v| *v >= 1.0)
     });
     let held = |lb: &Lb| metric_value(&lb.metrics(), "xcluster_lb_proxy_buffers_held", "");
-    eventually(T, "every buffer to be shown held", || {
-        held(&lb).filter(|v| *v == 4.0)
+    eventually(T, "every buffer of the ring to be shown held", || {
+        held(&lb).filter(|v| *v >= 4.0)
     });
     drop(closed);
     for c in clients {
@@ -1517,18 +1517,45 @@ fn io_uring_buffer_pool_running_dry_loses_no_byte() {
     });
 }
 
-/// A direction whose destination does not keep up pauses its receive after a few buffers, and resumes it
-/// as the destination drains: every byte still arrives, in order, and the pool never runs dry.
+/// A direction whose destination does not keep up stops receiving after a few buffers (a full queue pauses
+/// its multishot receive; a bulk stream's pump keeps only the buffer its send could not finish), and
+/// resumes as the destination drains: every byte still arrives, in order, and the pool never runs dry.
 #[test]
-fn io_uring_receive_pauses_for_a_slow_destination_and_resumes() {
+fn io_uring_a_slow_destination_holds_few_buffers() {
+    const STREAMS: u64 = 3;
     let (lb, front, gate) = io_uring_lb_to_sink("");
     let closed = gate.write().unwrap();
-    let client = stream_to_sink(front, stalling_len(), 1);
-    eventually(T, "the receive to pause", || {
-        metric_value(&lb.metrics(), "xcluster_lb_proxy_receive_pauses_total", "").filter(|v| *v >= 1.0)
+    let clients: Vec<_> = (0..STREAMS)
+        .map(|i| stream_to_sink(front, stalling_len(), i))
+        .collect();
+    let up = |lb: &Lb| {
+        metric_value(
+            &lb.metrics(),
+            "xcluster_lb_proxy_listener_bytes_total",
+            "direction=\"up\"",
+        )
+    };
+    // Stalled: the bytes received stop growing over 5 polls (100 ms: two of the worker's ticks, which
+    // count them) with every stream holding a buffer.
+    let (mut last, mut same) = (None, 0);
+    eventually(T, "every stream to stall", || {
+        let now = up(&lb);
+        same = if now.is_some() && now == last { same + 1 } else { 0 };
+        last = now;
+        let stalled = same >= 5;
+        let held = metric_value(&lb.metrics(), "xcluster_lb_proxy_buffers_held", "");
+        held.filter(|h| stalled && *h >= STREAMS as f64)
     });
+    let held = metric_value(&lb.metrics(), "xcluster_lb_proxy_buffers_held", "").unwrap();
+    // A multishot receive may take a few buffers past its pause (see ARCHITECTURE.md): 8 is the bound.
+    assert!(
+        held <= 8.0 * STREAMS as f64,
+        "{held} buffers held by {STREAMS} stalled streams"
+    );
     drop(closed);
-    client.join().unwrap();
+    for c in clients {
+        c.join().unwrap();
+    }
     let m = lb.metrics();
     assert_eq!(
         metric_value(&m, "xcluster_lb_proxy_buffer_waits_total", ""),
