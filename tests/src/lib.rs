@@ -13,6 +13,7 @@ use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+pub mod browser;
 pub mod http;
 pub mod services;
 
@@ -139,6 +140,9 @@ pub struct Spawn {
     pub cwd: Option<PathBuf>,
     /// Stderr goes to a pipe that nobody reads (it fills, as a stuck log reader's would), not to a file.
     pub unread_stderr: bool,
+    /// Descriptors the process gets at the given numbers (Chromium's `--remote-debugging-pipe` reads 3 and
+    /// writes 4).
+    pub fds: Vec<(std::os::fd::OwnedFd, std::os::fd::RawFd)>,
 }
 
 impl Proc {
@@ -175,6 +179,32 @@ impl Proc {
         // Default to the process's own temp dir, so files a role creates (an app's database) never land in the
         // source tree.
         cmd.current_dir(spec.cwd.as_deref().unwrap_or(dir.path()));
+        if !spec.fds.is_empty() {
+            use std::os::fd::AsRawFd;
+            use std::os::unix::process::CommandExt;
+            assert!(spec.fds.len() <= 8, "at most 8 descriptors");
+            let fds: Vec<_> = spec.fds.iter().map(|(fd, to)| (fd.as_raw_fd(), *to)).collect();
+            // SAFETY: only async-signal-safe calls (fcntl, dup2) between fork and exec. Each descriptor is
+            // first copied above the targets, so that installing one cannot overwrite another still to come;
+            // dup2 leaves the copy at its target without close-on-exec.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let mut high = [-1; 8];
+                    for (h, &(fd, _)) in high.iter_mut().zip(&fds) {
+                        *h = libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 100);
+                        if *h < 0 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                    }
+                    for (&h, &(_, to)) in high.iter().zip(&fds) {
+                        if libc::dup2(h, to) < 0 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                    }
+                    Ok(())
+                });
+            }
+        }
         let child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("spawn {}: {e}", program.display()));

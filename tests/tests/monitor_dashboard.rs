@@ -1,14 +1,18 @@
 //! The dashboard in a real browser (headless Chromium): it shows the programs and the cluster view (a balancer
 //! up with its instances and weights, one down), and a restart shows in it (new pid,
-//! restart count, the transitions in the event list).
+//! restart count, the transitions in the event list); its buttons, clicked, act with the typed token.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod monitor_common;
 
+use std::io::{Read, Write};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use monitor_common::*;
+use xcluster_tests::browser::{Browser, headless_args};
 use xcluster_tests::*;
 
 /// Loads the page in headless Chromium and returns the DOM after its script ran.
@@ -18,22 +22,10 @@ fn dump(addr: std::net::SocketAddr) -> String {
         "chromium",
         std::path::Path::new("chromium"),
         Spawn {
-            args: [
-                "--headless",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--no-first-run",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-                &format!("--user-data-dir={}", profile.path().display()),
-                "--timeout=5000",
-                "--dump-dom",
-                &format!("http://{addr}/"),
-            ]
-            .iter()
-            .map(|s| s.to_string())
-            .collect(),
+            args: headless_args(
+                profile.path(),
+                &["--timeout=5000", "--dump-dom", &format!("http://{addr}/")],
+            ),
             ..Default::default()
         },
     );
@@ -126,4 +118,103 @@ fn the_dashboard_shows_programs_and_the_cluster_and_reacts_to_a_restart() {
         ),
         "{dom}"
     );
+}
+
+/// A balancer whose one instance, `app-7`, can be drained: `/v1/status` shows it `up` until a
+/// `POST /v1/servers/app-7/drain` comes, `drained` after. Returns its address and the head of each drain
+/// request it got.
+fn drainable_balancer() -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let heads = Arc::new(Mutex::new(Vec::new()));
+    let seen = heads.clone();
+    std::thread::spawn(move || {
+        for s in l.incoming().take(500) {
+            let Ok(mut s) = s else { continue };
+            s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+            let mut head = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 8192 {
+                match s.read(&mut buf) {
+                    Ok(n) if n > 0 => head.extend_from_slice(&buf[..n]),
+                    _ => break,
+                }
+            }
+            let head = String::from_utf8_lossy(&head).to_string();
+            let body = if head.starts_with("POST /v1/servers/app-7/drain ") {
+                seen.lock().unwrap().push(head);
+                r#"{"id": "app-7", "state": "drained"}"#.to_string()
+            } else {
+                let state = if seen.lock().unwrap().is_empty() {
+                    "up"
+                } else {
+                    "drained"
+                };
+                format!(
+                    r#"{{"version": 1, "instances": [{{"id": "app-7", "addr": "127.0.0.1:7101", "state": "{state}",
+                    "report_age_ms": 120, "cpu": 0.25, "weights": {{"browse": 7500}}}}]}}"#
+                )
+            };
+            let _ = write!(
+                s,
+                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    (addr, heads)
+}
+
+/// The page's buttons, clicked with the mouse in the browser: without a token the monitor refuses a drain
+/// and the page says so; with the token typed into its box, drain reaches the balancer with the monitor's
+/// token and the instance's button turns to undrain; restart gives the program a new pid.
+#[test]
+fn the_dashboard_buttons_act_with_the_typed_token() {
+    let (balancer, drains) = drainable_balancer();
+    let m = Mon::start(&format!(
+        "[cluster]\nbalancers = [\"{balancer}\"]\n[programs.web]\ncommand = \"sleep 300\"\nstartsecs = 0\n"
+    ));
+    let pid = m.wait_state("web", "RUNNING", T)["pid"].as_i64().unwrap() as i32;
+    let mut b = Browser::open(&format!("http://{}/", m.addr));
+    let drain = r#"button[data-drain="app-7"]"#;
+    b.wait_for(
+        T,
+        "the drain button",
+        &format!("document.querySelector('{drain}[data-action=\"drain\"]') !== null"),
+    );
+
+    b.click(drain);
+    let err = b.wait_for(
+        T,
+        "the page to show the refusal",
+        "document.getElementById('err').textContent || null",
+    );
+    assert!(err.as_str().unwrap().starts_with("drain app-7: "), "{err}");
+    assert!(
+        drains.lock().unwrap().is_empty(),
+        "a drain without the token went through"
+    );
+
+    b.type_into("#token", TOKEN);
+    b.click(drain);
+    let head = eventually(T, "the drain to reach the balancer", || {
+        drains.lock().unwrap().first().cloned()
+    });
+    assert!(
+        head.contains(&format!("Authorization: Bearer {TOKEN}\r\n")),
+        "{head}"
+    );
+    b.wait_for(
+        T,
+        "the button to turn to undrain",
+        &format!("document.querySelector('{drain}[data-action=\"undrain\"]') !== null"),
+    );
+    assert_eq!(
+        b.eval("document.getElementById('err').textContent"),
+        "",
+        "the page shows an error"
+    );
+
+    b.click(r#"button[data-verb="restart"][data-name="web"]"#);
+    m.wait_new_pid("web", pid, T);
 }
