@@ -624,7 +624,7 @@ impl Loop {
             }
             Some(Op::Recv) => self.on_recv(slot, dir, res, flags),
             Some(Op::Send) => self.on_send(slot, dir, res),
-            Some(Op::Ready) => self.on_ready(slot, dir),
+            Some(Op::Ready) => self.on_ready(slot, dir, res),
             Some(Op::Cancel) | None => {}
         }
     }
@@ -1181,13 +1181,7 @@ impl Loop {
             }
             // The pause asked for above; the receive resumes when the queue drains.
             e if e == -libc::ECANCELED => self.maybe_resume(slot, d),
-            e => {
-                debug!(error = %io::Error::from_raw_os_error(-e), "connection ended");
-                if let Some(c) = self.conn(slot) {
-                    c.active.ended(End::Error(-e));
-                }
-                self.close(slot);
-            }
+            e => self.fail(slot, -e),
         }
     }
 
@@ -1227,7 +1221,7 @@ impl Loop {
                     }
                     _ if err.kind() == io::ErrorKind::WouldBlock => self.arm_ready(slot, d),
                     _ if err.kind() == io::ErrorKind::Interrupted => continue,
-                    _ => self.fail(slot, &err),
+                    _ => self.fail(slot, err.raw_os_error().unwrap_or(libc::EIO)),
                 }
                 return;
             }
@@ -1250,7 +1244,7 @@ impl Loop {
                 let err = io::Error::last_os_error();
                 if err.kind() != io::ErrorKind::WouldBlock {
                     self.bufs.put(bid);
-                    self.fail(slot, &err);
+                    self.fail(slot, err.raw_os_error().unwrap_or(libc::EIO));
                     return;
                 }
                 0
@@ -1299,21 +1293,26 @@ impl Loop {
         self.push(&e);
     }
 
-    /// The poll of a bulk direction: bytes, an end of stream or an error wait; the pump finds which.
-    fn on_ready(&mut self, slot: u32, d: usize) {
+    /// The poll of a bulk direction: bytes, an end of stream or an error wait; the pump finds which. A
+    /// poll that fails itself ends the connection (pumping again would poll again, in a loop).
+    fn on_ready(&mut self, slot: u32, d: usize, res: i32) {
         if !self.finish_op(slot) {
             return;
         }
         let Some(c) = self.conn(slot) else { return };
         c.dirs[d].polling = false;
+        if res < 0 {
+            self.fail(slot, -res);
+            return;
+        }
         self.arm_recv(slot, d);
     }
 
-    /// Ends a connection on a socket error.
-    fn fail(&mut self, slot: u32, err: &io::Error) {
-        debug!(error = %err, "connection ended");
+    /// Ends a connection on a socket error (`errno`).
+    fn fail(&mut self, slot: u32, errno: i32) {
+        debug!(error = %io::Error::from_raw_os_error(errno), "connection ended");
         if let Some(c) = self.conn(slot) {
-            c.active.ended(End::Error(err.raw_os_error().unwrap_or(0)));
+            c.active.ended(End::Error(errno));
         }
         self.close(slot);
     }
@@ -1340,12 +1339,12 @@ impl Loop {
         let Some(c) = self.conns.get_mut(slot as usize).and_then(Option::as_mut) else {
             return;
         };
-        if res <= 0 {
-            if res < 0 {
-                debug!(error = %io::Error::from_raw_os_error(-res), "connection ended");
-            }
-            c.active
-                .ended(if res < 0 { End::Error(-res) } else { End::Closed });
+        if res < 0 {
+            self.fail(slot, -res);
+            return;
+        }
+        if res == 0 {
+            c.active.ended(End::Closed);
             self.close(slot);
             return;
         }
