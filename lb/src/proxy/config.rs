@@ -73,7 +73,8 @@ pub struct ProxySection {
     /// With `runtime = "io_uring"`: the most provided buffers of 16 KiB per worker, a power of two. Only
     /// directions with bytes in flight hold one; 256 are handed out at start and more as receives find
     /// none, up to this; then receives wait for the next one freed. Memory is reserved for all of them but
-    /// resident only for those handed out.
+    /// resident only for those handed out. Bulk streams also borrow spare buffers, one sixteenth as many (1
+    /// to 256), kept only by a send that would block.
     pub io_uring_buffers: u32,
 }
 

@@ -368,7 +368,7 @@ struct Dir {
     head: u16,
     /// The last buffer queued; buffers link through `Bufs::next`.
     tail: u16,
-    /// Below `BUF_LEN`, so a u16: it keeps the slot small.
+    /// At most `BUF_LEN`, so a u16: it keeps the slot small.
     off: u16,
     queued: u8,
     /// A multishot receive is live (until a completion without `IORING_CQE_F_MORE`).
@@ -1350,7 +1350,7 @@ impl Loop {
         }
         let dir = &mut c.dirs[d];
         let head = dir.head;
-        // A send moves at most what is left of a buffer (below BUF_LEN), so the sum fits.
+        // A send moves at most what is left of its buffer, so the sum is at most BUF_LEN.
         dir.off += res.unsigned_abs() as u16;
         if u32::from(dir.off) < self.bufs.len[usize::from(head)] {
             self.push_send(slot, d);
