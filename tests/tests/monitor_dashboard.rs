@@ -165,9 +165,10 @@ fn drainable_balancer() -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
     (addr, heads)
 }
 
-/// The page's buttons, clicked with the mouse in the browser: without a token the monitor refuses a drain
-/// and the page says so; with the token typed into its box, drain reaches the balancer with the monitor's
-/// token and the instance's button turns to undrain; restart gives the program a new pid.
+/// The page's buttons, clicked with the mouse in the browser: without a token the monitor refuses a restart
+/// and a drain, and the page says so until the next action (its refreshes keep the message); with the token
+/// typed into its box, drain reaches the balancer with the monitor's token and the instance's button turns
+/// to undrain, and restart gives the program a new pid.
 #[test]
 fn the_dashboard_buttons_act_with_the_typed_token() {
     let (balancer, drains) = drainable_balancer();
@@ -183,13 +184,35 @@ fn the_dashboard_buttons_act_with_the_typed_token() {
         &format!("document.querySelector('{drain}[data-action=\"drain\"]') !== null"),
     );
 
-    b.click(drain);
-    let err = b.wait_for(
-        T,
-        "the page to show the refusal",
-        "document.getElementById('err').textContent || null",
+    let restart = r#"button[data-verb="restart"][data-name="web"]"#;
+    let err = "document.getElementById('err').textContent";
+    b.click(restart);
+    let refused = b.wait_for(T, "the page to show the refusal", &format!("{err} || null"));
+    assert!(
+        refused.as_str().unwrap().starts_with("restart web: "),
+        "{refused}"
     );
-    assert!(err.as_str().unwrap().starts_with("drain app-7: "), "{err}");
+    // The message outlives the page's refreshes (the status bar's time changes with each).
+    let bar = b.eval("document.getElementById('bar').textContent");
+    b.wait_for(
+        T,
+        "a refresh of the page",
+        &format!("document.getElementById('bar').textContent !== {bar}"),
+    );
+    assert_eq!(b.eval(err), refused, "a refresh wiped the message");
+    assert_eq!(
+        m.pid("web"),
+        Some(pid),
+        "a restart without the token went through"
+    );
+
+    b.click(drain);
+    let refused = b.wait_for(
+        T,
+        "the page to show the drain's refusal",
+        &format!("{err}.startsWith('drain app-7: ') || null"),
+    );
+    assert_eq!(refused, true);
     assert!(
         drains.lock().unwrap().is_empty(),
         "a drain without the token went through"
@@ -209,12 +232,8 @@ fn the_dashboard_buttons_act_with_the_typed_token() {
         "the button to turn to undrain",
         &format!("document.querySelector('{drain}[data-action=\"undrain\"]') !== null"),
     );
-    assert_eq!(
-        b.eval("document.getElementById('err').textContent"),
-        "",
-        "the page shows an error"
-    );
+    assert_eq!(b.eval(err), "", "the page shows an error");
 
-    b.click(r#"button[data-verb="restart"][data-name="web"]"#);
+    b.click(restart);
     m.wait_new_pid("web", pid, T);
 }

@@ -104,9 +104,17 @@ fn errors_are_counted_by_kind_in_open_loop() {
     assert_eq!(report["backends"][busy.addr.to_string()]["requests"], 50);
 }
 
+/// Both instances take 10 ms a request. The SDK compares their latency (plus a 1 ms floor) before it follows
+/// the weights, so with answers in microseconds a single scheduling stall of a millisecond or two on a busy
+/// machine made it avoid the heavy instance for the rest of a short run (heavy at 5% of one type in CI).
+/// A real service time keeps such noise small beside it, as it is in production.
 #[test]
 fn sdk_mode_follows_the_published_weights() {
-    let (heavy, light) = (Backend::start("heavy"), Backend::start("light"));
+    let delay = Duration::from_millis(10);
+    let (heavy, light) = (
+        Backend::with_delay("heavy", delay),
+        Backend::with_delay("light", delay),
+    );
     let lb = FakeBalancer::start(Duration::from_secs(60));
     for ty in ["browse", "order"] {
         lb.set(list(
@@ -126,9 +134,9 @@ fn sdk_mode_follows_the_published_weights() {
         "--workers",
         "2",
         "--requests",
-        "400",
+        "200",
     ]);
-    assert_eq!(report["requests"], 400);
+    assert_eq!(report["requests"], 200);
     assert_eq!(report["errors"], 0, "{report}");
     assert_eq!(report["refused"], 0, "{report}");
     check_percentiles(by_type(&report, "browse"));
@@ -142,7 +150,7 @@ fn sdk_mode_follows_the_published_weights() {
         heavy_share > 0.7,
         "weights 9:1 gave the heavy instance {heavy_share}: {report}"
     );
-    assert_eq!(heavy.hits() + light.hits(), 400);
+    assert_eq!(heavy.hits() + light.hits(), 200);
     assert_eq!(light.hits(), light_n);
 }
 

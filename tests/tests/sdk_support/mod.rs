@@ -225,15 +225,20 @@ impl Backend {
     }
 
     pub fn with_status(name: &str, status: u16) -> Backend {
-        Self::spawn(name, status, false)
+        Self::spawn(name, status, false, Duration::ZERO)
+    }
+
+    /// Answers each request after `delay`, as a backend with real work to do.
+    pub fn with_delay(name: &str, delay: Duration) -> Backend {
+        Self::spawn(name, 200, false, delay)
     }
 
     /// Accepts connections and reads requests but never answers.
     pub fn hanging(name: &str) -> Backend {
-        Self::spawn(name, 200, true)
+        Self::spawn(name, 200, true, Duration::ZERO)
     }
 
-    fn spawn(name: &str, status: u16, hang: bool) -> Backend {
+    fn spawn(name: &str, status: u16, hang: bool, delay: Duration) -> Backend {
         let std_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         std_listener.set_nonblocking(true).unwrap();
         let addr = std_listener.local_addr().unwrap();
@@ -254,6 +259,9 @@ impl Backend {
                         h.fetch_add(1, Ordering::Relaxed);
                         if hang {
                             std::future::pending::<()>().await;
+                        }
+                        if !delay.is_zero() {
+                            tokio::time::sleep(delay).await;
                         }
                         respond(&mut s, status, &body).await;
                     }
