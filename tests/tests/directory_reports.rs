@@ -46,6 +46,12 @@ fn bad_reports_are_rejected_counted_and_change_nothing() {
 
     // Each bad report: its status, its error code, and that it moved only its own counter.
     let body = |r: &xcluster_proto::report::LoadReport| serde_json::to_vec(r).unwrap();
+    // One body, signed as sent: building the report twice could read the clock twice, and a millisecond
+    // between them made the signature not match (a flaky `bad_signature` instead of `replay`).
+    let signed = |r: xcluster_proto::report::LoadReport| {
+        let (b, sig) = signed_body(&r);
+        (b, Some(sig))
+    };
     let loaded = report("t", seq0 + 1, now_ms(), &[("t/a", app, 99), ("t/evil", app, 0)]);
     let cases: Vec<(&str, u16, Vec<u8>, Option<String>)> = vec![
         (
@@ -62,30 +68,18 @@ fn bad_reports_are_rejected_counted_and_change_nothing() {
             body(&good),
             Some(sign(KEY.as_bytes(), &body(&good))),
         ),
-        (
-            "replay",
-            409,
-            body(&report("t", seq0 - 1, now_ms(), &[])),
-            Some(sign(KEY.as_bytes(), &body(&report("t", seq0 - 1, now_ms(), &[])))),
-        ),
-        (
-            "skew",
-            400,
-            body(&report("t", seq0 + 2, now_ms() - 60_000, &[])),
-            Some(sign(
-                KEY.as_bytes(),
-                &body(&report("t", seq0 + 2, now_ms() - 60_000, &[])),
-            )),
-        ),
-        (
-            "skew",
-            400,
-            body(&report("t", seq0 + 3, now_ms() + 60_000, &[])),
-            Some(sign(
-                KEY.as_bytes(),
-                &body(&report("t", seq0 + 3, now_ms() + 60_000, &[])),
-            )),
-        ),
+        {
+            let (b, sig) = signed(report("t", seq0 - 1, now_ms(), &[]));
+            ("replay", 409, b, sig)
+        },
+        {
+            let (b, sig) = signed(report("t", seq0 + 2, now_ms() - 60_000, &[]));
+            ("skew", 400, b, sig)
+        },
+        {
+            let (b, sig) = signed(report("t", seq0 + 3, now_ms() + 60_000, &[]));
+            ("skew", 400, b, sig)
+        },
         (
             "malformed",
             400,

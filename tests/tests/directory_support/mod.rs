@@ -186,8 +186,15 @@ pub fn post_report(lb: SocketAddr, body: &[u8], signature: Option<&str>) -> Http
 
 /// Signs and posts a report; returns the response.
 pub fn post_signed(lb: SocketAddr, r: &LoadReport) -> HttpResponse {
+    let (body, sig) = signed_body(r);
+    post_report(lb, &body, Some(&sig))
+}
+
+/// `r` as the body it is sent as, and that body's signature with the test key.
+pub fn signed_body(r: &LoadReport) -> (Vec<u8>, String) {
     let body = serde_json::to_vec(r).unwrap();
-    post_report(lb, &body, Some(&sign(KEY.as_bytes(), &body)))
+    let sig = sign(KEY.as_bytes(), &body);
+    (body, sig)
 }
 
 /// `GET /v1/servers?type=ty` as JSON (panics on a non-200).
