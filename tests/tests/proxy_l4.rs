@@ -1528,22 +1528,16 @@ fn io_uring_a_slow_destination_holds_few_buffers() {
     let clients: Vec<_> = (0..STREAMS)
         .map(|i| stream_to_sink(front, stalling_len(), i))
         .collect();
-    let up = |lb: &Lb| {
-        metric_value(
-            &lb.metrics(),
-            "xcluster_lb_proxy_listener_bytes_total",
-            "direction=\"up\"",
-        )
-    };
     // Stalled: the bytes received stop growing over 5 polls (100 ms: two of the worker's ticks, which
     // count them) with every stream holding a buffer.
     let (mut last, mut same) = (None, 0);
     eventually(T, "every stream to stall", || {
-        let now = up(&lb);
+        let m = lb.metrics();
+        let now = metric_value(&m, "xcluster_lb_proxy_listener_bytes_total", "direction=\"up\"");
         same = if now.is_some() && now == last { same + 1 } else { 0 };
         last = now;
         let stalled = same >= 5;
-        let held = metric_value(&lb.metrics(), "xcluster_lb_proxy_buffers_held", "");
+        let held = metric_value(&m, "xcluster_lb_proxy_buffers_held", "");
         held.filter(|h| stalled && *h >= STREAMS as f64)
     });
     let held = metric_value(&lb.metrics(), "xcluster_lb_proxy_buffers_held", "").unwrap();
