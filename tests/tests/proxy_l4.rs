@@ -1,6 +1,7 @@
 //! The lb's layer-4 proxy mode, end to end: a real `xcluster lb` forwarding to in-test backends on free ports.
 //! Byte-exact forwarding of many payload sizes, half-close both ways, redispatch past a dead backend, every
-//! backend down, idle timeout, the PROXY v2 header, SIGTERM drain, and a reload that removes a listener.
+//! backend down, idle timeout, the PROXY v2 header, SIGTERM drain, and a reload that removes a listener (and
+//! how both close a listener without resetting the clients queued on it).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -1334,6 +1335,75 @@ fn a_listener_changed_in_place_keeps_its_queued_clients(rt: &'static str) {
     );
 }
 
+/// Waits until the proxy, closing listener `name`, has found clients queued on it after it stopped new
+/// handshakes there, where it would otherwise close (each worker logs it once).
+fn wait_closing(lb: &Lb, name: &str) {
+    let field = format!("listener={name}");
+    eventually(T, "the closing listener to wait for its queue", || {
+        let log = lb.proc.stderr();
+        log.lines()
+            .any(|l| l.contains("closing listener: accepting the clients queued") && l.ends_with(&field))
+            .then_some(())
+    });
+}
+
+/// A reload that removes a listener closes its sockets only once the clients in their accept queue are
+/// accepted: one waiting for a permit (`max_connections = 1`) when the reload lands is served once the permit
+/// frees, where closing at once would reset it. Then the port closes.
+fn a_removed_listener_serves_its_queued_clients(rt: &'static str) {
+    let (echo, front) = (echo_backend(), free_addr());
+    let limits = "workers = 1\nmax_connections = 1\n";
+    let with = |listeners: &str| format!("{limits}{listeners}{}", backends(&[echo]));
+    // One listener only: another's pending accept would hold the one permit.
+    let lb = start_lb(rt, 30_000, &with(&listener("web", front)));
+    let mut c1 = connect(front);
+    ping(&mut c1, b"one");
+    // Its handshake completes in the kernel; the proxy holds no permit to accept it.
+    let mut c2 = connect(front);
+    c2.write_all(b"two").unwrap();
+    lb.reload_applied(30_000, &with(""));
+    wait_closing(&lb, "web");
+    ping(&mut c1, b"one again");
+    finish(&mut c1);
+    // The permit c1 frees goes to the queued client, served with what it sent before the reload.
+    let mut got = [0u8; 3];
+    c2.read_exact(&mut got).unwrap();
+    assert_eq!(&got, b"two");
+    assert!(finish(&mut c2).is_empty());
+    eventually(T, "the removed listener to close", || {
+        (!listening(front)).then_some(())
+    });
+    let refused = TcpStream::connect_timeout(&front, T);
+    assert!(
+        matches!(&refused, Err(e) if e.kind() == ErrorKind::ConnectionRefused),
+        "{refused:?}"
+    );
+    lb.assert_web_counts(&[("connections_accepted_total", 2.0)]);
+}
+
+/// SIGTERM closes the listeners the same way: a client queued on one (no permit yet) is served within the
+/// grace period, and the lb exits once it is done.
+fn sigterm_serves_the_clients_queued_on_the_listeners(rt: &'static str) {
+    let (mut lb, front) = echo_lb(rt, 30_000, "workers = 1\nmax_connections = 1\n", "");
+    let mut c1 = connect(front);
+    ping(&mut c1, b"one");
+    let mut c2 = connect(front);
+    c2.write_all(b"two").unwrap();
+    lb.proc.signal(Signal::SIGTERM);
+    wait_closing(&lb, "web");
+    ping(&mut c1, b"one again");
+    finish(&mut c1);
+    let mut got = [0u8; 3];
+    c2.read_exact(&mut got).unwrap();
+    assert_eq!(&got, b"two");
+    assert!(finish(&mut c2).is_empty());
+    let code = lb
+        .proc
+        .wait_exit(T)
+        .expect("lb did not exit after its last connection ended");
+    assert_eq!(code, 0, "{}", lb.proc.stderr());
+}
+
 /// With `max_connections_per_client = 2`, a client's third connection at once is closed as soon as it is
 /// accepted, counted and logged; once one of its connections ends it may open another.
 fn a_client_over_its_connection_limit_is_closed_at_once(rt: &'static str) {
@@ -1666,6 +1736,8 @@ per_runtime!(
     max_connections_holds_new_clients_until_a_permit_frees,
     connections_are_logged_where_the_listener_asks,
     a_listener_changed_in_place_keeps_its_queued_clients,
+    a_removed_listener_serves_its_queued_clients,
+    sigterm_serves_the_clients_queued_on_the_listeners,
     a_client_over_its_connection_limit_is_closed_at_once,
     least_connections_levels_long_lived_connections,
     source_keeps_each_client_on_its_backend,

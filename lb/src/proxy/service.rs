@@ -5,8 +5,9 @@
 //! listener (`per_core`: a connection's two sockets stay on one thread, no cross-thread wakeups), or one
 //! multi-thread runtime sharing one socket per listener (`shared`), or one io_uring event loop per core with
 //! its own SO_REUSEPORT sockets (`io_uring`, see [`super::uring`]; where the kernel refuses io_uring the
-//! proxy falls back to `per_core` and says so). Removing a listener only stops its accept loops; its
-//! established connections are separate tasks (or slots) and run on until they end.
+//! proxy falls back to `per_core` and says so). Removing a listener only closes its sockets, once the clients
+//! already queued on them are accepted; its established connections are separate tasks (or slots) and run on
+//! until they end.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -51,6 +52,9 @@ pub struct Shared {
     backends: ArcSwap<HashMap<SocketAddr, Arc<BackendMetrics>>>,
     pub permits: Arc<Semaphore>,
     pub tracker: TaskTracker,
+    /// The accept loops (tokio) and the closing listeners (io_uring): the drain waits for them too, so a
+    /// client queued on a listener when it stops is accepted and served.
+    pub listeners: TaskTracker,
     /// Fires when established connections must be abandoned (end of the drain grace period).
     pub stop: CancellationToken,
     /// Backends held out of the picks after failed connects.
@@ -194,6 +198,7 @@ impl Shared {
             backends: ArcSwap::from_pointee(backend_handles(cfg, &HashMap::new())),
             permits: Arc::new(Semaphore::new(1)),
             tracker: TaskTracker::new(),
+            listeners: TaskTracker::new(),
             stop: CancellationToken::new(),
             holds: Holds::default(),
         }
@@ -388,7 +393,8 @@ struct Running {
     /// Fixed for its life: a change of address is a new listener. The rest of its settings are in `state`.
     listen: SocketAddr,
     state: LiveListener,
-    cancel: CancellationToken,
+    /// `Some(give up)` once it closes (the tokio accept loops watch it).
+    close: watch::Sender<Option<Instant>>,
 }
 
 /// The running proxy. `shutdown()` stops accepting; `drained()` waits until established connections end
@@ -419,6 +425,8 @@ struct Manager {
     backlog: i32,
     keepalive: Option<Duration>,
     started: ProxyConfig,
+    /// `shutdown.grace_ms`: how long a closing listener may wait for permits to serve its queue.
+    grace: Duration,
 }
 
 /// Starts the workers and the listeners of the current config, and follows config reloads.
@@ -429,7 +437,10 @@ pub fn start(
     drain: &CancellationToken,
     stop: CancellationToken,
 ) -> Result<ProxyHandle, Error> {
-    let cfg = config.borrow_and_update().proxy.clone();
+    let (cfg, grace) = {
+        let c = config.borrow_and_update();
+        (c.proxy.clone(), c.grace)
+    };
     let shared = Arc::new(Shared {
         picker,
         timeouts: ArcSwap::from_pointee(cfg.timeouts.clone()),
@@ -437,6 +448,7 @@ pub fn start(
         backends: ArcSwap::from_pointee(HashMap::new()),
         permits: Arc::new(Semaphore::new(cfg.max_connections)),
         tracker: TaskTracker::new(),
+        listeners: TaskTracker::new(),
         stop,
         holds: Holds::default(),
     });
@@ -450,6 +462,7 @@ pub fn start(
         backlog: cfg.backlog,
         keepalive: cfg.keepalive,
         started: cfg.clone(),
+        grace,
     };
     m.apply_live(&cfg);
     for l in &cfg.listeners {
@@ -481,7 +494,11 @@ pub fn start(
                         d.cancelled().await;
                         break;
                     }
-                    let new = config.borrow_and_update().proxy.clone();
+                    let (new, grace) = {
+                        let c = config.borrow_and_update();
+                        (c.proxy.clone(), c.grace)
+                    };
+                    m.grace = grace;
                     m.reload(&new);
                 }
             }
@@ -530,7 +547,7 @@ impl Manager {
             .map(|_| super::listener::bind(cfg, self.backlog, self.keepalive))
             .collect::<std::io::Result<Vec<_>>>()?;
         let state: LiveListener = Arc::new(ArcSwap::new(ListenerState::new(cfg, Arc::default())));
-        let cancel = CancellationToken::new();
+        let (close, _) = watch::channel(None);
         let id = self.next_id;
         self.next_id += 1;
         for (w, socket) in self.workers.iter().zip(sockets) {
@@ -540,9 +557,9 @@ impl Manager {
                         socket,
                         state.clone(),
                         self.shared.clone(),
-                        cancel.clone(),
+                        close.subscribe(),
                     );
-                    handle.spawn(fut);
+                    handle.spawn(self.shared.listeners.track_future(fut));
                 }
                 Engine::Uring(r) => r.send(super::uring::Msg::Add {
                     id,
@@ -555,7 +572,7 @@ impl Manager {
             id,
             listen: cfg.listen,
             state,
-            cancel,
+            close,
         });
         Ok(())
     }
@@ -607,12 +624,18 @@ impl Manager {
         }
     }
 
-    /// Stops accepting on `r`'s sockets, on every worker.
+    /// Closes `r`'s sockets on every worker once the clients queued on them are accepted (see
+    /// [`super::listener::Closing`]).
     fn stop_listener(&self, r: &Running) {
-        r.cancel.cancel();
+        let give_up = Instant::now() + self.grace;
+        r.close.send_replace(Some(give_up));
         for w in &self.workers {
             if let Engine::Uring(remote) = &w.engine {
-                remote.send(super::uring::Msg::Remove(r.id));
+                remote.send(super::uring::Msg::Remove {
+                    id: r.id,
+                    give_up,
+                    closing: self.shared.listeners.token(),
+                });
             }
         }
     }
@@ -622,14 +645,16 @@ impl Manager {
         for r in std::mem::take(&mut self.running) {
             self.stop_listener(&r);
         }
-        let tracker = self.shared.tracker.clone();
+        let (tracker, listeners) = (self.shared.tracker.clone(), self.shared.listeners.clone());
         tracker.close();
+        listeners.close();
         let active = tracker.len();
         if active > 0 {
             info!(connections = active, "proxy draining established connections");
         }
         tokio::select! {
-            _ = tracker.wait() => {}
+            // The listeners first: until they are closed they may still accept queued clients.
+            _ = async { listeners.wait().await; tracker.wait().await } => {}
             _ = self.shared.stop.cancelled() => {
                 // Ending the workers below closes what is left.
                 warn!(connections = tracker.len(), "grace period over: closing proxied connections");

@@ -8,7 +8,8 @@
 //!
 //! What it keeps from the tokio runtimes: a permit of `max_connections` is held by each pending `accept`;
 //! accept errors back off; connects time out (a linked timeout) and redispatch; the idle timeout; PROXY
-//! protocol v2; half-close both ways; the same metrics; removed listeners leave their connections alone;
+//! protocol v2; half-close both ways; the same metrics; removed listeners accept what is queued on them and
+//! leave their connections alone;
 //! drain is counted on the same [`TaskTracker`](tokio_util::task::TaskTracker).
 //!
 //! Memory: a receive picks its buffer from a ring of provided buffers (`IORING_REGISTER_PBUF_RING`) only
@@ -24,7 +25,7 @@ use std::alloc::{Layout, alloc, alloc_zeroed, dealloc};
 use std::collections::VecDeque;
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::mpsc;
@@ -42,7 +43,7 @@ use super::access::End;
 use super::clients::ClientSlot;
 use super::conn::Active;
 use super::inbound::Inbound;
-use super::listener::{BACKOFF_MAX, BACKOFF_MIN, is_resource_exhaustion};
+use super::listener::{BACKOFF_MAX, BACKOFF_MIN, Closing, is_resource_exhaustion};
 use super::metrics::{Assigned, BUFFER_WAITS_TOTAL, BUFFERS_HELD, RECEIVE_PAUSES_TOTAL};
 use super::service::{Admit, ListenerState, LiveListener, Shared};
 
@@ -83,8 +84,13 @@ pub enum Msg {
         socket: std::net::TcpListener,
         state: LiveListener,
     },
-    /// Stop accepting on listener `id` and close its socket; its connections run on.
-    Remove(u64),
+    /// Close listener `id`'s socket once the clients queued on it are accepted, or at `give_up`
+    /// ([`Closing`]); its connections run on. `closing` keeps the drain waiting until the socket is closed.
+    Remove {
+        id: u64,
+        give_up: Instant,
+        closing: TaskTrackerToken,
+    },
     /// Close every connection and end the thread.
     Finish,
 }
@@ -351,6 +357,8 @@ struct Lst {
     backoff: Duration,
     /// Where the pending accept writes the client's address.
     peer: Box<(SockAddrStorage, libc::socklen_t)>,
+    /// Set once the listener is removed: it accepts what is queued, then closes.
+    closing: Option<(Closing, TaskTrackerToken)>,
 }
 
 /// Buffers one direction may hold before its receive is paused (64 KiB in flight, as a socket buffer would
@@ -643,6 +651,7 @@ impl Loop {
                         not_before: None,
                         backoff: BACKOFF_MIN,
                         peer: Box::new((SockAddrStorage::zeroed(), 0)),
+                        closing: None,
                     };
                     let i = match self.listeners.iter().position(Option::is_none) {
                         Some(i) => i,
@@ -654,13 +663,12 @@ impl Loop {
                     self.listeners[i] = Some(l);
                     self.arm_accept(i);
                 }
-                Msg::Remove(id) => {
-                    if let Some(i) = self
-                        .listeners
-                        .iter()
-                        .position(|l| l.as_ref().is_some_and(|l| l.id == id))
-                    {
-                        self.remove_listener(i);
+                Msg::Remove { id, give_up, closing } => {
+                    let l = self.listeners.iter_mut().flatten().find(|l| l.id == id);
+                    if let Some(l) = l.filter(|l| l.closing.is_none()) {
+                        let name = l.state.load().cfg.name.clone();
+                        let c = Closing::begin(l.socket.as_fd(), &name, give_up);
+                        l.closing = Some((c, closing));
                     }
                 }
                 Msg::Finish => {
@@ -683,9 +691,18 @@ impl Loop {
             self.arm_tick();
             return;
         }
-        // Accepts that wait for a permit freed on another worker, or for the end of a back-off.
+        // Accepts that wait for a permit freed on another worker, or for the end of a back-off; closing
+        // listeners whose queue is empty.
         for i in 0..self.listeners.len() {
-            self.arm_accept(i);
+            let closed = self.listeners[i].as_mut().is_some_and(|l| {
+                let (socket, name) = (l.socket.as_fd(), &l.state.load().cfg.name);
+                l.closing.as_mut().is_some_and(|c| c.0.done(socket, name))
+            });
+            if closed {
+                self.remove_listener(i);
+            } else {
+                self.arm_accept(i);
+            }
         }
         // One pass over the connections: byte counters and buffers held every tick; the idle timeout often
         // enough that a connection outlives it by at most a quarter of it (and a second at most). 8,000
