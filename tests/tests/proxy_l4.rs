@@ -1297,6 +1297,44 @@ fn max_connections_holds_new_clients_until_a_permit_frees(rt: &'static str) {
     assert_eq!(accepted(&lb), Some(3.0));
 }
 
+/// Permits go to connections, not to listeners waiting for one: with `max_connections = 1`, two listeners
+/// and two workers (four sockets), a client on any of them is served while no other connection is open. (A
+/// permit taken by each idle socket's pending accept left clients of the others waiting in their queues.)
+fn max_connections_is_not_held_by_idle_listeners(rt: &'static str) {
+    let (echo, a, b) = (echo_backend(), free_addr(), free_addr());
+    let lb = start_lb(
+        rt,
+        1000,
+        &format!(
+            "workers = 2\nmax_connections = 1\n{}{}{}",
+            listener("a", a),
+            listener("b", b),
+            backends(&[echo])
+        ),
+    );
+    for i in 0..8 {
+        let to = if i % 2 == 0 { a } else { b };
+        let mut c = connect(to);
+        ping(&mut c, format!("client {i}").as_bytes());
+        assert!(finish(&mut c).is_empty());
+        // The permit is back once the proxy has counted the connection's end.
+        eventually(T, "the connection to end", || {
+            let m = lb.metrics();
+            let active: f64 = ["a", "b"]
+                .iter()
+                .filter_map(|l| {
+                    metric_value(
+                        &m,
+                        "xcluster_lb_proxy_connections_active",
+                        &format!("listener=\"{l}\""),
+                    )
+                })
+                .sum();
+            (active == 0.0).then_some(())
+        });
+    }
+}
+
 /// A reload that changes a listener but not its address applies to the same sockets: a client waiting in
 /// their queue (no permit yet, `max_connections = 1`) is not reset by it, and is served under the new settings
 /// (here, the connection log turned on) once a permit frees.
@@ -1734,6 +1772,7 @@ per_runtime!(
     connections_still_open_at_the_end_of_the_grace_period_are_closed,
     reload_removing_a_listener_keeps_its_connections,
     max_connections_holds_new_clients_until_a_permit_frees,
+    max_connections_is_not_held_by_idle_listeners,
     connections_are_logged_where_the_listener_asks,
     a_listener_changed_in_place_keeps_its_queued_clients,
     a_removed_listener_serves_its_queued_clients,

@@ -65,7 +65,8 @@ pub struct ProxySection {
     /// `connect_timeout_ms`. `/readyz`, which every XCluster role serves (503 while starting or draining),
     /// holds an XBuy instance out while it cannot serve. Empty (the default): the connect alone.
     pub check_http_path: String,
-    /// Concurrent proxied connections, over all listeners; a permit is taken before `accept`.
+    /// Concurrent proxied connections, over all listeners; a permit is taken before `accept`, once a client
+    /// is queued.
     pub max_connections: usize,
     pub backlog: i32,
     /// TCP keepalive idle time on accepted sockets; 0 disables.

@@ -4,11 +4,14 @@
 //! and how a listener closes without resetting the clients in its accept queue ([`Closing`]).
 
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use socket2::{Domain, Protocol, SockAddr, Socket, TcpKeepalive, Type};
+use socket2::{Domain, Protocol, SockAddr, SockAddrStorage, Socket, TcpKeepalive, Type};
+use tokio::io::Interest;
+use tokio::io::unix::AsyncFd;
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
@@ -165,7 +168,9 @@ pub async fn accept_loop(
     shared: Arc<Shared>,
     mut close: watch::Receiver<Option<Instant>>,
 ) {
-    let listener = match tokio::net::TcpListener::from_std(std_listener) {
+    // SAFETY: the `AsyncFd` owns the listener, whose descriptor stays open and the same until it is dropped.
+    let registered = unsafe { AsyncFd::register_with_interest(std_listener, Interest::READABLE) };
+    let listener = match registered {
         Ok(l) => l,
         Err(e) => {
             warn!(listener = %state.load().cfg.name, error = %e, "cannot register the listener");
@@ -179,13 +184,26 @@ pub async fn accept_loop(
             && let Some(give_up) = *close.borrow_and_update()
         {
             let name = state.load().cfg.name.clone();
-            closing = Some(Closing::begin(listener.as_fd(), &name, give_up));
+            closing = Some(Closing::begin(listener.get_ref().as_fd(), &name, give_up));
         }
         if let Some(c) = &mut closing
-            && c.done(listener.as_fd(), &state.load().cfg.name)
+            && c.done(listener.get_ref().as_fd(), &state.load().cfg.name)
         {
             return;
         }
+        // A client first, then a permit: a socket with nobody to accept holds none, so with
+        // `max_connections` below the number of sockets (listeners times workers) none starves the others.
+        let mut ready = tokio::select! {
+            biased;
+            gone = interrupted(&mut close, closing.is_some()) => if gone { return } else { continue },
+            r = listener.readable() => match r {
+                Ok(r) => r,
+                Err(e) => {
+                    warn!(listener = %state.load().cfg.name, error = %e, "cannot wait on the listener");
+                    return;
+                }
+            },
+        };
         let permit = tokio::select! {
             biased;
             gone = interrupted(&mut close, closing.is_some()) => if gone { return } else { continue },
@@ -194,14 +212,20 @@ pub async fn accept_loop(
                 Err(_) => return,
             },
         };
-        let accepted = tokio::select! {
-            biased;
-            gone = interrupted(&mut close, closing.is_some()) => if gone { return } else { continue },
-            r = listener.accept() => r,
+        // Nothing queued after all clears the readiness, and the loop waits again.
+        let Ok(accepted) = ready.try_io(|l| accept_nonblocking(l.get_ref())) else {
+            continue;
         };
         match accepted {
             Ok((stream, peer)) => {
                 backoff = BACKOFF_MIN;
+                let stream = match tokio::net::TcpStream::from_std(stream) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        warn!(listener = %state.load().cfg.name, error = %e, "cannot register a connection");
+                        continue;
+                    }
+                };
                 let state = state.load_full();
                 // Rejected: the stream and the permit drop here.
                 if let Admit::Open(client) = state.admit(peer) {
@@ -233,6 +257,31 @@ pub async fn accept_loop(
             }
         }
     }
+}
+
+/// `accept4` with the new socket non-blocking already, as tokio wants it (std's `accept` would need an
+/// `fcntl` more).
+fn accept_nonblocking(l: &std::net::TcpListener) -> io::Result<(std::net::TcpStream, SocketAddr)> {
+    let mut storage = SockAddrStorage::zeroed();
+    let mut len = storage.size_of();
+    // SAFETY: `storage` and `len` are live for the call and `len` is the size of `storage`.
+    let fd = unsafe {
+        libc::accept4(
+            l.as_raw_fd(),
+            (&raw mut storage).cast(),
+            &mut len,
+            libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a successful accept returns a new descriptor that nothing else owns.
+    let stream = unsafe { std::net::TcpStream::from_raw_fd(fd) };
+    // SAFETY: the kernel wrote a socket address of `len` bytes into `storage`.
+    let peer = unsafe { SockAddr::new(storage, len) }.as_socket();
+    let peer = peer.ok_or_else(|| io::Error::other("the client has no IP address"))?;
+    Ok((stream, peer))
 }
 
 /// What ends a wait of the accept loop: the listener starting to close (or its manager gone, `true`: end at

@@ -6,7 +6,8 @@
 //! send the last batch of completions asked for and reaps the next batch. Driving a ring from inside tokio
 //! (an eventfd and a driver task) was measured and kept little of the gain; see ARCHITECTURE.md.
 //!
-//! What it keeps from the tokio runtimes: a permit of `max_connections` is held by each pending `accept`;
+//! What it keeps from the tokio runtimes: a permit of `max_connections` is taken before each `accept`, once a
+//! client is queued (a poll says so, or the last accept's `IORING_CQE_F_SOCK_NONEMPTY`);
 //! accept errors back off; connects time out (a linked timeout) and redispatch; the idle timeout; PROXY
 //! protocol v2; half-close both ways; the same metrics; removed listeners accept what is queued on them and
 //! leave their connections alone;
@@ -351,7 +352,12 @@ struct Lst {
     state: LiveListener,
     /// The permit held by the pending accept: taken before it is submitted.
     permit: Option<OwnedSemaphorePermit>,
+    /// An accept, or a poll for a client (`polling`), is in flight.
     armed: bool,
+    polling: bool,
+    /// A client is queued, as the last accept (`IORING_CQE_F_SOCK_NONEMPTY`) or poll said: only then is a
+    /// permit taken and an accept submitted, so a socket with nobody to accept holds no permit.
+    ready: bool,
     removed: bool,
     not_before: Option<Instant>,
     backoff: Duration,
@@ -624,7 +630,7 @@ impl Loop {
         match Op::from_u8(ud as u8) {
             Some(Op::Wake) => self.on_wake(),
             Some(Op::Tick) => self.on_tick(),
-            Some(Op::Accept) => self.on_accept(slot, res),
+            Some(Op::Accept) => self.on_accept(slot, dir, res, flags),
             Some(Op::Header) => self.on_header(slot, res),
             Some(Op::Connect) => self.on_connect(slot, res),
             Some(Op::LinkTimeout) => {
@@ -647,6 +653,8 @@ impl Loop {
                         state,
                         permit: None,
                         armed: false,
+                        polling: false,
+                        ready: false,
                         removed: false,
                         not_before: None,
                         backoff: BACKOFF_MIN,
@@ -751,8 +759,9 @@ impl Loop {
         };
         l.removed = true;
         if l.armed {
-            // The accept's completion (cancelled, or a client accepted just before) closes the socket.
-            let e = opcode::AsyncCancel::new(user_data(Op::Accept, i as u32, 0))
+            // The completion (cancelled, or a client accepted just before) closes the socket.
+            let armed = user_data(Op::Accept, i as u32, usize::from(l.polling));
+            let e = opcode::AsyncCancel::new(armed)
                 .build()
                 .user_data(user_data(Op::Cancel, 0, 0));
             self.push(&e);
@@ -761,7 +770,8 @@ impl Loop {
         }
     }
 
-    /// Submits an accept on listener `i` if it has none pending and a permit is free.
+    /// Submits what listener `i` waits for next, if nothing is in flight: an accept when a client is queued
+    /// and a permit is free, else a poll for a client, which takes no permit.
     fn arm_accept(&mut self, i: usize) {
         let Some(l) = self.listeners.get_mut(i).and_then(Option::as_mut) else {
             return;
@@ -775,6 +785,17 @@ impl Loop {
             }
             l.not_before = None;
         }
+        let fd = Fd(l.socket.as_raw_fd());
+        if !l.ready {
+            l.permit = None;
+            l.armed = true;
+            l.polling = true;
+            let e = opcode::PollAdd::new(fd, libc::POLLIN as u32)
+                .build()
+                .user_data(user_data(Op::Accept, i as u32, 1));
+            self.push(&e);
+            return;
+        }
         if l.permit.is_none() {
             match self.shared.permits.clone().try_acquire_owned() {
                 Ok(p) => l.permit = Some(p),
@@ -783,25 +804,32 @@ impl Loop {
             }
         }
         l.armed = true;
+        l.polling = false;
         let peer = &mut *l.peer;
         peer.1 = peer.0.size_of();
         let addr: *mut SockAddrStorage = &mut peer.0;
-        let e = opcode::Accept::new(Fd(l.socket.as_raw_fd()), addr.cast(), &mut peer.1)
+        let e = opcode::Accept::new(fd, addr.cast(), &mut peer.1)
             .flags(libc::SOCK_CLOEXEC)
             .build()
             .user_data(user_data(Op::Accept, i as u32, 0));
         self.push(&e);
     }
 
-    fn on_accept(&mut self, i: u32, res: i32) {
+    /// The completion of listener `i`'s accept, or of its poll for a client (`dir` 1).
+    fn on_accept(&mut self, i: u32, dir: usize, res: i32, flags: u32) {
         let Some(l) = self.listeners.get_mut(i as usize).and_then(Option::as_mut) else {
             return;
         };
         l.armed = false;
-        if res >= 0 {
+        if dir == 1 {
+            // Readable; or in error, which the accept then reports (and backs off on).
+            l.ready = res != -libc::ECANCELED;
+        } else if res >= 0 {
             // SAFETY: a successful accept returns a new descriptor that nothing else owns.
             let client = unsafe { OwnedFd::from_raw_fd(res) };
             l.backoff = BACKOFF_MIN;
+            // Without the flag (before Linux 6.10, or none queued) the next client is waited for by a poll.
+            l.ready = cqueue::sock_nonempty(flags);
             let (storage, len) = std::mem::replace(&mut *l.peer, (SockAddrStorage::zeroed(), 0));
             // SAFETY: the kernel wrote a socket address of `len` bytes into `storage`.
             let peer = unsafe { SockAddr::new(storage, len) }.as_socket();
