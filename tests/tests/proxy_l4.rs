@@ -1385,29 +1385,38 @@ fn wait_closing(lb: &Lb, name: &str) {
     });
 }
 
-/// A reload that removes a listener closes its sockets only once the clients in their accept queue are
-/// accepted: one waiting for a permit (`max_connections = 1`) when the reload lands is served once the permit
-/// frees, where closing at once would reset it. Then the port closes.
-fn a_removed_listener_serves_its_queued_clients(rt: &'static str) {
-    let (echo, front) = (echo_backend(), free_addr());
-    let limits = "workers = 1\nmax_connections = 1\n";
-    let with = |listeners: &str| format!("{limits}{listeners}{}", backends(&[echo]));
-    // One listener only: another's pending accept would hold the one permit.
-    let lb = start_lb(rt, 30_000, &with(&listener("web", front)));
+/// With `max_connections = 1` on listener `web` at `front`: a client takes the permit and a second waits in
+/// the accept queue, having sent its bytes; then `close` closes the listener. The second is served (not reset)
+/// once the first ends.
+fn a_queued_client_outlives_the_close(lb: &Lb, front: SocketAddr, close: impl FnOnce()) {
     let mut c1 = connect(front);
     ping(&mut c1, b"one");
     // Its handshake completes in the kernel; the proxy holds no permit to accept it.
     let mut c2 = connect(front);
     c2.write_all(b"two").unwrap();
-    lb.reload_applied(30_000, &with(""));
-    wait_closing(&lb, "web");
+    close();
+    wait_closing(lb, "web");
     ping(&mut c1, b"one again");
     finish(&mut c1);
-    // The permit c1 frees goes to the queued client, served with what it sent before the reload.
+    // The permit c1 frees goes to the queued client, served with what it sent before the close.
     let mut got = [0u8; 3];
     c2.read_exact(&mut got).unwrap();
     assert_eq!(&got, b"two");
     assert!(finish(&mut c2).is_empty());
+}
+
+/// A reload that removes a listener closes its sockets only once the clients in their accept queue are
+/// accepted: one waiting for a permit when the reload lands is served once the permit frees, where closing at
+/// once would reset it. Then the port closes, and the other listener serves on.
+fn a_removed_listener_serves_its_queued_clients(rt: &'static str) {
+    let (echo, front, other) = (echo_backend(), free_addr(), free_addr());
+    let limits = "workers = 1\nmax_connections = 1\n";
+    let with = |listeners: &str| format!("{limits}{listeners}{}", backends(&[echo]));
+    let both = format!("{}{}", listener("web", front), listener("other", other));
+    let lb = start_lb(rt, 30_000, &with(&both));
+    a_queued_client_outlives_the_close(&lb, front, || {
+        lb.reload_applied(30_000, &with(&listener("other", other)));
+    });
     eventually(T, "the removed listener to close", || {
         (!listening(front)).then_some(())
     });
@@ -1417,24 +1426,14 @@ fn a_removed_listener_serves_its_queued_clients(rt: &'static str) {
         "{refused:?}"
     );
     lb.assert_web_counts(&[("connections_accepted_total", 2.0)]);
+    assert_eq!(round_trip(other, payload(100, 7)), payload(100, 7));
 }
 
 /// SIGTERM closes the listeners the same way: a client queued on one (no permit yet) is served within the
 /// grace period, and the lb exits once it is done.
 fn sigterm_serves_the_clients_queued_on_the_listeners(rt: &'static str) {
     let (mut lb, front) = echo_lb(rt, 30_000, "workers = 1\nmax_connections = 1\n", "");
-    let mut c1 = connect(front);
-    ping(&mut c1, b"one");
-    let mut c2 = connect(front);
-    c2.write_all(b"two").unwrap();
-    lb.proc.signal(Signal::SIGTERM);
-    wait_closing(&lb, "web");
-    ping(&mut c1, b"one again");
-    finish(&mut c1);
-    let mut got = [0u8; 3];
-    c2.read_exact(&mut got).unwrap();
-    assert_eq!(&got, b"two");
-    assert!(finish(&mut c2).is_empty());
+    a_queued_client_outlives_the_close(&lb, front, || lb.proc.signal(Signal::SIGTERM));
     let code = lb
         .proc
         .wait_exit(T)
