@@ -1441,6 +1441,90 @@ fn sigterm_serves_the_clients_queued_on_the_listeners(rt: &'static str) {
     assert_eq!(code, 0, "{}", lb.proc.stderr());
 }
 
+/// What a client of [`clients_hammering`] saw of one connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Try {
+    Served,
+    Refused,
+    /// Reset in its handshake, or connected and then reset or closed before its echo: what closing the
+    /// listener must never do.
+    Lost,
+}
+
+/// One short exchange on a new connection: connect, a line, its echo, end of stream both ways.
+fn one_exchange(to: SocketAddr, i: usize) -> Try {
+    let mut s = match TcpStream::connect_timeout(&to, T) {
+        Ok(s) => s,
+        Err(e) if e.kind() == ErrorKind::ConnectionRefused => return Try::Refused,
+        Err(_) => return Try::Lost,
+    };
+    s.set_read_timeout(Some(T)).unwrap();
+    let msg = format!("exchange {i}");
+    let mut got = vec![0u8; msg.len()];
+    let ok = s.write_all(msg.as_bytes()).is_ok()
+        && s.read_exact(&mut got).is_ok()
+        && got == msg.as_bytes()
+        && s.shutdown(Shutdown::Write).is_ok()
+        && s.read(&mut [0u8; 1]).is_ok_and(|n| n == 0);
+    if ok { Try::Served } else { Try::Lost }
+}
+
+/// `threads` clients opening connection after connection to `to` until it refuses them (at most 5,000 each);
+/// returns what each exchange gave, and a count of those served so far.
+fn clients_hammering(
+    to: SocketAddr,
+    threads: usize,
+) -> (
+    Vec<thread::JoinHandle<Vec<Try>>>,
+    Arc<std::sync::atomic::AtomicUsize>,
+) {
+    let served = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let handles = (0..threads)
+        .map(|_| {
+            let served = served.clone();
+            thread::spawn(move || {
+                let mut seen = Vec::new();
+                for i in 0..5_000 {
+                    let t = one_exchange(to, i);
+                    seen.push(t);
+                    match t {
+                        Try::Served => {
+                            served.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
+                        Try::Refused => break,
+                        Try::Lost => {}
+                    }
+                }
+                seen
+            })
+        })
+        .collect();
+    (handles, served)
+}
+
+/// SIGTERM in the middle of a stream of new connections loses none: every client that connected is served,
+/// and the rest are refused (their SYN dropped, then the port closed), never reset after their handshake.
+fn sigterm_under_a_stream_of_new_connections_resets_none(rt: &'static str) {
+    let (mut lb, front) = echo_lb(rt, 30_000, "", "");
+    let (clients, served) = clients_hammering(front, 8);
+    eventually(T, "connections through the proxy", || {
+        (served.load(std::sync::atomic::Ordering::Relaxed) >= 200).then_some(())
+    });
+    lb.proc.signal(Signal::SIGTERM);
+    let seen: Vec<Try> = clients.into_iter().flat_map(|c| c.join().unwrap()).collect();
+    let count = |t| seen.iter().filter(|s| **s == t).count();
+    assert_eq!(
+        count(Try::Lost),
+        0,
+        "{} served, {} refused",
+        count(Try::Served),
+        count(Try::Refused)
+    );
+    assert_eq!(count(Try::Refused), 8, "every client ends refused");
+    let code = lb.proc.wait_exit(T).expect("lb did not exit");
+    assert_eq!(code, 0, "{}", lb.proc.stderr());
+}
+
 /// With `max_connections_per_client = 2`, a client's third connection at once is closed as soon as it is
 /// accepted, counted and logged; once one of its connections ends it may open another.
 fn a_client_over_its_connection_limit_is_closed_at_once(rt: &'static str) {
@@ -1776,6 +1860,7 @@ per_runtime!(
     a_listener_changed_in_place_keeps_its_queued_clients,
     a_removed_listener_serves_its_queued_clients,
     sigterm_serves_the_clients_queued_on_the_listeners,
+    sigterm_under_a_stream_of_new_connections_resets_none,
     a_client_over_its_connection_limit_is_closed_at_once,
     least_connections_levels_long_lived_connections,
     source_keeps_each_client_on_its_backend,

@@ -106,7 +106,8 @@ impl Closing {
 
 /// Attaches a classic BPF filter that drops segments with SYN and without ACK. A TCP socket's filter sees the
 /// segment from its TCP header on (byte 13 holds the flags), and a listener's filter also runs on the last
-/// ACK of a handshake it has answered, which passes.
+/// ACK of a handshake it has answered, which passes. A connection whose handshake completes from here on
+/// inherits the filter, which drops none of its segments (after the handshake none carries SYN).
 fn refuse_handshakes(listener: BorrowedFd<'_>) -> io::Result<()> {
     const SYN: u32 = 0x02;
     const ACK: u32 = 0x10;

@@ -842,6 +842,9 @@ impl Loop {
                 }
             }
         } else if res != -libc::ECANCELED {
+            // Whether a client is left is for a poll to say: an accept on an empty queue would wait holding
+            // its permit.
+            l.ready = false;
             let e = io::Error::from_raw_os_error(-res);
             let state = l.state.load();
             state.metrics.accept_errors.increment(1);
