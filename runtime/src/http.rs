@@ -1,15 +1,16 @@
 //! The HTTP/1.1 server every role's API runs on, with the limits every network input needs: a connection
 //! cap taken before `accept` (connections over it get a 503), a header-read timeout (slowloris), a header
 //! size bound (431), a bound on declared bodies (413), bounded body reads with a timeout, and graceful
-//! shutdown. Also the JSON response helpers, so every role answers errors alike.
+//! shutdown that resets none of the clients queued on the listener. Also the JSON response helpers, so every role answers errors alike.
 
 use std::convert::Infallible;
 use std::fmt::Write as _;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::os::fd::AsFd;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response, StatusCode, header};
@@ -20,7 +21,10 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info_span, warn};
+
+use crate::net::{CLOSE_POLL, Closing};
 
 /// The response body type of every XCluster server: a full buffer or a stream (SSE, long poll, log follow).
 pub type Body = BoxBody<Bytes, Infallible>;
@@ -241,28 +245,47 @@ pub fn unauthorized() -> Response<Body> {
 }
 
 /// Serves `handler` on `listener` until `cancel` fires, then drains in-flight requests for up to `grace`.
+/// The listener closes as [`Closing`] says: the clients already in its accept queue are served (one request
+/// each), not reset.
 pub async fn serve(listener: TcpListener, handler: Handler, limits: ServerLimits, cancel: CancellationToken) {
     let permits = Arc::new(Semaphore::new(limits.max_connections.max(1)));
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    // Connections accepted while the listener closes: they are not told of the shutdown (hyper would close
+    // one that has not sent its request yet), they just serve one request; waited for with the rest.
+    let late = TaskTracker::new();
+    let mut closing: Option<Closing> = None;
     let local = listener.local_addr().ok();
+    let name = local.map_or_else(|| "api".to_string(), |a| format!("api {a}"));
     // Connections over the cap are told so (503) by short-lived tasks, themselves capped: past that the
     // listener stops accepting and the kernel backlog holds the rest.
     let refusals = Arc::new(Semaphore::new(REFUSALS_AT_ONCE));
     let mut backoff = Duration::from_millis(5);
     loop {
+        if closing.is_none() && cancel.is_cancelled() {
+            closing = Some(Closing::begin(
+                listener.as_fd(),
+                &name,
+                Instant::now() + limits.grace,
+            ));
+        }
+        if let Some(c) = &mut closing
+            && c.done(listener.as_fd(), &name)
+        {
+            break;
+        }
         // The permit comes first, so a connection over the cap never reaches hyper.
         let slot = match permits.clone().try_acquire_owned() {
             Ok(p) => Ok(p),
             Err(_) => match refusals.clone().try_acquire_owned() {
                 Ok(r) => Err(r),
                 Err(_) => tokio::select! {
-                    _ = cancel.cancelled() => break,
+                    _ = next_look(&cancel, closing.is_some()) => continue,
                     p = permits.clone().acquire_owned() => match p { Ok(p) => Ok(p), Err(_) => break },
                 },
             },
         };
         let (stream, peer) = tokio::select! {
-            _ = cancel.cancelled() => break,
+            _ = next_look(&cancel, closing.is_some()) => continue,
             r = listener.accept() => match r {
                 Ok(pair) => { backoff = Duration::from_millis(5); pair }
                 Err(e) => {
@@ -301,23 +324,43 @@ pub async fn serve(listener: TcpListener, handler: Handler, limits: ServerLimits
             .timer(TokioTimer::new())
             .header_read_timeout(limits.header_read_timeout)
             .max_buf_size(limits.max_header_bytes.max(8192))
-            .keep_alive(true);
+            .keep_alive(closing.is_none());
         let conn = builder.serve_connection(TokioIo::new(stream), service);
-        let conn = graceful.watch(conn);
-        tokio::spawn(
-            async move {
-                if let Err(e) = conn.await {
-                    debug!(error = %e, "connection ended with an error");
-                }
-                drop(permit);
-            }
-            .instrument(info_span!("http_conn", %peer)),
-        );
+        let span = info_span!("http_conn", %peer);
+        if closing.is_some() {
+            late.spawn(serve_conn(conn, permit).instrument(span));
+        } else {
+            tokio::spawn(serve_conn(graceful.watch(conn), permit).instrument(span));
+        }
     }
     drop(listener);
+    let give_up = closing.map_or_else(|| Instant::now() + limits.grace, |c| c.give_up());
+    late.close();
     tokio::select! {
-        _ = graceful.shutdown() => {}
-        _ = tokio::time::sleep(limits.grace) => warn!(?local, "grace period over; closing remaining connections"),
+        _ = async { tokio::join!(graceful.shutdown(), late.wait()) } => {}
+        _ = tokio::time::sleep_until(give_up.into()) => {
+            warn!(?local, "grace period over; closing remaining connections");
+        }
+    }
+}
+
+async fn serve_conn<E: std::fmt::Display>(
+    conn: impl Future<Output = Result<(), E>>,
+    permit: tokio::sync::OwnedSemaphorePermit,
+) {
+    if let Err(e) = conn.await {
+        debug!(error = %e, "connection ended with an error");
+    }
+    drop(permit);
+}
+
+/// What ends a wait of the accept loop: the drain starting, or once the listener is closing, the next look at
+/// its queue.
+async fn next_look(cancel: &CancellationToken, closing: bool) {
+    if closing {
+        tokio::time::sleep(CLOSE_POLL).await;
+    } else {
+        cancel.cancelled().await;
     }
 }
 

@@ -384,3 +384,67 @@ pub fn read_all(mut s: TcpStream) -> String {
     let _ = s.read_to_string(&mut out);
     out
 }
+
+/// What a client of a [`Hammer`] saw of one exchange on a new connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Try {
+    Served,
+    /// Its connect was refused: the port is closed.
+    Refused,
+    /// Reset in its handshake, or connected and then reset or closed before its answer: what closing a
+    /// listener must never do.
+    Lost,
+}
+
+/// Clients on their own threads, each running exchange after exchange (at most 5,000) until one is refused.
+#[derive(Debug)]
+pub struct Hammer {
+    clients: Vec<std::thread::JoinHandle<Vec<Try>>>,
+    served: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Hammer {
+    /// Starts `threads` clients; `exchange(i)` runs a client's `i`th exchange.
+    pub fn start(threads: usize, exchange: impl Fn(usize) -> Try + Send + Sync + Clone + 'static) -> Self {
+        let served = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let clients = (0..threads)
+            .map(|_| {
+                let (served, exchange) = (served.clone(), exchange.clone());
+                std::thread::spawn(move || {
+                    let mut seen = Vec::new();
+                    for i in 0..5_000 {
+                        let t = exchange(i);
+                        seen.push(t);
+                        match t {
+                            Try::Served => {
+                                served.fetch_add(1, Ordering::Relaxed);
+                            }
+                            Try::Refused => break,
+                            Try::Lost => {}
+                        }
+                    }
+                    seen
+                })
+            })
+            .collect();
+        Self { clients, served }
+    }
+
+    /// Waits until `n` exchanges have been served.
+    pub fn wait_served(&self, n: usize, timeout: Duration) {
+        eventually(timeout, "exchanges served", || {
+            (self.served.load(Ordering::Relaxed) >= n).then_some(())
+        });
+    }
+
+    /// Joins the clients (they end once refused) and asserts that none lost an exchange and every one ended
+    /// refused.
+    pub fn assert_none_lost(self) {
+        let threads = self.clients.len();
+        let seen: Vec<Try> = self.clients.into_iter().flat_map(|c| c.join().unwrap()).collect();
+        let count = |t| seen.iter().filter(|s| **s == t).count();
+        let (served, refused) = (count(Try::Served), count(Try::Refused));
+        assert_eq!(count(Try::Lost), 0, "{served} served, {refused} refused");
+        assert_eq!(refused, threads, "every client ends refused ({served} served)");
+    }
+}

@@ -1441,16 +1441,6 @@ fn sigterm_serves_the_clients_queued_on_the_listeners(rt: &'static str) {
     assert_eq!(code, 0, "{}", lb.proc.stderr());
 }
 
-/// What a client of [`clients_hammering`] saw of one connection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Try {
-    Served,
-    Refused,
-    /// Reset in its handshake, or connected and then reset or closed before its echo: what closing the
-    /// listener must never do.
-    Lost,
-}
-
 /// One short exchange on a new connection: connect, a line, its echo, end of stream both ways.
 fn one_exchange(to: SocketAddr, i: usize) -> Try {
     let mut s = match TcpStream::connect_timeout(&to, T) {
@@ -1469,58 +1459,14 @@ fn one_exchange(to: SocketAddr, i: usize) -> Try {
     if ok { Try::Served } else { Try::Lost }
 }
 
-/// `threads` clients opening connection after connection to `to` until it refuses them (at most 5,000 each);
-/// returns what each exchange gave, and a count of those served so far.
-fn clients_hammering(
-    to: SocketAddr,
-    threads: usize,
-) -> (
-    Vec<thread::JoinHandle<Vec<Try>>>,
-    Arc<std::sync::atomic::AtomicUsize>,
-) {
-    let served = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let handles = (0..threads)
-        .map(|_| {
-            let served = served.clone();
-            thread::spawn(move || {
-                let mut seen = Vec::new();
-                for i in 0..5_000 {
-                    let t = one_exchange(to, i);
-                    seen.push(t);
-                    match t {
-                        Try::Served => {
-                            served.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        }
-                        Try::Refused => break,
-                        Try::Lost => {}
-                    }
-                }
-                seen
-            })
-        })
-        .collect();
-    (handles, served)
-}
-
 /// SIGTERM in the middle of a stream of new connections loses none: every client that connected is served,
 /// and the rest are refused (their SYN dropped, then the port closed), never reset after their handshake.
 fn sigterm_under_a_stream_of_new_connections_resets_none(rt: &'static str) {
     let (mut lb, front) = echo_lb(rt, 30_000, "", "");
-    let (clients, served) = clients_hammering(front, 8);
-    eventually(T, "connections through the proxy", || {
-        (served.load(std::sync::atomic::Ordering::Relaxed) >= 200).then_some(())
-    });
+    let clients = Hammer::start(8, move |i| one_exchange(front, i));
+    clients.wait_served(200, T);
     lb.proc.signal(Signal::SIGTERM);
-    let seen: Vec<Try> = clients.into_iter().flat_map(|c| c.join().unwrap()).collect();
-    let count = |t| seen.iter().filter(|s| **s == t).count();
-    assert_eq!(
-        count(Try::Lost),
-        0,
-        "{} served, {} refused",
-        count(Try::Served),
-        count(Try::Refused)
-    );
-    assert_eq!(count(Try::Refused), 8, "every client ends refused");
+    clients.assert_none_lost();
     let code = lb.proc.wait_exit(T).expect("lb did not exit");
     assert_eq!(code, 0, "{}", lb.proc.stderr());
 }

@@ -39,12 +39,13 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::task::task_tracker::TaskTrackerToken;
 use tracing::{debug, error, warn};
 use xcluster_proto::proxy_header::Addresses;
+use xcluster_runtime::net::Closing;
 
 use super::access::End;
 use super::clients::ClientSlot;
 use super::conn::Active;
 use super::inbound::Inbound;
-use super::listener::{BACKOFF_MAX, BACKOFF_MIN, Closing, is_resource_exhaustion};
+use super::listener::{BACKOFF_MAX, BACKOFF_MIN, is_resource_exhaustion};
 use super::metrics::{Assigned, BUFFER_WAITS_TOTAL, BUFFERS_HELD, RECEIVE_PAUSES_TOTAL};
 use super::service::{Admit, ListenerState, LiveListener, Shared};
 
