@@ -192,20 +192,26 @@ fn admin_endpoints_answer_on_every_role() {
     }
 }
 
-#[test]
-fn sigterm_drains_and_exits_zero() {
+/// An lb with no config file but its API address and grace period, ready.
+fn bare_lb(grace_ms: u64) -> (Proc, std::net::SocketAddr) {
     let addr = free_addr();
-    let mut p = Proc::xcluster(
+    let p = Proc::xcluster(
         "lb",
         &[
             "lb",
             "--set",
             &format!("listen=\"{addr}\""),
             "--set",
-            "shutdown.grace_ms=300",
+            &format!("shutdown.grace_ms={grace_ms}"),
         ],
     );
     wait_ready(addr, Duration::from_secs(20));
+    (p, addr)
+}
+
+#[test]
+fn sigterm_drains_and_exits_zero() {
+    let (mut p, _) = bare_lb(300);
     p.signal(nix::sys::signal::Signal::SIGTERM);
     assert_eq!(p.wait_exit(Duration::from_secs(10)), Some(0), "{}", p.stderr());
     assert!(p.stderr().contains("SIGTERM: draining"), "{}", p.stderr());
@@ -216,18 +222,7 @@ fn sigterm_drains_and_exits_zero() {
 /// after its handshake (the clients queued on the listener when the drain begins are served too).
 #[test]
 fn sigterm_under_a_stream_of_api_requests_resets_none() {
-    let addr = free_addr();
-    let mut p = Proc::xcluster(
-        "lb",
-        &[
-            "lb",
-            "--set",
-            &format!("listen=\"{addr}\""),
-            "--set",
-            "shutdown.grace_ms=10000",
-        ],
-    );
-    wait_ready(addr, Duration::from_secs(20));
+    let (mut p, addr) = bare_lb(10_000);
     let clients = Hammer::start(8, move |_| match get(addr, "/livez") {
         Ok(r) if r.status == 200 => Try::Served,
         Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => Try::Refused,
