@@ -1781,6 +1781,10 @@ macro_rules! per_runtime {
             fn io_uring() {
                 super::$name("io_uring");
             }
+            #[test]
+            fn shared() {
+                super::$name("shared");
+            }
         }
     )*};
 }

@@ -703,9 +703,9 @@ impl Loop {
         // Accepts that wait for a permit freed on another worker, or for the end of a back-off; closing
         // listeners whose queue is empty.
         for i in 0..self.listeners.len() {
-            let closed = self.listeners[i].as_mut().is_some_and(|l| {
-                let (socket, name) = (l.socket.as_fd(), &l.state.load().cfg.name);
-                l.closing.as_mut().is_some_and(|c| c.0.done(socket, name))
+            let closed = self.listeners[i].as_mut().is_some_and(|l| match &mut l.closing {
+                Some((c, _)) => c.done(l.socket.as_fd(), &l.state.load().cfg.name),
+                None => false,
             });
             if closed {
                 self.remove_listener(i);
