@@ -114,7 +114,10 @@ pub async fn accept_loop(
                 let stream = match tokio::net::TcpStream::from_std(stream) {
                     Ok(s) => s,
                     Err(e) => {
-                        warn!(listener = %state.load().cfg.name, error = %e, "cannot register a connection");
+                        // Counted as an accept error: the client is dropped, as one the accept failed on.
+                        let state = state.load();
+                        state.metrics.accept_errors.increment(1);
+                        warn!(listener = %state.cfg.name, error = %e, "cannot register a connection");
                         continue;
                     }
                 };
