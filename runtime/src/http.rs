@@ -1,7 +1,8 @@
 //! The HTTP/1.1 server every role's API runs on, with the limits every network input needs: a connection
 //! cap taken before `accept` (connections over it get a 503), a header-read timeout (slowloris), a header
 //! size bound (431), a bound on declared bodies (413), bounded body reads with a timeout, and graceful
-//! shutdown that resets none of the clients queued on the listener. Also the JSON response helpers, so every role answers errors alike.
+//! shutdown that resets none of the clients queued on the listener. Also the JSON response helpers, so every
+//! role answers errors alike.
 
 use std::convert::Infallible;
 use std::fmt::Write as _;
@@ -24,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info_span, warn};
 
-use crate::net::{CLOSE_POLL, Closing};
+use crate::net::{Closing, next_look};
 
 /// The response body type of every XCluster server: a full buffer or a stream (SSE, long poll, log follow).
 pub type Body = BoxBody<Bytes, Infallible>;
@@ -279,13 +280,13 @@ pub async fn serve(listener: TcpListener, handler: Handler, limits: ServerLimits
             Err(_) => match refusals.clone().try_acquire_owned() {
                 Ok(r) => Err(r),
                 Err(_) => tokio::select! {
-                    _ = next_look(&cancel, closing.is_some()) => continue,
+                    _ = next_look(closing.is_some(), cancel.cancelled()) => continue,
                     p = permits.clone().acquire_owned() => match p { Ok(p) => Ok(p), Err(_) => break },
                 },
             },
         };
         let (stream, peer) = tokio::select! {
-            _ = next_look(&cancel, closing.is_some()) => continue,
+            _ = next_look(closing.is_some(), cancel.cancelled()) => continue,
             r = listener.accept() => match r {
                 Ok(pair) => { backoff = Duration::from_millis(5); pair }
                 Err(e) => {
@@ -352,16 +353,6 @@ async fn serve_conn<E: std::fmt::Display>(
         debug!(error = %e, "connection ended with an error");
     }
     drop(permit);
-}
-
-/// What ends a wait of the accept loop: the drain starting, or once the listener is closing, the next look at
-/// its queue.
-async fn next_look(cancel: &CancellationToken, closing: bool) {
-    if closing {
-        tokio::time::sleep(CLOSE_POLL).await;
-    } else {
-        cancel.cancelled().await;
-    }
 }
 
 /// Most connections being refused at once (each for at most [`REFUSAL_TIME`]).

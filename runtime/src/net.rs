@@ -51,14 +51,18 @@ pub fn bind(opts: &ListenOptions) -> io::Result<tokio::net::TcpListener> {
 /// How long a closing listener goes on accepting after it stops new handshakes: a client whose SYN-ACK left
 /// before the filter went on completes its handshake one round trip later, and would be reset if the socket
 /// closed first.
-pub const CLOSE_SETTLE: Duration = Duration::from_millis(200);
+const CLOSE_SETTLE: Duration = Duration::from_millis(200);
 
-/// A listener being closed (by the drain, or the proxy's listener removed by a reload). Closing the socket at once would reset every
-/// client in its accept queue: their handshakes are complete, so they may have sent a request already. So a
-/// socket filter first drops new SYNs (their clients retry the SYN a second later and find the port closed,
-/// or another socket of its SO_REUSEPORT group), the loop goes on accepting, with permits as before, and the
-/// socket closes once its queue is empty after [`CLOSE_SETTLE`], or at `give_up` (the grace period), whichever
-/// comes first. The accept loop asks [`Closing::done`] before each wait, and waits at most [`CLOSE_POLL`].
+/// How often a closing accept loop looks at its queue again while it waits for a client or a permit.
+const CLOSE_POLL: Duration = Duration::from_millis(50);
+
+/// A listener being closed (by the drain, or a proxy listener removed by a reload). Closing the socket at
+/// once would reset every client in its accept queue: their handshakes are complete, so they may have sent a
+/// request already. So a socket filter first drops new SYNs (their clients retry the SYN a second later and
+/// find the port closed, or another socket of its SO_REUSEPORT group), the loop goes on accepting, with
+/// permits as before, and the socket closes once its queue is empty after [`CLOSE_SETTLE`], or at `give_up`
+/// (the grace period), whichever comes first. The accept loop asks [`Closing::done`] before each wait, and
+/// waits through [`next_look`].
 #[derive(Debug)]
 pub struct Closing {
     settle_at: Instant,
@@ -161,8 +165,16 @@ fn has_queued(listener: BorrowedFd<'_>) -> bool {
     n > 0 && p.revents & libc::POLLIN != 0
 }
 
-/// How often a closing accept loop looks at its queue again while it waits for a client or a permit.
-pub const CLOSE_POLL: Duration = Duration::from_millis(50);
+/// A wait of an accept loop: until `signal` (the listener starts closing) while it is open, or once it is
+/// `closing`, until its next look at its queue ([`CLOSE_POLL`], `None`).
+pub async fn next_look<F: Future>(closing: bool, signal: F) -> Option<F::Output> {
+    if closing {
+        tokio::time::sleep(CLOSE_POLL).await;
+        None
+    } else {
+        Some(signal.await)
+    }
+}
 
 #[cfg(test)]
 mod tests {

@@ -15,7 +15,7 @@ use tokio::io::unix::AsyncFd;
 use tokio::sync::watch;
 use tracing::{debug, warn};
 
-use xcluster_runtime::net::{CLOSE_POLL, Closing};
+use xcluster_runtime::net::{Closing, next_look};
 
 use super::config::ListenerConfig;
 use super::service::{Admit, LiveListener, Shared};
@@ -75,8 +75,8 @@ pub async fn accept_loop(
         if closing.is_none()
             && let Some(give_up) = *close.borrow_and_update()
         {
-            let name = state.load().cfg.name.clone();
-            closing = Some(Closing::begin(listener.get_ref().as_fd(), &name, give_up));
+            let fd = listener.get_ref().as_fd();
+            closing = Some(Closing::begin(fd, &state.load().cfg.name, give_up));
         }
         if let Some(c) = &mut closing
             && c.done(listener.get_ref().as_fd(), &state.load().cfg.name)
@@ -179,15 +179,12 @@ fn accept_nonblocking(l: &std::net::TcpListener) -> io::Result<(std::net::TcpStr
     Ok((stream, peer))
 }
 
-/// What ends a wait of the accept loop: the listener starting to close (or its manager gone, `true`: end at
-/// once), or, once it is closing, the next look at its queue.
+/// What ends a wait of the accept loop ([`next_look`]): `true` when its manager is gone without closing it,
+/// and the loop ends at once.
 async fn interrupted(close: &mut watch::Receiver<Option<Instant>>, closing: bool) -> bool {
-    if closing {
-        tokio::time::sleep(CLOSE_POLL).await;
-        false
-    } else {
-        close.changed().await.is_err()
-    }
+    next_look(closing, close.changed())
+        .await
+        .is_some_and(|r| r.is_err())
 }
 
 #[cfg(test)]

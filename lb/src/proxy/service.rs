@@ -429,6 +429,12 @@ struct Manager {
     grace: Duration,
 }
 
+/// The config's `[proxy]` and its `shutdown.grace_ms`, marked seen.
+fn proxy_and_grace(config: &mut watch::Receiver<Arc<crate::Config>>) -> (ProxyConfig, Duration) {
+    let c = config.borrow_and_update();
+    (c.proxy.clone(), c.grace)
+}
+
 /// Starts the workers and the listeners of the current config, and follows config reloads.
 /// `drain` stops accepting; `stop` abandons established connections.
 pub fn start(
@@ -437,10 +443,7 @@ pub fn start(
     drain: &CancellationToken,
     stop: CancellationToken,
 ) -> Result<ProxyHandle, Error> {
-    let (cfg, grace) = {
-        let c = config.borrow_and_update();
-        (c.proxy.clone(), c.grace)
-    };
+    let (cfg, grace) = proxy_and_grace(&mut config);
     let shared = Arc::new(Shared {
         picker,
         timeouts: ArcSwap::from_pointee(cfg.timeouts.clone()),
@@ -494,10 +497,7 @@ pub fn start(
                         d.cancelled().await;
                         break;
                     }
-                    let (new, grace) = {
-                        let c = config.borrow_and_update();
-                        (c.proxy.clone(), c.grace)
-                    };
+                    let (new, grace) = proxy_and_grace(&mut config);
                     m.grace = grace;
                     m.reload(&new);
                 }

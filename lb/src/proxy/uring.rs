@@ -353,9 +353,9 @@ struct Lst {
     state: LiveListener,
     /// The permit held by the pending accept: taken before it is submitted.
     permit: Option<OwnedSemaphorePermit>,
-    /// An accept, or a poll for a client (`polling`), is in flight.
+    /// An accept (with `ready`) or a poll for a client (without) is in flight; `ready` changes only at its
+    /// completion.
     armed: bool,
-    polling: bool,
     /// A client is queued, as the last accept (`IORING_CQE_F_SOCK_NONEMPTY`) or poll said: only then is a
     /// permit taken and an accept submitted, so a socket with nobody to accept holds no permit.
     ready: bool,
@@ -654,7 +654,6 @@ impl Loop {
                         state,
                         permit: None,
                         armed: false,
-                        polling: false,
                         ready: false,
                         removed: false,
                         not_before: None,
@@ -675,8 +674,7 @@ impl Loop {
                 Msg::Remove { id, give_up, closing } => {
                     let l = self.listeners.iter_mut().flatten().find(|l| l.id == id);
                     if let Some(l) = l.filter(|l| l.closing.is_none()) {
-                        let name = l.state.load().cfg.name.clone();
-                        let c = Closing::begin(l.socket.as_fd(), &name, give_up);
+                        let c = Closing::begin(l.socket.as_fd(), &l.state.load().cfg.name, give_up);
                         l.closing = Some((c, closing));
                     }
                 }
@@ -761,7 +759,7 @@ impl Loop {
         l.removed = true;
         if l.armed {
             // The completion (cancelled, or a client accepted just before) closes the socket.
-            let armed = user_data(Op::Accept, i as u32, usize::from(l.polling));
+            let armed = user_data(Op::Accept, i as u32, usize::from(!l.ready));
             let e = opcode::AsyncCancel::new(armed)
                 .build()
                 .user_data(user_data(Op::Cancel, 0, 0));
@@ -790,7 +788,6 @@ impl Loop {
         if !l.ready {
             l.permit = None;
             l.armed = true;
-            l.polling = true;
             let e = opcode::PollAdd::new(fd, libc::POLLIN as u32)
                 .build()
                 .user_data(user_data(Op::Accept, i as u32, 1));
@@ -805,7 +802,6 @@ impl Loop {
             }
         }
         l.armed = true;
-        l.polling = false;
         let peer = &mut *l.peer;
         peer.1 = peer.0.size_of();
         let addr: *mut SockAddrStorage = &mut peer.0;
