@@ -47,7 +47,7 @@ pub async fn run(ctx: Context<Config>) -> Result<(), Error> {
         ctx.health.clone(),
         handler(latest_rx),
         limits,
-        drain.clone(),
+        &ctx.shutdown,
     )
     .await
     .map_err(|source| Error::Listen {

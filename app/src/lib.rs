@@ -132,7 +132,7 @@ pub async fn run(ctx: Context<Config>) -> Result<(), Error> {
         ctx.health.clone(),
         api::handler(app),
         limits,
-        drain.clone(),
+        &ctx.shutdown,
     )
     .await
     .map_err(|source| Error::Listen {

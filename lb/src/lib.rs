@@ -45,7 +45,7 @@ pub async fn run(ctx: Context<Config>) -> Result<(), Error> {
         ctx.health.clone(),
         directory::api::handler(dir.clone()),
         limits,
-        drain.clone(),
+        &ctx.shutdown,
     )
     .await
     .map_err(|source| Error::Listen {

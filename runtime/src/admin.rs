@@ -7,6 +7,7 @@ use http::{Method, StatusCode};
 
 use crate::health::Health;
 use crate::http::{Handler, error, text, with_type};
+use crate::signals::Shutdown;
 
 /// Wraps a role's handler so that the admin paths are answered first.
 pub fn wrap(health: Health, inner: Handler) -> Handler {
@@ -54,23 +55,25 @@ pub fn not_found() -> Handler {
     })
 }
 
-/// Binds `addr` and serves `handler` behind the admin endpoints until the drain signal, then lets in-flight
-/// requests finish within `limits.grace`. The role marks itself ready once this is listening.
+/// Binds `addr` and serves `handler` behind the admin endpoints until `shutdown` drains, then lets the
+/// clients queued on the port and the requests in flight finish within `limits.grace`. The server runs as a
+/// task of `shutdown` ([`Shutdown::spawn`]), so the process does not end before it does. The role marks itself
+/// ready once this is listening.
 pub async fn serve_api(
     addr: std::net::SocketAddr,
     health: Health,
     handler: Handler,
     limits: crate::http::ServerLimits,
-    drain: tokio_util::sync::CancellationToken,
+    shutdown: &Shutdown,
 ) -> std::io::Result<std::net::SocketAddr> {
-    spawn_api(addr, health, handler, limits, drain)
-        .await
-        .map(|(local, _task)| local)
+    let (local, server) = bind_api(addr, health, handler, limits, shutdown.drain_token())?;
+    shutdown.spawn(server);
+    Ok(local)
 }
 
-/// [`serve_api`], also returning the server's task: it ends once the drain signal fired and in-flight
-/// requests finished (or `limits.grace` ran out). A role that must answer a request before it exits (the
-/// monitor's `/v1/shutdown`) awaits it.
+/// [`serve_api`] on its own `drain` signal, returning the server's task: it ends once `drain` fired and
+/// in-flight requests finished (or `limits.grace` ran out). For a role whose API outlives its drain (the
+/// monitor's stays up until its programs are stopped); it awaits the task.
 pub async fn spawn_api(
     addr: std::net::SocketAddr,
     health: Health,
@@ -78,10 +81,24 @@ pub async fn spawn_api(
     limits: crate::http::ServerLimits,
     drain: tokio_util::sync::CancellationToken,
 ) -> std::io::Result<(std::net::SocketAddr, tokio::task::JoinHandle<()>)> {
+    let (local, server) = bind_api(addr, health, handler, limits, drain)?;
+    Ok((local, tokio::spawn(server)))
+}
+
+/// Binds `addr` and returns the server to run.
+fn bind_api(
+    addr: std::net::SocketAddr,
+    health: Health,
+    handler: Handler,
+    limits: crate::http::ServerLimits,
+    drain: tokio_util::sync::CancellationToken,
+) -> std::io::Result<(
+    std::net::SocketAddr,
+    impl std::future::Future<Output = ()> + use<>,
+)> {
     let listener = crate::net::bind(&crate::net::ListenOptions::new(addr))?;
     let local = listener.local_addr()?;
     tracing::info!(%local, "listening");
     let handler = wrap(health, handler);
-    let task = tokio::spawn(crate::http::serve(listener, handler, limits, drain));
-    Ok((local, task))
+    Ok((local, crate::http::serve(listener, handler, limits, drain)))
 }

@@ -110,14 +110,35 @@ where
         stop.cancelled().await;
         tokio::time::sleep(Duration::from_secs(5)).await;
     };
-    let code = tokio::select! {
+    tokio::pin!(overdue);
+    let mut code = tokio::select! {
         r = &mut role_fut => match r {
-            Ok(()) => { info!(role = C::ROLE, "stopped"); 0 }
+            Ok(()) => 0,
             Err(e) => { error!(role = C::ROLE, error = %e, "failed"); 1 }
         },
-        _ = force.cancelled() => { warn!(role = C::ROLE, "forced exit"); EXIT_FORCED }
-        _ = overdue => { warn!(role = C::ROLE, "did not stop within 5 s of the stop signal; forcing exit"); EXIT_FORCED }
+        _ = force.cancelled() => EXIT_FORCED,
+        _ = &mut overdue => EXIT_FORCED,
     };
+    // After a drain, the work the role handed to `shutdown` (its API server serving the clients queued on its
+    // port and the requests in flight) ends before the process does.
+    if code == 0 && shutdown.is_draining() {
+        let tasks = shutdown.tasks();
+        tasks.close();
+        tokio::select! {
+            _ = tasks.wait() => {}
+            _ = force.cancelled() => code = EXIT_FORCED,
+            _ = &mut overdue => code = EXIT_FORCED,
+        }
+    }
+    match code {
+        0 => info!(role = C::ROLE, "stopped"),
+        EXIT_FORCED if force.is_cancelled() => warn!(role = C::ROLE, "forced exit"),
+        EXIT_FORCED => warn!(
+            role = C::ROLE,
+            "did not stop within 5 s of the stop signal; forcing exit"
+        ),
+        _ => {}
+    }
     internal.cancel();
     code
 }

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::health::Health;
@@ -16,6 +17,8 @@ pub struct Shutdown {
     drain: CancellationToken,
     stop: CancellationToken,
     force: CancellationToken,
+    /// Work the process waits for after the role returns from a drain (its API server finishing).
+    tasks: TaskTracker,
 }
 
 impl Default for Shutdown {
@@ -30,7 +33,22 @@ impl Shutdown {
             drain: CancellationToken::new(),
             stop: CancellationToken::new(),
             force: CancellationToken::new(),
+            tasks: TaskTracker::new(),
         }
+    }
+
+    /// Runs `work` as a task the process waits for, after the role has returned from a drain, before it
+    /// exits (up to the stop signal and its last 5 s, as the role itself).
+    pub fn spawn<F>(&self, work: F) -> tokio::task::JoinHandle<F::Output>
+    where
+        F: std::future::Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        self.tasks.spawn(work)
+    }
+
+    pub(crate) fn tasks(&self) -> TaskTracker {
+        self.tasks.clone()
     }
 
     /// Fires when the role must stop accepting new work (SIGTERM, SIGINT, or a programmatic stop).
