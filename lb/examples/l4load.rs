@@ -58,6 +58,9 @@ async fn echo(addr: SocketAddr) -> anyhow::Result<()> {
     }
 }
 
+/// Longest a ping-pong exchange may take before the run fails.
+const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(5);
+
 async fn pingpong(addr: SocketAddr, conns: usize, secs: Duration, size: usize) -> anyhow::Result<()> {
     let deadline = Instant::now() + secs;
     let mut tasks = Vec::new();
@@ -70,18 +73,25 @@ async fn pingpong(addr: SocketAddr, conns: usize, secs: Duration, size: usize) -
             let mut lat: Vec<u32> = Vec::with_capacity(1 << 16);
             while Instant::now() < deadline {
                 let t0 = Instant::now();
-                if s.write_all(&msg).await.is_err() || s.read_exact(&mut back).await.is_err() {
-                    break;
+                let exchange = async {
+                    s.write_all(&msg).await?;
+                    s.read_exact(&mut back).await
+                };
+                // A proxy that stalls a connection fails the run rather than hang it.
+                match tokio::time::timeout(EXCHANGE_TIMEOUT, exchange).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(_)) => break,
+                    Err(_) => anyhow::bail!("an exchange of {size} bytes took over {EXCHANGE_TIMEOUT:?}"),
                 }
                 lat.push(u32::try_from(t0.elapsed().as_micros()).unwrap_or(u32::MAX));
             }
-            lat
+            Ok(lat)
         }));
     }
     let start = Instant::now();
     let mut all = Vec::new();
     for t in tasks {
-        all.extend(t.await?);
+        all.extend(t.await??);
     }
     let elapsed = start.elapsed().as_secs_f64();
     all.sort_unstable();

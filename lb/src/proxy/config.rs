@@ -33,10 +33,10 @@ pub struct ProxySection {
     /// and one SO_REUSEPORT listener per worker) or `shared` (one multi-thread runtime with `workers`
     /// threads).
     pub runtime: String,
-    /// For the tokio runtimes: `auto` (default: copy small messages, splice bulk streams to remote peers,
-    /// copy to loopback ones; measured best), `splice` (always zero-copy through pooled pipes) or `copy`
-    /// (always pooled user-space buffers). The io_uring runtime copies through its provided buffers, for
-    /// `auto` and `copy` alike, and refuses `splice`.
+    /// `auto` (default: copy small messages, splice bulk streams through pooled pipes; measured best),
+    /// `splice` (splice everything) or `copy` (always pooled user-space buffers). The io_uring runtime
+    /// receives small messages into its provided buffers in every mode; this decides how its bulk streams
+    /// move (`auto` and `splice` alike splice them).
     pub forwarding: String,
     pub connect_timeout_ms: u64,
     /// How many backends a connection may try before any byte is forwarded (redispatch).
@@ -420,16 +420,6 @@ impl ProxySection {
                 ("auto", Forwarding::Auto),
             ],
         );
-        // The io_uring runtime copies through its ring of provided buffers; it has no splice path.
-        v.check(
-            !(runtime == RuntimeMode::IoUring && forwarding == Forwarding::Splice),
-            "proxy.forwarding",
-            || {
-                "\"splice\" needs runtime \"per_core\" or \"shared\": \"io_uring\" (the default) copies through its \
-                 buffers (use \"auto\" or \"copy\")"
-                    .to_string()
-            },
-        );
         let connect = v.millis("proxy.connect_timeout_ms", self.connect_timeout_ms, 1, 60_000);
         let connect_attempts = v.range("proxy.connect_attempts", self.connect_attempts, 1, 16);
         let idle = v.millis("proxy.idle_timeout_ms", self.idle_timeout_ms, 0, 86_400_000);
@@ -632,16 +622,16 @@ mod tests {
     }
 
     #[test]
-    fn io_uring_refuses_splice_and_odd_buffer_counts() {
+    fn io_uring_takes_splice_and_refuses_odd_buffer_counts() {
         let errs =
             parse("runtime = \"io_uring\"\nforwarding = \"splice\"\nio_uring_buffers = 300\n").unwrap_err();
-        assert_eq!(errs.len(), 2, "{errs:#?}");
-        assert!(
-            errs[0].contains("splice") && errs[1].contains("power of two"),
-            "{errs:#?}"
+        assert_eq!(errs.len(), 1, "{errs:#?}");
+        assert!(errs[0].contains("power of two"), "{errs:#?}");
+        let cfg = parse("runtime = \"io_uring\"\nforwarding = \"splice\"\nio_uring_buffers = 16\n").unwrap();
+        assert_eq!(
+            (cfg.runtime, cfg.forwarding, cfg.io_uring_buffers),
+            (RuntimeMode::IoUring, Forwarding::Splice, 16)
         );
-        let cfg = parse("runtime = \"io_uring\"\nio_uring_buffers = 16\n").unwrap();
-        assert_eq!((cfg.runtime, cfg.io_uring_buffers), (RuntimeMode::IoUring, 16));
     }
 
     #[test]

@@ -178,12 +178,9 @@ pub fn serve(
                 } else {
                     (peer, None)
                 };
-                let (backend, addr, bm) =
-                    establish(&client, client_addrs, &mut active, &shared, &timeouts).await?;
-                // Each direction is told whether its destination is on this host (see `Direction::new`).
-                let local = |a: SocketAddr| a.ip().to_canonical().is_loopback();
-                let up = Direction::new(shared.forwarding, local(addr));
-                let down = Direction::new(shared.forwarding, local(peer));
+                let (backend, bm) = establish(&client, client_addrs, &mut active, &shared, &timeouts).await?;
+                let up = Direction::new(shared.forwarding);
+                let down = Direction::new(shared.forwarding);
                 Some(Conn::new(client, backend, bm, active, (up, down), timeouts.idle))
             }
             .instrument(span),
@@ -219,7 +216,7 @@ async fn establish(
     active: &mut Active,
     shared: &Shared,
     timeouts: &Timeouts,
-) -> Option<(TcpStream, SocketAddr, Assigned)> {
+) -> Option<(TcpStream, Assigned)> {
     let Some((backend, addr, bm)) = connect(active, peer.ip(), shared, timeouts).await else {
         active.l.metrics.failed.increment(1);
         active.ended(End::NoBackend);
@@ -239,7 +236,7 @@ async fn establish(
             }
         }
     }
-    Some((backend, addr, bm))
+    Some((backend, bm))
 }
 
 /// Writes all of `data` through a shared reference (the header is small: one write in practice).

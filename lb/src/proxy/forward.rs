@@ -8,7 +8,7 @@
 //!   slots).
 //! - `auto` (the default): per direction, copy while messages are small and switch to splice once a read fills the whole
 //!   buffer (a bulk stream); back to copy when a splice moves less than `SPLICE_MIN`. Toward a peer on this
-//!   host (a loopback address) it always copies (see [`Direction::new`]).
+//!   host too: ARCHITECTURE.md has the measurements, which once said otherwise.
 //!
 //! Either way a connection holds **no pipe and no buffer while idle**: a direction waits for readiness first,
 //! then borrows a pipe or buffer from a per-thread pool, moves what is there, and gives it back as soon as
@@ -31,19 +31,19 @@ use tokio::net::tcp::{ReadHalf, WriteHalf};
 use super::config::Forwarding;
 
 /// Bytes moved per `splice` call: the default pipe capacity.
-const PIPE_CHUNK: usize = 64 * 1024;
+pub(super) const PIPE_CHUNK: usize = 64 * 1024;
 /// Size of a pooled copy buffer.
 const BUF_SIZE: usize = 16 * 1024;
 /// In `auto`, a splice that moves less than this goes back to copying.
-const SPLICE_MIN: usize = 16 * 1024;
+pub(super) const SPLICE_MIN: usize = 16 * 1024;
 /// Spare pipes and buffers kept per thread; more are closed or freed.
 const POOL_MAX: usize = 64;
 
 /// An in-kernel pipe used as the splice bounce buffer.
 #[derive(Debug)]
-struct Pipe {
-    r: OwnedFd,
-    w: OwnedFd,
+pub(super) struct Pipe {
+    pub(super) r: OwnedFd,
+    pub(super) w: OwnedFd,
 }
 
 thread_local! {
@@ -51,7 +51,8 @@ thread_local! {
     static BUFS: RefCell<Vec<Box<Buf>>> = const { RefCell::new(Vec::new()) };
 }
 
-fn take_pipe() -> io::Result<Pipe> {
+/// An empty pipe from this thread's pool, or a new one.
+pub(super) fn take_pipe() -> io::Result<Pipe> {
     if let Some(p) = PIPES.with_borrow_mut(Vec::pop) {
         return Ok(p);
     }
@@ -60,7 +61,7 @@ fn take_pipe() -> io::Result<Pipe> {
 }
 
 /// Returns an **empty** pipe to the pool (a pipe with bytes left in it is dropped instead).
-fn give_pipe(p: Pipe) {
+pub(super) fn give_pipe(p: Pipe) {
     PIPES.with_borrow_mut(|pool| {
         if pool.len() < POOL_MAX {
             pool.push(p);
@@ -86,7 +87,8 @@ fn give_buf(b: Box<Buf>) {
     });
 }
 
-fn splice(from: impl AsFd, to: impl AsFd, len: usize) -> io::Result<usize> {
+/// Moves up to `len` bytes between a socket and a pipe, without blocking.
+pub(super) fn splice(from: impl AsFd, to: impl AsFd, len: usize) -> io::Result<usize> {
     let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
     nix::fcntl::splice(from, None, to, None, len, flags).map_err(io::Error::from)
 }
@@ -118,19 +120,8 @@ enum Held {
 }
 
 impl Direction {
-    /// A direction forwarding with `mode`. `to_local` says the destination is on this host (a loopback
-    /// address): `auto` then copies, never splices. A spliced page stays alive from the sender's socket
-    /// through the pipe to the receiver's, so when the receiving process copies it out (on this host) it
-    /// reads cold memory, and a sender on this host cannot recycle its warm pages: in `scripts/bench/l4`
-    /// (iperf3 through the proxy, both ends on one core) the receiver's copy cost twice as much per byte and
-    /// bulk throughput fell to 0.82× of copying's, for a saving in the proxy's own CPU within the noise.
-    /// A remote peer's NIC reads the pages by DMA, and there splicing saves the proxy two copies per byte.
-    pub fn new(mode: Forwarding, to_local: bool) -> Self {
-        let mode = if mode == Forwarding::Auto && to_local {
-            Forwarding::Copy
-        } else {
-            mode
-        };
+    /// A direction forwarding with `mode`.
+    pub fn new(mode: Forwarding) -> Self {
         Self {
             mode,
             splicing: mode == Forwarding::Splice,
@@ -278,9 +269,9 @@ mod tests {
         (outer, inner)
     }
 
-    /// Forwards `len` bytes through one direction in `mode`, `to_local` as given; returns the largest batch
-    /// moved at once, after checking the bytes arrived intact.
-    async fn largest_batch(mode: Forwarding, to_local: bool, len: usize) -> usize {
+    /// Forwards `len` bytes through one direction in `mode`; returns the largest batch moved at once, after
+    /// checking the bytes arrived intact.
+    async fn largest_batch(mode: Forwarding, len: usize) -> usize {
         let (mut client, mut from_client) = pair().await;
         let (mut backend, mut to_backend) = pair().await;
         let data: Vec<u8> = (0..len).map(|i| (i * 7 + i / 251) as u8).collect();
@@ -295,7 +286,7 @@ mod tests {
             backend.read_to_end(&mut got).await.unwrap();
             got
         });
-        let mut dir = Direction::new(mode, to_local);
+        let mut dir = Direction::new(mode);
         let mut largest = 0;
         std::future::poll_fn(|cx| {
             let (src, _) = from_client.split();
@@ -314,14 +305,11 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn auto_splices_a_bulk_stream_to_a_remote_peer_and_copies_to_a_local_one() {
+    async fn auto_splices_a_bulk_stream_and_copy_never_does() {
         let bulk = 4 * 1024 * 1024;
-        // Toward a remote peer, auto turns to splice once a read fills the buffer: batches beyond it.
-        assert!(largest_batch(Forwarding::Auto, false, bulk).await > BUF_SIZE);
-        assert!(largest_batch(Forwarding::Splice, false, bulk).await > BUF_SIZE);
-        // Toward this host it copies throughout, as `copy` does; `splice` still splices when asked.
-        assert!(largest_batch(Forwarding::Auto, true, bulk).await <= BUF_SIZE);
-        assert!(largest_batch(Forwarding::Copy, false, bulk).await <= BUF_SIZE);
-        assert!(largest_batch(Forwarding::Splice, true, bulk).await > BUF_SIZE);
+        // Auto turns to splice once a read fills the buffer: batches beyond it.
+        assert!(largest_batch(Forwarding::Auto, bulk).await > BUF_SIZE);
+        assert!(largest_batch(Forwarding::Splice, bulk).await > BUF_SIZE);
+        assert!(largest_batch(Forwarding::Copy, bulk).await <= BUF_SIZE);
     }
 }

@@ -46,6 +46,8 @@ pub const WORKERS: &str = "xcluster_lb_proxy_workers";
 pub const BUFFER_WAITS_TOTAL: &str = "xcluster_lb_proxy_buffer_waits_total";
 /// Receives of the io_uring runtime paused because their direction's destination is not keeping up.
 pub const RECEIVE_PAUSES_TOTAL: &str = "xcluster_lb_proxy_receive_pauses_total";
+/// Bytes the io_uring runtime's bulk streams spliced (socket → pipe → socket, never through the process).
+pub const SPLICED_BYTES_TOTAL: &str = "xcluster_lb_proxy_spliced_bytes_total";
 /// Provided buffers of the io_uring runtime holding bytes received and not yet sent on, over all workers.
 pub const BUFFERS_HELD: &str = "xcluster_lb_proxy_buffers_held";
 pub const LISTENER_BIND_FAILURES_TOTAL: &str = "xcluster_lb_proxy_listener_bind_failures_total";

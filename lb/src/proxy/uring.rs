@@ -13,6 +13,10 @@
 //! leave their connections alone;
 //! drain is counted on the same [`TaskTracker`](tokio_util::task::TaskTracker).
 //!
+//! Bulk streams leave the ring: once a receive fills a whole buffer, the direction pumps with plain syscalls
+//! (`Loop::pump_splice`: socket → pooled pipe → socket, never through this process; or `Loop::pump`, one hot
+//! buffer at a time, with `forwarding = "copy"`), and goes back to the ring when a turn starts short.
+//!
 //! Memory: a receive picks its buffer from a ring of provided buffers (`IORING_REGISTER_PBUF_RING`) only
 //! when data arrives, so an idle connection holds no buffer, only its slot here (about 100 bytes) and its
 //! two pending receives in the kernel. When the ring is empty the pool grows, up to `io_uring_buffers`;
@@ -23,10 +27,10 @@
 //! Closing a connection cancels what is pending on its descriptors and waits for those completions.
 
 use std::alloc::{Layout, alloc, alloc_zeroed, dealloc};
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::mpsc;
@@ -43,10 +47,12 @@ use xcluster_runtime::net::Closing;
 
 use super::access::End;
 use super::clients::ClientSlot;
+use super::config::Forwarding;
 use super::conn::Active;
+use super::forward::{self, Pipe};
 use super::inbound::Inbound;
 use super::listener::{BACKOFF_MAX, BACKOFF_MIN, is_resource_exhaustion};
-use super::metrics::{Assigned, BUFFER_WAITS_TOTAL, BUFFERS_HELD, RECEIVE_PAUSES_TOTAL};
+use super::metrics::{Assigned, BUFFER_WAITS_TOTAL, BUFFERS_HELD, RECEIVE_PAUSES_TOTAL, SPLICED_BYTES_TOTAL};
 use super::service::{Admit, ListenerState, LiveListener, Shared};
 
 /// Submission queue size; the completion queue is twice that, and overflow is kept by the kernel.
@@ -71,6 +77,8 @@ const SPARES_MAX: u16 = 256;
 /// Receives a bulk direction makes in one turn before it lets the other connections of its worker go
 /// (256 KiB).
 const PUMP_MAX: u32 = 16;
+/// The same for a direction that splices, in bytes.
+const PUMP_BYTES: usize = PUMP_MAX as usize * BUF_LEN as usize;
 /// How often the loop wakes on its own: re-arming accepts that wait for a permit or a back-off, and the
 /// idle-timeout scan.
 const TICK: Duration = Duration::from_millis(50);
@@ -169,6 +177,8 @@ enum Op {
     Send,
     /// A one-shot poll for readable bytes on a bulk direction's source.
     Ready,
+    /// A one-shot poll for room on a spliced direction's destination, while a pipe holds its bytes.
+    Writable,
     Cancel,
     Wake,
     Tick,
@@ -184,6 +194,7 @@ impl Op {
             Self::Recv,
             Self::Send,
             Self::Ready,
+            Self::Writable,
             Self::Cancel,
             Self::Wake,
             Self::Tick,
@@ -401,7 +412,7 @@ struct Dir {
     /// A bulk stream: a receive filled a whole buffer. It moves its bytes with `Loop::pump` instead of the
     /// multishot receive, until a turn starts with less than a buffer.
     bulk: bool,
-    /// Its poll for readable bytes (`Op::Ready`) is in flight.
+    /// Its poll (`Op::Ready` for readable bytes, or `Op::Writable` while a pipe holds its bytes) is in flight.
     polling: bool,
 }
 
@@ -509,6 +520,14 @@ struct Loop {
     unsent: Vec<(u32, u8)>,
     /// Buffers queued in connections' directions as the held-buffers gauge last counted them (on the tick).
     held_shown: u32,
+    /// Pipes holding bytes a spliced direction could not pass on yet (its destination is full), by
+    /// `pipe_key(slot, d)`, with how many bytes are left in each. A direction has one at most, and has a
+    /// poll for room in flight while it does.
+    pipes: HashMap<u64, (Pipe, u32)>,
+}
+
+fn pipe_key(slot: u32, d: usize) -> u64 {
+    (u64::from(slot) << 1) | (d as u64 & 1)
 }
 
 impl Loop {
@@ -542,6 +561,7 @@ impl Loop {
             cqes: Vec::with_capacity(1024),
             unsent: Vec::with_capacity(1024),
             held_shown: 0,
+            pipes: HashMap::new(),
         })
     }
 
@@ -640,6 +660,7 @@ impl Loop {
             Some(Op::Recv) => self.on_recv(slot, dir, res, flags),
             Some(Op::Send) => self.on_send(slot, dir, res),
             Some(Op::Ready) => self.on_ready(slot, dir, res),
+            Some(Op::Writable) => self.on_writable(slot, dir, res),
             Some(Op::Cancel) | None => {}
         }
     }
@@ -806,7 +827,7 @@ impl Loop {
         peer.1 = peer.0.size_of();
         let addr: *mut SockAddrStorage = &mut peer.0;
         let e = opcode::Accept::new(fd, addr.cast(), &mut peer.1)
-            .flags(libc::SOCK_CLOEXEC)
+            .flags(libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK)
             .build()
             .user_data(user_data(Op::Accept, i as u32, 0));
         self.push(&e);
@@ -1059,6 +1080,7 @@ impl Loop {
     /// Starts the multishot receive of direction `d`, unless one is live or the source has ended; a bulk
     /// direction pumps instead, once its queue is sent.
     fn arm_recv(&mut self, slot: u32, d: usize) {
+        let splice = self.shared.forwarding != Forwarding::Copy;
         let Some(c) = self.conn(slot) else { return };
         let dir = &mut c.dirs[d];
         if c.closing || dir.armed || dir.eof || dir.done {
@@ -1066,7 +1088,11 @@ impl Loop {
         }
         if dir.bulk {
             if dir.head == NO_BUF && !dir.polling {
-                self.pump(slot, d);
+                if splice {
+                    self.pump_splice(slot, d);
+                } else {
+                    self.pump(slot, d);
+                }
             }
             return;
         }
@@ -1231,7 +1257,9 @@ impl Loop {
     }
 
     /// Moves a bulk direction's bytes with plain `recv` and `send` through one spare buffer, as a
-    /// buffer-at-a-time proxy does, for up to `PUMP_MAX` buffers, then waits for more with a poll.
+    /// buffer-at-a-time proxy does, for up to `PUMP_MAX` buffers, then waits for more with a poll. This is
+    /// the bulk path of `forwarding = "copy"` (the others splice, [`Loop::pump_splice`]), and of a turn that
+    /// finds no pipe.
     ///
     /// Why: a multishot receive fills several ring buffers in one go before their sends copy them out, and
     /// the ring hands buffers out in turn, so on a bulk stream the send copies from memory that has left
@@ -1349,6 +1377,150 @@ impl Loop {
         if res < 0 {
             self.fail(slot, -res);
             return;
+        }
+        self.arm_recv(slot, d);
+    }
+
+    /// [`Loop::pump`] through a pipe: a bulk direction's bytes go socket → pipe → socket with `splice`,
+    /// never through this process, for up to `PUMP_BYTES`, then it waits for more with a poll.
+    fn pump_splice(&mut self, slot: u32, d: usize) {
+        let moved = self.splice_turn(slot, d);
+        if moved > 0 {
+            metrics::counter!(SPLICED_BYTES_TOTAL).increment(moved as u64);
+        }
+    }
+
+    /// One turn of [`Loop::pump_splice`]; returns the bytes spliced in.
+    ///
+    /// The pipe comes from the thread's pool (shared with [`super::forward`]) and goes back empty; when the
+    /// destination takes only part of it, the direction keeps it in `Loop::pipes` and polls for room.
+    /// Called, as `pump`, only with the queue empty and nothing of the direction's in flight.
+    fn splice_turn(&mut self, slot: u32, d: usize) -> usize {
+        let now_ms = self.now_ms;
+        let mut moved = 0;
+        loop {
+            let Some(c) = self.conns.get_mut(slot as usize).and_then(Option::as_mut) else {
+                return moved;
+            };
+            let (src, dst) = c.fds(d);
+            let pipe = match forward::take_pipe() {
+                Ok(p) => p,
+                Err(e) => {
+                    // Out of descriptors: this turn copies instead.
+                    debug!(error = %e, "no pipe to splice through; copying");
+                    self.pump(slot, d);
+                    return moved;
+                }
+            };
+            // SAFETY: `src` and `dst` are this connection's open sockets for as long as it is in its slot.
+            let (src, dst) = unsafe { (BorrowedFd::borrow_raw(src), BorrowedFd::borrow_raw(dst)) };
+            let n = match forward::splice(src, &pipe.w, forward::PIPE_CHUNK) {
+                Ok(0) => {
+                    forward::give_pipe(pipe);
+                    c.dirs[d].eof = true;
+                    self.end_direction(slot, d);
+                    return moved;
+                }
+                Ok(n) => n,
+                Err(e) => {
+                    forward::give_pipe(pipe);
+                    match e.kind() {
+                        io::ErrorKind::WouldBlock => self.arm_ready(slot, d),
+                        io::ErrorKind::Interrupted => continue,
+                        _ => self.fail(slot, e.raw_os_error().unwrap_or(libc::EIO)),
+                    }
+                    return moved;
+                }
+            };
+            // `n` <= PIPE_CHUNK.
+            c.unflushed[d] += n as u32;
+            if c.unflushed[d] >= 1 << 30 {
+                c.flush_bytes();
+            }
+            c.last_ms = now_ms;
+            let first = moved == 0;
+            moved += n;
+            let sent = match forward::splice(&pipe.r, dst, n) {
+                Ok(k) => k,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+                Err(e) => {
+                    self.fail(slot, e.raw_os_error().unwrap_or(libc::EIO));
+                    return moved;
+                }
+            };
+            if sent < n {
+                // The destination is full: the rest waits in the pipe until it has room (`on_writable`).
+                self.pipes.insert(pipe_key(slot, d), (pipe, (n - sent) as u32));
+                self.arm_writable(slot, d);
+                return moved;
+            }
+            forward::give_pipe(pipe);
+            if first && n < forward::SPLICE_MIN {
+                // A turn that starts short: the stream no longer fills a pipe; back to the multishot receive.
+                c.dirs[d].bulk = false;
+                self.arm_recv(slot, d);
+                return moved;
+            }
+            // A short splice most likely emptied the socket (the pipe may also have run out of slots): the
+            // poll tells which, and lets the worker's other connections go first, as does a full turn.
+            if n < forward::PIPE_CHUNK || moved >= PUMP_BYTES {
+                self.arm_ready(slot, d);
+                return moved;
+            }
+        }
+    }
+
+    /// Polls direction `d`'s destination for room, while a pipe holds its bytes.
+    fn arm_writable(&mut self, slot: u32, d: usize) {
+        let Some(c) = self.conn(slot) else { return };
+        if c.closing || c.dirs[d].polling {
+            return;
+        }
+        c.dirs[d].polling = true;
+        c.ops += 1;
+        let (_, dst) = c.fds(d);
+        let e = opcode::PollAdd::new(Fd(dst), libc::POLLOUT as u32)
+            .build()
+            .user_data(user_data(Op::Writable, slot, d));
+        self.push(&e);
+    }
+
+    /// Room on a spliced direction's destination: passes on what its pipe holds, then pumps again.
+    fn on_writable(&mut self, slot: u32, d: usize, res: i32) {
+        if !self.finish_op(slot) {
+            return;
+        }
+        let Some(c) = self.conns.get_mut(slot as usize).and_then(Option::as_mut) else {
+            return;
+        };
+        c.dirs[d].polling = false;
+        if res < 0 {
+            self.fail(slot, -res);
+            return;
+        }
+        let key = pipe_key(slot, d);
+        let Some((pipe, left)) = self.pipes.get_mut(&key) else {
+            self.arm_recv(slot, d);
+            return;
+        };
+        let dst = c.fds(d).1;
+        // SAFETY: `dst` is this connection's open socket for as long as it is in its slot.
+        let dst = unsafe { BorrowedFd::borrow_raw(dst) };
+        match forward::splice(&pipe.r, dst, *left as usize) {
+            // At most `left`.
+            Ok(k) => *left -= k as u32,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => {
+                self.fail(slot, e.raw_os_error().unwrap_or(libc::EIO));
+                return;
+            }
+        }
+        if *left > 0 {
+            self.arm_writable(slot, d);
+            return;
+        }
+        if let Some((pipe, _)) = self.pipes.remove(&key) {
+            forward::give_pipe(pipe);
         }
         self.arm_recv(slot, d);
     }
@@ -1487,6 +1659,10 @@ impl Loop {
                 self.give_buf(b);
                 b = next;
             }
+        }
+        for d in 0..2 {
+            // Bytes still in it go nowhere: the pipe is closed, not pooled.
+            self.pipes.remove(&pipe_key(slot, d));
         }
         c.flush_bytes();
         drop(c);
