@@ -1660,16 +1660,7 @@ fn io_uring_buffer_pool_running_dry_loses_no_byte() {
     for c in clients {
         c.join().unwrap();
     }
-    // Counted when each connection closes, which may be just after its client has its answer.
-    let want = (CONNS as usize * len) as f64;
-    eventually(T, "every byte up to be counted", || {
-        metric_value(
-            &lb.metrics(),
-            "xcluster_lb_proxy_listener_bytes_total",
-            "direction=\"up\"",
-        )
-        .filter(|up| *up == want)
-    });
+    wait_bytes_up(&lb, CONNS as usize * len);
     eventually(T, "every buffer to be given back", || {
         held(&lb).filter(|v| *v == 0.0)
     });
@@ -1686,18 +1677,13 @@ fn io_uring_a_slow_destination_holds_few_buffers() {
     let clients: Vec<_> = (0..STREAMS)
         .map(|i| stream_to_sink(front, stalling_len(), i))
         .collect();
-    // Stalled: the bytes received stop growing over 5 polls (100 ms: two of the worker's ticks, which
-    // count them) with every stream holding a buffer.
-    let (mut last, mut same) = (None, 0);
-    eventually(T, "every stream to stall", || {
-        let m = lb.metrics();
-        let now = metric_value(&m, "xcluster_lb_proxy_listener_bytes_total", "direction=\"up\"");
-        same = if now.is_some() && now == last { same + 1 } else { 0 };
-        last = now;
-        let stalled = same >= 5;
-        let held = metric_value(&m, "xcluster_lb_proxy_buffers_held", "");
-        held.filter(|h| stalled && *h >= STREAMS as f64)
-    });
+    // Stalled: the bytes received stop growing, with every stream holding a buffer.
+    wait_still(
+        &lb,
+        "every stream to stall",
+        |m| metric_value(m, "xcluster_lb_proxy_listener_bytes_total", "direction=\"up\""),
+        |m| metric_value(m, "xcluster_lb_proxy_buffers_held", "").is_some_and(|h| h >= STREAMS as f64),
+    );
     let held = metric_value(&lb.metrics(), "xcluster_lb_proxy_buffers_held", "").unwrap();
     // A multishot receive may take a few buffers past its pause (see ARCHITECTURE.md): 8 is the bound.
     assert!(
@@ -1726,30 +1712,42 @@ fn io_uring_a_spliced_stream_to_a_stalled_destination_loses_no_byte() {
     let (lb, front, gate) = io_uring_lb_to_sink("forwarding = \"splice\"\n");
     let closed = gate.write().unwrap();
     let clients: Vec<_> = (0..STREAMS).map(|i| stream_to_sink(front, len, i)).collect();
-    let spliced = |lb: &Lb| metric_value(&lb.metrics(), "xcluster_lb_proxy_spliced_bytes_total", "");
-    // Stalled: the bytes spliced stop growing over 5 polls.
-    let (mut last, mut same) = (None, 0);
-    eventually(T, "every stream to splice, then stall", || {
-        let now = spliced(&lb);
-        same = if now.is_some() && now == last { same + 1 } else { 0 };
-        last = now;
-        (same >= 5).then_some(())
-    });
+    let spliced = |m: &str| metric_value(m, "xcluster_lb_proxy_spliced_bytes_total", "");
+    wait_still(&lb, "every stream to splice, then stall", spliced, |_| true);
     drop(closed);
     for c in clients {
         c.join().unwrap();
     }
     // Each stream's first buffers come through the multishot receive; the rest is spliced.
     let want = (STREAMS as usize * len) as f64;
-    let got = spliced(&lb).unwrap();
+    let got = spliced(&lb.metrics()).unwrap();
     assert!(got > want / 2.0 && got <= want, "{got} of {want} bytes spliced");
+    wait_bytes_up(&lb, STREAMS as usize * len);
+}
+
+/// Waits until `read` (a figure of the lb's metrics) is there and has stayed the same over 5 polls (100 ms:
+/// two of the io_uring worker's ticks, which count bytes), with `also` holding at the last.
+fn wait_still(lb: &Lb, what: &str, read: impl Fn(&str) -> Option<f64>, also: impl Fn(&str) -> bool) {
+    let (mut last, mut same) = (None, 0);
+    eventually(T, what, || {
+        let m = lb.metrics();
+        let now = read(&m);
+        same = if now.is_some() && now == last { same + 1 } else { 0 };
+        last = now;
+        (same >= 5 && also(&m)).then_some(())
+    });
+}
+
+/// Waits until the lb has counted `want` bytes up: at each connection's close, which may be just after its
+/// client has its answer.
+fn wait_bytes_up(lb: &Lb, want: usize) {
     eventually(T, "every byte up to be counted", || {
         metric_value(
             &lb.metrics(),
             "xcluster_lb_proxy_listener_bytes_total",
             "direction=\"up\"",
         )
-        .filter(|up| *up == want)
+        .filter(|up| *up == want as f64)
     });
 }
 

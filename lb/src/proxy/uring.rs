@@ -1353,16 +1353,31 @@ impl Loop {
 
     /// Polls direction `d`'s source for readable bytes, to pump when they come.
     fn arm_ready(&mut self, slot: u32, d: usize) {
+        self.arm_poll(slot, d, Op::Ready);
+    }
+
+    /// Polls direction `d`'s destination for room, while a pipe holds its bytes.
+    fn arm_writable(&mut self, slot: u32, d: usize) {
+        self.arm_poll(slot, d, Op::Writable);
+    }
+
+    /// The one-shot poll of a bulk direction: `Op::Ready` on its source, `Op::Writable` on its destination.
+    fn arm_poll(&mut self, slot: u32, d: usize, op: Op) {
         let Some(c) = self.conn(slot) else { return };
         if c.closing || c.dirs[d].polling {
             return;
         }
         c.dirs[d].polling = true;
         c.ops += 1;
-        let (src, _) = c.fds(d);
-        let e = opcode::PollAdd::new(Fd(src), (libc::POLLIN | libc::POLLRDHUP) as u32)
+        let (src, dst) = c.fds(d);
+        let (fd, mask) = if op == Op::Writable {
+            (dst, libc::POLLOUT)
+        } else {
+            (src, libc::POLLIN | libc::POLLRDHUP)
+        };
+        let e = opcode::PollAdd::new(Fd(fd), mask as u32)
             .build()
-            .user_data(user_data(Op::Ready, slot, d));
+            .user_data(user_data(op, slot, d));
         self.push(&e);
     }
 
@@ -1468,21 +1483,6 @@ impl Loop {
                 return moved;
             }
         }
-    }
-
-    /// Polls direction `d`'s destination for room, while a pipe holds its bytes.
-    fn arm_writable(&mut self, slot: u32, d: usize) {
-        let Some(c) = self.conn(slot) else { return };
-        if c.closing || c.dirs[d].polling {
-            return;
-        }
-        c.dirs[d].polling = true;
-        c.ops += 1;
-        let (_, dst) = c.fds(d);
-        let e = opcode::PollAdd::new(Fd(dst), libc::POLLOUT as u32)
-            .build()
-            .user_data(user_data(Op::Writable, slot, d));
-        self.push(&e);
     }
 
     /// Room on a spliced direction's destination: passes on what its pipe holds, then pumps again.
