@@ -155,9 +155,14 @@ impl Direction {
             // Wait with nothing borrowed: an idle direction holds no pipe and no buffer. This spends tokio's
             // cooperative budget, so an always-ready bulk stream still yields to the other connections.
             ready!(src.as_ref().poll_read_ready(cx))?;
-            let n = if self.splicing {
+            let pipe = if self.splicing {
+                // Out of descriptors: this batch copies instead.
+                take_pipe().ok()
+            } else {
+                None
+            };
+            let n = if let Some(pipe) = pipe {
                 // socket → pooled pipe; the pipe → socket half is `poll_flush`.
-                let pipe = take_pipe()?;
                 let s = src.as_ref();
                 match s.try_io(Interest::READABLE, || splice(s, &pipe.w, PIPE_CHUNK)) {
                     Ok(0) => {
