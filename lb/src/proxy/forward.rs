@@ -22,6 +22,7 @@ use std::io;
 use std::net::Shutdown;
 use std::os::fd::{AsFd, OwnedFd};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll, ready};
 
 use tokio::io::{AsyncRead, Interest, ReadBuf};
@@ -38,33 +39,58 @@ const BUF_SIZE: usize = 16 * 1024;
 pub(super) const SPLICE_MIN: usize = 16 * 1024;
 /// Spare pipes and buffers kept per thread; more are closed or freed.
 const POOL_MAX: usize = 64;
+/// Pipes the process lends out at once (two descriptors and up to 64 KiB of pages each). A direction keeps
+/// its pipe while the destination cannot take what it holds, so without a bound many slow peers could run
+/// the process out of descriptors; past it a batch copies instead, through buffers. Counted for the whole
+/// process, not per thread: on the `shared` runtime a connection, and its pipe, can move between threads.
+const LENT_MAX: usize = 1024;
+static LENT: AtomicUsize = AtomicUsize::new(0);
 
-/// An in-kernel pipe used as the splice bounce buffer.
+/// An in-kernel pipe used as the splice bounce buffer, lent out of this thread's pool.
 #[derive(Debug)]
 pub(super) struct Pipe {
     pub(super) r: OwnedFd,
     pub(super) w: OwnedFd,
+    _lent: Lent,
+}
+
+/// Counts a lent pipe in `LENT` until it is given back or dropped (with bytes still in it, when its
+/// connection ends).
+#[derive(Debug)]
+struct Lent;
+
+impl Drop for Lent {
+    fn drop(&mut self) {
+        LENT.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 thread_local! {
-    static PIPES: RefCell<Vec<Pipe>> = const { RefCell::new(Vec::new()) };
+    static PIPES: RefCell<Vec<(OwnedFd, OwnedFd)>> = const { RefCell::new(Vec::new()) };
     static BUFS: RefCell<Vec<Box<Buf>>> = const { RefCell::new(Vec::new()) };
 }
 
-/// An empty pipe from this thread's pool, or a new one.
-pub(super) fn take_pipe() -> io::Result<Pipe> {
-    if let Some(p) = PIPES.with_borrow_mut(Vec::pop) {
-        return Ok(p);
+/// An empty pipe from this thread's pool, or a new one; `None` when `LENT_MAX` are out already or no pipe
+/// can be made (out of descriptors): the caller copies instead.
+pub(super) fn take_pipe() -> Option<Pipe> {
+    // Counted first, so that threads racing for the last places cannot all pass.
+    let lent = Lent;
+    if LENT.fetch_add(1, Ordering::Relaxed) >= LENT_MAX {
+        return None;
     }
-    let (r, w) = nix::unistd::pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC).map_err(io::Error::from)?;
-    Ok(Pipe { r, w })
+    let (r, w) = match PIPES.with_borrow_mut(Vec::pop) {
+        Some(p) => p,
+        None => nix::unistd::pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC).ok()?,
+    };
+    Some(Pipe { r, w, _lent: lent })
 }
 
 /// Returns an **empty** pipe to the pool (a pipe with bytes left in it is dropped instead).
 pub(super) fn give_pipe(p: Pipe) {
+    let Pipe { r, w, _lent } = p;
     PIPES.with_borrow_mut(|pool| {
         if pool.len() < POOL_MAX {
-            pool.push(p);
+            pool.push((r, w));
         }
     });
 }
@@ -155,12 +181,8 @@ impl Direction {
             // Wait with nothing borrowed: an idle direction holds no pipe and no buffer. This spends tokio's
             // cooperative budget, so an always-ready bulk stream still yields to the other connections.
             ready!(src.as_ref().poll_read_ready(cx))?;
-            let pipe = if self.splicing {
-                // Out of descriptors: this batch copies instead.
-                take_pipe().ok()
-            } else {
-                None
-            };
+            // No pipe to be had (see `take_pipe`): this batch copies instead.
+            let pipe = if self.splicing { take_pipe() } else { None };
             let n = if let Some(pipe) = pipe {
                 // socket → pooled pipe; the pipe → socket half is `poll_flush`.
                 let s = src.as_ref();
@@ -309,8 +331,28 @@ mod tests {
         largest
     }
 
+    /// The tests that take pipes, one at a time: the count of pipes lent is the process's.
+    static PIPES_LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+    #[test]
+    fn at_most_lent_max_pipes_are_lent() {
+        let _one = PIPES_LOCK.blocking_lock();
+        let mut out: Vec<Pipe> = (0..LENT_MAX).map(|_| take_pipe().unwrap()).collect();
+        assert!(take_pipe().is_none(), "a pipe past LENT_MAX");
+        // One given back, and one dropped (as with bytes still in it): each frees a place.
+        give_pipe(out.pop().unwrap());
+        let again = take_pipe().unwrap();
+        drop(out.pop());
+        out.push(take_pipe().unwrap());
+        assert!(take_pipe().is_none());
+        drop(again);
+        drop(out);
+        assert_eq!(LENT.load(Ordering::Relaxed), 0);
+    }
+
     #[tokio::test]
     async fn auto_splices_a_bulk_stream_and_copy_never_does() {
+        let _one = PIPES_LOCK.lock().await;
         let bulk = 4 * 1024 * 1024;
         // Auto turns to splice once a read fills the buffer: batches beyond it.
         assert!(largest_batch(Forwarding::Auto, bulk).await > BUF_SIZE);

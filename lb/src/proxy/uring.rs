@@ -79,10 +79,6 @@ const SPARES_MAX: u16 = 256;
 const PUMP_MAX: u32 = 16;
 /// The same for a direction that splices, in bytes.
 const PUMP_BYTES: usize = PUMP_MAX as usize * BUF_LEN as usize;
-/// Pipes a worker lets stalled directions keep (two descriptors and up to 64 KiB of pages each). Past it a
-/// bulk turn copies instead, through the spares and then the ring, whose size `io_uring_buffers` bounds, so
-/// many slow peers cannot run the process out of descriptors.
-const PIPES_HELD_MAX: usize = 256;
 /// How often the loop wakes on its own: re-arming accepts that wait for a permit or a back-off, and the
 /// idle-timeout scan.
 const TICK: Duration = Duration::from_millis(50);
@@ -1422,9 +1418,9 @@ impl Loop {
                 return moved;
             };
             let (src, dst) = c.fds(d);
-            let pipe = (self.pipes.len() < PIPES_HELD_MAX).then(forward::take_pipe);
-            let Some(Ok(pipe)) = pipe else {
-                // Too many pipes held, or out of descriptors: this turn copies instead.
+            let Some(pipe) = forward::take_pipe() else {
+                // Too many pipes held by stalled directions, or out of descriptors: this turn copies instead,
+                // through the spares and then the ring, which `io_uring_buffers` bounds.
                 self.pump(slot, d);
                 return moved;
             };
