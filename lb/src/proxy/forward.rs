@@ -113,7 +113,9 @@ fn give_buf(b: Box<Buf>) {
     });
 }
 
-/// Moves up to `len` bytes between a socket and a pipe, without blocking.
+/// Moves up to `len` bytes between a socket and a pipe, without blocking — provided the socket is
+/// non-blocking: `SPLICE_F_NONBLOCK` covers only the pipe, and a splice out of a blocking TCP socket with
+/// nothing in it waits (`tcp_splice_read` reads the socket's own `O_NONBLOCK`).
 pub(super) fn splice(from: impl AsFd, to: impl AsFd, len: usize) -> io::Result<usize> {
     let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
     nix::fcntl::splice(from, None, to, None, len, flags).map_err(io::Error::from)

@@ -1657,9 +1657,12 @@ impl Loop {
                 b = next;
             }
         }
-        for d in 0..2 {
-            // Bytes still in it go nowhere: the pipe is closed, not pooled.
-            self.pipes.remove(&pipe_key(slot, d));
+        // Almost always empty: no hashing per closed connection unless some direction is stalled.
+        if !self.pipes.is_empty() {
+            for d in 0..2 {
+                // Bytes still in it go nowhere: the pipe is closed, not pooled.
+                self.pipes.remove(&pipe_key(slot, d));
+            }
         }
         c.flush_bytes();
         drop(c);
