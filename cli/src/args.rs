@@ -100,6 +100,13 @@ pub struct CtlArgs {
     /// Seconds to wait for the monitor to answer.
     #[arg(long, default_value_t = 10)]
     pub timeout_secs: u64,
+    /// Return as soon as the monitor has taken a start, stop or restart, instead of waiting for the program
+    /// to be running and ready (or stopped).
+    #[arg(long)]
+    pub no_wait: bool,
+    /// Longest a start, stop or restart waits for its programs before it fails.
+    #[arg(long, default_value_t = 60)]
+    pub wait_secs: u64,
     #[command(subcommand)]
     pub verb: CtlVerb,
 }

@@ -1,12 +1,13 @@
 //! `xcluster ctl`: the monitor's control client, with Supervisorctl's verbs over the monitor's HTTP API.
 //!
-//! Exit codes: 0 success; 1 a refused or failed action (unknown program, already started, invalid config);
+//! Exit codes: 0 success; 1 a refused or failed action (unknown program, already started, invalid config, a
+//! program that did not come up or stop within `--wait-secs`);
 //! 3 `status` found a process that is not RUNNING (as supervisorctl), or `cluster`, `drain` or `undrain` a
 //! balancer that does not answer; 69 the monitor cannot be reached; 77 the token was refused.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use xcluster_runtime::http::percent_encode;
@@ -75,10 +76,10 @@ pub fn run(args: CtlArgs) -> i32 {
 fn run_verb(c: &Client, args: &CtlArgs) -> Result<i32, Failure> {
     match &args.verb {
         CtlVerb::Status { names } => status(c, names, args.json),
-        CtlVerb::Start { names } => action(c, "start", names, None, args.json),
-        CtlVerb::Stop { names } => action(c, "stop", names, None, args.json),
-        CtlVerb::Restart { names } => action(c, "restart", names, None, args.json),
-        CtlVerb::Signal { signal, names } => action(c, "signal", names, Some(signal), args.json),
+        CtlVerb::Start { names } => action(c, "start", names, None, args),
+        CtlVerb::Stop { names } => action(c, "stop", names, None, args),
+        CtlVerb::Restart { names } => action(c, "restart", names, None, args),
+        CtlVerb::Signal { signal, names } => action(c, "signal", names, Some(signal), args),
         CtlVerb::Tail {
             name,
             follow,
@@ -245,7 +246,13 @@ fn cluster(c: &Client, as_json: bool) -> Result<i32, Failure> {
         let (listeners, backends) = (items(&st["proxy"]["listeners"]), items(&st["proxy"]["backends"]));
         if !listeners.is_empty() || !backends.is_empty() {
             print_table(&spec_rows(listeners, LISTENER_COLUMNS));
-            print_table(&spec_rows(backends, BACKEND_COLUMNS));
+            if backends.is_empty() {
+                // A type routed by the directory has no configured backends: its instances show here once the
+                // proxy has connected to them.
+                println!("  proxy backends: none connected yet");
+            } else {
+                print_table(&spec_rows(backends, BACKEND_COLUMNS));
+            }
         }
     }
     Ok(code)
@@ -456,18 +463,22 @@ fn describe(p: &Value) -> String {
     parts.join(", ")
 }
 
+/// Sends `verb` for each of `names` and prints one line per program it reached. A start, stop or restart
+/// then waits, as supervisorctl does, until each program is running and ready (or stopped), so a script's
+/// next step finds it so; `--no-wait` returns at once.
 fn action(
     c: &Client,
     verb: &str,
     names: &[String],
     signal: Option<&String>,
-    as_json: bool,
+    args: &CtlArgs,
 ) -> Result<i32, Failure> {
     if names.is_empty() {
         eprintln!("xcluster ctl: name a process, group:*, or all");
         return Err(Failure::Exit(EXIT_FAILED));
     }
     let mut code = 0;
+    let mut results: Vec<(String, Result<String, String>)> = Vec::new();
     for n in names {
         let mut path = format!("/v1/programs/{}/{verb}", percent_encode(n));
         if let Some(s) = signal {
@@ -478,22 +489,124 @@ fn action(
             code = e;
             continue;
         }
-        if as_json {
-            println!("{}", String::from_utf8_lossy(&r.body));
-            continue;
+        for res in items(&r.json()["results"]) {
+            let name = res["name"].as_str().unwrap_or("?").to_string();
+            let msg = res["message"].as_str().unwrap_or("").to_string();
+            results.push((name, if res["ok"] == true { Ok(msg) } else { Err(msg) }));
         }
-        for res in r.json()["results"].as_array().cloned().unwrap_or_default() {
-            let name = res["name"].as_str().unwrap_or("?");
-            let msg = res["message"].as_str().unwrap_or("");
-            if res["ok"] == true {
-                println!("{name}: {msg}");
-            } else {
-                println!("{name}: ERROR ({msg})");
-                code = EXIT_FAILED;
+    }
+    let goal = match verb {
+        "start" | "restart" => Some(Goal::Running),
+        "stop" => Some(Goal::Stopped),
+        _ => None,
+    };
+    if let Some(goal) = goal.filter(|_| !args.no_wait) {
+        await_goal(c, &mut results, goal, Duration::from_secs(args.wait_secs))?;
+    }
+    if results.iter().any(|(_, r)| r.is_err()) {
+        code = code.max(EXIT_FAILED);
+    }
+    if args.json {
+        let list: Vec<Value> = (results.iter())
+            .map(|(name, r)| {
+                let (ok, message) = match r {
+                    Ok(m) => (true, m),
+                    Err(m) => (false, m),
+                };
+                serde_json::json!({ "name": name, "ok": ok, "message": message })
+            })
+            .collect();
+        println!("{}", serde_json::json!({ "results": list }));
+    } else {
+        for (name, r) in &results {
+            match r {
+                Ok(m) => println!("{name}: {m}"),
+                Err(m) => println!("{name}: ERROR ({m})"),
             }
         }
     }
     Ok(code)
+}
+
+/// Where a start, restart or stop is headed.
+#[derive(Debug, Clone, Copy)]
+enum Goal {
+    Running,
+    Stopped,
+}
+
+/// How far a program (its entry in `/v1/status`) is from `goal`: `None` while under way, else the answer.
+/// The monitor publishes a command's effect before it answers it, so the first status read after the answer
+/// already shows the program stopping or starting: a state that ends the wait is never a stale one.
+fn outcome(p: &Value, goal: Goal) -> Option<Result<String, String>> {
+    let state = p["state"].as_str().unwrap_or("");
+    match goal {
+        Goal::Running => match state {
+            "RUNNING" if p["ready"] == true => Some(Ok("started".into())),
+            "FATAL" => Some(Err(
+                match p["fatal_reason"].as_str().or(p["spawn_error"].as_str()) {
+                    Some(why) => format!("spawn error: {why}"),
+                    None => "spawn error".into(),
+                },
+            )),
+            "EXITED" => Some(Err("abnormal termination".into())),
+            // Stopped and waiting for nothing: someone else stopped it meanwhile.
+            "STOPPED" if items(&p["waiting_for"]).is_empty() => Some(Err("stopped".into())),
+            _ => None,
+        },
+        Goal::Stopped => match state {
+            "STOPPED" | "EXITED" | "FATAL" => Some(Ok("stopped".into())),
+            "STARTING" | "RUNNING" => Some(Err("started again".into())),
+            _ => None,
+        },
+    }
+}
+
+/// How often a waiting start, stop or restart reads the status.
+const WAIT_POLL: Duration = Duration::from_millis(100);
+
+/// Waits until every program whose command was taken reaches `goal` or fails, up to `limit`, and puts the
+/// final answer in its result.
+fn await_goal(
+    c: &Client,
+    results: &mut [(String, Result<String, String>)],
+    goal: Goal,
+    limit: Duration,
+) -> Result<(), Failure> {
+    let deadline = Instant::now() + limit;
+    let mut open: Vec<usize> = (0..results.len()).filter(|&i| results[i].1.is_ok()).collect();
+    while !open.is_empty() {
+        let r = c.call("GET", "/v1/status")?;
+        check(&r)?;
+        let v = r.json();
+        let late = Instant::now() >= deadline;
+        open.retain(|&i| {
+            let (name, result) = &mut results[i];
+            let p = items(&v["programs"]).iter().find(|p| p["name"] == name.as_str());
+            let answer = match p {
+                None => Some(Err("gone".to_string())),
+                Some(p) => outcome(p, goal).or_else(|| {
+                    late.then(|| {
+                        let ready = if p["state"] == "RUNNING" {
+                            ", not ready"
+                        } else {
+                            ""
+                        };
+                        Err(format!(
+                            "still {}{ready} after {} s",
+                            cell(&p["state"]),
+                            limit.as_secs()
+                        ))
+                    })
+                }),
+            };
+            answer.map(|a| *result = a).is_none()
+        });
+        if !open.is_empty() {
+            std::thread::sleep(WAIT_POLL);
+        }
+    }
+    Ok(())
 }
 
 fn plan(c: &Client, path: &str, applied: bool, as_json: bool) -> Result<i32, Failure> {

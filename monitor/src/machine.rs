@@ -127,6 +127,11 @@ impl Machine {
         }
     }
 
+    /// Whether the process is being stopped by a restart, so that it starts again once it has exited.
+    pub fn restart_pending(&self) -> bool {
+        self.state == State::Stopping && self.restart_after_stop
+    }
+
     /// When the current process was spawned.
     pub fn spawned_at(&self) -> Option<Instant> {
         self.spawned_at.filter(|_| self.state.has_process())
@@ -213,6 +218,10 @@ impl Machine {
             }
             (State::Backoff | State::Fatal, Event::Stop) => {
                 self.go(State::Stopped, &mut step);
+            }
+            // A stop while a restart is still stopping the process wins: the user's latest word is "stopped".
+            (State::Stopping, Event::Stop) => {
+                self.restart_after_stop = false;
             }
             (State::Fatal, Event::Timer(g)) if g == self.generation => {
                 self.start_failures = 0;

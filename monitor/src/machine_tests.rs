@@ -288,6 +288,20 @@ fn restart_stops_then_starts() {
 }
 
 #[test]
+fn stop_during_restart_cancels_the_start() {
+    let mut t = T::new();
+    t.running();
+    t.ev(Event::Restart);
+    assert!(t.m.restart_pending());
+    assert_eq!(t.ev(Event::Stop), Step::default());
+    assert!(!t.m.restart_pending());
+    let s = t.ev(Event::Exited(CLEAN));
+    assert_eq!(s.transitions, vec![(Stopping, Stopped)]);
+    assert_eq!(t.m.state, Stopped);
+    assert_eq!(t.m.restart_count, 0);
+}
+
+#[test]
 fn meaningless_events_change_nothing() {
     let mut t = T::new();
     assert_eq!(t.ev(Event::Stop), Step::default());

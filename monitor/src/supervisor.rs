@@ -286,6 +286,12 @@ impl Supervisor {
         let Some(p) = self.procs.get_mut(name) else {
             return (false, "gone".into());
         };
+        if p.m.state == State::Stopping {
+            // Started again as soon as the stop ends, as `stop` then `start` in a script means (a restart
+            // under way does that itself).
+            p.wanted = !p.m.restart_pending();
+            return (true, "starting once stopped".into());
+        }
         if p.m.state.has_process() {
             return (false, "already started".into());
         }
@@ -300,6 +306,11 @@ impl Supervisor {
         let was_wanted = std::mem::take(&mut p.wanted);
         let state = p.m.state;
         if matches!(state, State::Stopped | State::Exited | State::Stopping) {
+            // A restart still stopping the process would start it again: the stop cancels that start.
+            if p.m.restart_pending() {
+                self.event(name, Event::Stop);
+                return (true, "stopping (restart cancelled)".into());
+            }
             return (
                 was_wanted,
                 if was_wanted {
@@ -319,7 +330,9 @@ impl Supervisor {
         };
         if p.m.state.has_process() && p.m.state != State::Stopping {
             self.event(name, Event::Restart);
-        } else {
+        } else if !p.m.restart_pending() {
+            // A restart already under way starts the program itself; a wish kept beside it would start the
+            // program again after some later exit.
             p.wanted = true;
         }
         (true, "restarting".into())
@@ -594,6 +607,14 @@ impl Supervisor {
         });
         for p in self.procs.values_mut() {
             p.wanted = false;
+        }
+        // A restart halfway through would start its program again only to stop it.
+        let restarting: Vec<String> = (self.procs.iter())
+            .filter(|(_, p)| p.m.restart_pending())
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in restarting {
+            self.event(&name, Event::Stop);
         }
     }
 

@@ -70,6 +70,68 @@ fn ctl_errors_and_tokens() {
 }
 
 #[test]
+fn start_stop_and_restart_wait_for_their_outcome_as_supervisorctl_does() {
+    let m = Mon::start(
+        r#"
+[programs.x]
+command = "sleep 300"
+autostart = false
+startsecs = 1
+[programs.broken]
+command = "/bin/sh -c 'exit 3'"
+autostart = false
+startsecs = 1
+startretries = 0
+"#,
+    );
+    // The answer comes once the program is running past startsecs: no polling needed after it.
+    let o = m.ctl(&["start", "x"]);
+    assert_eq!(
+        (o.status.code(), out(&o).trim()),
+        (Some(0), "x: started"),
+        "{}",
+        out(&o)
+    );
+    assert_eq!(m.state("x"), "RUNNING");
+    let old = m.pid("x").unwrap();
+    let o = m.ctl(&["restart", "x"]);
+    assert_eq!(
+        (o.status.code(), out(&o).trim()),
+        (Some(0), "x: started"),
+        "{}",
+        out(&o)
+    );
+    let p = m.prog("x");
+    assert_eq!(p["state"], "RUNNING", "{p}");
+    assert_ne!(p["pid"].as_i64(), Some(i64::from(old)), "{p}");
+    let o = m.ctl(&["--json", "stop", "x"]);
+    assert_eq!(o.status.code(), Some(0), "{}", out(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["results"][0]["message"], "stopped", "{v}");
+    assert_eq!(m.state("x"), "STOPPED");
+
+    // A program that cannot start fails the command, with why.
+    let o = m.ctl(&["start", "broken"]);
+    assert_eq!(o.status.code(), Some(1), "{}", out(&o));
+    assert!(out(&o).contains("broken: ERROR (spawn error"), "{}", out(&o));
+    assert_eq!(m.state("broken"), "FATAL");
+
+    // --no-wait answers as soon as the monitor has taken the command.
+    let o = m.ctl(&["--no-wait", "start", "x"]);
+    assert_eq!(
+        (o.status.code(), out(&o).trim()),
+        (Some(0), "x: starting"),
+        "{}",
+        out(&o)
+    );
+    assert_eq!(m.state("x"), "STARTING");
+    // A bound on the wait: a program still starting when it runs out is an error that says so.
+    let o = m.ctl(&["--wait-secs", "0", "restart", "x"]);
+    assert_eq!(o.status.code(), Some(1), "{}", out(&o));
+    assert!(out(&o).contains("x: ERROR (still "), "{}", out(&o));
+}
+
+#[test]
 fn events_stream_as_server_sent_events() {
     let m = Mon::start("[programs.x]\ncommand = \"sleep 300\"\nstartsecs = 0\n");
     m.wait_state("x", "RUNNING", T);

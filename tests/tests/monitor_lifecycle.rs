@@ -127,6 +127,71 @@ stopwaitsecs = 1
 }
 
 #[test]
+fn the_last_of_stop_start_and_restart_wins_while_a_stop_is_under_way() {
+    let m = Mon::start(
+        r#"
+[programs.stubborn]
+command = "/bin/sh -c 'trap \"\" TERM; echo trapped; while :; do sleep 0.1; done'"
+startsecs = 0
+stopwaitsecs = 3
+"#,
+    );
+    m.wait_state("stubborn", "RUNNING", T);
+    eventually(T, "the TERM trap installed", || {
+        let r = get(m.addr, "/v1/programs/stubborn/log?stream=stdout&bytes=4096").ok()?;
+        r.body.contains("trapped").then_some(())
+    });
+    // The restart's stop lasts until stopwaitsecs runs out (SIGTERM is ignored); a stop in that time is the
+    // user's last word and must win over the restart's start.
+    let o = m.ctl(&["--no-wait", "restart", "stubborn"]);
+    assert!(o.status.success(), "{}", out(&o));
+    assert_eq!(m.state("stubborn"), "STOPPING");
+    let o = m.ctl(&["--no-wait", "stop", "stubborn"]);
+    assert!(o.status.success(), "{}", out(&o));
+    assert!(out(&o).contains("restart cancelled"), "{}", out(&o));
+    // Stopped and started again would be one step: once it leaves STOPPING, STOPPED is where it must be.
+    let p = eventually(T, "the stop to end", || {
+        let p = m.prog("stubborn");
+        (p["state"] != "STOPPING").then_some(p)
+    });
+    assert_eq!(p["state"], "STOPPED", "{p}");
+    assert_eq!(p["exit_signal"], 9, "{p}");
+
+    let trapped = |n: usize| {
+        eventually(T, "the new TERM trap installed", || {
+            let r = get(m.addr, "/v1/programs/stubborn/log?stream=stdout&bytes=4096").ok()?;
+            (r.body.matches("trapped").count() == n).then_some(())
+        })
+    };
+
+    // The other way round, as a script's `stop` then `start` does: a start during a stop starts the program
+    // once the stop is over.
+    let o = m.ctl(&["start", "stubborn"]);
+    assert!(o.status.success(), "{}", out(&o));
+    let old = m.wait_state("stubborn", "RUNNING", T)["pid"].as_i64().unwrap() as i32;
+    trapped(2);
+    let o = m.ctl(&["--no-wait", "stop", "stubborn"]);
+    assert!(o.status.success(), "{}", out(&o));
+    assert_eq!(m.state("stubborn"), "STOPPING");
+    let o = m.ctl(&["--no-wait", "start", "stubborn"]);
+    assert!(o.status.success(), "{}", out(&o));
+    assert!(out(&o).contains("starting once stopped"), "{}", out(&o));
+    m.wait_new_pid("stubborn", old, T);
+    trapped(3);
+
+    // A shutdown during a restart does not start the program again on the way out either.
+    let o = m.ctl(&["--no-wait", "restart", "stubborn"]);
+    assert!(o.status.success(), "{}", out(&o));
+    let o = m.ctl(&["shutdown"]);
+    assert!(o.status.success(), "{}", out(&o));
+    let mut m = m;
+    assert!(m.proc.wait_exit(T).is_some(), "the monitor did not exit");
+    let log = m.proc.stderr();
+    let spawns = log.matches("spawned program=\"stubborn\"").count();
+    assert_eq!(spawns, 3, "{log}");
+}
+
+#[test]
 fn grandchildren_die_with_their_program_and_nothing_is_left_a_zombie() {
     let dir = tempfile::tempdir().unwrap();
     let gc = dir.path().join("gc");
