@@ -204,12 +204,26 @@ impl Supervisor {
             return Err(CommandError::ShuttingDown);
         }
         match cmd {
-            Command::Start(names) => Ok(Reply::Results(self.each(&names, |s, name| s.user_start(name))?)),
-            Command::Stop(names) => Ok(Reply::Results(self.each(&names, |s, name| s.user_stop(name))?)),
-            Command::Restart(names) => Ok(Reply::Results(self.each(&names, |s, name| s.user_restart(name))?)),
-            Command::Signal(names, sig) => Ok(Reply::Results(
-                self.each(&names, |s, name| s.user_signal(name, sig))?,
-            )),
+            Command::Start(names) => Ok(Reply::Results(self.each(
+                &names,
+                |p| p.m.state.has_process() && p.m.state != State::Stopping,
+                |s, name| s.user_start(name),
+            )?)),
+            Command::Stop(names) => Ok(Reply::Results(self.each(
+                &names,
+                |p| matches!(p.m.state, State::Stopped | State::Exited) && !p.wanted,
+                |s, name| s.user_stop(name),
+            )?)),
+            Command::Restart(names) => Ok(Reply::Results(self.each(
+                &names,
+                |_| false,
+                |s, name| s.user_restart(name),
+            )?)),
+            Command::Signal(names, sig) => Ok(Reply::Results(self.each(
+                &names,
+                |p| !p.m.state.has_process(),
+                |s, name| s.user_signal(name, sig),
+            )?)),
             Command::Plan(cfg) => Ok(Reply::Plan(self.plan(&cfg))),
             Command::Update(cfg) => Ok(Reply::Plan(self.update(cfg))),
             Command::Shutdown => {
@@ -219,55 +233,59 @@ impl Supervisor {
         }
     }
 
-    /// Resolves `name`, `group:*`, `group:name`, a bare group name, or `all`.
-    pub fn resolve(&self, names: &[String]) -> Result<Vec<String>, CommandError> {
+    /// Resolves `name`, `group:*`, `group:name`, a bare group name, or `all`: each program once, in start
+    /// order, and whether it was named on its own rather than picked by a pattern (`all`, a group).
+    fn resolve(&self, names: &[String]) -> Result<Vec<(String, bool)>, CommandError> {
         if names.is_empty() {
             return Err(CommandError::NoNames);
         }
-        let mut out = Vec::new();
+        let mut out: Vec<(String, bool)> = Vec::new();
         for n in names {
-            let found: Vec<String> = if n == "all" {
-                self.order.clone()
-            } else if let Some(group) = n.strip_suffix(":*") {
-                self.order
-                    .iter()
+            let in_group = |group: &str| -> Vec<String> {
+                (self.order.iter())
                     .filter(|p| self.procs[*p].spec.group == group)
                     .cloned()
                     .collect()
+            };
+            let (found, alone): (Vec<String>, bool) = if n == "all" {
+                (self.order.clone(), false)
+            } else if let Some(group) = n.strip_suffix(":*") {
+                (in_group(group), false)
             } else if let Some((_, name)) = n.split_once(':') {
-                if self.procs.contains_key(name) {
-                    vec![name.to_string()]
-                } else {
-                    Vec::new()
-                }
+                let found = self.procs.contains_key(name).then(|| name.to_string());
+                (found.into_iter().collect(), true)
             } else if self.procs.contains_key(n.as_str()) {
-                vec![n.clone()]
+                (vec![n.clone()], true)
             } else {
-                self.order
-                    .iter()
-                    .filter(|p| self.procs[*p].spec.group == *n)
-                    .cloned()
-                    .collect()
+                (in_group(n), false)
             };
             if found.is_empty() {
                 return Err(CommandError::Unknown(n.clone()));
             }
             for f in found {
-                if !out.contains(&f) {
-                    out.push(f);
+                match out.iter_mut().find(|(name, _)| *name == f) {
+                    Some(seen) => seen.1 |= alone,
+                    None => out.push((f, alone)),
                 }
             }
         }
         Ok(out)
     }
 
+    /// Applies `f` to each program `names` pick. As supervisorctl does, a program a pattern picked that is
+    /// already where the command would take it (`moot`: `start all` meets one running) is left out rather than
+    /// answered with an error; one named on its own always gets its answer.
     fn each(
         &mut self,
         names: &[String],
+        moot: impl Fn(&Proc) -> bool,
         mut f: impl FnMut(&mut Self, &str) -> (bool, String),
     ) -> Result<Vec<crate::status::ActionResult>, CommandError> {
-        let names = self.resolve(names)?;
-        Ok(names
+        let picked: Vec<String> = (self.resolve(names)?.into_iter())
+            .filter(|(name, alone)| *alone || !self.procs.get(name).is_some_and(&moot))
+            .map(|(name, _)| name)
+            .collect();
+        Ok(picked
             .iter()
             .map(|name| {
                 let (ok, message) = f(self, name);

@@ -54,16 +54,44 @@ startsecs = 0
         "{}",
         out(&o)
     );
+    // As supervisorctl: a pattern skips the programs already where the command takes them, a name does not.
+    let o = m.ctl(&["stop", "web-1"]);
+    assert_eq!(
+        (o.status.code(), out(&o).trim()),
+        (Some(0), "web-1: stopped"),
+        "{}",
+        out(&o)
+    );
     let o = m.ctl(&["stop", "web:*"]);
     assert!(o.status.success(), "{}", out(&o));
+    assert_eq!(out(&o).trim(), "web-0: stopped\nweb-2: stopped", "{}", out(&o));
     for name in ["web-0", "web-1", "web-2"] {
-        m.wait_state(name, "STOPPED", T);
+        assert_eq!(m.state(name), "STOPPED");
     }
+    let o = m.ctl(&["stop", "all"]);
+    assert_eq!((o.status.code(), out(&o).trim()), (Some(0), ""), "{}", out(&o));
+    let o = m.ctl(&["stop", "web-0"]);
+    assert_eq!(o.status.code(), Some(1), "{}", out(&o));
+    assert!(out(&o).contains("web-0: ERROR (not running)"), "{}", out(&o));
     let o = m.ctl(&["status", "web:*"]);
     assert_eq!(
         o.status.code(),
         Some(3),
         "status of stopped programs exits 3: {}",
+        out(&o)
+    );
+    let o = m.ctl(&["start", "web-2"]);
+    assert_eq!(
+        (o.status.code(), out(&o).trim()),
+        (Some(0), "web-2: started"),
+        "{}",
+        out(&o)
+    );
+    let o = m.ctl(&["start", "all"]);
+    assert_eq!(
+        (o.status.code(), out(&o).trim()),
+        (Some(0), "web-0: started\nweb-1: started"),
+        "{}",
         out(&o)
     );
 }
