@@ -86,21 +86,11 @@ startretries = 0
     );
     // The answer comes once the program is running past startsecs: no polling needed after it.
     let o = m.ctl(&["start", "x"]);
-    assert_eq!(
-        (o.status.code(), out(&o).trim()),
-        (Some(0), "x: started"),
-        "{}",
-        out(&o)
-    );
+    assert_says(&o, 0, "x: started");
     assert_eq!(m.state("x"), "RUNNING");
     let old = m.pid("x").unwrap();
     let o = m.ctl(&["restart", "x"]);
-    assert_eq!(
-        (o.status.code(), out(&o).trim()),
-        (Some(0), "x: started"),
-        "{}",
-        out(&o)
-    );
+    assert_says(&o, 0, "x: started");
     let p = m.prog("x");
     assert_eq!(p["state"], "RUNNING", "{p}");
     assert_ne!(p["pid"].as_i64(), Some(i64::from(old)), "{p}");
@@ -118,12 +108,7 @@ startretries = 0
 
     // --no-wait answers as soon as the monitor has taken the command.
     let o = m.ctl(&["--no-wait", "start", "x"]);
-    assert_eq!(
-        (o.status.code(), out(&o).trim()),
-        (Some(0), "x: starting"),
-        "{}",
-        out(&o)
-    );
+    assert_says(&o, 0, "x: starting");
     assert_eq!(m.state("x"), "STARTING");
     // A bound on the wait: a program still starting when it runs out is an error that says so.
     let o = m.ctl(&["--wait-secs", "0", "restart", "x"]);

@@ -98,23 +98,35 @@ fatal_retry_secs = 1
     });
 }
 
-#[test]
-fn stopwaitsecs_escalates_to_sigkill_for_a_child_ignoring_sigterm() {
-    let m = Mon::start(
+/// A monitor running `stubborn`, a program that ignores SIGTERM (so a stop lasts until `stopwaitsecs` ends
+/// it with SIGKILL), once its trap is set.
+fn stubborn(stopwaitsecs: u32) -> Mon {
+    let m = Mon::start(&format!(
         r#"
 [programs.stubborn]
 command = "/bin/sh -c 'trap \"\" TERM; echo trapped; while :; do sleep 0.1; done'"
 startsecs = 0
-stopwaitsecs = 1
-"#,
-    );
+stopwaitsecs = {stopwaitsecs}
+"#
+    ));
     m.wait_state("stubborn", "RUNNING", T);
-    let pid = m.pid("stubborn").unwrap();
-    // A stop sent before the shell has set its trap would end it at once: wait for the line it prints after.
+    trapped(&m, 1);
+    m
+}
+
+/// Waits until `stubborn` has printed `trapped` `n` times in all: a stop sent before the shell has set its
+/// trap would end it at once.
+fn trapped(m: &Mon, n: usize) {
     eventually(T, "the TERM trap installed", || {
         let r = get(m.addr, "/v1/programs/stubborn/log?stream=stdout&bytes=4096").ok()?;
-        r.body.contains("trapped").then_some(())
+        (r.body.matches("trapped").count() == n).then_some(())
     });
+}
+
+#[test]
+fn stopwaitsecs_escalates_to_sigkill_for_a_child_ignoring_sigterm() {
+    let m = stubborn(1);
+    let pid = m.pid("stubborn").unwrap();
     let r = m.post("/v1/programs/stubborn/stop");
     assert_eq!(r.status, 200, "{}", r.body);
     // SIGTERM is ignored, so it is still there while STOPPING...
@@ -128,19 +140,7 @@ stopwaitsecs = 1
 
 #[test]
 fn the_last_of_stop_start_and_restart_wins_while_a_stop_is_under_way() {
-    let m = Mon::start(
-        r#"
-[programs.stubborn]
-command = "/bin/sh -c 'trap \"\" TERM; echo trapped; while :; do sleep 0.1; done'"
-startsecs = 0
-stopwaitsecs = 3
-"#,
-    );
-    m.wait_state("stubborn", "RUNNING", T);
-    eventually(T, "the TERM trap installed", || {
-        let r = get(m.addr, "/v1/programs/stubborn/log?stream=stdout&bytes=4096").ok()?;
-        r.body.contains("trapped").then_some(())
-    });
+    let m = stubborn(3);
     // The restart's stop lasts until stopwaitsecs runs out (SIGTERM is ignored); a stop in that time is the
     // user's last word and must win over the restart's start.
     let o = m.ctl(&["--no-wait", "restart", "stubborn"]);
@@ -157,19 +157,12 @@ stopwaitsecs = 3
     assert_eq!(p["state"], "STOPPED", "{p}");
     assert_eq!(p["exit_signal"], 9, "{p}");
 
-    let trapped = |n: usize| {
-        eventually(T, "the new TERM trap installed", || {
-            let r = get(m.addr, "/v1/programs/stubborn/log?stream=stdout&bytes=4096").ok()?;
-            (r.body.matches("trapped").count() == n).then_some(())
-        })
-    };
-
     // The other way round, as a script's `stop` then `start` does: a start during a stop starts the program
     // once the stop is over.
     let o = m.ctl(&["start", "stubborn"]);
     assert!(o.status.success(), "{}", out(&o));
     let old = m.wait_state("stubborn", "RUNNING", T)["pid"].as_i64().unwrap() as i32;
-    trapped(2);
+    trapped(&m, 2);
     let o = m.ctl(&["--no-wait", "stop", "stubborn"]);
     assert!(o.status.success(), "{}", out(&o));
     assert_eq!(m.state("stubborn"), "STOPPING");
@@ -177,7 +170,7 @@ stopwaitsecs = 3
     assert!(o.status.success(), "{}", out(&o));
     assert!(out(&o).contains("starting once stopped"), "{}", out(&o));
     m.wait_new_pid("stubborn", old, T);
-    trapped(3);
+    trapped(&m, 3);
 
     // A shutdown during a restart does not start the program again on the way out either.
     let o = m.ctl(&["--no-wait", "restart", "stubborn"]);

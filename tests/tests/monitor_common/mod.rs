@@ -178,6 +178,11 @@ pub fn out(o: &Output) -> String {
     )
 }
 
+/// Asserts that a `ctl` run exited with `code` having printed exactly `text` (give or take the ends' blanks).
+pub fn assert_says(o: &Output, code: i32, text: &str) {
+    assert_eq!((o.status.code(), out(o).trim()), (Some(code), text), "{}", out(o));
+}
+
 /// A scripted balancer: answers `GET /v1/status` with a fixed table (one instance, an L4 proxy with one
 /// listener and one backend).
 pub fn fake_balancer() -> std::net::SocketAddr {
