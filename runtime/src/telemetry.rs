@@ -5,7 +5,7 @@ use std::io::IsTerminal;
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tracing_subscriber::fmt::writer::BoxMakeWriter;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
@@ -89,13 +89,29 @@ pub fn check_filter(filter: &str) -> Result<(), String> {
 /// The Prometheus handle, installing the recorder on first use. If another recorder is already installed
 /// (a test binary), a detached recorder is used so rendering still works.
 pub fn prometheus() -> &'static PrometheusHandle {
-    PROMETHEUS.get_or_init(|| {
-        let builder = PrometheusBuilder::new();
-        match builder.install_recorder() {
-            Ok(h) => h,
-            Err(_) => PrometheusBuilder::new().build_recorder().handle(),
-        }
+    PROMETHEUS.get_or_init(|| match with_buckets().install_recorder() {
+        Ok(h) => h,
+        Err(_) => with_buckets().build_recorder().handle(),
     })
+}
+
+/// Bucket bounds of every `*_seconds` histogram: 50 µs (a connect on one host) to 10 s (a connect timeout).
+const SECONDS_BUCKETS: &[f64] = &[
+    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0,
+];
+/// Bucket bounds of every other histogram (counts, such as orders per group commit).
+const COUNT_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0];
+
+/// A builder whose histograms render as Prometheus histograms, not the exporter's default summaries: buckets
+/// add up across balancers and app instances (a fleet-wide p99 is a `histogram_quantile` over their sum),
+/// quantiles do not.
+fn with_buckets() -> PrometheusBuilder {
+    PrometheusBuilder::new()
+        .set_buckets(COUNT_BUCKETS)
+        .and_then(|b| b.set_buckets_for_metric(Matcher::Suffix("_seconds".into()), SECONDS_BUCKETS))
+        // An empty list is the only error, and neither is empty.
+        .unwrap_or_else(|_| PrometheusBuilder::new())
 }
 
 /// Renders every metric in the Prometheus text format.
@@ -111,5 +127,33 @@ pub async fn upkeep(cancel: tokio_util::sync::CancellationToken) {
             _ = cancel.cancelled() => return,
             _ = tick.tick() => prometheus().run_upkeep(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histograms_render_as_prometheus_histograms() {
+        let recorder = with_buckets().build_recorder();
+        let handle = recorder.handle();
+        metrics::with_local_recorder(&recorder, || {
+            metrics::histogram!("t_connect_seconds").record(0.000_3);
+            metrics::histogram!("t_batch_orders").record(3.0);
+        });
+        let text = handle.render();
+        assert!(text.contains("# TYPE t_connect_seconds histogram"), "{text}");
+        assert!(
+            text.contains("t_connect_seconds_bucket{le=\"0.00025\"} 0"),
+            "{text}"
+        );
+        assert!(
+            text.contains("t_connect_seconds_bucket{le=\"0.0005\"} 1"),
+            "{text}"
+        );
+        assert!(text.contains("# TYPE t_batch_orders histogram"), "{text}");
+        assert!(text.contains("t_batch_orders_bucket{le=\"2\"} 0"), "{text}");
+        assert!(text.contains("t_batch_orders_bucket{le=\"4\"} 1"), "{text}");
     }
 }
