@@ -336,6 +336,7 @@ const LISTENER_COLUMNS: &[Column] = &[
     ("idle timeouts", "idle_timeouts", cell),
     ("bytes up", "bytes_up", bytes),
     ("bytes down", "bytes_down", bytes),
+    ("state", "unbound", |v| flag(v, "unbound", "ok")),
 ];
 
 const BACKEND_COLUMNS: &[Column] = &[

@@ -124,6 +124,9 @@ pub struct ProxyListenerStatus {
     pub bytes_up: u64,
     /// Backend to client.
     pub bytes_down: u64,
+    /// Its address could not be bound when a reload added it (in use by another process): the balancer
+    /// retries every second, and nothing is accepted on it meanwhile.
+    pub unbound: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]

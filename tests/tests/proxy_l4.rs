@@ -1290,6 +1290,39 @@ fn reload_removing_a_listener_keeps_its_connections(rt: &'static str) {
     assert!(rest.is_empty());
 }
 
+/// A reload that adds a listener on an address another process holds applies the rest of the config, shows
+/// the listener as unbound, and binds it as soon as the address is free, without another reload.
+fn a_listener_whose_address_is_taken_binds_once_it_is_free(rt: &'static str) {
+    let (echo, a) = (echo_backend(), free_addr());
+    // Held without SO_REUSEPORT, so the proxy's bind fails until it is closed.
+    let holder = TcpListener::bind("127.0.0.1:0").unwrap();
+    let b = holder.local_addr().unwrap();
+    let lb = start_lb(rt, 1000, &format!("{}{}", listener("a", a), backends(&[echo])));
+    let echo2 = echo_backend();
+    lb.reload_applied(
+        1000,
+        &format!("{}{}{}", listener("a", a), listener("b", b), backends(&[echo2])),
+    );
+    let unbound = |name: &str| {
+        let st = lb.proxy_status();
+        st.listeners.iter().find(|l| l.name == name).map(|l| l.unbound)
+    };
+    eventually(T, "listener b shown unbound", || unbound("b").filter(|u| *u));
+    assert_eq!(unbound("a"), Some(false));
+    // The rest of the reload is in force: new connections on `a` go to the new backend.
+    assert_eq!(round_trip(a, payload(10, 1)), payload(10, 1));
+    let m = lb.metrics();
+    let connects = format!("backend=\"{echo2}\"");
+    assert_eq!(
+        metric_value(&m, "xcluster_lb_proxy_backend_connects_total", &connects),
+        Some(1.0),
+        "{m}"
+    );
+    drop(holder);
+    eventually(T, "listener b to bind", || unbound("b").filter(|u| !*u));
+    assert_eq!(round_trip(b, payload(10, 2)), payload(10, 2));
+}
+
 fn max_connections_holds_new_clients_until_a_permit_frees(rt: &'static str) {
     // One worker, so accepting and serving share one thread and the order below is deterministic enough.
     let (lb, front) = echo_lb(rt, 1000, "workers = 1\nmax_connections = 2\n", "");
@@ -1861,6 +1894,7 @@ per_runtime!(
     sigterm_drains_established_connections,
     connections_still_open_at_the_end_of_the_grace_period_are_closed,
     reload_removing_a_listener_keeps_its_connections,
+    a_listener_whose_address_is_taken_binds_once_it_is_free,
     max_connections_holds_new_clients_until_a_permit_frees,
     max_connections_is_not_held_by_idle_listeners,
     connections_are_logged_where_the_listener_asks,

@@ -51,6 +51,8 @@ pub const SPLICED_BYTES_TOTAL: &str = "xcluster_lb_proxy_spliced_bytes_total";
 /// Provided buffers of the io_uring runtime holding bytes received and not yet sent on, over all workers.
 pub const BUFFERS_HELD: &str = "xcluster_lb_proxy_buffers_held";
 pub const LISTENER_BIND_FAILURES_TOTAL: &str = "xcluster_lb_proxy_listener_bind_failures_total";
+/// 1 while a listener a reload added cannot bind its address (retried every second), else 0.
+pub const LISTENER_UNBOUND: &str = "xcluster_lb_proxy_listener_unbound";
 
 /// Handles for one listener.
 #[derive(Debug, Clone)]
@@ -184,6 +186,7 @@ pub fn status(text: &str) -> ProxyStatus {
                 IDLE_TIMEOUTS_TOTAL => e.idle_timeouts = value,
                 LISTENER_BYTES_TOTAL if up => e.bytes_up = value,
                 LISTENER_BYTES_TOTAL => e.bytes_down = value,
+                LISTENER_UNBOUND => e.unbound = value > 0,
                 _ => {}
             }
         } else if let Some(b) = label("backend") {

@@ -26,7 +26,8 @@ use super::clients::{ClientCounts, ClientSlot};
 use super::config::{Forwarding, ListenerConfig, ProxyConfig, RuntimeMode, Timeouts};
 use super::health::{CheckStreaks, Holds, Verdict, check};
 use super::metrics::{
-    Assigned, BACKEND_BACKUP, BackendMetrics, LISTENER_BIND_FAILURES_TOTAL, ListenerMetrics, WORKERS,
+    Assigned, BACKEND_BACKUP, BackendMetrics, LISTENER_BIND_FAILURES_TOTAL, LISTENER_UNBOUND,
+    ListenerMetrics, WORKERS,
 };
 use super::pick::{BackendPicker, PickFor};
 
@@ -421,6 +422,9 @@ struct Manager {
     shared: Arc<Shared>,
     workers: Vec<Worker>,
     running: Vec<Running>,
+    /// Listeners of the config whose address was taken when a reload added them: retried every
+    /// [`BIND_RETRY`] until they bind or a reload drops them.
+    unbound: Vec<ListenerConfig>,
     next_id: u64,
     backlog: i32,
     keepalive: Option<Duration>,
@@ -461,6 +465,7 @@ pub fn start(
         shared,
         workers,
         running: Vec::new(),
+        unbound: Vec::new(),
         next_id: 0,
         backlog: cfg.backlog,
         keepalive: cfg.keepalive,
@@ -501,12 +506,18 @@ pub fn start(
                     m.grace = grace;
                     m.reload(&new);
                 }
+                () = tokio::time::sleep(BIND_RETRY), if !m.unbound.is_empty() => m.retry_unbound(),
             }
         }
         m.drain().await;
     });
     Ok(ProxyHandle { drain, task })
 }
+
+/// How often a listener whose address was taken tries to bind it again. An address is usually taken for a
+/// moment (the balancer it replaces is still draining it), so the listener starts serving soon after, without
+/// another reload.
+const BIND_RETRY: Duration = Duration::from_secs(1);
 
 /// Active health checks of the configured backends, every `check_interval_ms` (read again each round, so a
 /// reload can change it or turn checks on or off), until the drain.
@@ -609,6 +620,7 @@ impl Manager {
             }
             self.running.push(r);
         }
+        let mut unbound = Vec::new();
         for l in &new.listeners {
             if self.running.iter().any(|r| r.listen == l.listen) {
                 continue;
@@ -618,7 +630,32 @@ impl Manager {
                 Err(e) => {
                     metrics::counter!(LISTENER_BIND_FAILURES_TOTAL, "listener" => l.name.clone())
                         .increment(1);
-                    error!(listener = %l.name, addr = %l.listen, error = %e, "cannot bind proxy listener");
+                    metrics::gauge!(LISTENER_UNBOUND, "listener" => l.name.clone()).set(1.0);
+                    error!(
+                        listener = %l.name, addr = %l.listen, error = %e,
+                        "cannot bind proxy listener; retrying every second"
+                    );
+                    unbound.push(l.clone());
+                }
+            }
+        }
+        for dropped in (self.unbound.iter()).filter(|o| !unbound.iter().any(|n| n.name == o.name)) {
+            metrics::gauge!(LISTENER_UNBOUND, "listener" => dropped.name.clone()).set(0.0);
+        }
+        self.unbound = unbound;
+    }
+
+    /// Tries again to bind the listeners whose address was taken.
+    fn retry_unbound(&mut self) {
+        for l in std::mem::take(&mut self.unbound) {
+            match self.add_listener(&l) {
+                Ok(()) => {
+                    metrics::gauge!(LISTENER_UNBOUND, "listener" => l.name.clone()).set(0.0);
+                    info!(listener = %l.name, addr = %l.listen, "proxy listener bound at last");
+                }
+                Err(e) => {
+                    debug!(listener = %l.name, addr = %l.listen, error = %e, "proxy listener still cannot bind");
+                    self.unbound.push(l);
                 }
             }
         }
