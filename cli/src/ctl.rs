@@ -588,13 +588,14 @@ fn await_goal(
                 None => Some(Err("gone".to_string())),
                 Some(p) => outcome(p, goal).or_else(|| {
                     late.then(|| {
-                        let ready = if p["state"] == "RUNNING" {
-                            ", not ready"
-                        } else {
-                            ""
+                        let waiting: Vec<String> = items(&p["waiting_for"]).iter().map(cell).collect();
+                        let why = match p["state"].as_str() {
+                            Some("RUNNING") => ", not ready".to_string(),
+                            _ if !waiting.is_empty() => format!(", waiting for {}", waiting.join(", ")),
+                            _ => String::new(),
                         };
                         Err(format!(
-                            "still {}{ready} after {} s",
+                            "still {}{why} after {} s",
                             cell(&p["state"]),
                             limit.as_secs()
                         ))

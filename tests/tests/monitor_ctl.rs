@@ -82,6 +82,10 @@ command = "/bin/sh -c 'exit 3'"
 autostart = false
 startsecs = 1
 startretries = 0
+[programs.dep]
+command = "sleep 300"
+autostart = false
+depends_on = ["x"]
 "#,
     );
     // The answer comes once the program is running past startsecs: no polling needed after it.
@@ -105,6 +109,9 @@ startretries = 0
     assert_eq!(o.status.code(), Some(1), "{}", out(&o));
     assert!(out(&o).contains("broken: ERROR (spawn error"), "{}", out(&o));
     assert_eq!(m.state("broken"), "FATAL");
+    // One that waits for a dependency says so when the wait runs out.
+    let o = m.ctl(&["--wait-secs", "1", "start", "dep"]);
+    assert_says(&o, 1, "dep: ERROR (still STOPPED, waiting for x after 1 s)");
 
     // --no-wait answers as soon as the monitor has taken the command.
     let o = m.ctl(&["--no-wait", "start", "x"]);
