@@ -123,13 +123,16 @@ fn check(r: &Resp) -> Result<(), Failure> {
             Err(Failure::Exit(EXIT_NOPERM))
         }
         _ => {
-            eprintln!("xcluster ctl: {}", r.message());
-            let issues = r.json()["error"]["issues"]
-                .as_array()
-                .cloned()
-                .unwrap_or_default();
-            for i in issues {
-                eprintln!("  {}", i.as_str().unwrap_or(""));
+            let message = r.message();
+            eprintln!("xcluster ctl: {message}");
+            // A lone issue is often the message itself (a file that does not parse): say it once.
+            for i in items(&r.json()["error"]["issues"])
+                .iter()
+                .filter_map(Value::as_str)
+            {
+                if i != message {
+                    eprintln!("  {i}");
+                }
             }
             Err(Failure::Exit(EXIT_FAILED))
         }
