@@ -566,6 +566,17 @@ fn outcome(p: &Value, goal: Goal) -> Option<Result<String, String>> {
     }
 }
 
+/// What a program the wait gave up on is still doing: its state, and what keeps it there when the status says.
+fn overdue(p: &Value, limit: Duration) -> String {
+    let waiting: Vec<String> = items(&p["waiting_for"]).iter().map(cell).collect();
+    let why = match p["state"].as_str() {
+        Some("RUNNING") => ", not ready".to_string(),
+        _ if !waiting.is_empty() => format!(", waiting for {}", waiting.join(", ")),
+        _ => String::new(),
+    };
+    format!("still {}{why} after {} s", cell(&p["state"]), limit.as_secs())
+}
+
 /// How often a waiting start, stop or restart reads the status.
 const WAIT_POLL: Duration = Duration::from_millis(100);
 
@@ -589,21 +600,7 @@ fn await_goal(
             let p = items(&v["programs"]).iter().find(|p| p["name"] == name.as_str());
             let answer = match p {
                 None => Some(Err("gone".to_string())),
-                Some(p) => outcome(p, goal).or_else(|| {
-                    late.then(|| {
-                        let waiting: Vec<String> = items(&p["waiting_for"]).iter().map(cell).collect();
-                        let why = match p["state"].as_str() {
-                            Some("RUNNING") => ", not ready".to_string(),
-                            _ if !waiting.is_empty() => format!(", waiting for {}", waiting.join(", ")),
-                            _ => String::new(),
-                        };
-                        Err(format!(
-                            "still {}{why} after {} s",
-                            cell(&p["state"]),
-                            limit.as_secs()
-                        ))
-                    })
-                }),
+                Some(p) => outcome(p, goal).or_else(|| late.then(|| Err(overdue(p, limit)))),
             };
             answer.map(|a| *result = a).is_none()
         });

@@ -143,12 +143,10 @@ fn the_last_of_stop_start_and_restart_wins_while_a_stop_is_under_way() {
     let m = stubborn(3);
     // The restart's stop lasts until stopwaitsecs runs out (SIGTERM is ignored); a stop in that time is the
     // user's last word and must win over the restart's start.
-    let o = m.ctl(&["--no-wait", "restart", "stubborn"]);
-    assert!(o.status.success(), "{}", out(&o));
+    m.ctl_ok(&["--no-wait", "restart", "stubborn"]);
     assert_eq!(m.state("stubborn"), "STOPPING");
-    let o = m.ctl(&["--no-wait", "stop", "stubborn"]);
-    assert!(o.status.success(), "{}", out(&o));
-    assert!(out(&o).contains("restart cancelled"), "{}", out(&o));
+    let said = m.ctl_ok(&["--no-wait", "stop", "stubborn"]);
+    assert!(said.contains("restart cancelled"), "{said}");
     // Stopped and started again would be one step: once it leaves STOPPING, STOPPED is where it must be.
     let p = eventually(T, "the stop to end", || {
         let p = m.prog("stubborn");
@@ -159,24 +157,20 @@ fn the_last_of_stop_start_and_restart_wins_while_a_stop_is_under_way() {
 
     // The other way round, as a script's `stop` then `start` does: a start during a stop starts the program
     // once the stop is over.
-    let o = m.ctl(&["start", "stubborn"]);
-    assert!(o.status.success(), "{}", out(&o));
-    let old = m.wait_state("stubborn", "RUNNING", T)["pid"].as_i64().unwrap() as i32;
+    // (`start` answers once the program runs, so its pid is there to read.)
+    m.ctl_ok(&["start", "stubborn"]);
+    let old = m.pid("stubborn").unwrap();
     trapped(&m, 2);
-    let o = m.ctl(&["--no-wait", "stop", "stubborn"]);
-    assert!(o.status.success(), "{}", out(&o));
+    m.ctl_ok(&["--no-wait", "stop", "stubborn"]);
     assert_eq!(m.state("stubborn"), "STOPPING");
-    let o = m.ctl(&["--no-wait", "start", "stubborn"]);
-    assert!(o.status.success(), "{}", out(&o));
-    assert!(out(&o).contains("starting once stopped"), "{}", out(&o));
+    let said = m.ctl_ok(&["--no-wait", "start", "stubborn"]);
+    assert!(said.contains("starting once stopped"), "{said}");
     m.wait_new_pid("stubborn", old, T);
     trapped(&m, 3);
 
     // A shutdown during a restart does not start the program again on the way out either.
-    let o = m.ctl(&["--no-wait", "restart", "stubborn"]);
-    assert!(o.status.success(), "{}", out(&o));
-    let o = m.ctl(&["shutdown"]);
-    assert!(o.status.success(), "{}", out(&o));
+    m.ctl_ok(&["--no-wait", "restart", "stubborn"]);
+    m.ctl_ok(&["shutdown"]);
     let mut m = m;
     assert!(m.proc.wait_exit(T).is_some(), "the monitor did not exit");
     let log = m.proc.stderr();

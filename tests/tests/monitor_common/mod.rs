@@ -137,6 +137,13 @@ impl Mon {
         request(self.addr, "POST", path, &[("Authorization", &auth)], None).unwrap()
     }
 
+    /// Runs `ctl` with `args`, asserts that it succeeded, and returns what it printed.
+    pub fn ctl_ok(&self, args: &[&str]) -> String {
+        let o = self.ctl(args);
+        assert!(o.status.success(), "ctl {args:?}: {}", out(&o));
+        out(&o)
+    }
+
     pub fn ctl(&self, args: &[&str]) -> Output {
         Command::new(xcluster_bin())
             .args(["ctl", "--url", &format!("http://{}", self.addr), "--token", TOKEN])
