@@ -438,7 +438,8 @@ fn describe(p: &Value) -> String {
         let s = ms / 1000;
         parts.push(format!("uptime {}:{:02}:{:02}", s / 3600, s / 60 % 60, s % 60));
     }
-    if p["state"] != "RUNNING" && p["state"] != "STARTING" {
+    // The last exit, once there is no process: while one runs (or stops) it is an earlier run's.
+    if !matches!(p["state"].as_str(), Some("RUNNING" | "STARTING" | "STOPPING")) {
         if let Some(code) = p["exit_code"].as_i64() {
             parts.push(format!("exit status {code}"));
         } else if let Some(sig) = p["exit_signal"].as_i64() {

@@ -157,7 +157,9 @@ impl Machine {
                 State::Stopped | State::Exited | State::Fatal | State::Backoff,
                 Event::Start | Event::Restart,
             ) => {
-                if self.state != State::Stopped {
+                // A restart that stopped the process first and waited for its dependencies starts from
+                // STOPPED; it counts all the same.
+                if self.state != State::Stopped || ev == Event::Restart {
                     self.restart_count += 1;
                 }
                 self.start_failures = 0;

@@ -288,6 +288,18 @@ fn restart_stops_then_starts() {
 }
 
 #[test]
+fn a_restart_from_stopped_counts_and_a_start_does_not() {
+    let mut t = T::new();
+    assert_eq!(t.ev(Event::Start).transitions, vec![(Stopped, Starting)]);
+    assert_eq!(t.m.restart_count, 0);
+    t.running();
+    t.ev(Event::Stop);
+    t.ev(Event::Exited(CLEAN));
+    assert_eq!(t.ev(Event::Restart).transitions, vec![(Stopped, Starting)]);
+    assert_eq!(t.m.restart_count, 1);
+}
+
+#[test]
 fn stop_during_restart_cancels_the_start() {
     let mut t = T::new();
     t.running();

@@ -19,7 +19,7 @@ pub(crate) fn build(sup: &Supervisor) -> Snapshot {
             ProcStatus {
                 name: name.clone(),
                 group: p.spec.group.clone(),
-                state: p.m.state,
+                state: p.shown_state(),
                 pid: (p.pid != 0).then_some(p.pid),
                 started_unix_ms: p.started_unix_ms,
                 uptime_ms: None,
@@ -33,6 +33,8 @@ pub(crate) fn build(sup: &Supervisor) -> Snapshot {
                 spawn_error: p.spawn_error.clone(),
                 waiting_for: if p.wanted {
                     sup.waiting_for(name)
+                } else if p.held.is_some() {
+                    sup.stopping_dependents(name)
                 } else {
                     Vec::new()
                 },

@@ -52,11 +52,35 @@ pub(crate) struct Proc {
     pub outputs: Outputs,
     /// Start as soon as its dependencies are ready.
     pub wanted: bool,
+    /// That start finishes a restart (and counts as one).
+    pub wanted_restart: bool,
     /// Removed by an update: dropped once it has no process.
     pub removing: bool,
     /// Changed by an update: swapped in once the old process is gone.
     pub replacement: Option<Arc<ProcessSpec>>,
     pub spawn_error: Option<String>,
+    /// A stop or restart held back until the dependents the same command stops have stopped.
+    pub held: Option<Hold>,
+}
+
+impl Proc {
+    /// The state users see: a program whose stop is held is already stopping.
+    pub fn shown_state(&self) -> State {
+        if self.held.is_some() {
+            State::Stopping
+        } else {
+            self.m.state
+        }
+    }
+}
+
+/// What a program waiting on its dependents' stop does once they are down. A command that stops several
+/// programs stops dependents first, as the monitor's shutdown does, so none of them loses what it depends on
+/// while it still runs; a restart then starts them again in dependency order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Hold {
+    Stop,
+    Restart,
 }
 
 pub(crate) struct Supervisor {
@@ -206,23 +230,23 @@ impl Supervisor {
         match cmd {
             Command::Start(names) => Ok(Reply::Results(self.each(
                 &names,
-                |p| p.m.state.has_process() && p.m.state != State::Stopping,
-                |s, name| s.user_start(name),
+                |p| p.shown_state().has_process() && p.shown_state() != State::Stopping,
+                |s, name, _| s.user_start(name),
             )?)),
             Command::Stop(names) => Ok(Reply::Results(self.each(
                 &names,
-                |p| matches!(p.m.state, State::Stopped | State::Exited) && !p.wanted,
-                |s, name| s.user_stop(name),
+                |p| matches!(p.shown_state(), State::Stopped | State::Exited) && !p.wanted,
+                Self::user_stop,
             )?)),
             Command::Restart(names) => Ok(Reply::Results(self.each(
                 &names,
                 |_| false,
-                |s, name| s.user_restart(name),
+                Self::user_restart,
             )?)),
             Command::Signal(names, sig) => Ok(Reply::Results(self.each(
                 &names,
                 |p| !p.m.state.has_process(),
-                |s, name| s.user_signal(name, sig),
+                |s, name, _| s.user_signal(name, sig),
             )?)),
             Command::Plan(cfg) => Ok(Reply::Plan(self.plan(&cfg))),
             Command::Update(cfg) => Ok(Reply::Plan(self.update(cfg))),
@@ -272,14 +296,15 @@ impl Supervisor {
         Ok(out)
     }
 
-    /// Applies `f` to each program `names` pick. As supervisorctl does, a program a pattern picked that is
-    /// already where the command would take it (`moot`: `start all` meets one running) is left out rather than
-    /// answered with an error; one named on its own always gets its answer.
+    /// Applies `f` to each program `names` pick, in start order, with every program picked. As supervisorctl
+    /// does, a program a pattern picked that is already where the command would take it (`moot`: `start all`
+    /// meets one running) is left out rather than answered with an error; one named on its own always gets its
+    /// answer.
     fn each(
         &mut self,
         names: &[String],
         moot: impl Fn(&Proc) -> bool,
-        mut f: impl FnMut(&mut Self, &str) -> (bool, String),
+        mut f: impl FnMut(&mut Self, &str, &[String]) -> (bool, String),
     ) -> Result<Vec<crate::status::ActionResult>, CommandError> {
         let picked: Vec<String> = (self.resolve(names)?.into_iter())
             .filter(|(name, alone)| *alone || !self.procs.get(name).is_some_and(&moot))
@@ -288,8 +313,8 @@ impl Supervisor {
         Ok(picked
             .iter()
             .map(|name| {
-                let (ok, message) = f(self, name);
-                let state = self.procs.get(name).map_or(State::Stopped, |p| p.m.state);
+                let (ok, message) = f(self, name, &picked);
+                let state = self.procs.get(name).map_or(State::Stopped, Proc::shown_state);
                 crate::status::ActionResult {
                     name: name.clone(),
                     ok,
@@ -304,6 +329,16 @@ impl Supervisor {
         let Some(p) = self.procs.get_mut(name) else {
             return (false, "gone".into());
         };
+        match p.held {
+            // Still running: it just stays so.
+            Some(Hold::Stop) => {
+                p.held = None;
+                return (true, "stop cancelled".into());
+            }
+            // The restart starts it anyway.
+            Some(Hold::Restart) => return (true, "starting once stopped".into()),
+            None => {}
+        }
         if p.m.state == State::Stopping {
             // Started again as soon as the stop ends, as `stop` then `start` in a script means (a restart
             // under way does that itself).
@@ -314,14 +349,25 @@ impl Supervisor {
             return (false, "already started".into());
         }
         p.wanted = true;
+        p.wanted_restart = false;
         (true, "starting".into())
     }
 
-    fn user_stop(&mut self, name: &str) -> (bool, String) {
+    fn user_stop(&mut self, name: &str, picked: &[String]) -> (bool, String) {
+        let dependents = self.dependents_among(name, picked);
         let Some(p) = self.procs.get_mut(name) else {
             return (false, "gone".into());
         };
         let was_wanted = std::mem::take(&mut p.wanted);
+        p.wanted_restart = false;
+        match p.held {
+            Some(Hold::Stop) => return (true, "stopping".into()),
+            Some(Hold::Restart) => {
+                p.held = Some(Hold::Stop);
+                return (true, "stopping (restart cancelled)".into());
+            }
+            None => {}
+        }
         let state = p.m.state;
         if matches!(state, State::Stopped | State::Exited | State::Stopping) {
             // A restart still stopping the process would start it again: the stop cancels that start.
@@ -338,15 +384,35 @@ impl Supervisor {
                 },
             );
         }
+        if !dependents.is_empty() && state.has_process() {
+            p.held = Some(Hold::Stop);
+            return (true, format!("stopping after {}", dependents.join(", ")));
+        }
         self.event(name, Event::Stop);
         (true, "stopping".into())
     }
 
-    fn user_restart(&mut self, name: &str) -> (bool, String) {
+    fn user_restart(&mut self, name: &str, picked: &[String]) -> (bool, String) {
+        let dependents = self.dependents_among(name, picked);
+        let after_dependencies = self.depends_on_any(name, picked);
         let Some(p) = self.procs.get_mut(name) else {
             return (false, "gone".into());
         };
-        if p.m.state.has_process() && p.m.state != State::Stopping {
+        if p.held.is_some() {
+            p.held = Some(Hold::Restart);
+            return (true, "restarting".into());
+        }
+        let running = p.m.state.has_process() && p.m.state != State::Stopping;
+        if running && !dependents.is_empty() {
+            p.held = Some(Hold::Restart);
+            return (true, format!("restarting after {}", dependents.join(", ")));
+        }
+        if running && after_dependencies {
+            // What it depends on restarts too: it starts again once that is back and ready.
+            p.wanted = true;
+            p.wanted_restart = true;
+            self.event(name, Event::Stop);
+        } else if running {
             self.event(name, Event::Restart);
         } else if !p.m.restart_pending() {
             // A restart already under way starts the program itself; a wish kept beside it would start the
@@ -354,6 +420,83 @@ impl Supervisor {
             p.wanted = true;
         }
         (true, "restarting".into())
+    }
+
+    /// Programs among `picked` that depend on `name`'s group and still run: a command stopping them all stops
+    /// them before `name`.
+    fn dependents_among(&self, name: &str, picked: &[String]) -> Vec<String> {
+        let Some(group) = self.procs.get(name).map(|p| &p.spec.group) else {
+            return Vec::new();
+        };
+        (picked.iter())
+            .filter(|n| *n != name)
+            .filter(|n| {
+                self.procs
+                    .get(*n)
+                    .is_some_and(|q| q.m.state.has_process() && q.spec.depends_on.contains(group))
+            })
+            .cloned()
+            .collect()
+    }
+
+    /// Whether `name` depends on the group of a program among `picked`.
+    fn depends_on_any(&self, name: &str, picked: &[String]) -> bool {
+        let Some(p) = self.procs.get(name) else {
+            return false;
+        };
+        (picked.iter())
+            .filter(|n| *n != name)
+            .filter_map(|n| self.procs.get(n))
+            .any(|q| p.spec.depends_on.contains(&q.spec.group))
+    }
+
+    /// Dependents of `name` being stopped (or held) whose process is still there: `name`'s held stop waits
+    /// for them.
+    pub fn stopping_dependents(&self, name: &str) -> Vec<String> {
+        let Some(group) = self.procs.get(name).map(|p| &p.spec.group) else {
+            return Vec::new();
+        };
+        (self.order.iter())
+            .filter(|n| {
+                self.procs.get(*n).is_some_and(|q| {
+                    q.m.state.has_process()
+                        && (q.held.is_some() || q.m.state == State::Stopping)
+                        && q.spec.depends_on.contains(group)
+                })
+            })
+            .cloned()
+            .collect()
+    }
+
+    /// Begins each held stop or restart whose dependents are all down.
+    fn release_holds(&mut self) -> bool {
+        let free: Vec<(String, Hold)> = (self.order.iter())
+            .filter_map(|n| Some((n, self.procs.get(n)?.held?)))
+            .filter(|(n, _)| self.stopping_dependents(n).is_empty())
+            .map(|(n, hold)| (n.clone(), hold))
+            .collect();
+        for (name, hold) in &free {
+            let Some(p) = self.procs.get_mut(name) else {
+                continue;
+            };
+            p.held = None;
+            // A liveness restart may have begun meanwhile: a held stop cancels its start, a held restart
+            // leaves the start to it.
+            let restarting = p.m.restart_pending();
+            if *hold == Hold::Restart && !restarting {
+                // Started again by `kick` once what it depends on is ready.
+                p.wanted = true;
+                p.wanted_restart = p.m.state.has_process();
+            }
+            let stoppable = matches!(
+                p.m.state,
+                State::Starting | State::Running | State::Backoff | State::Fatal
+            );
+            if stoppable || (*hold == Hold::Stop && restarting) {
+                self.event(name, Event::Stop);
+            }
+        }
+        !free.is_empty()
     }
 
     fn user_signal(&mut self, name: &str, sig: nix::sys::signal::Signal) -> (bool, String) {
@@ -526,9 +669,10 @@ impl Supervisor {
         }
     }
 
-    /// Whether `p` counts as ready for its dependents.
+    /// Whether `p` counts as ready for its dependents: not while a stop of it is held.
     pub fn is_ready(p: &Proc) -> bool {
-        p.m.state == State::Running
+        p.held.is_none()
+            && p.m.state == State::Running
             && (p.spec.readiness.is_none() || p.readiness.as_ref().is_some_and(|r| r.ok))
     }
 
@@ -549,11 +693,12 @@ impl Supervisor {
             .collect()
     }
 
-    /// Starts pending processes whose dependencies are ready; during shutdown, stops processes nothing running
-    /// depends on (reverse dependency order); finishes updates of processes whose old process is gone.
+    /// Begins held stops whose dependents are down; starts pending processes whose dependencies are ready;
+    /// during shutdown, stops processes nothing running depends on (reverse dependency order); finishes updates
+    /// of processes whose old process is gone.
     fn kick(&mut self) {
         loop {
-            let mut progressed = false;
+            let mut progressed = self.release_holds();
             for name in self.order.clone() {
                 let Some(p) = self.procs.get_mut(&name) else {
                     continue;
@@ -575,10 +720,14 @@ impl Supervisor {
                     continue;
                 }
                 if p.wanted && !self.shutting_down && self.waiting_for(&name).is_empty() {
+                    let mut ev = Event::Start;
                     if let Some(p) = self.procs.get_mut(&name) {
                         p.wanted = false;
+                        if std::mem::take(&mut p.wanted_restart) {
+                            ev = Event::Restart;
+                        }
                     }
-                    self.event(&name, Event::Start);
+                    self.event(&name, ev);
                     progressed = true;
                 }
             }
@@ -625,6 +774,8 @@ impl Supervisor {
         });
         for p in self.procs.values_mut() {
             p.wanted = false;
+            // `stop_leaves` orders every stop from here on.
+            p.held = None;
         }
         // A restart halfway through would start its program again only to stop it.
         let restarting: Vec<String> = (self.procs.iter())
@@ -672,6 +823,8 @@ impl Supervisor {
             removing: false,
             replacement: None,
             spawn_error: None,
+            held: None,
+            wanted_restart: false,
         }
     }
 

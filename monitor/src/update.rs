@@ -39,6 +39,7 @@ impl Supervisor {
             if let Some(p) = self.procs.get_mut(name) {
                 p.removing = true;
                 p.wanted = false;
+                p.held = None;
             }
             self.event(name, Event::Stop);
         }
@@ -55,6 +56,8 @@ impl Supervisor {
                     p.removing = false;
                     p.replacement = Some(Arc::new(spec.clone()));
                     p.wanted = spec.autostart || active;
+                    p.wanted_restart = false;
+                    p.held = None;
                 }
                 self.event(&spec.name, Event::Stop);
             }

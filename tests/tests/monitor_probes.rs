@@ -105,3 +105,85 @@ depends_on = ["db"]
     assert_eq!(m.proc.wait_exit(T), Some(0));
     assert_eq!(std::fs::read_to_string(&order).unwrap(), "web\ndb\n");
 }
+
+#[test]
+fn stop_and_restart_of_several_programs_stop_dependents_first_and_start_in_dependency_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().display();
+    // Each program writes `+name` once its TERM trap is set, then a marker its readiness probe reads, and
+    // `-name` when stopped; web's stop lasts until the test creates `release`.
+    let program = |name: &str, on_term: &str, deps: &str| {
+        format!(
+            r#"
+[programs.{name}]
+command = "/bin/sh -c 'trap \"{on_term}rm -f {d}/{name}.ready; echo -{name} >> {d}/order; exit 0\" TERM; echo +{name} >> {d}/order; touch {d}/{name}.ready; while :; do sleep 0.05; done'"
+startsecs = 0
+stopwaitsecs = 30
+depends_on = [{deps}]
+[programs.{name}.readiness]
+command = "test -e {d}/{name}.ready"
+period_ms = 50
+"#
+        )
+    };
+    let m = Mon::start(&format!(
+        "{}{}{}",
+        program("db", "", ""),
+        program("app", "", "\"db\""),
+        program(
+            "web",
+            &format!("while [ ! -e {d}/release ]; do sleep 0.05; done; "),
+            "\"app\""
+        ),
+    ));
+    let order = dir.path().join("order");
+    let read_order = || std::fs::read_to_string(&order).unwrap_or_default();
+    let ready = |name: &str| (m.prog(name)["ready"] == true).then_some(());
+    eventually(T, "web ready", || ready("web"));
+    assert_eq!(read_order(), "+db\n+app\n+web\n");
+
+    // `stop all`: web gets its signal; app and db keep running, shown as stopping after their dependents.
+    let o = m.ctl(&["--no-wait", "stop", "all"]);
+    assert_says(
+        &o,
+        0,
+        "app: stopping after web\ndb: stopping after app\nweb: stopping",
+    );
+    for (name, after) in [("app", "web"), ("db", "app")] {
+        let p = m.prog(name);
+        assert_eq!(
+            (&p["state"], &p["waiting_for"][0]),
+            (&"STOPPING".into(), &after.into()),
+            "{p}"
+        );
+        assert!(alive(p["pid"].as_i64().unwrap() as i32), "{p}");
+    }
+    let o = m.ctl(&["status", "app"]);
+    assert!(
+        out(&o).contains("STOPPING") && out(&o).contains("waiting for web"),
+        "{}",
+        out(&o)
+    );
+    assert_eq!(read_order(), "+db\n+app\n+web\n");
+    // The last command wins: a start of db cancels its held stop.
+    let db = m.pid("db").unwrap();
+    assert_says(&m.ctl(&["--no-wait", "start", "db"]), 0, "db: stop cancelled");
+    assert_eq!(m.state("db"), "RUNNING");
+
+    std::fs::write(dir.path().join("release"), "").unwrap();
+    m.wait_state("app", "STOPPED", T);
+    assert_eq!((m.state("db"), m.pid("db")), ("RUNNING".to_string(), Some(db)));
+    assert_says(&m.ctl(&["stop", "all"]), 0, "db: stopped");
+    assert_eq!(read_order(), "+db\n+app\n+web\n-web\n-app\n-db\n");
+
+    // `start all` and `restart all`: dependents stop first, and each starts once what it depends on is ready
+    // (answers come in config order, which is by name).
+    let started = "app: started\ndb: started\nweb: started";
+    assert_says(&m.ctl(&["start", "all"]), 0, started);
+    std::fs::write(&order, "").unwrap();
+    assert_says(&m.ctl(&["restart", "all"]), 0, started);
+    assert_eq!(read_order(), "-web\n-app\n-db\n+db\n+app\n+web\n");
+    for name in ["db", "app", "web"] {
+        assert_eq!(m.prog(name)["restarts"], 1, "{}", m.prog(name));
+    }
+}
