@@ -27,6 +27,18 @@ pub struct Check {
     pub sample: Vec<String>,
 }
 
+impl Check {
+    /// The outcome of check `name` whose query returned the keys in `bad`.
+    pub fn of(name: &str, bad: Vec<String>) -> Self {
+        Check {
+            name: name.into(),
+            ok: bad.is_empty(),
+            violations: bad.len() as u64,
+            sample: bad.into_iter().take(5).collect(),
+        }
+    }
+}
+
 /// Totals that describe the end state (the benchmark compares them across levels).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
 pub struct Totals {

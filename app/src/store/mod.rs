@@ -5,6 +5,7 @@
 //! Every write method is one transaction: a method returns only after its commit is durable.
 
 // PostgreSQL backend (issue 8).
+mod order_rules;
 pub mod postgres;
 mod postgres_audit;
 mod postgres_money;

@@ -5,11 +5,10 @@
 
 use super::postgres::Tx;
 use super::postgres_orders::{load_order, lock_order, move_stock, transition};
-use super::sqlite_money::wallet;
 use super::{OrderView, PaymentCallback, Settlement, StoreError};
 use crate::domain::{Cents, OrderStatus, Reject, Transition, now_ms};
 
-type Res<T> = Result<Result<T, Reject>, StoreError>;
+use super::order_rules::{self, Res};
 
 /// Posts one ledger transaction; `(kind, reference)` is unique, so a replay cannot post twice.
 fn post(t: &mut Tx<'_>, kind: &str, reference: &str, entries: &[(String, Cents)]) -> Result<(), StoreError> {
@@ -76,29 +75,13 @@ pub fn pay(t: &mut Tx<'_>, id: &str, via: Option<&PaymentCallback>, inline_weak:
         Ok(o) => o,
         Err(r) => return Ok(Err(r)),
     };
-    if matches!(
-        OrderStatus::parse(&o.status),
-        Some(OrderStatus::Paid | OrderStatus::Fulfilled)
-    ) && via.is_none()
-    {
-        // Paying a paid order again is a replay: same answer, no second debit.
-        return Ok(Ok(o));
-    }
-    if let Some(cb) = via
-        && cb.amount_cents != o.total_cents
-    {
-        return Ok(Err(Reject::AmountMismatch {
-            given: cb.amount_cents,
-            total: o.total_cents,
-        }));
+    if let Some(answer) = order_rules::before_pay(&o, via) {
+        return Ok(answer);
     }
     if let Err(r) = transition(t, id, Transition::Pay)? {
         return Ok(Err(r));
     }
-    let (payer, method) = match via {
-        None => (wallet(&o.user), "wallet"),
-        Some(_) => ("psp".to_string(), "psp"),
-    };
+    let (payer, method) = order_rules::payer(&o, via);
     if via.is_none() {
         let have: Cents = t
             .opt(
@@ -107,12 +90,8 @@ pub fn pay(t: &mut Tx<'_>, id: &str, via: Option<&PaymentCallback>, inline_weak:
             )?
             .map(|r| r.get(0))
             .unwrap_or(0);
-        if have < o.total_cents {
-            return Ok(Err(Reject::InsufficientFunds {
-                account: payer,
-                balance: have,
-                needed: o.total_cents,
-            }));
+        if let Some(r) = order_rules::short_of_funds(&payer, have, o.total_cents) {
+            return Ok(Err(r));
         }
     }
     let mut entries = vec![(payer, -o.total_cents)];
@@ -133,10 +112,8 @@ pub fn callback(t: &mut Tx<'_>, cb: &PaymentCallback, inline_weak: bool) -> Res<
     )?;
     if let Some(r) = prior {
         let (order_id, status, amount): (String, String, Cents) = (r.get(0), r.get(1), r.get(2));
-        if order_id != cb.order_id || status != cb.status || amount != cb.amount_cents {
-            return Ok(Err(Reject::IdempotencyConflict {
-                key: cb.payment_id.clone(),
-            }));
+        if let Some(r) = order_rules::payment_conflict(cb, &order_id, &status, amount) {
+            return Ok(Err(r));
         }
         return order(t, &cb.order_id);
     }
@@ -163,12 +140,7 @@ pub fn refund(t: &mut Tx<'_>, id: &str, inline_weak: bool) -> Res<OrderView> {
     if let Err(r) = transition(t, id, Transition::Refund)? {
         return Ok(Err(r));
     }
-    let payer = match o.paid_via.as_deref() {
-        Some("wallet") => wallet(&o.user),
-        _ => "psp".to_string(),
-    };
-    let mut entries: Vec<(String, Cents)> = shop_shares(t, id)?.into_iter().map(|(a, v)| (a, -v)).collect();
-    entries.push((payer, o.total_cents));
+    let entries = order_rules::refund_entries(&o, shop_shares(t, id)?);
     post(t, "refund", id, &entries)?;
     // Refunded goods come back into stock.
     move_stock(t, id, "sold", "available")?;
@@ -177,9 +149,7 @@ pub fn refund(t: &mut Tx<'_>, id: &str, inline_weak: bool) -> Res<OrderView> {
 }
 
 pub fn credit(t: &mut Tx<'_>, users: &[String], amount: Cents) -> Result<(), StoreError> {
-    let mut entries: Vec<(String, Cents)> = users.iter().map(|u| (wallet(u), amount)).collect();
-    entries.push(("mint".into(), -amount * users.len() as Cents));
-    let reference = format!("c{:x}{:016x}", now_ms(), rand::random::<u64>());
+    let (entries, reference) = order_rules::credit_entries(users, amount);
     post(t, "credit", &reference, &entries)
 }
 
@@ -194,16 +164,11 @@ pub fn settle(t: &mut Tx<'_>) -> Result<Vec<Settlement>, StoreError> {
         .iter()
         .map(|r| (r.get(0), r.get(1)))
         .collect();
-    let batch = format!("b{:x}{:08x}", now_ms(), rand::random::<u32>());
+    let batch = order_rules::settlement_batch();
     let mut out = Vec::new();
     for (account, amount) in owed {
-        let shop_id: i64 = account.trim_start_matches("shop:").parse().unwrap_or(0);
-        post(
-            t,
-            "settle",
-            &format!("{batch}:{shop_id}"),
-            &[(account, -amount), (format!("payout:{shop_id}"), amount)],
-        )?;
+        let (shop_id, reference, entries) = order_rules::settlement(&batch, account, amount);
+        post(t, "settle", &reference, &entries)?;
         t.exec(
             "INSERT INTO settlements(batch, shop_id, amount_cents, created_ms) VALUES ($1, $2, $3, $4)",
             &[&batch, &shop_id, &amount, &now_ms()],

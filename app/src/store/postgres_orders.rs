@@ -9,7 +9,7 @@ use super::postgres::Tx;
 use super::{Created, LineView, OrderView, Product, Sku, StockUpdate, StoreError};
 use crate::domain::{NewOrder, OrderKind, OrderStatus, Reject, Transition, now_ms};
 
-type Res<T> = Result<Result<T, Reject>, StoreError>;
+use super::order_rules::{self, Res};
 
 const SKU_COLUMNS: &str = "SELECT s.sku, s.price_cents, s.available, s.reserved, s.sold,
         COALESCE((SELECT SUM(b.available) FROM sku_buckets b WHERE b.sku = s.sku), 0)::BIGINT FROM skus s";
@@ -129,13 +129,7 @@ fn create_one(t: &mut Tx<'_>, o: &NewOrder, inline_weak: bool) -> Res<Created> {
             &[key],
         )?;
         if let Some(r) = prior {
-            let (fp, answer): (String, String) = (r.get(0), r.get(1));
-            if fp != o.fingerprint {
-                return Ok(Err(Reject::IdempotencyConflict { key: key.clone() }));
-            }
-            let order: OrderView = serde_json::from_str(&answer)
-                .map_err(|e| StoreError::Internal(format!("stored answer of key {key:?} is corrupt: {e}")))?;
-            return Ok(Ok(Created { order, replay: true }));
+            return order_rules::replay(key, o, r.get(0), r.get(1));
         }
     }
     if o.kind == OrderKind::Seckill {
@@ -149,12 +143,8 @@ fn create_one(t: &mut Tx<'_>, o: &NewOrder, inline_weak: bool) -> Res<Created> {
                     &[&o.user, &l.sku],
                 )?
                 .get(0);
-            if bought + i64::from(l.qty) > i64::from(o.per_user_limit) {
-                return Ok(Err(Reject::LimitExceeded {
-                    user: o.user.clone(),
-                    sku: l.sku.clone(),
-                    limit: o.per_user_limit,
-                }));
+            if let Some(r) = order_rules::over_limit(o, l, bought) {
+                return Ok(Err(r));
             }
         }
     }
@@ -185,20 +175,7 @@ fn create_one(t: &mut Tx<'_>, o: &NewOrder, inline_weak: bool) -> Res<Created> {
             price_cents: price,
         });
     }
-    let mut sorted = views.clone();
-    sorted.sort_by(|a, b| a.sku.cmp(&b.sku));
-    let view = OrderView {
-        id: o.id.clone(),
-        user: o.user.clone(),
-        kind: o.kind.as_str().into(),
-        status: OrderStatus::Reserved.as_str().into(),
-        total_cents: total,
-        lines: sorted,
-        created_ms: o.created_ms,
-        expires_ms: o.expires_ms,
-        paid_via: None,
-    };
-    let answer = serde_json::to_string(&view).map_err(|e| StoreError::Internal(e.to_string()))?;
+    let (view, answer) = order_rules::reserved(o, &views, total)?;
     t.exec(
         r#"INSERT INTO orders(id, idem_key, fingerprint, "user", kind, status, total_cents, created_ms, expires_ms,
                             paid_via, updated_ms, answer)
@@ -263,35 +240,16 @@ fn reserve_stock(
     let available: i64 = t
         .one("SELECT available FROM skus WHERE sku = $1", &[&sku])?
         .get(0);
-    Ok(Err(if kind == OrderKind::Seckill || available == 0 {
-        Reject::SoldOut { sku: sku.into() }
-    } else {
-        Reject::OutOfStock {
-            sku: sku.into(),
-            available,
-            wanted: qty,
-        }
-    }))
+    Ok(Err(order_rules::short_of_stock(kind, sku, available, qty)))
 }
 
 /// Moves an order along `t` under its row lock; returns the state it left.
 pub fn transition(t: &mut Tx<'_>, id: &str, tr: Transition) -> Res<(OrderStatus, OrderStatus)> {
     let status = t.opt("SELECT status FROM orders WHERE id = $1 FOR UPDATE", &[&id])?;
-    let Some(status) = status else {
-        return Ok(Err(Reject::NotFound {
-            what: "order",
-            id: id.into(),
-        }));
-    };
-    let status: String = status.get(0);
-    let from = OrderStatus::parse(&status)
-        .ok_or_else(|| StoreError::Internal(format!("order {id} has unknown status {status:?}")))?;
-    let Some(to) = from.apply(tr) else {
-        return Ok(Err(Reject::BadTransition {
-            id: id.into(),
-            from: from.as_str(),
-            action: tr.as_str(),
-        }));
+    let status: Option<String> = status.map(|r| r.get(0));
+    let (from, to) = match order_rules::next_status(id, status.as_deref(), tr)? {
+        Ok(step) => step,
+        Err(r) => return Ok(Err(r)),
     };
     let n = t.exec(
         "UPDATE orders SET status = $3, updated_ms = $4 WHERE id = $1 AND status = $2",

@@ -90,7 +90,7 @@ impl From<rusqlite::Error> for StoreError {
 
 /// The wallet account name of a user.
 pub fn wallet_account(user: &str) -> String {
-    super::sqlite_money::wallet(user)
+    super::order_rules::wallet(user)
 }
 
 impl SqliteStore {

@@ -6,7 +6,8 @@ use rusqlite::Transaction;
 use super::StoreError;
 use crate::audit::{AuditReport, Check, Totals};
 
-const CHECKS: &[(&str, &str)] = &[
+/// Each check's name and query, for both stores (PostgreSQL runs them unchanged).
+pub(super) const CHECKS: &[(&str, &str)] = &[
     ("no_oversell", "SELECT sku FROM skus WHERE available < 0 OR reserved < 0 OR sold < 0
         UNION ALL SELECT sku || '#' || bucket FROM sku_buckets WHERE available < 0"),
     ("stock_conserved", "SELECT s.sku FROM skus s WHERE s.received != s.available + s.reserved + s.sold
@@ -48,12 +49,7 @@ pub fn audit(tx: &Transaction<'_>) -> Result<AuditReport, StoreError> {
             .prepare_cached(sql)?
             .query_map([], |r| r.get::<_, String>(0))?
             .collect::<Result<_, _>>()?;
-        checks.push(Check {
-            name: (*name).into(),
-            ok: bad.is_empty(),
-            violations: bad.len() as u64,
-            sample: bad.into_iter().take(5).collect(),
-        });
+        checks.push(Check::of(name, bad));
     }
     let count = |sql: &str| -> Result<i64, StoreError> { Ok(tx.query_row(sql, [], |r| r.get::<_, i64>(0))?) };
     let status = |s: &str| -> Result<u64, StoreError> {

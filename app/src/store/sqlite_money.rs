@@ -11,12 +11,7 @@ use super::sqlite_orders::{load_order, move_stock, transition};
 use super::{OrderView, PaymentCallback, Settlement, StoreError};
 use crate::domain::{Cents, OrderStatus, Reject, Transition, now_ms};
 
-type Res<T> = Result<Result<T, Reject>, StoreError>;
-
-/// The wallet account of a user.
-pub fn wallet(user: &str) -> String {
-    format!("user:{user}")
-}
+use super::order_rules::{self, Res};
 
 /// Posts one ledger transaction; `(kind, reference)` is unique, so a replay cannot post twice.
 fn post(
@@ -81,37 +76,17 @@ pub fn pay(
         Ok(o) => o,
         Err(r) => return Ok(Err(r)),
     };
-    if matches!(
-        OrderStatus::parse(&o.status),
-        Some(OrderStatus::Paid | OrderStatus::Fulfilled)
-    ) && via.is_none()
-    {
-        // Paying a paid order again is a replay: same answer, no second debit.
-        return Ok(Ok(o));
-    }
-    if let Some(cb) = via
-        && cb.amount_cents != o.total_cents
-    {
-        return Ok(Err(Reject::AmountMismatch {
-            given: cb.amount_cents,
-            total: o.total_cents,
-        }));
+    if let Some(answer) = order_rules::before_pay(&o, via) {
+        return Ok(answer);
     }
     if let Err(r) = transition(tx, id, Transition::Pay)? {
         return Ok(Err(r));
     }
-    let (payer, method) = match via {
-        None => (wallet(&o.user), "wallet"),
-        Some(_) => ("psp".to_string(), "psp"),
-    };
+    let (payer, method) = order_rules::payer(&o, via);
     if via.is_none() {
         let have = balance(tx, &payer)?;
-        if have < o.total_cents {
-            return Ok(Err(Reject::InsufficientFunds {
-                account: payer,
-                balance: have,
-                needed: o.total_cents,
-            }));
+        if let Some(r) = order_rules::short_of_funds(&payer, have, o.total_cents) {
+            return Ok(Err(r));
         }
     }
     let mut entries = vec![(payer, -o.total_cents)];
@@ -131,10 +106,8 @@ pub fn callback(tx: &Transaction<'_>, cb: &PaymentCallback, inline_weak: bool) -
         .query_row([&cb.payment_id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
         .optional()?;
     if let Some((order_id, status, amount)) = prior {
-        if order_id != cb.order_id || status != cb.status || amount != cb.amount_cents {
-            return Ok(Err(Reject::IdempotencyConflict {
-                key: cb.payment_id.clone(),
-            }));
+        if let Some(r) = order_rules::payment_conflict(cb, &order_id, &status, amount) {
+            return Ok(Err(r));
         }
         return order(tx, &cb.order_id);
     }
@@ -158,12 +131,7 @@ pub fn refund(tx: &Transaction<'_>, id: &str, inline_weak: bool) -> Res<OrderVie
     if let Err(r) = transition(tx, id, Transition::Refund)? {
         return Ok(Err(r));
     }
-    let payer = match o.paid_via.as_deref() {
-        Some("wallet") => wallet(&o.user),
-        _ => "psp".to_string(),
-    };
-    let mut entries: Vec<(String, Cents)> = shop_shares(tx, id)?.into_iter().map(|(a, v)| (a, -v)).collect();
-    entries.push((payer, o.total_cents));
+    let entries = order_rules::refund_entries(&o, shop_shares(tx, id)?);
     post(tx, "refund", id, &entries)?;
     // Refunded goods come back into stock.
     move_stock(tx, id, "sold", "available")?;
@@ -172,9 +140,7 @@ pub fn refund(tx: &Transaction<'_>, id: &str, inline_weak: bool) -> Res<OrderVie
 }
 
 pub fn credit(tx: &Transaction<'_>, users: &[String], amount: Cents) -> Result<(), StoreError> {
-    let mut entries: Vec<(String, Cents)> = users.iter().map(|u| (wallet(u), amount)).collect();
-    entries.push(("mint".into(), -amount * users.len() as Cents));
-    let reference = format!("c{:x}{:016x}", now_ms(), rand::random::<u64>());
+    let (entries, reference) = order_rules::credit_entries(users, amount);
     post(tx, "credit", &reference, &entries)
 }
 
@@ -184,16 +150,11 @@ pub fn settle(tx: &Transaction<'_>) -> Result<Vec<Settlement>, StoreError> {
         .prepare_cached("SELECT account, balance FROM accounts WHERE account LIKE 'shop:%' AND balance > 0 ORDER BY account")?
         .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
         .collect::<Result<_, _>>()?;
-    let batch = format!("b{:x}{:08x}", now_ms(), rand::random::<u32>());
+    let batch = order_rules::settlement_batch();
     let mut out = Vec::new();
     for (account, amount) in owed {
-        let shop_id: i64 = account.trim_start_matches("shop:").parse().unwrap_or(0);
-        post(
-            tx,
-            "settle",
-            &format!("{batch}:{shop_id}"),
-            &[(account, -amount), (format!("payout:{shop_id}"), amount)],
-        )?;
+        let (shop_id, reference, entries) = order_rules::settlement(&batch, account, amount);
+        post(tx, "settle", &reference, &entries)?;
         tx.prepare_cached(
             "INSERT INTO settlements(batch, shop_id, amount_cents, created_ms) VALUES (?1, ?2, ?3, ?4)",
         )?

@@ -6,7 +6,7 @@ use rusqlite::{Connection, OptionalExtension, Transaction, params};
 use super::{Created, LineView, OrderView, Product, Sku, StockUpdate, StoreError};
 use crate::domain::{NewOrder, OrderKind, OrderStatus, Reject, Transition, now_ms};
 
-type Res<T> = Result<Result<T, Reject>, StoreError>;
+use super::order_rules::{self, Res};
 
 pub fn list_products(c: &Connection, after: i64, limit: u32) -> Result<Vec<Product>, StoreError> {
     list_products_from(c, after.saturating_add(1), limit, false)
@@ -126,12 +126,7 @@ fn create_one(tx: &Transaction<'_>, o: &NewOrder, inline_weak: bool) -> Res<Crea
             .query_row([key], |r| Ok((r.get(0)?, r.get(1)?)))
             .optional()?;
         if let Some((fp, answer)) = prior {
-            if fp != o.fingerprint {
-                return Ok(Err(Reject::IdempotencyConflict { key: key.clone() }));
-            }
-            let order: OrderView = serde_json::from_str(&answer)
-                .map_err(|e| StoreError::Internal(format!("stored answer of key {key:?} is corrupt: {e}")))?;
-            return Ok(Ok(Created { order, replay: true }));
+            return order_rules::replay(key, o, &fp, &answer);
         }
     }
     if o.kind == OrderKind::Seckill {
@@ -143,12 +138,8 @@ fn create_one(tx: &Transaction<'_>, o: &NewOrder, inline_weak: bool) -> Res<Crea
                        AND o.status IN ('reserved', 'paid', 'fulfilled')",
                 )?
                 .query_row(params![o.user, l.sku], |r| r.get(0))?;
-            if bought + i64::from(l.qty) > i64::from(o.per_user_limit) {
-                return Ok(Err(Reject::LimitExceeded {
-                    user: o.user.clone(),
-                    sku: l.sku.clone(),
-                    limit: o.per_user_limit,
-                }));
+            if let Some(r) = order_rules::over_limit(o, l, bought) {
+                return Ok(Err(r));
             }
         }
     }
@@ -178,20 +169,7 @@ fn create_one(tx: &Transaction<'_>, o: &NewOrder, inline_weak: bool) -> Res<Crea
             price_cents: price,
         });
     }
-    let mut sorted = views.clone();
-    sorted.sort_by(|a, b| a.sku.cmp(&b.sku));
-    let view = OrderView {
-        id: o.id.clone(),
-        user: o.user.clone(),
-        kind: o.kind.as_str().into(),
-        status: OrderStatus::Reserved.as_str().into(),
-        total_cents: total,
-        lines: sorted,
-        created_ms: o.created_ms,
-        expires_ms: o.expires_ms,
-        paid_via: None,
-    };
-    let answer = serde_json::to_string(&view).map_err(|e| StoreError::Internal(e.to_string()))?;
+    let (view, answer) = order_rules::reserved(o, &views, total)?;
     tx.prepare_cached(
         "INSERT INTO orders(id, idem_key, fingerprint, user, kind, status, total_cents, created_ms, expires_ms,
                             paid_via, updated_ms, answer)
@@ -246,15 +224,7 @@ fn reserve_stock(
     let available: i64 = tx
         .prepare_cached("SELECT available FROM skus WHERE sku = ?1")?
         .query_row([sku], |r| r.get(0))?;
-    Ok(Err(if kind == OrderKind::Seckill || available == 0 {
-        Reject::SoldOut { sku: sku.into() }
-    } else {
-        Reject::OutOfStock {
-            sku: sku.into(),
-            available,
-            wanted: qty,
-        }
-    }))
+    Ok(Err(order_rules::short_of_stock(kind, sku, available, qty)))
 }
 
 /// Moves an order along `t` with a conditional update; returns the state it left.
@@ -263,20 +233,9 @@ pub fn transition(tx: &Transaction<'_>, id: &str, t: Transition) -> Res<(OrderSt
         .prepare_cached("SELECT status FROM orders WHERE id = ?1")?
         .query_row([id], |r| r.get(0))
         .optional()?;
-    let Some(status) = status else {
-        return Ok(Err(Reject::NotFound {
-            what: "order",
-            id: id.into(),
-        }));
-    };
-    let from = OrderStatus::parse(&status)
-        .ok_or_else(|| StoreError::Internal(format!("order {id} has unknown status {status:?}")))?;
-    let Some(to) = from.apply(t) else {
-        return Ok(Err(Reject::BadTransition {
-            id: id.into(),
-            from: from.as_str(),
-            action: t.as_str(),
-        }));
+    let (from, to) = match order_rules::next_status(id, status.as_deref(), t)? {
+        Ok(step) => step,
+        Err(r) => return Ok(Err(r)),
     };
     let n = tx
         .prepare_cached("UPDATE orders SET status = ?3, updated_ms = ?4 WHERE id = ?1 AND status = ?2")?

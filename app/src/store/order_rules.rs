@@ -1,0 +1,281 @@
+//! The order rules both SQL stores apply alike: what an idempotent replay answers, when a flash-sale limit or
+//! short stock refuses an order, what a reserved order's answer holds, which status a transition leads to, and
+//! what a payment checks first. Each store keeps only its SQL and its locking around them.
+
+use super::{Created, LineView, OrderView, PaymentCallback, StoreError};
+use crate::domain::{Cents, NewOrder, OrderKind, OrderLineReq, OrderStatus, Reject, Transition, now_ms};
+
+pub(super) type Res<T> = Result<Result<T, Reject>, StoreError>;
+
+/// The wallet account of a user.
+pub(super) fn wallet(user: &str) -> String {
+    format!("user:{user}")
+}
+
+/// The answer to `o` when an earlier order with its idempotency key `key` stored `answer` for a request with
+/// fingerprint `fingerprint`: that same answer again, or a conflict when the two requests differ.
+pub(super) fn replay(key: &str, o: &NewOrder, fingerprint: &str, answer: &str) -> Res<Created> {
+    if fingerprint != o.fingerprint {
+        return Ok(Err(Reject::IdempotencyConflict { key: key.into() }));
+    }
+    let order: OrderView = serde_json::from_str(answer)
+        .map_err(|e| StoreError::Internal(format!("stored answer of key {key:?} is corrupt: {e}")))?;
+    Ok(Ok(Created { order, replay: true }))
+}
+
+/// The refusal of flash-sale line `l` of `o` when its user, who holds `bought` units of it already, would
+/// pass the per-user limit.
+pub(super) fn over_limit(o: &NewOrder, l: &OrderLineReq, bought: i64) -> Option<Reject> {
+    (bought + i64::from(l.qty) > i64::from(o.per_user_limit)).then(|| Reject::LimitExceeded {
+        user: o.user.clone(),
+        sku: l.sku.clone(),
+        limit: o.per_user_limit,
+    })
+}
+
+/// The refusal of `wanted` units of `sku` when the conditional decrement found only `available`: a flash sale
+/// or an empty shelf is sold out; otherwise the buyer learns how many are left.
+pub(super) fn short_of_stock(kind: OrderKind, sku: &str, available: i64, wanted: i64) -> Reject {
+    if kind == OrderKind::Seckill || available == 0 {
+        Reject::SoldOut { sku: sku.into() }
+    } else {
+        Reject::OutOfStock {
+            sku: sku.into(),
+            available,
+            wanted,
+        }
+    }
+}
+
+/// The order `o` becomes once its stock is reserved (lines by SKU), and that view as JSON: the answer an
+/// idempotent replay gives.
+pub(super) fn reserved(
+    o: &NewOrder,
+    lines: &[LineView],
+    total_cents: i64,
+) -> Result<(OrderView, String), StoreError> {
+    let mut sorted = lines.to_vec();
+    sorted.sort_by(|a, b| a.sku.cmp(&b.sku));
+    let view = OrderView {
+        id: o.id.clone(),
+        user: o.user.clone(),
+        kind: o.kind.as_str().into(),
+        status: OrderStatus::Reserved.as_str().into(),
+        total_cents,
+        lines: sorted,
+        created_ms: o.created_ms,
+        expires_ms: o.expires_ms,
+        paid_via: None,
+    };
+    let answer = serde_json::to_string(&view).map_err(|e| StoreError::Internal(e.to_string()))?;
+    Ok((view, answer))
+}
+
+/// Where `tr` takes order `id`, whose stored status is `status` (`None`: no such order): the status it leaves
+/// and the one it enters, or why it may not.
+pub(super) fn next_status(id: &str, status: Option<&str>, tr: Transition) -> Res<(OrderStatus, OrderStatus)> {
+    let Some(status) = status else {
+        return Ok(Err(Reject::NotFound {
+            what: "order",
+            id: id.into(),
+        }));
+    };
+    let from = OrderStatus::parse(status)
+        .ok_or_else(|| StoreError::Internal(format!("order {id} has unknown status {status:?}")))?;
+    Ok(match from.apply(tr) {
+        Some(to) => Ok((from, to)),
+        None => Err(Reject::BadTransition {
+            id: id.into(),
+            from: from.as_str(),
+            action: tr.as_str(),
+        }),
+    })
+}
+
+/// What paying `o` answers before anything moves (from the wallet when `via` is `None`, else by the
+/// provider's callback): paying a paid order from the wallet again is a replay (its view again, no second
+/// debit), and a callback for another amount is refused. `None`: go on.
+pub(super) fn before_pay(o: &OrderView, via: Option<&PaymentCallback>) -> Option<Result<OrderView, Reject>> {
+    let paid = matches!(
+        OrderStatus::parse(&o.status),
+        Some(OrderStatus::Paid | OrderStatus::Fulfilled)
+    );
+    match via {
+        None if paid => Some(Ok(o.clone())),
+        Some(cb) if cb.amount_cents != o.total_cents => Some(Err(Reject::AmountMismatch {
+            given: cb.amount_cents,
+            total: o.total_cents,
+        })),
+        _ => None,
+    }
+}
+
+/// The account that pays `o` and how the order records it (`paid_via`).
+pub(super) fn payer(o: &OrderView, via: Option<&PaymentCallback>) -> (String, &'static str) {
+    match via {
+        None => (wallet(&o.user), "wallet"),
+        Some(_) => ("psp".to_string(), "psp"),
+    }
+}
+
+/// The refusal of a wallet payment of `needed` when `account` holds only `balance`.
+pub(super) fn short_of_funds(account: &str, balance: Cents, needed: Cents) -> Option<Reject> {
+    (balance < needed).then(|| Reject::InsufficientFunds {
+        account: account.into(),
+        balance,
+        needed,
+    })
+}
+
+/// The refusal of provider callback `cb` when an earlier one with its `payment_id` recorded another order,
+/// status or amount; `None` when it is the same callback again (a replay).
+pub(super) fn payment_conflict(
+    cb: &PaymentCallback,
+    order_id: &str,
+    status: &str,
+    amount: Cents,
+) -> Option<Reject> {
+    (order_id != cb.order_id || status != cb.status || amount != cb.amount_cents).then(|| {
+        Reject::IdempotencyConflict {
+            key: cb.payment_id.clone(),
+        }
+    })
+}
+
+/// The ledger entries of refunding `o`, whose merchants received `shares`: each share goes back to whoever paid.
+pub(super) fn refund_entries(o: &OrderView, shares: Vec<(String, Cents)>) -> Vec<(String, Cents)> {
+    let payer = match o.paid_via.as_deref() {
+        Some("wallet") => wallet(&o.user),
+        _ => "psp".to_string(),
+    };
+    let mut entries: Vec<(String, Cents)> = shares.into_iter().map(|(a, v)| (a, -v)).collect();
+    entries.push((payer, o.total_cents));
+    entries
+}
+
+/// The ledger entries and a fresh reference for minting `amount` into each of `users`' wallets.
+pub(super) fn credit_entries(users: &[String], amount: Cents) -> (Vec<(String, Cents)>, String) {
+    let mut entries: Vec<(String, Cents)> = users.iter().map(|u| (wallet(u), amount)).collect();
+    entries.push(("mint".into(), -amount * users.len() as Cents));
+    (entries, format!("c{:x}{:016x}", now_ms(), rand::random::<u64>()))
+}
+
+/// A fresh reference for one settlement run.
+pub(super) fn settlement_batch() -> String {
+    format!("b{:x}{:08x}", now_ms(), rand::random::<u32>())
+}
+
+/// Settling `amount` owed on merchant `account` (`shop:<id>`) in run `batch`: the shop's id, the ledger
+/// reference and the entries that move the amount to the shop's payout account.
+pub(super) fn settlement(batch: &str, account: String, amount: Cents) -> (i64, String, [(String, Cents); 2]) {
+    let shop_id: i64 = account.trim_start_matches("shop:").parse().unwrap_or(0);
+    (
+        shop_id,
+        format!("{batch}:{shop_id}"),
+        [(account, -amount), (format!("payout:{shop_id}"), amount)],
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn order(status: &str, paid_via: Option<&str>) -> OrderView {
+        OrderView {
+            id: "o1".into(),
+            user: "ann".into(),
+            kind: "regular".into(),
+            status: status.into(),
+            total_cents: 500,
+            lines: Vec::new(),
+            created_ms: 0,
+            expires_ms: 0,
+            paid_via: paid_via.map(str::to_string),
+        }
+    }
+
+    fn callback(amount_cents: Cents) -> PaymentCallback {
+        PaymentCallback {
+            payment_id: "p1".into(),
+            order_id: "o1".into(),
+            amount_cents,
+            status: "succeeded".into(),
+        }
+    }
+
+    #[test]
+    fn short_stock_is_sold_out_for_a_flash_sale_or_an_empty_shelf_and_says_what_is_left_otherwise() {
+        assert!(matches!(
+            short_of_stock(OrderKind::Seckill, "s", 3, 5),
+            Reject::SoldOut { .. }
+        ));
+        assert!(matches!(
+            short_of_stock(OrderKind::Regular, "s", 0, 5),
+            Reject::SoldOut { .. }
+        ));
+        assert!(matches!(
+            short_of_stock(OrderKind::Regular, "s", 3, 5),
+            Reject::OutOfStock {
+                available: 3,
+                wanted: 5,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn a_wallet_payment_of_a_paid_order_is_a_replay_and_a_callback_must_match_the_total() {
+        assert_eq!(
+            before_pay(&order("paid", Some("wallet")), None),
+            Some(Ok(order("paid", Some("wallet"))))
+        );
+        assert_eq!(before_pay(&order("reserved", None), None), None);
+        assert_eq!(before_pay(&order("reserved", None), Some(&callback(500))), None);
+        assert!(matches!(
+            before_pay(&order("reserved", None), Some(&callback(499))),
+            Some(Err(Reject::AmountMismatch {
+                given: 499,
+                total: 500
+            }))
+        ));
+        assert!(payment_conflict(&callback(500), "o1", "succeeded", 500).is_none());
+        assert!(payment_conflict(&callback(500), "o1", "failed", 500).is_some());
+    }
+
+    #[test]
+    fn ledger_entries_balance() {
+        let shares = vec![("shop:1".to_string(), 300), ("shop:2".to_string(), 200)];
+        for paid_via in [Some("wallet"), Some("psp")] {
+            let entries = refund_entries(&order("paid", paid_via), shares.clone());
+            assert_eq!(entries.iter().map(|e| e.1).sum::<Cents>(), 0, "{entries:?}");
+        }
+        let (entries, _) = credit_entries(&["ann".into(), "bob".into()], 700);
+        assert_eq!(entries.iter().map(|e| e.1).sum::<Cents>(), 0, "{entries:?}");
+        let (shop, reference, entries) = settlement("b1", "shop:7".into(), 900);
+        assert_eq!((shop, reference.as_str()), (7, "b1:7"));
+        assert_eq!(entries[1], ("payout:7".to_string(), 900));
+        assert_eq!(entries.iter().map(|e| e.1).sum::<Cents>(), 0);
+    }
+
+    #[test]
+    fn a_transition_names_the_missing_order_and_the_refused_step() {
+        assert!(matches!(
+            next_status("o1", None, Transition::Pay).unwrap(),
+            Err(Reject::NotFound { what: "order", .. })
+        ));
+        assert_eq!(
+            next_status("o1", Some("reserved"), Transition::Pay).unwrap(),
+            Ok((OrderStatus::Reserved, OrderStatus::Paid))
+        );
+        assert!(matches!(
+            next_status("o1", Some("cancelled"), Transition::Pay).unwrap(),
+            Err(Reject::BadTransition {
+                from: "cancelled",
+                ..
+            })
+        ));
+        assert!(next_status("o1", Some("lost"), Transition::Pay).is_err());
+    }
+}
