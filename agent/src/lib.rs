@@ -24,11 +24,8 @@ use xcluster_runtime::http::{Handler, error, json};
 /// Why the agent stopped with an error.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("cannot listen on {addr}: {source}")]
-    Listen {
-        addr: std::net::SocketAddr,
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Listen(#[from] xcluster_runtime::admin::ListenError),
 }
 
 /// Runs the agent until drained.
@@ -49,11 +46,7 @@ pub async fn run(ctx: Context<Config>) -> Result<(), Error> {
         limits,
         &ctx.shutdown,
     )
-    .await
-    .map_err(|source| Error::Listen {
-        addr: cfg.listen,
-        source,
-    })?;
+    .await?;
     ctx.health.set_ready();
     tracing::info!(agent = %cfg.agent_id, balancers = cfg.balancers.len(), instances = cfg.instances.len(), "reporting");
     drain.cancelled().await;

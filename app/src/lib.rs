@@ -57,11 +57,8 @@ use crate::degrade::{Signals, Thresholds};
 /// Why the app stopped with an error.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("cannot listen on {addr}: {source}")]
-    Listen {
-        addr: std::net::SocketAddr,
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Listen(#[from] xcluster_runtime::admin::ListenError),
     #[error("cannot open the store at {path}: {source}")]
     Store { path: String, source: store::StoreError },
 }
@@ -134,11 +131,7 @@ pub async fn run(ctx: Context<Config>) -> Result<(), Error> {
         limits,
         &ctx.shutdown,
     )
-    .await
-    .map_err(|source| Error::Listen {
-        addr: cfg.listen,
-        source,
-    })?;
+    .await?;
     ctx.health.set_ready();
     tracing::info!(instance = %cfg.instance, db = %cfg.db_path.display(), "xbuy serving");
     drain.cancelled().await;

@@ -18,11 +18,8 @@ use xcluster_runtime::Context;
 /// Why the lb stopped with an error.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("cannot listen on {addr}: {source}")]
-    Listen {
-        addr: std::net::SocketAddr,
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Listen(#[from] xcluster_runtime::admin::ListenError),
     /// The L4 proxy could not start (issue 5).
     #[error(transparent)]
     Proxy(#[from] proxy::Error),
@@ -47,11 +44,7 @@ pub async fn run(ctx: Context<Config>) -> Result<(), Error> {
         limits,
         &ctx.shutdown,
     )
-    .await
-    .map_err(|source| Error::Listen {
-        addr: cfg.listen,
-        source,
-    })?;
+    .await?;
     // L4 proxy (issue 5): follows `ctx.config` reloads; drains with the process.
     let picker = std::sync::Arc::new(live_picker::LivePicker::new(&cfg.proxy, dir.clone()));
     let proxy = proxy::start(ctx.config.clone(), picker, &drain, ctx.shutdown.stop_token())?;

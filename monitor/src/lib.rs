@@ -33,11 +33,8 @@ const API_FLUSH: std::time::Duration = std::time::Duration::from_secs(2);
 /// Why the monitor stopped with an error.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("cannot listen on {addr}: {source}")]
-    Listen {
-        addr: std::net::SocketAddr,
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Listen(#[from] xcluster_runtime::admin::ListenError),
     #[error(transparent)]
     RunDir(#[from] statefile::RunDirError),
 }
@@ -110,11 +107,7 @@ pub async fn run(ctx: Context<Config>) -> Result<(), Error> {
         limits,
         api_stop.clone(),
     )
-    .await
-    .map_err(|source| Error::Listen {
-        addr: cfg.listen,
-        source,
-    })?;
+    .await?;
     info!(dashboard = %format!("http://{local}/"), "monitor ready");
     tokio::spawn(watch_reloads(ctx.reloader.clone(), bus.clone(), drain.clone()));
 

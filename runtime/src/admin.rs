@@ -55,6 +55,14 @@ pub fn not_found() -> Handler {
     })
 }
 
+/// A role's API could not bind its address.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot listen on {addr}: {source}")]
+pub struct ListenError {
+    pub addr: std::net::SocketAddr,
+    pub source: std::io::Error,
+}
+
 /// Binds `addr` and serves `handler` behind the admin endpoints until `shutdown` drains, then lets the
 /// clients queued on the port and the requests in flight finish within `limits.grace`. The server runs as a
 /// task of `shutdown` ([`Shutdown::spawn`]), so the process does not end before it does. The role marks itself
@@ -65,7 +73,7 @@ pub async fn serve_api(
     handler: Handler,
     limits: crate::http::ServerLimits,
     shutdown: &Shutdown,
-) -> std::io::Result<std::net::SocketAddr> {
+) -> Result<std::net::SocketAddr, ListenError> {
     let (local, server) = bind_api(addr, health, handler, limits, shutdown.drain_token())?;
     shutdown.spawn(server);
     Ok(local)
@@ -80,7 +88,7 @@ pub async fn spawn_api(
     handler: Handler,
     limits: crate::http::ServerLimits,
     drain: tokio_util::sync::CancellationToken,
-) -> std::io::Result<(std::net::SocketAddr, tokio::task::JoinHandle<()>)> {
+) -> Result<(std::net::SocketAddr, tokio::task::JoinHandle<()>), ListenError> {
     let (local, server) = bind_api(addr, health, handler, limits, drain)?;
     Ok((local, tokio::spawn(server)))
 }
@@ -92,12 +100,16 @@ fn bind_api(
     handler: Handler,
     limits: crate::http::ServerLimits,
     drain: tokio_util::sync::CancellationToken,
-) -> std::io::Result<(
-    std::net::SocketAddr,
-    impl std::future::Future<Output = ()> + use<>,
-)> {
-    let listener = crate::net::bind(&crate::net::ListenOptions::new(addr))?;
-    let local = listener.local_addr()?;
+) -> Result<
+    (
+        std::net::SocketAddr,
+        impl std::future::Future<Output = ()> + use<>,
+    ),
+    ListenError,
+> {
+    let failed = |source| ListenError { addr, source };
+    let listener = crate::net::bind(&crate::net::ListenOptions::new(addr)).map_err(failed)?;
+    let local = listener.local_addr().map_err(failed)?;
     tracing::info!(%local, "listening");
     let handler = wrap(health, handler);
     Ok((local, crate::http::serve(listener, handler, limits, drain)))
