@@ -682,6 +682,54 @@ fn least_connections_levels_long_lived_connections(rt: &'static str) {
     drop((kept, later));
 }
 
+/// A backend at its `max_connections` is passed over for another; a client that finds every backend full is
+/// closed at once and counted; a reload that raises a limit lets the next one in.
+fn a_backend_at_max_connections_is_passed_over(rt: &'static str) {
+    let (a, b) = (named(b"a"), named(b"b"));
+    let front = free_addr();
+    let proxy = |max_a: u32| {
+        format!(
+            "{}[[proxy.backends]]\naddr = \"{a}\"\nmax_connections = {max_a}\n\
+             [[proxy.backends]]\naddr = \"{b}\"\nmax_connections = 2\n",
+            listener("web", front)
+        )
+    };
+    let lb = start_lb(rt, 1000, &proxy(1));
+    let conns: Vec<(u8, TcpStream)> = (0..3)
+        .map(|_| {
+            let mut s = connect(front);
+            (ask_name(&mut s), s)
+        })
+        .collect();
+    let mut names: Vec<u8> = conns.iter().map(|(n, _)| *n).collect();
+    names.sort_unstable();
+    assert_eq!(names, b"abb", "one connection on a, two on b");
+    let mut full = connect(front);
+    assert_closed(&mut full);
+    let m = eventually(T, "the refused client to be counted", || {
+        let m = lb.metrics();
+        let failed = metric_value(
+            &m,
+            "xcluster_lb_proxy_connections_failed_total",
+            "listener=\"web\"",
+        );
+        (failed == Some(1.0)).then_some(m)
+    });
+    let passed = |backend: SocketAddr| {
+        metric_value(
+            &m,
+            "xcluster_lb_proxy_backend_full_total",
+            &format!("backend=\"{backend}\""),
+        )
+        .unwrap_or(0.0)
+    };
+    assert!(passed(a) >= 1.0 && passed(b) >= 1.0, "{m}");
+    lb.reload_applied(1000, &proxy(2));
+    let mut s = connect(front);
+    assert_eq!(ask_name(&mut s), b'a');
+    drop((conns, s));
+}
+
 /// A backend that answers every read with its one-byte `name` and keeps the connection open.
 fn named(name: &'static [u8; 1]) -> SocketAddr {
     backend(move |mut s| {
@@ -1904,6 +1952,7 @@ per_runtime!(
     sigterm_under_a_stream_of_new_connections_resets_none,
     a_client_over_its_connection_limit_is_closed_at_once,
     least_connections_levels_long_lived_connections,
+    a_backend_at_max_connections_is_passed_over,
     source_keeps_each_client_on_its_backend,
     a_stuck_log_output_never_stalls_the_proxy
 );

@@ -167,6 +167,10 @@ pub struct BackendRaw {
     /// Used only while no other backend of its request type can take a connection (every one is down,
     /// held out or weighted 0), as HAProxy's `backup`: a standby instance, or a server of a "back soon" page.
     pub backup: bool,
+    /// Connections it may have open at once, connecting or established (HAProxy's server `maxconn`, without
+    /// its queue): a backend at its limit is passed over for another of its type, and a connection that finds
+    /// every one full is closed at once. 0: no limit.
+    pub max_connections: u32,
 }
 
 impl Default for BackendRaw {
@@ -176,6 +180,7 @@ impl Default for BackendRaw {
             weight: 100,
             request_types: Vec::new(),
             backup: false,
+            max_connections: 0,
         }
     }
 }
@@ -240,6 +245,8 @@ pub struct BackendConfig {
     pub weight: u32,
     pub request_types: Vec<String>,
     pub backup: bool,
+    /// 0: no limit.
+    pub max_connections: u32,
 }
 
 /// Settings that reload live: each connection's, and the health checks'.
@@ -383,6 +390,12 @@ impl ProxySection {
             let key = format!("proxy.backends[{i}]");
             let addr = v.addr(&format!("{key}.addr"), &b.addr);
             let weight = v.range(&format!("{key}.weight"), b.weight, 0, 1_000_000);
+            let max_connections = v.range(
+                &format!("{key}.max_connections"),
+                b.max_connections,
+                0,
+                10_000_000,
+            );
             for t in &b.request_types {
                 check_name(v, &format!("{key}.request_types"), t);
             }
@@ -394,6 +407,7 @@ impl ProxySection {
                 weight,
                 request_types: b.request_types.clone(),
                 backup: b.backup,
+                max_connections,
             });
         }
         let workers = v.range("proxy.workers", self.workers, 0, 256);

@@ -39,6 +39,8 @@ pub const BACKEND_FAILING: &str = "xcluster_lb_proxy_backend_failing";
 /// (re)load, so `/v1/status` lists them all before any connection.
 pub const BACKEND_BACKUP: &str = "xcluster_lb_proxy_backend_backup";
 pub const BACKEND_CHECK_FAILURES_TOTAL: &str = "xcluster_lb_proxy_backend_check_failures_total";
+/// Picks that passed a backend over because it had `max_connections` open.
+pub const BACKEND_FULL_TOTAL: &str = "xcluster_lb_proxy_backend_full_total";
 pub const BACKEND_CONNECT_SECONDS: &str = "xcluster_lb_proxy_backend_connect_seconds";
 /// Worker threads, labelled with the `runtime` they run (after any fallback from `io_uring`).
 pub const WORKERS: &str = "xcluster_lb_proxy_workers";
@@ -95,6 +97,9 @@ pub struct BackendMetrics {
     /// Connections assigned to it now, connecting or established ([`Assigned`]): what `balance =
     /// "least_connections"` compares. One per configured backend, kept across reloads.
     pub open: AtomicU64,
+    /// Its `max_connections`: `open` never goes past it (0: no limit). Set from the config on each (re)load.
+    pub max: AtomicU64,
+    pub full: Counter,
     pub connects: Counter,
     pub connect_failures: Counter,
     pub active: Gauge,
@@ -113,9 +118,21 @@ pub struct BackendMetrics {
 pub struct Assigned(Arc<BackendMetrics>);
 
 impl Assigned {
-    pub fn new(bm: Arc<BackendMetrics>) -> Self {
-        bm.open.fetch_add(1, Ordering::Relaxed);
-        Self(bm)
+    /// Counts a connection on `bm`, unless it has `max_connections` open already: then `None`. One atomic
+    /// update, so concurrent workers never take it past its limit together.
+    pub fn try_new(bm: &Arc<BackendMetrics>) -> Option<Self> {
+        let max = bm.max.load(Ordering::Relaxed);
+        let taken = if max == 0 {
+            bm.open.fetch_add(1, Ordering::Relaxed);
+            true
+        } else {
+            (bm.open)
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                    (n < max).then_some(n + 1)
+                })
+                .is_ok()
+        };
+        taken.then(|| Self(bm.clone()))
     }
 }
 
@@ -144,6 +161,8 @@ impl BackendMetrics {
         let b = addr.to_string();
         Self {
             open: AtomicU64::new(0),
+            max: AtomicU64::new(0),
+            full: metrics::counter!(BACKEND_FULL_TOTAL, "backend" => b.clone()),
             connects: metrics::counter!(BACKEND_CONNECTS_TOTAL, "backend" => b.clone()),
             connect_failures: metrics::counter!(BACKEND_CONNECT_FAILURES_TOTAL, "backend" => b.clone()),
             active: metrics::gauge!(BACKEND_ACTIVE, "backend" => b.clone()),

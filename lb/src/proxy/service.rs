@@ -92,15 +92,32 @@ impl Shared {
             passed.push(addr);
             addr = self.pick(ty, &passed, &conn).unwrap_or(addr);
         }
+        // A backend at its max_connections is passed over for another; `passed` is built only then.
+        let mut passed: Vec<SocketAddr> = Vec::new();
+        let assigned = loop {
+            // Handles are cached for configured backends; one the directory routes to gets its own.
+            let own;
+            let bm = match backends.get(&addr) {
+                Some(bm) => bm,
+                None => {
+                    own = Arc::new(BackendMetrics::new(addr));
+                    &own
+                }
+            };
+            if let Some(a) = Assigned::try_new(bm) {
+                break a;
+            }
+            bm.full.increment(1);
+            if passed.is_empty() {
+                passed.extend_from_slice(tried);
+            }
+            passed.push(addr);
+            addr = self.pick(ty, &passed, &conn)?;
+        };
         if attempt > 0 {
             l.metrics.retries.increment(1);
         }
-        // Handles are cached for configured backends; one the directory routes to gets its own.
-        let bm = backends
-            .get(&addr)
-            .cloned()
-            .unwrap_or_else(|| Arc::new(BackendMetrics::new(addr)));
-        Some((addr, Assigned::new(bm)))
+        Some((addr, assigned))
     }
 
     /// A backend for `ty` other than `tried`, leaving out those held out unless every one left is.
@@ -217,11 +234,9 @@ fn backend_handles(
         .map(|b| {
             metrics::gauge!(BACKEND_BACKUP, "backend" => b.addr.to_string())
                 .set(f64::from(u8::from(b.backup)));
-            let bm = old.get(&b.addr).cloned();
-            (
-                b.addr,
-                bm.unwrap_or_else(|| Arc::new(BackendMetrics::new(b.addr))),
-            )
+            let bm = (old.get(&b.addr).cloned()).unwrap_or_else(|| Arc::new(BackendMetrics::new(b.addr)));
+            bm.max.store(u64::from(b.max_connections), Ordering::Relaxed);
+            (b.addr, bm)
         })
         .collect()
 }
@@ -759,5 +774,37 @@ mod tests {
             .collect();
         assert!(later.iter().all(|(a, _)| a.port() == 1));
         drop((kept, later));
+    }
+
+    /// A backend at its `max_connections` is passed over; with every backend full there is no pick, and a
+    /// connection that ends frees its place.
+    #[test]
+    fn a_backend_at_max_connections_is_passed_over() {
+        let cfg = ProxyConfig::for_tests(
+            r#"
+            [[listeners]]
+            listen = "127.0.0.1:7100"
+            [[backends]]
+            addr = "127.0.0.1:1"
+            max_connections = 2
+            [[backends]]
+            addr = "127.0.0.1:2"
+            weight = 1
+            max_connections = 3
+            "#,
+        );
+        let shared = Shared::for_tests(&cfg);
+        let l = ListenerState::new(&cfg.listeners[0], Arc::default());
+        let client = IpAddr::from([127, 0, 0, 1]);
+        let mut open: Vec<(SocketAddr, Assigned)> = (0..5)
+            .map(|_| shared.next_backend(&l, client, &[], 0).unwrap())
+            .collect();
+        let on_1 = open.iter().filter(|(a, _)| a.port() == 1).count();
+        assert_eq!(on_1, 2, "{open:?}");
+        assert!(shared.next_backend(&l, client, &[], 0).is_none());
+        let on_2 = open.iter().position(|(a, _)| a.port() == 2).unwrap();
+        open.swap_remove(on_2);
+        let (addr, _held) = shared.next_backend(&l, client, &[], 0).unwrap();
+        assert_eq!(addr.port(), 2);
     }
 }
