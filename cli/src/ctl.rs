@@ -345,6 +345,10 @@ const LISTENER_COLUMNS: &[Column] = &[
 const BACKEND_COLUMNS: &[Column] = &[
     ("proxy backend", "addr", cell),
     ("active", "active", cell),
+    ("max", "max_connections", |v| match v.as_u64() {
+        Some(0) | None => "-".into(),
+        Some(n) => n.to_string(),
+    }),
     ("connects", "connects", cell),
     ("connect failures", "connect_failures", cell),
     ("bytes up", "bytes_up", bytes),

@@ -142,6 +142,8 @@ pub struct ProxyBackendStatus {
     pub failing: bool,
     /// A backup (`backup = true`): picked only while no other backend of its request type can be.
     pub backup: bool,
+    /// Its `max_connections`; 0: no cap.
+    pub max_connections: u64,
 }
 
 /// One instance as the dashboard shows it.

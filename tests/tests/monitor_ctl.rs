@@ -192,6 +192,7 @@ fn ctl_cluster_shows_balancers_and_their_proxies() {
         row(&[
             "127.0.0.1:7101",
             "2",
+            "64",
             "1233",
             "1",
             "2.0",

@@ -39,6 +39,8 @@ pub const BACKEND_FAILING: &str = "xcluster_lb_proxy_backend_failing";
 /// (re)load, so `/v1/status` lists them all before any connection.
 pub const BACKEND_BACKUP: &str = "xcluster_lb_proxy_backend_backup";
 pub const BACKEND_CHECK_FAILURES_TOTAL: &str = "xcluster_lb_proxy_backend_check_failures_total";
+/// A configured backend's `max_connections` (0: no cap), set on each (re)load.
+pub const BACKEND_MAX_CONNECTIONS: &str = "xcluster_lb_proxy_backend_max_connections";
 /// Picks that passed a backend over because it had `max_connections` open.
 pub const BACKEND_FULL_TOTAL: &str = "xcluster_lb_proxy_backend_full_total";
 pub const BACKEND_CONNECT_SECONDS: &str = "xcluster_lb_proxy_backend_connect_seconds";
@@ -223,6 +225,7 @@ pub fn status(text: &str) -> ProxyStatus {
                 BACKEND_BYTES_TOTAL => e.bytes_down = value,
                 BACKEND_FAILING => e.failing = value > 0,
                 BACKEND_BACKUP => e.backup = value > 0,
+                BACKEND_MAX_CONNECTIONS => e.max_connections = value,
                 _ => {}
             }
         }

@@ -26,8 +26,8 @@ use super::clients::{ClientCounts, ClientSlot};
 use super::config::{Forwarding, ListenerConfig, ProxyConfig, RuntimeMode, Timeouts};
 use super::health::{CheckStreaks, Holds, Verdict, check};
 use super::metrics::{
-    Assigned, BACKEND_BACKUP, BackendMetrics, LISTENER_BIND_FAILURES_TOTAL, LISTENER_UNBOUND,
-    ListenerMetrics, WORKERS,
+    Assigned, BACKEND_BACKUP, BACKEND_MAX_CONNECTIONS, BackendMetrics, LISTENER_BIND_FAILURES_TOTAL,
+    LISTENER_UNBOUND, ListenerMetrics, WORKERS,
 };
 use super::pick::{BackendPicker, PickFor};
 
@@ -223,7 +223,7 @@ impl Shared {
     }
 }
 
-/// The metric handles of `cfg`'s backends, their `backup` gauge set. A backend in `old` keeps its handles,
+/// The metric handles of `cfg`'s backends, their `backup` and `max_connections` gauges set. A backend in `old` keeps its handles,
 /// so its count of open connections stays true across a reload.
 fn backend_handles(
     cfg: &ProxyConfig,
@@ -234,6 +234,8 @@ fn backend_handles(
         .map(|b| {
             metrics::gauge!(BACKEND_BACKUP, "backend" => b.addr.to_string())
                 .set(f64::from(u8::from(b.backup)));
+            metrics::gauge!(BACKEND_MAX_CONNECTIONS, "backend" => b.addr.to_string())
+                .set(f64::from(b.max_connections));
             let bm = (old.get(&b.addr).cloned()).unwrap_or_else(|| Arc::new(BackendMetrics::new(b.addr)));
             bm.max.store(u64::from(b.max_connections), Ordering::Relaxed);
             (b.addr, bm)
