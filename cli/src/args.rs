@@ -120,7 +120,13 @@ pub enum CtlVerb {
     /// Stop programs.
     Stop { names: Vec<String> },
     /// Restart programs.
-    Restart { names: Vec<String> },
+    Restart {
+        names: Vec<String>,
+        /// One at a time: each program is restarted only once the one before runs and is ready again, so
+        /// a group never has more than one down; stops at the first that does not come back.
+        #[arg(long)]
+        rolling: bool,
+    },
     /// Send a signal (e.g. HUP, USR1) to programs.
     Signal { signal: String, names: Vec<String> },
     /// Show the tail of a program's log.

@@ -15,6 +15,7 @@ use xcluster_runtime::http::percent_encode;
 use crate::args::{CtlArgs, CtlVerb};
 
 const EXIT_FAILED: i32 = 1;
+const EXIT_USAGE: i32 = 64;
 const EXIT_NOT_RUNNING: i32 = 3;
 const EXIT_UNAVAILABLE: i32 = 69;
 const EXIT_NOPERM: i32 = 77;
@@ -57,7 +58,7 @@ pub fn run(args: CtlArgs) -> i32 {
         Ok(c) => c,
         Err(e) => {
             eprintln!("xcluster ctl: {e}");
-            return 64;
+            return EXIT_USAGE;
         }
     };
     match run_verb(&client, &args) {
@@ -78,7 +79,8 @@ fn run_verb(c: &Client, args: &CtlArgs) -> Result<i32, Failure> {
         CtlVerb::Status { names } => status(c, names, args.json),
         CtlVerb::Start { names } => action(c, "start", names, None, args),
         CtlVerb::Stop { names } => action(c, "stop", names, None, args),
-        CtlVerb::Restart { names } => action(c, "restart", names, None, args),
+        CtlVerb::Restart { names, rolling: true } => rolling_restart(c, names, args),
+        CtlVerb::Restart { names, .. } => action(c, "restart", names, None, args),
         CtlVerb::Signal { signal, names } => action(c, "signal", names, Some(signal), args),
         CtlVerb::Tail {
             name,
@@ -143,31 +145,12 @@ fn status(c: &Client, names: &[String], as_json: bool) -> Result<i32, Failure> {
     let r = c.call("GET", "/v1/status")?;
     check(&r)?;
     let v = r.json();
-    let all = v["programs"].as_array().cloned().unwrap_or_default();
-    let mut shown = Vec::new();
-    for n in names {
-        let (group, name) = match n.split_once(':') {
-            Some((g, "*")) => (Some(g), None),
-            Some((_, p)) => (None, Some(p)),
-            None => (None, Some(n.as_str())),
-        };
-        let found: Vec<&Value> = all
-            .iter()
-            .filter(|p| match (group, name) {
-                (Some(g), _) => p["group"] == g,
-                (_, Some(x)) => p["name"] == x || p["group"] == x,
-                _ => false,
-            })
-            .collect();
-        if found.is_empty() {
-            eprintln!("xcluster ctl: no such process or group: {n}");
-            return Err(Failure::Exit(EXIT_FAILED));
-        }
-        shown.extend(found);
-    }
-    if names.is_empty() {
-        shown = all.iter().collect();
-    }
+    let all = items(&v["programs"]);
+    let shown = if names.is_empty() {
+        all.iter().collect()
+    } else {
+        pick(all, names)?
+    };
     if as_json {
         println!(
             "{}",
@@ -312,6 +295,25 @@ fn worst(a: i32, b: i32) -> i32 {
 /// The elements of a JSON array; none for anything else.
 fn items(v: &Value) -> &[Value] {
     v.as_array().map_or(&[], Vec::as_slice)
+}
+
+/// The programs of a status (`all`) that `names` pick, as the monitor picks them for a command.
+fn pick<'v>(all: &'v [Value], names: &[String]) -> Result<Vec<&'v Value>, Failure> {
+    let programs: Vec<(&str, &str)> = (all.iter())
+        .map(|p| {
+            (
+                p["name"].as_str().unwrap_or(""),
+                p["group"].as_str().unwrap_or(""),
+            )
+        })
+        .collect();
+    match xcluster_monitor::select::resolve(&programs, names) {
+        Ok(picked) => Ok(picked.into_iter().map(|(i, _)| &all[i]).collect()),
+        Err(n) => {
+            eprintln!("xcluster ctl: no such process or group: {n}");
+            Err(Failure::Exit(EXIT_FAILED))
+        }
+    }
 }
 
 /// A column of the cluster tables: its heading, the JSON field it shows, and how.
@@ -516,25 +518,84 @@ fn action(
         code = code.max(EXIT_FAILED);
     }
     if args.json {
-        let list: Vec<Value> = (results.iter())
-            .map(|(name, r)| {
-                let (ok, message) = match r {
-                    Ok(m) => (true, m),
-                    Err(m) => (false, m),
-                };
-                serde_json::json!({ "name": name, "ok": ok, "message": message })
-            })
-            .collect();
-        println!("{}", serde_json::json!({ "results": list }));
+        print_json(&results);
     } else {
-        for (name, r) in &results {
-            match r {
-                Ok(m) => println!("{name}: {m}"),
-                Err(m) => println!("{name}: ERROR ({m})"),
-            }
-        }
+        results.iter().for_each(print_line);
     }
     Ok(code)
+}
+
+/// One program's answer, as a line.
+fn print_line((name, r): &(String, Result<String, String>)) {
+    match r {
+        Ok(m) => println!("{name}: {m}"),
+        Err(m) => println!("{name}: ERROR ({m})"),
+    }
+}
+
+/// Every program's answer, as one JSON object.
+fn print_json(results: &[(String, Result<String, String>)]) {
+    let list: Vec<Value> = (results.iter())
+        .map(|(name, r)| {
+            let (ok, message) = match r {
+                Ok(m) => (true, m),
+                Err(m) => (false, m),
+            };
+            serde_json::json!({ "name": name, "ok": ok, "message": message })
+        })
+        .collect();
+    println!("{}", serde_json::json!({ "results": list }));
+}
+
+/// `restart --rolling`: one program at a time, the next only once this one runs and is ready again, so a
+/// group serving clients never has more than one of them down (a deploy without an outage). The roll stops
+/// at the first program that does not come back; the ones after it keep running untouched.
+fn rolling_restart(c: &Client, names: &[String], args: &CtlArgs) -> Result<i32, Failure> {
+    if args.no_wait {
+        eprintln!("xcluster ctl: --rolling waits for each program; it cannot go with --no-wait");
+        return Err(Failure::Exit(EXIT_USAGE));
+    }
+    if names.is_empty() {
+        eprintln!("xcluster ctl: name a process, group:*, or all");
+        return Err(Failure::Exit(EXIT_FAILED));
+    }
+    let r = c.call("GET", "/v1/status")?;
+    check(&r)?;
+    let v = r.json();
+    let picked: Vec<String> = (pick(items(&v["programs"]), names)?.iter())
+        .filter_map(|p| p["name"].as_str().map(str::to_string))
+        .collect();
+    let mut results: Vec<(String, Result<String, String>)> = Vec::new();
+    for name in &picked {
+        let mut one = vec![(name.clone(), Ok(String::new()))];
+        let r = c.call("POST", &format!("/v1/programs/{}/restart", percent_encode(name)))?;
+        check(&r)?;
+        await_goal(c, &mut one, Goal::Running, Duration::from_secs(args.wait_secs))?;
+        if !args.json {
+            print_line(&one[0]);
+        }
+        let failed = one[0].1.is_err();
+        results.extend(one);
+        if failed {
+            break;
+        }
+    }
+    let stopped_at = results.len();
+    for name in &picked[stopped_at..] {
+        let r = (name.clone(), Err("not restarted: the roll stopped".to_string()));
+        if !args.json {
+            print_line(&r);
+        }
+        results.push(r);
+    }
+    if args.json {
+        print_json(&results);
+    }
+    Ok(if results.iter().any(|(_, r)| r.is_err()) {
+        EXIT_FAILED
+    } else {
+        0
+    })
 }
 
 /// Where a start, restart or stop is headed.

@@ -14,6 +14,7 @@ pub mod policy;
 pub mod probe;
 mod probes;
 pub mod program;
+pub mod select;
 mod snapshot;
 pub mod statefile;
 pub mod status;

@@ -257,43 +257,20 @@ impl Supervisor {
         }
     }
 
-    /// Resolves `name`, `group:*`, `group:name`, a bare group name, or `all`: each program once, in start
-    /// order, and whether it was named on its own rather than picked by a pattern (`all`, a group).
+    /// The programs `names` pick (see [`crate::select::resolve`]), in start order within each name, and
+    /// whether each was named on its own rather than picked by a pattern (`all`, a group).
     fn resolve(&self, names: &[String]) -> Result<Vec<(String, bool)>, CommandError> {
         if names.is_empty() {
             return Err(CommandError::NoNames);
         }
-        let mut out: Vec<(String, bool)> = Vec::new();
-        for n in names {
-            let in_group = |group: &str| -> Vec<String> {
-                (self.order.iter())
-                    .filter(|p| self.procs[*p].spec.group == group)
-                    .cloned()
-                    .collect()
-            };
-            let (found, alone): (Vec<String>, bool) = if n == "all" {
-                (self.order.clone(), false)
-            } else if let Some(group) = n.strip_suffix(":*") {
-                (in_group(group), false)
-            } else if let Some((_, name)) = n.split_once(':') {
-                let found = self.procs.contains_key(name).then(|| name.to_string());
-                (found.into_iter().collect(), true)
-            } else if self.procs.contains_key(n.as_str()) {
-                (vec![n.clone()], true)
-            } else {
-                (in_group(n), false)
-            };
-            if found.is_empty() {
-                return Err(CommandError::Unknown(n.clone()));
-            }
-            for f in found {
-                match out.iter_mut().find(|(name, _)| *name == f) {
-                    Some(seen) => seen.1 |= alone,
-                    None => out.push((f, alone)),
-                }
-            }
-        }
-        Ok(out)
+        let programs: Vec<(&str, &str)> = (self.order.iter())
+            .map(|n| (n.as_str(), self.procs[n].spec.group.as_str()))
+            .collect();
+        let picked =
+            crate::select::resolve(&programs, names).map_err(|n| CommandError::Unknown(n.to_string()))?;
+        Ok((picked.into_iter())
+            .map(|(i, alone)| (self.order[i].clone(), alone))
+            .collect())
     }
 
     /// Applies `f` to each program `names` pick, in start order, with every program picked. As supervisorctl

@@ -138,3 +138,73 @@ stdout_logfile_backups = 2
         follow.stdout().contains("got-usr1").then_some(())
     });
 }
+
+#[test]
+fn a_rolling_restart_takes_one_program_at_a_time_and_stops_at_one_that_does_not_come_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().display();
+    // Ready once its marker exists: made at start unless `broken-<name>` does, removed on TERM.
+    let m = Mon::start(&format!(
+        r#"
+[programs.app]
+command = "/bin/sh -c 'trap \"rm -f {d}/{{name}}.ready; exit 0\" TERM; [ -e {d}/broken-{{name}} ] || touch {d}/{{name}}.ready; while :; do sleep 0.05; done'"
+numprocs = 3
+startsecs = 0
+[programs.app.readiness]
+command = "test -e {d}/{{name}}.ready"
+period_ms = 50
+"#
+    ));
+    let names = ["app-0", "app-1", "app-2"];
+    let ready = |name: &str| (m.prog(name)["ready"] == true).then_some(());
+    for name in names {
+        eventually(T, "every instance ready", || ready(name));
+    }
+    assert_eq!(m.ctl_ok(&["status", "all"]).lines().count(), 3);
+    let before: Vec<i32> = names.iter().map(|n| m.pid(n).unwrap()).collect();
+
+    let o = m.ctl(&["restart", "--rolling", "app:*"]);
+    assert_says(&o, 0, "app-0: started\napp-1: started\napp-2: started");
+    for (name, old) in names.iter().zip(&before) {
+        assert_ne!(m.pid(name), Some(*old), "{name} was not restarted");
+    }
+    // Each instance was stopped only after the one before it was ready again.
+    let events = m.events();
+    let seq = |program: &str, is: &dyn Fn(&serde_json::Value) -> bool| -> Vec<u64> {
+        (events.iter())
+            .filter(|e| e["program"] == program && is(e))
+            .map(|e| e["seq"].as_u64().unwrap())
+            .collect()
+    };
+    for pair in names.windows(2) {
+        let stopped = seq(pair[0], &|e| e["to"] == "STOPPING")[0];
+        let back = *seq(pair[0], &|e| e["kind"] == "probe" && e["ok"] == true)
+            .iter()
+            .find(|s| **s > stopped)
+            .expect("ready again");
+        let next_stopped = seq(pair[1], &|e| e["to"] == "STOPPING")[0];
+        assert!(
+            back < next_stopped,
+            "{} stopped before {} was back: {events:?}",
+            pair[1],
+            pair[0]
+        );
+    }
+
+    // app-1 does not come back ready: the roll stops there and app-2 keeps its process.
+    std::fs::write(dir.path().join("broken-app-1"), "").unwrap();
+    let app_2 = m.pid("app-2").unwrap();
+    let o = m.ctl(&["--wait-secs", "2", "restart", "--rolling", "app"]);
+    assert_says(
+        &o,
+        1,
+        "app-0: started\napp-1: ERROR (still RUNNING, not ready after 2 s)\n\
+         app-2: ERROR (not restarted: the roll stopped)",
+    );
+    assert_eq!(m.pid("app-2"), Some(app_2));
+    assert_says(
+        &m.ctl(&["--no-wait", "restart", "--rolling", "app"]),
+        64,
+        "xcluster ctl: --rolling waits for each program; it cannot go with --no-wait",
+    );
+}
