@@ -16,6 +16,9 @@ use crate::args::{CtlArgs, CtlVerb};
 
 const EXIT_FAILED: i32 = 1;
 const EXIT_USAGE: i32 = 64;
+
+/// A program's name and the monitor's answer for it: done (with what happened) or why not.
+type Answer = (String, Result<String, String>);
 const EXIT_NOT_RUNNING: i32 = 3;
 const EXIT_UNAVAILABLE: i32 = 69;
 const EXIT_NOPERM: i32 = 77;
@@ -488,24 +491,7 @@ fn action(
         eprintln!("xcluster ctl: name a process, group:*, or all");
         return Err(Failure::Exit(EXIT_FAILED));
     }
-    let mut code = 0;
-    let mut results: Vec<(String, Result<String, String>)> = Vec::new();
-    for n in names {
-        let mut path = format!("/v1/programs/{}/{verb}", percent_encode(n));
-        if let Some(s) = signal {
-            path.push_str(&format!("?signal={}", percent_encode(s)));
-        }
-        let r = c.call("POST", &path)?;
-        if let Err(Failure::Exit(e)) = check(&r) {
-            code = e;
-            continue;
-        }
-        for res in items(&r.json()["results"]) {
-            let name = res["name"].as_str().unwrap_or("?").to_string();
-            let msg = res["message"].as_str().unwrap_or("").to_string();
-            results.push((name, if res["ok"] == true { Ok(msg) } else { Err(msg) }));
-        }
-    }
+    let mut results = send(c, verb, names, signal)?;
     let goal = match verb {
         "start" | "restart" => Some(Goal::Running),
         "stop" => Some(Goal::Stopped),
@@ -514,19 +500,39 @@ fn action(
     if let Some(goal) = goal.filter(|_| !args.no_wait) {
         await_goal(c, &mut results, goal, Duration::from_secs(args.wait_secs))?;
     }
-    if results.iter().any(|(_, r)| r.is_err()) {
-        code = code.max(EXIT_FAILED);
-    }
     if args.json {
         print_json(&results);
     } else {
         results.iter().for_each(print_line);
     }
-    Ok(code)
+    Ok(if results.iter().any(|(_, r)| r.is_err()) {
+        EXIT_FAILED
+    } else {
+        0
+    })
+}
+
+/// Sends `verb` for all of `names` as one command (so a stop of several stops dependents first, and an
+/// unknown name changes nothing) and returns each program's answer.
+fn send(c: &Client, verb: &str, names: &[String], signal: Option<&String>) -> Result<Vec<Answer>, Failure> {
+    let list: Vec<String> = names.iter().map(|n| percent_encode(n)).collect();
+    let mut path = format!("/v1/programs/{}/{verb}", list.join(","));
+    if let Some(s) = signal {
+        path.push_str(&format!("?signal={}", percent_encode(s)));
+    }
+    let r = c.call("POST", &path)?;
+    check(&r)?;
+    Ok((items(&r.json()["results"]).iter())
+        .map(|res| {
+            let name = res["name"].as_str().unwrap_or("?").to_string();
+            let msg = res["message"].as_str().unwrap_or("").to_string();
+            (name, if res["ok"] == true { Ok(msg) } else { Err(msg) })
+        })
+        .collect())
 }
 
 /// One program's answer, as a line.
-fn print_line((name, r): &(String, Result<String, String>)) {
+fn print_line((name, r): &Answer) {
     match r {
         Ok(m) => println!("{name}: {m}"),
         Err(m) => println!("{name}: ERROR ({m})"),
@@ -534,7 +540,7 @@ fn print_line((name, r): &(String, Result<String, String>)) {
 }
 
 /// Every program's answer, as one JSON object.
-fn print_json(results: &[(String, Result<String, String>)]) {
+fn print_json(results: &[Answer]) {
     let list: Vec<Value> = (results.iter())
         .map(|(name, r)| {
             let (ok, message) = match r {
@@ -565,16 +571,14 @@ fn rolling_restart(c: &Client, names: &[String], args: &CtlArgs) -> Result<i32, 
     let picked: Vec<String> = (pick(items(&v["programs"]), names)?.iter())
         .filter_map(|p| p["name"].as_str().map(str::to_string))
         .collect();
-    let mut results: Vec<(String, Result<String, String>)> = Vec::new();
+    let mut results: Vec<Answer> = Vec::new();
     for name in &picked {
-        let mut one = vec![(name.clone(), Ok(String::new()))];
-        let r = c.call("POST", &format!("/v1/programs/{}/restart", percent_encode(name)))?;
-        check(&r)?;
+        let mut one = send(c, "restart", std::slice::from_ref(name), None)?;
         await_goal(c, &mut one, Goal::Running, Duration::from_secs(args.wait_secs))?;
         if !args.json {
-            print_line(&one[0]);
+            one.iter().for_each(print_line);
         }
-        let failed = one[0].1.is_err();
+        let failed = one.iter().any(|(_, r)| r.is_err());
         results.extend(one);
         if failed {
             break;
@@ -648,12 +652,7 @@ const WAIT_POLL: Duration = Duration::from_millis(100);
 
 /// Waits until every program whose command was taken reaches `goal` or fails, up to `limit`, and puts the
 /// final answer in its result.
-fn await_goal(
-    c: &Client,
-    results: &mut [(String, Result<String, String>)],
-    goal: Goal,
-    limit: Duration,
-) -> Result<(), Failure> {
+fn await_goal(c: &Client, results: &mut [Answer], goal: Goal, limit: Duration) -> Result<(), Failure> {
     let deadline = Instant::now() + limit;
     let mut open: Vec<usize> = (0..results.len()).filter(|&i| results[i].1.is_ok()).collect();
     while !open.is_empty() {

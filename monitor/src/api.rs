@@ -90,14 +90,16 @@ impl Api {
                 let id: Vec<String> = id.iter().map(|s| decode(s)).collect();
                 self.drain(&id.join("/"), *verb == "drain").await
             }
+            // `name` may list several, comma-separated (no program name holds a comma): one command, so a
+            // stop of several stops dependents first.
             (&Method::POST, ["v1", "programs", name, verb]) => {
-                let name = decode(name);
+                let names: Vec<String> = decode(name).split(',').map(str::to_string).collect();
                 let cmd = match *verb {
-                    "start" => Command::Start(vec![name]),
-                    "stop" => Command::Stop(vec![name]),
-                    "restart" => Command::Restart(vec![name]),
+                    "start" => Command::Start(names),
+                    "stop" => Command::Stop(names),
+                    "restart" => Command::Restart(names),
                     "signal" => match signal_of(req).await {
-                        Ok(sig) => Command::Signal(vec![name], sig),
+                        Ok(sig) => Command::Signal(names, sig),
                         Err(resp) => return resp,
                     },
                     _ => {

@@ -186,4 +186,10 @@ period_ms = 50
     for name in ["db", "app", "web"] {
         assert_eq!(m.prog(name)["restarts"], 1, "{}", m.prog(name));
     }
+
+    // A list is one command too: db waits for app (web, not named, runs on).
+    std::fs::write(&order, "").unwrap();
+    assert_says(&m.ctl(&["stop", "db", "app"]), 0, "db: stopped\napp: stopped");
+    assert_eq!(read_order(), "-app\n-db\n");
+    assert_eq!(m.state("web"), "RUNNING");
 }
