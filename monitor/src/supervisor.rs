@@ -273,7 +273,8 @@ impl Supervisor {
             .collect())
     }
 
-    /// Applies `f` to each program `names` pick, in start order, with every program picked. As supervisorctl
+    /// Applies `f` to each program `names` pick, in the order they pick them, with every program picked (the
+    /// holds of a stop read them, so they order it whatever the order of the names). As supervisorctl
     /// does, a program a pattern picked that is already where the command would take it (`moot`: `start all`
     /// meets one running) is left out rather than answered with an error; one named on its own always gets its
     /// answer.
