@@ -730,6 +730,58 @@ fn a_backend_at_max_connections_is_passed_over(rt: &'static str) {
     drop((conns, s));
 }
 
+/// With `queue_timeout_ms`, a client that finds its backend full waits for a place instead of being closed:
+/// it is served once a connection ends, and closed (and counted as failed) when the wait runs out.
+fn a_client_finding_every_backend_full_waits_in_the_queue(rt: &'static str) {
+    let a = named(b"a");
+    let front = free_addr();
+    let proxy = |queue_ms: u32| {
+        format!(
+            "queue_timeout_ms = {queue_ms}\n{}[[proxy.backends]]\naddr = \"{a}\"\nmax_connections = 1\n",
+            listener("web", front)
+        )
+    };
+    let lb = start_lb(rt, 1000, &proxy(10_000));
+    let mut first = connect(front);
+    assert_eq!(ask_name(&mut first), b'a');
+    // The second waits: its question is answered only once the first has gone.
+    let mut second = connect(front);
+    second.write_all(b"?").unwrap();
+    eventually(T, "the second client to be queued", || {
+        let m = lb.metrics();
+        let queued = metric_value(
+            &m,
+            "xcluster_lb_proxy_connections_queued_total",
+            "listener=\"web\"",
+        );
+        (queued == Some(1.0)).then_some(())
+    });
+    drop(first);
+    let mut name = [0u8; 1];
+    second.read_exact(&mut name).unwrap();
+    assert_eq!(&name, b"a");
+
+    // A short queue: the next client waits, then is closed and counted.
+    lb.reload_applied(1000, &proxy(200));
+    let mut third = connect(front);
+    let started = Instant::now();
+    assert_closed(&mut third);
+    assert!(
+        started.elapsed() >= Duration::from_millis(200),
+        "closed before its wait ran out"
+    );
+    eventually(T, "the client the queue gave up on to be counted", || {
+        let m = lb.metrics();
+        let failed = metric_value(
+            &m,
+            "xcluster_lb_proxy_connections_failed_total",
+            "listener=\"web\"",
+        );
+        (failed == Some(1.0)).then_some(())
+    });
+    drop(second);
+}
+
 /// A backend that answers every read with its one-byte `name` and keeps the connection open.
 fn named(name: &'static [u8; 1]) -> SocketAddr {
     backend(move |mut s| {
@@ -1953,6 +2005,7 @@ per_runtime!(
     a_client_over_its_connection_limit_is_closed_at_once,
     least_connections_levels_long_lived_connections,
     a_backend_at_max_connections_is_passed_over,
+    a_client_finding_every_backend_full_waits_in_the_queue,
     source_keeps_each_client_on_its_backend,
     a_stuck_log_output_never_stalls_the_proxy
 );

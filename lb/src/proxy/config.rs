@@ -1,12 +1,12 @@
 //! The `[proxy]` section of the lb config: raw serde form, validation, typed form.
 //!
 //! Reloads live: `listeners` (added, removed or changed; established connections stay, and one changed on the
-//! same address keeps its sockets), `backends` (their weights and `backup`), `connect_timeout_ms`,
-//! `idle_timeout_ms`, `connect_attempts`, `check_interval_ms`, `check_fall`, `check_rise`, `check_http_path`,
-//! `slow_start_ms`, `balance`, per-listener `proxy_protocol`, `accept_proxy`, `log_connections`,
+//! same address keeps its sockets), `backends` (their weights, `backup` and `max_connections`),
+//! `connect_timeout_ms`, `idle_timeout_ms`, `connect_attempts`, `check_interval_ms`, `check_fall`,
+//! `check_rise`, `check_http_path`, `slow_start_ms`, `queue_timeout_ms`, `balance`, per-listener `proxy_protocol`, `accept_proxy`, `log_connections`,
 //! `max_connections_per_client`, `max_connection_rate_per_client`, `connection_rate_period_ms`, `allow` and
 //! `deny`.
-//! Needs a restart: `workers`, `runtime`, `forwarding`, `max_connections`, `backlog`, `keepalive_ms`,
+//! Needs a restart: `workers`, `runtime`, `forwarding`, `[proxy] max_connections`, `backlog`, `keepalive_ms`,
 //! `io_uring_buffers`.
 
 use std::net::SocketAddr;
@@ -60,6 +60,10 @@ pub struct ProxySection {
     /// whole weight over this time (HAProxy's `slowstart`); what it is passed over for goes to the other
     /// backends of its type. 0 (the default): its whole weight at once. At most 300,000 (5 minutes).
     pub slow_start_ms: u64,
+    /// How long a connection that finds every backend of its type at its `max_connections` waits for a place
+    /// (HAProxy's `timeout queue`), trying again every 10 ms; it is closed and counted as failed when the
+    /// time is up. 0 (the default): closed at once. At most 60,000.
+    pub queue_timeout_ms: u64,
     /// With health checks on: instead of the bare connect, send `GET <path>` (HTTP/1.1, `Connection: close`)
     /// and pass only on a 2xx or 3xx status, as HAProxy's `option httpchk` does; the whole check stays within
     /// `connect_timeout_ms`. `/readyz`, which every XCluster role serves (503 while starting or draining),
@@ -96,6 +100,7 @@ impl Default for ProxySection {
             check_rise: 2,
             balance: "random".into(),
             slow_start_ms: 0,
+            queue_timeout_ms: 0,
             check_http_path: String::new(),
             max_connections: 20_000,
             backlog: 4096,
@@ -167,9 +172,9 @@ pub struct BackendRaw {
     /// Used only while no other backend of its request type can take a connection (every one is down,
     /// held out or weighted 0), as HAProxy's `backup`: a standby instance, or a server of a "back soon" page.
     pub backup: bool,
-    /// Connections it may have open at once, connecting or established (HAProxy's server `maxconn`, without
-    /// its queue): a backend at its limit is passed over for another of its type, and a connection that finds
-    /// every one full is closed at once. 0: no limit.
+    /// Connections it may have open at once, connecting or established (HAProxy's server `maxconn`): a
+    /// backend at its limit is passed over for another of its type, and a connection that finds every one
+    /// full waits up to `queue_timeout_ms` for a place. 0: no limit.
     pub max_connections: u32,
 }
 
@@ -265,6 +270,15 @@ pub struct Timeouts {
     pub check_rise: u32,
     /// The ramp of a backend back from a hold; `None` when off.
     pub slow_start: Option<Duration>,
+    /// How long a connection waits for a place when every backend is full; `None`: not at all.
+    pub queue: Option<Duration>,
+}
+
+impl Timeouts {
+    /// Whether a connection that first found every backend full at `since` may still wait for a place.
+    pub fn may_queue(&self, since: std::time::Instant) -> bool {
+        self.queue.is_some_and(|q| since.elapsed() < q)
+    }
 }
 
 /// The validated `[proxy]` section.
@@ -446,6 +460,7 @@ impl ProxySection {
         let check_fall = v.range("proxy.check_fall", self.check_fall, 1, 100);
         let check_rise = v.range("proxy.check_rise", self.check_rise, 1, 100);
         let slow_start = v.millis("proxy.slow_start_ms", self.slow_start_ms, 0, 300_000);
+        let queue = v.millis("proxy.queue_timeout_ms", self.queue_timeout_ms, 0, 60_000);
         let balance = v.one_of(
             "proxy.balance",
             &self.balance,
@@ -492,6 +507,7 @@ impl ProxySection {
                 check_fall,
                 check_rise,
                 slow_start: (!slow_start.is_zero()).then_some(slow_start),
+                queue: (!queue.is_zero()).then_some(queue),
             },
             max_connections,
             backlog,
@@ -578,6 +594,23 @@ mod tests {
         assert_eq!(t.slow_start, Some(Duration::from_secs(30)));
         let errs = parse("slow_start_ms = 300001\n").unwrap_err();
         assert!(errs.len() == 1 && errs[0].contains("slow_start_ms"), "{errs:#?}");
+    }
+
+    #[test]
+    fn the_queue_is_off_by_default_and_at_most_a_minute() {
+        assert_eq!(parse("").unwrap().timeouts.queue, None);
+        let t = parse("queue_timeout_ms = 250\n").unwrap().timeouts;
+        assert_eq!(t.queue, Some(Duration::from_millis(250)));
+        let errs = parse("queue_timeout_ms = 60001\n").unwrap_err();
+        assert!(
+            errs.len() == 1 && errs[0].contains("queue_timeout_ms"),
+            "{errs:#?}"
+        );
+        let errs = parse("[[backends]]\naddr = \"127.0.0.1:1\"\nmax_connections = 10000001\n").unwrap_err();
+        assert!(
+            errs.len() == 1 && errs[0].contains("max_connections"),
+            "{errs:#?}"
+        );
     }
 
     #[test]

@@ -29,7 +29,7 @@ use super::config::Timeouts;
 use super::forward::Direction;
 use super::inbound::Inbound;
 use super::metrics::Assigned;
-use super::service::{Admit, ListenerState, Shared};
+use super::service::{Admit, ListenerState, NoBackend, QUEUE_RETRY, Shared};
 
 /// Counts the connection on the listener's active gauge, and on its backend's once connected, for as long
 /// as it lives; holds the connection's permit of `max_connections`.
@@ -253,7 +253,8 @@ async fn write_all(s: &TcpStream, mut data: &[u8]) -> std::io::Result<()> {
 }
 
 /// Tries up to `connect_attempts` distinct backends for a connection from `client`; none of its bytes are
-/// read before one answers, so a retry is invisible to it.
+/// read before one answers, so a retry is invisible to it. When every backend is full, it waits for a place
+/// up to `queue_timeout_ms`.
 async fn connect(
     active: &mut Active,
     client: IpAddr,
@@ -261,8 +262,25 @@ async fn connect(
     t: &Timeouts,
 ) -> Option<(TcpStream, SocketAddr, Assigned)> {
     let mut tried: Vec<SocketAddr> = Vec::new();
-    for attempt in 0.. {
-        let (addr, bm) = shared.next_backend(&active.l, client, &tried, attempt)?;
+    let mut attempt = 0;
+    let mut queued: Option<Instant> = None;
+    loop {
+        let (addr, bm) = match shared.next_backend(&active.l, client, &tried, attempt) {
+            Ok(pick) => pick,
+            Err(NoBackend::Full) if t.queue.is_some() => {
+                let since = *queued.get_or_insert_with(|| {
+                    active.l.metrics.queued.increment(1);
+                    Instant::now()
+                });
+                if !t.may_queue(since) {
+                    return None;
+                }
+                tokio::time::sleep(QUEUE_RETRY).await;
+                continue;
+            }
+            Err(_) => return None,
+        };
+        attempt += 1;
         active.tried();
         let t0 = Instant::now();
         match tokio::time::timeout(t.connect, TcpStream::connect(addr)).await {
@@ -277,7 +295,6 @@ async fn connect(
         }
         shared.connect_failed(addr, &bm, &mut tried);
     }
-    None
 }
 
 /// How a forwarded connection ended.

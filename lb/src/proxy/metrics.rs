@@ -26,6 +26,8 @@ pub const ACCEPT_ERRORS_TOTAL: &str = "xcluster_lb_proxy_accept_errors_total";
 pub const IDLE_TIMEOUTS_TOTAL: &str = "xcluster_lb_proxy_idle_timeouts_total";
 /// Connect attempts beyond the first (redispatch to another backend).
 pub const RETRIES_TOTAL: &str = "xcluster_lb_proxy_retries_total";
+/// Connections that waited for a place because every backend was at its `max_connections`.
+pub const QUEUED_TOTAL: &str = "xcluster_lb_proxy_connections_queued_total";
 /// Bytes by `direction`: `up` is client to backend, `down` backend to client.
 pub const LISTENER_BYTES_TOTAL: &str = "xcluster_lb_proxy_listener_bytes_total";
 pub const BACKEND_CONNECTS_TOTAL: &str = "xcluster_lb_proxy_backend_connects_total";
@@ -70,6 +72,7 @@ pub struct ListenerMetrics {
     pub accept_errors: Counter,
     pub idle_timeouts: Counter,
     pub retries: Counter,
+    pub queued: Counter,
     pub bytes_up: Counter,
     pub bytes_down: Counter,
 }
@@ -87,6 +90,7 @@ impl ListenerMetrics {
             accept_errors: metrics::counter!(ACCEPT_ERRORS_TOTAL, "listener" => l.clone()),
             idle_timeouts: metrics::counter!(IDLE_TIMEOUTS_TOTAL, "listener" => l.clone()),
             retries: metrics::counter!(RETRIES_TOTAL, "listener" => l.clone()),
+            queued: metrics::counter!(QUEUED_TOTAL, "listener" => l.clone()),
             bytes_up: metrics::counter!(LISTENER_BYTES_TOTAL, "listener" => l.clone(), "direction" => "up"),
             bytes_down: metrics::counter!(LISTENER_BYTES_TOTAL, "listener" => l, "direction" => "down"),
         }

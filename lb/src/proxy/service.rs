@@ -44,6 +44,18 @@ pub enum Error {
     Workers(std::io::Error),
 }
 
+/// Why a connection gets no backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NoBackend {
+    /// Its connect attempts are used up, or no backend of its type is left to try.
+    Exhausted,
+    /// Every backend left is at its `max_connections`: one may free a place (`queue_timeout_ms`).
+    Full,
+}
+
+/// How often a connection waiting for a place tries the backends again.
+pub const QUEUE_RETRY: Duration = Duration::from_millis(10);
+
 /// What every connection reads; fields that reload live are snapshots.
 #[derive(Debug)]
 pub struct Shared {
@@ -65,17 +77,17 @@ pub struct Shared {
 impl Shared {
     /// The backend for connect attempt `attempt` (from 0) of a connection from `client` on `l`, never one of
     /// `tried` (redispatch), with its metric handles; an attempt after the first is counted as a retry.
-    /// `None` when the attempts are used up or no backend is left.
+    /// Else why there is none.
     pub fn next_backend(
         &self,
         l: &ListenerState,
         client: IpAddr,
         tried: &[SocketAddr],
         attempt: u32,
-    ) -> Option<(SocketAddr, Assigned)> {
+    ) -> Result<(SocketAddr, Assigned), NoBackend> {
         let t = self.timeouts.load();
         if attempt >= t.connect_attempts {
-            return None;
+            return Err(NoBackend::Exhausted);
         }
         let ty = &l.cfg.request_type;
         // The metric handles of the configured backends, one snapshot for the whole pick.
@@ -83,7 +95,7 @@ impl Shared {
         // Read only by `balance = "least_connections"`.
         let open = |a: SocketAddr| backends.get(&a).map_or(0, |b| b.open.load(Ordering::Relaxed));
         let conn = PickFor { client, open: &open };
-        let mut addr = self.pick(ty, tried, &conn)?;
+        let mut addr = self.pick(ty, tried, &conn).ok_or(NoBackend::Exhausted)?;
         // Slow start: a backend back from a hold is taken only at its share; else another is, if any.
         if let Some(share) = self.holds.share(addr, t.slow_start)
             && rand::random::<f64>() >= share
@@ -112,12 +124,12 @@ impl Shared {
                 passed.extend_from_slice(tried);
             }
             passed.push(addr);
-            addr = self.pick(ty, &passed, &conn)?;
+            addr = self.pick(ty, &passed, &conn).ok_or(NoBackend::Full)?;
         };
         if attempt > 0 {
             l.metrics.retries.increment(1);
         }
-        Some((addr, assigned))
+        Ok((addr, assigned))
     }
 
     /// A backend for `ty` other than `tried`, leaving out those held out unless every one left is.
@@ -803,7 +815,15 @@ mod tests {
             .collect();
         let on_1 = open.iter().filter(|(a, _)| a.port() == 1).count();
         assert_eq!(on_1, 2, "{open:?}");
-        assert!(shared.next_backend(&l, client, &[], 0).is_none());
+        assert_eq!(
+            shared.next_backend(&l, client, &[], 0).err(),
+            Some(NoBackend::Full)
+        );
+        let both: Vec<SocketAddr> = open.iter().map(|(a, _)| *a).collect();
+        assert_eq!(
+            shared.next_backend(&l, client, &both, 0).err(),
+            Some(NoBackend::Exhausted)
+        );
         let on_2 = open.iter().position(|(a, _)| a.port() == 2).unwrap();
         open.swap_remove(on_2);
         let (addr, _held) = shared.next_backend(&l, client, &[], 0).unwrap();

@@ -53,7 +53,7 @@ use super::forward::{self, Pipe};
 use super::inbound::Inbound;
 use super::listener::{BACKOFF_MAX, BACKOFF_MIN, is_resource_exhaustion};
 use super::metrics::{Assigned, BUFFER_WAITS_TOTAL, BUFFERS_HELD, RECEIVE_PAUSES_TOTAL, SPLICED_BYTES_TOTAL};
-use super::service::{Admit, ListenerState, LiveListener, Shared};
+use super::service::{Admit, ListenerState, LiveListener, NoBackend, QUEUE_RETRY, Shared};
 
 /// Submission queue size; the completion queue is twice that, and overflow is kept by the kernel.
 const RING_ENTRIES: u32 = 4096;
@@ -82,6 +82,10 @@ const PUMP_BYTES: usize = PUMP_MAX as usize * BUF_LEN as usize;
 /// How often the loop wakes on its own: re-arming accepts that wait for a permit or a back-off, and the
 /// idle-timeout scan.
 const TICK: Duration = Duration::from_millis(50);
+/// [`QUEUE_RETRY`] for the ring, which reads it when the timeout is submitted.
+static QUEUE_RETRY_TS: Timespec = Timespec::new()
+    .sec(QUEUE_RETRY.as_secs())
+    .nsec(QUEUE_RETRY.subsec_nanos());
 /// After `Finish`, how long the loop waits for cancelled operations to complete before it exits anyway.
 const FINISH_WAIT: Duration = Duration::from_millis(500);
 
@@ -182,6 +186,8 @@ enum Op {
     Cancel,
     Wake,
     Tick,
+    /// The wait of a connection that found every backend full, before it tries them again.
+    Queue,
 }
 
 impl Op {
@@ -198,6 +204,7 @@ impl Op {
             Self::Cancel,
             Self::Wake,
             Self::Tick,
+            Self::Queue,
         ]
         .into_iter()
         .find(|op| *op as u8 == v)
@@ -441,6 +448,8 @@ struct Connecting {
     header: Option<Box<Inbound>>,
     tried: Vec<SocketAddr>,
     attempt: u32,
+    /// When it first found every backend full (`queue_timeout_ms`).
+    queued: Option<Instant>,
     addr: SocketAddr,
     bm: Option<Assigned>,
     // Read by the kernel when the connect and its linked timeout are submitted.
@@ -656,6 +665,11 @@ impl Loop {
             Some(Op::Connect) => self.on_connect(slot, res),
             Some(Op::LinkTimeout) => {
                 self.finish_op(slot);
+            }
+            Some(Op::Queue) => {
+                if self.finish_op(slot) {
+                    self.connect_next(slot);
+                }
             }
             Some(Op::Recv) => self.on_recv(slot, dir, res, flags),
             Some(Op::Send) => self.on_send(slot, dir, res),
@@ -902,6 +916,7 @@ impl Loop {
                 header,
                 tried: Vec::new(),
                 attempt: 0,
+                queued: None,
                 addr: peer,
                 bm: None,
                 sockaddr: SockAddr::from(peer),
@@ -993,8 +1008,9 @@ impl Loop {
         self.conns.get_mut(slot as usize).and_then(Option::as_mut)
     }
 
-    /// Submits a connect to the next backend, with its timeout linked; closes the client when no backend
-    /// is left to try (none of its bytes were read, so a retry is invisible to it).
+    /// Submits a connect to the next backend, with its timeout linked; when every backend is full, a timer
+    /// to try again while `queue_timeout_ms` allows; closes the client when no backend is left to try (none
+    /// of its bytes were read, so a retry is invisible to it).
     fn connect_next(&mut self, slot: u32) {
         let t = self.shared.timeouts.load_full();
         let shared = self.shared.clone();
@@ -1002,12 +1018,30 @@ impl Loop {
             let Some(c) = self.conn(slot) else { return };
             let l = c.active.l.clone();
             let Some(k) = c.connecting.as_mut() else { return };
-            let Some((addr, bm)) = shared.next_backend(&l, k.peer.ip(), &k.tried, k.attempt) else {
-                l.metrics.failed.increment(1);
-                debug!(listener = %l.cfg.name, peer = %k.peer, "no backend reachable; closing the client");
-                c.active.ended(End::NoBackend);
-                self.close(slot);
-                return;
+            let (addr, bm) = match shared.next_backend(&l, k.peer.ip(), &k.tried, k.attempt) {
+                Ok(pick) => pick,
+                Err(NoBackend::Full) if t.queue.is_some() => {
+                    let since = *k.queued.get_or_insert_with(|| {
+                        l.metrics.queued.increment(1);
+                        Instant::now()
+                    });
+                    if t.may_queue(since) {
+                        let e = opcode::Timeout::new(&QUEUE_RETRY_TS).build().user_data(user_data(
+                            Op::Queue,
+                            slot,
+                            0,
+                        ));
+                        c.ops += 1;
+                        self.push(&e);
+                        return;
+                    }
+                    self.no_backend(slot);
+                    return;
+                }
+                Err(_) => {
+                    self.no_backend(slot);
+                    return;
+                }
             };
             k.attempt += 1;
             c.active.tried();
@@ -1038,6 +1072,17 @@ impl Loop {
             self.push_all(&[connect, timeout]);
             return;
         }
+    }
+
+    /// Closes a client no backend can take, and counts it.
+    fn no_backend(&mut self, slot: u32) {
+        let Some(c) = self.conn(slot) else { return };
+        c.active.l.metrics.failed.increment(1);
+        if let Some(k) = &c.connecting {
+            debug!(listener = %c.active.l.cfg.name, peer = %k.peer, "no backend reachable; closing the client");
+        }
+        c.active.ended(End::NoBackend);
+        self.close(slot);
     }
 
     fn on_connect(&mut self, slot: u32, res: i32) {
