@@ -150,6 +150,15 @@ impl Lb {
         }
     }
 
+    /// Waits until counter `xcluster_lb_proxy_NAME` of listener `web` is `want`; returns `/metrics` then.
+    fn wait_web_count(&self, name: &str, want: f64) -> String {
+        eventually(T, &format!("{name} of web to be {want}"), || {
+            let m = self.metrics();
+            let got = metric_value(&m, &format!("xcluster_lb_proxy_{name}"), "listener=\"web\"");
+            (got == Some(want)).then_some(m)
+        })
+    }
+
     /// The proxy's counters as `/v1/status` shows them (for `xcluster ctl cluster` and the dashboard).
     fn proxy_status(&self) -> xcluster_proto::directory::ProxyStatus {
         let st = get(self.admin, "/v1/status").unwrap().json();
@@ -706,15 +715,7 @@ fn a_backend_at_max_connections_is_passed_over(rt: &'static str) {
     assert_eq!(names, b"abb", "one connection on a, two on b");
     let mut full = connect(front);
     assert_closed(&mut full);
-    let m = eventually(T, "the refused client to be counted", || {
-        let m = lb.metrics();
-        let failed = metric_value(
-            &m,
-            "xcluster_lb_proxy_connections_failed_total",
-            "listener=\"web\"",
-        );
-        (failed == Some(1.0)).then_some(m)
-    });
+    let m = lb.wait_web_count("connections_failed_total", 1.0);
     let passed = |backend: SocketAddr| {
         metric_value(
             &m,
@@ -747,15 +748,7 @@ fn a_client_finding_every_backend_full_waits_in_the_queue(rt: &'static str) {
     // The second waits: its question is answered only once the first has gone.
     let mut second = connect(front);
     second.write_all(b"?").unwrap();
-    eventually(T, "the second client to be queued", || {
-        let m = lb.metrics();
-        let queued = metric_value(
-            &m,
-            "xcluster_lb_proxy_connections_queued_total",
-            "listener=\"web\"",
-        );
-        (queued == Some(1.0)).then_some(())
-    });
+    lb.wait_web_count("connections_queued_total", 1.0);
     drop(first);
     let mut name = [0u8; 1];
     second.read_exact(&mut name).unwrap();
@@ -770,15 +763,7 @@ fn a_client_finding_every_backend_full_waits_in_the_queue(rt: &'static str) {
         started.elapsed() >= Duration::from_millis(200),
         "closed before its wait ran out"
     );
-    eventually(T, "the client the queue gave up on to be counted", || {
-        let m = lb.metrics();
-        let failed = metric_value(
-            &m,
-            "xcluster_lb_proxy_connections_failed_total",
-            "listener=\"web\"",
-        );
-        (failed == Some(1.0)).then_some(())
-    });
+    lb.wait_web_count("connections_failed_total", 1.0);
     drop(second);
 }
 
@@ -1031,15 +1016,7 @@ fn every_backend_down_closes_the_client_promptly_and_counts_it(rt: &'static str)
             started.elapsed()
         ),
     }
-    eventually(T, "the failed connection to be counted", || {
-        let m = lb.metrics();
-        metric_value(
-            &m,
-            "xcluster_lb_proxy_connections_failed_total",
-            "listener=\"web\"",
-        )
-        .filter(|v| *v == 1.0)
-    });
+    lb.wait_web_count("connections_failed_total", 1.0);
 }
 
 fn idle_connections_are_closed_and_counted(rt: &'static str) {
