@@ -487,10 +487,7 @@ fn action(
     signal: Option<&String>,
     args: &CtlArgs,
 ) -> Result<i32, Failure> {
-    if names.is_empty() {
-        eprintln!("xcluster ctl: name a process, group:*, or all");
-        return Err(Failure::Exit(EXIT_FAILED));
-    }
+    need_names(names)?;
     let mut results = send(c, verb, names, signal)?;
     let goal = match verb {
         "start" | "restart" => Some(Goal::Running),
@@ -505,11 +502,16 @@ fn action(
     } else {
         results.iter().for_each(print_line);
     }
-    Ok(if results.iter().any(|(_, r)| r.is_err()) {
-        EXIT_FAILED
-    } else {
-        0
-    })
+    Ok(exit_code(&results))
+}
+
+/// A start, stop, restart or signal needs at least one name.
+fn need_names(names: &[String]) -> Result<(), Failure> {
+    if names.is_empty() {
+        eprintln!("xcluster ctl: name a process, group:*, or all");
+        return Err(Failure::Exit(EXIT_FAILED));
+    }
+    Ok(())
 }
 
 /// Sends `verb` for all of `names` as one command (so a stop of several stops dependents first, and an
@@ -529,6 +531,15 @@ fn send(c: &Client, verb: &str, names: &[String], signal: Option<&String>) -> Re
             (name, if res["ok"] == true { Ok(msg) } else { Err(msg) })
         })
         .collect())
+}
+
+/// 0 when every program's answer is good, else `EXIT_FAILED`.
+fn exit_code(results: &[Answer]) -> i32 {
+    if results.iter().any(|(_, r)| r.is_err()) {
+        EXIT_FAILED
+    } else {
+        0
+    }
 }
 
 /// One program's answer, as a line.
@@ -561,10 +572,7 @@ fn rolling_restart(c: &Client, names: &[String], args: &CtlArgs) -> Result<i32, 
         eprintln!("xcluster ctl: --rolling waits for each program; it cannot go with --no-wait");
         return Err(Failure::Exit(EXIT_USAGE));
     }
-    if names.is_empty() {
-        eprintln!("xcluster ctl: name a process, group:*, or all");
-        return Err(Failure::Exit(EXIT_FAILED));
-    }
+    need_names(names)?;
     let r = c.call("GET", "/v1/status")?;
     check(&r)?;
     let v = r.json();
@@ -584,8 +592,7 @@ fn rolling_restart(c: &Client, names: &[String], args: &CtlArgs) -> Result<i32, 
             break;
         }
     }
-    let stopped_at = results.len();
-    for name in &picked[stopped_at..] {
+    for name in picked.iter().skip(results.len()) {
         let r = (name.clone(), Err("not restarted: the roll stopped".to_string()));
         if !args.json {
             print_line(&r);
@@ -595,11 +602,7 @@ fn rolling_restart(c: &Client, names: &[String], args: &CtlArgs) -> Result<i32, 
     if args.json {
         print_json(&results);
     }
-    Ok(if results.iter().any(|(_, r)| r.is_err()) {
-        EXIT_FAILED
-    } else {
-        0
-    })
+    Ok(exit_code(&results))
 }
 
 /// Where a start, restart or stop is headed.

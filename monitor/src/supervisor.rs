@@ -230,7 +230,7 @@ impl Supervisor {
         match cmd {
             Command::Start(names) => Ok(Reply::Results(self.each(
                 &names,
-                |p| p.shown_state().has_process() && p.shown_state() != State::Stopping,
+                |p| matches!(p.shown_state(), State::Starting | State::Running),
                 |s, name, _| s.user_start(name),
             )?)),
             Command::Stop(names) => Ok(Reply::Results(self.each(
@@ -400,21 +400,25 @@ impl Supervisor {
         (true, "restarting".into())
     }
 
-    /// Programs among `picked` that depend on `name`'s group and still run: a command stopping them all stops
-    /// them before `name`.
-    fn dependents_among(&self, name: &str, picked: &[String]) -> Vec<String> {
+    /// Programs among `among` that depend on `name`'s group, still have a process, and pass `also`.
+    fn dependents(&self, name: &str, among: &[String], also: impl Fn(&Proc) -> bool) -> Vec<String> {
         let Some(group) = self.procs.get(name).map(|p| &p.spec.group) else {
             return Vec::new();
         };
-        (picked.iter())
-            .filter(|n| *n != name)
+        (among.iter())
             .filter(|n| {
                 self.procs
                     .get(*n)
-                    .is_some_and(|q| q.m.state.has_process() && q.spec.depends_on.contains(group))
+                    .is_some_and(|q| q.m.state.has_process() && q.spec.depends_on.contains(group) && also(q))
             })
             .cloned()
             .collect()
+    }
+
+    /// Dependents of `name` among `picked` that still run: a command stopping them all stops them before
+    /// `name`.
+    fn dependents_among(&self, name: &str, picked: &[String]) -> Vec<String> {
+        self.dependents(name, picked, |_| true)
     }
 
     /// Whether `name` depends on the group of a program among `picked`.
@@ -431,19 +435,9 @@ impl Supervisor {
     /// Dependents of `name` being stopped (or held) whose process is still there: `name`'s held stop waits
     /// for them.
     pub fn stopping_dependents(&self, name: &str) -> Vec<String> {
-        let Some(group) = self.procs.get(name).map(|p| &p.spec.group) else {
-            return Vec::new();
-        };
-        (self.order.iter())
-            .filter(|n| {
-                self.procs.get(*n).is_some_and(|q| {
-                    q.m.state.has_process()
-                        && (q.held.is_some() || q.m.state == State::Stopping)
-                        && q.spec.depends_on.contains(group)
-                })
-            })
-            .cloned()
-            .collect()
+        self.dependents(name, &self.order, |q| {
+            q.held.is_some() || q.m.state == State::Stopping
+        })
     }
 
     /// Begins each held stop or restart whose dependents are all down.
