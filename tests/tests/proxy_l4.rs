@@ -754,6 +754,33 @@ fn a_client_finding_every_backend_full_waits_in_the_queue(rt: &'static str) {
     second.read_exact(&mut name).unwrap();
     assert_eq!(&name, b"a");
 
+    // Clients that wait are served in the order they came: each place that frees goes to the one that has
+    // waited longest. Out of order, the one due would wait for a place the other holds, and time out.
+    let mut waiting: Vec<TcpStream> = (0..4)
+        .map(|i| {
+            let mut c = connect(front);
+            c.write_all(b"?").unwrap();
+            lb.wait_web_count("connections_queued_total", f64::from(2 + i));
+            c
+        })
+        .collect();
+    let waiting_now = |n: f64| {
+        eventually(T, &format!("{n} connections waiting"), || {
+            let m = lb.metrics();
+            (metric_value(&m, "xcluster_lb_proxy_connections_waiting", "") == Some(n)).then_some(())
+        })
+    };
+    waiting_now(4.0);
+    let mut holder = second;
+    for (i, mut next) in waiting.drain(..).enumerate() {
+        drop(holder);
+        next.read_exact(&mut name)
+            .unwrap_or_else(|e| panic!("waiting client {i} was not served next: {e}"));
+        holder = next;
+    }
+    waiting_now(0.0);
+    let second = holder;
+
     // A short queue: the next client waits, then is closed and counted.
     lb.reload_applied(1000, &proxy(200));
     let mut third = connect(front);

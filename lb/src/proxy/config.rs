@@ -62,7 +62,8 @@ pub struct ProxySection {
     pub slow_start_ms: u64,
     /// How long a connection that finds every backend of its type at its `max_connections` waits for a place
     /// (HAProxy's `timeout queue`), trying again every 10 ms; it is closed and counted as failed when the
-    /// time is up. 0 (the default): closed at once. At most 60,000.
+    /// time is up. Waiting connections are served in the order they came. 0 (the default): closed at once.
+    /// At most 60,000.
     pub queue_timeout_ms: u64,
     /// With health checks on: instead of the bare connect, send `GET <path>` (HTTP/1.1, `Connection: close`)
     /// and pass only on a 2xx or 3xx status, as HAProxy's `option httpchk` does; the whole check stays within

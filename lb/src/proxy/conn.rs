@@ -264,8 +264,9 @@ async fn connect(
     let mut tried: Vec<SocketAddr> = Vec::new();
     let mut attempt = 0;
     let mut queued: Option<Instant> = None;
+    let mut ticket = None;
     loop {
-        let (addr, bm) = match shared.next_backend(&active.l, client, &tried, attempt) {
+        let (addr, bm) = match shared.next_backend(&active.l, client, &tried, attempt, ticket.as_ref()) {
             Ok(pick) => pick,
             Err(NoBackend::Full) if t.queue.is_some() => {
                 let since = *queued.get_or_insert_with(|| {
@@ -275,11 +276,14 @@ async fn connect(
                 if !t.may_queue(since) {
                     return None;
                 }
+                ticket.get_or_insert_with(|| shared.join_queue(&active.l));
                 tokio::time::sleep(QUEUE_RETRY).await;
                 continue;
             }
             Err(_) => return None,
         };
+        // It has a place: it no longer holds back those behind it.
+        ticket = None;
         attempt += 1;
         active.tried();
         let t0 = Instant::now();

@@ -14,6 +14,7 @@ mod inbound;
 mod listener;
 pub mod metrics;
 pub mod pick;
+mod queue;
 mod service;
 mod uring;
 

@@ -30,6 +30,7 @@ use super::metrics::{
     LISTENER_UNBOUND, ListenerMetrics, WORKERS,
 };
 use super::pick::{BackendPicker, PickFor};
+use super::queue::{Places, Queue, Ticket};
 
 /// Why the proxy could not start.
 #[derive(Debug, thiserror::Error)]
@@ -63,6 +64,9 @@ pub struct Shared {
     pub timeouts: ArcSwap<Timeouts>,
     pub forwarding: Forwarding,
     backends: ArcSwap<HashMap<SocketAddr, Arc<BackendMetrics>>>,
+    /// What a type's waiting clients can take, and the clients waiting, in order.
+    places: ArcSwap<Places>,
+    queue: Arc<Queue>,
     pub permits: Arc<Semaphore>,
     pub tracker: TaskTracker,
     /// The accept loops (tokio) and the closing listeners (io_uring): the drain waits for them too, so a
@@ -77,19 +81,24 @@ pub struct Shared {
 impl Shared {
     /// The backend for connect attempt `attempt` (from 0) of a connection from `client` on `l`, never one of
     /// `tried` (redispatch), with its metric handles; an attempt after the first is counted as a retry.
-    /// Else why there is none.
+    /// Else why there is none. `ticket`: the connection's place in the queue, if it waits for a place; while
+    /// others wait ahead of it, it gets none ([`super::queue`]).
     pub fn next_backend(
         &self,
         l: &ListenerState,
         client: IpAddr,
         tried: &[SocketAddr],
         attempt: u32,
+        ticket: Option<&Ticket>,
     ) -> Result<(SocketAddr, Assigned), NoBackend> {
         let t = self.timeouts.load();
         if attempt >= t.connect_attempts {
             return Err(NoBackend::Exhausted);
         }
         let ty = &l.cfg.request_type;
+        if !self.queue.may_take(ty, ticket, || self.places.load().free(ty)) {
+            return Err(NoBackend::Full);
+        }
         // The metric handles of the configured backends, one snapshot for the whole pick.
         let backends = self.backends.load();
         // Read only by `balance = "least_connections"`.
@@ -130,6 +139,11 @@ impl Shared {
             l.metrics.retries.increment(1);
         }
         Ok((addr, assigned))
+    }
+
+    /// A place in the queue for a connection on `l` that found every backend full.
+    pub fn join_queue(&self, l: &ListenerState) -> Ticket {
+        self.queue.join(&l.cfg.request_type)
     }
 
     /// A backend for `ty` other than `tried`, leaving out those held out unless every one left is.
@@ -216,22 +230,34 @@ impl Shared {
         bm.connected(started);
         self.answered(addr, bm, "a connect");
     }
+
+    /// Takes `cfg`'s backends: their metric handles (kept for those already known) and their places.
+    fn set_backends(&self, cfg: &ProxyConfig) {
+        let map = backend_handles(cfg, &self.backends.load());
+        self.places
+            .store(Arc::new(Places::new(cfg, |b| map[&b.addr].clone())));
+        self.backends.store(Arc::new(map));
+    }
 }
 
 #[cfg(test)]
 impl Shared {
     pub fn for_tests(cfg: &ProxyConfig) -> Self {
-        Self {
+        let shared = Self {
             picker: Arc::new(super::pick::StaticPicker::new(cfg)),
             timeouts: ArcSwap::from_pointee(cfg.timeouts.clone()),
             forwarding: cfg.forwarding,
-            backends: ArcSwap::from_pointee(backend_handles(cfg, &HashMap::new())),
+            backends: ArcSwap::default(),
+            places: ArcSwap::default(),
+            queue: Arc::default(),
             permits: Arc::new(Semaphore::new(1)),
             tracker: TaskTracker::new(),
             listeners: TaskTracker::new(),
             stop: CancellationToken::new(),
             holds: Holds::default(),
-        }
+        };
+        shared.set_backends(cfg);
+        shared
     }
 }
 
@@ -481,7 +507,9 @@ pub fn start(
         picker,
         timeouts: ArcSwap::from_pointee(cfg.timeouts.clone()),
         forwarding: cfg.forwarding,
-        backends: ArcSwap::from_pointee(HashMap::new()),
+        backends: ArcSwap::default(),
+        places: ArcSwap::default(),
+        queue: Arc::default(),
         permits: Arc::new(Semaphore::new(cfg.max_connections)),
         tracker: TaskTracker::new(),
         listeners: TaskTracker::new(),
@@ -574,8 +602,7 @@ impl Manager {
     /// Applies what reloads without touching listeners: timeouts, backends and weights.
     fn apply_live(&mut self, cfg: &ProxyConfig) {
         self.shared.timeouts.store(Arc::new(cfg.timeouts.clone()));
-        let map = backend_handles(cfg, &self.shared.backends.load());
-        self.shared.backends.store(Arc::new(map));
+        self.shared.set_backends(cfg);
         self.shared.picker.on_config(cfg);
     }
 
@@ -777,14 +804,14 @@ mod tests {
         let client = IpAddr::from([127, 0, 0, 1]);
         // Ten connections still connecting: none has completed, all hold their assignment.
         let connecting: Vec<(SocketAddr, Assigned)> = (0..10)
-            .map(|_| shared.next_backend(&l, client, &[], 0).unwrap())
+            .map(|_| shared.next_backend(&l, client, &[], 0, None).unwrap())
             .collect();
         let on_1 = connecting.iter().filter(|(a, _)| a.port() == 1).count();
         assert_eq!(on_1, 5, "10 picks in a burst went {on_1} to 10 - {on_1}");
         // Backend 1's connections end: the next five go to it.
         let kept: Vec<_> = connecting.into_iter().filter(|(a, _)| a.port() == 2).collect();
         let later: Vec<(SocketAddr, Assigned)> = (0..5)
-            .map(|_| shared.next_backend(&l, client, &[], 0).unwrap())
+            .map(|_| shared.next_backend(&l, client, &[], 0, None).unwrap())
             .collect();
         assert!(later.iter().all(|(a, _)| a.port() == 1));
         drop((kept, later));
@@ -811,22 +838,56 @@ mod tests {
         let l = ListenerState::new(&cfg.listeners[0], Arc::default());
         let client = IpAddr::from([127, 0, 0, 1]);
         let mut open: Vec<(SocketAddr, Assigned)> = (0..5)
-            .map(|_| shared.next_backend(&l, client, &[], 0).unwrap())
+            .map(|_| shared.next_backend(&l, client, &[], 0, None).unwrap())
             .collect();
         let on_1 = open.iter().filter(|(a, _)| a.port() == 1).count();
         assert_eq!(on_1, 2, "{open:?}");
         assert_eq!(
-            shared.next_backend(&l, client, &[], 0).err(),
+            shared.next_backend(&l, client, &[], 0, None).err(),
             Some(NoBackend::Full)
         );
         let both: Vec<SocketAddr> = open.iter().map(|(a, _)| *a).collect();
         assert_eq!(
-            shared.next_backend(&l, client, &both, 0).err(),
+            shared.next_backend(&l, client, &both, 0, None).err(),
             Some(NoBackend::Exhausted)
         );
         let on_2 = open.iter().position(|(a, _)| a.port() == 2).unwrap();
         open.swap_remove(on_2);
-        let (addr, _held) = shared.next_backend(&l, client, &[], 0).unwrap();
+        let (addr, _held) = shared.next_backend(&l, client, &[], 0, None).unwrap();
         assert_eq!(addr.port(), 2);
+    }
+
+    /// A place that frees goes to the client that has waited longest, not to a later one nor a newcomer.
+    #[test]
+    fn a_freed_place_goes_to_the_client_that_waited_longest() {
+        let cfg = ProxyConfig::for_tests(
+            r#"
+            [[listeners]]
+            listen = "127.0.0.1:7100"
+            [[backends]]
+            addr = "127.0.0.1:1"
+            max_connections = 1
+            "#,
+        );
+        let shared = Shared::for_tests(&cfg);
+        let l = ListenerState::new(&cfg.listeners[0], Arc::default());
+        let client = IpAddr::from([127, 0, 0, 1]);
+        let ask = |ticket: Option<&Ticket>| shared.next_backend(&l, client, &[], 0, ticket);
+        let held = ask(None).unwrap();
+        assert_eq!(ask(None).err(), Some(NoBackend::Full));
+        let first = shared.join_queue(&l);
+        let second = shared.join_queue(&l);
+        drop(held);
+        assert_eq!(ask(Some(&second)).err(), Some(NoBackend::Full));
+        assert_eq!(ask(None).err(), Some(NoBackend::Full));
+        let served = ask(Some(&first)).unwrap();
+        drop(first);
+        assert_eq!(
+            ask(Some(&second)).err(),
+            Some(NoBackend::Full),
+            "no place is free"
+        );
+        drop(served);
+        let _served = ask(Some(&second)).unwrap();
     }
 }
