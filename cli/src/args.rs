@@ -129,6 +129,12 @@ pub enum CtlVerb {
     },
     /// Send a signal (e.g. HUP, USR1) to programs.
     Signal { signal: String, names: Vec<String> },
+    /// The monitor's pid, or with names each program's pid, one per line (0: no process; exit 3 then).
+    Pid { names: Vec<String> },
+    /// Empty programs' log files (stdout and stderr) and remove their rotated backups.
+    Clear { names: Vec<String> },
+    /// The monitor's version.
+    Version,
     /// Show the tail of a program's log.
     Tail {
         name: String,

@@ -2,8 +2,8 @@
 //!
 //! Exit codes: 0 success; 1 a refused or failed action (unknown program, already started, invalid config, a
 //! program that did not come up or stop within `--wait-secs`);
-//! 3 `status` found a process that is not RUNNING (as supervisorctl), or `cluster`, `drain` or `undrain` a
-//! balancer that does not answer; 69 the monitor cannot be reached; 77 the token was refused.
+//! 3 `status` found a process that is not RUNNING (as supervisorctl), `pid` a program without a process, or
+//! `cluster`, `drain` or `undrain` a balancer that does not answer; 69 the monitor cannot be reached; 77 the token was refused.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
@@ -85,6 +85,19 @@ fn run_verb(c: &Client, args: &CtlArgs) -> Result<i32, Failure> {
         CtlVerb::Restart { names, rolling: true } => rolling_restart(c, names, args),
         CtlVerb::Restart { names, .. } => action(c, "restart", names, None, args),
         CtlVerb::Signal { signal, names } => action(c, "signal", names, Some(signal), args),
+        CtlVerb::Clear { names } => action(c, "clear", names, None, args),
+        CtlVerb::Pid { names } => pid(c, names, args.json),
+        CtlVerb::Version => {
+            let r = c.call("GET", "/v1/status")?;
+            check(&r)?;
+            let version = r.json()["monitor"]["version"].clone();
+            if args.json {
+                println!("{}", serde_json::json!({ "version": version }));
+            } else {
+                println!("{}", version.as_str().unwrap_or("?"));
+            }
+            Ok(0)
+        }
         CtlVerb::Tail {
             name,
             follow,
@@ -182,6 +195,39 @@ fn status(c: &Client, names: &[String], as_json: bool) -> Result<i32, Failure> {
     }
     let all_running = shown.iter().all(|p| p["state"] == "RUNNING");
     Ok(if all_running { 0 } else { EXIT_NOT_RUNNING })
+}
+
+/// As supervisorctl's `pid`: the monitor's pid, or each named program's, one per line for scripts (`kill -USR1
+/// $(xcluster ctl pid app-0)`); 0 for a program without a process, which exits 3 as `status` would.
+fn pid(c: &Client, names: &[String], as_json: bool) -> Result<i32, Failure> {
+    let r = c.call("GET", "/v1/status")?;
+    check(&r)?;
+    let v = r.json();
+    if names.is_empty() {
+        let pid = v["monitor"]["pid"].as_u64().unwrap_or(0);
+        if as_json {
+            println!("{}", serde_json::json!({ "pid": pid }));
+        } else {
+            println!("{pid}");
+        }
+        return Ok(0);
+    }
+    let pids: Vec<(&str, u64)> = (pick(items(&v["programs"]), names)?.into_iter())
+        .map(|p| (p["name"].as_str().unwrap_or("?"), p["pid"].as_u64().unwrap_or(0)))
+        .collect();
+    if as_json {
+        let list: Vec<Value> = (pids.iter())
+            .map(|(name, pid)| serde_json::json!({ "name": name, "pid": pid }))
+            .collect();
+        println!("{}", Value::Array(list));
+    } else {
+        pids.iter().for_each(|(_, pid)| println!("{pid}"));
+    }
+    Ok(if pids.iter().all(|(_, pid)| *pid > 0) {
+        0
+    } else {
+        EXIT_NOT_RUNNING
+    })
 }
 
 /// The cluster view, as the dashboard shows it: per balancer, its instances and its L4 proxy.

@@ -98,6 +98,7 @@ impl Api {
                     "start" => Command::Start(names),
                     "stop" => Command::Stop(names),
                     "restart" => Command::Restart(names),
+                    "clear" => Command::Clear(names),
                     "signal" => match signal_of(req).await {
                         Ok(sig) => Command::Signal(names, sig),
                         Err(resp) => return resp,

@@ -45,6 +45,11 @@ impl RotatingLog {
 
     pub fn write(&mut self, mut data: &[u8]) -> std::io::Result<()> {
         while !data.is_empty() {
+            // The file may have been emptied behind our back (`ctl clear`, logrotate's copytruncate): its
+            // real size, not the count of what we wrote, says whether it is full.
+            if self.maxbytes > 0 && self.size >= self.maxbytes {
+                self.size = self.file.metadata()?.len();
+            }
             if self.maxbytes > 0 && self.size >= self.maxbytes {
                 self.rotate()?;
             }
@@ -79,6 +84,35 @@ impl RotatingLog {
         self.size = 0;
         Ok(())
     }
+}
+
+/// Empties the log at `path` and removes its rotated backups (`<path>.1`, ...). A writer keeps writing to
+/// it: it appends, so its next write lands at the start of the emptied file.
+pub fn clear(path: &Path) -> std::io::Result<()> {
+    match OpenOptions::new().write(true).open(path) {
+        Ok(f) => f.set_len(0)?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+        return Ok(());
+    };
+    let dir = if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    };
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let backup = (entry.file_name().as_encoded_bytes())
+            .strip_prefix(name.as_encoded_bytes())
+            .and_then(|rest| rest.strip_prefix(b"."))
+            .is_some_and(|n| !n.is_empty() && n.iter().all(u8::is_ascii_digit));
+        if backup {
+            std::fs::remove_file(entry.path())?;
+        }
+    }
+    Ok(())
 }
 
 fn numbered(path: &Path, i: u32) -> PathBuf {
@@ -151,5 +185,42 @@ mod tests {
         assert_eq!(std::fs::read(numbered(&path, 2)).unwrap(), vec![b'c'; 1024]);
         assert!(!numbered(&path, 3).exists());
         assert_eq!(tail(&path, 3).unwrap(), b"eee");
+    }
+
+    /// A clear empties the file under a live writer and removes the backups (and only them); the writer
+    /// goes on at the start of the file and rotates by the file's real size, not by what it wrote before.
+    #[test]
+    fn a_clear_empties_the_log_under_its_writer() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p.log");
+        let other = dir.path().join("p.log.old");
+        std::fs::write(&other, b"kept").unwrap();
+        let spec = LogSpec {
+            path: Some(path.clone()),
+            maxbytes: 1024,
+            backups: 2,
+        };
+        let mut log = RotatingLog::open(&spec).unwrap().unwrap();
+        for i in 0..4u8 {
+            log.write(&[b'a' + i; 1024]).unwrap();
+        }
+        clear(&path).unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"");
+        assert!(!numbered(&path, 1).exists() && !numbered(&path, 2).exists());
+        assert_eq!(std::fs::read(&other).unwrap(), b"kept");
+        log.write(b"after").unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"after");
+        assert!(
+            !numbered(&path, 1).exists(),
+            "rotated a file that is far from full"
+        );
+        log.write(&[b'z'; 1019]).unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 1024);
+        assert!(!numbered(&path, 1).exists());
+        log.write(b"next").unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"next");
+        assert_eq!(std::fs::metadata(numbered(&path, 1)).unwrap().len(), 1024);
+        // Clearing a log that was never written is no error.
+        clear(&dir.path().join("none.log")).unwrap();
     }
 }

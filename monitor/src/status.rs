@@ -64,6 +64,8 @@ pub enum Command {
     Stop(Vec<String>),
     Restart(Vec<String>),
     Signal(Vec<String>, nix::sys::signal::Signal),
+    /// Empty the programs' log files and remove their rotated backups (supervisorctl's `clear`).
+    Clear(Vec<String>),
     /// Compute the plan for a config without applying it (`reread`).
     Plan(Arc<Config>),
     /// Apply a config, touching only what changed (`update`).

@@ -248,6 +248,11 @@ impl Supervisor {
                 |p| !p.m.state.has_process(),
                 |s, name, _| s.user_signal(name, sig),
             )?)),
+            Command::Clear(names) => Ok(Reply::Results(self.each(
+                &names,
+                |_| false,
+                |s, name, _| s.user_clear(name),
+            )?)),
             Command::Plan(cfg) => Ok(Reply::Plan(self.plan(&cfg))),
             Command::Update(cfg) => Ok(Reply::Plan(self.update(cfg))),
             Command::Shutdown => {
@@ -482,6 +487,23 @@ impl Supervisor {
             Ok(()) => (true, format!("sent {sig}")),
             Err(e) => (false, format!("cannot send {sig}: {e}")),
         }
+    }
+
+    fn user_clear(&mut self, name: &str) -> (bool, String) {
+        let Some(p) = self.procs.get(name) else {
+            return (false, "gone".into());
+        };
+        let logs = [&p.spec.stdout, &p.spec.stderr];
+        let paths: Vec<&std::path::Path> = logs.iter().filter_map(|l| l.path.as_deref()).collect();
+        if paths.is_empty() {
+            return (false, "no log file".into());
+        }
+        for path in paths {
+            if let Err(e) = crate::logs::clear(path) {
+                return (false, format!("cannot clear {}: {e}", path.display()));
+            }
+        }
+        (true, "cleared".into())
     }
 
     /// Feeds one event to a process's state machine and performs the resulting actions.

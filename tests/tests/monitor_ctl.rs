@@ -69,6 +69,34 @@ fn ctl_errors_and_tokens() {
     assert!(out(&o).contains("cannot reach the monitor"), "{}", out(&o));
 }
 
+/// supervisorctl's `pid` (the monitor's, or each program's for scripts: 0 and exit 3 for one without a
+/// process) and `version`.
+#[test]
+fn pid_and_version_as_supervisorctl() {
+    let m = Mon::start(
+        "[programs.x]\ncommand = \"sleep 300\"\nstartsecs = 0\n[programs.idle]\ncommand = \"sleep 300\"\nautostart = false\n",
+    );
+    m.wait_state("x", "RUNNING", T);
+    let monitor = &m.status()["monitor"];
+    assert_eq!(m.ctl_ok(&["pid"]).trim(), monitor["pid"].to_string());
+    assert_eq!(
+        m.ctl_ok(&["version"]).trim(),
+        monitor["version"].as_str().unwrap()
+    );
+    let x = m.pid("x").unwrap();
+    assert_eq!(m.ctl_ok(&["pid", "x"]).trim(), x.to_string());
+    // In start order: `idle` sorts first.
+    assert_says(&m.ctl(&["pid", "all"]), 3, &format!("0\n{x}"));
+    let o = m.ctl(&["--json", "pid", "x"]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v, serde_json::json!([{ "name": "x", "pid": x }]));
+    assert_says(
+        &m.ctl(&["pid", "nope"]),
+        1,
+        "xcluster ctl: no such process or group: nope",
+    );
+}
+
 #[test]
 fn start_stop_and_restart_wait_for_their_outcome_as_supervisorctl_does() {
     let m = Mon::start(

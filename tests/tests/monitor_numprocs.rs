@@ -137,6 +137,18 @@ stdout_logfile_backups = 2
     eventually(T, "tail -f shows the live line", || {
         follow.stdout().contains("got-usr1").then_some(())
     });
+
+    // `clear` empties the log and removes its backups; the program's next output starts the file again.
+    let o = m.ctl(&["clear", "chatty"]);
+    assert_says(&o, 0, "chatty: cleared");
+    assert_eq!(std::fs::read_to_string(&log).unwrap(), "");
+    assert!(!backup(1).exists() && !backup(2).exists(), "backups left");
+    m.ctl_ok(&["signal", "USR1", "chatty"]);
+    eventually(T, "the next line in the cleared log", || {
+        (std::fs::read_to_string(&log).unwrap() == "got-usr1\n").then_some(())
+    });
+    let o = m.ctl(&["clear", "nope"]);
+    assert_says(&o, 1, "xcluster ctl: no such process or group: nope");
 }
 
 #[test]
