@@ -123,7 +123,8 @@ pub enum CtlVerb {
     Restart {
         names: Vec<String>,
         /// One at a time: each program is restarted only once the one before runs and is ready again, so
-        /// a group never has more than one down; stops at the first that does not come back.
+        /// a group never has more than one down; stops at the first that does not come back (or is not
+        /// ready within --wait-secs). The monitor drives it: an interrupted ctl leaves it going.
         #[arg(long)]
         rolling: bool,
     },

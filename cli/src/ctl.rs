@@ -189,6 +189,18 @@ fn status(c: &Client, names: &[String], as_json: bool) -> Result<i32, Failure> {
                 describe(p)
             );
         }
+        if v["roll"]["finished"] == false {
+            let steps = items(&v["roll"]["programs"]);
+            let done = steps.iter().filter(|s| s["step"] == "done").count();
+            let now = (steps.iter().find(|s| s["step"] == "restarting"))
+                .and_then(|s| s["name"].as_str())
+                .unwrap_or("?");
+            eprintln!(
+                "rolling restart {}: {now} restarting, {done} of {} done",
+                v["roll"]["id"],
+                steps.len()
+            );
+        }
         if let Some(e) = v["reload"]["last_error"].as_str() {
             eprintln!("config reload failed (the old config stays): {e}");
         }
@@ -610,45 +622,79 @@ fn print_json(results: &[Answer]) {
     println!("{}", serde_json::json!({ "results": list }));
 }
 
-/// `restart --rolling`: one program at a time, the next only once this one runs and is ready again, so a
-/// group serving clients never has more than one of them down (a deploy without an outage). The roll stops
-/// at the first program that does not come back; the ones after it keep running untouched.
+/// `restart --rolling`: the monitor restarts one program at a time, the next only once this one runs and is
+/// ready again, so a group serving clients never has more than one of them down (a deploy without an
+/// outage); the roll stops at the first program that does not come back, and the ones after it keep running
+/// untouched. The monitor drives the roll: this follows it in `/v1/status`, printing each program's outcome
+/// as it comes, and an interrupted `ctl` leaves it going. `--no-wait` prints where it stands and returns.
 fn rolling_restart(c: &Client, names: &[String], args: &CtlArgs) -> Result<i32, Failure> {
-    if args.no_wait {
-        eprintln!("xcluster ctl: --rolling waits for each program; it cannot go with --no-wait");
-        return Err(Failure::Exit(EXIT_USAGE));
-    }
     need_names(names)?;
-    let r = c.call("GET", "/v1/status")?;
+    let list: Vec<String> = names.iter().map(|n| percent_encode(n)).collect();
+    let path = format!(
+        "/v1/programs/{}/restart?rolling=1&wait_secs={}",
+        list.join(","),
+        args.wait_secs.clamp(1, 3600)
+    );
+    let r = c.call("POST", &path)?;
     check(&r)?;
-    let v = r.json();
-    let picked: Vec<String> = (pick(items(&v["programs"]), names)?.iter())
-        .filter_map(|p| p["name"].as_str().map(str::to_string))
+    let mut roll = r.json()["roll"].clone();
+    let mut printed = 0;
+    if !args.no_wait {
+        (roll, printed) = follow_roll(c, roll, !args.json)?;
+    }
+    let results: Vec<Answer> = (items(&roll["programs"]).iter())
+        .map(|s| {
+            let name = s["name"].as_str().unwrap_or("?").to_string();
+            let state = s["step"].as_str().unwrap_or("?").to_string();
+            (name, roll_answer(s).map_or(Ok(state), |(_, r)| r))
+        })
         .collect();
-    let mut results: Vec<Answer> = Vec::new();
-    for name in &picked {
-        let mut one = send(c, "restart", std::slice::from_ref(name), None)?;
-        await_goal(c, &mut one, Goal::Running, Duration::from_secs(args.wait_secs))?;
-        if !args.json {
-            one.iter().for_each(print_line);
-        }
-        let failed = one.iter().any(|(_, r)| r.is_err());
-        results.extend(one);
-        if failed {
-            break;
-        }
-    }
-    for name in picked.iter().skip(results.len()) {
-        let r = (name.clone(), Err("not restarted: the roll stopped".to_string()));
-        if !args.json {
-            print_line(&r);
-        }
-        results.push(r);
-    }
     if args.json {
         print_json(&results);
+    } else {
+        results.iter().skip(printed).for_each(print_line);
     }
     Ok(exit_code(&results))
+}
+
+/// Follows the roll `roll` in the status until it has finished, printing (with `print`) each program's
+/// outcome in order as it settles. Returns the finished roll and how many lines were printed.
+fn follow_roll(c: &Client, mut roll: Value, print: bool) -> Result<(Value, usize), Failure> {
+    let id = roll["id"].clone();
+    let mut printed = 0;
+    loop {
+        for s in items(&roll["programs"]).iter().skip(printed) {
+            let Some(answer) = roll_answer(s).filter(|_| print) else {
+                break;
+            };
+            print_line(&answer);
+            printed += 1;
+        }
+        if roll["finished"] == true {
+            return Ok((roll, printed));
+        }
+        std::thread::sleep(WAIT_POLL);
+        let r = c.call("GET", "/v1/status")?;
+        check(&r)?;
+        roll = r.json()["roll"].clone();
+        if roll["id"] != id {
+            eprintln!(
+                "xcluster ctl: the rolling restart is gone from the monitor's status (did it restart?)"
+            );
+            return Err(Failure::Exit(EXIT_FAILED));
+        }
+    }
+}
+
+/// A roll's program once settled: `started`, or why not.
+fn roll_answer(step: &Value) -> Option<Answer> {
+    let name = step["name"].as_str().unwrap_or("?").to_string();
+    let message = step["message"].as_str().unwrap_or("").to_string();
+    match step["step"].as_str() {
+        Some("done") => Some((name, Ok(message))),
+        Some("failed" | "skipped") => Some((name, Err(message))),
+        _ => None,
+    }
 }
 
 /// Where a start, restart or stop is headed.

@@ -97,7 +97,11 @@ impl Api {
                 let cmd = match *verb {
                     "start" => Command::Start(names),
                     "stop" => Command::Stop(names),
-                    "restart" => Command::Restart(names),
+                    "restart" => match rolling_of(req.uri().query()) {
+                        Ok(Some(limit)) => Command::Roll(names, limit),
+                        Ok(None) => Command::Restart(names),
+                        Err(resp) => return resp,
+                    },
                     "clear" => Command::Clear(names),
                     "signal" => match signal_of(req).await {
                         Ok(sig) => Command::Signal(names, sig),
@@ -177,6 +181,7 @@ impl Api {
             },
             "reload": *self.reloader.status().borrow(),
             "programs": programs,
+            "roll": snap.roll,
         })
     }
 
@@ -203,12 +208,14 @@ impl Api {
         match tokio::time::timeout(COMMAND_TIMEOUT, rx).await {
             Ok(Ok(Ok(Reply::Results(results)))) => json(StatusCode::OK, &json!({ "results": results })),
             Ok(Ok(Ok(Reply::Plan(plan)))) => json(StatusCode::OK, &plan),
+            Ok(Ok(Ok(Reply::Roll(roll)))) => json(StatusCode::OK, &json!({ "roll": roll })),
             Ok(Ok(Ok(Reply::Done))) => json(StatusCode::OK, &json!({ "ok": true })),
             Ok(Ok(Err(e))) => {
                 let (status, code) = match e {
                     CommandError::Unknown(_) => (StatusCode::NOT_FOUND, "unknown_program"),
                     CommandError::NoNames => (StatusCode::BAD_REQUEST, "no_names"),
                     CommandError::ShuttingDown => (StatusCode::CONFLICT, "shutting_down"),
+                    CommandError::Rolling(_) => (StatusCode::CONFLICT, "rolling"),
                 };
                 error(status, code, &e.to_string())
             }
@@ -423,6 +430,25 @@ async fn signal_of(req: Request<Incoming>) -> Result<nix::sys::signal::Signal, R
             &format!("unknown signal {name:?}"),
         )
     })
+}
+
+/// A restart's `?rolling=1[&wait_secs=N]`: one program at a time, each given N seconds (1 to 3600, default
+/// 60) to run and be ready again. `None`: a plain restart.
+#[allow(clippy::result_large_err)]
+fn rolling_of(query: Option<&str>) -> Result<Option<Duration>, Response<Body>> {
+    let bad = |m: &str| error(StatusCode::BAD_REQUEST, "bad_query", m);
+    let pairs = query_pairs(query).map_err(|e| bad(&e))?;
+    let get = |k: &str| pairs.iter().find(|(key, _)| key == k).map(|(_, v)| v.as_str());
+    match get("rolling") {
+        None | Some("0" | "false") => return Ok(None),
+        Some("1" | "true") => {}
+        Some(_) => return Err(bad("rolling must be 1 or 0")),
+    }
+    match get("wait_secs").map(str::parse::<u64>) {
+        None => Ok(Some(Duration::from_secs(60))),
+        Some(Ok(n @ 1..=3600)) => Ok(Some(Duration::from_secs(n))),
+        Some(_) => Err(bad("wait_secs must be a number of seconds from 1 to 3600")),
+    }
 }
 
 /// Percent-decodes a path segment (names may arrive as `app%3A*`); undecodable input is kept as it is.

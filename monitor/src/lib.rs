@@ -14,6 +14,7 @@ pub mod policy;
 pub mod probe;
 mod probes;
 pub mod program;
+pub mod roll;
 pub mod select;
 mod snapshot;
 pub mod statefile;

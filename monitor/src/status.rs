@@ -55,6 +55,8 @@ pub struct ProcStatus {
 pub struct Snapshot {
     pub programs: Vec<ProcStatus>,
     pub shutting_down: bool,
+    /// The rolling restart under way, or the last one.
+    pub roll: Option<crate::roll::RollStatus>,
 }
 
 /// What the API can ask of the supervisor.
@@ -66,6 +68,8 @@ pub enum Command {
     Signal(Vec<String>, nix::sys::signal::Signal),
     /// Empty the programs' log files and remove their rotated backups (supervisorctl's `clear`).
     Clear(Vec<String>),
+    /// Restart the programs one at a time, each within the limit ([`crate::roll`]).
+    Roll(Vec<String>, std::time::Duration),
     /// Compute the plan for a config without applying it (`reread`).
     Plan(Arc<Config>),
     /// Apply a config, touching only what changed (`update`).
@@ -95,6 +99,8 @@ pub struct Plan {
 pub enum Reply {
     Results(Vec<ActionResult>),
     Plan(Plan),
+    /// A rolling restart just begun.
+    Roll(Option<crate::roll::RollStatus>),
     Done,
 }
 
@@ -107,6 +113,8 @@ pub enum CommandError {
     NoNames,
     #[error("the monitor is shutting down")]
     ShuttingDown,
+    #[error("a rolling restart is under way ({0} restarting)")]
+    Rolling(String),
 }
 
 pub type Request = (Command, oneshot::Sender<Result<Reply, CommandError>>);

@@ -17,6 +17,7 @@ use crate::config::Config;
 use crate::events::{Bus, Kind};
 use crate::machine::{Action, Event, Machine, State};
 use crate::program::ProcessSpec;
+use crate::roll::Roll;
 use crate::statefile::{Entry, RunDir};
 use crate::status::{Command, CommandError, ProbeStatus, Reply, Request, Snapshot};
 
@@ -35,6 +36,8 @@ pub(crate) enum Internal {
         result: Result<(), String>,
     },
     KillAll,
+    /// Nothing to do but look again (a rolling restart's deadline).
+    Wake,
 }
 
 pub(crate) struct Proc {
@@ -90,12 +93,14 @@ pub(crate) struct Supervisor {
     pub cfg: Arc<Config>,
     pub bus: Bus,
     run_dir: RunDir,
-    internal: mpsc::UnboundedSender<Internal>,
+    pub(crate) internal: mpsc::UnboundedSender<Internal>,
     exits: mpsc::UnboundedSender<Exit>,
     status: watch::Sender<Arc<Snapshot>>,
     next_id: u64,
     shutting_down: bool,
     saved: Vec<Entry>,
+    /// The rolling restart under way, or the last one.
+    pub(crate) roll: Option<Roll>,
 }
 
 /// The channels the supervisor task listens on.
@@ -136,6 +141,7 @@ impl Supervisor {
             next_id: 0,
             shutting_down: false,
             saved: Vec::new(),
+            roll: None,
         };
         sup.update(cfg);
         sup.adopt(adopt);
@@ -248,6 +254,25 @@ impl Supervisor {
                 |p| !p.m.state.has_process(),
                 |s, name, _| s.user_signal(name, sig),
             )?)),
+            Command::Roll(names, limit) => {
+                if let Some(current) = self
+                    .roll
+                    .as_ref()
+                    .filter(|r| !r.status.finished)
+                    .map(Roll::current)
+                {
+                    return Err(CommandError::Rolling(current.unwrap_or("starting").to_string()));
+                }
+                let picked: Vec<String> = self.resolve(&names)?.into_iter().map(|(n, _)| n).collect();
+                // Numbered from 1 in each monitor's life.
+                let id = self.roll.as_ref().map_or(1, |r| r.status.id + 1);
+                self.bus.publish(Kind::Monitor {
+                    detail: format!("rolling restart {id} of {}", picked.join(", ")),
+                });
+                self.roll = Some(Roll::new(id, picked, limit));
+                self.advance_roll();
+                Ok(Reply::Roll(self.roll.as_ref().map(|r| r.status.clone())))
+            }
             Command::Clear(names) => Ok(Reply::Results(self.each(
                 &names,
                 |_| false,
@@ -375,7 +400,7 @@ impl Supervisor {
         (true, "stopping".into())
     }
 
-    fn user_restart(&mut self, name: &str, picked: &[String]) -> (bool, String) {
+    pub(crate) fn user_restart(&mut self, name: &str, picked: &[String]) -> (bool, String) {
         let dependents = self.dependents_among(name, picked);
         let after_dependencies = self.depends_on_any(name, picked);
         let Some(p) = self.procs.get_mut(name) else {
@@ -619,6 +644,7 @@ impl Supervisor {
                 liveness,
                 result,
             } => self.on_probe(&name, spawn_id, liveness, result),
+            Internal::Wake => {}
             Internal::KillAll => {
                 for p in self.procs.values().filter(|p| p.m.state.has_process()) {
                     let _ = child::signal_group(p.pid, nix::sys::signal::Signal::SIGKILL);
@@ -693,6 +719,7 @@ impl Supervisor {
     fn kick(&mut self) {
         loop {
             let mut progressed = self.release_holds();
+            progressed |= self.advance_roll();
             for name in self.order.clone() {
                 let Some(p) = self.procs.get_mut(&name) else {
                     continue;
@@ -770,6 +797,9 @@ impl Supervisor {
             p.wanted = false;
             // `stop_leaves` orders every stop from here on.
             p.held = None;
+        }
+        if let Some(roll) = self.roll.as_mut().filter(|r| !r.status.finished) {
+            roll.stop("the monitor is shutting down");
         }
         // A restart halfway through would start its program again only to stop it.
         let restarting: Vec<String> = (self.procs.iter())

@@ -214,9 +214,41 @@ period_ms = 50
          app-2: ERROR (not restarted: the roll stopped)",
     );
     assert_eq!(m.pid("app-2"), Some(app_2));
-    assert_says(
-        &m.ctl(&["--no-wait", "restart", "--rolling", "app"]),
-        64,
-        "xcluster ctl: --rolling waits for each program; it cannot go with --no-wait",
+
+    // The monitor drives the roll: it goes on after `ctl --no-wait` has returned, shows in the status,
+    // refuses a second roll meanwhile, and a stop of the program it waits for ends it there.
+    let o = m.ctl(&["--no-wait", "--wait-secs", "60", "restart", "--rolling", "app"]);
+    assert_says(&o, 0, "app-0: restarting\napp-1: waiting\napp-2: waiting");
+    let step = |i: usize| m.status()["roll"]["programs"][i]["step"].clone();
+    eventually(T, "the roll at app-1", || (step(1) == "restarting").then_some(()));
+    assert_eq!(step(0), "done");
+    let o = m.ctl(&["status", "app-0"]);
+    assert!(
+        out(&o).contains("rolling restart 3: app-1 restarting, 1 of 3 done"),
+        "{}",
+        out(&o)
     );
+    let o = m.ctl(&["restart", "--rolling", "app"]);
+    assert_says(
+        &o,
+        1,
+        "xcluster ctl: a rolling restart is under way (app-1 restarting)",
+    );
+    m.ctl_ok(&["stop", "app-1"]);
+    let roll = eventually(T, "the roll to end", || {
+        let roll = m.status()["roll"].clone();
+        (roll["finished"] == true).then_some(roll)
+    });
+    let steps: Vec<(&str, &str)> = (roll["programs"].as_array().unwrap().iter())
+        .map(|s| (s["step"].as_str().unwrap(), s["message"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        steps,
+        [
+            ("done", "started"),
+            ("failed", "stopped"),
+            ("skipped", "not restarted: the roll stopped")
+        ]
+    );
+    assert_eq!(m.pid("app-2"), Some(app_2));
 }
