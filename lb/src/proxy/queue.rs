@@ -183,44 +183,4 @@ mod tests {
         assert_eq!(q.waiting.load(Ordering::Relaxed), 0);
         assert!(q.lock().is_empty());
     }
-
-    #[test]
-    fn places_count_only_capped_backends_with_a_weight() {
-        let cfg = ProxyConfig::for_tests(
-            r#"
-            [[listeners]]
-            listen = "127.0.0.1:7100"
-            [[backends]]
-            addr = "127.0.0.1:1"
-            request_types = ["web"]
-            max_connections = 2
-            [[backends]]
-            addr = "127.0.0.1:2"
-            request_types = ["web"]
-            max_connections = 3
-            [[backends]]
-            addr = "127.0.0.1:3"
-            request_types = ["web"]
-            weight = 0
-            [[backends]]
-            addr = "127.0.0.1:4"
-            request_types = ["api"]
-            "#,
-        );
-        let handles: HashMap<_, _> = cfg
-            .backends
-            .iter()
-            .map(|b| {
-                let bm = Arc::new(BackendMetrics::new(b.addr));
-                bm.max.store(u64::from(b.max_connections), Ordering::Relaxed);
-                (b.addr, bm)
-            })
-            .collect();
-        let places = Places::new(&cfg, |b| handles[&b.addr].clone());
-        assert_eq!(places.free("web"), 5);
-        handles[&cfg.backends[1].addr].open.store(3, Ordering::Relaxed);
-        assert_eq!(places.free("web"), 2);
-        assert_eq!(places.free("api"), usize::MAX, "a backend without a cap");
-        assert_eq!(places.free("routed"), usize::MAX, "no configured backend");
-    }
 }

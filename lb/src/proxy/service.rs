@@ -857,6 +857,41 @@ mod tests {
         assert_eq!(addr.port(), 2);
     }
 
+    /// A type's places are those of its capped backends with a weight; one without a cap, or no configured
+    /// backend, gives it places without end.
+    #[test]
+    fn places_count_only_capped_backends_with_a_weight() {
+        let cfg = ProxyConfig::for_tests(
+            r#"
+            [[listeners]]
+            listen = "127.0.0.1:7100"
+            [[backends]]
+            addr = "127.0.0.1:1"
+            request_types = ["web"]
+            max_connections = 2
+            [[backends]]
+            addr = "127.0.0.1:2"
+            request_types = ["web"]
+            max_connections = 3
+            [[backends]]
+            addr = "127.0.0.1:3"
+            request_types = ["web"]
+            weight = 0
+            [[backends]]
+            addr = "127.0.0.1:4"
+            request_types = ["api"]
+            "#,
+        );
+        let shared = Shared::for_tests(&cfg);
+        let free = |ty: &str| shared.places.load().free(ty);
+        assert_eq!(free("web"), 5);
+        let second = cfg.backends[1].addr;
+        shared.backends.load()[&second].open.store(3, Ordering::Relaxed);
+        assert_eq!(free("web"), 2);
+        assert_eq!(free("api"), usize::MAX, "a backend without a cap");
+        assert_eq!(free("routed"), usize::MAX, "no configured backend");
+    }
+
     /// A place that frees goes to the client that has waited longest, not to a later one nor a newcomer.
     #[test]
     fn a_freed_place_goes_to_the_client_that_waited_longest() {
