@@ -1,6 +1,6 @@
 //! The agent's configuration: raw serde form, validation, typed form.
 //!
-//! Reloads live: `log.level`, `shutdown.grace_ms`, `balancers`, `key`/`key_file`, `interval_ms`,
+//! Reloads live: `log.level`, `shutdown.*`, `balancers`, `key`/`key_file`, `interval_ms`,
 //! `sample_ms`, `timeout_ms`, `instances`. Needs a restart: `listen`, `http.*`, `agent_id` (sequence numbers are per
 //! agent id).
 
@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use xcluster_runtime::common::{HttpSection, LogSection, ShutdownSection};
+use xcluster_runtime::common::{HttpSection, LogSection, ShutdownSection, ShutdownTimes};
 use xcluster_runtime::{ConfigIssue, DaemonConfig, RoleConfig, Validator};
 
 /// Most instances one agent reports (the report format's own bound).
@@ -99,7 +99,7 @@ pub struct Config {
     pub timeout: Duration,
     pub instances: Vec<InstanceConfig>,
     pub log_filter: String,
-    pub grace: Duration,
+    pub shutdown: ShutdownTimes,
     /// The API server's limits (`[http]`, with `[shutdown]`'s grace period).
     pub http: xcluster_runtime::http::ServerLimits,
 }
@@ -196,8 +196,8 @@ impl RoleConfig for Config {
             });
         }
         raw.log.validate(&mut v);
-        let grace = raw.shutdown.validate(&mut v);
-        let http = raw.http.validate(&mut v, grace);
+        let shutdown = raw.shutdown.validate(&mut v);
+        let http = raw.http.validate(&mut v, shutdown.grace);
         v.finish(Config {
             listen,
             agent_id,
@@ -209,7 +209,7 @@ impl RoleConfig for Config {
             timeout,
             instances,
             log_filter: raw.log.level.clone(),
-            grace,
+            shutdown,
             http,
         })
     }
@@ -268,8 +268,8 @@ fn host_name() -> String {
 }
 
 impl DaemonConfig for Config {
-    fn grace(&self) -> Duration {
-        self.grace
+    fn shutdown(&self) -> ShutdownTimes {
+        self.shutdown
     }
     fn log_filter(&self) -> &str {
         &self.log_filter

@@ -1,6 +1,6 @@
 //! The app's configuration: raw serde form, validation, typed form.
 //!
-//! Reloads live: `log.level`, `shutdown.grace_ms`, `slowdown.*`, `degrade.*` (the manual level and the
+//! Reloads live: `log.level`, `shutdown.*`, `slowdown.*`, `degrade.*` (the manual level and the
 //! breaker thresholds), `reservation_ttl_ms`, `seckill.per_user_limit`, `admin_token`,
 //! `audit_interval_ms`.
 //! Needs a restart: `listen`, `http.*`, `instance`, `db_path`, `store_threads`, `busy_timeout_ms`, `seed_demo`,
@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use xcluster_runtime::common::{HttpSection, LogSection, ShutdownSection};
+use xcluster_runtime::common::{HttpSection, LogSection, ShutdownSection, ShutdownTimes};
 use xcluster_runtime::{ConfigIssue, DaemonConfig, RoleConfig, Validator};
 
 use crate::degrade::Level;
@@ -178,7 +178,7 @@ pub struct Config {
     pub sold_out_gate: Duration,
     pub cpu_us: BTreeMap<String, u64>,
     pub log_filter: String,
-    pub grace: Duration,
+    pub shutdown: ShutdownTimes,
     /// The API server's limits (`[http]`, with `[shutdown]`'s grace period).
     pub http: xcluster_runtime::http::ServerLimits,
     /// The store to open (issue 8).
@@ -262,8 +262,8 @@ impl RoleConfig for Config {
             raw.seed_demo,
         );
         raw.log.validate(&mut v);
-        let grace = raw.shutdown.validate(&mut v);
-        let http = raw.http.validate(&mut v, grace);
+        let shutdown = raw.shutdown.validate(&mut v);
+        let http = raw.http.validate(&mut v, shutdown.grace);
         let instance = if raw.instance.is_empty() {
             format!("app-{}", listen.port())
         } else {
@@ -291,7 +291,7 @@ impl RoleConfig for Config {
             sold_out_gate,
             cpu_us: raw.slowdown.cpu_us_per_request.clone(),
             log_filter: raw.log.level.clone(),
-            grace,
+            shutdown,
             http,
             backend,
             redis,
@@ -308,8 +308,8 @@ impl RoleConfig for Config {
 }
 
 impl DaemonConfig for Config {
-    fn grace(&self) -> Duration {
-        self.grace
+    fn shutdown(&self) -> ShutdownTimes {
+        self.shutdown
     }
     fn log_filter(&self) -> &str {
         &self.log_filter

@@ -137,7 +137,7 @@ pub async fn run(ctx: Context<Config>) -> Result<(), Error> {
     drain.cancelled().await;
     // In-flight requests (and the group commits they wait on) finish within the grace period before the
     // background work stops; an order is acknowledged only after its commit, so a cut here loses nothing.
-    let grace_end = tokio::time::Instant::now() + ctx.config().grace;
+    let grace_end = tokio::time::Instant::now() + ctx.config().shutdown.grace;
     while app_for_drain.stats.in_flight.load(Ordering::Relaxed) > 0 && tokio::time::Instant::now() < grace_end
     {
         tokio::time::sleep(Duration::from_millis(10)).await;

@@ -1,6 +1,6 @@
 //! The lb's configuration: raw serde form, validation, typed form.
 //!
-//! Reloads live: `log.level`, `shutdown.grace_ms`, `peers`, `advertise`, every key of `[reports]`,
+//! Reloads live: `log.level`, `shutdown.*`, `peers`, `advertise`, every key of `[reports]`,
 //! `[directory]`, `[admin]` and `[types.*]` (request types and their cost profiles). and the `[proxy]` keys listed in
 //! `crate::proxy::config`. Needs a restart: `listen`, `http.*`.
 
@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use xcluster_runtime::common::{HttpSection, LogSection, ShutdownSection};
+use xcluster_runtime::common::{HttpSection, LogSection, ShutdownSection, ShutdownTimes};
 use xcluster_runtime::{ConfigIssue, DaemonConfig, RoleConfig, Validator};
 
 use crate::directory::weights::{Params, TypeProfile};
@@ -177,7 +177,7 @@ pub struct Config {
     pub params: Params,
     pub admin_token: String,
     pub log_filter: String,
-    pub grace: Duration,
+    pub shutdown: ShutdownTimes,
     /// The API server's limits (`[http]`, with `[shutdown]`'s grace period).
     pub http: xcluster_runtime::http::ServerLimits,
     /// The L4 proxy (issue 5).
@@ -228,8 +228,8 @@ impl RoleConfig for Config {
                 .into()
         });
         raw.log.validate(&mut v);
-        let grace = raw.shutdown.validate(&mut v);
-        let http = raw.http.validate(&mut v, grace);
+        let shutdown = raw.shutdown.validate(&mut v);
+        let http = raw.http.validate(&mut v, shutdown.grace);
         let proxy = raw.proxy.validate(&mut v);
         v.finish(Config {
             listen,
@@ -241,7 +241,7 @@ impl RoleConfig for Config {
             params,
             admin_token: raw.admin.token.clone(),
             log_filter: raw.log.level.clone(),
-            grace,
+            shutdown,
             http,
             proxy,
         })
@@ -379,8 +379,8 @@ fn validate_directory(v: &mut Validator, d: &DirectorySection, types: &BTreeMap<
 }
 
 impl DaemonConfig for Config {
-    fn grace(&self) -> Duration {
-        self.grace
+    fn shutdown(&self) -> ShutdownTimes {
+        self.shutdown
     }
     fn log_filter(&self) -> &str {
         &self.log_filter

@@ -1,7 +1,7 @@
 //! The monitor's configuration: raw serde form, validation, typed form. The per-program section lives in
 //! [`crate::program`].
 //!
-//! Reloads live: `log.level`, `shutdown.grace_ms`, `token`/`token_file`, `cluster.*`, `events_history`, and every
+//! Reloads live: `log.level`, `shutdown.*`, `token`/`token_file`, `cluster.*`, `events_history`, and every
 //! `[programs.*]` section (an update touches only the programs whose expanded spec changed).
 //! Needs a restart: `listen`, `run_dir`, `log_dir`, `http.*`.
 
@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use xcluster_runtime::common::{HttpSection, LogSection, ShutdownSection};
+use xcluster_runtime::common::{HttpSection, LogSection, ShutdownSection, ShutdownTimes};
 use xcluster_runtime::{ConfigIssue, DaemonConfig, RoleConfig, Validator};
 
 use crate::program::{ProcessSpec, RawProgram};
@@ -95,7 +95,7 @@ pub struct Config {
     pub balancers: Vec<SocketAddr>,
     pub cluster_timeout: Duration,
     pub log_filter: String,
-    pub grace: Duration,
+    pub shutdown: ShutdownTimes,
     /// The API server's limits (`[http]`, with `[shutdown]`'s grace period).
     pub http: xcluster_runtime::http::ServerLimits,
     /// Every process after `numprocs` expansion, in start order (priority, then name).
@@ -121,8 +121,8 @@ impl RoleConfig for Config {
         let mut v = Validator::new();
         let listen = v.addr("listen", &raw.listen);
         raw.log.validate(&mut v);
-        let grace = raw.shutdown.validate(&mut v);
-        let http = raw.http.validate(&mut v, grace);
+        let shutdown = raw.shutdown.validate(&mut v);
+        let http = raw.http.validate(&mut v, shutdown.grace);
         let token = if !raw.token_file.is_empty() {
             if !raw.token.is_empty() {
                 v.error("token_file", "set either token or token_file, not both");
@@ -189,7 +189,7 @@ impl RoleConfig for Config {
             balancers,
             cluster_timeout,
             log_filter: raw.log.level.clone(),
-            grace,
+            shutdown,
             http,
             processes: Arc::new(processes),
         })
@@ -203,8 +203,8 @@ impl RoleConfig for Config {
 }
 
 impl DaemonConfig for Config {
-    fn grace(&self) -> Duration {
-        self.grace
+    fn shutdown(&self) -> ShutdownTimes {
+        self.shutdown
     }
     fn log_filter(&self) -> &str {
         &self.log_filter

@@ -26,22 +26,41 @@ impl LogSection {
     }
 }
 
-/// `[shutdown]`: how long SIGTERM lets in-flight work finish. Reloads live.
+/// `[shutdown]`: what SIGTERM does. Reloads live.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(default, deny_unknown_fields)]
 pub struct ShutdownSection {
+    /// How long in-flight work may finish once the drain begins.
     pub grace_ms: u64,
+    /// How long the daemon reports not ready (`/readyz` 503; an app's stats say so to the agent) while it
+    /// still serves everything, before the drain begins: long enough for what sends it work (balancers'
+    /// weights fed by agent reports, health checks) to stop, so no client meets a closing port (HAProxy's
+    /// global `grace`). 0: the drain begins at once.
+    pub deregister_ms: u64,
 }
 
 impl Default for ShutdownSection {
     fn default() -> Self {
-        Self { grace_ms: 10_000 }
+        Self {
+            grace_ms: 10_000,
+            deregister_ms: 0,
+        }
     }
 }
 
+/// `[shutdown]`, validated.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ShutdownTimes {
+    pub grace: std::time::Duration,
+    pub deregister: std::time::Duration,
+}
+
 impl ShutdownSection {
-    pub fn validate(&self, v: &mut Validator) -> std::time::Duration {
-        v.millis("shutdown.grace_ms", self.grace_ms, 0, 3_600_000)
+    pub fn validate(&self, v: &mut Validator) -> ShutdownTimes {
+        ShutdownTimes {
+            grace: v.millis("shutdown.grace_ms", self.grace_ms, 0, 3_600_000),
+            deregister: v.millis("shutdown.deregister_ms", self.deregister_ms, 0, 60_000),
+        }
     }
 }
 

@@ -9,6 +9,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
+use crate::common::ShutdownTimes;
 use crate::config::{ConfigSource, Loaded, RoleConfig};
 use crate::health::Health;
 use crate::reload::Reloader;
@@ -38,8 +39,9 @@ impl<C: RoleConfig> Context<C> {
 
 /// What a role's config tells the daemon runner.
 pub trait DaemonConfig: RoleConfig {
-    /// How long SIGTERM lets in-flight work finish.
-    fn grace(&self) -> Duration;
+    /// What SIGTERM does: how long the daemon reports not ready before the drain, and how long the drain
+    /// lets in-flight work finish.
+    fn shutdown(&self) -> ShutdownTimes;
     /// The `tracing` filter from `[log] level`.
     fn log_filter(&self) -> &str;
 }
@@ -85,9 +87,9 @@ where
         }
     });
 
-    let grace_rx = config_rx.clone();
+    let times_rx = config_rx.clone();
     let signals = crate::signals::spawn_listener(shutdown.clone(), health.clone(), trigger_tx, move || {
-        grace_rx.borrow().grace()
+        times_rx.borrow().shutdown()
     });
     if let Err(e) = signals {
         error!(error = %e, "cannot install signal handlers");

@@ -9,6 +9,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
+use crate::common::ShutdownTimes;
 use crate::health::Health;
 
 /// The shutdown state a role watches.
@@ -94,41 +95,63 @@ impl Shutdown {
 /// forces the exit.
 pub const REPEAT_WINDOW: Duration = Duration::from_millis(250);
 
-/// Listens for signals until the process ends. `grace` is read on each SIGTERM so it reloads live.
+/// Listens for signals until the process ends. `times` is read on each SIGTERM so it reloads live.
+///
+/// With a `deregister` time, SIGTERM first only reports not ready, and the drain begins once that time is
+/// up; a later SIGTERM (past [`REPEAT_WINDOW`]) begins it at once, and SIGINT stops at once as ever.
 pub fn spawn_listener(
     shutdown: Shutdown,
     health: Health,
     reload: mpsc::Sender<crate::reload::Cause>,
-    grace: impl Fn() -> Duration + Send + 'static,
+    times: impl Fn() -> ShutdownTimes + Send + 'static,
 ) -> std::io::Result<tokio::task::JoinHandle<()>> {
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;
     Ok(tokio::spawn(async move {
         let mut first_stop: Option<Instant> = None;
-        // Whether a stop signal arriving now should force the exit (see REPEAT_WINDOW).
-        let mut insists = move |shutdown: &Shutdown| {
+        // Whether a stop signal arriving now is a new one, not a duplicate delivery (see REPEAT_WINDOW).
+        let mut insists = move || {
             let now = Instant::now();
             let started = *first_stop.get_or_insert(now);
-            shutdown.is_draining() && now.duration_since(started) >= REPEAT_WINDOW
+            now.duration_since(started) >= REPEAT_WINDOW
         };
+        // The drain SIGTERM will begin once deregistered, with its grace period.
+        let mut deregistering: Option<(Instant, Duration)> = None;
         loop {
+            let drain_at = deregistering.map(|(at, _)| tokio::time::Instant::from_std(at));
             tokio::select! {
                 Some(()) = term.recv() => {
-                    if insists(&shutdown) {
+                    let insists = insists();
+                    if shutdown.is_draining() && insists {
                         warn!("second SIGTERM while draining: forcing exit");
                         shutdown.force.cancel();
-                    } else if shutdown.is_draining() {
+                    } else if shutdown.is_draining() || (deregistering.is_some() && !insists) {
                         info!("repeated SIGTERM within {REPEAT_WINDOW:?}: already draining");
+                    } else if let Some((_, grace)) = deregistering.take() {
+                        info!(?grace, "second SIGTERM while deregistering: draining now");
+                        shutdown.begin_drain(grace);
                     } else {
-                        let grace = grace();
-                        info!(?grace, "SIGTERM: draining");
+                        let ShutdownTimes { grace, deregister } = times();
                         health.set_draining();
+                        if deregister.is_zero() {
+                            info!(?grace, "SIGTERM: draining");
+                            shutdown.begin_drain(grace);
+                        } else {
+                            info!(?deregister, ?grace, "SIGTERM: not ready, serving on until deregistered");
+                            deregistering = Some((Instant::now() + deregister, grace));
+                        }
+                    }
+                }
+                () = tokio::time::sleep_until(drain_at.unwrap_or_else(tokio::time::Instant::now)), if drain_at.is_some() => {
+                    if let Some((_, grace)) = deregistering.take() {
+                        info!(?grace, "deregistered: draining");
                         shutdown.begin_drain(grace);
                     }
                 }
                 Some(()) = int.recv() => {
-                    if insists(&shutdown) {
+                    deregistering = None;
+                    if insists() && shutdown.is_draining() {
                         warn!("SIGINT while draining: forcing exit");
                         shutdown.force.cancel();
                     } else if shutdown.is_draining() {

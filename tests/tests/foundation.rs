@@ -217,6 +217,62 @@ fn sigterm_drains_and_exits_zero() {
     assert!(p.stderr().contains("SIGTERM: draining"), "{}", p.stderr());
 }
 
+/// With `deregister_ms`, SIGTERM first only reports not ready: `/readyz` answers 503 and the app's stats say
+/// `"ready": false` (what the agent reports to the balancers), while new connections are still served. SIGINT
+/// then stops it at once.
+#[test]
+fn sigterm_with_deregister_reports_not_ready_and_serves_on() {
+    let addr = free_addr();
+    let mut p = Proc::xcluster(
+        "app",
+        &[
+            "app",
+            "--set",
+            &format!("listen=\"{addr}\""),
+            "--set",
+            "shutdown.deregister_ms=30000",
+        ],
+    );
+    wait_ready(addr, Duration::from_secs(20));
+    p.signal(nix::sys::signal::Signal::SIGTERM);
+    eventually(Duration::from_secs(10), "/readyz to answer 503", || {
+        (get(addr, "/readyz").ok()?.status == 503).then_some(())
+    });
+    let stats = get(addr, "/v1/stats").unwrap();
+    assert_eq!(
+        (stats.status, &stats.json()["ready"]),
+        (200, &serde_json::json!(false))
+    );
+    assert_eq!(get(addr, "/v1/products?limit=1").unwrap().status, 200);
+    assert!(p.is_running(), "{}", p.stderr());
+    p.signal(nix::sys::signal::Signal::SIGINT);
+    assert_eq!(p.wait_exit(Duration::from_secs(10)), Some(0), "{}", p.stderr());
+}
+
+/// Once `deregister_ms` is up, the drain begins on its own.
+#[test]
+fn after_deregister_ms_the_drain_begins() {
+    let addr = free_addr();
+    let mut p = Proc::xcluster(
+        "lb",
+        &[
+            "lb",
+            "--set",
+            &format!("listen=\"{addr}\""),
+            "--set",
+            "shutdown.deregister_ms=300",
+        ],
+    );
+    wait_ready(addr, Duration::from_secs(20));
+    p.signal(nix::sys::signal::Signal::SIGTERM);
+    assert_eq!(p.wait_exit(Duration::from_secs(10)), Some(0), "{}", p.stderr());
+    let log = p.stderr();
+    assert!(
+        log.contains("SIGTERM: not ready") && log.contains("deregistered: draining"),
+        "{log}"
+    );
+}
+
 /// SIGTERM while clients keep opening connections to a role's API loses none of them: each request is
 /// answered (`/livez` stays 200 while draining) or its connect refused once the port is closed, never reset
 /// after its handshake (the clients queued on the listener when the drain begins are served too).

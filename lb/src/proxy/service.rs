@@ -491,7 +491,7 @@ struct Manager {
 /// The config's `[proxy]` and its `shutdown.grace_ms`, marked seen.
 fn proxy_and_grace(config: &mut watch::Receiver<Arc<crate::Config>>) -> (ProxyConfig, Duration) {
     let c = config.borrow_and_update();
-    (c.proxy.clone(), c.grace)
+    (c.proxy.clone(), c.shutdown.grace)
 }
 
 /// Starts the workers and the listeners of the current config, and follows config reloads.
