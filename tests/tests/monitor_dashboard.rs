@@ -57,8 +57,11 @@ fn the_dashboard_shows_programs_and_the_cluster_and_reacts_to_a_restart() {
             drop(s);
         }
     });
+    // `pair` never becomes ready: a rolling restart of it stays on its first program.
     let m = Mon::start(&format!(
-        "[cluster]\nbalancers = [\"{up}\", \"{down}\"]\n[programs.web]\ncommand = \"sleep 300\"\nstartsecs = 0\n"
+        "[cluster]\nbalancers = [\"{up}\", \"{down}\"]\n[programs.web]\ncommand = \"sleep 300\"\nstartsecs = 0\n\
+         [programs.pair]\ncommand = \"sleep 300\"\nnumprocs = 2\nstartsecs = 0\n\
+         [programs.pair.readiness]\ncommand = \"false\"\nperiod_ms = 60000\n"
     ));
     let p = m.wait_state("web", "RUNNING", T);
     let pid = p["pid"].as_i64().unwrap() as i32;
@@ -101,6 +104,19 @@ fn the_dashboard_shows_programs_and_the_cluster_and_reacts_to_a_restart() {
     );
     assert!(
         dom.contains(&format!("<b>{down}</b> <span class=\"down\">down</span>")),
+        "{dom}"
+    );
+    // A group of several programs gets a rolling restart button; a roll under way shows where it stands.
+    assert!(
+        dom.contains("<button data-roll=\"pair\">rolling restart pair:*</button>")
+            && !dom.contains("data-roll=\"web\""),
+        "{dom}"
+    );
+    let r = m.post("/v1/programs/pair%3A*/restart?rolling=1");
+    assert_eq!(r.status, 200, "{}", r.body);
+    let dom = dump(m.addr);
+    assert!(
+        dom.contains("<div id=\"roll\">rolling restart 1: pair-0 restarting, pair-1 waiting</div>"),
         "{dom}"
     );
     // Its L4 proxy, per listener and per backend.
@@ -168,12 +184,14 @@ fn drainable_balancer() -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
 /// The page's buttons, clicked with the mouse in the browser: without a token the monitor refuses a restart
 /// and a drain, and the page says so until the next action (its refreshes keep the message); with the token
 /// typed into its box, drain reaches the balancer with the monitor's token and the instance's button turns
-/// to undrain, and restart gives the program a new pid.
+/// to undrain, restart gives the program a new pid, and a group's rolling restart gives each of its programs
+/// one.
 #[test]
 fn the_dashboard_buttons_act_with_the_typed_token() {
     let (balancer, drains) = drainable_balancer();
     let m = Mon::start(&format!(
-        "[cluster]\nbalancers = [\"{balancer}\"]\n[programs.web]\ncommand = \"sleep 300\"\nstartsecs = 0\n"
+        "[cluster]\nbalancers = [\"{balancer}\"]\n[programs.web]\ncommand = \"sleep 300\"\nstartsecs = 0\n\
+         [programs.pair]\ncommand = \"sleep 300\"\nnumprocs = 2\nstartsecs = 0\n"
     ));
     let pid = m.wait_state("web", "RUNNING", T)["pid"].as_i64().unwrap() as i32;
     let mut b = Browser::open(&format!("http://{}/", m.addr));
@@ -236,4 +254,25 @@ fn the_dashboard_buttons_act_with_the_typed_token() {
 
     b.click(restart);
     m.wait_new_pid("web", pid, T);
+
+    let pairs: Vec<i32> = ["pair-0", "pair-1"]
+        .iter()
+        .map(|n| m.wait_state(n, "RUNNING", T)["pid"].as_i64().unwrap() as i32)
+        .collect();
+    b.click(r#"button[data-roll="pair"]"#);
+    let roll = eventually(T, "the roll to end", || {
+        let roll = m.status()["roll"].clone();
+        (roll["finished"] == true).then_some(roll)
+    });
+    assert!(
+        roll["programs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|p| p["step"] == "done"),
+        "{roll}"
+    );
+    for (name, old) in ["pair-0", "pair-1"].iter().zip(pairs) {
+        assert_ne!(m.pid(name), Some(old), "{name} kept its process");
+    }
 }
