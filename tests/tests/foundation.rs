@@ -192,21 +192,18 @@ fn admin_endpoints_answer_on_every_role() {
     }
 }
 
-/// An lb with no config file but its API address and grace period, ready.
-fn bare_lb(grace_ms: u64) -> (Proc, std::net::SocketAddr) {
+/// A `role` with no config file but its API address and `set` (`key=value`), ready.
+fn bare(role: &str, set: &str) -> (Proc, std::net::SocketAddr) {
     let addr = free_addr();
-    let p = Proc::xcluster(
-        "lb",
-        &[
-            "lb",
-            "--set",
-            &format!("listen=\"{addr}\""),
-            "--set",
-            &format!("shutdown.grace_ms={grace_ms}"),
-        ],
-    );
+    let listen = format!("listen=\"{addr}\"");
+    let p = Proc::xcluster(role, &[role, "--set", &listen, "--set", set]);
     wait_ready(addr, Duration::from_secs(20));
     (p, addr)
+}
+
+/// An lb with no config file but its API address and grace period, ready.
+fn bare_lb(grace_ms: u64) -> (Proc, std::net::SocketAddr) {
+    bare("lb", &format!("shutdown.grace_ms={grace_ms}"))
 }
 
 #[test]
@@ -222,18 +219,7 @@ fn sigterm_drains_and_exits_zero() {
 /// then stops it at once.
 #[test]
 fn sigterm_with_deregister_reports_not_ready_and_serves_on() {
-    let addr = free_addr();
-    let mut p = Proc::xcluster(
-        "app",
-        &[
-            "app",
-            "--set",
-            &format!("listen=\"{addr}\""),
-            "--set",
-            "shutdown.deregister_ms=30000",
-        ],
-    );
-    wait_ready(addr, Duration::from_secs(20));
+    let (mut p, addr) = bare("app", "shutdown.deregister_ms=30000");
     p.signal(nix::sys::signal::Signal::SIGTERM);
     eventually(Duration::from_secs(10), "/readyz to answer 503", || {
         (get(addr, "/readyz").ok()?.status == 503).then_some(())
@@ -252,18 +238,7 @@ fn sigterm_with_deregister_reports_not_ready_and_serves_on() {
 /// Once `deregister_ms` is up, the drain begins on its own.
 #[test]
 fn after_deregister_ms_the_drain_begins() {
-    let addr = free_addr();
-    let mut p = Proc::xcluster(
-        "lb",
-        &[
-            "lb",
-            "--set",
-            &format!("listen=\"{addr}\""),
-            "--set",
-            "shutdown.deregister_ms=300",
-        ],
-    );
-    wait_ready(addr, Duration::from_secs(20));
+    let (mut p, _) = bare("lb", "shutdown.deregister_ms=300");
     p.signal(nix::sys::signal::Signal::SIGTERM);
     assert_eq!(p.wait_exit(Duration::from_secs(10)), Some(0), "{}", p.stderr());
     let log = p.stderr();
