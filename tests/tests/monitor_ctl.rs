@@ -42,6 +42,18 @@ fn ctl_errors_and_tokens() {
     assert_eq!(r.status, 401);
     assert_eq!(m.state("x"), "RUNNING");
 
+    // A rolling restart's bounds are checked before anything restarts.
+    for query in [
+        "rolling=yes",
+        "rolling=1&wait_secs=0",
+        "rolling=1&wait_secs=3601",
+        "rolling=1&wait_secs=x",
+    ] {
+        let r = m.post(&format!("/v1/programs/x/restart?{query}"));
+        assert_eq!(r.status, 400, "{query}: {}", r.body);
+    }
+    assert!(m.status()["roll"].is_null(), "a refused roll began");
+
     let o = m.ctl(&["--json", "status"]);
     assert!(o.status.success(), "{}", out(&o));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
