@@ -3,7 +3,8 @@
 //! Exit codes: 0 success; 1 a refused or failed action (unknown program, already started, invalid config, a
 //! program that did not come up or stop within `--wait-secs`);
 //! 3 `status` found a process that is not RUNNING (as supervisorctl), `pid` a program without a process, or
-//! `cluster`, `drain` or `undrain` a balancer that does not answer; 69 the monitor cannot be reached; 77 the token was refused.
+//! `cluster`, `drain` or `undrain` a balancer that does not answer; 69 the monitor cannot be reached; 77 the
+//! token was refused.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
@@ -15,13 +16,13 @@ use xcluster_runtime::http::percent_encode;
 use crate::args::{CtlArgs, CtlVerb};
 
 const EXIT_FAILED: i32 = 1;
+const EXIT_NOT_RUNNING: i32 = 3;
 const EXIT_USAGE: i32 = 64;
+const EXIT_UNAVAILABLE: i32 = 69;
+const EXIT_NOPERM: i32 = 77;
 
 /// A program's name and the monitor's answer for it: done (with what happened) or why not.
 type Answer = (String, Result<String, String>);
-const EXIT_NOT_RUNNING: i32 = 3;
-const EXIT_UNAVAILABLE: i32 = 69;
-const EXIT_NOPERM: i32 = 77;
 /// Largest answer we read (a status of hundreds of programs is far smaller).
 const MAX_RESPONSE: u64 = 16 * 1024 * 1024;
 
@@ -88,9 +89,7 @@ fn run_verb(c: &Client, args: &CtlArgs) -> Result<i32, Failure> {
         CtlVerb::Clear { names } => action(c, "clear", names, None, args),
         CtlVerb::Pid { names } => pid(c, names, args.json),
         CtlVerb::Version => {
-            let r = c.call("GET", "/v1/status")?;
-            check(&r)?;
-            let version = r.json()["monitor"]["version"].clone();
+            let version = monitor_status(c)?["monitor"]["version"].clone();
             if args.json {
                 println!("{}", serde_json::json!({ "version": version }));
             } else {
@@ -157,10 +156,15 @@ fn check(r: &Resp) -> Result<(), Failure> {
     }
 }
 
-fn status(c: &Client, names: &[String], as_json: bool) -> Result<i32, Failure> {
+/// The monitor's `/v1/status`: the programs, the monitor itself, the last reload and the roll.
+fn monitor_status(c: &Client) -> Result<Value, Failure> {
     let r = c.call("GET", "/v1/status")?;
     check(&r)?;
-    let v = r.json();
+    Ok(r.json())
+}
+
+fn status(c: &Client, names: &[String], as_json: bool) -> Result<i32, Failure> {
+    let v = monitor_status(c)?;
     let all = items(&v["programs"]);
     let shown = if names.is_empty() {
         all.iter().collect()
@@ -212,9 +216,7 @@ fn status(c: &Client, names: &[String], as_json: bool) -> Result<i32, Failure> {
 /// As supervisorctl's `pid`: the monitor's pid, or each named program's, one per line for scripts (`kill -USR1
 /// $(xcluster ctl pid app-0)`); 0 for a program without a process, which exits 3 as `status` would.
 fn pid(c: &Client, names: &[String], as_json: bool) -> Result<i32, Failure> {
-    let r = c.call("GET", "/v1/status")?;
-    check(&r)?;
-    let v = r.json();
+    let v = monitor_status(c)?;
     if names.is_empty() {
         let pid = v["monitor"]["pid"].as_u64().unwrap_or(0);
         if as_json {
@@ -575,8 +577,7 @@ fn need_names(names: &[String]) -> Result<(), Failure> {
 /// Sends `verb` for all of `names` as one command (so a stop of several stops dependents first, and an
 /// unknown name changes nothing) and returns each program's answer.
 fn send(c: &Client, verb: &str, names: &[String], signal: Option<&String>) -> Result<Vec<Answer>, Failure> {
-    let list: Vec<String> = names.iter().map(|n| percent_encode(n)).collect();
-    let mut path = format!("/v1/programs/{}/{verb}", list.join(","));
+    let mut path = programs_path(names, verb);
     if let Some(s) = signal {
         path.push_str(&format!("?signal={}", percent_encode(s)));
     }
@@ -589,6 +590,12 @@ fn send(c: &Client, verb: &str, names: &[String], signal: Option<&String>) -> Re
             (name, if res["ok"] == true { Ok(msg) } else { Err(msg) })
         })
         .collect())
+}
+
+/// The API path of `verb` for all of `names` as one command: `/v1/programs/db,app%3A*/stop`.
+fn programs_path(names: &[String], verb: &str) -> String {
+    let list: Vec<String> = names.iter().map(|n| percent_encode(n)).collect();
+    format!("/v1/programs/{}/{verb}", list.join(","))
 }
 
 /// 0 when every program's answer is good, else `EXIT_FAILED`.
@@ -629,10 +636,9 @@ fn print_json(results: &[Answer]) {
 /// as it comes, and an interrupted `ctl` leaves it going. `--no-wait` prints where it stands and returns.
 fn rolling_restart(c: &Client, names: &[String], args: &CtlArgs) -> Result<i32, Failure> {
     need_names(names)?;
-    let list: Vec<String> = names.iter().map(|n| percent_encode(n)).collect();
     let path = format!(
-        "/v1/programs/{}/restart?rolling=1&wait_secs={}",
-        list.join(","),
+        "{}?rolling=1&wait_secs={}",
+        programs_path(names, "restart"),
         args.wait_secs.clamp(1, 3600)
     );
     let r = c.call("POST", &path)?;
@@ -642,11 +648,11 @@ fn rolling_restart(c: &Client, names: &[String], args: &CtlArgs) -> Result<i32, 
     if !args.no_wait {
         (roll, printed) = follow_roll(c, roll, !args.json)?;
     }
+    // A program not settled yet (`--no-wait`) answers where it stands: `restarting`, `waiting`.
     let results: Vec<Answer> = (items(&roll["programs"]).iter())
         .map(|s| {
-            let name = s["name"].as_str().unwrap_or("?").to_string();
             let state = s["step"].as_str().unwrap_or("?").to_string();
-            (name, roll_answer(s).map_or(Ok(state), |(_, r)| r))
+            (roll_name(s), roll_outcome(s).unwrap_or(Ok(state)))
         })
         .collect();
     if args.json {
@@ -664,19 +670,17 @@ fn follow_roll(c: &Client, mut roll: Value, print: bool) -> Result<(Value, usize
     let mut printed = 0;
     loop {
         for s in items(&roll["programs"]).iter().skip(printed) {
-            let Some(answer) = roll_answer(s).filter(|_| print) else {
+            let Some(outcome) = roll_outcome(s).filter(|_| print) else {
                 break;
             };
-            print_line(&answer);
+            print_line(&(roll_name(s), outcome));
             printed += 1;
         }
         if roll["finished"] == true {
             return Ok((roll, printed));
         }
         std::thread::sleep(WAIT_POLL);
-        let r = c.call("GET", "/v1/status")?;
-        check(&r)?;
-        roll = r.json()["roll"].clone();
+        roll = monitor_status(c)?["roll"].clone();
         if roll["id"] != id {
             eprintln!(
                 "xcluster ctl: the rolling restart is gone from the monitor's status (did it restart?)"
@@ -687,14 +691,17 @@ fn follow_roll(c: &Client, mut roll: Value, print: bool) -> Result<(Value, usize
 }
 
 /// A roll's program once settled: `started`, or why not.
-fn roll_answer(step: &Value) -> Option<Answer> {
-    let name = step["name"].as_str().unwrap_or("?").to_string();
+fn roll_outcome(step: &Value) -> Option<Result<String, String>> {
     let message = step["message"].as_str().unwrap_or("").to_string();
     match step["step"].as_str() {
-        Some("done") => Some((name, Ok(message))),
-        Some("failed" | "skipped") => Some((name, Err(message))),
+        Some("done") => Some(Ok(message)),
+        Some("failed" | "skipped") => Some(Err(message)),
         _ => None,
     }
+}
+
+fn roll_name(step: &Value) -> String {
+    step["name"].as_str().unwrap_or("?").to_string()
 }
 
 /// Where a start, restart or stop is headed.
@@ -751,9 +758,7 @@ fn await_goal(c: &Client, results: &mut [Answer], goal: Goal, limit: Duration) -
     let deadline = Instant::now() + limit;
     let mut open: Vec<usize> = (0..results.len()).filter(|&i| results[i].1.is_ok()).collect();
     while !open.is_empty() {
-        let r = c.call("GET", "/v1/status")?;
-        check(&r)?;
-        let v = r.json();
+        let v = monitor_status(c)?;
         let late = Instant::now() >= deadline;
         open.retain(|&i| {
             let (name, result) = &mut results[i];

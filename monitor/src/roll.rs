@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+use crate::events::Kind;
 use crate::machine::State;
+use crate::status::{CommandError, Reply};
 use crate::supervisor::{Internal, Proc, Supervisor};
 
 /// A roll as `/v1/status` shows it.
@@ -74,25 +76,35 @@ impl Roll {
         }
     }
 
-    /// The program restarting now, if any.
-    pub fn current(&self) -> Option<&str> {
-        (self.status.programs.iter())
-            .find(|s| s.step == Step::Restarting)
-            .map(|s| s.name.as_str())
+    /// The index of the program restarting now, if any.
+    fn current(&self) -> Option<usize> {
+        self.status
+            .programs
+            .iter()
+            .position(|s| s.step == Step::Restarting)
     }
 
-    /// Ends the roll at its current program with `why`; the programs after it are not restarted.
-    pub fn stop(&mut self, why: &str) {
+    /// Ends the roll: at its current program with `why` (the programs after it are not restarted), or, with
+    /// `None`, done. What the event log says of it.
+    fn end(&mut self, why: Option<&str>) -> String {
+        self.status.finished = true;
+        let Some(why) = why else {
+            return format!("rolling restart {} done", self.status.id);
+        };
+        let mut at = String::new();
         for s in &mut self.status.programs {
             match s.step {
-                Step::Restarting => (s.step, s.message) = (Step::Failed, why.to_string()),
+                Step::Restarting => {
+                    at = s.name.clone();
+                    (s.step, s.message) = (Step::Failed, why.to_string());
+                }
                 Step::Waiting => {
                     (s.step, s.message) = (Step::Skipped, "not restarted: the roll stopped".into());
                 }
                 Step::Done | Step::Failed | Step::Skipped => {}
             }
         }
-        self.status.finished = true;
+        format!("rolling restart {} stopped at {at}: {why}", self.status.id)
     }
 }
 
@@ -124,6 +136,33 @@ fn overdue(sup: &Supervisor, p: &Proc, name: &str, limit: Duration) -> String {
 }
 
 impl Supervisor {
+    /// Begins a roll of the programs `names` pick, each given `limit`: refused while another runs.
+    pub(crate) fn begin_roll(&mut self, names: &[String], limit: Duration) -> Result<Reply, CommandError> {
+        if let Some(roll) = self.roll.as_ref().filter(|r| !r.status.finished) {
+            let at = roll
+                .current()
+                .map_or("", |i| roll.status.programs[i].name.as_str());
+            return Err(CommandError::Rolling(at.to_string()));
+        }
+        let picked: Vec<String> = self.resolve(names)?.into_iter().map(|(n, _)| n).collect();
+        // Numbered from 1 in each monitor's life.
+        let id = self.roll.as_ref().map_or(1, |r| r.status.id + 1);
+        self.bus.publish(Kind::Monitor {
+            detail: format!("rolling restart {id} of {}", picked.join(", ")),
+        });
+        self.roll = Some(Roll::new(id, picked, limit));
+        self.advance_roll();
+        Ok(Reply::Roll(self.roll.as_ref().map(|r| r.status.clone())))
+    }
+
+    /// Ends the roll under way, if any, at its current program with `why`.
+    pub(crate) fn stop_roll(&mut self, why: &str) {
+        if let Some(roll) = self.roll.as_mut().filter(|r| !r.status.finished) {
+            let detail = roll.end(Some(why));
+            self.bus.publish(Kind::Monitor { detail });
+        }
+    }
+
     /// Moves the roll on as far as it can go now: settles the program restarting (back and ready, failed,
     /// or past its deadline), then restarts the next. Whether anything changed.
     pub(crate) fn advance_roll(&mut self) -> bool {
@@ -131,64 +170,47 @@ impl Supervisor {
             return false;
         };
         let mut progressed = false;
-        while !roll.status.finished {
-            if let Some(name) = roll.current().map(str::to_string) {
-                let settled = match self.procs.get(&name) {
+        let ended = loop {
+            if roll.status.finished {
+                break None;
+            }
+            if let Some(i) = roll.current() {
+                let name = &roll.status.programs[i].name;
+                let settled = match self.procs.get(name) {
                     None => Some(Err("gone".to_string())),
                     Some(p) => outcome(p).or_else(|| {
                         (roll.deadline.is_some_and(|d| Instant::now() >= d))
-                            .then(|| Err(overdue(self, p, &name, roll.limit)))
+                            .then(|| Err(overdue(self, p, name, roll.limit)))
                     }),
                 };
                 match settled {
-                    None => break,
+                    None => break None,
                     Some(Ok(message)) => {
-                        let s = (roll.status.programs.iter_mut()).find(|s| s.name == name);
-                        if let Some(s) = s {
-                            (s.step, s.message) = (Step::Done, message);
-                        }
+                        let s = &mut roll.status.programs[i];
+                        (s.step, s.message) = (Step::Done, message);
                     }
-                    Some(Err(why)) => {
-                        roll.stop(&why);
-                        self.roll_ended(&roll, Some((&name, &why)));
-                        progressed = true;
-                        break;
-                    }
+                    Some(Err(why)) => break Some(roll.end(Some(&why))),
                 }
-                progressed = true;
             }
-            let next = (roll.status.programs.iter_mut()).find(|s| s.step == Step::Waiting);
-            let Some(next) = next else {
-                roll.status.finished = true;
-                self.roll_ended(&roll, None);
-                break;
+            progressed = true;
+            let Some(next) = (roll.status.programs.iter_mut()).find(|s| s.step == Step::Waiting) else {
+                break Some(roll.end(None));
             };
             next.step = Step::Restarting;
             let name = next.name.clone();
             let (ok, message) = self.user_restart(&name, std::slice::from_ref(&name));
             if !ok {
-                roll.stop(&message);
-                self.roll_ended(&roll, Some((&name, &message)));
-                break;
+                break Some(roll.end(Some(&message)));
             }
             roll.deadline = Some(Instant::now() + roll.limit);
             // Nothing else may reach the supervisor until the deadline: this wakes it then.
-            let (tx, limit) = (self.internal.clone(), roll.limit);
-            tokio::spawn(async move {
-                tokio::time::sleep(limit).await;
-                let _ = tx.send(Internal::Wake);
-            });
+            self.after(roll.limit, Internal::Wake);
+        };
+        if let Some(detail) = ended {
+            self.bus.publish(Kind::Monitor { detail });
             progressed = true;
         }
         self.roll = Some(roll);
         progressed
-    }
-
-    fn roll_ended(&self, roll: &Roll, failed: Option<(&str, &str)>) {
-        let detail = match failed {
-            None => format!("rolling restart {} done", roll.status.id),
-            Some((name, why)) => format!("rolling restart {} stopped at {name}: {why}", roll.status.id),
-        };
-        self.bus.publish(crate::events::Kind::Monitor { detail });
     }
 }

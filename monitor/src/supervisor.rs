@@ -93,7 +93,7 @@ pub(crate) struct Supervisor {
     pub cfg: Arc<Config>,
     pub bus: Bus,
     run_dir: RunDir,
-    pub(crate) internal: mpsc::UnboundedSender<Internal>,
+    internal: mpsc::UnboundedSender<Internal>,
     exits: mpsc::UnboundedSender<Exit>,
     status: watch::Sender<Arc<Snapshot>>,
     next_id: u64,
@@ -254,25 +254,7 @@ impl Supervisor {
                 |p| !p.m.state.has_process(),
                 |s, name, _| s.user_signal(name, sig),
             )?)),
-            Command::Roll(names, limit) => {
-                if let Some(current) = self
-                    .roll
-                    .as_ref()
-                    .filter(|r| !r.status.finished)
-                    .map(Roll::current)
-                {
-                    return Err(CommandError::Rolling(current.unwrap_or("starting").to_string()));
-                }
-                let picked: Vec<String> = self.resolve(&names)?.into_iter().map(|(n, _)| n).collect();
-                // Numbered from 1 in each monitor's life.
-                let id = self.roll.as_ref().map_or(1, |r| r.status.id + 1);
-                self.bus.publish(Kind::Monitor {
-                    detail: format!("rolling restart {id} of {}", picked.join(", ")),
-                });
-                self.roll = Some(Roll::new(id, picked, limit));
-                self.advance_roll();
-                Ok(Reply::Roll(self.roll.as_ref().map(|r| r.status.clone())))
-            }
+            Command::Roll(names, limit) => self.begin_roll(&names, limit),
             Command::Clear(names) => Ok(Reply::Results(self.each(
                 &names,
                 |_| false,
@@ -289,7 +271,7 @@ impl Supervisor {
 
     /// The programs `names` pick (see [`crate::select::resolve`]), in start order within each name, and
     /// whether each was named on its own rather than picked by a pattern (`all`, a group).
-    fn resolve(&self, names: &[String]) -> Result<Vec<(String, bool)>, CommandError> {
+    pub(crate) fn resolve(&self, names: &[String]) -> Result<Vec<(String, bool)>, CommandError> {
         if names.is_empty() {
             return Err(CommandError::NoNames);
         }
@@ -593,16 +575,15 @@ impl Supervisor {
                 let _ = child::signal_group(p.pid, nix::sys::signal::Signal::SIGKILL);
             }
             Action::Timer(delay, generation) => {
-                let tx = self.internal.clone();
                 let (name, epoch) = (name.to_string(), p.epoch);
-                tokio::spawn(async move {
-                    tokio::time::sleep(delay).await;
-                    let _ = tx.send(Internal::Timer {
+                self.after(
+                    delay,
+                    Internal::Timer {
                         name,
                         epoch,
                         generation,
-                    });
-                });
+                    },
+                );
             }
         }
     }
@@ -713,9 +694,9 @@ impl Supervisor {
             .collect()
     }
 
-    /// Begins held stops whose dependents are down; starts pending processes whose dependencies are ready;
-    /// during shutdown, stops processes nothing running depends on (reverse dependency order); finishes updates
-    /// of processes whose old process is gone.
+    /// Begins held stops whose dependents are down; moves a rolling restart on; starts pending processes
+    /// whose dependencies are ready; during shutdown, stops processes nothing running depends on (reverse
+    /// dependency order); finishes updates of processes whose old process is gone.
     fn kick(&mut self) {
         loop {
             let mut progressed = self.release_holds();
@@ -798,9 +779,7 @@ impl Supervisor {
             // `stop_leaves` orders every stop from here on.
             p.held = None;
         }
-        if let Some(roll) = self.roll.as_mut().filter(|r| !r.status.finished) {
-            roll.stop("the monitor is shutting down");
-        }
+        self.stop_roll("the monitor is shutting down");
         // A restart halfway through would start its program again only to stop it.
         let restarting: Vec<String> = (self.procs.iter())
             .filter(|(_, p)| p.m.restart_pending())
@@ -822,10 +801,15 @@ impl Supervisor {
                 self.event(&name, Event::Stop);
             }
         }
+        self.after(Duration::from_secs(3), Internal::KillAll);
+    }
+
+    /// Sends the supervisor `msg` once `delay` is over: its timers.
+    pub(crate) fn after(&self, delay: Duration, msg: Internal) {
         let tx = self.internal.clone();
         tokio::spawn(async move {
-            tokio::time::sleep(Duration::from_secs(3)).await;
-            let _ = tx.send(Internal::KillAll);
+            tokio::time::sleep(delay).await;
+            let _ = tx.send(msg);
         });
     }
 

@@ -90,6 +90,13 @@ impl Shutdown {
     }
 }
 
+/// Sleeps until `at`; without one, at once (its `select!` branch is off then).
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    if let Some(at) = at {
+        tokio::time::sleep_until(at).await;
+    }
+}
+
 /// A repeat of the stop signal within this window is the same request delivered twice (GNU `timeout`, systemd
 /// and `kill -- -PGID` signal the process and then its group), not an operator insisting; only a later one
 /// forces the exit.
@@ -116,10 +123,10 @@ pub fn spawn_listener(
             let started = *first_stop.get_or_insert(now);
             now.duration_since(started) >= REPEAT_WINDOW
         };
-        // The drain SIGTERM will begin once deregistered, with its grace period.
-        let mut deregistering: Option<(Instant, Duration)> = None;
+        // When the drain SIGTERM asked for begins (once deregistered), and its grace period.
+        let mut deregistering: Option<(tokio::time::Instant, Duration)> = None;
         loop {
-            let drain_at = deregistering.map(|(at, _)| tokio::time::Instant::from_std(at));
+            let drain_at = deregistering.map(|(at, _)| at);
             tokio::select! {
                 Some(()) = term.recv() => {
                     let insists = insists();
@@ -139,11 +146,11 @@ pub fn spawn_listener(
                             shutdown.begin_drain(grace);
                         } else {
                             info!(?deregister, ?grace, "SIGTERM: not ready, serving on until deregistered");
-                            deregistering = Some((Instant::now() + deregister, grace));
+                            deregistering = Some((tokio::time::Instant::now() + deregister, grace));
                         }
                     }
                 }
-                () = tokio::time::sleep_until(drain_at.unwrap_or_else(tokio::time::Instant::now)), if drain_at.is_some() => {
+                () = sleep_until(drain_at), if drain_at.is_some() => {
                     if let Some((_, grace)) = deregistering.take() {
                         info!(?grace, "deregistered: draining");
                         shutdown.begin_drain(grace);

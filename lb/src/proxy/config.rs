@@ -3,9 +3,9 @@
 //! Reloads live: `listeners` (added, removed or changed; established connections stay, and one changed on the
 //! same address keeps its sockets), `backends` (their weights, `backup` and `max_connections`),
 //! `connect_timeout_ms`, `idle_timeout_ms`, `connect_attempts`, `check_interval_ms`, `check_fall`,
-//! `check_rise`, `check_http_path`, `slow_start_ms`, `queue_timeout_ms`, `balance`, per-listener `proxy_protocol`, `accept_proxy`, `log_connections`,
-//! `max_connections_per_client`, `max_connection_rate_per_client`, `connection_rate_period_ms`, `allow` and
-//! `deny`.
+//! `check_rise`, `check_http_path`, `slow_start_ms`, `queue_timeout_ms`, `balance`, per-listener
+//! `proxy_protocol`, `accept_proxy`, `log_connections`, `max_connections_per_client`,
+//! `max_connection_rate_per_client`, `connection_rate_period_ms`, `allow` and `deny`.
 //! Needs a restart: `workers`, `runtime`, `forwarding`, `[proxy] max_connections`, `backlog`, `keepalive_ms`,
 //! `io_uring_buffers`.
 
@@ -273,13 +273,6 @@ pub struct Timeouts {
     pub slow_start: Option<Duration>,
     /// How long a connection waits for a place when every backend is full; `None`: not at all.
     pub queue: Option<Duration>,
-}
-
-impl Timeouts {
-    /// Whether a connection that first found every backend full at `since` may still wait for a place.
-    pub fn may_queue(&self, since: std::time::Instant) -> bool {
-        self.queue.is_some_and(|q| since.elapsed() < q)
-    }
 }
 
 /// The validated `[proxy]` section.

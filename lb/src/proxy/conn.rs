@@ -29,6 +29,7 @@ use super::config::Timeouts;
 use super::forward::Direction;
 use super::inbound::Inbound;
 use super::metrics::Assigned;
+use super::queue::Wait;
 use super::service::{Admit, ListenerState, NoBackend, QUEUE_RETRY, Shared};
 
 /// Counts the connection on the listener's active gauge, and on its backend's once connected, for as long
@@ -263,27 +264,17 @@ async fn connect(
 ) -> Option<(TcpStream, SocketAddr, Assigned)> {
     let mut tried: Vec<SocketAddr> = Vec::new();
     let mut attempt = 0;
-    let mut queued: Option<Instant> = None;
-    let mut ticket = None;
+    let mut wait = Wait::default();
     loop {
-        let (addr, bm) = match shared.next_backend(&active.l, client, &tried, attempt, ticket.as_ref()) {
+        let (addr, bm) = match shared.next_backend(&active.l, client, &tried, attempt, wait.ticket()) {
             Ok(pick) => pick,
-            Err(NoBackend::Full) if t.queue.is_some() => {
-                let since = *queued.get_or_insert_with(|| {
-                    active.l.metrics.queued.increment(1);
-                    Instant::now()
-                });
-                if !t.may_queue(since) {
-                    return None;
-                }
-                ticket.get_or_insert_with(|| shared.join_queue(&active.l));
+            Err(NoBackend::Full) if shared.keep_waiting(&active.l, &mut wait) => {
                 tokio::time::sleep(QUEUE_RETRY).await;
                 continue;
             }
             Err(_) => return None,
         };
-        // It has a place: it no longer holds back those behind it.
-        ticket = None;
+        wait.served();
         attempt += 1;
         active.tried();
         let t0 = Instant::now();

@@ -14,6 +14,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Instant;
 
 use super::config::{BackendConfig, ProxyConfig};
 use super::metrics::{BackendMetrics, WAITING};
@@ -74,6 +75,26 @@ impl Queue {
 
     fn lock(&self) -> MutexGuard<'_, HashMap<String, BTreeSet<u64>>> {
         self.by_type.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// One connection's wait for a place, in either runtime: since when it waits, and its ticket meanwhile.
+#[derive(Debug, Default)]
+pub struct Wait {
+    pub(super) since: Option<Instant>,
+    pub(super) ticket: Option<Ticket>,
+}
+
+impl Wait {
+    /// Its place in the queue, while it waits.
+    pub fn ticket(&self) -> Option<&Ticket> {
+        self.ticket.as_ref()
+    }
+
+    /// It has a place: it no longer holds back those behind it. (If that connect fails, it asks again as a
+    /// newcomer; its wait still counts from when it began.)
+    pub fn served(&mut self) {
+        self.ticket = None;
     }
 }
 

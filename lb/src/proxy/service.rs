@@ -30,7 +30,7 @@ use super::metrics::{
     LISTENER_UNBOUND, ListenerMetrics, WORKERS,
 };
 use super::pick::{BackendPicker, PickFor};
-use super::queue::{Places, Queue, Ticket};
+use super::queue::{Places, Queue, Ticket, Wait};
 
 /// Why the proxy could not start.
 #[derive(Debug, thiserror::Error)]
@@ -141,9 +141,23 @@ impl Shared {
         Ok((addr, assigned))
     }
 
-    /// A place in the queue for a connection on `l` that found every backend full.
-    pub fn join_queue(&self, l: &ListenerState) -> Ticket {
-        self.queue.join(&l.cfg.request_type)
+    /// A connection on `l` found every backend full: whether it may wait and try again after
+    /// [`QUEUE_RETRY`] (`queue_timeout_ms` is on and not yet up). Its first wait is counted and takes a
+    /// ticket.
+    pub fn keep_waiting(&self, l: &ListenerState, wait: &mut Wait) -> bool {
+        let Some(limit) = self.timeouts.load().queue else {
+            return false;
+        };
+        let since = *wait.since.get_or_insert_with(|| {
+            l.metrics.queued.increment(1);
+            Instant::now()
+        });
+        if since.elapsed() >= limit {
+            return false;
+        }
+        wait.ticket
+            .get_or_insert_with(|| self.queue.join(&l.cfg.request_type));
+        true
     }
 
     /// A backend for `ty` other than `tried`, leaving out those held out unless every one left is.
@@ -261,8 +275,8 @@ impl Shared {
     }
 }
 
-/// The metric handles of `cfg`'s backends, their `backup` and `max_connections` gauges set. A backend in `old` keeps its handles,
-/// so its count of open connections stays true across a reload.
+/// The metric handles of `cfg`'s backends, their `backup` and `max_connections` gauges set. A backend in
+/// `old` keeps its handles, so its count of open connections stays true across a reload.
 fn backend_handles(
     cfg: &ProxyConfig,
     old: &HashMap<SocketAddr, Arc<BackendMetrics>>,
@@ -910,8 +924,8 @@ mod tests {
         let ask = |ticket: Option<&Ticket>| shared.next_backend(&l, client, &[], 0, ticket);
         let held = ask(None).unwrap();
         assert_eq!(ask(None).err(), Some(NoBackend::Full));
-        let first = shared.join_queue(&l);
-        let second = shared.join_queue(&l);
+        let first = shared.queue.join(&l.cfg.request_type);
+        let second = shared.queue.join(&l.cfg.request_type);
         drop(held);
         assert_eq!(ask(Some(&second)).err(), Some(NoBackend::Full));
         assert_eq!(ask(None).err(), Some(NoBackend::Full));

@@ -53,7 +53,7 @@ use super::forward::{self, Pipe};
 use super::inbound::Inbound;
 use super::listener::{BACKOFF_MAX, BACKOFF_MIN, is_resource_exhaustion};
 use super::metrics::{Assigned, BUFFER_WAITS_TOTAL, BUFFERS_HELD, RECEIVE_PAUSES_TOTAL, SPLICED_BYTES_TOTAL};
-use super::queue::Ticket;
+use super::queue::Wait;
 use super::service::{Admit, ListenerState, LiveListener, NoBackend, QUEUE_RETRY, Shared};
 
 /// Submission queue size; the completion queue is twice that, and overflow is kept by the kernel.
@@ -449,10 +449,8 @@ struct Connecting {
     header: Option<Box<Inbound>>,
     tried: Vec<SocketAddr>,
     attempt: u32,
-    /// When it first found every backend full (`queue_timeout_ms`).
-    queued: Option<Instant>,
-    /// Its place in the queue while it waits for one.
-    ticket: Option<Ticket>,
+    /// Its wait for a place when every backend is full (`queue_timeout_ms`).
+    wait: Wait,
     addr: SocketAddr,
     bm: Option<Assigned>,
     // Read by the kernel when the connect and its linked timeout are submitted.
@@ -919,8 +917,7 @@ impl Loop {
                 header,
                 tried: Vec::new(),
                 attempt: 0,
-                queued: None,
-                ticket: None,
+                wait: Wait::default(),
                 addr: peer,
                 bm: None,
                 sockaddr: SockAddr::from(peer),
@@ -1022,35 +1019,25 @@ impl Loop {
             let Some(c) = self.conn(slot) else { return };
             let l = c.active.l.clone();
             let Some(k) = c.connecting.as_mut() else { return };
-            let (addr, bm) =
-                match shared.next_backend(&l, k.peer.ip(), &k.tried, k.attempt, k.ticket.as_ref()) {
-                    Ok(pick) => pick,
-                    Err(NoBackend::Full) if t.queue.is_some() => {
-                        let since = *k.queued.get_or_insert_with(|| {
-                            l.metrics.queued.increment(1);
-                            Instant::now()
-                        });
-                        if t.may_queue(since) {
-                            k.ticket.get_or_insert_with(|| shared.join_queue(&l));
-                            let e = opcode::Timeout::new(&QUEUE_RETRY_TS).build().user_data(user_data(
-                                Op::Queue,
-                                slot,
-                                0,
-                            ));
-                            c.ops += 1;
-                            self.push(&e);
-                            return;
-                        }
-                        self.no_backend(slot);
-                        return;
-                    }
-                    Err(_) => {
-                        self.no_backend(slot);
-                        return;
-                    }
-                };
-            // It has a place: it no longer holds back those behind it.
-            k.ticket = None;
+            let (addr, bm) = match shared.next_backend(&l, k.peer.ip(), &k.tried, k.attempt, k.wait.ticket())
+            {
+                Ok(pick) => pick,
+                Err(NoBackend::Full) if shared.keep_waiting(&l, &mut k.wait) => {
+                    let e = (opcode::Timeout::new(&QUEUE_RETRY_TS).build()).user_data(user_data(
+                        Op::Queue,
+                        slot,
+                        0,
+                    ));
+                    c.ops += 1;
+                    self.push(&e);
+                    return;
+                }
+                Err(_) => {
+                    self.no_backend(slot);
+                    return;
+                }
+            };
+            k.wait.served();
             k.attempt += 1;
             c.active.tried();
             let socket = match backend_socket(addr) {
