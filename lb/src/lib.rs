@@ -47,6 +47,17 @@ pub async fn run(ctx: Context<Config>) -> Result<(), Error> {
     .await?;
     // L4 proxy (issue 5): follows `ctx.config` reloads; drains with the process.
     let picker = std::sync::Arc::new(live_picker::LivePicker::new(&cfg.proxy, dir.clone()));
+    if !warm_up(
+        &dir,
+        &picker.directory_types(&cfg.proxy),
+        cfg.proxy.warmup,
+        &drain,
+    )
+    .await
+    {
+        dir.close();
+        return Ok(());
+    }
     let proxy = proxy::start(ctx.config.clone(), picker, &drain, ctx.shutdown.stop_token())?;
     ctx.health.set_ready();
     drain.cancelled().await;
@@ -55,6 +66,32 @@ pub async fn run(ctx: Context<Config>) -> Result<(), Error> {
     proxy.shutdown();
     proxy.drained().await;
     Ok(())
+}
+
+/// Waits up to `within` for the directory to route `types` before the proxy opens their listeners (the
+/// kernel hands a new socket of a SO_REUSEPORT group its share of clients at once, and without instances
+/// it could only close them). False when the drain began meanwhile.
+async fn warm_up(
+    dir: &Directory,
+    types: &[String],
+    within: std::time::Duration,
+    drain: &tokio_util::sync::CancellationToken,
+) -> bool {
+    if types.is_empty() || within.is_zero() {
+        return true;
+    }
+    tokio::select! {
+        warm = dir.until_routable(types, within) => {
+            if warm {
+                tracing::info!(?types, "directory warm: opening the proxy listeners");
+            } else {
+                let msg = "no instance reported for some types yet; opening the proxy listeners anyway";
+                tracing::warn!(?types, ?within, "{msg}");
+            }
+            true
+        }
+        () = drain.cancelled() => false,
+    }
 }
 
 /// Applies every reloaded config to the directory (types, tunables, key, peers, token reload live).

@@ -22,6 +22,17 @@ impl LivePicker {
             dir,
         }
     }
+
+    /// The request types of `cfg`'s listeners that the directory routes.
+    pub(crate) fn directory_types(&self, cfg: &ProxyConfig) -> Vec<String> {
+        let mut types: Vec<String> = (cfg.listeners.iter())
+            .filter(|l| !self.fixed.serves(&l.request_type))
+            .map(|l| l.request_type.clone())
+            .collect();
+        types.sort_unstable();
+        types.dedup();
+        types
+    }
 }
 
 impl BackendPicker for LivePicker {

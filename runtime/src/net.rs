@@ -69,6 +69,8 @@ pub struct Closing {
     give_up: Instant,
     /// Whether the clients it still waits for have been logged.
     told: bool,
+    /// Closes at once: the kernel hands its clients to another socket ([`Closing::hand_over`]).
+    at_once: bool,
 }
 
 impl Closing {
@@ -83,6 +85,20 @@ impl Closing {
             settle_at: settle_at.min(give_up),
             give_up,
             told: false,
+            at_once: false,
+        }
+    }
+
+    /// A listener another socket of its SO_REUSEPORT group outlives, with `net.ipv4.tcp_migrate_req` on:
+    /// closing it moves its handshakes in flight and its accept queue to that socket, so it closes at once
+    /// and no client waits for a SYN retry.
+    pub fn hand_over(name: &str, give_up: Instant) -> Self {
+        debug!(listener = %name, "closing listener: the kernel hands its clients to another process");
+        Self {
+            settle_at: Instant::now(),
+            give_up,
+            told: false,
+            at_once: true,
         }
     }
 
@@ -93,6 +109,9 @@ impl Closing {
 
     /// Whether the socket may close now: nothing left to accept after the settle time, or out of time.
     pub fn done(&mut self, listener: BorrowedFd<'_>, name: &str) -> bool {
+        if self.at_once {
+            return true;
+        }
         let now = Instant::now();
         if now < self.settle_at {
             return false;

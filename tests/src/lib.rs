@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 pub mod browser;
 pub mod http;
+pub mod netns;
 pub mod services;
 
 pub use http::{HttpResponse, content_length, get, request};

@@ -1,6 +1,7 @@
 //! The L4 proxy and the directory together: a listener with no fixed backends routes each connection by the
 //! directory's live table, so an instance that agents report is reachable through the proxy, a drained one
-//! gets no new connections, and with no instance known the client is closed at once.
+//! gets no new connections, and with no instance known the client is closed at once. A starting balancer
+//! opens such a listener once its directory can route the type (`warmup_ms`).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 #[path = "directory_support/mod.rs"]
@@ -26,6 +27,14 @@ fn named_backend(name: &'static str) -> SocketAddr {
     addr
 }
 
+/// The lb config of these tests: `[proxy] warmup_ms`, and listener `browse` on `proxy`, routed by the
+/// directory.
+fn proxy_config(api: SocketAddr, proxy: SocketAddr, warmup_ms: u64) -> String {
+    let listener = format!("name = \"browse\"\nlisten = \"{proxy}\"\nrequest_type = \"browse\"\n");
+    let lb = lb_config(api, &[]);
+    format!("{lb}[proxy]\nwarmup_ms = {warmup_ms}\n[[proxy.listeners]]\n{listener}")
+}
+
 fn through(proxy: SocketAddr) -> String {
     let mut s = TcpStream::connect_timeout(&proxy, Duration::from_secs(5)).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
@@ -39,14 +48,16 @@ fn proxy_routes_by_the_directory_and_respects_drain() {
     let dir = tempfile::tempdir().unwrap();
     let api = free_addr();
     let proxy = free_addr();
-    let config = format!(
-        "{}[[proxy.listeners]]\nname = \"browse\"\nlisten = \"{proxy}\"\nrequest_type = \"browse\"\n",
-        lb_config(api, &[])
-    );
-    let _lb = start("lb", api, &config, dir.path());
+    let lb = start("lb", api, &proxy_config(api, proxy, 300), dir.path());
 
-    // Nothing reported yet: the directory knows no instance, so the client is closed without data.
+    // Nothing reported yet: after its warm-up the proxy opens anyway, says so, and with no instance known
+    // the client is closed without data.
     assert_eq!(through(proxy), "");
+    assert!(
+        lb.stderr().contains("opening the proxy listeners anyway"),
+        "{}",
+        lb.stderr()
+    );
 
     let (a, b) = (named_backend("A"), named_backend("B"));
     // An agent's worth of reports, every 300 ms (the report TTL is 1.5 s), until the test ends.
@@ -108,4 +119,33 @@ fn proxy_routes_by_the_directory_and_respects_drain() {
     );
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     reporter.join().unwrap();
+}
+
+/// With `warmup_ms`, a starting balancer serves its API (agents must reach it) but is not ready and leaves
+/// the proxy port closed, so the kernel hands it no client it could only close; the first report that
+/// names an instance of the type opens the port and makes it ready.
+#[test]
+fn a_starting_balancer_opens_its_proxy_port_once_the_directory_routes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (api, proxy) = (free_addr(), free_addr());
+    let path = write_file(dir.path(), "lb.toml", &proxy_config(api, proxy, 60_000));
+    let lb = Proc::xcluster("lb", &["lb", "--config", path.to_str().unwrap()]);
+    eventually(Duration::from_secs(30), "the lb's API", || {
+        get(api, "/livez").ok().filter(|r| r.status == 200)
+    });
+    assert_eq!(get(api, "/readyz").unwrap().status, 503);
+    let early = TcpStream::connect_timeout(&proxy, Duration::from_secs(5));
+    assert!(
+        matches!(&early, Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused),
+        "{early:?}"
+    );
+    let a = named_backend("A");
+    let r = post_signed(
+        api,
+        &report("host-1", now_ms() * 1000, now_ms(), &[("h1/a", a, 0)]),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    wait_ready(api, Duration::from_secs(10));
+    assert_eq!(through(proxy), "A");
+    assert!(lb.stderr().contains("directory warm"), "{}", lb.stderr());
 }

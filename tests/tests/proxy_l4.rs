@@ -7,6 +7,7 @@
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock, mpsc};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -1628,6 +1629,66 @@ fn sigterm_under_a_stream_of_new_connections_resets_none(rt: &'static str) {
     assert_eq!(code, 0, "{}", lb.proc.stderr());
 }
 
+/// Two balancers share the front port through SO_REUSEPORT, as on one host. With `net.ipv4.tcp_migrate_req`
+/// on (in a network namespace of the test's own), SIGTERM to one closes its listeners at once and the kernel
+/// moves their clients to the other's: under a stream of new connections none is lost or refused, and no SYN
+/// is sent twice. (Without the sysctl a closing listener drops SYNs while it settles, and the clients hashed
+/// to it connect only at their retry, a second later: `TCPSynRetrans` counts those.)
+fn a_draining_balancer_hands_its_clients_to_the_other(rt: &'static str) {
+    netns::enter_private();
+    netns::set("net/ipv4/tcp_migrate_req", "1");
+    let (echo, front) = (echo_backend(), free_addr());
+    let proxy = echo_proxy(front, echo, "", "");
+    let mut leaving = start_lb(rt, 30_000, &proxy);
+    let staying = start_lb(rt, 30_000, &proxy);
+    let (stop, served) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicUsize::new(0)));
+    let clients: Vec<_> = (0..8)
+        .map(|t| {
+            let (stop, served) = (stop.clone(), served.clone());
+            thread::spawn(move || {
+                let mut others = Vec::new();
+                for i in 0..20_000 {
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    match one_exchange(front, t * 100_000 + i) {
+                        Try::Served => served.fetch_add(1, Ordering::Relaxed),
+                        other => {
+                            others.push(other);
+                            0
+                        }
+                    };
+                }
+                others
+            })
+        })
+        .collect();
+    let served_at_least = |n: usize| {
+        eventually(T, "exchanges served", || {
+            (served.load(Ordering::Relaxed) >= n).then_some(())
+        });
+    };
+    served_at_least(200);
+    let retries = netns::tcp_ext("TCPSynRetrans");
+    leaving.proc.signal(Signal::SIGTERM);
+    let code = leaving.proc.wait_exit(T).expect("the draining lb did not exit");
+    assert_eq!(code, 0, "{}", leaving.proc.stderr());
+    served_at_least(served.load(Ordering::Relaxed) + 200);
+    stop.store(true, Ordering::Relaxed);
+    let others: Vec<Try> = clients.into_iter().flat_map(|c| c.join().unwrap()).collect();
+    assert!(others.is_empty(), "exchanges not served: {others:?}");
+    assert_eq!(netns::tcp_ext("TCPSynRetrans"), retries, "a SYN was dropped");
+    let log = leaving.proc.stderr();
+    assert!(log.contains("another process takes over its clients"), "{log}");
+    let m = staying.metrics();
+    let accepted = metric_value(
+        &m,
+        "xcluster_lb_proxy_connections_accepted_total",
+        "listener=\"web\"",
+    );
+    assert!(accepted.is_some_and(|a| a > 0.0), "{m}");
+}
+
 /// With `max_connections_per_client = 2`, a client's third connection at once is closed as soon as it is
 /// accepted, counted and logged; once one of its connections ends it may open another.
 fn a_client_over_its_connection_limit_is_closed_at_once(rt: &'static str) {
@@ -2006,6 +2067,7 @@ per_runtime!(
     a_removed_listener_serves_its_queued_clients,
     sigterm_serves_the_clients_queued_on_the_listeners,
     sigterm_under_a_stream_of_new_connections_resets_none,
+    a_draining_balancer_hands_its_clients_to_the_other,
     a_client_over_its_connection_limit_is_closed_at_once,
     least_connections_levels_long_lived_connections,
     a_backend_at_max_connections_is_passed_over,

@@ -255,6 +255,24 @@ impl Directory {
         }
     }
 
+    /// Waits until every type in `types` has an instance to pick, for at most `within` or until the directory
+    /// closes; whether they all have one.
+    pub async fn until_routable(&self, types: &[String], within: Duration) -> bool {
+        let mut rx = self.inner.changed.subscribe();
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            if types.iter().all(|ty| self.pick(ty, &[]).is_some()) {
+                return true;
+            }
+            tokio::select! {
+                r = tokio::time::timeout_at(deadline, rx.changed()) => if !matches!(r, Ok(Ok(()))) {
+                    return false;
+                },
+                _ = self.inner.closing.cancelled() => return false,
+            }
+        }
+    }
+
     /// Picks one instance for a request of type `ty`, avoiding `exclude` (addresses already tried).
     /// `None` when the type is unknown or no instance may be picked. This is the L4 proxy's entry point.
     pub fn pick(&self, ty: &str, exclude: &[SocketAddr]) -> Option<SocketAddr> {

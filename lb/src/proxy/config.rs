@@ -7,7 +7,7 @@
 //! `proxy_protocol`, `accept_proxy`, `log_connections`, `max_connections_per_client`,
 //! `max_connection_rate_per_client`, `connection_rate_period_ms`, `allow` and `deny`.
 //! Needs a restart: `workers`, `runtime`, `forwarding`, `[proxy] max_connections`, `backlog`, `keepalive_ms`,
-//! `io_uring_buffers`.
+//! `io_uring_buffers`. `warmup_ms` counts only at start.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -76,6 +76,12 @@ pub struct ProxySection {
     pub backlog: i32,
     /// TCP keepalive idle time on accepted sockets; 0 disables.
     pub keepalive_ms: u64,
+    /// At start, how long the balancer waits for its directory to have an instance of every request type
+    /// its listeners route by the directory (none in `[[proxy.backends]]`) before it opens them, and
+    /// reports ready only after (Envoy's listener warming). Agents report every few hundred milliseconds;
+    /// until the first reports a started balancer could only close the clients the kernel hands it. At
+    /// most 60,000; 0 opens them at once.
+    pub warmup_ms: u64,
     /// With `runtime = "io_uring"`: the most provided buffers of 16 KiB per worker, a power of two. Only
     /// directions with bytes in flight hold one; 256 are handed out at start and more as receives find
     /// none, up to this; then receives wait for the next one freed. Memory is reserved for all of them but
@@ -106,6 +112,7 @@ impl Default for ProxySection {
             max_connections: 20_000,
             backlog: 4096,
             keepalive_ms: 60_000,
+            warmup_ms: 2_000,
             io_uring_buffers: 4096,
         }
     }
@@ -287,6 +294,7 @@ pub struct ProxyConfig {
     pub max_connections: usize,
     pub backlog: i32,
     pub keepalive: Option<Duration>,
+    pub warmup: Duration,
     pub io_uring_buffers: u16,
     pub balance: Balance,
 }
@@ -486,6 +494,7 @@ impl ProxySection {
             || format!("{io_uring_buffers} must be a power of two"),
         );
         let keepalive = v.millis("proxy.keepalive_ms", self.keepalive_ms, 0, 86_400_000);
+        let warmup = v.millis("proxy.warmup_ms", self.warmup_ms, 0, 60_000);
         ProxyConfig {
             listeners,
             backends,
@@ -506,6 +515,7 @@ impl ProxySection {
             max_connections,
             backlog,
             keepalive: (!keepalive.is_zero()).then_some(keepalive),
+            warmup,
             // At most 32,768 after the range check.
             io_uring_buffers: u16::try_from(io_uring_buffers).unwrap_or(u16::MAX),
             balance,

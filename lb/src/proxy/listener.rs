@@ -5,7 +5,7 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::{AsFd, AsRawFd, FromRawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -19,6 +19,24 @@ use xcluster_runtime::net::{Closing, next_look};
 
 use super::config::ListenerConfig;
 use super::service::{Admit, LiveListener, Shared};
+
+/// How a listener closes: when it gives up on the clients still queued, and whether another process takes
+/// them over ([`super::handover`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Close {
+    pub give_up: Instant,
+    pub hand_over: bool,
+}
+
+impl Close {
+    pub fn begin(self, listener: BorrowedFd<'_>, name: &str) -> Closing {
+        if self.hand_over {
+            Closing::hand_over(name, self.give_up)
+        } else {
+            Closing::begin(listener, name, self.give_up)
+        }
+    }
+}
 
 pub(super) const BACKOFF_MIN: Duration = Duration::from_millis(5);
 pub(super) const BACKOFF_MAX: Duration = Duration::from_secs(1);
@@ -51,14 +69,14 @@ pub(super) fn is_resource_exhaustion(e: &io::Error) -> bool {
     )
 }
 
-/// Accepts until closed: `close` turns to `Some(give_up)` when the listener is removed or the proxy drains,
+/// Accepts until closed: `close` turns to `Some` when the listener is removed or the proxy drains,
 /// and the loop then ends as [`Closing`] says, which closes the socket. Must run on the worker runtime that
 /// will own the connections.
 pub async fn accept_loop(
     std_listener: std::net::TcpListener,
     state: LiveListener,
     shared: Arc<Shared>,
-    mut close: watch::Receiver<Option<Instant>>,
+    mut close: watch::Receiver<Option<Close>>,
 ) {
     // SAFETY: the `AsyncFd` owns the listener, whose descriptor stays open and the same until it is dropped.
     let registered = unsafe { AsyncFd::register_with_interest(std_listener, Interest::READABLE) };
@@ -73,10 +91,10 @@ pub async fn accept_loop(
     let mut closing: Option<Closing> = None;
     loop {
         if closing.is_none()
-            && let Some(give_up) = *close.borrow_and_update()
+            && let Some(how) = *close.borrow_and_update()
         {
             let fd = listener.get_ref().as_fd();
-            closing = Some(Closing::begin(fd, &state.load().cfg.name, give_up));
+            closing = Some(how.begin(fd, &state.load().cfg.name));
         }
         if let Some(c) = &mut closing
             && c.done(listener.get_ref().as_fd(), &state.load().cfg.name)
@@ -181,7 +199,7 @@ fn accept_nonblocking(l: &std::net::TcpListener) -> io::Result<(std::net::TcpStr
 
 /// What ends a wait of the accept loop ([`next_look`]): `true` when its manager is gone without closing it,
 /// and the loop ends at once.
-async fn interrupted(close: &mut watch::Receiver<Option<Instant>>, closing: bool) -> bool {
+async fn interrupted(close: &mut watch::Receiver<Option<Close>>, closing: bool) -> bool {
     next_look(closing, close.changed())
         .await
         .is_some_and(|r| r.is_err())

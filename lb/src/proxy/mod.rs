@@ -9,6 +9,7 @@ mod clients;
 pub mod config;
 mod conn;
 mod forward;
+mod handover;
 mod health;
 mod inbound;
 mod listener;

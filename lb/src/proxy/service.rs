@@ -24,7 +24,9 @@ use tracing::{debug, error, info, warn};
 use super::access::{ConnLog, End};
 use super::clients::{ClientCounts, ClientSlot};
 use super::config::{Forwarding, ListenerConfig, ProxyConfig, RuntimeMode, Timeouts};
+use super::handover;
 use super::health::{CheckStreaks, Holds, Verdict, check};
+use super::listener::Close;
 use super::metrics::{
     Assigned, BACKEND_BACKUP, BACKEND_MAX_CONNECTIONS, BackendMetrics, LISTENER_BIND_FAILURES_TOTAL,
     LISTENER_UNBOUND, ListenerMetrics, WORKERS,
@@ -463,8 +465,10 @@ struct Running {
     /// Fixed for its life: a change of address is a new listener. The rest of its settings are in `state`.
     listen: SocketAddr,
     state: LiveListener,
-    /// `Some(give up)` once it closes (the tokio accept loops watch it).
-    close: watch::Sender<Option<Instant>>,
+    /// `Some` once it closes (the tokio accept loops watch it).
+    close: watch::Sender<Option<Close>>,
+    /// Its sockets' inodes, to tell them from another process's on the same address.
+    inodes: Vec<u64>,
 }
 
 /// The running proxy. `shutdown()` stops accepting; `drained()` waits until established connections end
@@ -627,6 +631,7 @@ impl Manager {
             .iter()
             .map(|_| super::listener::bind(cfg, self.backlog, self.keepalive))
             .collect::<std::io::Result<Vec<_>>>()?;
+        let inodes = sockets.iter().filter_map(|s| handover::inode(s).ok()).collect();
         let state: LiveListener = Arc::new(ArcSwap::new(ListenerState::new(cfg, Arc::default())));
         let (close, _) = watch::channel(None);
         let id = self.next_id;
@@ -654,6 +659,7 @@ impl Manager {
             listen: cfg.listen,
             state,
             close,
+            inodes,
         });
         Ok(())
     }
@@ -731,16 +737,25 @@ impl Manager {
         }
     }
 
-    /// Closes `r`'s sockets on every worker once the clients queued on them are accepted (see
-    /// [`super::listener::Closing`]).
+    /// Closes `r`'s sockets on every worker: at once where another process takes over their clients
+    /// ([`super::handover`]), else once the clients queued on them are accepted (see
+    /// [`xcluster_runtime::net::Closing`]).
     fn stop_listener(&self, r: &Running) {
-        let give_up = Instant::now() + self.grace;
-        r.close.send_replace(Some(give_up));
+        let how = Close {
+            give_up: Instant::now() + self.grace,
+            hand_over: handover::possible(r.listen, &r.inodes),
+        };
+        if how.hand_over {
+            let name = &r.state.load().cfg.name;
+            let msg = "proxy listener closing: another process takes over its clients";
+            info!(listener = %name, addr = %r.listen, "{msg}");
+        }
+        r.close.send_replace(Some(how));
         for w in &self.workers {
             if let Engine::Uring(remote) = &w.engine {
                 remote.send(super::uring::Msg::Remove {
                     id: r.id,
-                    give_up,
+                    how,
                     closing: self.shared.listeners.token(),
                 });
             }

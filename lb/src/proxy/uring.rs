@@ -51,7 +51,7 @@ use super::config::Forwarding;
 use super::conn::Active;
 use super::forward::{self, Pipe};
 use super::inbound::Inbound;
-use super::listener::{BACKOFF_MAX, BACKOFF_MIN, is_resource_exhaustion};
+use super::listener::{BACKOFF_MAX, BACKOFF_MIN, Close, is_resource_exhaustion};
 use super::metrics::{Assigned, BUFFER_WAITS_TOTAL, BUFFERS_HELD, RECEIVE_PAUSES_TOTAL, SPLICED_BYTES_TOTAL};
 use super::queue::Wait;
 use super::service::{Admit, ListenerState, LiveListener, NoBackend, QUEUE_RETRY, Shared};
@@ -99,11 +99,11 @@ pub enum Msg {
         socket: std::net::TcpListener,
         state: LiveListener,
     },
-    /// Close listener `id`'s socket once the clients queued on it are accepted, or at `give_up`
-    /// ([`Closing`]); its connections run on. `closing` keeps the drain waiting until the socket is closed.
+    /// Close listener `id`'s socket as `how` says ([`Closing`]); its connections run on. `closing` keeps the
+    /// drain waiting until the socket is closed.
     Remove {
         id: u64,
-        give_up: Instant,
+        how: Close,
         closing: TaskTrackerToken,
     },
     /// Close every connection and end the thread.
@@ -707,11 +707,19 @@ impl Loop {
                     self.listeners[i] = Some(l);
                     self.arm_accept(i);
                 }
-                Msg::Remove { id, give_up, closing } => {
-                    let l = self.listeners.iter_mut().flatten().find(|l| l.id == id);
-                    if let Some(l) = l.filter(|l| l.closing.is_none()) {
-                        let c = Closing::begin(l.socket.as_fd(), &l.state.load().cfg.name, give_up);
+                Msg::Remove { id, how, closing } => {
+                    let open =
+                        |l: &Option<Lst>| l.as_ref().is_some_and(|l| l.id == id && l.closing.is_none());
+                    let Some(i) = self.listeners.iter().position(open) else {
+                        continue;
+                    };
+                    if let Some(l) = self.listeners[i].as_mut() {
+                        let c = how.begin(l.socket.as_fd(), &l.state.load().cfg.name);
                         l.closing = Some((c, closing));
+                    }
+                    if how.hand_over {
+                        // Cancels what is in flight on the socket; that completion closes it.
+                        self.remove_listener(i);
                     }
                 }
                 Msg::Finish => {
