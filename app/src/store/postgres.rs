@@ -83,15 +83,21 @@ impl From<postgres::Error> for StoreError {
             // No SQLSTATE: the connection failed or closed, which another connection may not.
             None => true,
         };
-        let text = match e.as_db_error() {
-            Some(db) => format!("{}: {}", db.code().code(), db.message()),
-            None => e.to_string(),
-        };
+        let text = describe(&e);
         if busy {
             StoreError::Busy(text)
         } else {
             StoreError::Internal(text)
         }
+    }
+}
+
+/// The server's own words where it sent any: `postgres::Error`'s `Display` says only "db error" then, which
+/// hid a refused login (`28000: no pg_hba.conf entry for host ...`) behind "cannot connect: db error".
+fn describe(e: &postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{}: {}", db.code().code(), db.message()),
+        None => e.to_string(),
     }
 }
 
@@ -192,7 +198,7 @@ impl PostgresStore {
                     }),
                     Err(e) => {
                         self.release(None);
-                        Err(StoreError::Busy(format!("cannot connect to postgres: {e}")))
+                        Err(StoreError::Busy(format!("cannot connect to postgres: {}", describe(&e))))
                     }
                 };
             }
