@@ -1689,6 +1689,24 @@ fn a_draining_balancer_hands_its_clients_to_the_other(rt: &'static str) {
     assert!(accepted.is_some_and(|a| a > 0.0), "{m}");
 }
 
+/// Without `tcp_migrate_req` (in a namespace of the test's own, whatever the host's setting), a balancer
+/// that binds a port another one already listens on says how to make their restarts seamless; the first,
+/// alone on the port when it bound, says nothing.
+#[test]
+fn a_balancer_sharing_its_port_without_migration_says_how_to_turn_it_on() {
+    netns::enter_private();
+    netns::set("net/ipv4/tcp_migrate_req", "0");
+    let (echo, front) = (echo_backend(), free_addr());
+    let proxy = echo_proxy(front, echo, "", "");
+    let first = start_lb("io_uring", 1000, &proxy);
+    let second = start_lb("io_uring", 1000, &proxy);
+    let advice = "with net.ipv4.tcp_migrate_req = 1 a restart";
+    eventually(T, "the advice", || {
+        second.proc.stderr().contains(advice).then_some(())
+    });
+    assert!(!first.proc.stderr().contains(advice), "{}", first.proc.stderr());
+}
+
 /// With `max_connections_per_client = 2`, a client's third connection at once is closed as soon as it is
 /// accepted, counted and logged; once one of its connections ends it may open another.
 fn a_client_over_its_connection_limit_is_closed_at_once(rt: &'static str) {

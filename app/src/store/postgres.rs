@@ -198,7 +198,10 @@ impl PostgresStore {
                     }),
                     Err(e) => {
                         self.release(None);
-                        Err(StoreError::Busy(format!("cannot connect to postgres: {}", describe(&e))))
+                        Err(StoreError::Busy(format!(
+                            "cannot connect to postgres: {}",
+                            describe(&e)
+                        )))
                     }
                 };
             }

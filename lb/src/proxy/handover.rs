@@ -15,7 +15,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 
-use tracing::debug;
+use tracing::{debug, info};
 
 const MIGRATE_SYSCTL: &str = "/proc/sys/net/ipv4/tcp_migrate_req";
 
@@ -36,6 +36,21 @@ pub fn possible(addr: SocketAddr, own: &[u64]) -> bool {
             debug!(%addr, error = %e, "cannot list the listeners sharing the address");
             false
         }
+    }
+}
+
+/// Says, once a listener is bound, when another process shares its address but the kernel would not hand
+/// clients over: each restart of either one then stalls some clients for a second.
+pub fn advise(addr: SocketAddr, own: &[u64], name: &str) {
+    if migrate_on() {
+        return;
+    }
+    if listeners(addr).is_ok_and(|found| found.iter().any(|i| !own.contains(i))) {
+        info!(
+            listener = %name, %addr,
+            "another process listens on this address too; with net.ipv4.tcp_migrate_req = 1 a restart of \
+             either one would hand its clients to the other instead of dropping their SYNs for 0.2 s"
+        );
     }
 }
 

@@ -631,7 +631,8 @@ impl Manager {
             .iter()
             .map(|_| super::listener::bind(cfg, self.backlog, self.keepalive))
             .collect::<std::io::Result<Vec<_>>>()?;
-        let inodes = sockets.iter().filter_map(|s| handover::inode(s).ok()).collect();
+        let inodes: Vec<u64> = sockets.iter().filter_map(|s| handover::inode(s).ok()).collect();
+        handover::advise(cfg.listen, &inodes, &cfg.name);
         let state: LiveListener = Arc::new(ArcSwap::new(ListenerState::new(cfg, Arc::default())));
         let (close, _) = watch::channel(None);
         let id = self.next_id;
