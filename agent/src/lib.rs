@@ -6,7 +6,6 @@
 //!
 //! Its own API: `GET /v1/report` shows the latest report sent (plus `/metrics`, `/livez`, `/readyz`).
 
-pub mod client;
 pub mod config;
 pub mod host;
 pub mod metrics;

@@ -15,10 +15,10 @@ use tracing::{debug, warn};
 use xcluster_proto::report::{self, InstanceLoad, LoadReport, SIGNATURE_HEADER};
 use xcluster_proto::stats::{InstanceStats, MAX_STATS_BYTES};
 
-use crate::client;
 use crate::config::{Config, InstanceConfig};
 use crate::host::{self, HostSampler};
 use crate::metrics;
+use xcluster_runtime::client;
 
 /// Least time between two early (jump) reports, so a flapping instance cannot flood the balancers.
 const MIN_EARLY_GAP: Duration = Duration::from_millis(50);

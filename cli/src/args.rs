@@ -154,7 +154,7 @@ pub enum CtlVerb {
     Cluster,
     /// Drain instances on every balancer the monitor watches: their directory weight goes to 0, so new
     /// clients and L4 proxy connections go elsewhere, while established ones run on. Needs the balancers'
-    /// admin token (`--token`); kept until `undrain` or the balancer's restart.
+    /// admin token (`--token`); kept until `undrain`: a balancer that restarts takes it from its peers.
     Drain {
         #[arg(required = true)]
         ids: Vec<String>,

@@ -45,6 +45,15 @@ pub async fn run(ctx: Context<Config>) -> Result<(), Error> {
         &ctx.shutdown,
     )
     .await?;
+    // Before it is ready: the drains set on every balancer while this one was away.
+    let peers: Vec<_> = (cfg.balancers.iter().skip(1))
+        .filter(|&&p| p != cfg.listen)
+        .copied()
+        .collect();
+    tokio::select! {
+        () = directory::peers::take_drains(&dir, &peers) => {}
+        () = drain.cancelled() => {}
+    }
     // L4 proxy (issue 5): follows `ctx.config` reloads; drains with the process.
     let picker = std::sync::Arc::new(live_picker::LivePicker::new(&cfg.proxy, dir.clone()));
     if !warm_up(

@@ -90,6 +90,9 @@ pub struct LbStatus {
     pub reports_rejected: BTreeMap<String, u64>,
     /// The L4 proxy's counters per listener and per backend (empty lists without a proxy).
     pub proxy: ProxyStatus,
+    /// The instance ids drained on this balancer, reported or not: a balancer that starts takes its peers'
+    /// so that a drain outlives its restart.
+    pub drained: Vec<String>,
 }
 
 /// The L4 proxy's counters, the same values `/metrics` shows, for the dashboard.

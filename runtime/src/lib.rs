@@ -3,6 +3,7 @@
 //! role logic lives here.
 
 pub mod admin;
+pub mod client;
 pub mod common;
 pub mod config;
 pub mod daemon;

@@ -233,3 +233,67 @@ fn proc_rss_kb(pid: u32) -> u64 {
         .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
         .unwrap_or(0)
 }
+
+/// Drains outlive a balancer's restart: a balancer that starts takes the drained instances of its peers
+/// before it is ready, reported or not yet, and an undrain done while it was away is taken the same way.
+#[test]
+fn a_restarted_balancer_takes_its_peers_drains() {
+    let dir = tempfile::tempdir().unwrap();
+    let (lb1, lb2) = (free_addr(), free_addr());
+    let _p1 = start("lb", lb1, &lb_config(lb1, &[lb2]), dir.path());
+    let mut p2 = start("lb", lb2, &lb_config(lb2, &[lb1]), dir.path());
+    let (a, b) = (FakeApp::start("a"), FakeApp::start("b"));
+    let instances = [("h1/a", a.addr, 0), ("h1/b", b.addr, 0)];
+    let report_to = |lb| {
+        let r = post_signed(lb, &report("host-1", now_ms() * 1000, now_ms(), &instances));
+        assert_eq!(r.status, 200, "{}", r.body);
+    };
+    let token = format!("Bearer {TOKEN}");
+    let set = |lb, verb: &str| {
+        let path = format!("/v1/servers/h1%2Fa/{verb}");
+        let r = request(lb, "POST", &path, &[("authorization", &token)], None).unwrap();
+        assert_eq!(r.status, 200, "{}", r.body);
+    };
+    let drained = |lb| -> Vec<String> {
+        let s = get(lb, "/v1/status").unwrap().json();
+        serde_json::from_value(s["drained"].clone()).unwrap()
+    };
+    for lb in [lb1, lb2] {
+        report_to(lb);
+        set(lb, "drain");
+    }
+    let stop = |p: &mut Proc| {
+        p.signal(nix::sys::signal::Signal::SIGTERM);
+        assert_eq!(p.wait_exit(WAIT), Some(0), "{}", p.stderr());
+    };
+    stop(&mut p2);
+    p2 = start("lb", lb2, &lb_config(lb2, &[lb1]), dir.path());
+    // Ready, and no report yet: the drain came from lb1.
+    assert_eq!(drained(lb2), ["h1/a"]);
+    report_to(lb2);
+    let list = servers(lb2, "browse");
+    assert_eq!(
+        entry(&list, "h1/a").map(|e| e.1),
+        Some("drained".into()),
+        "{list}"
+    );
+    assert!(
+        p2.stderr().contains("drained instances taken from a peer"),
+        "{}",
+        p2.stderr()
+    );
+
+    // Undrained on lb1 while lb2 is away: the next lb2 starts undrained too.
+    stop(&mut p2);
+    set(lb1, "undrain");
+    p2 = start("lb", lb2, &lb_config(lb2, &[lb1]), dir.path());
+    assert!(drained(lb2).is_empty());
+    report_to(lb2);
+    let list = servers(lb2, "browse");
+    assert_ne!(
+        entry(&list, "h1/a").map(|e| e.1),
+        Some("drained".into()),
+        "{list}"
+    );
+    drop(p2);
+}

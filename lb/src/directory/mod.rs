@@ -10,6 +10,7 @@
 
 pub mod api;
 pub mod ingest;
+pub mod peers;
 pub mod pick;
 pub mod snapshot;
 pub mod table;
@@ -91,6 +92,9 @@ struct Inner {
     dirty: std::sync::atomic::AtomicBool,
     wake: tokio::sync::Notify,
 }
+
+/// Most drained ids a balancer takes from its peers (a peer's answer is outside input).
+pub const MAX_DRAINED: usize = 10_000;
 
 /// Reports closer together than this share one snapshot rebuild: a rebuild costs O(instances × types), so
 /// a busy balancer rebuilds at most 200 times a second, and a watcher waits at most this much longer.
@@ -315,7 +319,10 @@ impl Directory {
     pub fn status(&self) -> LbStatus {
         let snap = self.snapshot();
         let settings = self.settings();
-        let instances = snapshot::instance_status(&self.table(), &snap, self.now_ms());
+        let table = self.table();
+        let instances = snapshot::instance_status(&table, &snap, self.now_ms());
+        let drained = table.drained.iter().cloned().collect();
+        drop(table);
         let counts = &self.inner.counts;
         LbStatus {
             balancer: settings.balancers.first().cloned().unwrap_or_default(),
@@ -330,7 +337,29 @@ impl Directory {
                 .collect(),
             // Filled in by the API, which has the metrics registry.
             proxy: Default::default(),
+            drained,
         }
+    }
+
+    /// Drains `ids` whether or not they are reported yet: the drains a starting balancer takes from its
+    /// peers. Ids longer than any report may carry are skipped, and at most [`MAX_DRAINED`] are kept.
+    /// Returns how many were new.
+    pub fn restore_drained(&self, ids: impl IntoIterator<Item = String>) -> usize {
+        let mut table = self.table();
+        let before = table.drained.len();
+        for id in ids {
+            if table.drained.len() >= MAX_DRAINED {
+                break;
+            }
+            if !id.is_empty() && id.len() <= xcluster_proto::report::MAX_ID_BYTES {
+                table.drained.insert(id);
+            }
+        }
+        let added = table.drained.len() - before;
+        if added > 0 {
+            self.publish_locked(&table);
+        }
+        added
     }
 
     /// Runs the housekeeping tick (expiry every 100 ms, metrics every second) until `cancel` fires.

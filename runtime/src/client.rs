@@ -1,6 +1,7 @@
-//! A minimal HTTP/1.1 client for the agent's two calls: `GET` an instance's stats and `POST` a report to a
-//! balancer. One connection per call (a few per second: cheaper than managing a pool), the whole exchange
-//! under one timeout, and the response body bounded.
+//! A minimal HTTP/1.1 client for the roles' calls to each other: the agent's `GET` of an instance's stats and
+//! `POST` of a report to a balancer, and a starting balancer's `GET` of its peers' status. One connection per
+//! call (a few per second: cheaper than managing a pool), the whole exchange under one timeout, and the
+//! response body bounded.
 
 use std::net::SocketAddr;
 use std::time::Duration;
