@@ -797,7 +797,8 @@ impl Loop {
     }
 
     fn remove_listener(&mut self, i: usize) {
-        let Some(l) = self.listeners.get_mut(i).and_then(Option::as_mut) else {
+        // Removed already: its cancel is in flight (a handed-over listener's tick comes here again).
+        let Some(l) = self.listeners.get_mut(i).and_then(Option::as_mut).filter(|l| !l.removed) else {
             return;
         };
         l.removed = true;
