@@ -1,7 +1,8 @@
 //! The proxy's backend choice in a running balancer. Backends listed in `[proxy]` for a request type route
 //! it (fixed routing, like HAProxy `server` lines: useful without agents, and for benchmarks); a type with
 //! none listed is routed by the directory's live weights, the same ones `/v1/pick` uses, so the L4 proxy
-//! and SDK clients share one view of the load.
+//! and SDK clients share one view of the load. A fixed backend that agents also report is left out while
+//! the directory withholds it (drained, or reported not ready).
 
 use std::net::SocketAddr;
 
@@ -38,7 +39,18 @@ impl LivePicker {
 impl BackendPicker for LivePicker {
     fn pick(&self, request_type: &str, exclude: &[SocketAddr], conn: &PickFor<'_>) -> Option<SocketAddr> {
         if self.fixed.serves(request_type) {
-            self.fixed.pick(request_type, exclude, conn)
+            // A fixed backend that an agent reports follows its drain and readiness as the directory does,
+            // so `xcluster ctl drain` and an app's `deregister_ms` reach it within a report, not after
+            // `check_fall` health checks.
+            self.dir.with_withheld(|out| {
+                if out.is_empty() {
+                    return self.fixed.pick(request_type, exclude, conn);
+                }
+                let mut leave_out = Vec::with_capacity(exclude.len() + out.len());
+                leave_out.extend_from_slice(exclude);
+                leave_out.extend_from_slice(out);
+                self.fixed.pick(request_type, &leave_out, conn)
+            })
         } else {
             self.dir.pick(request_type, exclude)
         }

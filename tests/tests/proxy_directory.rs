@@ -9,6 +9,8 @@ mod support;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use support::*;
@@ -148,4 +150,75 @@ fn a_starting_balancer_opens_its_proxy_port_once_the_directory_routes() {
     wait_ready(api, Duration::from_secs(10));
     assert_eq!(through(proxy), "A");
     assert!(lb.stderr().contains("directory warm"), "{}", lb.stderr());
+}
+
+/// A fixed `[[proxy.backends]]` entry that an agent also reports follows the directory: drained on the
+/// balancer, or reported not ready, it gets no new connections (without waiting for `check_fall` failed
+/// health checks), and it is back once undrained and ready.
+#[test]
+fn a_fixed_backend_an_agent_reports_follows_its_drain_and_readiness() {
+    let dir = tempfile::tempdir().unwrap();
+    let (api, proxy) = (free_addr(), free_addr());
+    let (a, b) = (named_backend("A"), named_backend("B"));
+    let config = format!(
+        "{}[[proxy.backends]]\naddr = \"{a}\"\n[[proxy.backends]]\naddr = \"{b}\"\n",
+        proxy_config(api, proxy, 0)
+    );
+    let _lb = start("lb", api, &config, dir.path());
+    let both = || {
+        eventually(Duration::from_secs(10), "A and B both picked", || {
+            let seen: std::collections::BTreeSet<String> = (0..40).map(|_| through(proxy)).collect();
+            (seen.contains("A") && seen.contains("B")).then_some(())
+        })
+    };
+    let only_b = |what| {
+        eventually(Duration::from_secs(10), what, || {
+            (0..40).all(|_| through(proxy) == "B").then_some(())
+        })
+    };
+    both();
+    // An agent's reports of A, every 300 ms (the report TTL is 1.5 s), saying what `ready` holds.
+    let ready = Arc::new(AtomicBool::new(true));
+    let stop = Arc::new(AtomicBool::new(false));
+    let reporter = {
+        let (ready, stop) = (ready.clone(), stop.clone());
+        std::thread::spawn(move || {
+            for _ in 0..200 {
+                let mut r = report("host-1", now_ms() * 1000, now_ms(), &[("h1/a", a, 0)]);
+                r.instances[0].ready = ready.load(Ordering::SeqCst);
+                let r = post_signed(api, &r);
+                assert_eq!(r.status, 200, "{}", r.body);
+                if stop.load(Ordering::SeqCst) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(300));
+            }
+        })
+    };
+    let report_a = |on: bool| {
+        ready.store(on, Ordering::SeqCst);
+        let mut r = report("host-1", now_ms() * 1000, now_ms(), &[("h1/a", a, 0)]);
+        r.instances[0].ready = on;
+        let r = post_signed(api, &r);
+        assert_eq!(r.status, 200, "{}", r.body);
+    };
+    eventually(Duration::from_secs(10), "A in the directory", || {
+        get(api, "/v1/status").ok()?.body.contains("h1/a").then_some(())
+    });
+    let token = format!("Bearer {}", support::TOKEN);
+    let set = |verb: &str| {
+        let path = format!("/v1/servers/h1%2Fa/{verb}");
+        let r = request(api, "POST", &path, &[("authorization", &token)], None).unwrap();
+        assert_eq!(r.status, 200, "{}", r.body);
+    };
+    set("drain");
+    only_b("the drained backend to get no connection");
+    set("undrain");
+    both();
+    report_a(false);
+    only_b("the backend reported not ready to get no connection");
+    report_a(true);
+    both();
+    stop.store(true, Ordering::SeqCst);
+    reporter.join().unwrap();
 }

@@ -142,6 +142,12 @@ impl Directory {
         self.inner.snapshot.load_full()
     }
 
+    /// Calls `f` with the addresses that get no new connection ([`Table::withheld`]), from the current
+    /// snapshot without cloning it: the proxy asks once per connection.
+    pub fn with_withheld<R>(&self, f: impl FnOnce(&[SocketAddr]) -> R) -> R {
+        f(&self.inner.snapshot.load().withheld)
+    }
+
     /// Milliseconds on the directory's monotonic clock.
     pub fn now_ms(&self) -> u64 {
         self.inner.clock.elapsed().as_millis() as u64

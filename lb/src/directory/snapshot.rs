@@ -23,6 +23,8 @@ pub struct Snapshot {
     pub types: BTreeMap<String, PickView>,
     /// When the snapshot was built (directory clock, ms): report ages in a rendered list are as of then.
     pub built_ms: u64,
+    /// [`Table::withheld`] as of `built_ms`.
+    pub withheld: Vec<std::net::SocketAddr>,
     bodies: BTreeMap<String, OnceLock<Bytes>>,
 }
 
@@ -45,6 +47,7 @@ impl Snapshot {
             version,
             types,
             built_ms: now_ms,
+            withheld: table.withheld(now_ms, p),
             bodies,
         }
     }

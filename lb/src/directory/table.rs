@@ -166,6 +166,19 @@ impl Table {
         now_ms.saturating_sub(i.received_ms) <= p.report_ttl.as_millis() as u64
     }
 
+    /// The addresses of instances that must get no new connection, whatever routes them: drained, or
+    /// reported not ready by a fresh report. Sorted. The proxy's fixed backends at these addresses honour
+    /// them too (`live_picker`).
+    pub fn withheld(&self, now_ms: u64, p: &Params) -> Vec<SocketAddr> {
+        let mut out: Vec<SocketAddr> = (self.instances.values())
+            .filter(|i| self.drained.contains(&*i.id) || (!i.ready && Self::is_fresh(i, now_ms, p)))
+            .map(|i| i.addr)
+            .collect();
+        out.sort_unstable();
+        out.dedup();
+        out
+    }
+
     /// Whether an instance carries its own weight: not drained, ready, and its latest report within the TTL.
     fn is_usable(&self, i: &Instance, now_ms: u64, p: &Params) -> bool {
         !self.drained.contains(&*i.id) && i.ready && Self::is_fresh(i, now_ms, p)

@@ -216,6 +216,37 @@ fn drained_instance_is_listed_with_weight_zero() {
     assert_ne!(list["queue"].version, v0, "draining changes the version");
 }
 
+/// Withheld from every route (the proxy's fixed backends too): drained, or not ready by a fresh report. A
+/// stale report says nothing either way.
+#[test]
+fn drained_and_not_ready_instances_are_withheld() {
+    let p = params();
+    let mut t = Table::default();
+    let mut down = inst("h1/c", 3, 0);
+    down.ready = false;
+    t.apply(
+        &report(
+            "h1",
+            1,
+            0,
+            0.0,
+            vec![inst("h1/a", 1, 0), inst("h1/b", 2, 0), down],
+        ),
+        0,
+        &p,
+    );
+    assert_eq!(t.withheld(0, &p), ["127.0.0.1:3".parse().unwrap()]);
+    t.drained.insert("h1/a".into());
+    let both: Vec<std::net::SocketAddr> =
+        vec!["127.0.0.1:1".parse().unwrap(), "127.0.0.1:3".parse().unwrap()];
+    assert_eq!(t.withheld(0, &p), both);
+    assert_eq!(
+        t.withheld(2_001, &p),
+        ["127.0.0.1:1".parse().unwrap()],
+        "stale: only the drain holds"
+    );
+}
+
 #[test]
 fn replay_and_agent_bound() {
     let p = params();

@@ -798,7 +798,12 @@ impl Loop {
 
     fn remove_listener(&mut self, i: usize) {
         // Removed already: its cancel is in flight (a handed-over listener's tick comes here again).
-        let Some(l) = self.listeners.get_mut(i).and_then(Option::as_mut).filter(|l| !l.removed) else {
+        let Some(l) = self
+            .listeners
+            .get_mut(i)
+            .and_then(Option::as_mut)
+            .filter(|l| !l.removed)
+        else {
             return;
         };
         l.removed = true;
