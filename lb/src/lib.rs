@@ -56,14 +56,8 @@ pub async fn run(ctx: Context<Config>) -> Result<(), Error> {
     }
     // L4 proxy (issue 5): follows `ctx.config` reloads; drains with the process.
     let picker = std::sync::Arc::new(live_picker::LivePicker::new(&cfg.proxy, dir.clone()));
-    if !warm_up(
-        &dir,
-        &picker.directory_types(&cfg.proxy),
-        cfg.proxy.warmup,
-        &drain,
-    )
-    .await
-    {
+    let routed = picker.directory_types(&cfg.proxy);
+    if !warm_up(&dir, &routed, cfg.proxy.warmup, &drain).await {
         dir.close();
         return Ok(());
     }
