@@ -179,15 +179,35 @@ pub enum Via {
     Rr,
 }
 
+impl Via {
+    /// The targets of `xcluster up`'s local cluster for this mode.
+    pub fn default_targets(self) -> &'static str {
+        match self {
+            Via::Sdk => "127.0.0.1:7000,127.0.0.1:7001",
+            Via::Proxy => "127.0.0.1:7400",
+            Via::Rr => "127.0.0.1:7101,127.0.0.1:7102,127.0.0.1:7103",
+        }
+    }
+}
+
+impl LoadArgs {
+    /// `--targets`, or the mode's default.
+    pub fn targets(&self) -> &str {
+        self.targets.as_deref().unwrap_or(self.via.default_targets())
+    }
+}
+
 #[derive(Debug, Args)]
 pub struct LoadArgs {
     /// How requests find a backend: the SDK (targets are balancers), an L4 proxy (target is the proxy), or
     /// plain round robin over fixed backends.
     #[arg(long, value_enum, default_value_t = Via::Sdk)]
     pub via: Via,
-    /// Comma-separated addresses: balancers' APIs (sdk), the proxy (proxy), or the backends (rr).
-    #[arg(long, default_value = "127.0.0.1:7000,127.0.0.1:7001")]
-    pub targets: String,
+    /// Comma-separated addresses: balancers' APIs (sdk; default 127.0.0.1:7000,127.0.0.1:7001), the proxy's
+    /// listener (proxy; one, default 127.0.0.1:7400, `xcluster up`'s browse port), or the backends (rr;
+    /// default the local apps 127.0.0.1:7101,127.0.0.1:7102,127.0.0.1:7103).
+    #[arg(long)]
+    pub targets: Option<String>,
     /// Request mix by ratio, e.g. `browse=70,order=20,seckill=5,pay=5`.
     #[arg(long, default_value = "browse=70,order=20,seckill=5,pay=5")]
     pub mix: String,

@@ -36,6 +36,8 @@ struct Client {
 struct Resp {
     status: u16,
     body: Vec<u8>,
+    /// Whether the request carried a token: a 401 means a wrong one then, a missing one otherwise.
+    tokened: bool,
 }
 
 impl Resp {
@@ -135,8 +137,12 @@ fn run_verb(c: &Client, args: &CtlArgs) -> Result<i32, Failure> {
 fn check(r: &Resp) -> Result<(), Failure> {
     match r.status {
         200 => Ok(()),
-        401 => {
+        401 if r.tokened => {
             eprintln!("xcluster ctl: the monitor refused the token (set --token or XCLUSTER_TOKEN)");
+            Err(Failure::Exit(EXIT_NOPERM))
+        }
+        401 => {
+            eprintln!("xcluster ctl: this needs the monitor's token: set --token or XCLUSTER_TOKEN");
             Err(Failure::Exit(EXIT_NOPERM))
         }
         _ => {
@@ -147,7 +153,8 @@ fn check(r: &Resp) -> Result<(), Failure> {
                 .iter()
                 .filter_map(Value::as_str)
             {
-                if i != message {
+                // A config's issues are in its message already.
+                if !message.contains(i) {
                     eprintln!("  {i}");
                 }
             }
@@ -160,7 +167,17 @@ fn check(r: &Resp) -> Result<(), Failure> {
 fn monitor_status(c: &Client) -> Result<Value, Failure> {
     let r = c.call("GET", "/v1/status")?;
     check(&r)?;
-    Ok(r.json())
+    let v = r.json();
+    // A balancer answers /v1/status too: without this, `ctl status` there printed nothing and exited 0.
+    if !(v["programs"].is_array() && v["monitor"]["version"].is_string()) {
+        eprintln!(
+            "xcluster ctl: {} answered, but not as an XCluster monitor (a balancer's or an app's API?); \
+             a monitor listens on http://127.0.0.1:7300 unless its config says otherwise",
+            c.url
+        );
+        return Err(Failure::Exit(EXIT_UNAVAILABLE));
+    }
+    Ok(v)
 }
 
 fn status(c: &Client, names: &[String], as_json: bool) -> Result<i32, Failure> {
@@ -804,10 +821,12 @@ fn plan(c: &Client, path: &str, applied: bool, as_json: bool) -> Result<i32, Fai
 
 impl Client {
     fn new(args: &CtlArgs) -> Result<Self, String> {
-        let rest = args
-            .url
-            .strip_prefix("http://")
-            .ok_or_else(|| format!("--url must start with http://, found {:?}", args.url))?;
+        // `host:port` alone is taken as http (as curl does); another scheme is refused.
+        let rest = match args.url.split_once("://") {
+            None => args.url.as_str(),
+            Some(("http", rest)) => rest,
+            Some(_) => return Err(format!("--url must be http://HOST:PORT, found {:?}", args.url)),
+        };
         let hostport = rest.split('/').next().unwrap_or(rest);
         let addr = hostport
             .to_socket_addrs()
@@ -855,7 +874,12 @@ impl Client {
             r.read_to_end(&mut body)
                 .map_err(|e| Failure::Unreachable(e.to_string()))?;
         }
-        Ok(Resp { status, body })
+        let tokened = self.token.is_some();
+        Ok(Resp {
+            status,
+            body,
+            tokened,
+        })
     }
 
     /// Copies a (possibly endless) response body to stdout as it arrives.
@@ -873,7 +897,12 @@ impl Client {
             if chunked {
                 body = dechunk_all(&body);
             }
-            check(&Resp { status, body })?;
+            let tokened = self.token.is_some();
+            check(&Resp {
+                status,
+                body,
+                tokened,
+            })?;
         }
         let mut out = std::io::stdout();
         if chunked {

@@ -45,7 +45,11 @@ pub fn run(args: LoadArgs) -> i32 {
         }
     };
     match rt.block_on(drive(args)) {
-        Ok(()) => 0,
+        Ok(Ran::Served) => 0,
+        Ok(Ran::AllFailed) => {
+            eprintln!("xcluster load: every request failed");
+            EXIT_ALL_FAILED
+        }
         Err(e) => {
             eprintln!("xcluster load: {e}");
             69
@@ -75,10 +79,22 @@ fn check(a: &LoadArgs) -> Result<(), String> {
     if a.timeout_ms == 0 || a.max_in_flight == 0 {
         problems.push("--timeout-ms and --max-in-flight must be above zero".into());
     }
-    for t in a.targets.split(',').map(str::trim).filter(|t| !t.is_empty()) {
+    let targets: Vec<&str> = a
+        .targets()
+        .split(',')
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .collect();
+    for t in &targets {
         if t.parse::<std::net::SocketAddr>().is_err() {
             problems.push(format!("target {t:?} is not ip:port"));
         }
+    }
+    if a.via == Via::Proxy && targets.len() != 1 {
+        problems.push(format!(
+            "--via proxy takes exactly one target (the listener), not {}",
+            targets.len()
+        ));
     }
     if let Err(e) = Mix::parse(&a.mix) {
         problems.push(e);
@@ -153,11 +169,20 @@ impl Run {
     }
 }
 
-async fn drive(args: LoadArgs) -> Result<(), String> {
+/// How a run went, for the exit code: scripts (`--json`) must tell a run that served nothing.
+enum Ran {
+    Served,
+    AllFailed,
+}
+
+/// The exit code of a run in which every request failed (none answered, or none with a status).
+const EXIT_ALL_FAILED: i32 = 1;
+
+async fn drive(args: LoadArgs) -> Result<Ran, String> {
     let mix = Mix::parse(&args.mix)?;
     let timeout = Duration::from_millis(args.timeout_ms);
     let names: Vec<&'static str> = mix.kinds.iter().map(|k| k.name).collect();
-    let target = Target::new(args.via, &args.targets, &names, timeout).await?;
+    let target = Target::new(args.via, args.targets(), &names, timeout).await?;
     let (tx, mut rx) = mpsc::channel::<Sample>(65_536);
     let acked = args.orders_out.as_ref().map(|_| Arc::default());
     let run = Arc::new(Run {
@@ -248,7 +273,11 @@ async fn drive(args: LoadArgs) -> Result<(), String> {
     } else {
         print!("{}", report.text());
     }
-    Ok(())
+    Ok(if report.requests > 0 && report.errors == report.requests {
+        Ran::AllFailed
+    } else {
+        Ran::Served
+    })
 }
 
 /// Writes the acknowledged order ids, one per line; a last line `# dropped N` if the cap was reached.

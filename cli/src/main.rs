@@ -17,6 +17,34 @@ pub fn quiet_on_closed_output() {
     let _ = unsafe { signal(Signal::SIGPIPE, SigHandler::SigDfl) };
 }
 
+/// `xcluster up`: the monitor on the cluster file, with a line saying where its dashboard is.
+fn up(a: args::UpArgs) -> i32 {
+    let args = a.into_role_args();
+    if let Some(path) = args.config.as_ref().filter(|p| !p.exists()) {
+        // The default is relative: run from anywhere else, the monitor only said it could not read it.
+        eprintln!(
+            "xcluster up: {} not found: run it from the directory that holds configs/ (the repository's root), \
+             or name a cluster file with --config",
+            path.display()
+        );
+        return xcluster_runtime::config::ConfigError::EXIT_CODE;
+    }
+    if !args.print_config {
+        let source = xcluster_runtime::config::ConfigSource {
+            path: args.config.clone(),
+            overrides: args.set.clone(),
+            use_env: true,
+        };
+        if let Ok(l) = xcluster_runtime::config::load::<xcluster_monitor::Config>(&source) {
+            println!(
+                "xcluster up: dashboard at http://{}/ ; Ctrl-C stops every program",
+                l.config.listen
+            );
+        }
+    }
+    role::run::<xcluster_monitor::Config, _, _, _>(args, xcluster_monitor::run)
+}
+
 fn main() {
     let cli = args::Cli::parse();
     let code = match cli.command {
@@ -24,23 +52,7 @@ fn main() {
         args::Command::Agent(a) => role::run::<xcluster_agent::Config, _, _, _>(a, xcluster_agent::run),
         args::Command::Monitor(a) => role::run::<xcluster_monitor::Config, _, _, _>(a, xcluster_monitor::run),
         args::Command::App(a) => role::run::<xcluster_app::Config, _, _, _>(a, xcluster_app::run),
-        args::Command::Up(a) => {
-            let args = a.into_role_args();
-            if !args.print_config {
-                let source = xcluster_runtime::config::ConfigSource {
-                    path: args.config.clone(),
-                    overrides: args.set.clone(),
-                    use_env: true,
-                };
-                if let Ok(l) = xcluster_runtime::config::load::<xcluster_monitor::Config>(&source) {
-                    println!(
-                        "xcluster up: dashboard at http://{}/ ; Ctrl-C stops every program",
-                        l.config.listen
-                    );
-                }
-            }
-            role::run::<xcluster_monitor::Config, _, _, _>(args, xcluster_monitor::run)
-        }
+        args::Command::Up(a) => up(a),
         args::Command::Ctl(a) => {
             quiet_on_closed_output();
             ctl::run(a)

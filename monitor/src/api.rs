@@ -117,7 +117,7 @@ impl Api {
                 };
                 self.call(cmd).await
             }
-            (&Method::POST, ["v1", "reread"]) => match self.load() {
+            (&Method::POST, ["v1", "reread"]) => match self.load(true) {
                 Ok(cfg) => self.call(Command::Plan(cfg)).await,
                 Err(resp) => resp,
             },
@@ -125,7 +125,7 @@ impl Api {
                 // The runtime's reloader records the outcome (shown in status and metrics) and publishes the new
                 // snapshot; applying it here as well makes the answer carry the plan. The second apply is a no-op.
                 self.reloader.trigger(Cause::Api);
-                match self.load() {
+                match self.load(false) {
                     Ok(cfg) => self.call(Command::Update(cfg)).await,
                     Err(resp) => resp,
                 }
@@ -185,11 +185,16 @@ impl Api {
         })
     }
 
+    /// Reads the config for `reread` (`counted`: a rejection is recorded as a failed reload; `update`'s is
+    /// recorded by the reloader it triggers).
     #[allow(clippy::result_large_err)] // the error is the answer itself, built once per request
-    fn load(&self) -> Result<Arc<Config>, Response<Body>> {
+    fn load(&self, counted: bool) -> Result<Arc<Config>, Response<Body>> {
         xcluster_runtime::config::load::<Config>(&self.source)
             .map(|l| Arc::new(l.config))
             .map_err(|e| {
+                if counted {
+                    self.reloader.rejected(&e.to_string());
+                }
                 let body = json!({ "error": { "code": "invalid_config", "message": e.to_string(), "issues": e.issues() } });
                 json(StatusCode::BAD_REQUEST, &body)
             })

@@ -598,7 +598,19 @@ impl Supervisor {
         if let Some(c) = p.probes.take() {
             c.cancel();
         }
-        info!(program = %exit.name, pid = p.pid, code = ?exit.info.code, signal = ?exit.info.signal, "exited");
+        // Asked to stop, or an exit code listed in `exitcodes`: expected. Anything else (a signal, another
+        // code) is a crash an operator wants to see, as Supervisord's "(exit status N; not expected)".
+        let expected = p.m.state == State::Stopping
+            || exit
+                .info
+                .code
+                .is_some_and(|c| p.spec.policy.exitcodes.contains(&c));
+        let (pid, code, signal) = (p.pid, exit.info.code, exit.info.signal);
+        if expected {
+            info!(program = %exit.name, pid, ?code, ?signal, "exited");
+        } else {
+            warn!(program = %exit.name, pid, ?code, ?signal, "exited, not expected");
+        }
         self.event(&exit.name, Event::Exited(exit.info));
         if let Some(p) = self.procs.get_mut(&exit.name)
             && !p.m.state.has_process()

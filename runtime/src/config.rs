@@ -229,7 +229,21 @@ fn load_layered<C: RoleConfig>(
     if let Some(role) = table.remove("role") {
         match role.as_str() {
             Some(r) if r == C::ROLE => {}
-            _ => issues.push(ConfigIssue::new(
+            // Another role's file: its keys would all be reported unknown too; this one line says it all.
+            Some(r) => {
+                let issue = ConfigIssue::new(
+                    "role",
+                    format!(
+                        "expected \"{}\", found {role}: this file is for `xcluster {r}`",
+                        C::ROLE
+                    ),
+                );
+                return Err(ConfigError::Invalid {
+                    origin,
+                    issues: vec![issue],
+                });
+            }
+            None => issues.push(ConfigIssue::new(
                 "role",
                 format!("expected \"{}\", found {role}", C::ROLE),
             )),

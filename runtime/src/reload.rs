@@ -42,7 +42,8 @@ pub struct ReloadStatus {
 #[derive(Debug, Clone)]
 pub struct Reloader {
     trigger: mpsc::Sender<Cause>,
-    status: watch::Receiver<ReloadStatus>,
+    status: Arc<watch::Sender<ReloadStatus>>,
+    role: &'static str,
 }
 
 impl Reloader {
@@ -52,8 +53,33 @@ impl Reloader {
     }
 
     pub fn status(&self) -> watch::Receiver<ReloadStatus> {
-        self.status.clone()
+        self.status.subscribe()
     }
+
+    /// Counts a config that a role read on its own and rejected (the monitor's `reread` and `update`), as a
+    /// failed reload: logged, in `/metrics`, and in `status()`.
+    pub fn rejected(&self, error: &str) {
+        warn!(role = self.role, error, "config rejected; keeping the old config");
+        failed(&self.status, self.role, error);
+    }
+}
+
+/// Records a failed reload attempt.
+fn failed(status: &watch::Sender<ReloadStatus>, role: &'static str, error: &str) {
+    metrics::counter!(crate::metrics::CONFIG_RELOAD_FAILURES_TOTAL, "role" => role).increment(1);
+    metrics::gauge!(crate::metrics::CONFIG_LAST_RELOAD_OK, "role" => role).set(0.0);
+    status.send_modify(|s| {
+        s.failures += 1;
+        s.last_error = Some(error.to_string());
+        s.last_attempt_unix = unix_now();
+    });
+}
+
+fn unix_now() -> Option<u64> {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .ok()
 }
 
 struct State<C: RoleConfig> {
@@ -62,7 +88,7 @@ struct State<C: RoleConfig> {
     good_bytes: Option<Vec<u8>>,
     bad_bytes: Option<Vec<u8>>,
     publish: watch::Sender<Arc<C>>,
-    status: watch::Sender<ReloadStatus>,
+    status: Arc<watch::Sender<ReloadStatus>>,
     role_label: &'static str,
 }
 
@@ -75,7 +101,7 @@ pub fn spawn<C: RoleConfig>(
     cancel: CancellationToken,
 ) -> Reloader {
     let (tx, mut rx) = trigger;
-    let (status_tx, status_rx) = watch::channel(ReloadStatus::default());
+    let status_tx = Arc::new(watch::Sender::new(ReloadStatus::default()));
     metrics::counter!(crate::metrics::CONFIG_RELOADS_TOTAL, "role" => C::ROLE).increment(0);
     metrics::counter!(crate::metrics::CONFIG_RELOAD_FAILURES_TOTAL, "role" => C::ROLE).increment(0);
     metrics::gauge!(crate::metrics::CONFIG_LAST_RELOAD_OK, "role" => C::ROLE).set(1.0);
@@ -87,7 +113,7 @@ pub fn spawn<C: RoleConfig>(
         good_bytes: seed.1,
         bad_bytes: None,
         publish,
-        status: status_tx,
+        status: status_tx.clone(),
         role_label: C::ROLE,
     };
     tokio::spawn(async move {
@@ -111,16 +137,14 @@ pub fn spawn<C: RoleConfig>(
     });
     Reloader {
         trigger: tx,
-        status: status_rx,
+        status: status_tx,
+        role: C::ROLE,
     }
 }
 
 impl<C: RoleConfig> State<C> {
     fn attempt(&mut self, cause: Cause) {
-        let now = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .ok();
+        let now = unix_now();
         // A watcher event whose content we already judged is not a new change (editors touch files).
         if cause == Cause::File
             && let Some(path) = &self.source.path
@@ -150,14 +174,7 @@ impl<C: RoleConfig> State<C> {
                 if let Some(path) = &self.source.path {
                     self.bad_bytes = crate::config::read_bounded(path).ok();
                 }
-                metrics::counter!(crate::metrics::CONFIG_RELOAD_FAILURES_TOTAL, "role" => C::ROLE)
-                    .increment(1);
-                metrics::gauge!(crate::metrics::CONFIG_LAST_RELOAD_OK, "role" => C::ROLE).set(0.0);
-                self.status.send_modify(|s| {
-                    s.failures += 1;
-                    s.last_error = Some(e.to_string());
-                    s.last_attempt_unix = now;
-                });
+                failed(&self.status, C::ROLE, &e.to_string());
             }
         }
     }

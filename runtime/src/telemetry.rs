@@ -81,6 +81,17 @@ pub fn set_filter(filter: &str) -> Result<(), String> {
 
 /// Checks a log filter without applying it (for config validation).
 pub fn check_filter(filter: &str) -> Result<(), String> {
+    // A bare word is a target to `EnvFilter` ("verbose" would log the target `verbose` only, and nothing of
+    // ours); here it must be a level, and a target is written `target=level`.
+    const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
+    for d in filter.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+        if !d.contains(['=', '[']) && !LEVELS.contains(&d.to_ascii_lowercase().as_str()) {
+            return Err(format!(
+                "unknown level {d:?} in {filter:?}: use off, error, warn, info, debug or trace, or \
+                 TARGET=LEVEL (info,xcluster_lb=debug)"
+            ));
+        }
+    }
     EnvFilter::try_new(filter)
         .map(|_| ())
         .map_err(|e| format!("invalid log filter {filter:?}: {e}"))
@@ -133,6 +144,24 @@ pub async fn upkeep(cancel: tokio_util::sync::CancellationToken) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_log_level_must_be_a_level_or_target_equals_level() {
+        for ok in [
+            "info",
+            "WARN",
+            "info,xcluster_lb=debug",
+            "xcluster_lb=trace",
+            "debug,h2[conn]=off",
+            "",
+        ] {
+            assert!(check_filter(ok).is_ok(), "{ok}");
+        }
+        for bad in ["verbose", "info,loud", "inf"] {
+            let e = check_filter(bad).unwrap_err();
+            assert!(e.contains("unknown level"), "{bad}: {e}");
+        }
+    }
 
     #[test]
     fn histograms_render_as_prometheus_histograms() {

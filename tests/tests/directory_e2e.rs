@@ -262,6 +262,17 @@ fn a_restarted_balancer_takes_its_peers_drains() {
         report_to(lb);
         set(lb, "drain");
     }
+    // A program's name is not an instance id: the answer names the one meant.
+    let r = request(
+        lb1,
+        "POST",
+        "/v1/servers/a/drain",
+        &[("authorization", &token)],
+        None,
+    )
+    .unwrap();
+    assert_eq!(r.status, 404, "{}", r.body);
+    assert!(r.body.contains(r#"did you mean \"h1/a\"?"#), "{}", r.body);
     let stop = |p: &mut Proc| {
         p.signal(nix::sys::signal::Signal::SIGTERM);
         assert_eq!(p.wait_exit(WAIT), Some(0), "{}", p.stderr());

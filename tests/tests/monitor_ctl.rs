@@ -38,9 +38,43 @@ fn ctl_errors_and_tokens() {
         .output()
         .unwrap();
     assert_eq!(o.status.code(), Some(77), "{}", out(&o));
+    assert!(out(&o).contains("refused the token"), "{}", out(&o));
+    let o = std::process::Command::new(xcluster_bin())
+        .args(["ctl", "--url", &m.addr.to_string(), "stop", "x"])
+        .env_remove("XCLUSTER_TOKEN")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(77), "{}", out(&o));
+    assert!(out(&o).contains("this needs the monitor's token"), "{}", out(&o));
     let r = request(m.addr, "POST", "/v1/programs/x/stop", &[], None).unwrap();
     assert_eq!(r.status, 401);
     assert_eq!(m.state("x"), "RUNNING");
+
+    // Pointed at something else that answers /v1/status (a balancer's API), ctl says so instead of printing
+    // an empty status.
+    let other = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let other_addr = other.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for s in other.incoming().flatten().take(2) {
+            let mut s = s;
+            let mut buf = [0u8; 1024];
+            let _ = std::io::Read::read(&mut s, &mut buf);
+            let body = r#"{"balancer":"x","instances":[]}"#;
+            let head = format!(
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            );
+            let _ = std::io::Write::write_all(&mut s, (head + body).as_bytes());
+        }
+    });
+    for verb in ["status", "version"] {
+        let o = std::process::Command::new(xcluster_bin())
+            .args(["ctl", "--url", &format!("http://{other_addr}"), verb])
+            .output()
+            .unwrap();
+        assert_eq!(o.status.code(), Some(69), "{verb}: {}", out(&o));
+        assert!(out(&o).contains("not as an XCluster monitor"), "{}", out(&o));
+    }
 
     // A rolling restart's bounds are checked before anything restarts.
     for query in [

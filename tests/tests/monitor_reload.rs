@@ -117,9 +117,19 @@ fn the_file_watcher_applies_a_change_and_an_invalid_config_changes_nothing() {
         Some(0.0),
         "{metrics}"
     );
+    // A rejected update, and a rejected reread, each count as a failed reload; ctl names each problem once.
+    let failures = || m.status()["reload"]["failures"].as_u64().unwrap();
+    let before = failures();
     let r = m.post("/v1/update");
     assert_eq!(r.status, 400, "{}", r.body);
     assert!(r.body.contains("no_such_key"), "{}", r.body);
+    eventually(T, "the update's failure counted", || {
+        (failures() == before + 1).then_some(())
+    });
+    let o = m.ctl(&["reread"]);
+    let lines = out(&o).lines().filter(|l| l.contains("no_such_key")).count();
+    assert_eq!(lines, 1, "{}", out(&o));
+    assert_eq!(failures(), before + 2);
     assert_eq!(m.pid("a"), Some(a));
     assert_eq!(m.pid("b"), Some(b2));
     assert_eq!(m.prog("b")["command"][1], "307");

@@ -79,6 +79,29 @@ fn round_robin_reports_percentiles_and_equal_shares() {
     }
 }
 
+/// A run in which every request failed exits 1, so a script sees it; `--via proxy` takes one target.
+#[test]
+fn a_run_where_every_request_fails_exits_1() {
+    let dead = xcluster_tests::free_addr().to_string();
+    let args = [
+        "load",
+        "--via",
+        "proxy",
+        "--targets",
+        &dead,
+        "--workers",
+        "1",
+        "--duration-secs",
+        "1",
+    ];
+    let mut p = Proc::xcluster("load", &args);
+    assert_eq!(p.wait_exit(Duration::from_secs(60)), Some(1), "{}", p.stderr());
+    assert!(p.stderr().contains("every request failed"), "{}", p.stderr());
+    let two = format!("{dead},{dead}");
+    let mut p = Proc::xcluster("load", &["load", "--via", "proxy", "--targets", &two]);
+    assert_eq!(p.wait_exit(Duration::from_secs(60)), Some(64), "{}", p.stderr());
+}
+
 #[test]
 fn errors_are_counted_by_kind_in_open_loop() {
     let ok = Backend::start("ok");

@@ -194,9 +194,30 @@ fn drain(dir: &Directory, req: &Request<Incoming>, id: &str, on: bool) -> Respon
         error(
             StatusCode::NOT_FOUND,
             "unknown_instance",
-            &format!("no instance {id:?} in the table"),
+            &unknown_instance(dir, id),
         )
     }
+}
+
+/// Says which ids there are: a program's name (`app-1`) is not its instance id (`local/app-1`).
+fn unknown_instance(dir: &Directory, id: &str) -> String {
+    const SHOWN: usize = 8;
+    let ids = dir.instance_ids();
+    let suffix = format!("/{id}");
+    let mut msg = format!("no instance {id:?} in the table");
+    if let [only] = ids.iter().filter(|k| k.ends_with(&suffix)).collect::<Vec<_>>()[..] {
+        msg += &format!("; did you mean {only:?}?");
+    } else if !ids.is_empty() {
+        let shown: Vec<&str> = ids.iter().take(SHOWN).map(String::as_str).collect();
+        let more = ids.len().saturating_sub(SHOWN);
+        let more = if more > 0 {
+            format!(" and {more} more")
+        } else {
+            String::new()
+        };
+        msg += &format!(" (known: {}{more})", shown.join(", "));
+    }
+    msg
 }
 
 #[cfg(test)]

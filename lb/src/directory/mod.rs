@@ -306,6 +306,11 @@ impl Directory {
         })
     }
 
+    /// The ids of the instances in the table, in order.
+    pub fn instance_ids(&self) -> Vec<String> {
+        self.table().instances.keys().map(ToString::to_string).collect()
+    }
+
     /// Drains (`on = true`) or undrains an instance. `false` if the instance is unknown.
     pub fn set_drained(&self, id: &str, on: bool) -> bool {
         let mut table = self.table();

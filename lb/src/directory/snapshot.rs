@@ -42,6 +42,7 @@ impl Snapshot {
             let cost = p.types.get(&name).map_or(1000, weights::TypeProfile::cost_milli);
             types.insert(name, PickView::new(list, cost));
         }
+        let version = version & weights::VERSION_BITS;
         let bodies = types.keys().map(|k| (k.clone(), OnceLock::new())).collect();
         Snapshot {
             version,

@@ -286,7 +286,7 @@ pub fn version_of(name: &str, rows: &[Row]) -> u64 {
         h = weights::fnv1a(&r.weight.to_le_bytes(), h);
         h = weights::fnv1a(&[r.state as u8], h);
     }
-    h
+    h & weights::VERSION_BITS
 }
 
 #[cfg(test)]

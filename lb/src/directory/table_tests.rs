@@ -84,6 +84,7 @@ fn same_reports_give_the_same_table_and_version() {
     let (ta, tb) = (a.publish(2010, &p), b.publish(2010, &p));
     for ty in ["cpu", "queue"] {
         assert_eq!(ta[ty].version, tb[ty].version);
+        assert!(ta[ty].version <= weights::VERSION_BITS, "exact as a JSON double");
         assert_eq!(weight(&ta, ty, "h1/a"), weight(&tb, ty, "h1/a"));
     }
     assert_ne!(ta["cpu"].version, ta["queue"].version);

@@ -317,6 +317,10 @@ pub fn panic(usable: usize, known: usize, threshold: f64) -> bool {
 pub const PANIC_WEIGHT: u32 = MAX_WEIGHT / 2;
 
 /// FNV-1a, 64 bits: a stable hash (the same in every build and process) for table versions.
+/// Versions are hashes cut to 53 bits, so that a JSON reader holding numbers as doubles (the dashboard's
+/// JavaScript) reads them exactly: a full 64-bit hash showed there rounded, as a version nothing else had.
+pub const VERSION_BITS: u64 = (1 << 53) - 1;
+
 pub fn fnv1a(bytes: &[u8], seed: u64) -> u64 {
     let mut h = if seed == 0 { 0xcbf2_9ce4_8422_2325 } else { seed };
     for b in bytes {

@@ -112,7 +112,7 @@ impl Default for ProxySection {
             max_connections: 20_000,
             backlog: 4096,
             keepalive_ms: 60_000,
-            warmup_ms: 2_000,
+            warmup_ms: 5_000,
             io_uring_buffers: 4096,
         }
     }
