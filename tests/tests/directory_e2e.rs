@@ -154,8 +154,7 @@ fn load_moves_weight_on_both_balancers_and_watch_expiry_drain_behave() {
         401,
         "token required"
     );
-    let auth = format!("Bearer {TOKEN}");
-    let r = request(lb1, "POST", path, &[("authorization", &auth)], None).unwrap();
+    let r = set_drain(lb1, "h2/b", "drain");
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(
         entry(&servers(lb1, "browse"), "h2/b"),
@@ -168,14 +167,7 @@ fn load_moves_weight_on_both_balancers_and_watch_expiry_drain_behave() {
     eventually(WAIT, "lb2 (not drained) still picks B", || {
         (get(lb2, "/v1/pick?type=browse").unwrap().json()["id"] == "h2/b").then_some(())
     });
-    let r = request(
-        lb1,
-        "POST",
-        "/v1/servers/h2%2Fb/undrain",
-        &[("authorization", &auth)],
-        None,
-    )
-    .unwrap();
+    let r = set_drain(lb1, "h2/b", "undrain");
     assert_eq!(r.status, 200, "{}", r.body);
     eventually(WAIT, "lb1 picks B again", || {
         (get(lb1, "/v1/pick?type=browse").unwrap().json()["id"] == "h2/b").then_some(())
@@ -248,10 +240,8 @@ fn a_restarted_balancer_takes_its_peers_drains() {
         let r = post_signed(lb, &report("host-1", now_ms() * 1000, now_ms(), &instances));
         assert_eq!(r.status, 200, "{}", r.body);
     };
-    let token = format!("Bearer {TOKEN}");
     let set = |lb, verb: &str| {
-        let path = format!("/v1/servers/h1%2Fa/{verb}");
-        let r = request(lb, "POST", &path, &[("authorization", &token)], None).unwrap();
+        let r = set_drain(lb, "h1/a", verb);
         assert_eq!(r.status, 200, "{}", r.body);
     };
     let drained = |lb| -> Vec<String> {
@@ -263,14 +253,7 @@ fn a_restarted_balancer_takes_its_peers_drains() {
         set(lb, "drain");
     }
     // A program's name is not an instance id: the answer names the one meant.
-    let r = request(
-        lb1,
-        "POST",
-        "/v1/servers/a/drain",
-        &[("authorization", &token)],
-        None,
-    )
-    .unwrap();
+    let r = set_drain(lb1, "a", "drain");
     assert_eq!(r.status, 404, "{}", r.body);
     assert!(r.body.contains(r#"did you mean \"h1/a\"?"#), "{}", r.body);
     let stop = |p: &mut Proc| {

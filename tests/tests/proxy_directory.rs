@@ -104,15 +104,7 @@ fn proxy_routes_by_the_directory_and_respects_drain() {
     );
 
     // Drain A on this balancer: new proxied connections all go to B.
-    let token = format!("Bearer {}", support::TOKEN);
-    let r = request(
-        api,
-        "POST",
-        "/v1/servers/h1%2Fa/drain",
-        &[("authorization", &token)],
-        None,
-    )
-    .unwrap();
+    let r = set_drain(api, "h1/a", "drain");
     assert_eq!(r.status, 200, "{}", r.body);
     eventually(
         Duration::from_secs(10),
@@ -205,10 +197,8 @@ fn a_fixed_backend_an_agent_reports_follows_its_drain_and_readiness() {
     eventually(Duration::from_secs(10), "A in the directory", || {
         get(api, "/v1/status").ok()?.body.contains("h1/a").then_some(())
     });
-    let token = format!("Bearer {}", support::TOKEN);
     let set = |verb: &str| {
-        let path = format!("/v1/servers/h1%2Fa/{verb}");
-        let r = request(api, "POST", &path, &[("authorization", &token)], None).unwrap();
+        let r = set_drain(api, "h1/a", verb);
         assert_eq!(r.status, 200, "{}", r.body);
     };
     set("drain");

@@ -217,3 +217,10 @@ pub fn entry(list: &serde_json::Value, id: &str) -> Option<(u64, String)> {
             )
         })
 }
+
+/// `POST /v1/servers/ID/VERB` (`drain` or `undrain`) on `lb` with the test token (`id` percent-encoded).
+pub fn set_drain(lb: SocketAddr, id: &str, verb: &str) -> HttpResponse {
+    let path = format!("/v1/servers/{}/{verb}", id.replace('/', "%2F"));
+    let auth = format!("Bearer {TOKEN}");
+    request(lb, "POST", &path, &[("authorization", &auth)], None).unwrap()
+}
