@@ -244,6 +244,11 @@ fn a_restarted_balancer_takes_its_peers_drains() {
         let r = set_drain(lb, "h1/a", verb);
         assert_eq!(r.status, 200, "{}", r.body);
     };
+    // lb2's state of A once a report has named it there.
+    let state_on_lb2 = || {
+        report_to(lb2);
+        entry(&servers(lb2, "browse"), "h1/a").map(|e| e.1)
+    };
     let drained = |lb| -> Vec<String> {
         let s = get(lb, "/v1/status").unwrap().json();
         serde_json::from_value(s["drained"].clone()).unwrap()
@@ -264,13 +269,7 @@ fn a_restarted_balancer_takes_its_peers_drains() {
     p2 = start("lb", lb2, &lb_config(lb2, &[lb1]), dir.path());
     // Ready, and no report yet: the drain came from lb1.
     assert_eq!(drained(lb2), ["h1/a"]);
-    report_to(lb2);
-    let list = servers(lb2, "browse");
-    assert_eq!(
-        entry(&list, "h1/a").map(|e| e.1),
-        Some("drained".into()),
-        "{list}"
-    );
+    assert_eq!(state_on_lb2(), Some("drained".into()));
     assert!(
         p2.stderr().contains("drained instances taken from a peer"),
         "{}",
@@ -282,12 +281,6 @@ fn a_restarted_balancer_takes_its_peers_drains() {
     set(lb1, "undrain");
     p2 = start("lb", lb2, &lb_config(lb2, &[lb1]), dir.path());
     assert!(drained(lb2).is_empty());
-    report_to(lb2);
-    let list = servers(lb2, "browse");
-    assert_ne!(
-        entry(&list, "h1/a").map(|e| e.1),
-        Some("drained".into()),
-        "{list}"
-    );
+    assert_ne!(state_on_lb2(), Some("drained".into()));
     drop(p2);
 }

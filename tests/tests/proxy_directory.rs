@@ -7,10 +7,9 @@
 #[path = "directory_support/mod.rs"]
 mod support;
 
+use std::cell::Cell;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use support::*;
@@ -157,46 +156,30 @@ fn a_fixed_backend_an_agent_reports_follows_its_drain_and_readiness() {
         proxy_config(api, proxy, 0)
     );
     let _lb = start("lb", api, &config, dir.path());
+    // An agent's report of A, saying what `ready` holds, sent again before every look so that it stays fresh
+    // (the report TTL is 1.5 s) however long the looks take.
+    let (ready, seq) = (Cell::new(true), Cell::new(now_ms() * 1000));
+    let report_a = || {
+        seq.set(seq.get() + 1);
+        let mut r = report("host-1", seq.get(), now_ms(), &[("h1/a", a, 0)]);
+        r.instances[0].ready = ready.get();
+        let r = post_signed(api, &r);
+        assert_eq!(r.status, 200, "{}", r.body);
+    };
     let both = || {
         eventually(Duration::from_secs(10), "A and B both picked", || {
+            report_a();
             let seen: std::collections::BTreeSet<String> = (0..40).map(|_| through(proxy)).collect();
             (seen.contains("A") && seen.contains("B")).then_some(())
         })
     };
     let only_b = |what| {
         eventually(Duration::from_secs(10), what, || {
+            report_a();
             (0..40).all(|_| through(proxy) == "B").then_some(())
         })
     };
     both();
-    // An agent's reports of A, every 300 ms (the report TTL is 1.5 s), saying what `ready` holds.
-    let ready = Arc::new(AtomicBool::new(true));
-    let stop = Arc::new(AtomicBool::new(false));
-    let reporter = {
-        let (ready, stop) = (ready.clone(), stop.clone());
-        std::thread::spawn(move || {
-            for _ in 0..200 {
-                let mut r = report("host-1", now_ms() * 1000, now_ms(), &[("h1/a", a, 0)]);
-                r.instances[0].ready = ready.load(Ordering::SeqCst);
-                let r = post_signed(api, &r);
-                assert_eq!(r.status, 200, "{}", r.body);
-                if stop.load(Ordering::SeqCst) {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(300));
-            }
-        })
-    };
-    let report_a = |on: bool| {
-        ready.store(on, Ordering::SeqCst);
-        let mut r = report("host-1", now_ms() * 1000, now_ms(), &[("h1/a", a, 0)]);
-        r.instances[0].ready = on;
-        let r = post_signed(api, &r);
-        assert_eq!(r.status, 200, "{}", r.body);
-    };
-    eventually(Duration::from_secs(10), "A in the directory", || {
-        get(api, "/v1/status").ok()?.body.contains("h1/a").then_some(())
-    });
     let set = |verb: &str| {
         let r = set_drain(api, "h1/a", verb);
         assert_eq!(r.status, 200, "{}", r.body);
@@ -205,10 +188,8 @@ fn a_fixed_backend_an_agent_reports_follows_its_drain_and_readiness() {
     only_b("the drained backend to get no connection");
     set("undrain");
     both();
-    report_a(false);
+    ready.set(false);
     only_b("the backend reported not ready to get no connection");
-    report_a(true);
+    ready.set(true);
     both();
-    stop.store(true, Ordering::SeqCst);
-    reporter.join().unwrap();
 }

@@ -26,6 +26,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use xcluster_proto::directory::{LbStatus, Pick, ServerList};
 
+use pick::PickView;
 pub use snapshot::Snapshot;
 use table::Table;
 use weights::Params;
@@ -271,7 +272,11 @@ impl Directory {
         let mut rx = self.inner.changed.subscribe();
         let deadline = tokio::time::Instant::now() + within;
         loop {
-            if types.iter().all(|ty| self.pick(ty, &[]).is_some()) {
+            let snap = self.snapshot();
+            if types
+                .iter()
+                .all(|ty| snap.types.get(ty).is_some_and(PickView::can_pick))
+            {
                 return true;
             }
             tokio::select! {

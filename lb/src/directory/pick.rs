@@ -49,6 +49,11 @@ impl PickView {
     }
 
     /// Picks one instance, avoiding `exclude`; records the pick in the predicted load.
+    /// Whether a pick would find an instance: one row with weight. Unlike a pick, it adds no predicted load.
+    pub fn can_pick(&self) -> bool {
+        self.list.rows.iter().any(|r| r.weight > 0)
+    }
+
     pub fn pick(&self, exclude: &[SocketAddr], rng: &mut impl Rng) -> Option<&Row> {
         let rows = &self.list.rows;
         let ok = |i: usize| rows[i].weight > 0 && !exclude.contains(&rows[i].addr);
@@ -128,6 +133,20 @@ mod tests {
             },
             1000,
         )
+    }
+
+    /// The warm-up's question: it needs a row with weight, and asking adds no predicted load.
+    #[test]
+    fn can_pick_needs_a_weight_and_counts_nothing() {
+        assert!(!view(&[0, 0]).can_pick());
+        let v = view(&[0, 3]);
+        assert!(v.can_pick());
+        assert!(
+            v.list
+                .rows
+                .iter()
+                .all(|r| r.predicted.load(Ordering::Relaxed) == 0)
+        );
     }
 
     fn counts(v: &PickView, n: usize, exclude: &[SocketAddr]) -> Vec<usize> {

@@ -27,30 +27,29 @@ pub fn inode(socket: impl AsFd) -> io::Result<u64> {
 /// Whether closing the listening sockets `own` (every one of this process's sockets on `addr`) hands their
 /// clients to another process: the kernel migrates them, and another process listens on `addr`.
 pub fn possible(addr: SocketAddr, own: &[u64]) -> bool {
-    if !migrate_on() {
-        return false;
+    migrate_on() && shared_with_another(addr, own)
+}
+
+/// Says, once a listener is bound, when another process shares its address but the kernel would not hand
+/// clients over: each restart of either one then stalls some clients for a second.
+pub fn advise(addr: SocketAddr, own: &[u64], name: &str) {
+    if !migrate_on() && shared_with_another(addr, own) {
+        info!(
+            listener = %name, %addr,
+            "another process listens on this address too; with net.ipv4.tcp_migrate_req = 1 a restart of \
+             either one would hand its clients to the other instead of dropping their SYNs for 0.2 s"
+        );
     }
+}
+
+/// Whether a socket other than `own` listens on `addr`: another process's (this one's are all in `own`).
+fn shared_with_another(addr: SocketAddr, own: &[u64]) -> bool {
     match listeners(addr) {
         Ok(found) => found.iter().any(|i| !own.contains(i)),
         Err(e) => {
             debug!(%addr, error = %e, "cannot list the listeners sharing the address");
             false
         }
-    }
-}
-
-/// Says, once a listener is bound, when another process shares its address but the kernel would not hand
-/// clients over: each restart of either one then stalls some clients for a second.
-pub fn advise(addr: SocketAddr, own: &[u64], name: &str) {
-    if migrate_on() {
-        return;
-    }
-    if listeners(addr).is_ok_and(|found| found.iter().any(|i| !own.contains(i))) {
-        info!(
-            listener = %name, %addr,
-            "another process listens on this address too; with net.ipv4.tcp_migrate_req = 1 a restart of \
-             either one would hand its clients to the other instead of dropping their SYNs for 0.2 s"
-        );
     }
 }
 
