@@ -18,7 +18,7 @@ use http::{Method, StatusCode};
 use tokio::sync::watch;
 use xcluster_proto::report::LoadReport;
 use xcluster_runtime::Context;
-use xcluster_runtime::http::{Handler, error, json};
+use xcluster_runtime::http::{Handler, error, json, method_not_allowed};
 
 /// Why the agent stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -63,11 +63,7 @@ fn handler(latest: watch::Receiver<Option<LoadReport>>) -> Handler {
                     Some(r) => json(StatusCode::OK, &r),
                     None => error(StatusCode::SERVICE_UNAVAILABLE, "no_report", "no report sent yet"),
                 },
-                ("/v1/report", m) => error(
-                    StatusCode::METHOD_NOT_ALLOWED,
-                    "method_not_allowed",
-                    &format!("{m} is not allowed on /v1/report"),
-                ),
+                ("/v1/report", m) => method_not_allowed(&m, &path, "GET"),
                 _ => error(
                     StatusCode::NOT_FOUND,
                     "not_found",

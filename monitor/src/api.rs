@@ -16,7 +16,8 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use xcluster_runtime::config::ConfigSource;
 use xcluster_runtime::http::{
-    Body, Handler, bearer_ok, error, json, query_pairs, read_body, unauthorized, with_type,
+    Body, Handler, bearer_ok, error, json, method_not_allowed, query_pairs, read_body, unauthorized,
+    with_type,
 };
 use xcluster_runtime::reload::{Cause, Reloader};
 
@@ -43,6 +44,25 @@ pub struct Api {
     pub started_unix_ms: u64,
 }
 
+/// The method a known path takes (each takes one), for the 405 of a path asked with another.
+fn allowed(segs: &[&str]) -> Option<&'static str> {
+    match segs {
+        [""]
+        | ["v1", "status" | "cluster" | "events"]
+        | ["v1", "events", "recent"]
+        | ["v1", "programs", _, "log"] => Some("GET"),
+        ["v1", "reread" | "update" | "shutdown"]
+        | [
+            "v1",
+            "programs",
+            _,
+            "start" | "stop" | "restart" | "clear" | "signal",
+        ] => Some("POST"),
+        ["v1", "cluster", "servers", id @ .., "drain" | "undrain"] if !id.is_empty() => Some("POST"),
+        _ => None,
+    }
+}
+
 impl Api {
     pub fn handler(self) -> Handler {
         let api = Arc::new(self);
@@ -56,6 +76,12 @@ impl Api {
         let path = req.uri().path().to_string();
         let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
         let method = req.method().clone();
+        // A known path asked with the wrong method says so before any token check.
+        if let Some(allow) = allowed(&segs)
+            && allow != method.as_str()
+        {
+            return method_not_allowed(&method, &path, allow);
+        }
         if method == Method::POST && !bearer_ok(&req, &self.config.borrow().token) {
             return unauthorized();
         }

@@ -104,6 +104,19 @@ pub fn error(status: StatusCode, code: &str, message: &str) -> Response<Body> {
     resp
 }
 
+/// 405 for a path that exists but not with `method`, with the `Allow` header (RFC 9110) naming the methods
+/// it takes, so a client learns the fix from the answer.
+pub fn method_not_allowed(method: &http::Method, path: &str, allow: &'static str) -> Response<Body> {
+    let mut resp = error(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        &format!("{method} is not allowed on {path} (allowed: {allow})"),
+    );
+    resp.headers_mut()
+        .insert(header::ALLOW, HeaderValue::from_static(allow));
+    resp
+}
+
 /// Why a request body could not be read.
 #[derive(Debug, thiserror::Error)]
 pub enum BodyError {

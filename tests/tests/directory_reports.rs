@@ -169,6 +169,18 @@ fn bad_queries_get_clear_4xx_json_and_types_reload_live() {
     expect("GET", "/v1/pick?type=browse&watch=1", 400, "bad_query");
     expect("GET", "/v1/pick?type=browse", 503, "no_instance");
     expect("DELETE", "/v1/servers", 405, "method_not_allowed");
+    for (method, path, allow) in [
+        ("POST", "/v1/servers", "GET"),
+        ("GET", "/v1/reports", "POST"),
+        ("GET", "/v1/servers/x/drain", "POST"),
+    ] {
+        let r = request(lb, method, path, &[], None).unwrap();
+        assert_eq!(
+            (r.status, r.header("allow")),
+            (405, Some(allow)),
+            "{method} {path}"
+        );
+    }
     expect("POST", "/v1/servers/x/drain", 401, "unauthorized");
     let auth = format!("Bearer {TOKEN}");
     let r = request(

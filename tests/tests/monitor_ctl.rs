@@ -50,6 +50,24 @@ fn ctl_errors_and_tokens() {
     assert_eq!(r.status, 401);
     assert_eq!(m.state("x"), "RUNNING");
 
+    // A known path asked with the wrong method is a 405 naming the right one, token or not; an unknown one a
+    // 404.
+    for (method, path, allow) in [
+        ("GET", "/v1/programs/x/stop", "POST"),
+        ("GET", "/v1/cluster/servers/h%2Fa/drain", "POST"),
+        ("POST", "/v1/status", "GET"),
+        ("POST", "/v1/programs/x/log", "GET"),
+        ("DELETE", "/v1/shutdown", "POST"),
+    ] {
+        let r = request(m.addr, method, path, &[], None).unwrap();
+        assert_eq!(r.status, 405, "{method} {path}: {}", r.body);
+        assert_eq!(r.header("allow"), Some(allow), "{method} {path}");
+        assert_eq!(r.json()["error"]["code"], "method_not_allowed");
+    }
+    let r = request(m.addr, "GET", "/v1/nope", &[], None).unwrap();
+    assert_eq!(r.status, 404, "{}", r.body);
+    assert_eq!(m.state("x"), "RUNNING");
+
     // Pointed at something else that answers /v1/status (a balancer's API), ctl says so instead of printing
     // an empty status.
     let other = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

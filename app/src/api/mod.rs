@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use http::{HeaderValue, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use tokio::sync::watch;
-use xcluster_runtime::http::{Body, Handler, error};
+use xcluster_runtime::http::{Body, Handler, error, method_not_allowed};
 
 use crate::Config;
 use crate::degrade::{Degrade, Level};
@@ -78,35 +78,41 @@ enum Route {
     Settle,
 }
 
-/// Finds the route: `Err(true)` when the path exists with another method, `Err(false)` when it does not.
-fn route(method: &Method, path: &str) -> Result<(ReqType, Route), bool> {
+/// Finds the route: `Err(Some(allow))` when the path exists with other methods (`allow` names them),
+/// `Err(None)` when it does not.
+fn route(method: &Method, path: &str) -> Result<(ReqType, Route), Option<&'static str>> {
+    const GET: &str = "GET";
+    const POST: &str = "POST";
     let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
-    let get = method == Method::GET;
-    let post = method == Method::POST;
     let s = |v: &str| v.to_string();
-    let (ok, r) = match parts.as_slice() {
-        ["v1", "products"] => (get, (ReqType::Browse, Route::Products)),
-        ["v1", "products", id] => (get, (ReqType::Browse, Route::Product(s(id)))),
-        ["v1", "orders"] => (post, (ReqType::Order, Route::CreateOrder)),
-        ["v1", "orders", id] => (get, (ReqType::Browse, Route::Order(s(id)))),
-        ["v1", "orders", id, "pay"] => (post, (ReqType::Pay, Route::Pay(s(id)))),
-        ["v1", "orders", id, "cancel"] => (post, (ReqType::Order, Route::Cancel(s(id)))),
-        ["v1", "orders", id, "fulfil"] => (post, (ReqType::Order, Route::Fulfil(s(id)))),
-        ["v1", "wallets", user] => (get, (ReqType::Browse, Route::Wallet(s(user)))),
-        ["v1", "seckill", sku] => (post, (ReqType::Seckill, Route::Seckill(s(sku)))),
-        ["v1", "payments", "callback"] => (post, (ReqType::Pay, Route::Callback)),
-        ["v1", "refunds"] => (post, (ReqType::Pay, Route::Refund)),
-        ["v1", "merchant", "stock"] => (post, (ReqType::Admin, Route::MerchantStock)),
-        ["v1", "merchant", "flash-sales", sku] => (post, (ReqType::Admin, Route::FlashSale(s(sku)))),
-        ["v1", "stats"] => (get, (ReqType::Admin, Route::Stats)),
-        ["admin", "audit"] => (get, (ReqType::Admin, Route::Audit)),
-        ["admin", "degrade"] if get => (true, (ReqType::Admin, Route::DegradeGet)),
-        ["admin", "degrade"] => (post, (ReqType::Admin, Route::DegradeSet)),
-        ["admin", "credit"] => (post, (ReqType::Admin, Route::Credit)),
-        ["admin", "settlements"] => (post, (ReqType::Admin, Route::Settle)),
-        _ => return Err(false),
+    let (allow, r) = match parts.as_slice() {
+        ["v1", "products"] => (GET, (ReqType::Browse, Route::Products)),
+        ["v1", "products", id] => (GET, (ReqType::Browse, Route::Product(s(id)))),
+        ["v1", "orders"] => (POST, (ReqType::Order, Route::CreateOrder)),
+        ["v1", "orders", id] => (GET, (ReqType::Browse, Route::Order(s(id)))),
+        ["v1", "orders", id, "pay"] => (POST, (ReqType::Pay, Route::Pay(s(id)))),
+        ["v1", "orders", id, "cancel"] => (POST, (ReqType::Order, Route::Cancel(s(id)))),
+        ["v1", "orders", id, "fulfil"] => (POST, (ReqType::Order, Route::Fulfil(s(id)))),
+        ["v1", "wallets", user] => (GET, (ReqType::Browse, Route::Wallet(s(user)))),
+        ["v1", "seckill", sku] => (POST, (ReqType::Seckill, Route::Seckill(s(sku)))),
+        ["v1", "payments", "callback"] => (POST, (ReqType::Pay, Route::Callback)),
+        ["v1", "refunds"] => (POST, (ReqType::Pay, Route::Refund)),
+        ["v1", "merchant", "stock"] => (POST, (ReqType::Admin, Route::MerchantStock)),
+        ["v1", "merchant", "flash-sales", sku] => (POST, (ReqType::Admin, Route::FlashSale(s(sku)))),
+        ["v1", "stats"] => (GET, (ReqType::Admin, Route::Stats)),
+        ["admin", "audit"] => (GET, (ReqType::Admin, Route::Audit)),
+        ["admin", "degrade"] if method == Method::GET => (GET, (ReqType::Admin, Route::DegradeGet)),
+        ["admin", "degrade"] if method == Method::POST => (POST, (ReqType::Admin, Route::DegradeSet)),
+        ["admin", "degrade"] => return Err(Some("GET, POST")),
+        ["admin", "credit"] => (POST, (ReqType::Admin, Route::Credit)),
+        ["admin", "settlements"] => (POST, (ReqType::Admin, Route::Settle)),
+        _ => return Err(None),
     };
-    if ok { Ok(r) } else { Err(true) }
+    if method.as_str() == allow {
+        Ok(r)
+    } else {
+        Err(Some(allow))
+    }
 }
 
 /// The app's request handler.
@@ -121,14 +127,8 @@ async fn dispatch(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
     let started = Instant::now();
     let (ty, r) = match route(req.method(), req.uri().path()) {
         Ok(found) => found,
-        Err(true) => {
-            return error(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "method_not_allowed",
-                &format!("{} is not allowed on {}", req.method(), req.uri().path()),
-            );
-        }
-        Err(false) => {
+        Err(Some(allow)) => return method_not_allowed(req.method(), req.uri().path(), allow),
+        Err(None) => {
             return error(
                 StatusCode::NOT_FOUND,
                 "not_found",
@@ -270,9 +270,12 @@ mod tests {
         assert_eq!(t(Method::POST, "/v1/orders"), Ok(ReqType::Order));
         assert_eq!(t(Method::POST, "/v1/orders/o1/pay"), Ok(ReqType::Pay));
         assert_eq!(t(Method::POST, "/v1/seckill/flash-1"), Ok(ReqType::Seckill));
-        assert_eq!(t(Method::GET, "/v1/orders"), Err(true));
-        assert_eq!(t(Method::DELETE, "/admin/degrade"), Err(true));
-        assert_eq!(t(Method::GET, "/v2/x"), Err(false));
-        assert_eq!(t(Method::GET, "/v1/orders/a/b/c/d"), Err(false));
+        assert_eq!(t(Method::GET, "/admin/degrade"), Ok(ReqType::Admin));
+        assert_eq!(t(Method::POST, "/admin/degrade"), Ok(ReqType::Admin));
+        assert_eq!(t(Method::GET, "/v1/orders"), Err(Some("POST")));
+        assert_eq!(t(Method::POST, "/v1/products"), Err(Some("GET")));
+        assert_eq!(t(Method::DELETE, "/admin/degrade"), Err(Some("GET, POST")));
+        assert_eq!(t(Method::GET, "/v2/x"), Err(None));
+        assert_eq!(t(Method::GET, "/v1/orders/a/b/c/d"), Err(None));
     }
 }

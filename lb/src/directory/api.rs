@@ -9,7 +9,8 @@ use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use xcluster_proto::report::{MAX_REPORT_BYTES, ReportError, SIGNATURE_HEADER};
 use xcluster_runtime::http::{
-    Body, BodyError, Handler, bearer_ok, error, json, query_pairs, read_body, unauthorized, with_type,
+    Body, BodyError, Handler, bearer_ok, error, json, method_not_allowed, query_pairs, read_body,
+    unauthorized, with_type,
 };
 
 use super::{Directory, QueryError};
@@ -38,9 +39,10 @@ async fn route(dir: Directory, req: Request<Incoming>) -> Response<Body> {
             status.proxy = crate::proxy::metrics::status(&xcluster_runtime::telemetry::render_metrics());
             json(StatusCode::OK, &status)
         }
-        ("/v1/reports" | "/v1/servers" | "/v1/pick" | "/v1/status", _) => method_not_allowed(&method, &path),
+        ("/v1/reports", _) => method_not_allowed(&method, &path, "POST"),
+        ("/v1/servers" | "/v1/pick" | "/v1/status", _) => method_not_allowed(&method, &path, "GET"),
         _ => match drain_target(&path) {
-            Some(_) if method != Method::POST => method_not_allowed(&method, &path),
+            Some(_) if method != Method::POST => method_not_allowed(&method, &path, "POST"),
             Some((id, on)) => drain(&dir, &req, &id, on),
             None => error(
                 StatusCode::NOT_FOUND,
@@ -49,14 +51,6 @@ async fn route(dir: Directory, req: Request<Incoming>) -> Response<Body> {
             ),
         },
     }
-}
-
-fn method_not_allowed(method: &Method, path: &str) -> Response<Body> {
-    error(
-        StatusCode::METHOD_NOT_ALLOWED,
-        "method_not_allowed",
-        &format!("{method} is not allowed on {path}"),
-    )
 }
 
 async fn reports(dir: Directory, req: Request<Incoming>) -> Response<Body> {
