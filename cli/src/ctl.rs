@@ -411,6 +411,8 @@ const INSTANCE_COLUMNS: &[Column] = &[
 
 const LISTENER_COLUMNS: &[Column] = &[
     ("proxy listener", "name", cell),
+    ("address", "addr", cell),
+    ("type", "request_type", cell),
     ("active", "active", cell),
     ("accepted", "accepted", cell),
     ("failed", "failed", cell),

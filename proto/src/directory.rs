@@ -109,6 +109,10 @@ pub struct ProxyStatus {
 #[serde(default)]
 pub struct ProxyListenerStatus {
     pub name: String,
+    /// The address it listens on (empty from a balancer that does not say).
+    pub addr: String,
+    /// The request type it routes by.
+    pub request_type: String,
     pub active: u64,
     pub accepted: u64,
     /// Connections closed because no backend could be reached.

@@ -276,7 +276,22 @@ fn ctl_cluster_shows_balancers_and_their_proxies() {
     );
     assert!(
         row(&[
-            "browse", "2", "1234", "1", "4", "5", "6", "3", "0", "2.0", "KiB", "5.0", "MiB", "unbound"
+            "browse",
+            "127.0.0.1:7400",
+            "browse",
+            "2",
+            "1234",
+            "1",
+            "4",
+            "5",
+            "6",
+            "3",
+            "0",
+            "2.0",
+            "KiB",
+            "5.0",
+            "MiB",
+            "unbound"
         ]),
         "{text}"
     );

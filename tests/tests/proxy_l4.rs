@@ -1365,6 +1365,11 @@ fn reload_removing_a_listener_keeps_its_connections(rt: &'static str) {
     lb.reload_applied(1000, &format!("{}{}", listener("b", b), backends(&[echo2])));
     eventually(T, "listener a to close", || (!listening(a)).then_some(()));
     ping(&mut on_a, b"still served after the reload");
+    // `/v1/status` (and so `ctl cluster`) lists the listeners configured now, with their addresses.
+    let shown: Vec<(String, String)> = (lb.proxy_status().listeners.into_iter())
+        .map(|l| (l.name, l.addr))
+        .collect();
+    assert_eq!(shown, vec![("b".to_string(), b.to_string())]);
 
     // New connections on `b` go to the new backend only.
     for i in 0..5 {

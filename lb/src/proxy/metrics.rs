@@ -10,6 +10,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use metrics::{Counter, Gauge, Histogram};
 use xcluster_proto::directory::{ProxyBackendStatus, ProxyListenerStatus, ProxyStatus};
 
+use super::config::ListenerConfig;
+
 pub const ACCEPTED_TOTAL: &str = "xcluster_lb_proxy_connections_accepted_total";
 pub const ACTIVE: &str = "xcluster_lb_proxy_connections_active";
 /// Connections closed because no backend could be reached.
@@ -61,6 +63,31 @@ pub const BUFFERS_HELD: &str = "xcluster_lb_proxy_buffers_held";
 pub const LISTENER_BIND_FAILURES_TOTAL: &str = "xcluster_lb_proxy_listener_bind_failures_total";
 /// 1 while a listener a reload added cannot bind its address (retried every second), else 0.
 pub const LISTENER_UNBOUND: &str = "xcluster_lb_proxy_listener_unbound";
+/// 1 for each listener of the config, labelled with its `addr` and request `type`; 0 once a reload removed it
+/// (Prometheus's info idiom). `/v1/status` takes a listener's address from it and leaves removed ones out.
+pub const LISTENER_INFO: &str = "xcluster_lb_proxy_listener_info";
+
+/// Sets [`LISTENER_INFO`]: 0 for each listener of `old` that `new` no longer has (same name, address and
+/// type), 1 for each of `new`.
+pub fn publish_listeners(old: &[ListenerConfig], new: &[ListenerConfig]) {
+    let info = |l: &ListenerConfig| {
+        metrics::gauge!(
+            LISTENER_INFO,
+            "listener" => l.name.clone(),
+            "addr" => l.listen.to_string(),
+            "type" => l.request_type.clone()
+        )
+    };
+    let same = |a: &ListenerConfig, b: &ListenerConfig| {
+        a.name == b.name && a.listen == b.listen && a.request_type == b.request_type
+    };
+    for gone in old.iter().filter(|o| !new.iter().any(|n| same(o, n))) {
+        info(gone).set(0.0);
+    }
+    for l in new {
+        info(l).set(1.0);
+    }
+}
 
 /// Handles for one listener.
 #[derive(Debug, Clone)]
@@ -188,6 +215,8 @@ impl BackendMetrics {
 /// Lines that do not parse are skipped.
 pub fn status(text: &str) -> ProxyStatus {
     let mut listeners: BTreeMap<String, ProxyListenerStatus> = BTreeMap::new();
+    // Names with an info series, and whether one of them says the listener is configured now.
+    let mut listed: BTreeMap<String, bool> = BTreeMap::new();
     let mut backends: BTreeMap<String, ProxyBackendStatus> = BTreeMap::new();
     for line in text.lines() {
         let Some(Sample { name, labels, value }) = Sample::parse(line) else {
@@ -214,6 +243,14 @@ pub fn status(text: &str) -> ProxyStatus {
                 LISTENER_BYTES_TOTAL if up => e.bytes_up = value,
                 LISTENER_BYTES_TOTAL => e.bytes_down = value,
                 LISTENER_UNBOUND => e.unbound = value > 0,
+                LISTENER_INFO => {
+                    let now = listed.entry(l.to_string()).or_default();
+                    if value > 0 {
+                        *now = true;
+                        e.addr = label("addr").unwrap_or_default().to_string();
+                        e.request_type = label("type").unwrap_or_default().to_string();
+                    }
+                }
                 _ => {}
             }
         } else if let Some(b) = label("backend") {
@@ -236,6 +273,8 @@ pub fn status(text: &str) -> ProxyStatus {
             }
         }
     }
+    // A listener a reload removed keeps its counters in `/metrics`, but is no longer one of the proxy's.
+    listeners.retain(|name, _| listed.get(name).copied().unwrap_or(true));
     ProxyStatus {
         listeners: listeners.into_values().collect(),
         backends: backends.into_values().collect(),
@@ -315,6 +354,11 @@ xcluster_lb_proxy_backend_backup{backend="127.0.0.1:9"} 1
 xcluster_lb_proxy_workers{runtime="io_uring"} 2
 xcluster_lb_reports_accepted_total{listener="web"} 99
 xcluster_lb_proxy_connections_failed_total{listener="web" 4
+xcluster_lb_proxy_listener_info{listener="web",addr="127.0.0.1:80",type="browse"} 1
+xcluster_lb_proxy_connections_accepted_total{listener="gone"} 5
+xcluster_lb_proxy_listener_info{listener="gone",addr="127.0.0.1:81",type="pay"} 0
+xcluster_lb_proxy_listener_info{listener="moved",addr="127.0.0.1:82",type="pay"} 0
+xcluster_lb_proxy_listener_info{listener="moved",addr="127.0.0.1:83",type="pay"} 1
 not a sample
 "#;
         let s = status(text);
@@ -322,11 +366,19 @@ not a sample
             s.listeners,
             vec![
                 ProxyListenerStatus {
+                    name: "moved".into(),
+                    addr: "127.0.0.1:83".into(),
+                    request_type: "pay".into(),
+                    ..Default::default()
+                },
+                ProxyListenerStatus {
                     name: "odd \"name\"".into(),
                     ..Default::default()
                 },
                 ProxyListenerStatus {
                     name: "web".into(),
+                    addr: "127.0.0.1:80".into(),
+                    request_type: "browse".into(),
                     accepted: 12,
                     active: 3,
                     bytes_up: 1000,

@@ -502,6 +502,8 @@ struct Manager {
     backlog: i32,
     keepalive: Option<Duration>,
     started: ProxyConfig,
+    /// The listeners of the config applied last, as [`super::metrics::LISTENER_INFO`] shows them.
+    listed: Vec<ListenerConfig>,
     /// `shutdown.grace_ms`: how long a closing listener may wait for permits to serve its queue.
     grace: Duration,
 }
@@ -545,9 +547,11 @@ pub fn start(
         backlog: cfg.backlog,
         keepalive: cfg.keepalive,
         started: cfg.clone(),
+        listed: cfg.listeners.clone(),
         grace,
     };
     m.apply_live(&cfg);
+    super::metrics::publish_listeners(&[], &cfg.listeners);
     for l in &cfg.listeners {
         if let Err(source) = m.add_listener(l) {
             m.finish_now();
@@ -679,6 +683,8 @@ impl Manager {
             );
         }
         self.apply_live(new);
+        super::metrics::publish_listeners(&self.listed, &new.listeners);
+        self.listed = new.listeners.clone();
         // By address: a listener whose address is still listed keeps its sockets and, if changed, takes its new
         // settings in place; one whose address is gone stops. Their connections are not touched.
         for r in std::mem::take(&mut self.running) {
