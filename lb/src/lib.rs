@@ -35,6 +35,7 @@ pub async fn run(ctx: Context<Config>) -> Result<(), Error> {
         tracing::warn!("no [reports] key or key_file: every load report will be rejected");
     }
     let dir = Directory::new(directory::Settings::from_config(&cfg));
+    dir.collect_metrics();
     tokio::spawn(dir.clone().run_housekeeping(drain.clone()));
     tokio::spawn(follow_config(ctx.config.clone(), dir.clone(), drain.clone()));
     xcluster_runtime::admin::serve_api(

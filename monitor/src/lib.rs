@@ -88,6 +88,7 @@ pub async fn run(ctx: Context<Config>) -> Result<(), Error> {
         });
     }
     let (status_tx, status_rx) = watch::channel(Arc::new(status::Snapshot::default()));
+    metrics::collect_from(status_rx.clone());
     let (cmd_tx, cmd_rx) = mpsc::channel(64);
     let api = api::Api {
         commands: cmd_tx,

@@ -1,8 +1,13 @@
 //! The monitor's metric names, and recording them from a status snapshot. Labels are bounded: `program` takes
 //! only names from the config.
 
+use std::sync::Arc;
+
+use tokio::sync::watch;
+use xcluster_runtime::telemetry::{Exposition, Kind, set_collector};
+
 use crate::machine::State;
-use crate::status::Snapshot;
+use crate::status::{ProcStatus, Snapshot};
 
 /// 1 while the process is RUNNING.
 pub const PROGRAM_UP: &str = "xcluster_monitor_program_up";
@@ -15,13 +20,31 @@ pub const PROGRAM_READY: &str = "xcluster_monitor_program_ready";
 /// Supervised processes.
 pub const PROGRAMS: &str = "xcluster_monitor_programs";
 
-pub(crate) fn record(s: &Snapshot) {
-    metrics::gauge!(PROGRAMS).set(s.programs.len() as f64);
-    for p in &s.programs {
-        let l = [("program", p.name.clone())];
-        metrics::gauge!(PROGRAM_UP, &l).set(if p.state == State::Running { 1.0 } else { 0.0 });
-        metrics::gauge!(PROGRAM_STATE, &l).set(f64::from(p.state.code()));
-        metrics::gauge!(PROGRAM_READY, &l).set(if p.ready { 1.0 } else { 0.0 });
-        metrics::counter!(PROGRAM_RESTARTS_TOTAL, &l).absolute(p.restarts);
+/// Installs the collector that writes these series from the latest status at each scrape, so a program a
+/// reload removed leaves `/metrics` with it.
+pub(crate) fn collect_from(status: watch::Receiver<Arc<Snapshot>>) {
+    set_collector(
+        "monitor_programs",
+        Arc::new(move |out: &mut Exposition| write(&status.borrow(), out)),
+    );
+}
+
+fn write(s: &Snapshot, out: &mut Exposition) {
+    out.family(PROGRAMS, Kind::Gauge);
+    out.sample(PROGRAMS, &[], s.programs.len() as f64);
+    fn flag(on: bool) -> f64 {
+        if on { 1.0 } else { 0.0 }
+    }
+    let families: [(&str, Kind, fn(&ProcStatus) -> f64); 4] = [
+        (PROGRAM_UP, Kind::Gauge, |p| flag(p.state == State::Running)),
+        (PROGRAM_STATE, Kind::Gauge, |p| f64::from(p.state.code())),
+        (PROGRAM_READY, Kind::Gauge, |p| flag(p.ready)),
+        (PROGRAM_RESTARTS_TOTAL, Kind::Counter, |p| p.restarts as f64),
+    ];
+    for (name, kind, value) in families {
+        out.family(name, kind);
+        for p in &s.programs {
+            out.sample(name, &[("program", &p.name)], value(p));
+        }
     }
 }

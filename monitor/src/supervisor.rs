@@ -855,7 +855,6 @@ impl Supervisor {
 
     fn publish(&mut self) {
         let snapshot = crate::snapshot::build(self);
-        crate::metrics::record(&snapshot);
         self.status.send_replace(Arc::new(Snapshot {
             shutting_down: self.shutting_down,
             ..snapshot

@@ -1,8 +1,10 @@
 //! Process-wide telemetry: the `tracing` subscriber (with a live-reloadable filter) and the Prometheus
 //! recorder behind the `metrics` facade. Only entry points call `init`; libraries just emit.
 
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
 use std::io::IsTerminal;
-use std::sync::OnceLock;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
@@ -14,6 +16,7 @@ use tracing_subscriber::{EnvFilter, reload};
 use crate::logwriter::{NonBlocking, QUEUE_LINES};
 
 static PROMETHEUS: OnceLock<PrometheusHandle> = OnceLock::new();
+static COLLECTORS: Mutex<BTreeMap<&'static str, Collector>> = Mutex::new(BTreeMap::new());
 static FILTER: OnceLock<reload::Handle<EnvFilter, tracing_subscriber::Registry>> = OnceLock::new();
 
 /// Log output format.
@@ -125,9 +128,86 @@ fn with_buckets() -> PrometheusBuilder {
         .unwrap_or_else(|_| PrometheusBuilder::new())
 }
 
-/// Renders every metric in the Prometheus text format.
+/// Renders every metric in the Prometheus text format: the recorder's, then each collector's.
 pub fn render_metrics() -> String {
-    prometheus().render()
+    let mut out = Exposition {
+        text: prometheus().render(),
+    };
+    let collectors: Vec<Collector> = match COLLECTORS.lock() {
+        Ok(c) => c.values().cloned().collect(),
+        Err(poisoned) => poisoned.into_inner().values().cloned().collect(),
+    };
+    for collect in collectors {
+        collect(&mut out);
+    }
+    out.text
+}
+
+/// Writes, at each scrape, series whose label sets come and go with their owner's state: a program per
+/// config, an instance per report. The `metrics` facade cannot remove a series once set, so a program a
+/// reload removed, or an instance the directory forgot, would otherwise stay on `/metrics` with its last value.
+pub type Collector = Arc<dyn Fn(&mut Exposition) + Send + Sync>;
+
+/// Installs `collect` under `name`, replacing one of the same name (a role started again in one process).
+pub fn set_collector(name: &'static str, collect: Collector) {
+    match COLLECTORS.lock() {
+        Ok(mut c) => c.insert(name, collect),
+        Err(poisoned) => poisoned.into_inner().insert(name, collect),
+    };
+}
+
+/// The Prometheus text format, as a [`Collector`] writes it.
+#[derive(Debug, Default)]
+pub struct Exposition {
+    text: String,
+}
+
+/// The kind of a metric family.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Gauge,
+    Counter,
+}
+
+impl Exposition {
+    /// Begins a family: every sample of `name` must follow before the next family.
+    pub fn family(&mut self, name: &str, kind: Kind) {
+        if !self.text.is_empty() && !self.text.ends_with('\n') {
+            self.text.push('\n');
+        }
+        let kind = match kind {
+            Kind::Gauge => "gauge",
+            Kind::Counter => "counter",
+        };
+        let _ = writeln!(self.text, "# TYPE {name} {kind}");
+    }
+
+    /// One sample of the family begun last; label values are escaped as the format asks.
+    pub fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: f64) {
+        self.text.push_str(name);
+        for (i, (k, v)) in labels.iter().enumerate() {
+            self.text.push(if i == 0 { '{' } else { ',' });
+            let _ = write!(self.text, "{k}=\"");
+            for c in v.chars() {
+                match c {
+                    '\\' => self.text.push_str("\\\\"),
+                    '"' => self.text.push_str("\\\""),
+                    '\n' => self.text.push_str("\\n"),
+                    c => self.text.push(c),
+                }
+            }
+            self.text.push('"');
+        }
+        if !labels.is_empty() {
+            self.text.push('}');
+        }
+        let _ = writeln!(self.text, " {value}");
+    }
+
+    /// What has been written.
+    pub fn text(&self) -> &str {
+        &self.text
+    }
 }
 
 /// Runs the recorder's periodic upkeep (histogram expiry) until `cancel` fires.
@@ -161,6 +241,33 @@ mod tests {
             let e = check_filter(bad).unwrap_err();
             assert!(e.contains("unknown level"), "{bad}: {e}");
         }
+    }
+
+    #[test]
+    fn a_collector_writes_escaped_samples_after_the_recorder_and_can_be_replaced() {
+        let mut out = Exposition::default();
+        out.family("t_up", Kind::Gauge);
+        out.sample("t_up", &[("program", "a\"b\\c\nd"), ("k", "v")], 1.0);
+        out.sample("t_up", &[], 0.5);
+        assert_eq!(
+            out.text(),
+            "# TYPE t_up gauge\nt_up{program=\"a\\\"b\\\\c\\nd\",k=\"v\"} 1\nt_up 0.5\n"
+        );
+
+        let write = |v: f64| -> Collector {
+            Arc::new(move |out: &mut Exposition| {
+                out.family("t_collected", Kind::Counter);
+                out.sample("t_collected", &[], v);
+            })
+        };
+        set_collector("t", write(1.0));
+        set_collector("t", write(2.0));
+        let text = render_metrics();
+        assert!(
+            text.contains("# TYPE t_collected counter\nt_collected 2\n"),
+            "{text}"
+        );
+        assert!(!text.contains("t_collected 1"), "{text}");
     }
 
     #[test]

@@ -80,6 +80,16 @@ fn reread_shows_the_plan_and_update_touches_only_what_changed() {
         .then_some(())
     });
     eventually(T, "c's process gone", || (!alive(before[2])).then_some(()));
+    // Its series leave `/metrics` with it; d's are there.
+    let metrics = get(m.addr, "/metrics").unwrap().body;
+    let up = |name: &str| {
+        metric_value(
+            &metrics,
+            "xcluster_monitor_program_up",
+            &format!("program=\"{name}\""),
+        )
+    };
+    assert_eq!((up("c"), up("d")), (None, Some(1.0)), "{metrics}");
     // A second update has nothing to do.
     let o = m.ctl(&["update"]);
     assert!(out(&o).contains("No config updates"), "{}", out(&o));

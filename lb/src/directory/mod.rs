@@ -378,25 +378,30 @@ impl Directory {
         added
     }
 
-    /// Runs the housekeeping tick (expiry every 100 ms, metrics every second) until `cancel` fires.
+    /// Installs the collector that writes the table's per-instance and per-type series at each scrape, so an
+    /// instance the table forgot, or a type a reload removed, leaves `/metrics` with it.
+    pub fn collect_metrics(&self) {
+        let dir = self.clone();
+        let collect = move |out: &mut xcluster_runtime::telemetry::Exposition| {
+            let snap = dir.snapshot();
+            let status = snapshot::instance_status(&dir.table(), &snap, dir.now_ms());
+            snapshot::write_metrics(&status, &snap, out);
+        };
+        xcluster_runtime::telemetry::set_collector("lb_directory", Arc::new(collect));
+    }
+
+    /// Runs the housekeeping tick (expiry every 100 ms) until `cancel` fires.
     /// Also runs the publisher of coalesced report changes: a directory fed reports needs this running.
     pub async fn run_housekeeping(self, cancel: CancellationToken) {
         tokio::spawn(self.clone().run_publisher(cancel.clone()));
         let mut tick = tokio::time::interval(Duration::from_millis(100));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut n = 0u64;
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => return,
                 _ = tick.tick() => {}
             }
             self.tick();
-            if n.is_multiple_of(10) {
-                let snap = self.snapshot();
-                let status = snapshot::instance_status(&self.table(), &snap, self.now_ms());
-                snapshot::export_metrics(&status, &snap);
-            }
-            n += 1;
         }
     }
 }

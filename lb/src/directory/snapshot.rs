@@ -13,6 +13,8 @@ use super::pick::PickView;
 use super::table::Table;
 use super::weights::{self, Params};
 use super::{QueryError, Settings};
+use xcluster_runtime::telemetry::{Exposition, Kind};
+
 use crate::metrics;
 
 /// Everything a reader needs, immutable.
@@ -128,20 +130,31 @@ pub fn instance_status(table: &Table, snap: &Snapshot, now_ms: u64) -> Vec<Insta
         .collect()
 }
 
-/// Sets the per-instance gauges (weight per type, report age) and the per-type panic gauge.
-pub fn export_metrics(status: &[InstanceStatus], snap: &Snapshot) {
+/// Writes the per-instance series (weight per type, report age), the per-type panic flag and the number of
+/// instances, for the directory's metrics collector (see `Directory::collect_metrics`).
+pub fn write_metrics(status: &[InstanceStatus], snap: &Snapshot, out: &mut Exposition) {
+    out.family(metrics::INSTANCES, Kind::Gauge);
+    out.sample(metrics::INSTANCES, &[], status.len() as f64);
+    out.family(metrics::INSTANCE_REPORT_AGE_SECONDS, Kind::Gauge);
     for s in status {
         let age = s.report_age_ms as f64 / 1000.0;
-        ::metrics::gauge!(metrics::INSTANCE_REPORT_AGE_SECONDS, "instance" => s.id.clone()).set(age);
+        out.sample(metrics::INSTANCE_REPORT_AGE_SECONDS, &[("instance", &s.id)], age);
+    }
+    out.family(metrics::INSTANCE_WEIGHT, Kind::Gauge);
+    for s in status {
         for (ty, w) in &s.weights {
-            ::metrics::gauge!(metrics::INSTANCE_WEIGHT, "instance" => s.id.clone(), "type" => ty.clone())
-                .set(f64::from(*w));
+            let labels = [("instance", s.id.as_str()), ("type", ty.as_str())];
+            out.sample(metrics::INSTANCE_WEIGHT, &labels, f64::from(*w));
         }
     }
+    out.family(metrics::PANIC, Kind::Gauge);
     for (ty, view) in &snap.types {
-        ::metrics::gauge!(metrics::PANIC, "type" => ty.clone()).set(if view.list.panic { 1.0 } else { 0.0 });
+        out.sample(
+            metrics::PANIC,
+            &[("type", ty)],
+            if view.list.panic { 1.0 } else { 0.0 },
+        );
     }
-    ::metrics::gauge!(metrics::INSTANCES).set(status.len() as f64);
 }
 
 /// The error for a type the balancer is not configured with.

@@ -400,3 +400,38 @@ fn service_time_needs_two_instances_to_compare_and_can_be_turned_off() {
     let expected = f64::from(full) * 1.75 / (1.0 + 19.0 / std::f64::consts::E);
     assert_eq!(later, expected.round() as u32, "{cut} -> {later} of {full}");
 }
+
+#[test]
+fn a_forgotten_instance_leaves_the_metrics() {
+    use super::super::snapshot::{Snapshot, instance_status, write_metrics};
+    let p = params();
+    let mut t = Table::default();
+    t.apply(&report("h1", 1, 0, 0.1, vec![inst("h1/a", 1, 0)]), 0, &p);
+    t.apply(&report("h2", 1, 0, 0.1, vec![inst("h2/a", 2, 0)]), 0, &p);
+    let text = |t: &Table, now: u64| {
+        let snap = Snapshot::build(t, now, &p);
+        let mut out = xcluster_runtime::telemetry::Exposition::default();
+        write_metrics(&instance_status(t, &snap, now), &snap, &mut out);
+        out.text().to_string()
+    };
+    let before = text(&t, 0);
+    assert!(before.contains("xcluster_lb_instances 2\n"), "{before}");
+    assert!(
+        before.contains("xcluster_lb_instance_report_age_seconds{instance=\"h2/a\"} 0\n"),
+        "{before}"
+    );
+    assert!(
+        before.contains("xcluster_lb_instance_weight{instance=\"h2/a\",type=\"queue\"}"),
+        "{before}"
+    );
+    t.apply(
+        &report("h1", 2, 10_001, 0.1, vec![inst("h1/a", 1, 0)]),
+        10_001,
+        &p,
+    );
+    assert!(t.expire(10_001, &p));
+    let after = text(&t, 10_001);
+    assert!(after.contains("xcluster_lb_instances 1\n"), "{after}");
+    assert!(after.contains("instance=\"h1/a\""), "{after}");
+    assert!(!after.contains("h2/a"), "{after}");
+}
