@@ -35,7 +35,8 @@ fn write(s: &Snapshot, out: &mut Exposition) {
     fn flag(on: bool) -> f64 {
         if on { 1.0 } else { 0.0 }
     }
-    let families: [(&str, Kind, fn(&ProcStatus) -> f64); 4] = [
+    type Family = (&'static str, Kind, fn(&ProcStatus) -> f64);
+    let families: [Family; 4] = [
         (PROGRAM_UP, Kind::Gauge, |p| flag(p.state == State::Running)),
         (PROGRAM_STATE, Kind::Gauge, |p| f64::from(p.state.code())),
         (PROGRAM_READY, Kind::Gauge, |p| flag(p.ready)),
