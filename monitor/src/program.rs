@@ -166,6 +166,95 @@ impl ProcessSpec {
     }
 }
 
+/// The placeholders a program's settings may hold.
+const PLACEHOLDERS: [&str; 5] = ["self", "program", "name", "num", "port"];
+
+/// Checks the `{word}`s of setting `key`'s `text`: `{port}` needs `port_base`, and a word at most two edits
+/// from a placeholder (`{prot}`, `{nmae}`) is a misspelling of it, which would reach the process as it is.
+/// Any other `{word}` is left alone: shell and awk use braces too (`${HOME}`, `awk '{print}'`).
+fn check_placeholders(text: &str, key: &str, has_port: bool, v: &mut Validator) {
+    let mut rest = text;
+    while let Some(open) = rest.find('{') {
+        let after_dollar = rest[..open].ends_with('$');
+        rest = &rest[open + 1..];
+        let Some(close) = rest.find('}') else { return };
+        let word = &rest[..close];
+        if after_dollar || word.is_empty() || !word.bytes().all(|b| b.is_ascii_lowercase() || b == b'_') {
+            continue;
+        }
+        if word == "port" && !has_port {
+            v.error(key, "{port} needs port_base, which gives each instance its port");
+        } else if let Some(near) = (!PLACEHOLDERS.contains(&word))
+            .then(|| {
+                PLACEHOLDERS
+                    .iter()
+                    .find(|p| word.len() > 2 && edits(word, p) <= 2)
+            })
+            .flatten()
+        {
+            let known = PLACEHOLDERS.map(|p| format!("{{{p}}}")).join(" ");
+            v.error(
+                key,
+                format!("unknown placeholder {{{word}}}: did you mean {{{near}}}? (known: {known})"),
+            );
+        }
+    }
+}
+
+/// The edit distance between two short ASCII words (insertions, deletions, substitutions, and swaps of two
+/// neighbours, the commonest slip).
+fn edits(a: &str, b: &str) -> usize {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    let mut d = vec![vec![0usize; b.len() + 1]; a.len() + 1];
+    for (i, row) in d.iter_mut().enumerate() {
+        row[0] = i;
+    }
+    for j in 0..=b.len() {
+        d[0][j] = j;
+    }
+    for i in 1..=a.len() {
+        for j in 1..=b.len() {
+            let cost = usize::from(a[i - 1] != b[j - 1]);
+            let mut best = (d[i - 1][j] + 1).min(d[i][j - 1] + 1).min(d[i - 1][j - 1] + cost);
+            if i > 1 && j > 1 && a[i - 1] == b[j - 2] && a[i - 2] == b[j - 1] {
+                best = best.min(d[i - 2][j - 2] + 1);
+            }
+            d[i][j] = best;
+        }
+    }
+    d[a.len()][b.len()]
+}
+
+/// Checks that no two programs' `port_base` ranges overlap, nor take the monitor's own port: the second
+/// program to bind would fail at every start.
+pub fn check_ports<'a>(
+    programs: impl IntoIterator<Item = (&'a str, &'a RawProgram)>,
+    monitor: std::net::SocketAddr,
+    v: &mut Validator,
+) {
+    let mut taken: Vec<(&str, u32, u32)> = Vec::new();
+    for (name, p) in programs {
+        let Some(base) = p.port_base else { continue };
+        let (first, last) = (u32::from(base), u32::from(base) + p.numprocs.max(1) - 1);
+        let key = format!("programs.{name}.port_base");
+        if (first..=last).contains(&u32::from(monitor.port())) {
+            v.error(
+                &key,
+                format!("ports {first}..={last} take the monitor's own listen port"),
+            );
+        }
+        for (other, f, l) in &taken {
+            if first <= *l && *f <= last {
+                v.error(
+                    &key,
+                    format!("ports {first}..={last} overlap {other}'s {f}..={l}"),
+                );
+            }
+        }
+        taken.push((name, first, last));
+    }
+}
+
 /// Substitutes `{self}`, `{program}`, `{name}`, `{num}`, `{port}`.
 pub fn substitute(s: &str, vars: &[(&str, String)]) -> String {
     let mut out = s.to_string();
@@ -297,6 +386,27 @@ impl RawProgram {
                 key("port_base"),
                 format!("{base} + numprocs runs past port 65535"),
             );
+        }
+        let has_port = self.port_base.is_some();
+        let mut texts: Vec<(String, &str)> = vec![
+            (key("command"), &self.command),
+            (key("directory"), &self.directory),
+            (key("process_name"), &self.process_name),
+            (key("stdout_logfile"), &self.stdout_logfile),
+            (key("stderr_logfile"), &self.stderr_logfile),
+        ];
+        texts.extend(
+            (self.environment.iter()).map(|(k, val)| (key(&format!("environment.{k}")), val.as_str())),
+        );
+        for (name, probe) in [("liveness", &self.liveness), ("readiness", &self.readiness)] {
+            if let Some(p) = probe {
+                for (field, text) in [("http", &p.http), ("tcp", &p.tcp), ("command", &p.command)] {
+                    texts.push((key(&format!("{name}.{field}")), text));
+                }
+            }
+        }
+        for (k, text) in texts {
+            check_placeholders(text, &k, has_port, v);
         }
         if v.issues.len() > errs_before {
             return Vec::new();
@@ -530,6 +640,77 @@ mod tests {
             vec!["/bin/sh", "-c", "echo \"a b\"; exit 3", "x y", "q\"z"]
         );
         assert!(split_command("a 'b").is_err());
+    }
+
+    #[test]
+    fn a_misspelled_placeholder_or_a_port_without_port_base_is_an_error() {
+        let issues = |command: &str, port_base: Option<u16>| {
+            let raw = RawProgram {
+                command: command.into(),
+                port_base,
+                environment: BTreeMap::from([("ADDR".into(), "127.0.0.1:{prot}".into())]),
+                ..RawProgram::default()
+            };
+            let mut v = Validator::new();
+            raw.expand("app", Path::new("/tmp/l"), &mut v);
+            v.issues
+                .iter()
+                .map(|i| format!("{}: {}", i.key, i.message))
+                .collect::<Vec<_>>()
+        };
+        let found = issues("{slef} app --name {nmae} --n {num}", Some(7101));
+        assert_eq!(found.len(), 3, "{found:?}");
+        assert!(
+            found[0].starts_with("programs.app.command: unknown placeholder {slef}: did you mean {self}?")
+        );
+        assert!(found[1].contains("{nmae}: did you mean {name}?"), "{found:?}");
+        assert!(
+            found[2].starts_with(
+                "programs.app.environment.ADDR: unknown placeholder {prot}: did you mean {port}?"
+            )
+        );
+        let found = issues("sh -c 'listen {port}'", None);
+        assert!(
+            found
+                .iter()
+                .any(|i| i.contains("command: {port} needs port_base")),
+            "{found:?}"
+        );
+        // Braces of shells and awk are left alone.
+        let found = issues(
+            "sh -c 'echo ${HOME} {} {print} {x} {Port} {a b}' {program}",
+            Some(7101),
+        );
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!(edits("port", "prot"), 1);
+        assert_eq!(edits("program", "progarm"), 1);
+        assert_eq!(edits("print", "port"), 3);
+    }
+
+    #[test]
+    fn overlapping_port_ranges_and_the_monitors_port_are_errors() {
+        let prog = |base: u16, numprocs: u32| RawProgram {
+            command: "x".into(),
+            port_base: Some(base),
+            numprocs,
+            ..RawProgram::default()
+        };
+        let (a, b, c, d) = (prog(7101, 3), prog(7103, 1), prog(7104, 2), prog(7299, 2));
+        let mut v = Validator::new();
+        let monitor: std::net::SocketAddr = "127.0.0.1:7300".parse().unwrap();
+        check_ports([("a", &a), ("b", &b), ("c", &c), ("d", &d)], monitor, &mut v);
+        let found: Vec<String> = v
+            .issues
+            .iter()
+            .map(|i| format!("{}: {}", i.key, i.message))
+            .collect();
+        assert_eq!(
+            found,
+            [
+                "programs.b.port_base: ports 7103..=7103 overlap a's 7101..=7103",
+                "programs.d.port_base: ports 7299..=7300 take the monitor's own listen port",
+            ]
+        );
     }
 
     #[test]
