@@ -399,7 +399,8 @@ fn set_path(table: &mut toml::Table, key: &str, raw_value: &str) -> Result<(), S
     Ok(())
 }
 
-/// Flattens a raw config into `key.path = value` lines, for one-line diffs on reload.
+/// Flattens a raw config into `key.path = value` lines, for one-line diffs on reload. Arrays flatten by
+/// index (`proxy.listeners[1].listen`), so a change to one listener names that listener, not the whole array.
 pub fn flatten<T: Serialize>(raw: &T) -> Vec<(String, String)> {
     fn walk(prefix: &str, v: &toml::Value, out: &mut Vec<(String, String)>) {
         match v {
@@ -413,6 +414,11 @@ pub fn flatten<T: Serialize>(raw: &T) -> Vec<(String, String)> {
                     walk(&key, v, out);
                 }
             }
+            toml::Value::Array(items) if !items.is_empty() => {
+                for (i, v) in items.iter().enumerate() {
+                    walk(&format!("{prefix}[{i}]"), v, out);
+                }
+            }
             other => out.push((prefix.to_string(), other.to_string())),
         }
     }
@@ -423,15 +429,20 @@ pub fn flatten<T: Serialize>(raw: &T) -> Vec<(String, String)> {
     out
 }
 
-/// Describes what changed between two raw configs in one line (`a: x -> y, b added, c removed`).
+/// Describes what changed between two raw configs in one line (`a: x -> y, b added, c removed`), at most
+/// [`DIFF_PARTS`] changes and [`DIFF_VALUE_CHARS`] characters of a value, so a large reload logs a readable line.
 pub fn diff<T: Serialize>(old: &T, new: &T) -> String {
     let old: std::collections::BTreeMap<_, _> = flatten(old).into_iter().collect();
     let new: std::collections::BTreeMap<_, _> = flatten(new).into_iter().collect();
+    let short = |v: &str| match v.char_indices().nth(DIFF_VALUE_CHARS) {
+        Some((cut, _)) => format!("{}...", &v[..cut]),
+        None => v.to_string(),
+    };
     let mut parts = Vec::new();
     for (k, v) in &new {
         match old.get(k) {
-            None => parts.push(format!("{k} added ({v})")),
-            Some(o) if o != v => parts.push(format!("{k}: {o} -> {v}")),
+            None => parts.push(format!("{k} added ({})", short(v))),
+            Some(o) if o != v => parts.push(format!("{k}: {} -> {}", short(o), short(v))),
             _ => {}
         }
     }
@@ -439,11 +450,20 @@ pub fn diff<T: Serialize>(old: &T, new: &T) -> String {
         parts.push(format!("{k} removed"));
     }
     if parts.is_empty() {
-        "no changes".to_string()
-    } else {
-        parts.join(", ")
+        return "no changes".to_string();
     }
+    let more = parts.len().saturating_sub(DIFF_PARTS);
+    parts.truncate(DIFF_PARTS);
+    if more > 0 {
+        parts.push(format!("and {more} more"));
+    }
+    parts.join(", ")
 }
+
+/// Changes a reload's log line names at most.
+const DIFF_PARTS: usize = 12;
+/// Characters of a value a reload's log line shows at most.
+const DIFF_VALUE_CHARS: usize = 80;
 
 /// Accumulates validation problems and converts fields, so `validate()` reports everything at once.
 #[derive(Debug, Default)]
@@ -639,5 +659,31 @@ mod tests {
         b.grace_ms = 9;
         assert_eq!(diff(&a, &b), "grace_ms: 5 -> 9");
         assert_eq!(diff(&a, &a), "no changes");
+    }
+
+    #[test]
+    fn diff_names_the_array_item_that_changed_and_stays_short() {
+        let a = toml::toml! {
+            listeners = [{ name = "web", listen = "127.0.0.1:1" }, { name = "pay", listen = "127.0.0.1:2" }]
+            peers = ["a"]
+        };
+        let b = toml::toml! {
+            listeners = [{ name = "web", listen = "127.0.0.1:1" }, { name = "pay", listen = "127.0.0.1:3" }]
+            peers = ["a", "b"]
+        };
+        assert_eq!(
+            diff(&a, &b),
+            "listeners[1].listen: \"127.0.0.1:2\" -> \"127.0.0.1:3\", peers[1] added (\"b\")"
+        );
+        let many: toml::Table = (0..20)
+            .map(|i| (format!("k{i:02}"), toml::Value::from("x".repeat(200))))
+            .collect();
+        let line = diff(&toml::Table::new(), &many);
+        assert!(line.ends_with(", and 8 more"), "{line}");
+        assert!(
+            line.starts_with(&format!("k00 added (\"{}...)", "x".repeat(79))),
+            "{line}"
+        );
+        assert!(line.len() < 1200, "{}", line.len());
     }
 }
