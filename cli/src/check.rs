@@ -3,7 +3,7 @@
 use std::path::Path;
 
 use xcluster_runtime::RoleConfig;
-use xcluster_runtime::config::{ConfigError, ConfigSource, load, role_of};
+use xcluster_runtime::config::{ConfigError, ConfigSource, load_read, read_bounded, role_in};
 
 pub fn run(files: &[std::path::PathBuf]) -> i32 {
     let mut failed = 0;
@@ -19,13 +19,15 @@ pub fn run(files: &[std::path::PathBuf]) -> i32 {
     if failed == 0 { 0 } else { ConfigError::EXIT_CODE }
 }
 
+/// Reads `file` once (it may be a pipe), then checks it as the role it names.
 fn check(file: &Path) -> Result<&'static str, String> {
-    let role = role_of(file).map_err(|e| e.to_string())?;
+    let bytes = read_bounded(file).map_err(|e| e.to_string())?;
+    let role = role_in(&bytes, &file.display().to_string()).map_err(|e| e.to_string())?;
     match role.as_deref() {
-        Some(xcluster_lb::Config::ROLE) => check_as::<xcluster_lb::Config>(file),
-        Some(xcluster_agent::Config::ROLE) => check_as::<xcluster_agent::Config>(file),
-        Some(xcluster_monitor::Config::ROLE) => check_as::<xcluster_monitor::Config>(file),
-        Some(xcluster_app::Config::ROLE) => check_as::<xcluster_app::Config>(file),
+        Some(xcluster_lb::Config::ROLE) => check_as::<xcluster_lb::Config>(file, bytes),
+        Some(xcluster_agent::Config::ROLE) => check_as::<xcluster_agent::Config>(file, bytes),
+        Some(xcluster_monitor::Config::ROLE) => check_as::<xcluster_monitor::Config>(file, bytes),
+        Some(xcluster_app::Config::ROLE) => check_as::<xcluster_app::Config>(file, bytes),
         Some(other) => Err(format!(
             "role: unknown role {other:?} (expected lb, agent, monitor or app)"
         )),
@@ -33,12 +35,14 @@ fn check(file: &Path) -> Result<&'static str, String> {
     }
 }
 
-fn check_as<C: RoleConfig>(file: &Path) -> Result<&'static str, String> {
+fn check_as<C: RoleConfig>(file: &Path, bytes: Vec<u8>) -> Result<&'static str, String> {
     // The file alone is checked: environment overrides would make the verdict depend on the shell.
     let source = ConfigSource {
         path: Some(file.to_path_buf()),
         overrides: Vec::new(),
         use_env: false,
     };
-    load::<C>(&source).map(|_| C::ROLE).map_err(|e| e.to_string())
+    load_read::<C>(bytes, &source)
+        .map(|_| C::ROLE)
+        .map_err(|e| e.to_string())
 }

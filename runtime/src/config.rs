@@ -183,10 +183,9 @@ pub fn parse_table(text: &[u8], origin: &str) -> Result<toml::Table, ConfigError
     })
 }
 
-/// Reads the `role = "..."` key of a config file, if it has one.
-pub fn role_of(path: &Path) -> Result<Option<String>, ConfigError> {
-    let bytes = read_bounded(path)?;
-    let table = parse_table(&bytes, &path.display().to_string())?;
+/// The `role = "..."` key of a config file's `bytes`, if it has one (`origin` names the file in errors).
+pub fn role_in(bytes: &[u8], origin: &str) -> Result<Option<String>, ConfigError> {
+    let table = parse_table(bytes, origin)?;
     Ok(table.get("role").and_then(|v| v.as_str()).map(str::to_string))
 }
 
@@ -197,6 +196,11 @@ pub fn load<C: RoleConfig>(source: &ConfigSource) -> Result<Loaded<C>, ConfigErr
         None => None,
     };
     load_layered::<C>(bytes, source)
+}
+
+/// [`load`] of `bytes` already read from `source.path`: a pipe (`<(...)`, `/dev/stdin`) can be read once only.
+pub fn load_read<C: RoleConfig>(bytes: Vec<u8>, source: &ConfigSource) -> Result<Loaded<C>, ConfigError> {
+    load_layered::<C>(Some(bytes), source)
 }
 
 /// Loads and validates a role's config from a file's bytes alone (no environment, no overrides): what a

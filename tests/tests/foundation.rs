@@ -90,13 +90,28 @@ fn bad_config_exits_64_with_one_message_per_problem() {
             stderr.contains("shutdown.grace_ms:") && stderr.contains("-5"),
             "{stderr}"
         );
-        // ...and check-config says the same.
+        // ...and check-config says the same, of the file or of a pipe, which can be read once only (it used
+        // to read a pipe twice and pass the empty second read).
         let out = Command::new(xcluster_bin())
             .arg("check-config")
             .arg(&path)
             .output()
             .unwrap();
         assert_eq!(out.status.code(), Some(64));
+        let mut child = Command::new(xcluster_bin())
+            .args(["check-config", "/dev/stdin"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        std::io::Write::write_all(&mut stdin, &std::fs::read(&path).unwrap()).unwrap();
+        drop(stdin);
+        let out = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{role}: {stderr}");
+        assert!(stderr.contains("no_such_key: unknown field"), "{stderr}");
     }
 }
 
