@@ -95,6 +95,10 @@ pub struct DirectorySection {
     /// lower median over the instances) keeps its whole weight; a slower one's weight scales down with the
     /// ratio. 0 turns it off.
     pub service_tolerance: f64,
+    /// A list is shown to clients anew (a new version, which wakes their watches) only when an instance or
+    /// its state changed, or a weight moved by more than this fraction of itself; smaller moves still steer
+    /// the balancer's own picks at once. 0 shows every change.
+    pub publish_min_change: f64,
 }
 
 impl Default for DirectorySection {
@@ -112,6 +116,7 @@ impl Default for DirectorySection {
             error_penalty: 2.0,
             full_weight_cores: 8.0,
             service_tolerance: 1.25,
+            publish_min_change: 0.1,
         }
     }
 }
@@ -292,6 +297,7 @@ fn validate_directory(v: &mut Validator, d: &DirectorySection, types: &BTreeMap<
         }
     };
     unit(v, "directory.panic_threshold", d.panic_threshold, 0.0);
+    unit(v, "directory.publish_min_change", d.publish_min_change, 0.0);
     unit(v, "directory.slow_start_min", d.slow_start_min, 0.01);
     unit(v, "directory.damping", d.damping, 0.01);
     unit(v, "directory.max_step", d.max_step, 0.01);
@@ -375,6 +381,7 @@ fn validate_directory(v: &mut Validator, d: &DirectorySection, types: &BTreeMap<
         error_penalty: d.error_penalty,
         full_weight_cores: d.full_weight_cores,
         service_tolerance: d.service_tolerance,
+        publish_min_change: d.publish_min_change,
     }
 }
 

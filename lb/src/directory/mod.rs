@@ -104,7 +104,7 @@ const COALESCE_MS: u64 = 5;
 impl Directory {
     /// An empty directory with the given settings.
     pub fn new(settings: Settings) -> Self {
-        let snapshot = Snapshot::build(&Table::default(), 0, &settings.params);
+        let snapshot = Snapshot::build(&Table::default(), 0, &settings.params, None);
         let (changed, _) = watch::channel(snapshot.version);
         // Every counter shows in /metrics from the start, at 0, so a dashboard can tell "none" from "unknown".
         ::metrics::counter!(crate::metrics::REPORTS_ACCEPTED_TOTAL).increment(0);
@@ -176,7 +176,7 @@ impl Directory {
         self.inner.dirty.store(false, Ordering::Relaxed);
         // 0 means "never after a report", so the first report always publishes at once.
         self.inner.last_publish_ms.store(now.max(1), Ordering::Relaxed);
-        let snap = Snapshot::build(table, now, &settings.params);
+        let snap = Snapshot::build(table, now, &settings.params, Some(&self.inner.snapshot.load()));
         let version = snap.version;
         self.inner.snapshot.store(Arc::new(snap));
         self.inner.changed.send_if_modified(|v| {
@@ -305,7 +305,7 @@ impl Directory {
             .ok_or_else(|| QueryError::NoInstance(ty.to_string()))?;
         Ok(Pick {
             request_type: ty.to_string(),
-            version: view.list.version,
+            version: snap.served_version(ty)?,
             id: row.id.to_string(),
             addr: row.addr.to_string(),
         })

@@ -409,7 +409,7 @@ fn a_forgotten_instance_leaves_the_metrics() {
     t.apply(&report("h1", 1, 0, 0.1, vec![inst("h1/a", 1, 0)]), 0, &p);
     t.apply(&report("h2", 1, 0, 0.1, vec![inst("h2/a", 2, 0)]), 0, &p);
     let text = |t: &Table, now: u64| {
-        let snap = Snapshot::build(t, now, &p);
+        let snap = Snapshot::build(t, now, &p, None);
         let mut out = xcluster_runtime::telemetry::Exposition::default();
         write_metrics(&instance_status(t, &snap, now), &snap, &mut out);
         out.text().to_string()
@@ -434,4 +434,78 @@ fn a_forgotten_instance_leaves_the_metrics() {
     assert!(after.contains("xcluster_lb_instances 1\n"), "{after}");
     assert!(after.contains("instance=\"h1/a\""), "{after}");
     assert!(!after.contains("h2/a"), "{after}");
+}
+
+#[test]
+fn clients_are_shown_a_new_list_only_when_it_changed_enough() {
+    use super::super::snapshot::Snapshot;
+    let p = Params {
+        slow_start: Duration::ZERO,
+        ..params()
+    };
+    let mut t = Table::default();
+    let load = |a: u32, b_ready: bool| {
+        let mut b = inst("h1/b", 2, 10);
+        b.ready = b_ready;
+        vec![inst("h1/a", 1, a), b]
+    };
+    let weight_of = |s: &Snapshot, id: &str| {
+        let rows = &s.types["queue"].list.rows;
+        rows.iter().find(|r| &*r.id == id).map(|r| r.weight)
+    };
+    let settings = super::super::Settings {
+        params: p.clone(),
+        key: Vec::new(),
+        skew_ms: 0,
+        max_agents: 1,
+        balancers: Vec::new(),
+        admin_token: String::new(),
+    };
+    let shown_weight = |s: &Snapshot, id: &str| {
+        let list = s.server_list("queue", 0, &settings).unwrap();
+        list.servers.iter().find(|e| e.id == id).map(|e| e.weight)
+    };
+    t.apply(&report("h1", 1, 0, 0.1, load(10, true)), 0, &p);
+    let s0 = Snapshot::build(&t, 0, &p, None);
+    let v0 = s0.served_version("queue").unwrap();
+
+    // One more request queued moves a's weight a little: picks here follow it, clients are not told.
+    t.apply(&report("h1", 2, 100, 0.1, load(11, true)), 100, &p);
+    let s1 = Snapshot::build(&t, 100, &p, Some(&s0));
+    assert_ne!(
+        weight_of(&s1, "h1/a"),
+        weight_of(&s0, "h1/a"),
+        "the load did not move a's weight"
+    );
+    assert_eq!(s1.served_version("queue").unwrap(), v0);
+    assert_eq!(s1.version, s0.version);
+    assert_eq!(shown_weight(&s1, "h1/a"), weight_of(&s0, "h1/a"));
+    // With publish_min_change 0, every move is shown.
+    let every = Params {
+        publish_min_change: 0.0,
+        ..p.clone()
+    };
+    let s1_every = Snapshot::build(&t, 100, &every, Some(&s0));
+    assert_ne!(s1_every.served_version("queue").unwrap(), v0);
+    assert_eq!(shown_weight(&s1_every, "h1/a"), weight_of(&s1, "h1/a"));
+
+    // A large move is shown, with the list's own version.
+    t.apply(&report("h1", 3, 200, 0.1, load(90, true)), 200, &p);
+    let s2 = Snapshot::build(&t, 200, &p, Some(&s1));
+    let v2 = s2.served_version("queue").unwrap();
+    assert_ne!(
+        v2,
+        v0,
+        "a: {:?} -> {:?}",
+        weight_of(&s1, "h1/a"),
+        weight_of(&s2, "h1/a")
+    );
+    assert_eq!(v2, s2.types["queue"].list.version);
+    assert_eq!(shown_weight(&s2, "h1/a"), weight_of(&s2, "h1/a"));
+
+    // So is a change of state, however small the weights' moves.
+    t.apply(&report("h1", 4, 300, 0.1, load(90, false)), 300, &p);
+    let s3 = Snapshot::build(&t, 300, &p, Some(&s2));
+    assert_ne!(s3.served_version("queue").unwrap(), v2);
+    assert_eq!(shown_weight(&s3, "h1/b"), Some(0));
 }

@@ -44,6 +44,9 @@ pub struct Params {
     /// An instance whose service time for a type is within this factor of the type's reference keeps its
     /// whole weight; beyond it the weight scales down with the ratio. 0 turns the term off.
     pub service_tolerance: f64,
+    /// A list is shown to clients anew only when a weight moved by more than this fraction (or an instance or
+    /// state changed); 0 shows every change.
+    pub publish_min_change: f64,
 }
 
 impl Default for Params {
@@ -70,6 +73,7 @@ impl Default for Params {
             error_penalty: 2.0,
             full_weight_cores: 8.0,
             service_tolerance: 1.25,
+            publish_min_change: 0.1,
         }
     }
 }
