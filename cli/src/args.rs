@@ -167,7 +167,12 @@ pub enum CtlVerb {
     /// Show what a reload would change (added / changed / removed programs).
     Reread,
     /// Apply the reloaded config, touching only what changed.
-    Update,
+    Update {
+        /// Restart the changed programs that run one at a time, each only once the one before runs and is
+        /// ready with its new settings (as restart --rolling); added and removed programs apply at once.
+        #[arg(long)]
+        rolling: bool,
+    },
     /// Stop every program and the monitor.
     Shutdown,
 }

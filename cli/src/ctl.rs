@@ -117,7 +117,8 @@ fn run_verb(c: &Client, args: &CtlArgs) -> Result<i32, Failure> {
         CtlVerb::Drain { ids } => drain(c, ids, true, args.json),
         CtlVerb::Undrain { ids } => drain(c, ids, false, args.json),
         CtlVerb::Reread => plan(c, "/v1/reread", false, args.json),
-        CtlVerb::Update => plan(c, "/v1/update", true, args.json),
+        CtlVerb::Update { rolling: false } => plan(c, "/v1/update", true, args.json),
+        CtlVerb::Update { rolling: true } => rolling_update(c, args),
         CtlVerb::Shutdown => {
             let r = c.call("POST", "/v1/shutdown")?;
             check(&r)?;
@@ -662,7 +663,12 @@ fn rolling_restart(c: &Client, names: &[String], args: &CtlArgs) -> Result<i32, 
     );
     let r = c.call("POST", &path)?;
     check(&r)?;
-    let mut roll = r.json()["roll"].clone();
+    see_roll_through(c, r.json()["roll"].clone(), args)
+}
+
+/// Follows the roll `roll` the monitor has just begun (unless `--no-wait`), printing each program's outcome,
+/// and answers with the exit code of the worst.
+fn see_roll_through(c: &Client, mut roll: Value, args: &CtlArgs) -> Result<i32, Failure> {
     let mut printed = 0;
     if !args.no_wait {
         (roll, printed) = follow_roll(c, roll, !args.json)?;
@@ -680,6 +686,41 @@ fn rolling_restart(c: &Client, names: &[String], args: &CtlArgs) -> Result<i32, 
         results.iter().skip(printed).for_each(print_line);
     }
     Ok(exit_code(&results))
+}
+
+/// `update --rolling`: added and removed programs are applied at once; the changed ones that run are
+/// restarted with their new settings one at a time, as `restart --rolling` does (a changed program that
+/// does not run takes its settings at once).
+fn rolling_update(c: &Client, args: &CtlArgs) -> Result<i32, Failure> {
+    let path = format!("/v1/update?rolling=1&wait_secs={}", args.wait_secs.clamp(1, 3600));
+    let r = c.call("POST", &path)?;
+    check(&r)?;
+    let v = r.json();
+    let rolled: Vec<String> = items(&v["roll"]["programs"]).iter().map(roll_name).collect();
+    if !args.json {
+        let mut any = false;
+        for key in ["added", "changed", "removed"] {
+            for n in items(&v[key]).iter().filter_map(Value::as_str) {
+                any = true;
+                let how = if rolled.iter().any(|r| r == n) {
+                    "rolling"
+                } else {
+                    "applied"
+                };
+                println!("{n}: {key} ({how})");
+            }
+        }
+        if !any {
+            println!("No config updates to processes");
+        }
+    }
+    if v["roll"].is_null() {
+        if args.json {
+            println!("{v}");
+        }
+        return Ok(0);
+    }
+    see_roll_through(c, v["roll"].clone(), args)
 }
 
 /// Follows the roll `roll` in the status until it has finished, printing (with `print`) each program's

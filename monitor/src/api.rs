@@ -143,18 +143,28 @@ impl Api {
                 };
                 self.call(cmd).await
             }
-            (&Method::POST, ["v1", "reread"]) => match self.load(true) {
+            (&Method::POST, ["v1", "reread"]) => match self.load() {
                 Ok(cfg) => self.call(Command::Plan(cfg)).await,
                 Err(resp) => resp,
             },
             (&Method::POST, ["v1", "update"]) => {
-                // The runtime's reloader records the outcome (shown in status and metrics) and publishes the new
-                // snapshot; applying it here as well makes the answer carry the plan. The second apply is a no-op.
-                self.reloader.trigger(Cause::Api);
-                match self.load(false) {
-                    Ok(cfg) => self.call(Command::Update(cfg)).await,
+                let rolling = match rolling_of(req.uri().query()) {
+                    Ok(r) => r,
+                    Err(resp) => return resp,
+                };
+                let resp = match self.load() {
+                    Ok(cfg) => self.call(Command::Update(cfg, rolling)).await,
                     Err(resp) => resp,
+                };
+                // The runtime's reloader records the outcome (shown in status and metrics) and publishes the
+                // new snapshot, which the supervisor applies again: a no-op after this update (a rolling one
+                // leaves each changed program's new spec pending, which counts as applied), so it comes after,
+                // and not at all after a refusal (a rolling update refused while a roll runs must not become
+                // a plain one).
+                if resp.status().is_success() {
+                    self.reloader.trigger(Cause::Api);
                 }
+                resp
             }
             (&Method::POST, ["v1", "shutdown"]) => self.call(Command::Shutdown).await,
             _ => error(
@@ -211,16 +221,13 @@ impl Api {
         })
     }
 
-    /// Reads the config for `reread` (`counted`: a rejection is recorded as a failed reload; `update`'s is
-    /// recorded by the reloader it triggers).
+    /// Reads the config for `reread` and `update`; a rejection is recorded as a failed reload.
     #[allow(clippy::result_large_err)] // the error is the answer itself, built once per request
-    fn load(&self, counted: bool) -> Result<Arc<Config>, Response<Body>> {
+    fn load(&self) -> Result<Arc<Config>, Response<Body>> {
         xcluster_runtime::config::load::<Config>(&self.source)
             .map(|l| Arc::new(l.config))
             .map_err(|e| {
-                if counted {
-                    self.reloader.rejected(&e.to_string());
-                }
+                self.reloader.rejected(&e.to_string());
                 let body = json!({ "error": { "code": "invalid_config", "message": e.to_string(), "issues": e.issues() } });
                 json(StatusCode::BAD_REQUEST, &body)
             })

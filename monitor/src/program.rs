@@ -70,6 +70,10 @@ pub struct RawProgram {
     pub fatal_retry_secs: u64,
     pub liveness: Option<RawProbe>,
     pub readiness: Option<RawProbe>,
+    /// How an update (a config change, however it is applied) restarts the running instances of a changed
+    /// program: `"restart"` all at once, as Supervisord does; `"rolling"` one at a time, each once the one
+    /// before runs and is ready again.
+    pub update_strategy: String,
 }
 
 impl Default for RawProgram {
@@ -109,6 +113,7 @@ impl Default for RawProgram {
             fatal_retry_secs: 300,
             liveness: None,
             readiness: None,
+            update_strategy: "restart".into(),
         }
     }
 }
@@ -144,6 +149,8 @@ pub struct ProcessSpec {
     pub depends_on: Vec<String>,
     pub liveness: Option<ProbeSpec>,
     pub readiness: Option<ProbeSpec>,
+    /// `update_strategy = "rolling"`.
+    pub rolling_update: bool,
 }
 
 impl ProcessSpec {
@@ -371,6 +378,11 @@ impl RawProgram {
             0,
             100,
         );
+        let rolling_update = v.one_of(
+            &key("update_strategy"),
+            &self.update_strategy,
+            &[("restart", false), ("rolling", true)],
+        );
         let liveness = self.liveness.as_ref().map(|p| p.validate(&key("liveness"), v));
         let readiness = self.readiness.as_ref().map(|p| p.validate(&key("readiness"), v));
         if self.numprocs > 1 && !self.process_name.is_empty() && !self.process_name.contains("{num}") {
@@ -476,6 +488,7 @@ impl RawProgram {
                     depends_on: self.depends_on.clone(),
                     liveness: liveness.clone().map(|p| p.substituted(&vars)),
                     readiness: readiness.clone().map(|p| p.substituted(&vars)),
+                    rolling_update,
                     name,
                 }
             })

@@ -136,14 +136,22 @@ fn overdue(sup: &Supervisor, p: &Proc, name: &str, limit: Duration) -> String {
 }
 
 impl Supervisor {
+    /// Refuses a second roll while one runs, naming the program it is restarting.
+    pub(crate) fn refuse_while_rolling(&self) -> Result<(), CommandError> {
+        match self.roll.as_ref().filter(|r| !r.status.finished) {
+            Some(roll) => {
+                let at = roll
+                    .current()
+                    .map_or("", |i| roll.status.programs[i].name.as_str());
+                Err(CommandError::Rolling(at.to_string()))
+            }
+            None => Ok(()),
+        }
+    }
+
     /// Begins a roll of the programs `names` pick, each given `limit`: refused while another runs.
     pub(crate) fn begin_roll(&mut self, names: &[String], limit: Duration) -> Result<Reply, CommandError> {
-        if let Some(roll) = self.roll.as_ref().filter(|r| !r.status.finished) {
-            let at = roll
-                .current()
-                .map_or("", |i| roll.status.programs[i].name.as_str());
-            return Err(CommandError::Rolling(at.to_string()));
-        }
+        self.refuse_while_rolling()?;
         let picked: Vec<String> = self.resolve(names)?.into_iter().map(|(n, _)| n).collect();
         // Numbered from 1 in each monitor's life.
         let id = self.roll.as_ref().map_or(1, |r| r.status.id + 1);
@@ -153,6 +161,34 @@ impl Supervisor {
         self.roll = Some(Roll::new(id, picked, limit));
         self.advance_roll();
         Ok(Reply::Roll(self.roll.as_ref().map(|r| r.status.clone())))
+    }
+
+    /// Adds `names` to the end of the roll under way (those not already waiting in it), for an update that
+    /// arrives while it runs. Whether a roll was under way.
+    pub(crate) fn extend_roll(&mut self, names: &[String]) -> bool {
+        let Some(roll) = self.roll.as_mut().filter(|r| !r.status.finished) else {
+            return false;
+        };
+        let waiting = |n: &String, r: &Roll| {
+            (r.status.programs.iter()).any(|s| s.name == *n && s.step == Step::Waiting)
+        };
+        let added: Vec<String> = names.iter().filter(|n| !waiting(n, roll)).cloned().collect();
+        for name in &added {
+            roll.status.programs.push(RollStep {
+                name: name.clone(),
+                step: Step::Waiting,
+                message: String::new(),
+            });
+        }
+        if !added.is_empty() {
+            let detail = format!(
+                "rolling restart {}: {} added by an update",
+                roll.status.id,
+                added.join(", ")
+            );
+            self.bus.publish(Kind::Monitor { detail });
+        }
+        true
     }
 
     /// Ends the roll under way, if any, at its current program with `why`.

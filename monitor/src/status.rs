@@ -72,8 +72,9 @@ pub enum Command {
     Roll(Vec<String>, std::time::Duration),
     /// Compute the plan for a config without applying it (`reread`).
     Plan(Arc<Config>),
-    /// Apply a config, touching only what changed (`update`).
-    Update(Arc<Config>),
+    /// Apply a config, touching only what changed (`update`); with a limit, the changed programs that run
+    /// are restarted one at a time, as a roll with that limit does (`update --rolling`).
+    Update(Arc<Config>, Option<std::time::Duration>),
     Shutdown,
 }
 
@@ -92,6 +93,9 @@ pub struct Plan {
     pub added: Vec<String>,
     pub changed: Vec<String>,
     pub removed: Vec<String>,
+    /// The roll an `update --rolling` began over the changed programs that run.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub roll: Option<crate::roll::RollStatus>,
 }
 
 /// A command's answer.

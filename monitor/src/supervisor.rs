@@ -143,7 +143,7 @@ impl Supervisor {
             saved: Vec::new(),
             roll: None,
         };
-        sup.update(cfg);
+        sup.update(cfg, None);
         sup.adopt(adopt);
         // The first snapshot is out before the API reports ready.
         sup.kick();
@@ -170,7 +170,7 @@ impl Supervisor {
                     Some(msg) = internal_rx.recv() => sup.on_internal(msg),
                     Ok(()) = inputs.config.changed(), if !sup.shutting_down => {
                         let cfg = inputs.config.borrow_and_update().clone();
-                        sup.update(cfg);
+                        sup.update(cfg, None);
                     }
                     _ = inputs.drain.cancelled(), if !sup.shutting_down => sup.begin_shutdown(),
                     _ = inputs.stop.cancelled(), if !hard => {
@@ -261,7 +261,7 @@ impl Supervisor {
                 |s, name, _| s.user_clear(name),
             )?)),
             Command::Plan(cfg) => Ok(Reply::Plan(self.plan(&cfg))),
-            Command::Update(cfg) => Ok(Reply::Plan(self.update(cfg))),
+            Command::Update(cfg, rolling) => Ok(Reply::Plan(self.update(cfg, rolling))),
             Command::Shutdown => {
                 self.begin_shutdown();
                 Ok(Reply::Done)
@@ -541,6 +541,11 @@ impl Supervisor {
         let Some(p) = self.procs.get_mut(name) else { return };
         match action {
             Action::Spawn => {
+                // A restart goes from the old process to the new one without passing through `kick`: a spec an
+                // update left pending (a rolling update) takes effect here.
+                if let Some(spec) = p.replacement.take() {
+                    p.spec = spec;
+                }
                 self.next_id += 1;
                 p.spawn_id = self.next_id;
                 match child::spawn(&p.spec, &p.outputs, p.spawn_id, self.exits.clone()) {

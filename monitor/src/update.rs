@@ -2,12 +2,16 @@
 //! by comparing fully expanded specs), and applying it so that unchanged processes are not touched at all.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::config::Config;
 use crate::events::Kind;
 use crate::machine::Event;
-use crate::status::Plan;
+use crate::status::{Plan, Reply};
 use crate::supervisor::Supervisor;
+
+/// How long each program of a roll an update begins by itself may take to run and be ready again.
+pub const ROLL_LIMIT: Duration = Duration::from_secs(60);
 
 impl Supervisor {
     /// What applying `cfg` would change.
@@ -31,9 +35,16 @@ impl Supervisor {
     }
 
     /// Applies `cfg`: adds and starts new processes, stops and replaces changed ones, stops and drops removed
-    /// ones; unchanged processes keep running with their pids.
-    pub(crate) fn update(&mut self, cfg: Arc<Config>) -> Plan {
-        let plan = self.plan(&cfg);
+    /// ones; unchanged processes keep running with their pids. A changed program that runs and is to be
+    /// rolled (`rolling`, from `update --rolling`, or its `update_strategy = "rolling"`) keeps its process
+    /// with the new spec pending, and a roll restarts those one at a time (each given `rolling`, else
+    /// [`ROLL_LIMIT`]); its restart takes the new spec once the old process is gone (see `kick`). A roll
+    /// under way takes them on at its end. A program the roll does not reach (it stopped at one that did not
+    /// come back) runs on with its old spec until its next restart. Applying the same config again, as the
+    /// reloader does after `ctl update`, changes nothing.
+    pub(crate) fn update(&mut self, cfg: Arc<Config>, rolling: Option<Duration>) -> Plan {
+        let mut plan = self.plan(&cfg);
+        let mut to_roll = Vec::new();
         self.set_config(cfg.clone());
         for name in &plan.removed {
             if let Some(p) = self.procs.get_mut(name) {
@@ -48,17 +59,21 @@ impl Supervisor {
                 let p = self.new_proc(Arc::new(spec.clone()));
                 self.procs.insert(spec.name.clone(), p);
             } else if plan.changed.contains(&spec.name) {
-                let active = self
-                    .procs
-                    .get(&spec.name)
-                    .is_some_and(|p| p.m.state.has_process() || p.wanted);
-                if let Some(p) = self.procs.get_mut(&spec.name) {
-                    p.removing = false;
+                let Some(p) = self.procs.get_mut(&spec.name) else {
+                    continue;
+                };
+                let runs = p.m.state.has_process();
+                if (rolling.is_some() || spec.rolling_update) && runs && !p.removing {
                     p.replacement = Some(Arc::new(spec.clone()));
-                    p.wanted = spec.autostart || active;
-                    p.wanted_restart = false;
-                    p.held = None;
+                    to_roll.push(spec.name.clone());
+                    continue;
                 }
+                let active = runs || p.wanted;
+                p.removing = false;
+                p.replacement = Some(Arc::new(spec.clone()));
+                p.wanted = spec.autostart || active;
+                p.wanted_restart = false;
+                p.held = None;
                 self.event(&spec.name, Event::Stop);
             }
         }
@@ -72,6 +87,16 @@ impl Supervisor {
                 changed: plan.changed.clone(),
                 removed: plan.removed.clone(),
             });
+        }
+        if !to_roll.is_empty() {
+            plan.roll = if self.extend_roll(&to_roll) {
+                self.roll.as_ref().map(|r| r.status.clone())
+            } else {
+                match self.begin_roll(&to_roll, rolling.unwrap_or(ROLL_LIMIT)) {
+                    Ok(Reply::Roll(roll)) => roll,
+                    _ => None,
+                }
+            };
         }
         plan
     }

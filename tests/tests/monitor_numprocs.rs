@@ -151,6 +151,147 @@ stdout_logfile_backups = 2
     assert_says(&o, 1, "xcluster ctl: no such process or group: nope");
 }
 
+/// Asserts that each of `names`, in order, was stopped (its stop after event `after`) only once the one
+/// before it was ready again.
+fn assert_one_at_a_time(events: &[serde_json::Value], names: &[&str], after: u64) {
+    let seq = |program: &str, is: &dyn Fn(&serde_json::Value) -> bool| -> Vec<u64> {
+        (events.iter())
+            .filter(|e| e["program"] == program && is(e))
+            .map(|e| e["seq"].as_u64().unwrap())
+            .filter(|s| *s > after)
+            .collect()
+    };
+    for pair in names.windows(2) {
+        let stopped = seq(pair[0], &|e| e["to"] == "STOPPING")[0];
+        let back = *seq(pair[0], &|e| e["kind"] == "probe" && e["ok"] == true)
+            .iter()
+            .find(|s| **s > stopped)
+            .expect("ready again");
+        let next_stopped = seq(pair[1], &|e| e["to"] == "STOPPING")[0];
+        assert!(
+            back < next_stopped,
+            "{} stopped before {} was back: {events:?}",
+            pair[1],
+            pair[0]
+        );
+    }
+}
+
+/// Programs ready once their marker exists (made at start, removed on TERM), each `numprocs = 3`, started
+/// with `version` as an argument; `app` rolls on an update by itself.
+fn versioned(d: &std::path::Path, version: &str) -> String {
+    let d = d.display();
+    let mut s = String::new();
+    for (name, strategy) in [("app", "rolling"), ("web", "restart")] {
+        s += &format!(
+            r#"
+[programs.{name}]
+command = "/bin/sh -c 'trap \"rm -f {d}/{{name}}.ready; exit 0\" TERM; touch {d}/{{name}}.ready; while :; do sleep 0.05; done' {version}"
+numprocs = 3
+startsecs = 0
+update_strategy = "{strategy}"
+[programs.{name}.readiness]
+command = "test -e {d}/{{name}}.ready"
+period_ms = 50
+"#
+        );
+    }
+    s
+}
+
+/// An update restarts the changed instances of a program with `update_strategy = "rolling"` one at a time,
+/// and `ctl update --rolling` those of any program; added programs start at once.
+#[test]
+fn an_update_rolls_a_program_whose_strategy_says_so_and_update_rolling_rolls_any() {
+    // Through a symlink to a file elsewhere, so the file watcher leaves the updates to `ctl update`.
+    let dir = std::sync::Arc::new(tempfile::tempdir().unwrap());
+    let real = tempfile::tempdir().unwrap();
+    let real_path = real.path().join("real.toml");
+    let (d, rp, marks) = (dir.clone(), real_path.clone(), real.path().to_path_buf());
+    let m = Mon::launch(dir.clone(), None, move |addr| {
+        std::fs::write(&rp, config_text(addr, d.path(), &versioned(&marks, "v1"))).unwrap();
+        let link = d.path().join("monitor.toml");
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(&rp, &link).unwrap();
+        link
+    });
+    let apps = ["app-0", "app-1", "app-2"];
+    let webs = ["web-0", "web-1", "web-2"];
+    for name in apps.iter().chain(&webs) {
+        eventually(T, "every instance ready", || {
+            (m.prog(name)["ready"] == true).then_some(())
+        });
+    }
+    let last_seq = || {
+        m.events()
+            .iter()
+            .filter_map(|e| e["seq"].as_u64())
+            .max()
+            .unwrap_or(0)
+    };
+    let write = |version: &str| {
+        let text = config_text(m.addr, dir.path(), &versioned(real.path(), version));
+        std::fs::write(&real_path, text).unwrap();
+    };
+    let runs = |name: &str, version: &str| {
+        let p = m.prog(name);
+        (p["command"].as_array().unwrap().last() == Some(&serde_json::json!(version)) && p["ready"] == true)
+            .then_some(())
+    };
+
+    // A plain update: app rolls (its strategy), web restarts at once as Supervisord does.
+    let before = last_seq();
+    write("v2");
+    let o = m.ctl(&["update"]);
+    let text = out(&o);
+    assert!(o.status.success(), "{text}");
+    assert!(text.contains("app-0: changed (applied)"), "{text}");
+    for name in apps.iter().chain(&webs) {
+        eventually(T, &format!("{name} to run v2"), || runs(name, "v2"));
+    }
+    let events = m.events();
+    assert_one_at_a_time(&events, &apps, before);
+    let first_stop = |name: &str| {
+        (events.iter())
+            .find(|e| e["program"] == name && e["to"] == "STOPPING" && e["seq"].as_u64().unwrap() > before)
+            .map(|e| e["seq"].as_u64().unwrap())
+            .unwrap()
+    };
+    let web_stops: Vec<u64> = webs.iter().map(|n| first_stop(n)).collect();
+    let web_back = (events.iter())
+        .filter(|e| e["program"] == "web-0" && e["kind"] == "probe" && e["ok"] == true)
+        .filter_map(|e| e["seq"].as_u64())
+        .find(|s| *s > web_stops[0])
+        .unwrap();
+    assert!(
+        web_stops.iter().all(|s| *s < web_back),
+        "web restarted one at a time: {events:?}"
+    );
+
+    // `update --rolling` rolls web too, and prints each instance as it comes back.
+    let before = last_seq();
+    write("v3");
+    let o = m.ctl(&["update", "--rolling"]);
+    let text = out(&o);
+    assert_eq!(o.status.code(), Some(0), "{text}");
+    for name in apps.iter().chain(&webs) {
+        assert!(text.contains(&format!("{name}: changed (rolling)")), "{text}");
+        assert!(text.contains(&format!("{name}: started")), "{text}");
+        assert!(
+            runs(name, "v3").is_some(),
+            "{name} after the roll: {}",
+            m.prog(name)
+        );
+    }
+    let events = m.events();
+    let order: Vec<&str> = apps.iter().chain(&webs).copied().collect();
+    assert_one_at_a_time(&events, &order, before);
+    // Applied once: the reloader's own apply of the same file restarted nothing more.
+    let pids: Vec<Option<i32>> = order.iter().map(|n| m.pid(n)).collect();
+    assert!(m.ctl_ok(&["update"]).contains("No config updates"));
+    assert_eq!(order.iter().map(|n| m.pid(n)).collect::<Vec<_>>(), pids);
+}
+
 #[test]
 fn a_rolling_restart_takes_one_program_at_a_time_and_stops_at_one_that_does_not_come_back() {
     let dir = tempfile::tempdir().unwrap();
@@ -180,28 +321,7 @@ period_ms = 50
     for (name, old) in names.iter().zip(&before) {
         assert_ne!(m.pid(name), Some(*old), "{name} was not restarted");
     }
-    // Each instance was stopped only after the one before it was ready again.
-    let events = m.events();
-    let seq = |program: &str, is: &dyn Fn(&serde_json::Value) -> bool| -> Vec<u64> {
-        (events.iter())
-            .filter(|e| e["program"] == program && is(e))
-            .map(|e| e["seq"].as_u64().unwrap())
-            .collect()
-    };
-    for pair in names.windows(2) {
-        let stopped = seq(pair[0], &|e| e["to"] == "STOPPING")[0];
-        let back = *seq(pair[0], &|e| e["kind"] == "probe" && e["ok"] == true)
-            .iter()
-            .find(|s| **s > stopped)
-            .expect("ready again");
-        let next_stopped = seq(pair[1], &|e| e["to"] == "STOPPING")[0];
-        assert!(
-            back < next_stopped,
-            "{} stopped before {} was back: {events:?}",
-            pair[1],
-            pair[0]
-        );
-    }
+    assert_one_at_a_time(&m.events(), &names, 0);
 
     // app-1 does not come back ready: the roll stops there and app-2 keeps its process.
     std::fs::write(dir.path().join("broken-app-1"), "").unwrap();
