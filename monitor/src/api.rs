@@ -303,6 +303,10 @@ impl Api {
         };
         let (path, live) = match stream {
             "stdout" => (&p.stdout_log, &p.outputs.stdout),
+            "stderr" if p.stderr_redirected => {
+                let msg = format!("{name}'s stderr goes to its stdout (redirect_stderr): tail stdout");
+                return error(StatusCode::BAD_REQUEST, "no_log", &msg);
+            }
             "stderr" => (&p.stderr_log, &p.outputs.stderr),
             other => {
                 return error(
@@ -312,11 +316,14 @@ impl Api {
                 );
             }
         };
+        let Some(path) = path else {
+            let msg = format!("{name} keeps no {stream} log ({stream}_logfile = \"none\")");
+            return error(StatusCode::NOT_FOUND, "no_log", &msg);
+        };
         let mut rx = live.subscribe();
-        let head = match path.as_deref().map(|p| crate::logs::tail(p, bytes)) {
-            None => Vec::new(),
-            Some(Ok(b)) => b,
-            Some(Err(e)) => {
+        let head = match crate::logs::tail(path, bytes) {
+            Ok(b) => b,
+            Err(e) => {
                 return error(
                     StatusCode::INTERNAL_SERVER_ERROR,
                     "log_unreadable",

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use nix::sys::signal::{Signal, kill};
-use nix::unistd::Pid;
+use nix::unistd::{Gid, Pid, Uid};
 use tokio::sync::{broadcast, mpsc};
 
 use crate::logs::{RotatingLog, copy_pipe};
@@ -64,57 +64,71 @@ pub fn spawn(
         .env("XCLUSTER_PROCESS_NAME", &spec.name)
         .env("XCLUSTER_GROUP_NAME", &spec.group)
         .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
         .process_group(0)
         .kill_on_drop(false);
+    // With redirect_stderr, fd 2 is the same pipe as fd 1, as `2>&1` makes it, so lines keep their order.
+    let (out_read, out_write) = std::io::pipe()?;
+    let err_pipe = if spec.redirect_stderr {
+        cmd.stderr(out_write.try_clone()?);
+        None
+    } else {
+        let (read, write) = std::io::pipe()?;
+        cmd.stderr(write);
+        Some(read)
+    };
+    cmd.stdout(out_write);
     if let Some(dir) = &spec.directory {
         cmd.current_dir(dir);
     }
-    if let Some(user) = &spec.user {
-        let u = nix::unistd::User::from_name(user)
-            .map_err(std::io::Error::other)?
-            .ok_or_else(|| {
-                std::io::Error::new(std::io::ErrorKind::NotFound, format!("no such user {user:?}"))
-            })?;
-        if nix::unistd::geteuid().is_root() {
-            cmd.uid(u.uid.as_raw()).gid(u.gid.as_raw());
-        } else if u.uid != nix::unistd::geteuid() {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::PermissionDenied,
-                format!("cannot run as {user:?}: the monitor is not root"),
-            ));
-        }
-    }
-    if let Some(mask) = spec.umask {
-        let mode = nix::sys::stat::Mode::from_bits_truncate(mask as nix::libc::mode_t);
-        // SAFETY: umask(2) is async-signal-safe and the closure touches nothing else.
-        unsafe {
-            cmd.pre_exec(move || {
+    let ids = match &spec.user {
+        Some(user) => switch_to(user)?,
+        None => None,
+    };
+    let umask = spec
+        .umask
+        .map(|m| nix::sys::stat::Mode::from_bits_truncate(m as nix::libc::mode_t));
+    // SAFETY: the closure makes only async-signal-safe system calls (setgroups, setgid, setuid, umask,
+    // close_range) on values prepared before the fork, and allocates nothing.
+    unsafe {
+        cmd.pre_exec(move || {
+            if let Some((uid, gid, groups)) = &ids {
+                // The user's supplementary groups too (`initgroups`, as Supervisord does), then the group, then
+                // the user: after setuid there is no privilege left to change the others.
+                nix::unistd::setgroups(groups)?;
+                nix::unistd::setgid(*gid)?;
+                nix::unistd::setuid(*uid)?;
+            }
+            if let Some(mode) = umask {
                 nix::sys::stat::umask(mode);
-                Ok(())
-            });
-        }
+            }
+            // Descriptors the monitor inherited from whatever started it (a terminal's, an ssh session's pipe)
+            // are not the program's: closed at exec, so a child cannot keep its parent's session open.
+            nix::libc::syscall(
+                nix::libc::SYS_close_range,
+                3u32,
+                u32::MAX,
+                nix::libc::CLOSE_RANGE_CLOEXEC,
+            );
+            Ok(())
+        });
     }
     let out_log = RotatingLog::open(&spec.stdout)?.map(|l| Arc::new(Mutex::new(l)));
     let err_log = if spec.redirect_stderr {
-        out_log.clone()
+        None
     } else {
         RotatingLog::open(&spec.stderr)?.map(|l| Arc::new(Mutex::new(l)))
     };
-    let mut child = cmd.spawn()?;
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| explain(e, prog, spec.directory.as_deref()))?;
+    // The write ends held for the child go with the command, so the readers see end of file once the
+    // process (and whatever inherited its output) is gone.
+    drop(cmd);
     let pid = child.id().unwrap_or(0);
     let start_time = crate::statefile::start_time(pid as i32).unwrap_or(0);
-    if let Some(out) = child.stdout.take() {
-        tokio::spawn(copy_pipe(out, out_log, outputs.stdout.clone()));
-    }
-    if let Some(err) = child.stderr.take() {
-        let followers = if spec.redirect_stderr {
-            outputs.stdout.clone()
-        } else {
-            outputs.stderr.clone()
-        };
-        tokio::spawn(copy_pipe(err, err_log, followers));
+    tokio::spawn(copy_pipe(receiver(out_read)?, out_log, outputs.stdout.clone()));
+    if let Some(err) = err_pipe {
+        tokio::spawn(copy_pipe(receiver(err)?, err_log, outputs.stderr.clone()));
     }
     let name = spec.name.clone();
     tokio::spawn(async move {
@@ -134,6 +148,45 @@ pub fn spawn(
         let _ = exits.send(Exit { name, spawn_id, info });
     });
     Ok(Spawned { pid, start_time })
+}
+
+/// The uid, gid and supplementary groups of `user`, looked up before the fork (the lookups read files and
+/// allocate, which the forked child must not). `None` when the monitor already runs as that user.
+fn switch_to(user: &str) -> std::io::Result<Option<(Uid, Gid, Vec<Gid>)>> {
+    let u = nix::unistd::User::from_name(user)
+        .map_err(std::io::Error::other)?
+        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, format!("no such user {user:?}")))?;
+    if !nix::unistd::geteuid().is_root() {
+        if u.uid == nix::unistd::geteuid() {
+            return Ok(None);
+        }
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            format!("cannot run as {user:?}: the monitor is not root"),
+        ));
+    }
+    let name = std::ffi::CString::new(user.as_bytes()).map_err(std::io::Error::other)?;
+    let groups = nix::unistd::getgrouplist(&name, u.gid).map_err(std::io::Error::other)?;
+    Ok(Some((u.uid, u.gid, groups)))
+}
+
+/// The read end of a child's output pipe, for the runtime.
+fn receiver(read: std::io::PipeReader) -> std::io::Result<tokio::net::unix::pipe::Receiver> {
+    tokio::net::unix::pipe::Receiver::from_owned_fd(std::os::fd::OwnedFd::from(read))
+}
+
+/// A spawn error that says what could not be done: the OS says only "No such file or directory" for a
+/// missing command and a missing directory alike.
+fn explain(e: std::io::Error, prog: &str, dir: Option<&std::path::Path>) -> std::io::Error {
+    let what = match dir {
+        Some(d) if !d.is_dir() => format!("cannot change to directory {}", d.display()),
+        _ => match e.kind() {
+            std::io::ErrorKind::NotFound => format!("cannot find command {prog:?}"),
+            std::io::ErrorKind::PermissionDenied => format!("cannot execute {prog:?}"),
+            _ => return e,
+        },
+    };
+    std::io::Error::new(e.kind(), format!("{what}: {e}"))
 }
 
 /// Sends `sig` to the whole process group led by `pid`.

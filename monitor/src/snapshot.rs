@@ -11,11 +11,7 @@ pub(crate) fn build(sup: &Supervisor) -> Snapshot {
         .map(|(name, p)| {
             let exit = p.m.last_exit;
             let stdout_log = p.spec.stdout.path.clone();
-            let stderr_log = if p.spec.redirect_stderr {
-                stdout_log.clone()
-            } else {
-                p.spec.stderr.path.clone()
-            };
+            let stderr_log = p.spec.stderr.path.clone();
             ProcStatus {
                 name: name.clone(),
                 group: p.spec.group.clone(),
@@ -41,6 +37,7 @@ pub(crate) fn build(sup: &Supervisor) -> Snapshot {
                 command: p.spec.argv.clone(),
                 stdout_log,
                 stderr_log,
+                stderr_redirected: p.spec.redirect_stderr,
                 outputs: p.outputs.clone(),
             }
         })

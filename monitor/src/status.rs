@@ -46,6 +46,9 @@ pub struct ProcStatus {
     pub stdout_log: Option<PathBuf>,
     #[serde(skip)]
     pub stderr_log: Option<PathBuf>,
+    /// `redirect_stderr`: its stderr is in its stdout log.
+    #[serde(skip)]
+    pub stderr_redirected: bool,
     #[serde(skip)]
     pub outputs: Outputs,
 }

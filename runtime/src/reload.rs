@@ -145,13 +145,26 @@ pub fn spawn<C: RoleConfig>(
 impl<C: RoleConfig> State<C> {
     fn attempt(&mut self, cause: Cause) {
         let now = unix_now();
-        // A watcher event whose content we already judged is not a new change (editors touch files).
+        // A watcher event whose content we already judged is not a new change (editors touch files). The
+        // content in force again after a rejected edit (the edit undone) clears that rejection.
         if cause == Cause::File
             && let Some(path) = &self.source.path
             && let Ok(bytes) = crate::config::read_bounded(path)
-            && (Some(&bytes) == self.good_bytes.as_ref() || Some(&bytes) == self.bad_bytes.as_ref())
         {
-            return;
+            if Some(&bytes) == self.good_bytes.as_ref() {
+                if self.bad_bytes.take().is_some() {
+                    info!(role = self.role_label, "config file back to the config in force");
+                    metrics::gauge!(crate::metrics::CONFIG_LAST_RELOAD_OK, "role" => C::ROLE).set(1.0);
+                    self.status.send_modify(|s| {
+                        s.last_error = None;
+                        s.last_attempt_unix = now;
+                    });
+                }
+                return;
+            }
+            if Some(&bytes) == self.bad_bytes.as_ref() {
+                return;
+            }
         }
         match load::<C>(&self.source) {
             Ok(loaded) => {

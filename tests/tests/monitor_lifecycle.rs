@@ -220,3 +220,62 @@ backoff_initial_ms = 50
         || (!alive(grandchild2) && !exists(leader2)).then_some(()),
     );
 }
+
+/// `redirect_stderr` is `2>&1`: one pipe, so stdout and stderr lines keep their order; `tail` says when a
+/// stream has no log of its own; a spawn error says what could not be done.
+#[test]
+fn output_streams_and_spawn_errors_say_what_happened() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = Mon::start(&format!(
+        r#"
+[programs.both]
+command = "/bin/sh -c 'for i in 1 2 3 4 5 6; do echo out$i; echo err$i >&2; done; exec sleep 300'"
+startsecs = 0
+redirect_stderr = true
+[programs.quiet]
+command = "sleep 300"
+startsecs = 0
+stdout_logfile = "none"
+[programs.nowhere]
+command = "sleep 300"
+directory = "{}/missing"
+startsecs = 0
+startretries = 0
+fatal_retry_secs = 0
+[programs.nocommand]
+command = "/no/such/command"
+startsecs = 0
+startretries = 0
+fatal_retry_secs = 0
+"#,
+        dir.path().display()
+    ));
+    let o = eventually(T, "both's output in its log", || {
+        let o = m.ctl(&["tail", "both"]);
+        String::from_utf8_lossy(&o.stdout).contains("err6").then_some(o)
+    });
+    let lines: Vec<String> = String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect();
+    let want: Vec<String> = (1..=6)
+        .flat_map(|i| [format!("out{i}"), format!("err{i}")])
+        .collect();
+    assert_eq!(lines, want);
+
+    let o = m.ctl(&["tail", "both", "--stream", "stderr"]);
+    assert_eq!(o.status.code(), Some(1), "{}", out(&o));
+    assert!(out(&o).contains("stderr goes to its stdout"), "{}", out(&o));
+    let o = m.ctl(&["tail", "quiet"]);
+    assert_eq!(o.status.code(), Some(1), "{}", out(&o));
+    assert!(out(&o).contains("quiet keeps no stdout log"), "{}", out(&o));
+
+    for (name, says) in [
+        ("nowhere", "cannot change to directory"),
+        ("nocommand", "cannot find command \"/no/such/command\""),
+    ] {
+        let p = m.wait_state(name, "FATAL", T);
+        let error = p["spawn_error"].as_str().unwrap_or_default().to_string();
+        assert!(error.contains(says), "{name}: {p}");
+    }
+}

@@ -148,4 +148,17 @@ fn the_file_watcher_applies_a_change_and_an_invalid_config_changes_nothing() {
             .iter()
             .any(|e| e["kind"] == "reload" && e["ok"] == false)
     );
+
+    // The bad edit undone (the file as the running config was read): the error clears, nothing restarts.
+    m.rewrite(&programs("7", true, false));
+    eventually(T, "the reload error cleared", || {
+        m.status()["reload"]["last_error"].is_null().then_some(())
+    });
+    let metrics = get(m.addr, "/metrics").unwrap().body;
+    assert_eq!(
+        metric_value(&metrics, "xcluster_config_last_reload_ok", "monitor"),
+        Some(1.0),
+        "{metrics}"
+    );
+    assert_eq!((m.pid("a"), m.pid("b")), (Some(a), Some(b2)));
 }
