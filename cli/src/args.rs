@@ -88,24 +88,30 @@ impl UpArgs {
 
 #[derive(Debug, Args)]
 pub struct CtlArgs {
+    // `global`: an option may come before or after the verb (`ctl stop --no-wait app`), as users type it.
     /// The monitor's API.
-    #[arg(long, env = "XCLUSTER_MONITOR_URL", default_value = "http://127.0.0.1:7300")]
+    #[arg(
+        long,
+        global = true,
+        env = "XCLUSTER_MONITOR_URL",
+        default_value = "http://127.0.0.1:7300"
+    )]
     pub url: String,
     /// Bearer token for mutating calls.
-    #[arg(long, env = "XCLUSTER_TOKEN", hide_env_values = true)]
+    #[arg(long, global = true, env = "XCLUSTER_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
     /// Machine-readable output.
-    #[arg(long)]
+    #[arg(long, global = true)]
     pub json: bool,
     /// Seconds to wait for the monitor to answer.
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, global = true, default_value_t = 10)]
     pub timeout_secs: u64,
     /// Return as soon as the monitor has taken a start, stop or restart, instead of waiting for the program
     /// to be running and ready (or stopped).
-    #[arg(long)]
+    #[arg(long, global = true)]
     pub no_wait: bool,
     /// Longest a start, stop or restart waits for its programs before it fails.
-    #[arg(long, default_value_t = 60)]
+    #[arg(long, global = true, default_value_t = 60)]
     pub wait_secs: u64,
     #[command(subcommand)]
     pub verb: CtlVerb,

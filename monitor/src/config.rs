@@ -169,8 +169,7 @@ impl RoleConfig for Config {
             processes.extend(prog.expand(name, &log_dir, &mut v));
         }
         crate::program::check_set(&processes, &mut v);
-        let programs = raw.programs.iter().map(|(n, p)| (n.as_str(), p));
-        crate::program::check_ports(programs, listen, &mut v);
+        crate::program::check_programs(&raw.programs, listen, &mut v);
         if processes.len() > MAX_PROCESSES {
             v.error(
                 "programs",

@@ -232,15 +232,22 @@ fn edits(a: &str, b: &str) -> usize {
     d[a.len()][b.len()]
 }
 
-/// Checks that no two programs' `port_base` ranges overlap, nor take the monitor's own port: the second
-/// program to bind would fail at every start.
-pub fn check_ports<'a>(
-    programs: impl IntoIterator<Item = (&'a str, &'a RawProgram)>,
+/// Checks the programs against each other, as written (so a program with problems of its own is still
+/// checked here, and every problem is reported at once): `depends_on` names a program; no two `port_base`
+/// ranges overlap, nor take the monitor's own port (the second program to bind would fail at every start).
+pub fn check_programs(
+    programs: &BTreeMap<String, RawProgram>,
     monitor: std::net::SocketAddr,
     v: &mut Validator,
 ) {
     let mut taken: Vec<(&str, u32, u32)> = Vec::new();
     for (name, p) in programs {
+        for d in p.depends_on.iter().filter(|d| !programs.contains_key(*d)) {
+            v.error(
+                format!("programs.{name}.depends_on"),
+                format!("unknown program {d:?}"),
+            );
+        }
         let Some(base) = p.port_base else { continue };
         let (first, last) = (u32::from(base), u32::from(base) + p.numprocs.max(1) - 1);
         let key = format!("programs.{name}.port_base");
@@ -286,8 +293,21 @@ impl RawProgram {
                 "program names use only letters, digits, '-', '_', '.'",
             );
         }
+        if program == "all" {
+            v.error(
+                format!("programs.{program}"),
+                "\"all\" is reserved: `ctl stop all` means every program",
+            );
+        }
         if self.command.trim().is_empty() {
             v.error(key("command"), "a command is required");
+        }
+        for code in self.exitcodes.iter().filter(|c| !(0..=255).contains(*c)) {
+            v.error(key("exitcodes"), format!("{code} is not an exit code (0..=255)"));
+        }
+        // Looked up now, as Supervisord does, so a misspelt user fails the config, not every start.
+        if !self.user.is_empty() && matches!(nix::unistd::User::from_name(&self.user), Ok(None)) {
+            v.error(key("user"), format!("no such user {:?}", self.user));
         }
         let argv_template = split_command(&self.command).unwrap_or_else(|e| {
             v.error(key("command"), e);
@@ -434,7 +454,7 @@ impl RawProgram {
         } else {
             "{program}".into()
         };
-        (0..self.numprocs)
+        let specs: Vec<ProcessSpec> = (0..self.numprocs)
             .map(|i| {
                 let num = self.numprocs_start + i;
                 let mut vars = vec![
@@ -492,14 +512,42 @@ impl RawProgram {
                     name,
                 }
             })
-            .collect()
+            .collect();
+        // A log file named in the config goes where it says, in a directory that exists (as Supervisord
+        // checks): a misspelt path is a config error, not a directory made somewhere (the default log
+        // directory is the monitor's own and made at start).
+        for (setting, chosen, log) in [
+            (
+                "stdout_logfile",
+                &self.stdout_logfile,
+                specs.iter().map(|s| &s.stdout).collect::<Vec<_>>(),
+            ),
+            (
+                "stderr_logfile",
+                &self.stderr_logfile,
+                specs.iter().map(|s| &s.stderr).collect(),
+            ),
+        ] {
+            if chosen.is_empty() || chosen == "none" {
+                continue;
+            }
+            for dir in log.iter().filter_map(|l| l.path.as_deref()?.parent()) {
+                if !dir.as_os_str().is_empty() && !dir.is_dir() {
+                    v.error(
+                        key(setting),
+                        format!("directory {} does not exist", dir.display()),
+                    );
+                    return Vec::new();
+                }
+            }
+        }
+        specs
     }
 }
 
-/// Checks what needs every program at once: unique names, known and acyclic `depends_on`.
+/// Checks what needs every program at once: unique names, acyclic `depends_on`.
 pub fn check_set(specs: &[ProcessSpec], v: &mut Validator) {
     let mut names = BTreeSet::new();
-    let groups: BTreeSet<&str> = specs.iter().map(|s| s.group.as_str()).collect();
     for s in specs {
         if !names.insert(s.name.as_str()) {
             v.error(
@@ -512,14 +560,6 @@ pub fn check_set(specs: &[ProcessSpec], v: &mut Validator) {
                 format!("programs.{}.process_name", s.group),
                 format!("{:?} may not contain '/', ' ' or '*'", s.name),
             );
-        }
-        for d in &s.depends_on {
-            if !groups.contains(d.as_str()) {
-                v.error(
-                    format!("programs.{}.depends_on", s.group),
-                    format!("unknown program {d:?}"),
-                );
-            }
         }
     }
     // A cycle would wait forever: depth-first search over groups.
@@ -701,17 +741,25 @@ mod tests {
     }
 
     #[test]
-    fn overlapping_port_ranges_and_the_monitors_port_are_errors() {
+    fn programs_are_checked_against_each_other_as_written() {
         let prog = |base: u16, numprocs: u32| RawProgram {
             command: "x".into(),
             port_base: Some(base),
             numprocs,
             ..RawProgram::default()
         };
-        let (a, b, c, d) = (prog(7101, 3), prog(7103, 1), prog(7104, 2), prog(7299, 2));
+        let mut programs = BTreeMap::from([
+            ("a".to_string(), prog(7101, 3)),
+            ("b".to_string(), prog(7103, 1)),
+            ("c".to_string(), prog(7104, 2)),
+            ("d".to_string(), prog(7299, 2)),
+        ]);
+        // A program with problems of its own (an empty command) is still a program to depend on.
+        programs.get_mut("a").unwrap().command.clear();
+        programs.get_mut("c").unwrap().depends_on = vec!["a".into(), "zzz".into()];
         let mut v = Validator::new();
         let monitor: std::net::SocketAddr = "127.0.0.1:7300".parse().unwrap();
-        check_ports([("a", &a), ("b", &b), ("c", &c), ("d", &d)], monitor, &mut v);
+        check_programs(&programs, monitor, &mut v);
         let found: Vec<String> = v
             .issues
             .iter()
@@ -721,7 +769,61 @@ mod tests {
             found,
             [
                 "programs.b.port_base: ports 7103..=7103 overlap a's 7101..=7103",
+                "programs.c.depends_on: unknown program \"zzz\"",
                 "programs.d.port_base: ports 7299..=7300 take the monitor's own listen port",
+            ]
+        );
+    }
+
+    #[test]
+    fn a_log_file_in_a_missing_directory_is_an_error() {
+        let dir = std::env::temp_dir();
+        for (path, ok) in [
+            (dir.join("{name}.log"), true),
+            (dir.join("no-such-dir-xcluster/{name}.log"), false),
+        ] {
+            let raw = RawProgram {
+                command: "x".into(),
+                stderr_logfile: path.display().to_string(),
+                ..RawProgram::default()
+            };
+            let mut v = Validator::new();
+            let specs = raw.expand("app", Path::new("/no/such/default/dir"), &mut v);
+            assert_eq!(v.issues.is_empty(), ok, "{path:?}: {:?}", v.issues);
+            assert_eq!(specs.len(), usize::from(ok));
+            if !ok {
+                assert_eq!(v.issues[0].key, "programs.app.stderr_logfile");
+                assert!(
+                    v.issues[0]
+                        .message
+                        .ends_with("no-such-dir-xcluster does not exist")
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn exit_codes_users_and_the_name_all_are_checked() {
+        let raw = RawProgram {
+            command: "x".into(),
+            exitcodes: vec![0, 300, -1],
+            user: "no-such-user-xcluster".into(),
+            ..RawProgram::default()
+        };
+        let mut v = Validator::new();
+        raw.expand("all", Path::new("/tmp/l"), &mut v);
+        let found: Vec<String> = v
+            .issues
+            .iter()
+            .map(|i| format!("{}: {}", i.key, i.message))
+            .collect();
+        assert_eq!(
+            found,
+            [
+                "programs.all: \"all\" is reserved: `ctl stop all` means every program",
+                "programs.all.exitcodes: 300 is not an exit code (0..=255)",
+                "programs.all.exitcodes: -1 is not an exit code (0..=255)",
+                "programs.all.user: no such user \"no-such-user-xcluster\"",
             ]
         );
     }

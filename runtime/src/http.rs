@@ -239,9 +239,14 @@ pub fn bearer_ok<B>(req: &Request<B>, token: &str) -> bool {
     else {
         return false;
     };
-    let Some(given) = given.strip_prefix("Bearer ") else {
+    // The scheme is case-insensitive (RFC 9110 §11.1): `bearer` and `BEARER` are `Bearer`.
+    let Some((scheme, given)) = given.split_once(' ') else {
         return false;
     };
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return false;
+    }
+    let given = given.trim_start_matches(' ');
     let (a, b) = (given.as_bytes(), token.as_bytes());
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
@@ -440,6 +445,9 @@ mod tests {
     fn bearer_checks_exactly() {
         let req = |v: &str| Request::builder().header("authorization", v).body(()).unwrap();
         assert!(bearer_ok(&req("Bearer s3cret"), "s3cret"));
+        assert!(bearer_ok(&req("bearer s3cret"), "s3cret"));
+        assert!(bearer_ok(&req("BEARER  s3cret"), "s3cret"));
+        assert!(!bearer_ok(&req("Bearers3cret"), "s3cret"));
         assert!(!bearer_ok(&req("Bearer s3cre"), "s3cret"));
         assert!(!bearer_ok(&req("Basic s3cret"), "s3cret"));
         assert!(!bearer_ok(&req("Bearer "), ""));

@@ -106,10 +106,15 @@ fn ctl_errors_and_tokens() {
     }
     assert!(m.status()["roll"].is_null(), "a refused roll began");
 
+    // Options go before or after the verb.
+    for args in [["--json", "status"], ["status", "--json"]] {
+        let o = m.ctl(&args);
+        assert!(o.status.success(), "{}", out(&o));
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert_eq!(v[0]["name"], "x");
+    }
     let o = m.ctl(&["--json", "status"]);
-    assert!(o.status.success(), "{}", out(&o));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    assert_eq!(v[0]["name"], "x");
     assert!(v[0]["pid"].as_u64().is_some());
 
     // The token never shows in the effective config.
