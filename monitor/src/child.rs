@@ -3,6 +3,7 @@
 //! outlives its program. A task per child waits on it (tokio reaps on SIGCHLD, so the exit is seen at once and
 //! no zombie is left) and reports the exit to the supervisor.
 
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 
@@ -45,7 +46,28 @@ pub struct Exit {
 pub struct Spawned {
     pub pid: u32,
     pub start_time: u64,
+    /// The inodes of its output pipes (stderr's 0 with `redirect_stderr`), which it holds the read ends
+    /// of at [`HELD_STDOUT_FD`] and [`HELD_STDERR_FD`].
+    pub pipes: Pipes,
 }
+
+/// Identifies a child's output pipes (by inode, 0 for none), for the monitor that adopts it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Pipes {
+    pub stdout: u64,
+    pub stderr: u64,
+}
+
+/// Where a child keeps a copy of the read end of its stdout pipe (and of its stderr pipe). The monitor reads
+/// the pipes; should it die (`kill -9`), the child's own copy keeps each pipe open, so the child's writes do
+/// not end it by SIGPIPE: they wait in the pipe (up to [`PIPE_BYTES`], then they block) until the next
+/// monitor adopts the child and takes a copy of that read end (`pidfd_getfd`) to read the rest. High
+/// numbers, out of the way of a program's own descriptors; never read by the child.
+pub const HELD_STDOUT_FD: i32 = 1010;
+pub const HELD_STDERR_FD: i32 = 1011;
+/// The size asked for each output pipe (the kernel's default is 64 KiB): what a program may write while no
+/// monitor reads, before its writes block. Best effort: a user over its pipe-pages limit keeps the default.
+const PIPE_BYTES: i32 = 256 * 1024;
 
 /// Starts the process described by `spec`; its exit is sent on `exits`.
 pub fn spawn(
@@ -77,6 +99,11 @@ pub fn spawn(
         Some(read)
     };
     cmd.stdout(out_write);
+    let held = (out_read.as_raw_fd(), err_pipe.as_ref().map(AsRawFd::as_raw_fd));
+    let pipes = Pipes {
+        stdout: grow_and_identify(&out_read),
+        stderr: err_pipe.as_ref().map_or(0, grow_and_identify),
+    };
     if let Some(dir) = &spec.directory {
         cmd.current_dir(dir);
     }
@@ -109,6 +136,12 @@ pub fn spawn(
                 u32::MAX,
                 nix::libc::CLOSE_RANGE_CLOEXEC,
             );
+            // The read ends the child holds for a monitor that adopts it (a copy made by dup2 is kept across
+            // exec). A limit too low for these numbers only loses that.
+            nix::libc::dup2(held.0, HELD_STDOUT_FD);
+            if let Some(err) = held.1 {
+                nix::libc::dup2(err, HELD_STDERR_FD);
+            }
             Ok(())
         });
     }
@@ -126,9 +159,13 @@ pub fn spawn(
     drop(cmd);
     let pid = child.id().unwrap_or(0);
     let start_time = crate::statefile::start_time(pid as i32).unwrap_or(0);
-    tokio::spawn(copy_pipe(receiver(out_read)?, out_log, outputs.stdout.clone()));
+    tokio::spawn(copy_pipe(
+        receiver(out_read.into())?,
+        out_log,
+        outputs.stdout.clone(),
+    ));
     if let Some(err) = err_pipe {
-        tokio::spawn(copy_pipe(receiver(err)?, err_log, outputs.stderr.clone()));
+        tokio::spawn(copy_pipe(receiver(err.into())?, err_log, outputs.stderr.clone()));
     }
     let name = spec.name.clone();
     tokio::spawn(async move {
@@ -147,7 +184,68 @@ pub fn spawn(
         let _ = kill(Pid::from_raw(-(pid as i32)), Signal::SIGKILL);
         let _ = exits.send(Exit { name, spawn_id, info });
     });
-    Ok(Spawned { pid, start_time })
+    Ok(Spawned {
+        pid,
+        start_time,
+        pipes,
+    })
+}
+
+/// Asks for a [`PIPE_BYTES`] buffer (best effort) and returns the pipe's inode.
+fn grow_and_identify(read: &std::io::PipeReader) -> u64 {
+    let _ = nix::fcntl::fcntl(read, nix::fcntl::FcntlArg::F_SETPIPE_SZ(PIPE_BYTES));
+    nix::sys::stat::fstat(read).map_or(0, |st| st.st_ino)
+}
+
+/// Takes the output of an adopted process: a copy of each read end it holds ([`HELD_STDOUT_FD`]), checked
+/// to be the pipe the state file names (by inode), read on into its log and followers from where the old
+/// monitor stopped. A process that holds no such pipe (started before monitors did this, or under a
+/// descriptor limit below those numbers) is adopted as it is: its output is lost until its next start.
+/// `Err` if a pipe it holds cannot be taken (no permission to look into it): it would block once the pipe
+/// filled, so it must not be adopted.
+pub fn take_output(
+    pidfd: &OwnedFd,
+    spec: &ProcessSpec,
+    pipes: Pipes,
+    outputs: &Outputs,
+) -> std::io::Result<()> {
+    let streams = [
+        (HELD_STDOUT_FD, pipes.stdout, &spec.stdout, &outputs.stdout),
+        (HELD_STDERR_FD, pipes.stderr, &spec.stderr, &outputs.stderr),
+    ];
+    let mut taken = Vec::new();
+    for (fd, inode, log, followers) in streams.into_iter().filter(|s| s.1 != 0) {
+        if let Some(read) = held_pipe(pidfd, fd, inode)? {
+            taken.push((read, log, followers));
+        }
+    }
+    for (read, log, followers) in taken {
+        let log = RotatingLog::open(log)?.map(|l| Arc::new(Mutex::new(l)));
+        tokio::spawn(copy_pipe(receiver(read)?, log, followers.clone()));
+    }
+    Ok(())
+}
+
+/// A copy of descriptor `fd` of the process behind `pidfd` (Linux ≥ 5.6), if it is the pipe `inode`:
+/// `None` if it has no such descriptor, or another one at that number (never read another's descriptor).
+fn held_pipe(pidfd: &OwnedFd, fd: i32, inode: u64) -> std::io::Result<Option<OwnedFd>> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: pidfd_getfd takes two descriptors and flags and returns a new descriptor or -1.
+    let got = unsafe { nix::libc::syscall(nix::libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0) };
+    if got < 0 {
+        let e = std::io::Error::last_os_error();
+        return match e.raw_os_error() {
+            Some(nix::libc::EBADF) => Ok(None),
+            _ => Err(e),
+        };
+    }
+    let got = i32::try_from(got).map_err(std::io::Error::other)?;
+    // SAFETY: the syscall just returned this descriptor (close-on-exec) and nothing else owns it.
+    let owned = unsafe { OwnedFd::from_raw_fd(got) };
+    let st = nix::sys::stat::fstat(&owned).map_err(std::io::Error::from)?;
+    let is_fifo =
+        nix::sys::stat::SFlag::from_bits_truncate(st.st_mode).contains(nix::sys::stat::SFlag::S_IFIFO);
+    Ok((is_fifo && st.st_ino == inode).then_some(owned))
 }
 
 /// The uid, gid and supplementary groups of `user`, looked up before the fork (the lookups read files and
@@ -171,8 +269,8 @@ fn switch_to(user: &str) -> std::io::Result<Option<(Uid, Gid, Vec<Gid>)>> {
 }
 
 /// The read end of a child's output pipe, for the runtime.
-fn receiver(read: std::io::PipeReader) -> std::io::Result<tokio::net::unix::pipe::Receiver> {
-    tokio::net::unix::pipe::Receiver::from_owned_fd(std::os::fd::OwnedFd::from(read))
+fn receiver(read: OwnedFd) -> std::io::Result<tokio::net::unix::pipe::Receiver> {
+    tokio::net::unix::pipe::Receiver::from_owned_fd(read)
 }
 
 /// A spawn error that says what could not be done: the OS says only "No such file or directory" for a
@@ -203,7 +301,7 @@ pub fn signal_group(pid: u32, sig: Signal) -> nix::Result<()> {
 pub fn watch_adopted(
     name: String,
     pid: u32,
-    pidfd: std::os::fd::OwnedFd,
+    pidfd: OwnedFd,
     spawn_id: u64,
     exits: mpsc::UnboundedSender<Exit>,
 ) -> std::io::Result<()> {

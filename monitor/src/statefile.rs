@@ -25,6 +25,10 @@ pub struct Entry {
     /// existed, which therefore never match.
     #[serde(default)]
     pub launch: u64,
+    /// Its output pipes, which it holds a read end of for the monitor that adopts it (`child::take_output`);
+    /// 0 in files written before it did.
+    #[serde(default)]
+    pub pipes: crate::child::Pipes,
 }
 
 #[derive(Debug, Serialize, Deserialize)]

@@ -47,6 +47,8 @@ pub(crate) struct Proc {
     pub epoch: u64,
     pub pid: u32,
     pub start_time: u64,
+    /// Its output pipes, as the state file records them for a monitor that adopts it.
+    pub pipes: child::Pipes,
     pub spawn_id: u64,
     pub started_unix_ms: Option<u64>,
     pub probes: Option<CancellationToken>,
@@ -195,8 +197,10 @@ impl Supervisor {
             let pid = u32::try_from(e.pid).unwrap_or(0);
             self.next_id += 1;
             let spawn_id = self.next_id;
-            let watched = crate::statefile::open_pidfd(&e)
-                .and_then(|fd| child::watch_adopted(e.name.clone(), pid, fd, spawn_id, self.exits.clone()));
+            let watched = crate::statefile::open_pidfd(&e).and_then(|fd| {
+                child::take_output(&fd, &p.spec, e.pipes, &p.outputs)?;
+                child::watch_adopted(e.name.clone(), pid, fd, spawn_id, self.exits.clone())
+            });
             if let Err(err) = watched {
                 warn!(program = %e.name, pid, error = %err, "cannot watch a process left by the previous monitor; replacing it");
                 let _ = child::signal_group(pid, nix::sys::signal::Signal::SIGKILL);
@@ -204,6 +208,7 @@ impl Supervisor {
             }
             p.pid = pid;
             p.start_time = e.start_time;
+            p.pipes = e.pipes;
             p.spawn_id = spawn_id;
             p.started_unix_ms = Some(crate::statefile::started_unix_ms(e.start_time).unwrap_or_else(unix_ms));
             p.wanted = false;
@@ -552,6 +557,7 @@ impl Supervisor {
                     Ok(s) => {
                         p.pid = s.pid;
                         p.start_time = s.start_time;
+                        p.pipes = s.pipes;
                         p.started_unix_ms = Some(unix_ms());
                         p.spawn_error = None;
                         p.liveness = None;
@@ -839,6 +845,7 @@ impl Supervisor {
             epoch: self.next_id,
             pid: 0,
             start_time: 0,
+            pipes: child::Pipes::default(),
             spawn_id: 0,
             started_unix_ms: None,
             probes: None,
@@ -874,6 +881,7 @@ impl Supervisor {
                 pid: p.pid as i32,
                 start_time: p.start_time,
                 launch: p.spec.launch_fingerprint(),
+                pipes: p.pipes,
             })
             .collect();
         if entries != self.saved {

@@ -104,6 +104,63 @@ fn after_kill_9_a_program_whose_command_changed_is_replaced_not_adopted() {
     drop(first);
 }
 
+/// A program that writes is adopted like one that does not: the monitor's `kill -9` does not end it by
+/// SIGPIPE (it holds a copy of its pipes' read ends), what it wrote while no monitor ran waits in the pipe,
+/// and the next monitor reads on from there into its log.
+#[test]
+fn an_adopted_program_keeps_writing_and_nothing_it_wrote_meanwhile_is_lost() {
+    let dir = std::sync::Arc::new(tempfile::tempdir().unwrap());
+    let (log, counter) = (dir.path().join("talker.log"), dir.path().join("counter"));
+    let programs = format!(
+        r#"
+[programs.talker]
+command = "/bin/sh -c 'i=0; while :; do echo line-$i; echo $i > {counter}; i=$((i+1)); sleep 0.02; done'"
+startsecs = 0
+stdout_logfile = "{log}"
+"#,
+        counter = counter.display(),
+        log = log.display()
+    );
+    let numbers = || -> Vec<u64> {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        text.lines()
+            .filter_map(|l| l.strip_prefix("line-")?.parse().ok())
+            .collect()
+    };
+    let count = || -> Option<u64> { std::fs::read_to_string(&counter).ok()?.trim().parse().ok() };
+    let addr = free_addr();
+    let mut first = Mon::start_in(dir.clone(), addr, &programs);
+    first.wait_state("talker", "RUNNING", T);
+    let pid = first.pid("talker").unwrap();
+    eventually(T, "the first lines logged", || {
+        (numbers().len() > 5).then_some(())
+    });
+    first.proc.signal(nix::sys::signal::Signal::SIGKILL);
+    first.proc.wait_exit(T).unwrap();
+    let logged = numbers().last().copied().unwrap();
+    // It writes on with no monitor reading.
+    eventually(T, "lines written with no monitor", || {
+        count().filter(|c| *c >= logged + 10).map(|_| ())
+    });
+    assert!(alive(pid), "the monitor's death ended the program");
+    let written = count().unwrap();
+
+    let second = Mon::start_in(dir.clone(), addr, &programs);
+    let p = second.wait_state("talker", "RUNNING", T);
+    assert_eq!(p["pid"], pid, "adopted: {p}");
+    eventually(T, "lines from the adopted program logged", || {
+        numbers().last().filter(|n| **n > written + 5).map(|_| ())
+    });
+    // Every line from where the first monitor stopped to past the adoption is in the log, once, in order.
+    let got = numbers();
+    let from = got.iter().position(|n| *n == logged).unwrap();
+    let want: Vec<u64> = (logged..=written + 5).collect();
+    assert_eq!(&got[from..from + want.len()], &want[..]);
+    assert_eq!(second.pid("talker"), Some(pid));
+    assert_eq!(second.prog("talker")["restarts"], 0);
+    drop(first);
+}
+
 #[test]
 fn a_second_monitor_on_the_same_run_dir_is_refused() {
     let dir = std::sync::Arc::new(tempfile::tempdir().unwrap());
