@@ -545,6 +545,48 @@ impl RawProgram {
     }
 }
 
+/// Each group's stop level: one command (or the shutdown) stopping several programs stops those of a higher
+/// level first, and each waits for the higher levels to have exited. A group is above every group it
+/// `depends_on`, and otherwise at the rank of its `priority` among the priorities in use (Supervisord: lower
+/// starts first and stops last); where the two disagree (`a` depends on `b`, yet has the lower priority) the
+/// dependency wins. Levels are numbers, so the order has no cycle; groups on one level stop together.
+pub fn stop_levels(specs: &[ProcessSpec]) -> BTreeMap<String, u32> {
+    let mut priorities: Vec<i32> = specs.iter().map(|s| s.priority).collect();
+    priorities.sort_unstable();
+    priorities.dedup();
+    let groups: BTreeMap<&str, &ProcessSpec> = specs.iter().map(|s| (s.group.as_str(), s)).collect();
+    fn level<'a>(
+        g: &'a str,
+        groups: &BTreeMap<&'a str, &'a ProcessSpec>,
+        priorities: &[i32],
+        done: &mut BTreeMap<&'a str, u32>,
+        path: &mut Vec<&'a str>,
+    ) -> u32 {
+        if let Some(l) = done.get(g) {
+            return *l;
+        }
+        let Some(spec) = groups.get(g) else { return 0 };
+        if path.contains(&g) {
+            return 0; // a cycle, which validation refuses
+        }
+        path.push(g);
+        let rank = priorities.partition_point(|p| *p < spec.priority) as u32;
+        let above = (spec.depends_on.iter())
+            .map(|d| level(d, groups, priorities, done, path) + 1)
+            .max()
+            .unwrap_or(0);
+        path.pop();
+        let l = rank.max(above);
+        done.insert(g, l);
+        l
+    }
+    let mut done = BTreeMap::new();
+    for g in groups.keys() {
+        level(g, &groups, &priorities, &mut done, &mut Vec::new());
+    }
+    done.into_iter().map(|(g, l)| (g.to_string(), l)).collect()
+}
+
 /// Checks what needs every program at once: unique names, acyclic `depends_on`.
 pub fn check_set(specs: &[ProcessSpec], v: &mut Validator) {
     let mut names = BTreeSet::new();
@@ -773,6 +815,34 @@ mod tests {
                 "programs.d.port_base: ports 7299..=7300 take the monitor's own listen port",
             ]
         );
+    }
+
+    #[test]
+    fn stop_levels_follow_priority_and_let_dependencies_win() {
+        let spec = |group: &str, priority: i32, deps: &[&str]| {
+            let raw = RawProgram {
+                command: "x".into(),
+                priority,
+                depends_on: deps.iter().map(|d| d.to_string()).collect(),
+                ..RawProgram::default()
+            };
+            raw.expand(group, Path::new("/tmp"), &mut Validator::new())
+                .remove(0)
+        };
+        let levels = stop_levels(&[
+            spec("db", 100, &[]),
+            spec("cache", 100, &[]),
+            spec("app", 200, &["db"]),
+            spec("agent", 999, &["app"]),
+            // Depends on `late`, yet has the lower priority: the dependency wins.
+            spec("early", 50, &["late"]),
+            spec("late", 900, &[]),
+        ]);
+        let l = |g: &str| levels[g];
+        assert_eq!(l("db"), l("cache"), "one priority, one level: they stop together");
+        assert!(l("agent") > l("app") && l("app") > l("db"));
+        assert!(l("early") > l("late"));
+        assert!(l("late") > l("app"), "by priority");
     }
 
     #[test]

@@ -103,6 +103,8 @@ pub(crate) struct Supervisor {
     saved: Vec<Entry>,
     /// The rolling restart under way, or the last one.
     pub(crate) roll: Option<Roll>,
+    /// Each group's stop level, from the config in force ([`crate::program::stop_levels`]).
+    stop_levels: std::collections::BTreeMap<String, u32>,
 }
 
 /// The channels the supervisor task listens on.
@@ -144,6 +146,7 @@ impl Supervisor {
             shutting_down: false,
             saved: Vec::new(),
             roll: None,
+            stop_levels: crate::program::stop_levels(&cfg.processes),
         };
         sup.update(cfg, None);
         sup.adopt(adopt);
@@ -417,16 +420,24 @@ impl Supervisor {
         (true, "restarting".into())
     }
 
-    /// Programs among `among` that depend on `name`'s group, still have a process, and pass `also`.
+    /// Whether `q` is stopped before `p` when one command (or the shutdown) stops both: its stop level is
+    /// higher (it depends on `p`, or has a higher `priority` number; see [`crate::program::stop_levels`]).
+    fn stops_before(&self, q: &Proc, p: &Proc) -> bool {
+        let level = |x: &Proc| self.stop_levels.get(&x.spec.group).copied().unwrap_or(0);
+        level(q) > level(p)
+    }
+
+    /// Programs among `among` that stop before `name` (see [`Self::stops_before`]), still have a process, and pass
+    /// `also`.
     fn dependents(&self, name: &str, among: &[String], also: impl Fn(&Proc) -> bool) -> Vec<String> {
-        let Some(group) = self.procs.get(name).map(|p| &p.spec.group) else {
+        let Some(p) = self.procs.get(name) else {
             return Vec::new();
         };
         (among.iter())
             .filter(|n| {
                 self.procs
                     .get(*n)
-                    .is_some_and(|q| q.m.state.has_process() && q.spec.depends_on.contains(group) && also(q))
+                    .is_some_and(|q| q.m.state.has_process() && self.stops_before(q, p) && also(q))
             })
             .cloned()
             .collect()
@@ -771,11 +782,10 @@ impl Supervisor {
         for name in self.order.clone().into_iter().rev() {
             let Some(p) = self.procs.get(&name) else { continue };
             let state = p.m.state;
-            let group = p.spec.group.clone();
             let needed = self
                 .procs
                 .values()
-                .any(|q| q.m.state.has_process() && q.spec.depends_on.contains(&group));
+                .any(|q| q.m.state.has_process() && self.stops_before(q, p));
             let stoppable = matches!(
                 state,
                 State::Starting | State::Running | State::Backoff | State::Fatal
@@ -862,6 +872,7 @@ impl Supervisor {
 
     pub fn set_config(&mut self, cfg: Arc<Config>) {
         self.bus.set_capacity(cfg.events_history);
+        self.stop_levels = crate::program::stop_levels(&cfg.processes);
         self.cfg = cfg;
     }
 

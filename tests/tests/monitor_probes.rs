@@ -106,6 +106,49 @@ depends_on = ["db"]
     assert_eq!(std::fs::read_to_string(&order).unwrap(), "web\ndb\n");
 }
 
+/// As in Supervisord, `priority` orders stops too: higher numbers stop first, and the next only once they
+/// have exited, for `stop all` and for the shutdown; one priority stops together.
+#[test]
+fn priority_orders_stop_all_and_the_shutdown() {
+    let dir = tempfile::tempdir().unwrap();
+    let order = dir.path().join("order");
+    let program = |name: &str, priority: u32| {
+        let d = dir.path().display();
+        format!(
+            r#"
+[programs.{name}]
+command = "/bin/sh -c 'trap \"echo {name}-term >> {order}; sleep 0.2; echo {name}-exit >> {order}; exit 0\" TERM; touch {d}/{name}.trapped; while :; do sleep 0.05; done'"
+startsecs = 0
+priority = {priority}
+"#,
+            order = order.display()
+        )
+    };
+    let m = Mon::start(&(program("first", 1) + &program("last", 900)));
+    let trapped = |m: &Mon| {
+        for name in ["first", "last"] {
+            let mark = dir.path().join(format!("{name}.trapped"));
+            eventually(T, "the TERM traps set", || mark.exists().then_some(()));
+            m.wait_state(name, "RUNNING", T);
+        }
+        for name in ["first", "last"] {
+            std::fs::remove_file(dir.path().join(format!("{name}.trapped"))).unwrap();
+        }
+    };
+    trapped(&m);
+    let want = "last-term\nlast-exit\nfirst-term\nfirst-exit\n";
+    m.ctl_ok(&["stop", "all"]);
+    assert_eq!(std::fs::read_to_string(&order).unwrap(), want);
+
+    std::fs::remove_file(&order).unwrap();
+    m.ctl_ok(&["start", "all"]);
+    trapped(&m);
+    let mut m = m;
+    m.proc.signal(nix::sys::signal::Signal::SIGTERM);
+    assert_eq!(m.proc.wait_exit(T), Some(0));
+    assert_eq!(std::fs::read_to_string(&order).unwrap(), want);
+}
+
 #[test]
 fn stop_and_restart_of_several_programs_stop_dependents_first_and_start_in_dependency_order() {
     let dir = tempfile::tempdir().unwrap();
@@ -147,7 +190,7 @@ period_ms = 50
     assert_says(
         &o,
         0,
-        "app: stopping after web\ndb: stopping after app\nweb: stopping",
+        "app: stopping after web\ndb: stopping after app, web\nweb: stopping",
     );
     for (name, after) in [("app", "web"), ("db", "app")] {
         let p = m.prog(name);
