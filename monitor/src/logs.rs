@@ -16,7 +16,7 @@ use crate::program::LogSpec;
 /// Largest tail the API returns.
 pub const MAX_TAIL_BYTES: u64 = 1024 * 1024;
 
-/// A log file that rotates when it would grow past `maxbytes`.
+/// A log file that rotates when it would grow past `maxbytes`, at the end of a line.
 #[derive(Debug)]
 pub struct RotatingLog {
     path: PathBuf,
@@ -58,7 +58,21 @@ impl RotatingLog {
             } else {
                 data.len()
             };
-            let n = room.min(data.len()).max(1);
+            let n = if data.len() <= room {
+                data.len()
+            } else {
+                // Rotate at a line's end, so a line is not cut across two files: this file takes the whole
+                // lines that fit; with none, the chunk starts the next file (when this one holds anything).
+                // Only a line longer than a whole file is cut.
+                match data[..room].iter().rposition(|b| *b == b'\n') {
+                    Some(i) => i + 1,
+                    None if self.size > 0 => {
+                        self.rotate()?;
+                        continue;
+                    }
+                    None => room.max(1),
+                }
+            };
             self.file.write_all(&data[..n])?;
             self.size += n as u64;
             data = &data[n..];
@@ -185,6 +199,32 @@ mod tests {
         assert_eq!(std::fs::read(numbered(&path, 2)).unwrap(), vec![b'c'; 1024]);
         assert!(!numbered(&path, 3).exists());
         assert_eq!(tail(&path, 3).unwrap(), b"eee");
+    }
+
+    /// A file ends at a line's end: a chunk over the room left is split after its last line that fits, a
+    /// chunk with no line end in the room starts the next file, and only a line longer than a file is cut.
+    #[test]
+    fn rotates_at_a_line_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p.log");
+        let spec = LogSpec {
+            path: Some(path.clone()),
+            maxbytes: 10,
+            backups: 5,
+        };
+        let mut log = RotatingLog::open(&spec).unwrap().unwrap();
+        log.write(b"aaa\nbbb\nccc\n").unwrap();
+        log.write(b"dddddd\n").unwrap();
+        log.write(b"0123456789abcde\n").unwrap();
+        let files: Vec<String> = (1..=4)
+            .rev()
+            .map(|i| String::from_utf8(std::fs::read(numbered(&path, i)).unwrap()).unwrap())
+            .chain([String::from_utf8(std::fs::read(&path).unwrap()).unwrap()])
+            .collect();
+        assert_eq!(
+            files,
+            ["aaa\nbbb\n", "ccc\n", "dddddd\n", "0123456789", "abcde\n"]
+        );
     }
 
     /// A clear empties the file under a live writer and removes the backups (and only them); the writer

@@ -112,6 +112,18 @@ stdout_logfile_backups = 2
             "{} over maxbytes",
             p.display()
         );
+        // Rotated at line ends: every line whole.
+        let text = std::fs::read_to_string(&p).unwrap();
+        assert!(text.ends_with('\n'), "{} ends mid-line", p.display());
+        for line in text.lines() {
+            let whole = line
+                .strip_prefix("line-")
+                .and_then(|l| l.split_once('-'))
+                .is_some_and(|(n, rest)| {
+                    n.parse::<u32>().is_ok() && rest == "0123456789012345678901234567890123456789"
+                });
+            assert!(whole, "{}: cut line {line:?}", p.display());
+        }
     }
 
     // Follow: a signal makes the program print, and `tail -f` shows it as it happens.
