@@ -146,6 +146,11 @@ fn check(r: &Resp) -> Result<(), Failure> {
             eprintln!("xcluster ctl: this needs the monitor's token: set --token or XCLUSTER_TOKEN");
             Err(Failure::Exit(EXIT_NOPERM))
         }
+        // The monitor has no token: no --token can help.
+        403 => {
+            eprintln!("xcluster ctl: {}", r.message());
+            Err(Failure::Exit(EXIT_NOPERM))
+        }
         _ => {
             let message = r.message();
             eprintln!("xcluster ctl: {message}");

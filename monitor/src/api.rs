@@ -16,8 +16,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use xcluster_runtime::config::ConfigSource;
 use xcluster_runtime::http::{
-    Body, Handler, bearer_ok, error, json, method_not_allowed, query_pairs, read_body, unauthorized,
-    with_type,
+    Body, Handler, authorize, error, json, method_not_allowed, query_pairs, read_body, with_type,
 };
 use xcluster_runtime::reload::{Cause, Reloader};
 
@@ -82,8 +81,10 @@ impl Api {
         {
             return method_not_allowed(&method, &path, allow);
         }
-        if method == Method::POST && !bearer_ok(&req, &self.config.borrow().token) {
-            return unauthorized();
+        if method == Method::POST
+            && let Err(refused) = authorize(&req, &self.config.borrow().token, "token or token_file")
+        {
+            return refused;
         }
         match (&method, segs.as_slice()) {
             (&Method::GET, [""]) => {

@@ -252,6 +252,22 @@ pub fn bearer_ok<B>(req: &Request<B>, token: &str) -> bool {
 }
 
 /// The 401 answer for a mutating call without a valid token.
+/// Checks a mutating call's bearer token against `token`: a 403 when none is configured (no token can pass:
+/// the answer names the setting, `setting`, that turns such calls on), a 401 when the request's is missing
+/// or wrong.
+#[allow(clippy::result_large_err)] // the error is the answer itself, built once per refused request
+pub fn authorize<B>(req: &Request<B>, token: &str, setting: &str) -> Result<(), Response<Body>> {
+    if token.is_empty() {
+        let msg = format!("mutating calls are off here: no token is configured ({setting})");
+        return Err(error(StatusCode::FORBIDDEN, "no_token", &msg));
+    }
+    if bearer_ok(req, token) {
+        Ok(())
+    } else {
+        Err(unauthorized())
+    }
+}
+
 pub fn unauthorized() -> Response<Body> {
     let mut resp = error(
         StatusCode::UNAUTHORIZED,

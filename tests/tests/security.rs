@@ -109,15 +109,41 @@ fn mutating_endpoints_refuse_missing_and_wrong_tokens() {
     );
 }
 
+/// Without a configured token every mutation is refused, whatever is sent, with a 403 that names the
+/// setting: no token can pass, so a 401 asking for one would mislead.
+fn all_forbidden(what: &str, addr: std::net::SocketAddr, paths: &[&str], setting: &str) {
+    let any = format!("Bearer {TOKEN}");
+    for path in paths {
+        for auth in [
+            &[][..],
+            &[("authorization", any.as_str())][..],
+            &[("authorization", "Bearer ")][..],
+        ] {
+            let r = request(addr, "POST", path, auth, Some(b"{}")).unwrap();
+            assert_eq!(r.status, 403, "{what} POST {path} with {auth:?}: {}", r.body);
+            assert_eq!(r.json()["error"]["code"], "no_token", "{what} {path}");
+            assert!(r.body.contains(setting), "{what} {path}: {}", r.body);
+        }
+    }
+}
+
 #[test]
 fn without_a_configured_token_every_mutation_is_refused() {
     let (_lb, lb) = start("lb", &[]);
-    all_refused("lb", lb, &LB_POSTS);
+    all_forbidden("lb", lb, &LB_POSTS, "[admin] token");
     let (_app, app) = start("app", &[]);
-    all_refused("app", app, &APP_POSTS);
+    all_forbidden("app", app, &APP_POSTS, "admin_token");
     let (mut mon, m) = start("monitor", &[]);
-    all_refused("monitor", m, &MONITOR_POSTS);
+    all_forbidden("monitor", m, &MONITOR_POSTS, "token or token_file");
     assert!(mon.is_running());
+    // ctl says so, not that the token was wrong.
+    let o = Command::new(xcluster_bin())
+        .args(["ctl", "--url", &m.to_string(), "--token", TOKEN, "stop", "x"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(77), "{text}");
+    assert!(text.contains("no token is configured"), "{text}");
 }
 
 fn print_config(role: &str, sets: &[String]) -> String {

@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use xcluster_proto::stats::InstanceStats;
-use xcluster_runtime::http::{Body, error, json, read_json, unauthorized};
+use xcluster_runtime::http::{Body, error, json, read_json};
 
 use super::bodies::{DegradeReq, FlashSaleReq, StockReq};
 use super::{App, BODY_TIMEOUT, authorized, path_id, respond, store_failed};
@@ -70,8 +70,8 @@ pub fn degrade_get(app: &App) -> Response<Body> {
 
 /// `POST /admin/degrade` `{"level": "queued"}` (bearer token). `auto` hands the choice back to the breakers.
 pub async fn degrade_set(app: &Arc<App>, cfg: &Config, req: Request<Incoming>) -> Response<Body> {
-    if !authorized(cfg, &req) {
-        return unauthorized();
+    if let Err(refused) = authorized(cfg, &req) {
+        return refused;
     }
     let body: DegradeReq = match read_json(req, 4096, BODY_TIMEOUT).await {
         Ok(b) => b,
@@ -98,8 +98,8 @@ pub async fn degrade_set(app: &Arc<App>, cfg: &Config, req: Request<Incoming>) -
 /// `POST /v1/merchant/stock` `{"updates": [{"sku": "...", "receive": 10, "price_cents": 990}]}` (bearer token):
 /// all of the batch or none of it.
 pub async fn merchant_stock(app: &Arc<App>, cfg: &Config, req: Request<Incoming>) -> Response<Body> {
-    if !authorized(cfg, &req) {
-        return unauthorized();
+    if let Err(refused) = authorized(cfg, &req) {
+        return refused;
     }
     let body: StockReq = match read_json(req, cfg.max_body_bytes, BODY_TIMEOUT).await {
         Ok(b) => b,
@@ -124,8 +124,8 @@ pub async fn merchant_stock(app: &Arc<App>, cfg: &Config, req: Request<Incoming>
 
 /// `POST /v1/merchant/flash-sales/{sku}` `{"buckets": 8}` (bearer token): splits the SKU's stock into buckets.
 pub async fn flash_sale(app: &Arc<App>, cfg: &Config, sku: &str, req: Request<Incoming>) -> Response<Body> {
-    if !authorized(cfg, &req) {
-        return unauthorized();
+    if let Err(refused) = authorized(cfg, &req) {
+        return refused;
     }
     if let Err(resp) = path_id("sku", sku) {
         return resp;

@@ -241,9 +241,10 @@ fn respond<T: serde::Serialize>(ok: StatusCode, r: Result<Result<T, Reject>, Sto
     }
 }
 
-/// Checks the admin bearer token of a mutating call.
-fn authorized(cfg: &Config, req: &Request<Incoming>) -> bool {
-    xcluster_runtime::http::bearer_ok(req, &cfg.admin_token)
+/// Checks the admin bearer token of a mutating call: the refusal to answer with, if any.
+#[allow(clippy::result_large_err)] // the error is the answer itself, built once per refused request
+fn authorized(cfg: &Config, req: &Request<Incoming>) -> Result<(), Response<Body>> {
+    xcluster_runtime::http::authorize(req, &cfg.admin_token, "admin_token")
 }
 
 /// An id from the path, validated.

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
-use xcluster_runtime::http::{Body, error, json, read_json, unauthorized};
+use xcluster_runtime::http::{Body, error, json, read_json};
 
 use super::bodies::{CreditReq, RefundReq, check_callback};
 use super::{App, BODY_TIMEOUT, authorized, path_id, respond, store_failed};
@@ -32,8 +32,8 @@ pub async fn pay(app: &Arc<App>, id: &str) -> Response<Body> {
 
 /// `POST /v1/payments/callback` (from the payment provider; bearer token).
 pub async fn callback(app: &Arc<App>, cfg: &Config, req: Request<Incoming>) -> Response<Body> {
-    if !authorized(cfg, &req) {
-        return unauthorized();
+    if let Err(refused) = authorized(cfg, &req) {
+        return refused;
     }
     let cb: PaymentCallback = match read_json(req, cfg.max_body_bytes, BODY_TIMEOUT).await {
         Ok(b) => b,
@@ -51,8 +51,8 @@ pub async fn callback(app: &Arc<App>, cfg: &Config, req: Request<Incoming>) -> R
 
 /// `POST /v1/refunds` `{"order_id": "..."}` (merchant; bearer token). A second refund answers the same.
 pub async fn refund(app: &Arc<App>, cfg: &Config, req: Request<Incoming>) -> Response<Body> {
-    if !authorized(cfg, &req) {
-        return unauthorized();
+    if let Err(refused) = authorized(cfg, &req) {
+        return refused;
     }
     let body: RefundReq = match read_json(req, cfg.max_body_bytes, BODY_TIMEOUT).await {
         Ok(b) => b,
@@ -86,8 +86,8 @@ pub async fn wallet(app: &Arc<App>, user: &str) -> Response<Body> {
 
 /// `POST /admin/credit` `{"users": [...], "amount_cents": N}` (bearer token): tops wallets up from `mint`.
 pub async fn credit(app: &Arc<App>, cfg: &Config, req: Request<Incoming>) -> Response<Body> {
-    if !authorized(cfg, &req) {
-        return unauthorized();
+    if let Err(refused) = authorized(cfg, &req) {
+        return refused;
     }
     let body: CreditReq = match read_json(req, 1024 * 1024, BODY_TIMEOUT).await {
         Ok(b) => b,
@@ -109,8 +109,8 @@ pub async fn credit(app: &Arc<App>, cfg: &Config, req: Request<Incoming>) -> Res
 
 /// `POST /admin/settlements` (bearer token): one settlement batch over every merchant.
 pub async fn settle(app: &Arc<App>, cfg: &Config, req: Request<Incoming>) -> Response<Body> {
-    if !authorized(cfg, &req) {
-        return unauthorized();
+    if let Err(refused) = authorized(cfg, &req) {
+        return refused;
     }
     match app.exec.run(|s| s.settle()).await {
         Ok(batch) => json(StatusCode::OK, &serde_json::json!({ "settlements": batch })),

@@ -204,8 +204,8 @@ pub async fn cancel(app: &Arc<App>, id: &str) -> Response<Body> {
 
 /// `POST /v1/orders/{id}/fulfil` (merchant; bearer token).
 pub async fn fulfil(app: &Arc<App>, cfg: &Config, id: &str, req: Request<Incoming>) -> Response<Body> {
-    if !authorized(cfg, &req) {
-        return xcluster_runtime::http::unauthorized();
+    if let Err(refused) = authorized(cfg, &req) {
+        return refused;
     }
     if let Err(resp) = path_id("order", id) {
         return resp;

@@ -9,8 +9,7 @@ use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use xcluster_proto::report::{MAX_REPORT_BYTES, ReportError, SIGNATURE_HEADER};
 use xcluster_runtime::http::{
-    Body, BodyError, Handler, bearer_ok, error, json, method_not_allowed, query_pairs, read_body,
-    unauthorized, with_type,
+    Body, BodyError, Handler, authorize, error, json, method_not_allowed, query_pairs, read_body, with_type,
 };
 
 use super::{Directory, QueryError};
@@ -178,8 +177,8 @@ fn drain_target(path: &str) -> Option<(String, bool)> {
 }
 
 fn drain(dir: &Directory, req: &Request<Incoming>, id: &str, on: bool) -> Response<Body> {
-    if !bearer_ok(req, &dir.settings().admin_token) {
-        return unauthorized();
+    if let Err(refused) = authorize(req, &dir.settings().admin_token, "[admin] token") {
+        return refused;
     }
     if dir.set_drained(id, on) {
         tracing::info!(instance = id, drained = on, "drain state changed");
