@@ -100,6 +100,7 @@ fn load_moves_weight_on_both_balancers_and_watch_expiry_drain_behave() {
     // A watch on the current version returns when the table changes (B turns unready). A's weight may still
     // be taking damped steps, which are changes too, so re-watch from each answer until one shows B down.
     let v = servers(lb1, "browse")["version"].as_u64().unwrap();
+    let begun = watches_begun(lb1);
     let watcher = std::thread::spawn(move || {
         let mut v = v;
         let deadline = Instant::now() + WAIT;
@@ -116,8 +117,8 @@ fn load_moves_weight_on_both_balancers_and_watch_expiry_drain_behave() {
             v = nv;
         }
     });
-    // Let the long poll reach the balancer before changing anything; the answer must still be a change.
-    std::thread::sleep(Duration::from_millis(200));
+    // The long poll reaches the balancer before anything changes; the answer must still be a change.
+    wait_watching(lb1, begun);
     let changed_at = Instant::now();
     app_b.set(|s| s.ready = false);
     let returned_at = watcher.join().unwrap();

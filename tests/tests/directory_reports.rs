@@ -121,11 +121,12 @@ fn bad_reports_are_rejected_counted_and_change_nothing() {
 
     // A watch on the current version wakes when an accepted report changes the table.
     let v = after["version"].as_u64().unwrap();
+    let begun = watches_begun(lb);
     let watcher = std::thread::spawn(move || {
         let r = get(lb, &format!("/v1/servers?type=browse&watch={v}")).unwrap();
         (Instant::now(), r)
     });
-    std::thread::sleep(Duration::from_millis(200));
+    wait_watching(lb, begun);
     let sent = Instant::now();
     let r = post_signed(
         lb,

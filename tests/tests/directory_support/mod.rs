@@ -224,3 +224,16 @@ pub fn set_drain(lb: SocketAddr, id: &str, verb: &str) -> HttpResponse {
     let auth = format!("Bearer {TOKEN}");
     request(lb, "POST", &path, &[("authorization", &auth)], None).unwrap()
 }
+
+/// Watches `lb` has begun (`xcluster_lb_directory_queries_total{endpoint="watch"}`, counted as each arrives).
+pub fn watches_begun(lb: SocketAddr) -> f64 {
+    let m = get(lb, "/metrics").unwrap().body;
+    metric_value(&m, "xcluster_lb_directory_queries_total", "endpoint=\"watch\"").unwrap_or(0.0)
+}
+
+/// Waits until `lb` has begun more than `before` watches: the long poll a test started has reached it.
+pub fn wait_watching(lb: SocketAddr, before: f64) {
+    eventually(Duration::from_secs(10), "the watch to reach the balancer", || {
+        (watches_begun(lb) > before).then_some(())
+    });
+}
