@@ -559,6 +559,9 @@ fn describe(p: &Value) -> String {
             parts.push(s.to_string());
         }
     }
+    if p["update_pending"] == true {
+        parts.push("runs an older config (a restart applies the new one)".into());
+    }
     parts.join(", ")
 }
 

@@ -35,6 +35,7 @@ pub(crate) fn build(sup: &Supervisor) -> Snapshot {
                     Vec::new()
                 },
                 command: p.spec.argv.clone(),
+                update_pending: p.replacement.is_some() && p.m.state.has_process(),
                 stdout_log,
                 stderr_log,
                 stderr_redirected: p.spec.redirect_stderr,

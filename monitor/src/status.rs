@@ -42,6 +42,9 @@ pub struct ProcStatus {
     /// Dependencies a pending start waits for.
     pub waiting_for: Vec<String>,
     pub command: Vec<String>,
+    /// Its process runs with the settings of an older config: an update left the new ones pending (a
+    /// rolling update the roll has not reached, or stopped before); its next start applies them.
+    pub update_pending: bool,
     #[serde(skip)]
     pub stdout_log: Option<PathBuf>,
     #[serde(skip)]

@@ -190,7 +190,7 @@ fn assert_one_at_a_time(events: &[serde_json::Value], names: &[&str], after: u64
 }
 
 /// Programs ready once their marker exists (made at start, removed on TERM), each `numprocs = 3`, started
-/// with `version` as an argument; `app` rolls on an update by itself.
+/// with `version` as an argument (`broken` never gets ready); `app` rolls on an update by itself.
 fn versioned(d: &std::path::Path, version: &str) -> String {
     let d = d.display();
     let mut s = String::new();
@@ -198,7 +198,7 @@ fn versioned(d: &std::path::Path, version: &str) -> String {
         s += &format!(
             r#"
 [programs.{name}]
-command = "/bin/sh -c 'trap \"rm -f {d}/{{name}}.ready; exit 0\" TERM; touch {d}/{{name}}.ready; while :; do sleep 0.05; done' {version}"
+command = "/bin/sh -c 'trap \"rm -f {d}/{{name}}.ready; exit 0\" TERM; [ {version} = broken ] || touch {d}/{{name}}.ready; while :; do sleep 0.05; done' {version}"
 numprocs = 3
 startsecs = 0
 update_strategy = "{strategy}"
@@ -302,6 +302,35 @@ fn an_update_rolls_a_program_whose_strategy_says_so_and_update_rolling_rolls_any
     let pids: Vec<Option<i32>> = order.iter().map(|n| m.pid(n)).collect();
     assert!(m.ctl_ok(&["update"]).contains("No config updates"));
     assert_eq!(order.iter().map(|n| m.pid(n)).collect::<Vec<_>>(), pids);
+    assert!(order.iter().all(|n| m.prog(n)["update_pending"] == false));
+
+    // A version that never gets ready: the roll stops at the first instance, and the rest keep running
+    // their old settings, shown as pending.
+    write("broken");
+    let o = m.ctl(&["--wait-secs", "1", "update", "--rolling"]);
+    let text = out(&o);
+    assert_eq!(o.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("app-0: ERROR (still RUNNING, not ready after 1 s)"),
+        "{text}"
+    );
+    assert!(
+        text.contains("app-1: ERROR (not restarted: the roll stopped)"),
+        "{text}"
+    );
+    for name in ["app-1", "app-2", "web-0"] {
+        assert_eq!(
+            m.pid(name),
+            pids[order.iter().position(|n| n == &name).unwrap()],
+            "{name}"
+        );
+        assert_eq!(m.prog(name)["update_pending"], true, "{}", m.prog(name));
+    }
+    let status = m.ctl_ok(&["status", "app-1"]);
+    assert!(
+        status.contains("runs an older config (a restart applies the new one)"),
+        "{status}"
+    );
 }
 
 #[test]
