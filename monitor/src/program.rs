@@ -728,6 +728,14 @@ pub fn split_command(s: &str) -> Result<Vec<String>, String> {
 mod tests {
     use super::*;
 
+    /// `key: message` of each issue found.
+    fn issues(v: &Validator) -> Vec<String> {
+        v.issues
+            .iter()
+            .map(|i| format!("{}: {}", i.key, i.message))
+            .collect()
+    }
+
     #[test]
     fn splits_like_a_shell() {
         assert_eq!(
@@ -748,10 +756,7 @@ mod tests {
             };
             let mut v = Validator::new();
             raw.expand("app", Path::new("/tmp/l"), &mut v);
-            v.issues
-                .iter()
-                .map(|i| format!("{}: {}", i.key, i.message))
-                .collect::<Vec<_>>()
+            issues(&v)
         };
         let found = issues("{slef} app --name {nmae} --n {num}", Some(7101));
         assert_eq!(found.len(), 3, "{found:?}");
@@ -802,11 +807,7 @@ mod tests {
         let mut v = Validator::new();
         let monitor: std::net::SocketAddr = "127.0.0.1:7300".parse().unwrap();
         check_programs(&programs, monitor, &mut v);
-        let found: Vec<String> = v
-            .issues
-            .iter()
-            .map(|i| format!("{}: {}", i.key, i.message))
-            .collect();
+        let found = issues(&v);
         assert_eq!(
             found,
             [
@@ -882,11 +883,7 @@ mod tests {
         };
         let mut v = Validator::new();
         raw.expand("all", Path::new("/tmp/l"), &mut v);
-        let found: Vec<String> = v
-            .issues
-            .iter()
-            .map(|i| format!("{}: {}", i.key, i.message))
-            .collect();
+        let found = issues(&v);
         assert_eq!(
             found,
             [
