@@ -747,7 +747,7 @@ mod tests {
 
     #[test]
     fn a_misspelled_placeholder_or_a_port_without_port_base_is_an_error() {
-        let issues = |command: &str, port_base: Option<u16>| {
+        let found_in = |command: &str, port_base: Option<u16>| {
             let raw = RawProgram {
                 command: command.into(),
                 port_base,
@@ -758,7 +758,7 @@ mod tests {
             raw.expand("app", Path::new("/tmp/l"), &mut v);
             issues(&v)
         };
-        let found = issues("{slef} app --name {nmae} --n {num}", Some(7101));
+        let found = found_in("{slef} app --name {nmae} --n {num}", Some(7101));
         assert_eq!(found.len(), 3, "{found:?}");
         assert!(
             found[0].starts_with("programs.app.command: unknown placeholder {slef}: did you mean {self}?")
@@ -769,7 +769,7 @@ mod tests {
                 "programs.app.environment.ADDR: unknown placeholder {prot}: did you mean {port}?"
             )
         );
-        let found = issues("sh -c 'listen {port}'", None);
+        let found = found_in("sh -c 'listen {port}'", None);
         assert!(
             found
                 .iter()
