@@ -777,7 +777,7 @@ mod tests {
             "{found:?}"
         );
         // Braces of shells and awk are left alone.
-        let found = issues(
+        let found = found_in(
             "sh -c 'echo ${HOME} {} {print} {x} {Port} {a b}' {program}",
             Some(7101),
         );
