@@ -276,6 +276,27 @@ fn payments_refunds_and_settlement_balance_the_ledger() {
             .status,
         422
     );
+    // Money the provider captured for an order that cannot take it (paid already; cancelled) is kept, owed
+    // back, and the delivery acknowledged: a refusal rolled the payment back and lost it. A replay is the
+    // same delivery; the same payment id with another status is a conflict, so the payment was recorded.
+    let o3 = buy(&addrs, 0, "alice", "p3", "sku-1-1", false).unwrap();
+    let r = post(a, &format!("/v1/orders/{o3}/cancel"), None, false, &json!({})).unwrap();
+    assert_eq!(r.json()["status"], "cancelled", "{}", r.body);
+    for (id, order, status) in [("psp-3", &o2, "paid"), ("psp-4", &o3, "cancelled")] {
+        let cb = json!({"payment_id": id, "order_id": order, "amount_cents": 610, "status": "succeeded"});
+        for addr in [a, b] {
+            let r = post(addr, "/v1/payments/callback", None, true, &cb).unwrap();
+            assert_eq!(
+                (r.status, r.json()["status"].as_str()),
+                (200, Some(status)),
+                "{id}: {}",
+                r.body
+            );
+        }
+        let failed = json!({"payment_id": id, "order_id": order, "amount_cents": 610, "status": "failed"});
+        let r = post(a, "/v1/payments/callback", None, true, &failed).unwrap();
+        assert_eq!(r.status, 422, "{id} was not recorded: {}", r.body);
+    }
     // Refund the wallet payment twice: one effect, money back.
     for addr in [a, b] {
         let r = post(addr, "/v1/refunds", None, true, &json!({"order_id": o1})).unwrap();

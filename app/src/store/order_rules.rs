@@ -129,13 +129,26 @@ pub(super) fn short_of_funds(account: &str, balance: Cents, needed: Cents) -> Op
 
 /// The refusal of provider callback `cb` when an earlier one with its `payment_id` recorded another order,
 /// status or amount; `None` when it is the same callback again (a replay).
+/// The status of a provider's payment that reached an order unable to take it (cancelled, expired, paid
+/// already): the money was captured, so the payment is kept, owed back to the payer, and the delivery is
+/// acknowledged. Refusing it rolled the payment back with the refusal, and the money was lost without a trace.
+pub(super) const REFUND_DUE: &str = "refund_due";
+
+/// Whether a refusal of paying an order by callback means the order cannot take a payment at all (so the
+/// payment is kept as [`REFUND_DUE`]), rather than a bad delivery (a wrong amount, an unknown order).
+pub(super) fn cannot_take_payment(r: &Reject) -> bool {
+    matches!(r, Reject::BadTransition { .. })
+}
+
 pub(super) fn payment_conflict(
     cb: &PaymentCallback,
     order_id: &str,
     status: &str,
     amount: Cents,
 ) -> Option<Reject> {
-    (order_id != cb.order_id || status != cb.status || amount != cb.amount_cents).then(|| {
+    // A payment kept as owed back was a success the provider reported: its replay is the same delivery.
+    let reported = if status == REFUND_DUE { "succeeded" } else { status };
+    (order_id != cb.order_id || reported != cb.status || amount != cb.amount_cents).then(|| {
         Reject::IdempotencyConflict {
             key: cb.payment_id.clone(),
         }

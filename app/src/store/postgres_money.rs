@@ -125,7 +125,20 @@ pub fn callback(t: &mut Tx<'_>, cb: &PaymentCallback, inline_weak: bool) -> Res<
         // The reservation stays until the buyer retries or the sweeper expires it.
         return order(t, &cb.order_id);
     }
-    pay(t, &cb.order_id, Some(cb), inline_weak)
+    match pay(t, &cb.order_id, Some(cb), inline_weak)? {
+        Err(r) if order_rules::cannot_take_payment(&r) => {
+            t.exec(
+                "UPDATE payments SET status = $2 WHERE payment_id = $1",
+                &[&cb.payment_id, &order_rules::REFUND_DUE],
+            )?;
+            tracing::warn!(
+                payment = %cb.payment_id, order = %cb.order_id, refusal = ?r,
+                "a provider's payment reached an order that cannot take it: kept as refund_due"
+            );
+            order(t, &cb.order_id)
+        }
+        other => Ok(other),
+    }
 }
 
 pub fn refund(t: &mut Tx<'_>, id: &str, inline_weak: bool) -> Res<OrderView> {

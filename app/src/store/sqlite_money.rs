@@ -117,7 +117,18 @@ pub fn callback(tx: &Transaction<'_>, cb: &PaymentCallback, inline_weak: bool) -
         // The reservation stays until the buyer retries or the sweeper expires it.
         return order(tx, &cb.order_id);
     }
-    pay(tx, &cb.order_id, Some(cb), inline_weak)
+    match pay(tx, &cb.order_id, Some(cb), inline_weak)? {
+        Err(r) if order_rules::cannot_take_payment(&r) => {
+            tx.prepare_cached("UPDATE payments SET status = ?2 WHERE payment_id = ?1")?
+                .execute(params![cb.payment_id, order_rules::REFUND_DUE])?;
+            tracing::warn!(
+                payment = %cb.payment_id, order = %cb.order_id, refusal = ?r,
+                "a provider's payment reached an order that cannot take it: kept as refund_due"
+            );
+            order(tx, &cb.order_id)
+        }
+        other => Ok(other),
+    }
 }
 
 pub fn refund(tx: &Transaction<'_>, id: &str, inline_weak: bool) -> Res<OrderView> {
