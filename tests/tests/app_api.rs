@@ -321,6 +321,25 @@ fn payments_refunds_and_settlement_balance_the_ledger() {
         (totals["refunded"].as_u64(), totals["fulfilled"].as_u64()),
         (Some(1), Some(1))
     );
+
+    // A refund of a fulfilled order leaves its shipped units out of the stock: they are with the buyer, and
+    // putting them back on sale would sell what the shop does not have. An unshipped refund restocks (o1).
+    let stock = || {
+        let p = get(a, "/v1/products/1").unwrap().json();
+        let sku = p["skus"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["sku"] == "sku-1-1")
+            .cloned()
+            .unwrap();
+        (sku["available"].as_i64().unwrap(), sku["sold"].as_i64().unwrap())
+    };
+    let before = stock();
+    let r = post(a, "/v1/refunds", None, true, &json!({"order_id": o2})).unwrap();
+    assert_eq!(r.json()["status"], "refunded", "{}", r.body);
+    assert_eq!(stock(), (before.0, before.1 - 1));
+    audit_ok(a);
 }
 
 #[test]

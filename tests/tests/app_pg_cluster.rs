@@ -295,3 +295,85 @@ sold_out_gate_ms = 0
     assert_eq!(errors, 1.0, "the circuit should stop per-request Redis attempts");
     assert_eq!(passed, 130.0);
 }
+
+/// On PostgreSQL as on SQLite: a provider's payment for a cancelled order is kept (`refund_due`) and
+/// acknowledged, and a refund of a fulfilled order leaves its shipped units out of the stock.
+#[test]
+fn money_edges_on_postgres() {
+    let pg = Postgres::start();
+    let redis = Redis::start();
+    let dir = tempfile::tempdir().unwrap();
+    let addr = free_addr();
+    let config = app_config(dir.path(), 0, addr, &pg, &redis);
+    let _app = start_app(0, &config, addr);
+    let call = |path: &str, key: Option<&str>, body: serde_json::Value| {
+        let auth = auth();
+        let mut headers = vec![
+            ("Authorization", auth.as_str()),
+            ("Content-Type", "application/json"),
+        ];
+        if let Some(k) = key {
+            headers.push(("Idempotency-Key", k));
+        }
+        let body = body.to_string();
+        request(addr, "POST", path, &headers, Some(body.as_bytes())).unwrap()
+    };
+    let order = |key: &str| {
+        let r = call(
+            "/v1/orders",
+            Some(key),
+            serde_json::json!({"user": "pgu", "lines": [{"sku": "sku-1-1", "qty": 1}]}),
+        );
+        assert_eq!(r.status, 201, "{}", r.body);
+        let v = r.json();
+        (
+            v["id"].as_str().unwrap().to_string(),
+            v["total_cents"].as_i64().unwrap(),
+        )
+    };
+    let callback = |payment: &str, id: &str, amount: i64, status: &str| {
+        let cb = serde_json::json!({"payment_id": payment, "order_id": id, "amount_cents": amount, "status": status});
+        call("/v1/payments/callback", None, cb)
+    };
+
+    let (o1, total) = order("pg-1");
+    assert_eq!(
+        call(&format!("/v1/orders/{o1}/cancel"), None, serde_json::json!({})).status,
+        200
+    );
+    let r = callback("pg-p1", &o1, total, "succeeded");
+    assert_eq!(
+        (r.status, r.json()["status"].as_str()),
+        (200, Some("cancelled")),
+        "{}",
+        r.body
+    );
+    assert_eq!(
+        callback("pg-p1", &o1, total, "failed").status,
+        422,
+        "the payment was not recorded"
+    );
+
+    let stock = || {
+        let p = get(addr, "/v1/products/1").unwrap().json();
+        let sku = (p["skus"].as_array().unwrap().iter())
+            .find(|s| s["sku"] == "sku-1-1")
+            .cloned()
+            .unwrap();
+        (sku["available"].as_i64().unwrap(), sku["sold"].as_i64().unwrap())
+    };
+    let (o2, total) = order("pg-2");
+    assert_eq!(
+        callback("pg-p2", &o2, total, "succeeded").json()["status"],
+        "paid"
+    );
+    assert_eq!(
+        call(&format!("/v1/orders/{o2}/fulfil"), None, serde_json::json!({})).json()["status"],
+        "fulfilled"
+    );
+    let before = stock();
+    let r = call("/v1/refunds", None, serde_json::json!({"order_id": o2}));
+    assert_eq!(r.json()["status"], "refunded", "{}", r.body);
+    assert_eq!(stock(), (before.0, before.1 - 1));
+    audit(addr);
+}

@@ -129,6 +129,12 @@ pub(super) fn short_of_funds(account: &str, balance: Cents, needed: Cents) -> Op
 
 /// The refusal of provider callback `cb` when an earlier one with its `payment_id` recorded another order,
 /// status or amount; `None` when it is the same callback again (a replay).
+/// Whether refunding `o` puts its units back on sale: not once it was fulfilled, since the goods are with the
+/// buyer; they leave the stock (received and sold both shrink), and a return is the merchant's restock.
+pub(super) fn refund_restocks(o: &OrderView) -> bool {
+    o.status != OrderStatus::Fulfilled.as_str()
+}
+
 /// The status of a provider's payment that reached an order unable to take it (cancelled, expired, paid
 /// already): the money was captured, so the payment is kept, owed back to the payer, and the delivery is
 /// acknowledged. Refusing it rolled the payment back with the refusal, and the money was lost without a trace.

@@ -4,7 +4,7 @@
 //! pass the balance check, and the outbox workers take rows with `FOR UPDATE SKIP LOCKED`.
 
 use super::postgres::Tx;
-use super::postgres_orders::{load_order, lock_order, move_stock, transition};
+use super::postgres_orders::{load_order, lock_order, move_stock, ship_out, transition};
 use super::{OrderView, PaymentCallback, Settlement, StoreError};
 use crate::domain::{Cents, OrderStatus, Reject, Transition, now_ms};
 
@@ -155,8 +155,12 @@ pub fn refund(t: &mut Tx<'_>, id: &str, inline_weak: bool) -> Res<OrderView> {
     }
     let entries = order_rules::refund_entries(&o, shop_shares(t, id)?);
     post(t, "refund", id, &entries)?;
-    // Refunded goods come back into stock.
-    move_stock(t, id, "sold", "available")?;
+    // Goods not shipped come back on sale; shipped ones stay with the buyer.
+    if order_rules::refund_restocks(&o) {
+        move_stock(t, id, "sold", "available")?;
+    } else {
+        ship_out(t, id)?;
+    }
     enqueue(t, "order.refunded", id, inline_weak)?;
     order(t, id)
 }

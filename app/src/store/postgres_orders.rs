@@ -279,6 +279,16 @@ pub fn move_stock(t: &mut Tx<'_>, id: &str, from_col: &str, to_col: &str) -> Res
     Ok(())
 }
 
+/// Takes order `id`'s sold units out of the stock altogether (a refund of goods the buyer keeps).
+pub fn ship_out(t: &mut Tx<'_>, id: &str) -> Result<(), StoreError> {
+    t.exec(
+        "UPDATE skus SET sold = skus.sold - l.qty, received = skus.received - l.qty
+         FROM order_lines l WHERE l.order_id = $1 AND l.sku = skus.sku",
+        &[&id],
+    )?;
+    Ok(())
+}
+
 fn view(t: &mut Tx<'_>, id: &str) -> Res<OrderView> {
     Ok(load_order(t, id)?.ok_or_else(|| Reject::NotFound {
         what: "order",

@@ -7,7 +7,7 @@
 
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
 
-use super::sqlite_orders::{load_order, move_stock, transition};
+use super::sqlite_orders::{load_order, move_stock, ship_out, transition};
 use super::{OrderView, PaymentCallback, Settlement, StoreError};
 use crate::domain::{Cents, OrderStatus, Reject, Transition, now_ms};
 
@@ -144,8 +144,12 @@ pub fn refund(tx: &Transaction<'_>, id: &str, inline_weak: bool) -> Res<OrderVie
     }
     let entries = order_rules::refund_entries(&o, shop_shares(tx, id)?);
     post(tx, "refund", id, &entries)?;
-    // Refunded goods come back into stock.
-    move_stock(tx, id, "sold", "available")?;
+    // Goods not shipped come back on sale; shipped ones stay with the buyer.
+    if order_rules::refund_restocks(&o) {
+        move_stock(tx, id, "sold", "available")?;
+    } else {
+        ship_out(tx, id)?;
+    }
     enqueue(tx, "order.refunded", id, inline_weak)?;
     order(tx, id)
 }

@@ -258,6 +258,16 @@ pub fn move_stock(tx: &Transaction<'_>, id: &str, from_col: &str, to_col: &str) 
     Ok(())
 }
 
+/// Takes order `id`'s sold units out of the stock altogether (a refund of goods the buyer keeps).
+pub fn ship_out(tx: &Transaction<'_>, id: &str) -> Result<(), StoreError> {
+    tx.prepare_cached(
+        "UPDATE skus SET sold = sold - l.qty, received = received - l.qty
+         FROM order_lines l WHERE l.order_id = ?1 AND l.sku = skus.sku",
+    )?
+    .execute([id])?;
+    Ok(())
+}
+
 fn view(tx: &Transaction<'_>, id: &str) -> Res<OrderView> {
     Ok(load_order(tx, id)?.ok_or_else(|| Reject::NotFound {
         what: "order",
