@@ -2,7 +2,8 @@
 //!
 //! Reloads live: `log.level`, `shutdown.*`, `peers`, `advertise`, every key of `[reports]`,
 //! `[directory]`, `[admin]` and `[types.*]` (request types and their cost profiles). and the `[proxy]` keys listed in
-//! `crate::proxy::config`. Needs a restart: `listen`, `http.*`.
+//! `crate::proxy::config`. Needs a restart: `listen` (a reload naming another keeps the API, and the address
+//! the directory advertises, where they started, with a warning), `http.*`.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;

@@ -37,7 +37,13 @@ pub async fn run(ctx: Context<Config>) -> Result<(), Error> {
     let dir = Directory::new(directory::Settings::from_config(&cfg));
     dir.collect_metrics();
     tokio::spawn(dir.clone().run_housekeeping(drain.clone()));
-    tokio::spawn(follow_config(ctx.config.clone(), dir.clone(), drain.clone()));
+    let started = (cfg.listen, cfg.balancers[0]);
+    tokio::spawn(follow_config(
+        ctx.config.clone(),
+        dir.clone(),
+        started,
+        drain.clone(),
+    ));
     xcluster_runtime::admin::serve_api(
         cfg.listen,
         ctx.health.clone(),
@@ -98,10 +104,14 @@ async fn warm_up(
     }
 }
 
-/// Applies every reloaded config to the directory (types, tunables, key, peers, token reload live).
+/// Applies every reloaded config to the directory (types, tunables, key, peers, token reload live). `listen`
+/// needs a restart: while a reloaded config names another one, the API stays where it started, and the
+/// directory goes on advertising the address it started with (`started`: listen, advertised), never one
+/// nothing listens on.
 async fn follow_config(
     mut rx: tokio::sync::watch::Receiver<std::sync::Arc<Config>>,
     dir: Directory,
+    started: (std::net::SocketAddr, std::net::SocketAddr),
     cancel: tokio_util::sync::CancellationToken,
 ) {
     loop {
@@ -111,7 +121,17 @@ async fn follow_config(
         }
         let cfg = rx.borrow_and_update().clone();
         warn_if_key_exposed(&cfg);
-        dir.reconfigure(directory::Settings::from_config(&cfg));
+        let mut settings = directory::Settings::from_config(&cfg);
+        if cfg.listen != started.0 {
+            tracing::warn!(
+                listening = %started.0, configured = %cfg.listen,
+                "listen needs a restart: the API stays, and is advertised, where it started"
+            );
+            if let Some(own) = settings.balancers.first_mut() {
+                *own = started.1.to_string();
+            }
+        }
+        dir.reconfigure(settings);
         tracing::info!(types = ?cfg.params.types.keys().collect::<Vec<_>>(), "directory settings reloaded");
     }
 }

@@ -220,4 +220,21 @@ fn bad_queries_get_clear_4xx_json_and_types_reload_live() {
     });
     assert_eq!(get(lb, "/v1/servers?type=pay").unwrap().status, 200);
     assert_eq!(get(lb, "/v1/servers?type=bad").unwrap().status, 404);
+
+    // `listen` needs a restart: a reload naming another address changes the rest, and the balancer goes
+    // on advertising the address it serves on, not one nothing listens on.
+    let elsewhere = free_addr();
+    let moved = with_pay.replace(
+        &format!("listen = \"{lb}\""),
+        &format!("listen = \"{elsewhere}\""),
+    );
+    let moved = format!("{moved}[types.later]\ncpu = 0.5\nmem = 0.1\nqueue = 0.4\ncost = 1.0\n");
+    let tmp = write_file(dir.path(), ".lb.toml.swp", &moved);
+    std::fs::rename(&tmp, &path).unwrap();
+    eventually(WAIT, "the reload with another listen applied", || {
+        (get(lb, "/v1/servers?type=later").unwrap().status == 200).then_some(())
+    });
+    let list = get(lb, "/v1/servers?type=later").unwrap().json();
+    assert_eq!(list["balancers"][0], lb.to_string(), "{list}");
+    assert_eq!(get(lb, "/v1/status").unwrap().json()["balancer"], lb.to_string());
 }
