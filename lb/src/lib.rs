@@ -37,7 +37,8 @@ pub async fn run(ctx: Context<Config>) -> Result<(), Error> {
     let dir = Directory::new(directory::Settings::from_config(&cfg));
     dir.collect_metrics();
     tokio::spawn(dir.clone().run_housekeeping(drain.clone()));
-    let started = (cfg.listen, cfg.balancers[0]);
+    // The first balancer is this one's advertised address (validation puts it there).
+    let started = (cfg.listen, cfg.balancers.first().copied().unwrap_or(cfg.listen));
     tokio::spawn(follow_config(
         ctx.config.clone(),
         dir.clone(),
