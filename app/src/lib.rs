@@ -19,7 +19,8 @@
 //! | `POST /v1/payments/callback` | pay | token; `{"payment_id", "order_id", "amount_cents", "status"}`, idempotent by `payment_id` |
 //! | `POST /v1/refunds` | pay | token; `{"order_id"}` |
 //! | `POST /v1/merchant/stock` | admin | token; `{"updates": [{"sku", "receive"?, "price_cents"?}]}` |
-//! | `POST /v1/merchant/flash-sales/{sku}` | admin | token; `{"buckets"?}` splits stock into buckets |
+//! | `POST /v1/merchant/flash-sales/{sku}` | admin | token; `{"buckets"?}` (or no body) splits stock into buckets and opens the sale: `/v1/orders` then refuses the SKU (409 `on_flash_sale`) |
+//! | `DELETE /v1/merchant/flash-sales/{sku}` | admin | token; ends the sale: what the buckets hold goes back on the shelf |
 //! | `POST /admin/credit` | admin | token; `{"users": [...], "amount_cents"}` |
 //! | `POST /admin/settlements` | admin | token; one settlement batch |
 //! | `GET /admin/audit` | admin | invariant report; 409 when one fails |

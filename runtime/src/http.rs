@@ -166,7 +166,26 @@ pub async fn read_json<T: serde::de::DeserializeOwned>(
     let bytes = read_body(req.into_body(), limit, timeout)
         .await
         .map_err(|e| e.response())?;
-    serde_json::from_slice(&bytes).map_err(|e| {
+    decode_json(&bytes)
+}
+
+/// As `read_json`, for a body whose every field is optional: an empty body is `T::default()`.
+pub async fn read_json_or_default<T: serde::de::DeserializeOwned + Default>(
+    req: Request<Incoming>,
+    limit: usize,
+    timeout: Duration,
+) -> Result<T, Response<Body>> {
+    let bytes = read_body(req.into_body(), limit, timeout)
+        .await
+        .map_err(|e| e.response())?;
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Ok(T::default());
+    }
+    decode_json(&bytes)
+}
+
+fn decode_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, Response<Body>> {
+    serde_json::from_slice(bytes).map_err(|e| {
         error(
             StatusCode::BAD_REQUEST,
             "bad_json",

@@ -356,6 +356,18 @@ fn stats_contract_degrade_switch_and_flash_sale() {
     )
     .unwrap();
     assert_eq!(opened.json()["bucketed"], 100, "{}", opened.body);
+    assert_eq!(opened.json()["flash_sale"], true, "{}", opened.body);
+    // While the sale is open an ordinary order cannot buy it past the per-user limit.
+    let bulk = post(
+        a,
+        "/v1/orders",
+        Some("bulk"),
+        false,
+        &json!({"user": "bulk", "lines": [{"sku": "flash-1", "qty": 50}]}),
+    )
+    .unwrap();
+    assert_eq!(bulk.status, 409, "{}", bulk.body);
+    assert_eq!(bulk.json()["error"]["code"], "on_flash_sale");
     let res = parallel(150, 20, |i| {
         until_answered(&addrs, i, |x| {
             post(
@@ -422,4 +434,51 @@ fn stats_contract_degrade_switch_and_flash_sale() {
     assert_eq!(get(a, "/admin/degrade").unwrap().json()["level"], "sync");
     let totals = drained_totals(a);
     assert_eq!(totals["units_reserved"], 100);
+    // Ending the sale: token-protected; what a cancelled winner gave back is then on the shelf for anyone.
+    let winner = res.iter().find(|r| r.status == 201).unwrap().json();
+    let cancelled = post(
+        a,
+        &format!("/v1/orders/{}/cancel", winner["id"].as_str().unwrap()),
+        None,
+        false,
+        &json!({}),
+    )
+    .unwrap();
+    assert_eq!(cancelled.json()["status"], "cancelled", "{}", cancelled.body);
+    let close = |token: bool| {
+        let bearer = format!("Bearer {TOKEN}");
+        let headers: &[(&str, &str)] = if token { &[("Authorization", &bearer)] } else { &[] };
+        request(a, "DELETE", "/v1/merchant/flash-sales/flash-1", headers, None).unwrap()
+    };
+    assert_eq!(close(false).status, 401);
+    let closed = close(true);
+    assert_eq!(closed.status, 200, "{}", closed.body);
+    assert_eq!(
+        (
+            closed.json()["flash_sale"].clone(),
+            closed.json()["available"].clone()
+        ),
+        (json!(false), json!(1))
+    );
+    let after = post(
+        a,
+        "/v1/orders",
+        Some("after"),
+        false,
+        &json!({"user": "bulk", "lines": [{"sku": "flash-1", "qty": 1}]}),
+    )
+    .unwrap();
+    assert_eq!(after.status, 201, "{}", after.body);
+    // An empty body opens a sale with the configured buckets.
+    let reopened = request(
+        a,
+        "POST",
+        "/v1/merchant/flash-sales/sku-1-1",
+        &[("Authorization", &format!("Bearer {TOKEN}"))],
+        None,
+    )
+    .unwrap();
+    assert_eq!(reopened.status, 200, "{}", reopened.body);
+    assert_eq!(reopened.json()["flash_sale"], true);
+    audit_ok(a);
 }

@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use xcluster_proto::stats::InstanceStats;
-use xcluster_runtime::http::{Body, error, json, read_json};
+use xcluster_runtime::http::{Body, error, json, read_json, read_json_or_default};
 
 use super::bodies::{DegradeReq, FlashSaleReq, StockReq};
 use super::{App, BODY_TIMEOUT, authorized, path_id, respond, store_failed};
@@ -122,7 +122,8 @@ pub async fn merchant_stock(app: &Arc<App>, cfg: &Config, req: Request<Incoming>
     )
 }
 
-/// `POST /v1/merchant/flash-sales/{sku}` `{"buckets": 8}` (bearer token): splits the SKU's stock into buckets.
+/// `POST /v1/merchant/flash-sales/{sku}` `{"buckets": 8}` (bearer token; an empty body takes `[seckill]
+/// buckets`): splits the SKU's stock into buckets and opens its sale, so only `POST /v1/seckill/{sku}` sells it.
 pub async fn flash_sale(app: &Arc<App>, cfg: &Config, sku: &str, req: Request<Incoming>) -> Response<Body> {
     if let Err(refused) = authorized(cfg, &req) {
         return refused;
@@ -130,7 +131,7 @@ pub async fn flash_sale(app: &Arc<App>, cfg: &Config, sku: &str, req: Request<In
     if let Err(resp) = path_id("sku", sku) {
         return resp;
     }
-    let body: FlashSaleReq = match read_json(req, 4096, BODY_TIMEOUT).await {
+    let body: FlashSaleReq = match read_json_or_default(req, 4096, BODY_TIMEOUT).await {
         Ok(b) => b,
         Err(resp) => return resp,
     };
@@ -144,6 +145,28 @@ pub async fn flash_sale(app: &Arc<App>, cfg: &Config, sku: &str, req: Request<In
     }
     let sku = sku.to_string();
     match app.exec.run(move |s| s.open_flash_sale(&sku, buckets)).await {
+        Ok(r) => respond(StatusCode::OK, Ok(r)),
+        Err(e) => store_failed(&e),
+    }
+}
+
+/// `DELETE /v1/merchant/flash-sales/{sku}` (bearer token): ends the SKU's flash sale. What its buckets still
+/// hold goes back on the shelf for ordinary orders; closing a SKU with no open sale answers the same.
+pub async fn close_flash_sale(
+    app: &Arc<App>,
+    cfg: &Config,
+    sku: &str,
+    req: Request<Incoming>,
+) -> Response<Body> {
+    if let Err(refused) = authorized(cfg, &req) {
+        return refused;
+    }
+    if let Err(resp) = path_id("sku", sku) {
+        return resp;
+    }
+    app.gate.clear(sku);
+    let sku = sku.to_string();
+    match app.exec.run(move |s| s.close_flash_sale(&sku)).await {
         Ok(r) => respond(StatusCode::OK, Ok(r)),
         Err(e) => store_failed(&e),
     }

@@ -70,6 +70,7 @@ enum Route {
     Refund,
     MerchantStock,
     FlashSale(String),
+    CloseFlashSale(String),
     Stats,
     Audit,
     DegradeGet,
@@ -98,7 +99,13 @@ fn route(method: &Method, path: &str) -> Result<(ReqType, Route), Option<&'stati
         ["v1", "payments", "callback"] => (POST, (ReqType::Pay, Route::Callback)),
         ["v1", "refunds"] => (POST, (ReqType::Pay, Route::Refund)),
         ["v1", "merchant", "stock"] => (POST, (ReqType::Admin, Route::MerchantStock)),
-        ["v1", "merchant", "flash-sales", sku] => (POST, (ReqType::Admin, Route::FlashSale(s(sku)))),
+        ["v1", "merchant", "flash-sales", sku] if method == Method::POST => {
+            (POST, (ReqType::Admin, Route::FlashSale(s(sku))))
+        }
+        ["v1", "merchant", "flash-sales", sku] if method == Method::DELETE => {
+            ("DELETE", (ReqType::Admin, Route::CloseFlashSale(s(sku))))
+        }
+        ["v1", "merchant", "flash-sales", _] => return Err(Some("POST, DELETE")),
         ["v1", "stats"] => (GET, (ReqType::Admin, Route::Stats)),
         ["admin", "audit"] => (GET, (ReqType::Admin, Route::Audit)),
         ["admin", "degrade"] if method == Method::GET => (GET, (ReqType::Admin, Route::DegradeGet)),
@@ -187,6 +194,7 @@ async fn admitted(app: &Arc<App>, ty: ReqType, r: Route, req: Request<Incoming>)
         Route::Refund => money::refund(app, &cfg, req).await,
         Route::MerchantStock => admin::merchant_stock(app, &cfg, req).await,
         Route::FlashSale(sku) => admin::flash_sale(app, &cfg, &sku, req).await,
+        Route::CloseFlashSale(sku) => admin::close_flash_sale(app, &cfg, &sku, req).await,
         Route::Stats => admin::stats(app),
         Route::Audit => admin::audit(app).await,
         Route::DegradeGet => admin::degrade_get(app),
@@ -276,6 +284,14 @@ mod tests {
         assert_eq!(t(Method::GET, "/v1/orders"), Err(Some("POST")));
         assert_eq!(t(Method::POST, "/v1/products"), Err(Some("GET")));
         assert_eq!(t(Method::DELETE, "/admin/degrade"), Err(Some("GET, POST")));
+        assert_eq!(
+            t(Method::DELETE, "/v1/merchant/flash-sales/f"),
+            Ok(ReqType::Admin)
+        );
+        assert_eq!(
+            t(Method::GET, "/v1/merchant/flash-sales/f"),
+            Err(Some("POST, DELETE"))
+        );
         assert_eq!(t(Method::GET, "/v2/x"), Err(None));
         assert_eq!(t(Method::GET, "/v1/orders/a/b/c/d"), Err(None));
     }

@@ -44,6 +44,9 @@ pub enum Reject {
     LimitExceeded { user: String, sku: String, limit: u32 },
     #[error("payment amount {given} does not match the order total {total}")]
     AmountMismatch { given: Cents, total: Cents },
+    /// An ordinary order for a SKU whose flash sale is open: it would pass the per-user limit.
+    #[error("sku {sku} is on flash sale: buy it with POST /v1/seckill/{sku}")]
+    OnFlashSale { sku: String },
 }
 
 impl Reject {
@@ -58,6 +61,7 @@ impl Reject {
             Reject::InsufficientFunds { .. } => "insufficient_funds",
             Reject::LimitExceeded { .. } => "limit_exceeded",
             Reject::AmountMismatch { .. } => "amount_mismatch",
+            Reject::OnFlashSale { .. } => "on_flash_sale",
         }
     }
 
@@ -65,7 +69,7 @@ impl Reject {
     pub fn status(&self) -> u16 {
         match self {
             Reject::NotFound { .. } => 404,
-            Reject::OutOfStock { .. } | Reject::SoldOut { .. } => 409,
+            Reject::OutOfStock { .. } | Reject::SoldOut { .. } | Reject::OnFlashSale { .. } => 409,
             Reject::IdempotencyConflict { .. } => 422,
             Reject::BadTransition { .. } => 409,
             Reject::InsufficientFunds { .. } => 402,

@@ -53,6 +53,9 @@ pub struct Sku {
     pub sold: i64,
     /// Units held in flash-sale buckets (sellable, counted apart from `available`).
     pub bucketed: i64,
+    /// Its flash sale is open: only `POST /v1/seckill/{sku}` sells it, within the per-user limit.
+    #[serde(default)]
+    pub flash_sale: bool,
 }
 
 /// A product (SPU) with its SKUs.
@@ -160,8 +163,11 @@ pub trait Store: Send + Sync + 'static {
     fn outbox_depth(&self) -> Result<u64, StoreError>;
 
     fn update_stock(&self, updates: &[StockUpdate]) -> StoreResult<Vec<Sku>>;
-    /// Moves a SKU's available stock into `buckets` flash-sale buckets.
+    /// Moves a SKU's available stock into `buckets` flash-sale buckets: the sale is open.
     fn open_flash_sale(&self, sku: &str, buckets: u32) -> StoreResult<Sku>;
+    /// Ends a SKU's flash sale: its buckets' units go back to `available`, for ordinary orders. Closing a
+    /// SKU with no open sale changes nothing and answers the same.
+    fn close_flash_sale(&self, sku: &str) -> StoreResult<Sku>;
     /// Credits wallets from the mint account (one ledger transaction).
     fn credit(&self, users: &[String], amount: Cents) -> Result<(), StoreError>;
     fn balance(&self, account: &str) -> Result<Cents, StoreError>;

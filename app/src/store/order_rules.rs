@@ -3,7 +3,7 @@
 //! what a payment checks first. Each store keeps only its SQL and its locking around them.
 
 use super::{Created, LineView, OrderView, PaymentCallback, StoreError};
-use crate::domain::{Cents, NewOrder, OrderKind, OrderLineReq, OrderStatus, Reject, Transition, now_ms};
+use crate::domain::{Cents, NewOrder, OrderLineReq, OrderStatus, Reject, Transition, now_ms};
 
 pub(super) type Res<T> = Result<Result<T, Reject>, StoreError>;
 
@@ -33,10 +33,12 @@ pub(super) fn over_limit(o: &NewOrder, l: &OrderLineReq, bought: i64) -> Option<
     })
 }
 
-/// The refusal of `wanted` units of `sku` when the conditional decrement found only `available`: a flash sale
-/// or an empty shelf is sold out; otherwise the buyer learns how many are left.
-pub(super) fn short_of_stock(kind: OrderKind, sku: &str, available: i64, wanted: i64) -> Reject {
-    if kind == OrderKind::Seckill || available == 0 {
+/// The refusal of `wanted` units of `sku` when the conditional decrement found only `available` (for a flash
+/// sale, what its buckets and the shelf hold together): an empty shelf is sold out; otherwise the buyer learns
+/// how many are left. Only "sold out" closes the sold-out gate, so a flash-sale buyer asking for two of the
+/// last unit must not be told that: the gate would then refuse the one-unit buyers the last unit is for.
+pub(super) fn short_of_stock(sku: &str, available: i64, wanted: i64) -> Reject {
+    if available <= 0 {
         Reject::SoldOut { sku: sku.into() }
     } else {
         Reject::OutOfStock {
@@ -45,6 +47,40 @@ pub(super) fn short_of_stock(kind: OrderKind, sku: &str, available: i64, wanted:
             wanted,
         }
     }
+}
+
+/// Where a flash-sale order of `qty` units takes them when no one bucket holds them all: from `buckets`
+/// (bucket, units) in order, then the shelf (`shelf` units). `None` when all of them together hold fewer.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) struct Gather {
+    /// (bucket, units taken from it).
+    pub buckets: Vec<(i64, i64)>,
+    /// Units taken from the SKU's `available`.
+    pub shelf: i64,
+}
+
+pub(super) fn gather(buckets: &[(i64, i64)], shelf: i64, qty: i64) -> Option<Gather> {
+    let held = buckets.iter().map(|b| b.1.max(0)).sum::<i64>() + shelf.max(0);
+    if held < qty {
+        return None;
+    }
+    let mut left = qty;
+    let mut plan = Gather {
+        buckets: Vec::new(),
+        shelf: 0,
+    };
+    for &(bucket, units) in buckets {
+        if left == 0 {
+            break;
+        }
+        let take = units.max(0).min(left);
+        if take > 0 {
+            plan.buckets.push((bucket, take));
+            left -= take;
+        }
+    }
+    plan.shelf = left;
+    Some(plan)
 }
 
 /// The order `o` becomes once its stock is reserved (lines by SKU), and that view as JSON: the answer an
@@ -225,17 +261,30 @@ mod tests {
     }
 
     #[test]
-    fn short_stock_is_sold_out_for_a_flash_sale_or_an_empty_shelf_and_says_what_is_left_otherwise() {
+    fn a_flash_sale_order_gathers_its_units_from_buckets_then_the_shelf() {
+        assert_eq!(gather(&[(0, 1), (3, 1), (5, 1)], 0, 4), None);
+        assert_eq!(
+            gather(&[(0, 1), (3, 2), (5, 1)], 0, 2),
+            Some(Gather {
+                buckets: vec![(0, 1), (3, 1)],
+                shelf: 0
+            })
+        );
+        assert_eq!(
+            gather(&[(2, 1)], 5, 3),
+            Some(Gather {
+                buckets: vec![(2, 1)],
+                shelf: 2
+            })
+        );
+        assert_eq!(gather(&[], 0, 1), None);
+    }
+
+    #[test]
+    fn short_stock_is_sold_out_only_when_nothing_is_left_and_says_what_is_left_otherwise() {
+        assert!(matches!(short_of_stock("s", 0, 1), Reject::SoldOut { .. }));
         assert!(matches!(
-            short_of_stock(OrderKind::Seckill, "s", 3, 5),
-            Reject::SoldOut { .. }
-        ));
-        assert!(matches!(
-            short_of_stock(OrderKind::Regular, "s", 0, 5),
-            Reject::SoldOut { .. }
-        ));
-        assert!(matches!(
-            short_of_stock(OrderKind::Regular, "s", 3, 5),
+            short_of_stock("s", 3, 5),
             Reject::OutOfStock {
                 available: 3,
                 wanted: 5,

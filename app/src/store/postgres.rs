@@ -394,6 +394,9 @@ impl Store for PostgresStore {
     fn open_flash_sale(&self, sku: &str, buckets: u32) -> StoreResult<Sku> {
         self.write_domain(|t| orders::open_flash_sale(t, sku, buckets))
     }
+    fn close_flash_sale(&self, sku: &str) -> StoreResult<Sku> {
+        self.write_domain(|t| orders::close_flash_sale(t, sku))
+    }
     fn credit(&self, users: &[String], amount: Cents) -> Result<(), StoreError> {
         self.write(|t| money::credit(t, users, amount))
     }

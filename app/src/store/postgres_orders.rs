@@ -12,7 +12,8 @@ use crate::domain::{NewOrder, OrderKind, OrderStatus, Reject, Transition, now_ms
 use super::order_rules::{self, Res};
 
 const SKU_COLUMNS: &str = "SELECT s.sku, s.price_cents, s.available, s.reserved, s.sold,
-        COALESCE((SELECT SUM(b.available) FROM sku_buckets b WHERE b.sku = s.sku), 0)::BIGINT FROM skus s";
+        COALESCE((SELECT SUM(b.available) FROM sku_buckets b WHERE b.sku = s.sku), 0)::BIGINT,
+        EXISTS(SELECT 1 FROM sku_buckets b WHERE b.sku = s.sku) FROM skus s";
 
 fn sku_row(r: &Row) -> Sku {
     Sku {
@@ -22,6 +23,7 @@ fn sku_row(r: &Row) -> Sku {
         reserved: r.get(3),
         sold: r.get(4),
         bucketed: r.get(5),
+        flash_sale: r.get(6),
     }
 }
 
@@ -205,6 +207,12 @@ fn reserve_stock(
     sku: &str,
     qty: i64,
 ) -> Result<Result<(), Reject>, StoreError> {
+    if kind == OrderKind::Regular
+        && t.one("SELECT EXISTS(SELECT 1 FROM sku_buckets WHERE sku = $1)", &[&sku])?
+            .get::<_, bool>(0)
+    {
+        return Ok(Err(Reject::OnFlashSale { sku: sku.into() }));
+    }
     if kind == OrderKind::Seckill {
         let start = i64::from(rand::random::<u8>() % 64);
         for pick in [
@@ -237,10 +245,41 @@ fn reserve_stock(
     if took == 1 {
         return Ok(Ok(()));
     }
+    if kind == OrderKind::Seckill {
+        // No one row holds `qty`: lock every bucket with stock (in bucket order, as every gatherer does, so
+        // two cannot deadlock) and the SKU row, then take from them together.
+        let buckets: Vec<(i64, i64)> = t
+            .query(
+                "SELECT bucket, available FROM sku_buckets WHERE sku = $1 AND available > 0
+                 ORDER BY bucket FOR UPDATE",
+                &[&sku],
+            )?
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
+        let available: i64 = t
+            .one("SELECT available FROM skus WHERE sku = $1 FOR UPDATE", &[&sku])?
+            .get(0);
+        let Some(plan) = order_rules::gather(&buckets, available, qty) else {
+            let held = buckets.iter().map(|b| b.1).sum::<i64>() + available;
+            return Ok(Err(order_rules::short_of_stock(sku, held, qty)));
+        };
+        for (bucket, take) in plan.buckets {
+            t.exec(
+                "UPDATE sku_buckets SET available = available - $3 WHERE sku = $1 AND bucket = $2",
+                &[&sku, &bucket, &take],
+            )?;
+        }
+        t.exec(
+            "UPDATE skus SET available = available - $2, reserved = reserved + $3 WHERE sku = $1",
+            &[&sku, &plan.shelf, &qty],
+        )?;
+        return Ok(Ok(()));
+    }
     let available: i64 = t
         .one("SELECT available FROM skus WHERE sku = $1", &[&sku])?
         .get(0);
-    Ok(Err(order_rules::short_of_stock(kind, sku, available, qty)))
+    Ok(Err(order_rules::short_of_stock(sku, available, qty)))
 }
 
 /// Moves an order along `t` under its row lock; returns the state it left.
@@ -389,5 +428,29 @@ pub fn open_flash_sale(t: &mut Tx<'_>, sku_id: &str, buckets: u32) -> Res<Sku> {
         )?;
     }
     t.exec("UPDATE skus SET available = 0 WHERE sku = $1", &[&sku_id])?;
+    Ok(Ok(sku(t, sku_id)?))
+}
+
+/// Ends `sku_id`'s flash sale under the SKU's row lock: what its buckets hold goes back to `available`.
+pub fn close_flash_sale(t: &mut Tx<'_>, sku_id: &str) -> Res<Sku> {
+    if t.opt("SELECT 1 FROM skus WHERE sku = $1 FOR UPDATE", &[&sku_id])?
+        .is_none()
+    {
+        return Ok(Err(Reject::NotFound {
+            what: "sku",
+            id: sku_id.into(),
+        }));
+    }
+    let bucketed: i64 = t
+        .one(
+            "WITH gone AS (DELETE FROM sku_buckets WHERE sku = $1 RETURNING available)
+             SELECT COALESCE(SUM(available), 0)::BIGINT FROM gone",
+            &[&sku_id],
+        )?
+        .get(0);
+    t.exec(
+        "UPDATE skus SET available = available + $2 WHERE sku = $1",
+        &[&sku_id, &bucketed],
+    )?;
     Ok(Ok(sku(t, sku_id)?))
 }

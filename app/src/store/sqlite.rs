@@ -255,6 +255,9 @@ impl Store for SqliteStore {
     fn open_flash_sale(&self, sku: &str, buckets: u32) -> StoreResult<Sku> {
         self.write_domain(|tx| super::sqlite_orders::open_flash_sale(tx, sku, buckets))
     }
+    fn close_flash_sale(&self, sku: &str) -> StoreResult<Sku> {
+        self.write_domain(|tx| super::sqlite_orders::close_flash_sale(tx, sku))
+    }
     fn credit(&self, users: &[String], amount: Cents) -> Result<(), StoreError> {
         self.write(|tx| super::sqlite_money::credit(tx, users, amount))
     }

@@ -8,6 +8,31 @@ use crate::domain::{NewOrder, OrderKind, OrderStatus, Reject, Transition, now_ms
 
 use super::order_rules::{self, Res};
 
+/// The SKU view's columns (`sku_row` reads them) with the query's own tail.
+macro_rules! sku_select {
+    ($tail:literal) => {
+        concat!(
+            "SELECT s.sku, s.price_cents, s.available, s.reserved, s.sold,
+                    COALESCE((SELECT SUM(b.available) FROM sku_buckets b WHERE b.sku = s.sku), 0),
+                    EXISTS(SELECT 1 FROM sku_buckets b WHERE b.sku = s.sku)
+             FROM skus s ",
+            $tail
+        )
+    };
+}
+
+fn sku_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Sku> {
+    Ok(Sku {
+        sku: r.get(0)?,
+        price_cents: r.get(1)?,
+        available: r.get(2)?,
+        reserved: r.get(3)?,
+        sold: r.get(4)?,
+        bucketed: r.get(5)?,
+        flash_sale: r.get(6)?,
+    })
+}
+
 pub fn list_products(c: &Connection, after: i64, limit: u32) -> Result<Vec<Product>, StoreError> {
     list_products_from(c, after.saturating_add(1), limit, false)
 }
@@ -35,24 +60,9 @@ pub fn list_products_from(
             })
         })?
         .collect::<Result<_, _>>()?;
-    let mut skus = c.prepare_cached(
-        "SELECT s.sku, s.price_cents, s.available, s.reserved, s.sold,
-                COALESCE((SELECT SUM(b.available) FROM sku_buckets b WHERE b.sku = s.sku), 0)
-         FROM skus s WHERE s.product_id = ?1 ORDER BY s.sku",
-    )?;
+    let mut skus = c.prepare_cached(sku_select!("WHERE s.product_id = ?1 ORDER BY s.sku"))?;
     for p in &mut products {
-        p.skus = skus
-            .query_map([p.id], |r| {
-                Ok(Sku {
-                    sku: r.get(0)?,
-                    price_cents: r.get(1)?,
-                    available: r.get(2)?,
-                    reserved: r.get(3)?,
-                    sold: r.get(4)?,
-                    bucketed: r.get(5)?,
-                })
-            })?
-            .collect::<Result<_, _>>()?;
+        p.skus = skus.query_map([p.id], sku_row)?.collect::<Result<_, _>>()?;
     }
     Ok(products)
 }
@@ -190,13 +200,18 @@ fn create_one(tx: &Transaction<'_>, o: &NewOrder, inline_weak: bool) -> Res<Crea
 }
 
 /// The conditional decrement: never below zero. A flash-sale SKU takes from one of its buckets first (a
-/// random start, so concurrent buyers spread over rows in a store with row locks), then from `available`.
+/// random start, so concurrent buyers spread over rows in a store with row locks), then from `available`, and
+/// when no one row holds `qty`, from several buckets and the shelf together. An ordinary order for a SKU
+/// whose flash sale is open is refused: it would buy past the per-user limit.
 fn reserve_stock(
     tx: &Transaction<'_>,
     kind: OrderKind,
     sku: &str,
     qty: i64,
 ) -> Result<Result<(), Reject>, StoreError> {
+    if kind == OrderKind::Regular && on_flash_sale(tx, sku)? {
+        return Ok(Err(Reject::OnFlashSale { sku: sku.into() }));
+    }
     if kind == OrderKind::Seckill {
         let start = i64::from(rand::random::<u8>() % 64);
         let took = tx
@@ -224,7 +239,40 @@ fn reserve_stock(
     let available: i64 = tx
         .prepare_cached("SELECT available FROM skus WHERE sku = ?1")?
         .query_row([sku], |r| r.get(0))?;
-    Ok(Err(order_rules::short_of_stock(kind, sku, available, qty)))
+    if kind == OrderKind::Seckill {
+        // The write lock is held: what the buckets hold now is what the takes below find.
+        let buckets: Vec<(i64, i64)> = tx
+            .prepare_cached(
+                "SELECT bucket, available FROM sku_buckets WHERE sku = ?1 AND available > 0 ORDER BY bucket",
+            )?
+            .query_map([sku], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<Result<_, _>>()?;
+        let Some(plan) = order_rules::gather(&buckets, available, qty) else {
+            let held = buckets.iter().map(|b| b.1).sum::<i64>() + available;
+            return Ok(Err(order_rules::short_of_stock(sku, held, qty)));
+        };
+        for (bucket, take) in plan.buckets {
+            tx.prepare_cached(
+                "UPDATE sku_buckets SET available = available - ?3 WHERE sku = ?1 AND bucket = ?2",
+            )?
+            .execute(params![sku, bucket, take])?;
+        }
+        tx.prepare_cached(
+            "UPDATE skus SET available = available - ?2, reserved = reserved + ?3 WHERE sku = ?1",
+        )?
+        .execute(params![sku, plan.shelf, qty])?;
+        return Ok(Ok(()));
+    }
+    Ok(Err(order_rules::short_of_stock(sku, available, qty)))
+}
+
+/// Whether `sku`'s flash sale is open: it has buckets from `open_flash_sale` that `close_flash_sale` has not
+/// taken away.
+fn on_flash_sale(c: &Connection, sku: &str) -> Result<bool, StoreError> {
+    Ok(
+        c.prepare_cached("SELECT EXISTS(SELECT 1 FROM sku_buckets WHERE sku = ?1)")?
+            .query_row([sku], |r| r.get(0))?,
+    )
 }
 
 /// Moves an order along `t` with a conditional update; returns the state it left.
@@ -339,21 +387,8 @@ pub fn update_stock(tx: &Transaction<'_>, updates: &[StockUpdate]) -> Res<Vec<Sk
 }
 
 fn sku(c: &Connection, sku: &str) -> Result<Sku, StoreError> {
-    Ok(c.prepare_cached(
-        "SELECT s.sku, s.price_cents, s.available, s.reserved, s.sold,
-                COALESCE((SELECT SUM(b.available) FROM sku_buckets b WHERE b.sku = s.sku), 0)
-         FROM skus s WHERE s.sku = ?1",
-    )?
-    .query_row([sku], |r| {
-        Ok(Sku {
-            sku: r.get(0)?,
-            price_cents: r.get(1)?,
-            available: r.get(2)?,
-            reserved: r.get(3)?,
-            sold: r.get(4)?,
-            bucketed: r.get(5)?,
-        })
-    })?)
+    Ok(c.prepare_cached(sku_select!("WHERE s.sku = ?1"))?
+        .query_row([sku], sku_row)?)
 }
 
 /// Splits a SKU's available stock evenly over `buckets` rows (adding to buckets that already exist).
@@ -379,5 +414,27 @@ pub fn open_flash_sale(tx: &Transaction<'_>, sku_id: &str, buckets: u32) -> Res<
     }
     tx.prepare_cached("UPDATE skus SET available = 0 WHERE sku = ?1")?
         .execute([sku_id])?;
+    Ok(Ok(sku(tx, sku_id)?))
+}
+
+/// Ends `sku_id`'s flash sale: what its buckets hold goes back to `available`, and the buckets go.
+pub fn close_flash_sale(tx: &Transaction<'_>, sku_id: &str) -> Res<Sku> {
+    let bucketed: Option<i64> = tx
+        .prepare_cached(
+            "SELECT COALESCE((SELECT SUM(b.available) FROM sku_buckets b WHERE b.sku = s.sku), 0)
+             FROM skus s WHERE s.sku = ?1",
+        )?
+        .query_row([sku_id], |r| r.get(0))
+        .optional()?;
+    let Some(bucketed) = bucketed else {
+        return Ok(Err(Reject::NotFound {
+            what: "sku",
+            id: sku_id.into(),
+        }));
+    };
+    tx.prepare_cached("DELETE FROM sku_buckets WHERE sku = ?1")?
+        .execute([sku_id])?;
+    tx.prepare_cached("UPDATE skus SET available = available + ?2 WHERE sku = ?1")?
+        .execute(params![sku_id, bucketed])?;
     Ok(Ok(sku(tx, sku_id)?))
 }

@@ -257,6 +257,75 @@ fn flash_sale_buckets_and_user_limit(fx: &dyn Fixture) {
     );
 }
 
+/// An open flash sale sells only through seckill; an order of several units gathers them from buckets that
+/// each hold fewer; the last units are "out of stock" to a buyer wanting more, never "sold out" while some are
+/// left; closing the sale puts what the buckets hold back on the shelf.
+fn flash_sale_is_seckill_only_gathers_units_and_closes(fx: &dyn Fixture) {
+    let s = fx.open();
+    let limited = |user: &str, qty: u32| NewOrder {
+        per_user_limit: 3,
+        ..order(user, None, OrderKind::Seckill, "flash-1", qty, 60_000)
+    };
+    // 100 units over 64 buckets: none holds more than 2.
+    let sku = s.open_flash_sale("flash-1", 64).unwrap().unwrap();
+    assert_eq!((sku.available, sku.bucketed, sku.flash_sale), (0, 100, true));
+    let regular = create(
+        &s,
+        order("r", None, OrderKind::Regular, "flash-1", 5, 60_000),
+        true,
+    );
+    assert_eq!(
+        regular.unwrap_err(),
+        Reject::OnFlashSale {
+            sku: "flash-1".into()
+        }
+    );
+    assert!(create(&s, limited("u0", 3), false).is_ok());
+    let sku = s.close_flash_sale("flash-1").unwrap().unwrap();
+    assert_eq!(
+        (sku.available, sku.bucketed, sku.reserved, sku.flash_sale),
+        (97, 0, 3, false)
+    );
+    assert_eq!(s.close_flash_sale("flash-1").unwrap().unwrap(), sku);
+    assert!(matches!(
+        s.close_flash_sale("nope").unwrap(),
+        Err(Reject::NotFound { .. })
+    ));
+    assert!(
+        create(
+            &s,
+            order("r", None, OrderKind::Regular, "flash-1", 5, 60_000),
+            true
+        )
+        .is_ok()
+    );
+    // Reopened with 92: 30 buyers of 3 leave 2 units in two buckets.
+    assert_eq!(s.open_flash_sale("flash-1", 64).unwrap().unwrap().bucketed, 92);
+    for i in 1..=30 {
+        assert!(
+            create(&s, limited(&format!("u{i}"), 3), false).is_ok(),
+            "buyer {i}"
+        );
+    }
+    assert_eq!(
+        create(&s, limited("late", 3), false).unwrap_err(),
+        Reject::OutOfStock {
+            sku: "flash-1".into(),
+            available: 2,
+            wanted: 3
+        }
+    );
+    assert!(create(&s, limited("late", 2), false).is_ok());
+    assert_eq!(
+        create(&s, limited("last", 1), false).unwrap_err(),
+        Reject::SoldOut {
+            sku: "flash-1".into()
+        }
+    );
+    let r = assert_audit(&s);
+    assert_eq!((r.totals.units_reserved, r.totals.orders), (100, 33));
+}
+
 /// Several handles (processes) at once: groups racing for one SKU sell exactly its stock, and concurrent
 /// payments from one wallet cannot overdraw it.
 fn concurrent_handles_never_oversell_or_overdraw(fx: &dyn Fixture) {
@@ -341,6 +410,7 @@ mod sqlite {
         pay_refund_settle_balance_the_ledger,
         reservations_expire_exactly_once_across_handles,
         flash_sale_buckets_and_user_limit,
+        flash_sale_is_seckill_only_gathers_units_and_closes,
         concurrent_handles_never_oversell_or_overdraw,
     );
 }
@@ -352,6 +422,7 @@ mod postgres {
         pay_refund_settle_balance_the_ledger,
         reservations_expire_exactly_once_across_handles,
         flash_sale_buckets_and_user_limit,
+        flash_sale_is_seckill_only_gathers_units_and_closes,
         concurrent_handles_never_oversell_or_overdraw,
     );
 }
