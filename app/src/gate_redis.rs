@@ -21,12 +21,14 @@ use crate::exec::StoreExec;
 use crate::resp::{self, Conn, RespError, Value};
 
 /// Takes `qty` of stock and of the user's allowance, or says why not. Keys: stock, bought (a hash).
-/// Returns 1 (taken), 0 (sold out), -1 (over the user's limit), -2 (no counter yet: ask the store).
+/// Returns 1 (taken), 0 (sold out), -1 (over the user's limit), -2 (no counter yet, or fewer units than
+/// asked but some: ask the store, whose answer says how many are left).
 const ADMIT: &str = r#"
 local s = redis.call('GET', KEYS[1])
 if not s then return -2 end
 local q = tonumber(ARGV[2])
-if tonumber(s) < q then return 0 end
+if tonumber(s) <= 0 then return 0 end
+if tonumber(s) < q then return -2 end
 local b = tonumber(redis.call('HGET', KEYS[2], ARGV[1]) or '0')
 if b + q > tonumber(ARGV[3]) then return -1 end
 redis.call('DECRBY', KEYS[1], q)

@@ -11,7 +11,7 @@
 //! | `GET /v1/products/{id}` | browse | |
 //! | `GET /v1/orders/{id}` | browse | |
 //! | `GET /v1/wallets/{user}` | browse | wallet balance |
-//! | `POST /v1/orders` | order | `Idempotency-Key` required; `{"user", "lines": [{"sku", "qty"}]}`; 201, or 200 + `Idempotent-Replay: true` for a replay; 422 for a key reused with another body |
+//! | `POST /v1/orders` | order | `Idempotency-Key` required (a user's own: another user may use the same); `{"user", "lines": [{"sku", "qty"}]}`; 201, or 200 + `Idempotent-Replay: true` for a replay; 422 for a key reused with another body |
 //! | `POST /v1/orders/{id}/cancel` | order | gives the reservation back |
 //! | `POST /v1/orders/{id}/fulfil` | order | token |
 //! | `POST /v1/seckill/{sku}` | seckill | `{"user", "qty"?}`, optional `Idempotency-Key`; per-user limit; sold-out gate |
@@ -21,7 +21,7 @@
 //! | `POST /v1/merchant/stock` | admin | token; `{"updates": [{"sku", "receive"?, "price_cents"?}]}` |
 //! | `POST /v1/merchant/flash-sales/{sku}` | admin | token; `{"buckets"?}` (or no body) splits stock into buckets and opens the sale: `/v1/orders` then refuses the SKU (409 `on_flash_sale`) |
 //! | `DELETE /v1/merchant/flash-sales/{sku}` | admin | token; ends the sale: what the buckets hold goes back on the shelf |
-//! | `POST /admin/credit` | admin | token; `{"users": [...], "amount_cents"}` |
+//! | `POST /admin/credit` | admin | token; `{"users": [...], "amount_cents"}`; optional `Idempotency-Key` posts once |
 //! | `POST /admin/settlements` | admin | token; one settlement batch |
 //! | `GET /admin/audit` | admin | invariant report; 409 when one fails |
 //! | `GET /admin/degrade`, `POST /admin/degrade` | admin | token for POST; `{"level": "auto"|"sync"|"queued"|"shed"|"read_only"}` |

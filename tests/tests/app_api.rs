@@ -255,9 +255,48 @@ fn payments_refunds_and_settlement_balance_the_ledger() {
     let db = Db::new();
     let (_p, addrs) = start_apps(&db, 2, "");
     let (a, b) = (addrs[0], addrs[1]);
-    credit(a, &["alice".to_string()], 700);
+    // A keyed credit retried (on either instance) posts once; the key cannot carry another credit.
+    let top_up = json!({"users": ["alice"], "amount_cents": 700});
+    let first = post(a, "/admin/credit", Some("top-up-1"), true, &top_up).unwrap();
+    assert_eq!(
+        (first.status, first.header("idempotent-replay")),
+        (200, None),
+        "{}",
+        first.body
+    );
+    let again = post(b, "/admin/credit", Some("top-up-1"), true, &top_up).unwrap();
+    assert_eq!(
+        (again.status, again.header("idempotent-replay")),
+        (200, Some("true")),
+        "{}",
+        again.body
+    );
+    let other = json!({"users": ["alice"], "amount_cents": 701});
+    let r = post(a, "/admin/credit", Some("top-up-1"), true, &other).unwrap();
+    assert_eq!(r.status, 422, "{}", r.body);
+    assert_eq!(get(b, "/v1/wallets/alice").unwrap().json()["balance_cents"], 700);
     let o1 = buy(&addrs, 0, "alice", "p1", "sku-1-1", true).unwrap();
     assert_eq!(get(b, "/v1/wallets/alice").unwrap().json()["balance_cents"], 90);
+    // An order key is the user's own: bob's "p1" is his order, not a conflict with alice's.
+    let bobs = post(
+        b,
+        "/v1/orders",
+        Some("p1"),
+        false,
+        &json!({"user": "bob", "lines": [{"sku": "sku-2-1", "qty": 1}]}),
+    )
+    .unwrap();
+    assert_eq!(bobs.status, 201, "{}", bobs.body);
+    assert_ne!(bobs.json()["id"].as_str(), Some(o1.as_str()));
+    let r = post(
+        b,
+        &format!("/v1/orders/{}/cancel", bobs.json()["id"].as_str().unwrap()),
+        None,
+        false,
+        &json!({}),
+    )
+    .unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
     // Not enough left for a second one: 402, the reservation stays.
     let o2 = buy(&addrs, 1, "alice", "p2", "sku-1-1", false).unwrap();
     let r = post(b, &format!("/v1/orders/{o2}/pay"), None, false, &json!({})).unwrap();

@@ -24,6 +24,7 @@ use xcluster_runtime::http::{Body, Handler, error, method_not_allowed};
 use crate::Config;
 use crate::degrade::{Degrade, Level};
 use crate::domain::Reject;
+use crate::domain::request::valid_idem_key;
 use crate::exec::StoreExec;
 use crate::gate::SoldOutGate;
 use crate::queue::Batcher;
@@ -253,6 +254,21 @@ fn respond<T: serde::Serialize>(ok: StatusCode, r: Result<Result<T, Reject>, Sto
 #[allow(clippy::result_large_err)] // the error is the answer itself, built once per refused request
 fn authorized(cfg: &Config, req: &Request<Incoming>) -> Result<(), Response<Body>> {
     xcluster_runtime::http::authorize(req, &cfg.admin_token, "admin_token")
+}
+
+/// The `Idempotency-Key` header: `Ok(None)` when absent, an error response when malformed.
+fn idem_key(req: &Request<Incoming>) -> Result<Option<String>, Response<Body>> {
+    let Some(v) = req.headers().get("idempotency-key") else {
+        return Ok(None);
+    };
+    match v.to_str() {
+        Ok(s) if valid_idem_key(s) => Ok(Some(s.to_string())),
+        _ => Err(error(
+            StatusCode::BAD_REQUEST,
+            "bad_idempotency_key",
+            "Idempotency-Key must be 1..=128 printable ASCII bytes",
+        )),
+    }
 }
 
 /// An id from the path, validated.

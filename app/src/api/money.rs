@@ -3,12 +3,13 @@
 
 use std::sync::Arc;
 
+use http::HeaderValue;
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use xcluster_runtime::http::{Body, error, json, read_json};
 
 use super::bodies::{CreditReq, RefundReq, check_callback};
-use super::{App, BODY_TIMEOUT, authorized, path_id, respond, store_failed};
+use super::{App, BODY_TIMEOUT, authorized, idem_key, path_id, reject, respond, store_failed};
 use crate::Config;
 use crate::degrade::Level;
 use crate::store::PaymentCallback;
@@ -84,11 +85,16 @@ pub async fn wallet(app: &Arc<App>, user: &str) -> Response<Body> {
     }
 }
 
-/// `POST /admin/credit` `{"users": [...], "amount_cents": N}` (bearer token): tops wallets up from `mint`.
+/// `POST /admin/credit` `{"users": [...], "amount_cents": N}` (bearer token): tops wallets up from `mint`. With
+/// an `Idempotency-Key` a retried credit posts once (the replay answers the same, `idempotent-replay: true`).
 pub async fn credit(app: &Arc<App>, cfg: &Config, req: Request<Incoming>) -> Response<Body> {
     if let Err(refused) = authorized(cfg, &req) {
         return refused;
     }
+    let key = match idem_key(&req) {
+        Ok(k) => k,
+        Err(resp) => return resp,
+    };
     let body: CreditReq = match read_json(req, 1024 * 1024, BODY_TIMEOUT).await {
         Ok(b) => b,
         Err(resp) => return resp,
@@ -97,12 +103,23 @@ pub async fn credit(app: &Arc<App>, cfg: &Config, req: Request<Incoming>) -> Res
         return error(StatusCode::BAD_REQUEST, code, &msg);
     }
     let n = body.users.len();
-    match app
+    let posted = app
         .exec
-        .run(move |s| s.credit(&body.users, body.amount_cents))
-        .await
-    {
-        Ok(()) => json(StatusCode::OK, &serde_json::json!({ "credited": n })),
+        .run(move |s| match key {
+            Some(key) => s.credit_once(&key, &body.users, body.amount_cents),
+            None => s.credit(&body.users, body.amount_cents).map(|()| Ok(false)),
+        })
+        .await;
+    match posted {
+        Ok(Ok(replay)) => {
+            let mut resp = json(StatusCode::OK, &serde_json::json!({ "credited": n }));
+            if replay {
+                resp.headers_mut()
+                    .insert("idempotent-replay", HeaderValue::from_static("true"));
+            }
+            resp
+        }
+        Ok(Err(r)) => reject(&r),
         Err(e) => store_failed(&e),
     }
 }

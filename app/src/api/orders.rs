@@ -10,28 +10,12 @@ use hyper::body::Incoming;
 use xcluster_runtime::http::{Body, error, json, read_json};
 
 use super::bodies::{CreateOrder, SeckillReq};
-use super::{App, BODY_TIMEOUT, authorized, path_id, reject, respond, store_failed};
+use super::{App, BODY_TIMEOUT, authorized, idem_key, path_id, reject, respond, store_failed};
 use crate::Config;
 use crate::degrade::Level;
-use crate::domain::request::valid_idem_key;
 use crate::domain::{NewOrder, OrderKind, Reject, fingerprint, new_order_id, now_ms};
 use crate::queue::OrderOutcome;
 use crate::store::StoreError;
-
-/// The `Idempotency-Key` header: `Ok(None)` when absent, an error response when malformed.
-fn idem_key(req: &Request<Incoming>) -> Result<Option<String>, Response<Body>> {
-    let Some(v) = req.headers().get("idempotency-key") else {
-        return Ok(None);
-    };
-    match v.to_str() {
-        Ok(s) if valid_idem_key(s) => Ok(Some(s.to_string())),
-        _ => Err(error(
-            StatusCode::BAD_REQUEST,
-            "bad_idempotency_key",
-            "Idempotency-Key must be 1..=128 printable ASCII bytes",
-        )),
-    }
-}
 
 /// Creates an order on the path of the current degrade level.
 async fn place(app: &Arc<App>, order: NewOrder) -> OrderOutcome {

@@ -170,6 +170,9 @@ pub trait Store: Send + Sync + 'static {
     fn close_flash_sale(&self, sku: &str) -> StoreResult<Sku>;
     /// Credits wallets from the mint account (one ledger transaction).
     fn credit(&self, users: &[String], amount: Cents) -> Result<(), StoreError>;
+    /// A credit sent with idempotency key `key` posts once: `Ok(true)` answers a replay of the same credit,
+    /// `IdempotencyConflict` one of another credit under the key.
+    fn credit_once(&self, key: &str, users: &[String], amount: Cents) -> StoreResult<bool>;
     fn balance(&self, account: &str) -> Result<Cents, StoreError>;
     /// Settles every merchant's receivable into its payout account, as one batch.
     fn settle(&self) -> Result<Vec<Settlement>, StoreError>;

@@ -215,6 +215,30 @@ pub(super) fn credit_entries(users: &[String], amount: Cents) -> (Vec<(String, C
     (entries, format!("c{:x}{:016x}", now_ms(), rand::random::<u64>()))
 }
 
+/// The ledger reference of a credit sent with idempotency key `key` (a fresh credit's reference starts with
+/// `c`, so the two cannot meet).
+pub(super) fn keyed_credit_ref(key: &str) -> String {
+    format!("k:{key}")
+}
+
+/// A keyed credit whose reference is posted already, with `stored` entries: the same wallets and amount are a
+/// replay (nothing more is posted), anything else reuses the key for another credit.
+pub(super) fn credit_replay(
+    key: &str,
+    mut stored: Vec<(String, Cents)>,
+    users: &[String],
+    amount: Cents,
+) -> Result<(), Reject> {
+    let (mut wanted, _) = credit_entries(users, amount);
+    wanted.sort();
+    stored.sort();
+    if wanted == stored {
+        Ok(())
+    } else {
+        Err(Reject::IdempotencyConflict { key: key.into() })
+    }
+}
+
 /// A fresh reference for one settlement run.
 pub(super) fn settlement_batch() -> String {
     format!("b{:x}{:08x}", now_ms(), rand::random::<u32>())

@@ -400,6 +400,9 @@ impl Store for PostgresStore {
     fn credit(&self, users: &[String], amount: Cents) -> Result<(), StoreError> {
         self.write(|t| money::credit(t, users, amount))
     }
+    fn credit_once(&self, key: &str, users: &[String], amount: Cents) -> StoreResult<bool> {
+        self.write_domain(|t| money::credit_once(t, key, users, amount))
+    }
     fn balance(&self, account: &str) -> Result<Cents, StoreError> {
         self.read(|t| money::balance(t, account))
     }

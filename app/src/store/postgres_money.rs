@@ -170,6 +170,32 @@ pub fn credit(t: &mut Tx<'_>, users: &[String], amount: Cents) -> Result<(), Sto
     post(t, "credit", &reference, &entries)
 }
 
+/// A credit sent with idempotency key `key`: `Ok(true)` when it was posted before (a replay). Concurrent
+/// deliveries of one key queue on its advisory lock; the second finds the first's posting.
+pub fn credit_once(t: &mut Tx<'_>, key: &str, users: &[String], amount: Cents) -> Res<bool> {
+    let reference = order_rules::keyed_credit_ref(key);
+    t.lock_key(&format!("credit:{key}"))?;
+    let posted = t.opt(
+        "SELECT id FROM ledger_tx WHERE kind = 'credit' AND ref = $1",
+        &[&reference],
+    )?;
+    if let Some(row) = posted {
+        let id: i64 = row.get(0);
+        let stored = t
+            .query(
+                "SELECT account, amount FROM ledger_entries WHERE tx_id = $1",
+                &[&id],
+            )?
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
+        return Ok(order_rules::credit_replay(key, stored, users, amount).map(|()| true));
+    }
+    let (entries, _) = order_rules::credit_entries(users, amount);
+    post(t, "credit", &reference, &entries)?;
+    Ok(Ok(false))
+}
+
 /// Moves every positive merchant receivable into its payout account, one ledger transaction per merchant.
 pub fn settle(t: &mut Tx<'_>) -> Result<Vec<Settlement>, StoreError> {
     let owed: Vec<(String, Cents)> = t

@@ -125,10 +125,11 @@ pub fn create_orders(
 fn create_one(t: &mut Tx<'_>, o: &NewOrder, inline_weak: bool) -> Res<Created> {
     if let Some(key) = &o.idem_key {
         // Concurrent requests with one key (on any instance) queue here; the second sees the first's row.
-        t.lock_key(&format!("idem:{key}"))?;
+        // A user id never holds a space, so "user key" names one pair.
+        t.lock_key(&format!("idem:{} {key}", o.user))?;
         let prior = t.opt(
-            "SELECT fingerprint, answer FROM orders WHERE idem_key = $1",
-            &[key],
+            r#"SELECT fingerprint, answer FROM orders WHERE "user" = $1 AND idem_key = $2"#,
+            &[&o.user, key],
         )?;
         if let Some(r) = prior {
             return order_rules::replay(key, o, r.get(0), r.get(1));

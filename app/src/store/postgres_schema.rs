@@ -57,7 +57,13 @@ CREATE TABLE settlements(
   PRIMARY KEY (batch, shop_id));
 "#;
 
-const MIGRATIONS: &[&str] = &[V1];
+/// Idempotency keys are per user (two buyers may both send `checkout-1`).
+const V2: &str = r#"
+ALTER TABLE orders DROP CONSTRAINT IF EXISTS orders_idem_key_key;
+ALTER TABLE orders ADD CONSTRAINT orders_user_idem_key UNIQUE ("user", idem_key);
+"#;
+
+const MIGRATIONS: &[&str] = &[V1, V2];
 
 /// Brings the schema to the newest version (one transaction).
 pub fn migrate(t: &mut Tx<'_>) -> Result<(), StoreError> {

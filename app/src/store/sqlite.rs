@@ -261,6 +261,9 @@ impl Store for SqliteStore {
     fn credit(&self, users: &[String], amount: Cents) -> Result<(), StoreError> {
         self.write(|tx| super::sqlite_money::credit(tx, users, amount))
     }
+    fn credit_once(&self, key: &str, users: &[String], amount: Cents) -> StoreResult<bool> {
+        self.write_domain(|tx| super::sqlite_money::credit_once(tx, key, users, amount))
+    }
     fn balance(&self, account: &str) -> Result<Cents, StoreError> {
         self.with_conn(|c| super::sqlite_money::balance(c, account))
     }

@@ -159,6 +159,25 @@ pub fn credit(tx: &Transaction<'_>, users: &[String], amount: Cents) -> Result<(
     post(tx, "credit", &reference, &entries)
 }
 
+/// A credit sent with idempotency key `key`: `Ok(true)` when it was posted before (a replay).
+pub fn credit_once(tx: &Transaction<'_>, key: &str, users: &[String], amount: Cents) -> Res<bool> {
+    let reference = order_rules::keyed_credit_ref(key);
+    let posted: Option<i64> = tx
+        .prepare_cached("SELECT id FROM ledger_tx WHERE kind = 'credit' AND ref = ?1")?
+        .query_row([&reference], |r| r.get(0))
+        .optional()?;
+    if let Some(id) = posted {
+        let stored = tx
+            .prepare_cached("SELECT account, amount FROM ledger_entries WHERE tx_id = ?1")?
+            .query_map([id], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<Result<_, _>>()?;
+        return Ok(order_rules::credit_replay(key, stored, users, amount).map(|()| true));
+    }
+    let (entries, _) = order_rules::credit_entries(users, amount);
+    post(tx, "credit", &reference, &entries)?;
+    Ok(Ok(false))
+}
+
 /// Moves every positive merchant receivable into its payout account, one ledger transaction per merchant.
 pub fn settle(tx: &Transaction<'_>) -> Result<Vec<Settlement>, StoreError> {
     let owed: Vec<(String, Cents)> = tx

@@ -132,8 +132,8 @@ pub fn create_orders(
 fn create_one(tx: &Transaction<'_>, o: &NewOrder, inline_weak: bool) -> Res<Created> {
     if let Some(key) = &o.idem_key {
         let prior: Option<(String, String)> = tx
-            .prepare_cached("SELECT fingerprint, answer FROM orders WHERE idem_key = ?1")?
-            .query_row([key], |r| Ok((r.get(0)?, r.get(1)?)))
+            .prepare_cached("SELECT fingerprint, answer FROM orders WHERE user = ?1 AND idem_key = ?2")?
+            .query_row([&o.user, key], |r| Ok((r.get(0)?, r.get(1)?)))
             .optional()?;
         if let Some((fp, answer)) = prior {
             return order_rules::replay(key, o, &fp, &answer);

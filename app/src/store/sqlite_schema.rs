@@ -7,7 +7,7 @@ use rusqlite::{Connection, TransactionBehavior, params};
 use super::StoreError;
 use crate::domain::now_ms;
 
-const V1: &str = r#"
+pub(super) const V1: &str = r#"
 CREATE TABLE shops(id INTEGER PRIMARY KEY, name TEXT NOT NULL);
 CREATE TABLE products(id INTEGER PRIMARY KEY, shop_id INTEGER NOT NULL REFERENCES shops(id), name TEXT NOT NULL);
 CREATE TABLE skus(
@@ -55,16 +55,49 @@ CREATE TABLE settlements(
   PRIMARY KEY (batch, shop_id));
 "#;
 
-const MIGRATIONS: &[&str] = &[V1];
+/// Idempotency keys are per user (two buyers may both send `checkout-1`): the key's `UNIQUE` becomes
+/// `UNIQUE (user, idem_key)`. SQLite cannot drop a constraint, so the table is rebuilt (its documented
+/// procedure: foreign keys off around the transaction, checked before the commit).
+const V2: &str = r#"
+CREATE TABLE orders_v2(
+  id TEXT PRIMARY KEY, idem_key TEXT, fingerprint TEXT NOT NULL, user TEXT NOT NULL, kind TEXT NOT NULL,
+  status TEXT NOT NULL, total_cents INTEGER NOT NULL, created_ms INTEGER NOT NULL, expires_ms INTEGER NOT NULL,
+  paid_via TEXT, updated_ms INTEGER NOT NULL, answer TEXT NOT NULL, UNIQUE (user, idem_key));
+INSERT INTO orders_v2(id, idem_key, fingerprint, user, kind, status, total_cents, created_ms, expires_ms, paid_via,
+                      updated_ms, answer)
+  SELECT id, idem_key, fingerprint, user, kind, status, total_cents, created_ms, expires_ms, paid_via, updated_ms,
+         answer FROM orders;
+DROP TABLE orders;
+ALTER TABLE orders_v2 RENAME TO orders;
+CREATE INDEX orders_due ON orders(status, expires_ms);
+CREATE INDEX orders_user ON orders(user, kind);
+"#;
+
+const MIGRATIONS: &[&str] = &[V1, V2];
 
 /// Brings the schema to the newest version.
 pub fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    // A table rebuild drops a table others reference; the pragma is a no-op inside a transaction.
+    conn.execute_batch("PRAGMA foreign_keys=OFF")?;
+    let migrated = migrate_steps(conn);
+    conn.execute_batch("PRAGMA foreign_keys=ON")?;
+    migrated
+}
+
+fn migrate_steps(conn: &mut Connection) -> Result<(), StoreError> {
     for (i, step) in MIGRATIONS.iter().enumerate() {
         let version = i as i64 + 1;
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let current: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
         if current < version {
             tx.execute_batch(step)?;
+            let broken: i64 =
+                tx.query_row("SELECT COUNT(*) FROM pragma_foreign_key_check", [], |r| r.get(0))?;
+            if broken > 0 {
+                return Err(StoreError::Internal(format!(
+                    "schema step {version} would leave {broken} broken references; nothing changed"
+                )));
+            }
             tx.execute_batch(&format!("PRAGMA user_version = {version}"))?;
             tracing::info!(version, "store schema migrated");
         }

@@ -106,9 +106,26 @@ fn idempotent_create_and_conflict(fx: &dyn Fixture) {
         true,
     );
     assert!(matches!(c, Err(Reject::IdempotencyConflict { .. })));
+    // A key is the user's own: another buyer's "k" is another order, and each replays its own.
+    let d = create(
+        &s,
+        order("u2", Some("k"), OrderKind::Regular, "sku-1-1", 3, 60_000),
+        true,
+    )
+    .unwrap();
+    assert!(!d.replay);
+    assert_ne!(d.order.id, a.order.id);
+    let e = create(
+        &s,
+        order("u2", Some("k"), OrderKind::Regular, "sku-1-1", 3, 60_000),
+        true,
+    )
+    .unwrap();
+    assert!(e.replay);
+    assert_eq!(e.order, d.order);
     let r = assert_audit(&s);
-    assert_eq!(r.totals.orders, 1);
-    assert_eq!(r.totals.units_reserved, 2);
+    assert_eq!(r.totals.orders, 2);
+    assert_eq!(r.totals.units_reserved, 5);
 }
 
 fn never_oversells_and_rejects_in_a_batch_independently(fx: &dyn Fixture) {
@@ -255,6 +272,31 @@ fn flash_sale_buckets_and_user_limit(fx: &dyn Fixture) {
         (r.totals.units_reserved, r.totals.units_available - 24_000),
         (100, 0)
     );
+}
+
+/// A credit with an idempotency key posts once however often it is retried, and the key cannot be reused
+/// for another credit.
+fn keyed_credit_posts_once(fx: &dyn Fixture) {
+    let s = fx.open();
+    let users: Vec<String> = vec!["ka".into(), "kb".into()];
+    assert_eq!(s.credit_once("top-up-1", &users, 500).unwrap(), Ok(false));
+    assert_eq!(s.credit_once("top-up-1", &users, 500).unwrap(), Ok(true));
+    let reversed: Vec<String> = vec!["kb".into(), "ka".into()];
+    assert_eq!(s.credit_once("top-up-1", &reversed, 500).unwrap(), Ok(true));
+    for other in [(&users[..1], 500), (&users[..], 501)] {
+        assert_eq!(
+            s.credit_once("top-up-1", other.0, other.1).unwrap(),
+            Err(Reject::IdempotencyConflict {
+                key: "top-up-1".into()
+            })
+        );
+    }
+    assert_eq!(s.credit_once("top-up-2", &users[..1], 500).unwrap(), Ok(false));
+    assert_eq!(
+        (s.balance("user:ka").unwrap(), s.balance("user:kb").unwrap()),
+        (1000, 500)
+    );
+    assert_audit(&s);
 }
 
 /// An open flash sale sells only through seckill; an order of several units gathers them from buckets that
@@ -411,6 +453,7 @@ mod sqlite {
         reservations_expire_exactly_once_across_handles,
         flash_sale_buckets_and_user_limit,
         flash_sale_is_seckill_only_gathers_units_and_closes,
+        keyed_credit_posts_once,
         concurrent_handles_never_oversell_or_overdraw,
     );
 }
@@ -423,8 +466,62 @@ mod postgres {
         reservations_expire_exactly_once_across_handles,
         flash_sale_buckets_and_user_limit,
         flash_sale_is_seckill_only_gathers_units_and_closes,
+        keyed_credit_posts_once,
         concurrent_handles_never_oversell_or_overdraw,
     );
+}
+
+/// SQLite only: a database whose orders table has the first schema's global key migrates to per-user
+/// idempotency keys: the order and its key survive (its replay still answers), and another user may use it.
+#[test]
+fn sqlite_migration_to_per_user_keys_keeps_every_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("x.db");
+    let open = || -> Box<dyn Store> {
+        Box::new(SqliteStore::open(&path, std::time::Duration::from_secs(10), true).unwrap())
+    };
+    let first = order("u1", Some("k"), OrderKind::Regular, "sku-1-1", 2, 60_000);
+    let placed = create(&open(), first.clone(), true).unwrap();
+    // Back to version 1: the orders table as the first schema made it, with the order in it.
+    let v1_orders = super::sqlite_schema::V1
+        .split(';')
+        .find(|stmt| stmt.contains("CREATE TABLE orders("))
+        .unwrap();
+    let c = rusqlite::Connection::open(&path).unwrap();
+    c.execute_batch(&format!(
+        "PRAGMA foreign_keys=OFF; BEGIN;
+         CREATE TABLE orders_saved AS SELECT * FROM orders; DROP TABLE orders; {v1_orders};
+         INSERT INTO orders SELECT * FROM orders_saved; DROP TABLE orders_saved;
+         CREATE INDEX orders_due ON orders(status, expires_ms); CREATE INDEX orders_user ON orders(user, kind);
+         PRAGMA user_version = 1; COMMIT;"
+    ))
+    .unwrap();
+    let schema = || -> (i64, String) {
+        let version = c.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
+        let sql = c
+            .query_row("SELECT sql FROM sqlite_master WHERE name = 'orders'", [], |r| {
+                r.get(0)
+            })
+            .unwrap();
+        (version, sql)
+    };
+    assert!(schema().1.contains("idem_key TEXT UNIQUE"), "{}", schema().1);
+    let s = open();
+    let (version, sql) = schema();
+    assert_eq!(version, 2);
+    assert!(sql.contains("UNIQUE (user, idem_key)"), "{sql}");
+    let replay = create(&s, first, true).unwrap();
+    assert!(replay.replay);
+    assert_eq!(replay.order, placed.order);
+    let other = create(
+        &s,
+        order("u2", Some("k"), OrderKind::Regular, "sku-1-1", 1, 60_000),
+        true,
+    )
+    .unwrap();
+    assert!(!other.replay);
+    let r = assert_audit(&s);
+    assert_eq!((r.totals.orders, r.totals.units_reserved), (2, 3));
 }
 
 /// SQLite only: a write that finds another process's lock waits for it (and commits once it is released),
