@@ -184,7 +184,16 @@ pub async fn read_json_or_default<T: serde::de::DeserializeOwned + Default>(
     decode_json(&bytes)
 }
 
+/// Every body the APIs take is an object; serde would also fill a struct from an array of its fields in
+/// order (`["ann", [...]]` as an order), which no client means.
 fn decode_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, Response<Body>> {
+    if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(error(
+            StatusCode::BAD_REQUEST,
+            "bad_json",
+            "invalid JSON body: expected a JSON object",
+        ));
+    }
     serde_json::from_slice(bytes).map_err(|e| {
         error(
             StatusCode::BAD_REQUEST,

@@ -103,6 +103,17 @@ fn every_malformed_request_gets_a_4xx_json_error() {
             post(a, "/v1/orders/o-missing/pay", None, false, &json!({})).unwrap(),
         ),
         (
+            "order as an array of its fields",
+            request(
+                a,
+                "POST",
+                "/v1/orders",
+                &[("Idempotency-Key", "arr")],
+                Some(br#"["u1", [{"sku": "sku-1-1", "qty": 1}]]"#),
+            )
+            .unwrap(),
+        ),
+        (
             "seckill bad body",
             request(a, "POST", "/v1/seckill/flash-1", &[], Some(b"{\"usr\":1}")).unwrap(),
         ),

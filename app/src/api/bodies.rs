@@ -6,13 +6,13 @@
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
-use crate::domain::request::validate;
+use crate::domain::request::{MAX_ORDER_TOTAL, MAX_PRICE, validate};
 use crate::domain::{Cents, OrderKind, OrderLineReq, fingerprint, valid_id};
 use crate::store::{PaymentCallback, StockUpdate};
 
 /// Most wallets credited in one call.
 pub const MAX_CREDIT_USERS: usize = 10_000;
-/// Largest single credit or callback amount, in cents.
+/// Largest single credit, in cents.
 pub const MAX_CREDIT: Cents = 1_000_000_000;
 /// Most updates in one merchant batch.
 pub const MAX_UPDATES: usize = 1000;
@@ -106,7 +106,7 @@ pub fn check_callback(cb: &PaymentCallback) -> Result<(), Refusal> {
     if cb.status != "succeeded" && cb.status != "failed" {
         return bad(format!("status {:?} is not succeeded or failed", cb.status));
     }
-    if !(0..=MAX_CREDIT).contains(&cb.amount_cents) {
+    if !(0..=MAX_ORDER_TOTAL).contains(&cb.amount_cents) {
         return bad(format!("amount_cents {} is out of range", cb.amount_cents));
     }
     Ok(())
@@ -139,7 +139,7 @@ impl StockReq {
                     format!("sku id {:?} is not 1..=64 bytes of [A-Za-z0-9._:-]", u.sku),
                 ));
             }
-            if u.price_cents.is_some_and(|p| !(0..=1_000_000_000).contains(&p)) {
+            if u.price_cents.is_some_and(|p| !(0..=MAX_PRICE).contains(&p)) {
                 return bad(format!("price_cents of {} is out of range", u.sku));
             }
         }

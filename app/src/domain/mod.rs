@@ -18,7 +18,7 @@ pub type Cents = i64;
 pub enum Reject {
     #[error("no such {what}: {id}")]
     NotFound { what: &'static str, id: String },
-    #[error("sku {sku} has only {available} units available, {wanted} wanted")]
+    #[error("sku {sku} has only {available} {} available, {wanted} wanted", units(*available))]
     OutOfStock {
         sku: String,
         available: i64,
@@ -40,13 +40,17 @@ pub enum Reject {
         balance: Cents,
         needed: Cents,
     },
-    #[error("user {user} may buy at most {limit} units of {sku} in this flash sale")]
+    #[error("user {user} may buy at most {limit} {} of {sku} in this flash sale", units(i64::from(*limit)))]
     LimitExceeded { user: String, sku: String, limit: u32 },
     #[error("payment amount {given} does not match the order total {total}")]
     AmountMismatch { given: Cents, total: Cents },
     /// An ordinary order for a SKU whose flash sale is open: it would pass the per-user limit.
     #[error("sku {sku} is on flash sale: buy it with POST /v1/seckill/{sku}")]
     OnFlashSale { sku: String },
+}
+
+fn units(n: i64) -> &'static str {
+    if n == 1 { "unit" } else { "units" }
 }
 
 impl Reject {

@@ -10,6 +10,10 @@ use super::OrderKind;
 pub const MAX_LINES: usize = 50;
 /// Most units of one SKU in one order line.
 pub const MAX_QTY: u32 = 10_000;
+/// Highest unit price a merchant may set, in cents.
+pub const MAX_PRICE: i64 = 1_000_000_000;
+/// Largest total an order can reach, so the largest payment a provider can report for one.
+pub const MAX_ORDER_TOTAL: i64 = MAX_LINES as i64 * MAX_QTY as i64 * MAX_PRICE;
 
 /// One line of an order request.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
