@@ -166,7 +166,7 @@ pub async fn read_json<T: serde::de::DeserializeOwned>(
     let bytes = read_body(req.into_body(), limit, timeout)
         .await
         .map_err(|e| e.response())?;
-    decode_json(&bytes)
+    decode_json(&bytes).map_err(|m| error(StatusCode::BAD_REQUEST, "bad_json", &m))
 }
 
 /// As `read_json`, for a body whose every field is optional: an empty body is `T::default()`.
@@ -181,26 +181,16 @@ pub async fn read_json_or_default<T: serde::de::DeserializeOwned + Default>(
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Ok(T::default());
     }
-    decode_json(&bytes)
+    decode_json(&bytes).map_err(|m| error(StatusCode::BAD_REQUEST, "bad_json", &m))
 }
 
 /// Every body the APIs take is an object; serde would also fill a struct from an array of its fields in
-/// order (`["ann", [...]]` as an order), which no client means.
-fn decode_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, Response<Body>> {
+/// order (`["ann", [...]]` as an order), which no client means. The error is the `bad_json` message.
+fn decode_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
     if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
-        return Err(error(
-            StatusCode::BAD_REQUEST,
-            "bad_json",
-            "invalid JSON body: expected a JSON object",
-        ));
+        return Err("invalid JSON body: expected a JSON object".into());
     }
-    serde_json::from_slice(bytes).map_err(|e| {
-        error(
-            StatusCode::BAD_REQUEST,
-            "bad_json",
-            &format!("invalid JSON body: {e}"),
-        )
-    })
+    serde_json::from_slice(bytes).map_err(|e| format!("invalid JSON body: {e}"))
 }
 
 /// Parses a query string into pairs (percent-decoding `%XX` and `+`), bounded in count.

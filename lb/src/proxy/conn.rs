@@ -18,7 +18,7 @@ use metrics::Counter;
 use pin_project_lite::pin_project;
 use tokio::io::Interest;
 use tokio::net::TcpStream;
-use tokio::sync::OwnedSemaphorePermit;
+use tokio::sync::{Notify, OwnedSemaphorePermit};
 use tokio::time::Sleep;
 use tracing::{Instrument, debug, debug_span};
 use xcluster_proto::proxy_header::Addresses;
@@ -29,8 +29,8 @@ use super::config::Timeouts;
 use super::forward::Direction;
 use super::inbound::Inbound;
 use super::metrics::Assigned;
-use super::queue::Wait;
-use super::service::{Admit, ListenerState, NoBackend, QUEUE_RETRY, Shared};
+use super::queue::{WAIT_BACKUP, Wait, Waker};
+use super::service::{Admit, ListenerState, NoBackend, Shared};
 
 /// Counts the connection on the listener's active gauge, and on its backend's once connected, for as long
 /// as it lives; holds the connection's permit of `max_connections`.
@@ -265,11 +265,22 @@ async fn connect(
     let mut tried: Vec<SocketAddr> = Vec::new();
     let mut attempt = 0;
     let mut wait = Wait::default();
+    // Made the first time the connection waits; the queue rings it when its turn may have come.
+    let mut bell: Option<Arc<Notify>> = None;
     loop {
         let (addr, bm) = match shared.next_backend(&active.l, client, &tried, attempt, wait.ticket()) {
             Ok(pick) => pick,
-            Err(NoBackend::Full) if shared.keep_waiting(&active.l, &mut wait) => {
-                tokio::time::sleep(QUEUE_RETRY).await;
+            Err(NoBackend::Full)
+                if shared.keep_waiting(&active.l, &mut wait, || {
+                    Waker::Task(bell.get_or_insert_with(Arc::default).clone())
+                }) =>
+            {
+                if !wait.just_joined()
+                    && let Some(bell) = &bell
+                {
+                    // A ring that came while it asked is kept by the bell, so it is not missed here.
+                    let _ = tokio::time::timeout(WAIT_BACKUP, bell.notified()).await;
+                }
                 continue;
             }
             Err(_) => return None,

@@ -11,6 +11,7 @@ use metrics::{Counter, Gauge, Histogram};
 use xcluster_proto::directory::{ProxyBackendStatus, ProxyListenerStatus, ProxyStatus};
 
 use super::config::ListenerConfig;
+use super::queue::Queue;
 
 pub const ACCEPTED_TOTAL: &str = "xcluster_lb_proxy_connections_accepted_total";
 pub const ACTIVE: &str = "xcluster_lb_proxy_connections_active";
@@ -143,6 +144,9 @@ pub struct BackendMetrics {
     pub connect_seconds: Histogram,
     pub failing: Gauge,
     pub check_failures: Counter,
+    /// A configured backend's: woken when one of its connections ends, for who waits for its place (a
+    /// backend the directory routes to has no cap, so none).
+    pub queue: Option<Arc<Queue>>,
 }
 
 /// One connection counted in its backend's `open` from the pick on: held by the connect attempt, then by the
@@ -182,6 +186,9 @@ impl std::ops::Deref for Assigned {
 impl Drop for Assigned {
     fn drop(&mut self) {
         self.0.open.fetch_sub(1, Ordering::Relaxed);
+        if let Some(q) = &self.0.queue {
+            q.freed();
+        }
     }
 }
 
@@ -192,7 +199,7 @@ impl BackendMetrics {
         self.connect_seconds.record(started.elapsed().as_secs_f64());
     }
 
-    pub fn new(addr: SocketAddr) -> Self {
+    pub fn new(addr: SocketAddr, queue: Option<Arc<Queue>>) -> Self {
         let b = addr.to_string();
         Self {
             open: AtomicU64::new(0),
@@ -206,6 +213,7 @@ impl BackendMetrics {
             connect_seconds: metrics::histogram!(BACKEND_CONNECT_SECONDS, "backend" => b.clone()),
             failing: metrics::gauge!(BACKEND_FAILING, "backend" => b.clone()),
             check_failures: metrics::counter!(BACKEND_CHECK_FAILURES_TOTAL, "backend" => b),
+            queue,
         }
     }
 }

@@ -1,31 +1,99 @@
 //! The clients waiting for a place (`queue_timeout_ms`), served in the order they came, as HAProxy serves
 //! its queue.
 //!
-//! A client that finds every backend of its type at its `max_connections` takes a [`Ticket`] and tries
-//! again every `QUEUE_RETRY`. A place that frees goes to the oldest client that asks for it, never to one
-//! that came later: a client may take a place only while fewer clients of its type wait ahead of it than
-//! there are free places, and a client that has just arrived counts every waiting one as ahead of it.
-//! Without that, whichever client tried first after a connection ended took its place, so a client that
-//! had just arrived could pass one that had waited for seconds, and an unlucky one waited until it timed
-//! out.
+//! A client that finds every backend of its type at its `max_connections` takes a [`Ticket`] and waits to be
+//! woken. A place that frees goes to the oldest client that asks for it, never to one that came later: a
+//! client may take a place only while fewer clients of its type wait ahead of it than there are free places,
+//! and a client that has just arrived counts every waiting one as ahead of it. Without that, whichever
+//! client tried first after a connection ended took its place, so a client that had just arrived could pass
+//! one that had waited for seconds, and an unlucky one waited until it timed out.
 //!
-//! While nobody waits, a connection pays one relaxed load for all of this.
+//! Waking: a place that frees on a capped backend ([`Queue::freed`]) wakes the oldest client of each type;
+//! a ticket that leaves the queue (served, or given up) wakes the next of its type, so several free places
+//! are taken one after the other. Each waiter also retries every [`WAIT_BACKUP`], for places that come
+//! without a wake (a backend back from a hold). Waiters used to poll every 10 ms instead, so a freed place
+//! stayed empty for 5 ms on average: with connections of a millisecond, a queue served a sixth of what the
+//! backend took.
+//!
+//! While nobody waits, a connection pays one relaxed load for all of this, and its end another.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::Instant;
+use std::time::{Duration, Instant};
+
+use tokio::sync::Notify;
 
 use super::config::{BackendConfig, ProxyConfig};
 use super::metrics::{BackendMetrics, WAITING};
 
-/// The waiting clients' tickets, per request type.
+/// How long a waiting client sleeps when nothing wakes it before it asks for a place again.
+pub const WAIT_BACKUP: Duration = Duration::from_millis(100);
+
+/// The waiting clients' tickets, per request type, each with how to wake it.
 #[derive(Debug, Default)]
 pub struct Queue {
     /// How many wait, over every type.
     waiting: AtomicUsize,
     next: AtomicU64,
-    by_type: Mutex<HashMap<String, BTreeSet<u64>>>,
+    by_type: Mutex<HashMap<String, BTreeMap<u64, Waker>>>,
+}
+
+/// How a waiting client is woken.
+#[derive(Debug, Clone)]
+pub enum Waker {
+    /// A connection task of a tokio runtime, waiting on this.
+    Task(Arc<Notify>),
+    /// Slot `slot` of an io_uring worker.
+    Ring { door: Arc<RingDoor>, slot: u32 },
+}
+
+impl Waker {
+    fn wake(&self) {
+        match self {
+            Waker::Task(n) => n.notify_one(),
+            Waker::Ring { door, slot } => door.knock(*slot),
+        }
+    }
+}
+
+/// An io_uring worker's door: the slots whose turn may have come, and its eventfd to wake it.
+#[derive(Debug)]
+pub struct RingDoor {
+    eventfd: Arc<OwnedFd>,
+    slots: Mutex<Vec<u32>>,
+}
+
+impl RingDoor {
+    pub fn new(eventfd: Arc<OwnedFd>) -> Self {
+        Self {
+            eventfd,
+            slots: Mutex::default(),
+        }
+    }
+
+    fn knock(&self, slot: u32) {
+        self.slots
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(slot);
+        poke(&self.eventfd);
+    }
+
+    /// The slots knocked for since the last call (a slot may be listed twice, or be another connection's
+    /// by now: asking again is all a knock makes it do).
+    pub fn take(&self) -> Vec<u32> {
+        std::mem::take(&mut *self.slots.lock().unwrap_or_else(PoisonError::into_inner))
+    }
+}
+
+/// Adds one to eventfd `fd`, waking whatever reads it.
+pub fn poke(fd: &OwnedFd) {
+    let one = 1u64.to_ne_bytes();
+    // SAFETY: writes 8 bytes from a live buffer to an eventfd that `fd` keeps open. A full counter (EAGAIN)
+    // is impossible in practice and would still leave the reader awake.
+    let _ = unsafe { libc::write(fd.as_raw_fd(), one.as_ptr().cast(), one.len()) };
 }
 
 /// A waiting client's place in the [`Queue`]; dropped once it has a backend, gives up or is closed.
@@ -37,17 +105,31 @@ pub struct Ticket {
 }
 
 impl Queue {
-    /// A ticket for a client of request type `ty`, behind every one taken before.
-    pub fn join(self: &Arc<Self>, ty: &str) -> Ticket {
+    /// A ticket for a client of request type `ty`, behind every one taken before; `waker` wakes it when its
+    /// turn may have come.
+    pub fn join(self: &Arc<Self>, ty: &str, waker: Waker) -> Ticket {
         let mut by_type = self.lock();
         let n = self.next.fetch_add(1, Ordering::Relaxed);
-        by_type.entry(ty.to_owned()).or_default().insert(n);
+        by_type.entry(ty.to_owned()).or_default().insert(n, waker);
         let waiting = self.waiting.fetch_add(1, Ordering::Relaxed) + 1;
         metrics::gauge!(WAITING).set(waiting as f64);
         Ticket {
             queue: self.clone(),
             ty: ty.to_owned(),
             n,
+        }
+    }
+
+    /// A place may have freed (a connection to a capped backend ended, or a reload raised a limit): wakes
+    /// the oldest waiting client of each type.
+    pub fn freed(&self) {
+        if self.waiting.load(Ordering::Relaxed) == 0 {
+            return;
+        }
+        for tickets in self.lock().values() {
+            if let Some((_, w)) = tickets.first_key_value() {
+                w.wake();
+            }
         }
     }
 
@@ -68,12 +150,12 @@ impl Queue {
         // Counting stops at `free`: a long queue costs its head no more than a short one.
         let ahead = match ticket {
             Some(t) => tickets.range(..t.n).take(free).count(),
-            None => tickets.iter().take(free).count(),
+            None => tickets.len().min(free),
         };
         ahead < free
     }
 
-    fn lock(&self) -> MutexGuard<'_, HashMap<String, BTreeSet<u64>>> {
+    fn lock(&self) -> MutexGuard<'_, HashMap<String, BTreeMap<u64, Waker>>> {
         self.by_type.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
@@ -83,12 +165,20 @@ impl Queue {
 pub struct Wait {
     pub(super) since: Option<Instant>,
     pub(super) ticket: Option<Ticket>,
+    /// Its ticket was taken by the last `keep_waiting`: it asks once more before it sleeps.
+    pub(super) just_joined: bool,
 }
 
 impl Wait {
     /// Its place in the queue, while it waits.
     pub fn ticket(&self) -> Option<&Ticket> {
         self.ticket.as_ref()
+    }
+
+    /// Whether its ticket was taken just now, so it must ask again before it sleeps: a place freed between
+    /// its last ask and its ticket woke nobody.
+    pub fn just_joined(&mut self) -> bool {
+        std::mem::take(&mut self.just_joined)
     }
 
     /// It has a place: it no longer holds back those behind it. (If that connect fails, it asks again as a
@@ -99,12 +189,17 @@ impl Wait {
 }
 
 impl Drop for Ticket {
+    /// Leaves the queue and wakes the next of its type: served, it may leave a second free place to it;
+    /// given up, it no longer stands ahead of it.
     fn drop(&mut self) {
         let mut by_type = self.queue.lock();
         if let Some(tickets) = by_type.get_mut(&self.ty) {
             tickets.remove(&self.n);
-            if tickets.is_empty() {
-                by_type.remove(&self.ty);
+            match tickets.first_key_value() {
+                Some((_, next)) => next.wake(),
+                None => {
+                    by_type.remove(&self.ty);
+                }
             }
         }
         let waiting = self.queue.waiting.fetch_sub(1, Ordering::Relaxed) - 1;
@@ -184,9 +279,10 @@ mod tests {
             q.may_take("web", None, || 0),
             "nobody waits: free is not even asked"
         );
-        let first = q.join("web");
-        let second = q.join("web");
-        let other = q.join("api");
+        let task = || Waker::Task(Arc::new(Notify::new()));
+        let first = q.join("web", task());
+        let second = q.join("web", task());
+        let other = q.join("api", task());
         // One place: only the first may take it.
         assert!(q.may_take("web", Some(&first), || 1));
         assert!(!q.may_take("web", Some(&second), || 1));
@@ -203,5 +299,56 @@ mod tests {
         drop((second, other));
         assert_eq!(q.waiting.load(Ordering::Relaxed), 0);
         assert!(q.lock().is_empty());
+    }
+
+    /// A freed place wakes the oldest of each type; a ticket that leaves wakes the next of its type.
+    #[test]
+    fn a_freed_place_wakes_the_head_and_a_leaving_ticket_the_next() {
+        let q = Arc::new(Queue::default());
+        let bells: Vec<Arc<Notify>> = (0..3).map(|_| Arc::new(Notify::new())).collect();
+        let woken = |i: usize| {
+            // A stored permit makes `notified()` ready at once; it is used up by this look.
+            let n = bells[i].notified();
+            futures_util::FutureExt::now_or_never(n).is_some()
+        };
+        q.freed();
+        let first = q.join("web", Waker::Task(bells[0].clone()));
+        let second = q.join("web", Waker::Task(bells[1].clone()));
+        let other = q.join("api", Waker::Task(bells[2].clone()));
+        assert!(!woken(0) && !woken(1) && !woken(2), "joining wakes nobody");
+        q.freed();
+        assert_eq!((woken(0), woken(1), woken(2)), (true, false, true));
+        drop(first);
+        assert_eq!((woken(0), woken(1), woken(2)), (false, true, false));
+        drop((second, other));
+        q.freed();
+        assert_eq!((woken(0), woken(1), woken(2)), (false, false, false));
+    }
+
+    /// A ring's knocks collect the slots and wake its eventfd.
+    #[test]
+    fn a_ring_waiter_is_knocked_through_its_door() {
+        // SAFETY: plain syscall; checked before it is wrapped.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        assert!(fd >= 0);
+        // SAFETY: `fd` was just opened and nothing else owns it.
+        let fd = Arc::new(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) });
+        let door = Arc::new(RingDoor::new(fd.clone()));
+        let q = Arc::new(Queue::default());
+        let t = q.join(
+            "web",
+            Waker::Ring {
+                door: door.clone(),
+                slot: 7,
+            },
+        );
+        q.freed();
+        assert_eq!(door.take(), vec![7]);
+        assert!(door.take().is_empty());
+        let mut count = [0u8; 8];
+        // SAFETY: reads 8 bytes into a live buffer from the eventfd `fd` keeps open.
+        let n = unsafe { libc::read(fd.as_raw_fd(), count.as_mut_ptr().cast(), 8) };
+        assert_eq!((n, u64::from_ne_bytes(count)), (8, 1));
+        drop(t);
     }
 }

@@ -32,7 +32,7 @@ use super::metrics::{
     LISTENER_UNBOUND, ListenerMetrics, WORKERS,
 };
 use super::pick::{BackendPicker, PickFor};
-use super::queue::{Places, Queue, Ticket, Wait};
+use super::queue::{Places, Queue, Ticket, Wait, Waker};
 
 /// Why the proxy could not start.
 #[derive(Debug, thiserror::Error)]
@@ -55,9 +55,6 @@ pub enum NoBackend {
     /// Every backend left is at its `max_connections`: one may free a place (`queue_timeout_ms`).
     Full,
 }
-
-/// How often a connection waiting for a place tries the backends again.
-pub const QUEUE_RETRY: Duration = Duration::from_millis(10);
 
 /// What every connection reads; fields that reload live are snapshots.
 #[derive(Debug)]
@@ -123,7 +120,7 @@ impl Shared {
             let bm = match backends.get(&addr) {
                 Some(bm) => bm,
                 None => {
-                    own = Arc::new(BackendMetrics::new(addr));
+                    own = Arc::new(BackendMetrics::new(addr, None));
                     &own
                 }
             };
@@ -143,10 +140,11 @@ impl Shared {
         Ok((addr, assigned))
     }
 
-    /// A connection on `l` found every backend full: whether it may wait and try again after
-    /// [`QUEUE_RETRY`] (`queue_timeout_ms` is on and not yet up). Its first wait is counted and takes a
-    /// ticket.
-    pub fn keep_waiting(&self, l: &ListenerState, wait: &mut Wait) -> bool {
+    /// A connection on `l` found every backend full: whether it may wait to be woken and try again
+    /// (`queue_timeout_ms` is on and not yet up). Its first wait is counted and takes a ticket, which
+    /// `waker` wakes; the caller then asks once more before it waits, since a place that freed before the
+    /// ticket was taken woke nobody ([`Wait::just_joined`]).
+    pub fn keep_waiting(&self, l: &ListenerState, wait: &mut Wait, waker: impl FnOnce() -> Waker) -> bool {
         let Some(limit) = self.timeouts.load().queue else {
             return false;
         };
@@ -157,8 +155,9 @@ impl Shared {
         if since.elapsed() >= limit {
             return false;
         }
+        wait.just_joined = wait.ticket.is_none();
         wait.ticket
-            .get_or_insert_with(|| self.queue.join(&l.cfg.request_type));
+            .get_or_insert_with(|| self.queue.join(&l.cfg.request_type, waker()));
         true
     }
 
@@ -249,10 +248,12 @@ impl Shared {
 
     /// Takes `cfg`'s backends: their metric handles (kept for those already known) and their places.
     fn set_backends(&self, cfg: &ProxyConfig) {
-        let map = backend_handles(cfg, &self.backends.load());
+        let map = backend_handles(cfg, &self.backends.load(), &self.queue);
         self.places
             .store(Arc::new(Places::new(cfg, |b| map[&b.addr].clone())));
         self.backends.store(Arc::new(map));
+        // A limit raised, or a backend added, may have made room for those waiting.
+        self.queue.freed();
     }
 }
 
@@ -282,6 +283,7 @@ impl Shared {
 fn backend_handles(
     cfg: &ProxyConfig,
     old: &HashMap<SocketAddr, Arc<BackendMetrics>>,
+    queue: &Arc<Queue>,
 ) -> HashMap<SocketAddr, Arc<BackendMetrics>> {
     cfg.backends
         .iter()
@@ -290,7 +292,8 @@ fn backend_handles(
                 .set(f64::from(u8::from(b.backup)));
             metrics::gauge!(BACKEND_MAX_CONNECTIONS, "backend" => b.addr.to_string())
                 .set(f64::from(b.max_connections));
-            let bm = (old.get(&b.addr).cloned()).unwrap_or_else(|| Arc::new(BackendMetrics::new(b.addr)));
+            let bm = (old.get(&b.addr).cloned())
+                .unwrap_or_else(|| Arc::new(BackendMetrics::new(b.addr, Some(queue.clone()))));
             bm.max.store(u64::from(b.max_connections), Ordering::Relaxed);
             (b.addr, bm)
         })
@@ -946,13 +949,24 @@ mod tests {
         let ask = |ticket: Option<&Ticket>| shared.next_backend(&l, client, &[], 0, ticket);
         let held = ask(None).unwrap();
         assert_eq!(ask(None).err(), Some(NoBackend::Full));
-        let first = shared.queue.join(&l.cfg.request_type);
-        let second = shared.queue.join(&l.cfg.request_type);
+        let bells: [Arc<tokio::sync::Notify>; 2] = [Arc::default(), Arc::default()];
+        let rung = |i: usize| futures_util::FutureExt::now_or_never(bells[i].notified()).is_some();
+        let first = shared
+            .queue
+            .join(&l.cfg.request_type, Waker::Task(bells[0].clone()));
+        let second = shared
+            .queue
+            .join(&l.cfg.request_type, Waker::Task(bells[1].clone()));
+        assert_eq!((rung(0), rung(1)), (false, false));
+        // The end of the connection holding the place rings the oldest waiter, and only it.
         drop(held);
+        assert_eq!((rung(0), rung(1)), (true, false));
         assert_eq!(ask(Some(&second)).err(), Some(NoBackend::Full));
         assert_eq!(ask(None).err(), Some(NoBackend::Full));
         let served = ask(Some(&first)).unwrap();
+        // Served, the first leaves the queue and rings the next, in case a second place is free.
         drop(first);
+        assert_eq!((rung(0), rung(1)), (false, true));
         assert_eq!(
             ask(Some(&second)).err(),
             Some(NoBackend::Full),

@@ -53,8 +53,8 @@ use super::forward::{self, Pipe};
 use super::inbound::Inbound;
 use super::listener::{BACKOFF_MAX, BACKOFF_MIN, Close, is_resource_exhaustion};
 use super::metrics::{Assigned, BUFFER_WAITS_TOTAL, BUFFERS_HELD, RECEIVE_PAUSES_TOTAL, SPLICED_BYTES_TOTAL};
-use super::queue::Wait;
-use super::service::{Admit, ListenerState, LiveListener, NoBackend, QUEUE_RETRY, Shared};
+use super::queue::{RingDoor, WAIT_BACKUP, Wait, Waker, poke};
+use super::service::{Admit, ListenerState, LiveListener, NoBackend, Shared};
 
 /// Submission queue size; the completion queue is twice that, and overflow is kept by the kernel.
 const RING_ENTRIES: u32 = 4096;
@@ -83,10 +83,10 @@ const PUMP_BYTES: usize = PUMP_MAX as usize * BUF_LEN as usize;
 /// How often the loop wakes on its own: re-arming accepts that wait for a permit or a back-off, and the
 /// idle-timeout scan.
 const TICK: Duration = Duration::from_millis(50);
-/// [`QUEUE_RETRY`] for the ring, which reads it when the timeout is submitted.
-static QUEUE_RETRY_TS: Timespec = Timespec::new()
-    .sec(QUEUE_RETRY.as_secs())
-    .nsec(QUEUE_RETRY.subsec_nanos());
+/// [`WAIT_BACKUP`] for the ring, which reads it when the timeout is submitted.
+static WAIT_BACKUP_TS: Timespec = Timespec::new()
+    .sec(WAIT_BACKUP.as_secs())
+    .nsec(WAIT_BACKUP.subsec_nanos());
 /// After `Finish`, how long the loop waits for cancelled operations to complete before it exits anyway.
 const FINISH_WAIT: Duration = Duration::from_millis(500);
 
@@ -120,10 +120,7 @@ pub struct Remote {
 impl Remote {
     pub fn send(&self, msg: Msg) {
         if self.tx.send(msg).is_ok() {
-            let one = 1u64.to_ne_bytes();
-            // SAFETY: writes 8 bytes from a live buffer to an eventfd we own. A full counter (EAGAIN) is
-            // impossible in practice and would still leave the worker awake.
-            let _ = unsafe { libc::write(self.wake.as_raw_fd(), one.as_ptr().cast(), one.len()) };
+            poke(&self.wake);
         }
     }
 }
@@ -513,6 +510,8 @@ struct Loop {
     shared: Arc<Shared>,
     rx: mpsc::Receiver<Msg>,
     wake: Arc<OwnedFd>,
+    /// Where the queue knocks for this worker's waiting connections; behind `wake`'s eventfd.
+    door: Arc<RingDoor>,
     wake_buf: Box<u64>,
     tick: Box<Timespec>,
     listeners: Vec<Option<Lst>>,
@@ -557,6 +556,7 @@ impl Loop {
             bufs,
             shared,
             rx,
+            door: Arc::new(RingDoor::new(wake.clone())),
             wake,
             wake_buf: Box::new(0),
             tick: Box::new(Timespec::from(TICK)),
@@ -732,6 +732,18 @@ impl Loop {
                     }
                     return;
                 }
+            }
+        }
+        // Waiting connections whose turn may have come: their backup timer ends now, and they ask again.
+        for slot in self.door.take() {
+            let waiting = self.conn(slot).is_some_and(|c| {
+                !c.closing && c.connecting.as_ref().is_some_and(|k| k.wait.ticket().is_some())
+            });
+            if waiting {
+                let e = opcode::AsyncCancel::new(user_data(Op::Queue, slot, 0))
+                    .build()
+                    .user_data(user_data(Op::Cancel, slot, 0));
+                self.push(&e);
             }
         }
         self.arm_wake();
@@ -1030,14 +1042,26 @@ impl Loop {
         let t = self.shared.timeouts.load_full();
         let shared = self.shared.clone();
         loop {
-            let Some(c) = self.conn(slot) else { return };
+            // The field, not `conn()`, so that the queue's waker below may borrow `door` beside it.
+            let Some(c) = self.conns.get_mut(slot as usize).and_then(Option::as_mut) else {
+                return;
+            };
             let l = c.active.l.clone();
             let Some(k) = c.connecting.as_mut() else { return };
             let (addr, bm) = match shared.next_backend(&l, k.peer.ip(), &k.tried, k.attempt, k.wait.ticket())
             {
                 Ok(pick) => pick,
-                Err(NoBackend::Full) if shared.keep_waiting(&l, &mut k.wait) => {
-                    let e = (opcode::Timeout::new(&QUEUE_RETRY_TS).build()).user_data(user_data(
+                Err(NoBackend::Full)
+                    if shared.keep_waiting(&l, &mut k.wait, || Waker::Ring {
+                        door: self.door.clone(),
+                        slot,
+                    }) =>
+                {
+                    if k.wait.just_joined() {
+                        continue;
+                    }
+                    // Ended early by a knock (`on_wake` cancels it), else the backup retry.
+                    let e = (opcode::Timeout::new(&WAIT_BACKUP_TS).build()).user_data(user_data(
                         Op::Queue,
                         slot,
                         0,
