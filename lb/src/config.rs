@@ -237,6 +237,18 @@ impl RoleConfig for Config {
         let shutdown = raw.shutdown.validate(&mut v);
         let http = raw.http.validate(&mut v, shutdown.grace);
         let proxy = raw.proxy.validate(&mut v);
+        check_proxy_types(&mut v, &proxy, &params);
+        for (i, l) in proxy.listeners.iter().enumerate() {
+            if clash(l.listen, listen) {
+                v.error(
+                    format!("proxy.listeners[{i}].listen"),
+                    format!(
+                        "{} takes the balancer's own API address (listen = {listen})",
+                        l.listen
+                    ),
+                );
+            }
+        }
         v.finish(Config {
             listen,
             balancers,
@@ -289,6 +301,54 @@ pub fn read_key(v: &mut Validator, key: &str, key_file: &str) -> (Vec<u8>, Optio
         }
         (true, true) => (Vec::new(), None),
     }
+}
+
+/// A listener's type must route somewhere: a configured backend serves it, or the directory knows it
+/// (`[types]`); else every connection to it fails. A backend's `request_types` must each be some listener's,
+/// or the backend serves nothing (a misspelt type, most likely).
+fn check_proxy_types(v: &mut Validator, proxy: &crate::proxy::config::ProxyConfig, params: &Params) {
+    let serves = |b: &crate::proxy::config::BackendConfig, ty: &str| {
+        b.request_types.is_empty() || b.request_types.iter().any(|t| t == ty)
+    };
+    for (i, l) in proxy.listeners.iter().enumerate() {
+        let ty = &l.request_type;
+        if !params.types.contains_key(ty) && !proxy.backends.iter().any(|b| serves(b, ty)) {
+            v.error(
+                format!("proxy.listeners[{i}].request_type"),
+                format!(
+                    "{ty:?} is neither a [types] entry nor served by a [[proxy.backends]] (types: {})",
+                    params.types.keys().cloned().collect::<Vec<_>>().join(", ")
+                ),
+            );
+        }
+    }
+    if proxy.listeners.is_empty() {
+        return;
+    }
+    for (i, b) in proxy.backends.iter().enumerate() {
+        for ty in &b.request_types {
+            if !proxy.listeners.iter().any(|l| &l.request_type == ty) {
+                v.error(
+                    format!("proxy.backends[{i}].request_types"),
+                    format!(
+                        "no listener has type {ty:?} (listeners' types: {})",
+                        proxy
+                            .listeners
+                            .iter()
+                            .map(|l| l.request_type.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                );
+            }
+        }
+    }
+}
+
+/// Whether sockets on `a` and `b` would take the same port: the same address, or the same port with either
+/// on every address (`0.0.0.0`, `[::]`).
+fn clash(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() == b.port() && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
 }
 
 fn validate_directory(v: &mut Validator, d: &DirectorySection, types: &BTreeMap<String, RawType>) -> Params {
@@ -392,5 +452,67 @@ impl DaemonConfig for Config {
     }
     fn log_filter(&self) -> &str {
         &self.log_filter
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn issues(text: &str) -> Vec<String> {
+        let raw: RawConfig = toml::from_str(text).unwrap();
+        match Config::validate(&raw) {
+            Ok(_) => Vec::new(),
+            Err(issues) => issues.iter().map(ToString::to_string).collect(),
+        }
+    }
+
+    /// A proxy listener on the API's own port would fail to bind at start; check-config says so first.
+    #[test]
+    fn a_proxy_listener_may_not_take_the_api_address() {
+        let cfg = |api: &str, proxy: &str| {
+            format!(
+                "listen = \"{api}\"\n[types.web]\n[[proxy.listeners]]\nlisten = \"{proxy}\"\nrequest_type = \"web\"\n"
+            )
+        };
+        let found = issues(&cfg("127.0.0.1:7000", "127.0.0.1:7000"));
+        assert!(
+            found
+                .iter()
+                .any(|i| i.contains("proxy.listeners[0].listen") && i.contains("API address")),
+            "{found:?}"
+        );
+        assert_eq!(issues(&cfg("127.0.0.1:7000", "0.0.0.0:7000")).len(), 1);
+        assert!(issues(&cfg("127.0.0.1:7000", "127.0.0.1:7400")).is_empty());
+        assert!(issues(&cfg("127.0.0.1:7000", "127.0.0.2:7000")).is_empty());
+    }
+
+    /// A listener whose type routes nowhere, and a backend whose type no listener has, are refused.
+    #[test]
+    fn proxy_types_must_route_and_be_used() {
+        let base = "[types.web]\n[[proxy.listeners]]\nlisten = \"127.0.0.1:7400\"\nrequest_type = \"web\"\n";
+        assert!(issues(base).is_empty(), "{:?}", issues(base));
+        let nowhere =
+            format!("{base}[[proxy.listeners]]\nlisten = \"127.0.0.1:7401\"\nrequest_type = \"wbe\"\n");
+        let found = issues(&nowhere);
+        assert!(
+            found
+                .iter()
+                .any(|i| i.contains("proxy.listeners[1].request_type") && i.contains("\"wbe\"")),
+            "{found:?}"
+        );
+        let served =
+            format!("{nowhere}[[proxy.backends]]\naddr = \"127.0.0.1:9000\"\nrequest_types = [\"wbe\"]\n");
+        assert!(issues(&served).is_empty(), "{:?}", issues(&served));
+        let unused =
+            format!("{base}[[proxy.backends]]\naddr = \"127.0.0.1:9000\"\nrequest_types = [\"api\"]\n");
+        let found = issues(&unused);
+        assert!(
+            found
+                .iter()
+                .any(|i| i.contains("proxy.backends[0].request_types") && i.contains("\"api\"")),
+            "{found:?}"
+        );
     }
 }
