@@ -1386,6 +1386,22 @@ fn reload_removing_a_listener_keeps_its_connections(rt: &'static str) {
     };
     assert_eq!(to(echo2), 5.0, "{m}");
     assert_eq!(to(echo1), 1.0, "{m}");
+    // The backend the reload removed is no longer one of the proxy's: `/metrics` says so, and
+    // `/v1/status` (so `ctl cluster` and the dashboard) leaves it out.
+    let configured = |addr: SocketAddr| {
+        metric_value(
+            &m,
+            "xcluster_lb_proxy_backend_configured",
+            &format!("backend=\"{addr}\""),
+        )
+    };
+    assert_eq!(
+        (configured(echo1), configured(echo2)),
+        (Some(0.0), Some(1.0)),
+        "{m}"
+    );
+    let shown: Vec<String> = (lb.proxy_status().backends.into_iter()).map(|b| b.addr).collect();
+    assert_eq!(shown, vec![echo2.to_string()]);
 
     // Re-adding the listener works, and the old connection ends normally.
     lb.reload_applied(

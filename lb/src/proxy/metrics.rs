@@ -48,6 +48,9 @@ pub const BACKEND_BACKUP: &str = "xcluster_lb_proxy_backend_backup";
 pub const BACKEND_CHECK_FAILURES_TOTAL: &str = "xcluster_lb_proxy_backend_check_failures_total";
 /// A configured backend's `max_connections` (0: no cap), set on each (re)load.
 pub const BACKEND_MAX_CONNECTIONS: &str = "xcluster_lb_proxy_backend_max_connections";
+/// 1 for each backend of the config, 0 once a reload removed it; `/v1/status` leaves removed ones out. A
+/// backend the directory routes to has none (and is listed while its counters exist).
+pub const BACKEND_CONFIGURED: &str = "xcluster_lb_proxy_backend_configured";
 /// Picks that passed a backend over because it had `max_connections` open.
 pub const BACKEND_FULL_TOTAL: &str = "xcluster_lb_proxy_backend_full_total";
 pub const BACKEND_CONNECT_SECONDS: &str = "xcluster_lb_proxy_backend_connect_seconds";
@@ -226,6 +229,8 @@ pub fn status(text: &str) -> ProxyStatus {
     // Names with an info series, and whether one of them says the listener is configured now.
     let mut listed: BTreeMap<String, bool> = BTreeMap::new();
     let mut backends: BTreeMap<String, ProxyBackendStatus> = BTreeMap::new();
+    // Backends with a `configured` series, and whether it says they are configured now.
+    let mut configured: BTreeMap<String, bool> = BTreeMap::new();
     for line in text.lines() {
         let Some(Sample { name, labels, value }) = Sample::parse(line) else {
             continue;
@@ -277,12 +282,17 @@ pub fn status(text: &str) -> ProxyStatus {
                 BACKEND_FAILING => e.failing = value > 0,
                 BACKEND_BACKUP => e.backup = value > 0,
                 BACKEND_MAX_CONNECTIONS => e.max_connections = value,
+                BACKEND_CONFIGURED => {
+                    configured.insert(b.to_string(), value > 0);
+                }
                 _ => {}
             }
         }
     }
     // A listener a reload removed keeps its counters in `/metrics`, but is no longer one of the proxy's.
     listeners.retain(|name, _| listed.get(name).copied().unwrap_or(true));
+    // The same for a backend a reload removed.
+    backends.retain(|addr, _| configured.get(addr).copied().unwrap_or(true));
     ProxyStatus {
         listeners: listeners.into_values().collect(),
         backends: backends.into_values().collect(),
@@ -359,6 +369,10 @@ xcluster_lb_proxy_backend_bytes_total{backend="127.0.0.1:9",direction="down"} 5
 xcluster_lb_proxy_backend_connect_seconds_bucket{backend="127.0.0.1:9",le="0.001"} 7
 xcluster_lb_proxy_backend_failing{backend="127.0.0.1:9"} 1
 xcluster_lb_proxy_backend_backup{backend="127.0.0.1:9"} 1
+xcluster_lb_proxy_backend_configured{backend="127.0.0.1:9"} 1
+xcluster_lb_proxy_backend_connects_total{backend="127.0.0.1:10"} 2
+xcluster_lb_proxy_backend_configured{backend="127.0.0.1:10"} 0
+xcluster_lb_proxy_backend_connects_total{backend="10.0.0.1:7101"} 4
 xcluster_lb_proxy_workers{runtime="io_uring"} 2
 xcluster_lb_reports_accepted_total{listener="web"} 99
 xcluster_lb_proxy_connections_failed_total{listener="web" 4
@@ -395,16 +409,25 @@ not a sample
                 },
             ]
         );
+        // A backend a reload removed (configured 0) is left out; one the directory routes to (no such
+        // series) is listed.
         assert_eq!(
             s.backends,
-            vec![ProxyBackendStatus {
-                addr: "127.0.0.1:9".into(),
-                connects: 7,
-                bytes_down: 5,
-                failing: true,
-                backup: true,
-                ..Default::default()
-            }]
+            vec![
+                ProxyBackendStatus {
+                    addr: "10.0.0.1:7101".into(),
+                    connects: 4,
+                    ..Default::default()
+                },
+                ProxyBackendStatus {
+                    addr: "127.0.0.1:9".into(),
+                    connects: 7,
+                    bytes_down: 5,
+                    failing: true,
+                    backup: true,
+                    ..Default::default()
+                },
+            ]
         );
     }
 }

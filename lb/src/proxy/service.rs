@@ -28,8 +28,8 @@ use super::handover;
 use super::health::{CheckStreaks, Holds, Verdict, check};
 use super::listener::Close;
 use super::metrics::{
-    Assigned, BACKEND_BACKUP, BACKEND_MAX_CONNECTIONS, BackendMetrics, LISTENER_BIND_FAILURES_TOTAL,
-    LISTENER_UNBOUND, ListenerMetrics, WORKERS,
+    Assigned, BACKEND_BACKUP, BACKEND_CONFIGURED, BACKEND_MAX_CONNECTIONS, BackendMetrics,
+    LISTENER_BIND_FAILURES_TOTAL, LISTENER_UNBOUND, ListenerMetrics, WORKERS,
 };
 use super::pick::{BackendPicker, PickFor};
 use super::queue::{Places, Queue, Ticket, Wait, Waker};
@@ -248,7 +248,11 @@ impl Shared {
 
     /// Takes `cfg`'s backends: their metric handles (kept for those already known) and their places.
     fn set_backends(&self, cfg: &ProxyConfig) {
-        let map = backend_handles(cfg, &self.backends.load(), &self.queue);
+        let old = self.backends.load();
+        let map = backend_handles(cfg, &old, &self.queue);
+        for gone in old.keys().filter(|a| !map.contains_key(a)) {
+            metrics::gauge!(BACKEND_CONFIGURED, "backend" => gone.to_string()).set(0.0);
+        }
         self.places
             .store(Arc::new(Places::new(cfg, |b| map[&b.addr].clone())));
         self.backends.store(Arc::new(map));
@@ -292,6 +296,7 @@ fn backend_handles(
                 .set(f64::from(u8::from(b.backup)));
             metrics::gauge!(BACKEND_MAX_CONNECTIONS, "backend" => b.addr.to_string())
                 .set(f64::from(b.max_connections));
+            metrics::gauge!(BACKEND_CONFIGURED, "backend" => b.addr.to_string()).set(1.0);
             let bm = (old.get(&b.addr).cloned())
                 .unwrap_or_else(|| Arc::new(BackendMetrics::new(b.addr, Some(queue.clone()))));
             bm.max.store(u64::from(b.max_connections), Ordering::Relaxed);
