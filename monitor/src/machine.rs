@@ -56,8 +56,10 @@ pub enum Event {
     Start,
     /// `stop` (by a person, an update or shutdown).
     Stop,
-    /// `restart` (by a person, or a failing liveness probe).
+    /// `restart` (asked for: by a person, an update, or a restart of what it depends on).
     Restart,
+    /// A failing liveness probe: the monitor restarts the process by itself, and counts it.
+    Unhealthy,
     /// The process could not be spawned at all.
     SpawnFailed,
     /// The process exited.
@@ -98,8 +100,12 @@ pub struct Machine {
     restarts: VecDeque<Instant>,
     spawned_at: Option<Instant>,
     restart_after_stop: bool,
+    /// That restart is the monitor's own (a failing liveness probe): it counts in `restart_count`.
+    count_restart: bool,
     pub last_exit: Option<ExitInfo>,
-    /// Restarts since the monitor started (automatic or requested).
+    /// Restarts the monitor made by itself since it started: after a crash, out of BACKOFF, a FATAL retry (as
+    /// systemd's `NRestarts`). A `start`, `restart` or update someone asked for is not one, so an alert on
+    /// the rate of restarts (a crash loop) stays quiet through a deploy.
     pub restart_count: u64,
     /// Why the process is FATAL.
     pub fatal_reason: Option<&'static str>,
@@ -123,6 +129,7 @@ impl Machine {
             restart_after_stop: false,
             last_exit: None,
             restart_count: 0,
+            count_restart: false,
             fatal_reason: None,
         }
     }
@@ -157,11 +164,7 @@ impl Machine {
                 State::Stopped | State::Exited | State::Fatal | State::Backoff,
                 Event::Start | Event::Restart,
             ) => {
-                // A restart that stopped the process first and waited for its dependencies starts from
-                // STOPPED; it counts all the same.
-                if self.state != State::Stopped || ev == Event::Restart {
-                    self.restart_count += 1;
-                }
+                // Asked for by someone: not one of `restart_count`'s (see there).
                 self.start_failures = 0;
                 self.streak = 0;
                 self.restarts.clear();
@@ -199,8 +202,9 @@ impl Machine {
                     self.after_crash(p, now, rand01, &mut step);
                 }
             }
-            (State::Starting | State::Running, Event::Stop | Event::Restart) => {
-                self.restart_after_stop = ev == Event::Restart;
+            (State::Starting | State::Running, Event::Stop | Event::Restart | Event::Unhealthy) => {
+                self.restart_after_stop = ev != Event::Stop;
+                self.count_restart = ev == Event::Unhealthy;
                 self.go(State::Stopping, &mut step);
                 step.actions.push(Action::SignalStop);
                 step.actions.push(Action::Timer(p.stopwait, self.generation));
@@ -213,7 +217,9 @@ impl Machine {
                 self.last_exit = Some(e);
                 self.go(State::Stopped, &mut step);
                 if std::mem::take(&mut self.restart_after_stop) {
-                    self.restart_count += 1;
+                    if std::mem::take(&mut self.count_restart) {
+                        self.restart_count += 1;
+                    }
                     self.start_failures = 0;
                     self.enter_starting(p, now, &mut step);
                 }
@@ -224,6 +230,7 @@ impl Machine {
             // A stop while a restart is still stopping the process wins: the user's latest word is "stopped".
             (State::Stopping, Event::Stop) => {
                 self.restart_after_stop = false;
+                self.count_restart = false;
             }
             (State::Fatal, Event::Timer(g)) if g == self.generation => {
                 self.start_failures = 0;

@@ -284,19 +284,36 @@ fn restart_stops_then_starts() {
         signal: Some(15),
     }));
     assert_eq!(s.transitions, vec![(Stopping, Stopped), (Stopped, Starting)]);
-    assert_eq!(t.m.restart_count, 1);
+    assert_eq!(t.m.restart_count, 0, "asked for: not counted");
 }
 
 #[test]
-fn a_restart_from_stopped_counts_and_a_start_does_not() {
+fn only_restarts_the_monitor_makes_by_itself_count() {
     let mut t = T::new();
     assert_eq!(t.ev(Event::Start).transitions, vec![(Stopped, Starting)]);
-    assert_eq!(t.m.restart_count, 0);
     t.running();
     t.ev(Event::Stop);
     t.ev(Event::Exited(CLEAN));
     assert_eq!(t.ev(Event::Restart).transitions, vec![(Stopped, Starting)]);
+    assert_eq!(t.m.restart_count, 0);
+    t.running();
+    // A crash after RUNNING is restarted by the monitor: that one counts.
+    t.ev(Event::Exited(ExitInfo {
+        code: Some(3),
+        signal: None,
+    }));
+    assert_eq!(t.m.state, Starting);
     assert_eq!(t.m.restart_count, 1);
+    t.running();
+    // So does a restart for a failing liveness probe, once the process has stopped.
+    assert_eq!(t.ev(Event::Unhealthy).transitions, vec![(Running, Stopping)]);
+    assert_eq!(t.m.restart_count, 1);
+    let s = t.ev(Event::Exited(ExitInfo {
+        code: None,
+        signal: Some(15),
+    }));
+    assert_eq!(s.transitions, vec![(Stopping, Stopped), (Stopped, Starting)]);
+    assert_eq!(t.m.restart_count, 2);
 }
 
 #[test]

@@ -13,7 +13,7 @@ use crate::status::{ProcStatus, Snapshot};
 pub const PROGRAM_UP: &str = "xcluster_monitor_program_up";
 /// The state as a number: 0 STOPPED, 1 STARTING, 2 RUNNING, 3 BACKOFF, 4 STOPPING, 5 EXITED, 6 FATAL.
 pub const PROGRAM_STATE: &str = "xcluster_monitor_program_state";
-/// Restarts since the monitor started.
+/// Restarts the monitor made by itself since it started (a crash, BACKOFF, a FATAL retry); not those asked for.
 pub const PROGRAM_RESTARTS_TOTAL: &str = "xcluster_monitor_program_restarts_total";
 /// 1 while the process passes its readiness (or is RUNNING without one).
 pub const PROGRAM_READY: &str = "xcluster_monitor_program_ready";

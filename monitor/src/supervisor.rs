@@ -700,7 +700,7 @@ impl Supervisor {
         let threshold = p.spec.liveness.as_ref().map_or(u32::MAX, |s| s.failure_threshold);
         if liveness && failures >= threshold && p.m.state == State::Running {
             warn!(program = name, failures, "liveness probe failing; restarting");
-            self.event(name, Event::Restart);
+            self.event(name, Event::Unhealthy);
         }
     }
 

@@ -226,8 +226,9 @@ period_ms = 50
     std::fs::write(&order, "").unwrap();
     assert_says(&m.ctl(&["restart", "all"]), 0, started);
     assert_eq!(read_order(), "-web\n-app\n-db\n+db\n+app\n+web\n");
+    // Asked for: `restarts` counts only those the monitor makes by itself (a crash loop's alert stays quiet).
     for name in ["db", "app", "web"] {
-        assert_eq!(m.prog(name)["restarts"], 1, "{}", m.prog(name));
+        assert_eq!(m.prog(name)["restarts"], 0, "{}", m.prog(name));
     }
 
     // A list is one command too: db waits for app (web, not named, runs on).
