@@ -43,6 +43,9 @@ pub struct RawConfig {
     pub max_body_bytes: usize,
     /// Bearer token for mutating admin calls; empty disables them.
     pub admin_token: String,
+    /// The secret the payment provider signs its callbacks with (`X-Signature`); empty: callbacks carry the
+    /// admin token instead.
+    pub payment_callback_secret: String,
     /// How long a reservation holds stock before the sweeper gives it back.
     pub reservation_ttl_ms: u64,
     /// How often the reconciler runs the invariant audit in the background (0 = never).
@@ -135,6 +138,7 @@ impl Default for RawConfig {
             capacity: 1024,
             max_body_bytes: 64 * 1024,
             admin_token: String::new(),
+            payment_callback_secret: String::new(),
             reservation_ttl_ms: 15 * 60 * 1000,
             audit_interval_ms: 60_000,
             degrade: DegradeSection::default(),
@@ -164,6 +168,8 @@ pub struct Config {
     pub capacity: u32,
     pub max_body_bytes: usize,
     pub admin_token: String,
+    /// `payment_callback_secret`.
+    pub callback_secret: String,
     pub reservation_ttl: Duration,
     /// `None` disables the background reconciler.
     pub audit_interval: Option<Duration>,
@@ -252,6 +258,17 @@ impl RoleConfig for Config {
                 format!("{ty} = {us} us is above 1000000")
             });
         }
+        let secret = &raw.payment_callback_secret;
+        v.check(
+            secret.is_empty() || secret.len() >= 16,
+            "payment_callback_secret",
+            || {
+                format!(
+                    "{} bytes; at least 16 (or empty: callbacks carry the admin token)",
+                    secret.len()
+                )
+            },
+        );
         let (backend, redis) = crate::config_backend::validate(
             &mut v,
             &raw.store,
@@ -279,6 +296,7 @@ impl RoleConfig for Config {
             capacity,
             max_body_bytes,
             admin_token: raw.admin_token.clone(),
+            callback_secret: raw.payment_callback_secret.clone(),
             reservation_ttl,
             audit_interval,
             manual_level,
@@ -301,6 +319,9 @@ impl RoleConfig for Config {
     fn redact(raw: &mut RawConfig) {
         if !raw.admin_token.is_empty() {
             raw.admin_token = "<redacted>".into();
+        }
+        if !raw.payment_callback_secret.is_empty() {
+            raw.payment_callback_secret = "<redacted>".into();
         }
         raw.postgres_url = crate::config_backend::redact_url(&raw.postgres_url);
         raw.redis_url = crate::config_backend::redact_url(&raw.redis_url);

@@ -16,7 +16,7 @@
 //! | `POST /v1/orders/{id}/fulfil` | order | token |
 //! | `POST /v1/seckill/{sku}` | seckill | `{"user", "qty"?}`, optional `Idempotency-Key`; per-user limit; sold-out gate |
 //! | `POST /v1/orders/{id}/pay` | pay | from the buyer's wallet |
-//! | `POST /v1/payments/callback` | pay | token; `{"payment_id", "order_id", "amount_cents", "status"}`, idempotent by `payment_id` |
+//! | `POST /v1/payments/callback` | pay | `X-Signature` with `payment_callback_secret` set (`api::signature`), else token; `{"payment_id", "order_id", "amount_cents", "status"}`, idempotent by `payment_id` |
 //! | `POST /v1/refunds` | pay | token; `{"order_id"}` |
 //! | `POST /v1/merchant/stock` | admin | token; `{"updates": [{"sku", "receive"?, "price_cents"?}]}` |
 //! | `POST /v1/merchant/flash-sales/{sku}` | admin | token; `{"buckets"?}` (or no body) splits stock into buckets and opens the sale: `/v1/orders` then refuses the SKU (409 `on_flash_sale`) |

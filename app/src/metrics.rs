@@ -26,3 +26,5 @@ pub const BATCH_SIZE: &str = "xcluster_app_batch_orders";
 pub const REDIS_GATE_TOTAL: &str = "xcluster_app_redis_gate_total";
 /// Background audits that found an invariant breach.
 pub const AUDIT_FAILURES_TOTAL: &str = "xcluster_app_audit_failures_total";
+/// Payment callbacks refused for their signature (`payment_callback_secret`): missing, stale or wrong.
+pub const CALLBACKS_REFUSED_TOTAL: &str = "xcluster_app_payment_callbacks_refused_total";

@@ -185,8 +185,9 @@ pub async fn read_json_or_default<T: serde::de::DeserializeOwned + Default>(
 }
 
 /// Every body the APIs take is an object; serde would also fill a struct from an array of its fields in
-/// order (`["ann", [...]]` as an order), which no client means. The error is the `bad_json` message.
-fn decode_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
+/// order (`["ann", [...]]` as an order), which no client means. The error is the `bad_json` message (for a
+/// handler that must see the bytes first, as a signature check does).
+pub fn decode_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
     if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
         return Err("invalid JSON body: expected a JSON object".into());
     }

@@ -532,3 +532,62 @@ fn stats_contract_degrade_switch_and_flash_sale() {
     assert_eq!(reopened.json()["flash_sale"], true);
     audit_ok(a);
 }
+
+/// With `payment_callback_secret`, a provider callback is taken on its signature (`X-Signature: t=..,v1=..`,
+/// HMAC-SHA256 of "t.body"), computed here from the documented format: a delivery without one (even with
+/// the admin token), with another body, or with a stale time is refused and counted; a signed one pays.
+#[test]
+fn payment_callbacks_are_taken_on_their_signature_when_a_secret_is_set() {
+    use hmac::{Hmac, Mac};
+    const SECRET: &str = "provider-shared-secret-1";
+    let db = Db::new();
+    let (_p, addrs) = start_apps(&db, 1, &format!("payment_callback_secret = \"{SECRET}\""));
+    let a = addrs[0];
+    let order = buy(&addrs, 0, "signed", "s1", "sku-1-1", false).unwrap();
+    let total = get(a, &format!("/v1/orders/{order}")).unwrap().json()["total_cents"].clone();
+    let body =
+        json!({"payment_id": "psp-s1", "order_id": order, "amount_cents": total, "status": "succeeded"})
+            .to_string();
+    let sign = |t: u64, body: &str| {
+        let mut mac = Hmac::<sha2::Sha256>::new_from_slice(SECRET.as_bytes()).unwrap();
+        mac.update(format!("{t}.{body}").as_bytes());
+        format!("t={t},v1={}", hex::encode(mac.finalize().into_bytes()))
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let deliver = |headers: &[(&str, &str)], body: &str| {
+        request(a, "POST", "/v1/payments/callback", headers, Some(body.as_bytes())).unwrap()
+    };
+    let bearer = format!("Bearer {TOKEN}");
+    let unsigned = deliver(&[("Authorization", &bearer)], &body);
+    assert_eq!(unsigned.status, 401, "{}", unsigned.body);
+    assert_eq!(unsigned.json()["error"]["code"], "bad_signature");
+    let other = body.replace("psp-s1", "psp-s2");
+    let tampered = deliver(&[("X-Signature", &sign(now, &body))], &other);
+    assert_eq!(tampered.status, 401, "{}", tampered.body);
+    let stale = deliver(&[("X-Signature", &sign(now - 3600, &body))], &body);
+    assert_eq!(stale.status, 401, "{}", stale.body);
+    assert_eq!(
+        get(a, &format!("/v1/orders/{order}")).unwrap().json()["status"],
+        "reserved",
+        "no refused delivery paid it"
+    );
+    let signed = deliver(&[("X-Signature", &sign(now, &body))], &body);
+    assert_eq!(signed.status, 200, "{}", signed.body);
+    assert_eq!(
+        (
+            signed.json()["status"].as_str(),
+            signed.json()["paid_via"].as_str()
+        ),
+        (Some("paid"), Some("psp"))
+    );
+    let m = get(a, "/metrics").unwrap().body;
+    assert_eq!(
+        metric_value(&m, "xcluster_app_payment_callbacks_refused_total", ""),
+        Some(3.0),
+        "{m}"
+    );
+    audit_ok(a);
+}

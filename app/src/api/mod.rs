@@ -11,6 +11,7 @@ pub mod bodies;
 mod catalog;
 mod money;
 mod orders;
+pub mod signature;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -6,9 +6,10 @@ use std::sync::Arc;
 use http::HeaderValue;
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
-use xcluster_runtime::http::{Body, error, json, read_json};
+use xcluster_runtime::http::{Body, decode_json, error, json, read_body, read_json};
 
 use super::bodies::{CreditReq, RefundReq, check_callback};
+use super::signature;
 use super::{App, BODY_TIMEOUT, authorized, idem_key, path_id, reject, respond, store_failed};
 use crate::Config;
 use crate::degrade::Level;
@@ -31,14 +32,35 @@ pub async fn pay(app: &Arc<App>, id: &str) -> Response<Body> {
     )
 }
 
-/// `POST /v1/payments/callback` (from the payment provider; bearer token).
+/// `POST /v1/payments/callback` (from the payment provider): signed with `payment_callback_secret` when one
+/// is set (`X-Signature`, see `signature`), else with the bearer token.
 pub async fn callback(app: &Arc<App>, cfg: &Config, req: Request<Incoming>) -> Response<Body> {
-    if let Err(refused) = authorized(cfg, &req) {
+    let signed = !cfg.callback_secret.is_empty();
+    if !signed && let Err(refused) = authorized(cfg, &req) {
         return refused;
     }
-    let cb: PaymentCallback = match read_json(req, cfg.max_body_bytes, BODY_TIMEOUT).await {
+    let header = req
+        .headers()
+        .get(signature::HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let bytes = match read_body(req.into_body(), cfg.max_body_bytes, BODY_TIMEOUT).await {
         Ok(b) => b,
-        Err(resp) => return resp,
+        Err(e) => return e.response(),
+    };
+    if signed {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        if let Err(why) = signature::verify(&cfg.callback_secret, header.as_deref(), &bytes, now) {
+            metrics::counter!(crate::metrics::CALLBACKS_REFUSED_TOTAL).increment(1);
+            tracing::warn!(reason = %why, "payment callback refused");
+            return error(StatusCode::UNAUTHORIZED, "bad_signature", &why);
+        }
+    }
+    let cb: PaymentCallback = match decode_json(&bytes) {
+        Ok(b) => b,
+        Err(msg) => return error(StatusCode::BAD_REQUEST, "bad_json", &msg),
     };
     if let Err((code, msg)) = check_callback(&cb) {
         return error(StatusCode::BAD_REQUEST, code, &msg);
