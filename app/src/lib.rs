@@ -12,6 +12,7 @@
 //! | `GET /v1/orders/{id}` | browse | |
 //! | `GET /v1/wallets/{user}` | browse | wallet balance |
 //! | `POST /v1/orders` | order | `Idempotency-Key` required (a user's own: another user may use the same); `{"user", "lines": [{"sku", "qty"}]}`; 201, or 200 + `Idempotent-Replay: true` for a replay; 422 for a key reused with another body |
+//! | `GET /v1/users/{user}/orders` | browse | `?limit=1..=100&before=CURSOR`: the user's orders, newest first; `next_before` pages on |
 //! | `POST /v1/orders/{id}/cancel` | order | gives the reservation back |
 //! | `POST /v1/orders/{id}/fulfil` | order | token |
 //! | `POST /v1/seckill/{sku}` | seckill | `{"user", "qty"?}`, optional `Idempotency-Key`; per-user limit; sold-out gate |

@@ -103,6 +103,18 @@ fn every_malformed_request_gets_a_4xx_json_error() {
             post(a, "/v1/orders/o-missing/pay", None, false, &json!({})).unwrap(),
         ),
         (
+            "orders of a user, limit 0",
+            get(a, "/v1/users/ann/orders?limit=0").unwrap(),
+        ),
+        (
+            "orders of a user, a made-up cursor",
+            get(a, "/v1/users/ann/orders?before=yesterday").unwrap(),
+        ),
+        (
+            "orders of a user with a bad id",
+            get(a, "/v1/users/a%20b/orders").unwrap(),
+        ),
+        (
             "order as an array of its fields",
             request(
                 a,
@@ -288,6 +300,11 @@ fn payments_refunds_and_settlement_balance_the_ledger() {
     assert_eq!(get(b, "/v1/wallets/alice").unwrap().json()["balance_cents"], 700);
     let o1 = buy(&addrs, 0, "alice", "p1", "sku-1-1", true).unwrap();
     assert_eq!(get(b, "/v1/wallets/alice").unwrap().json()["balance_cents"], 90);
+    // Her orders, as a "my orders" page lists them.
+    let mine = get(b, "/v1/users/alice/orders").unwrap().json();
+    assert_eq!(mine["orders"][0]["id"], o1.as_str(), "{mine}");
+    assert_eq!(mine["orders"][0]["status"], "paid", "{mine}");
+    assert_eq!(mine["next_before"], serde_json::Value::Null, "{mine}");
     // An order key is the user's own: bob's "p1" is his order, not a conflict with alice's.
     let bobs = post(
         b,

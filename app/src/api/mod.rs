@@ -62,6 +62,7 @@ enum Route {
     Products,
     Product(String),
     Order(String),
+    UserOrders(String),
     Wallet(String),
     CreateOrder,
     Pay(String),
@@ -97,6 +98,7 @@ fn route(method: &Method, path: &str) -> Result<(ReqType, Route), Option<&'stati
         ["v1", "orders", id, "cancel"] => (POST, (ReqType::Order, Route::Cancel(s(id)))),
         ["v1", "orders", id, "fulfil"] => (POST, (ReqType::Order, Route::Fulfil(s(id)))),
         ["v1", "wallets", user] => (GET, (ReqType::Browse, Route::Wallet(s(user)))),
+        ["v1", "users", user, "orders"] => (GET, (ReqType::Browse, Route::UserOrders(s(user)))),
         ["v1", "seckill", sku] => (POST, (ReqType::Seckill, Route::Seckill(s(sku)))),
         ["v1", "payments", "callback"] => (POST, (ReqType::Pay, Route::Callback)),
         ["v1", "refunds"] => (POST, (ReqType::Pay, Route::Refund)),
@@ -187,6 +189,7 @@ async fn admitted(app: &Arc<App>, ty: ReqType, r: Route, req: Request<Incoming>)
         Route::Product(id) => catalog::product(app, &id).await,
         Route::Order(id) => orders::get(app, &id).await,
         Route::Wallet(user) => money::wallet(app, &user).await,
+        Route::UserOrders(user) => orders::user_orders(app, &user, &req).await,
         Route::CreateOrder => orders::create(app, &cfg, req).await,
         Route::Seckill(sku) => orders::seckill(app, &cfg, &sku, req).await,
         Route::Pay(id) => money::pay(app, &id).await,
@@ -309,6 +312,7 @@ mod tests {
             t(Method::GET, "/v1/merchant/flash-sales/f"),
             Err(Some("POST, DELETE"))
         );
+        assert_eq!(t(Method::GET, "/v1/users/ann/orders"), Ok(ReqType::Browse));
         assert_eq!(t(Method::GET, "/v2/x"), Err(None));
         assert_eq!(t(Method::GET, "/v1/orders/a/b/c/d"), Err(None));
     }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use http::{HeaderValue, Request, Response, StatusCode};
 use hyper::body::Incoming;
-use xcluster_runtime::http::{Body, error, json, read_json};
+use xcluster_runtime::http::{Body, error, json, query_pairs, read_json};
 
 use super::bodies::{CreateOrder, SeckillReq};
 use super::{App, BODY_TIMEOUT, authorized, idem_key, path_id, reject, respond, store_failed};
@@ -175,6 +175,54 @@ pub async fn get(app: &Arc<App>, id: &str) -> Response<Body> {
         Ok(None) => reject(&Reject::NotFound { what: "order", id }),
         Err(e) => store_failed(&e),
     }
+}
+
+/// `GET /v1/users/{user}/orders?limit=N&before=CURSOR`: the user's orders, newest first (limit 1..=100,
+/// default 20); `next_before` is the cursor of the next page (`null` on the last).
+pub async fn user_orders(app: &Arc<App>, user: &str, req: &Request<Incoming>) -> Response<Body> {
+    if let Err(resp) = path_id("user", user) {
+        return resp;
+    }
+    let pairs = match query_pairs(req.uri().query()) {
+        Ok(p) => p,
+        Err(e) => return error(StatusCode::BAD_REQUEST, "bad_query", &e),
+    };
+    let (mut before, mut limit) = (None, 20u32);
+    for (k, v) in pairs {
+        let bad = |what: &str| error(StatusCode::BAD_REQUEST, "bad_query", &format!("{k}={v:?} {what}"));
+        match k.as_str() {
+            "limit" => match v.parse::<u32>() {
+                Ok(n) if (1..=100).contains(&n) => limit = n,
+                _ => return bad("is not in 1..=100"),
+            },
+            "before" => match parse_cursor(&v) {
+                Some(c) => before = Some(c),
+                None => return bad("is not a cursor from next_before"),
+            },
+            _ => return bad("is not a query parameter here (limit, before)"),
+        }
+    }
+    let who = user.to_string();
+    match app.exec.read(move |s| s.user_orders(&who, before, limit)).await {
+        Ok(orders) => {
+            let next = orders
+                .last()
+                .filter(|_| orders.len() == limit as usize)
+                .map(|o| format!("{}-{}", o.created_ms, o.id));
+            json(
+                StatusCode::OK,
+                &serde_json::json!({ "user": user, "orders": orders, "next_before": next }),
+            )
+        }
+        Err(e) => store_failed(&e),
+    }
+}
+
+/// A `next_before` cursor: `<created_ms>-<order id>`.
+fn parse_cursor(v: &str) -> Option<(i64, String)> {
+    let (ms, id) = v.split_once('-')?;
+    let ms: i64 = ms.parse().ok().filter(|ms| *ms >= 0)?;
+    crate::domain::valid_id(id).then(|| (ms, id.to_string()))
 }
 
 /// `POST /v1/orders/{id}/cancel`: gives a reservation back; a second cancel answers the same.

@@ -135,6 +135,14 @@ pub trait Store: Send + Sync + 'static {
     fn list_products(&self, after: i64, limit: u32) -> Result<Vec<Product>, StoreError>;
     fn get_product(&self, id: i64) -> Result<Option<Product>, StoreError>;
     fn get_order(&self, id: &str) -> Result<Option<OrderView>, StoreError>;
+    /// `user`'s orders, newest first, from before `before` (`(created_ms, id)` of the last one seen), at
+    /// most `limit`.
+    fn user_orders(
+        &self,
+        user: &str,
+        before: Option<(i64, String)>,
+        limit: u32,
+    ) -> Result<Vec<OrderView>, StoreError>;
 
     /// Creates orders in ONE transaction (one per call at the sync level, a group at the queued level):
     /// for each, the conditional stock decrements, the order row and its outbox row, or nothing (a

@@ -313,6 +313,14 @@ impl Store for PostgresStore {
     fn get_order(&self, id: &str) -> Result<Option<OrderView>, StoreError> {
         self.read(|t| orders::load_order(t, id))
     }
+    fn user_orders(
+        &self,
+        user: &str,
+        before: Option<(i64, String)>,
+        limit: u32,
+    ) -> Result<Vec<OrderView>, StoreError> {
+        self.read(|t| orders::user_orders(t, user, before.clone(), limit))
+    }
     fn create_orders(
         &self,
         new: &[NewOrder],

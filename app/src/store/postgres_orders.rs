@@ -56,6 +56,30 @@ pub fn list_products_from(
     Ok(products)
 }
 
+/// `user`'s orders, newest first, before `before` (`(created_ms, id)`), at most `limit`.
+pub fn user_orders(
+    t: &mut Tx<'_>,
+    user: &str,
+    before: Option<(i64, String)>,
+    limit: u32,
+) -> Result<Vec<OrderView>, StoreError> {
+    let (ms, id) = before.unwrap_or((i64::MAX, String::new()));
+    let ids: Vec<String> = t
+        .query(
+            r#"SELECT id FROM orders WHERE "user" = $1 AND (created_ms < $2 OR (created_ms = $2 AND id < $3))
+             ORDER BY created_ms DESC, id DESC LIMIT $4"#,
+            &[&user, &ms, &id, &i64::from(limit)],
+        )?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let mut out = Vec::with_capacity(ids.len());
+    for id in ids {
+        out.extend(load_order(t, &id)?);
+    }
+    Ok(out)
+}
+
 pub fn load_order(t: &mut Tx<'_>, id: &str) -> Result<Option<OrderView>, StoreError> {
     let row = t.opt(
         r#"SELECT id, "user", kind, status, total_cents, created_ms, expires_ms, paid_via FROM orders WHERE id = $1"#,

@@ -57,10 +57,12 @@ CREATE TABLE settlements(
   PRIMARY KEY (batch, shop_id));
 "#;
 
-/// Idempotency keys are per user (two buyers may both send `checkout-1`).
+/// Idempotency keys are per user (two buyers may both send `checkout-1`); a user's orders are listed newest
+/// first (`orders_user_time`).
 const V2: &str = r#"
 ALTER TABLE orders DROP CONSTRAINT IF EXISTS orders_idem_key_key;
 ALTER TABLE orders ADD CONSTRAINT orders_user_idem_key UNIQUE ("user", idem_key);
+CREATE INDEX orders_user_time ON orders("user", created_ms, id);
 "#;
 
 const MIGRATIONS: &[&str] = &[V1, V2];

@@ -215,6 +215,14 @@ impl Store for SqliteStore {
     fn get_order(&self, id: &str) -> Result<Option<OrderView>, StoreError> {
         self.with_conn(|c| super::sqlite_orders::load_order(c, id))
     }
+    fn user_orders(
+        &self,
+        user: &str,
+        before: Option<(i64, String)>,
+        limit: u32,
+    ) -> Result<Vec<OrderView>, StoreError> {
+        self.with_conn(|c| super::sqlite_orders::user_orders(c, user, before, limit))
+    }
     fn create_orders(
         &self,
         orders: &[NewOrder],

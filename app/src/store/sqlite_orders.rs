@@ -91,6 +91,28 @@ pub fn load_order(c: &Connection, id: &str) -> Result<Option<OrderView>, StoreEr
     Ok(Some(order))
 }
 
+/// `user`'s orders, newest first, before `before` (`(created_ms, id)`), at most `limit`.
+pub fn user_orders(
+    c: &Connection,
+    user: &str,
+    before: Option<(i64, String)>,
+    limit: u32,
+) -> Result<Vec<OrderView>, StoreError> {
+    let (ms, id) = before.unwrap_or((i64::MAX, String::new()));
+    let ids: Vec<String> = c
+        .prepare_cached(
+            "SELECT id FROM orders WHERE user = ?1 AND (created_ms < ?2 OR (created_ms = ?2 AND id < ?3))
+             ORDER BY created_ms DESC, id DESC LIMIT ?4",
+        )?
+        .query_map(params![user, ms, id, limit], |r| r.get(0))?
+        .collect::<Result<_, _>>()?;
+    let mut out = Vec::with_capacity(ids.len());
+    for id in ids {
+        out.extend(load_order(c, &id)?);
+    }
+    Ok(out)
+}
+
 fn lines(c: &Connection, id: &str) -> Result<Vec<LineView>, StoreError> {
     let mut stmt =
         c.prepare_cached("SELECT sku, qty, price_cents FROM order_lines WHERE order_id = ?1 ORDER BY sku")?;

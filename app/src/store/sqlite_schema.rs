@@ -56,7 +56,7 @@ CREATE TABLE settlements(
 "#;
 
 /// Idempotency keys are per user (two buyers may both send `checkout-1`): the key's `UNIQUE` becomes
-/// `UNIQUE (user, idem_key)`. SQLite cannot drop a constraint, so the table is rebuilt (its documented
+/// `UNIQUE (user, idem_key)`; and a user's orders are listed newest first (`orders_user_time`). SQLite cannot drop a constraint, so the table is rebuilt (its documented
 /// procedure: foreign keys off around the transaction, checked before the commit).
 const V2: &str = r#"
 CREATE TABLE orders_v2(
@@ -71,6 +71,7 @@ DROP TABLE orders;
 ALTER TABLE orders_v2 RENAME TO orders;
 CREATE INDEX orders_due ON orders(status, expires_ms);
 CREATE INDEX orders_user ON orders(user, kind);
+CREATE INDEX orders_user_time ON orders(user, created_ms, id);
 "#;
 
 const MIGRATIONS: &[&str] = &[V1, V2];

@@ -274,6 +274,42 @@ fn flash_sale_buckets_and_user_limit(fx: &dyn Fixture) {
     );
 }
 
+/// A user's orders page newest first, by `(created_ms, id)`, with no order lost or repeated across pages
+/// (several share a millisecond), and none of another user's.
+fn user_orders_page_newest_first(fx: &dyn Fixture) {
+    let s = fx.open();
+    let mut placed: Vec<(i64, String)> = (0..5)
+        .map(|_| {
+            let o = create(
+                &s,
+                order("lister", None, OrderKind::Regular, "sku-2-2", 1, 60_000),
+                true,
+            )
+            .unwrap();
+            (o.order.created_ms, o.order.id)
+        })
+        .collect();
+    create(
+        &s,
+        order("other", None, OrderKind::Regular, "sku-2-2", 1, 60_000),
+        true,
+    )
+    .unwrap();
+    placed.sort();
+    placed.reverse();
+    let mut seen = Vec::new();
+    let mut before = None;
+    for want in [2, 2, 1, 0] {
+        let page = s.user_orders("lister", before.clone(), 2).unwrap();
+        assert_eq!(page.len(), want);
+        assert!(page.iter().all(|o| o.user == "lister" && o.lines.len() == 1));
+        seen.extend(page.iter().map(|o| (o.created_ms, o.id.clone())));
+        before = page.last().map(|o| (o.created_ms, o.id.clone()));
+    }
+    assert_eq!(seen, placed);
+    assert!(s.user_orders("nobody", None, 10).unwrap().is_empty());
+}
+
 /// A credit with an idempotency key posts once however often it is retried, and the key cannot be reused
 /// for another credit.
 fn keyed_credit_posts_once(fx: &dyn Fixture) {
@@ -454,6 +490,7 @@ mod sqlite {
         flash_sale_buckets_and_user_limit,
         flash_sale_is_seckill_only_gathers_units_and_closes,
         keyed_credit_posts_once,
+        user_orders_page_newest_first,
         concurrent_handles_never_oversell_or_overdraw,
     );
 }
@@ -467,6 +504,7 @@ mod postgres {
         flash_sale_buckets_and_user_limit,
         flash_sale_is_seckill_only_gathers_units_and_closes,
         keyed_credit_posts_once,
+        user_orders_page_newest_first,
         concurrent_handles_never_oversell_or_overdraw,
     );
 }
