@@ -116,6 +116,10 @@ pub struct StockUpdate {
     /// Units received into stock (added to `available`).
     #[serde(default)]
     pub receive: u32,
+    /// Units written off (damaged, lost, a stock count that found fewer): taken from `available` (after
+    /// `receive`) and from `received`; more than `available` holds refuses the whole batch.
+    #[serde(default)]
+    pub write_off: u32,
     /// A new price, if any.
     #[serde(default)]
     pub price_cents: Option<Cents>,

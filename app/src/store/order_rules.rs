@@ -2,7 +2,7 @@
 //! short stock refuses an order, what a reserved order's answer holds, which status a transition leads to, and
 //! what a payment checks first. Each store keeps only its SQL and its locking around them.
 
-use super::{Created, LineView, OrderView, PaymentCallback, StoreError};
+use super::{Created, LineView, OrderView, PaymentCallback, StockUpdate, StoreError};
 use crate::domain::{Cents, NewOrder, OrderLineReq, OrderStatus, Reject, Transition, now_ms};
 
 pub(super) type Res<T> = Result<Result<T, Reject>, StoreError>;
@@ -81,6 +81,22 @@ pub(super) fn gather(buckets: &[(i64, i64)], shelf: i64, qty: i64) -> Option<Gat
     }
     plan.shelf = left;
     Some(plan)
+}
+
+/// Why stock update `u` changed nothing: its SKU does not exist (`available` is `None`), or it writes off
+/// more than the SKU has on the shelf after what it receives.
+pub(super) fn stock_update_refused(u: &StockUpdate, available: Option<i64>) -> Reject {
+    match available {
+        None => Reject::NotFound {
+            what: "sku",
+            id: u.sku.clone(),
+        },
+        Some(available) => Reject::OutOfStock {
+            sku: u.sku.clone(),
+            available: available + i64::from(u.receive),
+            wanted: i64::from(u.write_off),
+        },
+    }
 }
 
 /// The order `o` becomes once its stock is reserved (lines by SKU), and that view as JSON: the answer an

@@ -411,16 +411,18 @@ pub fn expire_due(t: &mut Tx<'_>, now: i64, limit: u32) -> Result<u32, StoreErro
 pub fn update_stock(t: &mut Tx<'_>, updates: &[StockUpdate]) -> Res<Vec<Sku>> {
     let mut out = Vec::new();
     for u in updates {
+        let change = i64::from(u.receive) - i64::from(u.write_off);
         let n = t.exec(
             "UPDATE skus SET received = received + $2, available = available + $2,
-                price_cents = COALESCE($3, price_cents) WHERE sku = $1",
-            &[&u.sku, &i64::from(u.receive), &u.price_cents],
+                price_cents = COALESCE($3, price_cents) WHERE sku = $1 AND available + $2 >= 0",
+            &[&u.sku, &change, &u.price_cents],
         )?;
         if n != 1 {
-            return Ok(Err(Reject::NotFound {
-                what: "sku",
-                id: u.sku.clone(),
-            }));
+            let available = t.opt("SELECT available FROM skus WHERE sku = $1", &[&u.sku])?;
+            return Ok(Err(order_rules::stock_update_refused(
+                u,
+                available.map(|r| r.get(0)),
+            )));
         }
         out.push(sku(t, &u.sku)?);
     }

@@ -391,17 +391,19 @@ pub fn expire_due(tx: &Transaction<'_>, now: i64, limit: u32) -> Result<u32, Sto
 pub fn update_stock(tx: &Transaction<'_>, updates: &[StockUpdate]) -> Res<Vec<Sku>> {
     let mut out = Vec::new();
     for u in updates {
+        let change = i64::from(u.receive) - i64::from(u.write_off);
         let n = tx
             .prepare_cached(
                 "UPDATE skus SET received = received + ?2, available = available + ?2,
-                    price_cents = COALESCE(?3, price_cents) WHERE sku = ?1",
+                    price_cents = COALESCE(?3, price_cents) WHERE sku = ?1 AND available + ?2 >= 0",
             )?
-            .execute(params![u.sku, i64::from(u.receive), u.price_cents])?;
+            .execute(params![u.sku, change, u.price_cents])?;
         if n != 1 {
-            return Ok(Err(Reject::NotFound {
-                what: "sku",
-                id: u.sku.clone(),
-            }));
+            let available: Option<i64> = tx
+                .prepare_cached("SELECT available FROM skus WHERE sku = ?1")?
+                .query_row([&u.sku], |r| r.get(0))
+                .optional()?;
+            return Ok(Err(order_rules::stock_update_refused(u, available)));
         }
         out.push(sku(tx, &u.sku)?);
     }

@@ -310,6 +310,38 @@ fn user_orders_page_newest_first(fx: &dyn Fixture) {
     assert!(s.user_orders("nobody", None, 10).unwrap().is_empty());
 }
 
+/// A write-off takes units off the shelf and out of what was received; more than the shelf holds refuses
+/// the whole batch.
+fn a_write_off_takes_from_the_shelf_or_refuses_the_batch(fx: &dyn Fixture) {
+    let s = fx.open();
+    let up = |sku: &str, receive: u32, write_off: u32| StockUpdate {
+        sku: sku.into(),
+        receive,
+        write_off,
+        price_cents: None,
+    };
+    let done = s.update_stock(&[up("sku-3-2", 0, 5)]).unwrap().unwrap();
+    assert_eq!(done[0].available, 995);
+    let refused = s
+        .update_stock(&[up("sku-3-2", 10, 0), up("sku-4-1", 3, 2000)])
+        .unwrap();
+    assert_eq!(
+        refused.unwrap_err(),
+        Reject::OutOfStock {
+            sku: "sku-4-1".into(),
+            available: 1003,
+            wanted: 2000
+        }
+    );
+    let after = s.update_stock(&[up("sku-3-2", 0, 0)]).unwrap().unwrap();
+    assert_eq!(after[0].available, 995, "the batch left nothing behind");
+    assert!(matches!(
+        s.update_stock(&[up("nope", 0, 1)]).unwrap(),
+        Err(Reject::NotFound { .. })
+    ));
+    assert_audit(&s);
+}
+
 /// A credit with an idempotency key posts once however often it is retried, and the key cannot be reused
 /// for another credit.
 fn keyed_credit_posts_once(fx: &dyn Fixture) {
@@ -491,6 +523,7 @@ mod sqlite {
         flash_sale_is_seckill_only_gathers_units_and_closes,
         keyed_credit_posts_once,
         user_orders_page_newest_first,
+        a_write_off_takes_from_the_shelf_or_refuses_the_batch,
         concurrent_handles_never_oversell_or_overdraw,
     );
 }
@@ -505,6 +538,7 @@ mod postgres {
         flash_sale_is_seckill_only_gathers_units_and_closes,
         keyed_credit_posts_once,
         user_orders_page_newest_first,
+        a_write_off_takes_from_the_shelf_or_refuses_the_batch,
         concurrent_handles_never_oversell_or_overdraw,
     );
 }
