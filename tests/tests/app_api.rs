@@ -301,6 +301,22 @@ fn payments_refunds_and_settlement_balance_the_ledger() {
     let o1 = buy(&addrs, 0, "alice", "p1", "sku-1-1", true).unwrap();
     assert_eq!(get(b, "/v1/wallets/alice").unwrap().json()["balance_cents"], 90);
     // Her orders, as a "my orders" page lists them.
+    // What the shop is owed for it, and (after settlement, below) was paid out.
+    let shop = |token: bool| {
+        let bearer = format!("Bearer {TOKEN}");
+        let headers: &[(&str, &str)] = if token { &[("Authorization", &bearer)] } else { &[] };
+        request(b, "GET", "/v1/merchant/shops/1", headers, None).unwrap()
+    };
+    assert_eq!(shop(false).status, 401);
+    assert_eq!(
+        (
+            shop(true).json()["receivable_cents"].as_i64(),
+            shop(true).json()["paid_out_cents"].as_i64()
+        ),
+        (Some(610), Some(0)),
+        "{}",
+        shop(true).body
+    );
     let mine = get(b, "/v1/users/alice/orders").unwrap().json();
     assert_eq!(mine["orders"][0]["id"], o1.as_str(), "{mine}");
     assert_eq!(mine["orders"][0]["status"], "paid", "{mine}");
@@ -383,6 +399,15 @@ fn payments_refunds_and_settlement_balance_the_ledger() {
         .map(|x| x["amount_cents"].as_i64().unwrap())
         .sum();
     assert_eq!(settled, 610);
+    let after = shop(true).json();
+    assert_eq!(
+        (
+            after["receivable_cents"].as_i64(),
+            after["paid_out_cents"].as_i64()
+        ),
+        (Some(0), Some(610)),
+        "{after}"
+    );
     let totals = drained_totals(b);
     assert_eq!(
         (totals["refunded"].as_u64(), totals["fulfilled"].as_u64()),

@@ -72,6 +72,7 @@ enum Route {
     Callback,
     Refund,
     MerchantStock,
+    Shop(String),
     FlashSale(String),
     CloseFlashSale(String),
     Stats,
@@ -103,6 +104,7 @@ fn route(method: &Method, path: &str) -> Result<(ReqType, Route), Option<&'stati
         ["v1", "payments", "callback"] => (POST, (ReqType::Pay, Route::Callback)),
         ["v1", "refunds"] => (POST, (ReqType::Pay, Route::Refund)),
         ["v1", "merchant", "stock"] => (POST, (ReqType::Admin, Route::MerchantStock)),
+        ["v1", "merchant", "shops", id] => (GET, (ReqType::Admin, Route::Shop(s(id)))),
         ["v1", "merchant", "flash-sales", sku] if method == Method::POST => {
             (POST, (ReqType::Admin, Route::FlashSale(s(sku))))
         }
@@ -198,6 +200,7 @@ async fn admitted(app: &Arc<App>, ty: ReqType, r: Route, req: Request<Incoming>)
         Route::Callback => money::callback(app, &cfg, req).await,
         Route::Refund => money::refund(app, &cfg, req).await,
         Route::MerchantStock => admin::merchant_stock(app, &cfg, req).await,
+        Route::Shop(id) => money::shop(app, &cfg, &id, &req).await,
         Route::FlashSale(sku) => admin::flash_sale(app, &cfg, &sku, req).await,
         Route::CloseFlashSale(sku) => admin::close_flash_sale(app, &cfg, &sku, req).await,
         Route::Stats => admin::stats(app),

@@ -96,12 +96,43 @@ pub async fn wallet(app: &Arc<App>, user: &str) -> Response<Body> {
     if let Err(resp) = path_id("user", user) {
         return resp;
     }
-    let account = crate::store::sqlite::wallet_account(user);
+    let account = crate::store::wallet_account(user);
     let key = account.clone();
     match app.exec.read(move |s| s.balance(&key)).await {
         Ok(b) => json(
             StatusCode::OK,
             &serde_json::json!({ "account": account, "balance_cents": b }),
+        ),
+        Err(e) => store_failed(&e),
+    }
+}
+
+/// `GET /v1/merchant/shops/{id}` (bearer token): what shop `id` is owed (paid orders not yet settled, less
+/// refunds) and what settlement has paid out to it.
+pub async fn shop(app: &Arc<App>, cfg: &Config, id: &str, req: &Request<Incoming>) -> Response<Body> {
+    if let Err(refused) = authorized(cfg, req) {
+        return refused;
+    }
+    let Ok(shop_id) = id.parse::<i64>() else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "bad_id",
+            &format!("shop id {id:?} is not a number"),
+        );
+    };
+    let balances = app
+        .exec
+        .read(move |s| {
+            Ok((
+                s.balance(&crate::store::shop_account(shop_id))?,
+                s.balance(&crate::store::payout_account(shop_id))?,
+            ))
+        })
+        .await;
+    match balances {
+        Ok((owed, paid_out)) => json(
+            StatusCode::OK,
+            &serde_json::json!({ "shop_id": shop_id, "receivable_cents": owed, "paid_out_cents": paid_out }),
         ),
         Err(e) => store_failed(&e),
     }

@@ -6,6 +6,9 @@
 
 // PostgreSQL backend (issue 8).
 mod order_rules;
+
+/// Ledger account names: a user's wallet, what a shop is owed, what it was paid out.
+pub(crate) use order_rules::{payout as payout_account, shop as shop_account, wallet as wallet_account};
 pub mod postgres;
 mod postgres_audit;
 mod postgres_money;

@@ -8,8 +8,18 @@ use crate::domain::{Cents, NewOrder, OrderLineReq, OrderStatus, Reject, Transiti
 pub(super) type Res<T> = Result<Result<T, Reject>, StoreError>;
 
 /// The wallet account of a user.
-pub(super) fn wallet(user: &str) -> String {
+pub(crate) fn wallet(user: &str) -> String {
     format!("user:{user}")
+}
+
+/// What shop `id` is owed for paid orders, until settled.
+pub(crate) fn shop(id: i64) -> String {
+    format!("shop:{id}")
+}
+
+/// What settlement has paid out to shop `id`.
+pub(crate) fn payout(id: i64) -> String {
+    format!("payout:{id}")
 }
 
 /// The answer to `o` when an earlier order with its idempotency key `key` stored `answer` for a request with
@@ -267,7 +277,7 @@ pub(super) fn settlement(batch: &str, account: String, amount: Cents) -> (i64, S
     (
         shop_id,
         format!("{batch}:{shop_id}"),
-        [(account, -amount), (format!("payout:{shop_id}"), amount)],
+        [(account, -amount), (payout(shop_id), amount)],
     )
 }
 

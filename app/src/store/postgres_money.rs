@@ -57,7 +57,7 @@ fn shop_shares(t: &mut Tx<'_>, order_id: &str) -> Result<Vec<(String, Cents)>, S
         &[&order_id],
     )?
     .iter()
-    .map(|r| (format!("shop:{}", r.get::<_, i64>(0)), r.get(1)))
+    .map(|r| (order_rules::shop(r.get(0)), r.get(1)))
     .collect())
 }
 

@@ -88,11 +88,6 @@ impl From<rusqlite::Error> for StoreError {
     }
 }
 
-/// The wallet account name of a user.
-pub fn wallet_account(user: &str) -> String {
-    super::order_rules::wallet(user)
-}
-
 impl SqliteStore {
     /// Opens (creating if needed) the database, migrates it and seeds the demo catalog when asked and empty.
     pub fn open(path: &Path, busy_timeout: Duration, seed_demo: bool) -> Result<SqliteStore, StoreError> {

@@ -54,7 +54,7 @@ pub fn balance(c: &Connection, account: &str) -> Result<Cents, StoreError> {
 fn shop_shares(tx: &Transaction<'_>, order_id: &str) -> Result<Vec<(String, Cents)>, StoreError> {
     Ok(tx
         .prepare_cached("SELECT shop_id, SUM(qty * price_cents) FROM order_lines WHERE order_id = ?1 GROUP BY shop_id ORDER BY shop_id")?
-        .query_map([order_id], |r| Ok((format!("shop:{}", r.get::<_, i64>(0)?), r.get(1)?)))?
+        .query_map([order_id], |r| Ok((order_rules::shop(r.get(0)?), r.get(1)?)))?
         .collect::<Result<_, _>>()?)
 }
 
