@@ -739,7 +739,7 @@ fn a_client_finding_every_backend_full_waits_in_the_queue(rt: &'static str) {
     let front = free_addr();
     let proxy = |queue_ms: u32| {
         format!(
-            "queue_timeout_ms = {queue_ms}\n{}[[proxy.backends]]\naddr = \"{a}\"\nmax_connections = 1\n",
+            "queue_timeout_ms = {queue_ms}\n{}log_connections = true\n[[proxy.backends]]\naddr = \"{a}\"\nmax_connections = 1\n",
             listener("web", front)
         )
     };
@@ -785,6 +785,7 @@ fn a_client_finding_every_backend_full_waits_in_the_queue(rt: &'static str) {
     // A short queue: the next client waits, then is closed and counted.
     lb.reload_applied(1000, &proxy(200));
     let mut third = connect(front);
+    let third_addr = third.local_addr().unwrap();
     let started = Instant::now();
     assert_closed(&mut third);
     assert!(
@@ -792,7 +793,31 @@ fn a_client_finding_every_backend_full_waits_in_the_queue(rt: &'static str) {
         "closed before its wait ran out"
     );
     lb.wait_web_count("connections_failed_total", 1.0);
+    let second_addr = second.local_addr().unwrap();
     drop(second);
+    // The connection log tells a wait apart from the connect (HAProxy's Tw and Tc) and names a queue
+    // timeout as such, not as "no backend".
+    let line_of = |client: SocketAddr| {
+        eventually(T, &format!("the log line of {client}"), || {
+            let log = lb.proc.stderr();
+            log.lines()
+                .find(|l| l.contains(&format!("client={client} ")))
+                .map(str::to_string)
+        })
+    };
+    let timed_out = line_of(third_addr);
+    for field in ["backend=- ", "queue_ms=", "end=queue timeout"] {
+        assert!(timed_out.contains(field), "no {field:?} in: {timed_out}");
+    }
+    let served = line_of(second_addr);
+    for field in [
+        format!("backend={a} "),
+        "queue_ms=".into(),
+        "connect_ms=".into(),
+        "end=closed".into(),
+    ] {
+        assert!(served.contains(&field), "no {field:?} in: {served}");
+    }
 }
 
 /// A backend that answers every read with its one-byte `name` and keeps the connection open.

@@ -25,6 +25,8 @@ pub enum End {
     Error(i32),
     /// No backend accepted the connect (the client is closed without a byte).
     NoBackend,
+    /// Every backend stayed at its `max_connections` for `queue_timeout_ms` (HAProxy's `sQ`).
+    QueueTimeout,
     /// The client held `max_connections_per_client` already: closed as soon as accepted.
     ClientLimit,
     /// The client opened `max_connection_rate_per_client` connections within the period: closed as soon as
@@ -47,6 +49,7 @@ impl fmt::Display for End {
             Self::Idle => f.write_str("idle timeout"),
             Self::Error(errno) => write!(f, "error: {}", io::Error::from_raw_os_error(*errno)),
             Self::NoBackend => f.write_str("no backend"),
+            Self::QueueTimeout => f.write_str("queue timeout"),
             Self::ClientLimit => f.write_str("client limit"),
             Self::ClientRate => f.write_str("client rate"),
             Self::Denied => f.write_str("denied"),
@@ -63,8 +66,11 @@ pub struct ConnLog {
     pub(super) client: SocketAddr,
     accepted: Instant,
     backend: Option<SocketAddr>,
-    /// From the accept to the backend's answer, retries included.
+    /// From the accept to the backend's answer, retries included (the wait for a place too, taken off
+    /// when it is written).
     connect: Option<Duration>,
+    /// How long it waited for a place (`queue_timeout_ms`), if it did.
+    queued: Option<Duration>,
     tries: u32,
     /// `[up, down]`: client to backend, backend to client.
     pub bytes: [u64; 2],
@@ -79,6 +85,7 @@ impl ConnLog {
             accepted: Instant::now(),
             backend: None,
             connect: None,
+            queued: None,
             tries: 0,
             bytes: [0; 2],
             end: None,
@@ -94,6 +101,11 @@ impl ConnLog {
     pub fn connected(&mut self, addr: SocketAddr) {
         self.backend = Some(addr);
         self.connect = Some(self.accepted.elapsed());
+    }
+
+    /// It waited `d` for a place in all (the last wait that ended counts, from when it began).
+    pub fn waited(&mut self, d: Duration) {
+        self.queued = Some(d);
     }
 
     /// Records how the connection ended; the first cause given is kept (a close that follows an error is
@@ -112,7 +124,8 @@ impl ConnLog {
             client = %self.client,
             backend = %backend,
             tries = self.tries,
-            connect_ms = self.connect.map(ms),
+            queue_ms = self.queued.map(ms),
+            connect_ms = self.connect.map(|c| ms(c.saturating_sub(self.queued.unwrap_or_default()))),
             duration_ms = ms(self.accepted.elapsed()),
             bytes_up = self.bytes[0],
             bytes_down = self.bytes[1],

@@ -107,6 +107,13 @@ impl Active {
         }
     }
 
+    /// It waited `d` for a place (for the connection log).
+    pub(super) fn waited(&mut self, d: std::time::Duration) {
+        if let Some(g) = self.log.as_deref_mut() {
+            g.waited(d);
+        }
+    }
+
     /// Backend `addr` answered (for the connection log).
     pub(super) fn connected_to(&mut self, addr: SocketAddr) {
         if let Some(g) = self.log.as_deref_mut() {
@@ -218,11 +225,14 @@ async fn establish(
     shared: &Shared,
     timeouts: &Timeouts,
 ) -> Option<(TcpStream, Assigned)> {
-    let Some((backend, addr, bm)) = connect(active, peer.ip(), shared, timeouts).await else {
-        active.l.metrics.failed.increment(1);
-        active.ended(End::NoBackend);
-        debug!("no backend reachable; closing the client");
-        return None;
+    let (backend, addr, bm) = match connect(active, peer.ip(), shared, timeouts).await {
+        Ok(connected) => connected,
+        Err(end) => {
+            active.l.metrics.failed.increment(1);
+            active.ended(end);
+            debug!(why = %end, "no backend reachable; closing the client");
+            return None;
+        }
     };
     debug!(backend = %addr, "connected");
     if active.l.cfg.proxy_protocol {
@@ -255,13 +265,13 @@ async fn write_all(s: &TcpStream, mut data: &[u8]) -> std::io::Result<()> {
 
 /// Tries up to `connect_attempts` distinct backends for a connection from `client`; none of its bytes are
 /// read before one answers, so a retry is invisible to it. When every backend is full, it waits for a place
-/// up to `queue_timeout_ms`.
+/// up to `queue_timeout_ms`. Else how the connection ends.
 async fn connect(
     active: &mut Active,
     client: IpAddr,
     shared: &Shared,
     t: &Timeouts,
-) -> Option<(TcpStream, SocketAddr, Assigned)> {
+) -> Result<(TcpStream, SocketAddr, Assigned), End> {
     let mut tried: Vec<SocketAddr> = Vec::new();
     let mut attempt = 0;
     let mut wait = Wait::default();
@@ -283,9 +293,16 @@ async fn connect(
                 }
                 continue;
             }
-            Err(_) => return None,
+            Err(why) => {
+                if let Some(waited) = wait.waited() {
+                    active.waited(waited);
+                }
+                return Err(wait.end(why));
+            }
         };
-        wait.served();
+        if let Some(waited) = wait.served() {
+            active.waited(waited);
+        }
         attempt += 1;
         active.tried();
         let t0 = Instant::now();
@@ -294,7 +311,7 @@ async fn connect(
                 shared.connected(addr, &bm, t0);
                 active.connected_to(addr);
                 let _ = s.set_nodelay(true);
-                return Some((s, addr, bm));
+                return Ok((s, addr, bm));
             }
             Ok(Err(e)) => debug!(backend = %addr, error = %e, "connect failed"),
             Err(_) => debug!(backend = %addr, timeout = ?t.connect, "connect timed out"),

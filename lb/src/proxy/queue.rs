@@ -25,8 +25,10 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
 
+use super::access::End;
 use super::config::{BackendConfig, ProxyConfig};
 use super::metrics::{BackendMetrics, WAITING};
+use super::service::NoBackend;
 
 /// How long a waiting client sleeps when nothing wakes it before it asks for a place again.
 pub const WAIT_BACKUP: Duration = Duration::from_millis(100);
@@ -182,9 +184,23 @@ impl Wait {
     }
 
     /// It has a place: it no longer holds back those behind it. (If that connect fails, it asks again as a
-    /// newcomer; its wait still counts from when it began.)
-    pub fn served(&mut self) {
+    /// newcomer; its wait still counts from when it began.) How long it has waited, if it did.
+    pub fn served(&mut self) -> Option<Duration> {
         self.ticket = None;
+        self.waited()
+    }
+
+    /// How long it has waited for a place, if it did.
+    pub fn waited(&self) -> Option<Duration> {
+        self.since.map(|s| s.elapsed())
+    }
+
+    /// How a connection that got no backend (`why`) ends: a queue timeout if it was waiting for a place.
+    pub fn end(&self, why: NoBackend) -> End {
+        match why {
+            NoBackend::Full if self.since.is_some() => End::QueueTimeout,
+            _ => End::NoBackend,
+        }
     }
 }
 

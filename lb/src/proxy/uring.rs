@@ -1070,12 +1070,18 @@ impl Loop {
                     self.push(&e);
                     return;
                 }
-                Err(_) => {
-                    self.no_backend(slot);
+                Err(why) => {
+                    if let Some(waited) = k.wait.waited() {
+                        c.active.waited(waited);
+                    }
+                    let end = k.wait.end(why);
+                    self.no_backend(slot, end);
                     return;
                 }
             };
-            k.wait.served();
+            if let Some(waited) = k.wait.served() {
+                c.active.waited(waited);
+            }
             k.attempt += 1;
             c.active.tried();
             let socket = match backend_socket(addr) {
@@ -1108,13 +1114,13 @@ impl Loop {
     }
 
     /// Closes a client no backend can take, and counts it.
-    fn no_backend(&mut self, slot: u32) {
+    fn no_backend(&mut self, slot: u32, end: End) {
         let Some(c) = self.conn(slot) else { return };
         c.active.l.metrics.failed.increment(1);
         if let Some(k) = &c.connecting {
-            debug!(listener = %c.active.l.cfg.name, peer = %k.peer, "no backend reachable; closing the client");
+            debug!(listener = %c.active.l.cfg.name, peer = %k.peer, why = %end, "no backend reachable; closing the client");
         }
-        c.active.ended(End::NoBackend);
+        c.active.ended(end);
         self.close(slot);
     }
 
