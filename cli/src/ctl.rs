@@ -443,6 +443,11 @@ const BACKEND_COLUMNS: &[Column] = &[
     ("connect failures", "connect_failures", cell),
     ("bytes up", "bytes_up", bytes),
     ("bytes down", "bytes_down", bytes),
+    ("weight", "weight", |v| match v.as_u64() {
+        None => "-".into(),
+        Some(0) => "0 (drain)".into(),
+        Some(n) => n.to_string(),
+    }),
     ("state", "failing", |v| flag(v, "failing", "ok")),
     ("tier", "backup", |v| flag(v, "backup", "primary")),
 ];

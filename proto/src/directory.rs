@@ -151,6 +151,9 @@ pub struct ProxyBackendStatus {
     pub backup: bool,
     /// Its `max_connections`; 0: no cap.
     pub max_connections: u64,
+    /// Its configured `weight` (0: drained, HAProxy's "drain": no new connections); `None` for an instance
+    /// the directory routes to, whose weights are the directory's.
+    pub weight: Option<u64>,
 }
 
 /// One instance as the dashboard shows it.

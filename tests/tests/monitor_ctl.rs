@@ -311,6 +311,8 @@ fn ctl_cluster_shows_balancers_and_their_proxies() {
             "KiB",
             "5.0",
             "MiB",
+            "0",
+            "(drain)",
             "failing",
             "backup"
         ]),

@@ -1425,8 +1425,10 @@ fn reload_removing_a_listener_keeps_its_connections(rt: &'static str) {
         (Some(0.0), Some(1.0)),
         "{m}"
     );
-    let shown: Vec<String> = (lb.proxy_status().backends.into_iter()).map(|b| b.addr).collect();
-    assert_eq!(shown, vec![echo2.to_string()]);
+    let shown: Vec<(String, Option<u64>)> = (lb.proxy_status().backends.into_iter())
+        .map(|b| (b.addr, b.weight))
+        .collect();
+    assert_eq!(shown, vec![(echo2.to_string(), Some(100))]);
 
     // Re-adding the listener works, and the old connection ends normally.
     lb.reload_applied(

@@ -51,6 +51,8 @@ pub const BACKEND_MAX_CONNECTIONS: &str = "xcluster_lb_proxy_backend_max_connect
 /// 1 for each backend of the config, 0 once a reload removed it; `/v1/status` leaves removed ones out. A
 /// backend the directory routes to has none (and is listed while its counters exist).
 pub const BACKEND_CONFIGURED: &str = "xcluster_lb_proxy_backend_configured";
+/// A configured backend's `weight` (0: drained), set on each (re)load.
+pub const BACKEND_WEIGHT: &str = "xcluster_lb_proxy_backend_weight";
 /// Picks that passed a backend over because it had `max_connections` open.
 pub const BACKEND_FULL_TOTAL: &str = "xcluster_lb_proxy_backend_full_total";
 pub const BACKEND_CONNECT_SECONDS: &str = "xcluster_lb_proxy_backend_connect_seconds";
@@ -282,6 +284,7 @@ pub fn status(text: &str) -> ProxyStatus {
                 BACKEND_FAILING => e.failing = value > 0,
                 BACKEND_BACKUP => e.backup = value > 0,
                 BACKEND_MAX_CONNECTIONS => e.max_connections = value,
+                BACKEND_WEIGHT => e.weight = Some(value),
                 BACKEND_CONFIGURED => {
                     configured.insert(b.to_string(), value > 0);
                 }
@@ -370,6 +373,7 @@ xcluster_lb_proxy_backend_connect_seconds_bucket{backend="127.0.0.1:9",le="0.001
 xcluster_lb_proxy_backend_failing{backend="127.0.0.1:9"} 1
 xcluster_lb_proxy_backend_backup{backend="127.0.0.1:9"} 1
 xcluster_lb_proxy_backend_configured{backend="127.0.0.1:9"} 1
+xcluster_lb_proxy_backend_weight{backend="127.0.0.1:9"} 0
 xcluster_lb_proxy_backend_connects_total{backend="127.0.0.1:10"} 2
 xcluster_lb_proxy_backend_configured{backend="127.0.0.1:10"} 0
 xcluster_lb_proxy_backend_connects_total{backend="10.0.0.1:7101"} 4
@@ -425,6 +429,7 @@ not a sample
                     bytes_down: 5,
                     failing: true,
                     backup: true,
+                    weight: Some(0),
                     ..Default::default()
                 },
             ]

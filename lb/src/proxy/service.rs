@@ -28,7 +28,7 @@ use super::handover;
 use super::health::{CheckStreaks, Holds, Verdict, check};
 use super::listener::Close;
 use super::metrics::{
-    Assigned, BACKEND_BACKUP, BACKEND_CONFIGURED, BACKEND_MAX_CONNECTIONS, BackendMetrics,
+    Assigned, BACKEND_BACKUP, BACKEND_CONFIGURED, BACKEND_MAX_CONNECTIONS, BACKEND_WEIGHT, BackendMetrics,
     LISTENER_BIND_FAILURES_TOTAL, LISTENER_UNBOUND, ListenerMetrics, WORKERS,
 };
 use super::pick::{BackendPicker, PickFor};
@@ -297,6 +297,7 @@ fn backend_handles(
             metrics::gauge!(BACKEND_MAX_CONNECTIONS, "backend" => b.addr.to_string())
                 .set(f64::from(b.max_connections));
             metrics::gauge!(BACKEND_CONFIGURED, "backend" => b.addr.to_string()).set(1.0);
+            metrics::gauge!(BACKEND_WEIGHT, "backend" => b.addr.to_string()).set(f64::from(b.weight));
             let bm = (old.get(&b.addr).cloned())
                 .unwrap_or_else(|| Arc::new(BackendMetrics::new(b.addr, Some(queue.clone()))));
             bm.max.store(u64::from(b.max_connections), Ordering::Relaxed);

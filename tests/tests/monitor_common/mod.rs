@@ -207,7 +207,7 @@ pub fn fake_balancer() -> std::net::SocketAddr {
                 "rejected": 4, "denied": 5, "header_errors": 6, "retries": 3, "idle_timeouts": 0, "bytes_up": 2048, "bytes_down": 5242880,
                 "unbound": true}],
                 "backends": [{"addr": "127.0.0.1:7101", "active": 2, "max_connections": 64, "connects": 1233,
-                "connect_failures": 1, "bytes_up": 2048, "bytes_down": 5242880, "failing": true, "backup": true}]}}"#;
+                "connect_failures": 1, "bytes_up": 2048, "bytes_down": 5242880, "weight": 0, "failing": true, "backup": true}]}}"#;
             let _ = write!(
                 s,
                 "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
