@@ -163,10 +163,7 @@ pub async fn read_json<T: serde::de::DeserializeOwned>(
     limit: usize,
     timeout: Duration,
 ) -> Result<T, Response<Body>> {
-    let bytes = read_body(req.into_body(), limit, timeout)
-        .await
-        .map_err(|e| e.response())?;
-    decode_json(&bytes).map_err(|m| error(StatusCode::BAD_REQUEST, "bad_json", &m))
+    read_json_else(req, limit, timeout, None).await
 }
 
 /// As `read_json`, for a body whose every field is optional: an empty body is `T::default()`.
@@ -175,11 +172,23 @@ pub async fn read_json_or_default<T: serde::de::DeserializeOwned + Default>(
     limit: usize,
     timeout: Duration,
 ) -> Result<T, Response<Body>> {
+    read_json_else(req, limit, timeout, Some(T::default)).await
+}
+
+/// `read_json`, with `empty` giving the value of an empty body (else it is bad JSON).
+async fn read_json_else<T: serde::de::DeserializeOwned>(
+    req: Request<Incoming>,
+    limit: usize,
+    timeout: Duration,
+    empty: Option<fn() -> T>,
+) -> Result<T, Response<Body>> {
     let bytes = read_body(req.into_body(), limit, timeout)
         .await
         .map_err(|e| e.response())?;
-    if bytes.iter().all(u8::is_ascii_whitespace) {
-        return Ok(T::default());
+    if let Some(empty) = empty
+        && bytes.iter().all(u8::is_ascii_whitespace)
+    {
+        return Ok(empty());
     }
     decode_json(&bytes).map_err(|m| error(StatusCode::BAD_REQUEST, "bad_json", &m))
 }
