@@ -403,9 +403,24 @@ fn set_path(table: &mut toml::Table, key: &str, raw_value: &str) -> Result<(), S
     Ok(())
 }
 
-/// Flattens a raw config into `key.path = value` lines, for one-line diffs on reload. Arrays flatten by
-/// index (`proxy.listeners[1].listen`), so a change to one listener names that listener, not the whole array.
+/// Flattens a raw config into `key.path = value` lines, for one-line diffs on reload. An array of tables
+/// flattens by the item's own name when each has one (`proxy.listeners[web].listen`, `proxy.backends[127.0.0.1:
+/// 8001].weight`: the first of `name`, `id`, `addr`, `listen` that is set and unique), so removing the first
+/// item reads as that item removed, not as every later one changed; other arrays by index (`peers[1]`).
 pub fn flatten<T: Serialize>(raw: &T) -> Vec<(String, String)> {
+    fn labels(items: &[toml::Value]) -> Vec<String> {
+        for key in ["name", "id", "addr", "listen"] {
+            let names: Vec<&str> = items
+                .iter()
+                .filter_map(|v| v.get(key)?.as_str().filter(|s| !s.is_empty()))
+                .collect();
+            let unique: std::collections::BTreeSet<&str> = names.iter().copied().collect();
+            if names.len() == items.len() && unique.len() == items.len() {
+                return names.into_iter().map(str::to_string).collect();
+            }
+        }
+        (0..items.len()).map(|i| i.to_string()).collect()
+    }
     fn walk(prefix: &str, v: &toml::Value, out: &mut Vec<(String, String)>) {
         match v {
             toml::Value::Table(t) => {
@@ -419,8 +434,8 @@ pub fn flatten<T: Serialize>(raw: &T) -> Vec<(String, String)> {
                 }
             }
             toml::Value::Array(items) if !items.is_empty() => {
-                for (i, v) in items.iter().enumerate() {
-                    walk(&format!("{prefix}[{i}]"), v, out);
+                for (label, v) in labels(items).iter().zip(items) {
+                    walk(&format!("{prefix}[{label}]"), v, out);
                 }
             }
             other => out.push((prefix.to_string(), other.to_string())),
@@ -442,16 +457,35 @@ pub fn diff<T: Serialize>(old: &T, new: &T) -> String {
         Some((cut, _)) => format!("{}...", &v[..cut]),
         None => v.to_string(),
     };
+    // The array item (`listeners[web]`) a key belongs to, when that item is missing from `other` whole: it
+    // is named once as added or removed, not key by key.
+    let whole_item = |k: &str, other: &std::collections::BTreeMap<String, String>| {
+        let end = k.rfind(']')? + 1;
+        let item = &k[..end];
+        let inside = |o: &String| {
+            o.as_str() == item || o.starts_with(&format!("{item}.")) || o.starts_with(&format!("{item}["))
+        };
+        (end < k.len() && !other.keys().any(inside)).then(|| item.to_string())
+    };
+    let mut named = std::collections::BTreeSet::new();
     let mut parts = Vec::new();
     for (k, v) in &new {
         match old.get(k) {
-            None => parts.push(format!("{k} added ({})", short(v))),
+            None => match whole_item(k, &old) {
+                Some(item) if named.insert(item.clone()) => parts.push(format!("{item} added")),
+                Some(_) => {}
+                None => parts.push(format!("{k} added ({})", short(v))),
+            },
             Some(o) if o != v => parts.push(format!("{k}: {} -> {}", short(o), short(v))),
             _ => {}
         }
     }
     for k in old.keys().filter(|k| !new.contains_key(*k)) {
-        parts.push(format!("{k} removed"));
+        match whole_item(k, &new) {
+            Some(item) if named.insert(item.clone()) => parts.push(format!("{item} removed")),
+            Some(_) => {}
+            None => parts.push(format!("{k} removed")),
+        }
     }
     if parts.is_empty() {
         return "no changes".to_string();
@@ -677,8 +711,19 @@ mod tests {
         };
         assert_eq!(
             diff(&a, &b),
-            "listeners[1].listen: \"127.0.0.1:2\" -> \"127.0.0.1:3\", peers[1] added (\"b\")"
+            "listeners[pay].listen: \"127.0.0.1:2\" -> \"127.0.0.1:3\", peers[1] added (\"b\")"
         );
+        // The first listener removed reads as that, not as the second one renamed.
+        let c = toml::toml! {
+            listeners = [{ name = "pay", listen = "127.0.0.1:2" }]
+            peers = ["a"]
+        };
+        assert_eq!(diff(&a, &c), "listeners[web] removed");
+        assert_eq!(diff(&c, &a), "listeners[web] added");
+        // Items without a unique name go by position.
+        let d = toml::toml! { backends = [{ weight = 1 }, { weight = 2 }] };
+        let e = toml::toml! { backends = [{ weight = 1 }, { weight = 3 }] };
+        assert_eq!(diff(&d, &e), "backends[1].weight: 2 -> 3");
         let many: toml::Table = (0..20)
             .map(|i| (format!("k{i:02}"), toml::Value::from("x".repeat(200))))
             .collect();
