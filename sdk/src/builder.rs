@@ -24,6 +24,16 @@ pub(crate) struct Options {
     pub(crate) max_response_bytes: usize,
 }
 
+impl Options {
+    /// How long a watch asks the balancer to hold it: `watch_timeout`, at most half of `max_staleness` (a
+    /// list must be vouched for, or found unvouched, well inside it), and at least 100 ms.
+    pub(crate) fn watch_hold(&self) -> Duration {
+        self.watch_timeout
+            .min(self.max_staleness / 2)
+            .max(Duration::from_millis(100))
+    }
+}
+
 /// Builds a [`Client`]. Every option has a default except the balancers and the request types.
 ///
 /// ```no_run
@@ -55,7 +65,7 @@ impl Default for ClientBuilder {
                 request_types: Vec::new(),
                 connect_timeout: Duration::from_millis(500),
                 balancer_timeout: Duration::from_secs(2),
-                watch_timeout: Duration::from_secs(35),
+                watch_timeout: Duration::from_secs(10),
                 repoll_interval: Duration::from_secs(1),
                 max_staleness: Duration::from_secs(300),
                 ejection: Duration::from_secs(10),
@@ -101,8 +111,10 @@ impl ClientBuilder {
         self
     }
 
-    /// How long a long-poll watch may stay open before the client gives up on it; set it above the
-    /// balancer's own watch timeout (default 35 s).
+    /// How long a watch may wait for a change: the client asks the balancer to hold it that long
+    /// (`wait_ms`, which the balancer caps at its `watch_timeout_ms`), at most half of `max_staleness`,
+    /// and gives up `balancer_timeout` after it. So a balancer that hangs without closing its sockets is
+    /// left for the next one within that time, and the list never passes for fresh longer (default 10 s).
     pub fn watch_timeout(mut self, d: Duration) -> Self {
         self.opts.watch_timeout = d;
         self

@@ -48,20 +48,36 @@ pub(crate) struct TypeSlot {
     pub(crate) reachable: AtomicBool,
     /// A watch is connected and waiting on a balancer right now.
     pub(crate) in_poll: AtomicBool,
+    /// Clock ms when that watch connected; it vouches for the list only while the balancer may still be
+    /// holding it (`watch_hold`), so a balancer that hangs stops vouching.
+    pub(crate) poll_since_ms: AtomicU64,
+    /// `Options::watch_hold`.
+    hold_ms: u64,
     /// The balancer currently serving this type (for `state()`; not on the hot path).
     pub(crate) balancer: Mutex<Option<SocketAddr>>,
 }
 
 impl TypeSlot {
-    /// How long since a balancer last vouched for this list; zero while one is reachable.
+    /// How long since a balancer last vouched for this list; `None` while one does: a watch it is holding
+    /// within the hold asked for, or the last round reached one (and no watch is in flight).
     pub(crate) fn staleness(&self, clock: &Clock) -> Option<Duration> {
-        if self.reachable.load(Ordering::Relaxed) || self.in_poll.load(Ordering::Relaxed) {
+        let now = clock.now_ms();
+        let vouched = if self.in_poll.load(Ordering::Relaxed) {
+            now.saturating_sub(self.poll_since_ms.load(Ordering::Relaxed)) <= self.hold_ms
+        } else {
+            self.reachable.load(Ordering::Relaxed)
+        };
+        if vouched {
             return None;
         }
-        let age = clock
-            .now_ms()
-            .saturating_sub(self.last_ok_ms.load(Ordering::Relaxed));
+        let age = now.saturating_sub(self.last_ok_ms.load(Ordering::Relaxed));
         Some(Duration::from_millis(age))
+    }
+
+    /// A watch connected to a balancer.
+    fn polling(&self, clock: &Clock) {
+        self.poll_since_ms.store(clock.now_ms(), Ordering::Relaxed);
+        self.in_poll.store(true, Ordering::Relaxed);
     }
 
     fn touch(&self, clock: &Clock) {
@@ -80,6 +96,8 @@ impl Shared {
                 last_ok_ms: AtomicU64::new(0),
                 reachable: AtomicBool::new(false),
                 in_poll: AtomicBool::new(false),
+                poll_since_ms: AtomicU64::new(0),
+                hold_ms: u64::try_from(opts.watch_hold().as_millis()).unwrap_or(u64::MAX),
                 balancer: Mutex::new(None),
             })
             .collect();
@@ -234,20 +252,24 @@ pub(crate) async fn watch_loop(
         let mut outcome: Option<(bool, bool)> = None;
         for b in shared.order(preferred) {
             let started = Instant::now();
+            // The balancer holds the poll at most `wait`; one that has not answered `balancer_timeout` after
+            // that has hung (a host that stopped without closing its sockets): the next one is asked.
+            let wait = opts.watch_hold();
             let fetch = fetch::server_list(
                 b,
                 &slot.name,
-                Some(version),
+                Some((version, wait)),
                 opts.connect_timeout,
-                opts.watch_timeout,
-                || slot.in_poll.store(true, Ordering::Relaxed),
+                wait + opts.balancer_timeout,
+                || slot.polling(&shared.clock),
             );
             let r = tokio::select! {
                 _ = cancel.cancelled() => return,
                 r = fetch => r,
             };
-            if slot.in_poll.swap(false, Ordering::Relaxed) {
-                // The balancer was alive until now, whatever the answer.
+            if slot.in_poll.swap(false, Ordering::Relaxed) && (r.is_ok() || started.elapsed() <= wait) {
+                // The balancer was alive until now, whatever the answer; one still silent past the hold
+                // it was asked for was not.
                 slot.touch(&shared.clock);
             }
             let waited = started.elapsed() >= Duration::from_millis(500);

@@ -22,18 +22,22 @@ pub(crate) enum Fetched {
     Unchanged,
 }
 
-/// Fetches `GET /v1/servers?type=T[&watch=V]` from `addr`. `on_connected` runs once the TCP connection is up
-/// (the caller uses it to know the balancer is alive while a long poll waits).
+/// Fetches `GET /v1/servers?type=T[&watch=V&wait_ms=W]` from `addr`: `watch` is the version held and how
+/// long the balancer may hold the poll. `on_connected` runs once the TCP connection is up (the caller uses it
+/// to know the balancer is alive while a long poll waits).
 pub(crate) async fn server_list(
     addr: SocketAddr,
     request_type: &str,
-    watch: Option<u64>,
+    watch: Option<(u64, Duration)>,
     connect_timeout: Duration,
     exchange_timeout: Duration,
     on_connected: impl FnOnce(),
 ) -> Result<Fetched, String> {
     let path = match watch {
-        Some(v) => format!("/v1/servers?type={request_type}&watch={v}"),
+        Some((v, wait)) => format!(
+            "/v1/servers?type={request_type}&watch={v}&wait_ms={}",
+            wait.as_millis().max(1)
+        ),
         None => format!("/v1/servers?type={request_type}"),
     };
     let (status, body) = get(addr, &path, connect_timeout, exchange_timeout, on_connected).await?;

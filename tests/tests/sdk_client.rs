@@ -225,6 +225,50 @@ async fn serves_from_its_last_list_with_every_balancer_down() {
     assert_eq!(err.side(), Side::Balancer);
 }
 
+/// A balancer that hangs (a host stopped without closing its sockets) stops vouching for the list within the
+/// hold the client asks for (half of `max_staleness`), and the client moves to the next one, which has a
+/// newer list: it does not go on saying `Live` with a list nobody answers for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_balancer_is_left_within_the_hold_it_was_asked_for() {
+    let (a, b) = (Backend::start("a"), Backend::start("b"));
+    let lbs = [FakeBalancer::start(HOLD), FakeBalancer::start(HOLD)];
+    let addrs = [lbs[0].addr, lbs[1].addr];
+    lbs[0].set(list("browse", 1, &[("a", a.addr, 100)], &addrs));
+    let client = Client::builder()
+        .balancers([addrs[0].to_string()])
+        .request_types(["browse"])
+        .max_staleness(Duration::from_secs(4))
+        .balancer_timeout(Duration::from_millis(500))
+        .build()
+        .await
+        .unwrap();
+    eventually_async("a watch held by the first balancer", || {
+        (client.state().types[0].balancer == Some(addrs[0])).then_some(())
+    })
+    .await;
+    lbs[1].set(list("browse", 2, &[("b", b.addr, 100)], &addrs));
+    lbs[0].hang();
+    // Within 2 s of hold and 0.5 s of grace the first stops vouching and the second is asked.
+    eventually_async("the client to take the second balancer's list", || {
+        let s = client.state();
+        (s.types[0].version == 2 && s.types[0].balancer == Some(addrs[1])).then_some(())
+    })
+    .await;
+    assert_eq!(client.state().types[0].freshness, Freshness::Live);
+    let picked = client.pick("browse").unwrap();
+    assert_eq!(picked.addr(), b.addr);
+    // With both hung, the list goes static (and would expire), not live.
+    lbs[1].hang();
+    eventually_async("the list to be no longer live", || {
+        matches!(
+            client.state().types[0].freshness,
+            Freshness::Static { .. } | Freshness::Expired { .. }
+        )
+        .then_some(())
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hyper_integration_sends_requests_to_the_picked_instance() {
     let backends = [Backend::start("a"), Backend::start("b"), Backend::start("c")];

@@ -1,4 +1,4 @@
-//! The directory's HTTP API: `POST /v1/reports`, `GET /v1/servers?type=T[&watch=V]`, `GET /v1/pick?type=T`,
+//! The directory's HTTP API: `POST /v1/reports`, `GET /v1/servers?type=T[&watch=V[&wait_ms=N]]`, `GET /v1/pick?type=T`,
 //! `POST /v1/servers/{id}/drain|undrain` (bearer token) and `GET /v1/status`. Every refusal is a JSON error
 //! from `runtime::http::error` with a 4xx status; nothing here panics on input.
 
@@ -90,11 +90,13 @@ async fn reports(dir: Directory, req: Request<Incoming>) -> Response<Body> {
 struct Query {
     ty: String,
     watch: Option<u64>,
+    /// How long the client asks a watch to be held (`wait_ms`); the balancer's `watch_timeout_ms` caps it.
+    wait: Option<Duration>,
 }
 
 fn parse_query(query: Option<&str>, allow_watch: bool) -> Result<Query, String> {
     let pairs = query_pairs(query)?;
-    let (mut ty, mut watch) = (None, None);
+    let (mut ty, mut watch, mut wait) = (None, None, None);
     for (k, v) in pairs {
         match k.as_str() {
             "type" if ty.is_none() => ty = Some(v),
@@ -104,7 +106,17 @@ fn parse_query(query: Option<&str>, allow_watch: bool) -> Result<Query, String> 
                         .map_err(|_| format!("watch must be a version number, found {v:?}"))?,
                 )
             }
-            "type" | "watch" if allow_watch || k == "type" => return Err(format!("{k} given twice")),
+            "wait_ms" if allow_watch && wait.is_none() => {
+                let ms = v
+                    .parse::<u64>()
+                    .ok()
+                    .filter(|ms| *ms >= 1)
+                    .ok_or_else(|| format!("wait_ms must be a number of milliseconds, found {v:?}"))?;
+                wait = Some(Duration::from_millis(ms));
+            }
+            "type" | "watch" | "wait_ms" if allow_watch || k == "type" => {
+                return Err(format!("{k} given twice"));
+            }
             other => {
                 return Err(format!(
                     "unknown query parameter {:?}",
@@ -116,7 +128,10 @@ fn parse_query(query: Option<&str>, allow_watch: bool) -> Result<Query, String> 
     let ty = ty
         .filter(|t| !t.is_empty())
         .ok_or_else(|| "the type parameter is required (?type=NAME)".to_string())?;
-    Ok(Query { ty, watch })
+    if wait.is_some() && watch.is_none() {
+        return Err("wait_ms goes with watch".into());
+    }
+    Ok(Query { ty, watch, wait })
 }
 
 fn query_error(e: &QueryError) -> Response<Body> {
@@ -138,7 +153,8 @@ async fn servers(dir: Directory, query: Option<&str>) -> Response<Body> {
         }
         Some(v) => {
             ::metrics::counter!(metrics::QUERIES_TOTAL, "endpoint" => "watch").increment(1);
-            let timeout = dir.settings().params.watch_timeout;
+            let most = dir.settings().params.watch_timeout;
+            let timeout = q.wait.map_or(most, |w| w.min(most));
             dir.watch(&q.ty, v, timeout).await
         }
     };
@@ -241,6 +257,18 @@ mod tests {
         assert!(parse_query(Some("type=browse&watch=5"), false).is_err());
         assert!(parse_query(Some("type=a&type=b"), true).is_err());
         assert!(parse_query(Some("watch=x&type=a"), true).is_err());
+        let q = parse_query(Some("type=a&watch=3&wait_ms=1500"), true)
+            .ok()
+            .unwrap();
+        assert_eq!(q.wait, Some(Duration::from_millis(1500)));
+        for bad in [
+            "type=a&wait_ms=5",
+            "type=a&watch=3&wait_ms=0",
+            "type=a&watch=3&wait_ms=x",
+        ] {
+            assert!(parse_query(Some(bad), true).is_err(), "{bad}");
+        }
+        assert!(parse_query(Some("type=a&watch=3&wait_ms=5"), false).is_err());
         assert!(parse_query(None, true).is_err());
         assert!(parse_query(Some("type="), true).is_err());
         assert!(parse_query(Some("bogus=1&type=a"), true).is_err());

@@ -95,6 +95,8 @@ struct Tables {
     lists: Mutex<HashMap<String, ServerList>>,
     bump: tokio::sync::watch::Sender<u64>,
     hold: Duration,
+    /// Hung (`FakeBalancer::hang`): connections are taken and never answered, held polls included.
+    hung: std::sync::atomic::AtomicBool,
 }
 
 /// A scripted balancer: `GET /v1/servers?type=T[&watch=V]` over real sockets.
@@ -116,6 +118,7 @@ impl FakeBalancer {
             lists: Mutex::new(HashMap::new()),
             bump: tokio::sync::watch::channel(0).0,
             hold,
+            hung: std::sync::atomic::AtomicBool::new(false),
         });
         let requests = Arc::new(AtomicU64::new(0));
         let rt = runtime();
@@ -161,6 +164,13 @@ impl FakeBalancer {
         self.tables.bump.send_modify(|v| *v += 1);
     }
 
+    /// Hangs, as a host that stopped without closing its sockets: connections are still accepted, and no
+    /// request (a watch it holds now included) is ever answered.
+    pub fn hang(&self) {
+        self.tables.hung.store(true, Ordering::Relaxed);
+        self.tables.bump.send_modify(|v| *v += 1);
+    }
+
     /// Dies at once: the listener and every open connection close.
     pub fn kill(&mut self) {
         if let Some(rt) = self.rt.take() {
@@ -182,10 +192,15 @@ async fn serve_list(t: &Tables, head: &str) -> (u16, Vec<u8>) {
     };
     let mut ty = None;
     let mut watch = None;
+    let mut hold = t.hold;
     for kv in query.split('&') {
         match kv.split_once('=') {
             Some(("type", v)) => ty = Some(v.to_string()),
             Some(("watch", v)) => watch = v.parse::<u64>().ok(),
+            // As a balancer does: the client's wait, capped by its own.
+            Some(("wait_ms", v)) => {
+                hold = v.parse().map_or(hold, |ms| hold.min(Duration::from_millis(ms)));
+            }
             _ => {}
         }
     }
@@ -195,12 +210,15 @@ async fn serve_list(t: &Tables, head: &str) -> (u16, Vec<u8>) {
     let mut rx = t.bump.subscribe();
     let current = |t: &Tables| t.lists.lock().unwrap().get(&ty).cloned();
     if let Some(w) = watch {
-        let deadline = tokio::time::Instant::now() + t.hold;
-        while current(t).is_some_and(|l| l.version == w) {
+        let deadline = tokio::time::Instant::now() + hold;
+        while current(t).is_some_and(|l| l.version == w) && !t.hung.load(Ordering::Relaxed) {
             if tokio::time::timeout_at(deadline, rx.changed()).await.is_err() {
                 break;
             }
         }
+    }
+    if t.hung.load(Ordering::Relaxed) {
+        std::future::pending::<()>().await;
     }
     match current(t) {
         Some(l) => (200, serde_json::to_vec(&l).unwrap()),
