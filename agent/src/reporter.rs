@@ -127,6 +127,9 @@ pub async fn run(
     let mut seq = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(1, |d| d.as_micros() as u64);
+    // This process, for the balancers: a restart reads as one, a second agent under our id as a conflict.
+    let boot = seq;
+    let pushes = Arc::new(PushLog::default());
     let mut last_sent: Vec<InstanceLoad> = Vec::new();
     let mut failing = Vec::new();
     let mut next_due = Instant::now();
@@ -146,8 +149,8 @@ pub async fn run(
             }
             seq += 1;
             reports_sent += 1;
-            let report = build(&cfg, &mut host, seq, current.clone());
-            push_all(&cfg, &report);
+            let report = build(&cfg, &mut host, (seq, boot), current.clone());
+            push_all(&cfg, &report, &pushes);
             let _ = latest.send_replace(Some(report));
             last_sent = current;
             last_push = now;
@@ -161,7 +164,12 @@ pub async fn run(
     }
 }
 
-fn build(cfg: &Config, host: &mut HostSampler, seq: u64, mut instances: Vec<InstanceLoad>) -> LoadReport {
+fn build(
+    cfg: &Config,
+    host: &mut HostSampler,
+    (seq, boot): (u64, u64),
+    mut instances: Vec<InstanceLoad>,
+) -> LoadReport {
     let h = host.sample();
     ::metrics::gauge!(metrics::HOST_CPU).set(h.cpu);
     let mut pids = Vec::new();
@@ -179,14 +187,47 @@ fn build(cfg: &Config, host: &mut HostSampler, seq: u64, mut instances: Vec<Inst
     LoadReport {
         agent: cfg.agent_id.clone(),
         seq,
+        boot,
         timestamp_ms: wall_ms(),
         host: h,
         instances,
     }
 }
 
+/// Which balancers refuse or miss our reports, so a failure is logged when it starts (and every
+/// [`PUSH_WARN_EVERY`] while it lasts) and its end once, not at every report.
+#[derive(Debug, Default)]
+struct PushLog {
+    failing: std::sync::Mutex<std::collections::HashMap<std::net::SocketAddr, Instant>>,
+}
+
+const PUSH_WARN_EVERY: Duration = Duration::from_secs(30);
+
+impl PushLog {
+    fn failed(&self, balancer: std::net::SocketAddr, error: &str) {
+        let mut failing = self.failing.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        let due = failing
+            .get(&balancer)
+            .is_none_or(|last| now.duration_since(*last) >= PUSH_WARN_EVERY);
+        if due {
+            failing.insert(balancer, now);
+            warn!(balancer = %balancer, error, "load report not accepted (logged again every 30 s while it lasts)");
+        } else {
+            debug!(balancer = %balancer, error, "report push failed");
+        }
+    }
+
+    fn accepted(&self, balancer: std::net::SocketAddr) {
+        let mut failing = self.failing.lock().unwrap_or_else(|e| e.into_inner());
+        if failing.remove(&balancer).is_some() {
+            tracing::info!(balancer = %balancer, "load reports accepted again");
+        }
+    }
+}
+
 /// Signs the report once and pushes it to every balancer, each in its own task with its own timeout.
-fn push_all(cfg: &Config, report: &LoadReport) {
+fn push_all(cfg: &Config, report: &LoadReport, log: &Arc<PushLog>) {
     let body = match serde_json::to_vec(report) {
         Ok(b) => Bytes::from(b),
         Err(e) => {
@@ -196,7 +237,7 @@ fn push_all(cfg: &Config, report: &LoadReport) {
     };
     let sig: Arc<str> = Arc::from(report::sign(&cfg.key, &body));
     for &addr in &cfg.balancers {
-        let (body, sig, timeout) = (body.clone(), sig.clone(), cfg.timeout);
+        let (body, sig, timeout, log) = (body.clone(), sig.clone(), cfg.timeout, log.clone());
         tokio::spawn(async move {
             let r = client::call(
                 addr,
@@ -211,8 +252,9 @@ fn push_all(cfg: &Config, report: &LoadReport) {
             let result = if r.is_ok() { "ok" } else { "error" };
             ::metrics::counter!(metrics::PUSHES_TOTAL, "balancer" => addr.to_string(), "result" => result)
                 .increment(1);
-            if let Err(e) = r {
-                debug!(balancer = %addr, error = %e, "report push failed");
+            match r {
+                Ok(_) => log.accepted(addr),
+                Err(e) => log.failed(addr, &e.to_string()),
             }
         });
     }

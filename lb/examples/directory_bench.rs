@@ -70,6 +70,7 @@ fn report(a: usize, n: usize, seq: u64, load: impl Fn(usize) -> u32) -> LoadRepo
     LoadReport {
         agent: format!("agent-{a}"),
         seq,
+        boot: 0,
         timestamp_ms: now_ms(),
         host: HostLoad {
             cpu: 0.3,

@@ -6,7 +6,7 @@
 //!
 //! ```
 //! use xcluster_proto::report::{HostLoad, LoadReport, decode, sign, verify};
-//! let report = LoadReport { agent: "host-a".into(), seq: 1, timestamp_ms: 1_700_000_000_000,
+//! let report = LoadReport { agent: "host-a".into(), seq: 1, boot: 1, timestamp_ms: 1_700_000_000_000,
 //!     host: HostLoad { cpu: 0.25, mem: 0.5, load1: 0.8, cores: 2 }, instances: vec![] };
 //! let body = serde_json::to_vec(&report).unwrap();
 //! let sig = sign(b"shared-key", &body);
@@ -36,6 +36,11 @@ pub struct LoadReport {
     pub agent: String,
     /// Strictly increasing per agent, across agent restarts (agents start from the wall clock in µs).
     pub seq: u64,
+    /// The reporting process: its first `seq` (its start in µs). A new value is a restart, or a second
+    /// agent under the same id; balancers tell the two apart by whether the old one goes on reporting. 0:
+    /// unknown (an agent from before it was sent).
+    #[serde(default)]
+    pub boot: u64,
     /// When the report was made, milliseconds since the Unix epoch.
     pub timestamp_ms: u64,
     pub host: HostLoad,
@@ -97,6 +102,17 @@ pub enum ReportError {
     },
     #[error("sequence number {seq} is not above the last one accepted from agent {agent:?} ({last})")]
     Replay { agent: String, seq: u64, last: u64 },
+    #[error(
+        "agent {agent:?} is also reported by another process (boot {live_boot}, heard {silent_ms} ms ago; this \
+         one is boot {boot}): refused while that one reports. For a moment after an agent restarts this is \
+         normal; if it lasts, two agents share this agent_id"
+    )]
+    Conflict {
+        agent: String,
+        boot: u64,
+        live_boot: u64,
+        silent_ms: u64,
+    },
 }
 
 impl ReportError {
@@ -109,6 +125,7 @@ impl ReportError {
             ReportError::Malformed(_) => "malformed",
             ReportError::Skew { .. } => "skew",
             ReportError::Replay { .. } => "replay",
+            ReportError::Conflict { .. } => "conflict",
         }
     }
 }
@@ -209,6 +226,7 @@ mod tests {
         LoadReport {
             agent: "h".into(),
             seq: 1,
+            boot: 1,
             timestamp_ms: 1,
             host: HostLoad {
                 cpu: 0.1,

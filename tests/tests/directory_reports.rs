@@ -238,3 +238,51 @@ fn bad_queries_get_clear_4xx_json_and_types_reload_live() {
     assert_eq!(list["balancers"][0], lb.to_string(), "{list}");
     assert_eq!(get(lb, "/v1/status").unwrap().json()["balancer"], lb.to_string());
 }
+
+/// Two agents under one `agent_id` (a copied config): the one that reported first keeps its instances, the
+/// other is refused as a conflict, counted, and both sides say so in their logs; once the first stops (as a
+/// restart would), the other takes over. Before, the later-started agent won every sequence check, its
+/// report dropped the first one's instances, and the first was then locked out for `forget_after`.
+#[test]
+fn a_second_agent_under_one_id_is_refused_and_takes_over_once_the_first_stops() {
+    let dir = tempfile::tempdir().unwrap();
+    let lb = free_addr();
+    let lb_proc = start("lb", lb, &lb_config(lb, &[]), dir.path());
+    let (app_a, app_b) = (FakeApp::start("a"), FakeApp::start("b"));
+    let (ag1, ag2) = (free_addr(), free_addr());
+    let first = start(
+        "agent",
+        ag1,
+        &agent_config(ag1, "dup", &[lb], &[("dup/a", &app_a)]),
+        dir.path(),
+    );
+    let listed = |id: &str| entry(&servers(lb, "browse"), id).is_some();
+    eventually(WAIT, "the first agent's instance listed", || {
+        listed("dup/a").then_some(())
+    });
+    let second = start(
+        "agent",
+        ag2,
+        &agent_config(ag2, "dup", &[lb], &[("dup/b", &app_b)]),
+        dir.path(),
+    );
+    eventually(WAIT, "the second agent's reports refused as conflicts", || {
+        (rejected(lb, "conflict").1 >= 3).then_some(())
+    });
+    assert!(listed("dup/a") && !listed("dup/b"), "{}", servers(lb, "browse"));
+    eventually(WAIT, "both logs to say so", || {
+        (lb_proc.stderr().contains("two agents share this agent_id")
+            && second.stderr().contains("load report not accepted"))
+        .then_some(())
+    });
+    drop(first);
+    eventually(WAIT, "the second agent to take over", || {
+        (listed("dup/b") && !listed("dup/a")).then_some(())
+    });
+    eventually(WAIT, "the second agent to say its reports are accepted", || {
+        second
+            .stderr()
+            .contains("load reports accepted again")
+            .then_some(())
+    });
+}

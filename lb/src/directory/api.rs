@@ -79,7 +79,7 @@ async fn reports(dir: Directory, req: Request<Incoming>) -> Response<Body> {
                 ReportError::MissingSignature | ReportError::BadSignature => StatusCode::UNAUTHORIZED,
                 ReportError::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
                 ReportError::Malformed(_) | ReportError::Skew { .. } => StatusCode::BAD_REQUEST,
-                ReportError::Replay { .. } => StatusCode::CONFLICT,
+                ReportError::Replay { .. } | ReportError::Conflict { .. } => StatusCode::CONFLICT,
             };
             error(status, e.reason(), &e.to_string())
         }

@@ -11,14 +11,19 @@ use super::Directory;
 use crate::metrics;
 
 /// Every rejection reason ([`ReportError::reason`]), in the order `ReportCounts::rejected` holds them.
-pub const REASONS: [&str; 6] = [
+pub const REASONS: [&str; 7] = [
     "missing_signature",
     "bad_signature",
     "too_large",
     "malformed",
     "skew",
     "replay",
+    "conflict",
 ];
+
+/// A rejection reason is logged at most this often (every one is counted): a wrong key or two agents
+/// under one id must show in the log, without a line per report.
+const WARN_EVERY_MS: u64 = 10_000;
 
 /// Milliseconds since the Unix epoch on this balancer's clock.
 pub fn wall_ms() -> u64 {
@@ -48,7 +53,22 @@ impl Directory {
             self.counts().rejected[i].fetch_add(1, Ordering::Relaxed);
         }
         ::metrics::counter!(metrics::REPORTS_REJECTED_TOTAL, "reason" => reason).increment(1);
-        tracing::debug!(reason, error = %e, "report rejected");
+        let now = wall_ms();
+        let warned = REASONS
+            .iter()
+            .position(|r| *r == reason)
+            .map(|i| &self.counts().warned_ms[i]);
+        let due = warned.is_some_and(|w| {
+            let last = w.load(Ordering::Relaxed);
+            now.saturating_sub(last) >= WARN_EVERY_MS
+                && w.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                    .is_ok()
+        });
+        if due {
+            tracing::warn!(reason, error = %e, "load report refused (this reason is logged at most every 10 s)");
+        } else {
+            tracing::debug!(reason, error = %e, "report rejected");
+        }
     }
 
     fn check_and_apply(&self, body: &[u8], signature: Option<&str>) -> Result<LoadReport, ReportError> {
@@ -72,7 +92,7 @@ impl Directory {
             });
         }
         let mut table = self.table();
-        table.check_seq(&r, settings.max_agents)?;
+        table.check_seq(&r, settings.max_agents, self.now_ms(), &settings.params)?;
         table.apply(&r, self.now_ms(), &settings.params);
         self.after_report(&table);
         Ok(r)
@@ -103,9 +123,14 @@ mod tests {
     }
 
     fn body(seq: u64, ts: u64) -> Vec<u8> {
+        body_of(seq, 1, ts)
+    }
+
+    fn body_of(seq: u64, boot: u64, ts: u64) -> Vec<u8> {
         serde_json::to_vec(&LoadReport {
             agent: "h".into(),
             seq,
+            boot,
             timestamp_ms: ts,
             host: HostLoad {
                 cpu: 0.1,
@@ -155,6 +180,14 @@ mod tests {
                 .unwrap_err()
                 .reason(),
             "replay"
+        );
+        // Another process under the same agent id, while this one reports.
+        let other = body_of(1_000, 1_000, now);
+        assert_eq!(
+            d.ingest(&other, Some(&report::sign(b"k", &other)))
+                .unwrap_err()
+                .reason(),
+            "conflict"
         );
         assert_eq!(d.snapshot().version, v);
         let status = d.status();

@@ -71,6 +71,8 @@ impl Settings {
 pub struct ReportCounts {
     pub accepted: AtomicU64,
     pub rejected: [AtomicU64; ingest::REASONS.len()],
+    /// When each reason was last logged at WARN (wall ms).
+    pub warned_ms: [AtomicU64; ingest::REASONS.len()],
 }
 
 /// The directory. Cheap to clone; every clone shares the same table.

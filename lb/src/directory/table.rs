@@ -41,9 +41,23 @@ pub struct Instance {
 #[derive(Debug, Default)]
 pub struct Table {
     pub instances: BTreeMap<Arc<str>, Instance>,
-    /// Per agent: the last sequence number accepted and when (balancer clock, ms).
-    pub last_seq: BTreeMap<String, (u64, u64)>,
+    /// Per agent id: the process that reports as it, its last sequence number and when.
+    pub last_seq: BTreeMap<String, Seen>,
     pub drained: std::collections::BTreeSet<String>,
+    /// When an instance id claimed by two agents was last logged (balancer clock, ms).
+    pub clash_warned_ms: Option<u64>,
+}
+
+/// What the balancer last accepted from an agent id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Seen {
+    pub seq: u64,
+    /// When (balancer clock, ms).
+    pub at_ms: u64,
+    /// The reporting process (`LoadReport::boot`).
+    pub boot: u64,
+    /// The gap between its last two accepted reports (its interval); `report_ttl` after its first.
+    pub gap_ms: u64,
 }
 
 /// One published row of a type's list.
@@ -70,12 +84,36 @@ pub struct TypeList {
 
 impl Table {
     /// Checks that `seq` is above the last one from `agent` (and that the agent fits), without changing state.
-    pub fn check_seq(&self, report: &LoadReport, max_agents: usize) -> Result<(), ReportError> {
+    /// A report from another process under the agent's id (`boot`) is a restart once the last one has been
+    /// silent for two of its report intervals (at most `report_ttl`): its successor takes over, its instances
+    /// still fresh, so nothing slow-starts. While the last one goes on reporting, the other is a second agent
+    /// under its id and is refused (`Conflict`): before, the later-started one won every sequence check and
+    /// its report dropped the first one's instances, which then lost every check for `forget_after`.
+    pub fn check_seq(
+        &self,
+        report: &LoadReport,
+        max_agents: usize,
+        now_ms: u64,
+        p: &Params,
+    ) -> Result<(), ReportError> {
         match self.last_seq.get(&report.agent) {
-            Some(&(last, _)) if report.seq <= last => Err(ReportError::Replay {
+            Some(s) if s.boot != report.boot && s.boot != 0 && report.boot != 0 => {
+                let silent_ms = now_ms.saturating_sub(s.at_ms);
+                let ttl = p.report_ttl.as_millis() as u64;
+                if silent_ms < s.gap_ms.saturating_mul(2).min(ttl) {
+                    return Err(ReportError::Conflict {
+                        agent: report.agent.clone(),
+                        boot: report.boot,
+                        live_boot: s.boot,
+                        silent_ms,
+                    });
+                }
+                Ok(())
+            }
+            Some(s) if report.seq <= s.seq => Err(ReportError::Replay {
                 agent: report.agent.clone(),
                 seq: report.seq,
-                last,
+                last: s.seq,
             }),
             None if self.last_seq.len() >= max_agents => Err(ReportError::Malformed(format!(
                 "more than {max_agents} agents; agent {:?} refused",
@@ -88,7 +126,19 @@ impl Table {
     /// Applies an accepted report: updates each instance's load, damped weights and readiness ramp, and
     /// drops instances the agent no longer reports.
     pub fn apply(&mut self, report: &LoadReport, now_ms: u64, p: &Params) {
-        self.last_seq.insert(report.agent.clone(), (report.seq, now_ms));
+        let gap_ms = match self.last_seq.get(&report.agent) {
+            Some(s) if s.boot == report.boot => now_ms.saturating_sub(s.at_ms),
+            _ => p.report_ttl.as_millis() as u64,
+        };
+        self.last_seq.insert(
+            report.agent.clone(),
+            Seen {
+                seq: report.seq,
+                at_ms: now_ms,
+                boot: report.boot,
+                gap_ms,
+            },
+        );
         let reported: std::collections::BTreeSet<&str> =
             report.instances.iter().map(|i| i.id.as_str()).collect();
         self.instances
@@ -99,8 +149,28 @@ impl Table {
             let Ok(addr) = i.addr.parse::<SocketAddr>() else {
                 continue;
             };
-            let load = Load::from_report(&report.host, i, n);
             let id: Arc<str> = Arc::from(i.id.as_str());
+            // Another agent reports this id, freshly: its claim stands (the id names one instance; taking
+            // turns made the address flap with every report).
+            if let Some(owner) = self.instances.get(&id)
+                && owner.agent != report.agent
+                && now_ms.saturating_sub(owner.received_ms) <= gap
+            {
+                if self
+                    .clash_warned_ms
+                    .is_none_or(|at| now_ms.saturating_sub(at) >= 10_000)
+                {
+                    self.clash_warned_ms = Some(now_ms);
+                    tracing::warn!(
+                        instance = %id,
+                        agent = %report.agent,
+                        owner = %owner.agent,
+                        "two agents report the same instance id; the first one's report is kept (logged at most every 10 s)"
+                    );
+                }
+                continue;
+            }
+            let load = Load::from_report(&report.host, i, n);
             let prev = self.instances.remove(&id);
             // Recovered: its previous report is older than the TTL by the agent's own clock, so every
             // balancer decides the same from the same reports.
@@ -157,7 +227,7 @@ impl Table {
         // Safe against replay: config validation keeps `forget_after` at least the timestamp skew, so any
         // report of that agent old enough to be a replay is refused for its timestamp.
         self.last_seq
-            .retain(|_, (_, at)| now_ms.saturating_sub(*at) <= forget);
+            .retain(|_, s| now_ms.saturating_sub(s.at_ms) <= forget);
         before != self.instances.len()
     }
 

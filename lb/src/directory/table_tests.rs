@@ -49,6 +49,7 @@ fn report(agent: &str, seq: u64, ts: u64, cpu: f64, instances: Vec<InstanceLoad>
     LoadReport {
         agent: agent.into(),
         seq,
+        boot: 0,
         timestamp_ms: ts,
         host: HostLoad {
             cpu,
@@ -253,26 +254,89 @@ fn replay_and_agent_bound() {
     let p = params();
     let mut t = Table::default();
     let r = report("h1", 5, 0, 0.0, vec![]);
-    assert!(t.check_seq(&r, 2).is_ok());
+    assert!(t.check_seq(&r, 2, 0, &p).is_ok());
     t.apply(&r, 0, &p);
-    assert_eq!(t.check_seq(&r, 2).unwrap_err().reason(), "replay");
+    assert_eq!(t.check_seq(&r, 2, 0, &p).unwrap_err().reason(), "replay");
     assert_eq!(
-        t.check_seq(&report("h1", 4, 0, 0.0, vec![]), 2)
+        t.check_seq(&report("h1", 4, 0, 0.0, vec![]), 2, 0, &p)
             .unwrap_err()
             .reason(),
         "replay"
     );
-    assert!(t.check_seq(&report("h1", 6, 0, 0.0, vec![]), 2).is_ok());
+    assert!(t.check_seq(&report("h1", 6, 0, 0.0, vec![]), 2, 0, &p).is_ok());
     t.apply(&report("h2", 1, 0, 0.0, vec![]), 0, &p);
     assert!(
-        t.check_seq(&report("h3", 1, 0, 0.0, vec![]), 2).is_err(),
+        t.check_seq(&report("h3", 1, 0, 0.0, vec![]), 2, 10_001, &p)
+            .is_err(),
         "third agent over the bound"
     );
     // Silent agents are forgotten after forget_after, which frees room for new ones.
     t.apply(&report("h1", 7, 0, 0.0, vec![]), 9_000, &p);
     t.expire(10_001, &p);
     assert_eq!(t.last_seq.len(), 1, "h2 (silent since 0) forgotten, h1 kept");
-    assert!(t.check_seq(&report("h3", 1, 0, 0.0, vec![]), 2).is_ok());
+    assert!(
+        t.check_seq(&report("h3", 1, 0, 0.0, vec![]), 2, 10_001, &p)
+            .is_ok()
+    );
+}
+
+/// A second process reporting under an agent's id is refused while the first goes on reporting (it would
+/// drop the first one's instances); a restart (the first goes silent) takes over after two of its report
+/// intervals, while its instances are still fresh.
+#[test]
+fn a_second_agent_under_one_id_is_refused_and_a_restart_takes_over() {
+    let p = params();
+    let mut t = Table::default();
+    let from = |seq: u64, boot: u64, ts: u64, instances: Vec<InstanceLoad>| LoadReport {
+        boot,
+        ..report("h", seq, ts, 0.1, instances)
+    };
+    let first = |seq: u64, ts: u64| from(seq, 100, ts, vec![inst("h/a", 1, 0), inst("h/b", 2, 0)]);
+    for (seq, at) in [(100, 0), (101, 500), (102, 1_000)] {
+        t.check_seq(&first(seq, at), 8, at, &p).unwrap();
+        t.apply(&first(seq, at), at, &p);
+    }
+    // A second agent, started later (its sequence is far above), while the first reports every 500 ms.
+    let second = from(9_000, 9_000, 1_200, vec![inst("h/x", 9, 0)]);
+    let err = t.check_seq(&second, 8, 1_200, &p).unwrap_err();
+    assert_eq!(err.reason(), "conflict", "{err}");
+    assert!(
+        err.to_string().contains("two agents share this agent_id"),
+        "{err}"
+    );
+    assert_eq!(t.instances.len(), 2, "the first one's instances stand");
+    // The first goes on; then it stops (a restart): after two of its intervals its successor takes over.
+    t.check_seq(&first(103, 1_500), 8, 1_500, &p).unwrap();
+    t.apply(&first(103, 1_500), 1_500, &p);
+    assert!(
+        t.check_seq(&second, 8, 2_400, &p).is_err(),
+        "silent 900 ms: not yet"
+    );
+    let next = from(9_001, 9_000, 2_500, vec![inst("h/a", 1, 0), inst("h/b", 2, 0)]);
+    t.check_seq(&next, 8, 2_500, &p).unwrap();
+    t.apply(&next, 2_500, &p);
+    // The old process, back, is the one refused now; reports without a boot keep the old rule.
+    assert_eq!(
+        t.check_seq(&first(104, 2_600), 8, 2_600, &p)
+            .unwrap_err()
+            .reason(),
+        "conflict"
+    );
+    assert!(t.check_seq(&from(9_002, 0, 2_700, vec![]), 8, 2_700, &p).is_ok());
+}
+
+/// An instance id two agents report stays with the first while its reports are fresh.
+#[test]
+fn an_instance_id_two_agents_claim_stays_with_the_first() {
+    let p = params();
+    let mut t = Table::default();
+    t.apply(&report("h1", 1, 0, 0.1, vec![inst("x/app", 1, 0)]), 0, &p);
+    t.apply(&report("h2", 1, 0, 0.1, vec![inst("x/app", 2, 0)]), 100, &p);
+    let owner = &t.instances[&Arc::<str>::from("x/app")];
+    assert_eq!((owner.agent.as_str(), owner.addr.port()), ("h1", 1));
+    // Once the first is stale, the other's claim is taken.
+    t.apply(&report("h2", 2, 3_000, 0.1, vec![inst("x/app", 2, 0)]), 3_000, &p);
+    assert_eq!(t.instances[&Arc::<str>::from("x/app")].addr.port(), 2);
 }
 
 #[test]

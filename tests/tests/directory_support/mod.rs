@@ -157,6 +157,7 @@ pub fn report(agent: &str, seq: u64, ts: u64, instances: &[(&str, SocketAddr, u3
     LoadReport {
         agent: agent.into(),
         seq,
+        boot: 0,
         timestamp_ms: ts,
         host: HostLoad {
             cpu: 0.1,
