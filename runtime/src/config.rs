@@ -451,8 +451,31 @@ pub fn flatten<T: Serialize>(raw: &T) -> Vec<(String, String)> {
 /// Describes what changed between two raw configs in one line (`a: x -> y, b added, c removed`), at most
 /// [`DIFF_PARTS`] changes and [`DIFF_VALUE_CHARS`] characters of a value, so a large reload logs a readable line.
 pub fn diff<T: Serialize>(old: &T, new: &T) -> String {
-    let old: std::collections::BTreeMap<_, _> = flatten(old).into_iter().collect();
-    let new: std::collections::BTreeMap<_, _> = flatten(new).into_iter().collect();
+    diff_shown(old, new, old, new)
+}
+
+/// [`diff`] of `old` and `new`, with the values of `shown_old` and `shown_new` (the same configs with their
+/// secrets redacted): a secret that changed reads `key: changed (hidden)`, rather than not at all.
+pub fn diff_shown<T: Serialize>(old: &T, new: &T, shown_old: &T, shown_new: &T) -> String {
+    let shown = |raw: &T, shown: &T| -> std::collections::BTreeMap<String, String> {
+        let shown: std::collections::BTreeMap<_, _> = flatten(shown).into_iter().collect();
+        flatten(raw)
+            .into_iter()
+            .map(|(k, v)| {
+                let v = match shown.get(&k) {
+                    Some(s) if *s == v => v,
+                    _ => HIDDEN.to_string(),
+                };
+                (k, v)
+            })
+            .collect()
+    };
+    let (raw_old, raw_new): (std::collections::BTreeMap<_, _>, std::collections::BTreeMap<_, _>) = (
+        flatten(old).into_iter().collect(),
+        flatten(new).into_iter().collect(),
+    );
+    let (old, new) = (shown(old, shown_old), shown(new, shown_new));
+    let changed = |k: &String| raw_old.get(k) != raw_new.get(k);
     let short = |v: &str| match v.char_indices().nth(DIFF_VALUE_CHARS) {
         Some((cut, _)) => format!("{}...", &v[..cut]),
         None => v.to_string(),
@@ -476,7 +499,10 @@ pub fn diff<T: Serialize>(old: &T, new: &T) -> String {
                 Some(_) => {}
                 None => parts.push(format!("{k} added ({})", short(v))),
             },
-            Some(o) if o != v => parts.push(format!("{k}: {} -> {}", short(o), short(v))),
+            Some(o) if changed(k) && (o == HIDDEN || v == HIDDEN) => {
+                parts.push(format!("{k}: changed (hidden)"))
+            }
+            Some(o) if changed(k) => parts.push(format!("{k}: {} -> {}", short(o), short(v))),
             _ => {}
         }
     }
@@ -497,6 +523,9 @@ pub fn diff<T: Serialize>(old: &T, new: &T) -> String {
     }
     parts.join(", ")
 }
+
+/// What a redacted value reads as in a diff.
+const HIDDEN: &str = "<hidden>";
 
 /// Changes a reload's log line names at most.
 const DIFF_PARTS: usize = 12;
@@ -688,6 +717,22 @@ mod tests {
     fn syntax_error_names_the_file() {
         let err = load_str("listen = \n", &[]).unwrap_err();
         assert!(matches!(err, ConfigError::Syntax { .. }), "{err}");
+    }
+
+    #[test]
+    fn a_changed_secret_is_named_not_shown() {
+        let secret = |k: &str| toml::toml! { key = k listen = "a" };
+        let (old, new) = (secret("s3cret"), secret("other"));
+        let hide = |mut t: toml::Table| {
+            t.insert("key".into(), toml::Value::from("<redacted>"));
+            t
+        };
+        let line = diff_shown(&old, &new, &hide(old.clone()), &hide(new.clone()));
+        assert_eq!(line, "key: changed (hidden)");
+        assert_eq!(
+            diff_shown(&old, &old, &hide(old.clone()), &hide(old.clone())),
+            "no changes"
+        );
     }
 
     #[test]

@@ -168,7 +168,12 @@ impl<C: RoleConfig> State<C> {
         }
         match load::<C>(&self.source) {
             Ok(loaded) => {
-                let diff = crate::config::diff(&redacted::<C>(&self.raw), &redacted::<C>(&loaded.raw));
+                let diff = crate::config::diff_shown(
+                    &self.raw,
+                    &loaded.raw,
+                    &redacted::<C>(&self.raw),
+                    &redacted::<C>(&loaded.raw),
+                );
                 info!(role = self.role_label, ?cause, changes = %diff, "config reloaded");
                 self.raw = loaded.raw;
                 self.good_bytes = loaded.file_bytes;
