@@ -147,7 +147,16 @@ impl Client {
         let served_by = shared
             .bootstrap()
             .await
-            .map_err(|(request_type, last)| Error::Bootstrap { request_type, last })?;
+            .map_err(|(request_type, said, not_served)| {
+                if not_served {
+                    Error::NotServed { request_type, said }
+                } else {
+                    Error::Bootstrap {
+                        request_type,
+                        last: said,
+                    }
+                }
+            })?;
         let cancel = CancellationToken::new();
         for (idx, b) in served_by.into_iter().enumerate() {
             tokio::spawn(watch_loop(shared.clone(), idx, b, cancel.clone()));

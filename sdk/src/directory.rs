@@ -170,7 +170,10 @@ impl Shared {
     }
 
     /// Fetches the first list of every type from any balancer; returns the balancer that served each.
-    pub(crate) async fn bootstrap(&self) -> Result<Vec<SocketAddr>, (String, String)> {
+    /// The first list of every type; else the type, what each balancer said, and whether every one of them
+    /// answered that it does not know the type (a client asking for a type the balancers are not set up for,
+    /// not a balancer failing).
+    pub(crate) async fn bootstrap(&self) -> Result<Vec<SocketAddr>, (String, String, bool)> {
         let mut served_by = Vec::with_capacity(self.types.len());
         // Start at a random seed so many clients spread over the balancers.
         let seeds = self.balancers.load();
@@ -178,7 +181,8 @@ impl Shared {
             .get(rand::rng().random_range(0..seeds.len().max(1)))
             .copied();
         for (idx, slot) in self.types.iter().enumerate() {
-            let mut last = String::from("no balancer configured");
+            let mut said: Vec<String> = Vec::new();
+            let mut unknown = 0;
             let mut ok = None;
             for b in self.order(served_by.last().copied().or(start)) {
                 let r = fetch::server_list(
@@ -196,15 +200,20 @@ impl Shared {
                         ok = Some(b);
                         break;
                     }
-                    Ok(None) => last = format!("{b}: 304 without a watch"),
+                    Ok(None) => said.push(format!("{b}: 304 without a watch")),
                     Err(e) => {
                         debug!(balancer = %b, request_type = %slot.name, error = %e, "bootstrap fetch failed");
-                        last = format!("{b}: {e}");
+                        unknown += usize::from(e.starts_with("status 404") && e.contains("unknown_type"));
+                        said.push(format!("{b}: {e}"));
                     }
                 }
             }
             let Some(b) = ok else {
-                return Err((slot.name.clone(), last));
+                let not_served = unknown > 0 && unknown == said.len();
+                if said.is_empty() {
+                    said.push("no balancer configured".into());
+                }
+                return Err((slot.name.clone(), said.join("; "), not_served));
             };
             slot.touch(&self.clock);
             slot.reachable.store(true, Ordering::Relaxed);

@@ -43,8 +43,17 @@ pub enum Error {
     Bootstrap {
         /// The request type that could not be fetched.
         request_type: String,
-        /// The last balancer error seen.
+        /// What each balancer tried said, `; `-separated.
         last: String,
+    },
+    /// Every balancer answered during `build()` that it does not know this request type: it is not one of
+    /// their `[types]` (a misspelt type, or balancers set up for other ones).
+    #[error("no balancer serves request type {request_type:?}: it is not one of their [types] ({said})")]
+    NotServed {
+        /// The request type.
+        request_type: String,
+        /// What each balancer said, `; `-separated.
+        said: String,
     },
     /// One balancer failed (unreachable, bad status, or an invalid list).
     #[error("balancer {addr}: {msg}")]
@@ -115,7 +124,10 @@ impl Error {
     /// Whether trying again (on another instance or balancer, or a little later) can succeed.
     pub fn is_retryable(&self) -> bool {
         match self {
-            Error::Config(_) | Error::UnknownType(_) | Error::ResponseTooLarge { .. } => false,
+            Error::Config(_)
+            | Error::UnknownType(_)
+            | Error::NotServed { .. }
+            | Error::ResponseTooLarge { .. } => false,
             Error::Stale { .. } => false,
             Error::Exhausted { .. } => false,
             Error::Bootstrap { .. }
@@ -131,7 +143,7 @@ impl Error {
     /// Which side failed.
     pub fn side(&self) -> Side {
         match self {
-            Error::Config(_) | Error::UnknownType(_) => Side::Client,
+            Error::Config(_) | Error::UnknownType(_) | Error::NotServed { .. } => Side::Client,
             Error::Bootstrap { .. } | Error::Balancer { .. } | Error::Stale { .. } => Side::Balancer,
             Error::NoInstance(_)
             | Error::Connect { .. }
@@ -158,6 +170,7 @@ impl Error {
             Error::Config(_) => "config",
             Error::UnknownType(_) => "unknown_type",
             Error::Bootstrap { .. } => "bootstrap",
+            Error::NotServed { .. } => "not_served",
             Error::Balancer { .. } => "balancer",
             Error::Stale { .. } => "stale",
             Error::NoInstance(_) => "no_instance",

@@ -116,7 +116,10 @@ impl Client {
     /// use http_body_util::Full;
     /// let req = http::Request::post("/v1/orders")
     ///     .header("idempotency-key", "k-1")
-    ///     .body(Full::new(Bytes::from_static(b"{\"sku\":\"s1\",\"qty\":1}")))
+    ///     .header("content-type", "application/json")
+    ///     .body(Full::new(Bytes::from_static(
+    ///         br#"{"user":"ann","lines":[{"sku":"sku-1-1","qty":1}]}"#,
+    ///     )))
     ///     .unwrap();
     /// let resp = client.send("order", req).await?;
     /// println!("{} from {:?}", resp.status(), resp.extensions().get::<xcluster_sdk::Backend>());

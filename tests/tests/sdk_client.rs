@@ -269,6 +269,39 @@ async fn a_hung_balancer_is_left_within_the_hold_it_was_asked_for() {
     .await;
 }
 
+/// A type no balancer knows is the client's mistake, said as such and not retryable; with one balancer down
+/// as well, it is a bootstrap failure naming what each balancer said.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_type_no_balancer_serves_is_named_as_such_at_build() {
+    let a = Backend::start("a");
+    let lb = FakeBalancer::start(HOLD);
+    lb.set(list("browse", 1, &[("a", a.addr, 100)], &[lb.addr]));
+    let build = |balancers: Vec<String>| {
+        Client::builder()
+            .balancers(balancers)
+            .request_types(["browse", "refnud"])
+            .connect_timeout(Duration::from_millis(300))
+            .build()
+    };
+    let err = build(vec![lb.addr.to_string()]).await.unwrap_err();
+    assert!(matches!(err, Error::NotServed { .. }), "{err}");
+    assert!(!err.is_retryable() && err.side() == Side::Client, "{err}");
+    assert!(
+        err.to_string().contains("\"refnud\"") && err.to_string().contains("[types]"),
+        "{err}"
+    );
+    let dead = dead_addr();
+    let err = build(vec![lb.addr.to_string(), dead.to_string()])
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Bootstrap { .. }), "{err}");
+    let text = err.to_string();
+    assert!(
+        text.contains(&lb.addr.to_string()) && text.contains(&dead.to_string()),
+        "{text}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hyper_integration_sends_requests_to_the_picked_instance() {
     let backends = [Backend::start("a"), Backend::start("b"), Backend::start("c")];

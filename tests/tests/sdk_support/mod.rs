@@ -222,7 +222,10 @@ async fn serve_list(t: &Tables, head: &str) -> (u16, Vec<u8>) {
     }
     match current(t) {
         Some(l) => (200, serde_json::to_vec(&l).unwrap()),
-        None => (404, b"{\"error\":\"unknown type\"}".to_vec()),
+        None => (
+            404,
+            b"{\"error\":{\"code\":\"unknown_type\",\"message\":\"unknown request type\"}}".to_vec(),
+        ),
     }
 }
 
