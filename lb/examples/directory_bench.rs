@@ -55,6 +55,8 @@ fn settings() -> Settings {
         max_agents: 10_000,
         balancers: vec!["127.0.0.1:7000".into()],
         admin_token: String::new(),
+        // The herd phase holds thousands of watches at once.
+        max_watches: usize::MAX,
     }
 }
 

@@ -15,3 +15,5 @@ pub const PANIC: &str = "xcluster_lb_panic";
 pub const INSTANCES: &str = "xcluster_lb_instances";
 /// Directory queries answered, by `endpoint` (servers, watch, pick).
 pub const QUERIES_TOTAL: &str = "xcluster_lb_directory_queries_total";
+/// Watches answered at once because `max_watches` (three quarters of `[http] max_connections`) were held.
+pub const WATCHES_UNHELD_TOTAL: &str = "xcluster_lb_directory_watches_unheld_total";

@@ -107,6 +107,7 @@ mod tests {
     use super::*;
     use crate::directory::Settings;
     use crate::directory::weights::Params;
+    use std::time::Duration;
 
     fn dir() -> Directory {
         Directory::new(Settings {
@@ -119,6 +120,7 @@ mod tests {
             max_agents: 8,
             balancers: vec!["127.0.0.1:7000".into()],
             admin_token: "t".into(),
+            max_watches: 64,
         })
     }
 
@@ -197,6 +199,37 @@ mod tests {
         }
         assert_eq!(d.servers("default").unwrap().servers.len(), 1);
         assert!(d.servers("nope").is_err());
+    }
+
+    /// Past `max_watches` a watch is answered at once, so long polls cannot take every connection.
+    #[tokio::test(start_paused = true)]
+    async fn watches_past_the_cap_are_answered_at_once() {
+        let d = dir();
+        d.reconfigure(Settings {
+            max_watches: 1,
+            ..(*d.settings()).clone()
+        });
+        let first = body(1, wall_ms());
+        d.ingest(&first, Some(&report::sign(b"k", &first))).unwrap();
+        let v = d.servers_json("default").unwrap().0;
+        let held = tokio::spawn({
+            let d = d.clone();
+            async move { d.watch("default", v, Duration::from_secs(30)).await }
+        });
+        while d.inner.watching.load(Ordering::Relaxed) == 0 {
+            tokio::task::yield_now().await;
+        }
+        let started = tokio::time::Instant::now();
+        let (version, _) = d.watch("default", v, Duration::from_secs(30)).await.unwrap();
+        assert_eq!(
+            (version, started.elapsed()),
+            (v, Duration::ZERO),
+            "answered at once"
+        );
+        let (version, _) = held.await.unwrap().unwrap();
+        assert_eq!(version, v);
+        assert_eq!(started.elapsed(), Duration::from_secs(30), "the first was held");
+        assert_eq!(d.inner.watching.load(Ordering::Relaxed), 0);
     }
 
     #[tokio::test]

@@ -17,7 +17,7 @@ pub mod table;
 pub mod weights;
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -51,6 +51,10 @@ pub struct Settings {
     pub max_agents: usize,
     pub balancers: Vec<String>,
     pub admin_token: String,
+    /// Watches held at once; beyond it a watch is answered at once. A quarter of `[http] max_connections`
+    /// (at least 4) stays for reports, other queries, `/readyz` and `/metrics`: long polls held every
+    /// connection, and agents' reports were refused with 503.
+    pub max_watches: usize,
 }
 
 impl Settings {
@@ -62,7 +66,22 @@ impl Settings {
             max_agents: c.max_agents,
             balancers: c.balancers.iter().map(ToString::to_string).collect(),
             admin_token: c.admin_token.clone(),
+            max_watches: max_watches(c.http.max_connections),
         }
+    }
+}
+
+/// `Settings::max_watches` for `max_connections`.
+pub fn max_watches(max_connections: usize) -> usize {
+    max_connections.saturating_sub((max_connections / 4).max(4))
+}
+
+/// A watch held by this balancer, counted while it waits.
+struct WatchSlot<'a>(&'a AtomicUsize);
+
+impl Drop for WatchSlot<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -94,6 +113,8 @@ struct Inner {
     last_publish_ms: AtomicU64,
     dirty: std::sync::atomic::AtomicBool,
     wake: tokio::sync::Notify,
+    /// Watches held now (`Settings::max_watches`).
+    watching: AtomicUsize,
 }
 
 /// Most drained ids a balancer takes from its peers (a peer's answer is outside input).
@@ -125,6 +146,7 @@ impl Directory {
                 last_publish_ms: AtomicU64::new(0),
                 dirty: std::sync::atomic::AtomicBool::new(false),
                 wake: tokio::sync::Notify::new(),
+                watching: AtomicUsize::new(0),
             }),
         }
     }
@@ -252,6 +274,16 @@ impl Directory {
         timeout: Duration,
     ) -> Result<(u64, bytes::Bytes), QueryError> {
         let mut rx = self.inner.changed.subscribe();
+        let max = self.settings().max_watches;
+        let held = self.inner.watching.fetch_add(1, Ordering::Relaxed) < max;
+        let _slot = WatchSlot(&self.inner.watching);
+        // Past `max_watches` the poll is answered now: the client asks again after its repoll interval.
+        let timeout = if held {
+            timeout
+        } else {
+            ::metrics::counter!(crate::metrics::WATCHES_UNHELD_TOTAL).increment(1);
+            Duration::ZERO
+        };
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             let list = self.servers_json(ty)?;

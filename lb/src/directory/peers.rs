@@ -80,6 +80,7 @@ mod tests {
             max_agents: 8,
             balancers: vec!["127.0.0.1:7000".into()],
             admin_token: "t".into(),
+            max_watches: 64,
         })
     }
 

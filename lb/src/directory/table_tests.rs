@@ -524,6 +524,7 @@ fn clients_are_shown_a_new_list_only_when_it_changed_enough() {
         max_agents: 1,
         balancers: Vec::new(),
         admin_token: String::new(),
+        max_watches: 64,
     };
     let shown_weight = |s: &Snapshot, id: &str| {
         let list = s.server_list("queue", 0, &settings).unwrap();
