@@ -137,6 +137,9 @@ impl RoleConfig for Config {
                 )
             },
         );
+        v.check(!raw.balancers.is_empty(), "balancers", || {
+            "at least one balancer is required: with none, no report goes anywhere".into()
+        });
         v.check(raw.balancers.len() <= 64, "balancers", || {
             "at most 64 balancers".into()
         });
@@ -286,5 +289,20 @@ mod tests {
         assert_eq!((a.port(), p.as_str()), (7101, "/v1/stats"));
         assert!(parse_http_url("https://127.0.0.1:1/").is_none());
         assert!(parse_http_url("http://localhost:1/").is_none());
+    }
+
+    #[test]
+    fn an_agent_needs_a_balancer() {
+        let raw = RawConfig {
+            balancers: Vec::new(),
+            ..RawConfig::default()
+        };
+        let issues = Config::validate(&raw).err().unwrap_or_default();
+        assert!(
+            issues
+                .iter()
+                .any(|i| i.to_string().contains("at least one balancer")),
+            "{issues:?}"
+        );
     }
 }

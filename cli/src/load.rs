@@ -114,7 +114,7 @@ struct Run {
     timeout: Duration,
     tx: mpsc::Sender<Sample>,
     /// Set by SIGINT/SIGTERM: start no new request.
-    stopped: AtomicBool,
+    stopped: Arc<AtomicBool>,
     /// Acknowledged order ids, when `--orders-out` asks for them.
     acked: Option<Arc<std::sync::Mutex<AckedOrders>>>,
 }
@@ -182,20 +182,11 @@ async fn drive(args: LoadArgs) -> Result<Ran, String> {
     let mix = Mix::parse(&args.mix)?;
     let timeout = Duration::from_millis(args.timeout_ms);
     let names: Vec<&'static str> = mix.kinds.iter().map(|k| k.name).collect();
-    let target = Target::new(args.via, args.targets(), &names, timeout).await?;
-    let (tx, mut rx) = mpsc::channel::<Sample>(65_536);
-    let acked = args.orders_out.as_ref().map(|_| Arc::default());
-    let run = Arc::new(Run {
-        mix,
-        ctx: Ctx::default(),
-        target,
-        timeout,
-        tx,
-        acked: acked.clone(),
-        stopped: AtomicBool::new(false),
-    });
+    // SIGINT/SIGTERM end the run, and a bootstrap that has not found its targets yet.
+    let stopped = Arc::new(AtomicBool::new(false));
+    let stop = Arc::new(tokio::sync::Notify::new());
     {
-        let run = Arc::downgrade(&run);
+        let (stopped, stop) = (stopped.clone(), stop.clone());
         tokio::spawn(async move {
             let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             else {
@@ -205,11 +196,25 @@ async fn drive(args: LoadArgs) -> Result<Ran, String> {
                 _ = tokio::signal::ctrl_c() => {}
                 _ = term.recv() => {}
             }
-            if let Some(run) = run.upgrade() {
-                run.stopped.store(true, Ordering::Relaxed);
-            }
+            stopped.store(true, Ordering::Relaxed);
+            stop.notify_waiters();
         });
     }
+    let target = tokio::select! {
+        t = Target::new(args.via, args.targets(), &names, timeout) => t?,
+        _ = stop.notified() => return Err("interrupted while connecting to the targets".into()),
+    };
+    let (tx, mut rx) = mpsc::channel::<Sample>(65_536);
+    let acked = args.orders_out.as_ref().map(|_| Arc::default());
+    let run = Arc::new(Run {
+        mix,
+        ctx: Ctx::default(),
+        target,
+        timeout,
+        tx,
+        acked: acked.clone(),
+        stopped: stopped.clone(),
+    });
     let via = match args.via {
         Via::Sdk => "sdk",
         Via::Proxy => "proxy",
@@ -264,7 +269,8 @@ async fn drive(args: LoadArgs) -> Result<Ran, String> {
     if let (Some(path), Some(acked)) = (&args.orders_out, &acked) {
         write_orders(path, acked)?;
     }
-    let report = recorder.report(via, mode, started.elapsed());
+    let mut report = recorder.report(via, mode, started.elapsed());
+    report.interrupted = stopped.load(Ordering::Relaxed);
     if args.json {
         println!(
             "{}",
@@ -317,6 +323,12 @@ async fn open_loop(run: Arc<Run>, rate: u32, max_in_flight: u32, deadline: Insta
             drop(permit);
         });
         i += 1;
+    }
+    // The run lasts as long as its schedule: `i` requests at `rate` take `i` intervals (or up to the
+    // deadline), whatever the answers' speed; ending at the last answer made three requests at 1/s read as
+    // 950 requests/s.
+    if !run.stopped.load(Ordering::Relaxed) {
+        tokio::time::sleep_until(deadline.min(start + interval.mul_f64(i as f64))).await;
     }
 }
 

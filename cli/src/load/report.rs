@@ -245,6 +245,7 @@ impl Recorder {
             types,
             backends: shares(&merged(self.types.iter().map(|t| &t.backends))),
             timeline,
+            interrupted: false,
         }
     }
 }
@@ -308,6 +309,8 @@ pub struct Report {
     /// Per interval, when `--interval-ms` asked for it (empty otherwise).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub timeline: Vec<Interval>,
+    /// SIGINT or SIGTERM ended the run before its duration or request count.
+    pub interrupted: bool,
 }
 
 /// One timeline line's backend shares, and its end.
@@ -326,14 +329,15 @@ impl Report {
     /// The human-readable table.
     pub fn text(&self) -> String {
         let mut out = format!(
-            "via {} ({}): {} requests in {:.2}s, {} errors, {} refused, {:.1} ok/s\n\n",
+            "via {} ({}): {} requests in {:.2}s, {} errors, {} refused, {:.1} ok/s{}\n\n",
             self.via,
             self.mode,
             self.requests,
             self.elapsed_s,
             self.errors,
             self.refused,
-            self.throughput_rps
+            self.throughput_rps,
+            if self.interrupted { " (interrupted)" } else { "" }
         );
         out += &format!(
             "{:<10} {:>8} {:>8} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}\n",
