@@ -79,18 +79,17 @@ fn check(a: &LoadArgs) -> Result<(), String> {
     if a.timeout_ms == 0 || a.max_in_flight == 0 {
         problems.push("--timeout-ms and --max-in-flight must be above zero".into());
     }
-    let targets: Vec<&str> = a
-        .targets()
-        .split(',')
-        .map(str::trim)
-        .filter(|t| !t.is_empty())
-        .collect();
-    for t in &targets {
-        if t.parse::<std::net::SocketAddr>().is_err() {
-            problems.push(format!("target {t:?} is not ip:port"));
+    let targets = match target::parse(a.targets()) {
+        Ok(t) => t,
+        Err(e) => {
+            problems.push(e);
+            Vec::new()
         }
+    };
+    if targets.is_empty() && problems.is_empty() {
+        problems.push("--targets names no address".into());
     }
-    if a.via == Via::Proxy && targets.len() != 1 {
+    if a.via == Via::Proxy && !targets.is_empty() && targets.len() != 1 {
         problems.push(format!(
             "--via proxy takes exactly one target (the listener), not {}",
             targets.len()

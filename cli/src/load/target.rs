@@ -33,18 +33,27 @@ pub enum Target {
 /// A completed exchange (any status) and who served it, or an error kind.
 pub type Outcome = Result<(Response<Bytes>, String), String>;
 
+/// The addresses of `--targets`, comma-separated: `ip:port`, or `host:port` resolved now (its first address).
+pub fn parse(targets: &str) -> Result<Vec<SocketAddr>, String> {
+    targets
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            s.parse::<SocketAddr>().or_else(|_| {
+                std::net::ToSocketAddrs::to_socket_addrs(s)
+                    .ok()
+                    .and_then(|mut a| a.next())
+                    .ok_or_else(|| format!("target {s:?} is not ip:port, nor a host:port that resolves"))
+            })
+        })
+        .collect()
+}
+
 impl Target {
     /// Builds the target; for the SDK this bootstraps from the balancers.
     pub async fn new(via: Via, targets: &str, types: &[&str], timeout: Duration) -> Result<Target, String> {
-        let addrs = targets
-            .split(',')
-            .map(str::trim)
-            .filter(|s| !s.is_empty())
-            .map(|s| {
-                s.parse::<SocketAddr>()
-                    .map_err(|_| format!("target {s:?} is not ip:port"))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+        let addrs = parse(targets)?;
         if addrs.is_empty() {
             return Err("no targets given".into());
         }
