@@ -157,10 +157,10 @@ impl Run {
                     outcome: Outcome::of_status(status.as_u16()),
                 }
             }
-            Err(kind_of_error) => Sample {
+            Err((kind_of_error, backend)) => Sample {
                 kind: k,
                 latency,
-                backend: String::new(),
+                backend,
                 outcome: Outcome::Error(kind_of_error),
             },
         };

@@ -8,7 +8,7 @@ mod sdk_support;
 
 use std::time::Duration;
 
-use sdk_support::{Backend, FakeBalancer, list};
+use sdk_support::{Backend, FakeBalancer, dead_addr, list};
 use serde_json::Value;
 use xcluster_tests::Proc;
 
@@ -106,7 +106,8 @@ fn a_run_where_every_request_fails_exits_1() {
 fn errors_are_counted_by_kind_in_open_loop() {
     let ok = Backend::start("ok");
     let busy = Backend::with_status("busy", 503);
-    let targets = format!("{},{}", ok.addr, busy.addr);
+    let dead = dead_addr();
+    let targets = format!("{},{},{dead}", ok.addr, busy.addr);
     let report = load(&[
         "--via",
         "rr",
@@ -117,14 +118,17 @@ fn errors_are_counted_by_kind_in_open_loop() {
         "--rate",
         "200",
         "--requests",
-        "100",
+        "99",
     ]);
-    assert_eq!(report["requests"], 100);
+    assert_eq!(report["requests"], 99);
     let t = by_type(&report, "browse");
-    assert_eq!(t["errors"]["status_503"], 50, "{report}");
-    assert_eq!(t["ok"], 50);
+    assert_eq!(t["errors"]["status_503"], 33, "{report}");
+    assert_eq!(t["errors"]["connect"], 33, "{report}");
+    assert_eq!(t["ok"], 33);
     check_percentiles(t);
-    assert_eq!(report["backends"][busy.addr.to_string()]["requests"], 50);
+    assert_eq!(report["backends"][busy.addr.to_string()]["requests"], 33);
+    // A backend that refuses every connection shows in the shares with its failures.
+    assert_eq!(report["backends"][dead.to_string()]["requests"], 33, "{report}");
 }
 
 /// Both instances take 10 ms a request. The SDK compares their latency (plus a 1 ms floor) before it follows

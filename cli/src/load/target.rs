@@ -30,8 +30,9 @@ pub enum Target {
     },
 }
 
-/// A completed exchange (any status) and who served it, or an error kind.
-pub type Outcome = Result<(Response<Bytes>, String), String>;
+/// A completed exchange (any status) and who served it, or an error kind and the backend it was sent to (empty
+/// when the SDK failed before it had one), so a backend that refuses shows in the shares with its failures.
+pub type Outcome = Result<(Response<Bytes>, String), (String, String)>;
 
 /// The addresses of `--targets`, comma-separated: `ip:port`, or `host:port` resolved now (its first address).
 pub fn parse(targets: &str) -> Result<Vec<SocketAddr>, String> {
@@ -85,7 +86,7 @@ impl Target {
                 } else {
                     client.send(kind.name, req).await
                 };
-                let resp = r.map_err(|e| e.kind().to_string())?;
+                let resp = r.map_err(|e| (e.kind().to_string(), String::new()))?;
                 let who = resp
                     .extensions()
                     .get::<Backend>()
@@ -94,7 +95,9 @@ impl Target {
                 Ok((resp, who))
             }
             Target::Proxy(addr) => {
-                let resp = direct(*addr, req, timeout).await?;
+                let resp = direct(*addr, req, timeout)
+                    .await
+                    .map_err(|kind| (kind, format!("via {addr}")))?;
                 let who = resp
                     .headers()
                     .get(INSTANCE_HEADER)
@@ -106,7 +109,9 @@ impl Target {
             }
             Target::Rr { backends, next } => {
                 let addr = backends[next.fetch_add(1, Ordering::Relaxed) % backends.len()];
-                let resp = direct(addr, req, timeout).await?;
+                let resp = direct(addr, req, timeout)
+                    .await
+                    .map_err(|kind| (kind, addr.to_string()))?;
                 Ok((resp, addr.to_string()))
             }
         }
