@@ -49,9 +49,7 @@ pub async fn callback(app: &Arc<App>, cfg: &Config, req: Request<Incoming>) -> R
         Err(e) => return e.response(),
     };
     if signed {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
+        let now = u64::try_from(crate::domain::now_ms() / 1000).unwrap_or(0);
         if let Err(why) = signature::verify(&cfg.callback_secret, header.as_deref(), &bytes, now) {
             metrics::counter!(crate::metrics::CALLBACKS_REFUSED_TOTAL).increment(1);
             tracing::warn!(reason = %why, "payment callback refused");

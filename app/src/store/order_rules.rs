@@ -59,8 +59,9 @@ pub(super) fn short_of_stock(sku: &str, available: i64, wanted: i64) -> Reject {
     }
 }
 
-/// Where a flash-sale order of `qty` units takes them when no one bucket holds them all: from `buckets`
-/// (bucket, units) in order, then the shelf (`shelf` units). `None` when all of them together hold fewer.
+/// Where a flash-sale order of `qty` units of `sku` takes them when no one bucket holds them all: from
+/// `buckets` (bucket, units) in order, then the shelf (`shelf` units). Refused as [`short_of_stock`] when all
+/// of them together hold fewer.
 #[derive(Debug, PartialEq, Eq)]
 pub(super) struct Gather {
     /// (bucket, units taken from it).
@@ -69,10 +70,10 @@ pub(super) struct Gather {
     pub shelf: i64,
 }
 
-pub(super) fn gather(buckets: &[(i64, i64)], shelf: i64, qty: i64) -> Option<Gather> {
+pub(super) fn gather(sku: &str, buckets: &[(i64, i64)], shelf: i64, qty: i64) -> Result<Gather, Reject> {
     let held = buckets.iter().map(|b| b.1.max(0)).sum::<i64>() + shelf.max(0);
     if held < qty {
-        return None;
+        return Err(short_of_stock(sku, held, qty));
     }
     let mut left = qty;
     let mut plan = Gather {
@@ -90,7 +91,22 @@ pub(super) fn gather(buckets: &[(i64, i64)], shelf: i64, qty: i64) -> Option<Gat
         }
     }
     plan.shelf = left;
-    Some(plan)
+    Ok(plan)
+}
+
+/// Hands `lines` (order id, line; in SKU order) to their `orders`, for a page of orders read with one query
+/// for all their lines.
+pub(super) fn attach_lines(orders: &mut [OrderView], lines: Vec<(String, LineView)>) {
+    let at: std::collections::HashMap<String, usize> = orders
+        .iter()
+        .enumerate()
+        .map(|(i, o)| (o.id.clone(), i))
+        .collect();
+    for (id, line) in lines {
+        if let Some(&i) = at.get(&id) {
+            orders[i].lines.push(line);
+        }
+    }
 }
 
 /// Why stock update `u` changed nothing: its SKU does not exist (`available` is `None`), or it writes off
@@ -312,22 +328,29 @@ mod tests {
 
     #[test]
     fn a_flash_sale_order_gathers_its_units_from_buckets_then_the_shelf() {
-        assert_eq!(gather(&[(0, 1), (3, 1), (5, 1)], 0, 4), None);
         assert_eq!(
-            gather(&[(0, 1), (3, 2), (5, 1)], 0, 2),
-            Some(Gather {
+            gather("s", &[(0, 1), (3, 1), (5, 1)], 0, 4),
+            Err(Reject::OutOfStock {
+                sku: "s".into(),
+                available: 3,
+                wanted: 4
+            })
+        );
+        assert_eq!(
+            gather("s", &[(0, 1), (3, 2), (5, 1)], 0, 2),
+            Ok(Gather {
                 buckets: vec![(0, 1), (3, 1)],
                 shelf: 0
             })
         );
         assert_eq!(
-            gather(&[(2, 1)], 5, 3),
-            Some(Gather {
+            gather("s", &[(2, 1)], 5, 3),
+            Ok(Gather {
                 buckets: vec![(2, 1)],
                 shelf: 2
             })
         );
-        assert_eq!(gather(&[], 0, 1), None);
+        assert_eq!(gather("s", &[], 0, 1), Err(Reject::SoldOut { sku: "s".into() }));
     }
 
     #[test]

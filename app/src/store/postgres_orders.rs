@@ -56,7 +56,8 @@ pub fn list_products_from(
     Ok(products)
 }
 
-/// `user`'s orders, newest first, before `before` (`(created_ms, id)`), at most `limit`.
+/// `user`'s orders, newest first, before `before` (`(created_ms, id)`), at most `limit`: two round trips, the
+/// orders and then all their lines, whatever the page's size.
 pub fn user_orders(
     t: &mut Tx<'_>,
     user: &str,
@@ -64,25 +65,62 @@ pub fn user_orders(
     limit: u32,
 ) -> Result<Vec<OrderView>, StoreError> {
     let (ms, id) = before.unwrap_or((i64::MAX, String::new()));
-    let ids: Vec<String> = t
+    let mut orders: Vec<OrderView> = t
         .query(
-            r#"SELECT id FROM orders WHERE "user" = $1 AND (created_ms < $2 OR (created_ms = $2 AND id < $3))
-             ORDER BY created_ms DESC, id DESC LIMIT $4"#,
+            &format!(
+                r#"SELECT {ORDER_COLUMNS} FROM orders WHERE "user" = $1 AND (created_ms < $2 OR (created_ms = $2 AND id < $3))
+                 ORDER BY created_ms DESC, id DESC LIMIT $4"#
+            ),
             &[&user, &ms, &id, &i64::from(limit)],
         )?
         .iter()
-        .map(|r| r.get(0))
+        .map(order_row)
         .collect();
-    let mut out = Vec::with_capacity(ids.len());
-    for id in ids {
-        out.extend(load_order(t, &id)?);
+    if orders.is_empty() {
+        return Ok(orders);
     }
-    Ok(out)
+    let ids: Vec<&str> = orders.iter().map(|o| o.id.as_str()).collect();
+    let lines: Vec<(String, LineView)> = t
+        .query(
+            "SELECT order_id, sku, qty, price_cents FROM order_lines WHERE order_id = ANY($1) ORDER BY sku",
+            &[&ids],
+        )?
+        .iter()
+        .map(|r| {
+            (
+                r.get(0),
+                LineView {
+                    sku: r.get(1),
+                    qty: r.get(2),
+                    price_cents: r.get(3),
+                },
+            )
+        })
+        .collect();
+    order_rules::attach_lines(&mut orders, lines);
+    Ok(orders)
+}
+
+/// The order view's columns, as `order_row` reads them.
+const ORDER_COLUMNS: &str = r#"id, "user", kind, status, total_cents, created_ms, expires_ms, paid_via"#;
+
+fn order_row(r: &Row) -> OrderView {
+    OrderView {
+        id: r.get(0),
+        user: r.get(1),
+        kind: r.get(2),
+        status: r.get(3),
+        total_cents: r.get(4),
+        created_ms: r.get(5),
+        expires_ms: r.get(6),
+        paid_via: r.get(7),
+        lines: Vec::new(),
+    }
 }
 
 pub fn load_order(t: &mut Tx<'_>, id: &str) -> Result<Option<OrderView>, StoreError> {
     let row = t.opt(
-        r#"SELECT id, "user", kind, status, total_cents, created_ms, expires_ms, paid_via FROM orders WHERE id = $1"#,
+        &format!("SELECT {ORDER_COLUMNS} FROM orders WHERE id = $1"),
         &[&id],
     )?;
     let Some(r) = row else { return Ok(None) };
@@ -99,15 +137,8 @@ pub fn load_order(t: &mut Tx<'_>, id: &str) -> Result<Option<OrderView>, StoreEr
         })
         .collect();
     Ok(Some(OrderView {
-        id: r.get(0),
-        user: r.get(1),
-        kind: r.get(2),
-        status: r.get(3),
-        total_cents: r.get(4),
-        created_ms: r.get(5),
-        expires_ms: r.get(6),
-        paid_via: r.get(7),
         lines,
+        ..order_row(&r)
     }))
 }
 
@@ -285,9 +316,9 @@ fn reserve_stock(
         let available: i64 = t
             .one("SELECT available FROM skus WHERE sku = $1 FOR UPDATE", &[&sku])?
             .get(0);
-        let Some(plan) = order_rules::gather(&buckets, available, qty) else {
-            let held = buckets.iter().map(|b| b.1).sum::<i64>() + available;
-            return Ok(Err(order_rules::short_of_stock(sku, held, qty)));
+        let plan = match order_rules::gather(sku, &buckets, available, qty) {
+            Ok(plan) => plan,
+            Err(r) => return Ok(Err(r)),
         };
         for (bucket, take) in plan.buckets {
             t.exec(

@@ -67,31 +67,35 @@ pub fn list_products_from(
     Ok(products)
 }
 
+/// The order view's columns, as `order_row` reads them.
+const ORDER_COLUMNS: &str = "id, user, kind, status, total_cents, created_ms, expires_ms, paid_via";
+
+fn order_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<OrderView> {
+    Ok(OrderView {
+        id: r.get(0)?,
+        user: r.get(1)?,
+        kind: r.get(2)?,
+        status: r.get(3)?,
+        total_cents: r.get(4)?,
+        created_ms: r.get(5)?,
+        expires_ms: r.get(6)?,
+        paid_via: r.get(7)?,
+        lines: Vec::new(),
+    })
+}
+
 pub fn load_order(c: &Connection, id: &str) -> Result<Option<OrderView>, StoreError> {
-    let mut stmt = c.prepare_cached(
-        "SELECT id, user, kind, status, total_cents, created_ms, expires_ms, paid_via FROM orders WHERE id = ?1",
-    )?;
-    let order = stmt
-        .query_row([id], |r| {
-            Ok(OrderView {
-                id: r.get(0)?,
-                user: r.get(1)?,
-                kind: r.get(2)?,
-                status: r.get(3)?,
-                total_cents: r.get(4)?,
-                created_ms: r.get(5)?,
-                expires_ms: r.get(6)?,
-                paid_via: r.get(7)?,
-                lines: Vec::new(),
-            })
-        })
+    let order = c
+        .prepare_cached(&format!("SELECT {ORDER_COLUMNS} FROM orders WHERE id = ?1"))?
+        .query_row([id], order_row)
         .optional()?;
     let Some(mut order) = order else { return Ok(None) };
     order.lines = lines(c, id)?;
     Ok(Some(order))
 }
 
-/// `user`'s orders, newest first, before `before` (`(created_ms, id)`), at most `limit`.
+/// `user`'s orders, newest first, before `before` (`(created_ms, id)`), at most `limit`: two queries, the
+/// orders and then all their lines, whatever the page's size.
 pub fn user_orders(
     c: &Connection,
     user: &str,
@@ -99,18 +103,35 @@ pub fn user_orders(
     limit: u32,
 ) -> Result<Vec<OrderView>, StoreError> {
     let (ms, id) = before.unwrap_or((i64::MAX, String::new()));
-    let ids: Vec<String> = c
-        .prepare_cached(
-            "SELECT id FROM orders WHERE user = ?1 AND (created_ms < ?2 OR (created_ms = ?2 AND id < ?3))
-             ORDER BY created_ms DESC, id DESC LIMIT ?4",
-        )?
-        .query_map(params![user, ms, id, limit], |r| r.get(0))?
+    let mut orders: Vec<OrderView> = c
+        .prepare_cached(&format!(
+            "SELECT {ORDER_COLUMNS} FROM orders WHERE user = ?1 AND (created_ms < ?2 OR (created_ms = ?2 AND id < ?3))
+             ORDER BY created_ms DESC, id DESC LIMIT ?4"
+        ))?
+        .query_map(params![user, ms, id, limit], order_row)?
         .collect::<Result<_, _>>()?;
-    let mut out = Vec::with_capacity(ids.len());
-    for id in ids {
-        out.extend(load_order(c, &id)?);
+    if orders.is_empty() {
+        return Ok(orders);
     }
-    Ok(out)
+    // A line is written with its order and never changes, so reading them apart from the orders is safe.
+    let marks = vec!["?"; orders.len()].join(",");
+    let lines: Vec<(String, LineView)> = c
+        .prepare(&format!(
+            "SELECT order_id, sku, qty, price_cents FROM order_lines WHERE order_id IN ({marks}) ORDER BY sku"
+        ))?
+        .query_map(rusqlite::params_from_iter(orders.iter().map(|o| &o.id)), |r| {
+            Ok((
+                r.get(0)?,
+                LineView {
+                    sku: r.get(1)?,
+                    qty: r.get(2)?,
+                    price_cents: r.get(3)?,
+                },
+            ))
+        })?
+        .collect::<Result<_, _>>()?;
+    order_rules::attach_lines(&mut orders, lines);
+    Ok(orders)
 }
 
 fn lines(c: &Connection, id: &str) -> Result<Vec<LineView>, StoreError> {
@@ -269,9 +290,9 @@ fn reserve_stock(
             )?
             .query_map([sku], |r| Ok((r.get(0)?, r.get(1)?)))?
             .collect::<Result<_, _>>()?;
-        let Some(plan) = order_rules::gather(&buckets, available, qty) else {
-            let held = buckets.iter().map(|b| b.1).sum::<i64>() + available;
-            return Ok(Err(order_rules::short_of_stock(sku, held, qty)));
+        let plan = match order_rules::gather(sku, &buckets, available, qty) {
+            Ok(plan) => plan,
+            Err(r) => return Ok(Err(r)),
         };
         for (bucket, take) in plan.buckets {
             tx.prepare_cached(
