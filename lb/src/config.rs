@@ -307,12 +307,9 @@ pub fn read_key(v: &mut Validator, key: &str, key_file: &str) -> (Vec<u8>, Optio
 /// (`[types]`); else every connection to it fails. A backend's `request_types` must each be some listener's,
 /// or the backend serves nothing (a misspelt type, most likely).
 fn check_proxy_types(v: &mut Validator, proxy: &crate::proxy::config::ProxyConfig, params: &Params) {
-    let serves = |b: &crate::proxy::config::BackendConfig, ty: &str| {
-        b.request_types.is_empty() || b.request_types.iter().any(|t| t == ty)
-    };
     for (i, l) in proxy.listeners.iter().enumerate() {
         let ty = &l.request_type;
-        if !params.types.contains_key(ty) && !proxy.backends.iter().any(|b| serves(b, ty)) {
+        if !params.types.contains_key(ty) && !proxy.backends.iter().any(|b| b.serves(ty)) {
             v.error(
                 format!("proxy.listeners[{i}].request_type"),
                 format!(

@@ -450,15 +450,13 @@ pub fn flatten<T: Serialize>(raw: &T) -> Vec<(String, String)> {
 
 /// Describes what changed between two raw configs in one line (`a: x -> y, b added, c removed`), at most
 /// [`DIFF_PARTS`] changes and [`DIFF_VALUE_CHARS`] characters of a value, so a large reload logs a readable line.
-pub fn diff<T: Serialize>(old: &T, new: &T) -> String {
-    diff_shown(old, new, old, new)
-}
-
-/// [`diff`] of `old` and `new`, with the values of `shown_old` and `shown_new` (the same configs with their
-/// secrets redacted): a secret that changed reads `key: changed (hidden)`, rather than not at all.
-pub fn diff_shown<T: Serialize>(old: &T, new: &T, shown_old: &T, shown_new: &T) -> String {
-    let shown = |raw: &T, shown: &T| -> std::collections::BTreeMap<String, String> {
-        let shown: std::collections::BTreeMap<_, _> = flatten(shown).into_iter().collect();
+/// Values are shown as `redact` leaves them (a role's [`RoleConfig::redact`]): a secret that changed reads
+/// `key: changed (hidden)`; comparing redacted configs alone said "no changes".
+pub fn diff<T: Serialize + Clone>(old: &T, new: &T, redact: impl Fn(&mut T)) -> String {
+    let shown = |raw: &T| -> std::collections::BTreeMap<String, String> {
+        let mut hidden = raw.clone();
+        redact(&mut hidden);
+        let shown: std::collections::BTreeMap<_, _> = flatten(&hidden).into_iter().collect();
         flatten(raw)
             .into_iter()
             .map(|(k, v)| {
@@ -474,7 +472,7 @@ pub fn diff_shown<T: Serialize>(old: &T, new: &T, shown_old: &T, shown_new: &T) 
         flatten(old).into_iter().collect(),
         flatten(new).into_iter().collect(),
     );
-    let (old, new) = (shown(old, shown_old), shown(new, shown_new));
+    let (old, new) = (shown(old), shown(new));
     let changed = |k: &String| raw_old.get(k) != raw_new.get(k);
     let short = |v: &str| match v.char_indices().nth(DIFF_VALUE_CHARS) {
         Some((cut, _)) => format!("{}...", &v[..cut]),
@@ -723,16 +721,12 @@ mod tests {
     fn a_changed_secret_is_named_not_shown() {
         let secret = |k: &str| toml::toml! { key = k listen = "a" };
         let (old, new) = (secret("s3cret"), secret("other"));
-        let hide = |mut t: toml::Table| {
+        let hide = |t: &mut toml::Table| {
             t.insert("key".into(), toml::Value::from("<redacted>"));
-            t
         };
-        let line = diff_shown(&old, &new, &hide(old.clone()), &hide(new.clone()));
+        let line = diff(&old, &new, hide);
         assert_eq!(line, "key: changed (hidden)");
-        assert_eq!(
-            diff_shown(&old, &old, &hide(old.clone()), &hide(old.clone())),
-            "no changes"
-        );
+        assert_eq!(diff(&old, &old, hide), "no changes");
     }
 
     #[test]
@@ -740,8 +734,8 @@ mod tests {
         let a = Raw::default();
         let mut b = a.clone();
         b.grace_ms = 9;
-        assert_eq!(diff(&a, &b), "grace_ms: 5 -> 9");
-        assert_eq!(diff(&a, &a), "no changes");
+        assert_eq!(diff(&a, &b, |_| {}), "grace_ms: 5 -> 9");
+        assert_eq!(diff(&a, &a, |_| {}), "no changes");
     }
 
     #[test]
@@ -755,7 +749,7 @@ mod tests {
             peers = ["a", "b"]
         };
         assert_eq!(
-            diff(&a, &b),
+            diff(&a, &b, |_| {}),
             "listeners[pay].listen: \"127.0.0.1:2\" -> \"127.0.0.1:3\", peers[1] added (\"b\")"
         );
         // The first listener removed reads as that, not as the second one renamed.
@@ -763,16 +757,16 @@ mod tests {
             listeners = [{ name = "pay", listen = "127.0.0.1:2" }]
             peers = ["a"]
         };
-        assert_eq!(diff(&a, &c), "listeners[web] removed");
-        assert_eq!(diff(&c, &a), "listeners[web] added");
+        assert_eq!(diff(&a, &c, |_| {}), "listeners[web] removed");
+        assert_eq!(diff(&c, &a, |_| {}), "listeners[web] added");
         // Items without a unique name go by position.
         let d = toml::toml! { backends = [{ weight = 1 }, { weight = 2 }] };
         let e = toml::toml! { backends = [{ weight = 1 }, { weight = 3 }] };
-        assert_eq!(diff(&d, &e), "backends[1].weight: 2 -> 3");
+        assert_eq!(diff(&d, &e, |_| {}), "backends[1].weight: 2 -> 3");
         let many: toml::Table = (0..20)
             .map(|i| (format!("k{i:02}"), toml::Value::from("x".repeat(200))))
             .collect();
-        let line = diff(&toml::Table::new(), &many);
+        let line = diff(&toml::Table::new(), &many, |_| {});
         assert!(line.ends_with(", and 8 more"), "{line}");
         assert!(
             line.starts_with(&format!("k00 added (\"{}...)", "x".repeat(79))),

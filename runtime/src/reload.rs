@@ -168,12 +168,7 @@ impl<C: RoleConfig> State<C> {
         }
         match load::<C>(&self.source) {
             Ok(loaded) => {
-                let diff = crate::config::diff_shown(
-                    &self.raw,
-                    &loaded.raw,
-                    &redacted::<C>(&self.raw),
-                    &redacted::<C>(&loaded.raw),
-                );
+                let diff = crate::config::diff(&self.raw, &loaded.raw, C::redact);
                 info!(role = self.role_label, ?cause, changes = %diff, "config reloaded");
                 self.raw = loaded.raw;
                 self.good_bytes = loaded.file_bytes;
@@ -196,12 +191,6 @@ impl<C: RoleConfig> State<C> {
             }
         }
     }
-}
-
-fn redacted<C: RoleConfig>(raw: &C::Raw) -> C::Raw {
-    let mut r = raw.clone();
-    C::redact(&mut r);
-    r
 }
 
 /// Watches the config file's directory, so a rename-on-save (a new inode) is still seen.

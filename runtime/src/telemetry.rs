@@ -27,6 +27,27 @@ pub enum LogFormat {
     Json,
 }
 
+/// Lets a repeated log line through at most once per period, so a misconfiguration that recurs at every
+/// request shows in the log without a line per request (count every occurrence with a metric): `due` is true
+/// at the first call and then once `every_ms` has passed since the last time it was.
+#[derive(Debug, Default)]
+pub struct Throttle {
+    /// When it last let a line through, plus one (0: never).
+    last: std::sync::atomic::AtomicU64,
+}
+
+impl Throttle {
+    pub fn due(&self, now_ms: u64, every_ms: u64) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        let last = self.last.load(Relaxed);
+        (last == 0 || now_ms.saturating_sub(last - 1) >= every_ms)
+            && self
+                .last
+                .compare_exchange(last, now_ms.saturating_add(1), Relaxed, Relaxed)
+                .is_ok()
+    }
+}
+
 /// Installs the tracing subscriber (stderr, through [`crate::logwriter`]: call [`crate::logwriter::flush`]
 /// before exiting) and the Prometheus recorder. `RUST_LOG`, when set, wins over
 /// `default_filter`. Safe to call more than once; later calls do nothing.
@@ -224,6 +245,15 @@ pub async fn upkeep(cancel: tokio_util::sync::CancellationToken) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_throttle_lets_one_line_through_per_period() {
+        let t = Throttle::default();
+        assert!(t.due(0, 10_000), "the first, even at the clock's start");
+        assert!(!t.due(9_999, 10_000));
+        assert!(t.due(10_000, 10_000));
+        assert!(!t.due(10_001, 10_000));
+    }
 
     #[test]
     fn a_log_level_must_be_a_level_or_target_equals_level() {

@@ -53,17 +53,10 @@ impl Directory {
             self.counts().rejected[i].fetch_add(1, Ordering::Relaxed);
         }
         ::metrics::counter!(metrics::REPORTS_REJECTED_TOTAL, "reason" => reason).increment(1);
-        let now = wall_ms();
-        let warned = REASONS
+        let due = REASONS
             .iter()
             .position(|r| *r == reason)
-            .map(|i| &self.counts().warned_ms[i]);
-        let due = warned.is_some_and(|w| {
-            let last = w.load(Ordering::Relaxed);
-            now.saturating_sub(last) >= WARN_EVERY_MS
-                && w.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-                    .is_ok()
-        });
+            .is_some_and(|i| self.counts().warned[i].due(self.now_ms(), WARN_EVERY_MS));
         if due {
             tracing::warn!(reason, error = %e, "load report refused (this reason is logged at most every 10 s)");
         } else {

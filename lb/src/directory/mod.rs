@@ -90,8 +90,8 @@ impl Drop for WatchSlot<'_> {
 pub struct ReportCounts {
     pub accepted: AtomicU64,
     pub rejected: [AtomicU64; ingest::REASONS.len()],
-    /// When each reason was last logged at WARN (wall ms).
-    pub warned_ms: [AtomicU64; ingest::REASONS.len()],
+    /// Each reason's WARN line, at most every `WARN_EVERY_MS`.
+    pub warned: [xcluster_runtime::telemetry::Throttle; ingest::REASONS.len()],
 }
 
 /// The directory. Cheap to clone; every clone shares the same table.

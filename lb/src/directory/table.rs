@@ -44,8 +44,8 @@ pub struct Table {
     /// Per agent id: the process that reports as it, its last sequence number and when.
     pub last_seq: BTreeMap<String, Seen>,
     pub drained: std::collections::BTreeSet<String>,
-    /// When an instance id claimed by two agents was last logged (balancer clock, ms).
-    pub clash_warned_ms: Option<u64>,
+    /// The WARN line of an instance id two agents claim, at most every 10 s.
+    pub clash_warned: xcluster_runtime::telemetry::Throttle,
 }
 
 /// What the balancer last accepted from an agent id.
@@ -156,11 +156,7 @@ impl Table {
                 && owner.agent != report.agent
                 && now_ms.saturating_sub(owner.received_ms) <= gap
             {
-                if self
-                    .clash_warned_ms
-                    .is_none_or(|at| now_ms.saturating_sub(at) >= 10_000)
-                {
-                    self.clash_warned_ms = Some(now_ms);
+                if self.clash_warned.due(now_ms, 10_000) {
                     tracing::warn!(
                         instance = %id,
                         agent = %report.agent,

@@ -262,6 +262,13 @@ pub struct BackendConfig {
     pub max_connections: u32,
 }
 
+impl BackendConfig {
+    /// Whether it serves request type `ty`: it names it, or names none (every type).
+    pub fn serves(&self, ty: &str) -> bool {
+        self.request_types.is_empty() || self.request_types.iter().any(|t| t == ty)
+    }
+}
+
 /// Settings that reload live: each connection's, and the health checks'.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Timeouts {

@@ -107,9 +107,21 @@ impl Active {
         }
     }
 
-    /// It waited `d` for a place (for the connection log).
-    pub(super) fn waited(&mut self, d: std::time::Duration) {
-        if let Some(g) = self.log.as_deref_mut() {
+    /// It has a backend: its wait for a place (if it waited) ends, and goes to the connection log.
+    pub(super) fn wait_served(&mut self, wait: &mut Wait) {
+        let waited = wait.served();
+        self.log_wait(waited);
+    }
+
+    /// It gets no backend (`why`): how it ends, a queue timeout if it was waiting for a place (its wait
+    /// logged).
+    pub(super) fn wait_failed(&mut self, wait: &Wait, why: NoBackend) -> End {
+        self.log_wait(wait.waited());
+        wait.end(why)
+    }
+
+    fn log_wait(&mut self, waited: Option<std::time::Duration>) {
+        if let (Some(g), Some(d)) = (self.log.as_deref_mut(), waited) {
             g.waited(d);
         }
     }
@@ -293,16 +305,9 @@ async fn connect(
                 }
                 continue;
             }
-            Err(why) => {
-                if let Some(waited) = wait.waited() {
-                    active.waited(waited);
-                }
-                return Err(wait.end(why));
-            }
+            Err(why) => return Err(active.wait_failed(&wait, why)),
         };
-        if let Some(waited) = wait.served() {
-            active.waited(waited);
-        }
+        active.wait_served(&mut wait);
         attempt += 1;
         active.tried();
         let t0 = Instant::now();

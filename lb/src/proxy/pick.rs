@@ -165,11 +165,7 @@ impl Table {
         );
         for ty in types {
             let mut tiers = Tiers::default();
-            for b in cfg
-                .backends
-                .iter()
-                .filter(|b| b.request_types.is_empty() || b.request_types.iter().any(|t| t == ty))
-            {
+            for b in cfg.backends.iter().filter(|b| b.serves(ty)) {
                 tiers.push(b);
             }
             t.by_type.insert(ty.to_string(), tiers);

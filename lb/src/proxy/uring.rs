@@ -1071,17 +1071,12 @@ impl Loop {
                     return;
                 }
                 Err(why) => {
-                    if let Some(waited) = k.wait.waited() {
-                        c.active.waited(waited);
-                    }
-                    let end = k.wait.end(why);
+                    let end = c.active.wait_failed(&k.wait, why);
                     self.no_backend(slot, end);
                     return;
                 }
             };
-            if let Some(waited) = k.wait.served() {
-                c.active.waited(waited);
-            }
+            c.active.wait_served(&mut k.wait);
             k.attempt += 1;
             c.active.tried();
             let socket = match backend_socket(addr) {
