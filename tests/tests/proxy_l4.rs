@@ -39,20 +39,23 @@ fn serve_on(l: TcpListener, serve: impl Fn(TcpStream) + Send + Sync + Clone + 's
 
 /// Echoes everything, and half-closes after the client's end-of-stream.
 fn echo_backend() -> SocketAddr {
-    backend(|mut s| {
-        let mut buf = [0u8; 32 * 1024];
-        loop {
-            match s.read(&mut buf) {
-                Ok(0) | Err(_) => break,
-                Ok(n) => {
-                    if s.write_all(&buf[..n]).is_err() {
-                        return;
-                    }
+    backend(echo)
+}
+
+/// What an echo backend does with one connection.
+fn echo(mut s: TcpStream) {
+    let mut buf = [0u8; 32 * 1024];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                if s.write_all(&buf[..n]).is_err() {
+                    return;
                 }
             }
         }
-        let _ = s.shutdown(Shutdown::Write);
-    })
+    }
+    let _ = s.shutdown(Shutdown::Write);
 }
 
 /// An address where nothing listens (connect is refused).
@@ -420,6 +423,42 @@ fn dead_backend_is_skipped_by_redispatch(rt: &'static str) {
         ),
         Some(0.0)
     );
+}
+
+/// A connection that has tried every backend (here the only one, restarting) tries again after
+/// `connect_retry_delay_ms`, and the client, whose bytes wait unread meanwhile, never notices.
+fn the_only_backend_is_tried_again_after_a_pause(rt: &'static str) {
+    let addr = dead_addr();
+    let front = free_addr();
+    let lb = start_lb(
+        rt,
+        1000,
+        &format!(
+            "connect_attempts = 4\nconnect_retry_delay_ms = 1000\ncheck_interval_ms = 0\n{}{}",
+            listener("web", front),
+            backends(&[addr])
+        ),
+    );
+    let mut s = connect(front);
+    s.write_all(b"sent while the backend was down").unwrap();
+    let failures = || {
+        metric_value(
+            &lb.metrics(),
+            "xcluster_lb_proxy_backend_connect_failures_total",
+            &format!("backend=\"{addr}\""),
+        )
+    };
+    eventually(T, "the first connect to be refused", || {
+        failures().filter(|f| *f >= 1.0)
+    });
+    // Back during the pause (or, on a slow machine, during a later one: 3 retries a second apart).
+    serve_on(TcpListener::bind(addr).unwrap(), echo);
+    let mut got = vec![0u8; 31];
+    s.read_exact(&mut got).unwrap();
+    assert_eq!(&got, b"sent while the backend was down");
+    ping(&mut s, b"and after");
+    let retries = failures().unwrap();
+    lb.assert_web_counts(&[("retries_total", retries), ("connections_failed_total", 0.0)]);
 }
 
 /// An address that takes no new connection: its listener (backlog 0) has one connection queued that nobody
@@ -982,8 +1021,9 @@ fn http_health_checks_follow_the_status() {
 fn connections_are_logged_where_the_listener_asks(rt: &'static str) {
     let echo = echo_backend();
     let (web, quiet, nowhere) = (free_addr(), free_addr(), free_addr());
+    // No checks: they could put the dead backend down before its client comes, and spare it its retries.
     let proxy = format!(
-        "{}log_connections = true\n{}[[proxy.listeners]]\nname = \"nowhere\"\nlisten = \"{nowhere}\"\nrequest_type = \"ghost\"\nlog_connections = true\n[[proxy.backends]]\naddr = \"{echo}\"\nrequest_types = [\"browse\"]\n[[proxy.backends]]\naddr = \"{}\"\nrequest_types = [\"ghost\"]\n",
+        "check_interval_ms = 0\n{}log_connections = true\n{}[[proxy.listeners]]\nname = \"nowhere\"\nlisten = \"{nowhere}\"\nrequest_type = \"ghost\"\nlog_connections = true\n[[proxy.backends]]\naddr = \"{echo}\"\nrequest_types = [\"browse\"]\n[[proxy.backends]]\naddr = \"{}\"\nrequest_types = [\"ghost\"]\n",
         listener("web", web),
         listener("quiet", quiet),
         dead_addr()
@@ -1033,7 +1073,7 @@ fn connections_are_logged_where_the_listener_asks(rt: &'static str) {
     for field in [
         "listener=nowhere ",
         "backend=- ",
-        "tries=1 ",
+        "tries=3 ",
         "bytes_up=0 ",
         "end=no backend",
     ] {
@@ -2114,6 +2154,7 @@ per_runtime!(
     half_close_propagates_both_ways,
     bulk_answers_with_pauses_arrive_in_every_mode,
     dead_backend_is_skipped_by_redispatch,
+    the_only_backend_is_tried_again_after_a_pause,
     a_failing_backend_is_held_out_until_it_answers_again,
     health_checks_mark_a_backend_down_and_up_without_traffic,
     every_backend_down_closes_the_client_promptly_and_counts_it,

@@ -2,7 +2,7 @@
 //!
 //! Reloads live: `listeners` (added, removed or changed; established connections stay, and one changed on the
 //! same address keeps its sockets), `backends` (their weights, `backup` and `max_connections`),
-//! `connect_timeout_ms`, `idle_timeout_ms`, `connect_attempts`, `check_interval_ms`, `check_fall`,
+//! `connect_timeout_ms`, `idle_timeout_ms`, `connect_attempts`, `connect_retry_delay_ms`, `check_interval_ms`, `check_fall`,
 //! `check_rise`, `check_http_path`, `slow_start_ms`, `queue_timeout_ms`, `balance`, per-listener
 //! `proxy_protocol`, `accept_proxy`, `log_connections`, `max_connections_per_client`,
 //! `max_connection_rate_per_client`, `connection_rate_period_ms`, `allow` and `deny`.
@@ -39,8 +39,15 @@ pub struct ProxySection {
     /// move (`auto` and `splice` alike splice them).
     pub forwarding: String,
     pub connect_timeout_ms: u64,
-    /// How many backends a connection may try before any byte is forwarded (redispatch).
+    /// How many connects a connection may try before any byte is forwarded: each to a backend it has not
+    /// tried yet (redispatch), then, once it has tried every backend of its type, to them again after
+    /// `connect_retry_delay_ms` (HAProxy's `retries`).
     pub connect_attempts: u32,
+    /// The pause before a connection tries again the backends it has all tried (HAProxy's turn-around), so
+    /// that a backend restarting, or the only one of its type, gets another chance before the client is
+    /// closed. Not taken when health checks have put every one of them down: the client is closed at once.
+    /// At most 1,000.
+    pub connect_retry_delay_ms: u64,
     /// A connection with no byte in either direction for this long is closed. 0 disables.
     pub idle_timeout_ms: u64,
     /// Active health checks: every `[[proxy.backends]]` entry gets a TCP connect this often (timing out
@@ -61,8 +68,8 @@ pub struct ProxySection {
     /// backends of its type. 0 (the default): its whole weight at once. At most 300,000 (5 minutes).
     pub slow_start_ms: u64,
     /// How long a connection that finds every backend of its type at its `max_connections` waits for a place
-    /// (HAProxy's `timeout queue`), trying again every 10 ms; it is closed and counted as failed when the
-    /// time is up. Waiting connections are served in the order they came. 0 (the default): closed at once.
+    /// (HAProxy's `timeout queue`), woken when a connection to one of them ends; it is closed and counted as
+    /// failed when the time is up. Waiting connections are served in the order they came. 0 (the default): closed at once.
     /// At most 60,000.
     pub queue_timeout_ms: u64,
     /// With health checks on: instead of the bare connect, send `GET <path>` (HTTP/1.1, `Connection: close`)
@@ -100,6 +107,7 @@ impl Default for ProxySection {
             forwarding: "auto".into(),
             connect_timeout_ms: 1_000,
             connect_attempts: 3,
+            connect_retry_delay_ms: 250,
             idle_timeout_ms: 300_000,
             check_interval_ms: 2_000,
             // HAProxy's defaults.
@@ -274,6 +282,8 @@ impl BackendConfig {
 pub struct Timeouts {
     pub connect: Duration,
     pub connect_attempts: u32,
+    /// The pause before trying again backends that have all been tried.
+    pub retry_delay: Duration,
     /// `None` when disabled.
     pub idle: Option<Duration>,
     /// Active health checks of the configured backends; `None` when disabled.
@@ -459,6 +469,13 @@ impl ProxySection {
         );
         let connect = v.millis("proxy.connect_timeout_ms", self.connect_timeout_ms, 1, 60_000);
         let connect_attempts = v.range("proxy.connect_attempts", self.connect_attempts, 1, 16);
+        // Bounded: a closing io_uring connection waits for its pause to end.
+        let retry_delay = v.millis(
+            "proxy.connect_retry_delay_ms",
+            self.connect_retry_delay_ms,
+            0,
+            1_000,
+        );
         let idle = v.millis("proxy.idle_timeout_ms", self.idle_timeout_ms, 0, 86_400_000);
         let check = v.millis("proxy.check_interval_ms", self.check_interval_ms, 0, 3_600_000);
         v.check(
@@ -511,6 +528,7 @@ impl ProxySection {
             timeouts: Timeouts {
                 connect,
                 connect_attempts,
+                retry_delay,
                 idle: (!idle.is_zero()).then_some(idle),
                 check_interval: (!check.is_zero()).then_some(check),
                 check_http_path: (!path.is_empty()).then(|| path.clone()),

@@ -275,9 +275,10 @@ async fn write_all(s: &TcpStream, mut data: &[u8]) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Tries up to `connect_attempts` distinct backends for a connection from `client`; none of its bytes are
-/// read before one answers, so a retry is invisible to it. When every backend is full, it waits for a place
-/// up to `queue_timeout_ms`. Else how the connection ends.
+/// Tries up to `connect_attempts` connects for a connection from `client`, each to a backend not tried yet
+/// and, once all have been, to them again after `connect_retry_delay_ms`; none of its bytes are read before
+/// one answers, so a retry is invisible to it. When every backend is full, it waits for a place up to
+/// `queue_timeout_ms`. Else how the connection ends.
 async fn connect(
     active: &mut Active,
     client: IpAddr,
@@ -303,6 +304,11 @@ async fn connect(
                     // A ring that came while it asked is kept by the bell, so it is not missed here.
                     let _ = tokio::time::timeout(WAIT_BACKUP, bell.notified()).await;
                 }
+                continue;
+            }
+            Err(NoBackend::TurnAround) => {
+                tried.clear();
+                tokio::time::sleep(t.retry_delay).await;
                 continue;
             }
             Err(why) => return Err(active.wait_failed(&wait, why)),

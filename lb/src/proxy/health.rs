@@ -45,6 +45,18 @@ struct Hold {
     /// Connects failed in a row; 0 once a connect ended the hold with slow start on, and the entry stays
     /// until forgotten (`FORGET_AFTER` is the longest slow start).
     fails: u32,
+    /// Its health checks put it down (`check_fall` in a row), not only a client's connect: a connection that
+    /// has tried it does not wait to try it again.
+    down: bool,
+}
+
+/// What saw a backend fail.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// A client's connect.
+    Connect,
+    /// Its health checks put it down: held out at least this long, until the next check can end.
+    Checks(Duration),
 }
 
 impl Hold {
@@ -92,29 +104,46 @@ impl Holds {
         }
     }
 
-    /// A connect to `addr` failed: holds it out, for longer than last time if it failed then too, and for
-    /// `at_least`. Returns how long, and how many connects in a row have failed.
-    pub fn failed(&self, addr: SocketAddr, at_least: Duration) -> (Duration, u32) {
-        self.failed_at(addr, at_least, Instant::now())
+    /// `addr` failed (`how`): holds it out, for longer than last time if it failed then too, and, after
+    /// failed checks, until their next one can end. Returns how long, and how many connects in a row have failed.
+    pub fn failed(&self, addr: SocketAddr, how: Failure) -> (Duration, u32) {
+        self.failed_at(addr, how, Instant::now())
     }
 
-    fn failed_at(&self, addr: SocketAddr, at_least: Duration, now: Instant) -> (Duration, u32) {
+    fn failed_at(&self, addr: SocketAddr, how: Failure, now: Instant) -> (Duration, u32) {
+        let (at_least, checks) = match how {
+            Failure::Connect => (Duration::ZERO, false),
+            Failure::Checks(until_next) => (until_next, true),
+        };
         self.update(|map| {
             map.retain(|_, h| h.until + FORGET_AFTER > now);
-            let fails = map.get(&addr).map_or(0, |h| h.fails).saturating_add(1);
+            let before = map.get(&addr).filter(|h| h.holds());
+            let fails = before.map_or(0, |h| h.fails).saturating_add(1);
             let hold = FIRST_HOLD
                 .saturating_mul(1 << (fails - 1).min(16))
                 .min(MAX_HOLD)
                 .max(at_least);
+            // A client's failed connect leaves a backend its checks put down so.
+            let down = checks || before.is_some_and(|h| h.down);
             map.insert(
                 addr,
                 Hold {
                     until: now + hold,
                     fails,
+                    down,
                 },
             );
             (hold, fails)
         })
+    }
+
+    /// Whether health checks have put every one of `addrs` down (and none answered since); false for none.
+    pub fn all_down(&self, addrs: &[SocketAddr]) -> bool {
+        let map = self.map.load();
+        !addrs.is_empty()
+            && addrs
+                .iter()
+                .all(|a| map.get(a).is_some_and(|h| h.holds() && h.down))
     }
 
     /// Keeps `addr`'s hold going for at least `at_least` more, without counting a failure; false if it has
@@ -151,7 +180,14 @@ impl Holds {
                 return false;
             }
             match slow_start {
-                Some(_) => map.insert(addr, Hold { until: now, fails: 0 }),
+                Some(_) => map.insert(
+                    addr,
+                    Hold {
+                        until: now,
+                        fails: 0,
+                        down: false,
+                    },
+                ),
                 None => map.remove(&addr),
             };
             true
@@ -302,7 +338,7 @@ mod tests {
         let h = Holds::default();
         let t0 = Instant::now();
         assert_eq!(h.exclude_at(&[addr(1)], t0), None);
-        assert_eq!(h.failed_at(addr(2), Duration::ZERO, t0), (FIRST_HOLD, 1));
+        assert_eq!(h.failed_at(addr(2), Failure::Connect, t0), (FIRST_HOLD, 1));
         assert_eq!(
             h.exclude_at(&[addr(1)], t0 + Duration::from_millis(999)),
             Some(vec![addr(1), addr(2)])
@@ -311,21 +347,50 @@ mod tests {
     }
 
     #[test]
+    fn only_failed_checks_put_a_backend_down_and_an_answer_brings_it_back() {
+        let h = Holds::default();
+        let t0 = Instant::now();
+        assert!(!h.all_down(&[]), "nothing tried is not all down");
+        h.failed_at(addr(2), Failure::Connect, t0);
+        assert!(
+            !h.all_down(&[addr(2)]),
+            "a client's failed connect may be a restart"
+        );
+        h.failed_at(addr(3), Failure::Checks(Duration::from_secs(3)), t0);
+        assert!(h.all_down(&[addr(3)]));
+        assert!(!h.all_down(&[addr(2), addr(3)]));
+        h.failed_at(addr(3), Failure::Connect, t0);
+        assert!(h.all_down(&[addr(3)]), "a client's failure leaves it down");
+        h.failed_at(addr(2), Failure::Checks(Duration::from_secs(3)), t0);
+        assert!(h.all_down(&[addr(2), addr(3)]));
+        assert!(h.succeeded(addr(3), || Some(Duration::from_secs(1))));
+        assert!(!h.all_down(&[addr(3)]), "it answered: slow-starting, not down");
+        h.failed_at(addr(3), Failure::Connect, t0);
+        assert!(
+            !h.all_down(&[addr(3)]),
+            "a new outage starts as a client's failure"
+        );
+    }
+
+    #[test]
     fn holds_double_with_each_failure_in_a_row_and_a_success_ends_them() {
         let h = Holds::default();
         let t0 = Instant::now();
         let holds: Vec<u64> = (0..8)
-            .map(|_| h.failed_at(addr(2), Duration::ZERO, t0).0.as_secs())
+            .map(|_| h.failed_at(addr(2), Failure::Connect, t0).0.as_secs())
             .collect();
         assert_eq!(holds, [1, 2, 4, 8, 16, 30, 30, 30]);
         assert!(h.succeeded(addr(2), || None));
         assert!(!h.succeeded(addr(2), || unreachable!("asked only for a hold")));
         assert!(h.map.load().is_empty(), "no slow start: nothing left");
         assert_eq!(h.exclude_at(&[], t0), None);
-        assert_eq!(h.failed_at(addr(2), Duration::ZERO, t0), (FIRST_HOLD, 1));
+        assert_eq!(h.failed_at(addr(2), Failure::Connect, t0), (FIRST_HOLD, 1));
         // A failed check holds it at least until the next check.
         let next_check = Duration::from_millis(2_500);
-        assert_eq!(h.failed_at(addr(2), next_check, t0), (next_check, 2));
+        assert_eq!(
+            h.failed_at(addr(2), Failure::Checks(next_check), t0),
+            (next_check, 2)
+        );
     }
 
     #[test]
@@ -359,12 +424,12 @@ mod tests {
         let t0 = Instant::now();
         assert!(!h.keep_at(addr(2), FIRST_HOLD, t0), "nothing to keep");
         assert!(h.map.load().is_empty());
-        h.failed_at(addr(2), Duration::ZERO, t0);
+        h.failed_at(addr(2), Failure::Connect, t0);
         let later = t0 + Duration::from_secs(5);
         assert!(h.keep_at(addr(2), FIRST_HOLD, later));
         assert!(h.exclude_at(&[], later + Duration::from_millis(999)).is_some());
         assert_eq!(h.exclude_at(&[], later + FIRST_HOLD), None);
-        assert_eq!(h.failed_at(addr(2), Duration::ZERO, later), (2 * FIRST_HOLD, 2));
+        assert_eq!(h.failed_at(addr(2), Failure::Connect, later), (2 * FIRST_HOLD, 2));
     }
 
     #[test]
@@ -373,7 +438,7 @@ mod tests {
         let t0 = Instant::now();
         let ramp = Duration::from_secs(10);
         let s = |t: Instant| h.share_at(addr(2), ramp, t);
-        h.failed_at(addr(2), Duration::ZERO, t0);
+        h.failed_at(addr(2), Failure::Connect, t0);
         assert_eq!(s(t0), None, "held out: not picked at all, no share to give");
         let back = t0 + Duration::from_secs(3);
         assert!(h.succeeded_at(addr(2), Some(ramp), back));
@@ -397,9 +462,9 @@ mod tests {
         h.forget_stale_at(back + FORGET_AFTER);
         assert!(h.map.load().is_empty());
         // A failure while it slow-starts counts as a first one, and holds it again.
-        h.failed_at(addr(2), Duration::ZERO, back);
+        h.failed_at(addr(2), Failure::Connect, back);
         h.succeeded_at(addr(2), Some(ramp), back);
-        assert_eq!(h.failed_at(addr(2), Duration::ZERO, back), (FIRST_HOLD, 1));
+        assert_eq!(h.failed_at(addr(2), Failure::Connect, back), (FIRST_HOLD, 1));
         assert_eq!(s(back), None);
     }
 
@@ -427,8 +492,8 @@ mod tests {
     fn a_backend_quiet_for_long_is_forgotten() {
         let h = Holds::default();
         let t0 = Instant::now();
-        h.failed_at(addr(2), Duration::ZERO, t0);
-        h.failed_at(addr(2), Duration::ZERO, t0);
+        h.failed_at(addr(2), Failure::Connect, t0);
+        h.failed_at(addr(2), Failure::Connect, t0);
         // Its 2 s hold ends at t0 + 2 s and is forgotten FORGET_AFTER later: by the health-check task's turn,
         // or by the next failure anywhere, after which its own counts as a first again.
         let later = t0 + FORGET_AFTER + Duration::from_secs(3);
@@ -441,9 +506,9 @@ mod tests {
         );
         h.forget_stale_at(later);
         assert!(h.map.load().is_empty());
-        h.failed_at(addr(2), Duration::ZERO, t0);
-        h.failed_at(addr(3), Duration::ZERO, later);
+        h.failed_at(addr(2), Failure::Connect, t0);
+        h.failed_at(addr(3), Failure::Connect, later);
         assert_eq!(h.map.load().len(), 1);
-        assert_eq!(h.failed_at(addr(2), Duration::ZERO, later), (FIRST_HOLD, 1));
+        assert_eq!(h.failed_at(addr(2), Failure::Connect, later), (FIRST_HOLD, 1));
     }
 }

@@ -25,7 +25,7 @@ use super::access::{ConnLog, End};
 use super::clients::{ClientCounts, ClientSlot};
 use super::config::{Forwarding, ListenerConfig, ProxyConfig, RuntimeMode, Timeouts};
 use super::handover;
-use super::health::{CheckStreaks, Holds, Verdict, check};
+use super::health::{CheckStreaks, Failure, Holds, Verdict, check};
 use super::listener::Close;
 use super::metrics::{
     Assigned, BACKEND_BACKUP, BACKEND_CONFIGURED, BACKEND_MAX_CONNECTIONS, BACKEND_WEIGHT, BackendMetrics,
@@ -52,6 +52,9 @@ pub enum Error {
 pub enum NoBackend {
     /// Its connect attempts are used up, or no backend of its type is left to try.
     Exhausted,
+    /// It has tried every backend of its type and has attempts left: it may try them again after
+    /// `connect_retry_delay_ms` (with its tried list cleared).
+    TurnAround,
     /// Every backend left is at its `max_connections`: one may free a place (`queue_timeout_ms`).
     Full,
 }
@@ -103,7 +106,12 @@ impl Shared {
         // Read only by `balance = "least_connections"`.
         let open = |a: SocketAddr| backends.get(&a).map_or(0, |b| b.open.load(Ordering::Relaxed));
         let conn = PickFor { client, open: &open };
-        let mut addr = self.pick(ty, tried, &conn).ok_or(NoBackend::Exhausted)?;
+        let mut addr = match self.pick(ty, tried, &conn) {
+            Some(addr) => addr,
+            // Unless its health checks have put every one down: the client need not wait for them.
+            None if !tried.is_empty() && !self.holds.all_down(tried) => return Err(NoBackend::TurnAround),
+            None => return Err(NoBackend::Exhausted),
+        };
         // Slow start: a backend back from a hold is taken only at its share; else another is, if any.
         if let Some(share) = self.holds.share(addr, t.slow_start)
             && rand::random::<f64>() >= share
@@ -176,16 +184,16 @@ impl Shared {
     /// a while ([`Holds`]) and left out of the connection's next attempts.
     pub fn connect_failed(&self, addr: SocketAddr, bm: &BackendMetrics, tried: &mut Vec<SocketAddr>) {
         bm.connect_failures.increment(1);
-        self.hold_out(addr, bm, Duration::ZERO, "a connect failed");
+        self.hold_out(addr, bm, Failure::Connect, "a connect failed");
         self.picker.report_failure(addr);
         tried.push(addr);
     }
 
-    /// Holds `addr` out of the picks after a failed connect (a client's or a check's), for at least
-    /// `at_least`; `why` is for the log.
-    fn hold_out(&self, addr: SocketAddr, bm: &BackendMetrics, at_least: Duration, why: &str) {
+    /// Holds `addr` out of the picks after a failed connect (a client's, `how`) or failed checks; `why` is
+    /// for the log.
+    fn hold_out(&self, addr: SocketAddr, bm: &BackendMetrics, how: Failure, why: &str) {
         bm.failing.set(1.0);
-        let (hold, fails) = self.holds.failed(addr, at_least);
+        let (hold, fails) = self.holds.failed(addr, how);
         // Once per outage: with every backend down, each connection still tries one, and each check fails.
         if fails == 1 {
             warn!(backend = %addr, why, ?hold, "backend held out of the picks");
@@ -219,7 +227,7 @@ impl Shared {
                 (Verdict::Up, _) => self.answered(addr, bm, "its health checks"),
                 (Verdict::Down, Err(e)) => {
                     let why = format!("its health checks failed: {e}");
-                    self.hold_out(addr, bm, until_next, &why);
+                    self.hold_out(addr, bm, Failure::Checks(until_next), &why);
                 }
                 (Verdict::Rising, _) if !self.holds.keep(addr, until_next) => {
                     // A client's connect ended the hold meanwhile: it answers.
@@ -894,12 +902,51 @@ mod tests {
         let both: Vec<SocketAddr> = open.iter().map(|(a, _)| *a).collect();
         assert_eq!(
             shared.next_backend(&l, client, &both, 0, None).err(),
-            Some(NoBackend::Exhausted)
+            Some(NoBackend::TurnAround)
         );
         let on_2 = open.iter().position(|(a, _)| a.port() == 2).unwrap();
         open.swap_remove(on_2);
         let (addr, _held) = shared.next_backend(&l, client, &[], 0, None).unwrap();
         assert_eq!(addr.port(), 2);
+    }
+
+    /// A connection that has tried every backend tries them again after a pause while it has attempts
+    /// left, unless health checks have put them all down; then, or with no attempt left, it is closed.
+    #[test]
+    fn every_backend_tried_turns_around_unless_checks_put_them_down() {
+        let cfg = ProxyConfig::for_tests(
+            r#"
+            connect_attempts = 3
+            [[listeners]]
+            listen = "127.0.0.1:7100"
+            [[backends]]
+            addr = "127.0.0.1:1"
+            "#,
+        );
+        let shared = Shared::for_tests(&cfg);
+        let l = ListenerState::new(&cfg.listeners[0], Arc::default());
+        let client = IpAddr::from([127, 0, 0, 1]);
+        let (only, bm) = shared.next_backend(&l, client, &[], 0, None).unwrap();
+        let mut tried = Vec::new();
+        shared.connect_failed(only, &bm, &mut tried);
+        assert_eq!(
+            shared.next_backend(&l, client, &tried, 1, None).err(),
+            Some(NoBackend::TurnAround)
+        );
+        // After the pause, with `tried` cleared, the held backend is tried again: it is all there is.
+        let (again, _) = shared.next_backend(&l, client, &[], 1, None).unwrap();
+        assert_eq!(again, only);
+        assert_eq!(
+            shared.next_backend(&l, client, &tried, 3, None).err(),
+            Some(NoBackend::Exhausted),
+            "no attempt left"
+        );
+        shared.hold_out(only, &bm, Failure::Checks(Duration::from_secs(3)), "test");
+        assert_eq!(
+            shared.next_backend(&l, client, &tried, 1, None).err(),
+            Some(NoBackend::Exhausted),
+            "down by its checks: not worth a wait"
+        );
     }
 
     /// A type's places are those of its capped backends with a weight; one without a cap, or no configured

@@ -184,7 +184,8 @@ enum Op {
     Cancel,
     Wake,
     Tick,
-    /// The wait of a connection that found every backend full, before it tries them again.
+    /// The wait of a connection that found every backend full, or its pause before it tries again the
+    /// backends it has all tried; either ends in a pick.
     Queue,
 }
 
@@ -1036,8 +1037,9 @@ impl Loop {
     }
 
     /// Submits a connect to the next backend, with its timeout linked; when every backend is full, a timer
-    /// to try again while `queue_timeout_ms` allows; closes the client when no backend is left to try (none
-    /// of its bytes were read, so a retry is invisible to it).
+    /// to try again while `queue_timeout_ms` allows; when every backend has been tried, a timer to try them
+    /// again (`connect_retry_delay_ms`); closes the client when no attempt is left (none of its bytes were
+    /// read, so a retry is invisible to it).
     fn connect_next(&mut self, slot: u32) {
         let t = self.shared.timeouts.load_full();
         let shared = self.shared.clone();
@@ -1066,6 +1068,17 @@ impl Loop {
                         slot,
                         0,
                     ));
+                    c.ops += 1;
+                    self.push(&e);
+                    return;
+                }
+                Err(NoBackend::TurnAround) => {
+                    // Every backend has been tried: all of them again after the pause, which ends as
+                    // `Op::Queue` does, in a pick.
+                    k.tried.clear();
+                    k.timeout = Timespec::from(t.retry_delay);
+                    let e =
+                        (opcode::Timeout::new(&k.timeout).build()).user_data(user_data(Op::Queue, slot, 0));
                     c.ops += 1;
                     self.push(&e);
                     return;
