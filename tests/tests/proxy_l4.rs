@@ -807,7 +807,12 @@ fn a_client_finding_every_backend_full_waits_in_the_queue(rt: &'static str) {
     let waiting_now = |n: f64| {
         eventually(T, &format!("{n} connections waiting"), || {
             let m = lb.metrics();
-            (metric_value(&m, "xcluster_lb_proxy_connections_waiting", "") == Some(n)).then_some(())
+            let waiting = metric_value(
+                &m,
+                "xcluster_lb_proxy_connections_waiting",
+                "request_type=\"browse\"",
+            );
+            (waiting == Some(n)).then_some(())
         })
     };
     waiting_now(4.0);

@@ -31,7 +31,7 @@ pub const IDLE_TIMEOUTS_TOTAL: &str = "xcluster_lb_proxy_idle_timeouts_total";
 pub const RETRIES_TOTAL: &str = "xcluster_lb_proxy_retries_total";
 /// Connections that waited for a place because every backend was at its `max_connections`.
 pub const QUEUED_TOTAL: &str = "xcluster_lb_proxy_connections_queued_total";
-/// Connections waiting for a place now, over every listener (HAProxy's `qcur`).
+/// Connections waiting for a place now, by `request_type` (HAProxy's `qcur`, which is per backend pool).
 pub const WAITING: &str = "xcluster_lb_proxy_connections_waiting";
 /// Bytes by `direction`: `up` is client to backend, `down` backend to client.
 pub const LISTENER_BYTES_TOTAL: &str = "xcluster_lb_proxy_listener_bytes_total";

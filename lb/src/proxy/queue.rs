@@ -112,9 +112,10 @@ impl Queue {
     pub fn join(self: &Arc<Self>, ty: &str, waker: Waker) -> Ticket {
         let mut by_type = self.lock();
         let n = self.next.fetch_add(1, Ordering::Relaxed);
-        by_type.entry(ty.to_owned()).or_default().insert(n, waker);
-        let waiting = self.waiting.fetch_add(1, Ordering::Relaxed) + 1;
-        metrics::gauge!(WAITING).set(waiting as f64);
+        let tickets = by_type.entry(ty.to_owned()).or_default();
+        tickets.insert(n, waker);
+        waiting_gauge(ty, tickets.len());
+        self.waiting.fetch_add(1, Ordering::Relaxed);
         Ticket {
             queue: self.clone(),
             ty: ty.to_owned(),
@@ -211,6 +212,7 @@ impl Drop for Ticket {
         let mut by_type = self.queue.lock();
         if let Some(tickets) = by_type.get_mut(&self.ty) {
             tickets.remove(&self.n);
+            waiting_gauge(&self.ty, tickets.len());
             match tickets.first_key_value() {
                 Some((_, next)) => next.wake(),
                 None => {
@@ -218,9 +220,14 @@ impl Drop for Ticket {
                 }
             }
         }
-        let waiting = self.queue.waiting.fetch_sub(1, Ordering::Relaxed) - 1;
-        metrics::gauge!(WAITING).set(waiting as f64);
+        self.queue.waiting.fetch_sub(1, Ordering::Relaxed);
     }
+}
+
+/// Sets how many clients of request type `ty` wait; under the queue's lock, so the last value set is the
+/// length now.
+fn waiting_gauge(ty: &str, n: usize) {
+    metrics::gauge!(WAITING, "request_type" => ty.to_owned()).set(n as f64);
 }
 
 /// The places each request type's clients can take, from the config: the backends of the type with a
