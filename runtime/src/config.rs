@@ -377,30 +377,111 @@ fn remove_path(table: &mut toml::Table, path: &[String]) -> bool {
     cur.remove(last).is_some()
 }
 
-/// Sets `a.b.c` in the table; the value is parsed as a TOML value when it is one, else taken as a string.
+/// Sets `a.b.c` in the table; the value is parsed as a TOML value when it is one, else taken as a string. An
+/// item of an array of tables is named as the reload log names it (see [`flatten`]): `proxy.listeners[web].listen`,
+/// `proxy.backends[127.0.0.1:8001].weight`, or by index, `proxy.backends[0].weight`; it must exist.
 fn set_path(table: &mut toml::Table, key: &str, raw_value: &str) -> Result<(), String> {
-    let segs: Vec<&str> = key.split('.').collect();
-    if key.is_empty() || segs.iter().any(|s| s.is_empty()) {
-        return Err(format!("invalid key {key:?}"));
-    }
+    let segs = key_segments(key).ok_or_else(|| {
+        format!("invalid key {key:?} (expected a.b.c, with name[item] for an item of an array)")
+    })?;
     let value = format!("v = {raw_value}")
         .parse::<toml::Table>()
         .ok()
         .and_then(|mut t| t.remove("v"))
         .unwrap_or_else(|| toml::Value::String(raw_value.to_string()));
-    let (last, parents) = segs.split_last().ok_or_else(|| format!("invalid key {key:?}"))?;
+    let ((last, last_item), parents) = segs.split_last().ok_or_else(|| format!("invalid key {key:?}"))?;
+    if last_item.is_some() {
+        return Err(format!("{key:?} names an item of {last}: name one of its keys"));
+    }
     let mut cur = table;
-    for seg in parents {
-        let entry = cur
-            .entry(seg.to_string())
-            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
-        cur = match entry {
-            toml::Value::Table(t) => t,
-            _ => return Err(format!("{seg} is not a table")),
+    for (seg, item) in parents {
+        cur = match item {
+            None => {
+                let entry = cur
+                    .entry(seg.to_string())
+                    .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+                match entry {
+                    toml::Value::Table(t) => t,
+                    _ => return Err(format!("{seg} is not a table")),
+                }
+            }
+            Some(label) => {
+                let items = match cur.get_mut(*seg) {
+                    Some(toml::Value::Array(items)) => items,
+                    Some(_) => return Err(format!("{seg} is not an array of tables")),
+                    None => return Err(format!("no {seg} in the config to name an item of")),
+                };
+                let labels = item_labels(items);
+                let at = labels
+                    .iter()
+                    .position(|l| l == label)
+                    .or_else(|| label.parse::<usize>().ok().filter(|i| *i < items.len()));
+                match at.and_then(|i| items.get_mut(i)) {
+                    Some(toml::Value::Table(t)) => t,
+                    Some(_) => return Err(format!("{seg}[{label}] is not a table")),
+                    None => {
+                        return Err(format!(
+                            "no item {label:?} in {seg} (its items: {})",
+                            labels.join(", ")
+                        ));
+                    }
+                }
+            }
         };
     }
     cur.insert(last.to_string(), value);
     Ok(())
+}
+
+/// Splits `a.b[item].c` at the dots outside brackets, into each name and the item it names, if any; `None`
+/// for an empty name or item, or a stray bracket. An item may hold dots (`backends[127.0.0.1:8001]`).
+fn key_segments(key: &str) -> Option<Vec<(&str, Option<&str>)>> {
+    let mut segs = Vec::new();
+    let mut rest = key;
+    loop {
+        let (seg, tail) = match rest.find(['.', '[']) {
+            Some(i) if rest.as_bytes()[i] == b'[' => {
+                let close = rest[i..].find(']')? + i;
+                let item = &rest[i + 1..close];
+                if item.is_empty() || item.contains('[') {
+                    return None;
+                }
+                segs.push((&rest[..i], Some(item)));
+                match rest[close + 1..].strip_prefix('.') {
+                    Some(tail) => (None, Some(tail)),
+                    None if close + 1 == rest.len() => (None, None),
+                    None => return None,
+                }
+            }
+            Some(i) => (Some(&rest[..i]), Some(&rest[i + 1..])),
+            None => (Some(rest), None),
+        };
+        if let Some(seg) = seg {
+            segs.push((seg, None));
+        }
+        match tail {
+            Some(t) => rest = t,
+            None => break,
+        }
+    }
+    let valid = |s: &str| !s.is_empty() && !s.contains(']');
+    segs.iter().all(|(s, _)| valid(s)).then_some(segs)
+}
+
+/// The names of an array's items, as [`flatten`] shows them: the first of `name`, `id`, `addr`, `listen` that
+/// every item sets, each to its own value; else their indexes.
+fn item_labels(items: &[toml::Value]) -> Vec<String> {
+    for key in ["name", "id", "addr", "listen"] {
+        let names: Vec<&str> = items
+            .iter()
+            .filter_map(|v| v.get(key)?.as_str().filter(|s| !s.is_empty()))
+            .collect();
+        let unique: std::collections::BTreeSet<&str> = names.iter().copied().collect();
+        if names.len() == items.len() && unique.len() == items.len() {
+            return names.into_iter().map(str::to_string).collect();
+        }
+    }
+    (0..items.len()).map(|i| i.to_string()).collect()
 }
 
 /// Flattens a raw config into `key.path = value` lines, for one-line diffs on reload. An array of tables
@@ -408,19 +489,6 @@ fn set_path(table: &mut toml::Table, key: &str, raw_value: &str) -> Result<(), S
 /// 8001].weight`: the first of `name`, `id`, `addr`, `listen` that is set and unique), so removing the first
 /// item reads as that item removed, not as every later one changed; other arrays by index (`peers[1]`).
 pub fn flatten<T: Serialize>(raw: &T) -> Vec<(String, String)> {
-    fn labels(items: &[toml::Value]) -> Vec<String> {
-        for key in ["name", "id", "addr", "listen"] {
-            let names: Vec<&str> = items
-                .iter()
-                .filter_map(|v| v.get(key)?.as_str().filter(|s| !s.is_empty()))
-                .collect();
-            let unique: std::collections::BTreeSet<&str> = names.iter().copied().collect();
-            if names.len() == items.len() && unique.len() == items.len() {
-                return names.into_iter().map(str::to_string).collect();
-            }
-        }
-        (0..items.len()).map(|i| i.to_string()).collect()
-    }
     fn walk(prefix: &str, v: &toml::Value, out: &mut Vec<(String, String)>) {
         match v {
             toml::Value::Table(t) => {
@@ -434,7 +502,7 @@ pub fn flatten<T: Serialize>(raw: &T) -> Vec<(String, String)> {
                 }
             }
             toml::Value::Array(items) if !items.is_empty() => {
-                for (label, v) in labels(items).iter().zip(items) {
+                for (label, v) in item_labels(items).iter().zip(items) {
                     walk(&format!("{prefix}[{label}]"), v, out);
                 }
             }
@@ -702,6 +770,43 @@ mod tests {
         assert_eq!(loaded.config.listen.port(), 9);
         assert_eq!(loaded.raw.inner.timeout_ms, 7);
         assert_eq!(loaded.raw.grace_ms, 5, "default kept");
+    }
+
+    #[test]
+    fn set_names_an_array_item_as_the_reload_log_does() {
+        let mut t = toml::toml! {
+            listeners = [{ name = "web", listen = "127.0.0.1:1" }, { name = "pay", listen = "127.0.0.1:2" }]
+            backends = [{ addr = "127.0.0.1:8001", weight = 1 }, { addr = "127.0.0.1:8002", weight = 1 }]
+        };
+        set_path(&mut t, "listeners[pay].listen", "127.0.0.1:9").unwrap();
+        set_path(&mut t, "backends[127.0.0.1:8001].weight", "0").unwrap();
+        set_path(&mut t, "backends[1].backup", "true").unwrap();
+        let want = toml::toml! {
+            listeners = [{ name = "web", listen = "127.0.0.1:1" }, { name = "pay", listen = "127.0.0.1:9" }]
+            backends = [
+                { addr = "127.0.0.1:8001", weight = 0 },
+                { addr = "127.0.0.1:8002", weight = 1, backup = true },
+            ]
+        };
+        assert_eq!(t, want);
+        for (key, says) in [
+            (
+                "listeners[api].listen",
+                "no item \"api\" in listeners (its items: web, pay)",
+            ),
+            ("listeners[2].listen", "no item \"2\" in listeners"),
+            ("missing[web].listen", "no missing in the config"),
+            ("listeners[web].listen[0].x", "listen is not an array of tables"),
+            ("listeners[web]", "names an item of listeners"),
+            ("listeners[web.listen", "invalid key"),
+            ("listeners[].listen", "invalid key"),
+            ("listeners[web]x", "invalid key"),
+            ("a..b", "invalid key"),
+        ] {
+            let err = set_path(&mut t, key, "1").unwrap_err();
+            assert!(err.contains(says), "{key}: {err}");
+        }
+        assert_eq!(t, want, "a refused key changed nothing");
     }
 
     #[test]
