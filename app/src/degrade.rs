@@ -6,7 +6,8 @@
 //! - `queued`: orders go through an in-process queue and are committed in groups (one fsync per group, still
 //!   before any answer leaves); weak dependencies are deferred to the durable outbox.
 //! - `shed`: as `queued`, and the admission limit is halved (tighter rate limit).
-//! - `read_only`: browsing and reads only; writes get a retryable 503.
+//! - `read_only`: browsing and reads only; customers' writes get a retryable 503. The `admin` type's calls
+//!   (token-checked, few) still pass, or the operator could not lift the level by hand.
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
