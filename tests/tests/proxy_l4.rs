@@ -884,6 +884,28 @@ fn ask_name(s: &mut TcpStream) -> u8 {
     name[0]
 }
 
+/// With `balance = "round_robin"`, connections take the backends in turn, each as often as its weight says.
+#[test]
+fn round_robin_takes_the_backends_in_turn() {
+    let (a, b) = (named(b"a"), named(b"b"));
+    let front = free_addr();
+    let lb = start_lb(
+        "io_uring",
+        1000,
+        &format!(
+            "balance = \"round_robin\"\ncheck_interval_ms = 0\n{}[[proxy.backends]]\naddr = \"{a}\"\nweight = 1\n[[proxy.backends]]\naddr = \"{b}\"\nweight = 2\n",
+            listener("web", front)
+        ),
+    );
+    let names: String = (0..9)
+        .map(|_| char::from(ask_name(&mut connect(front))))
+        .collect();
+    let count = |c: char| names.chars().filter(|n| *n == c).count();
+    assert_eq!((count('a'), count('b')), (3, 6), "{names}");
+    assert!(!names.contains("bbb"), "b's turns are not spread: {names}");
+    lb.assert_web_counts(&[("connections_failed_total", 0.0)]);
+}
+
 /// With `balance = "source"`, every connection of a client (here: a source address of 127.0.0.0/8) goes to
 /// the same backend, different clients spread over the backends, and a reload that removes one backend
 /// moves only the clients that were on it.

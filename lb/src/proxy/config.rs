@@ -58,7 +58,8 @@ pub struct ProxySection {
     /// Passing checks in a row that bring a down backend back (HAProxy's `rise`).
     pub check_rise: u32,
     /// How a connection's backend is chosen among the `[[proxy.backends]]` of its type: `random` (the default:
-    /// weighted random), `least_connections` (the fewest connections, connecting or established, for its
+    /// weighted random), `round_robin` (in turn, each backend as often as its weight says, interleaved, as
+    /// HAProxy's `roundrobin`), `least_connections` (the fewest connections, connecting or established, for its
     /// weight, as HAProxy's `leastconn`: for long-lived connections, which a random draw can pile onto one
     /// backend) or `source` (by the client's address, see `proxy::pick`). Types routed by the directory
     /// follow its live weights either way.
@@ -230,6 +231,8 @@ impl RuntimeMode {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Balance {
     Random,
+    /// In turn, in proportion to the weights (HAProxy's and nginx's default).
+    RoundRobin,
     LeastConnections,
     /// By the client's address (HAProxy's `balance source` with `hash-type consistent`).
     Source,
@@ -492,6 +495,7 @@ impl ProxySection {
             &self.balance,
             &[
                 ("random", Balance::Random),
+                ("round_robin", Balance::RoundRobin),
                 ("least_connections", Balance::LeastConnections),
                 ("source", Balance::Source),
             ],
@@ -612,6 +616,10 @@ mod tests {
         let cfg = parse("balance = \"least_connections\"\n").unwrap();
         assert_eq!(cfg.balance, Balance::LeastConnections);
         assert_eq!(parse("balance = \"source\"\n").unwrap().balance, Balance::Source);
+        assert_eq!(
+            parse("balance = \"round_robin\"\n").unwrap().balance,
+            Balance::RoundRobin
+        );
         let errs = parse("balance = \"leastconn\"\n").unwrap_err();
         assert!(errs.len() == 1 && errs[0].contains("balance"), "{errs:#?}");
     }

@@ -8,6 +8,7 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use arc_swap::ArcSwap;
 
@@ -54,6 +55,9 @@ pub trait BackendPicker: Send + Sync + std::fmt::Debug {
 struct Tiers {
     primary: Vec<(SocketAddr, u32)>,
     backup: Vec<(SocketAddr, u32)>,
+    /// Picks made so far (`balance = "round_robin"`); shared by every worker, so their connections take
+    /// turns together.
+    turns: AtomicU64,
 }
 
 impl Tiers {
@@ -74,6 +78,26 @@ impl Tiers {
     fn first(&self, pick: impl Fn(&[(SocketAddr, u32)]) -> Option<SocketAddr>) -> Option<SocketAddr> {
         pick(&self.primary).or_else(|| pick(&self.backup))
     }
+}
+
+/// Which of `total` weight units pick number `turn` lands on, for `balance = "round_robin"`: `turn` times a
+/// step near `total / φ` that shares no factor with `total`, modulo `total`. Every `total` turns in a row
+/// cover each unit once, so each backend gets exactly its weight per cycle, and the golden-ratio step spreads
+/// a backend's units across the cycle (Fibonacci hashing), so weights 100 and 100 alternate rather than give
+/// 100 connections in a row to each. Lock-free: one shared counter.
+fn turn_unit(turn: u64, total: u64) -> u64 {
+    let mut step = ((total as f64 * 0.618_033_988_75) as u64).max(1);
+    while gcd(step, total) != 1 {
+        step += 1;
+    }
+    ((u128::from(turn) * u128::from(step)) % u128::from(total)) as u64
+}
+
+fn gcd(mut a: u64, mut b: u64) -> u64 {
+    while b != 0 {
+        (a, b) = (b, a % b);
+    }
+    a
 }
 
 /// The backend of `list` minus `exclude` (and those at weight 0) with the fewest open connections for its
@@ -224,6 +248,10 @@ impl BackendPicker for StaticPicker {
             Balance::Random => {
                 tiers.first(|list| weighted(list, exclude, |total| rand::random_range(0..total)))
             }
+            Balance::RoundRobin => {
+                let turn = tiers.turns.fetch_add(1, Ordering::Relaxed);
+                tiers.first(|list| weighted(list, exclude, |total| turn_unit(turn, total)))
+            }
             Balance::LeastConnections => {
                 let start = rand::random::<u32>() as usize;
                 tiers.first(|list| least(list, exclude, conn.open, start))
@@ -254,6 +282,49 @@ mod tests {
         assert_eq!(weighted(&list, &[], |_| 3), Some(addr(2)));
         assert_eq!(weighted(&list, &[addr(1)], |t| t - 1), Some(addr(2)));
         assert_eq!(weighted(&list, &[addr(1), addr(2)], |_| 0), None);
+    }
+
+    #[test]
+    fn a_round_of_turns_covers_every_unit_once() {
+        for total in 1..=300u64 {
+            let mut seen: Vec<u64> = (0..total).map(|t| turn_unit(t + 7 * total, total)).collect();
+            seen.sort_unstable();
+            assert!(seen.iter().copied().eq(0..total), "total {total}: {seen:?}");
+        }
+    }
+
+    #[test]
+    fn round_robin_takes_turns_by_weight_and_interleaves() {
+        let picker = |weights: &[u32]| {
+            let backends: String = weights
+                .iter()
+                .enumerate()
+                .map(|(i, w)| format!("[[backends]]\naddr = \"127.0.0.1:{}\"\nweight = {w}\n", i + 1))
+                .collect();
+            StaticPicker::new(&ProxyConfig::for_tests(&format!(
+                "balance = \"round_robin\"\n[[listeners]]\nlisten = \"127.0.0.1:7100\"\n{backends}"
+            )))
+        };
+        let conn = PickFor {
+            client: IpAddr::from([127, 0, 0, 1]),
+            open: &none,
+        };
+        let ports = |p: &StaticPicker, n: usize| -> Vec<u16> {
+            (0..n)
+                .map(|_| p.pick("browse", &[], &conn).unwrap().port())
+                .collect()
+        };
+        assert_eq!(ports(&picker(&[1, 1]), 6), [1, 2, 1, 2, 1, 2]);
+        let got = ports(&picker(&[1, 2, 3]), 600);
+        let count = |port: u16| got.iter().filter(|p| **p == port).count();
+        assert_eq!((count(1), count(2), count(3)), (100, 200, 300));
+        // Equal large weights alternate, rather than 100 in a row each.
+        let got = ports(&picker(&[100, 100]), 400);
+        let longest = got.chunk_by(|a, b| a == b).map(<[u16]>::len).max();
+        assert!(longest <= Some(2), "a run of {longest:?}: {got:?}");
+        // A tried backend is passed over.
+        let p = picker(&[1, 1]);
+        assert!((0..4).all(|_| p.pick("browse", &[addr(1)], &conn) == Some(addr(2))));
     }
 
     /// No connections open anywhere.
