@@ -4,15 +4,22 @@
 //! - `no_oversell`: no SKU has negative available, reserved or sold stock;
 //! - `stock_conserved`: received = available + bucketed + reserved + sold, per SKU;
 //! - `reserved_matches_orders` / `sold_matches_orders`: the stock columns equal the order lines in the
-//!   `reserved` and `paid`/`fulfilled` orders (so every expiry, cancel and refund gave stock back exactly once);
+//!   `reserved` and `paid`/`fulfilled` orders, less their refunded units (so every expiry, cancel and refund
+//!   gave stock back exactly once);
 //! - `order_placed_once`: every order has exactly one `order.placed` outbox row (an acknowledged order exists
 //!   once, with its follow-up work queued);
 //! - `ledger_balanced`: every ledger transaction sums to zero;
 //! - `balances_match_entries`: every account's balance equals the sum of its entries;
 //! - `wallets_not_negative`: no buyer wallet below zero;
-//! - `payments_once`: paid orders have exactly one payment posting, refunded ones one payment and one refund,
-//!   others none (idempotent replays had no second effect);
-//! - `effects_once`: no weak effect for an order that never reached the state that causes it.
+//! - `payments_once`: paid, fulfilled and refunded orders have exactly one payment posting of their total,
+//!   others none; an order's refund postings give back at most its payment, exactly its total once it is
+//!   `refunded`; every refund posting belongs to a refund of an order (idempotent replays and retried
+//!   refunds had no second effect);
+//! - `refunds_match_lines`: each line's refunded units are within its quantity and the sum of its refunds'
+//!   units (all of them for a `refunded` order, none for one never paid); each refund's posting gives back
+//!   its units at their lines' prices, and each shop exactly its own lines' share;
+//! - `effects_once`: no weak effect for an order that never reached the state that causes it, nor a partial
+//!   refund's (`points_revoked/r<n>`) for a refund the order does not have.
 
 use serde::{Deserialize, Serialize};
 

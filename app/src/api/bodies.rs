@@ -6,7 +6,7 @@
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
-use crate::domain::request::{MAX_ORDER_TOTAL, MAX_PRICE, validate};
+use crate::domain::request::{MAX_LINES, MAX_ORDER_TOTAL, MAX_PRICE, validate, validate_lines};
 use crate::domain::{Cents, OrderKind, OrderLineReq, fingerprint, valid_id};
 use crate::store::{PaymentCallback, StockUpdate};
 
@@ -59,11 +59,42 @@ impl SeckillReq {
     }
 }
 
-/// `POST /v1/refunds`.
+/// `POST /v1/refunds`: the whole order (all units not refunded yet), or the units `lines` names.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RefundReq {
     pub order_id: String,
+    /// At most one entry per SKU (an order has one line per SKU; two entries are refused, not summed, as an
+    /// order request's are), at most `MAX_LINES` of them: no refund can name more lines than an order holds.
+    #[serde(default)]
+    pub lines: Option<Vec<OrderLineReq>>,
+}
+
+impl RefundReq {
+    pub fn check(&self) -> Result<(), Refusal> {
+        if !valid_id(&self.order_id) {
+            return Err((
+                "bad_id",
+                format!(
+                    "order id {:?} is not 1..=64 bytes of [A-Za-z0-9._:-]",
+                    self.order_id
+                ),
+            ));
+        }
+        let Some(lines) = &self.lines else {
+            return Ok(());
+        };
+        if lines.is_empty() || lines.len() > MAX_LINES {
+            return Err((
+                "invalid_refund",
+                format!(
+                    "a partial refund names 1..={MAX_LINES} lines, got {} (leave lines out to refund the rest)",
+                    lines.len()
+                ),
+            ));
+        }
+        validate_lines(lines).map_err(|m| ("invalid_refund", m))
+    }
 }
 
 /// `POST /admin/credit`.
@@ -181,7 +212,11 @@ pub fn decode_and_check(bytes: &[u8]) -> usize {
         }
     }
     if let Ok(b) = decode::<RefundReq>(bytes) {
-        count(valid_id(&b.order_id));
+        let ok = b.check().is_ok();
+        if ok {
+            let _ = crate::domain::refund_fingerprint(&b.order_id, b.lines.as_deref());
+        }
+        count(ok);
     }
     if let Ok(b) = decode::<CreditReq>(bytes) {
         count(b.check().is_ok());
@@ -218,5 +253,36 @@ mod tests {
         assert_eq!(s.check().unwrap_err().0, "invalid_update");
         assert!(decode::<DegradeReq>(br#"{"level":"sync","x":1}"#).is_err());
         assert_eq!(decode_and_check(b"\xff\x00{"), 0);
+    }
+
+    #[test]
+    fn a_refund_names_each_line_once_within_bounds() {
+        let ok: RefundReq = decode(br#"{"order_id":"o1","lines":[{"sku":"a","qty":1}]}"#).unwrap();
+        assert!(ok.check().is_ok());
+        let whole: RefundReq = decode(br#"{"order_id":"o1"}"#).unwrap();
+        assert!(whole.check().is_ok() && whole.lines.is_none());
+        for (body, says) in [
+            (r#"{"order_id":"o1","lines":[]}"#, "1..=50 lines, got 0"),
+            (
+                r#"{"order_id":"o1","lines":[{"sku":"a","qty":1},{"sku":"a","qty":2}]}"#,
+                "sku a appears twice",
+            ),
+            (
+                r#"{"order_id":"o1","lines":[{"sku":"a","qty":0}]}"#,
+                "qty 0 for sku a",
+            ),
+            (r#"{"order_id":"o 1"}"#, "order id"),
+        ] {
+            let b: RefundReq = decode(body.as_bytes()).unwrap();
+            let (_, msg) = b.check().unwrap_err();
+            assert!(msg.contains(says), "{body}: {msg}");
+        }
+        let many: Vec<String> = (0..=MAX_LINES)
+            .map(|i| format!(r#"{{"sku":"s{i}","qty":1}}"#))
+            .collect();
+        let big: RefundReq =
+            decode(format!(r#"{{"order_id":"o1","lines":[{}]}}"#, many.join(",")).as_bytes()).unwrap();
+        assert_eq!(big.check().unwrap_err().0, "invalid_refund");
+        assert!(decode::<RefundReq>(br#"{"order_id":"o1","lines":[{"sku":"a","qty":-1}]}"#).is_err());
     }
 }

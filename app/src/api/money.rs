@@ -13,7 +13,7 @@ use super::signature;
 use super::{App, BODY_TIMEOUT, authorized, idem_key, path_id, reject, respond, store_failed};
 use crate::Config;
 use crate::degrade::Level;
-use crate::store::PaymentCallback;
+use crate::store::{PaymentCallback, RefundRequest};
 
 fn inline_weak(app: &App) -> bool {
     app.degrade.level() == Level::Sync
@@ -70,23 +70,47 @@ pub async fn callback(app: &Arc<App>, cfg: &Config, req: Request<Incoming>) -> R
     )
 }
 
-/// `POST /v1/refunds` `{"order_id": "..."}` (merchant; bearer token). A second refund answers the same.
+/// `POST /v1/refunds` `{"order_id": "...", "lines"?: [{"sku", "qty"}]}` (merchant; bearer token). Without
+/// `lines` every unit not refunded yet is refunded (a refunded order answers the same, nothing posted); with
+/// them only those units, and an `Idempotency-Key` is required: a retried partial refund without one would
+/// refund twice. A key is the order's own: its replay answers the first result (`idempotent-replay: true`),
+/// another body under it is 422.
 pub async fn refund(app: &Arc<App>, cfg: &Config, req: Request<Incoming>) -> Response<Body> {
     if let Err(refused) = authorized(cfg, &req) {
         return refused;
     }
+    let key = match idem_key(&req) {
+        Ok(k) => k,
+        Err(resp) => return resp,
+    };
     let body: RefundReq = match read_json(req, cfg.max_body_bytes, BODY_TIMEOUT).await {
         Ok(b) => b,
         Err(resp) => return resp,
     };
-    if let Err(resp) = path_id("order", &body.order_id) {
-        return resp;
+    if let Err((code, msg)) = body.check() {
+        return error(StatusCode::BAD_REQUEST, code, &msg);
     }
+    if body.lines.is_some() && key.is_none() {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "missing_idempotency_key",
+            "a partial refund (with lines) needs an Idempotency-Key header, so a retry cannot refund twice",
+        );
+    }
+    let r = RefundRequest::new(&body.order_id, body.lines, key);
     let weak = inline_weak(app);
-    respond(
-        StatusCode::OK,
-        app.exec.run(move |s| s.refund(&body.order_id, weak)).await,
-    )
+    match app.exec.run(move |s| s.refund(&r, weak)).await {
+        Ok(Ok(done)) => {
+            let mut resp = json(StatusCode::OK, &done.order);
+            if done.replay {
+                resp.headers_mut()
+                    .insert("idempotent-replay", HeaderValue::from_static("true"));
+            }
+            resp
+        }
+        Ok(Err(r)) => reject(&r),
+        Err(e) => store_failed(&e),
+    }
 }
 
 /// `GET /v1/wallets/{user}`.

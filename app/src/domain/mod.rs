@@ -5,7 +5,7 @@ pub mod order;
 pub mod request;
 
 pub use order::{OrderKind, OrderStatus, Transition};
-pub use request::{NewOrder, OrderLineReq, fingerprint, new_order_id, now_ms, valid_id};
+pub use request::{NewOrder, OrderLineReq, fingerprint, new_order_id, now_ms, refund_fingerprint, valid_id};
 
 use serde::Serialize;
 
@@ -47,6 +47,17 @@ pub enum Reject {
     /// An ordinary order for a SKU whose flash sale is open: it would pass the per-user limit.
     #[error("sku {sku} is on flash sale: buy it with POST /v1/seckill/{sku}")]
     OnFlashSale { sku: String },
+    /// A partial refund naming a SKU the order has no line for.
+    #[error("order {id} has no line for sku {sku}")]
+    NotInOrder { id: String, sku: String },
+    /// A partial refund of more units than its line has left unrefunded.
+    #[error("order {id} has {left} {} of sku {sku} left to refund, {wanted} wanted", units(*left))]
+    OverRefund {
+        id: String,
+        sku: String,
+        left: i64,
+        wanted: i64,
+    },
 }
 
 fn units(n: i64) -> &'static str {
@@ -66,6 +77,8 @@ impl Reject {
             Reject::LimitExceeded { .. } => "limit_exceeded",
             Reject::AmountMismatch { .. } => "amount_mismatch",
             Reject::OnFlashSale { .. } => "on_flash_sale",
+            Reject::NotInOrder { .. } => "not_in_order",
+            Reject::OverRefund { .. } => "over_refund",
         }
     }
 
@@ -79,6 +92,10 @@ impl Reject {
             Reject::InsufficientFunds { .. } => 402,
             Reject::LimitExceeded { .. } => 429,
             Reject::AmountMismatch { .. } => 422,
+            // The request names something the order does not hold: no retry can make it right.
+            Reject::NotInOrder { .. } => 422,
+            // Like a short stock: the order holds fewer units than asked, as its view shows.
+            Reject::OverRefund { .. } => 409,
         }
     }
 }

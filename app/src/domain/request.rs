@@ -63,6 +63,12 @@ pub fn validate(user: &str, lines: &[OrderLineReq]) -> Result<(), String> {
             lines.len()
         ));
     }
+    validate_lines(lines)
+}
+
+/// Checks each line of an order or refund request (the count is the caller's): a well-formed SKU, a
+/// quantity in `1..=MAX_QTY`, and no SKU twice, so a line's units are named in one place.
+pub fn validate_lines(lines: &[OrderLineReq]) -> Result<(), String> {
     let mut seen = std::collections::HashSet::new();
     for l in lines {
         if !valid_id(&l.sku) {
@@ -91,6 +97,28 @@ pub fn fingerprint(kind: OrderKind, user: &str, lines: &[OrderLineReq]) -> Strin
         h.update(l.sku.as_bytes());
         h.update([0]);
         h.update(l.qty.to_le_bytes());
+    }
+    hex::encode(h.finalize())
+}
+
+/// The fingerprint of a refund request: its order and the units it names in SKU order, or (`None`) "every
+/// unit left", so a key reused for another refund of the order is caught.
+pub fn refund_fingerprint(order_id: &str, lines: Option<&[OrderLineReq]>) -> String {
+    let mut h = Sha256::new();
+    h.update(b"refund\0");
+    h.update(order_id.as_bytes());
+    match lines {
+        None => h.update(b"\0all"),
+        Some(lines) => {
+            let mut sorted: Vec<_> = lines.iter().collect();
+            sorted.sort_by(|a, b| a.sku.cmp(&b.sku));
+            for l in sorted {
+                h.update([0]);
+                h.update(l.sku.as_bytes());
+                h.update([0]);
+                h.update(l.qty.to_le_bytes());
+            }
+        }
     }
     hex::encode(h.finalize())
 }
@@ -127,6 +155,16 @@ mod tests {
         assert_ne!(a, c);
         assert_ne!(a, d);
         assert_ne!(a, e);
+    }
+
+    #[test]
+    fn a_refund_fingerprint_ignores_line_order_and_tells_all_from_some() {
+        let a = refund_fingerprint("o1", Some(&[line("a", 1), line("b", 2)]));
+        assert_eq!(a, refund_fingerprint("o1", Some(&[line("b", 2), line("a", 1)])));
+        assert_ne!(a, refund_fingerprint("o1", Some(&[line("a", 1), line("b", 1)])));
+        assert_ne!(a, refund_fingerprint("o2", Some(&[line("a", 1), line("b", 2)])));
+        assert_ne!(a, refund_fingerprint("o1", None));
+        assert_ne!(refund_fingerprint("o1", None), refund_fingerprint("o2", None));
     }
 
     #[test]

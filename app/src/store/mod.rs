@@ -25,7 +25,7 @@ mod tests;
 use serde::{Deserialize, Serialize};
 
 use crate::audit::AuditReport;
-use crate::domain::{Cents, NewOrder, Reject};
+use crate::domain::{Cents, NewOrder, OrderLineReq, Reject, refund_fingerprint};
 
 /// Why a store call failed: infrastructure, not the request.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -76,6 +76,9 @@ pub struct LineView {
     pub sku: String,
     pub qty: i64,
     pub price_cents: Cents,
+    /// Units of the line refunded so far (0..=qty). Absent from answers stored before refunds were partial.
+    #[serde(default)]
+    pub refunded_qty: i64,
 }
 
 /// An order as the API shows it.
@@ -90,11 +93,44 @@ pub struct OrderView {
     pub created_ms: i64,
     pub expires_ms: i64,
     pub paid_via: Option<String>,
+    /// What refunds have given back so far: the refunded units at their lines' prices.
+    #[serde(default)]
+    pub refunded_cents: Cents,
 }
 
 /// The result of creating an order: the answer and whether it was an idempotent replay.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Created {
+    pub order: OrderView,
+    pub replay: bool,
+}
+
+/// A refund as the store takes it (the API has checked its lines: `bodies::RefundReq::check`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RefundRequest {
+    pub order_id: String,
+    /// The units to refund; `None` refunds every unit not refunded yet.
+    pub lines: Option<Vec<OrderLineReq>>,
+    /// The order's own idempotency key for this refund (required with `lines` by the API).
+    pub idem_key: Option<String>,
+    /// SHA-256 of the order and the lines, so a key reused with another body is caught.
+    pub fingerprint: String,
+}
+
+impl RefundRequest {
+    pub fn new(order_id: &str, lines: Option<Vec<OrderLineReq>>, idem_key: Option<String>) -> Self {
+        RefundRequest {
+            fingerprint: refund_fingerprint(order_id, lines.as_deref()),
+            order_id: order_id.into(),
+            lines,
+            idem_key,
+        }
+    }
+}
+
+/// The result of a refund: the order after it, and whether it was a keyed replay (the first answer again).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refunded {
     pub order: OrderView,
     pub replay: bool,
 }
@@ -167,8 +203,11 @@ pub trait Store: Send + Sync + 'static {
     fn payment_callback(&self, cb: &PaymentCallback, inline_weak: bool) -> StoreResult<OrderView>;
     fn cancel(&self, order_id: &str) -> StoreResult<OrderView>;
     fn fulfil(&self, order_id: &str) -> StoreResult<OrderView>;
-    /// Refunds a paid order to whoever paid it and restocks; a second refund is a no-op answer.
-    fn refund(&self, order_id: &str, inline_weak: bool) -> StoreResult<OrderView>;
+    /// Refunds the named units of a paid or fulfilled order (all not yet refunded when `lines` is `None`) to
+    /// whoever paid, each shop giving back its lines' share; unshipped units go back on sale. The order is
+    /// `refunded` once every unit is. A full refund of a refunded order is a no-op answer; a key already used
+    /// on the order answers its first result again (`replay`), or `IdempotencyConflict` for another body.
+    fn refund(&self, r: &RefundRequest, inline_weak: bool) -> StoreResult<Refunded>;
 
     /// Expires reservations due at `now_ms` (at most `limit`), each giving its stock back exactly once.
     fn expire_due(&self, now_ms: i64, limit: u32) -> Result<u32, StoreError>;

@@ -2,7 +2,7 @@
 //! short stock refuses an order, what a reserved order's answer holds, which status a transition leads to, and
 //! what a payment checks first. Each store keeps only its SQL and its locking around them.
 
-use super::{Created, LineView, OrderView, PaymentCallback, StockUpdate, StoreError};
+use super::{Created, LineView, OrderView, PaymentCallback, Refunded, StockUpdate, StoreError};
 use crate::domain::{Cents, NewOrder, OrderLineReq, OrderStatus, Reject, Transition, now_ms};
 
 pub(super) type Res<T> = Result<Result<T, Reject>, StoreError>;
@@ -107,6 +107,14 @@ pub(super) fn attach_lines(orders: &mut [OrderView], lines: Vec<(String, LineVie
             orders[i].lines.push(line);
         }
     }
+    for o in orders {
+        count_refunded(o);
+    }
+}
+
+/// Sets `o.refunded_cents` from its lines: what refunds gave back is their refunded units at their prices.
+pub(super) fn count_refunded(o: &mut OrderView) {
+    o.refunded_cents = o.lines.iter().map(|l| l.refunded_qty * l.price_cents).sum();
 }
 
 /// Why stock update `u` changed nothing: its SKU does not exist (`available` is `None`), or it writes off
@@ -144,6 +152,7 @@ pub(super) fn reserved(
         created_ms: o.created_ms,
         expires_ms: o.expires_ms,
         paid_via: None,
+        refunded_cents: 0,
     };
     let answer = serde_json::to_string(&view).map_err(|e| StoreError::Internal(e.to_string()))?;
     Ok((view, answer))
@@ -205,8 +214,6 @@ pub(super) fn short_of_funds(account: &str, balance: Cents, needed: Cents) -> Op
     })
 }
 
-/// The refusal of provider callback `cb` when an earlier one with its `payment_id` recorded another order,
-/// status or amount; `None` when it is the same callback again (a replay).
 /// Whether refunding `o` puts its units back on sale: not once it was fulfilled, since the goods are with the
 /// buyer; they leave the stock (received and sold both shrink), and a return is the merchant's restock.
 pub(super) fn refund_restocks(o: &OrderView) -> bool {
@@ -224,6 +231,8 @@ pub(super) fn cannot_take_payment(r: &Reject) -> bool {
     matches!(r, Reject::BadTransition { .. })
 }
 
+/// The refusal of provider callback `cb` when an earlier one with its `payment_id` recorded another order,
+/// status or amount; `None` when it is the same callback again (a replay).
 pub(super) fn payment_conflict(
     cb: &PaymentCallback,
     order_id: &str,
@@ -239,15 +248,140 @@ pub(super) fn payment_conflict(
     })
 }
 
-/// The ledger entries of refunding `o`, whose merchants received `shares`: each share goes back to whoever paid.
-pub(super) fn refund_entries(o: &OrderView, shares: Vec<(String, Cents)>) -> Vec<(String, Cents)> {
+/// An order line as a refund reads it (with the shop its share goes back from).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct RefundLine {
+    pub sku: String,
+    pub qty: i64,
+    pub refunded: i64,
+    pub price_cents: Cents,
+    pub shop_id: i64,
+}
+
+/// What one refund takes: the units per line, what each shop gives back and the whole amount.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct RefundPlan {
+    /// (SKU, units), in SKU order; empty when a full refund finds nothing left.
+    pub take: Vec<(String, i64)>,
+    /// (`shop:<id>`, cents) by shop: exactly its refunded lines' units at their prices.
+    pub shares: Vec<(String, Cents)>,
+    pub amount: Cents,
+    /// Every unit of the order is refunded once this refund is: the order becomes `refunded`.
+    pub completes: bool,
+}
+
+/// What refunding `wanted` of order `id` (every unit left when `None`) takes from its `lines`: refused when a
+/// SKU is not a line of the order or asks for more units than the line has left unrefunded.
+pub(super) fn plan_refund(
+    id: &str,
+    lines: &[RefundLine],
+    wanted: Option<&[OrderLineReq]>,
+) -> Result<RefundPlan, Reject> {
+    let mut take: Vec<(String, i64)> = Vec::new();
+    match wanted {
+        None => take.extend(
+            lines
+                .iter()
+                .filter(|l| l.qty > l.refunded)
+                .map(|l| (l.sku.clone(), l.qty - l.refunded)),
+        ),
+        Some(wanted) => {
+            for w in wanted {
+                let Some(l) = lines.iter().find(|l| l.sku == w.sku) else {
+                    return Err(Reject::NotInOrder {
+                        id: id.into(),
+                        sku: w.sku.clone(),
+                    });
+                };
+                let left = l.qty - l.refunded;
+                if i64::from(w.qty) > left {
+                    return Err(Reject::OverRefund {
+                        id: id.into(),
+                        sku: w.sku.clone(),
+                        left,
+                        wanted: i64::from(w.qty),
+                    });
+                }
+                take.push((w.sku.clone(), i64::from(w.qty)));
+            }
+        }
+    }
+    take.sort();
+    let mut by_shop: std::collections::BTreeMap<i64, Cents> = std::collections::BTreeMap::new();
+    let mut remaining: i64 = lines.iter().map(|l| l.qty - l.refunded).sum();
+    for (sku, units) in &take {
+        if let Some(l) = lines.iter().find(|l| &l.sku == sku) {
+            *by_shop.entry(l.shop_id).or_default() += units * l.price_cents;
+            remaining -= units;
+        }
+    }
+    let shares: Vec<(String, Cents)> = by_shop.into_iter().map(|(s, v)| (shop(s), v)).collect();
+    Ok(RefundPlan {
+        amount: shares.iter().map(|s| s.1).sum(),
+        completes: !take.is_empty() && remaining == 0,
+        take,
+        shares,
+    })
+}
+
+/// The ledger entries of refund `plan` of `o`: each shop gives its share back to whoever paid.
+pub(super) fn refund_entries(o: &OrderView, plan: &RefundPlan) -> Vec<(String, Cents)> {
     let payer = match o.paid_via.as_deref() {
         Some("wallet") => wallet(&o.user),
         _ => "psp".to_string(),
     };
-    let mut entries: Vec<(String, Cents)> = shares.into_iter().map(|(a, v)| (a, -v)).collect();
-    entries.push((payer, o.total_cents));
+    let mut entries: Vec<(String, Cents)> = plan.shares.iter().map(|(a, v)| (a.clone(), -v)).collect();
+    entries.push((payer, plan.amount));
     entries
+}
+
+/// The ledger reference of refund `n` (1, 2, ...) of order `order_id`: unique per posting, and never an order
+/// id (ids hold no `/`). Refunds made before schema version 3 kept the order id as theirs; the `refunds` table
+/// records each refund's reference, so the audit reads both alike.
+pub(super) fn refund_ref(order_id: &str, n: i64) -> String {
+    format!("{order_id}/r{n}")
+}
+
+/// The outbox topic of refund `n` of an order when it leaves units unrefunded (one row per refund: the
+/// outbox is unique by topic and order). The refund that completes the order is `order.refunded`.
+pub(super) fn refund_part_topic(n: i64) -> String {
+    format!("{REFUND_PART}{n}")
+}
+
+const REFUND_PART: &str = "order.refund_part/r";
+
+/// The refund number of a partial refund's topic.
+pub(super) fn refund_part_of(topic: &str) -> Option<i64> {
+    topic.strip_prefix(REFUND_PART)?.parse().ok()
+}
+
+/// Loyalty points an order of `total` cents earns when paid.
+pub(super) fn points(total: Cents) -> i64 {
+    total / 100
+}
+
+/// Points a refund of `amount` revokes from an order of `total` whose earlier refunds gave back `before`: what
+/// the order earns drops from `points(total - before)` to `points(total - before - amount)`, so an order's
+/// refunds together revoke exactly what its payment granted, however it was split.
+pub(super) fn points_revoked(total: Cents, before: Cents, amount: Cents) -> i64 {
+    points(total - before) - points(total - before - amount)
+}
+
+/// The answer to refund request `fingerprint` under `key` when the order's refund under that key had
+/// `stored_fingerprint` and answered `answer`: that answer again, or a conflict for another body.
+pub(super) fn refund_replay(
+    key: &str,
+    fingerprint: &str,
+    stored_fingerprint: &str,
+    answer: Option<&str>,
+) -> Res<Refunded> {
+    if fingerprint != stored_fingerprint {
+        return Ok(Err(Reject::IdempotencyConflict { key: key.into() }));
+    }
+    let answer = answer.unwrap_or_default();
+    let order: OrderView = serde_json::from_str(answer)
+        .map_err(|e| StoreError::Internal(format!("stored refund answer of key {key:?} is corrupt: {e}")))?;
+    Ok(Ok(Refunded { order, replay: true }))
 }
 
 /// The ledger entries and a fresh reference for minting `amount` into each of `users`' wallets.
@@ -314,7 +448,22 @@ mod tests {
             created_ms: 0,
             expires_ms: 0,
             paid_via: paid_via.map(str::to_string),
+            refunded_cents: 0,
         }
+    }
+
+    fn line(sku: &str, qty: i64, refunded: i64, price_cents: Cents, shop_id: i64) -> RefundLine {
+        RefundLine {
+            sku: sku.into(),
+            qty,
+            refunded,
+            price_cents,
+            shop_id,
+        }
+    }
+
+    fn want(sku: &str, qty: u32) -> OrderLineReq {
+        OrderLineReq { sku: sku.into(), qty }
     }
 
     fn callback(amount_cents: Cents) -> PaymentCallback {
@@ -387,10 +536,12 @@ mod tests {
 
     #[test]
     fn ledger_entries_balance() {
-        let shares = vec![("shop:1".to_string(), 300), ("shop:2".to_string(), 200)];
+        let lines = [line("a", 2, 0, 150, 1), line("b", 1, 0, 200, 2)];
+        let plan = plan_refund("o1", &lines, None).unwrap();
         for paid_via in [Some("wallet"), Some("psp")] {
-            let entries = refund_entries(&order("paid", paid_via), shares.clone());
+            let entries = refund_entries(&order("paid", paid_via), &plan);
             assert_eq!(entries.iter().map(|e| e.1).sum::<Cents>(), 0, "{entries:?}");
+            assert!(entries.contains(&("shop:1".to_string(), -300)), "{entries:?}");
         }
         let (entries, _) = credit_entries(&["ann".into(), "bob".into()], 700);
         assert_eq!(entries.iter().map(|e| e.1).sum::<Cents>(), 0, "{entries:?}");
@@ -398,6 +549,83 @@ mod tests {
         assert_eq!((shop, reference.as_str()), (7, "b1:7"));
         assert_eq!(entries[1], ("payout:7".to_string(), 900));
         assert_eq!(entries.iter().map(|e| e.1).sum::<Cents>(), 0);
+    }
+
+    #[test]
+    fn a_partial_refund_takes_only_its_units_from_their_shops() {
+        let lines = [
+            line("a", 3, 1, 100, 1),
+            line("b", 2, 0, 250, 2),
+            line("c", 1, 0, 40, 1),
+        ];
+        let plan = plan_refund("o1", &lines, Some(&[want("b", 1), want("a", 2)])).unwrap();
+        assert_eq!(plan.take, vec![("a".to_string(), 2), ("b".to_string(), 1)]);
+        assert_eq!(
+            plan.shares,
+            vec![("shop:1".to_string(), 200), ("shop:2".to_string(), 250)]
+        );
+        assert_eq!((plan.amount, plan.completes), (450, false));
+        // A full refund takes what is left, and completes the order.
+        let rest = plan_refund("o1", &lines, None).unwrap();
+        assert_eq!(rest.amount, 2 * 100 + 2 * 250 + 40);
+        assert!(rest.completes);
+        // So does a partial refund of exactly what is left.
+        let exact = [line("a", 2, 1, 100, 1)];
+        assert!(
+            plan_refund("o1", &exact, Some(&[want("a", 1)]))
+                .unwrap()
+                .completes
+        );
+        // Nothing left: a full refund takes nothing and completes nothing.
+        let done = plan_refund("o1", &[line("a", 2, 2, 100, 1)], None).unwrap();
+        assert!(done.take.is_empty() && !done.completes && done.amount == 0);
+    }
+
+    #[test]
+    fn a_refund_of_more_than_is_left_or_of_no_line_names_the_sku() {
+        let lines = [line("a", 3, 2, 100, 1)];
+        assert_eq!(
+            plan_refund("o1", &lines, Some(&[want("a", 2)])),
+            Err(Reject::OverRefund {
+                id: "o1".into(),
+                sku: "a".into(),
+                left: 1,
+                wanted: 2
+            })
+        );
+        assert_eq!(
+            plan_refund("o1", &lines, Some(&[want("z", 1)])),
+            Err(Reject::NotInOrder {
+                id: "o1".into(),
+                sku: "z".into()
+            })
+        );
+        let msg = plan_refund("o1", &lines, Some(&[want("a", 2)]))
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("1 unit of sku a left"), "{msg}");
+    }
+
+    #[test]
+    fn refunds_revoke_exactly_the_points_the_payment_granted() {
+        for (total, parts) in [
+            (1_050, vec![50, 1_000]),
+            (999, vec![333, 333, 333]),
+            (12_345, vec![45, 300, 12_000]),
+            (610, vec![610]),
+        ] {
+            let mut before = 0;
+            let mut revoked = 0;
+            for amount in parts {
+                revoked += points_revoked(total, before, amount);
+                before += amount;
+            }
+            assert_eq!(before, total);
+            assert_eq!(revoked, points(total), "total {total}");
+        }
+        assert_eq!(refund_part_of(&refund_part_topic(12)), Some(12));
+        assert_eq!(refund_part_of("order.refunded"), None);
+        assert_eq!(refund_ref("o1", 2), "o1/r2");
     }
 
     #[test]

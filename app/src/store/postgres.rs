@@ -19,8 +19,8 @@ use postgres::types::ToSql;
 use postgres::{Client, IsolationLevel, NoTls, Row, Statement, Transaction};
 
 use super::{
-    Created, OrderView, PaymentCallback, Product, Settlement, Sku, StockUpdate, Store, StoreError,
-    StoreResult,
+    Created, OrderView, PaymentCallback, Product, RefundRequest, Refunded, Settlement, Sku, StockUpdate,
+    Store, StoreError, StoreResult,
 };
 use crate::audit::AuditReport;
 use crate::domain::{Cents, NewOrder, Reject};
@@ -381,8 +381,8 @@ impl Store for PostgresStore {
     fn fulfil(&self, order_id: &str) -> StoreResult<OrderView> {
         self.write_domain(|t| orders::fulfil(t, order_id))
     }
-    fn refund(&self, order_id: &str, inline_weak: bool) -> StoreResult<OrderView> {
-        self.write_domain(|t| money::refund(t, order_id, inline_weak))
+    fn refund(&self, r: &RefundRequest, inline_weak: bool) -> StoreResult<Refunded> {
+        self.write_domain(|t| money::refund(t, r, inline_weak))
     }
     fn expire_due(&self, now_ms: i64, limit: u32) -> Result<u32, StoreError> {
         self.write(|t| orders::expire_due(t, now_ms, limit))

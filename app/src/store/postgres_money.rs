@@ -4,8 +4,8 @@
 //! pass the balance check, and the outbox workers take rows with `FOR UPDATE SKIP LOCKED`.
 
 use super::postgres::Tx;
-use super::postgres_orders::{load_order, lock_order, move_stock, ship_out, transition};
-use super::{OrderView, PaymentCallback, Settlement, StoreError};
+use super::postgres_orders::{load_order, lock_order, move_stock, refund_lines, return_units, transition};
+use super::{OrderView, PaymentCallback, RefundRequest, Refunded, Settlement, StoreError};
 use crate::domain::{Cents, OrderStatus, Reject, Transition, now_ms};
 
 use super::order_rules::{self, Res};
@@ -141,28 +141,88 @@ pub fn callback(t: &mut Tx<'_>, cb: &PaymentCallback, inline_weak: bool) -> Res<
     }
 }
 
-pub fn refund(t: &mut Tx<'_>, id: &str, inline_weak: bool) -> Res<OrderView> {
+/// Refunds the units `r` names (all left when none) under the order's row lock, which serialises refunds of
+/// one order (their numbers, keys and line counts): see `sqlite_money::refund` for what one writes.
+pub fn refund(t: &mut Tx<'_>, r: &RefundRequest, inline_weak: bool) -> Res<Refunded> {
+    let id = r.order_id.as_str();
     lock_order(t, id)?;
     let o = match order(t, id)? {
         Ok(o) => o,
-        Err(r) => return Ok(Err(r)),
+        Err(rej) => return Ok(Err(rej)),
     };
-    if o.status == OrderStatus::Refunded.as_str() {
-        return Ok(Ok(o));
+    if let Some(key) = &r.idem_key {
+        let prior = t.opt(
+            "SELECT fingerprint, answer FROM refunds WHERE order_id = $1 AND idem_key = $2",
+            &[&id, key],
+        )?;
+        if let Some(row) = prior {
+            let (fp, answer): (String, Option<String>) = (row.get(0), row.get(1));
+            return order_rules::refund_replay(key, &r.fingerprint, &fp, answer.as_deref());
+        }
     }
-    if let Err(r) = transition(t, id, Transition::Refund)? {
-        return Ok(Err(r));
+    let refunded = o.status == OrderStatus::Refunded.as_str();
+    if !refunded && let Err(rej) = order_rules::next_status(id, Some(&o.status), Transition::Refund)? {
+        return Ok(Err(rej));
     }
-    let entries = order_rules::refund_entries(&o, shop_shares(t, id)?);
-    post(t, "refund", id, &entries)?;
+    let plan = match order_rules::plan_refund(id, &refund_lines(t, id)?, r.lines.as_deref()) {
+        Ok(plan) => plan,
+        Err(rej) => return Ok(Err(rej)),
+    };
+    if plan.take.is_empty() {
+        // A full refund of a refunded order: the same answer, nothing posted (and the key not spent).
+        return Ok(Ok(Refunded {
+            order: o,
+            replay: false,
+        }));
+    }
+    let n: i64 = t
+        .one(
+            "SELECT COALESCE(MAX(n), 0) + 1 FROM refunds WHERE order_id = $1",
+            &[&id],
+        )?
+        .get(0);
+    let reference = order_rules::refund_ref(id, n);
+    post(t, "refund", &reference, &order_rules::refund_entries(&o, &plan))?;
     // Goods not shipped come back on sale; shipped ones stay with the buyer.
-    if order_rules::refund_restocks(&o) {
-        move_stock(t, id, "sold", "available")?;
-    } else {
-        ship_out(t, id)?;
+    let restock = order_rules::refund_restocks(&o);
+    for (sku, qty) in &plan.take {
+        return_units(t, sku, *qty, restock)?;
+        t.exec(
+            "UPDATE order_lines SET refunded_qty = refunded_qty + $3 WHERE order_id = $1 AND sku = $2",
+            &[&id, sku, qty],
+        )?;
     }
-    enqueue(t, "order.refunded", id, inline_weak)?;
-    order(t, id)
+    if plan.completes
+        && let Err(rej) = transition(t, id, Transition::Refund)?
+    {
+        return Ok(Err(rej));
+    }
+    let view = match order(t, id)? {
+        Ok(v) => v,
+        Err(rej) => return Ok(Err(rej)),
+    };
+    let answer = serde_json::to_string(&view).map_err(|e| StoreError::Internal(e.to_string()))?;
+    t.exec(
+        "INSERT INTO refunds(order_id, n, idem_key, fingerprint, amount_cents, ledger_ref, answer, created_ms)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+        &[&id, &n, &r.idem_key, &r.fingerprint, &plan.amount, &reference, &answer, &now_ms()],
+    )?;
+    for (sku, qty) in &plan.take {
+        t.exec(
+            "INSERT INTO refund_lines(order_id, n, sku, qty) VALUES ($1, $2, $3, $4)",
+            &[&id, &n, sku, qty],
+        )?;
+    }
+    let topic = if plan.completes {
+        "order.refunded".to_string()
+    } else {
+        order_rules::refund_part_topic(n)
+    };
+    enqueue(t, &topic, id, inline_weak)?;
+    Ok(Ok(Refunded {
+        order: view,
+        replay: false,
+    }))
 }
 
 pub fn credit(t: &mut Tx<'_>, users: &[String], amount: Cents) -> Result<(), StoreError> {
@@ -239,20 +299,51 @@ pub fn enqueue(t: &mut Tx<'_>, topic: &str, order_id: &str, inline_weak: bool) -
     Ok(())
 }
 
-/// The weak effects of an event. Each is keyed by `(order, kind)`, so redelivery has no second effect.
+/// The weak effects of an event. Each is keyed by `(order, kind)`, so redelivery has no second effect; a
+/// partial refund's effects carry its number in their kind (`points_revoked/r2`).
 fn apply_effects(t: &mut Tx<'_>, topic: &str, order_id: &str) -> Result<(), StoreError> {
     let total: Cents = t
         .opt("SELECT total_cents FROM orders WHERE id = $1", &[&order_id])?
         .map(|r| r.get(0))
         .unwrap_or(0);
-    let points = total / 100;
-    let effects: &[(&str, i64)] = match topic {
-        "order.placed" => &[("notify_placed", 0)],
-        "order.paid" => &[("points", points), ("notify_paid", 0)],
-        "order.refunded" => &[("points_revoked", -points), ("notify_refunded", 0)],
-        _ => &[],
+    // The refund an event stands for: the partial one it names, or the order's last (the one completing it).
+    let refund_n = match (topic, order_rules::refund_part_of(topic)) {
+        (_, Some(n)) => Some(n),
+        ("order.refunded", None) => Some(
+            t.one(
+                "SELECT COALESCE(MAX(n), 0)::BIGINT FROM refunds WHERE order_id = $1",
+                &[&order_id],
+            )?
+            .get(0),
+        ),
+        _ => None,
     };
-    for (kind, value) in effects {
+    let revoked = match refund_n {
+        Some(n) => {
+            let row = t.one(
+                "SELECT COALESCE(SUM(CASE WHEN n < $2 THEN amount_cents END), 0)::BIGINT,
+                        COALESCE(SUM(CASE WHEN n = $2 THEN amount_cents END), 0)::BIGINT
+                 FROM refunds WHERE order_id = $1",
+                &[&order_id, &n],
+            )?;
+            -order_rules::points_revoked(total, row.get(0), row.get(1))
+        }
+        None => 0,
+    };
+    let effects: Vec<(String, i64)> = match (topic, refund_n) {
+        ("order.placed", _) => vec![("notify_placed".into(), 0)],
+        ("order.paid", _) => vec![
+            ("points".into(), order_rules::points(total)),
+            ("notify_paid".into(), 0),
+        ],
+        ("order.refunded", _) => vec![("points_revoked".into(), revoked), ("notify_refunded".into(), 0)],
+        (_, Some(n)) => vec![
+            (format!("points_revoked/r{n}"), revoked),
+            (format!("notify_refund_part/r{n}"), 0),
+        ],
+        _ => Vec::new(),
+    };
+    for (kind, value) in &effects {
         t.exec(
             "INSERT INTO effects(order_id, kind, value, created_ms) VALUES ($1, $2, $3, $4)
              ON CONFLICT (order_id, kind) DO NOTHING",

@@ -82,7 +82,8 @@ pub fn user_orders(
     let ids: Vec<&str> = orders.iter().map(|o| o.id.as_str()).collect();
     let lines: Vec<(String, LineView)> = t
         .query(
-            "SELECT order_id, sku, qty, price_cents FROM order_lines WHERE order_id = ANY($1) ORDER BY sku",
+            "SELECT order_id, sku, qty, price_cents, refunded_qty FROM order_lines WHERE order_id = ANY($1)
+             ORDER BY sku",
             &[&ids],
         )?
         .iter()
@@ -93,6 +94,7 @@ pub fn user_orders(
                     sku: r.get(1),
                     qty: r.get(2),
                     price_cents: r.get(3),
+                    refunded_qty: r.get(4),
                 },
             )
         })
@@ -115,6 +117,7 @@ fn order_row(r: &Row) -> OrderView {
         expires_ms: r.get(6),
         paid_via: r.get(7),
         lines: Vec::new(),
+        refunded_cents: 0,
     }
 }
 
@@ -126,7 +129,7 @@ pub fn load_order(t: &mut Tx<'_>, id: &str) -> Result<Option<OrderView>, StoreEr
     let Some(r) = row else { return Ok(None) };
     let lines = t
         .query(
-            "SELECT sku, qty, price_cents FROM order_lines WHERE order_id = $1 ORDER BY sku",
+            "SELECT sku, qty, price_cents, refunded_qty FROM order_lines WHERE order_id = $1 ORDER BY sku",
             &[&id],
         )?
         .iter()
@@ -134,12 +137,15 @@ pub fn load_order(t: &mut Tx<'_>, id: &str) -> Result<Option<OrderView>, StoreEr
             sku: l.get(0),
             qty: l.get(1),
             price_cents: l.get(2),
+            refunded_qty: l.get(3),
         })
         .collect();
-    Ok(Some(OrderView {
+    let mut order = OrderView {
         lines,
         ..order_row(&r)
-    }))
+    };
+    order_rules::count_refunded(&mut order);
+    Ok(Some(order))
 }
 
 /// Creates each order under its own savepoint inside the caller's transaction.
@@ -231,6 +237,7 @@ fn create_one(t: &mut Tx<'_>, o: &NewOrder, inline_weak: bool) -> Res<Created> {
             sku: l.sku.clone(),
             qty,
             price_cents: price,
+            refunded_qty: 0,
         });
     }
     let (view, answer) = order_rules::reserved(o, &views, total)?;
@@ -374,14 +381,34 @@ pub fn move_stock(t: &mut Tx<'_>, id: &str, from_col: &str, to_col: &str) -> Res
     Ok(())
 }
 
-/// Takes order `id`'s sold units out of the stock altogether (a refund of goods the buyer keeps).
-pub fn ship_out(t: &mut Tx<'_>, id: &str) -> Result<(), StoreError> {
-    t.exec(
-        "UPDATE skus SET sold = skus.sold - l.qty, received = skus.received - l.qty
-         FROM order_lines l WHERE l.order_id = $1 AND l.sku = skus.sku",
-        &[&id],
-    )?;
+/// Takes `qty` refunded units of `sku` out of `sold`: back on sale (`available`) when `restock`, else out of
+/// the stock altogether (`received` shrinks too: the goods are with the buyer).
+pub fn return_units(t: &mut Tx<'_>, sku: &str, qty: i64, restock: bool) -> Result<(), StoreError> {
+    let sql = if restock {
+        "UPDATE skus SET sold = sold - $2, available = available + $2 WHERE sku = $1"
+    } else {
+        "UPDATE skus SET sold = sold - $2, received = received - $2 WHERE sku = $1"
+    };
+    t.exec(sql, &[&sku, &qty])?;
     Ok(())
+}
+
+/// The lines of order `id` as a refund reads them (the caller holds the order's row lock).
+pub fn refund_lines(t: &mut Tx<'_>, id: &str) -> Result<Vec<order_rules::RefundLine>, StoreError> {
+    Ok(t
+        .query(
+            "SELECT sku, qty, refunded_qty, price_cents, shop_id FROM order_lines WHERE order_id = $1 ORDER BY sku",
+            &[&id],
+        )?
+        .iter()
+        .map(|r| order_rules::RefundLine {
+            sku: r.get(0),
+            qty: r.get(1),
+            refunded: r.get(2),
+            price_cents: r.get(3),
+            shop_id: r.get(4),
+        })
+        .collect())
 }
 
 fn view(t: &mut Tx<'_>, id: &str) -> Res<OrderView> {

@@ -9,7 +9,7 @@ use crate::domain::now_ms;
 /// The advisory lock key of schema changes and the seed.
 const MIGRATION_LOCK: i64 = 0x7862_7579_0001;
 
-const V1: &str = r#"
+pub(super) const V1: &str = r#"
 CREATE TABLE shops(id BIGINT PRIMARY KEY, name TEXT NOT NULL);
 CREATE TABLE products(id BIGINT PRIMARY KEY, shop_id BIGINT NOT NULL REFERENCES shops(id), name TEXT NOT NULL);
 CREATE TABLE skus(
@@ -59,13 +59,34 @@ CREATE TABLE settlements(
 
 /// Idempotency keys are per user (two buyers may both send `checkout-1`); a user's orders are listed newest
 /// first (`orders_user_time`).
-const V2: &str = r#"
+pub(super) const V2: &str = r#"
 ALTER TABLE orders DROP CONSTRAINT IF EXISTS orders_idem_key_key;
 ALTER TABLE orders ADD CONSTRAINT orders_user_idem_key UNIQUE ("user", idem_key);
 CREATE INDEX orders_user_time ON orders("user", created_ms, id);
 "#;
 
-const MIGRATIONS: &[&str] = &[V1, V2];
+/// Partial refunds: `refunded_qty` per line, a `refunds` row per refund with its units in `refund_lines`; a
+/// whole-order refund made before becomes refund 1 of its order (see `sqlite_schema::V3`).
+const V3: &str = r#"
+ALTER TABLE order_lines ADD COLUMN refunded_qty BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE order_lines ADD CONSTRAINT order_lines_refunded_qty CHECK (refunded_qty >= 0 AND refunded_qty <= qty);
+CREATE TABLE refunds(
+  order_id TEXT NOT NULL REFERENCES orders(id), n BIGINT NOT NULL CHECK (n > 0), idem_key TEXT,
+  fingerprint TEXT NOT NULL, amount_cents BIGINT NOT NULL CHECK (amount_cents >= 0), ledger_ref TEXT NOT NULL UNIQUE,
+  answer TEXT, created_ms BIGINT NOT NULL, PRIMARY KEY (order_id, n), UNIQUE (order_id, idem_key));
+CREATE TABLE refund_lines(
+  order_id TEXT NOT NULL, n BIGINT NOT NULL, sku TEXT NOT NULL, qty BIGINT NOT NULL CHECK (qty > 0),
+  PRIMARY KEY (order_id, n, sku), FOREIGN KEY (order_id, n) REFERENCES refunds(order_id, n),
+  FOREIGN KEY (order_id, sku) REFERENCES order_lines(order_id, sku));
+UPDATE order_lines SET refunded_qty = qty WHERE order_id IN (SELECT id FROM orders WHERE status = 'refunded');
+INSERT INTO refunds(order_id, n, idem_key, fingerprint, amount_cents, ledger_ref, answer, created_ms)
+  SELECT o.id, 1, NULL, '', o.total_cents, t.ref, NULL, t.created_ms
+  FROM orders o JOIN ledger_tx t ON t.kind = 'refund' AND t.ref = o.id WHERE o.status = 'refunded';
+INSERT INTO refund_lines(order_id, n, sku, qty)
+  SELECT l.order_id, 1, l.sku, l.qty FROM order_lines l JOIN refunds r ON r.order_id = l.order_id;
+"#;
+
+const MIGRATIONS: &[&str] = &[V1, V2, V3];
 
 /// Brings the schema to the newest version (one transaction).
 pub fn migrate(t: &mut Tx<'_>) -> Result<(), StoreError> {

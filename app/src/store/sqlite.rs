@@ -21,8 +21,8 @@ use std::time::{Duration, Instant};
 use rusqlite::{Connection, ErrorCode, OpenFlags, Transaction, TransactionBehavior};
 
 use super::{
-    Created, OrderView, PaymentCallback, Product, Settlement, Sku, StockUpdate, Store, StoreError,
-    StoreResult,
+    Created, OrderView, PaymentCallback, Product, RefundRequest, Refunded, Settlement, Sku, StockUpdate,
+    Store, StoreError, StoreResult,
 };
 use crate::audit::AuditReport;
 use crate::domain::{Cents, NewOrder, Reject};
@@ -237,8 +237,8 @@ impl Store for SqliteStore {
     fn fulfil(&self, order_id: &str) -> StoreResult<OrderView> {
         self.write_domain(|tx| super::sqlite_orders::fulfil(tx, order_id))
     }
-    fn refund(&self, order_id: &str, inline_weak: bool) -> StoreResult<OrderView> {
-        self.write_domain(|tx| super::sqlite_money::refund(tx, order_id, inline_weak))
+    fn refund(&self, r: &RefundRequest, inline_weak: bool) -> StoreResult<Refunded> {
+        self.write_domain(|tx| super::sqlite_money::refund(tx, r, inline_weak))
     }
     fn expire_due(&self, now_ms: i64, limit: u32) -> Result<u32, StoreError> {
         self.write(|tx| super::sqlite_orders::expire_due(tx, now_ms, limit))

@@ -14,7 +14,7 @@ pub(super) const CHECKS: &[(&str, &str)] = &[
         + COALESCE((SELECT SUM(b.available) FROM sku_buckets b WHERE b.sku = s.sku), 0)"),
     ("reserved_matches_orders", "SELECT s.sku FROM skus s WHERE s.reserved != COALESCE((SELECT SUM(l.qty)
         FROM order_lines l JOIN orders o ON o.id = l.order_id WHERE l.sku = s.sku AND o.status = 'reserved'), 0)"),
-    ("sold_matches_orders", "SELECT s.sku FROM skus s WHERE s.sold != COALESCE((SELECT SUM(l.qty)
+    ("sold_matches_orders", "SELECT s.sku FROM skus s WHERE s.sold != COALESCE((SELECT SUM(l.qty - l.refunded_qty)
         FROM order_lines l JOIN orders o ON o.id = l.order_id WHERE l.sku = s.sku AND o.status IN ('paid', 'fulfilled')), 0)"),
     ("order_placed_once", "SELECT o.id FROM orders o WHERE (SELECT COUNT(*) FROM outbox x
         WHERE x.order_id = o.id AND x.topic = 'order.placed') != 1
@@ -31,14 +31,39 @@ pub(super) const CHECKS: &[(&str, &str)] = &[
     ("payments_once", "SELECT o.id FROM orders o WHERE
         (SELECT COUNT(*) FROM ledger_tx t WHERE t.kind = 'pay' AND t.ref = o.id)
           != (CASE WHEN o.status IN ('paid', 'fulfilled', 'refunded') THEN 1 ELSE 0 END)
-        OR (SELECT COUNT(*) FROM ledger_tx t WHERE t.kind = 'refund' AND t.ref = o.id)
-          != (CASE WHEN o.status = 'refunded' THEN 1 ELSE 0 END)
         OR (SELECT COALESCE(SUM(e.amount), 0) FROM ledger_tx t JOIN ledger_entries e ON e.tx_id = t.id
             WHERE t.kind = 'pay' AND t.ref = o.id AND e.amount > 0)
-          != (CASE WHEN o.status IN ('paid', 'fulfilled', 'refunded') THEN o.total_cents ELSE 0 END)"),
+          != (CASE WHEN o.status IN ('paid', 'fulfilled', 'refunded') THEN o.total_cents ELSE 0 END)
+        OR (SELECT COALESCE(SUM(e.amount), 0) FROM refunds r JOIN ledger_tx t ON t.kind = 'refund' AND t.ref = r.ledger_ref
+            JOIN ledger_entries e ON e.tx_id = t.id WHERE r.order_id = o.id AND e.amount > 0)
+          > (CASE WHEN o.status IN ('paid', 'fulfilled', 'refunded') THEN o.total_cents ELSE 0 END)
+        OR (o.status = 'refunded' AND (SELECT COALESCE(SUM(e.amount), 0) FROM refunds r JOIN ledger_tx t
+            ON t.kind = 'refund' AND t.ref = r.ledger_ref JOIN ledger_entries e ON e.tx_id = t.id
+            WHERE r.order_id = o.id AND e.amount > 0) != o.total_cents)
+        UNION ALL SELECT t.ref FROM ledger_tx t WHERE t.kind = 'refund'
+          AND NOT EXISTS (SELECT 1 FROM refunds r WHERE r.ledger_ref = t.ref)"),
+    ("refunds_match_lines", "SELECT l.order_id || '/' || l.sku FROM order_lines l JOIN orders o ON o.id = l.order_id WHERE
+        l.refunded_qty < 0 OR l.refunded_qty > l.qty
+        OR l.refunded_qty != COALESCE((SELECT SUM(rl.qty) FROM refund_lines rl
+            WHERE rl.order_id = l.order_id AND rl.sku = l.sku), 0)
+        OR (o.status = 'refunded' AND l.refunded_qty != l.qty)
+        OR (o.status NOT IN ('paid', 'fulfilled', 'refunded') AND l.refunded_qty != 0)
+        UNION ALL SELECT r.ledger_ref FROM refunds r WHERE
+        r.amount_cents != COALESCE((SELECT SUM(rl.qty * l.price_cents) FROM refund_lines rl JOIN order_lines l
+            ON l.order_id = rl.order_id AND l.sku = rl.sku WHERE rl.order_id = r.order_id AND rl.n = r.n), 0)
+        OR r.amount_cents != COALESCE((SELECT SUM(e.amount) FROM ledger_tx t JOIN ledger_entries e ON e.tx_id = t.id
+            WHERE t.kind = 'refund' AND t.ref = r.ledger_ref AND e.amount >= 0), -1)
+        UNION ALL SELECT r.ledger_ref || ' ' || e.account FROM refunds r JOIN ledger_tx t
+          ON t.kind = 'refund' AND t.ref = r.ledger_ref JOIN ledger_entries e ON e.tx_id = t.id
+        WHERE e.amount < 0 AND -e.amount != COALESCE((SELECT SUM(rl.qty * l.price_cents) FROM refund_lines rl
+            JOIN order_lines l ON l.order_id = rl.order_id AND l.sku = rl.sku
+            WHERE rl.order_id = r.order_id AND rl.n = r.n AND 'shop:' || l.shop_id = e.account), 0)"),
     ("effects_once", "SELECT f.order_id || '/' || f.kind FROM effects f JOIN orders o ON o.id = f.order_id WHERE
         (f.kind IN ('points', 'notify_paid') AND o.status NOT IN ('paid', 'fulfilled', 'refunded'))
         OR (f.kind IN ('points_revoked', 'notify_refunded') AND o.status != 'refunded')
+        OR ((f.kind LIKE 'points_revoked/r%' OR f.kind LIKE 'notify_refund_part/r%') AND NOT EXISTS (SELECT 1
+            FROM refunds r WHERE r.order_id = f.order_id
+            AND f.kind IN ('points_revoked/r' || r.n, 'notify_refund_part/r' || r.n)))
         UNION ALL SELECT order_id FROM effects f WHERE NOT EXISTS (SELECT 1 FROM orders o WHERE o.id = f.order_id)"),
 ];
 

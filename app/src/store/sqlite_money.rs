@@ -7,8 +7,8 @@
 
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
 
-use super::sqlite_orders::{load_order, move_stock, ship_out, transition};
-use super::{OrderView, PaymentCallback, Settlement, StoreError};
+use super::sqlite_orders::{load_order, move_stock, refund_lines, return_units, transition};
+use super::{OrderView, PaymentCallback, RefundRequest, Refunded, Settlement, StoreError};
 use crate::domain::{Cents, OrderStatus, Reject, Transition, now_ms};
 
 use super::order_rules::{self, Res};
@@ -131,27 +131,82 @@ pub fn callback(tx: &Transaction<'_>, cb: &PaymentCallback, inline_weak: bool) -
     }
 }
 
-pub fn refund(tx: &Transaction<'_>, id: &str, inline_weak: bool) -> Res<OrderView> {
+/// Refunds the units `r` names (all left when none) under the write lock: one ledger posting under the
+/// refund's own reference, the units back on sale (unshipped) or out of the stock (fulfilled), the lines'
+/// `refunded_qty`, a `refunds` row (with the key and the answer a replay gives) and its outbox row.
+pub fn refund(tx: &Transaction<'_>, r: &RefundRequest, inline_weak: bool) -> Res<Refunded> {
+    let id = r.order_id.as_str();
     let o = match order(tx, id)? {
         Ok(o) => o,
-        Err(r) => return Ok(Err(r)),
+        Err(rej) => return Ok(Err(rej)),
     };
-    if o.status == OrderStatus::Refunded.as_str() {
-        return Ok(Ok(o));
+    if let Some(key) = &r.idem_key {
+        let prior: Option<(String, Option<String>)> = tx
+            .prepare_cached("SELECT fingerprint, answer FROM refunds WHERE order_id = ?1 AND idem_key = ?2")?
+            .query_row(params![id, key], |row| Ok((row.get(0)?, row.get(1)?)))
+            .optional()?;
+        if let Some((fp, answer)) = prior {
+            return order_rules::refund_replay(key, &r.fingerprint, &fp, answer.as_deref());
+        }
     }
-    if let Err(r) = transition(tx, id, Transition::Refund)? {
-        return Ok(Err(r));
+    let refunded = o.status == OrderStatus::Refunded.as_str();
+    if !refunded && let Err(rej) = order_rules::next_status(id, Some(&o.status), Transition::Refund)? {
+        return Ok(Err(rej));
     }
-    let entries = order_rules::refund_entries(&o, shop_shares(tx, id)?);
-    post(tx, "refund", id, &entries)?;
+    let plan = match order_rules::plan_refund(id, &refund_lines(tx, id)?, r.lines.as_deref()) {
+        Ok(plan) => plan,
+        Err(rej) => return Ok(Err(rej)),
+    };
+    if plan.take.is_empty() {
+        // A full refund of a refunded order: the same answer, nothing posted (and the key not spent).
+        return Ok(Ok(Refunded {
+            order: o,
+            replay: false,
+        }));
+    }
+    let n: i64 = tx
+        .prepare_cached("SELECT COALESCE(MAX(n), 0) + 1 FROM refunds WHERE order_id = ?1")?
+        .query_row([id], |row| row.get(0))?;
+    let reference = order_rules::refund_ref(id, n);
+    post(tx, "refund", &reference, &order_rules::refund_entries(&o, &plan))?;
     // Goods not shipped come back on sale; shipped ones stay with the buyer.
-    if order_rules::refund_restocks(&o) {
-        move_stock(tx, id, "sold", "available")?;
-    } else {
-        ship_out(tx, id)?;
+    let restock = order_rules::refund_restocks(&o);
+    for (sku, qty) in &plan.take {
+        return_units(tx, sku, *qty, restock)?;
+        tx.prepare_cached(
+            "UPDATE order_lines SET refunded_qty = refunded_qty + ?3 WHERE order_id = ?1 AND sku = ?2",
+        )?
+        .execute(params![id, sku, qty])?;
     }
-    enqueue(tx, "order.refunded", id, inline_weak)?;
-    order(tx, id)
+    if plan.completes
+        && let Err(rej) = transition(tx, id, Transition::Refund)?
+    {
+        return Ok(Err(rej));
+    }
+    let view = match order(tx, id)? {
+        Ok(v) => v,
+        Err(rej) => return Ok(Err(rej)),
+    };
+    let answer = serde_json::to_string(&view).map_err(|e| StoreError::Internal(e.to_string()))?;
+    tx.prepare_cached(
+        "INSERT INTO refunds(order_id, n, idem_key, fingerprint, amount_cents, ledger_ref, answer, created_ms)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+    )?
+    .execute(params![id, n, r.idem_key, r.fingerprint, plan.amount, reference, answer, now_ms()])?;
+    for (sku, qty) in &plan.take {
+        tx.prepare_cached("INSERT INTO refund_lines(order_id, n, sku, qty) VALUES (?1, ?2, ?3, ?4)")?
+            .execute(params![id, n, sku, qty])?;
+    }
+    let topic = if plan.completes {
+        "order.refunded".to_string()
+    } else {
+        order_rules::refund_part_topic(n)
+    };
+    enqueue(tx, &topic, id, inline_weak)?;
+    Ok(Ok(Refunded {
+        order: view,
+        replay: false,
+    }))
 }
 
 pub fn credit(tx: &Transaction<'_>, users: &[String], amount: Cents) -> Result<(), StoreError> {
@@ -220,21 +275,50 @@ pub fn enqueue(
     Ok(())
 }
 
-/// The weak effects of an event. Each is keyed by `(order, kind)`, so redelivery has no second effect.
+/// The weak effects of an event. Each is keyed by `(order, kind)`, so redelivery has no second effect; a
+/// partial refund's effects carry its number in their kind (`points_revoked/r2`).
 fn apply_effects(tx: &Transaction<'_>, topic: &str, order_id: &str) -> Result<(), StoreError> {
     let total: Cents = tx
         .prepare_cached("SELECT total_cents FROM orders WHERE id = ?1")?
         .query_row([order_id], |r| r.get(0))
         .optional()?
         .unwrap_or(0);
-    let points = total / 100;
-    let effects: &[(&str, i64)] = match topic {
-        "order.placed" => &[("notify_placed", 0)],
-        "order.paid" => &[("points", points), ("notify_paid", 0)],
-        "order.refunded" => &[("points_revoked", -points), ("notify_refunded", 0)],
-        _ => &[],
+    // The refund an event stands for: the partial one it names, or the order's last (the one completing it).
+    let refund_n = match (topic, order_rules::refund_part_of(topic)) {
+        (_, Some(n)) => Some(n),
+        ("order.refunded", None) => Some(
+            tx.prepare_cached("SELECT COALESCE(MAX(n), 0) FROM refunds WHERE order_id = ?1")?
+                .query_row([order_id], |r| r.get(0))?,
+        ),
+        _ => None,
     };
-    for (kind, value) in effects {
+    let revoked = match refund_n {
+        Some(n) => {
+            let (before, amount): (Cents, Cents) = tx
+                .prepare_cached(
+                    "SELECT COALESCE(SUM(CASE WHEN n < ?2 THEN amount_cents END), 0),
+                            COALESCE(SUM(CASE WHEN n = ?2 THEN amount_cents END), 0)
+                     FROM refunds WHERE order_id = ?1",
+                )?
+                .query_row(params![order_id, n], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            -order_rules::points_revoked(total, before, amount)
+        }
+        None => 0,
+    };
+    let effects: Vec<(String, i64)> = match (topic, refund_n) {
+        ("order.placed", _) => vec![("notify_placed".into(), 0)],
+        ("order.paid", _) => vec![
+            ("points".into(), order_rules::points(total)),
+            ("notify_paid".into(), 0),
+        ],
+        ("order.refunded", _) => vec![("points_revoked".into(), revoked), ("notify_refunded".into(), 0)],
+        (_, Some(n)) => vec![
+            (format!("points_revoked/r{n}"), revoked),
+            (format!("notify_refund_part/r{n}"), 0),
+        ],
+        _ => Vec::new(),
+    };
+    for (kind, value) in &effects {
         tx.prepare_cached(
             "INSERT OR IGNORE INTO effects(order_id, kind, value, created_ms) VALUES (?1, ?2, ?3, ?4)",
         )?

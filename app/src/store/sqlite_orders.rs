@@ -81,6 +81,7 @@ fn order_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<OrderView> {
         expires_ms: r.get(6)?,
         paid_via: r.get(7)?,
         lines: Vec::new(),
+        refunded_cents: 0,
     })
 }
 
@@ -91,6 +92,7 @@ pub fn load_order(c: &Connection, id: &str) -> Result<Option<OrderView>, StoreEr
         .optional()?;
     let Some(mut order) = order else { return Ok(None) };
     order.lines = lines(c, id)?;
+    order_rules::count_refunded(&mut order);
     Ok(Some(order))
 }
 
@@ -113,11 +115,13 @@ pub fn user_orders(
     if orders.is_empty() {
         return Ok(orders);
     }
-    // A line is written with its order and never changes, so reading them apart from the orders is safe.
+    // A line changes only by a refund, which also moves its order's stock, not its listing; a page is a
+    // display, and each order read alone (`load_order`) is consistent.
     let marks = vec!["?"; orders.len()].join(",");
     let lines: Vec<(String, LineView)> = c
         .prepare(&format!(
-            "SELECT order_id, sku, qty, price_cents FROM order_lines WHERE order_id IN ({marks}) ORDER BY sku"
+            "SELECT order_id, sku, qty, price_cents, refunded_qty FROM order_lines WHERE order_id IN ({marks})
+             ORDER BY sku"
         ))?
         .query_map(rusqlite::params_from_iter(orders.iter().map(|o| &o.id)), |r| {
             Ok((
@@ -126,6 +130,7 @@ pub fn user_orders(
                     sku: r.get(1)?,
                     qty: r.get(2)?,
                     price_cents: r.get(3)?,
+                    refunded_qty: r.get(4)?,
                 },
             ))
         })?
@@ -135,14 +140,16 @@ pub fn user_orders(
 }
 
 fn lines(c: &Connection, id: &str) -> Result<Vec<LineView>, StoreError> {
-    let mut stmt =
-        c.prepare_cached("SELECT sku, qty, price_cents FROM order_lines WHERE order_id = ?1 ORDER BY sku")?;
+    let mut stmt = c.prepare_cached(
+        "SELECT sku, qty, price_cents, refunded_qty FROM order_lines WHERE order_id = ?1 ORDER BY sku",
+    )?;
     Ok(stmt
         .query_map([id], |r| {
             Ok(LineView {
                 sku: r.get(0)?,
                 qty: r.get(1)?,
                 price_cents: r.get(2)?,
+                refunded_qty: r.get(3)?,
             })
         })?
         .collect::<Result<_, _>>()?)
@@ -220,6 +227,7 @@ fn create_one(tx: &Transaction<'_>, o: &NewOrder, inline_weak: bool) -> Res<Crea
             sku: l.sku.clone(),
             qty,
             price_cents: price,
+            refunded_qty: 0,
         });
     }
     let (view, answer) = order_rules::reserved(o, &views, total)?;
@@ -349,14 +357,34 @@ pub fn move_stock(tx: &Transaction<'_>, id: &str, from_col: &str, to_col: &str) 
     Ok(())
 }
 
-/// Takes order `id`'s sold units out of the stock altogether (a refund of goods the buyer keeps).
-pub fn ship_out(tx: &Transaction<'_>, id: &str) -> Result<(), StoreError> {
-    tx.prepare_cached(
-        "UPDATE skus SET sold = sold - l.qty, received = received - l.qty
-         FROM order_lines l WHERE l.order_id = ?1 AND l.sku = skus.sku",
-    )?
-    .execute([id])?;
+/// Takes `qty` refunded units of `sku` out of `sold`: back on sale (`available`) when `restock`, else out of
+/// the stock altogether (`received` shrinks too: the goods are with the buyer).
+pub fn return_units(tx: &Transaction<'_>, sku: &str, qty: i64, restock: bool) -> Result<(), StoreError> {
+    let sql = if restock {
+        "UPDATE skus SET sold = sold - ?2, available = available + ?2 WHERE sku = ?1"
+    } else {
+        "UPDATE skus SET sold = sold - ?2, received = received - ?2 WHERE sku = ?1"
+    };
+    tx.prepare_cached(sql)?.execute(params![sku, qty])?;
     Ok(())
+}
+
+/// The lines of order `id` as a refund reads them.
+pub fn refund_lines(tx: &Transaction<'_>, id: &str) -> Result<Vec<order_rules::RefundLine>, StoreError> {
+    Ok(tx
+        .prepare_cached(
+            "SELECT sku, qty, refunded_qty, price_cents, shop_id FROM order_lines WHERE order_id = ?1 ORDER BY sku",
+        )?
+        .query_map([id], |r| {
+            Ok(order_rules::RefundLine {
+                sku: r.get(0)?,
+                qty: r.get(1)?,
+                refunded: r.get(2)?,
+                price_cents: r.get(3)?,
+                shop_id: r.get(4)?,
+            })
+        })?
+        .collect::<Result<_, _>>()?)
 }
 
 fn view(tx: &Transaction<'_>, id: &str) -> Res<OrderView> {

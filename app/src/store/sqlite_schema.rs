@@ -58,7 +58,7 @@ CREATE TABLE settlements(
 /// Idempotency keys are per user (two buyers may both send `checkout-1`): the key's `UNIQUE` becomes
 /// `UNIQUE (user, idem_key)`; and a user's orders are listed newest first (`orders_user_time`). SQLite cannot drop a constraint, so the table is rebuilt (its documented
 /// procedure: foreign keys off around the transaction, checked before the commit).
-const V2: &str = r#"
+pub(super) const V2: &str = r#"
 CREATE TABLE orders_v2(
   id TEXT PRIMARY KEY, idem_key TEXT, fingerprint TEXT NOT NULL, user TEXT NOT NULL, kind TEXT NOT NULL,
   status TEXT NOT NULL, total_cents INTEGER NOT NULL, created_ms INTEGER NOT NULL, expires_ms INTEGER NOT NULL,
@@ -74,7 +74,35 @@ CREATE INDEX orders_user ON orders(user, kind);
 CREATE INDEX orders_user_time ON orders(user, created_ms, id);
 "#;
 
-const MIGRATIONS: &[&str] = &[V1, V2];
+/// Partial refunds: each line counts its refunded units (`refunded_qty`, never above `qty`), and each refund
+/// of an order is a `refunds` row (its number `n`, the order's own idempotency key, the ledger reference of its
+/// posting, the answer a replay gives) with its units in `refund_lines`. A refund made before this version
+/// refunded the whole order under the order id as its ledger reference: it becomes refund 1 of its order, with
+/// every line refunded, so the audit reads old and new refunds alike.
+const V3: &str = r#"
+ALTER TABLE order_lines ADD COLUMN refunded_qty INTEGER NOT NULL DEFAULT 0
+  CHECK (refunded_qty >= 0 AND refunded_qty <= qty);
+CREATE TABLE refunds(
+  order_id TEXT NOT NULL REFERENCES orders(id), n INTEGER NOT NULL CHECK (n > 0), idem_key TEXT,
+  fingerprint TEXT NOT NULL, amount_cents INTEGER NOT NULL CHECK (amount_cents >= 0), ledger_ref TEXT NOT NULL UNIQUE,
+  answer TEXT, created_ms INTEGER NOT NULL, PRIMARY KEY (order_id, n), UNIQUE (order_id, idem_key));
+CREATE TABLE refund_lines(
+  order_id TEXT NOT NULL, n INTEGER NOT NULL, sku TEXT NOT NULL, qty INTEGER NOT NULL CHECK (qty > 0),
+  PRIMARY KEY (order_id, n, sku), FOREIGN KEY (order_id, n) REFERENCES refunds(order_id, n),
+  FOREIGN KEY (order_id, sku) REFERENCES order_lines(order_id, sku));
+UPDATE order_lines SET refunded_qty = qty WHERE order_id IN (SELECT id FROM orders WHERE status = 'refunded');
+INSERT INTO refunds(order_id, n, idem_key, fingerprint, amount_cents, ledger_ref, answer, created_ms)
+  SELECT o.id, 1, NULL, '', o.total_cents, t.ref, NULL, t.created_ms
+  FROM orders o JOIN ledger_tx t ON t.kind = 'refund' AND t.ref = o.id WHERE o.status = 'refunded';
+INSERT INTO refund_lines(order_id, n, sku, qty)
+  SELECT l.order_id, 1, l.sku, l.qty FROM order_lines l JOIN refunds r ON r.order_id = l.order_id;
+"#;
+
+const MIGRATIONS: &[&str] = &[V1, V2, V3];
+
+/// The schema version `migrate` brings a database to.
+#[cfg(test)]
+pub(super) const VERSION: i64 = MIGRATIONS.len() as i64;
 
 /// Brings the schema to the newest version.
 pub fn migrate(conn: &mut Connection) -> Result<(), StoreError> {

@@ -1,6 +1,10 @@
 //! The store invariant suite, run unchanged against every store (`store_suite!` at the end): SQLite on a real
 //! file, PostgreSQL on a throwaway server. Two store handles on one database stand in for two processes.
 
+mod refunds;
+
+use refunds::*;
+
 use super::sqlite::SqliteStore;
 use super::*;
 use crate::domain::{OrderKind, OrderLineReq, fingerprint, new_order_id, now_ms};
@@ -8,6 +12,14 @@ use crate::domain::{OrderKind, OrderLineReq, fingerprint, new_order_id, now_ms};
 /// A fresh, seeded database; `open` returns another handle (another "process") on it.
 trait Fixture {
     fn open(&self) -> Box<dyn Store>;
+    /// Runs `sql` on the database itself, as another tool would: to forge what the store never writes, or to
+    /// build an old schema before the first `open` migrates it.
+    fn exec(&self, sql: &str);
+    /// The one number `sql` selects.
+    fn number(&self, sql: &str) -> i64;
+    /// The SQL that makes an empty database one of schema version 2 (before partial refunds).
+    fn v2_schema(&self) -> String;
+    fn schema_version(&self) -> i64;
 }
 
 struct SqliteFixture(tempfile::TempDir);
@@ -28,6 +40,24 @@ impl Fixture for SqliteFixture {
             )
             .unwrap(),
         )
+    }
+    fn exec(&self, sql: &str) {
+        let c = rusqlite::Connection::open(self.0.path().join("x.db")).unwrap();
+        c.execute_batch(sql).unwrap();
+    }
+    fn number(&self, sql: &str) -> i64 {
+        let c = rusqlite::Connection::open(self.0.path().join("x.db")).unwrap();
+        c.query_row(sql, [], |r| r.get(0)).unwrap()
+    }
+    fn v2_schema(&self) -> String {
+        format!(
+            "{}; {}; PRAGMA user_version = 2;",
+            super::sqlite_schema::V1,
+            super::sqlite_schema::V2
+        )
+    }
+    fn schema_version(&self) -> i64 {
+        self.number("PRAGMA user_version")
     }
 }
 
@@ -51,6 +81,25 @@ impl Fixture for PostgresFixture {
             })
             .unwrap(),
         )
+    }
+    fn exec(&self, sql: &str) {
+        let mut c = ::postgres::Client::connect(&self.0.url, ::postgres::NoTls).unwrap();
+        c.batch_execute(sql).unwrap();
+    }
+    fn number(&self, sql: &str) -> i64 {
+        let mut c = ::postgres::Client::connect(&self.0.url, ::postgres::NoTls).unwrap();
+        c.query_one(sql, &[]).unwrap().get(0)
+    }
+    fn v2_schema(&self) -> String {
+        format!(
+            "CREATE TABLE xbuy_schema(version BIGINT NOT NULL); INSERT INTO xbuy_schema(version) VALUES (1), (2);
+             {} {}",
+            super::postgres_schema::V1,
+            super::postgres_schema::V2
+        )
+    }
+    fn schema_version(&self) -> i64 {
+        self.number("SELECT MAX(version) FROM xbuy_schema")
     }
 }
 
@@ -81,6 +130,48 @@ fn assert_audit(s: &impl std::ops::Deref<Target = dyn Store>) -> AuditReport {
     let r = s.audit().unwrap();
     assert!(r.ok, "audit failed: {:?}", r.failures());
     r
+}
+
+/// An order of several lines (SKU, units).
+fn multi(user: &str, lines: &[(&str, u32)]) -> NewOrder {
+    let lines: Vec<OrderLineReq> = lines
+        .iter()
+        .map(|(sku, qty)| OrderLineReq {
+            sku: (*sku).into(),
+            qty: *qty,
+        })
+        .collect();
+    NewOrder {
+        id: new_order_id(),
+        fingerprint: fingerprint(OrderKind::Regular, user, &lines),
+        user: user.into(),
+        kind: OrderKind::Regular,
+        lines,
+        idem_key: None,
+        created_ms: now_ms(),
+        expires_ms: now_ms() + 60_000,
+        per_user_limit: 0,
+    }
+}
+
+/// Refunds `lines` (SKU, units) of order `id`, or the whole order when `lines` is empty, synchronously.
+fn refund(
+    s: &impl std::ops::Deref<Target = dyn Store>,
+    id: &str,
+    key: Option<&str>,
+    lines: &[(&str, u32)],
+) -> Result<Refunded, Reject> {
+    let lines = (!lines.is_empty()).then(|| {
+        lines
+            .iter()
+            .map(|(sku, qty)| OrderLineReq {
+                sku: (*sku).into(),
+                qty: *qty,
+            })
+            .collect()
+    });
+    s.refund(&RefundRequest::new(id, lines, key.map(String::from)), true)
+        .unwrap()
 }
 
 fn idempotent_create_and_conflict(fx: &dyn Fixture) {
@@ -198,8 +289,8 @@ fn pay_refund_settle_balance_the_ledger(fx: &dyn Fixture) {
         s.payment_callback(&other, false).unwrap(),
         Err(Reject::IdempotencyConflict { .. })
     ));
-    assert_eq!(s.refund(&a.id, true).unwrap().unwrap().status, "refunded");
-    assert_eq!(s.refund(&a.id, true).unwrap().unwrap().status, "refunded");
+    assert_eq!(refund(&s, &a.id, None, &[]).unwrap().order.status, "refunded");
+    assert_eq!(refund(&s, &a.id, None, &[]).unwrap().order.status, "refunded");
     assert_eq!(s.balance("user:u1").unwrap(), 1000);
     let batch = s.settle().unwrap();
     assert_eq!(batch.iter().map(|x| x.amount_cents).sum::<i64>(), 610);
@@ -515,6 +606,13 @@ macro_rules! store_suite {
 
 mod sqlite {
     store_suite!(super::SqliteFixture:
+        partial_refund_restocks_its_units_and_pays_back_their_shop,
+        partial_refunds_then_a_full_one_refund_exactly_the_total,
+        over_refund_is_refused_and_changes_nothing,
+        keyed_partial_refund_replays_and_posts_once,
+        fulfilled_partial_refund_does_not_restock,
+        audit_catches_a_forged_double_refund,
+        migration_to_partial_refunds_keeps_paid_and_refunded_orders,
         idempotent_create_and_conflict,
         never_oversells_and_rejects_in_a_batch_independently,
         pay_refund_settle_balance_the_ledger,
@@ -530,6 +628,13 @@ mod sqlite {
 
 mod postgres {
     store_suite!(super::PostgresFixture:
+        partial_refund_restocks_its_units_and_pays_back_their_shop,
+        partial_refunds_then_a_full_one_refund_exactly_the_total,
+        over_refund_is_refused_and_changes_nothing,
+        keyed_partial_refund_replays_and_posts_once,
+        fulfilled_partial_refund_does_not_restock,
+        audit_catches_a_forged_double_refund,
+        migration_to_partial_refunds_keeps_paid_and_refunded_orders,
         idempotent_create_and_conflict,
         never_oversells_and_rejects_in_a_batch_independently,
         pay_refund_settle_balance_the_ledger,
@@ -554,14 +659,22 @@ fn sqlite_migration_to_per_user_keys_keeps_every_order() {
     };
     let first = order("u1", Some("k"), OrderKind::Regular, "sku-1-1", 2, 60_000);
     let placed = create(&open(), first.clone(), true).unwrap();
-    // Back to version 1: the orders table as the first schema made it, with the order in it.
-    let v1_orders = super::sqlite_schema::V1
-        .split(';')
-        .find(|stmt| stmt.contains("CREATE TABLE orders("))
-        .unwrap();
+    // Back to version 1: the orders and order_lines tables as the first schema made them (without version
+    // 3's refunds), with the order in them.
+    let v1_table = |name: &str| {
+        super::sqlite_schema::V1
+            .split(';')
+            .find(|stmt| stmt.contains(&format!("CREATE TABLE {name}(")))
+            .unwrap()
+    };
+    let (v1_orders, v1_lines) = (v1_table("orders"), v1_table("order_lines"));
     let c = rusqlite::Connection::open(&path).unwrap();
     c.execute_batch(&format!(
         "PRAGMA foreign_keys=OFF; BEGIN;
+         DROP TABLE refund_lines; DROP TABLE refunds;
+         CREATE TABLE lines_saved AS SELECT order_id, sku, qty, price_cents, shop_id FROM order_lines;
+         DROP TABLE order_lines; {v1_lines}; INSERT INTO order_lines SELECT * FROM lines_saved;
+         DROP TABLE lines_saved; CREATE INDEX lines_sku ON order_lines(sku);
          CREATE TABLE orders_saved AS SELECT * FROM orders; DROP TABLE orders; {v1_orders};
          INSERT INTO orders SELECT * FROM orders_saved; DROP TABLE orders_saved;
          CREATE INDEX orders_due ON orders(status, expires_ms); CREATE INDEX orders_user ON orders(user, kind);
@@ -580,7 +693,7 @@ fn sqlite_migration_to_per_user_keys_keeps_every_order() {
     assert!(schema().1.contains("idem_key TEXT UNIQUE"), "{}", schema().1);
     let s = open();
     let (version, sql) = schema();
-    assert_eq!(version, 2);
+    assert_eq!(version, super::sqlite_schema::VERSION);
     assert!(sql.contains("UNIQUE (user, idem_key)"), "{sql}");
     let replay = create(&s, first, true).unwrap();
     assert!(replay.replay);
