@@ -434,6 +434,139 @@ fn payments_refunds_and_settlement_balance_the_ledger() {
     audit_ok(a);
 }
 
+/// A shop refunds part of an order through the API: lines need an `Idempotency-Key` (a retry without one
+/// would refund twice); a replay (on another instance) answers the first result and posts nothing; more than
+/// is left, or a SKU the order lacks, is refused naming it; the order shows what was refunded; a full refund
+/// then takes only the rest.
+#[test]
+fn partial_refunds_through_the_api() {
+    let db = Db::new();
+    let (_p, addrs) = start_apps(&db, 2, "");
+    let (a, b) = (addrs[0], addrs[1]);
+    credit(a, &["carol".to_string()], 5000);
+    let o = post(
+        a,
+        "/v1/orders",
+        Some("c1"),
+        false,
+        &json!({"user": "carol", "lines": [{"sku": "sku-1-1", "qty": 2}, {"sku": "sku-2-1", "qty": 1}]}),
+    )
+    .unwrap();
+    assert_eq!(o.status, 201, "{}", o.body);
+    let id = o.json()["id"].as_str().unwrap().to_string();
+    let r = post(a, &format!("/v1/orders/{id}/pay"), None, false, &json!({})).unwrap();
+    assert_eq!(
+        (r.status, r.json()["total_cents"].as_i64()),
+        (200, Some(1930)),
+        "{}",
+        r.body
+    );
+    let before = sku_stock(a, 1, "sku-1-1");
+    let one = json!({"order_id": id, "lines": [{"sku": "sku-1-1", "qty": 1}]});
+
+    let r = post(a, "/v1/refunds", None, true, &one).unwrap();
+    assert_eq!(
+        (r.status, r.json()["error"]["code"].as_str()),
+        (400, Some("missing_idempotency_key")),
+        "{}",
+        r.body
+    );
+    let first = post(a, "/v1/refunds", Some("ret-1"), true, &one).unwrap();
+    assert_eq!(
+        (first.status, first.header("idempotent-replay")),
+        (200, None),
+        "{}",
+        first.body
+    );
+    let v = first.json();
+    assert_eq!(
+        (v["status"].as_str(), v["refunded_cents"].as_i64()),
+        (Some("paid"), Some(610)),
+        "{v}"
+    );
+    let again = post(b, "/v1/refunds", Some("ret-1"), true, &one).unwrap();
+    assert_eq!(
+        (again.status, again.header("idempotent-replay")),
+        (200, Some("true")),
+        "{}",
+        again.body
+    );
+    assert_eq!(again.json(), v);
+    assert_eq!(
+        get(b, "/v1/wallets/carol").unwrap().json()["balance_cents"],
+        5000 - 1930 + 610
+    );
+    let s = sku_stock(a, 1, "sku-1-1");
+    assert_eq!(
+        (s["available"].as_i64(), s["sold"].as_i64()),
+        (
+            before["available"].as_i64().map(|n| n + 1),
+            before["sold"].as_i64().map(|n| n - 1)
+        )
+    );
+
+    let refused = |key: &str, body: serde_json::Value| {
+        let r = post(a, "/v1/refunds", Some(key), true, &body).unwrap();
+        let e = r.json()["error"].clone();
+        (
+            r.status,
+            e["code"].as_str().unwrap_or("").to_string(),
+            e["message"].as_str().unwrap_or("").to_string(),
+        )
+    };
+    let two = json!({"order_id": id, "lines": [{"sku": "sku-1-1", "qty": 2}]});
+    let (status, code, _) = refused("ret-1", two.clone());
+    assert_eq!((status, code.as_str()), (422, "idempotency_conflict"));
+    let (status, code, msg) = refused("ret-2", two);
+    assert_eq!((status, code.as_str()), (409, "over_refund"), "{msg}");
+    assert!(
+        msg.contains("1 unit of sku sku-1-1 left to refund, 2 wanted"),
+        "{msg}"
+    );
+    let (status, code, msg) = refused(
+        "ret-3",
+        json!({"order_id": id, "lines": [{"sku": "sku-3-1", "qty": 1}]}),
+    );
+    assert_eq!((status, code.as_str()), (422, "not_in_order"), "{msg}");
+    assert!(msg.contains("sku-3-1"), "{msg}");
+    let (status, code, _) = refused(
+        "ret-4",
+        json!({"order_id": id, "lines": [{"sku": "sku-1-1", "qty": 1}, {"sku": "sku-1-1", "qty": 1}]}),
+    );
+    assert_eq!((status, code.as_str()), (400, "invalid_refund"));
+    let (status, code, _) = refused("ret-5", json!({"order_id": id, "lines": []}));
+    assert_eq!((status, code.as_str()), (400, "invalid_refund"));
+
+    let view = get(b, &format!("/v1/orders/{id}")).unwrap().json();
+    assert_eq!(view["refunded_cents"], 610, "{view}");
+    let refunded: Vec<(String, i64)> = view["lines"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| {
+            (
+                l["sku"].as_str().unwrap().to_string(),
+                l["refunded_qty"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        refunded,
+        vec![("sku-1-1".to_string(), 1), ("sku-2-1".to_string(), 0)]
+    );
+
+    // A full refund takes only what is left.
+    let r = post(b, "/v1/refunds", None, true, &json!({"order_id": id})).unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(
+        (r.json()["status"].as_str(), r.json()["refunded_cents"].as_i64()),
+        (Some("refunded"), Some(1930))
+    );
+    assert_eq!(get(a, "/v1/wallets/carol").unwrap().json()["balance_cents"], 5000);
+    let totals = drained_totals(a);
+    assert_eq!(totals["refunded"].as_u64(), Some(1));
+}
+
 #[test]
 fn stats_contract_degrade_switch_and_flash_sale() {
     let db = Db::new();
