@@ -9,7 +9,9 @@
 //! ```
 //!
 //! Every transition is a conditional update on the stored status, so two processes racing on one order
-//! (a sweeper expiring it while a buyer pays) cannot both win.
+//! (a sweeper expiring it while a buyer pays) cannot both win. A partial refund is no transition: the order
+//! stays `paid` or `fulfilled` (its lines count their refunded units) and takes `refund` only with the refund
+//! that leaves no unit unrefunded.
 
 use serde::{Deserialize, Serialize};
 
