@@ -355,6 +355,52 @@ pub(super) fn refund_part_of(topic: &str) -> Option<i64> {
     topic.strip_prefix(REFUND_PART)?.parse().ok()
 }
 
+/// The refund an outbox event stands for, if any.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum RefundEvent {
+    /// Refund `n`, which left units unrefunded.
+    Part(i64),
+    /// `order.refunded`: the order's last refund, the one that completed it (the store finds its number).
+    Completing,
+}
+
+pub(super) fn refund_event(topic: &str) -> Option<RefundEvent> {
+    match topic {
+        "order.refunded" => Some(RefundEvent::Completing),
+        _ => refund_part_of(topic).map(RefundEvent::Part),
+    }
+}
+
+/// A refund as its event's effects read it: its number, what the order's refunds before it gave back, and
+/// its own amount.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct RefundDone {
+    pub n: i64,
+    pub before: Cents,
+    pub amount: Cents,
+}
+
+/// The weak effects of event `topic` of an order of `total` cents (`refund`: the refund it stands for), each
+/// keyed by its kind, which is unique per order: a partial refund's carry its number (`points_revoked/r2`).
+pub(super) fn effects(topic: &str, total: Cents, refund: Option<RefundDone>) -> Vec<(String, i64)> {
+    let revoked = |r: RefundDone| -points_revoked(total, r.before, r.amount);
+    match (topic, refund) {
+        ("order.placed", _) => vec![("notify_placed".into(), 0)],
+        ("order.paid", _) => vec![("points".into(), points(total)), ("notify_paid".into(), 0)],
+        ("order.refunded", Some(r)) => {
+            vec![
+                ("points_revoked".into(), revoked(r)),
+                ("notify_refunded".into(), 0),
+            ]
+        }
+        (_, Some(r)) => vec![
+            (format!("points_revoked/r{}", r.n), revoked(r)),
+            (format!("notify_refund_part/r{}", r.n), 0),
+        ],
+        _ => Vec::new(),
+    }
+}
+
 /// Loyalty points an order of `total` cents earns when paid.
 pub(super) fn points(total: Cents) -> i64 {
     total / 100
@@ -624,6 +670,25 @@ mod tests {
             assert_eq!(revoked, points(total), "total {total}");
         }
         assert_eq!(refund_part_of(&refund_part_topic(12)), Some(12));
+        assert_eq!(refund_event(&refund_part_topic(3)), Some(RefundEvent::Part(3)));
+        assert_eq!(refund_event("order.refunded"), Some(RefundEvent::Completing));
+        assert_eq!(refund_event("order.paid"), None);
+        let part = RefundDone {
+            n: 2,
+            before: 50,
+            amount: 1_000,
+        };
+        assert_eq!(
+            effects(&refund_part_topic(2), 1_050, Some(part)),
+            [
+                ("points_revoked/r2".to_string(), -10),
+                ("notify_refund_part/r2".to_string(), 0)
+            ]
+        );
+        assert_eq!(
+            effects("order.paid", 1_050, None),
+            [("points".to_string(), 10), ("notify_paid".to_string(), 0)]
+        );
         assert_eq!(refund_part_of("order.refunded"), None);
         assert_eq!(refund_ref("o1", 2), "o1/r2");
     }

@@ -8,7 +8,7 @@ use super::postgres_orders::{load_order, lock_order, move_stock, refund_lines, r
 use super::{OrderView, PaymentCallback, RefundRequest, Refunded, Settlement, StoreError};
 use crate::domain::{Cents, OrderStatus, Reject, Transition, now_ms};
 
-use super::order_rules::{self, Res};
+use super::order_rules::{self, RefundDone, RefundEvent, Res};
 
 /// Posts one ledger transaction; `(kind, reference)` is unique, so a replay cannot post twice.
 fn post(t: &mut Tx<'_>, kind: &str, reference: &str, entries: &[(String, Cents)]) -> Result<(), StoreError> {
@@ -306,44 +306,32 @@ fn apply_effects(t: &mut Tx<'_>, topic: &str, order_id: &str) -> Result<(), Stor
         .opt("SELECT total_cents FROM orders WHERE id = $1", &[&order_id])?
         .map(|r| r.get(0))
         .unwrap_or(0);
-    // The refund an event stands for: the partial one it names, or the order's last (the one completing it).
-    let refund_n = match (topic, order_rules::refund_part_of(topic)) {
-        (_, Some(n)) => Some(n),
-        ("order.refunded", None) => Some(
-            t.one(
-                "SELECT COALESCE(MAX(n), 0)::BIGINT FROM refunds WHERE order_id = $1",
-                &[&order_id],
-            )?
-            .get(0),
-        ),
-        _ => None,
-    };
-    let revoked = match refund_n {
-        Some(n) => {
+    let refund = match order_rules::refund_event(topic) {
+        None => None,
+        Some(event) => {
+            let n: i64 = match event {
+                RefundEvent::Part(n) => n,
+                RefundEvent::Completing => t
+                    .one(
+                        "SELECT COALESCE(MAX(n), 0)::BIGINT FROM refunds WHERE order_id = $1",
+                        &[&order_id],
+                    )?
+                    .get(0),
+            };
             let row = t.one(
                 "SELECT COALESCE(SUM(CASE WHEN n < $2 THEN amount_cents END), 0)::BIGINT,
                         COALESCE(SUM(CASE WHEN n = $2 THEN amount_cents END), 0)::BIGINT
                  FROM refunds WHERE order_id = $1",
                 &[&order_id, &n],
             )?;
-            -order_rules::points_revoked(total, row.get(0), row.get(1))
+            Some(RefundDone {
+                n,
+                before: row.get(0),
+                amount: row.get(1),
+            })
         }
-        None => 0,
     };
-    let effects: Vec<(String, i64)> = match (topic, refund_n) {
-        ("order.placed", _) => vec![("notify_placed".into(), 0)],
-        ("order.paid", _) => vec![
-            ("points".into(), order_rules::points(total)),
-            ("notify_paid".into(), 0),
-        ],
-        ("order.refunded", _) => vec![("points_revoked".into(), revoked), ("notify_refunded".into(), 0)],
-        (_, Some(n)) => vec![
-            (format!("points_revoked/r{n}"), revoked),
-            (format!("notify_refund_part/r{n}"), 0),
-        ],
-        _ => Vec::new(),
-    };
-    for (kind, value) in &effects {
+    for (kind, value) in &order_rules::effects(topic, total, refund) {
         t.exec(
             "INSERT INTO effects(order_id, kind, value, created_ms) VALUES ($1, $2, $3, $4)
              ON CONFLICT (order_id, kind) DO NOTHING",

@@ -11,7 +11,7 @@ use super::sqlite_orders::{load_order, move_stock, refund_lines, return_units, t
 use super::{OrderView, PaymentCallback, RefundRequest, Refunded, Settlement, StoreError};
 use crate::domain::{Cents, OrderStatus, Reject, Transition, now_ms};
 
-use super::order_rules::{self, Res};
+use super::order_rules::{self, RefundDone, RefundEvent, Res};
 
 /// Posts one ledger transaction; `(kind, reference)` is unique, so a replay cannot post twice.
 fn post(
@@ -283,17 +283,15 @@ fn apply_effects(tx: &Transaction<'_>, topic: &str, order_id: &str) -> Result<()
         .query_row([order_id], |r| r.get(0))
         .optional()?
         .unwrap_or(0);
-    // The refund an event stands for: the partial one it names, or the order's last (the one completing it).
-    let refund_n = match (topic, order_rules::refund_part_of(topic)) {
-        (_, Some(n)) => Some(n),
-        ("order.refunded", None) => Some(
-            tx.prepare_cached("SELECT COALESCE(MAX(n), 0) FROM refunds WHERE order_id = ?1")?
-                .query_row([order_id], |r| r.get(0))?,
-        ),
-        _ => None,
-    };
-    let revoked = match refund_n {
-        Some(n) => {
+    let refund = match order_rules::refund_event(topic) {
+        None => None,
+        Some(event) => {
+            let n: i64 = match event {
+                RefundEvent::Part(n) => n,
+                RefundEvent::Completing => tx
+                    .prepare_cached("SELECT COALESCE(MAX(n), 0) FROM refunds WHERE order_id = ?1")?
+                    .query_row([order_id], |r| r.get(0))?,
+            };
             let (before, amount): (Cents, Cents) = tx
                 .prepare_cached(
                     "SELECT COALESCE(SUM(CASE WHEN n < ?2 THEN amount_cents END), 0),
@@ -301,24 +299,10 @@ fn apply_effects(tx: &Transaction<'_>, topic: &str, order_id: &str) -> Result<()
                      FROM refunds WHERE order_id = ?1",
                 )?
                 .query_row(params![order_id, n], |r| Ok((r.get(0)?, r.get(1)?)))?;
-            -order_rules::points_revoked(total, before, amount)
+            Some(RefundDone { n, before, amount })
         }
-        None => 0,
     };
-    let effects: Vec<(String, i64)> = match (topic, refund_n) {
-        ("order.placed", _) => vec![("notify_placed".into(), 0)],
-        ("order.paid", _) => vec![
-            ("points".into(), order_rules::points(total)),
-            ("notify_paid".into(), 0),
-        ],
-        ("order.refunded", _) => vec![("points_revoked".into(), revoked), ("notify_refunded".into(), 0)],
-        (_, Some(n)) => vec![
-            (format!("points_revoked/r{n}"), revoked),
-            (format!("notify_refund_part/r{n}"), 0),
-        ],
-        _ => Vec::new(),
-    };
-    for (kind, value) in &effects {
+    for (kind, value) in &order_rules::effects(topic, total, refund) {
         tx.prepare_cached(
             "INSERT OR IGNORE INTO effects(order_id, kind, value, created_ms) VALUES (?1, ?2, ?3, ?4)",
         )?
