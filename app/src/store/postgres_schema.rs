@@ -88,6 +88,17 @@ INSERT INTO refund_lines(order_id, n, sku, qty)
 
 const MIGRATIONS: &[&str] = &[V1, V2, V3];
 
+/// The SQL that makes an empty database one of schema `version`, as `sqlite_schema::schema_up_to`.
+#[cfg(test)]
+pub(super) fn schema_up_to(version: usize) -> String {
+    let versions: Vec<String> = (1..=version).map(|v| format!("({v})")).collect();
+    format!(
+        "CREATE TABLE xbuy_schema(version BIGINT NOT NULL); INSERT INTO xbuy_schema(version) VALUES {};\n{}",
+        versions.join(", "),
+        MIGRATIONS[..version].join(";\n")
+    )
+}
+
 /// Brings the schema to the newest version (one transaction).
 pub fn migrate(t: &mut Tx<'_>) -> Result<(), StoreError> {
     t.exec("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])?;

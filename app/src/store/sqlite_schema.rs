@@ -104,6 +104,16 @@ const MIGRATIONS: &[&str] = &[V1, V2, V3];
 #[cfg(test)]
 pub(super) const VERSION: i64 = MIGRATIONS.len() as i64;
 
+/// The SQL that makes an empty database one of schema `version`, as that version's release left it, for
+/// tests that migrate an old database.
+#[cfg(test)]
+pub(super) fn schema_up_to(version: usize) -> String {
+    format!(
+        "{}; PRAGMA user_version = {version};",
+        MIGRATIONS[..version].join(";\n")
+    )
+}
+
 /// Brings the schema to the newest version.
 pub fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
     // A table rebuild drops a table others reference; the pragma is a no-op inside a transaction.

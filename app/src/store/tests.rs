@@ -50,11 +50,7 @@ impl Fixture for SqliteFixture {
         c.query_row(sql, [], |r| r.get(0)).unwrap()
     }
     fn v2_schema(&self) -> String {
-        format!(
-            "{}; {}; PRAGMA user_version = 2;",
-            super::sqlite_schema::V1,
-            super::sqlite_schema::V2
-        )
+        super::sqlite_schema::schema_up_to(2)
     }
     fn schema_version(&self) -> i64 {
         self.number("PRAGMA user_version")
@@ -91,12 +87,7 @@ impl Fixture for PostgresFixture {
         c.query_one(sql, &[]).unwrap().get(0)
     }
     fn v2_schema(&self) -> String {
-        format!(
-            "CREATE TABLE xbuy_schema(version BIGINT NOT NULL); INSERT INTO xbuy_schema(version) VALUES (1), (2);
-             {} {}",
-            super::postgres_schema::V1,
-            super::postgres_schema::V2
-        )
+        super::postgres_schema::schema_up_to(2)
     }
     fn schema_version(&self) -> i64 {
         self.number("SELECT MAX(version) FROM xbuy_schema")
@@ -657,28 +648,26 @@ fn sqlite_migration_to_per_user_keys_keeps_every_order() {
     let open = || -> Box<dyn Store> {
         Box::new(SqliteStore::open(&path, std::time::Duration::from_secs(10), true).unwrap())
     };
+    // A database as version 1 left it, with an order placed under key "k" by u1.
     let first = order("u1", Some("k"), OrderKind::Regular, "sku-1-1", 2, 60_000);
-    let placed = create(&open(), first.clone(), true).unwrap();
-    // Back to version 1: the orders and order_lines tables as the first schema made them (without version
-    // 3's refunds), with the order in them.
-    let v1_table = |name: &str| {
-        super::sqlite_schema::V1
-            .split(';')
-            .find(|stmt| stmt.contains(&format!("CREATE TABLE {name}(")))
-            .unwrap()
-    };
-    let (v1_orders, v1_lines) = (v1_table("orders"), v1_table("order_lines"));
     let c = rusqlite::Connection::open(&path).unwrap();
+    c.execute_batch(&super::sqlite_schema::schema_up_to(1)).unwrap();
     c.execute_batch(&format!(
-        "PRAGMA foreign_keys=OFF; BEGIN;
-         DROP TABLE refund_lines; DROP TABLE refunds;
-         CREATE TABLE lines_saved AS SELECT order_id, sku, qty, price_cents, shop_id FROM order_lines;
-         DROP TABLE order_lines; {v1_lines}; INSERT INTO order_lines SELECT * FROM lines_saved;
-         DROP TABLE lines_saved; CREATE INDEX lines_sku ON order_lines(sku);
-         CREATE TABLE orders_saved AS SELECT * FROM orders; DROP TABLE orders; {v1_orders};
-         INSERT INTO orders SELECT * FROM orders_saved; DROP TABLE orders_saved;
-         CREATE INDEX orders_due ON orders(status, expires_ms); CREATE INDEX orders_user ON orders(user, kind);
-         PRAGMA user_version = 1; COMMIT;"
+        r#"INSERT INTO shops(id, name) VALUES (1, 'S');
+        INSERT INTO products(id, shop_id, name) VALUES (1, 1, 'P');
+        INSERT INTO skus(sku, product_id, price_cents, received, available, reserved, sold)
+          VALUES ('sku-1-1', 1, 610, 10, 8, 2, 0);
+        INSERT INTO orders(id, idem_key, fingerprint, user, kind, status, total_cents, created_ms, expires_ms,
+                           updated_ms, answer)
+          VALUES ('{id}', 'k', '{fp}', 'u1', 'regular', 'reserved', 1220, 1, 9999999999999, 1, '{answer}');
+        INSERT INTO order_lines(order_id, sku, qty, price_cents, shop_id) VALUES ('{id}', 'sku-1-1', 2, 610, 1);
+        INSERT INTO outbox(topic, order_id, created_ms, done) VALUES ('order.placed', '{id}', 1, 1);"#,
+        id = first.id,
+        fp = first.fingerprint,
+        answer = format!(
+            r#"{{"id":"{}","user":"u1","kind":"regular","status":"reserved","total_cents":1220,"lines":[{{"sku":"sku-1-1","qty":2,"price_cents":610}}],"created_ms":1,"expires_ms":9999999999999,"paid_via":null}}"#,
+            first.id
+        ),
     ))
     .unwrap();
     let schema = || -> (i64, String) {
@@ -695,9 +684,10 @@ fn sqlite_migration_to_per_user_keys_keeps_every_order() {
     let (version, sql) = schema();
     assert_eq!(version, super::sqlite_schema::VERSION);
     assert!(sql.contains("UNIQUE (user, idem_key)"), "{sql}");
+    let id = first.id.clone();
     let replay = create(&s, first, true).unwrap();
     assert!(replay.replay);
-    assert_eq!(replay.order, placed.order);
+    assert_eq!(replay.order.id, id);
     let other = create(
         &s,
         order("u2", Some("k"), OrderKind::Regular, "sku-1-1", 1, 60_000),
