@@ -652,6 +652,10 @@ fn sqlite_migration_to_per_user_keys_keeps_every_order() {
     let first = order("u1", Some("k"), OrderKind::Regular, "sku-1-1", 2, 60_000);
     let c = rusqlite::Connection::open(&path).unwrap();
     c.execute_batch(&super::sqlite_schema::schema_up_to(1)).unwrap();
+    let answer = format!(
+        r#"{{"id":"{}","user":"u1","kind":"regular","status":"reserved","total_cents":1220,"lines":[{{"sku":"sku-1-1","qty":2,"price_cents":610}}],"created_ms":1,"expires_ms":9999999999999,"paid_via":null}}"#,
+        first.id
+    );
     c.execute_batch(&format!(
         r#"INSERT INTO shops(id, name) VALUES (1, 'S');
         INSERT INTO products(id, shop_id, name) VALUES (1, 1, 'P');
@@ -664,10 +668,6 @@ fn sqlite_migration_to_per_user_keys_keeps_every_order() {
         INSERT INTO outbox(topic, order_id, created_ms, done) VALUES ('order.placed', '{id}', 1, 1);"#,
         id = first.id,
         fp = first.fingerprint,
-        answer = format!(
-            r#"{{"id":"{}","user":"u1","kind":"regular","status":"reserved","total_cents":1220,"lines":[{{"sku":"sku-1-1","qty":2,"price_cents":610}}],"created_ms":1,"expires_ms":9999999999999,"paid_via":null}}"#,
-            first.id
-        ),
     ))
     .unwrap();
     let schema = || -> (i64, String) {
