@@ -426,6 +426,7 @@ const LISTENER_COLUMNS: &[Column] = &[
     ("denied", "denied", cell),
     ("bad headers", "header_errors", cell),
     ("retries", "retries", cell),
+    ("waiting", "waiting", cell),
     ("idle timeouts", "idle_timeouts", cell),
     ("bytes up", "bytes_up", bytes),
     ("bytes down", "bytes_down", bytes),

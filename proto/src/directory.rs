@@ -126,6 +126,9 @@ pub struct ProxyListenerStatus {
     pub header_errors: u64,
     /// Connect attempts beyond the first (redispatch).
     pub retries: u64,
+    /// Clients of its request type waiting for a place now (every backend at its `max_connections`;
+    /// HAProxy's "Queue Cur"); listeners of one type share their queue.
+    pub waiting: u64,
     pub idle_timeouts: u64,
     /// Client to backend.
     pub bytes_up: u64,

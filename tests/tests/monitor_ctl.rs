@@ -291,6 +291,7 @@ fn ctl_cluster_shows_balancers_and_their_proxies() {
             "5",
             "6",
             "3",
+            "7",
             "0",
             "2.0",
             "KiB",

@@ -816,6 +816,14 @@ fn a_client_finding_every_backend_full_waits_in_the_queue(rt: &'static str) {
         })
     };
     waiting_now(4.0);
+    let web = |lb: &Lb| {
+        lb.proxy_status()
+            .listeners
+            .into_iter()
+            .find(|l| l.name == "web")
+            .unwrap()
+    };
+    assert_eq!(web(&lb).waiting, 4, "/v1/status shows the queue");
     let mut holder = second;
     for (i, mut next) in waiting.drain(..).enumerate() {
         drop(holder);

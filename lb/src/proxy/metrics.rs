@@ -233,6 +233,8 @@ pub fn status(text: &str) -> ProxyStatus {
     let mut backends: BTreeMap<String, ProxyBackendStatus> = BTreeMap::new();
     // Backends with a `configured` series, and whether it says they are configured now.
     let mut configured: BTreeMap<String, bool> = BTreeMap::new();
+    // Clients waiting, by request type.
+    let mut waiting: BTreeMap<String, u64> = BTreeMap::new();
     for line in text.lines() {
         let Some(Sample { name, labels, value }) = Sample::parse(line) else {
             continue;
@@ -290,7 +292,12 @@ pub fn status(text: &str) -> ProxyStatus {
                 }
                 _ => {}
             }
+        } else if let (WAITING, Some(ty)) = (name, label("request_type")) {
+            waiting.insert(ty.to_string(), value);
         }
+    }
+    for l in listeners.values_mut() {
+        l.waiting = waiting.get(&l.request_type).copied().unwrap_or(0);
     }
     // A listener a reload removed keeps its counters in `/metrics`, but is no longer one of the proxy's.
     listeners.retain(|name, _| listed.get(name).copied().unwrap_or(true));
@@ -378,6 +385,8 @@ xcluster_lb_proxy_backend_connects_total{backend="127.0.0.1:10"} 2
 xcluster_lb_proxy_backend_configured{backend="127.0.0.1:10"} 0
 xcluster_lb_proxy_backend_connects_total{backend="10.0.0.1:7101"} 4
 xcluster_lb_proxy_workers{runtime="io_uring"} 2
+xcluster_lb_proxy_connections_waiting{request_type="browse"} 6
+xcluster_lb_proxy_connections_waiting{request_type="order"} 1
 xcluster_lb_reports_accepted_total{listener="web"} 99
 xcluster_lb_proxy_connections_failed_total{listener="web" 4
 xcluster_lb_proxy_listener_info{listener="web",addr="127.0.0.1:80",type="browse"} 1
@@ -409,6 +418,7 @@ not a sample
                     active: 3,
                     bytes_up: 1000,
                     bytes_down: 2500,
+                    waiting: 6,
                     ..Default::default()
                 },
             ]
