@@ -1726,8 +1726,17 @@ impl Loop {
             Some(c.client.as_raw_fd()),
             c.backend.as_ref().map(AsRawFd::as_raw_fd),
         ];
+        let connecting = c.connecting.is_some();
         for fd in fds.into_iter().flatten() {
             let e = opcode::AsyncCancel2::new(CancelBuilder::fd(Fd(fd)).all())
+                .build()
+                .user_data(user_data(Op::Cancel, slot, 0));
+            self.push(&e);
+        }
+        if connecting {
+            // A wait for a place, or a pause before trying the backends again (up to a second), is on no
+            // socket: ended here, so the close (a drain's, say) need not wait it out. None: ENOENT, harmless.
+            let e = opcode::AsyncCancel::new(user_data(Op::Queue, slot, 0))
                 .build()
                 .user_data(user_data(Op::Cancel, slot, 0));
             self.push(&e);
