@@ -71,6 +71,10 @@ impl ShutdownSection {
 pub struct HttpSection {
     /// Concurrent connections; above it new clients wait in the listen backlog.
     pub max_connections: usize,
+    /// Concurrent connections from one client address; over it a new one is answered 503. 0 (the
+    /// default): a quarter of `max_connections` (at least 16, or all of a smaller cap), so one client
+    /// cannot take every place, the agents' reports' and the probes' included.
+    pub max_connections_per_client: usize,
     /// Time a client has to send a request's headers; a slower one (slowloris) is closed.
     pub header_read_timeout_ms: u64,
     /// Largest request head; a larger one is answered 431.
@@ -84,6 +88,7 @@ impl Default for HttpSection {
         let d = crate::http::ServerLimits::default();
         Self {
             max_connections: d.max_connections,
+            max_connections_per_client: 0,
             header_read_timeout_ms: d.header_read_timeout.as_millis() as u64,
             max_header_bytes: d.max_header_bytes,
             max_body_bytes: d.max_body_bytes,
@@ -94,8 +99,14 @@ impl Default for HttpSection {
 impl HttpSection {
     /// The server limits these keys describe, with `grace` from the `[shutdown]` section.
     pub fn validate(&self, v: &mut Validator, grace: std::time::Duration) -> crate::http::ServerLimits {
+        let max_connections = v.range("http.max_connections", self.max_connections, 1, 1_000_000);
+        let per_client = match self.max_connections_per_client {
+            0 => (max_connections / 4).max(max_connections.min(16)),
+            n => v.range("http.max_connections_per_client", n, 1, max_connections),
+        };
         crate::http::ServerLimits {
-            max_connections: v.range("http.max_connections", self.max_connections, 1, 1_000_000),
+            max_connections,
+            max_connections_per_client: per_client,
             header_read_timeout: v.millis(
                 "http.header_read_timeout_ms",
                 self.header_read_timeout_ms,

@@ -42,6 +42,9 @@ pub struct ServerLimits {
     /// Concurrent connections. A connection over it is answered 503 `too_many_connections` and closed (by at
     /// most 64 short-lived tasks at once; past that, excess clients wait in the listen backlog).
     pub max_connections: usize,
+    /// Concurrent connections from one client address; over it a new one is answered 503
+    /// `too_many_connections` and closed, so one client (idle connections, say) cannot take the others'.
+    pub max_connections_per_client: usize,
     /// Time allowed for a request's headers to arrive (and for the first one after keep-alive).
     pub header_read_timeout: Duration,
     /// Largest buffered request head, in bytes (hyper's minimum is 8 KiB).
@@ -57,6 +60,7 @@ impl Default for ServerLimits {
     fn default() -> Self {
         Self {
             max_connections: 1024,
+            max_connections_per_client: 256,
             header_read_timeout: Duration::from_secs(10),
             max_header_bytes: 16 * 1024,
             max_body_bytes: 1024 * 1024,
@@ -241,11 +245,13 @@ fn percent_decode(s: &str) -> Result<String, String> {
         match bytes[i] {
             b'+' => out.push(b' '),
             b'%' => {
-                let hex = bytes
-                    .get(i + 1..i + 3)
-                    .ok_or_else(|| format!("bad percent-encoding in {s:?}"))?;
-                let hex = std::str::from_utf8(hex).map_err(|_| format!("bad percent-encoding in {s:?}"))?;
-                out.push(u8::from_str_radix(hex, 16).map_err(|_| format!("bad percent-encoding in {s:?}"))?);
+                // Two hex digits exactly: `from_str_radix` alone would take a sign ("%+1" as 1).
+                let digit = |j: usize| bytes.get(j).and_then(|b| char::from(*b).to_digit(16));
+                let (Some(hi), Some(lo)) = (digit(i + 1), digit(i + 2)) else {
+                    return Err(format!("bad percent-encoding in {s:?}"));
+                };
+                // Both below 16.
+                out.push((hi * 16 + lo) as u8);
                 i += 2;
             }
             b => out.push(b),
@@ -322,6 +328,7 @@ pub async fn serve(listener: TcpListener, handler: Handler, limits: ServerLimits
     // Connections over the cap are told so (503) by short-lived tasks, themselves capped: past that the
     // listener stops accepting and the kernel backlog holds the rest.
     let refusals = Arc::new(Semaphore::new(REFUSALS_AT_ONCE));
+    let clients = Arc::new(ClientConns::default());
     let mut backoff = Duration::from_millis(5);
     loop {
         if closing.is_none() && cancel.is_cancelled() {
@@ -369,9 +376,19 @@ pub async fn serve(listener: TcpListener, handler: Handler, limits: ServerLimits
             Err(refusal) => {
                 metrics::counter!(crate::metrics::HTTP_CONNECTIONS_REJECTED_TOTAL).increment(1);
                 debug!(%peer, max = limits.max_connections, "at the connection cap; refusing");
-                tokio::spawn(refuse(stream, refusal));
+                tokio::spawn(refuse(stream, refusal, FULL));
                 continue;
             }
+        };
+        let Some(client) = ClientConns::take(&clients, peer.ip(), limits.max_connections_per_client) else {
+            metrics::counter!(crate::metrics::HTTP_CONNECTIONS_REJECTED_TOTAL).increment(1);
+            debug!(%peer, max = limits.max_connections_per_client, "client at its connection cap; refusing");
+            drop(permit);
+            // Told so while refusals are few; a flood from one address is closed without a word.
+            if let Ok(refusal) = refusals.clone().try_acquire_owned() {
+                tokio::spawn(refuse(stream, refusal, CLIENT_FULL));
+            }
+            continue;
         };
         let handler = handler.clone();
         let max_body = limits.max_body_bytes;
@@ -390,10 +407,11 @@ pub async fn serve(listener: TcpListener, handler: Handler, limits: ServerLimits
             .keep_alive(closing.is_none());
         let conn = builder.serve_connection(TokioIo::new(stream), service);
         let span = info_span!("http_conn", %peer);
+        let held = (permit, client);
         if closing.is_some() {
-            late.spawn(serve_conn(conn, permit).instrument(span));
+            late.spawn(serve_conn(conn, held).instrument(span));
         } else {
-            tokio::spawn(serve_conn(graceful.watch(conn), permit).instrument(span));
+            tokio::spawn(serve_conn(graceful.watch(conn), held).instrument(span));
         }
     }
     drop(listener);
@@ -407,14 +425,59 @@ pub async fn serve(listener: TcpListener, handler: Handler, limits: ServerLimits
     }
 }
 
+/// Serves one connection; `held` (its permit and its client's count) is given back when it ends.
 async fn serve_conn<E: std::fmt::Display>(
     conn: impl Future<Output = Result<(), E>>,
-    permit: tokio::sync::OwnedSemaphorePermit,
+    held: (tokio::sync::OwnedSemaphorePermit, ClientConn),
 ) {
     if let Err(e) = conn.await {
         debug!(error = %e, "connection ended with an error");
     }
-    drop(permit);
+    drop(held);
+}
+
+/// Connections open per client address. Touched once per accepted connection and once per close, never
+/// per request; an address leaves the map with its last connection, so it holds at most `max_connections`.
+#[derive(Debug, Default)]
+struct ClientConns(std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>);
+
+/// One connection counted against its client; uncounted on drop.
+#[derive(Debug)]
+struct ClientConn {
+    conns: Arc<ClientConns>,
+    ip: std::net::IpAddr,
+}
+
+impl ClientConns {
+    /// Counts a connection from `ip`, unless it has `max` open already.
+    fn take(conns: &Arc<Self>, ip: std::net::IpAddr, max: usize) -> Option<ClientConn> {
+        let mut map = conns.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let n = map.entry(ip).or_default();
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(ClientConn {
+            conns: conns.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for ClientConn {
+    fn drop(&mut self) {
+        let mut map = self
+            .conns
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(n) = map.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.ip);
+            }
+        }
+    }
 }
 
 /// Most connections being refused at once (each for at most [`REFUSAL_TIME`]).
@@ -422,14 +485,18 @@ const REFUSALS_AT_ONCE: usize = 64;
 /// How long a refused connection is given to take its 503.
 const REFUSAL_TIME: Duration = Duration::from_secs(1);
 
-/// Answers a connection over the cap with a 503 and closes it. The request is read (bounded) first, so
-/// the close does not reset the connection before the client has read the answer.
-async fn refuse(mut stream: tokio::net::TcpStream, _refusal: tokio::sync::OwnedSemaphorePermit) {
+/// The refusal at the server's connection cap.
+const FULL: &str = r#"{"error":{"code":"too_many_connections","message":"the server is at its connection limit (http.max_connections); retry later"}}"#;
+/// The refusal at a client's own cap.
+const CLIENT_FULL: &str = r#"{"error":{"code":"too_many_connections","message":"this client address has as many connections open as it may (http.max_connections_per_client); close one, or retry later"}}"#;
+
+/// Answers a connection over a cap with a 503 (`body`) and closes it. The request is read (bounded) first,
+/// so the close does not reset the connection before the client has read the answer.
+async fn refuse(mut stream: tokio::net::TcpStream, _refusal: tokio::sync::OwnedSemaphorePermit, body: &str) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    const BODY: &str = r#"{"error":{"code":"too_many_connections","message":"the server is at its connection limit (http.max_connections); retry later"}}"#;
     let answer = format!(
-        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: {}\r\nretry-after: 1\r\nconnection: close\r\n\r\n{BODY}",
-        BODY.len()
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: {}\r\nretry-after: 1\r\nconnection: close\r\n\r\n{body}",
+        body.len()
     );
     let _ = tokio::time::timeout(REFUSAL_TIME, async {
         let mut buf = [0u8; 4096];
@@ -481,6 +548,9 @@ mod tests {
         assert_eq!(q[2], ("x".into(), "a b c".into()));
         assert!(query_pairs(Some("x=%zz")).is_err());
         assert!(query_pairs(Some("x=%4")).is_err());
+        assert!(query_pairs(Some("x=%+1")).is_err(), "a sign is not a hex digit");
+        assert!(query_pairs(Some("x=%-1")).is_err());
+        assert_eq!(query_pairs(Some("x=%4a%4A")).unwrap()[0].1, "JJ");
         let many = (0..40).map(|i| format!("k{i}=1")).collect::<Vec<_>>().join("&");
         assert!(query_pairs(Some(&many)).is_err());
     }

@@ -157,6 +157,58 @@ fn keep_alive_get(s: &mut TcpStream, path: &str) -> String {
     }
 }
 
+/// A GET of `/livez` on a new connection from loopback address `from`; the answer.
+fn livez_from(from: [u8; 4], addr: SocketAddr) -> String {
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    s.bind(&SocketAddr::from((from, 0)).into()).unwrap();
+    s.connect_timeout(&addr.into(), Duration::from_secs(10)).unwrap();
+    let mut s: TcpStream = s.into();
+    s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    s.write_all(b"GET /livez HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    read_until_close(&mut s)
+}
+
+/// One client address holding its share of the connections (idle ones, say) is refused more, with a 503
+/// that names the per-client cap, while another address is served: a single host cannot take an API away
+/// from the agents and probes.
+#[test]
+fn one_client_over_its_share_gets_503_and_the_others_are_served() {
+    let (_p, addr) = start(
+        "lb",
+        &[
+            "http.max_connections=8",
+            "http.max_connections_per_client=2",
+            "http.header_read_timeout_ms=60000",
+        ],
+    );
+    // Two idle connections from 127.0.0.3, counted once accepted (the readiness probe came from 127.0.0.1).
+    let idle: Vec<socket2::Socket> = (0..2)
+        .map(|_| {
+            let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+            s.bind(&SocketAddr::from(([127, 0, 0, 3], 0)).into()).unwrap();
+            s.connect_timeout(&addr.into(), Duration::from_secs(10)).unwrap();
+            s
+        })
+        .collect();
+    let refused = eventually(
+        Duration::from_secs(10),
+        "a third connection to be refused",
+        || {
+            let a = livez_from([127, 0, 0, 3], addr);
+            a.starts_with("HTTP/1.1 503").then_some(a)
+        },
+    );
+    assert!(refused.contains("max_connections_per_client"), "{refused:?}");
+    assert!(livez_from([127, 0, 0, 4], addr).starts_with("HTTP/1.1 200"));
+    drop(idle);
+    eventually(Duration::from_secs(10), "the address to be served again", || {
+        livez_from([127, 0, 0, 3], addr)
+            .starts_with("HTTP/1.1 200")
+            .then_some(())
+    });
+}
+
 #[test]
 fn connections_over_the_cap_get_503_while_the_others_are_served() {
     for role in ROLES {
