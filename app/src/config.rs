@@ -280,7 +280,8 @@ impl RoleConfig for Config {
         );
         raw.log.validate(&mut v);
         let shutdown = raw.shutdown.validate(&mut v);
-        let http = raw.http.validate(&mut v, shutdown.grace);
+        // Clients come through the balancers' L4 proxy too, all from a balancer's address.
+        let http = raw.http.validate_behind_proxies(&mut v, shutdown.grace);
         let instance = if raw.instance.is_empty() {
             format!("app-{}", listen.port())
         } else {

@@ -99,9 +99,30 @@ impl Default for HttpSection {
 impl HttpSection {
     /// The server limits these keys describe, with `grace` from the `[shutdown]` section.
     pub fn validate(&self, v: &mut Validator, grace: std::time::Duration) -> crate::http::ServerLimits {
+        self.validate_for(v, grace, true)
+    }
+
+    /// As [`HttpSection::validate`], for a server its clients reach through proxies (XBuy behind the L4
+    /// proxy, where every proxied connection comes from a balancer's address): no per-client cap unless
+    /// `max_connections_per_client` sets one.
+    pub fn validate_behind_proxies(
+        &self,
+        v: &mut Validator,
+        grace: std::time::Duration,
+    ) -> crate::http::ServerLimits {
+        self.validate_for(v, grace, false)
+    }
+
+    fn validate_for(
+        &self,
+        v: &mut Validator,
+        grace: std::time::Duration,
+        share: bool,
+    ) -> crate::http::ServerLimits {
         let max_connections = v.range("http.max_connections", self.max_connections, 1, 1_000_000);
         let per_client = match self.max_connections_per_client {
-            0 => (max_connections / 4).max(max_connections.min(16)),
+            0 if share => (max_connections / 4).max(max_connections.min(16)),
+            0 => max_connections,
             n => v.range("http.max_connections_per_client", n, 1, max_connections),
         };
         crate::http::ServerLimits {
