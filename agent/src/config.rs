@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+use xcluster_proto::report;
 use xcluster_runtime::common::{HttpSection, LogSection, ShutdownSection, ShutdownTimes};
 use xcluster_runtime::{ConfigIssue, DaemonConfig, RoleConfig, Validator};
 
@@ -127,28 +128,26 @@ impl RoleConfig for Config {
         } else {
             raw.agent_id.clone()
         };
-        v.check(
-            !agent_id.is_empty() && agent_id.len() <= xcluster_proto::report::MAX_ID_BYTES,
-            "agent_id",
-            || {
-                format!(
-                    "{agent_id:?} must be 1..={} bytes",
-                    xcluster_proto::report::MAX_ID_BYTES
-                )
-            },
-        );
+        v.check(report::valid_id(&agent_id), "agent_id", || {
+            format!("{agent_id:?} {}", report::ID_RULE)
+        });
         v.check(!raw.balancers.is_empty(), "balancers", || {
             "at least one balancer is required: with none, no report goes anywhere".into()
         });
         v.check(raw.balancers.len() <= 64, "balancers", || {
             "at most 64 balancers".into()
         });
-        let balancers = raw
+        let balancers: Vec<SocketAddr> = raw
             .balancers
             .iter()
             .enumerate()
             .map(|(i, b)| v.addr(&format!("balancers.{i}"), b))
             .collect();
+        for (i, b) in balancers.iter().enumerate() {
+            v.check(!balancers[..i].contains(b), &format!("balancers.{i}"), || {
+                format!("{b} is listed twice: it would get every report twice")
+            });
+        }
         let (key, key_file) = read_key(&mut v, &raw.key, &raw.key_file);
         let interval = v.millis("interval_ms", raw.interval_ms, 50, 60_000);
         let sample = v.millis("sample_ms", raw.sample_ms, 10, 60_000);
@@ -159,23 +158,18 @@ impl RoleConfig for Config {
         let mut instances: Vec<InstanceConfig> = Vec::new();
         for (n, i) in raw.instances.iter().enumerate() {
             let key = format!("instances.{n}");
-            v.check(
-                !i.id.is_empty() && i.id.len() <= xcluster_proto::report::MAX_ID_BYTES,
-                &format!("{key}.id"),
-                || {
-                    format!(
-                        "{:?} must be 1..={} bytes",
-                        i.id,
-                        xcluster_proto::report::MAX_ID_BYTES
-                    )
-                },
-            );
+            v.check(report::valid_id(&i.id), &format!("{key}.id"), || {
+                format!("{:?} {}", i.id, report::ID_RULE)
+            });
             v.check(
                 !instances.iter().any(|o| o.id == i.id),
                 &format!("{key}.id"),
                 || format!("{:?} is repeated", i.id),
             );
             let addr = v.addr(&format!("{key}.addr"), &i.addr);
+            v.check(report::usable_addr(addr), &format!("{key}.addr"), || {
+                format!("{addr} {}", report::ADDR_RULE)
+            });
             let (stats_addr, stats_path) = if i.stats_url.is_empty() {
                 (addr, "/v1/stats".to_string())
             } else {

@@ -53,6 +53,7 @@ fn settings() -> Settings {
         key: KEY.to_vec(),
         skew_ms: 60_000,
         max_agents: 10_000,
+        max_instances: 1_000_000,
         balancers: vec!["127.0.0.1:7000".into()],
         admin_token: String::new(),
         // The herd phase holds thousands of watches at once.

@@ -53,6 +53,9 @@ pub struct ReportsSection {
     pub skew_ms: u64,
     /// Most distinct agents remembered (bounds memory against a flood of agent ids).
     pub max_agents: usize,
+    /// Most instances in the table, over every agent: a report that would add past it is refused, so
+    /// one holder of the key cannot grow the table (and every server list and status) without bound.
+    pub max_instances: usize,
 }
 
 impl Default for ReportsSection {
@@ -62,6 +65,7 @@ impl Default for ReportsSection {
             key_file: String::new(),
             skew_ms: 10_000,
             max_agents: 1024,
+            max_instances: 16_384,
         }
     }
 }
@@ -180,6 +184,7 @@ pub struct Config {
     pub key_file: Option<std::path::PathBuf>,
     pub skew: Duration,
     pub max_agents: usize,
+    pub max_instances: usize,
     pub params: Params,
     pub admin_token: String,
     pub log_filter: String,
@@ -228,6 +233,7 @@ impl RoleConfig for Config {
         let (key, key_file) = read_key(&mut v, &raw.reports.key, &raw.reports.key_file);
         let skew = v.millis("reports.skew_ms", raw.reports.skew_ms, 100, 3_600_000);
         let max_agents = v.range("reports.max_agents", raw.reports.max_agents, 1, 100_000);
+        let max_instances = v.range("reports.max_instances", raw.reports.max_instances, 1, 1_000_000);
         let params = validate_directory(&mut v, &raw.directory, &raw.types);
         v.check(params.forget_after >= skew, "directory.forget_after_ms", || {
             "must be at least reports.skew_ms (a forgotten agent's old reports must fail the skew check)"
@@ -256,6 +262,7 @@ impl RoleConfig for Config {
             key_file,
             skew,
             max_agents,
+            max_instances,
             params,
             admin_token: raw.admin.token.clone(),
             log_filter: raw.log.level.clone(),

@@ -29,6 +29,33 @@ pub const MAX_INSTANCES: usize = 256;
 /// Longest id (agent or instance) in bytes.
 pub const MAX_ID_BYTES: usize = 128;
 
+/// What an agent or instance id may be, for messages.
+pub const ID_RULE: &str = "must be 1..=128 bytes of A-Z a-z 0-9 . _ : / @ -";
+
+/// Whether `id` may name an agent or an instance: ids reach logs, `ctl cluster`, the dashboard's HTML and
+/// its embedded JSON, so control characters, markup and bidi overrides are kept out at the door.
+pub fn valid_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= MAX_ID_BYTES
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'/' | b'@' | b'-'))
+}
+
+/// What an instance's address must be, for messages.
+pub const ADDR_RULE: &str =
+    "must be IP:PORT with a port and an address clients can connect to (not 0.0.0.0 or ::)";
+
+/// Whether clients can connect to `a`: a port, and not the unspecified address.
+pub fn usable_addr(a: std::net::SocketAddr) -> bool {
+    a.port() != 0 && !a.ip().is_unspecified()
+}
+
+/// At most 64 characters of `s`, for an error message about it.
+fn shown(s: &str) -> String {
+    s.chars().take(64).collect()
+}
+
 /// One agent's view of its host and the app instances on it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LoadReport {
@@ -169,11 +196,8 @@ impl LoadReport {
     /// Checks every figure is in range.
     pub fn validate(&self) -> Result<(), ReportError> {
         let bad = |m: String| Err(ReportError::Malformed(m));
-        if self.agent.is_empty() || self.agent.len() > MAX_ID_BYTES {
-            return bad(format!(
-                "agent id length {} not in 1..={MAX_ID_BYTES}",
-                self.agent.len()
-            ));
+        if !valid_id(&self.agent) {
+            return bad(format!("agent id {:?}: {ID_RULE}", shown(&self.agent)));
         }
         if self.instances.len() > MAX_INSTANCES {
             return bad(format!("{} instances, max {MAX_INSTANCES}", self.instances.len()));
@@ -188,11 +212,21 @@ impl LoadReport {
         }
         let mut ids = std::collections::BTreeSet::new();
         for i in &self.instances {
-            if i.id.is_empty() || i.id.len() > MAX_ID_BYTES || !ids.insert(i.id.as_str()) {
-                return bad(format!("instance id {:?} empty, too long or repeated", i.id));
+            if !valid_id(&i.id) {
+                return bad(format!("instance id {:?}: {ID_RULE}", shown(&i.id)));
             }
-            if i.addr.parse::<std::net::SocketAddr>().is_err() {
-                return bad(format!("instance {:?} has an invalid addr {:?}", i.id, i.addr));
+            if !ids.insert(i.id.as_str()) {
+                return bad(format!("instance id {:?} repeated", i.id));
+            }
+            match i.addr.parse::<std::net::SocketAddr>() {
+                Ok(a) if usable_addr(a) => {}
+                _ => {
+                    return bad(format!(
+                        "instance {:?} has addr {:?}: {ADDR_RULE}",
+                        i.id,
+                        shown(&i.addr)
+                    ));
+                }
             }
             if !unit(i.error_rate) || !nonneg(i.request_rate) || !nonneg(i.proc_cpu) {
                 return bad(format!("instance {:?} has an out-of-range rate", i.id));
@@ -274,5 +308,27 @@ mod tests {
         let mut r = report();
         r.instances.push(r.instances[0].clone());
         assert!(decode(&serde_json::to_vec(&r).unwrap()).is_err(), "repeated id");
+        // Addresses nobody can connect to, and ids that would carry control characters or markup.
+        for addr in ["0.0.0.0:7101", "[::]:7101", "127.0.0.1:0"] {
+            let mut r = report();
+            r.instances[0].addr = addr.into();
+            let e = decode(&serde_json::to_vec(&r).unwrap()).unwrap_err();
+            assert!(e.to_string().contains("not 0.0.0.0"), "{addr}: {e}");
+        }
+        for id in [
+            "ctrl\u{0}\n\u{1b}[31m",
+            "<!--<script>",
+            "a\u{202e}b",
+            "",
+            &"x".repeat(129),
+        ] {
+            let mut r = report();
+            r.instances[0].id = id.into();
+            assert!(decode(&serde_json::to_vec(&r).unwrap()).is_err(), "{id:?}");
+            let mut r = report();
+            r.agent = id.into();
+            assert!(decode(&serde_json::to_vec(&r).unwrap()).is_err(), "agent {id:?}");
+        }
+        assert!(valid_id("host-a.example/app-1:2@x_y"));
     }
 }

@@ -86,6 +86,7 @@ impl Directory {
         }
         let mut table = self.table();
         table.check_seq(&r, settings.max_agents, self.now_ms(), &settings.params)?;
+        table.check_room(&r, settings.max_instances)?;
         table.apply(&r, self.now_ms(), &settings.params);
         self.after_report(&table);
         Ok(r)
@@ -111,6 +112,7 @@ mod tests {
             key: b"k".to_vec(),
             skew_ms: 5_000,
             max_agents: 8,
+            max_instances: 16,
             balancers: vec!["127.0.0.1:7000".into()],
             admin_token: "t".into(),
             max_watches: 64,

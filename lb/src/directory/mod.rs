@@ -49,6 +49,8 @@ pub struct Settings {
     pub key: Vec<u8>,
     pub skew_ms: u64,
     pub max_agents: usize,
+    /// Instances in the table at most, over every agent (`[reports] max_instances`).
+    pub max_instances: usize,
     pub balancers: Vec<String>,
     pub admin_token: String,
     /// Watches held at once; beyond it a watch is answered at once. A quarter of `[http] max_connections`
@@ -64,6 +66,7 @@ impl Settings {
             key: c.key.clone(),
             skew_ms: c.skew.as_millis() as u64,
             max_agents: c.max_agents,
+            max_instances: c.max_instances,
             balancers: c.balancers.iter().map(ToString::to_string).collect(),
             admin_token: c.admin_token.clone(),
             max_watches: max_watches(c.http.max_connections),

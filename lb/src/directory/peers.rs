@@ -78,6 +78,7 @@ mod tests {
             key: b"k".to_vec(),
             skew_ms: 5_000,
             max_agents: 8,
+            max_instances: 16,
             balancers: vec!["127.0.0.1:7000".into()],
             admin_token: "t".into(),
             max_watches: 64,

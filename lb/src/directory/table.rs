@@ -123,6 +123,25 @@ impl Table {
         }
     }
 
+    /// Refuses `report` if the instances it would add (ids the table does not hold yet) take the table
+    /// past `max_instances`; those it holds already are only updated.
+    pub fn check_room(&self, report: &LoadReport, max_instances: usize) -> Result<(), ReportError> {
+        let new = report
+            .instances
+            .iter()
+            .filter(|i| !self.instances.contains_key(i.id.as_str()))
+            .count();
+        if new > 0 && self.instances.len() + new > max_instances {
+            return Err(ReportError::Malformed(format!(
+                "{} new instances would take the table past [reports] max_instances = {max_instances} (it holds {}); agent {:?} refused",
+                new,
+                self.instances.len(),
+                report.agent
+            )));
+        }
+        Ok(())
+    }
+
     /// Applies an accepted report: updates each instance's load, damped weights and readiness ramp, and
     /// drops instances the agent no longer reports.
     pub fn apply(&mut self, report: &LoadReport, now_ms: u64, p: &Params) {

@@ -522,6 +522,7 @@ fn clients_are_shown_a_new_list_only_when_it_changed_enough() {
         key: Vec::new(),
         skew_ms: 0,
         max_agents: 1,
+        max_instances: 16,
         balancers: Vec::new(),
         admin_token: String::new(),
         max_watches: 64,
@@ -573,4 +574,31 @@ fn clients_are_shown_a_new_list_only_when_it_changed_enough() {
     let s3 = Snapshot::build(&t, 300, &p, Some(&s2));
     assert_ne!(s3.served_version("queue").unwrap(), v2);
     assert_eq!(shown_weight(&s3, "h1/b"), Some(0));
+}
+
+/// The table holds at most `max_instances` over every agent: a report that would add past it is refused
+/// whole, while reports of instances it holds already still update them.
+#[test]
+fn a_report_that_would_overfill_the_table_is_refused() {
+    let p = params();
+    let mut t = Table::default();
+    let two = |agent: &str, base: u16| {
+        vec![
+            inst(&format!("{agent}/a"), base, 1),
+            inst(&format!("{agent}/b"), base + 1, 1),
+        ]
+    };
+    let first = report("h1", 1, 0, 0.1, two("h1", 1));
+    assert!(t.check_room(&first, 3).is_ok());
+    t.apply(&first, 0, &p);
+    let second = report("h2", 1, 0, 0.1, two("h2", 10));
+    let e = t.check_room(&second, 3).unwrap_err();
+    assert!(e.to_string().contains("max_instances = 3"), "{e}");
+    // h1 again, same instances: nothing new, so not refused.
+    assert!(t.check_room(&report("h1", 2, 100, 0.1, two("h1", 1)), 3).is_ok());
+    // One new instance fits.
+    assert!(
+        t.check_room(&report("h2", 1, 0, 0.1, vec![inst("h2/a", 10, 1)]), 3)
+            .is_ok()
+    );
 }
