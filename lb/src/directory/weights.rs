@@ -85,7 +85,8 @@ pub struct Load {
     pub cpu: f64,
     /// Host memory utilisation, 0..=1.
     pub mem: f64,
-    /// In flight + queued over capacity, 0..=1 (clamped; 0 when the capacity is unknown).
+    /// In flight + queued over capacity, 0..=1 (clamped; with the capacity unknown, 0 when nothing is held
+    /// and 1 when something is).
     pub queue: f64,
     /// Server-side error rate of the instance, 0..=1.
     pub error_rate: f64,
@@ -107,7 +108,9 @@ impl Load {
     ) -> Self {
         let held = f64::from(i.in_flight) + f64::from(i.queued);
         let queue = if i.capacity == 0 {
-            0.0
+            // Unknown capacity: idle if nothing is held, else judged full rather than idle, so an instance
+            // that reports a backlog but no capacity is not handed an idle one's share.
+            if held > 0.0 { 1.0 } else { 0.0 }
         } else {
             (held / f64::from(i.capacity)).clamp(0.0, 1.0)
         };

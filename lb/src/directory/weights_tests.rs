@@ -397,3 +397,27 @@ fn a_figure_without_new_requests_fades_toward_the_reference() {
     });
     assert_eq!(trickle["t"].credible_ms(Some(1.0)), 50.0);
 }
+
+/// An instance that reports no capacity is idle only while it holds nothing: with a backlog it is judged
+/// full, not handed an idle instance's share.
+#[test]
+fn unknown_capacity_with_a_backlog_reads_as_full() {
+    let host = xcluster_proto::report::HostLoad {
+        cpu: 0.1,
+        mem: 0.1,
+        load1: 0.0,
+        cores: 8,
+    };
+    let inst = |in_flight: u32, queued: u32, capacity: u32| xcluster_proto::report::InstanceLoad {
+        in_flight,
+        queued,
+        capacity,
+        ..Default::default()
+    };
+    assert_eq!(Load::from_report(&host, &inst(0, 0, 0), 1).queue, 0.0);
+    assert_eq!(
+        Load::from_report(&host, &inst(u32::MAX, u32::MAX, 0), 1).queue,
+        1.0
+    );
+    assert_eq!(Load::from_report(&host, &inst(5, 5, 40), 1).queue, 0.25);
+}
