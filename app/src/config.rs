@@ -258,6 +258,7 @@ impl RoleConfig for Config {
                 format!("{ty} = {us} us is above 1000000")
             });
         }
+        v.token("admin_token", &raw.admin_token);
         let secret = &raw.payment_callback_secret;
         v.check(
             secret.is_empty() || secret.len() >= 16,

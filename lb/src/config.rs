@@ -233,6 +233,7 @@ impl RoleConfig for Config {
         let (key, key_file) = read_key(&mut v, &raw.reports.key, &raw.reports.key_file);
         let skew = v.millis("reports.skew_ms", raw.reports.skew_ms, 100, 3_600_000);
         let max_agents = v.range("reports.max_agents", raw.reports.max_agents, 1, 100_000);
+        v.token("admin.token", &raw.admin.token);
         let max_instances = v.range("reports.max_instances", raw.reports.max_instances, 1, 1_000_000);
         let params = validate_directory(&mut v, &raw.directory, &raw.types);
         v.check(params.forget_after >= skew, "directory.forget_after_ms", || {

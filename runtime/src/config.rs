@@ -650,6 +650,14 @@ impl Validator {
 
     /// One of the named `choices`, by its name `value`; an unknown name is an error naming them all, and gives
     /// the first choice.
+    /// A bearer token (empty: none): visible ASCII only, since a request's `Authorization` header loses
+    /// surrounding spaces and cannot carry control characters, so such a token could never match.
+    pub fn token(&mut self, key: &str, value: &str) {
+        self.check(value.bytes().all(|b| b.is_ascii_graphic()), key, || {
+            "must be visible ASCII without spaces (a request could never present it)".into()
+        });
+    }
+
     pub fn one_of<T: Copy>(&mut self, key: &str, value: &str, choices: &[(&str, T)]) -> T {
         if let Some(&(_, t)) = choices.iter().find(|(name, _)| *name == value) {
             return t;
@@ -807,6 +815,23 @@ mod tests {
             assert!(err.contains(says), "{key}: {err}");
         }
         assert_eq!(t, want, "a refused key changed nothing");
+    }
+
+    #[test]
+    fn a_token_no_request_could_present_is_refused() {
+        let mut v = Validator::new();
+        v.token("a", "");
+        v.token("b", "s3cret-Token_1");
+        assert!(v.finish(()).is_ok());
+        for bad in [" tok ", "tok ", "a b", "t\u{0}k", "tök"] {
+            let mut v = Validator::new();
+            v.token("admin.token", bad);
+            let issues = v.finish(()).unwrap_err();
+            assert!(
+                issues[0].to_string().contains("visible ASCII"),
+                "{bad:?}: {issues:?}"
+            );
+        }
     }
 
     #[test]
