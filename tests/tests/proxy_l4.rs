@@ -892,6 +892,36 @@ fn ask_name(s: &mut TcpStream) -> u8 {
     name[0]
 }
 
+/// With `accept_proxy_from`, only the peers it names may send PROXY headers: a client elsewhere that claims
+/// an allowed address is closed and counted as denied, while the trusted front is served.
+#[test]
+fn only_trusted_peers_may_name_the_client() {
+    let echo = echo_backend();
+    let front = free_addr();
+    let lb = start_lb(
+        "io_uring",
+        1000,
+        &format!(
+            "{}accept_proxy = true\naccept_proxy_from = [\"127.0.0.2\"]\nallow = [\"10.9.9.9\"]\n{}",
+            listener("web", front),
+            backends(&[echo])
+        ),
+    );
+    let header = format!("PROXY TCP4 10.9.9.9 127.0.0.1 1111 {}\r\n", front.port());
+    let spoofed = {
+        let mut s = connect_from([127, 0, 0, 1], front);
+        // The proxy may close before the write lands: only what comes back matters.
+        let _ = s.write_all(format!("{header}hi").as_bytes());
+        let mut buf = [0u8; 8];
+        matches!(s.read(&mut buf), Ok(0) | Err(_))
+    };
+    assert!(spoofed, "an untrusted peer's header was believed");
+    lb.wait_web_count("connections_denied_total", 1.0);
+    let mut s = connect_from([127, 0, 0, 2], front);
+    s.write_all(header.as_bytes()).unwrap();
+    ping(&mut s, b"trusted");
+}
+
 /// With `balance = "round_robin"`, connections take the backends in turn, each as often as its weight says.
 #[test]
 fn round_robin_takes_the_backends_in_turn() {

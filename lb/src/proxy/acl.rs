@@ -84,6 +84,12 @@ pub struct Acl {
     pub deny: Vec<Net>,
 }
 
+/// Whether one of `nets` covers `ip`.
+pub fn any_covers(nets: &[Net], ip: IpAddr) -> bool {
+    let ip = mapped(ip);
+    nets.iter().any(|n| n.covers(ip))
+}
+
 impl Acl {
     /// Whether a client at `ip` may connect: no `deny` entry covers it, and an `allow` entry does if any
     /// are listed.

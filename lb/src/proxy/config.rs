@@ -142,6 +142,12 @@ pub struct ListenerRaw {
     /// `accept-proxy`): the address it names is the client's everywhere (log, per-client limit,
     /// `balance = "source"`, the header sent on). See `proxy::inbound`.
     pub accept_proxy: bool,
+    /// With `accept_proxy`: the addresses or CIDR networks (the front balancers) whose PROXY headers are
+    /// believed; a connection from anywhere else is closed at once, counted as denied. Empty (the
+    /// default): any peer's header is taken, so any client that reaches the port can claim any address
+    /// and pass `allow`, per-client limits and `balance = "source"` (HAProxy trusts `accept-proxy`
+    /// alike, and advises a trusted-source rule).
+    pub accept_proxy_from: Vec<String>,
     /// One log line per connection when it ends (HAProxy's `option tcplog`); see `proxy::access`.
     pub log_connections: bool,
     /// Connections one client address may hold open through this listener at once; 0 (the default): no
@@ -167,6 +173,7 @@ impl Default for ListenerRaw {
             request_type: "default".into(),
             proxy_protocol: false,
             accept_proxy: false,
+            accept_proxy_from: Vec::new(),
             log_connections: false,
             max_connections_per_client: 0,
             max_connection_rate_per_client: 0,
@@ -254,6 +261,8 @@ pub struct ListenerConfig {
     pub request_type: String,
     pub proxy_protocol: bool,
     pub accept_proxy: bool,
+    /// Peers whose PROXY headers are believed; empty: any.
+    pub proxy_from: Vec<Net>,
     pub log_connections: bool,
     /// `None`: no limit.
     pub max_connections_per_client: Option<u32>,
@@ -386,12 +395,18 @@ impl ProxySection {
                     format!("{name:?} is used by another listener"),
                 );
             }
+            v.check(
+                l.accept_proxy || l.accept_proxy_from.is_empty(),
+                &format!("{key}.accept_proxy_from"),
+                || "has no effect without accept_proxy = true".into(),
+            );
             listeners.push(ListenerConfig {
                 name,
                 listen,
                 request_type: l.request_type.clone(),
                 proxy_protocol: l.proxy_protocol,
                 accept_proxy: l.accept_proxy,
+                proxy_from: nets(v, &format!("{key}.accept_proxy_from"), &l.accept_proxy_from),
                 log_connections: l.log_connections,
                 max_connections_per_client: Some(v.range(
                     &format!("{key}.max_connections_per_client"),

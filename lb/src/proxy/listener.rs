@@ -217,6 +217,7 @@ mod tests {
             request_type: "x".into(),
             proxy_protocol: false,
             accept_proxy: false,
+            proxy_from: Vec::new(),
             log_connections: false,
             max_connections_per_client: None,
             connection_rate: None,

@@ -22,6 +22,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn};
 
 use super::access::{ConnLog, End};
+use super::acl;
 use super::clients::{ClientCounts, ClientSlot};
 use super::config::{Forwarding, ListenerConfig, ProxyConfig, RuntimeMode, Timeouts};
 use super::handover;
@@ -346,10 +347,16 @@ impl ListenerState {
     /// With `accept_proxy` its client is not known yet: it is admitted once its header names it
     /// (`Active::header_read`).
     pub fn admit(&self, peer: SocketAddr) -> Admit {
-        if self.cfg.accept_proxy {
+        let admit = if !self.cfg.accept_proxy {
+            self.admit_client(peer)
+        } else if self.cfg.proxy_from.is_empty() || acl::any_covers(&self.cfg.proxy_from, peer.ip()) {
             return Admit::Open(None);
-        }
-        let admit = self.admit_client(peer);
+        } else {
+            // Its header would name whatever client it liked.
+            self.metrics.denied.increment(1);
+            debug!(listener = %self.cfg.name, %peer, "peer not in accept_proxy_from; closed");
+            Admit::Rejected(End::Denied)
+        };
         if let Admit::Rejected(end) = &admit
             && self.cfg.log_connections
         {
