@@ -179,8 +179,23 @@ pub fn parse_table(text: &[u8], origin: &str) -> Result<toml::Table, ConfigError
     })?;
     text.parse::<toml::Table>().map_err(|e| ConfigError::Syntax {
         origin: origin.into(),
-        message: e.to_string().trim().to_string(),
+        message: clip_lines(e.to_string().trim()),
     })
+}
+
+/// The widest line of a syntax error shown: the parser quotes the offending line whole, and one line of a
+/// 200 KB file made each failed reload log 200 KB.
+const ERROR_LINE_CHARS: usize = 200;
+
+/// `msg` with each line cut to [`ERROR_LINE_CHARS`] characters (`…` marks a cut).
+fn clip_lines(msg: &str) -> String {
+    msg.lines()
+        .map(|l| match l.char_indices().nth(ERROR_LINE_CHARS) {
+            Some((at, _)) => format!("{}…", &l[..at]),
+            None => l.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// The `role = "..."` key of a config file's `bytes`, if it has one (`origin` names the file in errors).
@@ -845,6 +860,15 @@ mod tests {
     fn syntax_error_names_the_file() {
         let err = load_str("listen = \n", &[]).unwrap_err();
         assert!(matches!(err, ConfigError::Syntax { .. }), "{err}");
+        // One long bad line is quoted cut, not whole.
+        let long = format!("x = {}\n", "[".repeat(100_000));
+        let err = load_str(&long, &[]).unwrap_err().to_string();
+        assert!(
+            err.len() < 2_000 && err.contains('…'),
+            "{} bytes: {}",
+            err.len(),
+            &err[..300.min(err.len())]
+        );
     }
 
     #[test]
