@@ -6,7 +6,7 @@
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
-use crate::domain::request::{MAX_LINES, MAX_ORDER_TOTAL, MAX_PRICE, validate, validate_lines};
+use crate::domain::request::{MAX_LINES, MAX_ORDER_TOTAL, MAX_PRICE, bad_id, validate, validate_lines};
 use crate::domain::{Cents, OrderKind, OrderLineReq, fingerprint, valid_id};
 use crate::store::{PaymentCallback, StockUpdate};
 
@@ -73,13 +73,7 @@ pub struct RefundReq {
 impl RefundReq {
     pub fn check(&self) -> Result<(), Refusal> {
         if !valid_id(&self.order_id) {
-            return Err((
-                "bad_id",
-                format!(
-                    "order id {:?} is not 1..=64 bytes of [A-Za-z0-9._:-]",
-                    self.order_id
-                ),
-            ));
+            return Err(("bad_id", bad_id("order id", &self.order_id)));
         }
         let Some(lines) = &self.lines else {
             return Ok(());
@@ -112,7 +106,7 @@ impl CreditReq {
             return bad(format!("users must hold 1..={MAX_CREDIT_USERS} ids"));
         }
         if let Some(u) = self.users.iter().find(|u| !valid_id(u)) {
-            return bad(format!("user {u:?} is not 1..=64 bytes of [A-Za-z0-9._:-]"));
+            return bad(bad_id("user", u));
         }
         let mut seen = std::collections::HashSet::new();
         if let Some(dup) = self.users.iter().find(|u| !seen.insert(u.as_str())) {
@@ -165,10 +159,7 @@ impl StockReq {
         }
         for u in &self.updates {
             if !valid_id(&u.sku) {
-                return Err((
-                    "bad_id",
-                    format!("sku id {:?} is not 1..=64 bytes of [A-Za-z0-9._:-]", u.sku),
-                ));
+                return Err(("bad_id", bad_id("sku id", &u.sku)));
             }
             if u.price_cents.is_some_and(|p| !(0..=MAX_PRICE).contains(&p)) {
                 return bad(format!("price_cents of {} is out of range", u.sku));

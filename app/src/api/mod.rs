@@ -286,7 +286,7 @@ fn path_id(what: &str, id: &str) -> Result<(), Response<Body>> {
         Err(error(
             StatusCode::BAD_REQUEST,
             "bad_id",
-            &format!("{what} id {id:?} is not 1..=64 bytes of [A-Za-z0-9._:-]"),
+            &crate::domain::request::bad_id(&format!("{what} id"), id),
         ))
     }
 }

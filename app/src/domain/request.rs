@@ -47,6 +47,14 @@ pub fn valid_id(s: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
 }
 
+/// Why `id` (a `what`: "user", "sku id", ...) is not a [`valid_id`], quoting at most 64 characters of it:
+/// a 10 KB id is not sent back whole.
+pub fn bad_id(what: &str, id: &str) -> String {
+    let shown: String = id.chars().take(64).collect();
+    let cut = if shown.len() < id.len() { "…" } else { "" };
+    format!("{what} {shown:?}{cut} is not 1..=64 bytes of [A-Za-z0-9._:-]")
+}
+
 /// Checks an idempotency key: 1..=128 printable ASCII bytes.
 pub fn valid_idem_key(s: &str) -> bool {
     !s.is_empty() && s.len() <= 128 && s.bytes().all(|b| b.is_ascii_graphic())
@@ -55,7 +63,7 @@ pub fn valid_idem_key(s: &str) -> bool {
 /// Validates the parts of an order request; the message names the offending value.
 pub fn validate(user: &str, lines: &[OrderLineReq]) -> Result<(), String> {
     if !valid_id(user) {
-        return Err(format!("user {user:?} is not 1..=64 bytes of [A-Za-z0-9._:-]"));
+        return Err(bad_id("user", user));
     }
     if lines.is_empty() || lines.len() > MAX_LINES {
         return Err(format!(
@@ -72,7 +80,7 @@ pub fn validate_lines(lines: &[OrderLineReq]) -> Result<(), String> {
     let mut seen = std::collections::HashSet::new();
     for l in lines {
         if !valid_id(&l.sku) {
-            return Err(format!("sku {:?} is not 1..=64 bytes of [A-Za-z0-9._:-]", l.sku));
+            return Err(bad_id("sku", &l.sku));
         }
         if l.qty == 0 || l.qty > MAX_QTY {
             return Err(format!("qty {} for sku {} is not in 1..={MAX_QTY}", l.qty, l.sku));
@@ -165,6 +173,16 @@ mod tests {
         assert_ne!(a, refund_fingerprint("o2", Some(&[line("a", 1), line("b", 2)])));
         assert_ne!(a, refund_fingerprint("o1", None));
         assert_ne!(refund_fingerprint("o1", None), refund_fingerprint("o2", None));
+    }
+
+    #[test]
+    fn a_long_bad_id_is_quoted_cut() {
+        let msg = bad_id("user", &"x".repeat(10_000));
+        assert!(msg.len() < 150 && msg.contains("…"), "{msg}");
+        assert_eq!(
+            bad_id("sku", "a b"),
+            "sku \"a b\" is not 1..=64 bytes of [A-Za-z0-9._:-]"
+        );
     }
 
     #[test]
