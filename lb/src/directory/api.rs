@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
-use xcluster_proto::report::{MAX_REPORT_BYTES, ReportError, SIGNATURE_HEADER};
+use xcluster_proto::report::{self, MAX_REPORT_BYTES, ReportError, SIGNATURE_HEADER};
 use xcluster_runtime::http::{
     Body, BodyError, Handler, authorize, error, json, method_not_allowed, query_pairs, read_body, with_type,
 };
@@ -42,7 +42,8 @@ async fn route(dir: Directory, req: Request<Incoming>) -> Response<Body> {
         ("/v1/servers" | "/v1/pick" | "/v1/status", _) => method_not_allowed(&method, &path, "GET"),
         _ => match drain_target(&path) {
             Some(_) if method != Method::POST => method_not_allowed(&method, &path, "POST"),
-            Some((id, on)) => drain(&dir, &req, &id, on),
+            Some(Err(why)) => error(StatusCode::BAD_REQUEST, "bad_id", &why),
+            Some(Ok((id, on))) => drain(&dir, &req, &id, on),
             None => error(
                 StatusCode::NOT_FOUND,
                 "not_found",
@@ -176,20 +177,24 @@ fn pick(dir: &Directory, query: Option<&str>) -> Response<Body> {
     }
 }
 
-/// `/v1/servers/{id}/drain` or `/undrain` → (decoded id, drain?). Ids may contain `/` (`host/app-1`).
-fn drain_target(path: &str) -> Option<(String, bool)> {
+/// `/v1/servers/{id}/drain` or `/undrain` → (decoded id, drain?), or why the id cannot be one; `None` for
+/// another path. Ids may contain `/` (`host/app-1`).
+fn drain_target(path: &str) -> Option<Result<(String, bool), String>> {
     let rest = path.strip_prefix("/v1/servers/")?;
     let (raw, on) = if let Some(id) = rest.strip_suffix("/drain") {
         (id, true)
     } else {
         (rest.strip_suffix("/undrain")?, false)
     };
-    if raw.is_empty() || raw.len() > 3 * xcluster_proto::report::MAX_ID_BYTES || raw.contains(['&', '=', '+'])
-    {
-        return None;
-    }
-    let decoded = query_pairs(Some(&format!("id={raw}"))).ok()?.pop()?.1;
-    Some((decoded, on))
+    let decoded = (raw.len() <= 3 * report::MAX_ID_BYTES && !raw.contains(['&', '=', '+']))
+        .then(|| query_pairs(Some(&format!("id={raw}"))).ok()?.pop())
+        .flatten()
+        .map(|(_, id)| id)
+        .filter(|id| report::valid_id(id));
+    Some(decoded.map(|id| (id, on)).ok_or_else(|| {
+        let shown: String = raw.chars().take(64).collect();
+        format!("instance id {shown:?}: {}", report::ID_RULE)
+    }))
 }
 
 fn drain(dir: &Directory, req: &Request<Incoming>, id: &str, on: bool) -> Response<Body> {
@@ -238,13 +243,20 @@ mod tests {
     fn drain_paths() {
         assert_eq!(
             drain_target("/v1/servers/h%2Fa/drain"),
-            Some(("h/a".into(), true))
+            Some(Ok(("h/a".into(), true)))
         );
         assert_eq!(
             drain_target("/v1/servers/h/a/undrain"),
-            Some(("h/a".into(), false))
+            Some(Ok(("h/a".into(), false)))
         );
-        assert_eq!(drain_target("/v1/servers//drain"), None);
+        assert!(matches!(drain_target("/v1/servers//drain"), Some(Err(_))));
+        let long = format!("/v1/servers/{}/drain", "a".repeat(400));
+        assert!(matches!(drain_target(&long), Some(Err(_))));
+        assert!(
+            matches!(drain_target("/v1/servers/a%3Cb/drain"), Some(Err(_))),
+            "not an id's charset"
+        );
+        assert!(matches!(drain_target("/v1/servers/a%zz/drain"), Some(Err(_))));
         assert_eq!(drain_target("/v1/servers/x/other"), None);
     }
 
