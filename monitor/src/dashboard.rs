@@ -9,11 +9,67 @@ const PAGE: &str = include_str!("dashboard.html");
 
 /// The page with the current status, cluster view and recent events embedded, so it renders complete at once.
 pub(crate) fn page(initial: &serde_json::Value) -> Response<Body> {
-    // `</` must not appear inside the script element.
-    let data = initial.to_string().replace("</", "<\\/");
     with_type(
         StatusCode::OK,
         "text/html; charset=utf-8",
-        PAGE.replace("/*INITIAL*/", &data),
+        PAGE.replace("/*INITIAL*/", &script_safe_json(initial)),
     )
+}
+
+/// `value` as JSON that is inert inside a `<script>` element. The data holds strings from elsewhere (instance
+/// ids from agents' reports, balancers' status): escaping only `</` left `<!--<script>` able to switch the
+/// HTML tokenizer into the script's "double-escaped" state, which swallows the page's own script. Every `<`,
+/// `>` and `&` becomes a `\uXXXX` escape, so no markup can form, and U+2028/U+2029 too (line terminators to
+/// older JavaScript parsers). Each escape only ever lands inside a JSON string (outside strings JSON has none
+/// of these characters), so the text stays valid JSON with the same value.
+fn script_safe_json(value: &serde_json::Value) -> String {
+    let json = value.to_string();
+    let mut out = String::with_capacity(json.len());
+    for c in json.chars() {
+        match c {
+            '<' => out.push_str("\\u003c"),
+            '>' => out.push_str("\\u003e"),
+            '&' => out.push_str("\\u0026"),
+            '\u{2028}' => out.push_str("\\u2028"),
+            '\u{2029}' => out.push_str("\\u2029"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use http_body_util::BodyExt;
+    use serde_json::json;
+
+    /// An instance id that opens an HTML comment and a script used to put the tokenizer in the script's
+    /// double-escaped state, so the page's own script never ran. The embedded data must hold no markup at
+    /// all, and still parse back to the same value.
+    #[tokio::test]
+    async fn embedded_state_is_inert_html_and_the_same_json() {
+        let hostile = "<!--<script></script>&amp;\u{2028}\u{2029}-->";
+        let initial =
+            json!({ "cluster": { "balancers": [{ "status": { "instances": [{ "id": hostile }] } }] } });
+        let resp = super::page(&initial);
+        let html = resp.into_body().collect().await.unwrap().to_bytes();
+        let html = String::from_utf8(html.to_vec()).unwrap();
+        let start = html
+            .find(r#"<script id="initial" type="application/json">"#)
+            .unwrap();
+        let data_start = html[start..].find('>').unwrap() + start + 1;
+        let data_end = html[data_start..].find("</script>").unwrap() + data_start;
+        let data = &html[data_start..data_end];
+        for bad in ['<', '>', '&', '\u{2028}', '\u{2029}'] {
+            assert!(!data.contains(bad), "{bad:?} in {data}");
+        }
+        let back: serde_json::Value = serde_json::from_str(data).unwrap();
+        assert_eq!(back, initial);
+        // The page's main script follows, untouched.
+        assert!(
+            html[data_end..].contains("JSON.parse("),
+            "the page's script is after the data"
+        );
+    }
 }
