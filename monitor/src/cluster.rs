@@ -9,8 +9,12 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-/// Largest status body accepted from a balancer.
-const MAX_BODY: usize = 4 * 1024 * 1024;
+/// Largest status body accepted from a balancer. A balancer's status lists every instance it knows (a few
+/// hundred bytes each, more with many request types), so thousands of instances make several MiB; 16 MiB
+/// leaves room for that while bounding what one balancer can make the monitor hold (per balancer, per view).
+const MAX_BODY: usize = 16 * 1024 * 1024;
+/// Room for the response head and chunk-size lines beyond the body.
+const MAX_FRAMING: usize = 64 * 1024;
 
 #[derive(Debug, Serialize)]
 pub struct BalancerView {
@@ -132,12 +136,18 @@ async fn request(
     s.write_all(req.as_bytes())
         .await
         .map_err(|e| format!("write: {e}"))?;
+    let too_large = || format!("status larger than {} MiB", MAX_BODY / (1024 * 1024));
     let mut raw = Vec::new();
+    // One byte past the cap tells a body over it from one that just fits: cut short, it would only fail to
+    // parse, and a healthy balancer would show as down with a JSON error that hides the cause.
     (&mut s)
-        .take(MAX_BODY as u64 + 65_536)
+        .take((MAX_BODY + MAX_FRAMING + 1) as u64)
         .read_to_end(&mut raw)
         .await
         .map_err(|e| format!("read: {e}"))?;
+    if raw.len() > MAX_BODY + MAX_FRAMING {
+        return Err(too_large());
+    }
     let split = raw
         .windows(4)
         .position(|w| w == b"\r\n\r\n")
@@ -151,6 +161,9 @@ async fn request(
     let mut body = raw[split + 4..].to_vec();
     if head.contains("transfer-encoding: chunked") {
         body = dechunk(&body).ok_or("malformed chunked body")?;
+    }
+    if body.len() > MAX_BODY {
+        return Err(too_large());
     }
     match serde_json::from_slice(&body) {
         Ok(v) => Ok((status, v)),
@@ -241,6 +254,40 @@ mod tests {
             );
             assert!(head.contains("\r\nAuthorization: Bearer tok\r\n"), "{head}");
         }
+    }
+
+    /// A balancer whose status is over the limit is reported as too large, not as "not JSON" from a body
+    /// cut short; one just under the limit (a big but legitimate status) is up.
+    #[tokio::test]
+    async fn an_oversized_status_says_so() {
+        async fn serve(body: Vec<u8>) -> std::net::SocketAddr {
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = l.local_addr().unwrap();
+            tokio::spawn(async move {
+                let (mut s, _) = l.accept().await.unwrap();
+                let mut buf = [0u8; 1024];
+                let _ = s.read(&mut buf).await;
+                let head = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", body.len());
+                let _ = s.write_all(head.as_bytes()).await;
+                let _ = s.write_all(&body).await;
+            });
+            addr
+        }
+        // A JSON string of `len` bytes in all.
+        let json_of = |len: usize| {
+            let mut b = vec![b'"'];
+            b.resize(len - 1, b'x');
+            b.push(b'"');
+            b
+        };
+        let timeout = std::time::Duration::from_secs(20);
+        let big = serve(json_of(super::MAX_BODY + 1)).await;
+        let fits = serve(json_of(super::MAX_BODY)).await;
+        let view = super::fetch(&[big, fits], timeout).await;
+        let b = &view.balancers;
+        assert!(!b[0].up);
+        assert_eq!(b[0].error.as_deref(), Some("status larger than 16 MiB"));
+        assert!(b[1].up, "{:?}", b[1].error);
     }
 
     #[test]
