@@ -278,19 +278,37 @@ pub fn substitute(s: &str, vars: &[(&str, String)]) -> String {
     out
 }
 
+/// Longest `[programs.<name>]` name, in bytes.
+pub const MAX_PROGRAM_NAME: usize = 128;
+/// Longest process name (after `process_name` expansion), in bytes: room for `<program>-<num>` with the
+/// longest program name, and for its default log file `<name>.out.log.<backup>` within [`MAX_FILE_NAME`].
+pub const MAX_PROCESS_NAME: usize = 200;
+/// Longest file name most Linux file systems take (`NAME_MAX`).
+const MAX_FILE_NAME: usize = 255;
+
+/// Whether `name` is 1 to `max` bytes of letters, digits, '-', '_', '.'.
+fn is_name(name: &str, max: usize) -> bool {
+    (1..=max).contains(&name.len())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+}
+
 impl RawProgram {
     /// Validates the section and expands it into its instances; problems go to `v`.
     pub fn expand(&self, program: &str, log_dir: &Path, v: &mut Validator) -> Vec<ProcessSpec> {
         let key = |k: &str| format!("programs.{program}.{k}");
         let errs_before = v.issues.len();
-        if program.is_empty()
-            || !program
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-        {
+        if !is_name(program, usize::MAX) {
             v.error(
                 format!("programs.{program}"),
                 "program names use only letters, digits, '-', '_', '.'",
+            );
+        }
+        if program.len() > MAX_PROGRAM_NAME {
+            v.error(
+                format!("programs.{program}"),
+                format!("program names are at most {MAX_PROGRAM_NAME} bytes"),
             );
         }
         if program == "all" {
@@ -301,6 +319,16 @@ impl RawProgram {
         }
         if self.command.trim().is_empty() {
             v.error(key("command"), "a command is required");
+        }
+        // What `execve` cannot take would fail every spawn, so the program would loop in BACKOFF forever: a
+        // config error instead. (A NUL in any value is caught with the placeholders below.)
+        for name in self.environment.keys() {
+            if name.is_empty() || name.contains(['=', '\0']) {
+                v.error(
+                    key("environment"),
+                    format!("{name:?} is not a variable name (non-empty, without '=' or NUL)"),
+                );
+            }
         }
         for code in self.exitcodes.iter().filter(|c| !(0..=255).contains(*c)) {
             v.error(key("exitcodes"), format!("{code} is not an exit code (0..=255)"));
@@ -438,6 +466,10 @@ impl RawProgram {
             }
         }
         for (k, text) in texts {
+            if text.contains('\0') {
+                v.error(k.escape_debug().to_string(), "contains a NUL byte");
+                continue;
+            }
             check_placeholders(text, &k, has_port, v);
         }
         if v.issues.len() > errs_before {
@@ -531,11 +563,35 @@ impl RawProgram {
             if chosen.is_empty() || chosen == "none" {
                 continue;
             }
-            for dir in log.iter().filter_map(|l| l.path.as_deref()?.parent()) {
-                if !dir.as_os_str().is_empty() && !dir.is_dir() {
+            for l in log {
+                let Some(path) = l.path.as_deref() else { continue };
+                if let Some(dir) = path.parent()
+                    && !dir.as_os_str().is_empty()
+                    && !dir.is_dir()
+                {
                     v.error(
                         key(setting),
                         format!("directory {} does not exist", dir.display()),
+                    );
+                    return Vec::new();
+                }
+                // Either would fail every open of the log, so every start.
+                if path.is_dir() {
+                    v.error(key(setting), format!("{} is a directory", path.display()));
+                    return Vec::new();
+                }
+                // Room for the rotated backups' `.<n>` too.
+                let backup_suffix = format!(".{}", l.backups).len();
+                if path
+                    .file_name()
+                    .is_some_and(|f| f.len() + backup_suffix > MAX_FILE_NAME)
+                {
+                    v.error(
+                        key(setting),
+                        format!(
+                            "file name of {} is longer than {MAX_FILE_NAME} bytes with its backups' suffix",
+                            path.display()
+                        ),
                     );
                     return Vec::new();
                 }
@@ -597,10 +653,16 @@ pub fn check_set(specs: &[ProcessSpec], v: &mut Validator) {
                 format!("process name {:?} is used twice", s.name),
             );
         }
-        if s.name.contains(['/', ' ', '*']) {
+        // The program names' own charset: a process name is a log file name, a path segment of the API
+        // (where `,` separates names and `&` must mean nothing) and a `ctl` argument (where `:` and `*`
+        // select).
+        if !is_name(&s.name, MAX_PROCESS_NAME) {
             v.error(
                 format!("programs.{}.process_name", s.group),
-                format!("{:?} may not contain '/', ' ' or '*'", s.name),
+                format!(
+                    "{:?}: process names are 1 to {MAX_PROCESS_NAME} letters, digits, '-', '_' or '.'",
+                    s.name
+                ),
             );
         }
     }
@@ -871,6 +933,95 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// Settings no process could be started with used to pass, and the program then looped in BACKOFF:
+    /// `execve` refuses a NUL and a variable name with `=` (or none), a 300-byte name makes a log file
+    /// name too long, and a log "file" that is a directory cannot be opened.
+    #[test]
+    fn settings_no_spawn_could_use_are_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let check = |program: &str, raw: RawProgram| {
+            let mut v = Validator::new();
+            let specs = raw.expand(program, dir.path(), &mut v);
+            check_set(&specs, &mut v);
+            issues(&v)
+        };
+        let env = |pairs: &[(&str, &str)]| RawProgram {
+            command: "x".into(),
+            environment: pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            ..RawProgram::default()
+        };
+        assert_eq!(
+            check(
+                "app",
+                env(&[("A=B", "1"), ("", "2"), ("N\0", "3"), ("OK", "v\0")])
+            ),
+            [
+                "programs.app.environment: \"\" is not a variable name (non-empty, without '=' or NUL)",
+                "programs.app.environment: \"A=B\" is not a variable name (non-empty, without '=' or NUL)",
+                "programs.app.environment: \"N\\0\" is not a variable name (non-empty, without '=' or NUL)",
+                "programs.app.environment.OK: contains a NUL byte",
+            ]
+        );
+        assert!(check("app", env(&[("OK", "v"), ("_A1", "")])).is_empty());
+
+        let x = || RawProgram {
+            command: "x".into(),
+            ..RawProgram::default()
+        };
+        let long = "a".repeat(300);
+        assert_eq!(
+            check(&long, x()),
+            [format!("programs.{long}: program names are at most 128 bytes")]
+        );
+        assert!(check(&"a".repeat(128), x()).is_empty());
+        // The longest program name still fits with its number.
+        let several = RawProgram { numprocs: 3, ..x() };
+        assert!(check(&"a".repeat(128), several).is_empty());
+        for name in ["a&b", "a,b", "a:b", "a b", "{program}/1"] {
+            let named = RawProgram {
+                process_name: name.into(),
+                ..x()
+            };
+            let found = check("app", named);
+            assert_eq!(found.len(), 1, "{name:?}: {found:?}");
+            assert!(
+                found[0].starts_with("programs.app.process_name: ")
+                    && found[0].contains("process names are 1 to 200"),
+                "{found:?}"
+            );
+        }
+
+        // A log path that is an existing directory, for either stream.
+        for setting in ["stdout_logfile", "stderr_logfile"] {
+            let mut raw = x();
+            let path = dir.path().display().to_string();
+            match setting {
+                "stdout_logfile" => raw.stdout_logfile = path.clone(),
+                _ => raw.stderr_logfile = path.clone(),
+            }
+            assert_eq!(
+                check("app", raw),
+                [format!("programs.app.{setting}: {path} is a directory")]
+            );
+        }
+        let raw = RawProgram {
+            stdout_logfile: dir
+                .path()
+                .join(format!("{}{{name}}", "l".repeat(250)))
+                .display()
+                .to_string(),
+            ..x()
+        };
+        let found = check("app", raw);
+        assert!(
+            found.len() == 1 && found[0].contains("is longer than 255 bytes"),
+            "{found:?}"
+        );
     }
 
     #[test]
