@@ -110,8 +110,16 @@ pub struct CtlArgs {
     /// to be running and ready (or stopped).
     #[arg(long, global = true)]
     pub no_wait: bool,
-    /// Longest a start, stop or restart waits for its programs before it fails.
-    #[arg(long, global = true, default_value_t = 60)]
+    /// Longest a start, stop or restart waits for its programs before it fails (1 to 3600).
+    // Checked here, before anything is sent: an out-of-range value used to fail only after the monitor had
+    // acted (0: an instant "still STOPPING"; u64::MAX: a panic adding it to the clock). The bound is the
+    // monitor's own for a roll's wait.
+    #[arg(
+        long,
+        global = true,
+        default_value_t = 60,
+        value_parser = clap::value_parser!(u64).range(1..=xcluster_monitor::roll::MAX_WAIT_SECS)
+    )]
     pub wait_secs: u64,
     #[command(subcommand)]
     pub verb: CtlVerb,

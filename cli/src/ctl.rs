@@ -23,8 +23,9 @@ const EXIT_NOPERM: i32 = 77;
 
 /// A program's name and the monitor's answer for it: done (with what happened) or why not.
 type Answer = (String, Result<String, String>);
-/// Largest answer we read (a status of hundreds of programs is far smaller).
-const MAX_RESPONSE: u64 = 16 * 1024 * 1024;
+/// Largest answer we read. A status of hundreds of programs is far smaller, but the cluster view passes on
+/// each balancer's status (up to 16 MiB each, the monitor's own bound), so this leaves room for several.
+const MAX_RESPONSE: u64 = 64 * 1024 * 1024;
 
 struct Client {
     addr: SocketAddr,
@@ -673,7 +674,7 @@ fn rolling_restart(c: &Client, names: &[String], args: &CtlArgs) -> Result<i32, 
     let path = format!(
         "{}?rolling=1&wait_secs={}",
         programs_path(names, "restart"),
-        args.wait_secs.clamp(1, 3600)
+        args.wait_secs
     );
     let r = c.call("POST", &path)?;
     check(&r)?;
@@ -706,7 +707,7 @@ fn see_roll_through(c: &Client, mut roll: Value, args: &CtlArgs) -> Result<i32, 
 /// restarted with their new settings one at a time, as `restart --rolling` does (a changed program that
 /// does not run takes its settings at once).
 fn rolling_update(c: &Client, args: &CtlArgs) -> Result<i32, Failure> {
-    let path = format!("/v1/update?rolling=1&wait_secs={}", args.wait_secs.clamp(1, 3600));
+    let path = format!("/v1/update?rolling=1&wait_secs={}", args.wait_secs);
     let r = c.call("POST", &path)?;
     check(&r)?;
     let v = r.json();
@@ -829,11 +830,13 @@ const WAIT_POLL: Duration = Duration::from_millis(100);
 /// Waits until every program whose command was taken reaches `goal` or fails, up to `limit`, and puts the
 /// final answer in its result.
 fn await_goal(c: &Client, results: &mut [Answer], goal: Goal, limit: Duration) -> Result<(), Failure> {
-    let deadline = Instant::now() + limit;
+    // Checked: the limit comes from the command line (bounded by its parser, but a clock near its end must
+    // not panic either); no deadline means waiting until every program settles.
+    let deadline = Instant::now().checked_add(limit);
     let mut open: Vec<usize> = (0..results.len()).filter(|&i| results[i].1.is_ok()).collect();
     while !open.is_empty() {
         let v = monitor_status(c)?;
-        let late = Instant::now() >= deadline;
+        let late = deadline.is_some_and(|d| Instant::now() >= d);
         open.retain(|&i| {
             let (name, result) = &mut results[i];
             let p = items(&v["programs"]).iter().find(|p| p["name"] == name.as_str());
@@ -920,17 +923,33 @@ impl Client {
 
     fn call(&self, method: &str, path: &str) -> Result<Resp, Failure> {
         let s = self.open(method, path)?;
-        let mut r = BufReader::new(s.take(MAX_RESPONSE));
+        // One byte past the bound tells an answer over it from one that fits: cut short, it would read as
+        // no answer at all (`cluster` printed "no balancers configured").
+        let mut r = BufReader::new(s.take(MAX_RESPONSE + 1));
         let (status, chunked) = read_head(&mut r)?;
         let mut body = Vec::new();
-        if chunked {
-            while let Some(chunk) = read_chunk(&mut r)? {
-                body.extend(chunk);
+        let read = if chunked {
+            loop {
+                match read_chunk(&mut r) {
+                    Ok(Some(chunk)) => body.extend(chunk),
+                    Ok(None) => break Ok(()),
+                    Err(e) => break Err(e),
+                }
             }
         } else {
             r.read_to_end(&mut body)
-                .map_err(|e| Failure::Unreachable(e.to_string()))?;
+                .map(drop)
+                .map_err(|e| Failure::Unreachable(e.to_string()))
+        };
+        // Checked before a read error: running out of the bound mid-chunk is one.
+        if r.get_ref().limit() == 0 {
+            eprintln!(
+                "xcluster ctl: the monitor's answer to {method} {path} is larger than {} MiB",
+                MAX_RESPONSE / (1024 * 1024)
+            );
+            return Err(Failure::Exit(EXIT_FAILED));
         }
+        read?;
         let tokened = self.token.is_some();
         Ok(Resp {
             status,

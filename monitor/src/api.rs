@@ -75,11 +75,19 @@ impl Api {
         let path = req.uri().path().to_string();
         let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
         let method = req.method().clone();
-        // A known path asked with the wrong method says so before any token check.
-        if let Some(allow) = allowed(&segs)
-            && allow != method.as_str()
-        {
-            return method_not_allowed(&method, &path, allow);
+        // Route before the token check: an unknown path is a 404 and a known one asked with the wrong method a
+        // 405, token or not (a 401 for a path that does not exist would send a client looking for a token that
+        // cannot help). Only what would act needs the token.
+        match allowed(&segs) {
+            None => {
+                return error(
+                    StatusCode::NOT_FOUND,
+                    "not_found",
+                    &format!("no such endpoint: {method} {path}"),
+                );
+            }
+            Some(allow) if allow != method.as_str() => return method_not_allowed(&method, &path, allow),
+            Some(_) => {}
         }
         if method == Method::POST
             && let Err(refused) = authorize(&req, &self.config.borrow().token, "token or token_file")
@@ -109,18 +117,32 @@ impl Api {
                     &crate::cluster::fetch(&cfg.balancers, cfg.cluster_timeout).await,
                 )
             }
-            (&Method::GET, ["v1", "programs", name, "log"]) => self.log(&decode(name), req.uri().query()),
+            (&Method::GET, ["v1", "programs", name, "log"]) => match decode(name) {
+                Ok(name) => self.log(&name, req.uri().query()),
+                Err(resp) => resp,
+            },
             // An instance id may hold `/` (`host/app-1`), sent as `%2F` or as it is.
             (&Method::POST, ["v1", "cluster", "servers", id @ .., verb @ ("drain" | "undrain")])
                 if !id.is_empty() =>
             {
-                let id: Vec<String> = id.iter().map(|s| decode(s)).collect();
-                self.drain(&id.join("/"), *verb == "drain").await
+                // Decoded as text first, so the 400 is built once, not carried through the iterator.
+                let raw = id.join("/");
+                match id
+                    .iter()
+                    .map(|s| percent_decode_segment(s))
+                    .collect::<Option<Vec<_>>>()
+                {
+                    Some(id) => self.drain(&id.join("/"), *verb == "drain").await,
+                    None => bad_path(&raw),
+                }
             }
             // `name` may list several, comma-separated (no program name holds a comma): one command, so a
             // stop of several stops dependents first.
             (&Method::POST, ["v1", "programs", name, verb]) => {
-                let names: Vec<String> = decode(name).split(',').map(str::to_string).collect();
+                let names: Vec<String> = match decode(name) {
+                    Ok(n) => n.split(',').map(str::to_string).collect(),
+                    Err(resp) => return resp,
+                };
                 let cmd = match *verb {
                     "start" => Command::Start(names),
                     "stop" => Command::Stop(names),
@@ -478,7 +500,7 @@ async fn signal_of(req: Request<Incoming>) -> Result<nix::sys::signal::Signal, R
     })
 }
 
-/// A restart's `?rolling=1[&wait_secs=N]`: one program at a time, each given N seconds (1 to 3600, default
+/// A restart's `?rolling=1[&wait_secs=N]`: one program at a time, each given N seconds (1 to `MAX_WAIT_SECS`, default
 /// 60) to run and be ready again. `None`: a plain restart.
 #[allow(clippy::result_large_err)]
 fn rolling_of(query: Option<&str>) -> Result<Option<Duration>, Response<Body>> {
@@ -492,15 +514,68 @@ fn rolling_of(query: Option<&str>) -> Result<Option<Duration>, Response<Body>> {
     }
     match get("wait_secs").map(str::parse::<u64>) {
         None => Ok(Some(Duration::from_secs(60))),
-        Some(Ok(n @ 1..=3600)) => Ok(Some(Duration::from_secs(n))),
-        Some(_) => Err(bad("wait_secs must be a number of seconds from 1 to 3600")),
+        Some(Ok(n @ 1..=crate::roll::MAX_WAIT_SECS)) => Ok(Some(Duration::from_secs(n))),
+        Some(_) => Err(bad(&format!(
+            "wait_secs must be a number of seconds from 1 to {}",
+            crate::roll::MAX_WAIT_SECS
+        ))),
     }
 }
 
-/// Percent-decodes a path segment (names may arrive as `app%3A*`); undecodable input is kept as it is.
-fn decode(s: &str) -> String {
-    query_pairs(Some(&format!("x={}", s.replace('+', "%2B"))))
-        .ok()
-        .and_then(|mut v| v.pop())
-        .map_or_else(|| s.to_string(), |(_, v)| v)
+/// Percent-decodes a path segment (names may arrive as `app%3A*`). A path segment is not a query string: `+`
+/// is a plus and `&` or `=` are literal characters (no program name holds one, so such a name is simply
+/// unknown). Malformed escapes or non-UTF-8 are a 400, never guessed at.
+#[allow(clippy::result_large_err)] // the error is the answer itself, built once per request
+fn decode(segment: &str) -> Result<String, Response<Body>> {
+    percent_decode_segment(segment).ok_or_else(|| bad_path(segment))
+}
+
+fn bad_path(segment: &str) -> Response<Body> {
+    error(
+        StatusCode::BAD_REQUEST,
+        "bad_path",
+        &format!("bad percent-encoding in path segment {segment:?}"),
+    )
+}
+
+/// `%XX` (two hex digits, nothing else) becomes byte XX; every other byte stays. `None` for a malformed
+/// escape or a result that is not UTF-8.
+fn percent_decode_segment(s: &str) -> Option<String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = bytes.get(i + 1..i + 3)?;
+            // Digits only: `u8::from_str_radix` alone would take a sign (`%+1`).
+            if !hex.iter().all(u8::is_ascii_hexdigit) {
+                return None;
+            }
+            out.push(u8::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::percent_decode_segment as d;
+
+    #[test]
+    fn a_path_segment_is_percent_decoded_and_nothing_else() {
+        assert_eq!(d("app%3A*").as_deref(), Some("app:*"));
+        assert_eq!(d("h%2Fapp%201").as_deref(), Some("h/app 1"));
+        // Query-string rules do not apply: `&` does not split, `+` is no space.
+        assert_eq!(d("zzz&x=echo").as_deref(), Some("zzz&x=echo"));
+        assert_eq!(d("a+b").as_deref(), Some("a+b"));
+        assert_eq!(d("a%2Bb").as_deref(), Some("a+b"));
+        assert_eq!(d("%C3%A9").as_deref(), Some("\u{e9}"));
+        for bad in ["%", "%4", "%zz", "%+1", "%-1", "%FF", "a%"] {
+            assert_eq!(d(bad), None, "{bad}");
+        }
+    }
 }

@@ -16,6 +16,10 @@ use crate::machine::State;
 use crate::status::{CommandError, Reply};
 use crate::supervisor::{Internal, Proc, Supervisor};
 
+/// Longest a command may wait for one program, in seconds: a roll's `wait_secs` (checked by the API) and
+/// `xcluster ctl --wait-secs` share this bound.
+pub const MAX_WAIT_SECS: u64 = 3600;
+
 /// A roll as `/v1/status` shows it.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct RollStatus {

@@ -138,6 +138,81 @@ fn ctl_errors_and_tokens() {
     assert!(out(&o).contains("cannot reach the monitor"), "{}", out(&o));
 }
 
+/// `--wait-secs` is range-checked before anything is sent: `0` used to stop the program and then report it
+/// "still STOPPING after 0 s", and `u64::MAX` stopped it and then panicked adding the wait to the clock.
+#[test]
+fn ctl_refuses_a_wait_out_of_range_before_acting() {
+    let m = Mon::start("[programs.x]\ncommand = \"sleep 300\"\nstartsecs = 0\n");
+    m.wait_state("x", "RUNNING", T);
+    let pid = m.pid("x");
+    for wait in ["0", "3601", "18446744073709551615"] {
+        for verb in [
+            &["stop", "x"][..],
+            &["restart", "x"],
+            &["start", "x"],
+            &["restart", "--rolling", "x"],
+        ] {
+            let mut args = vec!["--wait-secs", wait];
+            args.extend(verb);
+            let o = m.ctl(&args);
+            assert_eq!(o.status.code(), Some(2), "{args:?}: {}", out(&o));
+            assert!(out(&o).contains("--wait-secs"), "{args:?}: {}", out(&o));
+            assert!(!out(&o).contains("panicked"), "{args:?}: {}", out(&o));
+        }
+    }
+    let p = m.prog("x");
+    assert_eq!((p["state"].as_str(), m.pid("x")), (Some("RUNNING"), pid), "{p}");
+    assert!(m.status()["roll"].is_null(), "a refused roll began");
+    // The bounds themselves are taken.
+    assert_says(&m.ctl(&["--wait-secs", "3600", "stop", "x"]), 0, "x: stopped");
+    assert_says(&m.ctl(&["--wait-secs", "1", "start", "x"]), 0, "x: started");
+}
+
+/// The API routes before it checks the token, and decodes a path segment as a path segment.
+#[test]
+fn api_paths_are_routed_first_and_decoded_as_paths() {
+    let m =
+        Mon::start("[programs.x]\ncommand = \"/bin/sh -c 'echo from-x; exec sleep 300'\"\nstartsecs = 0\n");
+    m.wait_state("x", "RUNNING", T);
+    // An unknown path is a 404 with or without a token: a 401 would send the client after a token that
+    // cannot help.
+    let auth = format!("Bearer {TOKEN}");
+    for path in [
+        "/v1/nope",
+        "/v1/programs/x/bogus",
+        "/v1/programs/x/stop/more",
+        "/nope",
+    ] {
+        for headers in [&[][..], &[("Authorization", auth.as_str())]] {
+            let r = request(m.addr, "POST", path, headers, None).unwrap();
+            assert_eq!(r.status, 404, "POST {path} {headers:?}: {}", r.body);
+            assert_eq!(r.json()["error"]["code"], "not_found", "{path}");
+        }
+    }
+    // A known mutating path still needs the token.
+    let r = request(m.addr, "POST", "/v1/programs/x/stop", &[], None).unwrap();
+    assert_eq!(r.status, 401, "{}", r.body);
+
+    // `&` and `=` are literal in a path: no query-string splitting picks `x` out of this name.
+    eventually(T, "x's output in its log", || {
+        let r = get(m.addr, "/v1/programs/x/log").ok()?;
+        r.body.contains("from-x").then_some(())
+    });
+    for path in ["/v1/programs/zzz&x=x/log", "/v1/programs/zzz%26x%3Dx/log"] {
+        let r = get(m.addr, path).unwrap();
+        assert_eq!(r.status, 404, "{path}: {}", r.body);
+        assert!(!r.body.contains("from-x"), "{path}: {}", r.body);
+    }
+    let r = m.post("/v1/programs/zzz&x=x/stop");
+    assert_eq!(r.status, 404, "{}", r.body);
+    // `+` is a plus, not a space; a malformed escape is refused, not guessed at.
+    let r = get(m.addr, "/v1/programs/x+/log").unwrap();
+    assert_eq!(r.status, 404, "{}", r.body);
+    let r = get(m.addr, "/v1/programs/x%2/log").unwrap();
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert_eq!(m.state("x"), "RUNNING");
+}
+
 /// supervisorctl's `pid` (the monitor's, or each program's for scripts: 0 and exit 3 for one without a
 /// process) and `version`.
 #[test]
@@ -183,6 +258,10 @@ startretries = 0
 command = "sleep 300"
 autostart = false
 depends_on = ["x"]
+[programs.slow]
+command = "sleep 300"
+autostart = false
+startsecs = 60
 "#,
     );
     // The answer comes once the program is running past startsecs: no polling needed after it.
@@ -214,10 +293,10 @@ depends_on = ["x"]
     let o = m.ctl(&["--no-wait", "start", "x"]);
     assert_says(&o, 0, "x: starting");
     assert_eq!(m.state("x"), "STARTING");
-    // A bound on the wait: a program still starting when it runs out is an error that says so.
-    let o = m.ctl(&["--wait-secs", "0", "restart", "x"]);
-    assert_eq!(o.status.code(), Some(1), "{}", out(&o));
-    assert!(out(&o).contains("x: ERROR (still "), "{}", out(&o));
+    // A bound on the wait (1 s at least: 0 is refused): a program still starting when it runs out is an
+    // error that says so.
+    let o = m.ctl(&["--wait-secs", "1", "start", "slow"]);
+    assert_says(&o, 1, "slow: ERROR (still STARTING after 1 s)");
 }
 
 #[test]
@@ -329,4 +408,41 @@ fn ctl_cluster_shows_balancers_and_their_proxies() {
         1234
     );
     assert_eq!(v["balancers"][1]["up"], false);
+}
+
+/// `check-config` refuses programs that could never start (they used to pass, then loop in BACKOFF), naming
+/// each setting.
+#[test]
+fn check_config_refuses_programs_no_spawn_could_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let long = "p".repeat(300);
+    let logs = dir.path().display();
+    let text = format!(
+        r#"role = "monitor"
+[programs.env]
+command = "sleep 1"
+environment = {{ "A=B" = "1", "" = "2", OK = "nul\u0000here" }}
+[programs.{long}]
+command = "sleep 1"
+[programs.logdir]
+command = "sleep 1"
+stdout_logfile = "{logs}"
+"#
+    );
+    let file = write_file(dir.path(), "monitor.toml", &text);
+    let o = std::process::Command::new(xcluster_bin())
+        .args(["check-config", file.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let said = out(&o);
+    assert_eq!(o.status.code(), Some(64), "{said}");
+    for expected in [
+        "programs.env.environment: \"A=B\" is not a variable name",
+        "programs.env.environment: \"\" is not a variable name",
+        "programs.env.environment.OK: contains a NUL byte",
+        &format!("programs.{long}: program names are at most 128 bytes"),
+        &format!("programs.logdir.stdout_logfile: {logs} is a directory"),
+    ] {
+        assert!(said.contains(expected), "missing {expected:?} in {said}");
+    }
 }
