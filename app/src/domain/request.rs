@@ -94,19 +94,25 @@ pub fn validate_lines(lines: &[OrderLineReq]) -> Result<(), String> {
 
 /// The fingerprint of a request: kind, user and lines in a canonical order.
 pub fn fingerprint(kind: OrderKind, user: &str, lines: &[OrderLineReq]) -> String {
-    let mut sorted: Vec<_> = lines.iter().collect();
-    sorted.sort_by(|a, b| a.sku.cmp(&b.sku));
     let mut h = Sha256::new();
     h.update(kind.as_str().as_bytes());
     h.update([0]);
     h.update(user.as_bytes());
+    hash_lines(&mut h, lines);
+    hex::encode(h.finalize())
+}
+
+/// Hashes `lines` in SKU order, each as `\0 sku \0 qty`, for the fingerprints (stored: the bytes must not
+/// change, or a retry after an upgrade would read as another request).
+fn hash_lines(h: &mut Sha256, lines: &[OrderLineReq]) {
+    let mut sorted: Vec<_> = lines.iter().collect();
+    sorted.sort_by(|a, b| a.sku.cmp(&b.sku));
     for l in sorted {
         h.update([0]);
         h.update(l.sku.as_bytes());
         h.update([0]);
         h.update(l.qty.to_le_bytes());
     }
-    hex::encode(h.finalize())
 }
 
 /// The fingerprint of a refund request: its order and the units it names in SKU order, or (`None`) "every
@@ -117,16 +123,7 @@ pub fn refund_fingerprint(order_id: &str, lines: Option<&[OrderLineReq]>) -> Str
     h.update(order_id.as_bytes());
     match lines {
         None => h.update(b"\0all"),
-        Some(lines) => {
-            let mut sorted: Vec<_> = lines.iter().collect();
-            sorted.sort_by(|a, b| a.sku.cmp(&b.sku));
-            for l in sorted {
-                h.update([0]);
-                h.update(l.sku.as_bytes());
-                h.update([0]);
-                h.update(l.qty.to_le_bytes());
-            }
-        }
+        Some(lines) => hash_lines(&mut h, lines),
     }
     hex::encode(h.finalize())
 }
@@ -173,6 +170,20 @@ mod tests {
         assert_ne!(a, refund_fingerprint("o2", Some(&[line("a", 1), line("b", 2)])));
         assert_ne!(a, refund_fingerprint("o1", None));
         assert_ne!(refund_fingerprint("o1", None), refund_fingerprint("o2", None));
+    }
+
+    /// Fingerprints are stored with orders and refunds: their bytes are pinned, so a change that moved them
+    /// (a retry after an upgrade would read as another request) fails here.
+    #[test]
+    fn fingerprints_keep_their_bytes() {
+        assert_eq!(
+            fingerprint(OrderKind::Regular, "u1", &[line("b", 1), line("a", 2)]),
+            "445cf685ec88435a3c7d8c6da7934522df7c26b186a92fba7f07a9698f538be0"
+        );
+        assert_eq!(
+            refund_fingerprint("o1", Some(&[line("a", 1)])),
+            "e4fdda74ff302c3b0e340fec26829b8ac6ab0d73806b5f6f23a48870275801c7"
+        );
     }
 
     #[test]

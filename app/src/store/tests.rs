@@ -595,48 +595,37 @@ macro_rules! store_suite {
     };
 }
 
+/// Every test of the suite, run on fixture `$fx`: the one list both stores share.
+macro_rules! every_store_test {
+    ($fx:ty) => {
+        store_suite!($fx:
+            partial_refund_restocks_its_units_and_pays_back_their_shop,
+            partial_refunds_then_a_full_one_refund_exactly_the_total,
+            over_refund_is_refused_and_changes_nothing,
+            keyed_partial_refund_replays_and_posts_once,
+            fulfilled_partial_refund_does_not_restock,
+            audit_catches_a_forged_double_refund,
+            migration_to_partial_refunds_keeps_paid_and_refunded_orders,
+            idempotent_create_and_conflict,
+            never_oversells_and_rejects_in_a_batch_independently,
+            pay_refund_settle_balance_the_ledger,
+            reservations_expire_exactly_once_across_handles,
+            flash_sale_buckets_and_user_limit,
+            flash_sale_is_seckill_only_gathers_units_and_closes,
+            keyed_credit_posts_once,
+            user_orders_page_newest_first,
+            a_write_off_takes_from_the_shelf_or_refuses_the_batch,
+            concurrent_handles_never_oversell_or_overdraw,
+        );
+    };
+}
+
 mod sqlite {
-    store_suite!(super::SqliteFixture:
-        partial_refund_restocks_its_units_and_pays_back_their_shop,
-        partial_refunds_then_a_full_one_refund_exactly_the_total,
-        over_refund_is_refused_and_changes_nothing,
-        keyed_partial_refund_replays_and_posts_once,
-        fulfilled_partial_refund_does_not_restock,
-        audit_catches_a_forged_double_refund,
-        migration_to_partial_refunds_keeps_paid_and_refunded_orders,
-        idempotent_create_and_conflict,
-        never_oversells_and_rejects_in_a_batch_independently,
-        pay_refund_settle_balance_the_ledger,
-        reservations_expire_exactly_once_across_handles,
-        flash_sale_buckets_and_user_limit,
-        flash_sale_is_seckill_only_gathers_units_and_closes,
-        keyed_credit_posts_once,
-        user_orders_page_newest_first,
-        a_write_off_takes_from_the_shelf_or_refuses_the_batch,
-        concurrent_handles_never_oversell_or_overdraw,
-    );
+    every_store_test!(super::SqliteFixture);
 }
 
 mod postgres {
-    store_suite!(super::PostgresFixture:
-        partial_refund_restocks_its_units_and_pays_back_their_shop,
-        partial_refunds_then_a_full_one_refund_exactly_the_total,
-        over_refund_is_refused_and_changes_nothing,
-        keyed_partial_refund_replays_and_posts_once,
-        fulfilled_partial_refund_does_not_restock,
-        audit_catches_a_forged_double_refund,
-        migration_to_partial_refunds_keeps_paid_and_refunded_orders,
-        idempotent_create_and_conflict,
-        never_oversells_and_rejects_in_a_batch_independently,
-        pay_refund_settle_balance_the_ledger,
-        reservations_expire_exactly_once_across_handles,
-        flash_sale_buckets_and_user_limit,
-        flash_sale_is_seckill_only_gathers_units_and_closes,
-        keyed_credit_posts_once,
-        user_orders_page_newest_first,
-        a_write_off_takes_from_the_shelf_or_refuses_the_batch,
-        concurrent_handles_never_oversell_or_overdraw,
-    );
+    every_store_test!(super::PostgresFixture);
 }
 
 /// SQLite only: a database whose orders table has the first schema's global key migrates to per-user
