@@ -74,9 +74,7 @@ fn handler(latest: watch::Receiver<Option<LoadReport>>) -> Handler {
     })
 }
 
-/// Warns when the shared key file can be read by group or others.
+/// Warns about a short shared key, or a key file group or others can read.
 fn warn_if_key_exposed(cfg: &Config) {
-    if let Some(path) = &cfg.key_file {
-        xcluster_runtime::config::warn_if_secret_exposed(path, "report key");
-    }
+    xcluster_runtime::config::warn_about_key(&cfg.key, cfg.key_file.as_deref(), "report key");
 }

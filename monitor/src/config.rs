@@ -144,6 +144,12 @@ impl RoleConfig for Config {
         } else {
             raw.token.clone()
         };
+        let token_key = if raw.token_file.is_empty() {
+            "token"
+        } else {
+            "token_file"
+        };
+        v.token(token_key, &token);
         let run_dir = if raw.run_dir.is_empty() {
             std::env::temp_dir().join(format!("xcluster-monitor-{}", listen.port()))
         } else {
@@ -233,6 +239,22 @@ mod tests {
             issues
                 .iter()
                 .any(|i| i.key == "token_file" && i.message.contains("larger than")),
+            "{issues:?}"
+        );
+    }
+
+    /// A token with a space passed, and then no request could present it: every mutating call got 401.
+    #[test]
+    fn a_token_no_request_could_present_is_refused() {
+        let raw = RawConfig {
+            token: " tok ".into(),
+            ..RawConfig::default()
+        };
+        let issues = Config::validate(&raw).unwrap_err();
+        assert!(
+            issues
+                .iter()
+                .any(|i| i.key == "token" && i.message.contains("visible ASCII")),
             "{issues:?}"
         );
     }

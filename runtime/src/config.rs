@@ -160,6 +160,24 @@ pub fn read_bounded(path: &Path) -> Result<Vec<u8>, ConfigError> {
     Ok(buf)
 }
 
+/// The shortest HMAC key taken without a warning.
+pub const MIN_KEY_BYTES: usize = 16;
+
+/// Warns about an HMAC key that works but should not be as it is: shorter than [`MIN_KEY_BYTES`] (one
+/// captured signed message lets anyone try short keys offline; a bearer token is only tried online), or
+/// kept in `file` readable by group or others.
+pub fn warn_about_key(key: &[u8], file: Option<&Path>, what: &str) {
+    if !key.is_empty() && key.len() < MIN_KEY_BYTES {
+        tracing::warn!(
+            bytes = key.len(),
+            "the {what} is shorter than {MIN_KEY_BYTES} bytes; use a longer random one"
+        );
+    }
+    if let Some(path) = file {
+        warn_if_secret_exposed(path, what);
+    }
+}
+
 /// Warns when a secret file (a key, a token) can be read by group or others: it works, but it should not.
 pub fn warn_if_secret_exposed(path: &Path, what: &str) {
     use std::os::unix::fs::PermissionsExt;
