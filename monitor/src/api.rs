@@ -16,7 +16,8 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use xcluster_runtime::config::ConfigSource;
 use xcluster_runtime::http::{
-    Body, Handler, authorize, error, json, method_not_allowed, query_pairs, read_body, with_type,
+    Body, Handler, authorize, error, json, method_not_allowed, percent_decode_path, query_pairs, read_body,
+    with_type,
 };
 use xcluster_runtime::reload::{Cause, Reloader};
 
@@ -129,11 +130,11 @@ impl Api {
                 let raw = id.join("/");
                 match id
                     .iter()
-                    .map(|s| percent_decode_segment(s))
-                    .collect::<Option<Vec<_>>>()
+                    .map(|s| percent_decode_path(s))
+                    .collect::<Result<Vec<_>, _>>()
                 {
-                    Some(id) => self.drain(&id.join("/"), *verb == "drain").await,
-                    None => bad_path(&raw),
+                    Ok(id) => self.drain(&id.join("/"), *verb == "drain").await,
+                    Err(_) => bad_path(&raw),
                 }
             }
             // `name` may list several, comma-separated (no program name holds a comma): one command, so a
@@ -527,7 +528,7 @@ fn rolling_of(query: Option<&str>) -> Result<Option<Duration>, Response<Body>> {
 /// unknown). Malformed escapes or non-UTF-8 are a 400, never guessed at.
 #[allow(clippy::result_large_err)] // the error is the answer itself, built once per request
 fn decode(segment: &str) -> Result<String, Response<Body>> {
-    percent_decode_segment(segment).ok_or_else(|| bad_path(segment))
+    percent_decode_path(segment).map_err(|_| bad_path(segment))
 }
 
 fn bad_path(segment: &str) -> Response<Body> {
@@ -538,32 +539,12 @@ fn bad_path(segment: &str) -> Response<Body> {
     )
 }
 
-/// `%XX` (two hex digits, nothing else) becomes byte XX; every other byte stays. `None` for a malformed
-/// escape or a result that is not UTF-8.
-fn percent_decode_segment(s: &str) -> Option<String> {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hex = bytes.get(i + 1..i + 3)?;
-            // Digits only: `u8::from_str_radix` alone would take a sign (`%+1`).
-            if !hex.iter().all(u8::is_ascii_hexdigit) {
-                return None;
-            }
-            out.push(u8::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()?);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).ok()
-}
-
 #[cfg(test)]
 mod tests {
-    use super::percent_decode_segment as d;
+    /// The runtime's path decoder, as the routes use it.
+    fn d(s: &str) -> Option<String> {
+        xcluster_runtime::http::percent_decode_path(s).ok()
+    }
 
     #[test]
     fn a_path_segment_is_percent_decoded_and_nothing_else() {

@@ -237,13 +237,23 @@ pub fn percent_encode(s: &str) -> String {
     out
 }
 
+/// A query value: `%XX` and `+` (a space).
 fn percent_decode(s: &str) -> Result<String, String> {
+    decode_percent(s, true)
+}
+
+/// A path segment: `%XX` only; `+`, `&` and `=` are themselves (query rules do not apply to a path).
+pub fn percent_decode_path(s: &str) -> Result<String, String> {
+    decode_percent(s, false)
+}
+
+fn decode_percent(s: &str, plus_is_space: bool) -> Result<String, String> {
     let bytes = s.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
         match bytes[i] {
-            b'+' => out.push(b' '),
+            b'+' if plus_is_space => out.push(b' '),
             b'%' => {
                 // Two hex digits exactly: `from_str_radix` alone would take a sign ("%+1" as 1).
                 let digit = |j: usize| bytes.get(j).and_then(|b| char::from(*b).to_digit(16));
@@ -258,7 +268,7 @@ fn percent_decode(s: &str) -> Result<String, String> {
         }
         i += 1;
     }
-    String::from_utf8(out).map_err(|_| format!("query value is not utf-8: {s:?}"))
+    String::from_utf8(out).map_err(|_| format!("{s:?} does not decode to utf-8"))
 }
 
 /// Checks `Authorization: Bearer <token>` in constant time. An empty configured token refuses everything.

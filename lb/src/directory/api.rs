@@ -9,7 +9,8 @@ use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use xcluster_proto::report::{self, MAX_REPORT_BYTES, ReportError, SIGNATURE_HEADER};
 use xcluster_runtime::http::{
-    Body, BodyError, Handler, authorize, error, json, method_not_allowed, query_pairs, read_body, with_type,
+    Body, BodyError, Handler, authorize, error, json, method_not_allowed, percent_decode_path, query_pairs,
+    read_body, with_type,
 };
 
 use super::{Directory, QueryError};
@@ -186,10 +187,9 @@ fn drain_target(path: &str) -> Option<Result<(String, bool), String>> {
     } else {
         (rest.strip_suffix("/undrain")?, false)
     };
-    let decoded = (raw.len() <= 3 * report::MAX_ID_BYTES && !raw.contains(['&', '=', '+']))
-        .then(|| query_pairs(Some(&format!("id={raw}"))).ok()?.pop())
+    let decoded = (raw.len() <= 3 * report::MAX_ID_BYTES)
+        .then(|| percent_decode_path(raw).ok())
         .flatten()
-        .map(|(_, id)| id)
         .filter(|id| report::valid_id(id));
     Some(decoded.map(|id| (id, on)).ok_or_else(|| {
         let shown: String = raw.chars().take(64).collect();
