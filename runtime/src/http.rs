@@ -26,6 +26,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info_span, warn};
 
 use crate::net::{Closing, next_look};
+use crate::per_client::{ClientSlot, OpenCounts};
 
 /// The response body type of every XCluster server: a full buffer or a stream (SSE, long poll, log follow).
 pub type Body = BoxBody<Bytes, Infallible>;
@@ -338,7 +339,9 @@ pub async fn serve(listener: TcpListener, handler: Handler, limits: ServerLimits
     // Connections over the cap are told so (503) by short-lived tasks, themselves capped: past that the
     // listener stops accepting and the kernel backlog holds the rest.
     let refusals = Arc::new(Semaphore::new(REFUSALS_AT_ONCE));
-    let clients = Arc::new(ClientConns::default());
+    let clients = Arc::new(OpenCounts::default());
+    // At most `max_connections` (a million) after validation.
+    let per_client = u32::try_from(limits.max_connections_per_client).unwrap_or(u32::MAX);
     let mut backoff = Duration::from_millis(5);
     loop {
         if closing.is_none() && cancel.is_cancelled() {
@@ -390,7 +393,7 @@ pub async fn serve(listener: TcpListener, handler: Handler, limits: ServerLimits
                 continue;
             }
         };
-        let Some(client) = ClientConns::take(&clients, peer.ip(), limits.max_connections_per_client) else {
+        let Some(client) = clients.admit(peer.ip(), per_client) else {
             metrics::counter!(crate::metrics::HTTP_CONNECTIONS_REJECTED_TOTAL).increment(1);
             debug!(%peer, max = limits.max_connections_per_client, "client at its connection cap; refusing");
             drop(permit);
@@ -438,56 +441,12 @@ pub async fn serve(listener: TcpListener, handler: Handler, limits: ServerLimits
 /// Serves one connection; `held` (its permit and its client's count) is given back when it ends.
 async fn serve_conn<E: std::fmt::Display>(
     conn: impl Future<Output = Result<(), E>>,
-    held: (tokio::sync::OwnedSemaphorePermit, ClientConn),
+    held: (tokio::sync::OwnedSemaphorePermit, ClientSlot),
 ) {
     if let Err(e) = conn.await {
         debug!(error = %e, "connection ended with an error");
     }
     drop(held);
-}
-
-/// Connections open per client address. Touched once per accepted connection and once per close, never
-/// per request; an address leaves the map with its last connection, so it holds at most `max_connections`.
-#[derive(Debug, Default)]
-struct ClientConns(std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>);
-
-/// One connection counted against its client; uncounted on drop.
-#[derive(Debug)]
-struct ClientConn {
-    conns: Arc<ClientConns>,
-    ip: std::net::IpAddr,
-}
-
-impl ClientConns {
-    /// Counts a connection from `ip`, unless it has `max` open already.
-    fn take(conns: &Arc<Self>, ip: std::net::IpAddr, max: usize) -> Option<ClientConn> {
-        let mut map = conns.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let n = map.entry(ip).or_default();
-        if *n >= max {
-            return None;
-        }
-        *n += 1;
-        Some(ClientConn {
-            conns: conns.clone(),
-            ip,
-        })
-    }
-}
-
-impl Drop for ClientConn {
-    fn drop(&mut self) {
-        let mut map = self
-            .conns
-            .0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(n) = map.get_mut(&self.ip) {
-            *n -= 1;
-            if *n == 0 {
-                map.remove(&self.ip);
-            }
-        }
-    }
 }
 
 /// Most connections being refused at once (each for at most [`REFUSAL_TIME`]).

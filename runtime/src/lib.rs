@@ -12,6 +12,7 @@ pub mod http;
 pub mod logwriter;
 pub mod metrics;
 pub mod net;
+pub mod per_client;
 pub mod reload;
 pub mod signals;
 pub mod telemetry;

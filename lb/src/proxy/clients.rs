@@ -4,9 +4,9 @@
 //! hostile client (a bot at a flash sale) then cannot take every `max_connections` permit, nor every
 //! backend's capacity, from the others.
 //!
-//! Counts live in a map sharded by address, so accepts on different workers rarely meet on a lock; an entry
-//! exists only while its client has a connection open, so the map is bounded by `max_connections`. The count
-//! survives a reload that changes the listener in place (the map moves to its new state).
+//! Counts are `xcluster_runtime::per_client::OpenCounts` (sharded by address, an entry only while its client
+//! has a connection open, so bounded by `max_connections`), shared with the HTTP APIs' per-client cap. The
+//! count survives a reload that changes the listener in place (the map moves to its new state).
 //!
 //! Rates: with `max_connection_rate_per_client = N` a client address may open N connections per
 //! `connection_rate_period_ms` (HAProxy's `sc0_conn_rate`), as a burst or spread out; the next is closed as
@@ -23,6 +23,9 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+pub use xcluster_runtime::per_client::ClientSlot;
+use xcluster_runtime::per_client::OpenCounts;
+
 const SHARDS: usize = 16;
 /// Clients tracked for their rate per shard, 65,536 in all: 1 MiB or so at most.
 const RATE_ENTRIES_PER_SHARD: usize = 4096;
@@ -30,7 +33,7 @@ const RATE_ENTRIES_PER_SHARD: usize = 4096;
 /// Open connections, and recent connection rates, per client address, on one listener.
 #[derive(Debug)]
 pub struct ClientCounts {
-    shards: [Mutex<HashMap<IpAddr, u32>>; SHARDS],
+    open: Arc<OpenCounts>,
     /// Per client with a rate limit: connections used, in millionths, as of when (µs after `epoch`).
     rates: [Mutex<HashMap<IpAddr, (u64, u64)>>; SHARDS],
     hasher: RandomState,
@@ -40,7 +43,7 @@ pub struct ClientCounts {
 impl Default for ClientCounts {
     fn default() -> Self {
         Self {
-            shards: Default::default(),
+            open: Arc::default(),
             rates: Default::default(),
             hasher: RandomState::default(),
             epoch: Instant::now(),
@@ -55,21 +58,10 @@ pub struct Rate {
     pub period: Duration,
 }
 
-/// One connection counted against its client; the count drops with it.
-#[derive(Debug)]
-pub struct ClientSlot {
-    counts: Arc<ClientCounts>,
-    ip: IpAddr,
-}
-
 impl ClientCounts {
     fn index(&self, ip: &IpAddr) -> usize {
         // The modulo keeps the index below SHARDS.
         usize::try_from(self.hasher.hash_one(ip) % SHARDS as u64).unwrap_or(0)
-    }
-
-    fn shard(&self, ip: &IpAddr) -> &Mutex<HashMap<IpAddr, u32>> {
-        &self.shards[self.index(ip)]
     }
 
     /// Whether `ip` may open one more connection within `rate`; if so, it is recorded.
@@ -106,41 +98,8 @@ impl ClientCounts {
     }
 
     /// Counts one more connection from `ip`, unless it holds `limit` already.
-    pub fn admit(self: &Arc<Self>, ip: IpAddr, limit: u32) -> Option<ClientSlot> {
-        let ip = ip.to_canonical();
-        let mut map = self.shard(&ip).lock().unwrap_or_else(PoisonError::into_inner);
-        let n = map.entry(ip).or_insert(0);
-        if *n >= limit {
-            return None;
-        }
-        *n += 1;
-        Some(ClientSlot {
-            counts: self.clone(),
-            ip,
-        })
-    }
-
-    /// Connections `ip` holds open.
-    #[cfg(test)]
-    fn open(&self, ip: IpAddr) -> u32 {
-        let map = self.shard(&ip).lock().unwrap_or_else(PoisonError::into_inner);
-        map.get(&ip).copied().unwrap_or(0)
-    }
-}
-
-impl Drop for ClientSlot {
-    fn drop(&mut self) {
-        let mut map = self
-            .counts
-            .shard(&self.ip)
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        if let Some(n) = map.get_mut(&self.ip) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                map.remove(&self.ip);
-            }
-        }
+    pub fn admit(&self, ip: IpAddr, limit: u32) -> Option<ClientSlot> {
+        self.open.admit(ip, limit)
     }
 }
 
@@ -195,26 +154,5 @@ mod tests {
         let new = ip(n);
         assert!(c.within_rate_at(new, rate, 1_000_000));
         assert_eq!(len(&new), 1);
-    }
-
-    #[test]
-    fn a_client_holds_at_most_the_limit_and_its_slots_free_on_drop() {
-        let c = Arc::new(ClientCounts::default());
-        let a: IpAddr = "10.0.0.1".parse().unwrap();
-        let b: IpAddr = "10.0.0.2".parse().unwrap();
-        let first = c.admit(a, 2).unwrap();
-        let _second = c.admit(a, 2).unwrap();
-        assert!(c.admit(a, 2).is_none(), "a third from the same client");
-        let _other = c.admit(b, 2).unwrap();
-        drop(first);
-        assert_eq!(c.open(a), 1);
-        let _third = c.admit(a, 2).unwrap();
-        // The same client over IPv6 (mapped) counts as itself.
-        assert!(c.admit("::ffff:10.0.0.1".parse().unwrap(), 2).is_none());
-        drop((_second, _third, _other));
-        assert!(
-            c.shards.iter().all(|s| s.lock().unwrap().is_empty()),
-            "entries go with their last slot"
-        );
     }
 }
