@@ -52,7 +52,7 @@ pub fn usable_addr(a: std::net::SocketAddr) -> bool {
 }
 
 /// At most 64 characters of `s`, for an error message about it.
-fn shown(s: &str) -> String {
+pub fn shown(s: &str) -> String {
     s.chars().take(64).collect()
 }
 

@@ -191,10 +191,11 @@ fn drain_target(path: &str) -> Option<Result<(String, bool), String>> {
         .then(|| percent_decode_path(raw).ok())
         .flatten()
         .filter(|id| report::valid_id(id));
-    Some(decoded.map(|id| (id, on)).ok_or_else(|| {
-        let shown: String = raw.chars().take(64).collect();
-        format!("instance id {shown:?}: {}", report::ID_RULE)
-    }))
+    Some(
+        decoded
+            .map(|id| (id, on))
+            .ok_or_else(|| format!("instance id {:?}: {}", report::shown(raw), report::ID_RULE)),
+    )
 }
 
 fn drain(dir: &Directory, req: &Request<Incoming>, id: &str, on: bool) -> Response<Body> {
