@@ -148,7 +148,7 @@ impl RoleConfig for Config {
                 format!("{b} is listed twice: it would get every report twice")
             });
         }
-        let (key, key_file) = read_key(&mut v, &raw.key, &raw.key_file);
+        let (key, key_file) = v.key("", &raw.key, &raw.key_file);
         let interval = v.millis("interval_ms", raw.interval_ms, 50, 60_000);
         let sample = v.millis("sample_ms", raw.sample_ms, 10, 60_000);
         let timeout = v.millis("timeout_ms", raw.timeout_ms, 10, 60_000);
@@ -227,34 +227,6 @@ pub fn parse_http_url(url: &str) -> Option<(SocketAddr, String)> {
     };
     let addr = authority.parse().ok()?;
     (path.len() <= 1024 && !path.contains(char::is_whitespace)).then(|| (addr, path.to_string()))
-}
-
-/// Reads the shared key from `key` or `key_file` (exactly one should be set).
-fn read_key(v: &mut Validator, key: &str, key_file: &str) -> (Vec<u8>, Option<PathBuf>) {
-    match (key.is_empty(), key_file.is_empty()) {
-        (false, false) => {
-            v.error("key", "set key or key_file, not both");
-            (Vec::new(), None)
-        }
-        (false, true) => (key.as_bytes().to_vec(), None),
-        (true, false) => {
-            let path = PathBuf::from(key_file);
-            match xcluster_runtime::config::read_bounded(&path) {
-                Ok(bytes) => {
-                    let text = String::from_utf8_lossy(&bytes).trim().to_string();
-                    if text.is_empty() {
-                        v.error("key_file", format!("{key_file} is empty"));
-                    }
-                    (text.into_bytes(), Some(path))
-                }
-                Err(e) => {
-                    v.error("key_file", e.to_string());
-                    (Vec::new(), None)
-                }
-            }
-        }
-        (true, true) => (Vec::new(), None),
-    }
 }
 
 /// The host name, from the kernel.

@@ -12,7 +12,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
-use xcluster_proto::report::{self, InstanceLoad, LoadReport, SIGNATURE_HEADER};
+use xcluster_proto::report::{self, AGENT_HEADER, InstanceLoad, LoadReport, SIGNATURE_HEADER};
 use xcluster_proto::stats::{InstanceStats, MAX_STATS_BYTES};
 
 use crate::config::{Config, InstanceConfig};
@@ -236,14 +236,17 @@ fn push_all(cfg: &Config, report: &LoadReport, log: &Arc<PushLog>) {
         }
     };
     let sig: Arc<str> = Arc::from(report::sign(&cfg.key, &body));
+    // Names the signer, so a balancer that gives this agent its own key checks the signature with it.
+    let agent: Arc<str> = Arc::from(report.agent.as_str());
     for &addr in &cfg.balancers {
-        let (body, sig, timeout, log) = (body.clone(), sig.clone(), cfg.timeout, log.clone());
+        let (body, sig, agent, timeout, log) =
+            (body.clone(), sig.clone(), agent.clone(), cfg.timeout, log.clone());
         tokio::spawn(async move {
             let r = client::call(
                 addr,
                 Method::POST,
                 "/v1/reports",
-                &[(SIGNATURE_HEADER, &sig)],
+                &[(SIGNATURE_HEADER, &sig), (AGENT_HEADER, &agent)],
                 body,
                 16 * 1024,
                 timeout,

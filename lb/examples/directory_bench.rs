@@ -50,7 +50,7 @@ fn settings() -> Settings {
             forget_after: Duration::from_secs(600),
             ..Default::default()
         },
-        key: KEY.to_vec(),
+        keys: xcluster_lb::directory::ingest::ReportKeys::shared(KEY),
         skew_ms: 60_000,
         max_agents: 10_000,
         max_instances: 1_000_000,
@@ -184,7 +184,7 @@ async fn main() {
     let mut seq = 1u64;
     for a in 0..100 {
         let (b, s) = signed(&report(a, 10, seq, |i| (i * 7 % 90) as u32));
-        dir.ingest(&b, Some(&s)).unwrap();
+        dir.ingest(&b, Some(&s), None).unwrap();
     }
     let pre: Vec<(Bytes, String)> = (0..20_000u64)
         .map(|k| {
@@ -249,7 +249,7 @@ async fn herding(what: &str, equal: bool, load_of: impl Fn(usize) -> u32) {
     let dir = Directory::new(settings());
     let addr = serve(dir.clone(), cancel.clone()).await;
     let (b, s) = signed(&report(0, 10, 1, load_of));
-    dir.ingest(&b, Some(&s)).unwrap();
+    dir.ingest(&b, Some(&s), None).unwrap();
     let list = dir.servers("browse").unwrap();
     let weights: BTreeMap<String, u32> = list.servers.iter().map(|e| (e.addr.clone(), e.weight)).collect();
     let (_, bad, bodies) = load(addr, 32, 10_000, true, |_| get("/v1/pick?type=browse")).await;

@@ -1,7 +1,7 @@
 //! The lb's configuration: raw serde form, validation, typed form.
 //!
 //! Reloads live: `log.level`, `shutdown.*`, `peers`, `advertise`, every key of `[reports]`,
-//! `[directory]`, `[admin]` and `[types.*]` (request types and their cost profiles). and the `[proxy]` keys listed in
+//! `[directory]`, `[admin]` and `[types.*]` (request types and their cost profiles), and the `[proxy]` keys listed in
 //! `crate::proxy::config`. Needs a restart: `listen` (a reload naming another keeps the API, and the address
 //! the directory advertises, where they started, with a warning), `http.*`.
 
@@ -13,6 +13,9 @@ use serde::{Deserialize, Serialize};
 use xcluster_runtime::common::{HttpSection, LogSection, ShutdownSection, ShutdownTimes};
 use xcluster_runtime::{ConfigIssue, DaemonConfig, RoleConfig, Validator};
 
+use xcluster_proto::report;
+
+use crate::directory::ingest::{Key, ReportKeys};
 use crate::directory::weights::{Params, TypeProfile};
 
 /// Most request types a balancer may be configured with.
@@ -49,6 +52,10 @@ pub struct ReportsSection {
     pub key: String,
     /// A file holding the shared HMAC key (surrounding whitespace is ignored).
     pub key_file: String,
+    /// Agents with a key of their own: agent id → the file holding its HMAC key. Such an agent's reports
+    /// must be signed with its key (the shared one, or another agent's, is refused), so one host's key, if
+    /// stolen, reports only for that host. Agents not listed use the shared key, if one is set.
+    pub agent_keys: BTreeMap<String, String>,
     /// How far a report's timestamp may be from this balancer's clock.
     pub skew_ms: u64,
     /// Most distinct agents remembered (bounds memory against a flood of agent ids).
@@ -63,6 +70,7 @@ impl Default for ReportsSection {
         Self {
             key: String::new(),
             key_file: String::new(),
+            agent_keys: Default::default(),
             skew_ms: 10_000,
             max_agents: 1024,
             max_instances: 16_384,
@@ -179,9 +187,8 @@ pub struct Config {
     pub listen: SocketAddr,
     /// This balancer first, then its peers: what every server list names.
     pub balancers: Vec<SocketAddr>,
-    pub key: Vec<u8>,
-    /// The key file, if any (its permissions are checked at start).
-    pub key_file: Option<std::path::PathBuf>,
+    /// The keys reports are checked with (their files' permissions are checked at start and reload).
+    pub keys: crate::directory::ingest::ReportKeys,
     pub skew: Duration,
     pub max_agents: usize,
     pub max_instances: usize,
@@ -230,9 +237,9 @@ impl RoleConfig for Config {
                 balancers.push(a);
             }
         }
-        let (key, key_file) = read_key(&mut v, &raw.reports.key, &raw.reports.key_file);
         let skew = v.millis("reports.skew_ms", raw.reports.skew_ms, 100, 3_600_000);
         let max_agents = v.range("reports.max_agents", raw.reports.max_agents, 1, 100_000);
+        let keys = validate_keys(&mut v, &raw.reports, max_agents);
         v.token("admin.token", &raw.admin.token);
         let max_instances = v.range("reports.max_instances", raw.reports.max_instances, 1, 1_000_000);
         let params = validate_directory(&mut v, &raw.directory, &raw.types);
@@ -259,8 +266,7 @@ impl RoleConfig for Config {
         v.finish(Config {
             listen,
             balancers,
-            key,
-            key_file,
+            keys,
             skew,
             max_agents,
             max_instances,
@@ -283,32 +289,36 @@ impl RoleConfig for Config {
     }
 }
 
-/// Reads the shared key from `key` or `key_file` (exactly one may be set; neither means reports are refused).
-pub fn read_key(v: &mut Validator, key: &str, key_file: &str) -> (Vec<u8>, Option<std::path::PathBuf>) {
-    match (key.is_empty(), key_file.is_empty()) {
-        (false, false) => {
-            v.error("reports.key", "set key or key_file, not both");
-            (Vec::new(), None)
+/// The shared key and each agent's own (`[reports.agent_keys]`, at most `max_agents` of them).
+fn validate_keys(v: &mut Validator, raw: &ReportsSection, max_agents: usize) -> ReportKeys {
+    let (bytes, file) = v.key("reports.", &raw.key, &raw.key_file);
+    let mut keys = ReportKeys {
+        shared: Key { bytes, file },
+        agents: Default::default(),
+    };
+    v.check(raw.agent_keys.len() <= max_agents, "reports.agent_keys", || {
+        format!(
+            "{} agents, more than reports.max_agents ({max_agents})",
+            raw.agent_keys.len()
+        )
+    });
+    for (agent, path) in &raw.agent_keys {
+        let field = format!("reports.agent_keys.{}", report::shown(agent));
+        if !report::valid_id(agent) {
+            v.error(&field, format!("agent id {}", report::ID_RULE));
+            continue;
         }
-        (false, true) => (key.as_bytes().to_vec(), None),
-        (true, false) => {
-            let path = std::path::PathBuf::from(key_file);
-            match xcluster_runtime::config::read_bounded(&path) {
-                Ok(bytes) => {
-                    let text = String::from_utf8_lossy(&bytes).trim().to_string();
-                    if text.is_empty() {
-                        v.error("reports.key_file", format!("{key_file} is empty"));
-                    }
-                    (text.into_bytes(), Some(path))
-                }
-                Err(e) => {
-                    v.error("reports.key_file", e.to_string());
-                    (Vec::new(), None)
-                }
-            }
-        }
-        (true, true) => (Vec::new(), None),
+        let file = std::path::PathBuf::from(path);
+        let bytes = v.secret_file(&field, &file);
+        keys.agents.insert(
+            agent.clone(),
+            Key {
+                bytes,
+                file: Some(file),
+            },
+        );
     }
+    keys
 }
 
 /// A listener's type must route somewhere: a configured backend serves it, or the directory knows it
@@ -471,6 +481,39 @@ mod tests {
             Ok(_) => Vec::new(),
             Err(issues) => issues.iter().map(ToString::to_string).collect(),
         }
+    }
+
+    /// Each agent's own key is read from its file; a bad id, a missing or empty file, or more agents than
+    /// `max_agents` are refused, each named.
+    #[test]
+    fn agent_keys_are_read_and_checked() {
+        let dir = std::env::temp_dir().join(format!("xcluster-agent-keys-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (good, empty) = (dir.join("a.key"), dir.join("empty.key"));
+        std::fs::write(&good, "host-a-secret\n").unwrap();
+        std::fs::write(&empty, "\n").unwrap();
+        let text = |entries: &str| format!("[reports]\nmax_agents = 2\n[reports.agent_keys]\n{entries}");
+        let raw: RawConfig = toml::from_str(&text(&format!("host-a = {good:?}\n"))).unwrap();
+        let cfg = Config::validate(&raw).unwrap();
+        assert_eq!(cfg.keys.agents["host-a"].bytes, b"host-a-secret");
+        assert!(cfg.keys.shared.bytes.is_empty());
+        assert!(
+            !format!("{:?}", cfg.keys).contains("secret"),
+            "keys stay out of logs"
+        );
+        let found = issues(&text(&format!(
+            "\"<b>\" = {good:?}\nhost-b = {empty:?}\nhost-c = {:?}\n",
+            dir.join("missing.key")
+        )));
+        std::fs::remove_dir_all(&dir).unwrap();
+        let has = |key: &str, what: &str| found.iter().any(|i| i.contains(key) && i.contains(what));
+        assert!(
+            has("reports.agent_keys", "more than reports.max_agents (2)"),
+            "{found:?}"
+        );
+        assert!(has("reports.agent_keys.<b>", "agent id must be"), "{found:?}");
+        assert!(has("reports.agent_keys.host-b", "is empty"), "{found:?}");
+        assert!(has("reports.agent_keys.host-c", "missing.key"), "{found:?}");
     }
 
     /// A proxy listener on the API's own port would fail to bind at start; check-config says so first.

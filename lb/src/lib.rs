@@ -31,8 +31,8 @@ pub async fn run(ctx: Context<Config>) -> Result<(), Error> {
     let drain = ctx.shutdown.drain_token();
     let limits = cfg.http.clone();
     warn_if_key_exposed(&cfg);
-    if cfg.key.is_empty() {
-        tracing::warn!("no [reports] key or key_file: every load report will be rejected");
+    if cfg.keys.is_empty() {
+        tracing::warn!("no [reports] key, key_file or agent_keys: every load report will be rejected");
     }
     let dir = Directory::new(directory::Settings::from_config(&cfg));
     dir.collect_metrics();
@@ -137,7 +137,9 @@ async fn follow_config(
     }
 }
 
-/// Warns about a short shared key, or a key file group or others can read.
+/// Warns about a short report key, or a key file group or others can read.
 fn warn_if_key_exposed(cfg: &Config) {
-    xcluster_runtime::config::warn_about_key(&cfg.key, cfg.key_file.as_deref(), "report key");
+    for (what, key) in cfg.keys.each() {
+        xcluster_runtime::config::warn_about_key(&key.bytes, key.file.as_deref(), &what);
+    }
 }

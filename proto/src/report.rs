@@ -1,8 +1,9 @@
 //! Load reports: what an agent pushes to every balancer (`POST /v1/reports`), and how they are signed.
 //!
 //! The body is the JSON of a [`LoadReport`]; the header [`SIGNATURE_HEADER`] carries
-//! `hmac-sha256=<hex>` over the exact body bytes with the cluster's shared key. The timestamp and sequence
-//! number are inside the signed body, so a replay or a stale report is detectable by the balancer.
+//! `hmac-sha256=<hex>` over the exact body bytes with the agent's key: the cluster's shared key, or the agent's
+//! own where the balancers give it one, which [`AGENT_HEADER`] names before the body is read. The timestamp and
+//! sequence number are inside the signed body, so a replay or a stale report is detectable by the balancer.
 //!
 //! ```
 //! use xcluster_proto::report::{HostLoad, LoadReport, decode, sign, verify};
@@ -22,6 +23,9 @@ use crate::stats::TypeStats;
 
 /// The HTTP header carrying the signature.
 pub const SIGNATURE_HEADER: &str = "x-xcluster-signature";
+/// The HTTP header naming the agent whose key signed the report: a balancer that gives that agent its own
+/// key checks the signature with it. The body must report that same agent.
+pub const AGENT_HEADER: &str = "x-xcluster-agent";
 /// Largest report body a balancer accepts, in bytes.
 pub const MAX_REPORT_BYTES: usize = 256 * 1024;
 /// Most instances one report may describe.
@@ -140,6 +144,11 @@ pub enum ReportError {
         live_boot: u64,
         silent_ms: u64,
     },
+    #[error(
+        "agent {agent:?} has its own key ([reports.agent_keys]): its reports must be signed with that key and \
+         name it in {AGENT_HEADER}, and no other agent's key may sign them"
+    )]
+    WrongKey { agent: String },
 }
 
 impl ReportError {
@@ -153,6 +162,7 @@ impl ReportError {
             ReportError::Skew { .. } => "skew",
             ReportError::Replay { .. } => "replay",
             ReportError::Conflict { .. } => "conflict",
+            ReportError::WrongKey { .. } => "wrong_key",
         }
     }
 }

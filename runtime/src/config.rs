@@ -681,8 +681,6 @@ impl Validator {
         value
     }
 
-    /// One of the named `choices`, by its name `value`; an unknown name is an error naming them all, and gives
-    /// the first choice.
     /// A bearer token (empty: none): visible ASCII only, since a request's `Authorization` header loses
     /// surrounding spaces and cannot carry control characters, so such a token could never match.
     pub fn token(&mut self, key: &str, value: &str) {
@@ -691,6 +689,43 @@ impl Validator {
         });
     }
 
+    /// An HMAC key given inline as `{prefix}key` or in the file `{prefix}key_file` (at most one of them;
+    /// neither gives an empty key). Returns the key and its file, whose permissions the caller warns about.
+    pub fn key(&mut self, prefix: &str, key: &str, key_file: &str) -> (Vec<u8>, Option<PathBuf>) {
+        match (key.is_empty(), key_file.is_empty()) {
+            (false, false) => {
+                self.error(format!("{prefix}key"), "set key or key_file, not both");
+                (Vec::new(), None)
+            }
+            (false, true) => (key.as_bytes().to_vec(), None),
+            (true, false) => {
+                let path = PathBuf::from(key_file);
+                let key = self.secret_file(&format!("{prefix}key_file"), &path);
+                (key, Some(path))
+            }
+            (true, true) => (Vec::new(), None),
+        }
+    }
+
+    /// The secret held in the file `path` (surrounding whitespace is not part of it), which must not be empty.
+    pub fn secret_file(&mut self, key: &str, path: &Path) -> Vec<u8> {
+        match read_bounded(path) {
+            Ok(bytes) => {
+                let text = String::from_utf8_lossy(&bytes).trim().to_string();
+                if text.is_empty() {
+                    self.error(key, format!("{} is empty", path.display()));
+                }
+                text.into_bytes()
+            }
+            Err(e) => {
+                self.error(key, e.to_string());
+                Vec::new()
+            }
+        }
+    }
+
+    /// One of the named `choices`, by its name `value`; an unknown name is an error naming them all, and gives
+    /// the first choice.
     pub fn one_of<T: Copy>(&mut self, key: &str, value: &str, choices: &[(&str, T)]) -> T {
         if let Some(&(_, t)) = choices.iter().find(|(name, _)| *name == value) {
             return t;

@@ -10,7 +10,7 @@ mod directory_support;
 use std::time::{Duration, Instant};
 
 use directory_support::*;
-use xcluster_proto::report::{MAX_REPORT_BYTES, sign};
+use xcluster_proto::report::{AGENT_HEADER, MAX_REPORT_BYTES, SIGNATURE_HEADER, sign};
 use xcluster_tests::*;
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -285,4 +285,65 @@ fn a_second_agent_under_one_id_is_refused_and_takes_over_once_the_first_stops() 
             .contains("load reports accepted again")
             .then_some(())
     });
+}
+
+/// An agent with its own key (`[reports.agent_keys]`): a real agent signing with it is heard; the shared key,
+/// or its key naming another agent, speaks for no one else, refused as `wrong_key` (403), counted and
+/// changing nothing. A balancer that drops the agent's entry (a reload) then refuses its key.
+#[test]
+fn an_agent_with_its_own_key_is_heard_and_its_key_speaks_for_no_one_else() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let own_key = "host-a-own-key-0123456789";
+    let key_file = write_file(dir.path(), "host-a.key", &format!("{own_key}\n"));
+    std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let lb = free_addr();
+    let with_keys = format!(
+        "{}[reports.agent_keys]\n\"host-a\" = {key_file:?}\n",
+        lb_config(lb, &[])
+    );
+    let lb_proc = start("lb", lb, &with_keys, dir.path());
+    let app = FakeApp::start("a");
+    let ag = free_addr();
+    let agent_cfg = agent_config(ag, "host-a", &[lb], &[("host-a/app", &app)])
+        .replace(&format!("key = \"{KEY}\""), &format!("key_file = {key_file:?}"));
+    let agent = start("agent", ag, &agent_cfg, dir.path());
+    let listed = |id: &str| entry(&servers(lb, "browse"), id).is_some();
+    eventually(WAIT, "the agent's instance listed", || {
+        listed("host-a/app").then_some(())
+    });
+
+    // Anyone with the shared key, speaking for host-a; host-a's key speaking for another agent.
+    let forged = report("host-a", u64::MAX / 2, now_ms(), &[("host-a/evil", app.addr, 0)]);
+    let other = report("host-b", 1, now_ms(), &[("host-b/evil", app.addr, 0)]);
+    let other_body = serde_json::to_vec(&other).unwrap();
+    let other_sig = sign(own_key.as_bytes(), &other_body);
+    let headers = [(SIGNATURE_HEADER, other_sig.as_str()), (AGENT_HEADER, "host-a")];
+    let before = rejected(lb, "wrong_key");
+    for r in [
+        post_signed(lb, &forged),
+        request(lb, "POST", "/v1/reports", &headers, Some(&other_body)).unwrap(),
+    ] {
+        assert_eq!(r.status, 403, "{}", r.body);
+        assert_eq!(r.json()["error"]["code"], "wrong_key", "{}", r.body);
+    }
+    assert_eq!(rejected(lb, "wrong_key"), (before.0 + 2.0, before.1 + 2));
+    let list = servers(lb, "browse");
+    assert!(
+        entry(&list, "host-a/evil").is_none() && entry(&list, "host-b/evil").is_none(),
+        "{list}"
+    );
+    assert!(listed("host-a/app"), "{list}");
+
+    // Without its entry, host-a's own key is checked as the shared key's stand-in, and fails.
+    write_file(dir.path(), &format!("lb-{}.toml", lb.port()), &lb_config(lb, &[]));
+    eventually(WAIT, "the reloaded balancer to refuse host-a's key", || {
+        (rejected(lb, "bad_signature").1 >= 2).then_some(())
+    });
+    assert!(
+        agent.stderr().contains("load report not accepted"),
+        "{}",
+        agent.stderr()
+    );
+    drop(lb_proc);
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
-use xcluster_proto::report::{self, MAX_REPORT_BYTES, ReportError, SIGNATURE_HEADER};
+use xcluster_proto::report::{self, AGENT_HEADER, MAX_REPORT_BYTES, ReportError, SIGNATURE_HEADER};
 use xcluster_runtime::http::{
     Body, BodyError, Handler, authorize, error, json, method_not_allowed, percent_decode_path, query_pairs,
     read_body, with_type,
@@ -59,6 +59,11 @@ async fn reports(dir: Directory, req: Request<Incoming>) -> Response<Body> {
         .headers()
         .get(SIGNATURE_HEADER)
         .map(|v| v.to_str().unwrap_or("<not ascii>").to_string());
+    let agent = req
+        .headers()
+        .get(AGENT_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
     let body = match read_body(req.into_body(), MAX_REPORT_BYTES, BODY_TIMEOUT).await {
         Ok(b) => b,
         Err(e) => {
@@ -71,7 +76,7 @@ async fn reports(dir: Directory, req: Request<Incoming>) -> Response<Body> {
             return e.response();
         }
     };
-    match dir.ingest(&body, signature.as_deref()) {
+    match dir.ingest(&body, signature.as_deref(), agent.as_deref()) {
         Ok(r) => json(
             StatusCode::OK,
             &serde_json::json!({"accepted": true, "agent": r.agent, "seq": r.seq}),
@@ -82,6 +87,8 @@ async fn reports(dir: Directory, req: Request<Incoming>) -> Response<Body> {
                 ReportError::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
                 ReportError::Malformed(_) | ReportError::Skew { .. } => StatusCode::BAD_REQUEST,
                 ReportError::Replay { .. } | ReportError::Conflict { .. } => StatusCode::CONFLICT,
+                // Signed by a key the balancer knows, but not the reported agent's.
+                ReportError::WrongKey { .. } => StatusCode::FORBIDDEN,
             };
             error(status, e.reason(), &e.to_string())
         }

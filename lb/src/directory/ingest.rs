@@ -1,7 +1,10 @@
 //! Report ingestion: the checks a report passes before it may touch the table, in order of cost: size,
-//! signature (HMAC over the exact body), decoding and ranges, timestamp skew, then — under the table lock —
-//! the per-agent sequence number. A rejected report changes nothing; each rejection is counted by reason.
+//! signature (HMAC over the exact body, with the key of the agent the request names), decoding and ranges,
+//! that key being the reported agent's, timestamp skew, then — under the table lock — the per-agent sequence
+//! number. A rejected report changes nothing; each rejection is counted by reason.
 
+use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -11,7 +14,7 @@ use super::Directory;
 use crate::metrics;
 
 /// Every rejection reason ([`ReportError::reason`]), in the order `ReportCounts::rejected` holds them.
-pub const REASONS: [&str; 7] = [
+pub const REASONS: [&str; 8] = [
     "missing_signature",
     "bad_signature",
     "too_large",
@@ -19,6 +22,7 @@ pub const REASONS: [&str; 7] = [
     "skew",
     "replay",
     "conflict",
+    "wrong_key",
 ];
 
 /// A rejection reason is logged at most this often (every one is counted): a wrong key or two agents
@@ -32,10 +36,93 @@ pub fn wall_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
+/// An HMAC key that signs reports, and the file it came from (whose permissions are checked).
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Key {
+    pub bytes: Vec<u8>,
+    pub file: Option<PathBuf>,
+}
+
+/// The keys reports are checked with: `[reports] key`/`key_file`, shared by every agent without a key of its
+/// own, and `[reports.agent_keys]`, each agent's own. An agent with its own key can be neither spoken for with
+/// the shared key nor with another agent's, so one host's key, if stolen, reports only for that host.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct ReportKeys {
+    pub shared: Key,
+    pub agents: HashMap<String, Key>,
+}
+
+impl std::fmt::Debug for Key {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The bytes never reach a log.
+        f.debug_struct("Key")
+            .field("file", &self.file)
+            .finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Debug for ReportKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Keys never reach a log: only which agents have their own.
+        let mut agents: Vec<_> = self.agents.keys().collect();
+        agents.sort();
+        f.debug_struct("ReportKeys")
+            .field("shared", &!self.shared.bytes.is_empty())
+            .field("agents", &agents)
+            .finish()
+    }
+}
+
+impl ReportKeys {
+    /// Only a shared key.
+    pub fn shared(bytes: &[u8]) -> Self {
+        Self {
+            shared: Key {
+                bytes: bytes.to_vec(),
+                file: None,
+            },
+            agents: HashMap::new(),
+        }
+    }
+
+    /// Whether no report can be authenticated at all.
+    pub fn is_empty(&self) -> bool {
+        self.shared.bytes.is_empty() && self.agents.is_empty()
+    }
+
+    /// The agent among `agent` that has a key of its own (`None`: the shared key signs for it).
+    fn owner<'a>(&self, agent: Option<&'a str>) -> Option<&'a str> {
+        agent.filter(|a| self.agents.contains_key(*a))
+    }
+
+    /// The key a report signed by `agent` (as the request names it) is checked with.
+    fn for_signer(&self, agent: Option<&str>) -> &[u8] {
+        match self.owner(agent) {
+            Some(a) => &self.agents[a].bytes,
+            None => &self.shared.bytes,
+        }
+    }
+
+    /// Every key with its name for warnings: `report key`, `report key of agent X`.
+    pub fn each(&self) -> impl Iterator<Item = (String, &Key)> {
+        let own = self
+            .agents
+            .iter()
+            .map(|(a, k)| (format!("report key of agent {a}"), k));
+        std::iter::once(("report key".to_string(), &self.shared)).chain(own)
+    }
+}
+
 impl Directory {
-    /// Verifies and applies one report body. Counts the outcome.
-    pub fn ingest(&self, body: &[u8], signature: Option<&str>) -> Result<LoadReport, ReportError> {
-        let result = self.check_and_apply(body, signature);
+    /// Verifies and applies one report body, signed by `agent` (the request's [`report::AGENT_HEADER`], which
+    /// older agents do not send). Counts the outcome.
+    pub fn ingest(
+        &self,
+        body: &[u8],
+        signature: Option<&str>,
+        agent: Option<&str>,
+    ) -> Result<LoadReport, ReportError> {
+        let result = self.check_and_apply(body, signature, agent);
         match &result {
             Ok(_) => {
                 self.counts().accepted.fetch_add(1, Ordering::Relaxed);
@@ -64,18 +151,28 @@ impl Directory {
         }
     }
 
-    fn check_and_apply(&self, body: &[u8], signature: Option<&str>) -> Result<LoadReport, ReportError> {
+    fn check_and_apply(
+        &self,
+        body: &[u8],
+        signature: Option<&str>,
+        signer: Option<&str>,
+    ) -> Result<LoadReport, ReportError> {
         if body.len() > MAX_REPORT_BYTES {
             return Err(ReportError::TooLarge);
         }
         let settings = self.settings();
         let signature = signature.ok_or(ReportError::MissingSignature)?;
-        if settings.key.is_empty() {
-            // No key configured: nothing can be authenticated, so nothing is accepted.
+        let key = settings.keys.for_signer(signer);
+        if key.is_empty() {
+            // No key for it: nothing can be authenticated, so nothing is accepted.
             return Err(ReportError::BadSignature);
         }
-        report::verify(&settings.key, body, signature)?;
+        report::verify(key, body, signature)?;
         let r = report::decode(body)?;
+        // The key that signed must be the reported agent's: its own if it has one, else the shared one.
+        if settings.keys.owner(signer) != settings.keys.owner(Some(&r.agent)) {
+            return Err(ReportError::WrongKey { agent: r.agent });
+        }
         let now = wall_ms();
         if now.abs_diff(r.timestamp_ms) > settings.skew_ms {
             return Err(ReportError::Skew {
@@ -109,7 +206,7 @@ mod tests {
                 panic_threshold: 0.0,
                 ..Default::default()
             },
-            key: b"k".to_vec(),
+            keys: ReportKeys::shared(b"k"),
             skew_ms: 5_000,
             max_agents: 8,
             max_instances: 16,
@@ -163,17 +260,17 @@ mod tests {
             (vec![b' '; MAX_REPORT_BYTES + 1], Some("x".into()), "too_large"),
         ];
         for (b, sig, reason) in cases {
-            let err = d.ingest(&b, sig.as_deref()).unwrap_err();
+            let err = d.ingest(&b, sig.as_deref(), None).unwrap_err();
             assert_eq!(err.reason(), reason);
         }
         assert!(
             d.status().instances.is_empty(),
             "no rejected report touched the table"
         );
-        d.ingest(&ok, Some(&report::sign(b"k", &ok))).unwrap();
+        d.ingest(&ok, Some(&report::sign(b"k", &ok)), None).unwrap();
         let v = d.snapshot().version;
         assert_eq!(
-            d.ingest(&ok, Some(&report::sign(b"k", &ok)))
+            d.ingest(&ok, Some(&report::sign(b"k", &ok)), None)
                 .unwrap_err()
                 .reason(),
             "replay"
@@ -181,19 +278,87 @@ mod tests {
         // Another process under the same agent id, while this one reports.
         let other = body_of(1_000, 1_000, now);
         assert_eq!(
-            d.ingest(&other, Some(&report::sign(b"k", &other)))
+            d.ingest(&other, Some(&report::sign(b"k", &other)), None)
                 .unwrap_err()
                 .reason(),
             "conflict"
         );
         assert_eq!(d.snapshot().version, v);
+        assert_eq!(d.servers("default").unwrap().servers.len(), 1);
+        assert!(d.servers("nope").is_err());
+        // Agent x's own key, speaking for h.
+        let mut keys = ReportKeys::shared(b"k");
+        keys.agents.insert(
+            "x".into(),
+            Key {
+                bytes: b"xk".to_vec(),
+                file: None,
+            },
+        );
+        d.reconfigure(Settings {
+            keys,
+            ..(*d.settings()).clone()
+        });
+        let err = d
+            .ingest(&ok, Some(&report::sign(b"xk", &ok)), Some("x"))
+            .unwrap_err();
+        assert_eq!(err.reason(), "wrong_key");
         let status = d.status();
         assert_eq!(status.reports_accepted, 1);
         for r in REASONS {
             assert_eq!(status.reports_rejected[r], 1, "{r}");
         }
-        assert_eq!(d.servers("default").unwrap().servers.len(), 1);
-        assert!(d.servers("nope").is_err());
+    }
+
+    /// An agent with its own key is heard only under that key: the shared key, or another agent's, cannot
+    /// speak for it, nor can its key speak for an agent without one.
+    #[test]
+    fn an_agent_with_its_own_key_is_heard_only_under_it() {
+        let d = dir();
+        let mut keys = ReportKeys::shared(b"k");
+        let own = Key {
+            bytes: b"own".to_vec(),
+            file: None,
+        };
+        keys.agents.insert("h".into(), own);
+        d.reconfigure(Settings {
+            keys,
+            ..(*d.settings()).clone()
+        });
+        let now = wall_ms();
+        let of = |agent: &str, seq: u64| {
+            let mut r: LoadReport = serde_json::from_slice(&body(seq, now)).unwrap();
+            r.agent = agent.into();
+            r.instances[0].id = format!("{agent}/a");
+            serde_json::to_vec(&r).unwrap()
+        };
+        let h = of("h", 1);
+        let refused = [
+            // The shared key, naming no signer or the agent itself.
+            (report::sign(b"k", &h), None, "wrong_key"),
+            (report::sign(b"k", &h), Some("h"), "bad_signature"),
+            // Its own key, but checked as the shared one.
+            (report::sign(b"own", &h), None, "bad_signature"),
+            (report::sign(b"own", &h), Some("g"), "bad_signature"),
+        ];
+        for (sig, signer, reason) in refused {
+            let err = d.ingest(&h, Some(&sig), signer).unwrap_err();
+            assert_eq!((err.reason(), signer), (reason, signer));
+        }
+        // h's key speaking for g, which has none of its own.
+        let g = of("g", 1);
+        let err = d
+            .ingest(&g, Some(&report::sign(b"own", &g)), Some("h"))
+            .unwrap_err();
+        assert_eq!(err, ReportError::WrongKey { agent: "g".into() });
+        assert!(d.status().instances.is_empty(), "nothing refused was applied");
+        d.ingest(&h, Some(&report::sign(b"own", &h)), Some("h")).unwrap();
+        // Agents without a key of their own use the shared one, named or not.
+        d.ingest(&g, Some(&report::sign(b"k", &g)), Some("g")).unwrap();
+        let g2 = of("g", 2);
+        d.ingest(&g2, Some(&report::sign(b"k", &g2)), None).unwrap();
+        assert_eq!(d.status().instances.len(), 2);
+        assert_eq!(d.status().reports_rejected["wrong_key"], 2);
     }
 
     /// Past `max_watches` a watch is answered at once, so long polls cannot take every connection.
@@ -205,7 +370,7 @@ mod tests {
             ..(*d.settings()).clone()
         });
         let first = body(1, wall_ms());
-        d.ingest(&first, Some(&report::sign(b"k", &first))).unwrap();
+        d.ingest(&first, Some(&report::sign(b"k", &first)), None).unwrap();
         let v = d.servers_json("default").unwrap().0;
         let held = tokio::spawn({
             let d = d.clone();
@@ -233,7 +398,7 @@ mod tests {
         let cancel = tokio_util::sync::CancellationToken::new();
         tokio::spawn(d.clone().run_housekeeping(cancel.clone()));
         let first = body(1, wall_ms());
-        d.ingest(&first, Some(&report::sign(b"k", &first))).unwrap();
+        d.ingest(&first, Some(&report::sign(b"k", &first)), None).unwrap();
         assert_eq!(
             d.servers("default").unwrap().servers.len(),
             1,
@@ -247,7 +412,8 @@ mod tests {
             ..Default::default()
         });
         let second = serde_json::to_vec(&r).unwrap();
-        d.ingest(&second, Some(&report::sign(b"k", &second))).unwrap();
+        d.ingest(&second, Some(&report::sign(b"k", &second)), None)
+            .unwrap();
         let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
         while d.servers("default").unwrap().servers.len() != 2 {
             assert!(
@@ -263,7 +429,7 @@ mod tests {
     fn drain_removes_an_instance_from_picks() {
         let d = dir();
         let b = body(1, wall_ms());
-        d.ingest(&b, Some(&report::sign(b"k", &b))).unwrap();
+        d.ingest(&b, Some(&report::sign(b"k", &b)), None).unwrap();
         assert!(d.pick("default", &[]).is_some());
         assert!(d.set_drained("h/a", true));
         assert!(d.pick("default", &[]).is_none());

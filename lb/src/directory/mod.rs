@@ -46,7 +46,7 @@ pub enum QueryError {
 #[derive(Debug, Clone)]
 pub struct Settings {
     pub params: Params,
-    pub key: Vec<u8>,
+    pub keys: ingest::ReportKeys,
     pub skew_ms: u64,
     pub max_agents: usize,
     /// Instances in the table at most, over every agent (`[reports] max_instances`).
@@ -63,7 +63,7 @@ impl Settings {
     pub fn from_config(c: &Config) -> Self {
         Self {
             params: c.params.clone(),
-            key: c.key.clone(),
+            keys: c.keys.clone(),
             skew_ms: c.skew.as_millis() as u64,
             max_agents: c.max_agents,
             max_instances: c.max_instances,

@@ -75,7 +75,7 @@ mod tests {
     fn dir() -> Directory {
         Directory::new(Settings {
             params: Default::default(),
-            key: b"k".to_vec(),
+            keys: crate::directory::ingest::ReportKeys::shared(b"k"),
             skew_ms: 5_000,
             max_agents: 8,
             max_instances: 16,

@@ -519,7 +519,7 @@ fn clients_are_shown_a_new_list_only_when_it_changed_enough() {
     };
     let settings = super::super::Settings {
         params: p.clone(),
-        key: Vec::new(),
+        keys: Default::default(),
         skew_ms: 0,
         max_agents: 1,
         max_instances: 16,
