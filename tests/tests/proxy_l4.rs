@@ -572,6 +572,13 @@ fn health_checks_mark_a_backend_down_and_up_without_traffic(rt: &'static str) {
         "down after {failed:?} failed checks:\n{m}"
     );
     assert_eq!(failing(&m, echo), Some(0.0));
+    // `/v1/status` (and so `ctl cluster` and the dashboard) counts them too, as HAProxy's `chkfail`.
+    let shown = lb
+        .proxy_status()
+        .backends
+        .into_iter()
+        .find(|b| b.addr == later.to_string());
+    assert!(shown.as_ref().is_some_and(|b| b.check_failures >= 3), "{shown:?}");
     let _up = serve_on(TcpListener::bind(later).unwrap(), |_| {});
     eventually(T, "the backend's checks to pass once it listens", || {
         failing(&lb.metrics(), later).filter(|v| *v == 0.0)
@@ -765,6 +772,11 @@ fn a_backend_at_max_connections_is_passed_over(rt: &'static str) {
         .unwrap_or(0.0)
     };
     assert!(passed(a) >= 1.0 && passed(b) >= 1.0, "{m}");
+    let full: Vec<u64> = lb.proxy_status().backends.iter().map(|b| b.full).collect();
+    assert!(
+        full.len() == 2 && full.iter().all(|f| *f >= 1),
+        "/v1/status: {full:?}"
+    );
     lb.reload_applied(1000, &proxy(2));
     let mut s = connect(front);
     assert_eq!(ask_name(&mut s), b'a');
@@ -824,6 +836,7 @@ fn a_client_finding_every_backend_full_waits_in_the_queue(rt: &'static str) {
             .unwrap()
     };
     assert_eq!(web(&lb).waiting, 4, "/v1/status shows the queue");
+    assert_eq!(web(&lb).queued, 5, "/v1/status counts every client that waited");
     let mut holder = second;
     for (i, mut next) in waiting.drain(..).enumerate() {
         drop(holder);
