@@ -1493,6 +1493,32 @@ fn connections_still_open_at_the_end_of_the_grace_period_are_closed(rt: &'static
     );
 }
 
+/// SIGINT stops at once: established connections are closed without waiting for the grace period, and the
+/// log says so rather than "draining" and "grace period over".
+fn sigint_closes_established_connections_at_once(rt: &'static str) {
+    let (mut lb, front) = echo_lb(rt, 60_000, "", "log_connections = true\n");
+    let mut s = connect(front);
+    let me = s.local_addr().unwrap();
+    ping(&mut s, b"before");
+    lb.proc.signal(Signal::SIGINT);
+    s.set_read_timeout(Some(T)).unwrap();
+    let closed = s.read_to_end(&mut Vec::new());
+    assert!(
+        matches!(&closed, Ok(0)) || matches!(&closed, Err(e) if e.kind() == ErrorKind::ConnectionReset),
+        "SIGINT must close the connection, got {closed:?}"
+    );
+    lb.proc.wait_exit(T).expect("lb did not exit on SIGINT");
+    let log = lb.proc.stderr();
+    assert!(
+        log.contains("proxy stopping: closing proxied connections connections=1"),
+        "{log}"
+    );
+    assert!(!log.contains("grace period over"), "{log}");
+    assert!(!log.contains("draining"), "{log}");
+    let line = log.lines().find(|l| l.contains(&format!("client={me} ")));
+    assert!(line.is_some_and(|l| l.ends_with("end=shutdown")), "{log}");
+}
+
 fn reload_removing_a_listener_keeps_its_connections(rt: &'static str) {
     let (echo1, echo2) = (echo_backend(), echo_backend());
     let (a, b) = (free_addr(), free_addr());
@@ -2244,6 +2270,7 @@ per_runtime!(
     a_client_over_its_connection_rate_is_closed_at_once,
     sigterm_drains_established_connections,
     connections_still_open_at_the_end_of_the_grace_period_are_closed,
+    sigint_closes_established_connections_at_once,
     reload_removing_a_listener_keeps_its_connections,
     a_listener_whose_address_is_taken_binds_once_it_is_free,
     max_connections_holds_new_clients_until_a_permit_frees,

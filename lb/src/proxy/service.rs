@@ -802,15 +802,26 @@ impl Manager {
         tracker.close();
         listeners.close();
         let active = tracker.len();
-        if active > 0 {
-            info!(connections = active, "proxy draining established connections");
-        }
-        tokio::select! {
-            // The listeners first: until they are closed they may still accept queued clients.
-            _ = async { listeners.wait().await; tracker.wait().await } => {}
-            _ = self.shared.stop.cancelled() => {
-                // Ending the workers below closes what is left.
-                warn!(connections = tracker.len(), "grace period over: closing proxied connections");
+        if self.shared.stop.is_cancelled() {
+            // SIGINT: no grace to wait out, so neither "draining" nor "grace period over" (both were logged,
+            // 6 µs apart). Ending the workers below closes what is left.
+            if active > 0 {
+                info!(
+                    connections = active,
+                    "proxy stopping: closing proxied connections"
+                );
+            }
+        } else {
+            if active > 0 {
+                info!(connections = active, "proxy draining established connections");
+            }
+            tokio::select! {
+                // The listeners first: until they are closed they may still accept queued clients.
+                _ = async { listeners.wait().await; tracker.wait().await } => {}
+                _ = self.shared.stop.cancelled() => {
+                    // Ending the workers below closes what is left.
+                    warn!(connections = tracker.len(), "grace period over: closing proxied connections");
+                }
             }
         }
         let workers = std::mem::take(&mut self.workers);
