@@ -1448,6 +1448,18 @@ fn sigterm_drains_established_connections(rt: &'static str) {
     });
     // The established connection is still served while draining...
     ping(&mut s, b"during the drain");
+    // ...and the API still answers meanwhile: not ready, with the connection on its counters (it used to
+    // close with the drain's start, so a drain was invisible to monitoring).
+    assert_eq!(get(lb.admin, "/readyz").unwrap().status, 503);
+    assert_eq!(
+        metric_value(
+            &lb.metrics(),
+            "xcluster_lb_proxy_connections_active",
+            "listener=\"web\""
+        ),
+        Some(1.0)
+    );
+    assert_eq!(lb.proxy_status().listeners[0].active, 1);
     assert!(
         lb.proc.is_running(),
         "the lb must wait for the established connection"
