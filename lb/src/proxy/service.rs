@@ -694,16 +694,12 @@ impl Manager {
     }
 
     fn reload(&mut self, new: &ProxyConfig) {
-        let restart_only = new.workers != self.started.workers
-            || new.runtime != self.started.runtime
-            || new.forwarding != self.started.forwarding
-            || new.max_connections != self.started.max_connections
-            || new.backlog != self.started.backlog
-            || new.keepalive != self.started.keepalive
-            || new.io_uring_buffers != self.started.io_uring_buffers;
-        if restart_only {
+        let pending = self.started.restart_pending(new);
+        if !pending.is_empty() {
+            // Named: the list of every such key, logged whatever changed, left the operator to guess.
             warn!(
-                "proxy: workers, runtime, forwarding, max_connections, backlog, keepalive_ms and io_uring_buffers need a restart"
+                keys = %pending.join(", "),
+                "proxy: changed keys that need a restart; the running values stay until then"
             );
         }
         self.apply_live(new);
