@@ -349,10 +349,10 @@ fn deserialize_collecting<T: DeserializeOwned>(
                     if path.last().map(String::as_str) != Some(field.as_str()) {
                         path.push(field);
                     }
-                    let key = path.join(".");
+                    let key = dotted(&path);
                     issues.push(ConfigIssue::new(key, first_line(&message)));
                 } else {
-                    let key = path.join(".");
+                    let key = dotted(&path);
                     let shown = match lookup(&table, &path) {
                         Some(v) if !message.contains(&v.to_string()) => {
                             format!("{} (found {v})", first_line(&message))
@@ -368,6 +368,19 @@ fn deserialize_collecting<T: DeserializeOwned>(
         }
     }
     None
+}
+
+/// A key path as the config names it and as validation reports it: `proxy.backends[0].weight`, not
+/// `proxy.backends.[0].weight` (how serde's path segments join with dots).
+fn dotted(path: &[String]) -> String {
+    let mut key = String::new();
+    for seg in path {
+        if !key.is_empty() && !seg.starts_with('[') {
+            key.push('.');
+        }
+        key.push_str(seg);
+    }
+    key
 }
 
 fn first_line(s: &str) -> String {
@@ -666,7 +679,10 @@ impl Validator {
         value.parse().unwrap_or_else(|_| {
             self.error(
                 key,
-                format!("invalid socket address {value:?} (expected host:port, e.g. 127.0.0.1:7000)"),
+                format!(
+                    "invalid socket address {value:?} (expected an IP address and port, e.g. 127.0.0.1:7000 or \
+                     [::1]:7000; host names are not resolved)"
+                ),
             );
             std::net::SocketAddr::from(([127, 0, 0, 1], 0))
         })
@@ -807,6 +823,30 @@ mod tests {
                 .any(|i| i.starts_with("listen:") && i.contains("\"nope\"")),
             "{issues:#?}"
         );
+    }
+
+    #[test]
+    fn an_array_items_problem_is_named_as_the_config_writes_it() {
+        #[derive(Debug, Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Listed {
+            #[allow(dead_code)]
+            items: Vec<Inner>,
+        }
+        let first = |t: toml::Table| {
+            let mut issues = Vec::new();
+            assert!(deserialize_collecting::<Listed>(t, &mut issues).is_none());
+            issues[0].to_string()
+        };
+        let bad = first(toml::toml! { items = [{ timeout_ms = 1 }, { timeout_ms = -1 }] });
+        assert!(bad.starts_with("items[1].timeout_ms: "), "{bad}");
+        let unknown = first(toml::toml! { items = [{ tmeout_ms = 1 }] });
+        assert!(unknown.starts_with("items[0].tmeout_ms: "), "{unknown}");
+        // A host name is refused as such (the message said "host:port", which it is).
+        let mut v = Validator::new();
+        v.addr("addr", "localhost:80");
+        let said = v.finish(()).unwrap_err()[0].to_string();
+        assert!(said.contains("host names are not resolved"), "{said}");
     }
 
     #[test]
