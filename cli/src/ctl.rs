@@ -428,9 +428,11 @@ const LISTENER_COLUMNS: &[Column] = &[
     ("bad headers", "header_errors", cell),
     ("retries", "retries", cell),
     ("waiting", "waiting", cell),
+    ("queued", "queued", cell),
     ("idle timeouts", "idle_timeouts", cell),
     ("bytes up", "bytes_up", bytes),
     ("bytes down", "bytes_down", bytes),
+    ("accept errors", "accept_errors", cell),
     ("state", "unbound", |v| flag(v, "unbound", "ok")),
 ];
 
@@ -443,6 +445,8 @@ const BACKEND_COLUMNS: &[Column] = &[
     }),
     ("connects", "connects", cell),
     ("connect failures", "connect_failures", cell),
+    ("check failures", "check_failures", cell),
+    ("full", "full", cell),
     ("bytes up", "bytes_up", bytes),
     ("bytes down", "bytes_down", bytes),
     ("weight", "weight", |v| match v.as_u64() {

@@ -45,12 +45,17 @@ pub async fn run(ctx: Context<Config>) -> Result<(), Error> {
         started,
         drain.clone(),
     ));
-    xcluster_runtime::admin::serve_api(
+    // The API outlives the drain until the proxy has drained (as the monitor's outlives its programs), so
+    // `/metrics`, `/v1/status` and `/readyz` (503) still answer while established connections finish: a
+    // walk found them refused for the whole grace period, where HAProxy's stats stay up in a soft stop.
+    let api_drain = tokio_util::sync::CancellationToken::new();
+    let _api_stops = api_drain.clone().drop_guard();
+    let (_, api) = xcluster_runtime::admin::spawn_api(
         cfg.listen,
         ctx.health.clone(),
         directory::api::handler(dir.clone()),
         limits,
-        &ctx.shutdown,
+        api_drain.clone(),
     )
     .await?;
     // Before it is ready: the drains set on every balancer while this one was away.
@@ -67,6 +72,8 @@ pub async fn run(ctx: Context<Config>) -> Result<(), Error> {
     let routed = picker.directory_types(&cfg.proxy);
     if !warm_up(&dir, &routed, cfg.proxy.warmup, &drain).await {
         dir.close();
+        api_drain.cancel();
+        let _ = api.await;
         return Ok(());
     }
     let proxy = proxy::start(ctx.config.clone(), picker, &drain, ctx.shutdown.stop_token())?;
@@ -76,6 +83,8 @@ pub async fn run(ctx: Context<Config>) -> Result<(), Error> {
     dir.close();
     proxy.shutdown();
     proxy.drained().await;
+    api_drain.cancel();
+    let _ = api.await;
     Ok(())
 }
 

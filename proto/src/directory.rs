@@ -129,6 +129,10 @@ pub struct ProxyListenerStatus {
     /// Clients of its request type waiting for a place now (every backend at its `max_connections`;
     /// HAProxy's "Queue Cur"); listeners of one type share their queue.
     pub waiting: u64,
+    /// Its clients that have had to wait for a place, in all (`xcluster_lb_proxy_connections_queued_total`).
+    pub queued: u64,
+    /// Accepts that failed (out of descriptors or memory; the accept loop backs off and goes on).
+    pub accept_errors: u64,
     pub idle_timeouts: u64,
     /// Client to backend.
     pub bytes_up: u64,
@@ -146,6 +150,10 @@ pub struct ProxyBackendStatus {
     pub active: u64,
     pub connects: u64,
     pub connect_failures: u64,
+    /// Its failed health checks, in all (HAProxy's `chkfail`).
+    pub check_failures: u64,
+    /// Times it was passed over for being at its `max_connections`.
+    pub full: u64,
     pub bytes_up: u64,
     pub bytes_down: u64,
     /// Its last connect failed: it is held out of the picks until its hold ends and a connect succeeds.

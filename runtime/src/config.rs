@@ -349,10 +349,10 @@ fn deserialize_collecting<T: DeserializeOwned>(
                     if path.last().map(String::as_str) != Some(field.as_str()) {
                         path.push(field);
                     }
-                    let key = path.join(".");
+                    let key = dotted(&path);
                     issues.push(ConfigIssue::new(key, first_line(&message)));
                 } else {
-                    let key = path.join(".");
+                    let key = dotted(&path);
                     let shown = match lookup(&table, &path) {
                         Some(v) if !message.contains(&v.to_string()) => {
                             format!("{} (found {v})", first_line(&message))
@@ -368,6 +368,19 @@ fn deserialize_collecting<T: DeserializeOwned>(
         }
     }
     None
+}
+
+/// A key path as the config names it and as validation reports it: `proxy.backends[0].weight`, not
+/// `proxy.backends.[0].weight` (how serde's path segments join with dots).
+fn dotted(path: &[String]) -> String {
+    let mut key = String::new();
+    for seg in path {
+        if !key.is_empty() && !seg.starts_with('[') {
+            key.push('.');
+        }
+        key.push_str(seg);
+    }
+    key
 }
 
 fn first_line(s: &str) -> String {
@@ -534,7 +547,9 @@ pub fn flatten<T: Serialize>(raw: &T) -> Vec<(String, String)> {
                     walk(&key, v, out);
                 }
             }
-            toml::Value::Array(items) if !items.is_empty() => {
+            // An empty array has no line: its first item then reads as added, not as the array removed
+            // beside it (`deny[0] added ("192.0.2.7"), deny removed`, as a walk saw).
+            toml::Value::Array(items) => {
                 for (label, v) in item_labels(items).iter().zip(items) {
                     walk(&format!("{prefix}[{label}]"), v, out);
                 }
@@ -579,15 +594,21 @@ pub fn diff<T: Serialize + Clone>(old: &T, new: &T, redact: impl Fn(&mut T)) -> 
         Some((cut, _)) => format!("{}...", &v[..cut]),
         None => v.to_string(),
     };
-    // The array item (`listeners[web]`) a key belongs to, when that item is missing from `other` whole: it
-    // is named once as added or removed, not key by key.
+    // The outermost array item (`listeners[web]`) a key belongs to that is missing from `other` whole: it
+    // is named once as added or removed, not key by key, nor by the items of its own arrays
+    // (`backends[b].request_types[0]`). An item ends at a `]` followed by `.`, `[` or nothing, so the `]`
+    // of an IPv6 label (`backends[[::1]:80]`) is not taken for one.
     let whole_item = |k: &str, other: &std::collections::BTreeMap<String, String>| {
-        let end = k.rfind(']')? + 1;
-        let item = &k[..end];
-        let inside = |o: &String| {
-            o.as_str() == item || o.starts_with(&format!("{item}.")) || o.starts_with(&format!("{item}["))
-        };
-        (end < k.len() && !other.keys().any(inside)).then(|| item.to_string())
+        let bytes = k.as_bytes();
+        let ends = (0..bytes.len())
+            .filter(|&i| bytes[i] == b']' && matches!(bytes.get(i + 1), None | Some(b'.') | Some(b'[')));
+        ends.map(|i| i + 1).filter(|&end| end < k.len()).find_map(|end| {
+            let item = &k[..end];
+            let inside = |o: &String| {
+                o.as_str() == item || o.starts_with(&format!("{item}.")) || o.starts_with(&format!("{item}["))
+            };
+            (!other.keys().any(inside)).then(|| item.to_string())
+        })
     };
     let mut named = std::collections::BTreeSet::new();
     let mut parts = Vec::new();
@@ -658,7 +679,10 @@ impl Validator {
         value.parse().unwrap_or_else(|_| {
             self.error(
                 key,
-                format!("invalid socket address {value:?} (expected host:port, e.g. 127.0.0.1:7000)"),
+                format!(
+                    "invalid socket address {value:?} (expected an IP address and port, e.g. 127.0.0.1:7000 or \
+                     [::1]:7000; host names are not resolved)"
+                ),
             );
             std::net::SocketAddr::from(([127, 0, 0, 1], 0))
         })
@@ -837,6 +861,30 @@ mod tests {
     }
 
     #[test]
+    fn an_array_items_problem_is_named_as_the_config_writes_it() {
+        #[derive(Debug, Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Listed {
+            #[allow(dead_code)]
+            items: Vec<Inner>,
+        }
+        let first = |t: toml::Table| {
+            let mut issues = Vec::new();
+            assert!(deserialize_collecting::<Listed>(t, &mut issues).is_none());
+            issues[0].to_string()
+        };
+        let bad = first(toml::toml! { items = [{ timeout_ms = 1 }, { timeout_ms = -1 }] });
+        assert!(bad.starts_with("items[1].timeout_ms: "), "{bad}");
+        let unknown = first(toml::toml! { items = [{ tmeout_ms = 1 }] });
+        assert!(unknown.starts_with("items[0].tmeout_ms: "), "{unknown}");
+        // A host name is refused as such (the message said "host:port", which it is).
+        let mut v = Validator::new();
+        v.addr("addr", "localhost:80");
+        let said = v.finish(()).unwrap_err()[0].to_string();
+        assert!(said.contains("host names are not resolved"), "{said}");
+    }
+
+    #[test]
     fn overrides_layer_over_file() {
         let loaded = load_str(
             "listen = \"127.0.0.1:5\"\n",
@@ -966,6 +1014,25 @@ mod tests {
         };
         assert_eq!(diff(&a, &c, |_| {}), "listeners[web] removed");
         assert_eq!(diff(&c, &a, |_| {}), "listeners[web] added");
+        // An item added whole is named once, its own arrays with it; an array that was empty gains an item,
+        // and loses it, as that alone.
+        let f = toml::toml! {
+            backends = [{ addr = "[::1]:80", types = ["a"] }, { addr = "127.0.0.1:1", types = [] }]
+        };
+        let g = toml::toml! {
+            backends = [{ addr = "[::1]:80", types = ["a"] }, { addr = "127.0.0.1:1", types = ["b"] },
+                { addr = "127.0.0.1:2", types = ["c", "d"] }]
+        };
+        assert_eq!(
+            diff(&f, &g, |_| {}),
+            "backends[127.0.0.1:1].types[0] added (\"b\"), backends[127.0.0.1:2] added"
+        );
+        assert_eq!(
+            diff(&g, &f, |_| {}),
+            "backends[127.0.0.1:1].types[0] removed, backends[127.0.0.1:2] removed"
+        );
+        let h = toml::toml! { backends = [{ addr = "127.0.0.1:1", types = [] }] };
+        assert_eq!(diff(&h, &f, |_| {}), "backends[[::1]:80] added");
         // Items without a unique name go by position.
         let d = toml::toml! { backends = [{ weight = 1 }, { weight = 2 }] };
         let e = toml::toml! { backends = [{ weight = 1 }, { weight = 3 }] };

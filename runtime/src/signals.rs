@@ -83,10 +83,12 @@ impl Shutdown {
         });
     }
 
-    /// Stops fast: drain and stop at once.
+    /// Stops fast: drain and stop at once. `stop` first, so a task that wakes on `drain` on another thread
+    /// already sees `stop` and does not begin a graceful drain (the proxy logged "draining" there, then
+    /// "grace period over").
     pub fn stop_now(&self) {
-        self.drain.cancel();
         self.stop.cancel();
+        self.drain.cancel();
     }
 }
 

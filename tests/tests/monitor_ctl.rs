@@ -371,11 +371,13 @@ fn ctl_cluster_shows_balancers_and_their_proxies() {
             "6",
             "3",
             "7",
+            "9",
             "0",
             "2.0",
             "KiB",
             "5.0",
             "MiB",
+            "10",
             "unbound"
         ]),
         "{text}"
@@ -387,6 +389,8 @@ fn ctl_cluster_shows_balancers_and_their_proxies() {
             "64",
             "1233",
             "1",
+            "12",
+            "13",
             "2.0",
             "KiB",
             "5.0",

@@ -132,13 +132,13 @@ fn the_dashboard_shows_programs_and_the_cluster_and_reacts_to_a_restart() {
     assert!(
         dom.contains(
             "<tr data-listener=\"browse\"><td>browse</td><td>127.0.0.1:7400</td><td>browse</td><td>2</td><td>1234</td><td>1</td><td>4</td><td>5</td>\
-             <td>6</td><td>3</td><td>7</td><td>0</td><td>2.0 KiB</td><td>5.0 MiB</td><td>unbound</td></tr>"
+             <td>6</td><td>3</td><td>7</td><td>9</td><td>0</td><td>2.0 KiB</td><td>5.0 MiB</td><td>10</td><td>unbound</td></tr>"
         ),
         "{dom}"
     );
     assert!(
         dom.contains(
-            "<tr data-backend=\"127.0.0.1:7101\"><td>127.0.0.1:7101</td><td>2</td><td>64</td><td>1233</td><td>1</td>\
+            "<tr data-backend=\"127.0.0.1:7101\"><td>127.0.0.1:7101</td><td>2</td><td>64</td><td>1233</td><td>1</td><td>12</td><td>13</td>\
              <td>2.0 KiB</td><td>5.0 MiB</td><td>0 (drain)</td><td>failing</td><td>backup</td></tr>"
         ),
         "{dom}"

@@ -572,6 +572,13 @@ fn health_checks_mark_a_backend_down_and_up_without_traffic(rt: &'static str) {
         "down after {failed:?} failed checks:\n{m}"
     );
     assert_eq!(failing(&m, echo), Some(0.0));
+    // `/v1/status` (and so `ctl cluster` and the dashboard) counts them too, as HAProxy's `chkfail`.
+    let shown = lb
+        .proxy_status()
+        .backends
+        .into_iter()
+        .find(|b| b.addr == later.to_string());
+    assert!(shown.as_ref().is_some_and(|b| b.check_failures >= 3), "{shown:?}");
     let _up = serve_on(TcpListener::bind(later).unwrap(), |_| {});
     eventually(T, "the backend's checks to pass once it listens", || {
         failing(&lb.metrics(), later).filter(|v| *v == 0.0)
@@ -765,6 +772,11 @@ fn a_backend_at_max_connections_is_passed_over(rt: &'static str) {
         .unwrap_or(0.0)
     };
     assert!(passed(a) >= 1.0 && passed(b) >= 1.0, "{m}");
+    let full: Vec<u64> = lb.proxy_status().backends.iter().map(|b| b.full).collect();
+    assert!(
+        full.len() == 2 && full.iter().all(|f| *f >= 1),
+        "/v1/status: {full:?}"
+    );
     lb.reload_applied(1000, &proxy(2));
     let mut s = connect(front);
     assert_eq!(ask_name(&mut s), b'a');
@@ -824,6 +836,7 @@ fn a_client_finding_every_backend_full_waits_in_the_queue(rt: &'static str) {
             .unwrap()
     };
     assert_eq!(web(&lb).waiting, 4, "/v1/status shows the queue");
+    assert_eq!(web(&lb).queued, 5, "/v1/status counts every client that waited");
     let mut holder = second;
     for (i, mut next) in waiting.drain(..).enumerate() {
         drop(holder);
@@ -1085,13 +1098,13 @@ fn http_health_checks_follow_the_status() {
 /// backend, tries, bytes each way and how it ended; a listener without it logs nothing.
 fn connections_are_logged_where_the_listener_asks(rt: &'static str) {
     let echo = echo_backend();
-    let (web, quiet, nowhere) = (free_addr(), free_addr(), free_addr());
+    let (web, quiet, nowhere, dead) = (free_addr(), free_addr(), free_addr(), dead_addr());
     // No checks: they could put the dead backend down before its client comes, and spare it its retries.
     let proxy = format!(
         "check_interval_ms = 0\n{}log_connections = true\n{}[[proxy.listeners]]\nname = \"nowhere\"\nlisten = \"{nowhere}\"\nrequest_type = \"ghost\"\nlog_connections = true\n[[proxy.backends]]\naddr = \"{echo}\"\nrequest_types = [\"browse\"]\n[[proxy.backends]]\naddr = \"{}\"\nrequest_types = [\"ghost\"]\n",
         listener("web", web),
         listener("quiet", quiet),
-        dead_addr()
+        dead
     );
     let lb = start_lb(rt, 1000, &proxy);
     // One round trip of `up` bytes answered in full; returns the client's own address.
@@ -1134,15 +1147,16 @@ fn connections_are_logged_where_the_listener_asks(rt: &'static str) {
     ] {
         assert!(line.contains(&field), "no {field:?} in: {line}");
     }
+    // Refused three times: named as such, with the backend, not as "no backend".
     let line = eventually(T, "the refused connection's log line", || line_of(refused));
     for field in [
-        "listener=nowhere ",
-        "backend=- ",
-        "tries=3 ",
-        "bytes_up=0 ",
-        "end=no backend",
+        "listener=nowhere ".to_string(),
+        format!("backend={dead} "),
+        "tries=3 ".into(),
+        "bytes_up=0 ".into(),
+        "end=connect failed".into(),
     ] {
-        assert!(line.contains(field), "no {field:?} in: {line}");
+        assert!(line.contains(&field), "no {field:?} in: {line}");
     }
     assert!(!line.contains("connect_ms="), "{line}");
     assert_eq!(line_of(unlogged), None, "the quiet listener logged");
@@ -1434,6 +1448,18 @@ fn sigterm_drains_established_connections(rt: &'static str) {
     });
     // The established connection is still served while draining...
     ping(&mut s, b"during the drain");
+    // ...and the API still answers meanwhile: not ready, with the connection on its counters (it used to
+    // close with the drain's start, so a drain was invisible to monitoring).
+    assert_eq!(get(lb.admin, "/readyz").unwrap().status, 503);
+    assert_eq!(
+        metric_value(
+            &lb.metrics(),
+            "xcluster_lb_proxy_connections_active",
+            "listener=\"web\""
+        ),
+        Some(1.0)
+    );
+    assert_eq!(lb.proxy_status().listeners[0].active, 1);
     assert!(
         lb.proc.is_running(),
         "the lb must wait for the established connection"
@@ -1477,6 +1503,32 @@ fn connections_still_open_at_the_end_of_the_grace_period_are_closed(rt: &'static
         line.is_some_and(|l| l.contains("bytes_up=6 ") && l.ends_with("end=shutdown")),
         "{log}"
     );
+}
+
+/// SIGINT stops at once: established connections are closed without waiting for the grace period, and the
+/// log says so rather than "draining" and "grace period over".
+fn sigint_closes_established_connections_at_once(rt: &'static str) {
+    let (mut lb, front) = echo_lb(rt, 60_000, "", "log_connections = true\n");
+    let mut s = connect(front);
+    let me = s.local_addr().unwrap();
+    ping(&mut s, b"before");
+    lb.proc.signal(Signal::SIGINT);
+    s.set_read_timeout(Some(T)).unwrap();
+    let closed = s.read_to_end(&mut Vec::new());
+    assert!(
+        matches!(&closed, Ok(0)) || matches!(&closed, Err(e) if e.kind() == ErrorKind::ConnectionReset),
+        "SIGINT must close the connection, got {closed:?}"
+    );
+    lb.proc.wait_exit(T).expect("lb did not exit on SIGINT");
+    let log = lb.proc.stderr();
+    assert!(
+        log.contains("proxy stopping: closing proxied connections connections=1"),
+        "{log}"
+    );
+    assert!(!log.contains("grace period over"), "{log}");
+    assert!(!log.contains("draining"), "{log}");
+    let line = log.lines().find(|l| l.contains(&format!("client={me} ")));
+    assert!(line.is_some_and(|l| l.ends_with("end=shutdown")), "{log}");
 }
 
 fn reload_removing_a_listener_keeps_its_connections(rt: &'static str) {
@@ -2230,6 +2282,7 @@ per_runtime!(
     a_client_over_its_connection_rate_is_closed_at_once,
     sigterm_drains_established_connections,
     connections_still_open_at_the_end_of_the_grace_period_are_closed,
+    sigint_closes_established_connections_at_once,
     reload_removing_a_listener_keeps_its_connections,
     a_listener_whose_address_is_taken_binds_once_it_is_free,
     max_connections_holds_new_clients_until_a_permit_frees,

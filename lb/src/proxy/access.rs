@@ -23,8 +23,12 @@ pub enum End {
     Idle,
     /// A socket error (an OS error number); most often a reset by one side.
     Error(i32),
-    /// No backend accepted the connect (the client is closed without a byte).
+    /// No backend could be tried: none configured or routed for its type, or every one held out or at
+    /// weight 0 (the client is closed without a byte).
     NoBackend,
+    /// Every connect it tried failed (refused or timed out; the client is closed without a byte): the
+    /// line names the last backend tried, as HAProxy's `SC` does.
+    ConnectFailed,
     /// Every backend stayed at its `max_connections` for `queue_timeout_ms` (HAProxy's `sQ`).
     QueueTimeout,
     /// The client held `max_connections_per_client` already: closed as soon as accepted.
@@ -49,6 +53,7 @@ impl fmt::Display for End {
             Self::Idle => f.write_str("idle timeout"),
             Self::Error(errno) => write!(f, "error: {}", io::Error::from_raw_os_error(*errno)),
             Self::NoBackend => f.write_str("no backend"),
+            Self::ConnectFailed => f.write_str("connect failed"),
             Self::QueueTimeout => f.write_str("queue timeout"),
             Self::ClientLimit => f.write_str("client limit"),
             Self::ClientRate => f.write_str("client rate"),
@@ -65,6 +70,7 @@ impl fmt::Display for End {
 pub struct ConnLog {
     pub(super) client: SocketAddr,
     accepted: Instant,
+    /// The backend it is connected to, or before that the last one it tried.
     backend: Option<SocketAddr>,
     /// From the accept to the backend's answer, retries included (the wait for a place too, taken off
     /// when it is written).
@@ -92,9 +98,10 @@ impl ConnLog {
         })
     }
 
-    /// A connect to a backend is tried.
-    pub fn tried(&mut self) {
+    /// A connect to `addr` is tried.
+    pub fn tried(&mut self, addr: SocketAddr) {
         self.tries += 1;
+        self.backend = Some(addr);
     }
 
     /// `addr` answered.
@@ -111,6 +118,12 @@ impl ConnLog {
     /// Records how the connection ended; the first cause given is kept (a close that follows an error is
     /// not the reason).
     pub fn ended(&mut self, end: End) {
+        // Out of backends after trying some: they failed, which "no backend" hid (a walk read it as a
+        // type without backends, while three connects had been refused).
+        let end = match end {
+            End::NoBackend if self.tries > 0 => End::ConnectFailed,
+            end => end,
+        };
         self.end.get_or_insert(end);
     }
 
@@ -154,5 +167,21 @@ mod tests {
         );
         assert_eq!(End::NoBackend.to_string(), "no backend");
         assert_eq!(End::Closed.to_string(), "closed");
+    }
+
+    #[test]
+    fn out_of_backends_after_a_try_reads_as_a_failed_connect_to_the_last_one() {
+        let client: SocketAddr = "192.0.2.1:40000".parse().unwrap();
+        let (a, b): (SocketAddr, SocketAddr) =
+            ("127.0.0.1:1".parse().unwrap(), "127.0.0.1:2".parse().unwrap());
+        let mut none = ConnLog::new(client);
+        none.ended(End::NoBackend);
+        assert_eq!((none.end, none.backend), (Some(End::NoBackend), None));
+        let mut failed = ConnLog::new(client);
+        failed.tried(a);
+        failed.tried(b);
+        failed.ended(End::NoBackend);
+        assert_eq!((failed.end, failed.backend), (Some(End::ConnectFailed), Some(b)));
+        assert_eq!(End::ConnectFailed.to_string(), "connect failed");
     }
 }

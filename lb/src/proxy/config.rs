@@ -567,6 +567,31 @@ impl ProxySection {
     }
 }
 
+impl ProxyConfig {
+    /// The keys that need a restart whose value in `new` differs from this (running) config's, as
+    /// `proxy.KEY`, so a reload's warning names what it could not apply.
+    pub fn restart_pending(&self, new: &ProxyConfig) -> Vec<&'static str> {
+        [
+            ("proxy.workers", self.workers != new.workers),
+            ("proxy.runtime", self.runtime != new.runtime),
+            ("proxy.forwarding", self.forwarding != new.forwarding),
+            (
+                "proxy.max_connections",
+                self.max_connections != new.max_connections,
+            ),
+            ("proxy.backlog", self.backlog != new.backlog),
+            ("proxy.keepalive_ms", self.keepalive != new.keepalive),
+            (
+                "proxy.io_uring_buffers",
+                self.io_uring_buffers != new.io_uring_buffers,
+            ),
+        ]
+        .into_iter()
+        .filter_map(|(key, changed)| changed.then_some(key))
+        .collect()
+    }
+}
+
 #[cfg(test)]
 impl ProxyConfig {
     /// The `[proxy]` section written as `toml`, validated; for tests, so it must be valid.
@@ -589,6 +614,18 @@ mod tests {
         let cfg = raw.validate(&mut v);
         v.finish(cfg)
             .map_err(|issues| issues.iter().map(|i| i.to_string()).collect())
+    }
+
+    #[test]
+    fn a_reload_names_the_keys_it_cannot_apply() {
+        let running = parse("workers = 2").unwrap();
+        assert!(
+            running
+                .restart_pending(&parse("workers = 2\nidle_timeout_ms = 5").unwrap())
+                .is_empty()
+        );
+        let new = parse("workers = 3\nbacklog = 16\nconnect_timeout_ms = 5").unwrap();
+        assert_eq!(running.restart_pending(&new), ["proxy.workers", "proxy.backlog"]);
     }
 
     #[test]

@@ -100,10 +100,10 @@ impl Active {
         }
     }
 
-    /// A connect to a backend is tried (for the connection log).
-    pub(super) fn tried(&mut self) {
+    /// A connect to `addr` is tried (for the connection log).
+    pub(super) fn tried(&mut self, addr: SocketAddr) {
         if let Some(g) = self.log.as_deref_mut() {
-            g.tried();
+            g.tried(addr);
         }
     }
 
@@ -315,7 +315,7 @@ async fn connect(
         };
         active.wait_served(&mut wait);
         attempt += 1;
-        active.tried();
+        active.tried(addr);
         let t0 = Instant::now();
         match tokio::time::timeout(t.connect, TcpStream::connect(addr)).await {
             Ok(Ok(s)) => {

@@ -257,6 +257,8 @@ pub fn status(text: &str) -> ProxyStatus {
                 HEADER_ERRORS_TOTAL => e.header_errors = value,
                 RETRIES_TOTAL => e.retries = value,
                 IDLE_TIMEOUTS_TOTAL => e.idle_timeouts = value,
+                QUEUED_TOTAL => e.queued = value,
+                ACCEPT_ERRORS_TOTAL => e.accept_errors = value,
                 LISTENER_BYTES_TOTAL if up => e.bytes_up = value,
                 LISTENER_BYTES_TOTAL => e.bytes_down = value,
                 LISTENER_UNBOUND => e.unbound = value > 0,
@@ -281,6 +283,8 @@ pub fn status(text: &str) -> ProxyStatus {
                 BACKEND_ACTIVE => e.active = value,
                 BACKEND_CONNECTS_TOTAL => e.connects = value,
                 BACKEND_CONNECT_FAILURES_TOTAL => e.connect_failures = value,
+                BACKEND_CHECK_FAILURES_TOTAL => e.check_failures = value,
+                BACKEND_FULL_TOTAL => e.full = value,
                 BACKEND_BYTES_TOTAL if up => e.bytes_up = value,
                 BACKEND_BYTES_TOTAL => e.bytes_down = value,
                 BACKEND_FAILING => e.failing = value > 0,
@@ -374,6 +378,8 @@ xcluster_lb_proxy_connections_active{listener="web"} 3
 xcluster_lb_proxy_connections_active{listener="odd \"name\""} -1
 xcluster_lb_proxy_listener_bytes_total{listener="web",direction="up"} 1000
 xcluster_lb_proxy_listener_bytes_total{listener="web",direction="down"} 2.5e3
+xcluster_lb_proxy_connections_queued_total{listener="web"} 8
+xcluster_lb_proxy_accept_errors_total{listener="web"} 2
 xcluster_lb_proxy_backend_connects_total{backend="127.0.0.1:9"} 7
 xcluster_lb_proxy_backend_bytes_total{backend="127.0.0.1:9",direction="down"} 5
 xcluster_lb_proxy_backend_connect_seconds_bucket{backend="127.0.0.1:9",le="0.001"} 7
@@ -381,6 +387,8 @@ xcluster_lb_proxy_backend_failing{backend="127.0.0.1:9"} 1
 xcluster_lb_proxy_backend_backup{backend="127.0.0.1:9"} 1
 xcluster_lb_proxy_backend_configured{backend="127.0.0.1:9"} 1
 xcluster_lb_proxy_backend_weight{backend="127.0.0.1:9"} 0
+xcluster_lb_proxy_backend_check_failures_total{backend="127.0.0.1:9"} 3
+xcluster_lb_proxy_backend_full_total{backend="127.0.0.1:9"} 11
 xcluster_lb_proxy_backend_connects_total{backend="127.0.0.1:10"} 2
 xcluster_lb_proxy_backend_configured{backend="127.0.0.1:10"} 0
 xcluster_lb_proxy_backend_connects_total{backend="10.0.0.1:7101"} 4
@@ -419,6 +427,8 @@ not a sample
                     bytes_up: 1000,
                     bytes_down: 2500,
                     waiting: 6,
+                    queued: 8,
+                    accept_errors: 2,
                     ..Default::default()
                 },
             ]
@@ -437,6 +447,8 @@ not a sample
                     addr: "127.0.0.1:9".into(),
                     connects: 7,
                     bytes_down: 5,
+                    check_failures: 3,
+                    full: 11,
                     failing: true,
                     backup: true,
                     weight: Some(0),

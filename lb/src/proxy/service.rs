@@ -694,16 +694,12 @@ impl Manager {
     }
 
     fn reload(&mut self, new: &ProxyConfig) {
-        let restart_only = new.workers != self.started.workers
-            || new.runtime != self.started.runtime
-            || new.forwarding != self.started.forwarding
-            || new.max_connections != self.started.max_connections
-            || new.backlog != self.started.backlog
-            || new.keepalive != self.started.keepalive
-            || new.io_uring_buffers != self.started.io_uring_buffers;
-        if restart_only {
+        let pending = self.started.restart_pending(new);
+        if !pending.is_empty() {
+            // Named: the list of every such key, logged whatever changed, left the operator to guess.
             warn!(
-                "proxy: workers, runtime, forwarding, max_connections, backlog, keepalive_ms and io_uring_buffers need a restart"
+                keys = %pending.join(", "),
+                "proxy: changed keys that need a restart; the running values stay until then"
             );
         }
         self.apply_live(new);
@@ -802,15 +798,26 @@ impl Manager {
         tracker.close();
         listeners.close();
         let active = tracker.len();
-        if active > 0 {
-            info!(connections = active, "proxy draining established connections");
-        }
-        tokio::select! {
-            // The listeners first: until they are closed they may still accept queued clients.
-            _ = async { listeners.wait().await; tracker.wait().await } => {}
-            _ = self.shared.stop.cancelled() => {
-                // Ending the workers below closes what is left.
-                warn!(connections = tracker.len(), "grace period over: closing proxied connections");
+        if self.shared.stop.is_cancelled() {
+            // SIGINT: no grace to wait out, so neither "draining" nor "grace period over" (both were logged,
+            // 6 µs apart). Ending the workers below closes what is left.
+            if active > 0 {
+                info!(
+                    connections = active,
+                    "proxy stopping: closing proxied connections"
+                );
+            }
+        } else {
+            if active > 0 {
+                info!(connections = active, "proxy draining established connections");
+            }
+            tokio::select! {
+                // The listeners first: until they are closed they may still accept queued clients.
+                _ = async { listeners.wait().await; tracker.wait().await } => {}
+                _ = self.shared.stop.cancelled() => {
+                    // Ending the workers below closes what is left.
+                    warn!(connections = tracker.len(), "grace period over: closing proxied connections");
+                }
             }
         }
         let workers = std::mem::take(&mut self.workers);

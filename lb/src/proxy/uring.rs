@@ -1091,7 +1091,7 @@ impl Loop {
             };
             c.active.wait_served(&mut k.wait);
             k.attempt += 1;
-            c.active.tried();
+            c.active.tried(addr);
             let socket = match backend_socket(addr) {
                 Ok(s) => s,
                 Err(e) => {
