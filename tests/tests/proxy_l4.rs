@@ -2229,6 +2229,48 @@ fn io_uring_last_bytes_leave_with_the_fin() {
     }
 }
 
+/// CPU ticks (1/100 s) the io_uring worker thread of `pid` has used so far (`/proc/PID/task/*/stat`).
+fn worker_ticks(pid: u32) -> u64 {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).unwrap();
+    for t in tasks.flatten() {
+        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        if comm.trim() != "lb-proxy-0" {
+            continue;
+        }
+        let stat = std::fs::read_to_string(t.path().join("stat")).unwrap();
+        // After the parenthesised name: state is field 3, utime and stime are fields 14 and 15.
+        let rest = &stat[stat.rfind(')').unwrap() + 2..];
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        return f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
+    }
+    panic!("no lb-proxy-0 thread in process {pid}");
+}
+
+/// A worker that busy-polls (at the most window, 1 ms) between bursts of traffic goes quiet once the
+/// traffic stops: long sleeps shrink its window to nothing, so an idle balancer does not spin its core.
+#[test]
+fn io_uring_a_busy_polling_worker_goes_quiet_when_idle() {
+    let (lb, front) = io_uring_lb_to(echo_backend(), "busy_poll_us = 1000\n");
+    for i in 0..200u64 {
+        let data = payload(64, i);
+        assert_eq!(round_trip(front, data.clone()), data);
+    }
+    // Quiet: at most 10 ticks (100 ms of CPU) over a second, where a spinning worker takes 100; counted
+    // from a second after the traffic, by when a window of 1 ms has had time to shrink to nothing.
+    let ended = Instant::now();
+    let mut seen: Vec<(Instant, u64)> = Vec::new();
+    eventually(T, "the idle worker to stop polling", || {
+        let now = (Instant::now(), worker_ticks(lb.proc.pid()));
+        if now.0.duration_since(ended) >= Duration::from_secs(1) {
+            seen.push(now);
+        }
+        let a_second_ago = seen
+            .iter()
+            .find(|(t, _)| now.0.duration_since(*t) >= Duration::from_secs(1))?;
+        (now.1 - a_second_ago.1 <= 10).then_some(())
+    });
+}
+
 /// FNV-1a, fed in pieces: enough to tell altered, lost or reordered bytes apart.
 struct Digest(u64);
 

@@ -5,7 +5,7 @@
 //! `connect_timeout_ms`, `idle_timeout_ms`, `connect_attempts`, `connect_retry_delay_ms`, `check_interval_ms`, `check_fall`,
 //! `check_rise`, `check_http_path`, `slow_start_ms`, `queue_timeout_ms`, `balance`, per-listener
 //! `proxy_protocol`, `accept_proxy`, `log_connections`, `max_connections_per_client`,
-//! `max_connection_rate_per_client`, `connection_rate_period_ms`, `allow` and `deny`.
+//! `max_connection_rate_per_client`, `connection_rate_period_ms`, `allow`, `deny` and `busy_poll_us`.
 //! Needs a restart: `workers`, `runtime`, `forwarding`, `[proxy] max_connections`, `backlog`, `keepalive_ms`,
 //! `io_uring_buffers`. `warmup_ms` counts only at start.
 
@@ -96,6 +96,12 @@ pub struct ProxySection {
     /// resident only for those handed out. Bulk streams also borrow spare buffers, one sixteenth as many (1
     /// to 256), kept only by a send that would block.
     pub io_uring_buffers: u32,
+    /// With `runtime = "io_uring"`: how long, in microseconds, a worker with nothing to do polls its ring
+    /// before it sleeps (HAProxy's `busy-polling`, bounded), at most 1,000; 0 never polls. The window adapts:
+    /// it shrinks to nothing while the worker's sleeps are long (an idle or lightly loaded proxy does not
+    /// burn its core) and grows back while they are short. On a virtual machine a sleeping worker costs the
+    /// CPU that wakes it an interrupt through the hypervisor for each wake-up.
+    pub busy_poll_us: u32,
 }
 
 impl Default for ProxySection {
@@ -123,6 +129,7 @@ impl Default for ProxySection {
             keepalive_ms: 60_000,
             warmup_ms: 5_000,
             io_uring_buffers: 4096,
+            busy_poll_us: 50,
         }
     }
 }
@@ -309,6 +316,8 @@ pub struct Timeouts {
     pub slow_start: Option<Duration>,
     /// How long a connection waits for a place when every backend is full; `None`: not at all.
     pub queue: Option<Duration>,
+    /// The most an io_uring worker busy-polls before sleeping (zero: never).
+    pub busy_poll: Duration,
 }
 
 /// The validated `[proxy]` section.
@@ -538,6 +547,7 @@ impl ProxySection {
         );
         let keepalive = v.millis("proxy.keepalive_ms", self.keepalive_ms, 0, 86_400_000);
         let warmup = v.millis("proxy.warmup_ms", self.warmup_ms, 0, 60_000);
+        let busy_poll = v.range("proxy.busy_poll_us", self.busy_poll_us, 0, 1_000);
         ProxyConfig {
             listeners,
             backends,
@@ -555,6 +565,7 @@ impl ProxySection {
                 check_rise,
                 slow_start: (!slow_start.is_zero()).then_some(slow_start),
                 queue: (!queue.is_zero()).then_some(queue),
+                busy_poll: Duration::from_micros(u64::from(busy_poll)),
             },
             max_connections,
             backlog,
@@ -743,6 +754,7 @@ mod tests {
             runtime = "fibers"
             forwarding = "magic"
             connect_timeout_ms = 0
+            busy_poll_us = 1001
             [[listeners]]
             listen = "nope"
             request_type = "bad type"
@@ -754,7 +766,8 @@ mod tests {
             "#,
         )
         .unwrap_err();
-        assert_eq!(errs.len(), 7, "{errs:#?}");
+        assert_eq!(errs.len(), 8, "{errs:#?}");
+        assert!(errs.iter().any(|e| e.contains("proxy.busy_poll_us")), "{errs:#?}");
     }
 
     #[test]

@@ -17,6 +17,7 @@ pub mod metrics;
 pub mod pick;
 mod queue;
 mod service;
+mod spin;
 mod uring;
 
 pub use config::{ProxyConfig, ProxySection};

@@ -55,6 +55,7 @@ use super::listener::{BACKOFF_MAX, BACKOFF_MIN, Close, is_resource_exhaustion};
 use super::metrics::{Assigned, BUFFER_WAITS_TOTAL, BUFFERS_HELD, RECEIVE_PAUSES_TOTAL, SPLICED_BYTES_TOTAL};
 use super::queue::{RingDoor, WAIT_BACKUP, Wait, Waker, poke};
 use super::service::{Admit, ListenerState, LiveListener, NoBackend, Shared};
+use super::spin::Spin;
 
 /// Submission queue size; the completion queue is twice that, and overflow is kept by the kernel.
 const RING_ENTRIES: u32 = 4096;
@@ -534,6 +535,8 @@ struct Loop {
     /// `pipe_key(slot, d)`, with how many bytes are left in each. A direction has one at most, and has a
     /// poll for room in flight while it does.
     pipes: HashMap<u64, (Pipe, u32)>,
+    /// How long to busy-poll the ring before sleeping.
+    spin: Spin,
 }
 
 fn pipe_key(slot: u32, d: usize) -> u64 {
@@ -550,8 +553,10 @@ impl Loop {
         let ring = IoUring::builder()
             .setup_single_issuer()
             .setup_defer_taskrun()
+            .setup_taskrun_flag()
             .build(RING_ENTRIES)?;
         let bufs = Bufs::new(&ring, buffers)?;
+        let spin = Spin::new(shared.timeouts.load().busy_poll);
         Ok(Self {
             ring,
             bufs,
@@ -573,6 +578,7 @@ impl Loop {
             unsent: Vec::with_capacity(1024),
             held_shown: 0,
             pipes: HashMap::new(),
+            spin,
         })
     }
 
@@ -580,12 +586,17 @@ impl Loop {
         self.arm_wake();
         self.arm_tick();
         loop {
-            if let Err(e) = self.ring.submit_and_wait(1) {
+            let want = usize::from(!self.poll_ring());
+            let slept_from = (want == 1 && self.spin.enabled()).then(Instant::now);
+            if let Err(e) = self.ring.submit_and_wait(want) {
                 // EBUSY: the completion queue overflowed; reaping below makes room.
                 if !matches!(e.raw_os_error(), Some(libc::EINTR | libc::EBUSY | libc::EAGAIN)) {
                     error!(error = %e, "io_uring proxy worker cannot submit; closing its connections");
                     return;
                 }
+            }
+            if let Some(t) = slept_from {
+                self.spin.slept(t.elapsed());
             }
             self.now_ms = u32::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u32::MAX);
             let mut cqes = std::mem::take(&mut self.cqes);
@@ -607,6 +618,31 @@ impl Loop {
                     return;
                 }
             }
+        }
+    }
+
+    /// Busy-polls the ring for up to the spin window ([`Spin`]) after submitting what is queued; true when a
+    /// completion, or deferred work that makes one, is there (then the caller must not wait for one).
+    fn poll_ring(&mut self) -> bool {
+        let window = self.spin.window();
+        if window.is_zero() {
+            return false;
+        }
+        if !self.ring.submission().is_empty() {
+            // An error here is met again, and handled, by the wait that follows.
+            let _ = self.ring.submit();
+        }
+        let until = Instant::now() + window;
+        loop {
+            // TASKRUN: deferred work is queued (`setup_taskrun_flag`), which the next enter turns into
+            // completions; nothing wakes a worker that is not waiting, so none is sent.
+            if !self.ring.completion().is_empty() || self.ring.submission().taskrun() {
+                return true;
+            }
+            if Instant::now() >= until {
+                return false;
+            }
+            std::hint::spin_loop();
         }
     }
 
@@ -754,6 +790,11 @@ impl Loop {
         if self.finishing.is_some() {
             self.arm_tick();
             return;
+        }
+        // `busy_poll_us` reloads live.
+        let busy_poll = self.shared.timeouts.load().busy_poll;
+        if busy_poll != self.spin.max() {
+            self.spin = Spin::new(busy_poll);
         }
         // Accepts that wait for a permit freed on another worker, or for the end of a back-off; closing
         // listeners whose queue is empty.
