@@ -11,6 +11,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use xcluster_proto::report;
 use xcluster_runtime::common::{HttpSection, LogSection, ShutdownSection, ShutdownTimes};
+use xcluster_runtime::config::HmacKey;
 use xcluster_runtime::{ConfigIssue, DaemonConfig, RoleConfig, Validator};
 
 /// Most instances one agent reports (the report format's own bound).
@@ -93,8 +94,7 @@ pub struct Config {
     pub listen: SocketAddr,
     pub agent_id: String,
     pub balancers: Vec<SocketAddr>,
-    pub key: Vec<u8>,
-    pub key_file: Option<PathBuf>,
+    pub key: HmacKey,
     pub interval: Duration,
     pub sample: Duration,
     pub timeout: Duration,
@@ -148,7 +148,7 @@ impl RoleConfig for Config {
                 format!("{b} is listed twice: it would get every report twice")
             });
         }
-        let (key, key_file) = v.key("", &raw.key, &raw.key_file);
+        let key = v.key("", &raw.key, &raw.key_file);
         let interval = v.millis("interval_ms", raw.interval_ms, 50, 60_000);
         let sample = v.millis("sample_ms", raw.sample_ms, 10, 60_000);
         let timeout = v.millis("timeout_ms", raw.timeout_ms, 10, 60_000);
@@ -200,7 +200,6 @@ impl RoleConfig for Config {
             agent_id,
             balancers,
             key,
-            key_file,
             interval,
             sample,
             timeout,

@@ -76,5 +76,5 @@ fn handler(latest: watch::Receiver<Option<LoadReport>>) -> Handler {
 
 /// Warns about a short shared key, or a key file group or others can read.
 fn warn_if_key_exposed(cfg: &Config) {
-    xcluster_runtime::config::warn_about_key(&cfg.key, cfg.key_file.as_deref(), "report key");
+    cfg.key.warn("report key");
 }

@@ -15,7 +15,7 @@ use xcluster_runtime::{ConfigIssue, DaemonConfig, RoleConfig, Validator};
 
 use xcluster_proto::report;
 
-use crate::directory::ingest::{Key, ReportKeys};
+use crate::directory::ingest::ReportKeys;
 use crate::directory::weights::{Params, TypeProfile};
 
 /// Most request types a balancer may be configured with.
@@ -291,9 +291,8 @@ impl RoleConfig for Config {
 
 /// The shared key and each agent's own (`[reports.agent_keys]`, at most `max_agents` of them).
 fn validate_keys(v: &mut Validator, raw: &ReportsSection, max_agents: usize) -> ReportKeys {
-    let (bytes, file) = v.key("reports.", &raw.key, &raw.key_file);
     let mut keys = ReportKeys {
-        shared: Key { bytes, file },
+        shared: v.key("reports.", &raw.key, &raw.key_file),
         agents: Default::default(),
     };
     v.check(raw.agent_keys.len() <= max_agents, "reports.agent_keys", || {
@@ -308,15 +307,7 @@ fn validate_keys(v: &mut Validator, raw: &ReportsSection, max_agents: usize) -> 
             v.error(&field, format!("agent id {}", report::ID_RULE));
             continue;
         }
-        let file = std::path::PathBuf::from(path);
-        let bytes = v.secret_file(&field, &file);
-        keys.agents.insert(
-            agent.clone(),
-            Key {
-                bytes,
-                file: Some(file),
-            },
-        );
+        keys.agents.insert(agent.clone(), v.key_file(&field, path));
     }
     keys
 }

@@ -149,6 +149,6 @@ async fn follow_config(
 /// Warns about a short report key, or a key file group or others can read.
 fn warn_if_key_exposed(cfg: &Config) {
     for (what, key) in cfg.keys.each() {
-        xcluster_runtime::config::warn_about_key(&key.bytes, key.file.as_deref(), &what);
+        key.warn(&what);
     }
 }

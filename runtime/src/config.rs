@@ -163,18 +163,49 @@ pub fn read_bounded(path: &Path) -> Result<Vec<u8>, ConfigError> {
 /// The shortest HMAC key taken without a warning.
 pub const MIN_KEY_BYTES: usize = 16;
 
-/// Warns about an HMAC key that works but should not be as it is: shorter than [`MIN_KEY_BYTES`] (one
-/// captured signed message lets anyone try short keys offline; a bearer token is only tried online), or
-/// kept in `file` readable by group or others.
-pub fn warn_about_key(key: &[u8], file: Option<&Path>, what: &str) {
-    if !key.is_empty() && key.len() < MIN_KEY_BYTES {
-        tracing::warn!(
-            bytes = key.len(),
-            "the {what} is shorter than {MIN_KEY_BYTES} bytes; use a longer random one"
-        );
+/// An HMAC key from a config (`key` inline or `key_file`; see [`Validator::key`]), and the file it was read
+/// from, whose permissions are checked. Its bytes never reach a log.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct HmacKey {
+    pub bytes: Vec<u8>,
+    pub file: Option<PathBuf>,
+}
+
+impl fmt::Debug for HmacKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HmacKey")
+            .field("file", &self.file)
+            .finish_non_exhaustive()
     }
-    if let Some(path) = file {
-        warn_if_secret_exposed(path, what);
+}
+
+impl HmacKey {
+    /// A key given inline.
+    pub fn inline(bytes: &[u8]) -> Self {
+        Self {
+            bytes: bytes.to_vec(),
+            file: None,
+        }
+    }
+
+    /// Whether there is no key (nothing it signs or checks can be trusted).
+    pub fn is_empty(&self) -> bool {
+        self.bytes.is_empty()
+    }
+
+    /// Warns about a key that works but should not be as it is: shorter than [`MIN_KEY_BYTES`] (one captured
+    /// signed message lets anyone try short keys offline; a bearer token is only tried online), or kept in a
+    /// file readable by group or others. `what` names it in the warning.
+    pub fn warn(&self, what: &str) {
+        if !self.is_empty() && self.bytes.len() < MIN_KEY_BYTES {
+            tracing::warn!(
+                bytes = self.bytes.len(),
+                "the {what} is shorter than {MIN_KEY_BYTES} bytes; use a longer random one"
+            );
+        }
+        if let Some(path) = &self.file {
+            warn_if_secret_exposed(path, what);
+        }
     }
 }
 
@@ -714,26 +745,24 @@ impl Validator {
     }
 
     /// An HMAC key given inline as `{prefix}key` or in the file `{prefix}key_file` (at most one of them;
-    /// neither gives an empty key). Returns the key and its file, whose permissions the caller warns about.
-    pub fn key(&mut self, prefix: &str, key: &str, key_file: &str) -> (Vec<u8>, Option<PathBuf>) {
+    /// neither gives an empty key).
+    pub fn key(&mut self, prefix: &str, key: &str, key_file: &str) -> HmacKey {
         match (key.is_empty(), key_file.is_empty()) {
             (false, false) => {
                 self.error(format!("{prefix}key"), "set key or key_file, not both");
-                (Vec::new(), None)
+                HmacKey::default()
             }
-            (false, true) => (key.as_bytes().to_vec(), None),
-            (true, false) => {
-                let path = PathBuf::from(key_file);
-                let key = self.secret_file(&format!("{prefix}key_file"), &path);
-                (key, Some(path))
-            }
-            (true, true) => (Vec::new(), None),
+            (false, true) => HmacKey::inline(key.as_bytes()),
+            (true, false) => self.key_file(&format!("{prefix}key_file"), key_file),
+            (true, true) => HmacKey::default(),
         }
     }
 
-    /// The secret held in the file `path` (surrounding whitespace is not part of it), which must not be empty.
-    pub fn secret_file(&mut self, key: &str, path: &Path) -> Vec<u8> {
-        match read_bounded(path) {
+    /// The key held in the file `path` (surrounding whitespace is not part of it), reported under `key` if it
+    /// cannot be read or is empty.
+    pub fn key_file(&mut self, key: &str, path: &str) -> HmacKey {
+        let path = PathBuf::from(path);
+        let bytes = match read_bounded(&path) {
             Ok(bytes) => {
                 let text = String::from_utf8_lossy(&bytes).trim().to_string();
                 if text.is_empty() {
@@ -745,6 +774,10 @@ impl Validator {
                 self.error(key, e.to_string());
                 Vec::new()
             }
+        };
+        HmacKey {
+            bytes,
+            file: Some(path),
         }
     }
 

@@ -4,11 +4,11 @@
 //! number. A rejected report changes nothing; each rejection is counted by reason.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use xcluster_proto::report::{self, LoadReport, MAX_REPORT_BYTES, ReportError};
+use xcluster_runtime::config::HmacKey;
 
 use super::Directory;
 use crate::metrics;
@@ -36,29 +36,13 @@ pub fn wall_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// An HMAC key that signs reports, and the file it came from (whose permissions are checked).
-#[derive(Clone, Default, PartialEq, Eq)]
-pub struct Key {
-    pub bytes: Vec<u8>,
-    pub file: Option<PathBuf>,
-}
-
 /// The keys reports are checked with: `[reports] key`/`key_file`, shared by every agent without a key of its
 /// own, and `[reports.agent_keys]`, each agent's own. An agent with its own key can be neither spoken for with
 /// the shared key nor with another agent's, so one host's key, if stolen, reports only for that host.
 #[derive(Clone, Default, PartialEq, Eq)]
 pub struct ReportKeys {
-    pub shared: Key,
-    pub agents: HashMap<String, Key>,
-}
-
-impl std::fmt::Debug for Key {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        // The bytes never reach a log.
-        f.debug_struct("Key")
-            .field("file", &self.file)
-            .finish_non_exhaustive()
-    }
+    pub shared: HmacKey,
+    pub agents: HashMap<String, HmacKey>,
 }
 
 impl std::fmt::Debug for ReportKeys {
@@ -67,7 +51,7 @@ impl std::fmt::Debug for ReportKeys {
         let mut agents: Vec<_> = self.agents.keys().collect();
         agents.sort();
         f.debug_struct("ReportKeys")
-            .field("shared", &!self.shared.bytes.is_empty())
+            .field("shared", &!self.shared.is_empty())
             .field("agents", &agents)
             .finish()
     }
@@ -77,17 +61,14 @@ impl ReportKeys {
     /// Only a shared key.
     pub fn shared(bytes: &[u8]) -> Self {
         Self {
-            shared: Key {
-                bytes: bytes.to_vec(),
-                file: None,
-            },
+            shared: HmacKey::inline(bytes),
             agents: HashMap::new(),
         }
     }
 
     /// Whether no report can be authenticated at all.
     pub fn is_empty(&self) -> bool {
-        self.shared.bytes.is_empty() && self.agents.is_empty()
+        self.shared.is_empty() && self.agents.is_empty()
     }
 
     /// The agent among `agent` that has a key of its own (`None`: the shared key signs for it).
@@ -104,7 +85,7 @@ impl ReportKeys {
     }
 
     /// Every key with its name for warnings: `report key`, `report key of agent X`.
-    pub fn each(&self) -> impl Iterator<Item = (String, &Key)> {
+    pub fn each(&self) -> impl Iterator<Item = (String, &HmacKey)> {
         let own = self
             .agents
             .iter()
@@ -288,13 +269,7 @@ mod tests {
         assert!(d.servers("nope").is_err());
         // Agent x's own key, speaking for h.
         let mut keys = ReportKeys::shared(b"k");
-        keys.agents.insert(
-            "x".into(),
-            Key {
-                bytes: b"xk".to_vec(),
-                file: None,
-            },
-        );
+        keys.agents.insert("x".into(), HmacKey::inline(b"xk"));
         d.reconfigure(Settings {
             keys,
             ..(*d.settings()).clone()
@@ -316,10 +291,7 @@ mod tests {
     fn an_agent_with_its_own_key_is_heard_only_under_it() {
         let d = dir();
         let mut keys = ReportKeys::shared(b"k");
-        let own = Key {
-            bytes: b"own".to_vec(),
-            file: None,
-        };
+        let own = HmacKey::inline(b"own");
         keys.agents.insert("h".into(), own);
         d.reconfigure(Settings {
             keys,
