@@ -64,6 +64,21 @@ pub fn encode_v2(src: SocketAddr, dst: SocketAddr) -> Vec<u8> {
     h
 }
 
+/// The header a proxy's own connection opens with, such as a health check toward a backend that expects
+/// one on every connection (HAProxy's `check-send-proxy`): command `LOCAL`, no addresses, so the backend
+/// uses the socket's own.
+pub const fn encode_v2_local() -> [u8; FIXED_LEN] {
+    let mut h = [0u8; FIXED_LEN];
+    let mut i = 0;
+    while i < SIGNATURE.len() {
+        h[i] = SIGNATURE[i];
+        i += 1;
+    }
+    h[12] = V2_LOCAL;
+    // Family and protocol UNSPEC, address length 0 (bytes 13 to 15 stay zero).
+    h
+}
+
 /// What a v2 header says about the connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Addresses {
@@ -294,6 +309,14 @@ mod tests {
         let mut local = good.clone();
         local[12] = 0x20;
         assert_eq!(decode_v2(&local).unwrap().addresses, Addresses::Local);
+        let own = encode_v2_local();
+        assert_eq!(
+            decode_v2(&own),
+            Ok(Header {
+                len: FIXED_LEN,
+                addresses: Addresses::Local
+            })
+        );
         // Trailing TLVs and payload are not part of the header.
         let mut tlv = good[..16].to_vec();
         tlv[15] = 12 + 3;

@@ -1162,6 +1162,75 @@ fn connections_are_logged_where_the_listener_asks(rt: &'static str) {
     assert_eq!(line_of(unlogged), None, "the quiet listener logged");
 }
 
+/// A connection reset by its backend or by its client is logged and counted with the side the reset came
+/// from (HAProxy's `SD` and `CD` termination states, `srv_abrt` and `cli_abrt`).
+fn resets_are_logged_and_counted_by_the_side_that_sent_them(rt: &'static str) {
+    // Resets on `R`, else echoes.
+    let b = backend(|mut s| {
+        let mut buf = [0u8; 64];
+        while let Ok(n @ 1..) = s.read(&mut buf) {
+            if buf[..n].contains(&b'R') {
+                reset(s);
+                return;
+            }
+            s.write_all(&buf[..n]).unwrap();
+        }
+    });
+    let front = free_addr();
+    let lb = start_lb(
+        rt,
+        1000,
+        &format!(
+            "{}log_connections = true
+{}",
+            listener("web", front),
+            backends(&[b])
+        ),
+    );
+    let by_backend = connect(front);
+    let by_backend_addr = by_backend.local_addr().unwrap();
+    (&by_backend).write_all(b"R").unwrap();
+    // The proxy passes the reset on, or closes: either way nothing comes back.
+    assert!(matches!((&by_backend).read(&mut [0u8; 8]), Ok(0) | Err(_)));
+    let mut by_client = connect(front);
+    let by_client_addr = by_client.local_addr().unwrap();
+    ping(&mut by_client, b"hello");
+    reset(by_client);
+    let errors = |side: &str| {
+        metric_value(
+            &lb.metrics(),
+            "xcluster_lb_proxy_connection_errors_total",
+            &format!("listener=\"web\",side=\"{side}\""),
+        )
+    };
+    eventually(T, "a reset counted on each side", || {
+        (errors("backend") == Some(1.0) && errors("client") == Some(1.0)).then_some(())
+    });
+    let line_of = |client: SocketAddr| {
+        let log = lb.proc.stderr();
+        log.lines()
+            .find(|l| l.contains(&format!("client={client} ")))
+            .map(str::to_string)
+    };
+    let line = eventually(T, "the backend's reset logged", || line_of(by_backend_addr));
+    assert!(
+        line.contains("end=backend error: Connection reset by peer"),
+        "{line}"
+    );
+    let line = eventually(T, "the client's reset logged", || line_of(by_client_addr));
+    assert!(
+        line.contains("end=client error: Connection reset by peer"),
+        "{line}"
+    );
+}
+
+/// Closes `s` with a reset (SO_LINGER 0) rather than a FIN.
+fn reset(s: TcpStream) {
+    socket2::SockRef::from(&s)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+}
+
 fn every_backend_down_closes_the_client_promptly_and_counts_it(rt: &'static str) {
     let front = free_addr();
     let lb = start_lb(
@@ -1222,7 +1291,8 @@ fn proxy_protocol_v2_header_names_the_client(rt: &'static str) {
     let (tx, rx) = mpsc::channel::<(Vec<u8>, Vec<u8>)>();
     let b = backend(move |mut s| {
         let mut header = vec![0u8; 28];
-        s.read_exact(&mut header).unwrap();
+        // The proxy's health checks send a 16-byte LOCAL header and close.
+        let Ok(()) = s.read_exact(&mut header) else { return };
         let mut body = Vec::new();
         s.read_to_end(&mut body).unwrap();
         tx.send((header, body)).unwrap();
@@ -1260,11 +1330,16 @@ fn accept_proxy_takes_the_client_from_its_header(rt: &'static str) {
     let (tx, rx) = mpsc::channel::<Addresses>();
     let b = backend(move |mut s| {
         let mut h = vec![0u8; 16];
-        // Health checks connect and close without a byte.
-        let Ok(()) = s.read_exact(&mut h) else { return };
+        s.read_exact(&mut h).unwrap();
         h.resize(16 + usize::from(u16::from_be_bytes([h[14], h[15]])), 0);
         s.read_exact(&mut h[16..]).unwrap();
-        tx.send(decode_v2(&h).unwrap().addresses).unwrap();
+        let addresses = decode_v2(&h).unwrap().addresses;
+        // The proxy's own health checks: a LOCAL header, then closed. A client's connection always gets
+        // addresses, from its own header or its socket.
+        if addresses == Addresses::Local {
+            return;
+        }
+        tx.send(addresses).unwrap();
         let mut buf = [0u8; 1024];
         while let Ok(n @ 1..) = s.read(&mut buf) {
             s.write_all(&buf[..n]).unwrap();
@@ -2330,6 +2405,7 @@ per_runtime!(
     max_connections_holds_new_clients_until_a_permit_frees,
     max_connections_is_not_held_by_idle_listeners,
     connections_are_logged_where_the_listener_asks,
+    resets_are_logged_and_counted_by_the_side_that_sent_them,
     a_listener_changed_in_place_keeps_its_queued_clients,
     a_removed_listener_serves_its_queued_clients,
     sigterm_serves_the_clients_queued_on_the_listeners,

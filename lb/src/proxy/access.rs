@@ -21,8 +21,9 @@ pub enum End {
     Closed,
     /// No byte either way for `idle_timeout_ms`.
     Idle,
-    /// A socket error (an OS error number); most often a reset by one side.
-    Error(i32),
+    /// A socket error (an OS error number) on the client's socket or the backend's; most often a reset by
+    /// that side (HAProxy's `CD` and `SD`).
+    Error(Side, i32),
     /// No backend could be tried: none configured or routed for its type, or every one held out or at
     /// weight 0 (the client is closed without a byte).
     NoBackend,
@@ -51,7 +52,9 @@ impl fmt::Display for End {
         match self {
             Self::Closed => f.write_str("closed"),
             Self::Idle => f.write_str("idle timeout"),
-            Self::Error(errno) => write!(f, "error: {}", io::Error::from_raw_os_error(*errno)),
+            Self::Error(side, errno) => {
+                write!(f, "{side} error: {}", io::Error::from_raw_os_error(*errno))
+            }
             Self::NoBackend => f.write_str("no backend"),
             Self::ConnectFailed => f.write_str("connect failed"),
             Self::QueueTimeout => f.write_str("queue timeout"),
@@ -62,6 +65,34 @@ impl fmt::Display for End {
             Self::ClientHeader => f.write_str("no valid PROXY header from the client"),
             Self::Shutdown => f.write_str("shutdown"),
         }
+    }
+}
+
+/// Which socket of a connection something happened on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    Client,
+    Backend,
+}
+
+impl Side {
+    /// The side direction `d` reads from: the client for 0 (up), the backend for 1 (down).
+    pub fn source_of(d: usize) -> Self {
+        if d == 0 { Self::Client } else { Self::Backend }
+    }
+
+    /// The side direction `d` writes to.
+    pub fn destination_of(d: usize) -> Self {
+        if d == 0 { Self::Backend } else { Self::Client }
+    }
+}
+
+impl fmt::Display for Side {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Client => "client",
+            Self::Backend => "backend",
+        })
     }
 }
 
@@ -160,11 +191,13 @@ mod tests {
 
     #[test]
     fn every_end_reads_plainly() {
-        let reset = End::Error(libc::ECONNRESET);
+        let reset = End::Error(Side::Backend, libc::ECONNRESET);
         assert_eq!(
             reset.to_string(),
-            "error: Connection reset by peer (os error 104)"
+            "backend error: Connection reset by peer (os error 104)"
         );
+        let gone = End::Error(Side::Client, libc::EPIPE);
+        assert_eq!(gone.to_string(), "client error: Broken pipe (os error 32)");
         assert_eq!(End::NoBackend.to_string(), "no backend");
         assert_eq!(End::Closed.to_string(), "closed");
     }

@@ -76,7 +76,9 @@ pub struct ProxySection {
     /// With health checks on: instead of the bare connect, send `GET <path>` (HTTP/1.1, `Connection: close`)
     /// and pass only on a 2xx or 3xx status, as HAProxy's `option httpchk` does; the whole check stays within
     /// `connect_timeout_ms`. `/readyz`, which every XCluster role serves (503 while starting or draining),
-    /// holds an XBuy instance out while it cannot serve. Empty (the default): the connect alone.
+    /// holds an XBuy instance out while it cannot serve. Empty (the default): the connect alone. Either way,
+    /// a backend that a listener with `proxy_protocol` routes to gets a PROXY v2 `LOCAL` header first (as
+    /// with HAProxy's `check-send-proxy`), since it expects one on every connection.
     pub check_http_path: String,
     /// Concurrent proxied connections, over all listeners; a permit is taken before `accept`, once a client
     /// is queued.
@@ -309,6 +311,9 @@ pub struct Timeouts {
     pub check_interval: Option<Duration>,
     /// The path an HTTP health check asks for; `None` for a TCP connect alone.
     pub check_http_path: Option<String>,
+    /// Backends whose checks open with a PROXY v2 `LOCAL` header: those a listener with `proxy_protocol`
+    /// routes to, which expect one on every connection.
+    pub check_proxy_header: Vec<SocketAddr>,
     /// Failed checks in a row that put a backend down, and passing ones that bring it back; at least 1.
     pub check_fall: u32,
     pub check_rise: u32,
@@ -548,6 +553,15 @@ impl ProxySection {
         let keepalive = v.millis("proxy.keepalive_ms", self.keepalive_ms, 0, 86_400_000);
         let warmup = v.millis("proxy.warmup_ms", self.warmup_ms, 0, 60_000);
         let busy_poll = v.range("proxy.busy_poll_us", self.busy_poll_us, 0, 1_000);
+        let check_proxy_header = backends
+            .iter()
+            .filter(|b| {
+                listeners
+                    .iter()
+                    .any(|l| l.proxy_protocol && b.serves(&l.request_type))
+            })
+            .map(|b| b.addr)
+            .collect();
         ProxyConfig {
             listeners,
             backends,
@@ -561,6 +575,7 @@ impl ProxySection {
                 idle: (!idle.is_zero()).then_some(idle),
                 check_interval: (!check.is_zero()).then_some(check),
                 check_http_path: (!path.is_empty()).then(|| path.clone()),
+                check_proxy_header,
                 check_fall,
                 check_rise,
                 slow_start: (!slow_start.is_zero()).then_some(slow_start),
@@ -796,6 +811,35 @@ mod tests {
         .unwrap();
         assert_eq!(cfg.listeners[0].name, "browse");
         assert!(cfg.listeners[0].proxy_protocol);
+    }
+
+    #[test]
+    fn checks_send_a_proxy_header_to_backends_a_proxy_protocol_listener_routes_to() {
+        let cfg = parse(
+            r#"
+            [[listeners]]
+            listen = "127.0.0.1:7100"
+            request_type = "browse"
+            proxy_protocol = true
+            [[listeners]]
+            listen = "127.0.0.1:7101"
+            request_type = "order"
+            [[backends]]
+            addr = "127.0.0.1:9001"
+            request_types = ["browse"]
+            [[backends]]
+            addr = "127.0.0.1:9002"
+            request_types = ["order"]
+            [[backends]]
+            addr = "127.0.0.1:9003"
+            "#,
+        )
+        .unwrap();
+        let want: Vec<SocketAddr> = vec![
+            "127.0.0.1:9001".parse().unwrap(),
+            "127.0.0.1:9003".parse().unwrap(),
+        ];
+        assert_eq!(cfg.timeouts.check_proxy_header, want);
     }
 
     #[test]

@@ -23,7 +23,7 @@ use tokio::time::Sleep;
 use tracing::{Instrument, debug, debug_span};
 use xcluster_proto::proxy_header::Addresses;
 
-use super::access::{self, ConnLog, End};
+use super::access::{self, ConnLog, End, Side};
 use super::clients::ClientSlot;
 use super::config::Timeouts;
 use super::forward::Direction;
@@ -135,6 +135,9 @@ impl Active {
 
     /// How the connection ended (for the connection log; the first cause given is kept).
     pub(super) fn ended(&mut self, end: End) {
+        if let End::Error(side, _) = end {
+            self.l.metrics.errors[side as usize].increment(1);
+        }
         if let Some(g) = self.log.as_deref_mut() {
             g.ended(end);
         }
@@ -335,7 +338,7 @@ async fn connect(
 #[derive(Debug)]
 pub enum Outcome {
     Done,
-    Error(std::io::Error),
+    Error(Side, std::io::Error),
     Idle,
 }
 
@@ -398,16 +401,16 @@ impl Future for Conn {
             let logged = this.active.log.as_deref_mut().map(|g| &mut g.bytes[0]);
             let count = counting(&mut moved, &l.bytes_up, bm.map(|b| &b.bytes_up), logged);
             let last = this.down.is_done();
-            if let Poll::Ready(Err(e)) = this.up.poll_forward(cx, client_r, backend_w, last, count) {
-                result = Some(Outcome::Error(e));
+            if let Poll::Ready(Err(f)) = this.up.poll_forward(cx, client_r, backend_w, last, count) {
+                result = Some(Outcome::Error(f.side([Side::Client, Side::Backend]), f.error));
             }
         }
         if result.is_none() && !this.down.is_done() {
             let logged = this.active.log.as_deref_mut().map(|g| &mut g.bytes[1]);
             let count = counting(&mut moved, &l.bytes_down, bm.map(|b| &b.bytes_down), logged);
             let last = this.up.is_done();
-            if let Poll::Ready(Err(e)) = this.down.poll_forward(cx, backend_r, client_w, last, count) {
-                result = Some(Outcome::Error(e));
+            if let Poll::Ready(Err(f)) = this.down.poll_forward(cx, backend_r, client_w, last, count) {
+                result = Some(Outcome::Error(f.side([Side::Backend, Side::Client]), f.error));
             }
         }
         if result.is_none() && this.up.is_done() && this.down.is_done() {
@@ -430,7 +433,7 @@ impl Future for Conn {
         };
         let end = match &outcome {
             Outcome::Done => End::Closed,
-            Outcome::Error(e) => End::Error(access::errno(e)),
+            Outcome::Error(side, e) => End::Error(*side, access::errno(e)),
             Outcome::Idle => End::Idle,
         };
         this.active.ended(end);

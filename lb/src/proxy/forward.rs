@@ -29,6 +29,7 @@ use tokio::io::{AsyncRead, Interest, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{ReadHalf, WriteHalf};
 
+use super::access::Side;
 use super::config::Forwarding;
 
 /// Bytes moved per `splice` call: the default pipe capacity.
@@ -127,6 +128,35 @@ fn half_close(dst: &TcpStream) {
     let _ = socket2::SockRef::from(dst).shutdown(Shutdown::Write);
 }
 
+/// A socket error while forwarding one direction, and which of its two sockets it came from.
+#[derive(Debug)]
+pub struct Fault {
+    /// From the destination (a write), not the source (a read or a wait for bytes).
+    pub at_destination: bool,
+    pub error: io::Error,
+}
+
+impl Fault {
+    fn source(error: io::Error) -> Self {
+        Self {
+            at_destination: false,
+            error,
+        }
+    }
+
+    fn destination(error: io::Error) -> Self {
+        Self {
+            at_destination: true,
+            error,
+        }
+    }
+
+    /// The side it came from, the direction's sides being `[source, destination]`.
+    pub fn side(&self, sides: [Side; 2]) -> Side {
+        sides[usize::from(self.at_destination)]
+    }
+}
+
 /// One direction of a connection: whether it splices, whether it has ended, and what it holds between polls.
 #[derive(Debug)]
 pub struct Direction {
@@ -176,13 +206,13 @@ impl Direction {
         dst: WriteHalf<'_>,
         last: bool,
         mut moved: impl FnMut(usize),
-    ) -> Poll<io::Result<()>> {
+    ) -> Poll<Result<(), Fault>> {
         let d = dst.as_ref();
         loop {
-            ready!(self.poll_flush(cx, d))?;
+            ready!(self.poll_flush(cx, d)).map_err(Fault::destination)?;
             // Wait with nothing borrowed: an idle direction holds no pipe and no buffer. This spends tokio's
             // cooperative budget, so an always-ready bulk stream still yields to the other connections.
-            ready!(src.as_ref().poll_read_ready(cx))?;
+            ready!(src.as_ref().poll_read_ready(cx)).map_err(Fault::source)?;
             // No pipe to be had (see `take_pipe`): this batch copies instead.
             let pipe = if self.splicing { take_pipe() } else { None };
             let n = if let Some(pipe) = pipe {
@@ -202,7 +232,7 @@ impl Direction {
                         if e.kind() == io::ErrorKind::WouldBlock {
                             continue;
                         }
-                        return Poll::Ready(Err(e));
+                        return Poll::Ready(Err(Fault::source(e)));
                     }
                 }
             } else {
@@ -220,7 +250,7 @@ impl Direction {
                     Poll::Ready(Ok(())) => give_buf(buf),
                     Poll::Ready(Err(e)) => {
                         give_buf(buf);
-                        return Poll::Ready(Err(e));
+                        return Poll::Ready(Err(Fault::source(e)));
                     }
                     // Stale readiness (now cleared and the waker registered), or no budget left.
                     Poll::Pending => {

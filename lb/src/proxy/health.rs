@@ -29,6 +29,7 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use xcluster_proto::proxy_header::encode_v2_local;
 
 /// The hold after the first failure in a row.
 const FIRST_HOLD: Duration = Duration::from_secs(1);
@@ -283,10 +284,15 @@ impl CheckStreaks {
 /// The most of an HTTP check's answer read: its status line must fit.
 const STATUS_LINE_MAX: usize = 512;
 
-/// One health check of `addr`: a TCP connect, then with `http_path` a `GET` whose status must be 2xx or 3xx.
-/// The caller bounds it with the connect timeout. The error says what failed, for the log.
-pub async fn check(addr: SocketAddr, http_path: Option<&str>) -> Result<(), String> {
+/// One health check of `addr`: a TCP connect, then with `proxy_header` a PROXY v2 `LOCAL` header (for a
+/// backend that expects one on every connection, and would take the request for a bad header), then with
+/// `http_path` a `GET` whose status must be 2xx or 3xx. The caller bounds it with the connect timeout. The
+/// error says what failed, for the log.
+pub async fn check(addr: SocketAddr, proxy_header: bool, http_path: Option<&str>) -> Result<(), String> {
     let mut s = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+    if proxy_header {
+        s.write_all(&encode_v2_local()).await.map_err(|e| e.to_string())?;
+    }
     let Some(path) = http_path else { return Ok(()) };
     let req = format!(
         "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: xcluster-check\r\nConnection: close\r\n\r\n"
@@ -486,6 +492,51 @@ mod tests {
             let e = status_passes(bad).unwrap_err();
             assert!(e.starts_with("not an HTTP status line"), "{e}");
         }
+    }
+
+    /// A backend that wants a PROXY header on every connection (as nginx's `listen ... proxy_protocol`)
+    /// closes on a check without one, and answers one that opens with a `LOCAL` header.
+    #[tokio::test]
+    async fn a_check_opens_with_a_local_proxy_header_when_the_backend_expects_one() {
+        use tokio::net::TcpListener;
+        use xcluster_proto::proxy_header::{Addresses, decode};
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let backend = tokio::spawn(async move {
+            let mut seen = Vec::new();
+            for _ in 0..3 {
+                let (mut s, _) = l.accept().await.unwrap();
+                let mut got = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !got.ends_with(b"\r\n\r\n") {
+                    match s.read(&mut buf).await.unwrap() {
+                        0 => break,
+                        n => got.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let local = decode(&got).is_ok_and(|h| h.addresses == Addresses::Local);
+                let request = if local { &got[16..] } else { &got[..] };
+                if local && request.starts_with(b"GET /readyz ") {
+                    s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+                        .await
+                        .unwrap();
+                }
+                seen.push((local, request.len()));
+            }
+            seen
+        });
+        async fn within<F: Future>(f: F) -> F::Output {
+            tokio::time::timeout(Duration::from_secs(10), f).await.unwrap()
+        }
+        assert_eq!(within(check(addr, true, Some("/readyz"))).await, Ok(()));
+        assert_eq!(
+            within(check(addr, false, Some("/readyz"))).await,
+            Err("closed before an HTTP status line".into())
+        );
+        assert_eq!(within(check(addr, true, None)).await, Ok(()));
+        let seen = within(backend).await.unwrap();
+        assert!(seen[0].0 && !seen[1].0 && seen[1].1 > 0, "{seen:?}");
+        assert_eq!(seen[2], (true, 0), "a TCP check sends the header alone");
     }
 
     #[test]

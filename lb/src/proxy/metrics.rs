@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use metrics::{Counter, Gauge, Histogram};
 use xcluster_proto::directory::{ProxyBackendStatus, ProxyListenerStatus, ProxyStatus};
 
+use super::access::Side;
 use super::config::ListenerConfig;
 use super::queue::Queue;
 
@@ -27,6 +28,9 @@ pub const HEADER_ERRORS_TOTAL: &str = "xcluster_lb_proxy_header_errors_total";
 pub const DENIED_TOTAL: &str = "xcluster_lb_proxy_connections_denied_total";
 pub const ACCEPT_ERRORS_TOTAL: &str = "xcluster_lb_proxy_accept_errors_total";
 pub const IDLE_TIMEOUTS_TOTAL: &str = "xcluster_lb_proxy_idle_timeouts_total";
+/// Established connections ended by a socket error, most often a reset, by the `side` it came from:
+/// `client` or `backend` (HAProxy's `cli_abrt` and `srv_abrt`).
+pub const CONNECTION_ERRORS_TOTAL: &str = "xcluster_lb_proxy_connection_errors_total";
 /// Connect attempts beyond the first (redispatch to another backend).
 pub const RETRIES_TOTAL: &str = "xcluster_lb_proxy_retries_total";
 /// Connections that waited for a place because every backend was at its `max_connections`.
@@ -106,6 +110,8 @@ pub struct ListenerMetrics {
     pub header_errors: Counter,
     pub accept_errors: Counter,
     pub idle_timeouts: Counter,
+    /// [`CONNECTION_ERRORS_TOTAL`], indexed by `Side as usize`: client, backend.
+    pub errors: [Counter; 2],
     pub retries: Counter,
     pub queued: Counter,
     pub bytes_up: Counter,
@@ -124,6 +130,9 @@ impl ListenerMetrics {
             header_errors: metrics::counter!(HEADER_ERRORS_TOTAL, "listener" => l.clone()),
             accept_errors: metrics::counter!(ACCEPT_ERRORS_TOTAL, "listener" => l.clone()),
             idle_timeouts: metrics::counter!(IDLE_TIMEOUTS_TOTAL, "listener" => l.clone()),
+            errors: [Side::Client, Side::Backend].map(|side| {
+                metrics::counter!(CONNECTION_ERRORS_TOTAL, "listener" => l.clone(), "side" => side.to_string())
+            }),
             retries: metrics::counter!(RETRIES_TOTAL, "listener" => l.clone()),
             queued: metrics::counter!(QUEUED_TOTAL, "listener" => l.clone()),
             bytes_up: metrics::counter!(LISTENER_BYTES_TOTAL, "listener" => l.clone(), "direction" => "up"),

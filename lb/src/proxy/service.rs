@@ -211,9 +211,11 @@ impl Shared {
         let checks = backends.iter().map(|(&addr, bm)| {
             let t = &t;
             async move {
-                let checked = tokio::time::timeout(t.connect, check(addr, t.check_http_path.as_deref()))
-                    .await
-                    .unwrap_or_else(|_| Err("timed out".into()));
+                let header = t.check_proxy_header.contains(&addr);
+                let checked =
+                    tokio::time::timeout(t.connect, check(addr, header, t.check_http_path.as_deref()))
+                        .await
+                        .unwrap_or_else(|_| Err("timed out".into()));
                 (addr, bm, checked)
             }
         });

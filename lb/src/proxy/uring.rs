@@ -45,7 +45,7 @@ use tracing::{debug, error, warn};
 use xcluster_proto::proxy_header::Addresses;
 use xcluster_runtime::net::Closing;
 
-use super::access::End;
+use super::access::{End, Side};
 use super::clients::ClientSlot;
 use super::config::Forwarding;
 use super::conn::Active;
@@ -1385,7 +1385,7 @@ impl Loop {
             }
             // The pause asked for above; the receive resumes when the queue drains.
             e if e == -libc::ECANCELED => self.maybe_resume(slot, d),
-            e => self.fail(slot, -e),
+            e => self.fail(slot, Side::source_of(d), -e),
         }
     }
 
@@ -1427,7 +1427,7 @@ impl Loop {
                     }
                     _ if err.kind() == io::ErrorKind::WouldBlock => self.arm_ready(slot, d),
                     _ if err.kind() == io::ErrorKind::Interrupted => continue,
-                    _ => self.fail(slot, err.raw_os_error().unwrap_or(libc::EIO)),
+                    _ => self.fail(slot, Side::source_of(d), err.raw_os_error().unwrap_or(libc::EIO)),
                 }
                 return;
             }
@@ -1450,7 +1450,11 @@ impl Loop {
                 let err = io::Error::last_os_error();
                 if err.kind() != io::ErrorKind::WouldBlock {
                     self.bufs.put(bid);
-                    self.fail(slot, err.raw_os_error().unwrap_or(libc::EIO));
+                    self.fail(
+                        slot,
+                        Side::destination_of(d),
+                        err.raw_os_error().unwrap_or(libc::EIO),
+                    );
                     return;
                 }
                 0
@@ -1523,7 +1527,7 @@ impl Loop {
         let Some(c) = self.conn(slot) else { return };
         c.dirs[d].polling = false;
         if res < 0 {
-            self.fail(slot, -res);
+            self.fail(slot, Side::source_of(d), -res);
             return;
         }
         self.arm_recv(slot, d);
@@ -1572,7 +1576,7 @@ impl Loop {
                     match e.kind() {
                         io::ErrorKind::WouldBlock => self.arm_ready(slot, d),
                         io::ErrorKind::Interrupted => continue,
-                        _ => self.fail(slot, e.raw_os_error().unwrap_or(libc::EIO)),
+                        _ => self.fail(slot, Side::source_of(d), e.raw_os_error().unwrap_or(libc::EIO)),
                     }
                     return moved;
                 }
@@ -1589,7 +1593,11 @@ impl Loop {
                 Ok(k) => k,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
                 Err(e) => {
-                    self.fail(slot, e.raw_os_error().unwrap_or(libc::EIO));
+                    self.fail(
+                        slot,
+                        Side::destination_of(d),
+                        e.raw_os_error().unwrap_or(libc::EIO),
+                    );
                     return moved;
                 }
             };
@@ -1625,7 +1633,7 @@ impl Loop {
         };
         c.dirs[d].polling = false;
         if res < 0 {
-            self.fail(slot, -res);
+            self.fail(slot, Side::destination_of(d), -res);
             return;
         }
         let key = pipe_key(slot, d);
@@ -1641,7 +1649,11 @@ impl Loop {
             Ok(k) => *left -= k as u32,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
             Err(e) => {
-                self.fail(slot, e.raw_os_error().unwrap_or(libc::EIO));
+                self.fail(
+                    slot,
+                    Side::destination_of(d),
+                    e.raw_os_error().unwrap_or(libc::EIO),
+                );
                 return;
             }
         }
@@ -1655,11 +1667,11 @@ impl Loop {
         self.arm_recv(slot, d);
     }
 
-    /// Ends a connection on a socket error (`errno`).
-    fn fail(&mut self, slot: u32, errno: i32) {
-        debug!(error = %io::Error::from_raw_os_error(errno), "connection ended");
+    /// Ends a connection on a socket error (`errno`) on `side`'s socket.
+    fn fail(&mut self, slot: u32, side: Side, errno: i32) {
+        debug!(%side, error = %io::Error::from_raw_os_error(errno), "connection ended");
         if let Some(c) = self.conn(slot) {
-            c.active.ended(End::Error(errno));
+            c.active.ended(End::Error(side, errno));
         }
         self.close(slot);
     }
@@ -1687,7 +1699,7 @@ impl Loop {
             return;
         };
         if res < 0 {
-            self.fail(slot, -res);
+            self.fail(slot, Side::destination_of(d), -res);
             return;
         }
         if res == 0 {
