@@ -1735,6 +1735,54 @@ fn max_connections_holds_new_clients_until_a_permit_frees(rt: &'static str) {
     assert_eq!(accepted(&lb), Some(3.0));
 }
 
+/// A listener's own `max_connections` holds its clients past it in its queue, not the other listeners'; a
+/// reload raising it lets the waiting client in, and an end frees a place.
+fn a_listener_at_its_max_connections_holds_new_clients(rt: &'static str) {
+    let (echo, web, other) = (echo_backend(), free_addr(), free_addr());
+    // One worker, so accepting and serving share one thread and the order below is deterministic enough.
+    let proxy = |max: u32| {
+        format!(
+            "workers = 1\n{}max_connections = {max}\n{}{}",
+            listener("web", web),
+            listener("other", other),
+            backends(&[echo])
+        )
+    };
+    let lb = start_lb(rt, 1000, &proxy(1));
+    let accepted = |lb: &Lb| {
+        metric_value(
+            &lb.metrics(),
+            "xcluster_lb_proxy_connections_accepted_total",
+            "listener=\"web\"",
+        )
+    };
+    let mut c1 = connect(web);
+    ping(&mut c1, b"one");
+    // The kernel completes the second handshake, but the listener is full, so the proxy does not accept it.
+    let mut c2 = connect(web);
+    c2.write_all(b"two").unwrap();
+    // The other listener is not held.
+    let mut o1 = connect(other);
+    ping(&mut o1, b"elsewhere");
+    ping(&mut c1, b"one again");
+    assert_eq!(accepted(&lb), Some(1.0));
+    // Raised by a reload: the waiting client is served with what it already sent.
+    lb.reload(1000, &proxy(2));
+    let mut got = [0u8; 3];
+    c2.read_exact(&mut got).unwrap();
+    assert_eq!(&got, b"two");
+    let mut c3 = connect(web);
+    c3.write_all(b"three").unwrap();
+    ping(&mut c2, b"two again");
+    assert_eq!(accepted(&lb), Some(2.0));
+    // An end frees a place.
+    finish(&mut c1);
+    let mut got = [0u8; 5];
+    c3.read_exact(&mut got).unwrap();
+    assert_eq!(&got, b"three");
+    assert_eq!(accepted(&lb), Some(3.0));
+}
+
 /// Permits go to connections, not to listeners waiting for one: with `max_connections = 1`, two listeners
 /// and two workers (four sockets), a client on any of them is served while no other connection is open. (A
 /// permit taken by each idle socket's pending accept left clients of the others waiting in their queues.)
@@ -2404,6 +2452,7 @@ per_runtime!(
     a_listener_whose_address_is_taken_binds_once_it_is_free,
     max_connections_holds_new_clients_until_a_permit_frees,
     max_connections_is_not_held_by_idle_listeners,
+    a_listener_at_its_max_connections_holds_new_clients,
     connections_are_logged_where_the_listener_asks,
     resets_are_logged_and_counted_by_the_side_that_sent_them,
     a_listener_changed_in_place_keeps_its_queued_clients,

@@ -4,7 +4,7 @@
 //! same address keeps its sockets), `backends` (their weights, `backup` and `max_connections`),
 //! `connect_timeout_ms`, `idle_timeout_ms`, `connect_attempts`, `connect_retry_delay_ms`, `check_interval_ms`, `check_fall`,
 //! `check_rise`, `check_http_path`, `slow_start_ms`, `queue_timeout_ms`, `balance`, per-listener
-//! `proxy_protocol`, `accept_proxy`, `log_connections`, `max_connections_per_client`,
+//! `proxy_protocol`, `accept_proxy`, `log_connections`, `max_connections`, `max_connections_per_client`,
 //! `max_connection_rate_per_client`, `connection_rate_period_ms`, `allow`, `deny` and `busy_poll_us`.
 //! Needs a restart: `workers`, `runtime`, `forwarding`, `[proxy] max_connections`, `backlog`, `keepalive_ms`,
 //! `io_uring_buffers`. `warmup_ms` counts only at start.
@@ -159,6 +159,11 @@ pub struct ListenerRaw {
     pub accept_proxy_from: Vec<String>,
     /// One log line per connection when it ends (HAProxy's `option tcplog`); see `proxy::access`.
     pub log_connections: bool,
+    /// Connections open through this listener at once, within `[proxy] max_connections` (HAProxy's
+    /// per-frontend `maxconn`): past it the listener accepts no more, and clients wait in its queue, as
+    /// past the proxy-wide limit. 0 (the default): only the proxy-wide limit. Reloads live. See
+    /// `proxy::limit`.
+    pub max_connections: u32,
     /// Connections one client address may hold open through this listener at once; 0 (the default): no
     /// limit. See `proxy::clients`.
     pub max_connections_per_client: u32,
@@ -184,6 +189,7 @@ impl Default for ListenerRaw {
             accept_proxy: false,
             accept_proxy_from: Vec::new(),
             log_connections: false,
+            max_connections: 0,
             max_connections_per_client: 0,
             max_connection_rate_per_client: 0,
             connection_rate_period_ms: 10_000,
@@ -273,6 +279,8 @@ pub struct ListenerConfig {
     /// Peers whose PROXY headers are believed; empty: any.
     pub proxy_from: Vec<Net>,
     pub log_connections: bool,
+    /// 0: only the proxy-wide limit.
+    pub max_connections: u32,
     /// `None`: no limit.
     pub max_connections_per_client: Option<u32>,
     /// `None`: no limit.
@@ -422,6 +430,7 @@ impl ProxySection {
                 accept_proxy: l.accept_proxy,
                 proxy_from: nets(v, &format!("{key}.accept_proxy_from"), &l.accept_proxy_from),
                 log_connections: l.log_connections,
+                max_connections: v.range(&format!("{key}.max_connections"), l.max_connections, 0, 1_000_000),
                 max_connections_per_client: Some(v.range(
                     &format!("{key}.max_connections_per_client"),
                     l.max_connections_per_client,

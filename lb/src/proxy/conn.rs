@@ -28,12 +28,13 @@ use super::clients::ClientSlot;
 use super::config::Timeouts;
 use super::forward::Direction;
 use super::inbound::Inbound;
+use super::limit::Permit;
 use super::metrics::Assigned;
 use super::queue::{WAIT_BACKUP, Wait, Waker};
 use super::service::{Admit, ListenerState, NoBackend, Shared};
 
 /// Counts the connection on the listener's active gauge, and on its backend's once connected, for as long
-/// as it lives; holds the connection's permit of `max_connections`.
+/// as it lives; holds the connection's permit of `max_connections` (and its place on its listener).
 pub(super) struct Active {
     pub(super) l: Arc<ListenerState>,
     pub(super) bm: Option<Assigned>,
@@ -48,17 +49,19 @@ impl Active {
     /// A connection just accepted on `l` from `peer` (counted as accepted, and active while this lives).
     pub(super) fn new(
         l: Arc<ListenerState>,
-        permit: OwnedSemaphorePermit,
+        permit: Permit,
         client: Option<Box<ClientSlot>>,
         peer: SocketAddr,
     ) -> Self {
         l.metrics.accepted.increment(1);
         l.metrics.active.increment(1.0);
+        // Given back by `drop`, through `l`: the place is its listener's.
+        permit.place.keep();
         let log = l.cfg.log_connections.then(|| ConnLog::new(peer));
         Self {
             l,
             bm: None,
-            _permit: permit,
+            _permit: permit.all,
             client,
             log,
         }
@@ -152,8 +155,10 @@ impl Active {
 
 impl Drop for Active {
     fn drop(&mut self) {
-        // The client's count first: once the gauge shows the connection gone, its client may open another.
+        // The client's count and the listener's place first: once the gauge shows the connection gone, its
+        // client may open another.
         self.client = None;
+        self.l.limit.release();
         self.l.metrics.active.decrement(1.0);
         if let Some(g) = &self.log {
             g.write(&self.l.cfg.name);
@@ -181,7 +186,7 @@ pub fn serve(
     peer: SocketAddr,
     l: Arc<ListenerState>,
     shared: Arc<Shared>,
-    permit: OwnedSemaphorePermit,
+    permit: Permit,
     slot: Option<Box<ClientSlot>>,
 ) -> Serve {
     // No `set_nodelay` here: the socket inherited TCP_NODELAY from its listener (`listener::bind`).
@@ -487,16 +492,19 @@ mod tests {
                 accept_proxy: false,
                 proxy_from: Vec::new(),
                 log_connections: false,
+                max_connections: 0,
                 max_connections_per_client: None,
                 connection_rate: None,
                 acl: Default::default(),
             },
-            Arc::default(),
+            None,
         );
-        let permit = Arc::new(tokio::sync::Semaphore::new(1))
+        let all = Arc::new(tokio::sync::Semaphore::new(1))
             .acquire_owned()
             .await
             .unwrap();
+        let place = state.limit.try_take().unwrap();
+        let permit = Permit { all, place };
         let f = serve(c, a, state, shared, permit, None);
         let size = std::mem::size_of_val(&f);
         eprintln!("the connection future is {size} bytes");

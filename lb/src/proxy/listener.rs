@@ -18,6 +18,7 @@ use tracing::{debug, warn};
 use xcluster_runtime::net::{Closing, next_look};
 
 use super::config::ListenerConfig;
+use super::limit::Permit;
 use super::service::{Admit, LiveListener, Shared};
 
 /// How a listener closes: when it gives up on the clients still queued, and whether another process takes
@@ -114,11 +115,18 @@ pub async fn accept_loop(
                 }
             },
         };
+        // The listener's own place first: waiting for it holds no proxy-wide permit from the others.
+        let limit = state.load().limit.clone();
+        let place = tokio::select! {
+            biased;
+            gone = interrupted(&mut close, closing.is_some()) => if gone { return } else { continue },
+            p = limit.take() => p,
+        };
         let permit = tokio::select! {
             biased;
             gone = interrupted(&mut close, closing.is_some()) => if gone { return } else { continue },
             p = shared.permits.clone().acquire_owned() => match p {
-                Ok(p) => p,
+                Ok(all) => Permit { all, place },
                 Err(_) => return,
             },
         };
@@ -219,6 +227,7 @@ mod tests {
             accept_proxy: false,
             proxy_from: Vec::new(),
             log_connections: false,
+            max_connections: 0,
             max_connections_per_client: None,
             connection_rate: None,
             acl: Default::default(),

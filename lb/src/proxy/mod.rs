@@ -12,6 +12,7 @@ mod forward;
 mod handover;
 mod health;
 mod inbound;
+mod limit;
 mod listener;
 pub mod metrics;
 pub mod pick;

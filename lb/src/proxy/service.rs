@@ -27,6 +27,7 @@ use super::clients::{ClientCounts, ClientSlot};
 use super::config::{Forwarding, ListenerConfig, ProxyConfig, RuntimeMode, Timeouts};
 use super::handover;
 use super::health::{CheckStreaks, Failure, Holds, Verdict, check};
+use super::limit::ConnLimit;
 use super::listener::Close;
 use super::metrics::{
     Assigned, BACKEND_BACKUP, BACKEND_CONFIGURED, BACKEND_MAX_CONNECTIONS, BACKEND_WEIGHT, BackendMetrics,
@@ -324,6 +325,8 @@ pub struct ListenerState {
     pub metrics: ListenerMetrics,
     /// Open connections per client, for `max_connections_per_client`; kept across in-place changes.
     pub clients: Arc<ClientCounts>,
+    /// Open connections against the listener's own `max_connections`; kept across in-place changes.
+    pub limit: Arc<ConnLimit>,
 }
 
 /// Whether a connection just accepted may go on.
@@ -337,11 +340,16 @@ pub enum Admit {
 }
 
 impl ListenerState {
-    pub fn new(cfg: &ListenerConfig, clients: Arc<ClientCounts>) -> Arc<Self> {
+    /// The state of a listener configured as `cfg`: new, or changed in place from `before`, whose counts
+    /// of open connections it keeps.
+    pub fn new(cfg: &ListenerConfig, before: Option<&ListenerState>) -> Arc<Self> {
+        let limit = before.map_or_else(Arc::default, |b| b.limit.clone());
+        limit.set_max(cfg.max_connections);
         Arc::new(Self {
             cfg: cfg.clone(),
             metrics: ListenerMetrics::new(&cfg.name),
-            clients,
+            clients: before.map_or_else(Arc::default, |b| b.clients.clone()),
+            limit,
         })
     }
 
@@ -663,7 +671,7 @@ impl Manager {
             .collect::<std::io::Result<Vec<_>>>()?;
         let inodes: Vec<u64> = sockets.iter().filter_map(|s| handover::inode(s).ok()).collect();
         handover::advise(cfg.listen, &inodes, &cfg.name);
-        let state: LiveListener = Arc::new(ArcSwap::new(ListenerState::new(cfg, Arc::default())));
+        let state: LiveListener = Arc::new(ArcSwap::new(ListenerState::new(cfg, None)));
         let (close, _) = watch::channel(None);
         let id = self.next_id;
         self.next_id += 1;
@@ -715,13 +723,10 @@ impl Manager {
                 self.stop_listener(&r);
                 continue;
             };
-            let clients = {
-                let old = r.state.load();
-                (old.cfg != *l).then(|| old.clients.clone())
-            };
-            if let Some(clients) = clients {
+            let old = r.state.load_full();
+            if old.cfg != *l {
                 info!(listener = %l.name, addr = %l.listen, "proxy listener changed in place");
-                r.state.store(ListenerState::new(l, clients));
+                r.state.store(ListenerState::new(l, Some(&old)));
             }
             self.running.push(r);
         }
@@ -869,7 +874,7 @@ mod tests {
             "#,
         );
         let shared = Shared::for_tests(&cfg);
-        let l = ListenerState::new(&cfg.listeners[0], Arc::default());
+        let l = ListenerState::new(&cfg.listeners[0], None);
         let client = IpAddr::from([127, 0, 0, 1]);
         // Ten connections still connecting: none has completed, all hold their assignment.
         let connecting: Vec<(SocketAddr, Assigned)> = (0..10)
@@ -904,7 +909,7 @@ mod tests {
             "#,
         );
         let shared = Shared::for_tests(&cfg);
-        let l = ListenerState::new(&cfg.listeners[0], Arc::default());
+        let l = ListenerState::new(&cfg.listeners[0], None);
         let client = IpAddr::from([127, 0, 0, 1]);
         let mut open: Vec<(SocketAddr, Assigned)> = (0..5)
             .map(|_| shared.next_backend(&l, client, &[], 0, None).unwrap())
@@ -940,7 +945,7 @@ mod tests {
             "#,
         );
         let shared = Shared::for_tests(&cfg);
-        let l = ListenerState::new(&cfg.listeners[0], Arc::default());
+        let l = ListenerState::new(&cfg.listeners[0], None);
         let client = IpAddr::from([127, 0, 0, 1]);
         let (only, bm) = shared.next_backend(&l, client, &[], 0, None).unwrap();
         let mut tried = Vec::new();
@@ -1013,7 +1018,7 @@ mod tests {
             "#,
         );
         let shared = Shared::for_tests(&cfg);
-        let l = ListenerState::new(&cfg.listeners[0], Arc::default());
+        let l = ListenerState::new(&cfg.listeners[0], None);
         let client = IpAddr::from([127, 0, 0, 1]);
         let ask = |ticket: Option<&Ticket>| shared.next_backend(&l, client, &[], 0, ticket);
         let held = ask(None).unwrap();

@@ -39,7 +39,6 @@ use std::time::{Duration, Instant};
 use io_uring::types::{BufRingEntry, CancelBuilder, Fd, Timespec};
 use io_uring::{IoUring, cqueue, opcode, squeue};
 use socket2::{Domain, Protocol, SockAddr, SockAddrStorage, Socket, Type};
-use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::task::task_tracker::TaskTrackerToken;
 use tracing::{debug, error, warn};
 use xcluster_proto::proxy_header::Addresses;
@@ -51,6 +50,7 @@ use super::config::Forwarding;
 use super::conn::Active;
 use super::forward::{self, Pipe};
 use super::inbound::Inbound;
+use super::limit::Permit;
 use super::listener::{BACKOFF_MAX, BACKOFF_MIN, Close, is_resource_exhaustion};
 use super::metrics::{Assigned, BUFFER_WAITS_TOTAL, BUFFERS_HELD, RECEIVE_PAUSES_TOTAL, SPLICED_BYTES_TOTAL};
 use super::queue::{RingDoor, WAIT_BACKUP, Wait, Waker, poke};
@@ -369,8 +369,9 @@ struct Lst {
     id: u64,
     socket: std::net::TcpListener,
     state: LiveListener,
-    /// The permit held by the pending accept: taken before it is submitted.
-    permit: Option<OwnedSemaphorePermit>,
+    /// The permit (and place on a limited listener) held by the pending accept: taken before it is
+    /// submitted.
+    permit: Option<Permit>,
     /// An accept (with `ready`) or a poll for a client (without) is in flight; `ready` changes only at its
     /// completion.
     armed: bool,
@@ -899,9 +900,13 @@ impl Loop {
             return;
         }
         if l.permit.is_none() {
+            // The listener's own place first, as the tokio accept loop does. Either wait is re-armed when a
+            // connection here ends, or by the tick.
+            let Some(place) = l.state.load().limit.try_take() else {
+                return;
+            };
             match self.shared.permits.clone().try_acquire_owned() {
-                Ok(p) => l.permit = Some(p),
-                // Re-armed when a connection here ends, or by the tick.
+                Ok(all) => l.permit = Some(Permit { all, place }),
                 Err(_) => return,
             }
         }
@@ -970,7 +975,7 @@ impl Loop {
         client: OwnedFd,
         peer: SocketAddr,
         l: Arc<ListenerState>,
-        permit: OwnedSemaphorePermit,
+        permit: Permit,
         slot: Option<Box<ClientSlot>>,
     ) {
         let header = l.cfg.accept_proxy.then(Box::default);
