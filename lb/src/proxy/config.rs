@@ -99,10 +99,12 @@ pub struct ProxySection {
     /// to 256), kept only by a send that would block.
     pub io_uring_buffers: u32,
     /// With `runtime = "io_uring"`: how long, in microseconds, a worker with nothing to do polls its ring
-    /// before it sleeps (HAProxy's `busy-polling`, bounded), at most 1,000; 0 never polls. The window adapts:
-    /// it shrinks to nothing while the worker's sleeps are long (an idle or lightly loaded proxy does not
-    /// burn its core) and grows back while they are short. On a virtual machine a sleeping worker costs the
-    /// CPU that wakes it an interrupt through the hypervisor for each wake-up.
+    /// before it sleeps (HAProxy's `busy-polling`, bounded), at most 1,000; 0 (the default, as HAProxy's)
+    /// never polls. The window adapts: it shrinks to nothing while the worker's sleeps are long (an idle or
+    /// lightly loaded proxy does not burn its core) and grows back while they are short. On a virtual
+    /// machine whose idle CPUs halt, a sleeping worker costs the CPU that wakes it an interrupt through the
+    /// hypervisor for each wake-up: polling takes that off the clients' and backends' CPUs (2-4% more
+    /// requests and connections per second when they are the limit) for 6-12% more of the proxy's own.
     pub busy_poll_us: u32,
 }
 
@@ -131,7 +133,7 @@ impl Default for ProxySection {
             keepalive_ms: 60_000,
             warmup_ms: 5_000,
             io_uring_buffers: 4096,
-            busy_poll_us: 50,
+            busy_poll_us: 0,
         }
     }
 }
