@@ -1094,6 +1094,50 @@ fn http_health_checks_follow_the_status() {
     );
 }
 
+/// A backend's own `check_http_path` replaces the `[proxy]` one (`""`: the bare connect), and `check = false`
+/// leaves a backend out of the active checks. With no client, only the backend checked over HTTP that answers
+/// 503 is held out.
+#[test]
+fn a_backend_takes_its_own_check_or_none() {
+    // Answers every request 503, as an instance not ready would.
+    let not_ready = || {
+        backend(|mut s| {
+            let mut buf = [0u8; 1024];
+            if let Ok(1..) = s.read(&mut buf) {
+                let _ = s.write_all(b"HTTP/1.1 503 X\r\nContent-Length: 0\r\n\r\n");
+            }
+        })
+    };
+    let (http, tcp, unchecked) = (not_ready(), not_ready(), dead_addr());
+    let front = free_addr();
+    let proxy = format!(
+        "check_interval_ms = 100\ncheck_fall = 1\ncheck_http_path = \"/readyz\"\n{}{}\
+         [[proxy.backends]]\naddr = \"{tcp}\"\ncheck_http_path = \"\"\n\
+         [[proxy.backends]]\naddr = \"{unchecked}\"\ncheck = false\n",
+        listener("web", front),
+        backends(&[http])
+    );
+    let lb = start_lb("io_uring", 1000, &proxy);
+    let value = |m: &str, metric: &str, b: SocketAddr| {
+        metric_value(m, metric, &format!("backend=\"{b}\"")).unwrap_or(0.0)
+    };
+    let failing = "xcluster_lb_proxy_backend_failing";
+    let check_failures = "xcluster_lb_proxy_backend_check_failures_total";
+    // Three failed checks of the HTTP one: the others have had as many checks by then.
+    let m = eventually(T, "the HTTP check to fail three times", || {
+        let m = lb.metrics();
+        (value(&m, check_failures, http) >= 3.0).then_some(m)
+    });
+    assert_eq!(value(&m, failing, http), 1.0, "{m}");
+    for b in [tcp, unchecked] {
+        assert_eq!(
+            (value(&m, failing, b), value(&m, check_failures, b)),
+            (0.0, 0.0),
+            "{b}:\n{m}"
+        );
+    }
+}
+
 /// With `log_connections = true`, each connection on that listener leaves one line when it ends: client,
 /// backend, tries, bytes each way and how it ended; a listener without it logs nothing.
 fn connections_are_logged_where_the_listener_asks(rt: &'static str) {

@@ -217,6 +217,13 @@ pub struct BackendRaw {
     /// backend at its limit is passed over for another of its type, and a connection that finds every one
     /// full waits up to `queue_timeout_ms` for a place. 0: no limit.
     pub max_connections: u32,
+    /// Whether the active health checks look at it (with `check_interval_ms` on); false leaves it to the
+    /// passive ones (a client's failed connect), as a HAProxy server without `check`.
+    pub check: bool,
+    /// Its own `check_http_path`, instead of the `[proxy]` one: a path for an HTTP check, or `""` for the
+    /// bare connect. Unset: the `[proxy]` one. So a pool can mix XBuy instances (`/readyz`) and services that
+    /// speak no HTTP.
+    pub check_http_path: Option<String>,
 }
 
 impl Default for BackendRaw {
@@ -227,6 +234,8 @@ impl Default for BackendRaw {
             request_types: Vec::new(),
             backup: false,
             max_connections: 0,
+            check: true,
+            check_http_path: None,
         }
     }
 }
@@ -299,6 +308,10 @@ pub struct BackendConfig {
     pub backup: bool,
     /// 0: no limit.
     pub max_connections: u32,
+    /// Active health checks look at it.
+    pub check: bool,
+    /// Its own check path (`Some("")`: the bare connect); `None`: the `[proxy]` one.
+    pub check_http_path: Option<String>,
 }
 
 impl BackendConfig {
@@ -306,6 +319,16 @@ impl BackendConfig {
     pub fn serves(&self, ty: &str) -> bool {
         self.request_types.is_empty() || self.request_types.iter().any(|t| t == ty)
     }
+}
+
+/// How one backend is checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Check {
+    /// The path an HTTP check asks for; `None` for a TCP connect alone.
+    pub http_path: Option<String>,
+    /// The check opens with a PROXY v2 `LOCAL` header: a listener with `proxy_protocol` routes to the
+    /// backend, which so expects one on every connection.
+    pub proxy_header: bool,
 }
 
 /// Settings that reload live: each connection's, and the health checks'.
@@ -319,11 +342,8 @@ pub struct Timeouts {
     pub idle: Option<Duration>,
     /// Active health checks of the configured backends; `None` when disabled.
     pub check_interval: Option<Duration>,
-    /// The path an HTTP health check asks for; `None` for a TCP connect alone.
-    pub check_http_path: Option<String>,
-    /// Backends whose checks open with a PROXY v2 `LOCAL` header: those a listener with `proxy_protocol`
-    /// routes to, which expect one on every connection.
-    pub check_proxy_header: Vec<SocketAddr>,
+    /// How each configured backend is checked (those with `check = false` are not).
+    pub checks: Vec<(SocketAddr, Check)>,
     /// Failed checks in a row that put a backend down, and passing ones that bring it back; at least 1.
     pub check_fall: u32,
     pub check_rise: u32,
@@ -371,6 +391,17 @@ fn nets(v: &mut Validator, key: &str, entries: &[String]) -> Vec<Net> {
             }
         })
         .collect()
+}
+
+/// An HTTP check's path: empty (the bare connect) or a path starting with `/`, at most 1024 visible ASCII
+/// bytes (it goes into the request line as is).
+fn check_path(v: &mut Validator, field: &str, path: &str) {
+    v.check(
+        path.is_empty()
+            || (path.starts_with('/') && path.len() <= 1024 && path.bytes().all(|b| b.is_ascii_graphic())),
+        field,
+        || format!("{path:?} must be empty or a path starting with '/', at most 1024 visible ASCII bytes"),
+    );
 }
 
 fn check_name(v: &mut Validator, key: &str, s: &str) {
@@ -478,12 +509,17 @@ impl ProxySection {
             if backends.iter().any(|o| o.addr == addr) {
                 v.error(format!("{key}.addr"), format!("{addr} is listed twice"));
             }
+            if let Some(path) = &b.check_http_path {
+                check_path(v, &format!("{key}.check_http_path"), path);
+            }
             backends.push(BackendConfig {
                 addr,
                 weight,
                 request_types: b.request_types.clone(),
                 backup: b.backup,
                 max_connections,
+                check: b.check,
+                check_http_path: b.check_http_path.clone(),
             });
         }
         let workers = v.range("proxy.workers", self.workers, 0, 256);
@@ -540,19 +576,7 @@ impl ProxySection {
                 ("source", Balance::Source),
             ],
         );
-        let path = &self.check_http_path;
-        v.check(
-            path.is_empty()
-                || (path.starts_with('/')
-                    && path.len() <= 1024
-                    && path.bytes().all(|b| b.is_ascii_graphic())),
-            "proxy.check_http_path",
-            || {
-                format!(
-                    "{path:?} must be empty or a path starting with '/', at most 1024 visible ASCII bytes"
-                )
-            },
-        );
+        check_path(v, "proxy.check_http_path", &self.check_http_path);
         let max_connections = v.range("proxy.max_connections", self.max_connections, 1, 1_000_000);
         let backlog = v.range("proxy.backlog", self.backlog, 1, 65_535);
         let io_uring_buffers = v.range("proxy.io_uring_buffers", self.io_uring_buffers, 1, 32_768);
@@ -564,14 +588,20 @@ impl ProxySection {
         let keepalive = v.millis("proxy.keepalive_ms", self.keepalive_ms, 0, 86_400_000);
         let warmup = v.millis("proxy.warmup_ms", self.warmup_ms, 0, 60_000);
         let busy_poll = v.range("proxy.busy_poll_us", self.busy_poll_us, 0, 1_000);
-        let check_proxy_header = backends
+        let checks = backends
             .iter()
-            .filter(|b| {
-                listeners
+            .filter(|b| b.check)
+            .map(|b| {
+                let path = b.check_http_path.as_ref().unwrap_or(&self.check_http_path);
+                let proxy_header = listeners
                     .iter()
-                    .any(|l| l.proxy_protocol && b.serves(&l.request_type))
+                    .any(|l| l.proxy_protocol && b.serves(&l.request_type));
+                let check = Check {
+                    http_path: (!path.is_empty()).then(|| path.clone()),
+                    proxy_header,
+                };
+                (b.addr, check)
             })
-            .map(|b| b.addr)
             .collect();
         ProxyConfig {
             listeners,
@@ -585,8 +615,7 @@ impl ProxySection {
                 retry_delay,
                 idle: (!idle.is_zero()).then_some(idle),
                 check_interval: (!check.is_zero()).then_some(check),
-                check_http_path: (!path.is_empty()).then(|| path.clone()),
-                check_proxy_header,
+                checks,
                 check_fall,
                 check_rise,
                 slow_start: (!slow_start.is_zero()).then_some(slow_start),
@@ -761,13 +790,20 @@ mod tests {
 
     #[test]
     fn an_http_check_path_is_a_plain_absolute_path() {
-        let cfg = parse("check_http_path = \"/readyz\"\n").unwrap();
-        assert_eq!(cfg.timeouts.check_http_path.as_deref(), Some("/readyz"));
-        assert_eq!(parse("").unwrap().timeouts.check_http_path, None);
+        let backend = "[[backends]]\naddr = \"127.0.0.1:9001\"\n";
+        let path = |cfg: &ProxyConfig| cfg.timeouts.checks[0].1.http_path.clone();
+        let cfg = parse(&format!("check_http_path = \"/readyz\"\n{backend}")).unwrap();
+        assert_eq!(path(&cfg).as_deref(), Some("/readyz"));
+        assert_eq!(path(&parse(backend).unwrap()), None);
         for bad in ["readyz", "/a b", "/a\\r\\nHost: x"] {
             let errs = parse(&format!("check_http_path = \"{bad}\"\n")).unwrap_err();
             assert!(
                 errs.len() == 1 && errs[0].contains("check_http_path"),
+                "{bad}: {errs:#?}"
+            );
+            let errs = parse(&format!("{backend}check_http_path = \"{bad}\"\n")).unwrap_err();
+            assert!(
+                errs.len() == 1 && errs[0].contains("proxy.backends[0].check_http_path"),
                 "{bad}: {errs:#?}"
             );
         }
@@ -846,11 +882,45 @@ mod tests {
             "#,
         )
         .unwrap();
-        let want: Vec<SocketAddr> = vec![
-            "127.0.0.1:9001".parse().unwrap(),
-            "127.0.0.1:9003".parse().unwrap(),
-        ];
-        assert_eq!(cfg.timeouts.check_proxy_header, want);
+        let headers: Vec<(u16, bool)> = cfg
+            .timeouts
+            .checks
+            .iter()
+            .map(|(a, c)| (a.port(), c.proxy_header))
+            .collect();
+        assert_eq!(headers, [(9001, true), (9002, false), (9003, true)]);
+    }
+
+    #[test]
+    fn a_backend_may_have_its_own_check_or_none() {
+        let cfg = parse(
+            r#"
+            check_http_path = "/readyz"
+            [[backends]]
+            addr = "127.0.0.1:9001"
+            [[backends]]
+            addr = "127.0.0.1:9002"
+            check_http_path = ""
+            [[backends]]
+            addr = "127.0.0.1:9003"
+            check_http_path = "/health"
+            [[backends]]
+            addr = "127.0.0.1:9004"
+            check = false
+            "#,
+        )
+        .unwrap();
+        let paths: Vec<(u16, Option<&str>)> = cfg
+            .timeouts
+            .checks
+            .iter()
+            .map(|(a, c)| (a.port(), c.http_path.as_deref()))
+            .collect();
+        assert_eq!(
+            paths,
+            [(9001, Some("/readyz")), (9002, None), (9003, Some("/health"))],
+            "9004 is not checked"
+        );
     }
 
     #[test]

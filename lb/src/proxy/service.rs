@@ -202,23 +202,24 @@ impl Shared {
         }
     }
 
-    /// Checks every configured backend once, all at the same time, each with the connect timeout, and acts
+    /// Checks every configured backend (but those with `check = false`) once, all at the same time, each with the connect timeout, and acts
     /// on each result as its streak says ([`CheckStreaks`]): a backend down is held out at least until the
     /// next check could have ended; one back up, or a pass while up, ends its hold.
     async fn check_all(&self, interval: Duration, streaks: &mut CheckStreaks) {
         let t = self.timeouts.load_full();
         let backends = self.backends.load_full();
-        streaks.retain(|a| backends.contains_key(a));
-        let checks = backends.iter().map(|(&addr, bm)| {
-            let t = &t;
-            async move {
-                let header = t.check_proxy_header.contains(&addr);
-                let checked =
-                    tokio::time::timeout(t.connect, check(addr, header, t.check_http_path.as_deref()))
-                        .await
-                        .unwrap_or_else(|_| Err("timed out".into()));
+        streaks.retain(|a| t.checks.iter().any(|(c, _)| c == a));
+        // Those of the config the checks were read from that have their handles: a backend a reload has
+        // just added may not yet, and is checked next time.
+        let checks = t.checks.iter().filter_map(|(addr, how)| {
+            let (addr, bm, connect) = (*addr, backends.get(addr)?, t.connect);
+            Some(async move {
+                let checked = check(addr, how.proxy_header, how.http_path.as_deref());
+                let checked = tokio::time::timeout(connect, checked)
+                    .await
+                    .unwrap_or_else(|_| Err("timed out".into()));
                 (addr, bm, checked)
-            }
+            })
         });
         let until_next = interval + t.connect;
         for (addr, bm, checked) in futures_util::future::join_all(checks).await {
