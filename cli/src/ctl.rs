@@ -421,6 +421,7 @@ const LISTENER_COLUMNS: &[Column] = &[
     ("address", "addr", cell),
     ("type", "request_type", cell),
     ("active", "active", cell),
+    ("max", "max_connections", limit),
     ("accepted", "accepted", cell),
     ("failed", "failed", cell),
     ("rejected", "rejected", cell),
@@ -430,6 +431,8 @@ const LISTENER_COLUMNS: &[Column] = &[
     ("waiting", "waiting", cell),
     ("queued", "queued", cell),
     ("idle timeouts", "idle_timeouts", cell),
+    ("client errors", "client_errors", cell),
+    ("backend errors", "backend_errors", cell),
     ("bytes up", "bytes_up", bytes),
     ("bytes down", "bytes_down", bytes),
     ("accept errors", "accept_errors", cell),
@@ -439,10 +442,7 @@ const LISTENER_COLUMNS: &[Column] = &[
 const BACKEND_COLUMNS: &[Column] = &[
     ("proxy backend", "addr", cell),
     ("active", "active", cell),
-    ("max", "max_connections", |v| match v.as_u64() {
-        Some(0) | None => "-".into(),
-        Some(n) => n.to_string(),
-    }),
+    ("max", "max_connections", limit),
     ("connects", "connects", cell),
     ("connect failures", "connect_failures", cell),
     ("check failures", "check_failures", cell),
@@ -457,6 +457,14 @@ const BACKEND_COLUMNS: &[Column] = &[
     ("state", "failing", |v| flag(v, "failing", "ok")),
     ("tier", "backup", |v| flag(v, "backup", "primary")),
 ];
+
+/// A `max_connections`: `-` for none (0, or a balancer too old to say).
+fn limit(v: &Value) -> String {
+    match v.as_u64() {
+        Some(0) | None => "-".into(),
+        Some(n) => n.to_string(),
+    }
+}
 
 /// A heading row, then one row per item, as `columns` say.
 fn spec_rows(items: &[Value], columns: &[Column]) -> Vec<Vec<String>> {

@@ -114,6 +114,8 @@ pub struct ProxyListenerStatus {
     /// The request type it routes by.
     pub request_type: String,
     pub active: u64,
+    /// Its own `max_connections`; 0: only the proxy-wide limit.
+    pub max_connections: u64,
     pub accepted: u64,
     /// Connections closed because no backend could be reached.
     pub failed: u64,
@@ -134,6 +136,10 @@ pub struct ProxyListenerStatus {
     /// Accepts that failed (out of descriptors or memory; the accept loop backs off and goes on).
     pub accept_errors: u64,
     pub idle_timeouts: u64,
+    /// Established connections ended by a socket error on the client's side (HAProxy's `cli_abrt`), and on
+    /// the backend's (`srv_abrt`).
+    pub client_errors: u64,
+    pub backend_errors: u64,
     /// Client to backend.
     pub bytes_up: u64,
     /// Backend to client.

@@ -1250,6 +1250,13 @@ fn resets_are_logged_and_counted_by_the_side_that_sent_them(rt: &'static str) {
     eventually(T, "a reset counted on each side", || {
         (errors("backend") == Some(1.0) && errors("client") == Some(1.0)).then_some(())
     });
+    // And on `/v1/status`, for `xcluster ctl cluster` and the dashboard.
+    let st = lb.proxy_status();
+    assert_eq!(
+        (st.listeners[0].client_errors, st.listeners[0].backend_errors),
+        (1, 1),
+        "{st:?}"
+    );
     let line_of = |client: SocketAddr| {
         let log = lb.proc.stderr();
         log.lines()
@@ -1810,6 +1817,14 @@ fn a_listener_at_its_max_connections_holds_new_clients(rt: &'static str) {
     ping(&mut o1, b"elsewhere");
     ping(&mut c1, b"one again");
     assert_eq!(accepted(&lb), Some(1.0));
+    let max = |lb: &Lb| {
+        let st = lb.proxy_status();
+        st.listeners
+            .iter()
+            .map(|l| (l.name.clone(), l.max_connections))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(max(&lb), [("other".to_string(), 0), ("web".to_string(), 1)]);
     // Raised by a reload: the waiting client is served with what it already sent.
     lb.reload(1000, &proxy(2));
     let mut got = [0u8; 3];
@@ -1819,6 +1834,7 @@ fn a_listener_at_its_max_connections_holds_new_clients(rt: &'static str) {
     c3.write_all(b"three").unwrap();
     ping(&mut c2, b"two again");
     assert_eq!(accepted(&lb), Some(2.0));
+    assert_eq!(max(&lb), [("other".to_string(), 0), ("web".to_string(), 2)]);
     // An end frees a place.
     finish(&mut c1);
     let mut got = [0u8; 5];

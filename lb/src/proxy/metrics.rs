@@ -28,6 +28,8 @@ pub const HEADER_ERRORS_TOTAL: &str = "xcluster_lb_proxy_header_errors_total";
 pub const DENIED_TOTAL: &str = "xcluster_lb_proxy_connections_denied_total";
 pub const ACCEPT_ERRORS_TOTAL: &str = "xcluster_lb_proxy_accept_errors_total";
 pub const IDLE_TIMEOUTS_TOTAL: &str = "xcluster_lb_proxy_idle_timeouts_total";
+/// A listener's own `max_connections` (0: only the proxy-wide limit), set on each (re)load.
+pub const LISTENER_MAX_CONNECTIONS: &str = "xcluster_lb_proxy_listener_max_connections";
 /// Established connections ended by a socket error, most often a reset, by the `side` it came from:
 /// `client` or `backend` (HAProxy's `cli_abrt` and `srv_abrt`).
 pub const CONNECTION_ERRORS_TOTAL: &str = "xcluster_lb_proxy_connection_errors_total";
@@ -268,6 +270,9 @@ pub fn status(text: &str) -> ProxyStatus {
                 IDLE_TIMEOUTS_TOTAL => e.idle_timeouts = value,
                 QUEUED_TOTAL => e.queued = value,
                 ACCEPT_ERRORS_TOTAL => e.accept_errors = value,
+                LISTENER_MAX_CONNECTIONS => e.max_connections = value,
+                CONNECTION_ERRORS_TOTAL if label("side") == Some("client") => e.client_errors = value,
+                CONNECTION_ERRORS_TOTAL => e.backend_errors = value,
                 LISTENER_BYTES_TOTAL if up => e.bytes_up = value,
                 LISTENER_BYTES_TOTAL => e.bytes_down = value,
                 LISTENER_UNBOUND => e.unbound = value > 0,
@@ -389,6 +394,9 @@ xcluster_lb_proxy_listener_bytes_total{listener="web",direction="up"} 1000
 xcluster_lb_proxy_listener_bytes_total{listener="web",direction="down"} 2.5e3
 xcluster_lb_proxy_connections_queued_total{listener="web"} 8
 xcluster_lb_proxy_accept_errors_total{listener="web"} 2
+xcluster_lb_proxy_listener_max_connections{listener="web"} 50
+xcluster_lb_proxy_connection_errors_total{listener="web",side="client"} 4
+xcluster_lb_proxy_connection_errors_total{listener="web",side="backend"} 9
 xcluster_lb_proxy_backend_connects_total{backend="127.0.0.1:9"} 7
 xcluster_lb_proxy_backend_bytes_total{backend="127.0.0.1:9",direction="down"} 5
 xcluster_lb_proxy_backend_connect_seconds_bucket{backend="127.0.0.1:9",le="0.001"} 7
@@ -438,6 +446,9 @@ not a sample
                     waiting: 6,
                     queued: 8,
                     accept_errors: 2,
+                    max_connections: 50,
+                    client_errors: 4,
+                    backend_errors: 9,
                     ..Default::default()
                 },
             ]

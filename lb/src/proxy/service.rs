@@ -31,7 +31,7 @@ use super::limit::ConnLimit;
 use super::listener::Close;
 use super::metrics::{
     Assigned, BACKEND_BACKUP, BACKEND_CONFIGURED, BACKEND_MAX_CONNECTIONS, BACKEND_WEIGHT, BackendMetrics,
-    LISTENER_BIND_FAILURES_TOTAL, LISTENER_UNBOUND, ListenerMetrics, WORKERS,
+    LISTENER_BIND_FAILURES_TOTAL, LISTENER_MAX_CONNECTIONS, LISTENER_UNBOUND, ListenerMetrics, WORKERS,
 };
 use super::pick::{BackendPicker, PickFor};
 use super::queue::{Places, Queue, Ticket, Wait, Waker};
@@ -346,6 +346,8 @@ impl ListenerState {
     pub fn new(cfg: &ListenerConfig, before: Option<&ListenerState>) -> Arc<Self> {
         let limit = before.map_or_else(Arc::default, |b| b.limit.clone());
         limit.set_max(cfg.max_connections);
+        metrics::gauge!(LISTENER_MAX_CONNECTIONS, "listener" => cfg.name.clone())
+            .set(f64::from(cfg.max_connections));
         Arc::new(Self {
             cfg: cfg.clone(),
             metrics: ListenerMetrics::new(&cfg.name),
