@@ -28,7 +28,8 @@ impl ListenOptions {
     }
 }
 
-/// Binds a non-blocking std listener.
+/// Binds a non-blocking std listener. The error does not name the address: the caller's does
+/// (`admin::ListenError`), once.
 pub fn bind_std(opts: &ListenOptions) -> io::Result<std::net::TcpListener> {
     let socket = Socket::new(Domain::for_address(opts.addr), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
@@ -36,9 +37,7 @@ pub fn bind_std(opts: &ListenOptions) -> io::Result<std::net::TcpListener> {
         socket.set_reuse_port(true)?;
     }
     socket.set_nonblocking(true)?;
-    socket
-        .bind(&SockAddr::from(opts.addr))
-        .map_err(|e| io::Error::new(e.kind(), format!("cannot bind {}: {e}", opts.addr)))?;
+    socket.bind(&SockAddr::from(opts.addr))?;
     socket.listen(opts.backlog)?;
     Ok(socket.into())
 }
