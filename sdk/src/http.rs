@@ -164,7 +164,8 @@ impl Client {
 
     /// Sends an idempotent request (a GET, or a POST carrying an idempotency key), retrying on another
     /// instance after a retryable error or a 502/503/504, up to `request_attempts` in all. Returns the last
-    /// response or error.
+    /// response or error. A request that is neither (say a POST with no `Idempotency-Key`) is sent as
+    /// [`Client::send`] sends it: once, with only connect failures tried elsewhere.
     ///
     /// ```no_run
     /// # async fn demo(client: xcluster_sdk::Client) -> Result<(), xcluster_sdk::Error> {
@@ -180,6 +181,10 @@ impl Client {
         request_type: &str,
         req: Request<Full<Bytes>>,
     ) -> Result<Response<Bytes>> {
+        if !is_idempotent(&req) {
+            // A retry could apply it twice (an instance may fail after its commit): send it once.
+            return self.send(request_type, req).await;
+        }
         let attempts = self.shared.opts.request_attempts;
         let mut tried = Vec::new();
         let mut last: Option<Result<Response<Bytes>>> = None;
@@ -207,6 +212,12 @@ impl Client {
         }
         last.unwrap_or_else(|| Err(Error::NoInstance(request_type.to_string())))
     }
+}
+
+/// Whether sending `req` twice has the effect of sending it once: an idempotent method, or any request
+/// carrying an idempotency key (the app then answers a repeat with the first outcome).
+fn is_idempotent(req: &Request<Full<Bytes>>) -> bool {
+    req.method().is_idempotent() || req.headers().contains_key("idempotency-key")
 }
 
 fn clone_request(req: &Request<Full<Bytes>>) -> Request<Full<Bytes>> {

@@ -491,3 +491,41 @@ async fn browse_client(lb: &FakeBalancer) -> Client {
         .await
         .unwrap()
 }
+
+/// `send_idempotent` is documented for a GET or a POST carrying an idempotency key. A POST without one
+/// that gets a 503 may still have had its effect (an app may fail after its commit), so it must not be
+/// sent again to another instance; with a key it is retried as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_post_without_an_idempotency_key_is_not_retried() {
+    let (a, b) = (Backend::with_status("a", 503), Backend::with_status("b", 503));
+    let lb = FakeBalancer::start(HOLD);
+    lb.set(list(
+        "order",
+        1,
+        &[("a", a.addr, 100), ("b", b.addr, 100)],
+        &[lb.addr],
+    ));
+    let client = Client::builder()
+        .balancers([lb.addr.to_string()])
+        .request_types(["order"])
+        .build()
+        .await
+        .unwrap();
+    let post = |key: Option<&str>| {
+        let mut r = http::Request::post("/v1/orders");
+        if let Some(k) = key {
+            r = r.header("idempotency-key", k);
+        }
+        r.body(Full::new(Bytes::from_static(b"{}"))).unwrap()
+    };
+    let resp = client.send_idempotent("order", post(None)).await.unwrap();
+    assert_eq!(resp.status(), 503);
+    assert_eq!(a.hits() + b.hits(), 1, "a POST without a key was sent twice");
+    let resp = client.send_idempotent("order", post(Some("k-1"))).await.unwrap();
+    assert_eq!(resp.status(), 503);
+    assert_eq!(
+        a.hits() + b.hits(),
+        3,
+        "a POST with a key is retried on the other instance"
+    );
+}
