@@ -206,6 +206,10 @@ impl ClientBuilder {
         if o.connect_attempts == 0 || o.request_attempts == 0 {
             problems.push("connect_attempts and request_attempts: must be at least 1".into());
         }
+        if o.max_response_bytes == 0 {
+            // Would turn every response with a body into ResponseTooLarge, far from the cause.
+            problems.push("max_response_bytes: must be at least 1".into());
+        }
         if problems.is_empty() {
             Ok(self.opts)
         } else {
@@ -232,11 +236,18 @@ mod tests {
             .request_types(["ok", "bad type"])
             .connect_timeout(Duration::ZERO)
             .connect_attempts(0)
+            .max_response_bytes(0)
             .validate()
             .err()
             .map(|e| e.to_string())
             .unwrap_or_default();
-        for needle in ["\"nope\"", "\"bad type\"", "connect_timeout", "connect_attempts"] {
+        for needle in [
+            "\"nope\"",
+            "\"bad type\"",
+            "connect_timeout",
+            "connect_attempts",
+            "max_response_bytes",
+        ] {
             assert!(err.contains(needle), "{needle} missing from {err}");
         }
         let ok = ClientBuilder::default()
