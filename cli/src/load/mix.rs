@@ -198,6 +198,12 @@ impl Mix {
         if kinds.is_empty() {
             return Err("mix is empty".into());
         }
+        // `pay` pays orders that this run's `order` requests placed; without them it never sends anything
+        // and the run would report zero requests as a success.
+        let has = |n: &str| kinds.iter().any(|k| k.name == n);
+        if has("pay") && !has("order") {
+            return Err("pay in the mix needs order too (it pays the orders this run places)".into());
+        }
         Ok(Mix { kinds, cumulative })
     }
 
@@ -226,6 +232,8 @@ mod tests {
             "browse=0",
             "browse=x",
             "browse=1,browse=2",
+            "pay=1",
+            "pay=1,seckill=1",
         ] {
             assert!(Mix::parse(bad).is_err(), "{bad:?} accepted");
         }
