@@ -127,10 +127,14 @@ struct AckedOrders {
 impl Run {
     /// Sends one request of type `k` and reports it; latency counts from `intended`.
     async fn one(&self, k: usize, intended: Instant) {
-        let kind = self.mix.kinds[k];
-        let Some(req) = kind.build(&self.ctx) else {
-            // Nothing to send of this type yet (no order to pay): not a request, so not reported. The pause
-            // keeps a closed-loop worker from spinning when the mix has nothing else to draw.
+        // Nothing to send of the drawn type yet (no order to pay): another type of the mix takes the slot,
+        // so `--requests N` sends N and the open loop keeps its rate.
+        let n = self.mix.kinds.len();
+        let Some((k, kind, req)) = (0..n).map(|i| (k + i) % n).find_map(|k| {
+            let kind = self.mix.kinds[k];
+            kind.build(&self.ctx).map(|req| (k, kind, req))
+        }) else {
+            // The pause keeps a closed-loop worker from spinning when nothing can be sent.
             tokio::time::sleep(Duration::from_millis(1)).await;
             return;
         };

@@ -196,3 +196,28 @@ fn a_bad_interval_is_refused_with_a_reason() {
         assert!(p.stderr().contains("--interval-ms"), "{}", p.stderr());
     }
 }
+
+/// `--requests N` sends N requests even when `pay` is drawn before any order was acknowledged (here the
+/// backend's answers carry no order id, so there is never one to pay): a draw with nothing to send takes
+/// another type of the mix instead of a request slot.
+#[test]
+fn requests_are_all_sent_when_pay_has_nothing_to_pay() {
+    let b = Backend::start("a");
+    let addr = b.addr.to_string();
+    for mode in [["--rate", "1000"], ["--workers", "2"]] {
+        let report = load(&[
+            "--via",
+            "rr",
+            "--targets",
+            &addr,
+            "--mix",
+            "order=1,pay=20",
+            mode[0],
+            mode[1],
+            "--requests",
+            "30",
+        ]);
+        assert_eq!(report["requests"], 30, "{mode:?}: {report}");
+    }
+    assert_eq!(b.hits(), 60);
+}
