@@ -221,3 +221,53 @@ fn requests_are_all_sent_when_pay_has_nothing_to_pay() {
     }
     assert_eq!(b.hits(), 60);
 }
+
+/// `--timeout-ms` bounds one request in SDK mode too, retries on other instances included: with every
+/// instance hanging, a browse (which the SDK would try on three instances) is a timeout after 500 ms, not
+/// after three of them.
+#[test]
+fn sdk_mode_bounds_a_request_retries_included() {
+    let stuck = [
+        Backend::hanging("a"),
+        Backend::hanging("b"),
+        Backend::hanging("c"),
+    ];
+    let lb = FakeBalancer::start(Duration::from_secs(60));
+    lb.set(list(
+        "browse",
+        1,
+        &[
+            ("a", stuck[0].addr, 100),
+            ("b", stuck[1].addr, 100),
+            ("c", stuck[2].addr, 100),
+        ],
+        &[lb.addr],
+    ));
+    let mut p = Proc::xcluster(
+        "load",
+        &[
+            "load",
+            "--via",
+            "sdk",
+            "--targets",
+            &lb.addr.to_string(),
+            "--mix",
+            "browse=1",
+            "--workers",
+            "1",
+            "--requests",
+            "1",
+            "--timeout-ms",
+            "500",
+            "--json",
+        ],
+    );
+    assert_eq!(p.wait_exit(Duration::from_secs(60)), Some(1), "{}", p.stderr());
+    let report: Value = serde_json::from_str(&p.stdout()).unwrap();
+    assert_eq!(by_type(&report, "browse")["errors"]["timeout"], 1, "{report}");
+    let elapsed = report["elapsed_s"].as_f64().unwrap();
+    assert!(
+        elapsed < 1.2,
+        "one request took {elapsed} s with --timeout-ms 500"
+    );
+}

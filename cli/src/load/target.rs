@@ -82,10 +82,13 @@ impl Target {
         match self {
             Target::Sdk(client) => {
                 let r = if kind.idempotent {
-                    client.send_idempotent(kind.name, req).await
+                    tokio::time::timeout(timeout, client.send_idempotent(kind.name, req)).await
                 } else {
-                    client.send(kind.name, req).await
+                    tokio::time::timeout(timeout, client.send(kind.name, req)).await
                 };
+                // The SDK's request_timeout bounds one attempt; `--timeout-ms` is for the whole request,
+                // retries on other instances included.
+                let r = r.map_err(|_| ("timeout".to_string(), String::new()))?;
                 let resp = r.map_err(|e| (e.kind().to_string(), String::new()))?;
                 let who = resp
                     .extensions()
