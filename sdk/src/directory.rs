@@ -269,7 +269,9 @@ pub(crate) async fn watch_loop(
                 &slot.name,
                 Some((version, wait)),
                 opts.connect_timeout,
-                wait + opts.balancer_timeout,
+                // Saturating: `Duration::MAX` ("forever") in both would panic the watch task and leave the
+                // client silently following nothing.
+                wait.saturating_add(opts.balancer_timeout),
                 || slot.polling(&shared.clock),
             );
             let r = tokio::select! {

@@ -529,3 +529,28 @@ async fn a_post_without_an_idempotency_key_is_not_retried() {
         "a POST with a key is retried on the other instance"
     );
 }
+
+/// "Forever" spelled as `Duration::MAX` (keep serving the last list however long the balancers are gone,
+/// hold watches as long as they will) must not break the watch: the client still follows a table change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn huge_durations_do_not_break_the_watch() {
+    let (a, b) = (Backend::start("a"), Backend::start("b"));
+    let lb = FakeBalancer::start(Duration::from_millis(200));
+    lb.set(list("browse", 1, &[("a", a.addr, 100)], &[lb.addr]));
+    let client = Client::builder()
+        .balancers([lb.addr.to_string()])
+        .request_types(["browse"])
+        .max_staleness(Duration::MAX)
+        .watch_timeout(Duration::MAX)
+        .balancer_timeout(Duration::MAX)
+        .build()
+        .await
+        .unwrap();
+    assert_eq!(client.pick("browse").unwrap().addr(), a.addr);
+    lb.set(list("browse", 2, &[("b", b.addr, 100)], &[lb.addr]));
+    eventually_async("the client to install version 2", || {
+        (client.state().types[0].version == 2).then_some(())
+    })
+    .await;
+    assert_eq!(client.pick("browse").unwrap().addr(), b.addr);
+}
