@@ -33,15 +33,21 @@ pub(crate) async fn server_list(
     exchange_timeout: Duration,
     on_connected: impl FnOnce(),
 ) -> Result<Fetched, String> {
-    let path = match watch {
-        Some((v, wait)) => format!(
-            "/v1/servers?type={request_type}&watch={v}&wait_ms={}",
-            wait.as_millis().max(1)
-        ),
-        None => format!("/v1/servers?type={request_type}"),
-    };
+    let path = list_path(request_type, watch);
     let (status, body) = get(addr, &path, connect_timeout, exchange_timeout, on_connected).await?;
     list_from(status, &body)
+}
+
+/// The request target of a list fetch. `wait_ms` is capped at `u64::MAX`: the balancer parses it as a u64
+/// and refuses more with a 400, so a `Duration::MAX` hold would fail every watch.
+fn list_path(request_type: &str, watch: Option<(u64, Duration)>) -> String {
+    match watch {
+        Some((v, wait)) => format!(
+            "/v1/servers?type={request_type}&watch={v}&wait_ms={}",
+            u64::try_from(wait.as_millis()).unwrap_or(u64::MAX).max(1)
+        ),
+        None => format!("/v1/servers?type={request_type}"),
+    }
 }
 
 fn list_from(status: u16, body: &[u8]) -> Result<Fetched, String> {
@@ -213,6 +219,18 @@ fn dechunk(mut rest: &[u8]) -> Result<Vec<u8>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_huge_watch_hold_asks_for_at_most_u64_max_ms() {
+        assert_eq!(
+            list_path("a", Some((3, Duration::MAX))),
+            format!("/v1/servers?type=a&watch=3&wait_ms={}", u64::MAX)
+        );
+        assert_eq!(
+            list_path("a", Some((3, Duration::ZERO))),
+            "/v1/servers?type=a&watch=3&wait_ms=1"
+        );
+    }
 
     #[test]
     fn parses_length_chunked_and_close_bodies() {
