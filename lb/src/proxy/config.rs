@@ -308,10 +308,6 @@ pub struct BackendConfig {
     pub backup: bool,
     /// 0: no limit.
     pub max_connections: u32,
-    /// Active health checks look at it.
-    pub check: bool,
-    /// Its own check path (`Some("")`: the bare connect); `None`: the `[proxy]` one.
-    pub check_http_path: Option<String>,
 }
 
 impl BackendConfig {
@@ -493,6 +489,8 @@ impl ProxySection {
             });
         }
         let mut backends: Vec<BackendConfig> = Vec::new();
+        // How each is checked: worked out here, once per (re)load, for the health-check task.
+        let mut checks = Vec::new();
         for (i, b) in self.backends.iter().enumerate() {
             let key = format!("proxy.backends[{i}]");
             let addr = v.addr(&format!("{key}.addr"), &b.addr);
@@ -512,15 +510,25 @@ impl ProxySection {
             if let Some(path) = &b.check_http_path {
                 check_path(v, &format!("{key}.check_http_path"), path);
             }
-            backends.push(BackendConfig {
+            let backend = BackendConfig {
                 addr,
                 weight,
                 request_types: b.request_types.clone(),
                 backup: b.backup,
                 max_connections,
-                check: b.check,
-                check_http_path: b.check_http_path.clone(),
-            });
+            };
+            if b.check {
+                let path = b.check_http_path.as_ref().unwrap_or(&self.check_http_path);
+                let proxy_header = listeners
+                    .iter()
+                    .any(|l| l.proxy_protocol && backend.serves(&l.request_type));
+                let check = Check {
+                    http_path: (!path.is_empty()).then(|| path.clone()),
+                    proxy_header,
+                };
+                checks.push((addr, check));
+            }
+            backends.push(backend);
         }
         let workers = v.range("proxy.workers", self.workers, 0, 256);
         let workers = if workers == 0 {
@@ -588,21 +596,6 @@ impl ProxySection {
         let keepalive = v.millis("proxy.keepalive_ms", self.keepalive_ms, 0, 86_400_000);
         let warmup = v.millis("proxy.warmup_ms", self.warmup_ms, 0, 60_000);
         let busy_poll = v.range("proxy.busy_poll_us", self.busy_poll_us, 0, 1_000);
-        let checks = backends
-            .iter()
-            .filter(|b| b.check)
-            .map(|b| {
-                let path = b.check_http_path.as_ref().unwrap_or(&self.check_http_path);
-                let proxy_header = listeners
-                    .iter()
-                    .any(|l| l.proxy_protocol && b.serves(&l.request_type));
-                let check = Check {
-                    http_path: (!path.is_empty()).then(|| path.clone()),
-                    proxy_header,
-                };
-                (b.addr, check)
-            })
-            .collect();
         ProxyConfig {
             listeners,
             backends,

@@ -407,7 +407,7 @@ impl Future for Conn {
             let count = counting(&mut moved, &l.bytes_up, bm.map(|b| &b.bytes_up), logged);
             let last = this.down.is_done();
             if let Poll::Ready(Err(f)) = this.up.poll_forward(cx, client_r, backend_w, last, count) {
-                result = Some(Outcome::Error(f.side([Side::Client, Side::Backend]), f.error));
+                result = Some(Outcome::Error(f.side(0), f.error));
             }
         }
         if result.is_none() && !this.down.is_done() {
@@ -415,7 +415,7 @@ impl Future for Conn {
             let count = counting(&mut moved, &l.bytes_down, bm.map(|b| &b.bytes_down), logged);
             let last = this.up.is_done();
             if let Poll::Ready(Err(f)) = this.down.poll_forward(cx, backend_r, client_w, last, count) {
-                result = Some(Outcome::Error(f.side([Side::Backend, Side::Client]), f.error));
+                result = Some(Outcome::Error(f.side(1), f.error));
             }
         }
         if result.is_none() && this.up.is_done() && this.down.is_done() {

@@ -151,9 +151,13 @@ impl Fault {
         }
     }
 
-    /// The side it came from, the direction's sides being `[source, destination]`.
-    pub fn side(&self, sides: [Side; 2]) -> Side {
-        sides[usize::from(self.at_destination)]
+    /// The side it came from, on direction `d` (0: up, client to backend; 1: down).
+    pub fn side(&self, d: usize) -> Side {
+        if self.at_destination {
+            Side::destination_of(d)
+        } else {
+            Side::source_of(d)
+        }
     }
 }
 

@@ -27,7 +27,7 @@ pub struct ConnLimit {
 impl ConnLimit {
     /// Sets the limit (0: none), waking those waiting if it rose.
     pub fn set_max(&self, max: u32) {
-        let before = self.max.swap(max, Ordering::Relaxed);
+        let before = self.max.swap(max, Ordering::SeqCst);
         if max == 0 || (before != 0 && max > before) {
             self.freed.notify_waiters();
         }
@@ -35,9 +35,9 @@ impl ConnLimit {
 
     /// A place, if one is free (always, without a limit).
     pub fn try_take(self: &Arc<Self>) -> Option<Place> {
-        let max = self.max.load(Ordering::Relaxed);
+        let max = self.max.load(Ordering::SeqCst);
         self.open
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |open| {
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |open| {
                 (max == 0 || open < max).then_some(open + 1)
             })
             .ok()
@@ -58,10 +58,15 @@ impl ConnLimit {
         }
     }
 
-    /// A connection whose place was kept ([`Place::keep`]) has ended.
+    /// A connection whose place was kept ([`Place::keep`]) has ended. Only a limited listener can have
+    /// an accept waiting (`notify_waiters` takes a lock: not once per connection of every listener). All
+    /// in one order (SeqCst) with `try_take` and `set_max`: a take that found the listener full under a
+    /// new limit came after that limit's store and before this decrement, so this load sees the limit.
     pub fn release(&self) {
-        self.open.fetch_sub(1, Ordering::AcqRel);
-        self.freed.notify_waiters();
+        self.open.fetch_sub(1, Ordering::SeqCst);
+        if self.max.load(Ordering::SeqCst) != 0 {
+            self.freed.notify_waiters();
+        }
     }
 }
 
