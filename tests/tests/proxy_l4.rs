@@ -1338,6 +1338,58 @@ fn idle_connections_are_closed_and_counted(rt: &'static str) {
     });
 }
 
+/// A half-closed connection idle for `fin_timeout_ms` is closed (HAProxy's client-fin), logged as such and
+/// counted with the idle timeouts, while a connection open both ways keeps the longer `idle_timeout_ms`.
+fn half_closed_connections_time_out_after_the_fin_timeout(rt: &'static str) {
+    // Echoes until the client's end of stream, then holds its side open (the test keeps the socket).
+    let (tx, rx) = mpsc::channel::<TcpStream>();
+    let holder = backend(move |mut s| {
+        let mut buf = [0u8; 64];
+        while let Ok(n @ 1..) = s.read(&mut buf) {
+            s.write_all(&buf[..n]).unwrap();
+        }
+        let _ = tx.send(s);
+    });
+    let front = free_addr();
+    let lb = start_lb(
+        rt,
+        1000,
+        &format!(
+            "idle_timeout_ms = 60000
+fin_timeout_ms = 300
+{}log_connections = true
+{}",
+            listener("web", front),
+            backends(&[holder])
+        ),
+    );
+    // Open both ways, and idle from now on: it must outlive the half-closed one, which goes idle later.
+    let mut open = connect(front);
+    ping(&mut open, b"open");
+    let mut half = connect(front);
+    let me = half.local_addr().unwrap();
+    ping(&mut half, b"half");
+    half.shutdown(Shutdown::Write).unwrap();
+    let _held = rx.recv_timeout(T).unwrap();
+    let mut rest = Vec::new();
+    half.read_to_end(&mut rest).unwrap(); // returns only when the proxy closes it
+    assert!(rest.is_empty());
+    ping(&mut open, b"still open");
+    let line = eventually(T, "the half-closed connection's log line", || {
+        let log = lb.proc.stderr();
+        log.lines()
+            .find(|l| l.contains(&format!("client={me} ")))
+            .map(str::to_string)
+    });
+    assert!(line.contains("end=fin timeout"), "{line}");
+    let timeouts = metric_value(
+        &lb.metrics(),
+        "xcluster_lb_proxy_idle_timeouts_total",
+        "listener=\"web\"",
+    );
+    assert_eq!(timeouts, Some(1.0));
+}
+
 fn proxy_protocol_v2_header_names_the_client(rt: &'static str) {
     let (tx, rx) = mpsc::channel::<(Vec<u8>, Vec<u8>)>();
     let b = backend(move |mut s| {
@@ -2501,6 +2553,7 @@ per_runtime!(
     health_checks_mark_a_backend_down_and_up_without_traffic,
     every_backend_down_closes_the_client_promptly_and_counts_it,
     idle_connections_are_closed_and_counted,
+    half_closed_connections_time_out_after_the_fin_timeout,
     proxy_protocol_v2_header_names_the_client,
     accept_proxy_takes_the_client_from_its_header,
     allow_and_deny_keep_clients_out,

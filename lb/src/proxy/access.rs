@@ -21,6 +21,8 @@ pub enum End {
     Closed,
     /// No byte either way for `idle_timeout_ms`.
     Idle,
+    /// Half-closed, and no byte either way for `fin_timeout_ms` (HAProxy's client-fin and server-fin).
+    FinTimeout,
     /// A socket error (an OS error number) on the client's socket or the backend's; most often a reset by
     /// that side (HAProxy's `CD` and `SD`).
     Error(Side, i32),
@@ -52,6 +54,7 @@ impl fmt::Display for End {
         match self {
             Self::Closed => f.write_str("closed"),
             Self::Idle => f.write_str("idle timeout"),
+            Self::FinTimeout => f.write_str("fin timeout"),
             Self::Error(side, errno) => {
                 write!(f, "{side} error: {}", io::Error::from_raw_os_error(*errno))
             }

@@ -2,10 +2,11 @@
 //!
 //! Reloads live: `listeners` (added, removed or changed; established connections stay, and one changed on the
 //! same address keeps its sockets), `backends` (their weights, `backup` and `max_connections`),
-//! `connect_timeout_ms`, `idle_timeout_ms`, `connect_attempts`, `connect_retry_delay_ms`, `check_interval_ms`, `check_fall`,
-//! `check_rise`, `check_http_path`, `slow_start_ms`, `queue_timeout_ms`, `balance`, per-listener
-//! `proxy_protocol`, `accept_proxy`, `log_connections`, `max_connections`, `max_connections_per_client`,
-//! `max_connection_rate_per_client`, `connection_rate_period_ms`, `allow`, `deny` and `busy_poll_us`.
+//! `connect_timeout_ms`, `idle_timeout_ms`, `fin_timeout_ms`, `connect_attempts`, `connect_retry_delay_ms`,
+//! `check_interval_ms`, `check_fall`, `check_rise`, `check_http_path`, `slow_start_ms`, `queue_timeout_ms`,
+//! `balance`, per-listener `proxy_protocol`, `accept_proxy`, `log_connections`, `max_connections`,
+//! `max_connections_per_client`, `max_connection_rate_per_client`, `connection_rate_period_ms`, `allow`, `deny`
+//! and `busy_poll_us`.
 //! Needs a restart: `workers`, `runtime`, `forwarding`, `[proxy] max_connections`, `backlog`, `keepalive_ms`,
 //! `io_uring_buffers`. `warmup_ms` counts only at start.
 
@@ -50,6 +51,11 @@ pub struct ProxySection {
     pub connect_retry_delay_ms: u64,
     /// A connection with no byte in either direction for this long is closed. 0 disables.
     pub idle_timeout_ms: u64,
+    /// Once either side has closed its sending half (its FIN was passed on), the connection's idle timeout
+    /// becomes this (HAProxy's `timeout client-fin` and `server-fin`): a peer that half-closed and vanished
+    /// frees its place in seconds, not after `idle_timeout_ms`. 0: a half-closed connection keeps
+    /// `idle_timeout_ms`.
+    pub fin_timeout_ms: u64,
     /// Active health checks: every `[[proxy.backends]]` entry gets a TCP connect this often (timing out
     /// after `connect_timeout_ms`). 0 disables (failed client connects still hold a backend out).
     pub check_interval_ms: u64,
@@ -120,6 +126,7 @@ impl Default for ProxySection {
             connect_attempts: 3,
             connect_retry_delay_ms: 250,
             idle_timeout_ms: 300_000,
+            fin_timeout_ms: 0,
             check_interval_ms: 2_000,
             // HAProxy's defaults.
             check_fall: 3,
@@ -336,6 +343,8 @@ pub struct Timeouts {
     pub retry_delay: Duration,
     /// `None` when disabled.
     pub idle: Option<Duration>,
+    /// The idle timeout of a half-closed connection; `None`: it keeps `idle`.
+    pub fin: Option<Duration>,
     /// Active health checks of the configured backends; `None` when disabled.
     pub check_interval: Option<Duration>,
     /// How each configured backend is checked (those with `check = false` are not).
@@ -564,6 +573,7 @@ impl ProxySection {
             1_000,
         );
         let idle = v.millis("proxy.idle_timeout_ms", self.idle_timeout_ms, 0, 86_400_000);
+        let fin = v.millis("proxy.fin_timeout_ms", self.fin_timeout_ms, 0, 86_400_000);
         let check = v.millis("proxy.check_interval_ms", self.check_interval_ms, 0, 3_600_000);
         v.check(
             check.is_zero() || check >= Duration::from_millis(100),
@@ -607,6 +617,7 @@ impl ProxySection {
                 connect_attempts,
                 retry_delay,
                 idle: (!idle.is_zero()).then_some(idle),
+                fin: (!fin.is_zero()).then_some(fin),
                 check_interval: (!check.is_zero()).then_some(check),
                 checks,
                 check_fall,
@@ -733,6 +744,25 @@ mod tests {
         );
         let errs = parse("balance = \"leastconn\"\n").unwrap_err();
         assert!(errs.len() == 1 && errs[0].contains("balance"), "{errs:#?}");
+    }
+
+    #[test]
+    fn the_fin_timeout_is_unset_by_default_and_at_most_a_day() {
+        assert_eq!(parse("").unwrap().timeouts.fin, None);
+        let t = parse(
+            "fin_timeout_ms = 1500
+idle_timeout_ms = 0
+",
+        )
+        .unwrap()
+        .timeouts;
+        assert_eq!((t.fin, t.idle), (Some(Duration::from_millis(1500)), None));
+        let errs = parse(
+            "fin_timeout_ms = 86400001
+",
+        )
+        .unwrap_err();
+        assert!(errs.len() == 1 && errs[0].contains("fin_timeout_ms"), "{errs:#?}");
     }
 
     #[test]

@@ -209,7 +209,8 @@ pub fn serve(
                 let (backend, bm) = establish(&client, client_addrs, &mut active, &shared, &timeouts).await?;
                 let up = Direction::new(shared.forwarding);
                 let down = Direction::new(shared.forwarding);
-                Some(Conn::new(client, backend, bm, active, (up, down), timeouts.idle))
+                let limits = (timeouts.idle, timeouts.fin);
+                Some(Conn::new(client, backend, bm, active, (up, down), limits))
             }
             .instrument(span),
         ),
@@ -345,6 +346,8 @@ pub enum Outcome {
     Done,
     Error(Side, std::io::Error),
     Idle,
+    /// Half-closed, and idle for `fin_timeout_ms`.
+    FinTimeout,
 }
 
 pin_project! {
@@ -359,6 +362,9 @@ pin_project! {
         // Milliseconds after `start` of the last byte moved either way.
         last_ms: u64,
         idle: Duration,
+        // `fin_timeout_ms`, until the connection half-closes: then it replaces `idle` (and `finning` is set).
+        fin: Option<Duration>,
+        finning: bool,
         // Pushed forward lazily: activity only stamps `last_ms`, and the timer, when it fires, re-arms itself
         // for `last + idle`. One timer for the connection's life, never one per read.
         #[pin]
@@ -373,7 +379,7 @@ impl Conn {
         bm: Assigned,
         mut active: Active,
         (up, down): (Direction, Direction),
-        idle: Option<Duration>,
+        (idle, fin): (Option<Duration>, Option<Duration>),
     ) -> Self {
         active.set_backend(bm);
         let start = Instant::now();
@@ -387,6 +393,8 @@ impl Conn {
             start,
             last_ms: 0,
             idle,
+            fin,
+            finning: false,
             timer: tokio::time::sleep_until(tokio::time::Instant::from_std(start + idle)),
         }
     }
@@ -424,11 +432,26 @@ impl Future for Conn {
         if result.is_none() && moved {
             *this.last_ms = u64::try_from(this.start.elapsed().as_millis()).unwrap_or(u64::MAX);
         }
+        if result.is_none()
+            && (this.up.is_done() || this.down.is_done())
+            && let Some(fin) = this.fin.take()
+        {
+            // Half-closed: from now on the fin timeout counts, from the last byte, sooner or later than the
+            // timer is armed for.
+            *this.idle = fin;
+            *this.finning = true;
+            let due = *this.start + Duration::from_millis(*this.last_ms) + fin;
+            this.timer.as_mut().reset(tokio::time::Instant::from_std(due));
+        }
         while result.is_none() && this.timer.as_mut().poll(cx).is_ready() {
             let due = *this.start + Duration::from_millis(*this.last_ms) + *this.idle;
             if due <= Instant::now() {
                 l.idle_timeouts.increment(1);
-                result = Some(Outcome::Idle);
+                result = Some(if *this.finning {
+                    Outcome::FinTimeout
+                } else {
+                    Outcome::Idle
+                });
             } else {
                 this.timer.as_mut().reset(tokio::time::Instant::from_std(due));
             }
@@ -440,6 +463,7 @@ impl Future for Conn {
             Outcome::Done => End::Closed,
             Outcome::Error(side, e) => End::Error(*side, access::errno(e)),
             Outcome::Idle => End::Idle,
+            Outcome::FinTimeout => End::FinTimeout,
         };
         this.active.ended(end);
         Poll::Ready(outcome)

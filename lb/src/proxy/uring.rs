@@ -810,26 +810,36 @@ impl Loop {
                 self.arm_accept(i);
             }
         }
-        // One pass over the connections: byte counters and buffers held every tick; the idle timeout often
-        // enough that a connection outlives it by at most a quarter of it (and a second at most). 8,000
-        // connections take some tens of microseconds.
-        let idle_ms = self.shared.timeouts.load().idle.and_then(|idle| {
-            let ms = u32::try_from(idle.as_millis()).unwrap_or(u32::MAX);
+        // One pass over the connections: byte counters and buffers held every tick; the idle and fin timeouts
+        // often enough that a connection outlives its timeout by at most a quarter of the shorter one (and a
+        // second at most). 8,000 connections take some tens of microseconds.
+        let (idle_ms, fin_ms) = {
+            let t = self.shared.timeouts.load();
+            let ms = |d: Duration| u32::try_from(d.as_millis()).unwrap_or(u32::MAX);
+            (t.idle.map(ms), t.fin.map(ms))
+        };
+        let scan = idle_ms.into_iter().chain(fin_ms).min().is_some_and(|ms| {
             let every = (ms / 4).clamp(1, 1_000);
-            (self.now_ms.wrapping_sub(self.last_scan_ms) >= every).then_some(ms)
+            self.now_ms.wrapping_sub(self.last_scan_ms) >= every
         });
-        if idle_ms.is_some() {
+        if scan {
             self.last_scan_ms = self.now_ms;
         }
         let mut held = 0;
         for slot in 0..self.conns.len() {
             let Some(c) = &mut self.conns[slot] else { continue };
             c.flush_bytes();
-            let idle = idle_ms.is_some_and(|ms| self.now_ms.wrapping_sub(c.last_ms) >= ms);
-            if idle && !c.closing && c.connecting.is_none() {
+            // Half-closed once either source has ended: then `fin_timeout_ms` counts, if set.
+            let half = c.dirs[0].eof || c.dirs[1].eof;
+            let (limit, end) = match fin_ms {
+                Some(ms) if half => (Some(ms), End::FinTimeout),
+                _ => (idle_ms, End::Idle),
+            };
+            let expired = scan && limit.is_some_and(|ms| self.now_ms.wrapping_sub(c.last_ms) >= ms);
+            if expired && !c.closing && c.connecting.is_none() {
                 c.active.l.metrics.idle_timeouts.increment(1);
-                debug!(listener = %c.active.l.cfg.name, "idle timeout");
-                c.active.ended(End::Idle);
+                debug!(listener = %c.active.l.cfg.name, "{end}");
+                c.active.ended(end);
                 self.close(slot as u32);
             }
             // Counted after a close, which may have freed the slot and its buffers.
