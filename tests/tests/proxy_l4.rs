@@ -957,6 +957,48 @@ fn round_robin_takes_the_backends_in_turn() {
     lb.assert_web_counts(&[("connections_failed_total", 0.0)]);
 }
 
+/// One server may be in the pools of several request types with a weight in each (HAProxy lists a server in
+/// several backends): each listener's connections follow its own pool's weights.
+#[test]
+fn a_server_in_two_pools_takes_each_pools_weight() {
+    let (a, b) = (named(b"a"), named(b"b"));
+    let (browse, order) = (free_addr(), free_addr());
+    let pool = |ty: &str, wa: u32, wb: u32| {
+        format!(
+            "[[proxy.backends]]\naddr = \"{a}\"\nweight = {wa}\nrequest_types = [\"{ty}\"]\n\
+             [[proxy.backends]]\naddr = \"{b}\"\nweight = {wb}\nrequest_types = [\"{ty}\"]\n"
+        )
+    };
+    let lb = start_lb(
+        "io_uring",
+        1000,
+        &format!(
+            "balance = \"round_robin\"\ncheck_interval_ms = 0\n{}{}{}{}",
+            listener("browse", browse),
+            listener("order", order).replace("\"browse\"", "\"order\""),
+            pool("browse", 2, 1),
+            pool("order", 1, 2),
+        ),
+    );
+    let counts = |front: SocketAddr| {
+        let names: Vec<u8> = (0..9).map(|_| ask_name(&mut connect(front))).collect();
+        let count = |c: u8| names.iter().filter(|n| **n == c).count();
+        (count(b'a'), count(b'b'))
+    };
+    assert_eq!(counts(browse), (6, 3));
+    assert_eq!(counts(order), (3, 6));
+    let m = lb.metrics();
+    let weight = |addr: SocketAddr| {
+        metric_value(
+            &m,
+            "xcluster_lb_proxy_backend_weight",
+            &format!("backend=\"{addr}\""),
+        )
+    };
+    // One series per server: its highest weight.
+    assert_eq!((weight(a), weight(b)), (Some(2.0), Some(2.0)));
+}
+
 /// With `balance = "source"`, every connection of a client (here: a source address of 127.0.0.0/8) goes to
 /// the same backend, different clients spread over the backends, and a reload that removes one backend
 /// moves only the clients that were on it.

@@ -513,9 +513,6 @@ impl ProxySection {
             for t in &b.request_types {
                 check_name(v, &format!("{key}.request_types"), t);
             }
-            if backends.iter().any(|o| o.addr == addr) {
-                v.error(format!("{key}.addr"), format!("{addr} is listed twice"));
-            }
             if let Some(path) = &b.check_http_path {
                 check_path(v, &format!("{key}.check_http_path"), path);
             }
@@ -526,16 +523,56 @@ impl ProxySection {
                 backup: b.backup,
                 max_connections,
             };
-            if b.check {
+            let check = b.check.then(|| {
                 let path = b.check_http_path.as_ref().unwrap_or(&self.check_http_path);
                 let proxy_header = listeners
                     .iter()
                     .any(|l| l.proxy_protocol && backend.serves(&l.request_type));
-                let check = Check {
+                Check {
                     http_path: (!path.is_empty()).then(|| path.clone()),
                     proxy_header,
-                };
-                checks.push((addr, check));
+                }
+            });
+            match backends.iter().position(|o| o.addr == addr) {
+                None => checks.extend(check.map(|c| (addr, c))),
+                // The same server in another pool (HAProxy lists a server in several backends), with its own
+                // weight and `backup` there: one server, so one connection limit and one health check.
+                Some(j) => {
+                    let other = &backends[j];
+                    let shared = |t: &String| other.serves(t);
+                    v.check(
+                        !b.request_types.is_empty()
+                            && !other.request_types.is_empty()
+                            && !b.request_types.iter().any(shared),
+                        &format!("{key}.addr"),
+                        || {
+                            format!(
+                                "{addr} is listed in proxy.backends[{j}] too: an address may be in several \
+                                 entries only with disjoint, non-empty request_types"
+                            )
+                        },
+                    );
+                    v.check(
+                        max_connections == other.max_connections,
+                        &format!("{key}.max_connections"),
+                        || format!("{max_connections} differs from proxy.backends[{j}] of the same address"),
+                    );
+                    let earlier = checks.iter_mut().find(|(a, _)| *a == addr).map(|(_, c)| c);
+                    let same = match (earlier, check) {
+                        (None, None) => true,
+                        (Some(e), Some(c)) => {
+                            // Headers go to the server if any of its pools' listeners sends them.
+                            e.proxy_header |= c.proxy_header;
+                            e.http_path == c.http_path
+                        }
+                        _ => false,
+                    };
+                    v.check(same, &format!("{key}.check"), || {
+                        format!(
+                            "check and check_http_path differ from proxy.backends[{j}] of the same address"
+                        )
+                    });
+                }
             }
             backends.push(backend);
         }
@@ -744,6 +781,49 @@ mod tests {
         );
         let errs = parse("balance = \"leastconn\"\n").unwrap_err();
         assert!(errs.len() == 1 && errs[0].contains("balance"), "{errs:#?}");
+    }
+
+    #[test]
+    fn an_address_may_be_in_several_pools_of_disjoint_types() {
+        let entry = |types: &str, extra: &str| {
+            format!("[[backends]]\naddr = \"127.0.0.1:9000\"\nrequest_types = [{types}]\n{extra}")
+        };
+        let two = |first: String, second: String| parse(&format!("{first}{second}"));
+        let cfg = two(
+            entry("\"a\"", "weight = 3\n"),
+            entry("\"b\", \"c\"", "weight = 1\nbackup = true\n"),
+        )
+        .unwrap();
+        assert_eq!(cfg.backends.len(), 2);
+        assert_eq!(
+            cfg.timeouts.checks.len(),
+            1,
+            "one server, one check: {:?}",
+            cfg.timeouts.checks
+        );
+        let refused = |first: String, second: String, key: &str| {
+            let errs = two(first, second).unwrap_err();
+            assert!(errs.len() == 1 && errs[0].contains(key), "{errs:#?}");
+        };
+        // A type in both pools, or a pool of every type, would make the entries compete.
+        refused(entry("\"a\"", ""), entry("\"b\", \"a\"", ""), "backends[1].addr");
+        refused(entry("\"a\"", ""), entry("", ""), "backends[1].addr");
+        // One server: one limit and one health check.
+        refused(
+            entry("\"a\"", ""),
+            entry("\"b\"", "max_connections = 5\n"),
+            "backends[1].max_connections",
+        );
+        refused(
+            entry("\"a\"", ""),
+            entry("\"b\"", "check = false\n"),
+            "backends[1].check",
+        );
+        refused(
+            entry("\"a\"", ""),
+            entry("\"b\"", "check_http_path = \"/readyz\"\n"),
+            "backends[1].check",
+        );
     }
 
     #[test]

@@ -295,28 +295,34 @@ impl Shared {
     }
 }
 
-/// The metric handles of `cfg`'s backends, their `backup` and `max_connections` gauges set. A backend in
-/// `old` keeps its handles, so its count of open connections stays true across a reload.
+/// The metric handles of `cfg`'s backends, their `backup`, `weight` and `max_connections` gauges set. A
+/// backend in `old` keeps its handles, so its count of open connections stays true across a reload. An
+/// address in several entries (pools of different types) has one set: its highest weight (0 only when
+/// drained in every pool), and `backup` only when it is one in every pool.
 fn backend_handles(
     cfg: &ProxyConfig,
     old: &HashMap<SocketAddr, Arc<BackendMetrics>>,
     queue: &Arc<Queue>,
 ) -> HashMap<SocketAddr, Arc<BackendMetrics>> {
-    cfg.backends
-        .iter()
-        .map(|b| {
-            metrics::gauge!(BACKEND_BACKUP, "backend" => b.addr.to_string())
-                .set(f64::from(u8::from(b.backup)));
-            metrics::gauge!(BACKEND_MAX_CONNECTIONS, "backend" => b.addr.to_string())
-                .set(f64::from(b.max_connections));
-            metrics::gauge!(BACKEND_CONFIGURED, "backend" => b.addr.to_string()).set(1.0);
-            metrics::gauge!(BACKEND_WEIGHT, "backend" => b.addr.to_string()).set(f64::from(b.weight));
-            let bm = (old.get(&b.addr).cloned())
-                .unwrap_or_else(|| Arc::new(BackendMetrics::new(b.addr, Some(queue.clone()))));
-            bm.max.store(u64::from(b.max_connections), Ordering::Relaxed);
-            (b.addr, bm)
-        })
-        .collect()
+    let mut map = HashMap::with_capacity(cfg.backends.len());
+    for (i, b) in cfg.backends.iter().enumerate() {
+        if map.contains_key(&b.addr) {
+            continue;
+        }
+        let pools = || cfg.backends[i..].iter().filter(|o| o.addr == b.addr);
+        let weight = pools().map(|o| o.weight).max().unwrap_or(b.weight);
+        let backup = pools().all(|o| o.backup);
+        let name = b.addr.to_string();
+        metrics::gauge!(BACKEND_BACKUP, "backend" => name.clone()).set(f64::from(u8::from(backup)));
+        metrics::gauge!(BACKEND_MAX_CONNECTIONS, "backend" => name.clone()).set(f64::from(b.max_connections));
+        metrics::gauge!(BACKEND_CONFIGURED, "backend" => name.clone()).set(1.0);
+        metrics::gauge!(BACKEND_WEIGHT, "backend" => name).set(f64::from(weight));
+        let bm = (old.get(&b.addr).cloned())
+            .unwrap_or_else(|| Arc::new(BackendMetrics::new(b.addr, Some(queue.clone()))));
+        bm.max.store(u64::from(b.max_connections), Ordering::Relaxed);
+        map.insert(b.addr, bm);
+    }
+    map
 }
 
 /// One listener as its accept loops and connections see it.
