@@ -337,7 +337,8 @@ fn check_proxy_types(v: &mut Validator, proxy: &crate::proxy::config::ProxyConfi
                 v.error(
                     format!("proxy.backends[{i}].request_types"),
                     format!(
-                        "no listener has type {ty:?} (listeners' types: {})",
+                        "no listener has type {ty:?} (listeners' types: {}); a misspelling, or a listener \
+                         removed: drop the type from its backends in the same save",
                         proxy
                             .listeners
                             .iter()
