@@ -1180,6 +1180,55 @@ fn a_backend_takes_its_own_check_or_none() {
     }
 }
 
+/// With `check_send` and `check_expect` (HAProxy's `tcp-check send` / `expect string`), a server that
+/// accepts connections but answers the check wrongly is held out, while one that answers `+PONG` is not;
+/// a connect alone would pass both.
+#[test]
+fn a_send_expect_check_holds_out_a_server_that_answers_wrongly() {
+    // Answers `reply` to each `PING` line, as a Redis server would (`-LOADING` while it loads its data).
+    let redis = |reply: &'static [u8]| {
+        backend(move |mut s| {
+            let mut buf = [0u8; 64];
+            while let Ok(1..) = s.read(&mut buf) {
+                if s.write_all(reply).is_err() {
+                    return;
+                }
+            }
+        })
+    };
+    let (up, loading) = (redis(b"+PONG\r\n"), redis(b"-LOADING Redis is loading\r\n"));
+    let front = free_addr();
+    let proxy = format!(
+        "check_interval_ms = 100\ncheck_fall = 1\ncheck_send = \"PING\\r\\n\"\ncheck_expect = \"+PONG\"\n{}{}",
+        listener("web", front),
+        backends(&[up, loading])
+    );
+    let lb = start_lb("io_uring", 1000, &proxy);
+    let value = |m: &str, metric: &str, b: SocketAddr| {
+        metric_value(m, metric, &format!("backend=\"{b}\"")).unwrap_or(0.0)
+    };
+    let failing = "xcluster_lb_proxy_backend_failing";
+    let check_failures = "xcluster_lb_proxy_backend_check_failures_total";
+    let m = eventually(T, "the loading server's check to fail three times", || {
+        let m = lb.metrics();
+        (value(&m, check_failures, loading) >= 3.0).then_some(m)
+    });
+    assert_eq!(value(&m, failing, loading), 1.0, "{m}");
+    assert_eq!(
+        (value(&m, failing, up), value(&m, check_failures, up)),
+        (0.0, 0.0),
+        "{m}"
+    );
+    // Clients go to the server that answers.
+    for _ in 0..10 {
+        let mut s = connect(front);
+        s.write_all(b"PING\r\n").unwrap();
+        let mut got = [0u8; 7];
+        s.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"+PONG\r\n");
+    }
+}
+
 /// With `log_connections = true`, each connection on that listener leaves one line when it ends: client,
 /// backend, tries, bytes each way and how it ended; a listener without it logs nothing.
 fn connections_are_logged_where_the_listener_asks(rt: &'static str) {

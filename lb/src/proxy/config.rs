@@ -86,6 +86,13 @@ pub struct ProxySection {
     /// a backend that a listener with `proxy_protocol` routes to gets a PROXY v2 `LOCAL` header first (as
     /// with HAProxy's `check-send-proxy`), since it expects one on every connection.
     pub check_http_path: String,
+    /// With health checks on: instead of the bare connect, send these bytes (may be empty: a server that
+    /// speaks first, such as SMTP's `220` banner) and pass only if `check_expect` appears within the first
+    /// 4 KiB of the answer, as HAProxy's `tcp-check send` and `tcp-check expect string`; for services that
+    /// speak no HTTP (Redis: `"PING\r\n"` and `"+PONG"`). Needs `check_expect`; not with `check_http_path`.
+    /// At most 1,024 bytes each.
+    pub check_send: String,
+    pub check_expect: String,
     /// Concurrent proxied connections, over all listeners; a permit is taken before `accept`, once a client
     /// is queued.
     pub max_connections: usize,
@@ -135,6 +142,8 @@ impl Default for ProxySection {
             slow_start_ms: 0,
             queue_timeout_ms: 0,
             check_http_path: String::new(),
+            check_send: String::new(),
+            check_expect: String::new(),
             max_connections: 20_000,
             backlog: 4096,
             keepalive_ms: 60_000,
@@ -231,6 +240,10 @@ pub struct BackendRaw {
     /// bare connect. Unset: the `[proxy]` one. So a pool can mix XBuy instances (`/readyz`) and services that
     /// speak no HTTP.
     pub check_http_path: Option<String>,
+    /// Its own `check_send` and `check_expect`. A backend that sets any of its three check keys is checked
+    /// by them alone (the `[proxy]` ones do not mix in).
+    pub check_send: Option<String>,
+    pub check_expect: Option<String>,
 }
 
 impl Default for BackendRaw {
@@ -243,6 +256,8 @@ impl Default for BackendRaw {
             max_connections: 0,
             check: true,
             check_http_path: None,
+            check_send: None,
+            check_expect: None,
         }
     }
 }
@@ -327,11 +342,22 @@ impl BackendConfig {
 /// How one backend is checked.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Check {
-    /// The path an HTTP check asks for; `None` for a TCP connect alone.
-    pub http_path: Option<String>,
+    /// What is asked once connected.
+    pub probe: Probe,
     /// The check opens with a PROXY v2 `LOCAL` header: a listener with `proxy_protocol` routes to the
     /// backend, which so expects one on every connection.
     pub proxy_header: bool,
+}
+
+/// What a health check asks of a backend once connected.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Probe {
+    /// Nothing: the connect alone.
+    Connect,
+    /// `GET` this path; 2xx or 3xx passes.
+    Http(String),
+    /// Send `send` (maybe nothing), then `expect` must appear within the first 4 KiB of the answer.
+    Expect { send: Vec<u8>, expect: Vec<u8> },
 }
 
 /// Settings that reload live: each connection's, and the health checks'.
@@ -396,6 +422,41 @@ fn nets(v: &mut Validator, key: &str, entries: &[String]) -> Vec<Net> {
             }
         })
         .collect()
+}
+
+/// The most bytes of `check_send` and of `check_expect`.
+const CHECK_BYTES_MAX: usize = 1024;
+
+/// The probe of the check keys `path`, `send` and `expect` of `key` (`proxy` or a backend's): HTTP with a
+/// path, send/expect with an `expect`, else the bare connect. Both, or a `send` without an `expect`, are
+/// errors.
+fn probe(v: &mut Validator, key: &str, path: &str, send: &str, expect: &str) -> Probe {
+    check_path(v, &format!("{key}.check_http_path"), path);
+    for (name, s) in [("check_send", send), ("check_expect", expect)] {
+        v.check(s.len() <= CHECK_BYTES_MAX, &format!("{key}.{name}"), || {
+            format!("{} bytes, at most {CHECK_BYTES_MAX}", s.len())
+        });
+    }
+    v.check(
+        send.is_empty() || !expect.is_empty(),
+        &format!("{key}.check_send"),
+        || "needs check_expect: what the answer must hold".into(),
+    );
+    v.check(
+        path.is_empty() || expect.is_empty(),
+        &format!("{key}.check_expect"),
+        || "not with check_http_path: a check is either HTTP or send/expect".into(),
+    );
+    if !expect.is_empty() {
+        Probe::Expect {
+            send: send.as_bytes().to_vec(),
+            expect: expect.as_bytes().to_vec(),
+        }
+    } else if !path.is_empty() {
+        Probe::Http(path.to_string())
+    } else {
+        Probe::Connect
+    }
 }
 
 /// An HTTP check's path: empty (the bare connect) or a path starting with `/`, at most 1024 visible ASCII
@@ -500,6 +561,13 @@ impl ProxySection {
         let mut backends: Vec<BackendConfig> = Vec::new();
         // How each is checked: worked out here, once per (re)load, for the health-check task.
         let mut checks = Vec::new();
+        let global_probe = probe(
+            v,
+            "proxy",
+            &self.check_http_path,
+            &self.check_send,
+            &self.check_expect,
+        );
         for (i, b) in self.backends.iter().enumerate() {
             let key = format!("proxy.backends[{i}]");
             let addr = v.addr(&format!("{key}.addr"), &b.addr);
@@ -513,9 +581,14 @@ impl ProxySection {
             for t in &b.request_types {
                 check_name(v, &format!("{key}.request_types"), t);
             }
-            if let Some(path) = &b.check_http_path {
-                check_path(v, &format!("{key}.check_http_path"), path);
-            }
+            let own = b.check_http_path.is_some() || b.check_send.is_some() || b.check_expect.is_some();
+            let probe = if own {
+                let (path, send, expect) = (&b.check_http_path, &b.check_send, &b.check_expect);
+                let text = |o: &Option<String>| o.clone().unwrap_or_default();
+                probe(v, &key, &text(path), &text(send), &text(expect))
+            } else {
+                global_probe.clone()
+            };
             let backend = BackendConfig {
                 addr,
                 weight,
@@ -523,15 +596,11 @@ impl ProxySection {
                 backup: b.backup,
                 max_connections,
             };
-            let check = b.check.then(|| {
-                let path = b.check_http_path.as_ref().unwrap_or(&self.check_http_path);
-                let proxy_header = listeners
+            let check = b.check.then(|| Check {
+                probe,
+                proxy_header: listeners
                     .iter()
-                    .any(|l| l.proxy_protocol && backend.serves(&l.request_type));
-                Check {
-                    http_path: (!path.is_empty()).then(|| path.clone()),
-                    proxy_header,
-                }
+                    .any(|l| l.proxy_protocol && backend.serves(&l.request_type)),
             });
             match backends.iter().position(|o| o.addr == addr) {
                 None => checks.extend(check.map(|c| (addr, c))),
@@ -563,13 +632,14 @@ impl ProxySection {
                         (Some(e), Some(c)) => {
                             // Headers go to the server if any of its pools' listeners sends them.
                             e.proxy_header |= c.proxy_header;
-                            e.http_path == c.http_path
+                            e.probe == c.probe
                         }
                         _ => false,
                     };
                     v.check(same, &format!("{key}.check"), || {
                         format!(
-                            "check and check_http_path differ from proxy.backends[{j}] of the same address"
+                            "its checks (check, check_http_path, check_send, check_expect) differ from proxy.backends[{j}] of \
+                             the same address"
                         )
                     });
                 }
@@ -631,7 +701,6 @@ impl ProxySection {
                 ("source", Balance::Source),
             ],
         );
-        check_path(v, "proxy.check_http_path", &self.check_http_path);
         let max_connections = v.range("proxy.max_connections", self.max_connections, 1, 1_000_000);
         let backlog = v.range("proxy.backlog", self.backlog, 1, 65_535);
         let io_uring_buffers = v.range("proxy.io_uring_buffers", self.io_uring_buffers, 1, 32_768);
@@ -894,10 +963,10 @@ idle_timeout_ms = 0
     #[test]
     fn an_http_check_path_is_a_plain_absolute_path() {
         let backend = "[[backends]]\naddr = \"127.0.0.1:9001\"\n";
-        let path = |cfg: &ProxyConfig| cfg.timeouts.checks[0].1.http_path.clone();
+        let probe = |cfg: &ProxyConfig| cfg.timeouts.checks[0].1.probe.clone();
         let cfg = parse(&format!("check_http_path = \"/readyz\"\n{backend}")).unwrap();
-        assert_eq!(path(&cfg).as_deref(), Some("/readyz"));
-        assert_eq!(path(&parse(backend).unwrap()), None);
+        assert_eq!(probe(&cfg), Probe::Http("/readyz".into()));
+        assert_eq!(probe(&parse(backend).unwrap()), Probe::Connect);
         for bad in ["readyz", "/a b", "/a\\r\\nHost: x"] {
             let errs = parse(&format!("check_http_path = \"{bad}\"\n")).unwrap_err();
             assert!(
@@ -1013,16 +1082,74 @@ idle_timeout_ms = 0
             "#,
         )
         .unwrap();
-        let paths: Vec<(u16, Option<&str>)> = cfg
+        let probes: Vec<(u16, &Probe)> = cfg
             .timeouts
             .checks
             .iter()
-            .map(|(a, c)| (a.port(), c.http_path.as_deref()))
+            .map(|(a, c)| (a.port(), &c.probe))
             .collect();
+        let http = |p: &str| Probe::Http(p.into());
         assert_eq!(
-            paths,
-            [(9001, Some("/readyz")), (9002, None), (9003, Some("/health"))],
+            probes,
+            [
+                (9001, &http("/readyz")),
+                (9002, &Probe::Connect),
+                (9003, &http("/health"))
+            ],
             "9004 is not checked"
+        );
+    }
+
+    #[test]
+    fn a_send_expect_check_needs_its_expect_and_is_its_own() {
+        let cfg = parse(
+            r#"
+            check_send = "PING\r\n"
+            check_expect = "+PONG"
+            [[backends]]
+            addr = "127.0.0.1:9001"
+            [[backends]]
+            addr = "127.0.0.1:9002"
+            check_expect = "220 "
+            [[backends]]
+            addr = "127.0.0.1:9003"
+            check_http_path = "/readyz"
+            "#,
+        )
+        .unwrap();
+        let probes: Vec<&Probe> = cfg.timeouts.checks.iter().map(|(_, c)| &c.probe).collect();
+        let expect = |send: &[u8], expect: &[u8]| Probe::Expect {
+            send: send.to_vec(),
+            expect: expect.to_vec(),
+        };
+        // A backend's own keys replace the [proxy] ones whole: 9002 sends nothing, 9003 is HTTP alone.
+        assert_eq!(
+            probes,
+            [
+                &expect(b"PING\r\n", b"+PONG"),
+                &expect(b"", b"220 "),
+                &Probe::Http("/readyz".into())
+            ]
+        );
+        for (bad, key) in [
+            ("check_send = \"PING\"\n", "proxy.check_send"),
+            (
+                "check_expect = \"+PONG\"\ncheck_http_path = \"/readyz\"\n",
+                "proxy.check_expect",
+            ),
+            (
+                "[[backends]]\naddr = \"127.0.0.1:9001\"\ncheck_send = \"x\"\n",
+                "proxy.backends[0].check_send",
+            ),
+        ] {
+            let errs = parse(bad).unwrap_err();
+            assert!(errs.len() == 1 && errs[0].contains(key), "{bad}: {errs:#?}");
+        }
+        let long = "x".repeat(1025);
+        let errs = parse(&format!("check_expect = \"{long}\"\n")).unwrap_err();
+        assert!(
+            errs.len() == 1 && errs[0].contains("proxy.check_expect"),
+            "{errs:#?}"
         );
     }
 

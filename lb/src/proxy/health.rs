@@ -2,7 +2,9 @@
 //! after it do not each pay a refused or timed-out connect before their redispatch. Failed connects come
 //! from clients' connections (passive, like HAProxy's `observe layer4` with `on-error mark-down`) and from
 //! the active checks of the configured backends (`check_interval_ms`, like HAProxy's `check`; with
-//! `check_http_path`, an HTTP request whose status must be 2xx or 3xx, like `option httpchk`).
+//! `check_http_path`, an HTTP request whose status must be 2xx or 3xx, like `option httpchk`; with
+//! `check_send` and `check_expect`, bytes sent and a string the answer must hold, like `tcp-check send` and
+//! `tcp-check expect string`, for services that speak no HTTP).
 //!
 //! The hold is 1 s after one failure and doubles with each failure in a row, up to 30 s. A client's failed
 //! connect holds the backend out at once, and the first connect that succeeds, a client's or a check's, ends
@@ -30,6 +32,8 @@ use arc_swap::ArcSwap;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use xcluster_proto::proxy_header::encode_v2_local;
+
+use super::config::Probe;
 
 /// The hold after the first failure in a row.
 const FIRST_HOLD: Duration = Duration::from_secs(1);
@@ -284,16 +288,58 @@ impl CheckStreaks {
 /// The most of an HTTP check's answer read: its status line must fit.
 const STATUS_LINE_MAX: usize = 512;
 
+/// The most of a send/expect check's answer read for its expected bytes.
+const EXPECT_WINDOW: usize = 4096;
+
 /// One health check of `addr`: a TCP connect, then with `proxy_header` a PROXY v2 `LOCAL` header (for a
-/// backend that expects one on every connection, and would take the request for a bad header), then with
-/// `http_path` a `GET` whose status must be 2xx or 3xx. The caller bounds it with the connect timeout. The
-/// error says what failed, for the log.
-pub async fn check(addr: SocketAddr, proxy_header: bool, http_path: Option<&str>) -> Result<(), String> {
+/// backend that expects one on every connection, and would take the request for a bad header), then what
+/// `probe` asks. The caller bounds it with the connect timeout. The error says what failed, for the log.
+pub async fn check(addr: SocketAddr, proxy_header: bool, probe: &Probe) -> Result<(), String> {
     let mut s = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
     if proxy_header {
         s.write_all(&encode_v2_local()).await.map_err(|e| e.to_string())?;
     }
-    let Some(path) = http_path else { return Ok(()) };
+    match probe {
+        Probe::Connect => Ok(()),
+        Probe::Http(path) => http(&mut s, addr, path).await,
+        Probe::Expect { send, expect } => {
+            s.write_all(send).await.map_err(|e| e.to_string())?;
+            expect_in(&mut s, expect).await
+        }
+    }
+}
+
+/// Reads the answer until `expect` appears in its first [`EXPECT_WINDOW`] bytes.
+async fn expect_in(s: &mut TcpStream, expect: &[u8]) -> Result<(), String> {
+    if expect.is_empty() {
+        return Ok(());
+    }
+    let mut buf = vec![0u8; EXPECT_WINDOW];
+    let mut n: usize = 0;
+    loop {
+        // Only the window the last read could have completed is searched again.
+        let from = n.saturating_sub(expect.len());
+        match s.read(&mut buf[n..]).await.map_err(|e| e.to_string())? {
+            0 => return Err(format!("closed without {}", shown(expect))),
+            m => n += m,
+        }
+        if buf[from..n].windows(expect.len()).any(|w| w == expect) {
+            return Ok(());
+        }
+        if n == buf.len() {
+            return Err(format!("no {} in the first {EXPECT_WINDOW} bytes", shown(expect)));
+        }
+    }
+}
+
+/// Bytes for the log: printable ASCII as is, the rest escaped, at most 60 characters.
+fn shown(bytes: &[u8]) -> String {
+    let text: String = bytes.escape_ascii().to_string();
+    format!("\"{}\"", text.chars().take(60).collect::<String>())
+}
+
+/// An HTTP check: `GET path`, whose status must be 2xx or 3xx.
+async fn http(s: &mut TcpStream, addr: SocketAddr, path: &str) -> Result<(), String> {
     let req = format!(
         "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: xcluster-check\r\nConnection: close\r\n\r\n"
     );
@@ -528,15 +574,80 @@ mod tests {
         async fn within<F: Future>(f: F) -> F::Output {
             tokio::time::timeout(Duration::from_secs(10), f).await.unwrap()
         }
-        assert_eq!(within(check(addr, true, Some("/readyz"))).await, Ok(()));
+        let readyz = Probe::Http("/readyz".into());
+        assert_eq!(within(check(addr, true, &readyz)).await, Ok(()));
         assert_eq!(
-            within(check(addr, false, Some("/readyz"))).await,
+            within(check(addr, false, &readyz)).await,
             Err("closed before an HTTP status line".into())
         );
-        assert_eq!(within(check(addr, true, None)).await, Ok(()));
+        assert_eq!(within(check(addr, true, &Probe::Connect)).await, Ok(()));
         let seen = within(backend).await.unwrap();
         assert!(seen[0].0 && !seen[1].0 && seen[1].1 > 0, "{seen:?}");
         assert_eq!(seen[2], (true, 0), "a TCP check sends the header alone");
+    }
+
+    /// A send/expect check passes only when the answer holds the expected bytes, wherever they fall within
+    /// the window and however the answer is split; a wrong answer, a close, or bytes past the window fail.
+    #[tokio::test]
+    async fn a_send_expect_check_passes_only_on_the_expected_answer() {
+        use tokio::net::TcpListener;
+        // Answers each connection with the chunks of the next script, after reading what the check sends.
+        let scripts: Vec<(&[u8], Vec<Vec<u8>>)> = vec![
+            (b"PING\r\n", vec![b"+PO".to_vec(), b"NG\r\n".to_vec()]),
+            (b"PING\r\n", vec![b"-ERR unknown\r\n".to_vec()]),
+            (b"", vec![b"220 mail ready\r\n".to_vec()]),
+            (b"PING\r\n", vec![vec![b'x'; 5000], b"+PONG".to_vec()]),
+            (b"PING\r\n", vec![]),
+        ];
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let answers: Vec<Vec<Vec<u8>>> = scripts.iter().map(|(_, a)| a.clone()).collect();
+        let backend = tokio::spawn(async move {
+            let mut asked = Vec::new();
+            for chunks in answers {
+                let (mut s, _) = l.accept().await.unwrap();
+                let mut got = vec![0u8; 64];
+                let n = if chunks.first().is_some_and(|c| c.starts_with(b"220")) {
+                    0 // speaks first, as an SMTP server does
+                } else {
+                    s.read(&mut got).await.unwrap()
+                };
+                asked.push(got[..n].to_vec());
+                for c in chunks {
+                    if s.write_all(&c).await.is_err() {
+                        break;
+                    }
+                    s.flush().await.unwrap();
+                }
+            }
+            asked
+        });
+        let probe = |send: &[u8], expect: &[u8]| Probe::Expect {
+            send: send.to_vec(),
+            expect: expect.to_vec(),
+        };
+        let within = |p: Probe| async move {
+            tokio::time::timeout(Duration::from_secs(10), check(addr, false, &p))
+                .await
+                .unwrap()
+        };
+        assert_eq!(within(probe(b"PING\r\n", b"+PONG")).await, Ok(()));
+        assert_eq!(
+            within(probe(b"PING\r\n", b"+PONG")).await,
+            Err("closed without \"+PONG\"".into())
+        );
+        assert_eq!(within(probe(b"", b"220 ")).await, Ok(()));
+        assert_eq!(
+            within(probe(b"PING\r\n", b"+PONG")).await,
+            Err("no \"+PONG\" in the first 4096 bytes".into())
+        );
+        assert_eq!(
+            within(probe(b"PING\r\n", b"\r\n")).await,
+            Err("closed without \"\\r\\n\"".into())
+        );
+        let asked = backend.await.unwrap();
+        let sent: Vec<&[u8]> = scripts.iter().map(|(s, _)| *s).collect();
+        assert_eq!(asked, sent);
     }
 
     #[test]
