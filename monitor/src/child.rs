@@ -287,6 +287,15 @@ fn explain(e: std::io::Error, prog: &str, dir: Option<&std::path::Path>) -> std:
     std::io::Error::new(e.kind(), format!("{what}: {e}"))
 }
 
+/// Whether `sig` stops a process rather than asking it to end (a `stopsignal` of these is followed by no
+/// SIGCONT, which would undo it).
+pub fn stops_the_process(sig: Signal) -> bool {
+    matches!(
+        sig,
+        Signal::SIGSTOP | Signal::SIGTSTP | Signal::SIGTTIN | Signal::SIGTTOU
+    )
+}
+
 /// Sends `sig` to the whole process group led by `pid`.
 pub fn signal_group(pid: u32, sig: Signal) -> nix::Result<()> {
     if pid == 0 {

@@ -586,6 +586,11 @@ impl Supervisor {
             Action::SignalStop => {
                 if let Err(e) = child::signal_group(p.pid, p.spec.stopsignal) {
                     warn!(program = name, pid = p.pid, error = %e, "cannot signal");
+                } else if !child::stops_the_process(p.spec.stopsignal) {
+                    // As systemd does: a stopped process (SIGSTOP, Ctrl-Z) acts on its stop signal only once
+                    // continued. Without this it waited for the SIGKILL after stopwaitsecs, holding what it
+                    // held (an app's SQLite write lock stalled every other instance's writes all that time).
+                    let _ = child::signal_group(p.pid, nix::sys::signal::Signal::SIGCONT);
                 }
             }
             Action::Kill => {

@@ -138,6 +138,42 @@ fn stopwaitsecs_escalates_to_sigkill_for_a_child_ignoring_sigterm() {
     eventually(T, "the process reaped", || (!exists(pid)).then_some(()));
 }
 
+/// A program stopped with SIGSTOP gets its stop signal and a SIGCONT, so it ends by its own TERM handling
+/// rather than by SIGKILL once `stopwaitsecs` (here far longer than the test's wait) runs out.
+#[test]
+fn a_stopped_program_is_continued_to_take_its_stop_signal() {
+    let m = Mon::start(
+        r#"
+[programs.polite]
+command = "/bin/sh -c 'trap \"echo bye; exit 7\" TERM; echo trapped; while :; do sleep 0.1; done'"
+startsecs = 0
+stopwaitsecs = 3600
+autorestart = false
+"#,
+    );
+    m.wait_state("polite", "RUNNING", T);
+    eventually(T, "the TERM trap installed", || {
+        let r = get(m.addr, "/v1/programs/polite/log?stream=stdout&bytes=4096").ok()?;
+        r.body.contains("trapped").then_some(())
+    });
+    let pid = m.pid("polite").unwrap();
+    nix::sys::signal::killpg(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGSTOP,
+    )
+    .unwrap();
+    eventually(T, "the program stopped", || {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        let state = stat.rsplit(')').next()?.split_whitespace().next()?.to_string();
+        (state == "T").then_some(())
+    });
+    let r = m.post("/v1/programs/polite/stop");
+    assert_eq!(r.status, 200, "{}", r.body);
+    let p = m.wait_state("polite", "STOPPED", T);
+    assert_eq!(p["exit_code"], 7, "{p}");
+    eventually(T, "the process reaped", || (!exists(pid)).then_some(()));
+}
+
 #[test]
 fn the_last_of_stop_start_and_restart_wins_while_a_stop_is_under_way() {
     let m = stubborn(3);
