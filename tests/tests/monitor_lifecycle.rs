@@ -157,11 +157,7 @@ autorestart = false
         r.body.contains("trapped").then_some(())
     });
     let pid = m.pid("polite").unwrap();
-    nix::sys::signal::killpg(
-        nix::unistd::Pid::from_raw(pid as i32),
-        nix::sys::signal::Signal::SIGSTOP,
-    )
-    .unwrap();
+    nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGSTOP).unwrap();
     eventually(T, "the program stopped", || {
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
         let state = stat.rsplit(')').next()?.split_whitespace().next()?.to_string();
