@@ -110,15 +110,19 @@ stopwaitsecs = {stopwaitsecs}
 "#
     ));
     m.wait_state("stubborn", "RUNNING", T);
-    trapped(&m, 1);
+    trapped(&m, "stubborn", 1);
     m
 }
 
-/// Waits until `stubborn` has printed `trapped` `n` times in all: a stop sent before the shell has set its
+/// Waits until `program` has printed `trapped` `n` times in all: a stop sent before the shell has set its
 /// trap would end it at once.
-fn trapped(m: &Mon, n: usize) {
+fn trapped(m: &Mon, program: &str, n: usize) {
     eventually(T, "the TERM trap installed", || {
-        let r = get(m.addr, "/v1/programs/stubborn/log?stream=stdout&bytes=4096").ok()?;
+        let r = get(
+            m.addr,
+            &format!("/v1/programs/{program}/log?stream=stdout&bytes=4096"),
+        )
+        .ok()?;
         (r.body.matches("trapped").count() == n).then_some(())
     });
 }
@@ -152,10 +156,7 @@ autorestart = false
 "#,
     );
     m.wait_state("polite", "RUNNING", T);
-    eventually(T, "the TERM trap installed", || {
-        let r = get(m.addr, "/v1/programs/polite/log?stream=stdout&bytes=4096").ok()?;
-        r.body.contains("trapped").then_some(())
-    });
+    trapped(&m, "polite", 1);
     let pid = m.pid("polite").unwrap();
     nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGSTOP).unwrap();
     eventually(T, "the program stopped", || {
@@ -192,13 +193,13 @@ fn the_last_of_stop_start_and_restart_wins_while_a_stop_is_under_way() {
     // (`start` answers once the program runs, so its pid is there to read.)
     m.ctl_ok(&["start", "stubborn"]);
     let old = m.pid("stubborn").unwrap();
-    trapped(&m, 2);
+    trapped(&m, "stubborn", 2);
     m.ctl_ok(&["--no-wait", "stop", "stubborn"]);
     assert_eq!(m.state("stubborn"), "STOPPING");
     let said = m.ctl_ok(&["--no-wait", "start", "stubborn"]);
     assert!(said.contains("starting once stopped"), "{said}");
     m.wait_new_pid("stubborn", old, T);
-    trapped(&m, 3);
+    trapped(&m, "stubborn", 3);
 
     // A shutdown during a restart does not start the program again on the way out either.
     m.ctl_ok(&["--no-wait", "restart", "stubborn"]);

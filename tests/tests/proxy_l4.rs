@@ -1160,24 +1160,30 @@ fn a_backend_takes_its_own_check_or_none() {
         backends(&[http])
     );
     let lb = start_lb("io_uring", 1000, &proxy);
-    let value = |m: &str, metric: &str, b: SocketAddr| {
-        metric_value(m, metric, &format!("backend=\"{b}\"")).unwrap_or(0.0)
-    };
-    let failing = "xcluster_lb_proxy_backend_failing";
-    let check_failures = "xcluster_lb_proxy_backend_check_failures_total";
     // Three failed checks of the HTTP one: the others have had as many checks by then.
-    let m = eventually(T, "the HTTP check to fail three times", || {
-        let m = lb.metrics();
-        (value(&m, check_failures, http) >= 3.0).then_some(m)
-    });
-    assert_eq!(value(&m, failing, http), 1.0, "{m}");
+    let m = three_failed_checks(&lb, http);
     for b in [tcp, unchecked] {
-        assert_eq!(
-            (value(&m, failing, b), value(&m, check_failures, b)),
-            (0.0, 0.0),
-            "{b}:\n{m}"
-        );
+        assert_eq!(check_verdict(&m, b), (0.0, 0.0), "{b}:\n{m}");
     }
+}
+
+/// `/metrics` once `b` has failed three health checks, which must have put it down.
+fn three_failed_checks(lb: &Lb, b: SocketAddr) -> String {
+    let m = eventually(T, "three failed checks", || {
+        let m = lb.metrics();
+        (check_verdict(&m, b).1 >= 3.0).then_some(m)
+    });
+    assert_eq!(check_verdict(&m, b).0, 1.0, "{b} is not down:\n{m}");
+    m
+}
+
+/// Backend `b`'s failing gauge and failed-check count in the exposition `m`.
+fn check_verdict(m: &str, b: SocketAddr) -> (f64, f64) {
+    let value = |metric: &str| metric_value(m, metric, &format!("backend=\"{b}\"")).unwrap_or(0.0);
+    (
+        value("xcluster_lb_proxy_backend_failing"),
+        value("xcluster_lb_proxy_backend_check_failures_total"),
+    )
 }
 
 /// With `check_send` and `check_expect` (HAProxy's `tcp-check send` / `expect string`), a server that
@@ -1204,21 +1210,8 @@ fn a_send_expect_check_holds_out_a_server_that_answers_wrongly() {
         backends(&[up, loading])
     );
     let lb = start_lb("io_uring", 1000, &proxy);
-    let value = |m: &str, metric: &str, b: SocketAddr| {
-        metric_value(m, metric, &format!("backend=\"{b}\"")).unwrap_or(0.0)
-    };
-    let failing = "xcluster_lb_proxy_backend_failing";
-    let check_failures = "xcluster_lb_proxy_backend_check_failures_total";
-    let m = eventually(T, "the loading server's check to fail three times", || {
-        let m = lb.metrics();
-        (value(&m, check_failures, loading) >= 3.0).then_some(m)
-    });
-    assert_eq!(value(&m, failing, loading), 1.0, "{m}");
-    assert_eq!(
-        (value(&m, failing, up), value(&m, check_failures, up)),
-        (0.0, 0.0),
-        "{m}"
-    );
+    let m = three_failed_checks(&lb, loading);
+    assert_eq!(check_verdict(&m, up), (0.0, 0.0), "{m}");
     // Clients go to the server that answers.
     for _ in 0..10 {
         let mut s = connect(front);
