@@ -307,7 +307,9 @@ fn hot_reload_applies_valid_changes_and_keeps_old_config_on_invalid() {
     });
     // The log is written by its own thread, and read by another: the line may come after the counter.
     let logged = |text: &str| {
-        eventually(Duration::from_secs(10), text, || p.stderr().contains(text).then_some(()));
+        eventually(Duration::from_secs(10), text, || {
+            p.stderr().contains(text).then_some(())
+        });
     };
     logged("log.level: \"info\" -> \"debug\"");
 

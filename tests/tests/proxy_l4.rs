@@ -1474,6 +1474,42 @@ fin_timeout_ms = 300
     assert_eq!(timeouts, Some(1.0));
 }
 
+/// A listener's own `idle_timeout_ms` applies to its connections only: the other listener's keep the
+/// `[proxy]` one.
+fn a_listeners_own_idle_timeout_applies_to_its_connections_only(rt: &'static str) {
+    let echo = echo_backend();
+    let (long, short) = (free_addr(), free_addr());
+    let lb = start_lb(
+        rt,
+        1000,
+        &format!(
+            "idle_timeout_ms = 60000\n{}{}idle_timeout_ms = 300\n{}",
+            listener("long", long),
+            listener("short", short),
+            backends(&[echo])
+        ),
+    );
+    // Idle from now on, and longer than the short one will have been when it closes.
+    let mut kept = connect(long);
+    ping(&mut kept, b"long");
+    let mut closed = connect(short);
+    ping(&mut closed, b"short");
+    let mut rest = Vec::new();
+    closed.read_to_end(&mut rest).unwrap(); // returns only when the proxy closes it
+    assert!(rest.is_empty());
+    ping(&mut kept, b"still open");
+    let m = lb.metrics();
+    let timeouts = |l: &str| {
+        metric_value(
+            &m,
+            "xcluster_lb_proxy_idle_timeouts_total",
+            &format!("listener=\"{l}\""),
+        )
+        .unwrap_or(0.0)
+    };
+    assert_eq!((timeouts("long"), timeouts("short")), (0.0, 1.0), "{m}");
+}
+
 fn proxy_protocol_v2_header_names_the_client(rt: &'static str) {
     let (tx, rx) = mpsc::channel::<(Vec<u8>, Vec<u8>)>();
     let b = backend(move |mut s| {
@@ -2638,6 +2674,7 @@ per_runtime!(
     every_backend_down_closes_the_client_promptly_and_counts_it,
     idle_connections_are_closed_and_counted,
     half_closed_connections_time_out_after_the_fin_timeout,
+    a_listeners_own_idle_timeout_applies_to_its_connections_only,
     proxy_protocol_v2_header_names_the_client,
     accept_proxy_takes_the_client_from_its_header,
     allow_and_deny_keep_clients_out,

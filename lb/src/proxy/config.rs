@@ -5,8 +5,8 @@
 //! `connect_timeout_ms`, `idle_timeout_ms`, `fin_timeout_ms`, `connect_attempts`, `connect_retry_delay_ms`,
 //! `check_interval_ms`, `check_fall`, `check_rise`, `check_http_path`, `slow_start_ms`, `queue_timeout_ms`,
 //! `balance`, per-listener `proxy_protocol`, `accept_proxy`, `log_connections`, `max_connections`,
-//! `max_connections_per_client`, `max_connection_rate_per_client`, `connection_rate_period_ms`, `allow`, `deny`
-//! and `busy_poll_us`.
+//! `max_connections_per_client`, `max_connection_rate_per_client`, `connection_rate_period_ms`, `allow`, `deny`,
+//! `idle_timeout_ms` and `fin_timeout_ms`, and `busy_poll_us`.
 //! Needs a restart: `workers`, `runtime`, `forwarding`, `[proxy] max_connections`, `backlog`, `keepalive_ms`,
 //! `io_uring_buffers`. `warmup_ms` counts only at start.
 
@@ -195,6 +195,11 @@ pub struct ListenerRaw {
     pub allow: Vec<String>,
     /// Client addresses or CIDR networks closed at once, even when an `allow` entry covers them.
     pub deny: Vec<String>,
+    /// This listener's own `idle_timeout_ms` and `fin_timeout_ms` (as HAProxy's timeouts per frontend):
+    /// long for WebSockets or database sessions, short for request/response traffic. Unset: the `[proxy]`
+    /// ones. Reload live, for new connections.
+    pub idle_timeout_ms: Option<u64>,
+    pub fin_timeout_ms: Option<u64>,
 }
 
 impl Default for ListenerRaw {
@@ -213,6 +218,8 @@ impl Default for ListenerRaw {
             connection_rate_period_ms: 10_000,
             allow: Vec::new(),
             deny: Vec::new(),
+            idle_timeout_ms: None,
+            fin_timeout_ms: None,
         }
     }
 }
@@ -319,6 +326,11 @@ pub struct ListenerConfig {
     /// `None`: no limit.
     pub connection_rate: Option<Rate>,
     pub acl: Acl,
+    /// Its idle timeout (its own or the `[proxy]` one); `None` when disabled.
+    pub idle: Option<Duration>,
+    /// Its idle timeout once half-closed (its own `fin_timeout_ms` or the `[proxy]` one); `None`: it keeps
+    /// `idle`.
+    pub fin: Option<Duration>,
 }
 
 /// One validated backend.
@@ -367,10 +379,6 @@ pub struct Timeouts {
     pub connect_attempts: u32,
     /// The pause before trying again backends that have all been tried.
     pub retry_delay: Duration,
-    /// `None` when disabled.
-    pub idle: Option<Duration>,
-    /// The idle timeout of a half-closed connection; `None`: it keeps `idle`.
-    pub fin: Option<Duration>,
     /// Active health checks of the configured backends; `None` when disabled.
     pub check_interval: Option<Duration>,
     /// How each configured backend is checked (those with `check = false` are not).
@@ -489,6 +497,12 @@ impl ProxySection {
         v.check(self.backends.len() <= MAX_BACKENDS, "proxy.backends", || {
             format!("{} backends, at most {MAX_BACKENDS}", self.backends.len())
         });
+        // The `[proxy]` idle and fin timeouts, and each listener's own; 0 turns either off.
+        let timeout = |v: &mut Validator, key: &str, ms: u64| {
+            Some(v.millis(key, ms, 0, 86_400_000)).filter(|d| !d.is_zero())
+        };
+        let idle = timeout(v, "proxy.idle_timeout_ms", self.idle_timeout_ms);
+        let fin = timeout(v, "proxy.fin_timeout_ms", self.fin_timeout_ms);
         let mut listeners: Vec<ListenerConfig> = Vec::new();
         for (i, l) in self.listeners.iter().enumerate() {
             let key = format!("proxy.listeners[{i}]");
@@ -555,6 +569,14 @@ impl ProxySection {
                 acl: Acl {
                     allow: nets(v, &format!("{key}.allow"), &l.allow),
                     deny: nets(v, &format!("{key}.deny"), &l.deny),
+                },
+                idle: match l.idle_timeout_ms {
+                    Some(ms) => timeout(v, &format!("{key}.idle_timeout_ms"), ms),
+                    None => idle,
+                },
+                fin: match l.fin_timeout_ms {
+                    Some(ms) => timeout(v, &format!("{key}.fin_timeout_ms"), ms),
+                    None => fin,
                 },
             });
         }
@@ -679,8 +701,6 @@ impl ProxySection {
             0,
             1_000,
         );
-        let idle = v.millis("proxy.idle_timeout_ms", self.idle_timeout_ms, 0, 86_400_000);
-        let fin = v.millis("proxy.fin_timeout_ms", self.fin_timeout_ms, 0, 86_400_000);
         let check = v.millis("proxy.check_interval_ms", self.check_interval_ms, 0, 3_600_000);
         v.check(
             check.is_zero() || check >= Duration::from_millis(100),
@@ -722,8 +742,6 @@ impl ProxySection {
                 connect,
                 connect_attempts,
                 retry_delay,
-                idle: (!idle.is_zero()).then_some(idle),
-                fin: (!fin.is_zero()).then_some(fin),
                 check_interval: (!check.is_zero()).then_some(check),
                 checks,
                 check_fall,
@@ -776,6 +794,18 @@ impl ProxyConfig {
         let mut v = Validator::new();
         let cfg = raw.validate(&mut v);
         v.finish(cfg).expect("a valid [proxy] section")
+    }
+}
+
+#[cfg(test)]
+impl ListenerConfig {
+    /// A listener on `listen` (port 0 too, which a config refuses) with every setting at its default; for
+    /// tests.
+    pub fn for_tests(listen: SocketAddr) -> Self {
+        let toml = "[[listeners]]\nname = \"x\"\nlisten = \"127.0.0.1:1\"\nrequest_type = \"x\"\n";
+        let mut l = ProxyConfig::for_tests(toml).listeners.remove(0);
+        l.listen = listen;
+        l
     }
 }
 
@@ -896,22 +926,43 @@ mod tests {
     }
 
     #[test]
-    fn the_fin_timeout_is_unset_by_default_and_at_most_a_day() {
-        assert_eq!(parse("").unwrap().timeouts.fin, None);
-        let t = parse(
-            "fin_timeout_ms = 1500
-idle_timeout_ms = 0
-",
-        )
-        .unwrap()
-        .timeouts;
-        assert_eq!((t.fin, t.idle), (Some(Duration::from_millis(1500)), None));
-        let errs = parse(
-            "fin_timeout_ms = 86400001
-",
-        )
-        .unwrap_err();
-        assert!(errs.len() == 1 && errs[0].contains("fin_timeout_ms"), "{errs:#?}");
+    fn idle_and_fin_timeouts_are_the_proxys_unless_a_listener_has_its_own() {
+        let listener = |name: &str, own: &str| {
+            format!(
+                "[[listeners]]\nname = \"{name}\"\nlisten = \"127.0.0.1:{}\"\n{own}",
+                7100 + name.len()
+            )
+        };
+        let timeouts = |cfg: &ProxyConfig| -> Vec<(Option<Duration>, Option<Duration>)> {
+            cfg.listeners.iter().map(|l| (l.idle, l.fin)).collect()
+        };
+        let ms = |n: u64| Some(Duration::from_millis(n));
+        // By default: five minutes idle, and a half-closed connection keeps it.
+        assert_eq!(
+            timeouts(&parse(&listener("a", "")).unwrap()),
+            [(ms(300_000), None)]
+        );
+        let cfg = parse(&format!(
+            "idle_timeout_ms = 60000\nfin_timeout_ms = 1500\n{}{}{}",
+            listener("a", ""),
+            listener("bb", "idle_timeout_ms = 3600000\n"),
+            listener("ccc", "idle_timeout_ms = 0\nfin_timeout_ms = 0\n"),
+        ))
+        .unwrap();
+        assert_eq!(
+            timeouts(&cfg),
+            [(ms(60_000), ms(1500)), (ms(3_600_000), ms(1500)), (None, None)]
+        );
+        for bad in [
+            "fin_timeout_ms = 86400001\n".to_string(),
+            listener("a", "idle_timeout_ms = 86400001\n"),
+        ] {
+            let errs = parse(&bad).unwrap_err();
+            assert!(
+                errs.len() == 1 && errs[0].contains("timeout_ms"),
+                "{bad}: {errs:#?}"
+            );
+        }
     }
 
     #[test]

@@ -209,7 +209,7 @@ pub fn serve(
                 let (backend, bm) = establish(&client, client_addrs, &mut active, &shared, &timeouts).await?;
                 let up = Direction::new(shared.forwarding);
                 let down = Direction::new(shared.forwarding);
-                let limits = (timeouts.idle, timeouts.fin);
+                let limits = (active.l.cfg.idle, active.l.cfg.fin);
                 Some(Conn::new(client, backend, bm, active, (up, down), limits))
             }
             .instrument(span),
@@ -507,22 +507,7 @@ mod tests {
         let c = TcpStream::connect(a).await.unwrap();
         let cfg = crate::proxy::ProxyConfig::for_tests("");
         let shared = Arc::new(Shared::for_tests(&cfg));
-        let state = ListenerState::new(
-            &crate::proxy::config::ListenerConfig {
-                name: "x".into(),
-                listen: a,
-                request_type: "x".into(),
-                proxy_protocol: false,
-                accept_proxy: false,
-                proxy_from: Vec::new(),
-                log_connections: false,
-                max_connections: 0,
-                max_connections_per_client: None,
-                connection_rate: None,
-                acl: Default::default(),
-            },
-            None,
-        );
+        let state = ListenerState::new(&crate::proxy::config::ListenerConfig::for_tests(a), None);
         let all = Arc::new(tokio::sync::Semaphore::new(1))
             .acquire_owned()
             .await

@@ -219,19 +219,7 @@ mod tests {
     use super::*;
 
     fn loopback() -> ListenerConfig {
-        ListenerConfig {
-            name: "x".into(),
-            listen: "127.0.0.1:0".parse().unwrap(),
-            request_type: "x".into(),
-            proxy_protocol: false,
-            accept_proxy: false,
-            proxy_from: Vec::new(),
-            log_connections: false,
-            max_connections: 0,
-            max_connections_per_client: None,
-            connection_rate: None,
-            acl: Default::default(),
-        }
+        ListenerConfig::for_tests("127.0.0.1:0".parse().unwrap())
     }
 
     /// `conn::serve` relies on accepted sockets inheriting TCP_NODELAY and keepalive from the listener

@@ -811,15 +811,18 @@ impl Loop {
             }
         }
         // One pass over the connections: byte counters and buffers held every tick; the idle and fin timeouts
-        // often enough that a connection outlives its timeout by at most a quarter of the shorter one (and a
-        // second at most). 8,000 connections take some tens of microseconds.
-        let (idle_ms, fin_ms) = {
-            let t = self.shared.timeouts.load();
-            let ms = |d: Duration| u32::try_from(d.as_millis()).unwrap_or(u32::MAX);
-            (t.idle.map(ms), t.fin.map(ms))
-        };
-        let scan = idle_ms.into_iter().chain(fin_ms).min().is_some_and(|ms| {
-            let every = (ms / 4).clamp(1, 1_000);
+        // often enough that a connection outlives its timeout by at most a quarter of the shortest of its
+        // listeners' (and a second at most; a removed listener's are not counted). 8,000 connections take
+        // some tens of microseconds.
+        let shortest = (self.listeners.iter().flatten())
+            .flat_map(|l| {
+                let cfg = &l.state.load().cfg;
+                [cfg.idle, cfg.fin]
+            })
+            .flatten()
+            .min();
+        let scan = shortest.is_some_and(|d| {
+            let every = (millis(d) / 4).clamp(1, 1_000);
             self.now_ms.wrapping_sub(self.last_scan_ms) >= every
         });
         if scan {
@@ -831,11 +834,12 @@ impl Loop {
             c.flush_bytes();
             // Half-closed once either source has ended: then `fin_timeout_ms` counts, if set.
             let half = c.dirs[0].eof || c.dirs[1].eof;
-            let (limit, end) = match fin_ms {
-                Some(ms) if half => (Some(ms), End::FinTimeout),
-                _ => (idle_ms, End::Idle),
+            let cfg = &c.active.l.cfg;
+            let (limit, end) = match cfg.fin {
+                Some(fin) if half => (Some(fin), End::FinTimeout),
+                _ => (cfg.idle, End::Idle),
             };
-            let expired = scan && limit.is_some_and(|ms| self.now_ms.wrapping_sub(c.last_ms) >= ms);
+            let expired = scan && limit.is_some_and(|d| self.now_ms.wrapping_sub(c.last_ms) >= millis(d));
             if expired && !c.closing && c.connecting.is_none() {
                 c.active.l.metrics.idle_timeouts.increment(1);
                 debug!(listener = %c.active.l.cfg.name, "{end}");
@@ -1855,6 +1859,11 @@ impl Drop for Loop {
 }
 
 /// A non-blocking socket for a connect to `addr`, with TCP_NODELAY.
+/// `d` in the loop's milliseconds (a u32: the timeouts are at most a day).
+fn millis(d: Duration) -> u32 {
+    u32::try_from(d.as_millis()).unwrap_or(u32::MAX)
+}
+
 fn backend_socket(addr: SocketAddr) -> io::Result<OwnedFd> {
     let s = Socket::new(
         Domain::for_address(addr),
