@@ -957,6 +957,36 @@ fn round_robin_takes_the_backends_in_turn() {
     lb.assert_web_counts(&[("connections_failed_total", 0.0)]);
 }
 
+/// `[proxy.balance_by_type]` gives one type its own balance: here `source` keeps one client on one backend
+/// for `sticky` while `web` takes the same backends in turn.
+#[test]
+fn a_type_with_its_own_balance_is_balanced_by_it() {
+    let (a, b) = (named(b"a"), named(b"b"));
+    let (web, sticky) = (free_addr(), free_addr());
+    let both = "request_types = [\"browse\", \"sticky\"]\n";
+    let lb = start_lb(
+        "io_uring",
+        1000,
+        &format!(
+            "balance = \"round_robin\"\ncheck_interval_ms = 0\n{}{}\
+             [proxy.balance_by_type]\nsticky = \"source\"\n\
+             [[proxy.backends]]\naddr = \"{a}\"\n{both}[[proxy.backends]]\naddr = \"{b}\"\n{both}",
+            listener("web", web),
+            listener("sticky", sticky).replace("\"browse\"", "\"sticky\""),
+        ),
+    );
+    let names = |front: SocketAddr| -> String {
+        (0..6)
+            .map(|_| char::from(ask_name(&mut connect(front))))
+            .collect()
+    };
+    let turns = names(web);
+    assert!(turns == "ababab" || turns == "bababa", "not in turn: {turns}");
+    let kept = names(sticky);
+    assert!(kept == "aaaaaa" || kept == "bbbbbb", "{kept}");
+    lb.assert_web_counts(&[("connections_failed_total", 0.0)]);
+}
+
 /// One server may be in the pools of several request types with a weight in each (HAProxy lists a server in
 /// several backends): each listener's connections follow its own pool's weights.
 #[test]

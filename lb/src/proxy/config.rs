@@ -10,6 +10,7 @@
 //! Needs a restart: `workers`, `runtime`, `forwarding`, `[proxy] max_connections`, `backlog`, `keepalive_ms`,
 //! `io_uring_buffers`. `warmup_ms` counts only at start.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -70,6 +71,10 @@ pub struct ProxySection {
     /// backend) or `source` (by the client's address, see `proxy::pick`). Types routed by the directory
     /// follow its live weights either way.
     pub balance: String,
+    /// `balance` for some request types of their own (HAProxy's `balance` per backend): `[proxy.balance_by_type]`
+    /// with `ws = "least_connections"` for long-lived WebSockets while the others keep `balance`. Each type
+    /// must be one that `[[proxy.backends]]` serve.
+    pub balance_by_type: BTreeMap<String, String>,
     /// A backend back from being held out gets a share of the connections that grows from nothing to its
     /// whole weight over this time (HAProxy's `slowstart`); what it is passed over for goes to the other
     /// backends of its type. 0 (the default): its whole weight at once. At most 300,000 (5 minutes).
@@ -139,6 +144,7 @@ impl Default for ProxySection {
             check_fall: 3,
             check_rise: 2,
             balance: "random".into(),
+            balance_by_type: BTreeMap::new(),
             slow_start_ms: 0,
             queue_timeout_ms: 0,
             check_http_path: String::new(),
@@ -408,7 +414,19 @@ pub struct ProxyConfig {
     pub keepalive: Option<Duration>,
     pub warmup: Duration,
     pub io_uring_buffers: u16,
+    /// The default, and the types with their own (`balance_by_type`).
     pub balance: Balance,
+    pub balance_by_type: BTreeMap<String, Balance>,
+}
+
+impl ProxyConfig {
+    /// How a backend of `request_type` is chosen.
+    pub fn balance_for(&self, request_type: &str) -> Balance {
+        self.balance_by_type
+            .get(request_type)
+            .copied()
+            .unwrap_or(self.balance)
+    }
 }
 
 const MAX_LISTENERS: usize = 256;
@@ -711,16 +729,34 @@ impl ProxySection {
         let check_rise = v.range("proxy.check_rise", self.check_rise, 1, 100);
         let slow_start = v.millis("proxy.slow_start_ms", self.slow_start_ms, 0, 300_000);
         let queue = v.millis("proxy.queue_timeout_ms", self.queue_timeout_ms, 0, 60_000);
-        let balance = v.one_of(
-            "proxy.balance",
-            &self.balance,
-            &[
-                ("random", Balance::Random),
-                ("round_robin", Balance::RoundRobin),
-                ("least_connections", Balance::LeastConnections),
-                ("source", Balance::Source),
-            ],
+        let balance_of = |v: &mut Validator, key: &str, name: &str| {
+            v.one_of(
+                key,
+                name,
+                &[
+                    ("random", Balance::Random),
+                    ("round_robin", Balance::RoundRobin),
+                    ("least_connections", Balance::LeastConnections),
+                    ("source", Balance::Source),
+                ],
+            )
+        };
+        let balance = balance_of(v, "proxy.balance", &self.balance);
+        let mut balance_by_type = BTreeMap::new();
+        v.check(
+            self.balance_by_type.len() <= MAX_LISTENERS,
+            "proxy.balance_by_type",
+            || format!("{} entries, at most {MAX_LISTENERS}", self.balance_by_type.len()),
         );
+        for (ty, name) in &self.balance_by_type {
+            let key = format!("proxy.balance_by_type.{ty}");
+            check_name(v, &key, ty);
+            // A type the directory routes follows its live weights: a balance for it would do nothing.
+            v.check(backends.iter().any(|b| b.serves(ty)), &key, || {
+                format!("no [[proxy.backends]] serve {ty:?}; the directory's weights route it")
+            });
+            balance_by_type.insert(ty.clone(), balance_of(v, &key, name));
+        }
         let max_connections = v.range("proxy.max_connections", self.max_connections, 1, 1_000_000);
         let backlog = v.range("proxy.backlog", self.backlog, 1, 65_535);
         let io_uring_buffers = v.range("proxy.io_uring_buffers", self.io_uring_buffers, 1, 32_768);
@@ -757,6 +793,7 @@ impl ProxySection {
             // At most 32,768 after the range check.
             io_uring_buffers: u16::try_from(io_uring_buffers).unwrap_or(u16::MAX),
             balance,
+            balance_by_type,
         }
     }
 }
@@ -880,6 +917,27 @@ mod tests {
         );
         let errs = parse("balance = \"leastconn\"\n").unwrap_err();
         assert!(errs.len() == 1 && errs[0].contains("balance"), "{errs:#?}");
+    }
+
+    #[test]
+    fn a_type_may_have_its_own_balance_if_backends_serve_it() {
+        let pools = "[[backends]]\naddr = \"127.0.0.1:1\"\nrequest_types = [\"ws\", \"web\"]\n";
+        let cfg = parse(&format!(
+            "balance = \"round_robin\"\n[balance_by_type]\nws = \"least_connections\"\n{pools}"
+        ))
+        .unwrap();
+        assert_eq!(
+            (cfg.balance_for("ws"), cfg.balance_for("web")),
+            (Balance::LeastConnections, Balance::RoundRobin)
+        );
+        for (bad, key) in [
+            ("ws = \"leastconn\"", "proxy.balance_by_type.ws"),
+            ("api = \"source\"", "proxy.balance_by_type.api"),
+            ("\"a b\" = \"source\"", "proxy.balance_by_type.a b"),
+        ] {
+            let errs = parse(&format!("[balance_by_type]\n{bad}\n{pools}")).unwrap_err();
+            assert!(errs.iter().all(|e| e.contains(key)), "{bad}: {errs:#?}");
+        }
     }
 
     #[test]

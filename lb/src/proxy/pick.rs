@@ -51,16 +51,27 @@ pub trait BackendPicker: Send + Sync + std::fmt::Debug {
 }
 
 /// The backends of one request type, with their weights: the backups are picked only when no other is left.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Tiers {
     primary: Vec<(SocketAddr, u32)>,
     backup: Vec<(SocketAddr, u32)>,
     /// Picks made so far (`balance = "round_robin"`); shared by every worker, so their connections take
     /// turns together.
     turns: AtomicU64,
+    /// How one of them is chosen: `[proxy] balance`, or the type's own.
+    balance: Balance,
 }
 
 impl Tiers {
+    fn new(balance: Balance) -> Self {
+        Self {
+            primary: Vec::new(),
+            backup: Vec::new(),
+            turns: AtomicU64::new(0),
+            balance,
+        }
+    }
+
     fn push(&mut self, b: &BackendConfig) {
         let tier = if b.backup {
             &mut self.backup
@@ -165,7 +176,6 @@ fn mix(mut z: u64) -> u64 {
 /// Backends with their weights, per request type.
 #[derive(Debug)]
 struct Table {
-    balance: Balance,
     by_type: HashMap<String, Tiers>,
     /// Backends that serve every type (no `request_types`), for types no backend names.
     any: Tiers,
@@ -174,9 +184,8 @@ struct Table {
 impl Table {
     fn build(cfg: &ProxyConfig) -> Self {
         let mut t = Table {
-            balance: cfg.balance,
             by_type: HashMap::new(),
-            any: Tiers::default(),
+            any: Tiers::new(cfg.balance),
         };
         for b in cfg.backends.iter().filter(|b| b.request_types.is_empty()) {
             t.any.push(b);
@@ -188,7 +197,7 @@ impl Table {
                 .flat_map(|b| b.request_types.iter().map(String::as_str)),
         );
         for ty in types {
-            let mut tiers = Tiers::default();
+            let mut tiers = Tiers::new(cfg.balance_for(ty));
             for b in cfg.backends.iter().filter(|b| b.serves(ty)) {
                 tiers.push(b);
             }
@@ -240,17 +249,32 @@ fn weighted(
     None
 }
 
+/// Pick number `turn` of `balance = "round_robin"` over `list` minus `exclude`: the weights divided by their
+/// greatest common divisor first, so equal weights (100 and 100, the default) alternate strictly and 100 to
+/// 50 gives 2 to 1 in every 3 picks, as HAProxy's and nginx's round robin do, not only over a whole round of
+/// the undivided weights.
+fn in_turn(list: &[(SocketAddr, u32)], exclude: &[SocketAddr], turn: u64) -> Option<SocketAddr> {
+    let usable = |(a, w): &&(SocketAddr, u32)| *w > 0 && !exclude.contains(a);
+    let (total, unit) = (list.iter().filter(usable)).fold((0, 0), |(t, g), (_, w)| {
+        (t + u64::from(*w), gcd(g, u64::from(*w)))
+    });
+    if total == 0 {
+        return None;
+    }
+    weighted(list, exclude, |_| turn_unit(turn, total / unit) * unit)
+}
+
 impl BackendPicker for StaticPicker {
     fn pick(&self, request_type: &str, exclude: &[SocketAddr], conn: &PickFor<'_>) -> Option<SocketAddr> {
         let t = self.table.load();
         let tiers = t.by_type.get(request_type).unwrap_or(&t.any);
-        match t.balance {
+        match tiers.balance {
             Balance::Random => {
                 tiers.first(|list| weighted(list, exclude, |total| rand::random_range(0..total)))
             }
             Balance::RoundRobin => {
                 let turn = tiers.turns.fetch_add(1, Ordering::Relaxed);
-                tiers.first(|list| weighted(list, exclude, |total| turn_unit(turn, total)))
+                tiers.first(|list| in_turn(list, exclude, turn))
             }
             Balance::LeastConnections => {
                 let start = rand::random::<u32>() as usize;
@@ -318,8 +342,15 @@ mod tests {
         let got = ports(&picker(&[1, 2, 3]), 600);
         let count = |port: u16| got.iter().filter(|p| **p == port).count();
         assert_eq!((count(1), count(2), count(3)), (100, 200, 300));
-        // Equal large weights alternate, rather than 100 in a row each.
-        let got = ports(&picker(&[100, 100]), 400);
+        // Equal weights alternate strictly, whatever they are, and 2 to 1 holds in every 3 picks.
+        assert_eq!(ports(&picker(&[100, 100]), 6), [1, 2, 1, 2, 1, 2]);
+        let got = ports(&picker(&[100, 50]), 9);
+        assert!(
+            got.chunks(3).all(|c| c.iter().filter(|p| **p == 1).count() == 2),
+            "{got:?}"
+        );
+        // Large weights with no common divisor still interleave, rather than 101 in a row.
+        let got = ports(&picker(&[101, 100]), 402);
         let longest = got.chunk_by(|a, b| a == b).map(<[u16]>::len).max();
         assert!(longest <= Some(2), "a run of {longest:?}: {got:?}");
         // A tried backend is passed over.
@@ -363,6 +394,35 @@ mod tests {
         }
         assert_eq!(p.pick("order", &[addr(1)], &ANY), Some(addr(2)));
         assert_eq!(p.pick("order", &[addr(1), addr(2)], &ANY), None);
+    }
+
+    /// Each type is picked for by its own balance: round robin for one, least connections for the other,
+    /// over the same two backends.
+    #[test]
+    fn a_type_with_its_own_balance_is_picked_for_by_it() {
+        let p = picker(
+            r#"
+            balance = "round_robin"
+            [balance_by_type]
+            ws = "least_connections"
+            [[backends]]
+            addr = "127.0.0.1:1"
+            request_types = ["web", "ws"]
+            [[backends]]
+            addr = "127.0.0.1:2"
+            request_types = ["web", "ws"]
+            "#,
+        );
+        let busy_first = |a: SocketAddr| if a.port() == 1 { 5 } else { 0 };
+        let conn = PickFor {
+            client: IpAddr::from([127, 0, 0, 1]),
+            open: &busy_first,
+        };
+        let web: Vec<u16> = (0..4)
+            .map(|_| p.pick("web", &[], &conn).unwrap().port())
+            .collect();
+        assert_eq!(web, [1, 2, 1, 2], "round robin ignores the open counts");
+        assert!((0..4).all(|_| p.pick("ws", &[], &conn) == Some(addr(2))));
     }
 
     #[test]
