@@ -1252,6 +1252,27 @@ fn a_send_expect_check_holds_out_a_server_that_answers_wrongly() {
     }
 }
 
+/// With `check_port`, a backend is checked on a side port of its host (HAProxy's `port`, as Patroni's REST
+/// API for PostgreSQL): a backend whose service port answers but whose side port refuses is held out, and one
+/// whose side port answers is not, though its service port has no listener at all.
+#[test]
+fn a_check_port_checks_a_side_port_instead() {
+    let (service, side_dead) = (echo_backend(), dead_addr());
+    let (nothing_on_service, side_up) = (dead_addr(), echo_backend());
+    let front = free_addr();
+    let proxy = format!(
+        "check_interval_ms = 100\ncheck_fall = 1\n{}\
+         [[proxy.backends]]\naddr = \"{service}\"\ncheck_port = {}\n\
+         [[proxy.backends]]\naddr = \"{nothing_on_service}\"\ncheck_port = {}\n",
+        listener("web", front),
+        side_dead.port(),
+        side_up.port(),
+    );
+    let lb = start_lb("io_uring", 1000, &proxy);
+    let m = three_failed_checks(&lb, service);
+    assert_eq!(check_verdict(&m, nothing_on_service), (0.0, 0.0), "{m}");
+}
+
 /// With `log_connections = true`, each connection on that listener leaves one line when it ends: client,
 /// backend, tries, bytes each way and how it ended; a listener without it logs nothing.
 fn connections_are_logged_where_the_listener_asks(rt: &'static str) {

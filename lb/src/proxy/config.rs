@@ -257,6 +257,10 @@ pub struct BackendRaw {
     /// by them alone (the `[proxy]` ones do not mix in).
     pub check_send: Option<String>,
     pub check_expect: Option<String>,
+    /// The port its health checks connect to, on its address, instead of its own (HAProxy's `port` on a
+    /// server): a service checked by a side port, such as PostgreSQL by Patroni's REST API
+    /// (`check_port = 8008` with `check_http_path = "/primary"`). Unset: its own port.
+    pub check_port: Option<u16>,
 }
 
 impl Default for BackendRaw {
@@ -271,6 +275,7 @@ impl Default for BackendRaw {
             check_http_path: None,
             check_send: None,
             check_expect: None,
+            check_port: None,
         }
     }
 }
@@ -362,6 +367,9 @@ impl BackendConfig {
 pub struct Check {
     /// What is asked once connected.
     pub probe: Probe,
+    /// Where the check connects: the backend's address, or its `check_port` on the same host (which gets no
+    /// PROXY header).
+    pub target: SocketAddr,
     /// The check opens with a PROXY v2 `LOCAL` header: a listener with `proxy_protocol` routes to the
     /// backend, which so expects one on every connection.
     pub proxy_header: bool,
@@ -636,11 +644,21 @@ impl ProxySection {
                 backup: b.backup,
                 max_connections,
             };
+            if let Some(port) = b.check_port {
+                v.check(port > 0, &format!("{key}.check_port"), || {
+                    "must be 1 to 65535".into()
+                });
+            }
+            let target = SocketAddr::new(addr.ip(), b.check_port.unwrap_or(addr.port()));
             let check = b.check.then(|| Check {
                 probe,
-                proxy_header: listeners
-                    .iter()
-                    .any(|l| l.proxy_protocol && backend.serves(&l.request_type)),
+                target,
+                // Only the service's own port expects the header; a side port (`check_port`) is another
+                // program's.
+                proxy_header: target == addr
+                    && listeners
+                        .iter()
+                        .any(|l| l.proxy_protocol && backend.serves(&l.request_type)),
             });
             match backends.iter().position(|o| o.addr == addr) {
                 None => checks.extend(check.map(|c| (addr, c))),
@@ -672,13 +690,13 @@ impl ProxySection {
                         (Some(e), Some(c)) => {
                             // Headers go to the server if any of its pools' listeners sends them.
                             e.proxy_header |= c.proxy_header;
-                            e.probe == c.probe
+                            e.probe == c.probe && e.target == c.target
                         }
                         _ => false,
                     };
                     v.check(same, &format!("{key}.check"), || {
                         format!(
-                            "its checks (check, check_http_path, check_send, check_expect) differ from proxy.backends[{j}] of \
+                            "its checks (check, check_http_path, check_send, check_expect, check_port) differ from proxy.backends[{j}] of \
                              the same address"
                         )
                     });
@@ -1170,6 +1188,29 @@ mod tests {
             .map(|(a, c)| (a.port(), c.proxy_header))
             .collect();
         assert_eq!(headers, [(9001, true), (9002, false), (9003, true)]);
+    }
+
+    #[test]
+    fn a_check_port_moves_the_check_to_a_side_port_without_a_proxy_header() {
+        let cfg = parse(
+            r#"
+            [[listeners]]
+            listen = "127.0.0.1:7100"
+            proxy_protocol = true
+            [[backends]]
+            addr = "127.0.0.1:5432"
+            check_port = 8008
+            [[backends]]
+            addr = "127.0.0.1:5433"
+            "#,
+        )
+        .unwrap();
+        let checks: Vec<(u16, u16, bool)> = (cfg.timeouts.checks.iter())
+            .map(|(a, c)| (a.port(), c.target.port(), c.proxy_header))
+            .collect();
+        assert_eq!(checks, [(5432, 8008, false), (5433, 5433, true)]);
+        let errs = parse("[[backends]]\naddr = \"127.0.0.1:1\"\ncheck_port = 0\n").unwrap_err();
+        assert!(errs.len() == 1 && errs[0].contains("check_port"), "{errs:#?}");
     }
 
     #[test]

@@ -214,7 +214,7 @@ impl Shared {
         let checks = t.checks.iter().filter_map(|(addr, how)| {
             let (addr, bm, connect) = (*addr, backends.get(addr)?, t.connect);
             Some(async move {
-                let checked = check(addr, how.proxy_header, &how.probe);
+                let checked = check(how.target, how.proxy_header, &how.probe);
                 let checked = tokio::time::timeout(connect, checked)
                     .await
                     .unwrap_or_else(|_| Err("timed out".into()));
