@@ -56,6 +56,10 @@ impl BackendPicker for LivePicker {
         }
     }
 
+    fn routes_to(&self, addr: SocketAddr) -> bool {
+        self.dir.lists(addr)
+    }
+
     fn on_config(&self, cfg: &ProxyConfig) {
         self.fixed.on_config(cfg);
     }

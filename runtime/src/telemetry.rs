@@ -17,6 +17,7 @@ use crate::logwriter::{NonBlocking, QUEUE_LINES};
 
 static PROMETHEUS: OnceLock<PrometheusHandle> = OnceLock::new();
 static COLLECTORS: Mutex<BTreeMap<&'static str, Collector>> = Mutex::new(BTreeMap::new());
+static PRUNERS: Mutex<BTreeMap<&'static str, Pruner>> = Mutex::new(BTreeMap::new());
 static FILTER: OnceLock<reload::Handle<EnvFilter, tracing_subscriber::Registry>> = OnceLock::new();
 
 /// Log output format.
@@ -149,15 +150,16 @@ fn with_buckets() -> PrometheusBuilder {
         .unwrap_or_else(|_| PrometheusBuilder::new())
 }
 
-/// Renders every metric in the Prometheus text format: the recorder's, then each collector's.
+/// Renders every metric in the Prometheus text format: the recorder's, less what a pruner hides, then each
+/// collector's.
 pub fn render_metrics() -> String {
-    let mut out = Exposition {
-        text: prometheus().render(),
-    };
-    let collectors: Vec<Collector> = match COLLECTORS.lock() {
-        Ok(c) => c.values().cloned().collect(),
-        Err(poisoned) => poisoned.into_inner().values().cloned().collect(),
-    };
+    let mut text = prometheus().render();
+    let hides: Vec<Hide> = installed(&PRUNERS).iter().filter_map(|p| p(&text)).collect();
+    if !hides.is_empty() {
+        text = without(&text, |line| hides.iter().any(|hide| hide(line)));
+    }
+    let mut out = Exposition { text };
+    let collectors = installed(&COLLECTORS);
     for collect in collectors {
         collect(&mut out);
     }
@@ -175,6 +177,57 @@ pub fn set_collector(name: &'static str, collect: Collector) {
         Ok(mut c) => c.insert(name, collect),
         Err(poisoned) => poisoned.into_inner().insert(name, collect),
     };
+}
+
+/// A copy of what `hooks` holds, so none runs under the lock.
+fn installed<T: Clone>(hooks: &Mutex<BTreeMap<&'static str, T>>) -> Vec<T> {
+    match hooks.lock() {
+        Ok(h) => h.values().cloned().collect(),
+        Err(poisoned) => poisoned.into_inner().values().cloned().collect(),
+    }
+}
+
+/// Leaves series of the recorder out of `/metrics` once their owner is gone, for owners whose hot path must
+/// keep the facade's lock-free handles (a collector would need its own state read at each scrape): given
+/// the recorder's text at a scrape, `None` when it hides nothing, else a [`Hide`] for that scrape. The
+/// facade cannot remove a series, so a proxy listener a reload removed would otherwise stay there forever.
+pub type Pruner = Arc<dyn Fn(&str) -> Option<Hide> + Send + Sync>;
+
+/// Whether a sample line of the recorder's text is left out of this scrape.
+pub type Hide = Box<dyn Fn(&str) -> bool>;
+
+/// Installs `prune` under `name`, replacing one of the same name (a role started again in one process).
+pub fn set_pruner(name: &'static str, prune: Pruner) {
+    match PRUNERS.lock() {
+        Ok(mut p) => p.insert(name, prune),
+        Err(poisoned) => poisoned.into_inner().insert(name, prune),
+    };
+}
+
+/// `text` without the sample lines `hide` picks, nor the `#` lines of a family left with no sample (a
+/// family's header goes out with its first sample kept).
+fn without(text: &str, hide: impl Fn(&str) -> bool) -> String {
+    let mut out = String::with_capacity(text.len());
+    // The `#` lines of the family being read, until one of its samples is kept.
+    let mut header = String::new();
+    for line in text.lines() {
+        if line.starts_with('#') {
+            header.push_str(line);
+            header.push('\n');
+        } else if line.is_empty() {
+            // The exporter ends each family with an empty line: one that kept nothing leaves no trace.
+            if header.is_empty() {
+                out.push('\n');
+            }
+            header.clear();
+        } else if !hide(line) {
+            out.push_str(&header);
+            header.clear();
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    out
 }
 
 /// The Prometheus text format, as a [`Collector`] writes it.
@@ -298,6 +351,39 @@ mod tests {
             "{text}"
         );
         assert!(!text.contains("t_collected 1"), "{text}");
+    }
+
+    #[test]
+    fn a_family_whose_samples_are_all_hidden_leaves_no_header() {
+        let text = "# HELP t_a help\n# TYPE t_a counter\nt_a{k=\"gone\"} 1\nt_a{k=\"kept\"} 2\n\n\
+                    # TYPE t_b gauge\nt_b{k=\"gone\"} 3\n\n# TYPE t_c gauge\nt_c 4\n\n";
+        let hide = |line: &str| line.contains("\"gone\"");
+        assert_eq!(
+            without(text, hide),
+            "# HELP t_a help\n# TYPE t_a counter\nt_a{k=\"kept\"} 2\n\n# TYPE t_c gauge\nt_c 4\n\n"
+        );
+        assert_eq!(without(text, |_| false), text);
+    }
+
+    #[test]
+    fn a_pruner_hides_recorder_lines_at_each_scrape() {
+        // The recorder must be installed before the facade is used.
+        prometheus();
+        metrics::counter!("t_pruned_total", "k" => "gone").increment(1);
+        metrics::counter!("t_pruned_total", "k" => "kept").increment(1);
+        let before = render_metrics();
+        assert!(before.contains("t_pruned_total{k=\"gone\"} 1"), "{before}");
+        set_pruner(
+            "t",
+            Arc::new(|text: &str| {
+                // Given the recorder's text: hides nothing once the series it looks for is absent.
+                text.contains("t_pruned_total")
+                    .then(|| Box::new(|line: &str| line.contains("k=\"gone\"")) as Hide)
+            }),
+        );
+        let after = render_metrics();
+        assert!(!after.contains("k=\"gone\""), "{after}");
+        assert!(after.contains("t_pruned_total{k=\"kept\"} 1"), "{after}");
     }
 
     #[test]

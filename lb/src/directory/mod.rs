@@ -325,6 +325,11 @@ impl Directory {
         }
     }
 
+    /// Whether an instance at `addr` is in the latest list of some type (so the L4 proxy may pick it).
+    pub fn lists(&self, addr: SocketAddr) -> bool {
+        (self.snapshot().types.values()).any(|v| v.list.rows.iter().any(|r| r.addr == addr))
+    }
+
     /// Picks one instance for a request of type `ty`, avoiding `exclude` (addresses already tried).
     /// `None` when the type is unknown or no instance may be picked. This is the L4 proxy's entry point.
     pub fn pick(&self, ty: &str, exclude: &[SocketAddr]) -> Option<SocketAddr> {

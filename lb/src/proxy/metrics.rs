@@ -2,13 +2,14 @@
 //! a metric up by name. Labels are bounded: listener names and backend addresses come from config (or from
 //! the directory's bounded instance list).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use metrics::{Counter, Gauge, Histogram};
 use xcluster_proto::directory::{ProxyBackendStatus, ProxyListenerStatus, ProxyStatus};
+use xcluster_runtime::telemetry::Hide;
 
 use super::access::Side;
 use super::config::ListenerConfig;
@@ -99,6 +100,69 @@ pub fn publish_listeners(old: &[ListenerConfig], new: &[ListenerConfig]) {
     for l in new {
         info(l).set(1.0);
     }
+}
+
+/// Listeners and backends a reload removed from the config. The facade cannot remove their series, and the
+/// hot path keeps its lock-free handles to them, so [`hide_retired`] leaves the series out of each scrape
+/// instead, once nothing uses them any more. One that a reload adds again leaves this set, and its counters
+/// carry on from their old values (still monotonic, as Prometheus wants).
+#[derive(Debug, Default, Clone)]
+pub struct Retired {
+    /// Names of the listeners no longer configured.
+    pub listeners: BTreeSet<String>,
+    /// The backends no longer configured, by their `backend` label, with their address and handles (whose
+    /// `open` counts the connections still assigned to them, connecting or established).
+    pub backends: BTreeMap<String, (SocketAddr, Arc<BackendMetrics>)>,
+}
+
+/// What a scrape leaves out of the recorder's `text` (see [`xcluster_runtime::telemetry::Pruner`]): every
+/// series of a retired listener whose connections have all ended (its [`ACTIVE`] in `text` is 0, as HAProxy
+/// drops a removed frontend's stats once its last connection ends), and of a retired backend that no
+/// connection holds (`open` and its [`BACKEND_ACTIVE`] are 0) and that the directory does not route to
+/// (`routed`: the same address may be an instance an agent reports, and its connections share the series).
+/// `None` when nothing is hidden. Runs at each scrape, never per connection.
+pub fn hide_retired(text: &str, retired: &Retired, routed: impl Fn(SocketAddr) -> bool) -> Option<Hide> {
+    if retired.listeners.is_empty() && retired.backends.is_empty() {
+        return None;
+    }
+    let mut listeners = retired.listeners.clone();
+    let mut backends: BTreeSet<String> = (retired.backends.iter())
+        .filter(|(_, (addr, bm))| bm.open.load(Ordering::Relaxed) == 0 && !routed(*addr))
+        .map(|(label, _)| label.clone())
+        .collect();
+    for line in text.lines() {
+        if !line.starts_with(ACTIVE) && !line.starts_with(BACKEND_ACTIVE) {
+            continue;
+        }
+        let Some(sample) = Sample::parse(line) else {
+            continue;
+        };
+        if sample.value == 0 {
+            continue;
+        }
+        match sample.name {
+            ACTIVE => {
+                if let Some(l) = sample.label("listener") {
+                    listeners.remove(l);
+                }
+            }
+            BACKEND_ACTIVE => {
+                if let Some(b) = sample.label("backend") {
+                    backends.remove(b);
+                }
+            }
+            _ => {}
+        }
+    }
+    if listeners.is_empty() && backends.is_empty() {
+        return None;
+    }
+    Some(Box::new(move |line: &str| {
+        Sample::parse(line).is_some_and(|s| {
+            s.label("listener").is_some_and(|l| listeners.contains(l))
+                || s.label("backend").is_some_and(|b| backends.contains(b))
+        })
+    }))
 }
 
 /// Handles for one listener.
@@ -337,6 +401,14 @@ struct Sample<'a> {
 }
 
 impl<'a> Sample<'a> {
+    /// The value of label `key`, if it has one.
+    fn label(&self, key: &str) -> Option<&str> {
+        self.labels
+            .iter()
+            .find(|(k, _)| *k == key)
+            .map(|(_, v)| v.as_str())
+    }
+
     /// `line` if it is a sample of one of the proxy's series.
     fn parse(line: &'a str) -> Option<Self> {
         if !line.starts_with("xcluster_lb_proxy_") {
@@ -383,6 +455,86 @@ impl<'a> Sample<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A retired listener's series go once its active count is 0; a retired backend's once no connection
+    /// holds it and the directory does not route to it; nothing else, and nothing of another family.
+    #[test]
+    fn retired_series_are_hidden_once_unused() {
+        let addr = |p: u16| SocketAddr::from(([127, 0, 0, 1], p));
+        let handles = |open: u64| {
+            let bm = Arc::new(BackendMetrics::new(addr(1), None));
+            bm.open.store(open, Ordering::Relaxed);
+            bm
+        };
+        let mut retired = Retired::default();
+        assert!(hide_retired("", &retired, |_| false).is_none());
+        retired
+            .listeners
+            .extend(["gone".to_string(), "draining".to_string()]);
+        for (port, open) in [(10, 0), (11, 1), (12, 0), (13, 0)] {
+            let a = addr(port);
+            retired.backends.insert(a.to_string(), (a, handles(open)));
+        }
+        let text = r#"xcluster_lb_proxy_connections_active{listener="gone"} 0
+xcluster_lb_proxy_connections_active{listener="draining"} 2
+xcluster_lb_proxy_backend_connections_active{backend="127.0.0.1:12"} 1
+"#;
+        let hide = hide_retired(text, &retired, |a| a == addr(13)).unwrap();
+        for (line, hidden) in [
+            (
+                r#"xcluster_lb_proxy_connections_accepted_total{listener="gone"} 5"#,
+                true,
+            ),
+            (r#"xcluster_lb_proxy_connections_active{listener="gone"} 0"#, true),
+            (
+                r#"xcluster_lb_proxy_listener_info{listener="gone",addr="127.0.0.1:1",type="t"} 0"#,
+                true,
+            ),
+            (
+                r#"xcluster_lb_proxy_connections_accepted_total{listener="draining"} 5"#,
+                false,
+            ),
+            (
+                r#"xcluster_lb_proxy_connections_accepted_total{listener="kept"} 5"#,
+                false,
+            ),
+            (
+                r#"xcluster_lb_proxy_backend_connects_total{backend="127.0.0.1:10"} 3"#,
+                true,
+            ),
+            (
+                r#"xcluster_lb_proxy_backend_connect_seconds_bucket{backend="127.0.0.1:10",le="0.001"} 3"#,
+                true,
+            ),
+            (
+                r#"xcluster_lb_proxy_backend_connect_seconds_sum{backend="127.0.0.1:10"} 0.1"#,
+                true,
+            ),
+            (
+                r#"xcluster_lb_proxy_backend_connects_total{backend="127.0.0.1:11"} 3"#,
+                false,
+            ),
+            (
+                r#"xcluster_lb_proxy_backend_connects_total{backend="127.0.0.1:12"} 3"#,
+                false,
+            ),
+            (
+                r#"xcluster_lb_proxy_backend_connects_total{backend="127.0.0.1:13"} 3"#,
+                false,
+            ),
+            (
+                r#"xcluster_lb_proxy_backend_connects_total{backend="127.0.0.1:14"} 3"#,
+                false,
+            ),
+            (r#"xcluster_lb_reports_accepted_total{listener="gone"} 1"#, false),
+        ] {
+            assert_eq!(hide(line), hidden, "{line}");
+        }
+        // Nothing unused: nothing to hide.
+        retired.listeners.remove("gone");
+        retired.backends.retain(|_, (a, _)| *a != addr(10));
+        assert!(hide_retired(text, &retired, |a| a == addr(13)).is_none());
+    }
 
     #[test]
     fn status_reads_the_proxy_series_back() {

@@ -45,6 +45,13 @@ pub trait BackendPicker: Send + Sync + std::fmt::Debug {
     /// The proxy could not connect to `addr` (refused or timed out). A live picker may avoid it at once.
     fn report_failure(&self, _addr: SocketAddr) {}
 
+    /// Whether it may pick `addr` whatever the config says: a directory-backed picker's instances. Read at
+    /// each scrape of `/metrics` (a backend a reload removed keeps its series while this holds), never per
+    /// connection.
+    fn routes_to(&self, _addr: SocketAddr) -> bool {
+        false
+    }
+
     /// Called with the new `[proxy]` section after each successful reload. The static picker rebuilds its
     /// table from it; a directory-backed picker may ignore it.
     fn on_config(&self, _cfg: &ProxyConfig) {}

@@ -31,7 +31,8 @@ use super::limit::ConnLimit;
 use super::listener::Close;
 use super::metrics::{
     Assigned, BACKEND_BACKUP, BACKEND_CONFIGURED, BACKEND_MAX_CONNECTIONS, BACKEND_WEIGHT, BackendMetrics,
-    LISTENER_BIND_FAILURES_TOTAL, LISTENER_MAX_CONNECTIONS, LISTENER_UNBOUND, ListenerMetrics, WORKERS,
+    LISTENER_BIND_FAILURES_TOTAL, LISTENER_MAX_CONNECTIONS, LISTENER_UNBOUND, ListenerMetrics, Retired,
+    WORKERS,
 };
 use super::pick::{BackendPicker, PickFor};
 use super::queue::{Places, Queue, Ticket, Wait, Waker};
@@ -80,6 +81,9 @@ pub struct Shared {
     pub stop: CancellationToken,
     /// Backends held out of the picks after failed connects.
     holds: Holds,
+    /// Listeners and backends reloads removed, whose series `/metrics` leaves out once unused (read at each
+    /// scrape by the pruner [`start`] installs; written by the manager on each reload).
+    retired: ArcSwap<Retired>,
 }
 
 impl Shared {
@@ -263,9 +267,13 @@ impl Shared {
     fn set_backends(&self, cfg: &ProxyConfig) {
         let old = self.backends.load();
         let map = backend_handles(cfg, &old, &self.queue);
-        for gone in old.keys().filter(|a| !map.contains_key(a)) {
+        let mut retired = Retired::clone(&self.retired.load());
+        retired.backends.retain(|_, (addr, _)| !map.contains_key(addr));
+        for (gone, bm) in old.iter().filter(|(a, _)| !map.contains_key(a)) {
             metrics::gauge!(BACKEND_CONFIGURED, "backend" => gone.to_string()).set(0.0);
+            retired.backends.insert(gone.to_string(), (*gone, bm.clone()));
         }
+        self.retired.store(Arc::new(retired));
         self.places
             .store(Arc::new(Places::new(cfg, |b| map[&b.addr].clone())));
         self.backends.store(Arc::new(map));
@@ -289,6 +297,7 @@ impl Shared {
             listeners: TaskTracker::new(),
             stop: CancellationToken::new(),
             holds: Holds::default(),
+            retired: ArcSwap::default(),
         };
         shared.set_backends(cfg);
         shared
@@ -578,7 +587,9 @@ pub fn start(
         listeners: TaskTracker::new(),
         stop,
         holds: Holds::default(),
+        retired: ArcSwap::default(),
     });
+    prune_retired(&shared);
     let (workers, runtime) = spawn_workers(&cfg, &shared).map_err(Error::Workers)?;
     metrics::gauge!(WORKERS, "runtime" => runtime.name()).set(cfg.workers as f64);
     let mut m = Manager {
@@ -634,6 +645,19 @@ pub fn start(
         m.drain().await;
     });
     Ok(ProxyHandle { drain, task })
+}
+
+/// Installs the pruner that leaves the series of the listeners and backends reloads removed out of
+/// `/metrics` once nothing uses them ([`super::metrics::hide_retired`]). It holds `shared` weakly: a proxy
+/// gone hides nothing.
+fn prune_retired(shared: &Arc<Shared>) {
+    let shared = Arc::downgrade(shared);
+    let prune = move |text: &str| {
+        let shared = shared.upgrade()?;
+        let retired = shared.retired.load();
+        super::metrics::hide_retired(text, &retired, |addr| shared.picker.routes_to(addr))
+    };
+    xcluster_runtime::telemetry::set_pruner("lb_proxy", Arc::new(prune));
 }
 
 /// How often a listener whose address was taken tries to bind it again. An address is usually taken for a
@@ -723,6 +747,16 @@ impl Manager {
         }
         self.apply_live(new);
         super::metrics::publish_listeners(&self.listed, &new.listeners);
+        let mut retired = Retired::clone(&self.shared.retired.load());
+        let configured = |name: &str| new.listeners.iter().any(|l| l.name == name);
+        retired.listeners.retain(|name| !configured(name));
+        (retired.listeners).extend(
+            self.listed
+                .iter()
+                .filter(|l| !configured(&l.name))
+                .map(|l| l.name.clone()),
+        );
+        self.shared.retired.store(Arc::new(retired));
         self.listed = new.listeners.clone();
         // By address: a listener whose address is still listed keeps its sockets and, if changed, takes its new
         // settings in place; one whose address is gone stops. Their connections are not touched.
