@@ -1561,6 +1561,67 @@ fn a_listeners_own_idle_timeout_applies_to_its_connections_only(rt: &'static str
     assert_eq!((timeouts("long"), timeouts("short")), (0.0, 1.0), "{m}");
 }
 
+/// A listener for health checks only, accepting and dropping each connection until `stop` is set; then it
+/// closes, and checks of its port fail.
+fn side_port(stop: Arc<AtomicBool>) -> (SocketAddr, thread::JoinHandle<()>) {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    l.set_nonblocking(true).unwrap();
+    let addr = l.local_addr().unwrap();
+    let t = thread::spawn(move || {
+        while !stop.load(Ordering::SeqCst) {
+            if let Err(e) = l.accept()
+                && e.kind() == ErrorKind::WouldBlock
+            {
+                thread::sleep(Duration::from_millis(5)); // the poll interval of a non-blocking accept
+            }
+        }
+    });
+    (addr, t)
+}
+
+/// With `close_on_down` (HAProxy's `on-marked-down shutdown-sessions`), health checks that put a backend
+/// down close its established connections; a backend without it keeps them.
+fn checks_putting_a_backend_down_close_its_connections_if_asked(rt: &'static str) {
+    let (db, kv) = (echo_backend(), echo_backend());
+    let stop = Arc::new(AtomicBool::new(false));
+    let ((db_side, t1), (kv_side, t2)) = (side_port(stop.clone()), side_port(stop.clone()));
+    let (db_front, kv_front) = (free_addr(), free_addr());
+    let lb = start_lb(
+        rt,
+        1000,
+        &format!(
+            "check_interval_ms = 100\ncheck_fall = 1\n{}{}\
+             [[proxy.backends]]\naddr = \"{db}\"\nrequest_types = [\"db\"]\ncheck_port = {}\nclose_on_down = true\n\
+             [[proxy.backends]]\naddr = \"{kv}\"\nrequest_types = [\"kv\"]\ncheck_port = {}\n",
+            listener("db", db_front).replace("\"browse\"", "\"db\""),
+            listener("kv", kv_front).replace("\"browse\"", "\"kv\""),
+            db_side.port(),
+            kv_side.port(),
+        ),
+    );
+    let (mut to_db, mut to_kv) = (connect(db_front), connect(kv_front));
+    ping(&mut to_db, b"db");
+    ping(&mut to_kv, b"kv");
+    // Both backends' checks fail from now on.
+    stop.store(true, Ordering::SeqCst);
+    t1.join().unwrap();
+    t2.join().unwrap();
+    assert_closed(&mut to_db);
+    eventually(T, "the kv backend down", || {
+        (check_verdict(&lb.metrics(), kv).0 == 1.0).then_some(())
+    });
+    ping(&mut to_kv, b"kept");
+    let m = lb.metrics();
+    let closed = |b: SocketAddr| {
+        metric_value(
+            &m,
+            "xcluster_lb_proxy_backend_closed_on_down_total",
+            &format!("backend=\"{b}\""),
+        )
+    };
+    assert_eq!((closed(db), closed(kv).unwrap_or(0.0)), (Some(1.0), 0.0), "{m}");
+}
+
 fn proxy_protocol_v2_header_names_the_client(rt: &'static str) {
     let (tx, rx) = mpsc::channel::<(Vec<u8>, Vec<u8>)>();
     let b = backend(move |mut s| {
@@ -2838,6 +2899,7 @@ per_runtime!(
     idle_connections_are_closed_and_counted,
     half_closed_connections_time_out_after_the_fin_timeout,
     a_listeners_own_idle_timeout_applies_to_its_connections_only,
+    checks_putting_a_backend_down_close_its_connections_if_asked,
     proxy_protocol_v2_header_names_the_client,
     accept_proxy_takes_the_client_from_its_header,
     allow_and_deny_keep_clients_out,

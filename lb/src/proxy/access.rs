@@ -23,6 +23,8 @@ pub enum End {
     Idle,
     /// Half-closed, and no byte either way for `fin_timeout_ms` (HAProxy's client-fin and server-fin).
     FinTimeout,
+    /// Health checks put its backend down, which has `close_on_down`.
+    BackendDown,
     /// A socket error (an OS error number) on the client's socket or the backend's; most often a reset by
     /// that side (HAProxy's `CD` and `SD`).
     Error(Side, i32),
@@ -55,6 +57,7 @@ impl fmt::Display for End {
             Self::Closed => f.write_str("closed"),
             Self::Idle => f.write_str("idle timeout"),
             Self::FinTimeout => f.write_str("fin timeout"),
+            Self::BackendDown => f.write_str("backend down"),
             Self::Error(side, errno) => {
                 write!(f, "{side} error: {}", io::Error::from_raw_os_error(*errno))
             }

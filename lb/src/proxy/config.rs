@@ -261,6 +261,10 @@ pub struct BackendRaw {
     /// server): a service checked by a side port, such as PostgreSQL by Patroni's REST API
     /// (`check_port = 8008` with `check_http_path = "/primary"`). Unset: its own port.
     pub check_port: Option<u16>,
+    /// When its health checks put it down, its established connections are closed too (HAProxy's
+    /// `on-marked-down shutdown-sessions`): clients of a database primary that lost its role reconnect, and
+    /// reach the new one, rather than hang on the old. Off: they run on, as HAProxy's default.
+    pub close_on_down: bool,
 }
 
 impl Default for BackendRaw {
@@ -276,6 +280,7 @@ impl Default for BackendRaw {
             check_send: None,
             check_expect: None,
             check_port: None,
+            close_on_down: false,
         }
     }
 }
@@ -353,6 +358,8 @@ pub struct BackendConfig {
     pub backup: bool,
     /// 0: no limit.
     pub max_connections: u32,
+    /// Its connections are closed when its health checks put it down.
+    pub close_on_down: bool,
 }
 
 impl BackendConfig {
@@ -643,6 +650,7 @@ impl ProxySection {
                 request_types: b.request_types.clone(),
                 backup: b.backup,
                 max_connections,
+                close_on_down: b.close_on_down,
             };
             if let Some(port) = b.check_port {
                 v.check(port > 0, &format!("{key}.check_port"), || {
@@ -683,6 +691,11 @@ impl ProxySection {
                         max_connections == other.max_connections,
                         &format!("{key}.max_connections"),
                         || format!("{max_connections} differs from proxy.backends[{j}] of the same address"),
+                    );
+                    v.check(
+                        b.close_on_down == other.close_on_down,
+                        &format!("{key}.close_on_down"),
+                        || format!("differs from proxy.backends[{j}] of the same address"),
                     );
                     let earlier = checks.iter_mut().find(|(a, _)| *a == addr).map(|(_, c)| c);
                     let same = match (earlier, check) {

@@ -11,6 +11,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsRawFd;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 
@@ -18,6 +19,7 @@ use metrics::Counter;
 use pin_project_lite::pin_project;
 use tokio::io::Interest;
 use tokio::net::TcpStream;
+use tokio::sync::futures::OwnedNotified;
 use tokio::sync::{Notify, OwnedSemaphorePermit};
 use tokio::time::Sleep;
 use tracing::{Instrument, debug, debug_span};
@@ -348,6 +350,8 @@ pub enum Outcome {
     Idle,
     /// Half-closed, and idle for `fin_timeout_ms`.
     FinTimeout,
+    /// Its backend went down, which has `close_on_down`.
+    BackendDown,
 }
 
 pin_project! {
@@ -365,6 +369,8 @@ pin_project! {
         // `fin_timeout_ms`, until the connection half-closes: then it replaces `idle` (and `finning` is set).
         fin: Option<Duration>,
         finning: bool,
+        // Woken when health checks put the backend down, if it has `close_on_down` (else no allocation).
+        backend_down: Option<Pin<Box<OwnedNotified>>>,
         // Pushed forward lazily: activity only stamps `last_ms`, and the timer, when it fires, re-arms itself
         // for `last + idle`. One timer for the connection's life, never one per read.
         #[pin]
@@ -381,6 +387,9 @@ impl Conn {
         (up, down): (Direction, Direction),
         (idle, fin): (Option<Duration>, Option<Duration>),
     ) -> Self {
+        // Created before the connection counts as established: a backend put down from now on wakes it.
+        let backend_down =
+            (bm.close_on_down.load(Ordering::Relaxed)).then(|| Box::pin(bm.down.clone().notified_owned()));
         active.set_backend(bm);
         let start = Instant::now();
         let idle = idle.unwrap_or(NO_IDLE_TIMEOUT);
@@ -395,6 +404,7 @@ impl Conn {
             idle,
             fin,
             finning: false,
+            backend_down,
             timer: tokio::time::sleep_until(tokio::time::Instant::from_std(start + idle)),
         }
     }
@@ -443,6 +453,15 @@ impl Future for Conn {
             let due = *this.start + Duration::from_millis(*this.last_ms) + fin;
             this.timer.as_mut().reset(tokio::time::Instant::from_std(due));
         }
+        if result.is_none()
+            && let Some(down) = this.backend_down.as_mut()
+            && down.as_mut().poll(cx).is_ready()
+        {
+            if let Some(bm) = bm {
+                bm.closed_on_down.increment(1);
+            }
+            result = Some(Outcome::BackendDown);
+        }
         while result.is_none() && this.timer.as_mut().poll(cx).is_ready() {
             let due = *this.start + Duration::from_millis(*this.last_ms) + *this.idle;
             if due <= Instant::now() {
@@ -464,6 +483,7 @@ impl Future for Conn {
             Outcome::Error(side, e) => End::Error(*side, access::errno(e)),
             Outcome::Idle => End::Idle,
             Outcome::FinTimeout => End::FinTimeout,
+            Outcome::BackendDown => End::BackendDown,
         };
         this.active.ended(end);
         Poll::Ready(outcome)

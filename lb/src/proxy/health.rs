@@ -274,6 +274,11 @@ impl CheckStreaks {
         flipped
     }
 
+    /// Whether checks have `addr` down now.
+    pub fn is_down(&self, addr: SocketAddr) -> bool {
+        self.0.get(&addr).is_some_and(|s| s.down)
+    }
+
     /// Marks `addr` up without a check: its hold ended otherwise (a client's connect succeeded).
     pub fn up(&mut self, addr: SocketAddr) {
         self.0.remove(&addr);

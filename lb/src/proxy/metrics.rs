@@ -53,6 +53,8 @@ pub const BACKEND_FAILING: &str = "xcluster_lb_proxy_backend_failing";
 /// (re)load, so `/v1/status` lists them all before any connection.
 pub const BACKEND_BACKUP: &str = "xcluster_lb_proxy_backend_backup";
 pub const BACKEND_CHECK_FAILURES_TOTAL: &str = "xcluster_lb_proxy_backend_check_failures_total";
+/// Established connections closed because health checks put their backend down (`close_on_down`).
+pub const BACKEND_CLOSED_ON_DOWN_TOTAL: &str = "xcluster_lb_proxy_backend_closed_on_down_total";
 /// A configured backend's `max_connections` (0: no cap), set on each (re)load.
 pub const BACKEND_MAX_CONNECTIONS: &str = "xcluster_lb_proxy_backend_max_connections";
 /// 1 for each backend of the config, 0 once a reload removed it; `/v1/status` leaves removed ones out. A
@@ -224,6 +226,14 @@ pub struct BackendMetrics {
     pub connect_seconds: Histogram,
     pub failing: Gauge,
     pub check_failures: Counter,
+    /// Its `close_on_down`, set from the config on each (re)load.
+    pub close_on_down: std::sync::atomic::AtomicBool,
+    /// How many times health checks put it down with `close_on_down` on: a connection that saw another
+    /// count when it began is closed ([`BackendMetrics::went_down`]), by the io_uring tick or, on the tokio
+    /// runtimes, woken by `down`.
+    pub downs: std::sync::atomic::AtomicU32,
+    pub down: Arc<tokio::sync::Notify>,
+    pub closed_on_down: Counter,
     /// A configured backend's: woken when one of its connections ends, for who waits for its place (a
     /// backend the directory routes to has no cap, so none).
     pub queue: Option<Arc<Queue>>,
@@ -273,6 +283,14 @@ impl Drop for Assigned {
 }
 
 impl BackendMetrics {
+    /// Health checks put it down: with `close_on_down`, every connection to it is to close.
+    pub fn went_down(&self) {
+        if self.close_on_down.load(Ordering::Relaxed) {
+            self.downs.fetch_add(1, Ordering::Release);
+            self.down.notify_waiters();
+        }
+    }
+
     /// Counts a successful connect begun at `started`.
     pub fn connected(&self, started: std::time::Instant) {
         self.connects.increment(1);
@@ -292,7 +310,11 @@ impl BackendMetrics {
             bytes_down: metrics::counter!(BACKEND_BYTES_TOTAL, "backend" => b.clone(), "direction" => "down"),
             connect_seconds: metrics::histogram!(BACKEND_CONNECT_SECONDS, "backend" => b.clone()),
             failing: metrics::gauge!(BACKEND_FAILING, "backend" => b.clone()),
-            check_failures: metrics::counter!(BACKEND_CHECK_FAILURES_TOTAL, "backend" => b),
+            check_failures: metrics::counter!(BACKEND_CHECK_FAILURES_TOTAL, "backend" => b.clone()),
+            close_on_down: std::sync::atomic::AtomicBool::new(false),
+            downs: std::sync::atomic::AtomicU32::new(0),
+            down: Arc::default(),
+            closed_on_down: metrics::counter!(BACKEND_CLOSED_ON_DOWN_TOTAL, "backend" => b),
             queue,
         }
     }

@@ -227,6 +227,7 @@ impl Shared {
         });
         let until_next = interval + t.connect;
         for (addr, bm, checked) in futures_util::future::join_all(checks).await {
+            let was_down = streaks.is_down(addr);
             let verdict = streaks.record(addr, checked.is_ok(), t.check_fall, t.check_rise);
             if let Err(e) = &checked {
                 bm.check_failures.increment(1);
@@ -237,6 +238,9 @@ impl Shared {
                 (Verdict::Down, Err(e)) => {
                     let why = format!("its health checks failed: {e}");
                     self.hold_out(addr, bm, Failure::Checks(until_next), &why);
+                    if !was_down {
+                        bm.went_down();
+                    }
                 }
                 (Verdict::Rising, _) if !self.holds.keep(addr, until_next) => {
                     // A client's connect ended the hold meanwhile: it answers.
@@ -329,6 +333,7 @@ fn backend_handles(
         let bm = (old.get(&b.addr).cloned())
             .unwrap_or_else(|| Arc::new(BackendMetrics::new(b.addr, Some(queue.clone()))));
         bm.max.store(u64::from(b.max_connections), Ordering::Relaxed);
+        bm.close_on_down.store(b.close_on_down, Ordering::Relaxed);
         map.insert(b.addr, bm);
     }
     map
