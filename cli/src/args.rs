@@ -243,7 +243,7 @@ pub struct LoadArgs {
     /// Stop after this many requests.
     #[arg(long)]
     pub requests: Option<u64>,
-    /// Timeout of one request, connect included.
+    /// Timeout of one whole request, connect included (through the SDK, retries too: its client deadline).
     #[arg(long, default_value_t = 5000)]
     pub timeout_ms: u64,
     /// Open loop: most requests outstanding at once (later ones wait, and their wait counts as latency).
