@@ -206,37 +206,19 @@ impl Client {
         let mut last: Option<Result<Response<Bytes>>> = None;
         for attempt in 0..attempts {
             if budget.left().is_none() {
-                // No time for this retry: an answer stands; an error becomes the deadline's.
+                // No time for another attempt: an answer stands (as when the attempts run out), an error
+                // becomes the deadline's.
                 return match last {
                     Some(Ok(resp)) => Ok(resp),
-                    Some(Err(e)) => Err(budget.exceeded(&tried, Some(e))),
-                    None => Err(budget.exceeded(&tried, None)),
+                    prev => Err(budget.exceeded(&tried, prev.and_then(Result::err))),
                 };
             }
             let r = self
                 .send_once(request_type, clone_request(&req), &mut tried, budget)
                 .await;
-            let r = match (r, last.take()) {
-                // Cut off in this attempt: the previous attempt's error is what went wrong before.
-                (
-                    Err(Error::DeadlineExceeded {
-                        deadline,
-                        attempts,
-                        last: None,
-                    }),
-                    Some(Err(prev)),
-                ) => {
-                    return Err(Error::DeadlineExceeded {
-                        deadline,
-                        attempts,
-                        last: Some(Box::new(prev)),
-                    });
-                }
-                (r, prev) => {
-                    last = prev;
-                    r
-                }
-            };
+            if let Err(e @ Error::DeadlineExceeded { .. }) = r {
+                return Err(with_last(e, last.and_then(Result::err)));
+            }
             if let (Err(Error::NoInstance(_)), Some(prev)) = (&r, last.take()) {
                 // Every instance has been tried: the previous failure says more than "none left".
                 return prev;
@@ -256,6 +238,23 @@ impl Client {
             last = Some(r);
         }
         last.unwrap_or_else(|| Err(Error::NoInstance(request_type.to_string())))
+    }
+}
+
+/// A deadline error of an attempt cut off in flight, carrying `prev` (the earlier attempt's error) when it
+/// has no failure of its own to tell: what went wrong before the time ran out.
+fn with_last(e: Error, prev: Option<Error>) -> Error {
+    match e {
+        Error::DeadlineExceeded {
+            deadline,
+            attempts,
+            last: None,
+        } => Error::DeadlineExceeded {
+            deadline,
+            attempts,
+            last: prev.map(Box::new),
+        },
+        e => e,
     }
 }
 
