@@ -222,9 +222,10 @@ pub struct LoadArgs {
     /// plain round robin over fixed backends.
     #[arg(long, value_enum, default_value_t = Via::Sdk)]
     pub via: Via,
-    /// Comma-separated addresses: balancers' APIs (sdk; default 127.0.0.1:7000,127.0.0.1:7001), the proxy's
-    /// listener (proxy; one, default 127.0.0.1:7400, `xcluster up`'s browse port), or the backends (rr;
-    /// default the local apps 127.0.0.1:7101,127.0.0.1:7102,127.0.0.1:7103).
+    /// Comma-separated `ip:port` or `host:port` (resolved as the SDK resolves balancers): balancers' APIs
+    /// (sdk; default 127.0.0.1:7000,127.0.0.1:7001), the proxy's listener (proxy; one, default
+    /// 127.0.0.1:7400, `xcluster up`'s browse port), or the backends (rr; default the local apps
+    /// 127.0.0.1:7101,127.0.0.1:7102,127.0.0.1:7103).
     #[arg(long)]
     pub targets: Option<String>,
     /// Request mix by ratio, e.g. `browse=70,order=20,seckill=5,pay=5`.
@@ -243,7 +244,7 @@ pub struct LoadArgs {
     /// Stop after this many requests.
     #[arg(long)]
     pub requests: Option<u64>,
-    /// Timeout of one request, connect included.
+    /// Timeout of one whole request, connect included (through the SDK, retries too: its client deadline).
     #[arg(long, default_value_t = 5000)]
     pub timeout_ms: u64,
     /// Open loop: most requests outstanding at once (later ones wait, and their wait counts as latency).

@@ -44,7 +44,16 @@ pub fn run(args: LoadArgs) -> i32 {
             return 70;
         }
     };
-    match rt.block_on(drive(args)) {
+    // Resolved before the run, as part of checking the arguments: a name that does not resolve is a bad
+    // argument (64), like a malformed one.
+    let targets = match rt.block_on(target::resolve(args.targets())) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("xcluster load: {e}");
+            return 64;
+        }
+    };
+    match rt.block_on(drive(args, targets)) {
         Ok(Ran::Served) => 0,
         Ok(Ran::AllFailed) => {
             eprintln!("xcluster load: every request failed");
@@ -79,13 +88,8 @@ fn check(a: &LoadArgs) -> Result<(), String> {
     if a.timeout_ms == 0 || a.max_in_flight == 0 {
         problems.push("--timeout-ms and --max-in-flight must be above zero".into());
     }
-    let targets = match target::parse(a.targets()) {
-        Ok(t) => t,
-        Err(e) => {
-            problems.push(e);
-            Vec::new()
-        }
-    };
+    // Only counted here; `run` resolves them (bounded) once the runtime is up.
+    let targets = target::names(a.targets());
     if targets.is_empty() && problems.is_empty() {
         problems.push("--targets names no address".into());
     }
@@ -181,7 +185,7 @@ enum Ran {
 /// The exit code of a run in which every request failed (none answered, or none with a status).
 const EXIT_ALL_FAILED: i32 = 1;
 
-async fn drive(args: LoadArgs) -> Result<Ran, String> {
+async fn drive(args: LoadArgs, targets: Vec<Vec<std::net::SocketAddr>>) -> Result<Ran, String> {
     let mix = Mix::parse(&args.mix)?;
     let timeout = Duration::from_millis(args.timeout_ms);
     let names: Vec<&'static str> = mix.kinds.iter().map(|k| k.name).collect();
@@ -204,7 +208,7 @@ async fn drive(args: LoadArgs) -> Result<Ran, String> {
         });
     }
     let target = tokio::select! {
-        t = Target::new(args.via, args.targets(), &names, timeout) => t?,
+        t = Target::new(args.via, targets, &names, timeout) => t?,
         _ = stop.notified() => return Err("interrupted while connecting to the targets".into()),
     };
     let (tx, mut rx) = mpsc::channel::<Sample>(65_536);

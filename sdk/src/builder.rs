@@ -6,6 +6,13 @@ use std::time::Duration;
 
 use crate::client::Client;
 use crate::error::{Error, Result};
+use crate::resolve;
+
+/// A call's whole budget unless the builder says otherwise: Envoy's default route timeout. It leaves room for
+/// one full `request_timeout` (10 s) and the connect failovers and a quick retry around it, and cuts the
+/// worst case of the default retry budgets (3 × (3 × 500 ms + 10 s), about 35 s) to a bound a caller can
+/// plan around.
+pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(15);
 
 /// Validated options of a client.
 #[derive(Debug, Clone)]
@@ -21,6 +28,7 @@ pub(crate) struct Options {
     pub(crate) connect_attempts: u32,
     pub(crate) request_attempts: u32,
     pub(crate) request_timeout: Duration,
+    pub(crate) deadline: Duration,
     pub(crate) max_response_bytes: usize,
 }
 
@@ -72,6 +80,7 @@ impl Default for ClientBuilder {
                 connect_attempts: 3,
                 request_attempts: 3,
                 request_timeout: Duration::from_secs(10),
+                deadline: DEFAULT_DEADLINE,
                 max_response_bytes: 8 * 1024 * 1024,
             },
         }
@@ -79,7 +88,9 @@ impl Default for ClientBuilder {
 }
 
 impl ClientBuilder {
-    /// Seed balancers' API addresses (`ip:port`). The client learns the others from the lists they serve.
+    /// Seed balancers' API addresses: `ip:port`, or `host:port` (such as `localhost:7000`), resolved once by
+    /// `build()` with the system resolver within `balancer_timeout`; every address a name resolves to is a
+    /// seed. The client learns the other balancers from the lists they serve.
     pub fn balancers<I, S>(mut self, addrs: I) -> Self
     where
         I: IntoIterator<Item = S>,
@@ -158,23 +169,52 @@ impl ClientBuilder {
         self
     }
 
+    /// The whole budget of one call ([`Client::send`], [`Client::send_idempotent`], [`Client::connect`],
+    /// [`Client::connect_tracked`]), retries included, like Envoy's route timeout or a gRPC deadline
+    /// (default [`DEFAULT_DEADLINE`], 15 s). Each attempt's own timeouts (`connect_timeout`,
+    /// `request_timeout`) are clipped to what is left of it; once it passes no attempt is started, the one
+    /// in flight is cut off, and the call fails with [`Error::DeadlineExceeded`]. `Duration::MAX` leaves
+    /// calls bounded only by the retry budgets. [`Client::with_deadline`] sets it for some calls only.
+    ///
+    /// ```no_run
+    /// # async fn demo() -> Result<(), xcluster_sdk::Error> {
+    /// use std::time::Duration;
+    /// let client = xcluster_sdk::Client::builder()
+    ///     .balancers(["localhost:7000"])
+    ///     .request_types(["browse"])
+    ///     .deadline(Duration::from_secs(2))
+    ///     .build()
+    ///     .await?;
+    /// # drop(client); Ok(()) }
+    /// ```
+    pub fn deadline(mut self, d: Duration) -> Self {
+        self.opts.deadline = d;
+        self
+    }
+
     /// Largest response body [`Client::send`] accepts (default 8 MiB).
     pub fn max_response_bytes(mut self, n: usize) -> Self {
         self.opts.max_response_bytes = n;
         self
     }
 
-    /// Checks every option, reporting every problem at once.
-    fn validate(mut self) -> Result<Options> {
+    /// Checks every option, reporting every problem at once. Returns the options with the balancers given
+    /// as `ip:port`, and the `host:port` names still to resolve.
+    fn validate(mut self) -> Result<(Options, Vec<String>)> {
         let mut problems = Vec::new();
+        let mut names = Vec::new();
         if self.balancers.is_empty() {
             problems.push("balancers: at least one is required".to_string());
         }
         for b in &self.balancers {
             match b.parse::<SocketAddr>() {
-                Ok(a) if !self.opts.balancers.contains(&a) => self.opts.balancers.push(a),
-                Ok(_) => {}
-                Err(_) => problems.push(format!("balancers: {b:?} is not an ip:port address")),
+                Ok(a) => add_balancer(&mut self.opts.balancers, a),
+                Err(_) if resolve::well_formed(b) => {
+                    if !names.contains(b) {
+                        names.push(b.clone());
+                    }
+                }
+                Err(_) => problems.push(format!("balancers: {b:?} is not an ip:port or host:port address")),
             }
         }
         if self.request_types.is_empty() {
@@ -198,6 +238,7 @@ impl ClientBuilder {
             ("watch_timeout", o.watch_timeout),
             ("repoll_interval", o.repoll_interval),
             ("request_timeout", o.request_timeout),
+            ("deadline", o.deadline),
         ] {
             if d.is_zero() {
                 problems.push(format!("{name}: must be above zero"));
@@ -211,17 +252,29 @@ impl ClientBuilder {
             problems.push("max_response_bytes: must be at least 1".into());
         }
         if problems.is_empty() {
-            Ok(self.opts)
+            Ok((self.opts, names))
         } else {
             Err(Error::Config(problems.join("; ")))
         }
     }
 
-    /// Validates the options, fetches a list for every request type from the first balancer that answers,
-    /// and starts the background watches. Fails with [`Error::Bootstrap`] if no balancer serves a type.
+    /// Validates the options, resolves the balancers named `host:port`, fetches a list for every request type
+    /// from the first balancer that answers, and starts the background watches. Fails with
+    /// [`Error::Resolve`] if a name does not resolve, and [`Error::Bootstrap`] if no balancer serves a type.
     pub async fn build(self) -> Result<Client> {
-        let opts = self.validate()?;
+        let (mut opts, names) = self.validate()?;
+        for name in names {
+            for a in resolve::resolve(&name, opts.balancer_timeout).await? {
+                add_balancer(&mut opts.balancers, a);
+            }
+        }
         Client::bootstrap(opts).await
+    }
+}
+
+fn add_balancer(balancers: &mut Vec<SocketAddr>, a: SocketAddr) {
+    if !balancers.contains(&a) {
+        balancers.push(a);
     }
 }
 
@@ -236,6 +289,7 @@ mod tests {
             .request_types(["ok", "bad type"])
             .connect_timeout(Duration::ZERO)
             .connect_attempts(0)
+            .deadline(Duration::ZERO)
             .max_response_bytes(0)
             .validate()
             .err()
@@ -246,16 +300,38 @@ mod tests {
             "\"bad type\"",
             "connect_timeout",
             "connect_attempts",
+            "deadline",
             "max_response_bytes",
         ] {
             assert!(err.contains(needle), "{needle} missing from {err}");
         }
         let ok = ClientBuilder::default()
-            .balancers(["127.0.0.1:1", "127.0.0.1:1"])
+            .balancers(["127.0.0.1:1", "127.0.0.1:1", "lb.example:7000", "lb.example:7000"])
             .request_types(["a", "a", "b"])
             .validate();
-        let ok = ok.unwrap_or_else(|e| panic!("{e}"));
+        let (ok, names) = ok.unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(ok.balancers.len(), 1);
+        assert_eq!(
+            names,
+            ["lb.example:7000"],
+            "a name is kept for build() to resolve"
+        );
         assert_eq!(ok.request_types, ["a", "b"]);
+        assert_eq!(ok.deadline, DEFAULT_DEADLINE);
+    }
+
+    /// A balancer named by an unknown host fails `build()` with the name, before any connection.
+    #[tokio::test]
+    async fn an_unresolvable_balancer_is_named() {
+        let err = ClientBuilder::default()
+            .balancers(["no-such-host.invalid:7000"])
+            .request_types(["a"])
+            .build()
+            .await
+            .err();
+        match err {
+            Some(e @ Error::Resolve { .. }) => assert!(e.to_string().contains("no-such-host.invalid"), "{e}"),
+            other => panic!("{other:?}"),
+        }
     }
 }

@@ -30,8 +30,58 @@ use crate::picker::{Clock, Stats};
 #[derive(Debug, Clone)]
 pub struct Client {
     pub(crate) shared: Arc<Shared>,
+    /// The whole budget of each call made through this handle (the builder's `deadline`, or
+    /// [`Client::with_deadline`]'s).
+    deadline: Duration,
     cancel: CancellationToken,
     _guard: Arc<DropGuard>,
+}
+
+/// One call's deadline, started when the call is: what is left of it clips every attempt's timeouts.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Budget {
+    total: Duration,
+    /// `None` when the end is beyond what the clock can represent (`Duration::MAX`): never reached.
+    ends: Option<Instant>,
+}
+
+impl Budget {
+    pub(crate) fn start(total: Duration) -> Self {
+        Self {
+            total,
+            ends: Instant::now().checked_add(total),
+        }
+    }
+
+    /// What is left, or `None` once the deadline has passed.
+    pub(crate) fn left(&self) -> Option<Duration> {
+        match self.ends {
+            None => Some(Duration::MAX),
+            Some(end) => end
+                .checked_duration_since(Instant::now())
+                .filter(|d| !d.is_zero()),
+        }
+    }
+
+    /// `timeout` clipped to what is left, and whether the deadline (rather than `timeout`) would end the
+    /// attempt: then its expiry is the deadline's, not the instance's fault. `None` once it has passed.
+    pub(crate) fn clip(&self, timeout: Duration) -> Option<(Duration, bool)> {
+        let left = self.left()?;
+        Some(if left < timeout {
+            (left, true)
+        } else {
+            (timeout, false)
+        })
+    }
+
+    /// The error of a call whose deadline passed after `tried` connects, `last` the last failure before.
+    pub(crate) fn exceeded(&self, tried: &[SocketAddr], last: Option<Error>) -> Error {
+        Error::DeadlineExceeded {
+            deadline: self.total,
+            attempts: u32::try_from(tried.len()).unwrap_or(u32::MAX),
+            last: last.map(Box::new),
+        }
+    }
 }
 
 /// One picked instance. While it lives it counts as a request in flight to that instance; report how the
@@ -162,10 +212,43 @@ impl Client {
             tokio::spawn(watch_loop(shared.clone(), idx, b, cancel.clone()));
         }
         Ok(Client {
+            deadline: shared.opts.deadline,
             shared,
             _guard: Arc::new(cancel.clone().drop_guard()),
             cancel,
         })
+    }
+
+    /// A handle to the same client (same lists, feedback and watches) whose calls have the whole budget `d`
+    /// instead of the builder's [`ClientBuilder::deadline`]: for the few calls that need a tighter or
+    /// looser bound than the rest. A zero budget fails every call at once with [`Error::DeadlineExceeded`].
+    ///
+    /// ```no_run
+    /// # async fn demo(client: xcluster_sdk::Client) -> Result<(), xcluster_sdk::Error> {
+    /// use std::time::Duration;
+    /// let req = http::Request::get("/v1/products")
+    ///     .body(http_body_util::Full::new(bytes::Bytes::new()))
+    ///     .unwrap();
+    /// let resp = client
+    ///     .with_deadline(Duration::from_millis(300))
+    ///     .send_idempotent("browse", req)
+    ///     .await?;
+    /// # drop(resp); Ok(()) }
+    /// ```
+    pub fn with_deadline(&self, d: Duration) -> Client {
+        Client {
+            deadline: d,
+            ..self.clone()
+        }
+    }
+
+    /// The whole budget of this handle's calls.
+    pub fn deadline(&self) -> Duration {
+        self.deadline
+    }
+
+    pub(crate) fn budget(&self) -> Budget {
+        Budget::start(self.deadline)
     }
 
     /// Stops the background watches now (they also stop when the last clone is dropped). Picks keep
@@ -215,7 +298,7 @@ impl Client {
     }
 
     /// Connects to an instance for `request_type`, trying others (up to `connect_attempts`) when one refuses
-    /// or times out; those are ejected at once.
+    /// or times out; those are ejected at once. The whole call is bounded by the client's deadline.
     ///
     /// ```no_run
     /// # async fn demo(client: xcluster_sdk::Client) -> Result<(), xcluster_sdk::Error> {
@@ -232,17 +315,22 @@ impl Client {
     /// until dropped and takes its outcome.
     pub async fn connect_tracked(&self, request_type: &str) -> Result<(Picked, TcpStream)> {
         let mut tried = Vec::new();
-        self.connect_excluding(request_type, &mut tried).await
+        self.connect_excluding(request_type, &mut tried, self.budget())
+            .await
     }
 
     pub(crate) async fn connect_excluding(
         &self,
         request_type: &str,
         tried: &mut Vec<SocketAddr>,
+        budget: Budget,
     ) -> Result<(Picked, TcpStream)> {
         let attempts = self.shared.opts.connect_attempts;
         let mut last = None;
         for _ in 0..attempts {
+            let Some((timeout, cut)) = budget.clip(self.shared.opts.connect_timeout) else {
+                return Err(budget.exceeded(tried, last));
+            };
             let picked = match self.pick_excluding(request_type, tried) {
                 Ok(p) => p,
                 Err(e) if last.is_none() => return Err(e),
@@ -250,7 +338,7 @@ impl Client {
             };
             let addr = picked.addr;
             tried.push(addr);
-            match tokio::time::timeout(self.shared.opts.connect_timeout, TcpStream::connect(addr)).await {
+            match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
                 Ok(Ok(stream)) => {
                     let _ = stream.set_nodelay(true);
                     return Ok((picked, stream));
@@ -260,6 +348,8 @@ impl Client {
                     picked.eject();
                     last = Some(Error::Connect { addr, source });
                 }
+                // The caller's deadline, not the instance's connect_timeout, ran out: no ejection.
+                Err(_) if cut => return Err(budget.exceeded(tried, last)),
                 Err(_) => {
                     tracing::debug!(%addr, "connect timed out; ejecting the instance");
                     picked.eject();

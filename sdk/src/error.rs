@@ -110,6 +110,26 @@ pub enum Error {
         /// The configured limit.
         limit: usize,
     },
+    /// The call's deadline ([`crate::ClientBuilder::deadline`] or [`crate::Client::with_deadline`]) passed:
+    /// no further attempt was started, and the one in flight, if any, was cut off.
+    #[error("deadline of {deadline:?} exceeded after {attempts} attempts{}", last_said(.last))]
+    DeadlineExceeded {
+        /// The whole call's budget.
+        deadline: Duration,
+        /// Instances tried (connects started), the cut-off one included.
+        attempts: u32,
+        /// The last failed attempt before the deadline, if one failed rather than being cut off.
+        last: Option<Box<Error>>,
+    },
+    /// A balancer's `host:port` did not resolve at `build()` (unknown name, or no answer within
+    /// `balancer_timeout`).
+    #[error("cannot resolve balancer address {name:?}: {reason}")]
+    Resolve {
+        /// The address as given.
+        name: String,
+        /// What the resolver said.
+        reason: String,
+    },
     /// Every attempt allowed by the retry budget failed; `last` is the final failure.
     #[error("gave up after {attempts} attempts: {last}")]
     Exhausted {
@@ -127,7 +147,10 @@ impl Error {
             Error::Config(_)
             | Error::UnknownType(_)
             | Error::NotServed { .. }
-            | Error::ResponseTooLarge { .. } => false,
+            | Error::ResponseTooLarge { .. }
+            | Error::Resolve { .. } => false,
+            // The caller's budget is spent: another attempt would start past it.
+            Error::DeadlineExceeded { .. } => false,
             Error::Stale { .. } => false,
             Error::Exhausted { .. } => false,
             Error::Bootstrap { .. }
@@ -143,7 +166,9 @@ impl Error {
     /// Which side failed.
     pub fn side(&self) -> Side {
         match self {
-            Error::Config(_) | Error::UnknownType(_) | Error::NotServed { .. } => Side::Client,
+            Error::Config(_) | Error::UnknownType(_) | Error::NotServed { .. } | Error::Resolve { .. } => {
+                Side::Client
+            }
             Error::Bootstrap { .. } | Error::Balancer { .. } | Error::Stale { .. } => Side::Balancer,
             Error::NoInstance(_)
             | Error::Connect { .. }
@@ -152,6 +177,8 @@ impl Error {
             | Error::Http { .. }
             | Error::ResponseTooLarge { .. } => Side::Backend,
             Error::Exhausted { last, .. } => last.side(),
+            // Cut off while connecting to or waiting for an instance: that instance was too slow.
+            Error::DeadlineExceeded { last, .. } => last.as_ref().map_or(Side::Backend, |l| l.side()),
         }
     }
 
@@ -180,8 +207,16 @@ impl Error {
             Error::Http { .. } => "http",
             Error::ResponseTooLarge { .. } => "too_large",
             Error::Exhausted { last, .. } => last.kind(),
+            // Not the last attempt's kind: what ended the call is the deadline, whatever came before.
+            Error::DeadlineExceeded { .. } => "deadline",
+            Error::Resolve { .. } => "resolve",
         }
     }
+}
+
+/// `: <the last error>` when there is one, for [`Error::DeadlineExceeded`]'s message.
+fn last_said(last: &Option<Box<Error>>) -> String {
+    last.as_ref().map(|l| format!(" (last: {l})")).unwrap_or_default()
 }
 
 /// The SDK's result type.
@@ -207,6 +242,29 @@ mod tests {
                 source: std::io::ErrorKind::ConnectionRefused.into()
             }
             .not_sent()
+        );
+    }
+
+    #[test]
+    fn a_deadline_is_its_own_kind_and_not_retryable() {
+        let addr: SocketAddr = "127.0.0.1:9".parse().unwrap_or_else(|_| unreachable!());
+        let cut = Error::DeadlineExceeded {
+            deadline: Duration::from_millis(300),
+            attempts: 1,
+            last: None,
+        };
+        assert_eq!((cut.kind(), cut.side()), ("deadline", Side::Backend));
+        assert!(!cut.is_retryable() && !cut.not_sent());
+        assert!(cut.to_string().contains("300ms"), "{cut}");
+        let after = Error::DeadlineExceeded {
+            deadline: Duration::from_millis(300),
+            attempts: 2,
+            last: Some(Box::new(Error::Timeout { addr })),
+        };
+        assert_eq!(after.kind(), "deadline");
+        assert!(
+            after.to_string().contains("request to 127.0.0.1:9 timed out"),
+            "{after}"
         );
     }
 }

@@ -14,7 +14,7 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
-use crate::client::Client;
+use crate::client::{Budget, Client};
 use crate::error::{Error, Result};
 
 /// Which instance served a response; [`Client::send`] puts it in the response's extensions.
@@ -108,7 +108,8 @@ fn retryable_status(s: StatusCode) -> bool {
 impl Client {
     /// Sends `req` to an instance picked for `request_type` and returns the whole response (any status).
     /// Connect failures are retried on other instances (the request was not sent); anything later is not,
-    /// since the request may have had its effect. Use an origin-form URI (`/v1/...`).
+    /// since the request may have had its effect. Use an origin-form URI (`/v1/...`). The whole call is
+    /// bounded by the client's deadline ([`Error::DeadlineExceeded`]).
     ///
     /// ```no_run
     /// # async fn demo(client: xcluster_sdk::Client) -> Result<(), xcluster_sdk::Error> {
@@ -127,7 +128,7 @@ impl Client {
     /// ```
     pub async fn send(&self, request_type: &str, req: Request<Full<Bytes>>) -> Result<Response<Bytes>> {
         let mut tried = Vec::new();
-        self.send_once(request_type, req, &mut tried).await
+        self.send_once(request_type, req, &mut tried, self.budget()).await
     }
 
     async fn send_once(
@@ -135,11 +136,15 @@ impl Client {
         request_type: &str,
         req: Request<Full<Bytes>>,
         tried: &mut Vec<SocketAddr>,
+        budget: Budget,
     ) -> Result<Response<Bytes>> {
-        let (picked, stream) = self.connect_excluding(request_type, tried).await?;
+        let (picked, stream) = self.connect_excluding(request_type, tried, budget).await?;
         let addr = picked.addr();
         let opts = &self.shared.opts;
-        match exchange(stream, addr, req, opts.request_timeout, opts.max_response_bytes).await {
+        let Some((timeout, cut)) = budget.clip(opts.request_timeout) else {
+            return Err(budget.exceeded(tried, None));
+        };
+        match exchange(stream, addr, req, timeout, opts.max_response_bytes).await {
             Ok(mut resp) => {
                 resp.extensions_mut().insert(Backend {
                     id: picked.id().to_string(),
@@ -151,6 +156,12 @@ impl Client {
                     picked.success();
                 }
                 Ok(resp)
+            }
+            Err(Error::Timeout { .. }) if cut => {
+                // Slow for this caller, so it counts against the instance; but it did not break its own
+                // request_timeout, so it is not ejected.
+                picked.failure();
+                Err(budget.exceeded(tried, None))
             }
             Err(e) => {
                 if matches!(e, Error::Timeout { .. }) {
@@ -166,6 +177,10 @@ impl Client {
     /// instance after a retryable error or a 502/503/504, up to `request_attempts` in all. Returns the last
     /// response or error. A request that is neither (say a POST with no `Idempotency-Key`) is sent as
     /// [`Client::send`] sends it: once, with only connect failures tried elsewhere.
+    ///
+    /// The whole call, retries included, is bounded by the client's deadline: no attempt starts after it,
+    /// the one in flight is cut off, and the call fails with [`Error::DeadlineExceeded`] (carrying the last
+    /// failed attempt's error). A 502/503/504 with no time left for another attempt is returned as is.
     ///
     /// ```no_run
     /// # async fn demo(client: xcluster_sdk::Client) -> Result<(), xcluster_sdk::Error> {
@@ -186,12 +201,24 @@ impl Client {
             return self.send(request_type, req).await;
         }
         let attempts = self.shared.opts.request_attempts;
+        let budget = self.budget();
         let mut tried = Vec::new();
         let mut last: Option<Result<Response<Bytes>>> = None;
         for attempt in 0..attempts {
+            if budget.left().is_none() {
+                // No time for another attempt: an answer stands (as when the attempts run out), an error
+                // becomes the deadline's.
+                return match last {
+                    Some(Ok(resp)) => Ok(resp),
+                    prev => Err(budget.exceeded(&tried, prev.and_then(Result::err))),
+                };
+            }
             let r = self
-                .send_once(request_type, clone_request(&req), &mut tried)
+                .send_once(request_type, clone_request(&req), &mut tried, budget)
                 .await;
+            if let Err(e @ Error::DeadlineExceeded { .. }) = r {
+                return Err(with_last(e, last.and_then(Result::err)));
+            }
             if let (Err(Error::NoInstance(_)), Some(prev)) = (&r, last.take()) {
                 // Every instance has been tried: the previous failure says more than "none left".
                 return prev;
@@ -211,6 +238,23 @@ impl Client {
             last = Some(r);
         }
         last.unwrap_or_else(|| Err(Error::NoInstance(request_type.to_string())))
+    }
+}
+
+/// A deadline error of an attempt cut off in flight, carrying `prev` (the earlier attempt's error) when it
+/// has no failure of its own to tell: what went wrong before the time ran out.
+fn with_last(e: Error, prev: Option<Error>) -> Error {
+    match e {
+        Error::DeadlineExceeded {
+            deadline,
+            attempts,
+            last: None,
+        } => Error::DeadlineExceeded {
+            deadline,
+            attempts,
+            last: prev.map(Box::new),
+        },
+        e => e,
     }
 }
 

@@ -7,6 +7,8 @@
 //!   weights, sharpened by local feedback (in flight, latency EWMA, errors); an instance that refuses a
 //!   connection or times out is ejected at once.
 //! - [`Client::send`] / [`Client::send_idempotent`] send HTTP requests with hyper to the picked instance.
+//! - Every call has a whole deadline ([`ClientBuilder::deadline`], [`Client::with_deadline`]), retries
+//!   included; past it the call fails with [`Error::DeadlineExceeded`].
 //! - With every balancer down the client keeps serving from its last lists up to `max_staleness` and says
 //!   so in [`Client::state`] (static stability).
 //!
@@ -35,8 +37,9 @@ mod error;
 mod fetch;
 mod http;
 mod picker;
+mod resolve;
 
-pub use builder::ClientBuilder;
+pub use builder::{ClientBuilder, DEFAULT_DEADLINE};
 
 /// Entry points for the fuzz targets (`fuzz/`): the decoders of what balancers send, callable without a
 /// network. Not part of the supported API.
@@ -47,3 +50,4 @@ pub mod fuzzing {
 pub use client::{Client, ClientState, Freshness, Picked, TypeState};
 pub use error::{Error, Result, Side};
 pub use http::{Backend, exchange};
+pub use resolve::resolve;

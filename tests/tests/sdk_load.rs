@@ -222,9 +222,10 @@ fn requests_are_all_sent_when_pay_has_nothing_to_pay() {
     assert_eq!(b.hits(), 60);
 }
 
-/// `--timeout-ms` bounds one request in SDK mode too, retries on other instances included: with every
-/// instance hanging, a browse (which the SDK would try on three instances) is a timeout after 500 ms, not
-/// after three of them.
+/// `--timeout-ms` bounds one request in SDK mode too, retries on other instances included: it is the SDK
+/// client's deadline, so with every instance hanging a browse (which the SDK would try on three instances)
+/// ends as `deadline` after 500 ms, not after three timeouts. With no success, the type's latencies do not
+/// exist: null in JSON, not 0.
 #[test]
 fn sdk_mode_bounds_a_request_retries_included() {
     let stuck = [
@@ -264,10 +265,70 @@ fn sdk_mode_bounds_a_request_retries_included() {
     );
     assert_eq!(p.wait_exit(Duration::from_secs(60)), Some(1), "{}", p.stderr());
     let report: Value = serde_json::from_str(&p.stdout()).unwrap();
-    assert_eq!(by_type(&report, "browse")["errors"]["timeout"], 1, "{report}");
+    let browse = by_type(&report, "browse");
+    assert_eq!(browse["errors"]["deadline"], 1, "{report}");
+    for k in ["p50", "p90", "p99", "p999", "max", "mean"] {
+        assert!(browse["latency_us"][k].is_null(), "{k}: {report}");
+    }
     let elapsed = report["elapsed_s"].as_f64().unwrap();
     assert!(
         elapsed < 1.2,
         "one request took {elapsed} s with --timeout-ms 500"
     );
+}
+
+/// `--targets` takes `host:port` in every mode, resolved as the SDK resolves its balancers: `localhost:PORT`
+/// reaches a balancer (SDK) and a backend (round robin); a name that does not resolve is a bad argument.
+#[test]
+fn targets_may_be_named_by_host_and_port() {
+    let b = Backend::start("a");
+    let lb = FakeBalancer::start(Duration::from_secs(60));
+    lb.set(list("browse", 1, &[("a", b.addr, 100)], &[lb.addr]));
+    let by_name = format!("localhost:{}", lb.addr.port());
+    let report = load(&[
+        "--via",
+        "sdk",
+        "--targets",
+        &by_name,
+        "--mix",
+        "browse=1",
+        "--workers",
+        "1",
+        "--requests",
+        "5",
+    ]);
+    assert_eq!(
+        (report["requests"].as_u64(), report["errors"].as_u64()),
+        (Some(5), Some(0)),
+        "{report}"
+    );
+    let by_name = format!("localhost:{}", b.addr.port());
+    let report = load(&[
+        "--via",
+        "rr",
+        "--targets",
+        &by_name,
+        "--mix",
+        "browse=1",
+        "--workers",
+        "1",
+        "--requests",
+        "5",
+    ]);
+    assert_eq!(report["errors"], 0, "{report}");
+    assert_eq!(b.hits(), 10);
+    let mut p = Proc::xcluster(
+        "load",
+        &[
+            "load",
+            "--via",
+            "rr",
+            "--targets",
+            "no-such-host.invalid:80",
+            "--requests",
+            "1",
+        ],
+    );
+    assert_eq!(p.wait_exit(Duration::from_secs(60)), Some(64), "{}", p.stderr());
+    assert!(p.stderr().contains("no-such-host.invalid:80"), "{}", p.stderr());
 }

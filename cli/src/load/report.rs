@@ -193,18 +193,20 @@ impl Recorder {
             .map(|(name, t)| {
                 let h = &t.hist;
                 let ok = h.len();
+                // An empty histogram answers 0 for every figure; a type with no success has none to show.
+                let q = |quantile: f64| (ok > 0).then(|| h.value_at_quantile(quantile));
                 TypeReport {
                     request_type: name.to_string(),
                     requests: t.requests,
                     ok,
                     throughput_rps: ok as f64 / secs,
                     latency_us: Latency {
-                        p50: h.value_at_quantile(0.5),
-                        p90: h.value_at_quantile(0.9),
-                        p99: h.value_at_quantile(0.99),
-                        p999: h.value_at_quantile(0.999),
-                        max: h.max(),
-                        mean: h.mean(),
+                        p50: q(0.5),
+                        p90: q(0.9),
+                        p99: q(0.99),
+                        p999: q(0.999),
+                        max: (ok > 0).then(|| h.max()),
+                        mean: (ok > 0).then(|| h.mean()),
                     },
                     errors: t.errors.clone(),
                     refused: t.refused.clone(),
@@ -267,14 +269,16 @@ pub struct Share {
     pub share: f64,
 }
 
+/// Latency figures of a type's 2xx responses; each is `None` (`-` in the table, `null` in JSON) when the type
+/// had none, rather than a 0 that reads as "instant".
 #[derive(Debug, Serialize)]
 pub struct Latency {
-    pub p50: u64,
-    pub p90: u64,
-    pub p99: u64,
-    pub p999: u64,
-    pub max: u64,
-    pub mean: f64,
+    pub p50: Option<u64>,
+    pub p90: Option<u64>,
+    pub p99: Option<u64>,
+    pub p999: Option<u64>,
+    pub max: Option<u64>,
+    pub mean: Option<f64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -321,8 +325,9 @@ fn share_cells(out: &mut String, shares: &BTreeMap<String, Share>) {
     out.push('\n');
 }
 
-fn ms(us: u64) -> String {
-    format!("{:.2}", us as f64 / 1000.0)
+/// Microseconds as milliseconds, or `-` for a figure that does not exist.
+fn ms(us: Option<u64>) -> String {
+    us.map_or_else(|| "-".to_string(), |us| format!("{:.2}", us as f64 / 1000.0))
 }
 
 impl Report {
@@ -431,12 +436,9 @@ mod tests {
         assert_eq!((rep.errors, rep.refused), (2, 5));
         assert!((rep.throughput_rps - 93.0).abs() < 1e-9);
         // The successes took 6..=98 ms.
-        assert!(
-            (51_000..=53_000).contains(&t.latency_us.p50),
-            "{}",
-            t.latency_us.p50
-        );
-        assert!(t.latency_us.max >= 97_000);
+        let p50 = t.latency_us.p50.unwrap_or_default();
+        assert!((51_000..=53_000).contains(&p50), "{p50}");
+        assert!(t.latency_us.max.unwrap_or_default() >= 97_000);
         assert_eq!(rep.backends["b"].requests, 25);
         assert!((rep.backends["a"].share - 0.75).abs() < 1e-9);
         let text = rep.text();
@@ -444,6 +446,45 @@ mod tests {
         assert!(text.contains("refused status_409: 5"), "{text}");
         assert!(text.contains("2 errors, 5 refused, 93.0 ok/s"), "{text}");
         assert!(rep.timeline.is_empty(), "no timeline unless asked");
+    }
+
+    /// A type whose every request failed has no latency: `-` in the table and `null` in JSON, not 0.00
+    /// (which reads as instant answers), while a type with successes beside it keeps its figures.
+    #[test]
+    fn a_type_with_no_success_shows_no_latency() {
+        let mut r = Recorder::new(vec!["browse", "order"]);
+        let sample = |kind: usize, outcome: Outcome| Sample {
+            kind,
+            latency: Duration::from_millis(3),
+            backend: "a".into(),
+            outcome,
+        };
+        r.record(sample(0, Outcome::Ok), Duration::ZERO);
+        for _ in 0..4 {
+            r.record(sample(1, Outcome::Error("timeout".into())), Duration::ZERO);
+        }
+        r.record(sample(1, Outcome::of_status(409)), Duration::ZERO);
+        let rep = r.report("sdk", "closed".into(), Duration::from_secs(1));
+        let json = serde_json::to_value(&rep).unwrap_or_default();
+        let order = &json["types"][1]["latency_us"];
+        for k in ["p50", "p90", "p99", "p999", "max", "mean"] {
+            assert!(order[k].is_null(), "order {k}: {order}");
+        }
+        assert_eq!(
+            json["types"][0]["latency_us"]["p50"].as_u64().map(|us| us / 1000),
+            Some(3)
+        );
+        let text = rep.text();
+        let line = |ty: &str| {
+            text.lines()
+                .find(|l| l.starts_with(ty))
+                .map(|l| l.split_whitespace().collect::<Vec<_>>())
+                .unwrap_or_default()
+        };
+        // type, requests, ok/s, five latencies, errors, refused.
+        assert_eq!(line("order")[3..8], ["-"; 5], "{text}");
+        assert!(!text.contains("0.00 "), "{text}");
+        assert_eq!(line("browse")[3..8], ["3.00"; 5], "{text}");
     }
 
     #[test]

@@ -34,34 +34,51 @@ pub enum Target {
 /// when the SDK failed before it had one), so a backend that refuses shows in the shares with its failures.
 pub type Outcome = Result<(Response<Bytes>, String), (String, String)>;
 
-/// The addresses of `--targets`, comma-separated: `ip:port`, or `host:port` resolved now (its first address).
-pub fn parse(targets: &str) -> Result<Vec<SocketAddr>, String> {
+/// How long the resolver may take over one `--targets` name (the SDK's default `balancer_timeout`).
+const RESOLVE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The entries of `--targets`, comma-separated, as given.
+pub fn names(targets: &str) -> Vec<&str> {
     targets
         .split(',')
         .map(str::trim)
         .filter(|s| !s.is_empty())
-        .map(|s| {
-            s.parse::<SocketAddr>().or_else(|_| {
-                std::net::ToSocketAddrs::to_socket_addrs(s)
-                    .ok()
-                    .and_then(|mut a| a.next())
-                    .ok_or_else(|| format!("target {s:?} is not ip:port, nor a host:port that resolves"))
-            })
-        })
         .collect()
 }
 
+/// Every `--targets` entry (`ip:port`, or `host:port`) resolved the SDK's way: each entry's addresses, in
+/// the resolver's order. An error names the entry.
+pub async fn resolve(targets: &str) -> Result<Vec<Vec<SocketAddr>>, String> {
+    let mut out = Vec::new();
+    for name in names(targets) {
+        let addrs = xcluster_sdk::resolve(name, RESOLVE_TIMEOUT)
+            .await
+            .map_err(|e| format!("--targets: {e}"))?;
+        out.push(addrs);
+    }
+    Ok(out)
+}
+
 impl Target {
-    /// Builds the target; for the SDK this bootstraps from the balancers.
-    pub async fn new(via: Via, targets: &str, types: &[&str], timeout: Duration) -> Result<Target, String> {
-        let addrs = parse(targets)?;
-        if addrs.is_empty() {
+    /// Builds the target from the resolved `--targets`; for the SDK this bootstraps from the balancers (every
+    /// address of each, as the SDK takes a name), for a proxy or round robin each entry's first address is
+    /// the backend. `timeout` bounds each whole request, retries included.
+    pub async fn new(
+        via: Via,
+        targets: Vec<Vec<SocketAddr>>,
+        types: &[&str],
+        timeout: Duration,
+    ) -> Result<Target, String> {
+        let firsts: Vec<SocketAddr> = targets.iter().filter_map(|a| a.first().copied()).collect();
+        if firsts.is_empty() {
             return Err("no targets given".into());
         }
         match via {
             Via::Sdk => Client::builder()
-                .balancers(addrs.iter().map(|a| a.to_string()))
+                .balancers(targets.iter().flatten().map(|a| a.to_string()))
                 .request_types(types)
+                // One mechanism bounds a request: the SDK's deadline, which clips each attempt's timeouts.
+                .deadline(timeout)
                 .request_timeout(timeout)
                 .max_response_bytes(MAX_BODY)
                 .build()
@@ -69,26 +86,23 @@ impl Target {
                 .map(Target::Sdk)
                 .map_err(|e| e.to_string()),
             // `load::check` let exactly one through.
-            Via::Proxy => Ok(Target::Proxy(addrs[0])),
+            Via::Proxy => Ok(Target::Proxy(firsts[0])),
             Via::Rr => Ok(Target::Rr {
-                backends: addrs,
+                backends: firsts,
                 next: AtomicUsize::new(0),
             }),
         }
     }
 
-    /// Sends one request of `kind`.
+    /// Sends one request of `kind`, within `timeout` overall (through the SDK, its client's deadline).
     pub async fn send(&self, kind: &Kind, req: Request<Full<Bytes>>, timeout: Duration) -> Outcome {
         match self {
             Target::Sdk(client) => {
                 let r = if kind.idempotent {
-                    tokio::time::timeout(timeout, client.send_idempotent(kind.name, req)).await
+                    client.send_idempotent(kind.name, req).await
                 } else {
-                    tokio::time::timeout(timeout, client.send(kind.name, req)).await
+                    client.send(kind.name, req).await
                 };
-                // The SDK's request_timeout bounds one attempt; `--timeout-ms` is for the whole request,
-                // retries on other instances included.
-                let r = r.map_err(|_| ("timeout".to_string(), String::new()))?;
                 let resp = r.map_err(|e| (e.kind().to_string(), String::new()))?;
                 let who = resp
                     .extensions()
