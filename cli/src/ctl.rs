@@ -447,6 +447,7 @@ const BACKEND_COLUMNS: &[Column] = &[
     ("connect failures", "connect_failures", cell),
     ("check failures", "check_failures", cell),
     ("full", "full", cell),
+    ("closed on down", "closed_on_down", cell),
     ("bytes up", "bytes_up", bytes),
     ("bytes down", "bytes_down", bytes),
     ("weight", "weight", |v| match v.as_u64() {

@@ -160,6 +160,8 @@ pub struct ProxyBackendStatus {
     pub check_failures: u64,
     /// Times it was passed over for being at its `max_connections`.
     pub full: u64,
+    /// Established connections closed because its checks put it down (`close_on_down`).
+    pub closed_on_down: u64,
     pub bytes_up: u64,
     pub bytes_down: u64,
     /// Its last connect failed: it is held out of the picks until its hold ends and a connect succeeds.

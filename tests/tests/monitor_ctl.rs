@@ -394,6 +394,7 @@ fn ctl_cluster_shows_balancers_and_their_proxies() {
             "1",
             "12",
             "13",
+            "15",
             "2.0",
             "KiB",
             "5.0",

@@ -1620,6 +1620,13 @@ fn checks_putting_a_backend_down_close_its_connections_if_asked(rt: &'static str
         )
     };
     assert_eq!((closed(db), closed(kv).unwrap_or(0.0)), (Some(1.0), 0.0), "{m}");
+    // `/v1/status` (and so `xcluster ctl cluster` and the dashboard) shows it too.
+    let status = lb.proxy_status();
+    let closed = |b: SocketAddr| {
+        let row = status.backends.iter().find(|e| e.addr == b.to_string());
+        row.map(|e| e.closed_on_down)
+    };
+    assert_eq!((closed(db), closed(kv)), (Some(1), Some(0)), "{status:?}");
 }
 
 fn proxy_protocol_v2_header_names_the_client(rt: &'static str) {

@@ -385,6 +385,7 @@ pub fn status(text: &str) -> ProxyStatus {
                 BACKEND_CONNECT_FAILURES_TOTAL => e.connect_failures = value,
                 BACKEND_CHECK_FAILURES_TOTAL => e.check_failures = value,
                 BACKEND_FULL_TOTAL => e.full = value,
+                BACKEND_CLOSED_ON_DOWN_TOTAL => e.closed_on_down = value,
                 BACKEND_BYTES_TOTAL if up => e.bytes_up = value,
                 BACKEND_BYTES_TOTAL => e.bytes_down = value,
                 BACKEND_FAILING => e.failing = value > 0,
@@ -580,6 +581,7 @@ xcluster_lb_proxy_backend_configured{backend="127.0.0.1:9"} 1
 xcluster_lb_proxy_backend_weight{backend="127.0.0.1:9"} 0
 xcluster_lb_proxy_backend_check_failures_total{backend="127.0.0.1:9"} 3
 xcluster_lb_proxy_backend_full_total{backend="127.0.0.1:9"} 11
+xcluster_lb_proxy_backend_closed_on_down_total{backend="127.0.0.1:9"} 2
 xcluster_lb_proxy_backend_connects_total{backend="127.0.0.1:10"} 2
 xcluster_lb_proxy_backend_configured{backend="127.0.0.1:10"} 0
 xcluster_lb_proxy_backend_connects_total{backend="10.0.0.1:7101"} 4
@@ -643,6 +645,7 @@ not a sample
                     bytes_down: 5,
                     check_failures: 3,
                     full: 11,
+                    closed_on_down: 2,
                     failing: true,
                     backup: true,
                     weight: Some(0),
