@@ -1561,22 +1561,23 @@ fn a_listeners_own_idle_timeout_applies_to_its_connections_only(rt: &'static str
     assert_eq!((timeouts("long"), timeouts("short")), (0.0, 1.0), "{m}");
 }
 
-/// A listener for health checks only, accepting and dropping each connection until `stop` is set; then it
-/// closes, and checks of its port fail.
+/// A listener for health checks only, accepting and dropping each connection until `stop` is set and one
+/// more connection wakes its accept; then it closes, and checks of its port fail. Ends with [`close_side`].
 fn side_port(stop: Arc<AtomicBool>) -> (SocketAddr, thread::JoinHandle<()>) {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    l.set_nonblocking(true).unwrap();
     let addr = l.local_addr().unwrap();
-    let t = thread::spawn(move || {
-        while !stop.load(Ordering::SeqCst) {
-            if let Err(e) = l.accept()
-                && e.kind() == ErrorKind::WouldBlock
-            {
-                thread::sleep(Duration::from_millis(5)); // the poll interval of a non-blocking accept
-            }
-        }
-    });
+    let t = thread::spawn(
+        move || {
+            while l.accept().is_ok() && !stop.load(Ordering::SeqCst) {}
+        },
+    );
     (addr, t)
+}
+
+/// Closes a [`side_port`] whose `stop` is set: a connection wakes its blocked accept.
+fn close_side((addr, t): (SocketAddr, thread::JoinHandle<()>)) {
+    let _ = TcpStream::connect_timeout(&addr, T);
+    t.join().unwrap();
 }
 
 /// With `close_on_down` (HAProxy's `on-marked-down shutdown-sessions`), health checks that put a backend
@@ -1584,7 +1585,7 @@ fn side_port(stop: Arc<AtomicBool>) -> (SocketAddr, thread::JoinHandle<()>) {
 fn checks_putting_a_backend_down_close_its_connections_if_asked(rt: &'static str) {
     let (db, kv) = (echo_backend(), echo_backend());
     let stop = Arc::new(AtomicBool::new(false));
-    let ((db_side, t1), (kv_side, t2)) = (side_port(stop.clone()), side_port(stop.clone()));
+    let (db_side, kv_side) = (side_port(stop.clone()), side_port(stop.clone()));
     let (db_front, kv_front) = (free_addr(), free_addr());
     let lb = start_lb(
         rt,
@@ -1595,8 +1596,8 @@ fn checks_putting_a_backend_down_close_its_connections_if_asked(rt: &'static str
              [[proxy.backends]]\naddr = \"{kv}\"\nrequest_types = [\"kv\"]\ncheck_port = {}\n",
             listener("db", db_front).replace("\"browse\"", "\"db\""),
             listener("kv", kv_front).replace("\"browse\"", "\"kv\""),
-            db_side.port(),
-            kv_side.port(),
+            db_side.0.port(),
+            kv_side.0.port(),
         ),
     );
     let (mut to_db, mut to_kv) = (connect(db_front), connect(kv_front));
@@ -1604,8 +1605,8 @@ fn checks_putting_a_backend_down_close_its_connections_if_asked(rt: &'static str
     ping(&mut to_kv, b"kv");
     // Both backends' checks fail from now on.
     stop.store(true, Ordering::SeqCst);
-    t1.join().unwrap();
-    t2.join().unwrap();
+    close_side(db_side);
+    close_side(kv_side);
     assert_closed(&mut to_db);
     eventually(T, "the kv backend down", || {
         (check_verdict(&lb.metrics(), kv).0 == 1.0).then_some(())

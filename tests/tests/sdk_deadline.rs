@@ -37,6 +37,31 @@ fn hanging(n: usize) -> (Vec<Backend>, FakeBalancer) {
     (stuck, lb)
 }
 
+/// A client of `lb`'s `browse` list with these retry budgets and whole-call deadline.
+async fn client(lb: &FakeBalancer, attempts: u32, request_timeout: Duration, deadline: Duration) -> Client {
+    Client::builder()
+        .balancers([lb.addr.to_string()])
+        .request_types(["browse"])
+        .request_attempts(attempts)
+        .request_timeout(request_timeout)
+        .deadline(deadline)
+        .build()
+        .await
+        .unwrap()
+}
+
+/// The error of an idempotent browse through `client` to instances that never answer, which must come
+/// well before the retry budgets would end it.
+async fn hung_browse(client: &Client) -> Error {
+    let started = Instant::now();
+    let err = client
+        .send_idempotent("browse", get("/v1/products"))
+        .await
+        .unwrap_err();
+    assert!(started.elapsed() < GENEROUS, "took {:?}", started.elapsed());
+    err
+}
+
 /// Connections the instances accepted, once it stops rising short of `at_least` (bounded poll: an accept
 /// may lag the client's connect by a scheduling slice).
 async fn accepted(stuck: &[Backend], at_least: u64) -> u64 {
@@ -54,21 +79,8 @@ async fn accepted(stuck: &[Backend], at_least: u64) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deadline_cuts_off_the_attempt_in_flight() {
     let (stuck, lb) = hanging(3);
-    let client = Client::builder()
-        .balancers([lb.addr.to_string()])
-        .request_types(["browse"])
-        .request_attempts(3)
-        .request_timeout(Duration::from_secs(10))
-        .deadline(Duration::from_millis(300))
-        .build()
-        .await
-        .unwrap();
-    let started = Instant::now();
-    let err = client
-        .send_idempotent("browse", get("/v1/products"))
-        .await
-        .unwrap_err();
-    assert!(started.elapsed() < GENEROUS, "took {:?}", started.elapsed());
+    let client = client(&lb, 3, Duration::from_secs(10), Duration::from_millis(300)).await;
+    let err = hung_browse(&client).await;
     match &err {
         Error::DeadlineExceeded {
             deadline,
@@ -127,21 +139,8 @@ async fn a_deadline_cuts_off_the_attempt_in_flight() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_attempt_starts_after_the_deadline() {
     let (stuck, lb) = hanging(5);
-    let client = Client::builder()
-        .balancers([lb.addr.to_string()])
-        .request_types(["browse"])
-        .request_attempts(5)
-        .request_timeout(Duration::from_millis(300))
-        .deadline(Duration::from_millis(750))
-        .build()
-        .await
-        .unwrap();
-    let started = Instant::now();
-    let err = client
-        .send_idempotent("browse", get("/v1/products"))
-        .await
-        .unwrap_err();
-    assert!(started.elapsed() < GENEROUS, "took {:?}", started.elapsed());
+    let client = client(&lb, 5, Duration::from_millis(300), Duration::from_millis(750)).await;
+    let err = hung_browse(&client).await;
     let Error::DeadlineExceeded { attempts, last, .. } = &err else {
         panic!("not the deadline's error: {err:?}");
     };

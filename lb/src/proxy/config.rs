@@ -638,9 +638,11 @@ impl ProxySection {
             }
             let own = b.check_http_path.is_some() || b.check_send.is_some() || b.check_expect.is_some();
             let probe = if own {
+                fn text(o: &Option<String>) -> &str {
+                    o.as_deref().unwrap_or("")
+                }
                 let (path, send, expect) = (&b.check_http_path, &b.check_send, &b.check_expect);
-                let text = |o: &Option<String>| o.clone().unwrap_or_default();
-                probe(v, &key, &text(path), &text(send), &text(expect))
+                probe(v, &key, text(path), text(send), text(expect))
             } else {
                 global_probe.clone()
             };
@@ -673,20 +675,24 @@ impl ProxySection {
                 // The same server in another pool (HAProxy lists a server in several backends), with its own
                 // weight and `backup` there: one server, so one connection limit and one health check.
                 Some(j) => {
+                    // Disjoint from every earlier entry of the address; the settings of the server need only
+                    // match the first, which each later one matched too.
                     let other = &backends[j];
-                    let shared = |t: &String| other.serves(t);
-                    v.check(
-                        !b.request_types.is_empty()
-                            && !other.request_types.is_empty()
-                            && !b.request_types.iter().any(shared),
-                        &format!("{key}.addr"),
-                        || {
+                    let overlap = (backends.iter().enumerate()).find(|(_, o)| {
+                        o.addr == addr
+                            && (b.request_types.is_empty()
+                                || o.request_types.is_empty()
+                                || b.request_types.iter().any(|t| o.serves(t)))
+                    });
+                    if let Some((k, _)) = overlap {
+                        v.error(
+                            format!("{key}.addr"),
                             format!(
-                                "{addr} is listed in proxy.backends[{j}] too: an address may be in several \
+                                "{addr} is listed in proxy.backends[{k}] too: an address may be in several \
                                  entries only with disjoint, non-empty request_types"
-                            )
-                        },
-                    );
+                            ),
+                        );
+                    }
                     v.check(
                         max_connections == other.max_connections,
                         &format!("{key}.max_connections"),
@@ -996,6 +1002,18 @@ mod tests {
         // A type in both pools, or a pool of every type, would make the entries compete.
         refused(entry("\"a\"", ""), entry("\"b\", \"a\"", ""), "backends[1].addr");
         refused(entry("\"a\"", ""), entry("", ""), "backends[1].addr");
+        // Every earlier entry counts, not only the first: the third overlaps the second.
+        let third = parse(&format!(
+            "{}{}{}",
+            entry("\"a\"", ""),
+            entry("\"b\"", ""),
+            entry("\"b\"", "")
+        ))
+        .unwrap_err();
+        assert!(
+            third.len() == 1 && third[0].contains("backends[2].addr") && third[0].contains("backends[1]"),
+            "{third:#?}"
+        );
         // One server: one limit and one health check.
         refused(
             entry("\"a\"", ""),

@@ -139,9 +139,17 @@ impl Active {
     }
 
     /// How the connection ended (for the connection log; the first cause given is kept).
+    /// How the connection ended, counted here for every runtime and written to its log record.
     pub(super) fn ended(&mut self, end: End) {
-        if let End::Error(side, _) = end {
-            self.l.metrics.errors[side as usize].increment(1);
+        match end {
+            End::Error(side, _) => self.l.metrics.errors[side as usize].increment(1),
+            End::Idle | End::FinTimeout => self.l.metrics.idle_timeouts.increment(1),
+            End::BackendDown => {
+                if let Some(bm) = &self.bm {
+                    bm.closed_on_down.increment(1);
+                }
+            }
+            _ => {}
         }
         if let Some(g) = self.log.as_deref_mut() {
             g.ended(end);
@@ -457,15 +465,11 @@ impl Future for Conn {
             && let Some(down) = this.backend_down.as_mut()
             && down.as_mut().poll(cx).is_ready()
         {
-            if let Some(bm) = bm {
-                bm.closed_on_down.increment(1);
-            }
             result = Some(Outcome::BackendDown);
         }
         while result.is_none() && this.timer.as_mut().poll(cx).is_ready() {
             let due = *this.start + Duration::from_millis(*this.last_ms) + *this.idle;
             if due <= Instant::now() {
-                l.idle_timeouts.increment(1);
                 result = Some(if *this.finning {
                     Outcome::FinTimeout
                 } else {

@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
 use metrics::{Counter, Gauge, Histogram};
 use xcluster_proto::directory::{ProxyBackendStatus, ProxyListenerStatus, ProxyStatus};
@@ -227,11 +227,11 @@ pub struct BackendMetrics {
     pub failing: Gauge,
     pub check_failures: Counter,
     /// Its `close_on_down`, set from the config on each (re)load.
-    pub close_on_down: std::sync::atomic::AtomicBool,
+    pub close_on_down: AtomicBool,
     /// How many times health checks put it down with `close_on_down` on: a connection that saw another
     /// count when it began is closed ([`BackendMetrics::went_down`]), by the io_uring tick or, on the tokio
     /// runtimes, woken by `down`.
-    pub downs: std::sync::atomic::AtomicU32,
+    pub downs: AtomicU32,
     pub down: Arc<tokio::sync::Notify>,
     pub closed_on_down: Counter,
     /// A configured backend's: woken when one of its connections ends, for who waits for its place (a
@@ -311,8 +311,8 @@ impl BackendMetrics {
             connect_seconds: metrics::histogram!(BACKEND_CONNECT_SECONDS, "backend" => b.clone()),
             failing: metrics::gauge!(BACKEND_FAILING, "backend" => b.clone()),
             check_failures: metrics::counter!(BACKEND_CHECK_FAILURES_TOTAL, "backend" => b.clone()),
-            close_on_down: std::sync::atomic::AtomicBool::new(false),
-            downs: std::sync::atomic::AtomicU32::new(0),
+            close_on_down: AtomicBool::new(false),
+            downs: AtomicU32::new(0),
             down: Arc::default(),
             closed_on_down: metrics::counter!(BACKEND_CLOSED_ON_DOWN_TOTAL, "backend" => b),
             queue,

@@ -843,17 +843,13 @@ impl Loop {
             };
             let expired = scan && limit.is_some_and(|d| self.now_ms.wrapping_sub(c.last_ms) >= millis(d));
             // One load per connection and tick: with `close_on_down`, checks that put its backend down close it.
-            let down =
-                (c.active.bm.as_deref()).filter(|bm| bm.downs.load(Ordering::Relaxed) as u8 != c.downs_seen);
-            if let Some(bm) = down
-                && !c.closing
-            {
-                bm.closed_on_down.increment(1);
+            let down = (c.active.bm.as_deref())
+                .is_some_and(|bm| bm.downs.load(Ordering::Relaxed) as u8 != c.downs_seen);
+            if down && !c.closing {
                 debug!(listener = %c.active.l.cfg.name, "backend down");
                 c.active.ended(End::BackendDown);
                 self.close(slot as u32);
             } else if expired && !c.closing && c.connecting.is_none() {
-                c.active.l.metrics.idle_timeouts.increment(1);
                 debug!(listener = %c.active.l.cfg.name, "{end}");
                 c.active.ended(end);
                 self.close(slot as u32);
