@@ -312,20 +312,26 @@ fn validate_keys(v: &mut Validator, raw: &ReportsSection, max_agents: usize) -> 
     keys
 }
 
-/// A listener's type must route somewhere: a configured backend serves it, or the directory knows it
-/// (`[types]`); else every connection to it fails. A backend's `request_types` must each be some listener's,
+/// Each of a listener's types (its own and its `sni` ones) must route somewhere: a configured backend serves
+/// it, or the directory knows it (`[types]`); else every connection of it fails. A backend's `request_types` must each be some listener's,
 /// or the backend serves nothing (a misspelt type, most likely).
 fn check_proxy_types(v: &mut Validator, proxy: &crate::proxy::config::ProxyConfig, params: &Params) {
     for (i, l) in proxy.listeners.iter().enumerate() {
-        let ty = &l.request_type;
-        if !params.types.contains_key(ty) && !proxy.backends.iter().any(|b| b.serves(ty)) {
-            v.error(
-                format!("proxy.listeners[{i}].request_type"),
-                format!(
-                    "{ty:?} is neither a [types] entry nor served by a [[proxy.backends]] (types: {})",
-                    params.types.keys().cloned().collect::<Vec<_>>().join(", ")
-                ),
-            );
+        for ty in l.types() {
+            if !params.types.contains_key(ty) && !proxy.backends.iter().any(|b| b.serves(ty)) {
+                let key = if ty == l.request_type {
+                    "request_type"
+                } else {
+                    "sni"
+                };
+                v.error(
+                    format!("proxy.listeners[{i}].{key}"),
+                    format!(
+                        "{ty:?} is neither a [types] entry nor served by a [[proxy.backends]] (types: {})",
+                        params.types.keys().cloned().collect::<Vec<_>>().join(", ")
+                    ),
+                );
+            }
         }
     }
     if proxy.listeners.is_empty() {
@@ -333,7 +339,7 @@ fn check_proxy_types(v: &mut Validator, proxy: &crate::proxy::config::ProxyConfi
     }
     for (i, b) in proxy.backends.iter().enumerate() {
         for ty in &b.request_types {
-            if !proxy.listeners.iter().any(|l| &l.request_type == ty) {
+            if !proxy.listeners.iter().any(|l| l.types().any(|t| t == ty)) {
                 v.error(
                     format!("proxy.backends[{i}].request_types"),
                     format!(
@@ -342,7 +348,9 @@ fn check_proxy_types(v: &mut Validator, proxy: &crate::proxy::config::ProxyConfi
                         proxy
                             .listeners
                             .iter()
-                            .map(|l| l.request_type.as_str())
+                            .flat_map(|l| l.types())
+                            .collect::<std::collections::BTreeSet<_>>()
+                            .into_iter()
                             .collect::<Vec<_>>()
                             .join(", ")
                     ),
@@ -552,6 +560,33 @@ mod tests {
             found
                 .iter()
                 .any(|i| i.contains("proxy.backends[0].request_types") && i.contains("\"api\"")),
+            "{found:?}"
+        );
+    }
+
+    /// The types a listener's `sni` names count as its types: each must route somewhere, and a backend
+    /// may serve one no listener has as its own.
+    #[test]
+    fn sni_types_must_route_and_may_be_served() {
+        let sni = "[[proxy.listeners]]\nlisten = \"127.0.0.1:7400\"\nrequest_type = \"web\"\n\
+                   sni = { \"shop.example.com\" = \"shop\", \"*.example.com\" = \"web\" }\n\
+                   [[proxy.backends]]\naddr = \"127.0.0.1:9000\"\nrequest_types = [\"web\"]\n";
+        let found = issues(sni);
+        assert!(
+            found
+                .iter()
+                .any(|i| i.contains("proxy.listeners[0].sni") && i.contains("\"shop\"")),
+            "{found:?}"
+        );
+        let served =
+            format!("{sni}[[proxy.backends]]\naddr = \"127.0.0.1:9001\"\nrequest_types = [\"shop\"]\n");
+        assert!(issues(&served).is_empty(), "{:?}", issues(&served));
+        let bad = served.replace("\"*.example.com\"", "\"*.exa mple.com\"");
+        let found = issues(&bad);
+        assert!(
+            found
+                .iter()
+                .any(|i| i.contains("proxy.listeners[0].sni") && i.contains("not a host name")),
             "{found:?}"
         );
     }

@@ -27,8 +27,9 @@ impl LivePicker {
     /// The request types of `cfg`'s listeners that the directory routes.
     pub(crate) fn directory_types(&self, cfg: &ProxyConfig) -> Vec<String> {
         let mut types: Vec<String> = (cfg.listeners.iter())
-            .filter(|l| !self.fixed.serves(&l.request_type))
-            .map(|l| l.request_type.clone())
+            .flat_map(|l| l.types())
+            .filter(|ty| !self.fixed.serves(ty))
+            .map(str::to_owned)
             .collect();
         types.sort_unstable();
         types.dedup();

@@ -905,6 +905,102 @@ fn ask_name(s: &mut TcpStream) -> u8 {
     name[0]
 }
 
+/// A backend for TLS clients: it sends its one-byte `name` at once, takes the client's first TLS record whole
+/// (or, from a client speaking something else, all it sends until its end), reports it with its name on
+/// `got`, and closes.
+fn record_taker(name: u8, got: mpsc::Sender<(u8, Vec<u8>)>) -> SocketAddr {
+    backend(move |mut s| {
+        let _ = s.write_all(&[name]);
+        let mut bytes = Vec::new();
+        let mut s = s.take(1 << 20);
+        let whole = loop {
+            let record = match bytes.get(..5) {
+                Some(&[22, _, _, hi, lo]) => 5 + usize::from(u16::from_be_bytes([hi, lo])),
+                _ => usize::MAX,
+            };
+            if bytes.len() >= record {
+                break true;
+            }
+            let mut buf = [0u8; 4096];
+            match s.read(&mut buf[..(record - bytes.len()).min(4096)]) {
+                Ok(0) => break record == usize::MAX,
+                Ok(n) => bytes.extend_from_slice(&buf[..n]),
+                Err(_) => break false,
+            }
+        };
+        if whole {
+            let _ = got.send((name, bytes));
+        }
+    })
+}
+
+/// A listener with `sni` sends each TLS client to the type its hello names (real `openssl s_client`
+/// hellos, a wildcard among the names), and anything else to its own type: a hello with another name,
+/// another protocol, a client silent until the connect timeout. The hello reaches the backend whole.
+fn tls_clients_are_routed_by_their_server_name(rt: &'static str) {
+    let (tx, rx) = mpsc::channel();
+    let [plain, shop, api] = [b'a', b'b', b'c'].map(|n| record_taker(n, tx.clone()));
+    let web = free_addr();
+    let lb = start_lb(
+        rt,
+        1000,
+        &format!(
+            "check_interval_ms = 0\nconnect_timeout_ms = 500\n{}log_connections = true\n\
+             sni = {{ \"shop.example.com\" = \"shop\", \"*.api.example.com\" = \"api\" }}\n\
+             [[proxy.backends]]\naddr = \"{plain}\"\nrequest_types = [\"browse\"]\n\
+             [[proxy.backends]]\naddr = \"{shop}\"\nrequest_types = [\"shop\"]\n\
+             [[proxy.backends]]\naddr = \"{api}\"\nrequest_types = [\"api\"]\n",
+            listener("web", web),
+        ),
+    );
+    let taken = || rx.recv_timeout(T).expect("a backend to report what it took");
+    for (server, want) in [
+        ("shop.example.com", b'b'),
+        ("v1.api.example.com", b'c'),
+        ("other.example", b'a'),
+    ] {
+        let connect = web.to_string();
+        let args = ["s_client", "-connect", &connect, "-servername", server].map(String::from);
+        let spawn = Spawn {
+            args: args.to_vec(),
+            ..Default::default()
+        };
+        let mut client = Proc::spawn("openssl", std::path::Path::new("openssl"), spawn);
+        let (name, hello) = taken();
+        assert_eq!(char::from(name), char::from(want), "{server}");
+        assert_eq!(hello[0], 22, "{server}: not a TLS record");
+        let named = hello.windows(server.len()).any(|w| w == server.as_bytes());
+        assert!(named, "{server}: the hello that came does not name it");
+        // It sees the backend's byte where a server hello should be, and gives up.
+        assert!(client.wait_exit(T).is_some(), "openssl did not end");
+    }
+    let mut other = connect(web);
+    other.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
+    other.shutdown(Shutdown::Write).unwrap();
+    assert_eq!(taken(), (b'a', b"GET / HTTP/1.0\r\n\r\n".to_vec()));
+    // Nothing sent: once the connect timeout is up, the listener's own type.
+    let silent = connect(web);
+    let mut first = [0u8; 1];
+    (&silent).read_exact(&mut first).unwrap();
+    assert_eq!(first, [b'a']);
+    drop(silent);
+    assert_eq!(taken(), (b'a', Vec::new()));
+    let m = lb.metrics();
+    for (to, want) in [("routed", 2.0), ("default", 3.0)] {
+        let got = metric_value(&m, "xcluster_lb_proxy_sni_total", &format!("to=\"{to}\""));
+        assert_eq!(got, Some(want), "{to}: {m}");
+    }
+    lb.assert_web_counts(&[("connections_failed_total", 0.0)]);
+    let line = eventually(T, "the log line naming the server", || {
+        let log = lb.proc.stderr();
+        let line = log
+            .lines()
+            .find(|l| l.contains(" sni=\"v1.api.example.com\" backend="))?;
+        Some(line.to_string())
+    });
+    assert!(line.contains(&format!("backend={api} ")), "{line}");
+}
+
 /// With `accept_proxy_from`, only the peers it names may send PROXY headers: a client elsewhere that claims
 /// an allowed address is closed and counted as denied, while the trusted front is served.
 #[test]
@@ -2933,5 +3029,6 @@ per_runtime!(
     a_backend_at_max_connections_is_passed_over,
     a_client_finding_every_backend_full_waits_in_the_queue,
     source_keeps_each_client_on_its_backend,
-    a_stuck_log_output_never_stalls_the_proxy
+    a_stuck_log_output_never_stalls_the_proxy,
+    tls_clients_are_routed_by_their_server_name
 );

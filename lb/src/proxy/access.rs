@@ -1,7 +1,7 @@
 //! The connection log, HAProxy's `option tcplog`: on a listener with `log_connections = true`, each
 //! connection leaves one line at `info` when it ends, with target `access` (so `level = "info,access=off"`
 //! silences it, and the JSON format gives every field as a key): the client, the backend, how long the connect
-//! took and how many backends it tried, the bytes each way, the duration and how it ended.
+//! took and how many backends it tried, the TLS server name on listeners with `sni`, the bytes each way, the duration and how it ended.
 //!
 //! The record lives in the connection's `conn::Active`, which writes the line when it drops, so every way a
 //! connection can end is covered, the end of the drain grace period included (`shutdown`). Listeners without
@@ -118,6 +118,8 @@ pub struct ConnLog {
     /// `[up, down]`: client to backend, backend to client.
     pub bytes: [u64; 2],
     end: Option<End>,
+    /// The server name its TLS hello gave, on listeners with `sni`.
+    pub(super) sni: Option<Box<str>>,
 }
 
 impl ConnLog {
@@ -132,6 +134,7 @@ impl ConnLog {
             tries: 0,
             bytes: [0; 2],
             end: None,
+            sni: None,
         })
     }
 
@@ -172,6 +175,7 @@ impl ConnLog {
             target: "access",
             listener = %listener,
             client = %self.client,
+            sni = self.sni.as_deref(),
             backend = %backend,
             tries = self.tries,
             queue_ms = self.queued.map(ms),

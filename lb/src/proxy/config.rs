@@ -19,6 +19,7 @@ use xcluster_runtime::Validator;
 
 use super::acl::{self, Acl, Net};
 use super::clients::Rate;
+use super::sni::{MAX_ROUTES, SniRoutes};
 
 /// `[proxy]` as written in the file.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -206,6 +207,10 @@ pub struct ListenerRaw {
     /// ones. Reload live, for new connections.
     pub idle_timeout_ms: Option<u64>,
     pub fin_timeout_ms: Option<u64>,
+    /// TLS server names to request types (nginx's `ssl_preread`, HAProxy's `req.ssl_sni`): a client's
+    /// hello naming one goes to that type's backends, TLS passing through untouched; any other connection to
+    /// `request_type`. `"*.example.com"` covers every name under `example.com`. See `proxy::sni`.
+    pub sni: BTreeMap<String, String>,
 }
 
 impl Default for ListenerRaw {
@@ -226,6 +231,7 @@ impl Default for ListenerRaw {
             deny: Vec::new(),
             idle_timeout_ms: None,
             fin_timeout_ms: None,
+            sni: BTreeMap::new(),
         }
     }
 }
@@ -347,6 +353,16 @@ pub struct ListenerConfig {
     /// Its idle timeout once half-closed (its own `fin_timeout_ms` or the `[proxy]` one); `None`: it keeps
     /// `idle`.
     pub fin: Option<Duration>,
+    /// Request types by TLS server name; `None`: every connection is `request_type`.
+    pub sni: Option<SniRoutes>,
+}
+
+impl ListenerConfig {
+    /// Every request type its connections may take: its own, then those of its `sni`.
+    pub fn types(&self) -> impl Iterator<Item = &str> {
+        let sni = self.sni.iter().flat_map(SniRoutes::types);
+        std::iter::once(self.request_type.as_str()).chain(sni)
+    }
 }
 
 /// One validated backend.
@@ -563,6 +579,20 @@ impl ProxySection {
                     format!("{name:?} is used by another listener"),
                 );
             }
+            let sni = (!l.sni.is_empty()).then(|| {
+                let key = format!("{key}.sni");
+                v.check(l.sni.len() <= MAX_ROUTES, &key, || {
+                    format!("{} names, at most {MAX_ROUTES}", l.sni.len())
+                });
+                for ty in l.sni.values() {
+                    check_name(v, &key, ty);
+                }
+                let pairs = l.sni.iter().map(|(n, t)| (n.as_str(), t.as_str()));
+                SniRoutes::new(pairs).unwrap_or_else(|e| {
+                    v.error(key, e);
+                    SniRoutes::default()
+                })
+            });
             v.check(
                 l.accept_proxy || l.accept_proxy_from.is_empty(),
                 &format!("{key}.accept_proxy_from"),
@@ -611,6 +641,7 @@ impl ProxySection {
                     Some(ms) => timeout(v, &format!("{key}.fin_timeout_ms"), ms),
                     None => fin,
                 },
+                sni,
             });
         }
         let mut backends: Vec<BackendConfig> = Vec::new();
@@ -668,7 +699,7 @@ impl ProxySection {
                 proxy_header: target == addr
                     && listeners
                         .iter()
-                        .any(|l| l.proxy_protocol && backend.serves(&l.request_type)),
+                        .any(|l| l.proxy_protocol && l.types().any(|t| backend.serves(t))),
             });
             match backends.iter().position(|o| o.addr == addr) {
                 None => checks.extend(check.map(|c| (addr, c))),

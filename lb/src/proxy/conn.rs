@@ -34,6 +34,7 @@ use super::limit::Permit;
 use super::metrics::Assigned;
 use super::queue::{WAIT_BACKUP, Wait, Waker};
 use super::service::{Admit, ListenerState, NoBackend, Shared};
+use super::sni::Hello;
 
 /// Counts the connection on the listener's active gauge, and on its backend's once connected, for as long
 /// as it lives; holds the connection's permit of `max_connections` (and its place on its listener).
@@ -103,6 +104,19 @@ impl Active {
                 None
             }
         }
+    }
+
+    /// Takes in the server name the client's TLS hello gave, if any, on a listener with `sni`: the request
+    /// type it routes to, or `None` for the listener's own (each counted; the name goes to the log).
+    pub(super) fn hello_read(&mut self, name: Option<String>) -> Option<Arc<str>> {
+        let routes = self.l.cfg.sni.as_ref()?;
+        let ty = name.as_deref().and_then(|n| routes.route(n)).cloned();
+        self.l.metrics.sni[usize::from(ty.is_none())].increment(1);
+        debug!(listener = %self.l.cfg.name, sni = name.as_deref(), request_type = ty.as_deref(), "TLS hello read");
+        if let Some(g) = self.log.as_deref_mut() {
+            g.sni = name.map(String::into_boxed_str);
+        }
+        ty
     }
 
     /// A connect to `addr` is tried (for the connection log).
@@ -205,6 +219,7 @@ pub fn serve(
     Serve::Connecting {
         fut: Box::pin(
             async move {
+                let accepted = Instant::now();
                 let timeouts = shared.timeouts.load_full();
                 // With `accept_proxy`, the client as its header names it; the socket's peer stays `peer`.
                 let client_addrs = if active.l.cfg.accept_proxy {
@@ -216,7 +231,26 @@ pub fn serve(
                 } else {
                     (peer, None)
                 };
-                let (backend, bm) = establish(&client, client_addrs, &mut active, &shared, &timeouts).await?;
+                // With `sni`, the type the client's TLS hello routes to, read within what is left of the
+                // connect timeout; `None`: the listener's own.
+                let routed = if active.l.cfg.sni.is_some() {
+                    let mut hello = Hello::default();
+                    let fd = client.as_raw_fd();
+                    let read = client.async_io(Interest::READABLE, || hello.step(fd));
+                    let left = timeouts.connect.saturating_sub(accepted.elapsed());
+                    let name = match tokio::time::timeout(left, read).await {
+                        Ok(Ok(name)) => name,
+                        _ => {
+                            hello.end(fd);
+                            None
+                        }
+                    };
+                    active.hello_read(name)
+                } else {
+                    None
+                };
+                let (backend, bm) =
+                    establish(&client, client_addrs, routed, &mut active, &shared, &timeouts).await?;
                 let up = Direction::new(shared.forwarding);
                 let down = Direction::new(shared.forwarding);
                 let limits = (active.l.cfg.idle, active.l.cfg.fin);
@@ -247,16 +281,18 @@ impl Future for Serve {
     }
 }
 
-/// Connects a backend (with redispatch) and sends the optional PROXY header, which names `peer` and `to`,
-/// the address the client connected to (`None`: the client socket's own).
+/// Connects a backend of type `routed` (`None`: the listener's own) with redispatch, and sends the optional
+/// PROXY header, which names `peer` and `to`, the address the client connected to (`None`: the client
+/// socket's own).
 async fn establish(
     client: &TcpStream,
     (peer, to): (SocketAddr, Option<SocketAddr>),
+    routed: Option<Arc<str>>,
     active: &mut Active,
     shared: &Shared,
     timeouts: &Timeouts,
 ) -> Option<(TcpStream, Assigned)> {
-    let (backend, addr, bm) = match connect(active, peer.ip(), shared, timeouts).await {
+    let (backend, addr, bm) = match connect(active, routed, peer.ip(), shared, timeouts).await {
         Ok(connected) => connected,
         Err(end) => {
             active.l.metrics.failed.increment(1);
@@ -294,12 +330,14 @@ async fn write_all(s: &TcpStream, mut data: &[u8]) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Tries up to `connect_attempts` connects for a connection from `client`, each to a backend not tried yet
+/// Tries up to `connect_attempts` connects for a connection of type `routed` (`None`: its listener's) from
+/// `client`, each to a backend not tried yet
 /// and, once all have been, to them again after `connect_retry_delay_ms`; none of its bytes are read before
 /// one answers, so a retry is invisible to it. When every backend is full, it waits for a place up to
 /// `queue_timeout_ms`. Else how the connection ends.
 async fn connect(
     active: &mut Active,
+    routed: Option<Arc<str>>,
     client: IpAddr,
     shared: &Shared,
     t: &Timeouts,
@@ -310,10 +348,12 @@ async fn connect(
     // Made the first time the connection waits; the queue rings it when its turn may have come.
     let mut bell: Option<Arc<Notify>> = None;
     loop {
-        let (addr, bm) = match shared.next_backend(&active.l, client, &tried, attempt, wait.ticket()) {
+        let l = &*active.l;
+        let ty = routed.as_deref().unwrap_or(&l.cfg.request_type);
+        let (addr, bm) = match shared.next_backend(l, ty, client, &tried, attempt, wait.ticket()) {
             Ok(pick) => pick,
             Err(NoBackend::Full)
-                if shared.keep_waiting(&active.l, &mut wait, || {
+                if shared.keep_waiting(l, ty, &mut wait, || {
                     Waker::Task(bell.get_or_insert_with(Arc::default).clone())
                 }) =>
             {

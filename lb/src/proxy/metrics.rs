@@ -25,6 +25,9 @@ pub const REJECTED_TOTAL: &str = "xcluster_lb_proxy_connections_rejected_total";
 /// Connections closed before any backend was tried, on listeners with `accept_proxy`: no valid PROXY header
 /// within the connect timeout.
 pub const HEADER_ERRORS_TOTAL: &str = "xcluster_lb_proxy_header_errors_total";
+/// Connections on a listener with `sni` by where their TLS hello sent them: `to="routed"`, the type its
+/// server name maps to; `to="default"`, the listener's own type (no hello, no name, or a name not listed).
+pub const SNI_TOTAL: &str = "xcluster_lb_proxy_sni_total";
 /// Connections closed as soon as accepted: the listener's `allow`/`deny` keep their client out.
 pub const DENIED_TOTAL: &str = "xcluster_lb_proxy_connections_denied_total";
 pub const ACCEPT_ERRORS_TOTAL: &str = "xcluster_lb_proxy_accept_errors_total";
@@ -176,6 +179,8 @@ pub struct ListenerMetrics {
     pub rejected: Counter,
     pub denied: Counter,
     pub header_errors: Counter,
+    /// [`SNI_TOTAL`]: `[routed, default]`.
+    pub sni: [Counter; 2],
     pub accept_errors: Counter,
     pub idle_timeouts: Counter,
     /// [`CONNECTION_ERRORS_TOTAL`], indexed by `Side as usize`: client, backend.
@@ -196,6 +201,8 @@ impl ListenerMetrics {
             rejected: metrics::counter!(REJECTED_TOTAL, "listener" => l.clone()),
             denied: metrics::counter!(DENIED_TOTAL, "listener" => l.clone()),
             header_errors: metrics::counter!(HEADER_ERRORS_TOTAL, "listener" => l.clone()),
+            sni: ["routed", "default"]
+                .map(|to| metrics::counter!(SNI_TOTAL, "listener" => l.clone(), "to" => to)),
             accept_errors: metrics::counter!(ACCEPT_ERRORS_TOTAL, "listener" => l.clone()),
             idle_timeouts: metrics::counter!(IDLE_TIMEOUTS_TOTAL, "listener" => l.clone()),
             errors: [Side::Client, Side::Backend].map(|side| {

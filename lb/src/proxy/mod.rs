@@ -18,6 +18,7 @@ pub mod metrics;
 pub mod pick;
 mod queue;
 mod service;
+mod sni;
 mod spin;
 mod uring;
 

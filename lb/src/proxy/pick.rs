@@ -197,7 +197,7 @@ impl Table {
         for b in cfg.backends.iter().filter(|b| b.request_types.is_empty()) {
             t.any.push(b);
         }
-        let mut types: Vec<&str> = cfg.listeners.iter().map(|l| l.request_type.as_str()).collect();
+        let mut types: Vec<&str> = cfg.listeners.iter().flat_map(|l| l.types()).collect();
         types.extend(
             cfg.backends
                 .iter()

@@ -87,13 +87,15 @@ pub struct Shared {
 }
 
 impl Shared {
-    /// The backend for connect attempt `attempt` (from 0) of a connection from `client` on `l`, never one of
+    /// The backend for connect attempt `attempt` (from 0) of a connection of type `ty` (its listener's, or
+    /// the one its TLS server name routes to) from `client` on `l`, never one of
     /// `tried` (redispatch), with its metric handles; an attempt after the first is counted as a retry.
     /// Else why there is none. `ticket`: the connection's place in the queue, if it waits for a place; while
     /// others wait ahead of it, it gets none ([`super::queue`]).
     pub fn next_backend(
         &self,
         l: &ListenerState,
+        ty: &str,
         client: IpAddr,
         tried: &[SocketAddr],
         attempt: u32,
@@ -103,7 +105,6 @@ impl Shared {
         if attempt >= t.connect_attempts {
             return Err(NoBackend::Exhausted);
         }
-        let ty = &l.cfg.request_type;
         if !self.queue.may_take(ty, ticket, || self.places.load().free(ty)) {
             return Err(NoBackend::Full);
         }
@@ -154,11 +155,17 @@ impl Shared {
         Ok((addr, assigned))
     }
 
-    /// A connection on `l` found every backend full: whether it may wait to be woken and try again
+    /// A connection of type `ty` on `l` found every backend full: whether it may wait to be woken and try again
     /// (`queue_timeout_ms` is on and not yet up). Its first wait is counted and takes a ticket, which
     /// `waker` wakes; the caller then asks once more before it waits, since a place that freed before the
     /// ticket was taken woke nobody ([`Wait::just_joined`]).
-    pub fn keep_waiting(&self, l: &ListenerState, wait: &mut Wait, waker: impl FnOnce() -> Waker) -> bool {
+    pub fn keep_waiting(
+        &self,
+        l: &ListenerState,
+        ty: &str,
+        wait: &mut Wait,
+        waker: impl FnOnce() -> Waker,
+    ) -> bool {
         let Some(limit) = self.timeouts.load().queue else {
             return false;
         };
@@ -170,8 +177,7 @@ impl Shared {
             return false;
         }
         wait.just_joined = wait.ticket.is_none();
-        wait.ticket
-            .get_or_insert_with(|| self.queue.join(&l.cfg.request_type, waker()));
+        wait.ticket.get_or_insert_with(|| self.queue.join(ty, waker()));
         true
     }
 
@@ -926,14 +932,22 @@ mod tests {
         let client = IpAddr::from([127, 0, 0, 1]);
         // Ten connections still connecting: none has completed, all hold their assignment.
         let connecting: Vec<(SocketAddr, Assigned)> = (0..10)
-            .map(|_| shared.next_backend(&l, client, &[], 0, None).unwrap())
+            .map(|_| {
+                shared
+                    .next_backend(&l, &l.cfg.request_type, client, &[], 0, None)
+                    .unwrap()
+            })
             .collect();
         let on_1 = connecting.iter().filter(|(a, _)| a.port() == 1).count();
         assert_eq!(on_1, 5, "10 picks in a burst went {on_1} to 10 - {on_1}");
         // Backend 1's connections end: the next five go to it.
         let kept: Vec<_> = connecting.into_iter().filter(|(a, _)| a.port() == 2).collect();
         let later: Vec<(SocketAddr, Assigned)> = (0..5)
-            .map(|_| shared.next_backend(&l, client, &[], 0, None).unwrap())
+            .map(|_| {
+                shared
+                    .next_backend(&l, &l.cfg.request_type, client, &[], 0, None)
+                    .unwrap()
+            })
             .collect();
         assert!(later.iter().all(|(a, _)| a.port() == 1));
         drop((kept, later));
@@ -960,22 +974,32 @@ mod tests {
         let l = ListenerState::new(&cfg.listeners[0], None);
         let client = IpAddr::from([127, 0, 0, 1]);
         let mut open: Vec<(SocketAddr, Assigned)> = (0..5)
-            .map(|_| shared.next_backend(&l, client, &[], 0, None).unwrap())
+            .map(|_| {
+                shared
+                    .next_backend(&l, &l.cfg.request_type, client, &[], 0, None)
+                    .unwrap()
+            })
             .collect();
         let on_1 = open.iter().filter(|(a, _)| a.port() == 1).count();
         assert_eq!(on_1, 2, "{open:?}");
         assert_eq!(
-            shared.next_backend(&l, client, &[], 0, None).err(),
+            shared
+                .next_backend(&l, &l.cfg.request_type, client, &[], 0, None)
+                .err(),
             Some(NoBackend::Full)
         );
         let both: Vec<SocketAddr> = open.iter().map(|(a, _)| *a).collect();
         assert_eq!(
-            shared.next_backend(&l, client, &both, 0, None).err(),
+            shared
+                .next_backend(&l, &l.cfg.request_type, client, &both, 0, None)
+                .err(),
             Some(NoBackend::TurnAround)
         );
         let on_2 = open.iter().position(|(a, _)| a.port() == 2).unwrap();
         open.swap_remove(on_2);
-        let (addr, _held) = shared.next_backend(&l, client, &[], 0, None).unwrap();
+        let (addr, _held) = shared
+            .next_backend(&l, &l.cfg.request_type, client, &[], 0, None)
+            .unwrap();
         assert_eq!(addr.port(), 2);
     }
 
@@ -995,24 +1019,34 @@ mod tests {
         let shared = Shared::for_tests(&cfg);
         let l = ListenerState::new(&cfg.listeners[0], None);
         let client = IpAddr::from([127, 0, 0, 1]);
-        let (only, bm) = shared.next_backend(&l, client, &[], 0, None).unwrap();
+        let (only, bm) = shared
+            .next_backend(&l, &l.cfg.request_type, client, &[], 0, None)
+            .unwrap();
         let mut tried = Vec::new();
         shared.connect_failed(only, &bm, &mut tried);
         assert_eq!(
-            shared.next_backend(&l, client, &tried, 1, None).err(),
+            shared
+                .next_backend(&l, &l.cfg.request_type, client, &tried, 1, None)
+                .err(),
             Some(NoBackend::TurnAround)
         );
         // After the pause, with `tried` cleared, the held backend is tried again: it is all there is.
-        let (again, _) = shared.next_backend(&l, client, &[], 1, None).unwrap();
+        let (again, _) = shared
+            .next_backend(&l, &l.cfg.request_type, client, &[], 1, None)
+            .unwrap();
         assert_eq!(again, only);
         assert_eq!(
-            shared.next_backend(&l, client, &tried, 3, None).err(),
+            shared
+                .next_backend(&l, &l.cfg.request_type, client, &tried, 3, None)
+                .err(),
             Some(NoBackend::Exhausted),
             "no attempt left"
         );
         shared.hold_out(only, &bm, Failure::Checks(Duration::from_secs(3)), "test");
         assert_eq!(
-            shared.next_backend(&l, client, &tried, 1, None).err(),
+            shared
+                .next_backend(&l, &l.cfg.request_type, client, &tried, 1, None)
+                .err(),
             Some(NoBackend::Exhausted),
             "down by its checks: not worth a wait"
         );
@@ -1068,7 +1102,8 @@ mod tests {
         let shared = Shared::for_tests(&cfg);
         let l = ListenerState::new(&cfg.listeners[0], None);
         let client = IpAddr::from([127, 0, 0, 1]);
-        let ask = |ticket: Option<&Ticket>| shared.next_backend(&l, client, &[], 0, ticket);
+        let ask =
+            |ticket: Option<&Ticket>| shared.next_backend(&l, &l.cfg.request_type, client, &[], 0, ticket);
         let held = ask(None).unwrap();
         assert_eq!(ask(None).err(), Some(NoBackend::Full));
         let bells: [Arc<tokio::sync::Notify>; 2] = [Arc::default(), Arc::default()];

@@ -55,6 +55,7 @@ use super::listener::{BACKOFF_MAX, BACKOFF_MIN, Close, is_resource_exhaustion};
 use super::metrics::{Assigned, BUFFER_WAITS_TOTAL, BUFFERS_HELD, RECEIVE_PAUSES_TOTAL, SPLICED_BYTES_TOTAL};
 use super::queue::{RingDoor, WAIT_BACKUP, Wait, Waker, poke};
 use super::service::{Admit, ListenerState, LiveListener, NoBackend, Shared};
+use super::sni::Hello;
 use super::spin::Spin;
 
 /// Submission queue size; the completion queue is twice that, and overflow is kept by the kernel.
@@ -172,7 +173,7 @@ pub fn spawn(
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Op {
     Accept = 1,
-    /// A poll for the rest of a client's PROXY header (`accept_proxy`).
+    /// A poll for the rest of a client's PROXY header (`accept_proxy`) or TLS hello (`sni`).
     Header,
     Connect,
     LinkTimeout,
@@ -447,6 +448,10 @@ struct Connecting {
     to: Option<SocketAddr>,
     /// The client's PROXY header while it is being read (`accept_proxy`).
     header: Option<Box<Inbound>>,
+    /// The client's TLS hello while it is being waited for (`sni`).
+    hello: Option<Hello>,
+    /// The request type its hello routes to; `None`: its listener's.
+    routed: Option<Arc<str>>,
     tried: Vec<SocketAddr>,
     attempt: u32,
     /// Its wait for a place when every backend is full (`queue_timeout_ms`).
@@ -1001,6 +1006,7 @@ impl Loop {
         slot: Option<Box<ClientSlot>>,
     ) {
         let header = l.cfg.accept_proxy.then(Box::default);
+        let hello = l.cfg.sni.is_some().then(Hello::default);
         let conn = Conn {
             client,
             backend: None,
@@ -1010,6 +1016,8 @@ impl Loop {
                 peer,
                 to: None,
                 header,
+                hello,
+                routed: None,
                 tried: Vec::new(),
                 attempt: 0,
                 wait: Wait::default(),
@@ -1036,58 +1044,92 @@ impl Loop {
                 u32::try_from(self.conns.len() - 1).unwrap_or(u32::MAX)
             }
         };
-        self.read_header(slot);
+        self.read_preamble(slot);
     }
 
-    /// Reads the client's PROXY header (`accept_proxy`) as far as its socket holds it, then goes on to the
-    /// connect; while bytes are missing, a poll waits for more, with a linked timeout so that the header
-    /// takes at most the connect timeout from the accept. Without `accept_proxy`: the connect at once.
-    fn read_header(&mut self, slot: u32) {
+    /// Reads what the client sends before a backend is picked, as far as its socket holds it: its PROXY
+    /// header (`accept_proxy`), then its TLS hello (`sni`). While bytes are missing, a poll waits for more,
+    /// with a linked timeout so that both take at most the connect timeout from the accept. Then the connect.
+    fn read_preamble(&mut self, slot: u32) {
+        enum Step {
+            Wait,
+            Header(io::Result<Addresses>),
+            Hello(Option<String>),
+            Connect,
+        }
         let connect = self.shared.timeouts.load().connect;
         let Some(c) = self.conn(slot) else { return };
         let Some(k) = c.connecting.as_mut() else { return };
-        let Some(header) = k.header.as_mut() else {
-            self.connect_next(slot);
-            return;
+        let fd = c.client.as_raw_fd();
+        let pending = |e: &io::Error| e.kind() == io::ErrorKind::WouldBlock;
+        let step = if let Some(header) = k.header.as_mut() {
+            match header.step(fd) {
+                Err(e) if pending(&e) => Step::Wait,
+                read => Step::Header(read),
+            }
+        } else if let Some(hello) = k.hello.as_mut() {
+            match hello.step(fd) {
+                Err(e) if pending(&e) => Step::Wait,
+                read => Step::Hello(read.ok().flatten()),
+            }
+        } else {
+            Step::Connect
         };
-        let read = match header.step(c.client.as_raw_fd()) {
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+        match step {
+            Step::Wait => {
                 let left = connect.saturating_sub(k.started.elapsed());
-                if !left.is_zero() {
-                    k.timeout = Timespec::from(left);
-                    let poll = opcode::PollAdd::new(Fd(c.client.as_raw_fd()), libc::POLLIN as u32)
-                        .build()
-                        .flags(squeue::Flags::IO_LINK)
-                        .user_data(user_data(Op::Header, slot, 0));
-                    let timeout = opcode::LinkTimeout::new(&k.timeout).build().user_data(user_data(
-                        Op::LinkTimeout,
-                        slot,
-                        0,
-                    ));
-                    c.ops += 2;
-                    self.push_all(&[poll, timeout]);
+                if left.is_zero() {
+                    self.preamble_failed(slot, io::ErrorKind::TimedOut.into());
                     return;
                 }
-                Err(io::ErrorKind::TimedOut.into())
+                k.timeout = Timespec::from(left);
+                let poll = opcode::PollAdd::new(Fd(fd), libc::POLLIN as u32)
+                    .build()
+                    .flags(squeue::Flags::IO_LINK)
+                    .user_data(user_data(Op::Header, slot, 0));
+                let timeout = (opcode::LinkTimeout::new(&k.timeout).build()).user_data(user_data(
+                    Op::LinkTimeout,
+                    slot,
+                    0,
+                ));
+                c.ops += 2;
+                self.push_all(&[poll, timeout]);
             }
-            read => read,
-        };
-        self.header_read(slot, read);
+            Step::Header(read) => self.header_read(slot, read),
+            Step::Hello(name) => self.hello_read(slot, name),
+            Step::Connect => self.connect_next(slot),
+        }
     }
 
-    /// The poll for the rest of a PROXY header completed: bytes came, or (ECANCELED) its timeout fired.
+    /// The poll for more of a PROXY header or a TLS hello completed: bytes came, or (ECANCELED) its timeout
+    /// fired.
     fn on_header(&mut self, slot: u32, res: i32) {
         if !self.finish_op(slot) {
             return;
         }
         match res {
-            0.. => self.read_header(slot),
-            e if e == -libc::ECANCELED => self.header_read(slot, Err(io::ErrorKind::TimedOut.into())),
-            e => self.header_read(slot, Err(io::Error::from_raw_os_error(-e))),
+            0.. => self.read_preamble(slot),
+            e if e == -libc::ECANCELED => self.preamble_failed(slot, io::ErrorKind::TimedOut.into()),
+            e => self.preamble_failed(slot, io::Error::from_raw_os_error(-e)),
         }
     }
 
-    /// The client's PROXY header is read, or failed to be: on to the connect, or closed.
+    /// The connect timeout ran out, or the poll failed, while the client's PROXY header or TLS hello was
+    /// incomplete: the former closes the connection, the latter sends it to the listener's own type.
+    fn preamble_failed(&mut self, slot: u32, e: io::Error) {
+        let Some(c) = self.conn(slot) else { return };
+        let Some(k) = c.connecting.as_mut() else { return };
+        if k.header.is_some() {
+            self.header_read(slot, Err(e));
+        } else {
+            if let Some(hello) = k.hello.as_mut() {
+                hello.end(c.client.as_raw_fd());
+            }
+            self.hello_read(slot, None);
+        }
+    }
+
+    /// The client's PROXY header is read, or failed to be: on to its hello or the connect, or closed.
     fn header_read(&mut self, slot: u32, read: io::Result<Addresses>) {
         let Some(c) = self.conn(slot) else { return };
         let Some(k) = c.connecting.as_mut() else { return };
@@ -1095,10 +1137,19 @@ impl Loop {
         match c.active.header_read(read, k.peer) {
             Some((peer, to)) => {
                 (k.peer, k.to) = (peer, to);
-                self.connect_next(slot);
+                self.read_preamble(slot);
             }
             None => self.close(slot),
         }
+    }
+
+    /// The client's TLS hello gave `name`, or none: the type it routes to, then the connect.
+    fn hello_read(&mut self, slot: u32, name: Option<String>) {
+        let Some(c) = self.conn(slot) else { return };
+        let Some(k) = c.connecting.as_mut() else { return };
+        k.hello = None;
+        k.routed = c.active.hello_read(name);
+        self.connect_next(slot);
     }
 
     fn conn(&mut self, slot: u32) -> Option<&mut Conn> {
@@ -1119,45 +1170,49 @@ impl Loop {
             };
             let l = c.active.l.clone();
             let Some(k) = c.connecting.as_mut() else { return };
-            let (addr, bm) = match shared.next_backend(&l, k.peer.ip(), &k.tried, k.attempt, k.wait.ticket())
-            {
-                Ok(pick) => pick,
-                Err(NoBackend::Full)
-                    if shared.keep_waiting(&l, &mut k.wait, || Waker::Ring {
-                        door: self.door.clone(),
-                        slot,
-                    }) =>
-                {
-                    if k.wait.just_joined() {
-                        continue;
+            let ty = k.routed.as_deref().unwrap_or(&l.cfg.request_type);
+            let (addr, bm) =
+                match shared.next_backend(&l, ty, k.peer.ip(), &k.tried, k.attempt, k.wait.ticket()) {
+                    Ok(pick) => pick,
+                    Err(NoBackend::Full)
+                        if shared.keep_waiting(&l, ty, &mut k.wait, || Waker::Ring {
+                            door: self.door.clone(),
+                            slot,
+                        }) =>
+                    {
+                        if k.wait.just_joined() {
+                            continue;
+                        }
+                        // Ended early by a knock (`on_wake` cancels it), else the backup retry.
+                        let e = (opcode::Timeout::new(&WAIT_BACKUP_TS).build()).user_data(user_data(
+                            Op::Queue,
+                            slot,
+                            0,
+                        ));
+                        c.ops += 1;
+                        self.push(&e);
+                        return;
                     }
-                    // Ended early by a knock (`on_wake` cancels it), else the backup retry.
-                    let e = (opcode::Timeout::new(&WAIT_BACKUP_TS).build()).user_data(user_data(
-                        Op::Queue,
-                        slot,
-                        0,
-                    ));
-                    c.ops += 1;
-                    self.push(&e);
-                    return;
-                }
-                Err(NoBackend::TurnAround) => {
-                    // Every backend has been tried: all of them again after the pause, which ends as
-                    // `Op::Queue` does, in a pick.
-                    k.tried.clear();
-                    k.timeout = Timespec::from(t.retry_delay);
-                    let e =
-                        (opcode::Timeout::new(&k.timeout).build()).user_data(user_data(Op::Queue, slot, 0));
-                    c.ops += 1;
-                    self.push(&e);
-                    return;
-                }
-                Err(why) => {
-                    let end = c.active.wait_failed(&k.wait, why);
-                    self.no_backend(slot, end);
-                    return;
-                }
-            };
+                    Err(NoBackend::TurnAround) => {
+                        // Every backend has been tried: all of them again after the pause, which ends as
+                        // `Op::Queue` does, in a pick.
+                        k.tried.clear();
+                        k.timeout = Timespec::from(t.retry_delay);
+                        let e = (opcode::Timeout::new(&k.timeout).build()).user_data(user_data(
+                            Op::Queue,
+                            slot,
+                            0,
+                        ));
+                        c.ops += 1;
+                        self.push(&e);
+                        return;
+                    }
+                    Err(why) => {
+                        let end = c.active.wait_failed(&k.wait, why);
+                        self.no_backend(slot, end);
+                        return;
+                    }
+                };
             c.active.wait_served(&mut k.wait);
             k.attempt += 1;
             c.active.tried(addr);
