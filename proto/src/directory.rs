@@ -126,6 +126,8 @@ pub struct ProxyListenerStatus {
     pub denied: u64,
     /// Connections closed without a valid PROXY header (`accept_proxy`).
     pub header_errors: u64,
+    /// Connections its `sni` sent to the type their TLS server name maps to (the others went to its own).
+    pub sni_routed: u64,
     /// Connect attempts beyond the first (redispatch).
     pub retries: u64,
     /// Clients of its request type waiting for a place now (every backend at its `max_connections`;
@@ -133,6 +135,8 @@ pub struct ProxyListenerStatus {
     pub waiting: u64,
     /// Its clients that have had to wait for a place, in all (`xcluster_lb_proxy_connections_queued_total`).
     pub queued: u64,
+    /// Times its accepts waited for its `max_connection_rate` (`xcluster_lb_proxy_rate_waits_total`).
+    pub rate_waits: u64,
     /// Accepts that failed (out of descriptors or memory; the accept loop backs off and goes on).
     pub accept_errors: u64,
     pub idle_timeouts: u64,

@@ -132,7 +132,7 @@ fn the_dashboard_shows_programs_and_the_cluster_and_reacts_to_a_restart() {
     assert!(
         dom.contains(
             "<tr data-listener=\"browse\"><td>browse</td><td>127.0.0.1:7400</td><td>browse</td><td>2</td><td>100</td><td>1234</td><td>1</td><td>4</td>\
-             <td>5</td><td>6</td><td>3</td><td>7</td><td>9</td><td>0</td><td>11</td><td>14</td><td>2.0 KiB</td><td>5.0 MiB</td><td>10</td><td>unbound</td></tr>"
+             <td>5</td><td>6</td><td>16</td><td>3</td><td>7</td><td>9</td><td>17</td><td>0</td><td>11</td><td>14</td><td>2.0 KiB</td><td>5.0 MiB</td><td>10</td><td>unbound</td></tr>"
         ),
         "{dom}"
     );

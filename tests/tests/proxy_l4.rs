@@ -991,6 +991,7 @@ fn tls_clients_are_routed_by_their_server_name(rt: &'static str) {
         assert_eq!(got, Some(want), "{to}: {m}");
     }
     lb.assert_web_counts(&[("connections_failed_total", 0.0)]);
+    assert_eq!(lb.proxy_status().listeners[0].sni_routed, 2);
     let line = eventually(T, "the log line naming the server", || {
         let log = lb.proc.stderr();
         let line = log
@@ -2281,6 +2282,53 @@ fn max_connections_holds_new_clients_until_a_permit_frees(rt: &'static str) {
     assert_eq!(accepted(&lb), Some(3.0));
 }
 
+/// A listener's `max_connection_rate` (HAProxy's `rate-limit sessions`): 15 clients at once are accepted
+/// at most a burst and then the rate (10/s) apart, on every worker together, and each is served in the end:
+/// they wait in its queue, none is refused. Since a slow machine only accepts later, the bound (the burst of
+/// 2, plus 10 per second since before the first client) cannot fail for want of speed.
+fn a_listeners_connection_rate_holds_clients_in_its_queue(rt: &'static str) {
+    let (lb, web) = echo_lb(rt, 1000, "", "max_connection_rate = 10\n");
+    let start = Instant::now();
+    let clients: Vec<TcpStream> = (0..15)
+        .map(|_| {
+            let s = connect(web);
+            (&s).write_all(b"x").unwrap();
+            s
+        })
+        .collect();
+    eventually(T, "every client accepted", || {
+        let m = lb.metrics();
+        let elapsed = start.elapsed().as_secs_f64();
+        let accepted = metric_value(
+            &m,
+            "xcluster_lb_proxy_connections_accepted_total",
+            "listener=\"web\"",
+        )?;
+        let bound = 2.0 + (10.0 * elapsed).ceil();
+        assert!(
+            accepted <= bound,
+            "{accepted} accepted after {elapsed:.3} s, at most {bound}"
+        );
+        (accepted == 15.0).then_some(())
+    });
+    for mut s in clients {
+        let mut got = [0u8; 1];
+        s.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"x");
+    }
+    let m = lb.metrics();
+    let waits = metric_value(&m, "xcluster_lb_proxy_rate_waits_total", "listener=\"web\"");
+    assert!(waits.is_some_and(|n| n > 0.0), "{waits:?}");
+    assert_eq!(
+        lb.proxy_status().listeners[0].rate_waits as f64,
+        waits.unwrap_or(0.0)
+    );
+    lb.assert_web_counts(&[
+        ("connections_failed_total", 0.0),
+        ("connections_rejected_total", 0.0),
+    ]);
+}
+
 /// A listener's own `max_connections` holds its clients past it in its queue, not the other listeners'; a
 /// reload raising it lets the waiting client in, and an end frees a place.
 fn a_listener_at_its_max_connections_holds_new_clients(rt: &'static str) {
@@ -3030,5 +3078,6 @@ per_runtime!(
     a_client_finding_every_backend_full_waits_in_the_queue,
     source_keeps_each_client_on_its_backend,
     a_stuck_log_output_never_stalls_the_proxy,
-    tls_clients_are_routed_by_their_server_name
+    tls_clients_are_routed_by_their_server_name,
+    a_listeners_connection_rate_holds_clients_in_its_queue
 );

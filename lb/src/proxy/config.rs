@@ -197,6 +197,10 @@ pub struct ListenerRaw {
     pub max_connection_rate_per_client: u32,
     /// The period of `max_connection_rate_per_client`, 1 s to 1 h.
     pub connection_rate_period_ms: u64,
+    /// New connections this listener accepts per second, over all workers (HAProxy's `rate-limit
+    /// sessions`): past it, clients wait in the listener's queue, none is refused. 0 (the default): no
+    /// limit. Reloads live. See `proxy::rate`.
+    pub max_connection_rate: u32,
     /// Client addresses or CIDR networks let in; empty (the default): every one not denied. See
     /// `proxy::acl`.
     pub allow: Vec<String>,
@@ -227,6 +231,7 @@ impl Default for ListenerRaw {
             max_connections_per_client: 0,
             max_connection_rate_per_client: 0,
             connection_rate_period_ms: 10_000,
+            max_connection_rate: 0,
             allow: Vec::new(),
             deny: Vec::new(),
             idle_timeout_ms: None,
@@ -347,6 +352,8 @@ pub struct ListenerConfig {
     pub max_connections_per_client: Option<u32>,
     /// `None`: no limit.
     pub connection_rate: Option<Rate>,
+    /// Accepts per second; 0: no limit.
+    pub max_connection_rate: u32,
     pub acl: Acl,
     /// Its idle timeout (its own or the `[proxy]` one); `None` when disabled.
     pub idle: Option<Duration>,
@@ -629,6 +636,12 @@ impl ProxySection {
                     ),
                 })
                 .filter(|r| r.count > 0),
+                max_connection_rate: v.range(
+                    &format!("{key}.max_connection_rate"),
+                    l.max_connection_rate,
+                    0,
+                    10_000_000,
+                ),
                 acl: Acl {
                     allow: nets(v, &format!("{key}.allow"), &l.allow),
                     deny: nets(v, &format!("{key}.deny"), &l.deny),

@@ -90,7 +90,7 @@ pub async fn accept_loop(
     };
     let mut backoff = BACKOFF_MIN;
     let mut closing: Option<Closing> = None;
-    loop {
+    'accept: loop {
         if closing.is_none()
             && let Some(how) = *close.borrow_and_update()
         {
@@ -115,13 +115,22 @@ pub async fn accept_loop(
                 }
             },
         };
-        // The listener's own place first: waiting for it holds no proxy-wide permit from the others.
+        // The listener's own place, then its turn at `max_connection_rate`: waiting for either holds no
+        // proxy-wide permit from the others.
         let limit = state.load().limit.clone();
         let place = tokio::select! {
             biased;
             gone = interrupted(&mut close, closing.is_some()) => if gone { return } else { continue },
             p = limit.take() => p,
         };
+        while let Err(wait) = state.load().rate.try_take() {
+            state.load().metrics.rate_waits.increment(1);
+            tokio::select! {
+                biased;
+                gone = interrupted(&mut close, closing.is_some()) => if gone { return } else { continue 'accept },
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
         let permit = tokio::select! {
             biased;
             gone = interrupted(&mut close, closing.is_some()) => if gone { return } else { continue },

@@ -31,6 +31,8 @@ pub const SNI_TOTAL: &str = "xcluster_lb_proxy_sni_total";
 /// Connections closed as soon as accepted: the listener's `allow`/`deny` keep their client out.
 pub const DENIED_TOTAL: &str = "xcluster_lb_proxy_connections_denied_total";
 pub const ACCEPT_ERRORS_TOTAL: &str = "xcluster_lb_proxy_accept_errors_total";
+/// Times a listener's accept waited for its `max_connection_rate` (its clients waited in its queue).
+pub const RATE_WAITS_TOTAL: &str = "xcluster_lb_proxy_rate_waits_total";
 pub const IDLE_TIMEOUTS_TOTAL: &str = "xcluster_lb_proxy_idle_timeouts_total";
 /// A listener's own `max_connections` (0: only the proxy-wide limit), set on each (re)load.
 pub const LISTENER_MAX_CONNECTIONS: &str = "xcluster_lb_proxy_listener_max_connections";
@@ -182,6 +184,7 @@ pub struct ListenerMetrics {
     /// [`SNI_TOTAL`]: `[routed, default]`.
     pub sni: [Counter; 2],
     pub accept_errors: Counter,
+    pub rate_waits: Counter,
     pub idle_timeouts: Counter,
     /// [`CONNECTION_ERRORS_TOTAL`], indexed by `Side as usize`: client, backend.
     pub errors: [Counter; 2],
@@ -204,6 +207,7 @@ impl ListenerMetrics {
             sni: ["routed", "default"]
                 .map(|to| metrics::counter!(SNI_TOTAL, "listener" => l.clone(), "to" => to)),
             accept_errors: metrics::counter!(ACCEPT_ERRORS_TOTAL, "listener" => l.clone()),
+            rate_waits: metrics::counter!(RATE_WAITS_TOTAL, "listener" => l.clone()),
             idle_timeouts: metrics::counter!(IDLE_TIMEOUTS_TOTAL, "listener" => l.clone()),
             errors: [Side::Client, Side::Backend].map(|side| {
                 metrics::counter!(CONNECTION_ERRORS_TOTAL, "listener" => l.clone(), "side" => side.to_string())
@@ -359,6 +363,8 @@ pub fn status(text: &str) -> ProxyStatus {
                 REJECTED_TOTAL => e.rejected = value,
                 DENIED_TOTAL => e.denied = value,
                 HEADER_ERRORS_TOTAL => e.header_errors = value,
+                SNI_TOTAL if label("to") == Some("routed") => e.sni_routed = value,
+                RATE_WAITS_TOTAL => e.rate_waits = value,
                 RETRIES_TOTAL => e.retries = value,
                 IDLE_TIMEOUTS_TOTAL => e.idle_timeouts = value,
                 QUEUED_TOTAL => e.queued = value,

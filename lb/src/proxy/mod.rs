@@ -17,6 +17,7 @@ mod listener;
 pub mod metrics;
 pub mod pick;
 mod queue;
+mod rate;
 mod service;
 mod sni;
 mod spin;

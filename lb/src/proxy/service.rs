@@ -36,6 +36,7 @@ use super::metrics::{
 };
 use super::pick::{BackendPicker, PickFor};
 use super::queue::{Places, Queue, Ticket, Wait, Waker};
+use super::rate::RateGate;
 
 /// Why the proxy could not start.
 #[derive(Debug, thiserror::Error)]
@@ -354,6 +355,8 @@ pub struct ListenerState {
     pub clients: Arc<ClientCounts>,
     /// Open connections against the listener's own `max_connections`; kept across in-place changes.
     pub limit: Arc<ConnLimit>,
+    /// Its `max_connection_rate`; kept across in-place changes.
+    pub rate: Arc<RateGate>,
 }
 
 /// Whether a connection just accepted may go on.
@@ -372,6 +375,8 @@ impl ListenerState {
     pub fn new(cfg: &ListenerConfig, before: Option<&ListenerState>) -> Arc<Self> {
         let limit = before.map_or_else(Arc::default, |b| b.limit.clone());
         limit.set_max(cfg.max_connections);
+        let rate = before.map_or_else(Arc::default, |b| b.rate.clone());
+        rate.set_rate(cfg.max_connection_rate);
         metrics::gauge!(LISTENER_MAX_CONNECTIONS, "listener" => cfg.name.clone())
             .set(f64::from(cfg.max_connections));
         Arc::new(Self {
@@ -379,6 +384,7 @@ impl ListenerState {
             metrics: ListenerMetrics::new(&cfg.name),
             clients: before.map_or_else(Arc::default, |b| b.clients.clone()),
             limit,
+            rate,
         })
     }
 

@@ -927,11 +927,18 @@ impl Loop {
             return;
         }
         if l.permit.is_none() {
-            // The listener's own place first, as the tokio accept loop does. Either wait is re-armed when a
-            // connection here ends, or by the tick.
-            let Some(place) = l.state.load().limit.try_take() else {
+            // Its own place and its turn at the rate first, as the tokio accept loop does. A wait for the
+            // rate ends on the tick after it is up (the place goes back meanwhile); one for a place or a
+            // permit is re-armed when a connection here ends, or by the tick.
+            let state = l.state.load();
+            let Some(place) = state.limit.try_take() else {
                 return;
             };
+            if let Err(wait) = state.rate.try_take() {
+                state.metrics.rate_waits.increment(1);
+                l.not_before = Some(Instant::now() + wait);
+                return;
+            }
             match self.shared.permits.clone().try_acquire_owned() {
                 Ok(all) => l.permit = Some(Permit { all, place }),
                 Err(_) => return,
