@@ -2,6 +2,8 @@
 //! - `echo ADDR`: an echo backend (one thread);
 //! - `pingpong ADDR CONNS SECS SIZE`: small messages over long-lived connections; prints
 //!   `msgs_per_sec p50_us p99_us`;
+//! - `hello ADDR CONNS SECS`: a new connection per exchange, each sending a real TLS ClientHello (OpenSSL's,
+//!   naming `shop.example.com`) to an echo backend and reading it back; prints `conns_per_sec p50_us p99_us`;
 //! - `idle ADDR CONNS`: opens CONNS connections, one echoed byte on each, prints `ready` and holds them until
 //!   stdin closes.
 
@@ -21,7 +23,7 @@ fn main() -> anyhow::Result<()> {
     let arg = |i: usize| -> anyhow::Result<&str> {
         args.get(i)
             .map(String::as_str)
-            .ok_or_else(|| anyhow::anyhow!("usage: l4load echo|pingpong|idle ADDR ..."))
+            .ok_or_else(|| anyhow::anyhow!("usage: l4load echo|pingpong|hello|idle ADDR ..."))
     };
     let addr: SocketAddr = arg(1)?.parse()?;
     match arg(0)? {
@@ -31,6 +33,11 @@ fn main() -> anyhow::Result<()> {
             arg(2)?.parse()?,
             Duration::from_secs_f64(arg(3)?.parse()?),
             arg(4)?.parse()?,
+        )),
+        "hello" => rt.block_on(hello(
+            addr,
+            arg(2)?.parse()?,
+            Duration::from_secs_f64(arg(3)?.parse()?),
         )),
         "idle" => rt.block_on(idle(addr, arg(2)?.parse()?)),
         other => anyhow::bail!("unknown mode {other}"),
@@ -88,6 +95,11 @@ async fn pingpong(addr: SocketAddr, conns: usize, secs: Duration, size: usize) -
             Ok(lat)
         }));
     }
+    report(tasks).await
+}
+
+/// Waits for the tasks' latencies (µs) and prints the rate, the p50 and the p99.
+async fn report(tasks: Vec<tokio::task::JoinHandle<anyhow::Result<Vec<u32>>>>) -> anyhow::Result<()> {
     let start = Instant::now();
     let mut all = Vec::new();
     for t in tasks {
@@ -106,6 +118,38 @@ async fn pingpong(addr: SocketAddr, conns: usize, secs: Duration, size: usize) -
         pct(0.99).unwrap_or(0)
     );
     Ok(())
+}
+
+/// The first record of `openssl s_client -servername shop.example.com` (322 bytes).
+const HELLO: &[u8] = include_bytes!("../src/proxy/testdata/openssl_client_hello.bin");
+
+async fn hello(addr: SocketAddr, conns: usize, secs: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + secs;
+    let tasks = (0..conns)
+        .map(|_| {
+            tokio::spawn(async move {
+                let mut back = vec![0u8; HELLO.len()];
+                let mut lat: Vec<u32> = Vec::with_capacity(1 << 14);
+                while Instant::now() < deadline {
+                    let t0 = Instant::now();
+                    let exchange = async {
+                        let mut s = TcpStream::connect(addr).await?;
+                        s.set_nodelay(true)?;
+                        s.write_all(HELLO).await?;
+                        s.read_exact(&mut back).await
+                    };
+                    match tokio::time::timeout(EXCHANGE_TIMEOUT, exchange).await {
+                        Ok(Ok(_)) => {}
+                        Ok(Err(e)) => anyhow::bail!("a hello exchange failed: {e}"),
+                        Err(_) => anyhow::bail!("a hello exchange took over {EXCHANGE_TIMEOUT:?}"),
+                    }
+                    lat.push(u32::try_from(t0.elapsed().as_micros()).unwrap_or(u32::MAX));
+                }
+                Ok(lat)
+            })
+        })
+        .collect();
+    report(tasks).await
 }
 
 async fn idle(addr: SocketAddr, conns: usize) -> anyhow::Result<()> {
