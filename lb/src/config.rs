@@ -581,6 +581,23 @@ mod tests {
         let served =
             format!("{sni}[[proxy.backends]]\naddr = \"127.0.0.1:9001\"\nrequest_types = [\"shop\"]\n");
         assert!(issues(&served).is_empty(), "{:?}", issues(&served));
+        // With `sni_only`, the listener's own type is not used: it need not route anywhere.
+        let only = sni.replace(
+            "request_type = \"web\"\n",
+            "request_type = \"nowhere\"\nsni_only = true\n",
+        );
+        let only =
+            format!("{only}[[proxy.backends]]\naddr = \"127.0.0.1:9001\"\nrequest_types = [\"shop\"]\n");
+        assert!(issues(&only).is_empty(), "{:?}", issues(&only));
+        let without = "[[proxy.listeners]]\nlisten = \"127.0.0.1:7400\"\nrequest_type = \"web\"\nsni_only = true\n\
+                       [[proxy.backends]]\naddr = \"127.0.0.1:9000\"\n";
+        let found = issues(without);
+        assert!(
+            found
+                .iter()
+                .any(|i| i.contains("sni_only") && i.contains("needs sni")),
+            "{found:?}"
+        );
         let bad = served.replace("\"*.example.com\"", "\"*.exa mple.com\"");
         let found = issues(&bad);
         assert!(

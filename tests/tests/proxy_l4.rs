@@ -959,20 +959,12 @@ fn tls_clients_are_routed_by_their_server_name(rt: &'static str) {
         ("v1.api.example.com", b'c'),
         ("other.example", b'a'),
     ] {
-        let connect = web.to_string();
-        let args = ["s_client", "-connect", &connect, "-servername", server].map(String::from);
-        let spawn = Spawn {
-            args: args.to_vec(),
-            ..Default::default()
-        };
-        let mut client = Proc::spawn("openssl", std::path::Path::new("openssl"), spawn);
+        openssl_hello(web, server);
         let (name, hello) = taken();
         assert_eq!(char::from(name), char::from(want), "{server}");
         assert_eq!(hello[0], 22, "{server}: not a TLS record");
         let named = hello.windows(server.len()).any(|w| w == server.as_bytes());
         assert!(named, "{server}: the hello that came does not name it");
-        // It sees the backend's byte where a server hello should be, and gives up.
-        assert!(client.wait_exit(T).is_some(), "openssl did not end");
     }
     let mut other = connect(web);
     other.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
@@ -1000,6 +992,67 @@ fn tls_clients_are_routed_by_their_server_name(rt: &'static str) {
         Some(line.to_string())
     });
     assert!(line.contains(&format!("backend={api} ")), "{line}");
+}
+
+/// Runs `openssl s_client` against `front` with server name `server` until it gives up (it sees a backend's
+/// byte, or a close, where a server hello should be).
+fn openssl_hello(front: SocketAddr, server: &str) {
+    let connect = front.to_string();
+    let args = ["s_client", "-connect", &connect, "-servername", server].map(String::from);
+    let spawn = Spawn {
+        args: args.to_vec(),
+        ..Default::default()
+    };
+    let mut client = Proc::spawn("openssl", std::path::Path::new("openssl"), spawn);
+    assert!(client.wait_exit(T).is_some(), "openssl did not end");
+}
+
+/// With `sni_only`, a client whose hello names no listed server, or that speaks no TLS, is closed before any
+/// backend is tried, counted and logged; a listed one is served.
+fn sni_only_closes_clients_naming_no_listed_server(rt: &'static str) {
+    let (tx, rx) = mpsc::channel();
+    let shop = record_taker(b'b', tx);
+    let web = free_addr();
+    let lb = start_lb(
+        rt,
+        1000,
+        &format!(
+            "check_interval_ms = 0\n[[proxy.listeners]]\nname = \"web\"\nlisten = \"{web}\"\nrequest_type = \"unused\"\n\
+             log_connections = true\nsni_only = true\nsni = {{ \"shop.example.com\" = \"shop\" }}\n\
+             [[proxy.backends]]\naddr = \"{shop}\"\nrequest_types = [\"shop\"]\n",
+        ),
+    );
+    openssl_hello(web, "other.example");
+    let mut plain = connect(web);
+    plain.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
+    assert_closed(&mut plain);
+    let refused = |m: &str| metric_value(m, "xcluster_lb_proxy_sni_total", "to=\"refused\"");
+    eventually(T, "two refused", || {
+        (refused(&lb.metrics()) == Some(2.0)).then_some(())
+    });
+    // Had either reached the backend, its record would come first here.
+    openssl_hello(web, "shop.example.com");
+    let (name, hello) = rx.recv_timeout(T).expect("the backend to report what it took");
+    assert_eq!(name, b'b');
+    assert!(
+        hello.windows(16).any(|w| w == b"shop.example.com"),
+        "not the listed client's hello"
+    );
+    let m = lb.metrics();
+    assert_eq!(
+        metric_value(&m, "xcluster_lb_proxy_sni_total", "to=\"routed\""),
+        Some(1.0)
+    );
+    lb.assert_web_counts(&[
+        ("connections_failed_total", 0.0),
+        ("connections_accepted_total", 3.0),
+    ]);
+    eventually(T, "the refused client's log line", || {
+        let log = lb.proc.stderr();
+        log.lines()
+            .any(|l| l.contains(" sni=\"other.example\" ") && l.contains("end=no sni route"))
+            .then_some(())
+    });
 }
 
 /// With `accept_proxy_from`, only the peers it names may send PROXY headers: a client elsewhere that claims
@@ -3079,5 +3132,6 @@ per_runtime!(
     source_keeps_each_client_on_its_backend,
     a_stuck_log_output_never_stalls_the_proxy,
     tls_clients_are_routed_by_their_server_name,
-    a_listeners_connection_rate_holds_clients_in_its_queue
+    a_listeners_connection_rate_holds_clients_in_its_queue,
+    sni_only_closes_clients_naming_no_listed_server
 );

@@ -47,6 +47,9 @@ pub enum End {
     ProxyHeader,
     /// On a listener with `accept_proxy`: the client sent no valid PROXY header in time.
     ClientHeader,
+    /// On a listener with `sni_only`: the client's TLS hello named no server of its `sni` (or it sent none
+    /// in time).
+    NoSniRoute,
     /// Still open when the proxy stopped (the end of the drain grace period).
     Shutdown,
 }
@@ -69,6 +72,7 @@ impl fmt::Display for End {
             Self::Denied => f.write_str("denied"),
             Self::ProxyHeader => f.write_str("PROXY header not sent"),
             Self::ClientHeader => f.write_str("no valid PROXY header from the client"),
+            Self::NoSniRoute => f.write_str("no sni route"),
             Self::Shutdown => f.write_str("shutdown"),
         }
     }

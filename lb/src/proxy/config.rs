@@ -215,6 +215,10 @@ pub struct ListenerRaw {
     /// hello naming one goes to that type's backends, TLS passing through untouched; any other connection to
     /// `request_type`. `"*.example.com"` covers every name under `example.com`. See `proxy::sni`.
     pub sni: BTreeMap<String, String>,
+    /// Only clients whose TLS hello names a server in `sni` are served; any other is closed before a
+    /// backend is tried (HAProxy's `tcp-request content reject` unless the name is known), and
+    /// `request_type` is not used.
+    pub sni_only: bool,
 }
 
 impl Default for ListenerRaw {
@@ -237,6 +241,7 @@ impl Default for ListenerRaw {
             idle_timeout_ms: None,
             fin_timeout_ms: None,
             sni: BTreeMap::new(),
+            sni_only: false,
         }
     }
 }
@@ -362,13 +367,16 @@ pub struct ListenerConfig {
     pub fin: Option<Duration>,
     /// Request types by TLS server name; `None`: every connection is `request_type`.
     pub sni: Option<SniRoutes>,
+    /// A connection whose hello names no server of `sni` is closed, not sent to `request_type`.
+    pub sni_only: bool,
 }
 
 impl ListenerConfig {
-    /// Every request type its connections may take: its own, then those of its `sni`.
+    /// Every request type its connections may take: its own (unless `sni_only`), then those of its `sni`.
     pub fn types(&self) -> impl Iterator<Item = &str> {
         let sni = self.sni.iter().flat_map(SniRoutes::types);
-        std::iter::once(self.request_type.as_str()).chain(sni)
+        let own = (!self.sni_only).then_some(self.request_type.as_str());
+        own.into_iter().chain(sni)
     }
 }
 
@@ -600,6 +608,9 @@ impl ProxySection {
                     SniRoutes::default()
                 })
             });
+            v.check(!l.sni_only || sni.is_some(), &format!("{key}.sni_only"), || {
+                "needs sni: with no names listed, every client would be closed".into()
+            });
             v.check(
                 l.accept_proxy || l.accept_proxy_from.is_empty(),
                 &format!("{key}.accept_proxy_from"),
@@ -655,6 +666,7 @@ impl ProxySection {
                     None => fin,
                 },
                 sni,
+                sni_only: l.sni_only,
             });
         }
         let mut backends: Vec<BackendConfig> = Vec::new();

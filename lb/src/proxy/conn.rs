@@ -106,17 +106,26 @@ impl Active {
         }
     }
 
-    /// Takes in the server name the client's TLS hello gave, if any, on a listener with `sni`: the request
-    /// type it routes to, or `None` for the listener's own (each counted; the name goes to the log).
-    pub(super) fn hello_read(&mut self, name: Option<String>) -> Option<Arc<str>> {
-        let routes = self.l.cfg.sni.as_ref()?;
+    /// Takes in the server name the client's TLS hello gave, if any, on a listener with `sni`: `Some` of
+    /// the request type it routes to (`None` within: the listener's own), or `None` when the connection
+    /// must close (`sni_only`, no name listed). Each is counted; the name goes to the log.
+    pub(super) fn hello_read(&mut self, name: Option<String>) -> Option<Option<Arc<str>>> {
+        let Some(routes) = self.l.cfg.sni.as_ref() else {
+            return Some(None);
+        };
         let ty = name.as_deref().and_then(|n| routes.route(n)).cloned();
-        self.l.metrics.sni[usize::from(ty.is_none())].increment(1);
-        debug!(listener = %self.l.cfg.name, sni = name.as_deref(), request_type = ty.as_deref(), "TLS hello read");
+        let refused = ty.is_none() && self.l.cfg.sni_only;
+        let to = if refused { 2 } else { usize::from(ty.is_none()) };
+        self.l.metrics.sni[to].increment(1);
+        debug!(listener = %self.l.cfg.name, sni = name.as_deref(), request_type = ty.as_deref(), refused, "TLS hello read");
         if let Some(g) = self.log.as_deref_mut() {
             g.sni = name.map(String::into_boxed_str);
         }
-        ty
+        if refused {
+            self.ended(End::NoSniRoute);
+            return None;
+        }
+        Some(ty)
     }
 
     /// A connect to `addr` is tried (for the connection log).
@@ -245,7 +254,7 @@ pub fn serve(
                             None
                         }
                     };
-                    active.hello_read(name)
+                    active.hello_read(name)?
                 } else {
                     None
                 };

@@ -26,7 +26,8 @@ pub const REJECTED_TOTAL: &str = "xcluster_lb_proxy_connections_rejected_total";
 /// within the connect timeout.
 pub const HEADER_ERRORS_TOTAL: &str = "xcluster_lb_proxy_header_errors_total";
 /// Connections on a listener with `sni` by where their TLS hello sent them: `to="routed"`, the type its
-/// server name maps to; `to="default"`, the listener's own type (no hello, no name, or a name not listed).
+/// server name maps to; `to="default"`, the listener's own type (no hello, no name, or a name not listed);
+/// `to="refused"`, closed instead, on listeners with `sni_only`.
 pub const SNI_TOTAL: &str = "xcluster_lb_proxy_sni_total";
 /// Connections closed as soon as accepted: the listener's `allow`/`deny` keep their client out.
 pub const DENIED_TOTAL: &str = "xcluster_lb_proxy_connections_denied_total";
@@ -181,8 +182,8 @@ pub struct ListenerMetrics {
     pub rejected: Counter,
     pub denied: Counter,
     pub header_errors: Counter,
-    /// [`SNI_TOTAL`]: `[routed, default]`.
-    pub sni: [Counter; 2],
+    /// [`SNI_TOTAL`]: `[routed, default, refused]`.
+    pub sni: [Counter; 3],
     pub accept_errors: Counter,
     pub rate_waits: Counter,
     pub idle_timeouts: Counter,
@@ -204,7 +205,7 @@ impl ListenerMetrics {
             rejected: metrics::counter!(REJECTED_TOTAL, "listener" => l.clone()),
             denied: metrics::counter!(DENIED_TOTAL, "listener" => l.clone()),
             header_errors: metrics::counter!(HEADER_ERRORS_TOTAL, "listener" => l.clone()),
-            sni: ["routed", "default"]
+            sni: ["routed", "default", "refused"]
                 .map(|to| metrics::counter!(SNI_TOTAL, "listener" => l.clone(), "to" => to)),
             accept_errors: metrics::counter!(ACCEPT_ERRORS_TOTAL, "listener" => l.clone()),
             rate_waits: metrics::counter!(RATE_WAITS_TOTAL, "listener" => l.clone()),

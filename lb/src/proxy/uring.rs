@@ -1155,8 +1155,13 @@ impl Loop {
         let Some(c) = self.conn(slot) else { return };
         let Some(k) = c.connecting.as_mut() else { return };
         k.hello = None;
-        k.routed = c.active.hello_read(name);
-        self.connect_next(slot);
+        match c.active.hello_read(name) {
+            Some(routed) => {
+                k.routed = routed;
+                self.connect_next(slot);
+            }
+            None => self.close(slot),
+        }
     }
 
     fn conn(&mut self, slot: u32) -> Option<&mut Conn> {
