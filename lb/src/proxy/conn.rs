@@ -340,10 +340,9 @@ async fn write_all(s: &TcpStream, mut data: &[u8]) -> std::io::Result<()> {
 }
 
 /// Tries up to `connect_attempts` connects for a connection of type `routed` (`None`: its listener's) from
-/// `client`, each to a backend not tried yet
-/// and, once all have been, to them again after `connect_retry_delay_ms`; none of its bytes are read before
-/// one answers, so a retry is invisible to it. When every backend is full, it waits for a place up to
-/// `queue_timeout_ms`. Else how the connection ends.
+/// `client`, each to a backend not tried yet and, once all have been, to them again after
+/// `connect_retry_delay_ms`; none of its bytes are read before one answers, so a retry is invisible to it.
+/// When every backend is full, it waits for a place up to `queue_timeout_ms`. Else how the connection ends.
 async fn connect(
     active: &mut Active,
     routed: Option<Arc<str>>,
