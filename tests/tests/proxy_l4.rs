@@ -994,6 +994,43 @@ fn tls_clients_are_routed_by_their_server_name(rt: &'static str) {
     assert!(line.contains(&format!("backend={api} ")), "{line}");
 }
 
+/// A front balancer's PROXY header, then the client's TLS hello in the same write: the header is taken, the
+/// hello routes the connection and reaches the backend byte for byte (OpenSSL's, captured once), and the
+/// log names the client from the header.
+fn a_proxy_header_then_a_tls_hello_route_by_the_hello(rt: &'static str) {
+    const HELLO: &[u8] = include_bytes!("../../lb/src/proxy/testdata/openssl_client_hello.bin");
+    let (tx, rx) = mpsc::channel();
+    let [plain, shop] = [b'a', b'b'].map(|n| record_taker(n, tx.clone()));
+    let web = free_addr();
+    let lb = start_lb(
+        rt,
+        1000,
+        &format!(
+            "check_interval_ms = 0\n{}accept_proxy = true\nlog_connections = true\n\
+             sni = {{ \"shop.example.com\" = \"shop\" }}\n\
+             [[proxy.backends]]\naddr = \"{plain}\"\nrequest_types = [\"browse\"]\n\
+             [[proxy.backends]]\naddr = \"{shop}\"\nrequest_types = [\"shop\"]\n",
+            listener("web", web),
+        ),
+    );
+    let mut s = connect(web);
+    let mut sent = b"PROXY TCP4 192.0.2.9 127.0.0.1 5000 443\r\n".to_vec();
+    sent.extend_from_slice(HELLO);
+    s.write_all(&sent).unwrap();
+    let (name, got) = rx.recv_timeout(T).expect("a backend to report what it took");
+    assert_eq!(char::from(name), 'b');
+    assert!(got == HELLO, "the backend got {} bytes, not the hello", got.len());
+    drop(s);
+    let line = eventually(T, "the log line", || {
+        let log = lb.proc.stderr();
+        let line = log
+            .lines()
+            .find(|l| l.contains(" sni=\"shop.example.com\" backend="))?;
+        Some(line.to_string())
+    });
+    assert!(line.contains("client=192.0.2.9:5000 "), "{line}");
+}
+
 /// Runs `openssl s_client` against `front` with server name `server` until it gives up (it sees a backend's
 /// byte, or a close, where a server hello should be).
 fn openssl_hello(front: SocketAddr, server: &str) {
@@ -3133,5 +3170,6 @@ per_runtime!(
     a_stuck_log_output_never_stalls_the_proxy,
     tls_clients_are_routed_by_their_server_name,
     a_listeners_connection_rate_holds_clients_in_its_queue,
-    sni_only_closes_clients_naming_no_listed_server
+    sni_only_closes_clients_naming_no_listed_server,
+    a_proxy_header_then_a_tls_hello_route_by_the_hello
 );
