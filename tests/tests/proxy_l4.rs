@@ -1092,6 +1092,38 @@ fn sni_only_closes_clients_naming_no_listed_server(rt: &'static str) {
     });
 }
 
+/// A backend named by host name (`localhost`, from the hosts file) is resolved when the config loads, and
+/// again at each reload: its address is the backend, as if written out.
+#[test]
+fn a_backend_named_by_host_name_is_resolved() {
+    let echo = echo_backend();
+    let web = free_addr();
+    let lb = start_lb(
+        "io_uring",
+        1000,
+        &format!(
+            "{}[[proxy.backends]]\naddr = \"localhost:{}\"\n",
+            listener("web", web),
+            echo.port()
+        ),
+    );
+    assert_eq!(round_trip(web, payload(1000, 3)), payload(1000, 3));
+    let backends = || -> Vec<String> { lb.proxy_status().backends.into_iter().map(|b| b.addr).collect() };
+    assert_eq!(backends(), vec![echo.to_string()]);
+    // A reload resolves again (on the balancer's runtime, off its async workers).
+    let echo2 = echo_backend();
+    lb.reload_applied(
+        1000,
+        &format!(
+            "{}[[proxy.backends]]\naddr = \"localhost:{}\"\n",
+            listener("web", web),
+            echo2.port()
+        ),
+    );
+    assert_eq!(backends(), vec![echo2.to_string()]);
+    assert_eq!(round_trip(web, payload(1000, 4)), payload(1000, 4));
+}
+
 /// With `accept_proxy_from`, only the peers it names may send PROXY headers: a client elsewhere that claims
 /// an allowed address is closed and counted as denied, while the trusted front is served.
 #[test]

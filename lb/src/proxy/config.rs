@@ -19,7 +19,68 @@ use xcluster_runtime::Validator;
 
 use super::acl::{self, Acl, Net};
 use super::clients::Rate;
-use super::sni::{MAX_ROUTES, SniRoutes};
+use super::sni::{MAX_ROUTES, SniRoutes, is_host_name};
+
+/// The most addresses one backend's host name may stand for.
+const MAX_ADDRS_PER_NAME: usize = 64;
+
+/// The addresses of a backend's `addr`: an IP address and port as it is, or a host name and port resolved
+/// now, at each load and reload (as nginx does without `resolve`): every address it has, in the resolver's
+/// order, without repeats. Problems go to `v`, and none is given back then.
+fn addrs(v: &mut Validator, key: &str, text: &str) -> Vec<SocketAddr> {
+    if let Ok(a) = text.parse::<SocketAddr>() {
+        return vec![a];
+    }
+    let named = text
+        .rsplit_once(':')
+        .and_then(|(h, p)| Some((h, p.parse::<u16>().ok()?)));
+    let Some((host, port)) = named.filter(|(h, p)| *p > 0 && is_host_name(h)) else {
+        v.error(
+            key,
+            format!(
+                "{text:?} is neither an IP address and port (127.0.0.1:7000, [::1]:7000) nor a host name and \
+                 port (app1.internal:7000)"
+            ),
+        );
+        return Vec::new();
+    };
+    let lookup = || -> std::io::Result<Vec<SocketAddr>> {
+        use std::net::ToSocketAddrs;
+        Ok((host, port).to_socket_addrs()?.collect())
+    };
+    // getaddrinfo blocks, for seconds if the DNS server does not answer: off the async workers when the
+    // config is validated on one (a reload).
+    let found = match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(lookup)
+        }
+        _ => lookup(),
+    };
+    let mut found = match found {
+        Ok(found) if !found.is_empty() => found,
+        Ok(_) => {
+            v.error(key, format!("{host:?} resolves to no address"));
+            return Vec::new();
+        }
+        Err(e) => {
+            v.error(key, format!("cannot resolve {host:?}: {e}"));
+            return Vec::new();
+        }
+    };
+    let mut seen = std::collections::HashSet::new();
+    found.retain(|a| seen.insert(*a));
+    if found.len() > MAX_ADDRS_PER_NAME {
+        v.error(
+            key,
+            format!(
+                "{host:?} resolves to {} addresses, at most {MAX_ADDRS_PER_NAME}",
+                found.len()
+            ),
+        );
+        found.truncate(MAX_ADDRS_PER_NAME);
+    }
+    found
+}
 
 /// `[proxy]` as written in the file.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -681,7 +742,6 @@ impl ProxySection {
         );
         for (i, b) in self.backends.iter().enumerate() {
             let key = format!("proxy.backends[{i}]");
-            let addr = v.addr(&format!("{key}.addr"), &b.addr);
             let weight = v.range(&format!("{key}.weight"), b.weight, 0, 1_000_000);
             let max_connections = v.range(
                 &format!("{key}.max_connections"),
@@ -702,83 +762,96 @@ impl ProxySection {
             } else {
                 global_probe.clone()
             };
-            let backend = BackendConfig {
-                addr,
-                weight,
-                request_types: b.request_types.clone(),
-                backup: b.backup,
-                max_connections,
-                close_on_down: b.close_on_down,
-            };
             if let Some(port) = b.check_port {
                 v.check(port > 0, &format!("{key}.check_port"), || {
                     "must be 1 to 65535".into()
                 });
             }
-            let target = SocketAddr::new(addr.ip(), b.check_port.unwrap_or(addr.port()));
-            let check = b.check.then(|| Check {
-                probe,
-                target,
-                // Only the service's own port expects the header; a side port (`check_port`) is another
-                // program's.
-                proxy_header: target == addr
-                    && listeners
-                        .iter()
-                        .any(|l| l.proxy_protocol && l.types().any(|t| backend.serves(t))),
-            });
-            match backends.iter().position(|o| o.addr == addr) {
-                None => checks.extend(check.map(|c| (addr, c))),
-                // The same server in another pool (HAProxy lists a server in several backends), with its own
-                // weight and `backup` there: one server, so one connection limit and one health check.
-                Some(j) => {
-                    // Disjoint from every earlier entry of the address; the settings of the server need only
-                    // match the first, which each later one matched too.
-                    let other = &backends[j];
-                    let overlap = (backends.iter().enumerate()).find(|(_, o)| {
-                        o.addr == addr
-                            && (b.request_types.is_empty()
-                                || o.request_types.is_empty()
-                                || b.request_types.iter().any(|t| o.serves(t)))
-                    });
-                    if let Some((k, _)) = overlap {
-                        v.error(
-                            format!("{key}.addr"),
-                            format!(
-                                "{addr} is listed in proxy.backends[{k}] too: an address may be in several \
-                                 entries only with disjoint, non-empty request_types"
-                            ),
-                        );
-                    }
-                    v.check(
-                        max_connections == other.max_connections,
-                        &format!("{key}.max_connections"),
-                        || format!("{max_connections} differs from proxy.backends[{j}] of the same address"),
-                    );
-                    v.check(
-                        b.close_on_down == other.close_on_down,
-                        &format!("{key}.close_on_down"),
-                        || format!("differs from proxy.backends[{j}] of the same address"),
-                    );
-                    let earlier = checks.iter_mut().find(|(a, _)| *a == addr).map(|(_, c)| c);
-                    let same = match (earlier, check) {
-                        (None, None) => true,
-                        (Some(e), Some(c)) => {
-                            // Headers go to the server if any of its pools' listeners sends them.
-                            e.proxy_header |= c.proxy_header;
-                            e.probe == c.probe && e.target == c.target
+            // A host name stands for every address it resolves to, each a backend with the entry's settings.
+            for addr in addrs(v, &format!("{key}.addr"), &b.addr) {
+                let backend = BackendConfig {
+                    addr,
+                    weight,
+                    request_types: b.request_types.clone(),
+                    backup: b.backup,
+                    max_connections,
+                    close_on_down: b.close_on_down,
+                };
+                let target = SocketAddr::new(addr.ip(), b.check_port.unwrap_or(addr.port()));
+                let check = b.check.then(|| Check {
+                    probe: probe.clone(),
+                    target,
+                    // Only the service's own port expects the header; a side port (`check_port`) is another
+                    // program's.
+                    proxy_header: target == addr
+                        && listeners
+                            .iter()
+                            .any(|l| l.proxy_protocol && l.types().any(|t| backend.serves(t))),
+                });
+                match backends.iter().position(|o| o.addr == addr) {
+                    None => checks.extend(check.map(|c| (addr, c))),
+                    // The same server in another pool (HAProxy lists a server in several backends), with its own
+                    // weight and `backup` there: one server, so one connection limit and one health check.
+                    Some(j) => {
+                        // Disjoint from every earlier entry of the address; the settings of the server need only
+                        // match the first, which each later one matched too.
+                        let other = &backends[j];
+                        let overlap = (backends.iter().enumerate()).find(|(_, o)| {
+                            o.addr == addr
+                                && (b.request_types.is_empty()
+                                    || o.request_types.is_empty()
+                                    || b.request_types.iter().any(|t| o.serves(t)))
+                        });
+                        if let Some((k, _)) = overlap {
+                            v.error(
+                                format!("{key}.addr"),
+                                format!(
+                                    "{addr} is listed in proxy.backends[{k}] too: an address may be in several \
+                                     entries only with disjoint, non-empty request_types"
+                                ),
+                            );
                         }
-                        _ => false,
-                    };
-                    v.check(same, &format!("{key}.check"), || {
-                        format!(
-                            "its checks (check, check_http_path, check_send, check_expect, check_port) differ from proxy.backends[{j}] of \
-                             the same address"
-                        )
-                    });
+                        v.check(
+                            max_connections == other.max_connections,
+                            &format!("{key}.max_connections"),
+                            || {
+                                format!(
+                                    "{max_connections} differs from proxy.backends[{j}] of the same address"
+                                )
+                            },
+                        );
+                        v.check(
+                            b.close_on_down == other.close_on_down,
+                            &format!("{key}.close_on_down"),
+                            || format!("differs from proxy.backends[{j}] of the same address"),
+                        );
+                        let earlier = checks.iter_mut().find(|(a, _)| *a == addr).map(|(_, c)| c);
+                        let same = match (earlier, check) {
+                            (None, None) => true,
+                            (Some(e), Some(c)) => {
+                                // Headers go to the server if any of its pools' listeners sends them.
+                                e.proxy_header |= c.proxy_header;
+                                e.probe == c.probe && e.target == c.target
+                            }
+                            _ => false,
+                        };
+                        v.check(same, &format!("{key}.check"), || {
+                            format!(
+                                "its checks (check, check_http_path, check_send, check_expect, check_port) differ from proxy.backends[{j}] of \
+                                 the same address"
+                            )
+                        });
+                    }
                 }
+                backends.push(backend);
             }
-            backends.push(backend);
         }
+        v.check(backends.len() <= MAX_BACKENDS, "proxy.backends", || {
+            format!(
+                "{} backends once host names are resolved, at most {MAX_BACKENDS}",
+                backends.len()
+            )
+        });
         let workers = v.range("proxy.workers", self.workers, 0, 256);
         let workers = if workers == 0 {
             std::thread::available_parallelism().map_or(1, |n| n.get())
@@ -1030,6 +1103,45 @@ mod tests {
         ] {
             let errs = parse(&format!("[balance_by_type]\n{bad}\n{pools}")).unwrap_err();
             assert!(errs.iter().all(|e| e.contains(key)), "{bad}: {errs:#?}");
+        }
+    }
+
+    /// A backend may be named by host name and port: it stands for every address the name resolves to (here
+    /// `localhost`, from the hosts file), each with the entry's settings; a name that does not resolve, or
+    /// is not a host name, is refused.
+    #[test]
+    fn a_backend_named_by_host_resolves_to_its_addresses() {
+        let cfg = parse("[[backends]]\naddr = \"localhost:9000\"\nweight = 7\nrequest_types = [\"web\"]\n")
+            .unwrap();
+        let local = SocketAddr::from(([127, 0, 0, 1], 9000));
+        assert!(cfg.backends.iter().any(|b| b.addr == local), "{:?}", cfg.backends);
+        assert!(
+            cfg.backends
+                .iter()
+                .all(|b| b.addr.port() == 9000 && b.weight == 7 && b.request_types == ["web"])
+        );
+        assert!(
+            cfg.timeouts
+                .checks
+                .iter()
+                .any(|(a, c)| *a == local && c.target == local)
+        );
+        for (addr, why) in [
+            (
+                "no-such-host.invalid:9000",
+                "cannot resolve \"no-such-host.invalid\"",
+            ),
+            ("bad host:9000", "nor a host name and port"),
+            ("localhost:0", "nor a host name and port"),
+            ("localhost", "nor a host name and port"),
+        ] {
+            let issues = parse(&format!("[[backends]]\naddr = \"{addr}\"\n")).unwrap_err();
+            assert!(
+                issues
+                    .iter()
+                    .any(|i| i.contains("proxy.backends[0].addr") && i.contains(why)),
+                "{addr}: {issues:?}"
+            );
         }
     }
 

@@ -91,16 +91,22 @@ fn server_name(body: &[u8]) -> Option<String> {
     None
 }
 
-/// `name` as a lowercase host name (letters, digits, `-`, `_` and dots, at most 253 bytes), without a
-/// trailing dot; `None` for anything else.
+/// `name` as a lowercase host name ([`is_host_name`]), without a trailing dot; `None` for anything else.
 fn host(name: &[u8]) -> Option<String> {
-    let name = name.strip_suffix(b".").unwrap_or(name);
-    let valid = !name.is_empty()
-        && name.len() <= 253
-        && name
-            .iter()
-            .all(|&c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'));
-    valid.then(|| name.to_ascii_lowercase().into_iter().map(char::from).collect())
+    let name = std::str::from_utf8(name.strip_suffix(b".").unwrap_or(name)).ok()?;
+    is_host_name(name).then(|| name.to_ascii_lowercase())
+}
+
+/// Whether `name` is a host name as configs give them: dot-separated labels of letters, digits, `-` and
+/// `_`, none empty, 253 bytes at most.
+pub fn is_host_name(name: &str) -> bool {
+    name.len() <= 253
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label
+                    .bytes()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_'))
+        })
 }
 
 /// A cursor over bytes whose every read is bounds-checked: a short or malformed hello gives `None`.
@@ -241,8 +247,7 @@ impl SniRoutes {
                 Some(bare) => (true, bare),
                 None => (false, name),
             };
-            let valid = host(bare.as_bytes())
-                .filter(|h| h.len() == bare.len() && !h.starts_with('.') && !h.contains(".."));
+            let valid = is_host_name(bare).then(|| bare.to_ascii_lowercase());
             let Some(bare) = valid else {
                 return Err(format!(
                     "{name:?} is not a host name (letters, digits, '-', '_' and dots), nor '*.' and one"
