@@ -1,9 +1,12 @@
 //! Load tools for `scripts/bench/l4` (a benchmark helper, not a test):
 //! - `echo ADDR`: an echo backend (one thread);
+//! - `record ADDR`: a backend that sends back the client's first TLS record and closes (first, so no
+//!   TIME_WAIT is left on the client's side of a connection per exchange);
 //! - `pingpong ADDR CONNS SECS SIZE`: small messages over long-lived connections; prints
 //!   `msgs_per_sec p50_us p99_us`;
 //! - `hello ADDR CONNS SECS`: a new connection per exchange, each sending a real TLS ClientHello (OpenSSL's,
-//!   naming `shop.example.com`) to an echo backend and reading it back; prints `conns_per_sec p50_us p99_us`;
+//!   naming `shop.example.com`) to a `record` backend, reading it back and then the close; prints
+//!   `conns_per_sec p50_us p99_us`;
 //! - `idle ADDR CONNS`: opens CONNS connections, one echoed byte on each, prints `ready` and holds them until
 //!   stdin closes.
 
@@ -23,11 +26,12 @@ fn main() -> anyhow::Result<()> {
     let arg = |i: usize| -> anyhow::Result<&str> {
         args.get(i)
             .map(String::as_str)
-            .ok_or_else(|| anyhow::anyhow!("usage: l4load echo|pingpong|hello|idle ADDR ..."))
+            .ok_or_else(|| anyhow::anyhow!("usage: l4load echo|record|pingpong|hello|idle ADDR ..."))
     };
     let addr: SocketAddr = arg(1)?.parse()?;
     match arg(0)? {
         "echo" => rt.block_on(echo(addr)),
+        "record" => rt.block_on(record(addr)),
         "pingpong" => rt.block_on(pingpong(
             addr,
             arg(2)?.parse()?,
@@ -60,6 +64,24 @@ async fn echo(addr: SocketAddr) -> anyhow::Result<()> {
                         }
                     }
                 }
+            }
+        });
+    }
+}
+
+async fn record(addr: SocketAddr) -> anyhow::Result<()> {
+    let l = TcpListener::bind(addr).await?;
+    loop {
+        let (mut s, _) = l.accept().await?;
+        tokio::spawn(async move {
+            let mut head = [0u8; 5];
+            if s.read_exact(&mut head).await.is_err() {
+                return;
+            }
+            let mut rec = vec![0u8; 5 + usize::from(u16::from_be_bytes([head[3], head[4]]))];
+            rec[..5].copy_from_slice(&head);
+            if s.read_exact(&mut rec[5..]).await.is_ok() {
+                let _ = s.write_all(&rec).await;
             }
         });
     }
@@ -136,7 +158,9 @@ async fn hello(addr: SocketAddr, conns: usize, secs: Duration) -> anyhow::Result
                         let mut s = TcpStream::connect(addr).await?;
                         s.set_nodelay(true)?;
                         s.write_all(HELLO).await?;
-                        s.read_exact(&mut back).await
+                        s.read_exact(&mut back).await?;
+                        // The backend closes first: its end, passed on by the proxy.
+                        s.read(&mut back[..1]).await
                     };
                     match tokio::time::timeout(EXCHANGE_TIMEOUT, exchange).await {
                         Ok(Ok(_)) => {}
