@@ -77,6 +77,13 @@ pub async fn run(ctx: Context<Config>) -> Result<(), Error> {
         return Ok(());
     }
     let proxy = proxy::start(ctx.config.clone(), picker, &drain, ctx.shutdown.stop_token())?;
+    let reloader = ctx.reloader.clone();
+    tokio::spawn(proxy::names::watch(
+        ctx.config.clone(),
+        proxy::names::system_lookup,
+        move || reloader.trigger(xcluster_runtime::reload::Cause::Resolve),
+        drain.clone(),
+    ));
     ctx.health.set_ready();
     drain.cancelled().await;
     // Pending long polls answer now, so the graceful shutdown is not held by them.

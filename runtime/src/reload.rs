@@ -23,6 +23,8 @@ pub enum Cause {
     File,
     Signal,
     Api,
+    /// The role found that a host name in its config resolves to new addresses.
+    Resolve,
 }
 
 /// The outcome of the latest reload attempt, for `ctl`, dashboards and tests.

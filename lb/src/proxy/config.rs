@@ -46,7 +46,7 @@ fn addrs(v: &mut Validator, key: &str, text: &str) -> Vec<SocketAddr> {
     };
     let lookup = || -> std::io::Result<Vec<SocketAddr>> {
         use std::net::ToSocketAddrs;
-        Ok((host, port).to_socket_addrs()?.collect())
+        Ok(unique((host, port).to_socket_addrs()?.collect()))
     };
     // getaddrinfo blocks, for seconds if the DNS server does not answer: off the async workers when the
     // config is validated on one (a reload).
@@ -67,8 +67,6 @@ fn addrs(v: &mut Validator, key: &str, text: &str) -> Vec<SocketAddr> {
             return Vec::new();
         }
     };
-    let mut seen = std::collections::HashSet::new();
-    found.retain(|a| seen.insert(*a));
     if found.len() > MAX_ADDRS_PER_NAME {
         v.error(
             key,
@@ -79,6 +77,13 @@ fn addrs(v: &mut Validator, key: &str, text: &str) -> Vec<SocketAddr> {
         );
         found.truncate(MAX_ADDRS_PER_NAME);
     }
+    found
+}
+
+/// `found` in its order, without repeats.
+pub fn unique(mut found: Vec<SocketAddr>) -> Vec<SocketAddr> {
+    let mut seen = std::collections::HashSet::new();
+    found.retain(|a| seen.insert(*a));
     found
 }
 
@@ -146,6 +151,11 @@ pub struct ProxySection {
     /// failed when the time is up. Waiting connections are served in the order they came. 0 (the default): closed at once.
     /// At most 60,000.
     pub queue_timeout_ms: u64,
+    /// How often the host names of backends (an `addr` such as `app1.internal:8001`) are resolved again:
+    /// when a name's addresses change, the config is reloaded, as by SIGHUP (HAProxy's `resolvers` with
+    /// `hold valid`). 0: only at load and reload. 1,000 to 86,400,000; 30,000 by default. See
+    /// `proxy::names`.
+    pub resolve_interval_ms: u64,
     /// With health checks on: instead of the bare connect, send `GET <path>` (HTTP/1.1, `Connection: close`)
     /// and pass only on a 2xx or 3xx status, as HAProxy's `option httpchk` does; the whole check stays within
     /// `connect_timeout_ms`. `/readyz`, which every XCluster role serves (503 while starting or draining),
@@ -209,6 +219,7 @@ impl Default for ProxySection {
             balance_by_type: BTreeMap::new(),
             slow_start_ms: 0,
             queue_timeout_ms: 0,
+            resolve_interval_ms: 30_000,
             check_http_path: String::new(),
             check_send: String::new(),
             check_expect: String::new(),
@@ -524,6 +535,11 @@ pub struct ProxyConfig {
     /// The default, and the types with their own (`balance_by_type`).
     pub balance: Balance,
     pub balance_by_type: BTreeMap<String, Balance>,
+    /// The backends' host names (`host:port` as written) with the addresses they resolved to, for
+    /// `proxy::names`.
+    pub names: Vec<(String, Vec<SocketAddr>)>,
+    /// `resolve_interval_ms`; `None`: off.
+    pub resolve_interval: Option<Duration>,
 }
 
 impl ProxyConfig {
@@ -731,6 +747,7 @@ impl ProxySection {
             });
         }
         let mut backends: Vec<BackendConfig> = Vec::new();
+        let mut names: Vec<(String, Vec<SocketAddr>)> = Vec::new();
         // How each is checked: worked out here, once per (re)load, for the health-check task.
         let mut checks = Vec::new();
         let global_probe = probe(
@@ -768,7 +785,11 @@ impl ProxySection {
                 });
             }
             // A host name stands for every address it resolves to, each a backend with the entry's settings.
-            for addr in addrs(v, &format!("{key}.addr"), &b.addr) {
+            let resolved = addrs(v, &format!("{key}.addr"), &b.addr);
+            if b.addr.parse::<SocketAddr>().is_err() && !names.iter().any(|(n, _)| *n == b.addr) {
+                names.push((b.addr.clone(), resolved.clone()));
+            }
+            for addr in resolved {
                 let backend = BackendConfig {
                     addr,
                     weight,
@@ -960,6 +981,11 @@ impl ProxySection {
             io_uring_buffers: u16::try_from(io_uring_buffers).unwrap_or(u16::MAX),
             balance,
             balance_by_type,
+            names,
+            resolve_interval: match self.resolve_interval_ms {
+                0 => None,
+                ms => Some(v.millis("proxy.resolve_interval_ms", ms, 1_000, 86_400_000)),
+            },
         }
     }
 }

@@ -15,6 +15,7 @@ mod inbound;
 mod limit;
 mod listener;
 pub mod metrics;
+pub mod names;
 pub mod pick;
 mod queue;
 mod rate;
