@@ -1098,28 +1098,20 @@ fn sni_only_closes_clients_naming_no_listed_server(rt: &'static str) {
 fn a_backend_named_by_host_name_is_resolved() {
     let echo = echo_backend();
     let web = free_addr();
-    let lb = start_lb(
-        "io_uring",
-        1000,
-        &format!(
+    let by_name = |to: SocketAddr| {
+        format!(
             "{}[[proxy.backends]]\naddr = \"localhost:{}\"\n",
             listener("web", web),
-            echo.port()
-        ),
-    );
+            to.port()
+        )
+    };
+    let lb = start_lb("io_uring", 1000, &by_name(echo));
     assert_eq!(round_trip(web, payload(1000, 3)), payload(1000, 3));
     let backends = || -> Vec<String> { lb.proxy_status().backends.into_iter().map(|b| b.addr).collect() };
     assert_eq!(backends(), vec![echo.to_string()]);
     // A reload resolves again (on the balancer's runtime, off its async workers).
     let echo2 = echo_backend();
-    lb.reload_applied(
-        1000,
-        &format!(
-            "{}[[proxy.backends]]\naddr = \"localhost:{}\"\n",
-            listener("web", web),
-            echo2.port()
-        ),
-    );
+    lb.reload_applied(1000, &by_name(echo2));
     assert_eq!(backends(), vec![echo2.to_string()]);
     assert_eq!(round_trip(web, payload(1000, 4)), payload(1000, 4));
 }
