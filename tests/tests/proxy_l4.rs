@@ -1031,6 +1031,37 @@ fn a_proxy_header_then_a_tls_hello_route_by_the_hello(rt: &'static str) {
     assert!(line.contains("client=192.0.2.9:5000 "), "{line}");
 }
 
+/// A hello that comes in two parts: the proxy waits for the rest (its log says so) without taking a byte,
+/// then routes by the name and the backend gets the hello whole.
+fn a_tls_hello_in_two_parts_is_waited_for(rt: &'static str) {
+    const HELLO: &[u8] = include_bytes!("../../lb/src/proxy/testdata/openssl_client_hello.bin");
+    let (tx, rx) = mpsc::channel();
+    let [plain, shop] = [b'a', b'b'].map(|n| record_taker(n, tx.clone()));
+    let web = free_addr();
+    let lb = start_lb(
+        rt,
+        1000,
+        &format!(
+            "check_interval_ms = 0\nconnect_timeout_ms = 10000\n{}sni = {{ \"shop.example.com\" = \"shop\" }}\n\
+             [[proxy.backends]]\naddr = \"{plain}\"\nrequest_types = [\"browse\"]\n\
+             [[proxy.backends]]\naddr = \"{shop}\"\nrequest_types = [\"shop\"]\n",
+            listener("web", web),
+        ),
+    );
+    let mut s = connect(web);
+    s.write_all(&HELLO[..40]).unwrap();
+    eventually(T, "the proxy to wait for the rest of the hello", || {
+        lb.proc
+            .stderr()
+            .contains("TLS hello incomplete; waiting for the rest have=40 need=322")
+            .then_some(())
+    });
+    s.write_all(&HELLO[40..]).unwrap();
+    let (name, got) = rx.recv_timeout(T).expect("a backend to report what it took");
+    assert_eq!(char::from(name), 'b');
+    assert!(got == HELLO, "the backend got {} bytes, not the hello", got.len());
+}
+
 /// Runs `openssl s_client` against `front` with server name `server` until it gives up (it sees a backend's
 /// byte, or a close, where a server hello should be).
 fn openssl_hello(front: SocketAddr, server: &str) {
@@ -3195,5 +3226,6 @@ per_runtime!(
     tls_clients_are_routed_by_their_server_name,
     a_listeners_connection_rate_holds_clients_in_its_queue,
     sni_only_closes_clients_naming_no_listed_server,
-    a_proxy_header_then_a_tls_hello_route_by_the_hello
+    a_proxy_header_then_a_tls_hello_route_by_the_hello,
+    a_tls_hello_in_two_parts_is_waited_for
 );

@@ -167,6 +167,7 @@ impl Hello {
                     match set_rcvlowat(fd, need) {
                         Ok(()) => {
                             self.raised = true;
+                            tracing::debug!(have = n, need, "TLS hello incomplete; waiting for the rest");
                             return Err(io::ErrorKind::WouldBlock.into());
                         }
                         Err(_) => break Parsed::NoName,
