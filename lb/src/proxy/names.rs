@@ -3,8 +3,9 @@
 //! (HAProxy's `resolvers` with `hold valid`, nginx's `resolve`), and when a name's addresses change it asks
 //! for a reload, which resolves them anew, validates the whole config and applies it the one way every
 //! reload is applied: new addresses become backends, gone ones retire with their connections running on.
-//! Nothing happens while the answers stay the same, and a failed lookup keeps the addresses in force (a DNS
-//! outage is no reason to drop backends).
+//! Nothing happens while the answers stay the same (compared as sets, so a resolver that rotates its
+//! records changes nothing), and a failed lookup keeps the addresses in force (a DNS outage is no reason to
+//! drop backends).
 
 use std::collections::BTreeSet;
 use std::future::Future;
