@@ -994,11 +994,17 @@ fn tls_clients_are_routed_by_their_server_name(rt: &'static str) {
     assert!(line.contains(&format!("backend={api} ")), "{line}");
 }
 
-/// A front balancer's PROXY header, then the client's TLS hello in the same write: the header is taken, the
-/// hello routes the connection and reaches the backend byte for byte (OpenSSL's, captured once), and the
-/// log names the client from the header.
-fn a_proxy_header_then_a_tls_hello_route_by_the_hello(rt: &'static str) {
-    const HELLO: &[u8] = include_bytes!("../../lb/src/proxy/testdata/openssl_client_hello.bin");
+/// The first record of `openssl s_client -servername shop.example.com` (OpenSSL 3), captured once.
+const HELLO: &[u8] = include_bytes!("../../lb/src/proxy/testdata/openssl_client_hello.bin");
+
+/// An lb on runtime `rt` with listener `web` (type `browse`, with `on_listener`) whose `sni` sends
+/// `shop.example.com` to type `shop`, after `proxy` (proxy-wide keys); a [`record_taker`] `a` serves
+/// `browse` and `b` serves `shop`. Returns the lb, the listener's address and what the backends report.
+fn shop_lb(
+    rt: &'static str,
+    proxy: &str,
+    on_listener: &str,
+) -> (Lb, SocketAddr, mpsc::Receiver<(u8, Vec<u8>)>) {
     let (tx, rx) = mpsc::channel();
     let [plain, shop] = [b'a', b'b'].map(|n| record_taker(n, tx.clone()));
     let web = free_addr();
@@ -1006,13 +1012,20 @@ fn a_proxy_header_then_a_tls_hello_route_by_the_hello(rt: &'static str) {
         rt,
         1000,
         &format!(
-            "check_interval_ms = 0\n{}accept_proxy = true\nlog_connections = true\n\
-             sni = {{ \"shop.example.com\" = \"shop\" }}\n\
+            "check_interval_ms = 0\n{proxy}{}{on_listener}sni = {{ \"shop.example.com\" = \"shop\" }}\n\
              [[proxy.backends]]\naddr = \"{plain}\"\nrequest_types = [\"browse\"]\n\
              [[proxy.backends]]\naddr = \"{shop}\"\nrequest_types = [\"shop\"]\n",
             listener("web", web),
         ),
     );
+    (lb, web, rx)
+}
+
+/// A front balancer's PROXY header, then the client's TLS hello in the same write: the header is taken, the
+/// hello routes the connection and reaches the backend byte for byte (OpenSSL's, captured once), and the
+/// log names the client from the header.
+fn a_proxy_header_then_a_tls_hello_route_by_the_hello(rt: &'static str) {
+    let (lb, web, rx) = shop_lb(rt, "", "accept_proxy = true\nlog_connections = true\n");
     let mut s = connect(web);
     let mut sent = b"PROXY TCP4 192.0.2.9 127.0.0.1 5000 443\r\n".to_vec();
     sent.extend_from_slice(HELLO);
@@ -1034,20 +1047,7 @@ fn a_proxy_header_then_a_tls_hello_route_by_the_hello(rt: &'static str) {
 /// A hello that comes in two parts: the proxy waits for the rest (its log says so) without taking a byte,
 /// then routes by the name and the backend gets the hello whole.
 fn a_tls_hello_in_two_parts_is_waited_for(rt: &'static str) {
-    const HELLO: &[u8] = include_bytes!("../../lb/src/proxy/testdata/openssl_client_hello.bin");
-    let (tx, rx) = mpsc::channel();
-    let [plain, shop] = [b'a', b'b'].map(|n| record_taker(n, tx.clone()));
-    let web = free_addr();
-    let lb = start_lb(
-        rt,
-        1000,
-        &format!(
-            "check_interval_ms = 0\nconnect_timeout_ms = 10000\n{}sni = {{ \"shop.example.com\" = \"shop\" }}\n\
-             [[proxy.backends]]\naddr = \"{plain}\"\nrequest_types = [\"browse\"]\n\
-             [[proxy.backends]]\naddr = \"{shop}\"\nrequest_types = [\"shop\"]\n",
-            listener("web", web),
-        ),
-    );
+    let (lb, web, rx) = shop_lb(rt, "connect_timeout_ms = 10000\n", "");
     let mut s = connect(web);
     s.write_all(&HELLO[..40]).unwrap();
     eventually(T, "the proxy to wait for the rest of the hello", || {

@@ -24,13 +24,10 @@ use super::sni::{MAX_ROUTES, SniRoutes, is_host_name};
 /// The most addresses one backend's host name may stand for.
 const MAX_ADDRS_PER_NAME: usize = 64;
 
-/// The addresses of a backend's `addr`: an IP address and port as it is, or a host name and port resolved
+/// The addresses of a backend's `addr` that is not an IP address and port: a host name and port, resolved
 /// now, at each load and reload (as nginx does without `resolve`): every address it has, in the resolver's
 /// order, without repeats. Problems go to `v`, and none is given back then.
-fn addrs(v: &mut Validator, key: &str, text: &str) -> Vec<SocketAddr> {
-    if let Ok(a) = text.parse::<SocketAddr>() {
-        return vec![a];
-    }
+fn resolve(v: &mut Validator, key: &str, text: &str) -> Vec<SocketAddr> {
     let named = text
         .rsplit_once(':')
         .and_then(|(h, p)| Some((h, p.parse::<u16>().ok()?)));
@@ -785,10 +782,16 @@ impl ProxySection {
                 });
             }
             // A host name stands for every address it resolves to, each a backend with the entry's settings.
-            let resolved = addrs(v, &format!("{key}.addr"), &b.addr);
-            if b.addr.parse::<SocketAddr>().is_err() && !names.iter().any(|(n, _)| *n == b.addr) {
-                names.push((b.addr.clone(), resolved.clone()));
-            }
+            let resolved = match b.addr.parse::<SocketAddr>() {
+                Ok(addr) => vec![addr],
+                Err(_) => {
+                    let found = resolve(v, &format!("{key}.addr"), &b.addr);
+                    if !names.iter().any(|(n, _)| *n == b.addr) {
+                        names.push((b.addr.clone(), found.clone()));
+                    }
+                    found
+                }
+            };
             for addr in resolved {
                 let backend = BackendConfig {
                     addr,

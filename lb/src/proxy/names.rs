@@ -85,7 +85,6 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
     use std::sync::Mutex;
-    use std::sync::atomic::{AtomicUsize, Ordering};
 
     fn config(names: &str) -> Arc<crate::Config> {
         let text = format!(
@@ -101,7 +100,7 @@ mod tests {
     }
 
     /// In paused time: an answer that stays the same asks for nothing, a failed lookup keeps what is in
-    /// force, and a new answer asks for one reload.
+    /// force, and a new answer asks for one reload, right after the lookup that gave it.
     #[tokio::test(start_paused = true)]
     async fn a_name_that_resolves_anew_asks_for_a_reload() {
         let cfg = config("localhost:9000");
@@ -110,43 +109,35 @@ mod tests {
         let local = SocketAddr::from(([127, 0, 0, 1], 9000));
         let other = SocketAddr::from(([127, 0, 0, 2], 9000));
         // What each lookup answers, in turn.
-        let answers = Arc::new(Mutex::new(vec![
+        let answers = Mutex::new(vec![
             Ok(vec![local]),
             Err(io::Error::other("no answer")),
             Ok(vec![local, local]),
             Ok(vec![local, other]),
-        ]));
-        let lookups = Arc::new(AtomicUsize::new(0));
-        let reloads = Arc::new(AtomicUsize::new(0));
+        ]);
+        // What the task does, in order: each lookup, and each reload it asks for.
+        let (events, mut seen) = tokio::sync::mpsc::unbounded_channel();
         let lookup = {
-            let (answers, lookups) = (answers.clone(), lookups.clone());
+            let events = events.clone();
             move |name: String| {
                 assert_eq!(name, "localhost:9000");
-                lookups.fetch_add(1, Ordering::SeqCst);
+                let _ = events.send("lookup");
                 let next = answers.lock().unwrap().remove(0);
                 async move { next }
             }
         };
-        let changed = {
-            let reloads = reloads.clone();
-            move || {
-                reloads.fetch_add(1, Ordering::SeqCst);
-            }
+        let changed = move || {
+            let _ = events.send("reload");
         };
         let cancel = CancellationToken::new();
         let task = tokio::spawn(watch(rx, lookup, changed, cancel.clone()));
-        // The task looks at 1 s, 2 s, 3 s and 4 s; the test half a second after each.
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        for round in 1..=3 {
-            tokio::time::sleep(Duration::from_millis(1000)).await;
-            assert_eq!(lookups.load(Ordering::SeqCst), round);
-            assert_eq!(reloads.load(Ordering::SeqCst), 0, "round {round}");
+        // Paused time runs on to the task's next look whenever the test waits.
+        let mut order = Vec::new();
+        while order.last() != Some(&"reload") && order.len() < 5 {
+            let next = tokio::time::timeout(Duration::from_secs(10), seen.recv()).await;
+            order.push(next.unwrap().unwrap());
         }
-        tokio::time::sleep(Duration::from_millis(1000)).await;
-        assert_eq!(
-            (lookups.load(Ordering::SeqCst), reloads.load(Ordering::SeqCst)),
-            (4, 1)
-        );
+        assert_eq!(order, ["lookup", "lookup", "lookup", "lookup", "reload"]);
         cancel.cancel();
         task.await.unwrap();
     }
