@@ -130,8 +130,8 @@ pub struct ProxyListenerStatus {
     pub sni_routed: u64,
     /// Connect attempts beyond the first (redispatch).
     pub retries: u64,
-    /// Clients of its request type waiting for a place now (every backend at its `max_connections`;
-    /// HAProxy's "Queue Cur"); listeners of one type share their queue.
+    /// Clients of its request types (its own and those of its `sni`) waiting for a place now (every backend
+    /// at its `max_connections`; HAProxy's "Queue Cur"); listeners of one type share their queue.
     pub waiting: u64,
     /// Its clients that have had to wait for a place, in all (`xcluster_lb_proxy_connections_queued_total`).
     pub queued: u64,

@@ -2619,17 +2619,24 @@ fn wait_closing(lb: &Lb, name: &str) {
     });
 }
 
-/// With `max_connections = 1` on listener `web` at `front`: a client takes the permit and a second waits in
-/// the accept queue, having sent its bytes; then `close` closes the listener. The second is served (not reset)
-/// once the first ends.
-fn a_queued_client_outlives_the_close(lb: &Lb, front: SocketAddr, close: impl FnOnce()) {
-    let mut c1 = connect(front);
+/// With `max_connections = 1` on the proxy: a client takes the permit through `holder` and a second waits in
+/// the accept queue of listener `web` at `front`, having sent its bytes; then `close` closes `web`, and
+/// `while_queued` runs once it waits for its queue. The second is served (not reset) once the first ends.
+fn a_queued_client_outlives_the_close(
+    lb: &Lb,
+    holder: SocketAddr,
+    front: SocketAddr,
+    close: impl FnOnce(),
+    while_queued: impl FnOnce(),
+) {
+    let mut c1 = connect(holder);
     ping(&mut c1, b"one");
     // Its handshake completes in the kernel; the proxy holds no permit to accept it.
     let mut c2 = connect(front);
     c2.write_all(b"two").unwrap();
     close();
     wait_closing(lb, "web");
+    while_queued();
     ping(&mut c1, b"one again");
     finish(&mut c1);
     // The permit c1 frees goes to the queued client, served with what it sent before the close.
@@ -2640,16 +2647,21 @@ fn a_queued_client_outlives_the_close(lb: &Lb, front: SocketAddr, close: impl Fn
 }
 
 /// A reload that removes a listener closes its sockets only once the clients in their accept queue are
-/// accepted: one waiting for a permit when the reload lands is served once the permit frees, where closing at
-/// once would reset it. Then the port closes, and the other listener serves on.
+/// accepted: one waiting for a permit (held through the other listener) when the reload lands is served once
+/// the permit frees, where closing at once would reset it. Meanwhile the removed listener, with no connection
+/// but a client to come, keeps its series on `/metrics` (they were hidden, then shown again with that client).
+/// Then the port closes, and the other listener serves on.
 fn a_removed_listener_serves_its_queued_clients(rt: &'static str) {
     let (echo, front, other) = (echo_backend(), free_addr(), free_addr());
     let limits = "workers = 1\nmax_connections = 1\n";
     let with = |listeners: &str| format!("{limits}{listeners}{}", backends(&[echo]));
     let both = format!("{}{}", listener("web", front), listener("other", other));
     let lb = start_lb(rt, 30_000, &with(&both));
-    a_queued_client_outlives_the_close(&lb, front, || {
-        lb.reload_applied(30_000, &with(&listener("other", other)));
+    let close = || lb.reload_applied(30_000, &with(&listener("other", other)));
+    a_queued_client_outlives_the_close(&lb, other, front, close, || {
+        let m = lb.metrics();
+        let active = metric_value(&m, "xcluster_lb_proxy_connections_active", "listener=\"web\"");
+        assert_eq!(active, Some(0.0), "{m}");
     });
     eventually(T, "the removed listener to close", || {
         (!listening(front)).then_some(())
@@ -2672,7 +2684,8 @@ fn a_removed_listener_serves_its_queued_clients(rt: &'static str) {
 /// grace period, and the lb exits once it is done.
 fn sigterm_serves_the_clients_queued_on_the_listeners(rt: &'static str) {
     let (mut lb, front) = echo_lb(rt, 30_000, "workers = 1\nmax_connections = 1\n", "");
-    a_queued_client_outlives_the_close(&lb, front, || lb.proc.signal(Signal::SIGTERM));
+    let sigterm = || lb.proc.signal(Signal::SIGTERM);
+    a_queued_client_outlives_the_close(&lb, front, front, sigterm, || {});
     let code = lb
         .proc
         .wait_exit(T)

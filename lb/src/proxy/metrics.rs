@@ -2,10 +2,11 @@
 //! a metric up by name. Labels are bounded: listener names and backend addresses come from config (or from
 //! the directory's bounded instance list).
 
+use std::any::Any;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
 
 use metrics::{Counter, Gauge, Histogram};
 use xcluster_proto::directory::{ProxyBackendStatus, ProxyListenerStatus, ProxyStatus};
@@ -84,23 +85,33 @@ pub const BUFFERS_HELD: &str = "xcluster_lb_proxy_buffers_held";
 pub const LISTENER_BIND_FAILURES_TOTAL: &str = "xcluster_lb_proxy_listener_bind_failures_total";
 /// 1 while a listener a reload added cannot bind its address (retried every second), else 0.
 pub const LISTENER_UNBOUND: &str = "xcluster_lb_proxy_listener_unbound";
-/// 1 for each listener of the config, labelled with its `addr` and request `type`; 0 once a reload removed it
-/// (Prometheus's info idiom). `/v1/status` takes a listener's address from it and leaves removed ones out.
+/// 1 for each listener of the config, labelled with its `addr`, its request `type` and `types`, every type its
+/// connections may take (its own and its `sni`'s, sorted, comma-separated); 0 once a reload removed it
+/// (Prometheus's info idiom). `/v1/status` takes a listener's address from it, sums the queues of its `types`
+/// and leaves removed ones out.
 pub const LISTENER_INFO: &str = "xcluster_lb_proxy_listener_info";
 
 /// Sets [`LISTENER_INFO`]: 0 for each listener of `old` that `new` no longer has (same name, address and
-/// type), 1 for each of `new`.
+/// types), 1 for each of `new`.
 pub fn publish_listeners(old: &[ListenerConfig], new: &[ListenerConfig]) {
+    let types = |l: &ListenerConfig| {
+        l.types()
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect::<Vec<_>>()
+            .join(",")
+    };
     let info = |l: &ListenerConfig| {
         metrics::gauge!(
             LISTENER_INFO,
             "listener" => l.name.clone(),
             "addr" => l.listen.to_string(),
-            "type" => l.request_type.clone()
+            "type" => l.request_type.clone(),
+            "types" => types(l)
         )
     };
     let same = |a: &ListenerConfig, b: &ListenerConfig| {
-        a.name == b.name && a.listen == b.listen && a.request_type == b.request_type
+        a.name == b.name && a.listen == b.listen && a.request_type == b.request_type && types(a) == types(b)
     };
     for gone in old.iter().filter(|o| !new.iter().any(|n| same(o, n))) {
         info(gone).set(0.0);
@@ -116,16 +127,22 @@ pub fn publish_listeners(old: &[ListenerConfig], new: &[ListenerConfig]) {
 /// carry on from their old values (still monotonic, as Prometheus wants).
 #[derive(Debug, Default, Clone)]
 pub struct Retired {
-    /// Names of the listeners no longer configured.
-    pub listeners: BTreeSet<String>,
+    /// Names of the listeners no longer configured, each with the sockets a reload closed under that name:
+    /// each is open (and may still accept the clients queued on it, [`super::listener::Close`]) while its
+    /// handle upgrades, so a series hidden once its listener is idle does not come back with a late client.
+    pub listeners: BTreeMap<String, Vec<OpenSockets>>,
     /// The backends no longer configured, by their `backend` label, with their address and handles (whose
     /// `open` counts the connections still assigned to them, connecting or established).
     pub backends: BTreeMap<String, (SocketAddr, Arc<BackendMetrics>)>,
 }
 
+/// A listener's sockets on the workers: its accept loops (or io_uring's listener entries) hold the strong side
+/// until they have closed.
+pub type OpenSockets = Weak<dyn Any + Send + Sync>;
+
 /// What a scrape leaves out of the recorder's `text` (see [`xcluster_runtime::telemetry::Pruner`]): every
-/// series of a retired listener whose connections have all ended (its [`ACTIVE`] in `text` is 0, as HAProxy
-/// drops a removed frontend's stats once its last connection ends), and of a retired backend that no
+/// series of a retired listener whose sockets are closed and whose connections have all ended (its [`ACTIVE`]
+/// in `text` is 0, as HAProxy drops a removed frontend's stats once its last connection ends), and of a retired backend that no
 /// connection holds (`open` and its [`BACKEND_ACTIVE`] are 0) and that the directory does not route to
 /// (`routed`: the same address may be an instance an agent reports, and its connections share the series).
 /// `None` when nothing is hidden. Runs at each scrape, never per connection.
@@ -133,7 +150,10 @@ pub fn hide_retired(text: &str, retired: &Retired, routed: impl Fn(SocketAddr) -
     if retired.listeners.is_empty() && retired.backends.is_empty() {
         return None;
     }
-    let mut listeners = retired.listeners.clone();
+    let mut listeners: BTreeSet<String> = (retired.listeners.iter())
+        .filter(|(_, sockets)| sockets.iter().all(|s| s.strong_count() == 0))
+        .map(|(name, _)| name.clone())
+        .collect();
     let mut backends: BTreeSet<String> = (retired.backends.iter())
         .filter(|(_, (addr, bm))| bm.open.load(Ordering::Relaxed) == 0 && !routed(*addr))
         .map(|(label, _)| label.clone())
@@ -344,6 +364,8 @@ pub fn status(text: &str) -> ProxyStatus {
     let mut configured: BTreeMap<String, bool> = BTreeMap::new();
     // Clients waiting, by request type.
     let mut waiting: BTreeMap<String, u64> = BTreeMap::new();
+    // The types each configured listener's connections may take, from its info series.
+    let mut types: BTreeMap<String, String> = BTreeMap::new();
     for line in text.lines() {
         let Some(Sample { name, labels, value }) = Sample::parse(line) else {
             continue;
@@ -382,6 +404,7 @@ pub fn status(text: &str) -> ProxyStatus {
                         *now = true;
                         e.addr = label("addr").unwrap_or_default().to_string();
                         e.request_type = label("type").unwrap_or_default().to_string();
+                        types.insert(l.to_string(), label("types").unwrap_or_default().to_string());
                     }
                 }
                 _ => {}
@@ -416,7 +439,11 @@ pub fn status(text: &str) -> ProxyStatus {
         }
     }
     for l in listeners.values_mut() {
-        l.waiting = waiting.get(&l.request_type).copied().unwrap_or(0);
+        // A listener with `sni` queues its clients under each type they are routed to.
+        l.waiting = match types.get(&l.name).filter(|t| !t.is_empty()) {
+            Some(t) => t.split(',').filter_map(|ty| waiting.get(ty)).sum(),
+            None => waiting.get(&l.request_type).copied().unwrap_or(0),
+        };
     }
     // A listener a reload removed keeps its counters in `/metrics`, but is no longer one of the proxy's.
     listeners.retain(|name, _| listed.get(name).copied().unwrap_or(true));
@@ -505,15 +532,25 @@ mod tests {
         };
         let mut retired = Retired::default();
         assert!(hide_retired("", &retired, |_| false).is_none());
-        retired
-            .listeners
-            .extend(["gone".to_string(), "draining".to_string()]);
+        // "closing" is idle, but its socket is still open: a client queued on it may yet be accepted.
+        let socket: Arc<dyn Any + Send + Sync> = Arc::new(());
+        for (name, sockets) in [
+            (
+                "gone",
+                vec![Arc::downgrade(&(Arc::new(()) as Arc<dyn Any + Send + Sync>))],
+            ),
+            ("draining", vec![]),
+            ("closing", vec![Arc::downgrade(&socket)]),
+        ] {
+            retired.listeners.insert(name.to_string(), sockets);
+        }
         for (port, open) in [(10, 0), (11, 1), (12, 0), (13, 0)] {
             let a = addr(port);
             retired.backends.insert(a.to_string(), (a, handles(open)));
         }
         let text = r#"xcluster_lb_proxy_connections_active{listener="gone"} 0
 xcluster_lb_proxy_connections_active{listener="draining"} 2
+xcluster_lb_proxy_connections_active{listener="closing"} 0
 xcluster_lb_proxy_backend_connections_active{backend="127.0.0.1:12"} 1
 "#;
         let hide = hide_retired(text, &retired, |a| a == addr(13)).unwrap();
@@ -533,6 +570,10 @@ xcluster_lb_proxy_backend_connections_active{backend="127.0.0.1:12"} 1
             ),
             (
                 r#"xcluster_lb_proxy_connections_accepted_total{listener="kept"} 5"#,
+                false,
+            ),
+            (
+                r#"xcluster_lb_proxy_connections_accepted_total{listener="closing"} 5"#,
                 false,
             ),
             (
@@ -567,8 +608,15 @@ xcluster_lb_proxy_backend_connections_active{backend="127.0.0.1:12"} 1
         ] {
             assert_eq!(hide(line), hidden, "{line}");
         }
+        // Once its sockets have closed, the idle listener's series go.
+        drop(socket);
+        let hide = hide_retired(text, &retired, |a| a == addr(13)).unwrap();
+        assert!(hide(
+            r#"xcluster_lb_proxy_connections_accepted_total{listener="closing"} 5"#
+        ));
         // Nothing unused: nothing to hide.
         retired.listeners.remove("gone");
+        retired.listeners.remove("closing");
         retired.backends.retain(|_, (a, _)| *a != addr(10));
         assert!(hide_retired(text, &retired, |a| a == addr(13)).is_none());
     }
@@ -602,9 +650,11 @@ xcluster_lb_proxy_backend_connects_total{backend="10.0.0.1:7101"} 4
 xcluster_lb_proxy_workers{runtime="io_uring"} 2
 xcluster_lb_proxy_connections_waiting{request_type="browse"} 6
 xcluster_lb_proxy_connections_waiting{request_type="order"} 1
+xcluster_lb_proxy_connections_waiting{request_type="api"} 2
+xcluster_lb_proxy_listener_info{listener="tls",addr="127.0.0.1:443",type="browse",types="api,browse"} 1
 xcluster_lb_reports_accepted_total{listener="web"} 99
 xcluster_lb_proxy_connections_failed_total{listener="web" 4
-xcluster_lb_proxy_listener_info{listener="web",addr="127.0.0.1:80",type="browse"} 1
+xcluster_lb_proxy_listener_info{listener="web",addr="127.0.0.1:80",type="browse",types="browse"} 1
 xcluster_lb_proxy_connections_accepted_total{listener="gone"} 5
 xcluster_lb_proxy_listener_info{listener="gone",addr="127.0.0.1:81",type="pay"} 0
 xcluster_lb_proxy_listener_info{listener="moved",addr="127.0.0.1:82",type="pay"} 0
@@ -623,6 +673,14 @@ not a sample
                 },
                 ProxyListenerStatus {
                     name: "odd \"name\"".into(),
+                    ..Default::default()
+                },
+                // Its clients queue under each type its `sni` routes them to.
+                ProxyListenerStatus {
+                    name: "tls".into(),
+                    addr: "127.0.0.1:443".into(),
+                    request_type: "browse".into(),
+                    waiting: 8,
                     ..Default::default()
                 },
                 ProxyListenerStatus {

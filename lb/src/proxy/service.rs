@@ -766,20 +766,25 @@ impl Manager {
         super::metrics::publish_listeners(&self.listed, &new.listeners);
         let mut retired = Retired::clone(&self.shared.retired.load());
         let configured = |name: &str| new.listeners.iter().any(|l| l.name == name);
-        retired.listeners.retain(|name| !configured(name));
-        (retired.listeners).extend(
-            self.listed
-                .iter()
-                .filter(|l| !configured(&l.name))
-                .map(|l| l.name.clone()),
-        );
-        self.shared.retired.store(Arc::new(retired));
+        retired.listeners.retain(|name, _| !configured(name));
+        for l in self.listed.iter().filter(|l| !configured(&l.name)) {
+            retired.listeners.entry(l.name.clone()).or_default();
+        }
+        for sockets in retired.listeners.values_mut() {
+            sockets.retain(|s| s.strong_count() > 0);
+        }
         self.listed = new.listeners.clone();
         // By address: a listener whose address is still listed keeps its sockets and, if changed, takes its new
         // settings in place; one whose address is gone stops. Their connections are not touched.
         for r in std::mem::take(&mut self.running) {
             let Some(l) = new.listeners.iter().find(|l| l.listen == r.listen) else {
-                info!(listener = %r.state.load().cfg.name, addr = %r.listen, "proxy listener removed");
+                let state = r.state.load();
+                info!(listener = %state.cfg.name, addr = %r.listen, "proxy listener removed");
+                if let Some(sockets) = retired.listeners.get_mut(&state.cfg.name) {
+                    // Renamed in place earlier, a socket's name is its state's, not the one it was added with.
+                    let open: Arc<dyn std::any::Any + Send + Sync> = r.state.clone();
+                    sockets.push(Arc::downgrade(&open));
+                }
                 self.stop_listener(&r);
                 continue;
             };
@@ -790,6 +795,7 @@ impl Manager {
             }
             self.running.push(r);
         }
+        self.shared.retired.store(Arc::new(retired));
         let mut unbound = Vec::new();
         for l in &new.listeners {
             if self.running.iter().any(|r| r.listen == l.listen) {
