@@ -458,6 +458,7 @@ const BACKEND_COLUMNS: &[Column] = &[
         Some(n) => n.to_string(),
     }),
     ("state", "failing", |v| flag(v, "failing", "ok")),
+    ("drain", "drained", |v| flag(v, "drained", "-")),
     ("tier", "backup", |v| flag(v, "backup", "primary")),
 ];
 

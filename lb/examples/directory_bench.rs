@@ -58,6 +58,7 @@ fn settings() -> Settings {
         admin_token: String::new(),
         // The herd phase holds thousands of watches at once.
         max_watches: usize::MAX,
+        proxy_backends: Default::default(),
     }
 }
 

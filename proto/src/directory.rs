@@ -177,6 +177,9 @@ pub struct ProxyBackendStatus {
     /// Its configured `weight` (0: drained, HAProxy's "drain": no new connections); `None` for an instance
     /// the directory routes to, whose weights are the directory's.
     pub weight: Option<u64>,
+    /// Drained at run time, by its address or its instance's id (`xcluster ctl drain`): no new connections
+    /// until undrained, whatever its `weight`.
+    pub drained: bool,
 }
 
 /// One instance as the dashboard shows it.

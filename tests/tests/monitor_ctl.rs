@@ -404,6 +404,7 @@ fn ctl_cluster_shows_balancers_and_their_proxies() {
             "0",
             "(drain)",
             "failing",
+            "drained",
             "backup"
         ]),
         "{text}"

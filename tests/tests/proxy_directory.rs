@@ -193,3 +193,56 @@ fn a_fixed_backend_an_agent_reports_follows_its_drain_and_readiness() {
     ready.set(true);
     both();
 }
+
+/// A `[[proxy.backends]]` entry no agent reports is drained at run time by its address (HAProxy's `set server
+/// state drain`): it gets no new connections, `/v1/status` shows it drained, and it is back once undrained.
+/// An address that is no backend is refused, named.
+#[test]
+fn a_fixed_backend_is_drained_by_its_address() {
+    let dir = tempfile::tempdir().unwrap();
+    let (api, proxy) = (free_addr(), free_addr());
+    let (a, b) = (named_backend("A"), named_backend("B"));
+    let config = format!(
+        "{}[[proxy.backends]]\naddr = \"{a}\"\n[[proxy.backends]]\naddr = \"{b}\"\n",
+        proxy_config(api, proxy, 0)
+    );
+    let _lb = start("lb", api, &config, dir.path());
+    let seen = || {
+        (0..40)
+            .map(|_| through(proxy))
+            .collect::<std::collections::BTreeSet<String>>()
+    };
+    let both = || {
+        eventually(Duration::from_secs(10), "A and B both picked", || {
+            let seen = seen();
+            (seen.contains("A") && seen.contains("B")).then_some(())
+        })
+    };
+    let drained = |addr: SocketAddr| {
+        let st: serde_json::Value = serde_json::from_str(&get(api, "/v1/status").unwrap().body).unwrap();
+        let backends = st["proxy"]["backends"].as_array().unwrap().clone();
+        let row = backends.iter().find(|r| r["addr"] == addr.to_string());
+        row.unwrap_or_else(|| panic!("{addr} not in {st}"))["drained"].as_bool()
+    };
+    both();
+    assert_eq!(drained(a), Some(false));
+    // Written with a leading zero in its port, the same backend.
+    let r = set_drain(api, &format!("127.0.0.1:0{}", a.port()), "drain");
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(r.body.contains(&format!("\"id\":\"{a}\"")), "{}", r.body);
+    // Applied with the drain's answer: every new connection goes to B at once.
+    assert_eq!(seen(), ["B".to_string()].into());
+    assert_eq!((drained(a), drained(b)), (Some(true), Some(false)));
+    let unknown = free_addr();
+    let r = set_drain(api, &unknown.to_string(), "drain");
+    assert_eq!(r.status, 404, "{}", r.body);
+    assert!(
+        r.body.contains("no [[proxy.backends]] at that address"),
+        "{}",
+        r.body
+    );
+    let r = set_drain(api, &a.to_string(), "undrain");
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(drained(a), Some(false));
+    both();
+}

@@ -2,11 +2,13 @@
 //! `POST /v1/servers/{id}/drain|undrain` (bearer token) and `GET /v1/status`. Every refusal is a JSON error
 //! from `runtime::http::error` with a 4xx status; nothing here panics on input.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
+use xcluster_proto::directory::InstanceState;
 use xcluster_proto::report::{self, AGENT_HEADER, MAX_REPORT_BYTES, ReportError, SIGNATURE_HEADER};
 use xcluster_runtime::http::{
     Body, BodyError, Handler, authorize, error, json, method_not_allowed, percent_decode_path, query_pairs,
@@ -37,6 +39,14 @@ async fn route(dir: Directory, req: Request<Incoming>) -> Response<Body> {
         ("/v1/status", &Method::GET) => {
             let mut status = dir.status();
             status.proxy = crate::proxy::metrics::status(&xcluster_runtime::telemetry::render_metrics());
+            // Drained by its address, or as the instance an agent reports there.
+            let by_instance = (status.instances.iter())
+                .filter(|i| i.state == Some(InstanceState::Drained))
+                .map(|i| &i.addr);
+            let drained: Vec<&String> = status.drained.iter().chain(by_instance).collect();
+            for b in &mut status.proxy.backends {
+                b.drained = drained.contains(&&b.addr);
+            }
             json(StatusCode::OK, &status)
         }
         ("/v1/reports", _) => method_not_allowed(&method, &path, "POST"),
@@ -197,19 +207,22 @@ fn drain_target(path: &str) -> Option<Result<(String, bool), String>> {
     let decoded = (raw.len() <= 3 * report::MAX_ID_BYTES)
         .then(|| percent_decode_path(raw).ok())
         .flatten()
-        .filter(|id| report::valid_id(id));
-    Some(
-        decoded
-            .map(|id| (id, on))
-            .ok_or_else(|| format!("instance id {:?}: {}", report::shown(raw), report::ID_RULE)),
-    )
+        // A proxy backend's address may be IPv6 (`[::1]:8001`), whose brackets no id holds.
+        .filter(|id| report::valid_id(id) || id.parse::<SocketAddr>().is_ok());
+    Some(decoded.map(|id| (id, on)).ok_or_else(|| {
+        let raw = report::shown(raw);
+        format!(
+            "instance id {raw:?}: {}, or a proxy backend's IP:PORT",
+            report::ID_RULE
+        )
+    }))
 }
 
 fn drain(dir: &Directory, req: &Request<Incoming>, id: &str, on: bool) -> Response<Body> {
     if let Err(refused) = authorize(req, &dir.settings().admin_token, "[admin] token") {
         return refused;
     }
-    if dir.set_drained(id, on) {
+    if let Some(id) = dir.set_drained(id, on) {
         tracing::info!(instance = id, drained = on, "drain state changed");
         json(StatusCode::OK, &serde_json::json!({"id": id, "drained": on}))
     } else {
@@ -226,7 +239,11 @@ fn unknown_instance(dir: &Directory, id: &str) -> String {
     const SHOWN: usize = 8;
     let ids = dir.instance_ids();
     let suffix = format!("/{id}");
-    let mut msg = format!("no instance {id:?} in the table");
+    let mut msg = if id.parse::<SocketAddr>().is_ok() {
+        format!("no instance {id:?} in the table, and no [[proxy.backends]] at that address")
+    } else {
+        format!("no instance {id:?} in the table")
+    };
     if let [only] = ids.iter().filter(|k| k.ends_with(&suffix)).collect::<Vec<_>>()[..] {
         msg += &format!("; did you mean {only:?}?");
     } else if !ids.is_empty() {
@@ -266,6 +283,12 @@ mod tests {
         );
         assert!(matches!(drain_target("/v1/servers/a%zz/drain"), Some(Err(_))));
         assert_eq!(drain_target("/v1/servers/x/other"), None);
+        // A proxy backend's IPv6 address, brackets and all; brackets alone are no id.
+        assert_eq!(
+            drain_target("/v1/servers/%5B::1%5D:8001/drain"),
+            Some(Ok(("[::1]:8001".into(), true)))
+        );
+        assert!(matches!(drain_target("/v1/servers/[x]/drain"), Some(Err(_))));
     }
 
     #[test]

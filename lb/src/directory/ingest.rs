@@ -174,6 +174,8 @@ impl Directory {
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
+    use std::net::SocketAddr;
+
     use xcluster_proto::report::{HostLoad, InstanceLoad};
 
     use super::*;
@@ -194,6 +196,7 @@ mod tests {
             balancers: vec!["127.0.0.1:7000".into()],
             admin_token: "t".into(),
             max_watches: 64,
+            proxy_backends: ["127.0.0.1:8001".parse().unwrap()].into(),
         })
     }
 
@@ -403,10 +406,40 @@ mod tests {
         let b = body(1, wall_ms());
         d.ingest(&b, Some(&report::sign(b"k", &b)), None).unwrap();
         assert!(d.pick("default", &[]).is_some());
-        assert!(d.set_drained("h/a", true));
+        assert_eq!(d.set_drained("h/a", true).as_deref(), Some("h/a"));
         assert!(d.pick("default", &[]).is_none());
-        assert!(!d.set_drained("nope", true));
-        assert!(d.set_drained("h/a", false));
+        assert_eq!(d.set_drained("nope", true), None);
+        assert_eq!(d.set_drained("h/a", false).as_deref(), Some("h/a"));
         assert!(d.pick("default", &[]).is_some());
+    }
+
+    #[test]
+    fn a_proxy_backend_is_drained_by_its_address() {
+        let d = dir();
+        let b = body(1, wall_ms());
+        d.ingest(&b, Some(&report::sign(b"k", &b)), None).unwrap();
+        let withheld = || d.with_withheld(<[SocketAddr]>::to_vec);
+        let backend: SocketAddr = "127.0.0.1:8001".parse().unwrap();
+        // Written another way, the same address, kept as the backend's label.
+        assert_eq!(
+            d.set_drained("127.0.0.1:08001", true).as_deref(),
+            Some("127.0.0.1:8001")
+        );
+        assert_eq!(withheld(), [backend]);
+        assert_eq!(d.status().drained, ["127.0.0.1:8001"]);
+        // The instances are not touched.
+        assert!(d.pick("default", &[]).is_some());
+        // An address that is no configured backend is unknown.
+        assert_eq!(d.set_drained("127.0.0.1:8002", true), None);
+        assert_eq!(
+            d.set_drained("127.0.0.1:8001", false).as_deref(),
+            Some("127.0.0.1:8001")
+        );
+        assert_eq!(withheld(), []);
+        // A drain taken from a peer, of a backend this balancer does not have, can still be undrained.
+        d.restore_drained(["10.0.0.9:1".to_string()]);
+        assert_eq!(withheld(), ["10.0.0.9:1".parse::<SocketAddr>().unwrap()]);
+        assert_eq!(d.set_drained("10.0.0.9:1", false).as_deref(), Some("10.0.0.9:1"));
+        assert_eq!(withheld(), []);
     }
 }

@@ -16,6 +16,7 @@ pub mod snapshot;
 pub mod table;
 pub mod weights;
 
+use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -57,6 +58,8 @@ pub struct Settings {
     /// (at least 4) stays for reports, other queries, `/readyz` and `/metrics`: long polls held every
     /// connection, and agents' reports were refused with 503.
     pub max_watches: usize,
+    /// The addresses of `[[proxy.backends]]`: each may be drained by its address, as an instance by its id.
+    pub proxy_backends: BTreeSet<SocketAddr>,
 }
 
 impl Settings {
@@ -70,6 +73,7 @@ impl Settings {
             balancers: c.balancers.iter().map(ToString::to_string).collect(),
             admin_token: c.admin_token.clone(),
             max_watches: max_watches(c.http.max_connections),
+            proxy_backends: c.proxy.backends.iter().map(|b| b.addr).collect(),
         }
     }
 }
@@ -358,19 +362,29 @@ impl Directory {
         self.table().instances.keys().map(ToString::to_string).collect()
     }
 
-    /// Drains (`on = true`) or undrains an instance. `false` if the instance is unknown.
-    pub fn set_drained(&self, id: &str, on: bool) -> bool {
+    /// Drains (`on = true`) or undrains an instance, or a `[[proxy.backends]]` entry by its address (HAProxy's
+    /// `set server state drain`): what is drained gets no new connection, on this balancer until undrained,
+    /// and on one that restarts (it takes the drains of its peers). Returns the id as kept, `None` if unknown.
+    pub fn set_drained(&self, id: &str, on: bool) -> Option<String> {
         let mut table = self.table();
-        if !table.instances.contains_key(id) {
-            return false;
+        // A backend's address is kept as Rust writes a `SocketAddr`, so `127.0.0.1:08001` and
+        // `127.0.0.1:8001` are one backend, and the kept id is its `backend` label.
+        let addr = (id.parse::<SocketAddr>().ok()).filter(|_| !table.instances.contains_key(id));
+        let id = addr.map_or_else(|| id.to_string(), |a| a.to_string());
+        let known = table.instances.contains_key(&*id)
+            || addr.is_some_and(|a| self.inner.settings.load().proxy_backends.contains(&a))
+            // Undrained even once no longer known: a backend a reload removed, or a drain taken from a peer.
+            || (!on && table.drained.contains(&id));
+        if !known {
+            return None;
         }
         if on {
-            table.drained.insert(id.to_string());
+            table.drained.insert(id.clone());
         } else {
-            table.drained.remove(id);
+            table.drained.remove(&id);
         }
         self.publish_locked(&table);
-        true
+        Some(id)
     }
 
     /// `GET /v1/status`.

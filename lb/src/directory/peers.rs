@@ -82,6 +82,7 @@ mod tests {
             balancers: vec!["127.0.0.1:7000".into()],
             admin_token: "t".into(),
             max_watches: 64,
+            proxy_backends: Default::default(),
         })
     }
 

@@ -251,13 +251,14 @@ impl Table {
         now_ms.saturating_sub(i.received_ms) <= p.report_ttl.as_millis() as u64
     }
 
-    /// The addresses of instances that must get no new connection, whatever routes them: drained, or
-    /// reported not ready by a fresh report. Sorted. The proxy's fixed backends at these addresses honour
-    /// them too (`live_picker`).
+    /// The addresses that must get no new connection, whatever routes them: of instances drained, or
+    /// reported not ready by a fresh report, and those drained by address (`[[proxy.backends]]`). Sorted.
+    /// The proxy's fixed backends at these addresses honour them too (`live_picker`).
     pub fn withheld(&self, now_ms: u64, p: &Params) -> Vec<SocketAddr> {
         let mut out: Vec<SocketAddr> = (self.instances.values())
             .filter(|i| self.drained.contains(&*i.id) || (!i.ready && Self::is_fresh(i, now_ms, p)))
             .map(|i| i.addr)
+            .chain(self.drained.iter().filter_map(|id| id.parse().ok()))
             .collect();
         out.sort_unstable();
         out.dedup();

@@ -526,6 +526,7 @@ fn clients_are_shown_a_new_list_only_when_it_changed_enough() {
         balancers: Vec::new(),
         admin_token: String::new(),
         max_watches: 64,
+        proxy_backends: Default::default(),
     };
     let shown_weight = |s: &Snapshot, id: &str| {
         let list = s.server_list("queue", 0, &settings).unwrap();
