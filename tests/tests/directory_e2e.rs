@@ -262,6 +262,14 @@ fn a_restarted_balancer_takes_its_peers_drains() {
     let r = set_drain(lb1, "a", "drain");
     assert_eq!(r.status, 404, "{}", r.body);
     assert!(r.body.contains(r#"did you mean \"h1/a\"?"#), "{}", r.body);
+    // Nor is its address, which names only a `[[proxy.backends]]` entry.
+    let r = set_drain(lb1, &a.addr.to_string(), "drain");
+    assert_eq!(r.status, 404, "{}", r.body);
+    assert!(
+        r.body.contains(r#"the instance at that address is \"h1/a\""#),
+        "{}",
+        r.body
+    );
     let stop = |p: &mut Proc| {
         p.signal(nix::sys::signal::Signal::SIGTERM);
         assert_eq!(p.wait_exit(WAIT), Some(0), "{}", p.stderr());

@@ -239,12 +239,17 @@ fn unknown_instance(dir: &Directory, id: &str) -> String {
     const SHOWN: usize = 8;
     let ids = dir.instance_ids();
     let suffix = format!("/{id}");
-    let mut msg = if id.parse::<SocketAddr>().is_ok() {
+    let addr = id.parse::<SocketAddr>().ok();
+    // An instance is drained by its id, not by its address.
+    let at_addr = addr.and_then(|a| (dir.status().instances.into_iter()).find(|i| i.addr == a.to_string()));
+    let mut msg = if addr.is_some() {
         format!("no instance {id:?} in the table, and no [[proxy.backends]] at that address")
     } else {
         format!("no instance {id:?} in the table")
     };
-    if let [only] = ids.iter().filter(|k| k.ends_with(&suffix)).collect::<Vec<_>>()[..] {
+    if let Some(i) = at_addr {
+        msg += &format!("; the instance at that address is {:?}", i.id);
+    } else if let [only] = ids.iter().filter(|k| k.ends_with(&suffix)).collect::<Vec<_>>()[..] {
         msg += &format!("; did you mean {only:?}?");
     } else if !ids.is_empty() {
         let shown: Vec<&str> = ids.iter().take(SHOWN).map(String::as_str).collect();
