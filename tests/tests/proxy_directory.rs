@@ -143,11 +143,17 @@ fn a_starting_balancer_opens_its_proxy_port_once_the_directory_routes() {
     assert!(lb.stderr().contains("directory warm"), "{}", lb.stderr());
 }
 
-/// A fixed `[[proxy.backends]]` entry that an agent also reports follows the directory: drained on the
-/// balancer, or reported not ready, it gets no new connections (without waiting for `check_fall` failed
-/// health checks), and it is back once undrained and ready.
-#[test]
-fn a_fixed_backend_an_agent_reports_follows_its_drain_and_readiness() {
+/// An lb whose listener `browse` routes to two fixed backends, `A` and `B`, each answering with its name.
+struct AB {
+    _lb: Proc,
+    _dir: tempfile::TempDir,
+    api: SocketAddr,
+    proxy: SocketAddr,
+    a: SocketAddr,
+    b: SocketAddr,
+}
+
+fn ab_lb() -> AB {
     let dir = tempfile::tempdir().unwrap();
     let (api, proxy) = (free_addr(), free_addr());
     let (a, b) = (named_backend("A"), named_backend("B"));
@@ -155,7 +161,24 @@ fn a_fixed_backend_an_agent_reports_follows_its_drain_and_readiness() {
         "{}[[proxy.backends]]\naddr = \"{a}\"\n[[proxy.backends]]\naddr = \"{b}\"\n",
         proxy_config(api, proxy, 0)
     );
-    let _lb = start("lb", api, &config, dir.path());
+    let lb = start("lb", api, &config, dir.path());
+    AB {
+        _lb: lb,
+        _dir: dir,
+        api,
+        proxy,
+        a,
+        b,
+    }
+}
+
+/// A fixed `[[proxy.backends]]` entry that an agent also reports follows the directory: drained on the
+/// balancer, or reported not ready, it gets no new connections (without waiting for `check_fall` failed
+/// health checks), and it is back once undrained and ready.
+#[test]
+fn a_fixed_backend_an_agent_reports_follows_its_drain_and_readiness() {
+    let lb = ab_lb();
+    let AB { api, proxy, a, b, .. } = lb;
     // An agent's report of A, saying what `ready` holds, sent again before every look so that it stays fresh
     // (the report TTL is 1.5 s) however long the looks take.
     let (ready, seq) = (Cell::new(true), Cell::new(now_ms() * 1000));
@@ -199,14 +222,8 @@ fn a_fixed_backend_an_agent_reports_follows_its_drain_and_readiness() {
 /// An address that is no backend is refused, named.
 #[test]
 fn a_fixed_backend_is_drained_by_its_address() {
-    let dir = tempfile::tempdir().unwrap();
-    let (api, proxy) = (free_addr(), free_addr());
-    let (a, b) = (named_backend("A"), named_backend("B"));
-    let config = format!(
-        "{}[[proxy.backends]]\naddr = \"{a}\"\n[[proxy.backends]]\naddr = \"{b}\"\n",
-        proxy_config(api, proxy, 0)
-    );
-    let _lb = start("lb", api, &config, dir.path());
+    let lb = ab_lb();
+    let AB { api, proxy, a, b, .. } = lb;
     let seen = || {
         (0..40)
             .map(|_| through(proxy))
