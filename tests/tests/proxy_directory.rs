@@ -178,7 +178,7 @@ fn ab_lb() -> AB {
 #[test]
 fn a_fixed_backend_an_agent_reports_follows_its_drain_and_readiness() {
     let lb = ab_lb();
-    let AB { api, proxy, a, b, .. } = lb;
+    let AB { api, proxy, a, .. } = lb;
     // An agent's report of A, saying what `ready` holds, sent again before every look so that it stays fresh
     // (the report TTL is 1.5 s) however long the looks take.
     let (ready, seq) = (Cell::new(true), Cell::new(now_ms() * 1000));
