@@ -119,6 +119,7 @@ impl std::fmt::Debug for Config {
 impl RoleConfig for Config {
     const ROLE: &'static str = "agent";
     type Raw = RawConfig;
+    const RESTART_KEYS: &'static [&'static str] = &["listen", "agent_id", "http"];
 
     fn validate(raw: &RawConfig) -> Result<Self, Vec<ConfigIssue>> {
         let mut v = Validator::new();

@@ -196,6 +196,20 @@ pub struct Config {
 impl RoleConfig for Config {
     const ROLE: &'static str = "app";
     type Raw = RawConfig;
+    // The server, the store and its connections are built once, at start.
+    const RESTART_KEYS: &'static [&'static str] = &[
+        "listen",
+        "instance",
+        "db_path",
+        "store_threads",
+        "busy_timeout_ms",
+        "http",
+        "store",
+        "postgres_url",
+        "redis_url",
+        "postgres",
+        "redis",
+    ];
 
     fn validate(raw: &RawConfig) -> Result<Self, Vec<ConfigIssue>> {
         let mut v = Validator::new();

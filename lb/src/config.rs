@@ -216,6 +216,8 @@ impl std::fmt::Debug for Config {
 impl RoleConfig for Config {
     const ROLE: &'static str = "lb";
     type Raw = RawConfig;
+    // `listen` and the proxy's own restart keys warn where they are applied, with what runs instead.
+    const RESTART_KEYS: &'static [&'static str] = &["http"];
 
     fn validate(raw: &RawConfig) -> Result<Self, Vec<ConfigIssue>> {
         let mut v = Validator::new();

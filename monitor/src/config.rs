@@ -116,6 +116,7 @@ impl std::fmt::Debug for Config {
 impl RoleConfig for Config {
     const ROLE: &'static str = "monitor";
     type Raw = RawConfig;
+    const RESTART_KEYS: &'static [&'static str] = &["listen", "run_dir", "log_dir", "http"];
 
     fn validate(raw: &RawConfig) -> Result<Self, Vec<ConfigIssue>> {
         let mut v = Validator::new();

@@ -7,6 +7,7 @@
 //! is recorded with its key path, the offending key is dropped, and deserialisation is retried, so the user
 //! sees the unknown key *and* the bad address *and* the negative duration in one run.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::path::{Path, PathBuf};
 
@@ -31,6 +32,30 @@ pub trait RoleConfig: Sized + Send + Sync + 'static {
 
     /// Hides secrets before the raw config is printed or logged.
     fn redact(_raw: &mut Self::Raw) {}
+
+    /// Keys (a dotted key, or a section: `http` covers `http.max_connections`) a reload does not apply: the
+    /// process keeps the values it started with, and a reload that changes one warns so.
+    const RESTART_KEYS: &'static [&'static str] = &[];
+}
+
+/// The keys of `new` that differ from `old` (changed, added or removed) and fall under one of `under`
+/// ([`RoleConfig::RESTART_KEYS`]), sorted.
+pub fn changed_under<T: Serialize>(old: &T, new: &T, under: &[&str]) -> Vec<String> {
+    let (old, new): (BTreeMap<_, _>, BTreeMap<_, _>) = (
+        flatten(old).into_iter().collect(),
+        flatten(new).into_iter().collect(),
+    );
+    let within = |k: &str| {
+        under.iter().any(|u| {
+            k.strip_prefix(u)
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with('.') || rest.starts_with('['))
+        })
+    };
+    let keys: BTreeSet<&String> = old.keys().chain(new.keys()).collect();
+    keys.into_iter()
+        .filter(|k| old.get(*k) != new.get(*k) && within(k))
+        .cloned()
+        .collect()
 }
 
 /// One problem with a config, naming the key and the bad value.
@@ -1015,6 +1040,21 @@ mod tests {
         let line = diff(&old, &new, hide);
         assert_eq!(line, "key: changed (hidden)");
         assert_eq!(diff(&old, &old, hide), "no changes");
+    }
+
+    #[test]
+    fn changed_under_names_the_restart_keys_a_change_touches() {
+        let a = Raw::default();
+        let mut b = a.clone();
+        b.grace_ms = 9;
+        b.inner.timeout_ms = 3;
+        b.listen = "127.0.0.1:2".into();
+        let under = |keys: &[&str]| changed_under(&a, &b, keys);
+        assert_eq!(under(&["inner", "listen"]), ["inner.timeout_ms", "listen"]);
+        // A section's name covers its keys; a key's name is no prefix of another's.
+        assert_eq!(under(&["inner.timeout_ms"]), ["inner.timeout_ms"]);
+        assert_eq!(under(&["inne", "grace"]), Vec::<String>::new());
+        assert_eq!(changed_under(&a, &a, &["inner", "listen"]), Vec::<String>::new());
     }
 
     #[test]

@@ -86,6 +86,8 @@ fn unix_now() -> Option<u64> {
 
 struct State<C: RoleConfig> {
     source: ConfigSource,
+    /// The config the process started with: what keys that need a restart still hold.
+    started: C::Raw,
     raw: C::Raw,
     good_bytes: Option<Vec<u8>>,
     bad_bytes: Option<Vec<u8>>,
@@ -107,10 +109,12 @@ pub fn spawn<C: RoleConfig>(
     metrics::counter!(crate::metrics::CONFIG_RELOADS_TOTAL, "role" => C::ROLE).increment(0);
     metrics::counter!(crate::metrics::CONFIG_RELOAD_FAILURES_TOTAL, "role" => C::ROLE).increment(0);
     metrics::gauge!(crate::metrics::CONFIG_LAST_RELOAD_OK, "role" => C::ROLE).set(1.0);
+    metrics::gauge!(crate::metrics::CONFIG_RESTART_PENDING, "role" => C::ROLE).set(0.0);
 
     let watcher = source.path.clone().and_then(|p| start_watcher(p, tx.clone()));
     let mut state = State::<C> {
         source,
+        started: seed.0.clone(),
         raw: seed.0,
         good_bytes: seed.1,
         bad_bytes: None,
@@ -172,6 +176,16 @@ impl<C: RoleConfig> State<C> {
             Ok(loaded) => {
                 let diff = crate::config::diff(&self.raw, &loaded.raw, C::redact);
                 info!(role = self.role_label, ?cause, changes = %diff, "config reloaded");
+                // Named, each reload until a restart: "config reloaded" alone read as if they applied.
+                let pending = crate::config::changed_under(&self.started, &loaded.raw, C::RESTART_KEYS);
+                if !pending.is_empty() {
+                    warn!(
+                        role = self.role_label, keys = %pending.join(", "),
+                        "changed keys that need a restart; the running values stay until then"
+                    );
+                }
+                let gauge = metrics::gauge!(crate::metrics::CONFIG_RESTART_PENDING, "role" => C::ROLE);
+                gauge.set(if pending.is_empty() { 0.0 } else { 1.0 });
                 self.raw = loaded.raw;
                 self.good_bytes = loaded.file_bytes;
                 self.bad_bytes = None;

@@ -328,6 +328,27 @@ fn hot_reload_applies_valid_changes_and_keeps_old_config_on_invalid() {
         (counter("xcluster_config_reload_failures_total") == 2.0).then_some(())
     });
     assert_eq!(counter("xcluster_config_reloads_total"), 1.0);
+    assert_eq!(counter("xcluster_config_restart_pending"), 0.0);
+    assert!(!p.stderr().contains("need a restart"), "{}", p.stderr());
+
+    // A key that needs a restart: reloaded, and said not to apply until then, each time and on `/metrics`.
+    write_file(
+        dir.path(),
+        "app.toml",
+        &format!("{base}[http]\nmax_body_bytes = 1024\n"),
+    );
+    eventually(Duration::from_secs(10), "reload counter to reach 2", || {
+        (counter("xcluster_config_reloads_total") == 2.0).then_some(())
+    });
+    logged(
+        "changed keys that need a restart; the running values stay until then role=\"app\" keys=http.max_body_bytes",
+    );
+    assert_eq!(counter("xcluster_config_restart_pending"), 1.0);
+    // Back to the value it started with: nothing waits for a restart.
+    write_file(dir.path(), "app.toml", &base);
+    eventually(Duration::from_secs(10), "nothing pending", || {
+        (counter("xcluster_config_restart_pending") == 0.0).then_some(())
+    });
     assert!(p.is_running());
     assert_eq!(p.pid(), pid, "no restart");
 }
