@@ -514,9 +514,15 @@ fn set_path(table: &mut toml::Table, key: &str, raw_value: &str) -> Result<(), S
                     None => return Err(format!("no {seg} in the config to name an item of")),
                 };
                 let labels = item_labels(items);
-                let at = labels
-                    .iter()
-                    .position(|l| l == label)
+                // By the label the reload log shows, else by any of the keys that may name an item (a
+                // listener, labelled by its name, by its `listen` address too), else by index.
+                let named = |item: &toml::Value| {
+                    ITEM_KEYS
+                        .iter()
+                        .any(|k| item.get(k).and_then(toml::Value::as_str) == Some(*label))
+                };
+                let at = (labels.iter().position(|l| l == label))
+                    .or_else(|| items.iter().position(named))
                     .or_else(|| label.parse::<usize>().ok().filter(|i| *i < items.len()));
                 match at.and_then(|i| items.get_mut(i)) {
                     Some(toml::Value::Table(t)) => t,
@@ -570,10 +576,13 @@ fn key_segments(key: &str) -> Option<Vec<(&str, Option<&str>)>> {
     segs.iter().all(|(s, _)| valid(s)).then_some(segs)
 }
 
+/// The keys that may name an item of an array of tables, in the order [`item_labels`] tries them.
+const ITEM_KEYS: [&str; 4] = ["name", "id", "addr", "listen"];
+
 /// The names of an array's items, as [`flatten`] shows them: the first of `name`, `id`, `addr`, `listen` that
 /// every item sets, each to its own value; else their indexes.
 fn item_labels(items: &[toml::Value]) -> Vec<String> {
-    for key in ["name", "id", "addr", "listen"] {
+    for key in ITEM_KEYS {
         let names: Vec<&str> = items
             .iter()
             .filter_map(|v| v.get(key)?.as_str().filter(|s| !s.is_empty()))
@@ -963,8 +972,10 @@ mod tests {
         set_path(&mut t, "listeners[pay].listen", "127.0.0.1:9").unwrap();
         set_path(&mut t, "backends[127.0.0.1:8001].weight", "0").unwrap();
         set_path(&mut t, "backends[1].backup", "true").unwrap();
+        // A listener by its address, though the log names it by its name.
+        set_path(&mut t, "listeners[127.0.0.1:1].name", "\"www\"").unwrap();
         let want = toml::toml! {
-            listeners = [{ name = "web", listen = "127.0.0.1:1" }, { name = "pay", listen = "127.0.0.1:9" }]
+            listeners = [{ name = "www", listen = "127.0.0.1:1" }, { name = "pay", listen = "127.0.0.1:9" }]
             backends = [
                 { addr = "127.0.0.1:8001", weight = 0 },
                 { addr = "127.0.0.1:8002", weight = 1, backup = true },
@@ -974,11 +985,11 @@ mod tests {
         for (key, says) in [
             (
                 "listeners[api].listen",
-                "no item \"api\" in listeners (its items: web, pay)",
+                "no item \"api\" in listeners (its items: www, pay)",
             ),
             ("listeners[2].listen", "no item \"2\" in listeners"),
             ("missing[web].listen", "no missing in the config"),
-            ("listeners[web].listen[0].x", "listen is not an array of tables"),
+            ("listeners[www].listen[0].x", "listen is not an array of tables"),
             ("listeners[web]", "names an item of listeners"),
             ("listeners[web.listen", "invalid key"),
             ("listeners[].listen", "invalid key"),
