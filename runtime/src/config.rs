@@ -342,6 +342,9 @@ fn load_layered<C: RoleConfig>(
             )),
         }
     }
+    // The keys the environment and `--set` gave a value, and where from: an issue with one of them says so,
+    // or it read as the file's fault.
+    let mut overridden: Vec<(String, String)> = Vec::new();
     if source.use_env {
         let prefix = format!("XCLUSTER_{}__", C::ROLE.to_ascii_uppercase());
         let mut vars: Vec<(String, String)> =
@@ -349,18 +352,18 @@ fn load_layered<C: RoleConfig>(
         vars.sort();
         for (k, v) in vars {
             let key = k[prefix.len()..].to_ascii_lowercase().replace("__", ".");
-            if let Err(issue) = set_path(&mut table, &key, &v) {
-                issues.push(ConfigIssue::new(format!("env {k}"), issue));
+            match set_path(&mut table, &key, &v) {
+                Ok(()) => overridden.push((key, format!("environment {k}"))),
+                Err(issue) => issues.push(ConfigIssue::new(format!("env {k}"), issue)),
             }
         }
     }
     for ov in &source.overrides {
         match ov.split_once('=') {
-            Some((k, v)) => {
-                if let Err(issue) = set_path(&mut table, k.trim(), v) {
-                    issues.push(ConfigIssue::new(format!("--set {k}"), issue));
-                }
-            }
+            Some((k, v)) => match set_path(&mut table, k.trim(), v) {
+                Ok(()) => overridden.push((k.trim().to_string(), format!("--set {}", k.trim()))),
+                Err(issue) => issues.push(ConfigIssue::new(format!("--set {k}"), issue)),
+            },
             None => issues.push(ConfigIssue::new(
                 "--set",
                 format!("expected KEY=VALUE, found {ov:?}"),
@@ -377,6 +380,12 @@ fn load_layered<C: RoleConfig>(
         }
         None => None,
     };
+    for issue in &mut issues {
+        // The last to set it wins, as in the table.
+        if let Some((_, by)) = overridden.iter().rev().find(|(k, _)| *k == issue.key) {
+            issue.message += &format!(" (set by {by})");
+        }
+    }
     match (raw, config) {
         (Some(raw), Some(config)) if issues.is_empty() => Ok(Loaded {
             config,
@@ -961,6 +970,26 @@ mod tests {
         assert_eq!(loaded.config.listen.port(), 9);
         assert_eq!(loaded.raw.inner.timeout_ms, 7);
         assert_eq!(loaded.raw.grace_ms, 5, "default kept");
+    }
+
+    #[test]
+    fn a_bad_override_is_named_as_the_source_of_its_issue() {
+        let err = load_str(
+            "listen = \"127.0.0.1:5\"\n",
+            &["inner.timeout_ms=abc", "listen=nowhere"],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("inner.timeout_ms: ") && err.contains("(set by --set inner.timeout_ms)"),
+            "{err}"
+        );
+        assert!(err.contains("(set by --set listen)"), "{err}");
+        // The file's own mistakes are not blamed on an override.
+        let err = load_str("grace_ms = \"x\"\n", &["listen=127.0.0.1:9"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("grace_ms") && !err.contains("set by"), "{err}");
     }
 
     #[test]
