@@ -162,7 +162,7 @@ impl Run {
                     kind: k,
                     latency,
                     backend,
-                    outcome: Outcome::of_status(status.as_u16()),
+                    outcome: Outcome::of_answer(status.as_u16(), resp.body()),
                 }
             }
             Err((kind_of_error, backend)) => Sample {

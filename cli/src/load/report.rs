@@ -30,8 +30,8 @@ pub struct Sample {
 pub enum Outcome {
     /// A 2xx.
     Ok,
-    /// XBuy's "no" to a valid request, by kind (`status_409`): 402 insufficient funds, 409 out of stock or
-    /// sold out, 429 over the per-user limit.
+    /// XBuy's "no" to a valid request (402, 409, 429), by the code of its answer (`sold_out`,
+    /// `insufficient_funds`, `limit_exceeded`...), or by its status (`status_409`) when the answer has none.
     Refused(String),
     /// Any other status (`status_503`), or no answer (`connect`, `timeout`, ...).
     Error(String),
@@ -39,12 +39,29 @@ pub enum Outcome {
 
 impl Outcome {
     pub fn of_status(status: u16) -> Self {
+        Self::of_answer(status, b"")
+    }
+
+    /// An answer's outcome: a refusal is named by XBuy's error code in `body` (`{"error":{"code":...}}`),
+    /// as long as that is a short snake_case word (it becomes a report key).
+    pub fn of_answer(status: u16, body: &[u8]) -> Self {
         match status {
             200..=299 => Self::Ok,
-            402 | 409 | 429 => Self::Refused(format!("status_{status}")),
+            402 | 409 | 429 => Self::Refused(error_code(body).unwrap_or_else(|| format!("status_{status}"))),
             _ => Self::Error(format!("status_{status}")),
         }
     }
+}
+
+/// The `error.code` of an XBuy error answer, if it is one.
+fn error_code(body: &[u8]) -> Option<String> {
+    const MAX_CODE: usize = 40;
+    let v: serde_json::Value = serde_json::from_slice(body).ok()?;
+    let code = v.get("error")?.get("code")?.as_str()?;
+    let word = |c: &str| {
+        !c.is_empty() && c.len() <= MAX_CODE && c.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')
+    };
+    word(code).then(|| code.to_string())
 }
 
 #[derive(Debug)]
@@ -485,6 +502,25 @@ mod tests {
         assert_eq!(line("order")[3..8], ["-"; 5], "{text}");
         assert!(!text.contains("0.00 "), "{text}");
         assert_eq!(line("browse")[3..8], ["3.00"; 5], "{text}");
+    }
+
+    #[test]
+    fn a_refusal_is_named_by_xbuys_error_code() {
+        let refused = |status, body: &str| match Outcome::of_answer(status, body.as_bytes()) {
+            Outcome::Refused(kind) => kind,
+            other => panic!("{other:?}"),
+        };
+        let answer = |code: &str| format!(r#"{{"error":{{"code":"{code}","message":"m"}}}}"#);
+        assert_eq!(refused(409, &answer("sold_out")), "sold_out");
+        assert_eq!(refused(402, &answer("insufficient_funds")), "insufficient_funds");
+        // No code, or one that is no plain word: the status.
+        assert_eq!(refused(409, "not json"), "status_409");
+        assert_eq!(refused(429, r#"{"error":{}}"#), "status_429");
+        assert_eq!(refused(409, &answer("Sold Out<b>")), "status_409");
+        assert_eq!(refused(409, &answer(&"a".repeat(41))), "status_409");
+        assert!(
+            matches!(Outcome::of_answer(503, answer("overloaded").as_bytes()), Outcome::Error(e) if e == "status_503")
+        );
     }
 
     #[test]
