@@ -196,13 +196,17 @@ pub struct Config {
 impl RoleConfig for Config {
     const ROLE: &'static str = "app";
     type Raw = RawConfig;
-    // The server, the store and its connections are built once, at start.
+    // The server, the store and its connections are built once, at start (the module's doc says which).
     const RESTART_KEYS: &'static [&'static str] = &[
         "listen",
         "instance",
         "db_path",
         "store_threads",
         "busy_timeout_ms",
+        "seed_demo",
+        "capacity",
+        "max_body_bytes",
+        "seckill.buckets",
         "http",
         "store",
         "postgres_url",

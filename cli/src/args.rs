@@ -264,6 +264,11 @@ pub struct LoadArgs {
     /// line, so a check after the run can look each one up.
     #[arg(long)]
     pub orders_out: Option<std::path::PathBuf>,
+    /// Leave the orders the run placed and did not pay as they are. By default the run cancels them at its
+    /// end (at most 65,536, in about 10 s at most), so their stock is not held for the app's
+    /// `reservation_ttl_ms` (15 minutes) after a test.
+    #[arg(long)]
+    pub keep_orders: bool,
 }
 
 #[derive(Debug, Args)]

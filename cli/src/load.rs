@@ -112,8 +112,8 @@ fn check(a: &LoadArgs) -> Result<(), String> {
 /// What one run shares between its request tasks.
 struct Run {
     mix: Mix,
-    ctx: Ctx,
-    target: Target,
+    ctx: Arc<Ctx>,
+    target: Arc<Target>,
     timeout: Duration,
     tx: mpsc::Sender<Sample>,
     /// Set by SIGINT/SIGTERM: start no new request.
@@ -213,10 +213,11 @@ async fn drive(args: LoadArgs, targets: Vec<Vec<std::net::SocketAddr>>) -> Resul
     };
     let (tx, mut rx) = mpsc::channel::<Sample>(65_536);
     let acked = args.orders_out.as_ref().map(|_| Arc::default());
+    let (ctx, target) = (Arc::new(Ctx::default()), Arc::new(target));
     let run = Arc::new(Run {
         mix,
-        ctx: Ctx::default(),
-        target,
+        ctx: ctx.clone(),
+        target: target.clone(),
         timeout,
         tx,
         acked: acked.clone(),
@@ -278,6 +279,9 @@ async fn drive(args: LoadArgs, targets: Vec<Vec<std::net::SocketAddr>>) -> Resul
     }
     let mut report = recorder.report(via, mode, started.elapsed());
     report.interrupted = stopped.load(Ordering::Relaxed);
+    if !args.keep_orders {
+        report.released = Some(release_unpaid(&ctx, &target, timeout).await);
+    }
     if args.json {
         println!(
             "{}",
@@ -292,6 +296,45 @@ async fn drive(args: LoadArgs, targets: Vec<Vec<std::net::SocketAddr>>) -> Resul
         Ran::Served
     })
 }
+
+/// Cancels the orders the run placed and did not pay, so their stock is not held for the app's reservation
+/// time after the run: a few at once, each within `timeout`, all within [`RELEASE_WITHIN`]. Not counted in
+/// the report's requests: they are the run's clean-up, not its load.
+async fn release_unpaid(ctx: &Ctx, target: &Arc<Target>, timeout: Duration) -> report::Released {
+    const AT_ONCE: usize = 16;
+    let (ids, forgotten) = ctx.take_unpaid();
+    let mut released = report::Released {
+        forgotten,
+        ..Default::default()
+    };
+    let mut ids = ids.into_iter();
+    let mut cancels = tokio::task::JoinSet::new();
+    let deadline = Instant::now() + RELEASE_WITHIN;
+    loop {
+        while cancels.len() < AT_ONCE {
+            let Some(id) = ids.next() else { break };
+            let target = target.clone();
+            cancels.spawn(async move {
+                let answer = target.send(&mix::CANCEL, mix::cancel_request(&id), timeout).await;
+                answer.is_ok_and(|(resp, _)| resp.status().is_success())
+            });
+        }
+        match tokio::time::timeout_at(deadline, cancels.join_next()).await {
+            Ok(Some(Ok(true))) => released.cancelled += 1,
+            Ok(Some(_)) => released.failed += 1,
+            Ok(None) => break,
+            Err(_) => {
+                released.failed += (cancels.len() + ids.len()) as u64;
+                cancels.abort_all();
+                break;
+            }
+        }
+    }
+    released
+}
+
+/// How long the run's clean-up may take at most ([`release_unpaid`]).
+const RELEASE_WITHIN: Duration = Duration::from_secs(10);
 
 /// Writes the acknowledged order ids, one per line; a last line `# dropped N` if the cap was reached.
 fn write_orders(path: &std::path::Path, acked: &std::sync::Mutex<AckedOrders>) -> Result<(), String> {

@@ -18,15 +18,43 @@ const PRODUCTS: u32 = 12;
 /// Users the generated requests act for.
 /// Demo buyers `demo-0`.. that XBuy seeds with wallet credit.
 const USER_COUNT: u64 = 1_000;
-/// Order ids remembered for `pay`.
-const ORDER_IDS_KEPT: usize = 4096;
+/// Unpaid order ids remembered, for `pay` and to cancel at the end of the run; past it the oldest are
+/// forgotten (counted).
+const ORDER_IDS_KEPT: usize = 65_536;
 
-/// State shared by the builders: sequence numbers for idempotency keys, and order ids seen in `order`
-/// responses so `pay` pays real orders.
+/// State shared by the builders: sequence numbers for idempotency keys, and the ids of the orders the app
+/// acknowledged and nothing paid yet: `order`'s for `pay` to pay real orders, `seckill`'s beside them.
 #[derive(Debug, Default)]
 pub struct Ctx {
     seq: AtomicU64,
-    orders: Mutex<VecDeque<String>>,
+    orders: Mutex<Unpaid>,
+}
+
+#[derive(Debug, Default)]
+struct Unpaid {
+    /// `order`'s, paid by `pay` from the front.
+    payable: VecDeque<String>,
+    /// `seckill`'s.
+    flash: VecDeque<String>,
+    forgotten: u64,
+}
+
+impl Unpaid {
+    fn keep(&mut self, flash: bool, id: String) {
+        // It goes into a path: anything else than an id's usual characters is not sent back.
+        if !id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        {
+            return;
+        }
+        let q = if flash { &mut self.flash } else { &mut self.payable };
+        if q.len() >= ORDER_IDS_KEPT {
+            q.pop_front();
+            self.forgotten += 1;
+        }
+        q.push_back(id);
+    }
 }
 
 impl Ctx {
@@ -46,18 +74,22 @@ impl Ctx {
             serde_json::Value::Number(n) => Some(n.to_string()),
             _ => None,
         })?;
-        if kind.name == "order" {
-            let mut q = self.orders.lock().unwrap_or_else(|p| p.into_inner());
-            if q.len() >= ORDER_IDS_KEPT {
-                q.pop_front();
-            }
-            q.push_back(id.clone());
-        }
+        self.unpaid().keep(kind.name == "seckill", id.clone());
         Some(id)
     }
 
+    fn unpaid(&self) -> std::sync::MutexGuard<'_, Unpaid> {
+        self.orders.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     fn order_id(&self) -> Option<String> {
-        self.orders.lock().unwrap_or_else(|p| p.into_inner()).pop_front()
+        self.unpaid().payable.pop_front()
+    }
+
+    /// Takes every order still unpaid, and how many were forgotten (past [`ORDER_IDS_KEPT`]).
+    pub fn take_unpaid(&self) -> (Vec<String>, u64) {
+        let u = std::mem::take(&mut *self.unpaid());
+        (u.payable.into_iter().chain(u.flash).collect(), u.forgotten)
     }
 }
 
@@ -130,6 +162,18 @@ fn pay(ctx: &Ctx, n: u64) -> Option<Request<Full<Bytes>>> {
         Some(key),
         serde_json::json!({}),
     ))
+}
+
+/// `POST /v1/orders/{id}/cancel`: gives an unpaid order's stock back (a second cancel answers the same, so
+/// it is safe to retry). Routed as an `order`; not in the table, so no `--mix` draws it.
+pub static CANCEL: Kind = Kind {
+    name: "order",
+    idempotent: true,
+    build: |_, _| None,
+};
+
+pub fn cancel_request(id: &str) -> Request<Full<Bytes>> {
+    json_post(&format!("/v1/orders/{id}/cancel"), None, serde_json::json!({}))
 }
 
 /// The request table.

@@ -38,10 +38,6 @@ pub enum Outcome {
 }
 
 impl Outcome {
-    pub fn of_status(status: u16) -> Self {
-        Self::of_answer(status, b"")
-    }
-
     /// An answer's outcome: a refusal is named by XBuy's error code in `body` (`{"error":{"code":...}}`),
     /// as long as that is a short snake_case word (it becomes a report key).
     pub fn of_answer(status: u16, body: &[u8]) -> Self {
@@ -265,6 +261,7 @@ impl Recorder {
             backends: shares(&merged(self.types.iter().map(|t| &t.backends))),
             timeline,
             interrupted: false,
+            released: None,
         }
     }
 }
@@ -309,7 +306,7 @@ pub struct TypeReport {
     /// Latency of 2xx responses, microseconds.
     pub latency_us: Latency,
     pub errors: BTreeMap<String, u64>,
-    /// The shop's "no" (insufficient funds, sold out, over the limit), by status: answers, not errors.
+    /// The shop's "no" (insufficient funds, sold out, over the limit), by its error code: answers, not errors.
     pub refused: BTreeMap<String, u64>,
     pub backends: BTreeMap<String, Share>,
 }
@@ -332,6 +329,20 @@ pub struct Report {
     pub timeline: Vec<Interval>,
     /// SIGINT or SIGTERM ended the run before its duration or request count.
     pub interrupted: bool,
+    /// The unpaid orders cancelled after the run (`None` with `--keep-orders`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub released: Option<Released>,
+}
+
+/// The run's clean-up: the orders it placed and did not pay, cancelled so their stock is free again.
+#[derive(Debug, Default, Serialize)]
+pub struct Released {
+    pub cancelled: u64,
+    /// Not cancelled: an error, a refusal, or no time left.
+    pub failed: u64,
+    /// Not remembered (more unpaid orders than the run keeps ids of); they hold their stock until the app's
+    /// reservation time is up.
+    pub forgotten: u64,
 }
 
 /// One timeline line's backend shares, and its end.
@@ -396,6 +407,16 @@ impl Report {
                 out += &format!("    refused {kind}: {n}\n");
             }
         }
+        if let Some(r) = self
+            .released
+            .as_ref()
+            .filter(|r| r.cancelled + r.failed + r.forgotten > 0)
+        {
+            out += &format!(
+                "\nunpaid orders cancelled after the run: {} ({} failed, {} forgotten; --keep-orders keeps them)\n",
+                r.cancelled, r.failed, r.forgotten
+            );
+        }
         out += "\nbackend share (all types):\n";
         for (b, s) in &self.backends {
             out += &format!("  {b:<28} {:>8} {:>6.1}%\n", s.requests, s.share * 100.0);
@@ -436,8 +457,8 @@ mod tests {
                     latency: Duration::from_millis(i),
                     backend: if i % 4 == 0 { "b".into() } else { "a".into() },
                     outcome: match i {
-                        99.. => Outcome::of_status(503),
-                        ..=5 => Outcome::of_status(409),
+                        99.. => Outcome::of_answer(503, b""),
+                        ..=5 => Outcome::of_answer(409, b""),
                         _ => Outcome::Ok,
                     },
                 },
@@ -480,7 +501,7 @@ mod tests {
         for _ in 0..4 {
             r.record(sample(1, Outcome::Error("timeout".into())), Duration::ZERO);
         }
-        r.record(sample(1, Outcome::of_status(409)), Duration::ZERO);
+        r.record(sample(1, Outcome::of_answer(409, b"")), Duration::ZERO);
         let rep = r.report("sdk", "closed".into(), Duration::from_secs(1));
         let json = serde_json::to_value(&rep).unwrap_or_default();
         let order = &json["types"][1]["latency_us"];
@@ -534,7 +555,7 @@ mod tests {
             (503, false),
         ] {
             assert_eq!(
-                matches!(Outcome::of_status(status), Outcome::Refused(_)),
+                matches!(Outcome::of_answer(status, b""), Outcome::Refused(_)),
                 refused,
                 "{status}"
             );
