@@ -70,6 +70,8 @@ pub enum Error {
 pub async fn run(ctx: Context<Config>) -> Result<(), Error> {
     let cfg = ctx.config();
     let drain = ctx.shutdown.drain_token();
+    // The port first: a second app started on a taken port must fail before it creates or seeds a database.
+    let listener = xcluster_runtime::admin::listen_api(cfg.listen)?;
     let (path, busy, seed) = (cfg.db_path.clone(), cfg.busy_timeout, cfg.seed_demo);
     // Store construction: SQLite or PostgreSQL (issue 8).
     let backend = cfg.backend.clone();
@@ -127,14 +129,13 @@ pub async fn run(ctx: Context<Config>) -> Result<(), Error> {
 
     let app_for_drain = app.clone();
     let limits = cfg.http.clone();
-    xcluster_runtime::admin::serve_api(
-        cfg.listen,
+    xcluster_runtime::admin::serve_api_on(
+        listener,
         ctx.health.clone(),
         api::handler(app),
         limits,
         &ctx.shutdown,
-    )
-    .await?;
+    );
     ctx.health.set_ready();
     tracing::info!(instance = %cfg.instance, db = %cfg.db_path.display(), "xbuy serving");
     drain.cancelled().await;

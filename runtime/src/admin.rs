@@ -93,6 +93,40 @@ pub async fn spawn_api(
     Ok((local, tokio::spawn(server)))
 }
 
+/// A role's API address, bound but not served yet: clients wait in its backlog until [`serve_api_on`].
+#[derive(Debug)]
+pub struct ApiListener {
+    listener: tokio::net::TcpListener,
+    local: std::net::SocketAddr,
+}
+
+/// Binds `addr`, for a role that must know its port is its own before it does work that leaves traces (the
+/// app creates and seeds its database).
+pub fn listen_api(addr: std::net::SocketAddr) -> Result<ApiListener, ListenError> {
+    let failed = |source| ListenError { addr, source };
+    let listener = crate::net::bind(&crate::net::ListenOptions::new(addr)).map_err(failed)?;
+    let local = listener.local_addr().map_err(failed)?;
+    tracing::info!(%local, "listening");
+    Ok(ApiListener { listener, local })
+}
+
+/// [`serve_api`] on an address bound already.
+pub fn serve_api_on(
+    l: ApiListener,
+    health: Health,
+    handler: Handler,
+    limits: crate::http::ServerLimits,
+    shutdown: &Shutdown,
+) -> std::net::SocketAddr {
+    shutdown.spawn(crate::http::serve(
+        l.listener,
+        wrap(health, handler),
+        limits,
+        shutdown.drain_token(),
+    ));
+    l.local
+}
+
 /// Binds `addr` and returns the server to run.
 fn bind_api(
     addr: std::net::SocketAddr,
@@ -107,10 +141,7 @@ fn bind_api(
     ),
     ListenError,
 > {
-    let failed = |source| ListenError { addr, source };
-    let listener = crate::net::bind(&crate::net::ListenOptions::new(addr)).map_err(failed)?;
-    let local = listener.local_addr().map_err(failed)?;
-    tracing::info!(%local, "listening");
+    let l = listen_api(addr)?;
     let handler = wrap(health, handler);
-    Ok((local, crate::http::serve(listener, handler, limits, drain)))
+    Ok((l.local, crate::http::serve(l.listener, handler, limits, drain)))
 }

@@ -174,6 +174,10 @@ fn the_cluster_survives_each_component_being_killed_or_hung_under_load() {
     // The run's unpaid orders were cancelled after it: no stock stays reserved for the reservation time.
     let released = &report["released"];
     assert!(released["cancelled"].as_u64().unwrap() > 0, "{report}");
-    assert_eq!((&released["failed"], &released["forgotten"]), (&0.into(), &0.into()), "{report}");
+    assert_eq!(
+        (&released["failed"], &released["forgotten"]),
+        (&0.into(), &0.into()),
+        "{report}"
+    );
     assert_eq!(a["totals"]["units_reserved"], 0, "{a}");
 }

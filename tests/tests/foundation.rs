@@ -216,6 +216,29 @@ fn bare(role: &str, set: &str) -> (Proc, std::net::SocketAddr) {
     (p, addr)
 }
 
+/// An app whose port is taken fails before it creates or seeds its database: a stray `xbuy.db` was left
+/// wherever it was started.
+#[test]
+fn an_app_on_a_taken_port_leaves_no_database() {
+    let dir = tempfile::tempdir().unwrap();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap();
+    let db = dir.path().join("xbuy.db");
+    let (listen, db_path) = (
+        format!("listen=\"{addr}\""),
+        format!("db_path=\"{}\"", db.display()),
+    );
+    let mut p = Proc::xcluster("app", &["app", "--set", &listen, "--set", &db_path]);
+    let code = p.wait_exit(Duration::from_secs(20));
+    assert!(code.is_some_and(|c| c != 0), "{code:?}: {}", p.stderr());
+    assert!(
+        p.stderr().contains(&format!("cannot listen on {addr}")),
+        "{}",
+        p.stderr()
+    );
+    assert!(!db.exists(), "{}", p.stderr());
+}
+
 /// An lb with no config file but its API address and grace period, ready.
 fn bare_lb(grace_ms: u64) -> (Proc, std::net::SocketAddr) {
     bare("lb", &format!("shutdown.grace_ms={grace_ms}"))
