@@ -302,12 +302,16 @@ fn payments_refunds_and_settlement_balance_the_ledger() {
     assert_eq!(get(b, "/v1/wallets/alice").unwrap().json()["balance_cents"], 90);
     // Her orders, as a "my orders" page lists them.
     // What the shop is owed for it, and (after settlement, below) was paid out.
-    let shop = |token: bool| {
+    let shop_n = |n: u32, token: bool| {
         let bearer = format!("Bearer {TOKEN}");
         let headers: &[(&str, &str)] = if token { &[("Authorization", &bearer)] } else { &[] };
-        request(b, "GET", "/v1/merchant/shops/1", headers, None).unwrap()
+        request(b, "GET", &format!("/v1/merchant/shops/{n}"), headers, None).unwrap()
     };
+    let shop = |token: bool| shop_n(1, token);
     assert_eq!(shop(false).status, 401);
+    // A shop that does not exist is not one with nothing owed.
+    let none = shop_n(99, true);
+    assert_eq!(none.status, 404, "{}", none.body);
     assert_eq!(
         (
             shop(true).json()["receivable_cents"].as_i64(),

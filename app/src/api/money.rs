@@ -145,14 +145,19 @@ pub async fn shop(app: &Arc<App>, cfg: &Config, id: &str, req: &Request<Incoming
     let balances = app
         .exec
         .read(move |s| {
-            Ok((
+            if !s.shop_exists(shop_id)? {
+                return Ok(None);
+            }
+            Ok(Some((
                 s.balance(&crate::store::shop_account(shop_id))?,
                 s.balance(&crate::store::payout_account(shop_id))?,
-            ))
+            )))
         })
         .await;
     match balances {
-        Ok((owed, paid_out)) => json(
+        // Zeros for a shop that does not exist read as a real shop with nothing owed.
+        Ok(None) => error(StatusCode::NOT_FOUND, "not_found", &format!("no shop {shop_id}")),
+        Ok(Some((owed, paid_out))) => json(
             StatusCode::OK,
             &serde_json::json!({ "shop_id": shop_id, "receivable_cents": owed, "paid_out_cents": paid_out }),
         ),

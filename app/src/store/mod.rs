@@ -228,6 +228,8 @@ pub trait Store: Send + Sync + 'static {
     /// `IdempotencyConflict` one of another credit under the key.
     fn credit_once(&self, key: &str, users: &[String], amount: Cents) -> StoreResult<bool>;
     fn balance(&self, account: &str) -> Result<Cents, StoreError>;
+    /// Whether shop `id` is in the catalog.
+    fn shop_exists(&self, id: i64) -> Result<bool, StoreError>;
     /// Settles every merchant's receivable into its payout account, as one batch.
     fn settle(&self) -> Result<Vec<Settlement>, StoreError>;
 

@@ -414,6 +414,9 @@ impl Store for PostgresStore {
     fn balance(&self, account: &str) -> Result<Cents, StoreError> {
         self.read(|t| money::balance(t, account))
     }
+    fn shop_exists(&self, id: i64) -> Result<bool, StoreError> {
+        self.read(|t| Ok(t.opt("SELECT 1 FROM shops WHERE id = $1", &[&id])?.is_some()))
+    }
     fn settle(&self) -> Result<Vec<Settlement>, StoreError> {
         self.write(money::settle)
     }

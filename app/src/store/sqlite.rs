@@ -270,6 +270,14 @@ impl Store for SqliteStore {
     fn balance(&self, account: &str) -> Result<Cents, StoreError> {
         self.with_conn(|c| super::sqlite_money::balance(c, account))
     }
+    fn shop_exists(&self, id: i64) -> Result<bool, StoreError> {
+        self.with_conn(|c| {
+            let found = c
+                .prepare_cached("SELECT 1 FROM shops WHERE id = ?1")?
+                .query_row([id], |_| Ok(()));
+            Ok(rusqlite::OptionalExtension::optional(found)?.is_some())
+        })
+    }
     fn settle(&self) -> Result<Vec<Settlement>, StoreError> {
         self.write(super::sqlite_money::settle)
     }
