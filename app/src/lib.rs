@@ -72,6 +72,9 @@ pub async fn run(ctx: Context<Config>) -> Result<(), Error> {
     let drain = ctx.shutdown.drain_token();
     // The port first: a second app started on a taken port must fail before it creates or seeds a database.
     let listener = xcluster_runtime::admin::listen_api(cfg.listen)?;
+    for name in metrics::UNLABELLED_COUNTERS {
+        ::metrics::counter!(name).increment(0);
+    }
     let (path, busy, seed) = (cfg.db_path.clone(), cfg.busy_timeout, cfg.seed_demo);
     // Store construction: SQLite or PostgreSQL (issue 8).
     let backend = cfg.backend.clone();

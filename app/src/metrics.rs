@@ -28,3 +28,14 @@ pub const REDIS_GATE_TOTAL: &str = "xcluster_app_redis_gate_total";
 pub const AUDIT_FAILURES_TOTAL: &str = "xcluster_app_audit_failures_total";
 /// Payment callbacks refused for their signature (`payment_callback_secret`): missing, stale or wrong.
 pub const CALLBACKS_REFUSED_TOTAL: &str = "xcluster_app_payment_callbacks_refused_total";
+
+/// The counters without labels, registered at 0 when the app starts: an alert on one (a rate, an audit
+/// failure) has a series to read before the first event.
+pub const UNLABELLED_COUNTERS: [&str; 6] = [
+    SOLD_OUT_GATE_TOTAL,
+    STORE_LOCK_WAITS_TOTAL,
+    RESERVATIONS_EXPIRED_TOTAL,
+    OUTBOX_RUN_TOTAL,
+    AUDIT_FAILURES_TOTAL,
+    CALLBACKS_REFUSED_TOTAL,
+];

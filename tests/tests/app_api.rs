@@ -722,6 +722,14 @@ fn payment_callbacks_are_taken_on_their_signature_when_a_secret_is_set() {
     let db = Db::new();
     let (_p, addrs) = start_apps(&db, 1, &format!("payment_callback_secret = \"{SECRET}\""));
     let a = addrs[0];
+    // Counted from 0, on `/metrics` before the first refusal (and so is every counter an alert reads).
+    let m = get(a, "/metrics").unwrap().body;
+    for name in [
+        "xcluster_app_payment_callbacks_refused_total",
+        "xcluster_app_audit_failures_total",
+    ] {
+        assert_eq!(metric_value(&m, name, ""), Some(0.0), "{name}: {m}");
+    }
     let order = buy(&addrs, 0, "signed", "s1", "sku-1-1", false).unwrap();
     let total = get(a, &format!("/v1/orders/{order}")).unwrap().json()["total_cents"].clone();
     let body =

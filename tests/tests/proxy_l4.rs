@@ -3177,6 +3177,27 @@ impl Digest {
     }
 }
 
+/// Series an alert would read are on `/metrics` at 0 before their first event: the queue of each listener's
+/// type, and the io_uring runtime's counters (only there: they count only its work).
+fn counters_an_alert_reads_are_there_at_zero(rt: &'static str) {
+    let (lb, _front) = echo_lb(rt, 1000, "", "");
+    let m = lb.metrics();
+    let waiting = metric_value(
+        &m,
+        "xcluster_lb_proxy_connections_waiting",
+        "request_type=\"browse\"",
+    );
+    assert_eq!(waiting, Some(0.0), "{m}");
+    for name in [
+        "xcluster_lb_proxy_spliced_bytes_total",
+        "xcluster_lb_proxy_buffer_waits_total",
+        "xcluster_lb_proxy_receive_pauses_total",
+    ] {
+        let want = (rt == "io_uring").then_some(0.0);
+        assert_eq!(metric_value(&m, name, ""), want, "{name}: {m}");
+    }
+}
+
 /// Runs each test above once per runtime the proxy offers.
 macro_rules! per_runtime {
     ($($name:ident),* $(,)?) => {$(
@@ -3240,5 +3261,6 @@ per_runtime!(
     a_listeners_connection_rate_holds_clients_in_its_queue,
     sni_only_closes_clients_naming_no_listed_server,
     a_proxy_header_then_a_tls_hello_route_by_the_hello,
-    a_tls_hello_in_two_parts_is_waited_for
+    a_tls_hello_in_two_parts_is_waited_for,
+    counters_an_alert_reads_are_there_at_zero
 );

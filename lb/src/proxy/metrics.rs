@@ -118,6 +118,10 @@ pub fn publish_listeners(old: &[ListenerConfig], new: &[ListenerConfig]) {
     }
     for l in new {
         info(l).set(1.0);
+        // Its types' queues show 0 before anyone waits (the value of one in use is left as it is).
+        for ty in l.types() {
+            metrics::gauge!(WAITING, "request_type" => ty.to_owned()).increment(0.0);
+        }
     }
 }
 

@@ -30,9 +30,9 @@ use super::health::{CheckStreaks, Failure, Holds, Verdict, check};
 use super::limit::ConnLimit;
 use super::listener::Close;
 use super::metrics::{
-    Assigned, BACKEND_BACKUP, BACKEND_CONFIGURED, BACKEND_MAX_CONNECTIONS, BACKEND_WEIGHT, BackendMetrics,
-    LISTENER_BIND_FAILURES_TOTAL, LISTENER_MAX_CONNECTIONS, LISTENER_UNBOUND, ListenerMetrics, Retired,
-    WORKERS,
+    Assigned, BACKEND_BACKUP, BACKEND_CONFIGURED, BACKEND_MAX_CONNECTIONS, BACKEND_WEIGHT,
+    BUFFER_WAITS_TOTAL, BackendMetrics, LISTENER_BIND_FAILURES_TOTAL, LISTENER_MAX_CONNECTIONS,
+    LISTENER_UNBOUND, ListenerMetrics, RECEIVE_PAUSES_TOTAL, Retired, SPLICED_BYTES_TOTAL, WORKERS,
 };
 use super::pick::{BackendPicker, PickFor};
 use super::queue::{Places, Queue, Ticket, Wait, Waker};
@@ -609,6 +609,12 @@ pub fn start(
     prune_retired(&shared);
     let (workers, runtime) = spawn_workers(&cfg, &shared).map_err(Error::Workers)?;
     metrics::gauge!(WORKERS, "runtime" => runtime.name()).set(cfg.workers as f64);
+    if runtime == RuntimeMode::IoUring {
+        // At 0 from the start, so an alert on their rate has a series before the first event.
+        for name in [BUFFER_WAITS_TOTAL, RECEIVE_PAUSES_TOTAL, SPLICED_BYTES_TOTAL] {
+            metrics::counter!(name).increment(0);
+        }
+    }
     let mut m = Manager {
         shared,
         workers,
