@@ -35,7 +35,13 @@ fn up(a: args::UpArgs) -> i32 {
             overrides: args.set.clone(),
             use_env: true,
         };
-        if let Ok(l) = xcluster_runtime::config::load::<xcluster_monitor::Config>(&source) {
+        // Not while another monitor holds the run directory: this one is about to fail on it, and said
+        // "dashboard at" first. The lock is let go at once; the monitor takes it for good.
+        let loaded = xcluster_runtime::config::load::<xcluster_monitor::Config>(&source);
+        let free = |l: &xcluster_runtime::config::Loaded<xcluster_monitor::Config>| {
+            xcluster_monitor::statefile::RunDir::acquire(&l.config.run_dir).is_ok()
+        };
+        if let Some(l) = loaded.ok().filter(free) {
             println!(
                 "xcluster up: dashboard at http://{}/ ; Ctrl-C stops every program",
                 l.config.listen

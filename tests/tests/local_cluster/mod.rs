@@ -59,7 +59,8 @@ pub struct LocalCluster {
     pub apps: [SocketAddr; 3],
     pub agent: SocketAddr,
     pub proxy: SocketAddr,
-    args: Vec<String>,
+    /// Its `xcluster up` arguments.
+    pub args: Vec<String>,
 }
 
 impl LocalCluster {
