@@ -206,7 +206,9 @@ impl Via {
     pub fn default_targets(self) -> &'static str {
         match self {
             Via::Sdk => "127.0.0.1:7000,127.0.0.1:7001",
-            Via::Proxy => "127.0.0.1:7400",
+            Via::Proxy => {
+                "browse=127.0.0.1:7400,order=127.0.0.1:7401,seckill=127.0.0.1:7402,pay=127.0.0.1:7403"
+            }
             Via::Rr => "127.0.0.1:7101,127.0.0.1:7102,127.0.0.1:7103",
         }
     }
@@ -226,8 +228,9 @@ pub struct LoadArgs {
     #[arg(long, value_enum, default_value_t = Via::Sdk)]
     pub via: Via,
     /// Comma-separated `ip:port` or `host:port` (resolved as the SDK resolves balancers): balancers' APIs
-    /// (sdk; default 127.0.0.1:7000,127.0.0.1:7001), the proxy's listener (proxy; one, default
-    /// 127.0.0.1:7400, `xcluster up`'s browse port), or the backends (rr; default the local apps
+    /// (sdk; default 127.0.0.1:7000,127.0.0.1:7001), the proxy's listeners (proxy: `TYPE=ADDR` per request
+    /// type, and one plain `ADDR` for the types not named; default `xcluster up`'s, browse=127.0.0.1:7400,
+    /// order=:7401, seckill=:7402, pay=:7403), or the backends (rr; default the local apps
     /// 127.0.0.1:7101,127.0.0.1:7102,127.0.0.1:7103).
     #[arg(long)]
     pub targets: Option<String>,

@@ -93,19 +93,68 @@ fn check(a: &LoadArgs) -> Result<(), String> {
     if targets.is_empty() && problems.is_empty() {
         problems.push("--targets names no address".into());
     }
-    if a.via == Via::Proxy && !targets.is_empty() && targets.len() != 1 {
-        problems.push(format!(
-            "--via proxy takes exactly one target (the listener), not {}",
-            targets.len()
-        ));
-    }
-    if let Err(e) = Mix::parse(&a.mix) {
-        problems.push(e);
+    match Mix::parse(&a.mix) {
+        Ok(mix) => {
+            if let Err(e) = check_labels(a, &mix) {
+                problems.push(e);
+            }
+        }
+        Err(e) => problems.push(e),
     }
     if problems.is_empty() {
         Ok(())
     } else {
         Err(problems.join("; "))
+    }
+}
+
+/// The `TYPE=` label of each `--targets` entry.
+fn labels(a: &LoadArgs) -> Vec<Option<String>> {
+    target::entries(a.targets())
+        .into_iter()
+        .map(|(l, _)| l.map(str::to_string))
+        .collect()
+}
+
+/// `--targets`' `TYPE=` labels: only `--via proxy` takes them (a listener per request type, and at most one
+/// entry without, for the other types), each a type of the mix named once, and every type of the mix must
+/// have a listener.
+fn check_labels(a: &LoadArgs, mix: &Mix) -> Result<(), String> {
+    let entries = target::entries(a.targets());
+    let labels: Vec<&str> = entries.iter().filter_map(|(l, _)| *l).collect();
+    let bare = entries.len() - labels.len();
+    if a.via != Via::Proxy {
+        return match labels.first() {
+            Some(l) => Err(format!(
+                "--targets: {l}=... names a request type's listener, for --via proxy only"
+            )),
+            None => Ok(()),
+        };
+    }
+    if bare > 1 {
+        return Err(format!(
+            "--via proxy takes one listener for all types, or TYPE=ADDR entries, not {bare} plain addresses"
+        ));
+    }
+    // A type the mix does not draw may have a listener (the default targets name all four).
+    let known: Vec<&str> = mix::KINDS.iter().map(|k| k.name).collect();
+    for (i, l) in labels.iter().enumerate() {
+        if !known.contains(l) {
+            return Err(format!(
+                "--targets: {l:?} is not a request type ({})",
+                known.join(", ")
+            ));
+        }
+        if labels[..i].contains(l) {
+            return Err(format!("--targets: {l:?} is named twice"));
+        }
+    }
+    let drawn = mix.kinds.iter().map(|k| k.name);
+    match drawn.clone().find(|k| bare == 0 && !labels.contains(k)) {
+        Some(k) => Err(format!(
+            "--targets names no listener for {k:?} (TYPE=ADDR, or a plain ADDR for the rest)"
+        )),
+        None => Ok(()),
     }
 }
 
@@ -208,7 +257,7 @@ async fn drive(args: LoadArgs, targets: Vec<Vec<std::net::SocketAddr>>) -> Resul
         });
     }
     let target = tokio::select! {
-        t = Target::new(args.via, targets, &names, timeout) => t?,
+        t = Target::new(args.via, targets, labels(&args), &names, timeout) => t?,
         _ = stop.notified() => return Err("interrupted while connecting to the targets".into()),
     };
     let (tx, mut rx) = mpsc::channel::<Sample>(65_536);
@@ -312,10 +361,10 @@ async fn release_unpaid(ctx: &Ctx, target: &Arc<Target>, timeout: Duration) -> r
     let deadline = Instant::now() + RELEASE_WITHIN;
     loop {
         while cancels.len() < AT_ONCE {
-            let Some(id) = ids.next() else { break };
+            let Some((kind, id)) = ids.next() else { break };
             let target = target.clone();
             cancels.spawn(async move {
-                let answer = target.send(&mix::CANCEL, mix::cancel_request(&id), timeout).await;
+                let answer = target.send(kind, mix::cancel_request(&id), timeout).await;
                 answer.is_ok_and(|(resp, _)| resp.status().is_success())
             });
         }

@@ -134,7 +134,11 @@ fn up_starts_the_local_cluster_in_order_and_sigint_stops_everything() {
     let mut second = Proc::xcluster("up-again", &argv);
     let code = second.wait_exit(Duration::from_secs(15));
     assert!(code.is_some_and(|c| c != 0), "{code:?}: {}", second.stderr());
-    assert!(second.stderr().contains("its lock is taken"), "{}", second.stderr());
+    assert!(
+        second.stderr().contains("its lock is taken"),
+        "{}",
+        second.stderr()
+    );
     assert!(!second.stdout().contains("dashboard at"), "{}", second.stdout());
 
     let pids: Vec<i32> = names.iter().map(|n| m.pid(n).unwrap()).collect();

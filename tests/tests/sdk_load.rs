@@ -102,6 +102,54 @@ fn a_run_where_every_request_fails_exits_1() {
     assert_eq!(p.wait_exit(Duration::from_secs(60)), Some(64), "{}", p.stderr());
 }
 
+/// `--via proxy` sends each request type to its own listener (`TYPE=ADDR`, as `xcluster up` has one port per
+/// type), the types not named to the plain address; a type of the mix with no listener, or an unknown one,
+/// is a usage error.
+#[test]
+fn via_proxy_sends_each_type_to_its_listener() {
+    let (browse, order, rest) = (Backend::start("b"), Backend::start("o"), Backend::start("r"));
+    let targets = format!("browse={},order={},{}", browse.addr, order.addr, rest.addr);
+    let report = load(&[
+        "--via",
+        "proxy",
+        "--targets",
+        &targets,
+        "--mix",
+        "browse=2,order=1,seckill=1",
+        "--workers",
+        "2",
+        "--requests",
+        "60",
+    ]);
+    assert_eq!(report["errors"], 0, "{report}");
+    for (ty, b) in [("browse", &browse), ("order", &order), ("seckill", &rest)] {
+        let sent = by_type(&report, ty)["requests"].as_u64().unwrap();
+        assert!(sent > 0, "{report}");
+        assert_eq!(b.hits(), sent, "{ty}: {report}");
+    }
+    for (targets, says) in [
+        (format!("browse={}", browse.addr), "no listener for \"order\""),
+        (
+            format!("nope={},{}", browse.addr, rest.addr),
+            "\"nope\" is not a request type",
+        ),
+        (format!("browse={0},browse={0},{0}", browse.addr), "named twice"),
+    ] {
+        let args = [
+            "load",
+            "--via",
+            "proxy",
+            "--targets",
+            &targets,
+            "--mix",
+            "browse=1,order=1",
+        ];
+        let mut p = Proc::xcluster("load", &args);
+        assert_eq!(p.wait_exit(Duration::from_secs(60)), Some(64), "{}", p.stderr());
+        assert!(p.stderr().contains(says), "{targets}: {}", p.stderr());
+    }
+}
+
 #[test]
 fn errors_are_counted_by_kind_in_open_loop() {
     let ok = Backend::start("ok");

@@ -86,10 +86,15 @@ impl Ctx {
         self.unpaid().payable.pop_front()
     }
 
-    /// Takes every order still unpaid, and how many were forgotten (past [`ORDER_IDS_KEPT`]).
-    pub fn take_unpaid(&self) -> (Vec<String>, u64) {
+    /// Takes every order still unpaid, each with the kind that cancels it (as [`CANCEL`] routes it), and
+    /// how many were forgotten (past [`ORDER_IDS_KEPT`]).
+    pub fn take_unpaid(&self) -> (Vec<(&'static Kind, String)>, u64) {
         let u = std::mem::take(&mut *self.unpaid());
-        (u.payable.into_iter().chain(u.flash).collect(), u.forgotten)
+        let [order, flash] = &CANCEL;
+        let ids = (u.payable.into_iter().map(|id| (order, id)))
+            .chain(u.flash.into_iter().map(|id| (flash, id)))
+            .collect();
+        (ids, u.forgotten)
     }
 }
 
@@ -165,12 +170,20 @@ fn pay(ctx: &Ctx, n: u64) -> Option<Request<Full<Bytes>>> {
 }
 
 /// `POST /v1/orders/{id}/cancel`: gives an unpaid order's stock back (a second cancel answers the same, so
-/// it is safe to retry). Routed as an `order`; not in the table, so no `--mix` draws it.
-pub static CANCEL: Kind = Kind {
-    name: "order",
-    idempotent: true,
-    build: |_, _| None,
-};
+/// it is safe to retry). Routed as the type that placed the order (`order`, `seckill`); not in the table, so
+/// no `--mix` draws them.
+pub static CANCEL: [Kind; 2] = [
+    Kind {
+        name: "order",
+        idempotent: true,
+        build: |_, _| None,
+    },
+    Kind {
+        name: "seckill",
+        idempotent: true,
+        build: |_, _| None,
+    },
+];
 
 pub fn cancel_request(id: &str) -> Request<Full<Bytes>> {
     json_post(&format!("/v1/orders/{id}/cancel"), None, serde_json::json!({}))

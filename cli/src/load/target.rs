@@ -23,7 +23,11 @@ const INSTANCE_HEADER: &str = "x-xcluster-instance";
 #[derive(Debug)]
 pub enum Target {
     Sdk(Client),
-    Proxy(SocketAddr),
+    /// Listeners: one per request type (`TYPE=ADDR` in `--targets`), and one for the types not named.
+    Proxy {
+        by_type: Vec<(String, SocketAddr)>,
+        other: Option<SocketAddr>,
+    },
     Rr {
         backends: Vec<SocketAddr>,
         next: AtomicUsize,
@@ -37,13 +41,23 @@ pub type Outcome = Result<(Response<Bytes>, String), (String, String)>;
 /// How long the resolver may take over one `--targets` name (the SDK's default `balancer_timeout`).
 const RESOLVE_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// The entries of `--targets`, comma-separated, as given.
-pub fn names(targets: &str) -> Vec<&str> {
+/// The entries of `--targets`, comma-separated, as given: the address of each, after its `TYPE=` if it has
+/// one (`--via proxy`: a listener per request type).
+pub fn entries(targets: &str) -> Vec<(Option<&str>, &str)> {
     targets
         .split(',')
         .map(str::trim)
         .filter(|s| !s.is_empty())
+        .map(|e| match e.split_once('=') {
+            Some((ty, addr)) => (Some(ty.trim()), addr.trim()),
+            None => (None, e),
+        })
         .collect()
+}
+
+/// The addresses of `--targets`' entries.
+pub fn names(targets: &str) -> Vec<&str> {
+    entries(targets).into_iter().map(|(_, addr)| addr).collect()
 }
 
 /// Every `--targets` entry (`ip:port`, or `host:port`) resolved the SDK's way: each entry's addresses, in
@@ -66,6 +80,7 @@ impl Target {
     pub async fn new(
         via: Via,
         targets: Vec<Vec<SocketAddr>>,
+        labels: Vec<Option<String>>,
         types: &[&str],
         timeout: Duration,
     ) -> Result<Target, String> {
@@ -85,8 +100,18 @@ impl Target {
                 .await
                 .map(Target::Sdk)
                 .map_err(|e| e.to_string()),
-            // `load::check` let exactly one through.
-            Via::Proxy => Ok(Target::Proxy(firsts[0])),
+            // `load::check` let at most one entry without a type through, and none of another type.
+            Via::Proxy => {
+                let mut by_type = Vec::new();
+                let mut other = None;
+                for (label, addr) in labels.into_iter().zip(firsts) {
+                    match label {
+                        Some(ty) => by_type.push((ty, addr)),
+                        None => other = Some(addr),
+                    }
+                }
+                Ok(Target::Proxy { by_type, other })
+            }
             Via::Rr => Ok(Target::Rr {
                 backends: firsts,
                 next: AtomicUsize::new(0),
@@ -111,7 +136,13 @@ impl Target {
                     .unwrap_or_default();
                 Ok((resp, who))
             }
-            Target::Proxy(addr) => {
+            Target::Proxy { by_type, other } => {
+                let listener = by_type.iter().find(|(ty, _)| ty == kind.name).map(|(_, a)| *a);
+                let Some(addr) = listener.or(*other) else {
+                    // `load::check` saw that every type of the mix has one.
+                    return Err(("no_target".into(), String::new()));
+                };
+                let addr = &addr;
                 let resp = direct(*addr, req, timeout)
                     .await
                     .map_err(|kind| (kind, format!("via {addr}")))?;
