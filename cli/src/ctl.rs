@@ -11,6 +11,8 @@ use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use xcluster_monitor::policy::ExitInfo;
+use xcluster_monitor::status::abnormal_termination;
 use xcluster_runtime::http::percent_encode;
 
 use crate::args::{CtlArgs, CtlVerb};
@@ -556,12 +558,10 @@ fn describe(p: &Value) -> String {
         parts.push(format!("uptime {}:{:02}:{:02}", s / 3600, s / 60 % 60, s % 60));
     }
     // The last exit, once there is no process: while one runs (or stops) it is an earlier run's.
-    if !matches!(p["state"].as_str(), Some("RUNNING" | "STARTING" | "STOPPING")) {
-        if let Some(code) = p["exit_code"].as_i64() {
-            parts.push(format!("exit status {code}"));
-        } else if let Some(sig) = p["exit_signal"].as_i64() {
-            parts.push(format!("killed by signal {sig}"));
-        }
+    if !matches!(p["state"].as_str(), Some("RUNNING" | "STARTING" | "STOPPING"))
+        && let Some(exit) = last_exit(p)
+    {
+        parts.push(exit.to_string());
     }
     if let Some(r) = p["restarts"].as_u64().filter(|r| *r > 0) {
         parts.push(format!("restarts {r}"));
@@ -586,6 +586,13 @@ fn describe(p: &Value) -> String {
         parts.push("runs an older config (a restart applies the new one)".into());
     }
     parts.join(", ")
+}
+
+/// A program's last exit, as its status gives it.
+fn last_exit(p: &Value) -> Option<ExitInfo> {
+    let field = |key: &str| p[key].as_i64().and_then(|n| i32::try_from(n).ok());
+    let (code, signal) = (field("exit_code"), field("exit_signal"));
+    (code.is_some() || signal.is_some()).then_some(ExitInfo { code, signal })
 }
 
 /// Sends `verb` for each of `names` and prints one line per program it reached. A start, stop or restart
@@ -810,13 +817,13 @@ fn outcome(p: &Value, goal: Goal) -> Option<Result<String, String>> {
     match goal {
         Goal::Running => match state {
             "RUNNING" if p["ready"] == true => Some(Ok("started".into())),
-            "FATAL" => Some(Err(
-                match p["fatal_reason"].as_str().or(p["spawn_error"].as_str()) {
-                    Some(why) => format!("spawn error: {why}"),
-                    None => "spawn error".into(),
-                },
-            )),
-            "EXITED" => Some(Err("abnormal termination".into())),
+            // The monitor's words: the spawn error or the last exit, and the tries it took.
+            "FATAL" => Some(Err(p["fatal_message"]
+                .as_str()
+                .or(p["fatal_reason"].as_str())
+                .unwrap_or("fatal")
+                .to_string())),
+            "EXITED" => Some(Err(abnormal_termination(last_exit(p)))),
             // Stopped and waiting for nothing: someone else stopped it meanwhile.
             "STOPPED" if items(&p["waiting_for"]).is_empty() => Some(Err("stopped".into())),
             _ => None,

@@ -254,6 +254,11 @@ command = "/bin/sh -c 'exit 3'"
 autostart = false
 startsecs = 1
 startretries = 0
+[programs.missing]
+command = "/no/such/binary"
+autostart = false
+startsecs = 1
+startretries = 1
 [programs.dep]
 command = "sleep 300"
 autostart = false
@@ -280,11 +285,22 @@ startsecs = 60
     assert_eq!(v["results"][0]["message"], "stopped", "{v}");
     assert_eq!(m.state("x"), "STOPPED");
 
-    // A program that cannot start fails the command, with why.
+    // A program that cannot start fails the command, with the real cause: its last exit (it was spawned
+    // fine), or the spawn error, and the tries it took. Both once read "too many start retries too quickly".
     let o = m.ctl(&["start", "broken"]);
-    assert_eq!(o.status.code(), Some(1), "{}", out(&o));
-    assert!(out(&o).contains("broken: ERROR (spawn error"), "{}", out(&o));
+    assert_says(
+        &o,
+        1,
+        "broken: ERROR (exited too quickly: exit status 3, gave up after 1 try)",
+    );
     assert_eq!(m.state("broken"), "FATAL");
+    let o = m.ctl(&["restart", "missing"]);
+    assert_says(
+        &o,
+        1,
+        "missing: ERROR (spawn error: cannot find command \"/no/such/binary\": No such file or directory \
+         (os error 2), gave up after 2 tries)",
+    );
     // One that waits for a dependency says so when the wait runs out.
     let o = m.ctl(&["--wait-secs", "1", "start", "dep"]);
     assert_says(&o, 1, "dep: ERROR (still STOPPED, waiting for x after 1 s)");
