@@ -3,8 +3,8 @@
 //! Exit codes: 0 success; 1 a refused or failed action (unknown program, already started, invalid config, a
 //! program that did not come up or stop within `--wait-secs`);
 //! 3 `status` found a process that is not RUNNING (as supervisorctl), `pid` a program without a process, or
-//! `cluster`, `drain` or `undrain` a balancer that does not answer; 69 the monitor cannot be reached; 77 the
-//! token was refused.
+//! `cluster`, `drain` or `undrain` a balancer that does not answer; 69 the monitor cannot be reached or does
+//! not answer within `--timeout-secs`; 77 the token was refused.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
@@ -59,7 +59,19 @@ impl Resp {
 #[derive(Debug)]
 enum Failure {
     Unreachable(String),
+    /// Connected (or connecting), but nothing came within `--timeout-secs`: a stopped (SIGSTOP) or overloaded
+    /// monitor, told apart from one that is not there, which the OS's "Resource temporarily unavailable" hid.
+    TimedOut,
     Exit(i32),
+}
+
+/// An I/O error talking to the monitor. A socket timeout surfaces as `WouldBlock` (EAGAIN, from
+/// `SO_RCVTIMEO`/`SO_SNDTIMEO`) or `TimedOut` (from `connect_timeout`).
+fn io_failure(e: std::io::Error) -> Failure {
+    match e.kind() {
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => Failure::TimedOut,
+        _ => Failure::Unreachable(e.to_string()),
+    }
 }
 
 pub fn run(args: CtlArgs) -> i32 {
@@ -77,6 +89,14 @@ pub fn run(args: CtlArgs) -> i32 {
             eprintln!(
                 "xcluster ctl: cannot reach the monitor at {}: {e} (is it running?)",
                 client.url
+            );
+            EXIT_UNAVAILABLE
+        }
+        Err(Failure::TimedOut) => {
+            eprintln!(
+                "xcluster ctl: the monitor at {} did not answer within {}s (is it stopped or overloaded?)",
+                client.url,
+                client.timeout.as_secs()
             );
             EXIT_UNAVAILABLE
         }
@@ -925,10 +945,9 @@ impl Client {
     }
 
     fn open(&self, method: &str, path: &str) -> Result<TcpStream, Failure> {
-        let unreachable = |e: std::io::Error| Failure::Unreachable(e.to_string());
-        let mut s = TcpStream::connect_timeout(&self.addr, self.timeout).map_err(unreachable)?;
-        s.set_read_timeout(Some(self.timeout)).map_err(unreachable)?;
-        s.set_write_timeout(Some(self.timeout)).map_err(unreachable)?;
+        let mut s = TcpStream::connect_timeout(&self.addr, self.timeout).map_err(io_failure)?;
+        s.set_read_timeout(Some(self.timeout)).map_err(io_failure)?;
+        s.set_write_timeout(Some(self.timeout)).map_err(io_failure)?;
         let mut head = format!(
             "{method} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n",
             self.addr
@@ -940,7 +959,7 @@ impl Client {
             head.push_str("Content-Length: 0\r\n");
         }
         head.push_str("\r\n");
-        s.write_all(head.as_bytes()).map_err(unreachable)?;
+        s.write_all(head.as_bytes()).map_err(io_failure)?;
         Ok(s)
     }
 
@@ -960,9 +979,7 @@ impl Client {
                 }
             }
         } else {
-            r.read_to_end(&mut body)
-                .map(drop)
-                .map_err(|e| Failure::Unreachable(e.to_string()))
+            r.read_to_end(&mut body).map(drop).map_err(io_failure)
         };
         // Checked before a read error: running out of the bound mid-chunk is one.
         if r.get_ref().limit() == 0 {
@@ -1017,9 +1034,8 @@ impl Client {
 }
 
 fn read_head(r: &mut impl BufRead) -> Result<(u16, bool), Failure> {
-    let io = |e: std::io::Error| Failure::Unreachable(e.to_string());
     let mut line = String::new();
-    r.read_line(&mut line).map_err(io)?;
+    r.read_line(&mut line).map_err(io_failure)?;
     let status = line
         .split(' ')
         .nth(1)
@@ -1028,7 +1044,7 @@ fn read_head(r: &mut impl BufRead) -> Result<(u16, bool), Failure> {
     let mut chunked = false;
     for _ in 0..100 {
         line.clear();
-        if r.read_line(&mut line).map_err(io)? == 0 || line == "\r\n" {
+        if r.read_line(&mut line).map_err(io_failure)? == 0 || line == "\r\n" {
             break;
         }
         let l = line.to_ascii_lowercase();
@@ -1040,9 +1056,8 @@ fn read_head(r: &mut impl BufRead) -> Result<(u16, bool), Failure> {
 }
 
 fn read_chunk(r: &mut impl BufRead) -> Result<Option<Vec<u8>>, Failure> {
-    let io = |e: std::io::Error| Failure::Unreachable(e.to_string());
     let mut line = String::new();
-    if r.read_line(&mut line).map_err(io)? == 0 {
+    if r.read_line(&mut line).map_err(io_failure)? == 0 {
         return Ok(None);
     }
     let size = usize::from_str_radix(line.trim().split(';').next().unwrap_or(""), 16)
@@ -1051,9 +1066,9 @@ fn read_chunk(r: &mut impl BufRead) -> Result<Option<Vec<u8>>, Failure> {
         return Ok(None);
     }
     let mut buf = vec![0; size.min(MAX_RESPONSE as usize)];
-    r.read_exact(&mut buf).map_err(io)?;
+    r.read_exact(&mut buf).map_err(io_failure)?;
     let mut crlf = [0u8; 2];
-    r.read_exact(&mut crlf).map_err(io)?;
+    r.read_exact(&mut crlf).map_err(io_failure)?;
     Ok(Some(buf))
 }
 

@@ -136,6 +136,30 @@ fn ctl_errors_and_tokens() {
         .unwrap();
     assert_eq!(o.status.code(), Some(69), "{}", out(&o));
     assert!(out(&o).contains("cannot reach the monitor"), "{}", out(&o));
+
+    // A monitor that takes the connection and never answers (stopped by SIGSTOP: the kernel still completes
+    // the handshake) is one that did not answer in time, not "Resource temporarily unavailable (os error 11)".
+    let hung = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let hung_addr = hung.local_addr().unwrap();
+    let o = std::process::Command::new(xcluster_bin())
+        .args([
+            "ctl",
+            "--timeout-secs",
+            "1",
+            "--url",
+            &hung_addr.to_string(),
+            "status",
+        ])
+        .output()
+        .unwrap();
+    assert_says(
+        &o,
+        69,
+        &format!(
+            "xcluster ctl: the monitor at {hung_addr} did not answer within 1s (is it stopped or overloaded?)"
+        ),
+    );
+    drop(hung);
 }
 
 /// `--wait-secs` is range-checked before anything is sent: `0` used to stop the program and then report it
