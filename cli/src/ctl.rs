@@ -259,7 +259,7 @@ fn status(c: &Client, names: &[String], as_json: bool) -> Result<i32, Failure> {
     Ok(if all_running { 0 } else { EXIT_NOT_RUNNING })
 }
 
-/// As supervisorctl's `pid`: the monitor's pid, or each named program's, one per line for scripts (`kill -USR1
+/// As supervisorctl's `pid`: the monitor's pid, or each named program's, one per line for scripts (`kill -HUP
 /// $(xcluster ctl pid app-0)`); 0 for a program without a process, which exits 3 as `status` would.
 fn pid(c: &Client, names: &[String], as_json: bool) -> Result<i32, Failure> {
     let v = monitor_status(c)?;

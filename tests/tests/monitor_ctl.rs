@@ -318,6 +318,13 @@ startsecs = 60
         "broken: ERROR (exited too quickly: exit status 3, gave up after 1 try)",
     );
     assert_eq!(m.state("broken"), "FATAL");
+    // The monitor's log says how it ended as ctl does, not `code=Some(3) signal=None`.
+    let log = m.proc.stderr();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("program=broken") && l.contains("status=exit status 3")),
+        "{log}"
+    );
     let o = m.ctl(&["restart", "missing"]);
     assert_says(
         &o,
