@@ -17,6 +17,8 @@ use xcluster_runtime::http::percent_encode;
 
 use crate::args::{CtlArgs, CtlVerb};
 
+mod stream;
+
 const EXIT_FAILED: i32 = 1;
 const EXIT_NOT_RUNNING: i32 = 3;
 const EXIT_USAGE: i32 = 64;
@@ -1020,16 +1022,11 @@ impl Client {
                 tokened,
             })?;
         }
-        let mut out = std::io::stdout();
         if chunked {
-            while let Some(chunk) = read_chunk(&mut r)? {
-                let _ = out.write_all(&chunk);
-                let _ = out.flush();
-            }
+            stream::copy_chunks(&mut r)
         } else {
-            let _ = std::io::copy(&mut r.take(MAX_RESPONSE), &mut out);
+            stream::copy_all(&mut r.take(MAX_RESPONSE))
         }
-        Ok(0)
     }
 }
 
