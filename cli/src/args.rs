@@ -142,7 +142,7 @@ pub enum CtlVerb {
         #[arg(long)]
         rolling: bool,
     },
-    /// Send a signal (e.g. HUP, USR1) to programs.
+    /// Send a signal (e.g. HUP to reload a program's config) to programs.
     Signal { signal: String, names: Vec<String> },
     /// The monitor's pid, or with names each program's pid, one per line (0: no process; exit 3 then).
     Pid { names: Vec<String> },

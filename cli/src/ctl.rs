@@ -3,17 +3,21 @@
 //! Exit codes: 0 success; 1 a refused or failed action (unknown program, already started, invalid config, a
 //! program that did not come up or stop within `--wait-secs`);
 //! 3 `status` found a process that is not RUNNING (as supervisorctl), `pid` a program without a process, or
-//! `cluster`, `drain` or `undrain` a balancer that does not answer; 69 the monitor cannot be reached; 77 the
-//! token was refused.
+//! `cluster`, `drain` or `undrain` a balancer that does not answer; 69 the monitor cannot be reached or does
+//! not answer within `--timeout-secs`; 77 the token was refused.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use xcluster_monitor::policy::ExitInfo;
+use xcluster_monitor::status::abnormal_termination;
 use xcluster_runtime::http::percent_encode;
 
 use crate::args::{CtlArgs, CtlVerb};
+
+mod stream;
 
 const EXIT_FAILED: i32 = 1;
 const EXIT_NOT_RUNNING: i32 = 3;
@@ -57,7 +61,19 @@ impl Resp {
 #[derive(Debug)]
 enum Failure {
     Unreachable(String),
+    /// Connected (or connecting), but nothing came within `--timeout-secs`: a stopped (SIGSTOP) or overloaded
+    /// monitor, told apart from one that is not there, which the OS's "Resource temporarily unavailable" hid.
+    TimedOut,
     Exit(i32),
+}
+
+/// An I/O error talking to the monitor. A socket timeout surfaces as `WouldBlock` (EAGAIN, from
+/// `SO_RCVTIMEO`/`SO_SNDTIMEO`) or `TimedOut` (from `connect_timeout`).
+fn io_failure(e: std::io::Error) -> Failure {
+    match e.kind() {
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => Failure::TimedOut,
+        _ => Failure::Unreachable(e.to_string()),
+    }
 }
 
 pub fn run(args: CtlArgs) -> i32 {
@@ -75,6 +91,14 @@ pub fn run(args: CtlArgs) -> i32 {
             eprintln!(
                 "xcluster ctl: cannot reach the monitor at {}: {e} (is it running?)",
                 client.url
+            );
+            EXIT_UNAVAILABLE
+        }
+        Err(Failure::TimedOut) => {
+            eprintln!(
+                "xcluster ctl: the monitor at {} did not answer within {}s (is it stopped or overloaded?)",
+                client.url,
+                client.timeout.as_secs()
             );
             EXIT_UNAVAILABLE
         }
@@ -237,7 +261,7 @@ fn status(c: &Client, names: &[String], as_json: bool) -> Result<i32, Failure> {
     Ok(if all_running { 0 } else { EXIT_NOT_RUNNING })
 }
 
-/// As supervisorctl's `pid`: the monitor's pid, or each named program's, one per line for scripts (`kill -USR1
+/// As supervisorctl's `pid`: the monitor's pid, or each named program's, one per line for scripts (`kill -HUP
 /// $(xcluster ctl pid app-0)`); 0 for a program without a process, which exits 3 as `status` would.
 fn pid(c: &Client, names: &[String], as_json: bool) -> Result<i32, Failure> {
     let v = monitor_status(c)?;
@@ -556,12 +580,10 @@ fn describe(p: &Value) -> String {
         parts.push(format!("uptime {}:{:02}:{:02}", s / 3600, s / 60 % 60, s % 60));
     }
     // The last exit, once there is no process: while one runs (or stops) it is an earlier run's.
-    if !matches!(p["state"].as_str(), Some("RUNNING" | "STARTING" | "STOPPING")) {
-        if let Some(code) = p["exit_code"].as_i64() {
-            parts.push(format!("exit status {code}"));
-        } else if let Some(sig) = p["exit_signal"].as_i64() {
-            parts.push(format!("killed by signal {sig}"));
-        }
+    if !matches!(p["state"].as_str(), Some("RUNNING" | "STARTING" | "STOPPING"))
+        && let Some(exit) = last_exit(p)
+    {
+        parts.push(exit.to_string());
     }
     if let Some(r) = p["restarts"].as_u64().filter(|r| *r > 0) {
         parts.push(format!("restarts {r}"));
@@ -586,6 +608,13 @@ fn describe(p: &Value) -> String {
         parts.push("runs an older config (a restart applies the new one)".into());
     }
     parts.join(", ")
+}
+
+/// A program's last exit, as its status gives it.
+fn last_exit(p: &Value) -> Option<ExitInfo> {
+    let field = |key: &str| p[key].as_i64().and_then(|n| i32::try_from(n).ok());
+    let (code, signal) = (field("exit_code"), field("exit_signal"));
+    (code.is_some() || signal.is_some()).then_some(ExitInfo { code, signal })
 }
 
 /// Sends `verb` for each of `names` and prints one line per program it reached. A start, stop or restart
@@ -810,13 +839,13 @@ fn outcome(p: &Value, goal: Goal) -> Option<Result<String, String>> {
     match goal {
         Goal::Running => match state {
             "RUNNING" if p["ready"] == true => Some(Ok("started".into())),
-            "FATAL" => Some(Err(
-                match p["fatal_reason"].as_str().or(p["spawn_error"].as_str()) {
-                    Some(why) => format!("spawn error: {why}"),
-                    None => "spawn error".into(),
-                },
-            )),
-            "EXITED" => Some(Err("abnormal termination".into())),
+            // The monitor's words: the spawn error or the last exit, and the tries it took.
+            "FATAL" => Some(Err(p["fatal_message"]
+                .as_str()
+                .or(p["fatal_reason"].as_str())
+                .unwrap_or("fatal")
+                .to_string())),
+            "EXITED" => Some(Err(abnormal_termination(last_exit(p)))),
             // Stopped and waiting for nothing: someone else stopped it meanwhile.
             "STOPPED" if items(&p["waiting_for"]).is_empty() => Some(Err("stopped".into())),
             _ => None,
@@ -918,10 +947,9 @@ impl Client {
     }
 
     fn open(&self, method: &str, path: &str) -> Result<TcpStream, Failure> {
-        let unreachable = |e: std::io::Error| Failure::Unreachable(e.to_string());
-        let mut s = TcpStream::connect_timeout(&self.addr, self.timeout).map_err(unreachable)?;
-        s.set_read_timeout(Some(self.timeout)).map_err(unreachable)?;
-        s.set_write_timeout(Some(self.timeout)).map_err(unreachable)?;
+        let mut s = TcpStream::connect_timeout(&self.addr, self.timeout).map_err(io_failure)?;
+        s.set_read_timeout(Some(self.timeout)).map_err(io_failure)?;
+        s.set_write_timeout(Some(self.timeout)).map_err(io_failure)?;
         let mut head = format!(
             "{method} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n",
             self.addr
@@ -933,7 +961,7 @@ impl Client {
             head.push_str("Content-Length: 0\r\n");
         }
         head.push_str("\r\n");
-        s.write_all(head.as_bytes()).map_err(unreachable)?;
+        s.write_all(head.as_bytes()).map_err(io_failure)?;
         Ok(s)
     }
 
@@ -953,9 +981,7 @@ impl Client {
                 }
             }
         } else {
-            r.read_to_end(&mut body)
-                .map(drop)
-                .map_err(|e| Failure::Unreachable(e.to_string()))
+            r.read_to_end(&mut body).map(drop).map_err(io_failure)
         };
         // Checked before a read error: running out of the bound mid-chunk is one.
         if r.get_ref().limit() == 0 {
@@ -996,23 +1022,17 @@ impl Client {
                 tokened,
             })?;
         }
-        let mut out = std::io::stdout();
         if chunked {
-            while let Some(chunk) = read_chunk(&mut r)? {
-                let _ = out.write_all(&chunk);
-                let _ = out.flush();
-            }
+            stream::copy_chunks(&mut r)
         } else {
-            let _ = std::io::copy(&mut r.take(MAX_RESPONSE), &mut out);
+            stream::copy_all(&mut r.take(MAX_RESPONSE))
         }
-        Ok(0)
     }
 }
 
 fn read_head(r: &mut impl BufRead) -> Result<(u16, bool), Failure> {
-    let io = |e: std::io::Error| Failure::Unreachable(e.to_string());
     let mut line = String::new();
-    r.read_line(&mut line).map_err(io)?;
+    r.read_line(&mut line).map_err(io_failure)?;
     let status = line
         .split(' ')
         .nth(1)
@@ -1021,7 +1041,7 @@ fn read_head(r: &mut impl BufRead) -> Result<(u16, bool), Failure> {
     let mut chunked = false;
     for _ in 0..100 {
         line.clear();
-        if r.read_line(&mut line).map_err(io)? == 0 || line == "\r\n" {
+        if r.read_line(&mut line).map_err(io_failure)? == 0 || line == "\r\n" {
             break;
         }
         let l = line.to_ascii_lowercase();
@@ -1033,9 +1053,8 @@ fn read_head(r: &mut impl BufRead) -> Result<(u16, bool), Failure> {
 }
 
 fn read_chunk(r: &mut impl BufRead) -> Result<Option<Vec<u8>>, Failure> {
-    let io = |e: std::io::Error| Failure::Unreachable(e.to_string());
     let mut line = String::new();
-    if r.read_line(&mut line).map_err(io)? == 0 {
+    if r.read_line(&mut line).map_err(io_failure)? == 0 {
         return Ok(None);
     }
     let size = usize::from_str_radix(line.trim().split(';').next().unwrap_or(""), 16)
@@ -1044,9 +1063,9 @@ fn read_chunk(r: &mut impl BufRead) -> Result<Option<Vec<u8>>, Failure> {
         return Ok(None);
     }
     let mut buf = vec![0; size.min(MAX_RESPONSE as usize)];
-    r.read_exact(&mut buf).map_err(io)?;
+    r.read_exact(&mut buf).map_err(io_failure)?;
     let mut crlf = [0u8; 2];
-    r.read_exact(&mut crlf).map_err(io)?;
+    r.read_exact(&mut crlf).map_err(io_failure)?;
     Ok(Some(buf))
 }
 

@@ -162,7 +162,10 @@ pub async fn copy_pipe(
 /// A log shared by stdout and stderr when `redirect_stderr` is set.
 pub type SharedLog = std::sync::Arc<std::sync::Mutex<RotatingLog>>;
 
-/// The last `bytes` bytes of a log file (bounded by [`MAX_TAIL_BYTES`]); empty if it does not exist yet.
+/// The end of a log file in whole lines, at most `bytes` bytes of it (bounded by [`MAX_TAIL_BYTES`]); empty if
+/// it does not exist yet. A tail that starts mid-file leaves out the cut first line, as `tail -n` shows
+/// lines (`ctl tail`'s first line used to start mid-word), unless that line is all the window holds: a line
+/// longer than the window is shown cut rather than not at all.
 pub fn tail(path: &Path, bytes: u64) -> std::io::Result<Vec<u8>> {
     let bytes = bytes.min(MAX_TAIL_BYTES);
     let mut f = match File::open(path) {
@@ -171,10 +174,23 @@ pub fn tail(path: &Path, bytes: u64) -> std::io::Result<Vec<u8>> {
         Err(e) => return Err(e),
     };
     let len = f.metadata()?.len();
-    f.seek(SeekFrom::Start(len.saturating_sub(bytes)))?;
-    let mut out = Vec::with_capacity(bytes.min(len) as usize);
-    f.take(bytes).read_to_end(&mut out)?;
-    Ok(out)
+    let start = len.saturating_sub(bytes);
+    // One byte before the window says whether its first line is whole (that byte is a line end).
+    let before = u64::from(start > 0);
+    f.seek(SeekFrom::Start(start - before))?;
+    let mut out = Vec::with_capacity((bytes + before).min(len) as usize);
+    f.take(bytes + before).read_to_end(&mut out)?;
+    if before == 0 {
+        return Ok(out);
+    }
+    let cut = match out.iter().position(|&b| b == b'\n') {
+        // The byte before was a line end: the window starts with a whole line.
+        Some(0) => 1,
+        Some(end) if end + 1 < out.len() => end + 1,
+        // The window holds no line start: better a cut line than nothing.
+        _ => before as usize,
+    };
+    Ok(out.split_off(cut))
 }
 
 #[cfg(test)]
@@ -199,6 +215,26 @@ mod tests {
         assert_eq!(std::fs::read(numbered(&path, 2)).unwrap(), vec![b'c'; 1024]);
         assert!(!numbered(&path, 3).exists());
         assert_eq!(tail(&path, 3).unwrap(), b"eee");
+    }
+
+    /// A tail from mid-file starts at a line: the cut first line is left out, unless it is all there is.
+    #[test]
+    fn tail_starts_at_a_whole_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.log");
+        std::fs::write(&path, b"aaa\nbbb\nccc\n").unwrap();
+        let tail = |n| String::from_utf8(tail(&path, n).unwrap()).unwrap();
+        assert_eq!(tail(6), "ccc\n", "cut first line left out");
+        assert_eq!(tail(8), "bbb\nccc\n", "the window starts at a line");
+        assert_eq!(tail(9), "bbb\nccc\n");
+        assert_eq!(tail(12), "aaa\nbbb\nccc\n", "the whole file");
+        assert_eq!(tail(100), "aaa\nbbb\nccc\n");
+        assert_eq!(tail(3), "cc\n", "no line start in the window: the cut line");
+        assert_eq!(tail(0), "");
+        std::fs::write(&path, b"aaa\nbbbbbbbb").unwrap();
+        assert_eq!(tail(5), "bbbbb", "an unended last line longer than the window");
+        assert_eq!(tail(9), "bbbbbbbb", "an unended last line");
+        assert_eq!(super::tail(&dir.path().join("none.log"), 10).unwrap(), b"");
     }
 
     /// A file ends at a line's end: a chunk over the room left is split after its last line that fits, a

@@ -139,6 +139,26 @@ impl Machine {
         self.state == State::Stopping && self.restart_after_stop
     }
 
+    /// Why the process is FATAL, in words for whoever waits on its start (`ctl start`, a roll): what made the
+    /// last try fail (`spawn_error` when it could not be spawned, else how it exited) and, when it never got
+    /// past `startsecs`, how many tries it took. `fatal_reason` alone ("too many start retries too quickly")
+    /// read the same for a missing binary and for a program exiting with 3. `None` unless FATAL.
+    pub fn fatal_message(&self, spawn_error: Option<&str>) -> Option<String> {
+        let reason = self.fatal_reason.filter(|_| self.state == State::Fatal)?;
+        // Reset once a start gets past `startsecs`: a FATAL with none is the restart budget's.
+        let tries = match self.start_failures {
+            0 => None,
+            1 => Some(", gave up after 1 try".to_string()),
+            n => Some(format!(", gave up after {n} tries")),
+        };
+        Some(match (spawn_error, self.last_exit, tries) {
+            (Some(e), _, tries) => format!("spawn error: {e}{}", tries.unwrap_or_default()),
+            (None, Some(exit), Some(tries)) => format!("exited too quickly: {exit}{tries}"),
+            (None, Some(exit), None) => format!("{reason}, last {exit}"),
+            (None, None, _) => reason.to_string(),
+        })
+    }
+
     /// When the current process was spawned.
     pub fn spawned_at(&self) -> Option<Instant> {
         self.spawned_at.filter(|_| self.state.has_process())

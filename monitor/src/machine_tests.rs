@@ -134,9 +134,19 @@ fn backoff_to_fatal_after_startretries_then_automatic_retry() {
         vec![Action::Timer(Duration::from_secs(30), t.m.generation())]
     );
     assert_eq!(t.m.fatal_reason, Some("too many start retries too quickly"));
+    assert_eq!(
+        t.m.fatal_message(None).as_deref(),
+        Some("exited too quickly: exit status 1, gave up after 3 tries")
+    );
+    // A spawn error is the last try's cause: a successful spawn clears it.
+    assert_eq!(
+        t.m.fatal_message(Some("cannot find command \"x\"")).as_deref(),
+        Some("spawn error: cannot find command \"x\", gave up after 3 tries")
+    );
     let s = t.timer();
     assert_eq!(s.transitions, vec![(Fatal, Starting)]);
     assert_eq!(t.m.fatal_reason, None);
+    assert_eq!(t.m.fatal_message(None), None);
 }
 
 #[test]
@@ -223,6 +233,10 @@ fn restart_budget_exhausted_is_fatal() {
     let s = t.ev(Event::Exited(CRASH));
     assert_eq!(s.transitions, vec![(Running, Exited), (Exited, Fatal)]);
     assert_eq!(t.m.fatal_reason, Some("restart budget exhausted"));
+    assert_eq!(
+        t.m.fatal_message(None).as_deref(),
+        Some("restart budget exhausted, last exit status 1")
+    );
 }
 
 #[test]

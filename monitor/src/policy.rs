@@ -57,6 +57,22 @@ pub struct ExitInfo {
     pub signal: Option<i32>,
 }
 
+/// How people read an exit, in `ctl status`, the failure of a `ctl start` and the monitor's log: `exit status 3`,
+/// `killed by signal 9 (SIGKILL)`; an adopted process's exit (not our child) is `status unknown`.
+impl std::fmt::Display for ExitInfo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (self.code, self.signal) {
+            (Some(code), _) => write!(f, "exit status {code}"),
+            (None, Some(sig)) => match nix::sys::signal::Signal::try_from(sig) {
+                Ok(name) => write!(f, "killed by signal {sig} ({name})"),
+                // A real-time signal has no name of its own.
+                Err(_) => write!(f, "killed by signal {sig}"),
+            },
+            (None, None) => f.write_str("status unknown"),
+        }
+    }
+}
+
 impl Policy {
     /// Whether an exit from RUNNING should be followed by a restart.
     pub fn should_restart(&self, exit: ExitInfo) -> bool {
@@ -115,6 +131,15 @@ mod tests {
             ..p
         };
         assert!(!never.should_restart(code(1)));
+    }
+
+    #[test]
+    fn exits_read_as_words() {
+        let exit = |code, signal| ExitInfo { code, signal }.to_string();
+        assert_eq!(exit(Some(3), None), "exit status 3");
+        assert_eq!(exit(None, Some(9)), "killed by signal 9 (SIGKILL)");
+        assert_eq!(exit(None, Some(40)), "killed by signal 40");
+        assert_eq!(exit(None, None), "status unknown");
     }
 
     #[test]

@@ -116,11 +116,11 @@ impl Roll {
 fn outcome(p: &Proc) -> Option<Result<String, String>> {
     match p.shown_state() {
         State::Running if Supervisor::is_ready(p) => Some(Ok("started".into())),
-        State::Fatal => Some(Err(match p.m.fatal_reason.or(p.spawn_error.as_deref()) {
-            Some(why) => format!("spawn error: {why}"),
-            None => "spawn error".into(),
-        })),
-        State::Exited => Some(Err("abnormal termination".into())),
+        State::Fatal => Some(Err(p
+            .m
+            .fatal_message(p.spawn_error.as_deref())
+            .unwrap_or_else(|| "fatal".into()))),
+        State::Exited => Some(Err(crate::status::abnormal_termination(p.m.last_exit))),
         // Stopped and not about to start: someone stopped it meanwhile.
         State::Stopped if !p.wanted && !p.m.restart_pending() => Some(Err("stopped".into())),
         _ => None,

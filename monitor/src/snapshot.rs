@@ -26,6 +26,7 @@ pub(crate) fn build(sup: &Supervisor) -> Snapshot {
                 liveness: p.liveness.clone(),
                 readiness: p.readiness.clone(),
                 fatal_reason: p.m.fatal_reason.map(str::to_string),
+                fatal_message: p.m.fatal_message(p.spawn_error.as_deref()),
                 spawn_error: p.spawn_error.clone(),
                 waiting_for: if p.wanted {
                     sup.waiting_for(name)

@@ -38,6 +38,9 @@ pub struct ProcStatus {
     pub liveness: Option<ProbeStatus>,
     pub readiness: Option<ProbeStatus>,
     pub fatal_reason: Option<String>,
+    /// While FATAL, why in words: the spawn error or last exit, and the tries it took
+    /// ([`crate::machine::Machine::fatal_message`]); what `ctl start` and a roll answer.
+    pub fatal_message: Option<String>,
     pub spawn_error: Option<String>,
     /// Dependencies a pending start waits for.
     pub waiting_for: Vec<String>,
@@ -91,6 +94,15 @@ pub struct ActionResult {
     pub ok: bool,
     pub state: State,
     pub message: String,
+}
+
+/// A program that came up and then exited for good (no autorestart), as
+/// `ctl start` and a roll answer it: supervisorctl's words, and how it ended.
+pub fn abnormal_termination(exit: Option<crate::policy::ExitInfo>) -> String {
+    match exit {
+        Some(e) => format!("abnormal termination: {e}"),
+        None => "abnormal termination".into(),
+    }
 }
 
 /// What an update changes.

@@ -632,11 +632,12 @@ impl Supervisor {
                 .info
                 .code
                 .is_some_and(|c| p.spec.policy.exitcodes.contains(&c));
-        let (pid, code, signal) = (p.pid, exit.info.code, exit.info.signal);
+        // `status=exit status 3`, `status=killed by signal 9 (SIGKILL)`: as `ctl status` says it.
+        let (pid, status) = (p.pid, exit.info);
         if expected {
-            info!(program = %exit.name, pid, ?code, ?signal, "exited");
+            info!(program = %exit.name, pid, %status, "exited");
         } else {
-            warn!(program = %exit.name, pid, ?code, ?signal, "exited, not expected");
+            warn!(program = %exit.name, pid, %status, "exited, not expected");
         }
         self.event(&exit.name, Event::Exited(exit.info));
         if let Some(p) = self.procs.get_mut(&exit.name)

@@ -136,6 +136,30 @@ fn ctl_errors_and_tokens() {
         .unwrap();
     assert_eq!(o.status.code(), Some(69), "{}", out(&o));
     assert!(out(&o).contains("cannot reach the monitor"), "{}", out(&o));
+
+    // A monitor that takes the connection and never answers (stopped by SIGSTOP: the kernel still completes
+    // the handshake) is one that did not answer in time, not "Resource temporarily unavailable (os error 11)".
+    let hung = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let hung_addr = hung.local_addr().unwrap();
+    let o = std::process::Command::new(xcluster_bin())
+        .args([
+            "ctl",
+            "--timeout-secs",
+            "1",
+            "--url",
+            &hung_addr.to_string(),
+            "status",
+        ])
+        .output()
+        .unwrap();
+    assert_says(
+        &o,
+        69,
+        &format!(
+            "xcluster ctl: the monitor at {hung_addr} did not answer within 1s (is it stopped or overloaded?)"
+        ),
+    );
+    drop(hung);
 }
 
 /// `--wait-secs` is range-checked before anything is sent: `0` used to stop the program and then report it
@@ -254,6 +278,11 @@ command = "/bin/sh -c 'exit 3'"
 autostart = false
 startsecs = 1
 startretries = 0
+[programs.missing]
+command = "/no/such/binary"
+autostart = false
+startsecs = 1
+startretries = 1
 [programs.dep]
 command = "sleep 300"
 autostart = false
@@ -280,11 +309,29 @@ startsecs = 60
     assert_eq!(v["results"][0]["message"], "stopped", "{v}");
     assert_eq!(m.state("x"), "STOPPED");
 
-    // A program that cannot start fails the command, with why.
+    // A program that cannot start fails the command, with the real cause: its last exit (it was spawned
+    // fine), or the spawn error, and the tries it took. Both once read "too many start retries too quickly".
     let o = m.ctl(&["start", "broken"]);
-    assert_eq!(o.status.code(), Some(1), "{}", out(&o));
-    assert!(out(&o).contains("broken: ERROR (spawn error"), "{}", out(&o));
+    assert_says(
+        &o,
+        1,
+        "broken: ERROR (exited too quickly: exit status 3, gave up after 1 try)",
+    );
     assert_eq!(m.state("broken"), "FATAL");
+    // The monitor's log says how it ended as ctl does, not `code=Some(3) signal=None`.
+    let log = m.proc.stderr();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("program=broken") && l.contains("status=exit status 3")),
+        "{log}"
+    );
+    let o = m.ctl(&["restart", "missing"]);
+    assert_says(
+        &o,
+        1,
+        "missing: ERROR (spawn error: cannot find command \"/no/such/binary\": No such file or directory \
+         (os error 2), gave up after 2 tries)",
+    );
     // One that waits for a dependency says so when the wait runs out.
     let o = m.ctl(&["--wait-secs", "1", "start", "dep"]);
     assert_says(&o, 1, "dep: ERROR (still STOPPED, waiting for x after 1 s)");

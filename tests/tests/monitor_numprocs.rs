@@ -103,6 +103,22 @@ stdout_logfile_backups = 2
             .then_some(o)
     });
     assert!(o.stdout.len() <= 200, "tail is bounded by --bytes");
+    let whole = |line: &str| {
+        line.strip_prefix("line-")
+            .and_then(|l| l.split_once('-'))
+            .is_some_and(|(n, rest)| {
+                n.parse::<u32>().is_ok() && rest == "0123456789012345678901234567890123456789"
+            })
+    };
+    // A tail from mid-file leaves the cut first line out (a line is 50 bytes: 180 starts inside one).
+    let text = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(text.lines().all(whole), "a cut line in the tail: {text:?}");
+    let o = m.ctl(&["tail", "chatty", "--bytes", "180"]);
+    let text = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(
+        !text.is_empty() && text.lines().all(whole),
+        "a cut line in the tail: {text:?}"
+    );
     let backup = |i: u32| dir.path().join(format!("chatty.log.{i}"));
     assert!(backup(1).exists() && backup(2).exists(), "two backups kept");
     assert!(!backup(3).exists(), "no more than stdout_logfile_backups");
@@ -116,15 +132,34 @@ stdout_logfile_backups = 2
         let text = std::fs::read_to_string(&p).unwrap();
         assert!(text.ends_with('\n'), "{} ends mid-line", p.display());
         for line in text.lines() {
-            let whole = line
-                .strip_prefix("line-")
-                .and_then(|l| l.split_once('-'))
-                .is_some_and(|(n, rest)| {
-                    n.parse::<u32>().is_ok() && rest == "0123456789012345678901234567890123456789"
-                });
-            assert!(whole, "{}: cut line {line:?}", p.display());
+            assert!(whole(line), "{}: cut line {line:?}", p.display());
         }
     }
+
+    // `tail -f | head -1` ends with head: the quiet log writes nothing more, so tail -f must see its output
+    // closed without a write (it waited for the program's next line).
+    let mut piped = Proc::spawn(
+        "tail-f-head",
+        std::path::Path::new("/bin/sh"),
+        Spawn {
+            args: [
+                "-c",
+                "\"$0\" ctl --url \"$1\" tail -f chatty --bytes 180 | head -1",
+                &xcluster_bin().display().to_string(),
+                &format!("http://{}", m.addr),
+            ]
+            .map(str::to_string)
+            .to_vec(),
+            ..Default::default()
+        },
+    );
+    assert_eq!(piped.wait_exit(T), Some(0), "{}", piped.stderr());
+    let first = piped.stdout();
+    assert!(whole(first.trim_end()), "{first:?}");
+    let needle = format!("XCLUSTER_TEST_TAG={}", piped.tag());
+    eventually(T, "tail -f to end with its reader", || {
+        tagged_pids(&needle).is_empty().then_some(())
+    });
 
     // Follow: a signal makes the program print, and `tail -f` shows it as it happens.
     let follow = Proc::xcluster(

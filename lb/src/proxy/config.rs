@@ -380,7 +380,10 @@ pub enum RuntimeMode {
 }
 
 impl RuntimeMode {
-    /// The name `proxy.runtime` gives it.
+    /// Every mode, in the order the config's error lists them.
+    pub const ALL: [Self; 3] = [Self::PerCore, Self::Shared, Self::IoUring];
+
+    /// The name `proxy.runtime` gives it (the one validation accepts, so logs and metrics spell it so too).
     pub fn name(self) -> &'static str {
         match self {
             Self::PerCore => "per_core",
@@ -407,6 +410,20 @@ pub enum Forwarding {
     Splice,
     Copy,
     Auto,
+}
+
+impl Forwarding {
+    /// Every mode, in the order the config's error lists them.
+    pub const ALL: [Self; 3] = [Self::Splice, Self::Copy, Self::Auto];
+
+    /// The name `proxy.forwarding` gives it (the one validation accepts), as logs spell it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Splice => "splice",
+            Self::Copy => "copy",
+            Self::Auto => "auto",
+        }
+    }
 }
 
 /// One validated listener.
@@ -885,20 +902,12 @@ impl ProxySection {
         let runtime = v.one_of(
             "proxy.runtime",
             &self.runtime,
-            &[
-                ("per_core", RuntimeMode::PerCore),
-                ("shared", RuntimeMode::Shared),
-                ("io_uring", RuntimeMode::IoUring),
-            ],
+            &RuntimeMode::ALL.map(|m| (m.name(), m)),
         );
         let forwarding = v.one_of(
             "proxy.forwarding",
             &self.forwarding,
-            &[
-                ("splice", Forwarding::Splice),
-                ("copy", Forwarding::Copy),
-                ("auto", Forwarding::Auto),
-            ],
+            &Forwarding::ALL.map(|f| (f.name(), f)),
         );
         let connect = v.millis("proxy.connect_timeout_ms", self.connect_timeout_ms, 1, 60_000);
         let connect_attempts = v.range("proxy.connect_attempts", self.connect_attempts, 1, 16);

@@ -642,8 +642,8 @@ pub fn start(
     info!(
         listeners = cfg.listeners.len(),
         workers = cfg.workers,
-        ?runtime,
-        forwarding = ?cfg.forwarding,
+        runtime = %runtime.name(),
+        forwarding = %cfg.forwarding.name(),
         "proxy started"
     );
     let drain = drain.child_token();
