@@ -588,7 +588,8 @@ fn describe(p: &Value) -> String {
     if let Some(r) = p["restarts"].as_u64().filter(|r| *r > 0) {
         parts.push(format!("restarts {r}"));
     }
-    if p["readiness"].is_object() {
+    // Readiness is a process's: a program with none is not "not ready", it is stopped.
+    if p["readiness"].is_object() && p["pid"].as_u64().is_some() {
         parts.push(if p["ready"] == true {
             "ready".into()
         } else {
@@ -1076,4 +1077,19 @@ fn dechunk_all(b: &[u8]) -> Vec<u8> {
         out.extend(c);
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_program_with_a_process_is_ready_or_not() {
+        let probe = serde_json::json!({ "http": "http://127.0.0.1:1/readyz" });
+        let stopped = serde_json::json!({ "state": "STOPPED", "exit_code": 0, "readiness": probe });
+        assert_eq!(describe(&stopped), "exit status 0");
+        let starting =
+            serde_json::json!({ "state": "STARTING", "pid": 5, "readiness": probe, "ready": false });
+        assert_eq!(describe(&starting), "pid 5, not ready");
+    }
 }
