@@ -29,6 +29,10 @@ pub struct Entry {
     /// 0 in files written before it did.
     #[serde(default)]
     pub pipes: crate::child::Pipes,
+    /// The restarts the monitor made of its program by itself so far (`restarts` in the status), which the
+    /// monitor that adopts it counts on from; 0 in files written before it did.
+    #[serde(default)]
+    pub restarts: u64,
 }
 
 #[derive(Debug, Serialize, Deserialize)]

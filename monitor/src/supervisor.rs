@@ -217,6 +217,8 @@ impl Supervisor {
             p.wanted = false;
             p.probes = crate::probes::start(&p.spec, spawn_id, &self.internal);
             let step = p.m.adopt(Instant::now());
+            // A monitor's restart is not the program's: its count of crashes goes on.
+            p.m.restart_count = e.restarts;
             for (from, to) in step.transitions {
                 self.bus.publish(Kind::State {
                     program: e.name.clone(),
@@ -899,6 +901,7 @@ impl Supervisor {
                 start_time: p.start_time,
                 launch: p.spec.launch_fingerprint(),
                 pipes: p.pipes,
+                restarts: p.m.restart_count,
             })
             .collect();
         if entries != self.saved {

@@ -44,6 +44,11 @@ fn kill_9_of_the_monitor_then_restart_adopts_the_running_programs() {
     for n in names {
         first.wait_state(n, "RUNNING", T);
     }
+    // One crash under the first monitor, restarted by it: the count survives the takeover.
+    let crashed = first.pid("two-0").unwrap();
+    kill9(crashed);
+    first.wait_new_pid("two-0", crashed, T);
+    first.wait_state("two-0", "RUNNING", T);
     let old: Vec<i32> = names.iter().map(|n| first.pid(n).unwrap()).collect();
     first.proc.signal(nix::sys::signal::Signal::SIGKILL);
     first.proc.wait_exit(T).unwrap();
@@ -57,6 +62,7 @@ fn kill_9_of_the_monitor_then_restart_adopts_the_running_programs() {
         assert_eq!(p["pid"], *pid, "{n} adopted: {p}");
         assert_eq!(copies(&mark, n), vec![*pid], "one copy of {n}");
     }
+    assert_eq!(second.prog("two-0")["restarts"], 1, "{}", second.prog("two-0"));
     assert!(
         second
             .events()
