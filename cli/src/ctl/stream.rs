@@ -8,7 +8,8 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 
 use nix::libc;
 
-use super::{EXIT_FAILED, Failure, io_failure, read_chunk};
+use super::client::read_chunk;
+use super::{EXIT_FAILED, Failure, io_failure};
 
 /// Copies the chunks of a followed log to stdout; 0 once the stream ends or our output is closed.
 pub(super) fn copy_chunks(r: &mut BufReader<TcpStream>) -> Result<i32, Failure> {

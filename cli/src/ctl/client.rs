@@ -1,0 +1,163 @@
+//! The monitor's HTTP API, from a blocking client: one request per connection, every step within
+//! `--timeout-secs`.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpStream, ToSocketAddrs};
+use std::time::Duration;
+
+use super::{Client, EXIT_FAILED, Failure, MAX_RESPONSE, Resp, check, io_failure, stream};
+use crate::args::CtlArgs;
+
+impl Client {
+    pub(super) fn new(args: &CtlArgs) -> Result<Self, String> {
+        // `host:port` alone is taken as http (as curl does); another scheme is refused.
+        let rest = match args.url.split_once("://") {
+            None => args.url.as_str(),
+            Some(("http", rest)) => rest,
+            Some(_) => return Err(format!("--url must be http://HOST:PORT, found {:?}", args.url)),
+        };
+        let hostport = rest.split('/').next().unwrap_or(rest);
+        let addr = hostport
+            .to_socket_addrs()
+            .map_err(|e| format!("bad --url {:?}: {e}", args.url))?
+            .next()
+            .ok_or_else(|| format!("bad --url {:?}", args.url))?;
+        Ok(Self {
+            addr,
+            url: args.url.clone(),
+            token: args.token.clone().filter(|t| !t.is_empty()),
+            timeout: Duration::from_secs(args.timeout_secs.max(1)),
+        })
+    }
+
+    fn open(&self, method: &str, path: &str) -> Result<TcpStream, Failure> {
+        let mut s = TcpStream::connect_timeout(&self.addr, self.timeout).map_err(io_failure)?;
+        s.set_read_timeout(Some(self.timeout)).map_err(io_failure)?;
+        s.set_write_timeout(Some(self.timeout)).map_err(io_failure)?;
+        let mut head = format!(
+            "{method} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n",
+            self.addr
+        );
+        if let Some(t) = &self.token {
+            head.push_str(&format!("Authorization: Bearer {t}\r\n"));
+        }
+        if method == "POST" {
+            head.push_str("Content-Length: 0\r\n");
+        }
+        head.push_str("\r\n");
+        s.write_all(head.as_bytes()).map_err(io_failure)?;
+        Ok(s)
+    }
+
+    pub(super) fn call(&self, method: &str, path: &str) -> Result<Resp, Failure> {
+        let s = self.open(method, path)?;
+        // One byte past the bound tells an answer over it from one that fits: cut short, it would read as
+        // no answer at all (`cluster` printed "no balancers configured").
+        let mut r = BufReader::new(s.take(MAX_RESPONSE + 1));
+        let (status, chunked) = read_head(&mut r)?;
+        let mut body = Vec::new();
+        let read = if chunked {
+            loop {
+                match read_chunk(&mut r) {
+                    Ok(Some(chunk)) => body.extend(chunk),
+                    Ok(None) => break Ok(()),
+                    Err(e) => break Err(e),
+                }
+            }
+        } else {
+            r.read_to_end(&mut body).map(drop).map_err(io_failure)
+        };
+        // Checked before a read error: running out of the bound mid-chunk is one.
+        if r.get_ref().limit() == 0 {
+            eprintln!(
+                "xcluster ctl: the monitor's answer to {method} {path} is larger than {} MiB",
+                MAX_RESPONSE / (1024 * 1024)
+            );
+            return Err(Failure::Exit(EXIT_FAILED));
+        }
+        read?;
+        let tokened = self.token.is_some();
+        Ok(Resp {
+            status,
+            body,
+            tokened,
+        })
+    }
+
+    /// Copies a (possibly endless) response body to stdout as it arrives.
+    pub(super) fn stream(&self, path: &str, follow: bool) -> Result<i32, Failure> {
+        let s = self.open("GET", path)?;
+        if follow {
+            // A quiet log is not a dead monitor: no read timeout while following.
+            let _ = s.set_read_timeout(None);
+        }
+        let mut r = BufReader::new(s);
+        let (status, chunked) = read_head(&mut r)?;
+        if status != 200 {
+            let mut body = Vec::new();
+            let _ = (&mut r).take(MAX_RESPONSE).read_to_end(&mut body);
+            if chunked {
+                body = dechunk_all(&body);
+            }
+            let tokened = self.token.is_some();
+            check(&Resp {
+                status,
+                body,
+                tokened,
+            })?;
+        }
+        if chunked {
+            stream::copy_chunks(&mut r)
+        } else {
+            stream::copy_all(&mut r.take(MAX_RESPONSE))
+        }
+    }
+}
+
+pub(super) fn read_head(r: &mut impl BufRead) -> Result<(u16, bool), Failure> {
+    let mut line = String::new();
+    r.read_line(&mut line).map_err(io_failure)?;
+    let status = line
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| Failure::Unreachable(format!("not an HTTP answer: {:?}", line.trim())))?;
+    let mut chunked = false;
+    for _ in 0..100 {
+        line.clear();
+        if r.read_line(&mut line).map_err(io_failure)? == 0 || line == "\r\n" {
+            break;
+        }
+        let l = line.to_ascii_lowercase();
+        if l.starts_with("transfer-encoding:") && l.contains("chunked") {
+            chunked = true;
+        }
+    }
+    Ok((status, chunked))
+}
+
+pub(super) fn read_chunk(r: &mut impl BufRead) -> Result<Option<Vec<u8>>, Failure> {
+    let mut line = String::new();
+    if r.read_line(&mut line).map_err(io_failure)? == 0 {
+        return Ok(None);
+    }
+    let size = usize::from_str_radix(line.trim().split(';').next().unwrap_or(""), 16)
+        .map_err(|_| Failure::Unreachable("malformed chunked answer".into()))?;
+    if size == 0 {
+        return Ok(None);
+    }
+    let mut buf = vec![0; size.min(MAX_RESPONSE as usize)];
+    r.read_exact(&mut buf).map_err(io_failure)?;
+    let mut crlf = [0u8; 2];
+    r.read_exact(&mut crlf).map_err(io_failure)?;
+    Ok(Some(buf))
+}
+
+pub(super) fn dechunk_all(b: &[u8]) -> Vec<u8> {
+    let mut r = BufReader::new(b);
+    let mut out = Vec::new();
+    while let Ok(Some(c)) = read_chunk(&mut r) {
+        out.extend(c);
+    }
+    out
+}

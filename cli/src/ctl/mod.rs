@@ -1,0 +1,249 @@
+//! `xcluster ctl`: the monitor's control client, with Supervisorctl's verbs over the monitor's HTTP API.
+//!
+//! Exit codes: 0 success; 1 a refused or failed action (unknown program, already started, invalid config, a
+//! program that did not come up or stop within `--wait-secs`);
+//! 3 `status` found a process that is not RUNNING (as supervisorctl), `pid` a program without a process, or
+//! `cluster`, `drain` or `undrain` a balancer that does not answer; 69 the monitor cannot be reached or does
+//! not answer within `--timeout-secs`; 77 the token was refused.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use serde_json::Value;
+use xcluster_runtime::http::percent_encode;
+
+use crate::args::{CtlArgs, CtlVerb};
+
+mod client;
+mod cluster;
+mod programs;
+mod stream;
+
+use cluster::{cluster, drain};
+use programs::{action, pid, plan, rolling_restart, rolling_update, status};
+
+const EXIT_FAILED: i32 = 1;
+const EXIT_NOT_RUNNING: i32 = 3;
+const EXIT_USAGE: i32 = 64;
+const EXIT_UNAVAILABLE: i32 = 69;
+const EXIT_NOPERM: i32 = 77;
+
+/// A program's name and the monitor's answer for it: done (with what happened) or why not.
+type Answer = (String, Result<String, String>);
+/// Largest answer we read. A status of hundreds of programs is far smaller, but the cluster view passes on
+/// each balancer's status (up to 16 MiB each, the monitor's own bound), so this leaves room for several.
+const MAX_RESPONSE: u64 = 64 * 1024 * 1024;
+
+struct Client {
+    addr: SocketAddr,
+    url: String,
+    token: Option<String>,
+    timeout: Duration,
+}
+
+struct Resp {
+    status: u16,
+    body: Vec<u8>,
+    /// Whether the request carried a token: a 401 means a wrong one then, a missing one otherwise.
+    tokened: bool,
+}
+
+impl Resp {
+    fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or(Value::Null)
+    }
+    fn message(&self) -> String {
+        let v = self.json();
+        v["error"]["message"].as_str().map_or_else(
+            || String::from_utf8_lossy(&self.body).trim().to_string(),
+            str::to_string,
+        )
+    }
+}
+
+#[derive(Debug)]
+enum Failure {
+    Unreachable(String),
+    /// Connected (or connecting), but nothing came within `--timeout-secs`: a stopped (SIGSTOP) or overloaded
+    /// monitor, told apart from one that is not there, which the OS's "Resource temporarily unavailable" hid.
+    TimedOut,
+    Exit(i32),
+}
+
+/// An I/O error talking to the monitor. A socket timeout surfaces as `WouldBlock` (EAGAIN, from
+/// `SO_RCVTIMEO`/`SO_SNDTIMEO`) or `TimedOut` (from `connect_timeout`).
+fn io_failure(e: std::io::Error) -> Failure {
+    match e.kind() {
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => Failure::TimedOut,
+        _ => Failure::Unreachable(e.to_string()),
+    }
+}
+
+pub fn run(args: CtlArgs) -> i32 {
+    let client = match Client::new(&args) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("xcluster ctl: {e}");
+            return EXIT_USAGE;
+        }
+    };
+    match run_verb(&client, &args) {
+        Ok(code) => code,
+        Err(Failure::Exit(code)) => code,
+        Err(Failure::Unreachable(e)) => {
+            eprintln!(
+                "xcluster ctl: cannot reach the monitor at {}: {e} (is it running?)",
+                client.url
+            );
+            EXIT_UNAVAILABLE
+        }
+        Err(Failure::TimedOut) => {
+            eprintln!(
+                "xcluster ctl: the monitor at {} did not answer within {}s (is it stopped or overloaded?)",
+                client.url,
+                client.timeout.as_secs()
+            );
+            EXIT_UNAVAILABLE
+        }
+    }
+}
+
+fn run_verb(c: &Client, args: &CtlArgs) -> Result<i32, Failure> {
+    match &args.verb {
+        CtlVerb::Status { names } => status(c, names, args.json),
+        CtlVerb::Start { names } => action(c, "start", names, None, args),
+        CtlVerb::Stop { names } => action(c, "stop", names, None, args),
+        CtlVerb::Restart { names, rolling: true } => rolling_restart(c, names, args),
+        CtlVerb::Restart { names, .. } => action(c, "restart", names, None, args),
+        CtlVerb::Signal { signal, names } => action(c, "signal", names, Some(signal), args),
+        CtlVerb::Clear { names } => action(c, "clear", names, None, args),
+        CtlVerb::Pid { names } => pid(c, names, args.json),
+        CtlVerb::Version => {
+            let version = monitor_status(c)?["monitor"]["version"].clone();
+            if args.json {
+                println!("{}", serde_json::json!({ "version": version }));
+            } else {
+                println!("{}", version.as_str().unwrap_or("?"));
+            }
+            Ok(0)
+        }
+        CtlVerb::Tail {
+            name,
+            follow,
+            stream,
+            bytes,
+        } => {
+            let path = format!(
+                "/v1/programs/{}/log?stream={stream}&bytes={bytes}{}",
+                percent_encode(name),
+                if *follow { "&follow=1" } else { "" }
+            );
+            let code = c.stream(&path, *follow)?;
+            Ok(code)
+        }
+        CtlVerb::Cluster => cluster(c, args.json),
+        CtlVerb::Drain { ids } => drain(c, ids, true, args.json),
+        CtlVerb::Undrain { ids } => drain(c, ids, false, args.json),
+        CtlVerb::Reread => plan(c, "/v1/reread", false, args.json),
+        CtlVerb::Update { rolling: false } => plan(c, "/v1/update", true, args.json),
+        CtlVerb::Update { rolling: true } => rolling_update(c, args),
+        CtlVerb::Shutdown => {
+            let r = c.call("POST", "/v1/shutdown")?;
+            check(&r)?;
+            println!(
+                "{}",
+                if args.json {
+                    String::from_utf8_lossy(&r.body).to_string()
+                } else {
+                    "Shut down".into()
+                }
+            );
+            Ok(0)
+        }
+    }
+}
+
+fn check(r: &Resp) -> Result<(), Failure> {
+    match r.status {
+        200 => Ok(()),
+        401 if r.tokened => {
+            eprintln!("xcluster ctl: the monitor refused the token (set --token or XCLUSTER_TOKEN)");
+            Err(Failure::Exit(EXIT_NOPERM))
+        }
+        401 => {
+            eprintln!("xcluster ctl: this needs the monitor's token: set --token or XCLUSTER_TOKEN");
+            Err(Failure::Exit(EXIT_NOPERM))
+        }
+        // The monitor has no token: no --token can help.
+        403 => {
+            eprintln!("xcluster ctl: {}", r.message());
+            Err(Failure::Exit(EXIT_NOPERM))
+        }
+        _ => {
+            let message = r.message();
+            eprintln!("xcluster ctl: {message}");
+            // A lone issue is often the message itself (a file that does not parse): say it once.
+            for i in items(&r.json()["error"]["issues"])
+                .iter()
+                .filter_map(Value::as_str)
+            {
+                // A config's issues are in its message already.
+                if !message.contains(i) {
+                    eprintln!("  {i}");
+                }
+            }
+            Err(Failure::Exit(EXIT_FAILED))
+        }
+    }
+}
+
+/// The monitor's `/v1/status`: the programs, the monitor itself, the last reload and the roll.
+fn monitor_status(c: &Client) -> Result<Value, Failure> {
+    let r = c.call("GET", "/v1/status")?;
+    check(&r)?;
+    let v = r.json();
+    // A balancer answers /v1/status too: without this, `ctl status` there printed nothing and exited 0.
+    if !(v["programs"].is_array() && v["monitor"]["version"].is_string()) {
+        eprintln!(
+            "xcluster ctl: {} answered, but not as an XCluster monitor (a balancer's or an app's API?); \
+             a monitor listens on http://127.0.0.1:7300 unless its config says otherwise",
+            c.url
+        );
+        return Err(Failure::Exit(EXIT_UNAVAILABLE));
+    }
+    Ok(v)
+}
+
+/// The worse of two exit codes: a refused token, then a balancer down, then any other failure.
+fn worst(a: i32, b: i32) -> i32 {
+    let rank = |c: i32| {
+        [0, EXIT_FAILED, EXIT_NOT_RUNNING, EXIT_NOPERM]
+            .iter()
+            .position(|&x| x == c)
+    };
+    if rank(b) > rank(a) { b } else { a }
+}
+
+/// The elements of a JSON array; none for anything else.
+fn items(v: &Value) -> &[Value] {
+    v.as_array().map_or(&[], Vec::as_slice)
+}
+
+/// The programs of a status (`all`) that `names` pick, as the monitor picks them for a command.
+fn pick<'v>(all: &'v [Value], names: &[String]) -> Result<Vec<&'v Value>, Failure> {
+    let programs: Vec<(&str, &str)> = (all.iter())
+        .map(|p| {
+            (
+                p["name"].as_str().unwrap_or(""),
+                p["group"].as_str().unwrap_or(""),
+            )
+        })
+        .collect();
+    match xcluster_monitor::select::resolve(&programs, names) {
+        Ok(picked) => Ok(picked.into_iter().map(|(i, _)| &all[i]).collect()),
+        Err(n) => {
+            eprintln!("xcluster ctl: no such process or group: {n}");
+            Err(Failure::Exit(EXIT_FAILED))
+        }
+    }
+}

@@ -1,0 +1,465 @@
+//! The program commands: `status`, `pid`, `start`/`stop`/`restart`/`signal` (waiting for their outcome),
+//! rolling restarts and updates, `reread` and `update`.
+
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use xcluster_monitor::policy::ExitInfo;
+use xcluster_monitor::status::abnormal_termination;
+use xcluster_runtime::http::percent_encode;
+
+use super::cluster::cell;
+use super::{Answer, Client, EXIT_FAILED, EXIT_NOT_RUNNING, Failure, check, items, monitor_status, pick};
+use crate::args::CtlArgs;
+
+pub(super) fn status(c: &Client, names: &[String], as_json: bool) -> Result<i32, Failure> {
+    let v = monitor_status(c)?;
+    let all = items(&v["programs"]);
+    let shown = if names.is_empty() {
+        all.iter().collect()
+    } else {
+        pick(all, names)?
+    };
+    if as_json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&Value::Array(shown.iter().map(|v| (*v).clone()).collect()))
+                .unwrap_or_default()
+        );
+    } else {
+        let width = shown
+            .iter()
+            .filter_map(|p| p["name"].as_str())
+            .map(str::len)
+            .max()
+            .unwrap_or(4)
+            .max(4);
+        for p in &shown {
+            println!(
+                "{:width$}  {:9} {}",
+                p["name"].as_str().unwrap_or("?"),
+                p["state"].as_str().unwrap_or("?"),
+                describe(p)
+            );
+        }
+        if v["roll"]["finished"] == false {
+            let steps = items(&v["roll"]["programs"]);
+            let done = steps.iter().filter(|s| s["step"] == "done").count();
+            let now = (steps.iter().find(|s| s["step"] == "restarting"))
+                .and_then(|s| s["name"].as_str())
+                .unwrap_or("?");
+            eprintln!(
+                "rolling restart {}: {now} restarting, {done} of {} done",
+                v["roll"]["id"],
+                steps.len()
+            );
+        }
+        if let Some(e) = v["reload"]["last_error"].as_str() {
+            eprintln!("config reload failed (the old config stays): {e}");
+        }
+    }
+    let all_running = shown.iter().all(|p| p["state"] == "RUNNING");
+    Ok(if all_running { 0 } else { EXIT_NOT_RUNNING })
+}
+
+/// As supervisorctl's `pid`: the monitor's pid, or each named program's, one per line for scripts (`kill -HUP
+/// $(xcluster ctl pid app-0)`); 0 for a program without a process, which exits 3 as `status` would.
+pub(super) fn pid(c: &Client, names: &[String], as_json: bool) -> Result<i32, Failure> {
+    let v = monitor_status(c)?;
+    if names.is_empty() {
+        let pid = v["monitor"]["pid"].as_u64().unwrap_or(0);
+        if as_json {
+            println!("{}", serde_json::json!({ "pid": pid }));
+        } else {
+            println!("{pid}");
+        }
+        return Ok(0);
+    }
+    let pids: Vec<(&str, u64)> = (pick(items(&v["programs"]), names)?.into_iter())
+        .map(|p| (p["name"].as_str().unwrap_or("?"), p["pid"].as_u64().unwrap_or(0)))
+        .collect();
+    if as_json {
+        let list: Vec<Value> = (pids.iter())
+            .map(|(name, pid)| serde_json::json!({ "name": name, "pid": pid }))
+            .collect();
+        println!("{}", Value::Array(list));
+    } else {
+        pids.iter().for_each(|(_, pid)| println!("{pid}"));
+    }
+    Ok(if pids.iter().all(|(_, pid)| *pid > 0) {
+        0
+    } else {
+        EXIT_NOT_RUNNING
+    })
+}
+
+/// Supervisorctl's description column.
+fn describe(p: &Value) -> String {
+    let mut parts = Vec::new();
+    if let Some(pid) = p["pid"].as_u64() {
+        parts.push(format!("pid {pid}"));
+    }
+    if let Some(ms) = p["uptime_ms"].as_u64() {
+        let s = ms / 1000;
+        parts.push(format!("uptime {}:{:02}:{:02}", s / 3600, s / 60 % 60, s % 60));
+    }
+    // The last exit, once there is no process: while one runs (or stops) it is an earlier run's.
+    if !matches!(p["state"].as_str(), Some("RUNNING" | "STARTING" | "STOPPING"))
+        && let Some(exit) = last_exit(p)
+    {
+        parts.push(exit.to_string());
+    }
+    if let Some(r) = p["restarts"].as_u64().filter(|r| *r > 0) {
+        parts.push(format!("restarts {r}"));
+    }
+    // Readiness is a process's: a program with none is not "not ready", it is stopped.
+    if p["readiness"].is_object() && p["pid"].as_u64().is_some() {
+        parts.push(if p["ready"] == true {
+            "ready".into()
+        } else {
+            "not ready".into()
+        });
+    }
+    if let Some(w) = p["waiting_for"].as_array().filter(|w| !w.is_empty()) {
+        let w: Vec<&str> = w.iter().filter_map(Value::as_str).collect();
+        parts.push(format!("waiting for {}", w.join(", ")));
+    }
+    for key in ["fatal_reason", "spawn_error"] {
+        if let Some(s) = p[key].as_str() {
+            parts.push(s.to_string());
+        }
+    }
+    if p["update_pending"] == true {
+        parts.push("runs an older config (a restart applies the new one)".into());
+    }
+    parts.join(", ")
+}
+
+/// A program's last exit, as its status gives it.
+fn last_exit(p: &Value) -> Option<ExitInfo> {
+    let field = |key: &str| p[key].as_i64().and_then(|n| i32::try_from(n).ok());
+    let (code, signal) = (field("exit_code"), field("exit_signal"));
+    (code.is_some() || signal.is_some()).then_some(ExitInfo { code, signal })
+}
+
+/// Sends `verb` for each of `names` and prints one line per program it reached. A start, stop or restart
+/// then waits, as supervisorctl does, until each program is running and ready (or stopped), so a script's
+/// next step finds it so; `--no-wait` returns at once.
+pub(super) fn action(
+    c: &Client,
+    verb: &str,
+    names: &[String],
+    signal: Option<&String>,
+    args: &CtlArgs,
+) -> Result<i32, Failure> {
+    need_names(names)?;
+    let mut results = send(c, verb, names, signal)?;
+    let goal = match verb {
+        "start" | "restart" => Some(Goal::Running),
+        "stop" => Some(Goal::Stopped),
+        _ => None,
+    };
+    if let Some(goal) = goal.filter(|_| !args.no_wait) {
+        await_goal(c, &mut results, goal, Duration::from_secs(args.wait_secs))?;
+    }
+    if args.json {
+        print_json(&results);
+    } else {
+        results.iter().for_each(print_line);
+    }
+    Ok(exit_code(&results))
+}
+
+/// A start, stop, restart or signal needs at least one name.
+fn need_names(names: &[String]) -> Result<(), Failure> {
+    if names.is_empty() {
+        eprintln!("xcluster ctl: name a process, group:*, or all");
+        return Err(Failure::Exit(EXIT_FAILED));
+    }
+    Ok(())
+}
+
+/// Sends `verb` for all of `names` as one command (so a stop of several stops dependents first, and an
+/// unknown name changes nothing) and returns each program's answer.
+fn send(c: &Client, verb: &str, names: &[String], signal: Option<&String>) -> Result<Vec<Answer>, Failure> {
+    let mut path = programs_path(names, verb);
+    if let Some(s) = signal {
+        path.push_str(&format!("?signal={}", percent_encode(s)));
+    }
+    let r = c.call("POST", &path)?;
+    check(&r)?;
+    Ok((items(&r.json()["results"]).iter())
+        .map(|res| {
+            let name = res["name"].as_str().unwrap_or("?").to_string();
+            let msg = res["message"].as_str().unwrap_or("").to_string();
+            (name, if res["ok"] == true { Ok(msg) } else { Err(msg) })
+        })
+        .collect())
+}
+
+/// The API path of `verb` for all of `names` as one command: `/v1/programs/db,app%3A*/stop`.
+fn programs_path(names: &[String], verb: &str) -> String {
+    let list: Vec<String> = names.iter().map(|n| percent_encode(n)).collect();
+    format!("/v1/programs/{}/{verb}", list.join(","))
+}
+
+/// 0 when every program's answer is good, else `EXIT_FAILED`.
+fn exit_code(results: &[Answer]) -> i32 {
+    if results.iter().any(|(_, r)| r.is_err()) {
+        EXIT_FAILED
+    } else {
+        0
+    }
+}
+
+/// One program's answer, as a line.
+fn print_line((name, r): &Answer) {
+    match r {
+        Ok(m) => println!("{name}: {m}"),
+        Err(m) => println!("{name}: ERROR ({m})"),
+    }
+}
+
+/// Every program's answer, as one JSON object.
+fn print_json(results: &[Answer]) {
+    let list: Vec<Value> = (results.iter())
+        .map(|(name, r)| {
+            let (ok, message) = match r {
+                Ok(m) => (true, m),
+                Err(m) => (false, m),
+            };
+            serde_json::json!({ "name": name, "ok": ok, "message": message })
+        })
+        .collect();
+    println!("{}", serde_json::json!({ "results": list }));
+}
+
+/// `restart --rolling`: the monitor restarts one program at a time, the next only once this one runs and is
+/// ready again, so a group serving clients never has more than one of them down (a deploy without an
+/// outage); the roll stops at the first program that does not come back, and the ones after it keep running
+/// untouched. The monitor drives the roll: this follows it in `/v1/status`, printing each program's outcome
+/// as it comes, and an interrupted `ctl` leaves it going. `--no-wait` prints where it stands and returns.
+pub(super) fn rolling_restart(c: &Client, names: &[String], args: &CtlArgs) -> Result<i32, Failure> {
+    need_names(names)?;
+    let path = format!(
+        "{}?rolling=1&wait_secs={}",
+        programs_path(names, "restart"),
+        args.wait_secs
+    );
+    let r = c.call("POST", &path)?;
+    check(&r)?;
+    see_roll_through(c, r.json()["roll"].clone(), args)
+}
+
+/// Follows the roll `roll` the monitor has just begun (unless `--no-wait`), printing each program's outcome,
+/// and answers with the exit code of the worst.
+fn see_roll_through(c: &Client, mut roll: Value, args: &CtlArgs) -> Result<i32, Failure> {
+    let mut printed = 0;
+    if !args.no_wait {
+        (roll, printed) = follow_roll(c, roll, !args.json)?;
+    }
+    // A program not settled yet (`--no-wait`) answers where it stands: `restarting`, `waiting`.
+    let results: Vec<Answer> = (items(&roll["programs"]).iter())
+        .map(|s| {
+            let state = s["step"].as_str().unwrap_or("?").to_string();
+            (roll_name(s), roll_outcome(s).unwrap_or(Ok(state)))
+        })
+        .collect();
+    if args.json {
+        print_json(&results);
+    } else {
+        results.iter().skip(printed).for_each(print_line);
+    }
+    Ok(exit_code(&results))
+}
+
+/// `update --rolling`: added and removed programs are applied at once; the changed ones that run are
+/// restarted with their new settings one at a time, as `restart --rolling` does (a changed program that
+/// does not run takes its settings at once).
+pub(super) fn rolling_update(c: &Client, args: &CtlArgs) -> Result<i32, Failure> {
+    let path = format!("/v1/update?rolling=1&wait_secs={}", args.wait_secs);
+    let r = c.call("POST", &path)?;
+    check(&r)?;
+    let v = r.json();
+    let rolled: Vec<String> = items(&v["roll"]["programs"]).iter().map(roll_name).collect();
+    if !args.json {
+        let mut any = false;
+        for key in ["added", "changed", "removed"] {
+            for n in items(&v[key]).iter().filter_map(Value::as_str) {
+                any = true;
+                let how = if rolled.iter().any(|r| r == n) {
+                    "rolling"
+                } else {
+                    "applied"
+                };
+                println!("{n}: {key} ({how})");
+            }
+        }
+        if !any {
+            println!("No config updates to processes");
+        }
+    }
+    if v["roll"].is_null() {
+        if args.json {
+            println!("{v}");
+        }
+        return Ok(0);
+    }
+    see_roll_through(c, v["roll"].clone(), args)
+}
+
+/// Follows the roll `roll` in the status until it has finished, printing (with `print`) each program's
+/// outcome in order as it settles. Returns the finished roll and how many lines were printed.
+fn follow_roll(c: &Client, mut roll: Value, print: bool) -> Result<(Value, usize), Failure> {
+    let id = roll["id"].clone();
+    let mut printed = 0;
+    loop {
+        for s in items(&roll["programs"]).iter().skip(printed) {
+            let Some(outcome) = roll_outcome(s).filter(|_| print) else {
+                break;
+            };
+            print_line(&(roll_name(s), outcome));
+            printed += 1;
+        }
+        if roll["finished"] == true {
+            return Ok((roll, printed));
+        }
+        std::thread::sleep(WAIT_POLL);
+        roll = monitor_status(c)?["roll"].clone();
+        if roll["id"] != id {
+            eprintln!(
+                "xcluster ctl: the rolling restart is gone from the monitor's status (did it restart?)"
+            );
+            return Err(Failure::Exit(EXIT_FAILED));
+        }
+    }
+}
+
+/// A roll's program once settled: `started`, or why not.
+fn roll_outcome(step: &Value) -> Option<Result<String, String>> {
+    let message = step["message"].as_str().unwrap_or("").to_string();
+    match step["step"].as_str() {
+        Some("done") => Some(Ok(message)),
+        Some("failed" | "skipped") => Some(Err(message)),
+        _ => None,
+    }
+}
+
+fn roll_name(step: &Value) -> String {
+    step["name"].as_str().unwrap_or("?").to_string()
+}
+
+/// Where a start, restart or stop is headed.
+#[derive(Debug, Clone, Copy)]
+enum Goal {
+    Running,
+    Stopped,
+}
+
+/// How far a program (its entry in `/v1/status`) is from `goal`: `None` while under way, else the answer.
+/// The monitor publishes a command's effect before it answers it, so the first status read after the answer
+/// already shows the program stopping or starting: a state that ends the wait is never a stale one.
+fn outcome(p: &Value, goal: Goal) -> Option<Result<String, String>> {
+    let state = p["state"].as_str().unwrap_or("");
+    match goal {
+        Goal::Running => match state {
+            "RUNNING" if p["ready"] == true => Some(Ok("started".into())),
+            // The monitor's words: the spawn error or the last exit, and the tries it took.
+            "FATAL" => Some(Err(p["fatal_message"]
+                .as_str()
+                .or(p["fatal_reason"].as_str())
+                .unwrap_or("fatal")
+                .to_string())),
+            "EXITED" => Some(Err(abnormal_termination(last_exit(p)))),
+            // Stopped and waiting for nothing: someone else stopped it meanwhile.
+            "STOPPED" if items(&p["waiting_for"]).is_empty() => Some(Err("stopped".into())),
+            _ => None,
+        },
+        Goal::Stopped => match state {
+            "STOPPED" | "EXITED" | "FATAL" => Some(Ok("stopped".into())),
+            "STARTING" | "RUNNING" => Some(Err("started again".into())),
+            _ => None,
+        },
+    }
+}
+
+/// What a program the wait gave up on is still doing: its state, and what keeps it there when the status says.
+fn overdue(p: &Value, limit: Duration) -> String {
+    let waiting: Vec<String> = items(&p["waiting_for"]).iter().map(cell).collect();
+    let why = match p["state"].as_str() {
+        Some("RUNNING") => ", not ready".to_string(),
+        _ if !waiting.is_empty() => format!(", waiting for {}", waiting.join(", ")),
+        _ => String::new(),
+    };
+    format!("still {}{why} after {} s", cell(&p["state"]), limit.as_secs())
+}
+
+/// How often a waiting start, stop or restart reads the status.
+const WAIT_POLL: Duration = Duration::from_millis(100);
+
+/// Waits until every program whose command was taken reaches `goal` or fails, up to `limit`, and puts the
+/// final answer in its result.
+fn await_goal(c: &Client, results: &mut [Answer], goal: Goal, limit: Duration) -> Result<(), Failure> {
+    // Checked: the limit comes from the command line (bounded by its parser, but a clock near its end must
+    // not panic either); no deadline means waiting until every program settles.
+    let deadline = Instant::now().checked_add(limit);
+    let mut open: Vec<usize> = (0..results.len()).filter(|&i| results[i].1.is_ok()).collect();
+    while !open.is_empty() {
+        let v = monitor_status(c)?;
+        let late = deadline.is_some_and(|d| Instant::now() >= d);
+        open.retain(|&i| {
+            let (name, result) = &mut results[i];
+            let p = items(&v["programs"]).iter().find(|p| p["name"] == name.as_str());
+            let answer = match p {
+                None => Some(Err("gone".to_string())),
+                Some(p) => outcome(p, goal).or_else(|| late.then(|| Err(overdue(p, limit)))),
+            };
+            answer.map(|a| *result = a).is_none()
+        });
+        if !open.is_empty() {
+            std::thread::sleep(WAIT_POLL);
+        }
+    }
+    Ok(())
+}
+
+pub(super) fn plan(c: &Client, path: &str, applied: bool, as_json: bool) -> Result<i32, Failure> {
+    let r = c.call("POST", path)?;
+    check(&r)?;
+    if as_json {
+        println!("{}", String::from_utf8_lossy(&r.body));
+        return Ok(0);
+    }
+    let v = r.json();
+    let mut any = false;
+    for (key, word) in [("added", "added"), ("changed", "changed"), ("removed", "removed")] {
+        for n in v[key].as_array().cloned().unwrap_or_default() {
+            any = true;
+            let verb = if applied {
+                format!("{word} (applied)")
+            } else {
+                word.to_string()
+            };
+            println!("{}: {verb}", n.as_str().unwrap_or("?"));
+        }
+    }
+    if !any {
+        println!("No config updates to processes");
+    }
+    Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_program_with_a_process_is_ready_or_not() {
+        let probe = serde_json::json!({ "http": "http://127.0.0.1:1/readyz" });
+        let stopped = serde_json::json!({ "state": "STOPPED", "exit_code": 0, "readiness": probe });
+        assert_eq!(describe(&stopped), "exit status 0");
+        let starting =
+            serde_json::json!({ "state": "STARTING", "pid": 5, "readiness": probe, "ready": false });
+        assert_eq!(describe(&starting), "pid 5, not ready");
+    }
+}
