@@ -1,0 +1,264 @@
+//! Config keys as paths: `--set`'s (an array item named as the reload log names it), the flattened form a
+//! reload's one-line diff is built from, and which restart-only keys a reload changed.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::Serialize;
+
+/// The keys of `new` that differ from `old` (changed, added or removed) and fall under one of `under`
+/// ([`RoleConfig::RESTART_KEYS`]), sorted.
+pub fn changed_under<T: Serialize>(old: &T, new: &T, under: &[&str]) -> Vec<String> {
+    let (old, new): (BTreeMap<_, _>, BTreeMap<_, _>) = (
+        flatten(old).into_iter().collect(),
+        flatten(new).into_iter().collect(),
+    );
+    let within = |k: &str| {
+        under.iter().any(|u| {
+            k.strip_prefix(u)
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with('.') || rest.starts_with('['))
+        })
+    };
+    let keys: BTreeSet<&String> = old.keys().chain(new.keys()).collect();
+    keys.into_iter()
+        .filter(|k| old.get(*k) != new.get(*k) && within(k))
+        .cloned()
+        .collect()
+}
+
+/// Sets `a.b.c` in the table; the value is parsed as a TOML value when it is one, else taken as a string. An
+/// item of an array of tables is named as the reload log names it (see [`flatten`]): `proxy.listeners[web].listen`,
+/// `proxy.backends[127.0.0.1:8001].weight`, or by index, `proxy.backends[0].weight`; it must exist.
+pub(super) fn set_path(table: &mut toml::Table, key: &str, raw_value: &str) -> Result<(), String> {
+    let segs = key_segments(key).ok_or_else(|| {
+        format!("invalid key {key:?} (expected a.b.c, with name[item] for an item of an array)")
+    })?;
+    let value = format!("v = {raw_value}")
+        .parse::<toml::Table>()
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw_value.to_string()));
+    let ((last, last_item), parents) = segs.split_last().ok_or_else(|| format!("invalid key {key:?}"))?;
+    if last_item.is_some() {
+        return Err(format!("{key:?} names an item of {last}: name one of its keys"));
+    }
+    let mut cur = table;
+    for (seg, item) in parents {
+        cur = match item {
+            None => {
+                let entry = cur
+                    .entry(seg.to_string())
+                    .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+                match entry {
+                    toml::Value::Table(t) => t,
+                    _ => return Err(format!("{seg} is not a table")),
+                }
+            }
+            Some(label) => {
+                let items = match cur.get_mut(*seg) {
+                    Some(toml::Value::Array(items)) => items,
+                    Some(_) => return Err(format!("{seg} is not an array of tables")),
+                    None => return Err(format!("no {seg} in the config to name an item of")),
+                };
+                let labels = item_labels(items);
+                // By the label the reload log shows, else by any of the keys that may name an item (a
+                // listener, labelled by its name, by its `listen` address too), else by index.
+                let named = |item: &toml::Value| {
+                    ITEM_KEYS
+                        .iter()
+                        .any(|k| item.get(k).and_then(toml::Value::as_str) == Some(*label))
+                };
+                let at = (labels.iter().position(|l| l == label))
+                    .or_else(|| items.iter().position(named))
+                    .or_else(|| label.parse::<usize>().ok().filter(|i| *i < items.len()));
+                match at.and_then(|i| items.get_mut(i)) {
+                    Some(toml::Value::Table(t)) => t,
+                    Some(_) => return Err(format!("{seg}[{label}] is not a table")),
+                    None => {
+                        return Err(format!(
+                            "no item {label:?} in {seg} (its items: {})",
+                            labels.join(", ")
+                        ));
+                    }
+                }
+            }
+        };
+    }
+    cur.insert(last.to_string(), value);
+    Ok(())
+}
+
+/// Splits `a.b[item].c` at the dots outside brackets, into each name and the item it names, if any; `None`
+/// for an empty name or item, or a stray bracket. An item may hold dots (`backends[127.0.0.1:8001]`).
+fn key_segments(key: &str) -> Option<Vec<(&str, Option<&str>)>> {
+    let mut segs = Vec::new();
+    let mut rest = key;
+    loop {
+        let (seg, tail) = match rest.find(['.', '[']) {
+            Some(i) if rest.as_bytes()[i] == b'[' => {
+                let close = rest[i..].find(']')? + i;
+                let item = &rest[i + 1..close];
+                if item.is_empty() || item.contains('[') {
+                    return None;
+                }
+                segs.push((&rest[..i], Some(item)));
+                match rest[close + 1..].strip_prefix('.') {
+                    Some(tail) => (None, Some(tail)),
+                    None if close + 1 == rest.len() => (None, None),
+                    None => return None,
+                }
+            }
+            Some(i) => (Some(&rest[..i]), Some(&rest[i + 1..])),
+            None => (Some(rest), None),
+        };
+        if let Some(seg) = seg {
+            segs.push((seg, None));
+        }
+        match tail {
+            Some(t) => rest = t,
+            None => break,
+        }
+    }
+    let valid = |s: &str| !s.is_empty() && !s.contains(']');
+    segs.iter().all(|(s, _)| valid(s)).then_some(segs)
+}
+
+/// The keys that may name an item of an array of tables, in the order [`item_labels`] tries them.
+const ITEM_KEYS: [&str; 4] = ["name", "id", "addr", "listen"];
+
+/// The names of an array's items, as [`flatten`] shows them: the first of `name`, `id`, `addr`, `listen` that
+/// every item sets, each to its own value; else their indexes.
+fn item_labels(items: &[toml::Value]) -> Vec<String> {
+    for key in ITEM_KEYS {
+        let names: Vec<&str> = items
+            .iter()
+            .filter_map(|v| v.get(key)?.as_str().filter(|s| !s.is_empty()))
+            .collect();
+        let unique: std::collections::BTreeSet<&str> = names.iter().copied().collect();
+        if names.len() == items.len() && unique.len() == items.len() {
+            return names.into_iter().map(str::to_string).collect();
+        }
+    }
+    (0..items.len()).map(|i| i.to_string()).collect()
+}
+
+/// Flattens a raw config into `key.path = value` lines, for one-line diffs on reload. An array of tables
+/// flattens by the item's own name when each has one (`proxy.listeners[web].listen`, `proxy.backends[127.0.0.1:
+/// 8001].weight`: the first of `name`, `id`, `addr`, `listen` that is set and unique), so removing the first
+/// item reads as that item removed, not as every later one changed; other arrays by index (`peers[1]`).
+pub fn flatten<T: Serialize>(raw: &T) -> Vec<(String, String)> {
+    fn walk(prefix: &str, v: &toml::Value, out: &mut Vec<(String, String)>) {
+        match v {
+            toml::Value::Table(t) => {
+                for (k, v) in t {
+                    let key = if prefix.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{prefix}.{k}")
+                    };
+                    walk(&key, v, out);
+                }
+            }
+            // An empty array has no line: its first item then reads as added, not as the array removed
+            // beside it (`deny[0] added ("192.0.2.7"), deny removed`, as a walk saw).
+            toml::Value::Array(items) => {
+                for (label, v) in item_labels(items).iter().zip(items) {
+                    walk(&format!("{prefix}[{label}]"), v, out);
+                }
+            }
+            other => out.push((prefix.to_string(), other.to_string())),
+        }
+    }
+    let mut out = Vec::new();
+    if let Ok(v) = toml::Value::try_from(raw) {
+        walk("", &v, &mut out);
+    }
+    out
+}
+
+/// Describes what changed between two raw configs in one line (`a: x -> y, b added, c removed`), at most
+/// [`DIFF_PARTS`] changes and [`DIFF_VALUE_CHARS`] characters of a value, so a large reload logs a readable line.
+/// Values are shown as `redact` leaves them (a role's [`RoleConfig::redact`]): a secret that changed reads
+/// `key: changed (hidden)`; comparing redacted configs alone said "no changes".
+pub fn diff<T: Serialize + Clone>(old: &T, new: &T, redact: impl Fn(&mut T)) -> String {
+    let shown = |raw: &T| -> std::collections::BTreeMap<String, String> {
+        let mut hidden = raw.clone();
+        redact(&mut hidden);
+        let shown: std::collections::BTreeMap<_, _> = flatten(&hidden).into_iter().collect();
+        flatten(raw)
+            .into_iter()
+            .map(|(k, v)| {
+                let v = match shown.get(&k) {
+                    Some(s) if *s == v => v,
+                    _ => HIDDEN.to_string(),
+                };
+                (k, v)
+            })
+            .collect()
+    };
+    let (raw_old, raw_new): (std::collections::BTreeMap<_, _>, std::collections::BTreeMap<_, _>) = (
+        flatten(old).into_iter().collect(),
+        flatten(new).into_iter().collect(),
+    );
+    let (old, new) = (shown(old), shown(new));
+    let changed = |k: &String| raw_old.get(k) != raw_new.get(k);
+    let short = |v: &str| match v.char_indices().nth(DIFF_VALUE_CHARS) {
+        Some((cut, _)) => format!("{}...", &v[..cut]),
+        None => v.to_string(),
+    };
+    // The outermost array item (`listeners[web]`) a key belongs to that is missing from `other` whole: it
+    // is named once as added or removed, not key by key, nor by the items of its own arrays
+    // (`backends[b].request_types[0]`). An item ends at a `]` followed by `.`, `[` or nothing, so the `]`
+    // of an IPv6 label (`backends[[::1]:80]`) is not taken for one.
+    let whole_item = |k: &str, other: &std::collections::BTreeMap<String, String>| {
+        let bytes = k.as_bytes();
+        let ends = (0..bytes.len())
+            .filter(|&i| bytes[i] == b']' && matches!(bytes.get(i + 1), None | Some(b'.') | Some(b'[')));
+        ends.map(|i| i + 1).filter(|&end| end < k.len()).find_map(|end| {
+            let item = &k[..end];
+            let inside = |o: &String| {
+                o.as_str() == item || o.starts_with(&format!("{item}.")) || o.starts_with(&format!("{item}["))
+            };
+            (!other.keys().any(inside)).then(|| item.to_string())
+        })
+    };
+    let mut named = std::collections::BTreeSet::new();
+    let mut parts = Vec::new();
+    for (k, v) in &new {
+        match old.get(k) {
+            None => match whole_item(k, &old) {
+                Some(item) if named.insert(item.clone()) => parts.push(format!("{item} added")),
+                Some(_) => {}
+                None => parts.push(format!("{k} added ({})", short(v))),
+            },
+            Some(o) if changed(k) && (o == HIDDEN || v == HIDDEN) => {
+                parts.push(format!("{k}: changed (hidden)"))
+            }
+            Some(o) if changed(k) => parts.push(format!("{k}: {} -> {}", short(o), short(v))),
+            _ => {}
+        }
+    }
+    for k in old.keys().filter(|k| !new.contains_key(*k)) {
+        match whole_item(k, &new) {
+            Some(item) if named.insert(item.clone()) => parts.push(format!("{item} removed")),
+            Some(_) => {}
+            None => parts.push(format!("{k} removed")),
+        }
+    }
+    if parts.is_empty() {
+        return "no changes".to_string();
+    }
+    let more = parts.len().saturating_sub(DIFF_PARTS);
+    parts.truncate(DIFF_PARTS);
+    if more > 0 {
+        parts.push(format!("and {more} more"));
+    }
+    parts.join(", ")
+}
+
+/// What a redacted value reads as in a diff.
+const HIDDEN: &str = "<hidden>";
+
+/// Changes a reload's log line names at most.
+const DIFF_PARTS: usize = 12;
+/// Characters of a value a reload's log line shows at most.
+const DIFF_VALUE_CHARS: usize = 80;

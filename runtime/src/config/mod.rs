@@ -1,0 +1,478 @@
+//! Config loading: TOML file → layered overrides → raw serde struct → `validate()` → typed config.
+//!
+//! Layering is defaults < file < environment < flags. Defaults come from the raw struct's `#[serde(default)]`;
+//! the environment uses `XCLUSTER_<ROLE>__<KEY>__<SUBKEY>=value`; flags are `--set key.subkey=value`.
+//!
+//! Every problem is reported at once: a deserialisation error (unknown key, wrong type, negative duration)
+//! is recorded with its key path, the offending key is dropped, and deserialisation is retried, so the user
+//! sees the unknown key *and* the bad address *and* the negative duration in one run.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+mod keys;
+mod validator;
+
+use keys::set_path;
+pub use keys::{changed_under, diff, flatten};
+pub use validator::Validator;
+
+/// Largest config file we read; anything bigger is certainly a mistake and must not exhaust memory.
+pub const MAX_CONFIG_BYTES: u64 = 1024 * 1024;
+
+/// Upper bound on how many distinct problems we collect before giving up (bounds the retry loop too).
+const MAX_ISSUES: usize = 64;
+
+/// A role's configuration: the raw, serde-facing form and the validated, typed form.
+pub trait RoleConfig: Sized + Send + Sync + 'static {
+    /// The role's name as used in `role = "..."`, env prefixes and metric labels.
+    const ROLE: &'static str;
+    /// The file-facing struct: `#[serde(default, deny_unknown_fields)]`, plain types.
+    type Raw: DeserializeOwned + Serialize + Default + Clone + Send + Sync + 'static;
+
+    /// Checks every field and converts to typed values, reporting every problem at once.
+    fn validate(raw: &Self::Raw) -> Result<Self, Vec<ConfigIssue>>;
+
+    /// Hides secrets before the raw config is printed or logged.
+    fn redact(_raw: &mut Self::Raw) {}
+
+    /// Keys (a dotted key, or a section: `http` covers `http.max_connections`) a reload does not apply: the
+    /// process keeps the values it started with, and a reload that changes one warns so.
+    const RESTART_KEYS: &'static [&'static str] = &[];
+}
+
+/// One problem with a config, naming the key and the bad value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigIssue {
+    pub key: String,
+    pub message: String,
+}
+
+impl ConfigIssue {
+    pub fn new(key: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for ConfigIssue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.key.is_empty() {
+            write!(f, "{}", self.message)
+        } else {
+            write!(f, "{}: {}", self.key, self.message)
+        }
+    }
+}
+
+/// Why a config could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("config {path} is larger than {MAX_CONFIG_BYTES} bytes")]
+    TooLarge { path: PathBuf },
+    #[error("config {origin} is not valid TOML: {message}")]
+    Syntax { origin: String, message: String },
+    #[error("config {origin} is invalid:\n{}", issues.iter().map(|i| format!("  {i}")).collect::<Vec<_>>().join("\n"))]
+    Invalid {
+        origin: String,
+        issues: Vec<ConfigIssue>,
+    },
+}
+
+impl ConfigError {
+    /// The process exit code for a bad config (EX_USAGE / EX_CONFIG convention used by `nginx -t` and others).
+    pub const EXIT_CODE: i32 = 64;
+
+    /// The individual problems, for tests and for the control API.
+    pub fn issues(&self) -> Vec<String> {
+        match self {
+            ConfigError::Invalid { issues, .. } => issues.iter().map(ToString::to_string).collect(),
+            other => vec![other.to_string()],
+        }
+    }
+}
+
+/// Where a config comes from: an optional file plus overrides.
+#[derive(Debug, Clone, Default)]
+pub struct ConfigSource {
+    pub path: Option<PathBuf>,
+    /// `key.path=value` pairs from `--set`, applied last.
+    pub overrides: Vec<String>,
+    /// Whether to apply `XCLUSTER_<ROLE>__*` environment variables.
+    pub use_env: bool,
+}
+
+impl ConfigSource {
+    pub fn file(path: impl Into<PathBuf>) -> Self {
+        Self {
+            path: Some(path.into()),
+            overrides: Vec::new(),
+            use_env: true,
+        }
+    }
+
+    fn origin(&self) -> String {
+        self.path
+            .as_ref()
+            .map_or_else(|| "<defaults>".to_string(), |p| p.display().to_string())
+    }
+}
+
+/// A validated config together with the effective raw form it came from.
+#[derive(Debug, Clone)]
+pub struct Loaded<C: RoleConfig> {
+    pub config: C,
+    pub raw: C::Raw,
+    /// The file's bytes, so a watcher can ignore events that did not change the content.
+    pub file_bytes: Option<Vec<u8>>,
+}
+
+impl<C: RoleConfig> Loaded<C> {
+    /// The effective config as TOML, secrets redacted (what `--print-config` shows).
+    pub fn effective_toml(&self) -> String {
+        effective_toml::<C>(&self.raw)
+    }
+}
+
+/// Renders a raw config as TOML with secrets redacted.
+pub fn effective_toml<C: RoleConfig>(raw: &C::Raw) -> String {
+    let mut raw = raw.clone();
+    C::redact(&mut raw);
+    match toml::to_string_pretty(&raw) {
+        Ok(s) => format!("role = \"{}\"\n{s}", C::ROLE),
+        Err(e) => format!("# cannot render config: {e}\n"),
+    }
+}
+
+/// Reads a file with a size bound.
+pub fn read_bounded(path: &Path) -> Result<Vec<u8>, ConfigError> {
+    use std::io::Read;
+    let file = std::fs::File::open(path).map_err(|source| ConfigError::Io {
+        path: path.into(),
+        source,
+    })?;
+    let mut buf = Vec::new();
+    file.take(MAX_CONFIG_BYTES + 1)
+        .read_to_end(&mut buf)
+        .map_err(|source| ConfigError::Io {
+            path: path.into(),
+            source,
+        })?;
+    if buf.len() as u64 > MAX_CONFIG_BYTES {
+        return Err(ConfigError::TooLarge { path: path.into() });
+    }
+    Ok(buf)
+}
+
+/// The shortest HMAC key taken without a warning.
+pub const MIN_KEY_BYTES: usize = 16;
+
+/// An HMAC key from a config (`key` inline or `key_file`; see [`Validator::key`]), and the file it was read
+/// from, whose permissions are checked. Its bytes never reach a log.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct HmacKey {
+    pub bytes: Vec<u8>,
+    pub file: Option<PathBuf>,
+}
+
+impl fmt::Debug for HmacKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HmacKey")
+            .field("file", &self.file)
+            .finish_non_exhaustive()
+    }
+}
+
+impl HmacKey {
+    /// A key given inline.
+    pub fn inline(bytes: &[u8]) -> Self {
+        Self {
+            bytes: bytes.to_vec(),
+            file: None,
+        }
+    }
+
+    /// Whether there is no key (nothing it signs or checks can be trusted).
+    pub fn is_empty(&self) -> bool {
+        self.bytes.is_empty()
+    }
+
+    /// Warns about a key that works but should not be as it is: shorter than [`MIN_KEY_BYTES`] (one captured
+    /// signed message lets anyone try short keys offline; a bearer token is only tried online), or kept in a
+    /// file readable by group or others. `what` names it in the warning.
+    pub fn warn(&self, what: &str) {
+        if !self.is_empty() && self.bytes.len() < MIN_KEY_BYTES {
+            tracing::warn!(
+                bytes = self.bytes.len(),
+                "the {what} is shorter than {MIN_KEY_BYTES} bytes; use a longer random one"
+            );
+        }
+        if let Some(path) = &self.file {
+            warn_if_secret_exposed(path, what);
+        }
+    }
+}
+
+/// Warns when a secret file (a key, a token) can be read by group or others: it works, but it should not.
+pub fn warn_if_secret_exposed(path: &Path, what: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Ok(meta) = std::fs::metadata(path)
+        && meta.permissions().mode() & 0o077 != 0
+    {
+        tracing::warn!(path = %path.display(), mode = format!("{:o}", meta.permissions().mode() & 0o777),
+            "the {what} file is readable by group or others; chmod 600 it");
+    }
+}
+
+/// Parses TOML text into a table (syntax only).
+pub fn parse_table(text: &[u8], origin: &str) -> Result<toml::Table, ConfigError> {
+    let text = std::str::from_utf8(text).map_err(|e| ConfigError::Syntax {
+        origin: origin.into(),
+        message: format!("not utf-8: {e}"),
+    })?;
+    text.parse::<toml::Table>().map_err(|e| ConfigError::Syntax {
+        origin: origin.into(),
+        message: clip_lines(e.to_string().trim()),
+    })
+}
+
+/// The widest line of a syntax error shown: the parser quotes the offending line whole, and one line of a
+/// 200 KB file made each failed reload log 200 KB.
+const ERROR_LINE_CHARS: usize = 200;
+
+/// `msg` with each line cut to [`ERROR_LINE_CHARS`] characters (`…` marks a cut).
+fn clip_lines(msg: &str) -> String {
+    msg.lines()
+        .map(|l| match l.char_indices().nth(ERROR_LINE_CHARS) {
+            Some((at, _)) => format!("{}…", &l[..at]),
+            None => l.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// The `role = "..."` key of a config file's `bytes`, if it has one (`origin` names the file in errors).
+pub fn role_in(bytes: &[u8], origin: &str) -> Result<Option<String>, ConfigError> {
+    let table = parse_table(bytes, origin)?;
+    Ok(table.get("role").and_then(|v| v.as_str()).map(str::to_string))
+}
+
+/// Loads, layers and validates a role's config.
+pub fn load<C: RoleConfig>(source: &ConfigSource) -> Result<Loaded<C>, ConfigError> {
+    let bytes = match &source.path {
+        Some(path) => Some(read_bounded(path)?),
+        None => None,
+    };
+    load_layered::<C>(bytes, source)
+}
+
+/// [`load`] of `bytes` already read from `source.path`: a pipe (`<(...)`, `/dev/stdin`) can be read once only.
+pub fn load_read<C: RoleConfig>(bytes: Vec<u8>, source: &ConfigSource) -> Result<Loaded<C>, ConfigError> {
+    load_layered::<C>(Some(bytes), source)
+}
+
+/// Loads and validates a role's config from a file's bytes alone (no environment, no overrides): what a
+/// reload of those bytes would do. The entry point of the `config` fuzz target; it must never panic.
+pub fn load_bytes<C: RoleConfig>(bytes: &[u8]) -> Result<Loaded<C>, ConfigError> {
+    if bytes.len() as u64 > MAX_CONFIG_BYTES {
+        return Err(ConfigError::TooLarge {
+            path: PathBuf::from("<bytes>"),
+        });
+    }
+    let source = ConfigSource {
+        path: Some(PathBuf::from("<bytes>")),
+        overrides: Vec::new(),
+        use_env: false,
+    };
+    load_layered::<C>(Some(bytes.to_vec()), &source)
+}
+
+fn load_layered<C: RoleConfig>(
+    file_bytes: Option<Vec<u8>>,
+    source: &ConfigSource,
+) -> Result<Loaded<C>, ConfigError> {
+    let origin = source.origin();
+    let mut table = match &file_bytes {
+        Some(bytes) => parse_table(bytes, &origin)?,
+        None => toml::Table::new(),
+    };
+    let mut issues = Vec::new();
+
+    if let Some(role) = table.remove("role") {
+        match role.as_str() {
+            Some(r) if r == C::ROLE => {}
+            // Another role's file: its keys would all be reported unknown too; this one line says it all.
+            Some(r) => {
+                let issue = ConfigIssue::new(
+                    "role",
+                    format!(
+                        "expected \"{}\", found {role}: this file is for `xcluster {r}`",
+                        C::ROLE
+                    ),
+                );
+                return Err(ConfigError::Invalid {
+                    origin,
+                    issues: vec![issue],
+                });
+            }
+            None => issues.push(ConfigIssue::new(
+                "role",
+                format!("expected \"{}\", found {role}", C::ROLE),
+            )),
+        }
+    }
+    // The keys the environment and `--set` gave a value, and where from: an issue with one of them says so,
+    // or it read as the file's fault.
+    let mut overridden: Vec<(String, String)> = Vec::new();
+    if source.use_env {
+        let prefix = format!("XCLUSTER_{}__", C::ROLE.to_ascii_uppercase());
+        let mut vars: Vec<(String, String)> =
+            std::env::vars().filter(|(k, _)| k.starts_with(&prefix)).collect();
+        vars.sort();
+        for (k, v) in vars {
+            let key = k[prefix.len()..].to_ascii_lowercase().replace("__", ".");
+            match set_path(&mut table, &key, &v) {
+                Ok(()) => overridden.push((key, format!("environment {k}"))),
+                Err(issue) => issues.push(ConfigIssue::new(format!("env {k}"), issue)),
+            }
+        }
+    }
+    for ov in &source.overrides {
+        match ov.split_once('=') {
+            Some((k, v)) => match set_path(&mut table, k.trim(), v) {
+                Ok(()) => overridden.push((k.trim().to_string(), format!("--set {}", k.trim()))),
+                Err(issue) => issues.push(ConfigIssue::new(format!("--set {k}"), issue)),
+            },
+            None => issues.push(ConfigIssue::new(
+                "--set",
+                format!("expected KEY=VALUE, found {ov:?}"),
+            )),
+        }
+    }
+
+    let raw = deserialize_collecting::<C::Raw>(table, &mut issues);
+    let config = match raw.as_ref().map(C::validate) {
+        Some(Ok(c)) => Some(c),
+        Some(Err(more)) => {
+            issues.extend(more);
+            None
+        }
+        None => None,
+    };
+    for issue in &mut issues {
+        // The last to set it wins, as in the table.
+        if let Some((_, by)) = overridden.iter().rev().find(|(k, _)| *k == issue.key) {
+            issue.message += &format!(" (set by {by})");
+        }
+    }
+    match (raw, config) {
+        (Some(raw), Some(config)) if issues.is_empty() => Ok(Loaded {
+            config,
+            raw,
+            file_bytes,
+        }),
+        _ => Err(ConfigError::Invalid { origin, issues }),
+    }
+}
+
+/// Deserialises `table` into `T`, recording each error with its key and dropping the offending key so the
+/// remaining keys are still checked. Returns `None` if it could not get a value at all.
+fn deserialize_collecting<T: DeserializeOwned>(
+    mut table: toml::Table,
+    issues: &mut Vec<ConfigIssue>,
+) -> Option<T> {
+    for _ in 0..MAX_ISSUES {
+        let value = toml::Value::Table(table.clone());
+        match serde_path_to_error::deserialize::<_, T>(value) {
+            Ok(v) => return Some(v),
+            Err(err) => {
+                let mut path: Vec<String> = err.path().iter().map(|seg| seg.to_string()).collect();
+                path.retain(|s| s != "?");
+                let message = err.inner().to_string();
+                if let Some(field) = unknown_field(&message) {
+                    if path.last().map(String::as_str) != Some(field.as_str()) {
+                        path.push(field);
+                    }
+                    let key = dotted(&path);
+                    issues.push(ConfigIssue::new(key, first_line(&message)));
+                } else {
+                    let key = dotted(&path);
+                    let shown = match lookup(&table, &path) {
+                        Some(v) if !message.contains(&v.to_string()) => {
+                            format!("{} (found {v})", first_line(&message))
+                        }
+                        _ => first_line(&message),
+                    };
+                    issues.push(ConfigIssue::new(key, shown));
+                }
+                if path.is_empty() || !remove_path(&mut table, &path) {
+                    return None;
+                }
+            }
+        }
+    }
+    None
+}
+
+/// A key path as the config names it and as validation reports it: `proxy.backends[0].weight`, not
+/// `proxy.backends.[0].weight` (how serde's path segments join with dots).
+fn dotted(path: &[String]) -> String {
+    let mut key = String::new();
+    for seg in path {
+        if !key.is_empty() && !seg.starts_with('[') {
+            key.push('.');
+        }
+        key.push_str(seg);
+    }
+    key
+}
+
+fn first_line(s: &str) -> String {
+    s.lines().next().unwrap_or("").trim().to_string()
+}
+
+fn unknown_field(message: &str) -> Option<String> {
+    let rest = message.strip_prefix("unknown field `")?;
+    Some(rest[..rest.find('`')?].to_string())
+}
+
+fn lookup<'a>(table: &'a toml::Table, path: &[String]) -> Option<&'a toml::Value> {
+    let (first, rest) = path.split_first()?;
+    let mut cur = table.get(first)?;
+    for seg in rest {
+        cur = match cur {
+            toml::Value::Table(t) => t.get(seg)?,
+            toml::Value::Array(a) => a.get(seg.parse::<usize>().ok()?)?,
+            _ => return None,
+        };
+    }
+    Some(cur)
+}
+
+fn remove_path(table: &mut toml::Table, path: &[String]) -> bool {
+    let Some((last, parents)) = path.split_last() else {
+        return false;
+    };
+    let mut cur: &mut toml::Table = table;
+    for seg in parents {
+        if matches!(cur.get(seg), Some(toml::Value::Array(_))) {
+            // Inside an array of tables: drop the whole array rather than guess which element to keep.
+            return cur.remove(seg).is_some();
+        }
+        match cur.get_mut(seg) {
+            Some(toml::Value::Table(t)) => cur = t,
+            _ => return false,
+        }
+    }
+    cur.remove(last).is_some()
+}
+
+#[cfg(test)]
+mod tests;

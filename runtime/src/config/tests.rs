@@ -1,0 +1,314 @@
+use super::*;
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct Inner {
+    timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct Raw {
+    listen: String,
+    grace_ms: u64,
+    inner: Inner,
+}
+
+impl Default for Raw {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:1".into(),
+            grace_ms: 5,
+            inner: Inner::default(),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Cfg {
+    listen: std::net::SocketAddr,
+}
+
+impl RoleConfig for Cfg {
+    const ROLE: &'static str = "test";
+    type Raw = Raw;
+    fn validate(raw: &Raw) -> Result<Self, Vec<ConfigIssue>> {
+        let mut v = Validator::new();
+        let listen = v.addr("listen", &raw.listen);
+        v.finish(Cfg { listen })
+    }
+}
+
+fn load_str(text: &str, overrides: &[&str]) -> Result<Loaded<Cfg>, ConfigError> {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.toml");
+    std::fs::write(&path, text).unwrap();
+    let mut src = ConfigSource::file(&path);
+    src.use_env = false;
+    src.overrides = overrides.iter().map(|s| s.to_string()).collect();
+    load::<Cfg>(&src)
+}
+
+#[test]
+fn reports_every_problem_at_once() {
+    let err = load_str(
+        "bogus = 1\nlisten = \"nope\"\ngrace_ms = -3\n[inner]\ntimeout_ms = -1\nextra = 2\n",
+        &[],
+    )
+    .unwrap_err();
+    let issues = err.issues();
+    assert_eq!(issues.len(), 5, "{issues:#?}");
+    assert!(
+        issues.iter().any(|i| i.starts_with("bogus: unknown field")),
+        "{issues:#?}"
+    );
+    assert!(
+        issues.iter().any(|i| i.starts_with("inner.extra: unknown field")),
+        "{issues:#?}"
+    );
+    assert!(
+        issues
+            .iter()
+            .any(|i| i.starts_with("grace_ms:") && i.contains("-3")),
+        "{issues:#?}"
+    );
+    assert!(
+        issues
+            .iter()
+            .any(|i| i.starts_with("inner.timeout_ms:") && i.contains("-1")),
+        "{issues:#?}"
+    );
+    assert!(
+        issues
+            .iter()
+            .any(|i| i.starts_with("listen:") && i.contains("\"nope\"")),
+        "{issues:#?}"
+    );
+}
+
+#[test]
+fn an_array_items_problem_is_named_as_the_config_writes_it() {
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Listed {
+        #[allow(dead_code)]
+        items: Vec<Inner>,
+    }
+    let first = |t: toml::Table| {
+        let mut issues = Vec::new();
+        assert!(deserialize_collecting::<Listed>(t, &mut issues).is_none());
+        issues[0].to_string()
+    };
+    let bad = first(toml::toml! { items = [{ timeout_ms = 1 }, { timeout_ms = -1 }] });
+    assert!(bad.starts_with("items[1].timeout_ms: "), "{bad}");
+    let unknown = first(toml::toml! { items = [{ tmeout_ms = 1 }] });
+    assert!(unknown.starts_with("items[0].tmeout_ms: "), "{unknown}");
+    // A host name is refused as such (the message said "host:port", which it is).
+    let mut v = Validator::new();
+    v.addr("addr", "localhost:80");
+    let said = v.finish(()).unwrap_err()[0].to_string();
+    assert!(said.contains("host names are not resolved"), "{said}");
+}
+
+#[test]
+fn overrides_layer_over_file() {
+    let loaded = load_str(
+        "listen = \"127.0.0.1:5\"\n",
+        &["listen=127.0.0.1:9", "inner.timeout_ms=7"],
+    )
+    .unwrap();
+    assert_eq!(loaded.config.listen.port(), 9);
+    assert_eq!(loaded.raw.inner.timeout_ms, 7);
+    assert_eq!(loaded.raw.grace_ms, 5, "default kept");
+}
+
+#[test]
+fn a_bad_override_is_named_as_the_source_of_its_issue() {
+    let err = load_str(
+        "listen = \"127.0.0.1:5\"\n",
+        &["inner.timeout_ms=abc", "listen=nowhere"],
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("inner.timeout_ms: ") && err.contains("(set by --set inner.timeout_ms)"),
+        "{err}"
+    );
+    assert!(err.contains("(set by --set listen)"), "{err}");
+    // The file's own mistakes are not blamed on an override.
+    let err = load_str("grace_ms = \"x\"\n", &["listen=127.0.0.1:9"])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("grace_ms") && !err.contains("set by"), "{err}");
+}
+
+#[test]
+fn set_names_an_array_item_as_the_reload_log_does() {
+    let mut t = toml::toml! {
+        listeners = [{ name = "web", listen = "127.0.0.1:1" }, { name = "pay", listen = "127.0.0.1:2" }]
+        backends = [{ addr = "127.0.0.1:8001", weight = 1 }, { addr = "127.0.0.1:8002", weight = 1 }]
+    };
+    set_path(&mut t, "listeners[pay].listen", "127.0.0.1:9").unwrap();
+    set_path(&mut t, "backends[127.0.0.1:8001].weight", "0").unwrap();
+    set_path(&mut t, "backends[1].backup", "true").unwrap();
+    // A listener by its address, though the log names it by its name.
+    set_path(&mut t, "listeners[127.0.0.1:1].name", "\"www\"").unwrap();
+    let want = toml::toml! {
+        listeners = [{ name = "www", listen = "127.0.0.1:1" }, { name = "pay", listen = "127.0.0.1:9" }]
+        backends = [
+            { addr = "127.0.0.1:8001", weight = 0 },
+            { addr = "127.0.0.1:8002", weight = 1, backup = true },
+        ]
+    };
+    assert_eq!(t, want);
+    for (key, says) in [
+        (
+            "listeners[api].listen",
+            "no item \"api\" in listeners (its items: www, pay)",
+        ),
+        ("listeners[2].listen", "no item \"2\" in listeners"),
+        ("missing[web].listen", "no missing in the config"),
+        ("listeners[www].listen[0].x", "listen is not an array of tables"),
+        ("listeners[web]", "names an item of listeners"),
+        ("listeners[web.listen", "invalid key"),
+        ("listeners[].listen", "invalid key"),
+        ("listeners[web]x", "invalid key"),
+        ("a..b", "invalid key"),
+    ] {
+        let err = set_path(&mut t, key, "1").unwrap_err();
+        assert!(err.contains(says), "{key}: {err}");
+    }
+    assert_eq!(t, want, "a refused key changed nothing");
+}
+
+#[test]
+fn a_token_no_request_could_present_is_refused() {
+    let mut v = Validator::new();
+    v.token("a", "");
+    v.token("b", "s3cret-Token_1");
+    assert!(v.finish(()).is_ok());
+    for bad in [" tok ", "tok ", "a b", "t\u{0}k", "tök"] {
+        let mut v = Validator::new();
+        v.token("admin.token", bad);
+        let issues = v.finish(()).unwrap_err();
+        assert!(
+            issues[0].to_string().contains("visible ASCII"),
+            "{bad:?}: {issues:?}"
+        );
+    }
+}
+
+#[test]
+fn wrong_role_is_rejected() {
+    let err = load_str("role = \"lb\"\n", &[]).unwrap_err();
+    assert!(err.issues()[0].starts_with("role:"), "{:?}", err.issues());
+    assert!(load_str("role = \"test\"\n", &[]).is_ok());
+}
+
+#[test]
+fn syntax_error_names_the_file() {
+    let err = load_str("listen = \n", &[]).unwrap_err();
+    assert!(matches!(err, ConfigError::Syntax { .. }), "{err}");
+    // One long bad line is quoted cut, not whole.
+    let long = format!("x = {}\n", "[".repeat(100_000));
+    let err = load_str(&long, &[]).unwrap_err().to_string();
+    assert!(
+        err.len() < 2_000 && err.contains('…'),
+        "{} bytes: {}",
+        err.len(),
+        &err[..300.min(err.len())]
+    );
+}
+
+#[test]
+fn a_changed_secret_is_named_not_shown() {
+    let secret = |k: &str| toml::toml! { key = k listen = "a" };
+    let (old, new) = (secret("s3cret"), secret("other"));
+    let hide = |t: &mut toml::Table| {
+        t.insert("key".into(), toml::Value::from("<redacted>"));
+    };
+    let line = diff(&old, &new, hide);
+    assert_eq!(line, "key: changed (hidden)");
+    assert_eq!(diff(&old, &old, hide), "no changes");
+}
+
+#[test]
+fn changed_under_names_the_restart_keys_a_change_touches() {
+    let a = Raw::default();
+    let mut b = a.clone();
+    b.grace_ms = 9;
+    b.inner.timeout_ms = 3;
+    b.listen = "127.0.0.1:2".into();
+    let under = |keys: &[&str]| changed_under(&a, &b, keys);
+    assert_eq!(under(&["inner", "listen"]), ["inner.timeout_ms", "listen"]);
+    // A section's name covers its keys; a key's name is no prefix of another's.
+    assert_eq!(under(&["inner.timeout_ms"]), ["inner.timeout_ms"]);
+    assert_eq!(under(&["inne", "grace"]), Vec::<String>::new());
+    assert_eq!(changed_under(&a, &a, &["inner", "listen"]), Vec::<String>::new());
+}
+
+#[test]
+fn diff_is_one_line() {
+    let a = Raw::default();
+    let mut b = a.clone();
+    b.grace_ms = 9;
+    assert_eq!(diff(&a, &b, |_| {}), "grace_ms: 5 -> 9");
+    assert_eq!(diff(&a, &a, |_| {}), "no changes");
+}
+
+#[test]
+fn diff_names_the_array_item_that_changed_and_stays_short() {
+    let a = toml::toml! {
+        listeners = [{ name = "web", listen = "127.0.0.1:1" }, { name = "pay", listen = "127.0.0.1:2" }]
+        peers = ["a"]
+    };
+    let b = toml::toml! {
+        listeners = [{ name = "web", listen = "127.0.0.1:1" }, { name = "pay", listen = "127.0.0.1:3" }]
+        peers = ["a", "b"]
+    };
+    assert_eq!(
+        diff(&a, &b, |_| {}),
+        "listeners[pay].listen: \"127.0.0.1:2\" -> \"127.0.0.1:3\", peers[1] added (\"b\")"
+    );
+    // The first listener removed reads as that, not as the second one renamed.
+    let c = toml::toml! {
+        listeners = [{ name = "pay", listen = "127.0.0.1:2" }]
+        peers = ["a"]
+    };
+    assert_eq!(diff(&a, &c, |_| {}), "listeners[web] removed");
+    assert_eq!(diff(&c, &a, |_| {}), "listeners[web] added");
+    // An item added whole is named once, its own arrays with it; an array that was empty gains an item,
+    // and loses it, as that alone.
+    let f = toml::toml! {
+        backends = [{ addr = "[::1]:80", types = ["a"] }, { addr = "127.0.0.1:1", types = [] }]
+    };
+    let g = toml::toml! {
+        backends = [{ addr = "[::1]:80", types = ["a"] }, { addr = "127.0.0.1:1", types = ["b"] },
+            { addr = "127.0.0.1:2", types = ["c", "d"] }]
+    };
+    assert_eq!(
+        diff(&f, &g, |_| {}),
+        "backends[127.0.0.1:1].types[0] added (\"b\"), backends[127.0.0.1:2] added"
+    );
+    assert_eq!(
+        diff(&g, &f, |_| {}),
+        "backends[127.0.0.1:1].types[0] removed, backends[127.0.0.1:2] removed"
+    );
+    let h = toml::toml! { backends = [{ addr = "127.0.0.1:1", types = [] }] };
+    assert_eq!(diff(&h, &f, |_| {}), "backends[[::1]:80] added");
+    // Items without a unique name go by position.
+    let d = toml::toml! { backends = [{ weight = 1 }, { weight = 2 }] };
+    let e = toml::toml! { backends = [{ weight = 1 }, { weight = 3 }] };
+    assert_eq!(diff(&d, &e, |_| {}), "backends[1].weight: 2 -> 3");
+    let many: toml::Table = (0..20)
+        .map(|i| (format!("k{i:02}"), toml::Value::from("x".repeat(200))))
+        .collect();
+    let line = diff(&toml::Table::new(), &many, |_| {});
+    assert!(line.ends_with(", and 8 more"), "{line}");
+    assert!(
+        line.starts_with(&format!("k00 added (\"{}...)", "x".repeat(79))),
+        "{line}"
+    );
+    assert!(line.len() < 1200, "{}", line.len());
+}
