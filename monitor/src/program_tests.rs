@@ -1,0 +1,291 @@
+use super::*;
+
+/// `key: message` of each issue found.
+fn issues(v: &Validator) -> Vec<String> {
+    v.issues
+        .iter()
+        .map(|i| format!("{}: {}", i.key, i.message))
+        .collect()
+}
+
+#[test]
+fn splits_like_a_shell() {
+    assert_eq!(
+        split_command(r#"/bin/sh -c 'echo "a b"; exit 3' x\ y "q\"z""#).unwrap(),
+        vec!["/bin/sh", "-c", "echo \"a b\"; exit 3", "x y", "q\"z"]
+    );
+    assert!(split_command("a 'b").is_err());
+}
+
+#[test]
+fn a_misspelled_placeholder_or_a_port_without_port_base_is_an_error() {
+    let found_in = |command: &str, port_base: Option<u16>| {
+        let raw = RawProgram {
+            command: command.into(),
+            port_base,
+            environment: BTreeMap::from([("ADDR".into(), "127.0.0.1:{prot}".into())]),
+            ..RawProgram::default()
+        };
+        let mut v = Validator::new();
+        raw.expand("app", Path::new("/tmp/l"), &mut v);
+        issues(&v)
+    };
+    let found = found_in("{slef} app --name {nmae} --n {num}", Some(7101));
+    assert_eq!(found.len(), 3, "{found:?}");
+    assert!(found[0].starts_with("programs.app.command: unknown placeholder {slef}: did you mean {self}?"));
+    assert!(found[1].contains("{nmae}: did you mean {name}?"), "{found:?}");
+    assert!(
+        found[2]
+            .starts_with("programs.app.environment.ADDR: unknown placeholder {prot}: did you mean {port}?")
+    );
+    let found = found_in("sh -c 'listen {port}'", None);
+    assert!(
+        found
+            .iter()
+            .any(|i| i.contains("command: {port} needs port_base")),
+        "{found:?}"
+    );
+    // Braces of shells and awk are left alone.
+    let found = found_in(
+        "sh -c 'echo ${HOME} {} {print} {x} {Port} {a b}' {program}",
+        Some(7101),
+    );
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(edits("port", "prot"), 1);
+    assert_eq!(edits("program", "progarm"), 1);
+    assert_eq!(edits("print", "port"), 3);
+}
+
+#[test]
+fn programs_are_checked_against_each_other_as_written() {
+    let prog = |base: u16, numprocs: u32| RawProgram {
+        command: "x".into(),
+        port_base: Some(base),
+        numprocs,
+        ..RawProgram::default()
+    };
+    let mut programs = BTreeMap::from([
+        ("a".to_string(), prog(7101, 3)),
+        ("b".to_string(), prog(7103, 1)),
+        ("c".to_string(), prog(7104, 2)),
+        ("d".to_string(), prog(7299, 2)),
+    ]);
+    // A program with problems of its own (an empty command) is still a program to depend on.
+    programs.get_mut("a").unwrap().command.clear();
+    programs.get_mut("c").unwrap().depends_on = vec!["a".into(), "zzz".into()];
+    let mut v = Validator::new();
+    let monitor: std::net::SocketAddr = "127.0.0.1:7300".parse().unwrap();
+    check_programs(&programs, monitor, &mut v);
+    let found = issues(&v);
+    assert_eq!(
+        found,
+        [
+            "programs.b.port_base: ports 7103..=7103 overlap a's 7101..=7103",
+            "programs.c.depends_on: unknown program \"zzz\"",
+            "programs.d.port_base: ports 7299..=7300 take the monitor's own listen port",
+        ]
+    );
+}
+
+#[test]
+fn stop_levels_follow_priority_and_let_dependencies_win() {
+    let spec = |group: &str, priority: i32, deps: &[&str]| {
+        let raw = RawProgram {
+            command: "x".into(),
+            priority,
+            depends_on: deps.iter().map(|d| d.to_string()).collect(),
+            ..RawProgram::default()
+        };
+        raw.expand(group, Path::new("/tmp"), &mut Validator::new())
+            .remove(0)
+    };
+    let levels = stop_levels(&[
+        spec("db", 100, &[]),
+        spec("cache", 100, &[]),
+        spec("app", 200, &["db"]),
+        spec("agent", 999, &["app"]),
+        // Depends on `late`, yet has the lower priority: the dependency wins.
+        spec("early", 50, &["late"]),
+        spec("late", 900, &[]),
+    ]);
+    let l = |g: &str| levels[g];
+    assert_eq!(l("db"), l("cache"), "one priority, one level: they stop together");
+    assert!(l("agent") > l("app") && l("app") > l("db"));
+    assert!(l("early") > l("late"));
+    assert!(l("late") > l("app"), "by priority");
+}
+
+#[test]
+fn a_log_file_in_a_missing_directory_is_an_error() {
+    let dir = std::env::temp_dir();
+    for (path, ok) in [
+        (dir.join("{name}.log"), true),
+        (dir.join("no-such-dir-xcluster/{name}.log"), false),
+    ] {
+        let raw = RawProgram {
+            command: "x".into(),
+            stderr_logfile: path.display().to_string(),
+            ..RawProgram::default()
+        };
+        let mut v = Validator::new();
+        let specs = raw.expand("app", Path::new("/no/such/default/dir"), &mut v);
+        assert_eq!(v.issues.is_empty(), ok, "{path:?}: {:?}", v.issues);
+        assert_eq!(specs.len(), usize::from(ok));
+        if !ok {
+            assert_eq!(v.issues[0].key, "programs.app.stderr_logfile");
+            assert!(
+                v.issues[0]
+                    .message
+                    .ends_with("no-such-dir-xcluster does not exist")
+            );
+        }
+    }
+}
+
+/// Settings no process could be started with used to pass, and the program then looped in BACKOFF:
+/// `execve` refuses a NUL and a variable name with `=` (or none), a 300-byte name makes a log file
+/// name too long, and a log "file" that is a directory cannot be opened.
+#[test]
+fn settings_no_spawn_could_use_are_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let check = |program: &str, raw: RawProgram| {
+        let mut v = Validator::new();
+        let specs = raw.expand(program, dir.path(), &mut v);
+        check_set(&specs, &mut v);
+        issues(&v)
+    };
+    let env = |pairs: &[(&str, &str)]| RawProgram {
+        command: "x".into(),
+        environment: pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        ..RawProgram::default()
+    };
+    assert_eq!(
+        check(
+            "app",
+            env(&[("A=B", "1"), ("", "2"), ("N\0", "3"), ("OK", "v\0")])
+        ),
+        [
+            "programs.app.environment: \"\" is not a variable name (non-empty, without '=' or NUL)",
+            "programs.app.environment: \"A=B\" is not a variable name (non-empty, without '=' or NUL)",
+            "programs.app.environment: \"N\\0\" is not a variable name (non-empty, without '=' or NUL)",
+            "programs.app.environment.OK: contains a NUL byte",
+        ]
+    );
+    assert!(check("app", env(&[("OK", "v"), ("_A1", "")])).is_empty());
+
+    let x = || RawProgram {
+        command: "x".into(),
+        ..RawProgram::default()
+    };
+    let long = "a".repeat(300);
+    assert_eq!(
+        check(&long, x()),
+        [format!("programs.{long}: program names are at most 128 bytes")]
+    );
+    assert!(check(&"a".repeat(128), x()).is_empty());
+    // The longest program name still fits with its number.
+    let several = RawProgram { numprocs: 3, ..x() };
+    assert!(check(&"a".repeat(128), several).is_empty());
+    for name in ["a&b", "a,b", "a:b", "a b", "{program}/1"] {
+        let named = RawProgram {
+            process_name: name.into(),
+            ..x()
+        };
+        let found = check("app", named);
+        assert_eq!(found.len(), 1, "{name:?}: {found:?}");
+        assert!(
+            found[0].starts_with("programs.app.process_name: ")
+                && found[0].contains("process names are 1 to 200"),
+            "{found:?}"
+        );
+    }
+
+    // A log path that is an existing directory, for either stream.
+    for setting in ["stdout_logfile", "stderr_logfile"] {
+        let mut raw = x();
+        let path = dir.path().display().to_string();
+        match setting {
+            "stdout_logfile" => raw.stdout_logfile = path.clone(),
+            _ => raw.stderr_logfile = path.clone(),
+        }
+        assert_eq!(
+            check("app", raw),
+            [format!("programs.app.{setting}: {path} is a directory")]
+        );
+    }
+    let raw = RawProgram {
+        stdout_logfile: dir
+            .path()
+            .join(format!("{}{{name}}", "l".repeat(250)))
+            .display()
+            .to_string(),
+        ..x()
+    };
+    let found = check("app", raw);
+    assert!(
+        found.len() == 1 && found[0].contains("is longer than 255 bytes"),
+        "{found:?}"
+    );
+}
+
+#[test]
+fn exit_codes_users_and_the_name_all_are_checked() {
+    let raw = RawProgram {
+        command: "x".into(),
+        exitcodes: vec![0, 300, -1],
+        user: "no-such-user-xcluster".into(),
+        ..RawProgram::default()
+    };
+    let mut v = Validator::new();
+    raw.expand("all", Path::new("/tmp/l"), &mut v);
+    let found = issues(&v);
+    assert_eq!(
+        found,
+        [
+            "programs.all: \"all\" is reserved: `ctl stop all` means every program",
+            "programs.all.exitcodes: 300 is not an exit code (0..=255)",
+            "programs.all.exitcodes: -1 is not an exit code (0..=255)",
+            "programs.all.user: no such user \"no-such-user-xcluster\"",
+        ]
+    );
+}
+
+#[test]
+fn numprocs_expand_names_and_ports() {
+    let raw = RawProgram {
+        command: "{self} app --set listen=127.0.0.1:{port}".into(),
+        numprocs: 3,
+        port_base: Some(7101),
+        ..RawProgram::default()
+    };
+    let mut v = Validator::new();
+    let specs = raw.expand("app", Path::new("/tmp/l"), &mut v);
+    assert!(v.issues.is_empty(), "{:?}", v.issues);
+    let names: Vec<_> = specs.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(names, ["app-0", "app-1", "app-2"]);
+    assert_eq!(specs[2].argv[3], "listen=127.0.0.1:7103");
+    assert_eq!(
+        specs[0].stdout.path.as_deref(),
+        Some(Path::new("/tmp/l/app-0.out.log"))
+    );
+    // What a process was launched with decides adoption; probes or restart policy do not.
+    let mut same = specs[0].clone();
+    same.policy.max_restarts += 1;
+    same.readiness = None;
+    assert_eq!(same.launch_fingerprint(), specs[0].launch_fingerprint());
+    assert_ne!(specs[0].launch_fingerprint(), specs[1].launch_fingerprint());
+    let mut env = specs[0].clone();
+    env.environment.push(("K".into(), "v".into()));
+    assert_ne!(env.launch_fingerprint(), specs[0].launch_fingerprint());
+}
+
+#[test]
+fn signals_parse() {
+    assert_eq!(parse_signal("TERM"), Some(nix::sys::signal::Signal::SIGTERM));
+    assert_eq!(parse_signal("sighup"), Some(nix::sys::signal::Signal::SIGHUP));
+    assert_eq!(parse_signal("9"), Some(nix::sys::signal::Signal::SIGKILL));
+    assert_eq!(parse_signal("NOPE"), None);
+}
