@@ -1,0 +1,224 @@
+#![allow(clippy::unwrap_used)]
+use super::*;
+
+/// With `balance = "least_connections"`, a connection counts on its backend from the pick, while it
+/// connects: picks made before any connect completes (a burst of accepts) alternate between two equal
+/// backends instead of all taking the one that looked idle, and a backend whose connections end is
+/// preferred again.
+#[test]
+fn least_connections_counts_connections_from_the_pick() {
+    let cfg = ProxyConfig::for_tests(
+        r#"
+        balance = "least_connections"
+        [[listeners]]
+        listen = "127.0.0.1:7100"
+        [[backends]]
+        addr = "127.0.0.1:1"
+        [[backends]]
+        addr = "127.0.0.1:2"
+        "#,
+    );
+    let shared = Shared::for_tests(&cfg);
+    let l = ListenerState::new(&cfg.listeners[0], None);
+    let client = IpAddr::from([127, 0, 0, 1]);
+    // Ten connections still connecting: none has completed, all hold their assignment.
+    let connecting: Vec<(SocketAddr, Assigned)> = (0..10)
+        .map(|_| {
+            shared
+                .next_backend(&l, &l.cfg.request_type, client, &[], 0, None)
+                .unwrap()
+        })
+        .collect();
+    let on_1 = connecting.iter().filter(|(a, _)| a.port() == 1).count();
+    assert_eq!(on_1, 5, "10 picks in a burst went {on_1} to 10 - {on_1}");
+    // Backend 1's connections end: the next five go to it.
+    let kept: Vec<_> = connecting.into_iter().filter(|(a, _)| a.port() == 2).collect();
+    let later: Vec<(SocketAddr, Assigned)> = (0..5)
+        .map(|_| {
+            shared
+                .next_backend(&l, &l.cfg.request_type, client, &[], 0, None)
+                .unwrap()
+        })
+        .collect();
+    assert!(later.iter().all(|(a, _)| a.port() == 1));
+    drop((kept, later));
+}
+
+/// A backend at its `max_connections` is passed over; with every backend full there is no pick, and a
+/// connection that ends frees its place.
+#[test]
+fn a_backend_at_max_connections_is_passed_over() {
+    let cfg = ProxyConfig::for_tests(
+        r#"
+        [[listeners]]
+        listen = "127.0.0.1:7100"
+        [[backends]]
+        addr = "127.0.0.1:1"
+        max_connections = 2
+        [[backends]]
+        addr = "127.0.0.1:2"
+        weight = 1
+        max_connections = 3
+        "#,
+    );
+    let shared = Shared::for_tests(&cfg);
+    let l = ListenerState::new(&cfg.listeners[0], None);
+    let client = IpAddr::from([127, 0, 0, 1]);
+    let mut open: Vec<(SocketAddr, Assigned)> = (0..5)
+        .map(|_| {
+            shared
+                .next_backend(&l, &l.cfg.request_type, client, &[], 0, None)
+                .unwrap()
+        })
+        .collect();
+    let on_1 = open.iter().filter(|(a, _)| a.port() == 1).count();
+    assert_eq!(on_1, 2, "{open:?}");
+    assert_eq!(
+        shared
+            .next_backend(&l, &l.cfg.request_type, client, &[], 0, None)
+            .err(),
+        Some(NoBackend::Full)
+    );
+    let both: Vec<SocketAddr> = open.iter().map(|(a, _)| *a).collect();
+    assert_eq!(
+        shared
+            .next_backend(&l, &l.cfg.request_type, client, &both, 0, None)
+            .err(),
+        Some(NoBackend::TurnAround)
+    );
+    let on_2 = open.iter().position(|(a, _)| a.port() == 2).unwrap();
+    open.swap_remove(on_2);
+    let (addr, _held) = shared
+        .next_backend(&l, &l.cfg.request_type, client, &[], 0, None)
+        .unwrap();
+    assert_eq!(addr.port(), 2);
+}
+
+/// A connection that has tried every backend tries them again after a pause while it has attempts
+/// left, unless health checks have put them all down; then, or with no attempt left, it is closed.
+#[test]
+fn every_backend_tried_turns_around_unless_checks_put_them_down() {
+    let cfg = ProxyConfig::for_tests(
+        r#"
+        connect_attempts = 3
+        [[listeners]]
+        listen = "127.0.0.1:7100"
+        [[backends]]
+        addr = "127.0.0.1:1"
+        "#,
+    );
+    let shared = Shared::for_tests(&cfg);
+    let l = ListenerState::new(&cfg.listeners[0], None);
+    let client = IpAddr::from([127, 0, 0, 1]);
+    let (only, bm) = shared
+        .next_backend(&l, &l.cfg.request_type, client, &[], 0, None)
+        .unwrap();
+    let mut tried = Vec::new();
+    shared.connect_failed(only, &bm, &mut tried);
+    assert_eq!(
+        shared
+            .next_backend(&l, &l.cfg.request_type, client, &tried, 1, None)
+            .err(),
+        Some(NoBackend::TurnAround)
+    );
+    // After the pause, with `tried` cleared, the held backend is tried again: it is all there is.
+    let (again, _) = shared
+        .next_backend(&l, &l.cfg.request_type, client, &[], 1, None)
+        .unwrap();
+    assert_eq!(again, only);
+    assert_eq!(
+        shared
+            .next_backend(&l, &l.cfg.request_type, client, &tried, 3, None)
+            .err(),
+        Some(NoBackend::Exhausted),
+        "no attempt left"
+    );
+    shared.hold_out(only, &bm, Failure::Checks(Duration::from_secs(3)), "test");
+    assert_eq!(
+        shared
+            .next_backend(&l, &l.cfg.request_type, client, &tried, 1, None)
+            .err(),
+        Some(NoBackend::Exhausted),
+        "down by its checks: not worth a wait"
+    );
+}
+
+/// A type's places are those of its capped backends with a weight; one without a cap, or no configured
+/// backend, gives it places without end.
+#[test]
+fn places_count_only_capped_backends_with_a_weight() {
+    let cfg = ProxyConfig::for_tests(
+        r#"
+        [[listeners]]
+        listen = "127.0.0.1:7100"
+        [[backends]]
+        addr = "127.0.0.1:1"
+        request_types = ["web"]
+        max_connections = 2
+        [[backends]]
+        addr = "127.0.0.1:2"
+        request_types = ["web"]
+        max_connections = 3
+        [[backends]]
+        addr = "127.0.0.1:3"
+        request_types = ["web"]
+        weight = 0
+        [[backends]]
+        addr = "127.0.0.1:4"
+        request_types = ["api"]
+        "#,
+    );
+    let shared = Shared::for_tests(&cfg);
+    let free = |ty: &str| shared.places.load().free(ty);
+    assert_eq!(free("web"), 5);
+    let second = cfg.backends[1].addr;
+    shared.backends.load()[&second].open.store(3, Ordering::Relaxed);
+    assert_eq!(free("web"), 2);
+    assert_eq!(free("api"), usize::MAX, "a backend without a cap");
+    assert_eq!(free("routed"), usize::MAX, "no configured backend");
+}
+
+/// A place that frees goes to the client that has waited longest, not to a later one nor a newcomer.
+#[test]
+fn a_freed_place_goes_to_the_client_that_waited_longest() {
+    let cfg = ProxyConfig::for_tests(
+        r#"
+        [[listeners]]
+        listen = "127.0.0.1:7100"
+        [[backends]]
+        addr = "127.0.0.1:1"
+        max_connections = 1
+        "#,
+    );
+    let shared = Shared::for_tests(&cfg);
+    let l = ListenerState::new(&cfg.listeners[0], None);
+    let client = IpAddr::from([127, 0, 0, 1]);
+    let ask = |ticket: Option<&Ticket>| shared.next_backend(&l, &l.cfg.request_type, client, &[], 0, ticket);
+    let held = ask(None).unwrap();
+    assert_eq!(ask(None).err(), Some(NoBackend::Full));
+    let bells: [Arc<tokio::sync::Notify>; 2] = [Arc::default(), Arc::default()];
+    let rung = |i: usize| futures_util::FutureExt::now_or_never(bells[i].notified()).is_some();
+    let first = shared
+        .queue
+        .join(&l.cfg.request_type, Waker::Task(bells[0].clone()));
+    let second = shared
+        .queue
+        .join(&l.cfg.request_type, Waker::Task(bells[1].clone()));
+    assert_eq!((rung(0), rung(1)), (false, false));
+    // The end of the connection holding the place rings the oldest waiter, and only it.
+    drop(held);
+    assert_eq!((rung(0), rung(1)), (true, false));
+    assert_eq!(ask(Some(&second)).err(), Some(NoBackend::Full));
+    assert_eq!(ask(None).err(), Some(NoBackend::Full));
+    let served = ask(Some(&first)).unwrap();
+    // Served, the first leaves the queue and rings the next, in case a second place is free.
+    drop(first);
+    assert_eq!((rung(0), rung(1)), (false, true));
+    assert_eq!(
+        ask(Some(&second)).err(),
+        Some(NoBackend::Full),
+        "no place is free"
+    );
+    drop(served);
+    let _served = ask(Some(&second)).unwrap();
+}
