@@ -29,6 +29,7 @@ pub enum Error {
 
 /// Runs the agent until drained.
 pub async fn run(ctx: Context<Config>) -> Result<(), Error> {
+    xcluster_runtime::telemetry::describe(crate::metrics::DESCRIPTIONS);
     let cfg = ctx.config();
     let drain = ctx.shutdown.drain_token();
     let limits = cfg.http.clone();

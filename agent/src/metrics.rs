@@ -1,12 +1,14 @@
 //! Every metric name the agent emits. Labels are bounded by the config (`balancer`, `instance`).
 
-/// Reports built (one per interval or jump).
-pub const REPORTS_TOTAL: &str = "xcluster_agent_reports_total";
-/// Reports carrying a jump (sent at once, or with the interval's report when the jump was seen just then).
-pub const JUMP_REPORTS_TOTAL: &str = "xcluster_agent_jump_reports_total";
-/// Pushes to a balancer, by `balancer` and `result` (ok, error).
-pub const PUSHES_TOTAL: &str = "xcluster_agent_pushes_total";
-/// Failed stats fetches, by `instance`.
-pub const STATS_FAILURES_TOTAL: &str = "xcluster_agent_stats_failures_total";
-/// Host CPU utilisation in the latest sample.
-pub const HOST_CPU: &str = "xcluster_agent_host_cpu_ratio";
+xcluster_runtime::metric_names! {
+    /// Reports built (one per interval or jump).
+    pub const REPORTS_TOTAL: &str = "xcluster_agent_reports_total";
+    /// Reports carrying a jump (sent at once, or with the interval's report when the jump was seen just then).
+    pub const JUMP_REPORTS_TOTAL: &str = "xcluster_agent_jump_reports_total";
+    /// Pushes to a balancer, by `balancer` and `result` (ok, error).
+    pub const PUSHES_TOTAL: &str = "xcluster_agent_pushes_total";
+    /// Failed stats fetches, by `instance`.
+    pub const STATS_FAILURES_TOTAL: &str = "xcluster_agent_stats_failures_total";
+    /// Host CPU utilisation in the latest sample.
+    pub const HOST_CPU: &str = "xcluster_agent_host_cpu_ratio";
+}

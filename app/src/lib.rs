@@ -68,6 +68,7 @@ pub enum Error {
 
 /// Runs the app until drained.
 pub async fn run(ctx: Context<Config>) -> Result<(), Error> {
+    xcluster_runtime::telemetry::describe(crate::metrics::DESCRIPTIONS);
     let cfg = ctx.config();
     let drain = ctx.shutdown.drain_token();
     // The port first: a second app started on a taken port must fail before it creates or seeds a database.

@@ -27,6 +27,8 @@ pub enum Error {
 
 /// Runs the lb until drained.
 pub async fn run(ctx: Context<Config>) -> Result<(), Error> {
+    xcluster_runtime::telemetry::describe(crate::metrics::DESCRIPTIONS);
+    xcluster_runtime::telemetry::describe(crate::proxy::metrics::DESCRIPTIONS);
     let cfg = ctx.config();
     let drain = ctx.shutdown.drain_token();
     let limits = cfg.http.clone();

@@ -43,6 +43,7 @@ pub enum Error {
 
 /// Runs the monitor until every program is stopped after a shutdown (signal or API).
 pub async fn run(ctx: Context<Config>) -> Result<(), Error> {
+    xcluster_runtime::telemetry::describe(crate::metrics::DESCRIPTIONS);
     let cfg = ctx.config();
     let drain = ctx.shutdown.drain_token();
     let run_dir = statefile::RunDir::acquire(&cfg.run_dir)?;

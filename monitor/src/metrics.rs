@@ -9,16 +9,18 @@ use xcluster_runtime::telemetry::{Exposition, Kind, set_collector};
 use crate::machine::State;
 use crate::status::{ProcStatus, Snapshot};
 
-/// 1 while the process is RUNNING.
-pub const PROGRAM_UP: &str = "xcluster_monitor_program_up";
-/// The state as a number: 0 STOPPED, 1 STARTING, 2 RUNNING, 3 BACKOFF, 4 STOPPING, 5 EXITED, 6 FATAL.
-pub const PROGRAM_STATE: &str = "xcluster_monitor_program_state";
-/// Restarts the monitor made by itself since it started (a crash, BACKOFF, a FATAL retry); not those asked for.
-pub const PROGRAM_RESTARTS_TOTAL: &str = "xcluster_monitor_program_restarts_total";
-/// 1 while the process passes its readiness (or is RUNNING without one).
-pub const PROGRAM_READY: &str = "xcluster_monitor_program_ready";
-/// Supervised processes.
-pub const PROGRAMS: &str = "xcluster_monitor_programs";
+xcluster_runtime::metric_names! {
+    /// 1 while the process is RUNNING.
+    pub const PROGRAM_UP: &str = "xcluster_monitor_program_up";
+    /// The state as a number: 0 STOPPED, 1 STARTING, 2 RUNNING, 3 BACKOFF, 4 STOPPING, 5 EXITED, 6 FATAL.
+    pub const PROGRAM_STATE: &str = "xcluster_monitor_program_state";
+    /// Restarts the monitor made by itself since it started (a crash, BACKOFF, a FATAL retry); not those asked for.
+    pub const PROGRAM_RESTARTS_TOTAL: &str = "xcluster_monitor_program_restarts_total";
+    /// 1 while the process passes its readiness (or is RUNNING without one).
+    pub const PROGRAM_READY: &str = "xcluster_monitor_program_ready";
+    /// Supervised processes.
+    pub const PROGRAMS: &str = "xcluster_monitor_programs";
+}
 
 /// Installs the collector that writes these series from the latest status at each scrape, so a program a
 /// reload removed leaves `/metrics` with it.

@@ -58,6 +58,7 @@ where
     Fut: Future<Output = Result<(), E>>,
 {
     let _ = crate::telemetry::set_filter(loaded.config.log_filter());
+    crate::telemetry::describe(crate::metrics::DESCRIPTIONS);
     metrics::gauge!(crate::metrics::BUILD_INFO, "role" => C::ROLE, "version" => env!("CARGO_PKG_VERSION"))
         .set(1.0);
     let internal = CancellationToken::new();

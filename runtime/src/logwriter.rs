@@ -17,7 +17,6 @@ use tracing_subscriber::fmt::MakeWriter;
 
 /// Lines waiting for the writer thread.
 pub const QUEUE_LINES: usize = 16_384;
-pub const LOG_LINES_DROPPED_TOTAL: &str = "xcluster_log_lines_dropped_total";
 
 enum Out {
     Line(Vec<u8>),
@@ -125,7 +124,7 @@ impl Write for LineWriter<'_> {
             Ok(()) => {}
             Err(TrySendError::Full(_)) => {
                 self.queue.dropped.fetch_add(1, Ordering::Relaxed);
-                metrics::counter!(LOG_LINES_DROPPED_TOTAL).increment(1);
+                metrics::counter!(crate::metrics::LOG_LINES_DROPPED_TOTAL).increment(1);
             }
             // The writer thread is gone (the process is ending): nothing to do.
             Err(TrySendError::Disconnected(_)) => {}

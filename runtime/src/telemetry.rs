@@ -19,6 +19,8 @@ static PROMETHEUS: OnceLock<PrometheusHandle> = OnceLock::new();
 static COLLECTORS: Mutex<BTreeMap<&'static str, Collector>> = Mutex::new(BTreeMap::new());
 static PRUNERS: Mutex<BTreeMap<&'static str, Pruner>> = Mutex::new(BTreeMap::new());
 static FILTER: OnceLock<reload::Handle<EnvFilter, tracing_subscriber::Registry>> = OnceLock::new();
+/// Each metric's `# HELP` text, for the families collectors write ([`Exposition::family`]).
+static HELP: Mutex<BTreeMap<&'static str, String>> = Mutex::new(BTreeMap::new());
 
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -129,6 +131,25 @@ pub fn prometheus() -> &'static PrometheusHandle {
         Ok(h) => h,
         Err(_) => with_buckets().build_recorder().handle(),
     })
+}
+
+/// Gives each metric of `names` (name, doc comment: a [`crate::metric_names`] list) its `# HELP` line, for the
+/// recorder's series and the collectors' alike. Call once the process's metrics start, before any scrape.
+pub fn describe(names: &[(&'static str, &'static str)]) {
+    prometheus();
+    let mut help = HELP.lock().unwrap_or_else(|e| e.into_inner());
+    for (name, doc) in names {
+        let text = help_text(doc);
+        // This recorder keeps one description per name, whatever the kind.
+        metrics::describe_counter!(*name, text.clone());
+        help.insert(name, text);
+    }
+}
+
+/// A doc comment as one line of help: its lines joined, and intra-doc links shown as plain code.
+fn help_text(doc: &str) -> String {
+    let words: Vec<&str> = doc.split_whitespace().collect();
+    words.join(" ").replace("[`", "`").replace("`]", "`")
 }
 
 /// Bucket bounds of every `*_seconds` histogram: 50 µs (a connect on one host) to 10 s (a connect timeout).
@@ -253,6 +274,9 @@ impl Exposition {
             Kind::Gauge => "gauge",
             Kind::Counter => "counter",
         };
+        if let Some(help) = HELP.lock().unwrap_or_else(|e| e.into_inner()).get(name) {
+            let _ = writeln!(self.text, "# HELP {name} {help}");
+        }
         let _ = writeln!(self.text, "# TYPE {name} {kind}");
     }
 
@@ -324,6 +348,25 @@ mod tests {
             let e = check_filter(bad).unwrap_err();
             assert!(e.contains("unknown level"), "{bad}: {e}");
         }
+    }
+
+    /// A described metric gets its doc comment, on one line and without link brackets, as `# HELP`, from the
+    /// recorder and from a collector alike.
+    #[test]
+    fn a_described_metric_has_its_help_line() {
+        describe(&[
+            ("t_helped", " Clients waiting, see [`Queue`]:\n by `type`."),
+            ("t_helped_total", " Things done."),
+        ]);
+        let mut out = Exposition::default();
+        out.family("t_helped", Kind::Gauge);
+        assert_eq!(
+            out.text(),
+            "# HELP t_helped Clients waiting, see `Queue`: by `type`.\n# TYPE t_helped gauge\n"
+        );
+        metrics::counter!("t_helped_total").increment(1);
+        let text = render_metrics();
+        assert!(text.contains("# HELP t_helped_total Things done.\n"), "{text}");
     }
 
     #[test]

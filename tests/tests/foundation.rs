@@ -189,6 +189,8 @@ fn printing_commands_end_quietly_when_their_reader_is_gone() {
     }
 }
 
+/// Every role serves its admin endpoints; each metric family on `/metrics` has its `# HELP` (its doc
+/// comment) before its `# TYPE`.
 #[test]
 fn admin_endpoints_answer_on_every_role() {
     for role in ROLES {
@@ -198,11 +200,19 @@ fn admin_endpoints_answer_on_every_role() {
         assert_eq!(get(addr, "/livez").unwrap().status, 200);
         let metrics = get(addr, "/metrics").unwrap();
         assert_eq!(metrics.status, 200);
-        assert!(
-            metrics.body.contains("xcluster_config_reload_failures_total"),
-            "{}",
-            metrics.body
-        );
+        let m = &metrics.body;
+        assert!(m.contains("xcluster_config_reload_failures_total"), "{m}");
+        let helped: Vec<&str> = (m.lines())
+            .filter_map(|l| l.strip_prefix("# HELP "))
+            .filter_map(|l| l.split(' ').next())
+            .collect();
+        let typed: Vec<&str> = (m.lines())
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .filter_map(|l| l.split(' ').next())
+            .collect();
+        assert!(!typed.is_empty(), "{m}");
+        let missing: Vec<&&str> = typed.iter().filter(|t| !helped.contains(t)).collect();
+        assert!(missing.is_empty(), "{role}: no # HELP for {missing:?}");
         drop(p);
     }
 }

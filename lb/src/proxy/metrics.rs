@@ -16,80 +16,93 @@ use super::access::Side;
 use super::config::ListenerConfig;
 use super::queue::Queue;
 
-pub const ACCEPTED_TOTAL: &str = "xcluster_lb_proxy_connections_accepted_total";
-pub const ACTIVE: &str = "xcluster_lb_proxy_connections_active";
-/// Connections closed because no backend could be reached.
-pub const FAILED_TOTAL: &str = "xcluster_lb_proxy_connections_failed_total";
-/// Connections closed as soon as accepted: their client held `max_connections_per_client` already, or was
-/// over its `max_connection_rate_per_client`.
-pub const REJECTED_TOTAL: &str = "xcluster_lb_proxy_connections_rejected_total";
-/// Connections closed before any backend was tried, on listeners with `accept_proxy`: no valid PROXY header
-/// within the connect timeout.
-pub const HEADER_ERRORS_TOTAL: &str = "xcluster_lb_proxy_header_errors_total";
-/// Connections on a listener with `sni` by where their TLS hello sent them: `to="routed"`, the type its
-/// server name maps to; `to="default"`, the listener's own type (no hello, no name, or a name not listed);
-/// `to="refused"`, closed instead, on listeners with `sni_only`.
-pub const SNI_TOTAL: &str = "xcluster_lb_proxy_sni_total";
-/// Connections closed as soon as accepted: the listener's `allow`/`deny` keep their client out.
-pub const DENIED_TOTAL: &str = "xcluster_lb_proxy_connections_denied_total";
-pub const ACCEPT_ERRORS_TOTAL: &str = "xcluster_lb_proxy_accept_errors_total";
-/// Times a listener's accept waited for its `max_connection_rate` (its clients waited in its queue).
-pub const RATE_WAITS_TOTAL: &str = "xcluster_lb_proxy_rate_waits_total";
-pub const IDLE_TIMEOUTS_TOTAL: &str = "xcluster_lb_proxy_idle_timeouts_total";
-/// A listener's own `max_connections` (0: only the proxy-wide limit), set on each (re)load.
-pub const LISTENER_MAX_CONNECTIONS: &str = "xcluster_lb_proxy_listener_max_connections";
-/// Established connections ended by a socket error, most often a reset, by the `side` it came from:
-/// `client` or `backend` (HAProxy's `cli_abrt` and `srv_abrt`).
-pub const CONNECTION_ERRORS_TOTAL: &str = "xcluster_lb_proxy_connection_errors_total";
-/// Connect attempts beyond the first (redispatch to another backend).
-pub const RETRIES_TOTAL: &str = "xcluster_lb_proxy_retries_total";
-/// Connections that waited for a place because every backend was at its `max_connections`.
-pub const QUEUED_TOTAL: &str = "xcluster_lb_proxy_connections_queued_total";
-/// Connections waiting for a place now, by `request_type` (HAProxy's `qcur`, which is per backend pool).
-pub const WAITING: &str = "xcluster_lb_proxy_connections_waiting";
-/// Bytes by `direction`: `up` is client to backend, `down` backend to client.
-pub const LISTENER_BYTES_TOTAL: &str = "xcluster_lb_proxy_listener_bytes_total";
-pub const BACKEND_CONNECTS_TOTAL: &str = "xcluster_lb_proxy_backend_connects_total";
-pub const BACKEND_CONNECT_FAILURES_TOTAL: &str = "xcluster_lb_proxy_backend_connect_failures_total";
-pub const BACKEND_ACTIVE: &str = "xcluster_lb_proxy_backend_connections_active";
-pub const BACKEND_BYTES_TOTAL: &str = "xcluster_lb_proxy_backend_bytes_total";
-/// 1 from a failed connect to the backend until the next one that succeeds (it is held out of the picks
-/// meanwhile, see `health`), else 0.
-pub const BACKEND_FAILING: &str = "xcluster_lb_proxy_backend_failing";
-/// 1 for a backend configured as a `backup`, 0 for the others; set for every configured backend on each
-/// (re)load, so `/v1/status` lists them all before any connection.
-pub const BACKEND_BACKUP: &str = "xcluster_lb_proxy_backend_backup";
-pub const BACKEND_CHECK_FAILURES_TOTAL: &str = "xcluster_lb_proxy_backend_check_failures_total";
-/// Established connections closed because health checks put their backend down (`close_on_down`).
-pub const BACKEND_CLOSED_ON_DOWN_TOTAL: &str = "xcluster_lb_proxy_backend_closed_on_down_total";
-/// A configured backend's `max_connections` (0: no cap), set on each (re)load.
-pub const BACKEND_MAX_CONNECTIONS: &str = "xcluster_lb_proxy_backend_max_connections";
-/// 1 for each backend of the config, 0 once a reload removed it; `/v1/status` leaves removed ones out. A
-/// backend the directory routes to has none (and is listed while its counters exist).
-pub const BACKEND_CONFIGURED: &str = "xcluster_lb_proxy_backend_configured";
-/// A configured backend's `weight` (0: drained), set on each (re)load.
-pub const BACKEND_WEIGHT: &str = "xcluster_lb_proxy_backend_weight";
-/// Picks that passed a backend over because it had `max_connections` open.
-pub const BACKEND_FULL_TOTAL: &str = "xcluster_lb_proxy_backend_full_total";
-pub const BACKEND_CONNECT_SECONDS: &str = "xcluster_lb_proxy_backend_connect_seconds";
-/// Worker threads, labelled with the `runtime` they run (after any fallback from `io_uring`).
-pub const WORKERS: &str = "xcluster_lb_proxy_workers";
-/// Receives of the io_uring runtime that found every provided buffer in use and waited for one.
-pub const BUFFER_WAITS_TOTAL: &str = "xcluster_lb_proxy_buffer_waits_total";
-/// Receives of the io_uring runtime paused because their direction's destination is not keeping up.
-pub const RECEIVE_PAUSES_TOTAL: &str = "xcluster_lb_proxy_receive_pauses_total";
-/// Bytes the io_uring runtime's bulk streams spliced (socket → pipe → socket, never through the process).
-pub const SPLICED_BYTES_TOTAL: &str = "xcluster_lb_proxy_spliced_bytes_total";
-/// Provided buffers of the io_uring runtime holding bytes received and not yet sent on, over all workers.
-pub const BUFFERS_HELD: &str = "xcluster_lb_proxy_buffers_held";
-pub const LISTENER_BIND_FAILURES_TOTAL: &str = "xcluster_lb_proxy_listener_bind_failures_total";
-/// 1 while a listener a reload added cannot bind its address (retried every second), else 0.
-pub const LISTENER_UNBOUND: &str = "xcluster_lb_proxy_listener_unbound";
-/// 1 for each listener of the config, labelled with its `addr`, its request `type` and `types`, every type its
-/// connections may take (its own and its `sni`'s, sorted, comma-separated); 0 once a reload removed it
-/// (Prometheus's info idiom). `/v1/status` takes a listener's address from it, sums the queues of its `types`
-/// and leaves removed ones out.
-pub const LISTENER_INFO: &str = "xcluster_lb_proxy_listener_info";
+xcluster_runtime::metric_names! {
+    /// Connections accepted, by `listener`.
+    pub const ACCEPTED_TOTAL: &str = "xcluster_lb_proxy_connections_accepted_total";
+    /// Connections open now, by `listener`: accepted and not yet closed (waiting, connecting or established).
+    pub const ACTIVE: &str = "xcluster_lb_proxy_connections_active";
+    /// Connections closed because no backend could be reached.
+    pub const FAILED_TOTAL: &str = "xcluster_lb_proxy_connections_failed_total";
+    /// Connections closed as soon as accepted: their client held `max_connections_per_client` already, or was
+    /// over its `max_connection_rate_per_client`.
+    pub const REJECTED_TOTAL: &str = "xcluster_lb_proxy_connections_rejected_total";
+    /// Connections closed before any backend was tried, on listeners with `accept_proxy`: no valid PROXY header
+    /// within the connect timeout.
+    pub const HEADER_ERRORS_TOTAL: &str = "xcluster_lb_proxy_header_errors_total";
+    /// Connections on a listener with `sni` by where their TLS hello sent them: `to="routed"`, the type its
+    /// server name maps to; `to="default"`, the listener's own type (no hello, no name, or a name not listed);
+    /// `to="refused"`, closed instead, on listeners with `sni_only`.
+    pub const SNI_TOTAL: &str = "xcluster_lb_proxy_sni_total";
+    /// Connections closed as soon as accepted: the listener's `allow`/`deny` keep their client out.
+    pub const DENIED_TOTAL: &str = "xcluster_lb_proxy_connections_denied_total";
+    /// Accepts that failed (out of descriptors or memory, or aborted by the client); the loop backs off and goes on.
+    pub const ACCEPT_ERRORS_TOTAL: &str = "xcluster_lb_proxy_accept_errors_total";
+    /// Times a listener's accept waited for its `max_connection_rate` (its clients waited in its queue).
+    pub const RATE_WAITS_TOTAL: &str = "xcluster_lb_proxy_rate_waits_total";
+    /// Connections closed for being idle longer than their `idle_timeout_ms` (or half-closed past `fin_timeout_ms`).
+    pub const IDLE_TIMEOUTS_TOTAL: &str = "xcluster_lb_proxy_idle_timeouts_total";
+    /// A listener's own `max_connections` (0: only the proxy-wide limit), set on each (re)load.
+    pub const LISTENER_MAX_CONNECTIONS: &str = "xcluster_lb_proxy_listener_max_connections";
+    /// Established connections ended by a socket error, most often a reset, by the `side` it came from:
+    /// `client` or `backend` (HAProxy's `cli_abrt` and `srv_abrt`).
+    pub const CONNECTION_ERRORS_TOTAL: &str = "xcluster_lb_proxy_connection_errors_total";
+    /// Connect attempts beyond the first (redispatch to another backend).
+    pub const RETRIES_TOTAL: &str = "xcluster_lb_proxy_retries_total";
+    /// Connections that waited for a place because every backend was at its `max_connections`.
+    pub const QUEUED_TOTAL: &str = "xcluster_lb_proxy_connections_queued_total";
+    /// Connections waiting for a place now, by `request_type` (HAProxy's `qcur`, which is per backend pool).
+    pub const WAITING: &str = "xcluster_lb_proxy_connections_waiting";
+    /// Bytes by `direction`: `up` is client to backend, `down` backend to client.
+    pub const LISTENER_BYTES_TOTAL: &str = "xcluster_lb_proxy_listener_bytes_total";
+    /// Connects to a backend that succeeded, by `backend`.
+    pub const BACKEND_CONNECTS_TOTAL: &str = "xcluster_lb_proxy_backend_connects_total";
+    /// Connects to a backend that failed (refused, unreachable or timed out), by `backend`.
+    pub const BACKEND_CONNECT_FAILURES_TOTAL: &str = "xcluster_lb_proxy_backend_connect_failures_total";
+    /// Connections open now to a backend, by `backend`.
+    pub const BACKEND_ACTIVE: &str = "xcluster_lb_proxy_backend_connections_active";
+    /// Bytes to and from a backend by `direction`: `up` is client to backend, `down` backend to client.
+    pub const BACKEND_BYTES_TOTAL: &str = "xcluster_lb_proxy_backend_bytes_total";
+    /// 1 from a failed connect to the backend until the next one that succeeds (it is held out of the picks
+    /// meanwhile, see `health`), else 0.
+    pub const BACKEND_FAILING: &str = "xcluster_lb_proxy_backend_failing";
+    /// 1 for a backend configured as a `backup`, 0 for the others; set for every configured backend on each
+    /// (re)load, so `/v1/status` lists them all before any connection.
+    pub const BACKEND_BACKUP: &str = "xcluster_lb_proxy_backend_backup";
+    /// Active health checks of a backend that failed (HAProxy's `chkfail`).
+    pub const BACKEND_CHECK_FAILURES_TOTAL: &str = "xcluster_lb_proxy_backend_check_failures_total";
+    /// Established connections closed because health checks put their backend down (`close_on_down`).
+    pub const BACKEND_CLOSED_ON_DOWN_TOTAL: &str = "xcluster_lb_proxy_backend_closed_on_down_total";
+    /// A configured backend's `max_connections` (0: no cap), set on each (re)load.
+    pub const BACKEND_MAX_CONNECTIONS: &str = "xcluster_lb_proxy_backend_max_connections";
+    /// 1 for each backend of the config, 0 once a reload removed it; `/v1/status` leaves removed ones out. A
+    /// backend the directory routes to has none (and is listed while its counters exist).
+    pub const BACKEND_CONFIGURED: &str = "xcluster_lb_proxy_backend_configured";
+    /// A configured backend's `weight` (0: drained), set on each (re)load.
+    pub const BACKEND_WEIGHT: &str = "xcluster_lb_proxy_backend_weight";
+    /// Picks that passed a backend over because it had `max_connections` open.
+    pub const BACKEND_FULL_TOTAL: &str = "xcluster_lb_proxy_backend_full_total";
+    /// Time to connect to a backend, seconds, by `backend`.
+    pub const BACKEND_CONNECT_SECONDS: &str = "xcluster_lb_proxy_backend_connect_seconds";
+    /// Worker threads, labelled with the `runtime` they run (after any fallback from `io_uring`).
+    pub const WORKERS: &str = "xcluster_lb_proxy_workers";
+    /// Receives of the io_uring runtime that found every provided buffer in use and waited for one.
+    pub const BUFFER_WAITS_TOTAL: &str = "xcluster_lb_proxy_buffer_waits_total";
+    /// Receives of the io_uring runtime paused because their direction's destination is not keeping up.
+    pub const RECEIVE_PAUSES_TOTAL: &str = "xcluster_lb_proxy_receive_pauses_total";
+    /// Bytes the io_uring runtime's bulk streams spliced (socket → pipe → socket, never through the process).
+    pub const SPLICED_BYTES_TOTAL: &str = "xcluster_lb_proxy_spliced_bytes_total";
+    /// Provided buffers of the io_uring runtime holding bytes received and not yet sent on, over all workers.
+    pub const BUFFERS_HELD: &str = "xcluster_lb_proxy_buffers_held";
+    /// Times a listener a reload added could not bind its address (it is retried every second).
+    pub const LISTENER_BIND_FAILURES_TOTAL: &str = "xcluster_lb_proxy_listener_bind_failures_total";
+    /// 1 while a listener a reload added cannot bind its address (retried every second), else 0.
+    pub const LISTENER_UNBOUND: &str = "xcluster_lb_proxy_listener_unbound";
+    /// 1 for each listener of the config, labelled with its `addr`, its request `type` and `types`, every type its
+    /// connections may take (its own and its `sni`'s, sorted, comma-separated); 0 once a reload removed it
+    /// (Prometheus's info idiom). `/v1/status` takes a listener's address from it, sums the queues of its `types`
+    /// and leaves removed ones out.
+    pub const LISTENER_INFO: &str = "xcluster_lb_proxy_listener_info";
+}
 
 /// Sets [`LISTENER_INFO`]: 0 for each listener of `old` that `new` no longer has (same name, address and
 /// types), 1 for each of `new`.
