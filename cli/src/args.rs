@@ -169,8 +169,9 @@ pub enum CtlVerb {
     /// Drain instances on every balancer the monitor watches: their directory weight goes to 0, so new
     /// clients and L4 proxy connections go elsewhere, while established ones run on. An L4 proxy backend
     /// of `[[proxy.backends]]` is named by its address (`127.0.0.1:8001`), as HAProxy's `set server state
-    /// drain`. Needs the balancers' admin token (`--token`); kept until `undrain`: a balancer that restarts
-    /// takes it from its peers.
+    /// drain`. Needs the monitor's token (`--token`), which the monitor passes on to every balancer, so they
+    /// share it as their `[admin] token` (as `xcluster up` sets them); kept until `undrain`: a balancer that
+    /// restarts takes it from its peers.
     Drain {
         /// Instance ids (`host-a/app-1`) or proxy backend addresses (`127.0.0.1:8001`).
         #[arg(required = true)]

@@ -328,9 +328,15 @@ async fn drive(args: LoadArgs, targets: Vec<Vec<std::net::SocketAddr>>) -> Resul
     }
     let mut report = recorder.report(via, mode, started.elapsed());
     report.interrupted = stopped.load(Ordering::Relaxed);
-    if !args.keep_orders {
-        report.released = Some(release_unpaid(&ctx, &target, timeout).await);
-    }
+    report.released = Some(if args.keep_orders {
+        let (ids, forgotten) = ctx.take_unpaid();
+        report::Released {
+            kept: ids.len() as u64 + forgotten,
+            ..Default::default()
+        }
+    } else {
+        release_unpaid(&ctx, &target, timeout).await
+    });
     if args.json {
         println!(
             "{}",

@@ -35,11 +35,14 @@ fn up(a: args::UpArgs) -> i32 {
             overrides: args.set.clone(),
             use_env: true,
         };
-        // Not while another monitor holds the run directory: this one is about to fail on it, and said
-        // "dashboard at" first. The lock is let go at once; the monitor takes it for good.
+        // Not while another process has the port or another monitor the run directory: this one is about to
+        // fail on it, and said "dashboard at" first. Both are let go at once; the monitor takes them for good.
         let loaded = xcluster_runtime::config::load::<xcluster_monitor::Config>(&source);
         let free = |l: &xcluster_runtime::config::Loaded<xcluster_monitor::Config>| {
-            xcluster_monitor::statefile::RunDir::acquire(&l.config.run_dir).is_ok()
+            // As the monitor binds it (SO_REUSEADDR: a port with connections left in TIME_WAIT is free).
+            xcluster_runtime::net::bind_std(&xcluster_runtime::net::ListenOptions::new(l.config.listen))
+                .is_ok()
+                && xcluster_monitor::statefile::RunDir::acquire(&l.config.run_dir).is_ok()
         };
         if let Some(l) = loaded.ok().filter(free) {
             println!(

@@ -140,6 +140,15 @@ fn up_starts_the_local_cluster_in_order_and_sigint_stops_everything() {
         second.stderr()
     );
     assert!(!second.stdout().contains("dashboard at"), "{}", second.stdout());
+    // Nor with a run directory of its own, on the port the first one has.
+    let other = tempfile::tempdir().unwrap();
+    let run_dir = format!("run_dir={}", other.path().display());
+    let argv: Vec<&str> = argv.iter().copied().chain(["--set", &run_dir]).collect();
+    let mut third = Proc::xcluster("up-elsewhere", &argv);
+    let code = third.wait_exit(Duration::from_secs(15));
+    assert!(code.is_some_and(|c| c != 0), "{code:?}: {}", third.stderr());
+    assert!(third.stderr().contains("cannot listen on"), "{}", third.stderr());
+    assert!(!third.stdout().contains("dashboard at"), "{}", third.stdout());
 
     let pids: Vec<i32> = names.iter().map(|n| m.pid(n).unwrap()).collect();
 

@@ -124,11 +124,13 @@ fn describe(p: &Value) -> String {
         let w: Vec<&str> = w.iter().filter_map(Value::as_str).collect();
         parts.push(format!("waiting for {}", w.join(", ")));
     }
-    for key in ["fatal_reason", "spawn_error"] {
-        if let Some(s) = p[key].as_str() {
-            parts.push(s.to_string());
-        }
-    }
+    // Why it fails, while it does: a stopped program's old failure read as a current one.
+    let why = match p["state"].as_str() {
+        Some("FATAL") => p["fatal_message"].as_str().or(p["fatal_reason"].as_str()),
+        Some("BACKOFF") => p["spawn_error"].as_str(),
+        _ => None,
+    };
+    parts.extend(why.map(str::to_string));
     if p["update_pending"] == true {
         parts.push("runs an older config (a restart applies the new one)".into());
     }
@@ -461,5 +463,23 @@ mod tests {
         let starting =
             serde_json::json!({ "state": "STARTING", "pid": 5, "readiness": probe, "ready": false });
         assert_eq!(describe(&starting), "pid 5, not ready");
+    }
+
+    #[test]
+    fn a_failure_is_shown_only_while_it_lasts() {
+        let failed = |state: &str| {
+            describe(&serde_json::json!({
+                "state": state,
+                "fatal_reason": "too many start retries too quickly",
+                "fatal_message": "spawn error: no such file, gave up after 3 tries",
+                "spawn_error": "no such file",
+            }))
+        };
+        assert_eq!(
+            failed("FATAL"),
+            "spawn error: no such file, gave up after 3 tries"
+        );
+        assert_eq!(failed("BACKOFF"), "no such file");
+        assert_eq!(failed("STOPPED"), "");
     }
 }

@@ -329,7 +329,7 @@ pub struct Report {
     pub timeline: Vec<Interval>,
     /// SIGINT or SIGTERM ended the run before its duration or request count.
     pub interrupted: bool,
-    /// The unpaid orders cancelled after the run (`None` with `--keep-orders`).
+    /// The run's unpaid orders: cancelled after it, or kept (`--keep-orders`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub released: Option<Released>,
 }
@@ -343,6 +343,8 @@ pub struct Released {
     /// Not remembered (more unpaid orders than the run keeps ids of); they hold their stock until the app's
     /// reservation time is up.
     pub forgotten: u64,
+    /// Left as they are (`--keep-orders`): they hold their stock until paid, cancelled or expired.
+    pub kept: u64,
 }
 
 /// One timeline line's backend shares, and its end.
@@ -407,15 +409,21 @@ impl Report {
                 out += &format!("    refused {kind}: {n}\n");
             }
         }
-        if let Some(r) = self
-            .released
-            .as_ref()
-            .filter(|r| r.cancelled + r.failed + r.forgotten > 0)
-        {
-            out += &format!(
-                "\nunpaid orders cancelled after the run: {} ({} failed, {} forgotten; --keep-orders keeps them)\n",
-                r.cancelled, r.failed, r.forgotten
-            );
+        match &self.released {
+            Some(r) if r.kept > 0 => {
+                out += &format!(
+                    "\nunpaid orders kept: {} (each holds its stock until paid, cancelled, or expired after the \
+                     app's reservation_ttl_ms)\n",
+                    r.kept
+                );
+            }
+            Some(r) if r.cancelled + r.failed + r.forgotten > 0 => {
+                out += &format!(
+                    "\nunpaid orders cancelled after the run: {} ({} failed, {} forgotten; --keep-orders keeps them)\n",
+                    r.cancelled, r.failed, r.forgotten
+                );
+            }
+            _ => {}
         }
         out += "\nbackend share (all types):\n";
         for (b, s) in &self.backends {
@@ -523,6 +531,31 @@ mod tests {
         assert_eq!(line("order")[3..8], ["-"; 5], "{text}");
         assert!(!text.contains("0.00 "), "{text}");
         assert_eq!(line("browse")[3..8], ["3.00"; 5], "{text}");
+    }
+
+    /// The run's unpaid orders are accounted for: cancelled, or kept with what that holds.
+    #[test]
+    fn the_report_says_what_became_of_unpaid_orders() {
+        let mut rep = Recorder::new(vec!["order"]).report("sdk", "closed".into(), Duration::from_secs(1));
+        assert!(!rep.text().contains("unpaid orders"), "nothing placed");
+        rep.released = Some(Released {
+            cancelled: 7,
+            failed: 1,
+            ..Default::default()
+        });
+        assert!(
+            rep.text()
+                .contains("unpaid orders cancelled after the run: 7 (1 failed, 0 forgotten")
+        );
+        rep.released = Some(Released {
+            kept: 5,
+            ..Default::default()
+        });
+        assert!(
+            rep.text().contains("unpaid orders kept: 5 (each holds its stock"),
+            "{}",
+            rep.text()
+        );
     }
 
     #[test]
