@@ -149,8 +149,9 @@ fn check_labels(a: &LoadArgs, mix: &Mix) -> Result<(), String> {
             return Err(format!("--targets: {l:?} is named twice"));
         }
     }
-    let drawn = mix.kinds.iter().map(|k| k.name);
-    match drawn.clone().find(|k| bare == 0 && !labels.contains(k)) {
+    // A plain address takes every type not named.
+    let unserved = mix.kinds.iter().map(|k| k.name).find(|k| !labels.contains(k));
+    match unserved.filter(|_| bare == 0) {
         Some(k) => Err(format!(
             "--targets names no listener for {k:?} (TYPE=ADDR, or a plain ADDR for the rest)"
         )),

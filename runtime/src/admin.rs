@@ -74,9 +74,7 @@ pub async fn serve_api(
     limits: crate::http::ServerLimits,
     shutdown: &Shutdown,
 ) -> Result<std::net::SocketAddr, ListenError> {
-    let (local, server) = bind_api(addr, health, handler, limits, shutdown.drain_token())?;
-    shutdown.spawn(server);
-    Ok(local)
+    Ok(serve_api_on(listen_api(addr)?, health, handler, limits, shutdown))
 }
 
 /// [`serve_api`] on its own `drain` signal, returning the server's task: it ends once `drain` fired and
@@ -89,8 +87,9 @@ pub async fn spawn_api(
     limits: crate::http::ServerLimits,
     drain: tokio_util::sync::CancellationToken,
 ) -> Result<(std::net::SocketAddr, tokio::task::JoinHandle<()>), ListenError> {
-    let (local, server) = bind_api(addr, health, handler, limits, drain)?;
-    Ok((local, tokio::spawn(server)))
+    let l = listen_api(addr)?;
+    let local = l.local;
+    Ok((local, tokio::spawn(l.server(health, handler, limits, drain))))
 }
 
 /// A role's API address, bound but not served yet: clients wait in its backlog until [`serve_api_on`].
@@ -98,6 +97,19 @@ pub async fn spawn_api(
 pub struct ApiListener {
     listener: tokio::net::TcpListener,
     local: std::net::SocketAddr,
+}
+
+impl ApiListener {
+    /// The server of `handler` behind the admin endpoints on this address, until `drain`.
+    fn server(
+        self,
+        health: Health,
+        handler: Handler,
+        limits: crate::http::ServerLimits,
+        drain: tokio_util::sync::CancellationToken,
+    ) -> impl std::future::Future<Output = ()> + use<> {
+        crate::http::serve(self.listener, wrap(health, handler), limits, drain)
+    }
 }
 
 /// Binds `addr`, for a role that must know its port is its own before it does work that leaves traces (the
@@ -118,30 +130,7 @@ pub fn serve_api_on(
     limits: crate::http::ServerLimits,
     shutdown: &Shutdown,
 ) -> std::net::SocketAddr {
-    shutdown.spawn(crate::http::serve(
-        l.listener,
-        wrap(health, handler),
-        limits,
-        shutdown.drain_token(),
-    ));
-    l.local
-}
-
-/// Binds `addr` and returns the server to run.
-fn bind_api(
-    addr: std::net::SocketAddr,
-    health: Health,
-    handler: Handler,
-    limits: crate::http::ServerLimits,
-    drain: tokio_util::sync::CancellationToken,
-) -> Result<
-    (
-        std::net::SocketAddr,
-        impl std::future::Future<Output = ()> + use<>,
-    ),
-    ListenError,
-> {
-    let l = listen_api(addr)?;
-    let handler = wrap(health, handler);
-    Ok((l.local, crate::http::serve(l.listener, handler, limits, drain)))
+    let local = l.local;
+    shutdown.spawn(l.server(health, handler, limits, shutdown.drain_token()));
+    local
 }

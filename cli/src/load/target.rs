@@ -142,8 +142,7 @@ impl Target {
                     // `load::check` saw that every type of the mix has one.
                     return Err(("no_target".into(), String::new()));
                 };
-                let addr = &addr;
-                let resp = direct(*addr, req, timeout)
+                let resp = direct(addr, req, timeout)
                     .await
                     .map_err(|kind| (kind, format!("via {addr}")))?;
                 let who = resp

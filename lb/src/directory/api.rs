@@ -241,14 +241,14 @@ fn unknown_instance(dir: &Directory, id: &str) -> String {
     let suffix = format!("/{id}");
     let addr = id.parse::<SocketAddr>().ok();
     // An instance is drained by its id, not by its address.
-    let at_addr = addr.and_then(|a| (dir.status().instances.into_iter()).find(|i| i.addr == a.to_string()));
+    let at_addr = addr.and_then(|a| dir.instance_at(a));
     let mut msg = if addr.is_some() {
         format!("no instance {id:?} in the table, and no [[proxy.backends]] at that address")
     } else {
         format!("no instance {id:?} in the table")
     };
     if let Some(i) = at_addr {
-        msg += &format!("; the instance at that address is {:?}", i.id);
+        msg += &format!("; the instance at that address is {i:?}");
     } else if let [only] = ids.iter().filter(|k| k.ends_with(&suffix)).collect::<Vec<_>>()[..] {
         msg += &format!("; did you mean {only:?}?");
     } else if !ids.is_empty() {

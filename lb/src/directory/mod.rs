@@ -357,6 +357,13 @@ impl Directory {
         })
     }
 
+    /// The id of an instance the table has at `addr`.
+    pub fn instance_at(&self, addr: SocketAddr) -> Option<String> {
+        (self.table().instances.values())
+            .find(|i| i.addr == addr)
+            .map(|i| i.id.to_string())
+    }
+
     /// The ids of the instances in the table, in order.
     pub fn instance_ids(&self) -> Vec<String> {
         self.table().instances.keys().map(ToString::to_string).collect()

@@ -456,11 +456,9 @@ pub fn status(text: &str) -> ProxyStatus {
         }
     }
     for l in listeners.values_mut() {
-        // A listener with `sni` queues its clients under each type they are routed to.
-        l.waiting = match types.get(&l.name).filter(|t| !t.is_empty()) {
-            Some(t) => t.split(',').filter_map(|ty| waiting.get(ty)).sum(),
-            None => waiting.get(&l.request_type).copied().unwrap_or(0),
-        };
+        // Its clients queue under each type they are routed to (its `sni` may route them to several).
+        let of = |t: &String| t.split(',').filter_map(|ty| waiting.get(ty)).sum();
+        l.waiting = types.get(&l.name).map_or(0, of);
     }
     // A listener a reload removed keeps its counters in `/metrics`, but is no longer one of the proxy's.
     listeners.retain(|name, _| listed.get(name).copied().unwrap_or(true));
