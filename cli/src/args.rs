@@ -182,6 +182,18 @@ pub enum CtlVerb {
         #[arg(required = true)]
         ids: Vec<String>,
     },
+    /// Set a server's weight on every balancer the monitor watches, as HAProxy's `set server weight`: `10%`
+    /// gives an instance that share of the weight its load gives it (a canary), or a proxy backend that
+    /// share of its configured `weight`; a plain number (`7`) replaces a proxy backend's configured weight;
+    /// `100%` undoes it. Established connections are not touched. Needs the monitor's token, as `drain`;
+    /// kept across reloads and taken by a balancer that restarts from its peers.
+    Weight {
+        /// `0%` to `1000%`, or for a proxy backend `0` to `1000000`.
+        weight: xcluster_proto::directory::WeightSet,
+        /// Instance ids (`host-a/app-1`) or proxy backend addresses (`127.0.0.1:8001`).
+        #[arg(required = true)]
+        ids: Vec<String>,
+    },
     /// Show what a reload would change (added / changed / removed programs).
     Reread,
     /// Apply the reloaded config, touching only what changed.

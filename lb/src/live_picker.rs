@@ -42,8 +42,13 @@ impl BackendPicker for LivePicker {
         if self.fixed.serves(request_type) {
             // A fixed backend that an agent reports follows its drain and readiness as the directory does,
             // so `xcluster ctl drain` and an app's `deregister_ms` reach it within a report, not after
-            // `check_fall` health checks.
-            self.dir.with_withheld(|out| {
+            // `check_fall` health checks. The weights set at run time live in the directory too, so that
+            // peers share them; the fixed table is rebuilt the first pick after they change.
+            self.dir.with_snapshot(|snap| {
+                if snap.backend_weights.version != self.fixed.weights_version() {
+                    self.fixed.set_weights(&snap.backend_weights);
+                }
+                let out = &snap.withheld;
                 if out.is_empty() {
                     return self.fixed.pick(request_type, exclude, conn);
                 }

@@ -21,6 +21,8 @@ use xcluster_runtime::http::{
 };
 use xcluster_runtime::reload::{Cause, Reloader};
 
+use xcluster_proto::directory::{ServerAction, WeightSet};
+
 use crate::config::Config;
 use crate::events::Bus;
 use crate::status::{Command, CommandError, Reply, Request as CmdRequest, Snapshot};
@@ -59,6 +61,7 @@ fn allowed(segs: &[&str]) -> Option<&'static str> {
             "start" | "stop" | "restart" | "clear" | "signal",
         ] => Some("POST"),
         ["v1", "cluster", "servers", id @ .., "drain" | "undrain"] if !id.is_empty() => Some("POST"),
+        ["v1", "cluster", "servers", id @ .., "weight", _] if !id.is_empty() => Some("POST"),
         _ => None,
     }
 }
@@ -126,15 +129,20 @@ impl Api {
             (&Method::POST, ["v1", "cluster", "servers", id @ .., verb @ ("drain" | "undrain")])
                 if !id.is_empty() =>
             {
-                // Decoded as text first, so the 400 is built once, not carried through the iterator.
-                let raw = id.join("/");
-                match id
-                    .iter()
-                    .map(|s| percent_decode_path(s))
-                    .collect::<Result<Vec<_>, _>>()
-                {
-                    Ok(id) => self.drain(&id.join("/"), *verb == "drain").await,
-                    Err(_) => bad_path(&raw),
+                match decode_id(id) {
+                    Ok(id) => {
+                        self.server_action(&id, ServerAction::Drain(*verb == "drain"))
+                            .await
+                    }
+                    Err(()) => bad_path(&id.join("/")),
+                }
+            }
+            (&Method::POST, ["v1", "cluster", "servers", id @ .., "weight", value]) if !id.is_empty() => {
+                let set = percent_decode_path(value).map(|v| v.parse::<WeightSet>());
+                match (decode_id(id), set) {
+                    (Ok(id), Ok(Ok(set))) => self.server_action(&id, ServerAction::Weight(set)).await,
+                    (_, Ok(Err(why))) => error(StatusCode::BAD_REQUEST, "bad_weight", &why),
+                    _ => bad_path(&id.join("/")),
                 }
             }
             // `name` may list several, comma-separated (no program name holds a comma): one command, so a
@@ -199,9 +207,9 @@ impl Api {
         }
     }
 
-    /// Drains or undrains instance `id` on every balancer (see `cluster::drain`): 200 with each one's
-    /// result, whatever they are.
-    async fn drain(&self, id: &str, on: bool) -> Response<Body> {
+    /// Drains, undrains or sets the weight of instance `id` on every balancer (see
+    /// `cluster::server_action`): 200 with each one's result, whatever they are.
+    async fn server_action(&self, id: &str, action: ServerAction) -> Response<Body> {
         if id.is_empty() || id.len() > xcluster_proto::report::MAX_ID_BYTES {
             let msg = format!(
                 "an instance id is 1 to {} bytes",
@@ -217,7 +225,8 @@ impl Api {
                 "no balancers configured ([cluster] balancers)",
             );
         }
-        let results = crate::cluster::drain(&cfg.balancers, id, on, &cfg.token, cfg.cluster_timeout).await;
+        let results =
+            crate::cluster::server_action(&cfg.balancers, id, action, &cfg.token, cfg.cluster_timeout).await;
         for r in &results {
             tracing::info!(balancer = %r.balancer, instance = id, result = r.result, "{}", r.outcome);
         }
@@ -529,6 +538,12 @@ fn rolling_of(query: Option<&str>) -> Result<Option<Duration>, Response<Body>> {
 #[allow(clippy::result_large_err)] // the error is the answer itself, built once per request
 fn decode(segment: &str) -> Result<String, Response<Body>> {
     percent_decode_path(segment).map_err(|_| bad_path(segment))
+}
+
+/// An instance id from its path segments (it may hold `/`, sent as `%2F` or as it is).
+fn decode_id(segments: &[&str]) -> Result<String, ()> {
+    let parts = (segments.iter()).map(|s| percent_decode_path(s).map_err(|_| ()));
+    Ok(parts.collect::<Result<Vec<_>, _>>()?.join("/"))
 }
 
 fn bad_path(segment: &str) -> Response<Body> {

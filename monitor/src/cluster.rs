@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use xcluster_proto::directory::ServerAction;
 
 /// Largest status body accepted from a balancer. A balancer's status lists every instance it knows (a few
 /// hundred bytes each, more with many request types), so thousands of instances make several MiB; 16 MiB
@@ -53,31 +54,31 @@ async fn one(addr: SocketAddr, timeout: Duration) -> BalancerView {
     }
 }
 
-/// What one balancer said to a drain or undrain.
+/// What one balancer said to a drain, an undrain or a weight.
 #[derive(Debug, Serialize)]
-pub struct DrainResult {
+pub struct ActionResult {
     pub balancer: String,
     pub id: String,
     /// `ok`, `unknown_instance`, `token_refused`, `down` or `failed`.
     pub result: &'static str,
-    /// For people: `drained`, `undrained`, or what went wrong.
+    /// For people: `drained`, `undrained`, `weight 50%`, or what went wrong.
     pub outcome: String,
 }
 
-/// Drains (`on`) or undrains instance `id` on every balancer in `balancers` at once, through each one's
-/// `POST /v1/servers/ID/drain` with `token` (the monitor's own: balancers take the same, as `xcluster up`
-/// sets them).
-pub async fn drain(
+/// Drains, undrains or sets the weight of instance `id` on every balancer in `balancers` at once, through
+/// each one's `POST /v1/servers/ID/drain` (`undrain`, `weight/50%25`) with `token` (the monitor's own:
+/// balancers take the same, as `xcluster up` sets them).
+pub async fn server_action(
     balancers: &[SocketAddr],
     id: &str,
-    on: bool,
+    action: ServerAction,
     token: &str,
     timeout: Duration,
-) -> Vec<DrainResult> {
-    let verb = if on { "drain" } else { "undrain" };
+) -> Vec<ActionResult> {
     let path = format!(
-        "/v1/servers/{}/{verb}",
-        xcluster_runtime::http::percent_encode(id)
+        "/v1/servers/{}/{}",
+        xcluster_runtime::http::percent_encode(id),
+        action.path()
     );
     let calls = balancers.iter().map(|&addr| {
         let path = &path;
@@ -88,13 +89,13 @@ pub async fn drain(
                     .map_or_else(|| format!("status {status}"), str::to_string)
             };
             let (result, outcome) = match call(addr, "POST", path, Some(token), timeout).await {
-                Ok((200, _)) => ("ok", format!("{verb}ed")),
+                Ok((200, _)) => ("ok", action.done()),
                 Ok((401, _)) => ("token_refused", "the balancer refused the token".into()),
                 Ok((404, body)) => ("unknown_instance", message(&body, 404)),
                 Ok((status, body)) => ("failed", message(&body, status)),
                 Err(e) => ("down", format!("down: {e}")),
             };
-            DrainResult {
+            ActionResult {
                 balancer: addr.to_string(),
                 id: id.to_string(),
                 result,
@@ -190,6 +191,7 @@ fn dechunk(mut b: &[u8]) -> Option<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
+    use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     /// A balancer that answers one request with `answer` and sends the request's head back on `tx`.
@@ -217,7 +219,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn drain_calls_every_balancer_and_tells_each_answer() {
+    async fn an_action_calls_every_balancer_and_tells_each_answer() {
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         let not_found = "HTTP/1.1 404 Not Found\r\ncontent-length: 63\r\n\r\n\
                          {\"error\":{\"code\":\"unknown_instance\",\"message\":\"no such thing\"}}";
@@ -235,7 +237,8 @@ mod tests {
             .local_addr()
             .unwrap();
         let timeout = std::time::Duration::from_secs(5);
-        let got = super::drain(&[ok, refused, unknown, down], "h/app 1", true, "tok", timeout).await;
+        let balancers = [ok, refused, unknown, down];
+        let got = server_action(&balancers, "h/app 1", ServerAction::Drain(true), "tok", timeout).await;
         let results: Vec<(&str, &str)> = got.iter().map(|r| (r.result, r.outcome.as_str())).collect();
         assert_eq!(
             results[..3],
@@ -254,6 +257,17 @@ mod tests {
             );
             assert!(head.contains("\r\nAuthorization: Bearer tok\r\n"), "{head}");
         }
+        // A weight goes the same way, its `%` encoded, and is told as set.
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let ok = balancer("HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}", tx).await;
+        let weight = ServerAction::Weight("10%".parse().unwrap());
+        let got = server_action(&[ok], "h/a", weight, "tok", timeout).await;
+        assert_eq!((got[0].result, got[0].outcome.as_str()), ("ok", "weight 10%"));
+        let head = rx.recv().await.unwrap();
+        assert!(
+            head.starts_with("POST /v1/servers/h%2Fa/weight/10%25 HTTP/1.1\r\n"),
+            "{head}"
+        );
     }
 
     /// A balancer whose status is over the limit is reported as too large, not as "not JSON" from a body

@@ -93,6 +93,10 @@ pub struct LbStatus {
     /// The instance ids drained on this balancer, reported or not: a balancer that starts takes its peers'
     /// so that a drain outlives its restart.
     pub drained: Vec<String>,
+    /// The weights set at run time on this balancer (`xcluster ctl weight`), by instance id or proxy
+    /// backend address, as [`WeightSet`] writes them: a starting balancer takes its peers', as it takes
+    /// their drains.
+    pub weights: BTreeMap<String, String>,
 }
 
 /// The L4 proxy's counters, the same values `/metrics` shows, for the dashboard.
@@ -180,6 +184,8 @@ pub struct ProxyBackendStatus {
     /// Drained at run time, by its address or its instance's id (`xcluster ctl drain`): no new connections
     /// until undrained, whatever its `weight`.
     pub drained: bool,
+    /// Its weight as set at run time (`xcluster ctl weight`), which `weight` is the configured one beneath.
+    pub weight_set: Option<String>,
 }
 
 /// One instance as the dashboard shows it.
@@ -201,6 +207,120 @@ pub struct InstanceStatus {
     /// The smoothed mean service time per request type, in milliseconds, that the weight compares with its
     /// peers' (absent for a type without recent requests).
     pub service_ms: BTreeMap<String, f64>,
+    /// The share of its load-driven weight it is given, set at run time (`xcluster ctl weight ID 10%`).
+    pub weight_set: Option<String>,
+}
+
+/// Largest percentage a run-time weight may scale a weight by.
+pub const MAX_WEIGHT_PERCENT: u32 = 1000;
+/// Largest weight a proxy backend may be set to at run time (as its configured `weight`).
+pub const MAX_BACKEND_WEIGHT: u32 = 1_000_000;
+
+/// A weight set at run time on a server, HAProxy's `set server weight`: a percentage of the weight it would
+/// have (its configured weight, or the load-driven weight the directory gives an instance), or, for a
+/// `[[proxy.backends]]` entry, a weight of its own in place of the configured one. Written `50%` or `7`.
+///
+/// ```
+/// use xcluster_proto::directory::WeightSet;
+/// let w: WeightSet = "25%".parse().unwrap();
+/// assert_eq!(w, WeightSet::Percent(25));
+/// assert_eq!(w.apply(200), 50);
+/// assert_eq!("7".parse::<WeightSet>().unwrap().apply(200), 7);
+/// assert!("-1".parse::<WeightSet>().is_err());
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum WeightSet {
+    /// Of the weight it would have, 0..=[`MAX_WEIGHT_PERCENT`]. `100%` is no change.
+    Percent(u32),
+    /// In place of its configured weight, 0..=[`MAX_BACKEND_WEIGHT`]; proxy backends only.
+    Absolute(u32),
+}
+
+impl WeightSet {
+    /// The weight a server of weight `weight` gets. A percentage that is not 0 leaves a server that had a
+    /// weight at least 1, so a small share never rounds to a drain.
+    pub fn apply(self, weight: u32) -> u32 {
+        match self {
+            WeightSet::Absolute(w) => w,
+            WeightSet::Percent(p) => {
+                let scaled = u64::from(weight) * u64::from(p) / 100;
+                let floor = u64::from(p > 0 && weight > 0);
+                u32::try_from(scaled.max(floor)).unwrap_or(u32::MAX)
+            }
+        }
+    }
+
+    /// Whether it leaves every weight as it is (`100%`): setting it clears what was set.
+    pub fn is_neutral(self) -> bool {
+        self == WeightSet::Percent(100)
+    }
+}
+
+/// What an operator asks of a server on every balancer (`xcluster ctl drain|undrain|weight`), as the path
+/// under its id: `POST /v1/servers/{id}/drain`, `/undrain` or `/weight/{value}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ServerAction {
+    /// Drain (`true`) or undrain.
+    Drain(bool),
+    Weight(WeightSet),
+}
+
+impl ServerAction {
+    /// The path under the server's id, percent-encoded (`weight/50%25`).
+    pub fn path(self) -> String {
+        match self {
+            ServerAction::Drain(true) => "drain".into(),
+            ServerAction::Drain(false) => "undrain".into(),
+            ServerAction::Weight(w) => format!("weight/{}", w.to_string().replace('%', "%25")),
+        }
+    }
+
+    /// What was done, for people: `drained`, `undrained`, `weight 50%`.
+    pub fn done(self) -> String {
+        match self {
+            ServerAction::Drain(true) => "drained".into(),
+            ServerAction::Drain(false) => "undrained".into(),
+            ServerAction::Weight(w) => format!("weight {w}"),
+        }
+    }
+}
+
+impl std::fmt::Display for WeightSet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            WeightSet::Percent(p) => write!(f, "{p}%"),
+            WeightSet::Absolute(w) => write!(f, "{w}"),
+        }
+    }
+}
+
+impl std::str::FromStr for WeightSet {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || {
+            format!(
+                "weight {:?}: a percentage 0% to {MAX_WEIGHT_PERCENT}% of the weight it would have, or a proxy \
+                 backend's own weight 0 to {MAX_BACKEND_WEIGHT}",
+                s.chars().take(32).collect::<String>()
+            )
+        };
+        let digits = |d: &str| -> Result<u32, String> {
+            if d.is_empty() || d.len() > 7 || !d.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(bad());
+            }
+            d.parse().map_err(|_| bad())
+        };
+        match s.trim().strip_suffix('%') {
+            Some(p) => Some(digits(p)?)
+                .filter(|&p| p <= MAX_WEIGHT_PERCENT)
+                .map(WeightSet::Percent),
+            None => Some(digits(s.trim())?)
+                .filter(|&w| w <= MAX_BACKEND_WEIGHT)
+                .map(WeightSet::Absolute),
+        }
+        .ok_or_else(bad)
+    }
 }
 
 /// Why a directory answer was refused by a client.

@@ -400,6 +400,7 @@ fn ctl_cluster_shows_balancers_and_their_proxies() {
             "25.0%",
             "-",
             "-",
+            "50%",
             "7500",
             "5000"
         ]),
@@ -450,6 +451,7 @@ fn ctl_cluster_shows_balancers_and_their_proxies() {
             "MiB",
             "0",
             "(drain)",
+            "3",
             "failing",
             "drained",
             "backup"

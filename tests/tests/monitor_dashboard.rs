@@ -108,6 +108,7 @@ fn the_dashboard_shows_programs_and_the_cluster_and_reacts_to_a_restart() {
             && dom.contains("<button data-drain=\"app-7\" data-action=\"drain\">drain</button>")
             && dom.contains(">7500<")
             && dom.contains(">25.0%<")
+            && dom.contains(">50%<")
             && dom.contains("w(order)"),
         "{dom}"
     );
@@ -139,7 +140,7 @@ fn the_dashboard_shows_programs_and_the_cluster_and_reacts_to_a_restart() {
     assert!(
         dom.contains(
             "<tr data-backend=\"127.0.0.1:7101\"><td>127.0.0.1:7101</td><td>2</td><td>64</td><td>1233</td><td>1</td><td>12</td><td>13</td>\
-             <td>15</td><td>2.0 KiB</td><td>5.0 MiB</td><td>0 (drain)</td><td>failing</td><td>drained</td><td>backup</td>\
+             <td>15</td><td>2.0 KiB</td><td>5.0 MiB</td><td>0 (drain)</td><td>3</td><td>failing</td><td>drained</td><td>backup</td>\
              <td><button data-drain=\"127.0.0.1:7101\" data-action=\"undrain\">undrain</button></td></tr>"
         ),
         "{dom}"

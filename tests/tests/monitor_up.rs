@@ -120,6 +120,45 @@ fn up_starts_the_local_cluster_in_order_and_sigint_stops_everything() {
     );
     assert!(!c.balancers.iter().any(|&b| drained(b)));
     ctl("xcluster-local", &["drain", "local/nope"], 1, "no instance");
+    // `ctl weight` the same way: a share of app-1's weight on both balancers, shown in their status, and
+    // 100% undoes it; a weight of its own is refused for an instance.
+    let weight_set = |b: std::net::SocketAddr| {
+        let st = get(b, "/v1/status").unwrap().json();
+        let apps = st["instances"].as_array().unwrap().clone();
+        let app = apps.into_iter().find(|i| i["id"] == "local/app-1");
+        app.map(|i| i["weight_set"].clone())
+    };
+    ctl(
+        "xcluster-local",
+        &["weight", "10%", "local/app-1"],
+        0,
+        "local/app-1  weight 10%",
+    );
+    assert!(c.balancers.iter().all(|&b| weight_set(b) == Some("10%".into())));
+    ctl(
+        "xcluster-local",
+        &["weight", "7", "local/app-1"],
+        1,
+        "set a share of it",
+    );
+    ctl(
+        "xcluster-local",
+        &["weight", "100%", "local/app-1"],
+        0,
+        "local/app-1  weight 100%",
+    );
+    assert!(
+        c.balancers
+            .iter()
+            .all(|&b| weight_set(b) == Some(serde_json::Value::Null))
+    );
+    ctl_says(
+        "xcluster-local",
+        &["weight", "half", "local/app-1"],
+        2,
+        "a percentage",
+        1,
+    );
     ctl_says(
         "wrong",
         &["drain", "local/app-1"],

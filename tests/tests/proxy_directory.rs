@@ -7,6 +7,7 @@
 #[path = "directory_support/mod.rs"]
 mod support;
 
+use serde_json::json;
 use std::cell::Cell;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -110,8 +111,87 @@ fn proxy_routes_by_the_directory_and_respects_drain() {
         "drained instance to leave the proxy's choice",
         || (0..40).all(|_| through(proxy) == "B").then_some(()),
     );
+
+    // Undrained, then given 0% of its load-driven weight at run time: out of the proxy's choice again, though
+    // its state stays up; 100% brings it back. A weight of its own is for proxy backends only.
+    assert_eq!(set_drain(api, "h1/a", "undrain").status, 200);
+    let weight_set = || {
+        let st = get(api, "/v1/status").unwrap().json();
+        let a = st["instances"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|i| i["id"] == "h1/a")
+            .cloned();
+        (a.unwrap()["weight_set"].clone(), st["weights"].clone())
+    };
+    let r = set_drain(api, "h1/a", "weight/0%25");
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(weight_set(), (json!("0%"), json!({"h1/a": "0%"})));
+    eventually(
+        Duration::from_secs(10),
+        "an instance at 0% to leave the proxy's choice",
+        || (0..40).all(|_| through(proxy) == "B").then_some(()),
+    );
+    let r = set_drain(api, "h1/a", "weight/7");
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert!(r.body.contains("set a share of it"), "{}", r.body);
+    assert_eq!(set_drain(api, "h1/a", "weight/100%25").status, 200);
+    assert_eq!(weight_set(), (json!(null), json!({})));
+    eventually(Duration::from_secs(10), "A back at its whole weight", || {
+        let seen: std::collections::BTreeSet<String> = (0..40).map(|_| through(proxy)).collect();
+        (seen.contains("A") && seen.contains("B")).then_some(())
+    });
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     reporter.join().unwrap();
+}
+
+/// A `[[proxy.backends]]` entry's weight is set at run time by its address (HAProxy's `set server weight`):
+/// a weight of its own, or a share of its configured one; `100%` gives it back.
+#[test]
+fn a_fixed_backend_takes_a_weight_set_at_run_time() {
+    // Bound whole first: the lb and its directory live as long as `lb`.
+    let lb = ab_lb();
+    let AB { api, proxy, a, b, .. } = lb;
+    let seen = || {
+        (0..40)
+            .map(|_| through(proxy))
+            .collect::<std::collections::BTreeSet<String>>()
+    };
+    let both = || {
+        eventually(Duration::from_secs(10), "A and B both picked", || {
+            let seen = seen();
+            (seen.contains("A") && seen.contains("B")).then_some(())
+        })
+    };
+    let weight_set = |addr: SocketAddr| {
+        let st = get(api, "/v1/status").unwrap().json();
+        let backends = st["proxy"]["backends"].as_array().unwrap().clone();
+        let row = backends.iter().find(|r| r["addr"] == addr.to_string()).cloned();
+        row.unwrap_or_else(|| panic!("{addr} not in {st}"))["weight_set"].clone()
+    };
+    both();
+    // Its own weight 0: applied with the answer, every new connection goes to B.
+    let r = set_drain(api, &a.to_string(), "weight/0");
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(seen(), ["B".to_string()].into());
+    assert_eq!((weight_set(a), weight_set(b)), (json!("0"), json!(null)));
+    // A share of it: 0% of B's, with A back at 50% of its own, leaves only A.
+    assert_eq!(set_drain(api, &a.to_string(), "weight/50%25").status, 200);
+    assert_eq!(set_drain(api, &b.to_string(), "weight/0%25").status, 200);
+    assert_eq!(seen(), ["A".to_string()].into());
+    // Refused: a weight out of range, and an address that is no backend.
+    let r = set_drain(api, &a.to_string(), "weight/1001%25");
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert!(r.body.contains("bad_weight"), "{}", r.body);
+    let r = set_drain(api, &free_addr().to_string(), "weight/5");
+    assert_eq!(r.status, 404, "{}", r.body);
+    // 100% clears it.
+    for backend in [a, b] {
+        assert_eq!(set_drain(api, &backend.to_string(), "weight/100%25").status, 200);
+        assert_eq!(weight_set(backend), json!(null));
+    }
+    both();
 }
 
 /// With `warmup_ms`, a starting balancer serves its API (agents must reach it) but is not ready and leaves

@@ -1,6 +1,7 @@
-//! `ctl cluster`, `drain` and `undrain`: the balancers the monitor watches, as tables.
+//! `ctl cluster`, `drain`, `undrain` and `weight`: the balancers the monitor watches, as tables.
 
 use serde_json::Value;
+use xcluster_proto::directory::ServerAction;
 use xcluster_runtime::http::percent_encode;
 
 use super::{Client, EXIT_FAILED, EXIT_NOPERM, EXIT_NOT_RUNNING, Failure, check, items, worst};
@@ -68,18 +69,22 @@ pub(super) fn cluster(c: &Client, as_json: bool) -> Result<i32, Failure> {
     Ok(code)
 }
 
-/// Drains (`on`) or undrains instances `ids` on every balancer the monitor watches: the monitor calls each
-/// balancer's own API with its token (`POST /v1/cluster/servers/ID/drain`). One line per balancer and
-/// instance; the exit code is the worst seen: 77 a refused token, 3 a balancer that does not answer, 1 an
-/// instance a balancer does not know.
-pub(super) fn drain(c: &Client, ids: &[String], on: bool, as_json: bool) -> Result<i32, Failure> {
-    let verb = if on { "drain" } else { "undrain" };
+/// Drains, undrains or sets the weight of instances `ids` on every balancer the monitor watches: the
+/// monitor calls each balancer's own API with its token (`POST /v1/cluster/servers/ID/drain`, `undrain`,
+/// `weight/50%25`). One line per balancer and instance; the exit code is the worst seen: 77 a refused
+/// token, 3 a balancer that does not answer, 1 an instance a balancer does not know or a weight it refused.
+pub(super) fn server_action(
+    c: &Client,
+    ids: &[String],
+    action: ServerAction,
+    as_json: bool,
+) -> Result<i32, Failure> {
     let mut code = 0;
     let mut results = Vec::new();
     for id in ids {
         let r = c.call(
             "POST",
-            &format!("/v1/cluster/servers/{}/{verb}", percent_encode(id)),
+            &format!("/v1/cluster/servers/{}/{}", percent_encode(id), action.path()),
         )?;
         check(&r)?;
         for b in items(&r.json()["results"]) {
@@ -117,6 +122,7 @@ const INSTANCE_COLUMNS: &[Column] = &[
     ("cpu", "cpu", percent),
     ("mem", "mem", percent),
     ("queue", "queue", percent),
+    ("weight set", "weight_set", cell),
 ];
 
 const LISTENER_COLUMNS: &[Column] = &[
@@ -160,6 +166,7 @@ const BACKEND_COLUMNS: &[Column] = &[
         Some(0) => "0 (drain)".into(),
         Some(n) => n.to_string(),
     }),
+    ("weight set", "weight_set", cell),
     ("state", "failing", |v| flag(v, "failing", "ok")),
     ("drain", "drained", |v| flag(v, "drained", "-")),
     ("tier", "backup", |v| flag(v, "backup", "primary")),

@@ -19,8 +19,9 @@ mod cluster;
 mod programs;
 mod stream;
 
-use cluster::{cluster, drain};
+use cluster::{cluster, server_action};
 use programs::{action, pid, plan, rolling_restart, rolling_update, status};
+use xcluster_proto::directory::ServerAction;
 
 const EXIT_FAILED: i32 = 1;
 const EXIT_NOT_RUNNING: i32 = 3;
@@ -142,8 +143,9 @@ fn run_verb(c: &Client, args: &CtlArgs) -> Result<i32, Failure> {
             Ok(code)
         }
         CtlVerb::Cluster => cluster(c, args.json),
-        CtlVerb::Drain { ids } => drain(c, ids, true, args.json),
-        CtlVerb::Undrain { ids } => drain(c, ids, false, args.json),
+        CtlVerb::Drain { ids } => server_action(c, ids, ServerAction::Drain(true), args.json),
+        CtlVerb::Undrain { ids } => server_action(c, ids, ServerAction::Drain(false), args.json),
+        CtlVerb::Weight { weight, ids } => server_action(c, ids, ServerAction::Weight(*weight), args.json),
         CtlVerb::Reread => plan(c, "/v1/reread", false, args.json),
         CtlVerb::Update { rolling: false } => plan(c, "/v1/update", true, args.json),
         CtlVerb::Update { rolling: true } => rolling_update(c, args),

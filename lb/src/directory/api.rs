@@ -1,5 +1,6 @@
 //! The directory's HTTP API: `POST /v1/reports`, `GET /v1/servers?type=T[&watch=V[&wait_ms=N]]`, `GET /v1/pick?type=T`,
-//! `POST /v1/servers/{id}/drain|undrain` (bearer token) and `GET /v1/status`. Every refusal is a JSON error
+//! `POST /v1/servers/{id}/drain|undrain` and `POST /v1/servers/{id}/weight/{50%|7}` (bearer token) and
+//! `GET /v1/status`. Every refusal is a JSON error
 //! from `runtime::http::error` with a 4xx status; nothing here panics on input.
 
 use std::net::SocketAddr;
@@ -8,14 +9,14 @@ use std::time::Duration;
 
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
-use xcluster_proto::directory::InstanceState;
+use xcluster_proto::directory::{InstanceState, ServerAction, WeightSet};
 use xcluster_proto::report::{self, AGENT_HEADER, MAX_REPORT_BYTES, ReportError, SIGNATURE_HEADER};
 use xcluster_runtime::http::{
     Body, BodyError, Handler, authorize, error, json, method_not_allowed, percent_decode_path, query_pairs,
     read_body, with_type,
 };
 
-use super::{Directory, QueryError};
+use super::{Directory, QueryError, SetWeightError};
 use crate::metrics;
 
 /// How long a report body may take to arrive.
@@ -46,15 +47,17 @@ async fn route(dir: Directory, req: Request<Incoming>) -> Response<Body> {
             let drained: Vec<&String> = status.drained.iter().chain(by_instance).collect();
             for b in &mut status.proxy.backends {
                 b.drained = drained.contains(&&b.addr);
+                b.weight_set = status.weights.get(&b.addr).cloned();
             }
             json(StatusCode::OK, &status)
         }
         ("/v1/reports", _) => method_not_allowed(&method, &path, "POST"),
         ("/v1/servers" | "/v1/pick" | "/v1/status", _) => method_not_allowed(&method, &path, "GET"),
-        _ => match drain_target(&path) {
+        _ => match server_action(&path) {
             Some(_) if method != Method::POST => method_not_allowed(&method, &path, "POST"),
-            Some(Err(why)) => error(StatusCode::BAD_REQUEST, "bad_id", &why),
-            Some(Ok((id, on))) => drain(&dir, &req, &id, on),
+            Some(Err((code, why))) => error(StatusCode::BAD_REQUEST, code, &why),
+            Some(Ok((id, ServerAction::Drain(on)))) => drain(&dir, &req, &id, on),
+            Some(Ok((id, ServerAction::Weight(set)))) => weight(&dir, &req, &id, set),
             None => error(
                 StatusCode::NOT_FOUND,
                 "not_found",
@@ -195,27 +198,41 @@ fn pick(dir: &Directory, query: Option<&str>) -> Response<Body> {
     }
 }
 
-/// `/v1/servers/{id}/drain` or `/undrain` → (decoded id, drain?), or why the id cannot be one; `None` for
-/// another path. Ids may contain `/` (`host/app-1`).
-fn drain_target(path: &str) -> Option<Result<(String, bool), String>> {
+/// A 400's error code and why.
+type Refusal = (&'static str, String);
+
+/// `/v1/servers/{id}/drain`, `/undrain` or `/weight/{value}` → (decoded id, action), or the error code and
+/// why not; `None` for another path. Ids may contain `/` (`host/app-1`).
+fn server_action(path: &str) -> Option<Result<(String, ServerAction), Refusal>> {
     let rest = path.strip_prefix("/v1/servers/")?;
-    let (raw, on) = if let Some(id) = rest.strip_suffix("/drain") {
-        (id, true)
+    let (raw, action) = if let Some(id) = rest.strip_suffix("/drain") {
+        (id, Ok(ServerAction::Drain(true)))
+    } else if let Some(id) = rest.strip_suffix("/undrain") {
+        (id, Ok(ServerAction::Drain(false)))
     } else {
-        (rest.strip_suffix("/undrain")?, false)
+        let (before, value) = rest.rsplit_once('/')?;
+        let id = before.strip_suffix("/weight")?;
+        let set = (value.len() <= 64)
+            .then(|| percent_decode_path(value).ok())
+            .flatten()
+            .ok_or_else(|| "a weight is `50%` (sent as `50%25`) or `7`".to_string())
+            .and_then(|v| v.parse::<WeightSet>());
+        (id, set.map(ServerAction::Weight))
     };
     let decoded = (raw.len() <= 3 * report::MAX_ID_BYTES)
         .then(|| percent_decode_path(raw).ok())
         .flatten()
         // A proxy backend's address may be IPv6 (`[::1]:8001`), whose brackets no id holds.
         .filter(|id| report::valid_id(id) || id.parse::<SocketAddr>().is_ok());
-    Some(decoded.map(|id| (id, on)).ok_or_else(|| {
+    let Some(id) = decoded else {
         let raw = report::shown(raw);
-        format!(
+        let why = format!(
             "instance id {raw:?}: {}, or a proxy backend's IP:PORT",
             report::ID_RULE
-        )
-    }))
+        );
+        return Some(Err(("bad_id", why)));
+    };
+    Some(action.map(|a| (id, a)).map_err(|why| ("bad_weight", why)))
 }
 
 fn drain(dir: &Directory, req: &Request<Incoming>, id: &str, on: bool) -> Response<Body> {
@@ -231,6 +248,27 @@ fn drain(dir: &Directory, req: &Request<Incoming>, id: &str, on: bool) -> Respon
             "unknown_instance",
             &unknown_instance(dir, id),
         )
+    }
+}
+
+fn weight(dir: &Directory, req: &Request<Incoming>, id: &str, set: WeightSet) -> Response<Body> {
+    if let Err(refused) = authorize(req, &dir.settings().admin_token, "[admin] token") {
+        return refused;
+    }
+    match dir.set_weight(id, set) {
+        Ok(id) => {
+            tracing::info!(instance = id, weight = %set, "run-time weight set");
+            json(
+                StatusCode::OK,
+                &serde_json::json!({"id": id, "weight": set.to_string()}),
+            )
+        }
+        Err(SetWeightError::Unknown) => error(
+            StatusCode::NOT_FOUND,
+            "unknown_instance",
+            &unknown_instance(dir, id),
+        ),
+        Err(e) => error(StatusCode::BAD_REQUEST, "bad_weight", &e.to_string()),
     }
 }
 
@@ -270,30 +308,56 @@ mod tests {
     use super::*;
 
     #[test]
-    fn drain_paths() {
+    fn server_action_paths() {
+        let ok = |id: &str, a: ServerAction| Some(Ok((id.to_string(), a)));
+        let refused = |path: &str| matches!(server_action(path), Some(Err(_)));
         assert_eq!(
-            drain_target("/v1/servers/h%2Fa/drain"),
-            Some(Ok(("h/a".into(), true)))
+            server_action("/v1/servers/h%2Fa/drain"),
+            ok("h/a", ServerAction::Drain(true))
         );
         assert_eq!(
-            drain_target("/v1/servers/h/a/undrain"),
-            Some(Ok(("h/a".into(), false)))
+            server_action("/v1/servers/h/a/undrain"),
+            ok("h/a", ServerAction::Drain(false))
         );
-        assert!(matches!(drain_target("/v1/servers//drain"), Some(Err(_))));
+        assert!(refused("/v1/servers//drain"));
         let long = format!("/v1/servers/{}/drain", "a".repeat(400));
-        assert!(matches!(drain_target(&long), Some(Err(_))));
-        assert!(
-            matches!(drain_target("/v1/servers/a%3Cb/drain"), Some(Err(_))),
-            "not an id's charset"
-        );
-        assert!(matches!(drain_target("/v1/servers/a%zz/drain"), Some(Err(_))));
-        assert_eq!(drain_target("/v1/servers/x/other"), None);
+        assert!(refused(&long));
+        assert!(refused("/v1/servers/a%3Cb/drain"), "not an id's charset");
+        assert!(refused("/v1/servers/a%zz/drain"));
+        assert_eq!(server_action("/v1/servers/x/other"), None);
         // A proxy backend's IPv6 address, brackets and all; brackets alone are no id.
         assert_eq!(
-            drain_target("/v1/servers/%5B::1%5D:8001/drain"),
-            Some(Ok(("[::1]:8001".into(), true)))
+            server_action("/v1/servers/%5B::1%5D:8001/drain"),
+            ok("[::1]:8001", ServerAction::Drain(true))
         );
-        assert!(matches!(drain_target("/v1/servers/[x]/drain"), Some(Err(_))));
+        assert!(refused("/v1/servers/[x]/drain"));
+        // Weights: a percentage (its `%` encoded) or a backend's own weight; an id may hold `/`.
+        assert_eq!(
+            server_action("/v1/servers/h/a/weight/25%25"),
+            ok("h/a", ServerAction::Weight(WeightSet::Percent(25)))
+        );
+        assert_eq!(
+            server_action("/v1/servers/127.0.0.1:8001/weight/7"),
+            ok("127.0.0.1:8001", ServerAction::Weight(WeightSet::Absolute(7)))
+        );
+        for bad in ["-1", "1001%25", "x", "", "5%25%25", "%zz", "99999999"] {
+            let got = server_action(&format!("/v1/servers/h/a/weight/{bad}"));
+            assert!(matches!(got, Some(Err(("bad_weight", _)))), "{bad}: {got:?}");
+        }
+        assert_eq!(server_action("/v1/servers/h/a/weigh/5"), None);
+        // What the monitor sends, read back.
+        for a in [
+            "drain",
+            "undrain",
+            "weight/0%25",
+            "weight/1000%25",
+            "weight/1000000",
+        ] {
+            let Some(Ok((id, action))) = server_action(&format!("/v1/servers/h/a/{a}")) else {
+                panic!("{a}");
+            };
+            assert_eq!((id.as_str(), action.path().as_str()), ("h/a", a));
+        }
     }
 
     #[test]

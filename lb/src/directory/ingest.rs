@@ -179,9 +179,10 @@ mod tests {
     use xcluster_proto::report::{HostLoad, InstanceLoad};
 
     use super::*;
-    use crate::directory::Settings;
     use crate::directory::weights::Params;
+    use crate::directory::{SetWeightError, Settings};
     use std::time::Duration;
+    use xcluster_proto::directory::WeightSet;
 
     fn dir() -> Directory {
         Directory::new(Settings {
@@ -418,7 +419,7 @@ mod tests {
         let d = dir();
         let b = body(1, wall_ms());
         d.ingest(&b, Some(&report::sign(b"k", &b)), None).unwrap();
-        let withheld = || d.with_withheld(<[SocketAddr]>::to_vec);
+        let withheld = || d.with_snapshot(|s| s.withheld.clone());
         let backend: SocketAddr = "127.0.0.1:8001".parse().unwrap();
         // Written another way, the same address, kept as the backend's label.
         assert_eq!(
@@ -441,5 +442,51 @@ mod tests {
         assert_eq!(withheld(), ["10.0.0.9:1".parse::<SocketAddr>().unwrap()]);
         assert_eq!(d.set_drained("10.0.0.9:1", false).as_deref(), Some("10.0.0.9:1"));
         assert_eq!(withheld(), []);
+    }
+
+    #[test]
+    fn a_run_time_weight_scales_an_instance_and_replaces_a_backends() {
+        let d = dir();
+        let b = body(1, wall_ms());
+        d.ingest(&b, Some(&report::sign(b"k", &b)), None).unwrap();
+        let weight = |d: &Directory| d.status().instances[0].weights["default"];
+        let full = weight(&d);
+        assert!(full >= 10, "{full}");
+        let set = |id: &str, w: &str| d.set_weight(id, w.parse().unwrap());
+        // An instance gets a share of its load-driven weight, shown in its status and kept for peers.
+        assert_eq!(set("h/a", "10%").unwrap(), "h/a");
+        assert_eq!(weight(&d), full / 10);
+        assert_eq!(d.status().instances[0].weight_set.as_deref(), Some("10%"));
+        assert_eq!(d.status().weights["h/a"], "10%");
+        // A weight of its own is for proxy backends only; an unknown id is refused.
+        assert!(matches!(
+            set("h/a", "7"),
+            Err(SetWeightError::InstanceAbsolute(_))
+        ));
+        assert!(matches!(set("nope", "5%"), Err(SetWeightError::Unknown)));
+        assert!(matches!(set("127.0.0.1:8002", "5"), Err(SetWeightError::Unknown)));
+        // 100% clears it.
+        set("h/a", "100%").unwrap();
+        assert_eq!(weight(&d), full);
+        assert!(d.status().weights.is_empty());
+        // A backend by its address, written either way; the proxy's picker reads it from the snapshot.
+        let v0 = d.with_snapshot(|s| s.backend_weights.version);
+        assert_eq!(set("127.0.0.1:08001", "7").unwrap(), "127.0.0.1:8001");
+        let backend: SocketAddr = "127.0.0.1:8001".parse().unwrap();
+        d.with_snapshot(|s| {
+            assert!(s.backend_weights.version > v0);
+            assert_eq!(s.backend_weights.by_addr[&backend], WeightSet::Absolute(7));
+        });
+        // Taken from a peer only where none is set here; what does not parse is skipped.
+        let peer = [
+            ("127.0.0.1:8001", "50%"),
+            ("h/a", "20%"),
+            ("h/b", "x"),
+            ("", "5%"),
+        ]
+        .map(|(id, w)| (id.to_string(), w.to_string()));
+        assert_eq!(d.restore_weights(peer), 1);
+        assert_eq!(d.status().weights["127.0.0.1:8001"], "7");
+        assert_eq!(weight(&d), full / 5);
     }
 }

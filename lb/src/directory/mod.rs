@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use xcluster_proto::directory::{LbStatus, Pick, ServerList};
+use xcluster_proto::directory::{LbStatus, Pick, ServerList, WeightSet};
 
 use pick::PickView;
 pub use snapshot::Snapshot;
@@ -124,6 +124,28 @@ struct Inner {
     watching: AtomicUsize,
 }
 
+/// How an id given to a drain or a weight names a server ([`Directory::named`]).
+struct Named {
+    /// As kept.
+    id: String,
+    /// An instance the table has.
+    instance: bool,
+    /// A `[[proxy.backends]]` entry's address.
+    backend: bool,
+}
+
+/// Why a run-time weight was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum SetWeightError {
+    #[error("no such instance or proxy backend")]
+    Unknown,
+    #[error(
+        "instance {0:?} has the weight its load gives it: set a share of it (`50%`); a weight of its own \
+         (`7`) is for [[proxy.backends]] entries"
+    )]
+    InstanceAbsolute(String),
+}
+
 /// Most drained ids a balancer takes from its peers (a peer's answer is outside input).
 pub const MAX_DRAINED: usize = 10_000;
 
@@ -174,10 +196,10 @@ impl Directory {
         self.inner.snapshot.load_full()
     }
 
-    /// Calls `f` with the addresses that get no new connection ([`Table::withheld`]), from the current
-    /// snapshot without cloning it: the proxy asks once per connection.
-    pub fn with_withheld<R>(&self, f: impl FnOnce(&[SocketAddr]) -> R) -> R {
-        f(&self.inner.snapshot.load().withheld)
+    /// Calls `f` with the current snapshot without cloning its `Arc`: the proxy asks once per connection
+    /// (for the addresses it withholds and the backends' run-time weights).
+    pub fn with_snapshot<R>(&self, f: impl FnOnce(&Snapshot) -> R) -> R {
+        f(&self.inner.snapshot.load())
     }
 
     /// Milliseconds on the directory's monotonic clock.
@@ -369,20 +391,31 @@ impl Directory {
         self.table().instances.keys().map(ToString::to_string).collect()
     }
 
+    /// How `id` names a server in `table`: an instance's id, or else a `[[proxy.backends]]` entry's address
+    /// kept as Rust writes a `SocketAddr` (so `127.0.0.1:08001` and `127.0.0.1:8001` are one backend, and
+    /// the kept id is its `backend` label).
+    fn named(&self, table: &Table, id: &str) -> Named {
+        let instance = table.instances.contains_key(id);
+        let addr = (id.parse::<SocketAddr>().ok()).filter(|_| !instance);
+        Named {
+            id: addr.map_or_else(|| id.to_string(), |a| a.to_string()),
+            instance,
+            backend: addr.is_some_and(|a| self.inner.settings.load().proxy_backends.contains(&a)),
+        }
+    }
+
     /// Drains (`on = true`) or undrains an instance, or a `[[proxy.backends]]` entry by its address (HAProxy's
     /// `set server state drain`): what is drained gets no new connection, on this balancer until undrained,
     /// and on one that restarts (it takes the drains of its peers). Returns the id as kept, `None` if unknown.
     pub fn set_drained(&self, id: &str, on: bool) -> Option<String> {
         let mut table = self.table();
-        // A backend's address is kept as Rust writes a `SocketAddr`, so `127.0.0.1:08001` and
-        // `127.0.0.1:8001` are one backend, and the kept id is its `backend` label.
-        let addr = (id.parse::<SocketAddr>().ok()).filter(|_| !table.instances.contains_key(id));
-        let id = addr.map_or_else(|| id.to_string(), |a| a.to_string());
-        let known = table.instances.contains_key(&*id)
-            || addr.is_some_and(|a| self.inner.settings.load().proxy_backends.contains(&a))
-            // Undrained even once no longer known: a backend a reload removed, or a drain taken from a peer.
-            || (!on && table.drained.contains(&id));
-        if !known {
+        let Named {
+            id,
+            instance,
+            backend,
+        } = self.named(&table, id);
+        // Undrained even once no longer known: a backend a reload removed, or a drain taken from a peer.
+        if !(instance || backend || (!on && table.drained.contains(&id))) {
             return None;
         }
         if on {
@@ -394,6 +427,28 @@ impl Directory {
         Some(id)
     }
 
+    /// Sets the run-time weight of an instance (a share of its load-driven weight) or of a
+    /// `[[proxy.backends]]` entry by its address (HAProxy's `set server weight`), on this balancer until set
+    /// back to `100%`, and on one that restarts (it takes its peers'). Returns the id as kept.
+    pub fn set_weight(&self, id: &str, set: WeightSet) -> Result<String, SetWeightError> {
+        let mut table = self.table();
+        let Named {
+            id,
+            instance,
+            backend,
+        } = self.named(&table, id);
+        // Cleared even once no longer known, as an undrain.
+        if !(instance || backend || (set.is_neutral() && table.weights.contains_key(&id))) {
+            return Err(SetWeightError::Unknown);
+        }
+        if instance && matches!(set, WeightSet::Absolute(_)) {
+            return Err(SetWeightError::InstanceAbsolute(id));
+        }
+        table.set_weight(id.clone(), set, !instance);
+        self.publish_locked(&table);
+        Ok(id)
+    }
+
     /// `GET /v1/status`.
     pub fn status(&self) -> LbStatus {
         let snap = self.snapshot();
@@ -401,6 +456,9 @@ impl Directory {
         let table = self.table();
         let instances = snapshot::instance_status(&table, &snap, self.now_ms());
         let drained = table.drained.iter().cloned().collect();
+        let weights = (table.weights.iter())
+            .map(|(id, w)| (id.clone(), w.to_string()))
+            .collect();
         drop(table);
         let counts = &self.inner.counts;
         LbStatus {
@@ -417,6 +475,7 @@ impl Directory {
             // Filled in by the API, which has the metrics registry.
             proxy: Default::default(),
             drained,
+            weights,
         }
     }
 
@@ -436,6 +495,32 @@ impl Directory {
         }
         let added = table.drained.len() - before;
         if added > 0 {
+            self.publish_locked(&table);
+        }
+        added
+    }
+
+    /// Sets the run-time weights `set` (id → `50%` or `7`, as a peer's status lists them) of the ids that
+    /// have none here: those a starting balancer takes from its peers. Entries that do not parse, or
+    /// beyond [`MAX_DRAINED`], are skipped. Returns how many were new.
+    pub fn restore_weights(&self, set: impl IntoIterator<Item = (String, String)>) -> usize {
+        let mut table = self.table();
+        let before = table.weights.len();
+        for (id, w) in set {
+            if table.weights.len() >= MAX_DRAINED {
+                break;
+            }
+            let Ok(w) = w.parse::<WeightSet>() else {
+                continue;
+            };
+            let valid = !id.is_empty() && id.len() <= xcluster_proto::report::MAX_ID_BYTES;
+            if valid && !w.is_neutral() {
+                table.weights.entry(id).or_insert(w);
+            }
+        }
+        let added = table.weights.len() - before;
+        if added > 0 {
+            table.rebuild_backend_weights();
             self.publish_locked(&table);
         }
         added

@@ -2,7 +2,8 @@
 //! instance on every balancer, each keeping it in memory; a balancer restarted after that (a deploy, a
 //! rolling restart, a crash) would otherwise send clients to the drained instance again until someone
 //! drained it anew. HAProxy keeps such state across a reload in its server-state file; here the peers hold
-//! it, which also brings a balancer that was down during an `undrain` up to date.
+//! it, which also brings a balancer that was down during an `undrain` up to date. The weights set at run time
+//! (`xcluster ctl weight`) come along the same way.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -24,6 +25,7 @@ const MAX_BODY: usize = 8 << 20;
 #[serde(default)]
 struct Drained {
     drained: Vec<String>,
+    weights: std::collections::BTreeMap<String, String>,
 }
 
 /// Asks every peer in `peers` for its drained instances and drains them here too. A peer that does not
@@ -55,6 +57,10 @@ pub async fn take_drains(dir: &Directory, peers: &[SocketAddr]) {
                 let added = dir.restore_drained(d.drained);
                 if added > 0 {
                     info!(%peer, added, "drained instances taken from a peer");
+                }
+                let added = dir.restore_weights(d.weights);
+                if added > 0 {
+                    info!(%peer, added, "run-time weights taken from a peer");
                 }
             }
             // Normal when the cluster starts: the peers start too.
@@ -106,7 +112,9 @@ mod tests {
     fn a_status_without_drains_reads_as_none() {
         let old: Drained = serde_json::from_str(r#"{"balancer":"x","instances":[]}"#).unwrap();
         assert!(old.drained.is_empty());
-        let new: Drained = serde_json::from_str(r#"{"drained":["h/a"],"version":3}"#).unwrap();
+        let new: Drained =
+            serde_json::from_str(r#"{"drained":["h/a"],"version":3,"weights":{"h/a":"10%"}}"#).unwrap();
         assert_eq!(new.drained, ["h/a"]);
+        assert_eq!(new.weights["h/a"], "10%");
     }
 }

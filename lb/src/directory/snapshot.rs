@@ -30,6 +30,8 @@ pub struct Snapshot {
     pub built_ms: u64,
     /// [`Table::withheld`] as of `built_ms`.
     pub withheld: Vec<std::net::SocketAddr>,
+    /// [`Table::backend_weights`]: the proxy's fixed picker rebuilds itself when their version moves.
+    pub backend_weights: Arc<crate::proxy::WeightOverrides>,
     bodies: BTreeMap<String, OnceLock<Bytes>>,
 }
 
@@ -112,6 +114,7 @@ impl Snapshot {
             served,
             built_ms: now_ms,
             withheld: table.withheld(now_ms, p),
+            backend_weights: table.backend_weights.clone(),
             bodies,
         }
     }
@@ -191,6 +194,7 @@ pub fn instance_status(table: &Table, snap: &Snapshot, now_ms: u64) -> Vec<Insta
                 queue: i.load.queue,
                 weights,
                 service_ms: i.service.iter().map(|(k, s)| (k.clone(), s.ms)).collect(),
+                weight_set: table.weights.get(&*i.id).map(ToString::to_string),
             }
         })
         .collect()

@@ -8,10 +8,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use xcluster_proto::directory::InstanceState;
+use xcluster_proto::directory::{InstanceState, MAX_WEIGHT, WeightSet};
 use xcluster_proto::report::{LoadReport, ReportError};
 
 use super::weights::{self, Load, Params};
+use crate::proxy::WeightOverrides;
 
 /// One instance as the table remembers it.
 #[derive(Debug, Clone)]
@@ -44,6 +45,10 @@ pub struct Table {
     /// Per agent id: the process that reports as it, its last sequence number and when.
     pub last_seq: BTreeMap<String, Seen>,
     pub drained: std::collections::BTreeSet<String>,
+    /// The weights set at run time, by instance id or proxy backend address (`xcluster ctl weight`).
+    pub weights: BTreeMap<String, WeightSet>,
+    /// Those of `weights` set on proxy backends, for the proxy's fixed picker; rebuilt at each change.
+    pub backend_weights: Arc<WeightOverrides>,
     /// The WARN line of an instance id two agents claim, at most every 10 s.
     pub clash_warned: xcluster_runtime::telemetry::Throttle,
 }
@@ -265,6 +270,29 @@ impl Table {
         out
     }
 
+    /// Sets (or, with `100%`, clears) the run-time weight of `id`, and rebuilds the proxy backends' share
+    /// of them when `id` is an address. The caller has checked that `id` may carry `set`.
+    pub fn set_weight(&mut self, id: String, set: WeightSet, backend: bool) {
+        if set.is_neutral() {
+            self.weights.remove(&id);
+        } else {
+            self.weights.insert(id, set);
+        }
+        if backend {
+            self.rebuild_backend_weights();
+        }
+    }
+
+    /// Rebuilds [`Table::backend_weights`] from `weights`, under a new version.
+    pub fn rebuild_backend_weights(&mut self) {
+        self.backend_weights = Arc::new(WeightOverrides {
+            version: self.backend_weights.version + 1,
+            by_addr: (self.weights.iter())
+                .filter_map(|(id, w)| Some((id.parse().ok()?, *w)))
+                .collect(),
+        });
+    }
+
     /// Whether an instance carries its own weight: not drained, ready, and its latest report within the TTL.
     fn is_usable(&self, i: &Instance, now_ms: u64, p: &Params) -> bool {
         !self.drained.contains(&*i.id) && i.ready && Self::is_fresh(i, now_ms, p)
@@ -337,6 +365,11 @@ impl Table {
                     None => (InstanceState::Up, damped),
                     f => (InstanceState::SlowStart, weights::ramp(damped, f)),
                 }
+            };
+            // An operator's share (a canary at 10%) scales whatever weight the load gives it.
+            let weight = match self.weights.get(&*i.id) {
+                Some(set) if !drained => set.apply(weight).min(MAX_WEIGHT),
+                _ => weight,
             };
             rows.push(Row {
                 key: i.key,

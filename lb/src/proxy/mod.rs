@@ -25,5 +25,5 @@ mod spin;
 mod uring;
 
 pub use config::{ProxyConfig, ProxySection};
-pub use pick::{BackendPicker, OpenCount, PickFor, StaticPicker};
+pub use pick::{BackendPicker, OpenCount, PickFor, StaticPicker, WeightOverrides};
 pub use service::{Error, ProxyHandle, start};

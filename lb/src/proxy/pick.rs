@@ -7,10 +7,11 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
+use xcluster_proto::directory::WeightSet;
 
 use super::acl::mapped;
 use super::config::{BackendConfig, Balance, ProxyConfig};
@@ -79,13 +80,13 @@ impl Tiers {
         }
     }
 
-    fn push(&mut self, b: &BackendConfig) {
+    fn push(&mut self, b: &BackendConfig, set: &WeightOverrides) {
         let tier = if b.backup {
             &mut self.backup
         } else {
             &mut self.primary
         };
-        tier.push((b.addr, b.weight));
+        tier.push((b.addr, set.weight_of(b)));
     }
 
     fn is_empty(&self) -> bool {
@@ -180,6 +181,23 @@ fn mix(mut z: u64) -> u64 {
     z ^ (z >> 31)
 }
 
+/// The weights set at run time on `[[proxy.backends]]` entries, by address (`xcluster ctl weight`): each
+/// replaces or scales that address's configured `weight` in every pool it is in, until set back to `100%`
+/// or the balancer restarts without a peer to take them from.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct WeightOverrides {
+    /// Changes with each set, so a picker rebuilds its table only when they changed.
+    pub version: u64,
+    pub by_addr: HashMap<SocketAddr, WeightSet>,
+}
+
+impl WeightOverrides {
+    /// The weight `b` is picked by: its configured one unless set otherwise.
+    pub fn weight_of(&self, b: &BackendConfig) -> u32 {
+        self.by_addr.get(&b.addr).map_or(b.weight, |w| w.apply(b.weight))
+    }
+}
+
 /// Backends with their weights, per request type.
 #[derive(Debug)]
 struct Table {
@@ -189,13 +207,13 @@ struct Table {
 }
 
 impl Table {
-    fn build(cfg: &ProxyConfig) -> Self {
+    fn build(cfg: &ProxyConfig, set: &WeightOverrides) -> Self {
         let mut t = Table {
             by_type: HashMap::new(),
             any: Tiers::new(cfg.balance),
         };
         for b in cfg.backends.iter().filter(|b| b.request_types.is_empty()) {
-            t.any.push(b);
+            t.any.push(b, set);
         }
         let mut types: Vec<&str> = cfg.listeners.iter().flat_map(|l| l.types()).collect();
         types.extend(
@@ -206,7 +224,7 @@ impl Table {
         for ty in types {
             let mut tiers = Tiers::new(cfg.balance_for(ty));
             for b in cfg.backends.iter().filter(|b| b.serves(ty)) {
-                tiers.push(b);
+                tiers.push(b, set);
             }
             t.by_type.insert(ty.to_string(), tiers);
         }
@@ -214,17 +232,47 @@ impl Table {
     }
 }
 
-/// Weighted random choice over the backends of `[proxy]`, rebuilt whole on reload.
+/// Weighted random choice over the backends of `[proxy]`, rebuilt whole on reload and when the weights set
+/// at run time change.
 #[derive(Debug)]
 pub struct StaticPicker {
     table: ArcSwap<Table>,
+    /// What the table is built from, so a change of either rebuilds it with the other. Written under
+    /// `rebuild` only, so a slower rebuild cannot store an older table over a newer one.
+    cfg: ArcSwap<ProxyConfig>,
+    set: ArcSwap<WeightOverrides>,
+    rebuild: Mutex<()>,
+    /// `set`'s version, read by every pick of a directory-backed balancer without an `ArcSwap` load.
+    version: AtomicU64,
 }
 
 impl StaticPicker {
     pub fn new(cfg: &ProxyConfig) -> Self {
+        let set = WeightOverrides::default();
         Self {
-            table: ArcSwap::from_pointee(Table::build(cfg)),
+            table: ArcSwap::from_pointee(Table::build(cfg, &set)),
+            cfg: ArcSwap::from_pointee(cfg.clone()),
+            set: ArcSwap::from_pointee(set),
+            rebuild: Mutex::new(()),
+            version: AtomicU64::new(0),
         }
+    }
+
+    /// The version of the run-time weights the table is built with.
+    pub fn weights_version(&self) -> u64 {
+        self.version.load(Ordering::Acquire)
+    }
+
+    /// Rebuilds the table with the run-time weights `set`, unless it is built with them or newer ones
+    /// already (a worker may read an older snapshot than another one just did).
+    pub fn set_weights(&self, set: &Arc<WeightOverrides>) {
+        let _one = self.rebuild.lock().unwrap_or_else(|e| e.into_inner());
+        if set.version <= self.set.load().version {
+            return;
+        }
+        self.set.store(set.clone());
+        self.table.store(Arc::new(Table::build(&self.cfg.load(), set)));
+        self.version.store(set.version, Ordering::Release);
     }
 
     /// Whether `[proxy]` lists any backend for `request_type` (then they route it, not the directory).
@@ -292,7 +340,9 @@ impl BackendPicker for StaticPicker {
     }
 
     fn on_config(&self, cfg: &ProxyConfig) {
-        self.table.store(Arc::new(Table::build(cfg)));
+        let _one = self.rebuild.lock().unwrap_or_else(|e| e.into_inner());
+        self.cfg.store(Arc::new(cfg.clone()));
+        self.table.store(Arc::new(Table::build(cfg, &self.set.load())));
     }
 }
 
@@ -322,6 +372,47 @@ mod tests {
             seen.sort_unstable();
             assert!(seen.iter().copied().eq(0..total), "total {total}: {seen:?}");
         }
+    }
+
+    #[test]
+    fn run_time_weights_rebuild_the_table_and_survive_a_reload() {
+        let cfg = |w2: u32| {
+            ProxyConfig::for_tests(&format!(
+                "balance = \"round_robin\"\n[[listeners]]\nlisten = \"127.0.0.1:7100\"\n\
+                 [[backends]]\naddr = \"127.0.0.1:1\"\n[[backends]]\naddr = \"127.0.0.1:2\"\nweight = {w2}\n"
+            ))
+        };
+        let p = StaticPicker::new(&cfg(100));
+        let conn = PickFor {
+            client: IpAddr::from([127, 0, 0, 1]),
+            open: &none,
+        };
+        let on_2 = |p: &StaticPicker| {
+            (0..100)
+                .filter(|_| p.pick("browse", &[], &conn).unwrap().port() == 2)
+                .count()
+        };
+        assert_eq!(on_2(&p), 50);
+        let set = |version, w: &str| {
+            Arc::new(WeightOverrides {
+                version,
+                by_addr: [(addr(2), w.parse().unwrap())].into(),
+            })
+        };
+        // A quarter of its weight: 25 to 100, 20 picks in 100.
+        p.set_weights(&set(1, "25%"));
+        assert_eq!(p.weights_version(), 1);
+        assert_eq!(on_2(&p), 20);
+        // An older version read late changes nothing.
+        p.set_weights(&set(0, "0"));
+        assert_eq!(on_2(&p), 20);
+        // A reload keeps the run-time weight, applied to the new configured one: 25% of 300 is 75 to 100.
+        p.on_config(&cfg(300));
+        let got = on_2(&p);
+        assert!((42..=43).contains(&got), "{got}");
+        // A weight of its own replaces the configured one; 0 takes it out.
+        p.set_weights(&set(2, "0"));
+        assert_eq!(on_2(&p), 0);
     }
 
     #[test]
