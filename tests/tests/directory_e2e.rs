@@ -230,7 +230,7 @@ fn proc_rss_kb(pid: u32) -> u64 {
 /// Drains outlive a balancer's restart: a balancer that starts takes the drained instances of its peers
 /// before it is ready, reported or not yet, and an undrain done while it was away is taken the same way.
 #[test]
-fn a_restarted_balancer_takes_its_peers_drains() {
+fn a_restarted_balancer_takes_its_peers_drains_and_weights() {
     let dir = tempfile::tempdir().unwrap();
     let (lb1, lb2) = (free_addr(), free_addr());
     let _p1 = start("lb", lb1, &lb_config(lb1, &[lb2]), dir.path());
@@ -257,6 +257,9 @@ fn a_restarted_balancer_takes_its_peers_drains() {
     for lb in [lb1, lb2] {
         report_to(lb);
         set(lb, "drain");
+        // B at a quarter of its load-driven weight, which a restarted balancer takes as it takes drains.
+        let r = set_drain(lb, "h1/b", "weight/25%25");
+        assert_eq!(r.status, 200, "{}", r.body);
     }
     // A program's name is not an instance id: the answer names the one meant.
     let r = set_drain(lb1, "a", "drain");
@@ -281,6 +284,13 @@ fn a_restarted_balancer_takes_its_peers_drains() {
     assert_eq!(state_on_lb2(), Some("drained".into()));
     assert!(
         p2.stderr().contains("drained instances taken from a peer"),
+        "{}",
+        p2.stderr()
+    );
+    let weights = get(lb2, "/v1/status").unwrap().json()["weights"].clone();
+    assert_eq!(weights, serde_json::json!({"h1/b": "25%"}));
+    assert!(
+        p2.stderr().contains("run-time weights taken from a peer"),
         "{}",
         p2.stderr()
     );
