@@ -10,6 +10,20 @@
 pub const PROTOCOL_VERSION: u32 = 1;
 
 pub mod directory;
+
+/// The hint for an IPv6 address and port written without brackets (`::1:7103`), which no `SocketAddr`
+/// parser takes: `; an IPv6 address takes brackets: [::1]:7103`. `None` for anything else.
+///
+/// ```
+/// assert!(xcluster_proto::bracket_hint("::1:7103").unwrap().ends_with("[::1]:7103"));
+/// assert_eq!(xcluster_proto::bracket_hint("127.0.0.1:7103"), None);
+/// ```
+pub fn bracket_hint(value: &str) -> Option<String> {
+    let (ip, port) = value.trim().rsplit_once(':')?;
+    ip.parse::<std::net::Ipv6Addr>().ok()?;
+    port.parse::<u16>().ok()?;
+    Some(format!("; an IPv6 address takes brackets: [{ip}]:{port}"))
+}
 pub mod proxy_header;
 pub mod report;
 pub mod stats;

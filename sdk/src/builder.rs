@@ -214,7 +214,10 @@ impl ClientBuilder {
                         names.push(b.clone());
                     }
                 }
-                Err(_) => problems.push(format!("balancers: {b:?} is not an ip:port or host:port address")),
+                Err(_) => problems.push(format!(
+                    "balancers: {b:?} is not an ip:port or host:port address{}",
+                    xcluster_proto::bracket_hint(b).unwrap_or_default()
+                )),
             }
         }
         if self.request_types.is_empty() {

@@ -39,7 +39,8 @@ pub async fn resolve(addr: &str, timeout: Duration) -> Result<Vec<SocketAddr>> {
         return Ok(vec![a]);
     }
     if !well_formed(addr) {
-        return Err(fail("not an ip:port or host:port address".into()));
+        let hint = xcluster_proto::bracket_hint(addr).unwrap_or_default();
+        return Err(fail(format!("not an ip:port or host:port address{hint}")));
     }
     // getaddrinfo runs on a blocking thread that cannot be cancelled; the timeout stops the wait for it.
     let found = match tokio::time::timeout(timeout, tokio::net::lookup_host(addr)).await {

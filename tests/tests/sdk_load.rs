@@ -134,6 +134,12 @@ fn via_proxy_sends_each_type_to_its_listener() {
             "\"nope\" is not a request type",
         ),
         (format!("browse={0},browse={0},{0}", browse.addr), "named twice"),
+        // A listener, not a balancer, that does not resolve; an IPv6 one without brackets is told how.
+        (
+            format!("browse={},::1:7400", browse.addr),
+            "cannot resolve \"::1:7400\": not an ip:port or host:port address; an IPv6 address takes \
+             brackets: [::1]:7400",
+        ),
     ] {
         let args = [
             "load",

@@ -65,9 +65,15 @@ pub fn names(targets: &str) -> Vec<&str> {
 pub async fn resolve(targets: &str) -> Result<Vec<Vec<SocketAddr>>, String> {
     let mut out = Vec::new();
     for name in names(targets) {
+        // The SDK's message names a balancer; with `--via proxy` the entry is a listener.
         let addrs = xcluster_sdk::resolve(name, RESOLVE_TIMEOUT)
             .await
-            .map_err(|e| format!("--targets: {e}"))?;
+            .map_err(|e| match e {
+                xcluster_sdk::Error::Resolve { name, reason } => {
+                    format!("--targets: cannot resolve {name:?}: {reason}")
+                }
+                e => format!("--targets: {e}"),
+            })?;
         out.push(addrs);
     }
     Ok(out)

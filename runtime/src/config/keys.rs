@@ -60,17 +60,7 @@ pub(super) fn set_path(table: &mut toml::Table, key: &str, raw_value: &str) -> R
                     None => return Err(format!("no {seg} in the config to name an item of")),
                 };
                 let labels = item_labels(items);
-                // By the label the reload log shows, else by any of the keys that may name an item (a
-                // listener, labelled by its name, by its `listen` address too), else by index.
-                let named = |item: &toml::Value| {
-                    ITEM_KEYS
-                        .iter()
-                        .any(|k| item.get(k).and_then(toml::Value::as_str) == Some(*label))
-                };
-                let at = (labels.iter().position(|l| l == label))
-                    .or_else(|| items.iter().position(named))
-                    .or_else(|| label.parse::<usize>().ok().filter(|i| *i < items.len()));
-                match at.and_then(|i| items.get_mut(i)) {
+                match find_item(items, &labels, label).and_then(|i| items.get_mut(i)) {
                     Some(toml::Value::Table(t)) => t,
                     Some(_) => return Err(format!("{seg}[{label}] is not a table")),
                     None => {
@@ -85,6 +75,55 @@ pub(super) fn set_path(table: &mut toml::Table, key: &str, raw_value: &str) -> R
     }
     cur.insert(last.to_string(), value);
     Ok(())
+}
+
+/// The index of the item of `items` (labelled `labels`, see [`item_labels`]) that `label` names: by the label
+/// the reload log shows, else by any of the keys that may name an item (a listener, labelled by its name,
+/// by its `listen` address too), else by index.
+fn find_item(items: &[toml::Value], labels: &[String], label: &str) -> Option<usize> {
+    let named = |item: &toml::Value| {
+        ITEM_KEYS
+            .iter()
+            .any(|k| item.get(k).and_then(toml::Value::as_str) == Some(label))
+    };
+    (labels.iter().position(|l| l == label))
+        .or_else(|| items.iter().position(named))
+        .or_else(|| label.parse::<usize>().ok().filter(|i| *i < items.len()))
+}
+
+/// `key` with each item of an array of tables in it named by its label (see [`flatten`]), as `--set` and the
+/// reload log name it: `proxy.listeners[1].listen` reads `proxy.listeners[api].listen` in `root` where that
+/// listener is named `api`. A key that does not lead through `root` comes back as it is.
+pub(super) fn labelled(root: &toml::Value, key: &str) -> String {
+    let Some(segs) = key_segments(key) else {
+        return key.to_string();
+    };
+    let mut out = String::with_capacity(key.len());
+    let mut cur = Some(root);
+    for (seg, item) in segs {
+        if !out.is_empty() {
+            out.push('.');
+        }
+        out.push_str(seg);
+        cur = cur.and_then(|v| v.get(seg));
+        let Some(label) = item else { continue };
+        let found = cur.and_then(toml::Value::as_array).and_then(|items| {
+            let labels = item_labels(items);
+            let at = find_item(items, &labels, label)?;
+            Some((labels.into_iter().nth(at)?, items.get(at)?))
+        });
+        match found {
+            Some((shown, next)) => {
+                out += &format!("[{shown}]");
+                cur = Some(next);
+            }
+            None => {
+                out += &format!("[{label}]");
+                cur = None;
+            }
+        }
+    }
+    out
 }
 
 /// Splits `a.b[item].c` at the dots outside brackets, into each name and the item it names, if any; `None`

@@ -357,6 +357,8 @@ fn load_layered<C: RoleConfig>(
         }
     }
 
+    // Issues name an item of an array by its label, as `--set` and the reload log do, not by its index.
+    let root = toml::Value::Table(table.clone());
     let raw = deserialize_collecting::<C::Raw>(table, &mut issues);
     let config = match raw.as_ref().map(C::validate) {
         Some(Ok(c)) => Some(c),
@@ -366,7 +368,11 @@ fn load_layered<C: RoleConfig>(
         }
         None => None,
     };
+    for (key, _) in &mut overridden {
+        *key = keys::labelled(&root, key);
+    }
     for issue in &mut issues {
+        issue.key = keys::labelled(&root, &issue.key);
         // The last to set it wins, as in the table.
         if let Some((_, by)) = overridden.iter().rev().find(|(k, _)| *k == issue.key) {
             issue.message += &format!(" (set by {by})");

@@ -7,12 +7,20 @@ struct Inner {
     timeout_ms: u64,
 }
 
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct Item {
+    name: String,
+    timeout_ms: u64,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 struct Raw {
     listen: String,
     grace_ms: u64,
     inner: Inner,
+    items: Vec<Item>,
 }
 
 impl Default for Raw {
@@ -21,6 +29,7 @@ impl Default for Raw {
             listen: "127.0.0.1:1".into(),
             grace_ms: 5,
             inner: Inner::default(),
+            items: Vec::new(),
         }
     }
 }
@@ -36,6 +45,9 @@ impl RoleConfig for Cfg {
     fn validate(raw: &Raw) -> Result<Self, Vec<ConfigIssue>> {
         let mut v = Validator::new();
         let listen = v.addr("listen", &raw.listen);
+        for (i, item) in raw.items.iter().enumerate() {
+            v.range(&format!("items[{i}].timeout_ms"), item.timeout_ms, 0, 1000);
+        }
         v.finish(Cfg { listen })
     }
 }
@@ -109,6 +121,59 @@ fn an_array_items_problem_is_named_as_the_config_writes_it() {
     v.addr("addr", "localhost:80");
     let said = v.finish(()).unwrap_err()[0].to_string();
     assert!(said.contains("host names are not resolved"), "{said}");
+    // An IPv6 address without its brackets is told how to write it.
+    let mut v = Validator::new();
+    v.addr("addr", "::1:7103");
+    let said = v.finish(()).unwrap_err()[0].to_string();
+    assert!(
+        said.contains("an IPv6 address takes brackets: [::1]:7103"),
+        "{said}"
+    );
+}
+
+/// A validation issue names an item of an array by its label, as `--set` and the reload log do, and says
+/// which override set it, whichever way the override named the item.
+#[test]
+fn an_issue_names_an_item_by_its_label_and_its_override() {
+    let text = "[[items]]\nname = \"a\"\n[[items]]\nname = \"b\"\ntimeout_ms = 5000\n";
+    let issues = load_str(text, &[]).unwrap_err().issues();
+    assert_eq!(issues.len(), 1, "{issues:?}");
+    assert!(issues[0].starts_with("items[b].timeout_ms: "), "{issues:?}");
+    let issues = load_str(text, &["items[0].timeout_ms=9000"])
+        .unwrap_err()
+        .issues();
+    assert!(
+        issues[0].starts_with("items[a].timeout_ms: ")
+            && issues[0].ends_with("(set by --set items[0].timeout_ms)"),
+        "{issues:?}"
+    );
+    let root = toml::Value::Table(toml::toml! {
+        [proxy]
+        listeners = [{ name = "web", listen = "a:1" }, { name = "api", listen = "b:2" }]
+        peers = ["x", "y"]
+    });
+    let labelled = |k: &str| keys::labelled(&root, k);
+    assert_eq!(
+        labelled("proxy.listeners[1].listen"),
+        "proxy.listeners[api].listen"
+    );
+    // Named by another key that names an item, as `--set` takes it.
+    assert_eq!(
+        labelled("proxy.listeners[b:2].listen"),
+        "proxy.listeners[api].listen"
+    );
+    assert_eq!(labelled("proxy.listeners[web]"), "proxy.listeners[web]");
+    // What does not lead through the config comes back as it is.
+    for k in [
+        "proxy.listeners[7].listen",
+        "--set proxy.x",
+        "env XCLUSTER_LB__A",
+        "peers[1]",
+        "a..b",
+        "",
+    ] {
+        assert_eq!(labelled(k), k);
+    }
 }
 
 #[test]

@@ -34,7 +34,8 @@ impl Validator {
                 key,
                 format!(
                     "invalid socket address {value:?} (expected an IP address and port, e.g. 127.0.0.1:7000 or \
-                     [::1]:7000; host names are not resolved)"
+                     [::1]:7000; host names are not resolved{})",
+                    xcluster_proto::bracket_hint(value).unwrap_or_default()
                 ),
             );
             std::net::SocketAddr::from(([127, 0, 0, 1], 0))
