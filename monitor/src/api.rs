@@ -251,6 +251,7 @@ impl Api {
             "reload": *self.reloader.status().borrow(),
             "programs": programs,
             "roll": snap.roll,
+            "pending": snap.pending,
         })
     }
 
@@ -438,6 +439,7 @@ fn kind_name(ev: &crate::events::Event) -> &'static str {
         Kind::Probe { .. } => "probe",
         Kind::Reload { .. } => "reload",
         Kind::Update { .. } => "update",
+        Kind::Pending { .. } => "pending",
         Kind::Monitor { .. } => "monitor",
     }
 }

@@ -1,8 +1,9 @@
 //! The monitor's configuration: raw serde form, validation, typed form. The per-program section lives in
 //! [`crate::program`].
 //!
-//! Reloads live: `log.level`, `shutdown.*`, `token`/`token_file`, `cluster.*`, `events_history`, and every
-//! `[programs.*]` section (an update touches only the programs whose expanded spec changed).
+//! Reloads live: `log.level`, `shutdown.*`, `token`/`token_file`, `cluster.*`, `events_history`,
+//! `auto_update`, and every `[programs.*]` section (an update touches only the programs whose expanded spec
+//! changed; with `auto_update = false` only on `ctl update`).
 //! Needs a restart: `listen`, `run_dir`, `log_dir`, `http.*`.
 
 use std::collections::BTreeMap;
@@ -55,6 +56,10 @@ pub struct RawConfig {
     pub log_dir: String,
     /// How many recent events are kept for `/v1/events` and the dashboard.
     pub events_history: usize,
+    /// Whether a saved config's program changes apply at once (true) or wait for `xcluster ctl update`
+    /// (false), as Supervisord's `reread` and `update`: `ctl reread` and `ctl status` then show what waits.
+    /// The other settings reload live either way.
+    pub auto_update: bool,
     pub cluster: RawCluster,
     pub log: LogSection,
     pub shutdown: ShutdownSection,
@@ -73,6 +78,7 @@ impl Default for RawConfig {
             run_dir: String::new(),
             log_dir: String::new(),
             events_history: 256,
+            auto_update: true,
             cluster: RawCluster::default(),
             log: LogSection::default(),
             shutdown: ShutdownSection::default(),
@@ -92,6 +98,8 @@ pub struct Config {
     pub run_dir: PathBuf,
     pub log_dir: PathBuf,
     pub events_history: usize,
+    /// `auto_update`: program changes apply when the file is saved, not only on `ctl update`.
+    pub auto_update: bool,
     pub balancers: Vec<SocketAddr>,
     pub cluster_timeout: Duration,
     pub log_filter: String,
@@ -194,6 +202,7 @@ impl RoleConfig for Config {
             run_dir,
             log_dir,
             events_history,
+            auto_update: raw.auto_update,
             balancers,
             cluster_timeout,
             log_filter: raw.log.level.clone(),

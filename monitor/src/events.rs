@@ -39,6 +39,12 @@ pub enum Kind {
         changed: Vec<String>,
         removed: Vec<String>,
     },
+    /// A saved config's program changes, held for `ctl update` (`auto_update = false`).
+    Pending {
+        added: Vec<String>,
+        changed: Vec<String>,
+        removed: Vec<String>,
+    },
     Monitor {
         detail: String,
     },

@@ -48,5 +48,6 @@ pub(crate) fn build(sup: &Supervisor) -> Snapshot {
         programs,
         shutting_down: false,
         roll: sup.roll.as_ref().map(|r| r.status.clone()),
+        pending: sup.pending.clone(),
     }
 }

@@ -66,6 +66,8 @@ pub struct Snapshot {
     pub shutting_down: bool,
     /// The rolling restart under way, or the last one.
     pub roll: Option<crate::roll::RollStatus>,
+    /// What the config saved last would change, held for `ctl update` (`auto_update = false`).
+    pub pending: Option<Plan>,
 }
 
 /// What the API can ask of the supervisor.

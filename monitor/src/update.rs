@@ -34,6 +34,31 @@ impl Supervisor {
         plan
     }
 
+    /// Holds `cfg`'s program changes for `ctl update` (`auto_update = false`): what they are is kept for the
+    /// status, and said once in the log and as an event, since nothing else shows that the file and the
+    /// running programs now differ.
+    pub(crate) fn hold(&mut self, cfg: &Config) {
+        let plan = self.plan(cfg);
+        if plan == Plan::default() {
+            self.pending = None;
+            return;
+        }
+        if self.pending.as_ref() != Some(&plan) {
+            tracing::info!(
+                added = ?plan.added,
+                changed = ?plan.changed,
+                removed = ?plan.removed,
+                "config saved with auto_update = false: its program changes wait for `xcluster ctl update`"
+            );
+            self.bus.publish(Kind::Pending {
+                added: plan.added.clone(),
+                changed: plan.changed.clone(),
+                removed: plan.removed.clone(),
+            });
+        }
+        self.pending = Some(plan);
+    }
+
     /// Applies `cfg`: adds and starts new processes, stops and replaces changed ones, stops and drops removed
     /// ones; unchanged processes keep running with their pids. A changed program that runs and is to be
     /// rolled (`rolling`, from `update --rolling`, or its `update_strategy = "rolling"`) keeps its process
@@ -44,6 +69,7 @@ impl Supervisor {
     /// reloader does after `ctl update`, changes nothing.
     pub(crate) fn update(&mut self, cfg: Arc<Config>, rolling: Option<Duration>) -> Plan {
         let mut plan = self.plan(&cfg);
+        self.pending = None;
         let mut to_roll = Vec::new();
         self.set_config(cfg.clone());
         for name in &plan.removed {

@@ -7,6 +7,7 @@
 mod monitor_common;
 
 use monitor_common::*;
+use serde_json::json;
 use xcluster_tests::*;
 
 fn programs(b_arg: &str, with_c: bool, with_d: bool) -> String {
@@ -94,6 +95,58 @@ fn reread_shows_the_plan_and_update_touches_only_what_changed() {
     let o = m.ctl(&["update"]);
     assert!(out(&o).contains("No config updates"), "{}", out(&o));
     assert_eq!(m.pid("b"), Some(b2));
+}
+
+/// With `auto_update = false` a saved config's program changes wait for `ctl update`, as Supervisord's: the
+/// status, `ctl status` and the event stream say what waits, and `update` applies it.
+#[test]
+fn with_auto_update_off_a_saved_config_waits_for_update() {
+    let off = |b_arg: &str, with_c: bool| format!("auto_update = false\n{}", programs(b_arg, with_c, false));
+    let m = Mon::start(&off("2", true));
+    for n in ["a", "b", "c"] {
+        m.wait_state(n, "RUNNING", T);
+    }
+    let pids: Vec<i32> = ["a", "b", "c"].iter().map(|n| m.pid(n).unwrap()).collect();
+    m.rewrite(&off("7", false));
+    let pending = eventually(T, "the saved change held", || {
+        Some(m.status()["pending"].clone()).filter(|p| p.is_object())
+    });
+    assert_eq!(
+        (&pending["added"], &pending["changed"], &pending["removed"]),
+        (&json!([]), &json!(["b"]), &json!(["c"]))
+    );
+    let events = get(m.addr, "/v1/events/recent").unwrap().body;
+    assert!(events.contains("\"kind\":\"pending\""), "{events}");
+    let o = m.ctl(&["status"]);
+    assert!(
+        out(&o)
+            .contains("config saved but not applied (auto_update = false): added [] changed [b] removed [c]"),
+        "{}",
+        out(&o)
+    );
+    // Nothing was touched, and reread shows the same plan.
+    let now: Vec<i32> = ["a", "b", "c"].iter().map(|n| m.pid(n).unwrap()).collect();
+    assert_eq!(now, pids);
+    let o = m.ctl(&["reread"]);
+    assert!(
+        out(&o).contains("b: changed") && out(&o).contains("c: removed"),
+        "{}",
+        out(&o)
+    );
+    // `update` applies it, and nothing waits after.
+    let o = m.ctl(&["update"]);
+    assert!(o.status.success(), "{}", out(&o));
+    m.wait_new_pid("b", pids[1], T);
+    assert_eq!(m.pid("a"), Some(pids[0]));
+    eventually(T, "c removed", || {
+        let st = m.status();
+        let gone = !st["programs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["name"] == "c");
+        (gone && st["pending"].is_null()).then_some(())
+    });
 }
 
 #[test]

@@ -57,6 +57,22 @@ pub(super) fn status(c: &Client, names: &[String], as_json: bool) -> Result<i32,
         if let Some(e) = v["reload"]["last_error"].as_str() {
             eprintln!("config reload failed (the old config stays): {e}");
         }
+        if v["pending"].is_object() {
+            let list = |key: &str| {
+                let names: Vec<&str> = items(&v["pending"][key])
+                    .iter()
+                    .filter_map(Value::as_str)
+                    .collect();
+                names.join(", ")
+            };
+            eprintln!(
+                "config saved but not applied (auto_update = false): added [{}] changed [{}] removed [{}]; \
+                 `xcluster ctl update` applies it",
+                list("added"),
+                list("changed"),
+                list("removed")
+            );
+        }
     }
     let all_running = shown.iter().all(|p| p["state"] == "RUNNING");
     Ok(if all_running { 0 } else { EXIT_NOT_RUNNING })

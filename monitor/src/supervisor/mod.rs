@@ -105,6 +105,9 @@ pub(crate) struct Supervisor {
     saved: Vec<Entry>,
     /// The rolling restart under way, or the last one.
     pub(crate) roll: Option<Roll>,
+    /// What a saved config would change, held for `ctl update` (`auto_update = false`); `None` when nothing
+    /// waits.
+    pub(crate) pending: Option<crate::status::Plan>,
     /// Each group's stop level, from the config in force ([`crate::program::stop_levels`]).
     stop_levels: std::collections::BTreeMap<String, u32>,
 }
@@ -148,6 +151,7 @@ impl Supervisor {
             shutting_down: false,
             saved: Vec::new(),
             roll: None,
+            pending: None,
             stop_levels: crate::program::stop_levels(&cfg.processes),
         };
         sup.update(cfg, None);
@@ -177,7 +181,12 @@ impl Supervisor {
                     Some(msg) = internal_rx.recv() => sup.on_internal(msg),
                     Ok(()) = inputs.config.changed(), if !sup.shutting_down => {
                         let cfg = inputs.config.borrow_and_update().clone();
-                        sup.update(cfg, None);
+                        if cfg.auto_update {
+                            sup.update(cfg, None);
+                        } else {
+                            sup.hold(&cfg);
+                        }
+                        sup.publish();
                     }
                     _ = inputs.drain.cancelled(), if !sup.shutting_down => sup.begin_shutdown(),
                     _ = inputs.stop.cancelled(), if !hard => {

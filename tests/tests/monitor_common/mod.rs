@@ -25,7 +25,8 @@ pub struct Mon {
 /// The config text: the header every test needs plus `programs`.
 pub fn config_text(addr: SocketAddr, dir: &std::path::Path, programs: &str) -> String {
     format!(
-        "role = \"monitor\"\nlisten = \"{addr}\"\ntoken = \"{TOKEN}\"\nrun_dir = \"{}\"\n[shutdown]\ngrace_ms = 5000\n{programs}\n",
+        // `programs` comes before any table of its own, so it may begin with top-level keys.
+        "role = \"monitor\"\nlisten = \"{addr}\"\ntoken = \"{TOKEN}\"\nrun_dir = \"{}\"\n{programs}\n[shutdown]\ngrace_ms = 5000\n",
         dir.join("run").display()
     )
 }
