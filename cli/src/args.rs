@@ -60,7 +60,7 @@ pub struct RoleArgs {
     pub log_format: LogFormat,
 }
 
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub struct UpArgs {
     /// The cluster description the monitor runs.
     #[arg(short, long, value_name = "FILE", default_value = "configs/local.toml")]
@@ -73,6 +73,13 @@ pub struct UpArgs {
     pub print_config: bool,
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+    /// Run in the background, as Supervisord does by default: returns once the monitor is ready, its log
+    /// in `<run_dir>/monitor.log` (`xcluster ctl maintail`); `xcluster ctl shutdown` stops it.
+    #[arg(short, long)]
+    pub detach: bool,
+    /// Set on the process `--detach` starts: it says nothing on stdout, where the parent has spoken.
+    #[arg(long, hide = true)]
+    pub detached: bool,
 }
 
 impl UpArgs {
@@ -159,6 +166,16 @@ pub enum CtlVerb {
         /// Which stream.
         #[arg(long, default_value = "stdout")]
         stream: String,
+        /// Bytes to show.
+        #[arg(long, default_value_t = 1600)]
+        bytes: u64,
+    },
+    /// Show the tail of the monitor's own log (supervisorctl's `maintail`): its file when the monitor runs
+    /// detached (`xcluster up --detach` writes `<run_dir>/monitor.log`).
+    Maintail {
+        /// Keep following the log.
+        #[arg(short, long)]
+        follow: bool,
         /// Bytes to show.
         #[arg(long, default_value_t = 1600)]
         bytes: u64,

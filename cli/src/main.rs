@@ -3,6 +3,7 @@
 mod args;
 mod check;
 mod ctl;
+mod detach;
 mod load;
 mod role;
 
@@ -19,6 +20,8 @@ pub fn quiet_on_closed_output() {
 
 /// `xcluster up`: the monitor on the cluster file, with a line saying where its dashboard is.
 fn up(a: args::UpArgs) -> i32 {
+    let (detach, detached) = (a.detach && !a.print_config, a.detached);
+    let up_args = detach.then(|| a.clone());
     let args = a.into_role_args();
     if let Some(path) = args.config.as_ref().filter(|p| !p.exists()) {
         // The default is relative: run from anywhere else, the monitor only said it could not read it.
@@ -44,11 +47,14 @@ fn up(a: args::UpArgs) -> i32 {
                 .is_ok()
                 && xcluster_monitor::statefile::RunDir::acquire(&l.config.run_dir).is_ok()
         };
-        if let Some(l) = loaded.ok().filter(free) {
-            println!(
+        match (loaded.ok().filter(free), up_args) {
+            (Some(l), Some(up)) => return detach::detach(&up, l.config.listen, &l.config.run_dir),
+            (Some(l), None) if !detached => println!(
                 "xcluster up: dashboard at http://{}/ ; Ctrl-C stops every program",
                 l.config.listen
-            );
+            ),
+            // Not free, or not loaded: the monitor, in the foreground, says why.
+            _ => {}
         }
     }
     role::run::<xcluster_monitor::Config, _, _, _>(args, xcluster_monitor::run)

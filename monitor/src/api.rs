@@ -50,7 +50,7 @@ pub struct Api {
 fn allowed(segs: &[&str]) -> Option<&'static str> {
     match segs {
         [""]
-        | ["v1", "status" | "cluster" | "events"]
+        | ["v1", "status" | "cluster" | "events" | "log"]
         | ["v1", "events", "recent"]
         | ["v1", "programs", _, "log"] => Some("GET"),
         ["v1", "reread" | "update" | "shutdown"]
@@ -121,6 +121,7 @@ impl Api {
                     &crate::cluster::fetch(&cfg.balancers, cfg.cluster_timeout).await,
                 )
             }
+            (&Method::GET, ["v1", "log"]) => self.own_log(req.uri().query()),
             (&Method::GET, ["v1", "programs", name, "log"]) => match decode(name) {
                 Ok(name) => self.log(&name, req.uri().query()),
                 Err(resp) => resp,
@@ -392,6 +393,63 @@ impl Api {
         stream_response("text/plain; charset=utf-8", body)
     }
 
+    /// `GET /v1/log?bytes=N[&follow=1]`: the monitor's own log (supervisorctl's `maintail`), when its stderr
+    /// is a file, as `xcluster up --detach` makes it; followed by reading what the file gains, since the
+    /// monitor's log lines go to stderr from the log writer's thread, past any channel here.
+    fn own_log(&self, query: Option<&str>) -> Response<Body> {
+        let pairs = match query_pairs(query) {
+            Ok(p) => p,
+            Err(e) => return error(StatusCode::BAD_REQUEST, "bad_query", &e),
+        };
+        let get = |k: &str| pairs.iter().find(|(key, _)| key == k).map(|(_, v)| v.as_str());
+        let bytes = match get("bytes").map(str::parse::<u64>) {
+            None => 1600,
+            Some(Ok(n)) => n.min(crate::logs::MAX_TAIL_BYTES),
+            Some(Err(_)) => return error(StatusCode::BAD_REQUEST, "bad_query", "bytes must be a number"),
+        };
+        let follow = matches!(get("follow"), Some("1" | "true"));
+        let Some(path) = crate::logs::own_log_file() else {
+            let msg = "the monitor's log is not a file (its stderr is a terminal, a pipe or the journal): read it \
+                       where the monitor was started, or start it with `xcluster up --detach`";
+            return error(StatusCode::NOT_FOUND, "no_log", msg);
+        };
+        let head = match crate::logs::tail(&path, bytes) {
+            Ok(b) => b,
+            Err(e) => {
+                return error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "log_unreadable",
+                    &e.to_string(),
+                );
+            }
+        };
+        if !follow {
+            return with_type(StatusCode::OK, "text/plain; charset=utf-8", head);
+        }
+        let drain = self.drain.clone();
+        let (tx, body) = mpsc::channel::<Bytes>(16);
+        tokio::spawn(async move {
+            let mut at = std::fs::metadata(&path).map_or(0, |m| m.len());
+            if tx.send(Bytes::from(head)).await.is_err() {
+                return;
+            }
+            loop {
+                tokio::select! {
+                    _ = drain.cancelled() => return,
+                    _ = tx.closed() => return,
+                    _ = tokio::time::sleep(FOLLOW_POLL) => {}
+                }
+                let Ok(chunk) = crate::logs::read_from(&path, &mut at, FOLLOW_CHUNK).await else {
+                    return;
+                };
+                if !chunk.is_empty() && tx.send(Bytes::from(chunk)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        stream_response("text/plain; charset=utf-8", body)
+    }
+
     fn events_stream(&self) -> Response<Body> {
         let (history, mut rx) = self.bus.subscribe();
         let drain = self.drain.clone();
@@ -459,6 +517,10 @@ impl hyper::body::Body for ChannelBody {
         self.0.poll_recv(cx).map(|o| o.map(|b| Ok(Frame::data(b))))
     }
 }
+
+/// How often a followed monitor log is read for what it gained, and at most how much at once.
+const FOLLOW_POLL: Duration = Duration::from_millis(250);
+const FOLLOW_CHUNK: u64 = 64 * 1024;
 
 fn stream_response(content_type: &'static str, body: mpsc::Receiver<Bytes>) -> Response<Body> {
     let mut resp = Response::new(ChannelBody(body).boxed());

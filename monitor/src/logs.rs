@@ -193,9 +193,49 @@ pub fn tail(path: &Path, bytes: u64) -> std::io::Result<Vec<u8>> {
     Ok(out.split_off(cut))
 }
 
+/// The file this process's stderr writes to, when it is a regular file (`xcluster up --detach`'s log); `None`
+/// for a terminal, a pipe or a socket (the journal).
+pub fn own_log_file() -> Option<std::path::PathBuf> {
+    let path = std::fs::read_link("/proc/self/fd/2").ok()?;
+    std::fs::metadata(&path).ok()?.is_file().then_some(path)
+}
+
+/// What `path` gained past `*at`, at most `max` bytes, moving `*at` on; from the start again when the file
+/// shrank (truncated or replaced by a rotation).
+pub async fn read_from(path: &Path, at: &mut u64, max: u64) -> std::io::Result<Vec<u8>> {
+    use tokio::io::{AsyncReadExt, AsyncSeekExt};
+    let mut f = tokio::fs::File::open(path).await?;
+    let len = f.metadata().await?.len();
+    if len < *at {
+        *at = 0;
+    }
+    f.seek(SeekFrom::Start(*at)).await?;
+    let mut out = Vec::with_capacity(len.saturating_sub(*at).min(max) as usize);
+    f.take(max).read_to_end(&mut out).await?;
+    *at += out.len() as u64;
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A followed log is read on from where the last read ended, in chunks, and from the start once it
+    /// shrank.
+    #[tokio::test]
+    async fn a_followed_log_reads_what_it_gained() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.log");
+        std::fs::write(&path, "one\n").unwrap();
+        let mut at = 4;
+        assert!(read_from(&path, &mut at, 64).await.unwrap().is_empty());
+        std::fs::write(&path, "one\ntwo\nthree\n").unwrap();
+        assert_eq!(read_from(&path, &mut at, 4).await.unwrap(), b"two\n");
+        assert_eq!(read_from(&path, &mut at, 64).await.unwrap(), b"three\n");
+        std::fs::write(&path, "new\n").unwrap();
+        assert_eq!(read_from(&path, &mut at, 64).await.unwrap(), b"new\n");
+        assert_eq!(at, 4);
+    }
 
     #[test]
     fn rotates_by_size_and_keeps_backups() {

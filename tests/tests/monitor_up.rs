@@ -206,3 +206,76 @@ fn up_starts_the_local_cluster_in_order_and_sigint_stops_everything() {
         "descendants left behind"
     );
 }
+
+/// `up --detach` returns once its monitor is ready, leaving it in a session of its own (the terminal's Ctrl-C
+/// and hang-up do not reach it) with its log in `<run_dir>/monitor.log`, which `ctl maintail` shows and
+/// follows; `ctl shutdown` stops it and its programs.
+#[test]
+fn up_detach_runs_the_monitor_in_the_background_until_shutdown() {
+    let dir = std::sync::Arc::new(tempfile::tempdir().unwrap());
+    let addr = free_addr();
+    let programs = "[programs.web]\ncommand = \"sleep 300\"\nstartsecs = 0\n";
+    let config = write_file(
+        dir.path(),
+        "monitor.toml",
+        &config_text(addr, dir.path(), programs),
+    );
+    // Tagged as the test's own: the detached monitor and its programs carry the tag, and go with `up`.
+    let mut up = Proc::xcluster("up", &["up", "--config", config.to_str().unwrap(), "--detach"]);
+    assert_eq!(up.wait_exit(Duration::from_secs(60)), Some(0), "{}", up.stderr());
+    let said = up.stdout();
+    let pid: i32 = said
+        .split("running in the background (pid ")
+        .nth(1)
+        .and_then(|rest| rest.split(')').next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("{said}"));
+    let log = dir.path().join("run/monitor.log");
+    assert!(said.contains(&format!("log {}", log.display())), "{said}");
+    let m = Mon {
+        proc: Proc::spawn("noop", std::path::Path::new("true"), Spawn::default()),
+        addr,
+        dir: dir.clone(),
+        config,
+    };
+    assert_eq!(m.status()["monitor"]["pid"], pid);
+    let own = nix::unistd::Pid::from_raw(pid);
+    assert_eq!(
+        nix::unistd::getsid(Some(own)).unwrap(),
+        own,
+        "a session of its own"
+    );
+    m.wait_state("web", "RUNNING", T);
+
+    // Its log is the file, tailed and followed by ctl.
+    let o = m.ctl(&["maintail", "--bytes", "100000"]);
+    assert!(o.status.success() && out(&o).contains("web"), "{}", out(&o));
+    let mut follow = Proc::xcluster(
+        "maintail",
+        &[
+            "ctl",
+            "--url",
+            &format!("http://{addr}"),
+            "maintail",
+            "-f",
+            "--bytes",
+            "10",
+        ],
+    );
+    eventually(T, "maintail -f to begin", || {
+        (!follow.stdout().is_empty()).then_some(())
+    });
+    let before = follow.stdout().len();
+    let o = m.ctl(&["stop", "web"]);
+    assert!(o.status.success(), "{}", out(&o));
+    eventually(T, "the stop's log lines to reach maintail -f", || {
+        let now = follow.stdout();
+        (now.len() > before && now[before..].contains("web")).then_some(())
+    });
+    follow.signal(nix::sys::signal::Signal::SIGINT);
+    let _ = follow.wait_exit(T);
+
+    let o = m.ctl(&["shutdown"]);
+    assert!(o.status.success(), "{}", out(&o));
+    eventually(T, "the detached monitor to exit", || (!alive(pid)).then_some(()));
+}

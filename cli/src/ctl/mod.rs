@@ -142,6 +142,10 @@ fn run_verb(c: &Client, args: &CtlArgs) -> Result<i32, Failure> {
             let code = c.stream(&path, *follow)?;
             Ok(code)
         }
+        CtlVerb::Maintail { follow, bytes } => {
+            let path = format!("/v1/log?bytes={bytes}{}", if *follow { "&follow=1" } else { "" });
+            c.stream(&path, *follow)
+        }
         CtlVerb::Cluster => cluster(c, args.json),
         CtlVerb::Drain { ids } => server_action(c, ids, ServerAction::Drain(true), args.json),
         CtlVerb::Undrain { ids } => server_action(c, ids, ServerAction::Drain(false), args.json),

@@ -1,0 +1,133 @@
+//! `xcluster up --detach`: the monitor in the background, as Supervisord runs unless told `nodaemon`. The
+//! process runs its own binary again rather than forking, so the monitor starts clean, inheriting nothing of
+//! this process's config load or logger; in a session of its own, so the terminal's Ctrl-C and hang-up do
+//! not reach it; with stdin from /dev/null and stdout and stderr appended to `<run_dir>/monitor.log`, which
+//! `GET /v1/log` (`ctl maintail`) reads. The parent returns once the monitor answers `/readyz`, or with the
+//! child's own exit and this start's log lines if it ends first.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::args::UpArgs;
+
+/// How long the parent waits for the monitor to be ready (its programs may take longer to be).
+const READY_WITHIN: Duration = Duration::from_secs(60);
+/// How often it asks.
+const POLL: Duration = Duration::from_millis(100);
+/// Each `/readyz` may take this long.
+const ASK_TIMEOUT: Duration = Duration::from_secs(1);
+/// How much of the log the parent shows when the child ends early.
+const SHOWN_ON_FAILURE: u64 = 4096;
+
+/// Starts the monitor of `args` (already checked: its config loads, its port and run directory are free) in
+/// the background, with its log at `run_dir/monitor.log`, and waits until `listen` answers ready. Returns the
+/// exit code of `xcluster up`.
+pub fn detach(args: &UpArgs, listen: SocketAddr, run_dir: &Path) -> i32 {
+    let log_path = run_dir.join("monitor.log");
+    let log = std::fs::create_dir_all(run_dir).and_then(|()| {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+    });
+    let (log, exe) = match (log, std::env::current_exe()) {
+        (Ok(log), Ok(exe)) => (log, exe),
+        (Err(e), _) => {
+            eprintln!("xcluster up: cannot open {}: {e}", log_path.display());
+            return 1;
+        }
+        (_, Err(e)) => {
+            eprintln!("xcluster up: cannot find its own binary to start in the background: {e}");
+            return 1;
+        }
+    };
+    let start = std::fs::metadata(&log_path).map_or(0, |m| m.len());
+    let mut cmd = Command::new(exe);
+    cmd.arg("up").arg("--config").arg(&args.config).arg("--detached");
+    for s in &args.set {
+        cmd.arg("--set").arg(s);
+    }
+    if matches!(args.log_format, crate::args::LogFormat::Json) {
+        cmd.args(["--log-format", "json"]);
+    }
+    let stdout = match log.try_clone() {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("xcluster up: {}: {e}", log_path.display());
+            return 1;
+        }
+    };
+    cmd.stdin(Stdio::null()).stdout(stdout).stderr(log);
+    // SAFETY: `setsid` is async-signal-safe and touches no memory of the parent's; it runs in the child
+    // between fork and exec, where only such calls are allowed.
+    unsafe {
+        cmd.pre_exec(|| nix::unistd::setsid().map(drop).map_err(std::io::Error::from));
+    }
+    let mut child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("xcluster up: cannot start the monitor: {e}");
+            return 1;
+        }
+    };
+    let deadline = Instant::now() + READY_WITHIN;
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) => {
+                eprintln!(
+                    "xcluster up: the monitor ended before it was ready ({status}); the end of {}:",
+                    log_path.display()
+                );
+                eprint!("{}", String::from_utf8_lossy(&log_since(&log_path, start)));
+                return status.code().unwrap_or(1);
+            }
+            Ok(None) => {}
+            Err(e) => eprintln!("xcluster up: cannot tell whether the monitor runs: {e}"),
+        }
+        if ready(listen) {
+            println!(
+                "xcluster up: running in the background (pid {}); dashboard at http://{listen}/ ; log {} \
+                 (`xcluster ctl maintail -f`); `xcluster ctl shutdown` stops every program",
+                child.id(),
+                log_path.display()
+            );
+            return 0;
+        }
+        if Instant::now() >= deadline {
+            eprintln!(
+                "xcluster up: the monitor (pid {}) was not ready within {}s; it runs on: see {}",
+                child.id(),
+                READY_WITHIN.as_secs(),
+                log_path.display()
+            );
+            return 1;
+        }
+        std::thread::sleep(POLL);
+    }
+}
+
+/// Whether `GET /readyz` at `addr` answers 200 within [`ASK_TIMEOUT`].
+fn ready(addr: SocketAddr) -> bool {
+    let ask = || -> std::io::Result<bool> {
+        let mut s = TcpStream::connect_timeout(&addr, ASK_TIMEOUT)?;
+        s.set_read_timeout(Some(ASK_TIMEOUT))?;
+        s.set_write_timeout(Some(ASK_TIMEOUT))?;
+        s.write_all(format!("GET /readyz HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes())?;
+        let mut head = [0u8; 12];
+        s.read_exact(&mut head)?;
+        Ok(head.starts_with(b"HTTP/1.1 200"))
+    };
+    ask().unwrap_or(false)
+}
+
+/// What the log gained since `start` (this start's lines), at most [`SHOWN_ON_FAILURE`] bytes of its end.
+fn log_since(path: &Path, start: u64) -> Vec<u8> {
+    let all = std::fs::read(path).unwrap_or_default();
+    let since = all.get(start as usize..).unwrap_or_default();
+    let from = since.len().saturating_sub(SHOWN_ON_FAILURE as usize);
+    since[from..].to_vec()
+}
