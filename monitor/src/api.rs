@@ -301,18 +301,11 @@ impl Api {
     }
 
     fn log(&self, name: &str, query: Option<&str>) -> Response<Body> {
-        let pairs = match query_pairs(query) {
-            Ok(p) => p,
-            Err(e) => return error(StatusCode::BAD_REQUEST, "bad_query", &e),
+        let (q, bytes, follow) = match LogQuery::parse(query) {
+            Ok(q) => q,
+            Err(resp) => return resp,
         };
-        let get = |k: &str| pairs.iter().find(|(key, _)| key == k).map(|(_, v)| v.as_str());
-        let stream = get("stream").unwrap_or("stdout");
-        let bytes = match get("bytes").map(str::parse::<u64>) {
-            None => 1600,
-            Some(Ok(n)) => n.min(crate::logs::MAX_TAIL_BYTES),
-            Some(Err(_)) => return error(StatusCode::BAD_REQUEST, "bad_query", "bytes must be a number"),
-        };
-        let follow = matches!(get("follow"), Some("1" | "true"));
+        let stream = q.get("stream").unwrap_or("stdout");
         let snap = self.status.borrow().clone();
         let matches: Vec<_> = snap
             .programs
@@ -356,15 +349,9 @@ impl Api {
             return error(StatusCode::NOT_FOUND, "no_log", &msg);
         };
         let mut rx = live.subscribe();
-        let head = match crate::logs::tail(path, bytes) {
-            Ok(b) => b,
-            Err(e) => {
-                return error(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "log_unreadable",
-                    &e.to_string(),
-                );
-            }
+        let head = match log_head(path, bytes) {
+            Ok(head) => head,
+            Err(resp) => return resp,
         };
         if !follow {
             return with_type(StatusCode::OK, "text/plain; charset=utf-8", head);
@@ -397,31 +384,18 @@ impl Api {
     /// is a file, as `xcluster up --detach` makes it; followed by reading what the file gains, since the
     /// monitor's log lines go to stderr from the log writer's thread, past any channel here.
     fn own_log(&self, query: Option<&str>) -> Response<Body> {
-        let pairs = match query_pairs(query) {
-            Ok(p) => p,
-            Err(e) => return error(StatusCode::BAD_REQUEST, "bad_query", &e),
+        let (_, bytes, follow) = match LogQuery::parse(query) {
+            Ok(q) => q,
+            Err(resp) => return resp,
         };
-        let get = |k: &str| pairs.iter().find(|(key, _)| key == k).map(|(_, v)| v.as_str());
-        let bytes = match get("bytes").map(str::parse::<u64>) {
-            None => 1600,
-            Some(Ok(n)) => n.min(crate::logs::MAX_TAIL_BYTES),
-            Some(Err(_)) => return error(StatusCode::BAD_REQUEST, "bad_query", "bytes must be a number"),
-        };
-        let follow = matches!(get("follow"), Some("1" | "true"));
         let Some(path) = crate::logs::own_log_file() else {
             let msg = "the monitor's log is not a file (its stderr is a terminal, a pipe or the journal): read it \
                        where the monitor was started, or start it with `xcluster up --detach`";
             return error(StatusCode::NOT_FOUND, "no_log", msg);
         };
-        let head = match crate::logs::tail(&path, bytes) {
-            Ok(b) => b,
-            Err(e) => {
-                return error(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "log_unreadable",
-                    &e.to_string(),
-                );
-            }
+        let head = match log_head(&path, bytes) {
+            Ok(head) => head,
+            Err(resp) => return resp,
         };
         if !follow {
             return with_type(StatusCode::OK, "text/plain; charset=utf-8", head);
@@ -516,6 +490,47 @@ impl hyper::body::Body for ChannelBody {
     ) -> std::task::Poll<Option<Result<Frame<Bytes>, Infallible>>> {
         self.0.poll_recv(cx).map(|o| o.map(|b| Ok(Frame::data(b))))
     }
+}
+
+/// A log request's query: its pairs, `bytes` (1600 unless given, at most `logs::MAX_TAIL_BYTES`) and
+/// `follow`.
+struct LogQuery(Vec<(String, String)>);
+
+impl LogQuery {
+    #[allow(clippy::result_large_err)] // the error is the answer itself, built once per request
+    fn parse(query: Option<&str>) -> Result<(Self, u64, bool), Response<Body>> {
+        let q = LogQuery(query_pairs(query).map_err(|e| error(StatusCode::BAD_REQUEST, "bad_query", &e))?);
+        let bytes = match q.get("bytes").map(str::parse::<u64>) {
+            None => 1600,
+            Some(Ok(n)) => n.min(crate::logs::MAX_TAIL_BYTES),
+            Some(Err(_)) => {
+                return Err(error(
+                    StatusCode::BAD_REQUEST,
+                    "bad_query",
+                    "bytes must be a number",
+                ));
+            }
+        };
+        let follow = matches!(q.get("follow"), Some("1" | "true"));
+        Ok((q, bytes, follow))
+    }
+
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+    }
+}
+
+/// The tail of the log at `path` (the whole answer without `follow`, the first chunk with it), or the 500
+/// that says why it cannot be read.
+#[allow(clippy::result_large_err)] // the error is the answer itself, built once per request
+fn log_head(path: &std::path::Path, bytes: u64) -> Result<Vec<u8>, Response<Body>> {
+    crate::logs::tail(path, bytes).map_err(|e| {
+        error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "log_unreadable",
+            &e.to_string(),
+        )
+    })
 }
 
 /// How often a followed monitor log is read for what it gained, and at most how much at once.

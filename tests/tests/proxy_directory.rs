@@ -45,6 +45,30 @@ fn through(proxy: SocketAddr) -> String {
     out
 }
 
+/// The backends 40 connections through `proxy` reached.
+fn seen(proxy: SocketAddr) -> std::collections::BTreeSet<String> {
+    (0..40).map(|_| through(proxy)).collect()
+}
+
+/// Whether 40 connections through `proxy` reached both `A` and `B`.
+fn both_seen(proxy: SocketAddr) -> Option<()> {
+    let seen = seen(proxy);
+    (seen.contains("A") && seen.contains("B")).then_some(())
+}
+
+/// Waits until connections through `proxy` reach both `A` and `B`.
+fn both(proxy: SocketAddr, what: &str) {
+    eventually(Duration::from_secs(10), what, || both_seen(proxy));
+}
+
+/// The `/v1/status` row of proxy backend `addr` on the balancer at `api`.
+fn backend_row(api: SocketAddr, addr: SocketAddr) -> serde_json::Value {
+    let st = get(api, "/v1/status").unwrap().json();
+    let backends = st["proxy"]["backends"].as_array().unwrap().clone();
+    let row = backends.iter().find(|r| r["addr"] == addr.to_string()).cloned();
+    row.unwrap_or_else(|| panic!("{addr} not in {st}"))
+}
+
 #[test]
 fn proxy_routes_by_the_directory_and_respects_drain() {
     let dir = tempfile::tempdir().unwrap();
@@ -94,14 +118,7 @@ fn proxy_routes_by_the_directory_and_respects_drain() {
             }
         })
     };
-    eventually(
-        Duration::from_secs(10),
-        "both instances to be picked through the proxy",
-        || {
-            let seen: std::collections::BTreeSet<String> = (0..40).map(|_| through(proxy)).collect();
-            (seen.contains("A") && seen.contains("B")).then_some(())
-        },
-    );
+    both(proxy, "both instances to be picked through the proxy");
 
     // Drain A on this balancer: new proxied connections all go to B.
     let r = set_drain(api, "h1/a", "drain");
@@ -138,10 +155,7 @@ fn proxy_routes_by_the_directory_and_respects_drain() {
     assert!(r.body.contains("set a share of it"), "{}", r.body);
     assert_eq!(set_drain(api, "h1/a", "weight/100%25").status, 200);
     assert_eq!(weight_set(), (json!(null), json!({})));
-    eventually(Duration::from_secs(10), "A back at its whole weight", || {
-        let seen: std::collections::BTreeSet<String> = (0..40).map(|_| through(proxy)).collect();
-        (seen.contains("A") && seen.contains("B")).then_some(())
-    });
+    both(proxy, "A back at its whole weight");
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     reporter.join().unwrap();
 }
@@ -153,23 +167,9 @@ fn a_fixed_backend_takes_a_weight_set_at_run_time() {
     // Bound whole first: the lb and its directory live as long as `lb`.
     let lb = ab_lb();
     let AB { api, proxy, a, b, .. } = lb;
-    let seen = || {
-        (0..40)
-            .map(|_| through(proxy))
-            .collect::<std::collections::BTreeSet<String>>()
-    };
-    let both = || {
-        eventually(Duration::from_secs(10), "A and B both picked", || {
-            let seen = seen();
-            (seen.contains("A") && seen.contains("B")).then_some(())
-        })
-    };
-    let weight_set = |addr: SocketAddr| {
-        let st = get(api, "/v1/status").unwrap().json();
-        let backends = st["proxy"]["backends"].as_array().unwrap().clone();
-        let row = backends.iter().find(|r| r["addr"] == addr.to_string()).cloned();
-        row.unwrap_or_else(|| panic!("{addr} not in {st}"))["weight_set"].clone()
-    };
+    let seen = || seen(proxy);
+    let both = || both(proxy, "A and B both picked");
+    let weight_set = |addr| backend_row(api, addr)["weight_set"].clone();
     both();
     // Its own weight 0: applied with the answer, every new connection goes to B.
     let r = set_drain(api, &a.to_string(), "weight/0");
@@ -272,8 +272,7 @@ fn a_fixed_backend_an_agent_reports_follows_its_drain_and_readiness() {
     let both = || {
         eventually(Duration::from_secs(10), "A and B both picked", || {
             report_a();
-            let seen: std::collections::BTreeSet<String> = (0..40).map(|_| through(proxy)).collect();
-            (seen.contains("A") && seen.contains("B")).then_some(())
+            both_seen(proxy)
         })
     };
     let only_b = |what| {
@@ -304,23 +303,9 @@ fn a_fixed_backend_an_agent_reports_follows_its_drain_and_readiness() {
 fn a_fixed_backend_is_drained_by_its_address() {
     let lb = ab_lb();
     let AB { api, proxy, a, b, .. } = lb;
-    let seen = || {
-        (0..40)
-            .map(|_| through(proxy))
-            .collect::<std::collections::BTreeSet<String>>()
-    };
-    let both = || {
-        eventually(Duration::from_secs(10), "A and B both picked", || {
-            let seen = seen();
-            (seen.contains("A") && seen.contains("B")).then_some(())
-        })
-    };
-    let drained = |addr: SocketAddr| {
-        let st: serde_json::Value = serde_json::from_str(&get(api, "/v1/status").unwrap().body).unwrap();
-        let backends = st["proxy"]["backends"].as_array().unwrap().clone();
-        let row = backends.iter().find(|r| r["addr"] == addr.to_string());
-        row.unwrap_or_else(|| panic!("{addr} not in {st}"))["drained"].as_bool()
-    };
+    let seen = || seen(proxy);
+    let both = || both(proxy, "A and B both picked");
+    let drained = |addr| backend_row(api, addr)["drained"].as_bool();
     both();
     assert_eq!(drained(a), Some(false));
     // Written with a leading zero in its port, the same backend.
