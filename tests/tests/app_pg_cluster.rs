@@ -377,3 +377,33 @@ fn money_edges_on_postgres() {
     assert_eq!(stock(), (before.0, before.1 - 1));
     audit(addr);
 }
+
+/// A deploy's SIGTERM (and Ctrl-C's SIGINT) to an instance on PostgreSQL that has served requests: it drains
+/// and exits 0. It aborted (exit 134, SIGABRT) instead: the last handle on the store was dropped on an async
+/// worker, where closing a `postgres::Client` panics inside the drop, so the monitor saw a crash at every
+/// restart.
+#[test]
+fn an_instance_on_postgres_stops_cleanly_on_sigterm_and_sigint() {
+    let pg = Postgres::start();
+    let redis = Redis::start();
+    let dir = tempfile::tempdir().unwrap();
+    for (n, signal) in [
+        (0, nix::sys::signal::Signal::SIGTERM),
+        (1, nix::sys::signal::Signal::SIGINT),
+    ] {
+        let addr = free_addr();
+        let config = app_config(dir.path(), n, addr, &pg, &redis);
+        let mut app = start_app(n, &config, addr);
+        let r = get(addr, "/v1/products/1").unwrap();
+        assert_eq!(r.status, 200, "{}", r.body);
+        app.signal(signal);
+        let code = app.wait_exit(Duration::from_secs(30));
+        assert_eq!(
+            code,
+            Some(0),
+            "{signal} should stop the app cleanly: {}",
+            app.stderr()
+        );
+        assert!(!app.stderr().contains("panicked"), "{}", app.stderr());
+    }
+}

@@ -61,6 +61,29 @@ pub struct PostgresStore {
     freed: Condvar,
 }
 
+impl Drop for PostgresStore {
+    /// A `postgres::Client` closes by blocking on a runtime of its own, which panics on an async worker, and
+    /// the last handle on the store is often dropped on one (a connection task ending after SIGINT or
+    /// SIGTERM): that panic, inside a drop, aborted the process. The idle connections are closed on a
+    /// thread of their own instead, waited for a bounded time so a hung server cannot hold the exit.
+    fn drop(&mut self) {
+        let idle = std::mem::take(&mut self.pool.get_mut().unwrap_or_else(|e| e.into_inner()).idle);
+        if idle.is_empty() {
+            return;
+        }
+        let (tx, rx) = std::sync::mpsc::sync_channel::<()>(1);
+        let closing = std::thread::Builder::new()
+            .name("pg-close".into())
+            .spawn(move || {
+                drop(idle);
+                let _ = tx.send(());
+            });
+        if closing.is_ok() {
+            let _ = rx.recv_timeout(Duration::from_secs(3));
+        }
+    }
+}
+
 impl std::fmt::Debug for PostgresStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PostgresStore").field("max", &self.max).finish()

@@ -1,6 +1,7 @@
 //! The store invariant suite, run unchanged against every store (`store_suite!` at the end): SQLite on a real
 //! file, PostgreSQL on a throwaway server. Two store handles on one database stand in for two processes.
 
+mod postgres_conn;
 mod refunds;
 
 use refunds::*;
