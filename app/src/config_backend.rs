@@ -14,6 +14,7 @@ use crate::store::postgres::PgOptions;
 pub struct PostgresSection {
     /// Connections this process keeps at most (also bounded by `store_threads` in use at once).
     pub pool_size: u32,
+    /// Bound on opening one connection, TCP connect, handshake and login included.
     pub connect_timeout_ms: u64,
     /// Server-side bound on one statement and on one lock wait; past it the call is a retryable 503.
     pub statement_timeout_ms: u64,

@@ -11,7 +11,8 @@
 //! retried here a few times, then surface as the retryable [`StoreError::Busy`].
 
 use std::collections::HashMap;
-use std::sync::{Condvar, Mutex};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use postgres::error::SqlState;
@@ -55,6 +56,11 @@ struct PoolState {
 /// The PostgreSQL store.
 pub struct PostgresStore {
     config: postgres::Config,
+    /// `host:port` for messages.
+    target: String,
+    connect_timeout: Duration,
+    /// Connection attempts under way, given up on ones included (see [`PostgresStore::connect`]).
+    connecting: Arc<AtomicUsize>,
     max: usize,
     acquire_timeout: Duration,
     pool: Mutex<PoolState>,
@@ -79,7 +85,7 @@ impl Drop for PostgresStore {
                 let _ = tx.send(());
             });
         if closing.is_ok() {
-            let _ = rx.recv_timeout(Duration::from_secs(3));
+            let _ = rx.recv_timeout(self.connect_timeout.max(Duration::from_secs(1)));
         }
     }
 }
@@ -117,11 +123,39 @@ impl From<postgres::Error> for StoreError {
 
 /// The server's own words where it sent any: `postgres::Error`'s `Display` says only "db error" then, which
 /// hid a refused login (`28000: no pg_hba.conf entry for host ...`) behind "cannot connect: db error".
+/// Otherwise the error and its causes: its `Display` alone leaves the cause out, so a refused port, a name
+/// that does not resolve and an unreachable host all read "error connecting to server".
 fn describe(e: &postgres::Error) -> String {
-    match e.as_db_error() {
-        Some(db) => format!("{}: {}", db.code().code(), db.message()),
-        None => e.to_string(),
+    if let Some(db) = e.as_db_error() {
+        return format!("{}: {}", db.code().code(), db.message());
     }
+    let mut text = e.to_string();
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        text.push_str(": ");
+        text.push_str(&c.to_string());
+        cause = c.source();
+    }
+    text
+}
+
+/// Where the config points, for messages: `host:port` of each host it lists.
+fn target(config: &postgres::Config) -> String {
+    let ports = config.get_ports();
+    let hosts: Vec<String> = config
+        .get_hosts()
+        .iter()
+        .enumerate()
+        .map(|(i, h)| {
+            let host = match h {
+                postgres::config::Host::Tcp(name) => name.clone(),
+                postgres::config::Host::Unix(path) => path.display().to_string(),
+            };
+            let port = ports.get(i).or(ports.first()).copied().unwrap_or(5432);
+            format!("{host}:{port}")
+        })
+        .collect();
+    hosts.join(",")
 }
 
 /// A transaction with the connection's statement cache.
@@ -191,7 +225,10 @@ impl PostgresStore {
                 ms.max(1000) * 2
             ));
         let store = PostgresStore {
+            target: target(&config),
             config,
+            connect_timeout: opts.connect_timeout,
+            connecting: Arc::default(),
             max: opts.pool_size.max(1),
             acquire_timeout: opts.statement_timeout.max(Duration::from_secs(1)),
             pool: Mutex::new(PoolState::default()),
@@ -214,17 +251,14 @@ impl PostgresStore {
             if pool.open < self.max {
                 pool.open += 1;
                 drop(pool);
-                return match self.config.connect(NoTls) {
+                return match self.connect() {
                     Ok(client) => Ok(Conn {
                         client,
                         stmts: HashMap::new(),
                     }),
                     Err(e) => {
                         self.release(None);
-                        Err(StoreError::Busy(format!(
-                            "cannot connect to postgres: {}",
-                            describe(&e)
-                        )))
+                        Err(e)
                     }
                 };
             }
@@ -237,6 +271,50 @@ impl PostgresStore {
                 .wait_timeout(pool, left)
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
+        }
+    }
+
+    /// Opens a connection within `connect_timeout`, handshake and login included. The client's own
+    /// `connect_timeout` bounds only the TCP connect: a server that accepts and then says nothing (a hung
+    /// PostgreSQL, or a `postgres_url` naming another service's port) held the caller for good, at start and
+    /// whenever the pool opened a connection. The client cannot be interrupted, so the attempt runs on a
+    /// thread of its own that is left to finish by itself past the deadline; at most `pool_size` such
+    /// threads exist at once, so a silent server costs a bounded number of them, not one per request.
+    fn connect(&self) -> Result<Client, StoreError> {
+        let unanswered = || {
+            StoreError::Busy(format!(
+                "postgres at {} did not complete a connection within {} ms (is it a PostgreSQL server, and answering?)",
+                self.target,
+                self.connect_timeout.as_millis()
+            ))
+        };
+        if self.connecting.fetch_add(1, Ordering::AcqRel) >= self.max {
+            self.connecting.fetch_sub(1, Ordering::AcqRel);
+            return Err(unanswered());
+        }
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let (config, connecting) = (self.config.clone(), self.connecting.clone());
+        let spawned = std::thread::Builder::new()
+            .name("pg-connect".into())
+            .spawn(move || {
+                // A client that comes too late is dropped here, off any async worker.
+                let _ = tx.send(config.connect(NoTls));
+                connecting.fetch_sub(1, Ordering::AcqRel);
+            });
+        if let Err(e) = spawned {
+            self.connecting.fetch_sub(1, Ordering::AcqRel);
+            return Err(StoreError::Busy(format!(
+                "cannot start a postgres connect thread: {e}"
+            )));
+        }
+        match rx.recv_timeout(self.connect_timeout) {
+            Ok(Ok(client)) => Ok(client),
+            Ok(Err(e)) => Err(StoreError::Busy(format!(
+                "cannot connect to postgres at {}: {}",
+                self.target,
+                describe(&e)
+            ))),
+            Err(_) => Err(unanswered()),
         }
     }
 
@@ -263,7 +341,10 @@ impl PostgresStore {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let out = self.once(level, read_only, f, commit);
+            // No retry when no connection could be had: connecting (or waiting for a free one) has had its
+            // whole bound already, and four of them made a silent server cost a caller four times that.
+            let conn = self.take()?;
+            let out = self.once(conn, level, read_only, f, commit);
             match out {
                 Err(StoreError::Busy(why)) if attempt < ATTEMPTS => {
                     tracing::debug!(attempt, %why, "postgres transaction retried");
@@ -278,12 +359,12 @@ impl PostgresStore {
 
     fn once<T>(
         &self,
+        mut conn: Conn,
         level: IsolationLevel,
         read_only: bool,
         f: &mut dyn FnMut(&mut Tx<'_>) -> Result<T, StoreError>,
         commit: fn(&T) -> bool,
     ) -> Result<T, StoreError> {
-        let mut conn = self.take()?;
         let out = (|| {
             let Conn { client, stmts } = &mut conn;
             let tx = client

@@ -1,7 +1,9 @@
-//! PostgreSQL only: the connections to the server. The store may be dropped anywhere, an async worker
-//! included, as the app's last handle on it is at shutdown.
+//! PostgreSQL only: reaching the server. A connection is bounded in time, handshake included, whatever the
+//! server at `postgres_url` does; a refused one says why and where; and the store may be dropped anywhere,
+//! an async worker included, as the app's last handle on it is at shutdown.
 
-use std::time::Duration;
+use std::net::TcpListener;
+use std::time::{Duration, Instant};
 
 use super::super::postgres::{PgOptions, PostgresStore};
 use super::*;
@@ -14,6 +16,55 @@ fn options(url: String, connect_timeout: Duration) -> PgOptions {
         statement_timeout: Duration::from_secs(5),
         seed_demo: true,
     }
+}
+
+/// Opens the store on another thread and waits at most `bound` for the outcome: a hang fails the test
+/// instead of holding it.
+fn open_within(opts: PgOptions, bound: Duration) -> Result<PostgresStore, StoreError> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(PostgresStore::open(&opts));
+    });
+    rx.recv_timeout(bound)
+        .unwrap_or_else(|_| panic!("opening the store did not finish within {bound:?}"))
+}
+
+/// A server that accepts (the kernel completes the handshake into the listen backlog) and never answers, as a
+/// hung PostgreSQL or another service's port does: opening fails within the connect timeout, not never.
+#[test]
+fn a_silent_server_fails_the_open_within_connect_timeout() {
+    let silent = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = silent.local_addr().unwrap();
+    let started = Instant::now();
+    let err = open_within(
+        options(format!("postgres://x@{addr}/x"), Duration::from_millis(300)),
+        Duration::from_secs(10),
+    )
+    .unwrap_err();
+    let took = started.elapsed();
+    let text = err.to_string();
+    assert!(
+        text.contains(&addr.to_string()) && text.contains("did not complete a connection within 300 ms"),
+        "{text}"
+    );
+    assert!(took < Duration::from_secs(3), "took {took:?}");
+    drop(silent);
+}
+
+/// A refused connection names the address and the cause, not just "error connecting to server".
+#[test]
+fn a_refused_connection_says_where_and_why() {
+    let addr = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let err = open_within(
+        options(format!("postgres://x@{addr}/x"), Duration::from_secs(2)),
+        Duration::from_secs(10),
+    )
+    .unwrap_err();
+    let text = err.to_string();
+    assert!(
+        text.contains(&format!("at {addr}")) && text.to_lowercase().contains("refused"),
+        "{text}"
+    );
 }
 
 /// The store's last handle dropped on an async worker, with connections in its pool: this panicked inside
