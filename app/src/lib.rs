@@ -141,7 +141,12 @@ pub async fn run(ctx: Context<Config>) -> Result<(), Error> {
         &ctx.shutdown,
     );
     ctx.health.set_ready();
-    tracing::info!(instance = %cfg.instance, db = %cfg.db_path.display(), "xbuy serving");
+    // The store in use: `db_path` means nothing on PostgreSQL, where it named a file never opened.
+    let store_at = match &cfg.backend {
+        config_backend::Backend::Sqlite => cfg.db_path.display().to_string(),
+        config_backend::Backend::Postgres(o) => config_backend::redact_url(&o.url),
+    };
+    tracing::info!(instance = %cfg.instance, db = %store_at, "xbuy serving");
     drain.cancelled().await;
     // In-flight requests (and the group commits they wait on) finish within the grace period before the
     // background work stops; an order is acknowledged only after its commit, so a cut here loses nothing.

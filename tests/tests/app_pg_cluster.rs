@@ -396,6 +396,12 @@ fn an_instance_on_postgres_stops_cleanly_on_sigterm_and_sigint() {
         let mut app = start_app(n, &config, addr);
         let r = get(addr, "/v1/products/1").unwrap();
         assert_eq!(r.status, 200, "{}", r.body);
+        // Its start names the store it serves from, not the SQLite file it never opened.
+        let serving = app.stderr();
+        assert!(
+            serving.contains(&format!("db={}", pg.url)) && !serving.contains("xbuy.db"),
+            "{serving}"
+        );
         app.signal(signal);
         let code = app.wait_exit(Duration::from_secs(30));
         assert_eq!(
