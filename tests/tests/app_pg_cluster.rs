@@ -413,3 +413,56 @@ fn an_instance_on_postgres_stops_cleanly_on_sigterm_and_sigint() {
         assert!(!app.stderr().contains("panicked"), "{}", app.stderr());
     }
 }
+
+/// A buyer who cancels a flash-sale order the Redis gate admitted may buy again, as the store (which counts
+/// only live orders) allows: the gate's count of their units was kept for good, so they were refused
+/// `limit_exceeded` by Redis while a keyed request, which skips the gate, was sold the unit.
+#[test]
+fn a_cancelled_flash_sale_order_frees_the_buyers_allowance_at_the_redis_gate() {
+    let pg = Postgres::start();
+    let redis = Redis::start();
+    let dir = tempfile::tempdir().unwrap();
+    let addr = free_addr();
+    let config = app_config(dir.path(), 0, addr, &pg, &redis);
+    let _app = start_app(0, &config, addr);
+    let r = request(
+        addr,
+        "POST",
+        "/v1/merchant/flash-sales/flash-1",
+        &[("Authorization", &auth())],
+        None,
+    )
+    .unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    let seckill = |user: &str| {
+        let body = format!(r#"{{"user": "{user}"}}"#);
+        request(addr, "POST", "/v1/seckill/flash-1", &[], Some(body.as_bytes())).unwrap()
+    };
+    let taken = || {
+        let m = get(addr, "/metrics").unwrap().body;
+        metric_value(&m, "xcluster_app_redis_gate_total", "answer=\"taken\"").unwrap_or(0.0)
+    };
+    // Until the reconciler has built the SKU's counter, the gate passes attempts to the store uncounted.
+    let mut warm = 0;
+    eventually(
+        Duration::from_secs(20),
+        "the redis gate to take an attempt",
+        || {
+            warm += 1;
+            assert_eq!(seckill(&format!("warm-{warm}")).status, 201);
+            (taken() >= 1.0).then_some(())
+        },
+    );
+    let before = taken();
+    let r = seckill("canceller");
+    assert_eq!(r.status, 201, "{}", r.body);
+    assert_eq!(taken(), before + 1.0, "the gate counted this purchase");
+    let id = r.json()["id"].as_str().unwrap().to_string();
+    let r = request(addr, "POST", &format!("/v1/orders/{id}/cancel"), &[], None).unwrap();
+    assert_eq!(r.json()["status"], "cancelled", "{}", r.body);
+    let r = seckill("canceller");
+    assert_eq!(r.status, 201, "the store sells to them again: {}", r.body);
+    // And the limit still holds for the order they now have.
+    assert_eq!(seckill("canceller").status, 429);
+    audit(addr);
+}
