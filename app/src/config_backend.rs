@@ -16,7 +16,8 @@ pub struct PostgresSection {
     pub pool_size: u32,
     /// Bound on opening one connection, TCP connect, handshake and login included.
     pub connect_timeout_ms: u64,
-    /// Server-side bound on one statement and on one lock wait; past it the call is a retryable 503.
+    /// Server-side bound on one statement and on one lock wait; past it the call is a retryable 503. A
+    /// server that answers nothing costs a call at most this + `connect_timeout_ms` + 1 s (`PgOptions::call_bound`).
     pub statement_timeout_ms: u64,
 }
 

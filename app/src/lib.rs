@@ -95,6 +95,10 @@ pub async fn run(ctx: Context<Config>) -> Result<(), Error> {
         source,
     })?;
     let exec = exec::StoreExec::new(opened, cfg.store_threads);
+    let exec = match &cfg.backend {
+        config_backend::Backend::Postgres(o) => exec.bounded(o.call_bound()),
+        config_backend::Backend::Sqlite => exec,
+    };
     let redis_gate = match &cfg.redis {
         Some(opts) => Some(Arc::new(gate_redis::RedisGate::new(opts.clone()).map_err(
             |e| Error::Store {

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use xcluster_tests::http::{get, request};
+use xcluster_tests::http::{HttpResponse, get, request};
 use xcluster_tests::services::{Postgres, Redis};
 use xcluster_tests::*;
 
@@ -464,5 +464,127 @@ fn a_cancelled_flash_sale_order_frees_the_buyers_allowance_at_the_redis_gate() {
     assert_eq!(r.status, 201, "the store sells to them again: {}", r.body);
     // And the limit still holds for the order they now have.
     assert_eq!(seckill("canceller").status, 429);
+    audit(addr);
+}
+
+/// A TCP relay to `upstream` that can be frozen: while frozen it forwards nothing either way (the bytes wait
+/// in it), as a PostgreSQL that stopped answering, or whose host was cut off, looks to its clients.
+struct FreezeRelay {
+    addr: SocketAddr,
+    frozen: Arc<(Mutex<bool>, std::sync::Condvar)>,
+}
+
+impl FreezeRelay {
+    fn start(upstream: SocketAddr) -> FreezeRelay {
+        use std::io::{Read, Write};
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let frozen = Arc::new((Mutex::new(false), std::sync::Condvar::new()));
+        let gate = frozen.clone();
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { return };
+                let Ok(server) = std::net::TcpStream::connect(upstream) else {
+                    continue;
+                };
+                let ways = [
+                    (client.try_clone().unwrap(), server.try_clone().unwrap()),
+                    (server, client),
+                ];
+                for (mut from, mut to) in ways {
+                    let gate = gate.clone();
+                    std::thread::spawn(move || {
+                        let mut buf = [0u8; 16 * 1024];
+                        while let Ok(n @ 1..) = from.read(&mut buf) {
+                            let (lock, thawed) = &*gate;
+                            drop(thawed.wait_while(lock.lock().unwrap(), |f| *f).unwrap());
+                            if to.write_all(&buf[..n]).is_err() {
+                                break;
+                            }
+                        }
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+            }
+        });
+        FreezeRelay { addr, frozen }
+    }
+
+    fn set_frozen(&self, on: bool) {
+        *self.frozen.0.lock().unwrap() = on;
+        self.frozen.1.notify_all();
+    }
+}
+
+/// PostgreSQL stops answering (hung, or cut off) under an instance: its clients get a retryable 503 within
+/// a bound, not a wait as long as the outage, and once it answers again the instance serves, and a retried
+/// order gives one order. The server bounds a statement (`statement_timeout`), but a query sent to a server
+/// that answers nothing was held for good: requests hung for as long as the outage lasted.
+#[test]
+fn a_postgres_that_stops_answering_costs_a_bounded_wait_and_a_retryable_503() {
+    let pg = Postgres::start();
+    let relay = FreezeRelay::start(pg.addr);
+    let dir = tempfile::tempdir().unwrap();
+    let addr = free_addr();
+    let text = format!(
+        r#"role = "app"
+listen = "{addr}"
+store = "postgres"
+postgres_url = "postgres://xcluster@{relay}/xcluster"
+admin_token = "{TOKEN}"
+store_threads = 4
+[postgres]
+pool_size = 4
+connect_timeout_ms = 1000
+statement_timeout_ms = 1000
+[degrade]
+# No breaker in the way: every request meets the store.
+level = "sync"
+"#,
+        relay = relay.addr,
+    );
+    let config = write_file(dir.path(), "app.toml", &text);
+    let _app = start_app(0, config.to_str().unwrap(), addr);
+    assert_eq!(get(addr, "/v1/products/1").unwrap().status, 200);
+    let order = || {
+        let body = r#"{"user": "frozen", "lines": [{"sku": "sku-1-1", "qty": 1}]}"#;
+        request(
+            addr,
+            "POST",
+            "/v1/orders",
+            &[("Idempotency-Key", "frozen-1")],
+            Some(body.as_bytes()),
+        )
+    };
+    relay.set_frozen(true);
+    let read = || get(addr, "/v1/products/1");
+    let attempts: [(&str, &dyn Fn() -> std::io::Result<HttpResponse>); 2] =
+        [("a read", &read), ("an order", &order)];
+    for (what, attempt) in attempts {
+        let started = Instant::now();
+        let r = attempt().unwrap_or_else(|e| panic!("{what} got no answer while postgres is silent: {e}"));
+        assert_eq!(
+            (r.status, r.json()["error"]["code"].as_str()),
+            (503, Some("store_busy")),
+            "{what}: {}",
+            r.body
+        );
+        assert!(r.header("retry-after").is_some(), "{what}: {}", r.body);
+        assert!(
+            started.elapsed() < Duration::from_secs(8),
+            "{what} took {:?}",
+            started.elapsed()
+        );
+    }
+    relay.set_frozen(false);
+    let placed = eventually(Duration::from_secs(30), "orders to be placed again", || {
+        let r = order().ok()?;
+        matches!(r.status, 200 | 201).then_some(r.json())
+    });
+    let mine = get(addr, "/v1/users/frozen/orders").unwrap().json();
+    let ids: Vec<&str> = (mine["orders"].as_array().unwrap().iter())
+        .filter_map(|o| o["id"].as_str())
+        .collect();
+    assert_eq!(ids, vec![placed["id"].as_str().unwrap()], "one order for one key");
     audit(addr);
 }

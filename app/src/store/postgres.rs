@@ -38,6 +38,16 @@ pub struct PgOptions {
     pub seed_demo: bool,
 }
 
+impl PgOptions {
+    /// How long one store call may take before its caller is answered a retryable 503 (`StoreExec::bounded`).
+    /// The server bounds a statement and a lock wait (`statement_timeout`), and `connect` a connection, but a
+    /// server that stops answering holds a query for good: the client has no timeout of its own. A
+    /// statement, a connect and a second to spare fit in it.
+    pub fn call_bound(&self) -> Duration {
+        self.statement_timeout + self.connect_timeout + Duration::from_secs(1)
+    }
+}
+
 /// Attempts for a transaction that failed with a retryable error (deadlock, serialization, lost connection).
 const ATTEMPTS: u32 = 4;
 
