@@ -112,7 +112,7 @@ pub fn validate(
         None
     } else {
         v.check(crate::resp::parse_url(redis_url).is_some(), "redis_url", || {
-            "expected redis://[:password@]host:port".into()
+            "expected redis://[:password@]host:port (the default user and database 0 only)".into()
         });
         Some(RedisOptions {
             url: redis_url.to_string(),
