@@ -229,6 +229,9 @@ impl PostgresStore {
             .keepalives(true)
             .keepalives_idle(Duration::from_secs(30))
             .application_name("xcluster-app")
+            // The server's notices are ours (`CREATE TABLE IF NOT EXISTS` on a migrated database says "already
+            // exists, skipping" at every start): debug, not one info line per instance start.
+            .notice_callback(|n| tracing::debug!(severity = n.severity(), "postgres notice: {}", n.message()))
             // A killed instance's open transaction must not hold row locks for long.
             .options(&format!(
                 "-c statement_timeout={ms} -c lock_timeout={ms} -c idle_in_transaction_session_timeout={}",
