@@ -14,8 +14,10 @@ use crate::store::postgres::PgOptions;
 pub struct PostgresSection {
     /// Connections this process keeps at most (also bounded by `store_threads` in use at once).
     pub pool_size: u32,
+    /// Bound on opening one connection, TCP connect, handshake and login included.
     pub connect_timeout_ms: u64,
-    /// Server-side bound on one statement and on one lock wait; past it the call is a retryable 503.
+    /// Server-side bound on one statement and on one lock wait; past it the call is a retryable 503. A
+    /// server that answers nothing costs a call at most this + `connect_timeout_ms` + 1 s (`PgOptions::call_bound`).
     pub statement_timeout_ms: u64,
 }
 
@@ -110,7 +112,7 @@ pub fn validate(
         None
     } else {
         v.check(crate::resp::parse_url(redis_url).is_some(), "redis_url", || {
-            "expected redis://[:password@]host:port".into()
+            "expected redis://[:password@]host:port (the default user and database 0 only)".into()
         });
         Some(RedisOptions {
             url: redis_url.to_string(),

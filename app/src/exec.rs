@@ -7,7 +7,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::sync::Semaphore;
 
@@ -20,6 +20,9 @@ pub struct StoreExec {
     writes: Arc<Semaphore>,
     reads: Arc<Semaphore>,
     counters: Arc<Counters>,
+    /// Bound on one call, the wait for a store thread included: `None` for a store whose calls are bounded
+    /// by themselves (SQLite's busy timeout on a local file).
+    call_timeout: Option<Duration>,
 }
 
 impl std::fmt::Debug for StoreExec {
@@ -53,7 +56,19 @@ impl StoreExec {
             writes: Arc::new(Semaphore::new(threads.max(1))),
             reads: Arc::new(Semaphore::new(threads.max(1))),
             counters: Arc::default(),
+            call_timeout: None,
         }
+    }
+
+    /// Answers a call that has not finished within `limit` with a retryable [`StoreError::Busy`]. A network
+    /// store needs it: a server that stops answering (hung, or its host cut off) holds a query for good
+    /// when the client has no timeout of its own, and every request behind it waited with it. The call
+    /// itself runs on and keeps its thread, so at most `store_threads` calls per lane are held by such a
+    /// server; a write that commits after its caller was answered is a lost answer, which an idempotency key
+    /// replays.
+    pub fn bounded(mut self, limit: Duration) -> Self {
+        self.call_timeout = Some(limit);
+        self
     }
 
     /// Calls waiting for a store thread.
@@ -84,9 +99,40 @@ impl StoreExec {
         T: Send + 'static,
         F: FnOnce(&dyn Store) -> Result<T, StoreError> + Send + 'static,
     {
+        let Some(limit) = self.call_timeout else {
+            return self.call(permits, f).await;
+        };
+        match tokio::time::timeout(limit, self.call(permits, f)).await {
+            Ok(out) => out,
+            Err(_) => {
+                // An error for the breakers, as a failed call is.
+                self.counters.calls.fetch_add(1, Ordering::Relaxed);
+                self.counters.errors.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!(crate::metrics::STORE_ERRORS_TOTAL, "retryable" => "true").increment(1);
+                Err(StoreError::Busy(format!(
+                    "the store did not answer within {} ms",
+                    limit.as_millis()
+                )))
+            }
+        }
+    }
+
+    async fn call<T, F>(&self, permits: &Arc<Semaphore>, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&dyn Store) -> Result<T, StoreError> + Send + 'static,
+    {
+        /// Counts the call as waiting until it has a thread, or is given up on while it waits.
+        struct Waiting<'a>(&'a AtomicU32);
+        impl Drop for Waiting<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
         self.counters.waiting.fetch_add(1, Ordering::Relaxed);
+        let waiting = Waiting(&self.counters.waiting);
         let permit = permits.clone().acquire_owned().await;
-        self.counters.waiting.fetch_sub(1, Ordering::Relaxed);
+        drop(waiting);
         let permit = permit.map_err(|_| StoreError::Internal("store executor closed".into()))?;
         let store = self.store.clone();
         let counters = self.counters.clone();

@@ -20,27 +20,29 @@ use crate::domain::now_ms;
 use crate::exec::StoreExec;
 use crate::resp::{self, Conn, RespError, Value};
 
-/// Takes `qty` of stock and of the user's allowance, or says why not. Keys: stock, bought (a hash).
-/// Returns 1 (taken), 0 (sold out), -1 (over the user's limit), -2 (no counter yet, or fewer units than
-/// asked but some: ask the store, whose answer says how many are left).
+/// Takes `qty` of stock and of the user's allowance, or says why not. Keys: stock, and the user's count of the
+/// SKU (a key of its own, so it expires: see [`RedisGate::counter_ttl_ms`]). Args: qty, limit, the count's
+/// life in ms. Returns 1 (taken), 0 (sold out), -1 (over the user's limit), -2 (no counter yet, or fewer
+/// units than asked but some: ask the store, whose answer says how many are left).
 const ADMIT: &str = r#"
 local s = redis.call('GET', KEYS[1])
 if not s then return -2 end
-local q = tonumber(ARGV[2])
+local q = tonumber(ARGV[1])
 if tonumber(s) <= 0 then return 0 end
 if tonumber(s) < q then return -2 end
-local b = tonumber(redis.call('HGET', KEYS[2], ARGV[1]) or '0')
-if b + q > tonumber(ARGV[3]) then return -1 end
+local b = tonumber(redis.call('GET', KEYS[2]) or '0')
+if b + q > tonumber(ARGV[2]) then return -1 end
 redis.call('DECRBY', KEYS[1], q)
-redis.call('HINCRBY', KEYS[2], ARGV[1], q)
+redis.call('INCRBY', KEYS[2], q)
+redis.call('PEXPIRE', KEYS[2], ARGV[3])
 return 1
 "#;
 
-/// Gives back what `ADMIT` took (the store refused or failed).
+/// Gives back what `ADMIT` took (the store refused or failed). Args: qty.
 const RELEASE: &str = r#"
-if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('INCRBY', KEYS[1], ARGV[2]) end
-local b = tonumber(redis.call('HGET', KEYS[2], ARGV[1]) or '0')
-if b > 0 then redis.call('HINCRBY', KEYS[2], ARGV[1], -math.min(b, tonumber(ARGV[2]))) end
+if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('INCRBY', KEYS[1], ARGV[1]) end
+local b = tonumber(redis.call('GET', KEYS[2]) or '0')
+if b > 0 then redis.call('DECRBY', KEYS[2], math.min(b, tonumber(ARGV[1]))) end
 return 1
 "#;
 
@@ -84,8 +86,10 @@ fn stock_key(sku: &str) -> String {
     format!("xbuy:stock:{sku}")
 }
 
-fn bought_key(sku: &str) -> String {
-    format!("xbuy:bought:{sku}")
+/// The units of `sku` the gate let `user` take lately. `/` is in no id (`domain::valid_id`), so no two pairs
+/// share a key.
+fn bought_key(sku: &str, user: &str) -> String {
+    format!("xbuy:bought:{sku}/{user}")
 }
 
 impl RedisGate {
@@ -159,10 +163,14 @@ impl RedisGate {
                 hot.insert(sku.to_string());
             }
         }
-        let (stock, bought) = (stock_key(sku), bought_key(sku));
-        let (qty, limit) = (qty.to_string(), limit.to_string());
+        let (stock, bought) = (stock_key(sku), bought_key(sku, user));
+        let (qty, limit, ttl) = (
+            qty.to_string(),
+            limit.to_string(),
+            self.counter_ttl_ms().to_string(),
+        );
         let answer = match self
-            .call(&["EVAL", ADMIT, "2", &stock, &bought, user, &qty, &limit])
+            .call(&["EVAL", ADMIT, "2", &stock, &bought, &qty, &limit, &ttl])
             .await
         {
             Some(Value::Int(1)) => Admission::Taken,
@@ -182,18 +190,28 @@ impl RedisGate {
 
     /// Gives back a [`Admission::Taken`] the store did not turn into an order.
     pub async fn release(&self, sku: &str, user: &str, qty: u32) {
-        let (stock, bought) = (stock_key(sku), bought_key(sku));
+        let (stock, bought) = (stock_key(sku), bought_key(sku, user));
         let qty = qty.to_string();
-        self.call(&["EVAL", RELEASE, "2", &stock, &bought, user, &qty])
-            .await;
+        self.call(&["EVAL", RELEASE, "2", &stock, &bought, &qty]).await;
+    }
+
+    /// Forgets what `user` took of `sku` (their flash-sale order was cancelled), so the gate does not refuse
+    /// them `limit_exceeded` when the store, which counts only live orders, would sell to them again.
+    pub async fn forget(&self, sku: &str, user: &str) {
+        self.call(&["DEL", &bought_key(sku, user)]).await;
+    }
+
+    /// How long a stock counter or a user's count lives unless written again. A count is never read back
+    /// from the store, and an order can end without passing here (it expires, or is refunded): so an
+    /// `over_limit` answer is trusted this long at most, and the counts of past sales do not pile up in Redis.
+    fn counter_ttl_ms(&self) -> u64 {
+        (self.opts.rebuild_every.as_millis() as u64 * 10).max(5_000)
     }
 
     /// Sets a SKU's stock counter to what the store says is sellable. The counter expires unless rebuilt,
     /// so a stopped reconciler cannot leave Redis rejecting on stale numbers for long.
     async fn set_stock(&self, sku: &str, sellable: i64) {
-        let ttl = (self.opts.rebuild_every.as_millis() as u64 * 10)
-            .max(5_000)
-            .to_string();
+        let ttl = self.counter_ttl_ms().to_string();
         self.call(&["SET", &stock_key(sku), &sellable.max(0).to_string(), "PX", &ttl])
             .await;
     }

@@ -95,6 +95,10 @@ pub async fn run(ctx: Context<Config>) -> Result<(), Error> {
         source,
     })?;
     let exec = exec::StoreExec::new(opened, cfg.store_threads);
+    let exec = match &cfg.backend {
+        config_backend::Backend::Postgres(o) => exec.bounded(o.call_bound()),
+        config_backend::Backend::Sqlite => exec,
+    };
     let redis_gate = match &cfg.redis {
         Some(opts) => Some(Arc::new(gate_redis::RedisGate::new(opts.clone()).map_err(
             |e| Error::Store {
@@ -141,7 +145,12 @@ pub async fn run(ctx: Context<Config>) -> Result<(), Error> {
         &ctx.shutdown,
     );
     ctx.health.set_ready();
-    tracing::info!(instance = %cfg.instance, db = %cfg.db_path.display(), "xbuy serving");
+    // The store in use: `db_path` means nothing on PostgreSQL, where it named a file never opened.
+    let store_at = match &cfg.backend {
+        config_backend::Backend::Sqlite => cfg.db_path.display().to_string(),
+        config_backend::Backend::Postgres(o) => config_backend::redact_url(&o.url),
+    };
+    tracing::info!(instance = %cfg.instance, db = %store_at, "xbuy serving");
     drain.cancelled().await;
     // In-flight requests (and the group commits they wait on) finish within the grace period before the
     // background work stops; an order is acknowledged only after its commit, so a cut here loses nothing.

@@ -141,10 +141,17 @@ impl Conn {
     }
 }
 
-/// Splits `redis://[:password@]host:port[/db]` into the address and the password.
+/// Splits `redis://[:password@]host:port[/0]` into the address and the password. A URL naming what the gate
+/// would not use is refused rather than half-used: a database other than 0 (the gate never `SELECT`s one, so
+/// `/3` put its keys in database 0, beside whatever lives there) and a user other than `default` (`AUTH` with
+/// the password alone logs in as `default`, so `redis://app:pw@...` was refused by Redis, or logged in as
+/// another user than the one named).
 pub fn parse_url(url: &str) -> Option<(String, Option<String>)> {
     let rest = url.strip_prefix("redis://")?;
-    let rest = rest.split('/').next().unwrap_or(rest);
+    let (rest, db) = rest.split_once('/').unwrap_or((rest, ""));
+    if !matches!(db, "" | "0") {
+        return None;
+    }
     let (auth, host) = match rest.rsplit_once('@') {
         Some((a, h)) => (Some(a), h),
         None => (None, rest),
@@ -152,10 +159,17 @@ pub fn parse_url(url: &str) -> Option<(String, Option<String>)> {
     if host.is_empty() || !host.contains(':') {
         return None;
     }
-    let password = auth
-        .map(|a| a.split_once(':').map_or(a, |(_, p)| p).to_string())
-        .filter(|p| !p.is_empty());
-    Some((host.to_string(), password))
+    let password = match auth.map(|a| a.split_once(':')) {
+        None => None,
+        Some(Some((user, password))) if user.is_empty() || user == "default" => Some(password),
+        Some(Some(_)) => return None,
+        // `redis://secret@host:port`: the form older clients took for a password alone.
+        Some(None) => auth,
+    };
+    Some((
+        host.to_string(),
+        password.filter(|p| !p.is_empty()).map(String::from),
+    ))
 }
 
 #[cfg(test)]
@@ -172,6 +186,13 @@ mod tests {
             parse_url("redis://:s3cret@10.0.0.1:6379/0"),
             Some(("10.0.0.1:6379".into(), Some("s3cret".into())))
         );
+        assert_eq!(
+            parse_url("redis://default:s3cret@10.0.0.1:6379"),
+            Some(("10.0.0.1:6379".into(), Some("s3cret".into())))
+        );
+        // What the gate would not use is refused, not half-used: another user, another database.
+        assert_eq!(parse_url("redis://app:s3cret@10.0.0.1:6379"), None);
+        assert_eq!(parse_url("redis://10.0.0.1:6379/3"), None);
         assert_eq!(parse_url("http://x:1"), None);
         assert_eq!(parse_url("redis://nohost"), None);
     }

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use xcluster_tests::http::{get, request};
+use xcluster_tests::http::{HttpResponse, get, request};
 use xcluster_tests::services::{Postgres, Redis};
 use xcluster_tests::*;
 
@@ -375,5 +375,219 @@ fn money_edges_on_postgres() {
     let r = call("/v1/refunds", None, serde_json::json!({"order_id": o2}));
     assert_eq!(r.json()["status"], "refunded", "{}", r.body);
     assert_eq!(stock(), (before.0, before.1 - 1));
+    audit(addr);
+}
+
+/// A deploy's SIGTERM (and Ctrl-C's SIGINT) to an instance on PostgreSQL that has served requests: it drains
+/// and exits 0. It aborted (exit 134, SIGABRT) instead: the last handle on the store was dropped on an async
+/// worker, where closing a `postgres::Client` panics inside the drop, so the monitor saw a crash at every
+/// restart.
+#[test]
+fn an_instance_on_postgres_stops_cleanly_on_sigterm_and_sigint() {
+    let pg = Postgres::start();
+    let redis = Redis::start();
+    let dir = tempfile::tempdir().unwrap();
+    for (n, signal) in [
+        (0, nix::sys::signal::Signal::SIGTERM),
+        (1, nix::sys::signal::Signal::SIGINT),
+    ] {
+        let addr = free_addr();
+        let config = app_config(dir.path(), n, addr, &pg, &redis);
+        let mut app = start_app(n, &config, addr);
+        let r = get(addr, "/v1/products/1").unwrap();
+        assert_eq!(r.status, 200, "{}", r.body);
+        // Its start names the store it serves from, not the SQLite file it never opened, and the second
+        // start (a migrated database) logs no server notice at info.
+        let serving = app.stderr();
+        assert!(
+            serving.contains(&format!("db={}", pg.url))
+                && !serving.contains("xbuy.db")
+                && !serving.contains("NOTICE"),
+            "{serving}"
+        );
+        app.signal(signal);
+        let code = app.wait_exit(Duration::from_secs(30));
+        assert_eq!(
+            code,
+            Some(0),
+            "{signal} should stop the app cleanly: {}",
+            app.stderr()
+        );
+        assert!(!app.stderr().contains("panicked"), "{}", app.stderr());
+    }
+}
+
+/// A buyer who cancels a flash-sale order the Redis gate admitted may buy again, as the store (which counts
+/// only live orders) allows: the gate's count of their units was kept for good, so they were refused
+/// `limit_exceeded` by Redis while a keyed request, which skips the gate, was sold the unit.
+#[test]
+fn a_cancelled_flash_sale_order_frees_the_buyers_allowance_at_the_redis_gate() {
+    let pg = Postgres::start();
+    let redis = Redis::start();
+    let dir = tempfile::tempdir().unwrap();
+    let addr = free_addr();
+    let config = app_config(dir.path(), 0, addr, &pg, &redis);
+    let _app = start_app(0, &config, addr);
+    let r = request(
+        addr,
+        "POST",
+        "/v1/merchant/flash-sales/flash-1",
+        &[("Authorization", &auth())],
+        None,
+    )
+    .unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    let seckill = |user: &str| {
+        let body = format!(r#"{{"user": "{user}"}}"#);
+        request(addr, "POST", "/v1/seckill/flash-1", &[], Some(body.as_bytes())).unwrap()
+    };
+    let taken = || {
+        let m = get(addr, "/metrics").unwrap().body;
+        metric_value(&m, "xcluster_app_redis_gate_total", "answer=\"taken\"").unwrap_or(0.0)
+    };
+    // Until the reconciler has built the SKU's counter, the gate passes attempts to the store uncounted.
+    let mut warm = 0;
+    eventually(
+        Duration::from_secs(20),
+        "the redis gate to take an attempt",
+        || {
+            warm += 1;
+            assert_eq!(seckill(&format!("warm-{warm}")).status, 201);
+            (taken() >= 1.0).then_some(())
+        },
+    );
+    let before = taken();
+    let r = seckill("canceller");
+    assert_eq!(r.status, 201, "{}", r.body);
+    assert_eq!(taken(), before + 1.0, "the gate counted this purchase");
+    let id = r.json()["id"].as_str().unwrap().to_string();
+    let r = request(addr, "POST", &format!("/v1/orders/{id}/cancel"), &[], None).unwrap();
+    assert_eq!(r.json()["status"], "cancelled", "{}", r.body);
+    let r = seckill("canceller");
+    assert_eq!(r.status, 201, "the store sells to them again: {}", r.body);
+    // And the limit still holds for the order they now have.
+    assert_eq!(seckill("canceller").status, 429);
+    audit(addr);
+}
+
+/// A TCP relay to `upstream` that can be frozen: while frozen it forwards nothing either way (the bytes wait
+/// in it), as a PostgreSQL that stopped answering, or whose host was cut off, looks to its clients.
+struct FreezeRelay {
+    addr: SocketAddr,
+    frozen: Arc<(Mutex<bool>, std::sync::Condvar)>,
+}
+
+impl FreezeRelay {
+    fn start(upstream: SocketAddr) -> FreezeRelay {
+        use std::io::{Read, Write};
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let frozen = Arc::new((Mutex::new(false), std::sync::Condvar::new()));
+        let gate = frozen.clone();
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { return };
+                let Ok(server) = std::net::TcpStream::connect(upstream) else {
+                    continue;
+                };
+                let ways = [
+                    (client.try_clone().unwrap(), server.try_clone().unwrap()),
+                    (server, client),
+                ];
+                for (mut from, mut to) in ways {
+                    let gate = gate.clone();
+                    std::thread::spawn(move || {
+                        let mut buf = [0u8; 16 * 1024];
+                        while let Ok(n @ 1..) = from.read(&mut buf) {
+                            let (lock, thawed) = &*gate;
+                            drop(thawed.wait_while(lock.lock().unwrap(), |f| *f).unwrap());
+                            if to.write_all(&buf[..n]).is_err() {
+                                break;
+                            }
+                        }
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+            }
+        });
+        FreezeRelay { addr, frozen }
+    }
+
+    fn set_frozen(&self, on: bool) {
+        *self.frozen.0.lock().unwrap() = on;
+        self.frozen.1.notify_all();
+    }
+}
+
+/// PostgreSQL stops answering (hung, or cut off) under an instance: its clients get a retryable 503 within
+/// a bound, not a wait as long as the outage, and once it answers again the instance serves, and a retried
+/// order gives one order. The server bounds a statement (`statement_timeout`), but a query sent to a server
+/// that answers nothing was held for good: requests hung for as long as the outage lasted.
+#[test]
+fn a_postgres_that_stops_answering_costs_a_bounded_wait_and_a_retryable_503() {
+    let pg = Postgres::start();
+    let relay = FreezeRelay::start(pg.addr);
+    let dir = tempfile::tempdir().unwrap();
+    let addr = free_addr();
+    let text = format!(
+        r#"role = "app"
+listen = "{addr}"
+store = "postgres"
+postgres_url = "postgres://xcluster@{relay}/xcluster"
+admin_token = "{TOKEN}"
+store_threads = 4
+[postgres]
+pool_size = 4
+connect_timeout_ms = 1000
+statement_timeout_ms = 1000
+[degrade]
+# No breaker in the way: every request meets the store.
+level = "sync"
+"#,
+        relay = relay.addr,
+    );
+    let config = write_file(dir.path(), "app.toml", &text);
+    let _app = start_app(0, config.to_str().unwrap(), addr);
+    assert_eq!(get(addr, "/v1/products/1").unwrap().status, 200);
+    let order = || {
+        let body = r#"{"user": "frozen", "lines": [{"sku": "sku-1-1", "qty": 1}]}"#;
+        request(
+            addr,
+            "POST",
+            "/v1/orders",
+            &[("Idempotency-Key", "frozen-1")],
+            Some(body.as_bytes()),
+        )
+    };
+    relay.set_frozen(true);
+    let read = || get(addr, "/v1/products/1");
+    let attempts: [(&str, &dyn Fn() -> std::io::Result<HttpResponse>); 2] =
+        [("a read", &read), ("an order", &order)];
+    for (what, attempt) in attempts {
+        let started = Instant::now();
+        let r = attempt().unwrap_or_else(|e| panic!("{what} got no answer while postgres is silent: {e}"));
+        assert_eq!(
+            (r.status, r.json()["error"]["code"].as_str()),
+            (503, Some("store_busy")),
+            "{what}: {}",
+            r.body
+        );
+        assert!(r.header("retry-after").is_some(), "{what}: {}", r.body);
+        assert!(
+            started.elapsed() < Duration::from_secs(8),
+            "{what} took {:?}",
+            started.elapsed()
+        );
+    }
+    relay.set_frozen(false);
+    let placed = eventually(Duration::from_secs(30), "orders to be placed again", || {
+        let r = order().ok()?;
+        matches!(r.status, 200 | 201).then_some(r.json())
+    });
+    let mine = get(addr, "/v1/users/frozen/orders").unwrap().json();
+    let ids: Vec<&str> = (mine["orders"].as_array().unwrap().iter())
+        .filter_map(|o| o["id"].as_str())
+        .collect();
+    assert_eq!(ids, vec![placed["id"].as_str().unwrap()], "one order for one key");
     audit(addr);
 }

@@ -231,7 +231,18 @@ pub async fn cancel(app: &Arc<App>, id: &str) -> Response<Body> {
         return resp;
     }
     let id = id.to_string();
-    respond(StatusCode::OK, app.exec.run(move |s| s.cancel(&id)).await)
+    let out = app.exec.run(move |s| s.cancel(&id)).await;
+    // The Redis gate counted the buyer's flash-sale units; the store no longer does once the order is
+    // cancelled, so neither may the gate (or it refuses a purchase the store would make).
+    if let (Some(g), Ok(Ok(view))) = (&app.redis_gate, &out)
+        && view.kind == OrderKind::Seckill.as_str()
+        && view.status == "cancelled"
+    {
+        for line in &view.lines {
+            g.forget(&line.sku, &view.user).await;
+        }
+    }
+    respond(StatusCode::OK, out)
 }
 
 /// `POST /v1/orders/{id}/fulfil` (merchant; bearer token).

@@ -11,7 +11,8 @@
 //! retried here a few times, then surface as the retryable [`StoreError::Busy`].
 
 use std::collections::HashMap;
-use std::sync::{Condvar, Mutex};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use postgres::error::SqlState;
@@ -37,6 +38,16 @@ pub struct PgOptions {
     pub seed_demo: bool,
 }
 
+impl PgOptions {
+    /// How long one store call may take before its caller is answered a retryable 503 (`StoreExec::bounded`).
+    /// The server bounds a statement and a lock wait (`statement_timeout`), and `connect` a connection, but a
+    /// server that stops answering holds a query for good: the client has no timeout of its own. A
+    /// statement, a connect and a second to spare fit in it.
+    pub fn call_bound(&self) -> Duration {
+        self.statement_timeout + self.connect_timeout + Duration::from_secs(1)
+    }
+}
+
 /// Attempts for a transaction that failed with a retryable error (deadlock, serialization, lost connection).
 const ATTEMPTS: u32 = 4;
 
@@ -55,10 +66,38 @@ struct PoolState {
 /// The PostgreSQL store.
 pub struct PostgresStore {
     config: postgres::Config,
+    /// `host:port` for messages.
+    target: String,
+    connect_timeout: Duration,
+    /// Connection attempts under way, given up on ones included (see [`PostgresStore::connect`]).
+    connecting: Arc<AtomicUsize>,
     max: usize,
     acquire_timeout: Duration,
     pool: Mutex<PoolState>,
     freed: Condvar,
+}
+
+impl Drop for PostgresStore {
+    /// A `postgres::Client` closes by blocking on a runtime of its own, which panics on an async worker, and
+    /// the last handle on the store is often dropped on one (a connection task ending after SIGINT or
+    /// SIGTERM): that panic, inside a drop, aborted the process. The idle connections are closed on a
+    /// thread of their own instead, waited for a bounded time so a hung server cannot hold the exit.
+    fn drop(&mut self) {
+        let idle = std::mem::take(&mut self.pool.get_mut().unwrap_or_else(|e| e.into_inner()).idle);
+        if idle.is_empty() {
+            return;
+        }
+        let (tx, rx) = std::sync::mpsc::sync_channel::<()>(1);
+        let closing = std::thread::Builder::new()
+            .name("pg-close".into())
+            .spawn(move || {
+                drop(idle);
+                let _ = tx.send(());
+            });
+        if closing.is_ok() {
+            let _ = rx.recv_timeout(self.connect_timeout.max(Duration::from_secs(1)));
+        }
+    }
 }
 
 impl std::fmt::Debug for PostgresStore {
@@ -94,11 +133,39 @@ impl From<postgres::Error> for StoreError {
 
 /// The server's own words where it sent any: `postgres::Error`'s `Display` says only "db error" then, which
 /// hid a refused login (`28000: no pg_hba.conf entry for host ...`) behind "cannot connect: db error".
+/// Otherwise the error and its causes: its `Display` alone leaves the cause out, so a refused port, a name
+/// that does not resolve and an unreachable host all read "error connecting to server".
 fn describe(e: &postgres::Error) -> String {
-    match e.as_db_error() {
-        Some(db) => format!("{}: {}", db.code().code(), db.message()),
-        None => e.to_string(),
+    if let Some(db) = e.as_db_error() {
+        return format!("{}: {}", db.code().code(), db.message());
     }
+    let mut text = e.to_string();
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        text.push_str(": ");
+        text.push_str(&c.to_string());
+        cause = c.source();
+    }
+    text
+}
+
+/// Where the config points, for messages: `host:port` of each host it lists.
+fn target(config: &postgres::Config) -> String {
+    let ports = config.get_ports();
+    let hosts: Vec<String> = config
+        .get_hosts()
+        .iter()
+        .enumerate()
+        .map(|(i, h)| {
+            let host = match h {
+                postgres::config::Host::Tcp(name) => name.clone(),
+                postgres::config::Host::Unix(path) => path.display().to_string(),
+            };
+            let port = ports.get(i).or(ports.first()).copied().unwrap_or(5432);
+            format!("{host}:{port}")
+        })
+        .collect();
+    hosts.join(",")
 }
 
 /// A transaction with the connection's statement cache.
@@ -162,13 +229,19 @@ impl PostgresStore {
             .keepalives(true)
             .keepalives_idle(Duration::from_secs(30))
             .application_name("xcluster-app")
+            // The server's notices are ours (`CREATE TABLE IF NOT EXISTS` on a migrated database says "already
+            // exists, skipping" at every start): debug, not one info line per instance start.
+            .notice_callback(|n| tracing::debug!(severity = n.severity(), "postgres notice: {}", n.message()))
             // A killed instance's open transaction must not hold row locks for long.
             .options(&format!(
                 "-c statement_timeout={ms} -c lock_timeout={ms} -c idle_in_transaction_session_timeout={}",
                 ms.max(1000) * 2
             ));
         let store = PostgresStore {
+            target: target(&config),
             config,
+            connect_timeout: opts.connect_timeout,
+            connecting: Arc::default(),
             max: opts.pool_size.max(1),
             acquire_timeout: opts.statement_timeout.max(Duration::from_secs(1)),
             pool: Mutex::new(PoolState::default()),
@@ -191,17 +264,14 @@ impl PostgresStore {
             if pool.open < self.max {
                 pool.open += 1;
                 drop(pool);
-                return match self.config.connect(NoTls) {
+                return match self.connect() {
                     Ok(client) => Ok(Conn {
                         client,
                         stmts: HashMap::new(),
                     }),
                     Err(e) => {
                         self.release(None);
-                        Err(StoreError::Busy(format!(
-                            "cannot connect to postgres: {}",
-                            describe(&e)
-                        )))
+                        Err(e)
                     }
                 };
             }
@@ -214,6 +284,50 @@ impl PostgresStore {
                 .wait_timeout(pool, left)
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
+        }
+    }
+
+    /// Opens a connection within `connect_timeout`, handshake and login included. The client's own
+    /// `connect_timeout` bounds only the TCP connect: a server that accepts and then says nothing (a hung
+    /// PostgreSQL, or a `postgres_url` naming another service's port) held the caller for good, at start and
+    /// whenever the pool opened a connection. The client cannot be interrupted, so the attempt runs on a
+    /// thread of its own that is left to finish by itself past the deadline; at most `pool_size` such
+    /// threads exist at once, so a silent server costs a bounded number of them, not one per request.
+    fn connect(&self) -> Result<Client, StoreError> {
+        let unanswered = || {
+            StoreError::Busy(format!(
+                "postgres at {} did not complete a connection within {} ms (is it a PostgreSQL server, and answering?)",
+                self.target,
+                self.connect_timeout.as_millis()
+            ))
+        };
+        if self.connecting.fetch_add(1, Ordering::AcqRel) >= self.max {
+            self.connecting.fetch_sub(1, Ordering::AcqRel);
+            return Err(unanswered());
+        }
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let (config, connecting) = (self.config.clone(), self.connecting.clone());
+        let spawned = std::thread::Builder::new()
+            .name("pg-connect".into())
+            .spawn(move || {
+                // A client that comes too late is dropped here, off any async worker.
+                let _ = tx.send(config.connect(NoTls));
+                connecting.fetch_sub(1, Ordering::AcqRel);
+            });
+        if let Err(e) = spawned {
+            self.connecting.fetch_sub(1, Ordering::AcqRel);
+            return Err(StoreError::Busy(format!(
+                "cannot start a postgres connect thread: {e}"
+            )));
+        }
+        match rx.recv_timeout(self.connect_timeout) {
+            Ok(Ok(client)) => Ok(client),
+            Ok(Err(e)) => Err(StoreError::Busy(format!(
+                "cannot connect to postgres at {}: {}",
+                self.target,
+                describe(&e)
+            ))),
+            Err(_) => Err(unanswered()),
         }
     }
 
@@ -240,7 +354,10 @@ impl PostgresStore {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let out = self.once(level, read_only, f, commit);
+            // No retry when no connection could be had: connecting (or waiting for a free one) has had its
+            // whole bound already, and four of them made a silent server cost a caller four times that.
+            let conn = self.take()?;
+            let out = self.once(conn, level, read_only, f, commit);
             match out {
                 Err(StoreError::Busy(why)) if attempt < ATTEMPTS => {
                     tracing::debug!(attempt, %why, "postgres transaction retried");
@@ -255,12 +372,12 @@ impl PostgresStore {
 
     fn once<T>(
         &self,
+        mut conn: Conn,
         level: IsolationLevel,
         read_only: bool,
         f: &mut dyn FnMut(&mut Tx<'_>) -> Result<T, StoreError>,
         commit: fn(&T) -> bool,
     ) -> Result<T, StoreError> {
-        let mut conn = self.take()?;
         let out = (|| {
             let Conn { client, stmts } = &mut conn;
             let tx = client

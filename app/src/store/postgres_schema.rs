@@ -117,7 +117,8 @@ pub fn migrate(t: &mut Tx<'_>) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// The demo catalog, identical to SQLite's: three shops, twelve products with two SKUs each, and `flash-1`.
+/// The demo catalog, identical to SQLite's: three shops, twelve products with two SKUs each, `flash-1`, and
+/// the demo buyers `demo-0`.. with their wallet credit.
 pub fn seed_demo(t: &mut Tx<'_>) -> Result<(), StoreError> {
     t.exec("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])?;
     let shops: i64 = t.one("SELECT COUNT(*) FROM shops", &[])?.get(0);
@@ -150,6 +151,12 @@ pub fn seed_demo(t: &mut Tx<'_>) -> Result<(), StoreError> {
          INSERT INTO skus(sku, product_id, price_cents, received, available, reserved, sold)
          VALUES ('flash-1', 100, 100, 100, 100, 0, 0);",
     )?;
+    // The demo buyers' wallet credit, as SQLite's seed gives it: without it every payment `xcluster load`
+    // makes on PostgreSQL was refused `insufficient_funds`.
+    let buyers: Vec<String> = (0..super::sqlite_schema::DEMO_BUYERS)
+        .map(|i| format!("demo-{i}"))
+        .collect();
+    super::postgres_money::credit(t, &buyers, super::sqlite_schema::DEMO_CREDIT_CENTS)?;
     tracing::info!(at_ms = now_ms(), "demo catalog seeded");
     Ok(())
 }

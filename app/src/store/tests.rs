@@ -1,6 +1,7 @@
 //! The store invariant suite, run unchanged against every store (`store_suite!` at the end): SQLite on a real
 //! file, PostgreSQL on a throwaway server. Two store handles on one database stand in for two processes.
 
+mod postgres_conn;
 mod refunds;
 
 use refunds::*;
@@ -426,6 +427,21 @@ fn a_write_off_takes_from_the_shelf_or_refuses_the_batch(fx: &dyn Fixture) {
 
 /// A credit with an idempotency key posts once however often it is retried, and the key cannot be reused
 /// for another credit.
+/// The demo seed gives every demo buyer wallet credit, on every store, so `xcluster load` can pay.
+fn demo_buyers_are_seeded_with_credit(fx: &dyn Fixture) {
+    let s = fx.open();
+    let credit = super::sqlite_schema::DEMO_CREDIT_CENTS;
+    let last = format!("user:demo-{}", super::sqlite_schema::DEMO_BUYERS - 1);
+    assert_eq!(
+        (s.balance("user:demo-0").unwrap(), s.balance(&last).unwrap()),
+        (credit, credit)
+    );
+    // A second handle (another instance starting) seeds nothing twice.
+    let again = fx.open();
+    assert_eq!(again.balance("user:demo-0").unwrap(), credit);
+    assert_audit(&s);
+}
+
 fn keyed_credit_posts_once(fx: &dyn Fixture) {
     let s = fx.open();
     let users: Vec<String> = vec!["ka".into(), "kb".into()];
@@ -613,6 +629,7 @@ macro_rules! every_store_test {
             flash_sale_buckets_and_user_limit,
             flash_sale_is_seckill_only_gathers_units_and_closes,
             keyed_credit_posts_once,
+            demo_buyers_are_seeded_with_credit,
             user_orders_page_newest_first,
             a_write_off_takes_from_the_shelf_or_refuses_the_batch,
             concurrent_handles_never_oversell_or_overdraw,
