@@ -778,3 +778,51 @@ fn payment_callbacks_are_taken_on_their_signature_when_a_secret_is_set() {
     );
     audit_ok(a);
 }
+
+/// A gate may refuse a new flash-sale order early, never a replay: a buyer whose `201` was lost, retrying with
+/// the same key after the sale sold out (the sold-out gate closed), is shown the order they hold, while a new
+/// buyer is refused by the gate without reaching the store.
+#[test]
+fn a_keyed_replay_after_the_sale_sold_out_gets_its_order() {
+    let db = Db::new();
+    let (_p, addrs) = start_apps(&db, 1, "");
+    let a = addrs[0];
+    let buy = |user: &str, key: Option<&str>| {
+        post(a, "/v1/seckill/flash-1", key, false, &json!({"user": user})).unwrap()
+    };
+    let first = buy("early", Some("k-early"));
+    assert_eq!(first.status, 201, "{}", first.body);
+    let mut sold = 1;
+    for i in 0..200 {
+        let r = buy(&format!("u{i}"), None);
+        if r.status == 409 {
+            assert_eq!(r.json()["error"]["code"], "sold_out", "{}", r.body);
+            break;
+        }
+        assert_eq!(r.status, 201, "{}", r.body);
+        sold += 1;
+    }
+    assert_eq!(sold, 100, "flash-1 holds 100 units");
+    let gated = |a| {
+        let m = get(a, "/metrics").unwrap().body;
+        metric_value(&m, "xcluster_app_sold_out_gate_total", "").unwrap_or(0.0)
+    };
+    let before = gated(a);
+    let late = buy("late", Some("k-late"));
+    assert_eq!(late.json()["error"]["code"], "sold_out", "{}", late.body);
+    assert!(gated(a) > before, "the gate answered the new buyer");
+    let again = buy("early", Some("k-early"));
+    assert_eq!(again.status, 200, "{}", again.body);
+    assert_eq!(again.header("idempotent-replay"), Some("true"));
+    assert_eq!(again.json()["id"], first.json()["id"]);
+    // The same key asking for something else is the conflict it always was.
+    let other = post(
+        a,
+        "/v1/seckill/flash-1",
+        Some("k-early"),
+        false,
+        &json!({"user": "early", "qty": 2}),
+    )
+    .unwrap();
+    assert_eq!(other.status, 422, "{}", other.body);
+}

@@ -115,34 +115,11 @@ pub async fn seckill(app: &Arc<App>, cfg: &Config, sku: &str, req: Request<Incom
         Ok(lines) => lines,
         Err((code, msg)) => return error(StatusCode::BAD_REQUEST, code, &msg),
     };
-    if app.gate.is_sold_out(sku) {
-        metrics::counter!(crate::metrics::SOLD_OUT_GATE_TOTAL).increment(1);
-        return reject(&Reject::SoldOut { sku: sku.to_string() });
-    }
-    // The shared Redis gate (issue 8): may only reject early; skipped for keyed requests, whose replay
-    // must get the first answer from the store.
-    let redis = app.redis_gate.clone().filter(|_| key.is_none());
-    let (user, qty) = (body.user.clone(), body.qty);
-    let admission = match &redis {
-        Some(g) => g.admit(sku, &user, qty, cfg.per_user_limit).await,
-        None => crate::gate_redis::Admission::Pass,
-    };
-    match admission {
-        crate::gate_redis::Admission::SoldOut => return reject(&Reject::SoldOut { sku: sku.to_string() }),
-        crate::gate_redis::Admission::OverLimit => {
-            return reject(&Reject::LimitExceeded {
-                user,
-                sku: sku.to_string(),
-                limit: cfg.per_user_limit,
-            });
-        }
-        _ => {}
-    }
     let now = now_ms();
     let order = NewOrder {
         id: new_order_id(),
         fingerprint: fingerprint(OrderKind::Seckill, &body.user, &lines),
-        user: body.user,
+        user: body.user.clone(),
         kind: OrderKind::Seckill,
         lines,
         idem_key: key,
@@ -150,13 +127,49 @@ pub async fn seckill(app: &Arc<App>, cfg: &Config, sku: &str, req: Request<Incom
         expires_ms: now + cfg.reservation_ttl.as_millis() as i64,
         per_user_limit: cfg.per_user_limit,
     };
+    // The gates (this instance's sold-out gate, the shared Redis one) may refuse a new order early, never a
+    // replay: a keyed request they would refuse is looked up first, so a buyer whose answer was lost and who
+    // retries after the sale sold out is shown the order they hold, not "sold out".
+    let (user, qty) = (body.user, body.qty);
+    let refusal = if app.gate.is_sold_out(sku) {
+        metrics::counter!(crate::metrics::SOLD_OUT_GATE_TOTAL).increment(1);
+        Some(Reject::SoldOut { sku: sku.to_string() })
+    } else {
+        None
+    };
+    let redis = app.redis_gate.clone().filter(|_| refusal.is_none());
+    let admission = match &redis {
+        Some(g) => g.admit(sku, &user, qty, cfg.per_user_limit).await,
+        None => crate::gate_redis::Admission::Pass,
+    };
+    let refusal = refusal.or(match admission {
+        crate::gate_redis::Admission::SoldOut => Some(Reject::SoldOut { sku: sku.to_string() }),
+        crate::gate_redis::Admission::OverLimit => Some(Reject::LimitExceeded {
+            user: user.clone(),
+            sku: sku.to_string(),
+            limit: cfg.per_user_limit,
+        }),
+        _ => None,
+    });
+    if let Some(refusal) = refusal {
+        if order.idem_key.is_some() {
+            let order = order.clone();
+            match app.exec.read(move |s| s.keyed_answer(&order)).await {
+                Ok(Some(answer)) => return created(Ok(answer)),
+                Ok(None) => {}
+                Err(e) => return created(Err(e)),
+            }
+        }
+        return reject(&refusal);
+    }
     let out = place(app, order).await;
     if let Ok(Err(Reject::SoldOut { .. })) = &out {
         app.gate.mark(sku, cfg.sold_out_gate);
     }
+    // What the gate took is given back unless it became a new order (a replay took nothing).
     if let Some(g) = redis
         && admission == crate::gate_redis::Admission::Taken
-        && !matches!(out, Ok(Ok(_)))
+        && !matches!(&out, Ok(Ok(c)) if !c.replay)
     {
         g.release(sku, &user, qty).await;
     }

@@ -187,6 +187,11 @@ pub trait Store: Send + Sync + 'static {
         limit: u32,
     ) -> Result<Vec<OrderView>, StoreError>;
 
+    /// The answer an earlier order under `o`'s idempotency key gave (or the conflict, when that order was
+    /// asked for differently), if there is one; `None` for a request without a key. A gate that would refuse
+    /// `o` (sold out, over the buyer's limit) asks this first, so a replay still gets its first answer.
+    fn keyed_answer(&self, o: &NewOrder) -> Result<Option<Result<Created, Reject>>, StoreError>;
+
     /// Creates orders in ONE transaction (one per call at the sync level, a group at the queued level):
     /// for each, the conditional stock decrements, the order row and its outbox row, or nothing (a
     /// savepoint per order). `inline_weak` writes the weak effects (points, notifications) in the same

@@ -430,6 +430,9 @@ impl Store for PostgresStore {
     fn get_order(&self, id: &str) -> Result<Option<OrderView>, StoreError> {
         self.read(|t| orders::load_order(t, id))
     }
+    fn keyed_answer(&self, o: &NewOrder) -> Result<Option<Result<Created, Reject>>, StoreError> {
+        self.read(|t| orders::keyed_answer(t, o))
+    }
     fn user_orders(
         &self,
         user: &str,

@@ -183,18 +183,28 @@ pub fn create_orders(
     Ok(out)
 }
 
+/// The answer of the order stored under `o`'s idempotency key, if any ([`crate::store::Store::keyed_answer`]).
+pub fn keyed_answer(t: &mut Tx<'_>, o: &NewOrder) -> Result<Option<Result<Created, Reject>>, StoreError> {
+    let Some(key) = &o.idem_key else {
+        return Ok(None);
+    };
+    let prior = t.opt(
+        r#"SELECT fingerprint, answer FROM orders WHERE "user" = $1 AND idem_key = $2"#,
+        &[&o.user, key],
+    )?;
+    prior
+        .map(|r| order_rules::replay(key, o, r.get(0), r.get(1)))
+        .transpose()
+}
+
 fn create_one(t: &mut Tx<'_>, o: &NewOrder, inline_weak: bool) -> Res<Created> {
     if let Some(key) = &o.idem_key {
         // Concurrent requests with one key (on any instance) queue here; the second sees the first's row.
         // A user id never holds a space, so "user key" names one pair.
         t.lock_key(&format!("idem:{} {key}", o.user))?;
-        let prior = t.opt(
-            r#"SELECT fingerprint, answer FROM orders WHERE "user" = $1 AND idem_key = $2"#,
-            &[&o.user, key],
-        )?;
-        if let Some(r) = prior {
-            return order_rules::replay(key, o, r.get(0), r.get(1));
-        }
+    }
+    if let Some(answer) = keyed_answer(t, o)? {
+        return Ok(answer);
     }
     if o.kind == OrderKind::Seckill {
         for l in &o.lines {

@@ -210,6 +210,9 @@ impl Store for SqliteStore {
     fn get_order(&self, id: &str) -> Result<Option<OrderView>, StoreError> {
         self.with_conn(|c| super::sqlite_orders::load_order(c, id))
     }
+    fn keyed_answer(&self, o: &NewOrder) -> Result<Option<Result<Created, Reject>>, StoreError> {
+        self.with_conn(|c| super::sqlite_orders::keyed_answer(c, o))
+    }
     fn user_orders(
         &self,
         user: &str,

@@ -179,15 +179,23 @@ pub fn create_orders(
     Ok(out)
 }
 
+/// The answer of the order stored under `o`'s idempotency key, if any ([`super::Store::keyed_answer`]).
+pub fn keyed_answer(c: &Connection, o: &NewOrder) -> Result<Option<Result<Created, Reject>>, StoreError> {
+    let Some(key) = &o.idem_key else {
+        return Ok(None);
+    };
+    let prior: Option<(String, String)> = c
+        .prepare_cached("SELECT fingerprint, answer FROM orders WHERE user = ?1 AND idem_key = ?2")?
+        .query_row([&o.user, key], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()?;
+    prior
+        .map(|(fp, answer)| order_rules::replay(key, o, &fp, &answer))
+        .transpose()
+}
+
 fn create_one(tx: &Transaction<'_>, o: &NewOrder, inline_weak: bool) -> Res<Created> {
-    if let Some(key) = &o.idem_key {
-        let prior: Option<(String, String)> = tx
-            .prepare_cached("SELECT fingerprint, answer FROM orders WHERE user = ?1 AND idem_key = ?2")?
-            .query_row([&o.user, key], |r| Ok((r.get(0)?, r.get(1)?)))
-            .optional()?;
-        if let Some((fp, answer)) = prior {
-            return order_rules::replay(key, o, &fp, &answer);
-        }
+    if let Some(answer) = keyed_answer(tx, o)? {
+        return Ok(answer);
     }
     if o.kind == OrderKind::Seckill {
         for l in &o.lines {

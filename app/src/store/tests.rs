@@ -206,6 +206,18 @@ fn idempotent_create_and_conflict(fx: &dyn Fixture) {
     .unwrap();
     assert!(e.replay);
     assert_eq!(e.order, d.order);
+    // What a gate asks before it refuses a keyed request: the same answers, without creating anything.
+    let keyed = |user, key, qty| {
+        s.keyed_answer(&order(user, key, OrderKind::Regular, "sku-1-1", qty, 60_000))
+            .unwrap()
+    };
+    assert!(matches!(keyed("u1", Some("k"), 2), Some(Ok(c)) if c.replay && c.order == a.order));
+    assert!(matches!(
+        keyed("u1", Some("k"), 3),
+        Some(Err(Reject::IdempotencyConflict { .. }))
+    ));
+    assert!(keyed("u1", Some("other"), 2).is_none());
+    assert!(keyed("u1", None, 2).is_none());
     let r = assert_audit(&s);
     assert_eq!(r.totals.orders, 2);
     assert_eq!(r.totals.units_reserved, 5);
