@@ -142,10 +142,10 @@ impl RoleConfig for Config {
             .balancers
             .iter()
             .enumerate()
-            .map(|(i, b)| v.addr(&format!("balancers.{i}"), b))
+            .map(|(i, b)| v.addr(&format!("balancers[{i}]"), b))
             .collect();
         for (i, b) in balancers.iter().enumerate() {
-            v.check(!balancers[..i].contains(b), &format!("balancers.{i}"), || {
+            v.check(!balancers[..i].contains(b), &format!("balancers[{i}]"), || {
                 format!("{b} is listed twice: it would get every report twice")
             });
         }
@@ -158,7 +158,7 @@ impl RoleConfig for Config {
         });
         let mut instances: Vec<InstanceConfig> = Vec::new();
         for (n, i) in raw.instances.iter().enumerate() {
-            let key = format!("instances.{n}");
+            let key = format!("instances[{n}]");
             v.check(report::valid_id(&i.id), &format!("{key}.id"), || {
                 format!("{:?} {}", i.id, report::ID_RULE)
             });

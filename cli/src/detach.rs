@@ -20,6 +20,8 @@ const READY_WITHIN: Duration = Duration::from_secs(60);
 const POLL: Duration = Duration::from_millis(100);
 /// Each `/readyz` may take this long.
 const ASK_TIMEOUT: Duration = Duration::from_secs(1);
+/// Where `xcluster ctl` looks for the monitor unless given `--url`.
+const DEFAULT_LISTEN: &str = "127.0.0.1:7300";
 /// How much of the log the parent shows when the child ends early.
 const SHOWN_ON_FAILURE: u64 = 4096;
 
@@ -89,9 +91,16 @@ pub fn detach(args: &UpArgs, listen: SocketAddr, run_dir: &Path) -> i32 {
             Err(e) => eprintln!("xcluster up: cannot tell whether the monitor runs: {e}"),
         }
         if ready(listen) {
+            // `ctl` goes to 127.0.0.1:7300 unless told: on another address, the commands shown say where.
+            let url = if listen == DEFAULT_LISTEN.parse().ok().unwrap_or(listen) {
+                String::new()
+            } else {
+                format!(" --url http://{listen}")
+            };
             println!(
                 "xcluster up: running in the background (pid {}); dashboard at http://{listen}/ ; log {} \
-                 (`xcluster ctl maintail -f`); `xcluster ctl shutdown` stops every program",
+                 (`xcluster ctl{url} maintail -f`); `xcluster ctl{url} --token TOKEN shutdown` stops every \
+                 program",
                 child.id(),
                 log_path.display()
             );

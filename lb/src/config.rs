@@ -234,7 +234,7 @@ impl RoleConfig for Config {
             || format!("at most {} peers", xcluster_proto::directory::MAX_BALANCERS - 1),
         );
         for (i, p) in raw.peers.iter().enumerate() {
-            let a = v.addr(&format!("peers.{i}"), p);
+            let a = v.addr(&format!("peers[{i}]"), p);
             if !balancers.contains(&a) {
                 balancers.push(a);
             }

@@ -143,7 +143,8 @@ impl Api {
                 match (decode_id(id), set) {
                     (Ok(id), Ok(Ok(set))) => self.server_action(&id, ServerAction::Weight(set)).await,
                     (_, Ok(Err(why))) => error(StatusCode::BAD_REQUEST, "bad_weight", &why),
-                    _ => bad_path(&id.join("/")),
+                    (_, Err(_)) => bad_path(value),
+                    (Err(()), _) => bad_path(&id.join("/")),
                 }
             }
             // `name` may list several, comma-separated (no program name holds a comma): one command, so a

@@ -113,7 +113,12 @@ pub async fn run(ctx: Context<Config>) -> Result<(), Error> {
     )
     .await?;
     info!(dashboard = %format!("http://{local}/"), "monitor ready");
-    tokio::spawn(watch_reloads(ctx.reloader.clone(), bus.clone(), drain.clone()));
+    tokio::spawn(watch_reloads(
+        ctx.reloader.clone(),
+        ctx.config.clone(),
+        bus.clone(),
+        drain.clone(),
+    ));
 
     let inputs = supervisor::Inputs {
         commands: cmd_rx,
@@ -135,6 +140,7 @@ pub async fn run(ctx: Context<Config>) -> Result<(), Error> {
 /// Turns the reloader's outcomes into events (the error also shows in status and metrics).
 async fn watch_reloads(
     reloader: xcluster_runtime::reload::Reloader,
+    config: watch::Receiver<Arc<Config>>,
     bus: events::Bus,
     stop: tokio_util::sync::CancellationToken,
 ) {
@@ -147,6 +153,14 @@ async fn watch_reloads(
         let s = rx.borrow_and_update().clone();
         let (ok, detail) = match s.last_error {
             Some(e) => (false, e),
+            // With `auto_update = false` the settings apply; the programs' changes wait (a `pending` event).
+            None if !config.borrow().auto_update => (
+                true,
+                format!(
+                    "reload {} applied; program changes wait for `ctl update`",
+                    s.reloads
+                ),
+            ),
             None => (true, format!("reload {} applied", s.reloads)),
         };
         bus.publish(events::Kind::Reload { ok, detail });

@@ -37,6 +37,8 @@ pub(crate) fn build(sup: &Supervisor) -> Snapshot {
                 },
                 command: p.spec.argv.clone(),
                 update_pending: p.replacement.is_some() && p.m.state.has_process(),
+                change_waiting: (sup.pending.as_ref())
+                    .is_some_and(|plan| plan.changed.contains(name) || plan.removed.contains(name)),
                 stdout_log,
                 stderr_log,
                 stderr_redirected: p.spec.redirect_stderr,

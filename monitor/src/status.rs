@@ -48,6 +48,8 @@ pub struct ProcStatus {
     /// Its process runs with the settings of an older config: an update left the new ones pending (a
     /// rolling update the roll has not reached, or stopped before); its next start applies them.
     pub update_pending: bool,
+    /// Its section changed (or went) in a saved config that waits for `ctl update` (`auto_update = false`).
+    pub change_waiting: bool,
     #[serde(skip)]
     pub stdout_log: Option<PathBuf>,
     #[serde(skip)]

@@ -117,7 +117,20 @@ fn with_auto_update_off_a_saved_config_waits_for_update() {
     );
     let events = get(m.addr, "/v1/events/recent").unwrap().body;
     assert!(events.contains("\"kind\":\"pending\""), "{events}");
+    assert!(
+        events.contains("program changes wait for `ctl update`"),
+        "{events}"
+    );
+    assert_eq!(
+        ["a", "b", "c"].map(|n| m.prog(n)["change_waiting"].clone()),
+        [json!(false), json!(true), json!(true)]
+    );
     let o = m.ctl(&["status"]);
+    assert!(
+        out(&o).contains("its saved change waits for `ctl update`"),
+        "{}",
+        out(&o)
+    );
     assert!(
         out(&o)
             .contains("config saved but not applied (auto_update = false): added [] changed [b] removed [c]"),

@@ -186,6 +186,20 @@ fn a_fixed_backend_takes_a_weight_set_at_run_time() {
     assert!(r.body.contains("bad_weight"), "{}", r.body);
     let r = set_drain(api, &free_addr().to_string(), "weight/5");
     assert_eq!(r.status, 404, "{}", r.body);
+    // An unknown name lists the backends too; an IPv6 address without brackets is told how to write it.
+    let r = set_drain(api, "nope", "weight/5");
+    assert_eq!(r.status, 404, "{}", r.body);
+    assert!(
+        r.body.contains(&a.to_string()) && r.body.contains(&b.to_string()),
+        "{}",
+        r.body
+    );
+    let r = set_drain(api, "::1:8001", "weight/5");
+    assert!(
+        r.body.contains("an IPv6 address takes brackets: [::1]:8001"),
+        "{}",
+        r.body
+    );
     // 100% clears it.
     for backend in [a, b] {
         assert_eq!(set_drain(api, &backend.to_string(), "weight/100%25").status, 200);

@@ -150,6 +150,9 @@ fn describe(p: &Value) -> String {
     if p["update_pending"] == true {
         parts.push("runs an older config (a restart applies the new one)".into());
     }
+    if p["change_waiting"] == true {
+        parts.push("its saved change waits for `ctl update`".into());
+    }
     parts.join(", ")
 }
 

@@ -275,7 +275,14 @@ fn weight(dir: &Directory, req: &Request<Incoming>, id: &str, set: WeightSet) ->
 /// Says which ids there are: a program's name (`app-1`) is not its instance id (`local/app-1`).
 fn unknown_instance(dir: &Directory, id: &str) -> String {
     const SHOWN: usize = 8;
-    let ids = dir.instance_ids();
+    // The instances, then the configured backends, which are named by their addresses.
+    let backends = dir
+        .settings()
+        .proxy_backends
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>();
+    let ids: Vec<String> = dir.instance_ids().into_iter().chain(backends).collect();
     let suffix = format!("/{id}");
     let addr = id.parse::<SocketAddr>().ok();
     // An instance is drained by its id, not by its address.
@@ -283,7 +290,10 @@ fn unknown_instance(dir: &Directory, id: &str) -> String {
     let mut msg = if addr.is_some() {
         format!("no instance {id:?} in the table, and no [[proxy.backends]] at that address")
     } else {
-        format!("no instance {id:?} in the table")
+        format!(
+            "no instance {id:?} in the table{}",
+            xcluster_proto::bracket_hint(id).unwrap_or_default()
+        )
     };
     if let Some(i) = at_addr {
         msg += &format!("; the instance at that address is {i:?}");

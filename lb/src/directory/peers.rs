@@ -68,7 +68,10 @@ pub async fn take_drains(dir: &Directory, peers: &[SocketAddr]) {
         }
     }
     if asked == 0 && !peers.is_empty() {
-        info!("no peer answered: drains set before this start, if any, are not known here");
+        info!(
+            "no peer answered: drains and run-time weights set before this start, if any, are not known here \
+             (a rolling restart of the balancers keeps them)"
+        );
     }
 }
 

@@ -27,7 +27,8 @@ pub fn changed_under<T: Serialize>(old: &T, new: &T, under: &[&str]) -> Vec<Stri
 
 /// Sets `a.b.c` in the table; the value is parsed as a TOML value when it is one, else taken as a string. An
 /// item of an array of tables is named as the reload log names it (see [`flatten`]): `proxy.listeners[web].listen`,
-/// `proxy.backends[127.0.0.1:8001].weight`, or by index, `proxy.backends[0].weight`; it must exist.
+/// `proxy.backends[127.0.0.1:8001].weight`, or by index, `proxy.backends[0].weight`; it must exist. An item
+/// of a list of plain values is replaced by its index: `balancers[1]=127.0.0.1:7001`.
 pub(super) fn set_path(table: &mut toml::Table, key: &str, raw_value: &str) -> Result<(), String> {
     let segs = key_segments(key).ok_or_else(|| {
         format!("invalid key {key:?} (expected a.b.c, with name[item] for an item of an array)")
@@ -38,9 +39,6 @@ pub(super) fn set_path(table: &mut toml::Table, key: &str, raw_value: &str) -> R
         .and_then(|mut t| t.remove("v"))
         .unwrap_or_else(|| toml::Value::String(raw_value.to_string()));
     let ((last, last_item), parents) = segs.split_last().ok_or_else(|| format!("invalid key {key:?}"))?;
-    if last_item.is_some() {
-        return Err(format!("{key:?} names an item of {last}: name one of its keys"));
-    }
     let mut cur = table;
     for (seg, item) in parents {
         cur = match item {
@@ -50,6 +48,7 @@ pub(super) fn set_path(table: &mut toml::Table, key: &str, raw_value: &str) -> R
                     .or_insert_with(|| toml::Value::Table(toml::Table::new()));
                 match entry {
                     toml::Value::Table(t) => t,
+                    toml::Value::Array(_) => return Err(a_list(seg)),
                     _ => return Err(format!("{seg} is not a table")),
                 }
             }
@@ -60,35 +59,88 @@ pub(super) fn set_path(table: &mut toml::Table, key: &str, raw_value: &str) -> R
                     None => return Err(format!("no {seg} in the config to name an item of")),
                 };
                 let labels = item_labels(items);
-                match find_item(items, &labels, label).and_then(|i| items.get_mut(i)) {
+                let at = find_item(items, &labels, label).map_err(|e| e.say(seg, label, &labels))?;
+                match items.get_mut(at) {
                     Some(toml::Value::Table(t)) => t,
-                    Some(_) => return Err(format!("{seg}[{label}] is not a table")),
-                    None => {
-                        return Err(format!(
-                            "no item {label:?} in {seg} (its items: {})",
-                            labels.join(", ")
-                        ));
-                    }
+                    _ => return Err(format!("{seg}[{label}] is not a table")),
                 }
             }
         };
     }
-    cur.insert(last.to_string(), value);
+    match last_item {
+        None => {
+            if matches!(cur.get(*last), Some(toml::Value::Array(_))) && !value.is_array() {
+                return Err(a_list(last));
+            }
+            cur.insert(last.to_string(), value);
+        }
+        Some(label) => {
+            let Some(toml::Value::Array(items)) = cur.get_mut(*last) else {
+                return Err(format!("no list {last} in the config to name an item of"));
+            };
+            if items.iter().any(toml::Value::is_table) {
+                return Err(format!("{key:?} names an item of {last}: name one of its keys"));
+            }
+            let labels = item_labels(items);
+            let at = find_item(items, &labels, label).map_err(|e| e.say(last, label, &labels))?;
+            items[at] = value;
+        }
+    }
     Ok(())
+}
+
+/// What to do when a key names a list as if it were one value or table.
+fn a_list(seg: &str) -> String {
+    format!(
+        "{seg} is a list: name an item as `--set '{seg}[NAME].KEY=VALUE'` does (by its name, address or index), \
+         which an environment variable cannot, or give the whole list"
+    )
+}
+
+/// Why an item of a list could not be told.
+enum NoItem {
+    None,
+    /// Several items are named so (one address in several pools): their indexes.
+    Several(Vec<usize>),
+}
+
+impl NoItem {
+    fn say(self, seg: &str, label: &str, labels: &[String]) -> String {
+        match self {
+            NoItem::None => format!("no item {label:?} in {seg} (its items: {})", labels.join(", ")),
+            NoItem::Several(at) => {
+                let at: Vec<String> = at.iter().map(usize::to_string).collect();
+                format!(
+                    "{label:?} names {} items of {seg} (at {}): name one by its index, as `{seg}[{}]`",
+                    at.len(),
+                    at.join(", "),
+                    at[0]
+                )
+            }
+        }
+    }
 }
 
 /// The index of the item of `items` (labelled `labels`, see [`item_labels`]) that `label` names: by the label
 /// the reload log shows, else by any of the keys that may name an item (a listener, labelled by its name,
 /// by its `listen` address too), else by index.
-fn find_item(items: &[toml::Value], labels: &[String], label: &str) -> Option<usize> {
+fn find_item(items: &[toml::Value], labels: &[String], label: &str) -> Result<usize, NoItem> {
+    if let Some(at) = labels.iter().position(|l| l == label) {
+        return Ok(at);
+    }
     let named = |item: &toml::Value| {
         ITEM_KEYS
             .iter()
             .any(|k| item.get(k).and_then(toml::Value::as_str) == Some(label))
     };
-    (labels.iter().position(|l| l == label))
-        .or_else(|| items.iter().position(named))
-        .or_else(|| label.parse::<usize>().ok().filter(|i| *i < items.len()))
+    let at: Vec<usize> = (0..items.len()).filter(|&i| named(&items[i])).collect();
+    match at[..] {
+        [one] => Ok(one),
+        [] => (label.parse::<usize>().ok())
+            .filter(|i| *i < items.len())
+            .ok_or(NoItem::None),
+        _ => Err(NoItem::Several(at)),
+    }
 }
 
 /// `key` with each item of an array of tables in it named by its label (see [`flatten`]), as `--set` and the
@@ -109,7 +161,7 @@ pub(super) fn labelled(root: &toml::Value, key: &str) -> String {
         let Some(label) = item else { continue };
         let found = cur.and_then(toml::Value::as_array).and_then(|items| {
             let labels = item_labels(items);
-            let at = find_item(items, &labels, label)?;
+            let at = find_item(items, &labels, label).ok()?;
             Some((labels.into_iter().nth(at)?, items.get(at)?))
         });
         match found {
@@ -134,9 +186,15 @@ fn key_segments(key: &str) -> Option<Vec<(&str, Option<&str>)>> {
     loop {
         let (seg, tail) = match rest.find(['.', '[']) {
             Some(i) if rest.as_bytes()[i] == b'[' => {
-                let close = rest[i..].find(']')? + i;
+                // An item may be a bracketed IPv6 address and port (`backends[[::1]:8001]`): its own `]`
+                // comes first.
+                let from = match rest[i + 1..].strip_prefix('[') {
+                    Some(addr) => i + 2 + addr.find(']')? + 1,
+                    None => i + 1,
+                };
+                let close = rest[from..].find(']')? + from;
                 let item = &rest[i + 1..close];
-                if item.is_empty() || item.contains('[') {
+                if item.is_empty() || item.chars().skip(1).any(|c| c == '[') {
                     return None;
                 }
                 segs.push((&rest[..i], Some(item)));

@@ -360,10 +360,13 @@ fn load_layered<C: RoleConfig>(
     // Issues name an item of an array by its label, as `--set` and the reload log do, not by its index.
     let root = toml::Value::Table(table.clone());
     let raw = deserialize_collecting::<C::Raw>(table, &mut issues);
+    // A key that did not deserialize was left to its default: what validation finds wrong with the default
+    // is not the user's to read.
+    let unparsed: std::collections::HashSet<String> = issues.iter().map(|i| i.key.clone()).collect();
     let config = match raw.as_ref().map(C::validate) {
         Some(Ok(c)) => Some(c),
         Some(Err(more)) => {
-            issues.extend(more);
+            issues.extend(more.into_iter().filter(|i| !unparsed.contains(&i.key)));
             None
         }
         None => None,
@@ -467,12 +470,21 @@ fn remove_path(table: &mut toml::Table, path: &[String]) -> bool {
         return false;
     };
     let mut cur: &mut toml::Table = table;
-    for seg in parents {
-        if matches!(cur.get(seg), Some(toml::Value::Array(_))) {
-            // Inside an array of tables: drop the whole array rather than guess which element to keep.
-            return cur.remove(seg).is_some();
-        }
-        match cur.get_mut(seg) {
+    let mut segs = parents.iter().peekable();
+    while let Some(seg) = segs.next() {
+        // An item of an array of tables (`[3]` follows its array's name): into that item, so only the bad
+        // key goes and the rest of the list is still checked. The list went whole before, and with it every
+        // check of what referred to it (a listener's type then served by nothing).
+        let item = (segs.peek()).and_then(|s| s.strip_prefix('[')?.strip_suffix(']')?.parse::<usize>().ok());
+        let next = match (cur.get_mut(seg.as_str()), item) {
+            (Some(toml::Value::Array(items)), Some(i)) => {
+                segs.next();
+                items.get_mut(i)
+            }
+            (Some(v @ toml::Value::Table(_)), None) => Some(v),
+            _ => None,
+        };
+        match next {
             Some(toml::Value::Table(t)) => cur = t,
             _ => return false,
         }

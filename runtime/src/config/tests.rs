@@ -45,6 +45,8 @@ impl RoleConfig for Cfg {
     fn validate(raw: &Raw) -> Result<Self, Vec<ConfigIssue>> {
         let mut v = Validator::new();
         let listen = v.addr("listen", &raw.listen);
+        // What a role checks of a parsed address, which an unparsable one fails too (its placeholder).
+        v.check(listen.port() != 0, "listen", || "must name a port".into());
         for (i, item) in raw.items.iter().enumerate() {
             v.range(&format!("items[{i}].timeout_ms"), item.timeout_ms, 0, 1000);
         }
@@ -97,6 +99,12 @@ fn reports_every_problem_at_once() {
             .any(|i| i.starts_with("listen:") && i.contains("\"nope\"")),
         "{issues:#?}"
     );
+    // One issue per key: not also what the placeholder of the bad value fails.
+    assert_eq!(
+        issues.iter().filter(|i| i.starts_with("listen:")).count(),
+        1,
+        "{issues:#?}"
+    );
 }
 
 #[test]
@@ -104,12 +112,13 @@ fn an_array_items_problem_is_named_as_the_config_writes_it() {
     #[derive(Debug, Deserialize)]
     #[serde(deny_unknown_fields)]
     struct Listed {
-        #[allow(dead_code)]
         items: Vec<Inner>,
     }
+    // Only the bad key goes: the list, and whatever refers to it, is still checked.
     let first = |t: toml::Table| {
         let mut issues = Vec::new();
-        assert!(deserialize_collecting::<Listed>(t, &mut issues).is_none());
+        let kept = deserialize_collecting::<Listed>(t.clone(), &mut issues).unwrap();
+        assert_eq!(kept.items.len(), t["items"].as_array().unwrap().len());
         issues[0].to_string()
     };
     let bad = first(toml::toml! { items = [{ timeout_ms = 1 }, { timeout_ms = -1 }] });
@@ -240,6 +249,49 @@ fn set_names_an_array_item_as_the_reload_log_does() {
         ("listeners[].listen", "invalid key"),
         ("listeners[web]x", "invalid key"),
         ("a..b", "invalid key"),
+    ] {
+        let err = set_path(&mut t, key, "1").unwrap_err();
+        assert!(err.contains(says), "{key}: {err}");
+    }
+    assert_eq!(t, want, "a refused key changed nothing");
+
+    // One address in two pools is named by index, not silently by its first entry; an IPv6 one keeps its
+    // brackets; an item of a plain list is replaced by its index; a list is not a table.
+    let mut t = toml::toml! {
+        backends = [
+            { addr = "127.0.0.1:8001", weight = 1 },
+            { addr = "127.0.0.1:8001", weight = 2 },
+            { addr = "[::1]:8002", weight = 3 },
+        ]
+        peers = ["127.0.0.1:1", "127.0.0.1:2"]
+    };
+    let err = set_path(&mut t, "backends[127.0.0.1:8001].weight", "9").unwrap_err();
+    assert!(
+        err.contains("\"127.0.0.1:8001\" names 2 items of backends (at 0, 1): name one by its index"),
+        "{err}"
+    );
+    set_path(&mut t, "backends[1].weight", "9").unwrap();
+    set_path(&mut t, "backends[[::1]:8002].weight", "7").unwrap();
+    set_path(&mut t, "peers[1]", "\"127.0.0.1:9\"").unwrap();
+    let want = toml::toml! {
+        backends = [
+            { addr = "127.0.0.1:8001", weight = 1 },
+            { addr = "127.0.0.1:8001", weight = 9 },
+            { addr = "[::1]:8002", weight = 7 },
+        ]
+        peers = ["127.0.0.1:1", "127.0.0.1:9"]
+    };
+    assert_eq!(t, want);
+    for (key, says) in [
+        (
+            "backends.weight",
+            "backends is a list: name an item as `--set 'backends[NAME].KEY=VALUE'`",
+        ),
+        ("peers", "peers is a list"),
+        ("peers[5]", "no item \"5\" in peers"),
+        ("backends[[::1]:8002", "invalid key"),
+        ("backends[[::1]:8002]x", "invalid key"),
+        ("backends[a[b].weight", "invalid key"),
     ] {
         let err = set_path(&mut t, key, "1").unwrap_err();
         assert!(err.contains(says), "{key}: {err}");

@@ -9,6 +9,9 @@ use super::{ConfigIssue, HmacKey, read_bounded};
 #[derive(Debug, Default)]
 pub struct Validator {
     pub issues: Vec<ConfigIssue>,
+    /// Keys whose value did not parse: a placeholder stands in for it (`127.0.0.1:0`), and what later checks
+    /// of the key find wrong with the placeholder is not the user's to read.
+    unparsed: std::collections::HashSet<String>,
 }
 
 impl Validator {
@@ -17,7 +20,10 @@ impl Validator {
     }
 
     pub fn error(&mut self, key: impl Into<String>, message: impl Into<String>) {
-        self.issues.push(ConfigIssue::new(key, message));
+        let key = key.into();
+        if !self.unparsed.contains(&key) {
+            self.issues.push(ConfigIssue::new(key, message));
+        }
     }
 
     /// Records an error when `ok` is false.
@@ -38,6 +44,7 @@ impl Validator {
                     xcluster_proto::bracket_hint(value).unwrap_or_default()
                 ),
             );
+            self.unparsed.insert(key.to_string());
             std::net::SocketAddr::from(([127, 0, 0, 1], 0))
         })
     }

@@ -29,7 +29,8 @@ fn resolve(v: &mut Validator, key: &str, text: &str) -> Vec<SocketAddr> {
             key,
             format!(
                 "{text:?} is neither an IP address and port (127.0.0.1:7000, [::1]:7000) nor a host name and \
-                 port (app1.internal:7000)"
+                 port (app1.internal:7000){}",
+                xcluster_proto::bracket_hint(text).unwrap_or_default()
             ),
         );
         return Vec::new();
