@@ -465,31 +465,46 @@ fn lookup<'a>(table: &'a toml::Table, path: &[String]) -> Option<&'a toml::Value
     Some(cur)
 }
 
+/// Removes what `path` (serde's segments, `[3]` for a list's item) names from `table`: only the bad key, so
+/// the rest is still checked. Inside a list's item only that item's key goes (the list went whole before,
+/// and with it every check of what referred to it: a listener's type then served by nothing). An item that
+/// is itself wrong (`listeners = [5]`) takes its list with it: removing the item alone would shift the
+/// indexes of the later items' issues off the file's.
 fn remove_path(table: &mut toml::Table, path: &[String]) -> bool {
     let Some((last, parents)) = path.split_last() else {
         return false;
     };
-    let mut cur: &mut toml::Table = table;
-    let mut segs = parents.iter().peekable();
-    while let Some(seg) = segs.next() {
-        // An item of an array of tables (`[3]` follows its array's name): into that item, so only the bad
-        // key goes and the rest of the list is still checked. The list went whole before, and with it every
-        // check of what referred to it (a listener's type then served by nothing).
-        let item = (segs.peek()).and_then(|s| s.strip_prefix('[')?.strip_suffix(']')?.parse::<usize>().ok());
-        let next = match (cur.get_mut(seg.as_str()), item) {
-            (Some(toml::Value::Array(items)), Some(i)) => {
-                segs.next();
-                items.get_mut(i)
-            }
-            (Some(v @ toml::Value::Table(_)), None) => Some(v),
-            _ => None,
+    if list_index(last).is_some() {
+        let Some((list, parents)) = parents.split_last() else {
+            return false;
         };
-        match next {
-            Some(toml::Value::Table(t)) => cur = t,
-            _ => return false,
-        }
+        return table_at(table, parents).is_some_and(|t| t.remove(list.as_str()).is_some());
     }
-    cur.remove(last).is_some()
+    table_at(table, parents).is_some_and(|t| t.remove(last).is_some())
+}
+
+/// `[3]` → 3.
+fn list_index(seg: &str) -> Option<usize> {
+    seg.strip_prefix('[')?.strip_suffix(']')?.parse().ok()
+}
+
+/// The table `path` leads to, through tables and list items (`[3]` after its list's name).
+fn table_at<'a>(table: &'a mut toml::Table, path: &[String]) -> Option<&'a mut toml::Table> {
+    let mut cur = table;
+    let mut segs = path.iter().peekable();
+    while let Some(seg) = segs.next() {
+        let item = segs.peek().and_then(|s| list_index(s));
+        let next = match (cur.get_mut(seg.as_str())?, item) {
+            (toml::Value::Array(items), Some(i)) => {
+                segs.next();
+                items.get_mut(i)?
+            }
+            (v, None) => v,
+            _ => return None,
+        };
+        cur = next.as_table_mut()?;
+    }
+    Some(cur)
 }
 
 #[cfg(test)]

@@ -121,6 +121,12 @@ fn an_array_items_problem_is_named_as_the_config_writes_it() {
         assert_eq!(kept.items.len(), t["items"].as_array().unwrap().len());
         issues[0].to_string()
     };
+    // An item that is no table takes its list with it (what is left is not read on with shifted indexes).
+    let mut issues = Vec::new();
+    let t = toml::toml! { items = [5, { timeout_ms = 1 }, { timeout_ms = -1 }] };
+    assert!(deserialize_collecting::<Listed>(t, &mut issues).is_none());
+    let said: Vec<String> = issues.iter().map(ToString::to_string).collect();
+    assert!(said.len() == 2 && said[0].starts_with("items[0]: "), "{said:?}");
     let bad = first(toml::toml! { items = [{ timeout_ms = 1 }, { timeout_ms = -1 }] });
     assert!(bad.starts_with("items[1].timeout_ms: "), "{bad}");
     let unknown = first(toml::toml! { items = [{ tmeout_ms = 1 }] });
