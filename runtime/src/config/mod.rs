@@ -458,7 +458,7 @@ fn lookup<'a>(table: &'a toml::Table, path: &[String]) -> Option<&'a toml::Value
     for seg in rest {
         cur = match cur {
             toml::Value::Table(t) => t.get(seg)?,
-            toml::Value::Array(a) => a.get(seg.parse::<usize>().ok()?)?,
+            toml::Value::Array(a) => a.get(list_index(seg)?)?,
             _ => return None,
         };
     }
