@@ -331,15 +331,32 @@ impl PostgresStore {
         }
     }
 
-    /// Returns a connection (or its slot, when it broke) to the pool.
+    /// Returns a connection (or its slot, when it broke) to the pool. A connection that broke takes the idle
+    /// ones with it: what broke it (a server restart or failover, a cut network) broke them too, but an idle
+    /// client only finds out when used, and each retry of a call took the next dead one, so a burst of
+    /// calls after a restart ran out of attempts on connections that were already gone.
     fn release(&self, conn: Option<Conn>) {
         let mut pool = self.pool.lock().unwrap_or_else(|e| e.into_inner());
-        match conn {
-            Some(c) if !c.client.is_closed() => pool.idle.push(c),
-            _ => pool.open = pool.open.saturating_sub(1),
-        }
+        let stale = match conn {
+            Some(c) if !c.client.is_closed() => {
+                pool.idle.push(c);
+                Vec::new()
+            }
+            Some(_) => {
+                let stale = std::mem::take(&mut pool.idle);
+                pool.open = pool.open.saturating_sub(1 + stale.len());
+                stale
+            }
+            // A connect that failed: its slot only.
+            None => {
+                pool.open = pool.open.saturating_sub(1);
+                Vec::new()
+            }
+        };
         drop(pool);
-        self.freed.notify_one();
+        self.freed.notify_all();
+        // Closed outside the lock: closing a connection may wait on its socket.
+        drop(stale);
     }
 
     /// Runs `f` in one transaction at `level`, retrying retryable failures; `f` decides commit or rollback

@@ -92,3 +92,33 @@ fn dropping_the_store_on_an_async_worker_closes_its_connections() {
         || (others() == 0).then_some(()),
     );
 }
+
+/// The server drops every connection (a restart, a failover): the first call that finds its connection gone
+/// takes the idle ones with it, so it and the calls after it connect afresh instead of spending their
+/// retries on connections that died with the others.
+#[test]
+fn a_broken_connection_takes_the_idle_ones_with_it() {
+    let fx = PostgresFixture::new();
+    let mut opts = options(fx.0.url.clone(), Duration::from_secs(5));
+    opts.pool_size = 6;
+    let store = std::sync::Arc::new(PostgresStore::open(&opts).unwrap());
+    // Six calls at once leave six idle connections, more than a call's attempts.
+    let together = std::sync::Arc::new(std::sync::Barrier::new(6));
+    let calls: Vec<_> = (0..6)
+        .map(|_| {
+            let (store, together) = (store.clone(), together.clone());
+            std::thread::spawn(move || store.write(|_| Ok(together.wait())).unwrap())
+        })
+        .collect();
+    for c in calls {
+        c.join().unwrap();
+    }
+    let ours = "FROM pg_stat_activity WHERE application_name = 'xcluster-app'";
+    assert_eq!(fx.number(&format!("SELECT COUNT(*) {ours}")), 6);
+    fx.number(&format!("SELECT COUNT(pg_terminate_backend(pid)) {ours}"));
+    xcluster_tests::eventually(Duration::from_secs(10), "the server to drop them", || {
+        (fx.number(&format!("SELECT COUNT(*) {ours}")) == 0).then_some(())
+    });
+    assert!(store.get_product(1).unwrap().is_some());
+    assert!(store.get_product(2).unwrap().is_some());
+}
