@@ -61,6 +61,33 @@ fn start_app(n: usize, config: &str, addr: SocketAddr) -> Proc {
     p
 }
 
+/// One app on its own PostgreSQL and Redis; everything stops when it drops.
+struct OneApp {
+    addr: SocketAddr,
+    _app: Proc,
+    _dir: tempfile::TempDir,
+    _redis: Redis,
+    _pg: Postgres,
+}
+
+impl OneApp {
+    fn start() -> OneApp {
+        let pg = Postgres::start();
+        let redis = Redis::start();
+        let dir = tempfile::tempdir().unwrap();
+        let addr = free_addr();
+        let config = app_config(dir.path(), 0, addr, &pg, &redis);
+        let app = start_app(0, &config, addr);
+        OneApp {
+            addr,
+            _app: app,
+            _dir: dir,
+            _redis: redis,
+            _pg: pg,
+        }
+    }
+}
+
 fn auth() -> String {
     format!("Bearer {TOKEN}")
 }
@@ -300,12 +327,8 @@ sold_out_gate_ms = 0
 /// acknowledged, and a refund of a fulfilled order leaves its shipped units out of the stock.
 #[test]
 fn money_edges_on_postgres() {
-    let pg = Postgres::start();
-    let redis = Redis::start();
-    let dir = tempfile::tempdir().unwrap();
-    let addr = free_addr();
-    let config = app_config(dir.path(), 0, addr, &pg, &redis);
-    let _app = start_app(0, &config, addr);
+    let one = OneApp::start();
+    let addr = one.addr;
     let call = |path: &str, key: Option<&str>, body: serde_json::Value| {
         let auth = auth();
         let mut headers = vec![
@@ -419,15 +442,11 @@ fn an_instance_on_postgres_stops_cleanly_on_sigterm_and_sigint() {
 
 /// A buyer who cancels a flash-sale order the Redis gate admitted may buy again, as the store (which counts
 /// only live orders) allows: the gate's count of their units was kept for good, so they were refused
-/// `limit_exceeded` by Redis while a keyed request, which skips the gate, was sold the unit.
+/// `limit_exceeded` by Redis while a keyed request, which then skipped the gate, was sold the unit.
 #[test]
 fn a_cancelled_flash_sale_order_frees_the_buyers_allowance_at_the_redis_gate() {
-    let pg = Postgres::start();
-    let redis = Redis::start();
-    let dir = tempfile::tempdir().unwrap();
-    let addr = free_addr();
-    let config = app_config(dir.path(), 0, addr, &pg, &redis);
-    let _app = start_app(0, &config, addr);
+    let one = OneApp::start();
+    let addr = one.addr;
     let r = request(
         addr,
         "POST",
