@@ -223,19 +223,35 @@ fn key_segments(key: &str) -> Option<Vec<(&str, Option<&str>)>> {
 const ITEM_KEYS: [&str; 4] = ["name", "id", "addr", "listen"];
 
 /// The names of an array's items, as [`flatten`] shows them: the first of `name`, `id`, `addr`, `listen` that
-/// every item sets, each to its own value; else their indexes.
+/// every item sets, each to its own value; else the first that every item sets, a value several items share
+/// told apart by its turn (`127.0.0.1:8001#1`, `#2`: one server in two pools), so the items of other values
+/// keep their names when one repeats; else their indexes.
 fn item_labels(items: &[toml::Value]) -> Vec<String> {
+    let mut shared = None;
     for key in ITEM_KEYS {
         let names: Vec<&str> = items
             .iter()
             .filter_map(|v| v.get(key)?.as_str().filter(|s| !s.is_empty()))
             .collect();
+        if names.len() != items.len() {
+            continue;
+        }
         let unique: std::collections::BTreeSet<&str> = names.iter().copied().collect();
-        if names.len() == items.len() && unique.len() == items.len() {
+        if unique.len() == items.len() {
             return names.into_iter().map(str::to_string).collect();
         }
+        shared = shared.or(Some(names));
     }
-    (0..items.len()).map(|i| i.to_string()).collect()
+    let Some(names) = shared else {
+        return (0..items.len()).map(|i| i.to_string()).collect();
+    };
+    let count = |n: &str, within: &[&str]| within.iter().filter(|m| **m == n).count();
+    (names.iter().enumerate())
+        .map(|(i, n)| match count(n, &names) {
+            1 => n.to_string(),
+            _ => format!("{n}#{}", count(n, &names[..=i])),
+        })
+        .collect()
 }
 
 /// Flattens a raw config into `key.path = value` lines, for one-line diffs on reload. An array of tables

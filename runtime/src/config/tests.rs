@@ -276,6 +276,9 @@ fn set_names_an_array_item_as_the_reload_log_does() {
         err.contains("\"127.0.0.1:8001\" names 2 items of backends (at 0, 1): name one by its index"),
         "{err}"
     );
+    // By its turn, as the reload log names it, or by its index.
+    set_path(&mut t, "backends[127.0.0.1:8001#2].weight", "8").unwrap();
+    assert_eq!(t["backends"][1]["weight"].as_integer(), Some(8));
     set_path(&mut t, "backends[1].weight", "9").unwrap();
     set_path(&mut t, "backends[[::1]:8002].weight", "7").unwrap();
     set_path(&mut t, "peers[1]", "\"127.0.0.1:9\"").unwrap();
@@ -420,7 +423,19 @@ fn diff_names_the_array_item_that_changed_and_stays_short() {
     );
     let h = toml::toml! { backends = [{ addr = "127.0.0.1:1", types = [] }] };
     assert_eq!(diff(&h, &f, |_| {}), "backends[[::1]:80] added");
-    // Items without a unique name go by position.
+    // One server in two pools: its entries go by their turn, the others keep their names.
+    let k = toml::toml! {
+        backends = [{ addr = "127.0.0.1:1", weight = 1 }, { addr = "127.0.0.1:2", weight = 1 }]
+    };
+    let l = toml::toml! {
+        backends = [{ addr = "127.0.0.1:1", weight = 1 }, { addr = "127.0.0.1:2", weight = 1 },
+            { addr = "127.0.0.1:1", weight = 5 }]
+    };
+    assert_eq!(
+        diff(&k, &l, |_| {}),
+        "backends[127.0.0.1:1#1] added, backends[127.0.0.1:1#2] added, backends[127.0.0.1:1] removed"
+    );
+    // Items without a name go by position.
     let d = toml::toml! { backends = [{ weight = 1 }, { weight = 2 }] };
     let e = toml::toml! { backends = [{ weight = 1 }, { weight = 3 }] };
     assert_eq!(diff(&d, &e, |_| {}), "backends[1].weight: 2 -> 3");
