@@ -42,6 +42,9 @@ pub enum LogFormat {
     Json,
 }
 
+/// Where `xcluster ctl` finds the monitor unless told: `configs/local.toml`'s (and the monitor's default) API.
+pub const DEFAULT_MONITOR_URL: &str = "http://127.0.0.1:7300";
+
 /// Flags every daemon role takes.
 #[derive(Debug, Args)]
 pub struct RoleArgs {
@@ -101,7 +104,7 @@ pub struct CtlArgs {
         long,
         global = true,
         env = "XCLUSTER_MONITOR_URL",
-        default_value = "http://127.0.0.1:7300"
+        default_value = DEFAULT_MONITOR_URL
     )]
     pub url: String,
     /// Bearer token for mutating calls.

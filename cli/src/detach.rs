@@ -5,8 +5,7 @@
 //! `GET /v1/log` (`ctl maintail`) reads. The parent returns once the monitor answers `/readyz`, or with the
 //! child's own exit and this start's log lines if it ends first.
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -20,8 +19,6 @@ const READY_WITHIN: Duration = Duration::from_secs(60);
 const POLL: Duration = Duration::from_millis(100);
 /// Each `/readyz` may take this long.
 const ASK_TIMEOUT: Duration = Duration::from_secs(1);
-/// Where `xcluster ctl` looks for the monitor unless given `--url`.
-const DEFAULT_LISTEN: &str = "127.0.0.1:7300";
 /// How much of the log the parent shows when the child ends early.
 const SHOWN_ON_FAILURE: u64 = 4096;
 
@@ -90,9 +87,9 @@ pub fn detach(args: &UpArgs, listen: SocketAddr, run_dir: &Path) -> i32 {
             Ok(None) => {}
             Err(e) => eprintln!("xcluster up: cannot tell whether the monitor runs: {e}"),
         }
-        if ready(listen) {
+        if crate::ctl::monitor_ready(listen, ASK_TIMEOUT) {
             // `ctl` goes to 127.0.0.1:7300 unless told: on another address, the commands shown say where.
-            let url = if listen == DEFAULT_LISTEN.parse().ok().unwrap_or(listen) {
+            let url = if format!("http://{listen}") == crate::args::DEFAULT_MONITOR_URL {
                 String::new()
             } else {
                 format!(" --url http://{listen}")
@@ -119,24 +116,38 @@ pub fn detach(args: &UpArgs, listen: SocketAddr, run_dir: &Path) -> i32 {
     }
 }
 
-/// Whether `GET /readyz` at `addr` answers 200 within [`ASK_TIMEOUT`].
-fn ready(addr: SocketAddr) -> bool {
-    let ask = || -> std::io::Result<bool> {
-        let mut s = TcpStream::connect_timeout(&addr, ASK_TIMEOUT)?;
-        s.set_read_timeout(Some(ASK_TIMEOUT))?;
-        s.set_write_timeout(Some(ASK_TIMEOUT))?;
-        s.write_all(format!("GET /readyz HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes())?;
-        let mut head = [0u8; 12];
-        s.read_exact(&mut head)?;
-        Ok(head.starts_with(b"HTTP/1.1 200"))
-    };
-    ask().unwrap_or(false)
-}
-
 /// What the log gained since `start` (this start's lines), at most [`SHOWN_ON_FAILURE`] bytes of its end.
 fn log_since(path: &Path, start: u64) -> Vec<u8> {
-    let all = std::fs::read(path).unwrap_or_default();
-    let since = all.get(start as usize..).unwrap_or_default();
-    let from = since.len().saturating_sub(SHOWN_ON_FAILURE as usize);
-    since[from..].to_vec()
+    use std::io::{Read, Seek, SeekFrom};
+    // Read from where it is needed only: the file holds every earlier start's lines too.
+    let read = || -> std::io::Result<Vec<u8>> {
+        let mut f = std::fs::File::open(path)?;
+        let len = f.metadata()?.len();
+        f.seek(SeekFrom::Start(start.max(len.saturating_sub(SHOWN_ON_FAILURE))))?;
+        let mut out = Vec::new();
+        f.take(SHOWN_ON_FAILURE).read_to_end(&mut out)?;
+        Ok(out)
+    };
+    read().unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// Only this start's lines, and of them at most the end the parent shows.
+    #[test]
+    fn the_log_since_a_start_is_its_own_lines_bounded() {
+        let dir = std::env::temp_dir().join(format!("xcluster-detach-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("monitor.log");
+        std::fs::write(&path, "an earlier start\nthis one\nends here\n").unwrap();
+        assert_eq!(log_since(&path, 17), b"this one\nends here\n");
+        let long = "x".repeat(2 * SHOWN_ON_FAILURE as usize);
+        std::fs::write(&path, format!("old\n{long}")).unwrap();
+        assert_eq!(log_since(&path, 4).len() as u64, SHOWN_ON_FAILURE);
+        assert!(log_since(&dir.join("none"), 0).is_empty());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -153,7 +153,6 @@ pub async fn seckill(app: &Arc<App>, cfg: &Config, sku: &str, req: Request<Incom
     });
     if let Some(refusal) = refusal {
         if order.idem_key.is_some() {
-            let order = order.clone();
             match app.exec.read(move |s| s.keyed_answer(&order)).await {
                 Ok(Some(answer)) => return created(Ok(answer)),
                 Ok(None) => {}

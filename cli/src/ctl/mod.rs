@@ -42,6 +42,17 @@ struct Client {
     timeout: Duration,
 }
 
+/// Whether the monitor at `addr` answers `GET /readyz` with 200 within `timeout` (`up --detach` waits on it).
+pub(crate) fn monitor_ready(addr: SocketAddr, timeout: Duration) -> bool {
+    let c = Client {
+        addr,
+        url: format!("http://{addr}"),
+        token: None,
+        timeout,
+    };
+    c.call("GET", "/readyz").is_ok_and(|r| r.status == 200)
+}
+
 struct Resp {
     status: u16,
     body: Vec<u8>,

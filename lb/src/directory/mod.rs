@@ -444,7 +444,7 @@ impl Directory {
         if instance && matches!(set, WeightSet::Absolute(_)) {
             return Err(SetWeightError::InstanceAbsolute(id));
         }
-        table.set_weight(id.clone(), set, !instance);
+        table.set_weight(id.clone(), set);
         self.publish_locked(&table);
         Ok(id)
     }

@@ -272,7 +272,9 @@ impl Table {
 
     /// Sets (or, with `100%`, clears) the run-time weight of `id`, and rebuilds the proxy backends' share
     /// of them when `id` is an address. The caller has checked that `id` may carry `set`.
-    pub fn set_weight(&mut self, id: String, set: WeightSet, backend: bool) {
+    pub fn set_weight(&mut self, id: String, set: WeightSet) {
+        // The ids `rebuild_backend_weights` keeps: an instance's weight leaves the pickers' tables alone.
+        let backend = id.parse::<SocketAddr>().is_ok();
         if set.is_neutral() {
             self.weights.remove(&id);
         } else {

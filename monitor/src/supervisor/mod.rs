@@ -186,7 +186,6 @@ impl Supervisor {
                         } else {
                             sup.hold(&cfg);
                         }
-                        sup.publish();
                     }
                     _ = inputs.drain.cancelled(), if !sup.shutting_down => sup.begin_shutdown(),
                     _ = inputs.stop.cancelled(), if !hard => {
