@@ -80,8 +80,10 @@ pub struct DegradeSection {
     pub error_ratio_threshold: f64,
     /// Outbox depth above which the queue breaker opens.
     pub queue_depth_threshold: u64,
-    /// How long an open breaker waits before a half-open trial.
+    /// The longest an open breaker waits before a half-open trial (each failed trial doubles the wait).
     pub open_ms: u64,
+    /// The first wait of an open breaker (capped by `open_ms`).
+    pub open_min_ms: u64,
 }
 
 impl Default for DegradeSection {
@@ -92,6 +94,7 @@ impl Default for DegradeSection {
             error_ratio_threshold: 0.2,
             queue_depth_threshold: 10_000,
             open_ms: 5_000,
+            open_min_ms: 1_000,
         }
     }
 }
@@ -178,7 +181,7 @@ pub struct Config {
     pub latency_threshold: Duration,
     pub error_ratio_threshold: f64,
     pub queue_depth_threshold: u64,
-    pub breaker_open: Duration,
+    pub breaker_open: crate::degrade::OpenWait,
     pub per_user_limit: u32,
     pub buckets: u32,
     pub sold_out_gate: Duration,
@@ -261,7 +264,10 @@ impl RoleConfig for Config {
             1,
             u64::MAX,
         );
-        let breaker_open = v.millis("degrade.open_ms", d.open_ms, 10, 3_600_000);
+        let breaker_open = crate::degrade::OpenWait {
+            min: v.millis("degrade.open_min_ms", d.open_min_ms, 10, 3_600_000),
+            max: v.millis("degrade.open_ms", d.open_ms, 10, 3_600_000),
+        };
         let s = &raw.seckill;
         let per_user_limit = v.range("seckill.per_user_limit", s.per_user_limit, 1, 1_000);
         let buckets = v.range("seckill.buckets", s.buckets, 1, 64);

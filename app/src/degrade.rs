@@ -67,12 +67,20 @@ pub enum BreakerState {
     HalfOpen,
 }
 
-/// A circuit breaker over one signal: it opens when the signal crosses its threshold, stays open for
-/// `open_for`, then lets one sample decide (half-open): below the threshold it closes, above it re-opens.
+/// A circuit breaker over one signal: it opens when the signal crosses its threshold, waits, then lets one
+/// sample decide (half-open): below the threshold it closes, above it re-opens.
+///
+/// The wait backs off, as Envoy's ejection time does: the first opening waits `open_min`, each failed trial
+/// doubles the wait up to `open_max`, and a breaker that trips again within `open_max` of closing starts from
+/// its last wait doubled. A short store outage (a restart) then costs about a second of refused writes, not
+/// the whole `open_max`, while a store that keeps failing is tried at most once per `open_max`.
 #[derive(Debug, Clone)]
 pub struct Breaker {
     pub state: BreakerState,
     opened_at: Option<Instant>,
+    /// The current (or, once closed, the last) wait before a trial.
+    wait: Duration,
+    closed_at: Option<Instant>,
 }
 
 impl Default for Breaker {
@@ -80,37 +88,67 @@ impl Default for Breaker {
         Self {
             state: BreakerState::Closed,
             opened_at: None,
+            wait: Duration::ZERO,
+            closed_at: None,
         }
+    }
+}
+
+/// How long an open breaker waits: from `min` (capped by `max`), doubled per failed trial up to `max`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OpenWait {
+    pub min: Duration,
+    pub max: Duration,
+}
+
+impl OpenWait {
+    fn first(self) -> Duration {
+        self.min.min(self.max)
+    }
+
+    fn after(self, wait: Duration) -> Duration {
+        wait.saturating_mul(2).clamp(self.first(), self.max)
     }
 }
 
 impl Breaker {
     /// Feeds one sample; `tripped` says whether the signal is over its threshold now.
-    pub fn observe(&mut self, tripped: bool, now: Instant, open_for: Duration) -> BreakerState {
+    pub fn observe(&mut self, tripped: bool, now: Instant, open: OpenWait) -> BreakerState {
         self.state = match self.state {
             BreakerState::Closed if tripped => {
+                // Flapping (tripping again soon after closing) backs off as a failed trial does.
+                let soon = self.closed_at.is_some_and(|t| now.duration_since(t) < open.max);
+                self.wait = if soon { open.after(self.wait) } else { open.first() };
                 self.opened_at = Some(now);
                 BreakerState::Open
             }
             BreakerState::Closed => BreakerState::Closed,
             BreakerState::Open => {
                 let since = self.opened_at.map(|t| now.duration_since(t)).unwrap_or_default();
-                if since >= open_for {
+                // A wait shortened by a reload applies at once.
+                if since >= self.wait.min(open.max) {
                     BreakerState::HalfOpen
                 } else {
                     BreakerState::Open
                 }
             }
             BreakerState::HalfOpen if tripped => {
+                self.wait = open.after(self.wait);
                 self.opened_at = Some(now);
                 BreakerState::Open
             }
             BreakerState::HalfOpen => {
                 self.opened_at = None;
+                self.closed_at = Some(now);
                 BreakerState::Closed
             }
         };
         self.state
+    }
+
+    /// The wait of the current opening (zero while it has never opened).
+    pub fn wait(&self) -> Duration {
+        self.wait
     }
 
     fn is_open(&self) -> bool {
@@ -140,17 +178,32 @@ pub struct Thresholds {
     pub latency: Duration,
     pub error_ratio: f64,
     pub queue_depth: u64,
-    pub open_for: Duration,
+    pub open: OpenWait,
 }
 
 impl Breakers {
     /// Feeds a sample and returns the level the breakers ask for: slow store → queued (group commits
     /// absorb it); a deep outbox as well → shed; a failing store → read-only.
     pub fn observe(&mut self, s: Signals, t: Thresholds, now: Instant) -> Level {
-        self.latency.observe(s.store_latency > t.latency, now, t.open_for);
-        self.errors
-            .observe(s.error_ratio > t.error_ratio, now, t.open_for);
-        self.queue.observe(s.queue_depth > t.queue_depth, now, t.open_for);
+        let breakers = [
+            ("latency", &mut self.latency, s.store_latency > t.latency),
+            ("errors", &mut self.errors, s.error_ratio > t.error_ratio),
+            ("queue", &mut self.queue, s.queue_depth > t.queue_depth),
+        ];
+        for (name, breaker, tripped) in breakers {
+            let before = breaker.state;
+            let after = breaker.observe(tripped, now, t.open);
+            if after != before {
+                // The operator's record of why the level moved (the level's own change is logged too).
+                tracing::info!(
+                    breaker = name,
+                    from = ?before,
+                    to = ?after,
+                    wait_ms = breaker.wait.as_millis() as u64,
+                    "degrade breaker changed"
+                );
+            }
+        }
         if self.errors.is_open() {
             Level::ReadOnly
         } else if self.queue.is_open() {
@@ -198,13 +251,13 @@ impl Degrade {
         self.publish();
     }
 
-    /// Feeds the breakers a sample (from the once-a-second sampler).
-    pub fn sample(&self, s: Signals, t: Thresholds) -> Level {
+    /// Feeds the breakers a sample (from the once-a-second sampler), taken at `now`.
+    pub fn sample(&self, s: Signals, t: Thresholds, now: Instant) -> Level {
         let auto = self
             .breakers
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .observe(s, t, Instant::now());
+            .observe(s, t, now);
         self.auto
             .store(auto.as_u8(), std::sync::atomic::Ordering::Relaxed);
         self.publish();
@@ -238,7 +291,10 @@ mod tests {
         latency: Duration::from_millis(50),
         error_ratio: 0.2,
         queue_depth: 100,
-        open_for: Duration::from_secs(5),
+        open: OpenWait {
+            min: Duration::from_secs(5),
+            max: Duration::from_secs(5),
+        },
     };
 
     fn sig(ms: u64, err: f64, depth: u64) -> Signals {
@@ -249,35 +305,77 @@ mod tests {
         }
     }
 
+    fn at(t0: Instant, secs: u64) -> Instant {
+        t0 + Duration::from_secs(secs)
+    }
+
     #[test]
     fn breaker_cycles_closed_open_half_open() {
         let mut b = Breaker::default();
         let t0 = Instant::now();
-        let open = Duration::from_secs(5);
+        let open = T.open;
         assert_eq!(b.observe(false, t0, open), BreakerState::Closed);
         assert_eq!(b.observe(true, t0, open), BreakerState::Open);
         // Recovered signal does not close an open breaker before its time.
-        assert_eq!(
-            b.observe(false, t0 + Duration::from_secs(1), open),
-            BreakerState::Open
-        );
-        assert_eq!(
-            b.observe(false, t0 + Duration::from_secs(6), open),
-            BreakerState::HalfOpen
-        );
+        assert_eq!(b.observe(false, at(t0, 1), open), BreakerState::Open);
+        assert_eq!(b.observe(false, at(t0, 6), open), BreakerState::HalfOpen);
         // A bad trial re-opens.
-        assert_eq!(
-            b.observe(true, t0 + Duration::from_secs(7), open),
-            BreakerState::Open
-        );
-        assert_eq!(
-            b.observe(false, t0 + Duration::from_secs(13), open),
-            BreakerState::HalfOpen
-        );
-        assert_eq!(
-            b.observe(false, t0 + Duration::from_secs(14), open),
-            BreakerState::Closed
-        );
+        assert_eq!(b.observe(true, at(t0, 7), open), BreakerState::Open);
+        assert_eq!(b.observe(false, at(t0, 13), open), BreakerState::HalfOpen);
+        assert_eq!(b.observe(false, at(t0, 14), open), BreakerState::Closed);
+    }
+
+    /// Checks the wait of each opening: tries a trial a second early (still open) and on time (half-open).
+    fn open_then_trial(b: &mut Breaker, now: Instant, open: OpenWait, wait_secs: u64) -> Instant {
+        assert_eq!(b.wait(), Duration::from_secs(wait_secs));
+        assert_eq!(b.observe(false, at(now, wait_secs - 1), open), BreakerState::Open);
+        assert_eq!(b.observe(false, at(now, wait_secs), open), BreakerState::HalfOpen);
+        at(now, wait_secs)
+    }
+
+    #[test]
+    fn the_wait_starts_short_and_doubles_per_failed_trial_up_to_the_max() {
+        let open = OpenWait {
+            min: Duration::from_secs(2),
+            max: Duration::from_secs(10),
+        };
+        let mut b = Breaker::default();
+        let t0 = Instant::now();
+        assert_eq!(b.observe(true, t0, open), BreakerState::Open);
+        let mut now = open_then_trial(&mut b, t0, open, 2);
+        for wait in [4, 8, 10, 10] {
+            assert_eq!(b.observe(true, now, open), BreakerState::Open, "a failed trial");
+            now = open_then_trial(&mut b, now, open, wait);
+        }
+        // A good trial closes; tripping again soon after starts from the last wait, doubled (capped).
+        assert_eq!(b.observe(false, at(now, 1), open), BreakerState::Closed);
+        assert_eq!(b.observe(true, at(now, 2), open), BreakerState::Open);
+        now = open_then_trial(&mut b, at(now, 2), open, 10);
+        // Closed for longer than the max: a new outage starts from the short wait again.
+        assert_eq!(b.observe(false, at(now, 1), open), BreakerState::Closed);
+        assert_eq!(b.observe(true, at(now, 12), open), BreakerState::Open);
+        open_then_trial(&mut b, at(now, 12), open, 2);
+    }
+
+    #[test]
+    fn a_min_above_the_max_waits_the_max_and_a_shorter_max_applies_at_once() {
+        let long = OpenWait {
+            min: Duration::from_secs(30),
+            max: Duration::from_secs(60),
+        };
+        let short = OpenWait {
+            min: Duration::from_secs(30),
+            max: Duration::from_secs(3),
+        };
+        let mut b = Breaker::default();
+        let t0 = Instant::now();
+        assert_eq!(b.observe(true, t0, long), BreakerState::Open);
+        assert_eq!(b.observe(false, at(t0, 3), long), BreakerState::Open);
+        // A reload lowered the max under the running wait.
+        assert_eq!(b.observe(false, at(t0, 3), short), BreakerState::HalfOpen);
+        let mut b = Breaker::default();
+        assert_eq!(b.observe(true, t0, short), BreakerState::Open);
+        open_then_trial(&mut b, t0, short, 3);
     }
 
     #[test]
@@ -295,7 +393,7 @@ mod tests {
         let d = Degrade::new(None);
         assert_eq!(d.level(), Level::Sync);
         d.set_manual(Some(Level::ReadOnly));
-        d.sample(sig(1, 0.0, 0), T);
+        d.sample(sig(1, 0.0, 0), T, Instant::now());
         assert_eq!(d.level(), Level::ReadOnly);
         d.set_manual(None);
         assert_eq!(d.level(), Level::Sync);

@@ -167,10 +167,12 @@ pub async fn run(ctx: Context<Config>) -> Result<(), Error> {
 async fn sampler(app: Arc<api::App>, cancel: CancellationToken) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
-        tokio::select! {
+        // The tick's scheduled time, not the time the sample is fed: the outbox read below takes a varying
+        // while, and a breaker's 1 s wait measured from jittered instants would miss a tick (2 s).
+        let at = tokio::select! {
             _ = cancel.cancelled() => return,
-            _ = tick.tick() => {}
-        }
+            at = tick.tick() => at.into_std(),
+        };
         app.stats.roll();
         let depth = match app.exec.read(|s| s.outbox_depth()).await {
             Ok(d) => d,
@@ -195,8 +197,9 @@ async fn sampler(app: Arc<api::App>, cancel: CancellationToken) {
                 latency: cfg.latency_threshold,
                 error_ratio: cfg.error_ratio_threshold,
                 queue_depth: cfg.queue_depth_threshold,
-                open_for: cfg.breaker_open,
+                open: cfg.breaker_open,
             },
+            at,
         );
         ::metrics::gauge!(crate::metrics::DEGRADE_LEVEL).set(f64::from(app.degrade.level().as_u8()));
     }

@@ -548,22 +548,10 @@ fn a_postgres_that_stops_answering_costs_a_bounded_wait_and_a_retryable_503() {
     let relay = FreezeRelay::start(pg.addr);
     let dir = tempfile::tempdir().unwrap();
     let addr = free_addr();
-    let text = format!(
-        r#"role = "app"
-listen = "{addr}"
-store = "postgres"
-postgres_url = "postgres://xcluster@{relay}/xcluster"
-admin_token = "{TOKEN}"
-store_threads = 4
-[postgres]
-pool_size = 4
-connect_timeout_ms = 1000
-statement_timeout_ms = 1000
-[degrade]
-# No breaker in the way: every request meets the store.
-level = "sync"
-"#,
-        relay = relay.addr,
+    let text = behind_relay(
+        addr,
+        &relay,
+        "# No breaker in the way: every request meets the store.\nlevel = \"sync\"",
     );
     let config = write_file(dir.path(), "app.toml", &text);
     let _app = start_app(0, config.to_str().unwrap(), addr);
@@ -608,5 +596,90 @@ level = "sync"
         .filter_map(|o| o["id"].as_str())
         .collect();
     assert_eq!(ids, vec![placed["id"].as_str().unwrap()], "one order for one key");
+    audit(addr);
+}
+
+/// An app on PostgreSQL through `relay`, with short timeouts and the given `[degrade]` lines.
+fn behind_relay(addr: SocketAddr, relay: &FreezeRelay, degrade: &str) -> String {
+    format!(
+        r#"role = "app"
+listen = "{addr}"
+store = "postgres"
+postgres_url = "postgres://xcluster@{relay}/xcluster"
+admin_token = "{TOKEN}"
+store_threads = 4
+[postgres]
+pool_size = 4
+connect_timeout_ms = 1000
+statement_timeout_ms = 1000
+[degrade]
+{degrade}
+"#,
+        relay = relay.addr,
+    )
+}
+
+fn degrade_state(addr: SocketAddr) -> serde_json::Value {
+    let r = request(addr, "GET", "/admin/degrade", &[("Authorization", &auth())], None).unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    r.json()
+}
+
+/// A short PostgreSQL outage opens the error breaker (read-only), and once PostgreSQL answers the instance
+/// takes orders again after the breaker's short first wait, not after `open_ms`: here `open_ms` is ten
+/// minutes, which the test's deadline would see. Before the backoff every opening waited the whole `open_ms`
+/// (5 s by default), so a 1 s restart refused orders for about 7 s.
+#[test]
+fn after_a_short_postgres_outage_the_error_breaker_closes_after_its_first_short_wait() {
+    let pg = Postgres::start();
+    let relay = FreezeRelay::start(pg.addr);
+    let dir = tempfile::tempdir().unwrap();
+    let addr = free_addr();
+    let text = behind_relay(
+        addr,
+        &relay,
+        "level = \"auto\"\nopen_ms = 600000\nopen_min_ms = 1000",
+    );
+    let config = write_file(dir.path(), "app.toml", &text);
+    let _app = start_app(0, config.to_str().unwrap(), addr);
+    let order = |key: &str| {
+        let body = r#"{"user": "outage", "lines": [{"sku": "sku-1-1", "qty": 1}]}"#;
+        request(
+            addr,
+            "POST",
+            "/v1/orders",
+            &[("Idempotency-Key", key)],
+            Some(body.as_bytes()),
+        )
+    };
+    assert_eq!(order("before").unwrap().status, 201);
+    relay.set_frozen(true);
+    // Calls fail (503 store_busy) once their bound passes; the sampler then opens the error breaker.
+    let failing: Vec<_> = (0..4)
+        .map(|i| std::thread::spawn(move || get(addr, &format!("/v1/products/{}", i + 1))))
+        .collect();
+    let opened = eventually(Duration::from_secs(30), "the error breaker to open", || {
+        let d = degrade_state(addr);
+        (d["level"] == "read_only").then_some(d)
+    });
+    assert_eq!(opened["breakers"]["errors"], "open", "{opened}");
+    assert_eq!(opened["waits_ms"]["errors"], 1000, "{opened}");
+    let refused = order("during").unwrap();
+    assert_eq!(refused.status, 503, "read-only refuses orders: {}", refused.body);
+    relay.set_frozen(false);
+    for t in failing {
+        let _ = t.join();
+    }
+    let placed = eventually(Duration::from_secs(60), "orders to be taken again", || {
+        let r = order("after").ok()?;
+        (r.status == 201).then_some(r)
+    });
+    assert_eq!(placed.json()["status"], "reserved", "{}", placed.body);
+    let d = degrade_state(addr);
+    assert_eq!(
+        (d["level"].as_str(), d["breakers"]["errors"].as_str()),
+        (Some("sync"), Some("closed")),
+        "{d}"
+    );
     audit(addr);
 }

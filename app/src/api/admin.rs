@@ -60,6 +60,12 @@ fn degrade_view(app: &App) -> serde_json::Value {
         "manual": app.degrade.manual(),
         "auto": app.degrade.auto_level(),
         "breakers": { "latency": b.latency.state, "errors": b.errors.state, "queue": b.queue.state },
+        // Each breaker's current (or last) wait before a trial: it backs off while the store keeps failing.
+        "waits_ms": {
+            "latency": b.latency.wait().as_millis() as u64,
+            "errors": b.errors.wait().as_millis() as u64,
+            "queue": b.queue.wait().as_millis() as u64,
+        },
     })
 }
 
