@@ -216,8 +216,15 @@ pub enum CtlVerb {
     },
     /// Show what a reload would change (added / changed / removed programs).
     Reread,
-    /// Apply the reloaded config, touching only what changed.
+    /// List every program of the running set and of the saved config: in use or only available (in the
+    /// file, not yet added by `update`), autostart, priority, and the change `update` would apply.
+    Avail,
+    /// Apply the reloaded config, touching only what changed. With names (`update web`, `update app:*`),
+    /// apply only those programs' changes (supervisorctl's `update GROUP`, `add` and `remove`): needs
+    /// `auto_update = false`, where the other changes stay pending.
     Update {
+        /// Programs whose changes to apply (a name, `group:*`, or `all`); none: every change.
+        names: Vec<String>,
         /// Restart the changed programs that run one at a time, each only once the one before runs and is
         /// ready with its new settings (as restart --rolling); added and removed programs apply at once.
         #[arg(long)]

@@ -1,6 +1,6 @@
 //! The control API (HTTP/JSON on the monitor's `listen` address): status, start/stop/restart/signal, log tail and
-//! follow, reread, update, shutdown, the event stream, the cluster view and the dashboard page. Reads are open;
-//! every POST needs `Authorization: Bearer <token>`.
+//! follow, avail, reread, update (all or named programs), shutdown, the event stream, the cluster view and the
+//! dashboard page. Reads are open; every POST needs `Authorization: Bearer <token>`.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -50,7 +50,7 @@ pub struct Api {
 fn allowed(segs: &[&str]) -> Option<&'static str> {
     match segs {
         [""]
-        | ["v1", "status" | "cluster" | "events" | "log"]
+        | ["v1", "status" | "cluster" | "events" | "log" | "avail"]
         | ["v1", "events", "recent"]
         | ["v1", "programs", _, "log"] => Some("GET"),
         ["v1", "reread" | "update" | "shutdown"]
@@ -177,6 +177,10 @@ impl Api {
                 };
                 self.call(cmd).await
             }
+            (&Method::GET, ["v1", "avail"]) => match self.load() {
+                Ok(cfg) => self.call(Command::Avail(cfg)).await,
+                Err(resp) => resp,
+            },
             (&Method::POST, ["v1", "reread"]) => match self.load() {
                 Ok(cfg) => self.call(Command::Plan(cfg)).await,
                 Err(resp) => resp,
@@ -186,8 +190,12 @@ impl Api {
                     Ok(r) => r,
                     Err(resp) => return resp,
                 };
+                let names = match names_of(req.uri().query()) {
+                    Ok(n) => n,
+                    Err(resp) => return resp,
+                };
                 let resp = match self.load() {
-                    Ok(cfg) => self.call(Command::Update(cfg, rolling)).await,
+                    Ok(cfg) => self.call(Command::Update(cfg, rolling, names)).await,
                     Err(resp) => resp,
                 };
                 // The runtime's reloader records the outcome (shown in status and metrics) and publishes the
@@ -257,7 +265,7 @@ impl Api {
         })
     }
 
-    /// Reads the config for `reread` and `update`; a rejection is recorded as a failed reload.
+    /// Reads the config for `avail`, `reread` and `update`; a rejection is recorded as a failed reload.
     #[allow(clippy::result_large_err)] // the error is the answer itself, built once per request
     fn load(&self) -> Result<Arc<Config>, Response<Body>> {
         xcluster_runtime::config::load::<Config>(&self.source)
@@ -283,6 +291,7 @@ impl Api {
             Ok(Ok(Ok(Reply::Results(results)))) => json(StatusCode::OK, &json!({ "results": results })),
             Ok(Ok(Ok(Reply::Plan(plan)))) => json(StatusCode::OK, &plan),
             Ok(Ok(Ok(Reply::Roll(roll)))) => json(StatusCode::OK, &json!({ "roll": roll })),
+            Ok(Ok(Ok(Reply::Avail(programs)))) => json(StatusCode::OK, &json!({ "programs": programs })),
             Ok(Ok(Ok(Reply::Done))) => json(StatusCode::OK, &json!({ "ok": true })),
             Ok(Ok(Err(e))) => {
                 let (status, code) = match e {
@@ -290,6 +299,7 @@ impl Api {
                     CommandError::NoNames => (StatusCode::BAD_REQUEST, "no_names"),
                     CommandError::ShuttingDown => (StatusCode::CONFLICT, "shutting_down"),
                     CommandError::Rolling(_) => (StatusCode::CONFLICT, "rolling"),
+                    CommandError::Partial(_) => (StatusCode::CONFLICT, "partial_update"),
                 };
                 error(status, code, &e.to_string())
             }
@@ -610,6 +620,23 @@ fn rolling_of(query: Option<&str>) -> Result<Option<Duration>, Response<Body>> {
             crate::roll::MAX_WAIT_SECS
         ))),
     }
+}
+
+/// An update's `?name=N` (repeated, at most 32): the programs a named update applies; none: every change.
+#[allow(clippy::result_large_err)]
+fn names_of(query: Option<&str>) -> Result<Vec<String>, Response<Body>> {
+    let bad = |m: &str| error(StatusCode::BAD_REQUEST, "bad_query", m);
+    let pairs = query_pairs(query).map_err(|e| bad(&e))?;
+    let names: Vec<String> = (pairs.into_iter())
+        .filter(|(k, _)| k == "name")
+        .map(|(_, v)| v)
+        .collect();
+    // The query itself holds at most 32 parameters; `group:*` names many programs at once.
+    let max = crate::program::MAX_PROCESS_NAME;
+    if names.iter().any(|n| n.is_empty() || n.len() > max) {
+        return Err(bad(&format!("a name is 1 to {max} bytes")));
+    }
+    Ok(names)
 }
 
 /// Percent-decodes a path segment (names may arrive as `app%3A*`). A path segment is not a query string: `+`

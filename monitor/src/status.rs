@@ -86,9 +86,27 @@ pub enum Command {
     /// Compute the plan for a config without applying it (`reread`).
     Plan(Arc<Config>),
     /// Apply a config, touching only what changed (`update`); with a limit, the changed programs that run
-    /// are restarted one at a time, as a roll with that limit does (`update --rolling`).
-    Update(Arc<Config>, Option<std::time::Duration>),
+    /// are restarted one at a time, as a roll with that limit does (`update --rolling`); with names
+    /// (`update NAME...`), only those programs' changes.
+    Update(Arc<Config>, Option<std::time::Duration>, Vec<String>),
+    /// Every program of the running set and of a config (`avail`).
+    Avail(Arc<Config>),
     Shutdown,
+}
+
+/// One program of `ctl avail` (supervisorctl's): supervised now, only in the saved file, or both.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Avail {
+    pub name: String,
+    pub group: String,
+    /// Supervised now; `false`: only in the saved file, until `ctl update` adds it.
+    pub in_use: bool,
+    /// The file's `autostart` (the running spec's for a program the file no longer has).
+    pub autostart: bool,
+    pub priority: i32,
+    /// What `ctl update` would do to it: `added`, `changed` or `removed`; absent: nothing.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pending: Option<&'static str>,
 }
 
 /// The outcome for one process of a start/stop/restart/signal.
@@ -127,6 +145,7 @@ pub enum Reply {
     Plan(Plan),
     /// A rolling restart just begun.
     Roll(Option<crate::roll::RollStatus>),
+    Avail(Vec<Avail>),
     Done,
 }
 
@@ -141,6 +160,10 @@ pub enum CommandError {
     ShuttingDown,
     #[error("a rolling restart is under way ({0} restarting)")]
     Rolling(String),
+    /// A named update that would leave a program without its dependency (or apply names a full reload
+    /// would apply anyway).
+    #[error("{0}")]
+    Partial(String),
 }
 
 pub type Request = (Command, oneshot::Sender<Result<Reply, CommandError>>);

@@ -7,7 +7,7 @@ use std::time::Duration;
 use crate::config::Config;
 use crate::events::Kind;
 use crate::machine::Event;
-use crate::status::{Plan, Reply};
+use crate::status::{Avail, CommandError, Plan, Reply};
 use crate::supervisor::Supervisor;
 
 /// How long each program of a roll an update begins by itself may take to run and be ready again.
@@ -32,6 +32,46 @@ impl Supervisor {
             }
         }
         plan
+    }
+
+    /// `ctl avail`: the file's programs in its order, then the running ones it no longer has.
+    pub(crate) fn avail(&self, cfg: &Config) -> Vec<Avail> {
+        let plan = self.plan(cfg);
+        let pending = |name: &str| {
+            let lists = [
+                ("added", &plan.added),
+                ("changed", &plan.changed),
+                ("removed", &plan.removed),
+            ];
+            (lists.into_iter())
+                .find(|(_, list)| list.iter().any(|n| n == name))
+                .map(|(word, _)| word)
+        };
+        let mut out: Vec<Avail> = (cfg.processes.iter())
+            .map(|s| Avail {
+                name: s.name.clone(),
+                group: s.group.clone(),
+                in_use: self.procs.contains_key(&s.name),
+                autostart: s.autostart,
+                priority: s.priority,
+                pending: pending(&s.name),
+            })
+            .collect();
+        for name in &self.order {
+            if out.iter().any(|a| a.name == *name) {
+                continue;
+            }
+            let p = &self.procs[name];
+            out.push(Avail {
+                name: name.clone(),
+                group: p.spec.group.clone(),
+                in_use: true,
+                autostart: p.spec.autostart,
+                priority: p.spec.priority,
+                pending: pending(name),
+            });
+        }
+        out
     }
 
     /// Holds `cfg`'s program changes for `ctl update` (`auto_update = false`): what they are is kept for the
@@ -68,7 +108,108 @@ impl Supervisor {
     /// come back) runs on with its old spec until its next restart. Applying the same config again, as the
     /// reloader does after `ctl update`, changes nothing.
     pub(crate) fn update(&mut self, cfg: Arc<Config>, rolling: Option<Duration>) -> Plan {
+        let plan = self.plan(&cfg);
+        self.apply(cfg, rolling, plan)
+    }
+
+    /// `ctl update NAME...` (supervisorctl's `update GROUP`, `add` and `remove` in one): applies only the
+    /// changes of the programs `names` pick (a name, `group:*` or `all`, among the running programs and the
+    /// file's); the others stay as they run, and stay pending. Refused when `cfg` applies every saved change
+    /// by itself (`auto_update = true`: the reload right after would apply the rest), and when it would
+    /// leave a program whose dependency group has no program: an added program whose dependency is added
+    /// but not named, or a removal of the last program of a group a remaining program depends on.
+    pub(crate) fn update_named(
+        &mut self,
+        cfg: Arc<Config>,
+        rolling: Option<Duration>,
+        names: &[String],
+    ) -> Result<Plan, CommandError> {
+        if cfg.auto_update {
+            return Err(CommandError::Partial(
+                "auto_update = true applies every saved change; `update NAME` applies one program's change \
+                 only with auto_update = false"
+                    .into(),
+            ));
+        }
+        let mut known: Vec<(&str, &str)> = (cfg.processes.iter())
+            .map(|s| (s.name.as_str(), s.group.as_str()))
+            .collect();
+        for name in &self.order {
+            if !known.iter().any(|(n, _)| n == name) {
+                known.push((name.as_str(), self.procs[name].spec.group.as_str()));
+            }
+        }
+        let picked: Vec<String> = crate::select::resolve(&known, names)
+            .map_err(|n| CommandError::Unknown(n.to_string()))?
+            .into_iter()
+            .map(|(i, _)| known[i].0.to_string())
+            .collect();
         let mut plan = self.plan(&cfg);
+        for list in [&mut plan.added, &mut plan.changed, &mut plan.removed] {
+            list.retain(|n| picked.contains(n));
+        }
+        self.check_dependencies(&cfg, &plan)?;
+        // The programs left out keep their old specs, so the order keeps every program that stays: the new
+        // config's order for those it has, then the ones only the old config has (removals left pending).
+        let mut kept = self.order.clone();
+        kept.retain(|n| !plan.removed.contains(n));
+        let mut order: Vec<String> = (cfg.processes.iter())
+            .map(|s| s.name.clone())
+            .filter(|n| kept.contains(n) || plan.added.contains(n))
+            .collect();
+        let old_only: Vec<String> = kept.into_iter().filter(|n| !order.contains(n)).collect();
+        order.extend(old_only);
+        let plan = self.apply(cfg, rolling, plan);
+        order.extend(plan.removed.iter().cloned());
+        self.order = order;
+        // What is left waits, as a saved config's changes do (the reload that follows says so again).
+        let cfg = self.cfg.clone();
+        self.hold(&cfg);
+        Ok(plan)
+    }
+
+    /// Refuses a named update that leaves a dependency group with no program (see [`Self::update_named`]).
+    fn check_dependencies(&self, cfg: &Config, plan: &Plan) -> Result<(), CommandError> {
+        let after = |name: &str| -> Option<&crate::program::ProcessSpec> {
+            if plan.removed.iter().any(|n| n == name) {
+                return None;
+            }
+            let new = || cfg.processes.iter().find(|s| s.name == name);
+            if plan.added.iter().chain(&plan.changed).any(|n| n == name) {
+                return new();
+            }
+            let p = self.procs.get(name)?;
+            Some(p.replacement.as_deref().unwrap_or(&p.spec))
+        };
+        let names: Vec<&str> = (self.order.iter().map(String::as_str))
+            .chain(plan.added.iter().map(String::as_str))
+            .collect();
+        let specs: Vec<&crate::program::ProcessSpec> = names.iter().filter_map(|n| after(n)).collect();
+        for spec in &specs {
+            for group in &spec.depends_on {
+                if specs.iter().any(|s| s.group == *group) {
+                    continue;
+                }
+                let why = if plan
+                    .removed
+                    .iter()
+                    .any(|n| self.procs.get(n).is_some_and(|p| p.spec.group == *group))
+                {
+                    "this update removes its last program"
+                } else {
+                    "it is added in the file but not named"
+                };
+                return Err(CommandError::Partial(format!(
+                    "{} depends on {group}, and {why}: name {group}:* too",
+                    spec.name
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies `plan`, the changes `cfg` makes (all of them, or a named update's part).
+    fn apply(&mut self, cfg: Arc<Config>, rolling: Option<Duration>, mut plan: Plan) -> Plan {
         self.pending = None;
         let mut to_roll = Vec::new();
         self.set_config(cfg.clone());

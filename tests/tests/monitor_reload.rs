@@ -162,6 +162,93 @@ fn with_auto_update_off_a_saved_config_waits_for_update() {
     });
 }
 
+/// `ctl update NAME` applies one program's saved change and leaves the others pending (supervisorctl's
+/// `update GROUP`, `add`, `remove`); `ctl avail` lists the running and the saved programs and what waits.
+#[test]
+fn a_named_update_applies_only_that_programs_change() {
+    let off = |b_arg: &str, with_c: bool, with_d: bool| {
+        format!("auto_update = false\n{}", programs(b_arg, with_c, with_d))
+    };
+    let m = Mon::start(&off("2", true, false));
+    for n in ["a", "b", "c"] {
+        m.wait_state(n, "RUNNING", T);
+    }
+    let present = |name: &str| {
+        let s = m.status();
+        s["programs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["name"] == name)
+    };
+    let pids: Vec<i32> = ["a", "b", "c"].iter().map(|n| m.pid(n).unwrap()).collect();
+    // b changes, c goes, d comes, and e (new) depends on f (new).
+    let deps = "[programs.e]\ncommand = \"sleep 305\"\nstartsecs = 0\ndepends_on = [\"f\"]\n\
+                [programs.f]\ncommand = \"sleep 306\"\nstartsecs = 0\n";
+    m.rewrite(&format!("{}{deps}", off("7", false, true)));
+    eventually(T, "the saved change held", || {
+        Some(m.status()["pending"].clone()).filter(|p| p["added"] == json!(["d", "e", "f"]))
+    });
+    let o = m.ctl(&["avail"]);
+    let text = out(&o);
+    assert!(o.status.success(), "{text}");
+    for line in [
+        "a  in use  auto    999\n",
+        "b  in use  auto    999  (changed: `update b` applies it)",
+        "d  avail   auto    999  (added: `update d` applies it)",
+        "c  in use  auto    999  (removed: `update c` applies it)",
+    ] {
+        assert!(text.contains(line), "{line:?} in\n{text}");
+    }
+    // d alone: started; nothing else touched, and the rest still waits.
+    let o = m.ctl(&["update", "d"]);
+    assert!(o.status.success(), "{}", out(&o));
+    assert_eq!(out(&o).trim(), "d: added (applied)");
+    m.wait_state("d", "RUNNING", T);
+    let now: Vec<i32> = ["a", "b", "c"].iter().map(|n| m.pid(n).unwrap()).collect();
+    assert_eq!(now, pids, "a named update touched another program");
+    let pending = eventually(T, "the rest still pending", || {
+        Some(m.status()["pending"].clone()).filter(|p| p["added"] == json!(["e", "f"]))
+    });
+    assert_eq!(
+        (&pending["changed"], &pending["removed"]),
+        (&json!(["b"]), &json!(["c"]))
+    );
+    // e without f would start without its dependency: refused, naming what to add.
+    let o = m.ctl(&["update", "e"]);
+    assert!(!o.status.success(), "{}", out(&o));
+    assert!(
+        out(&o).contains("e depends on f, and it is added in the file but not named: name f:* too"),
+        "{}",
+        out(&o)
+    );
+    assert!(!present("e"), "a refused update added e");
+    let o = m.ctl(&["update", "e", "f:*"]);
+    assert!(o.status.success(), "{}", out(&o));
+    m.wait_state("e", "RUNNING", T);
+    // c's removal alone, then b's change alone.
+    let o = m.ctl(&["update", "c"]);
+    assert!(o.status.success(), "{}", out(&o));
+    eventually(T, "c removed", || (!present("c")).then_some(()));
+    assert_eq!(m.pid("b"), Some(pids[1]));
+    let o = m.ctl(&["update", "b"]);
+    assert!(o.status.success(), "{}", out(&o));
+    m.wait_new_pid("b", pids[1], T);
+    assert_eq!(m.pid("a"), Some(pids[0]));
+    eventually(T, "nothing pending", || {
+        m.status()["pending"].is_null().then_some(())
+    });
+    // An unknown name is refused; with auto_update = true a named update is refused (the reload applies all).
+    let o = m.ctl(&["update", "zz"]);
+    assert!(out(&o).contains("no such process or group: zz"), "{}", out(&o));
+    m.rewrite(&programs("7", false, true));
+    let o = eventually(T, "auto_update = true in force", || {
+        let o = m.ctl(&["update", "a"]);
+        out(&o).contains("auto_update = true").then_some(o)
+    });
+    assert!(!o.status.success(), "{}", out(&o));
+}
+
 #[test]
 fn the_file_watcher_applies_a_change_and_an_invalid_config_changes_nothing() {
     let m = Mon::start(&programs("2", true, false));

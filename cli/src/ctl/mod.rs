@@ -20,7 +20,7 @@ mod programs;
 mod stream;
 
 use cluster::{cluster, server_action};
-use programs::{action, pid, plan, rolling_restart, rolling_update, status};
+use programs::{action, avail, names_query, pid, plan, rolling_restart, rolling_update, status};
 use xcluster_proto::directory::ServerAction;
 
 const EXIT_FAILED: i32 = 1;
@@ -162,8 +162,17 @@ fn run_verb(c: &Client, args: &CtlArgs) -> Result<i32, Failure> {
         CtlVerb::Undrain { ids } => server_action(c, ids, ServerAction::Drain(false), args.json),
         CtlVerb::Weight { weight, ids } => server_action(c, ids, ServerAction::Weight(*weight), args.json),
         CtlVerb::Reread => plan(c, "/v1/reread", false, args.json),
-        CtlVerb::Update { rolling: false } => plan(c, "/v1/update", true, args.json),
-        CtlVerb::Update { rolling: true } => rolling_update(c, args),
+        CtlVerb::Avail => avail(c, args.json),
+        CtlVerb::Update {
+            rolling: false,
+            names,
+        } => plan(
+            c,
+            &format!("/v1/update{}", names_query(names, '?')),
+            true,
+            args.json,
+        ),
+        CtlVerb::Update { rolling: true, names } => rolling_update(c, args, names),
         CtlVerb::Shutdown => {
             let r = c.call("POST", "/v1/shutdown")?;
             check(&r)?;

@@ -297,8 +297,61 @@ fn see_roll_through(c: &Client, mut roll: Value, args: &CtlArgs) -> Result<i32, 
 /// `update --rolling`: added and removed programs are applied at once; the changed ones that run are
 /// restarted with their new settings one at a time, as `restart --rolling` does (a changed program that
 /// does not run takes its settings at once).
-pub(super) fn rolling_update(c: &Client, args: &CtlArgs) -> Result<i32, Failure> {
-    let path = format!("/v1/update?rolling=1&wait_secs={}", args.wait_secs);
+/// `name=` query parameters for a named update, after `first` (`?` or `&`); empty without names.
+pub(super) fn names_query(names: &[String], first: char) -> String {
+    let mut q = String::new();
+    for (i, n) in names.iter().enumerate() {
+        q.push(if i == 0 { first } else { '&' });
+        q.push_str("name=");
+        q.push_str(&percent_encode(n));
+    }
+    q
+}
+
+/// `ctl avail`: one line per program, as supervisorctl's (`in use`/`avail`, `auto`/`manual`, priority), and
+/// the change `update` would apply to it.
+pub(super) fn avail(c: &Client, as_json: bool) -> Result<i32, Failure> {
+    let r = c.call("GET", "/v1/avail")?;
+    check(&r)?;
+    if as_json {
+        println!("{}", String::from_utf8_lossy(&r.body));
+        return Ok(0);
+    }
+    let v = r.json();
+    let programs = items(&v["programs"]);
+    let width = (programs.iter())
+        .filter_map(|p| p["name"].as_str())
+        .map(str::len)
+        .max()
+        .unwrap_or(0);
+    for p in programs {
+        let name = p["name"].as_str().unwrap_or("?");
+        let used = if p["in_use"].as_bool() == Some(true) {
+            "in use"
+        } else {
+            "avail"
+        };
+        let auto = if p["autostart"].as_bool() == Some(true) {
+            "auto"
+        } else {
+            "manual"
+        };
+        let priority = p["priority"].as_i64().unwrap_or(0);
+        let pending = match p["pending"].as_str() {
+            Some(change) => format!("  ({change}: `update {name}` applies it)"),
+            None => String::new(),
+        };
+        println!("{name:<width$}  {used:<6}  {auto:<6}  {priority}{pending}");
+    }
+    Ok(0)
+}
+
+pub(super) fn rolling_update(c: &Client, args: &CtlArgs, names: &[String]) -> Result<i32, Failure> {
+    let path = format!(
+        "/v1/update?rolling=1&wait_secs={}{}",
+        args.wait_secs,
+        names_query(names, '&')
+    );
     let r = c.call("POST", &path)?;
     check(&r)?;
     let v = r.json();

@@ -8,7 +8,7 @@ use crate::status::{Command, CommandError, Reply};
 
 impl Supervisor {
     pub(super) fn command(&mut self, cmd: Command) -> Result<Reply, CommandError> {
-        if self.shutting_down && !matches!(cmd, Command::Plan(_)) {
+        if self.shutting_down && !matches!(cmd, Command::Plan(_) | Command::Avail(_)) {
             return Err(CommandError::ShuttingDown);
         }
         match cmd {
@@ -39,7 +39,11 @@ impl Supervisor {
                 |s, name, _| s.user_clear(name),
             )?)),
             Command::Plan(cfg) => Ok(Reply::Plan(self.plan(&cfg))),
-            Command::Update(cfg, rolling) => Ok(Reply::Plan(self.update(cfg, rolling))),
+            Command::Avail(cfg) => Ok(Reply::Avail(self.avail(&cfg))),
+            Command::Update(cfg, rolling, names) if names.is_empty() => {
+                Ok(Reply::Plan(self.update(cfg, rolling)))
+            }
+            Command::Update(cfg, rolling, names) => Ok(Reply::Plan(self.update_named(cfg, rolling, &names)?)),
             Command::Shutdown => {
                 self.begin_shutdown();
                 Ok(Reply::Done)
