@@ -3,10 +3,12 @@
 //! Reloads live: `log.level`, `shutdown.*`, `peers`, `advertise`, every key of `[reports]`,
 //! `[directory]`, `[admin]` and `[types.*]` (request types and their cost profiles), and the `[proxy]` keys listed in
 //! `crate::proxy::config`. Needs a restart: `listen` (a reload naming another keeps the API, and the address
-//! the directory advertises, where they started, with a warning), `http.*`.
+//! the directory advertises, where they started, with a warning), `http.*`, `directory.state_file` (read at
+//! start only).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -112,6 +114,10 @@ pub struct DirectorySection {
     /// its state changed, or a weight moved by more than this fraction of itself; smaller moves still steer
     /// the balancer's own picks at once. 0 shows every change.
     pub publish_min_change: f64,
+    /// A file where the balancer keeps its drains and run-time weights (HAProxy's server-state-file): written
+    /// on every change, read at start, so they survive a restart of every balancer at once. Empty: none
+    /// (a restarted balancer then has only its peers'). Each balancer needs its own. Needs a restart.
+    pub state_file: String,
 }
 
 impl Default for DirectorySection {
@@ -130,6 +136,7 @@ impl Default for DirectorySection {
             full_weight_cores: 8.0,
             service_tolerance: 1.25,
             publish_min_change: 0.1,
+            state_file: String::new(),
         }
     }
 }
@@ -200,6 +207,8 @@ pub struct Config {
     pub http: xcluster_runtime::http::ServerLimits,
     /// The L4 proxy (issue 5).
     pub proxy: crate::proxy::ProxyConfig,
+    /// `[directory] state_file`: where drains and run-time weights are kept across restarts.
+    pub state_file: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for Config {
@@ -216,8 +225,9 @@ impl std::fmt::Debug for Config {
 impl RoleConfig for Config {
     const ROLE: &'static str = "lb";
     type Raw = RawConfig;
-    // `listen` and the proxy's own restart keys warn where they are applied, with what runs instead.
-    const RESTART_KEYS: &'static [&'static str] = &["http"];
+    // `listen` and the proxy's own restart keys warn where they are applied, with what runs instead. The
+    // state file is read at start: a new one would be written without ever having been read.
+    const RESTART_KEYS: &'static [&'static str] = &["http", "directory.state_file"];
 
     fn validate(raw: &RawConfig) -> Result<Self, Vec<ConfigIssue>> {
         let mut v = Validator::new();
@@ -253,6 +263,7 @@ impl RoleConfig for Config {
         let shutdown = raw.shutdown.validate(&mut v);
         let http = raw.http.validate(&mut v, shutdown.grace);
         let proxy = raw.proxy.validate(&mut v);
+        let state_file = validate_state_file(&mut v, &raw.directory.state_file);
         check_proxy_types(&mut v, &proxy, &params);
         for (i, l) in proxy.listeners.iter().enumerate() {
             if clash(l.listen, listen) {
@@ -278,6 +289,7 @@ impl RoleConfig for Config {
             shutdown,
             http,
             proxy,
+            state_file,
         })
     }
 
@@ -289,6 +301,37 @@ impl RoleConfig for Config {
             raw.admin.token = "<redacted>".into();
         }
     }
+}
+
+/// `directory.state_file`: empty for none; else a file (existing or not) in an existing directory, so a bad
+/// path is said at start rather than by every write failing.
+fn validate_state_file(v: &mut Validator, path: &str) -> Option<PathBuf> {
+    const KEY: &str = "directory.state_file";
+    if path.is_empty() {
+        return None;
+    }
+    let p = Path::new(path);
+    if path.contains('\0') || path.len() > 4096 {
+        v.error(KEY, "not a usable path (a NUL byte, or longer than 4096 bytes)");
+        return None;
+    }
+    if p.file_name().is_none() || path.ends_with('/') {
+        v.error(KEY, format!("{path:?} names no file"));
+        return None;
+    }
+    let dir = match p.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    if p.is_dir() {
+        v.error(KEY, format!("{path:?} is a directory; name a file in it"));
+    } else if !dir.is_dir() {
+        v.error(
+            KEY,
+            format!("{path:?}: its directory {} does not exist", dir.display()),
+        );
+    }
+    Some(p.to_path_buf())
 }
 
 /// The shared key and each agent's own (`[reports.agent_keys]`, at most `max_agents` of them).
@@ -516,6 +559,31 @@ mod tests {
         assert!(has("reports.agent_keys.<b>", "agent id must be"), "{found:?}");
         assert!(has("reports.agent_keys.host-b", "is empty"), "{found:?}");
         assert!(has("reports.agent_keys.host-c", "missing.key"), "{found:?}");
+    }
+
+    /// `directory.state_file`: off when empty; a file in an existing directory, else each problem is named.
+    #[test]
+    fn the_state_file_must_be_a_file_in_a_directory() {
+        let raw: RawConfig = toml::from_str("").unwrap();
+        assert!(Config::validate(&raw).unwrap().state_file.is_none());
+        let dir = std::env::temp_dir();
+        let good = dir.join(format!("xcluster-lb-state-{}.json", std::process::id()));
+        let cfg = |p: &str| format!("[directory]\nstate_file = {p:?}\n");
+        let raw: RawConfig = toml::from_str(&cfg(good.to_str().unwrap())).unwrap();
+        assert_eq!(Config::validate(&raw).unwrap().state_file, Some(good));
+        // A relative path is relative to where the balancer runs (`xcluster up`'s run directory).
+        assert!(issues(&cfg("lb.state.json")).is_empty());
+        let found = issues(&cfg(dir.to_str().unwrap()));
+        assert!(found.iter().any(|i| i.contains("is a directory")), "{found:?}");
+        let found = issues(&cfg("/nonexistent-xcluster-dir/lb.state.json"));
+        assert!(
+            found
+                .iter()
+                .any(|i| i.contains("directory.state_file") && i.contains("does not exist")),
+            "{found:?}"
+        );
+        let found = issues(&cfg("state/"));
+        assert!(found.iter().any(|i| i.contains("names no file")), "{found:?}");
     }
 
     /// A proxy listener on the API's own port would fail to bind at start; check-config says so first.

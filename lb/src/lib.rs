@@ -38,6 +38,11 @@ pub async fn run(ctx: Context<Config>) -> Result<(), Error> {
     }
     let dir = Directory::new(directory::Settings::from_config(&cfg));
     dir.collect_metrics();
+    // Before the API answers: a peer starting beside this one (every balancer restarted at once) then reads
+    // this file's state in our status, not an empty one.
+    if let Some(path) = cfg.state_file.clone() {
+        restore_state_file(&dir, path).await;
+    }
     tokio::spawn(dir.clone().run_housekeeping(drain.clone()));
     // The first balancer is this one's advertised address (validation puts it there).
     let started = (cfg.listen, cfg.balancers.first().copied().unwrap_or(cfg.listen));
@@ -69,6 +74,8 @@ pub async fn run(ctx: Context<Config>) -> Result<(), Error> {
         () = directory::peers::take_drains(&dir, &peers) => {}
         () = drain.cancelled() => {}
     }
+    // The state settled here (the file's, or the newer peers') is what a restart must find.
+    dir.save_state().await;
     // L4 proxy (issue 5): follows `ctx.config` reloads; drains with the process.
     let picker = std::sync::Arc::new(live_picker::LivePicker::new(&cfg.proxy, dir.clone()));
     let routed = picker.directory_types(&cfg.proxy);
@@ -95,6 +102,25 @@ pub async fn run(ctx: Context<Config>) -> Result<(), Error> {
     api_drain.cancel();
     let _ = api.await;
     Ok(())
+}
+
+/// Reads `[directory] state_file` (on a blocking thread: it may set a bad file aside) and restores its
+/// drains and run-time weights; every later change is written to it.
+async fn restore_state_file(dir: &Directory, path: std::path::PathBuf) {
+    let at = path.clone();
+    let now = directory::state::unix_ms();
+    let loaded = tokio::task::spawn_blocking(move || directory::state::load_logged(&at, now))
+        .await
+        .ok()
+        .flatten();
+    dir.keep_state_in(path.clone());
+    if let Some(state) = loaded {
+        let (drains, weights) = dir.restore_state(&state);
+        tracing::info!(
+            file = %path.display(), drains, weights, changed_unix_ms = state.changed_unix_ms,
+            "drains and run-time weights restored from the state file"
+        );
+    }
 }
 
 /// Waits up to `within` for the directory to route `types` before the proxy opens their listeners (the

@@ -18,4 +18,6 @@ xcluster_runtime::metric_names! {
     pub const QUERIES_TOTAL: &str = "xcluster_lb_directory_queries_total";
     /// Watches answered at once because `max_watches` (three quarters of `[http] max_connections`) were held.
     pub const WATCHES_UNHELD_TOTAL: &str = "xcluster_lb_directory_watches_unheld_total";
+    /// Writes of `[directory] state_file` that failed (the change held in memory; the call still succeeded).
+    pub const STATE_WRITE_ERRORS_TOTAL: &str = "xcluster_lb_state_write_errors_total";
 }

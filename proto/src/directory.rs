@@ -97,6 +97,10 @@ pub struct LbStatus {
     /// backend address, as [`WeightSet`] writes them: a starting balancer takes its peers', as it takes
     /// their drains.
     pub weights: BTreeMap<String, String>,
+    /// When `drained` or `weights` last changed by an operator's call (Unix time, ms; 0: never, or a balancer
+    /// older than this field), carried along when a balancer restores them from its state file or a peer.
+    /// A starting balancer keeps the newest of its file's and its peers' (ARCHITECTURE.md, lb: directory).
+    pub state_changed_unix_ms: u64,
 }
 
 /// The L4 proxy's counters, the same values `/metrics` shows, for the dashboard.

@@ -135,6 +135,13 @@ fn up_starts_the_local_cluster_in_order_and_sigint_stops_everything() {
         "local/app-1  weight 10%",
     );
     assert!(c.balancers.iter().all(|&b| weight_set(b) == Some("10%".into())));
+    // Each balancer has it in its state file too (written before it answered), for a restart of both.
+    for lb in ["lb-0", "lb-1"] {
+        let file = c.run.path().join(format!("{lb}.state.json"));
+        let state: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&file).unwrap_or_default()).unwrap_or_default();
+        assert_eq!(state["weights"]["local/app-1"], "10%", "{lb}: {state}");
+    }
     ctl(
         "xcluster-local",
         &["weight", "7", "local/app-1"],

@@ -56,8 +56,18 @@ async fn route(dir: Directory, req: Request<Incoming>) -> Response<Body> {
         _ => match server_action(&path) {
             Some(_) if method != Method::POST => method_not_allowed(&method, &path, "POST"),
             Some(Err((code, why))) => error(StatusCode::BAD_REQUEST, code, &why),
-            Some(Ok((id, ServerAction::Drain(on)))) => drain(&dir, &req, &id, on),
-            Some(Ok((id, ServerAction::Weight(set)))) => weight(&dir, &req, &id, set),
+            Some(Ok((id, action))) => {
+                let answer = match action {
+                    ServerAction::Drain(on) => drain(&dir, &req, &id, on),
+                    ServerAction::Weight(set) => weight(&dir, &req, &id, set),
+                };
+                // Answered once the state file (if any) has the change: a call that was answered outlives a
+                // `kill -9` of every balancer.
+                if answer.status() == StatusCode::OK {
+                    dir.save_state().await;
+                }
+                answer
+            }
             None => error(
                 StatusCode::NOT_FOUND,
                 "not_found",
@@ -222,8 +232,7 @@ fn server_action(path: &str) -> Option<Result<(String, ServerAction), Refusal>> 
     let decoded = (raw.len() <= 3 * report::MAX_ID_BYTES)
         .then(|| percent_decode_path(raw).ok())
         .flatten()
-        // A proxy backend's address may be IPv6 (`[::1]:8001`), whose brackets no id holds.
-        .filter(|id| report::valid_id(id) || id.parse::<SocketAddr>().is_ok());
+        .filter(|id| super::valid_server_id(id));
     let Some(id) = decoded else {
         let raw = report::shown(raw);
         let why = format!(

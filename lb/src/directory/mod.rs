@@ -13,6 +13,7 @@ pub mod ingest;
 pub mod peers;
 pub mod pick;
 pub mod snapshot;
+pub mod state;
 pub mod table;
 pub mod weights;
 
@@ -122,6 +123,8 @@ struct Inner {
     wake: tokio::sync::Notify,
     /// Watches held now (`Settings::max_watches`).
     watching: AtomicUsize,
+    /// `[directory] state_file`, when set: written on every drain or weight change.
+    state_file: std::sync::OnceLock<Arc<state::StateFile>>,
 }
 
 /// How an id given to a drain or a weight names a server ([`Directory::named`]).
@@ -148,6 +151,18 @@ pub enum SetWeightError {
 
 /// Most drained ids a balancer takes from its peers (a peer's answer is outside input).
 pub const MAX_DRAINED: usize = 10_000;
+
+/// Whether `id` may name a server in a drain or a weight: an instance id, or a proxy backend's address,
+/// which may be IPv6 (`[::1]:8001`, whose brackets no id holds). The API and the state file check the same.
+pub fn valid_server_id(id: &str) -> bool {
+    xcluster_proto::report::valid_id(id) || id.parse::<SocketAddr>().is_ok()
+}
+
+/// Marks the table's run-time state changed by an operator now: later than any change before, even if the
+/// clock stepped back, so this balancer's latest call is its newest state.
+fn touched(table: &mut Table) {
+    table.state_changed_unix_ms = state::unix_ms().max(table.state_changed_unix_ms.saturating_add(1));
+}
 
 /// Reports closer together than this share one snapshot rebuild: a rebuild costs O(instances × types), so
 /// a busy balancer rebuilds at most 200 times a second, and a watcher waits at most this much longer.
@@ -176,6 +191,7 @@ impl Directory {
                 dirty: std::sync::atomic::AtomicBool::new(false),
                 wake: tokio::sync::Notify::new(),
                 watching: AtomicUsize::new(0),
+                state_file: std::sync::OnceLock::new(),
             }),
         }
     }
@@ -423,6 +439,7 @@ impl Directory {
         } else {
             table.drained.remove(&id);
         }
+        touched(&mut table);
         self.publish_locked(&table);
         Some(id)
     }
@@ -445,6 +462,7 @@ impl Directory {
             return Err(SetWeightError::InstanceAbsolute(id));
         }
         table.set_weight(id.clone(), set);
+        touched(&mut table);
         self.publish_locked(&table);
         Ok(id)
     }
@@ -459,6 +477,7 @@ impl Directory {
         let weights = (table.weights.iter())
             .map(|(id, w)| (id.clone(), w.to_string()))
             .collect();
+        let state_changed_unix_ms = table.state_changed_unix_ms;
         drop(table);
         let counts = &self.inner.counts;
         LbStatus {
@@ -476,6 +495,7 @@ impl Directory {
             proxy: Default::default(),
             drained,
             weights,
+            state_changed_unix_ms,
         }
     }
 
@@ -504,15 +524,20 @@ impl Directory {
     /// have none here: those a starting balancer takes from its peers. Entries that do not parse, or
     /// beyond [`MAX_DRAINED`], are skipped. Returns how many were new.
     pub fn restore_weights(&self, set: impl IntoIterator<Item = (String, String)>) -> usize {
+        let parsed = set
+            .into_iter()
+            .filter_map(|(id, w)| Some((id, w.parse::<WeightSet>().ok()?)));
+        self.restore_weight_sets(parsed)
+    }
+
+    /// [`Directory::restore_weights`], of weights already parsed (the state file's).
+    fn restore_weight_sets(&self, set: impl IntoIterator<Item = (String, WeightSet)>) -> usize {
         let mut table = self.table();
         let before = table.weights.len();
         for (id, w) in set {
             if table.weights.len() >= MAX_DRAINED {
                 break;
             }
-            let Ok(w) = w.parse::<WeightSet>() else {
-                continue;
-            };
             let valid = !id.is_empty() && id.len() <= xcluster_proto::report::MAX_ID_BYTES;
             if valid && !w.is_neutral() {
                 table.weights.entry(id).or_insert(w);
@@ -524,6 +549,73 @@ impl Directory {
             self.publish_locked(&table);
         }
         added
+    }
+
+    /// Writes the run-time state to `path` at every change from now on ([`Directory::save_state`]).
+    /// Only the first call counts: the file is set at start (`directory.state_file` needs a restart).
+    pub fn keep_state_in(&self, path: std::path::PathBuf) {
+        ::metrics::counter!(crate::metrics::STATE_WRITE_ERRORS_TOTAL).increment(0);
+        let _ = self.inner.state_file.set(Arc::new(state::StateFile::new(path)));
+    }
+
+    /// The drains and run-time weights, and when they last changed: what the state file holds.
+    pub fn runtime_state(&self) -> state::RuntimeState {
+        let table = self.table();
+        state::RuntimeState {
+            changed_unix_ms: table.state_changed_unix_ms,
+            drained: table.drained.clone(),
+            weights: table.weights.clone(),
+        }
+    }
+
+    /// When the run-time state last changed (Unix ms; 0: never).
+    pub fn state_changed_unix_ms(&self) -> u64 {
+        self.table().state_changed_unix_ms
+    }
+
+    /// Adds the drains and weights of `from` (the state file's, or a peer's) as [`Directory::restore_drained`]
+    /// and [`Directory::restore_weights`] do, ids not known yet included, and takes its change time if it
+    /// is later. Returns how many drains and weights were new.
+    pub fn restore_state(&self, from: &state::RuntimeState) -> (usize, usize) {
+        let drains = self.restore_drained(from.drained.iter().cloned());
+        let weights = self.restore_weight_sets(from.weights.iter().map(|(id, w)| (id.clone(), *w)));
+        let mut table = self.table();
+        table.state_changed_unix_ms = table.state_changed_unix_ms.max(from.changed_unix_ms);
+        (drains, weights)
+    }
+
+    /// Forgets every drain and run-time weight: a starting balancer's, from its state file, when its peers
+    /// answer with a newer state, which replaces it.
+    pub fn clear_runtime_state(&self) {
+        let mut table = self.table();
+        table.drained.clear();
+        table.weights.clear();
+        table.state_changed_unix_ms = 0;
+        table.rebuild_backend_weights();
+        self.publish_locked(&table);
+    }
+
+    /// Writes the run-time state to the state file, if there is one, and waits until it is on disk: the
+    /// API answers a drain or weight call after this, so a call that was answered survives a `kill -9`.
+    /// The write runs on a blocking thread (it fsyncs). A failure is logged and counted; the change
+    /// stays in memory (and reaches the file with the next write that succeeds).
+    pub async fn save_state(&self) {
+        let Some(file) = self.inner.state_file.get().cloned() else {
+            return;
+        };
+        let dir = self.clone();
+        let written = tokio::task::spawn_blocking(move || file.save(|| dir.runtime_state())).await;
+        let error = match written {
+            Ok(Ok(())) => return,
+            Ok(Err(e)) => e.to_string(),
+            Err(e) => format!("the write task failed: {e}"),
+        };
+        ::metrics::counter!(crate::metrics::STATE_WRITE_ERRORS_TOTAL).increment(1);
+        tracing::warn!(
+            %error,
+            "cannot write the state file: the change holds in memory, but a restart of every balancer \
+             would lose it"
+        );
     }
 
     /// Installs the collector that writes the table's per-instance and per-type series at each scrape, so an

@@ -4,6 +4,13 @@
 //! drained it anew. HAProxy keeps such state across a reload in its server-state file; here the peers hold
 //! it, which also brings a balancer that was down during an `undrain` up to date. The weights set at run time
 //! (`xcluster ctl weight`) come along the same way.
+//!
+//! With a state file (`super::state`), the balancer starts with the file's state, and the newest state
+//! wins, whole: each state carries when an operator's call last changed it (`state_changed_unix_ms`). A
+//! peer that saw a later call (an undrain while this one was down) replaces the file's state; a peer with
+//! an older or no state (one restarted at the same time without a file, or whose file was bad) does not
+//! wipe it. States of the same time are merged (so balancers without files, all at 0, merge their peers'
+//! as before). Whole rather than per entry, because an undrain leaves no entry to compare.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -26,10 +33,37 @@ const MAX_BODY: usize = 8 << 20;
 struct Drained {
     drained: Vec<String>,
     weights: std::collections::BTreeMap<String, String>,
+    /// 0 from a peer older than this field: its state is merged only with others of no time.
+    state_changed_unix_ms: u64,
 }
 
-/// Asks every peer in `peers` for its drained instances and drains them here too. A peer that does not
-/// answer within [`TIMEOUT`] is skipped (it may be the one restarting beside this one).
+/// What a starting balancer does with its peers' states, by their times (`peers`) and its own (`here`:
+/// from its state file, 0 without one).
+#[derive(Debug, PartialEq, Eq)]
+enum Take {
+    /// Its own is the newest: the peers' are left.
+    Keep,
+    /// The answers at these indices, added to its own (all of the same time as its own).
+    Merge(Vec<usize>),
+    /// The answers at these indices (the newest) in place of its own.
+    Replace(Vec<usize>),
+}
+
+fn choose(here: u64, peers: &[u64]) -> Take {
+    let Some(&newest) = peers.iter().max() else {
+        return Take::Keep;
+    };
+    let of_newest = || (0..peers.len()).filter(|&i| peers[i] == newest).collect();
+    match newest.cmp(&here) {
+        std::cmp::Ordering::Less => Take::Keep,
+        std::cmp::Ordering::Equal => Take::Merge(of_newest()),
+        std::cmp::Ordering::Greater => Take::Replace(of_newest()),
+    }
+}
+
+/// Asks every peer in `peers` for its drained instances and run-time weights and takes the newest state
+/// (see the module's header). A peer that does not answer within [`TIMEOUT`] is skipped (it may be the one
+/// restarting beside this one).
 pub async fn take_drains(dir: &Directory, peers: &[SocketAddr]) {
     let asks = peers.iter().map(|&peer| async move {
         let r = client::call(
@@ -49,29 +83,65 @@ pub async fn take_drains(dir: &Directory, peers: &[SocketAddr]) {
             }),
         )
     });
-    let mut asked = 0;
+    let mut answers = Vec::new();
     for (peer, answer) in futures_util::future::join_all(asks).await {
         match answer {
-            Ok(d) => {
-                asked += 1;
-                let added = dir.restore_drained(d.drained);
-                if added > 0 {
-                    info!(%peer, added, "drained instances taken from a peer");
-                }
-                let added = dir.restore_weights(d.weights);
-                if added > 0 {
-                    info!(%peer, added, "run-time weights taken from a peer");
-                }
-            }
+            Ok(d) => answers.push((peer, d)),
             // Normal when the cluster starts: the peers start too.
             Err(e) => debug!(%peer, error = %e, "cannot read a peer's drains"),
         }
     }
-    if asked == 0 && !peers.is_empty() {
-        info!(
-            "no peer answered: drains and run-time weights set before this start, if any, are not known here \
-             (a rolling restart of the balancers keeps them)"
-        );
+    if answers.is_empty() {
+        if !peers.is_empty() {
+            info!(
+                "no peer answered: drains and run-time weights set before this start, if any, are known \
+                 here only from the state file, if one is set (a rolling restart of the balancers keeps them)"
+            );
+        }
+        return;
+    }
+    let here = dir.state_changed_unix_ms();
+    // A peer's answer is outside input: a time in the future (a bad clock) is taken as now, as the file's
+    // is, so it cannot outrank every later change.
+    let now = super::state::unix_ms();
+    for (_, d) in &mut answers {
+        d.state_changed_unix_ms = d.state_changed_unix_ms.min(now);
+    }
+    let times: Vec<u64> = answers.iter().map(|(_, d)| d.state_changed_unix_ms).collect();
+    let take = match choose(here, &times) {
+        Take::Keep => {
+            info!(
+                changed_unix_ms = here,
+                "this balancer's drains and run-time weights (its state file's) are newer than its peers': kept"
+            );
+            return;
+        }
+        Take::Merge(take) => take,
+        Take::Replace(take) => {
+            if !dir.runtime_state().is_empty() {
+                info!(
+                    changed_unix_ms = here,
+                    "the peers' drains and run-time weights are newer than this balancer's state file's: \
+                     they replace them"
+                );
+            }
+            dir.clear_runtime_state();
+            take
+        }
+    };
+    for (peer, d) in take.into_iter().map(|i| &answers[i]) {
+        let added = dir.restore_drained(d.drained.iter().cloned());
+        if added > 0 {
+            info!(%peer, added, "drained instances taken from a peer");
+        }
+        let added = dir.restore_weights(d.weights.clone());
+        if added > 0 {
+            info!(%peer, added, "run-time weights taken from a peer");
+        }
+        dir.restore_state(&super::state::RuntimeState {
+            changed_unix_ms: d.state_changed_unix_ms,
+            ..Default::default()
+        });
     }
 }
 
@@ -119,5 +189,46 @@ mod tests {
             serde_json::from_str(r#"{"drained":["h/a"],"version":3,"weights":{"h/a":"10%"}}"#).unwrap();
         assert_eq!(new.drained, ["h/a"]);
         assert_eq!(new.weights["h/a"], "10%");
+        assert_eq!(new.state_changed_unix_ms, 0, "an older peer's state has no time");
+    }
+
+    /// The newest state wins whole; states of one time merge; without any answer a balancer keeps its own.
+    #[test]
+    fn the_newest_state_wins() {
+        assert_eq!(choose(5, &[]), Take::Keep);
+        // The file's state is newer than every peer's (one restarted without a file answers 0).
+        assert_eq!(choose(5, &[0, 4]), Take::Keep);
+        // A peer saw a later call (an undrain while this one was down): it replaces the file's state, and
+        // an older peer's is left out.
+        assert_eq!(choose(5, &[3, 9, 9]), Take::Replace(vec![1, 2]));
+        // All of one time (no file here, peers without one or older than the field: all 0): merged, as
+        // before there was a state file.
+        assert_eq!(choose(0, &[0, 0]), Take::Merge(vec![0, 1]));
+        assert_eq!(choose(7, &[7, 2]), Take::Merge(vec![0]));
+    }
+
+    /// What `take_drains` does with a chosen answer: the file's state goes when a newer peer's replaces it,
+    /// and the time taken is the peer's.
+    #[test]
+    fn a_newer_peer_state_replaces_the_file_state() {
+        let d = dir();
+        let file = crate::directory::state::RuntimeState {
+            changed_unix_ms: 100,
+            drained: ["h/a".to_string()].into(),
+            weights: [("h/b".to_string(), "50%".parse().unwrap())].into(),
+        };
+        assert_eq!(d.restore_state(&file), (1, 1));
+        assert_eq!(d.state_changed_unix_ms(), 100);
+        d.clear_runtime_state();
+        let peer = crate::directory::state::RuntimeState {
+            changed_unix_ms: 200,
+            drained: ["h/c".to_string()].into(),
+            ..Default::default()
+        };
+        d.restore_state(&peer);
+        let s = d.status();
+        assert_eq!(s.drained, ["h/c"]);
+        assert!(s.weights.is_empty());
+        assert_eq!(s.state_changed_unix_ms, 200);
     }
 }

@@ -49,6 +49,9 @@ pub struct Table {
     pub weights: BTreeMap<String, WeightSet>,
     /// Those of `weights` set on proxy backends, for the proxy's fixed picker; rebuilt at each change.
     pub backend_weights: Arc<WeightOverrides>,
+    /// When an operator's call last changed `drained` or `weights` (Unix ms; 0: never), or that of the
+    /// state restored from the state file or a peer: the newest state wins at start (`peers::take_drains`).
+    pub state_changed_unix_ms: u64,
     /// The WARN line of an instance id two agents claim, at most every 10 s.
     pub clash_warned: xcluster_runtime::telemetry::Throttle,
 }

@@ -101,7 +101,12 @@ impl LocalCluster {
             ),
         );
         let sets = [
-            format!("programs.lb.command={{self}} lb --config {lb_file} --set listen=127.0.0.1:{{port}}"),
+            // Each balancer's state file in the run directory, as configs/local.toml gives it.
+            format!(
+                "programs.lb.command={{self}} lb --config {lb_file} --set listen=127.0.0.1:{{port}} \
+                 --set directory.state_file={}/{{name}}.state.json",
+                run.path().display()
+            ),
             format!("programs.app.command={{self}} app --config {app_file} --set listen=127.0.0.1:{{port}}"),
             format!(
                 "programs.agent.command={{self}} agent --config {agent_file} --set listen=127.0.0.1:{{port}}"

@@ -1,0 +1,170 @@
+//! A balancer's state file (`[directory] state_file`): the drains and run-time weights set through its API
+//! survive a restart with no peer to take them from, after a SIGKILL (the file is written before the call
+//! is answered) as after a SIGTERM; a corrupt file is set aside and the balancer starts anyway; a failed
+//! write is counted while the call still succeeds.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod directory_support;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use directory_support::*;
+use nix::sys::signal::Signal;
+use xcluster_tests::*;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+/// The one balancer's config (no peers), keeping its state in `state`.
+fn config(lb: SocketAddr, state: &Path) -> String {
+    lb_config(lb, &[]).replace(
+        "[directory]\n",
+        &format!("[directory]\nstate_file = {:?}\n", state.display().to_string()),
+    )
+}
+
+/// `(drained, weights)` of `/v1/status`.
+fn runtime_state(lb: SocketAddr) -> (serde_json::Value, serde_json::Value) {
+    let s = get(lb, "/v1/status").unwrap().json();
+    (s["drained"].clone(), s["weights"].clone())
+}
+
+fn call(lb: SocketAddr, id: &str, verb: &str) {
+    let r = set_drain(lb, id, verb);
+    assert_eq!(r.status, 200, "{verb} {id}: {}", r.body);
+}
+
+fn stderr_has(p: &Proc, what: &str) {
+    eventually(WAIT, &format!("the log to say {what:?}"), || {
+        p.stderr().contains(what).then_some(())
+    });
+}
+
+#[test]
+fn drains_and_weights_survive_a_restart_without_peers() {
+    let dir = tempfile::tempdir().unwrap();
+    let lb = free_addr();
+    let state = dir.path().join("lb.state.json");
+    let cfg = config(lb, &state);
+    let mut p = start("lb", lb, &cfg, dir.path());
+    stderr_has(&p, "no state file yet");
+    let (a, b) = (FakeApp::start("a"), FakeApp::start("b"));
+    let instances = [("h1/a", a.addr, 0), ("h1/b", b.addr, 0)];
+    let report_to = |lb| {
+        let r = post_signed(lb, &report("host-1", now_ms() * 1000, now_ms(), &instances));
+        assert_eq!(r.status, 200, "{}", r.body);
+    };
+    report_to(lb);
+    call(lb, "h1/a", "drain");
+    call(lb, "h1/b", "weight/25%25");
+
+    // kill -9 right after the answers: they were on disk before they were given.
+    p.signal(Signal::SIGKILL);
+    assert_eq!(p.wait_exit(WAIT), Some(128 + 9));
+    let mut p = start("lb", lb, &cfg, dir.path());
+    // Ready, with no report yet and no peer: both came from the file.
+    assert_eq!(
+        runtime_state(lb),
+        (serde_json::json!(["h1/a"]), serde_json::json!({"h1/b": "25%"}))
+    );
+    stderr_has(&p, "drains and run-time weights restored from the state file");
+    // And they act: once reported, A is listed drained.
+    report_to(lb);
+    assert_eq!(
+        entry(&servers(lb, "browse"), "h1/a").map(|e| e.1),
+        Some("drained".into())
+    );
+
+    // Undone and changed, then a clean stop (SIGTERM): the next start has the latest.
+    call(lb, "h1/a", "undrain");
+    call(lb, "h1/b", "weight/50%25");
+    p.signal(Signal::SIGTERM);
+    assert_eq!(p.wait_exit(WAIT), Some(0), "{}", p.stderr());
+    let mut p = start("lb", lb, &cfg, dir.path());
+    assert_eq!(
+        runtime_state(lb),
+        (serde_json::json!([]), serde_json::json!({"h1/b": "50%"}))
+    );
+
+    // A write that fails (its temp file's place is taken) is counted; the call still takes effect.
+    let tmp = dir.path().join("lb.state.json.tmp");
+    std::fs::create_dir(&tmp).unwrap();
+    report_to(lb);
+    call(lb, "h1/a", "drain");
+    let errors = || {
+        let m = get(lb, "/metrics").unwrap().body;
+        metric_value(&m, "xcluster_lb_state_write_errors_total", "").unwrap_or(-1.0)
+    };
+    assert_eq!(errors(), 1.0);
+    assert_eq!(runtime_state(lb).0, serde_json::json!(["h1/a"]));
+    stderr_has(&p, "cannot write the state file");
+    std::fs::remove_dir(&tmp).unwrap();
+
+    // A corrupt file: set aside, with a warning naming it, and the balancer starts without its state.
+    p.signal(Signal::SIGKILL);
+    assert_eq!(p.wait_exit(WAIT), Some(128 + 9));
+    std::fs::write(&state, "{\"version\": 1, \"drained\": [\"h1/a\"").unwrap();
+    let p = start("lb", lb, &cfg, dir.path());
+    assert_eq!(runtime_state(lb), (serde_json::json!([]), serde_json::json!({})));
+    stderr_has(&p, "state file refused");
+    assert!(
+        p.stderr().contains(&state.display().to_string()),
+        "{}",
+        p.stderr()
+    );
+    assert!(dir.path().join("lb.state.json.bad").exists());
+    // The settled (empty) state was written back at start: a valid file again.
+    let written: serde_json::Value = serde_json::from_slice(&std::fs::read(&state).unwrap()).unwrap();
+    assert_eq!(written["version"], 1, "{written}");
+    assert_eq!(written["drained"], serde_json::json!([]), "{written}");
+}
+
+/// With peers, the newest state wins whole: a peer that saw an undrain while this balancer was down wins
+/// over its file; a peer that comes back without any state (its file lost) does not wipe this one's.
+#[test]
+fn the_newest_of_the_file_and_the_peers_state_wins() {
+    let dir = tempfile::tempdir().unwrap();
+    let (lb1, lb2) = (free_addr(), free_addr());
+    let (s1, s2) = (dir.path().join("lb1.json"), dir.path().join("lb2.json"));
+    let cfg1 = config(lb1, &s1).replace("peers = []", &format!("peers = [\"{lb2}\"]"));
+    let cfg2 = config(lb2, &s2).replace("peers = []", &format!("peers = [\"{lb1}\"]"));
+    let mut p1 = start("lb", lb1, &cfg1, dir.path());
+    let mut p2 = start("lb", lb2, &cfg2, dir.path());
+    let (a, b) = (FakeApp::start("a"), FakeApp::start("b"));
+    let instances = [("h1/a", a.addr, 0), ("h1/b", b.addr, 0)];
+    for lb in [lb1, lb2] {
+        let r = post_signed(lb, &report("host-1", now_ms() * 1000, now_ms(), &instances));
+        assert_eq!(r.status, 200, "{}", r.body);
+        call(lb, "h1/a", "drain");
+        call(lb, "h1/b", "weight/25%25");
+    }
+    let stop = |p: &mut Proc| {
+        p.signal(Signal::SIGTERM);
+        assert_eq!(p.wait_exit(WAIT), Some(0), "{}", p.stderr());
+    };
+    let weight_only = (serde_json::json!([]), serde_json::json!({"h1/b": "25%"}));
+
+    // Undrained on lb1 while lb2 is down: lb2's file still has the drain, but lb1's state is newer.
+    stop(&mut p2);
+    call(lb1, "h1/a", "undrain");
+    p2 = start("lb", lb2, &cfg2, dir.path());
+    assert_eq!(runtime_state(lb2), weight_only);
+    stderr_has(&p2, "they replace them");
+
+    // Both down; lb1 comes back without its file (lost): it has nothing, and says so with time 0. lb2,
+    // starting beside it, keeps its file's state rather than take that empty one.
+    stop(&mut p1);
+    stop(&mut p2);
+    std::fs::remove_file(&s1).unwrap();
+    p1 = start("lb", lb1, &cfg1, dir.path());
+    assert_eq!(runtime_state(lb1), (serde_json::json!([]), serde_json::json!({})));
+    p2 = start("lb", lb2, &cfg2, dir.path());
+    assert_eq!(runtime_state(lb2), weight_only);
+    stderr_has(&p2, "newer than its peers': kept");
+    // lb1's next start takes it back from lb2.
+    stop(&mut p1);
+    let _p1 = start("lb", lb1, &cfg1, dir.path());
+    assert_eq!(runtime_state(lb1), weight_only);
+}
