@@ -180,8 +180,12 @@ impl RoleConfig for Config {
         let cluster_timeout = v.millis("cluster.timeout_ms", raw.cluster.timeout_ms, 10, 60_000);
 
         let mut processes = Vec::new();
+        let dirs = crate::program::Dirs {
+            log_dir: log_dir.clone(),
+            run_dir: run_dir.clone(),
+        };
         for (name, prog) in &raw.programs {
-            processes.extend(prog.expand(name, &log_dir, &mut v));
+            processes.extend(prog.expand(name, &dirs, &mut v));
         }
         crate::program::check_set(&processes, &mut v);
         crate::program::check_programs(&raw.programs, listen, &mut v);

@@ -20,11 +20,19 @@ pub enum RawAutoRestart {
     Word(String),
 }
 
+/// The monitor's directories a program's settings may name: its logs' default place and `{run_dir}`.
+#[derive(Debug, Clone)]
+pub struct Dirs {
+    pub log_dir: PathBuf,
+    pub run_dir: PathBuf,
+}
+
 /// A program as written in the file.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct RawProgram {
-    /// The command line (split like a shell: quotes group words). `{self}` is the monitor's own executable.
+    /// The command line (split like a shell: quotes group words). `{self}` is the monitor's own executable,
+    /// `{run_dir}` the monitor's run directory (for a program's own state files).
     pub command: String,
     pub numprocs: u32,
     pub numprocs_start: u32,
@@ -174,7 +182,7 @@ impl ProcessSpec {
 }
 
 /// The placeholders a program's settings may hold.
-const PLACEHOLDERS: [&str; 5] = ["self", "program", "name", "num", "port"];
+const PLACEHOLDERS: [&str; 6] = ["self", "program", "name", "num", "port", "run_dir"];
 
 /// Checks the `{word}`s of setting `key`'s `text`: `{port}` needs `port_base`, and a word at most two edits
 /// from a placeholder (`{prot}`, `{nmae}`) is a misspelling of it, which would reach the process as it is.
@@ -269,7 +277,7 @@ pub fn check_programs(
     }
 }
 
-/// Substitutes `{self}`, `{program}`, `{name}`, `{num}`, `{port}`.
+/// Substitutes `{self}`, `{program}`, `{name}`, `{num}`, `{port}`, `{run_dir}`.
 pub fn substitute(s: &str, vars: &[(&str, String)]) -> String {
     let mut out = s.to_string();
     for (k, v) in vars {
@@ -296,7 +304,8 @@ fn is_name(name: &str, max: usize) -> bool {
 
 impl RawProgram {
     /// Validates the section and expands it into its instances; problems go to `v`.
-    pub fn expand(&self, program: &str, log_dir: &Path, v: &mut Validator) -> Vec<ProcessSpec> {
+    pub fn expand(&self, program: &str, dirs: &Dirs, v: &mut Validator) -> Vec<ProcessSpec> {
+        let log_dir = dirs.log_dir.as_path();
         let key = |k: &str| format!("programs.{program}.{k}");
         let errs_before = v.issues.len();
         if !is_name(program, usize::MAX) {
@@ -493,6 +502,7 @@ impl RawProgram {
                     ("self", self_exe.clone()),
                     ("program", program.to_string()),
                     ("num", num.to_string()),
+                    ("run_dir", dirs.run_dir.display().to_string()),
                 ];
                 if let Some(base) = self.port_base {
                     vars.push(("port", (u32::from(base) + i).to_string()));

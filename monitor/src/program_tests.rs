@@ -27,7 +27,7 @@ fn a_misspelled_placeholder_or_a_port_without_port_base_is_an_error() {
             ..RawProgram::default()
         };
         let mut v = Validator::new();
-        raw.expand("app", Path::new("/tmp/l"), &mut v);
+        raw.expand("app", &dirs(Path::new("/tmp/l")), &mut v);
         issues(&v)
     };
     let found = found_in("{slef} app --name {nmae} --n {num}", Some(7101));
@@ -96,7 +96,7 @@ fn stop_levels_follow_priority_and_let_dependencies_win() {
             depends_on: deps.iter().map(|d| d.to_string()).collect(),
             ..RawProgram::default()
         };
-        raw.expand(group, Path::new("/tmp"), &mut Validator::new())
+        raw.expand(group, &dirs(Path::new("/tmp")), &mut Validator::new())
             .remove(0)
     };
     let levels = stop_levels(&[
@@ -128,7 +128,7 @@ fn a_log_file_in_a_missing_directory_is_an_error() {
             ..RawProgram::default()
         };
         let mut v = Validator::new();
-        let specs = raw.expand("app", Path::new("/no/such/default/dir"), &mut v);
+        let specs = raw.expand("app", &dirs(Path::new("/no/such/default/dir")), &mut v);
         assert_eq!(v.issues.is_empty(), ok, "{path:?}: {:?}", v.issues);
         assert_eq!(specs.len(), usize::from(ok));
         if !ok {
@@ -150,7 +150,7 @@ fn settings_no_spawn_could_use_are_errors() {
     let dir = tempfile::tempdir().unwrap();
     let check = |program: &str, raw: RawProgram| {
         let mut v = Validator::new();
-        let specs = raw.expand(program, dir.path(), &mut v);
+        let specs = raw.expand(program, &dirs(dir.path()), &mut v);
         check_set(&specs, &mut v);
         issues(&v)
     };
@@ -240,7 +240,7 @@ fn exit_codes_users_and_the_name_all_are_checked() {
         ..RawProgram::default()
     };
     let mut v = Validator::new();
-    raw.expand("all", Path::new("/tmp/l"), &mut v);
+    raw.expand("all", &dirs(Path::new("/tmp/l")), &mut v);
     let found = issues(&v);
     assert_eq!(
         found,
@@ -256,17 +256,18 @@ fn exit_codes_users_and_the_name_all_are_checked() {
 #[test]
 fn numprocs_expand_names_and_ports() {
     let raw = RawProgram {
-        command: "{self} app --set listen=127.0.0.1:{port}".into(),
+        command: "{self} app --set listen=127.0.0.1:{port} --state {run_dir}/{name}.json".into(),
         numprocs: 3,
         port_base: Some(7101),
         ..RawProgram::default()
     };
     let mut v = Validator::new();
-    let specs = raw.expand("app", Path::new("/tmp/l"), &mut v);
+    let specs = raw.expand("app", &dirs(Path::new("/tmp/l")), &mut v);
     assert!(v.issues.is_empty(), "{:?}", v.issues);
     let names: Vec<_> = specs.iter().map(|s| s.name.as_str()).collect();
     assert_eq!(names, ["app-0", "app-1", "app-2"]);
     assert_eq!(specs[2].argv[3], "listen=127.0.0.1:7103");
+    assert_eq!(specs[2].argv[5], "/tmp/l/run/app-2.json");
     assert_eq!(
         specs[0].stdout.path.as_deref(),
         Some(Path::new("/tmp/l/app-0.out.log"))
@@ -288,4 +289,12 @@ fn signals_parse() {
     assert_eq!(parse_signal("sighup"), Some(nix::sys::signal::Signal::SIGHUP));
     assert_eq!(parse_signal("9"), Some(nix::sys::signal::Signal::SIGKILL));
     assert_eq!(parse_signal("NOPE"), None);
+}
+
+/// The monitor's directories for a test: logs in `log_dir`, the run directory beside them.
+fn dirs(log_dir: &Path) -> crate::program::Dirs {
+    crate::program::Dirs {
+        log_dir: log_dir.to_path_buf(),
+        run_dir: log_dir.join("run"),
+    }
 }
