@@ -2,8 +2,8 @@
 //! [`crate::program`].
 //!
 //! Reloads live: `log.level`, `shutdown.*`, `token`/`token_file`, `cluster.*`, `events_history`,
-//! `auto_update`, and every `[programs.*]` section (an update touches only the programs whose expanded spec
-//! changed; with `auto_update = false` only on `ctl update`).
+//! `auto_update`, `logfile_maxbytes`/`logfile_backups`, and every `[programs.*]` section (an update touches
+//! only the programs whose expanded spec changed; with `auto_update = false` only on `ctl update`).
 //! Needs a restart: `listen`, `run_dir`, `log_dir`, `http.*`.
 
 use std::collections::BTreeMap;
@@ -60,6 +60,11 @@ pub struct RawConfig {
     /// (false), as Supervisord's `reread` and `update`: `ctl reread` and `ctl status` then show what waits.
     /// The other settings reload live either way.
     pub auto_update: bool,
+    /// The monitor's own log (its stderr, when a file: `xcluster up --detach`'s `monitor.log`) rotates once it
+    /// holds this many bytes (0: never), as Supervisord's `logfile_maxbytes`.
+    pub logfile_maxbytes: u64,
+    /// Rotated copies of the monitor's own log kept (`monitor.log.1` ...), as `logfile_backups`.
+    pub logfile_backups: u32,
     pub cluster: RawCluster,
     pub log: LogSection,
     pub shutdown: ShutdownSection,
@@ -79,6 +84,8 @@ impl Default for RawConfig {
             log_dir: String::new(),
             events_history: 256,
             auto_update: true,
+            logfile_maxbytes: 50 * 1024 * 1024,
+            logfile_backups: 10,
             cluster: RawCluster::default(),
             log: LogSection::default(),
             shutdown: ShutdownSection::default(),
@@ -100,6 +107,8 @@ pub struct Config {
     pub events_history: usize,
     /// `auto_update`: program changes apply when the file is saved, not only on `ctl update`.
     pub auto_update: bool,
+    /// `logfile_maxbytes` (0: never) and `logfile_backups`: the monitor's own log's rotation.
+    pub own_log: (u64, u32),
     pub balancers: Vec<SocketAddr>,
     pub cluster_timeout: Duration,
     pub log_filter: String,
@@ -170,6 +179,12 @@ impl RoleConfig for Config {
             absolute(&raw.log_dir)
         };
         let events_history = v.range("events_history", raw.events_history, 1, 100_000);
+        v.check(
+            raw.logfile_maxbytes == 0 || raw.logfile_maxbytes >= 1024,
+            "logfile_maxbytes",
+            || "0 (no rotation) or at least 1024".into(),
+        );
+        let logfile_backups = v.range("logfile_backups", raw.logfile_backups, 0, 100);
         let balancers = raw
             .cluster
             .balancers
@@ -207,6 +222,7 @@ impl RoleConfig for Config {
             log_dir,
             events_history,
             auto_update: raw.auto_update,
+            own_log: (raw.logfile_maxbytes, logfile_backups),
             balancers,
             cluster_timeout,
             log_filter: raw.log.level.clone(),

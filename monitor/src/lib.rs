@@ -113,6 +113,7 @@ pub async fn run(ctx: Context<Config>) -> Result<(), Error> {
     )
     .await?;
     info!(dashboard = %format!("http://{local}/"), "monitor ready");
+    tokio::spawn(rotate_own_log(ctx.config.clone(), drain.clone()));
     tokio::spawn(watch_reloads(
         ctx.reloader.clone(),
         ctx.config.clone(),
@@ -135,6 +136,32 @@ pub async fn run(ctx: Context<Config>) -> Result<(), Error> {
     // process exits; an open event stream must not hold the exit, hence the short bound.
     let _ = tokio::time::timeout(API_FLUSH, api_task).await;
     Ok(())
+}
+
+/// Once a second, rotates the monitor's own log when it is a file that has reached `logfile_maxbytes`
+/// ([`logs::rotate_own_log`]); a failure is logged once per cause, and the log keeps its file.
+async fn rotate_own_log(config: watch::Receiver<Arc<Config>>, stop: tokio_util::sync::CancellationToken) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    let mut last_error = None;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let (maxbytes, backups) = config.borrow().own_log;
+        match tokio::task::spawn_blocking(move || logs::rotate_own_log(maxbytes, backups)).await {
+            Ok(Ok(Some(path))) => info!(file = %path.display(), backups, "the monitor's log rotated"),
+            Ok(Ok(None)) => {}
+            Ok(Err(e)) => {
+                let error = e.to_string();
+                if last_error.as_ref() != Some(&error) {
+                    warn!(%error, "cannot rotate the monitor's log");
+                    last_error = Some(error);
+                }
+            }
+            Err(_) => return,
+        }
+    }
 }
 
 /// Turns the reloader's outcomes into events (the error also shows in status and metrics).

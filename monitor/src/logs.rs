@@ -87,13 +87,7 @@ impl RotatingLog {
             self.size = 0;
             return Ok(());
         }
-        for i in (1..self.backups).rev() {
-            let from = numbered(&self.path, i);
-            if from.exists() {
-                std::fs::rename(&from, numbered(&self.path, i + 1))?;
-            }
-        }
-        std::fs::rename(&self.path, numbered(&self.path, 1))?;
+        shift_backups(&self.path, self.backups)?;
         self.file = OpenOptions::new().create(true).append(true).open(&self.path)?;
         self.size = 0;
         Ok(())
@@ -127,6 +121,48 @@ pub fn clear(path: &Path) -> std::io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Moves `path` to `<path>.1`, each `<path>.i` to `<path>.i+1`, and drops the one past `backups` (at least 1).
+fn shift_backups(path: &Path, backups: u32) -> std::io::Result<()> {
+    for i in (1..backups).rev() {
+        let from = numbered(path, i);
+        if from.exists() {
+            std::fs::rename(&from, numbered(path, i + 1))?;
+        }
+    }
+    std::fs::rename(path, numbered(path, 1))
+}
+
+/// Rotates the monitor's own log ([`own_log_file`]: `up --detach`'s `monitor.log`) once it holds `maxbytes`,
+/// as Supervisord's `logfile_maxbytes` and `logfile_backups` do for its own: the file moves to `<file>.1`
+/// (or is removed with no backups), a new one takes its place, and stderr (and stdout, when it wrote to the
+/// same file) points at it. A line written meanwhile lands in the old file. Returns the file it rotated.
+pub fn rotate_own_log(maxbytes: u64, backups: u32) -> std::io::Result<Option<PathBuf>> {
+    use std::os::unix::fs::MetadataExt;
+    if maxbytes == 0 {
+        return Ok(None);
+    }
+    let Some(path) = own_log_file() else {
+        return Ok(None);
+    };
+    let err = std::fs::metadata("/proc/self/fd/2")?;
+    if err.len() < maxbytes {
+        return Ok(None);
+    }
+    let out = std::fs::metadata("/proc/self/fd/1").ok();
+    let stdout_too = out.is_some_and(|o| (o.dev(), o.ino()) == (err.dev(), err.ino()));
+    if backups == 0 {
+        std::fs::remove_file(&path)?;
+    } else {
+        shift_backups(&path, backups)?;
+    }
+    let file = OpenOptions::new().create(true).append(true).open(&path)?;
+    nix::unistd::dup2_stderr(&file).map_err(std::io::Error::from)?;
+    if stdout_too {
+        nix::unistd::dup2_stdout(&file).map_err(std::io::Error::from)?;
+    }
+    Ok(Some(path))
 }
 
 fn numbered(path: &Path, i: u32) -> PathBuf {

@@ -3,7 +3,7 @@
 //! Two specs compare equal exactly when an update may leave the running process alone.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};

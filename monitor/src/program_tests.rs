@@ -1,3 +1,5 @@
+use std::path::Path;
+
 use super::*;
 
 /// `key: message` of each issue found.

@@ -216,12 +216,14 @@ fn up_starts_the_local_cluster_in_order_and_sigint_stops_everything() {
 
 /// `up --detach` returns once its monitor is ready, leaving it in a session of its own (the terminal's Ctrl-C
 /// and hang-up do not reach it) with its log in `<run_dir>/monitor.log`, which `ctl maintail` shows and
-/// follows; `ctl shutdown` stops it and its programs.
+/// follows, and which rotates at `logfile_maxbytes` keeping `logfile_backups` copies; `ctl shutdown` stops
+/// it and its programs.
 #[test]
 fn up_detach_runs_the_monitor_in_the_background_until_shutdown() {
     let dir = std::sync::Arc::new(tempfile::tempdir().unwrap());
     let addr = free_addr();
-    let programs = "[programs.web]\ncommand = \"sleep 300\"\nstartsecs = 0\n";
+    let programs = "logfile_maxbytes = 2048\nlogfile_backups = 2\n\
+                    [programs.web]\ncommand = \"sleep 300\"\nstartsecs = 0\n";
     let config = write_file(
         dir.path(),
         "monitor.toml",
@@ -281,6 +283,33 @@ fn up_detach_runs_the_monitor_in_the_background_until_shutdown() {
     });
     follow.signal(nix::sys::signal::Signal::SIGINT);
     let _ = follow.wait_exit(T);
+
+    // Each restart logs a few lines: the log rotates, keeps two copies and drops the older ones, and
+    // maintail reads the new file. A rotation's first line says so: once the second copy has it, the
+    // original file was the third and is gone.
+    let backup = |i: u32| dir.path().join(format!("run/monitor.log.{i}"));
+    let mut restarts = 0;
+    eventually(Duration::from_secs(60), "three rotations", || {
+        let second = std::fs::read_to_string(backup(2)).unwrap_or_default();
+        if second.contains("the monitor's log rotated") {
+            return Some(());
+        }
+        restarts += 1;
+        let o = m.ctl(&["restart", "web"]);
+        assert!(o.status.success(), "{}", out(&o));
+        None
+    });
+    assert!(restarts < 200, "{restarts} restarts");
+    assert!(!backup(3).exists(), "a third copy kept");
+    let rotated = std::fs::metadata(backup(1)).unwrap().len();
+    assert!(rotated >= 2048, "rotated at {rotated} bytes");
+    let o = m.ctl(&["restart", "web"]);
+    assert!(o.status.success(), "{}", out(&o));
+    eventually(T, "maintail to show the new file's lines", || {
+        let o = m.ctl(&["maintail", "--bytes", "100000"]);
+        let text = out(&o);
+        (o.status.success() && text.contains("web") && (text.len() as u64) < rotated + 4096).then_some(())
+    });
 
     let o = m.ctl(&["shutdown"]);
     assert!(o.status.success(), "{}", out(&o));
