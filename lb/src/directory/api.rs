@@ -231,12 +231,12 @@ fn server_action(path: &str) -> Option<Result<(String, ServerAction), Refusal>> 
     };
     let decoded = (raw.len() <= 3 * report::MAX_ID_BYTES)
         .then(|| percent_decode_path(raw).ok())
-        .flatten()
-        .filter(|id| super::valid_server_id(id));
-    let Some(id) = decoded else {
-        let raw = report::shown(raw);
+        .flatten();
+    let Some(id) = decoded.clone().filter(|id| super::valid_server_id(id)) else {
+        // The id as the user wrote it (`%`, not the `%25` it travelled as), when it decodes.
+        let shown = report::shown(decoded.as_deref().unwrap_or(raw));
         let why = format!(
-            "instance id {raw:?}: {}, or a proxy backend's IP:PORT",
+            "instance id {shown:?}: {}, or a proxy backend's IP:PORT",
             report::ID_RULE
         );
         return Some(Err(("bad_id", why)));
@@ -342,6 +342,10 @@ mod tests {
         let long = format!("/v1/servers/{}/drain", "a".repeat(400));
         assert!(refused(&long));
         assert!(refused("/v1/servers/a%3Cb/drain"), "not an id's charset");
+        let Some(Err((_, why))) = server_action("/v1/servers/%25/weight/10%25") else {
+            panic!("a lone % is no id");
+        };
+        assert!(why.starts_with("instance id \"%\":"), "{why}");
         assert!(refused("/v1/servers/a%zz/drain"));
         assert_eq!(server_action("/v1/servers/x/other"), None);
         // A proxy backend's IPv6 address, brackets and all; brackets alone are no id.
