@@ -544,17 +544,8 @@ impl FreezeRelay {
 /// that answers nothing was held for good: requests hung for as long as the outage lasted.
 #[test]
 fn a_postgres_that_stops_answering_costs_a_bounded_wait_and_a_retryable_503() {
-    let pg = Postgres::start();
-    let relay = FreezeRelay::start(pg.addr);
-    let dir = tempfile::tempdir().unwrap();
-    let addr = free_addr();
-    let text = behind_relay(
-        addr,
-        &relay,
-        "# No breaker in the way: every request meets the store.\nlevel = \"sync\"",
-    );
-    let config = write_file(dir.path(), "app.toml", &text);
-    let _app = start_app(0, config.to_str().unwrap(), addr);
+    let app = RelayedApp::start("# No breaker in the way: every request meets the store.\nlevel = \"sync\"");
+    let (addr, relay) = (app.addr, &app.relay);
     assert_eq!(get(addr, "/v1/products/1").unwrap().status, 200);
     let order = || {
         let body = r#"{"user": "frozen", "lines": [{"sku": "sku-1-1", "qty": 1}]}"#;
@@ -599,7 +590,34 @@ fn a_postgres_that_stops_answering_costs_a_bounded_wait_and_a_retryable_503() {
     audit(addr);
 }
 
-/// An app on PostgreSQL through `relay`, with short timeouts and the given `[degrade]` lines.
+/// One app on PostgreSQL through a [`FreezeRelay`]; everything stops when it drops.
+struct RelayedApp {
+    addr: SocketAddr,
+    relay: FreezeRelay,
+    _app: Proc,
+    _dir: tempfile::TempDir,
+    _pg: Postgres,
+}
+
+impl RelayedApp {
+    /// Short store timeouts, and the given `[degrade]` lines.
+    fn start(degrade: &str) -> RelayedApp {
+        let pg = Postgres::start();
+        let relay = FreezeRelay::start(pg.addr);
+        let dir = tempfile::tempdir().unwrap();
+        let addr = free_addr();
+        let config = write_file(dir.path(), "app.toml", &behind_relay(addr, &relay, degrade));
+        let app = start_app(0, config.to_str().unwrap(), addr);
+        RelayedApp {
+            addr,
+            relay,
+            _app: app,
+            _dir: dir,
+            _pg: pg,
+        }
+    }
+}
+
 fn behind_relay(addr: SocketAddr, relay: &FreezeRelay, degrade: &str) -> String {
     format!(
         r#"role = "app"
@@ -631,17 +649,8 @@ fn degrade_state(addr: SocketAddr) -> serde_json::Value {
 /// (5 s by default), so a 1 s restart refused orders for about 7 s.
 #[test]
 fn after_a_short_postgres_outage_the_error_breaker_closes_after_its_first_short_wait() {
-    let pg = Postgres::start();
-    let relay = FreezeRelay::start(pg.addr);
-    let dir = tempfile::tempdir().unwrap();
-    let addr = free_addr();
-    let text = behind_relay(
-        addr,
-        &relay,
-        "level = \"auto\"\nopen_ms = 600000\nopen_min_ms = 1000",
-    );
-    let config = write_file(dir.path(), "app.toml", &text);
-    let _app = start_app(0, config.to_str().unwrap(), addr);
+    let app = RelayedApp::start("level = \"auto\"\nopen_ms = 600000\nopen_min_ms = 1000");
+    let (addr, relay) = (app.addr, &app.relay);
     let order = |key: &str| {
         let body = r#"{"user": "outage", "lines": [{"sku": "sku-1-1", "qty": 1}]}"#;
         request(
