@@ -151,8 +151,11 @@ impl Breaker {
         self.wait
     }
 
+    /// Whether its level holds. Half-open lifts it for the trial sample: the trial is the traffic itself,
+    /// as a circuit breaker's half-open call is, so a store that is back takes orders a sample sooner (one
+    /// that is not answers the trial's writes with the same retryable 503 read-only would have).
     fn is_open(&self) -> bool {
-        self.state != BreakerState::Closed
+        self.state == BreakerState::Open
     }
 }
 
@@ -386,6 +389,20 @@ mod tests {
         assert_eq!(b.observe(sig(80, 0.0, 0), T, now), Level::Queued);
         assert_eq!(b.observe(sig(80, 0.0, 500), T, now), Level::Shed);
         assert_eq!(b.observe(sig(80, 0.5, 500), T, now), Level::ReadOnly);
+    }
+
+    /// A half-open breaker lifts its level for the trial sample, whose traffic decides.
+    #[test]
+    fn the_trial_runs_at_the_level_below() {
+        let t0 = Instant::now();
+        let mut b = Breakers::default();
+        assert_eq!(b.observe(sig(1, 0.5, 0), T, t0), Level::ReadOnly);
+        assert_eq!(b.observe(sig(1, 0.0, 0), T, at(t0, 5)), Level::Sync, "the trial takes writes");
+        assert_eq!(b.errors.state, BreakerState::HalfOpen);
+        assert_eq!(b.observe(sig(1, 0.5, 0), T, at(t0, 6)), Level::ReadOnly, "a failed trial");
+        assert_eq!(b.observe(sig(1, 0.0, 0), T, at(t0, 11)), Level::Sync);
+        assert_eq!(b.observe(sig(1, 0.0, 0), T, at(t0, 12)), Level::Sync);
+        assert_eq!(b.errors.state, BreakerState::Closed);
     }
 
     #[test]
