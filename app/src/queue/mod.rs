@@ -1,9 +1,9 @@
 //! Asynchronous order queuing. At the queued levels an order request joins an in-process queue; one
 //! committer takes everything waiting (up to `MAX_BATCH`) and creates those orders in ONE store transaction
-//! (one fsync for the group, each order under its own savepoint with its conditional stock decrement, order
-//! row and outbox row). Each caller is answered only after that commit: the queue changes how many orders
-//! share a commit, never whether an acknowledged order is durable. Follow-up work goes through the durable
-//! outbox (`workers`).
+//! (one fsync for the group; each order with its stock, order row and outbox row or nothing: a savepoint per
+//! order on SQLite, decisions taken under the group's locks before any write on PostgreSQL). Each caller is
+//! answered only after that commit: the queue changes how many orders share a commit, never whether an
+//! acknowledged order is durable. Follow-up work goes through the durable outbox (`workers`).
 
 pub mod workers;
 

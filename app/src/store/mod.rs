@@ -11,6 +11,7 @@ mod order_rules;
 pub(crate) use order_rules::{payout as payout_account, shop as shop_account, wallet as wallet_account};
 pub mod postgres;
 mod postgres_audit;
+mod postgres_create;
 mod postgres_money;
 mod postgres_orders;
 mod postgres_schema;

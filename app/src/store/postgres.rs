@@ -5,9 +5,9 @@
 //! Where SQLite serialises every writer with `BEGIN IMMEDIATE`, PostgreSQL runs writers side by side under
 //! READ COMMITTED, so each read-then-write takes the lock it needs: conditional `UPDATE ... WHERE available >=`
 //! for stock (re-checked on the newest row version), `SELECT ... FOR UPDATE` on the order and the paying
-//! wallet, transaction-scoped advisory locks on an idempotency key or a (user, SKU) flash-sale limit, and
-//! `FOR UPDATE SKIP LOCKED` for the sweeper and the outbox workers so instances share the work without waiting
-//! on each other. Serialization failures, deadlocks, lock and statement timeouts and lost connections are
+//! wallet, transaction-scoped advisory locks on an idempotency key or a payment id, SKU rows locked first by
+//! every order creation (`postgres_create`), and `FOR UPDATE SKIP LOCKED` for the sweeper and the outbox
+//! workers so instances share the work without waiting on each other. Serialization failures, deadlocks, lock and statement timeouts and lost connections are
 //! retried here a few times, then surface as the retryable [`StoreError::Busy`].
 
 use std::collections::HashMap;
@@ -434,6 +434,7 @@ impl PostgresStore {
     }
 }
 
+use super::postgres_create as create;
 use super::postgres_money as money;
 use super::postgres_orders as orders;
 
@@ -448,7 +449,7 @@ impl Store for PostgresStore {
         self.read(|t| orders::load_order(t, id))
     }
     fn keyed_answer(&self, o: &NewOrder) -> Result<Option<Result<Created, Reject>>, StoreError> {
-        self.read(|t| orders::keyed_answer(t, o))
+        self.read(|t| create::keyed_answer(t, o))
     }
     fn user_orders(
         &self,
@@ -463,48 +464,10 @@ impl Store for PostgresStore {
         new: &[NewOrder],
         inline_weak: bool,
     ) -> Result<Vec<Result<Created, Reject>>, StoreError> {
-        if new.len() <= 1 {
-            return self.write(|t| orders::create_orders(t, new, inline_weak));
-        }
-        // A group (the queued level): SQLite needs one transaction to share one fsync; PostgreSQL already
-        // group-commits concurrent transactions, while one long transaction would hold its SKU rows across
-        // every order and serialise the instances. So each order commits on its own, up to `max` at once.
-        // Each is still atomic with its outbox row; on an error the caller acknowledges none of the group
-        // (some may have committed: the same as a lost answer, and keyed retries replay them).
-        let next = std::sync::atomic::AtomicUsize::new(0);
-        let slots: Vec<Mutex<Option<Result<Created, Reject>>>> =
-            new.iter().map(|_| Mutex::new(None)).collect();
-        let failed: Mutex<Option<StoreError>> = Mutex::new(None);
-        std::thread::scope(|sc| {
-            for _ in 0..self.max.min(new.len()) {
-                sc.spawn(|| {
-                    loop {
-                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        let Some(o) = new.get(i) else { return };
-                        match self.write(|t| orders::create_orders(t, std::slice::from_ref(o), inline_weak)) {
-                            Ok(mut r) => {
-                                *slots[i].lock().unwrap_or_else(|e| e.into_inner()) = r.pop();
-                            }
-                            Err(e) => {
-                                *failed.lock().unwrap_or_else(|e| e.into_inner()) = Some(e);
-                                return;
-                            }
-                        }
-                    }
-                });
-            }
-        });
-        if let Some(e) = failed.into_inner().unwrap_or_else(|e| e.into_inner()) {
-            return Err(e);
-        }
-        slots
-            .into_iter()
-            .map(|m| {
-                m.into_inner()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .ok_or_else(|| StoreError::Internal("an order of the group has no outcome".into()))
-            })
-            .collect()
+        // One transaction for the whole group (one commit, one WAL flush), its decisions taken under locks
+        // it takes first in one order (`postgres_create`). A retryable failure (a deadlock with a writer that
+        // locks SKU rows in another order, a lost connection) re-runs the whole group: nothing of it committed.
+        self.write(|t| create::create_orders(t, new, inline_weak))
     }
     fn pay_wallet(&self, order_id: &str, inline_weak: bool) -> StoreResult<OrderView> {
         self.write_domain(|t| money::pay(t, order_id, None, inline_weak))

@@ -1,9 +1,11 @@
 //! The store invariant suite, run unchanged against every store (`store_suite!` at the end): SQLite on a real
 //! file, PostgreSQL on a throwaway server. Two store handles on one database stand in for two processes.
 
+mod batches;
 mod postgres_conn;
 mod refunds;
 
+use batches::*;
 use refunds::*;
 
 use super::sqlite::SqliteStore;
@@ -636,6 +638,8 @@ macro_rules! every_store_test {
             migration_to_partial_refunds_keeps_paid_and_refunded_orders,
             idempotent_create_and_conflict,
             never_oversells_and_rejects_in_a_batch_independently,
+            a_refused_order_in_a_group_leaves_the_others_committed,
+            concurrent_groups_in_opposite_orders_all_commit,
             pay_refund_settle_balance_the_ledger,
             reservations_expire_exactly_once_across_handles,
             flash_sale_buckets_and_user_limit,
