@@ -126,6 +126,7 @@ pub async fn run(ctx: Context<Config>) -> Result<(), Error> {
     tokio::spawn(queue::workers::sweeper(
         exec.clone(),
         ctx.config.clone(),
+        redis_gate.clone(),
         background.clone(),
     ));
     tokio::spawn(sampler(app.clone(), background.clone()));

@@ -72,11 +72,19 @@ struct OneApp {
 
 impl OneApp {
     fn start() -> OneApp {
+        Self::with_reservations_for(3_600_000)
+    }
+
+    /// An app whose reservations expire after `ttl_ms`.
+    fn with_reservations_for(ttl_ms: u64) -> OneApp {
         let pg = Postgres::start();
         let redis = Redis::start();
         let dir = tempfile::tempdir().unwrap();
         let addr = free_addr();
         let config = app_config(dir.path(), 0, addr, &pg, &redis);
+        let text = std::fs::read_to_string(&config).unwrap();
+        let ttl = format!("reservation_ttl_ms = {ttl_ms}");
+        std::fs::write(&config, text.replace("reservation_ttl_ms = 3600000", &ttl)).unwrap();
         let app = start_app(0, &config, addr);
         OneApp {
             addr,
@@ -440,53 +448,119 @@ fn an_instance_on_postgres_stops_cleanly_on_sigterm_and_sigint() {
     }
 }
 
-/// A buyer who cancels a flash-sale order the Redis gate admitted may buy again, as the store (which counts
-/// only live orders) allows: the gate's count of their units was kept for good, so they were refused
-/// `limit_exceeded` by Redis while a keyed request, which then skipped the gate, was sold the unit.
-#[test]
-fn a_cancelled_flash_sale_order_frees_the_buyers_allowance_at_the_redis_gate() {
-    let one = OneApp::start();
-    let addr = one.addr;
-    let r = request(
-        addr,
-        "POST",
-        "/v1/merchant/flash-sales/flash-1",
-        &[("Authorization", &auth())],
-        None,
-    )
-    .unwrap();
-    assert_eq!(r.status, 200, "{}", r.body);
-    let seckill = |user: &str| {
+/// One app's open flash sale `flash-1` behind a warm Redis gate: until the reconciler has built the SKU's
+/// counter, the gate passes attempts to the store uncounted, so warm-up buyers take units until it counts.
+struct FlashSale {
+    one: OneApp,
+}
+
+impl FlashSale {
+    fn open(one: OneApp) -> FlashSale {
+        let r = request(
+            one.addr,
+            "POST",
+            "/v1/merchant/flash-sales/flash-1",
+            &[("Authorization", &auth())],
+            None,
+        )
+        .unwrap();
+        assert_eq!(r.status, 200, "{}", r.body);
+        let sale = FlashSale { one };
+        let mut warm = 0;
+        eventually(
+            Duration::from_secs(20),
+            "the redis gate to take an attempt",
+            || {
+                warm += 1;
+                assert_eq!(sale.buy(&format!("warm-{warm}")).status, 201);
+                (sale.taken() >= 1.0).then_some(())
+            },
+        );
+        sale
+    }
+
+    fn buy(&self, user: &str) -> HttpResponse {
         let body = format!(r#"{{"user": "{user}"}}"#);
-        request(addr, "POST", "/v1/seckill/flash-1", &[], Some(body.as_bytes())).unwrap()
-    };
-    let taken = || {
-        let m = get(addr, "/metrics").unwrap().body;
+        request(
+            self.one.addr,
+            "POST",
+            "/v1/seckill/flash-1",
+            &[],
+            Some(body.as_bytes()),
+        )
+        .unwrap()
+    }
+
+    fn taken(&self) -> f64 {
+        let m = get(self.one.addr, "/metrics").unwrap().body;
         metric_value(&m, "xcluster_app_redis_gate_total", "answer=\"taken\"").unwrap_or(0.0)
-    };
-    // Until the reconciler has built the SKU's counter, the gate passes attempts to the store uncounted.
-    let mut warm = 0;
-    eventually(
-        Duration::from_secs(20),
-        "the redis gate to take an attempt",
-        || {
-            warm += 1;
-            assert_eq!(seckill(&format!("warm-{warm}")).status, 201);
-            (taken() >= 1.0).then_some(())
-        },
+    }
+
+    /// `user` buys their one unit, counted by the gate; returns the order's id.
+    fn buy_counted(&self, user: &str) -> String {
+        let before = self.taken();
+        let r = self.buy(user);
+        assert_eq!(r.status, 201, "{}", r.body);
+        assert_eq!(self.taken(), before + 1.0, "the gate counted this purchase");
+        r.json()["id"].as_str().unwrap().to_string()
+    }
+
+    /// Once `user`'s order has ended, the store sells to them again and the gate lets it through; the limit
+    /// still holds for the order they then have.
+    fn sells_again_to(&self, user: &str) {
+        let r = self.buy(user);
+        assert_eq!(r.status, 201, "the store sells to {user} again: {}", r.body);
+        assert_eq!(self.buy(user).status, 429);
+    }
+
+    fn post(&self, path: &str, key: Option<&str>, body: &str) -> serde_json::Value {
+        let auth = auth();
+        let mut headers = vec![("Authorization", auth.as_str())];
+        if let Some(k) = key {
+            headers.push(("Idempotency-Key", k));
+        }
+        let r = request(self.one.addr, "POST", path, &headers, Some(body.as_bytes())).unwrap();
+        assert_eq!(r.status, 200, "{path}: {}", r.body);
+        r.json()
+    }
+}
+
+/// A buyer whose flash-sale order was cancelled, or refunded in full, may buy again, as the store (which
+/// counts only live orders) allows: the gate's count of their units was kept for its counter's life, so
+/// they were refused `limit_exceeded` by Redis.
+#[test]
+fn a_cancelled_or_refunded_flash_sale_order_frees_the_buyers_allowance_at_the_redis_gate() {
+    let sale = FlashSale::open(OneApp::start());
+    let id = sale.buy_counted("canceller");
+    let v = sale.post(&format!("/v1/orders/{id}/cancel"), None, "");
+    assert_eq!(v["status"], "cancelled", "{v}");
+    sale.sells_again_to("canceller");
+
+    let id = sale.buy_counted("refunder");
+    sale.post(
+        "/admin/credit",
+        Some("refunder-credit"),
+        r#"{"users": ["refunder"], "amount_cents": 1000000}"#,
     );
-    let before = taken();
-    let r = seckill("canceller");
-    assert_eq!(r.status, 201, "{}", r.body);
-    assert_eq!(taken(), before + 1.0, "the gate counted this purchase");
-    let id = r.json()["id"].as_str().unwrap().to_string();
-    let r = request(addr, "POST", &format!("/v1/orders/{id}/cancel"), &[], None).unwrap();
-    assert_eq!(r.json()["status"], "cancelled", "{}", r.body);
-    let r = seckill("canceller");
-    assert_eq!(r.status, 201, "the store sells to them again: {}", r.body);
-    // And the limit still holds for the order they now have.
-    assert_eq!(seckill("canceller").status, 429);
-    audit(addr);
+    let v = sale.post(&format!("/v1/orders/{id}/pay"), None, "");
+    assert_eq!(v["status"], "paid", "{v}");
+    let v = sale.post("/v1/refunds", None, &format!(r#"{{"order_id": "{id}"}}"#));
+    assert_eq!(v["status"], "refunded", "{v}");
+    sale.sells_again_to("refunder");
+    audit(sale.one.addr);
+}
+
+/// The same for a flash-sale order that expired unpaid: the sweeper tells the gate.
+#[test]
+fn an_expired_flash_sale_order_frees_the_buyers_allowance_at_the_redis_gate() {
+    let sale = FlashSale::open(OneApp::with_reservations_for(1_000));
+    let id = sale.buy_counted("expirer");
+    eventually(Duration::from_secs(20), "the reservation to expire", || {
+        let r = get(sale.one.addr, &format!("/v1/orders/{id}")).unwrap();
+        (r.json()["status"] == "expired").then_some(())
+    });
+    sale.sells_again_to("expirer");
+    audit(sale.one.addr);
 }
 
 /// A TCP relay to `upstream` that can be frozen: while frozen it forwards nothing either way (the bytes wait

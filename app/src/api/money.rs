@@ -101,6 +101,7 @@ pub async fn refund(app: &Arc<App>, cfg: &Config, req: Request<Incoming>) -> Res
     let weak = inline_weak(app);
     match app.exec.run(move |s| s.refund(&r, weak)).await {
         Ok(Ok(done)) => {
+            super::orders::forget_at_gate(app, &done.order, "refunded").await;
             let mut resp = json(StatusCode::OK, &done.order);
             if done.replay {
                 resp.headers_mut()

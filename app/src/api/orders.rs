@@ -244,17 +244,24 @@ pub async fn cancel(app: &Arc<App>, id: &str) -> Response<Body> {
     }
     let id = id.to_string();
     let out = app.exec.run(move |s| s.cancel(&id)).await;
-    // The Redis gate counted the buyer's flash-sale units; the store no longer does once the order is
-    // cancelled, so neither may the gate (or it refuses a purchase the store would make).
-    if let (Some(g), Ok(Ok(view))) = (&app.redis_gate, &out)
+    if let Ok(Ok(view)) = &out {
+        forget_at_gate(app, view, "cancelled").await;
+    }
+    respond(StatusCode::OK, out)
+}
+
+/// The Redis gate counted the buyer's flash-sale units; the store no longer does once the order is
+/// `ended` (cancelled, or refunded in full), so neither may the gate, or it refuses a purchase the store
+/// would make for as long as its counter lives. (The sweeper does the same for expired ones.)
+pub(super) async fn forget_at_gate(app: &App, view: &crate::store::OrderView, ended: &str) {
+    if let Some(g) = &app.redis_gate
         && view.kind == OrderKind::Seckill.as_str()
-        && view.status == "cancelled"
+        && view.status == ended
     {
         for line in &view.lines {
             g.forget(&line.sku, &view.user).await;
         }
     }
-    respond(StatusCode::OK, out)
 }
 
 /// `POST /v1/orders/{id}/fulfil` (merchant; bearer token).

@@ -73,6 +73,7 @@ const MAINTAIN_EVERY: Duration = Duration::from_millis(200);
 pub async fn sweeper(
     exec: StoreExec,
     config: watch::Receiver<std::sync::Arc<Config>>,
+    redis_gate: Option<std::sync::Arc<crate::gate_redis::RedisGate>>,
     cancel: CancellationToken,
 ) {
     loop {
@@ -84,8 +85,16 @@ pub async fn sweeper(
         }
         loop {
             match exec.run(|s| s.expire_due(now_ms(), 500)).await {
-                Ok(n) => {
+                Ok(expired) => {
+                    let n = expired.orders;
                     metrics::counter!(crate::metrics::RESERVATIONS_EXPIRED_TOTAL).increment(u64::from(n));
+                    // The store no longer counts an expired flash-sale order against its buyer; neither may
+                    // the gate, or it refuses them a purchase the store would make, for a counter's life.
+                    if let Some(g) = &redis_gate {
+                        for (user, sku) in &expired.flash_sale {
+                            g.forget(sku, user).await;
+                        }
+                    }
                     if n < 500 {
                         break;
                     }

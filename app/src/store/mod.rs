@@ -136,6 +136,15 @@ pub struct Refunded {
     pub replay: bool,
 }
 
+/// What a sweep expired.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Expired {
+    pub orders: u32,
+    /// (user, SKU) of each expired flash-sale order's lines: the Redis gate forgets what it counted of them,
+    /// as on a cancel.
+    pub flash_sale: Vec<(String, String)>,
+}
+
 /// A payment provider's callback.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
@@ -216,7 +225,7 @@ pub trait Store: Send + Sync + 'static {
     fn refund(&self, r: &RefundRequest, inline_weak: bool) -> StoreResult<Refunded>;
 
     /// Expires reservations due at `now_ms` (at most `limit`), each giving its stock back exactly once.
-    fn expire_due(&self, now_ms: i64, limit: u32) -> Result<u32, StoreError>;
+    fn expire_due(&self, now_ms: i64, limit: u32) -> Result<Expired, StoreError>;
     /// Runs up to `limit` pending outbox items (idempotent effects) and marks them done, in one transaction.
     fn run_outbox(&self, limit: u32) -> Result<u32, StoreError>;
     /// Pending outbox items.

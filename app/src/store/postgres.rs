@@ -484,7 +484,7 @@ impl Store for PostgresStore {
     fn refund(&self, r: &RefundRequest, inline_weak: bool) -> StoreResult<Refunded> {
         self.write_domain(|t| money::refund(t, r, inline_weak))
     }
-    fn expire_due(&self, now_ms: i64, limit: u32) -> Result<u32, StoreError> {
+    fn expire_due(&self, now_ms: i64, limit: u32) -> Result<super::Expired, StoreError> {
         self.write(|t| orders::expire_due(t, now_ms, limit))
     }
     fn run_outbox(&self, limit: u32) -> Result<u32, StoreError> {

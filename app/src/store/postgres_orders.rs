@@ -248,24 +248,29 @@ pub fn fulfil(t: &mut Tx<'_>, id: &str) -> Res<OrderView> {
 
 /// Expires due reservations. `SKIP LOCKED` lets sweepers in every instance take disjoint rows; the row lock
 /// plus the conditional status update make each give its stock back exactly once.
-pub fn expire_due(t: &mut Tx<'_>, now: i64, limit: u32) -> Result<u32, StoreError> {
-    let due: Vec<String> = t
+pub fn expire_due(t: &mut Tx<'_>, now: i64, limit: u32) -> Result<super::Expired, StoreError> {
+    let due: Vec<(String, String, String)> = t
         .query(
-            "SELECT id FROM orders WHERE status = 'reserved' AND expires_ms <= $1
-             ORDER BY expires_ms LIMIT $2 FOR UPDATE SKIP LOCKED",
+            r#"SELECT id, "user", kind FROM orders WHERE status = 'reserved' AND expires_ms <= $1
+             ORDER BY expires_ms LIMIT $2 FOR UPDATE SKIP LOCKED"#,
             &[&now, &i64::from(limit)],
         )?
         .iter()
-        .map(|r| r.get(0))
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
         .collect();
-    let mut n = 0;
-    for id in due {
+    let mut out = super::Expired::default();
+    for (id, user, kind) in due {
         if transition(t, &id, Transition::Expire)?.is_ok() {
             move_stock(t, &id, "reserved", "available")?;
-            n += 1;
+            out.orders += 1;
+            if kind == crate::domain::OrderKind::Seckill.as_str() {
+                let lines = t.query("SELECT sku FROM order_lines WHERE order_id = $1", &[&id])?;
+                out.flash_sale
+                    .extend(lines.iter().map(|r| (user.clone(), r.get(0))));
+            }
         }
     }
-    Ok(n)
+    Ok(out)
 }
 
 pub fn update_stock(t: &mut Tx<'_>, updates: &[StockUpdate]) -> Res<Vec<Sku>> {

@@ -243,7 +243,7 @@ impl Store for SqliteStore {
     fn refund(&self, r: &RefundRequest, inline_weak: bool) -> StoreResult<Refunded> {
         self.write_domain(|tx| super::sqlite_money::refund(tx, r, inline_weak))
     }
-    fn expire_due(&self, now_ms: i64, limit: u32) -> Result<u32, StoreError> {
+    fn expire_due(&self, now_ms: i64, limit: u32) -> Result<super::Expired, StoreError> {
         self.write(|tx| super::sqlite_orders::expire_due(tx, now_ms, limit))
     }
     fn run_outbox(&self, limit: u32) -> Result<u32, StoreError> {

@@ -430,19 +430,30 @@ pub fn fulfil(tx: &Transaction<'_>, id: &str) -> Res<OrderView> {
 
 /// Expires due reservations; the conditional status update makes each give its stock back exactly once,
 /// however many sweepers (in however many processes) race.
-pub fn expire_due(tx: &Transaction<'_>, now: i64, limit: u32) -> Result<u32, StoreError> {
-    let due: Vec<String> = tx
-        .prepare_cached("SELECT id FROM orders WHERE status = 'reserved' AND expires_ms <= ?1 ORDER BY expires_ms LIMIT ?2")?
-        .query_map(params![now, limit], |r| r.get(0))?
+pub fn expire_due(tx: &Transaction<'_>, now: i64, limit: u32) -> Result<super::Expired, StoreError> {
+    let due: Vec<(String, String, String)> = tx
+        .prepare_cached(
+            r#"SELECT id, "user", kind FROM orders WHERE status = 'reserved' AND expires_ms <= ?1
+               ORDER BY expires_ms LIMIT ?2"#,
+        )?
+        .query_map(params![now, limit], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
         .collect::<Result<_, _>>()?;
-    let mut n = 0;
-    for id in due {
+    let mut out = super::Expired::default();
+    for (id, user, kind) in due {
         if transition(tx, &id, Transition::Expire)?.is_ok() {
             move_stock(tx, &id, "reserved", "available")?;
-            n += 1;
+            out.orders += 1;
+            if kind == OrderKind::Seckill.as_str() {
+                let skus = tx
+                    .prepare_cached("SELECT sku FROM order_lines WHERE order_id = ?1")?
+                    .query_map([&id], |r| r.get::<_, String>(0))?
+                    .collect::<Result<Vec<_>, _>>()?;
+                out.flash_sale
+                    .extend(skus.into_iter().map(|sku| (user.clone(), sku)));
+            }
         }
     }
-    Ok(n)
+    Ok(out)
 }
 
 pub fn update_stock(tx: &Transaction<'_>, updates: &[StockUpdate]) -> Res<Vec<Sku>> {

@@ -323,14 +323,31 @@ fn reservations_expire_exactly_once_across_handles(fx: &dyn Fixture) {
     )
     .unwrap()
     .order;
+    // A flash-sale order expires too, and the sweep names its buyer and SKU (for the Redis gate).
+    s1.open_flash_sale("flash-1", 8).unwrap().unwrap();
+    let flash = order("f", None, OrderKind::Seckill, "flash-1", 1, -1);
+    assert_eq!(create(&s1, flash, true).unwrap().order.status, "reserved");
+    let both = |x: Expired, y: Expired| Expired {
+        orders: x.orders + y.orders,
+        flash_sale: [x.flash_sale, y.flash_sale].concat(),
+    };
     let (a, b) = std::thread::scope(|sc| {
-        let h1 = sc.spawn(|| s1.expire_due(now_ms(), 7).unwrap() + s1.expire_due(now_ms(), 100).unwrap());
+        let h1 = sc.spawn(|| {
+            both(
+                s1.expire_due(now_ms(), 7).unwrap(),
+                s1.expire_due(now_ms(), 100).unwrap(),
+            )
+        });
         let h2 = sc.spawn(|| s2.expire_due(now_ms(), 100).unwrap());
         (h1.join().unwrap(), h2.join().unwrap())
     });
-    assert_eq!(a + b, 20);
+    assert_eq!(a.orders + b.orders, 21);
+    assert_eq!(
+        [a.flash_sale, b.flash_sale].concat(),
+        [("f".to_string(), "flash-1".to_string())]
+    );
     let r = assert_audit(&s1);
-    assert_eq!(r.totals.expired, 20);
+    assert_eq!(r.totals.expired, 21);
     assert_eq!(r.totals.units_reserved, 1);
     // An expired order cannot be paid or cancelled back into stock.
     assert_eq!(s1.cancel(&keep.id).unwrap().unwrap().status, "cancelled");
