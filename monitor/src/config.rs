@@ -134,6 +134,8 @@ impl RoleConfig for Config {
     const ROLE: &'static str = "monitor";
     type Raw = RawConfig;
     const RESTART_KEYS: &'static [&'static str] = &["listen", "run_dir", "log_dir", "http"];
+    // Supervisord's `[include] files = conf.d/*.conf`: one file per program.
+    const INCLUDE_SECTIONS: &'static [&'static str] = &["programs"];
 
     fn validate(raw: &RawConfig) -> Result<Self, Vec<ConfigIssue>> {
         let mut v = Validator::new();

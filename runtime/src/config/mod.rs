@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+pub mod include;
 mod keys;
 mod validator;
 
@@ -42,6 +43,10 @@ pub trait RoleConfig: Sized + Send + Sync + 'static {
     /// Keys (a dotted key, or a section: `http` covers `http.max_connections`) a reload does not apply: the
     /// process keeps the values it started with, and a reload that changes one warns so.
     const RESTART_KEYS: &'static [&'static str] = &[];
+
+    /// Top-level sections whose entries other files may add through an `include = ["conf.d/*.toml"]` key
+    /// ([`include`]; the monitor's `programs`). Empty: `include` is an unknown key.
+    const INCLUDE_SECTIONS: &'static [&'static str] = &[];
 }
 
 /// One problem with a config, naming the key and the bad value.
@@ -327,6 +332,14 @@ fn load_layered<C: RoleConfig>(
                 format!("expected \"{}\", found {role}", C::ROLE),
             )),
         }
+    }
+    if !C::INCLUDE_SECTIONS.is_empty() {
+        // Before the environment and `--set`, which may then set an included entry's keys too. Bytes with no
+        // file of their own (`load_bytes`) include nothing.
+        let base = (source.path.as_deref())
+            .filter(|p| *p != Path::new("<bytes>"))
+            .map(|p| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf()));
+        include::apply(&mut table, base.as_deref(), C::INCLUDE_SECTIONS, &mut issues);
     }
     // The keys the environment and `--set` gave a value, and where from: an issue with one of them says so,
     // or it read as the file's fault.

@@ -1,0 +1,306 @@
+//! `include = ["conf.d/*.toml"]`: entries of a role's [`RoleConfig::INCLUDE_SECTIONS`] (the monitor's
+//! `[programs.*]`) kept in files of their own, as Supervisord's `[include] files = conf.d/*.conf`: a package
+//! or a deploy drops one file per program. Patterns are relative to the including file's directory and may
+//! hold `*` and `?` in the file name only; matches are taken in name order, and a pattern matching nothing
+//! is no error (an empty `conf.d`), while a plain file name that does not exist is. Included files may hold
+//! only those sections, and an entry defined twice (in two files, or in one and the main file) is an error
+//! naming both, never a silent override. Bounded: at most [`MAX_INCLUDED_FILES`] files, each read as the main
+//! file is.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use super::{ConfigError, ConfigIssue, parse_table, read_bounded};
+
+/// Most files one config may include (all patterns together).
+pub const MAX_INCLUDED_FILES: usize = 256;
+
+/// Merges into `table` the files its `include` key names (removing the key), for `sections`; `base` is the
+/// including file (`None`: bytes with no file, which may include nothing). Problems go to `issues`.
+pub fn apply(table: &mut toml::Table, base: Option<&Path>, sections: &[&str], issues: &mut Vec<ConfigIssue>) {
+    let Some(value) = table.remove("include") else {
+        return;
+    };
+    let patterns: Vec<&str> = match &value {
+        toml::Value::String(s) => vec![s.as_str()],
+        toml::Value::Array(items) if items.iter().all(toml::Value::is_str) => {
+            items.iter().filter_map(toml::Value::as_str).collect()
+        }
+        _ => {
+            issues.push(included(format!(
+                "expected a list of file patterns, found {value}"
+            )));
+            return;
+        }
+    };
+    let Some(dir) = base.and_then(Path::parent) else {
+        issues.push(included("only a config file can include others".into()));
+        return;
+    };
+    let mut files = Vec::new();
+    for pattern in patterns {
+        match expand(dir, pattern) {
+            Ok(found) => files.extend(found),
+            Err(why) => issues.push(included(format!("{pattern:?}: {why}"))),
+        }
+    }
+    if files.len() > MAX_INCLUDED_FILES {
+        issues.push(included(format!(
+            "{} files; at most {MAX_INCLUDED_FILES} may be included",
+            files.len()
+        )));
+        return;
+    }
+    // Where each entry was defined first, to name both places of a duplicate.
+    let mut defined: HashMap<(String, String), String> = HashMap::new();
+    for section in sections {
+        if let Some(toml::Value::Table(entries)) = table.get(*section) {
+            for name in entries.keys() {
+                defined.insert((section.to_string(), name.clone()), "the main file".into());
+            }
+        }
+    }
+    for file in files {
+        let shown = file.display().to_string();
+        let entries_of = match read_bounded(&file).and_then(|bytes| parse_table(&bytes, &shown)) {
+            Ok(t) => t,
+            Err(ConfigError::Syntax { message, .. }) => {
+                issues.push(included(format!("{shown}: {message}")));
+                continue;
+            }
+            Err(e) => {
+                issues.push(included(e.to_string()));
+                continue;
+            }
+        };
+        for (key, value) in entries_of {
+            let toml::Value::Table(entries) = value else {
+                issues.push(included(format!(
+                    "{shown}: {key} is not a section; an included file holds only {}",
+                    list(sections)
+                )));
+                continue;
+            };
+            if !sections.contains(&key.as_str()) {
+                issues.push(included(format!(
+                    "{shown}: [{key}] cannot be included; an included file holds only {}",
+                    list(sections)
+                )));
+                continue;
+            }
+            let into = table
+                .entry(key.clone())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            let Some(into) = into.as_table_mut() else {
+                // The main file's `key` is no table: its own issue says so when it is deserialised.
+                continue;
+            };
+            for (name, entry) in entries {
+                let place = (key.clone(), name.clone());
+                if let Some(first) = defined.get(&place) {
+                    let message = format!("defined in {shown} and in {first}");
+                    issues.push(ConfigIssue::new(format!("{key}.{name}"), message));
+                    continue;
+                }
+                defined.insert(place, shown.clone());
+                into.insert(name, entry);
+            }
+        }
+    }
+}
+
+/// An issue of the `include` key itself.
+fn included(message: String) -> ConfigIssue {
+    ConfigIssue::new("include", message)
+}
+
+fn list(sections: &[&str]) -> String {
+    let shown: Vec<String> = sections.iter().map(|s| format!("[{s}.*]")).collect();
+    shown.join(", ")
+}
+
+/// The files `pattern` names, relative to `dir`: wildcards in the file name only, matches in name order.
+fn expand(dir: &Path, pattern: &str) -> Result<Vec<PathBuf>, String> {
+    let path = dir.join(pattern);
+    let (Some(parent), Some(name)) = (path.parent(), path.file_name().and_then(|n| n.to_str())) else {
+        return Err("not a file pattern".into());
+    };
+    let wild = |s: &str| s.contains(['*', '?']);
+    if wild(&parent.to_string_lossy()) {
+        return Err("wildcards only in the file name (conf.d/*.toml)".into());
+    }
+    if !wild(name) {
+        return Ok(vec![path]);
+    }
+    let read = std::fs::read_dir(parent).map_err(|e| format!("{}: {e}", parent.display()))?;
+    let mut found: Vec<PathBuf> = read
+        .flatten()
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_file() || t.is_symlink()))
+        .filter(|e| e.file_name().to_str().is_some_and(|n| matches(name, n)))
+        .map(|e| e.path())
+        .collect();
+    found.sort();
+    Ok(found)
+}
+
+/// Whether `name` matches `pattern`, where `*` is any run of characters and `?` any one. A leading `.` is
+/// matched only by a pattern's leading `.`, as a shell's glob does, so an editor's `.web.toml.swp` is not
+/// taken for a program.
+fn matches(pattern: &str, name: &str) -> bool {
+    if name.starts_with('.') && !pattern.starts_with('.') {
+        return false;
+    }
+    let (p, n): (Vec<char>, Vec<char>) = (pattern.chars().collect(), name.chars().collect());
+    // Iterative matching with one backtrack point (the last `*`): linear in practice, no recursion.
+    let (mut i, mut j) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while j < n.len() {
+        match p.get(i) {
+            Some('*') => {
+                star = Some((i, j));
+                i += 1;
+            }
+            Some('?') => {
+                i += 1;
+                j += 1;
+            }
+            Some(c) if *c == n[j] => {
+                i += 1;
+                j += 1;
+            }
+            _ => match star {
+                Some((si, sj)) => {
+                    i = si + 1;
+                    j = sj + 1;
+                    star = Some((si, sj + 1));
+                }
+                None => return false,
+            },
+        }
+    }
+    p[i..].iter().all(|c| *c == '*')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn merged(main: &str, files: &[(&str, &str)], include: &str) -> (toml::Table, Vec<String>) {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("conf.d")).unwrap();
+        for (name, text) in files {
+            std::fs::write(dir.path().join(name), text).unwrap();
+        }
+        let main_path = dir.path().join("main.toml");
+        let mut table: toml::Table = format!("include = {include}\n{main}").parse().unwrap();
+        let mut issues = Vec::new();
+        apply(&mut table, Some(&main_path), &["programs"], &mut issues);
+        let root = dir.path().display().to_string();
+        let shown = issues
+            .iter()
+            .map(|i| format!("{}: {}", i.key, i.message).replace(&root, "D"))
+            .collect();
+        (table, shown)
+    }
+
+    fn names(t: &toml::Table) -> Vec<&str> {
+        t["programs"]
+            .as_table()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect()
+    }
+
+    #[test]
+    fn included_programs_join_the_main_files() {
+        let (t, issues) = merged(
+            "[programs.main]\ncommand = \"a\"\n",
+            &[
+                ("conf.d/web.toml", "[programs.web]\ncommand = \"w\"\n"),
+                (
+                    "conf.d/db.toml",
+                    "[programs.db]\ncommand = \"d\"\n[programs.cache]\ncommand = \"c\"\n",
+                ),
+                ("conf.d/notes.txt", "not toml at all ["),
+                ("conf.d/.web.toml.swp", "not toml at all ["),
+            ],
+            r#"["conf.d/*.toml"]"#,
+        );
+        assert_eq!(issues, Vec::<String>::new());
+        assert_eq!(names(&t), ["cache", "db", "main", "web"]);
+        assert!(!t.contains_key("include"));
+        // An empty directory is no error; a single pattern may be a plain string.
+        let (t, issues) = merged("[programs.main]\n", &[], r#""conf.d/*.toml""#);
+        assert_eq!((names(&t), issues), (vec!["main"], vec![]));
+    }
+
+    #[test]
+    fn every_problem_of_an_include_is_named() {
+        let (_, issues) = merged(
+            "[programs.web]\ncommand = \"a\"\n",
+            &[
+                ("conf.d/a.toml", "[programs.web]\ncommand = \"w\"\n[programs.x]\n"),
+                ("conf.d/b.toml", "[programs.x]\n[http]\nmax = 1\nlisten = \"x\"\n"),
+                ("conf.d/c.toml", "[programs.y\n"),
+            ],
+            r#"["conf.d/*.toml", "missing.toml", "con*/x.toml", 7]"#,
+        );
+        assert_eq!(
+            issues,
+            [
+                "include: expected a list of file patterns, found [\"conf.d/*.toml\", \"missing.toml\", \"con*/x.toml\", 7]"
+            ]
+        );
+        let (_, issues) = merged(
+            "[programs.web]\ncommand = \"a\"\n",
+            &[
+                ("conf.d/a.toml", "[programs.web]\ncommand = \"w\"\n[programs.x]\n"),
+                ("conf.d/b.toml", "listen = \"x\"\n[programs.x]\n[http]\nmax = 1\n"),
+                ("conf.d/c.toml", "[programs.y\n"),
+            ],
+            r#"["conf.d/*.toml", "missing.toml", "con*/x.toml"]"#,
+        );
+        let expected = [
+            "include: \"con*/x.toml\": wildcards only in the file name (conf.d/*.toml)",
+            "programs.web: defined in D/conf.d/a.toml and in the main file",
+            "include: D/conf.d/b.toml: listen is not a section; an included file holds only [programs.*]",
+            "include: D/conf.d/b.toml: [http] cannot be included; an included file holds only [programs.*]",
+            "programs.x: defined in D/conf.d/b.toml and in D/conf.d/a.toml",
+        ];
+        for e in expected {
+            assert!(issues.iter().any(|i| i == e), "{e:?} in {issues:#?}");
+        }
+        assert!(
+            issues.iter().any(|i| i.starts_with("include: D/conf.d/c.toml: ")),
+            "{issues:#?}"
+        );
+        assert!(issues.iter().any(|i| i.contains("D/missing.toml")), "{issues:#?}");
+        assert_eq!(issues.len(), 7, "{issues:#?}");
+    }
+
+    #[test]
+    fn bytes_without_a_file_include_nothing() {
+        let mut table: toml::Table = "include = [\"x/*.toml\"]".parse().unwrap();
+        let mut issues = Vec::new();
+        apply(&mut table, None, &["programs"], &mut issues);
+        assert_eq!(issues[0].message, "only a config file can include others");
+    }
+
+    #[test]
+    fn wildcards_match_as_a_shell_does() {
+        for (p, n, want) in [
+            ("*.toml", "web.toml", true),
+            ("*.toml", "web.toml.bak", false),
+            ("w?b.toml", "web.toml", true),
+            ("*", "a", true),
+            ("a*b*c", "aXbYbZc", true),
+            ("a*b*c", "aXbYbZ", false),
+            ("*.toml", ".hidden.toml", false),
+            (".*.toml", ".hidden.toml", true),
+            ("**", "", true),
+        ] {
+            assert_eq!(matches(p, n), want, "{p} ~ {n}");
+        }
+    }
+}
