@@ -397,9 +397,17 @@ mod tests {
         let t0 = Instant::now();
         let mut b = Breakers::default();
         assert_eq!(b.observe(sig(1, 0.5, 0), T, t0), Level::ReadOnly);
-        assert_eq!(b.observe(sig(1, 0.0, 0), T, at(t0, 5)), Level::Sync, "the trial takes writes");
+        assert_eq!(
+            b.observe(sig(1, 0.0, 0), T, at(t0, 5)),
+            Level::Sync,
+            "the trial takes writes"
+        );
         assert_eq!(b.errors.state, BreakerState::HalfOpen);
-        assert_eq!(b.observe(sig(1, 0.5, 0), T, at(t0, 6)), Level::ReadOnly, "a failed trial");
+        assert_eq!(
+            b.observe(sig(1, 0.5, 0), T, at(t0, 6)),
+            Level::ReadOnly,
+            "a failed trial"
+        );
         assert_eq!(b.observe(sig(1, 0.0, 0), T, at(t0, 11)), Level::Sync);
         assert_eq!(b.observe(sig(1, 0.0, 0), T, at(t0, 12)), Level::Sync);
         assert_eq!(b.errors.state, BreakerState::Closed);
