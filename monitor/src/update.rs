@@ -190,17 +190,17 @@ impl Supervisor {
                 if specs.iter().any(|s| s.group == *group) {
                     continue;
                 }
-                let why = if plan
-                    .removed
-                    .iter()
-                    .any(|n| self.procs.get(n).is_some_and(|p| p.spec.group == *group))
-                {
-                    "this update removes its last program"
+                let removed =
+                    (plan.removed.iter()).any(|n| self.procs.get(n).is_some_and(|p| p.spec.group == *group));
+                // A valid file has no dependent of a group it removes, so the dependent's own saved change
+                // (its removal, or a new `depends_on`) is what is missing: naming the group again would not do.
+                let (why, missing) = if removed {
+                    ("this update removes its last program", &spec.group)
                 } else {
-                    "it is added in the file but not named"
+                    ("it is added in the file but not named", group)
                 };
                 return Err(CommandError::Partial(format!(
-                    "{} depends on {group}, and {why}: name {group}:* too",
+                    "{} depends on {group}, and {why}: name {missing}:* too",
                     spec.name
                 )));
             }

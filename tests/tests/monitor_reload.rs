@@ -249,6 +249,42 @@ fn a_named_update_applies_only_that_programs_change() {
     assert!(!o.status.success(), "{}", out(&o));
 }
 
+/// A named update that removes the last program of a group another program depends on is refused, naming
+/// the dependent, whose own saved change drops the dependency (it named the removed group, already named).
+#[test]
+fn a_named_removal_of_a_dependency_names_its_dependent() {
+    let db = "[programs.db]\ncommand = \"sleep 307\"\nstartsecs = 0\n";
+    let web = |deps: &str| format!("[programs.web]\ncommand = \"sleep 308\"\nstartsecs = 0\n{deps}");
+    let m = Mon::start(&format!(
+        "auto_update = false\n{db}{}",
+        web("depends_on = [\"db\"]\n")
+    ));
+    m.wait_state("web", "RUNNING", T);
+    m.rewrite(&format!("auto_update = false\n{}", web("")));
+    eventually(T, "the removal held", || {
+        (m.status()["pending"]["removed"] == json!(["db"])).then_some(())
+    });
+    let o = m.ctl(&["update", "db:*"]);
+    assert!(!o.status.success(), "{}", out(&o));
+    assert!(
+        out(&o).contains("web depends on db, and this update removes its last program: name web:* too"),
+        "{}",
+        out(&o)
+    );
+    assert_eq!(m.state("db"), "RUNNING", "a refused update removed db");
+    let o = m.ctl(&["update", "db:*", "web:*"]);
+    assert!(o.status.success(), "{}", out(&o));
+    eventually(T, "db removed, nothing pending", || {
+        let st = m.status();
+        let gone = !st["programs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["name"] == "db");
+        (gone && st["pending"].is_null()).then_some(())
+    });
+}
+
 #[test]
 fn the_file_watcher_applies_a_change_and_an_invalid_config_changes_nothing() {
     let m = Mon::start(&programs("2", true, false));
