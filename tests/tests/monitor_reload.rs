@@ -285,6 +285,34 @@ fn a_named_removal_of_a_dependency_names_its_dependent() {
     });
 }
 
+/// A named update that rolls (`--rolling`, or `update_strategy = "rolling"`) beside an added program it
+/// does not name rolls only what it names: the monitor panicked, its roll looking up the unnamed program.
+#[test]
+fn a_named_rolling_update_beside_an_unnamed_addition_rolls_what_it_names() {
+    let web = |arg: &str, n: u32| {
+        format!(
+            "auto_update = false\n[programs.web]\ncommand = \"sleep 31{arg}\"\nnumprocs = {n}\nstartsecs = 0\n"
+        )
+    };
+    let m = Mon::start(&web("0", 2));
+    m.wait_state("web-0", "RUNNING", T);
+    let pids: Vec<i32> = ["web-0", "web-1"].iter().map(|n| m.pid(n).unwrap()).collect();
+    m.rewrite(&web("1", 3));
+    eventually(T, "the saved change held", || {
+        (m.status()["pending"]["added"] == json!(["web-2"])).then_some(())
+    });
+    let o = m.ctl(&["update", "--rolling", "web-0"]);
+    assert!(o.status.success(), "{}", out(&o));
+    m.wait_new_pid("web-0", pids[0], T);
+    m.wait_state("web-0", "RUNNING", T);
+    assert_eq!(m.pid("web-1"), Some(pids[1]), "an unnamed program rolled");
+    let pending = m.status()["pending"].clone();
+    assert_eq!(
+        (&pending["added"], &pending["changed"]),
+        (&json!(["web-2"]), &json!(["web-1"]))
+    );
+}
+
 #[test]
 fn the_file_watcher_applies_a_change_and_an_invalid_config_changes_nothing() {
     let m = Mon::start(&programs("2", true, false));
