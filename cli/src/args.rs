@@ -116,11 +116,11 @@ pub struct CtlArgs {
     /// Seconds to wait for the monitor to answer.
     #[arg(long, global = true, default_value_t = 10)]
     pub timeout_secs: u64,
-    /// Return as soon as the monitor has taken a start, stop or restart, instead of waiting for the program
-    /// to be running and ready (or stopped).
+    /// Return as soon as the monitor has taken a start, stop, restart or shutdown, instead of waiting for the
+    /// program to be running and ready (or stopped; for a shutdown, the monitor gone).
     #[arg(long, global = true)]
     pub no_wait: bool,
-    /// Longest a start, stop or restart waits for its programs before it fails (1 to 3600).
+    /// Longest a start, stop, restart or shutdown waits for its programs before it fails (1 to 3600).
     // Checked here, before anything is sent: an out-of-range value used to fail only after the monitor had
     // acted (0: an instant "still STOPPING"; u64::MAX: a panic adding it to the clock). The bound is the
     // monitor's own for a roll's wait.
@@ -230,7 +230,8 @@ pub enum CtlVerb {
         #[arg(long)]
         rolling: bool,
     },
-    /// Stop every program and the monitor.
+    /// Stop every program and the monitor; answers once the monitor is gone (its port and run directory
+    /// free for the next `up`), within --wait-secs, or at once with --no-wait.
     Shutdown,
 }
 

@@ -623,10 +623,18 @@ fn rolling_of(query: Option<&str>) -> Result<Option<Duration>, Response<Body>> {
 }
 
 /// An update's `?name=N` (repeated, at most 32): the programs a named update applies; none: every change.
+/// A parameter an update does not take is refused: a misspelt `name` would otherwise apply every change.
 #[allow(clippy::result_large_err)]
 fn names_of(query: Option<&str>) -> Result<Vec<String>, Response<Body>> {
     let bad = |m: &str| error(StatusCode::BAD_REQUEST, "bad_query", m);
     let pairs = query_pairs(query).map_err(|e| bad(&e))?;
+    if let Some((k, _)) =
+        (pairs.iter()).find(|(k, _)| !["name", "rolling", "wait_secs"].contains(&k.as_str()))
+    {
+        return Err(bad(&format!(
+            "unknown parameter {k:?}: an update takes name, rolling and wait_secs"
+        )));
+    }
     let names: Vec<String> = (pairs.into_iter())
         .filter(|(k, _)| k == "name")
         .map(|(_, v)| v)
@@ -663,6 +671,20 @@ fn bad_path(segment: &str) -> Response<Body> {
 
 #[cfg(test)]
 mod tests {
+    /// An update applies every saved change unless named: a misspelt `name` is refused, not taken as none.
+    #[test]
+    fn an_update_refuses_a_parameter_it_does_not_take() {
+        let names = |q: &str| super::names_of(Some(q)).map_err(|r| r.status());
+        assert_eq!(
+            names("name=web&rolling=1&wait_secs=5&name=app%3A*"),
+            Ok(vec!["web".to_string(), "app:*".to_string()])
+        );
+        assert_eq!(names(""), Ok(vec![]));
+        for bad in ["nme=web", "name=web&names=app", "rolling=1&wait=5"] {
+            assert_eq!(names(bad), Err(http::StatusCode::BAD_REQUEST), "{bad}");
+        }
+    }
+
     /// The runtime's path decoder, as the routes use it.
     fn d(s: &str) -> Option<String> {
         xcluster_runtime::http::percent_decode_path(s).ok()

@@ -556,8 +556,9 @@ impl RawProgram {
             })
             .collect();
         // A log file named in the config goes where it says, in a directory that exists (as Supervisord
-        // checks): a misspelt path is a config error, not a directory made somewhere (the default log
-        // directory is the monitor's own and made at start).
+        // checks): a misspelt path is a config error, not a directory made somewhere. The monitor's own
+        // directories are made at start, so a log in `{run_dir}` (or the log directory) is fine before the
+        // first start has made them, as on a fresh machine.
         for (setting, chosen, log) in [
             (
                 "stdout_logfile",
@@ -577,6 +578,8 @@ impl RawProgram {
                 let Some(path) = l.path.as_deref() else { continue };
                 if let Some(dir) = path.parent()
                     && !dir.as_os_str().is_empty()
+                    && dir != dirs.run_dir
+                    && dir != dirs.log_dir
                     && !dir.is_dir()
                 {
                     v.error(

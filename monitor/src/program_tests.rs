@@ -255,6 +255,30 @@ fn exit_codes_users_and_the_name_all_are_checked() {
     );
 }
 
+/// The monitor makes its run and log directories at start: a log file in either is valid before they
+/// exist (a fresh machine's first `check-config` or start refused `{run_dir}/web.log`).
+#[test]
+fn a_log_file_in_the_monitors_own_directories_is_valid_before_they_exist() {
+    let dirs = dirs(Path::new("/no/such/xcluster-logs"));
+    for (path, expanded) in [
+        ("{run_dir}/{name}.log", "/no/such/xcluster-logs/run/web.log"),
+        (
+            "/no/such/xcluster-logs/{name}.log",
+            "/no/such/xcluster-logs/web.log",
+        ),
+    ] {
+        let raw = RawProgram {
+            command: "x".into(),
+            stdout_logfile: path.into(),
+            ..RawProgram::default()
+        };
+        let mut v = Validator::new();
+        let specs = raw.expand("web", &dirs, &mut v);
+        assert!(v.issues.is_empty(), "{path}: {:?}", v.issues);
+        assert_eq!(specs[0].stdout.path.as_deref(), Some(Path::new(expanded)));
+    }
+}
+
 #[test]
 fn numprocs_expand_names_and_ports() {
     let raw = RawProgram {

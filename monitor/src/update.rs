@@ -109,7 +109,8 @@ impl Supervisor {
     /// reloader does after `ctl update`, changes nothing.
     pub(crate) fn update(&mut self, cfg: Arc<Config>, rolling: Option<Duration>) -> Plan {
         let plan = self.plan(&cfg);
-        self.apply(cfg, rolling, plan)
+        let order = cfg.processes.iter().map(|s| s.name.clone()).collect();
+        self.apply(cfg, rolling, plan, order)
     }
 
     /// `ctl update NAME...` (supervisorctl's `update GROUP`, `add` and `remove` in one): applies only the
@@ -159,9 +160,7 @@ impl Supervisor {
             .collect();
         let old_only: Vec<String> = kept.into_iter().filter(|n| !order.contains(n)).collect();
         order.extend(old_only);
-        let plan = self.apply(cfg, rolling, plan);
-        order.extend(plan.removed.iter().cloned());
-        self.order = order;
+        let plan = self.apply(cfg, rolling, plan, order);
         // What is left waits, as a saved config's changes do (the reload that follows says so again).
         let cfg = self.cfg.clone();
         self.hold(&cfg);
@@ -190,17 +189,17 @@ impl Supervisor {
                 if specs.iter().any(|s| s.group == *group) {
                     continue;
                 }
-                let why = if plan
-                    .removed
-                    .iter()
-                    .any(|n| self.procs.get(n).is_some_and(|p| p.spec.group == *group))
-                {
-                    "this update removes its last program"
+                let removed =
+                    (plan.removed.iter()).any(|n| self.procs.get(n).is_some_and(|p| p.spec.group == *group));
+                // A valid file has no dependent of a group it removes, so the dependent's own saved change
+                // (its removal, or a new `depends_on`) is what is missing: naming the group again would not do.
+                let (why, missing) = if removed {
+                    ("this update removes its last program", &spec.group)
                 } else {
-                    "it is added in the file but not named"
+                    ("it is added in the file but not named", group)
                 };
                 return Err(CommandError::Partial(format!(
-                    "{} depends on {group}, and {why}: name {group}:* too",
+                    "{} depends on {group}, and {why}: name {missing}:* too",
                     spec.name
                 )));
             }
@@ -208,8 +207,17 @@ impl Supervisor {
         Ok(())
     }
 
-    /// Applies `plan`, the changes `cfg` makes (all of them, or a named update's part).
-    fn apply(&mut self, cfg: Arc<Config>, rolling: Option<Duration>, mut plan: Plan) -> Plan {
+    /// Applies `plan`, the changes `cfg` makes (all of them, or a named update's part), with `order` the
+    /// start order of the programs that stay. The order is in place before a roll begins: a roll resolves
+    /// its programs through it, and a program of the file that a named update left out is not one (the
+    /// monitor panicked on `update --rolling web-0` beside an added, unnamed web-2).
+    fn apply(
+        &mut self,
+        cfg: Arc<Config>,
+        rolling: Option<Duration>,
+        mut plan: Plan,
+        mut order: Vec<String>,
+    ) -> Plan {
         self.pending = None;
         let mut to_roll = Vec::new();
         self.set_config(cfg.clone());
@@ -244,8 +252,7 @@ impl Supervisor {
                 self.event(&spec.name, Event::Stop);
             }
         }
-        // Start order follows the new config; processes still being removed stay at the end until gone.
-        let mut order: Vec<String> = cfg.processes.iter().map(|s| s.name.clone()).collect();
+        // Processes still being removed stay at the end until gone.
         order.extend(plan.removed.iter().cloned());
         self.order = order;
         if plan != Plan::default() {

@@ -506,3 +506,20 @@ stdout_logfile = "{logs}"
         assert!(said.contains(expected), "missing {expected:?} in {said}");
     }
 }
+
+/// `ctl shutdown` answers once the monitor is gone, as `stop` answers once stopped: a program that ignores
+/// SIGTERM holds the monitor for its `stopwaitsecs`, and the port is still free when ctl returns (it used
+/// to answer at once, and an `xcluster up` straight after found the address in use).
+#[test]
+fn shutdown_answers_once_the_monitor_is_gone() {
+    let m = Mon::start(
+        "[programs.x]\ncommand = \"sh -c 'trap \\\"\\\" TERM; sleep 300'\"\nstartsecs = 0\nstopwaitsecs = 2\n",
+    );
+    m.wait_state("x", "RUNNING", T);
+    let o = m.ctl(&["shutdown"]);
+    assert!(o.status.success(), "{}", out(&o));
+    assert!(
+        std::net::TcpStream::connect(m.addr).is_err(),
+        "the monitor still answers after `ctl shutdown` returned"
+    );
+}

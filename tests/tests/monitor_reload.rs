@@ -294,6 +294,68 @@ fn programs_in_included_files_are_supervised_and_updated() {
         "{text}"
     );
     assert_eq!(m.prog("web")["command"][1], "301");
+/// A named update that removes the last program of a group another program depends on is refused, naming
+/// the dependent, whose own saved change drops the dependency (it named the removed group, already named).
+#[test]
+fn a_named_removal_of_a_dependency_names_its_dependent() {
+    let db = "[programs.db]\ncommand = \"sleep 307\"\nstartsecs = 0\n";
+    let web = |deps: &str| format!("[programs.web]\ncommand = \"sleep 308\"\nstartsecs = 0\n{deps}");
+    let m = Mon::start(&format!(
+        "auto_update = false\n{db}{}",
+        web("depends_on = [\"db\"]\n")
+    ));
+    m.wait_state("web", "RUNNING", T);
+    m.rewrite(&format!("auto_update = false\n{}", web("")));
+    eventually(T, "the removal held", || {
+        (m.status()["pending"]["removed"] == json!(["db"])).then_some(())
+    });
+    let o = m.ctl(&["update", "db:*"]);
+    assert!(!o.status.success(), "{}", out(&o));
+    assert!(
+        out(&o).contains("web depends on db, and this update removes its last program: name web:* too"),
+        "{}",
+        out(&o)
+    );
+    assert_eq!(m.state("db"), "RUNNING", "a refused update removed db");
+    let o = m.ctl(&["update", "db:*", "web:*"]);
+    assert!(o.status.success(), "{}", out(&o));
+    eventually(T, "db removed, nothing pending", || {
+        let st = m.status();
+        let gone = !st["programs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["name"] == "db");
+        (gone && st["pending"].is_null()).then_some(())
+    });
+}
+
+/// A named update that rolls (`--rolling`, or `update_strategy = "rolling"`) beside an added program it
+/// does not name rolls only what it names: the monitor panicked, its roll looking up the unnamed program.
+#[test]
+fn a_named_rolling_update_beside_an_unnamed_addition_rolls_what_it_names() {
+    let web = |arg: &str, n: u32| {
+        format!(
+            "auto_update = false\n[programs.web]\ncommand = \"sleep 31{arg}\"\nnumprocs = {n}\nstartsecs = 0\n"
+        )
+    };
+    let m = Mon::start(&web("0", 2));
+    m.wait_state("web-0", "RUNNING", T);
+    let pids: Vec<i32> = ["web-0", "web-1"].iter().map(|n| m.pid(n).unwrap()).collect();
+    m.rewrite(&web("1", 3));
+    eventually(T, "the saved change held", || {
+        (m.status()["pending"]["added"] == json!(["web-2"])).then_some(())
+    });
+    let o = m.ctl(&["update", "--rolling", "web-0"]);
+    assert!(o.status.success(), "{}", out(&o));
+    m.wait_new_pid("web-0", pids[0], T);
+    m.wait_state("web-0", "RUNNING", T);
+    assert_eq!(m.pid("web-1"), Some(pids[1]), "an unnamed program rolled");
+    let pending = m.status()["pending"].clone();
+    assert_eq!(
+        (&pending["added"], &pending["changed"]),
+        (&json!(["web-2"]), &json!(["web-1"]))
+    );
 }
 
 #[test]

@@ -120,6 +120,39 @@ pub fn run(args: CtlArgs) -> i32 {
     }
 }
 
+/// How often `shutdown` asks whether the monitor is gone.
+const SHUTDOWN_POLL: Duration = Duration::from_millis(100);
+
+/// `shutdown`: like `stop`, it answers once done (within `--wait-secs`; `--no-wait` at once). The monitor
+/// keeps its API until every program has stopped and its run directory is released, so once the API no
+/// longer answers the next `xcluster up` finds the port and the directory free (it failed with "address
+/// already in use" when run straight after).
+fn shutdown(c: &Client, args: &CtlArgs) -> Result<i32, Failure> {
+    let r = c.call("POST", "/v1/shutdown")?;
+    check(&r)?;
+    if !args.no_wait {
+        let deadline = std::time::Instant::now() + Duration::from_secs(args.wait_secs);
+        // A refused (or reset) connection is the monitor gone; a slow answer is one still stopping.
+        while !matches!(c.call("GET", "/livez"), Err(Failure::Unreachable(_))) {
+            if std::time::Instant::now() >= deadline {
+                eprintln!(
+                    "xcluster ctl: the monitor at {} still answers after {}s: its programs are still \
+                     stopping (`ctl status` shows which)",
+                    c.url, args.wait_secs
+                );
+                return Ok(EXIT_FAILED);
+            }
+            std::thread::sleep(SHUTDOWN_POLL);
+        }
+    }
+    if args.json {
+        println!("{}", String::from_utf8_lossy(&r.body));
+    } else {
+        println!("Shut down");
+    }
+    Ok(0)
+}
+
 fn run_verb(c: &Client, args: &CtlArgs) -> Result<i32, Failure> {
     match &args.verb {
         CtlVerb::Status { names } => status(c, names, args.json),
@@ -173,19 +206,7 @@ fn run_verb(c: &Client, args: &CtlArgs) -> Result<i32, Failure> {
             args.json,
         ),
         CtlVerb::Update { rolling: true, names } => rolling_update(c, args, names),
-        CtlVerb::Shutdown => {
-            let r = c.call("POST", "/v1/shutdown")?;
-            check(&r)?;
-            println!(
-                "{}",
-                if args.json {
-                    String::from_utf8_lossy(&r.body).to_string()
-                } else {
-                    "Shut down".into()
-                }
-            );
-            Ok(0)
-        }
+        CtlVerb::Shutdown => shutdown(c, args),
     }
 }
 

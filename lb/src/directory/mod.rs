@@ -613,8 +613,9 @@ impl Directory {
         ::metrics::counter!(crate::metrics::STATE_WRITE_ERRORS_TOTAL).increment(1);
         tracing::warn!(
             %error,
-            "cannot write the state file: the change holds in memory, but a restart of every balancer \
-             would lose it"
+            // Also written at start, before any change: the warning then comes before the first drain.
+            "cannot write the state file: the drains and run-time weights hold in memory, but a restart of \
+             every balancer would lose them"
         );
     }
 

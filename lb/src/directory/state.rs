@@ -228,7 +228,11 @@ pub fn load_logged(path: &Path, now_unix_ms: u64) -> Option<RuntimeState> {
     let file = path.display();
     match load(path, now_unix_ms) {
         Loaded::Missing => {
-            tracing::info!(%file, "no state file yet: it is written at the first drain or weight set");
+            tracing::info!(
+                %file,
+                "no state file yet: it is written once the start has settled (with the peers' drains and \
+                 weights, if any), then at every drain or weight set"
+            );
             None
         }
         Loaded::Unreadable(e) => {
