@@ -294,6 +294,8 @@ fn programs_in_included_files_are_supervised_and_updated() {
         "{text}"
     );
     assert_eq!(m.prog("web")["command"][1], "301");
+}
+
 /// A named update that removes the last program of a group another program depends on is refused, naming
 /// the dependent, whose own saved change drops the dependency (it named the removed group, already named).
 #[test]
