@@ -157,11 +157,15 @@ impl Api {
                 let cmd = match *verb {
                     "start" => Command::Start(names),
                     "stop" => Command::Stop(names),
-                    "restart" => match rolling_of(req.uri().query()) {
-                        Ok(Some(limit)) => Command::Roll(names, limit),
-                        Ok(None) => Command::Restart(names),
-                        Err(resp) => return resp,
-                    },
+                    "restart" => {
+                        match known_params(req.uri().query(), "a restart", &["rolling", "wait_secs"])
+                            .and_then(|_| rolling_of(req.uri().query()))
+                        {
+                            Ok(Some(limit)) => Command::Roll(names, limit),
+                            Ok(None) => Command::Restart(names),
+                            Err(resp) => return resp,
+                        }
+                    }
                     "clear" => Command::Clear(names),
                     "signal" => match signal_of(req).await {
                         Ok(sig) => Command::Signal(names, sig),
@@ -622,19 +626,31 @@ fn rolling_of(query: Option<&str>) -> Result<Option<Duration>, Response<Body>> {
     }
 }
 
+/// `query`'s parameters, when each is one `what` takes (`takes`): a misspelt one is a 400, not ignored (a
+/// misspelt `name` applied every change, `rollin=1` restarted everything at once).
+#[allow(clippy::result_large_err)]
+fn known_params(
+    query: Option<&str>,
+    what: &str,
+    takes: &[&str],
+) -> Result<Vec<(String, String)>, Response<Body>> {
+    let bad = |m: &str| error(StatusCode::BAD_REQUEST, "bad_query", m);
+    let pairs = query_pairs(query).map_err(|e| bad(&e))?;
+    if let Some((k, _)) = pairs.iter().find(|(k, _)| !takes.contains(&k.as_str())) {
+        return Err(bad(&format!(
+            "unknown parameter {k:?}: {what} takes {}",
+            takes.join(", ")
+        )));
+    }
+    Ok(pairs)
+}
+
 /// An update's `?name=N` (repeated, at most 32): the programs a named update applies; none: every change.
 /// A parameter an update does not take is refused: a misspelt `name` would otherwise apply every change.
 #[allow(clippy::result_large_err)]
 fn names_of(query: Option<&str>) -> Result<Vec<String>, Response<Body>> {
     let bad = |m: &str| error(StatusCode::BAD_REQUEST, "bad_query", m);
-    let pairs = query_pairs(query).map_err(|e| bad(&e))?;
-    if let Some((k, _)) =
-        (pairs.iter()).find(|(k, _)| !["name", "rolling", "wait_secs"].contains(&k.as_str()))
-    {
-        return Err(bad(&format!(
-            "unknown parameter {k:?}: an update takes name, rolling and wait_secs"
-        )));
-    }
+    let pairs = known_params(query, "an update", &["name", "rolling", "wait_secs"])?;
     let names: Vec<String> = (pairs.into_iter())
         .filter(|(k, _)| k == "name")
         .map(|(_, v)| v)
@@ -683,6 +699,9 @@ mod tests {
         for bad in ["nme=web", "name=web&names=app", "rolling=1&wait=5"] {
             assert_eq!(names(bad), Err(http::StatusCode::BAD_REQUEST), "{bad}");
         }
+        let restart = |q: &str| super::known_params(Some(q), "a restart", &["rolling", "wait_secs"]).is_ok();
+        assert!(restart("rolling=1&wait_secs=5"));
+        assert!(!restart("rollin=1"));
     }
 
     /// The runtime's path decoder, as the routes use it.
