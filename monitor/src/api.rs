@@ -158,9 +158,11 @@ impl Api {
                     "start" => Command::Start(names),
                     "stop" => Command::Stop(names),
                     "restart" => {
-                        match known_params(req.uri().query(), "a restart", &["rolling", "wait_secs"])
-                            .and_then(|_| rolling_of(req.uri().query()))
-                        {
+                        let query = req.uri().query();
+                        if let Err(resp) = known_params(query, "a restart", &["rolling", "wait_secs"]) {
+                            return resp;
+                        }
+                        match rolling_of(query) {
                             Ok(Some(limit)) => Command::Roll(names, limit),
                             Ok(None) => Command::Restart(names),
                             Err(resp) => return resp,
