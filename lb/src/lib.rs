@@ -40,9 +40,10 @@ pub async fn run(ctx: Context<Config>) -> Result<(), Error> {
     dir.collect_metrics();
     // Before the API answers: a peer starting beside this one (every balancer restarted at once) then reads
     // this file's state in our status, not an empty one.
-    if let Some(path) = cfg.state_file.clone() {
-        restore_state_file(&dir, path).await;
-    }
+    let lost = match cfg.state_file.clone() {
+        Some(path) => restore_state_file(&dir, path).await,
+        None => false,
+    };
     tokio::spawn(dir.clone().run_housekeeping(drain.clone()));
     // The first balancer is this one's advertised address (validation puts it there).
     let started = (cfg.listen, cfg.balancers.first().copied().unwrap_or(cfg.listen));
@@ -70,8 +71,16 @@ pub async fn run(ctx: Context<Config>) -> Result<(), Error> {
         .filter(|&&p| p != cfg.listen)
         .copied()
         .collect();
+    // A state file refused or unreadable lost what this balancer knew: its peers, which may be restarting
+    // beside it (every balancer restarted at once), are asked again for a few seconds before it goes on
+    // without them, where a balancer with nothing to lose asks once.
+    let patience = if lost {
+        directory::peers::PATIENCE_WHEN_LOST
+    } else {
+        std::time::Duration::ZERO
+    };
     tokio::select! {
-        () = directory::peers::take_drains(&dir, &peers) => {}
+        () = directory::peers::take_drains(&dir, &peers, patience) => {}
         () = drain.cancelled() => {}
     }
     // The state settled here (the file's, or the newer peers') is what a restart must find.
@@ -105,22 +114,24 @@ pub async fn run(ctx: Context<Config>) -> Result<(), Error> {
 }
 
 /// Reads `[directory] state_file` (on a blocking thread: it may set a bad file aside) and restores its
-/// drains and run-time weights; every later change is written to it.
-async fn restore_state_file(dir: &Directory, path: std::path::PathBuf) {
+/// drains and run-time weights; every later change is written to it. True when the file held a state that
+/// is lost (refused or unreadable).
+async fn restore_state_file(dir: &Directory, path: std::path::PathBuf) -> bool {
     let at = path.clone();
     let now = directory::state::unix_ms();
-    let loaded = tokio::task::spawn_blocking(move || directory::state::load_logged(&at, now))
-        .await
-        .ok()
-        .flatten();
+    let restored = tokio::task::spawn_blocking(move || directory::state::load_logged(&at, now)).await;
     dir.keep_state_in(path.clone());
-    if let Some(state) = loaded {
+    let Ok(restored) = restored else {
+        return true;
+    };
+    if let Some(state) = restored.state {
         let (drains, weights) = dir.restore_state(&state);
         tracing::info!(
             file = %path.display(), drains, weights, changed_unix_ms = state.changed_unix_ms,
             "drains and run-time weights restored from the state file"
         );
     }
+    restored.lost
 }
 
 /// Waits up to `within` for the directory to route `types` before the proxy opens their listeners (the

@@ -165,6 +165,19 @@ fn the_newest_of_the_file_and_the_peers_state_wins() {
     stderr_has(&p2, "newer than its peers': kept");
     // lb1's next start takes it back from lb2.
     stop(&mut p1);
-    let _p1 = start("lb", lb1, &cfg1, dir.path());
+    p1 = start("lb", lb1, &cfg1, dir.path());
+    assert_eq!(runtime_state(lb1), weight_only);
+
+    // Both down again, and lb1's file corrupt: lb1 starts first, finds no peer up, and keeps asking (for
+    // a few seconds) until lb2, started after it, answers with the state lb1 lost. It used to ask once and
+    // start with nothing, while lb2 kept the weight.
+    stop(&mut p1);
+    stop(&mut p2);
+    std::fs::write(&s1, b"{ not json").unwrap();
+    let path1 = write_file(dir.path(), &format!("lb-{}.toml", lb1.port()), &cfg1);
+    let _p1 = Proc::xcluster("lb", &["lb", "--config", path1.to_str().unwrap()]);
+    stderr_has(&_p1, "state file refused");
+    let _p2 = start("lb", lb2, &cfg2, dir.path());
+    wait_ready(lb1, WAIT);
     assert_eq!(runtime_state(lb1), weight_only);
 }

@@ -61,10 +61,28 @@ fn choose(here: u64, peers: &[u64]) -> Take {
     }
 }
 
+/// How long a balancer whose state file was lost (refused, unreadable) keeps asking its peers, which may be
+/// starting beside it, before it goes on without their state.
+pub const PATIENCE_WHEN_LOST: Duration = Duration::from_secs(5);
+
+/// Between two rounds of asking the peers, while `patience` lasts.
+const ASK_AGAIN: Duration = Duration::from_millis(250);
+
 /// Asks every peer in `peers` for its drained instances and run-time weights and takes the newest state
 /// (see the module's header). A peer that does not answer within [`TIMEOUT`] is skipped (it may be the one
-/// restarting beside this one).
-pub async fn take_drains(dir: &Directory, peers: &[SocketAddr]) {
+/// restarting beside this one); while none has answered, they are asked again for `patience`.
+pub async fn take_drains(dir: &Directory, peers: &[SocketAddr], patience: Duration) {
+    let until = tokio::time::Instant::now() + patience;
+    let mut answers = ask(peers).await;
+    while answers.is_empty() && !peers.is_empty() && tokio::time::Instant::now() < until {
+        tokio::time::sleep(ASK_AGAIN).await;
+        answers = ask(peers).await;
+    }
+    take_newest(dir, peers, answers);
+}
+
+/// Each peer's answer, of those that answered in time.
+async fn ask(peers: &[SocketAddr]) -> Vec<(SocketAddr, Drained)> {
     let asks = peers.iter().map(|&peer| async move {
         let r = client::call(
             peer,
@@ -91,6 +109,11 @@ pub async fn take_drains(dir: &Directory, peers: &[SocketAddr]) {
             Err(e) => debug!(%peer, error = %e, "cannot read a peer's drains"),
         }
     }
+    answers
+}
+
+/// Takes the newest of this balancer's state and `answers` (see the module's header).
+fn take_newest(dir: &Directory, peers: &[SocketAddr], mut answers: Vec<(SocketAddr, Drained)>) {
     if answers.is_empty() {
         if !peers.is_empty() {
             info!(

@@ -222,10 +222,21 @@ pub fn load(path: &Path, now_unix_ms: u64) -> Loaded {
     }
 }
 
-/// [`load`], with what it found logged: the state to restore, if any. Never fails: a balancer starts
-/// whatever the file holds.
-pub fn load_logged(path: &Path, now_unix_ms: u64) -> Option<RuntimeState> {
+/// [`load_logged`]'s answer: the state to restore, if any, and whether one was there but lost (the file
+/// refused or unreadable), when the peers are worth waiting for.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Restored {
+    pub state: Option<RuntimeState>,
+    pub lost: bool,
+}
+
+/// [`load`], with what it found logged. Never fails: a balancer starts whatever the file holds.
+pub fn load_logged(path: &Path, now_unix_ms: u64) -> Restored {
     let file = path.display();
+    let lost = Restored {
+        state: None,
+        lost: true,
+    };
     match load(path, now_unix_ms) {
         Loaded::Missing => {
             tracing::info!(
@@ -233,15 +244,18 @@ pub fn load_logged(path: &Path, now_unix_ms: u64) -> Option<RuntimeState> {
                 "no state file yet: it is written once the start has settled (with the peers' drains and \
                  weights, if any), then at every drain or weight set"
             );
-            None
+            Restored {
+                state: None,
+                lost: false,
+            }
         }
         Loaded::Unreadable(e) => {
             tracing::warn!(
                 %file, error = %e,
                 "cannot read the state file: starting without its drains and run-time weights (a peer's, if \
-                 one answers, apply)"
+                 one answers within a few seconds, apply)"
             );
-            None
+            lost
         }
         Loaded::Refused { why, set_aside } => {
             let kept = match set_aside {
@@ -251,9 +265,9 @@ pub fn load_logged(path: &Path, now_unix_ms: u64) -> Option<RuntimeState> {
             tracing::warn!(
                 %file, problem = %why,
                 "state file refused ({kept}): starting without its drains and run-time weights (a peer's, \
-                 if one answers, apply)"
+                 if one answers within a few seconds, apply)"
             );
-            None
+            lost
         }
         Loaded::Read { state, skipped } => {
             if !skipped.is_empty() {
@@ -263,7 +277,10 @@ pub fn load_logged(path: &Path, now_unix_ms: u64) -> Option<RuntimeState> {
                     "invalid entries of the state file skipped; the others apply"
                 );
             }
-            Some(state)
+            Restored {
+                state: Some(state),
+                lost: false,
+            }
         }
     }
 }

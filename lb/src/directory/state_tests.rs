@@ -99,7 +99,8 @@ fn a_corrupt_file_is_refused_and_set_aside() {
             "kept for a person to read"
         );
         // The logged form starts without state and does not panic; a second start finds no file.
-        assert_eq!(load_logged(&path, NOW), None);
+        let restored = load_logged(&path, NOW);
+        assert_eq!((restored.state, restored.lost), (None, true));
     }
 }
 
@@ -218,5 +219,6 @@ fn an_unreadable_file_is_left_where_it_is() {
     std::fs::create_dir(&path).unwrap();
     assert!(matches!(load(&path, NOW), Loaded::Unreadable(_)));
     assert!(path.is_dir());
-    assert_eq!(load_logged(&path, NOW), None);
+    let restored = load_logged(&path, NOW);
+    assert_eq!((restored.state, restored.lost), (None, true));
 }
