@@ -98,9 +98,13 @@ fn a_corrupt_file_is_refused_and_set_aside() {
             bytes,
             "kept for a person to read"
         );
-        // The logged form starts without state and does not panic; a second start finds no file.
-        let restored = load_logged(&path, NOW);
-        assert_eq!((restored.state, restored.lost), (None, true));
+        // The logged form starts without state, says it was lost, and does not panic; a second start
+        // finds no file, so nothing lost.
+        std::fs::write(&path, bytes).unwrap();
+        let first = load_logged(&path, NOW);
+        assert_eq!((first.state, first.lost), (None, true));
+        let second = load_logged(&path, NOW);
+        assert_eq!((second.state, second.lost), (None, false));
     }
 }
 
