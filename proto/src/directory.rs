@@ -190,6 +190,9 @@ pub struct ProxyBackendStatus {
     pub drained: bool,
     /// Its weight as set at run time (`xcluster ctl weight`), which `weight` is the configured one beneath.
     pub weight_set: Option<String>,
+    /// The weight its picks use (HAProxy's effective weight): `weight` with `weight_set` applied, 0 while
+    /// drained; `None` where `weight` is.
+    pub effective_weight: Option<u64>,
 }
 
 /// One instance as the dashboard shows it.

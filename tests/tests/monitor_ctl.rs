@@ -452,6 +452,7 @@ fn ctl_cluster_shows_balancers_and_their_proxies() {
             "0",
             "(drain)",
             "3",
+            "0",
             "failing",
             "drained",
             "backup"

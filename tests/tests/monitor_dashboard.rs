@@ -140,7 +140,7 @@ fn the_dashboard_shows_programs_and_the_cluster_and_reacts_to_a_restart() {
     assert!(
         dom.contains(
             "<tr data-backend=\"127.0.0.1:7101\"><td>127.0.0.1:7101</td><td>2</td><td>64</td><td>1233</td><td>1</td><td>12</td><td>13</td>\
-             <td>15</td><td>2.0 KiB</td><td>5.0 MiB</td><td>0 (drain)</td><td>3</td><td>failing</td><td>drained</td><td>backup</td>\
+             <td>15</td><td>2.0 KiB</td><td>5.0 MiB</td><td>0 (drain)</td><td>3</td><td>0</td><td>failing</td><td>drained</td><td>backup</td>\
              <td><button data-drain=\"127.0.0.1:7101\" data-action=\"undrain\">undrain</button></td></tr>"
         ),
         "{dom}"

@@ -176,10 +176,18 @@ fn a_fixed_backend_takes_a_weight_set_at_run_time() {
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(seen(), ["B".to_string()].into());
     assert_eq!((weight_set(a), weight_set(b)), (json!("0"), json!(null)));
+    // What the picks use, as the status shows it: A's 0, B's configured weight.
+    let weight = |addr| backend_row(api, addr)["weight"].as_u64().unwrap();
+    let effective = |addr| backend_row(api, addr)["effective_weight"].as_u64();
+    assert_eq!((effective(a), effective(b)), (Some(0), Some(weight(b))));
     // A share of it: 0% of B's, with A back at 50% of its own, leaves only A.
     assert_eq!(set_drain(api, &a.to_string(), "weight/50%25").status, 200);
     assert_eq!(set_drain(api, &b.to_string(), "weight/0%25").status, 200);
     assert_eq!(seen(), ["A".to_string()].into());
+    assert_eq!(
+        (effective(a), effective(b)),
+        (Some((weight(a) / 2).max(1)), Some(0))
+    );
     // Refused: a weight out of range, and an address that is no backend.
     let r = set_drain(api, &a.to_string(), "weight/1001%25");
     assert_eq!(r.status, 400, "{}", r.body);

@@ -167,6 +167,7 @@ const BACKEND_COLUMNS: &[Column] = &[
         Some(n) => n.to_string(),
     }),
     ("weight set", "weight_set", cell),
+    ("effective", "effective_weight", cell),
     ("state", "failing", |v| flag(v, "failing", "ok")),
     ("drain", "drained", |v| flag(v, "drained", "-")),
     ("tier", "backup", |v| flag(v, "backup", "primary")),

@@ -48,6 +48,12 @@ async fn route(dir: Directory, req: Request<Incoming>) -> Response<Body> {
             for b in &mut status.proxy.backends {
                 b.drained = drained.contains(&&b.addr);
                 b.weight_set = status.weights.get(&b.addr).cloned();
+                let set = b.weight_set.as_deref().and_then(|w| w.parse::<WeightSet>().ok());
+                b.effective_weight = b.weight.map(|w| match (b.drained, set) {
+                    (true, _) => 0,
+                    (false, Some(set)) => u64::from(set.apply(u32::try_from(w).unwrap_or(u32::MAX))),
+                    (false, None) => w,
+                });
             }
             json(StatusCode::OK, &status)
         }

@@ -208,7 +208,7 @@ pub fn fake_balancer() -> std::net::SocketAddr {
                 "rejected": 4, "denied": 5, "header_errors": 6, "sni_routed": 16, "retries": 3, "waiting": 7, "queued": 9, "rate_waits": 17, "accept_errors": 10, "idle_timeouts": 0, "client_errors": 11, "backend_errors": 14, "bytes_up": 2048, "bytes_down": 5242880,
                 "unbound": true}],
                 "backends": [{"addr": "127.0.0.1:7101", "active": 2, "max_connections": 64, "connects": 1233,
-                "connect_failures": 1, "check_failures": 12, "full": 13, "closed_on_down": 15, "bytes_up": 2048, "bytes_down": 5242880, "weight": 0, "weight_set": "3", "failing": true, "drained": true, "backup": true}]}}"#;
+                "connect_failures": 1, "check_failures": 12, "full": 13, "closed_on_down": 15, "bytes_up": 2048, "bytes_down": 5242880, "weight": 0, "weight_set": "3", "effective_weight": 0, "failing": true, "drained": true, "backup": true}]}}"#;
             let _ = write!(
                 s,
                 "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
