@@ -365,36 +365,18 @@ impl Api {
             let msg = format!("{name} keeps no {stream} log ({stream}_logfile = \"none\")");
             return error(StatusCode::NOT_FOUND, "no_log", &msg);
         };
-        let mut rx = live.subscribe();
-        let head = match log_head(path, bytes) {
-            Ok(head) => head,
-            Err(resp) => return resp,
-        };
-        if !follow {
-            return with_type(StatusCode::OK, "text/plain; charset=utf-8", head);
-        }
-        let drain = self.drain.clone();
-        let (tx, body) = mpsc::channel::<Bytes>(16);
-        tokio::spawn(async move {
-            if tx.send(Bytes::from(head)).await.is_err() {
-                return;
-            }
+        let rx = live.subscribe();
+        // What the program writes from now on, as its log file gets it (a lagging reader skips ahead).
+        let more = futures_util::stream::unfold(rx, |mut rx| async move {
             loop {
-                let chunk = tokio::select! {
-                    _ = drain.cancelled() => return,
-                    _ = tx.closed() => return,
-                    r = rx.recv() => match r {
-                        Ok(b) => b,
-                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
-                        Err(_) => return,
-                    },
-                };
-                if tx.send(chunk).await.is_err() {
-                    return;
+                match rx.recv().await {
+                    Ok(b) => return Some((b, rx)),
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                    Err(_) => return None,
                 }
             }
         });
-        stream_response("text/plain; charset=utf-8", body)
+        self.log_answer(path, bytes, follow, more)
     }
 
     /// `GET /v1/log?bytes=N[&follow=1]`: the monitor's own log (supervisorctl's `maintail`), when its stderr
@@ -410,7 +392,32 @@ impl Api {
                        where the monitor was started, or start it with `xcluster up --detach`";
             return error(StatusCode::NOT_FOUND, "no_log", msg);
         };
-        let head = match log_head(&path, bytes) {
+        // What the file gains from now on, read every FOLLOW_POLL; measured before the head is read, so a
+        // line written in between is shown twice rather than lost.
+        let at = std::fs::metadata(&path).map_or(0, |m| m.len());
+        let more = futures_util::stream::unfold((path.clone(), at), |(path, mut at)| async move {
+            loop {
+                tokio::time::sleep(FOLLOW_POLL).await;
+                match crate::logs::read_from(&path, &mut at, FOLLOW_CHUNK).await {
+                    Ok(chunk) if chunk.is_empty() => continue,
+                    Ok(chunk) => return Some((Bytes::from(chunk), (path, at))),
+                    Err(_) => return None,
+                }
+            }
+        });
+        self.log_answer(&path, bytes, follow, more)
+    }
+
+    /// A log's last `bytes` (whole lines), and with `follow` what `more` yields after them, until the client
+    /// goes, the monitor drains or `more` ends.
+    fn log_answer(
+        &self,
+        path: &std::path::Path,
+        bytes: u64,
+        follow: bool,
+        more: impl futures_util::Stream<Item = Bytes> + Send + 'static,
+    ) -> Response<Body> {
+        let head = match log_head(path, bytes) {
             Ok(head) => head,
             Err(resp) => return resp,
         };
@@ -420,20 +427,21 @@ impl Api {
         let drain = self.drain.clone();
         let (tx, body) = mpsc::channel::<Bytes>(16);
         tokio::spawn(async move {
-            let mut at = std::fs::metadata(&path).map_or(0, |m| m.len());
+            use futures_util::StreamExt;
+            let mut more = std::pin::pin!(more);
             if tx.send(Bytes::from(head)).await.is_err() {
                 return;
             }
             loop {
-                tokio::select! {
+                let chunk = tokio::select! {
                     _ = drain.cancelled() => return,
                     _ = tx.closed() => return,
-                    _ = tokio::time::sleep(FOLLOW_POLL) => {}
-                }
-                let Ok(chunk) = crate::logs::read_from(&path, &mut at, FOLLOW_CHUNK).await else {
-                    return;
+                    next = more.next() => match next {
+                        Some(chunk) => chunk,
+                        None => return,
+                    },
                 };
-                if !chunk.is_empty() && tx.send(Bytes::from(chunk)).await.is_err() {
+                if tx.send(chunk).await.is_err() {
                     return;
                 }
             }
