@@ -137,6 +137,14 @@ struct Named {
     backend: bool,
 }
 
+impl Named {
+    /// A server this balancer has now (an instance or a backend), or else `kept` (in its drains or weights,
+    /// which may be cleared once the server is gone).
+    fn known_or(&self, kept: bool) -> bool {
+        self.instance || self.backend || kept
+    }
+}
+
 /// Why a run-time weight was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum SetWeightError {
@@ -425,15 +433,12 @@ impl Directory {
     /// and on one that restarts (it takes the drains of its peers). Returns the id as kept, `None` if unknown.
     pub fn set_drained(&self, id: &str, on: bool) -> Option<String> {
         let mut table = self.table();
-        let Named {
-            id,
-            instance,
-            backend,
-        } = self.named(&table, id);
+        let named = self.named(&table, id);
         // Undrained even once no longer known: a backend a reload removed, or a drain taken from a peer.
-        if !(instance || backend || (!on && table.drained.contains(&id))) {
+        if !named.known_or(!on && table.drained.contains(&named.id)) {
             return None;
         }
+        let id = named.id;
         if on {
             table.drained.insert(id.clone());
         } else {
@@ -449,16 +454,13 @@ impl Directory {
     /// back to `100%`, and on one that restarts (it takes its peers'). Returns the id as kept.
     pub fn set_weight(&self, id: &str, set: WeightSet) -> Result<String, SetWeightError> {
         let mut table = self.table();
-        let Named {
-            id,
-            instance,
-            backend,
-        } = self.named(&table, id);
+        let named = self.named(&table, id);
         // Cleared even once no longer known, as an undrain.
-        if !(instance || backend || (set.is_neutral() && table.weights.contains_key(&id))) {
+        if !named.known_or(set.is_neutral() && table.weights.contains_key(&named.id)) {
             return Err(SetWeightError::Unknown);
         }
-        if instance && matches!(set, WeightSet::Absolute(_)) {
+        let id = named.id;
+        if named.instance && matches!(set, WeightSet::Absolute(_)) {
             return Err(SetWeightError::InstanceAbsolute(id));
         }
         table.set_weight(id.clone(), set);
