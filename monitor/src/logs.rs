@@ -143,13 +143,14 @@ pub fn rotate_own_log(maxbytes: u64, backups: u32) -> std::io::Result<Option<Pat
     if maxbytes == 0 {
         return Ok(None);
     }
+    // The size first (one stat a second); which file it is only once it is full.
+    let err = std::fs::metadata("/proc/self/fd/2")?;
+    if !err.is_file() || err.len() < maxbytes {
+        return Ok(None);
+    }
     let Some(path) = own_log_file() else {
         return Ok(None);
     };
-    let err = std::fs::metadata("/proc/self/fd/2")?;
-    if err.len() < maxbytes {
-        return Ok(None);
-    }
     let out = std::fs::metadata("/proc/self/fd/1").ok();
     let stdout_too = out.is_some_and(|o| (o.dev(), o.ino()) == (err.dev(), err.ino()));
     if backups == 0 {

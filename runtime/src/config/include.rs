@@ -38,9 +38,11 @@ pub fn apply(table: &mut toml::Table, base: Option<&Path>, sections: &[&str], is
         return;
     };
     let mut files = Vec::new();
+    // A file two patterns match is read once, not taken for a second definition of its programs.
+    let mut seen = std::collections::HashSet::new();
     for pattern in patterns {
         match expand(dir, pattern) {
-            Ok(found) => files.extend(found),
+            Ok(found) => files.extend(found.into_iter().filter(|f| seen.insert(f.clone()))),
             Err(why) => issues.push(included(format!("{pattern:?}: {why}"))),
         }
     }
@@ -230,6 +232,13 @@ mod tests {
         assert_eq!(issues, Vec::<String>::new());
         assert_eq!(names(&t), ["cache", "db", "main", "web"]);
         assert!(!t.contains_key("include"));
+        // A file several patterns match counts once.
+        let (t, issues) = merged(
+            "",
+            &[("conf.d/web.toml", "[programs.web]\n")],
+            r#"["conf.d/*.toml", "conf.d/web.toml"]"#,
+        );
+        assert_eq!((names(&t), issues), (vec!["web"], vec![]));
         // An empty directory is no error; a single pattern may be a plain string.
         let (t, issues) = merged("[programs.main]\n", &[], r#""conf.d/*.toml""#);
         assert_eq!((names(&t), issues), (vec!["main"], vec![]));
