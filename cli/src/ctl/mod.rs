@@ -120,9 +120,6 @@ pub fn run(args: CtlArgs) -> i32 {
     }
 }
 
-/// How often `shutdown` asks whether the monitor is gone.
-const SHUTDOWN_POLL: Duration = Duration::from_millis(100);
-
 /// `shutdown`: like `stop`, it answers once done (within `--wait-secs`; `--no-wait` at once). The monitor
 /// keeps its API until every program has stopped and its run directory is released, so once the API no
 /// longer answers the next `xcluster up` finds the port and the directory free (it failed with "address
@@ -142,7 +139,7 @@ fn shutdown(c: &Client, args: &CtlArgs) -> Result<i32, Failure> {
                 );
                 return Ok(EXIT_FAILED);
             }
-            std::thread::sleep(SHUTDOWN_POLL);
+            std::thread::sleep(programs::WAIT_POLL);
         }
     }
     if args.json {

@@ -468,8 +468,8 @@ fn overdue(p: &Value, limit: Duration) -> String {
     format!("still {}{why} after {} s", cell(&p["state"]), limit.as_secs())
 }
 
-/// How often a waiting start, stop or restart reads the status.
-const WAIT_POLL: Duration = Duration::from_millis(100);
+/// How often a waiting start, stop, restart or shutdown asks the monitor again.
+pub(super) const WAIT_POLL: Duration = Duration::from_millis(100);
 
 /// Waits until every program whose command was taken reaches `goal` or fails, up to `limit`, and puts the
 /// final answer in its result.
