@@ -22,6 +22,8 @@ pub(super) struct Bufs {
     pub(super) spares: Vec<u16>,
     /// Buffer ids `0..given` have been handed to the kernel; the rest of `mem` is untouched.
     pub(super) given: u16,
+    /// Ring buffers the kernel has handed to this code (their completions seen) and not yet given back.
+    out: u16,
     pub(super) tail: u16,
     /// Per buffer id, while it is queued: the bytes received into it, and the next buffer of its queue.
     pub(super) len: Vec<u32>,
@@ -68,6 +70,7 @@ impl Bufs {
             // Popped from the end: `count` first.
             spares: (count..count + Self::spares(count)).rev().collect(),
             given: 0,
+            out: 0,
             tail: 0,
             len: vec![0; Self::ids(count)],
             next: vec![NO_BUF; Self::ids(count)],
@@ -109,11 +112,25 @@ impl Bufs {
         }
     }
 
+    /// Notes that a completion brought ring buffer `bid` to this code.
+    pub(super) fn taken(&mut self, bid: u16) {
+        if bid < self.count {
+            self.out += 1;
+        }
+    }
+
+    /// Ring buffers the kernel can hand out, as far as the completions seen so far tell: more than it had
+    /// when a completion reaped since reports the ring empty, if a buffer was given back in between.
+    pub(super) fn in_ring(&self) -> u16 {
+        self.given.saturating_sub(self.out)
+    }
+
     /// Takes buffer `bid` back: to the kernel's ring, or to the spare stack.
     pub(super) fn put(&mut self, bid: u16) {
         if bid >= self.count {
             self.spares.push(bid);
         } else {
+            self.out = self.out.saturating_sub(1);
             self.give(bid);
         }
     }

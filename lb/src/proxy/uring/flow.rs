@@ -103,6 +103,9 @@ impl Loop {
 
     pub(super) fn on_recv(&mut self, slot: u32, d: usize, res: i32, flags: u32) {
         let bid = cqueue::buffer_select(flags);
+        if let Some(b) = bid {
+            self.bufs.taken(b);
+        }
         let more = cqueue::more(flags);
         // Only the last completion of a multishot receive ends the operation.
         let live = if more {
@@ -183,7 +186,9 @@ impl Loop {
                 }
             }
             e if e == -libc::ENOBUFS => {
-                if self.bufs.grow(BUF_GROW) {
+                // A buffer given back since the kernel found the ring empty (a send completed earlier in
+                // this batch) woke no one, as this direction was not waiting yet: it tries again at once.
+                if self.bufs.in_ring() > 0 || self.bufs.grow(BUF_GROW) {
                     self.arm_recv(slot, d);
                 } else {
                     metrics::counter!(BUFFER_WAITS_TOTAL).increment(1);

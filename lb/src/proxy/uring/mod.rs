@@ -581,8 +581,10 @@ impl Loop {
         self.conns.get_mut(slot as usize).and_then(Option::as_mut)
     }
 
-    /// Gives a buffer back to the kernel (or a spare to its stack), and lets one direction that found the
-    /// ring empty try again.
+    /// Gives a buffer back to the kernel (or a spare to its stack), and lets directions that found the ring
+    /// empty try again until one receives from it. A woken bulk direction may take no ring buffer (it pumps
+    /// through a spare, or its queue is still sending), and then the buffer is still for the next: a wake
+    /// spent on it would leave the buffer in the ring and the others waiting for a give that may not come.
     fn give_buf(&mut self, bid: u16) {
         self.bufs.put(bid);
         if bid >= self.bufs.count {
@@ -595,7 +597,9 @@ impl Loop {
             }
             c.dirs[d].starved = false;
             self.arm_recv(slot, d);
-            return;
+            if self.conn(slot).is_some_and(|c| c.dirs[d].armed) {
+                return;
+            }
         }
     }
 
