@@ -4,7 +4,9 @@
 //! pass the balance check, and the outbox workers take rows with `FOR UPDATE SKIP LOCKED`.
 
 use super::postgres::Tx;
-use super::postgres_orders::{load_order, lock_order, move_stock, refund_lines, return_units, transition};
+use super::postgres_orders::{
+    load_order, lock_order, lock_skus_of, move_stock, refund_lines, return_units, transition,
+};
 use super::{OrderView, PaymentCallback, RefundRequest, Refunded, Settlement, StoreError};
 use crate::domain::{Cents, OrderStatus, Reject, Transition, now_ms};
 
@@ -185,6 +187,7 @@ pub fn refund(t: &mut Tx<'_>, r: &RefundRequest, inline_weak: bool) -> Res<Refun
     post(t, "refund", &reference, &order_rules::refund_entries(&o, &plan))?;
     // Goods not shipped come back on sale; shipped ones stay with the buyer.
     let restock = order_rules::refund_restocks(&o);
+    lock_skus_of(t, &[id])?;
     for (sku, qty) in &plan.take {
         return_units(t, sku, *qty, restock)?;
         t.exec(

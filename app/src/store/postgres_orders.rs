@@ -173,8 +173,33 @@ pub fn lock_order(t: &mut Tx<'_>, id: &str) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// Moves an order's units between stock columns (e.g. `reserved` → `available`).
+/// Locks the SKU rows of orders `ids`' lines, by name. Every transaction that writes several SKU rows takes
+/// them in that order before writing (an order group does too, `postgres_create`): an `UPDATE ... FROM` locks
+/// them in the order its plan meets them, and two such writers (a sweep and a group, two payments, two
+/// merchants' updates) locking the same rows in opposite orders deadlocked until the server broke one and
+/// the store retried it, about a second later.
+pub fn lock_skus_of(t: &mut Tx<'_>, ids: &[&str]) -> Result<(), StoreError> {
+    t.exec(
+        "SELECT 1 FROM skus WHERE sku IN (SELECT sku FROM order_lines WHERE order_id = ANY($1))
+         ORDER BY sku FOR UPDATE",
+        &[&ids],
+    )?;
+    Ok(())
+}
+
+/// Locks SKU rows `skus` by name (see [`lock_skus_of`]).
+fn lock_skus(t: &mut Tx<'_>, skus: &[&str]) -> Result<(), StoreError> {
+    t.exec(
+        "SELECT 1 FROM skus WHERE sku = ANY($1) ORDER BY sku FOR UPDATE",
+        &[&skus],
+    )?;
+    Ok(())
+}
+
+/// Moves an order's units between stock columns (e.g. `reserved` → `available`), its SKU rows locked by
+/// name first.
 pub fn move_stock(t: &mut Tx<'_>, id: &str, from_col: &str, to_col: &str) -> Result<(), StoreError> {
+    lock_skus_of(t, &[id])?;
     let sql = format!(
         "UPDATE skus SET {from_col} = skus.{from_col} - l.qty, {to_col} = skus.{to_col} + l.qty
          FROM order_lines l WHERE l.order_id = $1 AND l.sku = skus.sku"
@@ -258,6 +283,13 @@ pub fn expire_due(t: &mut Tx<'_>, now: i64, limit: u32) -> Result<super::Expired
         .iter()
         .map(|r| (r.get(0), r.get(1), r.get(2)))
         .collect();
+    if due.is_empty() {
+        return Ok(super::Expired::default());
+    }
+    // Every due order's SKU rows at once: one order's at a time would lock a later order's rows after an
+    // earlier one's, in no set order.
+    let ids: Vec<&str> = due.iter().map(|(id, ..)| id.as_str()).collect();
+    lock_skus_of(t, &ids)?;
     let mut out = super::Expired::default();
     for (id, user, kind) in due {
         if transition(t, &id, Transition::Expire)?.is_ok() {
@@ -274,6 +306,9 @@ pub fn expire_due(t: &mut Tx<'_>, now: i64, limit: u32) -> Result<super::Expired
 }
 
 pub fn update_stock(t: &mut Tx<'_>, updates: &[StockUpdate]) -> Res<Vec<Sku>> {
+    // Applied in the merchant's order, locked by name.
+    let skus: Vec<&str> = updates.iter().map(|u| u.sku.as_str()).collect();
+    lock_skus(t, &skus)?;
     let mut out = Vec::new();
     for u in updates {
         let change = i64::from(u.receive) - i64::from(u.write_off);

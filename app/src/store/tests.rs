@@ -2,6 +2,7 @@
 //! file, PostgreSQL on a throwaway server. Two store handles on one database stand in for two processes.
 
 mod batches;
+mod lock_order;
 mod postgres_conn;
 mod refunds;
 
