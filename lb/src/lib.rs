@@ -23,6 +23,8 @@ pub enum Error {
     /// The L4 proxy could not start (issue 5).
     #[error(transparent)]
     Proxy(#[from] proxy::Error),
+    #[error(transparent)]
+    StateFile(#[from] directory::state::ClaimError),
 }
 
 /// Runs the lb until drained.
@@ -40,6 +42,12 @@ pub async fn run(ctx: Context<Config>) -> Result<(), Error> {
     dir.collect_metrics();
     // Before the API answers: a peer starting beside this one (every balancer restarted at once) then reads
     // this file's state in our status, not an empty one.
+    // Held until this balancer ends.
+    let _claim = cfg
+        .state_file
+        .as_deref()
+        .map(directory::state::claim)
+        .transpose()?;
     let lost = match cfg.state_file.clone() {
         Some(path) => restore_state_file(&dir, path).await,
         None => false,

@@ -181,3 +181,36 @@ fn the_newest_of_the_file_and_the_peers_state_wins() {
     wait_ready(lb1, WAIT);
     assert_eq!(runtime_state(lb1), weight_only);
 }
+
+/// Two balancers given one state file would overwrite each other's drains: the second is refused at start,
+/// naming the file, and the first keeps running and writing it. Once the first is gone (even killed: the
+/// kernel drops its lock), the file is free again.
+#[test]
+fn a_second_balancer_given_the_same_state_file_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("lb.state.json");
+    let (lb1, lb2) = (free_addr(), free_addr());
+    let mut first = start("lb", lb1, &config(lb1, &state), dir.path());
+    let cfg2 = write_file(dir.path(), "lb2.toml", &config(lb2, &state));
+    let mut second = Proc::xcluster("lb2", &["lb", "--config", cfg2.to_str().unwrap()]);
+    assert_eq!(second.wait_exit(WAIT), Some(1), "{}", second.stderr());
+    let why = second.stderr();
+    assert!(
+        why.contains("another balancer keeps its state in") && why.contains(&state.display().to_string()),
+        "{why}"
+    );
+    let a = FakeApp::start("a");
+    let r = post_signed(
+        lb1,
+        &report("host-1", now_ms() * 1000, now_ms(), &[("h1/a", a.addr, 0)]),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    call(lb1, "h1/a", "drain");
+    let written: serde_json::Value = serde_json::from_slice(&std::fs::read(&state).unwrap()).unwrap();
+    assert_eq!(written["drained"], serde_json::json!(["h1/a"]), "{written}");
+
+    first.signal(Signal::SIGKILL);
+    assert_eq!(first.wait_exit(WAIT), Some(128 + 9));
+    let _second = start("lb", lb2, &config(lb2, &state), dir.path());
+    assert_eq!(runtime_state(lb2).0, serde_json::json!(["h1/a"]));
+}

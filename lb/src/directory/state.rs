@@ -181,6 +181,51 @@ pub fn bad_path(path: &Path) -> PathBuf {
     with_suffix(path, ".bad")
 }
 
+/// `<file>.lock`: locked (`flock`) by the balancer keeping its state in `<file>`, for as long as it runs.
+pub fn lock_path(path: &Path) -> PathBuf {
+    with_suffix(path, ".lock")
+}
+
+/// Why a balancer cannot keep its state in a file.
+#[derive(Debug, thiserror::Error)]
+pub enum ClaimError {
+    /// Two balancers writing one file would each overwrite the other's drains (and share one temp file).
+    #[error(
+        "another balancer keeps its state in {path} (it holds {lock}): give each balancer a state_file of its own"
+    )]
+    Taken { path: PathBuf, lock: PathBuf },
+    #[error("cannot lock {lock}: {source}")]
+    Lock { lock: PathBuf, source: std::io::Error },
+}
+
+/// Takes the state file at `path` for this balancer until the returned lock is dropped (at exit, or when
+/// the process dies: the kernel releases it). A second balancer given the same file is refused at start.
+pub fn claim(path: &Path) -> Result<nix::fcntl::Flock<std::fs::File>, ClaimError> {
+    let lock = lock_path(path);
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock)
+        .map_err(|source| ClaimError::Lock {
+            lock: lock.clone(),
+            source,
+        })?;
+    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(|(_, errno)| {
+        if errno == nix::errno::Errno::EWOULDBLOCK {
+            ClaimError::Taken {
+                path: path.into(),
+                lock,
+            }
+        } else {
+            ClaimError::Lock {
+                lock,
+                source: errno.into(),
+            }
+        }
+    })
+}
+
 /// `<file>.tmp`: where a write goes before it replaces the file (the same directory, so rename is atomic).
 pub fn tmp_path(path: &Path) -> PathBuf {
     with_suffix(path, ".tmp")
