@@ -40,14 +40,20 @@ pub async fn run(ctx: Context<Config>) -> Result<(), Error> {
     }
     let dir = Directory::new(directory::Settings::from_config(&cfg));
     dir.collect_metrics();
+    // Held until this balancer ends. A lock that cannot be taken at all (a read-only directory) is a
+    // warning, as a failed write is: the balancer runs, its drains in memory; only a file another balancer
+    // holds stops it.
+    let _claim = match cfg.state_file.as_deref().map(directory::state::claim) {
+        Some(Err(e @ directory::state::ClaimError::Taken { .. })) => return Err(e.into()),
+        Some(Err(e)) => {
+            tracing::warn!(error = %e, "state file not locked: another balancer given it would not be refused");
+            None
+        }
+        Some(Ok(lock)) => Some(lock),
+        None => None,
+    };
     // Before the API answers: a peer starting beside this one (every balancer restarted at once) then reads
     // this file's state in our status, not an empty one.
-    // Held until this balancer ends.
-    let _claim = cfg
-        .state_file
-        .as_deref()
-        .map(directory::state::claim)
-        .transpose()?;
     let lost = match cfg.state_file.clone() {
         Some(path) => restore_state_file(&dir, path).await,
         None => false,
