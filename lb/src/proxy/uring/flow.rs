@@ -189,7 +189,7 @@ impl Loop {
                 // A buffer given back since the kernel found the ring empty (a send completed earlier in
                 // this batch) woke no one, as this direction was not waiting yet: it tries again at once.
                 if self.bufs.in_ring() > 0 || self.bufs.grow(BUF_GROW) {
-                    self.arm_recv(slot, d);
+                    self.maybe_resume(slot, d);
                 } else {
                     metrics::counter!(BUFFER_WAITS_TOTAL).increment(1);
                     dir.starved = true;

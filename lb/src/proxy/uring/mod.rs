@@ -582,9 +582,10 @@ impl Loop {
     }
 
     /// Gives a buffer back to the kernel (or a spare to its stack), and lets directions that found the ring
-    /// empty try again until one receives from it. A woken bulk direction may take no ring buffer (it pumps
-    /// through a spare, or its queue is still sending), and then the buffer is still for the next: a wake
-    /// spent on it would leave the buffer in the ring and the others waiting for a give that may not come.
+    /// empty try again until one receives from it. A woken direction may take no ring buffer (a bulk one
+    /// pumps through a spare; one whose queue is still sending resumes as it drains), and then the buffer is
+    /// still for the next: a wake spent on it would leave the buffer in the ring and the others waiting for
+    /// a give that may not come.
     fn give_buf(&mut self, bid: u16) {
         self.bufs.put(bid);
         if bid >= self.bufs.count {
@@ -596,7 +597,7 @@ impl Loop {
                 continue;
             }
             c.dirs[d].starved = false;
-            self.arm_recv(slot, d);
+            self.maybe_resume(slot, d);
             if self.conn(slot).is_some_and(|c| c.dirs[d].armed) {
                 return;
             }
