@@ -230,6 +230,20 @@ pub enum CtlVerb {
         #[arg(long)]
         rolling: bool,
     },
+    /// Start programs new in the saved config (supervisorctl's `add`), leaving every other change pending;
+    /// refused when none of them is new. Needs `auto_update = false`, as `update NAME`.
+    Add {
+        /// Programs to add (a name, `group:*`, or `all`).
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
+    /// Stop and drop programs gone from the saved config (supervisorctl's `remove`), leaving every other
+    /// change pending; refused when none of them is gone from the file. Needs `auto_update = false`.
+    Remove {
+        /// Programs to remove (a name, `group:*`, or `all`).
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
     /// Stop every program and the monitor; answers once the monitor is gone (its port and run directory
     /// free for the next `up`), within --wait-secs, or at once with --no-wait.
     Shutdown,

@@ -25,7 +25,7 @@ use xcluster_proto::directory::{ServerAction, WeightSet};
 
 use crate::config::Config;
 use crate::events::Bus;
-use crate::status::{Command, CommandError, Reply, Request as CmdRequest, Snapshot};
+use crate::status::{Command, CommandError, Only, Reply, Request as CmdRequest, Snapshot};
 use crate::supervisor::unix_ms;
 
 /// Largest request body (a signal name).
@@ -196,12 +196,12 @@ impl Api {
                     Ok(r) => r,
                     Err(resp) => return resp,
                 };
-                let names = match names_of(req.uri().query()) {
+                let (names, only) = match names_of(req.uri().query()) {
                     Ok(n) => n,
                     Err(resp) => return resp,
                 };
                 let resp = match self.load() {
-                    Ok(cfg) => self.call(Command::Update(cfg, rolling, names)).await,
+                    Ok(cfg) => self.call(Command::Update(cfg, rolling, names, only)).await,
                     Err(resp) => resp,
                 };
                 // The runtime's reloader records the outcome (shown in status and metrics) and publishes the
@@ -655,22 +655,36 @@ fn known_params(
     Ok(pairs)
 }
 
-/// An update's `?name=N` (repeated, at most 32): the programs a named update applies; none: every change.
-/// A parameter an update does not take is refused: a misspelt `name` would otherwise apply every change.
+/// An update's `?name=N` (repeated, at most 32): the programs a named update applies, none: every change;
+/// and its `only=added|removed` (`ctl add`, `ctl remove`), which needs a name. A parameter an update does
+/// not take is refused: a misspelt `name` would otherwise apply every change.
 #[allow(clippy::result_large_err)]
-fn names_of(query: Option<&str>) -> Result<Vec<String>, Response<Body>> {
+fn names_of(query: Option<&str>) -> Result<(Vec<String>, Option<Only>), Response<Body>> {
     let bad = |m: &str| error(StatusCode::BAD_REQUEST, "bad_query", m);
-    let pairs = known_params(query, "an update", &["name", "rolling", "wait_secs"])?;
+    let pairs = known_params(query, "an update", &["name", "only", "rolling", "wait_secs"])?;
+    let mut only = None;
+    for (k, v) in &pairs {
+        if k == "only" {
+            only = Some(match v.as_str() {
+                "added" => Only::Added,
+                "removed" => Only::Removed,
+                _ => return Err(bad(&format!("only={v:?}: added or removed"))),
+            });
+        }
+    }
     let names: Vec<String> = (pairs.into_iter())
         .filter(|(k, _)| k == "name")
         .map(|(_, v)| v)
         .collect();
+    if only.is_some() && names.is_empty() {
+        return Err(bad("only= applies to named programs: add name="));
+    }
     // The query itself holds at most 32 parameters; `group:*` names many programs at once.
     let max = crate::program::MAX_PROCESS_NAME;
     if names.iter().any(|n| n.is_empty() || n.len() > max) {
         return Err(bad(&format!("a name is 1 to {max} bytes")));
     }
-    Ok(names)
+    Ok((names, only))
 }
 
 /// Percent-decodes a path segment (names may arrive as `app%3A*`). A path segment is not a query string: `+`
@@ -703,10 +717,25 @@ mod tests {
         let names = |q: &str| super::names_of(Some(q)).map_err(|r| r.status());
         assert_eq!(
             names("name=web&rolling=1&wait_secs=5&name=app%3A*"),
-            Ok(vec!["web".to_string(), "app:*".to_string()])
+            Ok((vec!["web".to_string(), "app:*".to_string()], None))
         );
-        assert_eq!(names(""), Ok(vec![]));
-        for bad in ["nme=web", "name=web&names=app", "rolling=1&wait=5"] {
+        assert_eq!(names(""), Ok((vec![], None)));
+        assert_eq!(
+            names("name=web&only=removed"),
+            Ok((vec!["web".to_string()], Some(super::Only::Removed)))
+        );
+        assert_eq!(
+            names("only=added&name=d"),
+            Ok((vec!["d".to_string()], Some(super::Only::Added)))
+        );
+        // `only` with no name would be every program's additions: `update` says that.
+        for bad in [
+            "nme=web",
+            "name=web&names=app",
+            "rolling=1&wait=5",
+            "only=added",
+            "name=web&only=changed",
+        ] {
             assert_eq!(names(bad), Err(http::StatusCode::BAD_REQUEST), "{bad}");
         }
         let restart = |q: &str| super::known_params(Some(q), "a restart", &["rolling", "wait_secs"]).is_ok();

@@ -87,11 +87,25 @@ pub enum Command {
     Plan(Arc<Config>),
     /// Apply a config, touching only what changed (`update`); with a limit, the changed programs that run
     /// are restarted one at a time, as a roll with that limit does (`update --rolling`); with names
-    /// (`update NAME...`), only those programs' changes.
-    Update(Arc<Config>, Option<std::time::Duration>, Vec<String>),
+    /// (`update NAME...`), only those programs' changes, or only their additions or removals (`add`,
+    /// `remove`).
+    Update(
+        Arc<Config>,
+        Option<std::time::Duration>,
+        Vec<String>,
+        Option<Only>,
+    ),
     /// Every program of the running set and of a config (`avail`).
     Avail(Arc<Config>),
     Shutdown,
+}
+
+/// The one kind of change a named update applies: supervisorctl's `add` (programs new in the saved config)
+/// and `remove` (programs gone from it), where `update NAME` applies any.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Only {
+    Added,
+    Removed,
 }
 
 /// One program of `ctl avail` (supervisorctl's): supervised now, only in the saved file, or both.

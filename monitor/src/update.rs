@@ -7,7 +7,7 @@ use std::time::Duration;
 use crate::config::Config;
 use crate::events::Kind;
 use crate::machine::Event;
-use crate::status::{Avail, CommandError, Plan, Reply};
+use crate::status::{Avail, CommandError, Only, Plan, Reply};
 use crate::supervisor::Supervisor;
 
 /// How long each program of a roll an update begins by itself may take to run and be ready again.
@@ -118,12 +118,15 @@ impl Supervisor {
     /// file's); the others stay as they run, and stay pending. Refused when `cfg` applies every saved change
     /// by itself (`auto_update = true`: the reload right after would apply the rest), and when it would
     /// leave a program whose dependency group has no program: an added program whose dependency is added
-    /// but not named, or a removal of the last program of a group a remaining program depends on.
+    /// but not named, or a removal of the last program of a group a remaining program depends on. With
+    /// `only` (`ctl add`, `ctl remove`), only the picked programs' additions or removals apply, and none to
+    /// apply is refused, as supervisorctl's `add` of a program in use is.
     pub(crate) fn update_named(
         &mut self,
         cfg: Arc<Config>,
         rolling: Option<Duration>,
         names: &[String],
+        only: Option<crate::status::Only>,
     ) -> Result<Plan, CommandError> {
         if cfg.auto_update {
             return Err(CommandError::Partial(
@@ -148,6 +151,32 @@ impl Supervisor {
         let mut plan = self.plan(&cfg);
         for list in [&mut plan.added, &mut plan.changed, &mut plan.removed] {
             list.retain(|n| picked.contains(n));
+        }
+        if let Some(only) = only {
+            let (verb, why) = match only {
+                Only::Added => {
+                    plan.changed.clear();
+                    plan.removed.clear();
+                    (
+                        "add",
+                        "is new in the saved config (`update NAME` applies a change)",
+                    )
+                }
+                Only::Removed => {
+                    plan.added.clear();
+                    plan.changed.clear();
+                    (
+                        "remove",
+                        "is gone from the saved config (delete it from the file first)",
+                    )
+                }
+            };
+            if plan.added.is_empty() && plan.removed.is_empty() {
+                return Err(CommandError::Partial(format!(
+                    "nothing to {verb}: no program of {} {why}",
+                    names.join(", ")
+                )));
+            }
         }
         self.check_dependencies(&cfg, &plan)?;
         // The programs left out keep their old specs, so the order keeps every program that stays: the new

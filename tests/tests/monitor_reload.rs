@@ -249,6 +249,74 @@ fn a_named_update_applies_only_that_programs_change() {
     assert!(!o.status.success(), "{}", out(&o));
 }
 
+/// `ctl add NAME` and `ctl remove NAME` (supervisorctl's): `add` starts only a program new in the saved
+/// file and `remove` drops only one gone from it; each leaves every other change pending, and one with
+/// nothing of its kind to apply (an `add` of a program in use, a `remove` of one still in the file) is
+/// refused and changes nothing.
+#[test]
+fn add_and_remove_apply_only_additions_and_removals() {
+    let off = |b_arg: &str, with_c: bool, with_d: bool| {
+        format!("auto_update = false\n{}", programs(b_arg, with_c, with_d))
+    };
+    let m = Mon::start(&off("2", true, false));
+    for n in ["a", "b", "c"] {
+        m.wait_state(n, "RUNNING", T);
+    }
+    let pids: Vec<i32> = ["a", "b", "c"].iter().map(|n| m.pid(n).unwrap()).collect();
+    // b changes, c goes, d comes.
+    m.rewrite(&off("7", false, true));
+    eventually(T, "the saved change held", || {
+        Some(m.status()["pending"].clone()).filter(|p| p["added"] == json!(["d"]))
+    });
+    for (verb, name, why) in [
+        (
+            "add",
+            "b",
+            "nothing to add: no program of b is new in the saved config",
+        ),
+        (
+            "add",
+            "c",
+            "nothing to add: no program of c is new in the saved config",
+        ),
+        (
+            "remove",
+            "b",
+            "nothing to remove: no program of b is gone from the saved config",
+        ),
+        (
+            "remove",
+            "d",
+            "nothing to remove: no program of d is gone from the saved config",
+        ),
+    ] {
+        let o = m.ctl(&[verb, name]);
+        assert!(!o.status.success(), "{verb} {name}: {}", out(&o));
+        assert!(out(&o).contains(why), "{verb} {name}: {}", out(&o));
+    }
+    // `add all`: d alone, not b's change nor c's removal.
+    let o = m.ctl(&["add", "all"]);
+    assert!(o.status.success(), "{}", out(&o));
+    assert_eq!(out(&o).trim(), "d: added (applied)");
+    m.wait_state("d", "RUNNING", T);
+    let now: Vec<i32> = ["a", "b", "c"].iter().map(|n| m.pid(n).unwrap()).collect();
+    assert_eq!(now, pids, "add touched a program in use");
+    // `remove all`: c alone; b still runs its old process, its change pending.
+    let o = m.ctl(&["remove", "all"]);
+    assert!(o.status.success(), "{}", out(&o));
+    assert_eq!(out(&o).trim(), "c: removed (applied)");
+    eventually(T, "c removed", || {
+        let s = m.status();
+        let gone = !s["programs"].as_array().unwrap().iter().any(|p| p["name"] == "c");
+        gone.then_some(())
+    });
+    assert_eq!((m.pid("a"), m.pid("b")), (Some(pids[0]), Some(pids[1])));
+    let pending = eventually(T, "b's change still pending", || {
+        Some(m.status()["pending"].clone()).filter(|p| p["added"] == json!([]) || p["added"].is_null())
+    });
+    assert_eq!(pending["changed"], json!(["b"]), "{pending}");
+}
+
 /// `include = ["conf.d/*.toml"]` (Supervisord's `[include]`): one file per program beside the main file;
 /// `reread`/`update` pick up a file dropped in, and a program defined twice is refused naming both files.
 #[test]

@@ -203,6 +203,18 @@ fn run_verb(c: &Client, args: &CtlArgs) -> Result<i32, Failure> {
             args.json,
         ),
         CtlVerb::Update { rolling: true, names } => rolling_update(c, args, names),
+        CtlVerb::Add { names } => plan(
+            c,
+            &format!("/v1/update{}&only=added", names_query(names, '?')),
+            true,
+            args.json,
+        ),
+        CtlVerb::Remove { names } => plan(
+            c,
+            &format!("/v1/update{}&only=removed", names_query(names, '?')),
+            true,
+            args.json,
+        ),
         CtlVerb::Shutdown => shutdown(c, args),
     }
 }

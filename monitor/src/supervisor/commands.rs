@@ -40,10 +40,12 @@ impl Supervisor {
             )?)),
             Command::Plan(cfg) => Ok(Reply::Plan(self.plan(&cfg))),
             Command::Avail(cfg) => Ok(Reply::Avail(self.avail(&cfg))),
-            Command::Update(cfg, rolling, names) if names.is_empty() => {
+            Command::Update(cfg, rolling, names, _) if names.is_empty() => {
                 Ok(Reply::Plan(self.update(cfg, rolling)))
             }
-            Command::Update(cfg, rolling, names) => Ok(Reply::Plan(self.update_named(cfg, rolling, &names)?)),
+            Command::Update(cfg, rolling, names, only) => {
+                Ok(Reply::Plan(self.update_named(cfg, rolling, &names, only)?))
+            }
             Command::Shutdown => {
                 self.begin_shutdown();
                 Ok(Reply::Done)
