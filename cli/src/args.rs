@@ -220,8 +220,8 @@ pub enum CtlVerb {
     /// file, not yet added by `update`), autostart, priority, and the change `update` would apply.
     Avail,
     /// Apply the reloaded config, touching only what changed. With names (`update web`, `update app:*`),
-    /// apply only those programs' changes (supervisorctl's `update GROUP`, `add` and `remove`): needs
-    /// `auto_update = false`, where the other changes stay pending.
+    /// apply only those programs' changes (supervisorctl's `update GROUP`; `add` and `remove` apply one kind
+    /// of change): needs `auto_update = false`, where the other changes stay pending.
     Update {
         /// Programs whose changes to apply (a name, `group:*`, or `all`); none: every change.
         names: Vec<String>,
