@@ -249,53 +249,6 @@ fn a_named_update_applies_only_that_programs_change() {
     assert!(!o.status.success(), "{}", out(&o));
 }
 
-/// `include = ["conf.d/*.toml"]` (Supervisord's `[include]`): one file per program beside the main file;
-/// `reread`/`update` pick up a file dropped in, and a program defined twice is refused naming both files.
-#[test]
-fn programs_in_included_files_are_supervised_and_updated() {
-    let dir = std::sync::Arc::new(tempfile::tempdir().unwrap());
-    let conf_d = dir.path().join("conf.d");
-    std::fs::create_dir(&conf_d).unwrap();
-    let program =
-        |name: &str, arg: &str| format!("[programs.{name}]\ncommand = \"sleep 30{arg}\"\nstartsecs = 0\n");
-    std::fs::write(conf_d.join("web.toml"), program("web", "1")).unwrap();
-    // `auto_update = false`: the file watcher sees the main file's directory only, so included files apply
-    // on `update`, as Supervisord's do.
-    let main = format!(
-        "auto_update = false\ninclude = [\"conf.d/*.toml\"]\n{}",
-        program("main", "0")
-    );
-    let m = Mon::start_in(dir.clone(), free_addr(), &main);
-    for n in ["main", "web"] {
-        m.wait_state(n, "RUNNING", T);
-    }
-    std::fs::write(conf_d.join("api.toml"), program("api", "2")).unwrap();
-    let o = m.ctl(&["reread"]);
-    assert_eq!(out(&o).trim(), "api: added", "{}", out(&o));
-    let o = m.ctl(&["update"]);
-    assert!(o.status.success(), "{}", out(&o));
-    m.wait_state("api", "RUNNING", T);
-    // A second file defining web: refused, nothing changes.
-    std::fs::write(conf_d.join("web-again.toml"), program("web", "9")).unwrap();
-    let o = m.ctl(&["reread"]);
-    assert!(!o.status.success(), "{}", out(&o));
-    let text = out(&o);
-    let web_again = conf_d.join("web-again.toml");
-    assert!(
-        text.contains(&format!(
-            "programs.web: defined in {} and in {}",
-            conf_d.join("web.toml").display(),
-            web_again.display()
-        )) || text.contains(&format!(
-            "programs.web: defined in {} and in {}",
-            web_again.display(),
-            conf_d.join("web.toml").display()
-        )),
-        "{text}"
-    );
-    assert_eq!(m.prog("web")["command"][1], "301");
-}
-
 /// A named update that removes the last program of a group another program depends on is refused, naming
 /// the dependent, whose own saved change drops the dependency (it named the removed group, already named).
 #[test]
