@@ -64,7 +64,7 @@ where
     let internal = CancellationToken::new();
     tokio::spawn(crate::telemetry::upkeep(internal.clone()));
 
-    let reload_seed = (loaded.raw.clone(), loaded.file_bytes.clone());
+    let reload_seed = (loaded.raw.clone(), loaded.sources.clone());
     let (publish, config_rx) = watch::channel(Arc::new(loaded.config));
     let health = Health::new();
     let shutdown = Shutdown::new();

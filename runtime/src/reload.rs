@@ -1,18 +1,22 @@
-//! Config hot reload. The file watcher (debounced; watches the directory so editors that save by rename are
-//! seen) and SIGHUP take the same path: load and validate completely; on failure keep the old config, warn,
-//! and count; on success publish the new snapshot, count, and log a one-line diff.
+//! Config hot reload. The file watcher (debounced; watches the directories of the file and of its `include`
+//! patterns, so editors that save by rename are seen, and a file dropped into `conf.d` too) and SIGHUP take
+//! the same path: load and validate completely; on failure keep the old config, warn, and count; on success
+//! publish the new snapshot, count, and log a one-line diff.
 
-use std::path::PathBuf;
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use arc_swap::ArcSwap;
 use notify::{RecursiveMode, Watcher};
 use serde::Serialize;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::config::{ConfigSource, RoleConfig, load};
+use crate::config::include::IncludePattern;
+use crate::config::{ConfigSource, RoleConfig, Sources, load, read_sources};
 
 /// Editors write a file in several steps; events closer together than this are one change.
 const DEBOUNCE: Duration = Duration::from_millis(150);
@@ -89,8 +93,11 @@ struct State<C: RoleConfig> {
     /// The config the process started with: what keys that need a restart still hold.
     started: C::Raw,
     raw: C::Raw,
-    good_bytes: Option<Vec<u8>>,
-    bad_bytes: Option<Vec<u8>>,
+    /// What the config in force was read from, and what the last rejected attempt read (cleared by a success
+    /// or by the files coming back to the config in force).
+    good: Option<Sources>,
+    bad: Option<Sources>,
+    watcher: Option<ConfigWatcher>,
     publish: watch::Sender<Arc<C>>,
     status: Arc<watch::Sender<ReloadStatus>>,
     role_label: &'static str,
@@ -99,7 +106,7 @@ struct State<C: RoleConfig> {
 /// Starts the reload loop (and the file watcher when the config came from a file).
 pub fn spawn<C: RoleConfig>(
     source: ConfigSource,
-    seed: (C::Raw, Option<Vec<u8>>),
+    seed: (C::Raw, Option<Sources>),
     publish: watch::Sender<Arc<C>>,
     trigger: (mpsc::Sender<Cause>, mpsc::Receiver<Cause>),
     cancel: CancellationToken,
@@ -111,19 +118,22 @@ pub fn spawn<C: RoleConfig>(
     metrics::gauge!(crate::metrics::CONFIG_LAST_RELOAD_OK, "role" => C::ROLE).set(1.0);
     metrics::gauge!(crate::metrics::CONFIG_RESTART_PENDING, "role" => C::ROLE).set(0.0);
 
-    let watcher = source.path.clone().and_then(|p| start_watcher(p, tx.clone()));
+    let mut watcher = (source.path.as_deref()).and_then(|p| ConfigWatcher::start(p, tx.clone()));
+    if let (Some(w), Some(sources)) = (&mut watcher, &seed.1) {
+        w.follow(sources.patterns());
+    }
     let mut state = State::<C> {
         source,
         started: seed.0.clone(),
         raw: seed.0,
-        good_bytes: seed.1,
-        bad_bytes: None,
+        good: seed.1,
+        bad: None,
+        watcher,
         publish,
         status: status_tx.clone(),
         role_label: C::ROLE,
     };
     tokio::spawn(async move {
-        let _watcher = watcher; // dropping it stops the watch
         loop {
             let cause = tokio::select! {
                 _ = cancel.cancelled() => return,
@@ -152,13 +162,16 @@ impl<C: RoleConfig> State<C> {
     fn attempt(&mut self, cause: Cause) {
         let now = unix_now();
         // A watcher event whose content we already judged is not a new change (editors touch files). The
-        // content in force again after a rejected edit (the edit undone) clears that rejection.
+        // content in force again after a rejected edit (the edit undone) clears that rejection. The content is
+        // the main file's and its included files': an edit to one of those alone is a change.
         if cause == Cause::File
             && let Some(path) = &self.source.path
-            && let Ok(bytes) = crate::config::read_bounded(path)
+            && let Ok(on_disk) = read_sources::<C>(path)
         {
-            if Some(&bytes) == self.good_bytes.as_ref() {
-                if self.bad_bytes.take().is_some() {
+            if Some(&on_disk) == self.good.as_ref() {
+                if self.bad.take().is_some() {
+                    // The watches followed the rejected file's patterns; back to those in force.
+                    self.follow(Some(&on_disk));
                     info!(role = self.role_label, "config file back to the config in force");
                     metrics::gauge!(crate::metrics::CONFIG_LAST_RELOAD_OK, "role" => C::ROLE).set(1.0);
                     self.status.send_modify(|s| {
@@ -168,7 +181,7 @@ impl<C: RoleConfig> State<C> {
                 }
                 return;
             }
-            if Some(&bytes) == self.bad_bytes.as_ref() {
+            if Some(&on_disk) == self.bad.as_ref() {
                 return;
             }
         }
@@ -187,8 +200,9 @@ impl<C: RoleConfig> State<C> {
                 let gauge = metrics::gauge!(crate::metrics::CONFIG_RESTART_PENDING, "role" => C::ROLE);
                 gauge.set(if pending.is_empty() { 0.0 } else { 1.0 });
                 self.raw = loaded.raw;
-                self.good_bytes = loaded.file_bytes;
-                self.bad_bytes = None;
+                self.follow(loaded.sources.as_ref());
+                self.good = loaded.sources;
+                self.bad = None;
                 let _ = self.publish.send(Arc::new(loaded.config));
                 metrics::counter!(crate::metrics::CONFIG_RELOADS_TOTAL, "role" => C::ROLE).increment(1);
                 metrics::gauge!(crate::metrics::CONFIG_LAST_RELOAD_OK, "role" => C::ROLE).set(1.0);
@@ -201,37 +215,193 @@ impl<C: RoleConfig> State<C> {
             Err(e) => {
                 warn!(role = self.role_label, ?cause, error = %e, "config reload rejected; keeping the old config");
                 if let Some(path) = &self.source.path {
-                    self.bad_bytes = crate::config::read_bounded(path).ok();
+                    let bad = read_sources::<C>(path).ok();
+                    // The rejected file's patterns: an edit to a file it newly includes may be its fix.
+                    self.follow(bad.as_ref());
+                    self.bad = bad;
                 }
                 failed(&self.status, C::ROLE, &e.to_string());
             }
         }
     }
+
+    /// Watches what `sources` (the files just read) include.
+    fn follow(&mut self, sources: Option<&Sources>) {
+        if let (Some(w), Some(sources)) = (&mut self.watcher, sources) {
+            w.follow(sources.patterns());
+        }
+    }
 }
 
-/// Watches the config file's directory, so a rename-on-save (a new inode) is still seen.
-fn start_watcher(path: PathBuf, tx: mpsc::Sender<Cause>) -> Option<notify::RecommendedWatcher> {
-    let path = std::path::absolute(&path).unwrap_or(path);
-    let dir = path.parent()?.to_path_buf();
-    let name = path.file_name()?.to_os_string();
-    let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-        let Ok(event) = res else { return };
-        if event.kind.is_access() {
-            return;
-        }
-        if event
-            .paths
-            .iter()
-            .any(|p| p.file_name() == Some(name.as_os_str()))
-        {
-            let _ = tx.try_send(Cause::File);
-        }
-    })
-    .map_err(|e| warn!(error = %e, "cannot start the config watcher; SIGHUP still reloads"))
-    .ok()?;
-    if let Err(e) = watcher.watch(&dir, RecursiveMode::NonRecursive) {
-        warn!(error = %e, dir = %dir.display(), "cannot watch the config directory; SIGHUP still reloads");
-        return None;
+/// The paths whose events are a change to the config: the main file, the files its include patterns name,
+/// and those patterns' directories themselves (made, removed or renamed: what the patterns match changes).
+#[derive(Debug)]
+struct Relevant {
+    main: PathBuf,
+    patterns: Vec<IncludePattern>,
+}
+
+impl Relevant {
+    fn covers(&self, path: &Path) -> bool {
+        path == self.main || (self.patterns.iter()).any(|p| p.names(path) || path == p.dir)
     }
-    Some(watcher)
+}
+
+/// The notify watcher over the config file's directory (so a rename-on-save, a new inode, is still seen) and
+/// the directories its include patterns name, none of them recursively. Dropping it stops the watch.
+struct ConfigWatcher {
+    watcher: notify::RecommendedWatcher,
+    relevant: Arc<ArcSwap<Relevant>>,
+    main: PathBuf,
+    /// The include directories watched besides the main file's, to unwatch those the config no longer names.
+    watched: BTreeSet<PathBuf>,
+    /// Include directories that could not be watched, each warned about once until it can be.
+    warned: BTreeSet<PathBuf>,
+}
+
+impl ConfigWatcher {
+    fn start(path: &Path, tx: mpsc::Sender<Cause>) -> Option<Self> {
+        let main = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+        let dir = main.parent()?.to_path_buf();
+        let relevant = Arc::new(ArcSwap::from_pointee(Relevant {
+            main: main.clone(),
+            patterns: Vec::new(),
+        }));
+        let judge = relevant.clone();
+        let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+            let Ok(event) = res else { return };
+            if event.kind.is_access() {
+                return;
+            }
+            let relevant = judge.load();
+            if event.paths.iter().any(|p| relevant.covers(p)) {
+                let _ = tx.try_send(Cause::File);
+            }
+        })
+        .map_err(|e| warn!(error = %e, "cannot start the config watcher; SIGHUP still reloads"))
+        .ok()?;
+        if let Err(e) = watcher.watch(&dir, RecursiveMode::NonRecursive) {
+            warn!(error = %e, dir = %dir.display(), "cannot watch the config directory; SIGHUP still reloads");
+            return None;
+        }
+        Some(Self {
+            watcher,
+            relevant,
+            main,
+            watched: BTreeSet::new(),
+            warned: BTreeSet::new(),
+        })
+    }
+
+    /// Watches the directories of `patterns` (the config's includes now) and no others besides the main
+    /// file's. One that is not there is skipped with one warning, and tried again at the next reload: its
+    /// files apply on SIGHUP or `ctl` meanwhile (or once an event elsewhere reloads them).
+    fn follow(&mut self, patterns: &[IncludePattern]) {
+        let main_dir = self.main.parent().map(Path::to_path_buf);
+        let dirs: BTreeSet<PathBuf> = (patterns.iter())
+            .map(|p| p.dir.clone())
+            .filter(|d| Some(d) != main_dir.as_ref())
+            .collect();
+        // Before the watches change, so an event of a newly watched directory is judged by its pattern.
+        self.relevant.store(Arc::new(Relevant {
+            main: self.main.clone(),
+            patterns: patterns.to_vec(),
+        }));
+        for gone in self.watched.difference(&dirs) {
+            // It may be gone already (removed with its directory); nothing else to undo then.
+            let _ = self.watcher.unwatch(gone);
+        }
+        self.watched.clear();
+        self.warned.retain(|d| dirs.contains(d));
+        for dir in dirs {
+            // Watched again each time: a directory removed and made again is a new one to the kernel, and
+            // watching one already watched changes nothing.
+            match self.watcher.watch(&dir, RecursiveMode::NonRecursive) {
+                Ok(()) => {
+                    self.warned.remove(&dir);
+                    self.watched.insert(dir);
+                }
+                Err(e) => {
+                    if self.warned.insert(dir.clone()) {
+                        warn!(error = %e, dir = %dir.display(),
+                            "cannot watch an include directory; its files apply on SIGHUP or `ctl update`");
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pattern(dir: &str, name: &str) -> IncludePattern {
+        IncludePattern {
+            dir: dir.into(),
+            name: name.into(),
+        }
+    }
+
+    #[test]
+    fn an_event_counts_for_the_main_file_and_what_the_patterns_name() {
+        let relevant = Relevant {
+            main: "/etc/x/monitor.toml".into(),
+            patterns: vec![
+                pattern("/etc/x/conf.d", "*.toml"),
+                pattern("/etc/x", "extra.toml"),
+            ],
+        };
+        for (path, want) in [
+            ("/etc/x/monitor.toml", true),
+            ("/etc/x/monitor.toml.tmp", false),
+            ("/etc/x/conf.d/monitor.toml", true),
+            ("/etc/y/monitor.toml", false),
+            ("/etc/x/conf.d/web.toml", true),
+            ("/etc/x/conf.d/./web.toml", true),
+            ("/etc/x/conf.d/web.toml.bak", false),
+            // An editor's swap file is no program, as the load does not read it.
+            ("/etc/x/conf.d/.web.toml.swp", false),
+            ("/etc/x/conf.d/sub/web.toml", false),
+            ("/etc/x/web.toml", false),
+            ("/etc/x/extra.toml", true),
+            // The directory itself made or removed: what the pattern matches changes.
+            ("/etc/x/conf.d", true),
+            ("/etc/x/conf.e", false),
+        ] {
+            assert_eq!(relevant.covers(Path::new(path)), want, "{path}");
+        }
+    }
+
+    /// A pattern whose directory lies outside the main file's is seen only through a watch of its own, so an
+    /// event from it shows that `follow` watched it, as it does after a reload that names a new pattern.
+    #[tokio::test]
+    async fn the_watcher_follows_the_patterns_it_is_given() {
+        let root = tempfile::tempdir().unwrap();
+        let [main_dir, first, second] = ["main", "first", "second"].map(|d| {
+            let dir = root.path().join(d);
+            std::fs::create_dir(&dir).unwrap();
+            dir
+        });
+        let main = main_dir.join("monitor.toml");
+        std::fs::write(&main, "").unwrap();
+        let (tx, mut rx) = mpsc::channel(64);
+        let mut watcher = ConfigWatcher::start(&main, tx).unwrap();
+        // A directory not there yet is skipped, not an error.
+        let missing = pattern(root.path().join("missing").to_str().unwrap(), "*.toml");
+        watcher.follow(&[pattern(first.to_str().unwrap(), "*.toml"), missing.clone()]);
+        assert_eq!(watcher.watched, BTreeSet::from([first.clone()]));
+        std::fs::write(first.join("web.toml"), "").unwrap();
+        let seen = tokio::time::timeout(Duration::from_secs(10), rx.recv()).await;
+        assert_eq!(
+            seen.ok().flatten(),
+            Some(Cause::File),
+            "no event for the first directory"
+        );
+
+        // A new config's patterns: the directory it no longer names is left. (No event is awaited here: one
+        // of the write above may still be on its way, and would pass for one of this directory.)
+        watcher.follow(&[pattern(second.to_str().unwrap(), "*.toml"), missing]);
+        assert_eq!(watcher.watched, BTreeSet::from([second.clone()]));
+    }
 }

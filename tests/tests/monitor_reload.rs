@@ -27,6 +27,11 @@ fn programs(b_arg: &str, with_c: bool, with_d: bool) -> String {
     s
 }
 
+/// [`programs`] with `auto_update = false`: saved changes wait for `ctl update` (or `add`, `remove`).
+fn off(b_arg: &str, with_c: bool, with_d: bool) -> String {
+    format!("auto_update = false\n{}", programs(b_arg, with_c, with_d))
+}
+
 #[test]
 fn reread_shows_the_plan_and_update_touches_only_what_changed() {
     // The config is reached through a symlink whose target lives elsewhere, so the watcher (which watches the
@@ -101,13 +106,12 @@ fn reread_shows_the_plan_and_update_touches_only_what_changed() {
 /// status, `ctl status` and the event stream say what waits, and `update` applies it.
 #[test]
 fn with_auto_update_off_a_saved_config_waits_for_update() {
-    let off = |b_arg: &str, with_c: bool| format!("auto_update = false\n{}", programs(b_arg, with_c, false));
-    let m = Mon::start(&off("2", true));
+    let m = Mon::start(&off("2", true, false));
     for n in ["a", "b", "c"] {
         m.wait_state(n, "RUNNING", T);
     }
     let pids: Vec<i32> = ["a", "b", "c"].iter().map(|n| m.pid(n).unwrap()).collect();
-    m.rewrite(&off("7", false));
+    m.rewrite(&off("7", false, false));
     let pending = eventually(T, "the saved change held", || {
         Some(m.status()["pending"].clone()).filter(|p| p.is_object())
     });
@@ -166,9 +170,6 @@ fn with_auto_update_off_a_saved_config_waits_for_update() {
 /// `update GROUP`, `add`, `remove`); `ctl avail` lists the running and the saved programs and what waits.
 #[test]
 fn a_named_update_applies_only_that_programs_change() {
-    let off = |b_arg: &str, with_c: bool, with_d: bool| {
-        format!("auto_update = false\n{}", programs(b_arg, with_c, with_d))
-    };
     let m = Mon::start(&off("2", true, false));
     for n in ["a", "b", "c"] {
         m.wait_state(n, "RUNNING", T);
@@ -255,9 +256,6 @@ fn a_named_update_applies_only_that_programs_change() {
 /// refused and changes nothing.
 #[test]
 fn add_and_remove_apply_only_additions_and_removals() {
-    let off = |b_arg: &str, with_c: bool, with_d: bool| {
-        format!("auto_update = false\n{}", programs(b_arg, with_c, with_d))
-    };
     let m = Mon::start(&off("2", true, false));
     for n in ["a", "b", "c"] {
         m.wait_state(n, "RUNNING", T);
@@ -315,53 +313,6 @@ fn add_and_remove_apply_only_additions_and_removals() {
         Some(m.status()["pending"].clone()).filter(|p| p["added"] == json!([]) || p["added"].is_null())
     });
     assert_eq!(pending["changed"], json!(["b"]), "{pending}");
-}
-
-/// `include = ["conf.d/*.toml"]` (Supervisord's `[include]`): one file per program beside the main file;
-/// `reread`/`update` pick up a file dropped in, and a program defined twice is refused naming both files.
-#[test]
-fn programs_in_included_files_are_supervised_and_updated() {
-    let dir = std::sync::Arc::new(tempfile::tempdir().unwrap());
-    let conf_d = dir.path().join("conf.d");
-    std::fs::create_dir(&conf_d).unwrap();
-    let program =
-        |name: &str, arg: &str| format!("[programs.{name}]\ncommand = \"sleep 30{arg}\"\nstartsecs = 0\n");
-    std::fs::write(conf_d.join("web.toml"), program("web", "1")).unwrap();
-    // `auto_update = false`: the file watcher sees the main file's directory only, so included files apply
-    // on `update`, as Supervisord's do.
-    let main = format!(
-        "auto_update = false\ninclude = [\"conf.d/*.toml\"]\n{}",
-        program("main", "0")
-    );
-    let m = Mon::start_in(dir.clone(), free_addr(), &main);
-    for n in ["main", "web"] {
-        m.wait_state(n, "RUNNING", T);
-    }
-    std::fs::write(conf_d.join("api.toml"), program("api", "2")).unwrap();
-    let o = m.ctl(&["reread"]);
-    assert_eq!(out(&o).trim(), "api: added", "{}", out(&o));
-    let o = m.ctl(&["update"]);
-    assert!(o.status.success(), "{}", out(&o));
-    m.wait_state("api", "RUNNING", T);
-    // A second file defining web: refused, nothing changes.
-    std::fs::write(conf_d.join("web-again.toml"), program("web", "9")).unwrap();
-    let o = m.ctl(&["reread"]);
-    assert!(!o.status.success(), "{}", out(&o));
-    let text = out(&o);
-    let web_again = conf_d.join("web-again.toml");
-    assert!(
-        text.contains(&format!(
-            "programs.web: defined in {} and in {}",
-            conf_d.join("web.toml").display(),
-            web_again.display()
-        )) || text.contains(&format!(
-            "programs.web: defined in {} and in {}",
-            web_again.display(),
-            conf_d.join("web.toml").display()
-        )),
-        "{text}"
-    );
-    assert_eq!(m.prog("web")["command"][1], "301");
 }
 
 /// A named update that removes the last program of a group another program depends on is refused, naming

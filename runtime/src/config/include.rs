@@ -10,14 +10,21 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use super::{ConfigError, ConfigIssue, parse_table, read_bounded};
+use super::{ConfigError, ConfigIssue, Sources, parse_table, read_bounded};
 
 /// Most files one config may include (all patterns together).
 pub const MAX_INCLUDED_FILES: usize = 256;
 
 /// Merges into `table` the files its `include` key names (removing the key), for `sections`; `base` is the
-/// including file (`None`: bytes with no file, which may include nothing). Problems go to `issues`.
-pub fn apply(table: &mut toml::Table, base: Option<&Path>, sections: &[&str], issues: &mut Vec<ConfigIssue>) {
+/// including file (`None`: bytes with no file, which may include nothing). Problems go to `issues`; the
+/// patterns and every file read go to `sources`, so the reloader can watch them and tell an edit from a touch.
+pub fn apply(
+    table: &mut toml::Table,
+    base: Option<&Path>,
+    sections: &[&str],
+    issues: &mut Vec<ConfigIssue>,
+    sources: &mut Sources,
+) {
     let Some(value) = table.remove("include") else {
         return;
     };
@@ -40,10 +47,19 @@ pub fn apply(table: &mut toml::Table, base: Option<&Path>, sections: &[&str], is
     let mut files = Vec::new();
     // A file two patterns match is read once, not taken for a second definition of its programs.
     let mut seen = std::collections::HashSet::new();
-    for pattern in patterns {
-        match expand(dir, pattern) {
+    for text in patterns {
+        let pattern = match IncludePattern::parse(dir, text) {
+            Ok(p) => p,
+            Err(why) => {
+                issues.push(included(format!("{text:?}: {why}")));
+                continue;
+            }
+        };
+        let found = expand(&pattern);
+        sources.pattern(&pattern, found.as_deref().map_err(String::as_str));
+        match found {
             Ok(found) => files.extend(found.into_iter().filter(|f| seen.insert(f.clone()))),
-            Err(why) => issues.push(included(format!("{pattern:?}: {why}"))),
+            Err(why) => issues.push(included(format!("{text:?}: {why}"))),
         }
     }
     if files.len() > MAX_INCLUDED_FILES {
@@ -64,7 +80,9 @@ pub fn apply(table: &mut toml::Table, base: Option<&Path>, sections: &[&str], is
     }
     for file in files {
         let shown = file.display().to_string();
-        let entries_of = match read_bounded(&file).and_then(|bytes| parse_table(&bytes, &shown)) {
+        let read = read_bounded(&file);
+        sources.file(&file, read.as_deref().ok());
+        let entries_of = match read.and_then(|bytes| parse_table(&bytes, &shown)) {
             Ok(t) => t,
             Err(ConfigError::Syntax { message, .. }) => {
                 issues.push(included(format!("{shown}: {message}")));
@@ -121,24 +139,53 @@ fn list(sections: &[&str]) -> String {
     shown.join(", ")
 }
 
-/// The files `pattern` names, relative to `dir`: wildcards in the file name only, matches in name order.
-fn expand(dir: &Path, pattern: &str) -> Result<Vec<PathBuf>, String> {
-    let path = dir.join(pattern);
-    let (Some(parent), Some(name)) = (path.parent(), path.file_name().and_then(|n| n.to_str())) else {
-        return Err("not a file pattern".into());
-    };
-    let wild = |s: &str| s.contains(['*', '?']);
-    if wild(&parent.to_string_lossy()) {
-        return Err("wildcards only in the file name (conf.d/*.toml)".into());
+/// One pattern of `include`, split as [`expand`] and the reload watcher need it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IncludePattern {
+    /// The directory it names files in: the including file's, joined with the pattern's own directories.
+    pub dir: PathBuf,
+    /// The file-name part, which alone may hold `*` and `?`.
+    pub name: String,
+}
+
+impl IncludePattern {
+    /// `text` relative to `dir` (the including file's directory).
+    fn parse(dir: &Path, text: &str) -> Result<Self, String> {
+        let path = dir.join(text);
+        let (Some(parent), Some(name)) = (path.parent(), path.file_name().and_then(|n| n.to_str())) else {
+            return Err("not a file pattern".into());
+        };
+        if wild(&parent.to_string_lossy()) {
+            return Err("wildcards only in the file name (conf.d/*.toml)".into());
+        }
+        Ok(Self {
+            dir: parent.to_path_buf(),
+            name: name.to_string(),
+        })
     }
-    if !wild(name) {
-        return Ok(vec![path]);
+
+    /// Whether `path` is a file this pattern names, or would name once it exists: in its directory, with a
+    /// file name it matches as [`expand`] does (so the watcher and the load agree on what is included).
+    pub fn names(&self, path: &Path) -> bool {
+        path.parent() == Some(self.dir.as_path())
+            && (path.file_name().and_then(|n| n.to_str())).is_some_and(|n| matches(&self.name, n))
     }
-    let read = std::fs::read_dir(parent).map_err(|e| format!("{}: {e}", parent.display()))?;
+}
+
+fn wild(s: &str) -> bool {
+    s.contains(['*', '?'])
+}
+
+/// The files `pattern` names: itself without wildcards, else the matches in name order.
+fn expand(pattern: &IncludePattern) -> Result<Vec<PathBuf>, String> {
+    if !wild(&pattern.name) {
+        return Ok(vec![pattern.dir.join(&pattern.name)]);
+    }
+    let read = std::fs::read_dir(&pattern.dir).map_err(|e| format!("{}: {e}", pattern.dir.display()))?;
     let mut found: Vec<PathBuf> = read
         .flatten()
         .filter(|e| e.file_type().is_ok_and(|t| t.is_file() || t.is_symlink()))
-        .filter(|e| e.file_name().to_str().is_some_and(|n| matches(name, n)))
+        .filter(|e| e.file_name().to_str().is_some_and(|n| matches(&pattern.name, n)))
         .map(|e| e.path())
         .collect();
     found.sort();
@@ -196,7 +243,13 @@ mod tests {
         let main_path = dir.path().join("main.toml");
         let mut table: toml::Table = format!("include = {include}\n{main}").parse().unwrap();
         let mut issues = Vec::new();
-        apply(&mut table, Some(&main_path), &["programs"], &mut issues);
+        apply(
+            &mut table,
+            Some(&main_path),
+            &["programs"],
+            &mut issues,
+            &mut Sources::new(b""),
+        );
         let root = dir.path().display().to_string();
         let shown = issues
             .iter()
@@ -282,7 +335,13 @@ mod tests {
     fn bytes_without_a_file_include_nothing() {
         let mut table: toml::Table = "include = [\"x/*.toml\"]".parse().unwrap();
         let mut issues = Vec::new();
-        apply(&mut table, None, &["programs"], &mut issues);
+        apply(
+            &mut table,
+            None,
+            &["programs"],
+            &mut issues,
+            &mut Sources::new(b""),
+        );
         assert_eq!(issues[0].message, "only a config file can include others");
     }
 

@@ -15,10 +15,12 @@ use serde::de::DeserializeOwned;
 
 pub mod include;
 mod keys;
+mod sources;
 mod validator;
 
 use keys::set_path;
 pub use keys::{changed_under, diff, flatten};
+pub use sources::{Sources, read_sources};
 pub use validator::Validator;
 
 /// Largest config file we read; anything bigger is certainly a mistake and must not exhaust memory.
@@ -135,8 +137,9 @@ impl ConfigSource {
 pub struct Loaded<C: RoleConfig> {
     pub config: C,
     pub raw: C::Raw,
-    /// The file's bytes, so a watcher can ignore events that did not change the content.
-    pub file_bytes: Option<Vec<u8>>,
+    /// What was read from the file and the files it includes (`None`: no file), so a watcher can watch those
+    /// and ignore events that did not change the content.
+    pub sources: Option<Sources>,
 }
 
 impl<C: RoleConfig> Loaded<C> {
@@ -333,13 +336,18 @@ fn load_layered<C: RoleConfig>(
             )),
         }
     }
+    let mut sources = Sources::new(file_bytes.as_deref().unwrap_or_default());
     if !C::INCLUDE_SECTIONS.is_empty() {
         // Before the environment and `--set`, which may then set an included entry's keys too. Bytes with no
         // file of their own (`load_bytes`) include nothing.
-        let base = (source.path.as_deref())
-            .filter(|p| *p != Path::new("<bytes>"))
-            .map(|p| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf()));
-        include::apply(&mut table, base.as_deref(), C::INCLUDE_SECTIONS, &mut issues);
+        let base = sources::include_base(source.path.as_deref());
+        include::apply(
+            &mut table,
+            base.as_deref(),
+            C::INCLUDE_SECTIONS,
+            &mut issues,
+            &mut sources,
+        );
     }
     // The keys the environment and `--set` gave a value, and where from: an issue with one of them says so,
     // or it read as the file's fault.
@@ -398,7 +406,7 @@ fn load_layered<C: RoleConfig>(
         (Some(raw), Some(config)) if issues.is_empty() => Ok(Loaded {
             config,
             raw,
-            file_bytes,
+            sources: file_bytes.is_some().then_some(sources),
         }),
         _ => Err(ConfigError::Invalid { origin, issues }),
     }
