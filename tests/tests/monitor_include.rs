@@ -90,6 +90,9 @@ fn the_file_watcher_applies_an_included_files_change_and_refuses_a_bad_one() {
         m.status()["reload"]["last_error"].as_str().map(str::to_string)
     });
     assert!(err.contains("no_such_key"), "{err}");
+    // Named with the file that holds it, not only the main file the error is titled with.
+    let bad = conf_d.join("bad.toml");
+    assert!(err.contains(&format!("(in {})", bad.display())), "{err}");
     assert!(!present(&m, "bad"));
     // Removed again: the files are those of the config in force, so the error clears and nothing restarts.
     std::fs::remove_file(conf_d.join("bad.toml")).unwrap();

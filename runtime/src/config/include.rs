@@ -18,15 +18,18 @@ pub const MAX_INCLUDED_FILES: usize = 256;
 /// Merges into `table` the files its `include` key names (removing the key), for `sections`; `base` is the
 /// including file (`None`: bytes with no file, which may include nothing). Problems go to `issues`; the
 /// patterns and every file read go to `sources`, so the reloader can watch them and tell an edit from a touch.
+/// Returns where each included entry came from (`programs.web`, the file), so that a later issue with it
+/// names the file to fix rather than the main file, which does not hold it.
 pub fn apply(
     table: &mut toml::Table,
     base: Option<&Path>,
     sections: &[&str],
     issues: &mut Vec<ConfigIssue>,
     sources: &mut Sources,
-) {
+) -> Vec<(String, String)> {
+    let mut origins = Vec::new();
     let Some(value) = table.remove("include") else {
-        return;
+        return origins;
     };
     let patterns: Vec<&str> = match &value {
         toml::Value::String(s) => vec![s.as_str()],
@@ -37,12 +40,12 @@ pub fn apply(
             issues.push(included(format!(
                 "expected a list of file patterns, found {value}"
             )));
-            return;
+            return origins;
         }
     };
     let Some(dir) = base.and_then(Path::parent) else {
         issues.push(included("only a config file can include others".into()));
-        return;
+        return origins;
     };
     let mut files = Vec::new();
     // A file two patterns match is read once, not taken for a second definition of its programs.
@@ -67,7 +70,7 @@ pub fn apply(
             "{} files; at most {MAX_INCLUDED_FILES} may be included",
             files.len()
         )));
-        return;
+        return origins;
     }
     // Where each entry was defined first, to name both places of a duplicate.
     let mut defined: HashMap<(String, String), String> = HashMap::new();
@@ -123,10 +126,12 @@ pub fn apply(
                     continue;
                 }
                 defined.insert(place, shown.clone());
+                origins.push((format!("{key}.{name}"), shown.clone()));
                 into.insert(name, entry);
             }
         }
     }
+    origins
 }
 
 /// An issue of the `include` key itself.

@@ -337,11 +337,12 @@ fn load_layered<C: RoleConfig>(
         }
     }
     let mut sources = Sources::new(file_bytes.as_deref().unwrap_or_default());
+    let mut included = Vec::new();
     if !C::INCLUDE_SECTIONS.is_empty() {
         // Before the environment and `--set`, which may then set an included entry's keys too. Bytes with no
         // file of their own (`load_bytes`) include nothing.
         let base = sources::include_base(source.path.as_deref());
-        include::apply(
+        included = include::apply(
             &mut table,
             base.as_deref(),
             C::INCLUDE_SECTIONS,
@@ -380,6 +381,8 @@ fn load_layered<C: RoleConfig>(
 
     // Issues name an item of an array by its label, as `--set` and the reload log do, not by its index.
     let root = toml::Value::Table(table.clone());
+    // The issues of the include itself name their files already.
+    let first_own = issues.len();
     let raw = deserialize_collecting::<C::Raw>(table, &mut issues);
     // A key that did not deserialize was left to its default: what validation finds wrong with the default
     // is not the user's to read.
@@ -392,6 +395,16 @@ fn load_layered<C: RoleConfig>(
         }
         None => None,
     };
+    // An included entry's issue names its file: the main file the error is titled with does not hold it.
+    for issue in issues.iter_mut().skip(first_own) {
+        let from = included.iter().find(|(entry, _)| {
+            (issue.key.strip_prefix(entry.as_str()))
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with('.'))
+        });
+        if let Some((_, file)) = from {
+            issue.message += &format!(" (in {file})");
+        }
+    }
     for (key, _) in &mut overridden {
         *key = keys::labelled(&root, key);
     }
