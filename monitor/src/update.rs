@@ -129,11 +129,15 @@ impl Supervisor {
         only: Option<crate::status::Only>,
     ) -> Result<Plan, CommandError> {
         if cfg.auto_update {
-            return Err(CommandError::Partial(
-                "auto_update = true applies every saved change; `update NAME` applies one program's change \
-                 only with auto_update = false"
-                    .into(),
-            ));
+            // Named after the verb the user typed: an `add` refused for what `update NAME` needs is a puzzle.
+            let verb = match only {
+                Some(crate::status::Only::Added) => "`add NAME` adds a new program",
+                Some(crate::status::Only::Removed) => "`remove NAME` drops a program gone from the file",
+                None => "`update NAME` applies one program's change",
+            };
+            return Err(CommandError::Partial(format!(
+                "auto_update = true applies every saved change; {verb} only with auto_update = false"
+            )));
         }
         let mut known: Vec<(&str, &str)> = (cfg.processes.iter())
             .map(|s| (s.name.as_str(), s.group.as_str()))

@@ -248,6 +248,13 @@ fn a_named_update_applies_only_that_programs_change() {
         out(&o).contains("auto_update = true").then_some(o)
     });
     assert!(!o.status.success(), "{}", out(&o));
+    // `add` and `remove` are refused by their own names, not as an `update NAME` the user did not type.
+    for verb in ["add", "remove"] {
+        let o = m.ctl(&[verb, "a"]);
+        assert!(!o.status.success(), "{}", out(&o));
+        let text = out(&o);
+        assert!(text.contains(&format!("`{verb} NAME`")), "{text}");
+    }
 }
 
 /// `ctl add NAME` and `ctl remove NAME` (supervisorctl's): `add` starts only a program new in the saved
