@@ -665,11 +665,16 @@ fn names_of(query: Option<&str>) -> Result<(Vec<String>, Option<Only>), Response
     let mut only = None;
     for (k, v) in &pairs {
         if k == "only" {
-            only = Some(match v.as_str() {
+            let this = match v.as_str() {
                 "added" => Only::Added,
                 "removed" => Only::Removed,
                 _ => return Err(bad(&format!("only={v:?}: added or removed"))),
-            });
+            };
+            // Two kinds at once would silently apply only the last one named.
+            if only.is_some_and(|o| o != this) {
+                return Err(bad("only= once: added or removed, not both"));
+            }
+            only = Some(this);
         }
     }
     let names: Vec<String> = (pairs.into_iter())
@@ -735,6 +740,7 @@ mod tests {
             "rolling=1&wait=5",
             "only=added",
             "name=web&only=changed",
+            "name=web&only=removed&only=added",
         ] {
             assert_eq!(names(bad), Err(http::StatusCode::BAD_REQUEST), "{bad}");
         }
