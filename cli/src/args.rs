@@ -230,8 +230,9 @@ pub enum CtlVerb {
         #[arg(long)]
         rolling: bool,
     },
-    /// Start programs new in the saved config (supervisorctl's `add`), leaving every other change pending;
-    /// refused when none of them is new. Needs `auto_update = false`, as `update NAME`.
+    /// Add programs new in the saved config, starting those with `autostart` (supervisorctl's `add`), leaving
+    /// every other change pending; refused when none of them is new. Needs `auto_update = false`, as `update
+    /// NAME`.
     Add {
         /// Programs to add (a name, `group:*`, or `all`).
         #[arg(required = true)]
