@@ -48,8 +48,9 @@ pub fn apply(
         return origins;
     };
     let mut files = Vec::new();
-    // A file two patterns match is read once, not taken for a second definition of its programs.
-    let mut seen = std::collections::HashSet::new();
+    // A file two patterns match is read once, not taken for a second definition of its programs; the
+    // including file, which a pattern of its own directory (`*.toml`) matches, is read already.
+    let mut seen = std::collections::HashSet::from([base.map(Path::to_path_buf)]);
     for text in patterns {
         let pattern = match IncludePattern::parse(dir, text) {
             Ok(p) => p,
@@ -61,7 +62,7 @@ pub fn apply(
         let found = expand(&pattern);
         sources.pattern(&pattern, found.as_deref().map_err(String::as_str));
         match found {
-            Ok(found) => files.extend(found.into_iter().filter(|f| seen.insert(f.clone()))),
+            Ok(found) => files.extend(found.into_iter().filter(|f| seen.insert(Some(f.clone())))),
             Err(why) => issues.push(included(format!("{text:?}: {why}"))),
         }
     }
@@ -348,6 +349,18 @@ mod tests {
             &mut Sources::new(b""),
         );
         assert_eq!(issues[0].message, "only a config file can include others");
+    }
+
+    /// `*.toml` beside the main file matches the main file too: it is not read again as an included file
+    /// (which named each of its settings "not a section" and its programs defined twice).
+    #[test]
+    fn a_pattern_matching_the_including_file_leaves_it_out() {
+        let main = "[programs.a]\ncommand = \"a\"\n";
+        let files = [("main.toml", main), ("web.toml", "[programs.web]\n")];
+        let (table, issues) = merged(main, &files, r#"["*.toml", "./main.toml"]"#);
+        assert_eq!(issues, Vec::<String>::new());
+        let programs: Vec<&String> = table["programs"].as_table().unwrap().keys().collect();
+        assert_eq!(programs, ["a", "web"]);
     }
 
     #[test]
