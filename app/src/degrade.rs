@@ -328,6 +328,14 @@ mod tests {
         assert_eq!(b.observe(false, at(t0, 14), open), BreakerState::Closed);
     }
 
+    /// Waits of `min_secs` doubling up to `max_secs`.
+    fn waits(min_secs: u64, max_secs: u64) -> OpenWait {
+        OpenWait {
+            min: Duration::from_secs(min_secs),
+            max: Duration::from_secs(max_secs),
+        }
+    }
+
     /// Checks the wait of each opening: tries a trial a second early (still open) and on time (half-open).
     fn open_then_trial(b: &mut Breaker, now: Instant, open: OpenWait, wait_secs: u64) -> Instant {
         assert_eq!(b.wait(), Duration::from_secs(wait_secs));
@@ -338,10 +346,7 @@ mod tests {
 
     #[test]
     fn the_wait_starts_short_and_doubles_per_failed_trial_up_to_the_max() {
-        let open = OpenWait {
-            min: Duration::from_secs(2),
-            max: Duration::from_secs(10),
-        };
+        let open = waits(2, 10);
         let mut b = Breaker::default();
         let t0 = Instant::now();
         assert_eq!(b.observe(true, t0, open), BreakerState::Open);
@@ -362,14 +367,7 @@ mod tests {
 
     #[test]
     fn a_min_above_the_max_waits_the_max_and_a_shorter_max_applies_at_once() {
-        let long = OpenWait {
-            min: Duration::from_secs(30),
-            max: Duration::from_secs(60),
-        };
-        let short = OpenWait {
-            min: Duration::from_secs(30),
-            max: Duration::from_secs(3),
-        };
+        let (long, short) = (waits(30, 60), waits(30, 3));
         let mut b = Breaker::default();
         let t0 = Instant::now();
         assert_eq!(b.observe(true, t0, long), BreakerState::Open);

@@ -157,17 +157,11 @@ impl Api {
                 let cmd = match *verb {
                     "start" => Command::Start(names),
                     "stop" => Command::Stop(names),
-                    "restart" => {
-                        let query = req.uri().query();
-                        if let Err(resp) = known_params(query, "a restart", &["rolling", "wait_secs"]) {
-                            return resp;
-                        }
-                        match rolling_of(query) {
-                            Ok(Some(limit)) => Command::Roll(names, limit),
-                            Ok(None) => Command::Restart(names),
-                            Err(resp) => return resp,
-                        }
-                    }
+                    "restart" => match restart_query(req.uri().query()) {
+                        Ok(Some(limit)) => Command::Roll(names, limit),
+                        Ok(None) => Command::Restart(names),
+                        Err(resp) => return resp,
+                    },
                     "clear" => Command::Clear(names),
                     "signal" => match signal_of(req).await {
                         Ok(sig) => Command::Signal(names, sig),
@@ -192,12 +186,8 @@ impl Api {
                 Err(resp) => resp,
             },
             (&Method::POST, ["v1", "update"]) => {
-                let rolling = match rolling_of(req.uri().query()) {
-                    Ok(r) => r,
-                    Err(resp) => return resp,
-                };
-                let (names, only) = match names_of(req.uri().query()) {
-                    Ok(n) => n,
+                let (rolling, names, only) = match update_query(req.uri().query()) {
+                    Ok(q) => q,
                     Err(resp) => return resp,
                 };
                 let resp = match self.load() {
@@ -617,9 +607,8 @@ async fn signal_of(req: Request<Incoming>) -> Result<nix::sys::signal::Signal, R
 /// A restart's `?rolling=1[&wait_secs=N]`: one program at a time, each given N seconds (1 to `MAX_WAIT_SECS`, default
 /// 60) to run and be ready again. `None`: a plain restart.
 #[allow(clippy::result_large_err)]
-fn rolling_of(query: Option<&str>) -> Result<Option<Duration>, Response<Body>> {
+fn rolling_of(pairs: &[(String, String)]) -> Result<Option<Duration>, Response<Body>> {
     let bad = |m: &str| error(StatusCode::BAD_REQUEST, "bad_query", m);
-    let pairs = query_pairs(query).map_err(|e| bad(&e))?;
     let get = |k: &str| pairs.iter().find(|(key, _)| key == k).map(|(_, v)| v.as_str());
     match get("rolling") {
         None | Some("0" | "false") => return Ok(None),
@@ -634,6 +623,12 @@ fn rolling_of(query: Option<&str>) -> Result<Option<Duration>, Response<Body>> {
             crate::roll::MAX_WAIT_SECS
         ))),
     }
+}
+
+/// A restart's query: only [`rolling_of`]'s parameters.
+#[allow(clippy::result_large_err)]
+fn restart_query(query: Option<&str>) -> Result<Option<Duration>, Response<Body>> {
+    rolling_of(&known_params(query, "a restart", &["rolling", "wait_secs"])?)
 }
 
 /// `query`'s parameters, when each is one `what` takes (`takes`): a misspelt one is a 400, not ignored (a
@@ -655,13 +650,18 @@ fn known_params(
     Ok(pairs)
 }
 
-/// An update's `?name=N` (repeated, at most 32): the programs a named update applies, none: every change;
-/// and its `only=added|removed` (`ctl add`, `ctl remove`), which needs a name. A parameter an update does
-/// not take is refused: a misspelt `name` would otherwise apply every change.
+/// An update's roll limit (none: not rolling), the programs it names, and the one kind of change it applies.
+type UpdateQuery = (Option<Duration>, Vec<String>, Option<Only>);
+
+/// An update's query, read once: a restart's [`rolling_of`] parameters; `?name=N` (repeated, at most 32),
+/// the programs a named update applies, none: every change; and `only=added|removed` (`ctl add`,
+/// `ctl remove`), which needs a name. A parameter an update does not take is refused: a misspelt `name`
+/// would otherwise apply every change.
 #[allow(clippy::result_large_err)]
-fn names_of(query: Option<&str>) -> Result<(Vec<String>, Option<Only>), Response<Body>> {
+fn update_query(query: Option<&str>) -> Result<UpdateQuery, Response<Body>> {
     let bad = |m: &str| error(StatusCode::BAD_REQUEST, "bad_query", m);
     let pairs = known_params(query, "an update", &["name", "only", "rolling", "wait_secs"])?;
+    let rolling = rolling_of(&pairs)?;
     let mut only = None;
     for (k, v) in &pairs {
         if k == "only" {
@@ -689,7 +689,7 @@ fn names_of(query: Option<&str>) -> Result<(Vec<String>, Option<Only>), Response
     if names.iter().any(|n| n.is_empty() || n.len() > max) {
         return Err(bad(&format!("a name is 1 to {max} bytes")));
     }
-    Ok((names, only))
+    Ok((rolling, names, only))
 }
 
 /// Percent-decodes a path segment (names may arrive as `app%3A*`). A path segment is not a query string: `+`
@@ -719,7 +719,9 @@ mod tests {
     /// An update applies every saved change unless named: a misspelt `name` is refused, not taken as none.
     #[test]
     fn an_update_refuses_a_parameter_it_does_not_take() {
-        let names = |q: &str| super::names_of(Some(q)).map_err(|r| r.status());
+        let names = |q: &str| {
+            (super::update_query(Some(q)).map(|(_, names, only)| (names, only))).map_err(|r| r.status())
+        };
         assert_eq!(
             names("name=web&rolling=1&wait_secs=5&name=app%3A*"),
             Ok((vec!["web".to_string(), "app:*".to_string()], None))

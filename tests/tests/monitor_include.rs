@@ -44,16 +44,11 @@ fn start(settings: &str) -> (Mon, std::path::PathBuf) {
 
 /// `name`'s status, if the monitor has such a program.
 fn find(m: &Mon, name: &str) -> Option<serde_json::Value> {
-    let s = m.status();
-    s["programs"]
-        .as_array()?
-        .iter()
-        .find(|p| p["name"] == name)
-        .cloned()
+    listed(&m.status(), name).cloned()
 }
 
 fn present(m: &Mon, name: &str) -> bool {
-    find(m, name).is_some()
+    lists(&m.status(), name)
 }
 
 /// Waits until a program the config just gained runs (`Mon::wait_state` wants it there already).

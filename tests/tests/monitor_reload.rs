@@ -32,6 +32,20 @@ fn off(b_arg: &str, with_c: bool, with_d: bool) -> String {
     format!("auto_update = false\n{}", programs(b_arg, with_c, with_d))
 }
 
+/// A monitor of [`off`]`("2", true, false)` with a, b and c running, and their pids.
+fn started_off() -> (Mon, Vec<i32>) {
+    let m = Mon::start(&off("2", true, false));
+    for n in ["a", "b", "c"] {
+        m.wait_state(n, "RUNNING", T);
+    }
+    let pids = abc_pids(&m);
+    (m, pids)
+}
+
+fn abc_pids(m: &Mon) -> Vec<i32> {
+    ["a", "b", "c"].iter().map(|n| m.pid(n).unwrap()).collect()
+}
+
 #[test]
 fn reread_shows_the_plan_and_update_touches_only_what_changed() {
     // The config is reached through a symlink whose target lives elsewhere, so the watcher (which watches the
@@ -52,7 +66,7 @@ fn reread_shows_the_plan_and_update_touches_only_what_changed() {
     for n in ["a", "b", "c"] {
         m.wait_state(n, "RUNNING", T);
     }
-    let before: Vec<i32> = ["a", "b", "c"].iter().map(|n| m.pid(n).unwrap()).collect();
+    let before = abc_pids(&m);
 
     std::fs::write(
         &real_path,
@@ -68,7 +82,7 @@ fn reread_shows_the_plan_and_update_touches_only_what_changed() {
     );
     assert!(!text.contains("a:"), "{text}");
     // Reread applies nothing.
-    let after: Vec<i32> = ["a", "b", "c"].iter().map(|n| m.pid(n).unwrap()).collect();
+    let after = abc_pids(&m);
     assert_eq!(before, after);
 
     let o = m.ctl(&["update"]);
@@ -77,14 +91,7 @@ fn reread_shows_the_plan_and_update_touches_only_what_changed() {
     let b2 = m.wait_new_pid("b", before[1], T);
     assert_eq!(m.prog("b")["command"][1], "309");
     assert_eq!(m.pid("a"), Some(before[0]), "unchanged program keeps its pid");
-    eventually(T, "c removed", || {
-        (!m.status()["programs"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|p| p["name"] == "c"))
-        .then_some(())
-    });
+    eventually(T, "c removed", || (!lists(&m.status(), "c")).then_some(()));
     eventually(T, "c's process gone", || (!alive(before[2])).then_some(()));
     // Its series leave `/metrics` with it; d's are there.
     let metrics = get(m.addr, "/metrics").unwrap().body;
@@ -106,11 +113,7 @@ fn reread_shows_the_plan_and_update_touches_only_what_changed() {
 /// status, `ctl status` and the event stream say what waits, and `update` applies it.
 #[test]
 fn with_auto_update_off_a_saved_config_waits_for_update() {
-    let m = Mon::start(&off("2", true, false));
-    for n in ["a", "b", "c"] {
-        m.wait_state(n, "RUNNING", T);
-    }
-    let pids: Vec<i32> = ["a", "b", "c"].iter().map(|n| m.pid(n).unwrap()).collect();
+    let (m, pids) = started_off();
     m.rewrite(&off("7", false, false));
     let pending = eventually(T, "the saved change held", || {
         Some(m.status()["pending"].clone()).filter(|p| p.is_object())
@@ -142,7 +145,7 @@ fn with_auto_update_off_a_saved_config_waits_for_update() {
         out(&o)
     );
     // Nothing was touched, and reread shows the same plan.
-    let now: Vec<i32> = ["a", "b", "c"].iter().map(|n| m.pid(n).unwrap()).collect();
+    let now = abc_pids(&m);
     assert_eq!(now, pids);
     let o = m.ctl(&["reread"]);
     assert!(
@@ -157,12 +160,7 @@ fn with_auto_update_off_a_saved_config_waits_for_update() {
     assert_eq!(m.pid("a"), Some(pids[0]));
     eventually(T, "c removed", || {
         let st = m.status();
-        let gone = !st["programs"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|p| p["name"] == "c");
-        (gone && st["pending"].is_null()).then_some(())
+        (!lists(&st, "c") && st["pending"].is_null()).then_some(())
     });
 }
 
@@ -170,19 +168,8 @@ fn with_auto_update_off_a_saved_config_waits_for_update() {
 /// `update GROUP`, `add`, `remove`); `ctl avail` lists the running and the saved programs and what waits.
 #[test]
 fn a_named_update_applies_only_that_programs_change() {
-    let m = Mon::start(&off("2", true, false));
-    for n in ["a", "b", "c"] {
-        m.wait_state(n, "RUNNING", T);
-    }
-    let present = |name: &str| {
-        let s = m.status();
-        s["programs"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|p| p["name"] == name)
-    };
-    let pids: Vec<i32> = ["a", "b", "c"].iter().map(|n| m.pid(n).unwrap()).collect();
+    let (m, pids) = started_off();
+    let present = |name: &str| lists(&m.status(), name);
     // b changes, c goes, d comes, and e (new) depends on f (new).
     let deps = "[programs.e]\ncommand = \"sleep 305\"\nstartsecs = 0\ndepends_on = [\"f\"]\n\
                 [programs.f]\ncommand = \"sleep 306\"\nstartsecs = 0\n";
@@ -202,12 +189,9 @@ fn a_named_update_applies_only_that_programs_change() {
         assert!(text.contains(line), "{line:?} in\n{text}");
     }
     // d alone: started; nothing else touched, and the rest still waits.
-    let o = m.ctl(&["update", "d"]);
-    assert!(o.status.success(), "{}", out(&o));
-    assert_eq!(out(&o).trim(), "d: added (applied)");
+    assert_says(&m.ctl(&["update", "d"]), 0, "d: added (applied)");
     m.wait_state("d", "RUNNING", T);
-    let now: Vec<i32> = ["a", "b", "c"].iter().map(|n| m.pid(n).unwrap()).collect();
-    assert_eq!(now, pids, "a named update touched another program");
+    assert_eq!(abc_pids(&m), pids, "a named update touched another program");
     let pending = eventually(T, "the rest still pending", || {
         Some(m.status()["pending"].clone()).filter(|p| p["added"] == json!(["e", "f"]))
     });
@@ -216,12 +200,9 @@ fn a_named_update_applies_only_that_programs_change() {
         (&json!(["b"]), &json!(["c"]))
     );
     // e without f would start without its dependency: refused, naming what to add.
-    let o = m.ctl(&["update", "e"]);
-    assert!(!o.status.success(), "{}", out(&o));
-    assert!(
-        out(&o).contains("e depends on f, and it is added in the file but not named: name f:* too"),
-        "{}",
-        out(&o)
+    assert_refused(
+        &m.ctl(&["update", "e"]),
+        "e depends on f, and it is added in the file but not named: name f:* too",
     );
     assert!(!present("e"), "a refused update added e");
     let o = m.ctl(&["update", "e", "f:*"]);
@@ -250,10 +231,7 @@ fn a_named_update_applies_only_that_programs_change() {
     assert!(!o.status.success(), "{}", out(&o));
     // `add` and `remove` are refused by their own names, not as an `update NAME` the user did not type.
     for verb in ["add", "remove"] {
-        let o = m.ctl(&[verb, "a"]);
-        assert!(!o.status.success(), "{}", out(&o));
-        let text = out(&o);
-        assert!(text.contains(&format!("`{verb} NAME`")), "{text}");
+        assert_refused(&m.ctl(&[verb, "a"]), &format!("`{verb} NAME`"));
     }
 }
 
@@ -263,11 +241,7 @@ fn a_named_update_applies_only_that_programs_change() {
 /// refused and changes nothing.
 #[test]
 fn add_and_remove_apply_only_additions_and_removals() {
-    let m = Mon::start(&off("2", true, false));
-    for n in ["a", "b", "c"] {
-        m.wait_state(n, "RUNNING", T);
-    }
-    let pids: Vec<i32> = ["a", "b", "c"].iter().map(|n| m.pid(n).unwrap()).collect();
+    let (m, pids) = started_off();
     // b changes, c goes, d comes.
     m.rewrite(&off("7", false, true));
     eventually(T, "the saved change held", || {
@@ -295,26 +269,15 @@ fn add_and_remove_apply_only_additions_and_removals() {
             "nothing to remove: no program of d is gone from the saved config",
         ),
     ] {
-        let o = m.ctl(&[verb, name]);
-        assert!(!o.status.success(), "{verb} {name}: {}", out(&o));
-        assert!(out(&o).contains(why), "{verb} {name}: {}", out(&o));
+        assert_refused(&m.ctl(&[verb, name]), why);
     }
     // `add all`: d alone, not b's change nor c's removal.
-    let o = m.ctl(&["add", "all"]);
-    assert!(o.status.success(), "{}", out(&o));
-    assert_eq!(out(&o).trim(), "d: added (applied)");
+    assert_says(&m.ctl(&["add", "all"]), 0, "d: added (applied)");
     m.wait_state("d", "RUNNING", T);
-    let now: Vec<i32> = ["a", "b", "c"].iter().map(|n| m.pid(n).unwrap()).collect();
-    assert_eq!(now, pids, "add touched a program in use");
+    assert_eq!(abc_pids(&m), pids, "add touched a program in use");
     // `remove all`: c alone; b still runs its old process, its change pending.
-    let o = m.ctl(&["remove", "all"]);
-    assert!(o.status.success(), "{}", out(&o));
-    assert_eq!(out(&o).trim(), "c: removed (applied)");
-    eventually(T, "c removed", || {
-        let s = m.status();
-        let gone = !s["programs"].as_array().unwrap().iter().any(|p| p["name"] == "c");
-        gone.then_some(())
-    });
+    assert_says(&m.ctl(&["remove", "all"]), 0, "c: removed (applied)");
+    eventually(T, "c removed", || (!lists(&m.status(), "c")).then_some(()));
     assert_eq!((m.pid("a"), m.pid("b")), (Some(pids[0]), Some(pids[1])));
     let pending = eventually(T, "b's change still pending", || {
         Some(m.status()["pending"].clone()).filter(|p| p["added"] == json!([]) || p["added"].is_null())
@@ -337,24 +300,16 @@ fn a_named_removal_of_a_dependency_names_its_dependent() {
     eventually(T, "the removal held", || {
         (m.status()["pending"]["removed"] == json!(["db"])).then_some(())
     });
-    let o = m.ctl(&["update", "db:*"]);
-    assert!(!o.status.success(), "{}", out(&o));
-    assert!(
-        out(&o).contains("web depends on db, and this update removes its last program: name web:* too"),
-        "{}",
-        out(&o)
+    assert_refused(
+        &m.ctl(&["update", "db:*"]),
+        "web depends on db, and this update removes its last program: name web:* too",
     );
     assert_eq!(m.state("db"), "RUNNING", "a refused update removed db");
     let o = m.ctl(&["update", "db:*", "web:*"]);
     assert!(o.status.success(), "{}", out(&o));
     eventually(T, "db removed, nothing pending", || {
         let st = m.status();
-        let gone = !st["programs"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|p| p["name"] == "db");
-        (gone && st["pending"].is_null()).then_some(())
+        (!lists(&st, "db") && st["pending"].is_null()).then_some(())
     });
 }
 

@@ -200,6 +200,11 @@ fn lock_skus(t: &mut Tx<'_>, skus: &[&str]) -> Result<(), StoreError> {
 /// name first.
 pub fn move_stock(t: &mut Tx<'_>, id: &str, from_col: &str, to_col: &str) -> Result<(), StoreError> {
     lock_skus_of(t, &[id])?;
+    move_locked_stock(t, id, from_col, to_col)
+}
+
+/// [`move_stock`] for a caller that holds the order's SKU rows already (the sweep locks a batch's at once).
+fn move_locked_stock(t: &mut Tx<'_>, id: &str, from_col: &str, to_col: &str) -> Result<(), StoreError> {
     let sql = format!(
         "UPDATE skus SET {from_col} = skus.{from_col} - l.qty, {to_col} = skus.{to_col} + l.qty
          FROM order_lines l WHERE l.order_id = $1 AND l.sku = skus.sku"
@@ -293,7 +298,7 @@ pub fn expire_due(t: &mut Tx<'_>, now: i64, limit: u32) -> Result<super::Expired
     let mut out = super::Expired::default();
     for (id, user, kind) in due {
         if transition(t, &id, Transition::Expire)?.is_ok() {
-            move_stock(t, &id, "reserved", "available")?;
+            move_locked_stock(t, &id, "reserved", "available")?;
             out.orders += 1;
             if kind == crate::domain::OrderKind::Seckill.as_str() {
                 let lines = t.query("SELECT sku FROM order_lines WHERE order_id = $1", &[&id])?;

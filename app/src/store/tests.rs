@@ -566,42 +566,48 @@ fn flash_sale_is_seckill_only_gathers_units_and_closes(fx: &dyn Fixture) {
     assert_eq!((r.totals.units_reserved, r.totals.orders), (100, 33));
 }
 
-/// Several handles (processes) at once: groups racing for one SKU sell exactly its stock, and concurrent
-/// payments from one wallet cannot overdraw it.
-fn concurrent_handles_never_oversell_or_overdraw(fx: &dyn Fixture) {
-    let handles: Vec<Box<dyn Store>> = (0..4).map(|_| fx.open()).collect();
-    let sold: usize = std::thread::scope(|sc| {
-        let joins: Vec<_> = handles
-            .iter()
-            .enumerate()
+/// Commits `group(handle, round)` for `rounds` rounds on each handle's own thread, all at once (the handles
+/// as instances); the orders committed in all.
+fn commit_concurrently(
+    handles: &[Box<dyn Store>],
+    rounds: usize,
+    group: impl Fn(usize, usize) -> Vec<NewOrder> + Sync,
+) -> usize {
+    std::thread::scope(|sc| {
+        let group = &group;
+        let joins: Vec<_> = (handles.iter().enumerate())
             .map(|(h, s)| {
                 sc.spawn(move || {
-                    let mut ok = 0;
-                    for g in 0..5 {
-                        let group: Vec<NewOrder> = (0..10)
-                            .map(|i| {
-                                order(
-                                    &format!("h{h}g{g}u{i}"),
-                                    None,
-                                    OrderKind::Regular,
-                                    "flash-1",
-                                    1,
-                                    60_000,
-                                )
-                            })
-                            .collect();
-                        ok += s
-                            .create_orders(&group, false)
-                            .unwrap()
-                            .iter()
-                            .filter(|r| r.is_ok())
-                            .count();
-                    }
-                    ok
+                    (0..rounds)
+                        .map(|round| {
+                            let out = s.create_orders(&group(h, round), false).unwrap();
+                            out.iter().filter(|r| r.is_ok()).count()
+                        })
+                        .sum::<usize>()
                 })
             })
             .collect();
         joins.into_iter().map(|j| j.join().unwrap()).sum()
+    })
+}
+
+/// Several handles (processes) at once: groups racing for one SKU sell exactly its stock, and concurrent
+/// payments from one wallet cannot overdraw it.
+fn concurrent_handles_never_oversell_or_overdraw(fx: &dyn Fixture) {
+    let handles: Vec<Box<dyn Store>> = (0..4).map(|_| fx.open()).collect();
+    let sold = commit_concurrently(&handles, 5, |h, g| {
+        (0..10)
+            .map(|i| {
+                order(
+                    &format!("h{h}g{g}u{i}"),
+                    None,
+                    OrderKind::Regular,
+                    "flash-1",
+                    1,
+                    60_000,
+                )
+            })
+            .collect()
     });
     assert_eq!(sold, 100);
     handles[0].credit(&["w".into()], 1000).unwrap();

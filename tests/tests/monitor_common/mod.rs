@@ -99,11 +99,7 @@ impl Mon {
 
     pub fn prog(&self, name: &str) -> Value {
         let s = self.status();
-        s["programs"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|p| p["name"] == name)
+        listed(&s, name)
             .cloned()
             .unwrap_or_else(|| panic!("no program {name} in {s}"))
     }
@@ -174,6 +170,15 @@ pub fn exists(pid: i32) -> bool {
     std::path::Path::new(&format!("/proc/{pid}")).exists()
 }
 
+/// Program `name` in a `/v1/status` answer, if it lists it (a removed one is no longer listed).
+pub fn listed<'a>(status: &'a Value, name: &str) -> Option<&'a Value> {
+    status["programs"].as_array()?.iter().find(|p| p["name"] == name)
+}
+
+pub fn lists(status: &Value, name: &str) -> bool {
+    listed(status, name).is_some()
+}
+
 pub fn kill9(pid: i32) {
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL).unwrap();
 }
@@ -189,6 +194,15 @@ pub fn out(o: &Output) -> String {
 /// Asserts that a `ctl` run exited with `code` having printed exactly `text` (give or take the ends' blanks).
 pub fn assert_says(o: &Output, code: i32, text: &str) {
     assert_eq!((o.status.code(), out(o).trim()), (Some(code), text), "{}", out(o));
+}
+
+/// Asserts that a `ctl` run failed having said `text` (among the rest).
+pub fn assert_refused(o: &Output, text: &str) {
+    assert!(
+        !o.status.success() && out(o).contains(text),
+        "{text:?} in\n{}",
+        out(o)
+    );
 }
 
 /// A scripted balancer: answers `GET /v1/status` with a fixed table (one instance, an L4 proxy with one

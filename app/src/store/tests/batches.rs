@@ -104,36 +104,21 @@ pub(super) fn concurrent_groups_in_opposite_orders_all_commit(fx: &dyn Fixture) 
     let handles = [fx.open(), fx.open()];
     let (a, b) = ("sku-3-1", "sku-4-1");
     let rounds = 15;
-    let ok: usize = std::thread::scope(|sc| {
-        let joins: Vec<_> = handles
-            .iter()
-            .enumerate()
-            .map(|(h, s)| {
-                sc.spawn(move || {
-                    let mut ok = 0;
-                    for round in 0..rounds {
-                        let user = |i: usize| format!("h{h}r{round}o{i}");
-                        let group: Vec<NewOrder> = if h == 0 {
-                            (0..6)
-                                .map(|i| multi(&user(i), &[(if i % 2 == 0 { a } else { b }, 1)]))
-                                .collect()
-                        } else {
-                            (0..6)
-                                .map(|i| match i % 3 {
-                                    0 => multi(&user(i), &[(b, 1)]),
-                                    1 => multi(&user(i), &[(b, 1), (a, 1)]),
-                                    _ => multi(&user(i), &[(a, 1)]),
-                                })
-                                .collect()
-                        };
-                        let out = s.create_orders(&group, false).unwrap();
-                        ok += out.iter().filter(|r| r.is_ok()).count();
-                    }
-                    ok
+    let ok = commit_concurrently(&handles, rounds, |h, round| {
+        let user = |i: usize| format!("h{h}r{round}o{i}");
+        if h == 0 {
+            (0..6)
+                .map(|i| multi(&user(i), &[(if i % 2 == 0 { a } else { b }, 1)]))
+                .collect()
+        } else {
+            (0..6)
+                .map(|i| match i % 3 {
+                    0 => multi(&user(i), &[(b, 1)]),
+                    1 => multi(&user(i), &[(b, 1), (a, 1)]),
+                    _ => multi(&user(i), &[(a, 1)]),
                 })
-            })
-            .collect();
-        joins.into_iter().map(|j| j.join().unwrap()).sum()
+                .collect()
+        }
     });
     assert_eq!(ok, 2 * rounds * 6);
     // Handle 0: 3 + 3 units a round; handle 1: b 4, a 4.

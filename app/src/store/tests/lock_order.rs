@@ -15,14 +15,12 @@ pub(super) fn counting_deadlocks() -> PostgresFixture {
 /// The deadlocks the server broke in the store's sessions, read once they have all ended (a session
 /// reports its counters when it ends): the caller drops every handle first.
 pub(super) fn deadlocks_once_closed(fx: &PostgresFixture) -> i64 {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while fx.number("SELECT COUNT(*) FROM pg_stat_activity WHERE application_name = 'xcluster-app'") > 0 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the store's sessions did not end"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    let sessions = "SELECT COUNT(*) FROM pg_stat_activity WHERE application_name = 'xcluster-app'";
+    xcluster_tests::eventually(
+        std::time::Duration::from_secs(30),
+        "the store's sessions to end",
+        || (fx.number(sessions) == 0).then_some(()),
+    );
     fx.number("SELECT deadlocks FROM pg_stat_database WHERE datname = 'xcluster'")
 }
 
