@@ -43,7 +43,13 @@ pub async fn run(ctx: Context<Config>) -> Result<(), Error> {
     // Held until this balancer ends. A lock that cannot be taken at all (a read-only directory) is a
     // warning, as a failed write is: the balancer runs, its drains in memory; only a file another balancer
     // holds stops it.
-    let _claim = match cfg.state_file.as_deref().map(directory::state::claim) {
+    let state_file = cfg.state_file.as_deref().map(directory::state::resolve);
+    if let (Some(link), Some(file)) = (&cfg.state_file, &state_file)
+        && link != file
+    {
+        tracing::info!(link = %link.display(), file = %file.display(), "the state file is a symlink: kept where it points");
+    }
+    let _claim = match state_file.as_deref().map(directory::state::claim) {
         Some(Err(e @ directory::state::ClaimError::Taken { .. })) => return Err(e.into()),
         Some(Err(e)) => {
             tracing::warn!(error = %e, "state file not locked: another balancer given it would not be refused");
@@ -54,7 +60,7 @@ pub async fn run(ctx: Context<Config>) -> Result<(), Error> {
     };
     // Before the API answers: a peer starting beside this one (every balancer restarted at once) then reads
     // this file's state in our status, not an empty one.
-    let lost = match cfg.state_file.clone() {
+    let lost = match state_file {
         Some(path) => restore_state_file(&dir, path).await,
         None => false,
     };

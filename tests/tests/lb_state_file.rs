@@ -183,15 +183,18 @@ fn the_newest_of_the_file_and_the_peers_state_wins() {
 }
 
 /// Two balancers given one state file would overwrite each other's drains: the second is refused at start,
-/// naming the file, and the first keeps running and writing it. Once the first is gone (even killed: the
-/// kernel drops its lock), the file is free again.
+/// naming the file, also through a symlink, and the first keeps running and writing it. Once the first is
+/// gone (even killed: the kernel drops its lock), the file is free again, and written through the link.
 #[test]
 fn a_second_balancer_given_the_same_state_file_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("lb.state.json");
     let (lb1, lb2) = (free_addr(), free_addr());
     let mut first = start("lb", lb1, &config(lb1, &state), dir.path());
-    let cfg2 = write_file(dir.path(), "lb2.toml", &config(lb2, &state));
+    // The second is given the file through a symlink: the same file, so refused as well.
+    let link = dir.path().join("link.json");
+    std::os::unix::fs::symlink("lb.state.json", &link).unwrap();
+    let cfg2 = write_file(dir.path(), "lb2.toml", &config(lb2, &link));
     let mut second = Proc::xcluster("lb2", &["lb", "--config", cfg2.to_str().unwrap()]);
     assert_eq!(second.wait_exit(WAIT), Some(1), "{}", second.stderr());
     let why = second.stderr();
@@ -211,6 +214,14 @@ fn a_second_balancer_given_the_same_state_file_is_refused() {
 
     first.signal(Signal::SIGKILL);
     assert_eq!(first.wait_exit(WAIT), Some(128 + 9));
-    let _second = start("lb", lb2, &config(lb2, &state), dir.path());
+    let _second = start("lb", lb2, &config(lb2, &link), dir.path());
     assert_eq!(runtime_state(lb2).0, serde_json::json!(["h1/a"]));
+    // Its writes go through the link, which stays one.
+    call(lb2, "h1/a", "undrain");
+    assert!(
+        link.is_symlink(),
+        "the state file's symlink was replaced by a file"
+    );
+    let written: serde_json::Value = serde_json::from_slice(&std::fs::read(&state).unwrap()).unwrap();
+    assert_eq!(written["drained"], serde_json::json!([]), "{written}");
 }

@@ -226,6 +226,27 @@ pub fn claim(path: &Path) -> Result<nix::fcntl::Flock<std::fs::File>, ClaimError
     })
 }
 
+/// How many symlinks [`resolve`] follows before it stops, as the kernel's `ELOOP` limit.
+const MAX_LINKS: usize = 40;
+
+/// The file `path` names, through symlinks of its own name: the balancer locks, reads and replaces that
+/// file (its temp file beside it, so the rename stays in one directory), and the link stays a link. Written
+/// through the link's name, the first write renamed a plain file over the link and left the target
+/// behind, stale: an operator who links the state onto other storage expects it kept there. A link that
+/// points nowhere yet names the file to create; one that loops is left as it is, and its first use fails
+/// with `ELOOP`, warned of as any failed read or write.
+pub fn resolve(path: &Path) -> PathBuf {
+    let mut p = path.to_path_buf();
+    for _ in 0..MAX_LINKS {
+        let Ok(target) = std::fs::read_link(&p) else {
+            return p;
+        };
+        // A relative target is relative to the link's directory; `join` keeps an absolute one as it is.
+        p = p.parent().map_or_else(|| target.clone(), |dir| dir.join(&target));
+    }
+    path.to_path_buf()
+}
+
 /// `<file>.tmp`: where a write goes before it replaces the file (the same directory, so rename is atomic).
 pub fn tmp_path(path: &Path) -> PathBuf {
     with_suffix(path, ".tmp")

@@ -226,3 +226,37 @@ fn an_unreadable_file_is_left_where_it_is() {
     let restored = load_logged(&path, NOW);
     assert_eq!((restored.state, restored.lost), (None, true));
 }
+
+#[test]
+fn a_linked_state_file_is_written_through_its_link() {
+    let dir = TempDir::new();
+    let store = dir.0.join("store");
+    std::fs::create_dir(&store).unwrap();
+    // lb.state.json -> via.json -> store/real.json, the first link relative, the second absolute.
+    let real = store.join("real.json");
+    let via = dir.0.join("via.json");
+    std::os::unix::fs::symlink(&real, &via).unwrap();
+    std::os::unix::fs::symlink("via.json", dir.file()).unwrap();
+    // The target does not exist yet: the link names the file to create.
+    assert_eq!(resolve(&dir.file()), real);
+    StateFile::new(resolve(&dir.file())).save(sample).unwrap();
+    assert!(
+        dir.file().is_symlink() && via.is_symlink(),
+        "the links stay links"
+    );
+    let Loaded::Read { state, .. } = load(&dir.file(), NOW) else {
+        panic!("not read through the link");
+    };
+    assert_eq!(state, sample());
+    assert!(
+        tmp_path(&real).parent() == Some(store.as_path()),
+        "the temp file beside the target"
+    );
+    // A plain file and a missing one are themselves; a loop is left as it is (its use fails with ELOOP).
+    assert_eq!(resolve(&real), real);
+    assert_eq!(resolve(&dir.0.join("none.json")), dir.0.join("none.json"));
+    let (a, b) = (dir.0.join("a"), dir.0.join("b"));
+    std::os::unix::fs::symlink(&b, &a).unwrap();
+    std::os::unix::fs::symlink(&a, &b).unwrap();
+    assert_eq!(resolve(&a), a);
+}
