@@ -70,8 +70,12 @@ fn drains_and_weights_survive_a_restart_without_peers() {
         (serde_json::json!(["h1/a"]), serde_json::json!({"h1/b": "25%"}))
     );
     stderr_has(&p, "drains and run-time weights restored from the state file");
-    // And they act: once reported, A is listed drained.
+    // And they act: once reported, A is listed drained (a report within 5 ms of the last rebuild is
+    // published a little later, with the ones that follow it).
     report_to(lb);
+    eventually(WAIT, "A listed once reported", || {
+        entry(&servers(lb, "browse"), "h1/a")
+    });
     assert_eq!(
         entry(&servers(lb, "browse"), "h1/a").map(|e| e.1),
         Some("drained".into())
