@@ -150,6 +150,10 @@ pub struct Plan {
     /// The roll an `update --rolling` began over the changed programs that run.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub roll: Option<crate::roll::RollStatus>,
+    /// Of the names an `add` or `remove` was given, those with nothing of that kind to apply (supervisorctl
+    /// answers `ERROR (already active)` for each): said, not silently passed over beside the others.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub skipped: Vec<String>,
 }
 
 /// A command's answer.

@@ -181,6 +181,15 @@ impl Supervisor {
                     names.join(", ")
                 )));
             }
+            let applies = |i: usize| plan.added.iter().chain(&plan.removed).any(|n| n == known[i].0);
+            let skipped = (names.iter())
+                .filter(|&name| {
+                    let own = crate::select::resolve(&known, std::slice::from_ref(name)).unwrap_or_default();
+                    !own.iter().any(|&(i, _)| applies(i))
+                })
+                .cloned()
+                .collect();
+            plan.skipped = skipped;
         }
         self.check_dependencies(&cfg, &plan)?;
         // The programs left out keep their old specs, so the order keeps every program that stays: the new

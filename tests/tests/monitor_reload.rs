@@ -271,12 +271,20 @@ fn add_and_remove_apply_only_additions_and_removals() {
     ] {
         assert_refused(&m.ctl(&[verb, name]), why);
     }
-    // `add all`: d alone, not b's change nor c's removal.
-    assert_says(&m.ctl(&["add", "all"]), 0, "d: added (applied)");
+    // `add all`: d alone, not b's change nor c's removal; b, named too, is said to have nothing to add.
+    assert_says(
+        &m.ctl(&["add", "all", "b"]),
+        0,
+        "d: added (applied)\nb: not added: nothing of it is new in the saved config",
+    );
     m.wait_state("d", "RUNNING", T);
     assert_eq!(abc_pids(&m), pids, "add touched a program in use");
     // `remove all`: c alone; b still runs its old process, its change pending.
-    assert_says(&m.ctl(&["remove", "all"]), 0, "c: removed (applied)");
+    assert_says(
+        &m.ctl(&["remove", "all", "d"]),
+        0,
+        "c: removed (applied)\nd: not removed: it is still in the saved config",
+    );
     eventually(T, "c removed", || (!lists(&m.status(), "c")).then_some(()));
     assert_eq!((m.pid("a"), m.pid("b")), (Some(pids[0]), Some(pids[1])));
     let pending = eventually(T, "b's change still pending", || {

@@ -203,17 +203,19 @@ fn run_verb(c: &Client, args: &CtlArgs) -> Result<i32, Failure> {
             args.json,
         ),
         CtlVerb::Update { rolling: true, names } => rolling_update(c, args, names),
-        CtlVerb::Add { names } => plan(
+        CtlVerb::Add { names } => programs::plan_with(
             c,
             &format!("/v1/update{}&only=added", names_query(names, '?')),
             true,
             args.json,
+            programs::NOT_ADDED,
         ),
-        CtlVerb::Remove { names } => plan(
+        CtlVerb::Remove { names } => programs::plan_with(
             c,
             &format!("/v1/update{}&only=removed", names_query(names, '?')),
             true,
             args.json,
+            programs::NOT_REMOVED,
         ),
         CtlVerb::Shutdown => shutdown(c, args),
     }

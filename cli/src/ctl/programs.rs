@@ -497,7 +497,24 @@ fn await_goal(c: &Client, results: &mut [Answer], goal: Goal, limit: Duration) -
     Ok(())
 }
 
+/// What `ctl add` and `ctl remove` say of a name they were given that had nothing of their kind.
+pub(super) const NOT_ADDED: &str = "not added: nothing of it is new in the saved config";
+pub(super) const NOT_REMOVED: &str = "not removed: it is still in the saved config";
+
+/// Prints the changes `path` applied (or, `applied` false, would apply): `reread`, `update`.
 pub(super) fn plan(c: &Client, path: &str, applied: bool, as_json: bool) -> Result<i32, Failure> {
+    plan_with(c, path, applied, as_json, "")
+}
+
+/// [`plan`], and each name `add` or `remove` was given that had nothing of its kind, with `skipped` (the
+/// monitor lists them only for those verbs).
+pub(super) fn plan_with(
+    c: &Client,
+    path: &str,
+    applied: bool,
+    as_json: bool,
+    skipped: &str,
+) -> Result<i32, Failure> {
     let r = c.call("POST", path)?;
     check(&r)?;
     if as_json {
@@ -519,6 +536,9 @@ pub(super) fn plan(c: &Client, path: &str, applied: bool, as_json: bool) -> Resu
     }
     if !any {
         println!("No config updates to processes");
+    }
+    for n in v["skipped"].as_array().cloned().unwrap_or_default() {
+        println!("{}: {skipped}", n.as_str().unwrap_or("?"));
     }
     Ok(0)
 }
