@@ -124,17 +124,25 @@ pub fn validate(
     (backend, redis)
 }
 
-/// Hides the password of `scheme://user:password@host...`.
+/// Hides the password of `scheme://user:password@host...`, and the whole user part of `redis://secret@host`
+/// (the password-only form `resp::parse_url` takes).
 pub fn redact_url(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_string();
     };
-    let authority_end = rest.find('/').unwrap_or(rest.len());
+    // The user part ends at the last `@` before the path, and the path starts at the first `/` after the first
+    // `@`: the postgres client ends the credentials at the first `@`, so its password may hold a `/` (as a
+    // base64 one does), and the Redis one may hold an `@`. Taking the first `/` of the URL as the path left a
+    // password with a `/` in it unredacted in `--print-config` and the logs.
+    let path_from = rest.find('@').unwrap_or(0);
+    let authority_end = rest[path_from..].find('/').map_or(rest.len(), |i| path_from + i);
     let Some(at) = rest[..authority_end].rfind('@') else {
         return url.to_string();
     };
     match rest[..at].split_once(':') {
         Some((user, _)) => format!("{scheme}://{user}:<redacted>{}", &rest[at..]),
+        // A user name alone is no secret, but Redis reads it as the password.
+        None if scheme == "redis" => format!("{scheme}://<redacted>{}", &rest[at..]),
         None => url.to_string(),
     }
 }
@@ -151,6 +159,17 @@ mod tests {
         );
         assert_eq!(redact_url("redis://:pw@h:6379"), "redis://:<redacted>@h:6379");
         assert_eq!(redact_url("postgres://xb@h/db"), "postgres://xb@h/db");
+        // A base64 password holds `/`; the postgres client takes it (its credentials end at the first `@`).
+        assert_eq!(
+            redact_url("postgres://xb:ab/cd+e=@10.0.0.1/xbuy?sslmode=disable"),
+            "postgres://xb:<redacted>@10.0.0.1/xbuy?sslmode=disable"
+        );
+        assert_eq!(
+            redact_url("redis://:p@ss@h:6379/0"),
+            "redis://:<redacted>@h:6379/0"
+        );
+        // `redis://secret@host:port` is a password alone (`resp::parse_url`).
+        assert_eq!(redact_url("redis://s3cret@h:6379"), "redis://<redacted>@h:6379");
     }
 
     #[test]
