@@ -306,6 +306,45 @@ fn pay_refund_settle_balance_the_ledger(fx: &dyn Fixture) {
     assert_audit(&s);
 }
 
+/// A provider's payment id spans the buyer's attempts: the one that failed may succeed later, and that capture
+/// pays the order (it was refused as a conflict, on every delivery, and the money was nowhere). A failure
+/// reported after the success is still a conflict, and the success's replay one payment.
+fn a_failed_payment_that_succeeds_later_pays_the_order(fx: &dyn Fixture) {
+    let s = fx.open();
+    let o = create(
+        &s,
+        order("u1", None, OrderKind::Regular, "sku-1-1", 1, 60_000),
+        true,
+    )
+    .unwrap()
+    .order;
+    let cb = |status: &str| PaymentCallback {
+        payment_id: "pi-1".into(),
+        order_id: o.id.clone(),
+        amount_cents: 610,
+        status: status.into(),
+    };
+    for _ in 0..2 {
+        assert_eq!(
+            s.payment_callback(&cb("failed"), false).unwrap().unwrap().status,
+            "reserved"
+        );
+    }
+    for _ in 0..2 {
+        let paid = s.payment_callback(&cb("succeeded"), false).unwrap().unwrap();
+        assert_eq!(
+            (paid.status.as_str(), paid.paid_via.as_deref()),
+            ("paid", Some("psp"))
+        );
+    }
+    assert!(matches!(
+        s.payment_callback(&cb("failed"), false).unwrap(),
+        Err(Reject::IdempotencyConflict { .. })
+    ));
+    assert_eq!(s.balance("psp").unwrap(), -610);
+    assert_audit(&s);
+}
+
 fn reservations_expire_exactly_once_across_handles(fx: &dyn Fixture) {
     let s1 = fx.open();
     let s2 = fx.open();
@@ -665,6 +704,7 @@ macro_rules! every_store_test {
             a_refused_order_in_a_group_leaves_the_others_committed,
             concurrent_groups_in_opposite_orders_all_commit,
             pay_refund_settle_balance_the_ledger,
+            a_failed_payment_that_succeeds_later_pays_the_order,
             reservations_expire_exactly_once_across_handles,
             flash_sale_buckets_and_user_limit,
             flash_sale_is_seckill_only_gathers_units_and_closes,
