@@ -109,9 +109,10 @@ pub async fn run(ctx: Context<Config>) -> Result<(), Error> {
         None => None,
     };
     let background = CancellationToken::new();
+    let config = keeping_restart_keys(ctx.config.clone(), background.clone());
     let batcher = queue::Batcher::spawn(exec.clone(), cfg.capacity as usize, background.clone());
     let app = Arc::new(api::App {
-        config: ctx.config.clone(),
+        config: config.clone(),
         exec: exec.clone(),
         batcher,
         degrade: degrade::Degrade::new(cfg.manual_level),
@@ -125,7 +126,7 @@ pub async fn run(ctx: Context<Config>) -> Result<(), Error> {
     tokio::spawn(queue::workers::maintainer(exec.clone(), background.clone()));
     tokio::spawn(queue::workers::sweeper(
         exec.clone(),
-        ctx.config.clone(),
+        config,
         redis_gate.clone(),
         background.clone(),
     ));
@@ -162,6 +163,27 @@ pub async fn run(ctx: Context<Config>) -> Result<(), Error> {
     }
     background.cancel();
     Ok(())
+}
+
+/// The configs the app reads: each one `reloads` publishes, with the keys that need a restart kept at the
+/// values the process started with (`Config::keeping_restart_keys`).
+fn keeping_restart_keys(
+    mut reloads: tokio::sync::watch::Receiver<Arc<Config>>,
+    cancel: CancellationToken,
+) -> tokio::sync::watch::Receiver<Arc<Config>> {
+    let running = reloads.borrow_and_update().clone();
+    let (tx, rx) = tokio::sync::watch::channel(running.clone());
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                r = reloads.changed() => if r.is_err() { return },
+            }
+            let next = Config::clone(&reloads.borrow_and_update()).keeping_restart_keys(&running);
+            tx.send_replace(Arc::new(next));
+        }
+    });
+    rx
 }
 
 /// Once a second: closes the stats window, samples the outbox depth and feeds the degrade breakers.
