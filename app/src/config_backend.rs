@@ -89,6 +89,21 @@ pub fn validate(
                         .into()
                 },
             );
+            // What the store parses at start, checked here so `check-config` and a reload refuse it: a URL the
+            // client cannot read passed as valid and failed only at the next start. The client's error names
+            // no part of the URL (it may hold a password).
+            match postgres_url.parse::<postgres::Config>() {
+                Err(e) => v.error(
+                    "postgres_url",
+                    format!("not a connection URL the client reads: {e}"),
+                ),
+                // The store connects without TLS (`NoTls`): such a URL could never connect.
+                Ok(c) if matches!(c.get_ssl_mode(), postgres::config::SslMode::Require) => v.error(
+                    "postgres_url",
+                    "sslmode=require: the store connects without TLS (use a private network or a tunnel)",
+                ),
+                Ok(_) => {}
+            }
             Backend::Postgres(PgOptions {
                 url: postgres_url.to_string(),
                 pool_size,
@@ -186,5 +201,32 @@ mod tests {
         );
         assert!(r.is_none());
         assert!(v.finish(()).is_err());
+        for (url, says) in [
+            ("postgres://xb:s3cret@h:notaport/db", "not a connection URL"),
+            ("postgres://xb:s3cret@h/db?bogus=1", "not a connection URL"),
+            ("postgres://xb:s3cret@h/db?sslmode=require", "without TLS"),
+        ] {
+            let mut v = Validator::new();
+            let pg = PostgresSection::default();
+            validate(&mut v, "postgres", url, &pg, "", &RedisSection::default(), true);
+            let issues = format!("{:?}", v.finish(()).expect_err(url));
+            assert!(
+                issues.contains("postgres_url") && issues.contains(says),
+                "{url}: {issues}"
+            );
+            assert!(!issues.contains("s3cret"), "{issues}");
+        }
+        let mut v = Validator::new();
+        let url = "postgres://xb:s3cret@10.0.0.1:5432/xbuy?sslmode=disable";
+        validate(
+            &mut v,
+            "postgres",
+            url,
+            &PostgresSection::default(),
+            "",
+            &RedisSection::default(),
+            true,
+        );
+        assert!(v.finish(()).is_ok());
     }
 }
