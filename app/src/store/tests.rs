@@ -428,6 +428,33 @@ fn flash_sale_buckets_and_user_limit(fx: &dyn Fixture) {
     );
 }
 
+/// Units refunded give back the buyer's flash-sale allowance, a partial refund's as a full one's: the limit
+/// counted a partly refunded order's every unit, so a buyer holding one unit of a limit of two was refused.
+fn a_partial_refund_gives_back_its_units_flash_sale_allowance(fx: &dyn Fixture) {
+    let s = fx.open();
+    let seckill = |qty: u32| NewOrder {
+        per_user_limit: 2,
+        ..order("demo-1", None, OrderKind::Seckill, "flash-1", qty, 60_000)
+    };
+    let o = create(&s, seckill(2), true).unwrap().order;
+    assert_eq!(s.pay_wallet(&o.id, true).unwrap().unwrap().status, "paid");
+    assert!(matches!(
+        create(&s, seckill(1), true),
+        Err(Reject::LimitExceeded { .. })
+    ));
+    let partly = refund(&s, &o.id, Some("r1"), &[("flash-1", 1)]).unwrap().order;
+    assert_eq!(
+        (partly.status.as_str(), partly.lines[0].refunded_qty),
+        ("paid", 1)
+    );
+    create(&s, seckill(1), true).expect("one unit held of two allowed");
+    assert!(matches!(
+        create(&s, seckill(1), true),
+        Err(Reject::LimitExceeded { .. })
+    ));
+    assert_audit(&s);
+}
+
 /// A user's orders page newest first, by `(created_ms, id)`, with no order lost or repeated across pages
 /// (several share a millisecond), and none of another user's.
 fn user_orders_page_newest_first(fx: &dyn Fixture) {
@@ -707,6 +734,7 @@ macro_rules! every_store_test {
             a_failed_payment_that_succeeds_later_pays_the_order,
             reservations_expire_exactly_once_across_handles,
             flash_sale_buckets_and_user_limit,
+            a_partial_refund_gives_back_its_units_flash_sale_allowance,
             flash_sale_is_seckill_only_gathers_units_and_closes,
             keyed_credit_posts_once,
             demo_buyers_are_seeded_with_credit,
