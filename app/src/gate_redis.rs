@@ -78,7 +78,8 @@ pub struct RedisGate {
     idle: Mutex<Vec<Conn>>,
     /// Until when (unix ms) the circuit is open.
     open_until_ms: AtomicI64,
-    /// SKUs seen on the flash-sale path: the reconciler keeps their counters (bounded).
+    /// SKUs the store answered flash-sale attempts for ([`RedisGate::heat`]): the reconciler keeps their
+    /// counters (bounded).
     hot: Mutex<BTreeSet<String>>,
 }
 
@@ -155,14 +156,19 @@ impl RedisGate {
         self.idle.lock().unwrap_or_else(|e| e.into_inner()).clear();
     }
 
+    /// Has the reconciler keep `sku`'s counter: a SKU the store answered a flash-sale attempt for, so one that
+    /// exists. Taking every SKU an attempt named, before the store had, let anyone fill the bounded set with
+    /// made-up names (256 requests, no token), and no later sale's counter was ever built: its attempts all
+    /// passed to the store until a restart.
+    pub fn heat(&self, sku: &str) {
+        let mut hot = self.hot.lock().unwrap_or_else(|e| e.into_inner());
+        if hot.len() < 256 && !hot.contains(sku) {
+            hot.insert(sku.to_string());
+        }
+    }
+
     /// Asks the gate for `qty` units of `sku` for `user` with a per-user `limit`.
     pub async fn admit(&self, sku: &str, user: &str, qty: u32, limit: u32) -> Admission {
-        {
-            let mut hot = self.hot.lock().unwrap_or_else(|e| e.into_inner());
-            if hot.len() < 256 && !hot.contains(sku) {
-                hot.insert(sku.to_string());
-            }
-        }
         let (stock, bought) = (stock_key(sku), bought_key(sku, user));
         let (qty, limit, ttl) = (
             qty.to_string(),

@@ -165,6 +165,11 @@ pub async fn seckill(app: &Arc<App>, cfg: &Config, sku: &str, req: Request<Incom
     if let Ok(Err(Reject::SoldOut { .. })) = &out {
         app.gate.mark(sku, cfg.sold_out_gate);
     }
+    if let Some(g) = &redis
+        && matches!(&out, Ok(r) if !matches!(r, Err(Reject::NotFound { .. })))
+    {
+        g.heat(sku);
+    }
     // What the gate took is given back unless it became a new order (a replay took nothing).
     if let Some(g) = redis
         && admission == crate::gate_redis::Admission::Taken
