@@ -1,11 +1,12 @@
 //! The app's configuration: raw serde form, validation, typed form.
 //!
 //! Reloads live: `log.level`, `shutdown.*`, `slowdown.*`, `degrade.*` (the manual level and the
-//! breaker thresholds), `reservation_ttl_ms`, `seckill.per_user_limit`, `admin_token`,
-//! `audit_interval_ms`.
+//! breaker thresholds), `reservation_ttl_ms`, `seckill.per_user_limit`, `seckill.sold_out_gate_ms`,
+//! `admin_token`, `payment_callback_secret`, `audit_interval_ms`.
 //! Needs a restart: `listen`, `http.*`, `instance`, `db_path`, `store_threads`, `busy_timeout_ms`, `seed_demo`,
 //! `capacity`, `max_body_bytes`, `seckill.buckets` (buckets are laid out when a flash sale is opened), and
 //! the storage backend keys of `config_backend` (`store`, `postgres_url`, `redis_url`, `[postgres]`, `[redis]`).
+//! A reload keeps those at their running values in what the app reads ([`Config::keeping_restart_keys`]).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -354,6 +355,32 @@ impl RoleConfig for Config {
     }
 }
 
+impl Config {
+    /// `self`, a reloaded config, with every key of `RESTART_KEYS` back at its value in `running` (the config
+    /// the process started with). The runtime publishes a reload whole and logs that those keys keep their
+    /// running values until a restart; but the handlers read `capacity`, `max_body_bytes`, `seckill.buckets`
+    /// and `instance` per request, so a reload applied them at once while saying it did not, and `/v1/stats`
+    /// named an instance the agent and the balancers did not know.
+    pub fn keeping_restart_keys(self, running: &Config) -> Config {
+        let r = running.clone();
+        Config {
+            listen: r.listen,
+            instance: r.instance,
+            db_path: r.db_path,
+            store_threads: r.store_threads,
+            busy_timeout: r.busy_timeout,
+            seed_demo: r.seed_demo,
+            capacity: r.capacity,
+            max_body_bytes: r.max_body_bytes,
+            buckets: r.buckets,
+            http: r.http,
+            backend: r.backend,
+            redis: r.redis,
+            ..self
+        }
+    }
+}
+
 impl DaemonConfig for Config {
     fn shutdown(&self) -> ShutdownTimes {
         self.shutdown
@@ -382,5 +409,43 @@ mod tests {
         raw.slowdown.cpu_us_per_request.insert("nope".into(), 5);
         let issues = Config::validate(&raw).expect_err("invalid");
         assert_eq!(issues.len(), 3, "{issues:?}");
+    }
+
+    #[test]
+    fn a_reload_keeps_the_running_values_of_the_keys_that_need_a_restart() {
+        let running = Config::validate(&RawConfig::default()).expect("defaults are valid");
+        // Every key of RESTART_KEYS changed, and one that reloads live.
+        let raw = RawConfig {
+            listen: "127.0.0.1:7999".into(),
+            instance: "renamed".into(),
+            db_path: "/elsewhere.db".into(),
+            store_threads: 2,
+            busy_timeout_ms: 500,
+            seed_demo: false,
+            capacity: 7,
+            max_body_bytes: 2048,
+            seckill: SeckillSection {
+                buckets: 2,
+                per_user_limit: 3,
+                ..SeckillSection::default()
+            },
+            http: HttpSection {
+                max_connections: 10,
+                ..HttpSection::default()
+            },
+            store: "postgres".into(),
+            postgres_url: "postgres://xb@10.0.0.1/xbuy".into(),
+            redis_url: "redis://10.0.0.1:6379".into(),
+            ..RawConfig::default()
+        };
+        let reloaded = Config::validate(&raw)
+            .expect("valid")
+            .keeping_restart_keys(&running);
+        assert_eq!(reloaded.per_user_limit, 3, "a live key applies");
+        let expected = Config {
+            per_user_limit: 3,
+            ..running
+        };
+        assert_eq!(format!("{reloaded:?}"), format!("{expected:?}"));
     }
 }

@@ -89,6 +89,21 @@ pub fn validate(
                         .into()
                 },
             );
+            // What the store parses at start, checked here so `check-config` and a reload refuse it: a URL the
+            // client cannot read passed as valid and failed only at the next start. The client's error names
+            // no part of the URL (it may hold a password).
+            match postgres_url.parse::<postgres::Config>() {
+                Err(e) => v.error(
+                    "postgres_url",
+                    format!("not a connection URL the client reads: {e}"),
+                ),
+                // The store connects without TLS (`NoTls`): such a URL could never connect.
+                Ok(c) if matches!(c.get_ssl_mode(), postgres::config::SslMode::Require) => v.error(
+                    "postgres_url",
+                    "sslmode=require: the store connects without TLS (use a private network or a tunnel)",
+                ),
+                Ok(_) => {}
+            }
             Backend::Postgres(PgOptions {
                 url: postgres_url.to_string(),
                 pool_size,
@@ -124,17 +139,25 @@ pub fn validate(
     (backend, redis)
 }
 
-/// Hides the password of `scheme://user:password@host...`.
+/// Hides the password of `scheme://user:password@host...`, and the whole user part of `redis://secret@host`
+/// (the password-only form `resp::parse_url` takes).
 pub fn redact_url(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_string();
     };
-    let authority_end = rest.find('/').unwrap_or(rest.len());
+    // The user part ends at the last `@` before the path, and the path starts at the first `/` after the first
+    // `@`: the postgres client ends the credentials at the first `@`, so its password may hold a `/` (as a
+    // base64 one does), and the Redis one may hold an `@`. Taking the first `/` of the URL as the path left a
+    // password with a `/` in it unredacted in `--print-config` and the logs.
+    let path_from = rest.find('@').unwrap_or(0);
+    let authority_end = rest[path_from..].find('/').map_or(rest.len(), |i| path_from + i);
     let Some(at) = rest[..authority_end].rfind('@') else {
         return url.to_string();
     };
     match rest[..at].split_once(':') {
         Some((user, _)) => format!("{scheme}://{user}:<redacted>{}", &rest[at..]),
+        // A user name alone is no secret, but Redis reads it as the password.
+        None if scheme == "redis" => format!("{scheme}://<redacted>{}", &rest[at..]),
         None => url.to_string(),
     }
 }
@@ -151,6 +174,17 @@ mod tests {
         );
         assert_eq!(redact_url("redis://:pw@h:6379"), "redis://:<redacted>@h:6379");
         assert_eq!(redact_url("postgres://xb@h/db"), "postgres://xb@h/db");
+        // A base64 password holds `/`; the postgres client takes it (its credentials end at the first `@`).
+        assert_eq!(
+            redact_url("postgres://xb:ab/cd+e=@10.0.0.1/xbuy?sslmode=disable"),
+            "postgres://xb:<redacted>@10.0.0.1/xbuy?sslmode=disable"
+        );
+        assert_eq!(
+            redact_url("redis://:p@ss@h:6379/0"),
+            "redis://:<redacted>@h:6379/0"
+        );
+        // `redis://secret@host:port` is a password alone (`resp::parse_url`).
+        assert_eq!(redact_url("redis://s3cret@h:6379"), "redis://<redacted>@h:6379");
     }
 
     #[test]
@@ -167,5 +201,32 @@ mod tests {
         );
         assert!(r.is_none());
         assert!(v.finish(()).is_err());
+        for (url, says) in [
+            ("postgres://xb:s3cret@h:notaport/db", "not a connection URL"),
+            ("postgres://xb:s3cret@h/db?bogus=1", "not a connection URL"),
+            ("postgres://xb:s3cret@h/db?sslmode=require", "without TLS"),
+        ] {
+            let mut v = Validator::new();
+            let pg = PostgresSection::default();
+            validate(&mut v, "postgres", url, &pg, "", &RedisSection::default(), true);
+            let issues = format!("{:?}", v.finish(()).expect_err(url));
+            assert!(
+                issues.contains("postgres_url") && issues.contains(says),
+                "{url}: {issues}"
+            );
+            assert!(!issues.contains("s3cret"), "{issues}");
+        }
+        let mut v = Validator::new();
+        let url = "postgres://xb:s3cret@10.0.0.1:5432/xbuy?sslmode=disable";
+        validate(
+            &mut v,
+            "postgres",
+            url,
+            &PostgresSection::default(),
+            "",
+            &RedisSection::default(),
+            true,
+        );
+        assert!(v.finish(()).is_ok());
     }
 }

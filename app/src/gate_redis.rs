@@ -9,10 +9,10 @@
 //! circuit for `retry_after`: while open, the gate admits without a network call, so a dead Redis costs a
 //! request nothing and orders take the store-only path.
 
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
@@ -78,9 +78,13 @@ pub struct RedisGate {
     idle: Mutex<Vec<Conn>>,
     /// Until when (unix ms) the circuit is open.
     open_until_ms: AtomicI64,
-    /// SKUs seen on the flash-sale path: the reconciler keeps their counters (bounded).
-    hot: Mutex<BTreeSet<String>>,
+    /// SKUs the store answered flash-sale attempts for ([`RedisGate::heat`]), with the time of the latest:
+    /// the reconciler keeps their counters (bounded).
+    hot: Mutex<BTreeMap<String, Instant>>,
 }
+
+/// Most SKUs whose counters the reconciler keeps.
+const MAX_HOT: usize = 256;
 
 fn stock_key(sku: &str) -> String {
     format!("xbuy:stock:{sku}")
@@ -102,7 +106,7 @@ impl RedisGate {
             opts,
             idle: Mutex::new(Vec::new()),
             open_until_ms: AtomicI64::new(0),
-            hot: Mutex::new(BTreeSet::new()),
+            hot: Mutex::new(BTreeMap::new()),
         })
     }
 
@@ -155,14 +159,26 @@ impl RedisGate {
         self.idle.lock().unwrap_or_else(|e| e.into_inner()).clear();
     }
 
-    /// Asks the gate for `qty` units of `sku` for `user` with a per-user `limit`.
-    pub async fn admit(&self, sku: &str, user: &str, qty: u32, limit: u32) -> Admission {
-        {
-            let mut hot = self.hot.lock().unwrap_or_else(|e| e.into_inner());
-            if hot.len() < 256 && !hot.contains(sku) {
-                hot.insert(sku.to_string());
+    /// Has the reconciler keep `sku`'s counter: a SKU the store answered a flash-sale attempt for, so one that
+    /// exists. Taking every SKU an attempt named, before the store had, let anyone fill the bounded set with
+    /// made-up names (256 requests, no token), and no later sale's counter was ever built: its attempts all
+    /// passed to the store until a restart.
+    ///
+    /// When full, the SKU whose latest attempt is the oldest gives way: the set only grew, so an instance that
+    /// had seen attempts on 256 SKUs (sales over its life) built no counter for any later sale.
+    pub fn heat(&self, sku: &str) {
+        let mut hot = self.hot.lock().unwrap_or_else(|e| e.into_inner());
+        if hot.len() >= MAX_HOT && !hot.contains_key(sku) {
+            let coldest = hot.iter().min_by_key(|(_, at)| **at).map(|(s, _)| s.clone());
+            if let Some(coldest) = coldest {
+                hot.remove(&coldest);
             }
         }
+        hot.insert(sku.to_string(), Instant::now());
+    }
+
+    /// Asks the gate for `qty` units of `sku` for `user` with a per-user `limit`.
+    pub async fn admit(&self, sku: &str, user: &str, qty: u32, limit: u32) -> Admission {
         let (stock, bought) = (stock_key(sku), bought_key(sku, user));
         let (qty, limit, ttl) = (
             qty.to_string(),
@@ -220,7 +236,7 @@ impl RedisGate {
         self.hot
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .iter()
+            .keys()
             .cloned()
             .collect()
     }
@@ -262,5 +278,32 @@ pub async fn reconciler(gate: Arc<RedisGate>, exec: StoreExec, cancel: Cancellat
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A new SKU's attempts always get its counter built: when the set is full, the coldest SKU gives way.
+    #[test]
+    fn a_full_hot_set_takes_a_new_sku_in_place_of_the_coldest() {
+        let gate = RedisGate::new(RedisOptions {
+            url: "redis://127.0.0.1:1".into(),
+            timeout: Duration::from_millis(10),
+            retry_after: Duration::from_secs(1),
+            rebuild_every: Duration::from_secs(1),
+        })
+        .expect("a valid url");
+        for i in 0..MAX_HOT {
+            gate.heat(&format!("old-{i}"));
+        }
+        gate.heat("old-0");
+        gate.heat("new-sale");
+        let hot = gate.hot();
+        assert_eq!(hot.len(), MAX_HOT);
+        assert!(hot.iter().any(|s| s == "new-sale"), "the new sale's SKU is hot");
+        assert!(hot.iter().any(|s| s == "old-0"), "a SKU heated again stays");
+        assert!(!hot.iter().any(|s| s == "old-1"), "the coldest gave way");
     }
 }

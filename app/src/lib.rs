@@ -17,7 +17,7 @@
 //! | `POST /v1/orders/{id}/fulfil` | order | token |
 //! | `POST /v1/seckill/{sku}` | seckill | `{"user", "qty"?}`, optional `Idempotency-Key`; per-user limit; sold-out gate |
 //! | `POST /v1/orders/{id}/pay` | pay | from the buyer's wallet |
-//! | `POST /v1/payments/callback` | pay | `X-Signature` with `payment_callback_secret` set (`api::signature`), else token; `{"payment_id", "order_id", "amount_cents", "status"}`, idempotent by `payment_id` |
+//! | `POST /v1/payments/callback` | pay | `X-Signature` with `payment_callback_secret` set (`api::signature`), else token; `{"payment_id", "order_id", "amount_cents", "status"}`, idempotent by `payment_id` (one reported `failed` may succeed later and pay) |
 //! | `POST /v1/refunds` | pay | token; `{"order_id", "lines"?: [{"sku", "qty"}]}`: without `lines` refunds every unit not refunded yet (a refunded order answers the same); with them only those units, `Idempotency-Key` required (400 `missing_idempotency_key`; the order's own key: a replay is 200 + `Idempotent-Replay: true`, another body 422); 409 `over_refund` / 422 `not_in_order` name the SKU; the order shows `refunded_qty` per line and `refunded_cents`, and is `refunded` once every unit is |
 //! | `POST /v1/merchant/stock` | admin | token; `{"updates": [{"sku", "receive"?, "write_off"?, "price_cents"?}]}`, all or none; a write-off beyond the shelf is 409 `out_of_stock` |
 //! | `GET /v1/merchant/shops/{id}` | admin | token; what the shop is owed (`receivable_cents`) and was paid out by settlement (`paid_out_cents`); 404 for no such shop |
@@ -109,9 +109,10 @@ pub async fn run(ctx: Context<Config>) -> Result<(), Error> {
         None => None,
     };
     let background = CancellationToken::new();
+    let config = keeping_restart_keys(ctx.config.clone(), background.clone());
     let batcher = queue::Batcher::spawn(exec.clone(), cfg.capacity as usize, background.clone());
     let app = Arc::new(api::App {
-        config: ctx.config.clone(),
+        config: config.clone(),
         exec: exec.clone(),
         batcher,
         degrade: degrade::Degrade::new(cfg.manual_level),
@@ -125,7 +126,7 @@ pub async fn run(ctx: Context<Config>) -> Result<(), Error> {
     tokio::spawn(queue::workers::maintainer(exec.clone(), background.clone()));
     tokio::spawn(queue::workers::sweeper(
         exec.clone(),
-        ctx.config.clone(),
+        config,
         redis_gate.clone(),
         background.clone(),
     ));
@@ -162,6 +163,27 @@ pub async fn run(ctx: Context<Config>) -> Result<(), Error> {
     }
     background.cancel();
     Ok(())
+}
+
+/// The configs the app reads: each one `reloads` publishes, with the keys that need a restart kept at the
+/// values the process started with (`Config::keeping_restart_keys`).
+fn keeping_restart_keys(
+    mut reloads: tokio::sync::watch::Receiver<Arc<Config>>,
+    cancel: CancellationToken,
+) -> tokio::sync::watch::Receiver<Arc<Config>> {
+    let running = reloads.borrow_and_update().clone();
+    let (tx, rx) = tokio::sync::watch::channel(running.clone());
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                r = reloads.changed() => if r.is_err() { return },
+            }
+            let next = Config::clone(&reloads.borrow_and_update()).keeping_restart_keys(&running);
+            tx.send_replace(Arc::new(next));
+        }
+    });
+    rx
 }
 
 /// Once a second: closes the stats window, samples the outbox depth and feeds the degrade breakers.

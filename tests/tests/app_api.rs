@@ -826,3 +826,42 @@ fn a_keyed_replay_after_the_sale_sold_out_gets_its_order() {
     .unwrap();
     assert_eq!(other.status, 422, "{}", other.body);
 }
+
+/// A reload that changes keys needing a restart leaves their running values in force, as its log says: the
+/// handlers read `max_body_bytes`, `capacity` and `instance` per request, and took a reloaded value at once
+/// (a 2 KB order refused 413, `/v1/stats` naming an instance the balancers did not know).
+#[test]
+fn a_reload_leaves_the_keys_that_need_a_restart_as_they_were() {
+    let db = Db::new();
+    let (_p, addrs) = start_apps(&db, 1, "");
+    let a = addrs[0];
+    let path = db.dir.path().join("app-1.toml");
+    let started = std::fs::read_to_string(&path).unwrap();
+    let reloaded = started.replace("instance = \"app-1\"", "instance = \"renamed\"")
+        + "capacity = 7\nmax_body_bytes = 1024\n[seckill]\nper_user_limit = 3\n";
+    write_file(db.dir.path(), "app-1.toml", &reloaded);
+    eventually(Duration::from_secs(10), "the reload to apply", || {
+        let m = get(a, "/metrics").unwrap().body;
+        (metric_value(&m, "xcluster_config_reloads_total", "role=\"app\"") == Some(1.0)).then_some(())
+    });
+    let stats = get(a, "/v1/stats").unwrap().json();
+    assert_eq!(
+        (stats["instance"].as_str(), stats["capacity"].as_u64()),
+        (Some("app-1"), Some(1024)),
+        "{stats}"
+    );
+    // A 2 KB body, under the running max_body_bytes (64 KiB) and over the reloaded one.
+    let body = format!(
+        "{}{}",
+        json!({"user": "u1", "lines": [{"sku": "sku-1-1", "qty": 1}]}),
+        " ".repeat(2048)
+    );
+    let headers = [("Content-Type", "application/json"), ("Idempotency-Key", "big-1")];
+    let r = request(a, "POST", "/v1/orders", &headers, Some(body.as_bytes())).unwrap();
+    assert_eq!(r.status, 201, "{}", r.body);
+    // A key that reloads live still applies: three flash-sale units for one buyer.
+    for _ in 0..3 {
+        let r = post(a, "/v1/seckill/flash-1", None, false, &json!({"user": "u1"})).unwrap();
+        assert_eq!(r.status, 201, "{}", r.body);
+    }
+}

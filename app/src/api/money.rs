@@ -101,7 +101,8 @@ pub async fn refund(app: &Arc<App>, cfg: &Config, req: Request<Incoming>) -> Res
     let weak = inline_weak(app);
     match app.exec.run(move |s| s.refund(&r, weak)).await {
         Ok(Ok(done)) => {
-            super::orders::forget_at_gate(app, &done.order, "refunded").await;
+            // A partial refund's units leave the buyer's flash-sale count in the store, as a full one's do.
+            super::orders::forget_at_gate(app, &done.order, true).await;
             let mut resp = json(StatusCode::OK, &done.order);
             if done.replay {
                 resp.headers_mut()

@@ -13,7 +13,7 @@ use super::bodies::{CreateOrder, SeckillReq};
 use super::{App, BODY_TIMEOUT, authorized, idem_key, path_id, reject, respond, store_failed};
 use crate::Config;
 use crate::degrade::Level;
-use crate::domain::{NewOrder, OrderKind, Reject, fingerprint, new_order_id, now_ms};
+use crate::domain::{NewOrder, OrderKind, OrderStatus, Reject, fingerprint, new_order_id, now_ms};
 use crate::queue::OrderOutcome;
 use crate::store::StoreError;
 
@@ -165,6 +165,11 @@ pub async fn seckill(app: &Arc<App>, cfg: &Config, sku: &str, req: Request<Incom
     if let Ok(Err(Reject::SoldOut { .. })) = &out {
         app.gate.mark(sku, cfg.sold_out_gate);
     }
+    if let Some(g) = &redis
+        && matches!(&out, Ok(r) if !matches!(r, Err(Reject::NotFound { .. })))
+    {
+        g.heat(sku);
+    }
     // What the gate took is given back unless it became a new order (a replay took nothing).
     if let Some(g) = redis
         && admission == crate::gate_redis::Admission::Taken
@@ -245,18 +250,18 @@ pub async fn cancel(app: &Arc<App>, id: &str) -> Response<Body> {
     let id = id.to_string();
     let out = app.exec.run(move |s| s.cancel(&id)).await;
     if let Ok(Ok(view)) = &out {
-        forget_at_gate(app, view, "cancelled").await;
+        forget_at_gate(app, view, view.status == OrderStatus::Cancelled.as_str()).await;
     }
     respond(StatusCode::OK, out)
 }
 
-/// The Redis gate counted the buyer's flash-sale units; the store no longer does once the order is
-/// `ended` (cancelled, or refunded in full), so neither may the gate, or it refuses a purchase the store
+/// The Redis gate counted the buyer's flash-sale units; the store no longer counts those of an order that
+/// ended (cancelled) or were refunded (`freed`), so neither may the gate, or it refuses a purchase the store
 /// would make for as long as its counter lives. (The sweeper does the same for expired ones.)
-pub(super) async fn forget_at_gate(app: &App, view: &crate::store::OrderView, ended: &str) {
+pub(super) async fn forget_at_gate(app: &App, view: &crate::store::OrderView, freed: bool) {
     if let Some(g) = &app.redis_gate
         && view.kind == OrderKind::Seckill.as_str()
-        && view.status == ended
+        && freed
     {
         for line in &view.lines {
             g.forget(&line.sku, &view.user).await;

@@ -231,21 +231,40 @@ pub(super) fn cannot_take_payment(r: &Reject) -> bool {
     matches!(r, Reject::BadTransition { .. })
 }
 
-/// The refusal of provider callback `cb` when an earlier one with its `payment_id` recorded another order,
-/// status or amount; `None` when it is the same callback again (a replay).
-pub(super) fn payment_conflict(
+/// What provider callback `cb` is when an earlier one with its `payment_id` recorded `order_id`, `status` and
+/// `amount`.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum PriorPayment {
+    /// The same callback again: the order's view, no second effect.
+    Replay,
+    /// The payment that failed has succeeded since (a provider's payment id spans the buyer's attempts): the
+    /// success is taken. A failure has no effect, so it must not make the later capture a conflict: refused
+    /// 422 on every delivery, that money was in no order and no `refund_due` row.
+    Succeeded,
+    /// Another order, amount or outcome under the id (a success reported failed later among them).
+    Conflict(Reject),
+}
+
+pub(super) fn prior_payment(
     cb: &PaymentCallback,
     order_id: &str,
     status: &str,
     amount: Cents,
-) -> Option<Reject> {
+) -> PriorPayment {
     // A payment kept as owed back was a success the provider reported: its replay is the same delivery.
     let reported = if status == REFUND_DUE { "succeeded" } else { status };
-    (order_id != cb.order_id || reported != cb.status || amount != cb.amount_cents).then(|| {
-        Reject::IdempotencyConflict {
+    if order_id != cb.order_id || amount != cb.amount_cents {
+        return PriorPayment::Conflict(Reject::IdempotencyConflict {
             key: cb.payment_id.clone(),
-        }
-    })
+        });
+    }
+    match (reported, cb.status.as_str()) {
+        (was, now) if was == now => PriorPayment::Replay,
+        ("failed", "succeeded") => PriorPayment::Succeeded,
+        _ => PriorPayment::Conflict(Reject::IdempotencyConflict {
+            key: cb.payment_id.clone(),
+        }),
+    }
 }
 
 /// An order line as a refund reads it (with the shop its share goes back from).
@@ -576,8 +595,35 @@ mod tests {
                 total: 500
             }))
         ));
-        assert!(payment_conflict(&callback(500), "o1", "succeeded", 500).is_none());
-        assert!(payment_conflict(&callback(500), "o1", "failed", 500).is_some());
+        assert_eq!(
+            prior_payment(&callback(500), "o1", "succeeded", 500),
+            PriorPayment::Replay
+        );
+        assert_eq!(
+            prior_payment(&callback(500), "o1", "refund_due", 500),
+            PriorPayment::Replay
+        );
+        assert_eq!(
+            prior_payment(&callback(500), "o1", "failed", 500),
+            PriorPayment::Succeeded
+        );
+        let failed = PaymentCallback {
+            status: "failed".into(),
+            ..callback(500)
+        };
+        for (cb, order, status, amount) in [
+            (&failed, "o1", "succeeded", 500),
+            (&callback(500), "o2", "failed", 500),
+            (&callback(500), "o1", "failed", 499),
+        ] {
+            assert!(
+                matches!(
+                    prior_payment(cb, order, status, amount),
+                    PriorPayment::Conflict(_)
+                ),
+                "{status} {order} {amount}"
+            );
+        }
     }
 
     #[test]

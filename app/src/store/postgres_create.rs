@@ -182,9 +182,10 @@ fn lock_and_read(t: &mut Tx<'_>, orders: &[NewOrder]) -> Result<Plan, StoreError
         .unzip();
     if !users.is_empty() {
         // Every order creation holds these SKUs' row locks, so no other can add to these counts before we
-        // commit; a cancel or an expiry only lowers them.
+        // commit; a cancel, an expiry or a refund only lowers them.
         for r in t.query(
-            r#"SELECT o."user", l.sku, SUM(l.qty)::BIGINT FROM orders o JOIN order_lines l ON l.order_id = o.id
+            // Refunded units count no more than a refunded order's do.
+            r#"SELECT o."user", l.sku, SUM(l.qty - l.refunded_qty)::BIGINT FROM orders o JOIN order_lines l ON l.order_id = o.id
              WHERE o.kind = 'seckill' AND o.status IN ('reserved', 'paid', 'fulfilled')
                AND (o."user", l.sku) IN (SELECT * FROM unnest($1::text[], $2::text[]))
              GROUP BY 1, 2"#,

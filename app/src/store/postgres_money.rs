@@ -10,7 +10,7 @@ use super::postgres_orders::{
 use super::{OrderView, PaymentCallback, RefundRequest, Refunded, Settlement, StoreError};
 use crate::domain::{Cents, OrderStatus, Reject, Transition, now_ms};
 
-use super::order_rules::{self, RefundDone, RefundEvent, Res};
+use super::order_rules::{self, PriorPayment, RefundDone, RefundEvent, Res};
 
 /// Posts one ledger transaction; `(kind, reference)` is unique, so a replay cannot post twice.
 fn post(t: &mut Tx<'_>, kind: &str, reference: &str, entries: &[(String, Cents)]) -> Result<(), StoreError> {
@@ -112,20 +112,29 @@ pub fn callback(t: &mut Tx<'_>, cb: &PaymentCallback, inline_weak: bool) -> Res<
         "SELECT order_id, status, amount_cents FROM payments WHERE payment_id = $1",
         &[&cb.payment_id],
     )?;
-    if let Some(r) = prior {
+    let prior = prior.map(|r| {
         let (order_id, status, amount): (String, String, Cents) = (r.get(0), r.get(1), r.get(2));
-        if let Some(r) = order_rules::payment_conflict(cb, &order_id, &status, amount) {
-            return Ok(Err(r));
+        order_rules::prior_payment(cb, &order_id, &status, amount)
+    });
+    match prior {
+        Some(PriorPayment::Conflict(r)) => return Ok(Err(r)),
+        Some(PriorPayment::Replay) => return order(t, &cb.order_id),
+        Some(PriorPayment::Succeeded) => {
+            t.exec(
+                "UPDATE payments SET status = $2 WHERE payment_id = $1",
+                &[&cb.payment_id, &cb.status],
+            )?;
         }
-        return order(t, &cb.order_id);
-    }
-    t.exec(
-        "INSERT INTO payments(payment_id, order_id, status, amount_cents, created_ms) VALUES ($1, $2, $3, $4, $5)",
-        &[&cb.payment_id, &cb.order_id, &cb.status, &cb.amount_cents, &now_ms()],
-    )?;
-    if cb.status == "failed" {
-        // The reservation stays until the buyer retries or the sweeper expires it.
-        return order(t, &cb.order_id);
+        None => {
+            t.exec(
+                "INSERT INTO payments(payment_id, order_id, status, amount_cents, created_ms) VALUES ($1, $2, $3, $4, $5)",
+                &[&cb.payment_id, &cb.order_id, &cb.status, &cb.amount_cents, &now_ms()],
+            )?;
+            if cb.status == "failed" {
+                // The reservation stays until the buyer retries or the sweeper expires it.
+                return order(t, &cb.order_id);
+            }
+        }
     }
     match pay(t, &cb.order_id, Some(cb), inline_weak)? {
         Err(r) if order_rules::cannot_take_payment(&r) => {

@@ -11,7 +11,7 @@ use super::sqlite_orders::{load_order, move_stock, refund_lines, return_units, t
 use super::{OrderView, PaymentCallback, RefundRequest, Refunded, Settlement, StoreError};
 use crate::domain::{Cents, OrderStatus, Reject, Transition, now_ms};
 
-use super::order_rules::{self, RefundDone, RefundEvent, Res};
+use super::order_rules::{self, PriorPayment, RefundDone, RefundEvent, Res};
 
 /// Posts one ledger transaction; `(kind, reference)` is unique, so a replay cannot post twice.
 fn post(
@@ -105,17 +105,21 @@ pub fn callback(tx: &Transaction<'_>, cb: &PaymentCallback, inline_weak: bool) -
         .prepare_cached("SELECT order_id, status, amount_cents FROM payments WHERE payment_id = ?1")?
         .query_row([&cb.payment_id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
         .optional()?;
-    if let Some((order_id, status, amount)) = prior {
-        if let Some(r) = order_rules::payment_conflict(cb, &order_id, &status, amount) {
-            return Ok(Err(r));
+    match prior.map(|(order_id, status, amount)| order_rules::prior_payment(cb, &order_id, &status, amount)) {
+        Some(PriorPayment::Conflict(r)) => return Ok(Err(r)),
+        Some(PriorPayment::Replay) => return order(tx, &cb.order_id),
+        Some(PriorPayment::Succeeded) => {
+            tx.prepare_cached("UPDATE payments SET status = ?2 WHERE payment_id = ?1")?
+                .execute(params![cb.payment_id, cb.status])?;
         }
-        return order(tx, &cb.order_id);
-    }
-    tx.prepare_cached("INSERT INTO payments(payment_id, order_id, status, amount_cents, created_ms) VALUES (?1, ?2, ?3, ?4, ?5)")?
-        .execute(params![cb.payment_id, cb.order_id, cb.status, cb.amount_cents, now_ms()])?;
-    if cb.status == "failed" {
-        // The reservation stays until the buyer retries or the sweeper expires it.
-        return order(tx, &cb.order_id);
+        None => {
+            tx.prepare_cached("INSERT INTO payments(payment_id, order_id, status, amount_cents, created_ms) VALUES (?1, ?2, ?3, ?4, ?5)")?
+                .execute(params![cb.payment_id, cb.order_id, cb.status, cb.amount_cents, now_ms()])?;
+            if cb.status == "failed" {
+                // The reservation stays until the buyer retries or the sweeper expires it.
+                return order(tx, &cb.order_id);
+            }
+        }
     }
     match pay(tx, &cb.order_id, Some(cb), inline_weak)? {
         Err(r) if order_rules::cannot_take_payment(&r) => {

@@ -201,7 +201,8 @@ fn create_one(tx: &Transaction<'_>, o: &NewOrder, inline_weak: bool) -> Res<Crea
         for l in &o.lines {
             let bought: i64 = tx
                 .prepare_cached(
-                    "SELECT COALESCE(SUM(l.qty), 0) FROM orders o JOIN order_lines l ON l.order_id = o.id
+                    // Refunded units count no more than a refunded order's do.
+                    "SELECT COALESCE(SUM(l.qty - l.refunded_qty), 0) FROM orders o JOIN order_lines l ON l.order_id = o.id
                      WHERE o.user = ?1 AND o.kind = 'seckill' AND l.sku = ?2
                        AND o.status IN ('reserved', 'paid', 'fulfilled')",
                 )?

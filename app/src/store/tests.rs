@@ -306,6 +306,45 @@ fn pay_refund_settle_balance_the_ledger(fx: &dyn Fixture) {
     assert_audit(&s);
 }
 
+/// A provider's payment id spans the buyer's attempts: the one that failed may succeed later, and that capture
+/// pays the order (it was refused as a conflict, on every delivery, and the money was nowhere). A failure
+/// reported after the success is still a conflict, and the success's replay one payment.
+fn a_failed_payment_that_succeeds_later_pays_the_order(fx: &dyn Fixture) {
+    let s = fx.open();
+    let o = create(
+        &s,
+        order("u1", None, OrderKind::Regular, "sku-1-1", 1, 60_000),
+        true,
+    )
+    .unwrap()
+    .order;
+    let cb = |status: &str| PaymentCallback {
+        payment_id: "pi-1".into(),
+        order_id: o.id.clone(),
+        amount_cents: 610,
+        status: status.into(),
+    };
+    for _ in 0..2 {
+        assert_eq!(
+            s.payment_callback(&cb("failed"), false).unwrap().unwrap().status,
+            "reserved"
+        );
+    }
+    for _ in 0..2 {
+        let paid = s.payment_callback(&cb("succeeded"), false).unwrap().unwrap();
+        assert_eq!(
+            (paid.status.as_str(), paid.paid_via.as_deref()),
+            ("paid", Some("psp"))
+        );
+    }
+    assert!(matches!(
+        s.payment_callback(&cb("failed"), false).unwrap(),
+        Err(Reject::IdempotencyConflict { .. })
+    ));
+    assert_eq!(s.balance("psp").unwrap(), -610);
+    assert_audit(&s);
+}
+
 fn reservations_expire_exactly_once_across_handles(fx: &dyn Fixture) {
     let s1 = fx.open();
     let s2 = fx.open();
@@ -387,6 +426,33 @@ fn flash_sale_buckets_and_user_limit(fx: &dyn Fixture) {
         (r.totals.units_reserved, r.totals.units_available - 24_000),
         (100, 0)
     );
+}
+
+/// Units refunded give back the buyer's flash-sale allowance, a partial refund's as a full one's: the limit
+/// counted a partly refunded order's every unit, so a buyer holding one unit of a limit of two was refused.
+fn a_partial_refund_gives_back_its_units_flash_sale_allowance(fx: &dyn Fixture) {
+    let s = fx.open();
+    let seckill = |qty: u32| NewOrder {
+        per_user_limit: 2,
+        ..order("demo-1", None, OrderKind::Seckill, "flash-1", qty, 60_000)
+    };
+    let o = create(&s, seckill(2), true).unwrap().order;
+    assert_eq!(s.pay_wallet(&o.id, true).unwrap().unwrap().status, "paid");
+    assert!(matches!(
+        create(&s, seckill(1), true),
+        Err(Reject::LimitExceeded { .. })
+    ));
+    let partly = refund(&s, &o.id, Some("r1"), &[("flash-1", 1)]).unwrap().order;
+    assert_eq!(
+        (partly.status.as_str(), partly.lines[0].refunded_qty),
+        ("paid", 1)
+    );
+    create(&s, seckill(1), true).expect("one unit held of two allowed");
+    assert!(matches!(
+        create(&s, seckill(1), true),
+        Err(Reject::LimitExceeded { .. })
+    ));
+    assert_audit(&s);
 }
 
 /// A user's orders page newest first, by `(created_ms, id)`, with no order lost or repeated across pages
@@ -665,8 +731,10 @@ macro_rules! every_store_test {
             a_refused_order_in_a_group_leaves_the_others_committed,
             concurrent_groups_in_opposite_orders_all_commit,
             pay_refund_settle_balance_the_ledger,
+            a_failed_payment_that_succeeds_later_pays_the_order,
             reservations_expire_exactly_once_across_handles,
             flash_sale_buckets_and_user_limit,
+            a_partial_refund_gives_back_its_units_flash_sale_allowance,
             flash_sale_is_seckill_only_gathers_units_and_closes,
             keyed_credit_posts_once,
             demo_buyers_are_seeded_with_credit,
