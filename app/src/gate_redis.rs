@@ -168,7 +168,12 @@ impl RedisGate {
     /// had seen attempts on 256 SKUs (sales over its life) built no counter for any later sale.
     pub fn heat(&self, sku: &str) {
         let mut hot = self.hot.lock().unwrap_or_else(|e| e.into_inner());
-        if hot.len() >= MAX_HOT && !hot.contains_key(sku) {
+        // Every attempt passes here: one already hot is stamped without a new key allocated.
+        if let Some(at) = hot.get_mut(sku) {
+            *at = Instant::now();
+            return;
+        }
+        if hot.len() >= MAX_HOT {
             let coldest = hot.iter().min_by_key(|(_, at)| **at).map(|(s, _)| s.clone());
             if let Some(coldest) = coldest {
                 hot.remove(&coldest);
