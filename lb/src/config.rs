@@ -232,10 +232,22 @@ impl RoleConfig for Config {
     fn validate(raw: &RawConfig) -> Result<Self, Vec<ConfigIssue>> {
         let mut v = Validator::new();
         let listen = v.addr("listen", &raw.listen);
+        // Every list names these balancers and clients fail over to them: `0.0.0.0` or `::` (listening on
+        // every address) is none a client can reach, and one that learned it connected to its own host.
         let advertise = if raw.advertise.is_empty() {
+            v.check(report::usable_addr(listen), "listen", || {
+                format!(
+                    "{listen} is what every server list names as this balancer while advertise is empty, and no \
+                     client can connect to it: set advertise to the address clients reach this balancer at"
+                )
+            });
             listen
         } else {
-            v.addr("advertise", &raw.advertise)
+            let a = v.addr("advertise", &raw.advertise);
+            v.check(report::usable_addr(a), "advertise", || {
+                format!("{a} {}", report::ADDR_RULE)
+            });
+            a
         };
         let mut balancers = vec![advertise];
         v.check(
@@ -244,7 +256,11 @@ impl RoleConfig for Config {
             || format!("at most {} peers", xcluster_proto::directory::MAX_BALANCERS - 1),
         );
         for (i, p) in raw.peers.iter().enumerate() {
-            let a = v.addr(&format!("peers[{i}]"), p);
+            let key = format!("peers[{i}]");
+            let a = v.addr(&key, p);
+            v.check(report::usable_addr(a), &key, || {
+                format!("{a} {}", report::ADDR_RULE)
+            });
             if !balancers.contains(&a) {
                 balancers.push(a);
             }
@@ -604,6 +620,30 @@ mod tests {
         assert_eq!(issues(&cfg("127.0.0.1:7000", "0.0.0.0:7000")).len(), 1);
         assert!(issues(&cfg("127.0.0.1:7000", "127.0.0.1:7400")).is_empty());
         assert!(issues(&cfg("127.0.0.1:7000", "127.0.0.2:7000")).is_empty());
+    }
+
+    /// What the server lists name as balancers must be addresses clients can connect to: a balancer on
+    /// `0.0.0.0` with no `advertise` published `0.0.0.0:7000`, and a client failing over to it connected to
+    /// its own host.
+    #[test]
+    fn the_published_balancers_are_connectable() {
+        let found = issues("listen = \"0.0.0.0:7000\"\n");
+        assert!(
+            found
+                .iter()
+                .any(|i| i.starts_with("listen:") && i.contains("set advertise")),
+            "{found:?}"
+        );
+        assert!(issues("listen = \"0.0.0.0:7000\"\nadvertise = \"10.0.0.1:7000\"\n").is_empty());
+        for bad in [
+            "advertise = \"[::]:7000\"",
+            "peers = [\"10.0.0.2:7000\", \"0.0.0.0:7001\"]",
+        ] {
+            let found = issues(&format!("{bad}\n"));
+            assert_eq!(found.len(), 1, "{bad}: {found:?}");
+            assert!(found[0].contains("not 0.0.0.0"), "{bad}: {found:?}");
+        }
+        assert!(issues("peers = [\"10.0.0.2:0\"]\n")[0].starts_with("peers[0]"));
     }
 
     /// A listener whose type routes nowhere, and a backend whose type no listener has, are refused.
