@@ -116,6 +116,16 @@ impl Table {
                         silent_ms,
                     });
                 }
+                // A restart's sequence numbers start above its predecessor's (both from the wall clock in
+                // µs), so one not above the last is an earlier process's report played again. Taken, it
+                // brought back an old load, and made the real agent's next reports a conflict.
+                if report.seq <= s.seq {
+                    return Err(ReportError::Replay {
+                        agent: report.agent.clone(),
+                        seq: report.seq,
+                        last: s.seq,
+                    });
+                }
                 Ok(())
             }
             Some(s) if report.seq <= s.seq => Err(ReportError::Replay {
