@@ -142,14 +142,21 @@ impl Table {
     }
 
     /// Refuses `report` if the instances it would add (ids the table does not hold yet) take the table
-    /// past `max_instances`; those it holds already are only updated.
+    /// past `max_instances`; those it holds already are only updated, and those of its agent it no longer
+    /// lists leave (as `apply` drops them), so an agent whose instances were renamed (a deploy) still fits
+    /// a full table: counting only the new ids locked it out until its old ones were forgotten.
     pub fn check_room(&self, report: &LoadReport, max_instances: usize) -> Result<(), ReportError> {
         let new = report
             .instances
             .iter()
             .filter(|i| !self.instances.contains_key(i.id.as_str()))
             .count();
-        if new > 0 && self.instances.len() + new > max_instances {
+        let listed: std::collections::BTreeSet<&str> =
+            report.instances.iter().map(|i| i.id.as_str()).collect();
+        let leaving = (self.instances.values())
+            .filter(|i| i.agent == report.agent && !listed.contains(&*i.id))
+            .count();
+        if new > 0 && self.instances.len() - leaving + new > max_instances {
             return Err(ReportError::Malformed(format!(
                 "{} new instances would take the table past [reports] max_instances = {max_instances} (it holds {}); agent {:?} refused",
                 new,

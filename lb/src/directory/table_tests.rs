@@ -625,4 +625,15 @@ fn a_report_that_would_overfill_the_table_is_refused() {
         t.check_room(&report("h2", 1, 0, 0.1, vec![inst("h2/a", 10, 1)]), 3)
             .is_ok()
     );
+    // A full table: h1's instances renamed (a deploy) replace its old ones, which it no longer lists.
+    let full = report("h2", 1, 0, 0.1, vec![inst("h2/a", 10, 1)]);
+    t.apply(&full, 0, &p);
+    let renamed = vec![inst("h1/c", 3, 1), inst("h1/d", 4, 1)];
+    assert!(
+        t.check_room(&report("h1", 3, 200, 0.1, renamed.clone()), 3)
+            .is_ok()
+    );
+    // But not more of them than it had.
+    let more = [renamed, vec![inst("h1/e", 5, 1)]].concat();
+    assert!(t.check_room(&report("h1", 3, 200, 0.1, more), 3).is_err());
 }
