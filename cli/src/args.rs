@@ -320,7 +320,8 @@ pub struct LoadArgs {
     #[arg(long, default_value_t = 0)]
     pub interval_ms: u64,
     /// Write the id of every order the app acknowledged (2xx to `order` or `seckill`) to this file, one per
-    /// line, so a check after the run can look each one up.
+    /// line, so a check after the run can look each one up. Created before the run: one that cannot be
+    /// written exits 64 with nothing sent.
     #[arg(long)]
     pub orders_out: Option<std::path::PathBuf>,
     /// Leave the orders the run placed and did not pay as they are. By default the run cancels them at its

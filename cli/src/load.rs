@@ -11,7 +11,7 @@ mod mix;
 mod report;
 mod target;
 
-use std::io::IsTerminal;
+use std::io::{ErrorKind, IsTerminal, Write};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
@@ -34,13 +34,13 @@ const MAX_ORDER_IDS: usize = 1_000_000;
 
 pub fn run(args: LoadArgs) -> i32 {
     if let Err(e) = check(&args) {
-        eprintln!("xcluster load: {e}");
+        say(format_args!("{e}"));
         return 64;
     }
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("xcluster load: cannot start the runtime: {e}");
+            say(format_args!("cannot start the runtime: {e}"));
             return 70;
         }
     };
@@ -49,20 +49,47 @@ pub fn run(args: LoadArgs) -> i32 {
     let targets = match rt.block_on(target::resolve(args.targets())) {
         Ok(t) => t,
         Err(e) => {
-            eprintln!("xcluster load: {e}");
+            say(format_args!("{e}"));
             return 64;
         }
     };
-    match rt.block_on(drive(args, targets)) {
+    // Opened before the run, so a path that cannot be written is a bad argument: found at the end, it cost
+    // the whole run's report, and the orders placed were left reserved (the clean-up was skipped too).
+    let orders = match args.orders_out.as_deref().map(open_orders).transpose() {
+        Ok(f) => f,
+        Err(e) => {
+            say(format_args!("{e}"));
+            return 64;
+        }
+    };
+    match rt.block_on(drive(args, targets, orders)) {
         Ok(Ran::Served) => 0,
         Ok(Ran::AllFailed) => {
-            eprintln!("xcluster load: every request failed");
+            say(format_args!("every request failed"));
             EXIT_ALL_FAILED
         }
         Err(e) => {
-            eprintln!("xcluster load: {e}");
+            say(format_args!("{e}"));
             69
         }
+    }
+}
+
+/// One line on stderr, `xcluster load: ...`. Not `eprintln!`: it panics once the reader has gone (`xcluster
+/// load ... 2>&1 | head`), exit 101 instead of the run's own code. SIGPIPE stays ignored here, unlike in `ctl`:
+/// a backend that closes a connection during a vectored write (`writev`, which hyper uses) must cost one
+/// request, not end the run.
+fn say(line: std::fmt::Arguments<'_>) {
+    let _ = writeln!(std::io::stderr(), "xcluster load: {line}");
+}
+
+/// Writes the report to stdout. A reader that has gone (`| head`) took what it wanted: not an error, and no
+/// panic as from `print!`; any other failure (a full disk) is one, so a lost report is never silent.
+fn print_report(text: &str) -> Result<(), String> {
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Err(e) if e.kind() != ErrorKind::BrokenPipe => Err(format!("cannot write the report: {e}")),
+        _ => Ok(()),
     }
 }
 
@@ -235,7 +262,11 @@ enum Ran {
 /// The exit code of a run in which every request failed (none answered, or none with a status).
 const EXIT_ALL_FAILED: i32 = 1;
 
-async fn drive(args: LoadArgs, targets: Vec<Vec<std::net::SocketAddr>>) -> Result<Ran, String> {
+async fn drive(
+    args: LoadArgs,
+    targets: Vec<Vec<std::net::SocketAddr>>,
+    orders: Option<std::fs::File>,
+) -> Result<Ran, String> {
     let mix = Mix::parse(&args.mix)?;
     let timeout = Duration::from_millis(args.timeout_ms);
     let names: Vec<&'static str> = mix.kinds.iter().map(|k| k.name).collect();
@@ -312,7 +343,8 @@ async fn drive(args: LoadArgs, targets: Vec<Vec<std::net::SocketAddr>>) -> Resul
             _ = tick.tick(), if progress => {
                 let (n, errors, _) = recorder.total();
                 let secs = started.elapsed().as_secs_f64();
-                eprint!(
+                let _ = write!(
+                    std::io::stderr(),
                     "\r{via}: {secs:>6.1}s / {}s  {n:>9} requests  {errors:>7} errors  {:>9.1} req/s ",
                     args.duration_secs,
                     n as f64 / secs.max(1e-9)
@@ -321,12 +353,15 @@ async fn drive(args: LoadArgs, targets: Vec<Vec<std::net::SocketAddr>>) -> Resul
         }
     }
     if progress {
-        eprintln!();
+        let _ = writeln!(std::io::stderr());
     }
     let _ = generator.await;
-    if let (Some(path), Some(acked)) = (&args.orders_out, &acked) {
-        write_orders(path, acked)?;
-    }
+    // A failed write is reported once the run's report is out and its orders released: it loses the list,
+    // not the rest.
+    let written = match (orders, &args.orders_out, &acked) {
+        (Some(file), Some(path), Some(acked)) => write_orders(file, path, acked),
+        _ => Ok(()),
+    };
     let mut report = recorder.report(via, mode, started.elapsed());
     report.interrupted = stopped.load(Ordering::Relaxed);
     report.released = Some(if args.keep_orders {
@@ -339,13 +374,12 @@ async fn drive(args: LoadArgs, targets: Vec<Vec<std::net::SocketAddr>>) -> Resul
         release_unpaid(&ctx, &target, timeout).await
     });
     if args.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?
-        );
+        let json = serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?;
+        print_report(&format!("{json}\n"))?;
     } else {
-        print!("{}", report.text());
+        print_report(&report.text())?;
     }
+    written?;
     Ok(if report.requests > 0 && report.errors == report.requests {
         Ran::AllFailed
     } else {
@@ -392,8 +426,17 @@ async fn release_unpaid(ctx: &Ctx, target: &Arc<Target>, timeout: Duration) -> r
 /// How long the run's clean-up may take at most ([`release_unpaid`]).
 const RELEASE_WITHIN: Duration = Duration::from_secs(10);
 
+/// Creates (or empties) the `--orders-out` file.
+fn open_orders(path: &std::path::Path) -> Result<std::fs::File, String> {
+    std::fs::File::create(path).map_err(|e| format!("--orders-out: cannot write {}: {e}", path.display()))
+}
+
 /// Writes the acknowledged order ids, one per line; a last line `# dropped N` if the cap was reached.
-fn write_orders(path: &std::path::Path, acked: &std::sync::Mutex<AckedOrders>) -> Result<(), String> {
+fn write_orders(
+    mut file: std::fs::File,
+    path: &std::path::Path,
+    acked: &std::sync::Mutex<AckedOrders>,
+) -> Result<(), String> {
     let a = acked.lock().unwrap_or_else(|p| p.into_inner());
     let mut text = String::with_capacity(a.ids.len() * 40);
     for id in &a.ids {
@@ -403,7 +446,8 @@ fn write_orders(path: &std::path::Path, acked: &std::sync::Mutex<AckedOrders>) -
     if a.dropped > 0 {
         text.push_str(&format!("# dropped {}\n", a.dropped));
     }
-    std::fs::write(path, text).map_err(|e| format!("cannot write {}: {e}", path.display()))
+    file.write_all(text.as_bytes())
+        .map_err(|e| format!("cannot write {}: {e}", path.display()))
 }
 
 /// Starts request `i` at `start + i / rate`, whatever the earlier requests are doing.

@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use xcluster_runtime::common::{HttpSection, LogSection, ShutdownSection, ShutdownTimes};
 use xcluster_runtime::{ConfigIssue, DaemonConfig, RoleConfig, Validator};
 
+use xcluster_proto::directory::MAX_SERVERS;
 use xcluster_proto::report;
 
 use crate::directory::ingest::ReportKeys;
@@ -63,7 +64,9 @@ pub struct ReportsSection {
     /// Most distinct agents remembered (bounds memory against a flood of agent ids).
     pub max_agents: usize,
     /// Most instances in the table, over every agent: a report that would add past it is refused, so
-    /// one holder of the key cannot grow the table (and every server list and status) without bound.
+    /// one holder of the key cannot grow the table (and every server list and status) without bound. At
+    /// most `MAX_SERVERS` (4096), what a server list may hold: a list lists every fresh instance, and the
+    /// SDK refuses a longer one.
     pub max_instances: usize,
 }
 
@@ -75,7 +78,7 @@ impl Default for ReportsSection {
             agent_keys: Default::default(),
             skew_ms: 10_000,
             max_agents: 1024,
-            max_instances: 16_384,
+            max_instances: MAX_SERVERS,
         }
     }
 }
@@ -232,10 +235,22 @@ impl RoleConfig for Config {
     fn validate(raw: &RawConfig) -> Result<Self, Vec<ConfigIssue>> {
         let mut v = Validator::new();
         let listen = v.addr("listen", &raw.listen);
+        // Every list names these balancers and clients fail over to them: `0.0.0.0` or `::` (listening on
+        // every address) is none a client can reach, and one that learned it connected to its own host.
         let advertise = if raw.advertise.is_empty() {
+            v.check(report::usable_addr(listen), "listen", || {
+                format!(
+                    "{listen} is what every server list names as this balancer while advertise is empty, and no \
+                     client can connect to it: set advertise to the address clients reach this balancer at"
+                )
+            });
             listen
         } else {
-            v.addr("advertise", &raw.advertise)
+            let a = v.addr("advertise", &raw.advertise);
+            v.check(report::usable_addr(a), "advertise", || {
+                format!("{a} {}", report::ADDR_RULE)
+            });
+            a
         };
         let mut balancers = vec![advertise];
         v.check(
@@ -244,7 +259,11 @@ impl RoleConfig for Config {
             || format!("at most {} peers", xcluster_proto::directory::MAX_BALANCERS - 1),
         );
         for (i, p) in raw.peers.iter().enumerate() {
-            let a = v.addr(&format!("peers[{i}]"), p);
+            let key = format!("peers[{i}]");
+            let a = v.addr(&key, p);
+            v.check(report::usable_addr(a), &key, || {
+                format!("{a} {}", report::ADDR_RULE)
+            });
             if !balancers.contains(&a) {
                 balancers.push(a);
             }
@@ -253,7 +272,21 @@ impl RoleConfig for Config {
         let max_agents = v.range("reports.max_agents", raw.reports.max_agents, 1, 100_000);
         let keys = validate_keys(&mut v, &raw.reports, max_agents);
         v.token("admin.token", &raw.admin.token);
-        let max_instances = v.range("reports.max_instances", raw.reports.max_instances, 1, 1_000_000);
+        // Every list names every fresh instance (every known one in panic mode), and the SDK refuses a list
+        // of more than MAX_SERVERS: at 16,384 a balancer took a table whose lists no client could read, and
+        // every SDK client failed ("too many servers") while the balancer ran on, looking healthy.
+        let max_instances = raw.reports.max_instances;
+        v.check(
+            (1..=MAX_SERVERS).contains(&max_instances),
+            "reports.max_instances",
+            || {
+                format!(
+                    "{max_instances} is out of range (1..={MAX_SERVERS}: a server list names at most \
+                 {MAX_SERVERS} instances, and clients refuse a longer one)"
+                )
+            },
+        );
+        let max_instances = max_instances.clamp(1, MAX_SERVERS);
         let params = validate_directory(&mut v, &raw.directory, &raw.types);
         v.check(params.forget_after >= skew, "directory.forget_after_ms", || {
             "must be at least reports.skew_ms (a forgotten agent's old reports must fail the skew check)"
@@ -604,6 +637,46 @@ mod tests {
         assert_eq!(issues(&cfg("127.0.0.1:7000", "0.0.0.0:7000")).len(), 1);
         assert!(issues(&cfg("127.0.0.1:7000", "127.0.0.1:7400")).is_empty());
         assert!(issues(&cfg("127.0.0.1:7000", "127.0.0.2:7000")).is_empty());
+    }
+
+    /// What the server lists name as balancers must be addresses clients can connect to: a balancer on
+    /// `0.0.0.0` with no `advertise` published `0.0.0.0:7000`, and a client failing over to it connected to
+    /// its own host.
+    #[test]
+    fn the_published_balancers_are_connectable() {
+        let found = issues("listen = \"0.0.0.0:7000\"\n");
+        assert!(
+            found
+                .iter()
+                .any(|i| i.starts_with("listen:") && i.contains("set advertise")),
+            "{found:?}"
+        );
+        assert!(issues("listen = \"0.0.0.0:7000\"\nadvertise = \"10.0.0.1:7000\"\n").is_empty());
+        for bad in [
+            "advertise = \"[::]:7000\"",
+            "peers = [\"10.0.0.2:7000\", \"0.0.0.0:7001\"]",
+        ] {
+            let found = issues(&format!("{bad}\n"));
+            assert_eq!(found.len(), 1, "{bad}: {found:?}");
+            assert!(found[0].contains("not 0.0.0.0"), "{bad}: {found:?}");
+        }
+        assert!(issues("peers = [\"10.0.0.2:0\"]\n")[0].starts_with("peers[0]"));
+    }
+
+    /// The table may not hold more instances than a server list may name: at the old default (16,384) a
+    /// balancer accepted reports of 4,352 instances and served lists that every SDK client refused.
+    #[test]
+    fn the_table_holds_no_more_instances_than_a_list_may_name() {
+        assert!(issues("").is_empty());
+        assert_eq!(ReportsSection::default().max_instances, MAX_SERVERS);
+        let found = issues("[reports]\nmax_instances = 16384\n");
+        assert!(
+            found
+                .iter()
+                .any(|i| i.contains("reports.max_instances") && i.contains("(1..=4096: a server list")),
+            "{found:?}"
+        );
+        assert!(issues("[reports]\nmax_instances = 4096\n").is_empty());
     }
 
     /// A listener whose type routes nowhere, and a backend whose type no listener has, are refused.

@@ -149,7 +149,13 @@ impl Shared {
         }
         *slot.balancer.lock().unwrap_or_else(|p| p.into_inner()) = Some(from);
         let mut learned = self.opts.balancers.clone();
-        for b in list.balancers.iter().filter_map(|b| b.parse::<SocketAddr>().ok()) {
+        // Only addresses a client can connect to: a balancer listening on every address with no `advertise`
+        // named itself `0.0.0.0:7000`, and a client failing over to that connected to its own host. (Such a
+        // balancer config is refused now; an older or confused balancer may still send one.)
+        let named = (list.balancers.iter())
+            .filter_map(|b| b.parse::<SocketAddr>().ok())
+            .filter(|b| xcluster_proto::report::usable_addr(*b));
+        for b in named {
             if !learned.contains(&b) {
                 learned.push(b);
             }

@@ -287,6 +287,27 @@ fn a_second_agent_under_one_id_is_refused_and_takes_over_once_the_first_stops() 
     });
 }
 
+/// An agent that reports less often than the balancer's `report_ttl_ms` (an `interval_ms` set on another
+/// host) is warned about: its instance left the lists between reports and slow-started again at each one,
+/// for ever at a fraction of its weight, and nothing said so.
+#[test]
+fn an_agent_reporting_less_often_than_the_ttl_is_warned_about() {
+    let dir = tempfile::tempdir().unwrap();
+    let lb = free_addr();
+    let lb_proc = start("lb", lb, &lb_config(lb, &[]), dir.path());
+    let app = FakeApp::start("a");
+    let ag = free_addr();
+    // The test balancer's report_ttl_ms is 1500.
+    let slow = agent_config(ag, "rare", &[lb], &[("rare/a", &app)])
+        .replace("interval_ms = 500", "interval_ms = 2000");
+    let _agent = start("agent", ag, &slow, dir.path());
+    eventually(WAIT, "the balancer to warn of the agent", || {
+        let log = lb_proc.stderr();
+        (log.contains("reports less often than [directory] report_ttl_ms") && log.contains("rare"))
+            .then_some(())
+    });
+}
+
 /// An agent with its own key (`[reports.agent_keys]`): a real agent signing with it is heard; the shared key,
 /// or its key naming another agent, speaks for no one else, refused as `wrong_key` (403), counted and
 /// changing nothing. A balancer that drops the agent's entry (a reload) then refuses its key.

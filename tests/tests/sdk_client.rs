@@ -8,6 +8,7 @@
 mod sdk_support;
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
@@ -69,6 +70,23 @@ async fn follows_table_changes_within_a_watch_round_trip() {
     }
     assert!(matches!(client.pick("order"), Err(Error::UnknownType(_))));
     assert_eq!(client.state().types[0].freshness, Freshness::Live);
+}
+
+/// A list naming a balancer no client can connect to (`0.0.0.0:PORT`, as a balancer listening on every address
+/// without `advertise` published itself) does not teach it: the client would connect to its own host.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unconnectable_balancer_in_a_list_is_not_learned() {
+    let a = Backend::start("a");
+    let lb = FakeBalancer::start(HOLD);
+    let unspecified: SocketAddr = format!("0.0.0.0:{}", lb.addr.port()).parse().unwrap();
+    lb.set(list("browse", 1, &[("a", a.addr, 100)], &[lb.addr, unspecified]));
+    let client = Client::builder()
+        .balancers([lb.addr.to_string()])
+        .request_types(["browse"])
+        .build()
+        .await
+        .unwrap();
+    assert_eq!(client.state().balancers, [lb.addr]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

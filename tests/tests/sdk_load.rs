@@ -102,6 +102,58 @@ fn a_run_where_every_request_fails_exits_1() {
     assert_eq!(p.wait_exit(Duration::from_secs(60)), Some(64), "{}", p.stderr());
 }
 
+/// A reader that has gone (`xcluster load | head`, `2>&1 | head`) does not turn the end of a run into a panic
+/// (exit 101 and a backtrace note, where a script expects the run's own code): `println!` and `eprintln!`
+/// panicked on the closed pipe, since the load generator keeps SIGPIPE ignored.
+#[test]
+fn a_run_whose_reader_has_gone_keeps_its_exit_code() {
+    use std::process::{Command, Stdio};
+    let backend = Backend::start("a");
+    let dead = xcluster_tests::free_addr().to_string();
+    let alive = backend.addr.to_string();
+    // (targets, exit code, which output has no reader)
+    for (targets, code, closed_stdout) in [(&alive, 0, true), (&dead, 1, true), (&dead, 1, false)] {
+        let (read, write) = nix::unistd::pipe().unwrap();
+        drop(read);
+        let mut cmd = Command::new(xcluster_tests::xcluster_bin());
+        cmd.args(["load", "--via", "rr", "--targets", targets, "--mix", "browse=1"])
+            .args(["--workers", "1", "--requests", "20"]);
+        if closed_stdout {
+            cmd.stdout(Stdio::from(write));
+        } else {
+            cmd.stderr(Stdio::from(write));
+        }
+        let out = cmd.output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(
+            (out.status.code(), stderr.contains("panicked")),
+            (Some(code), false),
+            "{targets}, stdout closed: {closed_stdout}: {stderr}"
+        );
+    }
+}
+
+/// An `--orders-out` path that cannot be written is refused before the run (64, nothing sent): found only at
+/// the end, it cost the whole run's report and skipped the cancelling of the orders it had placed, which
+/// then held their stock for the app's reservation time.
+#[test]
+fn an_orders_file_that_cannot_be_written_is_refused_before_the_run() {
+    let backend = Backend::start("a");
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("no-such-dir/orders.txt");
+    let targets = backend.addr.to_string();
+    let args = ["load", "--via", "rr", "--targets", &targets, "--mix", "order=1"];
+    let more = ["--requests", "5", "--orders-out", out.to_str().unwrap()];
+    let mut p = Proc::xcluster("load", &[&args[..], &more[..]].concat());
+    assert_eq!(p.wait_exit(Duration::from_secs(60)), Some(64), "{}", p.stderr());
+    assert!(
+        p.stderr().contains("--orders-out") && p.stderr().contains("no-such-dir"),
+        "{}",
+        p.stderr()
+    );
+    assert_eq!(backend.hits(), 0, "nothing is sent");
+}
+
 /// `--via proxy` sends each request type to its own listener (`TYPE=ADDR`, as `xcluster up` has one port per
 /// type), the types not named to the plain address; a type of the mix with no listener, or an unknown one,
 /// is a usage error.

@@ -54,6 +54,8 @@ pub struct Table {
     pub state_changed_unix_ms: u64,
     /// The WARN line of an instance id two agents claim, at most every 10 s.
     pub clash_warned: xcluster_runtime::telemetry::Throttle,
+    /// The WARN line of an agent that reports less often than the TTL, at most every 10 s.
+    pub rare_warned: xcluster_runtime::telemetry::Throttle,
 }
 
 /// What the balancer last accepted from an agent id.
@@ -116,6 +118,16 @@ impl Table {
                         silent_ms,
                     });
                 }
+                // A restart's sequence numbers start above its predecessor's (both from the wall clock in
+                // µs), so one not above the last is an earlier process's report played again. Taken, it
+                // brought back an old load, and made the real agent's next reports a conflict.
+                if report.seq <= s.seq {
+                    return Err(ReportError::Replay {
+                        agent: report.agent.clone(),
+                        seq: report.seq,
+                        last: s.seq,
+                    });
+                }
                 Ok(())
             }
             Some(s) if report.seq <= s.seq => Err(ReportError::Replay {
@@ -132,14 +144,21 @@ impl Table {
     }
 
     /// Refuses `report` if the instances it would add (ids the table does not hold yet) take the table
-    /// past `max_instances`; those it holds already are only updated.
+    /// past `max_instances`; those it holds already are only updated, and those of its agent it no longer
+    /// lists leave (as `apply` drops them), so an agent whose instances were renamed (a deploy) still fits
+    /// a full table: counting only the new ids locked it out until its old ones were forgotten.
     pub fn check_room(&self, report: &LoadReport, max_instances: usize) -> Result<(), ReportError> {
         let new = report
             .instances
             .iter()
             .filter(|i| !self.instances.contains_key(i.id.as_str()))
             .count();
-        if new > 0 && self.instances.len() + new > max_instances {
+        let listed: std::collections::BTreeSet<&str> =
+            report.instances.iter().map(|i| i.id.as_str()).collect();
+        let leaving = (self.instances.values())
+            .filter(|i| i.agent == report.agent && !listed.contains(&*i.id))
+            .count();
+        if new > 0 && self.instances.len() - leaving + new > max_instances {
             return Err(ReportError::Malformed(format!(
                 "{} new instances would take the table past [reports] max_instances = {max_instances} (it holds {}); agent {:?} refused",
                 new,
@@ -153,10 +172,28 @@ impl Table {
     /// Applies an accepted report: updates each instance's load, damped weights and readiness ramp, and
     /// drops instances the agent no longer reports.
     pub fn apply(&mut self, report: &LoadReport, now_ms: u64, p: &Params) {
-        let gap_ms = match self.last_seq.get(&report.agent) {
-            Some(s) if s.boot == report.boot => now_ms.saturating_sub(s.at_ms),
-            _ => p.report_ttl.as_millis() as u64,
+        let ttl = p.report_ttl.as_millis() as u64;
+        let (gap_ms, rare) = match self.last_seq.get(&report.agent) {
+            Some(s) if s.boot == report.boot => {
+                let gap = now_ms.saturating_sub(s.at_ms);
+                // Two gaps in a row: an interval, not one report lost or delayed.
+                (gap, gap > ttl && s.gap_ms > ttl)
+            }
+            _ => (ttl, false),
         };
+        // An agent whose interval_ms is above report_ttl_ms (set on different hosts, so no config check can
+        // see it) had its instances leave the lists between reports and slow-start again at each one, for
+        // ever at a fraction of their weight, with nothing said anywhere.
+        if rare && self.rare_warned.due(now_ms, 10_000) {
+            tracing::warn!(
+                agent = %report.agent,
+                gap_ms,
+                report_ttl_ms = ttl,
+                "an agent reports less often than [directory] report_ttl_ms: its instances leave the lists \
+                 between its reports and slow-start again at each one; set its interval_ms well below \
+                 report_ttl_ms (logged at most every 10 s)"
+            );
+        }
         self.last_seq.insert(
             report.agent.clone(),
             Seen {
@@ -171,7 +208,6 @@ impl Table {
         self.instances
             .retain(|id, inst| inst.agent != report.agent || reported.contains(&**id));
         let n = report.instances.len();
-        let gap = p.report_ttl.as_millis() as u64;
         for i in &report.instances {
             let Ok(addr) = i.addr.parse::<SocketAddr>() else {
                 continue;
@@ -181,7 +217,7 @@ impl Table {
             // turns made the address flap with every report).
             if let Some(owner) = self.instances.get(&id)
                 && owner.agent != report.agent
-                && now_ms.saturating_sub(owner.received_ms) <= gap
+                && now_ms.saturating_sub(owner.received_ms) <= ttl
             {
                 if self.clash_warned.due(now_ms, 10_000) {
                     tracing::warn!(
@@ -199,7 +235,7 @@ impl Table {
             // balancer decides the same from the same reports.
             let fresh_before = prev
                 .as_ref()
-                .is_some_and(|p| report.timestamp_ms.saturating_sub(p.report_ts_ms) <= gap);
+                .is_some_and(|p| report.timestamp_ms.saturating_sub(p.report_ts_ms) <= ttl);
             let ready_since_ms = match (&prev, i.ready) {
                 (_, false) => None,
                 (Some(p), true) if fresh_before && p.ready => p.ready_since_ms.or(Some(report.timestamp_ms)),

@@ -325,6 +325,29 @@ fn a_second_agent_under_one_id_is_refused_and_a_restart_takes_over() {
     assert!(t.check_seq(&from(9_002, 0, 2_700, vec![]), 8, 2_700, &p).is_ok());
 }
 
+/// A report of an earlier process, played again once its successor is silent, is a replay: its sequence
+/// number is below the last accepted. It was taken as a restart, with the old load, and the real agent's
+/// next report was then refused as a conflict.
+#[test]
+fn an_earlier_process_report_played_again_is_a_replay() {
+    let p = params();
+    let mut t = Table::default();
+    let from = |seq: u64, boot: u64, ts: u64| LoadReport {
+        boot,
+        ..report("h", seq, ts, 0.1, vec![inst("h/a", 1, 0)])
+    };
+    let captured = from(101, 100, 500);
+    for r in [from(100, 100, 0), captured.clone(), from(5_000, 5_000, 1_600)] {
+        t.check_seq(&r, 8, r.timestamp_ms, &p).unwrap();
+        t.apply(&r, r.timestamp_ms, &p);
+    }
+    // The restarted agent stops reporting for a while (it is stopped, or a link is down).
+    let err = t.check_seq(&captured, 8, 4_000, &p).unwrap_err();
+    assert_eq!(err.reason(), "replay", "{err}");
+    // A restart after that still takes over.
+    t.check_seq(&from(9_000, 9_000, 4_000), 8, 4_000, &p).unwrap();
+}
+
 /// An instance id two agents report stays with the first while its reports are fresh.
 #[test]
 fn an_instance_id_two_agents_claim_stays_with_the_first() {
@@ -602,4 +625,15 @@ fn a_report_that_would_overfill_the_table_is_refused() {
         t.check_room(&report("h2", 1, 0, 0.1, vec![inst("h2/a", 10, 1)]), 3)
             .is_ok()
     );
+    // A full table: h1's instances renamed (a deploy) replace its old ones, which it no longer lists.
+    let full = report("h2", 1, 0, 0.1, vec![inst("h2/a", 10, 1)]);
+    t.apply(&full, 0, &p);
+    let renamed = vec![inst("h1/c", 3, 1), inst("h1/d", 4, 1)];
+    assert!(
+        t.check_room(&report("h1", 3, 200, 0.1, renamed.clone()), 3)
+            .is_ok()
+    );
+    // But not more of them than it had.
+    let more = [renamed, vec![inst("h1/e", 5, 1)]].concat();
+    assert!(t.check_room(&report("h1", 3, 200, 0.1, more), 3).is_err());
 }
