@@ -5,6 +5,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
@@ -13,6 +14,8 @@ use arc_swap::ArcSwap;
 #[derive(Debug, Default)]
 pub struct SoldOutGate {
     marks: ArcSwap<HashMap<String, Instant>>,
+    /// Counts the clears: a mark from an attempt that asked the store before the latest clear is dropped.
+    clears: AtomicU64,
 }
 
 impl SoldOutGate {
@@ -24,13 +27,25 @@ impl SoldOutGate {
             .is_some_and(|until| Instant::now() < *until)
     }
 
-    /// Remembers that the store said `sku` is sold out.
-    pub fn mark(&self, sku: &str, ttl: Duration) {
+    /// What to pass to [`Self::mark`]: read before the store is asked.
+    pub fn generation(&self) -> u64 {
+        self.clears.load(Ordering::Acquire)
+    }
+
+    /// Remembers that the store said `sku` is sold out, in an answer asked for at `generation`. An answer
+    /// from before a clear (a restock committed while the attempt was in the store) is old news: marked, it
+    /// refused the restocked SKU for up to the mark's `ttl`.
+    pub fn mark(&self, sku: &str, ttl: Duration, generation: u64) {
         if ttl.is_zero() {
             return;
         }
         let until = Instant::now() + ttl;
         self.marks.rcu(|m| {
+            // Checked in the update itself: a clear that lands before this update commits either changed
+            // the generation already, or changes the map, which makes `rcu` run this again.
+            if self.generation() != generation {
+                return Arc::clone(m);
+            }
             let now = Instant::now();
             let mut next: HashMap<String, Instant> = m
                 .iter()
@@ -45,8 +60,10 @@ impl SoldOutGate {
         });
     }
 
-    /// Forgets a mark (a restock in this process).
+    /// Forgets a mark (a restock in this process, once committed), and any mark on its way from an attempt
+    /// that asked the store before.
     pub fn clear(&self, sku: &str) {
+        self.clears.fetch_add(1, Ordering::AcqRel);
         self.marks.rcu(|m| {
             let mut next = HashMap::clone(m);
             next.remove(sku);
@@ -63,14 +80,27 @@ mod tests {
     fn marks_expire_and_clear() {
         let g = SoldOutGate::default();
         assert!(!g.is_sold_out("a"));
-        g.mark("a", Duration::from_secs(60));
+        g.mark("a", Duration::from_secs(60), g.generation());
         assert!(g.is_sold_out("a"));
         g.clear("a");
         assert!(!g.is_sold_out("a"));
-        g.mark("b", Duration::from_millis(1));
+        g.mark("b", Duration::from_millis(1), g.generation());
         std::thread::sleep(Duration::from_millis(5));
         assert!(!g.is_sold_out("b"));
-        g.mark("c", Duration::ZERO);
+        g.mark("c", Duration::ZERO, g.generation());
         assert!(!g.is_sold_out("c"));
+    }
+
+    /// An attempt that asked the store before a restock's clear comes back sold out after it: its mark would
+    /// refuse the restocked SKU, so it is dropped.
+    #[test]
+    fn a_mark_asked_for_before_a_clear_is_dropped() {
+        let g = SoldOutGate::default();
+        let asked = g.generation();
+        g.clear("a");
+        g.mark("a", Duration::from_secs(60), asked);
+        assert!(!g.is_sold_out("a"), "an answer older than the restock marked it");
+        g.mark("a", Duration::from_secs(60), g.generation());
+        assert!(g.is_sold_out("a"), "an answer after it marks");
     }
 }

@@ -114,17 +114,21 @@ pub async fn merchant_stock(app: &Arc<App>, cfg: &Config, req: Request<Incoming>
     if let Err((code, msg)) = body.check() {
         return error(StatusCode::BAD_REQUEST, code, &msg);
     }
-    for u in &body.updates {
-        if u.receive > 0 {
-            app.gate.clear(&u.sku);
+    let received: Vec<String> = (body.updates.iter())
+        .filter(|u| u.receive > 0)
+        .map(|u| u.sku.clone())
+        .collect();
+    let out = app.exec.run(move |s| s.update_stock(&body.updates)).await;
+    // Once committed: cleared before, an attempt answered sold out from the stock before it marked the SKU
+    // again, refused until the mark's end.
+    if let Ok(Ok(_)) = &out {
+        for sku in &received {
+            app.gate.clear(sku);
         }
     }
     respond(
         StatusCode::OK,
-        app.exec
-            .run(move |s| s.update_stock(&body.updates))
-            .await
-            .map(|r| r.map(|skus| serde_json::json!({ "skus": skus }))),
+        out.map(|r| r.map(|skus| serde_json::json!({ "skus": skus }))),
     )
 }
 
@@ -170,10 +174,16 @@ pub async fn close_flash_sale(
     if let Err(resp) = path_id("sku", sku) {
         return resp;
     }
-    app.gate.clear(sku);
     let sku = sku.to_string();
-    match app.exec.run(move |s| s.close_flash_sale(&sku)).await {
-        Ok(r) => respond(StatusCode::OK, Ok(r)),
+    let closing = sku.clone();
+    match app.exec.run(move |s| s.close_flash_sale(&closing)).await {
+        Ok(r) => {
+            // Once committed, as a restock's (`merchant_stock`).
+            if r.is_ok() {
+                app.gate.clear(&sku);
+            }
+            respond(StatusCode::OK, Ok(r))
+        }
         Err(e) => store_failed(&e),
     }
 }

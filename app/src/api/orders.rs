@@ -161,9 +161,10 @@ pub async fn seckill(app: &Arc<App>, cfg: &Config, sku: &str, req: Request<Incom
         }
         return reject(&refusal);
     }
+    let asked = app.gate.generation();
     let out = place(app, order).await;
     if let Ok(Err(Reject::SoldOut { .. })) = &out {
-        app.gate.mark(sku, cfg.sold_out_gate);
+        app.gate.mark(sku, cfg.sold_out_gate, asked);
     }
     if let Some(g) = &redis
         && matches!(&out, Ok(r) if !matches!(r, Err(Reject::NotFound { .. })))
