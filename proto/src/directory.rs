@@ -19,8 +19,10 @@ use serde::{Deserialize, Serialize};
 
 /// The largest weight a balancer publishes.
 pub const MAX_WEIGHT: u32 = 10_000;
-/// Largest server-list or pick body a client accepts, in bytes.
-pub const MAX_LIST_BYTES: usize = 1024 * 1024;
+/// Largest server-list or pick body a client accepts, in bytes: room for the largest list a balancer can
+/// publish (`MAX_SERVERS` entries of the longest id and address; a test builds it), which at 1 MiB did not
+/// fit, so a large enough table had every client refuse its lists.
+pub const MAX_LIST_BYTES: usize = 2 * 1024 * 1024;
 /// Most servers one list may hold.
 pub const MAX_SERVERS: usize = 4096;
 /// Most balancers one list may name.
@@ -394,6 +396,36 @@ impl Pick {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The largest list a balancer can publish is one a client takes: every entry at its longest (an id of
+    /// `MAX_ID_BYTES`, a scoped IPv6 address, the longest state, the largest numbers), every balancer too.
+    #[test]
+    fn the_largest_list_fits() {
+        let addr = "[ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff%4294967295]:65535";
+        assert!(addr.parse::<std::net::SocketAddr>().is_ok());
+        let list = ServerList {
+            request_type: "t".repeat(crate::report::MAX_ID_BYTES),
+            version: u64::MAX,
+            ttl_ms: u64::MAX,
+            servers: (0..MAX_SERVERS)
+                .map(|_| ServerEntry {
+                    id: "i".repeat(crate::report::MAX_ID_BYTES),
+                    addr: addr.into(),
+                    weight: MAX_WEIGHT,
+                    state: InstanceState::SlowStart,
+                    report_age_ms: u64::MAX,
+                })
+                .collect(),
+            balancers: vec![addr.into(); MAX_BALANCERS],
+        };
+        let body = serde_json::to_vec(&list).unwrap_or_default();
+        assert!(
+            body.len() > 1024 * 1024,
+            "{} bytes: the worst case is not built",
+            body.len()
+        );
+        assert_eq!(ServerList::decode(&body), Ok(list));
+    }
 
     #[test]
     fn rejects_bad_lists() {
