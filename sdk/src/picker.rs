@@ -302,11 +302,11 @@ pub(crate) struct Table {
     pub(crate) version: u64,
     /// Every entry of the list (for state reports).
     pub(crate) all: Vec<Entry>,
-    /// Indices into `all` of pickable entries (Up or SlowStart, weight > 0) and their cumulative weights.
+    /// Indices into `all` of pickable entries (a weight above 0, not drained) and their cumulative weights.
     /// When there is none, every entry that is not drained, at equal weight (panic mode).
     pickable: Vec<usize>,
     cumulative: Vec<u64>,
-    /// No entry was Up or SlowStart with a weight, so `pickable` is the panic set.
+    /// No entry had a weight, so `pickable` is the panic set.
     panic: bool,
 }
 
@@ -316,7 +316,10 @@ impl Table {
         let mut cumulative = Vec::new();
         let mut sum = 0u64;
         for (i, e) in all.iter().enumerate() {
-            if e.weight > 0 && matches!(e.state, InstanceState::Up | InstanceState::SlowStart) {
+            // The weight decides, as it does for the balancer's own picks (`/v1/pick`, the L4 proxy): an
+            // entry listed Down with a weight is the balancer's panic mode spreading traffic over every known
+            // instance, which a client picking only Up ones turned back onto the few it distrusts.
+            if e.weight > 0 && e.state != InstanceState::Drained {
                 sum += u64::from(e.weight);
                 pickable.push(i);
                 cumulative.push(sum);
@@ -357,7 +360,7 @@ impl Table {
         }
     }
 
-    /// Whether some entry is Up or SlowStart with a weight (not only the panic set).
+    /// Whether some entry has a weight (not only the panic set).
     pub(crate) fn has_healthy(&self) -> bool {
         !self.panic && !self.pickable.is_empty()
     }

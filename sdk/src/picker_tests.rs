@@ -32,7 +32,7 @@ fn follows_weights_and_skips_unpickable() {
         vec![
             entry(1, 900, InstanceState::Up),
             entry(2, 100, InstanceState::SlowStart),
-            entry(3, 5000, InstanceState::Down),
+            entry(3, 0, InstanceState::Down),
             entry(4, 5000, InstanceState::Drained),
             entry(5, 0, InstanceState::Up),
         ],
@@ -44,20 +44,46 @@ fn follows_weights_and_skips_unpickable() {
     assert!((0.87..0.93).contains(&share), "{c:?}");
 }
 
+/// The balancer's panic mode lists every known instance at the panic weight, the ones it has no fresh
+/// ready report of as Down: a client picks them all as the balancer's own picks do, where it used to pick
+/// only the Up ones, the few the balancer's panic mode spreads traffic away from.
+#[test]
+fn a_balancer_in_panic_mode_has_its_down_entries_picked_too() {
+    let t = Table::new(
+        1,
+        vec![
+            entry(1, 5000, InstanceState::Up),
+            entry(2, 5000, InstanceState::Down),
+            entry(3, 5000, InstanceState::Down),
+            entry(4, 0, InstanceState::Drained),
+        ],
+    );
+    assert!(
+        t.has_healthy(),
+        "the published weights are followed, not the client's own panic"
+    );
+    let c = counts(&t, 6000, &[]);
+    assert_eq!(c.get(&4), None, "{c:?}");
+    assert!(
+        [1, 2, 3].iter().all(|p| (1600..2400).contains(&n(&c, *p))),
+        "{c:?}"
+    );
+}
+
 #[test]
 fn with_nothing_up_every_instance_but_drained_ones_is_used() {
     let t = Table::new(
         1,
         vec![
             entry(1, 0, InstanceState::Down),
-            entry(2, 700, InstanceState::Down),
-            entry(3, 100, InstanceState::Drained),
+            entry(2, 0, InstanceState::Down),
+            entry(3, 0, InstanceState::Drained),
         ],
     );
     assert!(!t.has_healthy());
     let c = counts(&t, 4000, &[]);
     assert_eq!(c.get(&3), None, "{c:?}");
-    // Equal weights in panic mode: the published (stale) weights mean nothing.
+    // Equal weights in the client's panic mode.
     assert!(c[&1] > 1000 && c[&2] > 1000, "{c:?}");
     assert!(
         Table::new(1, vec![entry(1, 5, InstanceState::Drained)])
