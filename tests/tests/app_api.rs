@@ -39,6 +39,21 @@ fn every_malformed_request_gets_a_4xx_json_error() {
                 r#"{"user":"u","lines":[{"sku":"sku-1-1","qty":1}]}"#,
             ),
         ),
+        (
+            "two keys",
+            request(
+                a,
+                "POST",
+                "/v1/orders",
+                &[
+                    ("Content-Type", "application/json"),
+                    ("Idempotency-Key", "k1"),
+                    ("Idempotency-Key", "k2"),
+                ],
+                Some(br#"{"user":"u","lines":[{"sku":"sku-1-1","qty":1}]}"#),
+            )
+            .unwrap(),
+        ),
         ("not json", order(Some("k1"), "not json")),
         ("empty body", order(Some("k1"), "")),
         (

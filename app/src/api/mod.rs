@@ -265,9 +265,19 @@ fn authorized(cfg: &Config, req: &Request<Incoming>) -> Result<(), Response<Body
 
 /// The `Idempotency-Key` header: `Ok(None)` when absent, an error response when malformed.
 fn idem_key(req: &Request<Incoming>) -> Result<Option<String>, Response<Body>> {
-    let Some(v) = req.headers().get("idempotency-key") else {
+    let mut all = req.headers().get_all("idempotency-key").iter();
+    let Some(v) = all.next() else {
         return Ok(None);
     };
+    // Two keys name two requests: taking the first silently made a client's retry under the second a new
+    // order.
+    if all.next().is_some() {
+        return Err(error(
+            StatusCode::BAD_REQUEST,
+            "bad_idempotency_key",
+            "one Idempotency-Key header, not several",
+        ));
+    }
     match v.to_str() {
         Ok(s) if valid_idem_key(s) => Ok(Some(s.to_string())),
         _ => Err(error(
