@@ -1,6 +1,7 @@
 //! XBuy's API edges on real processes: every malformed request gets a 4xx JSON error, reservations expire
-//! exactly once across processes, payments and refunds through the API keep the ledger balanced, the stats
-//! contract for the agent, and the token-protected degrade switch.
+//! exactly once across processes, payments and refunds through the API keep the ledger balanced, a keyed
+//! merchant stock batch is received once, the stats contract for the agent, and the token-protected degrade
+//! switch.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -451,6 +452,68 @@ fn payments_refunds_and_settlement_balance_the_ledger() {
     assert_eq!(r.json()["status"], "refunded", "{}", r.body);
     assert_eq!(stock(), (before.0, before.1 - 1));
     audit_ok(a);
+}
+
+/// A merchant retries a stock batch whose answer was lost, under its `Idempotency-Key`: the units are received
+/// once, the retry (on another instance) gets the first answer with `Idempotent-Replay: true`, and another
+/// batch under the key is 422 and changes nothing; a batch without a key applies each time, as it did.
+#[test]
+fn a_keyed_stock_batch_is_received_once() {
+    let db = Db::new();
+    let (_p, addrs) = start_apps(&db, 2, "");
+    let (a, b) = (addrs[0], addrs[1]);
+    let available = || sku_stock(a, 7, "sku-7-1")["available"].as_i64().unwrap();
+    let before = available();
+    let stock = |at, key: Option<&str>, receive: u32| {
+        let body = json!({"updates": [{"sku": "sku-7-1", "receive": receive}, {"sku": "sku-7-2", "price_cents": 1234}]});
+        post(at, "/v1/merchant/stock", key, true, &body).unwrap()
+    };
+
+    let first = stock(a, Some("delivery-1"), 50);
+    assert_eq!(
+        (first.status, first.header("idempotent-replay")),
+        (200, None),
+        "{}",
+        first.body
+    );
+    assert_eq!(first.json()["skus"][0]["available"].as_i64(), Some(before + 50));
+    let again = stock(b, Some("delivery-1"), 50);
+    assert_eq!(
+        (again.status, again.header("idempotent-replay")),
+        (200, Some("true")),
+        "{}",
+        again.body
+    );
+    assert_eq!(again.json(), first.json());
+    assert_eq!(available(), before + 50, "the retry received nothing");
+
+    let other = stock(b, Some("delivery-1"), 60);
+    assert_eq!(
+        (other.status, other.json()["error"]["code"].as_str()),
+        (422, Some("idempotency_conflict")),
+        "{}",
+        other.body
+    );
+    let bad = stock(a, Some(&"k".repeat(200)), 1);
+    assert_eq!(
+        (bad.status, bad.json()["error"]["code"].as_str()),
+        (400, Some("bad_idempotency_key")),
+        "{}",
+        bad.body
+    );
+    assert_eq!(available(), before + 50, "refusals changed nothing");
+
+    for _ in 0..2 {
+        let r = stock(a, None, 1);
+        assert_eq!(
+            (r.status, r.header("idempotent-replay")),
+            (200, None),
+            "{}",
+            r.body
+        );
+    }
+    assert_eq!(available(), before + 52);
+    audit_ok(b);
 }
 
 /// A shop refunds part of an order through the API: lines need an `Idempotency-Key` (a retry without one

@@ -5,15 +5,16 @@
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use http::{Request, Response, StatusCode};
+use http::{HeaderValue, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use xcluster_proto::stats::InstanceStats;
 use xcluster_runtime::http::{Body, error, json, read_json, read_json_or_default};
 
 use super::bodies::{DegradeReq, FlashSaleReq, StockReq};
-use super::{App, BODY_TIMEOUT, authorized, path_id, respond, store_failed};
+use super::{App, BODY_TIMEOUT, authorized, idem_key, path_id, reject, respond, store_failed};
 use crate::Config;
 use crate::degrade::Level;
+use crate::store::Restocked;
 
 /// `GET /v1/stats`: `xcluster_proto::stats::InstanceStats`.
 pub fn stats(app: &App) -> Response<Body> {
@@ -102,11 +103,17 @@ pub async fn degrade_set(app: &Arc<App>, cfg: &Config, req: Request<Incoming>) -
 }
 
 /// `POST /v1/merchant/stock` `{"updates": [{"sku": "...", "receive": 10, "price_cents": 990}]}` (bearer token):
-/// all of the batch or none of it.
+/// all of the batch or none of it. With an `Idempotency-Key` the batch applies once: a merchant's retry after a
+/// lost answer would otherwise receive its units twice. The replay answers the first result
+/// (`idempotent-replay: true`), another batch under the key is 422.
 pub async fn merchant_stock(app: &Arc<App>, cfg: &Config, req: Request<Incoming>) -> Response<Body> {
     if let Err(refused) = authorized(cfg, &req) {
         return refused;
     }
+    let key = match idem_key(&req) {
+        Ok(k) => k,
+        Err(resp) => return resp,
+    };
     let body: StockReq = match read_json(req, cfg.max_body_bytes, BODY_TIMEOUT).await {
         Ok(b) => b,
         Err(resp) => return resp,
@@ -118,18 +125,32 @@ pub async fn merchant_stock(app: &Arc<App>, cfg: &Config, req: Request<Incoming>
         .filter(|u| u.receive > 0)
         .map(|u| u.sku.clone())
         .collect();
-    let out = app.exec.run(move |s| s.update_stock(&body.updates)).await;
-    // Once committed: cleared before, an attempt answered sold out from the stock before it marked the SKU
-    // again, refused until the mark's end.
-    if let Ok(Ok(_)) = &out {
-        for sku in &received {
-            app.gate.clear(sku);
+    let done = app
+        .exec
+        .run(move |s| match key {
+            Some(key) => s.update_stock_once(&key, &body.updates),
+            None => s
+                .update_stock(&body.updates)
+                .map(|r| r.map(|skus| Restocked { skus, replay: false })),
+        })
+        .await;
+    match done {
+        Ok(Ok(done)) => {
+            // Once committed: cleared before, an attempt answered sold out from the stock before it marked
+            // the SKU again, refused until the mark's end.
+            for sku in &received {
+                app.gate.clear(sku);
+            }
+            let mut resp = json(StatusCode::OK, &serde_json::json!({ "skus": done.skus }));
+            if done.replay {
+                resp.headers_mut()
+                    .insert("idempotent-replay", HeaderValue::from_static("true"));
+            }
+            resp
         }
+        Ok(Err(r)) => reject(&r),
+        Err(e) => store_failed(&e),
     }
-    respond(
-        StatusCode::OK,
-        out.map(|r| r.map(|skus| serde_json::json!({ "skus": skus }))),
-    )
 }
 
 /// `POST /v1/merchant/flash-sales/{sku}` `{"buckets": 8}` (bearer token; an empty body takes `[seckill]

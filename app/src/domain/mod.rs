@@ -5,7 +5,10 @@ pub mod order;
 pub mod request;
 
 pub use order::{OrderKind, OrderStatus, Transition};
-pub use request::{NewOrder, OrderLineReq, fingerprint, new_order_id, now_ms, refund_fingerprint, valid_id};
+pub use request::{
+    NewOrder, OrderLineReq, fingerprint, new_order_id, now_ms, refund_fingerprint, stock_fingerprint,
+    valid_id,
+};
 
 use serde::Serialize;
 

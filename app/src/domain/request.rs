@@ -128,6 +128,32 @@ pub fn refund_fingerprint(order_id: &str, lines: Option<&[OrderLineReq]>) -> Str
     hex::encode(h.finalize())
 }
 
+/// One merchant stock change as its fingerprint reads it: SKU, units received, units written off, new price.
+pub type StockChange<'a> = (&'a str, u32, u32, Option<i64>);
+
+/// The fingerprint of a merchant stock batch, its changes in the order sent: the store applies them in that
+/// order (a write-off may need the units an earlier change received), so another order is another batch.
+pub fn stock_fingerprint<'a>(changes: impl IntoIterator<Item = StockChange<'a>>) -> String {
+    let mut h = Sha256::new();
+    h.update(b"stock");
+    for (sku, receive, write_off, price) in changes {
+        h.update([0]);
+        h.update(sku.as_bytes());
+        h.update([0]);
+        h.update(receive.to_le_bytes());
+        h.update(write_off.to_le_bytes());
+        // A price left as it was and a price set differ by more than their bytes.
+        match price {
+            None => h.update([0]),
+            Some(p) => {
+                h.update([1]);
+                h.update(p.to_le_bytes());
+            }
+        }
+    }
+    hex::encode(h.finalize())
+}
+
 /// A new order id, unique across processes: time, then 64 random bits.
 pub fn new_order_id() -> String {
     format!("o{:x}{:016x}", now_ms(), rand::random::<u64>())
@@ -147,6 +173,23 @@ mod tests {
 
     fn line(sku: &str, qty: u32) -> OrderLineReq {
         OrderLineReq { sku: sku.into(), qty }
+    }
+
+    #[test]
+    fn stock_fingerprint_reads_every_field_and_the_order() {
+        let fp = |c: &[StockChange<'_>]| stock_fingerprint(c.iter().copied());
+        let a = fp(&[("a", 5, 0, None), ("b", 0, 1, Some(10))]);
+        assert_eq!(a, fp(&[("a", 5, 0, None), ("b", 0, 1, Some(10))]));
+        for other in [
+            fp(&[("b", 0, 1, Some(10)), ("a", 5, 0, None)]),
+            fp(&[("a", 6, 0, None), ("b", 0, 1, Some(10))]),
+            fp(&[("a", 5, 0, None), ("b", 0, 2, Some(10))]),
+            fp(&[("a", 5, 0, None), ("b", 0, 1, None)]),
+            fp(&[("a", 5, 0, Some(0)), ("b", 0, 1, Some(10))]),
+            fp(&[("a", 5, 0, None)]),
+        ] {
+            assert_ne!(a, other);
+        }
     }
 
     #[test]

@@ -174,6 +174,14 @@ pub struct StockUpdate {
     pub price_cents: Option<Cents>,
 }
 
+/// The result of a keyed merchant stock batch: the SKUs as the batch left them, and whether it was a replay
+/// (the first answer again, nothing applied).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Restocked {
+    pub skus: Vec<Sku>,
+    pub replay: bool,
+}
+
 /// One merchant's settlement in a batch.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Settlement {
@@ -232,6 +240,11 @@ pub trait Store: Send + Sync + 'static {
     fn outbox_depth(&self) -> Result<u64, StoreError>;
 
     fn update_stock(&self, updates: &[StockUpdate]) -> StoreResult<Vec<Sku>>;
+    /// A batch sent with idempotency key `key` applies once: the batch and the key's record (its fingerprint
+    /// and answer) commit in one transaction, so a retry after a lost answer finds it and gets that answer
+    /// again (`replay`), and another batch under the key is `IdempotencyConflict`. A refused batch records
+    /// nothing: it changed nothing, so its key may carry it again.
+    fn update_stock_once(&self, key: &str, updates: &[StockUpdate]) -> StoreResult<Restocked>;
     /// Moves a SKU's available stock into `buckets` flash-sale buckets: the sale is open.
     fn open_flash_sale(&self, sku: &str, buckets: u32) -> StoreResult<Sku>;
     /// Ends a SKU's flash sale: its buckets' units go back to `available`, for ordinary orders. Closing a

@@ -2,7 +2,9 @@
 //! short stock refuses an order, what a reserved order's answer holds, which status a transition leads to, and
 //! what a payment checks first. Each store keeps only its SQL and its locking around them.
 
-use super::{Created, LineView, OrderView, PaymentCallback, Refunded, StockUpdate, StoreError};
+use super::{
+    Created, LineView, OrderView, PaymentCallback, Refunded, Restocked, Sku, StockUpdate, StoreError,
+};
 use crate::domain::{Cents, NewOrder, OrderLineReq, OrderStatus, Reject, Transition, now_ms};
 
 pub(super) type Res<T> = Result<Result<T, Reject>, StoreError>;
@@ -131,6 +133,36 @@ pub(super) fn stock_update_refused(u: &StockUpdate, available: Option<i64>) -> R
             wanted: i64::from(u.write_off),
         },
     }
+}
+
+/// The fingerprint of merchant batch `updates` (`domain::stock_fingerprint`), stored with its key.
+pub(super) fn stock_fingerprint(updates: &[StockUpdate]) -> String {
+    crate::domain::stock_fingerprint(
+        updates
+            .iter()
+            .map(|u| (u.sku.as_str(), u.receive, u.write_off, u.price_cents)),
+    )
+}
+
+/// What a keyed batch stores to answer its replays: its SKUs as it left them.
+pub(super) fn stock_answer(skus: &[Sku]) -> Result<String, StoreError> {
+    serde_json::to_string(skus).map_err(|e| StoreError::Internal(format!("stock answer: {e}")))
+}
+
+/// The answer to batch `fingerprint` under `key` when the batch first applied under it had
+/// `stored_fingerprint` and answered `answer`: that answer again (nothing applied), or a conflict.
+pub(super) fn stock_replay(
+    key: &str,
+    fingerprint: &str,
+    stored_fingerprint: &str,
+    answer: &str,
+) -> Res<Restocked> {
+    if fingerprint != stored_fingerprint {
+        return Ok(Err(Reject::IdempotencyConflict { key: key.into() }));
+    }
+    let skus: Vec<Sku> = serde_json::from_str(answer)
+        .map_err(|e| StoreError::Internal(format!("stored stock answer of key {key:?} is corrupt: {e}")))?;
+    Ok(Ok(Restocked { skus, replay: true }))
 }
 
 /// The order `o` becomes once its stock is reserved (lines by SKU), and that view as JSON: the answer an

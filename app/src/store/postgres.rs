@@ -20,8 +20,8 @@ use postgres::types::ToSql;
 use postgres::{Client, IsolationLevel, NoTls, Row, Statement, Transaction};
 
 use super::{
-    Created, OrderView, PaymentCallback, Product, RefundRequest, Refunded, Settlement, Sku, StockUpdate,
-    Store, StoreError, StoreResult,
+    Created, OrderView, PaymentCallback, Product, RefundRequest, Refunded, Restocked, Settlement, Sku,
+    StockUpdate, Store, StoreError, StoreResult,
 };
 use crate::audit::AuditReport;
 use crate::domain::{Cents, NewOrder, Reject};
@@ -498,6 +498,9 @@ impl Store for PostgresStore {
     }
     fn update_stock(&self, updates: &[StockUpdate]) -> StoreResult<Vec<Sku>> {
         self.write_domain(|t| orders::update_stock(t, updates))
+    }
+    fn update_stock_once(&self, key: &str, updates: &[StockUpdate]) -> StoreResult<Restocked> {
+        self.write_domain(|t| orders::update_stock_once(t, key, updates))
     }
     fn open_flash_sale(&self, sku: &str, buckets: u32) -> StoreResult<Sku> {
         self.write_domain(|t| orders::open_flash_sale(t, sku, buckets))

@@ -5,7 +5,7 @@
 use postgres::Row;
 
 use super::postgres::Tx;
-use super::{LineView, OrderView, Product, Sku, StockUpdate, StoreError};
+use super::{LineView, OrderView, Product, Restocked, Sku, StockUpdate, StoreError};
 use crate::domain::{OrderStatus, Reject, Transition, now_ms};
 
 use super::order_rules::{self, Res};
@@ -332,6 +332,29 @@ pub fn update_stock(t: &mut Tx<'_>, updates: &[StockUpdate]) -> Res<Vec<Sku>> {
         out.push(sku(t, &u.sku)?);
     }
     Ok(Ok(out))
+}
+
+/// `updates` under idempotency key `key`, once. Concurrent deliveries of one key queue on its advisory lock
+/// (taken before the SKU rows, as order creation takes its keys first), so the second finds the first's
+/// record, committed with its batch, instead of applying it again.
+pub fn update_stock_once(t: &mut Tx<'_>, key: &str, updates: &[StockUpdate]) -> Res<Restocked> {
+    t.lock_key(&format!("stock:{key}"))?;
+    let fingerprint = order_rules::stock_fingerprint(updates);
+    if let Some(row) = t.opt(
+        "SELECT fingerprint, answer FROM stock_keys WHERE idem_key = $1",
+        &[&key],
+    )? {
+        return order_rules::stock_replay(key, &fingerprint, row.get(0), row.get(1));
+    }
+    let skus = match update_stock(t, updates)? {
+        Ok(skus) => skus,
+        Err(refused) => return Ok(Err(refused)),
+    };
+    t.exec(
+        "INSERT INTO stock_keys(idem_key, fingerprint, answer, created_ms) VALUES ($1, $2, $3, $4)",
+        &[&key, &fingerprint, &order_rules::stock_answer(&skus)?, &now_ms()],
+    )?;
+    Ok(Ok(Restocked { skus, replay: false }))
 }
 
 fn sku(t: &mut Tx<'_>, id: &str) -> Result<Sku, StoreError> {

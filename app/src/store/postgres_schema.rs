@@ -86,7 +86,13 @@ INSERT INTO refund_lines(order_id, n, sku, qty)
   SELECT l.order_id, 1, l.sku, l.qty FROM order_lines l JOIN refunds r ON r.order_id = l.order_id;
 "#;
 
-const MIGRATIONS: &[&str] = &[V1, V2, V3];
+/// Keyed merchant stock batches (see `sqlite_schema::V4`).
+const V4: &str = r#"
+CREATE TABLE stock_keys(
+  idem_key TEXT PRIMARY KEY, fingerprint TEXT NOT NULL, answer TEXT NOT NULL, created_ms BIGINT NOT NULL);
+"#;
+
+const MIGRATIONS: &[&str] = &[V1, V2, V3, V4];
 
 /// The SQL that makes an empty database one of schema `version`, as `sqlite_schema::schema_up_to`.
 #[cfg(test)]

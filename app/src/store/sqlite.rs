@@ -21,8 +21,8 @@ use std::time::{Duration, Instant};
 use rusqlite::{Connection, ErrorCode, OpenFlags, Transaction, TransactionBehavior};
 
 use super::{
-    Created, OrderView, PaymentCallback, Product, RefundRequest, Refunded, Settlement, Sku, StockUpdate,
-    Store, StoreError, StoreResult,
+    Created, OrderView, PaymentCallback, Product, RefundRequest, Refunded, Restocked, Settlement, Sku,
+    StockUpdate, Store, StoreError, StoreResult,
 };
 use crate::audit::AuditReport;
 use crate::domain::{Cents, NewOrder, Reject};
@@ -257,6 +257,9 @@ impl Store for SqliteStore {
     }
     fn update_stock(&self, updates: &[StockUpdate]) -> StoreResult<Vec<Sku>> {
         self.write_domain(|tx| super::sqlite_orders::update_stock(tx, updates))
+    }
+    fn update_stock_once(&self, key: &str, updates: &[StockUpdate]) -> StoreResult<Restocked> {
+        self.write_domain(|tx| super::sqlite_orders::update_stock_once(tx, key, updates))
     }
     fn open_flash_sale(&self, sku: &str, buckets: u32) -> StoreResult<Sku> {
         self.write_domain(|tx| super::sqlite_orders::open_flash_sale(tx, sku, buckets))

@@ -3,7 +3,7 @@
 
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
 
-use super::{Created, LineView, OrderView, Product, Sku, StockUpdate, StoreError};
+use super::{Created, LineView, OrderView, Product, Restocked, Sku, StockUpdate, StoreError};
 use crate::domain::{NewOrder, OrderKind, OrderStatus, Reject, Transition, now_ms};
 
 use super::order_rules::{self, Res};
@@ -477,6 +477,33 @@ pub fn update_stock(tx: &Transaction<'_>, updates: &[StockUpdate]) -> Res<Vec<Sk
         out.push(sku(tx, &u.sku)?);
     }
     Ok(Ok(out))
+}
+
+/// `updates` under idempotency key `key`, once: the writer's lock (`BEGIN IMMEDIATE`) is held from the key's
+/// lookup to the commit of the batch with its record, so a concurrent retry waits and then finds the record.
+pub fn update_stock_once(tx: &Transaction<'_>, key: &str, updates: &[StockUpdate]) -> Res<Restocked> {
+    let fingerprint = order_rules::stock_fingerprint(updates);
+    let stored: Option<(String, String)> = tx
+        .prepare_cached("SELECT fingerprint, answer FROM stock_keys WHERE idem_key = ?1")?
+        .query_row([key], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()?;
+    if let Some((stored_fingerprint, answer)) = stored {
+        return order_rules::stock_replay(key, &fingerprint, &stored_fingerprint, &answer);
+    }
+    let skus = match update_stock(tx, updates)? {
+        Ok(skus) => skus,
+        Err(refused) => return Ok(Err(refused)),
+    };
+    tx.prepare_cached(
+        "INSERT INTO stock_keys(idem_key, fingerprint, answer, created_ms) VALUES (?1, ?2, ?3, ?4)",
+    )?
+    .execute(params![
+        key,
+        fingerprint,
+        order_rules::stock_answer(&skus)?,
+        now_ms()
+    ])?;
+    Ok(Ok(Restocked { skus, replay: false }))
 }
 
 fn sku(c: &Connection, sku: &str) -> Result<Sku, StoreError> {

@@ -98,7 +98,16 @@ INSERT INTO refund_lines(order_id, n, sku, qty)
   SELECT l.order_id, 1, l.sku, l.qty FROM order_lines l JOIN refunds r ON r.order_id = l.order_id;
 "#;
 
-const MIGRATIONS: &[&str] = &[V1, V2, V3];
+/// Merchant stock batches sent with an `Idempotency-Key`: the key (one namespace: only the admin token sends
+/// them), the batch's fingerprint and the answer a replay gives, written in the batch's own transaction. Kept
+/// for good, as order keys are: a batch is an operator's call, rare and small, and a key that expired would let
+/// a late retry receive its units twice.
+const V4: &str = r#"
+CREATE TABLE stock_keys(
+  idem_key TEXT PRIMARY KEY, fingerprint TEXT NOT NULL, answer TEXT NOT NULL, created_ms INTEGER NOT NULL);
+"#;
+
+const MIGRATIONS: &[&str] = &[V1, V2, V3, V4];
 
 /// The schema version `migrate` brings a database to.
 #[cfg(test)]

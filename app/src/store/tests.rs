@@ -5,9 +5,11 @@ mod batches;
 mod lock_order;
 mod postgres_conn;
 mod refunds;
+mod stock_keys;
 
 use batches::*;
 use refunds::*;
+use stock_keys::*;
 
 use super::sqlite::SqliteStore;
 use super::*;
@@ -21,8 +23,8 @@ trait Fixture {
     fn exec(&self, sql: &str);
     /// The one number `sql` selects.
     fn number(&self, sql: &str) -> i64;
-    /// The SQL that makes an empty database one of schema version 2 (before partial refunds).
-    fn v2_schema(&self) -> String;
+    /// The SQL that makes an empty database one of schema `version`, as that version's release left it.
+    fn old_schema(&self, version: usize) -> String;
     fn schema_version(&self) -> i64;
 }
 
@@ -53,8 +55,8 @@ impl Fixture for SqliteFixture {
         let c = rusqlite::Connection::open(self.0.path().join("x.db")).unwrap();
         c.query_row(sql, [], |r| r.get(0)).unwrap()
     }
-    fn v2_schema(&self) -> String {
-        super::sqlite_schema::schema_up_to(2)
+    fn old_schema(&self, version: usize) -> String {
+        super::sqlite_schema::schema_up_to(version)
     }
     fn schema_version(&self) -> i64 {
         self.number("PRAGMA user_version")
@@ -90,8 +92,8 @@ impl Fixture for PostgresFixture {
         let mut c = ::postgres::Client::connect(&self.0.url, ::postgres::NoTls).unwrap();
         c.query_one(sql, &[]).unwrap().get(0)
     }
-    fn v2_schema(&self) -> String {
-        super::postgres_schema::schema_up_to(2)
+    fn old_schema(&self, version: usize) -> String {
+        super::postgres_schema::schema_up_to(version)
     }
     fn schema_version(&self) -> i64 {
         self.number("SELECT MAX(version) FROM xbuy_schema")
@@ -740,6 +742,9 @@ macro_rules! every_store_test {
             demo_buyers_are_seeded_with_credit,
             user_orders_page_newest_first,
             a_write_off_takes_from_the_shelf_or_refuses_the_batch,
+            keyed_stock_batch_applies_once_and_replays_its_answer,
+            concurrent_keyed_stock_batches_apply_once,
+            migration_to_stock_keys_keeps_the_catalog,
             concurrent_handles_never_oversell_or_overdraw,
         );
     };
