@@ -43,7 +43,8 @@ pub enum Reject {
         balance: Cents,
         needed: Cents,
     },
-    #[error("user {user} may buy at most {limit} {} of {sku} in this flash sale", units(i64::from(*limit)))]
+    // Per SKU, not per sale: every flash-sale order of the SKU still live counts, whichever sale it was in.
+    #[error("user {user} may buy at most {limit} {} of {sku} in flash-sale orders", units(i64::from(*limit)))]
     LimitExceeded { user: String, sku: String, limit: u32 },
     #[error("payment amount {given} does not match the order total {total}")]
     AmountMismatch { given: Cents, total: Cents },
