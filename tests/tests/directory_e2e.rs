@@ -276,6 +276,17 @@ fn a_restarted_balancer_takes_its_peers_drains_and_weights() {
         "{}",
         r.body
     );
+    // What a starting peer reads: the run-time state alone, bounded in size where the whole status is not.
+    let state = get(lb1, "/v1/status?only=state").unwrap().json();
+    assert_eq!(
+        state,
+        serde_json::json!({
+            "drained": ["h1/a"],
+            "weights": {"h1/b": "25%"},
+            "state_changed_unix_ms": state["state_changed_unix_ms"].as_u64().unwrap(),
+        })
+    );
+    assert_eq!(get(lb1, "/v1/status?only=types").unwrap().status, 400);
     let stop = |p: &mut Proc| {
         p.signal(nix::sys::signal::Signal::SIGTERM);
         assert_eq!(p.wait_exit(WAIT), Some(0), "{}", p.stderr());
