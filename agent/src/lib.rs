@@ -4,7 +4,8 @@
 //! - [`client`]: the bounded, timed HTTP calls (stats fetch, report push).
 //! - [`reporter`]: the sample/push loop with early reports on jumps.
 //!
-//! Its own API: `GET /v1/report` shows the latest report sent (plus `/metrics`, `/livez`, `/readyz`).
+//! Its own API: `GET /v1/report` shows the latest report built, one too large to send too (plus `/metrics`,
+//! `/livez`, `/readyz`).
 
 pub mod config;
 pub mod host;

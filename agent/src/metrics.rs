@@ -7,6 +7,9 @@ xcluster_runtime::metric_names! {
     pub const JUMP_REPORTS_TOTAL: &str = "xcluster_agent_jump_reports_total";
     /// Pushes to a balancer, by `balancer` and `result` (ok, error).
     pub const PUSHES_TOTAL: &str = "xcluster_agent_pushes_total";
+    /// Reports built and not sent, by `reason`: `too_large` (over the balancers' `MAX_REPORT_BYTES`: fewer
+    /// instances or request types would fit), `encode`.
+    pub const REPORTS_UNSENT_TOTAL: &str = "xcluster_agent_reports_unsent_total";
     /// Failed stats fetches, by `instance`.
     pub const STATS_FAILURES_TOTAL: &str = "xcluster_agent_stats_failures_total";
     /// Host CPU utilisation in the latest sample.

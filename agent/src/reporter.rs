@@ -11,8 +11,10 @@ use http::Method;
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, warn};
-use xcluster_proto::report::{self, AGENT_HEADER, InstanceLoad, LoadReport, SIGNATURE_HEADER};
+use tracing::{debug, error, warn};
+use xcluster_proto::report::{
+    self, AGENT_HEADER, InstanceLoad, LoadReport, MAX_REPORT_BYTES, SIGNATURE_HEADER,
+};
 use xcluster_proto::stats::{InstanceStats, MAX_STATS_BYTES};
 
 use crate::config::{Config, InstanceConfig};
@@ -199,6 +201,8 @@ fn build(
 #[derive(Debug, Default)]
 struct PushLog {
     failing: std::sync::Mutex<std::collections::HashMap<std::net::SocketAddr, Instant>>,
+    /// When a report not sent was last logged.
+    unsent: xcluster_runtime::telemetry::Throttle,
 }
 
 const PUSH_WARN_EVERY: Duration = Duration::from_secs(30);
@@ -226,12 +230,60 @@ impl PushLog {
     }
 }
 
-/// Signs the report once and pushes it to every balancer, each in its own task with its own timeout.
+/// Why a report was not sent.
+#[derive(Debug, thiserror::Error)]
+pub enum EncodeError {
+    #[error("cannot encode the load report: {0}")]
+    Json(#[from] serde_json::Error),
+    /// The instances and their request types come from the apps' stats, so the config cannot bound them:
+    /// the encoded report is what is checked.
+    #[error(
+        "the load report is {bytes} bytes, over the {MAX_REPORT_BYTES} bytes a balancer takes (MAX_REPORT_BYTES): \
+         every balancer would refuse it, so it is not sent and the balancers take this host's instances out \
+         when their last report expires; report fewer instances from this agent ({instances} now: split \
+         [[instances]] across agents) or fewer request types per instance (up to {types} now, on {widest})"
+    )]
+    TooLarge {
+        bytes: usize,
+        instances: usize,
+        types: usize,
+        widest: String,
+    },
+}
+
+/// The body a report is sent as, if a balancer can take it (at most [`MAX_REPORT_BYTES`]).
+pub fn encode(report: &LoadReport) -> Result<Bytes, EncodeError> {
+    let body = serde_json::to_vec(report)?;
+    if body.len() > MAX_REPORT_BYTES {
+        let widest = report.instances.iter().max_by_key(|i| i.types.len());
+        return Err(EncodeError::TooLarge {
+            bytes: body.len(),
+            instances: report.instances.len(),
+            types: widest.map_or(0, |i| i.types.len()),
+            widest: widest.map_or_else(String::new, |i| i.id.clone()),
+        });
+    }
+    Ok(Bytes::from(body))
+}
+
+/// Least time between two logs of a report not sent.
+const UNSENT_WARN_EVERY_MS: u64 = 30_000;
+
+/// Signs the report once and pushes it to every balancer, each in its own task with its own timeout. A
+/// report no balancer would take is not sent: it is counted, and logged every 30 s while it lasts (one
+/// answer 413 per balancer and report said less, at every report).
 fn push_all(cfg: &Config, report: &LoadReport, log: &Arc<PushLog>) {
-    let body = match serde_json::to_vec(report) {
-        Ok(b) => Bytes::from(b),
+    let body = match encode(report) {
+        Ok(b) => b,
         Err(e) => {
-            warn!(error = %e, "cannot encode report");
+            let reason = match e {
+                EncodeError::Json(_) => "encode",
+                EncodeError::TooLarge { .. } => "too_large",
+            };
+            ::metrics::counter!(metrics::REPORTS_UNSENT_TOTAL, "reason" => reason).increment(1);
+            if log.unsent.due(wall_ms(), UNSENT_WARN_EVERY_MS) {
+                error!(error = %e, "load report not sent (logged again every 30 s while it lasts)");
+            }
             return;
         }
     };
@@ -276,6 +328,62 @@ mod tests {
             error_rate: err,
             ..Default::default()
         }
+    }
+
+    /// A report of `instances` instances with `types` request types each, ids and names of 100 bytes.
+    fn wide(instances: usize, types: usize) -> LoadReport {
+        let type_stats = (0..types)
+            .map(|t| (format!("{t:0>100}"), xcluster_proto::stats::TypeStats::default()))
+            .collect::<std::collections::BTreeMap<_, _>>();
+        LoadReport {
+            agent: "host-1".into(),
+            instances: (0..instances)
+                .map(|i| InstanceLoad {
+                    id: format!("{i:0>100}"),
+                    addr: "127.0.0.1:7101".into(),
+                    types: type_stats.clone(),
+                    ..Default::default()
+                })
+                .collect(),
+            seq: 1,
+            boot: 1,
+            timestamp_ms: 1,
+            host: report::HostLoad {
+                cores: 4,
+                ..Default::default()
+            },
+        }
+    }
+
+    /// A report over the balancers' limit is refused by every one of them at every send: the agent does not
+    /// send it, and says what to cut, naming the limit.
+    #[test]
+    fn a_report_no_balancer_would_take_is_not_encoded_for_sending() {
+        // Within the format's bounds (256 instances, 32 types each), and far over 256 KiB.
+        let big = wide(
+            xcluster_proto::report::MAX_INSTANCES,
+            xcluster_proto::stats::MAX_REQUEST_TYPES,
+        );
+        let err = encode(&big).unwrap_err();
+        assert!(
+            matches!(err, EncodeError::TooLarge { instances: 256, types: 32, bytes, .. } if bytes > MAX_REPORT_BYTES),
+            "{err:?}"
+        );
+        let message = err.to_string();
+        for said in [
+            "262144 bytes",
+            "MAX_REPORT_BYTES",
+            "fewer instances",
+            "256 now",
+            "fewer request types",
+        ] {
+            assert!(message.contains(said), "{said:?} not in {message}");
+        }
+        // One a balancer takes is the report's JSON, as before.
+        let fits = wide(8, 8);
+        let body = encode(&fits).unwrap();
+        assert!(body.len() <= MAX_REPORT_BYTES);
+        assert_eq!(body, serde_json::to_vec(&fits).unwrap());
     }
 
     #[test]

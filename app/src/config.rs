@@ -6,7 +6,7 @@
 //! Needs a restart: `listen`, `http.*`, `instance`, `db_path`, `store_threads`, `busy_timeout_ms`, `seed_demo`,
 //! `capacity`, `max_body_bytes`, `seckill.buckets` (buckets are laid out when a flash sale is opened), and
 //! the storage backend keys of `config_backend` (`store`, `postgres_url`, `redis_url`, `[postgres]`, `[redis]`).
-//! A reload keeps those at their running values in what the app reads ([`Config::keeping_restart_keys`]).
+//! A reload keeps those at their running values in what the app reads (the runtime's `config::reload`).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -355,32 +355,6 @@ impl RoleConfig for Config {
     }
 }
 
-impl Config {
-    /// `self`, a reloaded config, with every key of `RESTART_KEYS` back at its value in `running` (the config
-    /// the process started with). The runtime publishes a reload whole and logs that those keys keep their
-    /// running values until a restart; but the handlers read `capacity`, `max_body_bytes`, `seckill.buckets`
-    /// and `instance` per request, so a reload applied them at once while saying it did not, and `/v1/stats`
-    /// named an instance the agent and the balancers did not know.
-    pub fn keeping_restart_keys(self, running: &Config) -> Config {
-        let r = running.clone();
-        Config {
-            listen: r.listen,
-            instance: r.instance,
-            db_path: r.db_path,
-            store_threads: r.store_threads,
-            busy_timeout: r.busy_timeout,
-            seed_demo: r.seed_demo,
-            capacity: r.capacity,
-            max_body_bytes: r.max_body_bytes,
-            buckets: r.buckets,
-            http: r.http,
-            backend: r.backend,
-            redis: r.redis,
-            ..self
-        }
-    }
-}
-
 impl DaemonConfig for Config {
     fn shutdown(&self) -> ShutdownTimes {
         self.shutdown
@@ -438,9 +412,14 @@ mod tests {
             redis_url: "redis://10.0.0.1:6379".into(),
             ..RawConfig::default()
         };
-        let reloaded = Config::validate(&raw)
+        let loaded = xcluster_runtime::config::Loaded {
+            config: Config::validate(&raw).expect("valid"),
+            raw,
+            sources: None,
+        };
+        let reloaded = xcluster_runtime::config::keep_restart_keys(loaded, &RawConfig::default(), "app.toml")
             .expect("valid")
-            .keeping_restart_keys(&running);
+            .config;
         assert_eq!(reloaded.per_user_limit, 3, "a live key applies");
         let expected = Config {
             per_user_limit: 3,

@@ -109,7 +109,7 @@ pub async fn run(ctx: Context<Config>) -> Result<(), Error> {
         None => None,
     };
     let background = CancellationToken::new();
-    let config = keeping_restart_keys(ctx.config.clone(), background.clone());
+    let config = ctx.config.clone();
     let batcher = queue::Batcher::spawn(exec.clone(), cfg.capacity as usize, background.clone());
     let app = Arc::new(api::App {
         config: config.clone(),
@@ -163,27 +163,6 @@ pub async fn run(ctx: Context<Config>) -> Result<(), Error> {
     }
     background.cancel();
     Ok(())
-}
-
-/// The configs the app reads: each one `reloads` publishes, with the keys that need a restart kept at the
-/// values the process started with (`Config::keeping_restart_keys`).
-fn keeping_restart_keys(
-    mut reloads: tokio::sync::watch::Receiver<Arc<Config>>,
-    cancel: CancellationToken,
-) -> tokio::sync::watch::Receiver<Arc<Config>> {
-    let running = reloads.borrow_and_update().clone();
-    let (tx, rx) = tokio::sync::watch::channel(running.clone());
-    tokio::spawn(async move {
-        loop {
-            tokio::select! {
-                _ = cancel.cancelled() => return,
-                r = reloads.changed() => if r.is_err() { return },
-            }
-            let next = Config::clone(&reloads.borrow_and_update()).keeping_restart_keys(&running);
-            tx.send_replace(Arc::new(next));
-        }
-    });
-    rx
 }
 
 /// Once a second: closes the stats window, samples the outbox depth and feeds the degrade breakers.

@@ -46,3 +46,39 @@ fn check_as<C: RoleConfig>(file: &Path, bytes: Vec<u8>) -> Result<&'static str, 
         .map(|_| C::ROLE)
         .map_err(|e| e.to_string())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use xcluster_runtime::config::{flatten, keep_restart_keys, keep_under, load};
+
+    /// A reload keeps each role's restart keys by rendering its raw config to TOML and back
+    /// (`config::keep_under`): every shipped config must survive that unchanged, and validate with the
+    /// defaults' restart keys in place of its own (a reload of it in a process started on the defaults).
+    fn round_trips<C: RoleConfig>(name: &str) {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../configs")
+            .join(name);
+        let source = ConfigSource {
+            path: Some(path),
+            overrides: Vec::new(),
+            use_env: false,
+        };
+        let loaded = load::<C>(&source).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let kept =
+            keep_under(&loaded.raw, &loaded.raw, C::RESTART_KEYS).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(flatten(&kept), flatten(&loaded.raw), "{name}");
+        let defaults = C::Raw::default();
+        if let Err(e) = keep_restart_keys(loaded, &defaults, name) {
+            panic!("{name} with the defaults' restart keys: {e}");
+        }
+    }
+
+    #[test]
+    fn every_role_config_keeps_its_restart_keys_through_a_reload() {
+        round_trips::<xcluster_lb::Config>("lb.toml");
+        round_trips::<xcluster_agent::Config>("agent.toml");
+        round_trips::<xcluster_monitor::Config>("monitor.toml");
+        round_trips::<xcluster_app::Config>("app.toml");
+    }
+}

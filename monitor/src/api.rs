@@ -41,6 +41,8 @@ pub struct Api {
     pub config: watch::Receiver<Arc<Config>>,
     pub bus: Bus,
     pub source: ConfigSource,
+    /// The raw config the monitor started with: `reread` and `update` keep its restart keys, as a reload does.
+    pub started: Arc<crate::config::RawConfig>,
     pub reloader: Reloader,
     pub drain: CancellationToken,
     pub started_unix_ms: u64,
@@ -264,7 +266,7 @@ impl Api {
     /// Reads the config for `avail`, `reread` and `update`; a rejection is recorded as a failed reload.
     #[allow(clippy::result_large_err)] // the error is the answer itself, built once per request
     fn load(&self) -> Result<Arc<Config>, Response<Body>> {
-        xcluster_runtime::config::load::<Config>(&self.source)
+        xcluster_runtime::config::reload::<Config>(&self.source, &self.started)
             .map(|l| Arc::new(l.config))
             .map_err(|e| {
                 self.reloader.rejected(&e.to_string());

@@ -97,6 +97,7 @@ pub async fn run(ctx: Context<Config>) -> Result<(), Error> {
         config: ctx.config.clone(),
         bus: bus.clone(),
         source: ctx.source.clone(),
+        started: ctx.started.clone(),
         reloader: ctx.reloader.clone(),
         drain: drain.clone(),
         started_unix_ms: supervisor::unix_ms(),

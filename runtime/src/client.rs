@@ -18,6 +18,9 @@ pub enum CallError {
     Timeout { addr: SocketAddr, timeout: Duration },
     #[error("{addr}: {message}")]
     Io { addr: SocketAddr, message: String },
+    /// The answer's body exceeded `max` bytes: not a failure of the peer's to retry, but of the bound.
+    #[error("{addr}: answer larger than {max} bytes")]
+    TooLarge { addr: SocketAddr, max: usize },
     #[error("{addr}: answered {status}: {body}")]
     Status {
         addr: SocketAddr,
@@ -80,7 +83,10 @@ async fn exchange(
     let bytes = Limited::new(resp.into_body(), max_body)
         .collect()
         .await
-        .map_err(|e| io(&format!("reading the body: {e}")))?
+        .map_err(|e| match e.downcast_ref::<http_body_util::LengthLimitError>() {
+            Some(_) => CallError::TooLarge { addr, max: max_body },
+            None => io(&format!("reading the body: {e}")),
+        })?
         .to_bytes();
     if !status.is_success() {
         let body = String::from_utf8_lossy(&bytes[..bytes.len().min(200)]).into_owned();

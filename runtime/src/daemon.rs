@@ -28,6 +28,9 @@ pub struct Context<C: RoleConfig> {
     pub reloader: Reloader,
     /// Where the config came from, so a role can re-read it itself (the monitor's `reread`).
     pub source: ConfigSource,
+    /// The raw config the process started with: what the keys that need a restart hold until then. A role
+    /// that re-reads its config itself does so with [`crate::config::reload`] and this, as a reload does.
+    pub started: Arc<C::Raw>,
 }
 
 impl<C: RoleConfig> Context<C> {
@@ -64,6 +67,7 @@ where
     let internal = CancellationToken::new();
     tokio::spawn(crate::telemetry::upkeep(internal.clone()));
 
+    let started = Arc::new(loaded.raw.clone());
     let reload_seed = (loaded.raw.clone(), loaded.sources.clone());
     let (publish, config_rx) = watch::channel(Arc::new(loaded.config));
     let health = Health::new();
@@ -103,6 +107,7 @@ where
         shutdown: shutdown.clone(),
         reloader,
         source,
+        started,
     };
     let force = shutdown.force_token();
     let stop = shutdown.stop_token();

@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::config::include::IncludePattern;
-use crate::config::{ConfigSource, RoleConfig, Sources, load, read_sources};
+use crate::config::{ConfigSource, RoleConfig, Sources, read_sources, reload};
 
 /// Editors write a file in several steps; events closer together than this are one change.
 const DEBOUNCE: Duration = Duration::from_millis(150);
@@ -185,11 +185,12 @@ impl<C: RoleConfig> State<C> {
                 return;
             }
         }
-        match load::<C>(&self.source) {
+        match reload::<C>(&self.source, &self.started) {
             Ok(loaded) => {
                 let diff = crate::config::diff(&self.raw, &loaded.raw, C::redact);
                 info!(role = self.role_label, ?cause, changes = %diff, "config reloaded");
-                // Named, each reload until a restart: "config reloaded" alone read as if they applied.
+                // Named, each reload until a restart: "config reloaded" alone read as if they applied. The
+                // config published has them at their running values (`config::reload`).
                 let pending = crate::config::changed_under(&self.started, &loaded.raw, C::RESTART_KEYS);
                 if !pending.is_empty() {
                     warn!(
@@ -371,6 +372,40 @@ mod tests {
         ] {
             assert_eq!(relevant.covers(Path::new(path)), want, "{path}");
         }
+    }
+
+    /// The runtime logs that a changed key that needs a restart keeps its running value until then; what it
+    /// publishes must say the same, or a role reading its config per use applies it at once (the agent's
+    /// `agent_id`, read per report).
+    #[tokio::test]
+    async fn a_reload_publishes_the_restart_keys_at_their_running_values() {
+        use crate::config::tests::{Kept, file_source};
+        let dir = tempfile::tempdir().unwrap();
+        let src = file_source(dir.path(), "listen = \"a\"\n[inner]\ntimeout_ms = 10\n");
+        let loaded = crate::config::load::<Kept>(&src).unwrap();
+        let (publish, mut config) = watch::channel(Arc::new(loaded.config));
+        let cancel = CancellationToken::new();
+        let _stop = cancel.clone().drop_guard();
+        let seed = (loaded.raw, loaded.sources);
+        let reloader = spawn::<Kept>(src.clone(), seed, publish, mpsc::channel(8), cancel);
+
+        file_source(
+            dir.path(),
+            "listen = \"b\"\ngrace_ms = 4\n[inner]\ntimeout_ms = 20\n",
+        );
+        reloader.trigger(Cause::Signal);
+        tokio::time::timeout(Duration::from_secs(10), config.changed())
+            .await
+            .expect("a reload within 10 s")
+            .unwrap();
+        let published = config.borrow_and_update().clone();
+        let want = Kept {
+            listen: "a".into(),
+            grace_ms: 4,
+            timeout_ms: 10,
+        };
+        assert_eq!(*published, want);
+        assert_eq!(reloader.status().borrow().reloads, 1);
     }
 
     /// A pattern whose directory lies outside the main file's is seen only through a watch of its own, so an

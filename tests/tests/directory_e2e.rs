@@ -276,6 +276,17 @@ fn a_restarted_balancer_takes_its_peers_drains_and_weights() {
         "{}",
         r.body
     );
+    // What a starting peer reads: the run-time state alone, bounded in size where the whole status is not.
+    let state = get(lb1, "/v1/status?only=state").unwrap().json();
+    assert_eq!(
+        state,
+        serde_json::json!({
+            "drained": ["h1/a"],
+            "weights": {"h1/b": "25%"},
+            "state_changed_unix_ms": state["state_changed_unix_ms"].as_u64().unwrap(),
+        })
+    );
+    assert_eq!(get(lb1, "/v1/status?only=types").unwrap().status, 400);
     let stop = |p: &mut Proc| {
         p.signal(nix::sys::signal::Signal::SIGTERM);
         assert_eq!(p.wait_exit(WAIT), Some(0), "{}", p.stderr());
@@ -305,4 +316,63 @@ fn a_restarted_balancer_takes_its_peers_drains_and_weights() {
     assert!(drained(lb2).is_empty());
     assert_ne!(state_on_lb2(), "drained");
     drop(p2);
+}
+
+/// `agent_id` needs a restart (sequence numbers are per process and agent id): a reload that changes it
+/// says so, and the agent goes on reporting under the id it started with, which the balancer still takes,
+/// until it is restarted. It read the id from the reloaded config per report, and so changed it at once
+/// while its log said it had not.
+#[test]
+fn an_agent_keeps_its_id_across_a_reload_until_restarted() {
+    let dir = tempfile::tempdir().unwrap();
+    let lb = free_addr();
+    let _lb = start("lb", lb, &lb_config(lb, &[]), dir.path());
+    let app = FakeApp::start("a");
+    let ag = free_addr();
+    let config = |id: &str| agent_config(ag, id, &[lb], &[("h1/a", &app)]);
+    let mut agent = start("agent", ag, &config("host-1"), dir.path());
+    let path = dir.path().join(format!("agent-{}.toml", ag.port()));
+    let latest = || -> Option<(String, u64)> {
+        let r = get(ag, "/v1/report").ok().filter(|r| r.status == 200)?.json();
+        Some((r["agent"].as_str()?.to_string(), r["seq"].as_u64()?))
+    };
+    let accepted = || {
+        get(lb, "/v1/status").unwrap().json()["reports_accepted"]
+            .as_u64()
+            .unwrap()
+    };
+    eventually(WAIT, "a report accepted from host-1", || {
+        (latest()?.0 == "host-1" && accepted() > 0).then_some(())
+    });
+
+    // The id changed in the file, and a live key beside it, which shows that the reload applied.
+    let edited = config("host-2").replace("interval_ms = 500", "interval_ms = 200");
+    std::fs::write(&path, edited).unwrap();
+    agent.signal(nix::sys::signal::Signal::SIGHUP);
+    eventually(WAIT, "the reload warning naming agent_id", || {
+        let log = agent.stderr();
+        (log.contains("changed keys that need a restart") && log.contains("agent_id")).then_some(())
+    });
+    let reloaded = (latest().unwrap().1, accepted());
+    // Several reports later (at the new interval): all of them still from host-1, and taken.
+    let (id, _) = eventually(WAIT, "five more reports after the reload", || {
+        let (id, seq) = latest()?;
+        (seq >= reloaded.0 + 5 && accepted() >= reloaded.1 + 5).then_some((id, seq))
+    });
+    assert_eq!(id, "host-1", "the running id stays until a restart");
+    let metrics = get(ag, "/metrics").unwrap().body;
+    assert_eq!(
+        metric_value(&metrics, "xcluster_config_restart_pending", "role=\"agent\""),
+        Some(1.0),
+        "{metrics}"
+    );
+
+    // Restarted: the new id.
+    agent.signal(nix::sys::signal::Signal::SIGTERM);
+    assert_eq!(agent.wait_exit(WAIT), Some(0), "{}", agent.stderr());
+    drop(agent);
+    let _agent = start("agent", ag, &std::fs::read_to_string(&path).unwrap(), dir.path());
+    eventually(WAIT, "a report from host-2 after the restart", || {
+        (latest()?.0 == "host-2").then_some(())
+    });
 }

@@ -38,6 +38,11 @@ async fn route(dir: Directory, req: Request<Incoming>) -> Response<Body> {
         ("/v1/servers", &Method::GET) => servers(dir, req.uri().query()).await,
         ("/v1/pick", &Method::GET) => pick(&dir, req.uri().query()),
         ("/v1/status", &Method::GET) => {
+            match status_only(req.uri().query()) {
+                Ok(false) => {}
+                Ok(true) => return json(StatusCode::OK, &super::peers::state_answer(&dir)),
+                Err(m) => return error(StatusCode::BAD_REQUEST, "bad_query", &m),
+            }
             let mut status = dir.status();
             status.proxy = crate::proxy::metrics::status(&xcluster_runtime::telemetry::render_metrics());
             // Drained by its address, or as the instance an agent reports there.
@@ -80,6 +85,20 @@ async fn route(dir: Directory, req: Request<Incoming>) -> Response<Body> {
                 &format!("no such endpoint: {path}"),
             ),
         },
+    }
+}
+
+/// Whether `/v1/status` was asked `?only=state` (the run-time state a starting peer reads, bounded in size
+/// where the whole status grows with the instances and their types). Other parameters are ignored, as they
+/// were before this one.
+fn status_only(query: Option<&str>) -> Result<bool, String> {
+    let pairs = query_pairs(query)?;
+    match pairs.iter().find(|(k, _)| k == "only") {
+        None => Ok(false),
+        Some((_, v)) if v == "state" => Ok(true),
+        Some((_, v)) => Err(format!(
+            "only={v:?}: the one part /v1/status answers alone is `state`"
+        )),
     }
 }
 
@@ -413,5 +432,14 @@ mod tests {
         assert!(parse_query(None, true).is_err());
         assert!(parse_query(Some("type="), true).is_err());
         assert!(parse_query(Some("bogus=1&type=a"), true).is_err());
+    }
+
+    #[test]
+    fn status_answers_the_state_alone_when_asked() {
+        assert_eq!(status_only(None), Ok(false));
+        // Other parameters are ignored, as before (a cache-buster on a dashboard's fetch).
+        assert_eq!(status_only(Some("_=123")), Ok(false));
+        assert_eq!(status_only(Some("only=state")), Ok(true));
+        assert!(status_only(Some("only=types")).unwrap_err().contains("`state`"));
     }
 }

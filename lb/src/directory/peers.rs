@@ -16,25 +16,52 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use http::Method;
-use serde::Deserialize;
-use tracing::{debug, info};
-use xcluster_runtime::client;
+use serde::{Deserialize, Serialize};
+use tracing::{debug, info, warn};
+use xcluster_proto::report::MAX_ID_BYTES;
+use xcluster_runtime::client::{self, CallError};
 
-use super::Directory;
+use super::{Directory, MAX_DRAINED};
 
 /// How long a starting balancer waits for its peers (all at once): it is not ready meanwhile.
 pub const TIMEOUT: Duration = Duration::from_secs(1);
-/// A peer's status lists every instance; this bounds what is read of it.
+/// What is read of a peer's answer. A peer answers `GET /v1/status?only=state` with its drains and weights
+/// alone ([`state_answer`], at most [`MAX_DRAINED`] of each, ids of at most `MAX_ID_BYTES`: under 3 MB, a
+/// test checks); a balancer older than that query answers its whole status, which lists every instance
+/// with its weights per type (4096 instances with long ids and many types exceeded 8 MiB, and the drains
+/// were skipped with a debug line), so the bound stays large for those.
 const MAX_BODY: usize = 8 << 20;
+/// The path asked: the run-time state only, whose size the limits bound.
+pub const STATE_PATH: &str = "/v1/status?only=state";
 
-/// The part of a peer's `GET /v1/status` read here.
-#[derive(Debug, Default, Deserialize)]
+/// A balancer's run-time state as its peers read it (`GET /v1/status?only=state`): the fields of
+/// `LbStatus` of the same names, so the whole status of an older peer reads the same.
+#[derive(Debug, Default, Serialize, Deserialize)]
 #[serde(default)]
-struct Drained {
+pub struct Drained {
     drained: Vec<String>,
     weights: std::collections::BTreeMap<String, String>,
     /// 0 from a peer older than this field: its state is merged only with others of no time.
     state_changed_unix_ms: u64,
+}
+
+/// This balancer's answer to `GET /v1/status?only=state`: what a starting peer takes of it, and no more
+/// (at most [`MAX_DRAINED`] drains and weights, of ids a peer takes), so its size is bounded.
+pub fn state_answer(dir: &Directory) -> Drained {
+    let state = dir.runtime_state();
+    let taken = |id: &String| !id.is_empty() && id.len() <= MAX_ID_BYTES && super::valid_server_id(id);
+    Drained {
+        drained: (state.drained.into_iter())
+            .filter(taken)
+            .take(MAX_DRAINED)
+            .collect(),
+        weights: (state.weights.into_iter())
+            .filter(|(id, _)| taken(id))
+            .take(MAX_DRAINED)
+            .map(|(id, w)| (id, w.to_string()))
+            .collect(),
+        state_changed_unix_ms: state.changed_unix_ms,
+    }
 }
 
 /// What a starting balancer does with its peers' states, by their times (`peers`) and its own (`here`:
@@ -87,24 +114,28 @@ async fn ask(peers: &[SocketAddr]) -> Vec<(SocketAddr, Drained)> {
         let r = client::call(
             peer,
             Method::GET,
-            "/v1/status",
+            STATE_PATH,
             &[],
             Default::default(),
             MAX_BODY,
             TIMEOUT,
         )
         .await;
-        (
-            peer,
-            r.map_err(|e| e.to_string()).and_then(|body| {
-                serde_json::from_slice::<Drained>(&body).map_err(|e| format!("{peer}: bad status: {e}"))
-            }),
-        )
+        (peer, r)
     });
     let mut answers = Vec::new();
     for (peer, answer) in futures_util::future::join_all(asks).await {
-        match answer {
-            Ok(d) => answers.push((peer, d)),
+        match answer.map(|body| serde_json::from_slice::<Drained>(&body)) {
+            Ok(Ok(d)) => answers.push((peer, d)),
+            Ok(Err(e)) => {
+                warn!(%peer, error = %e, "a peer's state is not valid JSON: its drains and run-time weights are not taken")
+            }
+            // Only a peer that answers its whole status can exceed it (one older than `?only=state`).
+            Err(CallError::TooLarge { max, .. }) => warn!(
+                %peer, limit_bytes = max,
+                "a peer's status is larger than this balancer reads: its drains and run-time weights are not \
+                 taken (a balancer of an older version answers its whole status; upgrade it)"
+            ),
             // Normal when the cluster starts: the peers start too.
             Err(e) => debug!(%peer, error = %e, "cannot read a peer's drains"),
         }
@@ -253,5 +284,103 @@ mod tests {
         assert_eq!(s.drained, ["h/c"]);
         assert!(s.weights.is_empty());
         assert_eq!(s.state_changed_unix_ms, 200);
+    }
+
+    /// The largest state the limits allow (every drain and weight a peer takes, each of the longest id, each
+    /// weight of the longest form) fits in what a peer reads of it, and no more is answered than a peer takes.
+    #[test]
+    fn the_largest_state_fits_what_a_peer_reads() {
+        let d = dir();
+        let id = |i: usize| format!("{i:x>width$}", width = MAX_ID_BYTES);
+        assert_eq!(d.restore_drained((0..MAX_DRAINED + 5).map(id)), MAX_DRAINED);
+        let heaviest = xcluster_proto::directory::MAX_BACKEND_WEIGHT.to_string();
+        let weights = (0..MAX_DRAINED + 5).map(|i| (id(i), heaviest.clone()));
+        assert_eq!(d.restore_weights(weights), MAX_DRAINED);
+        let answer = state_answer(&d);
+        assert_eq!(
+            (answer.drained.len(), answer.weights.len()),
+            (MAX_DRAINED, MAX_DRAINED)
+        );
+        let body = serde_json::to_vec(&answer).unwrap();
+        assert!(
+            body.len() <= MAX_BODY,
+            "{} bytes, read at most {MAX_BODY}",
+            body.len()
+        );
+        // Read back whole.
+        let read: Drained = serde_json::from_slice(&body).unwrap();
+        assert_eq!(read.drained, answer.drained);
+    }
+
+    /// A peer that answers `GET <target>` with `answer(target)`, one connection at a time, until dropped.
+    async fn fake_peer(answer: fn(&str) -> Vec<u8>) -> (SocketAddr, tokio_util::sync::DropGuard) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stop = tokio_util::sync::CancellationToken::new();
+        let stopped = stop.clone();
+        tokio::spawn(async move {
+            loop {
+                let (mut conn, _) = tokio::select! {
+                    _ = stopped.cancelled() => return,
+                    c = listener.accept() => c.unwrap(),
+                };
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match conn.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let head = String::from_utf8_lossy(&head).into_owned();
+                let target = head.split(' ').nth(1).unwrap_or("").to_string();
+                let body = answer(&target);
+                let reply = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                    body.len()
+                );
+                let _ = conn.write_all(reply.as_bytes()).await;
+                let _ = conn.write_all(&body).await;
+            }
+        });
+        (addr, stop.drop_guard())
+    }
+
+    /// A whole status over what a peer reads: 4096 instances with long ids and many types exceed 8 MiB.
+    fn huge_status(drained: &str) -> Vec<u8> {
+        let pad = "x".repeat(MAX_BODY + 1);
+        format!(r#"{{"instances":[],"pad":"{pad}","drained":["{drained}"]}}"#).into_bytes()
+    }
+
+    /// A starting balancer asks its peers for their run-time state alone, whose size the limits bound: it
+    /// read their whole status, and a peer with thousands of instances answered more than it reads, so
+    /// their drains were skipped. A peer older than that query answers its whole status, which is still
+    /// taken when it fits (and warned about when it does not).
+    #[tokio::test]
+    async fn a_peer_is_asked_for_its_state_alone() {
+        let (new, _new) = fake_peer(|target| match target {
+            // Literal: what the API answers (`api::status_only`), not whatever the asker asks.
+            "/v1/status?only=state" => {
+                br#"{"drained":["h1/a"],"weights":{"h1/b":"50%"},"state_changed_unix_ms":5}"#.to_vec()
+            }
+            _ => huge_status("h1/a"),
+        })
+        .await;
+        let (old, _old) = fake_peer(|_| huge_status("h1/c")).await;
+        let d = dir();
+        take_drains(&d, &[new, old], Duration::ZERO).await;
+        let s = d.status();
+        assert_eq!(s.drained, ["h1/a"]);
+        assert_eq!(s.weights["h1/b"], "50%");
+
+        let (old, _old) = fake_peer(|_| br#"{"instances":[],"drained":["h1/c"]}"#.to_vec()).await;
+        let d = dir();
+        take_drains(&d, &[old], Duration::ZERO).await;
+        assert_eq!(
+            d.status().drained,
+            ["h1/c"],
+            "an older peer's whole status, when it fits"
+        );
     }
 }

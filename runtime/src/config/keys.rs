@@ -375,3 +375,51 @@ const HIDDEN: &str = "<hidden>";
 const DIFF_PARTS: usize = 12;
 /// Characters of a value a reload's log line shows at most.
 const DIFF_VALUE_CHARS: usize = 80;
+
+/// `new` with every key under one of `under` ([`RoleConfig::RESTART_KEYS`]: a dotted key or a section) put
+/// back at its value in `running`, or removed where `running` has none (its default then, as at start).
+pub fn keep_under<T: Serialize + serde::de::DeserializeOwned>(
+    running: &T,
+    new: &T,
+    under: &[&str],
+) -> Result<T, String> {
+    let to_table = |raw: &T| match toml::Value::try_from(raw) {
+        Ok(toml::Value::Table(t)) => Ok(t),
+        Ok(other) => Err(format!("a config renders as a {}, not a table", other.type_str())),
+        Err(e) => Err(format!("cannot render a config: {e}")),
+    };
+    let (running, mut kept) = (to_table(running)?, to_table(new)?);
+    for key in under {
+        let path: Vec<&str> = key.split('.').collect();
+        let Some((last, parents)) = path.split_last() else {
+            continue;
+        };
+        let value = (parents.iter())
+            .try_fold(&running, |t, seg| t.get(*seg)?.as_table())
+            .and_then(|t| t.get(*last));
+        match value {
+            // The parents are tables in both (the same struct); one `new` lacks is made, to hold the value.
+            Some(v) => {
+                let mut into = Some(&mut kept);
+                for seg in parents {
+                    into = into.and_then(|t| {
+                        let entry = (t.entry(seg.to_string()))
+                            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+                        entry.as_table_mut()
+                    });
+                }
+                let into = into.ok_or_else(|| format!("{key} is not under a table"))?;
+                into.insert(last.to_string(), v.clone());
+            }
+            None => {
+                let into = (parents.iter()).try_fold(&mut kept, |t, seg| t.get_mut(*seg)?.as_table_mut());
+                if let Some(into) = into {
+                    into.remove(*last);
+                }
+            }
+        }
+    }
+    toml::Value::Table(kept)
+        .try_into()
+        .map_err(|e| format!("cannot read a config back: {e}"))
+}

@@ -19,7 +19,7 @@ mod sources;
 mod validator;
 
 use keys::set_path;
-pub use keys::{changed_under, diff, flatten};
+pub use keys::{changed_under, diff, flatten, keep_under};
 pub use sources::{Sources, read_sources};
 pub use validator::Validator;
 
@@ -279,6 +279,41 @@ pub fn load<C: RoleConfig>(source: &ConfigSource) -> Result<Loaded<C>, ConfigErr
         None => None,
     };
     load_layered::<C>(bytes, source)
+}
+
+/// [`load`] for a process already running on `running` (the raw config it started with): what a reload
+/// publishes. `raw` is what the files say; `config` is that config with every key of
+/// [`RoleConfig::RESTART_KEYS`] back at its running value, validated so. The runtime logs that such keys keep
+/// their running values until a restart; a role reads its config live, per use (the agent its `agent_id`
+/// per report, the app its `capacity` per request), so handed the file's values it applied them at once.
+pub fn reload<C: RoleConfig>(source: &ConfigSource, running: &C::Raw) -> Result<Loaded<C>, ConfigError> {
+    keep_restart_keys(load::<C>(source)?, running, &source.origin())
+}
+
+/// `loaded` with its config's restart keys at their values in `running` (see [`reload`]); `origin` names the
+/// config in an error.
+pub fn keep_restart_keys<C: RoleConfig>(
+    loaded: Loaded<C>,
+    running: &C::Raw,
+    origin: &str,
+) -> Result<Loaded<C>, ConfigError> {
+    let pending = changed_under(running, &loaded.raw, C::RESTART_KEYS);
+    if pending.is_empty() {
+        return Ok(loaded);
+    }
+    // Validated again: a key that reloads live may be checked against one kept (the monitor's programs'
+    // ports against its `listen`), and a typed value may derive from a kept one (a program's log path from
+    // `log_dir`).
+    let origin = format!(
+        "{origin} (with {} at the running values until a restart)",
+        pending.join(", ")
+    );
+    let kept = keep_under(running, &loaded.raw, C::RESTART_KEYS).map_err(|message| ConfigError::Invalid {
+        origin: origin.clone(),
+        issues: vec![ConfigIssue::new("", message)],
+    })?;
+    let config = C::validate(&kept).map_err(|issues| ConfigError::Invalid { origin, issues })?;
+    Ok(Loaded { config, ..loaded })
 }
 
 /// [`load`] of `bytes` already read from `source.path`: a pipe (`<(...)`, `/dev/stdin`) can be read once only.
@@ -542,4 +577,4 @@ fn table_at<'a>(table: &'a mut toml::Table, path: &[String]) -> Option<&'a mut t
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

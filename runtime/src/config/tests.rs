@@ -3,20 +3,20 @@ use serde::Deserialize;
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
-struct Inner {
+pub(crate) struct Inner {
     timeout_ms: u64,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
-struct Item {
+pub(crate) struct Item {
     name: String,
     timeout_ms: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
-struct Raw {
+pub(crate) struct Raw {
     listen: String,
     grace_ms: u64,
     inner: Inner,
@@ -449,4 +449,133 @@ fn diff_names_the_array_item_that_changed_and_stays_short() {
         "{line}"
     );
     assert!(line.len() < 1200, "{}", line.len());
+}
+
+/// A role with keys that need a restart: `listen`, and one key of a section. `grace_ms` reloads live but may
+/// not exceed `inner.timeout_ms`, so a reload can be valid as written and not with the running values.
+#[derive(Debug, PartialEq)]
+pub(crate) struct Kept {
+    pub(crate) listen: String,
+    pub(crate) grace_ms: u64,
+    pub(crate) timeout_ms: u64,
+}
+
+impl RoleConfig for Kept {
+    const ROLE: &'static str = "test";
+    type Raw = Raw;
+    const RESTART_KEYS: &'static [&'static str] = &["listen", "inner.timeout_ms"];
+    fn validate(raw: &Raw) -> Result<Self, Vec<ConfigIssue>> {
+        let mut v = Validator::new();
+        v.check(raw.grace_ms <= raw.inner.timeout_ms, "grace_ms", || {
+            format!(
+                "{} exceeds inner.timeout_ms ({})",
+                raw.grace_ms, raw.inner.timeout_ms
+            )
+        });
+        v.finish(Kept {
+            listen: raw.listen.clone(),
+            grace_ms: raw.grace_ms,
+            timeout_ms: raw.inner.timeout_ms,
+        })
+    }
+}
+
+/// A file source of `text` (written into `dir`), without the environment.
+pub(crate) fn file_source(dir: &std::path::Path, text: &str) -> ConfigSource {
+    let path = dir.join("c.toml");
+    std::fs::write(&path, text).unwrap();
+    let mut src = ConfigSource::file(&path);
+    src.use_env = false;
+    src
+}
+
+#[test]
+fn a_reload_keeps_the_restart_keys_at_their_running_values() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = file_source(dir.path(), "listen = \"127.0.0.1:1\"\n[inner]\ntimeout_ms = 10\n");
+    let running = load::<Kept>(&src).unwrap().raw;
+    let src = file_source(
+        dir.path(),
+        "listen = \"127.0.0.1:2\"\ngrace_ms = 7\n[inner]\ntimeout_ms = 20\n",
+    );
+    let loaded = reload::<Kept>(&src, &running).unwrap();
+    let want = Kept {
+        listen: "127.0.0.1:1".into(),
+        grace_ms: 7,
+        timeout_ms: 10,
+    };
+    assert_eq!(
+        loaded.config, want,
+        "the live key applies, the others keep their running values"
+    );
+    // What the files say, for the reload's diff and the warning naming the keys kept.
+    assert_eq!(
+        (loaded.raw.listen.as_str(), loaded.raw.inner.timeout_ms),
+        ("127.0.0.1:2", 20)
+    );
+
+    // A key the file no longer sets is kept too, not taken back to its default.
+    let src = file_source(dir.path(), "grace_ms = 0\n");
+    assert_eq!(
+        reload::<Kept>(&src, &running).unwrap().config,
+        Kept { grace_ms: 0, ..want }
+    );
+    // A running value the file never set: the default stays.
+    let src = file_source(dir.path(), "grace_ms = 0\n[inner]\ntimeout_ms = 5\n");
+    let defaults = load::<Kept>(&file_source(dir.path(), "grace_ms = 0\n"))
+        .unwrap()
+        .raw;
+    let kept = reload::<Kept>(&src, &defaults).unwrap().config;
+    assert_eq!((kept.listen.as_str(), kept.timeout_ms), ("127.0.0.1:1", 0));
+}
+
+#[test]
+fn a_reload_valid_only_with_the_new_restart_values_is_refused_naming_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = load::<Kept>(&file_source(dir.path(), "[inner]\ntimeout_ms = 10\n"))
+        .unwrap()
+        .raw;
+    let src = file_source(dir.path(), "grace_ms = 50\n[inner]\ntimeout_ms = 100\n");
+    assert!(
+        load::<Kept>(&src).is_ok(),
+        "valid as written (a restart takes it)"
+    );
+    let err = reload::<Kept>(&src, &running).unwrap_err().to_string();
+    assert!(
+        err.contains("inner.timeout_ms at the running values until a restart")
+            && err.contains("grace_ms: 50 exceeds inner.timeout_ms (10)"),
+        "{err}"
+    );
+}
+
+#[test]
+fn keep_under_puts_back_keys_and_sections() {
+    let running = Raw {
+        listen: "a".into(),
+        inner: Inner { timeout_ms: 1 },
+        items: vec![Item {
+            name: "x".into(),
+            timeout_ms: 2,
+        }],
+        ..Raw::default()
+    };
+    let new = Raw {
+        listen: "b".into(),
+        grace_ms: 9,
+        inner: Inner { timeout_ms: 3 },
+        items: Vec::new(),
+    };
+    let kept = keep_under(&running, &new, &["items", "inner"]).unwrap();
+    assert_eq!(
+        (
+            kept.listen.as_str(),
+            kept.grace_ms,
+            kept.inner.timeout_ms,
+            kept.items.len()
+        ),
+        ("b", 9, 1, 1)
+    );
+    // A key neither sets stays unset; nothing else moves.
+    let kept = keep_under(&new, &new, &["nothing.here", "inner.timeout_ms"]).unwrap();
+    assert_eq!(flatten(&kept), flatten(&new));
 }
