@@ -5,13 +5,13 @@
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use http::{HeaderValue, Request, Response, StatusCode};
+use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use xcluster_proto::stats::InstanceStats;
 use xcluster_runtime::http::{Body, error, json, read_json, read_json_or_default};
 
 use super::bodies::{DegradeReq, FlashSaleReq, StockReq};
-use super::{App, BODY_TIMEOUT, authorized, idem_key, path_id, reject, respond, store_failed};
+use super::{App, BODY_TIMEOUT, authorized, idem_key, keyed_json, path_id, reject, respond, store_failed};
 use crate::Config;
 use crate::degrade::Level;
 use crate::store::Restocked;
@@ -141,12 +141,11 @@ pub async fn merchant_stock(app: &Arc<App>, cfg: &Config, req: Request<Incoming>
             for sku in &received {
                 app.gate.clear(sku);
             }
-            let mut resp = json(StatusCode::OK, &serde_json::json!({ "skus": done.skus }));
-            if done.replay {
-                resp.headers_mut()
-                    .insert("idempotent-replay", HeaderValue::from_static("true"));
-            }
-            resp
+            keyed_json(
+                StatusCode::OK,
+                &serde_json::json!({ "skus": done.skus }),
+                done.replay,
+            )
         }
         Ok(Err(r)) => reject(&r),
         Err(e) => store_failed(&e),

@@ -231,6 +231,17 @@ fn retry_later(status: StatusCode, code: &str, msg: &str) -> Response<Body> {
     resp
 }
 
+/// A keyed request's JSON answer: a replay (the key's first answer again, nothing done) says so in
+/// `Idempotent-Replay: true`.
+fn keyed_json(status: StatusCode, body: &impl serde::Serialize, replay: bool) -> Response<Body> {
+    let mut resp = xcluster_runtime::http::json(status, body);
+    if replay {
+        resp.headers_mut()
+            .insert("idempotent-replay", HeaderValue::from_static("true"));
+    }
+    resp
+}
+
 /// The answer to a domain rejection.
 fn reject(r: &Reject) -> Response<Body> {
     let status = StatusCode::from_u16(r.status()).unwrap_or(StatusCode::CONFLICT);

@@ -3,14 +3,13 @@
 
 use std::sync::Arc;
 
-use http::HeaderValue;
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use xcluster_runtime::http::{Body, decode_json, error, json, read_body, read_json};
 
 use super::bodies::{CreditReq, RefundReq, check_callback};
 use super::signature;
-use super::{App, BODY_TIMEOUT, authorized, idem_key, path_id, reject, respond, store_failed};
+use super::{App, BODY_TIMEOUT, authorized, idem_key, keyed_json, path_id, reject, respond, store_failed};
 use crate::Config;
 use crate::degrade::Level;
 use crate::store::{PaymentCallback, RefundRequest};
@@ -103,12 +102,7 @@ pub async fn refund(app: &Arc<App>, cfg: &Config, req: Request<Incoming>) -> Res
         Ok(Ok(done)) => {
             // A partial refund's units leave the buyer's flash-sale count in the store, as a full one's do.
             super::orders::forget_at_gate(app, &done.order, true).await;
-            let mut resp = json(StatusCode::OK, &done.order);
-            if done.replay {
-                resp.headers_mut()
-                    .insert("idempotent-replay", HeaderValue::from_static("true"));
-            }
-            resp
+            keyed_json(StatusCode::OK, &done.order, done.replay)
         }
         Ok(Err(r)) => reject(&r),
         Err(e) => store_failed(&e),
@@ -193,14 +187,7 @@ pub async fn credit(app: &Arc<App>, cfg: &Config, req: Request<Incoming>) -> Res
         })
         .await;
     match posted {
-        Ok(Ok(replay)) => {
-            let mut resp = json(StatusCode::OK, &serde_json::json!({ "credited": n }));
-            if replay {
-                resp.headers_mut()
-                    .insert("idempotent-replay", HeaderValue::from_static("true"));
-            }
-            resp
-        }
+        Ok(Ok(replay)) => keyed_json(StatusCode::OK, &serde_json::json!({ "credited": n }), replay),
         Ok(Err(r)) => reject(&r),
         Err(e) => store_failed(&e),
     }

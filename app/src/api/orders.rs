@@ -5,12 +5,12 @@
 
 use std::sync::Arc;
 
-use http::{HeaderValue, Request, Response, StatusCode};
+use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use xcluster_runtime::http::{Body, error, json, query_pairs, read_json};
 
 use super::bodies::{CreateOrder, SeckillReq};
-use super::{App, BODY_TIMEOUT, authorized, idem_key, path_id, reject, respond, store_failed};
+use super::{App, BODY_TIMEOUT, authorized, idem_key, keyed_json, path_id, reject, respond, store_failed};
 use crate::Config;
 use crate::degrade::Level;
 use crate::domain::{NewOrder, OrderKind, OrderStatus, Reject, fingerprint, new_order_id, now_ms};
@@ -44,19 +44,12 @@ async fn place(app: &Arc<App>, order: NewOrder) -> OrderOutcome {
 fn created(out: OrderOutcome) -> Response<Body> {
     match out {
         Ok(Ok(c)) => {
-            let mut resp = json(
-                if c.replay {
-                    StatusCode::OK
-                } else {
-                    StatusCode::CREATED
-                },
-                &c.order,
-            );
-            if c.replay {
-                resp.headers_mut()
-                    .insert("idempotent-replay", HeaderValue::from_static("true"));
-            }
-            resp
+            let status = if c.replay {
+                StatusCode::OK
+            } else {
+                StatusCode::CREATED
+            };
+            keyed_json(status, &c.order, c.replay)
         }
         Ok(Err(r)) => reject(&r),
         Err(e) => store_failed(&e),
