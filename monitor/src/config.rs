@@ -238,6 +238,14 @@ impl RoleConfig for Config {
         if !raw.token.is_empty() {
             raw.token = "<redacted>".into();
         }
+        // A program's environment is where its secrets go (a database password), and the monitor cannot
+        // tell which values are secret: none is shown. This also keeps them out of the reload diff in the
+        // monitor's log, which `GET /v1/log` serves without a token.
+        for prog in raw.programs.values_mut() {
+            for value in prog.environment.values_mut() {
+                *value = "<redacted>".into();
+            }
+        }
     }
 }
 
@@ -289,5 +297,31 @@ mod tests {
                 .any(|i| i.key == "token" && i.message.contains("visible ASCII")),
             "{issues:?}"
         );
+    }
+
+    /// A security walk saw a program's `DB_PASSWORD` in `--print-config` and, after a reload changed it,
+    /// in the monitor's log line `changes=programs.x.environment.DB_PASSWORD: "old" -> "new"`.
+    #[test]
+    fn program_environment_values_are_never_shown() {
+        let raw = |password: &str| {
+            let mut raw = RawConfig::default();
+            let mut prog = RawProgram {
+                command: "sleep 1000".into(),
+                ..RawProgram::default()
+            };
+            prog.environment.insert("DB_PASSWORD".into(), password.into());
+            raw.programs.insert("web".into(), prog);
+            raw
+        };
+        let (old, new) = (raw("pw-old-secret"), raw("pw-new-secret"));
+        let shown = xcluster_runtime::config::effective_toml::<Config>(&old);
+        assert!(!shown.contains("pw-old-secret"), "{shown}");
+        assert!(shown.contains("DB_PASSWORD = \"<redacted>\""), "{shown}");
+        let diff = xcluster_runtime::config::diff(&old, &new, Config::redact);
+        assert!(
+            diff.contains("environment.DB_PASSWORD"),
+            "the change is still named: {diff}"
+        );
+        assert!(!diff.contains("pw-"), "{diff}");
     }
 }

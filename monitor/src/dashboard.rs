@@ -2,18 +2,29 @@
 //! that reads `/v1/status`, `/v1/cluster` and the `/v1/events` stream, with start/stop/restart buttons that send
 //! the token a person typed in.
 
-use http::{Response, StatusCode};
+use http::{HeaderValue, Response, StatusCode, header};
 use xcluster_runtime::http::{Body, with_type};
 
 const PAGE: &str = include_str!("dashboard.html");
 
 /// The page with the current status, cluster view and recent events embedded, so it renders complete at once.
+/// The page may not be framed: it fills the token box from the browser's storage, so another site that
+/// framed it (the monitor's address is a guessable loopback one) could trick a click on its stop or drain
+/// buttons into an authorized call.
 pub(crate) fn page(initial: &serde_json::Value) -> Response<Body> {
-    with_type(
+    let mut resp = with_type(
         StatusCode::OK,
         "text/html; charset=utf-8",
         PAGE.replace("/*INITIAL*/", &script_safe_json(initial)),
-    )
+    );
+    let headers = resp.headers_mut();
+    headers.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static("frame-ancestors 'none'"),
+    );
+    // For browsers that predate CSP's frame-ancestors.
+    headers.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    resp
 }
 
 /// `value` as JSON that is inert inside a `<script>` element. The data holds strings from elsewhere (instance
@@ -71,5 +82,15 @@ mod tests {
             html[data_end..].contains("JSON.parse("),
             "the page's script is after the data"
         );
+    }
+
+    /// A security walk framed the dashboard from another origin: nothing stopped it, and the framed page
+    /// filled its token box from storage, ready for a click tricked onto its stop buttons.
+    #[test]
+    fn the_page_refuses_to_be_framed() {
+        let resp = super::page(&json!({}));
+        let h = resp.headers();
+        assert_eq!(h["content-security-policy"], "frame-ancestors 'none'");
+        assert_eq!(h["x-frame-options"], "DENY");
     }
 }

@@ -6,6 +6,7 @@
 //! starts — so no two copies of a program ever fight for a port, and a monitor restart costs no downtime.
 
 use std::fs::File;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -48,6 +49,11 @@ pub enum RunDirError {
     Create { path: PathBuf, source: std::io::Error },
     #[error("another monitor holds {path} (its lock is taken); stop it first or use another run_dir")]
     Locked { path: PathBuf },
+    #[error(
+        "run_dir {path} is {why}: another user could plant a state file naming processes for the monitor \
+         to kill; give it a directory of its own (mode 700)"
+    )]
+    Unsafe { path: PathBuf, why: String },
 }
 
 /// The locked run directory.
@@ -63,7 +69,32 @@ impl RunDir {
             path: path.into(),
             source,
         };
-        std::fs::create_dir_all(path).map_err(create)?;
+        // Made 700, and an existing one must be ours and writable by no one else: the state file names the
+        // processes this monitor signals at start, and the default run_dir is under the shared $TMPDIR, where
+        // another user could make the directory first and plant a state file (pids for us to kill) or a
+        // symlink (`state.json.tmp`, a log) to a file for us to overwrite.
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(path)
+            .map_err(create)?;
+        let meta = std::fs::metadata(path).map_err(create)?;
+        let why = if meta.uid() != nix::unistd::geteuid().as_raw() {
+            Some(format!("owned by uid {}, not this user", meta.uid()))
+        } else if meta.mode() & 0o022 != 0 {
+            Some(format!(
+                "writable by group or others (mode {:o})",
+                meta.mode() & 0o777
+            ))
+        } else {
+            None
+        };
+        if let Some(why) = why {
+            return Err(RunDirError::Unsafe {
+                path: path.into(),
+                why,
+            });
+        }
         let file = File::create(path.join("monitor.lock")).map_err(create)?;
         let lock = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock)
             .map_err(|_| RunDirError::Locked { path: path.into() })?;
@@ -209,5 +240,38 @@ mod tests {
             started <= now + 1000 && now - started < 3_600_000,
             "{started} vs {now}"
         );
+    }
+
+    /// The default run_dir is in the shared $TMPDIR: one another user made first (or opened to all) would let
+    /// them plant the state file whose pids the monitor kills at start.
+    #[test]
+    fn run_dir_of_another_user_or_writable_by_others_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let made = dir.path().join("a/run");
+        drop(RunDir::acquire(&made).unwrap());
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().mode() & 0o777;
+        assert_eq!(mode(&made), 0o700, "a run_dir it makes is its own");
+        assert_eq!(mode(&dir.path().join("a")), 0o700);
+
+        let open = dir.path().join("open");
+        std::fs::create_dir(&open).unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let err = RunDir::acquire(&open).unwrap_err();
+        assert!(matches!(err, RunDirError::Unsafe { .. }), "{err}");
+        assert!(err.to_string().contains("mode 777"), "{err}");
+        assert!(!open.join("monitor.lock").exists(), "nothing is written there");
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o755)).unwrap();
+        assert!(RunDir::acquire(&open).is_ok());
+
+        // Root can give the directory away to test the owner check; another user cannot.
+        if nix::unistd::geteuid().is_root() {
+            let theirs = dir.path().join("theirs");
+            std::fs::create_dir(&theirs).unwrap();
+            std::fs::set_permissions(&theirs, std::fs::Permissions::from_mode(0o700)).unwrap();
+            nix::unistd::chown(&theirs, Some(nix::unistd::Uid::from_raw(65534)), None).unwrap();
+            let err = RunDir::acquire(&theirs).unwrap_err();
+            assert!(err.to_string().contains("owned by uid 65534"), "{err}");
+        }
     }
 }
