@@ -95,6 +95,19 @@ impl SqliteStore {
             std::fs::create_dir_all(dir)
                 .map_err(|e| StoreError::Internal(format!("cannot create {}: {e}", dir.display())))?;
         }
+        // A new database is readable by its owner alone: it holds the customers' orders and wallets, and
+        // SQLite gives its `-wal` and `-shm` files the database file's mode. Made by SQLite, it was 0644 under
+        // the usual umask, open to every user of the host. An existing file keeps the mode it has.
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .mode(0o600)
+                .open(path)
+                .map_err(|e| StoreError::Internal(format!("cannot open {}: {e}", path.display())))?;
+        }
         let store = SqliteStore {
             path: path.to_path_buf(),
             busy_timeout,

@@ -877,3 +877,30 @@ fn sqlite_commits_do_not_checkpoint_and_maintain_does() {
     );
     assert_eq!(store.balance("user:wal-399-19").unwrap(), 1);
 }
+
+/// SQLite only: a new database, and the write-ahead files SQLite makes beside it, are readable by their owner
+/// alone (customers' orders and wallets); they were 0644, open to every user of the host. An existing file
+/// keeps its mode.
+#[test]
+fn sqlite_database_files_are_the_owners_alone() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("x.db");
+    let store = SqliteStore::open(&path, std::time::Duration::from_secs(10), true).unwrap();
+    store.credit(&["perm".to_string()], 1).unwrap();
+    let mode = |name: &str| {
+        std::fs::metadata(dir.path().join(name))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777
+    };
+    for name in ["x.db", "x.db-wal", "x.db-shm"] {
+        assert_eq!(mode(name), 0o600, "{name}");
+    }
+    drop(store);
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).unwrap();
+    let store = SqliteStore::open(&path, std::time::Duration::from_secs(10), false).unwrap();
+    assert_eq!(store.balance("user:perm").unwrap(), 1);
+    assert_eq!(mode("x.db"), 0o640, "an existing file's mode is the operator's");
+}
