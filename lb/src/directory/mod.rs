@@ -502,8 +502,8 @@ impl Directory {
     }
 
     /// Drains `ids` whether or not they are reported yet: the drains a starting balancer takes from its
-    /// peers. Ids longer than any report may carry are skipped, and at most [`MAX_DRAINED`] are kept.
-    /// Returns how many were new.
+    /// peers. Ids the API would refuse ([`valid_server_id`]) are skipped, and at most [`MAX_DRAINED`] are
+    /// kept. Returns how many were new.
     pub fn restore_drained(&self, ids: impl IntoIterator<Item = String>) -> usize {
         let mut table = self.table();
         let before = table.drained.len();
@@ -511,7 +511,7 @@ impl Directory {
             if table.drained.len() >= MAX_DRAINED {
                 break;
             }
-            if !id.is_empty() && id.len() <= xcluster_proto::report::MAX_ID_BYTES {
+            if valid_server_id(&id) {
                 table.drained.insert(id);
             }
         }
@@ -523,8 +523,8 @@ impl Directory {
     }
 
     /// Sets the run-time weights `set` (id → `50%` or `7`, as a peer's status lists them) of the ids that
-    /// have none here: those a starting balancer takes from its peers. Entries that do not parse, or
-    /// beyond [`MAX_DRAINED`], are skipped. Returns how many were new.
+    /// have none here: those a starting balancer takes from its peers. Entries that do not parse, of ids the
+    /// API would refuse, or beyond [`MAX_DRAINED`], are skipped. Returns how many were new.
     pub fn restore_weights(&self, set: impl IntoIterator<Item = (String, String)>) -> usize {
         let parsed = set
             .into_iter()
@@ -540,8 +540,7 @@ impl Directory {
             if table.weights.len() >= MAX_DRAINED {
                 break;
             }
-            let valid = !id.is_empty() && id.len() <= xcluster_proto::report::MAX_ID_BYTES;
-            if valid && !w.is_neutral() {
+            if valid_server_id(&id) && !w.is_neutral() {
                 table.weights.entry(id).or_insert(w);
             }
         }

@@ -18,7 +18,6 @@ use std::time::Duration;
 use http::Method;
 use serde::{Deserialize, Serialize};
 use tracing::{debug, info, warn};
-use xcluster_proto::report::MAX_ID_BYTES;
 use xcluster_runtime::client::{self, CallError};
 
 use super::{Directory, MAX_DRAINED};
@@ -46,17 +45,14 @@ pub struct Drained {
 }
 
 /// This balancer's answer to `GET /v1/status?only=state`: what a starting peer takes of it, and no more
-/// (at most [`MAX_DRAINED`] drains and weights, of ids a peer takes), so its size is bounded.
+/// (at most [`MAX_DRAINED`] drains and weights; the table holds only ids a peer takes, `valid_server_id`), so
+/// its size is bounded. Restored drains count to `MAX_DRAINED`, but the API's drains of known servers may
+/// add to them.
 pub fn state_answer(dir: &Directory) -> Drained {
     let state = dir.runtime_state();
-    let taken = |id: &String| !id.is_empty() && id.len() <= MAX_ID_BYTES && super::valid_server_id(id);
     Drained {
-        drained: (state.drained.into_iter())
-            .filter(taken)
-            .take(MAX_DRAINED)
-            .collect(),
+        drained: state.drained.into_iter().take(MAX_DRAINED).collect(),
         weights: (state.weights.into_iter())
-            .filter(|(id, _)| taken(id))
             .take(MAX_DRAINED)
             .map(|(id, w)| (id, w.to_string()))
             .collect(),
@@ -204,6 +200,7 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
     use crate::directory::{MAX_DRAINED, Settings};
+    use xcluster_proto::report::MAX_ID_BYTES;
 
     fn dir() -> Directory {
         Directory::new(Settings {
