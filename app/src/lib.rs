@@ -109,10 +109,9 @@ pub async fn run(ctx: Context<Config>) -> Result<(), Error> {
         None => None,
     };
     let background = CancellationToken::new();
-    let config = ctx.config.clone();
     let batcher = queue::Batcher::spawn(exec.clone(), cfg.capacity as usize, background.clone());
     let app = Arc::new(api::App {
-        config: config.clone(),
+        config: ctx.config.clone(),
         exec: exec.clone(),
         batcher,
         degrade: degrade::Degrade::new(cfg.manual_level),
@@ -124,12 +123,7 @@ pub async fn run(ctx: Context<Config>) -> Result<(), Error> {
     });
     tokio::spawn(queue::workers::outbox_worker(exec.clone(), background.clone()));
     tokio::spawn(queue::workers::maintainer(exec.clone(), background.clone()));
-    tokio::spawn(queue::workers::sweeper(
-        exec.clone(),
-        config,
-        redis_gate.clone(),
-        background.clone(),
-    ));
+    tokio::spawn(queue::workers::sweeper(app.clone(), background.clone()));
     tokio::spawn(sampler(app.clone(), background.clone()));
     if let Some(g) = redis_gate {
         tokio::spawn(gate_redis::reconciler(g, exec.clone(), background.clone()));

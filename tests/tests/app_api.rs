@@ -905,6 +905,38 @@ fn a_keyed_replay_after_the_sale_sold_out_gets_its_order() {
     assert_eq!(other.status, 422, "{}", other.body);
 }
 
+/// A cancelled flash-sale order's units are back on sale at once on the instance that cancelled it: its
+/// sold-out mark (here kept a minute) used to refuse them until it expired, while the store would sell them.
+#[test]
+fn a_cancelled_flash_sale_unit_is_sold_again_at_once() {
+    let db = Db::new();
+    let (_p, addrs) = start_apps(&db, 1, "[seckill]\nsold_out_gate_ms = 60000\n");
+    let a = addrs[0];
+    let buy = |user: &str| post(a, "/v1/seckill/flash-1", None, false, &json!({"user": user})).unwrap();
+    let first = buy("early");
+    assert_eq!(first.status, 201, "{}", first.body);
+    for i in 0..200 {
+        let r = buy(&format!("u{i}"));
+        if r.status == 409 {
+            break;
+        }
+        assert_eq!(r.status, 201, "{}", r.body);
+    }
+    let gated = || {
+        let m = get(a, "/metrics").unwrap().body;
+        metric_value(&m, "xcluster_app_sold_out_gate_total", "").unwrap_or(0.0)
+    };
+    let before = gated();
+    assert_eq!(buy("late").json()["error"]["code"], "sold_out");
+    assert!(gated() > before, "the sold-out mark is set");
+    let order = first.json()["id"].as_str().unwrap().to_string();
+    let cancelled = post(a, &format!("/v1/orders/{order}/cancel"), None, false, &json!({})).unwrap();
+    assert_eq!(cancelled.json()["status"], "cancelled", "{}", cancelled.body);
+    let again = buy("late");
+    assert_eq!(again.status, 201, "the cancelled unit is sold: {}", again.body);
+    audit_ok(a);
+}
+
 /// A reload that changes keys needing a restart leaves their running values in force, as its log says: the
 /// handlers read `max_body_bytes`, `capacity` and `instance` per request, and took a reloaded value at once
 /// (a 2 KB order refused 413, `/v1/stats` naming an instance the balancers did not know).

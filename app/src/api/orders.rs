@@ -251,15 +251,18 @@ pub async fn cancel(app: &Arc<App>, id: &str) -> Response<Body> {
 
 /// The Redis gate counted the buyer's flash-sale units; the store no longer counts those of an order that
 /// ended (cancelled) or were refunded (`freed`), so neither may the gate, or it refuses a purchase the store
-/// would make for as long as its counter lives. (The sweeper does the same for expired ones.)
+/// would make for as long as its counter lives. Those units are back on sale (unless a refunded order had
+/// shipped), so this instance's sold-out mark on them goes too: it may only refuse what the store would.
+/// (The sweeper does the same for expired ones.)
 pub(super) async fn forget_at_gate(app: &App, view: &crate::store::OrderView, freed: bool) {
-    if let Some(g) = &app.redis_gate
-        && view.kind == OrderKind::Seckill.as_str()
-        && freed
-    {
-        for line in &view.lines {
+    if view.kind != OrderKind::Seckill.as_str() || !freed {
+        return;
+    }
+    for line in &view.lines {
+        if let Some(g) = &app.redis_gate {
             g.forget(&line.sku, &view.user).await;
         }
+        app.gate.clear(&line.sku);
     }
 }
 

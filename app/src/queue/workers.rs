@@ -2,13 +2,13 @@
 //! or a race between processes has no second effect) and the reservation sweeper (expiry by a conditional
 //! status update, so each reservation gives its stock back exactly once, whichever process sweeps it).
 
+use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::Config;
+use crate::api::App;
 use crate::domain::now_ms;
 use crate::exec::StoreExec;
 
@@ -70,30 +70,29 @@ pub async fn maintainer(exec: StoreExec, cancel: CancellationToken) {
 const MAINTAIN_EVERY: Duration = Duration::from_millis(200);
 
 /// Expires due reservations, ten times per TTL (at least every 50 ms, at most every second).
-pub async fn sweeper(
-    exec: StoreExec,
-    config: watch::Receiver<std::sync::Arc<Config>>,
-    redis_gate: Option<std::sync::Arc<crate::gate_redis::RedisGate>>,
-    cancel: CancellationToken,
-) {
+pub async fn sweeper(app: Arc<App>, cancel: CancellationToken) {
     loop {
-        let ttl = config.borrow().reservation_ttl;
+        let ttl = app.config.borrow().reservation_ttl;
         let every = (ttl / 10).clamp(Duration::from_millis(50), Duration::from_secs(1));
         tokio::select! {
             _ = cancel.cancelled() => return,
             _ = tokio::time::sleep(every) => {}
         }
         loop {
-            match exec.run(|s| s.expire_due(now_ms(), 500)).await {
+            match app.exec.run(|s| s.expire_due(now_ms(), 500)).await {
                 Ok(expired) => {
                     let n = expired.orders;
                     metrics::counter!(crate::metrics::RESERVATIONS_EXPIRED_TOTAL).increment(u64::from(n));
                     // The store no longer counts an expired flash-sale order against its buyer; neither may
                     // the gate, or it refuses them a purchase the store would make, for a counter's life.
-                    if let Some(g) = &redis_gate {
+                    if let Some(g) = &app.redis_gate {
                         for (user, sku) in &expired.flash_sale {
                             g.forget(sku, user).await;
                         }
+                    }
+                    // Its units are back in the sale: a sold-out mark would refuse them for its life.
+                    for (_, sku) in &expired.flash_sale {
+                        app.gate.clear(sku);
                     }
                     if n < 500 {
                         break;
