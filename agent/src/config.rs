@@ -229,11 +229,18 @@ pub fn parse_http_url(url: &str) -> Option<(SocketAddr, String)> {
     (path.len() <= 1024 && !path.contains(char::is_whitespace)).then(|| (addr, path.to_string()))
 }
 
-/// The host name, from the kernel.
+/// The host name, from the kernel, as it was at the first ask: `agent_id` needs a restart, and an empty one
+/// read the name again at each reload's validation, so a host renamed while its agent ran changed the id
+/// its reports carry (and the balancers took it for a new agent, its instances for new ones).
 fn host_name() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|s| s.trim().chars().take(64).collect())
-        .unwrap_or_else(|_| "localhost".into())
+    static AT_START: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    AT_START
+        .get_or_init(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|s| s.trim().chars().take(64).collect())
+                .unwrap_or_else(|_| "localhost".into())
+        })
+        .clone()
 }
 
 impl DaemonConfig for Config {
