@@ -303,11 +303,8 @@ pub(crate) struct Table {
     /// Every entry of the list (for state reports).
     pub(crate) all: Vec<Entry>,
     /// Indices into `all` of pickable entries (a weight above 0, not drained) and their cumulative weights.
-    /// When there is none, every entry that is not drained, at equal weight (panic mode).
     pickable: Vec<usize>,
     cumulative: Vec<u64>,
-    /// No entry had a weight, so `pickable` is the panic set.
-    panic: bool,
 }
 
 impl Table {
@@ -325,54 +322,39 @@ impl Table {
                 cumulative.push(sum);
             }
         }
-        // Panic mode (as Envoy's): when nothing is Up, the signals are more likely wrong than every instance
-        // — a balancer that just restarted marks all instances Down until the first readiness reports. A
-        // request to an instance that turns out dead fails over; refusing every request would be certain loss.
-        let panic = pickable.is_empty();
-        if panic {
-            for (i, e) in all.iter().enumerate() {
-                if e.state != InstanceState::Drained {
-                    sum += 1;
-                    pickable.push(i);
-                    cumulative.push(sum);
-                }
-            }
-        }
+        // A list with no weight at all is picked from by nobody: the balancers' own panic mode already gives
+        // every known instance a weight when too few are usable, so such a list is an operator's choice (0% on
+        // every instance, or `panic_threshold = 0` with all of them down), which the L4 proxy and `/v1/pick`
+        // follow too. A panic mode of the client's own sent traffic there that no balancer would.
         Self {
             version,
             all,
             pickable,
             cumulative,
-            panic,
         }
     }
 
     /// Tells each pickable entry's feedback its relative share of the table's weight ([`Stats::published`]);
-    /// called once when the table is installed. Panic mode's equal weights say nothing of the instances.
+    /// called once when the table is installed.
     pub(crate) fn publish_shares(&self) {
-        let Some(&total) = self.cumulative.last().filter(|_| !self.panic) else {
+        let Some(&total) = self.cumulative.last() else {
             return;
         };
         let n = self.pickable.len() as f64;
         for &i in &self.pickable {
             let e = &self.all[i];
-            e.stats.published(self.share(e, total) * n);
+            e.stats.published(Self::share(e, total) * n);
         }
     }
 
-    /// Whether some entry has a weight (not only the panic set).
+    /// Whether some entry has a weight.
     pub(crate) fn has_healthy(&self) -> bool {
-        !self.panic && !self.pickable.is_empty()
-    }
-
-    /// The weight an entry is picked by: its published weight, or 1 for all in panic mode.
-    fn weight_of(&self, e: &Entry) -> u32 {
-        if self.panic { 1 } else { e.weight }
+        !self.pickable.is_empty()
     }
 
     /// The entry's share of the table's weight (`total`, the sum over pickable entries).
-    fn share(&self, e: &Entry, total: u64) -> f64 {
-        f64::from(self.weight_of(e)) / total.max(1) as f64
+    fn share(e: &Entry, total: u64) -> f64 {
+        f64::from(e.weight) / total.max(1) as f64
     }
 
     /// Picks an entry not in `exclude`, preferring instances that are not ejected. When every candidate is
@@ -415,8 +397,8 @@ impl Table {
         Some(match draw(&mut rng, Some(i)).map(|(_, b)| b) {
             Some(b)
                 if b.stats
-                    .cost(now_ms, self.share(b, total))
-                    .below(a.stats.cost(now_ms, self.share(a, total)), SWITCH_RATIO) =>
+                    .cost(now_ms, Self::share(b, total))
+                    .below(a.stats.cost(now_ms, Self::share(a, total)), SWITCH_RATIO) =>
             {
                 b
             }
@@ -443,13 +425,13 @@ impl Table {
             .filter(|e| !e.stats.is_ejected(now_ms))
             .collect();
         let pool = if live.is_empty() { candidates } else { live };
-        let total: u64 = pool.iter().map(|e| u64::from(self.weight_of(e))).sum();
+        let total: u64 = pool.iter().map(|e| u64::from(e.weight)).sum();
         if total == 0 {
             return None;
         }
         let mut x = rng.random_range(0..total);
         for e in pool {
-            let w = u64::from(self.weight_of(e));
+            let w = u64::from(e.weight);
             if x < w {
                 return Some(e);
             }

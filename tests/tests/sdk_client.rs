@@ -453,9 +453,9 @@ async fn an_instance_that_times_out_is_ejected_and_the_request_retried() {
     assert!(err.is_retryable() && !err.not_sent());
 }
 
-/// A balancer that has just restarted lists nothing, then every instance Down until readiness reports
-/// arrive. The client keeps its last entries through the empty list and uses every instance that is not
-/// drained through the all-Down one (panic mode), so no request fails.
+/// A balancer that has just restarted lists nothing, then every instance Down at a weight (its panic mode)
+/// until readiness reports arrive. The client keeps its last entries through the empty list and uses every
+/// weighted instance that is not drained through the all-Down one, so no request fails.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_balancers_empty_then_all_down_lists_do_not_stop_requests() {
     use xcluster_proto::directory::InstanceState;
