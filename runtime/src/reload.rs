@@ -20,6 +20,8 @@ use crate::config::{ConfigSource, RoleConfig, Sources, read_sources, reload};
 
 /// Editors write a file in several steps; events closer together than this are one change.
 const DEBOUNCE: Duration = Duration::from_millis(150);
+/// How often an include directory that is not there is looked for.
+const MISSING_RETRY: Duration = Duration::from_secs(2);
 
 /// What asked for a reload.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -135,9 +137,19 @@ pub fn spawn<C: RoleConfig>(
     };
     tokio::spawn(async move {
         loop {
+            let missing = state.watcher.as_ref().is_some_and(|w| !w.warned.is_empty());
             let cause = tokio::select! {
                 _ = cancel.cancelled() => return,
                 c = rx.recv() => match c { Some(c) => c, None => return },
+                // An include directory that was not there is looked for again: made later, it is watched
+                // from then on, and what it holds is read now (no event would tell of the files made in it
+                // before the watch).
+                _ = tokio::time::sleep(MISSING_RETRY), if missing => {
+                    match state.watcher.as_mut().is_some_and(ConfigWatcher::retry_missing) {
+                        true => Cause::File,
+                        false => continue,
+                    }
+                }
             };
             let mut cause = cause;
             if cause == Cause::File {
@@ -294,9 +306,24 @@ impl ConfigWatcher {
         })
     }
 
+    /// Tries again to watch the include directories that could not be: whether one is watched now.
+    fn retry_missing(&mut self) -> bool {
+        let mut found = false;
+        for dir in std::mem::take(&mut self.warned) {
+            if self.watcher.watch(&dir, RecursiveMode::NonRecursive).is_ok() {
+                info!(dir = %dir.display(), "include directory is there now; watching it");
+                self.watched.insert(dir);
+                found = true;
+            } else {
+                self.warned.insert(dir);
+            }
+        }
+        found
+    }
+
     /// Watches the directories of `patterns` (the config's includes now) and no others besides the main
-    /// file's. One that is not there is skipped with one warning, and tried again at the next reload: its
-    /// files apply on SIGHUP or `ctl` meanwhile (or once an event elsewhere reloads them).
+    /// file's. One that is not there is skipped with one warning, and looked for again every
+    /// [`MISSING_RETRY`] (and at each reload) until it is there.
     fn follow(&mut self, patterns: &[IncludePattern]) {
         let main_dir = self.main.parent().map(Path::to_path_buf);
         let dirs: BTreeSet<PathBuf> = (patterns.iter())
@@ -434,9 +461,16 @@ mod tests {
             "no event for the first directory"
         );
 
+        // The missing directory, made later, is watched once looked for again.
+        assert!(!watcher.retry_missing(), "still missing");
+        let made = root.path().join("missing");
+        std::fs::create_dir(&made).unwrap();
+        assert!(watcher.retry_missing());
+        assert!(watcher.watched.contains(&made) && watcher.warned.is_empty());
+
         // A new config's patterns: the directory it no longer names is left. (No event is awaited here: one
         // of the write above may still be on its way, and would pass for one of this directory.)
         watcher.follow(&[pattern(second.to_str().unwrap(), "*.toml"), missing]);
-        assert_eq!(watcher.watched, BTreeSet::from([second.clone()]));
+        assert_eq!(watcher.watched, BTreeSet::from([second.clone(), made]));
     }
 }

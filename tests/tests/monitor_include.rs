@@ -139,3 +139,27 @@ fn programs_in_included_files_are_supervised_and_updated() {
     );
     assert_eq!(m.prog("web")["command"][1], "301");
 }
+
+/// A reload naming an include directory that is not there is refused; the directory made afterwards (outside
+/// the main file's, so no watch sees it made) is looked for again, and the program file put in it starts
+/// with no SIGHUP or `ctl`. It used to wait for the next reload.
+#[test]
+fn an_include_directory_made_after_its_reload_was_refused_is_watched_once_it_is_there() {
+    let m = Mon::start(&program("main", "0"));
+    m.wait_state("main", "RUNNING", T);
+    let elsewhere = tempfile::tempdir().unwrap();
+    let later = elsewhere.path().join("later");
+    m.rewrite(&format!(
+        "include = [{:?}]\n{}",
+        later.join("*.toml").to_str().unwrap(),
+        program("main", "0")
+    ));
+    let err = eventually(T, "the reload refused for the missing directory", || {
+        m.status()["reload"]["last_error"].as_str().map(str::to_string)
+    });
+    assert!(err.contains("later"), "{err}");
+    std::fs::create_dir(&later).unwrap();
+    save(&later, "api.toml", &program("api", "2"));
+    wait_added(&m, "api");
+    assert!(m.status()["reload"]["last_error"].is_null());
+}
