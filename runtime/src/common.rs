@@ -1,5 +1,7 @@
 //! Config sections every role shares, so the keys read the same everywhere.
 
+use std::sync::Arc;
+
 use serde::{Deserialize, Serialize};
 
 use crate::config::Validator;
@@ -81,6 +83,13 @@ pub struct HttpSection {
     pub max_header_bytes: usize,
     /// Largest declared request body; a larger `Content-Length` is answered 413 before the body is read.
     pub max_body_bytes: usize,
+    /// Host names, besides IP addresses and `localhost`, that a browser's request reaching this server on a loopback
+    /// address may name in its `Host` header; any other is answered 421, so a web page re-pointed at
+    /// 127.0.0.1 (DNS rebinding) cannot read this host's dashboard, logs or status. `["*"]` turns the check
+    /// off. Unset: no names for the control plane (lb, agent, monitor); no check for XBuy, whose front ends
+    /// call it under names of their own.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub allowed_hosts: Option<Vec<String>>,
 }
 
 impl Default for HttpSection {
@@ -92,6 +101,7 @@ impl Default for HttpSection {
             header_read_timeout_ms: d.header_read_timeout.as_millis() as u64,
             max_header_bytes: d.max_header_bytes,
             max_body_bytes: d.max_body_bytes,
+            allowed_hosts: None,
         }
     }
 }
@@ -138,6 +148,66 @@ impl HttpSection {
             max_header_bytes: v.range("http.max_header_bytes", self.max_header_bytes, 8192, 1024 * 1024),
             max_body_bytes: v.range("http.max_body_bytes", self.max_body_bytes, 1024, 64 * 1024 * 1024),
             grace,
+            loopback_hosts: match &self.allowed_hosts {
+                None if share => crate::http::LoopbackHosts::Named(Arc::from([])),
+                None => crate::http::LoopbackHosts::Any,
+                Some(names) => allowed_hosts(v, names),
+            },
         }
+    }
+}
+
+/// `[http] allowed_hosts`, checked: at most 64 host names (lowercased), or `"*"` alone.
+fn allowed_hosts(v: &mut Validator, names: &[String]) -> crate::http::LoopbackHosts {
+    const KEY: &str = "http.allowed_hosts";
+    if names.iter().any(|n| n == "*") {
+        v.check(names.len() == 1, KEY, || {
+            "\"*\" (any host) stands alone".to_string()
+        });
+        return crate::http::LoopbackHosts::Any;
+    }
+    v.check(names.len() <= 64, KEY, || {
+        format!("{} names; at most 64", names.len())
+    });
+    for n in names {
+        let ok = crate::net::is_host_name(n);
+        v.check(ok, KEY, || {
+            format!("{n:?} is not a host name (letters, digits, '-', '_' and dots; no port)")
+        });
+    }
+    crate::http::LoopbackHosts::Named(names.iter().map(|n| n.to_ascii_lowercase()).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::http::LoopbackHosts;
+
+    fn hosts(names: Option<&[&str]>, share: bool) -> Result<LoopbackHosts, Vec<crate::config::ConfigIssue>> {
+        let s = HttpSection {
+            allowed_hosts: names.map(|n| n.iter().map(|s| s.to_string()).collect()),
+            ..HttpSection::default()
+        };
+        let mut v = Validator::new();
+        let limits = s.validate_for(&mut v, std::time::Duration::ZERO, share);
+        v.finish(limits.loopback_hosts)
+    }
+
+    #[test]
+    fn allowed_hosts_default_by_role_and_are_checked() {
+        assert_eq!(hosts(None, true).unwrap(), LoopbackHosts::Named(Arc::from([])));
+        assert_eq!(hosts(None, false).unwrap(), LoopbackHosts::Any);
+        assert_eq!(hosts(Some(&["*"]), true).unwrap(), LoopbackHosts::Any);
+        assert_eq!(
+            hosts(Some(&["Dash.Internal"]), false).unwrap(),
+            LoopbackHosts::Named(Arc::from(["dash.internal".to_string()]))
+        );
+        for bad in [&["*", "a"][..], &["a:80"], &[""], &["a..b"], &["http://a"]] {
+            let issues = hosts(Some(bad), true).unwrap_err();
+            assert_eq!(issues[0].key, "http.allowed_hosts", "{bad:?}");
+        }
+        let many: Vec<String> = (0..65).map(|i| format!("h{i}")).collect();
+        let many: Vec<&str> = many.iter().map(String::as_str).collect();
+        assert!(hosts(Some(&many), true).is_err());
     }
 }

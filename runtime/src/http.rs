@@ -55,6 +55,77 @@ pub struct ServerLimits {
     pub max_body_bytes: usize,
     /// How long in-flight requests may run after shutdown starts.
     pub grace: Duration,
+    /// Which `Host` a request that came in on a loopback address may name; see [`LoopbackHosts`].
+    pub loopback_hosts: LoopbackHosts,
+}
+
+/// The guard against DNS rebinding: a web page whose own name the attacker re-points at 127.0.0.1 is, to the
+/// browser, the same origin as that name, so its script could read a server on this host's loopback (the
+/// dashboard, program logs, status) and the answers would go back to the page. Such a request names the
+/// attacker's host in `Host`. So a request arriving on a loopback address is answered only if its `Host` is an
+/// IP address, `localhost` (or a name under `.localhost`), or one of `names`; any other is a 421. Requests
+/// on other addresses, and requests that are not a browser's, pass.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum LoopbackHosts {
+    /// No check (XBuy: the shop's own front ends call it on loopback under names of their choosing).
+    #[default]
+    Any,
+    /// IP addresses, `localhost`, and these names (lowercase, without a port).
+    Named(Arc<[String]>),
+}
+
+impl LoopbackHosts {
+    /// Whether a request naming `host` (a `Host` header's value) may be answered on a loopback address.
+    pub fn allows(&self, host: &str) -> bool {
+        let Self::Named(names) = self else {
+            return true;
+        };
+        let Some(name) = host_name(host) else {
+            return false;
+        };
+        if name.starts_with('[') || name.parse::<std::net::Ipv4Addr>().is_ok() {
+            return true;
+        }
+        let name = name.strip_suffix('.').unwrap_or(name).to_ascii_lowercase();
+        name == "localhost" || name.ends_with(".localhost") || names.contains(&name)
+    }
+}
+
+/// The name part of a `Host` value (`name`, `name:port`, `[v6]`, `[v6]:port`), or `None` if it is not one.
+fn host_name(host: &str) -> Option<&str> {
+    let name = if host.starts_with('[') {
+        let end = host.find(']')?;
+        let (v6, rest) = host.split_at(end + 1);
+        v6[1..end].parse::<std::net::Ipv6Addr>().ok()?;
+        if !(rest.is_empty() || rest.strip_prefix(':').is_some_and(is_port)) {
+            return None;
+        }
+        v6
+    } else {
+        match host.split_once(':') {
+            Some((name, port)) if is_port(port) => name,
+            Some(_) => return None,
+            None => host,
+        }
+    };
+    (!name.is_empty()).then_some(name)
+}
+
+fn is_port(p: &str) -> bool {
+    !p.is_empty() && p.len() <= 5 && p.bytes().all(|b| b.is_ascii_digit())
+}
+
+/// The answer to a loopback request naming a host this server does not answer for.
+fn misdirected(host: &str) -> Response<Body> {
+    let shown: String = host.chars().take(100).collect();
+    error(
+        StatusCode::MISDIRECTED_REQUEST,
+        "unknown_host",
+        &format!(
+            "this server answers on its loopback address only to IP addresses, localhost and [http] allowed_hosts; \
+             Host {shown:?} is none of them (a guard against DNS rebinding)"
+        ),
+    )
 }
 
 impl Default for ServerLimits {
@@ -66,6 +137,7 @@ impl Default for ServerLimits {
             max_header_bytes: 16 * 1024,
             max_body_bytes: 1024 * 1024,
             grace: Duration::from_secs(10),
+            loopback_hosts: LoopbackHosts::Any,
         }
     }
 }
@@ -292,8 +364,17 @@ pub fn bearer_ok<B>(req: &Request<B>, token: &str) -> bool {
         return false;
     }
     let given = given.trim_start_matches(' ');
-    let (a, b) = (given.as_bytes(), token.as_bytes());
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    same_secret(given.as_bytes(), token.as_bytes())
+}
+
+/// Compares a presented secret with the configured one in time set by the configured one's length only: an
+/// early return on a length mismatch told a caller, by timing, how long the token is.
+fn same_secret(given: &[u8], token: &[u8]) -> bool {
+    let mut diff = u8::from(given.len() != token.len());
+    for (i, t) in token.iter().enumerate() {
+        diff |= given.get(i).copied().unwrap_or(0) ^ t;
+    }
+    std::hint::black_box(diff) == 0
 }
 
 /// The 401 answer for a mutating call without a valid token.
@@ -405,10 +486,15 @@ pub async fn serve(listener: TcpListener, handler: Handler, limits: ServerLimits
         };
         let handler = handler.clone();
         let max_body = limits.max_body_bytes;
+        // The address the client reached, which for a listener on 0.0.0.0 may be loopback or not.
+        let hosts = match stream.local_addr() {
+            Ok(a) if a.ip().to_canonical().is_loopback() => limits.loopback_hosts.clone(),
+            _ => LoopbackHosts::Any,
+        };
         let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-            let fut = match declared_too_large(&req, max_body) {
-                Some(resp) => Box::pin(std::future::ready(resp)),
-                None => handler(req, peer),
+            let fut = match (declared_too_large(&req, max_body), unknown_host(&req, &hosts)) {
+                (Some(resp), _) | (None, Some(resp)) => Box::pin(std::future::ready(resp)),
+                (None, None) => handler(req, peer),
             };
             async move { Ok::<_, Infallible>(fut.await) }
         });
@@ -436,6 +522,31 @@ pub async fn serve(listener: TcpListener, handler: Handler, limits: ServerLimits
             warn!(?local, "grace period over; closing remaining connections");
         }
     }
+}
+
+/// The 421 for a browser's request whose `Host` (or absolute-form target) `hosts` does not allow. Only a
+/// browser can be turned by rebinding, and every one says it is one in headers a page's script can neither
+/// set nor remove (`Sec-Fetch-*`, `Origin`) or in its `User-Agent`; our own clients, curl and scripts that
+/// name this host as its resolver has it (a Debian host's name is 127.0.1.1) are not refused.
+fn unknown_host<B>(req: &Request<B>, hosts: &LoopbackHosts) -> Option<Response<Body>> {
+    if *hosts == LoopbackHosts::Any || !from_browser(req) {
+        return None;
+    }
+    let named = req
+        .headers()
+        .get_all(header::HOST)
+        .iter()
+        .map(|v| v.to_str().unwrap_or(""));
+    let target = req.uri().authority().map(|a| a.as_str());
+    named.chain(target).find(|h| !hosts.allows(h)).map(misdirected)
+}
+
+fn from_browser<B>(req: &Request<B>) -> bool {
+    let h = req.headers();
+    h.contains_key(header::ORIGIN)
+        || h.keys().any(|k| k.as_str().starts_with("sec-fetch-"))
+        || h.get(header::USER_AGENT)
+            .is_some_and(|ua| ua.as_bytes().starts_with(b"Mozilla/"))
 }
 
 /// Serves one connection; `held` (its permit and its client's count) is given back when it ends.
@@ -534,6 +645,48 @@ mod tests {
         assert!(!bearer_ok(&req("Bearer s3cre"), "s3cret"));
         assert!(!bearer_ok(&req("Basic s3cret"), "s3cret"));
         assert!(!bearer_ok(&req("Bearer "), ""));
+        // Longer, or a prefix of the token padded with what a missing byte reads as.
+        assert!(!bearer_ok(&req("Bearer s3cretX"), "s3cret"));
+        assert!(!bearer_ok(&req("Bearer s3cre"), "s3cre\0"));
+        assert!(same_secret(b"", b""));
+    }
+
+    #[test]
+    fn loopback_hosts_allow_addresses_localhost_and_the_named() {
+        let any = LoopbackHosts::Any;
+        assert!(any.allows("attacker.example"));
+        let named = LoopbackHosts::Named(Arc::from(["dash.internal".to_string()]));
+        for ok in [
+            "127.0.0.1",
+            "127.0.0.1:9100",
+            "[::1]",
+            "[::1]:9100",
+            "localhost",
+            "LocalHost:80",
+            "localhost.",
+            "a.localhost",
+            "dash.internal",
+            "DASH.internal:8080",
+            "10.1.2.3:1",
+        ] {
+            assert!(named.allows(ok), "{ok}");
+        }
+        for bad in [
+            "attacker.example",
+            "attacker.example:9100",
+            "127.0.0.1.nip.io",
+            "localhost.attacker.example",
+            "",
+            ":80",
+            "[::1",
+            "[::1]x",
+            "[evil]:80",
+            "localhost:80:80",
+            "localhost:port",
+            "dash.internal.evil",
+        ] {
+            assert!(!named.allows(bad), "{bad:?}");
+        }
     }
 
     #[test]

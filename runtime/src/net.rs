@@ -194,6 +194,18 @@ pub async fn next_look<F: Future>(closing: bool, signal: F) -> Option<F::Output>
     }
 }
 
+/// Whether `name` is a host name as configs give them: dot-separated labels of letters, digits, `-` and
+/// `_`, none empty, 253 bytes at most.
+pub fn is_host_name(name: &str) -> bool {
+    name.len() <= 253
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label
+                    .bytes()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_'))
+        })
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]

@@ -258,3 +258,69 @@ fn connections_over_the_cap_get_503_while_the_others_are_served() {
         assert!(rejected >= 1.0, "{role}: {rejected}");
     }
 }
+
+/// DNS rebinding: a web page whose name was re-pointed at 127.0.0.1 names its own host in `Host`. The control
+/// plane answers such a browser's request on loopback with 421 and no data; IP addresses, `localhost` and
+/// `[http] allowed_hosts` pass, as do clients that are not browsers; XBuy, called by the shop's front ends
+/// under names of their own, checks none.
+#[test]
+fn browser_requests_on_loopback_naming_an_unknown_host_get_421_on_the_control_plane() {
+    const BROWSER: &str = "User-Agent: Mozilla/5.0 (X11; Linux x86_64)\r\nSec-Fetch-Mode: cors\r\n";
+    let ask_as = |addr: SocketAddr, host: &str, who: &str| {
+        exchange(
+            addr,
+            format!("GET /metrics HTTP/1.1\r\nHost: {host}\r\n{who}Connection: close\r\n\r\n").as_bytes(),
+        )
+    };
+    let ask = |addr: SocketAddr, host: &str| ask_as(addr, host, BROWSER);
+    for role in ["lb", "agent", "monitor"] {
+        let (_p, addr) = start(role, &[]);
+        let port = addr.port();
+        for host in [
+            "attacker.example",
+            &format!("attacker.example:{port}"),
+            "127.0.0.1.nip.io",
+        ] {
+            let r = ask(addr, host);
+            assert!(r.starts_with("HTTP/1.1 421"), "{role} answered {host}: {r}");
+            assert!(
+                r.contains("unknown_host") && !r.contains("xcluster_"),
+                "{role}: {r}"
+            );
+        }
+        for host in [
+            addr.to_string(),
+            format!("LOCALHOST:{port}"),
+            "dash.localhost".into(),
+            "[::1]".into(),
+        ] {
+            let r = ask(addr, &host);
+            assert!(r.starts_with("HTTP/1.1 200"), "{role} refused {host}: {r}");
+        }
+        let absolute = exchange(
+            addr,
+            format!("GET http://attacker.example/metrics HTTP/1.1\r\nHost: {addr}\r\n{BROWSER}Connection: close\r\n\r\n").as_bytes(),
+        );
+        assert!(absolute.starts_with("HTTP/1.1 421"), "{role}: {absolute}");
+        // Each mark of a browser alone is enough; a client with none (curl, an agent naming this host as
+        // its resolver has it) is answered.
+        for who in [
+            "Origin: http://attacker.example\r\n",
+            "Sec-Fetch-Site: cross-site\r\n",
+            "User-Agent: Mozilla/5.0\r\n",
+        ] {
+            let r = ask_as(addr, "attacker.example", who);
+            assert!(r.starts_with("HTTP/1.1 421"), "{role} with {who}: {r}");
+        }
+        let r = ask_as(addr, "my-host:80", "User-Agent: curl/7.88.1\r\n");
+        assert!(r.starts_with("HTTP/1.1 200"), "{role}: {r}");
+        still_serves(role, addr);
+    }
+    let (_p, addr) = start("monitor", &["http.allowed_hosts=[\"Dash.Internal\"]"]);
+    assert!(ask(addr, "dash.internal:80").starts_with("HTTP/1.1 200"));
+    assert!(ask(addr, "other.internal").starts_with("HTTP/1.1 421"));
+    let (_p, addr) = start("lb", &["http.allowed_hosts=[\"*\"]"]);
+    assert!(ask(addr, "attacker.example").starts_with("HTTP/1.1 200"));
+    let (_p, addr) = start("app", &[]);
+    assert!(ask(addr, "shop.example").starts_with("HTTP/1.1 200"));
+}

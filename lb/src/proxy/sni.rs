@@ -15,6 +15,8 @@ use std::io;
 use std::os::fd::RawFd;
 use std::sync::Arc;
 
+use xcluster_runtime::net::is_host_name;
+
 /// The longest TLS record (2^14 bytes of plaintext and the 5-byte header): the most a hello is waited for.
 pub const MAX_RECORD: usize = 5 + (1 << 14);
 
@@ -95,18 +97,6 @@ fn server_name(body: &[u8]) -> Option<String> {
 fn host(name: &[u8]) -> Option<String> {
     let name = std::str::from_utf8(name.strip_suffix(b".").unwrap_or(name)).ok()?;
     is_host_name(name).then(|| name.to_ascii_lowercase())
-}
-
-/// Whether `name` is a host name as configs give them: dot-separated labels of letters, digits, `-` and
-/// `_`, none empty, 253 bytes at most.
-pub fn is_host_name(name: &str) -> bool {
-    name.len() <= 253
-        && name.split('.').all(|label| {
-            !label.is_empty()
-                && label
-                    .bytes()
-                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_'))
-        })
 }
 
 /// A cursor over bytes whose every read is bounds-checked: a short or malformed hello gives `None`.

@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use xcluster_runtime::Validator;
+use xcluster_runtime::net::is_host_name;
 
 use super::{
     BackendConfig, Balance, Check, Forwarding, ListenerConfig, Probe, ProxyConfig, ProxySection, RuntimeMode,
@@ -12,7 +13,7 @@ use super::{
 };
 use crate::proxy::acl::{self, Acl, Net};
 use crate::proxy::clients::Rate;
-use crate::proxy::sni::{MAX_ROUTES, SniRoutes, is_host_name};
+use crate::proxy::sni::{MAX_ROUTES, SniRoutes};
 
 /// The most addresses one backend's host name may stand for.
 const MAX_ADDRS_PER_NAME: usize = 64;
