@@ -51,6 +51,32 @@ backoff_initial_ms = 50
     assert_eq!(m.state("expected"), "EXITED");
 }
 
+/// A one-shot task with `startsecs = 0` (Supervisord's way to run one) exits at once: that is a run, judged
+/// by `autorestart` and `exitcodes`, not a failed start. It was taken for one, so the task ran four times and
+/// ended FATAL ("exited too quickly: exit status 0").
+#[test]
+fn a_one_shot_task_with_startsecs_zero_runs_once_and_is_exited() {
+    let m = Mon::start(
+        r#"
+[programs.oneshot]
+command = "/bin/sh -c 'echo ran >> {run_dir}/oneshot.runs'"
+startsecs = 0
+autorestart = false
+[programs.task]
+command = "/bin/sh -c 'echo ran >> {run_dir}/task.runs; exit 3'"
+startsecs = 0
+exitcodes = [3]
+"#,
+    );
+    for (name, code) in [("oneshot", 0), ("task", 3)] {
+        let p = m.wait_state(name, "EXITED", T);
+        assert_eq!(p["exit_code"], code);
+        assert_eq!(p["restarts"], 0);
+        let runs = std::fs::read_to_string(m.dir.path().join(format!("run/{name}.runs"))).unwrap();
+        assert_eq!(runs, "ran\n", "{name} ran more than once");
+    }
+}
+
 #[test]
 fn startretries_lead_to_fatal_which_is_retried_after_the_cooldown() {
     let m = Mon::start(
