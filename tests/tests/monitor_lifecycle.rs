@@ -75,6 +75,15 @@ exitcodes = [3]
         let runs = std::fs::read_to_string(m.dir.path().join(format!("run/{name}.runs"))).unwrap();
         assert_eq!(runs, "ran\n", "{name} ran more than once");
     }
+    // Started again, it runs and ends as it should: started, as supervisorctl says, not an "abnormal
+    // termination: exit status 0" (exit 1). (A process still running at ctl's look is plainly "started".)
+    let said = m.ctl_ok(&["start", "oneshot"]);
+    assert!(said.starts_with("oneshot: started"), "{said}");
+    let o = m.ctl(&["start", "task"]);
+    assert!(out(&o).starts_with("task: started"), "{}", out(&o));
+    m.wait_state("task", "EXITED", T);
+    let runs = std::fs::read_to_string(m.dir.path().join("run/task.runs")).unwrap();
+    assert_eq!(runs, "ran\nran\n");
 }
 
 #[test]
