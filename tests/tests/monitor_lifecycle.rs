@@ -289,6 +289,38 @@ backoff_initial_ms = 50
     );
 }
 
+/// A wrapper shell that does not exec (`sh -c 'sh server.sh; true'`) dies of the stop signal at once, while
+/// the server it runs, signalled with the group, shuts down cleanly: the monitor waits for the rest of the
+/// group (within `stopwaitsecs`) before it calls the program stopped. It SIGKILLed the group as soon as the
+/// wrapper exited, so the server's clean shutdown never finished.
+#[test]
+fn a_stop_lets_the_rest_of_the_group_finish_after_its_leader_exits() {
+    let dir = tempfile::tempdir().unwrap();
+    let (up, clean) = (dir.path().join("up"), dir.path().join("clean"));
+    let server = write_file(
+        dir.path(),
+        "server.sh",
+        &format!(
+            "trap 'sleep 0.5; echo clean > {clean}; exit 0' TERM\necho $$ > {up}\nwhile :; do sleep 0.1; done\n",
+            clean = clean.display(),
+            up = up.display()
+        ),
+    );
+    let m = Mon::start(&format!(
+        "[programs.wrap]\ncommand = \"/bin/sh -c 'sh {}; true'\"\nstartsecs = 0\nstopwaitsecs = 10\n",
+        server.display()
+    ));
+    m.wait_state("wrap", "RUNNING", T);
+    let server_pid: i32 = eventually(T, "the server up", || {
+        std::fs::read_to_string(&up).ok()?.trim().parse().ok()
+    });
+    let said = m.ctl_ok(&["stop", "wrap"]);
+    assert_eq!(said.trim(), "wrap: stopped");
+    // Stopped means the whole group is: the server finished its shutdown first.
+    assert_eq!(std::fs::read_to_string(&clean).unwrap_or_default(), "clean\n");
+    assert!(!alive(server_pid));
+}
+
 /// `redirect_stderr` is `2>&1`: one pipe, so stdout and stderr lines keep their order; `tail` says when a
 /// stream has no log of its own; a spawn error says what could not be done.
 #[test]

@@ -51,6 +51,8 @@ pub(crate) struct Proc {
     pub start_time: u64,
     /// Its output pipes, as the state file records them for a monitor that adopts it.
     pub pipes: child::Pipes,
+    /// Its process has been sent the stop signal (see [`child::Spawned::stopping`]).
+    pub stopping: Arc<std::sync::atomic::AtomicBool>,
     pub spawn_id: u64,
     pub started_unix_ms: Option<u64>,
     pub probes: Option<CancellationToken>,
@@ -289,6 +291,7 @@ impl Supervisor {
                         p.pid = s.pid;
                         p.start_time = s.start_time;
                         p.pipes = s.pipes;
+                        p.stopping = s.stopping;
                         p.started_unix_ms = Some(unix_ms());
                         p.spawn_error = None;
                         p.liveness = None;
@@ -304,6 +307,7 @@ impl Supervisor {
                 }
             }
             Action::SignalStop => {
+                p.stopping.store(true, std::sync::atomic::Ordering::Relaxed);
                 if let Err(e) = child::signal_group(p.pid, p.spec.stopsignal) {
                     warn!(program = name, pid = p.pid, error = %e, "cannot signal");
                 } else if !child::stops_the_process(p.spec.stopsignal) {
@@ -582,6 +586,7 @@ impl Supervisor {
             pid: 0,
             start_time: 0,
             pipes: child::Pipes::default(),
+            stopping: Arc::default(),
             spawn_id: 0,
             started_unix_ms: None,
             probes: None,
