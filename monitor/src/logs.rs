@@ -110,7 +110,13 @@ pub fn clear(path: &Path) -> std::io::Result<()> {
     } else {
         dir
     };
-    for entry in std::fs::read_dir(dir)? {
+    // A log never written may have no directory yet (one made at a program's first start): no backups.
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    for entry in entries {
         let entry = entry?;
         let backup = (entry.file_name().as_encoded_bytes())
             .strip_prefix(name.as_encoded_bytes())
@@ -375,5 +381,6 @@ mod tests {
         assert_eq!(std::fs::metadata(numbered(&path, 1)).unwrap().len(), 1024);
         // Clearing a log that was never written is no error.
         clear(&dir.path().join("none.log")).unwrap();
+        clear(&dir.path().join("no-dir/none.log")).unwrap();
     }
 }

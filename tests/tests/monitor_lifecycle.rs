@@ -379,3 +379,23 @@ fatal_retry_secs = 0
         assert!(error.contains(says), "{name}: {p}");
     }
 }
+
+/// `clear` of a program whose stderr goes to its stdout (`redirect_stderr`) and whose log is in a directory
+/// of its own empties that log and says so. It also tried the stderr log, which is never written, and
+/// failed (exit 1) on the default log directory nothing had made.
+#[test]
+fn clear_of_a_redirected_program_clears_its_one_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("x.log");
+    let m = Mon::start(&format!(
+        "[programs.x]\ncommand = \"/bin/sh -c 'echo one; echo two >&2; exec sleep 300'\"\nstartsecs = 0\n\
+         redirect_stderr = true\nstdout_logfile = \"{}\"\n",
+        log.display()
+    ));
+    eventually(T, "x's output in its log", || {
+        (std::fs::read_to_string(&log).ok()? == "one\ntwo\n").then_some(())
+    });
+    let o = m.ctl(&["clear", "x"]);
+    assert_says(&o, 0, "x: cleared");
+    assert_eq!(std::fs::read_to_string(&log).unwrap(), "");
+}
