@@ -190,24 +190,7 @@ pub fn spawn(
                 signal: None,
             },
         };
-        // The leader is gone; whatever is left of its group goes with it. During a stop, not at once: a
-        // wrapper (`sh -c 'cd dir && server'`, no exec) dies of the stop signal at once while the server it
-        // runs, signalled too, is still shutting down cleanly, and a SIGKILL here cut that short. The rest
-        // of the group gets up to `stopwaitsecs` (when the supervisor's own SIGKILL comes), and the exit is
-        // reported once it is gone, so the program is STOPPING until then and a restart's new process does
-        // not meet the old one's server on its port.
-        if stop_asked.load(Ordering::Relaxed) {
-            let deadline = tokio::time::Instant::now() + stopwait;
-            let pgid = pid as i32;
-            while tokio::time::Instant::now() < deadline
-                && tokio::task::spawn_blocking(move || group_lives(pgid))
-                    .await
-                    .unwrap_or(false)
-            {
-                tokio::time::sleep(GROUP_POLL).await;
-            }
-        }
-        let _ = kill(Pid::from_raw(-(pid as i32)), Signal::SIGKILL);
+        end_group(pid, &stop_asked, stopwait).await;
         let _ = exits.send(Exit { name, spawn_id, info });
     });
     Ok(Spawned {
@@ -216,6 +199,27 @@ pub fn spawn(
         pipes,
         stopping,
     })
+}
+
+/// The leader `pid` is gone; whatever is left of its group goes with it. During a stop (`stopping`), not at
+/// once: a wrapper (`sh -c 'cd dir && server'`, no exec) dies of the stop signal at once while the server it
+/// runs, signalled too, is still shutting down cleanly, and a SIGKILL then cut that short. The rest of the
+/// group gets up to `stopwait` (when the supervisor's own SIGKILL comes), and the caller reports the exit
+/// once it is gone, so the program is STOPPING until then and a restart's new process does not meet the old
+/// one's server on its port.
+async fn end_group(pid: u32, stopping: &AtomicBool, stopwait: Duration) {
+    if stopping.load(Ordering::Relaxed) {
+        let deadline = tokio::time::Instant::now() + stopwait;
+        let pgid = pid as i32;
+        while tokio::time::Instant::now() < deadline
+            && tokio::task::spawn_blocking(move || group_lives(pgid))
+                .await
+                .unwrap_or(false)
+        {
+            tokio::time::sleep(GROUP_POLL).await;
+        }
+    }
+    let _ = kill(Pid::from_raw(-(pid as i32)), Signal::SIGKILL);
 }
 
 /// Whether a process of group `pgid` still runs. A zombie does not count: the group's orphans are reaped
@@ -358,11 +362,13 @@ pub fn signal_group(pid: u32, sig: Signal) -> nix::Result<()> {
 /// Watches a process this monitor did not spawn (adopted from a previous monitor after its `kill -9`): the
 /// pidfd turns readable when the process exits. It is not our child, so its exit status cannot be read; the
 /// exit is reported as unknown (no code, no signal), which counts as unexpected.
+/// `stopping` and `stopwait` are as for a spawned process ([`Spawned::stopping`]).
 pub fn watch_adopted(
     name: String,
     pid: u32,
     pidfd: OwnedFd,
     spawn_id: u64,
+    (stopping, stopwait): (Arc<AtomicBool>, Duration),
     exits: mpsc::UnboundedSender<Exit>,
 ) -> std::io::Result<()> {
     // SAFETY: `pidfd` is an `OwnedFd` moved into the `AsyncFd`: it stays open and is the same fd for the
@@ -374,7 +380,7 @@ pub fn watch_adopted(
         // An error here means the fd is unusable; treating it as an exit restarts the program rather than
         // leaving it unwatched.
         let _ = fd.readable().await;
-        let _ = kill(Pid::from_raw(-(pid as i32)), Signal::SIGKILL);
+        end_group(pid, &stopping, stopwait).await;
         let info = ExitInfo {
             code: None,
             signal: None,

@@ -212,9 +212,11 @@ impl Supervisor {
             let pid = u32::try_from(e.pid).unwrap_or(0);
             self.next_id += 1;
             let spawn_id = self.next_id;
+            let stopping = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let stop = (stopping.clone(), p.spec.policy.stopwait);
             let watched = crate::statefile::open_pidfd(&e).and_then(|fd| {
                 child::take_output(&fd, &p.spec, e.pipes, &p.outputs)?;
-                child::watch_adopted(e.name.clone(), pid, fd, spawn_id, self.exits.clone())
+                child::watch_adopted(e.name.clone(), pid, fd, spawn_id, stop, self.exits.clone())
             });
             if let Err(err) = watched {
                 warn!(program = %e.name, pid, error = %err, "cannot watch a process left by the previous monitor; replacing it");
@@ -222,6 +224,7 @@ impl Supervisor {
                 continue;
             }
             p.pid = pid;
+            p.stopping = stopping;
             p.start_time = e.start_time;
             p.pipes = e.pipes;
             p.spawn_id = spawn_id;
