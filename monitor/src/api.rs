@@ -357,17 +357,8 @@ impl Api {
             let msg = format!("{name} keeps no {stream} log ({stream}_logfile = \"none\")");
             return error(StatusCode::NOT_FOUND, "no_log", &msg);
         };
-        let rx = live.subscribe();
-        // What the program writes from now on, as its log file gets it (a lagging reader skips ahead).
-        let more = futures_util::stream::unfold(rx, |mut rx| async move {
-            loop {
-                match rx.recv().await {
-                    Ok(b) => return Some((b, rx)),
-                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
-                    Err(_) => return None,
-                }
-            }
-        });
+        // What the program writes from now on, as its log file gets it.
+        let more = crate::logs::follow(live.subscribe());
         self.log_answer(path, bytes, follow, more)
     }
 

@@ -5,7 +5,9 @@
 
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bytes::Bytes;
 use nix::sys::signal::{Signal, kill};
@@ -42,14 +44,20 @@ pub struct Exit {
 }
 
 /// What a successful spawn gives back.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Spawned {
     pub pid: u32,
     pub start_time: u64,
     /// The inodes of its output pipes (stderr's 0 with `redirect_stderr`), which it holds the read ends
     /// of at [`HELD_STDOUT_FD`] and [`HELD_STDERR_FD`].
     pub pipes: Pipes,
+    /// Set when the supervisor sends the stop signal: the leader's exit then leaves the rest of the group
+    /// time to end ([`spawn`]).
+    pub stopping: Arc<AtomicBool>,
 }
+
+/// How often a stopped program's group is looked at, once its leader has exited, until the rest is gone.
+const GROUP_POLL: Duration = Duration::from_millis(50);
 
 /// Identifies a child's output pipes (by inode, 0 for none), for the monitor that adopts it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -168,6 +176,8 @@ pub fn spawn(
         tokio::spawn(copy_pipe(receiver(err.into())?, err_log, outputs.stderr.clone()));
     }
     let name = spec.name.clone();
+    let stopping = Arc::new(AtomicBool::new(false));
+    let (stop_asked, stopwait) = (stopping.clone(), spec.policy.stopwait);
     tokio::spawn(async move {
         use std::os::unix::process::ExitStatusExt;
         let info = match child.wait().await {
@@ -180,14 +190,59 @@ pub fn spawn(
                 signal: None,
             },
         };
-        // The leader is gone; whatever is left of its group goes with it.
-        let _ = kill(Pid::from_raw(-(pid as i32)), Signal::SIGKILL);
+        end_group(pid, &stop_asked, stopwait).await;
         let _ = exits.send(Exit { name, spawn_id, info });
     });
     Ok(Spawned {
         pid,
         start_time,
         pipes,
+        stopping,
+    })
+}
+
+/// The leader `pid` is gone; whatever is left of its group goes with it. During a stop (`stopping`), not at
+/// once: a wrapper (`sh -c 'cd dir && server'`, no exec) dies of the stop signal at once while the server it
+/// runs, signalled too, is still shutting down cleanly, and a SIGKILL then cut that short. The rest of the
+/// group gets up to `stopwait` (when the supervisor's own SIGKILL comes), and the caller reports the exit
+/// once it is gone, so the program is STOPPING until then and a restart's new process does not meet the old
+/// one's server on its port.
+async fn end_group(pid: u32, stopping: &AtomicBool, stopwait: Duration) {
+    if stopping.load(Ordering::Relaxed) {
+        let deadline = tokio::time::Instant::now() + stopwait;
+        let pgid = pid as i32;
+        while tokio::time::Instant::now() < deadline
+            && tokio::task::spawn_blocking(move || group_lives(pgid))
+                .await
+                .unwrap_or(false)
+        {
+            tokio::time::sleep(GROUP_POLL).await;
+        }
+    }
+    let _ = kill(Pid::from_raw(-(pid as i32)), Signal::SIGKILL);
+}
+
+/// Whether a process of group `pgid` still runs. A zombie does not count: the group's orphans are reaped
+/// by init, not by us, and an init that reaps them late (a container's) would hold a stop for nothing.
+fn group_lives(pgid: i32) -> bool {
+    if kill(Pid::from_raw(-pgid), None).is_err() {
+        return false;
+    }
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return true;
+    };
+    procs.flatten().any(|entry| {
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            return false;
+        };
+        // The command name may hold spaces and parentheses: the fields (state, ppid, pgrp, ...) follow the
+        // last ')'.
+        let mut fields = stat
+            .rsplit_once(')')
+            .map_or("", |(_, rest)| rest)
+            .split_whitespace();
+        let (state, pgrp) = (fields.next(), fields.nth(1));
+        state.is_some_and(|s| s != "Z") && pgrp.and_then(|p| p.parse().ok()) == Some(pgid)
     })
 }
 
@@ -307,11 +362,13 @@ pub fn signal_group(pid: u32, sig: Signal) -> nix::Result<()> {
 /// Watches a process this monitor did not spawn (adopted from a previous monitor after its `kill -9`): the
 /// pidfd turns readable when the process exits. It is not our child, so its exit status cannot be read; the
 /// exit is reported as unknown (no code, no signal), which counts as unexpected.
+/// `stopping` and `stopwait` are as for a spawned process ([`Spawned::stopping`]).
 pub fn watch_adopted(
     name: String,
     pid: u32,
     pidfd: OwnedFd,
     spawn_id: u64,
+    (stopping, stopwait): (Arc<AtomicBool>, Duration),
     exits: mpsc::UnboundedSender<Exit>,
 ) -> std::io::Result<()> {
     // SAFETY: `pidfd` is an `OwnedFd` moved into the `AsyncFd`: it stays open and is the same fd for the
@@ -323,7 +380,7 @@ pub fn watch_adopted(
         // An error here means the fd is unusable; treating it as an exit restarts the program rather than
         // leaving it unwatched.
         let _ = fd.readable().await;
-        let _ = kill(Pid::from_raw(-(pid as i32)), Signal::SIGKILL);
+        end_group(pid, &stopping, stopwait).await;
         let info = ExitInfo {
             code: None,
             signal: None,

@@ -205,6 +205,7 @@ impl RoleConfig for Config {
             processes.extend(prog.expand(name, &dirs, &mut v));
         }
         crate::program::check_set(&processes, &mut v);
+        check_log_files(&processes, &mut v);
         crate::program::check_programs(&raw.programs, listen, &mut v);
         if processes.len() > MAX_PROCESSES {
             v.error(
@@ -258,6 +259,35 @@ impl DaemonConfig for Config {
     }
 }
 
+/// Each log file is written by one stream. Two writers of a file rotate it each by its own count, so one
+/// writes on in the file the other moved to a backup: `numprocs = 2` with one `stdout_logfile` lost an
+/// instance's last lines off the end of the backups. (`redirect_stderr` writes stderr to the stdout log.)
+fn check_log_files(processes: &[ProcessSpec], v: &mut Validator) {
+    let mut writers: BTreeMap<&std::path::Path, String> = BTreeMap::new();
+    for s in processes {
+        let streams = [("stdout", &s.stdout), ("stderr", &s.stderr)];
+        for (stream, log) in streams.into_iter().take(if s.redirect_stderr { 1 } else { 2 }) {
+            let Some(path) = log.path.as_deref() else {
+                continue;
+            };
+            let this = format!("{}'s {stream}", s.name);
+            match writers.get(path) {
+                Some(first) => v.error(
+                    format!("programs.{}.{stream}_logfile", s.group),
+                    format!(
+                        "{} is also {first} log: each stream needs a file of its own (put {{name}} in \
+                         the path, or set redirect_stderr)",
+                        path.display()
+                    ),
+                ),
+                None => {
+                    writers.insert(path, this);
+                }
+            }
+        }
+    }
+}
+
 fn absolute(p: &str) -> PathBuf {
     std::path::absolute(p).unwrap_or_else(|_| PathBuf::from(p))
 }
@@ -296,6 +326,57 @@ mod tests {
                 .iter()
                 .any(|i| i.key == "token" && i.message.contains("visible ASCII")),
             "{issues:?}"
+        );
+    }
+
+    /// One log file for two streams (two instances, or a program's stdout and stderr) is refused: each
+    /// writer rotated it by its own count, and lines went to (and fell off) the backups.
+    #[test]
+    fn a_log_file_written_by_two_streams_is_refused() {
+        let issues = |prog: RawProgram| {
+            let mut raw = RawConfig::default();
+            raw.programs.insert("web".into(), prog);
+            Config::validate(&raw).err().unwrap_or_default()
+        };
+        let base = RawProgram {
+            command: "sleep 1000".into(),
+            stdout_logfile: "/tmp/xcluster-shared.log".into(),
+            ..RawProgram::default()
+        };
+        let two = issues(RawProgram {
+            numprocs: 2,
+            ..base.clone()
+        });
+        assert_eq!(two.len(), 1, "{two:?}");
+        assert_eq!(two[0].key, "programs.web.stdout_logfile");
+        assert!(
+            two[0].message.contains("is also web-0's stdout log"),
+            "{}",
+            two[0].message
+        );
+        let both = issues(RawProgram {
+            stderr_logfile: "/tmp/xcluster-shared.log".into(),
+            ..base.clone()
+        });
+        assert_eq!(both.len(), 1, "{both:?}");
+        assert_eq!(both[0].key, "programs.web.stderr_logfile");
+        // Fine: one instance, its name in the path, or stderr into the stdout log.
+        assert!(issues(base.clone()).is_empty());
+        assert!(
+            issues(RawProgram {
+                numprocs: 2,
+                stdout_logfile: "/tmp/xcluster-{name}.log".into(),
+                ..base.clone()
+            })
+            .is_empty()
+        );
+        assert!(
+            issues(RawProgram {
+                redirect_stderr: true,
+                stderr_logfile: "/tmp/xcluster-shared.log".into(),
+                ..base
+            })
+            .is_empty()
         );
     }
 

@@ -110,7 +110,13 @@ pub fn clear(path: &Path) -> std::io::Result<()> {
     } else {
         dir
     };
-    for entry in std::fs::read_dir(dir)? {
+    // A log never written may have no directory yet (one made at a program's first start): no backups.
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    for entry in entries {
         let entry = entry?;
         let backup = (entry.file_name().as_encoded_bytes())
             .strip_prefix(name.as_encoded_bytes())
@@ -196,6 +202,31 @@ pub async fn copy_pipe(
     }
 }
 
+/// What a program writes from now on, for `tail -f`. A reader too slow for the program's output skips
+/// ahead, and says so on a line of its own: it skipped in silence, so the end of one line ran into the
+/// middle of another, and that spliced line (`620322741385` between 620324 and 2741386) read as output.
+pub fn follow(rx: broadcast::Receiver<Bytes>) -> impl futures_util::Stream<Item = Bytes> {
+    use tokio::sync::broadcast::error::RecvError;
+    // The state's flag: what went out last ended its line (so the notice needs no line end of its own).
+    futures_util::stream::unfold((rx, true), |(mut rx, at_line_start)| async move {
+        match rx.recv().await {
+            Ok(b) => {
+                let ends = b.last().map_or(at_line_start, |c| *c == b'\n');
+                Some((b, (rx, ends)))
+            }
+            Err(RecvError::Lagged(n)) => {
+                let notice = format!(
+                    "{}[xcluster: {n} chunk{} of output skipped here, this reader fell behind; the log file has them]\n",
+                    if at_line_start { "" } else { "\n" },
+                    if n == 1 { "" } else { "s" },
+                );
+                Some((Bytes::from(notice), (rx, true)))
+            }
+            Err(RecvError::Closed) => None,
+        }
+    })
+}
+
 /// A log shared by stdout and stderr when `redirect_stderr` is set.
 pub type SharedLog = std::sync::Arc<std::sync::Mutex<RotatingLog>>;
 
@@ -256,6 +287,39 @@ pub async fn read_from(path: &Path, at: &mut u64, max: u64) -> std::io::Result<V
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A follower that falls behind says where it skipped, on a line of its own, and goes on.
+    #[tokio::test]
+    async fn a_lagging_follower_says_it_skipped() {
+        use futures_util::StreamExt;
+        let (tx, rx) = broadcast::channel(2);
+        let mut more = std::pin::pin!(follow(rx));
+        for chunk in ["a1\na2", "-cut\n", "b1\n", "c1\n"] {
+            tx.send(Bytes::from(chunk)).unwrap();
+        }
+        let notice = more.next().await.unwrap();
+        assert_eq!(
+            notice,
+            "[xcluster: 2 chunks of output skipped here, this reader fell behind; the log file has them]\n"
+        );
+        assert_eq!(more.next().await.unwrap(), "b1\n");
+        assert_eq!(more.next().await.unwrap(), "c1\n");
+        tx.send(Bytes::from("d1\nd2")).unwrap();
+        assert_eq!(more.next().await.unwrap(), "d1\nd2");
+        for chunk in ["e1\n", "f1\n", "g1\n"] {
+            tx.send(Bytes::from(chunk)).unwrap();
+        }
+        // The last chunk out ended mid-line: the notice starts a line of its own.
+        let notice = more.next().await.unwrap();
+        assert!(
+            notice.starts_with(b"\n[xcluster: 1 chunk of output"),
+            "{notice:?}"
+        );
+        drop(tx);
+        assert_eq!(more.next().await.unwrap(), "f1\n");
+        assert_eq!(more.next().await.unwrap(), "g1\n");
+        assert!(more.next().await.is_none());
+    }
 
     /// A followed log is read on from where the last read ended, in chunks, and from the start once it
     /// shrank.
@@ -375,5 +439,6 @@ mod tests {
         assert_eq!(std::fs::metadata(numbered(&path, 1)).unwrap().len(), 1024);
         // Clearing a log that was never written is no error.
         clear(&dir.path().join("none.log")).unwrap();
+        clear(&dir.path().join("no-dir/none.log")).unwrap();
     }
 }

@@ -194,6 +194,17 @@ impl Machine {
                 self.start_failures = 0;
                 self.go(State::Running, &mut step);
             }
+            // With `startsecs = 0` a process counts as started once spawned, as in Supervisord: its exit is
+            // a RUNNING one's, which `autorestart` and `exitcodes` judge. The zero timer that says so is a
+            // message, and a quick process (a one-shot task) exited before it came: its clean exit was taken
+            // for a failed start, so it ran again and again and ended FATAL.
+            (State::Starting, Event::Exited(e)) if p.startsecs.is_zero() => {
+                self.start_failures = 0;
+                self.go(State::Running, &mut step);
+                let rest = self.handle(Event::Exited(e), p, now, rand01);
+                step.actions.extend(rest.actions);
+                step.transitions.extend(rest.transitions);
+            }
             (State::Starting, Event::Exited(_) | Event::SpawnFailed) => {
                 if let Event::Exited(e) = ev {
                     self.last_exit = Some(e);

@@ -108,6 +108,31 @@ fn starting_exit_goes_to_backoff_with_growing_delay() {
     );
 }
 
+/// `startsecs = 0`: started once spawned, so an exit before the zero timer's message is a RUNNING exit that
+/// `autorestart` judges, not a failed start (a one-shot task ran four times and ended FATAL).
+#[test]
+fn with_startsecs_zero_an_exit_before_the_timer_is_a_running_exit() {
+    let mut t = T::new();
+    t.p.startsecs = Duration::ZERO;
+    t.ev(Event::Start);
+    let s = t.ev(Event::Exited(CLEAN));
+    assert_eq!(s.transitions, vec![(Starting, Running), (Running, Exited)]);
+    assert!(s.actions.is_empty());
+    assert_eq!(t.m.start_failures, 0);
+    // The timer that comes late changes nothing.
+    assert_eq!(t.ev(Event::Timer(1)), Step::default());
+    t.ev(Event::Start);
+    let s = t.ev(Event::Exited(CRASH));
+    assert_eq!(
+        s.transitions,
+        vec![(Starting, Running), (Running, Exited), (Exited, Starting)]
+    );
+    assert_eq!(t.m.restart_count, 1);
+    // A spawn that fails is still a failed start.
+    let s = t.ev(Event::SpawnFailed);
+    assert_eq!(s.transitions, vec![(Starting, Backoff)]);
+}
+
 #[test]
 fn spawn_failure_is_a_failed_start() {
     let mut t = T::new();

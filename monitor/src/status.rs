@@ -33,6 +33,9 @@ pub struct ProcStatus {
     pub restarts: u64,
     pub exit_code: Option<i32>,
     pub exit_signal: Option<i32>,
+    /// The last exit's code is in `exitcodes`: an EXITED program ended as it should (a one-shot task), which
+    /// `ctl start` answers as started rather than as an abnormal termination.
+    pub exit_expected: bool,
     /// Ready for dependents: RUNNING and (no readiness probe, or it passes).
     pub ready: bool,
     pub liveness: Option<ProbeStatus>,

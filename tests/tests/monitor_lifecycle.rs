@@ -51,6 +51,41 @@ backoff_initial_ms = 50
     assert_eq!(m.state("expected"), "EXITED");
 }
 
+/// A one-shot task with `startsecs = 0` (Supervisord's way to run one) exits at once: that is a run, judged
+/// by `autorestart` and `exitcodes`, not a failed start. It was taken for one, so the task ran four times and
+/// ended FATAL ("exited too quickly: exit status 0").
+#[test]
+fn a_one_shot_task_with_startsecs_zero_runs_once_and_is_exited() {
+    let m = Mon::start(
+        r#"
+[programs.oneshot]
+command = "/bin/sh -c 'echo ran >> {run_dir}/oneshot.runs'"
+startsecs = 0
+autorestart = false
+[programs.task]
+command = "/bin/sh -c 'echo ran >> {run_dir}/task.runs; exit 3'"
+startsecs = 0
+exitcodes = [3]
+"#,
+    );
+    for (name, code) in [("oneshot", 0), ("task", 3)] {
+        let p = m.wait_state(name, "EXITED", T);
+        assert_eq!(p["exit_code"], code);
+        assert_eq!(p["restarts"], 0);
+        let runs = std::fs::read_to_string(m.dir.path().join(format!("run/{name}.runs"))).unwrap();
+        assert_eq!(runs, "ran\n", "{name} ran more than once");
+    }
+    // Started again, it runs and ends as it should: started, as supervisorctl says, not an "abnormal
+    // termination: exit status 0" (exit 1). (A process still running at ctl's look is plainly "started".)
+    let said = m.ctl_ok(&["start", "oneshot"]);
+    assert!(said.starts_with("oneshot: started"), "{said}");
+    let o = m.ctl(&["start", "task"]);
+    assert!(out(&o).starts_with("task: started"), "{}", out(&o));
+    m.wait_state("task", "EXITED", T);
+    let runs = std::fs::read_to_string(m.dir.path().join("run/task.runs")).unwrap();
+    assert_eq!(runs, "ran\nran\n");
+}
+
 #[test]
 fn startretries_lead_to_fatal_which_is_retried_after_the_cooldown() {
     let m = Mon::start(
@@ -254,6 +289,38 @@ backoff_initial_ms = 50
     );
 }
 
+/// A wrapper shell that does not exec (`sh -c 'sh server.sh; true'`) dies of the stop signal at once, while
+/// the server it runs, signalled with the group, shuts down cleanly: the monitor waits for the rest of the
+/// group (within `stopwaitsecs`) before it calls the program stopped. It SIGKILLed the group as soon as the
+/// wrapper exited, so the server's clean shutdown never finished.
+#[test]
+fn a_stop_lets_the_rest_of_the_group_finish_after_its_leader_exits() {
+    let dir = tempfile::tempdir().unwrap();
+    let (up, clean) = (dir.path().join("up"), dir.path().join("clean"));
+    let server = write_file(
+        dir.path(),
+        "server.sh",
+        &format!(
+            "trap 'sleep 0.5; echo clean > {clean}; exit 0' TERM\necho $$ > {up}\nwhile :; do sleep 0.1; done\n",
+            clean = clean.display(),
+            up = up.display()
+        ),
+    );
+    let m = Mon::start(&format!(
+        "[programs.wrap]\ncommand = \"/bin/sh -c 'sh {}; true'\"\nstartsecs = 0\nstopwaitsecs = 10\n",
+        server.display()
+    ));
+    m.wait_state("wrap", "RUNNING", T);
+    let server_pid: i32 = eventually(T, "the server up", || {
+        std::fs::read_to_string(&up).ok()?.trim().parse().ok()
+    });
+    let said = m.ctl_ok(&["stop", "wrap"]);
+    assert_eq!(said.trim(), "wrap: stopped");
+    // Stopped means the whole group is: the server finished its shutdown first.
+    assert_eq!(std::fs::read_to_string(&clean).unwrap_or_default(), "clean\n");
+    assert!(!alive(server_pid));
+}
+
 /// `redirect_stderr` is `2>&1`: one pipe, so stdout and stderr lines keep their order; `tail` says when a
 /// stream has no log of its own; a spawn error says what could not be done.
 #[test]
@@ -311,4 +378,24 @@ fatal_retry_secs = 0
         let error = p["spawn_error"].as_str().unwrap_or_default().to_string();
         assert!(error.contains(says), "{name}: {p}");
     }
+}
+
+/// `clear` of a program whose stderr goes to its stdout (`redirect_stderr`) and whose log is in a directory
+/// of its own empties that log and says so. It also tried the stderr log, which is never written, and
+/// failed (exit 1) on the default log directory nothing had made.
+#[test]
+fn clear_of_a_redirected_program_clears_its_one_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("x.log");
+    let m = Mon::start(&format!(
+        "[programs.x]\ncommand = \"/bin/sh -c 'echo one; echo two >&2; exec sleep 300'\"\nstartsecs = 0\n\
+         redirect_stderr = true\nstdout_logfile = \"{}\"\n",
+        log.display()
+    ));
+    eventually(T, "x's output in its log", || {
+        (std::fs::read_to_string(&log).ok()? == "one\ntwo\n").then_some(())
+    });
+    let o = m.ctl(&["clear", "x"]);
+    assert_says(&o, 0, "x: cleared");
+    assert_eq!(std::fs::read_to_string(&log).unwrap(), "");
 }

@@ -189,3 +189,43 @@ fn a_second_monitor_on_the_same_run_dir_is_refused() {
     // The first monitor is untouched by the refused one.
     m.wait_state("x", "RUNNING", T);
 }
+
+/// An adopted program's stop is a spawned one's: once a wrapper shell (no exec) dies of the stop signal,
+/// the server it runs still finishes its clean shutdown, within `stopwaitsecs`, before the program is
+/// stopped. The adopted process's watch SIGKILLed the group as soon as the wrapper exited.
+#[test]
+fn an_adopted_program_stops_as_a_spawned_one_with_the_rest_of_its_group() {
+    let dir = std::sync::Arc::new(tempfile::tempdir().unwrap());
+    let (up, clean) = (dir.path().join("up"), dir.path().join("clean"));
+    let server = write_file(
+        dir.path(),
+        "server.sh",
+        &format!(
+            "trap 'sleep 0.5; echo clean > {clean}; exit 0' TERM\necho $$ > {up}\nwhile :; do sleep 0.1; done\n",
+            clean = clean.display(),
+            up = up.display()
+        ),
+    );
+    let programs = format!(
+        "[programs.wrap]\ncommand = \"/bin/sh -c 'sh {}; true'\"\nstartsecs = 0\nstopwaitsecs = 10\n",
+        server.display()
+    );
+    let addr = free_addr();
+    let mut first = Mon::start_in(dir.clone(), addr, &programs);
+    first.wait_state("wrap", "RUNNING", T);
+    let pid = first.pid("wrap").unwrap();
+    let server_pid: i32 = eventually(T, "the server up", || {
+        std::fs::read_to_string(&up).ok()?.trim().parse().ok()
+    });
+    first.proc.signal(nix::sys::signal::Signal::SIGKILL);
+    first.proc.wait_exit(T).unwrap();
+
+    let second = Mon::start_in(dir.clone(), addr, &programs);
+    let p = second.wait_state("wrap", "RUNNING", T);
+    assert_eq!(p["pid"], pid, "adopted: {p}");
+    let said = second.ctl_ok(&["stop", "wrap"]);
+    assert_eq!(said.trim(), "wrap: stopped");
+    assert_eq!(std::fs::read_to_string(&clean).unwrap_or_default(), "clean\n");
+    assert!(!alive(server_pid));
+    drop(first);
+}

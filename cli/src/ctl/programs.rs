@@ -444,6 +444,11 @@ fn outcome(p: &Value, goal: Goal) -> Option<Result<String, String>> {
                 .or(p["fatal_reason"].as_str())
                 .unwrap_or("fatal")
                 .to_string())),
+            // Ran and ended as it should (a one-shot task, `startsecs = 0`): supervisorctl says "started".
+            "EXITED" if p["exit_expected"] == true => Some(Ok(match last_exit(p) {
+                Some(exit) => format!("started, then exited: {exit}"),
+                None => "started, then exited".into(),
+            })),
             "EXITED" => Some(Err(abnormal_termination(last_exit(p)))),
             // Stopped and waiting for nothing: someone else stopped it meanwhile.
             "STOPPED" if items(&p["waiting_for"]).is_empty() => Some(Err("stopped".into())),

@@ -297,7 +297,13 @@ impl Supervisor {
         let Some(p) = self.procs.get(name) else {
             return (false, "gone".into());
         };
-        let logs = [&p.spec.stdout, &p.spec.stderr];
+        // With `redirect_stderr` the stderr log is never written (nor its directory made): clearing it
+        // failed the whole command when that directory did not exist.
+        let logs = if p.spec.redirect_stderr {
+            vec![&p.spec.stdout]
+        } else {
+            vec![&p.spec.stdout, &p.spec.stderr]
+        };
         let paths: Vec<&std::path::Path> = logs.iter().filter_map(|l| l.path.as_deref()).collect();
         if paths.is_empty() {
             return (false, "no log file".into());

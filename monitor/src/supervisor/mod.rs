@@ -51,6 +51,8 @@ pub(crate) struct Proc {
     pub start_time: u64,
     /// Its output pipes, as the state file records them for a monitor that adopts it.
     pub pipes: child::Pipes,
+    /// Its process has been sent the stop signal (see [`child::Spawned::stopping`]).
+    pub stopping: Arc<std::sync::atomic::AtomicBool>,
     pub spawn_id: u64,
     pub started_unix_ms: Option<u64>,
     pub probes: Option<CancellationToken>,
@@ -210,9 +212,11 @@ impl Supervisor {
             let pid = u32::try_from(e.pid).unwrap_or(0);
             self.next_id += 1;
             let spawn_id = self.next_id;
+            let stopping = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let stop = (stopping.clone(), p.spec.policy.stopwait);
             let watched = crate::statefile::open_pidfd(&e).and_then(|fd| {
                 child::take_output(&fd, &p.spec, e.pipes, &p.outputs)?;
-                child::watch_adopted(e.name.clone(), pid, fd, spawn_id, self.exits.clone())
+                child::watch_adopted(e.name.clone(), pid, fd, spawn_id, stop, self.exits.clone())
             });
             if let Err(err) = watched {
                 warn!(program = %e.name, pid, error = %err, "cannot watch a process left by the previous monitor; replacing it");
@@ -220,6 +224,7 @@ impl Supervisor {
                 continue;
             }
             p.pid = pid;
+            p.stopping = stopping;
             p.start_time = e.start_time;
             p.pipes = e.pipes;
             p.spawn_id = spawn_id;
@@ -289,6 +294,7 @@ impl Supervisor {
                         p.pid = s.pid;
                         p.start_time = s.start_time;
                         p.pipes = s.pipes;
+                        p.stopping = s.stopping;
                         p.started_unix_ms = Some(unix_ms());
                         p.spawn_error = None;
                         p.liveness = None;
@@ -304,6 +310,7 @@ impl Supervisor {
                 }
             }
             Action::SignalStop => {
+                p.stopping.store(true, std::sync::atomic::Ordering::Relaxed);
                 if let Err(e) = child::signal_group(p.pid, p.spec.stopsignal) {
                     warn!(program = name, pid = p.pid, error = %e, "cannot signal");
                 } else if !child::stops_the_process(p.spec.stopsignal) {
@@ -582,6 +589,7 @@ impl Supervisor {
             pid: 0,
             start_time: 0,
             pipes: child::Pipes::default(),
+            stopping: Arc::default(),
             spawn_id: 0,
             started_unix_ms: None,
             probes: None,
