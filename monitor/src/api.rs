@@ -588,7 +588,7 @@ async fn signal_of(req: Request<Incoming>) -> Result<nix::sys::signal::Signal, R
             body.signal
         }
     };
-    crate::program::parse_signal(&name).ok_or_else(|| {
+    crate::command::parse_signal(&name).ok_or_else(|| {
         error(
             StatusCode::BAD_REQUEST,
             "bad_signal",

@@ -259,29 +259,34 @@ impl DaemonConfig for Config {
     }
 }
 
-/// Each log file is written by one stream. Two writers of a file rotate it each by its own count, so one
-/// writes on in the file the other moved to a backup: `numprocs = 2` with one `stdout_logfile` lost an
+/// Each rotating log file is written by one stream. Two writers of a file rotate it each by its own count,
+/// so one writes on in the file the other moved to a backup: `numprocs = 2` with one `stdout_logfile` lost an
 /// instance's last lines off the end of the backups. (`redirect_stderr` writes stderr to the stdout log.)
+/// Writers that never rotate may share a file, each appending whole chunks: `stdout_logfile_maxbytes = 0`,
+/// or a device such as `/dev/stdout`, Supervisord's idiom in a container, which is never rotated.
 fn check_log_files(processes: &[ProcessSpec], v: &mut Validator) {
-    let mut writers: BTreeMap<&std::path::Path, String> = BTreeMap::new();
+    let mut writers: BTreeMap<&std::path::Path, (String, bool)> = BTreeMap::new();
     for s in processes {
         let streams = [("stdout", &s.stdout), ("stderr", &s.stderr)];
         for (stream, log) in streams.into_iter().take(if s.redirect_stderr { 1 } else { 2 }) {
             let Some(path) = log.path.as_deref() else {
                 continue;
             };
+            let rotates = log.maxbytes > 0 && !crate::logs::is_device(path);
             let this = format!("{}'s {stream}", s.name);
             match writers.get(path) {
-                Some(first) => v.error(
+                Some((first, first_rotates)) if rotates || *first_rotates => v.error(
                     format!("programs.{}.{stream}_logfile", s.group),
                     format!(
-                        "{} is also {first} log: each stream needs a file of its own (put {{name}} in \
-                         the path, or set redirect_stderr)",
+                        "{} is also {first} log, and rotates: each stream needs a file of its own (put \
+                         {{name}} in the path, or set redirect_stderr), or every writer of it \
+                         {stream}_logfile_maxbytes = 0",
                         path.display()
                     ),
                 ),
+                Some(_) => {}
                 None => {
-                    writers.insert(path, this);
+                    writers.insert(path, (this, rotates));
                 }
             }
         }
@@ -360,8 +365,29 @@ mod tests {
         });
         assert_eq!(both.len(), 1, "{both:?}");
         assert_eq!(both[0].key, "programs.web.stderr_logfile");
-        // Fine: one instance, its name in the path, or stderr into the stdout log.
+        // Fine: one instance, its name in the path, stderr into the stdout log, writers that never rotate
+        // (maxbytes 0, or a device: Supervisord's `/dev/stdout` in a container).
         assert!(issues(base.clone()).is_empty());
+        for path in ["/dev/stdout", "/dev/null"] {
+            assert!(
+                issues(RawProgram {
+                    numprocs: 2,
+                    stdout_logfile: path.into(),
+                    stderr_logfile: path.into(),
+                    ..base.clone()
+                })
+                .is_empty(),
+                "{path}"
+            );
+        }
+        assert!(
+            issues(RawProgram {
+                numprocs: 2,
+                stdout_logfile_maxbytes: 0,
+                ..base.clone()
+            })
+            .is_empty()
+        );
         assert!(
             issues(RawProgram {
                 numprocs: 2,

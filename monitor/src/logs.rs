@@ -33,13 +33,15 @@ impl RotatingLog {
             std::fs::create_dir_all(dir)?;
         }
         let file = OpenOptions::new().create(true).append(true).open(path)?;
-        let size = file.metadata()?.len();
+        let meta = file.metadata()?;
         Ok(Some(Self {
             path: path.clone(),
-            maxbytes: spec.maxbytes,
+            // Only a regular file rotates: a device (`/dev/stdout`, Supervisord's idiom in a container) or a
+            // FIFO counted its bytes up to `maxbytes` and then renamed `/dev/stdout` itself to a backup.
+            maxbytes: if meta.is_file() { spec.maxbytes } else { 0 },
             backups: spec.backups,
             file,
-            size,
+            size: meta.len(),
         }))
     }
 
@@ -92,6 +94,12 @@ impl RotatingLog {
         self.size = 0;
         Ok(())
     }
+}
+
+/// Whether `path` names a device or a FIFO rather than a file: under `/dev/`, or there already and not a
+/// regular file. Such a log is never rotated.
+pub fn is_device(path: &Path) -> bool {
+    path.starts_with("/dev/") || std::fs::metadata(path).is_ok_and(|m| !m.is_file())
 }
 
 /// Empties the log at `path` and removes its rotated backups (`<path>.1`, ...). A writer keeps writing to
@@ -287,6 +295,36 @@ pub async fn read_from(path: &Path, at: &mut u64, max: u64) -> std::io::Result<V
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A log that is not a regular file (a FIFO here; `/dev/stdout` in a container) is never rotated: a
+    /// rotation renamed it to a backup and put a plain file in its place.
+    #[test]
+    fn a_log_that_is_no_regular_file_is_not_rotated() {
+        use std::io::Read;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("out.fifo");
+        nix::unistd::mkfifo(&path, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let reader = {
+            let path = path.clone();
+            std::thread::spawn(move || {
+                let mut all = Vec::new();
+                std::fs::File::open(path).unwrap().read_to_end(&mut all).unwrap();
+                all.len()
+            })
+        };
+        let spec = LogSpec {
+            path: Some(path.clone()),
+            maxbytes: 16,
+            backups: 2,
+        };
+        let mut log = RotatingLog::open(&spec).unwrap().unwrap();
+        for _ in 0..10 {
+            log.write(b"0123456789\n").unwrap();
+        }
+        drop(log);
+        assert_eq!(reader.join().unwrap(), 110, "every line reached the reader");
+        assert!(is_device(&path) && !numbered(&path, 1).exists());
+    }
 
     /// A follower that falls behind says where it skipped, on a line of its own, and goes on.
     #[tokio::test]

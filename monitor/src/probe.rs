@@ -99,7 +99,7 @@ impl RawProbe {
                 addr: self.tcp.clone(),
             }
         } else {
-            let argv = crate::program::split_command(&self.command).unwrap_or_else(|e| {
+            let argv = crate::command::split_command(&self.command).unwrap_or_else(|e| {
                 v.error(format!("{key}.command"), e);
                 Vec::new()
             });
