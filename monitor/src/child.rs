@@ -159,9 +159,8 @@ pub fn spawn(
     } else {
         RotatingLog::open(&spec.stderr)?.map(|l| Arc::new(Mutex::new(l)))
     };
-    let mut child = cmd
-        .spawn()
-        .map_err(|e| explain(e, prog, spec.directory.as_deref()))?;
+    let (mut child, own) =
+        crate::reaper::spawn(&mut cmd).map_err(|e| explain(e, prog, spec.directory.as_deref()))?;
     // The write ends held for the child go with the command, so the readers see end of file once the
     // process (and whatever inherited its output) is gone.
     drop(cmd);
@@ -190,6 +189,7 @@ pub fn spawn(
                 signal: None,
             },
         };
+        drop(own);
         end_group(pid, &stop_asked, stopwait).await;
         let _ = exits.send(Exit { name, spawn_id, info });
     });

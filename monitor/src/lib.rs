@@ -15,6 +15,7 @@ pub mod policy;
 pub mod probe;
 mod probes;
 pub mod program;
+mod reaper;
 pub mod roll;
 pub mod select;
 mod snapshot;
@@ -116,6 +117,8 @@ pub async fn run(ctx: Context<Config>) -> Result<(), Error> {
     .await?;
     info!(dashboard = %format!("http://{local}/"), "monitor ready");
     tokio::spawn(rotate_own_log(ctx.config.clone(), drain.clone()));
+    // Until the process ends: the programs' orphans may exit during the shutdown too.
+    tokio::spawn(reaper::run(ctx.shutdown.stop_token()));
     tokio::spawn(watch_reloads(
         ctx.reloader.clone(),
         ctx.config.clone(),

@@ -20,6 +20,8 @@ xcluster_runtime::metric_names! {
     pub const PROGRAM_READY: &str = "xcluster_monitor_program_ready";
     /// Supervised processes.
     pub const PROGRAMS: &str = "xcluster_monitor_programs";
+    /// Orphaned processes reaped while the monitor runs as PID 1 (a container's entrypoint).
+    pub const ORPHANS_REAPED_TOTAL: &str = "xcluster_monitor_orphans_reaped_total";
 }
 
 /// Installs the collector that writes these series from the latest status at each scrape, so a program a

@@ -184,15 +184,16 @@ impl ProbeSpec {
             }
             ProbeKind::Command { argv } => {
                 let (prog, args) = argv.split_first().ok_or("empty command")?;
-                let status = tokio::process::Command::new(prog)
-                    .args(args)
+                let mut cmd = tokio::process::Command::new(prog);
+                cmd.args(args)
                     .stdin(std::process::Stdio::null())
                     .stdout(std::process::Stdio::null())
                     .stderr(std::process::Stdio::null())
-                    .kill_on_drop(true)
-                    .status()
-                    .await
-                    .map_err(|e| format!("run {prog}: {e}"))?;
+                    .kill_on_drop(true);
+                // Registered while waited for: as PID 1 the monitor reaps only children it does not wait for.
+                let (mut child, _own) =
+                    crate::reaper::spawn(&mut cmd).map_err(|e| format!("run {prog}: {e}"))?;
+                let status = child.wait().await.map_err(|e| format!("run {prog}: {e}"))?;
                 if status.success() {
                     Ok(())
                 } else {

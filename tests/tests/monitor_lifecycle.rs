@@ -399,3 +399,101 @@ fn clear_of_a_redirected_program_clears_its_one_log() {
     assert_says(&o, 0, "x: cleared");
     assert_eq!(std::fs::read_to_string(&log).unwrap(), "");
 }
+
+/// `(state, ppid, comm)` of process `pid`, from `/proc/<pid>/stat`.
+fn stat_of(pid: i32) -> Option<(char, i32, String)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (head, rest) = stat.rsplit_once(')')?;
+    let comm = head.split_once('(')?.1.to_string();
+    let mut fields = rest.split_whitespace();
+    let state = fields.next()?.chars().next()?;
+    Some((state, fields.next()?.parse().ok()?, comm))
+}
+
+/// The children of `parent`, each with its state.
+fn children_of(parent: i32) -> Vec<(i32, char, String)> {
+    let pids = std::fs::read_dir("/proc").unwrap().flatten();
+    pids.filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter_map(|pid| {
+            let (state, ppid, comm) = stat_of(pid)?;
+            (ppid == parent).then_some((pid, state, comm))
+        })
+        .collect()
+}
+
+/// A monitor that is PID 1 (a container's entrypoint: here in a PID namespace of its own) is handed every
+/// orphan of its programs, and reaps each once it exits, as an init does. It left them zombies for good, one
+/// per helper a program forked and left (`cmd &` in a shell that exits). Its own programs' exits are still
+/// seen with their status.
+#[test]
+fn as_pid_1_the_monitor_reaps_the_orphans_it_is_handed() {
+    let dir = tempfile::tempdir().unwrap();
+    let addr = free_addr();
+    let programs = r#"
+[programs.forks]
+command = "/bin/sh -c '(sleep 1 & sleep 1 & sleep 1 &) ; exec sleep 1000'"
+startsecs = 0
+[programs.once]
+command = "/bin/sh -c 'sleep 0.5; exit 3'"
+autorestart = false
+startsecs = 0
+"#;
+    let config = write_file(
+        dir.path(),
+        "monitor.toml",
+        &config_text(addr, dir.path(), programs),
+    );
+    let bin = xcluster_bin();
+    let mut unshare = Proc::spawn(
+        "monitor as PID 1",
+        std::path::Path::new("unshare"),
+        Spawn {
+            args: ["--fork", "--pid", "--kill-child", bin.to_str().unwrap()]
+                .into_iter()
+                .chain(["monitor", "--config", config.to_str().unwrap()])
+                .map(String::from)
+                .collect(),
+            ..Default::default()
+        },
+    );
+    wait_ready(addr, T);
+    let monitor = eventually(T, "the monitor under unshare", || {
+        children_of(unshare.pid() as i32).first().map(|c| c.0)
+    });
+    let status = get(addr, "/v1/status").unwrap().json();
+    assert_eq!(status["monitor"]["pid"], 1, "{status}");
+    // The three sleeps are handed to the monitor when their subshell exits, then exit themselves.
+    eventually(T, "the orphans handed to the monitor", || {
+        let sleeps = children_of(monitor)
+            .into_iter()
+            .filter(|c| c.2 == "sleep")
+            .count();
+        (sleeps == 4).then_some(())
+    });
+    eventually(T, "every orphan reaped", || {
+        let left = children_of(monitor);
+        let zombies: Vec<_> = left.iter().filter(|c| c.1 == 'Z').collect();
+        (zombies.is_empty() && left.iter().filter(|c| c.2 == "sleep").count() == 1).then_some(())
+    });
+    let reaped = metric_value(
+        &get(addr, "/metrics").unwrap().body,
+        "xcluster_monitor_orphans_reaped_total",
+        "",
+    );
+    assert_eq!(reaped, Some(3.0));
+    let once = eventually(T, "once EXITED", || {
+        let s = get(addr, "/v1/status").unwrap().json();
+        listed(&s, "once").filter(|p| p["state"] == "EXITED").cloned()
+    });
+    assert_eq!(
+        once["exit_code"], 3,
+        "its own child's status is still its waiter's: {once}"
+    );
+    // unshare passes no signal on: the monitor is stopped itself, and unshare ends with it.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(monitor),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    assert!(unshare.wait_exit(T).is_some(), "the monitor stopped");
+}
