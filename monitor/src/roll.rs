@@ -120,6 +120,12 @@ fn outcome(p: &Proc) -> Option<Result<String, String>> {
             .m
             .fatal_message(p.spawn_error.as_deref())
             .unwrap_or_else(|| "fatal".into()))),
+        // A one-shot task that ran and ended as its `exitcodes` expect came back as it should, as `ctl restart`
+        // of it says; a roll of such tasks stopped at the first, as if it had failed.
+        State::Exited if Supervisor::exit_expected(p) => Some(Ok(match p.m.last_exit {
+            Some(e) => format!("started, then exited: {e}"),
+            None => "started, then exited".into(),
+        })),
         State::Exited => Some(Err(crate::status::abnormal_termination(p.m.last_exit))),
         // Stopped and not about to start: someone stopped it meanwhile.
         State::Stopped if !p.wanted && !p.m.restart_pending() => Some(Err("stopped".into())),

@@ -22,8 +22,7 @@ pub(crate) fn build(sup: &Supervisor) -> Snapshot {
                 restarts: p.m.restart_count,
                 exit_code: exit.and_then(|e| e.code),
                 exit_signal: exit.and_then(|e| e.signal),
-                exit_expected: (exit.and_then(|e| e.code))
-                    .is_some_and(|c| p.spec.policy.exitcodes.contains(&c)),
+                exit_expected: Supervisor::exit_expected(p),
                 ready: Supervisor::is_ready(p),
                 liveness: p.liveness.clone(),
                 readiness: p.readiness.clone(),

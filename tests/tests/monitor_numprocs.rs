@@ -448,3 +448,31 @@ period_ms = 50
     );
     assert_eq!(m.pid("app-2"), Some(app_2));
 }
+
+/// A roll of one-shot tasks: each runs, and ends as its `exitcodes` expect, which is how it should come back
+/// (never ready: its readiness command fails, so only its exit decides). The roll stopped at the first one,
+/// calling its clean exit an abnormal termination.
+#[test]
+fn a_rolling_restart_of_one_shot_tasks_takes_their_expected_exits_as_done() {
+    let m = Mon::start(
+        r#"
+[programs.job]
+command = "/bin/sh -c 'sleep 0.2; exit 0'"
+numprocs = 2
+startsecs = 0
+autorestart = false
+[programs.job.readiness]
+command = "false"
+period_ms = 50
+"#,
+    );
+    for name in ["job-0", "job-1"] {
+        m.wait_state(name, "EXITED", T);
+    }
+    let o = m.ctl(&["restart", "--rolling", "job:*"]);
+    assert_says(
+        &o,
+        0,
+        "job-0: started, then exited: exit status 0\njob-1: started, then exited: exit status 0",
+    );
+}

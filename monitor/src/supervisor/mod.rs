@@ -437,6 +437,11 @@ impl Supervisor {
         }
     }
 
+    /// Whether `p`'s last exit was one its `exitcodes` expect: EXITED so, a one-shot task ended as it should.
+    pub fn exit_expected(p: &Proc) -> bool {
+        (p.m.last_exit.and_then(|e| e.code)).is_some_and(|c| p.spec.policy.exitcodes.contains(&c))
+    }
+
     /// Whether `p` counts as ready for its dependents: not while a stop of it is held.
     pub fn is_ready(p: &Proc) -> bool {
         p.held.is_none()
