@@ -1515,6 +1515,37 @@ fn a_check_port_checks_a_side_port_instead() {
     assert_eq!(check_verdict(&m, nothing_on_service), (0.0, 0.0), "{m}");
 }
 
+/// A backend its checks put down gets no client even when it is the only one, though it would accept the
+/// connect (here its side port fails, as Patroni's `/primary` does on a replica): the client is closed at
+/// once, as HAProxy refuses a client when every server is down, and the backend stays down.
+#[test]
+fn a_backend_down_by_its_checks_gets_no_client_though_it_accepts() {
+    let (service, side_dead) = (echo_backend(), dead_addr());
+    let front = free_addr();
+    let proxy = format!(
+        "check_interval_ms = 100\ncheck_fall = 1\n{}\
+         [[proxy.backends]]\naddr = \"{service}\"\ncheck_port = {}\n",
+        listener("web", front),
+        side_dead.port(),
+    );
+    let lb = start_lb("io_uring", 1000, &proxy);
+    three_failed_checks(&lb, service);
+    for _ in 0..3 {
+        let mut s = connect(front);
+        let _ = s.write_all(b"ping");
+        assert_closed(&mut s);
+    }
+    lb.wait_web_count("connections_failed_total", 3.0);
+    let m = lb.metrics();
+    let connects = metric_value(
+        &m,
+        "xcluster_lb_proxy_backend_connects_total",
+        &format!("backend=\"{service}\""),
+    );
+    assert_eq!(connects.unwrap_or(0.0), 0.0, "{m}");
+    assert_eq!(check_verdict(&m, service).0, 1.0, "still down:\n{m}");
+}
+
 /// With `log_connections = true`, each connection on that listener leaves one line when it ends: client,
 /// backend, tries, bytes each way and how it ended; a listener without it logs nothing.
 fn connections_are_logged_where_the_listener_asks(rt: &'static str) {

@@ -27,7 +27,7 @@ use super::access::{ConnLog, End};
 use super::acl;
 use super::clients::{ClientCounts, ClientSlot};
 use super::config::{Forwarding, ListenerConfig, ProxyConfig, Timeouts};
-use super::health::{CheckStreaks, Failure, Holds, Verdict, check};
+use super::health::{Answer, CheckStreaks, Failure, Holds, Verdict, check};
 use super::limit::ConnLimit;
 use super::metrics::{
     Assigned, BACKEND_BACKUP, BACKEND_CONFIGURED, BACKEND_MAX_CONNECTIONS, BACKEND_WEIGHT, BackendMetrics,
@@ -185,15 +185,18 @@ impl Shared {
         true
     }
 
-    /// A backend for `ty` other than `tried`, leaving out those held out unless every one left is.
+    /// A backend for `ty` other than `tried`, leaving out those held out unless every one left is; even then
+    /// never one its health checks hold down (see [`super::health`]).
     fn pick(&self, ty: &str, tried: &[SocketAddr], conn: &PickFor<'_>) -> Option<SocketAddr> {
-        match self.holds.exclude(tried) {
-            Some(held) => self
-                .picker
-                .pick(ty, &held, conn)
-                .or_else(|| self.picker.pick(ty, tried, conn)),
-            None => self.picker.pick(ty, tried, conn),
-        }
+        let Some(held) = self.holds.exclude(tried) else {
+            return self.picker.pick(ty, tried, conn);
+        };
+        self.picker
+            .pick(ty, &held, conn)
+            .or_else(|| match self.holds.exclude_down(tried) {
+                Some(down) => self.picker.pick(ty, &down, conn),
+                None => self.picker.pick(ty, tried, conn),
+            })
     }
 
     /// A connect to `addr` failed or timed out: it is counted, told to the picker, held out of the picks for
@@ -244,7 +247,7 @@ impl Shared {
                 debug!(backend = %addr, error = %e, ?verdict, "health check failed");
             }
             match (verdict, checked) {
-                (Verdict::Up, _) => self.answered(addr, bm, "its health checks"),
+                (Verdict::Up, _) => self.answered(addr, bm, Answer::Checks),
                 (Verdict::Down, Err(e)) => {
                     let why = format!("its health checks failed: {e}");
                     self.hold_out(addr, bm, Failure::Checks(until_next), &why);
@@ -253,7 +256,7 @@ impl Shared {
                     }
                 }
                 (Verdict::Rising, _) if !self.holds.keep(addr, until_next) => {
-                    // A client's connect ended the hold meanwhile: it answers.
+                    // A client's connect ended the hold meanwhile (its checks had stopped renewing it): it answers.
                     streaks.up(addr);
                 }
                 _ => {}
@@ -261,20 +264,25 @@ impl Shared {
         }
     }
 
-    /// `addr` accepted a connect (`what`): ends its hold.
-    fn answered(&self, addr: SocketAddr, bm: &BackendMetrics, what: &str) {
+    /// `addr` answered (`by`): ends its hold, unless its checks put it down and `by` is a client's connect.
+    fn answered(&self, addr: SocketAddr, bm: &BackendMetrics, by: Answer) {
         let slow_start = || self.timeouts.load().slow_start;
-        if self.holds.succeeded(addr, slow_start) {
+        if self.holds.succeeded(addr, by, slow_start) {
+            let what = match by {
+                Answer::Connect => "a connect",
+                Answer::Checks => "its health checks",
+            };
             bm.failing.set(0.0);
             let slow_start_ms = slow_start().map(|d| d.as_millis());
             info!(backend = %addr, ?slow_start_ms, "backend answers {what} again; back in the picks");
         }
     }
 
-    /// A connect to `addr`, begun at `started`, succeeded: it is counted, and ends the backend's hold.
+    /// A connect to `addr`, begun at `started`, succeeded: it is counted, and ends the backend's hold, unless
+    /// its health checks hold it down.
     pub fn connected(&self, addr: SocketAddr, bm: &BackendMetrics, started: Instant) {
         bm.connected(started);
-        self.answered(addr, bm, "a connect");
+        self.answered(addr, bm, Answer::Connect);
     }
 
     /// Takes `cfg`'s backends: their metric handles (kept for those already known) and their places.

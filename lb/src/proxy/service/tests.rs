@@ -143,6 +143,49 @@ fn every_backend_tried_turns_around_unless_checks_put_them_down() {
     );
 }
 
+/// A backend its health checks hold down is never picked, not even when every backend is held out (a check
+/// past the connect, an HTTP status or a side port, fails while the connect would succeed), and a client's
+/// connect to it that succeeds anyway (picked just before it went down) does not bring it back; a backend a
+/// client's failed connect holds out still is tried then.
+#[test]
+fn a_backend_down_by_its_checks_gets_no_client() {
+    let cfg = ProxyConfig::for_tests(
+        r#"
+        [[listeners]]
+        listen = "127.0.0.1:7100"
+        [[backends]]
+        addr = "127.0.0.1:1"
+        [[backends]]
+        addr = "127.0.0.1:2"
+        "#,
+    );
+    let shared = Shared::for_tests(&cfg);
+    let l = ListenerState::new(&cfg.listeners[0], None);
+    let client = IpAddr::from([127, 0, 0, 1]);
+    let pick = || {
+        shared
+            .next_backend(&l, &l.cfg.request_type, client, &[], 0, None)
+            .map(|(a, _)| a)
+    };
+    let backends = shared.backends.load_full();
+    let (down, restarting) = (cfg.backends[0].addr, cfg.backends[1].addr);
+    let checks = Failure::Checks(Duration::from_secs(3));
+    shared.hold_out(down, &backends[&down], checks, "test");
+    shared.hold_out(restarting, &backends[&restarting], Failure::Connect, "test");
+    for _ in 0..20 {
+        assert_eq!(
+            pick(),
+            Ok(restarting),
+            "only the one a client's connect holds out"
+        );
+    }
+    shared.hold_out(restarting, &backends[&restarting], checks, "test");
+    assert_eq!(pick().err(), Some(NoBackend::Exhausted), "every one down");
+    shared.connected(down, &backends[&down], Instant::now());
+    assert_eq!(pick().err(), Some(NoBackend::Exhausted), "still down");
+    assert!(shared.holds.exclude(&[]).unwrap().contains(&down));
+}
+
 /// A type's places are those of its capped backends with a weight; one without a cap, or no configured
 /// backend, gives it places without end.
 #[test]
