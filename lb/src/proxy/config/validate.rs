@@ -323,6 +323,20 @@ impl ProxySection {
                 }
             };
             for addr in resolved {
+                // Port 0 is refused at every connect; 0.0.0.0 or :: would reach this host, where HAProxy takes
+                // them for the client's own destination: neither is a server.
+                v.check(
+                    xcluster_proto::report::usable_addr(addr),
+                    &format!("{key}.addr"),
+                    || {
+                        let named = if b.addr.parse::<SocketAddr>().is_ok() {
+                            String::new()
+                        } else {
+                            format!("{:?} resolves to {addr}: ", b.addr)
+                        };
+                        format!("{named}{addr} is no server to connect to: a backend needs a port and an address (not 0.0.0.0 or ::)")
+                    },
+                );
                 let backend = BackendConfig {
                     addr,
                     weight,
