@@ -1546,6 +1546,44 @@ fn a_backend_down_by_its_checks_gets_no_client_though_it_accepts() {
     assert_eq!(check_verdict(&m, service).0, 1.0, "still down:\n{m}");
 }
 
+/// A backend that clients' failed connects hold out already is logged going down when its checks find it
+/// so too, as HAProxy logs a server going DOWN: the operator reading the log sees the checks agree, not only
+/// one client's failed connect and, later, the checks bringing it back.
+#[test]
+fn checks_putting_a_held_backend_down_are_logged() {
+    let (dead, echo) = (dead_addr(), echo_backend());
+    let front = free_addr();
+    let proxy = format!(
+        "check_interval_ms = 1000\ncheck_fall = 2\n{}\
+         [[proxy.backends]]\naddr = \"{dead}\"\nweight = 1000\n\
+         [[proxy.backends]]\naddr = \"{echo}\"\nweight = 1\n",
+        listener("web", front),
+    );
+    let lb = start_lb("io_uring", 1000, &proxy);
+    let of_dead = format!("backend=\"{dead}\"");
+    let client_failed = || {
+        let m = lb.metrics();
+        let connects = metric_value(&m, "xcluster_lb_proxy_backend_connect_failures_total", &of_dead);
+        let checks = metric_value(&m, "xcluster_lb_proxy_backend_check_failures_total", &of_dead);
+        (connects.unwrap_or(0.0), checks.unwrap_or(0.0))
+    };
+    // A client's connect fails before two checks have (a second apart).
+    eventually(T, "a client's connect to the dead backend to fail", || {
+        ping(&mut connect(front), b"hello\n");
+        (client_failed().0 >= 1.0).then_some(())
+    });
+    assert!(
+        client_failed().1 < 2.0,
+        "the checks were first: {:?}",
+        client_failed()
+    );
+    eventually(T, "the checks putting it down to be logged", || {
+        let log = lb.proc.stderr();
+        let down = |l: &&str| l.contains(&dead.to_string()) && l.contains("its health checks failed");
+        log.lines().find(down).map(str::to_owned)
+    });
+}
+
 /// With `log_connections = true`, each connection on that listener leaves one line when it ends: client,
 /// backend, tries, bytes each way and how it ended; a listener without it logs nothing.
 fn connections_are_logged_where_the_listener_asks(rt: &'static str) {

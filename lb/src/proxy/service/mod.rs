@@ -203,19 +203,22 @@ impl Shared {
     /// a while ([`Holds`]) and left out of the connection's next attempts.
     pub fn connect_failed(&self, addr: SocketAddr, bm: &BackendMetrics, tried: &mut Vec<SocketAddr>) {
         bm.connect_failures.increment(1);
-        self.hold_out(addr, bm, Failure::Connect, "a connect failed");
+        self.hold_out(addr, bm, Failure::Connect, "a connect failed", false);
         self.picker.report_failure(addr);
         tried.push(addr);
     }
 
     /// Holds `addr` out of the picks after a failed connect (a client's, `how`) or failed checks; `why` is
-    /// for the log.
-    fn hold_out(&self, addr: SocketAddr, bm: &BackendMetrics, how: Failure, why: &str) {
+    /// for the log. `went_down`: its checks put it down just now, which is logged even when clients' failed
+    /// connects hold it out already (as HAProxy logs a server going DOWN), so the log says the checks agree.
+    fn hold_out(&self, addr: SocketAddr, bm: &BackendMetrics, how: Failure, why: &str, went_down: bool) {
         bm.failing.set(1.0);
         let (hold, fails) = self.holds.failed(addr, how);
         // Once per outage: with every backend down, each connection still tries one, and each check fails.
         if fails == 1 {
             warn!(backend = %addr, why, ?hold, "backend held out of the picks");
+        } else if went_down {
+            warn!(backend = %addr, why, ?hold, "backend down by its health checks");
         }
     }
 
@@ -250,7 +253,7 @@ impl Shared {
                 (Verdict::Up, _) => self.answered(addr, bm, Answer::Checks),
                 (Verdict::Down, Err(e)) => {
                     let why = format!("its health checks failed: {e}");
-                    self.hold_out(addr, bm, Failure::Checks(until_next), &why);
+                    self.hold_out(addr, bm, Failure::Checks(until_next), &why, !was_down);
                     if !was_down {
                         bm.went_down();
                     }

@@ -133,7 +133,7 @@ fn every_backend_tried_turns_around_unless_checks_put_them_down() {
         Some(NoBackend::Exhausted),
         "no attempt left"
     );
-    shared.hold_out(only, &bm, Failure::Checks(Duration::from_secs(3)), "test");
+    shared.hold_out(only, &bm, Failure::Checks(Duration::from_secs(3)), "test", false);
     assert_eq!(
         shared
             .next_backend(&l, &l.cfg.request_type, client, &tried, 1, None)
@@ -170,8 +170,14 @@ fn a_backend_down_by_its_checks_gets_no_client() {
     let backends = shared.backends.load_full();
     let (down, restarting) = (cfg.backends[0].addr, cfg.backends[1].addr);
     let checks = Failure::Checks(Duration::from_secs(3));
-    shared.hold_out(down, &backends[&down], checks, "test");
-    shared.hold_out(restarting, &backends[&restarting], Failure::Connect, "test");
+    shared.hold_out(down, &backends[&down], checks, "test", false);
+    shared.hold_out(
+        restarting,
+        &backends[&restarting],
+        Failure::Connect,
+        "test",
+        false,
+    );
     for _ in 0..20 {
         assert_eq!(
             pick(),
@@ -179,7 +185,7 @@ fn a_backend_down_by_its_checks_gets_no_client() {
             "only the one a client's connect holds out"
         );
     }
-    shared.hold_out(restarting, &backends[&restarting], checks, "test");
+    shared.hold_out(restarting, &backends[&restarting], checks, "test", false);
     assert_eq!(pick().err(), Some(NoBackend::Exhausted), "every one down");
     shared.connected(down, &backends[&down], Instant::now());
     assert_eq!(pick().err(), Some(NoBackend::Exhausted), "still down");
