@@ -291,8 +291,14 @@ impl Shared {
     /// Takes `cfg`'s backends: their metric handles (kept for those already known) and their places.
     fn set_backends(&self, cfg: &ProxyConfig) {
         let old = self.backends.load();
-        let map = backend_handles(cfg, &old, &self.queue);
         let mut retired = Retired::clone(&self.retired.load());
+        // One a reload removed and this one adds back takes its handles again: the connections it still has
+        // count against its max_connections and for least_connections.
+        let mut known: HashMap<SocketAddr, Arc<BackendMetrics>> = (retired.backends.values())
+            .map(|(a, bm)| (*a, bm.clone()))
+            .collect();
+        known.extend(old.iter().map(|(a, bm)| (*a, bm.clone())));
+        let map = backend_handles(cfg, &known, &self.queue);
         retired.backends.retain(|_, (addr, _)| !map.contains_key(addr));
         for (gone, bm) in old.iter().filter(|(a, _)| !map.contains_key(a)) {
             metrics::gauge!(BACKEND_CONFIGURED, "backend" => gone.to_string()).set(0.0);
@@ -330,7 +336,8 @@ impl Shared {
 }
 
 /// The metric handles of `cfg`'s backends, their `backup`, `weight` and `max_connections` gauges set. A
-/// backend in `old` keeps its handles, so its count of open connections stays true across a reload. An
+/// backend in `old` (configured, or removed by an earlier reload) keeps its handles, so its count of open
+/// connections stays true across reloads. An
 /// address in several entries (pools of different types) has one set: its highest weight (0 only when
 /// drained in every pool), and `backup` only when it is one in every pool.
 fn backend_handles(

@@ -192,6 +192,31 @@ fn a_backend_down_by_its_checks_gets_no_client() {
     assert!(shared.holds.exclude(&[]).unwrap().contains(&down));
 }
 
+/// A backend a reload removes while it has connections, and another adds back, still counts them: at its
+/// max_connections it takes no more.
+#[test]
+fn a_backend_removed_and_added_back_keeps_its_open_count() {
+    let cfg = |port: u16| {
+        ProxyConfig::for_tests(&format!(
+            "[[listeners]]\nlisten = \"127.0.0.1:7100\"\n\
+             [[backends]]\naddr = \"127.0.0.1:{port}\"\nmax_connections = 1\n"
+        ))
+    };
+    let shared = Shared::for_tests(&cfg(1));
+    let l = ListenerState::new(&cfg(1).listeners[0], None);
+    let client = IpAddr::from([127, 0, 0, 1]);
+    let pick = || shared.next_backend(&l, &l.cfg.request_type, client, &[], 0, None);
+    let (first, open) = pick().unwrap();
+    assert_eq!(first.port(), 1);
+    shared.set_backends(&cfg(2));
+    shared.picker.on_config(&cfg(2));
+    shared.set_backends(&cfg(1));
+    shared.picker.on_config(&cfg(1));
+    assert_eq!(pick().err(), Some(NoBackend::Full), "its connection still open");
+    drop(open);
+    assert_eq!(pick().unwrap().0, first);
+}
+
 /// A type's places are those of its capped backends with a weight; one without a cap, or no configured
 /// backend, gives it places without end.
 #[test]
