@@ -1515,6 +1515,75 @@ fn a_check_port_checks_a_side_port_instead() {
     assert_eq!(check_verdict(&m, nothing_on_service), (0.0, 0.0), "{m}");
 }
 
+/// A backend its checks put down gets no client even when it is the only one, though it would accept the
+/// connect (here its side port fails, as Patroni's `/primary` does on a replica): the client is closed at
+/// once, as HAProxy refuses a client when every server is down, and the backend stays down.
+#[test]
+fn a_backend_down_by_its_checks_gets_no_client_though_it_accepts() {
+    let (service, side_dead) = (echo_backend(), dead_addr());
+    let front = free_addr();
+    let proxy = format!(
+        "check_interval_ms = 100\ncheck_fall = 1\n{}\
+         [[proxy.backends]]\naddr = \"{service}\"\ncheck_port = {}\n",
+        listener("web", front),
+        side_dead.port(),
+    );
+    let lb = start_lb("io_uring", 1000, &proxy);
+    three_failed_checks(&lb, service);
+    for _ in 0..3 {
+        let mut s = connect(front);
+        let _ = s.write_all(b"ping");
+        assert_closed(&mut s);
+    }
+    lb.wait_web_count("connections_failed_total", 3.0);
+    let m = lb.metrics();
+    let connects = metric_value(
+        &m,
+        "xcluster_lb_proxy_backend_connects_total",
+        &format!("backend=\"{service}\""),
+    );
+    assert_eq!(connects.unwrap_or(0.0), 0.0, "{m}");
+    assert_eq!(check_verdict(&m, service).0, 1.0, "still down:\n{m}");
+}
+
+/// A backend that clients' failed connects hold out already is logged going down when its checks find it
+/// so too, as HAProxy logs a server going DOWN: the operator reading the log sees the checks agree, not only
+/// one client's failed connect and, later, the checks bringing it back.
+#[test]
+fn checks_putting_a_held_backend_down_are_logged() {
+    let (dead, echo) = (dead_addr(), echo_backend());
+    let front = free_addr();
+    let proxy = format!(
+        "check_interval_ms = 1000\ncheck_fall = 2\n{}\
+         [[proxy.backends]]\naddr = \"{dead}\"\nweight = 1000\n\
+         [[proxy.backends]]\naddr = \"{echo}\"\nweight = 1\n",
+        listener("web", front),
+    );
+    let lb = start_lb("io_uring", 1000, &proxy);
+    let of_dead = format!("backend=\"{dead}\"");
+    let client_failed = || {
+        let m = lb.metrics();
+        let connects = metric_value(&m, "xcluster_lb_proxy_backend_connect_failures_total", &of_dead);
+        let checks = metric_value(&m, "xcluster_lb_proxy_backend_check_failures_total", &of_dead);
+        (connects.unwrap_or(0.0), checks.unwrap_or(0.0))
+    };
+    // A client's connect fails before two checks have (a second apart).
+    eventually(T, "a client's connect to the dead backend to fail", || {
+        ping(&mut connect(front), b"hello\n");
+        (client_failed().0 >= 1.0).then_some(())
+    });
+    assert!(
+        client_failed().1 < 2.0,
+        "the checks were first: {:?}",
+        client_failed()
+    );
+    eventually(T, "the checks putting it down to be logged", || {
+        let log = lb.proc.stderr();
+        let down = |l: &&str| l.contains(&dead.to_string()) && l.contains("its health checks failed");
+        log.lines().find(down).map(str::to_owned)
+    });
+}
+
 /// With `log_connections = true`, each connection on that listener leaves one line when it ends: client,
 /// backend, tries, bytes each way and how it ended; a listener without it logs nothing.
 fn connections_are_logged_where_the_listener_asks(rt: &'static str) {

@@ -13,8 +13,12 @@
 //! `check_rise` passing checks in a row bring it back, so one lost check does not take out a busy backend and
 //! one lucky check does not bring back a flapping one. Once a hold runs out the backend may be picked again, and that connection is the probe: a
 //! failure sends the backend out for twice as long, and the connection is redispatched as before.
-//! When every backend a connection could use is held out, the holds are ignored: trying a backend that has
-//! been failing beats turning the client away.
+//! When every backend a connection could use is held out, the holds of failed connects are ignored: trying a
+//! backend that has been failing beats turning the client away. Never those of failed checks: a check may
+//! look past the connect (an HTTP status, an expected answer, a side port such as Patroni's `/primary`), so
+//! a backend it puts down may well accept the connect and must still get no client, as in HAProxy, where a
+//! server down gets nothing and a client finding every one down is refused. Nor does a client's connect that
+//! succeeds end such a hold: only `check_rise` passing checks do.
 //!
 //! Slow start (`slow_start_ms`, HAProxy's `slowstart`): a backend that comes back from a hold gets a share of
 //! the picks that grows from nothing to its whole weight over that time ([`Holds::share`]), so a restarted
@@ -64,6 +68,15 @@ pub enum Failure {
     Checks(Duration),
 }
 
+/// What saw a backend answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Answer {
+    /// A client's connect.
+    Connect,
+    /// Its health checks brought it back (`check_rise` in a row).
+    Checks,
+}
+
 impl Hold {
     fn holds(&self) -> bool {
         self.fails > 0
@@ -100,6 +113,22 @@ impl Holds {
     /// Called on the health-check task's every turn; writes only when there is one to forget.
     pub fn forget_stale(&self) {
         self.forget_stale_at(Instant::now());
+    }
+
+    /// `tried` plus the backends health checks hold down now, or `None` when none is: what a connection must
+    /// never try, even when every backend it could use is held out.
+    pub fn exclude_down(&self, tried: &[SocketAddr]) -> Option<Vec<SocketAddr>> {
+        self.exclude_down_at(tried, Instant::now())
+    }
+
+    fn exclude_down_at(&self, tried: &[SocketAddr], now: Instant) -> Option<Vec<SocketAddr>> {
+        let map = self.map.load();
+        let down = |h: &Hold| h.holds() && h.down && h.until > now;
+        if !map.values().any(down) {
+            return None;
+        }
+        let held = map.iter().filter(|(_, h)| down(h)).map(|(a, _)| *a);
+        Some(tried.iter().copied().chain(held).collect())
     }
 
     fn forget_stale_at(&self, now: Instant) {
@@ -170,18 +199,25 @@ impl Holds {
         })
     }
 
-    /// A connect to `addr` succeeded: ends its hold, and starts its slow start if `slow_start` (asked only then:
-    /// this runs on every connect) gives one. True if it had a hold.
-    pub fn succeeded(&self, addr: SocketAddr, slow_start: impl FnOnce() -> Option<Duration>) -> bool {
+    /// `addr` answered (`by`): ends its hold, and starts its slow start if `slow_start` (asked only then: this
+    /// runs on every connect) gives one. True if it had a hold. A client's connect leaves a hold its checks put
+    /// down while it lasts (they renew it at each check): a check may fail past the connect.
+    pub fn succeeded(
+        &self,
+        addr: SocketAddr,
+        by: Answer,
+        slow_start: impl FnOnce() -> Option<Duration>,
+    ) -> bool {
         if !self.map.load().get(&addr).is_some_and(Hold::holds) {
             return false;
         }
-        self.succeeded_at(addr, slow_start(), Instant::now())
+        self.succeeded_at(addr, by, slow_start(), Instant::now())
     }
 
-    fn succeeded_at(&self, addr: SocketAddr, slow_start: Option<Duration>, now: Instant) -> bool {
+    fn succeeded_at(&self, addr: SocketAddr, by: Answer, slow_start: Option<Duration>, now: Instant) -> bool {
         self.update(|map| {
-            if !map.get(&addr).is_some_and(Hold::holds) {
+            let ends = |h: &Hold| h.holds() && (by == Answer::Checks || !h.down || h.until <= now);
+            if !map.get(&addr).is_some_and(ends) {
                 return false;
             }
             match slow_start {
@@ -420,7 +456,7 @@ mod tests {
         assert!(h.all_down(&[addr(3)]), "a client's failure leaves it down");
         h.failed_at(addr(2), Failure::Checks(Duration::from_secs(3)), t0);
         assert!(h.all_down(&[addr(2), addr(3)]));
-        assert!(h.succeeded(addr(3), || Some(Duration::from_secs(1))));
+        assert!(h.succeeded(addr(3), Answer::Checks, || Some(Duration::from_secs(1))));
         assert!(!h.all_down(&[addr(3)]), "it answered: slow-starting, not down");
         h.failed_at(addr(3), Failure::Connect, t0);
         assert!(
@@ -437,8 +473,8 @@ mod tests {
             .map(|_| h.failed_at(addr(2), Failure::Connect, t0).0.as_secs())
             .collect();
         assert_eq!(holds, [1, 2, 4, 8, 16, 30, 30, 30]);
-        assert!(h.succeeded(addr(2), || None));
-        assert!(!h.succeeded(addr(2), || unreachable!("asked only for a hold")));
+        assert!(h.succeeded(addr(2), Answer::Connect, || None));
+        assert!(!h.succeeded(addr(2), Answer::Connect, || unreachable!("asked only for a hold")));
         assert!(h.map.load().is_empty(), "no slow start: nothing left");
         assert_eq!(h.exclude_at(&[], t0), None);
         assert_eq!(h.failed_at(addr(2), Failure::Connect, t0), (FIRST_HOLD, 1));
@@ -498,9 +534,9 @@ mod tests {
         h.failed_at(addr(2), Failure::Connect, t0);
         assert_eq!(s(t0), None, "held out: not picked at all, no share to give");
         let back = t0 + Duration::from_secs(3);
-        assert!(h.succeeded_at(addr(2), Some(ramp), back));
+        assert!(h.succeeded_at(addr(2), Answer::Connect, Some(ramp), back));
         assert!(
-            !h.succeeded_at(addr(2), Some(ramp), back),
+            !h.succeeded_at(addr(2), Answer::Connect, Some(ramp), back),
             "a slow start is not a hold"
         );
         assert!(!h.keep_at(addr(2), FIRST_HOLD, back), "nor is it kept as one");
@@ -520,7 +556,7 @@ mod tests {
         assert!(h.map.load().is_empty());
         // A failure while it slow-starts counts as a first one, and holds it again.
         h.failed_at(addr(2), Failure::Connect, back);
-        h.succeeded_at(addr(2), Some(ramp), back);
+        h.succeeded_at(addr(2), Answer::Connect, Some(ramp), back);
         assert_eq!(h.failed_at(addr(2), Failure::Connect, back), (FIRST_HOLD, 1));
         assert_eq!(s(back), None);
     }

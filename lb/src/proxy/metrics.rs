@@ -141,7 +141,8 @@ pub fn publish_listeners(old: &[ListenerConfig], new: &[ListenerConfig]) {
 /// Listeners and backends a reload removed from the config. The facade cannot remove their series, and the
 /// hot path keeps its lock-free handles to them, so [`hide_retired`] leaves the series out of each scrape
 /// instead, once nothing uses them any more. One that a reload adds again leaves this set, and its counters
-/// carry on from their old values (still monotonic, as Prometheus wants).
+/// carry on from their old values (still monotonic, as Prometheus wants), as does its count of open
+/// connections (its `max_connections`).
 #[derive(Debug, Default, Clone)]
 pub struct Retired {
     /// Names of the listeners no longer configured, each with the sockets a reload closed under that name:

@@ -315,6 +315,53 @@ fn every_problem_is_reported() {
     assert!(errs.iter().any(|e| e.contains("proxy.busy_poll_us")), "{errs:#?}");
 }
 
+/// A message about two entries of one address names the earlier entry by its index in `proxy.backends`,
+/// though an entry before it stands for no backend (it does not resolve) or for several (a host name).
+#[test]
+fn a_clash_between_entries_names_the_earlier_entry() {
+    let errs = parse(
+        r#"
+        [[listeners]]
+        listen = "127.0.0.1:7100"
+        [[listeners]]
+        listen = "127.0.0.1:7101"
+        request_type = "order"
+        [[backends]]
+        addr = "not an address"
+        [[backends]]
+        addr = "127.0.0.1:8002"
+        request_types = ["browse"]
+        max_connections = 5
+        [[backends]]
+        addr = "127.0.0.1:8002"
+        request_types = ["order"]
+        max_connections = 6
+        "#,
+    )
+    .unwrap_err();
+    assert_eq!(errs.len(), 2, "{errs:#?}");
+    assert!(
+        errs[1].contains("6 differs from proxy.backends[1] of the same address"),
+        "{errs:#?}"
+    );
+}
+
+/// A backend at port 0 (refused at every connect) or at 0.0.0.0 or :: (this host, where HAProxy would take
+/// the client's own destination) is a mistake, reported with its key.
+#[test]
+fn a_backend_needs_a_port_and_an_address_to_connect_to() {
+    let backend =
+        |addr: &str| format!("[[listeners]]\nlisten = \"127.0.0.1:7100\"\n[[backends]]\naddr = \"{addr}\"\n");
+    for bad in ["127.0.0.1:0", "0.0.0.0:8001", "[::]:8001", "localhost:0"] {
+        let errs = parse(&backend(bad)).unwrap_err();
+        assert_eq!(errs.len(), 1, "{bad}: {errs:#?}");
+        assert!(errs[0].contains("proxy.backends[0].addr"), "{bad}: {errs:#?}");
+    }
+    for good in ["127.0.0.1:8001", "[::1]:8001", "localhost:8001"] {
+        assert!(parse(&backend(good)).is_ok(), "{good}");
+    }
+}
+
 #[test]
 fn io_uring_takes_splice_and_refuses_odd_buffer_counts() {
     let errs =

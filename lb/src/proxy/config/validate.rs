@@ -274,6 +274,9 @@ impl ProxySection {
             });
         }
         let mut backends: Vec<BackendConfig> = Vec::new();
+        // The entry of `proxy.backends` each of `backends` comes from, for messages: a host name stands for
+        // any number of them, so their indexes differ.
+        let mut entries: Vec<usize> = Vec::new();
         let mut names: Vec<(String, Vec<SocketAddr>)> = Vec::new();
         // How each is checked: worked out here, once per (re)load, for the health-check task.
         let mut checks = Vec::new();
@@ -323,6 +326,20 @@ impl ProxySection {
                 }
             };
             for addr in resolved {
+                // Port 0 is refused at every connect; 0.0.0.0 or :: would reach this host, where HAProxy takes
+                // them for the client's own destination: neither is a server.
+                v.check(
+                    xcluster_proto::report::usable_addr(addr),
+                    &format!("{key}.addr"),
+                    || {
+                        let named = if b.addr.parse::<SocketAddr>().is_ok() {
+                            String::new()
+                        } else {
+                            format!("{:?} resolves to {addr}: ", b.addr)
+                        };
+                        format!("{named}{addr} is no server to connect to: a backend needs a port and an address (not 0.0.0.0 or ::)")
+                    },
+                );
                 let backend = BackendConfig {
                     addr,
                     weight,
@@ -342,11 +359,15 @@ impl ProxySection {
                             .iter()
                             .any(|l| l.proxy_protocol && l.types().any(|t| backend.serves(t))),
                 });
-                match backends.iter().position(|o| o.addr == addr) {
+                match backends
+                    .iter()
+                    .position(|o| o.addr == addr)
+                    .map(|j| (j, entries[j]))
+                {
                     None => checks.extend(check.map(|c| (addr, c))),
                     // The same server in another pool (HAProxy lists a server in several backends), with its own
                     // weight and `backup` there: one server, so one connection limit and one health check.
-                    Some(j) => {
+                    Some((j, entry)) => {
                         // Disjoint from every earlier entry of the address; the settings of the server need only
                         // match the first, which each later one matched too.
                         let other = &backends[j];
@@ -357,6 +378,7 @@ impl ProxySection {
                                     || b.request_types.iter().any(|t| o.serves(t)))
                         });
                         if let Some((k, _)) = overlap {
+                            let k = entries[k];
                             v.error(
                                 format!("{key}.addr"),
                                 format!(
@@ -370,14 +392,14 @@ impl ProxySection {
                             &format!("{key}.max_connections"),
                             || {
                                 format!(
-                                    "{max_connections} differs from proxy.backends[{j}] of the same address"
+                                    "{max_connections} differs from proxy.backends[{entry}] of the same address"
                                 )
                             },
                         );
                         v.check(
                             b.close_on_down == other.close_on_down,
                             &format!("{key}.close_on_down"),
-                            || format!("differs from proxy.backends[{j}] of the same address"),
+                            || format!("differs from proxy.backends[{entry}] of the same address"),
                         );
                         let earlier = checks.iter_mut().find(|(a, _)| *a == addr).map(|(_, c)| c);
                         let same = match (earlier, check) {
@@ -391,13 +413,14 @@ impl ProxySection {
                         };
                         v.check(same, &format!("{key}.check"), || {
                             format!(
-                                "its checks (check, check_http_path, check_send, check_expect, check_port) differ from proxy.backends[{j}] of \
+                                "its checks (check, check_http_path, check_send, check_expect, check_port) differ from proxy.backends[{entry}] of \
                                  the same address"
                             )
                         });
                     }
                 }
                 backends.push(backend);
+                entries.push(i);
             }
         }
         v.check(backends.len() <= MAX_BACKENDS, "proxy.backends", || {

@@ -27,7 +27,7 @@ use super::access::{ConnLog, End};
 use super::acl;
 use super::clients::{ClientCounts, ClientSlot};
 use super::config::{Forwarding, ListenerConfig, ProxyConfig, Timeouts};
-use super::health::{CheckStreaks, Failure, Holds, Verdict, check};
+use super::health::{Answer, CheckStreaks, Failure, Holds, Verdict, check};
 use super::limit::ConnLimit;
 use super::metrics::{
     Assigned, BACKEND_BACKUP, BACKEND_CONFIGURED, BACKEND_MAX_CONNECTIONS, BACKEND_WEIGHT, BackendMetrics,
@@ -185,34 +185,40 @@ impl Shared {
         true
     }
 
-    /// A backend for `ty` other than `tried`, leaving out those held out unless every one left is.
+    /// A backend for `ty` other than `tried`, leaving out those held out unless every one left is; even then
+    /// never one its health checks hold down (see [`super::health`]).
     fn pick(&self, ty: &str, tried: &[SocketAddr], conn: &PickFor<'_>) -> Option<SocketAddr> {
-        match self.holds.exclude(tried) {
-            Some(held) => self
-                .picker
-                .pick(ty, &held, conn)
-                .or_else(|| self.picker.pick(ty, tried, conn)),
-            None => self.picker.pick(ty, tried, conn),
-        }
+        let Some(held) = self.holds.exclude(tried) else {
+            return self.picker.pick(ty, tried, conn);
+        };
+        self.picker
+            .pick(ty, &held, conn)
+            .or_else(|| match self.holds.exclude_down(tried) {
+                Some(down) => self.picker.pick(ty, &down, conn),
+                None => self.picker.pick(ty, tried, conn),
+            })
     }
 
     /// A connect to `addr` failed or timed out: it is counted, told to the picker, held out of the picks for
     /// a while ([`Holds`]) and left out of the connection's next attempts.
     pub fn connect_failed(&self, addr: SocketAddr, bm: &BackendMetrics, tried: &mut Vec<SocketAddr>) {
         bm.connect_failures.increment(1);
-        self.hold_out(addr, bm, Failure::Connect, "a connect failed");
+        self.hold_out(addr, bm, Failure::Connect, "a connect failed", false);
         self.picker.report_failure(addr);
         tried.push(addr);
     }
 
     /// Holds `addr` out of the picks after a failed connect (a client's, `how`) or failed checks; `why` is
-    /// for the log.
-    fn hold_out(&self, addr: SocketAddr, bm: &BackendMetrics, how: Failure, why: &str) {
+    /// for the log. `went_down`: its checks put it down just now, which is logged even when clients' failed
+    /// connects hold it out already (as HAProxy logs a server going DOWN), so the log says the checks agree.
+    fn hold_out(&self, addr: SocketAddr, bm: &BackendMetrics, how: Failure, why: &str, went_down: bool) {
         bm.failing.set(1.0);
         let (hold, fails) = self.holds.failed(addr, how);
         // Once per outage: with every backend down, each connection still tries one, and each check fails.
         if fails == 1 {
             warn!(backend = %addr, why, ?hold, "backend held out of the picks");
+        } else if went_down {
+            warn!(backend = %addr, why, ?hold, "backend down by its health checks");
         }
     }
 
@@ -244,16 +250,16 @@ impl Shared {
                 debug!(backend = %addr, error = %e, ?verdict, "health check failed");
             }
             match (verdict, checked) {
-                (Verdict::Up, _) => self.answered(addr, bm, "its health checks"),
+                (Verdict::Up, _) => self.answered(addr, bm, Answer::Checks),
                 (Verdict::Down, Err(e)) => {
                     let why = format!("its health checks failed: {e}");
-                    self.hold_out(addr, bm, Failure::Checks(until_next), &why);
+                    self.hold_out(addr, bm, Failure::Checks(until_next), &why, !was_down);
                     if !was_down {
                         bm.went_down();
                     }
                 }
                 (Verdict::Rising, _) if !self.holds.keep(addr, until_next) => {
-                    // A client's connect ended the hold meanwhile: it answers.
+                    // A client's connect ended the hold meanwhile (its checks had stopped renewing it): it answers.
                     streaks.up(addr);
                 }
                 _ => {}
@@ -261,27 +267,38 @@ impl Shared {
         }
     }
 
-    /// `addr` accepted a connect (`what`): ends its hold.
-    fn answered(&self, addr: SocketAddr, bm: &BackendMetrics, what: &str) {
+    /// `addr` answered (`by`): ends its hold, unless its checks put it down and `by` is a client's connect.
+    fn answered(&self, addr: SocketAddr, bm: &BackendMetrics, by: Answer) {
         let slow_start = || self.timeouts.load().slow_start;
-        if self.holds.succeeded(addr, slow_start) {
+        if self.holds.succeeded(addr, by, slow_start) {
+            let what = match by {
+                Answer::Connect => "a connect",
+                Answer::Checks => "its health checks",
+            };
             bm.failing.set(0.0);
             let slow_start_ms = slow_start().map(|d| d.as_millis());
             info!(backend = %addr, ?slow_start_ms, "backend answers {what} again; back in the picks");
         }
     }
 
-    /// A connect to `addr`, begun at `started`, succeeded: it is counted, and ends the backend's hold.
+    /// A connect to `addr`, begun at `started`, succeeded: it is counted, and ends the backend's hold, unless
+    /// its health checks hold it down.
     pub fn connected(&self, addr: SocketAddr, bm: &BackendMetrics, started: Instant) {
         bm.connected(started);
-        self.answered(addr, bm, "a connect");
+        self.answered(addr, bm, Answer::Connect);
     }
 
     /// Takes `cfg`'s backends: their metric handles (kept for those already known) and their places.
     fn set_backends(&self, cfg: &ProxyConfig) {
         let old = self.backends.load();
-        let map = backend_handles(cfg, &old, &self.queue);
         let mut retired = Retired::clone(&self.retired.load());
+        // One a reload removed and this one adds back takes its handles again: the connections it still has
+        // count against its max_connections and for least_connections.
+        let mut known: HashMap<SocketAddr, Arc<BackendMetrics>> = (retired.backends.values())
+            .map(|(a, bm)| (*a, bm.clone()))
+            .collect();
+        known.extend(old.iter().map(|(a, bm)| (*a, bm.clone())));
+        let map = backend_handles(cfg, &known, &self.queue);
         retired.backends.retain(|_, (addr, _)| !map.contains_key(addr));
         for (gone, bm) in old.iter().filter(|(a, _)| !map.contains_key(a)) {
             metrics::gauge!(BACKEND_CONFIGURED, "backend" => gone.to_string()).set(0.0);
@@ -319,7 +336,8 @@ impl Shared {
 }
 
 /// The metric handles of `cfg`'s backends, their `backup`, `weight` and `max_connections` gauges set. A
-/// backend in `old` keeps its handles, so its count of open connections stays true across a reload. An
+/// backend in `old` (configured, or removed by an earlier reload) keeps its handles, so its count of open
+/// connections stays true across reloads. An
 /// address in several entries (pools of different types) has one set: its highest weight (0 only when
 /// drained in every pool), and `backup` only when it is one in every pool.
 fn backend_handles(

@@ -133,7 +133,7 @@ fn every_backend_tried_turns_around_unless_checks_put_them_down() {
         Some(NoBackend::Exhausted),
         "no attempt left"
     );
-    shared.hold_out(only, &bm, Failure::Checks(Duration::from_secs(3)), "test");
+    shared.hold_out(only, &bm, Failure::Checks(Duration::from_secs(3)), "test", false);
     assert_eq!(
         shared
             .next_backend(&l, &l.cfg.request_type, client, &tried, 1, None)
@@ -141,6 +141,80 @@ fn every_backend_tried_turns_around_unless_checks_put_them_down() {
         Some(NoBackend::Exhausted),
         "down by its checks: not worth a wait"
     );
+}
+
+/// A backend its health checks hold down is never picked, not even when every backend is held out (a check
+/// past the connect, an HTTP status or a side port, fails while the connect would succeed), and a client's
+/// connect to it that succeeds anyway (picked just before it went down) does not bring it back; a backend a
+/// client's failed connect holds out still is tried then.
+#[test]
+fn a_backend_down_by_its_checks_gets_no_client() {
+    let cfg = ProxyConfig::for_tests(
+        r#"
+        [[listeners]]
+        listen = "127.0.0.1:7100"
+        [[backends]]
+        addr = "127.0.0.1:1"
+        [[backends]]
+        addr = "127.0.0.1:2"
+        "#,
+    );
+    let shared = Shared::for_tests(&cfg);
+    let l = ListenerState::new(&cfg.listeners[0], None);
+    let client = IpAddr::from([127, 0, 0, 1]);
+    let pick = || {
+        shared
+            .next_backend(&l, &l.cfg.request_type, client, &[], 0, None)
+            .map(|(a, _)| a)
+    };
+    let backends = shared.backends.load_full();
+    let (down, restarting) = (cfg.backends[0].addr, cfg.backends[1].addr);
+    let checks = Failure::Checks(Duration::from_secs(3));
+    shared.hold_out(down, &backends[&down], checks, "test", false);
+    shared.hold_out(
+        restarting,
+        &backends[&restarting],
+        Failure::Connect,
+        "test",
+        false,
+    );
+    for _ in 0..20 {
+        assert_eq!(
+            pick(),
+            Ok(restarting),
+            "only the one a client's connect holds out"
+        );
+    }
+    shared.hold_out(restarting, &backends[&restarting], checks, "test", false);
+    assert_eq!(pick().err(), Some(NoBackend::Exhausted), "every one down");
+    shared.connected(down, &backends[&down], Instant::now());
+    assert_eq!(pick().err(), Some(NoBackend::Exhausted), "still down");
+    assert!(shared.holds.exclude(&[]).unwrap().contains(&down));
+}
+
+/// A backend a reload removes while it has connections, and another adds back, still counts them: at its
+/// max_connections it takes no more.
+#[test]
+fn a_backend_removed_and_added_back_keeps_its_open_count() {
+    let cfg = |port: u16| {
+        ProxyConfig::for_tests(&format!(
+            "[[listeners]]\nlisten = \"127.0.0.1:7100\"\n\
+             [[backends]]\naddr = \"127.0.0.1:{port}\"\nmax_connections = 1\n"
+        ))
+    };
+    let shared = Shared::for_tests(&cfg(1));
+    let l = ListenerState::new(&cfg(1).listeners[0], None);
+    let client = IpAddr::from([127, 0, 0, 1]);
+    let pick = || shared.next_backend(&l, &l.cfg.request_type, client, &[], 0, None);
+    let (first, open) = pick().unwrap();
+    assert_eq!(first.port(), 1);
+    shared.set_backends(&cfg(2));
+    shared.picker.on_config(&cfg(2));
+    shared.set_backends(&cfg(1));
+    shared.picker.on_config(&cfg(1));
+    assert_eq!(pick().err(), Some(NoBackend::Full), "its connection still open");
+    drop(open);
+    assert_eq!(pick().unwrap().0, first);
 }
 
 /// A type's places are those of its capped backends with a weight; one without a cap, or no configured
