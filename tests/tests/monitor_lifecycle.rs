@@ -296,28 +296,14 @@ backoff_initial_ms = 50
 #[test]
 fn a_stop_lets_the_rest_of_the_group_finish_after_its_leader_exits() {
     let dir = tempfile::tempdir().unwrap();
-    let (up, clean) = (dir.path().join("up"), dir.path().join("clean"));
-    let server = write_file(
-        dir.path(),
-        "server.sh",
-        &format!(
-            "trap 'sleep 0.5; echo clean > {clean}; exit 0' TERM\necho $$ > {up}\nwhile :; do sleep 0.1; done\n",
-            clean = clean.display(),
-            up = up.display()
-        ),
-    );
-    let m = Mon::start(&format!(
-        "[programs.wrap]\ncommand = \"/bin/sh -c 'sh {}; true'\"\nstartsecs = 0\nstopwaitsecs = 10\n",
-        server.display()
-    ));
+    let wrapped = WrappedServer::new(dir.path());
+    let m = Mon::start(&wrapped.programs);
     m.wait_state("wrap", "RUNNING", T);
-    let server_pid: i32 = eventually(T, "the server up", || {
-        std::fs::read_to_string(&up).ok()?.trim().parse().ok()
-    });
+    let server_pid = wrapped.server_pid();
     let said = m.ctl_ok(&["stop", "wrap"]);
     assert_eq!(said.trim(), "wrap: stopped");
     // Stopped means the whole group is: the server finished its shutdown first.
-    assert_eq!(std::fs::read_to_string(&clean).unwrap_or_default(), "clean\n");
+    assert!(wrapped.shut_down_cleanly());
     assert!(!alive(server_pid));
 }
 

@@ -196,36 +196,21 @@ fn a_second_monitor_on_the_same_run_dir_is_refused() {
 #[test]
 fn an_adopted_program_stops_as_a_spawned_one_with_the_rest_of_its_group() {
     let dir = std::sync::Arc::new(tempfile::tempdir().unwrap());
-    let (up, clean) = (dir.path().join("up"), dir.path().join("clean"));
-    let server = write_file(
-        dir.path(),
-        "server.sh",
-        &format!(
-            "trap 'sleep 0.5; echo clean > {clean}; exit 0' TERM\necho $$ > {up}\nwhile :; do sleep 0.1; done\n",
-            clean = clean.display(),
-            up = up.display()
-        ),
-    );
-    let programs = format!(
-        "[programs.wrap]\ncommand = \"/bin/sh -c 'sh {}; true'\"\nstartsecs = 0\nstopwaitsecs = 10\n",
-        server.display()
-    );
+    let wrapped = WrappedServer::new(dir.path());
     let addr = free_addr();
-    let mut first = Mon::start_in(dir.clone(), addr, &programs);
+    let mut first = Mon::start_in(dir.clone(), addr, &wrapped.programs);
     first.wait_state("wrap", "RUNNING", T);
     let pid = first.pid("wrap").unwrap();
-    let server_pid: i32 = eventually(T, "the server up", || {
-        std::fs::read_to_string(&up).ok()?.trim().parse().ok()
-    });
+    let server_pid = wrapped.server_pid();
     first.proc.signal(nix::sys::signal::Signal::SIGKILL);
     first.proc.wait_exit(T).unwrap();
 
-    let second = Mon::start_in(dir.clone(), addr, &programs);
+    let second = Mon::start_in(dir.clone(), addr, &wrapped.programs);
     let p = second.wait_state("wrap", "RUNNING", T);
     assert_eq!(p["pid"], pid, "adopted: {p}");
     let said = second.ctl_ok(&["stop", "wrap"]);
     assert_eq!(said.trim(), "wrap: stopped");
-    assert_eq!(std::fs::read_to_string(&clean).unwrap_or_default(), "clean\n");
+    assert!(wrapped.shut_down_cleanly());
     assert!(!alive(server_pid));
     drop(first);
 }

@@ -232,3 +232,44 @@ pub fn fake_balancer() -> std::net::SocketAddr {
     });
     addr
 }
+
+/// A program run by a wrapper shell that does not exec (`sh -c 'sh server.sh; true'`), whose server takes
+/// 0.5 s to shut down cleanly on TERM: the `[programs.wrap]` section, and the files the server writes, its
+/// pid once up and `clean` once its shutdown finished.
+pub struct WrappedServer {
+    pub programs: String,
+    pub up: PathBuf,
+    pub clean: PathBuf,
+}
+
+impl WrappedServer {
+    pub fn new(dir: &std::path::Path) -> WrappedServer {
+        let (up, clean) = (dir.join("up"), dir.join("clean"));
+        let server = write_file(
+            dir,
+            "server.sh",
+            &format!(
+                "trap 'sleep 0.5; echo clean > {clean}; exit 0' TERM\necho $$ > {up}\nwhile :; do sleep 0.1; done\n",
+                clean = clean.display(),
+                up = up.display()
+            ),
+        );
+        let programs = format!(
+            "[programs.wrap]\ncommand = \"/bin/sh -c 'sh {}; true'\"\nstartsecs = 0\nstopwaitsecs = 10\n",
+            server.display()
+        );
+        WrappedServer { programs, up, clean }
+    }
+
+    /// The server's pid, once it is up.
+    pub fn server_pid(&self) -> i32 {
+        eventually(T, "the server up", || {
+            std::fs::read_to_string(&self.up).ok()?.trim().parse().ok()
+        })
+    }
+
+    /// Whether the server finished its clean shutdown.
+    pub fn shut_down_cleanly(&self) -> bool {
+        std::fs::read_to_string(&self.clean).unwrap_or_default() == "clean\n"
+    }
+}
