@@ -1,13 +1,24 @@
 #![allow(clippy::unwrap_used)]
 use super::*;
 
+/// A proxy with `toml`'s config: its shared state and its first listener's.
+fn serve(toml: &str) -> (Shared, Arc<ListenerState>) {
+    let cfg = ProxyConfig::for_tests(toml);
+    let shared = Shared::for_tests(&cfg);
+    let l = ListenerState::new(&cfg.listeners[0], None);
+    (shared, l)
+}
+
+/// The address every test's client connects from.
+const CLIENT: IpAddr = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
+
 /// With `balance = "least_connections"`, a connection counts on its backend from the pick, while it
 /// connects: picks made before any connect completes (a burst of accepts) alternate between two equal
 /// backends instead of all taking the one that looked idle, and a backend whose connections end is
 /// preferred again.
 #[test]
 fn least_connections_counts_connections_from_the_pick() {
-    let cfg = ProxyConfig::for_tests(
+    let (shared, l) = serve(
         r#"
         balance = "least_connections"
         [[listeners]]
@@ -18,14 +29,11 @@ fn least_connections_counts_connections_from_the_pick() {
         addr = "127.0.0.1:2"
         "#,
     );
-    let shared = Shared::for_tests(&cfg);
-    let l = ListenerState::new(&cfg.listeners[0], None);
-    let client = IpAddr::from([127, 0, 0, 1]);
     // Ten connections still connecting: none has completed, all hold their assignment.
     let connecting: Vec<(SocketAddr, Assigned)> = (0..10)
         .map(|_| {
             shared
-                .next_backend(&l, &l.cfg.request_type, client, &[], 0, None)
+                .next_backend(&l, &l.cfg.request_type, CLIENT, &[], 0, None)
                 .unwrap()
         })
         .collect();
@@ -36,7 +44,7 @@ fn least_connections_counts_connections_from_the_pick() {
     let later: Vec<(SocketAddr, Assigned)> = (0..5)
         .map(|_| {
             shared
-                .next_backend(&l, &l.cfg.request_type, client, &[], 0, None)
+                .next_backend(&l, &l.cfg.request_type, CLIENT, &[], 0, None)
                 .unwrap()
         })
         .collect();
@@ -48,7 +56,7 @@ fn least_connections_counts_connections_from_the_pick() {
 /// connection that ends frees its place.
 #[test]
 fn a_backend_at_max_connections_is_passed_over() {
-    let cfg = ProxyConfig::for_tests(
+    let (shared, l) = serve(
         r#"
         [[listeners]]
         listen = "127.0.0.1:7100"
@@ -61,13 +69,10 @@ fn a_backend_at_max_connections_is_passed_over() {
         max_connections = 3
         "#,
     );
-    let shared = Shared::for_tests(&cfg);
-    let l = ListenerState::new(&cfg.listeners[0], None);
-    let client = IpAddr::from([127, 0, 0, 1]);
     let mut open: Vec<(SocketAddr, Assigned)> = (0..5)
         .map(|_| {
             shared
-                .next_backend(&l, &l.cfg.request_type, client, &[], 0, None)
+                .next_backend(&l, &l.cfg.request_type, CLIENT, &[], 0, None)
                 .unwrap()
         })
         .collect();
@@ -75,21 +80,21 @@ fn a_backend_at_max_connections_is_passed_over() {
     assert_eq!(on_1, 2, "{open:?}");
     assert_eq!(
         shared
-            .next_backend(&l, &l.cfg.request_type, client, &[], 0, None)
+            .next_backend(&l, &l.cfg.request_type, CLIENT, &[], 0, None)
             .err(),
         Some(NoBackend::Full)
     );
     let both: Vec<SocketAddr> = open.iter().map(|(a, _)| *a).collect();
     assert_eq!(
         shared
-            .next_backend(&l, &l.cfg.request_type, client, &both, 0, None)
+            .next_backend(&l, &l.cfg.request_type, CLIENT, &both, 0, None)
             .err(),
         Some(NoBackend::TurnAround)
     );
     let on_2 = open.iter().position(|(a, _)| a.port() == 2).unwrap();
     open.swap_remove(on_2);
     let (addr, _held) = shared
-        .next_backend(&l, &l.cfg.request_type, client, &[], 0, None)
+        .next_backend(&l, &l.cfg.request_type, CLIENT, &[], 0, None)
         .unwrap();
     assert_eq!(addr.port(), 2);
 }
@@ -98,7 +103,7 @@ fn a_backend_at_max_connections_is_passed_over() {
 /// left, unless health checks have put them all down; then, or with no attempt left, it is closed.
 #[test]
 fn every_backend_tried_turns_around_unless_checks_put_them_down() {
-    let cfg = ProxyConfig::for_tests(
+    let (shared, l) = serve(
         r#"
         connect_attempts = 3
         [[listeners]]
@@ -107,28 +112,25 @@ fn every_backend_tried_turns_around_unless_checks_put_them_down() {
         addr = "127.0.0.1:1"
         "#,
     );
-    let shared = Shared::for_tests(&cfg);
-    let l = ListenerState::new(&cfg.listeners[0], None);
-    let client = IpAddr::from([127, 0, 0, 1]);
     let (only, bm) = shared
-        .next_backend(&l, &l.cfg.request_type, client, &[], 0, None)
+        .next_backend(&l, &l.cfg.request_type, CLIENT, &[], 0, None)
         .unwrap();
     let mut tried = Vec::new();
     shared.connect_failed(only, &bm, &mut tried);
     assert_eq!(
         shared
-            .next_backend(&l, &l.cfg.request_type, client, &tried, 1, None)
+            .next_backend(&l, &l.cfg.request_type, CLIENT, &tried, 1, None)
             .err(),
         Some(NoBackend::TurnAround)
     );
     // After the pause, with `tried` cleared, the held backend is tried again: it is all there is.
     let (again, _) = shared
-        .next_backend(&l, &l.cfg.request_type, client, &[], 1, None)
+        .next_backend(&l, &l.cfg.request_type, CLIENT, &[], 1, None)
         .unwrap();
     assert_eq!(again, only);
     assert_eq!(
         shared
-            .next_backend(&l, &l.cfg.request_type, client, &tried, 3, None)
+            .next_backend(&l, &l.cfg.request_type, CLIENT, &tried, 3, None)
             .err(),
         Some(NoBackend::Exhausted),
         "no attempt left"
@@ -136,7 +138,7 @@ fn every_backend_tried_turns_around_unless_checks_put_them_down() {
     shared.hold_out(only, &bm, Failure::Checks(Duration::from_secs(3)), "test", false);
     assert_eq!(
         shared
-            .next_backend(&l, &l.cfg.request_type, client, &tried, 1, None)
+            .next_backend(&l, &l.cfg.request_type, CLIENT, &tried, 1, None)
             .err(),
         Some(NoBackend::Exhausted),
         "down by its checks: not worth a wait"
@@ -149,7 +151,7 @@ fn every_backend_tried_turns_around_unless_checks_put_them_down() {
 /// client's failed connect holds out still is tried then.
 #[test]
 fn a_backend_down_by_its_checks_gets_no_client() {
-    let cfg = ProxyConfig::for_tests(
+    let (shared, l) = serve(
         r#"
         [[listeners]]
         listen = "127.0.0.1:7100"
@@ -159,16 +161,14 @@ fn a_backend_down_by_its_checks_gets_no_client() {
         addr = "127.0.0.1:2"
         "#,
     );
-    let shared = Shared::for_tests(&cfg);
-    let l = ListenerState::new(&cfg.listeners[0], None);
-    let client = IpAddr::from([127, 0, 0, 1]);
     let pick = || {
         shared
-            .next_backend(&l, &l.cfg.request_type, client, &[], 0, None)
+            .next_backend(&l, &l.cfg.request_type, CLIENT, &[], 0, None)
             .map(|(a, _)| a)
     };
     let backends = shared.backends.load_full();
-    let (down, restarting) = (cfg.backends[0].addr, cfg.backends[1].addr);
+    let (down, restarting): (SocketAddr, SocketAddr) =
+        ("127.0.0.1:1".parse().unwrap(), "127.0.0.1:2".parse().unwrap());
     let checks = Failure::Checks(Duration::from_secs(3));
     shared.hold_out(down, &backends[&down], checks, "test", false);
     shared.hold_out(
@@ -204,8 +204,7 @@ fn a_backend_removed_and_added_back_keeps_its_open_count() {
     };
     let shared = Shared::for_tests(&cfg(1));
     let l = ListenerState::new(&cfg(1).listeners[0], None);
-    let client = IpAddr::from([127, 0, 0, 1]);
-    let pick = || shared.next_backend(&l, &l.cfg.request_type, client, &[], 0, None);
+    let pick = || shared.next_backend(&l, &l.cfg.request_type, CLIENT, &[], 0, None);
     let (first, open) = pick().unwrap();
     assert_eq!(first.port(), 1);
     shared.set_backends(&cfg(2));
@@ -255,7 +254,7 @@ fn places_count_only_capped_backends_with_a_weight() {
 /// A place that frees goes to the client that has waited longest, not to a later one nor a newcomer.
 #[test]
 fn a_freed_place_goes_to_the_client_that_waited_longest() {
-    let cfg = ProxyConfig::for_tests(
+    let (shared, l) = serve(
         r#"
         [[listeners]]
         listen = "127.0.0.1:7100"
@@ -264,10 +263,7 @@ fn a_freed_place_goes_to_the_client_that_waited_longest() {
         max_connections = 1
         "#,
     );
-    let shared = Shared::for_tests(&cfg);
-    let l = ListenerState::new(&cfg.listeners[0], None);
-    let client = IpAddr::from([127, 0, 0, 1]);
-    let ask = |ticket: Option<&Ticket>| shared.next_backend(&l, &l.cfg.request_type, client, &[], 0, ticket);
+    let ask = |ticket: Option<&Ticket>| shared.next_backend(&l, &l.cfg.request_type, CLIENT, &[], 0, ticket);
     let held = ask(None).unwrap();
     assert_eq!(ask(None).err(), Some(NoBackend::Full));
     let bells: [Arc<tokio::sync::Notify>; 2] = [Arc::default(), Arc::default()];
