@@ -232,15 +232,12 @@ fn group_lives(pgid: i32) -> bool {
         return true;
     };
     procs.flatten().any(|entry| {
-        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+        let pid = entry.file_name().to_str().and_then(|n| n.parse().ok());
+        let Some(stat) = pid.and_then(crate::statefile::proc_stat) else {
             return false;
         };
-        // The command name may hold spaces and parentheses: the fields (state, ppid, pgrp, ...) follow the
-        // last ')'.
-        let mut fields = stat
-            .rsplit_once(')')
-            .map_or("", |(_, rest)| rest)
-            .split_whitespace();
+        // State, ppid, pgrp, ...
+        let mut fields = stat.split_whitespace();
         let (state, pgrp) = (fields.next(), fields.nth(1));
         state.is_some_and(|s| s != "Z") && pgrp.and_then(|p| p.parse().ok()) == Some(pgid)
     })

@@ -273,7 +273,6 @@ fn check_log_files(processes: &[ProcessSpec], v: &mut Validator) {
                 continue;
             };
             let rotates = log.maxbytes > 0 && !crate::logs::is_device(path);
-            let this = format!("{}'s {stream}", s.name);
             match writers.get(path) {
                 Some((first, first_rotates)) if rotates || *first_rotates => v.error(
                     format!("programs.{}.{stream}_logfile", s.group),
@@ -286,7 +285,7 @@ fn check_log_files(processes: &[ProcessSpec], v: &mut Validator) {
                 ),
                 Some(_) => {}
                 None => {
-                    writers.insert(path, (this, rotates));
+                    writers.insert(path, (format!("{}'s {stream}", s.name), rotates));
                 }
             }
         }

@@ -208,14 +208,19 @@ pub fn started_unix_ms(start_time: u64) -> Option<u64> {
 
 /// The kernel start time of a live (non-zombie) process, field 22 of `/proc/<pid>/stat`.
 pub fn start_time(pid: i32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name may contain spaces and parentheses: fields start after the last ')'.
-    let rest = stat.rsplit_once(')')?.1;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let stat = proc_stat(pid)?;
+    let fields: Vec<&str> = stat.split_whitespace().collect();
     if fields.first() == Some(&"Z") {
         return None;
     }
     fields.get(19)?.parse().ok()
+}
+
+/// `/proc/<pid>/stat` from field 3 (the state) on: the command name before it may contain spaces and
+/// parentheses, so the fields start after the last ')'.
+pub fn proc_stat(pid: i32) -> Option<String> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    Some(stat.rsplit_once(')')?.1.to_string())
 }
 
 #[cfg(test)]

@@ -90,8 +90,11 @@ pub async fn sweeper(app: Arc<App>, cancel: CancellationToken) {
                             g.forget(sku, user).await;
                         }
                     }
-                    // Its units are back in the sale: a sold-out mark would refuse them for its life.
-                    for (_, sku) in &expired.flash_sale {
+                    // Its units are back in the sale: a sold-out mark would refuse them for its life. Once per
+                    // SKU: a clear copies the gate's map, and a sale's expiries come by the hundred.
+                    let skus: std::collections::BTreeSet<&str> =
+                        expired.flash_sale.iter().map(|(_, sku)| sku.as_str()).collect();
+                    for sku in skus {
                         app.gate.clear(sku);
                     }
                     if n < 500 {

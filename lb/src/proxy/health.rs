@@ -97,16 +97,7 @@ impl Holds {
     }
 
     fn exclude_at(&self, tried: &[SocketAddr], now: Instant) -> Option<Vec<SocketAddr>> {
-        let map = self.map.load();
-        if map.is_empty() {
-            return None;
-        }
-        // Holds that ran out stay in the map until forgotten: no allocation for them.
-        if !map.values().any(|h| h.until > now) {
-            return None;
-        }
-        let held = map.iter().filter(|(_, h)| h.until > now).map(|(a, _)| *a);
-        Some(tried.iter().copied().chain(held).collect())
+        self.excluding(tried, |h| h.until > now)
     }
 
     /// Forgets backends whose hold ended long ago (see `FORGET_AFTER`), so that picks stop looking at them.
@@ -122,12 +113,17 @@ impl Holds {
     }
 
     fn exclude_down_at(&self, tried: &[SocketAddr], now: Instant) -> Option<Vec<SocketAddr>> {
+        self.excluding(tried, |h| h.holds() && h.down && h.until > now)
+    }
+
+    /// `tried` plus the backends whose hold `holding` says holds them, or `None` when none does. Holds that
+    /// ran out stay in the map until forgotten: no allocation for them.
+    fn excluding(&self, tried: &[SocketAddr], holding: impl Fn(&Hold) -> bool) -> Option<Vec<SocketAddr>> {
         let map = self.map.load();
-        let down = |h: &Hold| h.holds() && h.down && h.until > now;
-        if !map.values().any(down) {
+        if !map.values().any(&holding) {
             return None;
         }
-        let held = map.iter().filter(|(_, h)| down(h)).map(|(a, _)| *a);
+        let held = map.iter().filter(|(_, h)| holding(h)).map(|(a, _)| *a);
         Some(tried.iter().copied().chain(held).collect())
     }
 

@@ -390,32 +390,26 @@ pub fn keep_under<T: Serialize + serde::de::DeserializeOwned>(
     };
     let (running, mut kept) = (to_table(running)?, to_table(new)?);
     for key in under {
-        let path: Vec<&str> = key.split('.').collect();
+        let path: Vec<String> = key.split('.').map(str::to_string).collect();
         let Some((last, parents)) = path.split_last() else {
             continue;
         };
-        let value = (parents.iter())
-            .try_fold(&running, |t, seg| t.get(*seg)?.as_table())
-            .and_then(|t| t.get(*last));
-        match value {
+        match super::lookup(&running, &path) {
             // The parents are tables in both (the same struct); one `new` lacks is made, to hold the value.
             Some(v) => {
                 let mut into = Some(&mut kept);
                 for seg in parents {
                     into = into.and_then(|t| {
-                        let entry = (t.entry(seg.to_string()))
-                            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+                        let entry =
+                            (t.entry(seg.as_str())).or_insert_with(|| toml::Value::Table(toml::Table::new()));
                         entry.as_table_mut()
                     });
                 }
                 let into = into.ok_or_else(|| format!("{key} is not under a table"))?;
-                into.insert(last.to_string(), v.clone());
+                into.insert(last.clone(), v.clone());
             }
             None => {
-                let into = (parents.iter()).try_fold(&mut kept, |t, seg| t.get_mut(*seg)?.as_table_mut());
-                if let Some(into) = into {
-                    into.remove(*last);
-                }
+                super::remove_path(&mut kept, &path);
             }
         }
     }
