@@ -885,6 +885,76 @@ fn a_client_finding_every_backend_full_waits_in_the_queue(rt: &'static str) {
     }
 }
 
+/// A client that leaves while it waits for a place (a reset, or a close before it sent a byte) leaves the
+/// queue and is never connected to the backend (HAProxy's `CQ`); one that sent its request and half-closed
+/// is still served when its turn comes.
+fn a_client_that_leaves_the_queue_takes_no_place(rt: &'static str) {
+    let connects = Arc::new(AtomicUsize::new(0));
+    let seen = connects.clone();
+    let a = backend(move |mut s| {
+        seen.fetch_add(1, Ordering::SeqCst);
+        let mut buf = [0u8; 64];
+        while let Ok(1..) = s.read(&mut buf) {
+            if s.write_all(b"a").is_err() {
+                return;
+            }
+        }
+    });
+    let front = free_addr();
+    let lb = start_lb(
+        rt,
+        1000,
+        &format!(
+            "queue_timeout_ms = 10000\n{}log_connections = true\n[[proxy.backends]]\naddr = \"{a}\"\nmax_connections = 1\n",
+            listener("web", front)
+        ),
+    );
+    let mut holder = connect(front);
+    assert_eq!(ask_name(&mut holder), b'a');
+    let queue = |i: f64| {
+        let c = connect(front);
+        lb.wait_web_count("connections_queued_total", i);
+        c
+    };
+    let resets = queue(1.0);
+    let resets_addr = resets.local_addr().unwrap();
+    let closes = queue(2.0);
+    let closes_addr = closes.local_addr().unwrap();
+    let mut half_closes = queue(3.0);
+    half_closes.write_all(b"?").unwrap();
+    half_closes.shutdown(Shutdown::Write).unwrap();
+    reset(resets);
+    drop(closes);
+    lb.wait_web_count("connections_abandoned_total", 2.0);
+    // The place the holder frees goes to the one still there, though two came before it.
+    drop(holder);
+    let mut name = [0u8; 1];
+    half_closes.read_exact(&mut name).unwrap();
+    assert_eq!(&name, b"a");
+    assert_closed(&mut half_closes);
+    assert_eq!(
+        connects.load(Ordering::SeqCst),
+        2,
+        "the backend saw only the holder and the client still waiting"
+    );
+    // A client that left is no failure of the proxy's.
+    lb.assert_web_counts(&[
+        ("connections_abandoned_total", 2.0),
+        ("connections_failed_total", 0.0),
+    ]);
+    for client in [resets_addr, closes_addr] {
+        let line = eventually(T, &format!("the log line of {client}"), || {
+            let log = lb.proc.stderr();
+            log.lines()
+                .find(|l| l.contains(&format!("client={client} ")))
+                .map(str::to_string)
+        });
+        for field in ["backend=- ", "queue_ms=", "end=client left while queued"] {
+            assert!(line.contains(field), "no {field:?} in: {line}");
+        }
+    }
+}
+
 /// A backend that answers every read with its one-byte `name` and keeps the connection open.
 fn named(name: &'static [u8; 1]) -> SocketAddr {
     backend(move |mut s| {
@@ -3328,6 +3398,7 @@ per_runtime!(
     least_connections_levels_long_lived_connections,
     a_backend_at_max_connections_is_passed_over,
     a_client_finding_every_backend_full_waits_in_the_queue,
+    a_client_that_leaves_the_queue_takes_no_place,
     source_keeps_each_client_on_its_backend,
     a_stuck_log_output_never_stalls_the_proxy,
     tls_clients_are_routed_by_their_server_name,

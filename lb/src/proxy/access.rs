@@ -36,6 +36,8 @@ pub enum End {
     ConnectFailed,
     /// Every backend stayed at its `max_connections` for `queue_timeout_ms` (HAProxy's `sQ`).
     QueueTimeout,
+    /// The client left (reset, or closed without a byte) while it waited for a place (HAProxy's `CQ`).
+    ClientLeft,
     /// The client held `max_connections_per_client` already: closed as soon as accepted.
     ClientLimit,
     /// The client opened `max_connection_rate_per_client` connections within the period: closed as soon as
@@ -67,6 +69,7 @@ impl fmt::Display for End {
             Self::NoBackend => f.write_str("no backend"),
             Self::ConnectFailed => f.write_str("connect failed"),
             Self::QueueTimeout => f.write_str("queue timeout"),
+            Self::ClientLeft => f.write_str("client left while queued"),
             Self::ClientLimit => f.write_str("client limit"),
             Self::ClientRate => f.write_str("client rate"),
             Self::Denied => f.write_str("denied"),

@@ -8,7 +8,7 @@
 
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -141,11 +141,20 @@ impl Active {
         self.log_wait(waited);
     }
 
-    /// It gets no backend (`why`): how it ends, a queue timeout if it was waiting for a place (its wait
-    /// logged).
+    /// It gets no backend (`why`): counted as failed; how it ends, a queue timeout if it was waiting for a
+    /// place (its wait logged).
     pub(super) fn wait_failed(&mut self, wait: &Wait, why: NoBackend) -> End {
+        self.l.metrics.failed.increment(1);
         self.log_wait(wait.waited());
         wait.end(why)
+    }
+
+    /// Its client left while it waited for a place ([`Wait::left`]): counted apart from the failures, which
+    /// are the proxy's; its wait logged.
+    pub(super) fn wait_left(&mut self, wait: &Wait) -> End {
+        self.l.metrics.abandoned.increment(1);
+        self.log_wait(wait.waited());
+        End::ClientLeft
     }
 
     fn log_wait(&mut self, waited: Option<std::time::Duration>) {
@@ -161,7 +170,6 @@ impl Active {
         }
     }
 
-    /// How the connection ended (for the connection log; the first cause given is kept).
     /// How the connection ended, counted here for every runtime and written to its log record.
     pub(super) fn ended(&mut self, end: End) {
         match end {
@@ -301,12 +309,11 @@ async fn establish(
     shared: &Shared,
     timeouts: &Timeouts,
 ) -> Option<(TcpStream, Assigned)> {
-    let (backend, addr, bm) = match connect(active, routed, peer.ip(), shared, timeouts).await {
+    let (backend, addr, bm) = match connect(active, routed, client, peer.ip(), shared, timeouts).await {
         Ok(connected) => connected,
         Err(end) => {
-            active.l.metrics.failed.increment(1);
             active.ended(end);
-            debug!(why = %end, "no backend reachable; closing the client");
+            debug!(why = %end, "no backend taken; closing the client");
             return None;
         }
     };
@@ -346,6 +353,7 @@ async fn write_all(s: &TcpStream, mut data: &[u8]) -> std::io::Result<()> {
 async fn connect(
     active: &mut Active,
     routed: Option<Arc<str>>,
+    stream: &TcpStream,
     client: IpAddr,
     shared: &Shared,
     t: &Timeouts,
@@ -356,6 +364,9 @@ async fn connect(
     // Made the first time the connection waits; the queue rings it when its turn may have come.
     let mut bell: Option<Arc<Notify>> = None;
     loop {
+        if wait.left(stream.as_fd()) {
+            return Err(active.wait_left(&wait));
+        }
         let l = &*active.l;
         let ty = routed.as_deref().unwrap_or(&l.cfg.request_type);
         let (addr, bm) = match shared.next_backend(l, ty, client, &tried, attempt, wait.ticket()) {

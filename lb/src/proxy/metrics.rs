@@ -50,6 +50,9 @@ xcluster_runtime::metric_names! {
     pub const RETRIES_TOTAL: &str = "xcluster_lb_proxy_retries_total";
     /// Connections that waited for a place because every backend was at its `max_connections`.
     pub const QUEUED_TOTAL: &str = "xcluster_lb_proxy_connections_queued_total";
+    /// Connections whose client left while they waited for a place (reset, or closed without sending a byte;
+    /// HAProxy's `CQ`): closed without a connect.
+    pub const ABANDONED_TOTAL: &str = "xcluster_lb_proxy_connections_abandoned_total";
     /// Connections waiting for a place now, by `request_type` (HAProxy's `qcur`, which is per backend pool).
     pub const WAITING: &str = "xcluster_lb_proxy_connections_waiting";
     /// Bytes by `direction`: `up` is client to backend, `down` backend to client.
@@ -229,6 +232,7 @@ pub struct ListenerMetrics {
     pub errors: [Counter; 2],
     pub retries: Counter,
     pub queued: Counter,
+    pub abandoned: Counter,
     pub bytes_up: Counter,
     pub bytes_down: Counter,
 }
@@ -253,6 +257,7 @@ impl ListenerMetrics {
             }),
             retries: metrics::counter!(RETRIES_TOTAL, "listener" => l.clone()),
             queued: metrics::counter!(QUEUED_TOTAL, "listener" => l.clone()),
+            abandoned: metrics::counter!(ABANDONED_TOTAL, "listener" => l.clone()),
             bytes_up: metrics::counter!(LISTENER_BYTES_TOTAL, "listener" => l.clone(), "direction" => "up"),
             bytes_down: metrics::counter!(LISTENER_BYTES_TOTAL, "listener" => l, "direction" => "down"),
         }

@@ -15,10 +15,15 @@
 //! stayed empty for 5 ms on average: with connections of a millisecond, a queue served about 4% of what the
 //! backend could take (`scripts/bench/queue`: 418 connections/s, HAProxy 10,811).
 //!
+//! A client that leaves while it waits (HAProxy's `CQ`) leaves the queue the next time it asks, within
+//! [`WAIT_BACKUP`], and before it would take a place ([`Wait::left`]): a place that frees never goes to a
+//! connection nobody is at. When a queue is long, the clients at its tail are the ones giving up; served in
+//! order, each would cost a backend a connect and a close while the clients still there waited behind it.
+//!
 //! While nobody waits, a connection pays one relaxed load for all of this, and its end another.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
@@ -196,6 +201,12 @@ impl Wait {
         self.since.map(|s| s.elapsed())
     }
 
+    /// Whether its client, `client`, has left while it waited for a place. Asked only once it has waited,
+    /// each time it asks for a place again: one `recv` per wake, never on a connection that did not wait.
+    pub fn left(&self, client: BorrowedFd<'_>) -> bool {
+        self.since.is_some() && gone(client)
+    }
+
     /// How a connection that got no backend (`why`) ends: a queue timeout if it was waiting for a place.
     pub fn end(&self, why: NoBackend) -> End {
         match why {
@@ -221,6 +232,32 @@ impl Drop for Ticket {
             }
         }
         self.queue.waiting.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Whether the client on `fd` has gone: its socket has an error (a reset), or it closed without sending a
+/// byte, so nothing can come of a connect for it. A close after some bytes stays: that may be a half-close
+/// (a request, then `shutdown(SHUT_WR)`), which is forwarded, as HAProxy forwards it unless
+/// `option abortonclose` is set.
+pub fn gone(fd: BorrowedFd<'_>) -> bool {
+    let mut byte = 0u8;
+    // SAFETY: peeks at most one byte into a live buffer from a descriptor the caller keeps open; nothing
+    // is consumed, so the forwarding later reads the same bytes.
+    let n = unsafe {
+        libc::recv(
+            fd.as_raw_fd(),
+            (&raw mut byte).cast(),
+            1,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    match n {
+        0 => true,
+        n if n > 0 => false,
+        _ => !matches!(
+            std::io::Error::last_os_error().raw_os_error(),
+            Some(libc::EAGAIN | libc::EINTR)
+        ),
     }
 }
 

@@ -3,7 +3,7 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
@@ -199,6 +199,11 @@ impl Loop {
             };
             let l = c.active.l.clone();
             let Some(k) = c.connecting.as_mut() else { return };
+            if k.wait.left(c.client.as_fd()) {
+                let end = c.active.wait_left(&k.wait);
+                self.give_up(slot, end);
+                return;
+            }
             let ty = k.routed.as_deref().unwrap_or(&l.cfg.request_type);
             let (addr, bm) =
                 match shared.next_backend(&l, ty, k.peer.ip(), &k.tried, k.attempt, k.wait.ticket()) {
@@ -238,7 +243,7 @@ impl Loop {
                     }
                     Err(why) => {
                         let end = c.active.wait_failed(&k.wait, why);
-                        self.no_backend(slot, end);
+                        self.give_up(slot, end);
                         return;
                     }
                 };
@@ -274,12 +279,12 @@ impl Loop {
         }
     }
 
-    /// Closes a client no backend can take, and counts it.
-    pub(super) fn no_backend(&mut self, slot: u32, end: End) {
+    /// Closes a client that takes no backend (none can take it, or it left while it waited; counted by
+    /// `Active::wait_failed` and `wait_left`).
+    pub(super) fn give_up(&mut self, slot: u32, end: End) {
         let Some(c) = self.conn(slot) else { return };
-        c.active.l.metrics.failed.increment(1);
         if let Some(k) = &c.connecting {
-            debug!(listener = %c.active.l.cfg.name, peer = %k.peer, why = %end, "no backend reachable; closing the client");
+            debug!(listener = %c.active.l.cfg.name, peer = %k.peer, why = %end, "no backend taken; closing the client");
         }
         c.active.ended(end);
         self.close(slot);
