@@ -1,6 +1,6 @@
 //! Spawning and signalling one process. Each program runs as the leader of its own process group, so a stop or
 //! kill reaches every descendant; when the leader exits, the rest of its group is killed too, so no grandchild
-//! outlives its program. A task per child waits on it (tokio reaps on SIGCHLD, so the exit is seen at once and
+//! outlives its program, nor one that left the group ([`crate::strays`]). A task per child waits on it (tokio reaps on SIGCHLD, so the exit is seen at once and
 //! no zombie is left) and reports the exit to the supervisor.
 
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -13,10 +13,12 @@ use bytes::Bytes;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::{Gid, Pid, Uid};
 use tokio::sync::{broadcast, mpsc};
+use tracing::warn;
 
 use crate::logs::{RotatingLog, copy_pipe};
 use crate::policy::ExitInfo;
 use crate::program::ProcessSpec;
+use crate::strays::{self, Stray};
 
 /// Followers of a process's output, kept across restarts so `tail -f` survives them.
 #[derive(Debug, Clone)]
@@ -93,6 +95,7 @@ pub fn spawn(
         .envs(spec.environment.iter().map(|(k, v)| (k, v)))
         .env("XCLUSTER_PROCESS_NAME", &spec.name)
         .env("XCLUSTER_GROUP_NAME", &spec.group)
+        .env(strays::MARK_VAR, strays::mark(spawn_id))
         .stdin(Stdio::null())
         .process_group(0)
         .kill_on_drop(false);
@@ -176,7 +179,12 @@ pub fn spawn(
     }
     let name = spec.name.clone();
     let stopping = Arc::new(AtomicBool::new(false));
-    let (stop_asked, stopwait) = (stopping.clone(), spec.policy.stopwait);
+    let ending = Ending {
+        stopping: stopping.clone(),
+        stopwait: spec.policy.stopwait,
+        stopsignal: spec.stopsignal,
+        mark: Some(strays::mark(spawn_id)),
+    };
     tokio::spawn(async move {
         use std::os::unix::process::ExitStatusExt;
         let info = match child.wait().await {
@@ -190,7 +198,7 @@ pub fn spawn(
             },
         };
         drop(own);
-        end_group(pid, &stop_asked, stopwait).await;
+        end_group(&name, pid, &ending).await;
         let _ = exits.send(Exit { name, spawn_id, info });
     });
     Ok(Spawned {
@@ -201,25 +209,76 @@ pub fn spawn(
     })
 }
 
-/// The leader `pid` is gone; whatever is left of its group goes with it. During a stop (`stopping`), not at
-/// once: a wrapper (`sh -c 'cd dir && server'`, no exec) dies of the stop signal at once while the server it
-/// runs, signalled too, is still shutting down cleanly, and a SIGKILL then cut that short. The rest of the
-/// group gets up to `stopwait` (when the supervisor's own SIGKILL comes), and the caller reports the exit
-/// once it is gone, so the program is STOPPING until then and a restart's new process does not meet the old
-/// one's server on its port.
-async fn end_group(pid: u32, stopping: &AtomicBool, stopwait: Duration) {
-    if stopping.load(Ordering::Relaxed) {
-        let deadline = tokio::time::Instant::now() + stopwait;
-        let pgid = pid as i32;
+/// How the rest of a program's processes end once its leader has exited.
+#[derive(Debug, Clone)]
+pub struct Ending {
+    /// Set when the supervisor sends the stop signal ([`Spawned::stopping`]).
+    pub stopping: Arc<AtomicBool>,
+    pub stopwait: Duration,
+    /// Sent to its strays at a stop (SIGTERM where it would only pause them).
+    pub stopsignal: Signal,
+    /// The mark its processes carry ([`strays::mark`]); `None`: an adopted process without one.
+    pub mark: Option<String>,
+}
+
+/// The leader `pid` is gone; whatever is left of its group goes with it, and so do its strays (processes
+/// that left the group, [`crate::strays`]). During a stop (`stopping`), not at once: a wrapper (`sh -c 'cd
+/// dir && server'`, no exec) dies of the stop signal at once while the server it runs, signalled too, is
+/// still shutting down cleanly, and a SIGKILL then cut that short. The rest of the group and the strays
+/// (sent the stop signal now) get up to `stopwait` (when the supervisor's own SIGKILL comes), and the caller
+/// reports the exit once they are gone, so the program is STOPPING until then and a restart's new process
+/// does not meet the old one's server on its port.
+async fn end_group(name: &str, pid: u32, ending: &Ending) {
+    let pgid = pid as i32;
+    let stopping = ending.stopping.load(Ordering::Relaxed);
+    let found = find_strays(ending.mark.clone(), pgid).await;
+    if !found.is_empty() {
+        let pids: Vec<String> = found.iter().map(|s| format!("{} ({})", s.pid, s.comm)).collect();
+        warn!(
+            program = %name,
+            strays = %pids.join(", "),
+            "the program left processes outside its process group (setsid, or a daemon's fork): they end with it; \
+             a supervised program should run in the foreground"
+        );
+        let sig = if !stopping {
+            Signal::SIGKILL
+        } else if stops_the_process(ending.stopsignal) {
+            Signal::SIGTERM
+        } else {
+            ending.stopsignal
+        };
+        found.iter().for_each(|s| s.signal(sig));
+    }
+    if stopping {
+        let deadline = tokio::time::Instant::now() + ending.stopwait;
         while tokio::time::Instant::now() < deadline
-            && tokio::task::spawn_blocking(move || group_lives(pgid))
-                .await
-                .unwrap_or(false)
+            && (found.iter().any(Stray::lives)
+                || tokio::task::spawn_blocking(move || group_lives(pgid))
+                    .await
+                    .unwrap_or(false))
         {
             tokio::time::sleep(GROUP_POLL).await;
         }
     }
-    let _ = kill(Pid::from_raw(-(pid as i32)), Signal::SIGKILL);
+    let _ = kill(Pid::from_raw(-pgid), Signal::SIGKILL);
+    found.iter().for_each(|s| s.signal(Signal::SIGKILL));
+    // Those a stray started while it was being ended.
+    if !found.is_empty() {
+        for s in find_strays(ending.mark.clone(), pgid).await {
+            s.signal(Signal::SIGKILL);
+        }
+    }
+}
+
+/// The strays of a program marked `mark` outside group `pgid`, looked for on a blocking thread (it reads
+/// every process's environment).
+async fn find_strays(mark: Option<String>, pgid: i32) -> Vec<Stray> {
+    let Some(mark) = mark else {
+        return Vec::new();
+    };
+    tokio::task::spawn_blocking(move || strays::find(&mark, pgid))
+        .await
+        .unwrap_or_default()
 }
 
 /// Whether a process of group `pgid` still runs. A zombie does not count: the group's orphans are reaped
@@ -359,15 +418,16 @@ pub fn signal_group(pid: u32, sig: Signal) -> nix::Result<()> {
 /// Watches a process this monitor did not spawn (adopted from a previous monitor after its `kill -9`): the
 /// pidfd turns readable when the process exits. It is not our child, so its exit status cannot be read; the
 /// exit is reported as unknown (no code, no signal), which counts as unexpected.
-/// `stopping` and `stopwait` are as for a spawned process ([`Spawned::stopping`]).
+/// `ending` is as for a spawned process, but for its mark, read here from the process's environment.
 pub fn watch_adopted(
     name: String,
     pid: u32,
     pidfd: OwnedFd,
     spawn_id: u64,
-    (stopping, stopwait): (Arc<AtomicBool>, Duration),
+    mut ending: Ending,
     exits: mpsc::UnboundedSender<Exit>,
 ) -> std::io::Result<()> {
+    ending.mark = strays::mark_of(pid);
     // SAFETY: `pidfd` is an `OwnedFd` moved into the `AsyncFd`: it stays open and is the same fd for the
     // `AsyncFd`'s whole life.
     let fd =
@@ -377,7 +437,7 @@ pub fn watch_adopted(
         // An error here means the fd is unusable; treating it as an exit restarts the program rather than
         // leaving it unwatched.
         let _ = fd.readable().await;
-        end_group(pid, &stopping, stopwait).await;
+        end_group(&name, pid, &ending).await;
         let info = ExitInfo {
             code: None,
             signal: None,

@@ -21,6 +21,7 @@ pub mod select;
 mod snapshot;
 pub mod statefile;
 pub mod status;
+mod strays;
 mod supervisor;
 mod update;
 

@@ -289,6 +289,74 @@ backoff_initial_ms = 50
     );
 }
 
+/// A process a program started in a session of its own (`setsid`, as a daemon does) is outside its group,
+/// so the group signals never reached it: it outlived its program's stop and its exit. Now it ends with the
+/// program either way, and the monitor says so.
+#[test]
+fn processes_that_left_the_group_end_with_their_program() {
+    let dir = tempfile::tempdir().unwrap();
+    let (served, left) = (dir.path().join("served"), dir.path().join("left"));
+    let m = Mon::start(&format!(
+        r#"
+[programs.daemonizes]
+command = "/bin/sh -c 'setsid sleep 300 & echo $! > {served}; exec sleep 301'"
+startsecs = 0
+
+[programs.launcher]
+command = "/bin/sh -c 'setsid sleep 302 & echo $! > {left}; sleep 303 & wait $!'"
+startsecs = 0
+autorestart = false
+"#,
+        served = served.display(),
+        left = left.display()
+    ));
+    let stray = |file: &std::path::Path| {
+        eventually(T, &format!("{} written", file.display()), || {
+            let pid: i32 = std::fs::read_to_string(file).ok()?.trim().parse().ok()?;
+            // Once `setsid` has its session (it execs `sleep` in place).
+            let pgrp = nix::unistd::getpgid(Some(nix::unistd::Pid::from_raw(pid))).ok()?;
+            (stat_of(pid)?.2 == "sleep" && pgrp.as_raw() == pid).then_some(pid)
+        })
+    };
+    // Whatever happens below, no stray outlives the test.
+    struct Reap(Vec<i32>);
+    impl Drop for Reap {
+        fn drop(&mut self) {
+            for &pid in &self.0 {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+    }
+    m.wait_state("daemonizes", "RUNNING", T);
+    let daemon = stray(&served);
+    let launched = stray(&left);
+    let _reap = Reap(vec![daemon, launched]);
+
+    // A stop reaches it, and the program is stopped only once it is gone.
+    assert_eq!(m.ctl_ok(&["stop", "daemonizes"]).trim(), "daemonizes: stopped");
+    assert!(!alive(daemon), "the stray outlived its program's stop");
+
+    // The launcher's leader exits by itself (killed here): its stray goes with its group.
+    kill9(m.pid("launcher").unwrap());
+    m.wait_state("launcher", "EXITED", T);
+    eventually(T, "the launcher's stray killed with its program", || {
+        (!alive(launched)).then_some(())
+    });
+    let log = m.proc.stderr();
+    for (program, pid) in [("daemonizes", daemon), ("launcher", launched)] {
+        assert!(
+            log.lines()
+                .any(|l| l.contains("left processes outside its process group")
+                    && l.contains(&format!("program={program}"))
+                    && l.contains(&format!("{pid} (sleep)"))),
+            "no warning naming {pid} of {program}: {log}"
+        );
+    }
+}
+
 /// A wrapper shell that does not exec (`sh -c 'sh server.sh; true'`) dies of the stop signal at once, while
 /// the server it runs, signalled with the group, shuts down cleanly: the monitor waits for the rest of the
 /// group (within `stopwaitsecs`) before it calls the program stopped. It SIGKILLed the group as soon as the

@@ -213,10 +213,15 @@ impl Supervisor {
             self.next_id += 1;
             let spawn_id = self.next_id;
             let stopping = Arc::new(std::sync::atomic::AtomicBool::new(false));
-            let stop = (stopping.clone(), p.spec.policy.stopwait);
+            let ending = child::Ending {
+                stopping: stopping.clone(),
+                stopwait: p.spec.policy.stopwait,
+                stopsignal: p.spec.stopsignal,
+                mark: None,
+            };
             let watched = crate::statefile::open_pidfd(&e).and_then(|fd| {
                 child::take_output(&fd, &p.spec, e.pipes, &p.outputs)?;
-                child::watch_adopted(e.name.clone(), pid, fd, spawn_id, stop, self.exits.clone())
+                child::watch_adopted(e.name.clone(), pid, fd, spawn_id, ending, self.exits.clone())
             });
             if let Err(err) = watched {
                 warn!(program = %e.name, pid, error = %err, "cannot watch a process left by the previous monitor; replacing it");

@@ -1,0 +1,179 @@
+//! The processes a program started that left its process group: a `setsid` child, a daemon's double fork,
+//! a server that daemonizes. The group signals never reach them, so they outlived their program's stop and
+//! held its port when it started again, unsupervised, as under Supervisord. Now they end with the program,
+//! as under systemd's default `KillMode=control-group`: at its stop they get its stop signal once its group
+//! is signalled and its leader has exited, and the stop waits for them as for the group (within
+//! `stopwaitsecs`, then SIGKILL); when the program exits by itself they are killed with the rest of its
+//! group. Either way the monitor warns, naming them: a supervised program should run in the foreground.
+//!
+//! They are found by a mark each spawn sets in its environment ([`MARK_VAR`]: the monitor's pid and start
+//! time, and the spawn's number, unique on the host), which the processes it starts inherit. An adopted
+//! process keeps the mark of the monitor that spawned it, read from its environment at adoption. A process
+//! that empties its environment (`env -i`) is not found.
+
+use std::io::Read;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::OnceLock;
+
+use nix::sys::signal::Signal;
+
+/// The environment variable that marks the processes of one spawn.
+pub const MARK_VAR: &str = "XCLUSTER_SPAWN";
+
+/// The most of a process's environment read when looking for the mark (a few KiB in practice).
+const MAX_ENVIRON: u64 = 1 << 20;
+
+/// The mark of spawn `spawn_id` of this monitor.
+pub fn mark(spawn_id: u64) -> String {
+    static MONITOR: OnceLock<(u32, u64)> = OnceLock::new();
+    let (pid, start) = *MONITOR.get_or_init(|| {
+        let pid = std::process::id();
+        (pid, crate::statefile::start_time(pid as i32).unwrap_or(0))
+    });
+    format!("{pid}.{start}.{spawn_id}")
+}
+
+/// The mark in the environment of process `pid`, if it has one (an adopted leader's).
+pub fn mark_of(pid: u32) -> Option<String> {
+    let env = environ(pid as i32)?;
+    let prefix = format!("{MARK_VAR}=");
+    env.split(|b| *b == 0)
+        .find_map(|e| e.strip_prefix(prefix.as_bytes()))
+        .and_then(|m| String::from_utf8(m.to_vec()).ok())
+}
+
+/// A live process with a program's mark outside its group, held by a pidfd so that no signal reaches a
+/// later process given its pid.
+#[derive(Debug)]
+pub struct Stray {
+    pub pid: i32,
+    /// Its command name, for the warning.
+    pub comm: String,
+    fd: OwnedFd,
+}
+
+impl Stray {
+    /// Sends `sig` (gone already is fine).
+    pub fn signal(&self, sig: Signal) {
+        // SAFETY: sends a signal through a pidfd this value owns; no memory is passed.
+        unsafe {
+            nix::libc::syscall(
+                nix::libc::SYS_pidfd_send_signal,
+                self.fd.as_raw_fd(),
+                sig as i32,
+                std::ptr::null::<nix::libc::siginfo_t>(),
+                0,
+            );
+        }
+    }
+
+    /// Whether it still runs: a pidfd turns readable when its process exits.
+    pub fn lives(&self) -> bool {
+        let mut p = nix::libc::pollfd {
+            fd: self.fd.as_raw_fd(),
+            events: nix::libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: polls one pollfd on the stack, without waiting.
+        let n = unsafe { nix::libc::poll(&mut p, 1, 0) };
+        n == 0
+    }
+}
+
+/// The live processes outside process group `pgid` whose environment carries `mark`.
+pub fn find(mark: &str, pgid: i32) -> Vec<Stray> {
+    let entry = format!("{MARK_VAR}={mark}");
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let me = std::process::id() as i32;
+    procs
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|&pid| pid != me && outside(pid, pgid))
+        .filter(|&pid| carries(pid, &entry))
+        .filter_map(|pid| {
+            let fd = pidfd(pid)?;
+            // Checked again once the pidfd is open: the pid may have gone to another process meanwhile.
+            (outside(pid, pgid) && carries(pid, &entry)).then(|| Stray {
+                pid,
+                comm: std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                    .map(|c| c.trim_end().to_string())
+                    .unwrap_or_default(),
+                fd,
+            })
+        })
+        .collect()
+}
+
+/// Whether `pid` is a live process of another group than `pgid`.
+fn outside(pid: i32, pgid: i32) -> bool {
+    let Some(stat) = crate::statefile::proc_stat(pid) else {
+        return false;
+    };
+    // State, ppid, pgrp, ...
+    let mut fields = stat.split_whitespace();
+    let (state, pgrp) = (fields.next(), fields.nth(1));
+    state.is_some_and(|s| s != "Z") && pgrp.and_then(|p| p.parse().ok()).is_some_and(|g: i32| g != pgid)
+}
+
+fn carries(pid: i32, entry: &str) -> bool {
+    environ(pid).is_some_and(|env| env.split(|b| *b == 0).any(|e| e == entry.as_bytes()))
+}
+
+/// Process `pid`'s environment as it was started, bounded (unreadable: another user's, or gone).
+fn environ(pid: i32) -> Option<Vec<u8>> {
+    let f = std::fs::File::open(format!("/proc/{pid}/environ")).ok()?;
+    let mut env = Vec::new();
+    f.take(MAX_ENVIRON).read_to_end(&mut env).ok()?;
+    Some(env)
+}
+
+fn pidfd(pid: i32) -> Option<OwnedFd> {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1; no memory is shared.
+    let fd = unsafe { nix::libc::syscall(nix::libc::SYS_pidfd_open, pid, 0) };
+    let fd = i32::try_from(fd).ok().filter(|fd| *fd >= 0)?;
+    // SAFETY: the syscall just returned this fd and nothing else owns it.
+    Some(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A child in a session of its own, with the mark, is found; the group's own members and unmarked
+    /// processes are not; the pidfd signals it and sees it end.
+    #[test]
+    fn a_marked_process_outside_the_group_is_found_and_ended() {
+        let mark = mark(u64::MAX);
+        let mut stray = std::process::Command::new("setsid")
+            .args(["sleep", "300"])
+            .env(MARK_VAR, &mark)
+            .spawn()
+            .unwrap();
+        let mut unmarked = std::process::Command::new("setsid")
+            .args(["sleep", "300"])
+            .spawn()
+            .unwrap();
+        let pid = stray.id() as i32;
+        // `setsid` execs `sleep` in place once it has its session (it is no group leader here).
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let found = loop {
+            let found = find(&mark, nix::unistd::getpgrp().as_raw());
+            if !found.is_empty() || std::time::Instant::now() > deadline {
+                break found;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        };
+        assert_eq!(found.iter().map(|s| s.pid).collect::<Vec<_>>(), [pid]);
+        assert_eq!(mark_of(pid as u32).as_deref(), Some(mark.as_str()));
+        assert!(find(&mark, pid).is_empty(), "its own group is not a stray");
+        let s = &found[0];
+        assert!(s.lives());
+        s.signal(Signal::SIGKILL);
+        let _ = stray.wait();
+        assert!(!s.lives());
+        let _ = unmarked.kill();
+        let _ = unmarked.wait();
+    }
+}
