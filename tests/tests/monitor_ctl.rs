@@ -21,8 +21,7 @@ fn ctl_errors_and_tokens() {
     let o = m.ctl(&["status", "nope"]);
     assert_eq!(o.status.code(), Some(1), "{}", out(&o));
     let o = m.ctl(&["start", "x"]);
-    assert_eq!(o.status.code(), Some(1), "{}", out(&o));
-    assert!(out(&o).contains("already started"), "{}", out(&o));
+    assert_says(&o, 0, "x: ERROR (already started)");
 
     // Without the right token, nothing changes.
     let o = std::process::Command::new(xcluster_bin())
@@ -344,6 +343,101 @@ startsecs = 60
     // error that says so.
     let o = m.ctl(&["--wait-secs", "1", "start", "slow"]);
     assert_says(&o, 1, "slow: ERROR (still STARTING after 1 s)");
+}
+
+/// As supervisorctl, `start` of a running program and `stop` of a stopped one say so but succeed (they exited 1),
+/// so scripts and configuration-management tools can call them idempotently; a real failure beside them still
+/// fails the command.
+#[test]
+fn start_of_a_running_program_and_stop_of_a_stopped_one_succeed() {
+    let m = Mon::start(
+        r#"
+[programs.x]
+command = "sleep 300"
+startsecs = 0
+[programs.idle]
+command = "sleep 300"
+autostart = false
+[programs.missing]
+command = "/no/such/binary"
+autostart = false
+startretries = 0
+"#,
+    );
+    m.wait_state("x", "RUNNING", T);
+    assert_says(&m.ctl(&["start", "x"]), 0, "x: ERROR (already started)");
+    assert_says(&m.ctl(&["stop", "idle"]), 0, "idle: ERROR (not running)");
+    let o = m.ctl(&["--json", "start", "x"]);
+    assert_eq!(o.status.code(), Some(0), "{}", out(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let r = &v["results"][0];
+    assert_eq!(
+        (&r["ok"], &r["already"], &r["message"]),
+        (&false.into(), &true.into(), &"already started".into()),
+        "{v}"
+    );
+    // The API marks it too, for other clients.
+    let r = m.post("/v1/programs/idle/stop");
+    assert_eq!(r.json()["results"][0]["already"], true, "{}", r.body);
+    assert_eq!(m.state("x"), "RUNNING");
+    assert_eq!(m.state("idle"), "STOPPED");
+
+    // Beside one already running, a program that cannot start still fails the command.
+    let o = m.ctl(&["start", "x", "missing"]);
+    assert_eq!(o.status.code(), Some(1), "{}", out(&o));
+    assert!(
+        out(&o).starts_with("x: ERROR (already started)\nmissing: ERROR (spawn error"),
+        "{}",
+        out(&o)
+    );
+    // Once stopped, a stop of it is idempotent too; an unknown name, or a signal nothing can receive, is not.
+    assert_says(&m.ctl(&["stop", "x"]), 0, "x: stopped");
+    assert_says(&m.ctl(&["stop", "x"]), 0, "x: ERROR (not running)");
+    assert_says(
+        &m.ctl(&["stop", "x", "idle"]),
+        0,
+        "x: ERROR (not running)\nidle: ERROR (not running)",
+    );
+    assert_refused(&m.ctl(&["stop", "x", "nope"]), "no such process or group: nope");
+    assert_says(&m.ctl(&["signal", "HUP", "x"]), 1, "x: ERROR (not running)");
+    assert_says(&m.ctl(&["start", "x"]), 0, "x: started");
+}
+
+/// A stop of a program still stopping is under way, not moot: it answered `not running` while the process
+/// still ran, so `ctl stop` returned before the program had stopped.
+#[test]
+fn stop_of_a_program_still_stopping_waits_for_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let go = dir.path().join("go");
+    // On TERM it ends only once the test says so, so it is STOPPING for as long as the test needs.
+    let m = Mon::start(&format!(
+        "[programs.slow]\ncommand = \"/bin/sh -c 'trap \\\"while [ ! -e {go} ]; do sleep 0.1; done; exit 0\\\" TERM; \
+         while :; do sleep 0.1; done'\"\nstartsecs = 0\nstopwaitsecs = 60\n",
+        go = go.display()
+    ));
+    m.wait_state("slow", "RUNNING", T);
+    assert_says(&m.ctl(&["--no-wait", "stop", "slow"]), 0, "slow: stopping");
+    m.wait_state("slow", "STOPPING", T);
+    assert_says(&m.ctl(&["--no-wait", "stop", "slow"]), 0, "slow: stopping");
+    let waiting = std::process::Command::new(xcluster_bin())
+        .args([
+            "ctl",
+            "--url",
+            &format!("http://{}", m.addr),
+            "--token",
+            TOKEN,
+            "stop",
+            "slow",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::fs::write(&go, "").unwrap();
+    let o = waiting.wait_with_output().unwrap();
+    // Whether it came before or after the exit, the stop answers once the program has stopped.
+    assert_eq!(o.status.code(), Some(0), "{}", out(&o));
+    assert_eq!(m.state("slow"), "STOPPED");
 }
 
 #[test]

@@ -174,7 +174,7 @@ pub(super) fn action(
     args: &CtlArgs,
 ) -> Result<i32, Failure> {
     need_names(names)?;
-    let mut results = send(c, verb, names, signal)?;
+    let (mut results, already) = send(c, verb, names, signal)?;
     let goal = match verb {
         "start" | "restart" => Some(Goal::Running),
         "stop" => Some(Goal::Stopped),
@@ -184,11 +184,11 @@ pub(super) fn action(
         await_goal(c, &mut results, goal, Duration::from_secs(args.wait_secs))?;
     }
     if args.json {
-        print_json(&results);
+        print_json(&results, &already);
     } else {
         results.iter().for_each(print_line);
     }
-    Ok(exit_code(&results))
+    Ok(exit_code(&results, &already))
 }
 
 /// A start, stop, restart or signal needs at least one name.
@@ -201,8 +201,14 @@ fn need_names(names: &[String]) -> Result<(), Failure> {
 }
 
 /// Sends `verb` for all of `names` as one command (so a stop of several stops dependents first, and an
-/// unknown name changes nothing) and returns each program's answer.
-fn send(c: &Client, verb: &str, names: &[String], signal: Option<&String>) -> Result<Vec<Answer>, Failure> {
+/// unknown name changes nothing) and returns each program's answer, and whether each was refused only because
+/// it was already done (`already started`, a stop's `not running`).
+fn send(
+    c: &Client,
+    verb: &str,
+    names: &[String],
+    signal: Option<&String>,
+) -> Result<(Vec<Answer>, Vec<bool>), Failure> {
     let mut path = programs_path(names, verb);
     if let Some(s) = signal {
         path.push_str(&format!("?signal={}", percent_encode(s)));
@@ -213,9 +219,10 @@ fn send(c: &Client, verb: &str, names: &[String], signal: Option<&String>) -> Re
         .map(|res| {
             let name = res["name"].as_str().unwrap_or("?").to_string();
             let msg = res["message"].as_str().unwrap_or("").to_string();
-            (name, if res["ok"] == true { Ok(msg) } else { Err(msg) })
+            let answer = (name, if res["ok"] == true { Ok(msg) } else { Err(msg) });
+            (answer, res["already"] == true)
         })
-        .collect())
+        .unzip())
 }
 
 /// The API path of `verb` for all of `names` as one command: `/v1/programs/db,app%3A*/stop`.
@@ -224,9 +231,12 @@ fn programs_path(names: &[String], verb: &str) -> String {
     format!("/v1/programs/{}/{verb}", list.join(","))
 }
 
-/// 0 when every program's answer is good, else `EXIT_FAILED`.
-fn exit_code(results: &[Answer]) -> i32 {
-    if results.iter().any(|(_, r)| r.is_err()) {
+/// 0 when every program's answer is good, else `EXIT_FAILED`. As supervisorctl, an answer refused only because
+/// it was already done (`already[i]`: `start` of a running program, `stop` of a stopped one) is no failure,
+/// so a script or a configuration-management tool can start or stop idempotently.
+fn exit_code(results: &[Answer], already: &[bool]) -> i32 {
+    let failed = |i: usize| results[i].1.is_err() && !already.get(i).copied().unwrap_or(false);
+    if (0..results.len()).any(failed) {
         EXIT_FAILED
     } else {
         0
@@ -242,14 +252,15 @@ fn print_line((name, r): &Answer) {
 }
 
 /// Every program's answer, as one JSON object.
-fn print_json(results: &[Answer]) {
-    let list: Vec<Value> = (results.iter())
-        .map(|(name, r)| {
+fn print_json(results: &[Answer], already: &[bool]) {
+    let list: Vec<Value> = (results.iter().enumerate())
+        .map(|(i, (name, r))| {
             let (ok, message) = match r {
                 Ok(m) => (true, m),
                 Err(m) => (false, m),
             };
-            serde_json::json!({ "name": name, "ok": ok, "message": message })
+            let already = already.get(i).copied().unwrap_or(false);
+            serde_json::json!({ "name": name, "ok": ok, "already": already, "message": message })
         })
         .collect();
     println!("{}", serde_json::json!({ "results": list }));
@@ -287,11 +298,11 @@ fn see_roll_through(c: &Client, mut roll: Value, args: &CtlArgs) -> Result<i32, 
         })
         .collect();
     if args.json {
-        print_json(&results);
+        print_json(&results, &[]);
     } else {
         results.iter().skip(printed).for_each(print_line);
     }
-    Ok(exit_code(&results))
+    Ok(exit_code(&results, &[]))
 }
 
 /// `update --rolling`: added and removed programs are applied at once; the changed ones that run are
