@@ -191,6 +191,29 @@ fn ctl_refuses_a_wait_out_of_range_before_acting() {
     assert_says(&m.ctl(&["--wait-secs", "1", "start", "x"]), 0, "x: started");
 }
 
+/// A verb that acts on programs, given none, is a usage error (exit 2, with the usage), as any other missing
+/// argument of ctl and as supervisorctl's `start` alone: it exited 1, the code of a refused action.
+#[test]
+fn a_program_verb_without_a_name_is_a_usage_error() {
+    for verb in [
+        &["start"][..],
+        &["stop"],
+        &["restart"],
+        &["restart", "--rolling"],
+        &["signal", "HUP"],
+        &["clear"],
+    ] {
+        // No monitor is needed: nothing is sent.
+        let o = std::process::Command::new(xcluster_bin())
+            .args(["ctl", "--url", "http://127.0.0.1:1"])
+            .args(verb)
+            .output()
+            .unwrap();
+        assert_eq!(o.status.code(), Some(2), "{verb:?}: {}", out(&o));
+        assert!(out(&o).contains("<NAMES>..."), "{verb:?}: {}", out(&o));
+    }
+}
+
 /// The API routes before it checks the token, and decodes a path segment as a path segment.
 #[test]
 fn api_paths_are_routed_first_and_decoded_as_paths() {

@@ -3,6 +3,7 @@
 //! Exit codes: 0 success (also a `start` of a program already running and a `stop` of one already stopped,
 //! which say so, as supervisorctl: scripts may call them idempotently); 1 a refused or failed action (unknown
 //! program, a spawn error, FATAL, invalid config, a program that did not come up or stop within `--wait-secs`);
+//! 2 bad arguments (clap's usage error, as a `start` without a name);
 //! 3 `status` found a process that is not RUNNING (as supervisorctl), `pid` a program without a process, or
 //! `cluster`, `drain` or `undrain` a balancer that does not answer; 69 the monitor cannot be reached or does
 //! not answer within `--timeout-secs`; 77 the token was refused.

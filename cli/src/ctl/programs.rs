@@ -173,7 +173,6 @@ pub(super) fn action(
     signal: Option<&String>,
     args: &CtlArgs,
 ) -> Result<i32, Failure> {
-    need_names(names)?;
     let (mut results, already) = send(c, verb, names, signal)?;
     let goal = match verb {
         "start" | "restart" => Some(Goal::Running),
@@ -189,15 +188,6 @@ pub(super) fn action(
         results.iter().for_each(print_line);
     }
     Ok(exit_code(&results, &already))
-}
-
-/// A start, stop, restart or signal needs at least one name.
-fn need_names(names: &[String]) -> Result<(), Failure> {
-    if names.is_empty() {
-        eprintln!("xcluster ctl: name a process, group:*, or all");
-        return Err(Failure::Exit(EXIT_FAILED));
-    }
-    Ok(())
 }
 
 /// Sends `verb` for all of `names` as one command (so a stop of several stops dependents first, and an
@@ -272,7 +262,6 @@ fn print_json(results: &[Answer], already: &[bool]) {
 /// untouched. The monitor drives the roll: this follows it in `/v1/status`, printing each program's outcome
 /// as it comes, and an interrupted `ctl` leaves it going. `--no-wait` prints where it stands and returns.
 pub(super) fn rolling_restart(c: &Client, names: &[String], args: &CtlArgs) -> Result<i32, Failure> {
-    need_names(names)?;
     let path = format!(
         "{}?rolling=1&wait_secs={}",
         programs_path(names, "restart"),
