@@ -18,8 +18,11 @@ fn ctl_errors_and_tokens() {
     let o = m.ctl(&["start", "nope"]);
     assert_eq!(o.status.code(), Some(1), "{}", out(&o));
     assert!(out(&o).contains("no such process or group: nope"), "{}", out(&o));
-    let o = m.ctl(&["status", "nope"]);
-    assert_eq!(o.status.code(), Some(1), "{}", out(&o));
+    assert_says(
+        &m.ctl(&["status", "nope"]),
+        4,
+        "nope: ERROR (no such process or group)",
+    );
     let o = m.ctl(&["start", "x"]);
     assert_says(&o, 0, "x: ERROR (already started)");
 
@@ -261,6 +264,37 @@ fn api_paths_are_routed_first_and_decoded_as_paths() {
 
 /// supervisorctl's `pid` (the monitor's, or each program's for scripts: 0 and exit 3 for one without a
 /// process) and `version`.
+/// As supervisorctl's `status`: a name that picks nothing is said, the others are shown anyway, and the exit
+/// is 4 (LSB's "status unknown"), unless a program shown is not running (3). It refused to show any and exited
+/// 1, which a check script could not tell from a monitor that refused the request.
+#[test]
+fn status_of_an_unknown_name_shows_the_rest_and_exits_4() {
+    let m = Mon::start(
+        "[programs.x]\ncommand = \"sleep 300\"\nstartsecs = 0\n[programs.idle]\ncommand = \"sleep 300\"\nautostart = false\n",
+    );
+    m.wait_state("x", "RUNNING", T);
+    let o = m.ctl(&["status", "x", "nope"]);
+    assert_eq!(o.status.code(), Some(4), "{}", out(&o));
+    let text = String::from_utf8_lossy(&o.stdout);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 2, "{text}");
+    assert_eq!(lines[0], "nope: ERROR (no such process or group)");
+    let row: Vec<&str> = lines[1].split_whitespace().collect();
+    assert_eq!(row[..2], ["x", "RUNNING"], "{text}");
+    assert_eq!(m.ctl(&["status", "idle", "nope:*"]).status.code(), Some(3));
+    // With --json the table stays valid JSON on stdout: the unknown name goes to stderr.
+    let o = m.ctl(&["--json", "status", "nope", "x"]);
+    assert_eq!(o.status.code(), Some(4), "{}", out(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v.as_array().map(Vec::len), Some(1), "{v}");
+    assert_eq!(v[0]["name"], "x");
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("nope: ERROR"),
+        "{}",
+        out(&o)
+    );
+}
+
 #[test]
 fn pid_and_version_as_supervisorctl() {
     let m = Mon::start(

@@ -5,7 +5,8 @@
 //! program, a spawn error, FATAL, invalid config, a program that did not come up or stop within `--wait-secs`);
 //! 2 bad arguments (clap's usage error, as a `start` without a name);
 //! 3 `status` found a process that is not RUNNING (as supervisorctl), `pid` a program without a process, or
-//! `cluster`, `drain` or `undrain` a balancer that does not answer; 69 the monitor cannot be reached or does
+//! `cluster`, `drain` or `undrain` a balancer that does not answer; 4 `status` was given a name that picks
+//! nothing, and showed the rest all RUNNING (as supervisorctl); 69 the monitor cannot be reached or does
 //! not answer within `--timeout-secs`; 77 the token was refused.
 
 use std::net::SocketAddr;
@@ -27,6 +28,8 @@ use xcluster_proto::directory::ServerAction;
 
 const EXIT_FAILED: i32 = 1;
 const EXIT_NOT_RUNNING: i32 = 3;
+/// `status` was given a name that picks nothing (LSB's "program status unknown", as supervisorctl).
+const EXIT_UNKNOWN: i32 = 4;
 const EXIT_USAGE: i32 = 64;
 const EXIT_UNAVAILABLE: i32 = 69;
 const EXIT_NOPERM: i32 = 77;
@@ -291,6 +294,14 @@ fn items(v: &Value) -> &[Value] {
 
 /// The programs of a status (`all`) that `names` pick, as the monitor picks them for a command.
 fn pick<'v>(all: &'v [Value], names: &[String]) -> Result<Vec<&'v Value>, Failure> {
+    pick_quietly(all, names).map_err(|n| {
+        eprintln!("xcluster ctl: no such process or group: {n}");
+        Failure::Exit(EXIT_FAILED)
+    })
+}
+
+/// [`pick`], saying nothing: `Err` is the first name that picks nothing.
+fn pick_quietly<'v, 'n>(all: &'v [Value], names: &'n [String]) -> Result<Vec<&'v Value>, &'n str> {
     let programs: Vec<(&str, &str)> = (all.iter())
         .map(|p| {
             (
@@ -299,11 +310,6 @@ fn pick<'v>(all: &'v [Value], names: &[String]) -> Result<Vec<&'v Value>, Failur
             )
         })
         .collect();
-    match xcluster_monitor::select::resolve(&programs, names) {
-        Ok(picked) => Ok(picked.into_iter().map(|(i, _)| &all[i]).collect()),
-        Err(n) => {
-            eprintln!("xcluster ctl: no such process or group: {n}");
-            Err(Failure::Exit(EXIT_FAILED))
-        }
-    }
+    let picked = xcluster_monitor::select::resolve(&programs, names)?;
+    Ok(picked.into_iter().map(|(i, _)| &all[i]).collect())
 }

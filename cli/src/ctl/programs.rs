@@ -9,16 +9,32 @@ use xcluster_monitor::status::abnormal_termination;
 use xcluster_runtime::http::percent_encode;
 
 use super::cluster::cell;
-use super::{Answer, Client, EXIT_FAILED, EXIT_NOT_RUNNING, Failure, check, items, monitor_status, pick};
+use super::{
+    Answer, Client, EXIT_FAILED, EXIT_NOT_RUNNING, EXIT_UNKNOWN, Failure, check, items, monitor_status, pick,
+    pick_quietly,
+};
 use crate::args::CtlArgs;
 
 pub(super) fn status(c: &Client, names: &[String], as_json: bool) -> Result<i32, Failure> {
     let v = monitor_status(c)?;
     let all = items(&v["programs"]);
-    let shown = if names.is_empty() {
-        all.iter().collect()
-    } else {
-        pick(all, names)?
+    // As supervisorctl, a name that picks nothing is said, and the others are shown all the same: `status a
+    // nope` refused to show `a`, and exited 1 where supervisorctl's 4 (LSB's "status unknown") is what a
+    // check script tells apart from 3 (not running).
+    let (known, unknown): (Vec<String>, Vec<String>) =
+        (names.iter().cloned()).partition(|n| pick_quietly(all, std::slice::from_ref(n)).is_ok());
+    for n in &unknown {
+        let line = format!("{n}: ERROR (no such process or group)");
+        if as_json {
+            eprintln!("{line}");
+        } else {
+            println!("{line}");
+        }
+    }
+    let shown = match (names.is_empty(), known.is_empty()) {
+        (true, _) => all.iter().collect(),
+        (false, true) => Vec::new(),
+        (false, false) => pick(all, &known)?,
     };
     if as_json {
         println!(
@@ -74,8 +90,14 @@ pub(super) fn status(c: &Client, names: &[String], as_json: bool) -> Result<i32,
             );
         }
     }
-    let all_running = shown.iter().all(|p| p["state"] == "RUNNING");
-    Ok(if all_running { 0 } else { EXIT_NOT_RUNNING })
+    // A program shown not running wins over a name unknown, as in supervisorctl.
+    Ok(if !shown.iter().all(|p| p["state"] == "RUNNING") {
+        EXIT_NOT_RUNNING
+    } else if !unknown.is_empty() {
+        EXIT_UNKNOWN
+    } else {
+        0
+    })
 }
 
 /// As supervisorctl's `pid`: the monitor's pid, or each named program's, one per line for scripts (`kill -HUP
