@@ -675,3 +675,30 @@ fn shutdown_answers_once_the_monitor_is_gone() {
         "the monitor still answers after `ctl shutdown` returned"
     );
 }
+
+/// A `shutdown` of a monitor already shutting down waits for it to be gone and succeeds, as for its own: it
+/// exited 1 at once ("the monitor is shutting down") while the monitor still ran, so a script's `ctl shutdown`
+/// after a `--no-wait` one (or a SIGTERM) could not be followed by an `xcluster up`.
+#[test]
+fn shutdown_of_a_monitor_already_shutting_down_waits_for_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let go = dir.path().join("go");
+    // On TERM it ends only once the test says so, so the shutdown lasts as long as the test needs.
+    let mut m = Mon::start(&format!(
+        "[programs.slow]\ncommand = \"/bin/sh -c 'trap \\\"while [ ! -e {go} ]; do sleep 0.1; done; exit 0\\\" TERM; \
+         while :; do sleep 0.1; done'\"\nstartsecs = 0\nstopwaitsecs = 60\n",
+        go = go.display()
+    ));
+    m.wait_state("slow", "RUNNING", T);
+    assert_says(&m.ctl(&["--no-wait", "shutdown"]), 0, "Shut down");
+    m.wait_state("slow", "STOPPING", T);
+    let o = m.ctl(&["--no-wait", "shutdown"]);
+    assert_eq!(o.status.code(), Some(0), "{}", out(&o));
+    assert!(out(&o).contains("already shutting down"), "{}", out(&o));
+    // It waits as for its own shutdown: here, until its bound, since `slow` is still stopping.
+    let o = m.ctl(&["--wait-secs", "1", "shutdown"]);
+    assert_eq!(o.status.code(), Some(1), "{}", out(&o));
+    assert!(out(&o).contains("still answers after 1s"), "{}", out(&o));
+    std::fs::write(&go, "").unwrap();
+    assert_eq!(m.proc.wait_exit(T), Some(0));
+}

@@ -129,9 +129,18 @@ pub fn run(args: CtlArgs) -> i32 {
 /// keeps its API until every program has stopped and its run directory is released, so once the API no
 /// longer answers the next `xcluster up` finds the port and the directory free (it failed with "address
 /// already in use" when run straight after).
+///
+/// A monitor already shutting down (an earlier `--no-wait shutdown`, SIGTERM) is no failure: this waits for
+/// it to be gone as for its own, so a script's `ctl shutdown` then `xcluster up` works either way (it exited 1
+/// at once, with the monitor still there), and says so, as supervisorctl does.
 fn shutdown(c: &Client, args: &CtlArgs) -> Result<i32, Failure> {
     let r = c.call("POST", "/v1/shutdown")?;
-    check(&r)?;
+    let already = r.status == 409 && r.json()["error"]["code"] == "shutting_down";
+    if already {
+        eprintln!("xcluster ctl: the monitor at {} was already shutting down", c.url);
+    } else {
+        check(&r)?;
+    }
     if !args.no_wait {
         let deadline = std::time::Instant::now() + Duration::from_secs(args.wait_secs);
         // A refused (or reset) connection is the monitor gone; a slow answer is one still stopping.
