@@ -460,6 +460,40 @@ startretries = 0
     assert_says(&m.ctl(&["start", "x"]), 0, "x: started");
 }
 
+/// A start of a program already starting waits for its outcome, as a start does: it answered `already
+/// started` at once, exit 0, before the program had run for its `startsecs`, so a script's next step found it
+/// FATAL.
+#[test]
+fn start_of_a_program_still_starting_waits_for_its_outcome() {
+    let m = Mon::start(
+        r#"
+[programs.slow]
+command = "sleep 300"
+autostart = false
+startsecs = 60
+[programs.dying]
+command = "/bin/sh -c 'sleep 1; exit 3'"
+autostart = false
+startsecs = 30
+startretries = 0
+"#,
+    );
+    assert_says(
+        &m.ctl(&["--no-wait", "start", "slow", "dying"]),
+        0,
+        "slow: starting\ndying: starting",
+    );
+    let o = m.ctl(&["--wait-secs", "1", "start", "slow"]);
+    assert_says(&o, 1, "slow: ERROR (still STARTING after 1 s)");
+    // Whether it came while `dying` was starting or after it gave up, the start fails with why.
+    let o = m.ctl(&["start", "dying"]);
+    assert_says(
+        &o,
+        1,
+        "dying: ERROR (exited too quickly: exit status 3, gave up after 1 try)",
+    );
+}
+
 /// A stop of a program still stopping is under way, not moot: it answered `not running` while the process
 /// still ran, so `ctl stop` returned before the program had stopped.
 #[test]

@@ -195,14 +195,20 @@ pub(super) fn action(
     signal: Option<&String>,
     args: &CtlArgs,
 ) -> Result<i32, Failure> {
-    let (mut results, already) = send(c, verb, names, signal)?;
+    let (mut results, mut already) = send(c, verb, names, signal)?;
     let goal = match verb {
         "start" | "restart" => Some(Goal::Running),
         "stop" => Some(Goal::Stopped),
         _ => None,
     };
     if let Some(goal) = goal.filter(|_| !args.no_wait) {
-        await_goal(c, &mut results, goal, Duration::from_secs(args.wait_secs))?;
+        await_goal(
+            c,
+            &mut results,
+            &mut already,
+            goal,
+            Duration::from_secs(args.wait_secs),
+        )?;
     }
     if args.json {
         print_json(&results, &already);
@@ -500,11 +506,25 @@ pub(super) const WAIT_POLL: Duration = Duration::from_millis(100);
 
 /// Waits until every program whose command was taken reaches `goal` or fails, up to `limit`, and puts the
 /// final answer in its result.
-fn await_goal(c: &Client, results: &mut [Answer], goal: Goal, limit: Duration) -> Result<(), Failure> {
+///
+/// A program `already` there is waited for too, as a start of it would be: `start` of one still STARTING (as
+/// just after the monitor came up) or not ready answered `already started` at once, exit 0, before it had
+/// proved itself, and a script's next step found it down when it went FATAL. It keeps that answer once it
+/// gets there; if it fails, the failure is its answer.
+fn await_goal(
+    c: &Client,
+    results: &mut [Answer],
+    already: &mut [bool],
+    goal: Goal,
+    limit: Duration,
+) -> Result<(), Failure> {
     // Checked: the limit comes from the command line (bounded by its parser, but a clock near its end must
     // not panic either); no deadline means waiting until every program settles.
     let deadline = Instant::now().checked_add(limit);
-    let mut open: Vec<usize> = (0..results.len()).filter(|&i| results[i].1.is_ok()).collect();
+    let done_already = |i: usize| already.get(i).copied().unwrap_or(false);
+    let mut open: Vec<usize> = (0..results.len())
+        .filter(|&i| results[i].1.is_ok() || done_already(i))
+        .collect();
     while !open.is_empty() {
         let v = monitor_status(c)?;
         let late = deadline.is_some_and(|d| Instant::now() >= d);
@@ -515,7 +535,20 @@ fn await_goal(c: &Client, results: &mut [Answer], goal: Goal, limit: Duration) -
                 None => Some(Err("gone".to_string())),
                 Some(p) => outcome(p, goal).or_else(|| late.then(|| Err(overdue(p, limit)))),
             };
-            answer.map(|a| *result = a).is_none()
+            match answer {
+                None => true,
+                // There, as it already was: its answer stands.
+                Some(Ok(_)) if already.get(i).copied().unwrap_or(false) => false,
+                Some(a) => {
+                    if a.is_err()
+                        && let Some(d) = already.get_mut(i)
+                    {
+                        *d = false;
+                    }
+                    *result = a;
+                    false
+                }
+            }
         });
         if !open.is_empty() {
             std::thread::sleep(WAIT_POLL);
