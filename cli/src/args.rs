@@ -179,11 +179,14 @@ pub enum CtlVerb {
     /// Show the tail of a program's log.
     Tail {
         name: String,
+        /// Which stream, as supervisorctl's `tail NAME stderr` (the same as --stream).
+        #[arg(value_parser = ["stdout", "stderr"], conflicts_with = "stream")]
+        channel: Option<String>,
         /// Keep following the log.
         #[arg(short, long)]
         follow: bool,
         /// Which stream.
-        #[arg(long, default_value = "stdout")]
+        #[arg(long, default_value = "stdout", value_parser = ["stdout", "stderr"])]
         stream: String,
         /// Bytes to show.
         #[arg(long, default_value_t = 1600)]

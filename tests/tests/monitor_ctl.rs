@@ -217,6 +217,25 @@ fn a_program_verb_without_a_name_is_a_usage_error() {
     }
 }
 
+/// `tail NAME stderr` names the stream as supervisorctl's does (it was refused, exit 2: only `--stream stderr`
+/// was known), and a stream that is neither is a usage error before anything is asked.
+#[test]
+fn tail_takes_the_stream_as_supervisorctl_does() {
+    let m = Mon::start(
+        "[programs.x]\ncommand = \"sh -c 'echo out; echo err >&2; exec sleep 300'\"\nstartsecs = 0\n",
+    );
+    let o = eventually(T, "x's stderr in its log", || {
+        let o = m.ctl(&["tail", "x", "stderr"]);
+        (o.status.success() && String::from_utf8_lossy(&o.stdout) == "err\n").then_some(o)
+    });
+    assert_says(&o, 0, "err");
+    assert_says(&m.ctl(&["tail", "x", "stdout"]), 0, "out");
+    let o = m.ctl(&["tail", "x", "stderr", "--stream", "stdout"]);
+    assert_eq!(o.status.code(), Some(2), "{}", out(&o));
+    let o = m.ctl(&["tail", "x", "--stream", "both"]);
+    assert_eq!(o.status.code(), Some(2), "{}", out(&o));
+}
+
 /// The API routes before it checks the token, and decodes a path segment as a path segment.
 #[test]
 fn api_paths_are_routed_first_and_decoded_as_paths() {

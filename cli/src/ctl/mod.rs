@@ -185,10 +185,12 @@ fn run_verb(c: &Client, args: &CtlArgs) -> Result<i32, Failure> {
         }
         CtlVerb::Tail {
             name,
+            channel,
             follow,
             stream,
             bytes,
         } => {
+            let stream = channel.as_ref().unwrap_or(stream);
             let path = format!(
                 "/v1/programs/{}/log?stream={stream}&bytes={bytes}{}",
                 percent_encode(name),
