@@ -139,12 +139,21 @@ pub struct CtlArgs {
 pub enum CtlVerb {
     /// Show programs (all, one, or a group with `group:*`).
     Status { names: Vec<String> },
+    // The verbs that act on programs need a name (a name, `group:*`, or `all`): a usage error, exit 2 as for
+    // any other missing argument (as supervisorctl's `start` without one), not a refused action.
     /// Start programs.
-    Start { names: Vec<String> },
+    Start {
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
     /// Stop programs.
-    Stop { names: Vec<String> },
+    Stop {
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
     /// Restart programs.
     Restart {
+        #[arg(required = true)]
         names: Vec<String>,
         /// One at a time: each program is restarted only once the one before runs and is ready again, so
         /// a group never has more than one down; stops at the first that does not come back (or is not
@@ -153,21 +162,31 @@ pub enum CtlVerb {
         rolling: bool,
     },
     /// Send a signal (e.g. HUP to reload a program's config) to programs.
-    Signal { signal: String, names: Vec<String> },
+    Signal {
+        signal: String,
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
     /// The monitor's pid, or with names each program's pid, one per line (0: no process; exit 3 then).
     Pid { names: Vec<String> },
     /// Empty programs' log files (stdout and stderr) and remove their rotated backups.
-    Clear { names: Vec<String> },
+    Clear {
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
     /// The monitor's version.
     Version,
     /// Show the tail of a program's log.
     Tail {
         name: String,
+        /// Which stream, as supervisorctl's `tail NAME stderr` (the same as --stream).
+        #[arg(value_parser = ["stdout", "stderr"], conflicts_with = "stream")]
+        channel: Option<String>,
         /// Keep following the log.
         #[arg(short, long)]
         follow: bool,
         /// Which stream.
-        #[arg(long, default_value = "stdout")]
+        #[arg(long, default_value = "stdout", value_parser = ["stdout", "stderr"])]
         stream: String,
         /// Bytes to show.
         #[arg(long, default_value_t = 1600)]

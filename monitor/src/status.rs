@@ -133,7 +133,16 @@ pub struct ActionResult {
     pub ok: bool,
     pub state: State,
     pub message: String,
+    /// Not done because it was already done: a `start` of a program running ([`ALREADY_STARTED`]) or a `stop`
+    /// of one stopped ([`NOT_RUNNING`]). `ok` is false, as supervisorctl answers `ERROR (already started)`, but
+    /// like supervisorctl `ctl` does not fail for it, so scripts may start or stop idempotently.
+    pub already: bool,
 }
+
+/// A `start`'s answer for a program that already runs (or is starting).
+pub const ALREADY_STARTED: &str = "already started";
+/// A `stop`'s (or `signal`'s) answer for a program without a process.
+pub const NOT_RUNNING: &str = "not running";
 
 /// A program that came up and then exited for good (no autorestart), as
 /// `ctl start` and a roll answer it: supervisorctl's words, and how it ended.

@@ -18,11 +18,13 @@ fn ctl_errors_and_tokens() {
     let o = m.ctl(&["start", "nope"]);
     assert_eq!(o.status.code(), Some(1), "{}", out(&o));
     assert!(out(&o).contains("no such process or group: nope"), "{}", out(&o));
-    let o = m.ctl(&["status", "nope"]);
-    assert_eq!(o.status.code(), Some(1), "{}", out(&o));
+    assert_says(
+        &m.ctl(&["status", "nope"]),
+        4,
+        "nope: ERROR (no such process or group)",
+    );
     let o = m.ctl(&["start", "x"]);
-    assert_eq!(o.status.code(), Some(1), "{}", out(&o));
-    assert!(out(&o).contains("already started"), "{}", out(&o));
+    assert_says(&o, 0, "x: ERROR (already started)");
 
     // Without the right token, nothing changes.
     let o = std::process::Command::new(xcluster_bin())
@@ -192,6 +194,48 @@ fn ctl_refuses_a_wait_out_of_range_before_acting() {
     assert_says(&m.ctl(&["--wait-secs", "1", "start", "x"]), 0, "x: started");
 }
 
+/// A verb that acts on programs, given none, is a usage error (exit 2, with the usage), as any other missing
+/// argument of ctl and as supervisorctl's `start` alone: it exited 1, the code of a refused action.
+#[test]
+fn a_program_verb_without_a_name_is_a_usage_error() {
+    for verb in [
+        &["start"][..],
+        &["stop"],
+        &["restart"],
+        &["restart", "--rolling"],
+        &["signal", "HUP"],
+        &["clear"],
+    ] {
+        // No monitor is needed: nothing is sent.
+        let o = std::process::Command::new(xcluster_bin())
+            .args(["ctl", "--url", "http://127.0.0.1:1"])
+            .args(verb)
+            .output()
+            .unwrap();
+        assert_eq!(o.status.code(), Some(2), "{verb:?}: {}", out(&o));
+        assert!(out(&o).contains("<NAMES>..."), "{verb:?}: {}", out(&o));
+    }
+}
+
+/// `tail NAME stderr` names the stream as supervisorctl's does (it was refused, exit 2: only `--stream stderr`
+/// was known), and a stream that is neither is a usage error before anything is asked.
+#[test]
+fn tail_takes_the_stream_as_supervisorctl_does() {
+    let m = Mon::start(
+        "[programs.x]\ncommand = \"sh -c 'echo out; echo err >&2; exec sleep 300'\"\nstartsecs = 0\n",
+    );
+    let o = eventually(T, "x's stderr in its log", || {
+        let o = m.ctl(&["tail", "x", "stderr"]);
+        (o.status.success() && String::from_utf8_lossy(&o.stdout) == "err\n").then_some(o)
+    });
+    assert_says(&o, 0, "err");
+    assert_says(&m.ctl(&["tail", "x", "stdout"]), 0, "out");
+    let o = m.ctl(&["tail", "x", "stderr", "--stream", "stdout"]);
+    assert_eq!(o.status.code(), Some(2), "{}", out(&o));
+    let o = m.ctl(&["tail", "x", "--stream", "both"]);
+    assert_eq!(o.status.code(), Some(2), "{}", out(&o));
+}
+
 /// The API routes before it checks the token, and decodes a path segment as a path segment.
 #[test]
 fn api_paths_are_routed_first_and_decoded_as_paths() {
@@ -239,6 +283,37 @@ fn api_paths_are_routed_first_and_decoded_as_paths() {
 
 /// supervisorctl's `pid` (the monitor's, or each program's for scripts: 0 and exit 3 for one without a
 /// process) and `version`.
+/// As supervisorctl's `status`: a name that picks nothing is said, the others are shown anyway, and the exit
+/// is 4 (LSB's "status unknown"), unless a program shown is not running (3). It refused to show any and exited
+/// 1, which a check script could not tell from a monitor that refused the request.
+#[test]
+fn status_of_an_unknown_name_shows_the_rest_and_exits_4() {
+    let m = Mon::start(
+        "[programs.x]\ncommand = \"sleep 300\"\nstartsecs = 0\n[programs.idle]\ncommand = \"sleep 300\"\nautostart = false\n",
+    );
+    m.wait_state("x", "RUNNING", T);
+    let o = m.ctl(&["status", "x", "nope"]);
+    assert_eq!(o.status.code(), Some(4), "{}", out(&o));
+    let text = String::from_utf8_lossy(&o.stdout);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 2, "{text}");
+    assert_eq!(lines[0], "nope: ERROR (no such process or group)");
+    let row: Vec<&str> = lines[1].split_whitespace().collect();
+    assert_eq!(row[..2], ["x", "RUNNING"], "{text}");
+    assert_eq!(m.ctl(&["status", "idle", "nope:*"]).status.code(), Some(3));
+    // With --json the table stays valid JSON on stdout: the unknown name goes to stderr.
+    let o = m.ctl(&["--json", "status", "nope", "x"]);
+    assert_eq!(o.status.code(), Some(4), "{}", out(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v.as_array().map(Vec::len), Some(1), "{v}");
+    assert_eq!(v[0]["name"], "x");
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("nope: ERROR"),
+        "{}",
+        out(&o)
+    );
+}
+
 #[test]
 fn pid_and_version_as_supervisorctl() {
     let m = Mon::start(
@@ -344,6 +419,135 @@ startsecs = 60
     // error that says so.
     let o = m.ctl(&["--wait-secs", "1", "start", "slow"]);
     assert_says(&o, 1, "slow: ERROR (still STARTING after 1 s)");
+}
+
+/// As supervisorctl, `start` of a running program and `stop` of a stopped one say so but succeed (they exited 1),
+/// so scripts and configuration-management tools can call them idempotently; a real failure beside them still
+/// fails the command.
+#[test]
+fn start_of_a_running_program_and_stop_of_a_stopped_one_succeed() {
+    let m = Mon::start(
+        r#"
+[programs.x]
+command = "sleep 300"
+startsecs = 0
+[programs.idle]
+command = "sleep 300"
+autostart = false
+[programs.missing]
+command = "/no/such/binary"
+autostart = false
+startretries = 0
+"#,
+    );
+    m.wait_state("x", "RUNNING", T);
+    assert_says(&m.ctl(&["start", "x"]), 0, "x: ERROR (already started)");
+    assert_says(&m.ctl(&["stop", "idle"]), 0, "idle: ERROR (not running)");
+    let o = m.ctl(&["--json", "start", "x"]);
+    assert_eq!(o.status.code(), Some(0), "{}", out(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let r = &v["results"][0];
+    assert_eq!(
+        (&r["ok"], &r["already"], &r["message"]),
+        (&false.into(), &true.into(), &"already started".into()),
+        "{v}"
+    );
+    // The API marks it too, for other clients.
+    let r = m.post("/v1/programs/idle/stop");
+    assert_eq!(r.json()["results"][0]["already"], true, "{}", r.body);
+    assert_eq!(m.state("x"), "RUNNING");
+    assert_eq!(m.state("idle"), "STOPPED");
+
+    // Beside one already running, a program that cannot start still fails the command.
+    let o = m.ctl(&["start", "x", "missing"]);
+    assert_eq!(o.status.code(), Some(1), "{}", out(&o));
+    assert!(
+        out(&o).starts_with("x: ERROR (already started)\nmissing: ERROR (spawn error"),
+        "{}",
+        out(&o)
+    );
+    // Once stopped, a stop of it is idempotent too; an unknown name, or a signal nothing can receive, is not.
+    assert_says(&m.ctl(&["stop", "x"]), 0, "x: stopped");
+    assert_says(&m.ctl(&["stop", "x"]), 0, "x: ERROR (not running)");
+    assert_says(
+        &m.ctl(&["stop", "x", "idle"]),
+        0,
+        "x: ERROR (not running)\nidle: ERROR (not running)",
+    );
+    assert_refused(&m.ctl(&["stop", "x", "nope"]), "no such process or group: nope");
+    assert_says(&m.ctl(&["signal", "HUP", "x"]), 1, "x: ERROR (not running)");
+    assert_says(&m.ctl(&["start", "x"]), 0, "x: started");
+}
+
+/// A start of a program already starting waits for its outcome, as a start does: it answered `already
+/// started` at once, exit 0, before the program had run for its `startsecs`, so a script's next step found it
+/// FATAL.
+#[test]
+fn start_of_a_program_still_starting_waits_for_its_outcome() {
+    let m = Mon::start(
+        r#"
+[programs.slow]
+command = "sleep 300"
+autostart = false
+startsecs = 60
+[programs.dying]
+command = "/bin/sh -c 'sleep 1; exit 3'"
+autostart = false
+startsecs = 30
+startretries = 0
+"#,
+    );
+    assert_says(
+        &m.ctl(&["--no-wait", "start", "slow", "dying"]),
+        0,
+        "slow: starting\ndying: starting",
+    );
+    let o = m.ctl(&["--wait-secs", "1", "start", "slow"]);
+    assert_says(&o, 1, "slow: ERROR (still STARTING after 1 s)");
+    // Whether it came while `dying` was starting or after it gave up, the start fails with why.
+    let o = m.ctl(&["start", "dying"]);
+    assert_says(
+        &o,
+        1,
+        "dying: ERROR (exited too quickly: exit status 3, gave up after 1 try)",
+    );
+}
+
+/// A stop of a program still stopping is under way, not moot: it answered `not running` while the process
+/// still ran, so `ctl stop` returned before the program had stopped.
+#[test]
+fn stop_of_a_program_still_stopping_waits_for_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let go = dir.path().join("go");
+    // On TERM it ends only once the test says so, so it is STOPPING for as long as the test needs.
+    let m = Mon::start(&format!(
+        "[programs.slow]\ncommand = \"/bin/sh -c 'trap \\\"while [ ! -e {go} ]; do sleep 0.1; done; exit 0\\\" TERM; \
+         while :; do sleep 0.1; done'\"\nstartsecs = 0\nstopwaitsecs = 60\n",
+        go = go.display()
+    ));
+    m.wait_state("slow", "RUNNING", T);
+    assert_says(&m.ctl(&["--no-wait", "stop", "slow"]), 0, "slow: stopping");
+    m.wait_state("slow", "STOPPING", T);
+    assert_says(&m.ctl(&["--no-wait", "stop", "slow"]), 0, "slow: stopping");
+    let waiting = std::process::Command::new(xcluster_bin())
+        .args([
+            "ctl",
+            "--url",
+            &format!("http://{}", m.addr),
+            "--token",
+            TOKEN,
+            "stop",
+            "slow",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::fs::write(&go, "").unwrap();
+    let o = waiting.wait_with_output().unwrap();
+    // Whether it came before or after the exit, the stop answers once the program has stopped.
+    assert_eq!(o.status.code(), Some(0), "{}", out(&o));
+    assert_eq!(m.state("slow"), "STOPPED");
 }
 
 #[test]
@@ -523,4 +727,31 @@ fn shutdown_answers_once_the_monitor_is_gone() {
         std::net::TcpStream::connect(m.addr).is_err(),
         "the monitor still answers after `ctl shutdown` returned"
     );
+}
+
+/// A `shutdown` of a monitor already shutting down waits for it to be gone and succeeds, as for its own: it
+/// exited 1 at once ("the monitor is shutting down") while the monitor still ran, so a script's `ctl shutdown`
+/// after a `--no-wait` one (or a SIGTERM) could not be followed by an `xcluster up`.
+#[test]
+fn shutdown_of_a_monitor_already_shutting_down_waits_for_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let go = dir.path().join("go");
+    // On TERM it ends only once the test says so, so the shutdown lasts as long as the test needs.
+    let mut m = Mon::start(&format!(
+        "[programs.slow]\ncommand = \"/bin/sh -c 'trap \\\"while [ ! -e {go} ]; do sleep 0.1; done; exit 0\\\" TERM; \
+         while :; do sleep 0.1; done'\"\nstartsecs = 0\nstopwaitsecs = 60\n",
+        go = go.display()
+    ));
+    m.wait_state("slow", "RUNNING", T);
+    assert_says(&m.ctl(&["--no-wait", "shutdown"]), 0, "Shut down");
+    m.wait_state("slow", "STOPPING", T);
+    let o = m.ctl(&["--no-wait", "shutdown"]);
+    assert_eq!(o.status.code(), Some(0), "{}", out(&o));
+    assert!(out(&o).contains("already shutting down"), "{}", out(&o));
+    // It waits as for its own shutdown: here, until its bound, since `slow` is still stopping.
+    let o = m.ctl(&["--wait-secs", "1", "shutdown"]);
+    assert_eq!(o.status.code(), Some(1), "{}", out(&o));
+    assert!(out(&o).contains("still answers after 1s"), "{}", out(&o));
+    std::fs::write(&go, "").unwrap();
+    assert_eq!(m.proc.wait_exit(T), Some(0));
 }

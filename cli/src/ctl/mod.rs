@@ -1,9 +1,12 @@
 //! `xcluster ctl`: the monitor's control client, with Supervisorctl's verbs over the monitor's HTTP API.
 //!
-//! Exit codes: 0 success; 1 a refused or failed action (unknown program, already started, invalid config, a
-//! program that did not come up or stop within `--wait-secs`);
+//! Exit codes: 0 success (also a `start` of a program already running and a `stop` of one already stopped,
+//! which say so, as supervisorctl: scripts may call them idempotently); 1 a refused or failed action (unknown
+//! program, a spawn error, FATAL, invalid config, a program that did not come up or stop within `--wait-secs`);
+//! 2 bad arguments (clap's usage error, as a `start` without a name);
 //! 3 `status` found a process that is not RUNNING (as supervisorctl), `pid` a program without a process, or
-//! `cluster`, `drain` or `undrain` a balancer that does not answer; 69 the monitor cannot be reached or does
+//! `cluster`, `drain` or `undrain` a balancer that does not answer; 4 `status` was given a name that picks
+//! nothing, and showed the rest all RUNNING (as supervisorctl); 69 the monitor cannot be reached or does
 //! not answer within `--timeout-secs`; 77 the token was refused.
 
 use std::net::SocketAddr;
@@ -25,6 +28,8 @@ use xcluster_proto::directory::ServerAction;
 
 const EXIT_FAILED: i32 = 1;
 const EXIT_NOT_RUNNING: i32 = 3;
+/// `status` was given a name that picks nothing (LSB's "program status unknown", as supervisorctl).
+const EXIT_UNKNOWN: i32 = 4;
 const EXIT_USAGE: i32 = 64;
 const EXIT_UNAVAILABLE: i32 = 69;
 const EXIT_NOPERM: i32 = 77;
@@ -124,9 +129,18 @@ pub fn run(args: CtlArgs) -> i32 {
 /// keeps its API until every program has stopped and its run directory is released, so once the API no
 /// longer answers the next `xcluster up` finds the port and the directory free (it failed with "address
 /// already in use" when run straight after).
+///
+/// A monitor already shutting down (an earlier `--no-wait shutdown`, SIGTERM) is no failure: this waits for
+/// it to be gone as for its own, so a script's `ctl shutdown` then `xcluster up` works either way (it exited 1
+/// at once, with the monitor still there), and says so, as supervisorctl does.
 fn shutdown(c: &Client, args: &CtlArgs) -> Result<i32, Failure> {
     let r = c.call("POST", "/v1/shutdown")?;
-    check(&r)?;
+    let already = r.status == 409 && r.json()["error"]["code"] == "shutting_down";
+    if already {
+        eprintln!("xcluster ctl: the monitor at {} was already shutting down", c.url);
+    } else {
+        check(&r)?;
+    }
     if !args.no_wait {
         let deadline = std::time::Instant::now() + Duration::from_secs(args.wait_secs);
         // A refused (or reset) connection is the monitor gone; a slow answer is one still stopping.
@@ -171,10 +185,12 @@ fn run_verb(c: &Client, args: &CtlArgs) -> Result<i32, Failure> {
         }
         CtlVerb::Tail {
             name,
+            channel,
             follow,
             stream,
             bytes,
         } => {
+            let stream = channel.as_ref().unwrap_or(stream);
             let path = format!(
                 "/v1/programs/{}/log?stream={stream}&bytes={bytes}{}",
                 percent_encode(name),
@@ -289,6 +305,14 @@ fn items(v: &Value) -> &[Value] {
 
 /// The programs of a status (`all`) that `names` pick, as the monitor picks them for a command.
 fn pick<'v>(all: &'v [Value], names: &[String]) -> Result<Vec<&'v Value>, Failure> {
+    pick_quietly(all, names).map_err(|n| {
+        eprintln!("xcluster ctl: no such process or group: {n}");
+        Failure::Exit(EXIT_FAILED)
+    })
+}
+
+/// [`pick`], saying nothing: `Err` is the first name that picks nothing.
+fn pick_quietly<'v, 'n>(all: &'v [Value], names: &'n [String]) -> Result<Vec<&'v Value>, &'n str> {
     let programs: Vec<(&str, &str)> = (all.iter())
         .map(|p| {
             (
@@ -297,11 +321,6 @@ fn pick<'v>(all: &'v [Value], names: &[String]) -> Result<Vec<&'v Value>, Failur
             )
         })
         .collect();
-    match xcluster_monitor::select::resolve(&programs, names) {
-        Ok(picked) => Ok(picked.into_iter().map(|(i, _)| &all[i]).collect()),
-        Err(n) => {
-            eprintln!("xcluster ctl: no such process or group: {n}");
-            Err(Failure::Exit(EXIT_FAILED))
-        }
-    }
+    let picked = xcluster_monitor::select::resolve(&programs, names)?;
+    Ok(picked.into_iter().map(|(i, _)| &all[i]).collect())
 }

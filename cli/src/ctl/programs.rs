@@ -9,16 +9,32 @@ use xcluster_monitor::status::abnormal_termination;
 use xcluster_runtime::http::percent_encode;
 
 use super::cluster::cell;
-use super::{Answer, Client, EXIT_FAILED, EXIT_NOT_RUNNING, Failure, check, items, monitor_status, pick};
+use super::{
+    Answer, Client, EXIT_FAILED, EXIT_NOT_RUNNING, EXIT_UNKNOWN, Failure, check, items, monitor_status, pick,
+    pick_quietly,
+};
 use crate::args::CtlArgs;
 
 pub(super) fn status(c: &Client, names: &[String], as_json: bool) -> Result<i32, Failure> {
     let v = monitor_status(c)?;
     let all = items(&v["programs"]);
-    let shown = if names.is_empty() {
-        all.iter().collect()
-    } else {
-        pick(all, names)?
+    // As supervisorctl, a name that picks nothing is said, and the others are shown all the same: `status a
+    // nope` refused to show `a`, and exited 1 where supervisorctl's 4 (LSB's "status unknown") is what a
+    // check script tells apart from 3 (not running).
+    let (known, unknown): (Vec<String>, Vec<String>) =
+        (names.iter().cloned()).partition(|n| pick_quietly(all, std::slice::from_ref(n)).is_ok());
+    for n in &unknown {
+        let line = format!("{n}: ERROR (no such process or group)");
+        if as_json {
+            eprintln!("{line}");
+        } else {
+            println!("{line}");
+        }
+    }
+    let shown = match (names.is_empty(), known.is_empty()) {
+        (true, _) => all.iter().collect(),
+        (false, true) => Vec::new(),
+        (false, false) => pick(all, &known)?,
     };
     if as_json {
         println!(
@@ -74,8 +90,14 @@ pub(super) fn status(c: &Client, names: &[String], as_json: bool) -> Result<i32,
             );
         }
     }
-    let all_running = shown.iter().all(|p| p["state"] == "RUNNING");
-    Ok(if all_running { 0 } else { EXIT_NOT_RUNNING })
+    // A program shown not running wins over a name unknown, as in supervisorctl.
+    Ok(if !shown.iter().all(|p| p["state"] == "RUNNING") {
+        EXIT_NOT_RUNNING
+    } else if !unknown.is_empty() {
+        EXIT_UNKNOWN
+    } else {
+        0
+    })
 }
 
 /// As supervisorctl's `pid`: the monitor's pid, or each named program's, one per line for scripts (`kill -HUP
@@ -173,36 +195,38 @@ pub(super) fn action(
     signal: Option<&String>,
     args: &CtlArgs,
 ) -> Result<i32, Failure> {
-    need_names(names)?;
-    let mut results = send(c, verb, names, signal)?;
+    let (mut results, mut already) = send(c, verb, names, signal)?;
     let goal = match verb {
         "start" | "restart" => Some(Goal::Running),
         "stop" => Some(Goal::Stopped),
         _ => None,
     };
     if let Some(goal) = goal.filter(|_| !args.no_wait) {
-        await_goal(c, &mut results, goal, Duration::from_secs(args.wait_secs))?;
+        await_goal(
+            c,
+            &mut results,
+            &mut already,
+            goal,
+            Duration::from_secs(args.wait_secs),
+        )?;
     }
     if args.json {
-        print_json(&results);
+        print_json(&results, &already);
     } else {
         results.iter().for_each(print_line);
     }
-    Ok(exit_code(&results))
-}
-
-/// A start, stop, restart or signal needs at least one name.
-fn need_names(names: &[String]) -> Result<(), Failure> {
-    if names.is_empty() {
-        eprintln!("xcluster ctl: name a process, group:*, or all");
-        return Err(Failure::Exit(EXIT_FAILED));
-    }
-    Ok(())
+    Ok(exit_code(&results, &already))
 }
 
 /// Sends `verb` for all of `names` as one command (so a stop of several stops dependents first, and an
-/// unknown name changes nothing) and returns each program's answer.
-fn send(c: &Client, verb: &str, names: &[String], signal: Option<&String>) -> Result<Vec<Answer>, Failure> {
+/// unknown name changes nothing) and returns each program's answer, and whether each was refused only because
+/// it was already done (`already started`, a stop's `not running`).
+fn send(
+    c: &Client,
+    verb: &str,
+    names: &[String],
+    signal: Option<&String>,
+) -> Result<(Vec<Answer>, Vec<bool>), Failure> {
     let mut path = programs_path(names, verb);
     if let Some(s) = signal {
         path.push_str(&format!("?signal={}", percent_encode(s)));
@@ -213,9 +237,10 @@ fn send(c: &Client, verb: &str, names: &[String], signal: Option<&String>) -> Re
         .map(|res| {
             let name = res["name"].as_str().unwrap_or("?").to_string();
             let msg = res["message"].as_str().unwrap_or("").to_string();
-            (name, if res["ok"] == true { Ok(msg) } else { Err(msg) })
+            let answer = (name, if res["ok"] == true { Ok(msg) } else { Err(msg) });
+            (answer, res["already"] == true)
         })
-        .collect())
+        .unzip())
 }
 
 /// The API path of `verb` for all of `names` as one command: `/v1/programs/db,app%3A*/stop`.
@@ -224,9 +249,12 @@ fn programs_path(names: &[String], verb: &str) -> String {
     format!("/v1/programs/{}/{verb}", list.join(","))
 }
 
-/// 0 when every program's answer is good, else `EXIT_FAILED`.
-fn exit_code(results: &[Answer]) -> i32 {
-    if results.iter().any(|(_, r)| r.is_err()) {
+/// 0 when every program's answer is good, else `EXIT_FAILED`. As supervisorctl, an answer refused only because
+/// it was already done (`already[i]`: `start` of a running program, `stop` of a stopped one) is no failure,
+/// so a script or a configuration-management tool can start or stop idempotently.
+fn exit_code(results: &[Answer], already: &[bool]) -> i32 {
+    let failed = |i: usize| results[i].1.is_err() && !already.get(i).copied().unwrap_or(false);
+    if (0..results.len()).any(failed) {
         EXIT_FAILED
     } else {
         0
@@ -242,14 +270,15 @@ fn print_line((name, r): &Answer) {
 }
 
 /// Every program's answer, as one JSON object.
-fn print_json(results: &[Answer]) {
-    let list: Vec<Value> = (results.iter())
-        .map(|(name, r)| {
+fn print_json(results: &[Answer], already: &[bool]) {
+    let list: Vec<Value> = (results.iter().enumerate())
+        .map(|(i, (name, r))| {
             let (ok, message) = match r {
                 Ok(m) => (true, m),
                 Err(m) => (false, m),
             };
-            serde_json::json!({ "name": name, "ok": ok, "message": message })
+            let already = already.get(i).copied().unwrap_or(false);
+            serde_json::json!({ "name": name, "ok": ok, "already": already, "message": message })
         })
         .collect();
     println!("{}", serde_json::json!({ "results": list }));
@@ -261,7 +290,6 @@ fn print_json(results: &[Answer]) {
 /// untouched. The monitor drives the roll: this follows it in `/v1/status`, printing each program's outcome
 /// as it comes, and an interrupted `ctl` leaves it going. `--no-wait` prints where it stands and returns.
 pub(super) fn rolling_restart(c: &Client, names: &[String], args: &CtlArgs) -> Result<i32, Failure> {
-    need_names(names)?;
     let path = format!(
         "{}?rolling=1&wait_secs={}",
         programs_path(names, "restart"),
@@ -287,11 +315,11 @@ fn see_roll_through(c: &Client, mut roll: Value, args: &CtlArgs) -> Result<i32, 
         })
         .collect();
     if args.json {
-        print_json(&results);
+        print_json(&results, &[]);
     } else {
         results.iter().skip(printed).for_each(print_line);
     }
-    Ok(exit_code(&results))
+    Ok(exit_code(&results, &[]))
 }
 
 /// `update --rolling`: added and removed programs are applied at once; the changed ones that run are
@@ -478,11 +506,25 @@ pub(super) const WAIT_POLL: Duration = Duration::from_millis(100);
 
 /// Waits until every program whose command was taken reaches `goal` or fails, up to `limit`, and puts the
 /// final answer in its result.
-fn await_goal(c: &Client, results: &mut [Answer], goal: Goal, limit: Duration) -> Result<(), Failure> {
+///
+/// A program `already` there is waited for too, as a start of it would be: `start` of one still STARTING (as
+/// just after the monitor came up) or not ready answered `already started` at once, exit 0, before it had
+/// proved itself, and a script's next step found it down when it went FATAL. It keeps that answer once it
+/// gets there; if it fails, the failure is its answer.
+fn await_goal(
+    c: &Client,
+    results: &mut [Answer],
+    already: &mut [bool],
+    goal: Goal,
+    limit: Duration,
+) -> Result<(), Failure> {
     // Checked: the limit comes from the command line (bounded by its parser, but a clock near its end must
     // not panic either); no deadline means waiting until every program settles.
     let deadline = Instant::now().checked_add(limit);
-    let mut open: Vec<usize> = (0..results.len()).filter(|&i| results[i].1.is_ok()).collect();
+    let done_already = |i: usize| already.get(i).copied().unwrap_or(false);
+    let mut open: Vec<usize> = (0..results.len())
+        .filter(|&i| results[i].1.is_ok() || done_already(i))
+        .collect();
     while !open.is_empty() {
         let v = monitor_status(c)?;
         let late = deadline.is_some_and(|d| Instant::now() >= d);
@@ -493,7 +535,20 @@ fn await_goal(c: &Client, results: &mut [Answer], goal: Goal, limit: Duration) -
                 None => Some(Err("gone".to_string())),
                 Some(p) => outcome(p, goal).or_else(|| late.then(|| Err(overdue(p, limit)))),
             };
-            answer.map(|a| *result = a).is_none()
+            match answer {
+                None => true,
+                // There, as it already was: its answer stands.
+                Some(Ok(_)) if already.get(i).copied().unwrap_or(false) => false,
+                Some(a) => {
+                    if a.is_err()
+                        && let Some(d) = already.get_mut(i)
+                    {
+                        *d = false;
+                    }
+                    *result = a;
+                    false
+                }
+            }
         });
         if !open.is_empty() {
             std::thread::sleep(WAIT_POLL);

@@ -4,7 +4,7 @@
 use super::{Hold, Proc, Supervisor};
 use crate::child;
 use crate::machine::{Event, State};
-use crate::status::{Command, CommandError, Reply};
+use crate::status::{ALREADY_STARTED, Command, CommandError, NOT_RUNNING, Reply};
 
 impl Supervisor {
     pub(super) fn command(&mut self, cmd: Command) -> Result<Reply, CommandError> {
@@ -15,27 +15,33 @@ impl Supervisor {
             Command::Start(names) => Ok(Reply::Results(self.each(
                 &names,
                 |p| matches!(p.shown_state(), State::Starting | State::Running),
+                Some(ALREADY_STARTED),
                 |s, name, _| s.user_start(name),
             )?)),
             Command::Stop(names) => Ok(Reply::Results(self.each(
                 &names,
                 |p| matches!(p.shown_state(), State::Stopped | State::Exited) && !p.wanted,
+                Some(NOT_RUNNING),
                 Self::user_stop,
             )?)),
             Command::Restart(names) => Ok(Reply::Results(self.each(
                 &names,
                 |_| false,
+                None,
                 Self::user_restart,
             )?)),
             Command::Signal(names, sig) => Ok(Reply::Results(self.each(
                 &names,
                 |p| !p.m.state.has_process(),
+                // A signal for a program without a process was not delivered: a failure, as in supervisorctl.
+                None,
                 |s, name, _| s.user_signal(name, sig),
             )?)),
             Command::Roll(names, limit) => self.begin_roll(&names, limit),
             Command::Clear(names) => Ok(Reply::Results(self.each(
                 &names,
                 |_| false,
+                None,
                 |s, name, _| s.user_clear(name),
             )?)),
             Command::Plan(cfg) => Ok(Reply::Plan(self.plan(&cfg))),
@@ -73,11 +79,12 @@ impl Supervisor {
     /// holds of a stop read them, so they order it whatever the order of the names). As supervisorctl
     /// does, a program a pattern picked that is already where the command would take it (`moot`: `start all`
     /// meets one running) is left out rather than answered with an error; one named on its own always gets its
-    /// answer.
+    /// answer: `f`'s refusal `already` (`already started`) then marks it [`ActionResult::already`].
     pub(super) fn each(
         &mut self,
         names: &[String],
         moot: impl Fn(&Proc) -> bool,
+        already: Option<&str>,
         mut f: impl FnMut(&mut Self, &str, &[String]) -> (bool, String),
     ) -> Result<Vec<crate::status::ActionResult>, CommandError> {
         let picked: Vec<String> = (self.resolve(names)?.into_iter())
@@ -93,6 +100,7 @@ impl Supervisor {
                     name: name.clone(),
                     ok,
                     state,
+                    already: !ok && already == Some(message.as_str()),
                     message,
                 }
             })
@@ -120,7 +128,7 @@ impl Supervisor {
             return (true, "starting once stopped".into());
         }
         if p.m.state.has_process() {
-            return (false, "already started".into());
+            return (false, ALREADY_STARTED.into());
         }
         p.wanted = true;
         p.wanted_restart = false;
@@ -149,12 +157,17 @@ impl Supervisor {
                 self.event(name, Event::Stop);
                 return (true, "stopping (restart cancelled)".into());
             }
+            // Still on its way down: the stop is under way, not moot, so `ctl stop` waits for it to end as
+            // it would have (it answered `not running` at once, while the process still ran).
+            if state == State::Stopping && !was_wanted {
+                return (true, "stopping".into());
+            }
             return (
                 was_wanted,
                 if was_wanted {
                     "pending start cancelled".into()
                 } else {
-                    "not running".into()
+                    NOT_RUNNING.into()
                 },
             );
         }
@@ -285,7 +298,7 @@ impl Supervisor {
             return (false, "gone".into());
         };
         if p.pid == 0 || !p.m.state.has_process() {
-            return (false, "not running".into());
+            return (false, NOT_RUNNING.into());
         }
         match child::signal_group(p.pid, sig) {
             Ok(()) => (true, format!("sent {sig}")),
