@@ -21,6 +21,7 @@ use xcluster_proto::directory::ServerList;
 use crate::builder::Options;
 use crate::fetch::{self, Fetched};
 use crate::picker::{Clock, Entry, InstanceStats, Stats, Table};
+use crate::retry::RetryBudget;
 
 /// Everything a client's handles and background tasks share.
 #[derive(Debug)]
@@ -55,6 +56,8 @@ pub(crate) struct TypeSlot {
     hold_ms: u64,
     /// The balancer currently serving this type (for `state()`; not on the hot path).
     pub(crate) balancer: Mutex<Option<SocketAddr>>,
+    /// What is left of this type's retry budget.
+    pub(crate) retry: RetryBudget,
 }
 
 impl TypeSlot {
@@ -99,6 +102,7 @@ impl Shared {
                 poll_since_ms: AtomicU64::new(0),
                 hold_ms: u64::try_from(opts.watch_hold().as_millis()).unwrap_or(u64::MAX),
                 balancer: Mutex::new(None),
+                retry: RetryBudget::new(opts.retry_max_tokens, opts.retry_token_ratio),
             })
             .collect();
         Self {

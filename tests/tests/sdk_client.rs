@@ -572,3 +572,60 @@ async fn huge_durations_do_not_break_the_watch() {
     .await;
     assert_eq!(client.pick("browse").unwrap().addr(), b.addr);
 }
+
+/// When every instance answers 503 (overloaded, or their store down), `send_idempotent` must not keep
+/// multiplying the load on them by `request_attempts`: a retry is made only while the type's retry budget
+/// lasts (by default 10 tokens, retries while more than 5 are left), so twenty calls reach the two
+/// instances at most 20 + 5 times, where each call used to try both (40). Answers that stand refill it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_stop_when_every_instance_fails() {
+    let (a, b, c) = (
+        Backend::with_status("a", 503),
+        Backend::with_status("b", 503),
+        Backend::start("c"),
+    );
+    let lb = FakeBalancer::start(HOLD);
+    lb.set(list(
+        "browse",
+        1,
+        &[("a", a.addr, 100), ("b", b.addr, 100)],
+        &[lb.addr],
+    ));
+    let client = browse_client(&lb).await;
+    assert!(!client.state().types[0].retries_throttled);
+    for _ in 0..20 {
+        let resp = client
+            .send_idempotent("browse", get("/v1/products"))
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 503);
+    }
+    let sent = a.hits() + b.hits();
+    assert!(
+        sent <= 25,
+        "{sent} attempts for 20 calls: retries went on with every instance failing"
+    );
+    assert!(
+        sent > 20,
+        "the first failures are still retried ({sent} attempts)"
+    );
+    assert!(client.state().types[0].retries_throttled);
+    // A healthy instance's answers give the budget back: 51 successes at 0.1 token each.
+    eventually_async("the watch request", || {
+        (lb.requests.load(Ordering::Relaxed) >= 2).then_some(())
+    })
+    .await;
+    lb.set(list("browse", 2, &[("c", c.addr, 100)], &[lb.addr]));
+    eventually_async("the client to install version 2", || {
+        (client.state().types[0].version == 2).then_some(())
+    })
+    .await;
+    for _ in 0..51 {
+        let resp = client
+            .send_idempotent("browse", get("/v1/products"))
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+    }
+    assert!(!client.state().types[0].retries_throttled);
+}
