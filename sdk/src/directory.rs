@@ -245,6 +245,9 @@ pub(crate) fn check_type(f: Fetched, want: &str) -> Result<Option<ServerList>, S
     }
 }
 
+/// An answer that took at least this long was held by the balancer (a long poll), not given at once.
+const HELD: Duration = Duration::from_millis(500);
+
 fn jitter(lo: Duration, hi: Duration) -> Duration {
     if hi <= lo {
         return lo;
@@ -288,13 +291,18 @@ pub(crate) async fn watch_loop(
                 _ = cancel.cancelled() => return,
                 r = fetch => r,
             };
-            if slot.in_poll.swap(false, Ordering::Relaxed) && (r.is_ok() || started.elapsed() <= wait) {
-                // The balancer was alive until now, whatever the answer; one still silent past the hold
-                // it was asked for was not.
+            let held = started.elapsed();
+            let waited = held >= HELD;
+            let r = r.and_then(|f| check_type(f, &slot.name));
+            if slot.in_poll.swap(false, Ordering::Relaxed) && r.is_err() && waited && held <= wait {
+                // A watch it held and then dropped (a balancer stopping mid-hold): it was alive, holding
+                // the list as current, until now. One still silent past the hold it was asked for was
+                // not; and one that fails at once (an error status, a list of another type, garbage)
+                // vouches for nothing: counting its answer as a sign of life kept the list's age under
+                // the backoff's 2 s, so with every balancer broken that way the list never expired.
                 slot.touch(&shared.clock);
             }
-            let waited = started.elapsed() >= Duration::from_millis(500);
-            match r.and_then(|f| check_type(f, &slot.name)) {
+            match r {
                 Ok(list) => {
                     let changed = list.as_ref().is_some_and(|l| l.version != version);
                     if let Some(list) = &list {

@@ -629,3 +629,36 @@ async fn retries_stop_when_every_instance_fails() {
     }
     assert!(!client.state().types[0].retries_throttled);
 }
+
+/// A balancer that answers at once with an error (here a list of another type, as a confused balancer
+/// sends; a 5xx or garbage is the same) vouches for nothing: with every balancer answering so, the list
+/// ages and expires after `max_staleness`, as with every balancer down. Each such answer used to count as
+/// a sign of life, which kept the list's age under the watch's 2 s backoff: it never expired.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn balancers_answering_only_errors_do_not_keep_the_list_fresh() {
+    let a = Backend::start("a");
+    let lb = FakeBalancer::start(HOLD);
+    lb.set(list("browse", 1, &[("a", a.addr, 100)], &[lb.addr]));
+    let client = Client::builder()
+        .balancers([lb.addr.to_string()])
+        .request_types(["browse"])
+        .max_staleness(Duration::from_secs(3))
+        .build()
+        .await
+        .unwrap();
+    eventually_async("the watch request", || {
+        (lb.requests.load(Ordering::Relaxed) >= 2).then_some(())
+    })
+    .await;
+    lb.set_for("browse", list("order", 2, &[("a", a.addr, 100)], &[lb.addr]));
+    eventually_async("the list to go static", || {
+        matches!(client.state().types[0].freshness, Freshness::Static { .. }).then_some(())
+    })
+    .await;
+    eventually_async("the list to expire", || {
+        matches!(client.state().types[0].freshness, Freshness::Expired { .. }).then_some(())
+    })
+    .await;
+    let err = client.pick("browse").unwrap_err();
+    assert!(matches!(err, Error::Stale { .. }), "{err}");
+}
