@@ -168,12 +168,13 @@ impl ClientBuilder {
         self
     }
 
-    /// The retry budget of each request type (gRPC's retry throttling; default 10 tokens, 0.1): a retry of
+    /// The retry budget of each request type (gRPC's retry throttling; default 100 tokens, 0.1): a retry of
     /// [`Client::send_idempotent`] is made only while more than half of `max_tokens` are left; each attempt
     /// that fails in a way worth retrying (a retryable error, a 502/503/504) spends a token and each other
-    /// answer gives back `token_ratio` of one. So when every instance fails, a client stops multiplying its
-    /// load on them after a few retries (the answer or error of the first attempt is returned), and in the
-    /// long run retries stay under about `token_ratio` of the successes. `max_tokens` is 1..=1000 and
+    /// answer gives back `token_ratio` of one. So a burst of failures (an instance dying with requests in
+    /// flight) is retried, but when most attempts fail for long, a client stops multiplying its load on the
+    /// failing instances after `max_tokens / 2` retries (each call then returns its first attempt's answer
+    /// or error), and retries stay under about `token_ratio` of the successes. `max_tokens` is 1..=1000 and
     /// `token_ratio` above 0 and at most `max_tokens` (which gives back a whole bucket per success: retries
     /// held back only by consecutive failures). [`crate::TypeState::retries_throttled`] says when it holds.
     pub fn retry_budget(mut self, max_tokens: u32, token_ratio: f64) -> Self {

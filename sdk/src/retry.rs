@@ -6,8 +6,9 @@
 //! multiplied its load on them by `request_attempts` just when they could least take it, and kept doing so
 //! until they recovered (a retry storm). A failed attempt costs a token, an attempt that got an answer
 //! worth keeping gives back `token_ratio` of one, and a retry is made only while more than half of
-//! `max_tokens` are left. In steady state retries are then at most about `token_ratio` of the successes,
-//! and a burst of failures is retried until half the bucket is spent. The first attempt of a call is never
+//! `max_tokens` are left. So retries go on while fewer than about one attempt in eleven fails (with the
+//! default ratio), a burst of failures is retried until half the bucket is spent, and a lasting failure is
+//! retried no more (then about `token_ratio` of the successes, as they come back). The first attempt of a call is never
 //! held back, and connect failovers are not counted (nothing was sent: they cost the instance nothing).
 //!
 //! **Invariant**: one atomic per type, updated with compare-and-swap; no lock, no allocation per request.
@@ -17,8 +18,11 @@ use std::sync::atomic::{AtomicU32, Ordering};
 /// Tokens are kept in thousandths, as gRPC does, so a `token_ratio` of 0.1 is exact.
 const MILLI: u32 = 1_000;
 
-/// The default bucket: gRPC's documented example (10 tokens, 0.1 back per success).
-pub(crate) const DEFAULT_MAX_TOKENS: u32 = 10;
+/// The default bucket: gRPC's documented ratio (0.1 back per success), with room to retry a burst of 49
+/// failures. A bucket of 10 (gRPC's example) retried only four: an instance dying under a client with a
+/// few dozen requests in flight there would have failed most of them, where a retry on another instance
+/// was safe and cheap.
+pub(crate) const DEFAULT_MAX_TOKENS: u32 = 100;
 pub(crate) const DEFAULT_TOKEN_RATIO: f64 = 0.1;
 
 /// One request type's retry tokens.
@@ -96,17 +100,17 @@ mod tests {
         assert!(b.allows_retries(), "3.2 left after two successes");
     }
 
-    /// With the defaults, four failures in a row are retried and the fifth is not; fifty-one successes bring
-    /// retries back: in the long run they are bounded by a tenth of the successes.
+    /// With the defaults, 49 failures in a row are retried and the 50th is not; 501 successes bring retries
+    /// back: in the long run they are bounded by a tenth of the successes.
     #[test]
     fn the_default_allows_a_tenth_of_the_successes() {
         let b = RetryBudget::new(DEFAULT_MAX_TOKENS, DEFAULT_TOKEN_RATIO);
-        let allowed = (0..100).filter(|_| b.failed()).count();
-        assert_eq!(allowed, 4, "retries while more than 5 of 10 tokens are left");
-        for _ in 0..50 {
+        let allowed = (0..1000).filter(|_| b.failed()).count();
+        assert_eq!(allowed, 49, "retries while more than 50 of 100 tokens are left");
+        for _ in 0..500 {
             b.succeeded();
         }
-        assert!(!b.allows_retries(), "exactly 5 left: not above half");
+        assert!(!b.allows_retries(), "exactly 50 left: not above half");
         b.succeeded();
         assert!(b.allows_retries());
     }

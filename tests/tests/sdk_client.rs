@@ -575,8 +575,9 @@ async fn huge_durations_do_not_break_the_watch() {
 
 /// When every instance answers 503 (overloaded, or their store down), `send_idempotent` must not keep
 /// multiplying the load on them by `request_attempts`: a retry is made only while the type's retry budget
-/// lasts (by default 10 tokens, retries while more than 5 are left), so twenty calls reach the two
-/// instances at most 20 + 5 times, where each call used to try both (40). Answers that stand refill it.
+/// lasts (by default 100 tokens, retries while more than 50 are left), so a hundred calls reach the two
+/// instances at most 100 + 50 times, where each call used to try both (200), and the last of them once
+/// each. Answers that stand refill it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retries_stop_when_every_instance_fails() {
     let (a, b, c) = (
@@ -593,7 +594,7 @@ async fn retries_stop_when_every_instance_fails() {
     ));
     let client = browse_client(&lb).await;
     assert!(!client.state().types[0].retries_throttled);
-    for _ in 0..20 {
+    for _ in 0..100 {
         let resp = client
             .send_idempotent("browse", get("/v1/products"))
             .await
@@ -602,15 +603,22 @@ async fn retries_stop_when_every_instance_fails() {
     }
     let sent = a.hits() + b.hits();
     assert!(
-        sent <= 25,
-        "{sent} attempts for 20 calls: retries went on with every instance failing"
+        sent <= 150,
+        "{sent} attempts for 100 calls: retries went on with every instance failing"
     );
     assert!(
-        sent > 20,
+        sent > 100,
         "the first failures are still retried ({sent} attempts)"
     );
     assert!(client.state().types[0].retries_throttled);
-    // A healthy instance's answers give the budget back: 51 successes at 0.1 token each.
+    for _ in 0..10 {
+        client
+            .send_idempotent("browse", get("/v1/products"))
+            .await
+            .unwrap();
+    }
+    assert_eq!(a.hits() + b.hits(), sent + 10, "a spent budget retries nothing");
+    // A healthy instance's answers give the budget back: 501 successes at 0.1 token each.
     eventually_async("the watch request", || {
         (lb.requests.load(Ordering::Relaxed) >= 2).then_some(())
     })
@@ -620,7 +628,7 @@ async fn retries_stop_when_every_instance_fails() {
         (client.state().types[0].version == 2).then_some(())
     })
     .await;
-    for _ in 0..51 {
+    for _ in 0..501 {
         let resp = client
             .send_idempotent("browse", get("/v1/products"))
             .await
