@@ -240,6 +240,10 @@ impl Run {
                     latency,
                     backend,
                     outcome: Outcome::of_answer(status.as_u16(), resp.body()),
+                    retried: resp
+                        .extensions()
+                        .get::<xcluster_sdk::Backend>()
+                        .is_some_and(|b| b.attempts > 1),
                 }
             }
             Err((kind_of_error, backend)) => Sample {
@@ -247,6 +251,7 @@ impl Run {
                 latency,
                 backend,
                 outcome: Outcome::Error(kind_of_error),
+                retried: false,
             },
         };
         let _ = self.tx.send(sample).await;

@@ -32,6 +32,10 @@ pub struct Backend {
     pub id: String,
     /// The address the request was sent to.
     pub addr: SocketAddr,
+    /// Which attempt of the call this answer is (1 for the first): above 1, [`Client::send_idempotent`]
+    /// retried, each earlier attempt having failed (an error, or a 502/503/504 answer) on another
+    /// instance. A caller counting only outcomes would otherwise never see those failures.
+    pub attempts: u32,
 }
 
 /// Sends one request over an already connected stream and reads the whole response, bounded by
@@ -178,6 +182,7 @@ impl Client {
                 resp.extensions_mut().insert(Backend {
                     id: picked.id().to_string(),
                     addr,
+                    attempts: 1,
                 });
                 if resp.status().is_server_error() {
                     picked.failure();
@@ -243,9 +248,14 @@ impl Client {
                     prev => Err(budget.exceeded(&tried, prev.and_then(Result::err))),
                 };
             }
-            let r = self
+            let mut r = self
                 .send_once(request_type, clone_request(&req), &mut tried, budget)
                 .await;
+            if let Ok(resp) = &mut r
+                && let Some(b) = resp.extensions_mut().get_mut::<Backend>()
+            {
+                b.attempts = attempt + 1;
+            }
             if let Err(e @ Error::DeadlineExceeded { .. }) = r {
                 return Err(with_last(e, last.and_then(Result::err)));
             }

@@ -427,3 +427,38 @@ fn targets_may_be_named_by_host_and_port() {
     assert_eq!(p.wait_exit(Duration::from_secs(60)), Some(64), "{}", p.stderr());
     assert!(p.stderr().contains("no-such-host.invalid:80"), "{}", p.stderr());
 }
+
+/// The SDK's retries show in the report: an answer that came only after an attempt on another instance
+/// failed (here a 503) is counted as `retried`, per type and in all. Without it a run whose failures the
+/// retries hid read as a clean one, the failing instance's requests credited to the one that answered.
+/// The busy instance has nearly all the weight, so the first request goes there (both unmeasured, the
+/// first draw stands) and is retried on the other.
+#[test]
+fn answers_after_a_retry_are_counted() {
+    let (busy, ok) = (Backend::with_status("busy", 503), Backend::start("ok"));
+    let lb = FakeBalancer::start(Duration::from_secs(60));
+    lb.set(list(
+        "browse",
+        1,
+        &[("busy", busy.addr, 10_000), ("ok", ok.addr, 1)],
+        &[lb.addr],
+    ));
+    let report = load(&[
+        "--via",
+        "sdk",
+        "--targets",
+        &lb.addr.to_string(),
+        "--mix",
+        "browse=1",
+        "--workers",
+        "1",
+        "--requests",
+        "50",
+    ]);
+    assert_eq!(report["requests"], 50);
+    assert_eq!(report["errors"], 0, "every 503 was retried: {report}");
+    assert!(busy.hits() >= 1, "the first request went to the busy instance");
+    assert_eq!(by_type(&report, "browse")["retried"], busy.hits(), "{report}");
+    assert_eq!(report["retried"], busy.hits(), "{report}");
+    assert_eq!(ok.hits(), 50);
+}

@@ -23,6 +23,8 @@ pub struct Sample {
     /// Who served it (empty when no backend was reached).
     pub backend: String,
     pub outcome: Outcome,
+    /// The answer came after the SDK retried the request on another instance (earlier attempts failed).
+    pub retried: bool,
 }
 
 /// How a request ended.
@@ -66,6 +68,7 @@ struct PerType {
     requests: u64,
     errors: BTreeMap<String, u64>,
     refused: BTreeMap<String, u64>,
+    retried: u64,
     backends: BTreeMap<String, u64>,
 }
 
@@ -126,6 +129,7 @@ impl Recorder {
                 requests: 0,
                 errors: BTreeMap::new(),
                 refused: BTreeMap::new(),
+                retried: 0,
                 backends: BTreeMap::new(),
             })
             .collect();
@@ -167,6 +171,7 @@ impl Recorder {
             }
         }
         bump(&mut t.backends, &s.backend);
+        t.retried += u64::from(s.retried);
         match s.outcome {
             Outcome::Error(kind) => *t.errors.entry(kind).or_default() += 1,
             Outcome::Refused(kind) => *t.refused.entry(kind).or_default() += 1,
@@ -223,6 +228,7 @@ impl Recorder {
                     },
                     errors: t.errors.clone(),
                     refused: t.refused.clone(),
+                    retried: t.retried,
                     backends: shares(&t.backends),
                 }
             })
@@ -256,6 +262,7 @@ impl Recorder {
             requests,
             errors,
             refused,
+            retried: self.types.iter().map(|t| t.retried).sum(),
             throughput_rps: (requests - errors - refused) as f64 / secs,
             types,
             backends: shares(&merged(self.types.iter().map(|t| &t.backends))),
@@ -308,6 +315,9 @@ pub struct TypeReport {
     pub errors: BTreeMap<String, u64>,
     /// The shop's "no" (insufficient funds, sold out, over the limit), by its error code: answers, not errors.
     pub refused: BTreeMap<String, u64>,
+    /// Answers (any status) that came only after the SDK retried the request on another instance: its
+    /// earlier attempts failed, which `errors` does not count since the request did not.
+    pub retried: u64,
     pub backends: BTreeMap<String, Share>,
 }
 
@@ -320,6 +330,8 @@ pub struct Report {
     pub requests: u64,
     pub errors: u64,
     pub refused: u64,
+    /// Answers that came after a retry, over all types.
+    pub retried: u64,
     /// 2xx responses per second.
     pub throughput_rps: f64,
     pub types: Vec<TypeReport>,
@@ -408,6 +420,12 @@ impl Report {
             for (kind, n) in &t.refused {
                 out += &format!("    refused {kind}: {n}\n");
             }
+            if t.retried > 0 {
+                out += &format!(
+                    "    retried: {} (answered after an attempt on another instance failed)\n",
+                    t.retried
+                );
+            }
         }
         match &self.released {
             Some(r) if r.kept > 0 => {
@@ -469,6 +487,7 @@ mod tests {
                         ..=5 => Outcome::of_answer(409, b""),
                         _ => Outcome::Ok,
                     },
+                    retried: i == 50 || i == 99,
                 },
                 Duration::ZERO,
             );
@@ -480,6 +499,8 @@ mod tests {
         assert_eq!(t.errors["status_503"], 2);
         assert_eq!(t.refused["status_409"], 5);
         assert_eq!((rep.errors, rep.refused), (2, 5));
+        // Answers after a retry are counted whatever they were: a retry hides a failure from `errors`.
+        assert_eq!((t.retried, rep.retried), (2, 2));
         assert!((rep.throughput_rps - 93.0).abs() < 1e-9);
         // The successes took 6..=98 ms.
         let p50 = t.latency_us.p50.unwrap_or_default();
@@ -491,6 +512,7 @@ mod tests {
         assert!(text.contains("error status_503: 2"), "{text}");
         assert!(text.contains("refused status_409: 5"), "{text}");
         assert!(text.contains("2 errors, 5 refused, 93.0 ok/s"), "{text}");
+        assert!(text.contains("retried: 2 (answered after"), "{text}");
         assert!(rep.timeline.is_empty(), "no timeline unless asked");
     }
 
@@ -504,6 +526,7 @@ mod tests {
             latency: Duration::from_millis(3),
             backend: "a".into(),
             outcome,
+            retried: false,
         };
         r.record(sample(0, Outcome::Ok), Duration::ZERO);
         for _ in 0..4 {
@@ -607,6 +630,7 @@ mod tests {
             } else {
                 Outcome::Ok
             },
+            retried: false,
         };
         // Second 0: all browse to a, one order to b. Second 1: nothing. Second 2: a quarter to a, one error.
         for _ in 0..4 {
