@@ -270,9 +270,9 @@ impl ClientBuilder {
         if o.connect_attempts == 0 || o.request_attempts == 0 {
             problems.push("connect_attempts and request_attempts: must be at least 1".into());
         }
-        if !(1..=1000).contains(&o.retry_max_tokens)
-            || !(o.retry_token_ratio > 0.0 && o.retry_token_ratio <= f64::from(o.retry_max_tokens))
-        {
+        // Written so that a NaN ratio fails it.
+        let ratio_ok = o.retry_token_ratio > 0.0 && o.retry_token_ratio <= f64::from(o.retry_max_tokens);
+        if !(1..=1000).contains(&o.retry_max_tokens) || !ratio_ok {
             problems.push(format!(
                 "retry_budget: max_tokens must be 1..=1000 and token_ratio above 0 and at most max_tokens \
                  (got {}, {})",
