@@ -219,7 +219,14 @@ impl Run {
             tokio::time::sleep(Duration::from_millis(1)).await;
             return;
         };
+        // A pay that fails leaves its order to cancel at the end (`Ctx::pay_failed`).
+        let paying = (kind.name == "pay").then(|| req.uri().path().to_string());
         let outcome = self.target.send(kind, req, self.timeout).await;
+        if let Some(path) = paying
+            && !outcome.as_ref().is_ok_and(|(resp, _)| resp.status().is_success())
+        {
+            self.ctx.pay_failed(&path);
+        }
         let latency = intended.elapsed();
         let sample = match outcome {
             Ok((resp, backend)) => {

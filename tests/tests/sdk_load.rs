@@ -462,3 +462,39 @@ fn answers_after_a_retry_are_counted() {
     assert_eq!(report["retried"], busy.hits(), "{report}");
     assert_eq!(ok.hits(), 50);
 }
+
+/// Every order the run placed and did not pay is cancelled at its end, those whose pay failed included:
+/// here every pay gets a 503, and each of the orders is cancelled. A failed pay used to drop its order,
+/// which then held its stock for the app's reservation time (15 minutes) after the run.
+#[test]
+fn orders_whose_pay_failed_are_cancelled_at_the_end() {
+    // The order instance answers every request (orders and their cancels) with an order id.
+    let shop = Backend::start(r#"{"id":"o-1"}"#);
+    let till = Backend::with_status("till", 503);
+    let lb = FakeBalancer::start(Duration::from_secs(60));
+    lb.set(list("order", 1, &[("shop", shop.addr, 100)], &[lb.addr]));
+    lb.set(list("pay", 1, &[("till", till.addr, 100)], &[lb.addr]));
+    let report = load(&[
+        "--via",
+        "sdk",
+        "--targets",
+        &lb.addr.to_string(),
+        "--mix",
+        "order=1,pay=1",
+        "--workers",
+        "1",
+        "--requests",
+        "40",
+    ]);
+    let placed = by_type(&report, "order")["ok"].as_u64().unwrap();
+    let paid = by_type(&report, "pay")["ok"].as_u64().unwrap();
+    assert!(placed > 0 && till.hits() > 0, "{report}");
+    assert_eq!(paid, 0, "{report}");
+    let released = &report["released"];
+    assert_eq!(released["cancelled"], placed, "{report}");
+    assert_eq!(
+        (&released["failed"], &released["forgotten"]),
+        (&0.into(), &0.into())
+    );
+    assert_eq!(shop.hits(), 2 * placed, "each order and its cancel");
+}
