@@ -285,6 +285,10 @@ fn sdk_mode_follows_the_published_weights() {
     );
     assert_eq!(heavy.hits() + light.hits(), 200);
     assert_eq!(light.hits(), light_n);
+    assert_eq!(
+        report["lists"]["static_s"], 0.0,
+        "the balancer vouched throughout: {report}"
+    );
 }
 
 /// A timeline interval that is too fine, or too many intervals for the run, is refused before any request
@@ -497,4 +501,44 @@ fn orders_whose_pay_failed_are_cancelled_at_the_end() {
         (&0.into(), &0.into())
     );
     assert_eq!(shop.hits(), 2 * placed, "each order and its cancel");
+}
+
+/// A run through the SDK says when no balancer vouched for its lists: here the only balancer dies once the
+/// run has its list, the instance keeps answering from that list, and the report says for how long it was
+/// served so (`lists.static_s`). Such a run used to read like one through a healthy cluster.
+#[test]
+fn a_run_says_when_no_balancer_vouched_for_its_lists() {
+    let a = Backend::start("a");
+    let mut lb = FakeBalancer::start(Duration::from_secs(60));
+    lb.set(list("browse", 1, &[("a", a.addr, 100)], &[lb.addr]));
+    let lb_addr = lb.addr.to_string();
+    let mut p = Proc::xcluster(
+        "load",
+        &[
+            "load",
+            "--via",
+            "sdk",
+            "--targets",
+            &lb_addr,
+            "--mix",
+            "browse=1",
+            "--workers",
+            "1",
+            "--duration-secs",
+            "3",
+            "--json",
+        ],
+    );
+    // The bootstrap, then the watch: the run has its list.
+    xcluster_tests::eventually(Duration::from_secs(10), "the run's watch", || {
+        (lb.requests.load(std::sync::atomic::Ordering::Relaxed) >= 2).then_some(())
+    });
+    lb.kill();
+    assert_eq!(p.wait_exit(Duration::from_secs(60)), Some(0), "{}", p.stderr());
+    let report: Value = serde_json::from_str(&p.stdout()).unwrap();
+    assert_eq!(report["errors"], 0, "the last list still serves: {report}");
+    let lists = &report["lists"];
+    assert!(lists["static_s"].as_f64().unwrap_or(0.0) > 0.0, "{report}");
+    assert!(lists["max_age_s"].as_f64().unwrap_or(0.0) > 0.0, "{report}");
+    assert_eq!(lists["expired"], false, "{report}");
 }

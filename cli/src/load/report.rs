@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use hdrhistogram::Histogram;
 use serde::Serialize;
+use xcluster_sdk::{ClientState, Freshness};
 
 /// Highest latency tracked, in microseconds (one hour); higher values are clamped.
 const MAX_US: u64 = 3_600_000_000;
@@ -269,6 +270,7 @@ impl Recorder {
             timeline,
             interrupted: false,
             released: None,
+            lists: None,
         }
     }
 }
@@ -344,6 +346,44 @@ pub struct Report {
     /// The run's unpaid orders: cancelled after it, or kept (`--keep-orders`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub released: Option<Released>,
+    /// Through the SDK, how fresh its server lists were.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lists: Option<Lists>,
+}
+
+/// Through the SDK: how long it served from lists no balancer vouched for (static stability), from its
+/// [`ClientState`] sampled during the run. Without it a run through a cluster whose balancers were all down
+/// read like one through a healthy cluster, though its weights were frozen.
+#[derive(Debug, Default, Serialize)]
+pub struct Lists {
+    /// Seconds of the run during which some request type's list was static or expired (sampled).
+    pub static_s: f64,
+    /// The oldest such list seen: seconds since a balancer last vouched for it.
+    pub max_age_s: f64,
+    /// Some list passed the client's `max_staleness`, so its picks failed (`stale` errors).
+    pub expired: bool,
+}
+
+impl Lists {
+    /// Takes one sample of the client's state, standing for the `period` since the last.
+    pub fn sample(&mut self, state: &ClientState, period: Duration) {
+        let mut unvouched = false;
+        for t in &state.types {
+            let age = match t.freshness {
+                Freshness::Live => continue,
+                Freshness::Static { age } => age,
+                Freshness::Expired { age } => {
+                    self.expired = true;
+                    age
+                }
+            };
+            unvouched = true;
+            self.max_age_s = self.max_age_s.max(age.as_secs_f64());
+        }
+        if unvouched {
+            self.static_s += period.as_secs_f64();
+        }
+    }
 }
 
 /// The run's clean-up: the orders it placed and did not pay, cancelled so their stock is free again.
@@ -426,6 +466,19 @@ impl Report {
                     t.retried
                 );
             }
+        }
+        if let Some(l) = self.lists.as_ref().filter(|l| l.static_s > 0.0) {
+            out += &format!(
+                "\nno balancer vouched for the server lists for {:.1}s of the run: the SDK served from its last \
+                 lists (the oldest {:.1}s old){}\n",
+                l.static_s,
+                l.max_age_s,
+                if l.expired {
+                    ", some past max_staleness (their picks failed as stale)"
+                } else {
+                    ""
+                }
+            );
         }
         match &self.released {
             Some(r) if r.kept > 0 => {
@@ -554,6 +607,42 @@ mod tests {
         assert_eq!(line("order")[3..8], ["-"; 5], "{text}");
         assert!(!text.contains("0.00 "), "{text}");
         assert_eq!(line("browse")[3..8], ["3.00"; 5], "{text}");
+    }
+
+    /// Samples of the SDK's state add up the time its lists went unvouched, and the report says so.
+    #[test]
+    fn unvouched_lists_are_counted_and_told() {
+        let state = |freshness| ClientState {
+            balancers: Vec::new(),
+            types: vec![xcluster_sdk::TypeState {
+                request_type: "browse".into(),
+                version: 1,
+                servers: 1,
+                ejected: Vec::new(),
+                balancer: None,
+                freshness,
+                retries_throttled: false,
+            }],
+        };
+        let mut l = Lists::default();
+        let tick = Duration::from_millis(100);
+        l.sample(&state(Freshness::Live), tick);
+        assert_eq!(l.static_s, 0.0);
+        for age in [1, 2] {
+            let age = Duration::from_secs(age);
+            l.sample(&state(Freshness::Static { age }), tick);
+        }
+        assert!((l.static_s - 0.2).abs() < 1e-9 && (l.max_age_s - 2.0).abs() < 1e-9);
+        assert!(!l.expired);
+        let mut rep = Recorder::new(vec!["browse"]).report("sdk", "closed".into(), Duration::from_secs(1));
+        rep.lists = Some(l);
+        assert!(
+            rep.text()
+                .contains("no balancer vouched for the server lists for 0.2s"),
+            "{}",
+            rep.text()
+        );
+        assert!(!rep.text().contains("max_staleness"));
     }
 
     /// The run's unpaid orders are accounted for: cancelled, or kept with what that holds.
