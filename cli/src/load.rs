@@ -26,6 +26,8 @@ use target::Target;
 
 /// Closed-loop workers when neither `--rate` nor `--workers` is given.
 const DEFAULT_WORKERS: u32 = 8;
+/// How often a run through the SDK samples the freshness of its lists.
+const LISTS_SAMPLED_EVERY: Duration = Duration::from_millis(100);
 /// Longest run accepted, so a typo cannot start an unbounded load.
 const MAX_DURATION_SECS: u64 = 24 * 3600;
 /// Most acknowledged order ids kept for `--orders-out` (about 40 MB); past it the file says how many were
@@ -219,7 +221,14 @@ impl Run {
             tokio::time::sleep(Duration::from_millis(1)).await;
             return;
         };
+        // A pay that fails leaves its order to cancel at the end (`Ctx::pay_failed`).
+        let paying = (kind.name == "pay").then(|| req.uri().path().to_string());
         let outcome = self.target.send(kind, req, self.timeout).await;
+        if let Some(path) = paying
+            && !outcome.as_ref().is_ok_and(|(resp, _)| resp.status().is_success())
+        {
+            self.ctx.pay_failed(&path);
+        }
         let latency = intended.elapsed();
         let sample = match outcome {
             Ok((resp, backend)) => {
@@ -240,6 +249,10 @@ impl Run {
                     latency,
                     backend,
                     outcome: Outcome::of_answer(status.as_u16(), resp.body()),
+                    retried: resp
+                        .extensions()
+                        .get::<xcluster_sdk::Backend>()
+                        .is_some_and(|b| b.attempts > 1),
                 }
             }
             Err((kind_of_error, backend)) => Sample {
@@ -247,6 +260,7 @@ impl Run {
                 latency,
                 backend,
                 outcome: Outcome::Error(kind_of_error),
+                retried: false,
             },
         };
         let _ = self.tx.send(sample).await;
@@ -331,6 +345,14 @@ async fn drive(
     drop(run);
 
     let mut recorder = Recorder::new(names).with_interval(Duration::from_millis(args.interval_ms));
+    // Through the SDK, whether a balancer vouched for its lists, sampled (`report::Lists`).
+    let client = match &*target {
+        Target::Sdk(c) => Some(c.clone()),
+        _ => None,
+    };
+    let mut lists = client.as_ref().map(|_| report::Lists::default());
+    let mut sample_lists = tokio::time::interval(LISTS_SAMPLED_EVERY);
+    sample_lists.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let progress = std::io::stderr().is_terminal() && !args.json;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.tick().await;
@@ -340,6 +362,11 @@ async fn drive(
                 Some(s) => recorder.record(s, started.elapsed()),
                 None => break,
             },
+            _ = sample_lists.tick(), if client.is_some() => {
+                if let (Some(c), Some(l)) = (&client, &mut lists) {
+                    l.sample(&c.state(), LISTS_SAMPLED_EVERY);
+                }
+            }
             _ = tick.tick(), if progress => {
                 let (n, errors, _) = recorder.total();
                 let secs = started.elapsed().as_secs_f64();
@@ -364,6 +391,7 @@ async fn drive(
     };
     let mut report = recorder.report(via, mode, started.elapsed());
     report.interrupted = stopped.load(Ordering::Relaxed);
+    report.lists = lists;
     report.released = Some(if args.keep_orders {
         let (ids, forgotten) = ctx.take_unpaid();
         report::Released {

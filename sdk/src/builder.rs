@@ -7,6 +7,7 @@ use std::time::Duration;
 use crate::client::Client;
 use crate::error::{Error, Result};
 use crate::resolve;
+use crate::retry::{DEFAULT_MAX_TOKENS, DEFAULT_TOKEN_RATIO};
 
 /// A call's whole budget unless the builder says otherwise: Envoy's default route timeout. It leaves room for
 /// one full `request_timeout` (10 s) and the connect failovers and a quick retry around it, and cuts the
@@ -27,6 +28,8 @@ pub(crate) struct Options {
     pub(crate) ejection: Duration,
     pub(crate) connect_attempts: u32,
     pub(crate) request_attempts: u32,
+    pub(crate) retry_max_tokens: u32,
+    pub(crate) retry_token_ratio: f64,
     pub(crate) request_timeout: Duration,
     pub(crate) deadline: Duration,
     pub(crate) max_response_bytes: usize,
@@ -79,6 +82,8 @@ impl Default for ClientBuilder {
                 ejection: Duration::from_secs(10),
                 connect_attempts: 3,
                 request_attempts: 3,
+                retry_max_tokens: DEFAULT_MAX_TOKENS,
+                retry_token_ratio: DEFAULT_TOKEN_RATIO,
                 request_timeout: Duration::from_secs(10),
                 deadline: DEFAULT_DEADLINE,
                 max_response_bytes: 8 * 1024 * 1024,
@@ -160,6 +165,21 @@ impl ClientBuilder {
     /// Attempts of one [`Client::send_idempotent`] (default 3).
     pub fn request_attempts(mut self, n: u32) -> Self {
         self.opts.request_attempts = n;
+        self
+    }
+
+    /// The retry budget of each request type (gRPC's retry throttling; default 100 tokens, 0.1): a retry of
+    /// [`Client::send_idempotent`] is made only while more than half of `max_tokens` are left; each attempt
+    /// that fails in a way worth retrying (a retryable error, a 502/503/504) spends a token and each other
+    /// answer gives back `token_ratio` of one. So a burst of failures (an instance dying with requests in
+    /// flight) is retried, but when most attempts fail for long, a client stops multiplying its load on the
+    /// failing instances after `max_tokens / 2` retries (each call then returns its first attempt's answer
+    /// or error), and retries stay under about `token_ratio` of the successes. `max_tokens` is 1..=1000 and
+    /// `token_ratio` above 0 and at most `max_tokens` (which gives back a whole bucket per success: retries
+    /// held back only by consecutive failures). [`crate::TypeState::retries_throttled`] says when it holds.
+    pub fn retry_budget(mut self, max_tokens: u32, token_ratio: f64) -> Self {
+        self.opts.retry_max_tokens = max_tokens;
+        self.opts.retry_token_ratio = token_ratio;
         self
     }
 
@@ -250,6 +270,15 @@ impl ClientBuilder {
         if o.connect_attempts == 0 || o.request_attempts == 0 {
             problems.push("connect_attempts and request_attempts: must be at least 1".into());
         }
+        // Written so that a NaN ratio fails it.
+        let ratio_ok = o.retry_token_ratio > 0.0 && o.retry_token_ratio <= f64::from(o.retry_max_tokens);
+        if !(1..=1000).contains(&o.retry_max_tokens) || !ratio_ok {
+            problems.push(format!(
+                "retry_budget: max_tokens must be 1..=1000 and token_ratio above 0 and at most max_tokens \
+                 (got {}, {})",
+                o.retry_max_tokens, o.retry_token_ratio
+            ));
+        }
         if o.max_response_bytes == 0 {
             // Would turn every response with a body into ResponseTooLarge, far from the cause.
             problems.push("max_response_bytes: must be at least 1".into());
@@ -294,6 +323,7 @@ mod tests {
             .connect_attempts(0)
             .deadline(Duration::ZERO)
             .max_response_bytes(0)
+            .retry_budget(10, f64::NAN)
             .validate()
             .err()
             .map(|e| e.to_string())
@@ -305,6 +335,7 @@ mod tests {
             "connect_attempts",
             "deadline",
             "max_response_bytes",
+            "retry_budget",
         ] {
             assert!(err.contains(needle), "{needle} missing from {err}");
         }

@@ -168,6 +168,9 @@ pub struct TypeState {
     pub balancer: Option<SocketAddr>,
     /// Whether the list is live, served statically, or expired.
     pub freshness: Freshness,
+    /// The type's retry budget is spent: [`Client::send_idempotent`] makes one attempt per call until
+    /// enough answers come back (see [`crate::ClientBuilder::retry_budget`]).
+    pub retries_throttled: bool,
 }
 
 /// The client's state, from [`Client::state`].
@@ -257,7 +260,7 @@ impl Client {
         self.cancel.cancel();
     }
 
-    fn slot(&self, request_type: &str) -> Result<&TypeSlot> {
+    pub(crate) fn slot(&self, request_type: &str) -> Result<&TypeSlot> {
         self.shared
             .types
             .iter()
@@ -391,6 +394,7 @@ impl Client {
                         .collect(),
                     balancer: *slot.balancer.lock().unwrap_or_else(|p| p.into_inner()),
                     freshness,
+                    retries_throttled: !slot.retry.allows_retries(),
                 }
             })
             .collect();

@@ -21,6 +21,7 @@ use xcluster_proto::directory::ServerList;
 use crate::builder::Options;
 use crate::fetch::{self, Fetched};
 use crate::picker::{Clock, Entry, InstanceStats, Stats, Table};
+use crate::retry::RetryBudget;
 
 /// Everything a client's handles and background tasks share.
 #[derive(Debug)]
@@ -55,6 +56,8 @@ pub(crate) struct TypeSlot {
     hold_ms: u64,
     /// The balancer currently serving this type (for `state()`; not on the hot path).
     pub(crate) balancer: Mutex<Option<SocketAddr>>,
+    /// What is left of this type's retry budget.
+    pub(crate) retry: RetryBudget,
 }
 
 impl TypeSlot {
@@ -99,6 +102,7 @@ impl Shared {
                 poll_since_ms: AtomicU64::new(0),
                 hold_ms: u64::try_from(opts.watch_hold().as_millis()).unwrap_or(u64::MAX),
                 balancer: Mutex::new(None),
+                retry: RetryBudget::new(opts.retry_max_tokens, opts.retry_token_ratio),
             })
             .collect();
         Self {
@@ -241,6 +245,9 @@ pub(crate) fn check_type(f: Fetched, want: &str) -> Result<Option<ServerList>, S
     }
 }
 
+/// An answer that took at least this long was held by the balancer (a long poll), not given at once.
+const HELD: Duration = Duration::from_millis(500);
+
 fn jitter(lo: Duration, hi: Duration) -> Duration {
     if hi <= lo {
         return lo;
@@ -284,13 +291,18 @@ pub(crate) async fn watch_loop(
                 _ = cancel.cancelled() => return,
                 r = fetch => r,
             };
-            if slot.in_poll.swap(false, Ordering::Relaxed) && (r.is_ok() || started.elapsed() <= wait) {
-                // The balancer was alive until now, whatever the answer; one still silent past the hold
-                // it was asked for was not.
+            let held = started.elapsed();
+            let waited = held >= HELD;
+            let r = r.and_then(|f| check_type(f, &slot.name));
+            if slot.in_poll.swap(false, Ordering::Relaxed) && r.is_err() && waited && held <= wait {
+                // A watch it held and then dropped (a balancer stopping mid-hold): it was alive, holding
+                // the list as current, until now. One still silent past the hold it was asked for was
+                // not; and one that fails at once (an error status, a list of another type, garbage)
+                // vouches for nothing: counting its answer as a sign of life kept the list's age under
+                // the backoff's 2 s, so with every balancer broken that way the list never expired.
                 slot.touch(&shared.clock);
             }
-            let waited = started.elapsed() >= Duration::from_millis(500);
-            match r.and_then(|f| check_type(f, &slot.name)) {
+            match r {
                 Ok(list) => {
                     let changed = list.as_ref().is_some_and(|l| l.version != version);
                     if let Some(list) = &list {

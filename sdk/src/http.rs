@@ -32,6 +32,10 @@ pub struct Backend {
     pub id: String,
     /// The address the request was sent to.
     pub addr: SocketAddr,
+    /// Which attempt of the call this answer is (1 for the first): above 1, [`Client::send_idempotent`]
+    /// retried, each earlier attempt having failed (an error, or a 502/503/504 answer) on another
+    /// instance. A caller counting only outcomes would otherwise never see those failures.
+    pub attempts: u32,
 }
 
 /// Sends one request over an already connected stream and reads the whole response, bounded by
@@ -128,7 +132,36 @@ impl Client {
     /// ```
     pub async fn send(&self, request_type: &str, req: Request<Full<Bytes>>) -> Result<Response<Bytes>> {
         let mut tried = Vec::new();
-        self.send_once(request_type, req, &mut tried, self.budget()).await
+        let r = self.send_once(request_type, req, &mut tried, self.budget()).await;
+        // Not retried, but what it met tells the type's retry budget how the instances fare.
+        self.may_retry(request_type, &r);
+        r
+    }
+
+    /// Feeds an attempt's outcome to the type's retry budget ([`crate::ClientBuilder::retry_budget`]) and
+    /// says whether to try again: the outcome is worth retrying (a retryable error, a 502/503/504) and the
+    /// budget allows it. An error that no retry could help (the deadline, a response too large) neither
+    /// spends nor earns a token.
+    fn may_retry(&self, request_type: &str, r: &Result<Response<Bytes>>) -> bool {
+        let Ok(slot) = self.slot(request_type) else {
+            return false;
+        };
+        let worth = match r {
+            Ok(resp) if retryable_status(resp.status()) => true,
+            Ok(_) => {
+                slot.retry.succeeded();
+                return false;
+            }
+            Err(e) => e.is_retryable() || matches!(e, Error::Exhausted { .. }),
+        };
+        if !worth {
+            return false;
+        }
+        let allowed = slot.retry.failed();
+        if !allowed {
+            tracing::debug!(request_type, "retry budget spent: not retrying");
+        }
+        allowed
     }
 
     async fn send_once(
@@ -149,6 +182,7 @@ impl Client {
                 resp.extensions_mut().insert(Backend {
                     id: picked.id().to_string(),
                     addr,
+                    attempts: 1,
                 });
                 if resp.status().is_server_error() {
                     picked.failure();
@@ -174,8 +208,9 @@ impl Client {
     }
 
     /// Sends an idempotent request (a GET, or a POST carrying an idempotency key), retrying on another
-    /// instance after a retryable error or a 502/503/504, up to `request_attempts` in all. Returns the last
-    /// response or error. A request that is neither (say a POST with no `Idempotency-Key`) is sent as
+    /// instance after a retryable error or a 502/503/504, up to `request_attempts` in all and while the
+    /// type's retry budget lasts ([`crate::ClientBuilder::retry_budget`]: when most attempts fail, retries
+    /// stop rather than multiply the load on failing instances). Returns the last response or error. A request that is neither (say a POST with no `Idempotency-Key`) is sent as
     /// [`Client::send`] sends it: once, with only connect failures tried elsewhere.
     ///
     /// The whole call, retries included, is bounded by the client's deadline: no attempt starts after it,
@@ -213,9 +248,14 @@ impl Client {
                     prev => Err(budget.exceeded(&tried, prev.and_then(Result::err))),
                 };
             }
-            let r = self
+            let mut r = self
                 .send_once(request_type, clone_request(&req), &mut tried, budget)
                 .await;
+            if let Ok(resp) = &mut r
+                && let Some(b) = resp.extensions_mut().get_mut::<Backend>()
+            {
+                b.attempts = attempt + 1;
+            }
             if let Err(e @ Error::DeadlineExceeded { .. }) = r {
                 return Err(with_last(e, last.and_then(Result::err)));
             }
@@ -223,11 +263,7 @@ impl Client {
                 // Every instance has been tried: the previous failure says more than "none left".
                 return prev;
             }
-            let again = match &r {
-                Ok(resp) => retryable_status(resp.status()),
-                Err(e) => e.is_retryable() || matches!(e, Error::Exhausted { .. }),
-            };
-            if !again || attempt + 1 == attempts {
+            if !self.may_retry(request_type, &r) || attempt + 1 == attempts {
                 return r;
             }
             tracing::debug!(

@@ -38,6 +38,7 @@ mod fetch;
 mod http;
 mod picker;
 mod resolve;
+mod retry;
 
 pub use builder::{ClientBuilder, DEFAULT_DEADLINE};
 

@@ -572,3 +572,101 @@ async fn huge_durations_do_not_break_the_watch() {
     .await;
     assert_eq!(client.pick("browse").unwrap().addr(), b.addr);
 }
+
+/// When every instance answers 503 (overloaded, or their store down), `send_idempotent` must not keep
+/// multiplying the load on them by `request_attempts`: a retry is made only while the type's retry budget
+/// lasts (by default 100 tokens, retries while more than 50 are left), so a hundred calls reach the two
+/// instances at most 100 + 50 times, where each call used to try both (200), and the last of them once
+/// each. Answers that stand refill it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_stop_when_every_instance_fails() {
+    let (a, b, c) = (
+        Backend::with_status("a", 503),
+        Backend::with_status("b", 503),
+        Backend::start("c"),
+    );
+    let lb = FakeBalancer::start(HOLD);
+    lb.set(list(
+        "browse",
+        1,
+        &[("a", a.addr, 100), ("b", b.addr, 100)],
+        &[lb.addr],
+    ));
+    let client = browse_client(&lb).await;
+    assert!(!client.state().types[0].retries_throttled);
+    for _ in 0..100 {
+        let resp = client
+            .send_idempotent("browse", get("/v1/products"))
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 503);
+    }
+    let sent = a.hits() + b.hits();
+    assert!(
+        sent <= 150,
+        "{sent} attempts for 100 calls: retries went on with every instance failing"
+    );
+    assert!(
+        sent > 100,
+        "the first failures are still retried ({sent} attempts)"
+    );
+    assert!(client.state().types[0].retries_throttled);
+    for _ in 0..10 {
+        client
+            .send_idempotent("browse", get("/v1/products"))
+            .await
+            .unwrap();
+    }
+    assert_eq!(a.hits() + b.hits(), sent + 10, "a spent budget retries nothing");
+    // A healthy instance's answers give the budget back: 501 successes at 0.1 token each.
+    eventually_async("the watch request", || {
+        (lb.requests.load(Ordering::Relaxed) >= 2).then_some(())
+    })
+    .await;
+    lb.set(list("browse", 2, &[("c", c.addr, 100)], &[lb.addr]));
+    eventually_async("the client to install version 2", || {
+        (client.state().types[0].version == 2).then_some(())
+    })
+    .await;
+    for _ in 0..501 {
+        let resp = client
+            .send_idempotent("browse", get("/v1/products"))
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+    }
+    assert!(!client.state().types[0].retries_throttled);
+}
+
+/// A balancer that answers at once with an error (here a list of another type, as a confused balancer
+/// sends; a 5xx or garbage is the same) vouches for nothing: with every balancer answering so, the list
+/// ages and expires after `max_staleness`, as with every balancer down. Each such answer used to count as
+/// a sign of life, which kept the list's age under the watch's 2 s backoff: it never expired.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn balancers_answering_only_errors_do_not_keep_the_list_fresh() {
+    let a = Backend::start("a");
+    let lb = FakeBalancer::start(HOLD);
+    lb.set(list("browse", 1, &[("a", a.addr, 100)], &[lb.addr]));
+    let client = Client::builder()
+        .balancers([lb.addr.to_string()])
+        .request_types(["browse"])
+        .max_staleness(Duration::from_secs(3))
+        .build()
+        .await
+        .unwrap();
+    eventually_async("the watch request", || {
+        (lb.requests.load(Ordering::Relaxed) >= 2).then_some(())
+    })
+    .await;
+    lb.set_for("browse", list("order", 2, &[("a", a.addr, 100)], &[lb.addr]));
+    eventually_async("the list to go static", || {
+        matches!(client.state().types[0].freshness, Freshness::Static { .. }).then_some(())
+    })
+    .await;
+    eventually_async("the list to expire", || {
+        matches!(client.state().types[0].freshness, Freshness::Expired { .. }).then_some(())
+    })
+    .await;
+    let err = client.pick("browse").unwrap_err();
+    assert!(matches!(err, Error::Stale { .. }), "{err}");
+}

@@ -285,6 +285,10 @@ fn sdk_mode_follows_the_published_weights() {
     );
     assert_eq!(heavy.hits() + light.hits(), 200);
     assert_eq!(light.hits(), light_n);
+    assert_eq!(
+        report["lists"]["static_s"], 0.0,
+        "the balancer vouched throughout: {report}"
+    );
 }
 
 /// A timeline interval that is too fine, or too many intervals for the run, is refused before any request
@@ -426,4 +430,115 @@ fn targets_may_be_named_by_host_and_port() {
     );
     assert_eq!(p.wait_exit(Duration::from_secs(60)), Some(64), "{}", p.stderr());
     assert!(p.stderr().contains("no-such-host.invalid:80"), "{}", p.stderr());
+}
+
+/// The SDK's retries show in the report: an answer that came only after an attempt on another instance
+/// failed (here a 503) is counted as `retried`, per type and in all. Without it a run whose failures the
+/// retries hid read as a clean one, the failing instance's requests credited to the one that answered.
+/// The busy instance has nearly all the weight, so the first request goes there (both unmeasured, the
+/// first draw stands) and is retried on the other.
+#[test]
+fn answers_after_a_retry_are_counted() {
+    let (busy, ok) = (Backend::with_status("busy", 503), Backend::start("ok"));
+    let lb = FakeBalancer::start(Duration::from_secs(60));
+    lb.set(list(
+        "browse",
+        1,
+        &[("busy", busy.addr, 10_000), ("ok", ok.addr, 1)],
+        &[lb.addr],
+    ));
+    let report = load(&[
+        "--via",
+        "sdk",
+        "--targets",
+        &lb.addr.to_string(),
+        "--mix",
+        "browse=1",
+        "--workers",
+        "1",
+        "--requests",
+        "50",
+    ]);
+    assert_eq!(report["requests"], 50);
+    assert_eq!(report["errors"], 0, "every 503 was retried: {report}");
+    assert!(busy.hits() >= 1, "the first request went to the busy instance");
+    assert_eq!(by_type(&report, "browse")["retried"], busy.hits(), "{report}");
+    assert_eq!(report["retried"], busy.hits(), "{report}");
+    assert_eq!(ok.hits(), 50);
+}
+
+/// Every order the run placed and did not pay is cancelled at its end, those whose pay failed included:
+/// here every pay gets a 503, and each of the orders is cancelled. A failed pay used to drop its order,
+/// which then held its stock for the app's reservation time (15 minutes) after the run.
+#[test]
+fn orders_whose_pay_failed_are_cancelled_at_the_end() {
+    // The order instance answers every request (orders and their cancels) with an order id.
+    let shop = Backend::start(r#"{"id":"o-1"}"#);
+    let till = Backend::with_status("till", 503);
+    let lb = FakeBalancer::start(Duration::from_secs(60));
+    lb.set(list("order", 1, &[("shop", shop.addr, 100)], &[lb.addr]));
+    lb.set(list("pay", 1, &[("till", till.addr, 100)], &[lb.addr]));
+    let report = load(&[
+        "--via",
+        "sdk",
+        "--targets",
+        &lb.addr.to_string(),
+        "--mix",
+        "order=1,pay=1",
+        "--workers",
+        "1",
+        "--requests",
+        "40",
+    ]);
+    let placed = by_type(&report, "order")["ok"].as_u64().unwrap();
+    let paid = by_type(&report, "pay")["ok"].as_u64().unwrap();
+    assert!(placed > 0 && till.hits() > 0, "{report}");
+    assert_eq!(paid, 0, "{report}");
+    let released = &report["released"];
+    assert_eq!(released["cancelled"], placed, "{report}");
+    assert_eq!(
+        (&released["failed"], &released["forgotten"]),
+        (&0.into(), &0.into())
+    );
+    assert_eq!(shop.hits(), 2 * placed, "each order and its cancel");
+}
+
+/// A run through the SDK says when no balancer vouched for its lists: here the only balancer dies once the
+/// run has its list, the instance keeps answering from that list, and the report says for how long it was
+/// served so (`lists.static_s`). Such a run used to read like one through a healthy cluster.
+#[test]
+fn a_run_says_when_no_balancer_vouched_for_its_lists() {
+    let a = Backend::start("a");
+    let mut lb = FakeBalancer::start(Duration::from_secs(60));
+    lb.set(list("browse", 1, &[("a", a.addr, 100)], &[lb.addr]));
+    let lb_addr = lb.addr.to_string();
+    let mut p = Proc::xcluster(
+        "load",
+        &[
+            "load",
+            "--via",
+            "sdk",
+            "--targets",
+            &lb_addr,
+            "--mix",
+            "browse=1",
+            "--workers",
+            "1",
+            "--duration-secs",
+            "3",
+            "--json",
+        ],
+    );
+    // The bootstrap, then the watch: the run has its list.
+    xcluster_tests::eventually(Duration::from_secs(10), "the run's watch", || {
+        (lb.requests.load(std::sync::atomic::Ordering::Relaxed) >= 2).then_some(())
+    });
+    lb.kill();
+    assert_eq!(p.wait_exit(Duration::from_secs(60)), Some(0), "{}", p.stderr());
+    let report: Value = serde_json::from_str(&p.stdout()).unwrap();
+    assert_eq!(report["errors"], 0, "the last list still serves: {report}");
+    let lists = &report["lists"];
+    assert!(lists["static_s"].as_f64().unwrap_or(0.0) > 0.0, "{report}");
+    assert!(lists["max_age_s"].as_f64().unwrap_or(0.0) > 0.0, "{report}");
+    assert_eq!(lists["expired"], false, "{report}");
 }

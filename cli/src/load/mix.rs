@@ -36,11 +36,19 @@ struct Unpaid {
     payable: VecDeque<String>,
     /// `seckill`'s.
     flash: VecDeque<String>,
+    /// `order`'s whose `pay` got no 2xx: not paid, or not known to be, so not paid again (a refused one
+    /// would be refused again) but cancelled at the end with the others.
+    unsettled: VecDeque<String>,
     forgotten: u64,
 }
 
 impl Unpaid {
     fn keep(&mut self, flash: bool, id: String) {
+        let q = if flash { &mut self.flash } else { &mut self.payable };
+        Self::push(q, &mut self.forgotten, id);
+    }
+
+    fn push(q: &mut VecDeque<String>, forgotten: &mut u64, id: String) {
         // It goes into a path: anything else than an id's usual characters is not sent back.
         if !id
             .bytes()
@@ -48,10 +56,9 @@ impl Unpaid {
         {
             return;
         }
-        let q = if flash { &mut self.flash } else { &mut self.payable };
         if q.len() >= ORDER_IDS_KEPT {
             q.pop_front();
-            self.forgotten += 1;
+            *forgotten += 1;
         }
         q.push_back(id);
     }
@@ -86,12 +93,25 @@ impl Ctx {
         self.unpaid().payable.pop_front()
     }
 
+    /// A `pay` request to `path` got no 2xx (an error, a 503, a refusal such as `insufficient_funds`): its
+    /// order may still be unpaid, so it is cancelled with the others at the end. It used to be dropped
+    /// with the pay, and held its stock for the app's reservation time after the run.
+    pub fn pay_failed(&self, path: &str) {
+        if let Some(id) = path
+            .strip_prefix("/v1/orders/")
+            .and_then(|p| p.strip_suffix("/pay"))
+        {
+            let u = &mut *self.unpaid();
+            Unpaid::push(&mut u.unsettled, &mut u.forgotten, id.to_string());
+        }
+    }
+
     /// Takes every order still unpaid, each with the kind that cancels it (as [`CANCEL`] routes it), and
     /// how many were forgotten (past [`ORDER_IDS_KEPT`]).
     pub fn take_unpaid(&self) -> (Vec<(&'static Kind, String)>, u64) {
         let u = std::mem::take(&mut *self.unpaid());
         let [order, flash] = &CANCEL;
-        let ids = (u.payable.into_iter().map(|id| (order, id)))
+        let ids = (u.payable.into_iter().chain(u.unsettled).map(|id| (order, id)))
             .chain(u.flash.into_iter().map(|id| (flash, id)))
             .collect();
         (ids, u.forgotten)
@@ -326,5 +346,20 @@ mod tests {
                 .as_str()
                 .contains("after=")
         );
+    }
+
+    /// An order whose pay failed is cancelled at the end of the run, not paid again (a refused pay would be
+    /// refused again) and not dropped (it would hold its stock for the app's reservation time).
+    #[test]
+    fn an_order_whose_pay_failed_is_left_to_cancel() {
+        let ctx = Ctx::default();
+        ctx.observe(&KINDS[1], br#"{"id":"o-1"}"#);
+        let pay = KINDS[3].build(&ctx).unwrap();
+        ctx.pay_failed(pay.uri().path());
+        ctx.pay_failed("/v1/orders/../pay/x");
+        assert!(KINDS[3].build(&ctx).is_none(), "not paid again");
+        let (ids, forgotten) = ctx.take_unpaid();
+        let ids: Vec<_> = ids.iter().map(|(k, id)| (k.name, id.as_str())).collect();
+        assert_eq!((ids, forgotten), (vec![("order", "o-1")], 0));
     }
 }

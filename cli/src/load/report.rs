@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use hdrhistogram::Histogram;
 use serde::Serialize;
+use xcluster_sdk::{ClientState, Freshness};
 
 /// Highest latency tracked, in microseconds (one hour); higher values are clamped.
 const MAX_US: u64 = 3_600_000_000;
@@ -23,6 +24,8 @@ pub struct Sample {
     /// Who served it (empty when no backend was reached).
     pub backend: String,
     pub outcome: Outcome,
+    /// The answer came after the SDK retried the request on another instance (earlier attempts failed).
+    pub retried: bool,
 }
 
 /// How a request ended.
@@ -66,6 +69,7 @@ struct PerType {
     requests: u64,
     errors: BTreeMap<String, u64>,
     refused: BTreeMap<String, u64>,
+    retried: u64,
     backends: BTreeMap<String, u64>,
 }
 
@@ -126,6 +130,7 @@ impl Recorder {
                 requests: 0,
                 errors: BTreeMap::new(),
                 refused: BTreeMap::new(),
+                retried: 0,
                 backends: BTreeMap::new(),
             })
             .collect();
@@ -167,6 +172,7 @@ impl Recorder {
             }
         }
         bump(&mut t.backends, &s.backend);
+        t.retried += u64::from(s.retried);
         match s.outcome {
             Outcome::Error(kind) => *t.errors.entry(kind).or_default() += 1,
             Outcome::Refused(kind) => *t.refused.entry(kind).or_default() += 1,
@@ -223,6 +229,7 @@ impl Recorder {
                     },
                     errors: t.errors.clone(),
                     refused: t.refused.clone(),
+                    retried: t.retried,
                     backends: shares(&t.backends),
                 }
             })
@@ -256,12 +263,14 @@ impl Recorder {
             requests,
             errors,
             refused,
+            retried: self.types.iter().map(|t| t.retried).sum(),
             throughput_rps: (requests - errors - refused) as f64 / secs,
             types,
             backends: shares(&merged(self.types.iter().map(|t| &t.backends))),
             timeline,
             interrupted: false,
             released: None,
+            lists: None,
         }
     }
 }
@@ -308,6 +317,9 @@ pub struct TypeReport {
     pub errors: BTreeMap<String, u64>,
     /// The shop's "no" (insufficient funds, sold out, over the limit), by its error code: answers, not errors.
     pub refused: BTreeMap<String, u64>,
+    /// Answers (any status) that came only after the SDK retried the request on another instance: its
+    /// earlier attempts failed, which `errors` does not count since the request did not.
+    pub retried: u64,
     pub backends: BTreeMap<String, Share>,
 }
 
@@ -320,6 +332,8 @@ pub struct Report {
     pub requests: u64,
     pub errors: u64,
     pub refused: u64,
+    /// Answers that came after a retry, over all types.
+    pub retried: u64,
     /// 2xx responses per second.
     pub throughput_rps: f64,
     pub types: Vec<TypeReport>,
@@ -332,6 +346,44 @@ pub struct Report {
     /// The run's unpaid orders: cancelled after it, or kept (`--keep-orders`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub released: Option<Released>,
+    /// Through the SDK, how fresh its server lists were.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lists: Option<Lists>,
+}
+
+/// Through the SDK: how long it served from lists no balancer vouched for (static stability), from its
+/// [`ClientState`] sampled during the run. Without it a run through a cluster whose balancers were all down
+/// read like one through a healthy cluster, though its weights were frozen.
+#[derive(Debug, Default, Serialize)]
+pub struct Lists {
+    /// Seconds of the run during which some request type's list was static or expired (sampled).
+    pub static_s: f64,
+    /// The oldest such list seen: seconds since a balancer last vouched for it.
+    pub max_age_s: f64,
+    /// Some list passed the client's `max_staleness`, so its picks failed (`stale` errors).
+    pub expired: bool,
+}
+
+impl Lists {
+    /// Takes one sample of the client's state, standing for the `period` since the last.
+    pub fn sample(&mut self, state: &ClientState, period: Duration) {
+        let mut unvouched = false;
+        for t in &state.types {
+            let age = match t.freshness {
+                Freshness::Live => continue,
+                Freshness::Static { age } => age,
+                Freshness::Expired { age } => {
+                    self.expired = true;
+                    age
+                }
+            };
+            unvouched = true;
+            self.max_age_s = self.max_age_s.max(age.as_secs_f64());
+        }
+        if unvouched {
+            self.static_s += period.as_secs_f64();
+        }
+    }
 }
 
 /// The run's clean-up: the orders it placed and did not pay, cancelled so their stock is free again.
@@ -408,6 +460,25 @@ impl Report {
             for (kind, n) in &t.refused {
                 out += &format!("    refused {kind}: {n}\n");
             }
+            if t.retried > 0 {
+                out += &format!(
+                    "    retried: {} (answered after an attempt on another instance failed)\n",
+                    t.retried
+                );
+            }
+        }
+        if let Some(l) = self.lists.as_ref().filter(|l| l.static_s > 0.0) {
+            out += &format!(
+                "\nno balancer vouched for the server lists for {:.1}s of the run: the SDK served from its last \
+                 lists (the oldest {:.1}s old){}\n",
+                l.static_s,
+                l.max_age_s,
+                if l.expired {
+                    ", some past max_staleness (their picks failed as stale)"
+                } else {
+                    ""
+                }
+            );
         }
         match &self.released {
             Some(r) if r.kept > 0 => {
@@ -469,6 +540,7 @@ mod tests {
                         ..=5 => Outcome::of_answer(409, b""),
                         _ => Outcome::Ok,
                     },
+                    retried: i == 50 || i == 99,
                 },
                 Duration::ZERO,
             );
@@ -480,6 +552,8 @@ mod tests {
         assert_eq!(t.errors["status_503"], 2);
         assert_eq!(t.refused["status_409"], 5);
         assert_eq!((rep.errors, rep.refused), (2, 5));
+        // Answers after a retry are counted whatever they were: a retry hides a failure from `errors`.
+        assert_eq!((t.retried, rep.retried), (2, 2));
         assert!((rep.throughput_rps - 93.0).abs() < 1e-9);
         // The successes took 6..=98 ms.
         let p50 = t.latency_us.p50.unwrap_or_default();
@@ -491,6 +565,7 @@ mod tests {
         assert!(text.contains("error status_503: 2"), "{text}");
         assert!(text.contains("refused status_409: 5"), "{text}");
         assert!(text.contains("2 errors, 5 refused, 93.0 ok/s"), "{text}");
+        assert!(text.contains("retried: 2 (answered after"), "{text}");
         assert!(rep.timeline.is_empty(), "no timeline unless asked");
     }
 
@@ -504,6 +579,7 @@ mod tests {
             latency: Duration::from_millis(3),
             backend: "a".into(),
             outcome,
+            retried: false,
         };
         r.record(sample(0, Outcome::Ok), Duration::ZERO);
         for _ in 0..4 {
@@ -531,6 +607,42 @@ mod tests {
         assert_eq!(line("order")[3..8], ["-"; 5], "{text}");
         assert!(!text.contains("0.00 "), "{text}");
         assert_eq!(line("browse")[3..8], ["3.00"; 5], "{text}");
+    }
+
+    /// Samples of the SDK's state add up the time its lists went unvouched, and the report says so.
+    #[test]
+    fn unvouched_lists_are_counted_and_told() {
+        let state = |freshness| ClientState {
+            balancers: Vec::new(),
+            types: vec![xcluster_sdk::TypeState {
+                request_type: "browse".into(),
+                version: 1,
+                servers: 1,
+                ejected: Vec::new(),
+                balancer: None,
+                freshness,
+                retries_throttled: false,
+            }],
+        };
+        let mut l = Lists::default();
+        let tick = Duration::from_millis(100);
+        l.sample(&state(Freshness::Live), tick);
+        assert_eq!(l.static_s, 0.0);
+        for age in [1, 2] {
+            let age = Duration::from_secs(age);
+            l.sample(&state(Freshness::Static { age }), tick);
+        }
+        assert!((l.static_s - 0.2).abs() < 1e-9 && (l.max_age_s - 2.0).abs() < 1e-9);
+        assert!(!l.expired);
+        let mut rep = Recorder::new(vec!["browse"]).report("sdk", "closed".into(), Duration::from_secs(1));
+        rep.lists = Some(l);
+        assert!(
+            rep.text()
+                .contains("no balancer vouched for the server lists for 0.2s"),
+            "{}",
+            rep.text()
+        );
+        assert!(!rep.text().contains("max_staleness"));
     }
 
     /// The run's unpaid orders are accounted for: cancelled, or kept with what that holds.
@@ -607,6 +719,7 @@ mod tests {
             } else {
                 Outcome::Ok
             },
+            retried: false,
         };
         // Second 0: all browse to a, one order to b. Second 1: nothing. Second 2: a quarter to a, one error.
         for _ in 0..4 {
