@@ -250,6 +250,9 @@ impl DaemonConfig for Config {
     fn log_filter(&self) -> &str {
         &self.log_filter
     }
+    fn descriptors(&self) -> u64 {
+        self.http.max_connections as u64 + xcluster_runtime::limits::BASE_DESCRIPTORS
+    }
 }
 
 #[cfg(test)]

@@ -362,6 +362,10 @@ impl DaemonConfig for Config {
     fn log_filter(&self) -> &str {
         &self.log_filter
     }
+    /// The API's connections (the store's are among the base ones: its pool is small).
+    fn descriptors(&self) -> u64 {
+        self.http.max_connections as u64 + xcluster_runtime::limits::BASE_DESCRIPTORS
+    }
 }
 
 #[cfg(test)]

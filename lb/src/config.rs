@@ -546,6 +546,15 @@ impl DaemonConfig for Config {
     fn log_filter(&self) -> &str {
         &self.log_filter
     }
+    /// Two per proxied connection (the client's and the backend's), when it proxies, and the API's.
+    fn descriptors(&self) -> u64 {
+        let proxied = if self.proxy.listeners.is_empty() {
+            0
+        } else {
+            self.proxy.max_connections as u64
+        };
+        2 * proxied + self.http.max_connections as u64 + xcluster_runtime::limits::BASE_DESCRIPTORS
+    }
 }
 
 #[cfg(test)]

@@ -257,6 +257,11 @@ impl DaemonConfig for Config {
     fn log_filter(&self) -> &str {
         &self.log_filter
     }
+    /// The API's connections, and per process its two output pipes, its log files and its pidfd.
+    fn descriptors(&self) -> u64 {
+        let (api, processes) = (self.http.max_connections as u64, self.processes.len() as u64);
+        api + 5 * processes + xcluster_runtime::limits::BASE_DESCRIPTORS
+    }
 }
 
 /// Each rotating log file is written by one stream. Two writers of a file rotate it each by its own count,

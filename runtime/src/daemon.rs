@@ -47,6 +47,9 @@ pub trait DaemonConfig: RoleConfig {
     fn shutdown(&self) -> ShutdownTimes;
     /// The `tracing` filter from `[log] level`.
     fn log_filter(&self) -> &str;
+    /// The descriptors this config lets the role hold at once: its connections' (`max_connections`), and
+    /// [`crate::limits::BASE_DESCRIPTORS`] (checked against the process's limit at start and each reload).
+    fn descriptors(&self) -> u64;
 }
 
 /// Exit code when a second signal forced the exit.
@@ -61,6 +64,8 @@ where
     Fut: Future<Output = Result<(), E>>,
 {
     let _ = crate::telemetry::set_filter(loaded.config.log_filter());
+    crate::limits::raise();
+    crate::limits::check(C::ROLE, loaded.config.descriptors());
     crate::telemetry::describe(crate::metrics::DESCRIPTIONS);
     metrics::gauge!(crate::metrics::BUILD_INFO, "role" => C::ROLE, "version" => env!("CARGO_PKG_VERSION"))
         .set(1.0);
@@ -76,7 +81,7 @@ where
     let trigger_tx = trigger.0.clone();
     let reloader = crate::reload::spawn::<C>(source.clone(), reload_seed, publish, trigger, internal.clone());
 
-    // Keep the log filter in step with the config.
+    // Keep the log filter in step with the config, and the descriptors it needs checked.
     let mut log_rx = config_rx.clone();
     let log_cancel = internal.clone();
     tokio::spawn(async move {
@@ -85,10 +90,14 @@ where
                 _ = log_cancel.cancelled() => return,
                 r = log_rx.changed() => if r.is_err() { return },
             }
-            let filter = log_rx.borrow_and_update().log_filter().to_string();
+            let (filter, descriptors) = {
+                let c = log_rx.borrow_and_update();
+                (c.log_filter().to_string(), c.descriptors())
+            };
             if let Err(e) = crate::telemetry::set_filter(&filter) {
                 warn!(error = %e, "cannot apply log filter");
             }
+            crate::limits::check(C::ROLE, descriptors);
         }
     });
 

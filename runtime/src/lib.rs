@@ -9,6 +9,7 @@ pub mod config;
 pub mod daemon;
 pub mod health;
 pub mod http;
+pub mod limits;
 pub mod logwriter;
 pub mod metrics;
 pub mod net;

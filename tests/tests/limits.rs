@@ -9,7 +9,9 @@ use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
 use xcluster_tests::http::get;
-use xcluster_tests::{Proc, content_length, eventually, free_addr, metric_value, wait_ready};
+use xcluster_tests::{
+    Proc, Spawn, content_length, eventually, free_addr, metric_value, wait_ready, xcluster_bin,
+};
 
 const ROLES: [&str; 4] = ["lb", "agent", "monitor", "app"];
 /// A mutating path of each role, to show the body bound applies before any handler.
@@ -323,4 +325,48 @@ fn browser_requests_on_loopback_naming_an_unknown_host_get_421_on_the_control_pl
     assert!(ask(addr, "attacker.example").starts_with("HTTP/1.1 200"));
     let (_p, addr) = start("app", &[]);
     assert!(ask(addr, "shop.example").starts_with("HTTP/1.1 200"));
+}
+
+/// Every role raises its soft descriptor limit to the hard one (a service starts at a soft 1024 under systemd,
+/// which a balancer's proxy outgrew at about 500 connections), and warns when its config may hold more
+/// connections at once than the hard limit allows; one whose config fits says nothing.
+#[test]
+fn every_role_raises_its_descriptor_limit_and_warns_when_its_config_needs_more() {
+    for (api_connections, warns) in [(1024, false), (5000, true)] {
+        for role in ROLES {
+            let addr = free_addr();
+            // Soft 256 under a hard 4096: 5,000 API connections need more than 4,096 descriptors.
+            let script = format!(
+                "ulimit -Sn 256 && ulimit -Hn 4096 && exec \"$0\" {role} --set 'listen=\"{addr}\"' \
+                 --set http.max_connections={api_connections}"
+            );
+            let p = Proc::spawn(
+                role,
+                std::path::Path::new("/bin/sh"),
+                Spawn {
+                    args: vec!["-c".into(), script, xcluster_bin().display().to_string()],
+                    ..Default::default()
+                },
+            );
+            wait_ready(addr, Duration::from_secs(20));
+            let limits = std::fs::read_to_string(format!("/proc/{}/limits", p.pid())).unwrap();
+            let line = limits.lines().find(|l| l.starts_with("Max open files")).unwrap();
+            let (soft, hard) = {
+                let mut n = line.split_whitespace().skip(3);
+                (n.next().unwrap().to_string(), n.next().unwrap().to_string())
+            };
+            assert_eq!((soft.as_str(), hard.as_str()), ("4096", "4096"), "{role}: {line}");
+            // The check is logged before the API listens, and lines are written in order.
+            let log = eventually(Duration::from_secs(10), "the listening line", || {
+                let log = p.stderr();
+                log.contains("listening").then_some(log)
+            });
+            assert!(log.contains("raised the open-descriptor limit"), "{role}: {log}");
+            assert_eq!(
+                log.contains("the open-descriptor limit (RLIMIT_NOFILE) is below what this config may hold"),
+                warns,
+                "{role} with {api_connections} API connections: {log}"
+            );
+        }
+    }
 }
