@@ -23,6 +23,23 @@ fn load(args: &[&str]) -> Value {
     serde_json::from_str(&p.stdout()).unwrap_or_else(|e| panic!("bad json ({e}):\n{}", p.stdout()))
 }
 
+/// A closed-loop run of `requests` over `workers` through `via` to `targets`, with `mix`: its JSON report.
+fn closed_loop(via: &str, targets: &str, mix: &str, workers: u32, requests: u32) -> Value {
+    let (workers, requests) = (workers.to_string(), requests.to_string());
+    load(&[
+        "--via",
+        via,
+        "--targets",
+        targets,
+        "--mix",
+        mix,
+        "--workers",
+        &workers,
+        "--requests",
+        &requests,
+    ])
+}
+
 fn by_type<'a>(report: &'a Value, t: &str) -> &'a Value {
     report["types"]
         .as_array()
@@ -51,18 +68,7 @@ fn round_robin_reports_percentiles_and_equal_shares() {
         .map(|b| b.addr.to_string())
         .collect::<Vec<_>>()
         .join(",");
-    let report = load(&[
-        "--via",
-        "rr",
-        "--targets",
-        &targets,
-        "--mix",
-        "browse=3,order=1",
-        "--workers",
-        "4",
-        "--requests",
-        "300",
-    ]);
+    let report = closed_loop("rr", &targets, "browse=3,order=1", 4, 300);
     assert_eq!(report["requests"], 300);
     assert_eq!(report["errors"], 0, "{report}");
     assert_eq!(report["refused"], 0, "{report}");
@@ -161,18 +167,7 @@ fn an_orders_file_that_cannot_be_written_is_refused_before_the_run() {
 fn via_proxy_sends_each_type_to_its_listener() {
     let (browse, order, rest) = (Backend::start("b"), Backend::start("o"), Backend::start("r"));
     let targets = format!("browse={},order={},{}", browse.addr, order.addr, rest.addr);
-    let report = load(&[
-        "--via",
-        "proxy",
-        "--targets",
-        &targets,
-        "--mix",
-        "browse=2,order=1,seckill=1",
-        "--workers",
-        "2",
-        "--requests",
-        "60",
-    ]);
+    let report = closed_loop("proxy", &targets, "browse=2,order=1,seckill=1", 2, 60);
     assert_eq!(report["errors"], 0, "{report}");
     for (ty, b) in [("browse", &browse), ("order", &order), ("seckill", &rest)] {
         let sent = by_type(&report, ty)["requests"].as_u64().unwrap();
@@ -257,18 +252,7 @@ fn sdk_mode_follows_the_published_weights() {
             &[lb.addr],
         ));
     }
-    let report = load(&[
-        "--via",
-        "sdk",
-        "--targets",
-        &lb.addr.to_string(),
-        "--mix",
-        "browse=1,order=1",
-        "--workers",
-        "2",
-        "--requests",
-        "200",
-    ]);
+    let report = closed_loop("sdk", &lb.addr.to_string(), "browse=1,order=1", 2, 200);
     assert_eq!(report["requests"], 200);
     assert_eq!(report["errors"], 0, "{report}");
     assert_eq!(report["refused"], 0, "{report}");
@@ -447,18 +431,7 @@ fn answers_after_a_retry_are_counted() {
         &[("busy", busy.addr, 10_000), ("ok", ok.addr, 1)],
         &[lb.addr],
     ));
-    let report = load(&[
-        "--via",
-        "sdk",
-        "--targets",
-        &lb.addr.to_string(),
-        "--mix",
-        "browse=1",
-        "--workers",
-        "1",
-        "--requests",
-        "50",
-    ]);
+    let report = closed_loop("sdk", &lb.addr.to_string(), "browse=1", 1, 50);
     assert_eq!(report["requests"], 50);
     assert_eq!(report["errors"], 0, "every 503 was retried: {report}");
     assert!(busy.hits() >= 1, "the first request went to the busy instance");
@@ -478,18 +451,7 @@ fn orders_whose_pay_failed_are_cancelled_at_the_end() {
     let lb = FakeBalancer::start(Duration::from_secs(60));
     lb.set(list("order", 1, &[("shop", shop.addr, 100)], &[lb.addr]));
     lb.set(list("pay", 1, &[("till", till.addr, 100)], &[lb.addr]));
-    let report = load(&[
-        "--via",
-        "sdk",
-        "--targets",
-        &lb.addr.to_string(),
-        "--mix",
-        "order=1,pay=1",
-        "--workers",
-        "1",
-        "--requests",
-        "40",
-    ]);
+    let report = closed_loop("sdk", &lb.addr.to_string(), "order=1,pay=1", 1, 40);
     let placed = by_type(&report, "order")["ok"].as_u64().unwrap();
     let paid = by_type(&report, "pay")["ok"].as_u64().unwrap();
     assert!(placed > 0 && till.hits() > 0, "{report}");
