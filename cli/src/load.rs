@@ -39,6 +39,17 @@ pub fn run(args: LoadArgs) -> i32 {
         say(format_args!("{e}"));
         return 64;
     }
+    // Each worker holds a connection: at a shell's soft 1024 descriptors, --workers 2000 failed half its
+    // connects with EMFILE, counted as the targets' errors.
+    xcluster_runtime::limits::raise();
+    let connections = u64::from(args.workers.unwrap_or(DEFAULT_WORKERS));
+    let limit = xcluster_runtime::limits::soft();
+    if connections + xcluster_runtime::limits::BASE_DESCRIPTORS > limit {
+        say(format_args!(
+            "--workers {connections} may need more descriptors than the limit of {limit} allows: \
+             connects past it fail (EMFILE); raise it (ulimit -Hn) or use fewer workers"
+        ));
+    }
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {

@@ -504,3 +504,36 @@ fn a_run_says_when_no_balancer_vouched_for_its_lists() {
     assert!(lists["max_age_s"].as_f64().unwrap_or(0.0) > 0.0, "{report}");
     assert_eq!(lists["expired"], false, "{report}");
 }
+
+/// Each closed-loop worker holds a connection: the load generator raises its soft descriptor limit to the
+/// hard one, so 200 workers under a soft 128 run clean (they failed their connects past the limit with
+/// EMFILE, counted as errors of the target).
+#[test]
+fn workers_past_the_soft_descriptor_limit_run_clean() {
+    // Each answer takes 50 ms, so the 200 workers' connections are open at once.
+    let backend = Backend::with_delay("a", Duration::from_millis(50));
+    let script = format!(
+        "ulimit -Sn 128 && exec \"$0\" load --via rr --targets {} --mix browse=1 --workers 200 \
+         --requests 1000 --json",
+        backend.addr
+    );
+    let mut p = Proc::spawn(
+        "load",
+        std::path::Path::new("/bin/sh"),
+        xcluster_tests::Spawn {
+            args: vec![
+                "-c".into(),
+                script,
+                xcluster_tests::xcluster_bin().display().to_string(),
+            ],
+            ..Default::default()
+        },
+    );
+    assert_eq!(p.wait_exit(Duration::from_secs(60)), Some(0), "{}", p.stderr());
+    let report: Value = serde_json::from_str(&p.stdout()).unwrap();
+    assert_eq!(
+        (report["requests"].as_u64(), report["errors"].as_u64()),
+        (Some(1000), Some(0)),
+        "{report}"
+    );
+}
