@@ -43,8 +43,9 @@ pub fn run(args: LoadArgs) -> i32 {
     // connects with EMFILE, counted as the targets' errors.
     xcluster_runtime::limits::raise();
     let connections = u64::from(args.workers.unwrap_or(DEFAULT_WORKERS));
-    let limit = xcluster_runtime::limits::soft();
-    if connections + xcluster_runtime::limits::BASE_DESCRIPTORS > limit {
+    if let Some(limit) =
+        xcluster_runtime::limits::short_of(connections + xcluster_runtime::limits::BASE_DESCRIPTORS)
+    {
         say(format_args!(
             "--workers {connections} may need more descriptors than the limit of {limit} allows: \
              connects past it fail (EMFILE); raise it (ulimit -Hn) or use fewer workers"

@@ -284,22 +284,8 @@ async fn find_strays(mark: Option<String>, pgid: i32) -> Vec<Stray> {
 /// Whether a process of group `pgid` still runs. A zombie does not count: the group's orphans are reaped
 /// by init, not by us, and an init that reaps them late (a container's) would hold a stop for nothing.
 fn group_lives(pgid: i32) -> bool {
-    if kill(Pid::from_raw(-pgid), None).is_err() {
-        return false;
-    }
-    let Ok(procs) = std::fs::read_dir("/proc") else {
-        return true;
-    };
-    procs.flatten().any(|entry| {
-        let pid = entry.file_name().to_str().and_then(|n| n.parse().ok());
-        let Some(stat) = pid.and_then(crate::statefile::proc_stat) else {
-            return false;
-        };
-        // State, ppid, pgrp, ...
-        let mut fields = stat.split_whitespace();
-        let (state, pgrp) = (fields.next(), fields.nth(1));
-        state.is_some_and(|s| s != "Z") && pgrp.and_then(|p| p.parse().ok()) == Some(pgid)
-    })
+    kill(Pid::from_raw(-pgid), None).is_ok()
+        && crate::statefile::pids().any(|pid| crate::statefile::live_group(pid) == Some(pgid))
 }
 
 /// Asks for a [`PIPE_BYTES`] buffer (best effort) and returns the pipe's inode.

@@ -216,6 +216,24 @@ pub fn start_time(pid: i32) -> Option<u64> {
     fields.get(19)?.parse().ok()
 }
 
+/// The process group of `pid` while it lives (`None`: a zombie, gone, or unreadable).
+pub fn live_group(pid: i32) -> Option<i32> {
+    let stat = proc_stat(pid)?;
+    // State, ppid, pgrp, ...
+    let mut fields = stat.split_whitespace();
+    let state = fields.next()?;
+    (state != "Z").then(|| fields.nth(1)?.parse().ok()).flatten()
+}
+
+/// The pids in `/proc` now (none if it cannot be read).
+pub fn pids() -> impl Iterator<Item = i32> {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+}
+
 /// `/proc/<pid>/stat` from field 3 (the state) on: the command name before it may contain spaces and
 /// parentheses, so the fields start after the last ')'.
 pub fn proc_stat(pid: i32) -> Option<String> {

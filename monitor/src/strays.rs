@@ -83,13 +83,8 @@ impl Stray {
 /// The live processes outside process group `pgid` whose environment carries `mark`.
 pub fn find(mark: &str, pgid: i32) -> Vec<Stray> {
     let entry = format!("{MARK_VAR}={mark}");
-    let Ok(procs) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
     let me = std::process::id() as i32;
-    procs
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+    crate::statefile::pids()
         .filter(|&pid| pid != me && outside(pid, pgid))
         .filter(|&pid| carries(pid, &entry))
         .filter_map(|pid| {
@@ -108,13 +103,7 @@ pub fn find(mark: &str, pgid: i32) -> Vec<Stray> {
 
 /// Whether `pid` is a live process of another group than `pgid`.
 fn outside(pid: i32, pgid: i32) -> bool {
-    let Some(stat) = crate::statefile::proc_stat(pid) else {
-        return false;
-    };
-    // State, ppid, pgrp, ...
-    let mut fields = stat.split_whitespace();
-    let (state, pgrp) = (fields.next(), fields.nth(1));
-    state.is_some_and(|s| s != "Z") && pgrp.and_then(|p| p.parse().ok()).is_some_and(|g: i32| g != pgid)
+    crate::statefile::live_group(pid).is_some_and(|g| g != pgid)
 }
 
 fn carries(pid: i32, entry: &str) -> bool {

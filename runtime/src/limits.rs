@@ -40,11 +40,6 @@ fn set(soft: u64, hard: u64) -> std::io::Result<()> {
     }
 }
 
-/// The soft limit now (`u64::MAX`: unlimited, or unreadable).
-pub fn soft() -> u64 {
-    get().map_or(u64::MAX, |(s, _)| s)
-}
-
 /// Raises the soft limit to the hard one, and logs it when it moves. Best effort: a failure is logged and the
 /// limit stays as it was.
 pub fn raise() {
@@ -64,16 +59,21 @@ pub fn raise() {
     }
 }
 
+/// The soft limit, when it is below `needed` descriptors.
+pub fn short_of(needed: u64) -> Option<u64> {
+    let (limit, _) = get()?;
+    (needed > limit).then_some(limit)
+}
+
 /// Warns when `needed` descriptors (what the config lets the role hold at once: its connections, and
 /// [`BASE_DESCRIPTORS`]) are more than the limit allows, saying what runs out and how to raise it. Once per
 /// distinct need, so a reload that changes nothing says nothing again.
 pub fn check(role: &str, needed: u64) {
     static WARNED_FOR: AtomicU64 = AtomicU64::new(0);
-    let limit = soft();
-    if needed <= limit {
+    let Some(limit) = short_of(needed) else {
         WARNED_FOR.store(0, Ordering::Relaxed);
         return;
-    }
+    };
     if WARNED_FOR.swap(needed, Ordering::Relaxed) == needed {
         return;
     }

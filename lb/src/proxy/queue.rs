@@ -32,6 +32,7 @@ use tokio::sync::Notify;
 
 use super::access::End;
 use super::config::{BackendConfig, ProxyConfig};
+use super::inbound::recv;
 use super::metrics::{BackendMetrics, WAITING};
 use super::service::NoBackend;
 
@@ -240,23 +241,12 @@ impl Drop for Ticket {
 /// (a request, then `shutdown(SHUT_WR)`), which is forwarded, as HAProxy forwards it unless
 /// `option abortonclose` is set.
 pub fn gone(fd: BorrowedFd<'_>) -> bool {
-    let mut byte = 0u8;
-    // SAFETY: peeks at most one byte into a live buffer from a descriptor the caller keeps open; nothing
-    // is consumed, so the forwarding later reads the same bytes.
-    let n = unsafe {
-        libc::recv(
-            fd.as_raw_fd(),
-            (&raw mut byte).cast(),
-            1,
-            libc::MSG_PEEK | libc::MSG_DONTWAIT,
-        )
-    };
-    match n {
-        0 => true,
-        n if n > 0 => false,
-        _ => !matches!(
-            std::io::Error::last_os_error().raw_os_error(),
-            Some(libc::EAGAIN | libc::EINTR)
+    // Peeked: nothing is consumed, so the forwarding later reads the same bytes.
+    match recv(fd.as_raw_fd(), &mut [0u8], libc::MSG_PEEK) {
+        Ok(n) => n == 0,
+        Err(e) => !matches!(
+            e.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
         ),
     }
 }

@@ -17,6 +17,8 @@ use std::sync::Arc;
 
 use xcluster_runtime::net::is_host_name;
 
+use super::inbound::recv;
+
 /// The longest TLS record (2^14 bytes of plaintext and the 5-byte header): the most a hello is waited for.
 pub const MAX_RECORD: usize = 5 + (1 << 14);
 
@@ -143,7 +145,7 @@ impl Hello {
             if self.buf.is_empty() {
                 self.buf.resize(FIRST_PEEK, 0);
             }
-            let n = match peek(fd, &mut self.buf) {
+            let n = match recv(fd, &mut self.buf, libc::MSG_PEEK) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock && self.seen == 0 => return Err(e),
                 // The client reset, or a wake without bytes: the backend gets what the socket holds.
@@ -181,20 +183,6 @@ impl Hello {
         }
         self.buf = Vec::new();
     }
-}
-
-/// One non-blocking peek into `buf`.
-fn peek(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
-    // SAFETY: the kernel writes at most `buf.len()` bytes into a live, exclusively borrowed buffer.
-    let n = unsafe {
-        libc::recv(
-            fd,
-            buf.as_mut_ptr().cast(),
-            buf.len(),
-            libc::MSG_PEEK | libc::MSG_DONTWAIT,
-        )
-    };
-    usize::try_from(n).map_err(|_| io::Error::last_os_error())
 }
 
 fn set_rcvlowat(fd: RawFd, bytes: usize) -> io::Result<()> {
