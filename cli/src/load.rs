@@ -314,8 +314,9 @@ async fn drive(
             stop.notify_waiters();
         });
     }
+    let given = target::names(args.targets());
     let target = tokio::select! {
-        t = Target::new(args.via, targets, labels(&args), &names, timeout) => t?,
+        t = Target::new(args.via, &given, targets, labels(&args), &names, timeout) => t?,
         _ = stop.notified() => return Err("interrupted while connecting to the targets".into()),
     };
     let (tx, mut rx) = mpsc::channel::<Sample>(65_536);

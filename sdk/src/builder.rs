@@ -18,7 +18,10 @@ pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(15);
 /// Validated options of a client.
 #[derive(Debug, Clone)]
 pub(crate) struct Options {
+    /// The seeds given as `ip:port`.
     pub(crate) balancers: Vec<SocketAddr>,
+    /// The seeds given as `host:port`, and what each resolved to at `build()`.
+    pub(crate) named: Vec<(String, Vec<SocketAddr>)>,
     pub(crate) request_types: Vec<String>,
     pub(crate) connect_timeout: Duration,
     pub(crate) balancer_timeout: Duration,
@@ -73,6 +76,7 @@ impl Default for ClientBuilder {
             request_types: Vec::new(),
             opts: Options {
                 balancers: Vec::new(),
+                named: Vec::new(),
                 request_types: Vec::new(),
                 connect_timeout: Duration::from_millis(500),
                 balancer_timeout: Duration::from_secs(2),
@@ -93,9 +97,11 @@ impl Default for ClientBuilder {
 }
 
 impl ClientBuilder {
-    /// Seed balancers' API addresses: `ip:port`, or `host:port` (such as `localhost:7000`), resolved once by
+    /// Seed balancers' API addresses: `ip:port`, or `host:port` (such as `localhost:7000`), resolved by
     /// `build()` with the system resolver within `balancer_timeout`; every address a name resolves to is a
-    /// seed. The client learns the other balancers from the lists they serve.
+    /// seed. The client learns the other balancers from the lists they serve. While no balancer answers, the
+    /// names are resolved again (at most every 5 s), so a client whose balancers all came back on new
+    /// addresses finds them by name, as gRPC's resolver does.
     pub fn balancers<I, S>(mut self, addrs: I) -> Self
     where
         I: IntoIterator<Item = S>,
@@ -296,9 +302,8 @@ impl ClientBuilder {
     pub async fn build(self) -> Result<Client> {
         let (mut opts, names) = self.validate()?;
         for name in names {
-            for a in resolve::resolve(&name, opts.balancer_timeout).await? {
-                add_balancer(&mut opts.balancers, a);
-            }
+            let addrs = resolve::resolve(&name, opts.balancer_timeout).await?;
+            opts.named.push((name, addrs));
         }
         Client::bootstrap(opts).await
     }

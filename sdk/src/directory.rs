@@ -30,6 +30,13 @@ pub(crate) struct Shared {
     pub(crate) clock: Clock,
     /// Seeds plus the balancers named by the latest list.
     pub(crate) balancers: ArcSwap<Vec<SocketAddr>>,
+    /// The seeds: `opts.balancers`, then what the `host:port` seeds resolved to last.
+    seeds: ArcSwap<Vec<SocketAddr>>,
+    /// The `host:port` seeds and their last addresses (a name that stops resolving keeps its last ones),
+    /// held by the one watch that resolves them again.
+    named: tokio::sync::Mutex<Vec<(String, Vec<SocketAddr>)>>,
+    /// Clock ms of the last resolution of `named` (0: `build()`'s, as the clock starts there).
+    resolved_ms: AtomicU64,
     pub(crate) types: Vec<TypeSlot>,
     /// Feedback per request type (index into `types`) and instance address. Locked only when a list is
     /// installed.
@@ -105,8 +112,12 @@ impl Shared {
                 retry: RetryBudget::new(opts.retry_max_tokens, opts.retry_token_ratio),
             })
             .collect();
+        let seeds = seeds_of(&opts.balancers, &opts.named);
         Self {
-            balancers: ArcSwap::from_pointee(opts.balancers.clone()),
+            balancers: ArcSwap::from_pointee(seeds.clone()),
+            seeds: ArcSwap::from_pointee(seeds),
+            named: tokio::sync::Mutex::new(opts.named.clone()),
+            resolved_ms: AtomicU64::new(0),
             opts,
             clock: Clock::new(),
             types,
@@ -152,7 +163,7 @@ impl Shared {
             stats.retain(|_, s| Arc::strong_count(s) > 1);
         }
         *slot.balancer.lock().unwrap_or_else(|p| p.into_inner()) = Some(from);
-        let mut learned = self.opts.balancers.clone();
+        let mut learned = self.seeds.load().to_vec();
         // Only addresses a client can connect to: a balancer listening on every address with no `advertise`
         // named itself `0.0.0.0:7000`, and a client failing over to that connected to its own host. (Such a
         // balancer config is refused now; an older or confused balancer may still send one.)
@@ -168,6 +179,46 @@ impl Shared {
             info!(balancers = ?learned, "learned balancers from the server list");
             self.balancers.store(Arc::new(learned));
         }
+    }
+
+    /// Resolves the `host:port` seeds again, at most every [`RERESOLVE_MS`] and by one watch at a time; a
+    /// watch calls it when no balancer answered. Every balancer may have come back on new addresses (hosts
+    /// replaced, a cluster moved), which only the names can tell: the lists the client learned from named
+    /// the old ones. A name that does not resolve keeps its last addresses. Returns whether the seeds changed.
+    async fn reresolve(&self) -> bool {
+        // Another type's watch is resolving them: its result serves this one too.
+        let Ok(mut named) = self.named.try_lock() else {
+            return false;
+        };
+        let since = self
+            .clock
+            .now_ms()
+            .saturating_sub(self.resolved_ms.load(Ordering::Relaxed));
+        if named.is_empty() || since < RERESOLVE_MS {
+            return false;
+        }
+        for (name, addrs) in named.iter_mut() {
+            match crate::resolve::resolve(name, self.opts.balancer_timeout).await {
+                Ok(found) => *addrs = found,
+                Err(e) => debug!(balancer = %name, error = %e, "cannot resolve the balancer's name again"),
+            }
+        }
+        self.resolved_ms.store(self.clock.now_ms(), Ordering::Relaxed);
+        let seeds = seeds_of(&self.opts.balancers, &named);
+        let old = self.seeds.swap(Arc::new(seeds.clone()));
+        if *old == seeds {
+            return false;
+        }
+        // The new seeds first, then the balancers learned from lists that were not seeds.
+        let mut next = seeds;
+        for b in self.balancers.load().iter() {
+            if !old.contains(b) && !next.contains(b) {
+                next.push(*b);
+            }
+        }
+        info!(balancers = ?next, "the balancers' names resolved to new addresses");
+        self.balancers.store(Arc::new(next));
+        true
     }
 
     /// The order to try balancers in: the preferred one first.
@@ -337,9 +388,18 @@ pub(crate) async fn watch_loop(
                     warn!(request_type = %slot.name, "no balancer reachable; serving from the last server list");
                     warned = true;
                 }
-                let d = jitter(backoff / 2, backoff);
-                backoff = (backoff * 2).min(Duration::from_secs(2));
-                d
+                let reresolved = tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    r = shared.reresolve() => r,
+                };
+                if reresolved {
+                    // New addresses to try: at once, not after the backoff.
+                    Duration::ZERO
+                } else {
+                    let d = jitter(backoff / 2, backoff);
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                    d
+                }
             }
         };
         if outcome.is_some() {
@@ -350,6 +410,22 @@ pub(crate) async fn watch_loop(
             _ = tokio::time::sleep(delay) => {}
         }
     }
+}
+
+/// How often, at most, the balancers' `host:port` names are resolved again while none answers. gRPC's DNS
+/// resolver waits 30 s; a client here serves from a list that ages meanwhile, so it asks sooner, and a
+/// name's lookup is one query to a caching resolver.
+const RERESOLVE_MS: u64 = 5_000;
+
+/// The seeds: the `ip:port` ones, then the addresses of the `host:port` ones, each once.
+fn seeds_of(fixed: &[SocketAddr], named: &[(String, Vec<SocketAddr>)]) -> Vec<SocketAddr> {
+    let mut out: Vec<SocketAddr> = Vec::with_capacity(fixed.len() + named.len());
+    for a in fixed.iter().chain(named.iter().flat_map(|(_, addrs)| addrs)) {
+        if !out.contains(a) {
+            out.push(*a);
+        }
+    }
+    out
 }
 
 /// The feedback of request type `idx` at `addr`, created on first use; a new one shares the instance-wide

@@ -537,3 +537,79 @@ fn workers_past_the_soft_descriptor_limit_run_clean() {
         "{report}"
     );
 }
+
+/// A client whose every balancer came back on new addresses finds them by the name it was given, because
+/// the names are resolved again while no balancer answers (it resolved them once, at its start, and the
+/// lists it learned from named only the old addresses). The run's `/etc/hosts` is a file of the test's,
+/// bound over the real one in a mount namespace of the run's own (`unshare -m`, private propagation), and
+/// rewritten in place mid-run.
+#[test]
+fn balancers_back_on_new_addresses_are_found_by_name() {
+    let hold = Duration::from_secs(60);
+    // Both on one port, so one name and port reach either by its address.
+    let (old, new) = (0..20)
+        .find_map(|_| {
+            let new = FakeBalancer::start_at("127.0.0.2:0", hold)?;
+            let old = FakeBalancer::start_at(&format!("127.0.0.1:{}", new.addr.port()), hold)?;
+            Some((old, new))
+        })
+        .expect("a port free on 127.0.0.1 and 127.0.0.2");
+    let (mut old, a, b) = (old, Backend::start("a"), Backend::start("b"));
+    old.set(list("browse", 1, &[("a", a.addr, 100)], &[old.addr]));
+    new.set(list("browse", 1, &[("b", b.addr, 100)], &[new.addr]));
+    let dir = tempfile::tempdir().unwrap();
+    let hosts = xcluster_tests::write_file(dir.path(), "hosts", "127.0.0.1 lb.test\n");
+    let name = format!("lb.test:{}", old.addr.port());
+    let mut args: Vec<String> = ["-m", "sh", "-c", "mount --bind \"$0\" /etc/hosts && exec \"$@\""]
+        .map(String::from)
+        .into();
+    args.push(hosts.display().to_string());
+    args.push(xcluster_tests::xcluster_bin().display().to_string());
+    args.extend(
+        [
+            "load",
+            "--via",
+            "sdk",
+            "--targets",
+            &name,
+            "--mix",
+            "browse=1",
+            "--workers",
+            "1",
+            "--duration-secs",
+            "60",
+            "--json",
+        ]
+        .map(String::from),
+    );
+    let spawn = xcluster_tests::Spawn {
+        args,
+        ..Default::default()
+    };
+    let mut p = Proc::spawn("load", std::path::Path::new("unshare"), spawn);
+    let asked = |lb: &FakeBalancer| lb.requests.load(std::sync::atomic::Ordering::Relaxed);
+    // The bootstrap, then the watch, through the name's first address.
+    xcluster_tests::eventually(
+        Duration::from_secs(10),
+        "the run's watch on the old address",
+        || (asked(&old) >= 2 && a.hits.load(std::sync::atomic::Ordering::Relaxed) > 0).then_some(()),
+    );
+    // In place: the bind mount holds the file's inode.
+    std::fs::write(&hosts, "127.0.0.2 lb.test\n").unwrap();
+    old.kill();
+    xcluster_tests::eventually(
+        Duration::from_secs(20),
+        "the new address asked, by the name",
+        || (asked(&new) >= 1 && b.hits.load(std::sync::atomic::Ordering::Relaxed) > 0).then_some(()),
+    );
+    p.signal(nix::sys::signal::Signal::SIGTERM);
+    assert_eq!(p.wait_exit(Duration::from_secs(30)), Some(0), "{}", p.stderr());
+    let report: Value = serde_json::from_str(&p.stdout()).unwrap();
+    assert_eq!(report["errors"], 0, "{report}");
+    let served = |x: &Backend| {
+        report["backends"][x.addr.to_string()]["requests"]
+            .as_u64()
+            .unwrap_or(0)
+    };
+    assert!(served(&a) > 0 && served(&b) > 0, "{report}");
+}

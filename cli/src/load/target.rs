@@ -80,11 +80,13 @@ pub async fn resolve(targets: &str) -> Result<Vec<Vec<SocketAddr>>, String> {
 }
 
 impl Target {
-    /// Builds the target from the resolved `--targets`; for the SDK this bootstraps from the balancers (every
-    /// address of each, as the SDK takes a name), for a proxy or round robin each entry's first address is
-    /// the backend. `timeout` bounds each whole request, retries included.
+    /// Builds the target from `--targets` (`given`, as written, and `targets`, resolved); for the SDK this
+    /// bootstraps from the balancers as given (a name stays a name, which the SDK resolves again while no
+    /// balancer answers), for a proxy or round robin each entry's first address is the backend. `timeout`
+    /// bounds each whole request, retries included.
     pub async fn new(
         via: Via,
+        given: &[&str],
         targets: Vec<Vec<SocketAddr>>,
         labels: Vec<Option<String>>,
         types: &[&str],
@@ -96,7 +98,7 @@ impl Target {
         }
         match via {
             Via::Sdk => Client::builder()
-                .balancers(targets.iter().flatten().map(|a| a.to_string()))
+                .balancers(given)
                 .request_types(types)
                 // One mechanism bounds a request: the SDK's deadline, which clips each attempt's timeouts.
                 .deadline(timeout)

@@ -111,7 +111,12 @@ pub struct FakeBalancer {
 impl FakeBalancer {
     /// Starts on a free loopback port (bound here, so no race) with the long-poll hold time `hold`.
     pub fn start(hold: Duration) -> FakeBalancer {
-        let std_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        Self::start_at("127.0.0.1:0", hold).unwrap()
+    }
+
+    /// Starts on `addr`; `None` if it cannot be bound.
+    pub fn start_at(addr: &str, hold: Duration) -> Option<FakeBalancer> {
+        let std_listener = std::net::TcpListener::bind(addr).ok()?;
         std_listener.set_nonblocking(true).unwrap();
         let addr = std_listener.local_addr().unwrap();
         let tables = Arc::new(Tables {
@@ -140,12 +145,12 @@ impl FakeBalancer {
                 });
             }
         });
-        FakeBalancer {
+        Some(FakeBalancer {
             addr,
             tables,
             requests,
             rt: Some(rt),
-        }
+        })
     }
 
     /// Publishes `list` for its request type (waking the watches waiting on it).
