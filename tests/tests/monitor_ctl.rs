@@ -513,6 +513,31 @@ startretries = 0
     );
 }
 
+/// `start all` takes a program still STARTING as its own and waits for its outcome: it left it out (as
+/// supervisorctl does), exit 0, with the program not yet proved and perhaps about to go FATAL. One already
+/// RUNNING is still left out.
+#[test]
+fn start_all_waits_for_a_program_still_starting() {
+    let m = Mon::start(
+        r#"
+[programs.up]
+command = "sleep 300"
+startsecs = 0
+[programs.slow]
+command = "sleep 300"
+autostart = false
+startsecs = 60
+"#,
+    );
+    m.wait_state("up", "RUNNING", T);
+    assert_says(&m.ctl(&["--no-wait", "start", "slow"]), 0, "slow: starting");
+    let o = m.ctl(&["--wait-secs", "1", "start", "all"]);
+    assert_says(&o, 1, "slow: ERROR (still STARTING after 1 s)");
+    // Named on its own, it is `already started`, as in supervisorctl, and waited for too.
+    let o = m.ctl(&["--wait-secs", "1", "start", "slow"]);
+    assert_says(&o, 1, "slow: ERROR (still STARTING after 1 s)");
+}
+
 /// A stop of a program still stopping is under way, not moot: it answered `not running` while the process
 /// still ran, so `ctl stop` returned before the program had stopped.
 #[test]

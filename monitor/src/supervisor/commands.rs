@@ -14,35 +14,35 @@ impl Supervisor {
         match cmd {
             Command::Start(names) => Ok(Reply::Results(self.each(
                 &names,
-                |p| matches!(p.shown_state(), State::Starting | State::Running),
+                |p| p.shown_state() == State::Running,
                 Some(ALREADY_STARTED),
-                |s, name, _| s.user_start(name),
+                |s, name, _, alone| s.user_start(name, alone),
             )?)),
             Command::Stop(names) => Ok(Reply::Results(self.each(
                 &names,
                 |p| matches!(p.shown_state(), State::Stopped | State::Exited) && !p.wanted,
                 Some(NOT_RUNNING),
-                Self::user_stop,
+                |s, name, picked, _| s.user_stop(name, picked),
             )?)),
             Command::Restart(names) => Ok(Reply::Results(self.each(
                 &names,
                 |_| false,
                 None,
-                Self::user_restart,
+                |s, name, picked, _| s.user_restart(name, picked),
             )?)),
             Command::Signal(names, sig) => Ok(Reply::Results(self.each(
                 &names,
                 |p| !p.m.state.has_process(),
                 // A signal for a program without a process was not delivered: a failure, as in supervisorctl.
                 None,
-                |s, name, _| s.user_signal(name, sig),
+                |s, name, _, _| s.user_signal(name, sig),
             )?)),
             Command::Roll(names, limit) => self.begin_roll(&names, limit),
             Command::Clear(names) => Ok(Reply::Results(self.each(
                 &names,
                 |_| false,
                 None,
-                |s, name, _| s.user_clear(name),
+                |s, name, _, _| s.user_clear(name),
             )?)),
             Command::Plan(cfg) => Ok(Reply::Plan(self.plan(&cfg))),
             Command::Avail(cfg) => Ok(Reply::Avail(self.avail(&cfg))),
@@ -79,22 +79,23 @@ impl Supervisor {
     /// holds of a stop read them, so they order it whatever the order of the names). As supervisorctl
     /// does, a program a pattern picked that is already where the command would take it (`moot`: `start all`
     /// meets one running) is left out rather than answered with an error; one named on its own always gets its
-    /// answer: `f`'s refusal `already` (`already started`) then marks it [`ActionResult::already`].
+    /// answer: `f`'s refusal `already` (`already started`) then marks it [`ActionResult::already`]. `f` is
+    /// told whether the program was named on its own.
     pub(super) fn each(
         &mut self,
         names: &[String],
         moot: impl Fn(&Proc) -> bool,
         already: Option<&str>,
-        mut f: impl FnMut(&mut Self, &str, &[String]) -> (bool, String),
+        mut f: impl FnMut(&mut Self, &str, &[String], bool) -> (bool, String),
     ) -> Result<Vec<crate::status::ActionResult>, CommandError> {
-        let picked: Vec<String> = (self.resolve(names)?.into_iter())
+        let (picked, alone): (Vec<String>, Vec<bool>) = (self.resolve(names)?.into_iter())
             .filter(|(name, alone)| *alone || !self.procs.get(name).is_some_and(&moot))
-            .map(|(name, _)| name)
-            .collect();
+            .unzip();
         Ok(picked
             .iter()
-            .map(|name| {
-                let (ok, message) = f(self, name, &picked);
+            .zip(alone)
+            .map(|(name, alone)| {
+                let (ok, message) = f(self, name, &picked, alone);
                 let state = self.procs.get(name).map_or(State::Stopped, Proc::shown_state);
                 crate::status::ActionResult {
                     name: name.clone(),
@@ -107,7 +108,8 @@ impl Supervisor {
             .collect())
     }
 
-    pub(super) fn user_start(&mut self, name: &str) -> (bool, String) {
+    /// A start; `alone`: the program was named on its own, not picked by a pattern (`all`, a group).
+    pub(super) fn user_start(&mut self, name: &str, alone: bool) -> (bool, String) {
         let Some(p) = self.procs.get_mut(name) else {
             return (false, "gone".into());
         };
@@ -126,6 +128,12 @@ impl Supervisor {
             // under way does that itself).
             p.wanted = !p.m.restart_pending();
             return (true, "starting once stopped".into());
+        }
+        if p.m.state == State::Starting && !alone {
+            // Under way: `start all` takes it as its own and waits for its outcome, where leaving it out (as
+            // supervisorctl does, and this did) returned with it still STARTING and its failure unsaid.
+            // Named on its own it answers `already started`, as supervisorctl does (and is waited for too).
+            return (true, "starting".into());
         }
         if p.m.state.has_process() {
             return (false, ALREADY_STARTED.into());
