@@ -76,6 +76,9 @@ pub async fn run(ctx: Context<Config>) -> Result<(), Error> {
     for name in metrics::UNLABELLED_COUNTERS {
         ::metrics::counter!(name).increment(0);
     }
+    for retryable in ["true", "false"] {
+        ::metrics::counter!(metrics::STORE_ERRORS_TOTAL, "retryable" => retryable).increment(0);
+    }
     let (path, busy, seed) = (cfg.db_path.clone(), cfg.busy_timeout, cfg.seed_demo);
     // Store construction: SQLite or PostgreSQL (issue 8).
     let backend = cfg.backend.clone();

@@ -67,6 +67,16 @@ where
     crate::limits::raise();
     crate::limits::check(C::ROLE, loaded.config.descriptors());
     crate::telemetry::describe(crate::metrics::DESCRIPTIONS);
+    crate::telemetry::set_collector("process", Arc::new(crate::limits::collect));
+    // At 0 from the start: an alert on `rate()` or `increase()` of a counter that appears only at its first
+    // event misses that event.
+    for name in [
+        crate::metrics::HTTP_CONNECTIONS_REJECTED_TOTAL,
+        crate::metrics::HTTP_ACCEPT_ERRORS_TOTAL,
+        crate::metrics::LOG_LINES_DROPPED_TOTAL,
+    ] {
+        metrics::counter!(name).increment(0);
+    }
     metrics::gauge!(crate::metrics::BUILD_INFO, "role" => C::ROLE, "version" => env!("CARGO_PKG_VERSION"))
         .set(1.0);
     let internal = CancellationToken::new();

@@ -20,6 +20,11 @@ crate::metric_names! {
     pub const READY: &str = "xcluster_ready";
     /// Log lines dropped because the writer thread's queue was full (a stuck output never stalls the role).
     pub const LOG_LINES_DROPPED_TOTAL: &str = "xcluster_log_lines_dropped_total";
+    /// Open file descriptors of the process (`/proc/self/fd`), as Prometheus client libraries name it.
+    pub const PROCESS_OPEN_FDS: &str = "process_open_fds";
+    /// The process's soft open-descriptor limit (`RLIMIT_NOFILE`, raised to the hard one at start): past it
+    /// accepts and connects fail with EMFILE.
+    pub const PROCESS_MAX_FDS: &str = "process_max_fds";
 }
 
 /// Declares metric names, each with its doc comment, and `DESCRIPTIONS`: every name with that comment, which
