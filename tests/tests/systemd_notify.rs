@@ -256,10 +256,13 @@ fn the_monitor_keeps_the_notify_socket_from_its_programs() {
     let lb = free_addr();
     let env_file = tempfile::tempdir().unwrap();
     let env_path = env_file.path().join("env");
+    let probe_path = env_file.path().join("probe-env");
     let programs = format!(
         "[programs.dump]\ncommand = \"/bin/sh -c 'env > {}; exec sleep 600'\"\n\
+         [programs.dump.readiness]\ncommand = \"/bin/sh -c 'env > {}'\"\n\
          [programs.lb]\ncommand = \"{{self}} lb --set listen={lb}\"\n",
-        env_path.display()
+        env_path.display(),
+        probe_path.display()
     );
     let (p, addr, _, _dir) = start("monitor", &manager, &programs);
     ready("monitor", &mut manager, &p, addr);
@@ -268,8 +271,18 @@ fn the_monitor_keeps_the_notify_socket_from_its_programs() {
             .ok()
             .filter(|e| e.contains("XCLUSTER_PROCESS_NAME=dump"))
     });
+    // A probe command runs in the monitor's environment too.
+    let probe_env = eventually(T, "the readiness probe's environment", || {
+        std::fs::read_to_string(&probe_path)
+            .ok()
+            .filter(|e| e.contains("XCLUSTER_TEST_TAG="))
+    });
     for var in ["NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"] {
         assert!(!env.contains(&format!("{var}=")), "the program sees {var}: {env}");
+        assert!(
+            !probe_env.contains(&format!("{var}=")),
+            "the probe sees {var}: {probe_env}"
+        );
     }
     // The supervised balancer serves, and it told the monitor's manager nothing.
     eventually(T, "the supervised balancer to be ready", || {
