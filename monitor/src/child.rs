@@ -91,6 +91,11 @@ pub fn spawn(
         .split_first()
         .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "empty command"))?;
     let mut cmd = tokio::process::Command::new(prog);
+    // The service manager's notify socket and watchdog are the monitor's: a program that inherited them
+    // would tell systemd the monitor is ready or stopping. A program's own `environment` may still set them.
+    for var in xcluster_runtime::sdnotify::ENV_VARS {
+        cmd.env_remove(var);
+    }
     cmd.args(args)
         .envs(spec.environment.iter().map(|(k, v)| (k, v)))
         .env("XCLUSTER_PROCESS_NAME", &spec.name)

@@ -93,6 +93,7 @@ pub async fn run(ctx: Context<Config>) -> Result<(), Error> {
     }
     let (status_tx, status_rx) = watch::channel(Arc::new(status::Snapshot::default()));
     metrics::collect_from(status_rx.clone());
+    let shutting_down = status_rx.clone();
     let (cmd_tx, cmd_rx) = mpsc::channel(64);
     let api = api::Api {
         commands: cmd_tx,
@@ -135,6 +136,7 @@ pub async fn run(ctx: Context<Config>) -> Result<(), Error> {
     };
     let task = supervisor::Supervisor::start(cfg, run_dir, bus, status_tx, inputs, adopt);
     ctx.health.set_ready();
+    tokio::spawn(not_ready_once_shutting_down(shutting_down, ctx.health.clone()));
     let _ = task.await;
     ctx.health.set_draining();
     api_stop.cancel();
@@ -142,6 +144,17 @@ pub async fn run(ctx: Context<Config>) -> Result<(), Error> {
     // process exits; an open event stream must not hold the exit, hence the short bound.
     let _ = tokio::time::timeout(API_FLUSH, api_task).await;
     Ok(())
+}
+
+/// A shutdown asked through the API (`ctl shutdown`) is one as SIGTERM's is: `/readyz` says 503 from its start,
+/// and the service manager hears `STOPPING=1` then, not once every program has stopped.
+async fn not_ready_once_shutting_down(
+    mut status: watch::Receiver<Arc<status::Snapshot>>,
+    health: xcluster_runtime::Health,
+) {
+    if status.wait_for(|s| s.shutting_down).await.is_ok() {
+        health.set_draining();
+    }
 }
 
 /// Once a second, rotates the monitor's own log when it is a file that has reached `logfile_maxbytes`

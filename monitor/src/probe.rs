@@ -185,6 +185,10 @@ impl ProbeSpec {
             ProbeKind::Command { argv } => {
                 let (prog, args) = argv.split_first().ok_or("empty command")?;
                 let mut cmd = tokio::process::Command::new(prog);
+                // As a program's (`child::spawn`): the notify socket is the monitor's alone.
+                for var in xcluster_runtime::sdnotify::ENV_VARS {
+                    cmd.env_remove(var);
+                }
                 cmd.args(args)
                     .stdin(std::process::Stdio::null())
                     .stdout(std::process::Stdio::null())

@@ -11,7 +11,7 @@ use tracing::{error, info, warn};
 
 use crate::common::ShutdownTimes;
 use crate::config::{ConfigSource, Loaded, RoleConfig};
-use crate::health::Health;
+use crate::health::{Health, Phase};
 use crate::reload::Reloader;
 use crate::signals::Shutdown;
 
@@ -81,6 +81,8 @@ where
         .set(1.0);
     let internal = CancellationToken::new();
     tokio::spawn(crate::telemetry::upkeep(internal.clone()));
+    let notifier = crate::sdnotify::Notifier::from_env();
+    crate::sdnotify::spawn_watchdog(notifier.clone(), internal.clone());
 
     let started = Arc::new(loaded.raw.clone());
     let reload_seed = (loaded.raw.clone(), loaded.sources.clone());
@@ -89,7 +91,21 @@ where
     let shutdown = Shutdown::new();
     let trigger = mpsc::channel(8);
     let trigger_tx = trigger.0.clone();
-    let reloader = crate::reload::spawn::<C>(source.clone(), reload_seed, publish, trigger, internal.clone());
+    let reloader = crate::reload::spawn::<C>(
+        source.clone(),
+        reload_seed,
+        publish,
+        trigger,
+        internal.clone(),
+        notifier.clone(),
+    );
+    tokio::spawn(tell_lifecycle(
+        notifier,
+        C::ROLE,
+        health.clone(),
+        shutdown.drain_token(),
+        internal.clone(),
+    ));
 
     // Keep the log filter in step with the config, and the descriptors it needs checked.
     let mut log_rx = config_rx.clone();
@@ -168,4 +184,30 @@ where
     }
     internal.cancel();
     code
+}
+
+/// Tells the service manager what `/readyz` says: `READY=1` when the role marks itself ready, which every role
+/// does only once its API serves (the balancer once it can route too), and `STOPPING=1` when it turns not
+/// ready or its drain begins (SIGTERM, SIGINT, the monitor's `shutdown`), whichever comes first.
+async fn tell_lifecycle(
+    notifier: crate::sdnotify::Notifier,
+    role: &'static str,
+    health: Health,
+    drain: CancellationToken,
+    cancel: CancellationToken,
+) {
+    let mut phase = health.subscribe();
+    loop {
+        match *phase.borrow_and_update() {
+            Phase::Starting => {}
+            Phase::Ready => notifier.ready(&format!("{role} ready")),
+            Phase::Draining => break,
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = drain.cancelled() => break,
+            r = phase.changed() => if r.is_err() { return },
+        }
+    }
+    notifier.stopping(&format!("{role} stopping"));
 }

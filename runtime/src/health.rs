@@ -1,7 +1,8 @@
 //! Liveness and readiness shared between a role and its admin endpoints.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, Ordering};
+
+use tokio::sync::watch;
 
 /// Where a daemon is in its life: `/readyz` answers 200 only in `Ready`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -12,10 +13,11 @@ pub enum Phase {
     Draining = 2,
 }
 
-/// A cheap, cloneable readiness flag.
+/// A cheap, cloneable readiness flag. A `watch` so the daemon can tell the service manager of each change
+/// (`sdnotify`) as it happens, wherever the role makes it.
 #[derive(Debug, Clone)]
 pub struct Health {
-    phase: Arc<AtomicU8>,
+    phase: Arc<watch::Sender<Phase>>,
 }
 
 impl Default for Health {
@@ -27,31 +29,34 @@ impl Default for Health {
 impl Health {
     pub fn new() -> Self {
         Self {
-            phase: Arc::new(AtomicU8::new(Phase::Starting as u8)),
+            phase: Arc::new(watch::Sender::new(Phase::Starting)),
         }
     }
 
     pub fn phase(&self) -> Phase {
-        match self.phase.load(Ordering::Acquire) {
-            0 => Phase::Starting,
-            1 => Phase::Ready,
-            _ => Phase::Draining,
-        }
+        *self.phase.borrow()
+    }
+
+    /// Follows the phase's changes.
+    pub fn subscribe(&self) -> watch::Receiver<Phase> {
+        self.phase.subscribe()
     }
 
     /// Marks the daemon ready, unless it is already draining (draining is final).
     pub fn set_ready(&self) {
-        let _ = self.phase.compare_exchange(
-            Phase::Starting as u8,
-            Phase::Ready as u8,
-            Ordering::AcqRel,
-            Ordering::Acquire,
-        );
+        self.phase.send_if_modified(|p| {
+            let starting = *p == Phase::Starting;
+            if starting {
+                *p = Phase::Ready;
+            }
+            starting
+        });
         metrics::gauge!(crate::metrics::READY).set(if self.is_ready() { 1.0 } else { 0.0 });
     }
 
     pub fn set_draining(&self) {
-        self.phase.store(Phase::Draining as u8, Ordering::Release);
+        self.phase
+            .send_if_modified(|p| std::mem::replace(p, Phase::Draining) != Phase::Draining);
         metrics::gauge!(crate::metrics::READY).set(0.0);
     }
 

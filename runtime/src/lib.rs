@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod net;
 pub mod per_client;
 pub mod reload;
+pub mod sdnotify;
 pub mod signals;
 pub mod telemetry;
 

@@ -17,6 +17,7 @@ use tracing::{info, warn};
 
 use crate::config::include::IncludePattern;
 use crate::config::{ConfigSource, RoleConfig, Sources, read_sources, reload};
+use crate::sdnotify::Notifier;
 
 /// Editors write a file in several steps; events closer together than this are one change.
 const DEBOUNCE: Duration = Duration::from_millis(150);
@@ -103,6 +104,8 @@ struct State<C: RoleConfig> {
     publish: watch::Sender<Arc<C>>,
     status: Arc<watch::Sender<ReloadStatus>>,
     role_label: &'static str,
+    /// Told of each attempt that reads the config (`RELOADING=1`) and of its end (`READY=1`).
+    notifier: Notifier,
 }
 
 /// Starts the reload loop (and the file watcher when the config came from a file).
@@ -112,6 +115,7 @@ pub fn spawn<C: RoleConfig>(
     publish: watch::Sender<Arc<C>>,
     trigger: (mpsc::Sender<Cause>, mpsc::Receiver<Cause>),
     cancel: CancellationToken,
+    notifier: Notifier,
 ) -> Reloader {
     let (tx, mut rx) = trigger;
     let status_tx = Arc::new(watch::Sender::new(ReloadStatus::default()));
@@ -134,6 +138,7 @@ pub fn spawn<C: RoleConfig>(
         publish,
         status: status_tx.clone(),
         role_label: C::ROLE,
+        notifier,
     };
     tokio::spawn(async move {
         loop {
@@ -197,6 +202,9 @@ impl<C: RoleConfig> State<C> {
                 return;
             }
         }
+        // Here, not at the signal: an attempt the checks above end was no reload. A SIGHUP always gets here
+        // (they apply to file events only), which `Type=notify-reload` waits for.
+        self.notifier.reloading();
         match reload::<C>(&self.source, &self.started) {
             Ok(loaded) => {
                 let diff = crate::config::diff(&self.raw, &loaded.raw, C::redact);
@@ -224,6 +232,15 @@ impl<C: RoleConfig> State<C> {
                     s.last_error = None;
                     s.last_attempt_unix = now;
                 });
+                let status = match pending.is_empty() {
+                    true => format!("{} ready; config reloaded", C::ROLE),
+                    false => format!(
+                        "{} ready; config reloaded, restart pending for {}",
+                        C::ROLE,
+                        pending.join(", ")
+                    ),
+                };
+                self.notifier.reloaded(&status);
             }
             Err(e) => {
                 warn!(role = self.role_label, ?cause, error = %e, "config reload rejected; keeping the old config");
@@ -234,6 +251,11 @@ impl<C: RoleConfig> State<C> {
                     self.bad = bad;
                 }
                 failed(&self.status, C::ROLE, &e.to_string());
+                // The old config serves on: ready still, and the status says the new one was refused.
+                self.notifier.reloaded(&format!(
+                    "{} ready; config reload rejected, keeping the old config: {e}",
+                    C::ROLE
+                ));
             }
         }
     }
@@ -414,7 +436,14 @@ mod tests {
         let cancel = CancellationToken::new();
         let _stop = cancel.clone().drop_guard();
         let seed = (loaded.raw, loaded.sources);
-        let reloader = spawn::<Kept>(src.clone(), seed, publish, mpsc::channel(8), cancel);
+        let reloader = spawn::<Kept>(
+            src.clone(),
+            seed,
+            publish,
+            mpsc::channel(8),
+            cancel,
+            Notifier::disabled(),
+        );
 
         file_source(
             dir.path(),
