@@ -27,3 +27,6 @@ mod uring;
 pub use config::{ProxyConfig, ProxySection};
 pub use pick::{BackendPicker, OpenCount, PickFor, StaticPicker, WeightOverrides};
 pub use service::{Error, ProxyHandle, start};
+/// The ClientHello peek of `sni` routing, public for its fuzz target (`fuzz/fuzz_targets/sni.rs`): it reads
+/// bytes from any client.
+pub use sni::{MAX_RECORD as SNI_MAX_RECORD, Parsed as SniParsed, parse as parse_sni};
