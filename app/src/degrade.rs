@@ -67,6 +67,18 @@ pub enum BreakerState {
     HalfOpen,
 }
 
+impl BreakerState {
+    /// Its value in `xcluster_app_degrade_breaker_state`: 0 closed, 0.5 half-open (the trial), 1 open, so
+    /// `> 0` reads "not closed" and a breaker whose trials keep failing stays near 1.
+    pub fn gauge(self) -> f64 {
+        match self {
+            BreakerState::Closed => 0.0,
+            BreakerState::HalfOpen => 0.5,
+            BreakerState::Open => 1.0,
+        }
+    }
+}
+
 /// A circuit breaker over one signal: it opens when the signal crosses its threshold, waits, then lets one
 /// sample decide (half-open): below the threshold it closes, above it re-opens.
 ///
@@ -167,6 +179,9 @@ pub struct Breakers {
     pub queue: Breaker,
 }
 
+/// The breakers' names, as logs, `/admin/degrade` and the `breaker` label of the metrics give them.
+pub const BREAKER_NAMES: [&str; 3] = ["latency", "errors", "queue"];
+
 /// One sample of the signals the breakers watch.
 #[derive(Debug, Clone, Copy)]
 pub struct Signals {
@@ -188,10 +203,11 @@ impl Breakers {
     /// Feeds a sample and returns the level the breakers ask for: slow store → queued (group commits
     /// absorb it); a deep outbox as well → shed; a failing store → read-only.
     pub fn observe(&mut self, s: Signals, t: Thresholds, now: Instant) -> Level {
+        let [latency, errors, queue] = BREAKER_NAMES;
         let breakers = [
-            ("latency", &mut self.latency, s.store_latency > t.latency),
-            ("errors", &mut self.errors, s.error_ratio > t.error_ratio),
-            ("queue", &mut self.queue, s.queue_depth > t.queue_depth),
+            (latency, &mut self.latency, s.store_latency > t.latency),
+            (errors, &mut self.errors, s.error_ratio > t.error_ratio),
+            (queue, &mut self.queue, s.queue_depth > t.queue_depth),
         ];
         for (name, breaker, tripped) in breakers {
             let before = breaker.state;
@@ -216,6 +232,16 @@ impl Breakers {
         } else {
             Level::Sync
         }
+    }
+
+    /// Each breaker's state, named as in [`BREAKER_NAMES`].
+    pub fn states(&self) -> [(&'static str, BreakerState); 3] {
+        let [latency, errors, queue] = BREAKER_NAMES;
+        [
+            (latency, self.latency.state),
+            (errors, self.errors.state),
+            (queue, self.queue.state),
+        ]
     }
 }
 
@@ -265,6 +291,11 @@ impl Degrade {
             .store(auto.as_u8(), std::sync::atomic::Ordering::Relaxed);
         self.publish();
         auto
+    }
+
+    /// Each breaker's state (for the metrics; the sampler reads it once a second, off the request path).
+    pub fn breaker_states(&self) -> [(&'static str, BreakerState); 3] {
+        self.breakers.lock().unwrap_or_else(|e| e.into_inner()).states()
     }
 
     pub fn auto_level(&self) -> Level {
@@ -409,6 +440,19 @@ mod tests {
         assert_eq!(b.observe(sig(1, 0.0, 0), T, at(t0, 11)), Level::Sync);
         assert_eq!(b.observe(sig(1, 0.0, 0), T, at(t0, 12)), Level::Sync);
         assert_eq!(b.errors.state, BreakerState::Closed);
+    }
+
+    /// The metric reads each breaker by its name, and "not closed" as a value above 0.
+    #[test]
+    fn breaker_states_are_named_and_valued_for_the_metric() {
+        let t0 = Instant::now();
+        let d = Degrade::new(None);
+        let gauges = |d: &Degrade| d.breaker_states().map(|(name, s)| (name, s.gauge()));
+        assert_eq!(gauges(&d), [("latency", 0.0), ("errors", 0.0), ("queue", 0.0)]);
+        d.sample(sig(80, 0.5, 0), T, t0);
+        assert_eq!(gauges(&d), [("latency", 1.0), ("errors", 1.0), ("queue", 0.0)]);
+        d.sample(sig(1, 0.0, 0), T, at(t0, 5));
+        assert_eq!(gauges(&d), [("latency", 0.5), ("errors", 0.5), ("queue", 0.0)]);
     }
 
     #[test]

@@ -56,6 +56,7 @@ use tokio_util::sync::CancellationToken;
 use xcluster_runtime::Context;
 
 use crate::degrade::{Signals, Thresholds};
+use crate::domain::now_ms;
 
 /// Why the app stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -73,12 +74,7 @@ pub async fn run(ctx: Context<Config>) -> Result<(), Error> {
     let drain = ctx.shutdown.drain_token();
     // The port first: a second app started on a taken port must fail before it creates or seeds a database.
     let listener = xcluster_runtime::admin::listen_api(cfg.listen)?;
-    for name in metrics::UNLABELLED_COUNTERS {
-        ::metrics::counter!(name).increment(0);
-    }
-    for retryable in ["true", "false"] {
-        ::metrics::counter!(metrics::STORE_ERRORS_TOTAL, "retryable" => retryable).increment(0);
-    }
+    metrics::register_at_zero();
     let (path, busy, seed) = (cfg.db_path.clone(), cfg.busy_timeout, cfg.seed_demo);
     // Store construction: SQLite or PostgreSQL (issue 8).
     let backend = cfg.backend.clone();
@@ -162,7 +158,8 @@ pub async fn run(ctx: Context<Config>) -> Result<(), Error> {
     Ok(())
 }
 
-/// Once a second: closes the stats window, samples the outbox depth and feeds the degrade breakers.
+/// Once a second: closes the stats window, samples the outbox depth and how overdue the oldest reservation
+/// is, and feeds the degrade breakers.
 async fn sampler(app: Arc<api::App>, cancel: CancellationToken) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
@@ -179,6 +176,11 @@ async fn sampler(app: Arc<api::App>, cancel: CancellationToken) {
         };
         app.queue_depth.store(depth, Ordering::Relaxed);
         ::metrics::gauge!(crate::metrics::OUTBOX_DEPTH).set(depth as f64);
+        // Read here, not by the sweeper: a sweeper stuck in a store call, or failing every pass, would stop
+        // updating the very gauge that should show it. On a failed read the last value stays.
+        if let Ok(expiry) = app.exec.read(|s| s.oldest_reservation_expiry()).await {
+            ::metrics::gauge!(crate::metrics::RESERVATIONS_OVERDUE).set(overdue_seconds(expiry, now_ms()));
+        }
         let sample = app.exec.sample();
         let cfg = app.cfg();
         let error_ratio = if sample.calls > 0 {
@@ -201,7 +203,15 @@ async fn sampler(app: Arc<api::App>, cancel: CancellationToken) {
             at,
         );
         ::metrics::gauge!(crate::metrics::DEGRADE_LEVEL).set(f64::from(app.degrade.level().as_u8()));
+        for (breaker, state) in app.degrade.breaker_states() {
+            ::metrics::gauge!(crate::metrics::DEGRADE_BREAKER_STATE, "breaker" => breaker).set(state.gauge());
+        }
     }
+}
+
+/// How long past its expiry the first held reservation is at `now_ms`: 0 when none is held or none is due.
+fn overdue_seconds(expiry_ms: Option<i64>, now_ms: i64) -> f64 {
+    expiry_ms.map_or(0.0, |at| now_ms.saturating_sub(at).max(0) as f64 / 1000.0)
 }
 
 /// Applies a reloaded `degrade.level` (the other live keys are read per request).
@@ -240,5 +250,18 @@ async fn reconciler(app: Arc<api::App>, cancel: CancellationToken) {
             }
             Err(e) => tracing::warn!(error = %e, "reconciler: audit could not run"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::overdue_seconds;
+
+    #[test]
+    fn overdue_counts_only_past_the_expiry() {
+        assert_eq!(overdue_seconds(None, 10_000), 0.0);
+        assert_eq!(overdue_seconds(Some(12_000), 10_000), 0.0, "not due yet");
+        assert_eq!(overdue_seconds(Some(10_000), 10_000), 0.0);
+        assert_eq!(overdue_seconds(Some(7_500), 10_000), 2.5);
     }
 }

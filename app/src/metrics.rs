@@ -1,7 +1,7 @@
 //! Metric names of the app (one place, so dashboards and tests agree).
 
 xcluster_runtime::metric_names! {
-    /// Requests by `type` (browse, order, seckill, pay, admin) and `outcome` (ok, client_error, server_error).
+    /// Requests by `type` (browse, order, seckill, pay, admin) and `outcome`: ok, client_error (4xx), server_error (500), or the retryable 503's reason: store_busy, overloaded, read_only.
     pub const REQUESTS_TOTAL: &str = "xcluster_app_requests_total";
     /// Orders created (not replays), by `level`.
     pub const ORDERS_CREATED_TOTAL: &str = "xcluster_app_orders_created_total";
@@ -15,12 +15,16 @@ xcluster_runtime::metric_names! {
     pub const STORE_ERRORS_TOTAL: &str = "xcluster_app_store_errors_total";
     /// Reservations expired by this process's sweeper.
     pub const RESERVATIONS_EXPIRED_TOTAL: &str = "xcluster_app_reservations_expired_total";
+    /// Seconds past its expiry of the oldest reservation still held (0 when none is overdue): how far the sweepers lag (sampled).
+    pub const RESERVATIONS_OVERDUE: &str = "xcluster_app_reservations_overdue_seconds";
     /// Outbox items run by this process's workers.
     pub const OUTBOX_RUN_TOTAL: &str = "xcluster_app_outbox_run_total";
     /// Pending outbox items (sampled).
     pub const OUTBOX_DEPTH: &str = "xcluster_app_outbox_depth";
     /// Current degrade level (0 sync, 1 queued, 2 shed, 3 read_only).
     pub const DEGRADE_LEVEL: &str = "xcluster_app_degrade_level";
+    /// Each degrade breaker's state, by `breaker` (latency, errors, queue): 0 closed, 0.5 half-open (its trial), 1 open.
+    pub const DEGRADE_BREAKER_STATE: &str = "xcluster_app_degrade_breaker_state";
     /// Orders committed per group commit at the queued level.
     pub const BATCH_SIZE: &str = "xcluster_app_batch_orders";
     /// Redis gate answers, by `answer` (taken, pass, sold_out, over_limit, error) — issue 8.
@@ -32,7 +36,7 @@ xcluster_runtime::metric_names! {
 }
 
 /// The counters without labels, registered at 0 when the app starts: an alert on one (a rate, an audit
-/// failure) has a series to read before the first event.
+/// failure) has a series to read before the first event ([`register_at_zero`]).
 pub const UNLABELLED_COUNTERS: [&str; 6] = [
     SOLD_OUT_GATE_TOTAL,
     STORE_LOCK_WAITS_TOTAL,
@@ -41,3 +45,24 @@ pub const UNLABELLED_COUNTERS: [&str; 6] = [
     AUDIT_FAILURES_TOTAL,
     CALLBACKS_REFUSED_TOTAL,
 ];
+
+/// Puts every series whose labels are known in advance on `/metrics` at 0, so `increase()` and the alerts
+/// see the first event: the unlabelled counters, each request type's every outcome, store errors both ways,
+/// each breaker closed, no reservation overdue. Only the Redis gate's answers wait for a configured gate.
+pub fn register_at_zero() {
+    for name in UNLABELLED_COUNTERS {
+        metrics::counter!(name).increment(0);
+    }
+    for retryable in ["true", "false"] {
+        metrics::counter!(STORE_ERRORS_TOTAL, "retryable" => retryable).increment(0);
+    }
+    for ty in crate::config::REQUEST_TYPES {
+        for outcome in crate::stats::OUTCOMES {
+            metrics::counter!(REQUESTS_TOTAL, "type" => ty, "outcome" => outcome).increment(0);
+        }
+    }
+    for breaker in crate::degrade::BREAKER_NAMES {
+        metrics::gauge!(DEGRADE_BREAKER_STATE, "breaker" => breaker).set(0.0);
+    }
+    metrics::gauge!(RESERVATIONS_OVERDUE).set(0.0);
+}

@@ -27,6 +27,48 @@ impl ReqType {
     }
 }
 
+/// Why a request was answered a retryable 503. Each reason is an `outcome` of its own in
+/// `xcluster_app_requests_total`: a store that is busy (clients retry, the store needs relief), the app's own
+/// admission (`capacity`) and the read-only degrade level call for other fixes than a 500 (ours, a bug or a
+/// broken store), which counted them all as `server_error`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unavailable {
+    StoreBusy,
+    Overloaded,
+    ReadOnly,
+}
+
+impl Unavailable {
+    /// The error code of the answer, and its `outcome` label.
+    pub fn code(self) -> &'static str {
+        match self {
+            Unavailable::StoreBusy => "store_busy",
+            Unavailable::Overloaded => "overloaded",
+            Unavailable::ReadOnly => "read_only",
+        }
+    }
+}
+
+/// Every `outcome` of `xcluster_app_requests_total`, so each series is on `/metrics` at 0 from the start.
+pub const OUTCOMES: [&str; 6] = [
+    "ok",
+    "client_error",
+    "server_error",
+    "store_busy",
+    "overloaded",
+    "read_only",
+];
+
+/// A finished request's `outcome`: a 5xx marked [`Unavailable`] by its reason, any other 5xx `server_error`.
+pub fn outcome(status: u16, unavailable: Option<Unavailable>) -> &'static str {
+    match (status, unavailable) {
+        (500.., Some(why)) => why.code(),
+        (500.., None) => "server_error",
+        (400.., _) => "client_error",
+        _ => "ok",
+    }
+}
+
 #[derive(Debug, Default)]
 struct TypeCounters {
     done: AtomicU64,
@@ -81,20 +123,17 @@ impl Stats {
         InFlight(self)
     }
 
-    /// Records a finished request; `server_error` counts toward the error rate (client errors do not).
-    pub fn record(&self, t: ReqType, started: Instant, status: u16) {
+    /// Records a finished request; every 5xx counts toward the error rate (client errors do not), as the
+    /// balancers weigh an instance that cannot serve, whatever the reason.
+    pub fn record(&self, t: ReqType, started: Instant, status: u16, unavailable: Option<Unavailable>) {
         let c = &self.types[t as usize];
         c.done.fetch_add(1, Ordering::Relaxed);
         c.service_us
             .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
-        let outcome = if status >= 500 {
+        if status >= 500 {
             c.errors.fetch_add(1, Ordering::Relaxed);
-            "server_error"
-        } else if status >= 400 {
-            "client_error"
-        } else {
-            "ok"
-        };
+        }
+        let outcome = outcome(status, unavailable);
         metrics::counter!(crate::metrics::REQUESTS_TOTAL, "type" => t.name(), "outcome" => outcome)
             .increment(1);
     }
@@ -149,10 +188,10 @@ mod tests {
         let s = Stats::default();
         let t0 = Instant::now();
         for _ in 0..3 {
-            s.record(ReqType::Order, t0, 201);
+            s.record(ReqType::Order, t0, 201, None);
         }
-        s.record(ReqType::Order, t0, 503);
-        s.record(ReqType::Browse, t0, 404);
+        s.record(ReqType::Order, t0, 503, Some(Unavailable::StoreBusy));
+        s.record(ReqType::Browse, t0, 404, None);
         s.roll();
         let w = s.window();
         let o = &w.types["order"];
@@ -166,5 +205,25 @@ mod tests {
         assert_eq!(s.in_flight.load(Ordering::Relaxed), 1);
         drop(g);
         assert_eq!(s.in_flight.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn a_retryable_503_is_counted_by_its_reason_apart_from_500() {
+        assert_eq!(outcome(200, None), "ok");
+        assert_eq!(outcome(201, None), "ok");
+        assert_eq!(outcome(409, None), "client_error");
+        assert_eq!(outcome(500, None), "server_error");
+        assert_eq!(outcome(503, None), "server_error");
+        for why in [
+            Unavailable::StoreBusy,
+            Unavailable::Overloaded,
+            Unavailable::ReadOnly,
+        ] {
+            assert_eq!(outcome(503, Some(why)), why.code());
+            assert!(OUTCOMES.contains(&why.code()), "{why:?} is not registered at 0");
+        }
+        for status in [200, 404, 500] {
+            assert!(OUTCOMES.contains(&outcome(status, None)));
+        }
     }
 }

@@ -703,6 +703,22 @@ fn a_postgres_that_stops_answering_costs_a_bounded_wait_and_a_retryable_503() {
             started.elapsed()
         );
     }
+    // Counted as a busy store, apart from a 500: an operator's alert tells the one from the other.
+    let m = get(addr, "/metrics").unwrap().body;
+    for ty in ["browse", "order"] {
+        let busy = format!("type=\"{ty}\",outcome=\"store_busy\"");
+        let fault = format!("type=\"{ty}\",outcome=\"server_error\"");
+        assert_eq!(
+            metric_value(&m, "xcluster_app_requests_total", &busy),
+            Some(1.0),
+            "{ty}"
+        );
+        assert_eq!(
+            metric_value(&m, "xcluster_app_requests_total", &fault),
+            Some(0.0),
+            "{ty}"
+        );
+    }
     relay.set_frozen(false);
     let placed = eventually(Duration::from_secs(30), "orders to be placed again", || {
         let r = order().ok()?;

@@ -91,9 +91,10 @@ fn the_alert_rules_unit_tests_pass() {
 /// The metric names the alert rules' expressions read: what is left of each `expr` once label matchers,
 /// `by (...)`/`on (...)` lists, ranges, strings, numbers and PromQL's own words are taken out.
 fn alert_metric_names(rules: &str) -> BTreeSet<String> {
-    const PROMQL: [&str; 17] = [
+    const PROMQL: [&str; 18] = [
         "rate",
         "increase",
+        "max_over_time",
         "sum",
         "count",
         "max",

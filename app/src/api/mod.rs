@@ -29,7 +29,7 @@ use crate::domain::request::valid_idem_key;
 use crate::exec::StoreExec;
 use crate::gate::SoldOutGate;
 use crate::queue::Batcher;
-use crate::stats::{ReqType, Stats};
+use crate::stats::{ReqType, Stats, Unavailable};
 use crate::store::StoreError;
 
 /// Time allowed for a request body to arrive.
@@ -154,7 +154,8 @@ async fn dispatch(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
     }
     let _in_flight = app.stats.enter();
     let resp = admitted(&app, ty, r, req).await;
-    app.stats.record(ty, started, resp.status().as_u16());
+    let unavailable = resp.extensions().get::<Unavailable>().copied();
+    app.stats.record(ty, started, resp.status().as_u16(), unavailable);
     resp
 }
 
@@ -171,15 +172,13 @@ async fn admitted(app: &Arc<App>, ty: ReqType, r: Route, req: Request<Incoming>)
     let held = app.stats.in_flight.load(std::sync::atomic::Ordering::Relaxed) + app.batcher.queued();
     if held > capacity && ty != ReqType::Admin {
         return retry_later(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "overloaded",
+            Unavailable::Overloaded,
             &format!("{held} requests held, capacity {capacity}"),
         );
     }
     if level == Level::ReadOnly && req.method() == Method::POST && ty != ReqType::Admin {
         return retry_later(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "read_only",
+            Unavailable::ReadOnly,
             "the store is in read-only degrade; retry later",
         );
     }
@@ -223,11 +222,13 @@ fn burn(d: Duration) {
     }
 }
 
-/// A retryable refusal with `Retry-After`.
-fn retry_later(status: StatusCode, code: &str, msg: &str) -> Response<Body> {
-    let mut resp = error(status, code, msg);
+/// A retryable refusal: 503 with `Retry-After`, its reason kept in the response's extensions for
+/// [`Stats::record`] (the request metrics count each reason apart from a 500).
+fn retry_later(why: Unavailable, msg: &str) -> Response<Body> {
+    let mut resp = error(StatusCode::SERVICE_UNAVAILABLE, why.code(), msg);
     resp.headers_mut()
         .insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
+    resp.extensions_mut().insert(why);
     resp
 }
 
@@ -251,7 +252,7 @@ fn reject(r: &Reject) -> Response<Body> {
 /// The answer to a store failure: busy is retryable (503), anything else is ours (500).
 fn store_failed(e: &StoreError) -> Response<Body> {
     match e {
-        StoreError::Busy(_) => retry_later(StatusCode::SERVICE_UNAVAILABLE, "store_busy", &e.to_string()),
+        StoreError::Busy(_) => retry_later(Unavailable::StoreBusy, &e.to_string()),
         StoreError::Internal(_) => {
             tracing::error!(error = %e, "store failure");
             error(StatusCode::INTERNAL_SERVER_ERROR, "internal", &e.to_string())
@@ -339,5 +340,20 @@ mod tests {
         assert_eq!(t(Method::GET, "/v1/users/ann/orders"), Ok(ReqType::Browse));
         assert_eq!(t(Method::GET, "/v2/x"), Err(None));
         assert_eq!(t(Method::GET, "/v1/orders/a/b/c/d"), Err(None));
+    }
+
+    /// A busy store's 503 carries its reason to the request metrics; a store fault's 500 carries none.
+    #[test]
+    fn a_busy_store_is_answered_apart_from_a_store_fault() {
+        let busy = store_failed(&StoreError::Busy("database is locked".into()));
+        assert_eq!(busy.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert!(busy.headers().contains_key(http::header::RETRY_AFTER));
+        assert_eq!(
+            busy.extensions().get::<Unavailable>(),
+            Some(&Unavailable::StoreBusy)
+        );
+        let fault = store_failed(&StoreError::Internal("disk I/O error".into()));
+        assert_eq!(fault.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(fault.extensions().get::<Unavailable>(), None);
     }
 }

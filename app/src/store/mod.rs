@@ -238,6 +238,10 @@ pub trait Store: Send + Sync + 'static {
     fn run_outbox(&self, limit: u32) -> Result<u32, StoreError>;
     /// Pending outbox items.
     fn outbox_depth(&self) -> Result<u64, StoreError>;
+    /// The expiry (ms) of the reservation still held that expires first, `None` when none is held: one seek
+    /// in the `orders_due (status, expires_ms)` index, cheap enough for the once-a-second sampler, which
+    /// turns it into `xcluster_app_reservations_overdue_seconds` (how far the sweepers lag).
+    fn oldest_reservation_expiry(&self) -> Result<Option<i64>, StoreError>;
 
     fn update_stock(&self, updates: &[StockUpdate]) -> StoreResult<Vec<Sku>>;
     /// A batch sent with idempotency key `key` applies once: the batch and the key's record (its fingerprint

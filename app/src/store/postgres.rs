@@ -496,6 +496,15 @@ impl Store for PostgresStore {
             Ok(n.max(0) as u64)
         })
     }
+    fn oldest_reservation_expiry(&self) -> Result<Option<i64>, StoreError> {
+        self.read(|t| {
+            let row = t.opt(
+                "SELECT expires_ms FROM orders WHERE status = 'reserved' ORDER BY expires_ms LIMIT 1",
+                &[],
+            )?;
+            Ok(row.map(|r| r.get(0)))
+        })
+    }
     fn update_stock(&self, updates: &[StockUpdate]) -> StoreResult<Vec<Sku>> {
         self.write_domain(|t| orders::update_stock(t, updates))
     }

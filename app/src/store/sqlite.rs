@@ -18,7 +18,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use rusqlite::{Connection, ErrorCode, OpenFlags, Transaction, TransactionBehavior};
+use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension, Transaction, TransactionBehavior};
 
 use super::{
     Created, OrderView, PaymentCallback, Product, RefundRequest, Refunded, Restocked, Settlement, Sku,
@@ -213,6 +213,11 @@ impl SqliteStore {
     }
 }
 
+/// The first expiry among held reservations. `ORDER BY ... LIMIT 1` rather than `MIN()`: its plan is the
+/// `orders_due` index seek whatever SQLite's version (test `sqlite_oldest_reservation_is_one_index_seek`).
+pub(crate) const OLDEST_HELD_SQL: &str =
+    "SELECT expires_ms FROM orders WHERE status = 'reserved' ORDER BY expires_ms LIMIT 1";
+
 impl Store for SqliteStore {
     fn list_products(&self, after: i64, limit: u32) -> Result<Vec<Product>, StoreError> {
         self.with_conn(|c| super::sqlite_orders::list_products(c, after, limit))
@@ -266,6 +271,15 @@ impl Store for SqliteStore {
         self.with_conn(|c| {
             let n: i64 = c.query_row("SELECT COUNT(*) FROM outbox WHERE done = 0", [], |r| r.get(0))?;
             Ok(n.max(0) as u64)
+        })
+    }
+    fn oldest_reservation_expiry(&self) -> Result<Option<i64>, StoreError> {
+        self.with_conn(|c| {
+            let at = c
+                .prepare_cached(OLDEST_HELD_SQL)?
+                .query_row([], |r| r.get(0))
+                .optional()?;
+            Ok(at)
         })
     }
     fn update_stock(&self, updates: &[StockUpdate]) -> StoreResult<Vec<Sku>> {

@@ -397,6 +397,29 @@ fn reservations_expire_exactly_once_across_handles(fx: &dyn Fixture) {
     assert_eq!(assert_audit(&s2).totals.units_reserved, 0);
 }
 
+/// The sampler's lag reading: the first expiry among reservations still held, whoever created them, and
+/// none once the sweep has taken them (a paid or cancelled order is not held).
+fn oldest_reservation_expiry_names_the_first_held(fx: &dyn Fixture) {
+    let s1 = fx.open();
+    let s2 = fx.open();
+    assert_eq!(
+        s1.oldest_reservation_expiry().unwrap(),
+        None,
+        "a fresh store holds none"
+    );
+    let late = order("a", None, OrderKind::Regular, "sku-3-1", 1, 60_000);
+    let overdue = order("b", None, OrderKind::Regular, "sku-3-1", 1, -5_000);
+    let gone = order("c", None, OrderKind::Regular, "sku-3-1", 1, -9_000);
+    let (late_at, overdue_at) = (late.expires_ms, overdue.expires_ms);
+    create(&s1, late, true).unwrap();
+    create(&s1, overdue, true).unwrap();
+    let cancelled = create(&s1, gone, true).unwrap().order;
+    assert_eq!(s1.cancel(&cancelled.id).unwrap().unwrap().status, "cancelled");
+    assert_eq!(s2.oldest_reservation_expiry().unwrap(), Some(overdue_at));
+    assert_eq!(s2.expire_due(now_ms(), 100).unwrap().orders, 1);
+    assert_eq!(s1.oldest_reservation_expiry().unwrap(), Some(late_at));
+}
+
 fn flash_sale_buckets_and_user_limit(fx: &dyn Fixture) {
     let s = fx.open();
     let sku = s.open_flash_sale("flash-1", 8).unwrap().unwrap();
@@ -735,6 +758,7 @@ macro_rules! every_store_test {
             pay_refund_settle_balance_the_ledger,
             a_failed_payment_that_succeeds_later_pays_the_order,
             reservations_expire_exactly_once_across_handles,
+            oldest_reservation_expiry_names_the_first_held,
             flash_sale_buckets_and_user_limit,
             a_partial_refund_gives_back_its_units_flash_sale_allowance,
             flash_sale_is_seckill_only_gathers_units_and_closes,
@@ -756,6 +780,27 @@ mod sqlite {
 
 mod postgres {
     every_store_test!(super::PostgresFixture);
+}
+
+/// SQLite only: the sampler's lag reading is one seek in the `orders_due` index, not a scan of the orders (it
+/// runs every second in every process, and orders only grow).
+#[test]
+fn sqlite_oldest_reservation_is_one_index_seek() {
+    let fx = SqliteFixture::new();
+    drop(fx.open());
+    let c = rusqlite::Connection::open(fx.0.path().join("x.db")).unwrap();
+    let plan: Vec<String> = c
+        .prepare(&format!("EXPLAIN QUERY PLAN {}", super::sqlite::OLDEST_HELD_SQL))
+        .unwrap()
+        .query_map([], |r| r.get::<_, String>(3))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(plan.len(), 1, "{plan:?}");
+    assert!(
+        plan[0].contains("USING COVERING INDEX orders_due (status=?)"),
+        "{plan:?}"
+    );
 }
 
 /// SQLite only: a database whose orders table has the first schema's global key migrates to per-user
