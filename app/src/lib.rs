@@ -170,17 +170,23 @@ async fn sampler(app: Arc<api::App>, cancel: CancellationToken) {
             at = tick.tick() => at.into_std(),
         };
         app.stats.roll();
-        let depth = match app.exec.read(|s| s.outbox_depth()).await {
-            Ok(d) => d,
+        // One store call for both: a store that hangs holds the call up to its bound, and two calls held
+        // the breakers' feed (below) twice as long in the outage they are there to react to. The overdue
+        // reservation is read here, not by the sweeper: a sweeper stuck in a store call, or failing every
+        // pass, would stop updating the very gauge that should show it. On a failed read the last values stay.
+        let read = app
+            .exec
+            .read(|s| Ok((s.outbox_depth()?, s.oldest_reservation_expiry()?)));
+        let depth = match read.await {
+            Ok((depth, expiry)) => {
+                ::metrics::gauge!(crate::metrics::RESERVATIONS_OVERDUE)
+                    .set(overdue_seconds(expiry, now_ms()));
+                depth
+            }
             Err(_) => app.queue_depth.load(Ordering::Relaxed),
         };
         app.queue_depth.store(depth, Ordering::Relaxed);
         ::metrics::gauge!(crate::metrics::OUTBOX_DEPTH).set(depth as f64);
-        // Read here, not by the sweeper: a sweeper stuck in a store call, or failing every pass, would stop
-        // updating the very gauge that should show it. On a failed read the last value stays.
-        if let Ok(expiry) = app.exec.read(|s| s.oldest_reservation_expiry()).await {
-            ::metrics::gauge!(crate::metrics::RESERVATIONS_OVERDUE).set(overdue_seconds(expiry, now_ms()));
-        }
         let sample = app.exec.sample();
         let cfg = app.cfg();
         let error_ratio = if sample.calls > 0 {
