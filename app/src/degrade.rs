@@ -212,6 +212,10 @@ impl Breakers {
         for (name, breaker, tripped) in breakers {
             let before = breaker.state;
             let after = breaker.observe(tripped, now, t.open);
+            if before == BreakerState::Closed && after == BreakerState::Open {
+                ::metrics::counter!(crate::metrics::DEGRADE_BREAKER_TRIPS_TOTAL, "breaker" => name)
+                    .increment(1);
+            }
             if after != before {
                 // The operator's record of why the level moved (the level's own change is logged too).
                 tracing::info!(

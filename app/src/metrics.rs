@@ -25,6 +25,8 @@ xcluster_runtime::metric_names! {
     pub const DEGRADE_LEVEL: &str = "xcluster_app_degrade_level";
     /// Each degrade breaker's state, by `breaker` (latency, errors, queue): 0 closed, 0.5 half-open (its trial), 1 open.
     pub const DEGRADE_BREAKER_STATE: &str = "xcluster_app_degrade_breaker_state";
+    /// Times each degrade breaker opened from closed, by `breaker`: an opening the state gauge's samples miss (open for a second between two scrapes) is counted here.
+    pub const DEGRADE_BREAKER_TRIPS_TOTAL: &str = "xcluster_app_degrade_breaker_trips_total";
     /// Orders committed per group commit at the queued level.
     pub const BATCH_SIZE: &str = "xcluster_app_batch_orders";
     /// Redis gate answers, by `answer` (taken, pass, sold_out, over_limit, error) — issue 8.
@@ -48,7 +50,7 @@ pub const UNLABELLED_COUNTERS: [&str; 6] = [
 
 /// Puts every series whose labels are known in advance on `/metrics` at 0, so `increase()` and the alerts
 /// see the first event: the unlabelled counters, each request type's every outcome, store errors both ways,
-/// each breaker closed, no reservation overdue. Only the Redis gate's answers wait for a configured gate.
+/// each breaker closed and not yet tripped, no reservation overdue. Only the Redis gate's answers wait for a configured gate.
 pub fn register_at_zero() {
     for name in UNLABELLED_COUNTERS {
         metrics::counter!(name).increment(0);
@@ -63,6 +65,7 @@ pub fn register_at_zero() {
     }
     for breaker in crate::degrade::BREAKER_NAMES {
         metrics::gauge!(DEGRADE_BREAKER_STATE, "breaker" => breaker).set(0.0);
+        metrics::counter!(DEGRADE_BREAKER_TRIPS_TOTAL, "breaker" => breaker).increment(0);
     }
     metrics::gauge!(RESERVATIONS_OVERDUE).set(0.0);
 }

@@ -30,6 +30,7 @@ fn series(addr: SocketAddr, name: &str, labels: &str) -> Option<f64> {
 const OVERDUE: &str = "xcluster_app_reservations_overdue_seconds";
 const BREAKER: &str = "xcluster_app_degrade_breaker_state";
 const REQUESTS: &str = "xcluster_app_requests_total";
+const TRIPS: &str = "xcluster_app_degrade_breaker_trips_total";
 
 fn order_status(addr: SocketAddr, id: &str) -> String {
     let r = get(addr, &format!("/v1/orders/{id}")).unwrap();
@@ -47,6 +48,7 @@ fn a_store_that_refuses_writes_shows_as_overdue_reservations_store_busy_and_open
     for breaker in ["latency", "errors", "queue"] {
         let label = format!("breaker=\"{breaker}\"");
         assert_eq!(series(a, BREAKER, &label), Some(0.0), "{breaker}");
+        assert_eq!(series(a, TRIPS, &label), Some(0.0), "{breaker}");
     }
     for outcome in ["store_busy", "overloaded", "read_only", "server_error"] {
         let label = format!("type=\"order\",outcome=\"{outcome}\"");
@@ -112,6 +114,10 @@ fn a_store_that_refuses_writes_shows_as_overdue_reservations_store_busy_and_open
             .all(|b| series(a, BREAKER, &format!("breaker=\"{b}\"")) == Some(0.0))
             .then_some(())
     });
+    // Its opening stays counted once it has closed (a scrape may have missed it open); one opening, not
+    // one per failed trial.
+    let trips = series(a, TRIPS, "breaker=\"errors\"").unwrap_or(0.0);
+    assert!(trips >= 1.0, "{trips}");
     audit_ok(a);
     drop(procs);
 }
