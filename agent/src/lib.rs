@@ -32,7 +32,7 @@ pub enum Error {
 pub async fn run(ctx: Context<Config>) -> Result<(), Error> {
     xcluster_runtime::telemetry::describe(crate::metrics::DESCRIPTIONS);
     // At 0 from the start, so an alert on `increase()` sees the first unsent report, not only the second.
-    for reason in ["too_large", "encode"] {
+    for reason in reporter::UNSENT_REASONS {
         ::metrics::counter!(crate::metrics::REPORTS_UNSENT_TOTAL, "reason" => reason).increment(0);
     }
     let cfg = ctx.config();

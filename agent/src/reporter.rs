@@ -251,6 +251,20 @@ pub enum EncodeError {
     },
 }
 
+/// Every `reason` of `xcluster_agent_reports_unsent_total` ([`EncodeError::reason`]), so each series is on
+/// `/metrics` at 0 from the start.
+pub const UNSENT_REASONS: [&str; 2] = ["encode", "too_large"];
+
+impl EncodeError {
+    /// Its `reason` label in `xcluster_agent_reports_unsent_total`.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            EncodeError::Json(_) => UNSENT_REASONS[0],
+            EncodeError::TooLarge { .. } => UNSENT_REASONS[1],
+        }
+    }
+}
+
 /// The body a report is sent as, if a balancer can take it (at most [`MAX_REPORT_BYTES`]).
 pub fn encode(report: &LoadReport) -> Result<Bytes, EncodeError> {
     let body = serde_json::to_vec(report)?;
@@ -276,11 +290,7 @@ fn push_all(cfg: &Config, report: &LoadReport, log: &Arc<PushLog>) {
     let body = match encode(report) {
         Ok(b) => b,
         Err(e) => {
-            let reason = match e {
-                EncodeError::Json(_) => "encode",
-                EncodeError::TooLarge { .. } => "too_large",
-            };
-            ::metrics::counter!(metrics::REPORTS_UNSENT_TOTAL, "reason" => reason).increment(1);
+            ::metrics::counter!(metrics::REPORTS_UNSENT_TOTAL, "reason" => e.reason()).increment(1);
             if log.unsent.due(wall_ms(), UNSENT_WARN_EVERY_MS) {
                 error!(error = %e, "load report not sent (logged again every 30 s while it lasts)");
             }

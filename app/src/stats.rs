@@ -40,7 +40,7 @@ pub enum Unavailable {
 
 impl Unavailable {
     /// The error code of the answer, and its `outcome` label.
-    pub fn code(self) -> &'static str {
+    pub const fn code(self) -> &'static str {
         match self {
             Unavailable::StoreBusy => "store_busy",
             Unavailable::Overloaded => "overloaded",
@@ -54,9 +54,9 @@ pub const OUTCOMES: [&str; 6] = [
     "ok",
     "client_error",
     "server_error",
-    "store_busy",
-    "overloaded",
-    "read_only",
+    Unavailable::StoreBusy.code(),
+    Unavailable::Overloaded.code(),
+    Unavailable::ReadOnly.code(),
 ];
 
 /// A finished request's `outcome`: a 5xx marked [`Unavailable`] by its reason, any other 5xx `server_error`.

@@ -93,9 +93,7 @@ pub fn spawn(
     let mut cmd = tokio::process::Command::new(prog);
     // The service manager's notify socket and watchdog are the monitor's: a program that inherited them
     // would tell systemd the monitor is ready or stopping. A program's own `environment` may still set them.
-    for var in xcluster_runtime::sdnotify::ENV_VARS {
-        cmd.env_remove(var);
-    }
+    xcluster_runtime::sdnotify::keep_from(&mut cmd);
     cmd.args(args)
         .envs(spec.environment.iter().map(|(k, v)| (k, v)))
         .env("XCLUSTER_PROCESS_NAME", &spec.name)

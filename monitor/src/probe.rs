@@ -186,9 +186,7 @@ impl ProbeSpec {
                 let (prog, args) = argv.split_first().ok_or("empty command")?;
                 let mut cmd = tokio::process::Command::new(prog);
                 // As a program's (`child::spawn`): the notify socket is the monitor's alone.
-                for var in xcluster_runtime::sdnotify::ENV_VARS {
-                    cmd.env_remove(var);
-                }
+                xcluster_runtime::sdnotify::keep_from(&mut cmd);
                 cmd.args(args)
                     .stdin(std::process::Stdio::null())
                     .stdout(std::process::Stdio::null())

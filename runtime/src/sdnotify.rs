@@ -17,6 +17,15 @@ use tracing::{debug, warn};
 /// that saw `NOTIFY_SOCKET` would speak for its supervisor (`READY=1`, `STOPPING=1`) to the service manager.
 pub const ENV_VARS: [&str; 3] = ["NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"];
 
+/// Leaves [`ENV_VARS`] out of what `cmd` starts with (a program's own settings, applied after, may still
+/// set them).
+pub fn keep_from(cmd: &mut tokio::process::Command) -> &mut tokio::process::Command {
+    for var in ENV_VARS {
+        cmd.env_remove(var);
+    }
+    cmd
+}
+
 /// Longest `STATUS=` text sent: the manager shows one short line.
 const STATUS_MAX: usize = 200;
 

@@ -20,7 +20,8 @@ pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(15);
 pub(crate) struct Options {
     /// The seeds given as `ip:port`.
     pub(crate) balancers: Vec<SocketAddr>,
-    /// The seeds given as `host:port`, and what each resolved to at `build()`.
+    /// The seeds given as `host:port`, and what each resolved to at `build()` (the client's `Shared` takes
+    /// them over and resolves them again).
     pub(crate) named: Vec<(String, Vec<SocketAddr>)>,
     pub(crate) request_types: Vec<String>,
     pub(crate) connect_timeout: Duration,
@@ -234,7 +235,7 @@ impl ClientBuilder {
         }
         for b in &self.balancers {
             match b.parse::<SocketAddr>() {
-                Ok(a) => add_balancer(&mut self.opts.balancers, a),
+                Ok(a) => crate::directory::extend_new(&mut self.opts.balancers, [a]),
                 Err(_) if resolve::well_formed(b) => {
                     if !names.contains(b) {
                         names.push(b.clone());
@@ -306,12 +307,6 @@ impl ClientBuilder {
             opts.named.push((name, addrs));
         }
         Client::bootstrap(opts).await
-    }
-}
-
-fn add_balancer(balancers: &mut Vec<SocketAddr>, a: SocketAddr) {
-    if !balancers.contains(&a) {
-        balancers.push(a);
     }
 }
 

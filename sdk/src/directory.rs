@@ -96,7 +96,7 @@ impl TypeSlot {
 }
 
 impl Shared {
-    pub(crate) fn new(opts: Options) -> Self {
+    pub(crate) fn new(mut opts: Options) -> Self {
         let types = opts
             .request_types
             .iter()
@@ -116,7 +116,7 @@ impl Shared {
         Self {
             balancers: ArcSwap::from_pointee(seeds.clone()),
             seeds: ArcSwap::from_pointee(seeds),
-            named: tokio::sync::Mutex::new(opts.named.clone()),
+            named: tokio::sync::Mutex::new(std::mem::take(&mut opts.named)),
             resolved_ms: AtomicU64::new(0),
             opts,
             clock: Clock::new(),
@@ -170,11 +170,7 @@ impl Shared {
         let named = (list.balancers.iter())
             .filter_map(|b| b.parse::<SocketAddr>().ok())
             .filter(|b| xcluster_proto::report::usable_addr(*b));
-        for b in named {
-            if !learned.contains(&b) {
-                learned.push(b);
-            }
-        }
+        extend_new(&mut learned, named);
         if **self.balancers.load() != learned {
             info!(balancers = ?learned, "learned balancers from the server list");
             self.balancers.store(Arc::new(learned));
@@ -211,11 +207,10 @@ impl Shared {
         }
         // The new seeds first, then the balancers learned from lists that were not seeds.
         let mut next = seeds;
-        for b in self.balancers.load().iter() {
-            if !old.contains(b) && !next.contains(b) {
-                next.push(*b);
-            }
-        }
+        extend_new(
+            &mut next,
+            self.balancers.load().iter().copied().filter(|b| !old.contains(b)),
+        );
         info!(balancers = ?next, "the balancers' names resolved to new addresses");
         self.balancers.store(Arc::new(next));
         true
@@ -419,13 +414,24 @@ const RERESOLVE_MS: u64 = 5_000;
 
 /// The seeds: the `ip:port` ones, then the addresses of the `host:port` ones, each once.
 fn seeds_of(fixed: &[SocketAddr], named: &[(String, Vec<SocketAddr>)]) -> Vec<SocketAddr> {
-    let mut out: Vec<SocketAddr> = Vec::with_capacity(fixed.len() + named.len());
-    for a in fixed.iter().chain(named.iter().flat_map(|(_, addrs)| addrs)) {
-        if !out.contains(a) {
-            out.push(*a);
+    let mut out = Vec::with_capacity(fixed.len() + named.len());
+    extend_new(
+        &mut out,
+        fixed
+            .iter()
+            .chain(named.iter().flat_map(|(_, addrs)| addrs))
+            .copied(),
+    );
+    out
+}
+
+/// Appends each of `more` that `list` does not hold yet, in order (a few balancers: a scan is cheapest).
+pub(crate) fn extend_new(list: &mut Vec<SocketAddr>, more: impl IntoIterator<Item = SocketAddr>) {
+    for a in more {
+        if !list.contains(&a) {
+            list.push(a);
         }
     }
-    out
 }
 
 /// The feedback of request type `idx` at `addr`, created on first use; a new one shares the instance-wide

@@ -172,30 +172,21 @@ fn alert_metric_names(rules: &str) -> BTreeSet<String> {
     names
 }
 
-/// Every metric name declared in a `metric_names!` list (each crate's `metrics.rs`).
+/// Every metric name declared in a `metric_names!` list (each crate's `metrics.rs`), from the lists the
+/// roles hand `telemetry::describe`.
 fn declared_metric_names() -> BTreeSet<String> {
-    let root = workspace_root();
-    let files = [
-        "runtime/src/metrics.rs",
-        "lb/src/metrics.rs",
-        "lb/src/proxy/metrics.rs",
-        "agent/src/metrics.rs",
-        "monitor/src/metrics.rs",
-        "app/src/metrics.rs",
-    ];
-    let mut names = BTreeSet::new();
-    for f in files {
-        let text = std::fs::read_to_string(root.join(f)).unwrap();
-        for line in text.lines() {
-            let line = line.trim();
-            if line.starts_with("pub const ")
-                && line.contains(": &str = \"")
-                && let Some(name) = line.split('"').nth(1)
-            {
-                names.insert(name.to_string());
-            }
-        }
-    }
+    let names: BTreeSet<String> = [
+        xcluster_runtime::metrics::DESCRIPTIONS,
+        xcluster_lb::metrics::DESCRIPTIONS,
+        xcluster_lb::proxy::metrics::DESCRIPTIONS,
+        xcluster_agent::metrics::DESCRIPTIONS,
+        xcluster_monitor::metrics::DESCRIPTIONS,
+        xcluster_app::metrics::DESCRIPTIONS,
+    ]
+    .into_iter()
+    .flatten()
+    .map(|(name, _)| name.to_string())
+    .collect();
     assert!(names.len() > 50, "found only {names:?}");
     names
 }

@@ -190,6 +190,12 @@ pub struct Settlement {
     pub amount_cents: Cents,
 }
 
+/// The first expiry among held reservations, the same statement on both backends. `ORDER BY ... LIMIT 1`
+/// rather than `MIN()`: its plan is the `orders_due` index seek whatever SQLite's version (test
+/// `sqlite_oldest_reservation_is_one_index_seek`).
+pub(crate) const OLDEST_HELD_SQL: &str =
+    "SELECT expires_ms FROM orders WHERE status = 'reserved' ORDER BY expires_ms LIMIT 1";
+
 /// The store: catalog, orders, payments, outbox and audit.
 pub trait Store: Send + Sync + 'static {
     /// Products with their SKUs, by id, after `after`, at most `limit`.

@@ -498,10 +498,7 @@ impl Store for PostgresStore {
     }
     fn oldest_reservation_expiry(&self) -> Result<Option<i64>, StoreError> {
         self.read(|t| {
-            let row = t.opt(
-                "SELECT expires_ms FROM orders WHERE status = 'reserved' ORDER BY expires_ms LIMIT 1",
-                &[],
-            )?;
+            let row = t.opt(super::OLDEST_HELD_SQL, &[])?;
             Ok(row.map(|r| r.get(0)))
         })
     }

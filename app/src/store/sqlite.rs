@@ -213,11 +213,6 @@ impl SqliteStore {
     }
 }
 
-/// The first expiry among held reservations. `ORDER BY ... LIMIT 1` rather than `MIN()`: its plan is the
-/// `orders_due` index seek whatever SQLite's version (test `sqlite_oldest_reservation_is_one_index_seek`).
-pub(crate) const OLDEST_HELD_SQL: &str =
-    "SELECT expires_ms FROM orders WHERE status = 'reserved' ORDER BY expires_ms LIMIT 1";
-
 impl Store for SqliteStore {
     fn list_products(&self, after: i64, limit: u32) -> Result<Vec<Product>, StoreError> {
         self.with_conn(|c| super::sqlite_orders::list_products(c, after, limit))
@@ -276,7 +271,7 @@ impl Store for SqliteStore {
     fn oldest_reservation_expiry(&self) -> Result<Option<i64>, StoreError> {
         self.with_conn(|c| {
             let at = c
-                .prepare_cached(OLDEST_HELD_SQL)?
+                .prepare_cached(super::OLDEST_HELD_SQL)?
                 .query_row([], |r| r.get(0))
                 .optional()?;
             Ok(at)

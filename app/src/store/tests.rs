@@ -790,7 +790,7 @@ fn sqlite_oldest_reservation_is_one_index_seek() {
     drop(fx.open());
     let c = rusqlite::Connection::open(fx.0.path().join("x.db")).unwrap();
     let plan: Vec<String> = c
-        .prepare(&format!("EXPLAIN QUERY PLAN {}", super::sqlite::OLDEST_HELD_SQL))
+        .prepare(&format!("EXPLAIN QUERY PLAN {}", super::OLDEST_HELD_SQL))
         .unwrap()
         .query_map([], |r| r.get::<_, String>(3))
         .unwrap()
