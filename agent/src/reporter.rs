@@ -137,8 +137,20 @@ pub async fn run(
     let mut next_due = Instant::now();
     let mut last_push = Instant::now() - Duration::from_secs(1);
     let mut reports_sent = 0u64;
+    let mut counted: Option<Arc<Config>> = None;
     loop {
         let cfg = config.borrow().clone();
+        if !counted.as_ref().is_some_and(|c| Arc::ptr_eq(c, &cfg)) {
+            // Each instance's failures at 0 from the first config naming it, so `rate()` and the alert on
+            // them see the first one.
+            for inst in &cfg.instances {
+                ::metrics::counter!(metrics::STATS_FAILURES_TOTAL, "instance" => inst.id.clone())
+                    .increment(0);
+            }
+            counted = Some(cfg.clone());
+            // Which instance failed last time is kept by position: a new list starts afresh.
+            failing.clear();
+        }
         let tick = cfg.sample.min(cfg.interval);
         let current = sample_instances(&cfg, &mut failing).await;
         let now = Instant::now();

@@ -96,10 +96,17 @@ fn bought_key(sku: &str, user: &str) -> String {
     format!("xbuy:bought:{sku}/{user}")
 }
 
+/// Every `answer` label of `xcluster_app_redis_gate_total`: an admission's, or a failed call's.
+const ANSWERS: [&str; 5] = ["taken", "pass", "sold_out", "over_limit", "error"];
+
 impl RedisGate {
     pub fn new(opts: RedisOptions) -> Result<RedisGate, String> {
         let (addr, password) =
             resp::parse_url(&opts.url).ok_or("redis_url must be redis://[:password@]host:port")?;
+        // At 0 from the start, so `rate()` and the alert on errors see the first one.
+        for answer in ANSWERS {
+            metrics::counter!(crate::metrics::REDIS_GATE_TOTAL, "answer" => answer).increment(0);
+        }
         Ok(RedisGate {
             addr,
             password,

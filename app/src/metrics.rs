@@ -50,7 +50,8 @@ pub const UNLABELLED_COUNTERS: [&str; 6] = [
 
 /// Puts every series whose labels are known in advance on `/metrics` at 0, so `increase()` and the alerts
 /// see the first event: the unlabelled counters, each request type's every outcome, store errors both ways,
-/// each breaker closed and not yet tripped, no reservation overdue. Only the Redis gate's answers wait for a configured gate.
+/// each breaker closed and not yet tripped, no reservation overdue. The Redis gate's answers wait for a
+/// configured gate (`RedisGate::new`).
 pub fn register_at_zero() {
     for name in UNLABELLED_COUNTERS {
         metrics::counter!(name).increment(0);

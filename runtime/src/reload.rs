@@ -53,6 +53,7 @@ pub struct Reloader {
     trigger: mpsc::Sender<Cause>,
     status: Arc<watch::Sender<ReloadStatus>>,
     role: &'static str,
+    notifier: Notifier,
 }
 
 impl Reloader {
@@ -66,10 +67,14 @@ impl Reloader {
     }
 
     /// Counts a config that a role read on its own and rejected (the monitor's `reread` and `update`), as a
-    /// failed reload: logged, in `/metrics`, and in `status()`.
+    /// failed reload: logged, in `/metrics`, in `status()`, and in the service manager's status line.
     pub fn rejected(&self, error: &str) {
         warn!(role = self.role, error, "config rejected; keeping the old config");
         failed(&self.status, self.role, error);
+        let role = self.role;
+        (self.notifier).status(&format!(
+            "{role} ready; config rejected, keeping the old config: {error}"
+        ));
     }
 }
 
@@ -138,7 +143,7 @@ pub fn spawn<C: RoleConfig>(
         publish,
         status: status_tx.clone(),
         role_label: C::ROLE,
-        notifier,
+        notifier: notifier.clone(),
     };
     tokio::spawn(async move {
         loop {
@@ -172,6 +177,7 @@ pub fn spawn<C: RoleConfig>(
         trigger: tx,
         status: status_tx,
         role: C::ROLE,
+        notifier,
     }
 }
 

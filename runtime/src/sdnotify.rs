@@ -150,6 +150,13 @@ impl Notifier {
         });
     }
 
+    /// Says `status` alone (`STATUS=`), for an event that is no reload, such as a config the monitor read for
+    /// `reread` or `update` and refused. Only while ready: a starting, reloading or stopping role's own
+    /// status stands.
+    pub fn status(&self, status: &str) {
+        self.transition(|t| (t == Told::Ready).then(|| (t, format!("STATUS={}", line(status)))));
+    }
+
     /// The shutdown began: `STOPPING=1` (once).
     pub fn stopping(&self, status: &str) {
         self.transition(|t| {

@@ -248,8 +248,9 @@ fn every_role_tells_systemd_it_is_ready_reloading_alive_and_stopping() {
 }
 
 /// The monitor under an abstract `NOTIFY_SOCKET` (`@name`, as systemd hands out): its programs, and the
-/// balancer among them, do not inherit the socket nor the watchdog (they would speak for the monitor), and
-/// a shutdown through the API says STOPPING=1 as SIGTERM does.
+/// balancer among them, do not inherit the socket nor the watchdog (they would speak for the monitor); a
+/// config `reread` refuses is told in the status line; a shutdown through the API says STOPPING=1 as SIGTERM
+/// does.
 #[test]
 fn the_monitor_keeps_the_notify_socket_from_its_programs() {
     let mut manager = Manager::abstract_named();
@@ -264,7 +265,7 @@ fn the_monitor_keeps_the_notify_socket_from_its_programs() {
         env_path.display(),
         probe_path.display()
     );
-    let (p, addr, _, _dir) = start("monitor", &manager, &programs);
+    let (p, addr, file, _dir) = start("monitor", &manager, &programs);
     ready("monitor", &mut manager, &p, addr);
     let env = eventually(T, "the program's environment", || {
         std::fs::read_to_string(&env_path)
@@ -292,6 +293,25 @@ fn the_monitor_keeps_the_notify_socket_from_its_programs() {
     assert!(
         others.is_empty(),
         "a program spoke to the monitor's manager: {others:?}"
+    );
+
+    // A broken file: the watcher's reload rejects it (RELOADING=1, then READY=1 saying so), and a `reread`
+    // that reads it again is refused too, which the status line tells without a reload's pair around it.
+    std::fs::write(&file, "role = \"monitor\"\nlisten = 5\n").unwrap();
+    let (msg, _) = manager.next("the monitor: READY=1 after the file's reload", |m| {
+        m.starts_with("READY=1")
+    });
+    assert!(msg.contains("config reload rejected"), "{msg}");
+    let auth = [("authorization", "Bearer t")];
+    let r = request(addr, "POST", "/v1/reread", &auth, None).unwrap();
+    assert_eq!(r.status, 400, "{}", r.body);
+    let (msg, before) = manager.next("the monitor: STATUS= after the reread", |m| {
+        m.starts_with("STATUS=")
+    });
+    assert!(before.is_empty(), "{before:?} before the reread's status");
+    assert!(
+        msg.starts_with("STATUS=monitor ready; config rejected, keeping the old config: "),
+        "{msg}"
     );
 
     let r = request(

@@ -330,6 +330,10 @@ impl Manager {
             close,
             inodes,
         });
+        // At 0 from the bind, so the series are there before the listener's address is ever taken (a reload
+        // that moves it).
+        metrics::gauge!(LISTENER_UNBOUND, "listener" => cfg.name.clone()).set(0.0);
+        metrics::counter!(LISTENER_BIND_FAILURES_TOTAL, "listener" => cfg.name.clone()).increment(0);
         Ok(())
     }
 
@@ -405,10 +409,7 @@ impl Manager {
     fn retry_unbound(&mut self) {
         for l in std::mem::take(&mut self.unbound) {
             match self.add_listener(&l) {
-                Ok(()) => {
-                    metrics::gauge!(LISTENER_UNBOUND, "listener" => l.name.clone()).set(0.0);
-                    info!(listener = %l.name, addr = %l.listen, "proxy listener bound at last");
-                }
+                Ok(()) => info!(listener = %l.name, addr = %l.listen, "proxy listener bound at last"),
                 Err(e) => {
                     debug!(listener = %l.name, addr = %l.listen, error = %e, "proxy listener still cannot bind");
                     self.unbound.push(l);
