@@ -311,6 +311,13 @@ sold_out_gate_ms = 0
     let config = write_file(dir.path(), "app.toml", &text);
     let _app = Proc::xcluster("app", &["app", "--config", config.to_str().unwrap()]);
     wait_ready(app_addr, Duration::from_secs(60));
+    // Every answer is on /metrics at 0 before the first attempt, so `rate()` and the alert on errors see
+    // the first one.
+    let m = get(app_addr, "/metrics").unwrap().body;
+    for answer in ["taken", "pass", "sold_out", "over_limit", "error"] {
+        let at = metric_value(&m, "xcluster_app_redis_gate_total", &format!("answer=\"{answer}\""));
+        assert_eq!(at, Some(0.0), "{answer} before any attempt");
+    }
     let (mut won, mut sold_out) = (0, 0);
     for i in 0..130 {
         let body = format!(r#"{{"user": "u{i}"}}"#);
