@@ -315,7 +315,11 @@ sold_out_gate_ms = 0
     // the first one.
     let m = get(app_addr, "/metrics").unwrap().body;
     for answer in ["taken", "pass", "sold_out", "over_limit", "error"] {
-        let at = metric_value(&m, "xcluster_app_redis_gate_total", &format!("answer=\"{answer}\""));
+        let at = metric_value(
+            &m,
+            "xcluster_app_redis_gate_total",
+            &format!("answer=\"{answer}\""),
+        );
         assert_eq!(at, Some(0.0), "{answer} before any attempt");
     }
     let (mut won, mut sold_out) = (0, 0);

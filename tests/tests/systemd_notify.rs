@@ -1,7 +1,7 @@
 //! Every role under systemd: with `NOTIFY_SOCKET` it says `READY=1` once its API answers, `RELOADING=1` (with
 //! `MONOTONIC_USEC`) and then `READY=1` around a reload, applied or rejected, `STOPPING=1` when it stops, and
 //! `WATCHDOG=1` every half `WATCHDOG_USEC`; a program the monitor supervises inherits none of it. The shipped
-//! unit files pass `systemd-analyze verify`.
+//! unit files pass `systemd-analyze verify`, and the sysusers file makes the user they run as.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -374,4 +374,53 @@ fn the_shipped_units_pass_systemd_analyze_verify() {
             "xcluster-monitor.service"
         ]
     );
+}
+
+/// `xcluster.sysusers.conf` makes the user and group every unit that names one runs as: `systemd-sysusers`
+/// applied to an empty root writes them as a system account with no login shell.
+#[test]
+fn the_shipped_sysusers_file_makes_the_units_user() {
+    let units = workspace_root().join("configs/systemd");
+    let root = tempfile::tempdir().unwrap();
+    std::fs::create_dir(root.path().join("etc")).unwrap();
+    let out = std::process::Command::new("systemd-sysusers")
+        .arg(format!("--root={}", root.path().display()))
+        .arg(units.join("xcluster.sysusers.conf"))
+        .output()
+        .expect("systemd-sysusers (scripts/install-deps installs systemd)");
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let passwd = std::fs::read_to_string(root.path().join("etc/passwd")).unwrap();
+    let group = std::fs::read_to_string(root.path().join("etc/group")).unwrap();
+    let mut named = 0;
+    for entry in std::fs::read_dir(&units).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_none_or(|e| e != "service") {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path).unwrap();
+        for line in text.lines() {
+            let (db, name) = match line.split_once('=') {
+                Some(("User", n)) if n != "root" => (&passwd, n),
+                Some(("Group", n)) if n != "root" => (&group, n),
+                _ => continue,
+            };
+            named += 1;
+            let fields: Vec<&str> = (db.lines())
+                .map(|l| l.split(':').collect::<Vec<_>>())
+                .find(|f| f[0] == name)
+                .unwrap_or_else(|| panic!("{}: {line} is not made by the sysusers file", path.display()));
+            let id: u32 = fields[2].parse().unwrap();
+            assert!(id > 0 && id < 1000, "{name}: not a system id: {id}");
+            if db == &passwd {
+                assert!(fields[6].ends_with("nologin"), "{name} can log in: {fields:?}");
+            }
+        }
+    }
+    // The lb, agent and app units name a user and a group each; the monitor runs as root.
+    assert_eq!(named, 6, "the units' User=/Group= lines changed");
 }
