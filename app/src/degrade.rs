@@ -261,12 +261,14 @@ pub struct Degrade {
 impl Degrade {
     pub fn new(manual: Option<Level>) -> Self {
         let level = manual.unwrap_or(Level::Sync);
-        Self {
+        let d = Self {
             level: std::sync::atomic::AtomicU8::new(level.as_u8()),
             manual: Mutex::new(manual),
             auto: std::sync::atomic::AtomicU8::new(Level::Sync.as_u8()),
             breakers: Mutex::new(Breakers::default()),
-        }
+        };
+        d.publish();
+        d
     }
 
     /// The effective level (an atomic read: this is on every request's path).
@@ -306,8 +308,14 @@ impl Degrade {
         Level::from_u8(self.auto.load(std::sync::atomic::Ordering::Relaxed))
     }
 
+    /// Takes the level the override or the breakers say, and shows it and the override on `/metrics` (here,
+    /// so no path that changes either can leave the gauges behind).
     fn publish(&self) {
-        let level = self.manual().unwrap_or_else(|| self.auto_level());
+        let manual = self.manual();
+        let level = manual.unwrap_or_else(|| self.auto_level());
+        metrics::gauge!(crate::metrics::DEGRADE_LEVEL).set(f64::from(level.as_u8()));
+        let by_hand = manual.map_or(-1.0, |l| f64::from(l.as_u8()));
+        metrics::gauge!(crate::metrics::DEGRADE_MANUAL_LEVEL).set(by_hand);
         let old = self
             .level
             .swap(level.as_u8(), std::sync::atomic::Ordering::Relaxed);

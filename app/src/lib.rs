@@ -208,7 +208,6 @@ async fn sampler(app: Arc<api::App>, cancel: CancellationToken) {
             },
             at,
         );
-        ::metrics::gauge!(crate::metrics::DEGRADE_LEVEL).set(f64::from(app.degrade.level().as_u8()));
         for (breaker, state) in app.degrade.breaker_states() {
             ::metrics::gauge!(crate::metrics::DEGRADE_BREAKER_STATE, "breaker" => breaker).set(state.gauge());
         }

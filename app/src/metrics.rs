@@ -23,6 +23,8 @@ xcluster_runtime::metric_names! {
     pub const OUTBOX_DEPTH: &str = "xcluster_app_outbox_depth";
     /// Current degrade level (0 sync, 1 queued, 2 shed, 3 read_only).
     pub const DEGRADE_LEVEL: &str = "xcluster_app_degrade_level";
+    /// The degrade level an operator set (`[degrade] level` or `POST /admin/degrade`; 0 sync to 3 read_only, which the breakers cannot change), or -1 when the breakers choose (`auto`).
+    pub const DEGRADE_MANUAL_LEVEL: &str = "xcluster_app_degrade_manual_level";
     /// Each degrade breaker's state, by `breaker` (latency, errors, queue): 0 closed, 0.5 half-open (its trial), 1 open.
     pub const DEGRADE_BREAKER_STATE: &str = "xcluster_app_degrade_breaker_state";
     /// Times each degrade breaker opened from closed, by `breaker`: an opening the state gauge's samples miss (open for a second between two scrapes) is counted here.

@@ -717,7 +717,16 @@ fn stats_contract_degrade_switch_and_flash_sale() {
         stats["types"]["seckill"]["service_ms"].as_f64().unwrap() >= 0.2,
         "the CPU knob shows: {stats}"
     );
-    // The degrade switch: token-protected, visible, and enforced.
+    // The degrade switch: token-protected, visible (on /metrics too, as the operator's), and enforced.
+    let levels = || {
+        let m = get(a, "/metrics").unwrap().body;
+        let at = |name| metric_value(&m, name, "");
+        (
+            at("xcluster_app_degrade_level"),
+            at("xcluster_app_degrade_manual_level"),
+        )
+    };
+    assert_eq!(levels(), (Some(0.0), Some(-1.0)), "before any override");
     assert_eq!(
         post(a, "/admin/degrade", None, false, &json!({"level": "read_only"}))
             .unwrap()
@@ -728,6 +737,7 @@ fn stats_contract_degrade_switch_and_flash_sale() {
         .unwrap()
         .json();
     assert_eq!(d["level"], "read_only");
+    assert_eq!(levels(), (Some(3.0), Some(3.0)), "read_only set by hand");
     assert_eq!(
         post(a, "/v1/seckill/flash-1", None, false, &json!({"user": "late"}))
             .unwrap()
@@ -739,6 +749,7 @@ fn stats_contract_degrade_switch_and_flash_sale() {
         .json();
     assert_eq!(d["manual"], serde_json::Value::Null);
     assert_eq!(get(a, "/admin/degrade").unwrap().json()["level"], "sync");
+    assert_eq!(levels(), (Some(0.0), Some(-1.0)), "back to the breakers");
     let totals = drained_totals(a);
     assert_eq!(totals["units_reserved"], 100);
     // Ending the sale: token-protected; what a cancelled winner gave back is then on the shelf for anyone.

@@ -98,7 +98,6 @@ pub async fn degrade_set(app: &Arc<App>, cfg: &Config, req: Request<Incoming>) -
         },
     };
     app.degrade.set_manual(manual);
-    metrics::gauge!(crate::metrics::DEGRADE_LEVEL).set(f64::from(app.degrade.level().as_u8()));
     json(StatusCode::OK, &degrade_view(app))
 }
 
