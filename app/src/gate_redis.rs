@@ -1,6 +1,7 @@
 //! The shared flash-sale gate on Redis (issue 8), beside the local sold-out gate (`gate`): one atomic Lua
-//! script checks a SKU's cached stock and the buyer's per-user count and takes both, so a flood of attempts on
-//! a hot or sold-out item is answered by Redis instead of the store.
+//! script checks a SKU's cached stock and the buyer's per-user count in the SKU's current sale and takes both,
+//! so a flood of attempts on a hot or sold-out item is answered by Redis instead of the store. The counts are
+//! per sale, as the store's are: a buyer of an earlier sale of the SKU must not be refused early.
 //!
 //! Redis may only reject early; the store's conditional decrement stays the authority, so Redis can never
 //! cause an oversell: an admitted attempt still goes to the store, and when the store refuses it the unit
@@ -20,21 +21,41 @@ use crate::domain::now_ms;
 use crate::exec::StoreExec;
 use crate::resp::{self, Conn, RespError, Value};
 
-/// Takes `qty` of stock and of the user's allowance, or says why not. Keys: stock, and the user's count of the
-/// SKU (a key of its own, so it expires: see [`RedisGate::counter_ttl_ms`]). Args: qty, limit, the count's
-/// life in ms. Returns 1 (taken), 0 (sold out), -1 (over the user's limit), -2 (no counter yet, or fewer
-/// units than asked but some: ask the store, whose answer says how many are left).
+/// Takes `qty` of stock and of the user's allowance in the SKU's current sale, or says why not. Keys: stock,
+/// and the SKU's sale number ([`sale_key`]). Args: qty, limit, the count's life in ms, and the user's count
+/// key ([`bought_key`]) split around the sale number, which only the script reads atomically with the
+/// counts (a standalone Redis, as the gate needs, lets a script name a key it builds). Returns {1, sale}
+/// (taken, counted in that sale), 0 (sold out), -1 (over the user's limit in this sale), -2 (no counter or
+/// no sale number yet, or fewer units than asked but some: ask the store, whose answer says how many are
+/// left).
 const ADMIT: &str = r#"
 local s = redis.call('GET', KEYS[1])
-if not s then return -2 end
+local sale = redis.call('GET', KEYS[2])
+if not s or not sale then return -2 end
 local q = tonumber(ARGV[1])
 if tonumber(s) <= 0 then return 0 end
 if tonumber(s) < q then return -2 end
-local b = tonumber(redis.call('GET', KEYS[2]) or '0')
+local bought = ARGV[4] .. sale .. ARGV[5]
+local b = tonumber(redis.call('GET', bought) or '0')
 if b + q > tonumber(ARGV[2]) then return -1 end
 redis.call('DECRBY', KEYS[1], q)
-redis.call('INCRBY', KEYS[2], q)
-redis.call('PEXPIRE', KEYS[2], ARGV[3])
+redis.call('INCRBY', bought, q)
+redis.call('PEXPIRE', bought, ARGV[3])
+return {1, tonumber(sale)}
+"#;
+
+/// Raises a SKU's sale number to ARGV[1] (never lowers it: a reconciler that read the store before a sale
+/// opened must not take the gate back to the sale before, whose counts would refuse that sale's buyers), and
+/// keeps it ARGV[2] ms more. Keys: the sale number; then, when ARGV[3] is given, the stock counter set to it
+/// (the reconciler's rebuild, in the same call).
+const RAISE_SALE: &str = r#"
+local cur = tonumber(redis.call('GET', KEYS[1]) or '-1')
+if tonumber(ARGV[1]) > cur then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+else
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+if ARGV[3] then redis.call('SET', KEYS[2], ARGV[3], 'PX', ARGV[2]) end
 return 1
 "#;
 
@@ -49,8 +70,11 @@ return 1
 /// What the gate says about one attempt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Admission {
-    /// Taken from the Redis counters: give back with [`RedisGate::release`] if the store refuses.
-    Taken,
+    /// Taken from the Redis counters, counted in sale `sale`: give back with [`RedisGate::release`] if the
+    /// store refuses.
+    Taken {
+        sale: i64,
+    },
     /// Redis has no opinion (no counter, circuit open, or an error): ask the store.
     Pass,
     SoldOut,
@@ -90,10 +114,21 @@ fn stock_key(sku: &str) -> String {
     format!("xbuy:stock:{sku}")
 }
 
-/// The units of `sku` the gate let `user` take lately. `/` is in no id (`domain::valid_id`), so no two pairs
-/// share a key.
-fn bought_key(sku: &str, user: &str) -> String {
-    format!("xbuy:bought:{sku}/{user}")
+/// The number of `sku`'s latest flash sale, as the store's `skus.sale_seq`: the per-user counts are per sale.
+fn sale_key(sku: &str) -> String {
+    format!("xbuy:sale:{sku}")
+}
+
+/// The key of the units of `sku` the gate let `user` take lately in sale `sale`, in two parts around the
+/// number (`ADMIT` puts in the number it reads). `/` is in no id (`domain::valid_id`) nor in a number, so no
+/// two triples share a key.
+fn bought_key_parts(sku: &str, user: &str) -> (String, String) {
+    (format!("xbuy:bought:{sku}/"), format!("/{user}"))
+}
+
+fn bought_key(sku: &str, sale: i64, user: &str) -> String {
+    let (head, tail) = bought_key_parts(sku, user);
+    format!("{head}{sale}{tail}")
 }
 
 /// Every `answer` label of `xcluster_app_redis_gate_total`: an admission's, or a failed call's.
@@ -191,23 +226,29 @@ impl RedisGate {
 
     /// Asks the gate for `qty` units of `sku` for `user` with a per-user `limit`.
     pub async fn admit(&self, sku: &str, user: &str, qty: u32, limit: u32) -> Admission {
-        let (stock, bought) = (stock_key(sku), bought_key(sku, user));
+        let (stock, sale) = (stock_key(sku), sale_key(sku));
+        let (head, tail) = bought_key_parts(sku, user);
         let (qty, limit, ttl) = (
             qty.to_string(),
             limit.to_string(),
             self.counter_ttl_ms().to_string(),
         );
         let answer = match self
-            .call(&["EVAL", ADMIT, "2", &stock, &bought, &qty, &limit, &ttl])
+            .call(&[
+                "EVAL", ADMIT, "2", &stock, &sale, &qty, &limit, &ttl, &head, &tail,
+            ])
             .await
         {
-            Some(Value::Int(1)) => Admission::Taken,
+            Some(Value::Array(taken)) => match taken.as_slice() {
+                [Value::Int(1), Value::Int(sale)] => Admission::Taken { sale: *sale },
+                _ => Admission::Pass,
+            },
             Some(Value::Int(0)) => Admission::SoldOut,
             Some(Value::Int(-1)) => Admission::OverLimit,
             _ => Admission::Pass,
         };
         let label = match answer {
-            Admission::Taken => "taken",
+            Admission::Taken { .. } => "taken",
             Admission::Pass => "pass",
             Admission::SoldOut => "sold_out",
             Admission::OverLimit => "over_limit",
@@ -216,17 +257,27 @@ impl RedisGate {
         answer
     }
 
-    /// Gives back a [`Admission::Taken`] the store did not turn into an order.
-    pub async fn release(&self, sku: &str, user: &str, qty: u32) {
-        let (stock, bought) = (stock_key(sku), bought_key(sku, user));
+    /// Gives back a [`Admission::Taken`] in sale `sale` the store did not turn into an order.
+    pub async fn release(&self, sku: &str, sale: i64, user: &str, qty: u32) {
+        let (stock, bought) = (stock_key(sku), bought_key(sku, sale, user));
         let qty = qty.to_string();
         self.call(&["EVAL", RELEASE, "2", &stock, &bought, &qty]).await;
     }
 
-    /// Forgets what `user` took of `sku` (their flash-sale order was cancelled), so the gate does not refuse
-    /// them `limit_exceeded` when the store, which counts only live orders, would sell to them again.
-    pub async fn forget(&self, sku: &str, user: &str) {
-        self.call(&["DEL", &bought_key(sku, user)]).await;
+    /// Forgets what `user` took of `sku` in sale `sale` (their flash-sale order of that sale was cancelled),
+    /// so the gate does not refuse them `limit_exceeded` when the store, which counts only live orders, would
+    /// sell to them again.
+    pub async fn forget(&self, sku: &str, sale: i64, user: &str) {
+        self.call(&["DEL", &bought_key(sku, sale, user)]).await;
+    }
+
+    /// Has the gate count in sale `sale` of `sku` from now on (the store just opened it; the number is only
+    /// ever raised). Until then the gate counted in the sale before, whose buyers it would refuse early in
+    /// this one, which the store would not.
+    pub async fn open_sale(&self, sku: &str, sale: i64) {
+        let ttl = self.counter_ttl_ms().to_string();
+        self.call(&["EVAL", RAISE_SALE, "1", &sale_key(sku), &sale.to_string(), &ttl])
+            .await;
     }
 
     /// How long a stock counter or a user's count lives unless written again. A count is never read back
@@ -236,12 +287,22 @@ impl RedisGate {
         (self.opts.rebuild_every.as_millis() as u64 * 10).max(5_000)
     }
 
-    /// Sets a SKU's stock counter to what the store says is sellable. The counter expires unless rebuilt,
-    /// so a stopped reconciler cannot leave Redis rejecting on stale numbers for long.
-    async fn set_stock(&self, sku: &str, sellable: i64) {
+    /// Sets a SKU's stock counter to what the store says is sellable, and raises its sale number to the
+    /// store's (a restarted Redis has none, and an instance's write at a sale's opening may have failed). Both
+    /// expire unless rebuilt, so a stopped reconciler cannot leave Redis rejecting on stale numbers for long.
+    async fn rebuild(&self, sku: &str, sellable: i64, sale: i64) {
         let ttl = self.counter_ttl_ms().to_string();
-        self.call(&["SET", &stock_key(sku), &sellable.max(0).to_string(), "PX", &ttl])
-            .await;
+        self.call(&[
+            "EVAL",
+            RAISE_SALE,
+            "2",
+            &sale_key(sku),
+            &stock_key(sku),
+            &sale.to_string(),
+            &ttl,
+            &sellable.max(0).to_string(),
+        ])
+        .await;
     }
 
     fn hot(&self) -> Vec<String> {
@@ -286,7 +347,7 @@ pub async fn reconciler(gate: Arc<RedisGate>, exec: StoreExec, cancel: Cancellat
         for p in products {
             for s in p.skus {
                 if hot.contains(&s.sku) {
-                    gate.set_stock(&s.sku, s.available + s.bucketed).await;
+                    gate.rebuild(&s.sku, s.available + s.bucketed, s.sale_seq).await;
                 }
             }
         }

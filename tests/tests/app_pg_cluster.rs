@@ -613,6 +613,39 @@ fn attempts_on_unknown_skus_do_not_keep_a_sale_out_of_the_redis_gate() {
     audit(sale.one.addr);
 }
 
+/// A buyer of one sale is admitted by the Redis gate in the next sale of the SKU (closed, then opened again),
+/// as the store sells to them, and refused by it over the limit within each sale: the gate counted a buyer's
+/// units of a SKU over all its sales, so Redis refused a buyer of last month's sale `limit_exceeded` in this
+/// month's, which the store, counting per sale, would not.
+#[test]
+fn a_buyer_of_the_last_sale_is_admitted_by_the_redis_gate_in_the_next() {
+    let sale = FlashSale::open(OneApp::start());
+    let over_limit = || {
+        let m = get(sale.one.addr, "/metrics").unwrap().body;
+        metric_value(&m, "xcluster_app_redis_gate_total", "answer=\"over_limit\"").unwrap_or(0.0)
+    };
+    let admin = |method: &str| {
+        let path = "/v1/merchant/flash-sales/flash-1";
+        let r = request(sale.one.addr, method, path, &[("Authorization", &auth())], None).unwrap();
+        assert_eq!(r.status, 200, "{method} {path}: {}", r.body);
+        r.json()
+    };
+    sale.buy_counted("regular");
+    let refused = over_limit();
+    assert_eq!(sale.buy("regular").status, 429);
+    assert_eq!(over_limit(), refused + 1.0, "redis refused the buyer in sale 1");
+    // Opening the open sale again adds stock, not a new sale.
+    assert_eq!(admin("POST")["sale_seq"], 1);
+    assert_eq!(sale.buy("regular").status, 429);
+    assert_eq!(admin("DELETE")["sale_seq"], 1);
+    assert_eq!(admin("POST")["sale_seq"], 2);
+    sale.buy_counted("regular");
+    let refused = over_limit();
+    assert_eq!(sale.buy("regular").status, 429);
+    assert_eq!(over_limit(), refused + 1.0, "redis refused the buyer in sale 2");
+    audit(sale.one.addr);
+}
+
 /// The same for a flash-sale order that expired unpaid: the sweeper tells the gate.
 #[test]
 fn an_expired_flash_sale_order_frees_the_buyers_allowance_at_the_redis_gate() {

@@ -174,7 +174,14 @@ pub async fn flash_sale(app: &Arc<App>, cfg: &Config, sku: &str, req: Request<In
     }
     let sku = sku.to_string();
     match app.exec.run(move |s| s.open_flash_sale(&sku, buckets)).await {
-        Ok(r) => respond(StatusCode::OK, Ok(r)),
+        Ok(r) => {
+            // Once committed, the Redis gate counts in the sale's number at once, rather than at the
+            // reconciler's next pass: counting in the sale before, it would refuse that sale's buyers early.
+            if let (Ok(opened), Some(g)) = (&r, &app.redis_gate) {
+                g.open_sale(&opened.sku, opened.sale_seq).await;
+            }
+            respond(StatusCode::OK, Ok(r))
+        }
         Err(e) => store_failed(&e),
     }
 }

@@ -166,10 +166,10 @@ pub async fn seckill(app: &Arc<App>, cfg: &Config, sku: &str, req: Request<Incom
     }
     // What the gate took is given back unless it became a new order (a replay took nothing).
     if let Some(g) = redis
-        && admission == crate::gate_redis::Admission::Taken
+        && let crate::gate_redis::Admission::Taken { sale } = admission
         && !matches!(&out, Ok(Ok(c)) if !c.replay)
     {
-        g.release(sku, &user, qty).await;
+        g.release(sku, sale, &user, qty).await;
     }
     created(out)
 }
@@ -259,8 +259,11 @@ pub(super) async fn forget_at_gate(app: &App, view: &crate::store::OrderView, fr
         return;
     }
     for line in &view.lines {
-        if let Some(g) = &app.redis_gate {
-            g.forget(&line.sku, &view.user).await;
+        // The gate counted the line in the sale it was sold in (every flash-sale line has one).
+        if let Some(g) = &app.redis_gate
+            && let Some(sale) = line.sale_seq
+        {
+            g.forget(&line.sku, sale, &view.user).await;
         }
         app.gate.clear(&line.sku);
     }

@@ -60,6 +60,10 @@ pub struct Sku {
     /// Its flash sale is open: only `POST /v1/seckill/{sku}` sells it, within the per-user limit.
     #[serde(default)]
     pub flash_sale: bool,
+    /// The number of its latest flash sale (0 before the first): it grows when a sale opens on a SKU with
+    /// none open, and the per-user limit counts only the units bought under it.
+    #[serde(default)]
+    pub sale_seq: i64,
 }
 
 /// A product (SPU) with its SKUs.
@@ -80,6 +84,10 @@ pub struct LineView {
     /// Units of the line refunded so far (0..=qty). Absent from answers stored before refunds were partial.
     #[serde(default)]
     pub refunded_qty: i64,
+    /// The flash sale (its SKU's `sale_seq`) a flash-sale line was sold in, which the per-user limit counts it
+    /// against; none on an ordinary line.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sale_seq: Option<i64>,
 }
 
 /// An order as the API shows it.
@@ -140,9 +148,9 @@ pub struct Refunded {
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Expired {
     pub orders: u32,
-    /// (user, SKU) of each expired flash-sale order's lines: the Redis gate forgets what it counted of them,
-    /// as on a cancel.
-    pub flash_sale: Vec<(String, String)>,
+    /// (user, SKU, sale number) of each expired flash-sale order's lines: the Redis gate forgets what it
+    /// counted of them under that sale, as on a cancel.
+    pub flash_sale: Vec<(String, String, i64)>,
 }
 
 /// A payment provider's callback.
@@ -255,7 +263,9 @@ pub trait Store: Send + Sync + 'static {
     /// again (`replay`), and another batch under the key is `IdempotencyConflict`. A refused batch records
     /// nothing: it changed nothing, so its key may carry it again.
     fn update_stock_once(&self, key: &str, updates: &[StockUpdate]) -> StoreResult<Restocked>;
-    /// Moves a SKU's available stock into `buckets` flash-sale buckets: the sale is open.
+    /// Moves a SKU's available stock into `buckets` flash-sale buckets: the sale is open. A SKU with no sale
+    /// open starts a new one (its `sale_seq` grows, so the per-user limit starts afresh); one open already
+    /// only gets the stock.
     fn open_flash_sale(&self, sku: &str, buckets: u32) -> StoreResult<Sku>;
     /// Ends a SKU's flash sale: its buckets' units go back to `available`, for ordinary orders. Closing a
     /// SKU with no open sale changes nothing and answers the same.

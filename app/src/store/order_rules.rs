@@ -5,7 +5,7 @@
 use super::{
     Created, LineView, OrderView, PaymentCallback, Refunded, Restocked, Sku, StockUpdate, StoreError,
 };
-use crate::domain::{Cents, NewOrder, OrderLineReq, OrderStatus, Reject, Transition, now_ms};
+use crate::domain::{Cents, NewOrder, OrderKind, OrderLineReq, OrderStatus, Reject, Transition, now_ms};
 
 pub(super) type Res<T> = Result<Result<T, Reject>, StoreError>;
 
@@ -43,6 +43,14 @@ pub(super) fn over_limit(o: &NewOrder, l: &OrderLineReq, bought: i64) -> Option<
         sku: l.sku.clone(),
         limit: o.per_user_limit,
     })
+}
+
+/// The sale a new line of an order of `kind` is counted in, its SKU's sale being `sale_seq`: a flash-sale line
+/// belongs to the SKU's latest sale (open or not: a seckill attempt with no sale open has the same limit, that
+/// sale's), so the limit counts a buyer's units per sale, not over every sale of the SKU; an ordinary line to
+/// none.
+pub(super) fn sale_of(kind: OrderKind, sale_seq: i64) -> Option<i64> {
+    (kind == OrderKind::Seckill).then_some(sale_seq)
 }
 
 /// The refusal of `wanted` units of `sku` when the conditional decrement found only `available` (for a flash

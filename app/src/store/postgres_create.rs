@@ -45,6 +45,8 @@ struct Shelf {
     available: i64,
     /// Its flash sale is open (it has bucket rows, even empty ones).
     on_sale: bool,
+    /// The number of its latest sale (`skus.sale_seq`), which its flash-sale lines are sold in.
+    sale_seq: i64,
     /// (bucket, units), by bucket.
     buckets: Vec<(i64, i64)>,
 }
@@ -55,7 +57,7 @@ struct Plan {
     shelves: HashMap<String, Shelf>,
     /// (user, key) → (fingerprint, stored answer): stored before, or created earlier in this group.
     answers: HashMap<(String, String), (String, String)>,
-    /// (user, SKU) → flash-sale units the user holds in live orders.
+    /// (user, SKU) → flash-sale units the user holds in live orders of the SKU's current sale.
     bought: HashMap<(String, String), i64>,
     /// SKU → (units off the shelf, units into `reserved`).
     sku_moves: BTreeMap<String, (i64, i64)>,
@@ -137,8 +139,8 @@ fn lock_and_read(t: &mut Tx<'_>, orders: &[NewOrder]) -> Result<Plan, StoreError
     skus.dedup();
     // `FOR UPDATE` returns each row's newest version once its lock is ours: the stock the decisions start from.
     for r in t.query(
-        "SELECT s.sku, s.price_cents, p.shop_id, s.available FROM skus s JOIN products p ON p.id = s.product_id
-         WHERE s.sku = ANY($1) ORDER BY s.sku FOR UPDATE OF s",
+        "SELECT s.sku, s.price_cents, p.shop_id, s.available, s.sale_seq FROM skus s
+         JOIN products p ON p.id = s.product_id WHERE s.sku = ANY($1) ORDER BY s.sku FOR UPDATE OF s",
         &[&skus],
     )? {
         plan.shelves.insert(
@@ -148,6 +150,7 @@ fn lock_and_read(t: &mut Tx<'_>, orders: &[NewOrder]) -> Result<Plan, StoreError
                 shop: r.get(2),
                 available: r.get(3),
                 on_sale: false,
+                sale_seq: r.get(4),
                 buckets: Vec::new(),
             },
         );
@@ -182,10 +185,13 @@ fn lock_and_read(t: &mut Tx<'_>, orders: &[NewOrder]) -> Result<Plan, StoreError
         .unzip();
     if !users.is_empty() {
         // Every order creation holds these SKUs' row locks, so no other can add to these counts before we
-        // commit; a cancel, an expiry or a refund only lowers them.
+        // commit; a cancel, an expiry or a refund only lowers them, and opening a sale (a new number) takes
+        // the row lock too.
         for r in t.query(
-            // Refunded units count no more than a refunded order's do.
+            // Refunded units count no more than a refunded order's do; units of an earlier sale of the SKU not
+            // at all (`order_rules::sale_of`).
             r#"SELECT o."user", l.sku, SUM(l.qty - l.refunded_qty)::BIGINT FROM orders o JOIN order_lines l ON l.order_id = o.id
+             JOIN skus s ON s.sku = l.sku AND s.sale_seq = l.sale_seq
              WHERE o.kind = 'seckill' AND o.status IN ('reserved', 'paid', 'fulfilled')
                AND (o."user", l.sku) IN (SELECT * FROM unnest($1::text[], $2::text[]))
              GROUP BY 1, 2"#,
@@ -250,6 +256,7 @@ fn decide(plan: &mut Plan, o: &NewOrder) -> Result<Decision, StoreError> {
                 qty,
                 price_cents: shelf.price,
                 refunded_qty: 0,
+                sale_seq: order_rules::sale_of(o.kind, shelf.sale_seq),
             },
             shelf.shop,
         ));
@@ -383,8 +390,14 @@ fn write(
     let mut created = Vec::with_capacity(accepted.len());
     let mut expires = Vec::with_capacity(accepted.len());
     let mut answers = Vec::with_capacity(accepted.len());
-    let (mut l_ids, mut l_skus, mut l_qty, mut l_price, mut l_shop) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut l_ids, mut l_skus, mut l_qty, mut l_price, mut l_shop, mut l_sale) = (
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+    );
     for a in accepted {
         let o = &orders[a.order];
         ids.push(o.id.as_str());
@@ -402,6 +415,7 @@ fn write(
             l_qty.push(l.qty);
             l_price.push(l.price_cents);
             l_shop.push(*shop);
+            l_sale.push(l.sale_seq);
         }
     }
     t.exec(
@@ -413,9 +427,9 @@ fn write(
         &[&ids, &keys, &fps, &users, &kinds, &totals, &created, &expires, &answers],
     )?;
     t.exec(
-        "INSERT INTO order_lines(order_id, sku, qty, price_cents, shop_id)
-         SELECT * FROM unnest($1::text[], $2::text[], $3::int8[], $4::int8[], $5::int8[])",
-        &[&l_ids, &l_skus, &l_qty, &l_price, &l_shop],
+        "INSERT INTO order_lines(order_id, sku, qty, price_cents, shop_id, sale_seq)
+         SELECT * FROM unnest($1::text[], $2::text[], $3::int8[], $4::int8[], $5::int8[], $6::int8[])",
+        &[&l_ids, &l_skus, &l_qty, &l_price, &l_shop, &l_sale],
     )?;
     if inline_weak {
         // The sync level (a group of one): the weak effects read the order just written.
@@ -443,6 +457,7 @@ mod tests {
             shop: 1,
             available,
             on_sale: !buckets.is_empty(),
+            sale_seq: 1,
             buckets: buckets.to_vec(),
         }
     }

@@ -12,7 +12,7 @@ use super::order_rules::{self, Res};
 
 const SKU_COLUMNS: &str = "SELECT s.sku, s.price_cents, s.available, s.reserved, s.sold,
         COALESCE((SELECT SUM(b.available) FROM sku_buckets b WHERE b.sku = s.sku), 0)::BIGINT,
-        EXISTS(SELECT 1 FROM sku_buckets b WHERE b.sku = s.sku) FROM skus s";
+        EXISTS(SELECT 1 FROM sku_buckets b WHERE b.sku = s.sku), s.sale_seq FROM skus s";
 
 fn sku_row(r: &Row) -> Sku {
     Sku {
@@ -23,6 +23,7 @@ fn sku_row(r: &Row) -> Sku {
         sold: r.get(4),
         bucketed: r.get(5),
         flash_sale: r.get(6),
+        sale_seq: r.get(7),
     }
 }
 
@@ -81,8 +82,8 @@ pub fn user_orders(
     let ids: Vec<&str> = orders.iter().map(|o| o.id.as_str()).collect();
     let lines: Vec<(String, LineView)> = t
         .query(
-            "SELECT order_id, sku, qty, price_cents, refunded_qty FROM order_lines WHERE order_id = ANY($1)
-             ORDER BY sku",
+            "SELECT order_id, sku, qty, price_cents, refunded_qty, sale_seq FROM order_lines
+             WHERE order_id = ANY($1) ORDER BY sku",
             &[&ids],
         )?
         .iter()
@@ -94,6 +95,7 @@ pub fn user_orders(
                     qty: r.get(2),
                     price_cents: r.get(3),
                     refunded_qty: r.get(4),
+                    sale_seq: r.get(5),
                 },
             )
         })
@@ -128,7 +130,8 @@ pub fn load_order(t: &mut Tx<'_>, id: &str) -> Result<Option<OrderView>, StoreEr
     let Some(r) = row else { return Ok(None) };
     let lines = t
         .query(
-            "SELECT sku, qty, price_cents, refunded_qty FROM order_lines WHERE order_id = $1 ORDER BY sku",
+            "SELECT sku, qty, price_cents, refunded_qty, sale_seq FROM order_lines WHERE order_id = $1
+             ORDER BY sku",
             &[&id],
         )?
         .iter()
@@ -137,6 +140,7 @@ pub fn load_order(t: &mut Tx<'_>, id: &str) -> Result<Option<OrderView>, StoreEr
             qty: l.get(1),
             price_cents: l.get(2),
             refunded_qty: l.get(3),
+            sale_seq: l.get(4),
         })
         .collect();
     let mut order = OrderView {
@@ -301,9 +305,12 @@ pub fn expire_due(t: &mut Tx<'_>, now: i64, limit: u32) -> Result<super::Expired
             move_locked_stock(t, &id, "reserved", "available")?;
             out.orders += 1;
             if kind == crate::domain::OrderKind::Seckill.as_str() {
-                let lines = t.query("SELECT sku FROM order_lines WHERE order_id = $1", &[&id])?;
+                let lines = t.query(
+                    "SELECT sku, COALESCE(sale_seq, 0) FROM order_lines WHERE order_id = $1",
+                    &[&id],
+                )?;
                 out.flash_sale
-                    .extend(lines.iter().map(|r| (user.clone(), r.get(0))));
+                    .extend(lines.iter().map(|r| (user.clone(), r.get(0), r.get(1))));
             }
         }
     }
@@ -363,7 +370,9 @@ fn sku(t: &mut Tx<'_>, id: &str) -> Result<Sku, StoreError> {
     ))
 }
 
-/// Splits a SKU's available stock evenly over `buckets` rows (adding to buckets that already exist).
+/// Splits a SKU's available stock evenly over `buckets` rows (adding to buckets that already exist). A SKU
+/// with no buckets starts its next sale (`sale_seq` + 1, as `sqlite_orders::open_flash_sale`); the row lock
+/// taken first keeps a concurrent open from numbering it twice.
 pub fn open_flash_sale(t: &mut Tx<'_>, sku_id: &str, buckets: u32) -> Res<Sku> {
     let available = t.opt("SELECT available FROM skus WHERE sku = $1 FOR UPDATE", &[&sku_id])?;
     let Some(available) = available else {
@@ -373,6 +382,11 @@ pub fn open_flash_sale(t: &mut Tx<'_>, sku_id: &str, buckets: u32) -> Res<Sku> {
         }));
     };
     let available: i64 = available.get(0);
+    t.exec(
+        "UPDATE skus SET sale_seq = sale_seq + 1
+         WHERE sku = $1 AND NOT EXISTS(SELECT 1 FROM sku_buckets WHERE sku = $1)",
+        &[&sku_id],
+    )?;
     let n = i64::from(buckets.max(1));
     for b in 0..n {
         let share = available / n + i64::from(b < available % n);

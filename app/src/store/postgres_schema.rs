@@ -92,7 +92,14 @@ CREATE TABLE stock_keys(
   idem_key TEXT PRIMARY KEY, fingerprint TEXT NOT NULL, answer TEXT NOT NULL, created_ms BIGINT NOT NULL);
 "#;
 
-const MIGRATIONS: &[&str] = &[V1, V2, V3, V4];
+/// Numbered flash sales (see `sqlite_schema::V5`).
+const V5: &str = r#"
+ALTER TABLE skus ADD COLUMN sale_seq BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE order_lines ADD COLUMN sale_seq BIGINT;
+UPDATE order_lines SET sale_seq = 0 WHERE order_id IN (SELECT id FROM orders WHERE kind = 'seckill');
+"#;
+
+const MIGRATIONS: &[&str] = &[V1, V2, V3, V4, V5];
 
 /// The SQL that makes an empty database one of schema `version`, as `sqlite_schema::schema_up_to`.
 #[cfg(test)]

@@ -14,7 +14,7 @@ macro_rules! sku_select {
         concat!(
             "SELECT s.sku, s.price_cents, s.available, s.reserved, s.sold,
                     COALESCE((SELECT SUM(b.available) FROM sku_buckets b WHERE b.sku = s.sku), 0),
-                    EXISTS(SELECT 1 FROM sku_buckets b WHERE b.sku = s.sku)
+                    EXISTS(SELECT 1 FROM sku_buckets b WHERE b.sku = s.sku), s.sale_seq
              FROM skus s ",
             $tail
         )
@@ -30,6 +30,7 @@ fn sku_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Sku> {
         sold: r.get(4)?,
         bucketed: r.get(5)?,
         flash_sale: r.get(6)?,
+        sale_seq: r.get(7)?,
     })
 }
 
@@ -120,8 +121,8 @@ pub fn user_orders(
     let marks = vec!["?"; orders.len()].join(",");
     let lines: Vec<(String, LineView)> = c
         .prepare(&format!(
-            "SELECT order_id, sku, qty, price_cents, refunded_qty FROM order_lines WHERE order_id IN ({marks})
-             ORDER BY sku"
+            "SELECT order_id, sku, qty, price_cents, refunded_qty, sale_seq FROM order_lines
+             WHERE order_id IN ({marks}) ORDER BY sku"
         ))?
         .query_map(rusqlite::params_from_iter(orders.iter().map(|o| &o.id)), |r| {
             Ok((
@@ -131,6 +132,7 @@ pub fn user_orders(
                     qty: r.get(2)?,
                     price_cents: r.get(3)?,
                     refunded_qty: r.get(4)?,
+                    sale_seq: r.get(5)?,
                 },
             ))
         })?
@@ -141,7 +143,7 @@ pub fn user_orders(
 
 fn lines(c: &Connection, id: &str) -> Result<Vec<LineView>, StoreError> {
     let mut stmt = c.prepare_cached(
-        "SELECT sku, qty, price_cents, refunded_qty FROM order_lines WHERE order_id = ?1 ORDER BY sku",
+        "SELECT sku, qty, price_cents, refunded_qty, sale_seq FROM order_lines WHERE order_id = ?1 ORDER BY sku",
     )?;
     Ok(stmt
         .query_map([id], |r| {
@@ -150,6 +152,7 @@ fn lines(c: &Connection, id: &str) -> Result<Vec<LineView>, StoreError> {
                 qty: r.get(1)?,
                 price_cents: r.get(2)?,
                 refunded_qty: r.get(3)?,
+                sale_seq: r.get(4)?,
             })
         })?
         .collect::<Result<_, _>>()?)
@@ -201,8 +204,10 @@ fn create_one(tx: &Transaction<'_>, o: &NewOrder, inline_weak: bool) -> Res<Crea
         for l in &o.lines {
             let bought: i64 = tx
                 .prepare_cached(
-                    // Refunded units count no more than a refunded order's do.
+                    // Refunded units count no more than a refunded order's do; units of an earlier sale of the
+                    // SKU not at all (`sale_of`). An unknown SKU counts nothing and is refused below.
                     "SELECT COALESCE(SUM(l.qty - l.refunded_qty), 0) FROM orders o JOIN order_lines l ON l.order_id = o.id
+                     JOIN skus s ON s.sku = l.sku AND s.sale_seq = l.sale_seq
                      WHERE o.user = ?1 AND o.kind = 'seckill' AND l.sku = ?2
                        AND o.status IN ('reserved', 'paid', 'fulfilled')",
                 )?
@@ -217,11 +222,14 @@ fn create_one(tx: &Transaction<'_>, o: &NewOrder, inline_weak: bool) -> Res<Crea
     let mut total = 0i64;
     for l in &o.lines {
         let qty = i64::from(l.qty);
-        let info: Option<(i64, i64)> = tx
-            .prepare_cached("SELECT s.price_cents, p.shop_id FROM skus s JOIN products p ON p.id = s.product_id WHERE s.sku = ?1")?
-            .query_row([&l.sku], |r| Ok((r.get(0)?, r.get(1)?)))
+        let info: Option<(i64, i64, i64)> = tx
+            .prepare_cached(
+                "SELECT s.price_cents, p.shop_id, s.sale_seq FROM skus s JOIN products p ON p.id = s.product_id
+                 WHERE s.sku = ?1",
+            )?
+            .query_row([&l.sku], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
             .optional()?;
-        let Some((price, shop)) = info else {
+        let Some((price, shop, sale_seq)) = info else {
             return Ok(Err(Reject::NotFound {
                 what: "sku",
                 id: l.sku.clone(),
@@ -237,6 +245,7 @@ fn create_one(tx: &Transaction<'_>, o: &NewOrder, inline_weak: bool) -> Res<Crea
             qty,
             price_cents: price,
             refunded_qty: 0,
+            sale_seq: order_rules::sale_of(o.kind, sale_seq),
         });
     }
     let (view, answer) = order_rules::reserved(o, &views, total)?;
@@ -248,9 +257,10 @@ fn create_one(tx: &Transaction<'_>, o: &NewOrder, inline_weak: bool) -> Res<Crea
     .execute(params![o.id, o.idem_key, o.fingerprint, o.user, o.kind.as_str(), total, o.created_ms, o.expires_ms, answer])?;
     for (l, shop) in views.iter().zip(&shops) {
         tx.prepare_cached(
-            "INSERT INTO order_lines(order_id, sku, qty, price_cents, shop_id) VALUES (?1, ?2, ?3, ?4, ?5)",
+            "INSERT INTO order_lines(order_id, sku, qty, price_cents, shop_id, sale_seq)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
         )?
-        .execute(params![o.id, l.sku, l.qty, l.price_cents, shop])?;
+        .execute(params![o.id, l.sku, l.qty, l.price_cents, shop, l.sale_seq])?;
     }
     super::sqlite_money::enqueue(tx, "order.placed", &o.id, inline_weak)?;
     Ok(Ok(Created {
@@ -445,12 +455,12 @@ pub fn expire_due(tx: &Transaction<'_>, now: i64, limit: u32) -> Result<super::E
             move_stock(tx, &id, "reserved", "available")?;
             out.orders += 1;
             if kind == OrderKind::Seckill.as_str() {
-                let skus = tx
-                    .prepare_cached("SELECT sku FROM order_lines WHERE order_id = ?1")?
-                    .query_map([&id], |r| r.get::<_, String>(0))?
+                let lines = tx
+                    .prepare_cached("SELECT sku, COALESCE(sale_seq, 0) FROM order_lines WHERE order_id = ?1")?
+                    .query_map([&id], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?
                     .collect::<Result<Vec<_>, _>>()?;
                 out.flash_sale
-                    .extend(skus.into_iter().map(|sku| (user.clone(), sku)));
+                    .extend(lines.into_iter().map(|(sku, sale)| (user.clone(), sku, sale)));
             }
         }
     }
@@ -511,7 +521,9 @@ fn sku(c: &Connection, sku: &str) -> Result<Sku, StoreError> {
         .query_row([sku], sku_row)?)
 }
 
-/// Splits a SKU's available stock evenly over `buckets` rows (adding to buckets that already exist).
+/// Splits a SKU's available stock evenly over `buckets` rows (adding to buckets that already exist). A SKU
+/// with no buckets starts its next sale (`sale_seq` + 1), so the per-user limit counts afresh; an open one
+/// only gets the stock, and its buyers' units still count.
 pub fn open_flash_sale(tx: &Transaction<'_>, sku_id: &str, buckets: u32) -> Res<Sku> {
     let available: Option<i64> = tx
         .prepare_cached("SELECT available FROM skus WHERE sku = ?1")?
@@ -523,6 +535,11 @@ pub fn open_flash_sale(tx: &Transaction<'_>, sku_id: &str, buckets: u32) -> Res<
             id: sku_id.into(),
         }));
     };
+    tx.prepare_cached(
+        "UPDATE skus SET sale_seq = sale_seq + 1
+         WHERE sku = ?1 AND NOT EXISTS(SELECT 1 FROM sku_buckets WHERE sku = ?1)",
+    )?
+    .execute([sku_id])?;
     let n = i64::from(buckets.max(1));
     for b in 0..n {
         let share = available / n + i64::from(b < available % n);

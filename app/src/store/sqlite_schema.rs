@@ -107,7 +107,17 @@ CREATE TABLE stock_keys(
   idem_key TEXT PRIMARY KEY, fingerprint TEXT NOT NULL, answer TEXT NOT NULL, created_ms INTEGER NOT NULL);
 "#;
 
-const MIGRATIONS: &[&str] = &[V1, V2, V3, V4];
+/// Flash sales are numbered, so the per-user limit counts a buyer's units of the current sale only: a SKU's
+/// `sale_seq` grows when a sale opens on it with none open, and each seckill line keeps the number it was sold
+/// under (NULL on ordinary lines). Seckill lines sold before this version get 0, the number every SKU starts
+/// with, so a sale open across the upgrade keeps counting them.
+const V5: &str = r#"
+ALTER TABLE skus ADD COLUMN sale_seq INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE order_lines ADD COLUMN sale_seq INTEGER;
+UPDATE order_lines SET sale_seq = 0 WHERE order_id IN (SELECT id FROM orders WHERE kind = 'seckill');
+"#;
+
+const MIGRATIONS: &[&str] = &[V1, V2, V3, V4, V5];
 
 /// The schema version `migrate` brings a database to.
 #[cfg(test)]

@@ -5,10 +5,12 @@ mod batches;
 mod lock_order;
 mod postgres_conn;
 mod refunds;
+mod sales;
 mod stock_keys;
 
 use batches::*;
 use refunds::*;
+use sales::*;
 use stock_keys::*;
 
 use super::sqlite::SqliteStore;
@@ -365,8 +367,8 @@ fn reservations_expire_exactly_once_across_handles(fx: &dyn Fixture) {
     )
     .unwrap()
     .order;
-    // A flash-sale order expires too, and the sweep names its buyer and SKU (for the Redis gate).
-    s1.open_flash_sale("flash-1", 8).unwrap().unwrap();
+    // A flash-sale order expires too, and the sweep names its buyer, SKU and sale (for the Redis gate).
+    assert_eq!(s1.open_flash_sale("flash-1", 8).unwrap().unwrap().sale_seq, 1);
     let flash = order("f", None, OrderKind::Seckill, "flash-1", 1, -1);
     assert_eq!(create(&s1, flash, true).unwrap().order.status, "reserved");
     let both = |x: Expired, y: Expired| Expired {
@@ -386,7 +388,7 @@ fn reservations_expire_exactly_once_across_handles(fx: &dyn Fixture) {
     assert_eq!(a.orders + b.orders, 21);
     assert_eq!(
         [a.flash_sale, b.flash_sale].concat(),
-        [("f".to_string(), "flash-1".to_string())]
+        [("f".to_string(), "flash-1".to_string(), 1)]
     );
     let r = assert_audit(&s1);
     assert_eq!(r.totals.expired, 21);
@@ -761,6 +763,9 @@ macro_rules! every_store_test {
             oldest_reservation_expiry_names_the_first_held,
             flash_sale_buckets_and_user_limit,
             a_partial_refund_gives_back_its_units_flash_sale_allowance,
+            the_flash_sale_limit_counts_per_sale,
+            a_group_counts_the_limit_in_the_current_sale,
+            migration_to_numbered_sales_keeps_counting_an_open_sale,
             flash_sale_is_seckill_only_gathers_units_and_closes,
             keyed_credit_posts_once,
             demo_buyers_are_seeded_with_credit,

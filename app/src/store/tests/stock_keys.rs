@@ -127,7 +127,7 @@ pub(super) fn migration_to_stock_keys_keeps_the_catalog(fx: &dyn Fixture) {
     );
     assert_eq!(fx.schema_version(), 3);
     let s = fx.open();
-    assert_eq!(fx.schema_version(), 4);
+    assert_eq!(fx.schema_version(), super::super::sqlite_schema::VERSION);
     let batch = [up("old-1", 5, 0, None)];
     let first = s.update_stock_once("after-upgrade", &batch).unwrap().unwrap();
     assert_eq!((first.replay, first.skus[0].available), (false, 15));
