@@ -44,6 +44,19 @@ impl StoreError {
     }
 }
 
+/// Refuses a store whose schema a newer build migrated (`current` past the `known` versions of this one): this
+/// build would write rows without what the newer one counts on (a flash-sale line without its sale number),
+/// so an old instance restarted during a rolling upgrade stops with why instead of running on.
+fn newer_than_this_build(current: i64, known: usize) -> Result<(), StoreError> {
+    match current > known as i64 {
+        true => Err(StoreError::Internal(format!(
+            "the store's schema is version {current}, newer than this build knows ({known}): \
+             run the newer xcluster (a rolling upgrade that went back?)"
+        ))),
+        false => Ok(()),
+    }
+}
+
 /// A store result whose inner `Result` carries the domain's answer.
 pub type StoreResult<T> = Result<Result<T, Reject>, StoreError>;
 

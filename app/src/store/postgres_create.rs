@@ -189,9 +189,11 @@ fn lock_and_read(t: &mut Tx<'_>, orders: &[NewOrder]) -> Result<Plan, StoreError
         // the row lock too.
         for r in t.query(
             // Refunded units count no more than a refunded order's do; units of an earlier sale of the SKU not
-            // at all (`order_rules::sale_of`).
+            // at all (`order_rules::sale_of`). A flash-sale line with no number was written after the upgrade
+            // by an instance of the build before (a rolling upgrade), in the sale then current: counted in
+            // this one, so that window cannot sell a buyer past the limit.
             r#"SELECT o."user", l.sku, SUM(l.qty - l.refunded_qty)::BIGINT FROM orders o JOIN order_lines l ON l.order_id = o.id
-             JOIN skus s ON s.sku = l.sku AND s.sale_seq = l.sale_seq
+             JOIN skus s ON s.sku = l.sku AND COALESCE(l.sale_seq, s.sale_seq) = s.sale_seq
              WHERE o.kind = 'seckill' AND o.status IN ('reserved', 'paid', 'fulfilled')
                AND (o."user", l.sku) IN (SELECT * FROM unnest($1::text[], $2::text[]))
              GROUP BY 1, 2"#,

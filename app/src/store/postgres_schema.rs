@@ -119,6 +119,7 @@ pub fn migrate(t: &mut Tx<'_>) -> Result<(), StoreError> {
     let current: i64 = t
         .one("SELECT COALESCE(MAX(version), 0) FROM xbuy_schema", &[])?
         .get(0);
+    super::newer_than_this_build(current, MIGRATIONS.len())?;
     for (i, step) in MIGRATIONS.iter().enumerate() {
         let version = i as i64 + 1;
         if current < version {

@@ -205,9 +205,11 @@ fn create_one(tx: &Transaction<'_>, o: &NewOrder, inline_weak: bool) -> Res<Crea
             let bought: i64 = tx
                 .prepare_cached(
                     // Refunded units count no more than a refunded order's do; units of an earlier sale of the
-                    // SKU not at all (`sale_of`). An unknown SKU counts nothing and is refused below.
+                    // SKU not at all (`sale_of`). An unknown SKU counts nothing and is refused below. A
+                    // flash-sale line with no number came from an instance of the build before, still running
+                    // in a rolling upgrade: counted in this sale, so the upgrade cannot sell past the limit.
                     "SELECT COALESCE(SUM(l.qty - l.refunded_qty), 0) FROM orders o JOIN order_lines l ON l.order_id = o.id
-                     JOIN skus s ON s.sku = l.sku AND s.sale_seq = l.sale_seq
+                     JOIN skus s ON s.sku = l.sku AND COALESCE(l.sale_seq, s.sale_seq) = s.sale_seq
                      WHERE o.user = ?1 AND o.kind = 'seckill' AND l.sku = ?2
                        AND o.status IN ('reserved', 'paid', 'fulfilled')",
                 )?

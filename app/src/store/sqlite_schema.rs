@@ -143,6 +143,8 @@ pub fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
 }
 
 fn migrate_steps(conn: &mut Connection) -> Result<(), StoreError> {
+    let current: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    super::newer_than_this_build(current, MIGRATIONS.len())?;
     for (i, step) in MIGRATIONS.iter().enumerate() {
         let version = i as i64 + 1;
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;

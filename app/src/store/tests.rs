@@ -19,7 +19,10 @@ use crate::domain::{OrderKind, OrderLineReq, fingerprint, new_order_id, now_ms};
 
 /// A fresh, seeded database; `open` returns another handle (another "process") on it.
 trait Fixture {
-    fn open(&self) -> Box<dyn Store>;
+    fn open(&self) -> Box<dyn Store> {
+        self.try_open().unwrap()
+    }
+    fn try_open(&self) -> Result<Box<dyn Store>, StoreError>;
     /// Runs `sql` on the database itself, as another tool would: to forge what the store never writes, or to
     /// build an old schema before the first `open` migrates it.
     fn exec(&self, sql: &str);
@@ -28,6 +31,8 @@ trait Fixture {
     /// The SQL that makes an empty database one of schema `version`, as that version's release left it.
     fn old_schema(&self, version: usize) -> String;
     fn schema_version(&self) -> i64;
+    /// Marks the database as migrated to `version`, as a later build would.
+    fn mark_schema_version(&self, version: i64);
 }
 
 struct SqliteFixture(tempfile::TempDir);
@@ -39,15 +44,13 @@ impl SqliteFixture {
 }
 
 impl Fixture for SqliteFixture {
-    fn open(&self) -> Box<dyn Store> {
-        Box::new(
-            SqliteStore::open(
-                &self.0.path().join("x.db"),
-                std::time::Duration::from_secs(10),
-                true,
-            )
-            .unwrap(),
-        )
+    fn try_open(&self) -> Result<Box<dyn Store>, StoreError> {
+        let s = SqliteStore::open(
+            &self.0.path().join("x.db"),
+            std::time::Duration::from_secs(10),
+            true,
+        )?;
+        Ok(Box::new(s))
     }
     fn exec(&self, sql: &str) {
         let c = rusqlite::Connection::open(self.0.path().join("x.db")).unwrap();
@@ -63,6 +66,9 @@ impl Fixture for SqliteFixture {
     fn schema_version(&self) -> i64 {
         self.number("PRAGMA user_version")
     }
+    fn mark_schema_version(&self, version: i64) {
+        self.exec(&format!("PRAGMA user_version = {version}"));
+    }
 }
 
 struct PostgresFixture(xcluster_tests::services::Postgres);
@@ -74,17 +80,15 @@ impl PostgresFixture {
 }
 
 impl Fixture for PostgresFixture {
-    fn open(&self) -> Box<dyn Store> {
-        Box::new(
-            super::postgres::PostgresStore::open(&super::postgres::PgOptions {
-                url: self.0.url.clone(),
-                pool_size: 8,
-                connect_timeout: std::time::Duration::from_secs(5),
-                statement_timeout: std::time::Duration::from_secs(10),
-                seed_demo: true,
-            })
-            .unwrap(),
-        )
+    fn try_open(&self) -> Result<Box<dyn Store>, StoreError> {
+        let s = super::postgres::PostgresStore::open(&super::postgres::PgOptions {
+            url: self.0.url.clone(),
+            pool_size: 8,
+            connect_timeout: std::time::Duration::from_secs(5),
+            statement_timeout: std::time::Duration::from_secs(10),
+            seed_demo: true,
+        })?;
+        Ok(Box::new(s))
     }
     fn exec(&self, sql: &str) {
         let mut c = ::postgres::Client::connect(&self.0.url, ::postgres::NoTls).unwrap();
@@ -99,6 +103,9 @@ impl Fixture for PostgresFixture {
     }
     fn schema_version(&self) -> i64 {
         self.number("SELECT MAX(version) FROM xbuy_schema")
+    }
+    fn mark_schema_version(&self, version: i64) {
+        self.exec(&format!("INSERT INTO xbuy_schema(version) VALUES ({version})"));
     }
 }
 
@@ -766,6 +773,8 @@ macro_rules! every_store_test {
             the_flash_sale_limit_counts_per_sale,
             a_group_counts_the_limit_in_the_current_sale,
             migration_to_numbered_sales_keeps_counting_an_open_sale,
+            a_flash_sale_line_without_a_number_counts_in_the_current_sale,
+            a_store_a_newer_build_migrated_is_refused,
             flash_sale_is_seckill_only_gathers_units_and_closes,
             keyed_credit_posts_once,
             demo_buyers_are_seeded_with_credit,

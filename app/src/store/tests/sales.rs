@@ -126,3 +126,46 @@ pub(super) fn migration_to_numbered_sales_keeps_counting_an_open_sale(fx: &dyn F
     create(&s, seckill2("ann", 2), true).expect("a new sale counts afresh");
     assert_audit(&s);
 }
+
+/// A flash-sale line with no sale number, as an instance of the build before writes while a rolling upgrade
+/// runs (the schema already migrated under it), counts in the current sale: counted in none, its buyer could
+/// buy the limit again through the upgraded instances.
+pub(super) fn a_flash_sale_line_without_a_number_counts_in_the_current_sale(fx: &dyn Fixture) {
+    let s = fx.open();
+    assert_eq!(s.open_flash_sale("flash-1", 4).unwrap().unwrap().sale_seq, 1);
+    fx.exec(
+        r#"INSERT INTO orders(id, idem_key, fingerprint, "user", kind, status, total_cents, created_ms, expires_ms,
+                           paid_via, updated_ms, answer)
+          VALUES ('old-build', NULL, 'f', 'ann', 'seckill', 'reserved', 200, 1, 9999999999999, NULL, 1, '{}');
+        INSERT INTO order_lines(order_id, sku, qty, price_cents, shop_id)
+          SELECT 'old-build', 'flash-1', 2, s.price_cents, p.shop_id FROM skus s
+          JOIN products p ON p.id = s.product_id WHERE s.sku = 'flash-1';"#,
+    );
+    let line = s.get_order("old-build").unwrap().unwrap().lines[0].clone();
+    assert_eq!((line.qty, line.sale_seq), (2, None));
+    assert!(
+        over_limit(create(&s, seckill2("ann", 1), true)),
+        "at the limit through the old build"
+    );
+    assert!(
+        over_limit(create(&s, seckill2("ann", 1), false)),
+        "in a group too"
+    );
+    create(&s, seckill2("bob", 2), true).expect("another buyer is not held by it");
+}
+
+/// A store whose schema a newer build migrated is refused, saying why: this build would write flash-sale lines
+/// without their sale number.
+pub(super) fn a_store_a_newer_build_migrated_is_refused(fx: &dyn Fixture) {
+    drop(fx.open());
+    let newer = fx.schema_version() + 1;
+    fx.mark_schema_version(newer);
+    let refused = match fx.try_open() {
+        Ok(_) => panic!("a store of schema {newer} opened"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        refused.contains(&format!("schema is version {newer}, newer than this build knows")),
+        "{refused}"
+    );
+}
