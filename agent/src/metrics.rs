@@ -1,4 +1,4 @@
-//! Every metric name the agent emits. Labels are bounded by the config (`balancer`, `instance`).
+//! Every metric name the agent emits. Labels are bounded by the config (`balancer`, `instance_id`).
 
 xcluster_runtime::metric_names! {
     /// Reports built (one per interval or jump).
@@ -10,7 +10,7 @@ xcluster_runtime::metric_names! {
     /// Reports built and not sent, by `reason`: `too_large` (over the balancers' `MAX_REPORT_BYTES`: fewer
     /// instances or request types would fit), `encode`.
     pub const REPORTS_UNSENT_TOTAL: &str = "xcluster_agent_reports_unsent_total";
-    /// Failed stats fetches, by `instance`.
+    /// Failed stats fetches, by `instance_id`.
     pub const STATS_FAILURES_TOTAL: &str = "xcluster_agent_stats_failures_total";
     /// Host CPU utilisation in the latest sample.
     pub const HOST_CPU: &str = "xcluster_agent_host_cpu_ratio";

@@ -96,7 +96,7 @@ async fn sample_instances(cfg: &Config, failing: &mut Vec<bool>) -> Vec<Instance
                 l
             }
             Err(e) => {
-                ::metrics::counter!(metrics::STATS_FAILURES_TOTAL, "instance" => inst.id.clone())
+                ::metrics::counter!(metrics::STATS_FAILURES_TOTAL, "instance_id" => inst.id.clone())
                     .increment(1);
                 // Warn on the transition only; repeat failures go to debug.
                 if !*was_failing {
@@ -144,7 +144,7 @@ pub async fn run(
             // Each instance's failures at 0 from the first config naming it, so `rate()` and the alert on
             // them see the first one.
             for inst in &cfg.instances {
-                ::metrics::counter!(metrics::STATS_FAILURES_TOTAL, "instance" => inst.id.clone())
+                ::metrics::counter!(metrics::STATS_FAILURES_TOTAL, "instance_id" => inst.id.clone())
                     .increment(0);
             }
             counted = Some(cfg.clone());

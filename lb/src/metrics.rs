@@ -1,14 +1,14 @@
 //! Every metric name the lb emits, in one place. Labels are bounded: `reason` by [`crate::directory::ingest::REASONS`],
-//! `type` by the configured types, `instance` by the table (bounded by the agents and instances per report).
+//! `type` by the configured types, `instance_id` by the table (bounded by the agents and instances per report).
 
 xcluster_runtime::metric_names! {
     /// Reports accepted.
     pub const REPORTS_ACCEPTED_TOTAL: &str = "xcluster_lb_reports_accepted_total";
     /// Reports rejected, by `reason`.
     pub const REPORTS_REJECTED_TOTAL: &str = "xcluster_lb_reports_rejected_total";
-    /// Published weight of an instance for a request type (`instance`, `type`).
+    /// Published weight of an instance for a request type (`instance_id`, `type`).
     pub const INSTANCE_WEIGHT: &str = "xcluster_lb_instance_weight";
-    /// Age of an instance's latest report (`instance`).
+    /// Age of an instance's latest report (`instance_id`).
     pub const INSTANCE_REPORT_AGE_SECONDS: &str = "xcluster_lb_instance_report_age_seconds";
     /// 1 while a type's list is in panic mode (equal weights), by `type`.
     pub const PANIC: &str = "xcluster_lb_panic";

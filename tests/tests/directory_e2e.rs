@@ -204,7 +204,7 @@ fn load_moves_weight_on_both_balancers_and_watch_expiry_drain_behave() {
         metric_value(
             &m,
             "xcluster_lb_instance_weight",
-            "instance=\"h1/a\",type=\"browse\"",
+            "instance_id=\"h1/a\",type=\"browse\"",
         )
         .filter(|w| *w > 0.0)
     });

@@ -208,12 +208,16 @@ pub fn write_metrics(status: &[InstanceStatus], snap: &Snapshot, out: &mut Expos
     out.family(metrics::INSTANCE_REPORT_AGE_SECONDS, Kind::Gauge);
     for s in status {
         let age = s.report_age_ms as f64 / 1000.0;
-        out.sample(metrics::INSTANCE_REPORT_AGE_SECONDS, &[("instance", &s.id)], age);
+        out.sample(
+            metrics::INSTANCE_REPORT_AGE_SECONDS,
+            &[("instance_id", &s.id)],
+            age,
+        );
     }
     out.family(metrics::INSTANCE_WEIGHT, Kind::Gauge);
     for s in status {
         for (ty, w) in &s.weights {
-            let labels = [("instance", s.id.as_str()), ("type", ty.as_str())];
+            let labels = [("instance_id", s.id.as_str()), ("type", ty.as_str())];
             out.sample(metrics::INSTANCE_WEIGHT, &labels, f64::from(*w));
         }
     }

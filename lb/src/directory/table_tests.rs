@@ -504,11 +504,11 @@ fn a_forgotten_instance_leaves_the_metrics() {
     let before = text(&t, 0);
     assert!(before.contains("xcluster_lb_instances 2\n"), "{before}");
     assert!(
-        before.contains("xcluster_lb_instance_report_age_seconds{instance=\"h2/a\"} 0\n"),
+        before.contains("xcluster_lb_instance_report_age_seconds{instance_id=\"h2/a\"} 0\n"),
         "{before}"
     );
     assert!(
-        before.contains("xcluster_lb_instance_weight{instance=\"h2/a\",type=\"queue\"}"),
+        before.contains("xcluster_lb_instance_weight{instance_id=\"h2/a\",type=\"queue\"}"),
         "{before}"
     );
     t.apply(
@@ -519,7 +519,7 @@ fn a_forgotten_instance_leaves_the_metrics() {
     assert!(t.expire(10_001, &p));
     let after = text(&t, 10_001);
     assert!(after.contains("xcluster_lb_instances 1\n"), "{after}");
-    assert!(after.contains("instance=\"h1/a\""), "{after}");
+    assert!(after.contains("instance_id=\"h1/a\""), "{after}");
     assert!(!after.contains("h2/a"), "{after}");
 }
 
