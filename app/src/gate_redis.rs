@@ -81,6 +81,30 @@ pub enum Admission {
     OverLimit,
 }
 
+impl Admission {
+    /// Its `answer` label in `xcluster_app_redis_gate_total`.
+    const fn label(self) -> &'static str {
+        match self {
+            Admission::Taken { .. } => "taken",
+            Admission::Pass => "pass",
+            Admission::SoldOut => "sold_out",
+            Admission::OverLimit => "over_limit",
+        }
+    }
+}
+
+/// The `answer` label of a call that failed (the circuit opens).
+const FAILED_ANSWER: &str = "error";
+
+/// Every `answer` label of `xcluster_app_redis_gate_total`: an admission's, or a failed call's.
+const ANSWERS: [&str; 5] = [
+    Admission::Taken { sale: 0 }.label(),
+    Admission::Pass.label(),
+    Admission::SoldOut.label(),
+    Admission::OverLimit.label(),
+    FAILED_ANSWER,
+];
+
 /// Redis connection settings and timeouts.
 #[derive(Debug, Clone)]
 pub struct RedisOptions {
@@ -130,9 +154,6 @@ fn bought_key(sku: &str, sale: i64, user: &str) -> String {
     let (head, tail) = bought_key_parts(sku, user);
     format!("{head}{sale}{tail}")
 }
-
-/// Every `answer` label of `xcluster_app_redis_gate_total`: an admission's, or a failed call's.
-const ANSWERS: [&str; 5] = ["taken", "pass", "sold_out", "over_limit", "error"];
 
 impl RedisGate {
     pub fn new(opts: RedisOptions) -> Result<RedisGate, String> {
@@ -196,7 +217,7 @@ impl RedisGate {
         if was < now_ms() {
             tracing::warn!(error = %e, retry_ms = self.opts.retry_after.as_millis() as u64, "redis gate circuit open: store-only path");
         }
-        metrics::counter!(crate::metrics::REDIS_GATE_TOTAL, "answer" => "error").increment(1);
+        metrics::counter!(crate::metrics::REDIS_GATE_TOTAL, "answer" => FAILED_ANSWER).increment(1);
         // Connections may be dead too (a restart): start afresh.
         self.idle.lock().unwrap_or_else(|e| e.into_inner()).clear();
     }
@@ -247,13 +268,7 @@ impl RedisGate {
             Some(Value::Int(-1)) => Admission::OverLimit,
             _ => Admission::Pass,
         };
-        let label = match answer {
-            Admission::Taken { .. } => "taken",
-            Admission::Pass => "pass",
-            Admission::SoldOut => "sold_out",
-            Admission::OverLimit => "over_limit",
-        };
-        metrics::counter!(crate::metrics::REDIS_GATE_TOTAL, "answer" => label).increment(1);
+        metrics::counter!(crate::metrics::REDIS_GATE_TOTAL, "answer" => answer.label()).increment(1);
         answer
     }
 

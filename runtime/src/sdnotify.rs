@@ -105,7 +105,8 @@ impl Notifier {
     }
 
     /// Whether a service manager listens.
-    pub fn is_enabled(&self) -> bool {
+    #[cfg(test)]
+    fn is_enabled(&self) -> bool {
         self.inner.target.is_some()
     }
 
@@ -230,8 +231,9 @@ fn watchdog_period(usec: Option<&str>, pid_var: Option<&str>, pid: u32) -> Optio
     Some(Duration::from_micros(usec / 2).max(Duration::from_millis(1)))
 }
 
-/// `CLOCK_MONOTONIC` in microseconds, the clock systemd stamps its reload request with.
-fn monotonic_usec() -> u64 {
+/// `CLOCK_MONOTONIC` in microseconds, the clock systemd stamps its reload request with (public for the tests
+/// that check a `RELOADING=1` stamp against it).
+pub fn monotonic_usec() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,

@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
+use xcluster_runtime::sdnotify::monotonic_usec;
 use xcluster_tests::{Proc, Spawn, eventually, free_addr, get, request, workspace_root, xcluster_bin};
 
 const ROLES: [&str; 4] = ["lb", "agent", "monitor", "app"];
@@ -107,16 +108,6 @@ fn field<'a>(message: &'a str, key: &str) -> Option<&'a str> {
     message
         .lines()
         .find_map(|l| l.strip_prefix(key)?.strip_prefix('='))
-}
-
-fn monotonic_usec() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: a valid timespec to write to.
-    assert_eq!(unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) }, 0);
-    ts.tv_sec as u64 * 1_000_000 + ts.tv_nsec as u64 / 1_000
 }
 
 /// The role's config file: its API address, and for the monitor a run directory and `programs`.
