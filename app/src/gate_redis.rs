@@ -197,7 +197,9 @@ impl RedisGate {
                     }
                     Ok(v)
                 }
-                // A script error is an answer, the connection is fine; anything else drops it.
+                // Any failure drops the connection, which may be out of step with its replies; a script's
+                // error reply too (a bug of ours, or a Redis that is not what we expect), so the circuit
+                // opens and the store alone decides.
                 Err(e) => Err(e),
             },
             Err(e) => Err(e),

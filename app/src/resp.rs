@@ -8,9 +8,11 @@ use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufStream};
 use tokio::net::TcpStream;
 
-/// Largest bulk reply and array accepted.
+/// Largest reply accepted: bytes on the wire, and items of its arrays at every depth.
 const MAX_BULK: usize = 1 << 20;
 const MAX_ARRAY: usize = 4096;
+/// Deepest nesting of arrays accepted (the gate's scripts return one level).
+const MAX_DEPTH: usize = 4;
 
 /// Why a Redis call failed.
 #[derive(Debug, thiserror::Error)]
@@ -32,6 +34,12 @@ pub enum Value {
     Int(i64),
     Text(String),
     Array(Vec<Value>),
+}
+
+/// What one line of a reply starts: a whole value, or an array of this many items to come.
+enum Head {
+    Value(Value),
+    Array(usize),
 }
 
 /// One connection.
@@ -73,68 +81,116 @@ impl Conn {
         }
         self.io.write_all(&buf).await?;
         self.io.flush().await?;
-        let v = self.read_value().await?;
-        if let Value::Array(items) = v {
-            // One level of nesting is all the gate's scripts return.
-            let mut out = Vec::with_capacity(items.len());
-            for _ in 0..items.len() {
-                out.push(self.read_value().await?);
-            }
-            return Ok(Value::Array(out));
-        }
-        Ok(v)
+        self.read_reply().await
     }
 
-    async fn line(&mut self) -> Result<String, RespError> {
+    /// Reads one whole reply, arrays nested up to `MAX_DEPTH` deep with every item read, so the next reply
+    /// starts where this one ended. (Reading only the first level left a nested array's items in the
+    /// stream, to be taken for the next call's reply.)
+    async fn read_reply(&mut self) -> Result<Value, RespError> {
+        // Each open array: the items read so far and how many it has.
+        let mut open: Vec<(Vec<Value>, usize)> = Vec::new();
+        let (mut bytes_left, mut values_left) = (MAX_BULK, MAX_ARRAY);
+        loop {
+            if !open.is_empty() {
+                values_left = values_left
+                    .checked_sub(1)
+                    .ok_or_else(|| RespError::Protocol(format!("reply of over {MAX_ARRAY} items")))?;
+            }
+            let mut v = match self.read_value(&mut bytes_left).await? {
+                Head::Array(0) => Value::Array(Vec::new()),
+                Head::Array(n) => {
+                    if open.len() == MAX_DEPTH {
+                        return Err(RespError::Protocol(format!(
+                            "arrays nested over {MAX_DEPTH} deep"
+                        )));
+                    }
+                    open.push((Vec::with_capacity(n), n));
+                    continue;
+                }
+                Head::Value(v) => v,
+            };
+            // Place the value; each array it completes becomes a value of the one around it.
+            loop {
+                let Some((items, n)) = open.last_mut() else {
+                    return Ok(v);
+                };
+                items.push(v);
+                if items.len() < *n {
+                    break;
+                }
+                let (done, _) = open.pop().unwrap_or_default();
+                v = Value::Array(done);
+            }
+        }
+    }
+
+    /// One line, its bytes taken from the reply's `bytes_left`.
+    async fn line(&mut self, bytes_left: &mut usize) -> Result<String, RespError> {
         let mut line = Vec::new();
         let n = (&mut self.io)
-            .take(MAX_BULK as u64)
+            .take(*bytes_left as u64)
             .read_until(b'\n', &mut line)
             .await?;
-        if n == 0 || !line.ends_with(b"\r\n") {
-            return Err(RespError::Protocol("connection closed mid-reply".into()));
+        *bytes_left -= n;
+        if !line.ends_with(b"\r\n") {
+            return Err(RespError::Protocol(if line.ends_with(b"\n") {
+                "a line not ended by CRLF".into()
+            } else if *bytes_left == 0 {
+                format!("reply of over {MAX_BULK} bytes")
+            } else {
+                "connection closed mid-reply".into()
+            }));
         }
         line.truncate(line.len() - 2);
         String::from_utf8(line).map_err(|_| RespError::Protocol("reply is not UTF-8".into()))
     }
 
-    /// Reads one value; an array is returned with placeholder items for the caller to fill.
-    async fn read_value(&mut self) -> Result<Value, RespError> {
-        let line = self.line().await?;
+    /// Reads one value, or the head of an array, whose items `read_reply` reads.
+    async fn read_value(&mut self, bytes_left: &mut usize) -> Result<Head, RespError> {
+        let line = self.line(bytes_left).await?;
         let (kind, rest) = (line.get(..1).unwrap_or(""), line.get(1..).unwrap_or(""));
         let int = || {
             rest.parse::<i64>()
                 .map_err(|_| RespError::Protocol(format!("bad length {rest:?}")))
         };
         match kind {
-            "+" => Ok(Value::Text(rest.to_string())),
+            "+" => Ok(Head::Value(Value::Text(rest.to_string()))),
             "-" => Err(RespError::Server(rest.to_string())),
-            ":" => Ok(Value::Int(int()?)),
+            ":" => Ok(Head::Value(Value::Int(int()?))),
             "$" => {
                 let n = int()?;
                 if n < 0 {
-                    return Ok(Value::Nil);
+                    return Ok(Head::Value(Value::Nil));
                 }
                 let n = n as usize;
-                if n > MAX_BULK {
-                    return Err(RespError::Protocol(format!("bulk of {n} bytes")));
+                if n.saturating_add(2) > *bytes_left {
+                    return Err(RespError::Protocol(format!(
+                        "bulk of {n} bytes: reply of over {MAX_BULK} bytes"
+                    )));
                 }
+                *bytes_left -= n + 2;
                 let mut data = vec![0u8; n + 2];
                 self.io.read_exact(&mut data).await?;
+                if !data.ends_with(b"\r\n") {
+                    return Err(RespError::Protocol(format!(
+                        "bulk of {n} bytes not followed by CRLF"
+                    )));
+                }
                 data.truncate(n);
                 String::from_utf8(data)
-                    .map(Value::Text)
+                    .map(|t| Head::Value(Value::Text(t)))
                     .map_err(|_| RespError::Protocol("bulk is not UTF-8".into()))
             }
             "*" => {
                 let n = int()?;
                 if n < 0 {
-                    return Ok(Value::Nil);
+                    return Ok(Head::Value(Value::Nil));
                 }
                 if n as usize > MAX_ARRAY {
                     return Err(RespError::Protocol(format!("array of {n} items")));
                 }
-                Ok(Value::Array(vec![Value::Nil; n as usize]))
+                Ok(Head::Array(n as usize))
             }
             _ => Err(RespError::Protocol(format!("unknown reply type {kind:?}"))),
         }
@@ -175,6 +231,66 @@ pub fn parse_url(url: &str) -> Option<(String, Option<String>)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A connection to a server that answers with `replies`, written at once, then reads until the client
+    /// is gone (so no unread request resets the connection under the replies).
+    async fn scripted(replies: Vec<u8>) -> Conn {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr").to_string();
+        tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.expect("accept");
+            s.write_all(&replies).await.expect("write");
+            let _ = tokio::io::copy(&mut s, &mut tokio::io::sink()).await;
+        });
+        Conn::connect(&addr, None, Duration::from_secs(5))
+            .await
+            .expect("connect")
+    }
+
+    async fn ping(c: &mut Conn) -> Result<Value, RespError> {
+        c.call(&["PING"], Duration::from_secs(5)).await
+    }
+
+    #[tokio::test]
+    async fn a_nested_array_is_read_whole_and_the_next_reply_is_the_next_calls() {
+        let mut c = scripted(b"*3\r\n*2\r\n:1\r\n$1\r\na\r\n*0\r\n$-1\r\n+OK\r\n".to_vec()).await;
+        let first = ping(&mut c).await.expect("nested");
+        let inner = Value::Array(vec![Value::Int(1), Value::Text("a".into())]);
+        assert_eq!(first, Value::Array(vec![inner, Value::Array(vec![]), Value::Nil]));
+        assert_eq!(ping(&mut c).await.expect("next"), Value::Text("OK".into()));
+    }
+
+    #[tokio::test]
+    async fn replies_past_the_bounds_are_refused() {
+        let mut deep = b"*1\r\n".repeat(MAX_DEPTH + 1);
+        deep.extend_from_slice(b":1\r\n");
+        let mut items = format!("*2\r\n*{MAX_ARRAY}\r\n").into_bytes();
+        items.extend_from_slice(&b":1\r\n".repeat(MAX_ARRAY + 1));
+        let mut at_the_bound = format!("*{MAX_ARRAY}\r\n").into_bytes();
+        at_the_bound.extend_from_slice(&b":1\r\n".repeat(MAX_ARRAY));
+        let big = format!("*2\r\n${}\r\n", MAX_BULK - 2).into_bytes();
+        let long_line = [b"+".as_slice(), &vec![b'x'; MAX_BULK], b"\r\n"].concat();
+        let cases: [(&str, Vec<u8>, &str); 6] = [
+            ("nested too deep", deep, "nested over"),
+            ("too many items", items, "items"),
+            ("a bulk over the reply's bytes", big, "bytes"),
+            ("a line over the reply's bytes", long_line, "bytes"),
+            ("a bulk without its CRLF", b"$2\r\nabXY".to_vec(), "CRLF"),
+            ("a bare LF", b":1\n".to_vec(), "CRLF"),
+        ];
+        for (what, reply, says) in cases {
+            let mut c = scripted(reply).await;
+            match ping(&mut c).await {
+                Err(RespError::Protocol(m)) => assert!(m.contains(says), "{what}: {m}"),
+                other => panic!("{what}: {other:?}"),
+            }
+        }
+        let mut c = scripted(at_the_bound).await;
+        match ping(&mut c).await {
+            Ok(Value::Array(v)) => assert_eq!(v.len(), MAX_ARRAY),
+            other => panic!("an array of {MAX_ARRAY} items: {other:?}"),
+        }
+    }
 
     #[test]
     fn urls() {
