@@ -260,6 +260,7 @@ impl Api {
             "programs": programs,
             "roll": snap.roll,
             "pending": snap.pending,
+            "groups": *snap.groups,
         })
     }
 

@@ -40,6 +40,17 @@ impl Default for RawCluster {
     }
 }
 
+/// `[groups.<name>]`: programs addressed together by `<name>:*` (Supervisord's `[group:<name>]`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawGroup {
+    /// The `[programs.*]` it holds, by name.
+    pub programs: Vec<String>,
+}
+
+/// Most programs one `[groups.*]` section may name.
+pub const MAX_GROUP_PROGRAMS: usize = 256;
+
 /// The file-facing config (`role = "monitor"`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -72,6 +83,8 @@ pub struct RawConfig {
     pub http: HttpSection,
     /// The supervised programs, by name.
     pub programs: BTreeMap<String, RawProgram>,
+    /// Named groups of programs, by name.
+    pub groups: BTreeMap<String, RawGroup>,
 }
 
 impl Default for RawConfig {
@@ -91,6 +104,7 @@ impl Default for RawConfig {
             shutdown: ShutdownSection::default(),
             http: HttpSection::default(),
             programs: BTreeMap::new(),
+            groups: BTreeMap::new(),
         }
     }
 }
@@ -117,6 +131,8 @@ pub struct Config {
     pub http: xcluster_runtime::http::ServerLimits,
     /// Every process after `numprocs` expansion, in start order (priority, then name).
     pub processes: Arc<Vec<ProcessSpec>>,
+    /// `[groups.*]`: each named group's programs ([`crate::select::Groups`]).
+    pub groups: Arc<crate::select::Groups>,
 }
 
 impl std::fmt::Debug for Config {
@@ -134,8 +150,8 @@ impl RoleConfig for Config {
     const ROLE: &'static str = "monitor";
     type Raw = RawConfig;
     const RESTART_KEYS: &'static [&'static str] = &["listen", "run_dir", "log_dir", "http"];
-    // Supervisord's `[include] files = conf.d/*.conf`: one file per program.
-    const INCLUDE_SECTIONS: &'static [&'static str] = &["programs"];
+    // Supervisord's `[include] files = conf.d/*.conf`: one file per program (or group).
+    const INCLUDE_SECTIONS: &'static [&'static str] = &["programs", "groups"];
 
     fn validate(raw: &RawConfig) -> Result<Self, Vec<ConfigIssue>> {
         let mut v = Validator::new();
@@ -207,6 +223,7 @@ impl RoleConfig for Config {
         crate::program::check_set(&processes, &mut v);
         check_log_files(&processes, &mut v);
         crate::program::check_programs(&raw.programs, listen, &mut v);
+        let groups = check_groups(&raw.groups, &raw.programs, &processes, &mut v);
         if processes.len() > MAX_PROCESSES {
             v.error(
                 "programs",
@@ -232,6 +249,7 @@ impl RoleConfig for Config {
             shutdown,
             http,
             processes: Arc::new(processes),
+            groups: Arc::new(groups),
         })
     }
 
@@ -297,6 +315,59 @@ fn check_log_files(processes: &[ProcessSpec], v: &mut Validator) {
     }
 }
 
+/// `[groups.*]`: names that select, so none may also be a program's or a process's name (`web:*` would pick
+/// two different sets) or `all`; each names programs that exist, each once.
+fn check_groups(
+    raw: &BTreeMap<String, RawGroup>,
+    programs: &BTreeMap<String, RawProgram>,
+    processes: &[ProcessSpec],
+    v: &mut Validator,
+) -> crate::select::Groups {
+    let mut groups = crate::select::Groups::new();
+    for (name, g) in raw {
+        let key = format!("groups.{name}");
+        let taken = if name == "all" {
+            Some("`all`, which picks every program")
+        } else if programs.contains_key(name) {
+            Some("a program's name")
+        } else if processes.iter().any(|p| p.name == *name) {
+            Some("a process's name")
+        } else {
+            None
+        };
+        if let Some(what) = taken {
+            v.error(
+                &key,
+                format!("{name:?} is {what}: a group needs a name of its own"),
+            );
+        }
+        if !crate::program::is_name(name, crate::program::MAX_PROGRAM_NAME) {
+            v.error(
+                &key,
+                format!(
+                    "group names are 1 to {} letters, digits, '-', '_' or '.'",
+                    crate::program::MAX_PROGRAM_NAME
+                ),
+            );
+        }
+        if g.programs.is_empty() || g.programs.len() > MAX_GROUP_PROGRAMS {
+            v.error(
+                format!("{key}.programs"),
+                format!("1 to {MAX_GROUP_PROGRAMS} programs"),
+            );
+        }
+        for (i, p) in g.programs.iter().enumerate() {
+            if !programs.contains_key(p) {
+                v.error(format!("{key}.programs[{i}]"), format!("unknown program {p:?}"));
+            } else if g.programs[..i].contains(p) {
+                v.error(format!("{key}.programs[{i}]"), format!("{p:?} is named twice"));
+            }
+        }
+        groups.insert(name.clone(), g.programs.clone());
+    }
+    groups
+}
+
 fn absolute(p: &str) -> PathBuf {
     std::path::absolute(p).unwrap_or_else(|_| PathBuf::from(p))
 }
@@ -305,6 +376,54 @@ fn absolute(p: &str) -> PathBuf {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    /// `[groups.*]`: a name of its own and programs that exist, each once; a valid one is kept as written.
+    #[test]
+    fn groups_name_known_programs_under_a_name_of_their_own() {
+        let check = |groups: &[(&str, &[&str])]| {
+            let mut raw = RawConfig::default();
+            for p in ["web", "worker"] {
+                let prog = RawProgram {
+                    command: "sleep 1000".into(),
+                    numprocs: if p == "worker" { 2 } else { 1 },
+                    ..RawProgram::default()
+                };
+                raw.programs.insert(p.into(), prog);
+            }
+            for (name, programs) in groups {
+                let programs = programs.iter().map(|p| p.to_string()).collect();
+                raw.groups.insert(name.to_string(), RawGroup { programs });
+            }
+            Config::validate(&raw).map(|c| c.groups).map_err(|issues| {
+                (issues.into_iter())
+                    .map(|i| format!("{}: {}", i.key, i.message))
+                    .collect::<Vec<_>>()
+            })
+        };
+        let ok = check(&[("site", &["worker", "web"])]).unwrap();
+        assert_eq!(ok.get("site").unwrap(), &["worker", "web"]);
+        for (groups, says) in [
+            (
+                &[("site", &["web", "nope"][..])][..],
+                "groups.site.programs[1]: unknown program \"nope\"",
+            ),
+            (
+                &[("site", &["web", "web"])],
+                "groups.site.programs[1]: \"web\" is named twice",
+            ),
+            (&[("site", &[])], "groups.site.programs: 1 to 256 programs"),
+            (&[("web", &["worker"])], "groups.web: \"web\" is a program's name"),
+            (
+                &[("worker-1", &["web"])],
+                "groups.worker-1: \"worker-1\" is a process's name",
+            ),
+            (&[("all", &["web"])], "groups.all: \"all\" is `all`"),
+            (&[("a:b", &["web"])], "groups.a:b: group names are 1 to 128"),
+        ] {
+            let issues = check(groups).unwrap_err();
+            assert!(issues.iter().any(|i| i.starts_with(says)), "{says}: {issues:?}");
+        }
+    }
 
     /// A token_file that never ends (or is huge) used to be read whole; now it is refused with the bound.
     #[test]

@@ -296,7 +296,7 @@ pub const MAX_PROCESS_NAME: usize = 200;
 const MAX_FILE_NAME: usize = 255;
 
 /// Whether `name` is 1 to `max` bytes of letters, digits, '-', '_', '.'.
-fn is_name(name: &str, max: usize) -> bool {
+pub(crate) fn is_name(name: &str, max: usize) -> bool {
     (1..=max).contains(&name.len())
         && name
             .chars()

@@ -1,23 +1,36 @@
 //! Which programs a command's names pick, for the supervisor and for `xcluster ctl` alike: a program's name,
-//! `group:name`, `group:*`, a bare group name, or `all`.
+//! `group:name`, `group:*`, a bare group name, or `all`. A group is a `[programs.*]` section (its `numprocs`
+//! instances) or a `[groups.*]` one (the instances of the programs it names).
 
-/// The programs `names` pick among `programs` (each a name and its group, in start order): indexes into
-/// `programs`, each once, in the order the names pick them, and whether the program was named on its own
-/// (by its name, or `group:name`) rather than picked by a pattern (`all`, a group). `Err` is the first name
-/// that picks nothing.
-pub fn resolve<'n>(programs: &[(&str, &str)], names: &'n [String]) -> Result<Vec<(usize, bool)>, &'n str> {
+use std::collections::BTreeMap;
+
+/// `[groups.*]`: each named group's programs (`[programs.*]` names).
+pub type Groups = BTreeMap<String, Vec<String>>;
+
+/// The programs `names` pick among `programs` (each a name and its `[programs.*]` section, in start order),
+/// with `groups` naming further groups of sections: indexes into `programs`, each once, in the order the
+/// names pick them, and whether the program was named on its own (by its name, or `group:name`) rather than
+/// picked by a pattern (`all`, a group). `Err` is the first name that picks nothing.
+pub fn resolve<'n>(
+    programs: &[(&str, &str)],
+    groups: &Groups,
+    names: &'n [String],
+) -> Result<Vec<(usize, bool)>, &'n str> {
+    let within = |section: &str, group: &str| {
+        section == group || groups.get(group).is_some_and(|g| g.iter().any(|p| p == section))
+    };
     let mut out: Vec<(usize, bool)> = Vec::new();
     for n in names {
         let in_group = |group: &str| -> Vec<usize> {
             (programs.iter().enumerate())
-                .filter(|(_, (_, g))| *g == group)
+                .filter(|(_, (_, g))| within(g, group))
                 .map(|(i, _)| i)
                 .collect()
         };
         let named = |name: &str, group: Option<&str>| -> Vec<usize> {
             (programs
                 .iter()
-                .position(|(p, g)| *p == name && group.is_none_or(|group| *g == group)))
+                .position(|(p, g)| *p == name && group.is_none_or(|group| within(g, group))))
             .into_iter()
             .collect()
         };
@@ -55,7 +68,8 @@ mod tests {
 
     fn pick(names: &[&str]) -> Result<Vec<(usize, bool)>, String> {
         let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
-        resolve(PROGRAMS, &names).map_err(str::to_string)
+        let groups = Groups::from([("site".to_string(), vec!["web".to_string(), "app".to_string()])]);
+        resolve(PROGRAMS, &groups, &names).map_err(str::to_string)
     }
 
     #[test]
@@ -70,6 +84,20 @@ mod tests {
         assert_eq!(pick(&["web", "db"]), Ok(vec![(3, true), (0, true)]));
         // Each program once; named on its own by any of the names that pick it.
         assert_eq!(pick(&["app", "app-1"]), Ok(vec![(1, false), (2, true)]));
+    }
+
+    #[test]
+    fn a_named_group_picks_its_programs_instances_in_start_order() {
+        assert_eq!(pick(&["site:*"]), Ok(vec![(1, false), (2, false), (3, false)]));
+        assert_eq!(pick(&["site"]), Ok(vec![(1, false), (2, false), (3, false)]));
+        assert_eq!(pick(&["site:web"]), Ok(vec![(3, true)]));
+        assert_eq!(pick(&["site:app-0", "db"]), Ok(vec![(1, true), (0, true)]));
+        // Its programs keep their own names and sections.
+        assert_eq!(
+            pick(&["app:*", "web"]),
+            Ok(vec![(1, false), (2, false), (3, true)])
+        );
+        assert_eq!(pick(&["site:db"]), Err("site:db".into()));
     }
 
     #[test]

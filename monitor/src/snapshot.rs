@@ -52,5 +52,6 @@ pub(crate) fn build(sup: &Supervisor) -> Snapshot {
         shutting_down: false,
         roll: sup.roll.as_ref().map(|r| r.status.clone()),
         pending: sup.pending.clone(),
+        groups: sup.cfg.groups.clone(),
     }
 }

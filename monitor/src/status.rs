@@ -73,6 +73,13 @@ pub struct Snapshot {
     pub roll: Option<crate::roll::RollStatus>,
     /// What the config saved last would change, held for `ctl update` (`auto_update = false`).
     pub pending: Option<Plan>,
+    /// `[groups.*]` of the config in force: each named group's programs (shared with it, not copied).
+    #[serde(serialize_with = "shared")]
+    pub groups: Arc<crate::select::Groups>,
+}
+
+fn shared<S: serde::Serializer, T: Serialize>(v: &Arc<T>, s: S) -> Result<S::Ok, S::Error> {
+    T::serialize(v, s)
 }
 
 /// What the API can ask of the supervisor.

@@ -147,7 +147,17 @@ impl Supervisor {
                 known.push((name.as_str(), self.procs[name].spec.group.as_str()));
             }
         }
-        let picked: Vec<String> = crate::select::resolve(&known, names)
+        // A group names what it holds in either config: one new in the file, or one that it drops.
+        let mut groups = (*cfg.groups).clone();
+        for (name, programs) in self.cfg.groups.iter() {
+            let group = groups.entry(name.clone()).or_default();
+            for p in programs {
+                if !group.contains(p) {
+                    group.push(p.clone());
+                }
+            }
+        }
+        let picked: Vec<String> = crate::select::resolve(&known, &groups, names)
             .map_err(|n| CommandError::Unknown(n.to_string()))?
             .into_iter()
             .map(|(i, _)| known[i].0.to_string())
@@ -184,7 +194,8 @@ impl Supervisor {
             let applies = |i: usize| plan.added.iter().chain(&plan.removed).any(|n| n == known[i].0);
             let skipped = (names.iter())
                 .filter(|&name| {
-                    let own = crate::select::resolve(&known, std::slice::from_ref(name)).unwrap_or_default();
+                    let own = crate::select::resolve(&known, &groups, std::slice::from_ref(name))
+                        .unwrap_or_default();
                     !own.iter().any(|&(i, _)| applies(i))
                 })
                 .cloned()

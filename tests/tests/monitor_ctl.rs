@@ -780,3 +780,67 @@ fn shutdown_of_a_monitor_already_shutting_down_waits_for_it() {
     std::fs::write(&go, "").unwrap();
     assert_eq!(m.proc.wait_exit(T), Some(0));
 }
+
+/// `[groups.site] programs = [...]` (Supervisord's `[group:site]`): `site:*` and `site` pick the instances of
+/// every program it names, in start order, `site:web` one of them, for every verb; its programs keep their
+/// own names. A reload naming an unknown program in it is refused, and the group in force stays.
+#[test]
+fn a_named_group_is_addressed_as_one() {
+    let programs = |members: &str| {
+        format!(
+            "[programs.web]\ncommand = \"sleep 300\"\nstartsecs = 0\n\
+             [programs.worker]\ncommand = \"sleep 300\"\nstartsecs = 0\nnumprocs = 2\n\
+             [programs.db]\ncommand = \"sleep 300\"\nstartsecs = 0\n\
+             [groups.site]\nprograms = [{members}]\n"
+        )
+    };
+    let m = Mon::start(&programs("\"worker\", \"web\""));
+    for p in ["db", "web", "worker-0", "worker-1"] {
+        m.wait_state(p, "RUNNING", T);
+    }
+    assert_eq!(
+        m.status()["groups"],
+        serde_json::json!({ "site": ["worker", "web"] })
+    );
+    let shown = |args: &[&str]| -> Vec<String> {
+        let o = m.ctl(args);
+        (String::from_utf8_lossy(&o.stdout).lines())
+            .filter_map(|l| l.split_whitespace().next().map(str::to_string))
+            .collect()
+    };
+    assert_eq!(shown(&["status", "site:*"]), ["web", "worker-0", "worker-1"]);
+    assert_eq!(shown(&["status", "site"]), ["web", "worker-0", "worker-1"]);
+    assert_eq!(shown(&["status", "site:worker-1", "db"]), ["worker-1", "db"]);
+    assert_says(
+        &m.ctl(&["status", "site:db"]),
+        4,
+        "site:db: ERROR (no such process or group)",
+    );
+
+    let db = m.pid("db").unwrap();
+    m.ctl_ok(&["stop", "site:*"]);
+    for p in ["web", "worker-0", "worker-1"] {
+        assert_eq!(m.state(p), "STOPPED", "{p}");
+    }
+    m.ctl_ok(&["start", "site:web"]);
+    assert_eq!(m.state("web"), "RUNNING");
+    assert_eq!(m.state("worker-0"), "STOPPED");
+    m.ctl_ok(&["start", "site"]);
+    let pids: Vec<i32> = ["web", "worker-0", "worker-1"]
+        .map(|p| m.pid(p).unwrap())
+        .to_vec();
+    let rolled = m.ctl_ok(&["restart", "--rolling", "site:*"]);
+    for (p, old) in ["web", "worker-0", "worker-1"].into_iter().zip(pids) {
+        assert!(rolled.contains(p), "{rolled}");
+        let new = m.pid(p).unwrap();
+        assert!(new != old && m.state(p) == "RUNNING", "{p}: {old} -> {new}");
+    }
+    assert_eq!(m.pid("db"), Some(db), "db is not in the group");
+
+    m.rewrite(&programs("\"web\", \"nope\""));
+    let error = eventually(T, "the reload naming an unknown program to be refused", || {
+        m.status()["reload"]["last_error"].as_str().map(str::to_string)
+    });
+    assert!(error.contains("groups.site.programs[1]"), "{error}");
+    assert_eq!(shown(&["status", "site:*"]), ["web", "worker-0", "worker-1"]);
+}

@@ -61,7 +61,8 @@ fn the_dashboard_shows_programs_and_the_cluster_and_reacts_to_a_restart() {
     let m = Mon::start(&format!(
         "[cluster]\nbalancers = [\"{up}\", \"{down}\"]\n[programs.web]\ncommand = \"sleep 300\"\nstartsecs = 0\n\
          [programs.pair]\ncommand = \"sleep 300\"\nnumprocs = 2\nstartsecs = 0\n\
-         [programs.pair.readiness]\ncommand = \"false\"\nperiod_ms = 60000\n"
+         [programs.pair.readiness]\ncommand = \"false\"\nperiod_ms = 60000\n\
+         [groups.site]\nprograms = [\"web\", \"pair\"]\n[groups.solo]\nprograms = [\"web\"]\n"
     ));
     let p = m.wait_state("web", "RUNNING", T);
     let pid = p["pid"].as_i64().unwrap() as i32;
@@ -116,10 +117,13 @@ fn the_dashboard_shows_programs_and_the_cluster_and_reacts_to_a_restart() {
         dom.contains(&format!("<b>{down}</b> <span class=\"down\">down</span>")),
         "{dom}"
     );
-    // A group of several programs gets a rolling restart button; a roll under way shows where it stands.
+    // A group of several programs (a program's instances, or a `[groups.*]` section's) gets a rolling
+    // restart button; a roll under way shows where it stands.
     assert!(
         dom.contains("<button data-roll=\"pair\">rolling restart pair:*</button>")
-            && !dom.contains("data-roll=\"web\""),
+            && dom.contains("<button data-roll=\"site\">rolling restart site:*</button>")
+            && !dom.contains("data-roll=\"web\"")
+            && !dom.contains("data-roll=\"solo\""),
         "{dom}"
     );
     let r = m.post("/v1/programs/pair%3A*/restart?rolling=1");

@@ -163,3 +163,22 @@ fn an_include_directory_made_after_its_reload_was_refused_is_watched_once_it_is_
     wait_added(&m, "api");
     assert!(m.status()["reload"]["last_error"].is_null());
 }
+
+/// A `[groups.*]` section may live in an included file too, as Supervisord's `[group:x]` in an `[include]`d one;
+/// saving it applies at once.
+#[test]
+fn a_group_in_an_included_file_applies_when_saved() {
+    let (m, conf_d) = start("");
+    save(
+        &conf_d,
+        "site.toml",
+        "[groups.site]\nprograms = [\"web\", \"main\"]\n",
+    );
+    eventually(T, "the group to apply", || {
+        (m.status()["groups"] == json!({ "site": ["web", "main"] })).then_some(())
+    });
+    let o = m.ctl(&["status", "site:*"]);
+    let text = String::from_utf8_lossy(&o.stdout).into_owned();
+    let names: Vec<&str> = text.lines().filter_map(|l| l.split_whitespace().next()).collect();
+    assert_eq!(names, ["main", "web"], "{}", out(&o));
+}

@@ -415,3 +415,30 @@ fn the_file_watcher_applies_a_change_and_an_invalid_config_changes_nothing() {
     );
     assert_eq!((m.pid("a"), m.pid("b")), (Some(a), Some(b2)));
 }
+
+/// With `auto_update = false`, a `[groups.*]` section new in the saved file already names its programs for
+/// `ctl update`: `update site` applies the changes of its programs alone; the group is in force once updated.
+#[test]
+fn a_named_update_of_a_group_new_in_the_file_applies_its_programs_changes() {
+    let (m, pids) = started_off();
+    // b and c change; the new group holds b and the new d.
+    let changed = programs("7", false, true).replace(
+        "[programs.d]",
+        "[programs.c]\ncommand = \"sleep 308\"\nstartsecs = 0\n[programs.d]",
+    );
+    m.rewrite(&format!(
+        "auto_update = false\n{changed}[groups.site]\nprograms = [\"b\", \"d\"]\n"
+    ));
+    eventually(T, "the saved change held", || {
+        Some(m.status()["pending"].clone()).filter(|p| p["changed"] == json!(["b", "c"]))
+    });
+    assert!(m.status()["groups"].as_object().is_some_and(|g| g.is_empty()));
+    let o = m.ctl(&["update", "site"]);
+    assert!(o.status.success(), "{}", out(&o));
+    m.wait_new_pid("b", pids[1], T);
+    m.wait_state("d", "RUNNING", T);
+    assert_eq!((m.pid("a"), m.pid("c")), (Some(pids[0]), Some(pids[2])));
+    let pending = m.status()["pending"].clone();
+    assert_eq!(pending["changed"], json!(["c"]), "{pending}");
+    assert_eq!(m.status()["groups"], json!({ "site": ["b", "d"] }));
+}

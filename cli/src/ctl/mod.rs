@@ -303,16 +303,26 @@ fn items(v: &Value) -> &[Value] {
     v.as_array().map_or(&[], Vec::as_slice)
 }
 
-/// The programs of a status (`all`) that `names` pick, as the monitor picks them for a command.
-fn pick<'v>(all: &'v [Value], names: &[String]) -> Result<Vec<&'v Value>, Failure> {
-    pick_quietly(all, names).map_err(|n| {
+/// The programs of a status (`v`, `GET /v1/status`) that `names` pick, as the monitor picks them for a command.
+fn pick<'v>(v: &'v Value, names: &[String]) -> Result<Vec<&'v Value>, Failure> {
+    pick_quietly(v, names).map_err(|n| {
         eprintln!("xcluster ctl: no such process or group: {n}");
         Failure::Exit(EXIT_FAILED)
     })
 }
 
 /// [`pick`], saying nothing: `Err` is the first name that picks nothing.
-fn pick_quietly<'v, 'n>(all: &'v [Value], names: &'n [String]) -> Result<Vec<&'v Value>, &'n str> {
+fn pick_quietly<'v, 'n>(v: &'v Value, names: &'n [String]) -> Result<Vec<&'v Value>, &'n str> {
+    let all = items(&v["programs"]);
+    // `[groups.*]`, from a monitor that has them.
+    let groups: xcluster_monitor::select::Groups = (v["groups"].as_object().into_iter().flatten())
+        .map(|(name, programs)| {
+            let programs = items(programs)
+                .iter()
+                .filter_map(|p| p.as_str().map(str::to_string));
+            (name.clone(), programs.collect())
+        })
+        .collect();
     let programs: Vec<(&str, &str)> = (all.iter())
         .map(|p| {
             (
@@ -321,6 +331,6 @@ fn pick_quietly<'v, 'n>(all: &'v [Value], names: &'n [String]) -> Result<Vec<&'v
             )
         })
         .collect();
-    let picked = xcluster_monitor::select::resolve(&programs, names)?;
+    let picked = xcluster_monitor::select::resolve(&programs, &groups, names)?;
     Ok(picked.into_iter().map(|(i, _)| &all[i]).collect())
 }

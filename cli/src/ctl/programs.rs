@@ -22,7 +22,7 @@ pub(super) fn status(c: &Client, names: &[String], as_json: bool) -> Result<i32,
     // nope` refused to show `a`, and exited 1 where supervisorctl's 4 (LSB's "status unknown") is what a
     // check script tells apart from 3 (not running).
     let (known, unknown): (Vec<String>, Vec<String>) =
-        (names.iter().cloned()).partition(|n| pick_quietly(all, std::slice::from_ref(n)).is_ok());
+        (names.iter().cloned()).partition(|n| pick_quietly(&v, std::slice::from_ref(n)).is_ok());
     for n in &unknown {
         let line = format!("{n}: ERROR (no such process or group)");
         if as_json {
@@ -34,7 +34,7 @@ pub(super) fn status(c: &Client, names: &[String], as_json: bool) -> Result<i32,
     let shown = match (names.is_empty(), known.is_empty()) {
         (true, _) => all.iter().collect(),
         (false, true) => Vec::new(),
-        (false, false) => pick(all, &known)?,
+        (false, false) => pick(&v, &known)?,
     };
     if as_json {
         println!(
@@ -113,7 +113,7 @@ pub(super) fn pid(c: &Client, names: &[String], as_json: bool) -> Result<i32, Fa
         }
         return Ok(0);
     }
-    let pids: Vec<(&str, u64)> = (pick(items(&v["programs"]), names)?.into_iter())
+    let pids: Vec<(&str, u64)> = (pick(&v, names)?.into_iter())
         .map(|p| (p["name"].as_str().unwrap_or("?"), p["pid"].as_u64().unwrap_or(0)))
         .collect();
     if as_json {

@@ -68,8 +68,8 @@ impl Supervisor {
         let programs: Vec<(&str, &str)> = (self.order.iter())
             .map(|n| (n.as_str(), self.procs[n].spec.group.as_str()))
             .collect();
-        let picked =
-            crate::select::resolve(&programs, names).map_err(|n| CommandError::Unknown(n.to_string()))?;
+        let picked = crate::select::resolve(&programs, &self.cfg.groups, names)
+            .map_err(|n| CommandError::Unknown(n.to_string()))?;
         Ok((picked.into_iter())
             .map(|(i, alone)| (self.order[i].clone(), alone))
             .collect())
