@@ -185,8 +185,9 @@ impl ProcessSpec {
 /// The placeholders a program's settings may hold.
 const PLACEHOLDERS: [&str; 6] = ["self", "program", "name", "num", "port", "run_dir"];
 
-/// Checks the `{word}`s of setting `key`'s `text`: `{port}` needs `port_base`, and a word at most two edits
-/// from a placeholder (`{prot}`, `{nmae}`) is a misspelling of it, which would reach the process as it is.
+/// Checks the `{word}`s of setting `key`'s `text`: `{port}` needs `port_base`, `{env:NAME}` a variable NAME
+/// the monitor has, and a word at most two edits from a placeholder (`{prot}`, `{nmae}`) is a misspelling of
+/// it, which would reach the process as it is.
 /// Any other `{word}` is left alone: shell and awk use braces too (`${HOME}`, `awk '{print}'`).
 fn check_placeholders(text: &str, key: &str, has_port: bool, v: &mut Validator) {
     let mut rest = text;
@@ -195,6 +196,21 @@ fn check_placeholders(text: &str, key: &str, has_port: bool, v: &mut Validator) 
         rest = &rest[open + 1..];
         let Some(close) = rest.find('}') else { return };
         let word = &rest[..close];
+        if let Some(var) = word.strip_prefix("env:").filter(|_| !after_dollar) {
+            let problem = if !is_env_name(var) {
+                "an environment variable's name is letters, digits and '_'"
+            } else {
+                match std::env::var(var) {
+                    Ok(_) => continue,
+                    Err(std::env::VarError::NotPresent) => "the monitor's environment has no such variable",
+                    Err(std::env::VarError::NotUnicode(_)) => {
+                        "its value in the monitor's environment is not UTF-8"
+                    }
+                }
+            };
+            v.error(key, format!("{{env:{var}}}: {problem}"));
+            continue;
+        }
         if after_dollar || word.is_empty() || !word.bytes().all(|b| b.is_ascii_lowercase() || b == b'_') {
             continue;
         }
@@ -278,12 +294,53 @@ pub fn check_programs(
     }
 }
 
-/// Substitutes `{self}`, `{program}`, `{name}`, `{num}`, `{port}`, `{run_dir}`.
+/// Substitutes `{self}`, `{program}`, `{name}`, `{num}`, `{port}`, `{run_dir}`, then `{env:NAME}` (after them,
+/// so a variable's value is taken as it is).
 pub fn substitute(s: &str, vars: &[(&str, String)]) -> String {
     let mut out = s.to_string();
     for (k, v) in vars {
         out = out.replace(&format!("{{{k}}}"), v);
     }
+    if out.contains(ENV_PLACEHOLDER) {
+        out = expand_env(&out);
+    }
+    out
+}
+
+/// How `{env:NAME}` begins: the monitor's own environment variable NAME, read when the config loads
+/// (Supervisord's `%(ENV_NAME)s`), so `PATH = "/opt/app/bin:{env:PATH}"` extends the inherited one.
+const ENV_PLACEHOLDER: &str = "{env:";
+
+/// Whether `name` can be an environment variable's name in a placeholder: letters, digits and '_', not
+/// starting with a digit.
+fn is_env_name(name: &str) -> bool {
+    name.bytes().next().is_some_and(|b| !b.is_ascii_digit())
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+}
+
+/// Replaces each `{env:NAME}` with NAME's value; one not set (or not UTF-8) stays as written, which the
+/// config's validation has refused already ([`check_placeholders`]).
+fn expand_env(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(at) = rest.find(ENV_PLACEHOLDER) {
+        out.push_str(&rest[..at]);
+        let tail = &rest[at + ENV_PLACEHOLDER.len()..];
+        let value = (tail.find('}'))
+            .filter(|&end| is_env_name(&tail[..end]))
+            .and_then(|end| Some((end, std::env::var(&tail[..end]).ok()?)));
+        match value {
+            Some((end, value)) => {
+                out.push_str(&value);
+                rest = &tail[end + 1..];
+            }
+            None => {
+                out.push_str(ENV_PLACEHOLDER);
+                rest = tail;
+            }
+        }
+    }
+    out.push_str(rest);
     out
 }
 

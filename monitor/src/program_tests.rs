@@ -58,6 +58,43 @@ fn a_misspelled_placeholder_or_a_port_without_port_base_is_an_error() {
     assert_eq!(edits("print", "port"), 3);
 }
 
+/// `{env:NAME}` (Supervisord's `%(ENV_NAME)s`): the monitor's own variable, in one argument whatever it holds;
+/// a variable it does not have, or a name no variable can have, is a config error, not text passed on.
+#[test]
+fn env_placeholders_take_the_monitors_environment() {
+    let path = std::env::var("PATH").unwrap_or_default();
+    assert!(!path.is_empty(), "the test needs a PATH");
+    let expand = |command: &str, env: &str| {
+        let raw = RawProgram {
+            command: command.into(),
+            environment: BTreeMap::from([("PATH".into(), env.into())]),
+            ..RawProgram::default()
+        };
+        let mut v = Validator::new();
+        let specs = raw.expand("app", &dirs(Path::new("/tmp/l")), &mut v);
+        (specs, issues(&v))
+    };
+    let (specs, found) = expand("sleep {env:PATH}x {num}", "/opt/app/bin:{env:PATH}");
+    assert!(found.is_empty(), "{found:?}");
+    assert_eq!(specs[0].argv[1..], [format!("{path}x"), "0".into()]);
+    assert_eq!(
+        specs[0].environment,
+        [("PATH".into(), format!("/opt/app/bin:{path}"))]
+    );
+    let (_, found) = expand(
+        "sleep {env:XCLUSTER_SURELY_UNSET_7f3} {env:1X} ${env:SHELL_ONLY}",
+        "{env:A-B}",
+    );
+    assert_eq!(
+        found,
+        [
+            "programs.app.command: {env:XCLUSTER_SURELY_UNSET_7f3}: the monitor's environment has no such variable",
+            "programs.app.command: {env:1X}: an environment variable's name is letters, digits and '_'",
+            "programs.app.environment.PATH: {env:A-B}: an environment variable's name is letters, digits and '_'",
+        ]
+    );
+}
+
 #[test]
 fn programs_are_checked_against_each_other_as_written() {
     let prog = |base: u16, numprocs: u32| RawProgram {
