@@ -324,6 +324,10 @@ fn check_groups(
     v: &mut Validator,
 ) -> crate::select::Groups {
     let mut groups = crate::select::Groups::new();
+    if raw.len() > MAX_PROCESSES {
+        v.error("groups", format!("{} groups (max {MAX_PROCESSES})", raw.len()));
+        return groups;
+    }
     for (name, g) in raw {
         let key = format!("groups.{name}");
         let taken = if name == "all" {
@@ -423,6 +427,9 @@ mod tests {
             let issues = check(groups).unwrap_err();
             assert!(issues.iter().any(|i| i.starts_with(says)), "{says}: {issues:?}");
         }
+        let names: Vec<String> = (0..=MAX_PROCESSES).map(|i| format!("g{i}")).collect();
+        let many: Vec<(&str, &[&str])> = names.iter().map(|n| (n.as_str(), &["web"][..])).collect();
+        assert_eq!(check(&many).unwrap_err(), ["groups: 513 groups (max 512)"]);
     }
 
     /// A token_file that never ends (or is huge) used to be read whole; now it is refused with the bound.
