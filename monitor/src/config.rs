@@ -2,8 +2,9 @@
 //! [`crate::program`].
 //!
 //! Reloads live: `log.level`, `shutdown.*`, `token`/`token_file`, `cluster.*`, `events_history`,
-//! `auto_update`, `logfile_maxbytes`/`logfile_backups`, and every `[programs.*]` section (an update touches
-//! only the programs whose expanded spec changed; with `auto_update = false` only on `ctl update`).
+//! `auto_update`, `logfile_maxbytes`/`logfile_backups`, and every `[programs.*]` and `[groups.*]` section (an
+//! update touches only the programs whose expanded spec changed; with `auto_update = false` only on `ctl
+//! update`).
 //! Needs a restart: `listen`, `run_dir`, `log_dir`, `http.*`.
 
 use std::collections::BTreeMap;
