@@ -221,10 +221,13 @@ impl RoleConfig for Config {
         for (name, prog) in &raw.programs {
             processes.extend(prog.expand(name, &dirs, &mut v));
         }
+        let groups = check_groups(&raw.groups, &raw.programs, &processes, &mut v);
+        for p in &mut processes {
+            p.depends_on = crate::program::through_groups(&p.depends_on, &groups);
+        }
         crate::program::check_set(&processes, &mut v);
         check_log_files(&processes, &mut v);
-        crate::program::check_programs(&raw.programs, listen, &mut v);
-        let groups = check_groups(&raw.groups, &raw.programs, &processes, &mut v);
+        crate::program::check_programs(&raw.programs, &groups, listen, &mut v);
         if processes.len() > MAX_PROCESSES {
             v.error(
                 "programs",
@@ -431,6 +434,48 @@ mod tests {
         let names: Vec<String> = (0..=MAX_PROCESSES).map(|i| format!("g{i}")).collect();
         let many: Vec<(&str, &[&str])> = names.iter().map(|n| (n.as_str(), &["web"][..])).collect();
         assert_eq!(check(&many).unwrap_err(), ["groups: 513 groups (max 512)"]);
+    }
+
+    /// `depends_on` may name a `[groups.*]`: the program then depends on each of the group's programs (so it
+    /// starts after them and stops before them); one in the group it depends on is a cycle.
+    #[test]
+    fn depends_on_a_group_is_on_each_of_its_programs() {
+        let check = |who: &str, depends_on: &[&str]| {
+            let mut raw = RawConfig::default();
+            for p in ["web", "db", "cache"] {
+                let prog = RawProgram {
+                    command: "sleep 1000".into(),
+                    ..RawProgram::default()
+                };
+                raw.programs.insert(p.into(), prog);
+            }
+            let dependent = raw.programs.get_mut(who).unwrap();
+            dependent.depends_on = depends_on.iter().map(|d| d.to_string()).collect();
+            let programs = vec!["db".to_string(), "cache".to_string()];
+            raw.groups.insert("backend".into(), RawGroup { programs });
+            Config::validate(&raw).map_err(|issues| {
+                (issues.into_iter())
+                    .map(|i| format!("{}: {}", i.key, i.message))
+                    .collect::<Vec<_>>()
+            })
+        };
+        let c = check("web", &["cache", "backend"]).unwrap();
+        let web = c.processes.iter().find(|p| p.name == "web").unwrap();
+        assert_eq!(web.depends_on, ["cache", "db"]);
+        // The stop order follows: web, their dependent, stops before both.
+        let levels = crate::program::stop_levels(&c.processes);
+        assert!(
+            levels["web"] > levels["db"] && levels["web"] > levels["cache"],
+            "{levels:?}"
+        );
+        assert_eq!(
+            check("web", &["nope"]).unwrap_err(),
+            ["programs.web.depends_on: unknown program or group \"nope\""]
+        );
+        assert_eq!(
+            check("db", &["backend"]).unwrap_err(),
+            ["programs.db.depends_on: dependency cycle: db -> db"]
+        );
     }
 
     /// A token_file that never ends (or is huge) used to be read whole; now it is refused with the bound.

@@ -258,19 +258,22 @@ fn edits(a: &str, b: &str) -> usize {
 }
 
 /// Checks the programs against each other, as written (so a program with problems of its own is still
-/// checked here, and every problem is reported at once): `depends_on` names a program; no two `port_base`
-/// ranges overlap, nor take the monitor's own port (the second program to bind would fail at every start).
+/// checked here, and every problem is reported at once): `depends_on` names a program or a `[groups.*]`; no
+/// two `port_base` ranges overlap, nor take the monitor's own port (the second program to bind would fail at
+/// every start).
 pub fn check_programs(
     programs: &BTreeMap<String, RawProgram>,
+    groups: &crate::select::Groups,
     monitor: std::net::SocketAddr,
     v: &mut Validator,
 ) {
     let mut taken: Vec<(&str, u32, u32)> = Vec::new();
     for (name, p) in programs {
-        for d in p.depends_on.iter().filter(|d| !programs.contains_key(*d)) {
+        let known = |d: &&String| programs.contains_key(*d) || groups.contains_key(*d);
+        for d in p.depends_on.iter().filter(|d| !known(d)) {
             v.error(
                 format!("programs.{name}.depends_on"),
-                format!("unknown program {d:?}"),
+                format!("unknown program or group {d:?}"),
             );
         }
         let Some(base) = p.port_base else { continue };
@@ -292,6 +295,20 @@ pub fn check_programs(
         }
         taken.push((name, first, last));
     }
+}
+
+/// `depends_on` with each `[groups.*]` it names replaced by the group's programs: a program waits for, and
+/// outlives, every program of the group. Each name once, in the order first named.
+pub fn through_groups(depends_on: &[String], groups: &crate::select::Groups) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for d in depends_on {
+        for p in groups.get(d).map_or(std::slice::from_ref(d), Vec::as_slice) {
+            if !out.contains(p) {
+                out.push(p.clone());
+            }
+        }
+    }
+    out
 }
 
 /// Substitutes `{self}`, `{program}`, `{name}`, `{num}`, `{port}`, `{run_dir}`, then `{env:NAME}` (after them,

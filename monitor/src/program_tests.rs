@@ -114,13 +114,13 @@ fn programs_are_checked_against_each_other_as_written() {
     programs.get_mut("c").unwrap().depends_on = vec!["a".into(), "zzz".into()];
     let mut v = Validator::new();
     let monitor: std::net::SocketAddr = "127.0.0.1:7300".parse().unwrap();
-    check_programs(&programs, monitor, &mut v);
+    check_programs(&programs, &crate::select::Groups::new(), monitor, &mut v);
     let found = issues(&v);
     assert_eq!(
         found,
         [
             "programs.b.port_base: ports 7103..=7103 overlap a's 7101..=7103",
-            "programs.c.depends_on: unknown program \"zzz\"",
+            "programs.c.depends_on: unknown program or group \"zzz\"",
             "programs.d.port_base: ports 7299..=7300 take the monitor's own listen port",
         ]
     );

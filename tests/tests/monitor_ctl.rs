@@ -783,7 +783,8 @@ fn shutdown_of_a_monitor_already_shutting_down_waits_for_it() {
 
 /// `[groups.site] programs = [...]` (Supervisord's `[group:site]`): `site:*` and `site` pick the instances of
 /// every program it names, in start order, `site:web` one of them, for every verb; its programs keep their
-/// own names. A reload naming an unknown program in it is refused, and the group in force stays.
+/// own names; a program that `depends_on` it waits for all of them. A reload naming an unknown program in it
+/// is refused, and the group in force stays.
 #[test]
 fn a_named_group_is_addressed_as_one() {
     let programs = |members: &str| {
@@ -791,6 +792,8 @@ fn a_named_group_is_addressed_as_one() {
             "[programs.web]\ncommand = \"sleep 300\"\nstartsecs = 0\n\
              [programs.worker]\ncommand = \"sleep 300\"\nstartsecs = 0\nnumprocs = 2\n\
              [programs.db]\ncommand = \"sleep 300\"\nstartsecs = 0\n\
+             [programs.front]\ncommand = \"sleep 300\"\nstartsecs = 0\nautostart = false\n\
+             depends_on = [\"site\"]\n\
              [groups.site]\nprograms = [{members}]\n"
         )
     };
@@ -825,7 +828,14 @@ fn a_named_group_is_addressed_as_one() {
     m.ctl_ok(&["start", "site:web"]);
     assert_eq!(m.state("web"), "RUNNING");
     assert_eq!(m.state("worker-0"), "STOPPED");
+    // A program that depends on the group waits for every program of it.
+    m.ctl_ok(&["--no-wait", "start", "front"]);
+    eventually(T, "front to wait for the group's workers", || {
+        (m.prog("front")["waiting_for"] == serde_json::json!(["worker"])).then_some(())
+    });
+    assert_eq!(m.state("front"), "STOPPED");
     m.ctl_ok(&["start", "site"]);
+    m.wait_state("front", "RUNNING", T);
     let pids: Vec<i32> = ["web", "worker-0", "worker-1"]
         .map(|p| m.pid(p).unwrap())
         .to_vec();
