@@ -48,13 +48,13 @@ impl StoreError {
 /// build would write rows without what the newer one counts on (a flash-sale line without its sale number),
 /// so an old instance restarted during a rolling upgrade stops with why instead of running on.
 fn newer_than_this_build(current: i64, known: usize) -> Result<(), StoreError> {
-    match current > known as i64 {
-        true => Err(StoreError::Internal(format!(
+    if current > known as i64 {
+        return Err(StoreError::Internal(format!(
             "the store's schema is version {current}, newer than this build knows ({known}): \
              run the newer xcluster (a rolling upgrade that went back?)"
-        ))),
-        false => Ok(()),
+        )));
     }
+    Ok(())
 }
 
 /// A store result whose inner `Result` carries the domain's answer.
@@ -162,7 +162,8 @@ pub struct Refunded {
 pub struct Expired {
     pub orders: u32,
     /// (user, SKU, sale number) of each expired flash-sale order's lines: the Redis gate forgets what it
-    /// counted of them under that sale, as on a cancel.
+    /// counted of them under that sale, as on a cancel. A line without a number (written by the build before,
+    /// during a rolling upgrade) is in the SKU's current sale, where the limit counts it.
     pub flash_sale: Vec<(String, String, i64)>,
 }
 

@@ -306,7 +306,8 @@ pub fn expire_due(t: &mut Tx<'_>, now: i64, limit: u32) -> Result<super::Expired
             out.orders += 1;
             if kind == crate::domain::OrderKind::Seckill.as_str() {
                 let lines = t.query(
-                    "SELECT sku, COALESCE(sale_seq, 0) FROM order_lines WHERE order_id = $1",
+                    "SELECT l.sku, COALESCE(l.sale_seq, s.sale_seq) FROM order_lines l
+                     JOIN skus s ON s.sku = l.sku WHERE l.order_id = $1",
                     &[&id],
                 )?;
                 out.flash_sale

@@ -458,7 +458,10 @@ pub fn expire_due(tx: &Transaction<'_>, now: i64, limit: u32) -> Result<super::E
             out.orders += 1;
             if kind == OrderKind::Seckill.as_str() {
                 let lines = tx
-                    .prepare_cached("SELECT sku, COALESCE(sale_seq, 0) FROM order_lines WHERE order_id = ?1")?
+                    .prepare_cached(
+                        "SELECT l.sku, COALESCE(l.sale_seq, s.sale_seq) FROM order_lines l
+                         JOIN skus s ON s.sku = l.sku WHERE l.order_id = ?1",
+                    )?
                     .query_map([&id], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?
                     .collect::<Result<Vec<_>, _>>()?;
                 out.flash_sale
