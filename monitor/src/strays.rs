@@ -145,11 +145,14 @@ mod tests {
             .spawn()
             .unwrap();
         let pid = stray.id() as i32;
-        // `setsid` execs `sleep` in place once it has its session (it is no group leader here).
+        // `setsid` execs `sleep` in place once it has its session (it is no group leader here). Waited for
+        // until `sleep` runs: `setsid` is found already, and its environment reads empty while it execs, so a
+        // read of the mark in that moment found none.
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         let found = loop {
             let found = find(&mark, nix::unistd::getpgrp().as_raw());
-            if !found.is_empty() || std::time::Instant::now() > deadline {
+            let exec_done = found.iter().all(|s| s.comm == "sleep");
+            if (!found.is_empty() && exec_done) || std::time::Instant::now() > deadline {
                 break found;
             }
             std::thread::sleep(std::time::Duration::from_millis(10));
