@@ -9,7 +9,8 @@
 //! They are found by a mark each spawn sets in its environment ([`MARK_VAR`]: the monitor's pid and start
 //! time, and the spawn's number, unique on the host), which the processes it starts inherit. An adopted
 //! process keeps the mark of the monitor that spawned it, read from its environment at adoption. A process
-//! that empties its environment (`env -i`) is not found.
+//! that empties its environment (`env -i`) is not found; one read mid-exec, when its environment reads empty
+//! for a moment, is read again.
 
 use std::io::Read;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -80,25 +81,75 @@ impl Stray {
     }
 }
 
-/// The live processes outside process group `pgid` whose environment carries `mark`.
+/// How often, and how far apart, a process whose environment read empty is read again: one mid-exec (a
+/// `setsid` becoming its program, a shell exec'ing its command) reads empty until the new image has its
+/// stack, a moment far shorter than this; one that emptied its environment (`env -i`) costs the scan the
+/// whole wait.
+const EXEC_RETRIES: u32 = 3;
+const EXEC_PAUSE: std::time::Duration = std::time::Duration::from_millis(2);
+
+/// The live processes outside process group `pgid` whose environment carries `mark`. Blocking: it may
+/// pause a few milliseconds (above).
 pub fn find(mark: &str, pgid: i32) -> Vec<Stray> {
     let entry = format!("{MARK_VAR}={mark}");
     let me = std::process::id() as i32;
-    crate::statefile::pids()
-        .filter(|&pid| pid != me && outside(pid, pgid))
-        .filter(|&pid| carries(pid, &entry))
-        .filter_map(|pid| {
-            let fd = pidfd(pid)?;
-            // Checked again once the pidfd is open: the pid may have gone to another process meanwhile.
-            (outside(pid, pgid) && carries(pid, &entry)).then(|| Stray {
-                pid,
-                comm: std::fs::read_to_string(format!("/proc/{pid}/comm"))
-                    .map(|c| c.trim_end().to_string())
-                    .unwrap_or_default(),
-                fd,
-            })
+    let candidates = crate::statefile::pids().filter(|&pid| pid != me && outside(pid, pgid));
+    marked(
+        candidates,
+        |pid| read_mark(pid, &entry),
+        || std::thread::sleep(EXEC_PAUSE),
+    )
+    .into_iter()
+    .filter_map(|pid| {
+        let fd = pidfd(pid)?;
+        // Checked again once the pidfd is open: the pid may have gone to another process meanwhile.
+        (outside(pid, pgid) && read_mark(pid, &entry) == Mark::Carries).then(|| Stray {
+            pid,
+            comm: std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .map(|c| c.trim_end().to_string())
+                .unwrap_or_default(),
+            fd,
         })
-        .collect()
+    })
+    .collect()
+}
+
+/// What a process's environment says of the mark looked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mark {
+    Carries,
+    Lacks,
+    /// A user process whose environment reads empty: mid-exec, or emptied.
+    Unread,
+}
+
+/// The `pids` whose environment carries the mark, as `read` finds it; those `Unread` are read again up to
+/// [`EXEC_RETRIES`] times, `pause` between.
+fn marked(pids: impl Iterator<Item = i32>, read: impl Fn(i32) -> Mark, pause: impl Fn()) -> Vec<i32> {
+    let mut found = Vec::new();
+    let mut unread = Vec::new();
+    for pid in pids {
+        match read(pid) {
+            Mark::Carries => found.push(pid),
+            Mark::Unread => unread.push(pid),
+            Mark::Lacks => {}
+        }
+    }
+    for _ in 0..EXEC_RETRIES {
+        if unread.is_empty() {
+            break;
+        }
+        pause();
+        unread.retain(|&pid| match read(pid) {
+            Mark::Carries => {
+                found.push(pid);
+                false
+            }
+            Mark::Unread => true,
+            Mark::Lacks => false,
+        });
+    }
+    found
 }
 
 /// Whether `pid` is a live process of another group than `pgid`.
@@ -106,8 +157,22 @@ fn outside(pid: i32, pgid: i32) -> bool {
     crate::statefile::live_group(pid).is_some_and(|g| g != pgid)
 }
 
-fn carries(pid: i32, entry: &str) -> bool {
-    environ(pid).is_some_and(|env| env.split(|b| *b == 0).any(|e| e == entry.as_bytes()))
+fn read_mark(pid: i32, entry: &str) -> Mark {
+    match environ(pid) {
+        Some(env) if env.split(|b| *b == 0).any(|e| e == entry.as_bytes()) => Mark::Carries,
+        // A kernel thread has no environment, and never will.
+        Some(env) if env.is_empty() && !kernel_thread(pid) => Mark::Unread,
+        _ => Mark::Lacks,
+    }
+}
+
+/// Whether `pid` is a kernel thread (`PF_KTHREAD` in its flags).
+fn kernel_thread(pid: i32) -> bool {
+    const PF_KTHREAD: u64 = 0x0020_0000;
+    // After the command: state, ppid, pgrp, session, tty, tpgid, flags.
+    crate::statefile::proc_stat(pid)
+        .and_then(|s| s.split_whitespace().nth(6)?.parse::<u64>().ok())
+        .is_some_and(|flags| flags & PF_KTHREAD != 0)
 }
 
 /// Process `pid`'s environment as it was started, bounded (unreadable: another user's, or gone).
@@ -167,5 +232,38 @@ mod tests {
         assert!(!s.lives());
         let _ = unmarked.kill();
         let _ = unmarked.wait();
+    }
+
+    /// A process whose environment reads empty (mid-exec) is read again and found once it reads; one that
+    /// stays empty is given up after the retries, and one without the mark is not read again.
+    #[test]
+    fn an_environment_read_mid_exec_is_read_again() {
+        use std::cell::RefCell;
+        let reads = RefCell::new(Vec::new());
+        let pauses = RefCell::new(0);
+        let read = |pid: i32| {
+            reads.borrow_mut().push(pid);
+            let nth = reads.borrow().iter().filter(|&&p| p == pid).count();
+            match (pid, nth) {
+                (1, _) => Mark::Carries,
+                (2, 1) => Mark::Unread,
+                (2, _) => Mark::Carries,
+                (3, _) => Mark::Unread,
+                _ => Mark::Lacks,
+            }
+        };
+        let found = marked([1, 2, 3, 4].into_iter(), read, || *pauses.borrow_mut() += 1);
+        assert_eq!(found, [1, 2]);
+        let count = |pid| reads.borrow().iter().filter(|&&p| p == pid).count();
+        assert_eq!(
+            (count(1), count(2), count(3), count(4)),
+            (1, 2, 1 + EXEC_RETRIES as usize, 1)
+        );
+        assert_eq!(*pauses.borrow(), EXEC_RETRIES);
+        assert!(!kernel_thread(std::process::id() as i32));
+        // Where the kernel's threads are in sight (not in a PID namespace of its own), kthreadd is pid 2.
+        if std::fs::read_to_string("/proc/2/comm").is_ok_and(|c| c.trim_end() == "kthreadd") {
+            assert!(kernel_thread(2));
+        }
     }
 }
