@@ -288,8 +288,12 @@ impl RoleConfig for Config {
         );
         let max_instances = max_instances.clamp(1, MAX_SERVERS);
         let params = validate_directory(&mut v, &raw.directory, &raw.types);
-        v.check(params.forget_after >= skew, "directory.forget_after_ms", || {
-            "must be at least reports.skew_ms (a forgotten agent's old reports must fail the skew check)"
+        // A report is taken while its timestamp is within the skew of the balancer's clock, either way, so
+        // one stamped by a clock `skew` ahead is taken for up to 2 × skew after it arrived: an agent must
+        // be remembered (its last sequence number) that long, or its last reports could be played again.
+        v.check(params.forget_after >= 2 * skew, "directory.forget_after_ms", || {
+            "must be at least twice reports.skew_ms (a report stamped up to the skew ahead is taken for twice \
+             the skew: a forgotten agent's old reports must fail the skew check)"
                 .into()
         });
         raw.log.validate(&mut v);
@@ -686,6 +690,22 @@ mod tests {
             "{found:?}"
         );
         assert!(issues("[reports]\nmax_instances = 4096\n").is_empty());
+    }
+
+    /// An agent is remembered at least twice the skew: a report stamped the skew ahead is taken for that
+    /// long, and forgotten sooner its last reports could be played again.
+    #[test]
+    fn agents_are_remembered_twice_the_skew() {
+        let cfg =
+            |forget: u64| format!("[reports]\nskew_ms = 10000\n[directory]\nforget_after_ms = {forget}\n");
+        assert!(issues(&cfg(20_000)).is_empty());
+        let found = issues(&cfg(19_999));
+        assert!(
+            found
+                .iter()
+                .any(|i| i.contains("directory.forget_after_ms") && i.contains("twice reports.skew_ms")),
+            "{found:?}"
+        );
     }
 
     /// A listener whose type routes nowhere, and a backend whose type no listener has, are refused.

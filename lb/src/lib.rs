@@ -78,6 +78,7 @@ pub async fn run(ctx: Context<Config>) -> Result<(), Error> {
     // walk found them refused for the whole grace period, where HAProxy's stats stay up in a soft stop.
     let api_drain = tokio_util::sync::CancellationToken::new();
     let _api_stops = api_drain.clone().drop_guard();
+    dir.set_starting(true);
     let (_, api) = xcluster_runtime::admin::spawn_api(
         cfg.listen,
         ctx.health.clone(),
@@ -103,6 +104,7 @@ pub async fn run(ctx: Context<Config>) -> Result<(), Error> {
         () = directory::peers::take_drains(&dir, &peers, patience) => {}
         () = drain.cancelled() => {}
     }
+    dir.set_starting(false);
     // The state settled here (the file's, or the newer peers') is what a restart must find.
     dir.save_state().await;
     // L4 proxy (issue 5): follows `ctx.config` reloads; drains with the process.

@@ -149,6 +149,12 @@ pub enum ReportError {
          name it in {AGENT_HEADER}, and no other agent's key may sign them"
     )]
     WrongKey { agent: String },
+    #[error(
+        "instance id {instance:?} is not agent {agent:?}'s: an agent with its own key ([reports.agent_keys]) \
+         reports only instance ids that begin with its own id and a slash (\"{agent}/\"), and no other agent \
+         reports those"
+    )]
+    ForeignInstance { agent: String, instance: String },
 }
 
 impl ReportError {
@@ -163,6 +169,7 @@ impl ReportError {
             ReportError::Replay { .. } => "replay",
             ReportError::Conflict { .. } => "conflict",
             ReportError::WrongKey { .. } => "wrong_key",
+            ReportError::ForeignInstance { .. } => "foreign_instance",
         }
     }
 }
@@ -238,19 +245,15 @@ impl LoadReport {
                     ));
                 }
             }
-            if !unit(i.error_rate) || !nonneg(i.request_rate) || !nonneg(i.proc_cpu) {
+            let rate_ok = nonneg(i.request_rate) && i.request_rate <= crate::stats::MAX_RATE;
+            if !unit(i.error_rate) || !rate_ok || !nonneg(i.proc_cpu) {
                 return bad(format!("instance {:?} has an out-of-range rate", i.id));
             }
             if i.types.len() > crate::stats::MAX_REQUEST_TYPES {
                 return bad(format!("instance {:?} reports too many types", i.id));
             }
             for (name, t) in &i.types {
-                if name.is_empty()
-                    || name.len() > 64
-                    || !nonneg(t.rate)
-                    || !nonneg(t.service_ms)
-                    || !unit(t.error_rate)
-                {
+                if name.is_empty() || name.len() > 64 || !crate::stats::type_figures_ok(t) {
                     return bad(format!(
                         "instance {:?} type {name:?} has an out-of-range figure",
                         i.id
@@ -340,5 +343,34 @@ mod tests {
             assert!(decode(&serde_json::to_vec(&r).unwrap()).is_err(), "agent {id:?}");
         }
         assert!(valid_id("host-a.example/app-1:2@x_y"));
+    }
+
+    /// Per-type figures past their bounds are refused (a rate of 1.7e308 made a balancer's smoothed
+    /// service time NaN); at the bounds they are taken.
+    #[test]
+    fn figures_past_their_bounds_are_refused() {
+        use crate::stats::{MAX_RATE, MAX_SERVICE_MS};
+        let with = |rate: f64, service_ms: f64, request_rate: f64| {
+            let mut r = report();
+            r.instances[0].request_rate = request_rate;
+            let t = TypeStats {
+                rate,
+                service_ms,
+                error_rate: 0.0,
+            };
+            r.instances[0].types.insert("browse".into(), t);
+            decode(&serde_json::to_vec(&r).unwrap())
+        };
+        assert!(with(MAX_RATE, MAX_SERVICE_MS, MAX_RATE).is_ok());
+        for (rate, ms, total) in [
+            (1.7e308, 1.0, 1.0),
+            (MAX_RATE * 2.0, 1.0, 1.0),
+            (1.0, MAX_SERVICE_MS * 2.0, 1.0),
+            (1.0, 1.0, 1.7e308),
+            (-1.0, 1.0, 1.0),
+        ] {
+            let e = with(rate, ms, total).unwrap_err();
+            assert!(e.to_string().contains("out-of-range"), "{rate} {ms} {total}: {e}");
+        }
     }
 }

@@ -10,6 +10,19 @@ use serde::{Deserialize, Serialize};
 pub const MAX_STATS_BYTES: usize = 64 * 1024;
 /// Most request types an instance may report.
 pub const MAX_REQUEST_TYPES: usize = 32;
+/// The highest request rate (per second) and mean service time (ms) a figure may carry: far beyond any real
+/// instance, and low enough that a balancer's smoothing of them (rate × window × service time, summed over
+/// reports) stays finite. Unbounded, two reports of `1.7e308` made a smoothed service time NaN, and with it
+/// the reference the other instances' weights are judged by.
+pub const MAX_RATE: f64 = 1e9;
+pub const MAX_SERVICE_MS: f64 = 86_400_000.0;
+
+/// Whether a per-type figure is in range: rate and service time finite, non-negative and within
+/// [`MAX_RATE`] and [`MAX_SERVICE_MS`], the error rate a fraction.
+pub fn type_figures_ok(t: &TypeStats) -> bool {
+    let within = |v: f64, max: f64| v.is_finite() && (0.0..=max).contains(&v);
+    within(t.rate, MAX_RATE) && within(t.service_ms, MAX_SERVICE_MS) && within(t.error_rate, 1.0)
+}
 
 /// What an app instance says about itself, sampled when asked.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
@@ -70,23 +83,19 @@ impl InstanceStats {
                 format!("{} types, max {MAX_REQUEST_TYPES}", self.types.len()),
             );
         }
-        for (name, value) in [
-            ("request_rate", self.request_rate),
-            ("error_rate", self.error_rate),
+        for (name, value, max) in [
+            ("request_rate", self.request_rate, MAX_RATE),
+            ("error_rate", self.error_rate, 1.0),
         ] {
-            if !value.is_finite() || value < 0.0 {
-                return bad(name, format!("{value} is not a finite non-negative number"));
+            if !value.is_finite() || !(0.0..=max).contains(&value) {
+                return bad(name, format!("{value} is not a finite number in 0..={max}"));
             }
-        }
-        if self.error_rate > 1.0 {
-            return bad("error_rate", format!("{} is above 1", self.error_rate));
         }
         for (name, t) in &self.types {
             if name.is_empty() || name.len() > 64 {
                 return bad("types", format!("type name {name:?} not 1..=64 bytes"));
             }
-            let ok = |v: f64| v.is_finite() && v >= 0.0;
-            if !ok(t.rate) || !ok(t.service_ms) || !ok(t.error_rate) || t.error_rate > 1.0 {
+            if !type_figures_ok(t) {
                 return bad("types", format!("type {name:?} has an out-of-range figure"));
             }
         }
@@ -108,6 +117,21 @@ mod tests {
         s.error_rate = 1.5;
         assert!(s.validate().is_err());
         s.error_rate = f64::NAN;
+        assert!(s.validate().is_err());
+        s.error_rate = 0.0;
+        s.request_rate = MAX_RATE * 2.0;
+        assert!(s.validate().is_err());
+        s.request_rate = MAX_RATE;
+        let huge = TypeStats {
+            rate: 1.7e308,
+            service_ms: 1.0,
+            error_rate: 0.0,
+        };
+        s.types.insert("browse".into(), huge);
+        assert!(s.validate().is_err());
+        s.types.get_mut("browse").unwrap().rate = MAX_RATE;
+        assert!(s.validate().is_ok());
+        s.types.get_mut("browse").unwrap().service_ms = MAX_SERVICE_MS + 1.0;
         assert!(s.validate().is_err());
     }
 

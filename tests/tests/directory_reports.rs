@@ -356,6 +356,28 @@ fn an_agent_with_its_own_key_is_heard_and_its_key_speaks_for_no_one_else() {
     );
     assert!(listed("host-a/app"), "{list}");
 
+    // host-a's instance ids are its own: the shared key cannot report one (at an address of its choosing),
+    // nor can host-a's key report an id outside them.
+    let taken = report("host-c", 1, now_ms(), &[("host-a/app", app.addr, 0)]);
+    let stray = report(
+        "host-a",
+        u64::MAX / 2,
+        now_ms(),
+        &[("elsewhere/app", app.addr, 0)],
+    );
+    let stray_body = serde_json::to_vec(&stray).unwrap();
+    let stray_sig = sign(own_key.as_bytes(), &stray_body);
+    let headers = [(SIGNATURE_HEADER, stray_sig.as_str()), (AGENT_HEADER, "host-a")];
+    for r in [
+        post_signed(lb, &taken),
+        request(lb, "POST", "/v1/reports", &headers, Some(&stray_body)).unwrap(),
+    ] {
+        assert_eq!(r.status, 403, "{}", r.body);
+        assert_eq!(r.json()["error"]["code"], "foreign_instance", "{}", r.body);
+    }
+    assert_eq!(rejected(lb, "foreign_instance").1, 2);
+    assert!(listed("host-a/app"));
+
     // Without its entry, host-a's own key is checked as the shared key's stand-in, and fails.
     write_file(dir.path(), &format!("lb-{}.toml", lb.port()), &lb_config(lb, &[]));
     eventually(WAIT, "the reloaded balancer to refuse host-a's key", || {

@@ -229,3 +229,43 @@ fn a_second_balancer_given_the_same_state_file_is_refused() {
     let written: serde_json::Value = serde_json::from_slice(&std::fs::read(&state).unwrap()).unwrap();
     assert_eq!(written["drained"], serde_json::json!([]), "{written}");
 }
+
+/// While a starting balancer asks its peers for their drains and weights (here for its 5 s of patience: its
+/// file was refused, and its peer does not answer), a drain or weight call is refused (503 `starting`),
+/// and taken once it is ready. Taken during the start, the call made this balancer's own state the newest,
+/// and the peers' drains were not taken at all.
+#[test]
+fn a_drain_while_the_balancer_takes_its_peers_state_is_refused_until_it_has() {
+    let dir = tempfile::tempdir().unwrap();
+    let (lb, silent_peer) = (free_addr(), free_addr());
+    let state = dir.path().join("lb.state.json");
+    std::fs::write(&state, "not json").unwrap();
+    let cfg = config(lb, &state).replace("peers = []", &format!("peers = [\"{silent_peer}\"]"));
+    assert!(cfg.contains(&silent_peer.to_string()), "{cfg}");
+    let path = write_file(dir.path(), "lb.toml", &cfg);
+    let p = Proc::xcluster("lb", &["lb", "--config", path.to_str().unwrap()]);
+    let refused = eventually(WAIT, "the API to answer", || {
+        let r = request(
+            lb,
+            "POST",
+            "/v1/servers/h1%2Fa/drain",
+            &[("authorization", &format!("Bearer {TOKEN}"))],
+            None,
+        )
+        .ok()?;
+        Some(r)
+    });
+    assert_eq!(refused.status, 503, "{}", refused.body);
+    assert_eq!(refused.json()["error"]["code"], "starting", "{}", refused.body);
+    assert_eq!(refused.header("retry-after"), Some("1"));
+    wait_ready(lb, WAIT);
+    let a = FakeApp::start("a");
+    let r = post_signed(
+        lb,
+        &report("host-1", now_ms() * 1000, now_ms(), &[("h1/a", a.addr, 0)]),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    call(lb, "h1/a", "drain");
+    assert_eq!(runtime_state(lb).0, serde_json::json!(["h1/a"]));
+    drop(p);
+}

@@ -67,6 +67,18 @@ async fn route(dir: Directory, req: Request<Incoming>) -> Response<Body> {
         _ => match server_action(&path) {
             Some(_) if method != Method::POST => method_not_allowed(&method, &path, "POST"),
             Some(Err((code, why))) => error(StatusCode::BAD_REQUEST, code, &why),
+            Some(Ok(_)) if dir.starting() => {
+                let mut r = error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "starting",
+                    "this balancer is starting: it takes its peers' drains and weights first; retry in a moment",
+                );
+                r.headers_mut().insert(
+                    http::header::RETRY_AFTER,
+                    http::header::HeaderValue::from_static("1"),
+                );
+                r
+            }
             Some(Ok((id, action))) => {
                 let answer = match action {
                     ServerAction::Drain(on) => drain(&dir, &req, &id, on),
@@ -137,6 +149,8 @@ async fn reports(dir: Directory, req: Request<Incoming>) -> Response<Body> {
                 ReportError::Replay { .. } | ReportError::Conflict { .. } => StatusCode::CONFLICT,
                 // Signed by a key the balancer knows, but not the reported agent's.
                 ReportError::WrongKey { .. } => StatusCode::FORBIDDEN,
+                // Signed by the right key, naming an instance another agent owns.
+                ReportError::ForeignInstance { .. } => StatusCode::FORBIDDEN,
             };
             error(status, e.reason(), &e.to_string())
         }

@@ -14,7 +14,7 @@ use super::Directory;
 use crate::metrics;
 
 /// Every rejection reason ([`ReportError::reason`]), in the order `ReportCounts::rejected` holds them.
-pub const REASONS: [&str; 8] = [
+pub const REASONS: [&str; 9] = [
     "missing_signature",
     "bad_signature",
     "too_large",
@@ -23,6 +23,7 @@ pub const REASONS: [&str; 8] = [
     "replay",
     "conflict",
     "wrong_key",
+    "foreign_instance",
 ];
 
 /// A rejection reason is logged at most this often (every one is counted): a wrong key or two agents
@@ -74,6 +75,31 @@ impl ReportKeys {
     /// The agent among `agent` that has a key of its own (`None`: the shared key signs for it).
     fn owner<'a>(&self, agent: Option<&'a str>) -> Option<&'a str> {
         agent.filter(|a| self.agents.contains_key(*a))
+    }
+
+    /// Refuses an instance `report` names that is not its agent's to report: an agent with a key of its own
+    /// reports only ids under its own (`host-a/...`), and only it reports those. Without it, a stolen host
+    /// key could report another host's instance ids at an address of its choosing, taking them over once
+    /// their own agent was silent for a moment (a restart), or at once on a balancer that had just started.
+    fn check_instances(&self, report: &LoadReport) -> Result<(), ReportError> {
+        let foreign = |instance: &str| ReportError::ForeignInstance {
+            agent: report.agent.clone(),
+            instance: instance.to_string(),
+        };
+        let keyed = self.agents.contains_key(&report.agent);
+        for i in &report.instances {
+            let prefix = i.id.split_once('/').map(|(p, _)| p);
+            let owner = prefix.filter(|p| self.agents.contains_key(*p));
+            let ok = if keyed {
+                prefix == Some(report.agent.as_str())
+            } else {
+                owner.is_none()
+            };
+            if !ok {
+                return Err(foreign(&i.id));
+            }
+        }
+        Ok(())
     }
 
     /// The key a report signed by `agent` (as the request names it) is checked with.
@@ -154,6 +180,7 @@ impl Directory {
         if settings.keys.owner(signer) != settings.keys.owner(Some(&r.agent)) {
             return Err(ReportError::WrongKey { agent: r.agent });
         }
+        settings.keys.check_instances(&r)?;
         let now = wall_ms();
         if now.abs_diff(r.timestamp_ms) > settings.skew_ms {
             return Err(ReportError::Skew {
@@ -282,6 +309,14 @@ mod tests {
             .ingest(&ok, Some(&report::sign(b"xk", &ok)), Some("x"))
             .unwrap_err();
         assert_eq!(err.reason(), "wrong_key");
+        // Agent x's own key, for its own agent id, naming an instance outside its own ids.
+        let mut r: LoadReport = serde_json::from_slice(&body(12, now)).unwrap();
+        r.agent = "x".into();
+        let foreign = serde_json::to_vec(&r).unwrap();
+        let err = d
+            .ingest(&foreign, Some(&report::sign(b"xk", &foreign)), Some("x"))
+            .unwrap_err();
+        assert_eq!(err.reason(), "foreign_instance");
         let status = d.status();
         assert_eq!(status.reports_accepted, 1);
         for r in REASONS {
@@ -335,6 +370,37 @@ mod tests {
         d.ingest(&g2, Some(&report::sign(b"k", &g2)), None).unwrap();
         assert_eq!(d.status().instances.len(), 2);
         assert_eq!(d.status().reports_rejected["wrong_key"], 2);
+
+        // Instance ids: h reports only "h/..." ones, and nobody else reports those, under any key.
+        let with_id = |agent: &str, seq: u64, id: &str| {
+            let mut r: LoadReport = serde_json::from_slice(&of(agent, seq)).unwrap();
+            r.instances[0].id = id.into();
+            serde_json::to_vec(&r).unwrap()
+        };
+        let refused = [
+            (with_id("h", 2, "g/a"), b"own".as_slice(), "h"),
+            (with_id("h", 2, "a"), b"own", "h"),
+            (with_id("h", 2, "hh/a"), b"own", "h"),
+            (with_id("g", 3, "h/a"), b"k", "g"),
+            (with_id("g", 3, "h/b"), b"k", "g"),
+        ];
+        for (b, key, signer) in refused {
+            let err = d
+                .ingest(&b, Some(&report::sign(key, &b)), Some(signer))
+                .unwrap_err();
+            assert_eq!(
+                err.reason(),
+                "foreign_instance",
+                "{}",
+                String::from_utf8_lossy(&b)
+            );
+        }
+        assert_eq!(d.status().reports_rejected["foreign_instance"], 5);
+        // An agent without a key of its own names its instances as it likes, but for keyed agents' ids.
+        let b = with_id("g", 3, "anything");
+        d.ingest(&b, Some(&report::sign(b"k", &b)), Some("g")).unwrap();
+        let b = with_id("h", 2, "h/b");
+        d.ingest(&b, Some(&report::sign(b"own", &b)), Some("h")).unwrap();
     }
 
     /// Past `max_watches` a watch is answered at once, so long polls cannot take every connection.

@@ -125,6 +125,9 @@ struct Inner {
     watching: AtomicUsize,
     /// `[directory] state_file`, when set: written on every drain or weight change.
     state_file: std::sync::OnceLock<Arc<state::StateFile>>,
+    /// The balancer is starting: its API answers its peers, but it has not taken their drains and weights
+    /// yet ([`Directory::set_starting`]).
+    starting: std::sync::atomic::AtomicBool,
 }
 
 /// How an id given to a drain or a weight names a server ([`Directory::named`]).
@@ -200,6 +203,7 @@ impl Directory {
                 wake: tokio::sync::Notify::new(),
                 watching: AtomicUsize::new(0),
                 state_file: std::sync::OnceLock::new(),
+                starting: std::sync::atomic::AtomicBool::new(false),
             }),
         }
     }
@@ -229,6 +233,18 @@ impl Directory {
     /// Milliseconds on the directory's monotonic clock.
     pub fn now_ms(&self) -> u64 {
         self.inner.clock.elapsed().as_millis() as u64
+    }
+
+    /// Marks the start: from before the API serves (its peers, starting beside it, ask it for its state) until
+    /// the peers' drains and weights are taken. Meanwhile a drain or a weight call is refused (503
+    /// `starting`): taken, it made this balancer's state the newest, and the peers' earlier drains were not
+    /// taken at all, so instances drained on every balancer got this one's clients again.
+    pub fn set_starting(&self, on: bool) {
+        self.inner.starting.store(on, Ordering::Relaxed);
+    }
+
+    pub fn starting(&self) -> bool {
+        self.inner.starting.load(Ordering::Relaxed)
     }
 
     /// Ends every pending watch (the balancer is draining).

@@ -229,7 +229,11 @@ impl Table {
                 }
                 continue;
             }
-            let load = Load::from_report(&report.host, i, n);
+            let mut load = Load::from_report(&report.host, i, n);
+            // Only the types this balancer weighs keep a service time: the smoothed figures carry a name
+            // until it goes unreported for a while by the agent's clock, so a report of fresh names each
+            // time (32 an instance) piled them up without bound.
+            load.service.retain(|name, _| p.types.contains_key(name));
             let prev = self.instances.remove(&id);
             // Recovered: its previous report is older than the TTL by the agent's own clock, so every
             // balancer decides the same from the same reports.
@@ -283,8 +287,9 @@ impl Table {
         self.instances
             .retain(|_, i| now_ms.saturating_sub(i.received_ms) <= forget);
         // Agents silent as long are forgotten too, so agent ids that come and go do not fill `max_agents`.
-        // Safe against replay: config validation keeps `forget_after` at least the timestamp skew, so any
-        // report of that agent old enough to be a replay is refused for its timestamp.
+        // Safe against replay: config validation keeps `forget_after` at least twice the timestamp skew (a
+        // report stamped the skew ahead is taken until the skew after its stamp), so any report of that agent
+        // old enough to be a replay is refused for its timestamp.
         self.last_seq
             .retain(|_, s| now_ms.saturating_sub(s.at_ms) <= forget);
         before != self.instances.len()

@@ -637,3 +637,25 @@ fn a_report_that_would_overfill_the_table_is_refused() {
     let more = [renamed, vec![inst("h1/e", 5, 1)]].concat();
     assert!(t.check_room(&report("h1", 3, 200, 0.1, more), 3).is_err());
 }
+
+/// Only the types the balancer weighs keep a service time: a report of 32 new names each time, under a
+/// clock that does not move, piled every name up before.
+#[test]
+fn reported_types_the_balancer_does_not_weigh_keep_no_service_time() {
+    let p = params();
+    let mut t = Table::default();
+    for seq in 1..=50u64 {
+        let mut i = timed("h1/a", 1, 2.0);
+        for n in 0..31 {
+            let stats = xcluster_proto::stats::TypeStats {
+                rate: 1.0,
+                service_ms: 1.0,
+                error_rate: 0.0,
+            };
+            i.types.insert(format!("t{seq}-{n}"), stats);
+        }
+        t.apply(&report("h1", seq, 1_000, 0.0, vec![i]), seq, &p);
+    }
+    let kept: Vec<&String> = t.instances["h1/a"].service.keys().collect();
+    assert_eq!(kept, ["cpu"]);
+}
