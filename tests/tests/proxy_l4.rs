@@ -1942,6 +1942,35 @@ fn a_listeners_own_idle_timeout_applies_to_its_connections_only(rt: &'static str
     assert_eq!((timeouts("long"), timeouts("short")), (0.0, 1.0), "{m}");
 }
 
+/// A reload that removes a listener leaves its connections their idle timeout, also when no listener left
+/// has one (io_uring looked at timeouts only while an open listener had one).
+fn a_removed_listeners_connections_keep_their_idle_timeout(rt: &'static str) {
+    let echo = echo_backend();
+    let (kept, gone) = (free_addr(), free_addr());
+    let config = |with_gone: bool| {
+        let gone = if with_gone {
+            format!("{}idle_timeout_ms = 600\n", listener("gone", gone))
+        } else {
+            String::new()
+        };
+        format!(
+            "idle_timeout_ms = 0\n{}{gone}{}",
+            listener("kept", kept),
+            backends(&[echo])
+        )
+    };
+    let lb = start_lb(rt, 1000, &config(true));
+    let mut idle = connect(gone);
+    ping(&mut idle, b"before the reload");
+    lb.reload_applied(1000, &config(false));
+    ping(&mut idle, b"after the reload");
+    let mut rest = Vec::new();
+    // Returns only when the proxy closes it (within T, the read timeout, or it fails). The removed listener's
+    // series leave with its last connection, so its timeout is not counted where a test could read it.
+    idle.read_to_end(&mut rest).unwrap();
+    assert!(rest.is_empty());
+}
+
 /// A listener for health checks only, accepting and dropping each connection until `stop` is set and one
 /// more connection wakes its accept; then it closes, and checks of its port fail. Ends with [`close_side`].
 fn side_port(stop: Arc<AtomicBool>) -> (SocketAddr, thread::JoinHandle<()>) {
@@ -3373,6 +3402,7 @@ per_runtime!(
     idle_connections_are_closed_and_counted,
     half_closed_connections_time_out_after_the_fin_timeout,
     a_listeners_own_idle_timeout_applies_to_its_connections_only,
+    a_removed_listeners_connections_keep_their_idle_timeout,
     checks_putting_a_backend_down_close_its_connections_if_asked,
     proxy_protocol_v2_header_names_the_client,
     accept_proxy_takes_the_client_from_its_header,

@@ -14,7 +14,7 @@ use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 use tracing::debug;
 use xcluster_proto::proxy_header::Addresses;
 
-use crate::proxy::access::End;
+use crate::proxy::access::{End, Side};
 use crate::proxy::clients::ClientSlot;
 use crate::proxy::conn::Active;
 use crate::proxy::limit::Permit;
@@ -252,10 +252,13 @@ impl Loop {
             c.active.tried(addr);
             let socket = match backend_socket(addr) {
                 Ok(s) => s,
+                // This process's (or the host's) descriptors or memory, not the backend: holding it out for
+                // it showed healthy backends failing through a burst of clients.
                 Err(e) => {
                     debug!(backend = %addr, error = %e, "cannot open a socket");
-                    shared.connect_failed(addr, &bm, &mut k.tried);
-                    continue;
+                    let errno = e.raw_os_error().unwrap_or(0);
+                    self.give_up(slot, End::Error(Side::Backend, errno));
+                    return;
                 }
             };
             k.addr = addr;

@@ -458,7 +458,9 @@ impl Loop {
             if let Some(t) = slept_from {
                 self.spin.slept(t.elapsed());
             }
-            self.now_ms = u32::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u32::MAX);
+            // Wraps every 49.7 days, on purpose: every comparison is a `wrapping_sub` of spans of at most a
+            // day. (It stuck at u32::MAX once, and no idle or fin timeout fired again.)
+            self.now_ms = self.epoch.elapsed().as_millis() as u32;
             let mut cqes = std::mem::take(&mut self.cqes);
             cqes.extend(
                 self.ring
