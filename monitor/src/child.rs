@@ -5,7 +5,7 @@
 
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::process::Stdio;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -55,7 +55,37 @@ pub struct Spawned {
     pub pipes: Pipes,
     /// Set when the supervisor sends the stop signal: the leader's exit then leaves the rest of the group
     /// time to end ([`spawn`]).
-    pub stopping: Arc<AtomicBool>,
+    pub stopping: Arc<StopClock>,
+}
+
+/// When a process's stop began (the supervisor sent its stop signal), for the task that sees its leader
+/// exit: what is left of its group gets the rest of `stopwaitsecs` from then, not a whole `stopwaitsecs`
+/// more from the leader's exit (a leader that exited just before it, beside a stray that ignored the
+/// signal, kept the program STOPPING about twice as long as it says).
+#[derive(Debug, Default)]
+pub struct StopClock(AtomicU64);
+
+fn clock_epoch() -> std::time::Instant {
+    static EPOCH: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    *EPOCH.get_or_init(std::time::Instant::now)
+}
+
+impl StopClock {
+    /// Marks the stop begun now, unless it began already (a second stop does not move its deadline).
+    pub fn begin(&self) {
+        let ms = clock_epoch().elapsed().as_millis() as u64 + 1;
+        let _ = self
+            .0
+            .compare_exchange(0, ms, Ordering::Relaxed, Ordering::Relaxed);
+    }
+
+    /// When the stop began, if it has.
+    pub fn began(&self) -> Option<std::time::Instant> {
+        match self.0.load(Ordering::Relaxed) {
+            0 => None,
+            ms => Some(clock_epoch() + Duration::from_millis(ms - 1)),
+        }
+    }
 }
 
 /// How often a stopped program's group is looked at, once its leader has exited, until the rest is gone.
@@ -181,7 +211,7 @@ pub fn spawn(
         tokio::spawn(copy_pipe(receiver(err.into())?, err_log, outputs.stderr.clone()));
     }
     let name = spec.name.clone();
-    let stopping = Arc::new(AtomicBool::new(false));
+    let stopping = Arc::new(StopClock::default());
     let ending = Ending {
         stopping: stopping.clone(),
         stopwait: spec.policy.stopwait,
@@ -216,7 +246,7 @@ pub fn spawn(
 #[derive(Debug, Clone)]
 pub struct Ending {
     /// Set when the supervisor sends the stop signal ([`Spawned::stopping`]).
-    pub stopping: Arc<AtomicBool>,
+    pub stopping: Arc<StopClock>,
     pub stopwait: Duration,
     /// Sent to its strays at a stop (SIGTERM where it would only pause them).
     pub stopsignal: Signal,
@@ -228,12 +258,14 @@ pub struct Ending {
 /// that left the group, [`crate::strays`]). During a stop (`stopping`), not at once: a wrapper (`sh -c 'cd
 /// dir && server'`, no exec) dies of the stop signal at once while the server it runs, signalled too, is
 /// still shutting down cleanly, and a SIGKILL then cut that short. The rest of the group and the strays
-/// (sent the stop signal now) get up to `stopwait` (when the supervisor's own SIGKILL comes), and the caller
+/// (sent the stop signal now) get what is left of `stopwait` from the stop signal (when the supervisor's own
+/// SIGKILL comes), and the caller
 /// reports the exit once they are gone, so the program is STOPPING until then and a restart's new process
 /// does not meet the old one's server on its port.
 async fn end_group(name: &str, pid: u32, ending: &Ending) {
     let pgid = pid as i32;
-    let stopping = ending.stopping.load(Ordering::Relaxed);
+    let began = ending.stopping.began();
+    let stopping = began.is_some();
     let found = find_strays(ending.mark.clone(), pgid).await;
     if !found.is_empty() {
         let pids: Vec<String> = found.iter().map(|s| format!("{} ({})", s.pid, s.comm)).collect();
@@ -252,8 +284,8 @@ async fn end_group(name: &str, pid: u32, ending: &Ending) {
         };
         found.iter().for_each(|s| s.signal(sig));
     }
-    if stopping {
-        let deadline = tokio::time::Instant::now() + ending.stopwait;
+    if let Some(began) = began {
+        let deadline = tokio::time::Instant::from_std(began + ending.stopwait);
         while tokio::time::Instant::now() < deadline
             && (found.iter().any(Stray::lives)
                 || tokio::task::spawn_blocking(move || group_lives(pgid))

@@ -436,6 +436,41 @@ mod tests {
         assert_eq!(check(&many).unwrap_err(), ["groups: 513 groups (max 512)"]);
     }
 
+    /// Counts past their ranges are errors, not overflows (a panic in a debug or fuzz build, a wrapped port
+    /// range in a release one).
+    #[test]
+    fn counts_past_their_ranges_are_errors_not_overflows() {
+        let check = |numprocs: u32, numprocs_start: u32| {
+            let mut raw = RawConfig::default();
+            let prog = RawProgram {
+                command: "sleep 1000".into(),
+                numprocs,
+                numprocs_start,
+                port_base: Some(8000),
+                ..RawProgram::default()
+            };
+            raw.programs.insert("web".into(), prog);
+            (Config::validate(&raw).err().unwrap_or_default().into_iter())
+                .map(|i| format!("{}: {}", i.key, i.message))
+                .collect::<Vec<_>>()
+        };
+        let issues = check(u32::MAX, 0);
+        assert!(
+            issues.iter().any(|i| i.starts_with("programs.web.numprocs: ")),
+            "{issues:?}"
+        );
+        assert!(
+            issues.iter().any(|i| i.contains("runs past port 65535")),
+            "{issues:?}"
+        );
+        let issues = check(2, u32::MAX);
+        assert_eq!(
+            issues,
+            ["programs.web.numprocs_start: 4294967295 is out of range (0..=1000000)"]
+        );
+        assert!(check(2, 1_000_000).is_empty());
+    }
+
     /// `depends_on` may name a `[groups.*]`: the program then depends on each of the group's programs (so it
     /// starts after them and stops before them); one in the group it depends on is a cycle.
     #[test]

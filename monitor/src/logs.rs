@@ -145,7 +145,11 @@ fn shift_backups(path: &Path, backups: u32) -> std::io::Result<()> {
             std::fs::rename(&from, numbered(path, i + 1))?;
         }
     }
-    std::fs::rename(path, numbered(path, 1))
+    // The log itself gone (its directory removed and made again): nothing to keep, and the reopen makes it.
+    match std::fs::rename(path, numbered(path, 1)) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        done => done,
+    }
 }
 
 /// Rotates the monitor's own log ([`own_log_file`]: `up --detach`'s `monitor.log`) once it holds `maxbytes`,
@@ -189,21 +193,32 @@ fn numbered(path: &Path, i: u32) -> PathBuf {
 /// Copies a child's pipe into `log` (if any) and to followers until the pipe closes.
 pub async fn copy_pipe(
     mut pipe: impl AsyncRead + Unpin,
-    mut log: Option<SharedLog>,
+    log: Option<SharedLog>,
     followers: broadcast::Sender<Bytes>,
 ) {
     let mut buf = vec![0u8; 8192];
+    // A failed write drops its chunk, not the log: the next chunk is tried again, so a disk full for a
+    // minute loses that minute's output, where before the file stayed frozen until the program restarted.
+    let mut failing = false;
     loop {
         let n = match pipe.read(&mut buf).await {
             Ok(0) | Err(_) => return,
             Ok(n) => n,
         };
-        if let Some(l) = log.as_mut() {
+        if let Some(l) = &log {
             let mut guard = l.lock().unwrap_or_else(|p| p.into_inner());
-            if let Err(e) = guard.write(&buf[..n]) {
-                warn!(path = %guard.path.display(), error = %e, "cannot write program log; dropping output");
-                drop(guard);
-                log = None;
+            match guard.write(&buf[..n]) {
+                Ok(()) if failing => {
+                    failing = false;
+                    tracing::info!(path = %guard.path.display(), "program log written again");
+                }
+                Ok(()) => {}
+                Err(e) if !failing => {
+                    failing = true;
+                    warn!(path = %guard.path.display(), error = %e,
+                        "cannot write program log; dropping output until a write succeeds (followers still get it)");
+                }
+                Err(_) => {}
             }
         }
         let _ = followers.send(Bytes::copy_from_slice(&buf[..n]));
@@ -256,17 +271,24 @@ pub fn tail(path: &Path, bytes: u64) -> std::io::Result<Vec<u8>> {
     f.seek(SeekFrom::Start(start - before))?;
     let mut out = Vec::with_capacity((bytes + before).min(len) as usize);
     f.take(bytes + before).read_to_end(&mut out)?;
-    if before == 0 {
-        return Ok(out);
+    Ok(whole_lines(out, before == 1))
+}
+
+/// `window` without its first line, when `after_byte` (it was read with the byte before it) and that line
+/// is cut; a window that holds no line start keeps its cut line, better than nothing. Empty stays empty:
+/// a file truncated between its size and the read (a rotation without backups, `ctl clear`) reads nothing,
+/// and cutting one byte of nothing panicked.
+fn whole_lines(mut window: Vec<u8>, after_byte: bool) -> Vec<u8> {
+    if !after_byte {
+        return window;
     }
-    let cut = match out.iter().position(|&b| b == b'\n') {
+    let cut = match window.iter().position(|&b| b == b'\n') {
         // The byte before was a line end: the window starts with a whole line.
         Some(0) => 1,
-        Some(end) if end + 1 < out.len() => end + 1,
-        // The window holds no line start: better a cut line than nothing.
-        _ => before as usize,
+        Some(end) if end + 1 < window.len() => end + 1,
+        _ => 1,
     };
-    Ok(out.split_off(cut))
+    window.split_off(cut.min(window.len()))
 }
 
 /// The file this process's stderr writes to, when it is a regular file (`xcluster up --detach`'s log); `None`
@@ -324,6 +346,57 @@ mod tests {
         drop(log);
         assert_eq!(reader.join().unwrap(), 110, "every line reached the reader");
         assert!(is_device(&path) && !numbered(&path, 1).exists());
+    }
+
+    /// A write that fails drops its chunk, not the log: once the log can be written again, output lands
+    /// in it again (here its directory was removed, so a rotation failed, and then made again).
+    #[tokio::test]
+    async fn a_failed_log_write_drops_only_its_chunk() {
+        use tokio::io::AsyncWriteExt;
+        let dir = tempfile::tempdir().unwrap();
+        let logs = dir.path().join("logs");
+        let path = logs.join("p.log");
+        let spec = LogSpec {
+            path: Some(path.clone()),
+            maxbytes: 8,
+            backups: 1,
+        };
+        let log: SharedLog =
+            std::sync::Arc::new(std::sync::Mutex::new(RotatingLog::open(&spec).unwrap().unwrap()));
+        let (tx, mut rx) = broadcast::channel(16);
+        let (mut w, r) = tokio::io::duplex(64);
+        let copier = tokio::spawn(copy_pipe(r, Some(log), tx));
+        async fn send(w: &mut tokio::io::DuplexStream, rx: &mut broadcast::Receiver<Bytes>, line: &str) {
+            w.write_all(line.as_bytes()).await.unwrap();
+            assert_eq!(rx.recv().await.unwrap(), line, "followers get every chunk");
+        }
+        send(&mut w, &mut rx, "one1234\n").await;
+        std::fs::remove_dir_all(&logs).unwrap();
+        // Full: the rotation's reopen fails, and so does this chunk.
+        send(&mut w, &mut rx, "lost567\n").await;
+        std::fs::create_dir(&logs).unwrap();
+        send(&mut w, &mut rx, "back890\n").await;
+        drop(w);
+        copier.await.unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "back890\n");
+    }
+
+    /// A file read empty (truncated between its size and the read) gives an empty tail, not a panic.
+    #[test]
+    fn an_empty_window_gives_an_empty_tail() {
+        assert!(whole_lines(Vec::new(), true).is_empty());
+        assert!(
+            whole_lines(b"x".to_vec(), true).is_empty(),
+            "only the byte before"
+        );
+        assert_eq!(
+            whole_lines(b"xcut".to_vec(), true),
+            b"cut",
+            "no line start: the cut line"
+        );
+        assert_eq!(whole_lines(b"\nab\n".to_vec(), true), b"ab\n");
+        assert_eq!(whole_lines(b"cut\nab\n".to_vec(), true), b"ab\n");
+        assert_eq!(whole_lines(b"cut\n".to_vec(), false), b"cut\n");
     }
 
     /// A follower that falls behind says where it skipped, on a line of its own, and goes on.

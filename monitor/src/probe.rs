@@ -125,6 +125,18 @@ impl RawProbe {
     }
 }
 
+/// Kills the process group led by a probe's command when dropped while the command runs (a timeout, or the
+/// probe's task ended): the leader is not reaped yet, so its pid still names that group.
+struct GroupKill(Option<u32>);
+
+impl Drop for GroupKill {
+    fn drop(&mut self) {
+        if let Some(pid) = self.0 {
+            let _ = crate::child::signal_group(pid, nix::sys::signal::Signal::SIGKILL);
+        }
+    }
+}
+
 impl ProbeSpec {
     /// Substitutes `{port}` and friends in the probe's target.
     pub fn substituted(mut self, vars: &[(&str, String)]) -> Self {
@@ -187,21 +199,62 @@ impl ProbeSpec {
                 let mut cmd = tokio::process::Command::new(prog);
                 // As a program's (`child::spawn`): the notify socket is the monitor's alone.
                 xcluster_runtime::sdnotify::keep_from(&mut cmd);
+                // A group of its own, killed whole if the probe times out: `sh -c 'curl ... | grep ...'`
+                // left its curl and grep running at every timed-out period when only the shell was killed.
                 cmd.args(args)
                     .stdin(std::process::Stdio::null())
                     .stdout(std::process::Stdio::null())
                     .stderr(std::process::Stdio::null())
+                    .process_group(0)
                     .kill_on_drop(true);
                 // Registered while waited for: as PID 1 the monitor reaps only children it does not wait for.
                 let (mut child, _own) =
                     crate::reaper::spawn(&mut cmd).map_err(|e| format!("run {prog}: {e}"))?;
+                let mut group = GroupKill(child.id());
                 let status = child.wait().await.map_err(|e| format!("run {prog}: {e}"))?;
+                // Reaped: its pid, and so the group's id, may be another's from now on.
+                group.0 = None;
                 if status.success() {
                     Ok(())
                 } else {
                     Err(format!("{prog} exited with {status}"))
                 }
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// A command probe that times out ends with everything it started, not only its own process.
+    #[tokio::test]
+    async fn a_timed_out_command_probe_ends_its_whole_group() {
+        let dir = tempfile::tempdir().unwrap();
+        let pids = dir.path().join("pids");
+        let script = format!("sleep 300 & echo $! > {}; wait", pids.display());
+        let probe = ProbeSpec {
+            kind: ProbeKind::Command {
+                argv: vec!["sh".into(), "-c".into(), script],
+            },
+            period: Duration::from_secs(1),
+            timeout: Duration::from_millis(300),
+            initial_delay: Duration::ZERO,
+            failure_threshold: 1,
+        };
+        let e = probe.check().await.unwrap_err();
+        assert!(e.starts_with("timed out"), "{e}");
+        let sleeper: i32 = std::fs::read_to_string(&pids).unwrap().trim().parse().unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        // Gone, or a zombie until whoever it was handed to reaps it.
+        while crate::statefile::live_group(sleeper).is_some() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the probe's sleep 300 outlived it"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
 }

@@ -277,7 +277,11 @@ pub fn check_programs(
             );
         }
         let Some(base) = p.port_base else { continue };
-        let (first, last) = (u32::from(base), u32::from(base) + p.numprocs.max(1) - 1);
+        // Saturating: this runs on configs whose numprocs failed its range check too.
+        let (first, last) = (
+            u32::from(base),
+            u32::from(base).saturating_add(p.numprocs.max(1) - 1),
+        );
         let key = format!("programs.{name}.port_base");
         if (first..=last).contains(&u32::from(monitor.port())) {
             v.error(
@@ -426,6 +430,8 @@ impl RawProgram {
             Vec::new()
         });
         v.range(&key("numprocs"), self.numprocs, 1, 256);
+        // `{num}` counts from it: bounded so that it cannot run past u32.
+        v.range(&key("numprocs_start"), self.numprocs_start, 0, 1_000_000);
         let autorestart = match &self.autorestart {
             RawAutoRestart::Bool(true) => AutoRestart::Always,
             RawAutoRestart::Bool(false) => AutoRestart::Never,
@@ -524,7 +530,7 @@ impl RawProgram {
             );
         }
         if let Some(base) = self.port_base
-            && u32::from(base) + self.numprocs > 65_536
+            && u64::from(base) + u64::from(self.numprocs) > 65_536
         {
             v.error(
                 key("port_base"),

@@ -112,8 +112,14 @@ impl Roll {
     }
 }
 
-/// How a program restarted by a roll stands: `None` while it is on its way back.
+/// How a program restarted by a roll stands: `None` while it is on its way back. One without a process
+/// (FATAL, EXITED) is only marked to start by the restart (`wanted`) until `kick` starts it: meanwhile its
+/// state is the old one, and was taken for the restart's outcome (a FATAL program fixed and rolled was
+/// failed with its old message, and one-shot tasks were all done before any had run).
 fn outcome(p: &Proc) -> Option<Result<String, String>> {
+    if p.wanted {
+        return None;
+    }
     match p.shown_state() {
         State::Running if Supervisor::is_ready(p) => Some(Ok("started".into())),
         State::Fatal => Some(Err(p
@@ -128,7 +134,7 @@ fn outcome(p: &Proc) -> Option<Result<String, String>> {
         })),
         State::Exited => Some(Err(crate::status::abnormal_termination(p.m.last_exit))),
         // Stopped and not about to start: someone stopped it meanwhile.
-        State::Stopped if !p.wanted && !p.m.restart_pending() => Some(Err("stopped".into())),
+        State::Stopped if !p.m.restart_pending() => Some(Err("stopped".into())),
         _ => None,
     }
 }

@@ -109,7 +109,15 @@ impl Supervisor {
     /// reloader does after `ctl update`, changes nothing.
     pub(crate) fn update(&mut self, cfg: Arc<Config>, rolling: Option<Duration>) -> Plan {
         let plan = self.plan(&cfg);
-        let order = cfg.processes.iter().map(|s| s.name.clone()).collect();
+        let mut order: Vec<String> = cfg.processes.iter().map(|s| s.name.clone()).collect();
+        // Programs an earlier update is removing, still stopping: not in `plan.removed` (nothing new to do),
+        // but listed until gone, as `kick` finishes a removal only for what the order lists. Dropped here, one
+        // stayed in the supervisor for good after a second update (a save, then `ctl update`).
+        let removing = (self.order.iter())
+            .filter(|n| self.procs.get(*n).is_some_and(|p| p.removing) && !order.contains(n))
+            .cloned()
+            .collect::<Vec<_>>();
+        order.extend(removing);
         self.apply(cfg, rolling, plan, order)
     }
 

@@ -475,3 +475,29 @@ period_ms = 50
         "job-0: started, then exited: exit status 0\njob-1: started, then exited: exit status 0",
     );
 }
+
+/// A program FATAL after an outage, fixed and rolled: the roll starts each instance and waits for it. It
+/// failed the first with its old fatal message, before the start had even begun, and skipped the rest.
+#[test]
+fn a_rolling_restart_of_a_fatal_program_waits_for_its_new_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let fixed = dir.path().join("fixed");
+    let m = Mon::start(&format!(
+        r#"
+[programs.app]
+command = "/bin/sh -c 'test -f {} && exec sleep 300; exit 3'"
+numprocs = 2
+startretries = 0
+"#,
+        fixed.display()
+    ));
+    for name in ["app-0", "app-1"] {
+        m.wait_state(name, "FATAL", T);
+    }
+    std::fs::write(&fixed, "").unwrap();
+    let o = m.ctl(&["restart", "--rolling", "app:*"]);
+    assert_says(&o, 0, "app-0: started\napp-1: started");
+    for name in ["app-0", "app-1"] {
+        m.wait_state(name, "RUNNING", T);
+    }
+}

@@ -442,3 +442,40 @@ fn a_named_update_of_a_group_new_in_the_file_applies_its_programs_changes() {
     assert_eq!(pending["changed"], json!(["c"]), "{pending}");
     assert_eq!(m.status()["groups"], json!({ "site": ["b", "d"] }));
 }
+
+/// A program an update removes stays listed while it stops, also when the config is applied again
+/// meanwhile (`ctl update` right after a save, as a Supervisord user types; the reload after it applies it
+/// once more), and leaves once gone. The second update dropped it from the list at once and left it in the
+/// supervisor for good, never ready, so a program depending on its group waited for it for ever.
+#[test]
+fn a_program_being_removed_outlives_a_second_update_and_then_leaves() {
+    let programs = |numprocs: u32| {
+        format!(
+            r#"
+[programs.app]
+command = '''/bin/sh -c 'trap "" TERM; while :; do sleep 0.1; done' '''
+numprocs = {numprocs}
+stopwaitsecs = 3
+startsecs = 0
+[programs.web]
+command = "sleep 300"
+startsecs = 0
+depends_on = ["app"]
+"#
+        )
+    };
+    let m = Mon::start(&programs(2));
+    for name in ["app-0", "app-1", "web"] {
+        m.wait_state(name, "RUNNING", T);
+    }
+    m.rewrite(&programs(1));
+    // It ignores SIGTERM: STOPPING until SIGKILL, 3 s on.
+    m.wait_state("app-1", "STOPPING", T);
+    m.ctl_ok(&["update"]);
+    assert_eq!(m.state("app-1"), "STOPPING", "listed while it stops");
+    eventually(T, "app-1 to leave once gone", || {
+        (!lists(&m.status(), "app-1")).then_some(())
+    });
+    let o = m.ctl(&["restart", "--wait-secs", "10", "web"]);
+    assert_says(&o, 0, "web: started");
+}

@@ -464,6 +464,8 @@ enum Goal {
 fn outcome(p: &Value, goal: Goal) -> Option<Result<String, String>> {
     let state = p["state"].as_str().unwrap_or("");
     match goal {
+        // Marked to start once what it depends on is ready: its state (FATAL, EXITED) is still the old one.
+        Goal::Running if !items(&p["waiting_for"]).is_empty() => None,
         Goal::Running => match state {
             "RUNNING" if p["ready"] == true => Some(Ok("started".into())),
             // The monitor's words: the spawn error or the last exit, and the tries it took.
@@ -479,7 +481,7 @@ fn outcome(p: &Value, goal: Goal) -> Option<Result<String, String>> {
             })),
             "EXITED" => Some(Err(abnormal_termination(last_exit(p)))),
             // Stopped and waiting for nothing: someone else stopped it meanwhile.
-            "STOPPED" if items(&p["waiting_for"]).is_empty() => Some(Err("stopped".into())),
+            "STOPPED" => Some(Err("stopped".into())),
             _ => None,
         },
         Goal::Stopped => match state {

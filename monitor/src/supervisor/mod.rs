@@ -52,7 +52,7 @@ pub(crate) struct Proc {
     /// Its output pipes, as the state file records them for a monitor that adopts it.
     pub pipes: child::Pipes,
     /// Its process has been sent the stop signal (see [`child::Spawned::stopping`]).
-    pub stopping: Arc<std::sync::atomic::AtomicBool>,
+    pub stopping: Arc<child::StopClock>,
     pub spawn_id: u64,
     pub started_unix_ms: Option<u64>,
     pub probes: Option<CancellationToken>,
@@ -212,15 +212,27 @@ impl Supervisor {
             let pid = u32::try_from(e.pid).unwrap_or(0);
             self.next_id += 1;
             let spawn_id = self.next_id;
-            let stopping = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let stopping = Arc::new(child::StopClock::default());
             let ending = child::Ending {
                 stopping: stopping.clone(),
                 stopwait: p.spec.policy.stopwait,
                 stopsignal: p.spec.stopsignal,
                 mark: None,
             };
-            let watched = crate::statefile::open_pidfd(&e).and_then(|fd| {
-                child::take_output(&fd, &p.spec, e.pipes, &p.outputs)?;
+            let fd = match crate::statefile::open_pidfd(&e) {
+                Ok(fd) => fd,
+                // Gone since it was found: nothing to take over. What it left in its group still goes (no
+                // process can take a pid a group still uses as its id), but not when its pid is another
+                // process's now: that one may lead a group of its own under the id.
+                Err(err) => {
+                    warn!(program = %e.name, pid, error = %err, "a process left by the previous monitor ended before it was taken over; starting it afresh");
+                    if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+                        let _ = child::signal_group(pid, nix::sys::signal::Signal::SIGKILL);
+                    }
+                    continue;
+                }
+            };
+            let watched = child::take_output(&fd, &p.spec, e.pipes, &p.outputs).and_then(|()| {
                 child::watch_adopted(e.name.clone(), pid, fd, spawn_id, ending, self.exits.clone())
             });
             if let Err(err) = watched {
@@ -315,7 +327,7 @@ impl Supervisor {
                 }
             }
             Action::SignalStop => {
-                p.stopping.store(true, std::sync::atomic::Ordering::Relaxed);
+                p.stopping.begin();
                 if let Err(e) = child::signal_group(p.pid, p.spec.stopsignal) {
                     warn!(program = name, pid = p.pid, error = %e, "cannot signal");
                 } else if !child::stops_the_process(p.spec.stopsignal) {
