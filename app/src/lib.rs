@@ -25,12 +25,16 @@
 //! | `DELETE /v1/merchant/flash-sales/{sku}` | admin | token; ends the sale: what the buckets hold goes back on the shelf |
 //! | `POST /admin/credit` | admin | token; `{"users": [...], "amount_cents"}`; optional `Idempotency-Key` posts once |
 //! | `POST /admin/settlements` | admin | token; one settlement batch |
-//! | `GET /admin/audit` | admin | invariant report; 409 when one fails |
+//! | `GET /admin/audit` | admin | invariant report; 409 when one fails; one at a time (callers take turns) |
 //! | `GET /admin/degrade`, `POST /admin/degrade` | admin | token for POST; `{"level": "auto"|"sync"|"queued"|"shed"|"read_only"}` |
 //! | `GET /v1/stats` | — | `xcluster_proto::stats::InstanceStats` for the agent |
 //!
 //! Stock statuses: 409 `out_of_stock`/`sold_out`; 402 `insufficient_funds`; 429 `limit_exceeded`; 503 with
-//! `Retry-After` for `overloaded`, `read_only` and `store_busy` (all retryable).
+//! `Retry-After` for `overloaded`, `read_only` and `store_busy` (all retryable). `overloaded` and `read_only`
+//! refuse before the store is asked; `store_busy` may also answer a call that a store which stopped
+//! answering in time (`[postgres]`'s bound) still runs, and may commit: a write with an `Idempotency-Key`
+//! is safe to send again (the key replays the first run), an unkeyed one may have applied. So may a 500
+//! `internal` that says the connection failed at COMMIT (never retried inside the store).
 
 pub mod api;
 pub mod audit;
@@ -119,6 +123,7 @@ pub async fn run(ctx: Context<Config>) -> Result<(), Error> {
         redis_gate: redis_gate.clone(),
         health: ctx.health.clone(),
         queue_depth: Default::default(),
+        audits: tokio::sync::Mutex::new(()),
     });
     tokio::spawn(queue::workers::outbox_worker(exec.clone(), background.clone()));
     tokio::spawn(queue::workers::maintainer(exec.clone(), background.clone()));

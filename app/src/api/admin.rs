@@ -41,6 +41,7 @@ pub fn stats(app: &App) -> Response<Body> {
 
 /// `GET /admin/audit`: 200 when every invariant holds, 409 with the report when one does not.
 pub async fn audit(app: &Arc<App>) -> Response<Body> {
+    let _turn = app.audits.lock().await;
     match app.exec.read(|s| s.audit()).await {
         Ok(report) => json(
             if report.ok {

@@ -48,6 +48,10 @@ pub struct App {
     pub redis_gate: Option<Arc<crate::gate_redis::RedisGate>>,
     pub health: xcluster_runtime::health::Health,
     pub queue_depth: std::sync::atomic::AtomicU64,
+    /// Held by the audit that runs (`GET /admin/audit`, no token, scans every table): callers take turns,
+    /// so a loop of them holds one read lane, not all of them (browsing and the stats sampler queued
+    /// behind).
+    pub audits: tokio::sync::Mutex<()>,
 }
 
 impl App {

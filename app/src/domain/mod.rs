@@ -43,7 +43,8 @@ pub enum Reject {
         balance: Cents,
         needed: Cents,
     },
-    // Per SKU, not per sale: every flash-sale order of the SKU still live counts, whichever sale it was in.
+    // Per sale: the SKU's flash-sale orders of its current sale (`sale_seq`) still live count; a buyer of
+    // the last sale may buy up to the limit again.
     #[error("user {user} may buy at most {limit} {} of {sku} in flash-sale orders", units(i64::from(*limit)))]
     LimitExceeded { user: String, sku: String, limit: u32 },
     #[error("payment amount {given} does not match the order total {total}")]

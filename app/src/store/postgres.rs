@@ -131,6 +131,28 @@ impl From<postgres::Error> for StoreError {
     }
 }
 
+/// A failed COMMIT. One whose answer was lost with the connection (no SQLSTATE: the socket failed or
+/// closed; `08xxx`; the server shutting down) may have committed: it is not retried as a busy store is, since
+/// the retry of an unkeyed credit or stock batch applied it twice (a fresh reference each run, so no unique
+/// key caught it). The caller gets a store failure; a keyed request may be sent again, and its key replays
+/// the first run if it committed. A refusal the server sent (a serialization failure at commit) rolled back,
+/// and is retried as before.
+fn at_commit(e: postgres::Error) -> StoreError {
+    if connection_lost(e.code()) {
+        return StoreError::Internal(format!(
+            "the connection failed at COMMIT, so the transaction may have committed (not retried): {}",
+            describe(&e)
+        ));
+    }
+    e.into()
+}
+
+/// Whether an error with this SQLSTATE (`None`: none came) lost the connection rather than being the
+/// server's answer to the statement.
+fn connection_lost(code: Option<&SqlState>) -> bool {
+    code.is_none_or(|c| *c == SqlState::ADMIN_SHUTDOWN || c.code().starts_with("08"))
+}
+
 /// The server's own words where it sent any: `postgres::Error`'s `Display` says only "db error" then, which
 /// hid a refused login (`28000: no pg_hba.conf entry for host ...`) behind "cannot connect: db error".
 /// Otherwise the error and its causes: its `Display` alone leaves the cause out, so a refused port, a name
@@ -405,7 +427,7 @@ impl PostgresStore {
             let mut tx = Tx { tx, stmts };
             let out = f(&mut tx)?;
             if commit(&out) {
-                tx.tx.commit()?;
+                tx.tx.commit().map_err(at_commit)?;
             } else {
                 tx.tx.rollback()?;
             }
@@ -532,5 +554,32 @@ impl Store for PostgresStore {
     fn audit(&self) -> Result<AuditReport, StoreError> {
         // REPEATABLE READ: every check sees one snapshot.
         self.read(super::postgres_audit::audit)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A lost answer (no SQLSTATE, a connection exception, the server shutting down) is told apart from the
+    /// server's refusals, which roll back.
+    #[test]
+    fn a_commit_without_its_answer_is_told_from_a_refused_one() {
+        for lost in [
+            None,
+            Some(&SqlState::CONNECTION_FAILURE),
+            Some(&SqlState::CONNECTION_EXCEPTION),
+            Some(&SqlState::ADMIN_SHUTDOWN),
+        ] {
+            assert!(connection_lost(lost), "{lost:?}");
+        }
+        for refused in [
+            SqlState::T_R_SERIALIZATION_FAILURE,
+            SqlState::T_R_DEADLOCK_DETECTED,
+            SqlState::UNIQUE_VIOLATION,
+            SqlState::QUERY_CANCELED,
+        ] {
+            assert!(!connection_lost(Some(&refused)), "{refused:?}");
+        }
     }
 }
