@@ -62,6 +62,18 @@ impl BackendPicker for LivePicker {
         }
     }
 
+    fn takes(&self, request_type: &str, addr: SocketAddr) -> bool {
+        if !self.fixed.serves(request_type) {
+            return true;
+        }
+        self.dir.with_snapshot(|snap| {
+            if snap.backend_weights.version != self.fixed.weights_version() {
+                self.fixed.set_weights(&snap.backend_weights);
+            }
+            !snap.withheld.contains(&addr) && self.fixed.takes(request_type, addr)
+        })
+    }
+
     fn routes_to(&self, addr: SocketAddr) -> bool {
         self.dir.lists(addr)
     }

@@ -53,6 +53,12 @@ pub trait BackendPicker: Send + Sync + std::fmt::Debug {
         false
     }
 
+    /// Whether a pick for `request_type` could return `addr` now: it is among the type's backends with a weight
+    /// above 0 and not withheld (drained). The queue counts only such backends' places ([`super::queue`]).
+    fn takes(&self, _request_type: &str, _addr: SocketAddr) -> bool {
+        true
+    }
+
     /// Called with the new `[proxy]` section after each successful reload. The static picker rebuilds its
     /// table from it; a directory-backed picker may ignore it.
     fn on_config(&self, _cfg: &ProxyConfig) {}
@@ -320,6 +326,12 @@ fn in_turn(list: &[(SocketAddr, u32)], exclude: &[SocketAddr], turn: u64) -> Opt
 }
 
 impl BackendPicker for StaticPicker {
+    fn takes(&self, request_type: &str, addr: SocketAddr) -> bool {
+        let t = self.table.load();
+        let tiers = t.by_type.get(request_type).unwrap_or(&t.any);
+        (tiers.primary.iter().chain(&tiers.backup)).any(|(a, w)| *a == addr && *w > 0)
+    }
+
     fn pick(&self, request_type: &str, exclude: &[SocketAddr], conn: &PickFor<'_>) -> Option<SocketAddr> {
         let t = self.table.load();
         let tiers = t.by_type.get(request_type).unwrap_or(&t.any);

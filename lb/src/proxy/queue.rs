@@ -23,6 +23,7 @@
 //! While nobody waits, a connection pays one relaxed load for all of this, and its end another.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -257,34 +258,29 @@ fn waiting_gauge(ty: &str, n: usize) {
     metrics::gauge!(WAITING, "request_type" => ty.to_owned()).set(n as f64);
 }
 
-/// The places each request type's clients can take, from the config: the backends of the type with a
-/// weight, when every one of them has a `max_connections`. A type with a backend without a cap, or with no
-/// configured backend (routed by the directory), has places without end, and its clients never wait in
-/// order (nor for long: such a backend is never full).
+/// The places each request type's clients can take: the free places of the configured backends of the type
+/// that a pick could take now (a weight above 0, as the config or `ctl weight` sets it, not drained, not down
+/// by its checks; [`Places::free`]'s `takes`). A type with such a backend without a cap, or with no configured
+/// backend (routed by the directory), has places without end, and its clients never wait in order (nor for
+/// long: such a backend is never full). Counted from the config's weights alone, a drained backend's places
+/// let a newcomer pass the clients waiting, and a backend given a weight at run time (`weight = 0` in the
+/// file) had places no waiting client could take.
 #[derive(Debug, Default)]
 pub struct Places {
-    by_type: HashMap<String, Option<Vec<Arc<BackendMetrics>>>>,
+    by_type: HashMap<String, Vec<(SocketAddr, Arc<BackendMetrics>)>>,
     /// For the types no backend names: the backends that serve every type.
-    other: Option<Vec<Arc<BackendMetrics>>>,
+    other: Vec<(SocketAddr, Arc<BackendMetrics>)>,
 }
 
 impl Places {
     /// `handle` gives each configured backend's metrics, whose `open` and `max` are read live.
     pub fn new(cfg: &ProxyConfig, handle: impl Fn(&BackendConfig) -> Arc<BackendMetrics>) -> Self {
-        let capped = |ty: Option<&str>| {
-            // `None`: the types no backend names, which only the backends of every type serve.
-            let serving = cfg
-                .backends
-                .iter()
-                .filter(|b| b.weight > 0 && ty.map_or(b.request_types.is_empty(), |t| b.serves(t)));
-            let mut bms = Vec::new();
-            for b in serving {
-                if b.max_connections == 0 {
-                    return None;
-                }
-                bms.push(handle(b));
-            }
-            (!bms.is_empty()).then_some(bms)
+        // `None`: the types no backend names, which only the backends of every type serve.
+        let serving = |ty: Option<&str>| {
+            (cfg.backends.iter())
+                .filter(|b| ty.map_or(b.request_types.is_empty(), |t| b.serves(t)))
+                .map(|b| (b.addr, handle(b)))
+                .collect::<Vec<_>>()
         };
         let types: BTreeSet<&str> = cfg
             .backends
@@ -294,26 +290,28 @@ impl Places {
         Self {
             by_type: types
                 .into_iter()
-                .map(|t| (t.to_owned(), capped(Some(t))))
+                .map(|t| (t.to_owned(), serving(Some(t))))
                 .collect(),
-            other: capped(None),
+            other: serving(None),
         }
     }
 
-    /// The places `ty` has free now (`usize::MAX`: without end).
-    pub fn free(&self, ty: &str) -> usize {
-        let capped = match self.by_type.get(ty) {
-            Some(c) => c,
-            None => &self.other,
-        };
-        capped.as_ref().map_or(usize::MAX, |bms| {
-            bms.iter()
-                .map(|b| {
-                    let max = b.max.load(Ordering::Relaxed);
-                    usize::try_from(max.saturating_sub(b.open.load(Ordering::Relaxed))).unwrap_or(usize::MAX)
-                })
-                .fold(0, usize::saturating_add)
-        })
+    /// The places `ty` has free now (`usize::MAX`: without end) on the backends `takes` says a pick could
+    /// take. With none such, without end too: the pick then finds no backend, and the client is closed at
+    /// once rather than made to wait for places nobody can give.
+    pub fn free(&self, ty: &str, takes: impl Fn(SocketAddr) -> bool) -> usize {
+        let backends = self.by_type.get(ty).unwrap_or(&self.other);
+        let mut free = None::<usize>;
+        for (_, b) in backends.iter().filter(|(a, _)| takes(*a)) {
+            let max = b.max.load(Ordering::Relaxed);
+            if max == 0 {
+                return usize::MAX;
+            }
+            let left =
+                usize::try_from(max.saturating_sub(b.open.load(Ordering::Relaxed))).unwrap_or(usize::MAX);
+            free = Some(free.unwrap_or(0).saturating_add(left));
+        }
+        free.unwrap_or(usize::MAX)
     }
 }
 

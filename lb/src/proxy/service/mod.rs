@@ -109,7 +109,10 @@ impl Shared {
         if attempt >= t.connect_attempts {
             return Err(NoBackend::Exhausted);
         }
-        if !self.queue.may_take(ty, ticket, || self.places.load().free(ty)) {
+        if !self
+            .queue
+            .may_take(ty, ticket, || self.places.load().free(ty, |a| self.takes(ty, a)))
+        {
             return Err(NoBackend::Full);
         }
         // The metric handles of the configured backends, one snapshot for the whole pick.
@@ -157,6 +160,12 @@ impl Shared {
             l.metrics.retries.increment(1);
         }
         Ok((addr, assigned))
+    }
+
+    /// Whether a pick for `ty` could take `addr` now: the picker gives it a weight (config, run-time weight,
+    /// drain) and its health checks have not put it down. Asked only while clients wait.
+    fn takes(&self, ty: &str, addr: SocketAddr) -> bool {
+        self.picker.takes(ty, addr) && !self.holds.all_down(&[addr])
     }
 
     /// A connection of type `ty` on `l` found every backend full: whether it may wait to be woken and try again

@@ -216,10 +216,13 @@ fn a_backend_removed_and_added_back_keeps_its_open_count() {
     assert_eq!(pick().unwrap().0, first);
 }
 
-/// A type's places are those of its capped backends with a weight; one without a cap, or no configured
-/// backend, gives it places without end.
+/// A type's places are those of its capped backends a pick could take now; one such without a cap, or no
+/// configured backend, gives it places without end. Weights set at run time count as the picks see them: a
+/// backend taken to 0 (or drained) gives no place a newcomer could pass the waiting clients for, and one
+/// given a weight (0 in the file) gives its places to them.
 #[test]
-fn places_count_only_capped_backends_with_a_weight() {
+fn places_count_only_capped_backends_a_pick_could_take() {
+    use crate::proxy::pick::{StaticPicker, WeightOverrides};
     let cfg = ProxyConfig::for_tests(
         r#"
         [[listeners]]
@@ -238,17 +241,43 @@ fn places_count_only_capped_backends_with_a_weight() {
         weight = 0
         [[backends]]
         addr = "127.0.0.1:4"
+        request_types = ["web"]
+        weight = 0
+        max_connections = 4
+        [[backends]]
+        addr = "127.0.0.1:5"
         request_types = ["api"]
         "#,
     );
-    let shared = Shared::for_tests(&cfg);
-    let free = |ty: &str| shared.places.load().free(ty);
+    let picker = Arc::new(StaticPicker::new(&cfg));
+    let mut shared = Shared::for_tests(&cfg);
+    shared.picker = picker.clone();
+    let free = |ty: &str| shared.places.load().free(ty, |a| shared.takes(ty, a));
     assert_eq!(free("web"), 5);
-    let second = cfg.backends[1].addr;
-    shared.backends.load()[&second].open.store(3, Ordering::Relaxed);
+    let addr = |i: usize| cfg.backends[i].addr;
+    shared.backends.load()[&addr(1)].open.store(3, Ordering::Relaxed);
     assert_eq!(free("web"), 2);
     assert_eq!(free("api"), usize::MAX, "a backend without a cap");
     assert_eq!(free("routed"), usize::MAX, "no configured backend");
+    let set = |version, weights: &[(usize, &str)]| {
+        let by_addr = weights
+            .iter()
+            .map(|(i, w)| (addr(*i), w.parse().unwrap()))
+            .collect();
+        picker.set_weights(&Arc::new(WeightOverrides { version, by_addr }));
+    };
+    // The first taken out at run time: only the second's places are left, and it is full.
+    set(1, &[(0, "0")]);
+    assert_eq!(free("web"), 0);
+    // The capped one of weight 0 in the file given a weight: its 4 places count.
+    set(2, &[(0, "0"), (3, "7")]);
+    assert_eq!(free("web"), 4);
+    // The uncapped one given a weight: places without end.
+    set(3, &[(2, "7")]);
+    assert_eq!(free("web"), usize::MAX);
+    // None a pick could take: without end too, so the pick says so at once rather than the queue.
+    set(4, &[(0, "0"), (1, "0")]);
+    assert_eq!(free("web"), usize::MAX);
 }
 
 /// A place that frees goes to the client that has waited longest, not to a later one nor a newcomer.
