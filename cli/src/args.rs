@@ -344,8 +344,8 @@ pub struct LoadArgs {
     #[arg(long)]
     pub orders_out: Option<std::path::PathBuf>,
     /// Leave the orders the run placed and did not pay as they are. By default the run cancels them at its
-    /// end (at most 65,536, in about 10 s at most), so their stock is not held for the app's
-    /// `reservation_ttl_ms` (15 minutes) after a test.
+    /// end (at most 65,536 of each kind it keeps: to pay, to settle, flash-sale; in about 10 s at most), so
+    /// their stock is not held for the app's `reservation_ttl_ms` (15 minutes) after a test.
     #[arg(long)]
     pub keep_orders: bool,
 }

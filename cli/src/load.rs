@@ -28,6 +28,8 @@ use target::Target;
 const DEFAULT_WORKERS: u32 = 8;
 /// How often a run through the SDK samples the freshness of its lists.
 const LISTS_SAMPLED_EVERY: Duration = Duration::from_millis(100);
+/// The highest `--rate`, a request a microsecond: far past what one process sends.
+const MAX_RATE: u32 = 1_000_000;
 /// Longest run accepted, so a typo cannot start an unbounded load.
 const MAX_DURATION_SECS: u64 = 24 * 3600;
 /// Most acknowledged order ids kept for `--orders-out` (about 40 MB); past it the file says how many were
@@ -42,13 +44,17 @@ pub fn run(args: LoadArgs) -> i32 {
     // Each worker holds a connection: at a shell's soft 1024 descriptors, --workers 2000 failed half its
     // connects with EMFILE, counted as the targets' errors.
     xcluster_runtime::limits::raise();
-    let connections = u64::from(args.workers.unwrap_or(DEFAULT_WORKERS));
+    // An open loop (--rate) holds up to --max-in-flight requests at once, each with a connection.
+    let (connections, flag) = match args.rate {
+        Some(_) => (u64::from(args.max_in_flight), "--max-in-flight"),
+        None => (u64::from(args.workers.unwrap_or(DEFAULT_WORKERS)), "--workers"),
+    };
     if let Some(limit) =
         xcluster_runtime::limits::short_of(connections + xcluster_runtime::limits::BASE_DESCRIPTORS)
     {
         say(format_args!(
-            "--workers {connections} may need more descriptors than the limit of {limit} allows: \
-             connects past it fail (EMFILE); raise it (ulimit -Hn) or use fewer workers"
+            "{flag} {connections} may need more descriptors than the limit of {limit} allows: \
+             connects past it fail (EMFILE); raise it (ulimit -Hn) or lower {flag}"
         ));
     }
     let rt = match tokio::runtime::Runtime::new() {
@@ -58,6 +64,14 @@ pub fn run(args: LoadArgs) -> i32 {
             return 70;
         }
     };
+    let code = run_on(&rt, args);
+    // Not a plain drop, which waits for every blocking task: a name lookup given up on (a silent resolver)
+    // held the exit for glibc's retries, 10-30 s after the report or the error.
+    rt.shutdown_timeout(Duration::from_millis(200));
+    code
+}
+
+fn run_on(rt: &tokio::runtime::Runtime, args: LoadArgs) -> i32 {
     // Resolved before the run, as part of checking the arguments: a name that does not resolve is a bad
     // argument (64), like a malformed one.
     let targets = match rt.block_on(target::resolve(args.targets())) {
@@ -114,6 +128,10 @@ fn check(a: &LoadArgs) -> Result<(), String> {
     }
     if a.rate == Some(0) || a.workers == Some(0) || a.requests == Some(0) {
         problems.push("--rate, --workers and --requests must be above zero".into());
+    }
+    // Past it the interval between two requests rounds to nothing, and the schedule never reaches its end.
+    if a.rate.is_some_and(|r| r > MAX_RATE) {
+        problems.push(format!("--rate must be at most {MAX_RATE}"));
     }
     if a.workers.is_some_and(|w| w > 10_000) {
         problems.push("--workers must be at most 10000".into());
@@ -306,12 +324,26 @@ async fn drive(
             else {
                 return;
             };
+            let Ok(mut int) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+            else {
+                return;
+            };
             tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
+                _ = int.recv() => {}
                 _ = term.recv() => {}
             }
             stopped.store(true, Ordering::Relaxed);
             stop.notify_waiters();
+            // The run now waits for the requests in flight (up to --timeout-ms) and cancels its orders: a
+            // second signal ends it at once, as it would have without these handlers.
+            tokio::select! {
+                _ = int.recv() => {}
+                _ = term.recv() => {}
+            }
+            say(format_args!(
+                "interrupted again: exiting without the report or the clean-up"
+            ));
+            std::process::exit(130);
         });
     }
     let given = target::names(args.targets());
@@ -503,10 +535,16 @@ async fn open_loop(run: Arc<Run>, rate: u32, max_in_flight: u32, deadline: Insta
             break;
         }
         tokio::time::sleep_until(intended).await;
-        // Waiting for a permit delays the send, not the clock: the wait counts as latency.
-        let Ok(permit) = permits.clone().acquire_owned().await else {
-            break;
+        // Waiting for a permit delays the send, not the clock: the wait counts as latency. Never past the
+        // deadline, though: a schedule the targets (or this machine) fell behind ran on for as long as its
+        // backlog took, ten times the duration against a hung backend.
+        let permit = match tokio::time::timeout_at(deadline, permits.clone().acquire_owned()).await {
+            Ok(Ok(permit)) => permit,
+            _ => break,
         };
+        if Instant::now() >= deadline || run.stopped.load(Ordering::Relaxed) {
+            break;
+        }
         let run = run.clone();
         let k = run.mix.draw();
         tokio::spawn(async move {
@@ -514,6 +552,15 @@ async fn open_loop(run: Arc<Run>, rate: u32, max_in_flight: u32, deadline: Insta
             drop(permit);
         });
         i += 1;
+    }
+    let planned = ((deadline - start).as_secs_f64() * f64::from(rate)) as u64;
+    let unsent = planned.min(limit).saturating_sub(i);
+    if unsent > 0 && !run.stopped.load(Ordering::Relaxed) {
+        say(format_args!(
+            "{unsent} of the {} requests planned at --rate {rate} were not sent by the end of the run: the \
+             targets (or this machine) did not keep up, with --max-in-flight {max_in_flight} held",
+            planned.min(limit)
+        ));
     }
     // The run lasts as long as its schedule: `i` requests at `rate` take `i` intervals (or up to the
     // deadline), whatever the answers' speed; ending at the last answer made three requests at 1/s read as

@@ -6,6 +6,8 @@
 
 mod sdk_support;
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use sdk_support::{Backend, FakeBalancer, dead_addr, list};
@@ -612,4 +614,72 @@ fn balancers_back_on_new_addresses_are_found_by_name() {
             .unwrap_or(0)
     };
     assert!(served(&a) > 0 && served(&b) > 0, "{report}");
+}
+
+/// An open loop (`--rate`) ends at its `--duration-secs` even when its targets hold every request: against
+/// a backend that accepts and never answers, 10 in flight at most, each held for 5 s, the 2,000 requests of
+/// a 2 s run at 1,000/s took their backlog's 1,000 s. What was not sent is said. A rate past one a
+/// microsecond is refused (at 3e9/s the interval rounded to nothing and the schedule never ended).
+#[test]
+fn an_open_loop_ends_at_its_duration_against_a_target_that_holds_every_request() {
+    let hung = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let target = hung.local_addr().unwrap().to_string();
+    let args = ["load", "--via", "rr", "--targets", &target, "--mix", "browse=1"];
+    let more = [
+        "--rate",
+        "1000",
+        "--max-in-flight",
+        "10",
+        "--timeout-ms",
+        "5000",
+        "--duration-secs",
+        "2",
+    ];
+    let mut p = Proc::xcluster("load", &[&args[..], &more[..]].concat());
+    // Accepted (the backlog holds them), never answered: 10 at a time, until the run ends.
+    assert_eq!(p.wait_exit(Duration::from_secs(60)), Some(1), "{}", p.stderr());
+    assert!(
+        p.stderr().contains("were not sent by the end of the run"),
+        "{}",
+        p.stderr()
+    );
+    drop(hung);
+    let mut p = Proc::xcluster("load", &[&args[..], &["--rate", "3000000000"][..]].concat());
+    assert_eq!(p.wait_exit(Duration::from_secs(30)), Some(64), "{}", p.stderr());
+    assert!(
+        p.stderr().contains("--rate must be at most 1000000"),
+        "{}",
+        p.stderr()
+    );
+}
+
+/// The end-of-run cancels are retried on another instance when one answers 503 (draining, as during a
+/// roll): they carry a key of their own, so the SDK may send them again. Sent once, each cancel that met
+/// the failing instance left its order reserved for the app's reservation time.
+#[test]
+fn an_end_of_run_cancel_refused_by_one_instance_is_retried_on_another() {
+    let cancels_refused = Arc::new(AtomicU64::new(0));
+    let refused = cancels_refused.clone();
+    let draining = Backend::scripted(r#"{"id":"o-1"}"#, move |head| {
+        if head.contains("/cancel ") {
+            refused.fetch_add(1, Ordering::Relaxed);
+            503
+        } else {
+            200
+        }
+    });
+    let shop = Backend::start(r#"{"id":"o-1"}"#);
+    let lb = FakeBalancer::start(Duration::from_secs(60));
+    let both = [("draining", draining.addr, 100), ("shop", shop.addr, 100)];
+    lb.set(list("order", 1, &both, &[lb.addr]));
+    let report = closed_loop("sdk", &lb.addr.to_string(), "order=1", 1, 40);
+    let placed = by_type(&report, "order")["ok"].as_u64().unwrap();
+    assert!(placed > 0, "{report}");
+    let released = &report["released"];
+    assert_eq!(released["cancelled"], placed, "{report}");
+    assert_eq!(released["failed"], 0, "{report}");
+    assert!(
+        cancels_refused.load(Ordering::Relaxed) > 0,
+        "the draining instance met some cancels"
+    );
 }

@@ -205,8 +205,16 @@ pub static CANCEL: [Kind; 2] = [
     },
 ];
 
+/// A cancel carries a key of its own so that the SDK retries it (a POST without one is sent once): a cancel
+/// again answers as the first did, and without the retry an order whose cancel met a draining instance (a
+/// roll at the run's end) stayed reserved for the app's reservation time.
 pub fn cancel_request(id: &str) -> Request<Full<Bytes>> {
-    json_post(&format!("/v1/orders/{id}/cancel"), None, serde_json::json!({}))
+    let key = format!("cancel-{id}");
+    json_post(
+        &format!("/v1/orders/{id}/cancel"),
+        Some(key),
+        serde_json::json!({}),
+    )
 }
 
 /// The request table.

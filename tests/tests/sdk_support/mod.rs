@@ -264,7 +264,21 @@ impl Backend {
         Self::spawn(name, 200, true, Duration::ZERO)
     }
 
+    /// Answers each request with the status `status` gives for its head (request line and headers).
+    pub fn scripted(name: &str, status: impl Fn(&str) -> u16 + Send + Sync + 'static) -> Backend {
+        Self::spawn_with(name, Arc::new(status), false, Duration::ZERO)
+    }
+
     fn spawn(name: &str, status: u16, hang: bool, delay: Duration) -> Backend {
+        Self::spawn_with(name, Arc::new(move |_: &str| status), hang, delay)
+    }
+
+    fn spawn_with(
+        name: &str,
+        status: Arc<dyn Fn(&str) -> u16 + Send + Sync>,
+        hang: bool,
+        delay: Duration,
+    ) -> Backend {
         let std_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         std_listener.set_nonblocking(true).unwrap();
         let addr = std_listener.local_addr().unwrap();
@@ -279,10 +293,11 @@ impl Backend {
                     continue;
                 };
                 c.fetch_add(1, Ordering::Relaxed);
-                let (h, body) = (h.clone(), body.clone());
+                let (h, body, status) = (h.clone(), body.clone(), status.clone());
                 tokio::spawn(async move {
-                    if read_request(&mut s).await.is_some() {
+                    if let Some((head, _)) = read_request(&mut s).await {
                         h.fetch_add(1, Ordering::Relaxed);
+                        let status = status(&head);
                         if hang {
                             std::future::pending::<()>().await;
                         }
