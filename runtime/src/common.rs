@@ -71,7 +71,7 @@ impl ShutdownSection {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(default, deny_unknown_fields)]
 pub struct HttpSection {
-    /// Concurrent connections; above it new clients wait in the listen backlog.
+    /// Concurrent connections; above it a new one is answered 503 `too_many_connections`.
     pub max_connections: usize,
     /// Concurrent connections from one client address; over it a new one is answered 503. 0 (the
     /// default): a quarter of `max_connections` (at least 16, or all of a smaller cap), so one client
@@ -79,6 +79,8 @@ pub struct HttpSection {
     pub max_connections_per_client: usize,
     /// Time a client has to send a request's headers; a slower one (slowloris) is closed.
     pub header_read_timeout_ms: u64,
+    /// A client that takes no byte of an answer for this long is closed (nginx's `send_timeout`).
+    pub send_timeout_ms: u64,
     /// Largest request head; a larger one is answered 431.
     pub max_header_bytes: usize,
     /// Largest declared request body; a larger `Content-Length` is answered 413 before the body is read.
@@ -99,6 +101,7 @@ impl Default for HttpSection {
             max_connections: d.max_connections,
             max_connections_per_client: 0,
             header_read_timeout_ms: d.header_read_timeout.as_millis() as u64,
+            send_timeout_ms: d.send_timeout.as_millis() as u64,
             max_header_bytes: d.max_header_bytes,
             max_body_bytes: d.max_body_bytes,
             allowed_hosts: None,
@@ -144,6 +147,7 @@ impl HttpSection {
                 100,
                 600_000,
             ),
+            send_timeout: v.millis("http.send_timeout_ms", self.send_timeout_ms, 100, 3_600_000),
             // hyper will not buffer less than 8 KiB of head.
             max_header_bytes: v.range("http.max_header_bytes", self.max_header_bytes, 8192, 1024 * 1024),
             max_body_bytes: v.range("http.max_body_bytes", self.max_body_bytes, 1024, 64 * 1024 * 1024),

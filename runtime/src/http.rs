@@ -7,10 +7,12 @@
 use std::convert::Infallible;
 use std::fmt::Write as _;
 use std::future::Future;
+use std::io;
 use std::net::SocketAddr;
 use std::os::fd::AsFd;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -19,6 +21,7 @@ use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -48,6 +51,8 @@ pub struct ServerLimits {
     pub max_connections_per_client: usize,
     /// Time allowed for a request's headers to arrive (and for the first one after keep-alive).
     pub header_read_timeout: Duration,
+    /// Longest a write to a client may wait with nothing taken ([`SendTimeout`]).
+    pub send_timeout: Duration,
     /// Largest buffered request head, in bytes (hyper's minimum is 8 KiB).
     pub max_header_bytes: usize,
     /// Largest declared body (`Content-Length`): a larger one is answered 413 before any of it is read.
@@ -134,6 +139,7 @@ impl Default for ServerLimits {
             max_connections: 1024,
             max_connections_per_client: 256,
             header_read_timeout: Duration::from_secs(10),
+            send_timeout: Duration::from_secs(60),
             max_header_bytes: 16 * 1024,
             max_body_bytes: 1024 * 1024,
             grace: Duration::from_secs(10),
@@ -504,6 +510,7 @@ pub async fn serve(listener: TcpListener, handler: Handler, limits: ServerLimits
             .header_read_timeout(limits.header_read_timeout)
             .max_buf_size(limits.max_header_bytes.max(8192))
             .keep_alive(closing.is_none());
+        let stream = SendTimeout::new(stream, limits.send_timeout);
         let conn = builder.serve_connection(TokioIo::new(stream), service);
         let span = info_span!("http_conn", %peer);
         let held = (permit, client);
@@ -519,7 +526,7 @@ pub async fn serve(listener: TcpListener, handler: Handler, limits: ServerLimits
     tokio::select! {
         _ = async { tokio::join!(graceful.shutdown(), late.wait()) } => {}
         _ = tokio::time::sleep_until(give_up.into()) => {
-            warn!(?local, "grace period over; closing remaining connections");
+            warn!(?local, "grace period over; no longer waiting for the remaining connections (they end with the process)");
         }
     }
 }
@@ -547,6 +554,96 @@ fn from_browser<B>(req: &Request<B>) -> bool {
         || h.keys().any(|k| k.as_str().starts_with("sec-fetch-"))
         || h.get(header::USER_AGENT)
             .is_some_and(|ua| ua.as_bytes().starts_with(b"Mozilla/"))
+}
+
+/// A client's socket whose writes must make progress: one (or a flush) that has waited `limit` with nothing
+/// taken fails, and its connection ends. hyper's only timer is the header read's, and it is not armed while
+/// an answer is being written: a client that sent requests and never read the answers (pipelined `/metrics`
+/// until its window and our send buffer were full) held its connection, its permit and its place in its
+/// address's cap for good. A reader that is slow but reading (`tail -f`, the event stream) resets the wait
+/// with each byte it takes.
+struct SendTimeout<S> {
+    inner: S,
+    limit: Duration,
+    /// Armed when a write first waits; dropped when one goes through.
+    waiting: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<S> SendTimeout<S> {
+    fn new(inner: S, limit: Duration) -> Self {
+        Self {
+            inner,
+            limit,
+            waiting: None,
+        }
+    }
+
+    /// The outcome of a write's poll: ready ends the wait; pending starts it, or fails once it is up.
+    fn progress<T>(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+        polled: Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        if polled.is_ready() {
+            self.waiting = None;
+            return polled;
+        }
+        let limit = self.limit;
+        let wait = self
+            .waiting
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        match wait.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the client took nothing of the answer within http.send_timeout_ms",
+            ))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for SendTimeout<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for SendTimeout<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.progress(cx, polled)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let polled = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.progress(cx, polled)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<io::Result<()>> {
+        let polled = Pin::new(&mut self.inner).poll_flush(cx);
+        self.progress(cx, polled)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<io::Result<()>> {
+        let polled = Pin::new(&mut self.inner).poll_shutdown(cx);
+        self.progress(cx, polled)
+    }
 }
 
 /// Serves one connection; `held` (its permit and its client's count) is given back when it ends.

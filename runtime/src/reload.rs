@@ -21,6 +21,8 @@ use crate::sdnotify::Notifier;
 
 /// Editors write a file in several steps; events closer together than this are one change.
 const DEBOUNCE: Duration = Duration::from_millis(150);
+/// The longest a stream of file events holds a reload back (each event starts [`DEBOUNCE`] again).
+const DEBOUNCE_MAX: Duration = Duration::from_secs(2);
 /// How often an include directory that is not there is looked for.
 const MISSING_RETRY: Duration = Duration::from_secs(2);
 
@@ -163,7 +165,29 @@ pub fn spawn<C: RoleConfig>(
             };
             let mut cause = cause;
             if cause == Cause::File {
-                tokio::time::sleep(DEBOUNCE).await;
+                // Until the files have been quiet for DEBOUNCE (each event starts it again; at most
+                // DEBOUNCE_MAX in all): a writer slower than one wait (a template tool's first write after
+                // its `>` truncated the file) was read half-written.
+                let until = tokio::time::Instant::now() + DEBOUNCE_MAX;
+                loop {
+                    let left = until.saturating_duration_since(tokio::time::Instant::now());
+                    let quiet = tokio::time::sleep(DEBOUNCE.min(left));
+                    tokio::select! {
+                        _ = cancel.cancelled() => return,
+                        () = quiet => break,
+                        more = rx.recv() => match more {
+                            None => return,
+                            Some(Cause::File) if tokio::time::Instant::now() < until => {}
+                            Some(c) => {
+                                // A signal asks for the reload now.
+                                if c != Cause::File {
+                                    cause = c;
+                                }
+                                break;
+                            }
+                        },
+                    }
+                }
             }
             while let Ok(more) = rx.try_recv() {
                 if more != Cause::File {
@@ -187,6 +211,17 @@ impl<C: RoleConfig> State<C> {
         // A watcher event whose content we already judged is not a new change (editors touch files). The
         // content in force again after a rejected edit (the edit undone) clears that rejection. The content is
         // the main file's and its included files': an edit to one of those alone is a change.
+        // A file empty now is one being written (a `>` truncates it first): its next event brings the rest.
+        if cause == Cause::File
+            && let Some(path) = &self.source.path
+            && std::fs::read(path).is_ok_and(|b| b.iter().all(u8::is_ascii_whitespace))
+        {
+            tracing::debug!(
+                role = self.role_label,
+                "config file empty: waiting for what is written to it"
+            );
+            return;
+        }
         if cause == Cause::File
             && let Some(path) = &self.source.path
             && let Ok(on_disk) = read_sources::<C>(path)
@@ -300,6 +335,19 @@ struct ConfigWatcher {
     warned: BTreeSet<PathBuf>,
 }
 
+/// Slots of the reload channel file events leave free, for SIGHUP: a burst of events (a deploy rewriting
+/// several included files) filled it, the signal's `try_send` failed, and `systemctl reload` under
+/// `Type=notify-reload` waited for a RELOADING=1 that never came. A file event dropped loses nothing: one
+/// queued already brings the reload that reads every file.
+const KEPT_FOR_SIGNALS: usize = 2;
+
+/// Queues a file event, unless only the slots kept for signals are left.
+fn file_event(tx: &mpsc::Sender<Cause>) {
+    if tx.capacity() > KEPT_FOR_SIGNALS {
+        let _ = tx.try_send(Cause::File);
+    }
+}
+
 impl ConfigWatcher {
     fn start(path: &Path, tx: mpsc::Sender<Cause>) -> Option<Self> {
         let main = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
@@ -316,7 +364,7 @@ impl ConfigWatcher {
             }
             let relevant = judge.load();
             if event.paths.iter().any(|p| relevant.covers(p)) {
-                let _ = tx.try_send(Cause::File);
+                file_event(&tx);
             }
         })
         .map_err(|e| warn!(error = %e, "cannot start the config watcher; SIGHUP still reloads"))
@@ -468,6 +516,90 @@ mod tests {
         };
         assert_eq!(*published, want);
         assert_eq!(reloader.status().borrow().reloads, 1);
+    }
+
+    /// A burst of file events leaves room for a SIGHUP.
+    #[test]
+    fn file_events_leave_room_for_a_signal() {
+        let (tx, mut rx) = mpsc::channel(8);
+        for _ in 0..100 {
+            file_event(&tx);
+        }
+        assert_eq!(tx.capacity(), KEPT_FOR_SIGNALS);
+        tx.try_send(Cause::Signal).unwrap();
+        let mut got = Vec::new();
+        while let Ok(c) = rx.try_recv() {
+            got.push(c);
+        }
+        assert_eq!(got.last(), Some(&Cause::Signal));
+    }
+
+    /// An emptied file (one being rewritten in place) is not a config: a file event waits for what is
+    /// written to it, and a SIGHUP is refused, naming why; the config in force stays either way. Taken, an
+    /// empty file was every default, and a monitor stopped every program.
+    #[tokio::test(start_paused = true)]
+    async fn an_emptied_file_is_never_reloaded() {
+        use crate::config::tests::{Kept, file_source};
+        let dir = tempfile::tempdir().unwrap();
+        let src = file_source(dir.path(), "listen = \"a\"\n[inner]\ntimeout_ms = 10\n");
+        let loaded = crate::config::load::<Kept>(&src).unwrap();
+        let (publish, mut config) = watch::channel(Arc::new(loaded.config));
+        let cancel = CancellationToken::new();
+        let _stop = cancel.clone().drop_guard();
+        let seed = (loaded.raw, loaded.sources);
+        let reloader = spawn::<Kept>(
+            src.clone(),
+            seed,
+            publish,
+            mpsc::channel(8),
+            cancel,
+            Notifier::disabled(),
+        );
+        let mut status = reloader.status();
+
+        file_source(dir.path(), "");
+        reloader.trigger(Cause::File);
+        // Virtual time: the reloader's debounce ends, and its attempt runs, before this sleep does.
+        tokio::time::sleep(DEBOUNCE_MAX * 2).await;
+        let now = status.borrow_and_update().clone();
+        assert_eq!(
+            (now.reloads, now.last_error),
+            (0, None),
+            "the empty file was no reload, nor a refusal"
+        );
+        assert!(!config.has_changed().unwrap());
+        file_source(
+            dir.path(),
+            "listen = \"a\"\ngrace_ms = 4\n[inner]\ntimeout_ms = 10\n",
+        );
+        reloader.trigger(Cause::File);
+        tokio::time::timeout(Duration::from_secs(10), config.changed())
+            .await
+            .expect("a reload within 10 s")
+            .unwrap();
+        assert_eq!(config.borrow_and_update().grace_ms, 4);
+        let now = status.borrow_and_update().clone();
+        assert_eq!(
+            (now.reloads, now.last_error),
+            (1, None),
+            "the empty file was no reload"
+        );
+
+        file_source(dir.path(), " \n");
+        reloader.trigger(Cause::Signal);
+        let error = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                status.changed().await.unwrap();
+                if let Some(e) = status.borrow_and_update().last_error.clone() {
+                    return e;
+                }
+            }
+        })
+        .await
+        .expect("a refusal within 10 s");
+        assert!(error.contains("the file is empty"), "{error}");
+        assert_eq!(config.borrow().grace_ms, 4, "the config in force stays");
+        assert!(!config.has_changed().unwrap());
     }
 
     /// A pattern whose directory lies outside the main file's is seen only through a watch of its own, so an

@@ -465,3 +465,29 @@ fn a_second_signal_while_draining_forces_the_exit() {
 fn xcluster_runtime_repeat_window() -> Duration {
     Duration::from_millis(250)
 }
+
+/// A variable that is not UTF-8 in the environment is no panic: someone else's is left alone, and one of
+/// ours is a config issue, named. (`std::env::vars` panicked on either.)
+#[test]
+fn an_environment_variable_that_is_not_utf8_is_no_panic() {
+    use std::os::unix::ffi::OsStrExt;
+    let bad = std::ffi::OsStr::from_bytes(b"caf\xe9");
+    let out = Command::new(xcluster_bin())
+        .args(["lb", "--print-config"])
+        .env("SOMEONE_ELSES", bad)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let out = Command::new(xcluster_bin())
+        .args(["lb", "--print-config"])
+        .env("XCLUSTER_LB__LISTEN", bad)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    assert!(
+        stderr.contains("env XCLUSTER_LB__LISTEN: the value is not UTF-8"),
+        "{stderr}"
+    );
+}

@@ -370,3 +370,37 @@ fn every_role_raises_its_descriptor_limit_and_warns_when_its_config_needs_more()
         }
     }
 }
+
+/// A client that sends requests and never reads the answers is closed once its answers have waited
+/// `send_timeout_ms` with nothing taken, and its place goes to others: hyper's only timer is the header
+/// read's, so such a client (pipelined `/metrics`, its window full) held its connection for good. Here the
+/// server takes one connection at a time, so until it is closed every other client is refused.
+#[test]
+fn a_client_that_never_reads_its_answers_is_closed() {
+    let (_p, addr) = start("lb", &["http.max_connections=1", "http.send_timeout_ms=500"]);
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    // A small window, so that the answers back up into the server quickly.
+    s.set_recv_buffer_size(4096).unwrap();
+    s.connect_timeout(&addr.into(), Duration::from_secs(10)).unwrap();
+    let mut greedy: TcpStream = s.into();
+    greedy.set_write_timeout(Some(Duration::from_secs(5))).unwrap();
+    let writer = std::thread::spawn(move || {
+        let req = b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n";
+        // Until the server stops reading (a write times out) or closes it.
+        for _ in 0..20_000 {
+            if greedy.write_all(req).is_err() {
+                break;
+            }
+        }
+        greedy
+    });
+    eventually(
+        Duration::from_secs(30),
+        "the greedy client to hold the only place",
+        || get(addr, "/livez").ok().filter(|r| r.status == 503).map(|_| ()),
+    );
+    eventually(Duration::from_secs(30), "another client served", || {
+        get(addr, "/livez").ok().filter(|r| r.status == 200).map(|_| ())
+    });
+    drop(writer.join().unwrap());
+}

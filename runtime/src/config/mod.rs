@@ -287,6 +287,21 @@ pub fn load<C: RoleConfig>(source: &ConfigSource) -> Result<Loaded<C>, ConfigErr
 /// their running values until a restart; a role reads its config live, per use (the agent its `agent_id`
 /// per report, the app its `capacity` per request), so handed the file's values it applied them at once.
 pub fn reload<C: RoleConfig>(source: &ConfigSource, running: &C::Raw) -> Result<Loaded<C>, ConfigError> {
+    // An empty file is every default, valid for every role, and what a file being rewritten in place holds
+    // for a moment (`render > monitor.toml` truncates it first): taken, a monitor stopped every program and a
+    // balancer closed its proxy ports. A role started without a file runs its defaults; a reload never
+    // empties a config.
+    if let Some(path) = &source.path
+        && std::fs::read(path).is_ok_and(|b| b.iter().all(u8::is_ascii_whitespace))
+    {
+        return Err(ConfigError::Invalid {
+            origin: source.origin(),
+            issues: vec![ConfigIssue::new(
+                "",
+                "the file is empty: a reload keeps the config in force (write the new file beside it and rename it over)",
+            )],
+        });
+    }
     keep_restart_keys(load::<C>(source)?, running, &source.origin())
 }
 
@@ -390,8 +405,18 @@ fn load_layered<C: RoleConfig>(
     let mut overridden: Vec<(String, String)> = Vec::new();
     if source.use_env {
         let prefix = format!("XCLUSTER_{}__", C::ROLE.to_ascii_uppercase());
-        let mut vars: Vec<(String, String)> =
-            std::env::vars().filter(|(k, _)| k.starts_with(&prefix)).collect();
+        // `vars_os`: `vars` panics on any variable that is not UTF-8, ours or not (`FOO=$'\xff'`). One of ours
+        // that is not is an issue, named.
+        let mut vars: Vec<(String, String)> = Vec::new();
+        for (k, v) in std::env::vars_os() {
+            let Some(k) = k.to_str().filter(|k| k.starts_with(&prefix)) else {
+                continue;
+            };
+            match v.into_string() {
+                Ok(v) => vars.push((k.to_string(), v)),
+                Err(_) => issues.push(ConfigIssue::new(format!("env {k}"), "the value is not UTF-8")),
+            }
+        }
         vars.sort();
         for (k, v) in vars {
             let key = k[prefix.len()..].to_ascii_lowercase().replace("__", ".");
