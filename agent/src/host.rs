@@ -70,10 +70,17 @@ pub fn parse_rss(text: &str) -> Option<u64> {
     Some(line.split_whitespace().nth(1)?.parse::<u64>().ok()? * 1024)
 }
 
+/// The fewest CPU ticks per core a host CPU figure is measured over (0.1 s at 100 Hz): over fewer, the
+/// figure before stands. The first report comes a few milliseconds after the agent's first sample, and
+/// over one or two ticks in all its CPU read 0, 0.5 or 1 more or less at random.
+const MIN_TICKS_PER_CORE: u64 = 10;
+
 /// Samples the host; keeps the previous CPU counters so each sample is a delta.
 #[derive(Debug, Default)]
 pub struct HostSampler {
     prev: Option<(u64, u64)>,
+    /// The last CPU figure, which stands while too few ticks have passed for a new one.
+    cpu: f64,
     procs: BTreeMap<u32, (u64, Instant)>,
 }
 
@@ -83,16 +90,7 @@ impl HostSampler {
         let (busy, total, cores) = read_small(Path::new("/proc/stat"))
             .and_then(|t| parse_stat(&t))
             .unwrap_or((0, 0, 1));
-        let (db, dt) = match self.prev {
-            Some((pb, pt)) => (busy.saturating_sub(pb), total.saturating_sub(pt)),
-            None => (busy, total),
-        };
-        self.prev = Some((busy, total));
-        let cpu = if dt == 0 {
-            0.0
-        } else {
-            (db as f64 / dt as f64).clamp(0.0, 1.0)
-        };
+        let cpu = self.cpu_figure(busy, total, cores);
         let mem = read_small(Path::new("/proc/meminfo"))
             .and_then(|t| parse_meminfo(&t))
             .unwrap_or(0.0);
@@ -106,6 +104,23 @@ impl HostSampler {
             load1,
             cores: cores.min(4096),
         }
+    }
+
+    /// The host's CPU use, 0..=1, from its busy and total ticks now: since the counters last moved the
+    /// figure, once at least [`MIN_TICKS_PER_CORE`] per core have passed (the first: since boot).
+    fn cpu_figure(&mut self, busy: u64, total: u64, cores: u32) -> f64 {
+        let (db, dt) = match self.prev {
+            Some((pb, pt)) => (busy.saturating_sub(pb), total.saturating_sub(pt)),
+            None => (busy, total),
+        };
+        if self.prev.is_some() && dt < MIN_TICKS_PER_CORE * u64::from(cores) {
+            return self.cpu;
+        }
+        self.prev = Some((busy, total));
+        if dt > 0 {
+            self.cpu = (db as f64 / dt as f64).clamp(0.0, 1.0);
+        }
+        self.cpu
     }
 
     /// A process's CPU use in cores since the previous call for that pid, and its RSS in bytes.
@@ -156,6 +171,19 @@ mod tests {
         let pid = "42 (my (odd) app) S 1 42 42 0 -1 4194560 100 0 0 0 7 3 0 0 20 0 1 0 100 1000 10";
         assert_eq!(parse_pid_stat(pid), Some(10));
         assert_eq!(parse_rss("Name: x\nVmRSS:\t  2048 kB\n"), Some(2048 * 1024));
+    }
+
+    /// A figure is measured over at least 10 ticks a core: over fewer, the one before stands, and the ticks
+    /// count toward the next.
+    #[test]
+    fn a_cpu_figure_needs_enough_ticks() {
+        let mut s = HostSampler::default();
+        // Since boot: 300 busy of 1,000.
+        assert_eq!(s.cpu_figure(300, 1_000, 2), 0.3);
+        // 2 ticks later, both busy: too few for 2 cores; the figure before stands.
+        assert_eq!(s.cpu_figure(302, 1_002, 2), 0.3);
+        // 20 ticks since the figure was made, 18 of them busy.
+        assert_eq!(s.cpu_figure(318, 1_020, 2), 0.9);
     }
 
     #[test]
