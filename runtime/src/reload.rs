@@ -477,6 +477,26 @@ mod tests {
         }
     }
 
+    /// A reloader of the test role's config in `dir` (`listen = "a"`, a timeout of 10), with its published
+    /// config; it stops when the guard drops.
+    fn reloader_of(
+        dir: &Path,
+    ) -> (
+        Reloader,
+        watch::Receiver<Arc<crate::config::tests::Kept>>,
+        tokio_util::sync::DropGuard,
+    ) {
+        use crate::config::tests::{Kept, file_source};
+        let src = file_source(dir, "listen = \"a\"\n[inner]\ntimeout_ms = 10\n");
+        let loaded = crate::config::load::<Kept>(&src).unwrap();
+        let (publish, config) = watch::channel(Arc::new(loaded.config));
+        let cancel = CancellationToken::new();
+        let stop = cancel.clone().drop_guard();
+        let seed = (loaded.raw, loaded.sources);
+        let reloader = spawn::<Kept>(src, seed, publish, mpsc::channel(8), cancel, Notifier::disabled());
+        (reloader, config, stop)
+    }
+
     /// The runtime logs that a changed key that needs a restart keeps its running value until then; what it
     /// publishes must say the same, or a role reading its config per use applies it at once (the agent's
     /// `agent_id`, read per report).
@@ -484,20 +504,7 @@ mod tests {
     async fn a_reload_publishes_the_restart_keys_at_their_running_values() {
         use crate::config::tests::{Kept, file_source};
         let dir = tempfile::tempdir().unwrap();
-        let src = file_source(dir.path(), "listen = \"a\"\n[inner]\ntimeout_ms = 10\n");
-        let loaded = crate::config::load::<Kept>(&src).unwrap();
-        let (publish, mut config) = watch::channel(Arc::new(loaded.config));
-        let cancel = CancellationToken::new();
-        let _stop = cancel.clone().drop_guard();
-        let seed = (loaded.raw, loaded.sources);
-        let reloader = spawn::<Kept>(
-            src.clone(),
-            seed,
-            publish,
-            mpsc::channel(8),
-            cancel,
-            Notifier::disabled(),
-        );
+        let (reloader, mut config, _stop) = reloader_of(dir.path());
 
         file_source(
             dir.path(),
@@ -539,22 +546,9 @@ mod tests {
     /// empty file was every default, and a monitor stopped every program.
     #[tokio::test(start_paused = true)]
     async fn an_emptied_file_is_never_reloaded() {
-        use crate::config::tests::{Kept, file_source};
+        use crate::config::tests::file_source;
         let dir = tempfile::tempdir().unwrap();
-        let src = file_source(dir.path(), "listen = \"a\"\n[inner]\ntimeout_ms = 10\n");
-        let loaded = crate::config::load::<Kept>(&src).unwrap();
-        let (publish, mut config) = watch::channel(Arc::new(loaded.config));
-        let cancel = CancellationToken::new();
-        let _stop = cancel.clone().drop_guard();
-        let seed = (loaded.raw, loaded.sources);
-        let reloader = spawn::<Kept>(
-            src.clone(),
-            seed,
-            publish,
-            mpsc::channel(8),
-            cancel,
-            Notifier::disabled(),
-        );
+        let (reloader, mut config, _stop) = reloader_of(dir.path());
         let mut status = reloader.status();
 
         file_source(dir.path(), "");
