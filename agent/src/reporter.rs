@@ -81,34 +81,82 @@ async fn fetch(inst: &InstanceConfig, timeout: Duration) -> Result<InstanceLoad,
     Ok(to_load(inst, stats))
 }
 
-/// Samples every configured instance concurrently.
-async fn sample_instances(cfg: &Config, failing: &mut Vec<bool>) -> Vec<InstanceLoad> {
-    let futs = cfg.instances.iter().map(|i| fetch(i, cfg.timeout));
-    let results = futures_util::future::join_all(futs).await;
-    failing.resize(cfg.instances.len(), false);
-    results
-        .into_iter()
-        .zip(&cfg.instances)
-        .zip(failing.iter_mut())
-        .map(|((r, inst), was_failing)| match r {
-            Ok(l) => {
-                *was_failing = false;
-                l
+/// Each instance's stats fetches, one task each, so that one instance that accepts and never answers holds
+/// back no report: a round waits for the fetches at most its tick, and an instance whose fetch still runs
+/// is reported as it was last sampled (its fetch fails within `timeout_ms`, and it turns not ready then).
+/// Waited for together, one such instance held every report of its host back by `timeout_ms`, and past the
+/// balancers' `report_ttl_ms` the host's healthy instances left the lists.
+#[derive(Default)]
+struct Samples {
+    /// Per instance, by position in the config: its fetch running now, its last sample, and whether its
+    /// last fetch failed (warned once per streak).
+    slots: Vec<Slot>,
+}
+
+#[derive(Default)]
+struct Slot {
+    running: Option<tokio::task::JoinHandle<Result<InstanceLoad, String>>>,
+    last: Option<InstanceLoad>,
+    failing: bool,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if let Some(task) = &self.running {
+            task.abort();
+        }
+    }
+}
+
+impl Samples {
+    /// Forgets every instance (a new config: positions may name other instances now).
+    fn reset(&mut self) {
+        self.slots.clear();
+    }
+
+    /// A sample of every configured instance: the fetches that end within `wait` give new ones.
+    async fn round(&mut self, cfg: &Config, wait: Duration) -> Vec<InstanceLoad> {
+        self.slots.resize_with(cfg.instances.len(), Slot::default);
+        for (slot, inst) in self.slots.iter_mut().zip(&cfg.instances) {
+            if slot.running.is_none() {
+                let (inst, timeout) = (inst.clone(), cfg.timeout);
+                slot.running = Some(tokio::spawn(async move { fetch(&inst, timeout).await }));
             }
-            Err(e) => {
-                ::metrics::counter!(metrics::STATS_FAILURES_TOTAL, "instance_id" => inst.id.clone())
-                    .increment(1);
-                // Warn on the transition only; repeat failures go to debug.
-                if !*was_failing {
-                    warn!(instance = %inst.id, error = %e, "cannot sample instance; reporting it not ready");
-                } else {
-                    debug!(instance = %inst.id, error = %e, "cannot sample instance");
+        }
+        let deadline = Instant::now() + wait;
+        for (slot, inst) in self.slots.iter_mut().zip(&cfg.instances) {
+            let Some(task) = slot.running.as_mut() else {
+                continue;
+            };
+            let Ok(done) = tokio::time::timeout_at(deadline, task).await else {
+                continue;
+            };
+            slot.running = None;
+            let sampled = match done.map_err(|e| e.to_string()).and_then(|r| r) {
+                Ok(l) => {
+                    slot.failing = false;
+                    l
                 }
-                *was_failing = true;
-                unreachable_load(inst)
-            }
-        })
-        .collect()
+                Err(e) => {
+                    ::metrics::counter!(metrics::STATS_FAILURES_TOTAL, "instance_id" => inst.id.clone())
+                        .increment(1);
+                    // Warn on the transition only; repeat failures go to debug.
+                    if !slot.failing {
+                        warn!(instance = %inst.id, error = %e, "cannot sample instance; reporting it not ready");
+                    } else {
+                        debug!(instance = %inst.id, error = %e, "cannot sample instance");
+                    }
+                    slot.failing = true;
+                    unreachable_load(inst)
+                }
+            };
+            slot.last = Some(sampled);
+        }
+        (self.slots.iter().zip(&cfg.instances))
+            // Never sampled yet (its first fetch still runs): not ready until it answers.
+            .map(|(slot, inst)| slot.last.clone().unwrap_or_else(|| unreachable_load(inst)))
+            .collect()
+    }
 }
 
 fn wall_ms() -> u64 {
@@ -133,7 +181,7 @@ pub async fn run(
     let boot = seq;
     let pushes = Arc::new(PushLog::default());
     let mut last_sent: Vec<InstanceLoad> = Vec::new();
-    let mut failing = Vec::new();
+    let mut samples = Samples::default();
     let mut next_due = Instant::now();
     let mut last_push = Instant::now() - Duration::from_secs(1);
     let mut reports_sent = 0u64;
@@ -148,11 +196,11 @@ pub async fn run(
                     .increment(0);
             }
             counted = Some(cfg.clone());
-            // Which instance failed last time is kept by position: a new list starts afresh.
-            failing.clear();
+            // Each instance's last sample is kept by position: a new list starts afresh.
+            samples.reset();
         }
         let tick = cfg.sample.min(cfg.interval);
-        let current = sample_instances(&cfg, &mut failing).await;
+        let current = samples.round(&cfg, tick).await;
         let now = Instant::now();
         // The first report is not a jump: there is nothing to compare with yet.
         let jump = reports_sent > 0 && any_jump(&last_sent, &current);
@@ -340,6 +388,55 @@ fn push_all(cfg: &Config, report: &LoadReport, log: &Arc<PushLog>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An instance that accepts and never answers holds back no sample of the others: a round waits at
+    /// most its wait, reports the answering one, and the silent one as not ready until it answers. Waited
+    /// for together, every report waited for its `timeout_ms` (here a minute).
+    #[tokio::test]
+    async fn a_silent_instance_holds_back_no_sample() {
+        let answering = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (a, b) = (answering.local_addr().unwrap(), silent.local_addr().unwrap());
+        tokio::spawn(async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            while let Ok((mut c, _)) = answering.accept().await {
+                let mut buf = [0u8; 1024];
+                let _ = c.read(&mut buf).await;
+                let body = r#"{"instance":"a","ready":true,"capacity":10}"#;
+                let head = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                    body.len()
+                );
+                let _ = c.write_all(format!("{head}{body}").as_bytes()).await;
+            }
+        });
+        let text = format!(
+            "balancers = [\"127.0.0.1:9\"]\nkey = \"0123456789abcdef\"\ntimeout_ms = 60000\n\
+             [[instances]]\nid = \"h/a\"\naddr = \"{a}\"\n[[instances]]\nid = \"h/b\"\naddr = \"{b}\"\n"
+        );
+        let cfg = xcluster_runtime::config::load_bytes::<Config>(text.as_bytes())
+            .unwrap()
+            .config;
+        let mut samples = Samples::default();
+        let round = samples.round(&cfg, Duration::from_millis(300));
+        let got = tokio::time::timeout(Duration::from_secs(10), round)
+            .await
+            .expect("a round ends within its wait, not the silent one's timeout");
+        assert_eq!(
+            got.iter().map(|l| (l.id.as_str(), l.ready)).collect::<Vec<_>>(),
+            [("h/a", true), ("h/b", false)]
+        );
+        // Its fetch still runs: the next round does not start another, and says the same.
+        assert!(samples.slots[1].running.is_some());
+        let again = tokio::time::timeout(
+            Duration::from_secs(10),
+            samples.round(&cfg, Duration::from_millis(50)),
+        )
+        .await
+        .unwrap();
+        assert!(!again[1].ready);
+        drop(silent);
+    }
 
     fn load(ready: bool, in_flight: u32, queued: u32, err: f64) -> InstanceLoad {
         InstanceLoad {
