@@ -53,6 +53,12 @@ pub struct ServerList {
     pub servers: Vec<ServerEntry>,
     /// API addresses of every balancer (`ip:port`), so a client learns its peers.
     pub balancers: Vec<String>,
+    /// Whether the balancer has applied no report since it started, so an empty list says nothing of the
+    /// instances: a client keeps the entries it has then, and takes an empty list from a balancer that has
+    /// heard its agents as the truth (every instance of the type is gone). Absent from a balancer of an
+    /// earlier build: read as warming, as clients did before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warming: Option<bool>,
 }
 
 /// One instance in a server list.
@@ -417,6 +423,7 @@ mod tests {
                 })
                 .collect(),
             balancers: vec![addr.into(); MAX_BALANCERS],
+            warming: Some(false),
         };
         let body = serde_json::to_vec(&list).unwrap_or_default();
         assert!(

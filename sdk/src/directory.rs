@@ -148,10 +148,13 @@ impl Shared {
                 .collect();
             let mut table = Table::new(list.version, entries);
             let current = slot.table.load();
-            if table.all.is_empty() && current.has_healthy() {
-                // A balancer that has just restarted has no reports yet and lists nothing. Replacing a usable
-                // table with that would fail every pick until its first report; keep the entries (static
-                // stability) under the new version, so the watch follows the balancer's versions.
+            // A balancer that has heard no report since it started (or one of a build before that says so)
+            // lists nothing for want of reports. Replacing a usable table with that would fail every pick
+            // until its first report; keep the entries (static stability) under the new version, so the
+            // watch follows the balancer's versions. An empty list from a balancer that has heard its agents
+            // is the truth: every instance of the type is gone, and picks say `NoInstance` rather than
+            // trying the dead addresses as if the table were live.
+            if table.all.is_empty() && current.has_healthy() && list.warming != Some(false) {
                 debug!(request_type = %slot.name, balancer = %from, "empty server list; keeping the last entries");
                 table = Table::new(list.version, current.all.clone());
             }

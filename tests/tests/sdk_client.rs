@@ -453,9 +453,11 @@ async fn an_instance_that_times_out_is_ejected_and_the_request_retried() {
     assert!(err.is_retryable() && !err.not_sent());
 }
 
-/// A balancer that has just restarted lists nothing, then every instance Down at a weight (its panic mode)
-/// until readiness reports arrive. The client keeps its last entries through the empty list and uses every
-/// weighted instance that is not drained through the all-Down one, so no request fails.
+/// A balancer that has just restarted lists nothing (and says it has heard no report yet), then every
+/// instance Down at a weight (its panic mode) until readiness reports arrive. The client keeps its last
+/// entries through the empty list and uses every weighted instance that is not drained through the
+/// all-Down one, so no request fails. An empty list from a balancer that has heard its agents is the truth:
+/// every instance is gone, and picks say so, where the client once tried the dead addresses as live.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_balancers_empty_then_all_down_lists_do_not_stop_requests() {
     use xcluster_proto::directory::InstanceState;
@@ -469,7 +471,9 @@ async fn a_restarted_balancers_empty_then_all_down_lists_do_not_stop_requests() 
     })
     .await;
 
-    lb.set(list("browse", 2, &[], &[lb.addr]));
+    let mut restarted = list("browse", 2, &[], &[lb.addr]);
+    restarted.warming = Some(true);
+    lb.set(restarted);
     eventually_async("the client to see version 2", || {
         (client.state().types[0].version == 2).then_some(())
     })
@@ -498,6 +502,14 @@ async fn a_restarted_balancers_empty_then_all_down_lists_do_not_stop_requests() 
         let r = client.send_idempotent("browse", get("/v1/products")).await;
         assert_eq!(r.unwrap().status(), 200);
     }
+
+    lb.set(list("browse", 4, &[], &[lb.addr]));
+    eventually_async("the client to see version 4", || {
+        (client.state().types[0].version == 4).then_some(())
+    })
+    .await;
+    let err = client.pick("browse").unwrap_err();
+    assert!(matches!(err, Error::NoInstance(_)), "{err}");
 }
 
 /// A client of `lb` for `browse`, with every other setting at its default.

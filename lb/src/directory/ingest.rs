@@ -324,6 +324,17 @@ mod tests {
         }
     }
 
+    /// A balancer's lists say it is warming until it has applied a report, so that clients keep their
+    /// entries through its empty lists then, and only then.
+    #[test]
+    fn lists_say_warming_until_a_report_is_applied() {
+        let d = dir();
+        assert_eq!(d.servers("default").unwrap().warming, Some(true));
+        let ok = body(1, wall_ms());
+        d.ingest(&ok, Some(&report::sign(b"k", &ok)), None).unwrap();
+        assert_eq!(d.servers("default").unwrap().warming, Some(false));
+    }
+
     /// An agent with its own key is heard only under that key: the shared key, or another agent's, cannot
     /// speak for it, nor can its key speak for an agent without one.
     #[test]

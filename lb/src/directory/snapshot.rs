@@ -32,6 +32,8 @@ pub struct Snapshot {
     pub withheld: Vec<std::net::SocketAddr>,
     /// [`Table::backend_weights`]: the proxy's fixed picker rebuilds itself when their version moves.
     pub backend_weights: Arc<crate::proxy::WeightOverrides>,
+    /// No report applied yet since start ([`Table::heard`]): the lists say so (`ServerList::warming`).
+    pub warming: bool,
     bodies: BTreeMap<String, OnceLock<Bytes>>,
 }
 
@@ -115,6 +117,7 @@ impl Snapshot {
             built_ms: now_ms,
             withheld: table.withheld(now_ms, p),
             backend_weights: table.backend_weights.clone(),
+            warming: !table.heard,
             bodies,
         }
     }
@@ -144,6 +147,7 @@ impl Snapshot {
                 })
                 .collect(),
             balancers: s.balancers.clone(),
+            warming: Some(self.warming),
         })
     }
 

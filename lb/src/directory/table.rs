@@ -56,6 +56,9 @@ pub struct Table {
     pub clash_warned: xcluster_runtime::telemetry::Throttle,
     /// The WARN line of an agent that reports less often than the TTL, at most every 10 s.
     pub rare_warned: xcluster_runtime::telemetry::Throttle,
+    /// Whether any report has been applied since this balancer started: until then its lists are empty
+    /// for want of reports, not of instances (`ServerList::warming`).
+    pub heard: bool,
 }
 
 /// What the balancer last accepted from an agent id.
@@ -172,6 +175,7 @@ impl Table {
     /// Applies an accepted report: updates each instance's load, damped weights and readiness ramp, and
     /// drops instances the agent no longer reports.
     pub fn apply(&mut self, report: &LoadReport, now_ms: u64, p: &Params) {
+        self.heard = true;
         let ttl = p.report_ttl.as_millis() as u64;
         let (gap_ms, rare) = match self.last_seq.get(&report.agent) {
             Some(s) if s.boot == report.boot => {

@@ -88,6 +88,8 @@ pub fn list(
             })
             .collect(),
         balancers: balancers.iter().map(|b| b.to_string()).collect(),
+        // As a balancer that has heard its agents says.
+        warming: Some(false),
     }
 }
 
