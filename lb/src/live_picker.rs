@@ -37,6 +37,19 @@ impl LivePicker {
     }
 }
 
+impl LivePicker {
+    /// Runs `f` on the directory's snapshot, with the fixed table rebuilt first if the run-time weights
+    /// changed since it was built.
+    fn with_weights<R>(&self, f: impl FnOnce(&crate::directory::snapshot::Snapshot) -> R) -> R {
+        self.dir.with_snapshot(|snap| {
+            if snap.backend_weights.version != self.fixed.weights_version() {
+                self.fixed.set_weights(&snap.backend_weights);
+            }
+            f(snap)
+        })
+    }
+}
+
 impl BackendPicker for LivePicker {
     fn pick(&self, request_type: &str, exclude: &[SocketAddr], conn: &PickFor<'_>) -> Option<SocketAddr> {
         if self.fixed.serves(request_type) {
@@ -44,10 +57,7 @@ impl BackendPicker for LivePicker {
             // so `xcluster ctl drain` and an app's `deregister_ms` reach it within a report, not after
             // `check_fall` health checks. The weights set at run time live in the directory too, so that
             // peers share them; the fixed table is rebuilt the first pick after they change.
-            self.dir.with_snapshot(|snap| {
-                if snap.backend_weights.version != self.fixed.weights_version() {
-                    self.fixed.set_weights(&snap.backend_weights);
-                }
+            self.with_weights(|snap| {
                 let out = &snap.withheld;
                 if out.is_empty() {
                     return self.fixed.pick(request_type, exclude, conn);
@@ -66,12 +76,7 @@ impl BackendPicker for LivePicker {
         if !self.fixed.serves(request_type) {
             return true;
         }
-        self.dir.with_snapshot(|snap| {
-            if snap.backend_weights.version != self.fixed.weights_version() {
-                self.fixed.set_weights(&snap.backend_weights);
-            }
-            !snap.withheld.contains(&addr) && self.fixed.takes(request_type, addr)
-        })
+        self.with_weights(|snap| !snap.withheld.contains(&addr) && self.fixed.takes(request_type, addr))
     }
 
     fn routes_to(&self, addr: SocketAddr) -> bool {

@@ -153,26 +153,19 @@ fn marked(pids: impl Iterator<Item = i32>, read: impl Fn(i32) -> Mark, pause: im
 }
 
 /// Whether `pid` is a live process of another group than `pgid`.
+/// Group 0 is left out: the kernel's threads, whose environment reads empty for good (read again as if
+/// mid-exec at every scan), and processes whose group lies outside this PID namespace, which no spawn of
+/// ours can have moved to (`setsid` and `setpgid` make groups here).
 fn outside(pid: i32, pgid: i32) -> bool {
-    crate::statefile::live_group(pid).is_some_and(|g| g != pgid)
+    crate::statefile::live_group(pid).is_some_and(|g| g != pgid && g != 0)
 }
 
 fn read_mark(pid: i32, entry: &str) -> Mark {
     match environ(pid) {
         Some(env) if env.split(|b| *b == 0).any(|e| e == entry.as_bytes()) => Mark::Carries,
-        // A kernel thread has no environment, and never will.
-        Some(env) if env.is_empty() && !kernel_thread(pid) => Mark::Unread,
+        Some(env) if env.is_empty() => Mark::Unread,
         _ => Mark::Lacks,
     }
-}
-
-/// Whether `pid` is a kernel thread (`PF_KTHREAD` in its flags).
-fn kernel_thread(pid: i32) -> bool {
-    const PF_KTHREAD: u64 = 0x0020_0000;
-    // After the command: state, ppid, pgrp, session, tty, tpgid, flags.
-    crate::statefile::proc_stat(pid)
-        .and_then(|s| s.split_whitespace().nth(6)?.parse::<u64>().ok())
-        .is_some_and(|flags| flags & PF_KTHREAD != 0)
 }
 
 /// Process `pid`'s environment as it was started, bounded (unreadable: another user's, or gone).
@@ -260,10 +253,11 @@ mod tests {
             (1, 2, 1 + EXEC_RETRIES as usize, 1)
         );
         assert_eq!(*pauses.borrow(), EXEC_RETRIES);
-        assert!(!kernel_thread(std::process::id() as i32));
+        // No group has id -1: a user process is a candidate, a kernel thread never (its group is 0).
+        assert!(outside(std::process::id() as i32, -1));
         // Where the kernel's threads are in sight (not in a PID namespace of its own), kthreadd is pid 2.
         if std::fs::read_to_string("/proc/2/comm").is_ok_and(|c| c.trim_end() == "kthreadd") {
-            assert!(kernel_thread(2));
+            assert!(!outside(2, -1));
         }
     }
 }

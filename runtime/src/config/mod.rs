@@ -291,9 +291,11 @@ pub fn reload<C: RoleConfig>(source: &ConfigSource, running: &C::Raw) -> Result<
     // for a moment (`render > monitor.toml` truncates it first): taken, a monitor stopped every program and a
     // balancer closed its proxy ports. A role started without a file runs its defaults; a reload never
     // empties a config.
-    if let Some(path) = &source.path
-        && std::fs::read(path).is_ok_and(|b| b.iter().all(u8::is_ascii_whitespace))
-    {
+    let bytes = match &source.path {
+        Some(path) => Some(read_bounded(path)?),
+        None => None,
+    };
+    if bytes.as_deref().is_some_and(sources::blank) {
         return Err(ConfigError::Invalid {
             origin: source.origin(),
             issues: vec![ConfigIssue::new(
@@ -302,7 +304,7 @@ pub fn reload<C: RoleConfig>(source: &ConfigSource, running: &C::Raw) -> Result<
             )],
         });
     }
-    keep_restart_keys(load::<C>(source)?, running, &source.origin())
+    keep_restart_keys(load_layered::<C>(bytes, source)?, running, &source.origin())
 }
 
 /// `loaded` with its config's restart keys at their values in `running` (see [`reload`]); `origin` names the

@@ -19,6 +19,14 @@ use super::{ConfigError, RoleConfig, parse_table, read_bounded};
 pub struct Sources {
     patterns: Vec<IncludePattern>,
     fingerprint: u64,
+    /// The main file held nothing but white space ([`blank`]).
+    blank: bool,
+}
+
+/// Whether a main file's bytes are nothing but white space: a file being rewritten in place (a `>`
+/// truncates it first), never a config a reload takes.
+pub(crate) fn blank(main: &[u8]) -> bool {
+    main.iter().all(u8::is_ascii_whitespace)
 }
 
 impl Sources {
@@ -27,7 +35,13 @@ impl Sources {
         Self {
             patterns: Vec::new(),
             fingerprint: hash(&(0u64, main)),
+            blank: blank(main),
         }
+    }
+
+    /// Whether the main file was [`blank`].
+    pub fn is_blank(&self) -> bool {
+        self.blank
     }
 
     /// The include patterns the main file names (those that parsed), in its order.
