@@ -8,6 +8,8 @@
 //! has a connection open, so bounded by `max_connections`), shared with the HTTP APIs' per-client cap. The
 //! count survives a reload that changes the listener in place (the map moves to its new state).
 //!
+//! A client is an address as `client_key` counts it: an IPv4 address, or an IPv6 /64.
+//!
 //! Rates: with `max_connection_rate_per_client = N` a client address may open N connections per
 //! `connection_rate_period_ms` (HAProxy's `sc0_conn_rate`), as a burst or spread out; the next is closed as
 //! soon as it is accepted. Each address holds how many connections it has used, in millionths, and when: the
@@ -24,7 +26,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 pub use xcluster_runtime::per_client::ClientSlot;
-use xcluster_runtime::per_client::OpenCounts;
+use xcluster_runtime::per_client::{OpenCounts, client_key};
 
 const SHARDS: usize = 16;
 /// Clients tracked for their rate per shard, 65,536 in all: 1 MiB or so at most.
@@ -67,7 +69,7 @@ impl ClientCounts {
     /// Whether `ip` may open one more connection within `rate`; if so, it is recorded.
     pub fn within_rate(&self, ip: IpAddr, rate: Rate) -> bool {
         let now = u64::try_from(self.epoch.elapsed().as_micros()).unwrap_or(u64::MAX);
-        self.within_rate_at(ip.to_canonical(), rate, now)
+        self.within_rate_at(client_key(ip), rate, now)
     }
 
     /// The leaky bucket at time `now` (µs): a connection is let in if the client's use, drained at
@@ -133,6 +135,24 @@ mod tests {
         let four = Rate { count: 4, ..rate };
         assert!(c.within_rate_at(a, four, 15 * s));
         assert!(!c.within_rate_at(a, four, 15 * s));
+    }
+
+    #[test]
+    fn an_ipv6_client_is_held_to_its_rate_across_its_whole_64() {
+        let c = ClientCounts::default();
+        let rate = Rate {
+            count: 2,
+            period: Duration::from_secs(3600),
+        };
+        // A bot that takes a fresh address of its /64 for each connection is still one client.
+        let v6 = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert!(c.within_rate(v6("2001:db8:5:6::1"), rate));
+        assert!(c.within_rate(v6("2001:db8:5:6::2"), rate));
+        assert!(!c.within_rate(v6("2001:db8:5:6:dead:beef::3"), rate));
+        assert!(
+            c.within_rate(v6("2001:db8:5:7::1"), rate),
+            "the next /64 is another client"
+        );
     }
 
     #[test]
