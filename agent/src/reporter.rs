@@ -13,7 +13,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, warn};
 use xcluster_proto::report::{
-    self, AGENT_HEADER, InstanceLoad, LoadReport, MAX_REPORT_BYTES, SIGNATURE_HEADER,
+    self, AGENT_HEADER, InstanceLoad, LoadReport, MAX_REPORT_BYTES, Refusal, SIGNATURE_HEADER,
 };
 use xcluster_proto::stats::{InstanceStats, MAX_STATS_BYTES};
 
@@ -209,7 +209,7 @@ pub async fn run(
             if jump {
                 ::metrics::counter!(metrics::JUMP_REPORTS_TOTAL).increment(1);
             }
-            seq += 1;
+            seq = seq.max(pushes.seq_floor()) + 1;
             reports_sent += 1;
             let report = build(&cfg, &mut host, (seq, boot), current.clone());
             push_all(&cfg, &report, &pushes);
@@ -263,7 +263,17 @@ struct PushLog {
     failing: std::sync::Mutex<std::collections::HashMap<std::net::SocketAddr, Instant>>,
     /// When a report not sent was last logged.
     unsent: xcluster_runtime::telemetry::Throttle,
+    /// The highest sequence number a balancer has refused as not above one it accepted from this agent id:
+    /// the next report is numbered above it.
+    seq_floor: std::sync::atomic::AtomicU64,
+    /// When a balancer's sequence number too far above ours was last logged.
+    far_ahead: xcluster_runtime::telemetry::Throttle,
 }
+
+/// How far above our own sequence number a balancer's last one may be for us to continue above it: a day
+/// of the wall clock in µs. A clock stepped back by more than that is a host to fix, and a number past it
+/// is no answer of ours to follow.
+const MAX_SEQ_CATCH_UP: u64 = 86_400 * 1_000_000;
 
 const PUSH_WARN_EVERY: Duration = Duration::from_secs(30);
 
@@ -280,6 +290,28 @@ impl PushLog {
         } else {
             debug!(balancer = %balancer, error, "report push failed");
         }
+    }
+
+    /// A balancer refused report `seq` as a replay, having accepted `last` from this agent id: a run of
+    /// ours before the clock stepped back, most likely, so the next report is numbered above it (a
+    /// balancer's refusal cannot name a number no report of this key's signed). Before, the balancers
+    /// refused this run until they forgot the id (`forget_after_ms`), its instances out of every list.
+    fn replayed(&self, balancer: std::net::SocketAddr, seq: u64, last: u64) {
+        use std::sync::atomic::Ordering;
+        if last > seq.saturating_add(MAX_SEQ_CATCH_UP) {
+            if self.far_ahead.due(wall_ms(), UNSENT_WARN_EVERY_MS) {
+                error!(%balancer, seq, last, "a balancer has accepted sequence numbers from this agent id more                     than a day above ours: another agent shares the id, or this host's clock is a day behind;                     not followed (logged again every 30 s while it lasts)");
+            }
+            return;
+        }
+        if self.seq_floor.fetch_max(last, Ordering::Relaxed) < last {
+            tracing::info!(%balancer, seq, last, "a balancer has accepted higher sequence numbers from this                 agent id (an earlier run, before the clock stepped back); numbering the next report above them");
+        }
+    }
+
+    /// The number the next report's must be above.
+    fn seq_floor(&self) -> u64 {
+        self.seq_floor.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     fn accepted(&self, balancer: std::net::SocketAddr) {
@@ -360,6 +392,7 @@ fn push_all(cfg: &Config, report: &LoadReport, log: &Arc<PushLog>) {
     let sig: Arc<str> = Arc::from(report::sign(&cfg.key.bytes, &body));
     // Names the signer, so a balancer that gives this agent its own key checks the signature with it.
     let agent: Arc<str> = Arc::from(report.agent.as_str());
+    let seq = report.seq;
     for &addr in &cfg.balancers {
         let (body, sig, agent, timeout, log) =
             (body.clone(), sig.clone(), agent.clone(), cfg.timeout, log.clone());
@@ -379,7 +412,18 @@ fn push_all(cfg: &Config, report: &LoadReport, log: &Arc<PushLog>) {
                 .increment(1);
             match r {
                 Ok(_) => log.accepted(addr),
-                Err(e) => log.failed(addr, &e.to_string()),
+                Err(e) => {
+                    if let client::CallError::Status {
+                        status: http::StatusCode::CONFLICT,
+                        body,
+                        ..
+                    } = &e
+                        && let Some(last) = Refusal::replay_last_seq(body.as_bytes())
+                    {
+                        log.replayed(addr, seq, last);
+                    }
+                    log.failed(addr, &e.to_string());
+                }
             }
         });
     }
@@ -388,6 +432,25 @@ fn push_all(cfg: &Config, report: &LoadReport, log: &Arc<PushLog>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A replay refusal's last number is followed up to a day above ours, never further, and never down.
+    #[test]
+    fn a_balancers_last_number_is_followed_within_a_day() {
+        let log = PushLog::default();
+        let b: std::net::SocketAddr = "127.0.0.1:9".parse().unwrap();
+        log.replayed(b, 1_000, 5_000);
+        assert_eq!(log.seq_floor(), 5_000);
+        log.replayed(b, 1_000, 3_000);
+        assert_eq!(log.seq_floor(), 5_000, "never down");
+        log.replayed(b, 1_000, 1_000 + MAX_SEQ_CATCH_UP + 1);
+        assert_eq!(
+            log.seq_floor(),
+            5_000,
+            "more than a day above ours is not followed"
+        );
+        log.replayed(b, 1_000, 1_000 + MAX_SEQ_CATCH_UP);
+        assert_eq!(log.seq_floor(), 1_000 + MAX_SEQ_CATCH_UP);
+    }
 
     /// An instance that accepts and never answers holds back no sample of the others: a round waits at
     /// most its wait, reports the answering one, and the silent one as not ready until it answers. Waited

@@ -157,7 +157,48 @@ pub enum ReportError {
     ForeignInstance { agent: String, instance: String },
 }
 
+/// A balancer's answer refusing a report, `{"error":{"code","message"}}` as every API error, plus, for a
+/// replay, the last sequence number it accepted from the agent: an agent restarted after its clock stepped
+/// back starts its numbers below its predecessor's, and continues above this one instead of being refused
+/// until the balancer forgets its id.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Refusal {
+    pub error: RefusalDetail,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RefusalDetail {
+    /// [`ReportError::reason`].
+    pub code: String,
+    /// Before the message, which names the agent, so it is in whatever part of an answer a client keeps.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_seq: Option<u64>,
+    pub message: String,
+}
+
+impl Refusal {
+    /// The last sequence number a replay refusal names, from its answer's body; `None` for anything else.
+    pub fn replay_last_seq(body: &[u8]) -> Option<u64> {
+        let r: Refusal = serde_json::from_slice(body).ok()?;
+        (r.error.code == "replay").then_some(r.error.last_seq).flatten()
+    }
+}
+
 impl ReportError {
+    /// The body of the answer refusing a report for this reason.
+    pub fn refusal(&self) -> Refusal {
+        Refusal {
+            error: RefusalDetail {
+                code: self.reason().to_string(),
+                last_seq: match self {
+                    ReportError::Replay { last, .. } => Some(*last),
+                    _ => None,
+                },
+                message: self.to_string(),
+            },
+        }
+    }
+
     /// A short, bounded label for metrics.
     pub fn reason(&self) -> &'static str {
         match self {
@@ -287,6 +328,24 @@ mod tests {
                 ..Default::default()
             }],
         }
+    }
+
+    #[test]
+    fn a_replay_refusal_names_the_last_number_within_what_a_client_keeps() {
+        let longest = "a".repeat(MAX_ID_BYTES);
+        let e = ReportError::Replay {
+            agent: longest,
+            seq: u64::MAX - 1,
+            last: u64::MAX,
+        };
+        let body = serde_json::to_vec(&e.refusal()).unwrap();
+        // runtime::client keeps 512 bytes of an error answer.
+        assert!(body.len() <= 512, "{} bytes", body.len());
+        assert_eq!(Refusal::replay_last_seq(&body), Some(u64::MAX));
+        let other = serde_json::to_vec(&ReportError::TooLarge.refusal()).unwrap();
+        assert_eq!(Refusal::replay_last_seq(&other), None);
+        assert!(!String::from_utf8(other).unwrap().contains("last_seq"));
+        assert_eq!(Refusal::replay_last_seq(b"{\"error\":"), None);
     }
 
     #[test]

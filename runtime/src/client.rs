@@ -29,6 +29,9 @@ pub enum CallError {
     },
 }
 
+/// How much of an unsuccessful answer's body `CallError::Status` keeps.
+pub const STATUS_BODY_BYTES: usize = 512;
+
 /// Sends one request and returns the body of a 2xx answer (at most `max_body` bytes).
 pub async fn call(
     addr: SocketAddr,
@@ -89,7 +92,9 @@ async fn exchange(
         })?
         .to_bytes();
     if !status.is_success() {
-        let body = String::from_utf8_lossy(&bytes[..bytes.len().min(200)]).into_owned();
+        // Enough for any of our error answers whole (a refused report's, with its agent id, is ~350 bytes),
+        // bounded for the logs it goes to.
+        let body = String::from_utf8_lossy(&bytes[..bytes.len().min(STATUS_BODY_BYTES)]).into_owned();
         return Err(CallError::Status { addr, status, body });
     }
     Ok(bytes)

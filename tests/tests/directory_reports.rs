@@ -98,6 +98,10 @@ fn bad_reports_are_rejected_counted_and_change_nothing() {
         let r = post_report(lb, &b, sig.as_deref());
         assert_eq!(r.status, status, "{reason}: {}", r.body);
         assert_eq!(r.json()["error"]["code"], reason, "{}", r.body);
+        if reason == "replay" {
+            // The last number accepted, so a restarted agent whose clock stepped back can continue above it.
+            assert_eq!(r.json()["error"]["last_seq"], seq0, "{}", r.body);
+        }
         let (m1, s1) = rejected(lb, reason);
         assert_eq!(
             (m1 - m0, s1 - s0),
@@ -284,6 +288,53 @@ fn a_second_agent_under_one_id_is_refused_and_takes_over_once_the_first_stops() 
             .stderr()
             .contains("load reports accepted again")
             .then_some(())
+    });
+}
+
+/// An agent restarted after its host's clock stepped back (its predecessor's clock an hour ahead) numbers
+/// its reports below the last one the balancer accepted under its id: refused as a replay, it continues
+/// above the number the refusal names and is heard at its next report. Before, every balancer refused it
+/// until it forgot the id (`forget_after_ms`, 60 s here), the host's instances out of every list meanwhile.
+#[test]
+fn an_agent_restarted_after_its_clock_stepped_back_continues_above_its_predecessor() {
+    let dir = tempfile::tempdir().unwrap();
+    let lb = free_addr();
+    let _lb = start("lb", lb, &lb_config(lb, &[]), dir.path());
+    let app = FakeApp::start("a");
+    let hour_ahead = (now_ms() + 3_600_000) * 1000;
+    let mut before = report("stepped", hour_ahead, now_ms(), &[("stepped/a", app.addr, 0)]);
+    before.boot = hour_ahead;
+    let r = post_signed(lb, &before);
+    assert_eq!(r.status, 200, "{}", r.body);
+    let ag = free_addr();
+    let agent = start(
+        "agent",
+        ag,
+        &agent_config(ag, "stepped", &[lb], &[("stepped/a", &app)]),
+        dir.path(),
+    );
+    eventually(WAIT, "the restarted agent's report refused as a replay", || {
+        (rejected(lb, "replay").1 >= 1).then_some(())
+    });
+    eventually(
+        WAIT,
+        "the restarted agent to be heard above its predecessor",
+        || {
+            agent
+                .stderr()
+                .contains("load reports accepted again")
+                .then_some(())
+        },
+    );
+    assert!(
+        agent.stderr().contains("numbering the next report above them"),
+        "{}",
+        agent.stderr()
+    );
+    // Listed on the agent's own reports: the predecessor's expired with report_ttl_ms (1.5 s), which the
+    // agent had to stay silent for before its reports were a restart's and not a second agent's.
+    eventually(WAIT, "the instance listed", || {
+        entry(&servers(lb, "browse"), "stepped/a").map(|_| ())
     });
 }
 

@@ -131,7 +131,7 @@ async fn reports(dir: Directory, req: Request<Incoming>) -> Response<Body> {
                 // Same code as every other rejection: the reason it is counted under.
                 let err = ReportError::TooLarge;
                 dir.count_rejection(&err);
-                return error(StatusCode::PAYLOAD_TOO_LARGE, err.reason(), &err.to_string());
+                return json(StatusCode::PAYLOAD_TOO_LARGE, &err.refusal());
             }
             return e.response();
         }
@@ -152,7 +152,7 @@ async fn reports(dir: Directory, req: Request<Incoming>) -> Response<Body> {
                 // Signed by the right key, naming an instance another agent owns.
                 ReportError::ForeignInstance { .. } => StatusCode::FORBIDDEN,
             };
-            error(status, e.reason(), &e.to_string())
+            json(status, &e.refusal())
         }
     }
 }
