@@ -46,7 +46,11 @@ pub struct Api {
     pub reloader: Reloader,
     pub drain: CancellationToken,
     pub started_unix_ms: u64,
+    pub cluster_views: Arc<crate::cluster::ViewCache>,
 }
+
+/// Events a dashboard page shows, so what it is served with and asks to be replayed.
+const PAGE_EVENTS: usize = 200;
 
 /// The method a known path takes (each takes one), for the 405 of a path asked with another.
 fn allowed(segs: &[&str]) -> Option<&'static str> {
@@ -103,14 +107,23 @@ impl Api {
         match (&method, segs.as_slice()) {
             (&Method::GET, [""]) => {
                 let cfg = self.config.borrow().clone();
-                let cluster = crate::cluster::fetch(&cfg.balancers, cfg.cluster_timeout).await;
+                let cluster = self.cluster_views.get(&cfg.balancers, cfg.cluster_timeout).await;
                 let (history, _) = self.bus.subscribe();
-                let events: Vec<&crate::events::Event> = history.iter().map(|e| &**e).collect();
-                let initial = json!({ "status": self.status_json(), "cluster": cluster, "events": events });
+                let skip = history.len().saturating_sub(PAGE_EVENTS);
+                let events: Vec<&crate::events::Event> = history.iter().skip(skip).map(|e| &**e).collect();
+                let initial = json!({
+                    "status": self.status_json(),
+                    "cluster": &*cluster,
+                    "events": events,
+                    "boot": self.started_unix_ms,
+                });
                 crate::dashboard::page(&initial)
             }
             (&Method::GET, ["v1", "status"]) => json(StatusCode::OK, &self.status_json()),
-            (&Method::GET, ["v1", "events"]) => self.events_stream(),
+            (&Method::GET, ["v1", "events"]) => match EventsFrom::parse(&req) {
+                Ok(from) => self.events_stream(from),
+                Err(resp) => resp,
+            },
             (&Method::GET, ["v1", "events", "recent"]) => {
                 let (history, _) = self.bus.subscribe();
                 let events: Vec<&crate::events::Event> = history.iter().map(|e| &**e).collect();
@@ -120,12 +133,12 @@ impl Api {
                 let cfg = self.config.borrow().clone();
                 json(
                     StatusCode::OK,
-                    &crate::cluster::fetch(&cfg.balancers, cfg.cluster_timeout).await,
+                    &*self.cluster_views.get(&cfg.balancers, cfg.cluster_timeout).await,
                 )
             }
-            (&Method::GET, ["v1", "log"]) => self.own_log(req.uri().query()),
+            (&Method::GET, ["v1", "log"]) => self.own_log(req.uri().query()).await,
             (&Method::GET, ["v1", "programs", name, "log"]) => match decode(name) {
-                Ok(name) => self.log(&name, req.uri().query()),
+                Ok(name) => self.log(&name, req.uri().query()).await,
                 Err(resp) => resp,
             },
             // An instance id may hold `/` (`host/app-1`), sent as `%2F` or as it is.
@@ -179,11 +192,11 @@ impl Api {
                 };
                 self.call(cmd).await
             }
-            (&Method::GET, ["v1", "avail"]) => match self.load() {
+            (&Method::GET, ["v1", "avail"]) => match self.load(false) {
                 Ok(cfg) => self.call(Command::Avail(cfg)).await,
                 Err(resp) => resp,
             },
-            (&Method::POST, ["v1", "reread"]) => match self.load() {
+            (&Method::POST, ["v1", "reread"]) => match self.load(true) {
                 Ok(cfg) => self.call(Command::Plan(cfg)).await,
                 Err(resp) => resp,
             },
@@ -192,7 +205,7 @@ impl Api {
                     Ok(q) => q,
                     Err(resp) => return resp,
                 };
-                let resp = match self.load() {
+                let resp = match self.load(true) {
                     Ok(cfg) => self.call(Command::Update(cfg, rolling, names, only)).await,
                     Err(resp) => resp,
                 };
@@ -235,6 +248,7 @@ impl Api {
         }
         let results =
             crate::cluster::server_action(&cfg.balancers, id, action, &cfg.token, cfg.cluster_timeout).await;
+        self.cluster_views.forget().await;
         for r in &results {
             tracing::info!(balancer = %r.balancer, instance = id, result = r.result, "{}", r.outcome);
         }
@@ -264,13 +278,18 @@ impl Api {
         })
     }
 
-    /// Reads the config for `avail`, `reread` and `update`; a rejection is recorded as a failed reload.
+    /// Reads the config for `avail`, `reread` and `update`; with `record` (the token-guarded calls that
+    /// would act on it) a rejection is recorded as a failed reload. `avail` is a read anyone may make: had
+    /// it recorded, each call on a file mid-edit raised the failed-reload counter and alert, logged a
+    /// warning and published an event that pushed real history out of the bus.
     #[allow(clippy::result_large_err)] // the error is the answer itself, built once per request
-    fn load(&self) -> Result<Arc<Config>, Response<Body>> {
+    fn load(&self, record: bool) -> Result<Arc<Config>, Response<Body>> {
         xcluster_runtime::config::reload::<Config>(&self.source, &self.started)
             .map(|l| Arc::new(l.config))
             .map_err(|e| {
-                self.reloader.rejected(&e.to_string());
+                if record {
+                    self.reloader.rejected(&e.to_string());
+                }
                 let body = json!({ "error": { "code": "invalid_config", "message": e.to_string(), "issues": e.issues() } });
                 json(StatusCode::BAD_REQUEST, &body)
             })
@@ -310,7 +329,7 @@ impl Api {
         }
     }
 
-    fn log(&self, name: &str, query: Option<&str>) -> Response<Body> {
+    async fn log(&self, name: &str, query: Option<&str>) -> Response<Body> {
         let (q, bytes, follow) = match LogQuery::parse(query) {
             Ok(q) => q,
             Err(resp) => return resp,
@@ -360,13 +379,13 @@ impl Api {
         };
         // What the program writes from now on, as its log file gets it.
         let more = crate::logs::follow(live.subscribe());
-        self.log_answer(path, bytes, follow, more)
+        self.log_answer(path, bytes, follow, more).await
     }
 
     /// `GET /v1/log?bytes=N[&follow=1]`: the monitor's own log (supervisorctl's `maintail`), when its stderr
     /// is a file, as `xcluster up --detach` makes it; followed by reading what the file gains, since the
     /// monitor's log lines go to stderr from the log writer's thread, past any channel here.
-    fn own_log(&self, query: Option<&str>) -> Response<Body> {
+    async fn own_log(&self, query: Option<&str>) -> Response<Body> {
         let (_, bytes, follow) = match LogQuery::parse(query) {
             Ok(q) => q,
             Err(resp) => return resp,
@@ -389,20 +408,30 @@ impl Api {
                 }
             }
         });
-        self.log_answer(&path, bytes, follow, more)
+        self.log_answer(&path, bytes, follow, more).await
     }
 
     /// A log's last `bytes` (whole lines), and with `follow` what `more` yields after them, until the client
     /// goes, the monitor drains or `more` ends.
-    fn log_answer(
+    async fn log_answer(
         &self,
         path: &std::path::Path,
         bytes: u64,
         follow: bool,
         more: impl futures_util::Stream<Item = Bytes> + Send + 'static,
     ) -> Response<Body> {
-        let head = match log_head(path, bytes) {
-            Ok(head) => head,
+        let head = match log_head(path, bytes).await {
+            Ok(Some(head)) => head,
+            // Output going to a device is still on the program's live feed: followed, it is shown from now.
+            Ok(None) if follow => Vec::new(),
+            Ok(None) => {
+                let msg = format!(
+                    "{} is a device or a pipe, not a file, so it keeps nothing to tail; follow it \
+                     (`xcluster ctl tail -f`) to see what is written from now on",
+                    path.display()
+                );
+                return error(StatusCode::NOT_FOUND, "no_log", &msg);
+            }
             Err(resp) => return resp,
         };
         if !follow {
@@ -433,13 +462,27 @@ impl Api {
         stream_response("text/plain; charset=utf-8", body)
     }
 
-    fn events_stream(&self) -> Response<Body> {
+    /// `GET /v1/events`: the history `from` asks for, then each event as it happens. Each event's SSE id is
+    /// `<monitor start, unix ms>-<seq>`, so a client that reconnects (`Last-Event-ID`) to the same monitor
+    /// gets only what it missed, and one that reconnects to a restarted monitor (whose numbers start again)
+    /// gets its history: by the number alone, a dashboard that outlived a restart dropped every event as
+    /// one seen before.
+    fn events_stream(&self, from: EventsFrom) -> Response<Body> {
         let (history, mut rx) = self.bus.subscribe();
+        let after = match from.last {
+            Some((boot, seq)) if boot == self.started_unix_ms => seq,
+            _ => 0,
+        };
+        let mut history: Vec<_> = history.into_iter().filter(|e| e.seq > after).collect();
+        if let Some(n) = from.history {
+            history.drain(..history.len().saturating_sub(n));
+        }
+        let boot = self.started_unix_ms;
         let drain = self.drain.clone();
         let (tx, body) = mpsc::channel::<Bytes>(64);
         tokio::spawn(async move {
             for ev in history {
-                if tx.send(sse(&ev)).await.is_err() {
+                if tx.send(sse(boot, &ev)).await.is_err() {
                     return;
                 }
             }
@@ -450,7 +493,7 @@ impl Api {
                     // A comment now and then lets proxies and browsers see the stream is alive.
                     _ = tokio::time::sleep(Duration::from_secs(15)) => Bytes::from_static(b": keep-alive\n\n"),
                     r = rx.recv() => match r {
-                        Ok(ev) => sse(&ev),
+                        Ok(ev) => sse(boot, &ev),
                         Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
                         Err(_) => return,
                     },
@@ -464,13 +507,57 @@ impl Api {
     }
 }
 
-fn sse(ev: &crate::events::Event) -> Bytes {
+fn sse(boot: u64, ev: &crate::events::Event) -> Bytes {
     let data = serde_json::to_string(ev).unwrap_or_else(|_| "{}".into());
     Bytes::from(format!(
-        "id: {}\nevent: {}\ndata: {data}\n\n",
+        "id: {boot}-{}\nevent: {}\ndata: {data}\n\n",
         ev.seq,
         kind_name(ev)
     ))
+}
+
+/// Where an event stream starts: after the event a reconnecting client names (`Last-Event-ID`, as
+/// `<boot>-<seq>`; anything else is ignored, as a browser's id from another server would be), and at most
+/// `?history=N` events back.
+struct EventsFrom {
+    last: Option<(u64, u64)>,
+    history: Option<usize>,
+}
+
+impl EventsFrom {
+    #[allow(clippy::result_large_err)] // the error is the answer itself, built once per request
+    fn parse(req: &Request<Incoming>) -> Result<EventsFrom, Response<Body>> {
+        let last = req
+            .headers()
+            .get("last-event-id")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split_once('-'))
+            .and_then(|(b, s)| Some((b.parse().ok()?, s.parse().ok()?)));
+        let mut history = None;
+        for (k, v) in
+            query_pairs(req.uri().query()).map_err(|e| error(StatusCode::BAD_REQUEST, "bad_query", &e))?
+        {
+            match k.as_str() {
+                "history" => {
+                    history = Some(v.parse::<usize>().map_err(|_| {
+                        error(
+                            StatusCode::BAD_REQUEST,
+                            "bad_query",
+                            &format!("history must be a count of events, not {v:?}"),
+                        )
+                    })?)
+                }
+                other => {
+                    return Err(error(
+                        StatusCode::BAD_REQUEST,
+                        "bad_query",
+                        &format!("unknown parameter {other:?} (history)"),
+                    ));
+                }
+            }
+        }
+        Ok(EventsFrom { last, history })
+    }
 }
 
 fn kind_name(ev: &crate::events::Event) -> &'static str {
@@ -532,14 +619,23 @@ impl LogQuery {
 /// The tail of the log at `path` (the whole answer without `follow`, the first chunk with it), or the 500
 /// that says why it cannot be read.
 #[allow(clippy::result_large_err)] // the error is the answer itself, built once per request
-fn log_head(path: &std::path::Path, bytes: u64) -> Result<Vec<u8>, Response<Body>> {
-    crate::logs::tail(path, bytes).map_err(|e| {
-        error(
+/// A log's last `bytes`, read on the blocking pool (up to a MiB of file reads, kept off the runtime's
+/// workers). `None` for a log that is not a regular file (a device, a pipe): nothing to tail, though its
+/// output can still be followed.
+async fn log_head(path: &std::path::Path, bytes: u64) -> Result<Option<Vec<u8>>, Response<Body>> {
+    let p = path.to_path_buf();
+    let read = tokio::task::spawn_blocking(move || crate::logs::tail(&p, bytes))
+        .await
+        .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
+    match read {
+        Ok(head) => Ok(Some(head)),
+        Err(e) if e.kind() == std::io::ErrorKind::Unsupported => Ok(None),
+        Err(e) => Err(error(
             StatusCode::INTERNAL_SERVER_ERROR,
             "log_unreadable",
             &e.to_string(),
-        )
-    })
+        )),
+    }
 }
 
 /// How often a followed monitor log is read for what it gained, and at most how much at once.

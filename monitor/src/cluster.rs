@@ -31,6 +31,37 @@ pub struct ClusterView {
     pub balancers: Vec<BalancerView>,
 }
 
+/// How long one cluster view serves every request for it.
+const VIEW_FRESH: Duration = Duration::from_secs(1);
+
+/// The last cluster view, shared: requests within [`VIEW_FRESH`] of it get it, and requests that come while
+/// one is fetched wait for that one (they queue on the lock) instead of each calling every balancer. Before,
+/// each `GET /v1/cluster` or dashboard load (an open read, polled every 2 s per open tab) made a connection
+/// and a status build on every balancer and could hold 16 MiB per balancer.
+#[derive(Debug, Default)]
+pub struct ViewCache {
+    last: tokio::sync::Mutex<Option<(Instant, std::sync::Arc<ClusterView>)>>,
+}
+
+impl ViewCache {
+    pub async fn get(&self, balancers: &[SocketAddr], timeout: Duration) -> std::sync::Arc<ClusterView> {
+        let mut last = self.last.lock().await;
+        if let Some((at, view)) = &*last
+            && at.elapsed() < VIEW_FRESH
+        {
+            return view.clone();
+        }
+        let view = std::sync::Arc::new(fetch(balancers, timeout).await);
+        *last = Some((Instant::now(), view.clone()));
+        view
+    }
+
+    /// After an action on the balancers: the next view is fetched, so it shows the action's effect.
+    pub async fn forget(&self) {
+        *self.last.lock().await = None;
+    }
+}
+
 pub async fn fetch(balancers: &[SocketAddr], timeout: Duration) -> ClusterView {
     let views = balancers.iter().map(|&a| one(a, timeout));
     ClusterView {
@@ -40,7 +71,7 @@ pub async fn fetch(balancers: &[SocketAddr], timeout: Duration) -> ClusterView {
 
 async fn one(addr: SocketAddr, timeout: Duration) -> BalancerView {
     let t0 = Instant::now();
-    let (status, error) = match call(addr, "GET", "/v1/status", None, timeout).await {
+    let (status, error) = match call(addr, "GET", "/v1/status", None, timeout, None).await {
         Ok((200, body)) => (Some(body), None),
         Ok((status, _)) => (None, Some(format!("status {status}"))),
         Err(e) => (None, Some(e)),
@@ -59,7 +90,7 @@ async fn one(addr: SocketAddr, timeout: Duration) -> BalancerView {
 pub struct ActionResult {
     pub balancer: String,
     pub id: String,
-    /// `ok`, `unknown_instance`, `token_refused`, `down` or `failed`.
+    /// `ok`, `unknown_instance`, `token_refused`, `down`, `unknown` (asked, not answered in time) or `failed`.
     pub result: &'static str,
     /// For people: `drained`, `undrained`, `weight 50%`, or what went wrong.
     pub outcome: String,
@@ -88,11 +119,27 @@ pub async fn server_action(
                     .as_str()
                     .map_or_else(|| format!("status {status}"), str::to_string)
             };
-            let (result, outcome) = match call(addr, "POST", path, Some(token), timeout).await {
+            let sent = std::sync::atomic::AtomicBool::new(false);
+            let (result, outcome) = match call(
+                addr,
+                "POST",
+                path,
+                Some(token),
+                timeout.max(ACTION_TIMEOUT),
+                Some(&sent),
+            )
+            .await
+            {
                 Ok((200, _)) => ("ok", action.done()),
                 Ok((401, _)) => ("token_refused", "the balancer refused the token".into()),
                 Ok((404, body)) => ("unknown_instance", message(&body, 404)),
                 Ok((status, body)) => ("failed", message(&body, status)),
+                // Asked and not answered: the balancer may well have applied it (it saves its state file
+                // before it answers), so it is not called down.
+                Err(e) if sent.load(std::sync::atomic::Ordering::Relaxed) => (
+                    "unknown",
+                    format!("{e}: it may have been applied; `xcluster ctl cluster` shows whether"),
+                ),
                 Err(e) => ("down", format!("down: {e}")),
             };
             ActionResult {
@@ -106,16 +153,21 @@ pub async fn server_action(
     futures_util::future::join_all(calls).await
 }
 
+/// At least this long for a balancer to answer a drain, an undrain or a weight: it answers once its state
+/// file is saved, which a busy disk can hold past the status fetches' `cluster.timeout_ms` (500 ms).
+const ACTION_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// One HTTP/1.1 request to a balancer, within `timeout`: its status and JSON body (`null` when the body is
-/// not JSON).
+/// not JSON). `sent` is set once the whole request is written.
 async fn call(
     addr: SocketAddr,
     method: &str,
     path: &str,
     bearer: Option<&str>,
     timeout: Duration,
+    sent: Option<&std::sync::atomic::AtomicBool>,
 ) -> Result<(u16, serde_json::Value), String> {
-    tokio::time::timeout(timeout, request(addr, method, path, bearer))
+    tokio::time::timeout(timeout, request(addr, method, path, bearer, sent))
         .await
         .unwrap_or_else(|_| Err(format!("no answer within {timeout:?}")))
 }
@@ -125,6 +177,7 @@ async fn request(
     method: &str,
     path: &str,
     bearer: Option<&str>,
+    sent: Option<&std::sync::atomic::AtomicBool>,
 ) -> Result<(u16, serde_json::Value), String> {
     let mut s = tokio::net::TcpStream::connect(addr)
         .await
@@ -137,6 +190,9 @@ async fn request(
     s.write_all(req.as_bytes())
         .await
         .map_err(|e| format!("write: {e}"))?;
+    if let Some(sent) = sent {
+        sent.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
     let too_large = || format!("status larger than {} MiB", MAX_BODY / (1024 * 1024));
     let mut raw = Vec::new();
     // One byte past the cap tells a body over it from one that just fits: cut short, it would only fail to

@@ -105,6 +105,7 @@ pub async fn run(ctx: Context<Config>) -> Result<(), Error> {
         reloader: ctx.reloader.clone(),
         drain: drain.clone(),
         started_unix_ms: supervisor::unix_ms(),
+        cluster_views: Arc::default(),
     };
     let limits = cfg.http.clone();
     // The API stays up until the programs are stopped, so `ctl status` works during a shutdown.

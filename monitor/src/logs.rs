@@ -257,8 +257,25 @@ pub type SharedLog = std::sync::Arc<std::sync::Mutex<RotatingLog>>;
 /// it does not exist yet. A tail that starts mid-file leaves out the cut first line, as `tail -n` shows
 /// lines (`ctl tail`'s first line used to start mid-word), unless that line is all the window holds: a line
 /// longer than the window is shown cut rather than not at all.
+///
+/// A path that is not a regular file (`/dev/stdout` in a container, a FIFO) is refused with
+/// `ErrorKind::Unsupported` before it is opened: opening a FIFO blocks until a writer comes, and reading a
+/// pipe or terminal to its end never ends, so one request pinned a runtime worker for good.
 pub fn tail(path: &Path, bytes: u64) -> std::io::Result<Vec<u8>> {
     let bytes = bytes.min(MAX_TAIL_BYTES);
+    match std::fs::metadata(path) {
+        Ok(m) if !m.is_file() => {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::Unsupported,
+                format!(
+                    "{} is not a regular file (a device or a pipe), which keeps nothing to tail",
+                    path.display()
+                ),
+            ));
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        _ => {}
+    }
     let mut f = match File::open(path) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
@@ -379,6 +396,27 @@ mod tests {
         drop(w);
         copier.await.unwrap();
         assert_eq!(std::fs::read_to_string(&path).unwrap(), "back890\n");
+    }
+
+    /// A log that is a FIFO or a device is refused at once: opening the FIFO blocked until a writer came,
+    /// and a request to tail it pinned a runtime worker for good.
+    #[test]
+    fn a_log_that_is_not_a_file_is_refused_without_being_opened() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("out.fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let path = fifo.clone();
+        // On a thread of its own, so a regression hangs that thread, not the test.
+        std::thread::spawn(move || tx.send(tail(&path, 100).map_err(|e| e.kind())));
+        let got = rx
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("a FIFO's tail answers, not blocks");
+        assert_eq!(got, Err(std::io::ErrorKind::Unsupported));
+        assert_eq!(
+            tail(Path::new("/dev/null"), 100).map_err(|e| e.kind()),
+            Err(std::io::ErrorKind::Unsupported)
+        );
     }
 
     /// A file read empty (truncated between its size and the read) gives an empty tail, not a panic.

@@ -78,6 +78,10 @@ impl Supervisor {
     /// status, and said once in the log and as an event, since nothing else shows that the file and the
     /// running programs now differ.
     pub(crate) fn hold(&mut self, cfg: &Config) {
+        // The monitor's own settings apply now; only the programs' changes wait. (Only `set_config`, which an
+        // update reaches, set the history's size: a changed `events_history` waited for an update that,
+        // with nothing else changed, never came.)
+        self.bus.set_capacity(cfg.events_history);
         let plan = self.plan(cfg);
         if plan == Plan::default() {
             self.pending = None;

@@ -501,3 +501,30 @@ startretries = 0
         m.wait_state(name, "RUNNING", T);
     }
 }
+
+/// A program logging to a device (`/dev/null` here; `/dev/stdout` in a container) has nothing to tail: a
+/// tail says so (404 `no_log`), and `tail -f` shows its output from now on. Before, the tail read the device
+/// on a runtime worker: `/dev/stdout` reopened the monitor's own stdout, a pipe or terminal that never
+/// reaches its end, and each such request pinned a worker for good.
+#[test]
+fn a_program_logging_to_a_device_is_followed_not_tailed() {
+    let m = Mon::start(
+        "[programs.dev]\ncommand = \"sh -c 'trap \\\"echo got-usr1\\\" USR1; while :; do sleep 0.05; done'\"\n\
+         startsecs = 0\nstdout_logfile = \"/dev/null\"\n",
+    );
+    m.wait_state("dev", "RUNNING", T);
+    let r = get(m.addr, "/v1/programs/dev/log").unwrap();
+    assert_eq!(r.status, 404, "{}", r.body);
+    assert_eq!(r.json()["error"]["code"], "no_log", "{}", r.body);
+    assert!(r.body.contains("follow it"), "{}", r.body);
+    let follow = Proc::xcluster(
+        "tail-f-device",
+        &["ctl", "--url", &format!("http://{}", m.addr), "tail", "-f", "dev"],
+    );
+    // Nothing to show until the program writes: signal until the follower has subscribed and shows it.
+    eventually(T, "tail -f shows the live line", || {
+        let o = m.ctl(&["signal", "USR1", "dev"]);
+        assert!(o.status.success(), "{}", out(&o));
+        follow.stdout().contains("got-usr1").then_some(())
+    });
+}
