@@ -91,7 +91,7 @@ pub struct DirectorySection {
     pub report_ttl_ms: u64,
     /// A stale instance is forgotten entirely (no longer counts for the panic threshold) after this long.
     pub forget_after_ms: u64,
-    /// How long a client may cache a server list.
+    /// How long a client that polls (no watch) may use a server list; the SDK watches instead.
     pub list_ttl_ms: u64,
     /// Longest a `watch` long poll waits before answering with an unchanged table.
     pub watch_timeout_ms: u64,

@@ -48,7 +48,9 @@ pub struct ServerList {
     pub request_type: String,
     /// Changes whenever the table for this type changes; equal tables have equal versions.
     pub version: u64,
-    /// How long a client may use this list before asking again.
+    /// How long a client that polls (without `watch`) may use this list before asking again. The SDK
+    /// watches instead, so its list is as fresh as its watch; its own `max_staleness` bounds how long it
+    /// uses one no balancer vouches for.
     pub ttl_ms: u64,
     pub servers: Vec<ServerEntry>,
     /// API addresses of every balancer (`ip:port`), so a client learns its peers.
@@ -359,15 +361,32 @@ impl ServerList {
         Ok(list)
     }
 
-    /// Checks sizes, addresses and weights.
+    /// Checks sizes, ids, addresses and weights, as a balancer checks the reports its lists come from: an
+    /// id of `report::valid_id`'s characters (it reaches the caller's logs and errors), an address one can
+    /// connect to (not `0.0.0.0`, `[::]` or port 0: the client would connect to its own host).
     pub fn validate(&self) -> Result<(), ListError> {
         let bad = |m: String| Err(ListError::Malformed(m));
         if self.servers.len() > MAX_SERVERS || self.balancers.len() > MAX_BALANCERS {
             return bad("too many servers or balancers".into());
         }
         for s in &self.servers {
-            if s.addr.parse::<std::net::SocketAddr>().is_err() {
-                return bad(format!("server {:?} has an invalid addr {:?}", s.id, s.addr));
+            if !crate::report::valid_id(&s.id) {
+                return bad(format!(
+                    "server id {:?} {}",
+                    crate::report::shown(&s.id),
+                    crate::report::ID_RULE
+                ));
+            }
+            if !s
+                .addr
+                .parse::<std::net::SocketAddr>()
+                .is_ok_and(crate::report::usable_addr)
+            {
+                return bad(format!(
+                    "server {:?} has an invalid addr {:?}",
+                    s.id,
+                    crate::report::shown(&s.addr)
+                ));
             }
             if s.weight > MAX_WEIGHT {
                 return bad(format!(
@@ -445,5 +464,27 @@ mod tests {
             Err(ListError::TooLarge)
         );
         assert!(Pick::decode(br#"{"request_type":"t","version":1,"id":"a","addr":"nope"}"#).is_err());
+        // Servers: an id and an address as a report's.
+        let server = |id: &str, addr: &str| {
+            ok.replace(
+                "\"servers\":[]",
+                &format!(
+                    r#""servers":[{{"id":"{id}","addr":"{addr}","weight":1,"state":"up","report_age_ms":0}}]"#
+                ),
+            )
+        };
+        assert!(ServerList::decode(server("h/a-1", "127.0.0.1:80").as_bytes()).is_ok());
+        for (id, addr) in [
+            ("h/a", "0.0.0.0:80"),
+            ("h/a", "[::]:80"),
+            ("h/a", "127.0.0.1:0"),
+            ("h/a<b>", "127.0.0.1:80"),
+            ("", "127.0.0.1:80"),
+        ] {
+            assert!(
+                ServerList::decode(server(id, addr).as_bytes()).is_err(),
+                "{id:?} at {addr}"
+            );
+        }
     }
 }

@@ -67,7 +67,7 @@ impl Options {
 pub struct ClientBuilder {
     balancers: Vec<String>,
     request_types: Vec<String>,
-    opts: Options,
+    pub(crate) opts: Options,
 }
 
 impl Default for ClientBuilder {

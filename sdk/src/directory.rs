@@ -52,7 +52,13 @@ pub(crate) struct TypeSlot {
     pub(crate) table: ArcSwap<Table>,
     /// Clock ms when a balancer was last known alive for this type.
     pub(crate) last_ok_ms: AtomicU64,
-    /// The last round of requests reached a balancer.
+    /// Clock ms when a balancer last answered with a list (a sign of life is not always an answer: a
+    /// watch held and then dropped counts as one).
+    last_answer_ms: AtomicU64,
+    /// How soon after an answer a watch must connect to vouch for the list: the re-poll interval and a
+    /// second's grace.
+    answer_gap_ms: u64,
+    /// The last attempt reached a balancer (it answered).
     pub(crate) reachable: AtomicBool,
     /// A watch is connected and waiting on a balancer right now.
     pub(crate) in_poll: AtomicBool,
@@ -74,6 +80,7 @@ impl TypeSlot {
         let now = clock.now_ms();
         let vouched = if self.in_poll.load(Ordering::Relaxed) {
             now.saturating_sub(self.poll_since_ms.load(Ordering::Relaxed)) <= self.hold_ms
+                && self.poll_vouches()
         } else {
             self.reachable.load(Ordering::Relaxed)
         };
@@ -90,8 +97,26 @@ impl TypeSlot {
         self.in_poll.store(true, Ordering::Relaxed);
     }
 
+    /// Whether the watch in flight may vouch for the list: it connected right after an answer (a watch
+    /// follows each answer at once, or within the re-poll interval). A connection alone proves nothing: a
+    /// balancer that accepts and never answers (stopped, wedged, a kernel still taking handshakes) vouched
+    /// for a hold at each connection, so with every balancer hung the list read `Live` most of the time and
+    /// `max_staleness` was never enforced.
+    fn poll_vouches(&self) -> bool {
+        let since = self.poll_since_ms.load(Ordering::Relaxed);
+        since.saturating_sub(self.last_answer_ms.load(Ordering::Relaxed)) <= self.answer_gap_ms
+    }
+
+    /// A sign of life short of an answer.
     fn touch(&self, clock: &Clock) {
         self.last_ok_ms.store(clock.now_ms(), Ordering::Relaxed);
+    }
+
+    /// A balancer answered with a list.
+    fn answered(&self, clock: &Clock) {
+        let now = clock.now_ms();
+        self.last_ok_ms.store(now, Ordering::Relaxed);
+        self.last_answer_ms.store(now, Ordering::Relaxed);
     }
 }
 
@@ -104,6 +129,13 @@ impl Shared {
                 name: t.clone(),
                 table: ArcSwap::from_pointee(Table::new(0, Vec::new())),
                 last_ok_ms: AtomicU64::new(0),
+                last_answer_ms: AtomicU64::new(0),
+                answer_gap_ms: u64::try_from(
+                    opts.repoll_interval
+                        .saturating_add(Duration::from_secs(1))
+                        .as_millis(),
+                )
+                .unwrap_or(u64::MAX),
                 reachable: AtomicBool::new(false),
                 in_poll: AtomicBool::new(false),
                 poll_since_ms: AtomicU64::new(0),
@@ -131,12 +163,18 @@ impl Shared {
         let slot = &self.types[idx];
         {
             let mut stats = self.stats.lock().unwrap_or_else(|p| p.into_inner());
+            // Two ids at one address (a misconfigured host) are one instance: the first is kept. Both would
+            // share its stats and count its weight twice, and a pick could weigh it against itself.
+            let mut seen = std::collections::HashSet::with_capacity(list.servers.len());
             let entries = list
                 .servers
                 .iter()
                 .filter_map(|s| {
                     // `ServerList::decode` validated every address already.
                     let addr: SocketAddr = s.addr.parse().ok()?;
+                    if !seen.insert(addr) {
+                        return None;
+                    }
                     Some(Entry {
                         id: Arc::from(s.id.as_str()),
                         addr,
@@ -274,7 +312,7 @@ impl Shared {
                 }
                 return Err((slot.name.clone(), said.join("; "), not_served));
             };
-            slot.touch(&self.clock);
+            slot.answered(&self.clock);
             slot.reachable.store(true, Ordering::Relaxed);
             served_by.push(b);
         }
@@ -343,14 +381,22 @@ pub(crate) async fn watch_loop(
             let held = started.elapsed();
             let waited = held >= HELD;
             let r = r.and_then(|f| check_type(f, &slot.name));
-            if slot.in_poll.swap(false, Ordering::Relaxed) && r.is_err() && waited && held <= wait {
+            if slot.poll_vouches()
+                && slot.in_poll.swap(false, Ordering::Relaxed)
+                && r.is_err()
+                && waited
+                && held <= wait
+            {
                 // A watch it held and then dropped (a balancer stopping mid-hold): it was alive, holding
                 // the list as current, until now. One still silent past the hold it was asked for was
                 // not; and one that fails at once (an error status, a list of another type, garbage)
                 // vouches for nothing: counting its answer as a sign of life kept the list's age under
-                // the backoff's 2 s, so with every balancer broken that way the list never expired.
+                // the backoff's 2 s, so with every balancer broken that way the list never expired. Only
+                // a watch that followed an answer counts: a proxy in front of dead balancers that accepts
+                // and closes a second later would otherwise keep the list young for ever.
                 slot.touch(&shared.clock);
             }
+            slot.in_poll.store(false, Ordering::Relaxed);
             match r {
                 Ok(list) => {
                     let changed = list.as_ref().is_some_and(|l| l.version != version);
@@ -360,7 +406,7 @@ pub(crate) async fn watch_loop(
                             debug!(request_type = %slot.name, version = list.version, balancer = %b, "server list changed");
                         }
                     }
-                    slot.touch(&shared.clock);
+                    slot.answered(&shared.clock);
                     slot.reachable.store(true, Ordering::Relaxed);
                     if warned {
                         info!(request_type = %slot.name, balancer = %b, "a balancer answers again");
@@ -371,6 +417,8 @@ pub(crate) async fn watch_loop(
                     break;
                 }
                 Err(e) => {
+                    // Until another answers, nothing vouches for the list between attempts either.
+                    slot.reachable.store(false, Ordering::Relaxed);
                     debug!(request_type = %slot.name, balancer = %b, error = %e, "watch failed; trying the next balancer");
                 }
             }
@@ -470,6 +518,25 @@ mod tests {
     use super::*;
     use std::sync::atomic::Ordering;
     use std::time::Duration;
+
+    /// Two ids at one address are one instance: the first is kept, so its weight counts once.
+    #[test]
+    fn a_list_naming_one_address_twice_installs_it_once() {
+        let mut opts = crate::ClientBuilder::default().opts;
+        opts.request_types = vec!["t".into()];
+        let shared = Shared::new(opts);
+        let list: ServerList = serde_json::from_str(
+            r#"{"request_type":"t","version":3,"ttl_ms":1,"balancers":[],"servers":[
+                {"id":"h/a","addr":"127.0.0.1:7101","weight":5,"state":"up","report_age_ms":0},
+                {"id":"h/b","addr":"127.0.0.1:7101","weight":9,"state":"up","report_age_ms":0},
+                {"id":"h/c","addr":"127.0.0.1:7102","weight":1,"state":"up","report_age_ms":0}]}"#,
+        )
+        .unwrap();
+        shared.install(0, &list, "127.0.0.1:9".parse().unwrap());
+        let table = shared.types[0].table.load();
+        let got: Vec<(&str, u32)> = table.all.iter().map(|e| (&*e.id, e.weight)).collect();
+        assert_eq!(got, [("h/a", 5), ("h/c", 1)]);
+    }
 
     #[test]
     fn latency_is_per_type_in_flight_and_ejection_per_instance() {

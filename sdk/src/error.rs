@@ -185,10 +185,12 @@ impl Error {
     /// Whether the request certainly never reached the instance (so even a non-idempotent request may be
     /// retried elsewhere).
     pub fn not_sent(&self) -> bool {
-        matches!(
-            self,
-            Error::Connect { .. } | Error::ConnectTimeout { .. } | Error::NoInstance(_)
-        )
+        match self {
+            Error::Connect { .. } | Error::ConnectTimeout { .. } | Error::NoInstance(_) => true,
+            // Every connect of a call failed.
+            Error::Exhausted { last, .. } => last.not_sent(),
+            _ => false,
+        }
     }
 
     /// A short, stable name for the error kind (for metrics and the load generator's report).

@@ -105,6 +105,7 @@ pub(crate) async fn get(
         let limit = MAX_HEAD_BYTES + MAX_LIST_BYTES + 64 * 1024;
         let mut buf = Vec::with_capacity(4096);
         let mut chunk = [0u8; 8192];
+        let mut scan = HeadScan::default();
         loop {
             let n = stream.read(&mut chunk).await.map_err(|e| format!("read: {e}"))?;
             if n == 0 {
@@ -115,7 +116,7 @@ pub(crate) async fn get(
                 return Err(format!("response larger than {limit} bytes"));
             }
             // Stop early once a Content-Length body is complete (some servers linger before closing).
-            if let Some(done) = complete_len(&buf)
+            if let Some(done) = scan.advance(&buf)?
                 && buf.len() >= done
             {
                 break;
@@ -128,6 +129,42 @@ pub(crate) async fn get(
         Err(_) => return Err(format!("no answer within {exchange_timeout:?}")),
     };
     parse_response(&buf)
+}
+
+/// How far a response being read has been looked through for the end of its head, and, once that is found,
+/// its whole length when the head carries `Content-Length`. Each byte is looked at once: searching the whole
+/// buffer after every read cost a balancer that trickles a head with no end (up to the 2 MiB read limit, a
+/// few bytes a read) some 10^10 comparisons on the client's runtime, each watch round, per request type.
+#[derive(Debug, Default)]
+struct HeadScan {
+    /// Bytes of the buffer searched already.
+    searched: usize,
+    /// Found: the total length, if the head said it.
+    total: Option<Option<usize>>,
+}
+
+impl HeadScan {
+    /// The response's total length once its head is complete and carries one; an error once the head
+    /// passes `MAX_HEAD_BYTES` without ending (the parse would refuse it anyway).
+    fn advance(&mut self, buf: &[u8]) -> Result<Option<usize>, String> {
+        if let Some(total) = self.total {
+            return Ok(total);
+        }
+        // The terminator may straddle the last read: start 3 bytes back.
+        let from = self.searched.saturating_sub(3);
+        match find(&buf[from..], b"\r\n\r\n") {
+            Some(at) => {
+                let total = complete_len(&buf[..from + at + 4]);
+                self.total = Some(total);
+                Ok(total)
+            }
+            None if buf.len() > MAX_HEAD_BYTES + 4 => Err("response head missing or too large".into()),
+            None => {
+                self.searched = buf.len();
+                Ok(None)
+            }
+        }
+    }
 }
 
 /// The total length of a response whose head is complete and carries `Content-Length`.
@@ -247,6 +284,33 @@ mod tests {
         assert!(parse_response(b"HTTP/1.1 abc OK\r\n\r\n").is_err());
         assert!(parse_response(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n").is_err());
         assert!(parse_response(&vec![b'a'; 100_000]).is_err());
+    }
+
+    /// The head's end is found across reads of any size, the total taken from it once; a head that passes
+    /// its bound without ending is refused there, not read on to the 2 MiB limit.
+    #[test]
+    fn a_head_is_scanned_across_reads_and_bounded() {
+        let resp = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello";
+        for step in [1, 2, 3, 7, resp.len()] {
+            let mut scan = HeadScan::default();
+            let mut buf = Vec::new();
+            let mut total = None;
+            for piece in resp.chunks(step) {
+                buf.extend_from_slice(piece);
+                total = scan.advance(&buf).unwrap();
+            }
+            assert_eq!(total, Some(resp.len()), "in pieces of {step}");
+        }
+        let mut scan = HeadScan::default();
+        let no_length = b"HTTP/1.1 200 OK\r\n\r\nbody";
+        assert_eq!(scan.advance(no_length), Ok(None));
+        let mut scan = HeadScan::default();
+        let mut endless = b"HTTP/1.1 200 OK\r\nX: ".to_vec();
+        while endless.len() <= MAX_HEAD_BYTES + 4 {
+            assert_eq!(scan.advance(&endless), Ok(None));
+            endless.extend_from_slice(&[b'a'; 100]);
+        }
+        assert!(scan.advance(&endless).is_err());
     }
 
     /// A balancer's chunk size near `usize::MAX` wrapped `size + 2`, and the slice after it panicked (in

@@ -67,18 +67,15 @@ pub async fn exchange(
     let work = async {
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
-            .map_err(|e| Error::Http {
-                addr,
-                msg: e.to_string(),
-            })?;
+            .map_err(|e| Error::Http { addr, msg: chain(&e) })?;
         // The connection task ends when the exchange does (the sender is dropped) or on error.
         tokio::spawn(async move {
             let _ = conn.await;
         });
-        let resp = sender.send_request(req).await.map_err(|e| Error::Http {
-            addr,
-            msg: e.to_string(),
-        })?;
+        let resp = sender
+            .send_request(req)
+            .await
+            .map_err(|e| Error::Http { addr, msg: chain(&e) })?;
         let (parts, body) = resp.into_parts();
         let body = Limited::new(body, max_body).collect().await.map_err(|e| {
             if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() {
@@ -89,7 +86,7 @@ pub async fn exchange(
             } else {
                 Error::Http {
                     addr,
-                    msg: e.to_string(),
+                    msg: chain(&*e),
                 }
             }
         })?;
@@ -152,7 +149,13 @@ impl Client {
                 slot.retry.succeeded();
                 return false;
             }
-            Err(e) => e.is_retryable() || matches!(e, Error::Exhausted { .. }),
+            // Nothing reached an instance (every connect failed, or none to pick): it cost the instances
+            // nothing, so it neither spends nor earns a token. Spent, a type left with nothing pickable
+            // (all drained, weight 0) emptied the bucket in 100 calls, and 501 answers were then needed
+            // before a real failure was retried again. Another pick follows a failed connect's round;
+            // none follows "none to pick".
+            Err(e) if e.not_sent() => return !matches!(e, Error::NoInstance(_)),
+            Err(e) => e.is_retryable(),
         };
         if !worth {
             return false;
@@ -257,7 +260,12 @@ impl Client {
                 b.attempts = attempt + 1;
             }
             if let Err(e @ Error::DeadlineExceeded { .. }) = r {
-                return Err(with_last(e, last.and_then(Result::err)));
+                // The retry was cut off: an answer in hand (a 503) stands, as when no time was left to
+                // start it; it was dropped for a deadline error that said nothing of it.
+                return match last {
+                    Some(Ok(resp)) => Ok(resp),
+                    prev => Err(with_last(e, prev.and_then(Result::err))),
+                };
             }
             if let (Err(Error::NoInstance(_)), Some(prev)) = (&r, last.take()) {
                 // Every instance has been tried: the previous failure says more than "none left".
@@ -275,6 +283,20 @@ impl Client {
         }
         last.unwrap_or_else(|| Err(Error::NoInstance(request_type.to_string())))
     }
+}
+
+/// An error and its causes, `: `-separated. hyper's errors say only what failed ("connection error"), the
+/// cause (a reset, an early end of the stream) being their source: the message alone could not tell a
+/// caller or a log why.
+fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut msg = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        msg.push_str(": ");
+        msg.push_str(&c.to_string());
+        cause = c.source();
+    }
+    msg
 }
 
 /// A deadline error of an attempt cut off in flight, carrying `prev` (the earlier attempt's error) when it
@@ -307,4 +329,22 @@ fn clone_request(req: &Request<Full<Bytes>>) -> Request<Full<Bytes>> {
     *out.version_mut() = req.version();
     *out.headers_mut() = req.headers().clone();
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("connection error")]
+    struct Outer(#[source] std::io::Error);
+
+    #[test]
+    fn an_http_error_names_its_causes() {
+        let e = Outer(std::io::Error::new(
+            std::io::ErrorKind::ConnectionReset,
+            "connection reset by peer",
+        ));
+        assert_eq!(chain(&e), "connection error: connection reset by peer");
+    }
 }

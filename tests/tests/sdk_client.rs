@@ -275,16 +275,20 @@ async fn a_hung_balancer_is_left_within_the_hold_it_was_asked_for() {
     assert_eq!(client.state().types[0].freshness, Freshness::Live);
     let picked = client.pick("browse").unwrap();
     assert_eq!(picked.addr(), b.addr);
-    // With both hung, the list goes static (and would expire), not live.
+    // With both hung, the list goes static and then expires, not live.
     lbs[1].hang();
-    eventually_async("the list to be no longer live", || {
-        matches!(
-            client.state().types[0].freshness,
-            Freshness::Static { .. } | Freshness::Expired { .. }
-        )
-        .then_some(())
+    eventually_async("the list to expire", || {
+        matches!(client.state().types[0].freshness, Freshness::Expired { .. }).then_some(())
     })
     .await;
+    // And stays so: each new connection to a hung balancer vouched for the list for a hold (2 s), so it
+    // read Live most of the time and picks never saw it stale. Watched over two holds and their grace.
+    let watch_until = tokio::time::Instant::now() + Duration::from_secs(5);
+    while tokio::time::Instant::now() < watch_until {
+        let err = client.pick("browse").expect_err("a pick from an expired list");
+        assert!(matches!(err, Error::Stale { .. }), "{err}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// A type no balancer knows is the client's mistake, said as such and not retryable; with one balancer down
@@ -647,6 +651,62 @@ async fn retries_stop_when_every_instance_fails() {
             .unwrap();
         assert_eq!(resp.status(), 200);
     }
+    assert!(!client.state().types[0].retries_throttled);
+}
+
+/// A call whose first attempt got a 503 and whose retry the deadline cut off returns the 503 it has, as it
+/// does when no time is left to start the retry: it used to end with a deadline error saying nothing of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_stands_when_the_deadline_cuts_its_retry_off() {
+    let (busy, stuck) = (Backend::with_status("busy", 503), Backend::hanging("stuck"));
+    let lb = FakeBalancer::start(HOLD);
+    lb.set(list(
+        "browse",
+        1,
+        &[("busy", busy.addr, 100), ("stuck", stuck.addr, 100)],
+        &[lb.addr],
+    ));
+    let client = Client::builder()
+        .balancers([lb.addr.to_string()])
+        .request_types(["browse"])
+        .deadline(Duration::from_millis(300))
+        .build()
+        .await
+        .unwrap();
+    // Each call tries the two in the order it picks them: the busy one first, and its 503 stands; the
+    // stuck one first, and the deadline ends the call there.
+    let mut answered = 0;
+    for _ in 0..12 {
+        match client.send_idempotent("browse", get("/v1/products")).await {
+            Ok(resp) => {
+                assert_eq!(resp.status(), 503);
+                answered += 1;
+            }
+            Err(e) => assert!(matches!(e, Error::DeadlineExceeded { .. }), "{e}"),
+        }
+    }
+    assert!(busy.hits() > 0, "the busy instance was never tried");
+    assert_eq!(answered, busy.hits(), "every 503 stands");
+}
+
+/// Calls that reach no instance (nothing pickable: every instance at weight 0, as after a drain of them all)
+/// cost the instances nothing and spend no retry token: they used to, so a type with nothing pickable for a
+/// hundred calls had its budget spent, and the real failures after it went unretried until 501 answers
+/// came back. Nor is "none to pick" picked again at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_that_reach_no_instance_spend_no_retry_budget() {
+    let a = Backend::start("a");
+    let lb = FakeBalancer::start(HOLD);
+    lb.set(list("browse", 1, &[("a", a.addr, 0)], &[lb.addr]));
+    let client = browse_client(&lb).await;
+    for _ in 0..100 {
+        let err = client
+            .send_idempotent("browse", get("/v1/products"))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::NoInstance(_)), "{err}");
+    }
+    assert_eq!(a.hits(), 0);
     assert!(!client.state().types[0].retries_throttled);
 }
 

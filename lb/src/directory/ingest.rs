@@ -329,10 +329,19 @@ mod tests {
     #[test]
     fn lists_say_warming_until_a_report_is_applied() {
         let d = dir();
-        assert_eq!(d.servers("default").unwrap().warming, Some(true));
-        let ok = body(1, wall_ms());
+        let warming = d.servers("default").unwrap();
+        assert_eq!(warming.warming, Some(true));
+        // An agent with no instance (yet): the list's rows stay as they were, none.
+        let mut r: LoadReport = serde_json::from_slice(&body(1, wall_ms())).unwrap();
+        r.instances.clear();
+        let ok = serde_json::to_vec(&r).unwrap();
         d.ingest(&ok, Some(&report::sign(b"k", &ok)), None).unwrap();
-        assert_eq!(d.servers("default").unwrap().warming, Some(false));
+        let heard = d.servers("default").unwrap();
+        assert_eq!(heard.warming, Some(false));
+        assert!(heard.servers.is_empty());
+        // A new version all the same, so a watch on the warming list wakes and its client learns that the
+        // empty list now means no instance.
+        assert_ne!(heard.version, warming.version);
     }
 
     /// An agent with its own key is heard only under that key: the shared key, or another agent's, cannot
@@ -429,7 +438,12 @@ mod tests {
             let d = d.clone();
             async move { d.watch("default", v, Duration::from_secs(30)).await }
         });
+        // Time is paused, so a timeout would never fire: bound the wait by turns of the scheduler instead (the
+        // held watch registers within a few).
+        let mut turns = 0;
         while d.inner.watching.load(Ordering::Relaxed) == 0 {
+            turns += 1;
+            assert!(turns < 10_000, "the first watch never registered");
             tokio::task::yield_now().await;
         }
         let started = tokio::time::Instant::now();

@@ -130,6 +130,7 @@ mod tests {
                 version: 1,
                 rows,
                 panic: false,
+                warming: false,
             },
             1000,
         )

@@ -44,6 +44,7 @@ pub struct Snapshot {
 pub struct Served {
     pub version: u64,
     panic: bool,
+    warming: bool,
     /// (row key, state, weight), in the list's order.
     rows: Vec<(u64, InstanceState, u32)>,
 }
@@ -53,14 +54,16 @@ impl Served {
         Served {
             version: list.version,
             panic: list.panic,
+            warming: list.warming,
             rows: list.rows.iter().map(|r| (r.key, r.state, r.weight)).collect(),
         }
     }
 
-    /// Whether `list` differs from what is shown: in its instances, their states or the panic flag, or in a
+    /// Whether `list` differs from what is shown: in its instances, their states, the panic or warming flag, or in a
     /// weight that moved by more than `min_change` of the larger of its two values (to or from 0 always).
     fn outdated_by(&self, list: &TypeList, min_change: f64) -> bool {
         self.panic != list.panic
+            || self.warming != list.warming
             || self.rows.len() != list.rows.len()
             || (self.rows.iter().zip(&list.rows)).any(|(&(key, state, weight), r)| {
                 key != r.key || state != r.state || moved(weight, r.weight, min_change)

@@ -93,6 +93,12 @@ pub struct TypeList {
     pub rows: Vec<Row>,
     /// Whether the panic threshold forced equal weights.
     pub panic: bool,
+    /// No report applied since the balancer started ([`Table::heard`]): part of the version, so a watch
+    /// on the list wakes when the first report makes an empty list mean "no instance" (the SDK keeps its
+    /// entries through a warming one only). Out of it, a type the first report had no instance of kept
+    /// its version, and every client watching it held the warming list, and its dead entries, until some
+    /// other change.
+    pub warming: bool,
 }
 
 impl Table {
@@ -431,10 +437,12 @@ impl Table {
                 predicted: i.predicted.clone(),
             });
         }
+        let warming = !self.heard;
         TypeList {
-            version: version_of(name, &rows),
+            version: version_of(name, &rows, warming),
             rows,
             panic,
+            warming,
         }
     }
 }
@@ -447,9 +455,13 @@ pub fn identity(id: &str, addr: &str) -> u64 {
     )
 }
 
-/// The version of a type's list: a stable hash of its canonical content (rows are in id order).
-pub fn version_of(name: &str, rows: &[Row]) -> u64 {
+/// The version of a type's list: a stable hash of its canonical content (rows are in id order) and of
+/// whether its balancer is warming.
+pub fn version_of(name: &str, rows: &[Row], warming: bool) -> u64 {
     let mut h = weights::fnv1a(name.as_bytes(), 0);
+    if warming {
+        h = weights::fnv1a(b"warming", h);
+    }
     for r in rows {
         h = weights::fnv1a(&r.key.to_le_bytes(), h);
         h = weights::fnv1a(&r.weight.to_le_bytes(), h);
