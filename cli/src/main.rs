@@ -1,5 +1,6 @@
 //! `xcluster`: the one binary. Parses arguments and hands off; every role lives in its own library crate.
 
+mod addrs;
 mod args;
 mod check;
 mod ctl;

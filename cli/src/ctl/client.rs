@@ -2,10 +2,11 @@
 //! `--timeout-secs`.
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpStream, ToSocketAddrs};
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::time::Duration;
 
 use super::{Client, EXIT_FAILED, Failure, MAX_RESPONSE, Resp, check, io_failure, stream};
+use crate::addrs::Addrs;
 use crate::args::CtlArgs;
 
 impl Client {
@@ -17,13 +18,20 @@ impl Client {
             Some(_) => return Err(format!("--url must be http://HOST:PORT, found {:?}", args.url)),
         };
         let hostport = rest.split('/').next().unwrap_or(rest);
-        let addr = hostport
+        let mut list: Vec<SocketAddr> = Vec::new();
+        let found = hostport
             .to_socket_addrs()
-            .map_err(|e| format!("bad --url {:?}: {e}", args.url))?
-            .next()
-            .ok_or_else(|| format!("bad --url {:?}", args.url))?;
+            .map_err(|e| format!("bad --url {:?}: {e}", args.url))?;
+        for a in found {
+            if !list.contains(&a) {
+                list.push(a);
+            }
+        }
+        if list.is_empty() {
+            return Err(format!("bad --url {:?}: the name has no address", args.url));
+        }
         Ok(Self {
-            addr,
+            addrs: Addrs::new(list),
             url: args.url.clone(),
             token: args.token.clone().filter(|t| !t.is_empty()),
             timeout: Duration::from_secs(args.timeout_secs.max(1)),
@@ -31,13 +39,13 @@ impl Client {
     }
 
     fn open(&self, method: &str, path: &str) -> Result<TcpStream, Failure> {
-        let mut s = TcpStream::connect_timeout(&self.addr, self.timeout).map_err(io_failure)?;
+        let (mut s, addr) = self
+            .addrs
+            .connect_blocking(self.timeout)
+            .map_err(|f| io_failure(f.error))?;
         s.set_read_timeout(Some(self.timeout)).map_err(io_failure)?;
         s.set_write_timeout(Some(self.timeout)).map_err(io_failure)?;
-        let mut head = format!(
-            "{method} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n",
-            self.addr
-        );
+        let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
         if let Some(t) = &self.token {
             head.push_str(&format!("Authorization: Bearer {t}\r\n"));
         }
@@ -160,4 +168,66 @@ pub(super) fn dechunk_all(b: &[u8]) -> Vec<u8> {
         out.extend(c);
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use std::net::TcpListener;
+
+    use super::*;
+
+    /// An address on which nothing listens: a port the OS just handed out, released.
+    fn refusing() -> SocketAddr {
+        TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
+    }
+
+    fn client(list: Vec<SocketAddr>) -> Client {
+        Client {
+            addrs: Addrs::new(list),
+            url: "http://monitor:7300".into(),
+            token: None,
+            timeout: Duration::from_secs(5),
+        }
+    }
+
+    /// `--url http://localhost:7300` resolves to `::1` then 127.0.0.1 on Debian, where the monitor listens
+    /// on 127.0.0.1 only: the monitor is reached on the next address when the first refuses.
+    #[test]
+    fn the_monitor_is_reached_on_its_next_address_when_the_first_refuses() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let live = l.local_addr().unwrap();
+        // Two calls: the second starts from the address that took the first.
+        let server = std::thread::spawn(move || {
+            for _ in 0..2 {
+                let (s, _) = l.accept().unwrap();
+                s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                let mut r = BufReader::new(&s);
+                // Bounded: a request head of more than 100 lines is not one `call` sends.
+                let mut line = String::new();
+                for _ in 0..100 {
+                    line.clear();
+                    if r.read_line(&mut line).unwrap() == 0 || line == "\r\n" {
+                        break;
+                    }
+                }
+                (&s).write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                    .unwrap();
+            }
+        });
+        let c = client(vec![refusing(), live]);
+        for _ in 0..2 {
+            let r = c.call("GET", "/readyz").unwrap_or_else(|e| panic!("{e:?}"));
+            assert_eq!((r.status, r.body.as_slice()), (200, &b"ok"[..]));
+        }
+        server.join().unwrap();
+    }
+
+    /// When every address refuses, the monitor is unreachable (exit 69), not timed out.
+    #[test]
+    fn a_monitor_whose_every_address_refuses_is_unreachable() {
+        let c = client(vec![refusing(), refusing()]);
+        let e = c.call("GET", "/readyz").err();
+        assert!(matches!(e, Some(Failure::Unreachable(_))), "{e:?}");
+    }
 }

@@ -41,7 +41,8 @@ type Answer = (String, Result<String, String>);
 const MAX_RESPONSE: u64 = 64 * 1024 * 1024;
 
 struct Client {
-    addr: SocketAddr,
+    /// Every address `--url` resolved to, tried in turn (`localhost` may be `::1` first).
+    addrs: crate::addrs::Addrs,
     url: String,
     token: Option<String>,
     timeout: Duration,
@@ -50,7 +51,7 @@ struct Client {
 /// Whether the monitor at `addr` answers `GET /readyz` with 200 within `timeout` (`up --detach` waits on it).
 pub(crate) fn monitor_ready(addr: SocketAddr, timeout: Duration) -> bool {
     let c = Client {
-        addr,
+        addrs: crate::addrs::Addrs::new(vec![addr]),
         url: format!("http://{addr}"),
         token: None,
         timeout,

@@ -8,9 +8,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body_util::Full;
-use tokio::net::TcpStream;
 use xcluster_sdk::{Backend, Client};
 
+use crate::addrs::Addrs;
 use crate::args::Via;
 use crate::load::mix::Kind;
 
@@ -25,11 +25,11 @@ pub enum Target {
     Sdk(Client),
     /// Listeners: one per request type (`TYPE=ADDR` in `--targets`), and one for the types not named.
     Proxy {
-        by_type: Vec<(String, SocketAddr)>,
-        other: Option<SocketAddr>,
+        by_type: Vec<(String, Addrs)>,
+        other: Option<Addrs>,
     },
     Rr {
-        backends: Vec<SocketAddr>,
+        backends: Vec<Addrs>,
         next: AtomicUsize,
     },
 }
@@ -82,8 +82,8 @@ pub async fn resolve(targets: &str) -> Result<Vec<Vec<SocketAddr>>, String> {
 impl Target {
     /// Builds the target from `--targets` (`given`, as written, and `targets`, resolved); for the SDK this
     /// bootstraps from the balancers as given (a name stays a name, which the SDK resolves again while no
-    /// balancer answers), for a proxy or round robin each entry's first address is the backend. `timeout`
-    /// bounds each whole request, retries included.
+    /// balancer answers), for a proxy or round robin each entry is one backend, reached on whichever of its
+    /// addresses accepts. `timeout` bounds each whole request, retries included.
     pub async fn new(
         via: Via,
         given: &[&str],
@@ -92,8 +92,14 @@ impl Target {
         types: &[&str],
         timeout: Duration,
     ) -> Result<Target, String> {
-        let firsts: Vec<SocketAddr> = targets.iter().filter_map(|a| a.first().copied()).collect();
-        if firsts.is_empty() {
+        // `resolve` never returns an entry without an address; one is refused all the same, not skipped
+        // (that would pair `--via proxy`'s types with the wrong listeners), so `Addrs::connect` has one.
+        if let Some(i) = targets.iter().position(Vec::is_empty) {
+            let name = given.get(i).copied().unwrap_or("?");
+            return Err(format!("--targets: {name:?} has no address"));
+        }
+        let entries: Vec<Addrs> = targets.into_iter().map(Addrs::new).collect();
+        if entries.is_empty() {
             return Err("no targets given".into());
         }
         match via {
@@ -112,7 +118,7 @@ impl Target {
             Via::Proxy => {
                 let mut by_type = Vec::new();
                 let mut other = None;
-                for (label, addr) in labels.into_iter().zip(firsts) {
+                for (label, addr) in labels.into_iter().zip(entries) {
                     match label {
                         Some(ty) => by_type.push((ty, addr)),
                         None => other = Some(addr),
@@ -121,7 +127,7 @@ impl Target {
                 Ok(Target::Proxy { by_type, other })
             }
             Via::Rr => Ok(Target::Rr {
-                backends: firsts,
+                backends: entries,
                 next: AtomicUsize::new(0),
             }),
         }
@@ -145,14 +151,14 @@ impl Target {
                 Ok((resp, who))
             }
             Target::Proxy { by_type, other } => {
-                let listener = by_type.iter().find(|(ty, _)| ty == kind.name).map(|(_, a)| *a);
-                let Some(addr) = listener.or(*other) else {
+                let listener = by_type.iter().find(|(ty, _)| ty == kind.name).map(|(_, a)| a);
+                let Some(addrs) = listener.or(other.as_ref()) else {
                     // `load::check` saw that every type of the mix has one.
                     return Err(("no_target".into(), String::new()));
                 };
-                let resp = direct(addr, req, timeout)
+                let (resp, addr) = direct(addrs, req, timeout)
                     .await
-                    .map_err(|kind| (kind, format!("via {addr}")))?;
+                    .map_err(|(kind, addr)| (kind, format!("via {addr}")))?;
                 let who = resp
                     .headers()
                     .get(INSTANCE_HEADER)
@@ -163,33 +169,118 @@ impl Target {
                 Ok((resp, who))
             }
             Target::Rr { backends, next } => {
-                let addr = backends[next.fetch_add(1, Ordering::Relaxed) % backends.len()];
-                let resp = direct(addr, req, timeout)
+                let addrs = &backends[next.fetch_add(1, Ordering::Relaxed) % backends.len()];
+                let (resp, addr) = direct(addrs, req, timeout)
                     .await
-                    .map_err(|kind| (kind, addr.to_string()))?;
+                    .map_err(|(kind, addr)| (kind, addr.to_string()))?;
                 Ok((resp, addr.to_string()))
             }
         }
     }
 }
 
-/// Connects to `addr` and exchanges one request, within `timeout` overall.
+/// Connects to one of `addrs` and exchanges one request, within `timeout` overall: the answer and the address
+/// that gave it, or the error's kind and the address it came from.
 async fn direct(
-    addr: SocketAddr,
+    addrs: &Addrs,
     req: Request<Full<Bytes>>,
     timeout: Duration,
-) -> Result<Response<Bytes>, String> {
+) -> Result<(Response<Bytes>, SocketAddr), (String, SocketAddr)> {
     let started = tokio::time::Instant::now();
-    let stream = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
-        Ok(Ok(s)) => s,
-        Ok(Err(_)) => return Err("connect".into()),
-        Err(_) => return Err("connect_timeout".into()),
-    };
+    let (stream, addr) = addrs.connect(timeout).await.map_err(|f| {
+        let kind = match f.error.kind() {
+            std::io::ErrorKind::TimedOut => "connect_timeout",
+            _ => "connect",
+        };
+        (kind.to_string(), f.addr)
+    })?;
     let _ = stream.set_nodelay(true);
     let left = timeout
         .saturating_sub(started.elapsed())
         .max(Duration::from_millis(1));
     xcluster_sdk::exchange(stream, addr, req, left, MAX_BODY)
         .await
-        .map_err(|e| e.kind().to_string())
+        .map(|resp| (resp, addr))
+        .map_err(|e| (e.kind().to_string(), addr))
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    use super::*;
+    use crate::load::mix::KINDS;
+
+    const TIMEOUT: Duration = Duration::from_secs(5);
+
+    /// An address on which nothing listens: a port the OS just handed out, released.
+    fn refusing() -> SocketAddr {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    }
+
+    /// A backend answering 200 to each of `answers` connections, one request each.
+    async fn backend(answers: usize) -> SocketAddr {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            for _ in 0..answers {
+                let Ok((mut s, _)) = l.accept().await else { return };
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                // A request head is far shorter than 64 KiB: the bound ends a client that never finishes one.
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 64 * 1024 {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok";
+                let _ = s.write_all(answer).await;
+            }
+        });
+        addr
+    }
+
+    fn request() -> Request<Full<Bytes>> {
+        Request::get("/v1/products")
+            .body(Full::new(Bytes::new()))
+            .unwrap()
+    }
+
+    async fn target(via: Via, addrs: Vec<SocketAddr>) -> Target {
+        Target::new(via, &["backend:1"], vec![addrs], vec![None], &["browse"], TIMEOUT)
+            .await
+            .unwrap()
+    }
+
+    /// `localhost` resolves to `::1` then 127.0.0.1 on Debian, where the apps listen on 127.0.0.1 only: a
+    /// target whose first address refuses is reached on its next, in both modes that connect themselves.
+    #[tokio::test]
+    async fn a_target_is_reached_on_its_next_address_when_the_first_refuses() {
+        for via in [Via::Rr, Via::Proxy] {
+            let (dead, live) = (refusing(), backend(2).await);
+            let t = target(via, vec![dead, live]).await;
+            // Twice: the second starts from the address that took the first.
+            for _ in 0..2 {
+                let (resp, who) = t.send(&KINDS[0], request(), TIMEOUT).await.unwrap();
+                assert_eq!(resp.status(), 200, "{via:?}");
+                let expected = match via {
+                    Via::Rr => live.to_string(),
+                    _ => format!("via {live}"),
+                };
+                assert_eq!(who, expected, "{via:?}");
+            }
+        }
+    }
+
+    /// When every address refuses, the request fails as a connect error, named after the last one tried.
+    #[tokio::test]
+    async fn a_target_whose_every_address_refuses_fails_to_connect() {
+        let (a, b) = (refusing(), refusing());
+        let t = target(Via::Rr, vec![a, b]).await;
+        let err = t.send(&KINDS[0], request(), TIMEOUT).await.unwrap_err();
+        assert_eq!(err, ("connect".to_string(), b.to_string()));
+    }
 }
