@@ -229,6 +229,21 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
 
+    /// Kills the group of a probe's sleeper if the test ends with it still running (a failed assertion), so a
+    /// `sleep 300` does not outlive the test.
+    struct KillGroup(Option<i32>);
+
+    impl Drop for KillGroup {
+        fn drop(&mut self) {
+            if let Some(g) = self.0.and_then(crate::statefile::live_group) {
+                let _ = nix::sys::signal::killpg(
+                    nix::unistd::Pid::from_raw(g),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+    }
+
     /// A command probe that times out ends with everything it started, not only its own process.
     #[tokio::test]
     async fn a_timed_out_command_probe_ends_its_whole_group() {
@@ -240,14 +255,30 @@ mod tests {
                 argv: vec!["sh".into(), "-c".into(), script],
             },
             period: Duration::from_secs(1),
-            timeout: Duration::from_millis(300),
+            // Long enough for a loaded machine to start the shell and have it write the pid.
+            timeout: Duration::from_secs(2),
             initial_delay: Duration::ZERO,
             failure_threshold: 1,
         };
-        let e = probe.check().await.unwrap_err();
-        assert!(e.starts_with("timed out"), "{e}");
-        let sleeper: i32 = std::fs::read_to_string(&pids).unwrap().trim().parse().unwrap();
+        let mut guard = KillGroup(None);
+        // The pid file is polled for while the probe runs: its shell writes it once it has started.
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let (checked, sleeper) = tokio::join!(probe.check(), async {
+            loop {
+                let read = std::fs::read_to_string(&pids).ok();
+                if let Some(pid) = read.and_then(|p| p.trim().parse::<i32>().ok()) {
+                    break Some(pid);
+                }
+                if std::time::Instant::now() >= deadline {
+                    break None;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        });
+        guard.0 = sleeper;
+        let e = checked.unwrap_err();
+        assert!(e.starts_with("timed out"), "{e}");
+        let sleeper = sleeper.expect("the probe's shell wrote its sleeper's pid");
         // Gone, or a zombie until whoever it was handed to reaps it.
         while crate::statefile::live_group(sleeper).is_some() {
             assert!(
@@ -256,5 +287,7 @@ mod tests {
             );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+        // Gone: its pid may be another's from now on.
+        guard.0 = None;
     }
 }

@@ -188,21 +188,35 @@ fn pidfd(pid: i32) -> Option<OwnedFd> {
 mod tests {
     use super::*;
 
+    /// Kills and reaps a child when dropped, so a failed assertion leaves no `sleep 300` behind.
+    struct Reaped(std::process::Child);
+
+    impl Drop for Reaped {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
     /// A child in a session of its own, with the mark, is found; the group's own members and unmarked
     /// processes are not; the pidfd signals it and sees it end.
     #[test]
     fn a_marked_process_outside_the_group_is_found_and_ended() {
         let mark = mark(u64::MAX);
-        let mut stray = std::process::Command::new("setsid")
-            .args(["sleep", "300"])
-            .env(MARK_VAR, &mark)
-            .spawn()
-            .unwrap();
-        let mut unmarked = std::process::Command::new("setsid")
-            .args(["sleep", "300"])
-            .spawn()
-            .unwrap();
-        let pid = stray.id() as i32;
+        let mut stray = Reaped(
+            std::process::Command::new("setsid")
+                .args(["sleep", "300"])
+                .env(MARK_VAR, &mark)
+                .spawn()
+                .unwrap(),
+        );
+        let _unmarked = Reaped(
+            std::process::Command::new("setsid")
+                .args(["sleep", "300"])
+                .spawn()
+                .unwrap(),
+        );
+        let pid = stray.0.id() as i32;
         // `setsid` execs `sleep` in place once it has its session (it is no group leader here). Waited for
         // until `sleep` runs: `setsid` is found already, and its environment reads empty while it execs, so a
         // read of the mark in that moment found none.
@@ -221,10 +235,8 @@ mod tests {
         let s = &found[0];
         assert!(s.lives());
         s.signal(Signal::SIGKILL);
-        let _ = stray.wait();
+        let _ = stray.0.wait();
         assert!(!s.lives());
-        let _ = unmarked.kill();
-        let _ = unmarked.wait();
     }
 
     /// A process whose environment reads empty (mid-exec) is read again and found once it reads; one that
@@ -258,6 +270,79 @@ mod tests {
         // Where the kernel's threads are in sight (not in a PID namespace of its own), kthreadd is pid 2.
         if std::fs::read_to_string("/proc/2/comm").is_ok_and(|c| c.trim_end() == "kthreadd") {
             assert!(!outside(2, -1));
+        }
+    }
+
+    /// Group 0 is never a candidate, whatever group is asked about. Kernel threads are out of sight in a PID
+    /// namespace, so the test binary runs this test again as pid 1 of a PID namespace of its own (`unshare`,
+    /// with a user namespace so no privilege is needed): a user process whose group, its parent's, lies
+    /// outside the namespace, so reads as 0.
+    #[test]
+    fn a_process_of_group_zero_is_never_outside() {
+        const INSIDE: &str = "XCLUSTER_STRAYS_TEST_PID_NAMESPACE";
+        if std::env::var_os(INSIDE).is_some() {
+            assert_eq!(std::process::id(), 1, "pid 1 of the new namespace");
+            assert_eq!(crate::statefile::live_group(1), Some(0));
+            assert!(!outside(1, -1), "a process of group 0 is a candidate");
+            println!("checked group 0 inside a PID namespace");
+            return;
+        }
+        // Every process of group 0 in sight here (the kernel's threads, outside a PID namespace).
+        let zero: Vec<i32> = crate::statefile::pids()
+            .filter(|&pid| crate::statefile::live_group(pid) == Some(0))
+            .collect();
+        for &pid in &zero {
+            assert!(!outside(pid, -1), "pid {pid}, of group 0, is a candidate");
+        }
+        let name = module_path!().split_once("::").unwrap().1.to_string()
+            + "::a_process_of_group_zero_is_never_outside";
+        let dir = tempfile::tempdir().unwrap();
+        let (out, err) = (dir.path().join("stdout"), dir.path().join("stderr"));
+        // `--kill-child`: the test inside ends with `unshare` if the wait below gives up on it.
+        let spawned = std::process::Command::new("unshare")
+            .args([
+                "--user",
+                "--map-root-user",
+                "--pid",
+                "--kill-child",
+                "--mount-proc",
+            ])
+            .arg(std::env::current_exe().unwrap())
+            .args(["--exact", &name, "--nocapture", "--test-threads=1"])
+            .env(INSIDE, "1")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::fs::File::create(&out).unwrap())
+            .stderr(std::fs::File::create(&err).unwrap())
+            .spawn();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        let (passed, unspawned) = match spawned {
+            Ok(mut child) => loop {
+                if let Some(status) = child.try_wait().unwrap() {
+                    break (status.success(), String::new());
+                }
+                if std::time::Instant::now() >= deadline {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    panic!("the test in a PID namespace did not end within 30 s");
+                }
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            },
+            Err(e) => (false, format!("unshare: {e}")),
+        };
+        let stdout = std::fs::read_to_string(&out).unwrap_or_default();
+        let stderr = std::fs::read_to_string(&err).unwrap_or_default() + &unspawned;
+        // The test ran inside: it passed there, or failed there. Otherwise no namespace could be made here (no
+        // `unshare`, or user namespaces forbidden): said, not failed, as the host's fault, not the code's.
+        if stdout.contains(&format!("test {name} ")) {
+            assert!(
+                passed && stdout.contains("checked group 0 inside a PID namespace"),
+                "inside a PID namespace:\n{stdout}\n{stderr}"
+            );
+        } else {
+            eprintln!(
+                "no PID namespace could be made; group 0 checked on {} processes in sight only: {stderr}",
+                zero.len()
+            );
         }
     }
 }

@@ -57,6 +57,13 @@ pub fn workspace_root() -> PathBuf {
 /// that range, checked bindable, and reserved among the test processes running at once by a lock on a file
 /// named after it (held until this process exits).
 pub fn free_port() -> u16 {
+    free_port_block(1)
+}
+
+/// A base port such that `base..base + n` are free loopback ports, each reserved as [`free_port`] reserves
+/// one: for a program given consecutive ports (the monitor's `port_base`), which neither this process's nor
+/// another test process's `free_port` hands out meanwhile.
+pub fn free_port_block(n: u16) -> u16 {
     const LOW: u32 = 10_000;
     static HELD: std::sync::Mutex<Vec<std::fs::File>> = std::sync::Mutex::new(Vec::new());
     let high: u32 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
@@ -66,12 +73,9 @@ pub fn free_port() -> u16 {
         .unwrap_or(32_768);
     let dir = std::env::temp_dir().join("xcluster-test-ports");
     std::fs::create_dir_all(&dir).unwrap();
-    // A different starting point per process and per call, so concurrent tests rarely try the same ports.
-    let seed = u64::from(std::process::id()).wrapping_mul(0x9E37_79B9_7F4A_7C15)
-        ^ SEQ.fetch_add(1, Ordering::Relaxed).wrapping_mul(7919);
-    let span = high - LOW;
-    for i in 0..span {
-        let port = u16::try_from(LOW + (u32::try_from(seed % u64::from(span)).unwrap() + i) % span).unwrap();
+    // The port's lock, taken (it fails while another reservation holds it, this process's own included: a
+    // lock belongs to the open file), once the port is bindable.
+    let reserve = |port: u16| {
         let lock = std::fs::OpenOptions::new()
             .create(true)
             .truncate(false)
@@ -85,12 +89,23 @@ pub fn free_port() -> u16 {
                 libc::LOCK_EX | libc::LOCK_NB,
             )
         } == 0;
-        if locked && TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            HELD.lock().unwrap().push(lock);
-            return port;
+        (locked && TcpListener::bind(("127.0.0.1", port)).is_ok()).then_some(lock)
+    };
+    // A different starting point per process and per call, so concurrent tests rarely try the same ports.
+    let seed = u64::from(std::process::id()).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        ^ SEQ.fetch_add(1, Ordering::Relaxed).wrapping_mul(7919);
+    let span = high - LOW - u32::from(n) + 1;
+    for i in 0..span {
+        let base = LOW + (u32::try_from(seed % u64::from(span)).unwrap() + i) % span;
+        let base = u16::try_from(base).unwrap();
+        // Dropped, the locks taken of a block that is not all free are released.
+        let locks: Option<Vec<_>> = (base..base + n).map(reserve).collect();
+        if let Some(locks) = locks {
+            HELD.lock().unwrap().extend(locks);
+            return base;
         }
     }
-    panic!("no free port in {LOW}..{high}");
+    panic!("no {n} free ports in a row in {LOW}..{high}");
 }
 
 /// A free loopback address.
@@ -116,11 +131,15 @@ pub fn eventually<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Optio
 static SEQ: AtomicU64 = AtomicU64::new(0);
 
 fn new_tag() -> String {
+    // The wall clock tells this process's tags from those of an earlier test process that had the same pid.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
     format!(
         "{}-{}-{}",
         std::process::id(),
         SEQ.fetch_add(1, Ordering::Relaxed),
-        Instant::now().elapsed().as_nanos()
+        now.as_nanos()
     )
 }
 
@@ -303,6 +322,74 @@ fn tail(s: &str, max: usize) -> &str {
         .find(|i| s.is_char_boundary(*i))
         .unwrap_or(s.len());
     &s[start..]
+}
+
+/// The longest a command expected to exit (a refused daemon, `--print-config`, `ctl`) may run before the test
+/// fails: past any wait such a command is given itself (`ctl` waits 60 s by default).
+pub const EXIT_DEADLINE: Duration = Duration::from_secs(90);
+
+/// Running a command to its exit, bounded.
+pub trait RunToExit {
+    /// Runs the command to its exit, tagged as a [`Proc`]'s process is, with stdin empty and stdout and stderr
+    /// captured, and returns its status and output (as [`Command::output`]). A command expected to exit that
+    /// runs on instead (a daemon whose refusal regressed serves for ever) fails the test after `timeout`
+    /// rather than hang it; it is killed with everything it started, on a panic too.
+    fn output_within(&mut self, timeout: Duration) -> std::process::Output;
+}
+
+impl RunToExit for Command {
+    fn output_within(&mut self, timeout: Duration) -> std::process::Output {
+        /// Kills the child and whatever inherited its tag, however the run ends.
+        struct Run {
+            child: Child,
+            tag: String,
+        }
+        impl Drop for Run {
+            fn drop(&mut self) {
+                // Once reaped, `kill` signals nothing: the pid may be another's.
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                kill_tagged(&self.tag);
+            }
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let (out, err) = (dir.path().join("stdout"), dir.path().join("stderr"));
+        let tag = new_tag();
+        let child = self
+            .env("XCLUSTER_TEST_TAG", &tag)
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&out).unwrap())
+            .stderr(std::fs::File::create(&err).unwrap())
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {:?}: {e}", self.get_program()));
+        let mut run = Run { child, tag };
+        let deadline = Instant::now() + timeout;
+        let status = loop {
+            if let Some(status) = run.child.try_wait().unwrap() {
+                break Some(status);
+            }
+            if Instant::now() >= deadline {
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        drop(run);
+        let (stdout, stderr) = (std::fs::read(&out).unwrap(), std::fs::read(&err).unwrap());
+        let Some(status) = status else {
+            panic!(
+                "{:?} {:?} did not exit within {timeout:?}:\n{}{}",
+                self.get_program(),
+                self.get_args().collect::<Vec<_>>(),
+                String::from_utf8_lossy(&stdout),
+                String::from_utf8_lossy(&stderr)
+            );
+        };
+        std::process::Output {
+            status,
+            stdout,
+            stderr,
+        }
+    }
 }
 
 /// Kills (SIGKILL) every process whose environment carries `XCLUSTER_TEST_TAG=tag`, until none is left.

@@ -214,7 +214,11 @@ impl Redis {
     pub fn restart(&mut self) {
         if let Some(mut p) = self.proc.take() {
             p.signal(nix::sys::signal::Signal::SIGKILL);
-            let _ = p.wait_exit(Duration::from_secs(10));
+            // Gone before the new one binds the port: a server still running would answer in its place.
+            assert!(
+                p.wait_exit(Duration::from_secs(10)).is_some(),
+                "redis outlived its SIGKILL"
+            );
         }
         self.proc = Some(Self::spawn(self.addr, self.dir.path()));
     }

@@ -111,13 +111,16 @@ fn kill_9_during_load_loses_no_acknowledged_order() {
     let (mut procs, addrs) = start_apps(&db, 3, "audit_interval_ms = 1000\n[degrade]\nlevel = \"queued\"");
     let acked = Mutex::new(Vec::new());
     let count = AtomicUsize::new(0);
-    let results = std::thread::scope(|s| {
+    // Requests answered either way: how far the load was when the instance died.
+    let finished = AtomicUsize::new(0);
+    let (results, finished_at_kill) = std::thread::scope(|s| {
         let killer = s.spawn(|| {
             eventually(Duration::from_secs(60), "load under way", || {
                 (count.load(Ordering::Relaxed) >= 40).then_some(())
             });
             procs[0].signal(nix::sys::signal::Signal::SIGKILL);
             assert!(procs[0].wait_exit(Duration::from_secs(10)).is_some());
+            finished.load(Ordering::Relaxed)
         });
         let results = parallel(400, 40, |i| {
             let r = buy(
@@ -132,11 +135,16 @@ fn kill_9_during_load_loses_no_acknowledged_order() {
                 acked.lock().unwrap().push(id.clone());
                 count.fetch_add(1, Ordering::Relaxed);
             }
+            finished.fetch_add(1, Ordering::Relaxed);
             r
         });
-        killer.join().unwrap();
-        results
+        (results, killer.join().unwrap())
     });
+    // The kill hit the load, not its end: requests were still to be answered once the instance was dead.
+    assert!(
+        finished_at_kill < 400,
+        "the load had ended ({finished_at_kill} of 400 answered) when the instance died"
+    );
     // The killed instance comes back on the same database.
     let _back = start_app(&db, "app-1b", addrs[0], "");
     let acked = acked.into_inner().unwrap();

@@ -41,7 +41,9 @@ fn order_status(addr: SocketAddr, id: &str) -> String {
 #[test]
 fn a_store_that_refuses_writes_shows_as_overdue_reservations_store_busy_and_open_breakers() {
     let db = Db::new();
-    let (procs, addrs) = start_apps(&db, 1, "reservation_ttl_ms = 3000\nbusy_timeout_ms = 100");
+    // The reservation's life is the window between the order and the lock below: wide, for a slow machine
+    // (the test waits it out once the lock is taken).
+    let (procs, addrs) = start_apps(&db, 1, "reservation_ttl_ms = 10000\nbusy_timeout_ms = 100");
     let a = addrs[0];
     // Present at 0 from the start, so an alert's increase() sees the first event.
     assert_eq!(series(a, OVERDUE, ""), Some(0.0));
@@ -59,7 +61,7 @@ fn a_store_that_refuses_writes_shows_as_overdue_reservations_store_busy_and_open
     let lock = rusqlite::Connection::open(db.path()).unwrap();
     lock.busy_timeout(Duration::from_secs(10)).unwrap();
     lock.execute_batch("BEGIN IMMEDIATE").unwrap();
-    // The reservation is still held: the lock came before its expiry (3 s).
+    // The reservation is still held: the lock came before its expiry (10 s).
     assert_eq!(order_status(a, &id), "reserved");
 
     // Orders meet the busy store (503 store_busy), then, once the error breaker opens, the read-only level

@@ -731,8 +731,10 @@ fn a_postgres_that_stops_answering_costs_a_bounded_wait_and_a_retryable_503() {
     let read = || get(addr, "/v1/products/1");
     let attempts: [(&str, &dyn Fn() -> std::io::Result<HttpResponse>); 2] =
         [("a read", &read), ("an order", &order)];
+    // PostgreSQL stays silent until it is unfrozen below: any answer meanwhile is the app's own bound at
+    // work, not the outage ending (a request held as long as the outage gets no answer: the client's read
+    // timeout fails it).
     for (what, attempt) in attempts {
-        let started = Instant::now();
         let r = attempt().unwrap_or_else(|e| panic!("{what} got no answer while postgres is silent: {e}"));
         assert_eq!(
             (r.status, r.json()["error"]["code"].as_str()),
@@ -741,11 +743,6 @@ fn a_postgres_that_stops_answering_costs_a_bounded_wait_and_a_retryable_503() {
             r.body
         );
         assert!(r.header("retry-after").is_some(), "{what}: {}", r.body);
-        assert!(
-            started.elapsed() < Duration::from_secs(8),
-            "{what} took {:?}",
-            started.elapsed()
-        );
     }
     // Counted as a busy store, apart from a 500: an operator's alert tells the one from the other.
     let m = get(addr, "/metrics").unwrap().body;

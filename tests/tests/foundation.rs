@@ -66,8 +66,7 @@ fn bad_config_exits_64_with_one_message_per_problem() {
             .arg(role)
             .arg("--config")
             .arg(&path)
-            .output()
-            .unwrap();
+            .output_within(EXIT_DEADLINE);
         assert_eq!(
             out.status.code(),
             Some(64),
@@ -144,8 +143,7 @@ fn help_lists_every_subcommand_and_print_config_works() {
                 format!("XCLUSTER_{}__SHUTDOWN__GRACE_MS", role.to_uppercase()),
                 "1234",
             )
-            .output()
-            .unwrap();
+            .output_within(EXIT_DEADLINE);
         assert!(
             out.status.success(),
             "{role}: {}",
@@ -475,15 +473,13 @@ fn an_environment_variable_that_is_not_utf8_is_no_panic() {
     let out = Command::new(xcluster_bin())
         .args(["lb", "--print-config"])
         .env("SOMEONE_ELSES", bad)
-        .output()
-        .unwrap();
+        .output_within(EXIT_DEADLINE);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     let out = Command::new(xcluster_bin())
         .args(["lb", "--print-config"])
         .env("XCLUSTER_LB__LISTEN", bad)
-        .output()
-        .unwrap();
+        .output_within(EXIT_DEADLINE);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(64), "{stderr}");
     assert!(

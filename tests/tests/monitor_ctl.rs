@@ -37,15 +37,13 @@ fn ctl_errors_and_tokens() {
             "stop",
             "x",
         ])
-        .output()
-        .unwrap();
+        .output_within(EXIT_DEADLINE);
     assert_eq!(o.status.code(), Some(77), "{}", out(&o));
     assert!(out(&o).contains("refused the token"), "{}", out(&o));
     let o = std::process::Command::new(xcluster_bin())
         .args(["ctl", "--url", &m.addr.to_string(), "stop", "x"])
         .env_remove("XCLUSTER_TOKEN")
-        .output()
-        .unwrap();
+        .output_within(EXIT_DEADLINE);
     assert_eq!(o.status.code(), Some(77), "{}", out(&o));
     assert!(out(&o).contains("this needs the monitor's token"), "{}", out(&o));
     let r = request(m.addr, "POST", "/v1/programs/x/stop", &[], None).unwrap();
@@ -90,8 +88,7 @@ fn ctl_errors_and_tokens() {
     for verb in ["status", "version"] {
         let o = std::process::Command::new(xcluster_bin())
             .args(["ctl", "--url", &format!("http://{other_addr}"), verb])
-            .output()
-            .unwrap();
+            .output_within(EXIT_DEADLINE);
         assert_eq!(o.status.code(), Some(69), "{verb}: {}", out(&o));
         assert!(out(&o).contains("not as an XCluster monitor"), "{}", out(&o));
     }
@@ -127,15 +124,13 @@ fn ctl_errors_and_tokens() {
             m.config.to_str().unwrap(),
             "--print-config",
         ])
-        .output()
-        .unwrap();
+        .output_within(EXIT_DEADLINE);
     assert!(!out(&o).contains(TOKEN), "{}", out(&o));
 
     // No monitor there: a clear error and exit 69.
     let o = std::process::Command::new(xcluster_bin())
         .args(["ctl", "--url", &format!("http://{}", free_addr()), "status"])
-        .output()
-        .unwrap();
+        .output_within(EXIT_DEADLINE);
     assert_eq!(o.status.code(), Some(69), "{}", out(&o));
     assert!(out(&o).contains("cannot reach the monitor"), "{}", out(&o));
 
@@ -152,8 +147,7 @@ fn ctl_errors_and_tokens() {
             &hung_addr.to_string(),
             "status",
         ])
-        .output()
-        .unwrap();
+        .output_within(EXIT_DEADLINE);
     assert_says(
         &o,
         69,
@@ -210,8 +204,7 @@ fn a_program_verb_without_a_name_is_a_usage_error() {
         let o = std::process::Command::new(xcluster_bin())
             .args(["ctl", "--url", "http://127.0.0.1:1"])
             .args(verb)
-            .output()
-            .unwrap();
+            .output_within(EXIT_DEADLINE);
         assert_eq!(o.status.code(), Some(2), "{verb:?}: {}", out(&o));
         assert!(out(&o).contains("<NAMES>..."), "{verb:?}: {}", out(&o));
     }
@@ -554,24 +547,16 @@ fn stop_of_a_program_still_stopping_waits_for_it() {
     assert_says(&m.ctl(&["--no-wait", "stop", "slow"]), 0, "slow: stopping");
     m.wait_state("slow", "STOPPING", T);
     assert_says(&m.ctl(&["--no-wait", "stop", "slow"]), 0, "slow: stopping");
-    let waiting = std::process::Command::new(xcluster_bin())
-        .args([
-            "ctl",
-            "--url",
-            &format!("http://{}", m.addr),
-            "--token",
-            TOKEN,
-            "stop",
-            "slow",
-        ])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    // A guarded process: killed if the test fails before it ends.
+    let url = format!("http://{}", m.addr);
+    let mut waiting = Proc::xcluster(
+        "ctl stop",
+        &["ctl", "--url", &url, "--token", TOKEN, "stop", "slow"],
+    );
     std::fs::write(&go, "").unwrap();
-    let o = waiting.wait_with_output().unwrap();
+    let code = waiting.wait_exit(EXIT_DEADLINE);
     // Whether it came before or after the exit, the stop answers once the program has stopped.
-    assert_eq!(o.status.code(), Some(0), "{}", out(&o));
+    assert_eq!(code, Some(0), "{}{}", waiting.stdout(), waiting.stderr());
     assert_eq!(m.state("slow"), "STOPPED");
 }
 
@@ -722,8 +707,7 @@ stdout_logfile = "{logs}"
     let file = write_file(dir.path(), "monitor.toml", &text);
     let o = std::process::Command::new(xcluster_bin())
         .args(["check-config", file.to_str().unwrap()])
-        .output()
-        .unwrap();
+        .output_within(EXIT_DEADLINE);
     let said = out(&o);
     assert_eq!(o.status.code(), Some(64), "{said}");
     for expected in [

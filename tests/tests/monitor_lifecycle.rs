@@ -168,12 +168,23 @@ fn stopwaitsecs_escalates_to_sigkill_for_a_child_ignoring_sigterm() {
     let pid = m.pid("stubborn").unwrap();
     let r = m.post("/v1/programs/stubborn/stop");
     assert_eq!(r.status, 200, "{}", r.body);
-    // SIGTERM is ignored, so it is still there while STOPPING...
-    assert_eq!(m.state("stubborn"), "STOPPING");
-    assert!(alive(pid));
-    // ...until stopwaitsecs runs out and the group gets SIGKILL.
+    // SIGTERM is ignored, so it stays STOPPING until stopwaitsecs runs out and the group gets SIGKILL.
     let p = m.wait_state("stubborn", "STOPPED", T);
     assert_eq!(p["exit_signal"], 9, "{p}");
+    // How long it was STOPPING is read from the monitor's own record, not by looking in time (a slow test
+    // could miss a 1 s window): the whole of stopwaitsecs, not killed at once. (Give or take the moment
+    // between the stop timer's start and the event.)
+    let events = m.events();
+    let at = |to: &str| {
+        let e = events
+            .iter()
+            .rev()
+            .find(|e| e["program"] == "stubborn" && e["to"] == to);
+        e.and_then(|e| e["time_ms"].as_u64())
+            .unwrap_or_else(|| panic!("no {to} in {events:?}"))
+    };
+    let stopping = at("STOPPED") - at("STOPPING");
+    assert!(stopping >= 900, "STOPPING for {stopping} ms of stopwaitsecs = 1");
     eventually(T, "the process reaped", || (!exists(pid)).then_some(()));
 }
 
@@ -206,43 +217,71 @@ autorestart = false
     eventually(T, "the process reaped", || (!exists(pid)).then_some(()));
 }
 
+/// A monitor running `held`, a program that on SIGTERM goes on until the test releases it ([`release`]), with
+/// a `stopwaitsecs` far past the test: its stops last exactly as long as the test needs, however slow the
+/// machine. Returned once its trap is set.
+fn held(dir: &std::path::Path) -> Mon {
+    let m = Mon::start(&format!(
+        r#"
+[programs.held]
+command = "/bin/sh -c 'trap \"while [ ! -e {go}-$$ ]; do sleep 0.1; done; exit 0\" TERM; echo trapped; while :; do sleep 0.1; done'"
+startsecs = 0
+stopwaitsecs = 3600
+"#,
+        go = dir.join("go").display()
+    ));
+    m.wait_state("held", "RUNNING", T);
+    trapped(&m, "held", 1);
+    m
+}
+
+/// Lets the `held` process `pid` end its stop.
+fn release(dir: &std::path::Path, pid: i32) {
+    std::fs::write(dir.join(format!("go-{pid}")), "").unwrap();
+}
+
 #[test]
 fn the_last_of_stop_start_and_restart_wins_while_a_stop_is_under_way() {
-    let m = stubborn(3);
-    // The restart's stop lasts until stopwaitsecs runs out (SIGTERM is ignored); a stop in that time is the
-    // user's last word and must win over the restart's start.
-    m.ctl_ok(&["--no-wait", "restart", "stubborn"]);
-    assert_eq!(m.state("stubborn"), "STOPPING");
-    let said = m.ctl_ok(&["--no-wait", "stop", "stubborn"]);
+    let dir = tempfile::tempdir().unwrap();
+    let m = held(dir.path());
+    // The restart's stop lasts until the test releases the program; a stop in that time is the user's last
+    // word and must win over the restart's start.
+    let first = m.pid("held").unwrap();
+    m.ctl_ok(&["--no-wait", "restart", "held"]);
+    assert_eq!(m.state("held"), "STOPPING");
+    let said = m.ctl_ok(&["--no-wait", "stop", "held"]);
     assert!(said.contains("restart cancelled"), "{said}");
+    release(dir.path(), first);
     // Stopped and started again would be one step: once it leaves STOPPING, STOPPED is where it must be.
     let p = eventually(T, "the stop to end", || {
-        let p = m.prog("stubborn");
+        let p = m.prog("held");
         (p["state"] != "STOPPING").then_some(p)
     });
     assert_eq!(p["state"], "STOPPED", "{p}");
-    assert_eq!(p["exit_signal"], 9, "{p}");
+    assert_eq!(p["exit_code"], 0, "{p}");
 
     // The other way round, as a script's `stop` then `start` does: a start during a stop starts the program
     // once the stop is over.
     // (`start` answers once the program runs, so its pid is there to read.)
-    m.ctl_ok(&["start", "stubborn"]);
-    let old = m.pid("stubborn").unwrap();
-    trapped(&m, "stubborn", 2);
-    m.ctl_ok(&["--no-wait", "stop", "stubborn"]);
-    assert_eq!(m.state("stubborn"), "STOPPING");
-    let said = m.ctl_ok(&["--no-wait", "start", "stubborn"]);
+    m.ctl_ok(&["start", "held"]);
+    let old = m.pid("held").unwrap();
+    trapped(&m, "held", 2);
+    m.ctl_ok(&["--no-wait", "stop", "held"]);
+    assert_eq!(m.state("held"), "STOPPING");
+    let said = m.ctl_ok(&["--no-wait", "start", "held"]);
     assert!(said.contains("starting once stopped"), "{said}");
-    m.wait_new_pid("stubborn", old, T);
-    trapped(&m, "stubborn", 3);
+    release(dir.path(), old);
+    let third = m.wait_new_pid("held", old, T);
+    trapped(&m, "held", 3);
 
     // A shutdown during a restart does not start the program again on the way out either.
-    m.ctl_ok(&["--no-wait", "restart", "stubborn"]);
-    m.ctl_ok(&["shutdown"]);
+    m.ctl_ok(&["--no-wait", "restart", "held"]);
+    m.ctl_ok(&["--no-wait", "shutdown"]);
+    release(dir.path(), third);
     let mut m = m;
     assert!(m.proc.wait_exit(T).is_some(), "the monitor did not exit");
     let log = m.proc.stderr();
-    let spawns = log.matches("spawned program=\"stubborn\"").count();
+    let spawns = log.matches("spawned program=\"held\"").count();
     assert_eq!(spawns, 3, "{log}");
 }
 
@@ -318,22 +357,11 @@ autorestart = false
             (stat_of(pid)?.2 == "sleep" && pgrp.as_raw() == pid).then_some(pid)
         })
     };
-    // Whatever happens below, no stray outlives the test.
-    struct Reap(Vec<i32>);
-    impl Drop for Reap {
-        fn drop(&mut self) {
-            for &pid in &self.0 {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
-            }
-        }
-    }
+    // Whatever happens below, no stray outlives the test: they inherit the monitor's test tag, and the
+    // monitor's `Proc` kills every process with it when dropped (by tag, not by a pid that may be reused).
     m.wait_state("daemonizes", "RUNNING", T);
     let daemon = stray(&served);
     let launched = stray(&left);
-    let _reap = Reap(vec![daemon, launched]);
 
     // A stop reaches it, and the program is stopped only once it is gone.
     assert_eq!(m.ctl_ok(&["stop", "daemonizes"]).trim(), "daemonizes: stopped");

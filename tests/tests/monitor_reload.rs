@@ -393,6 +393,18 @@ fn the_file_watcher_applies_a_change_and_an_invalid_config_changes_nothing() {
     let lines = out(&o).lines().filter(|l| l.contains("no_such_key")).count();
     assert_eq!(lines, 1, "{}", out(&o));
     assert_eq!(failures(), before + 2);
+    // `avail` is a read anyone may make: it shows the error, and records no failed reload nor event each
+    // time (it did: a loop of them raised the failure alert and pushed real history out of the events).
+    let events = m.events().len();
+    for _ in 0..3 {
+        let r = get(m.addr, "/v1/avail").unwrap();
+        assert_eq!(r.status, 400, "{}", r.body);
+        assert!(r.body.contains("no_such_key"), "{}", r.body);
+    }
+    let o = m.ctl(&["reread"]);
+    assert!(!o.status.success(), "{}", out(&o));
+    assert_eq!(failures(), before + 3, "only the reread counted");
+    assert_eq!(m.events().len(), events + 1, "only the reread's event");
     assert_eq!(m.pid("a"), Some(a));
     assert_eq!(m.pid("b"), Some(b2));
     assert_eq!(m.prog("b")["command"][1], "307");
@@ -449,33 +461,49 @@ fn a_named_update_of_a_group_new_in_the_file_applies_its_programs_changes() {
 /// supervisor for good, never ready, so a program depending on its group waited for it for ever.
 #[test]
 fn a_program_being_removed_outlives_a_second_update_and_then_leaves() {
+    // On SIGTERM an app process goes on until the test creates `go-PID`, with a `stopwaitsecs` far past the
+    // test: it stops exactly when the test says, however slow the machine.
+    let dir = tempfile::tempdir().unwrap();
+    let go = dir.path().join("go");
+    let release = |pid: i32| std::fs::write(format!("{}-{pid}", go.display()), "").unwrap();
     let programs = |numprocs: u32| {
         format!(
             r#"
 [programs.app]
-command = '''/bin/sh -c 'trap "" TERM; while :; do sleep 0.1; done' '''
+command = '''/bin/sh -c 'trap "while [ ! -e {go}-$$ ]; do sleep 0.1; done; exit 0" TERM; while :; do sleep 0.1; done' '''
 numprocs = {numprocs}
-stopwaitsecs = 3
+stopwaitsecs = 3600
 startsecs = 0
 [programs.web]
 command = "sleep 300"
 startsecs = 0
 depends_on = ["app"]
-"#
+"#,
+            go = go.display()
         )
     };
     let m = Mon::start(&programs(2));
     for name in ["app-0", "app-1", "web"] {
         m.wait_state(name, "RUNNING", T);
     }
+    let app1 = m.pid("app-1").unwrap();
     m.rewrite(&programs(1));
-    // It ignores SIGTERM: STOPPING until SIGKILL, 3 s on.
+    // STOPPING until released.
     m.wait_state("app-1", "STOPPING", T);
     m.ctl_ok(&["update"]);
     assert_eq!(m.state("app-1"), "STOPPING", "listed while it stops");
+    release(app1);
     eventually(T, "app-1 to leave once gone", || {
         (!lists(&m.status(), "app-1")).then_some(())
     });
     let o = m.ctl(&["restart", "--wait-secs", "10", "web"]);
     assert_says(&o, 0, "web: started");
+    // So the monitor's own stop at the end does not wait on the processes of `app` still running.
+    for p in m.status()["programs"].as_array().unwrap() {
+        if p["name"].as_str().is_some_and(|n| n.starts_with("app"))
+            && let Some(pid) = p["pid"].as_i64()
+        {
+            release(pid as i32);
+        }
+    }
 }

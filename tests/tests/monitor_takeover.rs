@@ -180,11 +180,11 @@ fn a_second_monitor_on_the_same_run_dir_is_refused() {
         "second.toml",
         &config_text(free_addr(), dir.path(), ""),
     );
+    // Bounded: were the lock not held, this monitor would serve for ever.
     let o = std::process::Command::new(xcluster_bin())
         .args(["monitor", "--config", cfg.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(!o.status.success());
+        .output_within(EXIT_DEADLINE);
+    assert_eq!(o.status.code(), Some(1), "{}", out(&o));
     assert!(out(&o).contains("another monitor holds"), "{}", out(&o));
     // The first monitor is untouched by the refused one.
     m.wait_state("x", "RUNNING", T);

@@ -2292,17 +2292,16 @@ fn sigterm_drains_established_connections(rt: &'static str) {
         lb.proc.is_running(),
         "the lb must wait for the established connection"
     );
-    // ...and the lb exits cleanly as soon as it ends, long before the 30 s grace period.
+    // ...and the lb exits cleanly as soon as it ends, long before the 30 s grace period (the wait is bounded
+    // by T, which is shorter).
     s.shutdown(Shutdown::Write).unwrap();
     let mut rest = Vec::new();
     s.read_to_end(&mut rest).unwrap();
-    let started = Instant::now();
     let code = lb
         .proc
         .wait_exit(T)
         .expect("lb did not exit after its last connection ended");
     assert_eq!(code, 0, "{}", lb.proc.stderr());
-    assert!(started.elapsed() < Duration::from_secs(10));
 }
 
 fn connections_still_open_at_the_end_of_the_grace_period_are_closed(rt: &'static str) {

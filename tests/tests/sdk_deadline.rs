@@ -15,8 +15,8 @@ use sdk_support::{Backend, FakeBalancer, list};
 use xcluster_sdk::{Client, Error};
 
 const HOLD: Duration = Duration::from_secs(60);
-/// Far above every deadline below and far below what the retry budgets would take without one: only a
-/// broken deadline gets near it, however slow the machine.
+/// The bound on a call whose 300 ms deadline must cut off a 60 s attempt: far above the deadline and far below
+/// the attempt, so only a broken deadline gets near it, however slow the machine.
 const GENEROUS: Duration = Duration::from_secs(8);
 
 fn get(path: &str) -> http::Request<Full<Bytes>> {
@@ -50,16 +50,12 @@ async fn client(lb: &FakeBalancer, attempts: u32, request_timeout: Duration, dea
         .unwrap()
 }
 
-/// The error of an idempotent browse through `client` to instances that never answer, which must come
-/// well before the retry budgets would end it.
+/// The error of an idempotent browse through `client` to instances that never answer.
 async fn hung_browse(client: &Client) -> Error {
-    let started = Instant::now();
-    let err = client
+    client
         .send_idempotent("browse", get("/v1/products"))
         .await
-        .unwrap_err();
-    assert!(started.elapsed() < GENEROUS, "took {:?}", started.elapsed());
-    err
+        .unwrap_err()
 }
 
 /// Connections the instances accepted, once it stops rising short of `at_least` (bounded poll: an accept
@@ -73,14 +69,17 @@ async fn accepted(stuck: &[Backend], at_least: u64) -> u64 {
     count()
 }
 
-/// With a 10 s request timeout and three attempts a hung browse could take 30 s; a 300 ms deadline ends it
+/// With a 60 s request timeout and three attempts a hung browse could take 3 min; a 300 ms deadline ends it
 /// with the deadline's error, the one attempt in flight cut off and no other started. The same through a
 /// per-call deadline on a client built with the default one, and for a plain `send` and `connect`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deadline_cuts_off_the_attempt_in_flight() {
     let (stuck, lb) = hanging(3);
-    let client = client(&lb, 3, Duration::from_secs(10), Duration::from_millis(300)).await;
+    let client = client(&lb, 3, Duration::from_secs(60), Duration::from_millis(300)).await;
+    // The bound is the point here: the deadline honoured (300 ms), not the attempt's own timeout (60 s).
+    let started = Instant::now();
     let err = hung_browse(&client).await;
+    assert!(started.elapsed() < GENEROUS, "took {:?}", started.elapsed());
     match &err {
         Error::DeadlineExceeded {
             deadline,
@@ -111,11 +110,11 @@ async fn a_deadline_cuts_off_the_attempt_in_flight() {
     let post = http::Request::post("/v1/orders")
         .body(Full::new(Bytes::from_static(b"{}")))
         .unwrap();
-    let started = Instant::now();
     let err = tight.send("browse", post).await.unwrap_err();
-    assert!(started.elapsed() < GENEROUS, "took {:?}", started.elapsed());
+    // The per-call deadline is the one that ended it (the default's would say 15 s); that a deadline ends the
+    // attempt in time is bounded above.
     assert!(
-        matches!(err, Error::DeadlineExceeded { attempts: 1, .. }),
+        matches!(err, Error::DeadlineExceeded { attempts: 1, deadline, .. } if deadline == Duration::from_millis(200)),
         "{err}"
     );
     assert_eq!(accepted(&stuck, 2).await, 2);

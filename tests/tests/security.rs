@@ -10,7 +10,9 @@ use std::process::Command;
 use std::time::Duration;
 
 use xcluster_tests::http::{get, request};
-use xcluster_tests::{Proc, eventually, free_addr, wait_ready, write_file, xcluster_bin};
+use xcluster_tests::{
+    EXIT_DEADLINE, Proc, RunToExit, eventually, free_addr, wait_ready, write_file, xcluster_bin,
+};
 
 const TOKEN: &str = "tok-3f9a1c77e2";
 const KEY: &str = "key-b81d44a0c9";
@@ -151,7 +153,9 @@ fn print_config(role: &str, sets: &[String]) -> String {
     for s in sets {
         args.extend(["--set".into(), s.clone()]);
     }
-    let out = Command::new(xcluster_bin()).args(&args).output().unwrap();
+    let out = Command::new(xcluster_bin())
+        .args(&args)
+        .output_within(EXIT_DEADLINE);
     assert!(
         out.status.success(),
         "{role}: {}",
@@ -209,13 +213,17 @@ fn secrets_stay_out_of_print_config_logs_and_the_dashboard() {
         let mut with_debug = sets.clone();
         with_debug.push("log.level=\"debug\"".into());
         let (p, addr) = start(role, &with_debug);
-        let _ = request(
-            addr,
-            "POST",
-            "/v1/shutdown",
-            &[("authorization", "Bearer nope")],
-            None,
-        );
+        // A call each role guards with its token (the agent has no token, nor a call that would take one).
+        let guarded = match *role {
+            "lb" => Some("/v1/servers/a1/drain"),
+            "app" => Some("/admin/degrade"),
+            "monitor" => Some("/v1/shutdown"),
+            _ => None,
+        };
+        if let Some(path) = guarded {
+            let r = request(addr, "POST", path, &[("authorization", "Bearer nope")], None).unwrap();
+            assert_eq!(r.status, 401, "{role} POST {path}: {}", r.body);
+        }
         p.signal(nix::sys::signal::Signal::SIGHUP);
         if *role == "monitor" {
             for path in ["/", "/v1/status", "/v1/events/recent"] {

@@ -5,10 +5,13 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+/// Report signing, to end the balancer's warm-up when the test says so.
+mod directory_support;
+
 use std::net::SocketAddr;
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use nix::sys::signal::Signal;
 use xcluster_runtime::sdnotify::monotonic_usec;
@@ -41,11 +44,9 @@ impl Manager {
 
     fn abstract_named() -> Self {
         use std::os::linux::net::SocketAddrExt;
-        let name = format!(
-            "xcluster-test-notify-{}-{}",
-            std::process::id(),
-            Instant::now().elapsed().as_nanos()
-        );
+        // Unique while the socket lives: an abstract name goes with its socket, and a pid with its process
+        // (one such manager per test process).
+        let name = format!("xcluster-test-notify-{}", std::process::id());
         let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()).unwrap();
         let sock = UnixDatagram::bind_addr(&addr).unwrap();
         Self::with(sock, format!("@{name}"), tempfile::tempdir().unwrap())
@@ -188,15 +189,19 @@ fn every_role_tells_systemd_it_is_ready_reloading_alive_and_stopping() {
     for role in ROLES {
         let mut manager = Manager::at_path();
         // The balancer with a proxy listener and no instance: it serves its API at once but is ready only
-        // after its warm-up, so a READY=1 sent when the API listens, not when the role is ready, shows.
+        // after its warm-up, so a READY=1 sent when the API listens, not when the role is ready, shows. The
+        // warm-up is the longest there is, and ends when the test reports an instance, however slow the start.
         let extra = match role {
             "lb" => format!(
-                "[proxy]\nwarmup_ms = 3000\n[[proxy.listeners]]\nname = \"web\"\nlisten = \"{}\"\n",
+                "[reports]\nkey = \"{}\"\n[proxy]\nwarmup_ms = 60000\n[[proxy.listeners]]\nname = \"web\"\nlisten = \"{}\"\n",
+                directory_support::KEY,
                 free_addr()
             ),
             _ => String::new(),
         };
         let (mut p, addr, file, _dir) = start(role, &manager, &extra);
+        // The instance the test reports to the balancer: listening is all it has to do.
+        let instance = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         if role == "lb" {
             eventually(T, "lb: its API to answer while it warms up", || {
                 get(addr, "/livez").ok().filter(|r| r.status == 200)
@@ -204,6 +209,13 @@ fn every_role_tells_systemd_it_is_ready_reloading_alive_and_stopping() {
             assert_eq!(get(addr, "/readyz").unwrap().status, 503, "warmed up already");
             let early = manager.since_last();
             assert!(early.is_empty(), "lb: {early:?} before it is ready");
+            let now = directory_support::now_ms();
+            let (a, at) = ("h/a", instance.local_addr().unwrap());
+            let r = directory_support::post_signed(
+                addr,
+                &directory_support::report("h", now * 1000, now, &[(a, at, 0)]),
+            );
+            assert_eq!(r.status, 200, "{}", r.body);
         }
         ready(role, &mut manager, &p, addr);
 

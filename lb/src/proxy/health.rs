@@ -682,7 +682,11 @@ mod tests {
             within(probe(b"PING\r\n", b"\r\n")).await,
             Err("closed without \"\\r\\n\"".into())
         );
-        let asked = backend.await.unwrap();
+        // Bounded like the checks: a backend stuck on an accept or a read must fail the test, not hang it.
+        let asked = tokio::time::timeout(Duration::from_secs(10), backend)
+            .await
+            .unwrap()
+            .unwrap();
         let sent: Vec<&[u8]> = scripts.iter().map(|(s, _)| *s).collect();
         assert_eq!(asked, sent);
     }

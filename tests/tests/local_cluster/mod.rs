@@ -12,23 +12,6 @@ use xcluster_tests::*;
 /// Every program of the local cluster, as the monitor names them.
 pub const PROGRAMS: [&str; 6] = ["lb-0", "lb-1", "app-0", "app-1", "app-2", "agent"];
 
-/// A base port such that `base..base+n` are all free right now. Taken below the ephemeral range, where the
-/// client ends of other tests' connections (TIME_WAIT) do not crowd the ports.
-pub fn free_block(n: u16) -> u16 {
-    let seed = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .subsec_nanos();
-    for i in 0..200u32 {
-        let base = 20_000 + ((seed / 7 + i * 997 + std::process::id()) % 12_000) as u16;
-        let ok = (0..n).all(|i| std::net::TcpListener::bind(("127.0.0.1", base + i)).is_ok());
-        if ok {
-            return base;
-        }
-    }
-    panic!("no block of {n} free ports");
-}
-
 /// `configs/local/NAME` with each fixed port replaced by the test's own.
 pub fn local_with_ports(name: &str, ports: &[(u16, u16)]) -> String {
     let mut text = std::fs::read_to_string(workspace_root().join("configs/local").join(name)).unwrap();
@@ -66,7 +49,9 @@ pub struct LocalCluster {
 impl LocalCluster {
     /// Starts `xcluster up` and waits until its monitor answers (not until the programs are up).
     pub fn start() -> LocalCluster {
-        let base = free_block(7);
+        // Reserved as `free_port` reserves its ports, so that neither the ports below nor another test's land in
+        // the block.
+        let base = free_port_block(7);
         let (lb, app, agent, mon) = (base, base + 2, base + 5, base + 6);
         let run = std::sync::Arc::new(tempfile::tempdir().unwrap());
         let config = workspace_root().join("configs/local.toml");

@@ -141,12 +141,12 @@ impl Mon {
         out(&o)
     }
 
+    /// Runs `ctl` with `args` against this monitor, bounded by [`EXIT_DEADLINE`] (past ctl's own waits).
     pub fn ctl(&self, args: &[&str]) -> Output {
         Command::new(xcluster_bin())
             .args(["ctl", "--url", &format!("http://{}", self.addr), "--token", TOKEN])
             .args(args)
-            .output()
-            .unwrap()
+            .output_within(EXIT_DEADLINE)
     }
 
     pub fn events(&self) -> Vec<Value> {
