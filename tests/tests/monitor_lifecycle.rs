@@ -222,22 +222,12 @@ autorestart = false
 /// machine. Returned once its trap is set.
 fn held(dir: &std::path::Path) -> Mon {
     let m = Mon::start(&format!(
-        r#"
-[programs.held]
-command = "/bin/sh -c 'trap \"while [ ! -e {go}-$$ ]; do sleep 0.1; done; exit 0\" TERM; echo trapped; while :; do sleep 0.1; done'"
-startsecs = 0
-stopwaitsecs = 3600
-"#,
-        go = dir.join("go").display()
+        "[programs.held]\ncommand = '''{}'''\nstartsecs = 0\nstopwaitsecs = 3600\n",
+        held_until_released(dir)
     ));
     m.wait_state("held", "RUNNING", T);
     trapped(&m, "held", 1);
     m
-}
-
-/// Lets the `held` process `pid` end its stop.
-fn release(dir: &std::path::Path, pid: i32) {
-    std::fs::write(dir.join(format!("go-{pid}")), "").unwrap();
 }
 
 #[test]

@@ -464,13 +464,12 @@ fn a_program_being_removed_outlives_a_second_update_and_then_leaves() {
     // On SIGTERM an app process goes on until the test creates `go-PID`, with a `stopwaitsecs` far past the
     // test: it stops exactly when the test says, however slow the machine.
     let dir = tempfile::tempdir().unwrap();
-    let go = dir.path().join("go");
-    let release = |pid: i32| std::fs::write(format!("{}-{pid}", go.display()), "").unwrap();
+    let release = |pid: i32| release(dir.path(), pid);
     let programs = |numprocs: u32| {
         format!(
             r#"
 [programs.app]
-command = '''/bin/sh -c 'trap "while [ ! -e {go}-$$ ]; do sleep 0.1; done; exit 0" TERM; while :; do sleep 0.1; done' '''
+command = '''{held}'''
 numprocs = {numprocs}
 stopwaitsecs = 3600
 startsecs = 0
@@ -479,7 +478,7 @@ command = "sleep 300"
 startsecs = 0
 depends_on = ["app"]
 "#,
-            go = go.display()
+            held = held_until_released(dir.path())
         )
     };
     let m = Mon::start(&programs(2));

@@ -157,6 +157,21 @@ impl Mon {
     }
 }
 
+/// A program's command (for a TOML literal string, `'''...'''`) that on SIGTERM goes on until the test
+/// releases it ([`release`]), so with a `stopwaitsecs` far past the test its stops last exactly as long as
+/// the test needs, however slow the machine. It prints `trapped` once its trap is set.
+pub fn held_until_released(dir: &std::path::Path) -> String {
+    format!(
+        r#"/bin/sh -c 'trap "while [ ! -e {go}-$$ ]; do sleep 0.1; done; exit 0" TERM; echo trapped; while :; do sleep 0.1; done' "#,
+        go = dir.join("go").display()
+    )
+}
+
+/// Lets the process `pid` of a [`held_until_released`] command in `dir` end its stop.
+pub fn release(dir: &std::path::Path, pid: i32) {
+    std::fs::write(dir.join(format!("go-{pid}")), "").unwrap();
+}
+
 /// Whether `pid` is a live (non-zombie) process.
 pub fn alive(pid: i32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
