@@ -6,7 +6,7 @@
 //! store latency and the store error ratio.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio::sync::Semaphore;
@@ -99,13 +99,17 @@ impl StoreExec {
         T: Send + 'static,
         F: FnOnce(&dyn Store) -> Result<T, StoreError> + Send + 'static,
     {
+        let given_up = Arc::new(AtomicBool::new(false));
         let Some(limit) = self.call_timeout else {
-            return self.call(permits, f).await;
+            return self.call(permits, f, given_up).await;
         };
-        match tokio::time::timeout(limit, self.call(permits, f)).await {
+        match tokio::time::timeout(limit, self.call(permits, f, given_up.clone())).await {
             Ok(out) => out,
             Err(_) => {
-                // An error for the breakers, as a failed call is.
+                // An error for the breakers, as a failed call is; counted here alone: the call, which runs on
+                // to its end, counts nothing then (it counted once more, and its whole late time landed in a
+                // later window, where it could trip the latency breaker after the store had recovered).
+                given_up.store(true, Ordering::Relaxed);
                 self.counters.calls.fetch_add(1, Ordering::Relaxed);
                 self.counters.errors.fetch_add(1, Ordering::Relaxed);
                 metrics::counter!(crate::metrics::STORE_ERRORS_TOTAL, "retryable" => "true").increment(1);
@@ -117,7 +121,12 @@ impl StoreExec {
         }
     }
 
-    async fn call<T, F>(&self, permits: &Arc<Semaphore>, f: F) -> Result<T, StoreError>
+    async fn call<T, F>(
+        &self,
+        permits: &Arc<Semaphore>,
+        f: F,
+        given_up: Arc<AtomicBool>,
+    ) -> Result<T, StoreError>
     where
         T: Send + 'static,
         F: FnOnce(&dyn Store) -> Result<T, StoreError> + Send + 'static,
@@ -139,12 +148,14 @@ impl StoreExec {
         let out = tokio::task::spawn_blocking(move || {
             let start = Instant::now();
             let out = f(store.as_ref());
-            counters
-                .busy_us
-                .fetch_add(start.elapsed().as_micros() as u64, Ordering::Relaxed);
-            counters.calls.fetch_add(1, Ordering::Relaxed);
-            if out.is_err() {
-                counters.errors.fetch_add(1, Ordering::Relaxed);
+            if !given_up.load(Ordering::Relaxed) {
+                counters
+                    .busy_us
+                    .fetch_add(start.elapsed().as_micros() as u64, Ordering::Relaxed);
+                counters.calls.fetch_add(1, Ordering::Relaxed);
+                if out.is_err() {
+                    counters.errors.fetch_add(1, Ordering::Relaxed);
+                }
             }
             drop(permit);
             out

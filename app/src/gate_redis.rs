@@ -129,10 +129,32 @@ pub struct RedisGate {
     /// SKUs the store answered flash-sale attempts for ([`RedisGate::heat`]), with the time of the latest:
     /// the reconciler keeps their counters (bounded).
     hot: Mutex<BTreeMap<String, Instant>>,
+    /// Give-backs Redis has not taken yet, sent again by the reconciler (bounded, [`MAX_PENDING`]).
+    pending: Mutex<std::collections::VecDeque<GiveBack>>,
 }
 
 /// Most SKUs whose counters the reconciler keeps.
 const MAX_HOT: usize = 256;
+
+/// Most give-backs kept while Redis does not take them (a few hundred bytes each).
+const MAX_PENDING: usize = 10_000;
+
+/// What the gate gives back: a unit the store did not sell ([`RedisGate::release`]), or a buyer's count of
+/// a sale whose order ended ([`RedisGate::forget`]).
+#[derive(Debug, Clone)]
+enum GiveBack {
+    Release {
+        sku: String,
+        sale: i64,
+        user: String,
+        qty: u32,
+    },
+    Forget {
+        sku: String,
+        sale: i64,
+        user: String,
+    },
+}
 
 fn stock_key(sku: &str) -> String {
     format!("xbuy:stock:{sku}")
@@ -163,6 +185,8 @@ impl RedisGate {
         for answer in ANSWERS {
             metrics::counter!(crate::metrics::REDIS_GATE_TOTAL, "answer" => answer).increment(0);
         }
+        metrics::counter!(crate::metrics::REDIS_GIVE_BACKS_DROPPED_TOTAL).increment(0);
+        metrics::gauge!(crate::metrics::REDIS_GIVE_BACKS_PENDING).set(0.0);
         Ok(RedisGate {
             addr,
             password,
@@ -170,6 +194,7 @@ impl RedisGate {
             idle: Mutex::new(Vec::new()),
             open_until_ms: AtomicI64::new(0),
             hot: Mutex::new(BTreeMap::new()),
+            pending: Mutex::default(),
         })
     }
 
@@ -178,32 +203,23 @@ impl RedisGate {
         now_ms() >= self.open_until_ms.load(Ordering::Relaxed)
     }
 
-    /// Runs one command on a pooled connection, opening the circuit on any failure.
+    /// Runs one command on a pooled connection, opening the circuit on any failure. A pooled connection
+    /// that Redis (or a NAT) closed while it sat idle is replaced once by a fresh one: taken as a failure,
+    /// it turned the gate off for `retry_after`, the flood going straight to the store.
     async fn call(&self, args: &[&str]) -> Option<Value> {
         if !self.is_up() {
             return None;
         }
         let pooled = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
-        let conn = match pooled {
-            Some(c) => Ok(c),
-            None => Conn::connect(&self.addr, self.password.as_deref(), self.opts.timeout).await,
+        let mut result = match pooled {
+            Some(c) => self.call_on(Ok(c), args).await,
+            None => Err(RespError::Closed),
         };
-        let result = match conn {
-            Ok(mut c) => match c.call(args, self.opts.timeout).await {
-                Ok(v) => {
-                    let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-                    if idle.len() < 32 {
-                        idle.push(c);
-                    }
-                    Ok(v)
-                }
-                // Any failure drops the connection, which may be out of step with its replies; a script's
-                // error reply too (a bug of ours, or a Redis that is not what we expect), so the circuit
-                // opens and the store alone decides.
-                Err(e) => Err(e),
-            },
-            Err(e) => Err(e),
-        };
+        // Closed, or reset when written to: the command went nowhere, so it is sent again on a fresh one.
+        if matches!(result, Err(RespError::Closed | RespError::Io(_))) {
+            let fresh = Conn::connect(&self.addr, self.password.as_deref(), self.opts.timeout).await;
+            result = self.call_on(fresh, args).await;
+        }
         match result {
             Ok(v) => Some(v),
             Err(e) => {
@@ -211,6 +227,20 @@ impl RedisGate {
                 None
             }
         }
+    }
+
+    /// Runs one command on `conn`, which goes back to the pool if it answered.
+    async fn call_on(&self, conn: Result<Conn, RespError>, args: &[&str]) -> Result<Value, RespError> {
+        let mut c = conn?;
+        // Any failure drops the connection, which may be out of step with its replies; a script's error
+        // reply too (a bug of ours, or a Redis that is not what we expect), so the circuit opens and the
+        // store alone decides.
+        let v = c.call(args, self.opts.timeout).await?;
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        if idle.len() < 32 {
+            idle.push(c);
+        }
+        Ok(v)
     }
 
     fn trip(&self, e: &RespError) {
@@ -276,16 +306,74 @@ impl RedisGate {
 
     /// Gives back a [`Admission::Taken`] in sale `sale` the store did not turn into an order.
     pub async fn release(&self, sku: &str, sale: i64, user: &str, qty: u32) {
-        let (stock, bought) = (stock_key(sku), bought_key(sku, sale, user));
-        let qty = qty.to_string();
-        self.call(&["EVAL", RELEASE, "2", &stock, &bought, &qty]).await;
+        self.give_back(GiveBack::Release {
+            sku: sku.to_string(),
+            sale,
+            user: user.to_string(),
+            qty,
+        })
+        .await;
     }
 
     /// Forgets what `user` took of `sku` in sale `sale` (their flash-sale order of that sale was cancelled),
     /// so the gate does not refuse them `limit_exceeded` when the store, which counts only live orders, would
     /// sell to them again.
     pub async fn forget(&self, sku: &str, sale: i64, user: &str) {
-        self.call(&["DEL", &bought_key(sku, sale, user)]).await;
+        self.give_back(GiveBack::Forget {
+            sku: sku.to_string(),
+            sale,
+            user: user.to_string(),
+        })
+        .await;
+    }
+
+    /// Sends a give-back, or keeps it for the reconciler when Redis does not take it (a failed call, an open
+    /// circuit): dropped, the buyer's count kept units the store never sold or had taken back, and they were
+    /// refused `limit_exceeded` for the count's life (10 s, or 10 minutes with a slow rebuild).
+    async fn give_back(&self, g: GiveBack) {
+        if !self.send(&g).await {
+            let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+            if pending.len() >= MAX_PENDING {
+                // The oldest first: its count has likely expired meanwhile.
+                pending.pop_front();
+                metrics::counter!(crate::metrics::REDIS_GIVE_BACKS_DROPPED_TOTAL).increment(1);
+            }
+            pending.push_back(g);
+            metrics::gauge!(crate::metrics::REDIS_GIVE_BACKS_PENDING).set(pending.len() as f64);
+        }
+    }
+
+    async fn send(&self, g: &GiveBack) -> bool {
+        match g {
+            GiveBack::Release { sku, sale, user, qty } => {
+                let (stock, bought) = (stock_key(sku), bought_key(sku, *sale, user));
+                let qty = qty.to_string();
+                self.call(&["EVAL", RELEASE, "2", &stock, &bought, &qty]).await
+            }
+            GiveBack::Forget { sku, sale, user } => self.call(&["DEL", &bought_key(sku, *sale, user)]).await,
+        }
+        .is_some()
+    }
+
+    /// Sends the give-backs kept while Redis did not take them, oldest first, until one fails.
+    async fn resend_pending(&self) {
+        loop {
+            let next = self.pending.lock().unwrap_or_else(|e| e.into_inner()).pop_front();
+            let Some(g) = next else { break };
+            if !self.send(&g).await {
+                self.pending
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push_front(g);
+                break;
+            }
+        }
+        metrics::gauge!(crate::metrics::REDIS_GIVE_BACKS_PENDING).set(self.pending() as f64);
+    }
+
+    /// Give-backs waiting for Redis.
+    pub fn pending(&self) -> usize {
+        self.pending.lock().unwrap_or_else(|e| e.into_inner()).len()
     }
 
     /// Has the gate count in sale `sale` of `sku` from now on (the store just opened it; the number is only
@@ -342,13 +430,18 @@ pub async fn reconciler(gate: Arc<RedisGate>, exec: StoreExec, cancel: Cancellat
             _ = cancel.cancelled() => return,
             _ = tick.tick() => {}
         }
-        let hot = gate.hot();
-        if hot.is_empty() || !gate.is_up() {
+        if !gate.is_up() {
             continue;
         }
-        // Products are few and small; a bounded scan finds the hot SKUs' sellable stock.
+        gate.resend_pending().await;
+        let hot = gate.hot();
+        if hot.is_empty() {
+            continue;
+        }
+        // Products are few and small; a bounded scan finds the hot SKUs' sellable stock. On a read lane: a
+        // write lane is for the orders.
         let products = exec
-            .run(|s| {
+            .read(|s| {
                 let mut all = Vec::new();
                 let mut after = 0;
                 for _ in 0..10 {
@@ -374,6 +467,59 @@ pub async fn reconciler(gate: Arc<RedisGate>, exec: StoreExec, cancel: Cancellat
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A give-back Redis does not take (here its first connection is closed at once, and the retry on a
+    /// fresh one too) is kept, and sent again once the circuit has closed: dropped, the buyer's count kept
+    /// units the store never sold, and they were refused `limit_exceeded` for its life.
+    #[tokio::test]
+    async fn a_give_back_redis_did_not_take_is_sent_again() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let served = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let count = served.clone();
+        tokio::spawn(async move {
+            let mut n = 0;
+            while let Ok((mut s, _)) = listener.accept().await {
+                n += 1;
+                if n == 1 {
+                    continue; // closed at once: the first give-back fails
+                }
+                // Each later connection answers one command and is closed, so the pool only ever holds
+                // connections Redis has closed meanwhile.
+                let count = count.clone();
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 4096];
+                    if s.read(&mut buf).await.is_ok_and(|r| r > 0) {
+                        count.fetch_add(1, Ordering::Relaxed);
+                        let _ = s.write_all(b":1\r\n").await;
+                    }
+                });
+            }
+        });
+        let gate = RedisGate::new(RedisOptions {
+            url: format!("redis://{addr}"),
+            timeout: Duration::from_secs(5),
+            retry_after: Duration::from_millis(1),
+            rebuild_every: Duration::from_secs(1),
+        })
+        .unwrap();
+        gate.release("sku-1", 3, "u1", 1).await;
+        assert_eq!(gate.pending(), 1, "kept");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !gate.is_up() {
+            assert!(Instant::now() < deadline, "the circuit never closed");
+            tokio::task::yield_now().await;
+        }
+        gate.resend_pending().await;
+        assert_eq!(gate.pending(), 0, "sent again");
+        assert_eq!(served.load(Ordering::Relaxed), 1);
+        // A pooled connection Redis closed meanwhile is replaced, not taken as a failure.
+        gate.forget("sku-1", 3, "u1").await;
+        assert_eq!(gate.pending(), 0, "taken on a fresh connection");
+        assert_eq!(served.load(Ordering::Relaxed), 2);
+        assert!(gate.is_up());
+    }
 
     /// A new SKU's attempts always get its counter built: when the set is full, the coldest SKU gives way.
     #[test]

@@ -167,6 +167,10 @@ pub async fn run(ctx: Context<Config>) -> Result<(), Error> {
 /// is, and feeds the degrade breakers.
 async fn sampler(app: Arc<api::App>, cancel: CancellationToken) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
+    // A sample held up by a slow store call is followed by the next a second on, not by the missed ticks
+    // back to back: they rolled windows of a millisecond (rates up a thousandfold or nothing, an error
+    // rate of 0 or 1 from one request) and fed the breakers samples a second apart that were not.
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         // The tick's scheduled time, not the time the sample is fed: the outbox read below takes a varying
         // while, and a breaker's 1 s wait measured from jittered instants would miss a tick (2 s).

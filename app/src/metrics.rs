@@ -33,6 +33,10 @@ xcluster_runtime::metric_names! {
     pub const BATCH_SIZE: &str = "xcluster_app_batch_orders";
     /// Redis gate answers, by `answer` (taken, pass, sold_out, over_limit, error) — issue 8.
     pub const REDIS_GATE_TOTAL: &str = "xcluster_app_redis_gate_total";
+    /// Redis gate give-backs (a unit the store did not sell, a buyer's count of an ended order) waiting for Redis to take them: the reconciler sends them again once it answers.
+    pub const REDIS_GIVE_BACKS_PENDING: &str = "xcluster_app_redis_give_backs_pending";
+    /// Give-backs dropped, the oldest first, past 10,000 waiting: those buyers may be refused `limit_exceeded` until their count expires.
+    pub const REDIS_GIVE_BACKS_DROPPED_TOTAL: &str = "xcluster_app_redis_give_backs_dropped_total";
     /// Background audits that found an invariant breach.
     pub const AUDIT_FAILURES_TOTAL: &str = "xcluster_app_audit_failures_total";
     /// Payment callbacks refused for their signature (`payment_callback_secret`): missing, stale or wrong.

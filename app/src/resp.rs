@@ -25,6 +25,10 @@ pub enum RespError {
     Server(String),
     #[error("redis protocol: {0}")]
     Protocol(String),
+    /// The connection was closed before any byte of the reply: on a connection that sat in the pool, the
+    /// server (or a NAT) closed it while idle, and the command went nowhere.
+    #[error("redis closed the connection before replying")]
+    Closed,
 }
 
 /// A reply value.
@@ -81,6 +85,10 @@ impl Conn {
         }
         self.io.write_all(&buf).await?;
         self.io.flush().await?;
+        // A reply's first byte, or the sign that the connection was closed before it.
+        if self.io.fill_buf().await?.is_empty() {
+            return Err(RespError::Closed);
+        }
         self.read_reply().await
     }
 

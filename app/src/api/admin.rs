@@ -20,11 +20,15 @@ use crate::store::Restocked;
 pub fn stats(app: &App) -> Response<Body> {
     let cfg = app.cfg();
     let w = app.stats.window();
+    // `in_flight` is every request in a handler, the waiting ones too; reported are those being processed
+    // (`in_flight`) and those waiting (`queued`), which the agent and balancers add: reported whole, a waiting
+    // request counted twice there.
+    let queued = app.batcher.queued() + app.exec.waiting();
     let s = InstanceStats {
         instance: cfg.instance.clone(),
         ready: app.health.is_ready(),
-        in_flight: app.stats.in_flight.load(Ordering::Relaxed),
-        queued: app.batcher.queued() + app.exec.waiting(),
+        in_flight: app.stats.in_flight.load(Ordering::Relaxed).saturating_sub(queued),
+        queued,
         capacity: if app.degrade.level() >= Level::Shed {
             cfg.capacity / 2
         } else {

@@ -173,7 +173,9 @@ async fn admitted(app: &Arc<App>, ty: ReqType, r: Route, req: Request<Incoming>)
         cfg.capacity
     }
     .max(1);
-    let held = app.stats.in_flight.load(std::sync::atomic::Ordering::Relaxed) + app.batcher.queued();
+    // Every request in a handler, those waiting in the order queue or for a store lane included: adding the
+    // queue's count counted those twice, so an instance refused at half its capacity when its store was slow.
+    let held = app.stats.in_flight.load(std::sync::atomic::Ordering::Relaxed);
     if held > capacity && ty != ReqType::Admin {
         return retry_later(
             Unavailable::Overloaded,

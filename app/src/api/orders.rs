@@ -154,24 +154,36 @@ pub async fn seckill(app: &Arc<App>, cfg: &Config, sku: &str, req: Request<Incom
         }
         return reject(&refusal);
     }
-    let asked = app.gate.generation();
-    let out = place(app, order).await;
-    if let Ok(Err(Reject::SoldOut { .. })) = &out {
-        app.gate.mark(sku, cfg.sold_out_gate, asked);
-    }
-    if let Some(g) = &redis
-        && matches!(&out, Ok(r) if !matches!(r, Err(Reject::NotFound { .. })))
-    {
-        g.heat(sku);
-    }
-    // What the gate took is given back unless it became a new order (a replay took nothing).
-    if let Some(g) = redis
-        && let crate::gate_redis::Admission::Taken { sale } = admission
-        && !matches!(&out, Ok(Ok(c)) if !c.replay)
-    {
-        g.release(sku, sale, &user, qty).await;
-    }
-    created(out)
+    // The store's answer and the gates' bookkeeping after it run on a task of their own: a client that goes
+    // away while the store works drops this handler, and with it, before, the give-back of the unit the gate
+    // took, which its count kept (a buyer refused `limit_exceeded` for the count's life).
+    let (app2, sku2, sold_out_gate) = (app.clone(), sku.to_string(), cfg.sold_out_gate);
+    let settled = tokio::spawn(async move {
+        let (app, sku) = (app2, sku2.as_str());
+        let asked = app.gate.generation();
+        let out = place(&app, order).await;
+        if let Ok(Err(Reject::SoldOut { .. })) = &out {
+            app.gate.mark(sku, sold_out_gate, asked);
+        }
+        if let Some(g) = &redis
+            && matches!(&out, Ok(r) if !matches!(r, Err(Reject::NotFound { .. })))
+        {
+            g.heat(sku);
+        }
+        // What the gate took is given back unless it became a new order (a replay took nothing).
+        if let Some(g) = redis
+            && let crate::gate_redis::Admission::Taken { sale } = admission
+            && !matches!(&out, Ok(Ok(c)) if !c.replay)
+        {
+            g.release(sku, sale, &user, qty).await;
+        }
+        out
+    });
+    created(
+        settled
+            .await
+            .unwrap_or_else(|e| Err(StoreError::Internal(format!("order task: {e}")))),
+    )
 }
 
 /// `GET /v1/orders/{id}`.
