@@ -142,10 +142,15 @@ async fn restore_state_file(dir: &Directory, path: std::path::PathBuf) -> bool {
     let at = path.clone();
     let now = directory::state::unix_ms();
     let restored = tokio::task::spawn_blocking(move || directory::state::load_logged(&at, now)).await;
-    dir.keep_state_in(path.clone());
     let Ok(restored) = restored else {
+        dir.keep_state_in(path);
         return true;
     };
+    // A file that could not be read (permissions, an I/O error) may hold the only copy of the drains: it
+    // is not written over (the first save renamed a new file onto it).
+    if !restored.unreadable {
+        dir.keep_state_in(path.clone());
+    }
     if let Some(state) = restored.state {
         let (drains, weights) = dir.restore_state(&state);
         tracing::info!(

@@ -195,7 +195,9 @@ pub async fn next_look<F: Future>(closing: bool, signal: F) -> Option<F::Output>
 }
 
 /// Whether `name` is a host name as configs give them: dot-separated labels of letters, digits, `-` and
-/// `_`, none empty, 253 bytes at most.
+/// `_`, none empty, 253 bytes at most, the last not a number (RFC 1123). A name whose last label is a
+/// number, which is no IP address Rust reads (`192.168.001.010`, `10.1`), the system resolver reads as
+/// IPv4 in inet_aton's rules, leading zeros as octal: 192.168.1.8 and 10.0.0.1, another host than meant.
 pub fn is_host_name(name: &str) -> bool {
     name.len() <= 253
         && name.split('.').all(|label| {
@@ -204,6 +206,16 @@ pub fn is_host_name(name: &str) -> bool {
                     .bytes()
                     .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_'))
         })
+        && !name.rsplit('.').next().is_some_and(is_number_label)
+}
+
+/// A label inet_aton reads as a number: decimal (octal with a leading 0), or hexadecimal after `0x`.
+fn is_number_label(label: &str) -> bool {
+    let hex = label
+        .strip_prefix("0x")
+        .or_else(|| label.strip_prefix("0X"))
+        .is_some_and(|h| h.bytes().all(|c| c.is_ascii_hexdigit()));
+    hex || label.bytes().all(|c| c.is_ascii_digit())
 }
 
 #[cfg(test)]
@@ -212,6 +224,34 @@ mod tests {
     use std::os::fd::AsFd;
 
     use super::*;
+
+    /// Names whose last label is a number are refused: the resolver would read them as IPv4 addresses.
+    #[test]
+    fn a_name_that_the_resolver_reads_as_ipv4_is_not_a_host_name() {
+        for ok in [
+            "app1.internal",
+            "localhost",
+            "db-2",
+            "a.b_c",
+            "10.in-addr.arpa",
+            "x.0xg",
+        ] {
+            assert!(is_host_name(ok), "{ok}");
+        }
+        for bad in [
+            "192.168.001.010",
+            "10.1",
+            "10.0.0",
+            "127.1",
+            "0x7f.1",
+            "app.0x1",
+            "app.123",
+            "",
+            "a..b",
+        ] {
+            assert!(!is_host_name(bad), "{bad}");
+        }
+    }
 
     /// A closing listener's filter drops new SYNs (on loopback a handshake takes microseconds, so one that
     /// has not completed in 300 ms was refused) while the client already queued is accepted and works, and

@@ -294,6 +294,8 @@ pub fn load(path: &Path, now_unix_ms: u64) -> Loaded {
 pub struct Restored {
     pub state: Option<RuntimeState>,
     pub lost: bool,
+    /// The file is there and could not be read: it is left as it is, and never written over.
+    pub unreadable: bool,
 }
 
 /// [`load`], with what it found logged. Never fails: a balancer starts whatever the file holds.
@@ -302,6 +304,7 @@ pub fn load_logged(path: &Path, now_unix_ms: u64) -> Restored {
     let lost = Restored {
         state: None,
         lost: true,
+        unreadable: false,
     };
     match load(path, now_unix_ms) {
         Loaded::Missing => {
@@ -313,15 +316,20 @@ pub fn load_logged(path: &Path, now_unix_ms: u64) -> Restored {
             Restored {
                 state: None,
                 lost: false,
+                unreadable: false,
             }
         }
         Loaded::Unreadable(e) => {
             tracing::warn!(
                 %file, error = %e,
                 "cannot read the state file: starting without its drains and run-time weights (a peer's, if \
-                 one answers within a few seconds, apply)"
+                 one answers within a few seconds, apply); the file is left as it is and not written, so \
+                 drains and weights set until a restart with a readable file are kept in memory only"
             );
-            lost
+            Restored {
+                unreadable: true,
+                ..lost
+            }
         }
         Loaded::Refused { why, set_aside } => {
             let kept = match set_aside {
@@ -346,6 +354,7 @@ pub fn load_logged(path: &Path, now_unix_ms: u64) -> Restored {
             Restored {
                 state: Some(state),
                 lost: false,
+                unreadable: false,
             }
         }
     }

@@ -224,7 +224,11 @@ fn an_unreadable_file_is_left_where_it_is() {
     assert!(matches!(load(&path, NOW), Loaded::Unreadable(_)));
     assert!(path.is_dir());
     let restored = load_logged(&path, NOW);
-    assert_eq!((restored.state, restored.lost), (None, true));
+    assert_eq!(
+        (restored.state, restored.lost, restored.unreadable),
+        (None, true, true),
+        "unreadable: the balancer does not keep its state in it, so never writes over it"
+    );
 }
 
 #[test]

@@ -576,3 +576,20 @@ fn a_connection_rate_is_off_by_default_and_its_period_bounded() {
         "{errs:#?}"
     );
 }
+
+/// Keepalive is whole seconds within the kernel's bound (1..=32767 s) or off: a value past it was accepted
+/// and then failed every listener's bind with a bare "Invalid argument".
+#[test]
+fn keepalive_is_whole_seconds_the_kernel_takes() {
+    let k = |ms: u64| format!("keepalive_ms = {ms}\n[[listeners]]\nlisten = \"127.0.0.1:7100\"\n");
+    for ok in [0, 1_000, 60_000, 32_767_000] {
+        assert!(parse(&k(ok)).is_ok(), "{ok}");
+    }
+    for bad in [500, 1_500, 32_768_000, 86_400_000] {
+        let errs = parse(&k(bad)).unwrap_err();
+        assert!(
+            errs.iter().any(|e| e.contains("keepalive_ms")),
+            "{bad}: {errs:#?}"
+        );
+    }
+}

@@ -500,7 +500,19 @@ impl ProxySection {
             "proxy.io_uring_buffers",
             || format!("{io_uring_buffers} must be a power of two"),
         );
-        let keepalive = v.millis("proxy.keepalive_ms", self.keepalive_ms, 0, 86_400_000);
+        // TCP_KEEPIDLE is whole seconds, 1 to 32,767 on Linux: a value past it passed here and then failed
+        // every listener's bind with a bare "Invalid argument".
+        let keepalive = v.millis("proxy.keepalive_ms", self.keepalive_ms, 0, 32_767_000);
+        v.check(
+            self.keepalive_ms.is_multiple_of(1000),
+            "proxy.keepalive_ms",
+            || {
+                format!(
+                    "{} must be whole seconds (the kernel counts keepalive in seconds), or 0",
+                    self.keepalive_ms
+                )
+            },
+        );
         let warmup = v.millis("proxy.warmup_ms", self.warmup_ms, 0, 60_000);
         let busy_poll = v.range("proxy.busy_poll_us", self.busy_poll_us, 0, 1_000);
         ProxyConfig {

@@ -232,8 +232,8 @@ impl Shared {
     }
 
     /// Checks every configured backend (but those with `check = false`) once, all at the same time, each with the connect timeout, and acts
-    /// on each result as its streak says ([`CheckStreaks`]): a backend down is held out at least until the
-    /// next check could have ended; one back up, or a pass while up, ends its hold.
+    /// on each result as its streak says ([`CheckStreaks`]): a backend down is held out until an interval
+    /// past the time the next check could have ended; one back up, or a pass while up, ends its hold.
     async fn check_all(&self, interval: Duration, streaks: &mut CheckStreaks) {
         let t = self.timeouts.load_full();
         let backends = self.backends.load_full();
@@ -250,7 +250,11 @@ impl Shared {
                 (addr, bm, checked)
             })
         });
-        let until_next = interval + t.connect;
+        // Until the next round's result, with an interval to spare: the next round ends up to `interval` +
+        // `connect` from now plus its own processing, so a hold of exactly that ran out a few milliseconds
+        // before each renewal whenever a check timed out (a hung app that still accepts), and a client's
+        // connect in that gap ended the hold: the backend flipped in and out of the picks every round.
+        let until_next = interval * 2 + t.connect;
         for (addr, bm, checked) in futures_util::future::join_all(checks).await {
             let was_down = streaks.is_down(addr);
             let verdict = streaks.record(addr, checked.is_ok(), t.check_fall, t.check_rise);
