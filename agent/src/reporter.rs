@@ -258,8 +258,10 @@ fn build(
 
 /// Which balancers refuse or miss our reports, so a failure is logged when it starts (and every
 /// [`PUSH_WARN_EVERY`] while it lasts) and its end once, not at every report.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct PushLog {
+    /// When this process began reporting: for a while a balancer may still hear its predecessor.
+    started: Instant,
     failing: std::sync::Mutex<std::collections::HashMap<std::net::SocketAddr, Instant>>,
     /// When a report not sent was last logged.
     unsent: xcluster_runtime::telemetry::Throttle,
@@ -277,7 +279,29 @@ const MAX_SEQ_CATCH_UP: u64 = 86_400 * 1_000_000;
 
 const PUSH_WARN_EVERY: Duration = Duration::from_secs(30);
 
+impl Default for PushLog {
+    fn default() -> Self {
+        PushLog {
+            started: Instant::now(),
+            failing: Default::default(),
+            unsent: Default::default(),
+            seq_floor: Default::default(),
+            far_ahead: Default::default(),
+        }
+    }
+}
+
 impl PushLog {
+    /// A refusal as a second agent under our id (`conflict`) in our first `grace`: the balancer heard our
+    /// predecessor (a restart) too lately to take us over yet, which it does within two of its report
+    /// intervals. Logged at DEBUG then: at WARN, every clean restart logged one per balancer that looked
+    /// like a fault; a conflict past it (a copied config) is warned about.
+    fn restarting(&self, e: &client::CallError, grace: Duration) -> bool {
+        self.started.elapsed() < grace
+            && matches!(e, client::CallError::Status { status: http::StatusCode::CONFLICT, body, .. }
+                if serde_json::from_str::<Refusal>(body).is_ok_and(|r| r.error.code == "conflict"))
+    }
+
     fn failed(&self, balancer: std::net::SocketAddr, error: &str) {
         let mut failing = self.failing.lock().unwrap_or_else(|e| e.into_inner());
         let now = Instant::now();
@@ -393,6 +417,8 @@ fn push_all(cfg: &Config, report: &LoadReport, log: &Arc<PushLog>) {
     // Names the signer, so a balancer that gives this agent its own key checks the signature with it.
     let agent: Arc<str> = Arc::from(report.agent.as_str());
     let seq = report.seq;
+    // Our predecessor is taken over once it has been silent two of its intervals.
+    let grace = cfg.interval * 2 + Duration::from_secs(1);
     for &addr in &cfg.balancers {
         let (body, sig, agent, timeout, log) =
             (body.clone(), sig.clone(), agent.clone(), cfg.timeout, log.clone());
@@ -422,7 +448,11 @@ fn push_all(cfg: &Config, report: &LoadReport, log: &Arc<PushLog>) {
                     {
                         log.replayed(addr, seq, last);
                     }
-                    log.failed(addr, &e.to_string());
+                    if log.restarting(&e, grace) {
+                        debug!(balancer = %addr, error = %e, "report refused while the balancer still hears our predecessor");
+                    } else {
+                        log.failed(addr, &e.to_string());
+                    }
                 }
             }
         });
@@ -432,6 +462,33 @@ fn push_all(cfg: &Config, report: &LoadReport, log: &Arc<PushLog>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A conflict in the first moments of a run is our predecessor still heard (quiet); later, or another
+    /// refusal, is a fault (warned).
+    #[test]
+    fn a_conflict_right_after_a_start_is_a_restart_not_a_fault() {
+        let log = PushLog::default();
+        use xcluster_proto::report::ReportError;
+        let refusal = |e: ReportError| client::CallError::Status {
+            addr: "127.0.0.1:9".parse().unwrap(),
+            status: http::StatusCode::CONFLICT,
+            body: serde_json::to_string(&e.refusal()).unwrap(),
+        };
+        let conflict = refusal(ReportError::Conflict {
+            agent: "h".into(),
+            boot: 2,
+            live_boot: 1,
+            silent_ms: 10,
+        });
+        let replay = refusal(ReportError::Replay {
+            agent: "h".into(),
+            seq: 1,
+            last: 2,
+        });
+        assert!(log.restarting(&conflict, Duration::from_secs(60)));
+        assert!(!log.restarting(&replay, Duration::from_secs(60)));
+        assert!(!log.restarting(&conflict, Duration::ZERO), "past the grace");
+    }
 
     /// A replay refusal's last number is followed up to a day above ours, never further, and never down.
     #[test]

@@ -163,6 +163,9 @@ pub enum CtlVerb {
     },
     /// Send a signal (e.g. HUP to reload a program's config) to programs.
     Signal {
+        /// By name (`HUP`, `SIGHUP`, `hup`) or number; checked here, so a misspelt one is a usage error (2)
+        /// before anything is asked.
+        #[arg(value_parser = signal_name)]
         signal: String,
         #[arg(required = true)]
         names: Vec<String>,
@@ -355,4 +358,14 @@ pub struct CheckArgs {
     /// Config files; each names its role with `role = "..."`.
     #[arg(required = true)]
     pub files: Vec<PathBuf>,
+}
+
+/// A signal `ctl signal` can send, as the monitor reads it (`command::parse_signal`).
+fn signal_name(s: &str) -> Result<String, String> {
+    match xcluster_monitor::command::parse_signal(s) {
+        Some(_) => Ok(s.to_string()),
+        None => Err(format!(
+            "unknown signal {s:?} (a name such as HUP, USR1, TERM, or a number)"
+        )),
+    }
 }

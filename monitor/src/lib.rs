@@ -4,7 +4,7 @@
 pub mod api;
 pub mod child;
 pub mod cluster;
-mod command;
+pub mod command;
 pub mod config;
 mod dashboard;
 pub mod events;

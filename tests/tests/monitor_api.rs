@@ -146,3 +146,78 @@ fn a_drain_a_balancer_took_but_did_not_answer_is_not_called_down() {
     assert!(text.contains("may have been applied"), "{text}");
     assert!(!text.contains("down"), "{text}");
 }
+
+/// `ctl tail -f` says when its monitor goes: one that does not answer within `--timeout-secs` (stopped) is
+/// unreachable, 69, where the follow waited on it for ever; and a stream the monitor's death cut short is
+/// no normal end (it exited 0).
+#[test]
+fn tail_f_tells_a_monitor_that_stopped_answering_or_died() {
+    use nix::sys::signal::Signal;
+    let m = Mon::start(
+        "[programs.x]\ncommand = \"sh -c 'while :; do echo tick; sleep 0.2; done'\"\nstartsecs = 0\n",
+    );
+    m.wait_state("x", "RUNNING", T);
+    let url = format!("http://{}", m.addr);
+    m.proc.signal(Signal::SIGSTOP);
+    let o = std::process::Command::new(xcluster_bin())
+        .args(["ctl", "--url", &url, "--timeout-secs", "1", "tail", "-f", "x"])
+        .output_within(EXIT_DEADLINE);
+    m.proc.signal(Signal::SIGCONT);
+    assert_eq!(o.status.code(), Some(69), "{}", out(&o));
+    let mut follow = Proc::xcluster("tail-f", &["ctl", "--url", &url, "tail", "-f", "x"]);
+    eventually(T, "tail -f to show the program's output", || {
+        follow.stdout().contains("tick").then_some(())
+    });
+    m.proc.signal(Signal::SIGKILL);
+    assert_eq!(follow.wait_exit(T), Some(69), "{}", follow.stderr());
+    assert!(
+        follow.stderr().contains("closed the stream"),
+        "{}",
+        follow.stderr()
+    );
+}
+
+/// `ctl` pointed at a server that is no XCluster API (its errors are HTML pages) says so in a line, as it
+/// does for a balancer's API, and exits 69 (no monitor there): it dumped the whole page and exited 1.
+#[test]
+fn ctl_at_a_server_that_is_no_xcluster_api_says_so() {
+    let web = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = web.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for s in web.incoming().take(4) {
+            let Ok(mut s) = s else { continue };
+            let mut buf = [0u8; 2048];
+            let _ = s.read(&mut buf);
+            let page = "<html>\n<head><title>404 Not Found</title></head>\n<body>nope</body>\n</html>\n";
+            let _ = write!(
+                s,
+                "HTTP/1.1 404 Not Found\r\nContent-Type: text/html\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{page}",
+                page.len()
+            );
+        }
+    });
+    let o = std::process::Command::new(xcluster_bin())
+        .args(["ctl", "--url", &format!("http://{addr}"), "status"])
+        .output_within(EXIT_DEADLINE);
+    let text = out(&o);
+    assert_eq!(o.status.code(), Some(69), "{text}");
+    assert!(text.contains("not as an XCluster monitor"), "{text}");
+    assert!(!text.contains("<body>"), "the page dumped: {text}");
+}
+
+/// A `--url` without its port, or with a user part, is a usage error naming what is missing (64), not the
+/// resolver's "invalid socket address".
+#[test]
+fn a_url_without_its_port_is_a_usage_error_that_says_so() {
+    for (url, says) in [
+        ("http://127.0.0.1", "with the port"),
+        ("http://user@127.0.0.1:7300", "without a user part"),
+        ("ftp://127.0.0.1:7300", "must be http://HOST:PORT"),
+    ] {
+        let o = std::process::Command::new(xcluster_bin())
+            .args(["ctl", "--url", url, "status"])
+            .output_within(EXIT_DEADLINE);
+        assert_eq!(o.status.code(), Some(64), "{url}: {}", out(&o));
+        assert!(out(&o).contains(says), "{url}: {}", out(&o));
+    }
+}

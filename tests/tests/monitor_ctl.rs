@@ -752,7 +752,7 @@ fn shutdown_of_a_monitor_already_shutting_down_waits_for_it() {
         go = go.display()
     ));
     m.wait_state("slow", "RUNNING", T);
-    assert_says(&m.ctl(&["--no-wait", "shutdown"]), 0, "Shut down");
+    assert_says(&m.ctl(&["--no-wait", "shutdown"]), 0, "Shutting down");
     m.wait_state("slow", "STOPPING", T);
     let o = m.ctl(&["--no-wait", "shutdown"]);
     assert_eq!(o.status.code(), Some(0), "{}", out(&o));

@@ -106,6 +106,39 @@ depends_on = ["db"]
     assert_eq!(std::fs::read_to_string(&order).unwrap(), "web\ndb\n");
 }
 
+/// A group's dependent waits while a member is on its way up, and for one to be ready; a member that gave up
+/// (FATAL) does not hold it once another is ready. Waiting for every member, one app that could not bind its
+/// port kept the local cluster's agent STOPPED for good, and every client's list empty.
+#[test]
+fn a_member_that_gave_up_does_not_hold_its_groups_dependents() {
+    let m = Mon::start(
+        r#"
+[programs.app]
+command = "/bin/sh -c '[ {num} = 1 ] && exit 1; exec sleep 300'"
+numprocs = 2
+startsecs = 1
+startretries = 1
+[programs.agent]
+command = "sleep 301"
+startsecs = 0
+depends_on = ["app"]
+"#,
+    );
+    m.wait_state("app-1", "FATAL", T);
+    let agent = m.wait_state("agent", "RUNNING", T);
+    assert_eq!(agent["waiting_for"], serde_json::json!([]), "{agent}");
+    assert_eq!(m.state("app-0"), "RUNNING");
+    // The dependent started only once app-1 had given up: while it retried, it was on its way up.
+    let events = m.events();
+    let at = |program: &str, to: &str| {
+        events
+            .iter()
+            .position(|e| e["kind"] == "state" && e["program"] == program && e["to"] == to)
+            .unwrap_or_else(|| panic!("no {program} {to} in {events:?}"))
+    };
+    assert!(at("app-1", "FATAL") < at("agent", "STARTING"), "{events:?}");
+}
+
 /// As in Supervisord, `priority` orders stops too: higher numbers stop first, and the next only once they
 /// have exited, for `stop all` and for the shutdown; one priority stops together.
 #[test]

@@ -18,6 +18,23 @@ impl Client {
             Some(_) => return Err(format!("--url must be http://HOST:PORT, found {:?}", args.url)),
         };
         let hostport = rest.split('/').next().unwrap_or(rest);
+        // Said plainly, where the resolver's own words ("invalid socket address", "failed to lookup address
+        // information") named neither the port nor the user part.
+        if hostport.contains('@') {
+            return Err(format!(
+                "--url must be http://HOST:PORT, without a user part: found {:?}",
+                args.url
+            ));
+        }
+        let has_port = hostport.rsplit_once(':').is_some_and(|(h, p)| {
+            !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) && !h.ends_with(':')
+        });
+        if !has_port {
+            return Err(format!(
+                "--url must be http://HOST:PORT, with the port: found {:?}",
+                args.url
+            ));
+        }
         let mut list: Vec<SocketAddr> = Vec::new();
         let found = hostport
             .to_socket_addrs()
@@ -95,12 +112,14 @@ impl Client {
     /// Copies a (possibly endless) response body to stdout as it arrives.
     pub(super) fn stream(&self, path: &str, follow: bool) -> Result<i32, Failure> {
         let s = self.open("GET", path)?;
-        if follow {
-            // A quiet log is not a dead monitor: no read timeout while following.
-            let _ = s.set_read_timeout(None);
-        }
         let mut r = BufReader::new(s);
+        // The answer's head within `--timeout-secs`, following or not: a monitor that does not answer (stopped,
+        // hung) is one, where `tail -f` used to wait on it for ever.
         let (status, chunked) = read_head(&mut r)?;
+        if follow {
+            // A quiet log is not a dead monitor: no read timeout on the body while following.
+            let _ = r.get_ref().set_read_timeout(None);
+        }
         if status != 200 {
             let mut body = Vec::new();
             let _ = (&mut r).take(MAX_RESPONSE).read_to_end(&mut body);
@@ -147,7 +166,11 @@ pub(super) fn read_head(r: &mut impl BufRead) -> Result<(u16, bool), Failure> {
 pub(super) fn read_chunk(r: &mut impl BufRead) -> Result<Option<Vec<u8>>, Failure> {
     let mut line = String::new();
     if r.read_line(&mut line).map_err(io_failure)? == 0 {
-        return Ok(None);
+        // Closed without the last chunk: the monitor died, or its connection did. Taken as the end, a
+        // `tail -f` of a monitor killed mid-follow exited 0, as after a normal end.
+        return Err(Failure::Unreachable(
+            "the monitor closed the stream before its end (did it stop?)".into(),
+        ));
     }
     let size = usize::from_str_radix(line.trim().split(';').next().unwrap_or(""), 16)
         .map_err(|_| Failure::Unreachable("malformed chunked answer".into()))?;

@@ -159,6 +159,9 @@ fn shutdown(c: &Client, args: &CtlArgs) -> Result<i32, Failure> {
     }
     if args.json {
         println!("{}", String::from_utf8_lossy(&r.body));
+    } else if args.no_wait {
+        // Not waited for: it has begun, and its programs may still be stopping.
+        println!("Shutting down");
     } else {
         println!("Shut down");
     }
@@ -253,6 +256,18 @@ fn check(r: &Resp) -> Result<(), Failure> {
         403 => {
             eprintln!("xcluster ctl: {}", r.message());
             Err(Failure::Exit(EXIT_NOPERM))
+        }
+        // Not an XCluster API's error (an HTML page, nothing): said as such, not dumped whole, and as a
+        // monitor not found (69).
+        _ if !r.json()["error"]["code"].is_string() => {
+            let first = r.message();
+            let first: String = first.lines().next().unwrap_or("").chars().take(120).collect();
+            eprintln!(
+                "xcluster ctl: the server answered HTTP {} ({first}), not as an XCluster monitor; a monitor \
+                 listens on http://127.0.0.1:7300 unless its config says otherwise",
+                r.status
+            );
+            Err(Failure::Exit(EXIT_UNAVAILABLE))
         }
         _ => {
             let message = r.message();

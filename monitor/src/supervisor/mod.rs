@@ -466,7 +466,17 @@ impl Supervisor {
             && (p.spec.readiness.is_none() || p.readiness.as_ref().is_some_and(|r| r.ok))
     }
 
-    /// Dependency groups of `name` that are not ready yet.
+    /// Whether `q` has settled without being ready: given up (FATAL), or stopped or ended with no start
+    /// pending. It holds no dependent of its group back once another of the group is ready.
+    fn settled_down(q: &Proc) -> bool {
+        !q.wanted && matches!(q.m.state, State::Fatal | State::Stopped | State::Exited)
+    }
+
+    /// Dependency groups of `name` that are not ready yet: a member is still on its way up (starting, backing
+    /// off, not yet passing its readiness probe), or none is ready. One member that gave up, or that an
+    /// operator stopped, holds its group's dependents no longer once another is ready: waiting for every
+    /// member, one app that could not bind its port kept the local cluster's agent from ever starting, and
+    /// every client's list empty.
     pub fn waiting_for(&self, name: &str) -> Vec<String> {
         let Some(p) = self.procs.get(name) else {
             return Vec::new();
@@ -475,9 +485,16 @@ impl Supervisor {
             .depends_on
             .iter()
             .filter(|g| {
-                self.procs
-                    .values()
-                    .any(|q| q.spec.group == **g && !Self::is_ready(q))
+                let (mut members, mut ready, mut on_its_way) = (0, false, false);
+                for q in self.procs.values().filter(|q| q.spec.group == **g) {
+                    members += 1;
+                    if Self::is_ready(q) {
+                        ready = true;
+                    } else if !Self::settled_down(q) {
+                        on_its_way = true;
+                    }
+                }
+                members > 0 && (on_its_way || !ready)
             })
             .cloned()
             .collect()
