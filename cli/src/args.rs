@@ -63,10 +63,14 @@ pub struct RoleArgs {
     pub log_format: LogFormat,
 }
 
+/// The cluster file `xcluster up` runs unless `--config` names another: relative, as the README runs it from
+/// the repository's root.
+pub const DEFAULT_CLUSTER_FILE: &str = "configs/local.toml";
+
 #[derive(Debug, Clone, Args)]
 pub struct UpArgs {
     /// The cluster description the monitor runs.
-    #[arg(short, long, value_name = "FILE", default_value = "configs/local.toml")]
+    #[arg(short, long, value_name = "FILE", default_value = DEFAULT_CLUSTER_FILE)]
     pub config: PathBuf,
     /// Override a config key (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE")]

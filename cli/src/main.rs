@@ -25,12 +25,17 @@ fn up(a: args::UpArgs) -> i32 {
     let up_args = detach.then(|| a.clone());
     let args = a.into_role_args();
     if let Some(path) = args.config.as_ref().filter(|p| !p.exists()) {
-        // The default is relative: run from anywhere else, the monitor only said it could not read it.
-        eprintln!(
-            "xcluster up: {} not found: run it from the directory that holds configs/ (the repository's root), \
-             or name a cluster file with --config",
-            path.display()
-        );
+        // The default is relative: run from anywhere else, the monitor only said it could not read it. A
+        // file named with --config is just not there.
+        if path == std::path::Path::new(args::DEFAULT_CLUSTER_FILE) {
+            eprintln!(
+                "xcluster up: {} not found: run it from the directory that holds configs/ (the repository's \
+                 root), or name a cluster file with --config",
+                path.display()
+            );
+        } else {
+            eprintln!("xcluster up: {} not found", path.display());
+        }
         return xcluster_runtime::config::ConfigError::EXIT_CODE;
     }
     if !args.print_config {

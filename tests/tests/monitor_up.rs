@@ -315,3 +315,27 @@ fn up_detach_runs_the_monitor_in_the_background_until_shutdown() {
     assert!(o.status.success(), "{}", out(&o));
     eventually(T, "the detached monitor to exit", || (!alive(pid)).then_some(()));
 }
+
+/// A missing cluster file: the default one, from outside the repository's root, is explained (run it from
+/// there); one named with --config is just not there, with no advice about configs/ (64 both).
+#[test]
+fn a_missing_cluster_file_is_said_as_such() {
+    let elsewhere = tempfile::tempdir().unwrap();
+    let o = std::process::Command::new(xcluster_bin())
+        .arg("up")
+        .current_dir(elsewhere.path())
+        .output_within(EXIT_DEADLINE);
+    let text = String::from_utf8_lossy(&o.stderr).to_string();
+    assert_eq!(o.status.code(), Some(64), "{text}");
+    assert!(
+        text.contains("run it from the directory that holds configs/"),
+        "{text}"
+    );
+    let o = std::process::Command::new(xcluster_bin())
+        .args(["up", "--config", "nope.toml"])
+        .current_dir(elsewhere.path())
+        .output_within(EXIT_DEADLINE);
+    let text = String::from_utf8_lossy(&o.stderr).to_string();
+    assert_eq!(o.status.code(), Some(64), "{text}");
+    assert_eq!(text.trim(), "xcluster up: nope.toml not found");
+}
