@@ -9,6 +9,7 @@ mod load;
 mod role;
 
 use clap::Parser;
+use xcluster_runtime::RoleConfig;
 
 /// A command that prints and exits ends quietly when its reader goes away (`xcluster ctl cluster | head`), as
 /// Unix tools do: Rust ignores SIGPIPE, which turns the next print into a panic. Daemons keep ignoring it, so
@@ -63,16 +64,26 @@ fn up(a: args::UpArgs) -> i32 {
             _ => {}
         }
     }
-    role::run::<xcluster_monitor::Config, _, _, _>(args, xcluster_monitor::run)
+    role::run::<xcluster_monitor::Config, _, _, _>("up", args, xcluster_monitor::run)
 }
 
 fn main() {
     let cli = args::Cli::parse();
     let code = match cli.command {
-        args::Command::Lb(a) => role::run::<xcluster_lb::Config, _, _, _>(a, xcluster_lb::run),
-        args::Command::Agent(a) => role::run::<xcluster_agent::Config, _, _, _>(a, xcluster_agent::run),
-        args::Command::Monitor(a) => role::run::<xcluster_monitor::Config, _, _, _>(a, xcluster_monitor::run),
-        args::Command::App(a) => role::run::<xcluster_app::Config, _, _, _>(a, xcluster_app::run),
+        args::Command::Lb(a) => {
+            role::run::<xcluster_lb::Config, _, _, _>(xcluster_lb::Config::ROLE, a, xcluster_lb::run)
+        }
+        args::Command::Agent(a) => {
+            role::run::<xcluster_agent::Config, _, _, _>(xcluster_agent::Config::ROLE, a, xcluster_agent::run)
+        }
+        args::Command::Monitor(a) => role::run::<xcluster_monitor::Config, _, _, _>(
+            xcluster_monitor::Config::ROLE,
+            a,
+            xcluster_monitor::run,
+        ),
+        args::Command::App(a) => {
+            role::run::<xcluster_app::Config, _, _, _>(xcluster_app::Config::ROLE, a, xcluster_app::run)
+        }
         args::Command::Up(a) => up(a),
         args::Command::Ctl(a) => {
             quiet_on_closed_output();

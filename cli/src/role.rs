@@ -8,7 +8,8 @@ use xcluster_runtime::{Context, DaemonConfig};
 
 use crate::args::{self, RoleArgs};
 
-pub fn run<C, E, F, Fut>(args: RoleArgs, role: F) -> i32
+/// Runs role `C` as the command `name` (the role's own, or `up`), the name its errors are said under.
+pub fn run<C, E, F, Fut>(name: &str, args: RoleArgs, role: F) -> i32
 where
     C: DaemonConfig,
     E: std::fmt::Display,
@@ -23,7 +24,7 @@ where
     let loaded = match load::<C>(&source) {
         Ok(l) => l,
         Err(e) => {
-            eprintln!("xcluster {}: {e}", C::ROLE);
+            eprintln!("xcluster {name}: {e}");
             return ConfigError::EXIT_CODE;
         }
     };
@@ -40,7 +41,7 @@ where
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("xcluster {}: cannot start the async runtime: {e}", C::ROLE);
+            eprintln!("xcluster {name}: cannot start the async runtime: {e}");
             return 1;
         }
     };
