@@ -296,10 +296,8 @@ impl PushLog {
     /// predecessor (a restart) too lately to take us over yet, which it does within two of its report
     /// intervals. Logged at DEBUG then: at WARN, every clean restart logged one per balancer that looked
     /// like a fault; a conflict past it (a copied config) is warned about.
-    fn restarting(&self, e: &client::CallError, grace: Duration) -> bool {
-        self.started.elapsed() < grace
-            && matches!(e, client::CallError::Status { status: http::StatusCode::CONFLICT, body, .. }
-                if serde_json::from_str::<Refusal>(body).is_ok_and(|r| r.error.code == "conflict"))
+    fn restarting(&self, refusal: Option<&Refusal>, grace: Duration) -> bool {
+        self.started.elapsed() < grace && refusal.is_some_and(Refusal::is_conflict)
     }
 
     fn failed(&self, balancer: std::net::SocketAddr, error: &str) {
@@ -439,16 +437,20 @@ fn push_all(cfg: &Config, report: &LoadReport, log: &Arc<PushLog>) {
             match r {
                 Ok(_) => log.accepted(addr),
                 Err(e) => {
-                    if let client::CallError::Status {
-                        status: http::StatusCode::CONFLICT,
-                        body,
-                        ..
-                    } = &e
-                        && let Some(last) = Refusal::replay_last_seq(body.as_bytes())
-                    {
+                    // A 409's body says which: a replay names the last number accepted, a conflict may be
+                    // our predecessor still heard.
+                    let refusal = match &e {
+                        client::CallError::Status {
+                            status: http::StatusCode::CONFLICT,
+                            body,
+                            ..
+                        } => Refusal::decode(body.as_bytes()),
+                        _ => None,
+                    };
+                    if let Some(last) = refusal.as_ref().and_then(Refusal::replay_last_seq) {
                         log.replayed(addr, seq, last);
                     }
-                    if log.restarting(&e, grace) {
+                    if log.restarting(refusal.as_ref(), grace) {
                         debug!(balancer = %addr, error = %e, "report refused while the balancer still hears our predecessor");
                     } else {
                         log.failed(addr, &e.to_string());
@@ -469,11 +471,8 @@ mod tests {
     fn a_conflict_right_after_a_start_is_a_restart_not_a_fault() {
         let log = PushLog::default();
         use xcluster_proto::report::ReportError;
-        let refusal = |e: ReportError| client::CallError::Status {
-            addr: "127.0.0.1:9".parse().unwrap(),
-            status: http::StatusCode::CONFLICT,
-            body: serde_json::to_string(&e.refusal()).unwrap(),
-        };
+        // As the balancer's answer carries it.
+        let refusal = |e: ReportError| Refusal::decode(&serde_json::to_vec(&e.refusal()).unwrap());
         let conflict = refusal(ReportError::Conflict {
             agent: "h".into(),
             boot: 2,
@@ -485,9 +484,12 @@ mod tests {
             seq: 1,
             last: 2,
         });
-        assert!(log.restarting(&conflict, Duration::from_secs(60)));
-        assert!(!log.restarting(&replay, Duration::from_secs(60)));
-        assert!(!log.restarting(&conflict, Duration::ZERO), "past the grace");
+        assert!(log.restarting(conflict.as_ref(), Duration::from_secs(60)));
+        assert!(!log.restarting(replay.as_ref(), Duration::from_secs(60)));
+        assert!(
+            !log.restarting(conflict.as_ref(), Duration::ZERO),
+            "past the grace"
+        );
     }
 
     /// A replay refusal's last number is followed up to a day above ours, never further, and never down.

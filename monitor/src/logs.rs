@@ -263,8 +263,9 @@ pub type SharedLog = std::sync::Arc<std::sync::Mutex<RotatingLog>>;
 /// pipe or terminal to its end never ends, so one request pinned a runtime worker for good.
 pub fn tail(path: &Path, bytes: u64) -> std::io::Result<Vec<u8>> {
     let bytes = bytes.min(MAX_TAIL_BYTES);
-    match std::fs::metadata(path) {
-        Ok(m) if !m.is_file() => {
+    let len = match std::fs::metadata(path) {
+        Ok(m) if m.is_file() => m.len(),
+        Ok(_) => {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::Unsupported,
                 format!(
@@ -274,14 +275,14 @@ pub fn tail(path: &Path, bytes: u64) -> std::io::Result<Vec<u8>> {
             ));
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        _ => {}
-    }
+        Err(e) => return Err(e),
+    };
+    // The size is the one just read: a file truncated since reads less, which `whole_lines` takes.
     let mut f = match File::open(path) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
         Err(e) => return Err(e),
     };
-    let len = f.metadata()?.len();
     let start = len.saturating_sub(bytes);
     // One byte before the window says whether its first line is whole (that byte is a line end).
     let before = u64::from(start > 0);

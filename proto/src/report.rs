@@ -177,10 +177,21 @@ pub struct RefusalDetail {
 }
 
 impl Refusal {
-    /// The last sequence number a replay refusal names, from its answer's body; `None` for anything else.
-    pub fn replay_last_seq(body: &[u8]) -> Option<u64> {
-        let r: Refusal = serde_json::from_slice(body).ok()?;
-        (r.error.code == "replay").then_some(r.error.last_seq).flatten()
+    /// A refusal from its answer's body; `None` for a body that is none.
+    pub fn decode(body: &[u8]) -> Option<Refusal> {
+        serde_json::from_slice(body).ok()
+    }
+
+    /// The last sequence number a replay refusal names; `None` for any other refusal.
+    pub fn replay_last_seq(&self) -> Option<u64> {
+        (self.error.code == "replay")
+            .then_some(self.error.last_seq)
+            .flatten()
+    }
+
+    /// Whether it refused a second process under the agent's id ([`ReportError::Conflict`]).
+    pub fn is_conflict(&self) -> bool {
+        self.error.code == "conflict"
     }
 }
 
@@ -341,11 +352,12 @@ mod tests {
         let body = serde_json::to_vec(&e.refusal()).unwrap();
         // runtime::client keeps 512 bytes of an error answer.
         assert!(body.len() <= 512, "{} bytes", body.len());
-        assert_eq!(Refusal::replay_last_seq(&body), Some(u64::MAX));
+        let last = |body: &[u8]| Refusal::decode(body).and_then(|r| r.replay_last_seq());
+        assert_eq!(last(&body), Some(u64::MAX));
         let other = serde_json::to_vec(&ReportError::TooLarge.refusal()).unwrap();
-        assert_eq!(Refusal::replay_last_seq(&other), None);
+        assert_eq!(last(&other), None);
         assert!(!String::from_utf8(other).unwrap().contains("last_seq"));
-        assert_eq!(Refusal::replay_last_seq(b"{\"error\":"), None);
+        assert_eq!(last(b"{\"error\":"), None);
     }
 
     #[test]

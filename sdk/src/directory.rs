@@ -381,12 +381,8 @@ pub(crate) async fn watch_loop(
             let held = started.elapsed();
             let waited = held >= HELD;
             let r = r.and_then(|f| check_type(f, &slot.name));
-            if slot.poll_vouches()
-                && slot.in_poll.swap(false, Ordering::Relaxed)
-                && r.is_err()
-                && waited
-                && held <= wait
-            {
+            let polled = slot.in_poll.swap(false, Ordering::Relaxed);
+            if polled && slot.poll_vouches() && r.is_err() && waited && held <= wait {
                 // A watch it held and then dropped (a balancer stopping mid-hold): it was alive, holding
                 // the list as current, until now. One still silent past the hold it was asked for was
                 // not; and one that fails at once (an error status, a list of another type, garbage)
@@ -396,7 +392,6 @@ pub(crate) async fn watch_loop(
                 // and closes a second later would otherwise keep the list young for ever.
                 slot.touch(&shared.clock);
             }
-            slot.in_poll.store(false, Ordering::Relaxed);
             match r {
                 Ok(list) => {
                     let changed = list.as_ref().is_some_and(|l| l.version != version);

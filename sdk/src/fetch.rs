@@ -154,7 +154,7 @@ impl HeadScan {
         let from = self.searched.saturating_sub(3);
         match find(&buf[from..], b"\r\n\r\n") {
             Some(at) => {
-                let total = complete_len(&buf[..from + at + 4]);
+                let total = total_len(&buf[..from + at + 4]);
                 self.total = Some(total);
                 Ok(total)
             }
@@ -167,10 +167,11 @@ impl HeadScan {
     }
 }
 
-/// The total length of a response whose head is complete and carries `Content-Length`.
-fn complete_len(buf: &[u8]) -> Option<usize> {
-    let head_end = find(buf, b"\r\n\r\n")? + 4;
-    let head = std::str::from_utf8(&buf[..head_end]).ok()?;
+/// The total length of the response whose whole head (its blank line included) is `head`, when it carries
+/// `Content-Length`.
+fn total_len(head: &[u8]) -> Option<usize> {
+    let head_end = head.len();
+    let head = std::str::from_utf8(head).ok()?;
     let len = head.lines().find_map(|l| {
         let (k, v) = l.split_once(':')?;
         k.trim()
@@ -319,7 +320,7 @@ mod tests {
     #[test]
     fn huge_lengths_do_not_overflow() {
         let huge = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\nhi", usize::MAX);
-        assert_eq!(complete_len(huge.as_bytes()), None);
+        assert_eq!(HeadScan::default().advance(huge.as_bytes()), Ok(None));
         assert!(parse_response(huge.as_bytes()).is_err());
         let chunk = format!(
             "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\nhi\r\n0\r\n\r\n",

@@ -282,13 +282,20 @@ async fn a_hung_balancer_is_left_within_the_hold_it_was_asked_for() {
     })
     .await;
     // And stays so: each new connection to a hung balancer vouched for the list for a hold (2 s), so it
-    // read Live most of the time and picks never saw it stale. Watched over two holds and their grace.
-    let watch_until = tokio::time::Instant::now() + Duration::from_secs(5);
-    while tokio::time::Instant::now() < watch_until {
+    // read Live most of the time and picks never saw it stale. Checked at every poll until the client has
+    // sent two more watches to the hung balancers, each of which used to vouch for it.
+    let asked = || {
+        lbs.iter()
+            .map(|l| l.requests.load(Ordering::Relaxed))
+            .sum::<u64>()
+    };
+    let before = asked();
+    eventually_async("two more watches sent to the hung balancers", || {
         let err = client.pick("browse").expect_err("a pick from an expired list");
         assert!(matches!(err, Error::Stale { .. }), "{err}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+        (asked() >= before + 2).then_some(())
+    })
+    .await;
 }
 
 /// A type no balancer knows is the client's mistake, said as such and not retryable; with one balancer down

@@ -157,9 +157,9 @@ pub async fn seckill(app: &Arc<App>, cfg: &Config, sku: &str, req: Request<Incom
     // The store's answer and the gates' bookkeeping after it run on a task of their own: a client that goes
     // away while the store works drops this handler, and with it, before, the give-back of the unit the gate
     // took, which its count kept (a buyer refused `limit_exceeded` for the count's life).
-    let (app2, sku2, sold_out_gate) = (app.clone(), sku.to_string(), cfg.sold_out_gate);
+    let (app, sku, sold_out_gate) = (app.clone(), sku.to_string(), cfg.sold_out_gate);
     let settled = tokio::spawn(async move {
-        let (app, sku) = (app2, sku2.as_str());
+        let sku = sku.as_str();
         let asked = app.gate.generation();
         let out = place(&app, order).await;
         if let Ok(Err(Reject::SoldOut { .. })) = &out {
