@@ -22,26 +22,40 @@ use crate::exec::StoreExec;
 use crate::resp::{self, Conn, RespError, Value};
 
 /// Takes `qty` of stock and of the user's allowance in the SKU's current sale, or says why not. Keys: stock,
-/// and the SKU's sale number ([`sale_key`]). Args: qty, limit, the count's life in ms, and the user's count
-/// key ([`bought_key`]) split around the sale number, which only the script reads atomically with the
-/// counts (a standalone Redis, as the gate needs, lets a script name a key it builds). Returns {1, sale}
-/// (taken, counted in that sale), 0 (sold out), -1 (over the user's limit in this sale), -2 (no counter or
-/// no sale number yet, or fewer units than asked but some: ask the store, whose answer says how many are
-/// left).
+/// and the SKU's sale number ([`sale_key`]). Args: qty, limit, the count's life in ms, the user's count key
+/// ([`bought_key`]) split around the sale number, which only the script reads atomically with the counts (a
+/// standalone Redis, as the gate needs, lets a script name a key it builds), and, for a keyed attempt, its
+/// in-flight mark ([`in_flight_key`], else empty) and the mark's life in ms. Returns {1, sale} (taken,
+/// counted in that sale), 0 (sold out), -1 (over the user's limit in this sale), -2 (no counter or no sale
+/// number yet, or fewer units than asked but some: ask the store, whose answer says how many are left), -3
+/// (it would refuse, but an attempt under the same key is in flight: the units it counts may be that
+/// attempt's own). An attempt sent on to the store (1, -2) counts itself on its mark until it settles.
 const ADMIT: &str = r#"
+local mark = ARGV[6]
+local function refuse(code)
+  if mark ~= '' and redis.call('EXISTS', mark) == 1 then return -3 end
+  return code
+end
+local function marked(answer)
+  if mark ~= '' then
+    redis.call('INCR', mark)
+    redis.call('PEXPIRE', mark, ARGV[7])
+  end
+  return answer
+end
 local s = redis.call('GET', KEYS[1])
 local sale = redis.call('GET', KEYS[2])
-if not s or not sale then return -2 end
+if not s or not sale then return marked(-2) end
 local q = tonumber(ARGV[1])
-if tonumber(s) <= 0 then return 0 end
-if tonumber(s) < q then return -2 end
+if tonumber(s) <= 0 then return refuse(0) end
+if tonumber(s) < q then return marked(-2) end
 local bought = ARGV[4] .. sale .. ARGV[5]
 local b = tonumber(redis.call('GET', bought) or '0')
-if b + q > tonumber(ARGV[2]) then return -1 end
+if b + q > tonumber(ARGV[2]) then return refuse(-1) end
 redis.call('DECRBY', KEYS[1], q)
 redis.call('INCRBY', bought, q)
 redis.call('PEXPIRE', bought, ARGV[3])
-return {1, tonumber(sale)}
+return marked({1, tonumber(sale)})
 "#;
 
 /// Raises a SKU's sale number to ARGV[1] (never lowers it: a reconciler that read the store before a sale
@@ -67,6 +81,17 @@ if b > 0 then redis.call('DECRBY', KEYS[2], math.min(b, tonumber(ARGV[1]))) end
 return 1
 "#;
 
+/// Takes a settled attempt off its key's in-flight mark. Keys: the mark.
+const UNMARK: &str = r#"
+if redis.call('DECR', KEYS[1]) <= 0 then redis.call('DEL', KEYS[1]) end
+return 1
+"#;
+
+/// How long an in-flight mark lives unless an attempt settles first: longer than a store call takes (one
+/// on PostgreSQL is bounded well within it), so that only an instance that died mid-attempt leaves a mark
+/// to expire; its buyer's retries are answered `in_progress` until then.
+const IN_FLIGHT_MARK_MS: u64 = 30_000;
+
 /// What the gate says about one attempt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Admission {
@@ -75,10 +100,17 @@ pub enum Admission {
     Taken {
         sale: i64,
     },
-    /// Redis has no opinion (no counter, circuit open, or an error): ask the store.
-    Pass,
+    /// Redis has no opinion (no counter, circuit open, or an error): ask the store. `marked`: the attempt is
+    /// counted on its key's in-flight mark (Redis answered), to be taken off with [`RedisGate::unmark`].
+    Pass {
+        marked: bool,
+    },
     SoldOut,
     OverLimit,
+    /// Redis would refuse, but an attempt under the same idempotency key is in flight, whose units may be
+    /// what it counts: a refusal now could contradict that attempt's answer (a buyer told `sold_out` who
+    /// then holds an order). Ask again once it settles.
+    InFlight,
 }
 
 impl Admission {
@@ -86,9 +118,10 @@ impl Admission {
     const fn label(self) -> &'static str {
         match self {
             Admission::Taken { .. } => "taken",
-            Admission::Pass => "pass",
+            Admission::Pass { .. } => "pass",
             Admission::SoldOut => "sold_out",
             Admission::OverLimit => "over_limit",
+            Admission::InFlight => "in_flight",
         }
     }
 }
@@ -97,11 +130,12 @@ impl Admission {
 const FAILED_ANSWER: &str = "error";
 
 /// Every `answer` label of `xcluster_app_redis_gate_total`: an admission's, or a failed call's.
-const ANSWERS: [&str; 5] = [
+const ANSWERS: [&str; 6] = [
     Admission::Taken { sale: 0 }.label(),
-    Admission::Pass.label(),
+    Admission::Pass { marked: false }.label(),
     Admission::SoldOut.label(),
     Admission::OverLimit.label(),
+    Admission::InFlight.label(),
     FAILED_ANSWER,
 ];
 
@@ -154,6 +188,11 @@ enum GiveBack {
         sale: i64,
         user: String,
     },
+    /// An attempt under `user`'s idempotency `key` settled ([`RedisGate::unmark`]).
+    Unmark {
+        user: String,
+        key: String,
+    },
 }
 
 fn stock_key(sku: &str) -> String {
@@ -175,6 +214,12 @@ fn bought_key_parts(sku: &str, user: &str) -> (String, String) {
 fn bought_key(sku: &str, sale: i64, user: &str) -> String {
     let (head, tail) = bought_key_parts(sku, user);
     format!("{head}{sale}{tail}")
+}
+
+/// The in-flight mark of `user`'s attempts under idempotency `key` (a key is its user's own). The user comes
+/// first: `/` is in no id, so no two pairs share a mark.
+fn in_flight_key(user: &str, key: &str) -> String {
+    format!("xbuy:inflight:{user}/{key}")
 }
 
 impl RedisGate {
@@ -277,31 +322,48 @@ impl RedisGate {
         hot.insert(sku.to_string(), Instant::now());
     }
 
-    /// Asks the gate for `qty` units of `sku` for `user` with a per-user `limit`.
-    pub async fn admit(&self, sku: &str, user: &str, qty: u32, limit: u32) -> Admission {
+    /// Asks the gate for `qty` units of `sku` for `user` with a per-user `limit`; `key` is the attempt's
+    /// idempotency key, if any.
+    pub async fn admit(&self, sku: &str, user: &str, qty: u32, limit: u32, key: Option<&str>) -> Admission {
         let (stock, sale) = (stock_key(sku), sale_key(sku));
         let (head, tail) = bought_key_parts(sku, user);
-        let (qty, limit, ttl) = (
+        let mark = key.map(|k| in_flight_key(user, k)).unwrap_or_default();
+        let (qty, limit, ttl, mark_ttl) = (
             qty.to_string(),
             limit.to_string(),
             self.counter_ttl_ms().to_string(),
+            IN_FLIGHT_MARK_MS.to_string(),
         );
         let answer = match self
             .call(&[
-                "EVAL", ADMIT, "2", &stock, &sale, &qty, &limit, &ttl, &head, &tail,
+                "EVAL", ADMIT, "2", &stock, &sale, &qty, &limit, &ttl, &head, &tail, &mark, &mark_ttl,
             ])
             .await
         {
             Some(Value::Array(taken)) => match taken.as_slice() {
                 [Value::Int(1), Value::Int(sale)] => Admission::Taken { sale: *sale },
-                _ => Admission::Pass,
+                _ => Admission::Pass { marked: false },
             },
             Some(Value::Int(0)) => Admission::SoldOut,
             Some(Value::Int(-1)) => Admission::OverLimit,
-            _ => Admission::Pass,
+            Some(Value::Int(-2)) => Admission::Pass {
+                marked: key.is_some(),
+            },
+            Some(Value::Int(-3)) => Admission::InFlight,
+            _ => Admission::Pass { marked: false },
         };
         metrics::counter!(crate::metrics::REDIS_GATE_TOTAL, "answer" => answer.label()).increment(1);
         answer
+    }
+
+    /// Takes a settled attempt under `user`'s idempotency `key` off its in-flight mark (one the gate counted:
+    /// [`Admission::Taken`], or [`Admission::Pass`] `marked`), so a retry of it is answered, not told to wait.
+    pub async fn unmark(&self, user: &str, key: &str) {
+        self.give_back(GiveBack::Unmark {
+            user: user.to_string(),
+            key: key.to_string(),
+        })
+        .await;
     }
 
     /// Gives back a [`Admission::Taken`] in sale `sale` the store did not turn into an order.
@@ -351,6 +413,9 @@ impl RedisGate {
                 self.call(&["EVAL", RELEASE, "2", &stock, &bought, &qty]).await
             }
             GiveBack::Forget { sku, sale, user } => self.call(&["DEL", &bought_key(sku, *sale, user)]).await,
+            GiveBack::Unmark { user, key } => {
+                self.call(&["EVAL", UNMARK, "1", &in_flight_key(user, key)]).await
+            }
         }
         .is_some()
     }

@@ -31,7 +31,7 @@ xcluster_runtime::metric_names! {
     pub const DEGRADE_BREAKER_TRIPS_TOTAL: &str = "xcluster_app_degrade_breaker_trips_total";
     /// Orders committed per group commit at the queued level.
     pub const BATCH_SIZE: &str = "xcluster_app_batch_orders";
-    /// Redis gate answers, by `answer` (taken, pass, sold_out, over_limit, error) — issue 8.
+    /// Redis gate answers, by `answer` (taken, pass, sold_out, over_limit, in_flight, error) — issue 8.
     pub const REDIS_GATE_TOTAL: &str = "xcluster_app_redis_gate_total";
     /// Redis gate give-backs (a unit the store did not sell, a buyer's count of an ended order) waiting for Redis to take them: the reconciler sends them again once it answers.
     pub const REDIS_GIVE_BACKS_PENDING: &str = "xcluster_app_redis_give_backs_pending";

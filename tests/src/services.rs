@@ -166,6 +166,86 @@ impl Postgres {
     }
 }
 
+/// A transaction held open by `psql` on a [`Postgres`], with the locks its statement took, until
+/// [`HeldTx::commit`] or drop (which kills `psql`, so the server rolls it back).
+#[derive(Debug)]
+pub struct HeldTx {
+    child: std::process::Child,
+    stdin: Option<std::process::ChildStdin>,
+}
+
+impl Postgres {
+    /// Begins a transaction on the `xcluster` database, runs `statement` in it (say a `SELECT ... FOR UPDATE`
+    /// that makes writers of those rows wait), and returns once it has run; the transaction stays open.
+    pub fn hold(&self, statement: &str) -> HeldTx {
+        use std::io::{BufRead, Write};
+        use std::process::Stdio;
+        let mut child = Command::new(pg_bin("psql"))
+            .args(["-h", "127.0.0.1", "-p", &self.addr.port().to_string()])
+            .args([
+                "-U",
+                "xcluster",
+                "-d",
+                "xcluster",
+                "-q",
+                "-A",
+                "-t",
+                "-v",
+                "ON_ERROR_STOP=1",
+            ])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("psql");
+        let mut stdin = child.stdin.take();
+        let script = format!("BEGIN;\n{statement};\n\\echo held\n");
+        (stdin.as_mut().unwrap().write_all(script.as_bytes())).expect("write to psql");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let held = HeldTx { child, stdin };
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(line) if line == "held" => return held,
+                Ok(_) => {}
+                Err(e) => panic!("psql did not run {statement:?} within 30 s: {e}"),
+            }
+        }
+    }
+}
+
+impl HeldTx {
+    /// Commits the transaction (its locks go) and waits for `psql` to exit.
+    pub fn commit(mut self) {
+        use std::io::Write;
+        let mut stdin = self.stdin.take().unwrap();
+        stdin.write_all(b"COMMIT;\n\\q\n").expect("write to psql");
+        drop(stdin);
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while self.child.try_wait().expect("psql").is_none() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "psql did not exit within 30 s of its COMMIT"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for HeldTx {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 impl Redis {
     /// Starts a Redis server with persistence off.
     pub fn start() -> Redis {

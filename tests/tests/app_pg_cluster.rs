@@ -67,7 +67,7 @@ struct OneApp {
     _app: Proc,
     _dir: tempfile::TempDir,
     _redis: Redis,
-    _pg: Postgres,
+    pg: Postgres,
 }
 
 impl OneApp {
@@ -96,7 +96,7 @@ impl OneApp {
             _app: app,
             _dir: dir,
             _redis: redis,
-            _pg: pg,
+            pg,
         }
     }
 }
@@ -657,6 +657,69 @@ fn an_expired_flash_sale_order_frees_the_buyers_allowance_at_the_redis_gate() {
     });
     sale.sells_again_to("expirer");
     audit(sale.one.addr);
+}
+
+/// A buyer's retry under the same key while their first attempt is still in the store is told to wait (409
+/// `in_progress`, `Retry-After`), and once that attempt is through, answered with its order. The gate counts
+/// the first attempt's unit as soon as it admits it: before, the retry met `limit_exceeded` (or `sold_out`
+/// on a sale's last unit), found no order under its key yet, and was refused, and the buyer who gave up
+/// then held the order the first attempt placed.
+#[test]
+fn a_keyed_retry_while_its_first_attempt_is_in_the_store_waits_for_its_answer() {
+    // Long enough that the first attempt waits on the lock below, not on its statement timeout.
+    let one = OneApp::edited(|t| t.replace("statement_timeout_ms = 5000", "statement_timeout_ms = 30000"));
+    let sale = FlashSale::open(one);
+    let addr = sale.one.addr;
+    let buy = move |key: &str| {
+        let body = r#"{"user": "retrier"}"#;
+        let headers = [("Idempotency-Key", key)];
+        request(
+            addr,
+            "POST",
+            "/v1/seckill/flash-1",
+            &headers,
+            Some(body.as_bytes()),
+        )
+        .unwrap()
+    };
+    // Every sale of flash-1 waits for this transaction (a slow store).
+    let lock = sale
+        .one
+        .pg
+        .hold("SELECT 1 FROM skus WHERE sku = 'flash-1' FOR UPDATE");
+    let before = sale.taken();
+    let first = std::thread::spawn(move || buy("retry-1"));
+    eventually(
+        Duration::from_secs(20),
+        "the gate to admit the first attempt",
+        || (sale.taken() > before).then_some(()),
+    );
+    let retry = buy("retry-1");
+    assert_eq!(
+        (retry.status, retry.json()["error"]["code"].as_str()),
+        (409, Some("in_progress")),
+        "{}",
+        retry.body
+    );
+    assert_eq!(retry.header("retry-after"), Some("1"), "{}", retry.body);
+    // Another key is another purchase, over the limit whatever is in flight.
+    assert_eq!(buy("retry-2").status, 429);
+    lock.commit();
+    let first = first.join().unwrap();
+    assert_eq!(first.status, 201, "{}", first.body);
+    let again = buy("retry-1");
+    assert!(matches!(again.status, 200 | 201), "{}", again.body);
+    assert_eq!(again.header("idempotent-replay"), Some("true"), "{}", again.body);
+    assert_eq!(
+        again.json()["id"],
+        first.json()["id"],
+        "the retry is answered with the first order"
+    );
+    assert_eq!(
+        buy("retry-2").status,
+        429,
+        "the limit holds once the key is settled"
+    );
 }
 
 /// A TCP relay to `upstream` that can be frozen: while frozen it forwards nothing either way (the bytes wait

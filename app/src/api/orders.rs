@@ -14,6 +14,7 @@ use super::{App, BODY_TIMEOUT, authorized, idem_key, keyed_json, path_id, reject
 use crate::Config;
 use crate::degrade::Level;
 use crate::domain::{NewOrder, OrderKind, OrderStatus, Reject, fingerprint, new_order_id, now_ms};
+use crate::gate_redis::Admission;
 use crate::queue::OrderOutcome;
 use crate::store::StoreError;
 
@@ -132,12 +133,17 @@ pub async fn seckill(app: &Arc<App>, cfg: &Config, sku: &str, req: Request<Incom
     };
     let redis = app.redis_gate.clone().filter(|_| refusal.is_none());
     let admission = match &redis {
-        Some(g) => g.admit(sku, &user, qty, cfg.per_user_limit).await,
-        None => crate::gate_redis::Admission::Pass,
+        Some(g) => (g.admit(sku, &user, qty, cfg.per_user_limit, order.idem_key.as_deref())).await,
+        None => Admission::Pass { marked: false },
     };
+    // The attempt before under this key is still in the store, and the units Redis counts may be its own:
+    // refused, a buyer whose first answer was lost could be told `sold_out` and then hold that order.
+    if admission == Admission::InFlight {
+        return in_progress();
+    }
     let refusal = refusal.or(match admission {
-        crate::gate_redis::Admission::SoldOut => Some(Reject::SoldOut { sku: sku.to_string() }),
-        crate::gate_redis::Admission::OverLimit => Some(Reject::LimitExceeded {
+        Admission::SoldOut => Some(Reject::SoldOut { sku: sku.to_string() }),
+        Admission::OverLimit => Some(Reject::LimitExceeded {
             user: user.clone(),
             sku: sku.to_string(),
             limit: cfg.per_user_limit,
@@ -158,6 +164,7 @@ pub async fn seckill(app: &Arc<App>, cfg: &Config, sku: &str, req: Request<Incom
     // away while the store works drops this handler, and with it, before, the give-back of the unit the gate
     // took, which its count kept (a buyer refused `limit_exceeded` for the count's life).
     let (app, sku, sold_out_gate) = (app.clone(), sku.to_string(), cfg.sold_out_gate);
+    let key = order.idem_key.clone();
     let settled = tokio::spawn(async move {
         let sku = sku.as_str();
         let asked = app.gate.generation();
@@ -171,11 +178,21 @@ pub async fn seckill(app: &Arc<App>, cfg: &Config, sku: &str, req: Request<Incom
             g.heat(sku);
         }
         // What the gate took is given back unless it became a new order (a replay took nothing).
-        if let Some(g) = redis
-            && let crate::gate_redis::Admission::Taken { sale } = admission
+        if let Some(g) = &redis
+            && let Admission::Taken { sale } = admission
             && !matches!(&out, Ok(Ok(c)) if !c.replay)
         {
             g.release(sku, sale, &user, qty).await;
+        }
+        // Settled, before its answer leaves: a retry sent the moment it arrives is answered, not told to wait.
+        if let Some(g) = &redis
+            && let Some(key) = &key
+            && matches!(
+                admission,
+                Admission::Taken { .. } | Admission::Pass { marked: true }
+            )
+        {
+            g.unmark(&user, key).await;
         }
         out
     });
@@ -184,6 +201,19 @@ pub async fn seckill(app: &Arc<App>, cfg: &Config, sku: &str, req: Request<Incom
             .await
             .unwrap_or_else(|e| Err(StoreError::Internal(format!("order task: {e}")))),
     )
+}
+
+/// 409 `in_progress`: an attempt under the request's idempotency key has not settled yet; the same request
+/// later gets that attempt's answer (the IETF draft on `Idempotency-Key` answers a concurrent retry so).
+fn in_progress() -> Response<Body> {
+    let mut resp = error(
+        StatusCode::CONFLICT,
+        "in_progress",
+        "a request under this Idempotency-Key is still being processed; retry it in a moment",
+    );
+    resp.headers_mut()
+        .insert(http::header::RETRY_AFTER, http::HeaderValue::from_static("1"));
+    resp
 }
 
 /// `GET /v1/orders/{id}`.
