@@ -96,6 +96,19 @@ depends_on = ["db"]
         "web started before db was ready: {events:?}"
     );
 
+    // A restart of web while db is not ready waits for db, as its start did: before, web came straight back
+    // without it.
+    std::fs::remove_file(&ready).unwrap();
+    eventually(T, "db to turn unready", || {
+        (m.prog("db")["ready"] == false).then_some(())
+    });
+    std::fs::remove_file(&web_trapped).unwrap();
+    let o = m.ctl(&["--wait-secs", "1", "restart", "web"]);
+    assert_says(&o, 1, "web: ERROR (still STOPPED, waiting for db after 1 s)");
+    std::fs::write(&ready, "").unwrap();
+    m.wait_state("web", "RUNNING", T);
+    std::fs::remove_file(&order).unwrap(); // the restart's stop of web wrote its line
+
     // Shutdown: web (the dependent) is stopped, and gone, before db gets its signal.
     eventually(T, "web to set its TERM trap", || {
         web_trapped.exists().then_some(())

@@ -202,8 +202,14 @@ impl Supervisor {
             p.held = Some(Hold::Restart);
             return (true, format!("restarting after {}", dependents.join(", ")));
         }
-        if running && after_dependencies {
-            // What it depends on restarts too: it starts again once that is back and ready.
+        // Restarted straight away, a program whose dependency is down (stopped, or failing its readiness
+        // probe) came back without it, where `start` would have waited for it.
+        let unready = !self.waiting_for(name).is_empty();
+        let Some(p) = self.procs.get_mut(name) else {
+            return (false, "gone".into());
+        };
+        if running && (after_dependencies || unready) {
+            // What it depends on restarts too, or is not ready: it starts again once that is back and ready.
             p.wanted = true;
             p.wanted_restart = true;
             self.event(name, Event::Stop);
