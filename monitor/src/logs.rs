@@ -32,7 +32,7 @@ impl RotatingLog {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)?;
         }
-        let file = OpenOptions::new().create(true).append(true).open(path)?;
+        let file = open_log(path)?;
         let meta = file.metadata()?;
         Ok(Some(Self {
             path: path.clone(),
@@ -96,6 +96,26 @@ impl RotatingLog {
     }
 }
 
+/// Opens a log for appending. A FIFO or a device (a terminal, a pipe reopened through `/dev/stdout`) is
+/// opened non-blocking: the writes happen on the monitor's runtime, and a FIFO opened for writing blocked
+/// until a reader came (a log shipper started after the program froze the supervisor at the spawn), and a
+/// full pipe or a terminal under flow control (^S) blocked each write. Now output that such a log does not
+/// take at once is dropped, as for any failed write (`copy_pipe`). A FIFO is opened read-write, so it needs
+/// no reader to open: what is written before one comes waits in the pipe.
+fn open_log(path: &Path) -> std::io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let special = std::fs::metadata(path).is_ok_and(|m| !m.is_file());
+    if !special {
+        return OpenOptions::new().create(true).append(true).open(path);
+    }
+    let fifo = std::fs::metadata(path).is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_fifo(&m.file_type()));
+    OpenOptions::new()
+        .read(fifo)
+        .append(true)
+        .custom_flags(nix::libc::O_NONBLOCK)
+        .open(path)
+}
+
 /// Whether `path` names a device or a FIFO rather than a file: under `/dev/`, or there already and not a
 /// regular file. Such a log is never rotated.
 pub fn is_device(path: &Path) -> bool {
@@ -105,6 +125,10 @@ pub fn is_device(path: &Path) -> bool {
 /// Empties the log at `path` and removes its rotated backups (`<path>.1`, ...). A writer keeps writing to
 /// it: it appends, so its next write lands at the start of the emptied file.
 pub fn clear(path: &Path) -> std::io::Result<()> {
+    // A FIFO or a device holds nothing to empty, and opening a FIFO for writing blocks until it has a reader.
+    if std::fs::metadata(path).is_ok_and(|m| !m.is_file()) {
+        return Ok(());
+    }
     match OpenOptions::new().write(true).open(path) {
         Ok(f) => f.set_len(0)?,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -336,22 +360,27 @@ pub async fn read_from(path: &Path, at: &mut u64, max: u64) -> std::io::Result<V
 mod tests {
     use super::*;
 
+    /// A reader of the FIFO at `path` that needs no writer to open (non-blocking).
+    fn fifo_reader(path: &Path) -> File {
+        use std::os::unix::fs::OpenOptionsExt;
+        (OpenOptions::new().read(true).custom_flags(nix::libc::O_NONBLOCK))
+            .open(path)
+            .unwrap()
+    }
+
+    fn make_fifo(dir: &Path) -> PathBuf {
+        let path = dir.join("out.fifo");
+        nix::unistd::mkfifo(&path, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        path
+    }
+
     /// A log that is not a regular file (a FIFO here; `/dev/stdout` in a container) is never rotated: a
     /// rotation renamed it to a backup and put a plain file in its place.
     #[test]
     fn a_log_that_is_no_regular_file_is_not_rotated() {
-        use std::io::Read;
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("out.fifo");
-        nix::unistd::mkfifo(&path, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
-        let reader = {
-            let path = path.clone();
-            std::thread::spawn(move || {
-                let mut all = Vec::new();
-                std::fs::File::open(path).unwrap().read_to_end(&mut all).unwrap();
-                all.len()
-            })
-        };
+        let path = make_fifo(dir.path());
+        let mut reader = fifo_reader(&path);
         let spec = LogSpec {
             path: Some(path.clone()),
             maxbytes: 16,
@@ -362,8 +391,41 @@ mod tests {
             log.write(b"0123456789\n").unwrap();
         }
         drop(log);
-        assert_eq!(reader.join().unwrap(), 110, "every line reached the reader");
+        // The writer is gone, so the read ends (0) once it has taken what was written.
+        let mut all = Vec::new();
+        reader.read_to_end(&mut all).unwrap();
+        assert_eq!(all.len(), 110, "every line reached the reader");
         assert!(is_device(&path) && !numbered(&path, 1).exists());
+    }
+
+    /// A FIFO log with no reader yet blocks neither its open (the supervisor froze at the program's spawn
+    /// until a log shipper started) nor a write the pipe has no room for (that output is dropped); a reader
+    /// that comes later gets what the pipe held.
+    #[test]
+    fn a_fifo_log_without_a_reader_blocks_neither_its_open_nor_its_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = make_fifo(dir.path());
+        let spec = LogSpec {
+            path: Some(path.clone()),
+            maxbytes: 0,
+            backups: 0,
+        };
+        let (tx, rx) = std::sync::mpsc::channel();
+        let writer = std::thread::spawn(move || {
+            let mut log = RotatingLog::open(&spec).unwrap().unwrap();
+            // 1 MiB, far more than a pipe holds.
+            let taken = (0..64).filter(|_| log.write(&[b'x'; 16 * 1024]).is_ok()).count();
+            tx.send(taken).unwrap();
+            log
+        });
+        let taken =
+            (rx.recv_timeout(std::time::Duration::from_secs(10))).expect("the log's open or a write blocked");
+        assert!((1..64).contains(&taken), "{taken} of 64 writes taken");
+        let log = writer.join().unwrap();
+        let mut buf = vec![0u8; 4096];
+        let n = fifo_reader(&path).read(&mut buf).unwrap();
+        assert!(n > 0 && buf[..n].iter().all(|b| *b == b'x'), "{n}");
+        drop(log);
     }
 
     /// A write that fails drops its chunk, not the log: once the log can be written again, output lands
