@@ -130,6 +130,13 @@ impl Loop {
         let scan = self.now_ms.wrapping_sub(self.last_scan_ms) >= every;
         if scan {
             self.last_scan_ms = self.now_ms;
+            // Directions that closed while they waited for a buffer: left in the queue until a buffer came
+            // back, it grew with every connection that closed through a long shortage.
+            let conns = &self.conns;
+            self.starved.retain(|(slot, d)| {
+                (conns.get(*slot as usize).and_then(Option::as_ref))
+                    .is_some_and(|c| !c.closing && c.dirs[*d].starved)
+            });
         }
         let mut held = 0;
         for slot in 0..self.conns.len() {

@@ -74,11 +74,16 @@ impl Loop {
         self.unsent = unsent;
     }
 
-    /// Sends the rest of the head of direction `d`'s queue.
+    /// Sends the rest of the head of direction `d`'s queue (not on a closing connection: a send submitted
+    /// after its close's cancels is not cancelled, and toward a peer that reads nothing it waited for good,
+    /// holding the slot, its descriptors and its permit).
     pub(super) fn push_send(&mut self, slot: u32, d: usize) {
         let Some(c) = self.conns.get_mut(slot as usize).and_then(Option::as_mut) else {
             return;
         };
+        if c.closing {
+            return;
+        }
         let dir = c.dirs[d];
         if dir.head == NO_BUF {
             return;

@@ -584,16 +584,23 @@ impl Loop {
     }
 
     /// Gives a buffer back to the kernel (or a spare to its stack), and lets directions that found the ring
-    /// empty try again until one receives from it. A woken direction may take no ring buffer (a bulk one
-    /// pumps through a spare; one whose queue is still sending resumes as it drains), and then the buffer is
-    /// still for the next: a wake spent on it would leave the buffer in the ring and the others waiting for
-    /// a give that may not come.
+    /// empty try again: as many whose receive is armed again as the ring holds buffers. A woken direction may
+    /// take no ring buffer (a bulk one pumps through a spare; one whose queue is still sending resumes as it
+    /// drains), and then the buffer is still for the next: a wake spent on it would leave the buffer in the
+    /// ring and the others waiting for a give that may not come. Nor does an armed receive take one until
+    /// its bytes come (the kernel puts back the buffer it picked when the socket is empty): one armed wake
+    /// per give left a direction with bytes waiting behind one that had none, while the buffer sat in the
+    /// ring. Waking too many costs a direction that misses out an ENOBUFS and its place at the queue's end.
     fn give_buf(&mut self, bid: u16) {
         self.bufs.put(bid);
         if bid >= self.bufs.count {
             return;
         }
-        while let Some((slot, d)) = self.starved.pop_front() {
+        let mut armed = 0;
+        while armed < self.bufs.in_ring() {
+            let Some((slot, d)) = self.starved.pop_front() else {
+                return;
+            };
             let Some(c) = self.conn(slot) else { continue };
             if c.closing || !c.dirs[d].starved {
                 continue;
@@ -601,7 +608,7 @@ impl Loop {
             c.dirs[d].starved = false;
             self.maybe_resume(slot, d);
             if self.conn(slot).is_some_and(|c| c.dirs[d].armed) {
-                return;
+                armed += 1;
             }
         }
     }
