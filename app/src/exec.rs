@@ -82,7 +82,7 @@ impl StoreExec {
         T: Send + 'static,
         F: FnOnce(&dyn Store) -> Result<T, StoreError> + Send + 'static,
     {
-        self.lane(&self.writes, f).await
+        self.lane(&self.writes, true, f).await
     }
 
     /// Runs `f`, which only reads, in the read lane: it never waits behind writers queued for the lock.
@@ -91,10 +91,11 @@ impl StoreExec {
         T: Send + 'static,
         F: FnOnce(&dyn Store) -> Result<T, StoreError> + Send + 'static,
     {
-        self.lane(&self.reads, f).await
+        self.lane(&self.reads, false, f).await
     }
 
-    async fn lane<T, F>(&self, permits: &Arc<Semaphore>, f: F) -> Result<T, StoreError>
+    /// Runs `f` on a thread of the lane `permits` guards; `writes`: it may write.
+    async fn lane<T, F>(&self, permits: &Arc<Semaphore>, writes: bool, f: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
         F: FnOnce(&dyn Store) -> Result<T, StoreError> + Send + 'static,
@@ -102,6 +103,12 @@ impl StoreExec {
         let given_up = Arc::new(AtomicBool::new(false));
         let Some(limit) = self.call_timeout else {
             return self.call(permits, f, given_up).await;
+        };
+        let started = Arc::new(AtomicBool::new(false));
+        let marked = started.clone();
+        let f = move |s: &dyn Store| {
+            marked.store(true, Ordering::Relaxed);
+            f(s)
         };
         match tokio::time::timeout(limit, self.call(permits, f, given_up.clone())).await {
             Ok(out) => out,
@@ -113,10 +120,13 @@ impl StoreExec {
                 self.counters.calls.fetch_add(1, Ordering::Relaxed);
                 self.counters.errors.fetch_add(1, Ordering::Relaxed);
                 metrics::counter!(crate::metrics::STORE_ERRORS_TOTAL, "retryable" => "true").increment(1);
-                Err(StoreError::Busy(format!(
-                    "the store did not answer within {} ms",
-                    limit.as_millis()
-                )))
+                let why = format!("the store did not answer within {} ms", limit.as_millis());
+                // A write that had begun runs on, and may commit after this answer.
+                Err(if writes && started.load(Ordering::Relaxed) {
+                    StoreError::Unsettled(why)
+                } else {
+                    StoreError::Busy(why)
+                })
             }
         }
     }

@@ -836,6 +836,54 @@ fn a_postgres_that_stops_answering_costs_a_bounded_wait_and_a_retryable_503() {
     audit(addr);
 }
 
+/// A credit sent without an idempotency key that the store does not confirm in time is answered 504
+/// `outcome_unknown` with no `Retry-After`, for it runs on and may commit: answered 503 "retry later", an
+/// operator's retry of a slow batch credited every wallet twice once both committed. A keyed one is still
+/// "retry later", which its key makes safe.
+#[test]
+fn an_unkeyed_credit_the_store_did_not_confirm_is_not_answered_retry_later() {
+    let app = RelayedApp::start("level = \"sync\"");
+    let (addr, relay) = (app.addr, &app.relay);
+    let credit = |key: Option<&str>| {
+        let auth = auth();
+        let mut headers = vec![("Authorization", auth.as_str())];
+        headers.extend(key.map(|k| ("Idempotency-Key", k)));
+        let body = r#"{"users": ["slow"], "amount_cents": 700}"#;
+        request(addr, "POST", "/admin/credit", &headers, Some(body.as_bytes())).unwrap()
+    };
+    let balance = || get(addr, "/v1/wallets/slow").unwrap().json()["balance_cents"].as_i64();
+    assert_eq!(balance(), Some(0));
+    relay.set_frozen(true);
+    let r = credit(None);
+    assert_eq!(
+        (r.status, r.json()["error"]["code"].as_str()),
+        (504, Some("outcome_unknown")),
+        "{}",
+        r.body
+    );
+    assert_eq!(r.header("retry-after"), None, "{}", r.body);
+    let r = credit(Some("slow-1"));
+    assert_eq!(
+        (r.status, r.json()["error"]["code"].as_str()),
+        (503, Some("store_busy")),
+        "{}",
+        r.body
+    );
+    assert!(r.header("retry-after").is_some(), "{}", r.body);
+    relay.set_frozen(false);
+    // Its retry, once connections to PostgreSQL work again (those opened while it was frozen time out).
+    eventually(
+        Duration::from_secs(30),
+        "the keyed credit's retry to be answered",
+        || (credit(Some("slow-1")).status == 200).then_some(()),
+    );
+    // The unkeyed credit was not lost with its answer: it commits once PostgreSQL answers again, beside
+    // the keyed one, whose retry applied it once.
+    eventually(Duration::from_secs(30), "the unsettled credit to commit", || {
+        (balance() == Some(1400)).then_some(())
+    });
+}
+
 /// One app on PostgreSQL through a [`FreezeRelay`]; everything stops when it drops.
 struct RelayedApp {
     addr: SocketAddr,

@@ -11,7 +11,10 @@ use xcluster_proto::stats::InstanceStats;
 use xcluster_runtime::http::{Body, error, json, read_json, read_json_or_default};
 
 use super::bodies::{DegradeReq, FlashSaleReq, StockReq};
-use super::{App, BODY_TIMEOUT, authorized, idem_key, keyed_json, path_id, reject, respond, store_failed};
+use super::{
+    App, BODY_TIMEOUT, authorized, idem_key, keyed_json, path_id, reject, respond, store_failed,
+    unkeyed_write_failed,
+};
 use crate::Config;
 use crate::degrade::Level;
 use crate::store::Restocked;
@@ -129,6 +132,7 @@ pub async fn merchant_stock(app: &Arc<App>, cfg: &Config, req: Request<Incoming>
         .filter(|u| u.receive > 0)
         .map(|u| u.sku.clone())
         .collect();
+    let keyed = key.is_some();
     let done = app
         .exec
         .run(move |s| match key {
@@ -152,7 +156,8 @@ pub async fn merchant_stock(app: &Arc<App>, cfg: &Config, req: Request<Incoming>
             )
         }
         Ok(Err(r)) => reject(&r),
-        Err(e) => store_failed(&e),
+        Err(e) if keyed => store_failed(&e),
+        Err(e) => unkeyed_write_failed(&e),
     }
 }
 

@@ -255,14 +255,34 @@ fn reject(r: &Reject) -> Response<Body> {
     error(status, r.code(), &r.to_string())
 }
 
-/// The answer to a store failure: busy is retryable (503), anything else is ours (500).
+/// The answer to a store failure: busy is retryable (503), anything else is ours (500). A write that may still
+/// commit is retryable too: this answers requests whose retry replays (an idempotency key, or a state change
+/// that a second time finds done); see [`unkeyed_write_failed`] for those whose retry would apply again.
 fn store_failed(e: &StoreError) -> Response<Body> {
     match e {
-        StoreError::Busy(_) => retry_later(Unavailable::StoreBusy, &e.to_string()),
+        StoreError::Busy(_) | StoreError::Unsettled(_) => retry_later(Unavailable::StoreBusy, &e.to_string()),
         StoreError::Internal(_) => {
             tracing::error!(error = %e, "store failure");
             error(StatusCode::INTERNAL_SERVER_ERROR, "internal", &e.to_string())
         }
+    }
+}
+
+/// The answer to a store failure of a write sent without an idempotency key whose retry would apply it again
+/// (a credit, a stock batch): one given up on while it ran may still commit, so it is 504 `outcome_unknown`,
+/// with no `Retry-After`. Answered "retry later", an operator's retry of a slow batch credited every wallet
+/// twice once both committed.
+fn unkeyed_write_failed(e: &StoreError) -> Response<Body> {
+    match e {
+        StoreError::Unsettled(_) => error(
+            StatusCode::GATEWAY_TIMEOUT,
+            "outcome_unknown",
+            &format!(
+                "{e}, and the write may still apply: check before sending it again, or send it with an \
+                 Idempotency-Key, whose retry is safe"
+            ),
+        ),
+        _ => store_failed(e),
     }
 }
 

@@ -9,7 +9,10 @@ use xcluster_runtime::http::{Body, decode_json, error, json, read_body, read_jso
 
 use super::bodies::{CreditReq, RefundReq, check_callback};
 use super::signature;
-use super::{App, BODY_TIMEOUT, authorized, idem_key, keyed_json, path_id, reject, respond, store_failed};
+use super::{
+    App, BODY_TIMEOUT, authorized, idem_key, keyed_json, path_id, reject, respond, store_failed,
+    unkeyed_write_failed,
+};
 use crate::Config;
 use crate::degrade::Level;
 use crate::store::{PaymentCallback, RefundRequest};
@@ -179,6 +182,7 @@ pub async fn credit(app: &Arc<App>, cfg: &Config, req: Request<Incoming>) -> Res
         return error(StatusCode::BAD_REQUEST, code, &msg);
     }
     let n = body.users.len();
+    let keyed = key.is_some();
     let posted = app
         .exec
         .run(move |s| match key {
@@ -189,7 +193,8 @@ pub async fn credit(app: &Arc<App>, cfg: &Config, req: Request<Incoming>) -> Res
     match posted {
         Ok(Ok(replay)) => keyed_json(StatusCode::OK, &serde_json::json!({ "credited": n }), replay),
         Ok(Err(r)) => reject(&r),
-        Err(e) => store_failed(&e),
+        Err(e) if keyed => store_failed(&e),
+        Err(e) => unkeyed_write_failed(&e),
     }
 }
 

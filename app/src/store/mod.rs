@@ -36,11 +36,15 @@ pub enum StoreError {
     Busy(String),
     #[error("store failure: {0}")]
     Internal(String),
+    /// A write given up on while it ran ([`crate::exec::StoreExec::bounded`]): it runs on and may still
+    /// commit. Retryable under an idempotency key (the retry replays it), not blindly.
+    #[error("store busy: {0}")]
+    Unsettled(String),
 }
 
 impl StoreError {
     pub fn is_retryable(&self) -> bool {
-        matches!(self, StoreError::Busy(_))
+        matches!(self, StoreError::Busy(_) | StoreError::Unsettled(_))
     }
 }
 
