@@ -195,6 +195,9 @@ pub fn spawn(
     } else {
         RotatingLog::open(&spec.stderr)?.map(|l| Arc::new(Mutex::new(l)))
     };
+    // Made before the spawn: failing after it, they left the child running with no one waiting for it.
+    let out_read = receiver(out_read.into())?;
+    let err_read = err_pipe.map(|err| receiver(err.into())).transpose()?;
     let (mut child, own) =
         crate::reaper::spawn(&mut cmd).map_err(|e| explain(e, prog, spec.directory.as_deref()))?;
     // The write ends held for the child go with the command, so the readers see end of file once the
@@ -202,13 +205,9 @@ pub fn spawn(
     drop(cmd);
     let pid = child.id().unwrap_or(0);
     let start_time = crate::statefile::start_time(pid as i32).unwrap_or(0);
-    tokio::spawn(copy_pipe(
-        receiver(out_read.into())?,
-        out_log,
-        outputs.stdout.clone(),
-    ));
-    if let Some(err) = err_pipe {
-        tokio::spawn(copy_pipe(receiver(err.into())?, err_log, outputs.stderr.clone()));
+    tokio::spawn(copy_pipe(out_read, out_log, outputs.stdout.clone()));
+    if let Some(err) = err_read {
+        tokio::spawn(copy_pipe(err, err_log, outputs.stderr.clone()));
     }
     let name = spec.name.clone();
     let stopping = Arc::new(StopClock::default());
@@ -285,25 +284,42 @@ async fn end_group(name: &str, pid: u32, ending: &Ending) {
         found.iter().for_each(|s| s.signal(sig));
     }
     if let Some(began) = began {
-        let deadline = tokio::time::Instant::from_std(began + ending.stopwait);
-        while tokio::time::Instant::now() < deadline
-            && (found.iter().any(Stray::lives)
-                || tokio::task::spawn_blocking(move || group_lives(pgid))
-                    .await
-                    .unwrap_or(false))
-        {
-            tokio::time::sleep(GROUP_POLL).await;
-        }
+        wait_gone(
+            &found,
+            pgid,
+            tokio::time::Instant::from_std(began + ending.stopwait),
+        )
+        .await;
     }
     let _ = kill(Pid::from_raw(-pgid), Signal::SIGKILL);
     found.iter().for_each(|s| s.signal(Signal::SIGKILL));
     // Those a stray started while it was being ended.
+    let mut found = found;
     if !found.is_empty() {
-        for s in find_strays(ending.mark.clone(), pgid).await {
-            s.signal(Signal::SIGKILL);
-        }
+        let late = find_strays(ending.mark.clone(), pgid).await;
+        late.iter().for_each(|s| s.signal(Signal::SIGKILL));
+        found.extend(late);
+    }
+    // Reported once they are gone, for a while: a SIGKILL takes effect at once, but freeing a big address
+    // space takes time, and a process in uninterruptible sleep dies only when its I/O ends. Reported at
+    // once, a crash's restart could meet the dying server on its port and count its failure to bind.
+    wait_gone(&found, pgid, tokio::time::Instant::now() + KILL_WAIT).await;
+}
+
+/// Waits until the strays `found` and group `pgid` are gone, or `deadline`.
+async fn wait_gone(found: &[Stray], pgid: i32, deadline: tokio::time::Instant) {
+    while tokio::time::Instant::now() < deadline
+        && (found.iter().any(Stray::lives)
+            || tokio::task::spawn_blocking(move || group_lives(pgid))
+                .await
+                .unwrap_or(false))
+    {
+        tokio::time::sleep(GROUP_POLL).await;
     }
 }
+
+/// How long an ended program's exit waits for the processes it SIGKILLed to be gone.
+const KILL_WAIT: Duration = Duration::from_secs(2);
 
 /// The strays of a program marked `mark` outside group `pgid`, looked for on a blocking thread (it reads
 /// every process's environment).

@@ -466,10 +466,16 @@ impl Supervisor {
             && (p.spec.readiness.is_none() || p.readiness.as_ref().is_some_and(|r| r.ok))
     }
 
-    /// Whether `q` has settled without being ready: given up (FATAL), or stopped or ended with no start
-    /// pending. It holds no dependent of its group back once another of the group is ready.
+    /// Whether `q` has settled without being ready, or is on its way down: given up (FATAL), stopped or ended
+    /// with no start pending, or stopping for good (being removed, or a stop that no restart follows). It
+    /// holds no dependent of its group back once another of the group is ready: a member a reload removes,
+    /// still stopping (`stopwaitsecs`), held its group's dependents back until it was gone, where the new
+    /// member was ready already.
     fn settled_down(q: &Proc) -> bool {
-        !q.wanted && matches!(q.m.state, State::Fatal | State::Stopped | State::Exited)
+        let going = q.removing
+            || q.held == Some(Hold::Stop)
+            || (q.m.state == State::Stopping && !q.m.restart_pending());
+        !q.wanted && (going || matches!(q.m.state, State::Fatal | State::Stopped | State::Exited))
     }
 
     /// Dependency groups of `name` that are not ready yet: a member is still on its way up (starting, backing
