@@ -327,10 +327,23 @@ async fn find_strays(mark: Option<String>, pgid: i32) -> Vec<Stray> {
     let Some(mark) = mark else {
         return Vec::new();
     };
-    tokio::task::spawn_blocking(move || strays::find(&mark, pgid))
-        .await
-        .unwrap_or_default()
+    let scan = tokio::task::spawn_blocking(move || strays::find(&mark, pgid));
+    match tokio::time::timeout(STRAY_SCAN_LIMIT, scan).await {
+        Ok(found) => found.unwrap_or_default(),
+        Err(_) => {
+            // It reads every process's environment, and a process stuck in the kernel holding its memory's
+            // lock (a hung NFS or FUSE mount) blocks that read: waited for, the exit was never reported.
+            warn!(
+                limit_secs = STRAY_SCAN_LIMIT.as_secs(),
+                "the search for a program's strays did not finish; ending its group without them"
+            );
+            Vec::new()
+        }
+    }
 }
+
+/// How long an ended program's exit waits for the search for its strays.
+const STRAY_SCAN_LIMIT: Duration = Duration::from_secs(5);
 
 /// Whether a process of group `pgid` still runs. A zombie does not count: the group's orphans are reaped
 /// by init, not by us, and an init that reaps them late (a container's) would hold a stop for nothing.

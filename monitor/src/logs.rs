@@ -89,7 +89,11 @@ impl RotatingLog {
             self.size = 0;
             return Ok(());
         }
-        shift_backups(&self.path, self.backups)?;
+        // Shifted already when the log is not there: the last rotation's open failed (no descriptor, no
+        // inode), and shifting again on each write, into the file it left open, pushed every backup off the end.
+        if self.path.exists() {
+            shift_backups(&self.path, self.backups)?;
+        }
         self.file = OpenOptions::new().create(true).append(true).open(&self.path)?;
         self.size = 0;
         Ok(())

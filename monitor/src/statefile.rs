@@ -39,7 +39,19 @@ pub struct Entry {
 #[derive(Debug, Serialize, Deserialize)]
 struct StateFile {
     monitor_pid: u32,
+    /// The kernel's boot id when written (empty in files written before it was kept): a pid and start time
+    /// identify a process within one boot only, and a run directory on disk outlives a reboot, after which
+    /// an unrelated process can have both (a boot that runs the same services in the same order).
+    #[serde(default)]
+    boot_id: String,
     processes: Vec<Entry>,
+}
+
+/// This boot's id (`/proc/sys/kernel/random/boot_id`), empty if unreadable.
+fn boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
 }
 
 /// Why the run directory cannot be used.
@@ -112,6 +124,7 @@ impl RunDir {
     pub fn save(&self, processes: Vec<Entry>) {
         let state = StateFile {
             monitor_pid: std::process::id(),
+            boot_id: boot_id(),
             processes,
         };
         let tmp = self.path.join("state.json.tmp");
@@ -133,6 +146,10 @@ impl RunDir {
             warn!("unreadable state file; ignoring it");
             return Vec::new();
         };
+        if !state.boot_id.is_empty() && state.boot_id != boot_id() {
+            info!("the state file is from an earlier boot: none of its processes runs");
+            return Vec::new();
+        }
         state
             .processes
             .into_iter()
@@ -267,6 +284,36 @@ mod tests {
 
     /// The default run_dir is in the shared $TMPDIR: one another user made first (or opened to all) would let
     /// them plant the state file whose pids the monitor kills at start.
+    /// A state file from another boot names no live process, whatever its pids and start times match now.
+    #[test]
+    fn a_state_file_of_an_earlier_boot_has_no_leftovers() {
+        let dir = tempfile::tempdir().unwrap();
+        let run = RunDir::acquire(dir.path()).unwrap();
+        let me = std::process::id() as i32;
+        let entry = Entry {
+            name: "me".into(),
+            pid: me,
+            start_time: start_time(me).unwrap(),
+            launch: 0,
+            pipes: Default::default(),
+            restarts: 0,
+        };
+        run.save(vec![entry]);
+        assert_eq!(
+            run.leftovers().len(),
+            1,
+            "this boot's entry of a live process is a leftover"
+        );
+        let text = std::fs::read_to_string(run.state_path()).unwrap();
+        let other = text.replace(&boot_id(), "00000000-0000-0000-0000-000000000000");
+        assert_ne!(text, other, "the file names this boot");
+        std::fs::write(run.state_path(), other).unwrap();
+        assert!(
+            run.leftovers().is_empty(),
+            "an earlier boot's entry matched a process of this one"
+        );
+    }
+
     #[test]
     fn run_dir_of_another_user_or_writable_by_others_is_refused() {
         use std::os::unix::fs::PermissionsExt;

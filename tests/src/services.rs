@@ -221,6 +221,23 @@ impl Postgres {
     }
 }
 
+impl Postgres {
+    /// Runs one SQL statement on the `xcluster` database and returns its output, unaligned, rows only.
+    pub fn query(&self, sql: &str) -> String {
+        let out = Command::new(pg_bin("psql"))
+            .args(["-h", "127.0.0.1", "-p", &self.addr.port().to_string()])
+            .args(["-U", "xcluster", "-d", "xcluster", "-q", "-A", "-t", "-c", sql])
+            .output()
+            .expect("psql");
+        assert!(
+            out.status.success(),
+            "{sql}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+}
+
 impl HeldTx {
     /// Commits the transaction (its locks go) and waits for `psql` to exit.
     pub fn commit(mut self) {

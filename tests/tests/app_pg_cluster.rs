@@ -842,7 +842,12 @@ fn a_postgres_that_stops_answering_costs_a_bounded_wait_and_a_retryable_503() {
 /// "retry later", which its key makes safe.
 #[test]
 fn an_unkeyed_credit_the_store_did_not_confirm_is_not_answered_retry_later() {
-    let app = RelayedApp::start("level = \"sync\"");
+    // Connections enough that the credits below find one open while PostgreSQL is silent, so they begin
+    // (one that must connect first fails its connect, which applies nothing and is rightly a plain 503).
+    let app = RelayedApp::edited("level = \"sync\"", |text| {
+        text.replace("pool_size = 4", "pool_size = 32")
+            .replace("store_threads = 4", "store_threads = 16")
+    });
     let (addr, relay) = (app.addr, &app.relay);
     let credit = |key: Option<&str>| {
         let auth = auth();
@@ -853,6 +858,21 @@ fn an_unkeyed_credit_the_store_did_not_confirm_is_not_answered_retry_later() {
     };
     let balance = || get(addr, "/v1/wallets/slow").unwrap().json()["balance_cents"].as_i64();
     assert_eq!(balance(), Some(0));
+    // Reads side by side open connections, which then wait in the pool: more than the housekeeping tasks
+    // can hold while PostgreSQL is silent.
+    eventually(Duration::from_secs(30), "the app to hold 8 connections", || {
+        let warm: Vec<_> = (0..16)
+            .map(|_| std::thread::spawn(move || get(addr, "/v1/wallets/warm")))
+            .collect();
+        for w in warm {
+            assert_eq!(w.join().unwrap().unwrap().status, 200);
+        }
+        let open = app
+            .pg
+            .query("SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend'");
+        // One of them is this query's own.
+        (open.parse::<u32>().unwrap() > 8).then_some(())
+    });
     relay.set_frozen(true);
     let r = credit(None);
     assert_eq!(
@@ -890,24 +910,29 @@ struct RelayedApp {
     relay: FreezeRelay,
     _app: Proc,
     _dir: tempfile::TempDir,
-    _pg: Postgres,
+    pg: Postgres,
 }
 
 impl RelayedApp {
     /// Short store timeouts, and the given `[degrade]` lines.
     fn start(degrade: &str) -> RelayedApp {
+        Self::edited(degrade, |text| text)
+    }
+
+    /// As [`Self::start`], on the config as `edit` changes it.
+    fn edited(degrade: &str, edit: impl FnOnce(String) -> String) -> RelayedApp {
         let pg = Postgres::start();
         let relay = FreezeRelay::start(pg.addr);
         let dir = tempfile::tempdir().unwrap();
         let addr = free_addr();
-        let config = write_file(dir.path(), "app.toml", &behind_relay(addr, &relay, degrade));
+        let config = write_file(dir.path(), "app.toml", &edit(behind_relay(addr, &relay, degrade)));
         let app = start_app(0, config.to_str().unwrap(), addr);
         RelayedApp {
             addr,
             relay,
             _app: app,
             _dir: dir,
-            _pg: pg,
+            pg,
         }
     }
 }

@@ -36,15 +36,17 @@ pub fn sign(secret: &str, t: u64, body: &[u8]) -> String {
 /// what is wrong, never what was expected.
 pub fn verify(secret: &str, header: Option<&str>, body: &[u8], now: u64) -> Result<(), String> {
     let header = header.ok_or_else(|| format!("a signed callback needs the {HEADER} header"))?;
-    let (mut t, mut v1) = (None, None);
-    for part in header.split(',') {
+    // Every `v1`: a provider rolling its secret signs with the old and the new one for a while (as Stripe
+    // does), and checking only the last refused each callback whose last was made with the other secret.
+    let (mut t, mut v1s) = (None, Vec::new());
+    for part in header.split(',').take(MAX_PARTS) {
         match part.trim().split_once('=') {
             Some(("t", v)) => t = v.parse::<u64>().ok(),
-            Some(("v1", v)) => v1 = hex::decode(v).ok(),
+            Some(("v1", v)) => v1s.extend(hex::decode(v).ok()),
             _ => {}
         }
     }
-    let (Some(t), Some(v1)) = (t, v1) else {
+    let Some(t) = t.filter(|_| !v1s.is_empty()) else {
         return Err(format!("{HEADER} must be t=<unix seconds>,v1=<hex HMAC-SHA256>"));
     };
     if t.abs_diff(now) > TOLERANCE_SECS {
@@ -52,10 +54,15 @@ pub fn verify(secret: &str, header: Option<&str>, body: &[u8], now: u64) -> Resu
             "the signature's time {t} is more than {TOLERANCE_SECS} s from this host's ({now})"
         ));
     }
-    mac(secret, t, body)
-        .verify_slice(&v1)
-        .map_err(|_| "the signature does not match the body".to_string())
+    let signed = mac(secret, t, body);
+    (v1s.iter().any(|v1| signed.clone().verify_slice(v1).is_ok()))
+        .then_some(())
+        .ok_or_else(|| "the signature does not match the body".to_string())
 }
+
+/// Most comma-separated parts of a signature header looked at (a header is bounded by the server's limit on
+/// head size too; this bounds the MACs checked).
+const MAX_PARTS: usize = 8;
 
 #[cfg(test)]
 mod tests {
@@ -82,6 +89,18 @@ mod tests {
         for bad in ["", "t=1", "v1=00", "t=x,v1=00", "t=1000000,v1=zz"] {
             assert!(verify("s3cret", Some(bad), body, 1_000_000).is_err(), "{bad}");
         }
+        // While a secret rolls, either of two `v1`s may be the one made with this secret.
+        let v1 = |secret| {
+            sign(secret, 1_000_000, body)
+                .split_once(",v1=")
+                .unwrap()
+                .1
+                .to_string()
+        };
+        let both = format!("t=1000000,v1={},v1={}", v1("s3cret"), v1("old"));
+        assert_eq!(verify("s3cret", Some(&both), body, 1_000_000), Ok(()));
+        assert_eq!(verify("old", Some(&both), body, 1_000_000), Ok(()));
+        assert!(verify("other", Some(&both), body, 1_000_000).is_err());
         // Another time, same MAC: refused (the time is signed).
         let moved = h.replace("t=1000000", "t=1000001");
         assert!(verify("s3cret", Some(&moved), body, 1_000_000).is_err());
