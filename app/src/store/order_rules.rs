@@ -265,10 +265,12 @@ pub(super) fn refund_restocks(o: &OrderView) -> bool {
 /// acknowledged. Refusing it rolled the payment back with the refusal, and the money was lost without a trace.
 pub(super) const REFUND_DUE: &str = "refund_due";
 
-/// Whether a refusal of paying an order by callback means the order cannot take a payment at all (so the
-/// payment is kept as [`REFUND_DUE`]), rather than a bad delivery (a wrong amount, an unknown order).
+/// Whether a refusal of paying an order by callback means the order cannot take this payment (so it is kept
+/// as [`REFUND_DUE`]): it is cancelled, expired or paid already, or the amount captured is not its total
+/// (the order stays unpaid, and the money is owed back). Refused, a capture of another amount was rolled back
+/// with the refusal and was in no record at all. An unknown order is a bad delivery: refused.
 pub(super) fn cannot_take_payment(r: &Reject) -> bool {
-    matches!(r, Reject::BadTransition { .. })
+    matches!(r, Reject::BadTransition { .. } | Reject::AmountMismatch { .. })
 }
 
 /// What provider callback `cb` is when an earlier one with its `payment_id` recorded `order_id`, `status` and
@@ -278,8 +280,9 @@ pub(super) enum PriorPayment {
     /// The same callback again: the order's view, no second effect.
     Replay,
     /// The payment that failed has succeeded since (a provider's payment id spans the buyer's attempts): the
-    /// success is taken. A failure has no effect, so it must not make the later capture a conflict: refused
-    /// 422 on every delivery, that money was in no order and no `refund_due` row.
+    /// success is taken, with its own amount. A failure has no effect, so it must not make the later capture
+    /// a conflict, nor its amount either: refused 422 on every delivery, that money was in no order and no
+    /// `refund_due` row.
     Succeeded,
     /// Another order, amount or outcome under the id (a success reported failed later among them).
     Conflict(Reject),
@@ -293,7 +296,8 @@ pub(super) fn prior_payment(
 ) -> PriorPayment {
     // A payment kept as owed back was a success the provider reported: its replay is the same delivery.
     let reported = if status == REFUND_DUE { "succeeded" } else { status };
-    if order_id != cb.order_id || amount != cb.amount_cents {
+    let failed_before = reported == "failed" && cb.status == "succeeded";
+    if order_id != cb.order_id || (amount != cb.amount_cents && !failed_before) {
         return PriorPayment::Conflict(Reject::IdempotencyConflict {
             key: cb.payment_id.clone(),
         });
@@ -651,10 +655,16 @@ mod tests {
             status: "failed".into(),
             ..callback(500)
         };
+        // A failed attempt's amount binds nothing: its success is taken with its own.
+        assert_eq!(
+            prior_payment(&callback(500), "o1", "failed", 499),
+            PriorPayment::Succeeded
+        );
         for (cb, order, status, amount) in [
             (&failed, "o1", "succeeded", 500),
             (&callback(500), "o2", "failed", 500),
-            (&callback(500), "o1", "failed", 499),
+            (&failed, "o1", "failed", 499),
+            (&callback(500), "o1", "succeeded", 499),
         ] {
             assert!(
                 matches!(

@@ -121,8 +121,8 @@ pub fn callback(t: &mut Tx<'_>, cb: &PaymentCallback, inline_weak: bool) -> Res<
         Some(PriorPayment::Replay) => return order(t, &cb.order_id),
         Some(PriorPayment::Succeeded) => {
             t.exec(
-                "UPDATE payments SET status = $2 WHERE payment_id = $1",
-                &[&cb.payment_id, &cb.status],
+                "UPDATE payments SET status = $2, amount_cents = $3 WHERE payment_id = $1",
+                &[&cb.payment_id, &cb.status, &cb.amount_cents],
             )?;
         }
         None => {

@@ -109,8 +109,8 @@ pub fn callback(tx: &Transaction<'_>, cb: &PaymentCallback, inline_weak: bool) -
         Some(PriorPayment::Conflict(r)) => return Ok(Err(r)),
         Some(PriorPayment::Replay) => return order(tx, &cb.order_id),
         Some(PriorPayment::Succeeded) => {
-            tx.prepare_cached("UPDATE payments SET status = ?2 WHERE payment_id = ?1")?
-                .execute(params![cb.payment_id, cb.status])?;
+            tx.prepare_cached("UPDATE payments SET status = ?2, amount_cents = ?3 WHERE payment_id = ?1")?
+                .execute(params![cb.payment_id, cb.status, cb.amount_cents])?;
         }
         None => {
             tx.prepare_cached("INSERT INTO payments(payment_id, order_id, status, amount_cents, created_ms) VALUES (?1, ?2, ?3, ?4, ?5)")?

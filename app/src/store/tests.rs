@@ -356,6 +356,50 @@ fn a_failed_payment_that_succeeds_later_pays_the_order(fx: &dyn Fixture) {
     assert_audit(&s);
 }
 
+/// A provider's capture of another amount than the order's total leaves the order unpaid and is kept, owed
+/// back (its replay answers, where a refusal rolled its record back); and a failed attempt's amount binds
+/// nothing: the success under its id, for the total, pays the order (it was an `idempotency_conflict`).
+fn a_capture_of_another_amount_is_kept_and_a_failed_attempts_amount_binds_nothing(fx: &dyn Fixture) {
+    let s = fx.open();
+    let o = create(
+        &s,
+        order("u1", None, OrderKind::Regular, "sku-1-1", 1, 60_000),
+        true,
+    )
+    .unwrap()
+    .order;
+    let cb = |id: &str, amount_cents: i64, status: &str| PaymentCallback {
+        payment_id: id.into(),
+        order_id: o.id.clone(),
+        amount_cents,
+        status: status.into(),
+    };
+    for _ in 0..2 {
+        let kept = s
+            .payment_callback(&cb("pi-short", 500, "succeeded"), false)
+            .unwrap();
+        assert_eq!(kept.unwrap().status, "reserved", "unpaid, the capture kept");
+    }
+    assert_eq!(
+        s.payment_callback(&cb("pi-2", 1, "failed"), false)
+            .unwrap()
+            .unwrap()
+            .status,
+        "reserved"
+    );
+    let paid = s
+        .payment_callback(&cb("pi-2", 610, "succeeded"), false)
+        .unwrap()
+        .unwrap();
+    assert_eq!(paid.status, "paid");
+    assert_eq!(
+        s.balance("psp").unwrap(),
+        -610,
+        "only the payment of the total is posted"
+    );
+    assert_audit(&s);
+}
+
 fn reservations_expire_exactly_once_across_handles(fx: &dyn Fixture) {
     let s1 = fx.open();
     let s2 = fx.open();
@@ -766,6 +810,7 @@ macro_rules! every_store_test {
             concurrent_groups_in_opposite_orders_all_commit,
             pay_refund_settle_balance_the_ledger,
             a_failed_payment_that_succeeds_later_pays_the_order,
+            a_capture_of_another_amount_is_kept_and_a_failed_attempts_amount_binds_nothing,
             reservations_expire_exactly_once_across_handles,
             oldest_reservation_expiry_names_the_first_held,
             flash_sale_buckets_and_user_limit,
