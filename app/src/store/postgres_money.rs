@@ -84,20 +84,27 @@ pub fn pay(t: &mut Tx<'_>, id: &str, via: Option<&PaymentCallback>, inline_weak:
         return Ok(Err(r));
     }
     let (payer, method) = order_rules::payer(&o, via);
+    let mut entries = vec![(payer.clone(), -o.total_cents)];
+    entries.extend(shop_shares(t, id)?);
     if via.is_none() {
-        let have: Cents = t
-            .opt(
+        // Every account of the posting, locked in name order as `post` locks them: the wallet locked first
+        // deadlocked with a refund into it from one of its shops, which locks the shop first.
+        let mut accounts: Vec<&String> = entries.iter().map(|(a, _)| a).collect();
+        accounts.sort_unstable();
+        let mut have: Cents = 0;
+        for account in accounts {
+            let row = t.opt(
                 "SELECT balance FROM accounts WHERE account = $1 FOR UPDATE",
-                &[&payer],
-            )?
-            .map(|r| r.get(0))
-            .unwrap_or(0);
+                &[account],
+            )?;
+            if *account == payer {
+                have = row.map(|r| r.get(0)).unwrap_or(0);
+            }
+        }
         if let Some(r) = order_rules::short_of_funds(&payer, have, o.total_cents) {
             return Ok(Err(r));
         }
     }
-    let mut entries = vec![(payer, -o.total_cents)];
-    entries.extend(shop_shares(t, id)?);
     post(t, "pay", id, &entries)?;
     move_stock(t, id, "reserved", "sold")?;
     t.exec("UPDATE orders SET paid_via = $2 WHERE id = $1", &[&id, &method])?;

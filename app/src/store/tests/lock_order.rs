@@ -96,3 +96,45 @@ fn postgres_stock_writers_in_opposite_orders_never_deadlock() {
         (before.0 + 2 * rounds, before.1 + 2 * rounds)
     );
 }
+
+/// A buyer paying orders from the wallet while a shop's refunds of their earlier orders go back into it: both
+/// post between the wallet and the shop, and the server sees no deadlock (the payment locked the wallet
+/// first, the refund the shop: each deadlock cost a second, the server's check, and a retry).
+#[test]
+fn postgres_wallet_payments_and_refunds_into_the_wallet_never_deadlock() {
+    let fx = counting_deadlocks();
+    let handles: Vec<Box<dyn Store>> = (0..2).map(|_| fx.open()).collect();
+    let buyer = "deadlock-buyer";
+    let paid_order = |s: &Box<dyn Store>| {
+        let o = create(
+            s,
+            order(buyer, None, OrderKind::Regular, "sku-1-1", 1, 600_000),
+            true,
+        )
+        .unwrap()
+        .order;
+        s.pay_wallet(&o.id, true).unwrap().unwrap();
+        o.id
+    };
+    handles[0].credit(&[buyer.to_string()], 1_000_000_000).unwrap();
+    // More rounds than the others: a payment and a refund meet in the window only now and then.
+    let rounds = 3 * ROUNDS;
+    let to_refund: Vec<String> = (0..rounds).map(|_| paid_order(&handles[0])).collect();
+    std::thread::scope(|sc| {
+        let (h0, h1) = (&handles[0], &handles[1]);
+        sc.spawn(move || {
+            for _ in 0..rounds {
+                paid_order(h0);
+            }
+        });
+        sc.spawn(move || {
+            for id in &to_refund {
+                refund(h1, id, None, &[]).unwrap();
+            }
+        });
+    });
+    assert_audit(&handles[0]);
+    drop(handles);
+    let deadlocks = deadlocks_once_closed(&fx);
+    assert_eq!(deadlocks, 0, "the server broke {deadlocks} deadlocks");
+}
