@@ -105,9 +105,9 @@ fn postgres_wallet_payments_and_refunds_into_the_wallet_never_deadlock() {
     let fx = counting_deadlocks();
     let handles: Vec<Box<dyn Store>> = (0..2).map(|_| fx.open()).collect();
     let buyer = "deadlock-buyer";
-    let paid_order = |s: &Box<dyn Store>| {
+    let paid_order = |s: &dyn Store| {
         let o = create(
-            s,
+            &s,
             order(buyer, None, OrderKind::Regular, "sku-1-1", 1, 600_000),
             true,
         )
@@ -119,12 +119,12 @@ fn postgres_wallet_payments_and_refunds_into_the_wallet_never_deadlock() {
     handles[0].credit(&[buyer.to_string()], 1_000_000_000).unwrap();
     // More rounds than the others: a payment and a refund meet in the window only now and then.
     let rounds = 3 * ROUNDS;
-    let to_refund: Vec<String> = (0..rounds).map(|_| paid_order(&handles[0])).collect();
+    let to_refund: Vec<String> = (0..rounds).map(|_| paid_order(handles[0].as_ref())).collect();
     std::thread::scope(|sc| {
         let (h0, h1) = (&handles[0], &handles[1]);
         sc.spawn(move || {
             for _ in 0..rounds {
-                paid_order(h0);
+                paid_order(h0.as_ref());
             }
         });
         sc.spawn(move || {
