@@ -220,11 +220,13 @@ impl Store for SqliteStore {
     fn get_product(&self, id: i64) -> Result<Option<Product>, StoreError> {
         self.with_conn(|c| Ok(super::sqlite_orders::list_products_from(c, id, 1, true)?.pop()))
     }
+    // An order and its lines are read in one read transaction (one snapshot), as PostgreSQL reads them: two
+    // statements apart, a refund committed between them showed a `paid` order with every line refunded.
     fn get_order(&self, id: &str) -> Result<Option<OrderView>, StoreError> {
-        self.with_conn(|c| super::sqlite_orders::load_order(c, id))
+        self.with_conn(|c| super::sqlite_orders::load_order(&*c.transaction()?, id))
     }
     fn keyed_answer(&self, o: &NewOrder) -> Result<Option<Result<Created, Reject>>, StoreError> {
-        self.with_conn(|c| super::sqlite_orders::keyed_answer(c, o))
+        self.with_conn(|c| super::sqlite_orders::keyed_answer(&*c.transaction()?, o))
     }
     fn user_orders(
         &self,
