@@ -151,27 +151,11 @@ pub fn spawn(
     if let Some(dir) = &spec.directory {
         cmd.current_dir(dir);
     }
-    let ids = match &spec.user {
-        Some(user) => switch_to(user)?,
-        None => None,
-    };
-    let umask = spec
-        .umask
-        .map(|m| nix::sys::stat::Mode::from_bits_truncate(m as nix::libc::mode_t));
-    // SAFETY: the closure makes only async-signal-safe system calls (setgroups, setgid, setuid, umask,
-    // close_range) on values prepared before the fork, and allocates nothing.
+    as_user(&mut cmd, spec.user.as_deref(), spec.umask)?;
+    // SAFETY: the closure makes only async-signal-safe system calls (close_range, dup2) on values prepared
+    // before the fork, and allocates nothing.
     unsafe {
         cmd.pre_exec(move || {
-            if let Some((uid, gid, groups)) = &ids {
-                // The user's supplementary groups too (`initgroups`, as Supervisord does), then the group, then
-                // the user: after setuid there is no privilege left to change the others.
-                nix::unistd::setgroups(groups)?;
-                nix::unistd::setgid(*gid)?;
-                nix::unistd::setuid(*uid)?;
-            }
-            if let Some(mode) = umask {
-                nix::sys::stat::umask(mode);
-            }
             // Descriptors the monitor inherited from whatever started it (a terminal's, an ssh session's pipe)
             // are not the program's: closed at exec, so a child cannot keep its parent's session open.
             nix::libc::syscall(
@@ -411,6 +395,41 @@ fn held_pipe(pidfd: &OwnedFd, fd: i32, inode: u64) -> std::io::Result<Option<Own
 
 /// The uid, gid and supplementary groups of `user`, looked up before the fork (the lookups read files and
 /// allocate, which the forked child must not). `None` when the monitor already runs as that user.
+/// Has `cmd` run as `user` (with the user's supplementary groups) and with `umask`, as a program with those
+/// settings runs: its probes' commands too.
+pub(crate) fn as_user(
+    cmd: &mut tokio::process::Command,
+    user: Option<&str>,
+    umask: Option<u32>,
+) -> std::io::Result<()> {
+    let ids = match user {
+        Some(user) => switch_to(user)?,
+        None => None,
+    };
+    let umask = umask.map(|m| nix::sys::stat::Mode::from_bits_truncate(m as nix::libc::mode_t));
+    if ids.is_none() && umask.is_none() {
+        return Ok(());
+    }
+    // SAFETY: the closure makes only async-signal-safe system calls (setgroups, setgid, setuid, umask) on
+    // values prepared before the fork, and allocates nothing.
+    unsafe {
+        cmd.pre_exec(move || {
+            if let Some((uid, gid, groups)) = &ids {
+                // The user's supplementary groups too (`initgroups`, as Supervisord does), then the group, then
+                // the user: after setuid there is no privilege left to change the others.
+                nix::unistd::setgroups(groups)?;
+                nix::unistd::setgid(*gid)?;
+                nix::unistd::setuid(*uid)?;
+            }
+            if let Some(mode) = umask {
+                nix::sys::stat::umask(mode);
+            }
+            Ok(())
+        });
+    }
+    Ok(())
+}
+
 fn switch_to(user: &str) -> std::io::Result<Option<(Uid, Gid, Vec<Gid>)>> {
     let u = nix::unistd::User::from_name(user)
         .map_err(std::io::Error::other)?

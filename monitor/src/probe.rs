@@ -62,6 +62,21 @@ pub struct ProbeSpec {
     pub timeout: Duration,
     pub initial_delay: Duration,
     pub failure_threshold: u32,
+    /// What a command probe runs as: its program's user, environment and directory.
+    pub run_as: RunAs,
+}
+
+/// The settings a program's command probe runs with, the program's own (Kubernetes runs an exec probe in
+/// its container): run as root, outside the program's `environment` and `directory`, a probe of a program
+/// with `user =` checked something else than the program could do, and reached what it could not.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RunAs {
+    pub name: String,
+    pub group: String,
+    pub environment: Vec<(String, String)>,
+    pub directory: Option<std::path::PathBuf>,
+    pub user: Option<String>,
+    pub umask: Option<u32>,
 }
 
 impl RawProbe {
@@ -121,6 +136,8 @@ impl RawProbe {
                 1,
                 1000,
             ),
+            // Its program's, once its instance is known (`program`).
+            run_as: RunAs::default(),
         }
     }
 }
@@ -199,6 +216,15 @@ impl ProbeSpec {
                 let mut cmd = tokio::process::Command::new(prog);
                 // As a program's (`child::spawn`): the notify socket is the monitor's alone.
                 xcluster_runtime::sdnotify::keep_from(&mut cmd);
+                let ctx = &self.run_as;
+                cmd.envs(ctx.environment.iter().map(|(k, v)| (k, v)))
+                    .env("XCLUSTER_PROCESS_NAME", &ctx.name)
+                    .env("XCLUSTER_GROUP_NAME", &ctx.group);
+                if let Some(dir) = &ctx.directory {
+                    cmd.current_dir(dir);
+                }
+                crate::child::as_user(&mut cmd, ctx.user.as_deref(), ctx.umask)
+                    .map_err(|e| format!("run {prog}: {e}"))?;
                 // A group of its own, killed whole if the probe times out: `sh -c 'curl ... | grep ...'`
                 // left its curl and grep running at every timed-out period when only the shell was killed.
                 cmd.args(args)
@@ -259,6 +285,7 @@ mod tests {
             timeout: Duration::from_secs(2),
             initial_delay: Duration::ZERO,
             failure_threshold: 1,
+            run_as: RunAs::default(),
         };
         let mut guard = KillGroup(None);
         // The pid file is polled for while the probe runs: its shell writes it once it has started.

@@ -600,7 +600,7 @@ impl RawProgram {
                     maxbytes,
                     backups,
                 };
-                ProcessSpec {
+                let mut spec = ProcessSpec {
                     group: program.to_string(),
                     argv: argv_template.iter().map(|a| sub(a)).collect(),
                     directory: (!self.directory.is_empty()).then(|| PathBuf::from(sub(&self.directory))),
@@ -633,7 +633,19 @@ impl RawProgram {
                     readiness: readiness.clone().map(|p| p.substituted(&vars)),
                     rolling_update,
                     name,
+                };
+                let run_as = crate::probe::RunAs {
+                    name: spec.name.clone(),
+                    group: spec.group.clone(),
+                    environment: spec.environment.clone(),
+                    directory: spec.directory.clone(),
+                    user: spec.user.clone(),
+                    umask: spec.umask,
+                };
+                for probe in [&mut spec.liveness, &mut spec.readiness].into_iter().flatten() {
+                    probe.run_as = run_as.clone();
                 }
+                spec
             })
             .collect();
         // A log file named in the config goes where it says, in a directory that exists (as Supervisord

@@ -119,6 +119,47 @@ depends_on = ["db"]
     assert_eq!(std::fs::read_to_string(&order).unwrap(), "web\ndb\n");
 }
 
+/// A command probe runs as its program does: as its `user` (`nobody` when the test runs as root), with its
+/// `environment`, in its `directory`. It ran as the monitor, in the monitor's environment and directory, so
+/// it checked what the program could not see, and could do what the program could not.
+#[test]
+fn a_command_probe_runs_as_its_program() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    // The program's user may have to enter it.
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let me = nix::unistd::User::from_uid(nix::unistd::geteuid())
+        .unwrap()
+        .unwrap();
+    let user = if me.uid.is_root() {
+        nix::unistd::User::from_name("nobody")
+            .unwrap()
+            .expect("a nobody user")
+    } else {
+        me
+    };
+    let m = Mon::start(&format!(
+        r#"
+[programs.svc]
+command = "sleep 300"
+startsecs = 0
+user = "{name}"
+directory = "{dir}"
+environment = {{ PROBE_SEES = "the program's" }}
+[programs.svc.readiness]
+command = "sh -c 'test \"$(id -u)\" = {uid} && test \"$PROBE_SEES\" = \"the program'\\''s\" && test \"$(pwd)\" = {dir}'"
+period_ms = 100
+"#,
+        name = user.name,
+        uid = user.uid,
+        dir = dir.path().display(),
+    ));
+    m.wait_state("svc", "RUNNING", T);
+    eventually(T, "the probe to pass as the program", || {
+        (m.prog("svc")["ready"] == true).then_some(())
+    });
+}
+
 /// A group's dependent waits while a member is on its way up, and for one to be ready; a member that gave up
 /// (FATAL) does not hold it once another is ready. Waiting for every member, one app that could not bind its
 /// port kept the local cluster's agent STOPPED for good, and every client's list empty.
