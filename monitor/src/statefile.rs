@@ -150,12 +150,22 @@ impl RunDir {
             info!("the state file is from an earlier boot: none of its processes runs");
             return Vec::new();
         }
-        state
-            .processes
-            .into_iter()
+        let (alive, gone): (Vec<Entry>, Vec<Entry>) = (state.processes.into_iter())
             .take(MAX_ENTRIES)
-            .filter(is_same_process)
-            .collect()
+            .partition(is_same_process);
+        // A leader that died while no monitor watched (this one was killed) leaves the rest of its group
+        // running unsupervised (an `sh -c` wrapper's server), holding its port: ended, as the monitor ends a
+        // crashed program's group. Only processes the monitor that wrote the file started (by their mark).
+        let prefix = format!("{}.", state.monitor_pid);
+        for e in gone.iter().filter(|e| e.pid > 0) {
+            let left = crate::strays::left_in_group(e.pid, &prefix);
+            if !left.is_empty() {
+                let pids: Vec<i32> = left.iter().map(|s| s.pid).collect();
+                warn!(program = %e.name, ?pids, "ending what a program left in its group when its leader exited while no monitor ran");
+                left.iter().for_each(|s| s.signal(Signal::SIGKILL));
+            }
+        }
+        alive
     }
 
     /// Stops `alive` (leftovers that are not adopted): the stop signal to each group, SIGKILL after `wait`.

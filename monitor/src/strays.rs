@@ -114,6 +114,27 @@ pub fn find(mark: &str, pgid: i32) -> Vec<Stray> {
     .collect()
 }
 
+/// The live processes of group `pgid` whose mark begins with `prefix` (a monitor's `<pid>.`), held by pidfd:
+/// what a program left in its group when its leader exited while no monitor watched. Blocking.
+pub fn left_in_group(pgid: i32, prefix: &str) -> Vec<Stray> {
+    let in_group = |pid: i32| crate::statefile::live_group(pid) == Some(pgid);
+    let marked_so = |pid: i32| mark_of(pid as u32).is_some_and(|m| m.starts_with(prefix));
+    crate::statefile::pids()
+        .filter(|&pid| in_group(pid) && marked_so(pid))
+        .filter_map(|pid| {
+            let fd = pidfd(pid)?;
+            // Checked again once the pidfd is open: the pid may have gone to another process meanwhile.
+            (in_group(pid) && marked_so(pid)).then(|| Stray {
+                pid,
+                comm: std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                    .map(|c| c.trim_end().to_string())
+                    .unwrap_or_default(),
+                fd,
+            })
+        })
+        .collect()
+}
+
 /// What a process's environment says of the mark looked for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Mark {

@@ -214,3 +214,58 @@ fn an_adopted_program_stops_as_a_spawned_one_with_the_rest_of_its_group() {
     assert!(!alive(server_pid));
     drop(first);
 }
+
+/// A program's leader that dies while no monitor runs (this one was killed) leaves the rest of its group
+/// running, unsupervised and holding what it held (a wrapper's server, its port): the next monitor ends it,
+/// as a monitor ends what a crashed leader leaves. It was left running for good.
+#[test]
+fn what_a_leader_left_in_its_group_while_no_monitor_ran_is_ended() {
+    let mark = format!("takeover-o-{}-{}", std::process::id(), free_port());
+    let files = tempfile::tempdir().unwrap();
+    let pidfile = files.path().join("worker.pid");
+    let programs = format!(
+        r#"
+[programs.wrapper]
+command = "/bin/sh -c 'sleep 300 & echo $! > {pidfile}; wait'"
+startsecs = 0
+environment = {{ MARK = "{mark}" }}
+"#,
+        pidfile = pidfile.display()
+    );
+    let dir = std::sync::Arc::new(tempfile::tempdir().unwrap());
+    let addr = free_addr();
+    let mut first = Mon::start_in(dir.clone(), addr, &programs);
+    first.wait_state("wrapper", "RUNNING", T);
+    let leader = first.pid("wrapper").unwrap();
+    let worker: i32 = eventually(T, "the wrapper to start its worker", || {
+        std::fs::read_to_string(&pidfile).ok()?.trim().parse().ok()
+    });
+    // Ended by the test if not by the second monitor (a failed assertion).
+    let _worker = Marked(worker, format!("MARK={mark}"));
+    first.proc.signal(nix::sys::signal::Signal::SIGKILL);
+    first.proc.wait_exit(T).unwrap();
+    kill9(leader);
+    // Reaped by whoever inherited it: a zombie would still pass for the live leader.
+    eventually(T, "the leader to be gone", || (!exists(leader)).then_some(()));
+    assert!(alive(worker), "the worker outlives its leader");
+
+    let second = Mon::start_in(dir, addr, &programs);
+    eventually(T, "the worker to be ended", || (!alive(worker)).then_some(()));
+    let fresh = second.wait_state("wrapper", "RUNNING", T)["pid"]
+        .as_i64()
+        .unwrap() as i32;
+    assert_ne!(fresh, leader);
+    drop(first);
+}
+
+/// Kills process `.0` when dropped, if it is still alive and carries the environment entry `.1` (so not a
+/// later process given its pid).
+struct Marked(i32, String);
+
+impl Drop for Marked {
+    fn drop(&mut self) {
+        if alive(self.0) && tagged_pids(&self.1).contains(&self.0) {
+            kill9(self.0);
+        }
+    }
+}
