@@ -54,6 +54,19 @@ pub struct Stray {
 }
 
 impl Stray {
+    /// Holds `pid` by a pidfd if it is still what `is_it` says once the pidfd is open (the pid may have gone
+    /// to another process since it was looked at).
+    fn hold(pid: i32, is_it: impl Fn(i32) -> bool) -> Option<Stray> {
+        let fd = pidfd(pid)?;
+        is_it(pid).then(|| Stray {
+            pid,
+            comm: std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .map(|c| c.trim_end().to_string())
+                .unwrap_or_default(),
+            fd,
+        })
+    }
+
     /// Sends `sig` (gone already is fine).
     pub fn signal(&self, sig: Signal) {
         // SAFETY: sends a signal through a pidfd this value owns; no memory is passed.
@@ -101,14 +114,8 @@ pub fn find(mark: &str, pgid: i32) -> Vec<Stray> {
     )
     .into_iter()
     .filter_map(|pid| {
-        let fd = pidfd(pid)?;
-        // Checked again once the pidfd is open: the pid may have gone to another process meanwhile.
-        (outside(pid, pgid) && read_mark(pid, &entry) == Mark::Carries).then(|| Stray {
-            pid,
-            comm: std::fs::read_to_string(format!("/proc/{pid}/comm"))
-                .map(|c| c.trim_end().to_string())
-                .unwrap_or_default(),
-            fd,
+        Stray::hold(pid, |pid| {
+            outside(pid, pgid) && read_mark(pid, &entry) == Mark::Carries
         })
     })
     .collect()
@@ -121,17 +128,7 @@ pub fn left_in_group(pgid: i32, prefix: &str) -> Vec<Stray> {
     let marked_so = |pid: i32| mark_of(pid as u32).is_some_and(|m| m.starts_with(prefix));
     crate::statefile::pids()
         .filter(|&pid| in_group(pid) && marked_so(pid))
-        .filter_map(|pid| {
-            let fd = pidfd(pid)?;
-            // Checked again once the pidfd is open: the pid may have gone to another process meanwhile.
-            (in_group(pid) && marked_so(pid)).then(|| Stray {
-                pid,
-                comm: std::fs::read_to_string(format!("/proc/{pid}/comm"))
-                    .map(|c| c.trim_end().to_string())
-                    .unwrap_or_default(),
-                fd,
-            })
-        })
+        .filter_map(|pid| Stray::hold(pid, |pid| in_group(pid) && marked_so(pid)))
         .collect()
 }
 

@@ -41,6 +41,22 @@ fn pg_bin(name: &str) -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(name))
 }
 
+/// `psql` as the `xcluster` superuser to database `db` of the server at `addr`.
+fn psql(addr: SocketAddr, db: &str) -> Command {
+    let mut c = Command::new(pg_bin("psql"));
+    c.args([
+        "-h",
+        "127.0.0.1",
+        "-p",
+        &addr.port().to_string(),
+        "-U",
+        "xcluster",
+        "-d",
+        db,
+    ]);
+    c
+}
+
 fn is_root() -> bool {
     nix::unistd::Uid::effective().is_root()
 }
@@ -119,36 +135,10 @@ impl Postgres {
         );
         let url = format!("postgres://xcluster@127.0.0.1:{}/postgres", addr.port());
         eventually(Duration::from_secs(30), "postgres to accept queries", || {
-            let out = Command::new(pg_bin("psql"))
-                .args([
-                    "-h",
-                    "127.0.0.1",
-                    "-p",
-                    &addr.port().to_string(),
-                    "-U",
-                    "xcluster",
-                    "-d",
-                    "postgres",
-                    "-c",
-                    "select 1",
-                ])
-                .output()
-                .ok()?;
+            let out = psql(addr, "postgres").args(["-c", "select 1"]).output().ok()?;
             out.status.success().then_some(())
         });
-        let created = Command::new(pg_bin("psql"))
-            .args([
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &addr.port().to_string(),
-                "-U",
-                "xcluster",
-                "-d",
-                "postgres",
-                "-c",
-                "create database xcluster",
-            ])
+        let created = (psql(addr, "postgres").args(["-c", "create database xcluster"]))
             .output()
             .expect("psql");
         assert!(
@@ -180,19 +170,8 @@ impl Postgres {
     pub fn hold(&self, statement: &str) -> HeldTx {
         use std::io::{BufRead, Write};
         use std::process::Stdio;
-        let mut child = Command::new(pg_bin("psql"))
-            .args(["-h", "127.0.0.1", "-p", &self.addr.port().to_string()])
-            .args([
-                "-U",
-                "xcluster",
-                "-d",
-                "xcluster",
-                "-q",
-                "-A",
-                "-t",
-                "-v",
-                "ON_ERROR_STOP=1",
-            ])
+        let mut child = psql(self.addr, "xcluster")
+            .args(["-q", "-A", "-t", "-v", "ON_ERROR_STOP=1"])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -224,9 +203,7 @@ impl Postgres {
 impl Postgres {
     /// Runs one SQL statement on the `xcluster` database and returns its output, unaligned, rows only.
     pub fn query(&self, sql: &str) -> String {
-        let out = Command::new(pg_bin("psql"))
-            .args(["-h", "127.0.0.1", "-p", &self.addr.port().to_string()])
-            .args(["-U", "xcluster", "-d", "xcluster", "-q", "-A", "-t", "-c", sql])
+        let out = (psql(self.addr, "xcluster").args(["-q", "-A", "-t", "-c", sql]))
             .output()
             .expect("psql");
         assert!(

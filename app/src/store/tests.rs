@@ -132,6 +132,22 @@ fn create(
     s.create_orders(&[o], inline).unwrap().pop().unwrap()
 }
 
+/// A reserved order of one `sku-1-1` (610 cents) for `user`.
+fn reserved_order(s: &impl std::ops::Deref<Target = dyn Store>, user: &str) -> OrderView {
+    let o = order(user, None, OrderKind::Regular, "sku-1-1", 1, 60_000);
+    create(s, o, true).unwrap().order
+}
+
+/// The provider's callback for payment `payment_id` of `amount_cents` on order `o`.
+fn psp(o: &OrderView, payment_id: &str, amount_cents: i64, status: &str) -> PaymentCallback {
+    PaymentCallback {
+        payment_id: payment_id.into(),
+        order_id: o.id.clone(),
+        amount_cents,
+        status: status.into(),
+    }
+}
+
 fn assert_audit(s: &impl std::ops::Deref<Target = dyn Store>) -> AuditReport {
     let r = s.audit().unwrap();
     assert!(r.ok, "audit failed: {:?}", r.failures());
@@ -322,19 +338,8 @@ fn pay_refund_settle_balance_the_ledger(fx: &dyn Fixture) {
 /// reported after the success is still a conflict, and the success's replay one payment.
 fn a_failed_payment_that_succeeds_later_pays_the_order(fx: &dyn Fixture) {
     let s = fx.open();
-    let o = create(
-        &s,
-        order("u1", None, OrderKind::Regular, "sku-1-1", 1, 60_000),
-        true,
-    )
-    .unwrap()
-    .order;
-    let cb = |status: &str| PaymentCallback {
-        payment_id: "pi-1".into(),
-        order_id: o.id.clone(),
-        amount_cents: 610,
-        status: status.into(),
-    };
+    let o = reserved_order(&s, "u1");
+    let cb = |status: &str| psp(&o, "pi-1", 610, status);
     for _ in 0..2 {
         assert_eq!(
             s.payment_callback(&cb("failed"), false).unwrap().unwrap().status,
@@ -361,19 +366,8 @@ fn a_failed_payment_that_succeeds_later_pays_the_order(fx: &dyn Fixture) {
 /// nothing: the success under its id, for the total, pays the order (it was an `idempotency_conflict`).
 fn a_capture_of_another_amount_is_kept_and_a_failed_attempts_amount_binds_nothing(fx: &dyn Fixture) {
     let s = fx.open();
-    let o = create(
-        &s,
-        order("u1", None, OrderKind::Regular, "sku-1-1", 1, 60_000),
-        true,
-    )
-    .unwrap()
-    .order;
-    let cb = |id: &str, amount_cents: i64, status: &str| PaymentCallback {
-        payment_id: id.into(),
-        order_id: o.id.clone(),
-        amount_cents,
-        status: status.into(),
-    };
+    let o = reserved_order(&s, "u1");
+    let cb = |id: &str, amount_cents: i64, status: &str| psp(&o, id, amount_cents, status);
     for _ in 0..2 {
         let kept = s
             .payment_callback(&cb("pi-short", 500, "succeeded"), false)

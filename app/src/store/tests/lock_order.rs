@@ -106,13 +106,7 @@ fn postgres_wallet_payments_and_refunds_into_the_wallet_never_deadlock() {
     let handles: Vec<Box<dyn Store>> = (0..2).map(|_| fx.open()).collect();
     let buyer = "deadlock-buyer";
     let paid_order = |s: &dyn Store| {
-        let o = create(
-            &s,
-            order(buyer, None, OrderKind::Regular, "sku-1-1", 1, 600_000),
-            true,
-        )
-        .unwrap()
-        .order;
+        let o = reserved_order(&s, buyer);
         s.pay_wallet(&o.id, true).unwrap().unwrap();
         o.id
     };
