@@ -18,6 +18,8 @@
 //! - `refunds_match_lines`: each line's refunded units are within its quantity and the sum of its refunds'
 //!   units (all of them for a `refunded` order, none for one never paid); each refund's posting gives back
 //!   its units at their lines' prices, and each shop exactly its own lines' share;
+//! - `postings_name_the_payer`: an order's payment is taken from, and each of its refunds given back to, the
+//!   account that paid it (the buyer's wallet, or the provider's `psp`), never another's;
 //! - `effects_once`: no weak effect for an order that never reached the state that causes it, nor a partial
 //!   refund's (`points_revoked/r<n>`) for a refund the order does not have.
 

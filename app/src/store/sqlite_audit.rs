@@ -58,6 +58,13 @@ pub(super) const CHECKS: &[(&str, &str)] = &[
         WHERE e.amount < 0 AND -e.amount != COALESCE((SELECT SUM(rl.qty * l.price_cents) FROM refund_lines rl
             JOIN order_lines l ON l.order_id = rl.order_id AND l.sku = rl.sku
             WHERE rl.order_id = r.order_id AND rl.n = r.n AND 'shop:' || l.shop_id = e.account), 0)"),
+    ("postings_name_the_payer", "SELECT o.id FROM orders o JOIN ledger_tx t ON t.kind = 'pay' AND t.ref = o.id
+        JOIN ledger_entries e ON e.tx_id = t.id WHERE o.paid_via IS NOT NULL AND e.amount < 0
+        AND e.account != (CASE WHEN o.paid_via = 'wallet' THEN 'user:' || o.\"user\" ELSE 'psp' END)
+        UNION ALL SELECT r.ledger_ref FROM refunds r JOIN orders o ON o.id = r.order_id
+        JOIN ledger_tx t ON t.kind = 'refund' AND t.ref = r.ledger_ref JOIN ledger_entries e ON e.tx_id = t.id
+        WHERE o.paid_via IS NOT NULL AND e.amount > 0
+        AND e.account != (CASE WHEN o.paid_via = 'wallet' THEN 'user:' || o.\"user\" ELSE 'psp' END)"),
     ("effects_once", "SELECT f.order_id || '/' || f.kind FROM effects f JOIN orders o ON o.id = f.order_id WHERE
         (f.kind IN ('points', 'notify_paid') AND o.status NOT IN ('paid', 'fulfilled', 'refunded'))
         OR (f.kind IN ('points_revoked', 'notify_refunded') AND o.status != 'refunded')

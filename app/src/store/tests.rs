@@ -797,6 +797,7 @@ macro_rules! every_store_test {
             keyed_partial_refund_replays_and_posts_once,
             fulfilled_partial_refund_does_not_restock,
             audit_catches_a_forged_double_refund,
+            audit_catches_a_refund_to_another_account,
             migration_to_partial_refunds_keeps_paid_and_refunded_orders,
             idempotent_create_and_conflict,
             never_oversells_and_rejects_in_a_batch_independently,

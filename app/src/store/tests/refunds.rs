@@ -245,6 +245,24 @@ pub(super) fn fulfilled_partial_refund_does_not_restock(fx: &dyn Fixture) {
     assert_audit(&s);
 }
 
+/// A refund given back to another account than the one that paid (forged in the ledger, balances and all)
+/// fails the audit, and only the check that names the payer.
+pub(super) fn audit_catches_a_refund_to_another_account(fx: &dyn Fixture) {
+    let s = fx.open();
+    let o = paid(&*s, "pr8", &[("sku-1-1", 1)]);
+    refund(&s, &o.id, None, &[]).unwrap();
+    assert_audit(&s);
+    fx.exec(&format!(
+        "UPDATE accounts SET balance = balance - {SKU_1_1} WHERE account = 'user:pr8';
+         INSERT INTO accounts(account, balance) VALUES ('user:thief', {SKU_1_1});
+         UPDATE ledger_entries SET account = 'user:thief' WHERE amount > 0
+           AND tx_id = (SELECT id FROM ledger_tx WHERE kind = 'refund' AND ref = '{}/r1');",
+        o.id
+    ));
+    let r = s.audit().unwrap();
+    assert_eq!(r.failures(), vec!["postings_name_the_payer"], "{r:?}");
+}
+
 /// A refund posted twice (forged straight into the ledger, balances and all) fails the audit, and so does a
 /// line counted refunded with no refund behind it.
 pub(super) fn audit_catches_a_forged_double_refund(fx: &dyn Fixture) {
