@@ -20,6 +20,8 @@
 //!   its units at their lines' prices, and each shop exactly its own lines' share;
 //! - `postings_name_the_payer`: an order's payment is taken from, and each of its refunds given back to, the
 //!   account that paid it (the buyer's wallet, or the provider's `psp`), never another's;
+//! - `payments_match_orders`: an order the provider paid has exactly one `succeeded` payment, of its total,
+//!   and a `succeeded` payment belongs to such an order (one its order could not take is `refund_due`);
 //! - `effects_once`: no weak effect for an order that never reached the state that causes it, nor a partial
 //!   refund's (`points_revoked/r<n>`) for a refund the order does not have.
 

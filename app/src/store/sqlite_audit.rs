@@ -65,6 +65,11 @@ pub(super) const CHECKS: &[(&str, &str)] = &[
         JOIN ledger_tx t ON t.kind = 'refund' AND t.ref = r.ledger_ref JOIN ledger_entries e ON e.tx_id = t.id
         WHERE o.paid_via IS NOT NULL AND e.amount > 0
         AND e.account != (CASE WHEN o.paid_via = 'wallet' THEN 'user:' || o.\"user\" ELSE 'psp' END)"),
+    ("payments_match_orders", "SELECT o.id FROM orders o WHERE o.paid_via = 'psp'
+        AND o.status IN ('paid', 'fulfilled', 'refunded')
+        AND (SELECT COUNT(*) FROM payments p WHERE p.order_id = o.id AND p.status = 'succeeded') != 1
+        UNION ALL SELECT p.payment_id FROM payments p JOIN orders o ON o.id = p.order_id
+        WHERE p.status = 'succeeded' AND (COALESCE(o.paid_via, '') != 'psp' OR p.amount_cents != o.total_cents)"),
     ("effects_once", "SELECT f.order_id || '/' || f.kind FROM effects f JOIN orders o ON o.id = f.order_id WHERE
         (f.kind IN ('points', 'notify_paid') AND o.status NOT IN ('paid', 'fulfilled', 'refunded'))
         OR (f.kind IN ('points_revoked', 'notify_refunded') AND o.status != 'refunded')

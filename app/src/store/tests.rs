@@ -392,6 +392,9 @@ fn a_capture_of_another_amount_is_kept_and_a_failed_attempts_amount_binds_nothin
         "only the payment of the total is posted"
     );
     assert_audit(&s);
+    // The kept capture recorded as the order's payment instead: the audit sees an order paid twice.
+    fx.exec("UPDATE payments SET status = 'succeeded' WHERE payment_id = 'pi-short'");
+    assert_eq!(s.audit().unwrap().failures(), vec!["payments_match_orders"]);
 }
 
 fn reservations_expire_exactly_once_across_handles(fx: &dyn Fixture) {
