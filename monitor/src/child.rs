@@ -63,7 +63,7 @@ pub struct Spawned {
 /// more from the leader's exit (a leader that exited just before it, beside a stray that ignored the
 /// signal, kept the program STOPPING about twice as long as it says).
 #[derive(Debug, Default)]
-pub struct StopClock(AtomicU64);
+pub struct StopClock(AtomicU64, std::sync::atomic::AtomicBool);
 
 fn clock_epoch() -> std::time::Instant {
     static EPOCH: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
@@ -85,6 +85,16 @@ impl StopClock {
             0 => None,
             ms => Some(clock_epoch() + Duration::from_millis(ms - 1)),
         }
+    }
+
+    /// Ends the wait for what is left of the group now (the monitor's forced shutdown): a stray that ignored
+    /// the stop signal held a second Ctrl-C's 3 s kill for its program's whole `stopwaitsecs`.
+    pub fn hurry(&self) {
+        self.1.store(true, Ordering::Relaxed);
+    }
+
+    fn hurried(&self) -> bool {
+        self.1.load(Ordering::Relaxed)
     }
 }
 
@@ -268,12 +278,8 @@ async fn end_group(name: &str, pid: u32, ending: &Ending) {
         found.iter().for_each(|s| s.signal(sig));
     }
     if let Some(began) = began {
-        wait_gone(
-            &found,
-            pgid,
-            tokio::time::Instant::from_std(began + ending.stopwait),
-        )
-        .await;
+        let deadline = tokio::time::Instant::from_std(began + ending.stopwait);
+        wait_gone(&found, pgid, deadline, Some(&ending.stopping)).await;
     }
     let _ = kill(Pid::from_raw(-pgid), Signal::SIGKILL);
     found.iter().for_each(|s| s.signal(Signal::SIGKILL));
@@ -287,12 +293,13 @@ async fn end_group(name: &str, pid: u32, ending: &Ending) {
     // Reported once they are gone, for a while: a SIGKILL takes effect at once, but freeing a big address
     // space takes time, and a process in uninterruptible sleep dies only when its I/O ends. Reported at
     // once, a crash's restart could meet the dying server on its port and count its failure to bind.
-    wait_gone(&found, pgid, tokio::time::Instant::now() + KILL_WAIT).await;
+    wait_gone(&found, pgid, tokio::time::Instant::now() + KILL_WAIT, None).await;
 }
 
-/// Waits until the strays `found` and group `pgid` are gone, or `deadline`.
-async fn wait_gone(found: &[Stray], pgid: i32, deadline: tokio::time::Instant) {
+/// Waits until the strays `found` and group `pgid` are gone, or `deadline`, or `clock` is hurried.
+async fn wait_gone(found: &[Stray], pgid: i32, deadline: tokio::time::Instant, clock: Option<&StopClock>) {
     while tokio::time::Instant::now() < deadline
+        && !clock.is_some_and(StopClock::hurried)
         && (found.iter().any(Stray::lives)
             || tokio::task::spawn_blocking(move || group_lives(pgid))
                 .await

@@ -375,6 +375,40 @@ autorestart = false
     }
 }
 
+/// SIGINT stops everything at once and SIGKILLs what is left after 3 s, a stray that ignores the stop signal
+/// too: its program's exit waited for its whole `stopwaitsecs` (an hour here), so the monitor ended by the
+/// runtime's forced exit after 5 s (status 2), and the stray ran on.
+#[test]
+fn sigint_ends_a_stray_that_ignores_the_stop_signal_after_3_s() {
+    let dir = tempfile::tempdir().unwrap();
+    let left = dir.path().join("left");
+    let script = dir.path().join("stubborn.sh");
+    std::fs::write(
+        &script,
+        format!(
+            "setsid sh -c 'trap \"\" TERM; echo $$ > {}; while :; do sleep 0.1; done' &\nexec sleep 301\n",
+            left.display()
+        ),
+    )
+    .unwrap();
+    let mut m = Mon::start(&format!(
+        r#"
+[programs.stubborn]
+command = "/bin/sh {}"
+startsecs = 0
+stopwaitsecs = 3600
+"#,
+        script.display()
+    ));
+    m.wait_state("stubborn", "RUNNING", T);
+    let stray: i32 = eventually(T, "the stray to start", || {
+        std::fs::read_to_string(&left).ok()?.trim().parse().ok()
+    });
+    m.proc.signal(nix::sys::signal::Signal::SIGINT);
+    assert_eq!(m.proc.wait_exit(T), Some(0), "{}", m.proc.stderr());
+    assert!(!alive(stray), "the stray outlived the monitor");
+}
+
 /// A wrapper shell that does not exec (`sh -c 'sh server.sh; true'`) dies of the stop signal at once, while
 /// the server it runs, signalled with the group, shuts down cleanly: the monitor waits for the rest of the
 /// group (within `stopwaitsecs`) before it calls the program stopped. It SIGKILLed the group as soon as the

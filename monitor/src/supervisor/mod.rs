@@ -412,6 +412,7 @@ impl Supervisor {
             Internal::Wake => {}
             Internal::KillAll => {
                 for p in self.procs.values().filter(|p| p.m.state.has_process()) {
+                    p.stopping.hurry();
                     let _ = child::signal_group(p.pid, nix::sys::signal::Signal::SIGKILL);
                 }
             }
