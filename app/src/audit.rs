@@ -22,6 +22,8 @@
 //!   account that paid it (the buyer's wallet, or the provider's `psp`), never another's;
 //! - `payments_match_orders`: an order the provider paid has exactly one `succeeded` payment, of its total,
 //!   and a `succeeded` payment belongs to such an order (one its order could not take is `refund_due`);
+//! - `settlements_match_postings`: each settlement row is what its posting took from its shop, and each
+//!   settlement posting has its row;
 //! - `effects_once`: no weak effect for an order that never reached the state that causes it, nor a partial
 //!   refund's (`points_revoked/r<n>`) for a refund the order does not have.
 

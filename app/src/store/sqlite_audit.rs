@@ -70,6 +70,11 @@ pub(super) const CHECKS: &[(&str, &str)] = &[
         AND (SELECT COUNT(*) FROM payments p WHERE p.order_id = o.id AND p.status = 'succeeded') != 1
         UNION ALL SELECT p.payment_id FROM payments p JOIN orders o ON o.id = p.order_id
         WHERE p.status = 'succeeded' AND (COALESCE(o.paid_via, '') != 'psp' OR p.amount_cents != o.total_cents)"),
+    ("settlements_match_postings", "SELECT s.batch || ':' || s.shop_id FROM settlements s
+        WHERE -s.amount_cents != COALESCE((SELECT SUM(e.amount) FROM ledger_tx t JOIN ledger_entries e ON e.tx_id = t.id
+            WHERE t.kind = 'settle' AND t.ref = s.batch || ':' || s.shop_id AND e.account = 'shop:' || s.shop_id), 0)
+        UNION ALL SELECT t.ref FROM ledger_tx t WHERE t.kind = 'settle'
+        AND NOT EXISTS (SELECT 1 FROM settlements s WHERE s.batch || ':' || s.shop_id = t.ref)"),
     ("effects_once", "SELECT f.order_id || '/' || f.kind FROM effects f JOIN orders o ON o.id = f.order_id WHERE
         (f.kind IN ('points', 'notify_paid') AND o.status NOT IN ('paid', 'fulfilled', 'refunded'))
         OR (f.kind IN ('points_revoked', 'notify_refunded') AND o.status != 'refunded')

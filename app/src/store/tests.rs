@@ -331,6 +331,9 @@ fn pay_refund_settle_balance_the_ledger(fx: &dyn Fixture) {
     assert_eq!(s.balance("payout:1").unwrap(), 610);
     s.run_outbox(100).unwrap();
     assert_audit(&s);
+    // A settlement recorded for more than its posting paid out.
+    fx.exec("UPDATE settlements SET amount_cents = amount_cents + 1");
+    assert_eq!(s.audit().unwrap().failures(), vec!["settlements_match_postings"]);
 }
 
 /// A provider's payment id spans the buyer's attempts: the one that failed may succeed later, and that capture
