@@ -6,12 +6,17 @@
 //! store latency and the store error ratio.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio::sync::Semaphore;
 
 use crate::store::{Store, StoreError};
+
+/// A bounded store call's state: waiting for a thread, running, or given up on by its caller.
+const QUEUED: u8 = 0;
+const RUNNING: u8 = 1;
+const GIVEN_UP: u8 = 2;
 
 /// The store executor.
 #[derive(Clone)]
@@ -94,35 +99,31 @@ impl StoreExec {
         self.lane(&self.reads, false, f).await
     }
 
-    /// Runs `f` on a thread of the lane `permits` guards; `writes`: it may write.
+    /// Runs `f` on a thread of the lane `permits` guards; `writes`: it may write. Its state ([`QUEUED`],
+    /// [`RUNNING`], [`GIVEN_UP`]) tells a call given up on by its bound whether it began: a write that began
+    /// may still commit (`Unsettled`), one that had not never begins (`Busy`).
     async fn lane<T, F>(&self, permits: &Arc<Semaphore>, writes: bool, f: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
         F: FnOnce(&dyn Store) -> Result<T, StoreError> + Send + 'static,
     {
-        let given_up = Arc::new(AtomicBool::new(false));
+        let state = Arc::new(AtomicU8::new(QUEUED));
         let Some(limit) = self.call_timeout else {
-            return self.call(permits, f, given_up).await;
+            return self.call(permits, f, state).await;
         };
-        let started = Arc::new(AtomicBool::new(false));
-        let marked = started.clone();
-        let f = move |s: &dyn Store| {
-            marked.store(true, Ordering::Relaxed);
-            f(s)
-        };
-        match tokio::time::timeout(limit, self.call(permits, f, given_up.clone())).await {
+        match tokio::time::timeout(limit, self.call(permits, f, state.clone())).await {
             Ok(out) => out,
             Err(_) => {
                 // An error for the breakers, as a failed call is; counted here alone: the call, which runs on
                 // to its end, counts nothing then (it counted once more, and its whole late time landed in a
                 // later window, where it could trip the latency breaker after the store had recovered).
-                given_up.store(true, Ordering::Relaxed);
+                let began = state.swap(GIVEN_UP, Ordering::AcqRel) == RUNNING;
                 self.counters.calls.fetch_add(1, Ordering::Relaxed);
                 self.counters.errors.fetch_add(1, Ordering::Relaxed);
                 metrics::counter!(crate::metrics::STORE_ERRORS_TOTAL, "retryable" => "true").increment(1);
                 let why = format!("the store did not answer within {} ms", limit.as_millis());
                 // A write that had begun runs on, and may commit after this answer.
-                Err(if writes && started.load(Ordering::Relaxed) {
+                Err(if writes && began {
                     StoreError::Unsettled(why)
                 } else {
                     StoreError::Busy(why)
@@ -131,12 +132,7 @@ impl StoreExec {
         }
     }
 
-    async fn call<T, F>(
-        &self,
-        permits: &Arc<Semaphore>,
-        f: F,
-        given_up: Arc<AtomicBool>,
-    ) -> Result<T, StoreError>
+    async fn call<T, F>(&self, permits: &Arc<Semaphore>, f: F, state: Arc<AtomicU8>) -> Result<T, StoreError>
     where
         T: Send + 'static,
         F: FnOnce(&dyn Store) -> Result<T, StoreError> + Send + 'static,
@@ -156,9 +152,14 @@ impl StoreExec {
         let store = self.store.clone();
         let counters = self.counters.clone();
         let out = tokio::task::spawn_blocking(move || {
+            // Given up on while it waited for this thread: its caller was answered, so it is not begun late.
+            if (state.compare_exchange(QUEUED, RUNNING, Ordering::AcqRel, Ordering::Acquire)).is_err() {
+                drop(permit);
+                return Err(StoreError::Busy("given up on before it began".into()));
+            }
             let start = Instant::now();
             let out = f(store.as_ref());
-            if !given_up.load(Ordering::Relaxed) {
+            if state.load(Ordering::Acquire) != GIVEN_UP {
                 counters
                     .busy_us
                     .fetch_add(start.elapsed().as_micros() as u64, Ordering::Relaxed);

@@ -63,7 +63,11 @@ pub struct Spawned {
 /// more from the leader's exit (a leader that exited just before it, beside a stray that ignored the
 /// signal, kept the program STOPPING about twice as long as it says).
 #[derive(Debug, Default)]
-pub struct StopClock(AtomicU64, std::sync::atomic::AtomicBool);
+pub struct StopClock {
+    /// When the stop began: milliseconds since [`clock_epoch`], plus one (0: not begun).
+    began_ms: AtomicU64,
+    hurried: std::sync::atomic::AtomicBool,
+}
 
 fn clock_epoch() -> std::time::Instant {
     static EPOCH: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
@@ -75,13 +79,13 @@ impl StopClock {
     pub fn begin(&self) {
         let ms = clock_epoch().elapsed().as_millis() as u64 + 1;
         let _ = self
-            .0
+            .began_ms
             .compare_exchange(0, ms, Ordering::Relaxed, Ordering::Relaxed);
     }
 
     /// When the stop began, if it has.
     pub fn began(&self) -> Option<std::time::Instant> {
-        match self.0.load(Ordering::Relaxed) {
+        match self.began_ms.load(Ordering::Relaxed) {
             0 => None,
             ms => Some(clock_epoch() + Duration::from_millis(ms - 1)),
         }
@@ -90,11 +94,11 @@ impl StopClock {
     /// Ends the wait for what is left of the group now (the monitor's forced shutdown): a stray that ignored
     /// the stop signal held a second Ctrl-C's 3 s kill for its program's whole `stopwaitsecs`.
     pub fn hurry(&self) {
-        self.1.store(true, Ordering::Relaxed);
+        self.hurried.store(true, Ordering::Relaxed);
     }
 
     fn hurried(&self) -> bool {
-        self.1.load(Ordering::Relaxed)
+        self.hurried.load(Ordering::Relaxed)
     }
 }
 
@@ -131,13 +135,8 @@ pub fn spawn(
         .split_first()
         .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "empty command"))?;
     let mut cmd = tokio::process::Command::new(prog);
-    // The service manager's notify socket and watchdog are the monitor's: a program that inherited them
-    // would tell systemd the monitor is ready or stopping. A program's own `environment` may still set them.
-    xcluster_runtime::sdnotify::keep_from(&mut cmd);
+    as_program(&mut cmd, &spec.run_as())?;
     cmd.args(args)
-        .envs(spec.environment.iter().map(|(k, v)| (k, v)))
-        .env("XCLUSTER_PROCESS_NAME", &spec.name)
-        .env("XCLUSTER_GROUP_NAME", &spec.group)
         .env(strays::MARK_VAR, strays::mark(spawn_id))
         .stdin(Stdio::null())
         .process_group(0)
@@ -158,10 +157,6 @@ pub fn spawn(
         stdout: grow_and_identify(&out_read),
         stderr: err_pipe.as_ref().map_or(0, grow_and_identify),
     };
-    if let Some(dir) = &spec.directory {
-        cmd.current_dir(dir);
-    }
-    as_user(&mut cmd, spec.user.as_deref(), spec.umask)?;
     // SAFETY: the closure makes only async-signal-safe system calls (close_range, dup2) on values prepared
     // before the fork, and allocates nothing.
     unsafe {
@@ -259,7 +254,7 @@ async fn end_group(name: &str, pid: u32, ending: &Ending) {
     let pgid = pid as i32;
     let began = ending.stopping.began();
     let stopping = began.is_some();
-    let found = find_strays(ending.mark.clone(), pgid).await;
+    let mut found = find_strays(ending.mark.clone(), pgid).await;
     if !found.is_empty() {
         let pids: Vec<String> = found.iter().map(|s| format!("{} ({})", s.pid, s.comm)).collect();
         warn!(
@@ -284,7 +279,6 @@ async fn end_group(name: &str, pid: u32, ending: &Ending) {
     let _ = kill(Pid::from_raw(-pgid), Signal::SIGKILL);
     found.iter().for_each(|s| s.signal(Signal::SIGKILL));
     // Those a stray started while it was being ended.
-    let mut found = found;
     if !found.is_empty() {
         let late = find_strays(ending.mark.clone(), pgid).await;
         late.iter().for_each(|s| s.signal(Signal::SIGKILL));
@@ -402,18 +396,27 @@ fn held_pipe(pidfd: &OwnedFd, fd: i32, inode: u64) -> std::io::Result<Option<Own
 
 /// The uid, gid and supplementary groups of `user`, looked up before the fork (the lookups read files and
 /// allocate, which the forked child must not). `None` when the monitor already runs as that user.
-/// Has `cmd` run as `user` (with the user's supplementary groups) and with `umask`, as a program with those
-/// settings runs: its probes' commands too.
-pub(crate) fn as_user(
+/// Has `cmd` run as a program with the settings `ctx` runs: with its `environment` and names, in its
+/// `directory`, as its `user` (with the user's supplementary groups) and with its `umask`. The program's own
+/// process, and its probes' commands.
+pub(crate) fn as_program(
     cmd: &mut tokio::process::Command,
-    user: Option<&str>,
-    umask: Option<u32>,
+    ctx: &crate::probe::RunAs,
 ) -> std::io::Result<()> {
-    let ids = match user {
+    // The service manager's notify socket and watchdog are the monitor's: a program that inherited them
+    // would tell systemd the monitor is ready or stopping. A program's own `environment` may still set them.
+    xcluster_runtime::sdnotify::keep_from(cmd);
+    cmd.envs(ctx.environment.iter().map(|(k, v)| (k, v)))
+        .env("XCLUSTER_PROCESS_NAME", &ctx.name)
+        .env("XCLUSTER_GROUP_NAME", &ctx.group);
+    if let Some(dir) = &ctx.directory {
+        cmd.current_dir(dir);
+    }
+    let ids = match &ctx.user {
         Some(user) => switch_to(user)?,
         None => None,
     };
-    let umask = umask.map(|m| nix::sys::stat::Mode::from_bits_truncate(m as nix::libc::mode_t));
+    let umask = (ctx.umask).map(|m| nix::sys::stat::Mode::from_bits_truncate(m as nix::libc::mode_t));
     if ids.is_none() && umask.is_none() {
         return Ok(());
     }

@@ -107,14 +107,14 @@ impl RotatingLog {
 /// take at once is dropped, as for any failed write (`copy_pipe`). A FIFO is opened read-write, so it needs
 /// no reader to open: what is written before one comes waits in the pipe.
 fn open_log(path: &Path) -> std::io::Result<File> {
+    use std::os::unix::fs::FileTypeExt;
     use std::os::unix::fs::OpenOptionsExt;
-    let special = std::fs::metadata(path).is_ok_and(|m| !m.is_file());
-    if !special {
-        return OpenOptions::new().create(true).append(true).open(path);
-    }
-    let fifo = std::fs::metadata(path).is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_fifo(&m.file_type()));
+    let kind = match std::fs::metadata(path) {
+        Ok(m) if !m.is_file() => m.file_type(),
+        _ => return OpenOptions::new().create(true).append(true).open(path),
+    };
     OpenOptions::new()
-        .read(fifo)
+        .read(kind.is_fifo())
         .append(true)
         .custom_flags(nix::libc::O_NONBLOCK)
         .open(path)

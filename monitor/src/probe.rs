@@ -214,17 +214,7 @@ impl ProbeSpec {
             ProbeKind::Command { argv } => {
                 let (prog, args) = argv.split_first().ok_or("empty command")?;
                 let mut cmd = tokio::process::Command::new(prog);
-                // As a program's (`child::spawn`): the notify socket is the monitor's alone.
-                xcluster_runtime::sdnotify::keep_from(&mut cmd);
-                let ctx = &self.run_as;
-                cmd.envs(ctx.environment.iter().map(|(k, v)| (k, v)))
-                    .env("XCLUSTER_PROCESS_NAME", &ctx.name)
-                    .env("XCLUSTER_GROUP_NAME", &ctx.group);
-                if let Some(dir) = &ctx.directory {
-                    cmd.current_dir(dir);
-                }
-                crate::child::as_user(&mut cmd, ctx.user.as_deref(), ctx.umask)
-                    .map_err(|e| format!("run {prog}: {e}"))?;
+                crate::child::as_program(&mut cmd, &self.run_as).map_err(|e| format!("run {prog}: {e}"))?;
                 // A group of its own, killed whole if the probe times out: `sh -c 'curl ... | grep ...'`
                 // left its curl and grep running at every timed-out period when only the shell was killed.
                 cmd.args(args)

@@ -163,6 +163,18 @@ pub struct ProcessSpec {
 }
 
 impl ProcessSpec {
+    /// The settings its process, and its probes' commands, run with (`child::as_program`).
+    pub fn run_as(&self) -> crate::probe::RunAs {
+        crate::probe::RunAs {
+            name: self.name.clone(),
+            group: self.group.clone(),
+            environment: self.environment.clone(),
+            directory: self.directory.clone(),
+            user: self.user.clone(),
+            umask: self.umask,
+        }
+    }
+
     /// A fingerprint of what the process was started with (command, directory, environment, umask, user): a
     /// process left by a previous monitor is adopted only if its fingerprint matches the config. A hash, so
     /// secrets in the environment never reach the state file. `DefaultHasher` is stable within one build; a
@@ -634,14 +646,7 @@ impl RawProgram {
                     rolling_update,
                     name,
                 };
-                let run_as = crate::probe::RunAs {
-                    name: spec.name.clone(),
-                    group: spec.group.clone(),
-                    environment: spec.environment.clone(),
-                    directory: spec.directory.clone(),
-                    user: spec.user.clone(),
-                    umask: spec.umask,
-                };
+                let run_as = spec.run_as();
                 for probe in [&mut spec.liveness, &mut spec.readiness].into_iter().flatten() {
                     probe.run_as = run_as.clone();
                 }

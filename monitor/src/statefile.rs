@@ -47,11 +47,15 @@ struct StateFile {
     processes: Vec<Entry>,
 }
 
-/// This boot's id (`/proc/sys/kernel/random/boot_id`), empty if unreadable.
-fn boot_id() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_default()
+/// This boot's id (`/proc/sys/kernel/random/boot_id`), empty if unreadable; read once (it is saved with every
+/// pid change).
+fn boot_id() -> &'static str {
+    static ID: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    ID.get_or_init(|| {
+        std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default()
+    })
 }
 
 /// Why the run directory cannot be used.
@@ -124,7 +128,7 @@ impl RunDir {
     pub fn save(&self, processes: Vec<Entry>) {
         let state = StateFile {
             monitor_pid: std::process::id(),
-            boot_id: boot_id(),
+            boot_id: boot_id().to_string(),
             processes,
         };
         let tmp = self.path.join("state.json.tmp");
@@ -315,7 +319,7 @@ mod tests {
             "this boot's entry of a live process is a leftover"
         );
         let text = std::fs::read_to_string(run.state_path()).unwrap();
-        let other = text.replace(&boot_id(), "00000000-0000-0000-0000-000000000000");
+        let other = text.replace(boot_id(), "00000000-0000-0000-0000-000000000000");
         assert_ne!(text, other, "the file names this boot");
         std::fs::write(run.state_path(), other).unwrap();
         assert!(

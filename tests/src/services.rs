@@ -222,14 +222,9 @@ impl HeldTx {
         let mut stdin = self.stdin.take().unwrap();
         stdin.write_all(b"COMMIT;\n\\q\n").expect("write to psql");
         drop(stdin);
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        while self.child.try_wait().expect("psql").is_none() {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "psql did not exit within 30 s of its COMMIT"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        eventually(Duration::from_secs(30), "psql to exit after its COMMIT", || {
+            self.child.try_wait().expect("psql")
+        });
     }
 }
 

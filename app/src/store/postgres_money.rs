@@ -87,20 +87,16 @@ pub fn pay(t: &mut Tx<'_>, id: &str, via: Option<&PaymentCallback>, inline_weak:
     let mut entries = vec![(payer.clone(), -o.total_cents)];
     entries.extend(shop_shares(t, id)?);
     if via.is_none() {
-        // Every account of the posting, locked in name order as `post` locks them: the wallet locked first
-        // deadlocked with a refund into it from one of its shops, which locks the shop first.
-        let mut accounts: Vec<&String> = entries.iter().map(|(a, _)| a).collect();
-        accounts.sort_unstable();
-        let mut have: Cents = 0;
-        for account in accounts {
-            let row = t.opt(
-                "SELECT balance FROM accounts WHERE account = $1 FOR UPDATE",
-                &[account],
-            )?;
-            if *account == payer {
-                have = row.map(|r| r.get(0)).unwrap_or(0);
-            }
-        }
+        // Every account of the posting, locked in name order in one statement, as `post` locks them: the
+        // wallet locked first deadlocked with a refund into it from one of its shops, which locks the shop first.
+        let accounts: Vec<&str> = entries.iter().map(|(a, _)| a.as_str()).collect();
+        let have: Cents = (t.query(
+            "SELECT account, balance FROM accounts WHERE account = ANY($1) ORDER BY account FOR UPDATE",
+            &[&accounts],
+        )?)
+        .iter()
+        .find(|r| r.get::<_, &str>(0) == payer)
+        .map_or(0, |r| r.get(1));
         if let Some(r) = order_rules::short_of_funds(&payer, have, o.total_cents) {
             return Ok(Err(r));
         }
