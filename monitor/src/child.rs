@@ -187,8 +187,7 @@ pub fn spawn(
     // Made before the spawn: failing after it, they left the child running with no one waiting for it.
     let out_read = receiver(out_read.into())?;
     let err_read = err_pipe.map(|err| receiver(err.into())).transpose()?;
-    let (mut child, own) =
-        crate::reaper::spawn(&mut cmd).map_err(|e| explain(e, prog, spec.directory.as_deref()))?;
+    let (mut child, own) = crate::reaper::spawn(&mut cmd).map_err(|e| explain(e, prog, &spec.run_as()))?;
     // The write ends held for the child go with the command, so the readers see end of file once the
     // process (and whatever inherited its output) is gone.
     drop(cmd);
@@ -409,19 +408,29 @@ pub(crate) fn as_program(
     cmd.envs(ctx.environment.iter().map(|(k, v)| (k, v)))
         .env("XCLUSTER_PROCESS_NAME", &ctx.name)
         .env("XCLUSTER_GROUP_NAME", &ctx.group);
-    if let Some(dir) = &ctx.directory {
-        cmd.current_dir(dir);
-    }
     let ids = match &ctx.user {
         Some(user) => switch_to(user)?,
         None => None,
+    };
+    // With a user to switch to, the directory is entered as that user, after the switch (as Supervisord
+    // does): std's `current_dir` enters it before `pre_exec`, as root, so a program could start in a
+    // directory its user may not enter, and on a root-squashed NFS share could not start in one it may.
+    let enter = match (&ctx.directory, &ids) {
+        (Some(dir), Some(_)) => {
+            Some(std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()).map_err(std::io::Error::other)?)
+        }
+        (Some(dir), None) => {
+            cmd.current_dir(dir);
+            None
+        }
+        (None, _) => None,
     };
     let umask = (ctx.umask).map(|m| nix::sys::stat::Mode::from_bits_truncate(m as nix::libc::mode_t));
     if ids.is_none() && umask.is_none() {
         return Ok(());
     }
-    // SAFETY: the closure makes only async-signal-safe system calls (setgroups, setgid, setuid, umask) on
-    // values prepared before the fork, and allocates nothing.
+    // SAFETY: the closure makes only async-signal-safe system calls (setgroups, setgid, setuid, chdir, umask)
+    // on values prepared before the fork, and allocates nothing.
     unsafe {
         cmd.pre_exec(move || {
             if let Some((uid, gid, groups)) = &ids {
@@ -430,6 +439,9 @@ pub(crate) fn as_program(
                 nix::unistd::setgroups(groups)?;
                 nix::unistd::setgid(*gid)?;
                 nix::unistd::setuid(*uid)?;
+            }
+            if let Some(dir) = &enter {
+                nix::unistd::chdir(dir.as_c_str())?;
             }
             if let Some(mode) = umask {
                 nix::sys::stat::umask(mode);
@@ -464,10 +476,21 @@ fn receiver(read: OwnedFd) -> std::io::Result<tokio::net::unix::pipe::Receiver> 
 }
 
 /// A spawn error that says what could not be done: the OS says only "No such file or directory" for a
-/// missing command and a missing directory alike.
-fn explain(e: std::io::Error, prog: &str, dir: Option<&std::path::Path>) -> std::io::Error {
-    let what = match dir {
+/// missing command and a missing directory alike, and "Permission denied" for a directory the user may not
+/// enter and a command it may not execute alike.
+fn explain(e: std::io::Error, prog: &str, ctx: &crate::probe::RunAs) -> std::io::Error {
+    let what = match ctx.directory.as_deref() {
         Some(d) if !d.is_dir() => format!("cannot change to directory {}", d.display()),
+        Some(d)
+            if e.kind() == std::io::ErrorKind::PermissionDenied
+                && ctx.user.as_deref().is_some_and(|u| !may_enter(u, d)) =>
+        {
+            format!(
+                "cannot change to directory {} as user {:?}",
+                d.display(),
+                ctx.user.as_deref().unwrap_or_default()
+            )
+        }
         _ => match e.kind() {
             std::io::ErrorKind::NotFound => format!("cannot find command {prog:?}"),
             std::io::ErrorKind::PermissionDenied => format!("cannot execute {prog:?}"),
@@ -475,6 +498,26 @@ fn explain(e: std::io::Error, prog: &str, dir: Option<&std::path::Path>) -> std:
         },
     };
     std::io::Error::new(e.kind(), format!("{what}: {e}"))
+}
+
+/// Whether `user` may enter `dir` by its permission bits (ACLs aside): only to word a failed spawn.
+fn may_enter(user: &str, dir: &std::path::Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let (Ok(Some(u)), Ok(meta)) = (nix::unistd::User::from_name(user), std::fs::metadata(dir)) else {
+        return true;
+    };
+    let groups = std::ffi::CString::new(user.as_bytes())
+        .ok()
+        .and_then(|name| nix::unistd::getgrouplist(&name, u.gid).ok())
+        .unwrap_or_default();
+    let bit = if meta.uid() == u.uid.as_raw() {
+        0o100
+    } else if meta.gid() == u.gid.as_raw() || groups.iter().any(|g| g.as_raw() == meta.gid()) {
+        0o010
+    } else {
+        0o001
+    };
+    meta.mode() & bit != 0
 }
 
 /// Whether `sig` stops a process rather than asking it to end (a `stopsignal` of these is followed by no

@@ -486,6 +486,41 @@ fatal_retry_secs = 0
     }
 }
 
+/// A program's `directory` is entered as its `user`, after the switch, as Supervisord does: the monitor
+/// (root) entered it first, so a program started in a directory its user may not enter (and, on a
+/// root-squashed NFS share, could not start in one it may). Needs root, to switch users.
+#[test]
+fn a_programs_directory_is_entered_as_its_user() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("not run: switching users needs root");
+        return;
+    }
+    // Root's, mode 0700: `nobody` may not enter it.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+    let m = Mon::start(&format!(
+        r#"
+[programs.closed]
+command = "sleep 300"
+user = "nobody"
+directory = "{}"
+startsecs = 0
+startretries = 0
+fatal_retry_secs = 0
+"#,
+        dir.path().display()
+    ));
+    let p = m.wait_state("closed", "FATAL", T);
+    let error = p["spawn_error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains(&format!(
+            "cannot change to directory {} as user \"nobody\"",
+            dir.path().display()
+        )),
+        "{p}"
+    );
+}
+
 /// `clear` of a program whose stderr goes to its stdout (`redirect_stderr`) and whose log is in a directory
 /// of its own empties that log and says so. It also tried the stderr log, which is never written, and
 /// failed (exit 1) on the default log directory nothing had made.
