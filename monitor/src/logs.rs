@@ -94,9 +94,34 @@ impl RotatingLog {
         if self.path.exists() {
             shift_backups(&self.path, self.backups)?;
         }
-        self.file = OpenOptions::new().create(true).append(true).open(&self.path)?;
+        self.file = open_guarded(OpenOptions::new().create(true).append(true), 0, &self.path)?;
         self.size = 0;
         Ok(())
+    }
+}
+
+/// Opens `path` with `opts` and `flags`, following a symbolic link only when the monitor's own user owns it,
+/// as the kernel's `fs.protected_symlinks` does in sticky directories. The monitor (root) opens its
+/// programs' logs, in directories a program's user may write to: a link that user put in a log's place had
+/// root append the program's output to, or `clear` empty, any file on the host, and `tail` serve it. Root's
+/// own links, such as `/dev/stdout`, are followed.
+fn open_guarded(opts: &mut OpenOptions, flags: i32, path: &Path) -> std::io::Result<File> {
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    match opts.custom_flags(flags | nix::libc::O_NOFOLLOW).open(path) {
+        Err(e) if e.raw_os_error() == Some(nix::libc::ELOOP) => {
+            let owner = std::fs::symlink_metadata(path)?.uid();
+            if owner != nix::unistd::geteuid().as_raw() {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::PermissionDenied,
+                    format!(
+                        "{} is a symbolic link owned by uid {owner}: the monitor follows only its own",
+                        path.display()
+                    ),
+                ));
+            }
+            opts.custom_flags(flags).open(path)
+        }
+        opened => opened,
     }
 }
 
@@ -108,16 +133,15 @@ impl RotatingLog {
 /// no reader to open: what is written before one comes waits in the pipe.
 fn open_log(path: &Path) -> std::io::Result<File> {
     use std::os::unix::fs::FileTypeExt;
-    use std::os::unix::fs::OpenOptionsExt;
     let kind = match std::fs::metadata(path) {
         Ok(m) if !m.is_file() => m.file_type(),
-        _ => return OpenOptions::new().create(true).append(true).open(path),
+        _ => return open_guarded(OpenOptions::new().create(true).append(true), 0, path),
     };
-    OpenOptions::new()
-        .read(kind.is_fifo())
-        .append(true)
-        .custom_flags(nix::libc::O_NONBLOCK)
-        .open(path)
+    open_guarded(
+        OpenOptions::new().read(kind.is_fifo()).append(true),
+        nix::libc::O_NONBLOCK,
+        path,
+    )
 }
 
 /// Whether `path` names a device or a FIFO rather than a file: under `/dev/`, or there already and not a
@@ -133,7 +157,7 @@ pub fn clear(path: &Path) -> std::io::Result<()> {
     if std::fs::metadata(path).is_ok_and(|m| !m.is_file()) {
         return Ok(());
     }
-    match OpenOptions::new().write(true).open(path) {
+    match open_guarded(OpenOptions::new().write(true), 0, path) {
         Ok(f) => f.set_len(0)?,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(e),
@@ -306,7 +330,7 @@ pub fn tail(path: &Path, bytes: u64) -> std::io::Result<Vec<u8>> {
         Err(e) => return Err(e),
     };
     // The size is the one just read: a file truncated since reads less, which `whole_lines` takes.
-    let mut f = match File::open(path) {
+    let mut f = match open_guarded(OpenOptions::new().read(true), 0, path) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
         Err(e) => return Err(e),
@@ -348,7 +372,11 @@ pub fn own_log_file() -> Option<std::path::PathBuf> {
 /// shrank (truncated or replaced by a rotation).
 pub async fn read_from(path: &Path, at: &mut u64, max: u64) -> std::io::Result<Vec<u8>> {
     use tokio::io::{AsyncReadExt, AsyncSeekExt};
-    let mut f = tokio::fs::File::open(path).await?;
+    let owned = path.to_owned();
+    let f = tokio::task::spawn_blocking(move || open_guarded(OpenOptions::new().read(true), 0, &owned))
+        .await
+        .map_err(std::io::Error::other)??;
+    let mut f = tokio::fs::File::from_std(f);
     let len = f.metadata().await?.len();
     if len < *at {
         *at = 0;
@@ -430,6 +458,39 @@ mod tests {
         let n = fifo_reader(&path).read(&mut buf).unwrap();
         assert!(n > 0 && buf[..n].iter().all(|b| *b == b'x'), "{n}");
         drop(log);
+    }
+
+    /// A log in a directory its program's user may write to: a symbolic link that user put in the log's
+    /// place is not followed, by the open, `clear` or `tail` (root appended the program's output
+    /// to, or emptied, the file it named); the monitor's own links are, as `/dev/stdout` is.
+    #[test]
+    fn a_log_follows_only_the_monitors_own_symbolic_links() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("target");
+        std::fs::write(&target, "kept\n").unwrap();
+        let path = dir.path().join("p.log");
+        std::os::unix::fs::symlink(&target, &path).unwrap();
+        let spec = LogSpec {
+            path: Some(path.clone()),
+            maxbytes: 0,
+            backups: 0,
+        };
+        let mut ours = RotatingLog::open(&spec).unwrap().unwrap();
+        ours.write(b"ours\n").unwrap();
+        assert_eq!(std::fs::read_to_string(&target).unwrap(), "kept\nours\n");
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("the rest not run: giving the link to another user needs root");
+            return;
+        }
+        std::os::unix::fs::lchown(&path, Some(65534), None).unwrap();
+        let err = RotatingLog::open(&spec).unwrap_err();
+        assert!(
+            err.to_string().contains("symbolic link owned by uid 65534"),
+            "{err}"
+        );
+        assert!(clear(&path).is_err());
+        assert!(tail(&path, 64).is_err());
+        assert_eq!(std::fs::read_to_string(&target).unwrap(), "kept\nours\n");
     }
 
     /// A write that fails drops its chunk, not the log: once the log can be written again, output lands
