@@ -75,6 +75,10 @@ pub fn parse_rss(text: &str) -> Option<u64> {
 /// over one or two ticks in all its CPU read 0, 0.5 or 1 more or less at random.
 const MIN_TICKS_PER_CORE: u64 = 10;
 
+/// How long after its first sample the agent makes its first CPU figure: over `MIN_TICKS_PER_CORE` ticks,
+/// with room for the ticks' granularity.
+pub const FIRST_FIGURE_AFTER: std::time::Duration = std::time::Duration::from_millis(150);
+
 /// Samples the host; keeps the previous CPU counters so each sample is a delta.
 #[derive(Debug, Default)]
 pub struct HostSampler {

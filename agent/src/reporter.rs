@@ -109,9 +109,19 @@ impl Drop for Slot {
 }
 
 impl Samples {
-    /// Forgets every instance (a new config: positions may name other instances now).
-    fn reset(&mut self) {
-        self.slots.clear();
+    /// Follows a new config (`new`, after `old`): an instance it names unchanged (id, address, stats
+    /// endpoint) keeps its slot, its last sample and its fetch; the others start afresh. Every slot was
+    /// dropped at each new config (a log level change too), so the next round reported each instance whose
+    /// fetch outlasted its tick as not ready, and every balancer slow-started it again.
+    fn follow(&mut self, old: &[InstanceConfig], new: &[InstanceConfig]) {
+        let mut kept: Vec<Option<Slot>> = std::mem::take(&mut self.slots).into_iter().map(Some).collect();
+        self.slots = (new.iter())
+            .map(|inst| {
+                (old.iter().position(|o| o == inst))
+                    .and_then(|i| kept.get_mut(i)?.take())
+                    .unwrap_or_default()
+            })
+            .collect();
     }
 
     /// A sample of every configured instance: the fetches that end within `wait` give new ones.
@@ -173,6 +183,14 @@ pub async fn run(
 ) {
     let mut host = HostSampler::default();
     host.sample(); // Prime the CPU delta.
+    // The first report's CPU figure measured over a real interval: a round's fetches often end within
+    // milliseconds, too few ticks for a figure (`host::MIN_TICKS_PER_CORE`), and the first report carried
+    // the average since boot (10% on a host busy at 95% since a deploy began), which a balancer that had no
+    // weight for the instances took at once.
+    tokio::select! {
+        () = tokio::time::sleep(crate::host::FIRST_FIGURE_AFTER) => {}
+        () = cancel.cancelled() => return,
+    }
     // Sequence numbers start at the wall clock in µs, so they keep increasing across restarts.
     let mut seq = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -195,9 +213,9 @@ pub async fn run(
                 ::metrics::counter!(metrics::STATS_FAILURES_TOTAL, "instance_id" => inst.id.clone())
                     .increment(0);
             }
+            let old = counted.as_ref().map_or(&[][..], |c| &c.instances[..]);
+            samples.follow(old, &cfg.instances);
             counted = Some(cfg.clone());
-            // Each instance's last sample is kept by position: a new list starts afresh.
-            samples.reset();
         }
         let tick = cfg.sample.min(cfg.interval);
         let current = samples.round(&cfg, tick).await;
@@ -516,22 +534,9 @@ mod tests {
     /// for together, every report waited for its `timeout_ms` (here a minute).
     #[tokio::test]
     async fn a_silent_instance_holds_back_no_sample() {
-        let answering = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let a = answering(usize::MAX).await;
         let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let (a, b) = (answering.local_addr().unwrap(), silent.local_addr().unwrap());
-        tokio::spawn(async move {
-            use tokio::io::{AsyncReadExt, AsyncWriteExt};
-            while let Ok((mut c, _)) = answering.accept().await {
-                let mut buf = [0u8; 1024];
-                let _ = c.read(&mut buf).await;
-                let body = r#"{"instance":"a","ready":true,"capacity":10}"#;
-                let head = format!(
-                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                    body.len()
-                );
-                let _ = c.write_all(format!("{head}{body}").as_bytes()).await;
-            }
-        });
+        let b = silent.local_addr().unwrap();
         let text = format!(
             "balancers = [\"127.0.0.1:9\"]\nkey = \"0123456789abcdef\"\ntimeout_ms = 60000\n\
              [[instances]]\nid = \"h/a\"\naddr = \"{a}\"\n[[instances]]\nid = \"h/b\"\naddr = \"{b}\"\n"
@@ -557,6 +562,66 @@ mod tests {
         .await
         .unwrap();
         assert!(!again[1].ready);
+        drop(silent);
+    }
+
+    /// An instance's stats endpoint that answers its first `answers` fetches ready at once, and those after
+    /// them never, for the test's life.
+    async fn answering(answers: usize) -> std::net::SocketAddr {
+        let answering = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = answering.local_addr().unwrap();
+        tokio::spawn(async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let (mut held, mut answered) = (Vec::new(), 0);
+            while let Ok((mut c, _)) = answering.accept().await {
+                if answered == answers {
+                    held.push(c);
+                    continue;
+                }
+                answered += 1;
+                let mut buf = [0u8; 1024];
+                let _ = c.read(&mut buf).await;
+                let body = r#"{"instance":"a","ready":true,"capacity":10}"#;
+                let head = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                    body.len()
+                );
+                let _ = c.write_all(format!("{head}{body}").as_bytes()).await;
+            }
+        });
+        addr
+    }
+
+    /// A new config keeps the last sample of each instance it names unchanged, wherever it lists it: reset
+    /// at every new config, an instance whose next fetch outlasted the round's tick was reported not ready,
+    /// and slow-started again by every balancer.
+    #[tokio::test]
+    async fn a_new_config_keeps_the_samples_of_the_instances_it_names_unchanged() {
+        // Its first fetch answered, the next never: only what was kept can be known in the round below; nor
+        // does the new instance answer.
+        let a = answering(1).await;
+        let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let b = silent.local_addr().unwrap();
+        let config = |instances: &[(&str, std::net::SocketAddr)]| {
+            let listed: String = (instances.iter())
+                .map(|(id, at)| format!("[[instances]]\nid = \"{id}\"\naddr = \"{at}\"\n"))
+                .collect();
+            let text = format!("balancers = [\"127.0.0.1:9\"]\nkey = \"0123456789abcdef\"\n{listed}");
+            xcluster_runtime::config::load_bytes::<Config>(text.as_bytes())
+                .unwrap()
+                .config
+        };
+        let (before, after) = (config(&[("h/a", a)]), config(&[("h/new", b), ("h/a", a)]));
+        let mut samples = Samples::default();
+        samples.follow(&[], &before.instances);
+        let first = samples.round(&before, Duration::from_secs(10)).await;
+        assert!(first[0].ready);
+        samples.follow(&before.instances, &after.instances);
+        let got = samples.round(&after, Duration::from_millis(300)).await;
+        assert_eq!(
+            got.iter().map(|l| (l.id.as_str(), l.ready)).collect::<Vec<_>>(),
+            [("h/new", false), ("h/a", true)]
+        );
         drop(silent);
     }
 

@@ -88,10 +88,9 @@ impl ReportKeys {
         };
         let keyed = self.agents.contains_key(&report.agent);
         for i in &report.instances {
-            let prefix = i.id.split_once('/').map(|(p, _)| p);
-            let owner = prefix.filter(|p| self.agents.contains_key(*p));
+            let owner = self.instance_owner(&i.id);
             let ok = if keyed {
-                prefix == Some(report.agent.as_str())
+                owner == Some(report.agent.as_str())
             } else {
                 owner.is_none()
             };
@@ -100,6 +99,15 @@ impl ReportKeys {
             }
         }
         Ok(())
+    }
+
+    /// The agent with a key of its own whose instance `id` is: the longest such agent id that `id` starts
+    /// with, followed by `/`. Agent ids may hold `/` themselves: cut at the first one, `rack1/host-a`'s
+    /// instances were owned by no one, so its own reports were refused and the shared key reported them.
+    fn instance_owner<'a>(&self, id: &'a str) -> Option<&'a str> {
+        (id.match_indices('/').rev())
+            .map(|(at, _)| &id[..at])
+            .find(|agent| self.agents.contains_key(*agent))
     }
 
     /// The key a report signed by `agent` (as the request names it) is checked with.
@@ -421,6 +429,51 @@ mod tests {
         d.ingest(&b, Some(&report::sign(b"k", &b)), Some("g")).unwrap();
         let b = with_id("h", 2, "h/b");
         d.ingest(&b, Some(&report::sign(b"own", &b)), Some("h")).unwrap();
+    }
+
+    /// An agent id may hold `/`: its instances are those under the whole id, the longest keyed one that
+    /// names them. Cut at the first `/`, `rack1/host-a`'s own reports were refused and the shared key
+    /// reported its instances.
+    #[test]
+    fn an_agent_id_with_a_slash_owns_the_instances_under_it() {
+        let d = dir();
+        let mut keys = ReportKeys::shared(b"k");
+        keys.agents.insert("rack1/host-a".into(), HmacKey::inline(b"a"));
+        keys.agents.insert("rack1".into(), HmacKey::inline(b"r"));
+        d.reconfigure(Settings {
+            keys,
+            ..(*d.settings()).clone()
+        });
+        let now = wall_ms();
+        let report = |agent: &str, seq: u64, id: &str| {
+            let mut r: LoadReport = serde_json::from_slice(&body(seq, now)).unwrap();
+            r.agent = agent.into();
+            r.instances[0].id = id.into();
+            serde_json::to_vec(&r).unwrap()
+        };
+        let heard = [
+            ("rack1/host-a", b"a".as_slice(), "rack1/host-a/app"),
+            ("rack1", b"r", "rack1/host-b/app"),
+            ("g", b"k", "rack2/host-a/app"),
+        ];
+        for (agent, key, id) in heard {
+            let b = report(agent, 1, id);
+            d.ingest(&b, Some(&report::sign(key, &b)), Some(agent))
+                .unwrap_or_else(|e| panic!("{agent} reporting {id}: {e}"));
+        }
+        let foreign = [
+            ("rack1", b"r".as_slice(), "rack1/host-a/app"),
+            ("g", b"k", "rack1/host-a/app"),
+            ("g", b"k", "rack1/host-c/app"),
+            ("rack1/host-a", b"a", "rack1/host-b/app"),
+        ];
+        for (agent, key, id) in foreign {
+            let b = report(agent, 2, id);
+            let err = d
+                .ingest(&b, Some(&report::sign(key, &b)), Some(agent))
+                .unwrap_err();
+            assert_eq!(err.reason(), "foreign_instance", "{agent} reporting {id}");
+        }
     }
 
     /// Past `max_watches` a watch is answered at once, so long polls cannot take every connection.

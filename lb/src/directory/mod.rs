@@ -487,9 +487,11 @@ impl Directory {
 
     /// `GET /v1/status`.
     pub fn status(&self) -> LbStatus {
-        let snap = self.snapshot();
         let settings = self.settings();
+        // The table locked first: every publish happens under its lock, so the snapshot is the one of this
+        // table (a drain published between the two showed the server drained with its row still up).
         let table = self.table();
+        let snap = self.snapshot();
         let instances = snapshot::instance_status(&table, &snap, self.now_ms());
         let drained = table.drained.iter().cloned().collect();
         let weights = (table.weights.iter())
@@ -641,8 +643,11 @@ impl Directory {
     pub fn collect_metrics(&self) {
         let dir = self.clone();
         let collect = move |out: &mut xcluster_runtime::telemetry::Exposition| {
+            // The table locked first, as in `status`.
+            let table = dir.table();
             let snap = dir.snapshot();
-            let status = snapshot::instance_status(&dir.table(), &snap, dir.now_ms());
+            let status = snapshot::instance_status(&table, &snap, dir.now_ms());
+            drop(table);
             snapshot::write_metrics(&status, &snap, out);
         };
         xcluster_runtime::telemetry::set_collector("lb_directory", Arc::new(collect));

@@ -69,7 +69,8 @@ pub struct Seen {
     pub at_ms: u64,
     /// The reporting process (`LoadReport::boot`).
     pub boot: u64,
-    /// The gap between its last two accepted reports (its interval); `report_ttl` after its first.
+    /// Its interval: the gap between its last two accepted reports, falling by at most a quarter a report
+    /// (see `apply`); 0 (unknown) after its first.
     pub gap_ms: u64,
 }
 
@@ -119,7 +120,8 @@ impl Table {
             Some(s) if s.boot != report.boot && s.boot != 0 && report.boot != 0 => {
                 let silent_ms = now_ms.saturating_sub(s.at_ms);
                 let ttl = p.report_ttl.as_millis() as u64;
-                if silent_ms < s.gap_ms.saturating_mul(2).min(ttl) {
+                let interval = if s.gap_ms == 0 { ttl } else { s.gap_ms };
+                if silent_ms < interval.saturating_mul(2).min(ttl) {
                     return Err(ReportError::Conflict {
                         agent: report.agent.clone(),
                         boot: report.boot,
@@ -186,10 +188,18 @@ impl Table {
         let (gap_ms, rare) = match self.last_seq.get(&report.agent) {
             Some(s) if s.boot == report.boot => {
                 let gap = now_ms.saturating_sub(s.at_ms);
+                // The interval kept falls by a quarter a report at most: an agent's early report on a jump
+                // in load comes 50 ms after the one before, and taken as the interval it shrank the window
+                // in which another process under the agent's id is a conflict (`check_seq`) to 100 ms. A
+                // second agent under the id that reported then took over for good.
+                let interval = match s.gap_ms {
+                    0 => gap,
+                    kept => gap.max(kept - kept / 4),
+                };
                 // Two gaps in a row: an interval, not one report lost or delayed.
-                (gap, gap > ttl && s.gap_ms > ttl)
+                (interval, gap > ttl && s.gap_ms > ttl)
             }
-            _ => (ttl, false),
+            _ => (0, false),
         };
         // An agent whose interval_ms is above report_ttl_ms (set on different hosts, so no config check can
         // see it) had its instances leave the lists between reports and slow-start again at each one, for
@@ -422,9 +432,12 @@ impl Table {
                     f => (InstanceState::SlowStart, weights::ramp(damped, f)),
                 }
             };
-            // An operator's share (a canary at 10%) scales whatever weight the load gives it.
+            // An operator's share (a canary at 10%) scales whatever weight the load gives it. None gives a
+            // weight to an instance the load gives none (not ready): an absolute weight, restored from a
+            // peer or the state file under an instance's id, listed one that had said it was not ready
+            // with weight 7, and clients sent it requests.
             let weight = match self.weights.get(&*i.id) {
-                Some(set) if !drained => set.apply(weight).min(MAX_WEIGHT),
+                Some(set) if !drained && weight > 0 => set.apply(weight).min(MAX_WEIGHT),
                 _ => weight,
             };
             rows.push(Row {

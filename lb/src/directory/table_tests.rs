@@ -141,6 +141,25 @@ fn not_ready_is_down_with_weight_zero() {
     assert_eq!(weight(&list, "queue", "h1/b"), Some((0, InstanceState::Down)));
 }
 
+/// An operator's weight scales what the load gives an instance; it gives none to one the load gives none.
+#[test]
+fn a_set_weight_gives_no_weight_to_an_instance_that_is_not_ready() {
+    let p = params();
+    let mut t = Table::default();
+    let mut down = inst("h1/b", 2, 0);
+    down.ready = false;
+    t.apply(&report("h1", 1, 0, 0.1, vec![inst("h1/a", 1, 0), down]), 0, &p);
+    for set in [WeightSet::Absolute(7), WeightSet::Percent(200)] {
+        t.weights.insert("h1/b".into(), set);
+        let list = t.publish(0, &p);
+        assert_eq!(
+            weight(&list, "queue", "h1/b"),
+            Some((0, InstanceState::Down)),
+            "{set:?}"
+        );
+    }
+}
+
 #[test]
 fn slow_start_ramps_new_and_recovered_instances() {
     let p = params();
@@ -323,6 +342,30 @@ fn a_second_agent_under_one_id_is_refused_and_a_restart_takes_over() {
         "conflict"
     );
     assert!(t.check_seq(&from(9_002, 0, 2_700, vec![]), 8, 2_700, &p).is_ok());
+}
+
+/// An agent's early report on a jump in load, 50 ms after the one before, does not make its interval 50 ms:
+/// taken so, a second agent under its id that reported 150 ms later counted as its restart and took over.
+#[test]
+fn an_early_report_does_not_open_the_id_to_a_second_agent() {
+    let p = params();
+    let mut t = Table::default();
+    let first = |seq: u64, ts: u64| LoadReport {
+        boot: 100,
+        ..report("h", seq, ts, 0.1, vec![inst("h/a", 1, 0)])
+    };
+    for (seq, at) in [(100, 0), (101, 500), (102, 1_000), (103, 1_050)] {
+        t.check_seq(&first(seq, at), 8, at, &p).unwrap();
+        t.apply(&first(seq, at), at, &p);
+    }
+    let second = LoadReport {
+        boot: 9_000,
+        ..report("h", 9_000, 1_200, 0.1, vec![inst("h/x", 9, 0)])
+    };
+    let err = t.check_seq(&second, 8, 1_200, &p).unwrap_err();
+    assert_eq!(err.reason(), "conflict", "{err}");
+    // Silent for two of its intervals, it has restarted.
+    assert!(t.check_seq(&second, 8, 1_050 + 1_000, &p).is_ok());
 }
 
 /// A report of an earlier process, played again once its successor is silent, is a replay: its sequence
