@@ -16,6 +16,7 @@ where
     F: FnOnce(Context<C>) -> Fut,
     Fut: Future<Output = Result<(), E>>,
 {
+    ignore_hangups_until_handled();
     let source = ConfigSource {
         path: args.config,
         overrides: args.set,
@@ -49,4 +50,14 @@ where
     // Background tasks (watchers, lingering connections) must not hold the exit.
     runtime.shutdown_timeout(std::time::Duration::from_millis(200));
     code
+}
+
+/// SIGHUP asks a running role to reload, once its signal listener is in place; until then its default
+/// action ended the process: a `pkill -HUP xcluster` from logrotate while a role started (reading its
+/// config, resolving a backend's name) killed it. Ignored until the listener takes it over. (A program the
+/// monitor starts never inherits the ignoring: the listener is in place before the first spawn.)
+fn ignore_hangups_until_handled() {
+    use nix::sys::signal::{SigHandler, Signal, signal};
+    // SAFETY: sets the disposition to ignore, with no handler to run; called before any thread starts.
+    let _ = unsafe { signal(Signal::SIGHUP, SigHandler::SigIgn) };
 }

@@ -157,8 +157,8 @@ pub fn spawn(
         stdout: grow_and_identify(&out_read),
         stderr: err_pipe.as_ref().map_or(0, grow_and_identify),
     };
-    // SAFETY: the closure makes only async-signal-safe system calls (close_range, dup2) on values prepared
-    // before the fork, and allocates nothing.
+    // SAFETY: the closure makes only async-signal-safe system calls (close_range, dup2, getrlimit,
+    // setrlimit) on values prepared before the fork, and allocates nothing.
     unsafe {
         cmd.pre_exec(move || {
             // Descriptors the monitor inherited from whatever started it (a terminal's, an ssh session's pipe)
@@ -175,6 +175,9 @@ pub fn spawn(
             if let Some(err) = held.1 {
                 nix::libc::dup2(err, HELD_STDERR_FD);
             }
+            // The descriptor limit the monitor was started with, not the one it raised for itself. After the
+            // dup2s: a descriptor above the limit stays open, only new ones must fit under it.
+            xcluster_runtime::limits::restore_inherited();
             Ok(())
         });
     }

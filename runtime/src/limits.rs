@@ -6,10 +6,14 @@
 //! raises its soft limit to the hard one as it starts ([`raise`]), as Go's runtime and HAProxy do, and warns
 //! when what its config may hold needs more than that ([`check`]), at start and at each reload.
 //!
-//! The programs a monitor starts inherit the raised limit, as Supervisord's `minfds` gives its programs
-//! theirs; none of XCluster's own uses `select`.
+//! The programs a monitor starts get the soft limit the monitor was started with ([`restore_inherited`]), as
+//! Go's runtime gives the processes it starts: a program built on `select` fails on a descriptor above 1024,
+//! and one that closes every descriptor up to its limit as it starts took seconds over a million of them.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+
+/// The soft limit this process was started with, once [`raise`] raised it (0: not raised).
+static INHERITED_SOFT: AtomicU64 = AtomicU64::new(0);
 
 use tracing::{info, warn};
 
@@ -50,12 +54,28 @@ pub fn raise() {
         return;
     }
     match set(hard, hard) {
-        Ok(()) => info!(
-            from = soft,
-            to = hard,
-            "raised the open-descriptor limit (RLIMIT_NOFILE) to its hard limit"
-        ),
+        Ok(()) => {
+            INHERITED_SOFT.store(soft, Ordering::Relaxed);
+            info!(
+                from = soft,
+                to = hard,
+                "raised the open-descriptor limit (RLIMIT_NOFILE) to its hard limit"
+            )
+        }
         Err(e) => warn!(soft, hard, error = %e, "cannot raise the open-descriptor limit (RLIMIT_NOFILE)"),
+    }
+}
+
+/// Puts the soft limit back to the one this process was started with, if [`raise`] raised it: for a child
+/// between its fork and its exec. Makes only async-signal-safe calls (`getrlimit`, `setrlimit`) and
+/// allocates nothing; best effort.
+pub fn restore_inherited() {
+    let soft = INHERITED_SOFT.load(Ordering::Relaxed);
+    if soft == 0 {
+        return;
+    }
+    if let Some((_, hard)) = get() {
+        let _ = set(soft, hard);
     }
 }
 

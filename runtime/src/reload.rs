@@ -211,22 +211,25 @@ impl<C: RoleConfig> State<C> {
         // A watcher event whose content we already judged is not a new change (editors touch files). The
         // content in force again after a rejected edit (the edit undone) clears that rejection. The content is
         // the main file's and its included files': an edit to one of those alone is a change.
+        // Read before the load: a rejection remembers these, what was judged or older. Read again after it,
+        // they could be a fix written meanwhile, and that fix's own event then passed for judged already.
+        let before = (self.source.path.as_deref()).and_then(|path| read_sources::<C>(path).ok());
         if cause == Cause::File
-            && let Some(path) = &self.source.path
-            && let Ok(on_disk) = read_sources::<C>(path)
+            && let Some(on_disk) = &before
         {
             // A file empty now is one being written (a `>` truncates it first): its next event brings the rest.
+            // An included one too; SIGHUP and `ctl` take it as it is.
             if on_disk.is_blank() {
-                tracing::debug!(
+                tracing::info!(
                     role = self.role_label,
-                    "config file empty: waiting for what is written to it"
+                    "a config file is empty: waiting for what is written to it (SIGHUP reloads it as it is)"
                 );
                 return;
             }
-            if Some(&on_disk) == self.good.as_ref() {
+            if Some(on_disk) == self.good.as_ref() {
                 if self.bad.take().is_some() {
                     // The watches followed the rejected file's patterns; back to those in force.
-                    self.follow(Some(&on_disk));
+                    self.follow(Some(on_disk));
                     info!(role = self.role_label, "config file back to the config in force");
                     metrics::gauge!(crate::metrics::CONFIG_LAST_RELOAD_OK, "role" => C::ROLE).set(1.0);
                     self.status.send_modify(|s| {
@@ -236,7 +239,7 @@ impl<C: RoleConfig> State<C> {
                 }
                 return;
             }
-            if Some(&on_disk) == self.bad.as_ref() {
+            if Some(on_disk) == self.bad.as_ref() {
                 return;
             }
         }
@@ -282,11 +285,10 @@ impl<C: RoleConfig> State<C> {
             }
             Err(e) => {
                 warn!(role = self.role_label, ?cause, error = %e, "config reload rejected; keeping the old config");
-                if let Some(path) = &self.source.path {
-                    let bad = read_sources::<C>(path).ok();
+                if self.source.path.is_some() {
                     // The rejected file's patterns: an edit to a file it newly includes may be its fix.
-                    self.follow(bad.as_ref());
-                    self.bad = bad;
+                    self.follow(before.as_ref());
+                    self.bad = before;
                 }
                 failed(&self.status, C::ROLE, &e.to_string());
                 // The old config serves on: ready still, and the status says the new one was refused.
@@ -311,13 +313,26 @@ impl<C: RoleConfig> State<C> {
 #[derive(Debug)]
 struct Relevant {
     main: PathBuf,
+    /// Where `main` leads when it is a symbolic link ([`link_target`]). Events name directory entries, never
+    /// what a link leads to: a Kubernetes ConfigMap's file is a link through `..data`, which an update swaps
+    /// by a rename (events for `..data` only), and a link to a file elsewhere is edited there. With a link,
+    /// any entry of the main file's directory and the target itself count; the content fingerprint tells
+    /// an edit from the rest.
+    target: Option<PathBuf>,
     patterns: Vec<IncludePattern>,
 }
 
 impl Relevant {
     fn covers(&self, path: &Path) -> bool {
-        path == self.main || (self.patterns.iter()).any(|p| p.names(path) || path == p.dir)
+        path == self.main
+            || (self.target.as_deref()).is_some_and(|t| path == t || path.parent() == self.main.parent())
+            || (self.patterns.iter()).any(|p| p.names(path) || path == p.dir)
     }
+}
+
+/// The file `main` leads to, when that is another path (it is a symbolic link, or lies under one).
+fn link_target(main: &Path) -> Option<PathBuf> {
+    std::fs::canonicalize(main).ok().filter(|t| t != main)
 }
 
 /// The notify watcher over the config file's directory (so a rename-on-save, a new inode, is still seen) and
@@ -351,6 +366,7 @@ impl ConfigWatcher {
         let dir = main.parent()?.to_path_buf();
         let relevant = Arc::new(ArcSwap::from_pointee(Relevant {
             main: main.clone(),
+            target: None,
             patterns: Vec::new(),
         }));
         let judge = relevant.clone();
@@ -394,18 +410,22 @@ impl ConfigWatcher {
         found
     }
 
-    /// Watches the directories of `patterns` (the config's includes now) and no others besides the main
-    /// file's. One that is not there is skipped with one warning, and looked for again every
-    /// [`MISSING_RETRY`] (and at each reload) until it is there.
+    /// Watches the directories of `patterns` (the config's includes now), and of the file the main file
+    /// leads to when it is a link, and no others besides the main file's. One that is not there is skipped
+    /// with one warning, and looked for again every [`MISSING_RETRY`] (and at each reload) until it is there.
     fn follow(&mut self, patterns: &[IncludePattern]) {
         let main_dir = self.main.parent().map(Path::to_path_buf);
+        // Looked up again at each reload: a swap of a ConfigMap's `..data` leads it into a new directory.
+        let target = link_target(&self.main);
         let dirs: BTreeSet<PathBuf> = (patterns.iter())
             .map(|p| p.dir.clone())
+            .chain(target.as_deref().and_then(Path::parent).map(Path::to_path_buf))
             .filter(|d| Some(d) != main_dir.as_ref())
             .collect();
         // Before the watches change, so an event of a newly watched directory is judged by its pattern.
         self.relevant.store(Arc::new(Relevant {
             main: self.main.clone(),
+            target,
             patterns: patterns.to_vec(),
         }));
         for gone in self.watched.difference(&dirs) {
@@ -448,6 +468,7 @@ mod tests {
     fn an_event_counts_for_the_main_file_and_what_the_patterns_name() {
         let relevant = Relevant {
             main: "/etc/x/monitor.toml".into(),
+            target: None,
             patterns: vec![
                 pattern("/etc/x/conf.d", "*.toml"),
                 pattern("/etc/x", "extra.toml"),
@@ -613,5 +634,41 @@ mod tests {
         // of the write above may still be on its way, and would pass for one of this directory.)
         watcher.follow(&[pattern(second.to_str().unwrap(), "*.toml"), missing]);
         assert_eq!(watcher.watched, BTreeSet::from([second.clone(), made]));
+    }
+
+    /// A main file that is a symbolic link, as Kubernetes mounts a ConfigMap's (`monitor.toml` ->
+    /// `..data/monitor.toml`, `..data` -> a directory of the version): an update makes a new directory and
+    /// renames a new `..data` link over the old, and no event names `monitor.toml`. The watcher saw none
+    /// of them, and the new config was never loaded.
+    #[tokio::test]
+    async fn the_watcher_sees_a_linked_main_file_swapped_and_follows_it() {
+        let root = tempfile::tempdir().unwrap();
+        let mount = root.path().join("config");
+        let version = |name: &str, text: &str| {
+            let dir = mount.join(name);
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(dir.join("monitor.toml"), text).unwrap();
+        };
+        version("..v1", "a = 1\n");
+        std::os::unix::fs::symlink("..v1", mount.join("..data")).unwrap();
+        let main = mount.join("monitor.toml");
+        std::os::unix::fs::symlink("..data/monitor.toml", &main).unwrap();
+        let (tx, mut rx) = mpsc::channel(64);
+        let mut watcher = ConfigWatcher::start(&main, tx).unwrap();
+        watcher.follow(&[]);
+        assert_eq!(watcher.watched, BTreeSet::from([mount.join("..v1")]));
+
+        version("..v2", "a = 2\n");
+        std::os::unix::fs::symlink("..v2", mount.join("..data_tmp")).unwrap();
+        std::fs::rename(mount.join("..data_tmp"), mount.join("..data")).unwrap();
+        let seen = tokio::time::timeout(Duration::from_secs(10), rx.recv()).await;
+        assert_eq!(seen.ok().flatten(), Some(Cause::File), "no event for the swap");
+        // The reload that follows leads the watch to the new version's directory, where an edit of the
+        // file counts (those directories' other files do not).
+        watcher.follow(&[]);
+        assert_eq!(watcher.watched, BTreeSet::from([mount.join("..v2")]));
+        let relevant = watcher.relevant.load();
+        assert!(relevant.covers(&mount.join("..v2/monitor.toml")));
+        assert!(!relevant.covers(&mount.join("..v2/other.toml")));
     }
 }

@@ -118,12 +118,15 @@ pub fn spawn_listener(
     let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;
     Ok(tokio::spawn(async move {
-        let mut first_stop: Option<Instant> = None;
-        // Whether a stop signal arriving now is a new one, not a duplicate delivery (see REPEAT_WINDOW).
-        let mut insists = move || {
+        // The first stop signal: when, and whether it was SIGINT.
+        let mut first_stop: Option<(Instant, bool)> = None;
+        // Whether a stop signal arriving now is a new one, not a duplicate delivery (see REPEAT_WINDOW). The
+        // other signal is never a duplicate: a Ctrl-C 100 ms into a SIGTERM's drain was dropped as one, and
+        // the drain ran its whole grace period.
+        let mut insists = move |interrupt: bool| {
             let now = Instant::now();
-            let started = *first_stop.get_or_insert(now);
-            now.duration_since(started) >= REPEAT_WINDOW
+            let (started, first_interrupt) = *first_stop.get_or_insert((now, interrupt));
+            first_interrupt != interrupt || now.duration_since(started) >= REPEAT_WINDOW
         };
         // When the drain SIGTERM asked for begins (once deregistered), and its grace period.
         let mut deregistering: Option<(tokio::time::Instant, Duration)> = None;
@@ -131,7 +134,7 @@ pub fn spawn_listener(
             let drain_at = deregistering.map(|(at, _)| at);
             tokio::select! {
                 Some(()) = term.recv() => {
-                    let insists = insists();
+                    let insists = insists(false);
                     if shutdown.is_draining() && insists {
                         warn!("second SIGTERM while draining: forcing exit");
                         shutdown.force.cancel();
@@ -160,7 +163,7 @@ pub fn spawn_listener(
                 }
                 Some(()) = int.recv() => {
                     deregistering = None;
-                    if insists() && shutdown.is_draining() {
+                    if insists(true) && shutdown.is_draining() {
                         warn!("SIGINT while draining: forcing exit");
                         shutdown.force.cancel();
                     } else if shutdown.is_draining() {

@@ -459,6 +459,46 @@ fn a_second_signal_while_draining_forces_the_exit() {
     drop(conn);
 }
 
+/// A SIGINT right after a SIGTERM is the operator's Ctrl-C, not the SIGTERM delivered again: it ends the
+/// drain. It was dropped as a repeat, and the drain ran its whole grace period (30 s here).
+#[test]
+fn an_interrupt_right_after_a_terminate_is_no_repeat() {
+    let (mut p, conn, _dir) = draining_lb();
+    p.signal(nix::sys::signal::Signal::SIGTERM);
+    eventually(Duration::from_secs(10), "the drain to start", || {
+        p.stderr().contains("SIGTERM: draining").then_some(())
+    });
+    p.signal(nix::sys::signal::Signal::SIGINT);
+    assert_eq!(p.wait_exit(Duration::from_secs(10)), Some(2), "{}", p.stderr());
+    drop(conn);
+}
+
+/// A SIGHUP while a role starts, before it listens for signals (here while it reads its config from a FIFO
+/// that has no data yet), is no reload yet and no end either: its default action killed the process.
+#[test]
+fn a_hangup_while_a_role_starts_does_not_end_it() {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("agent.toml");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    let mut p = Proc::xcluster("agent", &["agent", "--config", fifo.to_str().unwrap()]);
+    // A writer opens a FIFO without blocking only once its reader has: the agent is reading its config.
+    let mut writer = eventually(Duration::from_secs(10), "the agent to open its config", || {
+        (std::fs::OpenOptions::new().write(true))
+            .custom_flags(nix::libc::O_NONBLOCK)
+            .open(&fifo)
+            .ok()
+    });
+    p.signal(nix::sys::signal::Signal::SIGHUP);
+    let api = free_addr();
+    let cfg = format!("role = \"agent\"\nlisten = \"{api}\"\n");
+    writer.write_all(cfg.as_bytes()).unwrap();
+    drop(writer);
+    wait_ready(api, Duration::from_secs(20));
+    assert!(p.is_running(), "{}", p.stderr());
+}
+
 /// runtime::signals::REPEAT_WINDOW (the tests crate drives the binary and does not link the runtime).
 fn xcluster_runtime_repeat_window() -> Duration {
     Duration::from_millis(250)

@@ -1,6 +1,7 @@
 //! The HTTP limits of every role's API server (`[http]`): an oversized head gets 431, an oversized declared
 //! body 413 with a JSON error, a client that never finishes its head (slowloris) is closed, and connections
-//! over the cap get 503 `too_many_connections` — and each time the daemon goes on serving everyone else.
+//! over the cap get 503 `too_many_connections` — and each time the daemon goes on serving everyone else;
+//! and the descriptor limit each role raises for itself.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -10,7 +11,7 @@ use std::time::Duration;
 
 use xcluster_tests::http::get;
 use xcluster_tests::{
-    Proc, Spawn, content_length, eventually, free_addr, metric_value, wait_ready, xcluster_bin,
+    Proc, Spawn, content_length, eventually, free_addr, metric_value, wait_ready, write_file, xcluster_bin,
 };
 
 const ROLES: [&str; 4] = ["lb", "agent", "monitor", "app"];
@@ -369,6 +370,45 @@ fn every_role_raises_its_descriptor_limit_and_warns_when_its_config_needs_more()
             );
         }
     }
+}
+
+/// A monitor's programs get the descriptor limit the monitor was started with, not the one it raised for
+/// itself: a program built on `select` fails on a descriptor above 1024, and one that closes every
+/// descriptor up to its limit as it starts took seconds over a million of them.
+#[test]
+fn a_monitors_programs_get_the_limit_it_was_started_with() {
+    let dir = tempfile::tempdir().unwrap();
+    let (addr, seen) = (free_addr(), dir.path().join("seen"));
+    let config = format!(
+        "role = \"monitor\"\nlisten = \"{addr}\"\nrun_dir = \"{run}\"\n\
+         [programs.p]\ncommand = \"/bin/sh -c 'echo $(ulimit -Sn) $(ulimit -Hn) > {seen}; exec sleep 300'\"\n",
+        run = dir.path().join("run").display(),
+        seen = seen.display(),
+    );
+    let path = write_file(dir.path(), "monitor.toml", &config);
+    let script = format!(
+        "ulimit -Sn 256 && ulimit -Hn 4096 && exec \"$0\" monitor --config {}",
+        path.display()
+    );
+    let p = Proc::spawn(
+        "monitor",
+        std::path::Path::new("/bin/sh"),
+        Spawn {
+            args: vec!["-c".into(), script, xcluster_bin().display().to_string()],
+            ..Default::default()
+        },
+    );
+    let got = eventually(Duration::from_secs(20), "the program's limits", || {
+        std::fs::read_to_string(&seen).ok().filter(|s| s.ends_with('\n'))
+    });
+    assert_eq!(got, "256 4096\n", "{}", p.stderr());
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", p.pid())).unwrap();
+    assert!(
+        limits
+            .lines()
+            .any(|l| l.starts_with("Max open files") && l.contains("4096                 4096")),
+        "the monitor's own stays raised: {limits}"
+    );
 }
 
 /// A client that sends requests and never reads the answers is closed once its answers have waited

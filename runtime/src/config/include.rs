@@ -38,7 +38,8 @@ pub fn apply(
         }
         _ => {
             issues.push(included(format!(
-                "expected a list of file patterns, found {value}"
+                "expected a list of file patterns, found {}",
+                super::quoted(&value)
             )));
             return origins;
         }

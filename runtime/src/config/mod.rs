@@ -255,6 +255,12 @@ pub fn parse_table(text: &[u8], origin: &str) -> Result<toml::Table, ConfigError
 /// 200 KB file made each failed reload log 200 KB.
 const ERROR_LINE_CHARS: usize = 200;
 
+/// A value as an error quotes it, cut as [`clip_lines`] cuts: a 1 MB array given for a string was quoted
+/// whole, in each failed reload's log line and in the status `ctl` shows.
+pub(crate) fn quoted(value: &toml::Value) -> String {
+    clip_lines(&value.to_string())
+}
+
 /// `msg` with each line cut to [`ERROR_LINE_CHARS`] characters (`…` marks a cut).
 fn clip_lines(msg: &str) -> String {
     msg.lines()
@@ -373,8 +379,9 @@ fn load_layered<C: RoleConfig>(
                 let issue = ConfigIssue::new(
                     "role",
                     format!(
-                        "expected \"{}\", found {role}: this file is for `xcluster {r}`",
-                        C::ROLE
+                        "expected \"{}\", found {}: this file is for `xcluster {r}`",
+                        C::ROLE,
+                        quoted(&role)
                     ),
                 );
                 return Err(ConfigError::Invalid {
@@ -384,7 +391,7 @@ fn load_layered<C: RoleConfig>(
             }
             None => issues.push(ConfigIssue::new(
                 "role",
-                format!("expected \"{}\", found {role}", C::ROLE),
+                format!("expected \"{}\", found {}", C::ROLE, quoted(&role)),
             )),
         }
     }
@@ -511,7 +518,7 @@ fn deserialize_collecting<T: DeserializeOwned>(
                     let key = dotted(&path);
                     let shown = match lookup(&table, &path) {
                         Some(v) if !message.contains(&v.to_string()) => {
-                            format!("{} (found {v})", first_line(&message))
+                            format!("{} (found {})", first_line(&message), quoted(v))
                         }
                         _ => first_line(&message),
                     };
@@ -539,8 +546,9 @@ fn dotted(path: &[String]) -> String {
     key
 }
 
+/// The first line of a deserialiser's message, cut as [`clip_lines`] cuts (it may quote the value).
 fn first_line(s: &str) -> String {
-    s.lines().next().unwrap_or("").trim().to_string()
+    clip_lines(s.lines().next().unwrap_or("").trim())
 }
 
 fn unknown_field(message: &str) -> Option<String> {

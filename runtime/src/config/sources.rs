@@ -19,7 +19,7 @@ use super::{ConfigError, RoleConfig, parse_table, read_bounded};
 pub struct Sources {
     patterns: Vec<IncludePattern>,
     fingerprint: u64,
-    /// The main file held nothing but white space ([`blank`]).
+    /// The main file or an included one held nothing but white space ([`blank`]).
     blank: bool,
 }
 
@@ -39,7 +39,9 @@ impl Sources {
         }
     }
 
-    /// Whether the main file was [`blank`].
+    /// Whether the main file or an included one was [`blank`]: one being rewritten in place, as likely as
+    /// the main file. An emptied included file was taken as a file of no entries, and the monitor stopped
+    /// the programs it had defined until the rest was written.
     pub fn is_blank(&self) -> bool {
         self.blank
     }
@@ -59,6 +61,7 @@ impl Sources {
     /// An included file read, with its bytes (`None`: it could not be read).
     pub(crate) fn file(&mut self, path: &Path, bytes: Option<&[u8]>) {
         self.fingerprint = hash(&(self.fingerprint, path, bytes));
+        self.blank |= bytes.is_some_and(blank);
     }
 }
 
@@ -135,6 +138,24 @@ mod tests {
 
     fn read(path: &Path) -> Sources {
         read_sources::<Cfg>(path).unwrap()
+    }
+
+    /// An included file emptied (a `>` rewriting it) reads as blank, as an emptied main file does, so the
+    /// watcher waits for the rest: taken, the programs it defined were stopped until it was written.
+    #[test]
+    fn an_emptied_included_file_is_blank() {
+        let dir = tempfile::tempdir().unwrap();
+        let conf_d = dir.path().join("conf.d");
+        fs::create_dir(&conf_d).unwrap();
+        let main = dir.path().join("main.toml");
+        fs::write(&main, "include = [\"conf.d/*.toml\"]\n[programs.main]\n").unwrap();
+        fs::write(conf_d.join("web.toml"), "[programs.web]\n").unwrap();
+        assert!(!read(&main).is_blank());
+        fs::write(conf_d.join("web.toml"), " \n").unwrap();
+        assert!(read(&main).is_blank());
+        // Removed, it is no file being written: what the config names changed.
+        fs::remove_file(conf_d.join("web.toml")).unwrap();
+        assert!(!read(&main).is_blank());
     }
 
     #[test]

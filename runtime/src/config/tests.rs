@@ -347,6 +347,22 @@ fn syntax_error_names_the_file() {
     );
 }
 
+/// A wrong value is quoted cut, as a bad line is: a 1 MB array given for a string, or for the role, was
+/// quoted whole in each failed reload's log line and status.
+#[test]
+fn a_wrong_value_is_quoted_cut() {
+    let huge = format!("[{}\"x\"]", "\"x\", ".repeat(100_000));
+    for text in [format!("listen = {huge}\n"), format!("role = {huge}\n")] {
+        let err = load_str(&text, &[]).unwrap_err().to_string();
+        assert!(
+            err.len() < 2_000 && err.contains('…'),
+            "{} bytes: {}",
+            err.len(),
+            &err[..300.min(err.len())]
+        );
+    }
+}
+
 #[test]
 fn a_changed_secret_is_named_not_shown() {
     let secret = |k: &str| toml::toml! { key = k listen = "a" };
