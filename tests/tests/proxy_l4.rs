@@ -461,6 +461,48 @@ fn the_only_backend_is_tried_again_after_a_pause(rt: &'static str) {
     lb.assert_web_counts(&[("retries_total", retries), ("connections_failed_total", 0.0)]);
 }
 
+/// As above, with another backend at its `max_connections`: every pick after the first connect failed
+/// passes over the full one, and what is left was left out for being tried, not for being full. The client
+/// was closed after that one attempt (`NoBackend::Full` with no queue) though the restarting backend came
+/// back a moment later.
+fn a_tried_backend_is_tried_again_while_the_others_are_full(rt: &'static str) {
+    let (full, restarting) = (echo_backend(), dead_addr());
+    let front = free_addr();
+    let lb = start_lb(
+        rt,
+        1000,
+        &format!(
+            "connect_attempts = 4\nconnect_retry_delay_ms = 500\ncheck_interval_ms = 0\n{}\
+             [[proxy.backends]]\naddr = \"{full}\"\nmax_connections = 1\n\
+             [[proxy.backends]]\naddr = \"{restarting}\"\n",
+            listener("web", front)
+        ),
+    );
+    let failures = || {
+        metric_value(
+            &lb.metrics(),
+            "xcluster_lb_proxy_backend_connect_failures_total",
+            &format!("backend=\"{restarting}\""),
+        )
+    };
+    // The full one's place taken (the restarting one refuses it, so it lands there, after retries).
+    let mut holder = connect(front);
+    ping(&mut holder, b"holding");
+    let before = failures().unwrap_or(0.0);
+    let mut s = connect(front);
+    s.write_all(b"sent while the backend was down").unwrap();
+    eventually(T, "a connect to the restarting backend to be refused", || {
+        failures().filter(|f| *f > before)
+    });
+    serve_on(TcpListener::bind(restarting).unwrap(), echo);
+    let mut got = vec![0u8; 31];
+    s.read_exact(&mut got).unwrap();
+    assert_eq!(&got, b"sent while the backend was down");
+    ping(&mut s, b"and after");
+    lb.assert_web_counts(&[("connections_failed_total", 0.0)]);
+    drop(holder);
+}
+
 /// An address that takes no new connection: its listener (backlog 0) has one connection queued that nobody
 /// accepts, so the kernel drops further SYNs and connects to it time out. Returns the address, the listener,
 /// and the queued connection's client end.
@@ -3395,6 +3437,7 @@ per_runtime!(
     bulk_answers_with_pauses_arrive_in_every_mode,
     dead_backend_is_skipped_by_redispatch,
     the_only_backend_is_tried_again_after_a_pause,
+    a_tried_backend_is_tried_again_while_the_others_are_full,
     a_failing_backend_is_held_out_until_it_answers_again,
     health_checks_mark_a_backend_down_and_up_without_traffic,
     every_backend_down_closes_the_client_promptly_and_counts_it,

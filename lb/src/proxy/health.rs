@@ -153,17 +153,13 @@ impl Holds {
                 .saturating_mul(1 << (fails - 1).min(16))
                 .min(MAX_HOLD)
                 .max(at_least);
-            // A client's failed connect leaves a backend its checks put down so.
+            // A client's failed connect leaves a backend its checks put down so, and its hold as long: cut
+            // to the connect's 2 s, a hold of two check intervals ran out, and the next client's connect that
+            // succeeded ended it, so clients went to a backend its checks had down until their next check.
             let down = checks || before.is_some_and(|h| h.down);
-            map.insert(
-                addr,
-                Hold {
-                    until: now + hold,
-                    fails,
-                    down,
-                },
-            );
-            (hold, fails)
+            let until = (now + hold).max(before.filter(|h| h.down).map_or(now, |h| h.until));
+            map.insert(addr, Hold { until, fails, down });
+            (until - now, fails)
         })
     }
 
@@ -459,6 +455,25 @@ mod tests {
             !h.all_down(&[addr(3)]),
             "a new outage starts as a client's failure"
         );
+    }
+
+    /// A client's failed connect to a backend its checks hold down does not cut that hold to its own
+    /// length: cut to 2 s, the hold ran out long before the next check, and the next client's connect that
+    /// succeeded ended it, sending clients to a backend the checks had down.
+    #[test]
+    fn a_clients_failed_connect_does_not_shorten_a_checks_hold() {
+        let h = Holds::default();
+        let t0 = Instant::now();
+        let until_next = Duration::from_secs(61);
+        h.failed_at(addr(2), Failure::Checks(until_next), t0);
+        assert_eq!(h.failed_at(addr(2), Failure::Connect, t0), (until_next, 2));
+        let later = t0 + Duration::from_secs(5);
+        assert_eq!(h.exclude_down_at(&[], later), Some(vec![addr(2)]));
+        assert!(
+            !h.succeeded_at(addr(2), Answer::Connect, None, later),
+            "only checks end it"
+        );
+        assert!(h.all_down(&[addr(2)]));
     }
 
     #[test]

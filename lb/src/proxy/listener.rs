@@ -70,6 +70,15 @@ pub(super) fn is_resource_exhaustion(e: &io::Error) -> bool {
     )
 }
 
+/// Errors of a connect to a backend that are this host's, not the backend's: out of a resource, or of local
+/// ports toward that address (EADDRNOTAVAIL: the proxy sends the first FIN toward a backend when its client
+/// closes first, so it holds those sockets' TIME_WAIT). Counted as the backend's failure, they held a
+/// healthy backend out, moved its clients to the others, which ran out in turn, until every one was "down";
+/// HAProxy takes them as a local error too. The connection ends; the backend is not held out.
+pub(super) fn is_local_connect_failure(e: &io::Error) -> bool {
+    is_resource_exhaustion(e) || e.raw_os_error() == Some(libc::EADDRNOTAVAIL)
+}
+
 /// Accepts until closed: `close` turns to `Some` when the listener is removed or the proxy drains,
 /// and the loop then ends as [`Closing`] says, which closes the socket. Must run on the worker runtime that
 /// will own the connections.
@@ -226,6 +235,38 @@ async fn interrupted(close: &mut watch::Receiver<Option<Close>>, closing: bool) 
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    /// Out of local ports or of a resource is this host's failure; a refusal, a reset, an unreachable or
+    /// silent backend is the backend's, and holds it out.
+    #[test]
+    fn a_connect_failure_is_local_only_for_this_hosts_resources() {
+        let local = [
+            libc::EADDRNOTAVAIL,
+            libc::EMFILE,
+            libc::ENFILE,
+            libc::ENOBUFS,
+            libc::ENOMEM,
+        ];
+        let backends = [
+            libc::ECONNREFUSED,
+            libc::ECONNRESET,
+            libc::ETIMEDOUT,
+            libc::EHOSTUNREACH,
+            libc::ENETUNREACH,
+        ];
+        for errno in local {
+            assert!(
+                is_local_connect_failure(&io::Error::from_raw_os_error(errno)),
+                "{errno}"
+            );
+        }
+        for errno in backends {
+            assert!(
+                !is_local_connect_failure(&io::Error::from_raw_os_error(errno)),
+                "{errno}"
+            );
+        }
+    }
 
     fn loopback() -> ListenerConfig {
         ListenerConfig::for_tests("127.0.0.1:0".parse().unwrap())

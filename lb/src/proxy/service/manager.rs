@@ -221,7 +221,9 @@ pub fn start(
         "proxy started"
     );
     let drain = drain.child_token();
-    tokio::spawn(check_backends(m.shared.clone(), drain.clone()));
+    // Until the stop, not the drain: connections still pick backends through the grace period (retries,
+    // waiters, a closing listener's queue), and a checks' hold that is not renewed ends in a few seconds.
+    tokio::spawn(check_backends(m.shared.clone(), m.shared.stop.child_token()));
     let d = drain.clone();
     let task = tokio::spawn(async move {
         loop {
@@ -263,21 +265,21 @@ fn prune_retired(shared: &Arc<Shared>) {
 const BIND_RETRY: Duration = Duration::from_secs(1);
 
 /// Active health checks of the configured backends, every `check_interval_ms` (read again each round, so a
-/// reload can change it or turn checks on or off), until the drain.
-async fn check_backends(shared: Arc<Shared>, drain: CancellationToken) {
+/// reload can change it or turn checks on or off), until `stop`.
+async fn check_backends(shared: Arc<Shared>, stop: CancellationToken) {
     /// How often a disabled check looks whether a reload turned it on.
     const OFF_POLL: Duration = Duration::from_secs(1);
     let mut streaks = CheckStreaks::default();
     loop {
         let interval = shared.timeouts.load().check_interval;
         tokio::select! {
-            () = drain.cancelled() => return,
+            () = stop.cancelled() => return,
             () = tokio::time::sleep(interval.unwrap_or(OFF_POLL)) => {}
         }
         shared.holds.forget_stale();
         if let Some(interval) = interval {
             tokio::select! {
-                () = drain.cancelled() => return,
+                () = stop.cancelled() => return,
                 () = shared.check_all(interval, &mut streaks) => {}
             }
         }

@@ -154,7 +154,17 @@ impl Shared {
                 passed.extend_from_slice(tried);
             }
             passed.push(addr);
-            addr = self.pick(ty, &passed, &conn).ok_or(NoBackend::Full)?;
+            addr = match self.pick(ty, &passed, &conn) {
+                Some(next) => next,
+                // What is left was left out for having been tried, not for being full: after a pause it may
+                // answer. Full, a client whose first connect failed (a backend restarting) while the others
+                // were at their max was closed after one attempt, or waited with that backend never tried
+                // again.
+                None if !tried.is_empty() && !self.holds.all_down(tried) => {
+                    return Err(NoBackend::TurnAround);
+                }
+                None => return Err(NoBackend::Full),
+            };
         };
         if attempt > 0 {
             l.metrics.retries.increment(1);

@@ -305,6 +305,14 @@ impl Loop {
         let (addr, peer, to, started) = (k.addr, k.peer, k.to, k.started);
         if res < 0 {
             let e = io::Error::from_raw_os_error(-res);
+            // Out of memory or local ports here: not the backend's failure, so it is not held out.
+            if crate::proxy::listener::is_local_connect_failure(&e) {
+                debug!(backend = %addr, error = %e, "cannot connect from this host");
+                c.backend = None;
+                drop(bm);
+                self.give_up(slot, End::Error(Side::Backend, -res));
+                return;
+            }
             // ECANCELED: the linked timeout fired first.
             debug!(backend = %addr, error = %e, "connect failed or timed out");
             shared.connect_failed(addr, &bm, &mut k.tried);
