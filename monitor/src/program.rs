@@ -578,9 +578,7 @@ impl RawProgram {
             return Vec::new();
         }
 
-        let self_exe = std::env::current_exe()
-            .map(|p| p.display().to_string())
-            .unwrap_or_else(|_| "xcluster".into());
+        let self_exe = self_exe();
         let template = if !self.process_name.is_empty() {
             self.process_name.clone()
         } else if self.numprocs > 1 {
@@ -592,7 +590,7 @@ impl RawProgram {
             .map(|i| {
                 let num = self.numprocs_start + i;
                 let mut vars = vec![
-                    ("self", self_exe.clone()),
+                    ("self", self_exe.to_string()),
                     ("program", program.to_string()),
                     ("num", num.to_string()),
                     ("run_dir", dirs.run_dir.display().to_string()),
@@ -757,11 +755,20 @@ pub fn stop_levels(specs: &[ProcessSpec]) -> BTreeMap<String, u32> {
 /// Checks what needs every program at once: unique names, acyclic `depends_on`.
 pub fn check_set(specs: &[ProcessSpec], v: &mut Validator) {
     let mut names = BTreeSet::new();
+    let programs: BTreeSet<&str> = specs.iter().map(|s| s.group.as_str()).collect();
     for s in specs {
         if !names.insert(s.name.as_str()) {
             v.error(
                 format!("programs.{}", s.group),
                 format!("process name {:?} is used twice", s.name),
+            );
+        }
+        // Another program's name: `ctl stop api` stopped this process, not the program `api`, while
+        // `depends_on = ["api"]` meant the program, and its log was "ambiguous".
+        if s.name != s.group && programs.contains(s.name.as_str()) {
+            v.error(
+                format!("programs.{}.process_name", s.group),
+                format!("{:?} is the name of another program", s.name),
             );
         }
         // The program names' own charset: a process name is a log file name, a path segment of the API
@@ -824,3 +831,20 @@ pub fn check_set(specs: &[ProcessSpec], v: &mut Validator) {
 #[cfg(test)]
 #[path = "program_tests.rs"]
 mod tests;
+
+/// The path `{self}` stands for: this binary's, read once. Read at each load, it turned into
+/// `/path/xcluster (deleted)` once an upgrade replaced the file (Linux names a removed executable so), and
+/// at the next reload every program whose command names `{self}` counted as changed and was restarted with
+/// a command that is not there. The suffix is taken off too, for a binary replaced before the first load.
+fn self_exe() -> &'static str {
+    static EXE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    EXE.get_or_init(|| match std::env::current_exe() {
+        Ok(p) => {
+            let shown = p.display().to_string();
+            shown
+                .strip_suffix(" (deleted)")
+                .map_or(shown.clone(), str::to_string)
+        }
+        Err(_) => "xcluster".into(),
+    })
+}

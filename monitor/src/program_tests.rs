@@ -126,6 +126,33 @@ fn programs_are_checked_against_each_other_as_written() {
     );
 }
 
+/// A process name may not be another program's name: `ctl stop api` stopped `worker`'s process named
+/// `api`, while `depends_on = ["api"]` meant the program. Its own program's name is its default.
+#[test]
+fn a_process_name_may_not_be_another_programs() {
+    let spec = |group: &str, process_name: &str, numprocs: u32| {
+        let raw = RawProgram {
+            command: "x".into(),
+            process_name: process_name.into(),
+            numprocs,
+            ..RawProgram::default()
+        };
+        raw.expand(group, &dirs(Path::new("/tmp")), &mut Validator::new())
+    };
+    let mut v = Validator::new();
+    let specs = [
+        spec("worker", "api", 1),
+        spec("api", "", 2),
+        spec("solo", "solo", 1),
+    ]
+    .concat();
+    check_set(&specs, &mut v);
+    assert_eq!(
+        issues(&v),
+        ["programs.worker.process_name: \"api\" is the name of another program"]
+    );
+}
+
 #[test]
 fn stop_levels_follow_priority_and_let_dependencies_win() {
     let spec = |group: &str, priority: i32, deps: &[&str]| {

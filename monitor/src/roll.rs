@@ -228,26 +228,35 @@ impl Supervisor {
             }
             if let Some(i) = roll.current() {
                 let name = &roll.status.programs[i].name;
-                let settled = match self.procs.get(name) {
-                    None => Some(Err("gone".to_string())),
-                    Some(p) => outcome(p).or_else(|| {
-                        (roll.deadline.is_some_and(|d| Instant::now() >= d))
-                            .then(|| Err(overdue(self, p, name, roll.limit)))
-                    }),
+                let settled = match self.procs.get(name).filter(|p| !p.removing) {
+                    // Removed from the config meanwhile: no longer the roll's to bring back, nor a failure.
+                    None => Some((Step::Skipped, Ok(crate::status::REMOVED.to_string()))),
+                    Some(p) => outcome(p)
+                        .or_else(|| {
+                            (roll.deadline.is_some_and(|d| Instant::now() >= d))
+                                .then(|| Err(overdue(self, p, name, roll.limit)))
+                        })
+                        .map(|o| (Step::Done, o)),
                 };
                 match settled {
                     None => break None,
-                    Some(Ok(message)) => {
+                    Some((step, Ok(message))) => {
                         let s = &mut roll.status.programs[i];
-                        (s.step, s.message) = (Step::Done, message);
+                        (s.step, s.message) = (step, message);
                     }
-                    Some(Err(why)) => break Some(roll.end(Some(&why))),
+                    Some((_, Err(why))) => break Some(roll.end(Some(&why))),
                 }
             }
             progressed = true;
             let Some(next) = (roll.status.programs.iter_mut()).find(|s| s.step == Step::Waiting) else {
                 break Some(roll.end(None));
             };
+            // One an update removed since the roll began is passed over: "gone" stopped the roll there, and
+            // the programs after it, an update's changes among them, kept their old settings.
+            if self.procs.get(&next.name).is_none_or(|p| p.removing) {
+                (next.step, next.message) = (Step::Skipped, crate::status::REMOVED.into());
+                continue;
+            }
             next.step = Step::Restarting;
             let name = next.name.clone();
             let (ok, message) = self.user_restart(&name, std::slice::from_ref(&name));

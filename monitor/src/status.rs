@@ -150,6 +150,9 @@ pub struct ActionResult {
 pub const ALREADY_STARTED: &str = "already started";
 /// A `stop`'s (or `signal`'s) answer for a program without a process.
 pub const NOT_RUNNING: &str = "not running";
+/// A `start`'s or `restart`'s answer for a program an update removed that is still stopping (it answered
+/// `starting once stopped`, and was then dropped), and what a roll says of one removed before it came back.
+pub const REMOVED: &str = "removed from the config";
 
 /// A program that came up and then exited for good (no autorestart), as
 /// `ctl start` and a roll answer it: supervisorctl's words, and how it ended.

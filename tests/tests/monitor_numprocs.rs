@@ -249,17 +249,15 @@ period_ms = 50
 /// and `ctl update --rolling` those of any program; added programs start at once.
 #[test]
 fn an_update_rolls_a_program_whose_strategy_says_so_and_update_rolling_rolls_any() {
-    // Through a symlink to a file elsewhere, so the file watcher leaves the updates to `ctl update`.
+    // `auto_update = false`, so the file watcher leaves the updates to `ctl update`.
     let dir = std::sync::Arc::new(tempfile::tempdir().unwrap());
     let real = tempfile::tempdir().unwrap();
-    let real_path = real.path().join("real.toml");
-    let (d, rp, marks) = (dir.clone(), real_path.clone(), real.path().to_path_buf());
-    let m = Mon::launch(dir.clone(), None, move |addr| {
-        std::fs::write(&rp, config_text(addr, d.path(), &versioned(&marks, "v1"))).unwrap();
-        let link = d.path().join("monitor.toml");
-        let _ = std::fs::remove_file(&link);
-        std::os::unix::fs::symlink(&rp, &link).unwrap();
-        link
+    let text = |addr, version: &str| {
+        let programs = format!("auto_update = false\n{}", versioned(real.path(), version));
+        config_text(addr, dir.path(), &programs)
+    };
+    let m = Mon::launch(dir.clone(), None, |addr| {
+        write_file(dir.path(), "monitor.toml", &text(addr, "v1"))
     });
     let apps = ["app-0", "app-1", "app-2"];
     let webs = ["web-0", "web-1", "web-2"];
@@ -276,8 +274,7 @@ fn an_update_rolls_a_program_whose_strategy_says_so_and_update_rolling_rolls_any
             .unwrap_or(0)
     };
     let write = |version: &str| {
-        let text = config_text(m.addr, dir.path(), &versioned(real.path(), version));
-        std::fs::write(&real_path, text).unwrap();
+        std::fs::write(&m.config, text(m.addr, version)).unwrap();
     };
     let runs = |name: &str, version: &str| {
         let p = m.prog(name);
@@ -446,6 +443,51 @@ period_ms = 50
         ]
     );
     assert_eq!(m.pid("app-2"), Some(app_2));
+}
+
+/// An instance an update removes while a roll is under way is passed over when its turn comes: "gone"
+/// stopped the roll there, as a failure, and the programs after it were not restarted.
+#[test]
+fn a_rolling_restart_passes_over_an_instance_removed_meanwhile() {
+    let dir = tempfile::tempdir().unwrap();
+    let hold = dir.path().join("hold");
+    // Ready unless `hold` exists.
+    let programs = |n: u32| {
+        format!(
+            "[programs.app]\ncommand = \"sleep 300\"\nnumprocs = {n}\nstartsecs = 0\n\
+             [programs.app.readiness]\ncommand = \"test ! -e {}\"\nperiod_ms = 50\n",
+            hold.display()
+        )
+    };
+    let m = Mon::start(&programs(3));
+    for name in ["app-0", "app-1", "app-2"] {
+        eventually(T, "every instance ready", || {
+            (m.prog(name)["ready"] == true).then_some(())
+        });
+    }
+    std::fs::write(&hold, "").unwrap();
+    let o = m.ctl(&["--no-wait", "--wait-secs", "60", "restart", "--rolling", "app:*"]);
+    assert_says(&o, 0, "app-0: restarting\napp-1: waiting\napp-2: waiting");
+    m.rewrite(&programs(2));
+    eventually(T, "app-2 removed", || {
+        (!lists(&m.status(), "app-2")).then_some(())
+    });
+    std::fs::remove_file(&hold).unwrap();
+    let roll = eventually(T, "the roll to end", || {
+        let roll = m.status()["roll"].clone();
+        (roll["finished"] == true).then_some(roll)
+    });
+    let steps: Vec<(&str, &str)> = (roll["programs"].as_array().unwrap().iter())
+        .map(|s| (s["step"].as_str().unwrap(), s["message"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        steps,
+        [
+            ("done", "started"),
+            ("done", "started"),
+            ("skipped", "removed from the config")
+        ]
+    );
 }
 
 /// A roll of one-shot tasks: each runs, and ends as its `exitcodes` expect, which is how it should come back

@@ -46,33 +46,41 @@ fn abc_pids(m: &Mon) -> Vec<i32> {
     ["a", "b", "c"].iter().map(|n| m.pid(n).unwrap()).collect()
 }
 
+/// `{self}` is the binary the monitor runs as, read once: an upgrade that replaced that file (a new one
+/// renamed over it, as install(1) and package managers do) made it `/path/xcluster (deleted)` at the next
+/// load, so every program naming `{self}` counted as changed, and an update restarted it with a command
+/// that was not there.
+#[test]
+fn self_stays_the_binary_after_an_upgrade_replaces_it() {
+    let bin_dir = tempfile::tempdir().unwrap();
+    let bin = bin_dir.path().join("xcluster");
+    std::fs::copy(xcluster_bin(), &bin).unwrap();
+    let dir = std::sync::Arc::new(tempfile::tempdir().unwrap());
+    let d = dir.clone();
+    let programs = "[programs.s]\ncommand = \"/bin/sh -c 'exec sleep 300' {self}\"\nstartsecs = 0\n";
+    let m = Mon::launch_bin(&bin, dir.clone(), None, move |addr| {
+        write_file(d.path(), "monitor.toml", &config_text(addr, d.path(), programs))
+    });
+    let pid = m.wait_state("s", "RUNNING", T)["pid"].as_i64();
+    let new = bin_dir.path().join("xcluster.new");
+    std::fs::copy(xcluster_bin(), &new).unwrap();
+    std::fs::rename(&new, &bin).unwrap();
+    let o = m.ctl_ok(&["reread"]);
+    assert!(!o.contains("s: changed"), "{o}");
+    m.ctl_ok(&["update"]);
+    let s = m.prog("s");
+    assert_eq!(
+        (s["pid"].as_i64(), &s["command"][3]),
+        (pid, &json!(bin.display().to_string()))
+    );
+}
+
 #[test]
 fn reread_shows_the_plan_and_update_touches_only_what_changed() {
-    // The config is reached through a symlink whose target lives elsewhere, so the watcher (which watches the
-    // link's directory) does not apply the change itself: reread and update are exercised alone.
-    let dir = std::sync::Arc::new(tempfile::tempdir().unwrap());
-    let real = tempfile::tempdir().unwrap();
-    let real_path = real.path().join("real.toml");
-    let d = dir.clone();
-    let rp = real_path.clone();
-    let m = Mon::launch(dir.clone(), None, move |addr| {
-        std::fs::write(&rp, config_text(addr, d.path(), &programs("2", true, false))).unwrap();
-        let link = d.path().join("monitor.toml");
-        let _ = std::fs::remove_file(&link);
-        std::os::unix::fs::symlink(&rp, &link).unwrap();
-        link
-    });
-    let addr = m.addr;
-    for n in ["a", "b", "c"] {
-        m.wait_state(n, "RUNNING", T);
-    }
-    let before = abc_pids(&m);
-
-    std::fs::write(
-        &real_path,
-        config_text(addr, dir.path(), &programs("9", false, true)),
-    )
-    .unwrap();
+    // With `auto_update = false` the watcher does not apply the change itself: reread and update are
+    // exercised alone.
+    let (m, before) = started_off();
+    m.rewrite(&off("9", false, true));
     let o = m.ctl(&["reread"]);
     assert!(o.status.success(), "{}", out(&o));
     let text = out(&o);
@@ -491,6 +499,11 @@ depends_on = ["app"]
     m.wait_state("app-1", "STOPPING", T);
     m.ctl_ok(&["update"]);
     assert_eq!(m.state("app-1"), "STOPPING", "listed while it stops");
+    // A start or restart of it is refused: answered `starting once stopped`, it was then dropped.
+    for command in ["start", "restart"] {
+        let o = m.ctl(&[command, "app-1"]);
+        assert_says(&o, 1, "app-1: ERROR (removed from the config)");
+    }
     release(app1);
     eventually(T, "app-1 to leave once gone", || {
         (!lists(&m.status(), "app-1")).then_some(())

@@ -4,7 +4,7 @@
 use super::{Hold, Proc, Supervisor};
 use crate::child;
 use crate::machine::{Event, State};
-use crate::status::{ALREADY_STARTED, Command, CommandError, NOT_RUNNING, Reply};
+use crate::status::{ALREADY_STARTED, Command, CommandError, NOT_RUNNING, REMOVED, Reply};
 
 impl Supervisor {
     pub(super) fn command(&mut self, cmd: Command) -> Result<Reply, CommandError> {
@@ -113,6 +113,9 @@ impl Supervisor {
         let Some(p) = self.procs.get_mut(name) else {
             return (false, "gone".into());
         };
+        if p.removing {
+            return (false, REMOVED.into());
+        }
         match p.held {
             // Still running: it just stays so.
             Some(Hold::Stop) => {
@@ -193,6 +196,9 @@ impl Supervisor {
         let Some(p) = self.procs.get_mut(name) else {
             return (false, "gone".into());
         };
+        if p.removing {
+            return (false, REMOVED.into());
+        }
         if p.held.is_some() {
             p.held = Some(Hold::Restart);
             return (true, "restarting".into());

@@ -57,10 +57,25 @@ impl Mon {
         addr: Option<SocketAddr>,
         write: impl Fn(SocketAddr) -> PathBuf,
     ) -> Mon {
+        Self::launch_bin(&xcluster_bin(), dir, addr, write)
+    }
+
+    /// [`Mon::launch`] of the binary at `bin`.
+    pub fn launch_bin(
+        bin: &std::path::Path,
+        dir: std::sync::Arc<tempfile::TempDir>,
+        addr: Option<SocketAddr>,
+        write: impl Fn(SocketAddr) -> PathBuf,
+    ) -> Mon {
         for _ in 0..5 {
             let a = addr.unwrap_or_else(free_addr);
             let config = write(a);
-            let mut proc = Proc::xcluster("monitor", &["monitor", "--config", config.to_str().unwrap()]);
+            let args = ["monitor", "--config", config.to_str().unwrap()];
+            let spec = Spawn {
+                args: args.iter().map(|s| s.to_string()).collect(),
+                ..Default::default()
+            };
+            let mut proc = Proc::spawn("monitor", bin, spec);
             let pid = proc.pid() as u64;
             // Ready means *our* monitor answers: another test's process may hold a port we were given too.
             let ours = eventually(T, &format!("the monitor on {a} to answer"), || {
