@@ -248,7 +248,15 @@ impl Supervisor {
                 }
             }
             progressed = true;
-            let Some(next) = (roll.status.programs.iter_mut()).find(|s| s.step == Step::Waiting) else {
+            // One not ready (crash-looping, failing its probe) goes before those that serve: it is down
+            // already, so restarting it costs nothing, and if it does not come back the roll stops there
+            // with every serving one untouched. Taken in order, the serving ones went down one by one while
+            // it was down too: two down at once, where the promise is one.
+            let serving = |s: &RollStep| self.procs.get(&s.name).is_some_and(Supervisor::is_ready);
+            let steps = &roll.status.programs;
+            let next = (steps.iter().position(|s| s.step == Step::Waiting && !serving(s)))
+                .or_else(|| steps.iter().position(|s| s.step == Step::Waiting));
+            let Some(next) = next.map(|i| &mut roll.status.programs[i]) else {
                 break Some(roll.end(None));
             };
             // One an update removed since the roll began is passed over: "gone" stopped the roll there, and

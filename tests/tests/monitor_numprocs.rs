@@ -408,15 +408,15 @@ period_ms = 50
     assert_eq!(m.pid("app-2"), Some(app_2));
 
     // The monitor drives the roll: it goes on after `ctl --no-wait` has returned, shows in the status,
-    // refuses a second roll meanwhile, and a stop of the program it waits for ends it there.
+    // refuses a second roll meanwhile, and a stop of the program it waits for ends it there. app-1, not
+    // ready, goes first.
     let o = m.ctl(&["--no-wait", "--wait-secs", "60", "restart", "--rolling", "app"]);
-    assert_says(&o, 0, "app-0: restarting\napp-1: waiting\napp-2: waiting");
+    assert_says(&o, 0, "app-0: waiting\napp-1: restarting\napp-2: waiting");
     let step = |i: usize| m.status()["roll"]["programs"][i]["step"].clone();
-    eventually(T, "the roll at app-1", || (step(1) == "restarting").then_some(()));
-    assert_eq!(step(0), "done");
+    assert_eq!((step(0), step(1)), ("waiting".into(), "restarting".into()));
     let o = m.ctl(&["status", "app-0"]);
     assert!(
-        out(&o).contains("rolling restart 3: app-1 restarting, 1 of 3 done"),
+        out(&o).contains("rolling restart 3: app-1 restarting, 0 of 3 done"),
         "{}",
         out(&o)
     );
@@ -437,12 +437,43 @@ period_ms = 50
     assert_eq!(
         steps,
         [
-            ("done", "started"),
+            ("skipped", "not restarted: the roll stopped"),
             ("failed", "stopped"),
             ("skipped", "not restarted: the roll stopped")
         ]
     );
     assert_eq!(m.pid("app-2"), Some(app_2));
+}
+
+/// A roll restarts an instance that is not ready (down already) before those that serve: here it does not
+/// come back, so the roll stops there and the serving ones keep their processes. Taken in order, each
+/// serving one went down in turn while that one was down too.
+#[test]
+fn a_rolling_restart_takes_an_instance_that_is_down_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = Mon::start(&format!(
+        "[programs.app]\ncommand = \"sleep 300\"\nnumprocs = 3\nstartsecs = 0\n\
+         [programs.app.readiness]\ncommand = \"test ! -e {}/down-{{name}}\"\nperiod_ms = 50\n",
+        dir.path().display()
+    ));
+    for name in ["app-0", "app-1", "app-2"] {
+        eventually(T, "every instance ready", || {
+            (m.prog(name)["ready"] == true).then_some(())
+        });
+    }
+    std::fs::write(dir.path().join("down-app-2"), "").unwrap();
+    eventually(T, "app-2 not ready", || {
+        (m.prog("app-2")["ready"] == false).then_some(())
+    });
+    let serving = [m.pid("app-0"), m.pid("app-1")];
+    let o = m.ctl(&["--wait-secs", "2", "restart", "--rolling", "app:*"]);
+    assert_says(
+        &o,
+        1,
+        "app-0: ERROR (not restarted: the roll stopped)\napp-1: ERROR (not restarted: the roll stopped)\n\
+         app-2: ERROR (still RUNNING, not ready after 2 s)",
+    );
+    assert_eq!([m.pid("app-0"), m.pid("app-1")], serving);
 }
 
 /// An instance an update removes while a roll is under way is passed over when its turn comes: "gone"
