@@ -429,7 +429,7 @@ fn push_all(cfg: &Config, report: &LoadReport, log: &Arc<PushLog>) {
             return;
         }
     };
-    let sig: Arc<str> = Arc::from(report::sign(&cfg.key.bytes, &body));
+    let sig: Arc<str> = Arc::from(report::sign(cfg.key.signing(), &body));
     // Names the signer, so a balancer that gives this agent its own key checks the signature with it.
     let agent: Arc<str> = Arc::from(report.agent.as_str());
     let seq = report.seq;

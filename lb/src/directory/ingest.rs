@@ -110,11 +110,12 @@ impl ReportKeys {
             .find(|agent| self.agents.contains_key(*agent))
     }
 
-    /// The key a report signed by `agent` (as the request names it) is checked with.
-    fn for_signer(&self, agent: Option<&str>) -> &[u8] {
+    /// The keys a report signed by `agent` (as the request names it) is checked with: its own, or the shared
+    /// ones (each line of a key file is one, see [`HmacKey::each`]).
+    fn for_signer(&self, agent: Option<&str>) -> &HmacKey {
         match self.owner(agent) {
-            Some(a) => &self.agents[a].bytes,
-            None => &self.shared.bytes,
+            Some(a) => &self.agents[a],
+            None => &self.shared,
         }
     }
 
@@ -177,12 +178,16 @@ impl Directory {
         }
         let settings = self.settings();
         let signature = signature.ok_or(ReportError::MissingSignature)?;
-        let key = settings.keys.for_signer(signer);
-        if key.is_empty() {
-            // No key for it: nothing can be authenticated, so nothing is accepted.
-            return Err(ReportError::BadSignature);
+        let keys = settings.keys.for_signer(signer);
+        // No key for it: nothing can be authenticated, so nothing is accepted.
+        let mut checked = Err(ReportError::BadSignature);
+        for key in keys.each() {
+            checked = report::verify(key, body, signature);
+            if checked.is_ok() {
+                break;
+            }
         }
-        report::verify(key, body, signature)?;
+        checked?;
         let r = report::decode(body)?;
         // The key that signed must be the reported agent's: its own if it has one, else the shared one.
         if settings.keys.owner(signer) != settings.keys.owner(Some(&r.agent)) {
@@ -429,6 +434,62 @@ mod tests {
         d.ingest(&b, Some(&report::sign(b"k", &b)), Some("g")).unwrap();
         let b = with_id("h", 2, "h/b");
         d.ingest(&b, Some(&report::sign(b"own", &b)), Some("h")).unwrap();
+    }
+
+    /// A key file of two lines holds two keys, each accepted, so a key is changed with no report refused:
+    /// balancers take the new and the old, agents move to the new (signing with their first line), then
+    /// balancers drop the old. An agent's own key file alike.
+    #[test]
+    fn each_line_of_a_key_is_a_key_a_report_may_be_signed_with() {
+        let d = dir();
+        let mut keys = ReportKeys::shared(b"new-shared\nold-shared\n");
+        keys.agents
+            .insert("h".into(), HmacKey::inline(b"new-own\r\nold-own"));
+        d.reconfigure(Settings {
+            keys,
+            ..(*d.settings()).clone()
+        });
+        let now = wall_ms();
+        let report = |agent: &str, seq: u64| {
+            let mut r: LoadReport = serde_json::from_slice(&body(seq, now)).unwrap();
+            r.agent = agent.into();
+            r.instances[0].id = format!("{agent}/a");
+            serde_json::to_vec(&r).unwrap()
+        };
+        let mut seq = 0;
+        let mut send = |agent: &str, key: &[u8]| {
+            seq += 1;
+            let b = report(agent, seq);
+            d.ingest(&b, Some(&report::sign(key, &b)), Some(agent))
+                .map(|_| ())
+                .map_err(|e| e.reason())
+        };
+        for (agent, key) in [
+            ("g", b"new-shared".as_slice()),
+            ("g", b"old-shared"),
+            ("h", b"new-own"),
+            ("h", b"old-own"),
+        ] {
+            assert_eq!(
+                send(agent, key),
+                Ok(()),
+                "{agent} with {}",
+                String::from_utf8_lossy(key)
+            );
+        }
+        for (agent, key) in [
+            ("g", b"new-shared\nold-shared".as_slice()),
+            ("g", b"other"),
+            ("h", b"new-shared"),
+        ] {
+            assert_eq!(
+                send(agent, key),
+                Err("bad_signature"),
+                "{agent} with {}",
+                String::from_utf8_lossy(key)
+            );
+        }
+        assert_eq!(HmacKey::inline(b" new \n\nold\n").signing(), b"new");
     }
 
     /// An agent id may hold `/`: its instances are those under the whole id, the longest keyed one that

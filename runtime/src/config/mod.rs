@@ -209,16 +209,31 @@ impl HmacKey {
 
     /// Whether there is no key (nothing it signs or checks can be trusted).
     pub fn is_empty(&self) -> bool {
-        self.bytes.is_empty()
+        self.each().next().is_none()
+    }
+
+    /// The keys it holds, one per line: each is accepted by a check, and the first signs ([`Self::signing`]).
+    /// So a key is changed with no moment where signers and checkers disagree: the checkers take the new and
+    /// the old (two lines), the signers move to the new one, then the checkers drop the old. With one key
+    /// only, every report signed with the other was refused until both sides had the same.
+    pub fn each(&self) -> impl Iterator<Item = &[u8]> {
+        (self.bytes.split(|b| *b == b'\n'))
+            .map(<[u8]>::trim_ascii)
+            .filter(|k| !k.is_empty())
+    }
+
+    /// The key that signs: the first it holds.
+    pub fn signing(&self) -> &[u8] {
+        self.each().next().unwrap_or_default()
     }
 
     /// Warns about a key that works but should not be as it is: shorter than [`MIN_KEY_BYTES`] (one captured
     /// signed message lets anyone try short keys offline; a bearer token is only tried online), or kept in a
     /// file readable by group or others. `what` names it in the warning.
     pub fn warn(&self, what: &str) {
-        if !self.is_empty() && self.bytes.len() < MIN_KEY_BYTES {
+        if let Some(short) = self.each().map(<[u8]>::len).find(|n| *n < MIN_KEY_BYTES) {
             tracing::warn!(
-                bytes = self.bytes.len(),
+                bytes = short,
                 "the {what} is shorter than {MIN_KEY_BYTES} bytes; use a longer random one"
             );
         }
