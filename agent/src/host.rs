@@ -86,18 +86,31 @@ pub struct HostSampler {
     /// The last CPU figure, which stands while too few ticks have passed for a new one.
     cpu: f64,
     procs: BTreeMap<u32, (u64, Instant)>,
+    /// The container this agent runs in, looked for at the first sample (`Some(None)`: none).
+    container: Option<Option<Container>>,
 }
 
 impl HostSampler {
-    /// Host CPU, memory, load and cores now. The first CPU figure is since boot.
+    /// Host CPU, memory, load and cores now (within the container's limits, in a container with limits).
+    /// The first CPU figure is since boot.
     pub fn sample(&mut self) -> HostLoad {
         let (busy, total, cores) = read_small(Path::new("/proc/stat"))
             .and_then(|t| parse_stat(&t))
             .unwrap_or((0, 0, 1));
-        let cpu = self.cpu_figure(busy, total, cores);
-        let mem = read_small(Path::new("/proc/meminfo"))
+        let mut cpu = self.cpu_figure(busy, total, cores);
+        let mut mem = read_small(Path::new("/proc/meminfo"))
             .and_then(|t| parse_meminfo(&t))
             .unwrap_or(0.0);
+        let mut cores = cores;
+        let container = self
+            .container
+            .get_or_insert_with(|| Container::find(Path::new(CGROUP_ROOT)));
+        if let Some(c) = container {
+            let within = c.sample(Instant::now());
+            cores = within.cores.map_or(cores, |n| n.min(cores));
+            cpu = within.cpu.unwrap_or(cpu);
+            mem = within.mem.unwrap_or(mem);
+        }
         let load1 = read_small(Path::new("/proc/loadavg"))
             .and_then(|t| t.split_whitespace().next()?.parse::<f64>().ok())
             .filter(|l| l.is_finite() && *l >= 0.0)
@@ -155,6 +168,107 @@ impl HostSampler {
     }
 }
 
+/// Where a container's own cgroup (v2) is, seen from inside it.
+const CGROUP_ROOT: &str = "/sys/fs/cgroup";
+
+/// The cgroup (v2) of the container this agent runs in, whose limits hold for the programs beside it: a
+/// container held to 1 CPU and 2 GiB on a 64-core host reported 64 cores and the host's CPU and memory, idle
+/// while it was throttled, and got the weight of a whole idle host. Only in a cgroup namespace of its own
+/// (`/proc/self/cgroup` is `0::/`, as in a container): on a host, the agent's cgroup is its own service's,
+/// whose limits say nothing of the programs it reports, and the host's figures stand.
+#[derive(Debug)]
+struct Container {
+    root: std::path::PathBuf,
+    /// `cpu.stat`'s `usage_usec` and when it was read, for the next figure's delta.
+    prev: Option<(u64, Instant)>,
+    cpu: Option<f64>,
+}
+
+/// A container's figures, where its limits set them.
+#[derive(Debug, Default, PartialEq)]
+struct Within {
+    cores: Option<u32>,
+    cpu: Option<f64>,
+    mem: Option<f64>,
+}
+
+impl Container {
+    /// The container's cgroup at `root`, if this process is in a container with cgroup v2.
+    fn find(root: &Path) -> Option<Self> {
+        let own = read_small(Path::new("/proc/self/cgroup"))?;
+        (own.trim() == "0::/" && root.join("cgroup.controllers").exists()).then(|| Self::at(root))
+    }
+
+    fn at(root: &Path) -> Self {
+        Self {
+            root: root.to_path_buf(),
+            prev: None,
+            cpu: None,
+        }
+    }
+
+    fn sample(&mut self, now: Instant) -> Within {
+        let read = |name: &str| read_small(&self.root.join(name));
+        let quota = read("cpu.max").and_then(|t| parse_cpu_max(&t));
+        let usage = read("cpu.stat").and_then(|t| parse_usage_usec(&t));
+        if let (Some(cpus), Some(usage)) = (quota, usage) {
+            // Use of the quota, over at least the host figure's tenth of a second.
+            match self.prev {
+                Some((before, at)) if now.duration_since(at).as_micros() >= 100_000 => {
+                    let wall = now.duration_since(at).as_micros() as f64;
+                    self.cpu = Some((usage.saturating_sub(before) as f64 / (wall * cpus)).clamp(0.0, 1.0));
+                    self.prev = Some((usage, now));
+                }
+                Some(_) => {}
+                None => self.prev = Some((usage, now)),
+            }
+        }
+        // The CPUs it may run on (its cpuset, `sched_getaffinity`), at most its quota rounded up: std reads
+        // both, from this process's cgroup, which is the container's.
+        let cores = std::thread::available_parallelism()
+            .ok()
+            .map(|n| u32::try_from(n.get()).unwrap_or(u32::MAX));
+        let mem = parse_memory(
+            read("memory.current").as_deref(),
+            read("memory.max").as_deref(),
+            read("memory.stat").as_deref(),
+        );
+        Within {
+            cores,
+            cpu: quota.and(self.cpu),
+            mem,
+        }
+    }
+}
+
+/// The CPUs `cpu.max` allows (`"150000 100000"`: 1.5); `None` without a quota (`"max 100000"`).
+fn parse_cpu_max(text: &str) -> Option<f64> {
+    let mut f = text.split_whitespace();
+    let quota: f64 = f.next()?.parse().ok()?;
+    let period: f64 = f.next().unwrap_or("100000").parse().ok()?;
+    (quota > 0.0 && period > 0.0)
+        .then(|| quota / period)
+        .filter(|c| c.is_finite())
+}
+
+/// `usage_usec` of a `cpu.stat`.
+fn parse_usage_usec(text: &str) -> Option<u64> {
+    let line = text.lines().find(|l| l.starts_with("usage_usec "))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Memory in use within `memory.max`, 0..=1, as the kernel would reclaim it: `memory.current` less the page
+/// cache it can drop (`inactive_file`, as Kubernetes counts a working set); `None` without a limit.
+fn parse_memory(current: Option<&str>, max: Option<&str>, stat: Option<&str>) -> Option<f64> {
+    let max: f64 = max?.trim().parse().ok().filter(|m: &f64| *m > 0.0)?;
+    let current: f64 = current?.trim().parse().ok()?;
+    let inactive: f64 = (stat.unwrap_or_default().lines())
+        .find_map(|l| l.strip_prefix("inactive_file "))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0.0);
+    Some(((current - inactive).max(0.0) / max).clamp(0.0, 1.0))
+}
+
 /// Reads a pid file (a decimal pid, surrounding whitespace ignored).
 pub fn read_pid_file(path: &Path) -> Option<u32> {
     read_small(path)?.trim().parse().ok().filter(|p| *p > 0)
@@ -164,6 +278,34 @@ pub fn read_pid_file(path: &Path) -> Option<u32> {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    /// In a container with limits, its figures are within them: CPU as a share of its quota, memory of its
+    /// `memory.max` (less the page cache the kernel can drop); without a limit, none (the host's stand).
+    #[test]
+    fn a_containers_figures_are_within_its_limits() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str, text: &str| std::fs::write(dir.path().join(name), text).unwrap();
+        write("cpu.max", "150000 100000\n");
+        write("cpu.stat", "usage_usec 1000000\nuser_usec 1\n");
+        write("memory.max", "2000\n");
+        write("memory.current", "1500\n");
+        write("memory.stat", "anon 900\ninactive_file 500\n");
+        let mut c = Container::at(dir.path());
+        let t0 = Instant::now();
+        let first = c.sample(t0);
+        assert_eq!((first.cpu, first.mem), (None, Some(0.5)));
+        assert!(first.cores.is_some_and(|n| n >= 1));
+        // 0.75 s of CPU in 1 s, of 1.5 CPUs: half the quota.
+        write("cpu.stat", "usage_usec 1750000\n");
+        assert_eq!(c.sample(t0 + std::time::Duration::from_secs(1)).cpu, Some(0.5));
+        // No limits: no figures of its own.
+        write("cpu.max", "max 100000\n");
+        write("memory.max", "max\n");
+        let free = c.sample(t0 + std::time::Duration::from_secs(2));
+        assert_eq!((free.cpu, free.mem), (None, None));
+        assert_eq!(parse_cpu_max("garbage"), None);
+        assert_eq!(parse_memory(Some("10"), Some("0"), None), None);
+    }
 
     #[test]
     fn parses_proc_files() {
