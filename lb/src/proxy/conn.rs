@@ -266,12 +266,12 @@ pub fn serve(
                 } else {
                     None
                 };
-                let (backend, bm) =
+                let (backend, picked) =
                     establish(&client, client_addrs, routed, &mut active, &shared, &timeouts).await?;
                 let up = Direction::new(shared.forwarding);
                 let down = Direction::new(shared.forwarding);
                 let limits = (active.l.cfg.idle, active.l.cfg.fin);
-                Some(Conn::new(client, backend, bm, active, (up, down), limits))
+                Some(Conn::new(client, backend, picked, active, (up, down), limits))
             }
             .instrument(span),
         ),
@@ -308,8 +308,8 @@ async fn establish(
     active: &mut Active,
     shared: &Shared,
     timeouts: &Timeouts,
-) -> Option<(TcpStream, Assigned)> {
-    let (backend, addr, bm) = match connect(active, routed, client, peer.ip(), shared, timeouts).await {
+) -> Option<(TcpStream, (Assigned, DownWatch))> {
+    let (backend, addr, picked) = match connect(active, routed, client, peer.ip(), shared, timeouts).await {
         Ok(connected) => connected,
         Err(end) => {
             active.ended(end);
@@ -330,7 +330,7 @@ async fn establish(
             }
         }
     }
-    Some((backend, bm))
+    Some((backend, picked))
 }
 
 /// Writes all of `data` through a shared reference (the header is small: one write in practice).
@@ -357,7 +357,7 @@ async fn connect(
     client: IpAddr,
     shared: &Shared,
     t: &Timeouts,
-) -> Result<(TcpStream, SocketAddr, Assigned), End> {
+) -> Result<(TcpStream, SocketAddr, (Assigned, DownWatch)), End> {
     let mut tried: Vec<SocketAddr> = Vec::new();
     let mut attempt = 0;
     let mut wait = Wait::default();
@@ -394,13 +394,14 @@ async fn connect(
         active.wait_served(&mut wait);
         attempt += 1;
         active.tried(addr);
+        let down = watch_down(&bm);
         let t0 = Instant::now();
         match tokio::time::timeout(t.connect, TcpStream::connect(addr)).await {
             Ok(Ok(s)) => {
                 shared.connected(addr, &bm, t0);
                 active.connected_to(addr);
                 let _ = s.set_nodelay(true);
-                return Ok((s, addr, bm));
+                return Ok((s, addr, (bm, down)));
             }
             // Out of descriptors, memory or local ports here: not the backend's failure, so it is not held out.
             Ok(Err(e)) if crate::proxy::listener::is_local_connect_failure(&e) => {
@@ -442,7 +443,7 @@ pin_project! {
         fin: Option<Duration>,
         finning: bool,
         // Woken when health checks put the backend down, if it has `close_on_down` (else no allocation).
-        backend_down: Option<Pin<Box<OwnedNotified>>>,
+        backend_down: DownWatch,
         // Pushed forward lazily: activity only stamps `last_ms`, and the timer, when it fires, re-arms itself
         // for `last + idle`. One timer for the connection's life, never one per read.
         #[pin]
@@ -450,18 +451,25 @@ pin_project! {
     }
 }
 
+/// Wakes a connection whose backend health checks put down, if it has `close_on_down` (else no allocation).
+type DownWatch = Option<Pin<Box<OwnedNotified>>>;
+
+/// A [`DownWatch`] on `bm`, made at the pick: a `Notified` hears `notify_waiters` from its creation on, so a
+/// fall while the connection connects (or sends its PROXY header) closes it too. Made once connected, it
+/// missed that fall, and the connection stayed on the down backend until its idle timeout.
+fn watch_down(bm: &Assigned) -> DownWatch {
+    (bm.close_on_down.load(Ordering::Relaxed)).then(|| Box::pin(bm.down.clone().notified_owned()))
+}
+
 impl Conn {
     fn new(
         client: TcpStream,
         backend: TcpStream,
-        bm: Assigned,
+        (bm, backend_down): (Assigned, DownWatch),
         mut active: Active,
         (up, down): (Direction, Direction),
         (idle, fin): (Option<Duration>, Option<Duration>),
     ) -> Self {
-        // Created before the connection counts as established: a backend put down from now on wakes it.
-        let backend_down =
-            (bm.close_on_down.load(Ordering::Relaxed)).then(|| Box::pin(bm.down.clone().notified_owned()));
         active.set_backend(bm);
         let start = Instant::now();
         let idle = idle.unwrap_or(NO_IDLE_TIMEOUT);
@@ -585,6 +593,24 @@ const NO_IDLE_TIMEOUT: Duration = Duration::from_secs(100 * 365 * 86_400);
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    /// The watch made at the pick hears a fall that comes before it is first polled (while the connection
+    /// connects); one made after the fall does not.
+    #[test]
+    fn a_fall_while_connecting_is_heard() {
+        let bm = Arc::new(crate::proxy::metrics::BackendMetrics::new(
+            SocketAddr::from(([127, 0, 0, 1], 1)),
+            None,
+        ));
+        bm.close_on_down.store(true, Ordering::Relaxed);
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let picked = Assigned::try_new(&bm).unwrap();
+        let mut early = watch_down(&picked).unwrap();
+        bm.went_down();
+        let mut late = watch_down(&picked).unwrap();
+        assert!(early.as_mut().poll(&mut cx).is_ready());
+        assert!(late.as_mut().poll(&mut cx).is_pending());
+    }
 
     /// The connection future is most of what an idle connection costs (the goal is under 2 KiB per idle
     /// connection, everything included); this guards against a change that silently doubles it.

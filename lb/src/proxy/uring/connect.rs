@@ -250,6 +250,10 @@ impl Loop {
             c.active.wait_served(&mut k.wait);
             k.attempt += 1;
             c.active.tried(addr);
+            // Its backend's count of falls (low byte) from the pick on: checks that put it down while this
+            // connects close it too. Taken once connected, a fall in between was missed, and the connection
+            // stayed on the down backend until its idle timeout.
+            c.downs_seen = bm.downs.load(Ordering::Acquire) as u8;
             let socket = match backend_socket(addr) {
                 Ok(s) => s,
                 // This process's (or the host's) descriptors or memory, not the backend: holding it out for
@@ -332,8 +336,6 @@ impl Loop {
             return;
         }
         c.connecting = None;
-        // Its count, low byte: a change of it is the tick's sign that checks put the backend down since.
-        c.downs_seen = bm.downs.load(Ordering::Acquire) as u8;
         c.active.set_backend(bm);
         c.last_ms = now_ms;
         self.arm_recv(slot, 0);

@@ -332,7 +332,7 @@ struct Conn {
     /// close, not per receive (two atomic adds per message were 1.4% of the proxy's CPU).
     unflushed: [u32; 2],
     closing: bool,
-    /// Its backend's [`super::metrics::BackendMetrics::downs`] when it connected (the low byte).
+    /// Its backend's [`super::metrics::BackendMetrics::downs`] when it was picked (the low byte).
     downs_seen: u8,
 }
 
