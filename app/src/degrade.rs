@@ -311,7 +311,11 @@ impl Degrade {
     /// Takes the level the override or the breakers say, and shows it and the override on `/metrics` (here,
     /// so no path that changes either can leave the gauges behind).
     fn publish(&self) {
-        let manual = self.manual();
+        // Under the override's lock until the level is stored: a sample's publish that read no override
+        // could store its level after the override's own, and writes were taken for up to a second after
+        // `POST /admin/degrade` had answered `read_only`.
+        let held = self.manual.lock().unwrap_or_else(|e| e.into_inner());
+        let manual = *held;
         let level = manual.unwrap_or_else(|| self.auto_level());
         metrics::gauge!(crate::metrics::DEGRADE_LEVEL).set(f64::from(level.as_u8()));
         let by_hand = manual.map_or(-1.0, |l| f64::from(l.as_u8()));
@@ -319,6 +323,7 @@ impl Degrade {
         let old = self
             .level
             .swap(level.as_u8(), std::sync::atomic::Ordering::Relaxed);
+        drop(held);
         if old != level.as_u8() {
             tracing::info!(
                 from = Level::from_u8(old).as_str(),

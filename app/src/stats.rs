@@ -164,12 +164,19 @@ impl Stats {
                 TypeStats {
                     rate: d as f64 / secs,
                     service_ms: if d > 0 { us as f64 / d as f64 / 1000.0 } else { 0.0 },
-                    error_rate: if d > 0 { e as f64 / d as f64 } else { 0.0 },
+                    // At most 1: a request whose error the window counts but whose `done` fell in the window
+                    // before (three counters, read one by one) made it 1.2, and the agent refused the whole
+                    // document: the instance turned not ready and every balancer slow-started it again.
+                    error_rate: if d > 0 { e.min(d) as f64 / d as f64 } else { 0.0 },
                 },
             );
         }
         w.request_rate = all as f64 / secs;
-        w.error_rate = if all > 0 { errs as f64 / all as f64 } else { 0.0 };
+        w.error_rate = if all > 0 {
+            errs.min(all) as f64 / all as f64
+        } else {
+            0.0
+        };
         last.0 = now;
         self.window.store(Arc::new(w));
     }
@@ -182,6 +189,23 @@ impl Stats {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An error counted in a window after the one that counted its request leaves no rate above 1.
+    #[test]
+    fn an_error_counted_a_window_late_leaves_no_rate_above_one() {
+        let s = Stats::default();
+        let t0 = Instant::now();
+        let c = &s.types[ReqType::Order as usize];
+        // A failing request's `done`, then the roll, then its error with one more failing request.
+        c.done.fetch_add(1, Ordering::Relaxed);
+        s.roll();
+        c.errors.fetch_add(1, Ordering::Relaxed);
+        s.record(ReqType::Order, t0, 503, Some(Unavailable::StoreBusy));
+        s.roll();
+        let w = s.window.load();
+        assert_eq!(w.types["order"].error_rate, 1.0);
+        assert_eq!(w.error_rate, 1.0);
+    }
 
     #[test]
     fn window_counts_rates_and_errors() {

@@ -839,9 +839,10 @@ fn a_postgres_that_stops_answering_costs_a_bounded_wait_and_a_retryable_503() {
 /// A credit sent without an idempotency key that the store does not confirm in time is answered 504
 /// `outcome_unknown` with no `Retry-After`, for it runs on and may commit: answered 503 "retry later", an
 /// operator's retry of a slow batch credited every wallet twice once both committed. A keyed one is still
-/// "retry later", which its key makes safe.
+/// "retry later", which its key makes safe. A flash-sale attempt without a key alike: retried, a buyer
+/// under a limit of 2 held two orders, or under 1 was told `limit_exceeded` while holding the first.
 #[test]
-fn an_unkeyed_credit_the_store_did_not_confirm_is_not_answered_retry_later() {
+fn an_unkeyed_write_the_store_did_not_confirm_is_not_answered_retry_later() {
     // Connections enough that the credits below find one open while PostgreSQL is silent, so they begin
     // (one that must connect first fails its connect, which applies nothing and is rightly a plain 503).
     let app = RelayedApp::edited("level = \"sync\"", |text| {
@@ -873,8 +874,26 @@ fn an_unkeyed_credit_the_store_did_not_confirm_is_not_answered_retry_later() {
         // One of them is this query's own.
         (open.parse::<u32>().unwrap() > 8).then_some(())
     });
+    let sale = request(
+        addr,
+        "POST",
+        "/v1/merchant/flash-sales/flash-1",
+        &[("Authorization", &auth())],
+        None,
+    )
+    .unwrap();
+    assert_eq!(sale.status, 200, "{}", sale.body);
     relay.set_frozen(true);
     let r = credit(None);
+    assert_eq!(
+        (r.status, r.json()["error"]["code"].as_str()),
+        (504, Some("outcome_unknown")),
+        "{}",
+        r.body
+    );
+    assert_eq!(r.header("retry-after"), None, "{}", r.body);
+    let body = r#"{"user": "slow"}"#;
+    let r = request(addr, "POST", "/v1/seckill/flash-1", &[], Some(body.as_bytes())).unwrap();
     assert_eq!(
         (r.status, r.json()["error"]["code"].as_str()),
         (504, Some("outcome_unknown")),

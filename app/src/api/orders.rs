@@ -10,7 +10,10 @@ use hyper::body::Incoming;
 use xcluster_runtime::http::{Body, error, json, query_pairs, read_json};
 
 use super::bodies::{CreateOrder, SeckillReq};
-use super::{App, BODY_TIMEOUT, authorized, idem_key, keyed_json, path_id, reject, respond, store_failed};
+use super::{
+    App, BODY_TIMEOUT, authorized, idem_key, keyed_json, path_id, reject, respond, store_failed,
+    unkeyed_write_failed,
+};
 use crate::Config;
 use crate::degrade::Level;
 use crate::domain::{NewOrder, OrderKind, OrderStatus, Reject, fingerprint, new_order_id, now_ms};
@@ -165,6 +168,7 @@ pub async fn seckill(app: &Arc<App>, cfg: &Config, sku: &str, req: Request<Incom
     // took, which its count kept (a buyer refused `limit_exceeded` for the count's life).
     let (app, sku, sold_out_gate) = (app.clone(), sku.to_string(), cfg.sold_out_gate);
     let key = order.idem_key.clone();
+    let keyed = key.is_some();
     let settled = tokio::spawn(async move {
         let sku = sku.as_str();
         let asked = app.gate.generation();
@@ -196,11 +200,14 @@ pub async fn seckill(app: &Arc<App>, cfg: &Config, sku: &str, req: Request<Incom
         }
         out
     });
-    created(
-        settled
-            .await
-            .unwrap_or_else(|e| Err(StoreError::Internal(format!("order task: {e}")))),
-    )
+    match settled.await {
+        // Without a key a retry buys again: one the store did not confirm may still commit, and answered
+        // "retry later" a buyer under a limit of 2 held two orders, or under 1 was told `limit_exceeded`
+        // while holding the first.
+        Ok(Err(e)) if !keyed => unkeyed_write_failed(&e),
+        Ok(out) => created(out),
+        Err(e) => created(Err(StoreError::Internal(format!("order task: {e}")))),
+    }
 }
 
 /// 409 `in_progress`: an attempt under the request's idempotency key has not settled yet; the same request
@@ -285,10 +292,15 @@ pub async fn cancel(app: &Arc<App>, id: &str) -> Response<Body> {
     }
     let id = id.to_string();
     let out = app.exec.run(move |s| s.cancel(&id)).await;
-    if let Ok(Ok(view)) = &out {
-        forget_at_gate(app, view, view.status == OrderStatus::Cancelled.as_str()).await;
+    if let Ok(Ok((view, ended))) = &out {
+        forget_at_gate(
+            app,
+            view,
+            *ended && view.status == OrderStatus::Cancelled.as_str(),
+        )
+        .await;
     }
-    respond(StatusCode::OK, out)
+    respond(StatusCode::OK, out.map(|r| r.map(|(view, _)| view)))
 }
 
 /// The Redis gate counted the buyer's flash-sale units; the store no longer counts those of an order that

@@ -58,11 +58,14 @@ impl Batcher {
     /// Queues an order and waits for its commit.
     pub async fn submit(&self, order: NewOrder) -> OrderOutcome {
         let (reply, rx) = oneshot::channel();
-        self.queued.fetch_add(1, Ordering::Relaxed);
-        if self.tx.send(Job { order, reply }).await.is_err() {
-            self.queued.fetch_sub(1, Ordering::Relaxed);
+        // Counted once it has its place, in the same poll as the send: counted before, a caller dropped while
+        // it waited for a place (its client gone) was never taken off, and the instance reported that order
+        // queued for good, weighted as loaded by every balancer.
+        let Ok(place) = self.tx.reserve().await else {
             return Err(StoreError::Busy("order queue closed (shutting down)".into()));
-        }
+        };
+        self.queued.fetch_add(1, Ordering::Relaxed);
+        place.send(Job { order, reply });
         rx.await
             .unwrap_or_else(|_| Err(StoreError::Internal("order committer stopped".into())))
     }
@@ -100,11 +103,89 @@ async fn commit_loop(
                 }
             }
             Err(e) => {
-                // Nothing of the group committed: every caller gets the same retryable or internal error.
+                // Nothing of the group committed, or (`Unsettled`, given up on while it ran) it may yet: every
+                // caller gets the same error; a keyed order's retry replays, and an unkeyed flash-sale attempt's
+                // handler answers `outcome_unknown`.
                 for job in jobs {
                     let _ = job.reply.send(Err(e.clone()));
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use std::future::Future;
+    use std::task::{Context, Poll};
+    use std::time::Duration;
+
+    use super::*;
+    use crate::domain::{OrderKind, OrderLineReq, fingerprint, new_order_id, now_ms};
+
+    fn order(user: &str) -> NewOrder {
+        let lines = vec![OrderLineReq {
+            sku: "no-such-sku".into(),
+            qty: 1,
+        }];
+        NewOrder {
+            id: new_order_id(),
+            fingerprint: fingerprint(OrderKind::Regular, user, &lines),
+            user: user.into(),
+            kind: OrderKind::Regular,
+            lines,
+            idem_key: Some(format!("{user}-key")),
+            created_ms: now_ms(),
+            expires_ms: now_ms() + 60_000,
+            per_user_limit: 1,
+        }
+    }
+
+    /// Polls `done` until it holds, 10 s at most.
+    async fn until(done: impl Fn() -> bool) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !done() {
+            assert!(tokio::time::Instant::now() < deadline, "timed out");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// An order whose caller goes away while it waits for a place in the queue (its client gone) leaves no
+    /// count behind: counted before it had a place, it was never taken off, and the instance reported it
+    /// queued for good.
+    #[tokio::test]
+    async fn a_caller_gone_before_its_order_had_a_place_leaves_no_count() {
+        let dir = tempfile::tempdir().unwrap();
+        let store =
+            crate::store::sqlite::SqliteStore::open(&dir.path().join("x.db"), Duration::from_secs(10), true)
+                .unwrap();
+        let exec = StoreExec::new(Arc::new(store), 1);
+        // The only write lane held, so the committer waits with the first order and the next fills the queue.
+        let (release, held) = std::sync::mpsc::channel::<()>();
+        let blocker = tokio::spawn({
+            let exec = exec.clone();
+            async move { exec.run(move |_| Ok(held.recv().ok())).await }
+        });
+        let batcher = Arc::new(Batcher::spawn(exec.clone(), 1, CancellationToken::new()));
+        let submit = |user: &'static str| {
+            let b = batcher.clone();
+            tokio::spawn(async move { b.submit(order(user)).await })
+        };
+        let first = submit("a");
+        until(|| exec.waiting() == 1).await;
+        let second = submit("b");
+        until(|| batcher.tx.capacity() == 0).await;
+        // A third, polled once while the queue is full, then dropped.
+        let mut third = Box::pin(batcher.submit(order("c")));
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        assert!(matches!(third.as_mut().poll(&mut cx), Poll::Pending));
+        drop(third);
+        release.send(()).unwrap();
+        blocker.await.unwrap().unwrap();
+        for done in [first, second] {
+            let _ = done.await.unwrap();
+        }
+        assert_eq!(batcher.queued(), 0);
     }
 }

@@ -256,7 +256,11 @@ pub trait Store: Send + Sync + 'static {
     fn pay_wallet(&self, order_id: &str, inline_weak: bool) -> StoreResult<OrderView>;
     /// Applies a provider callback; the same `payment_id` twice has one effect.
     fn payment_callback(&self, cb: &PaymentCallback, inline_weak: bool) -> StoreResult<OrderView>;
-    fn cancel(&self, order_id: &str) -> StoreResult<OrderView>;
+    /// Cancels a reservation; a second cancel answers the same view. With it, whether this cancel ended the
+    /// order (false for the second): what the gates give back (a buyer's count, a sold-out mark) is given
+    /// back once, not at every repeat, which anyone could send to keep a sold-out sale's flood off the
+    /// gates.
+    fn cancel(&self, order_id: &str) -> StoreResult<(OrderView, bool)>;
     fn fulfil(&self, order_id: &str) -> StoreResult<OrderView>;
     /// Refunds the named units of a paid or fulfilled order (all not yet refunded when `lines` is `None`) to
     /// whoever paid, each shop giving back its lines' share; unshipped units go back on sale. The order is

@@ -497,7 +497,7 @@ impl Store for PostgresStore {
     fn payment_callback(&self, cb: &PaymentCallback, inline_weak: bool) -> StoreResult<OrderView> {
         self.write_domain(|t| money::callback(t, cb, inline_weak))
     }
-    fn cancel(&self, order_id: &str) -> StoreResult<OrderView> {
+    fn cancel(&self, order_id: &str) -> StoreResult<(OrderView, bool)> {
         self.write_domain(|t| orders::cancel(t, order_id))
     }
     fn fulfil(&self, order_id: &str) -> StoreResult<OrderView> {

@@ -254,18 +254,18 @@ fn view(t: &mut Tx<'_>, id: &str) -> Res<OrderView> {
     }))
 }
 
-pub fn cancel(t: &mut Tx<'_>, id: &str) -> Res<OrderView> {
+pub fn cancel(t: &mut Tx<'_>, id: &str) -> Res<(OrderView, bool)> {
     match transition(t, id, Transition::Cancel)? {
         Ok((from, _)) => {
             if from.holds_reservation() {
                 move_stock(t, id, "reserved", "available")?;
             }
-            view(t, id)
+            Ok(view(t, id)?.map(|v| (v, true)))
         }
         // Cancelling a cancelled order again is a replay: same answer, no second effect.
         Err(Reject::BadTransition {
             from: "cancelled", ..
-        }) => view(t, id),
+        }) => Ok(view(t, id)?.map(|v| (v, false))),
         Err(r) => Ok(Err(r)),
     }
 }

@@ -249,7 +249,7 @@ impl Store for SqliteStore {
     fn payment_callback(&self, cb: &PaymentCallback, inline_weak: bool) -> StoreResult<OrderView> {
         self.write_domain(|tx| super::sqlite_money::callback(tx, cb, inline_weak))
     }
-    fn cancel(&self, order_id: &str) -> StoreResult<OrderView> {
+    fn cancel(&self, order_id: &str) -> StoreResult<(OrderView, bool)> {
         self.write_domain(|tx| super::sqlite_orders::cancel(tx, order_id))
     }
     fn fulfil(&self, order_id: &str) -> StoreResult<OrderView> {

@@ -415,18 +415,18 @@ fn view(tx: &Transaction<'_>, id: &str) -> Res<OrderView> {
     }))
 }
 
-pub fn cancel(tx: &Transaction<'_>, id: &str) -> Res<OrderView> {
+pub fn cancel(tx: &Transaction<'_>, id: &str) -> Res<(OrderView, bool)> {
     match transition(tx, id, Transition::Cancel)? {
         Ok((from, _)) => {
             if from.holds_reservation() {
                 move_stock(tx, id, "reserved", "available")?;
             }
-            view(tx, id)
+            Ok(view(tx, id)?.map(|v| (v, true)))
         }
         // Cancelling a cancelled order again is a replay: same answer, no second effect.
         Err(Reject::BadTransition {
             from: "cancelled", ..
-        }) => view(tx, id),
+        }) => Ok(view(tx, id)?.map(|v| (v, false))),
         Err(r) => Ok(Err(r)),
     }
 }

@@ -445,8 +445,11 @@ fn reservations_expire_exactly_once_across_handles(fx: &dyn Fixture) {
     assert_eq!(r.totals.expired, 21);
     assert_eq!(r.totals.units_reserved, 1);
     // An expired order cannot be paid or cancelled back into stock.
-    assert_eq!(s1.cancel(&keep.id).unwrap().unwrap().status, "cancelled");
-    assert_eq!(s1.cancel(&keep.id).unwrap().unwrap().status, "cancelled");
+    let first = s1.cancel(&keep.id).unwrap().unwrap();
+    assert_eq!((first.0.status.as_str(), first.1), ("cancelled", true));
+    // A second cancel answers the same, and ended nothing.
+    let again = s1.cancel(&keep.id).unwrap().unwrap();
+    assert_eq!((again.0.status.as_str(), again.1), ("cancelled", false));
     assert_eq!(assert_audit(&s2).totals.units_reserved, 0);
 }
 
@@ -467,7 +470,7 @@ fn oldest_reservation_expiry_names_the_first_held(fx: &dyn Fixture) {
     create(&s1, late, true).unwrap();
     create(&s1, overdue, true).unwrap();
     let cancelled = create(&s1, gone, true).unwrap().order;
-    assert_eq!(s1.cancel(&cancelled.id).unwrap().unwrap().status, "cancelled");
+    assert_eq!(s1.cancel(&cancelled.id).unwrap().unwrap().0.status, "cancelled");
     assert_eq!(s2.oldest_reservation_expiry().unwrap(), Some(overdue_at));
     assert_eq!(s2.expire_due(now_ms(), 100).unwrap().orders, 1);
     assert_eq!(s1.oldest_reservation_expiry().unwrap(), Some(late_at));
