@@ -73,11 +73,13 @@ pub fn outcome(status: u16, unavailable: Option<Unavailable>) -> &'static str {
 struct TypeCounters {
     done: AtomicU64,
     errors: AtomicU64,
+    /// Requests served (not refused before any work) and their time, for the service-time figure.
+    served: AtomicU64,
     service_us: AtomicU64,
 }
 
-/// Cumulative (done, errors, service µs) of one type at the last roll.
-type Totals = (u64, u64, u64);
+/// Cumulative (done, errors, served, service µs) of one type at the last roll.
+type Totals = (u64, u64, u64, u64);
 
 /// Live counters and the last published window.
 #[derive(Debug)]
@@ -102,7 +104,7 @@ impl Default for Stats {
             types: Default::default(),
             in_flight: AtomicU32::new(0),
             window: ArcSwap::from_pointee(Window::default()),
-            last: Mutex::new((Instant::now(), [(0, 0, 0); 5])),
+            last: Mutex::new((Instant::now(), [(0, 0, 0, 0); 5])),
         }
     }
 }
@@ -128,8 +130,13 @@ impl Stats {
     pub fn record(&self, t: ReqType, started: Instant, status: u16, unavailable: Option<Unavailable>) {
         let c = &self.types[t as usize];
         c.done.fetch_add(1, Ordering::Relaxed);
-        c.service_us
-            .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+        // A refusal before any work (over capacity, read-only) answers in microseconds: averaged in, an
+        // instance refusing most orders looked ten times faster than its peers to the balancers' weighting.
+        if !matches!(unavailable, Some(Unavailable::Overloaded | Unavailable::ReadOnly)) {
+            c.served.fetch_add(1, Ordering::Relaxed);
+            c.service_us
+                .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+        }
         if status >= 500 {
             c.errors.fetch_add(1, Ordering::Relaxed);
         }
@@ -149,10 +156,11 @@ impl Stats {
             let cur = (
                 c.done.load(Ordering::Relaxed),
                 c.errors.load(Ordering::Relaxed),
+                c.served.load(Ordering::Relaxed),
                 c.service_us.load(Ordering::Relaxed),
             );
             let prev = last.1[i];
-            let (d, e, us) = (cur.0 - prev.0, cur.1 - prev.1, cur.2 - prev.2);
+            let (d, e, served, us) = (cur.0 - prev.0, cur.1 - prev.1, cur.2 - prev.2, cur.3 - prev.3);
             last.1[i] = cur;
             all += d;
             errs += e;
@@ -163,7 +171,11 @@ impl Stats {
                 REQUEST_TYPES[i].to_string(),
                 TypeStats {
                     rate: d as f64 / secs,
-                    service_ms: if d > 0 { us as f64 / d as f64 / 1000.0 } else { 0.0 },
+                    service_ms: if served > 0 {
+                        us as f64 / served as f64 / 1000.0
+                    } else {
+                        0.0
+                    },
                     // At most 1: a request whose error the window counts but whose `done` fell in the window
                     // before (three counters, read one by one) made it 1.2, and the agent refused the whole
                     // document: the instance turned not ready and every balancer slow-started it again.
@@ -189,6 +201,23 @@ impl Stats {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Refusals before any work (over capacity, read-only) count in the rate and the errors, not in the service
+    /// time: averaged in, an instance refusing most orders in microseconds looked faster than its peers.
+    #[test]
+    fn refusals_before_any_work_are_left_out_of_the_service_time() {
+        let s = Stats::default();
+        let slow = Instant::now() - std::time::Duration::from_millis(50);
+        s.record(ReqType::Order, slow, 201, None);
+        for _ in 0..9 {
+            s.record(ReqType::Order, Instant::now(), 503, Some(Unavailable::Overloaded));
+        }
+        s.roll();
+        let w = s.window.load();
+        let order = &w.types["order"];
+        assert!(order.service_ms >= 50.0, "{}", order.service_ms);
+        assert_eq!(order.error_rate, 0.9);
+    }
 
     /// An error counted in a window after the one that counted its request leaves no rate above 1.
     #[test]

@@ -152,19 +152,12 @@ pub async fn accept_loop(
         let Ok(accepted) = ready.try_io(|l| accept_nonblocking(l.get_ref())) else {
             continue;
         };
-        match accepted {
-            Ok((stream, peer)) => {
+        // A connection the runtime's poller cannot take (epoll out of memory or of watches) fails as an accept
+        // does, and is dropped as one: without the back-off, each client after it was accepted, dropped and
+        // warned about at once, in a loop as fast as clients came.
+        match accepted.map(|(stream, peer)| (tokio::net::TcpStream::from_std(stream), peer)) {
+            Ok((Ok(stream), peer)) => {
                 backoff = BACKOFF_MIN;
-                let stream = match tokio::net::TcpStream::from_std(stream) {
-                    Ok(s) => s,
-                    Err(e) => {
-                        // Counted as an accept error: the client is dropped, as one the accept failed on.
-                        let state = state.load();
-                        state.metrics.accept_errors.increment(1);
-                        warn!(listener = %state.cfg.name, error = %e, "cannot register a connection");
-                        continue;
-                    }
-                };
                 let state = state.load_full();
                 // Rejected: the stream and the permit drop here.
                 if let Admit::Open(client) = state.admit(peer) {
@@ -178,7 +171,9 @@ pub async fn accept_loop(
                     ));
                 }
             }
-            Err(e) if is_resource_exhaustion(&e) => {
+            Ok((Err(e), _)) | Err(e)
+                if is_resource_exhaustion(&e) || e.raw_os_error() == Some(libc::ENOSPC) =>
+            {
                 let state = state.load();
                 state.metrics.accept_errors.increment(1);
                 warn!(listener = %state.cfg.name, error = %e, ?backoff, "accept failed; backing off");
@@ -188,7 +183,7 @@ pub async fn accept_loop(
                 }
                 backoff = (backoff * 2).min(BACKOFF_MAX);
             }
-            Err(e) => {
+            Ok((Err(e), _)) | Err(e) => {
                 // Per-connection errors (ECONNABORTED and the like): the next accept is fine.
                 let state = state.load();
                 state.metrics.accept_errors.increment(1);
