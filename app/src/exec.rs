@@ -76,6 +76,16 @@ impl StoreExec {
         self
     }
 
+    /// The same store and lanes, with no bound: for a background call whose outcome must not be lost to a
+    /// time limit (the sweeper's expiries: given up on, one that committed late left its buyers' gate counts
+    /// and sold-out marks in place), and whose wait holds back no request.
+    pub fn unbounded(&self) -> Self {
+        Self {
+            call_timeout: None,
+            ..self.clone()
+        }
+    }
+
     /// Calls waiting for a store thread.
     pub fn waiting(&self) -> u32 {
         self.counters.waiting.load(Ordering::Relaxed)

@@ -118,7 +118,7 @@ pub async fn run(ctx: Context<Config>) -> Result<(), Error> {
         exec: exec.clone(),
         batcher,
         degrade: degrade::Degrade::new(cfg.manual_level),
-        stats: stats::Stats::default(),
+        stats: Arc::default(),
         gate: gate::SoldOutGate::default(),
         redis_gate: redis_gate.clone(),
         health: ctx.health.clone(),

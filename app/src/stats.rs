@@ -109,20 +109,20 @@ impl Default for Stats {
     }
 }
 
-/// Marks one request in flight until dropped.
+/// Marks one request in flight until dropped. Owned, so a handler can hand it to work that outlives it.
 #[derive(Debug)]
-pub struct InFlight<'a>(&'a Stats);
+pub struct InFlight(Arc<Stats>);
 
-impl Drop for InFlight<'_> {
+impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
 impl Stats {
-    pub fn enter(&self) -> InFlight<'_> {
+    pub fn enter(self: &Arc<Self>) -> InFlight {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
-        InFlight(self)
+        InFlight(self.clone())
     }
 
     /// Records a finished request; every 5xx counts toward the error rate (client errors do not), as the
@@ -238,7 +238,7 @@ mod tests {
 
     #[test]
     fn window_counts_rates_and_errors() {
-        let s = Stats::default();
+        let s = Arc::new(Stats::default());
         let t0 = Instant::now();
         for _ in 0..3 {
             s.record(ReqType::Order, t0, 201, None);

@@ -722,6 +722,53 @@ fn a_keyed_retry_while_its_first_attempt_is_in_the_store_waits_for_its_answer() 
     );
 }
 
+/// A flash-sale attempt whose client left while the store worked stays counted in `in_flight` until it
+/// settles: its store call runs on, and counted by its handler alone, such work escaped the admission limit
+/// and piled up in the store's lanes while new requests were admitted.
+#[test]
+fn a_flash_sale_attempt_whose_client_left_stays_counted_until_it_settles() {
+    use std::io::Write;
+    let one = OneApp::edited(|t| t.replace("statement_timeout_ms = 5000", "statement_timeout_ms = 30000"));
+    let sale = FlashSale::open(one);
+    let addr = sale.one.addr;
+    let in_flight = || {
+        get(addr, "/v1/stats").unwrap().json()["in_flight"]
+            .as_u64()
+            .unwrap()
+    };
+    let lock = sale
+        .one
+        .pg
+        .hold("SELECT 1 FROM skus WHERE sku = 'flash-1' FOR UPDATE");
+    let before = sale.taken();
+    let mut client = std::net::TcpStream::connect(addr).unwrap();
+    let body = r#"{"user": "leaver"}"#;
+    write!(
+        client,
+        "POST /v1/seckill/flash-1 HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    eventually(Duration::from_secs(20), "the gate to admit the attempt", || {
+        (sale.taken() > before).then_some(())
+    });
+    drop(client);
+    // The server sees the client gone and drops its handler; the attempt waits on the lock meanwhile.
+    let until = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < until {
+        assert_eq!(
+            in_flight(),
+            1,
+            "the attempt left uncounted while the store works on it"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    lock.commit();
+    eventually(Duration::from_secs(20), "the attempt to settle", || {
+        (in_flight() == 0).then_some(())
+    });
+}
+
 /// A TCP relay to `upstream` that can be frozen: while frozen it forwards nothing either way (the bytes wait
 /// in it), as a PostgreSQL that stopped answering, or whose host was cut off, looks to its clients.
 struct FreezeRelay {

@@ -42,7 +42,7 @@ pub struct App {
     pub exec: StoreExec,
     pub batcher: Batcher,
     pub degrade: Degrade,
-    pub stats: Stats,
+    pub stats: Arc<Stats>,
     pub gate: SoldOutGate,
     /// The shared Redis gate (issue 8), when `redis_url` is set.
     pub redis_gate: Option<Arc<crate::gate_redis::RedisGate>>,
@@ -156,14 +156,22 @@ async fn dispatch(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
     if matches!(r, Route::Stats) {
         return admin::stats(&app);
     }
-    let _in_flight = app.stats.enter();
-    let resp = admitted(&app, ty, r, req).await;
+    let mut held = Some(app.stats.enter());
+    let resp = admitted(&app, ty, r, req, &mut held).await;
     let unavailable = resp.extensions().get::<Unavailable>().copied();
     app.stats.record(ty, started, resp.status().as_u16(), unavailable);
     resp
 }
 
-async fn admitted(app: &Arc<App>, ty: ReqType, r: Route, req: Request<Incoming>) -> Response<Body> {
+/// `counted` counts the request in `in_flight`; a handler whose work may outlive it (a flash-sale attempt,
+/// whose store call runs on if its client leaves) takes it along.
+async fn admitted(
+    app: &Arc<App>,
+    ty: ReqType,
+    r: Route,
+    req: Request<Incoming>,
+    counted: &mut Option<crate::stats::InFlight>,
+) -> Response<Body> {
     let cfg = app.cfg();
     let level = app.degrade.level();
     // Shedding halves the admission limit: the tighter rate limit of the shed level.
@@ -198,7 +206,7 @@ async fn admitted(app: &Arc<App>, ty: ReqType, r: Route, req: Request<Incoming>)
         Route::Wallet(user) => money::wallet(app, &user).await,
         Route::UserOrders(user) => orders::user_orders(app, &user, &req).await,
         Route::CreateOrder => orders::create(app, &cfg, req).await,
-        Route::Seckill(sku) => orders::seckill(app, &cfg, &sku, req).await,
+        Route::Seckill(sku) => orders::seckill(app, &cfg, &sku, req, counted.take()).await,
         Route::Pay(id) => money::pay(app, &id).await,
         Route::Cancel(id) => orders::cancel(app, &id).await,
         Route::Fulfil(id) => orders::fulfil(app, &cfg, &id, req).await,

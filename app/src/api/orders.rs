@@ -96,7 +96,13 @@ pub async fn create(app: &Arc<App>, cfg: &Config, req: Request<Incoming>) -> Res
 }
 
 /// `POST /v1/seckill/{sku}` with `{"user": "...", "qty": 1}` and an optional `Idempotency-Key`.
-pub async fn seckill(app: &Arc<App>, cfg: &Config, sku: &str, req: Request<Incoming>) -> Response<Body> {
+pub async fn seckill(
+    app: &Arc<App>,
+    cfg: &Config,
+    sku: &str,
+    req: Request<Incoming>,
+    held: Option<crate::stats::InFlight>,
+) -> Response<Body> {
     if let Err(resp) = path_id("sku", sku) {
         return resp;
     }
@@ -170,6 +176,10 @@ pub async fn seckill(app: &Arc<App>, cfg: &Config, sku: &str, req: Request<Incom
     let key = order.idem_key.clone();
     let keyed = key.is_some();
     let settled = tokio::spawn(async move {
+        // Counted in `in_flight` until it settles, its client there or not: counted by the handler alone,
+        // work whose clients had left escaped the admission limit, and piled up in the store's lanes while
+        // new requests were admitted.
+        let _held = held;
         let sku = sku.as_str();
         let asked = app.gate.generation();
         let out = place(&app, order).await;

@@ -71,6 +71,9 @@ const MAINTAIN_EVERY: Duration = Duration::from_millis(200);
 
 /// Expires due reservations, ten times per TTL (at least every 50 ms, at most every second).
 pub async fn sweeper(app: Arc<App>, cancel: CancellationToken) {
+    // Unbounded: an expiry's gate cleanup below needs its outcome, which a given-up call loses while the
+    // call may still commit.
+    let exec = app.exec.unbounded();
     loop {
         let ttl = app.config.borrow().reservation_ttl;
         let every = (ttl / 10).clamp(Duration::from_millis(50), Duration::from_secs(1));
@@ -79,7 +82,7 @@ pub async fn sweeper(app: Arc<App>, cancel: CancellationToken) {
             _ = tokio::time::sleep(every) => {}
         }
         loop {
-            match app.exec.run(|s| s.expire_due(now_ms(), 500)).await {
+            match exec.run(|s| s.expire_due(now_ms(), 500)).await {
                 Ok(expired) => {
                     let n = expired.orders;
                     metrics::counter!(crate::metrics::RESERVATIONS_EXPIRED_TOTAL).increment(u64::from(n));
