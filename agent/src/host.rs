@@ -91,9 +91,10 @@ pub struct HostSampler {
 }
 
 impl HostSampler {
-    /// Host CPU, memory, load and cores now (within the container's limits, in a container with limits).
-    /// The first CPU figure is since boot.
-    pub fn sample(&mut self) -> HostLoad {
+    /// Host CPU, memory, load and cores now: within the container's limits when this agent runs in a
+    /// container with limits and one of `instance_pids` (the instances' processes) runs in it too. The first
+    /// CPU figure is since boot.
+    pub fn sample(&mut self, instance_pids: &[u32]) -> HostLoad {
         let (busy, total, cores) = read_small(Path::new("/proc/stat"))
             .and_then(|t| parse_stat(&t))
             .unwrap_or((0, 0, 1));
@@ -105,7 +106,9 @@ impl HostSampler {
         let container = self
             .container
             .get_or_insert_with(|| Container::find(Path::new(CGROUP_ROOT)));
-        if let Some(c) = container {
+        if let Some(c) = container
+            && beside_us(instance_pids)
+        {
             let within = c.sample(Instant::now());
             cores = within.cores.map_or(cores, |n| n.min(cores));
             cpu = within.cpu.unwrap_or(cpu);
@@ -241,6 +244,15 @@ impl Container {
     }
 }
 
+/// Whether one of `pids` runs in this process's cgroup (`0::/`, seen from inside our cgroup namespace), so
+/// the container's limits are theirs. An agent in a container of its own (a Kubernetes sidecar) sees its
+/// own limits there, which say nothing of the instances', and would have reported them as theirs; with no
+/// instance process to look at (no `pid_file`) the host's figures stand.
+fn beside_us(pids: &[u32]) -> bool {
+    (pids.iter())
+        .any(|p| read_small(Path::new(&format!("/proc/{p}/cgroup"))).is_some_and(|t| t.trim() == "0::/"))
+}
+
 /// The CPUs `cpu.max` allows (`"150000 100000"`: 1.5); `None` without a quota (`"max 100000"`).
 fn parse_cpu_max(text: &str) -> Option<f64> {
     let mut f = text.split_whitespace();
@@ -335,7 +347,7 @@ mod tests {
     #[test]
     fn samples_this_host_and_process() {
         let mut s = HostSampler::default();
-        let h = s.sample();
+        let h = s.sample(&[]);
         assert!(h.cores >= 1 && (0.0..=1.0).contains(&h.cpu) && (0.0..=1.0).contains(&h.mem));
         let (_, rss) = s.process(std::process::id()).unwrap();
         assert!(rss > 0);

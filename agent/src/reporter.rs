@@ -182,7 +182,7 @@ pub async fn run(
     cancel: CancellationToken,
 ) {
     let mut host = HostSampler::default();
-    host.sample(); // Prime the CPU delta.
+    host.sample(&[]); // Prime the CPU delta.
     // The first report's CPU figure measured over a real interval: a round's fetches often end within
     // milliseconds, too few ticks for a figure (`host::MIN_TICKS_PER_CORE`), and the first report carried
     // the average since boot (10% on a host busy at 95% since a deploy began), which a balancer that had no
@@ -250,16 +250,17 @@ fn build(
     (seq, boot): (u64, u64),
     mut instances: Vec<InstanceLoad>,
 ) -> LoadReport {
-    let h = host.sample();
+    // Each instance's process, if it names a pid file: the host figures need them first (`sample`).
+    let found: Vec<Option<u32>> = (cfg.instances.iter())
+        .map(|inst| inst.pid_file.as_deref().and_then(host::read_pid_file))
+        .collect();
+    let pids: Vec<u32> = found.iter().flatten().copied().collect();
+    let h = host.sample(&pids);
     ::metrics::gauge!(metrics::HOST_CPU).set(h.cpu);
-    let mut pids = Vec::new();
-    for (load, inst) in instances.iter_mut().zip(&cfg.instances) {
-        if let Some(pid) = inst.pid_file.as_deref().and_then(host::read_pid_file) {
-            pids.push(pid);
-            if let Some((cpu, rss)) = host.process(pid) {
-                load.proc_cpu = cpu;
-                load.rss_bytes = rss;
-            }
+    for (load, pid) in instances.iter_mut().zip(&found) {
+        if let Some((cpu, rss)) = pid.and_then(|pid| host.process(pid)) {
+            load.proc_cpu = cpu;
+            load.rss_bytes = rss;
         }
     }
     host.retain_pids(&pids);

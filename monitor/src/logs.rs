@@ -100,17 +100,17 @@ impl RotatingLog {
     }
 }
 
-/// Opens `path` with `opts` and `flags`, following a symbolic link only when the monitor's own user owns it,
-/// as the kernel's `fs.protected_symlinks` does in sticky directories. The monitor (root) opens its
+/// Opens `path` with `opts` and `flags`, following a symbolic link only when the monitor's own user or root
+/// owns it, as the kernel's `fs.protected_symlinks` does in sticky directories. The monitor (root) opens its
 /// programs' logs, in directories a program's user may write to: a link that user put in a log's place had
 /// root append the program's output to, or `clear` empty, any file on the host, and `tail` serve it. Root's
-/// own links, such as `/dev/stdout`, are followed.
+/// links, such as `/dev/stdout`, are followed, by a monitor not running as root too (a container's user).
 fn open_guarded(opts: &mut OpenOptions, flags: i32, path: &Path) -> std::io::Result<File> {
     use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
     match opts.custom_flags(flags | nix::libc::O_NOFOLLOW).open(path) {
         Err(e) if e.raw_os_error() == Some(nix::libc::ELOOP) => {
             let owner = std::fs::symlink_metadata(path)?.uid();
-            if owner != nix::unistd::geteuid().as_raw() {
+            if owner != nix::unistd::geteuid().as_raw() && owner != 0 {
                 return Err(std::io::Error::new(
                     std::io::ErrorKind::PermissionDenied,
                     format!(

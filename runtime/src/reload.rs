@@ -219,7 +219,7 @@ impl<C: RoleConfig> State<C> {
         {
             // A file empty now is one being written (a `>` truncates it first): its next event brings the rest.
             // An included one too; SIGHUP and `ctl` take it as it is.
-            if on_disk.is_blank() {
+            if on_disk.being_rewritten(self.good.as_ref()) {
                 tracing::info!(
                     role = self.role_label,
                     "a config file is empty: waiting for what is written to it (SIGHUP reloads it as it is)"
@@ -330,9 +330,12 @@ impl Relevant {
     }
 }
 
-/// The file `main` leads to, when that is another path (it is a symbolic link, or lies under one).
+/// The file `main` leads to, when it is itself a symbolic link. Not when only a directory above it is one: its
+/// target's directory is then the main file's own, which inotify watches once under one name, and events
+/// came named by the target's path, which no include pattern of the main file's directory matched.
 fn link_target(main: &Path) -> Option<PathBuf> {
-    std::fs::canonicalize(main).ok().filter(|t| t != main)
+    let link = std::fs::symlink_metadata(main).ok()?.file_type().is_symlink();
+    link.then(|| std::fs::canonicalize(main).ok()).flatten()
 }
 
 /// The notify watcher over the config file's directory (so a rename-on-save, a new inode, is still seen) and

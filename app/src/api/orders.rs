@@ -300,16 +300,23 @@ pub async fn cancel(app: &Arc<App>, id: &str) -> Response<Body> {
     if let Err(resp) = path_id("order", id) {
         return resp;
     }
-    let id = id.to_string();
-    let out = app.exec.run(move |s| s.cancel(&id)).await;
-    if let Ok(Ok((view, ended))) = &out {
-        forget_at_gate(
-            app,
-            view,
-            *ended && view.status == OrderStatus::Cancelled.as_str(),
-        )
-        .await;
-    }
+    let (app, id) = (app.clone(), id.to_string());
+    // The cancel and its give-back at the gates on a task of their own, as a flash-sale attempt's: only the
+    // cancel that ended the order gives back, so a client gone between the two (its handler dropped) lost
+    // the give-back for good.
+    let settled = tokio::spawn(async move {
+        let out = app.exec.run(move |s| s.cancel(&id)).await;
+        if let Ok(Ok((view, ended))) = &out {
+            forget_at_gate(
+                &app,
+                view,
+                *ended && view.status == OrderStatus::Cancelled.as_str(),
+            )
+            .await;
+        }
+        out
+    });
+    let out = (settled.await).unwrap_or_else(|e| Err(StoreError::Internal(format!("cancel task: {e}"))));
     respond(StatusCode::OK, out.map(|r| r.map(|(view, _)| view)))
 }
 

@@ -403,9 +403,15 @@ async fn connect(
                 let _ = s.set_nodelay(true);
                 return Ok((s, addr, (bm, down)));
             }
-            // Out of descriptors, memory or local ports here: not the backend's failure, so it is not held out.
-            Ok(Err(e)) if crate::proxy::listener::is_local_connect_failure(&e) => {
-                debug!(backend = %addr, error = %e, "cannot connect from this host");
+            // No local port toward it: another backend is tried, and this one is not held out.
+            Ok(Err(e)) if crate::proxy::listener::out_of_local_ports(&e) => {
+                debug!(backend = %addr, error = %e, "no local port toward the backend");
+                tried.push(addr);
+                continue;
+            }
+            // Out of descriptors or memory here: not the backend's failure, so it is not held out.
+            Ok(Err(e)) if crate::proxy::listener::is_resource_exhaustion(&e) => {
+                debug!(backend = %addr, error = %e, "cannot open a socket");
                 return Err(End::Error(Side::Backend, e.raw_os_error().unwrap_or(0)));
             }
             Ok(Err(e)) => debug!(backend = %addr, error = %e, "connect failed"),

@@ -70,13 +70,13 @@ pub(super) fn is_resource_exhaustion(e: &io::Error) -> bool {
     )
 }
 
-/// Errors of a connect to a backend that are this host's, not the backend's: out of a resource, or of local
-/// ports toward that address (EADDRNOTAVAIL: the proxy sends the first FIN toward a backend when its client
-/// closes first, so it holds those sockets' TIME_WAIT). Counted as the backend's failure, they held a
-/// healthy backend out, moved its clients to the others, which ran out in turn, until every one was "down";
-/// HAProxy takes them as a local error too. The connection ends; the backend is not held out.
-pub(super) fn is_local_connect_failure(e: &io::Error) -> bool {
-    is_resource_exhaustion(e) || e.raw_os_error() == Some(libc::EADDRNOTAVAIL)
+/// A connect that found no local port toward its backend (EADDRNOTAVAIL: the proxy sends the first FIN toward
+/// a backend when its client closes first, so it holds those sockets' TIME_WAIT). Not the backend's failure:
+/// counted as one, it held a healthy backend out and moved its clients to the others, which ran out in turn,
+/// until every one was "down" (HAProxy takes it as a local error too). Ports run out per destination, so
+/// another backend is tried, and none is held out.
+pub(super) fn out_of_local_ports(e: &io::Error) -> bool {
+    e.raw_os_error() == Some(libc::EADDRNOTAVAIL)
 }
 
 /// Accepts until closed: `close` turns to `Some` when the listener is removed or the proxy drains,
@@ -249,17 +249,15 @@ mod tests {
             libc::EHOSTUNREACH,
             libc::ENETUNREACH,
         ];
+        let is_local = |errno| {
+            let e = io::Error::from_raw_os_error(errno);
+            out_of_local_ports(&e) || is_resource_exhaustion(&e)
+        };
         for errno in local {
-            assert!(
-                is_local_connect_failure(&io::Error::from_raw_os_error(errno)),
-                "{errno}"
-            );
+            assert!(is_local(errno), "{errno}");
         }
         for errno in backends {
-            assert!(
-                !is_local_connect_failure(&io::Error::from_raw_os_error(errno)),
-                "{errno}"
-            );
+            assert!(!is_local(errno), "{errno}");
         }
     }
 

@@ -19,8 +19,10 @@ use super::{ConfigError, RoleConfig, parse_table, read_bounded};
 pub struct Sources {
     patterns: Vec<IncludePattern>,
     fingerprint: u64,
-    /// The main file or an included one held nothing but white space ([`blank`]).
+    /// The main file held nothing but white space ([`blank`]).
     blank: bool,
+    /// The included files read, and whether each was [`blank`].
+    files: std::collections::BTreeMap<PathBuf, bool>,
 }
 
 /// Whether a main file's bytes are nothing but white space: a file being rewritten in place (a `>`
@@ -36,14 +38,19 @@ impl Sources {
             patterns: Vec::new(),
             fingerprint: hash(&(0u64, main)),
             blank: blank(main),
+            files: Default::default(),
         }
     }
 
-    /// Whether the main file or an included one was [`blank`]: one being rewritten in place, as likely as
-    /// the main file. An emptied included file was taken as a file of no entries, and the monitor stopped
-    /// the programs it had defined until the rest was written.
-    pub fn is_blank(&self) -> bool {
+    /// Whether a file is being rewritten in place (a `>` truncates it first), judged against `before` (the
+    /// files last read): the main file blank, or an included file blank now that held something then. An
+    /// emptied included file was taken as a file of no entries, and the monitor stopped the programs it had
+    /// defined until the rest was written. One empty before (a placeholder) or new is no rewrite: judged
+    /// blank, it held back every reload for as long as it stayed empty.
+    pub fn being_rewritten(&self, before: Option<&Sources>) -> bool {
         self.blank
+            || (self.files.iter())
+                .any(|(path, blank)| *blank && before.is_some_and(|b| b.files.get(path) == Some(&false)))
     }
 
     /// The include patterns the main file names (those that parsed), in its order.
@@ -61,7 +68,7 @@ impl Sources {
     /// An included file read, with its bytes (`None`: it could not be read).
     pub(crate) fn file(&mut self, path: &Path, bytes: Option<&[u8]>) {
         self.fingerprint = hash(&(self.fingerprint, path, bytes));
-        self.blank |= bytes.is_some_and(blank);
+        self.files.insert(path.to_path_buf(), bytes.is_some_and(blank));
     }
 }
 
@@ -140,22 +147,29 @@ mod tests {
         read_sources::<Cfg>(path).unwrap()
     }
 
-    /// An included file emptied (a `>` rewriting it) reads as blank, as an emptied main file does, so the
-    /// watcher waits for the rest: taken, the programs it defined were stopped until it was written.
+    /// An included file emptied (a `>` rewriting it) is being rewritten, as an emptied main file is, so the
+    /// watcher waits for the rest: taken, the programs it defined were stopped until it was written. One
+    /// empty all along is not, or it held back every reload.
     #[test]
-    fn an_emptied_included_file_is_blank() {
+    fn an_emptied_included_file_is_being_rewritten() {
         let dir = tempfile::tempdir().unwrap();
         let conf_d = dir.path().join("conf.d");
         fs::create_dir(&conf_d).unwrap();
         let main = dir.path().join("main.toml");
         fs::write(&main, "include = [\"conf.d/*.toml\"]\n[programs.main]\n").unwrap();
         fs::write(conf_d.join("web.toml"), "[programs.web]\n").unwrap();
-        assert!(!read(&main).is_blank());
+        let full = read(&main);
+        assert!(!full.being_rewritten(None));
         fs::write(conf_d.join("web.toml"), " \n").unwrap();
-        assert!(read(&main).is_blank());
+        let emptied = read(&main);
+        assert!(emptied.being_rewritten(Some(&full)));
+        // Empty before too (a placeholder), or new and empty: no rewrite, or it held back every reload.
+        assert!(!emptied.being_rewritten(Some(&emptied)));
+        fs::write(conf_d.join("new.toml"), "").unwrap();
+        assert!(!read(&main).being_rewritten(Some(&emptied)));
         // Removed, it is no file being written: what the config names changed.
         fs::remove_file(conf_d.join("web.toml")).unwrap();
-        assert!(!read(&main).is_blank());
+        assert!(!read(&main).being_rewritten(Some(&full)));
     }
 
     #[test]

@@ -363,6 +363,21 @@ fn a_wrong_value_is_quoted_cut() {
     }
 }
 
+/// A key of text holds a key per line (the first signs); a key of random bytes is one key, newline bytes
+/// and all: split, its short pieces would each have been a key to try.
+#[test]
+fn a_key_holds_a_key_per_line_unless_it_is_binary() {
+    let text = HmacKey::inline(b" new-key \r\n\nold-key\n");
+    assert_eq!(
+        text.each().collect::<Vec<_>>(),
+        [b"new-key".as_slice(), b"old-key"]
+    );
+    assert_eq!(text.signing(), b"new-key");
+    let random = [0x9c, 0x01, b'\n', 0xfe, 0x7f, b'\n', 0x00, 0x42];
+    let binary = HmacKey::inline(&random);
+    assert_eq!(binary.each().collect::<Vec<_>>(), [random.as_slice()]);
+}
+
 #[test]
 fn a_changed_secret_is_named_not_shown() {
     let secret = |k: &str| toml::toml! { key = k listen = "a" };

@@ -309,12 +309,19 @@ impl Loop {
         let (addr, peer, to, started) = (k.addr, k.peer, k.to, k.started);
         if res < 0 {
             let e = io::Error::from_raw_os_error(-res);
-            // Out of memory or local ports here: not the backend's failure, so it is not held out.
-            if crate::proxy::listener::is_local_connect_failure(&e) {
+            // No local port toward it, or out of memory here: not the backend's failure, so it is not held
+            // out; another backend is tried for the first.
+            let local_ports = crate::proxy::listener::out_of_local_ports(&e);
+            if local_ports || crate::proxy::listener::is_resource_exhaustion(&e) {
                 debug!(backend = %addr, error = %e, "cannot connect from this host");
                 c.backend = None;
                 drop(bm);
-                self.give_up(slot, End::Error(Side::Backend, -res));
+                if local_ports {
+                    k.tried.push(addr);
+                    self.connect_next(slot);
+                } else {
+                    self.give_up(slot, End::Error(Side::Backend, -res));
+                }
                 return;
             }
             // ECANCELED: the linked timeout fired first.
