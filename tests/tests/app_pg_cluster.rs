@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use xcluster_tests::http::{HttpResponse, get, request};
-use xcluster_tests::services::{Postgres, Redis};
+use xcluster_tests::services::{HeldTx, Postgres, Redis};
 use xcluster_tests::*;
 
 const TOKEN: &str = "t0ken";
@@ -471,6 +471,20 @@ struct FlashSale {
 }
 
 impl FlashSale {
+    /// An open sale whose store calls wait on a lock (`lock_sku`) rather than time out (30 s statements).
+    fn slow() -> FlashSale {
+        FlashSale::open(OneApp::edited(|t| {
+            t.replace("statement_timeout_ms = 5000", "statement_timeout_ms = 30000")
+        }))
+    }
+
+    /// Holds flash-1's row lock: every sale of it waits for this transaction (a slow store).
+    fn lock_sku(&self) -> HeldTx {
+        self.one
+            .pg
+            .hold("SELECT 1 FROM skus WHERE sku = 'flash-1' FOR UPDATE")
+    }
+
     fn open(one: OneApp) -> FlashSale {
         let r = request(
             one.addr,
@@ -666,9 +680,7 @@ fn an_expired_flash_sale_order_frees_the_buyers_allowance_at_the_redis_gate() {
 /// then held the order the first attempt placed.
 #[test]
 fn a_keyed_retry_while_its_first_attempt_is_in_the_store_waits_for_its_answer() {
-    // Long enough that the first attempt waits on the lock below, not on its statement timeout.
-    let one = OneApp::edited(|t| t.replace("statement_timeout_ms = 5000", "statement_timeout_ms = 30000"));
-    let sale = FlashSale::open(one);
+    let sale = FlashSale::slow();
     let addr = sale.one.addr;
     let buy = move |key: &str| {
         let body = r#"{"user": "retrier"}"#;
@@ -683,10 +695,7 @@ fn a_keyed_retry_while_its_first_attempt_is_in_the_store_waits_for_its_answer() 
         .unwrap()
     };
     // Every sale of flash-1 waits for this transaction (a slow store).
-    let lock = sale
-        .one
-        .pg
-        .hold("SELECT 1 FROM skus WHERE sku = 'flash-1' FOR UPDATE");
+    let lock = sale.lock_sku();
     let before = sale.taken();
     let first = std::thread::spawn(move || buy("retry-1"));
     eventually(
@@ -728,18 +737,14 @@ fn a_keyed_retry_while_its_first_attempt_is_in_the_store_waits_for_its_answer() 
 #[test]
 fn a_flash_sale_attempt_whose_client_left_stays_counted_until_it_settles() {
     use std::io::Write;
-    let one = OneApp::edited(|t| t.replace("statement_timeout_ms = 5000", "statement_timeout_ms = 30000"));
-    let sale = FlashSale::open(one);
+    let sale = FlashSale::slow();
     let addr = sale.one.addr;
     let in_flight = || {
         get(addr, "/v1/stats").unwrap().json()["in_flight"]
             .as_u64()
             .unwrap()
     };
-    let lock = sale
-        .one
-        .pg
-        .hold("SELECT 1 FROM skus WHERE sku = 'flash-1' FOR UPDATE");
+    let lock = sale.lock_sku();
     let before = sale.taken();
     let mut client = std::net::TcpStream::connect(addr).unwrap();
     let body = r#"{"user": "leaver"}"#;

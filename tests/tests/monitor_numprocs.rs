@@ -364,6 +364,18 @@ fn an_update_rolls_a_program_whose_strategy_says_so_and_update_rolling_rolls_any
     );
 }
 
+/// Waits for the roll under way to end; asserts each program's step and message then.
+fn assert_roll_ended(m: &Mon, want: &[(&str, &str)]) {
+    let roll = eventually(T, "the roll to end", || {
+        let roll = m.status()["roll"].clone();
+        (roll["finished"] == true).then_some(roll)
+    });
+    let steps: Vec<(&str, &str)> = (roll["programs"].as_array().unwrap().iter())
+        .map(|s| (s["step"].as_str().unwrap(), s["message"].as_str().unwrap()))
+        .collect();
+    assert_eq!(steps, want);
+}
+
 #[test]
 fn a_rolling_restart_takes_one_program_at_a_time_and_stops_at_one_that_does_not_come_back() {
     let dir = tempfile::tempdir().unwrap();
@@ -427,20 +439,13 @@ period_ms = 50
         "xcluster ctl: a rolling restart is under way (app-1 restarting)",
     );
     m.ctl_ok(&["stop", "app-1"]);
-    let roll = eventually(T, "the roll to end", || {
-        let roll = m.status()["roll"].clone();
-        (roll["finished"] == true).then_some(roll)
-    });
-    let steps: Vec<(&str, &str)> = (roll["programs"].as_array().unwrap().iter())
-        .map(|s| (s["step"].as_str().unwrap(), s["message"].as_str().unwrap()))
-        .collect();
-    assert_eq!(
-        steps,
-        [
+    assert_roll_ended(
+        &m,
+        &[
             ("skipped", "not restarted: the roll stopped"),
             ("failed", "stopped"),
-            ("skipped", "not restarted: the roll stopped")
-        ]
+            ("skipped", "not restarted: the roll stopped"),
+        ],
     );
     assert_eq!(m.pid("app-2"), Some(app_2));
 }
@@ -504,20 +509,13 @@ fn a_rolling_restart_passes_over_an_instance_removed_meanwhile() {
         (!lists(&m.status(), "app-2")).then_some(())
     });
     std::fs::remove_file(&hold).unwrap();
-    let roll = eventually(T, "the roll to end", || {
-        let roll = m.status()["roll"].clone();
-        (roll["finished"] == true).then_some(roll)
-    });
-    let steps: Vec<(&str, &str)> = (roll["programs"].as_array().unwrap().iter())
-        .map(|s| (s["step"].as_str().unwrap(), s["message"].as_str().unwrap()))
-        .collect();
-    assert_eq!(
-        steps,
-        [
+    assert_roll_ended(
+        &m,
+        &[
             ("done", "started"),
             ("done", "started"),
-            ("skipped", "removed from the config")
-        ]
+            ("skipped", "removed from the config"),
+        ],
     );
 }
 

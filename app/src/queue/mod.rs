@@ -122,24 +122,11 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::domain::{OrderKind, OrderLineReq, fingerprint, new_order_id, now_ms};
+    use crate::domain::OrderKind;
 
     fn order(user: &str) -> NewOrder {
-        let lines = vec![OrderLineReq {
-            sku: "no-such-sku".into(),
-            qty: 1,
-        }];
-        NewOrder {
-            id: new_order_id(),
-            fingerprint: fingerprint(OrderKind::Regular, user, &lines),
-            user: user.into(),
-            kind: OrderKind::Regular,
-            lines,
-            idem_key: Some(format!("{user}-key")),
-            created_ms: now_ms(),
-            expires_ms: now_ms() + 60_000,
-            per_user_limit: 1,
-        }
+        let key = format!("{user}-key");
+        crate::store::tests::order(user, Some(&key), OrderKind::Regular, "no-such-sku", 1, 60_000)
     }
 
     /// Polls `done` until it holds, 10 s at most.

@@ -21,7 +21,7 @@ mod sqlite_money;
 mod sqlite_orders;
 mod sqlite_schema;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 use serde::{Deserialize, Serialize};
 

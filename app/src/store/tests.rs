@@ -109,7 +109,15 @@ impl Fixture for PostgresFixture {
     }
 }
 
-fn order(user: &str, key: Option<&str>, kind: OrderKind, sku: &str, qty: u32, ttl_ms: i64) -> NewOrder {
+/// A new order of one line, as a request makes it.
+pub(crate) fn order(
+    user: &str,
+    key: Option<&str>,
+    kind: OrderKind,
+    sku: &str,
+    qty: u32,
+    ttl_ms: i64,
+) -> NewOrder {
     let lines = vec![OrderLineReq { sku: sku.into(), qty }];
     NewOrder {
         id: new_order_id(),
