@@ -245,6 +245,14 @@ mod tests {
         body_of(seq, 1, ts)
     }
 
+    /// [`body`] from `agent`, its instance named `id`.
+    fn by(agent: &str, seq: u64, ts: u64, id: &str) -> Vec<u8> {
+        let mut r: LoadReport = serde_json::from_slice(&body(seq, ts)).unwrap();
+        r.agent = agent.into();
+        r.instances[0].id = id.into();
+        serde_json::to_vec(&r).unwrap()
+    }
+
     fn body_of(seq: u64, boot: u64, ts: u64) -> Vec<u8> {
         serde_json::to_vec(&LoadReport {
             agent: "h".into(),
@@ -370,12 +378,7 @@ mod tests {
             ..(*d.settings()).clone()
         });
         let now = wall_ms();
-        let of = |agent: &str, seq: u64| {
-            let mut r: LoadReport = serde_json::from_slice(&body(seq, now)).unwrap();
-            r.agent = agent.into();
-            r.instances[0].id = format!("{agent}/a");
-            serde_json::to_vec(&r).unwrap()
-        };
+        let of = |agent: &str, seq: u64| by(agent, seq, now, &format!("{agent}/a"));
         let h = of("h", 1);
         let refused = [
             // The shared key, naming no signer or the agent itself.
@@ -405,11 +408,7 @@ mod tests {
         assert_eq!(d.status().reports_rejected["wrong_key"], 2);
 
         // Instance ids: h reports only "h/..." ones, and nobody else reports those, under any key.
-        let with_id = |agent: &str, seq: u64, id: &str| {
-            let mut r: LoadReport = serde_json::from_slice(&of(agent, seq)).unwrap();
-            r.instances[0].id = id.into();
-            serde_json::to_vec(&r).unwrap()
-        };
+        let with_id = |agent: &str, seq: u64, id: &str| by(agent, seq, now, id);
         let refused = [
             (with_id("h", 2, "g/a"), b"own".as_slice(), "h"),
             (with_id("h", 2, "a"), b"own", "h"),
@@ -450,12 +449,7 @@ mod tests {
             ..(*d.settings()).clone()
         });
         let now = wall_ms();
-        let report = |agent: &str, seq: u64| {
-            let mut r: LoadReport = serde_json::from_slice(&body(seq, now)).unwrap();
-            r.agent = agent.into();
-            r.instances[0].id = format!("{agent}/a");
-            serde_json::to_vec(&r).unwrap()
-        };
+        let report = |agent: &str, seq: u64| by(agent, seq, now, &format!("{agent}/a"));
         let mut seq = 0;
         let mut send = |agent: &str, key: &[u8]| {
             seq += 1;
@@ -506,12 +500,7 @@ mod tests {
             ..(*d.settings()).clone()
         });
         let now = wall_ms();
-        let report = |agent: &str, seq: u64, id: &str| {
-            let mut r: LoadReport = serde_json::from_slice(&body(seq, now)).unwrap();
-            r.agent = agent.into();
-            r.instances[0].id = id.into();
-            serde_json::to_vec(&r).unwrap()
-        };
+        let report = |agent: &str, seq: u64, id: &str| by(agent, seq, now, id);
         let heard = [
             ("rack1/host-a", b"a".as_slice(), "rack1/host-a/app"),
             ("rack1", b"r", "rack1/host-b/app"),
