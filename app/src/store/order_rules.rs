@@ -222,17 +222,31 @@ pub(super) fn next_status(id: &str, status: Option<&str>, tr: Transition) -> Res
 /// What paying `o` answers before anything moves (from the wallet when `via` is `None`, else by the
 /// provider's callback): paying a paid order from the wallet again is a replay (its view again, no second
 /// debit), and a callback for another amount is refused. `None`: go on.
-pub(super) fn before_pay(o: &OrderView, via: Option<&PaymentCallback>) -> Option<Result<OrderView, Reject>> {
-    let paid = matches!(
-        OrderStatus::parse(&o.status),
-        Some(OrderStatus::Paid | OrderStatus::Fulfilled)
-    );
+///
+/// A reservation past its expiry is refused as expired although the sweeper has not reached it yet (it may
+/// be seconds behind, or stopped): its units are due back on sale, and a shop that takes the money for them
+/// anyway sells units another buyer may already hold. A provider's payment for it is kept as refund due.
+pub(super) fn before_pay(
+    o: &OrderView,
+    via: Option<&PaymentCallback>,
+    now_ms: i64,
+) -> Option<Result<OrderView, Reject>> {
+    let status = OrderStatus::parse(&o.status);
+    let paid = matches!(status, Some(OrderStatus::Paid | OrderStatus::Fulfilled));
     match via {
         None if paid => Some(Ok(o.clone())),
         Some(cb) if cb.amount_cents != o.total_cents => Some(Err(Reject::AmountMismatch {
             given: cb.amount_cents,
             total: o.total_cents,
         })),
+        // The sweeper's rule (`expire_due`): due once `expires_ms <= now`.
+        _ if status == Some(OrderStatus::Reserved) && o.expires_ms <= now_ms => {
+            Some(Err(Reject::BadTransition {
+                id: o.id.clone(),
+                from: OrderStatus::Expired.as_str(),
+                action: Transition::Pay.as_str(),
+            }))
+        }
         _ => None,
     }
 }
@@ -555,7 +569,7 @@ mod tests {
             total_cents: 500,
             lines: Vec::new(),
             created_ms: 0,
-            expires_ms: 0,
+            expires_ms: 10_000,
             paid_via: paid_via.map(str::to_string),
             refunded_cents: 0,
         }
@@ -627,18 +641,38 @@ mod tests {
     #[test]
     fn a_wallet_payment_of_a_paid_order_is_a_replay_and_a_callback_must_match_the_total() {
         assert_eq!(
-            before_pay(&order("paid", Some("wallet")), None),
+            before_pay(&order("paid", Some("wallet")), None, 0),
             Some(Ok(order("paid", Some("wallet"))))
         );
-        assert_eq!(before_pay(&order("reserved", None), None), None);
-        assert_eq!(before_pay(&order("reserved", None), Some(&callback(500))), None);
+        assert_eq!(before_pay(&order("reserved", None), None, 0), None);
+        assert_eq!(
+            before_pay(&order("reserved", None), Some(&callback(500)), 0),
+            None
+        );
         assert!(matches!(
-            before_pay(&order("reserved", None), Some(&callback(499))),
+            before_pay(&order("reserved", None), Some(&callback(499)), 0),
             Some(Err(Reject::AmountMismatch {
                 given: 499,
                 total: 500
             }))
         ));
+        // Past its expiry, a reservation the sweeper has not reached takes no payment of either kind; a
+        // paid order's replay is still answered.
+        assert_eq!(before_pay(&order("reserved", None), None, 9_999), None);
+        for via in [None, Some(&callback(500))] {
+            assert_eq!(
+                before_pay(&order("reserved", None), via, 10_000),
+                Some(Err(Reject::BadTransition {
+                    id: "o1".into(),
+                    from: "expired",
+                    action: "pay"
+                }))
+            );
+        }
+        assert_eq!(
+            before_pay(&order("paid", Some("wallet")), None, 20_000),
+            Some(Ok(order("paid", Some("wallet"))))
+        );
         assert_eq!(
             prior_payment(&callback(500), "o1", "succeeded", 500),
             PriorPayment::Replay

@@ -77,7 +77,7 @@ pub fn pay(t: &mut Tx<'_>, id: &str, via: Option<&PaymentCallback>, inline_weak:
         Ok(o) => o,
         Err(r) => return Ok(Err(r)),
     };
-    if let Some(answer) = order_rules::before_pay(&o, via) {
+    if let Some(answer) = order_rules::before_pay(&o, via, now_ms()) {
         return Ok(answer);
     }
     if let Err(r) = transition(t, id, Transition::Pay)? {

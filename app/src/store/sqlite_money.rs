@@ -76,7 +76,7 @@ pub fn pay(
         Ok(o) => o,
         Err(r) => return Ok(Err(r)),
     };
-    if let Some(answer) = order_rules::before_pay(&o, via) {
+    if let Some(answer) = order_rules::before_pay(&o, via, now_ms()) {
         return Ok(answer);
     }
     if let Err(r) = transition(tx, id, Transition::Pay)? {

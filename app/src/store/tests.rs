@@ -344,6 +344,41 @@ fn pay_refund_settle_balance_the_ledger(fx: &dyn Fixture) {
     assert_eq!(s.audit().unwrap().failures(), vec!["settlements_match_postings"]);
 }
 
+/// A reservation past its expiry that the sweeper has not reached yet takes no payment: the wallet is refused
+/// as expired and charged nothing, a provider's capture is kept as refund due, and the sweep then expires the
+/// order and puts its unit back on sale.
+fn a_reservation_past_its_expiry_takes_no_payment(fx: &dyn Fixture) {
+    let s = fx.open();
+    s.credit(&["u1".into()], 1000).unwrap();
+    let due = create(&s, order("u1", None, OrderKind::Regular, "sku-1-1", 1, -1), true)
+        .unwrap()
+        .order;
+    let expired = |r| {
+        matches!(
+            r,
+            Err(Reject::BadTransition {
+                from: "expired",
+                action: "pay",
+                ..
+            })
+        )
+    };
+    assert!(expired(s.pay_wallet(&due.id, true).unwrap()));
+    assert_eq!(s.balance("user:u1").unwrap(), 1000);
+    let cb = psp(&due, "late-1", due.total_cents, "succeeded");
+    assert_eq!(
+        s.payment_callback(&cb, false).unwrap().unwrap().status,
+        "reserved"
+    );
+    assert_eq!(
+        fx.number("SELECT COUNT(*) FROM payments WHERE status = 'refund_due'"),
+        1
+    );
+    assert_eq!(s.expire_due(now_ms(), 100).unwrap().orders, 1);
+    assert_eq!(s.get_order(&due.id).unwrap().unwrap().status, "expired");
+    assert_eq!(assert_audit(&s).totals.units_reserved, 0);
+}
+
 /// A provider's payment id spans the buyer's attempts: the one that failed may succeed later, and that capture
 /// pays the order (it was refused as a conflict, on every delivery, and the money was nowhere). A failure
 /// reported after the success is still a conflict, and the success's replay one payment.
@@ -821,6 +856,7 @@ macro_rules! every_store_test {
             a_refused_order_in_a_group_leaves_the_others_committed,
             concurrent_groups_in_opposite_orders_all_commit,
             pay_refund_settle_balance_the_ledger,
+            a_reservation_past_its_expiry_takes_no_payment,
             a_failed_payment_that_succeeds_later_pays_the_order,
             a_capture_of_another_amount_is_kept_and_a_failed_attempts_amount_binds_nothing,
             reservations_expire_exactly_once_across_handles,
