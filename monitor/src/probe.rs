@@ -223,6 +223,14 @@ impl ProbeSpec {
                     .stderr(std::process::Stdio::null())
                     .process_group(0)
                     .kill_on_drop(true);
+                // The descriptor limit the monitor was started with, as its programs get (`child::spawn`).
+                // SAFETY: `restore_inherited` makes only async-signal-safe calls and allocates nothing.
+                unsafe {
+                    cmd.pre_exec(|| {
+                        xcluster_runtime::limits::restore_inherited();
+                        Ok(())
+                    });
+                }
                 // Registered while waited for: as PID 1 the monitor reaps only children it does not wait for.
                 let (mut child, _own) =
                     crate::reaper::spawn(&mut cmd).map_err(|e| format!("run {prog}: {e}"))?;

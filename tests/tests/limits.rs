@@ -372,18 +372,21 @@ fn every_role_raises_its_descriptor_limit_and_warns_when_its_config_needs_more()
     }
 }
 
-/// A monitor's programs get the descriptor limit the monitor was started with, not the one it raised for
-/// itself: a program built on `select` fails on a descriptor above 1024, and one that closes every
-/// descriptor up to its limit as it starts took seconds over a million of them.
+/// A monitor's programs, and their probe commands, get the descriptor limit the monitor was started with, not
+/// the one it raised for itself: a program built on `select` fails on a descriptor above 1024, and one that
+/// closes every descriptor up to its limit as it starts took seconds over a million of them.
 #[test]
 fn a_monitors_programs_get_the_limit_it_was_started_with() {
     let dir = tempfile::tempdir().unwrap();
     let (addr, seen) = (free_addr(), dir.path().join("seen"));
+    let probe_seen = dir.path().join("probe-seen");
     let config = format!(
         "role = \"monitor\"\nlisten = \"{addr}\"\nrun_dir = \"{run}\"\n\
-         [programs.p]\ncommand = \"/bin/sh -c 'echo $(ulimit -Sn) $(ulimit -Hn) > {seen}; exec sleep 300'\"\n",
+         [programs.p]\ncommand = \"/bin/sh -c 'echo $(ulimit -Sn) $(ulimit -Hn) > {seen}; exec sleep 300'\"\n\
+         [programs.p.readiness]\ncommand = \"/bin/sh -c 'echo $(ulimit -Sn) > {probe_seen}'\"\nperiod_ms = 100\n",
         run = dir.path().join("run").display(),
         seen = seen.display(),
+        probe_seen = probe_seen.display(),
     );
     let path = write_file(dir.path(), "monitor.toml", &config);
     let script = format!(
@@ -402,6 +405,12 @@ fn a_monitors_programs_get_the_limit_it_was_started_with() {
         std::fs::read_to_string(&seen).ok().filter(|s| s.ends_with('\n'))
     });
     assert_eq!(got, "256 4096\n", "{}", p.stderr());
+    let probed = eventually(Duration::from_secs(20), "the probe's limit", || {
+        std::fs::read_to_string(&probe_seen)
+            .ok()
+            .filter(|s| s.ends_with('\n'))
+    });
+    assert_eq!(probed, "256\n", "{}", p.stderr());
     let limits = std::fs::read_to_string(format!("/proc/{}/limits", p.pid())).unwrap();
     assert!(
         limits
