@@ -166,7 +166,8 @@ impl RoleConfig for Config {
             }
             // Bounded: a token_file naming /dev/zero or a huge file must not exhaust memory (the `config`
             // fuzz target reads whatever files a config names; regression test below).
-            match xcluster_runtime::config::read_bounded(std::path::Path::new(&raw.token_file)) {
+            // Noted as part of the config: a new token written to the file applies as an edit of the config.
+            match xcluster_runtime::config::referenced::read(std::path::Path::new(&raw.token_file)) {
                 Ok(bytes) => String::from_utf8_lossy(&bytes)
                     .lines()
                     .next()

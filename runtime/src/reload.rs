@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::config::include::IncludePattern;
-use crate::config::{ConfigSource, RoleConfig, Sources, read_sources, reload};
+use crate::config::{ConfigSource, RoleConfig, Sources, read_sources, reload_noting};
 use crate::sdnotify::Notifier;
 
 /// Editors write a file in several steps; events closer together than this are one change.
@@ -107,6 +107,9 @@ struct State<C: RoleConfig> {
     /// or by the files coming back to the config in force).
     good: Option<Sources>,
     bad: Option<Sources>,
+    /// The files the config names that the last load read (key and token files), watched and compared with
+    /// the config's own.
+    read_files: Vec<PathBuf>,
     watcher: Option<ConfigWatcher>,
     publish: watch::Sender<Arc<C>>,
     status: Arc<watch::Sender<ReloadStatus>>,
@@ -132,8 +135,9 @@ pub fn spawn<C: RoleConfig>(
     metrics::gauge!(crate::metrics::CONFIG_RESTART_PENDING, "role" => C::ROLE).set(0.0);
 
     let mut watcher = (source.path.as_deref()).and_then(|p| ConfigWatcher::start(p, tx.clone()));
+    let read_files = seed.1.as_ref().map(Sources::referenced_files).unwrap_or_default();
     if let (Some(w), Some(sources)) = (&mut watcher, &seed.1) {
-        w.follow(sources.patterns());
+        w.follow(sources.patterns(), &read_files);
     }
     let mut state = State::<C> {
         source,
@@ -141,6 +145,7 @@ pub fn spawn<C: RoleConfig>(
         raw: seed.0,
         good: seed.1,
         bad: None,
+        read_files,
         watcher,
         publish,
         status: status_tx.clone(),
@@ -213,7 +218,9 @@ impl<C: RoleConfig> State<C> {
         // the main file's and its included files': an edit to one of those alone is a change.
         // Read before the load: a rejection remembers these, what was judged or older. Read again after it,
         // they could be a fix written meanwhile, and that fix's own event then passed for judged already.
-        let before = (self.source.path.as_deref()).and_then(|path| read_sources::<C>(path).ok());
+        let before = (self.source.path.as_deref())
+            .and_then(|path| read_sources::<C>(path).ok())
+            .map(|s| s.with_referenced(&self.read_files));
         if cause == Cause::File
             && let Some(on_disk) = &before
         {
@@ -246,7 +253,13 @@ impl<C: RoleConfig> State<C> {
         // Here, not at the signal: an attempt the checks above end was no reload. A SIGHUP always gets here
         // (they apply to file events only), which `Type=notify-reload` waits for.
         self.notifier.reloading();
-        match reload::<C>(&self.source, &self.started) {
+        let mut read_files = Vec::new();
+        let result = reload_noting::<C>(&self.source, &self.started, &mut read_files);
+        // A config that did not get as far as its validation read none: the files in force stay watched.
+        if result.is_ok() || !read_files.is_empty() {
+            self.read_files = read_files;
+        }
+        match result {
             Ok(loaded) => {
                 let diff = crate::config::diff(&self.raw, &loaded.raw, C::redact);
                 info!(role = self.role_label, ?cause, changes = %diff, "config reloaded");
@@ -300,10 +313,10 @@ impl<C: RoleConfig> State<C> {
         }
     }
 
-    /// Watches what `sources` (the files just read) include.
+    /// Watches what `sources` (the files just read) include, and the files the config names.
     fn follow(&mut self, sources: Option<&Sources>) {
         if let (Some(w), Some(sources)) = (&mut self.watcher, sources) {
-            w.follow(sources.patterns());
+            w.follow(sources.patterns(), &self.read_files);
         }
     }
 }
@@ -320,14 +333,23 @@ struct Relevant {
     /// an edit from the rest.
     target: Option<PathBuf>,
     patterns: Vec<IncludePattern>,
+    /// The files the config names that its load read (key and token files), each with where it leads when
+    /// it is a link (a Kubernetes Secret's file is one, swapped as a ConfigMap's is).
+    referenced: Vec<(PathBuf, Option<PathBuf>)>,
 }
 
 impl Relevant {
     fn covers(&self, path: &Path) -> bool {
-        path == self.main
-            || (self.target.as_deref()).is_some_and(|t| path == t || path.parent() == self.main.parent())
+        names(&self.main, self.target.as_deref(), path)
             || (self.patterns.iter()).any(|p| p.names(path) || path == p.dir)
+            || (self.referenced.iter()).any(|(file, target)| names(file, target.as_deref(), path))
     }
+}
+
+/// Whether an event on `path` may change `file`, which leads to `target` when it is a link: the file itself,
+/// or, for a link, the target or any entry of the link's directory.
+fn names(file: &Path, target: Option<&Path>, path: &Path) -> bool {
+    path == file || target.is_some_and(|t| path == t || path.parent() == file.parent())
 }
 
 /// The file `main` leads to, when it is itself a symbolic link. Not when only a directory above it is one: its
@@ -371,6 +393,7 @@ impl ConfigWatcher {
             main: main.clone(),
             target: None,
             patterns: Vec::new(),
+            referenced: Vec::new(),
         }));
         let judge = relevant.clone();
         let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
@@ -403,7 +426,7 @@ impl ConfigWatcher {
         let mut found = false;
         for dir in std::mem::take(&mut self.warned) {
             if self.watcher.watch(&dir, RecursiveMode::NonRecursive).is_ok() {
-                info!(dir = %dir.display(), "include directory is there now; watching it");
+                info!(dir = %dir.display(), "a directory the config reads from is there now; watching it");
                 self.watched.insert(dir);
                 found = true;
             } else {
@@ -413,16 +436,26 @@ impl ConfigWatcher {
         found
     }
 
-    /// Watches the directories of `patterns` (the config's includes now), and of the file the main file
-    /// leads to when it is a link, and no others besides the main file's. One that is not there is skipped
-    /// with one warning, and looked for again every [`MISSING_RETRY`] (and at each reload) until it is there.
-    fn follow(&mut self, patterns: &[IncludePattern]) {
+    /// Watches the directories of `patterns` (the config's includes now), of the files in `referenced` (those
+    /// the config names that its load read), and of the files the main file and those lead to when they are
+    /// links, and no others besides the main file's. One that is not there is skipped with one warning, and
+    /// looked for again every [`MISSING_RETRY`] (and at each reload) until it is there.
+    fn follow(&mut self, patterns: &[IncludePattern], referenced: &[PathBuf]) {
         let main_dir = self.main.parent().map(Path::to_path_buf);
         // Looked up again at each reload: a swap of a ConfigMap's `..data` leads it into a new directory.
         let target = link_target(&self.main);
+        let referenced: Vec<(PathBuf, Option<PathBuf>)> =
+            (referenced.iter()).map(|f| (f.clone(), link_target(f))).collect();
         let dirs: BTreeSet<PathBuf> = (patterns.iter())
             .map(|p| p.dir.clone())
             .chain(target.as_deref().and_then(Path::parent).map(Path::to_path_buf))
+            .chain(
+                referenced
+                    .iter()
+                    .flat_map(|(f, t)| [Some(f), t.as_ref()])
+                    .flatten()
+                    .filter_map(|f| f.parent().map(Path::to_path_buf)),
+            )
             .filter(|d| Some(d) != main_dir.as_ref())
             .collect();
         // Before the watches change, so an event of a newly watched directory is judged by its pattern.
@@ -430,6 +463,7 @@ impl ConfigWatcher {
             main: self.main.clone(),
             target,
             patterns: patterns.to_vec(),
+            referenced,
         }));
         for gone in self.watched.difference(&dirs) {
             // It may be gone already (removed with its directory); nothing else to undo then.
@@ -448,7 +482,7 @@ impl ConfigWatcher {
                 Err(e) => {
                     if self.warned.insert(dir.clone()) {
                         warn!(error = %e, dir = %dir.display(),
-                            "cannot watch an include directory; its files apply on SIGHUP or `ctl update`");
+                            "cannot watch a directory the config reads from; its files apply on SIGHUP or `ctl update`");
                     }
                 }
             }
@@ -476,6 +510,14 @@ mod tests {
                 pattern("/etc/x/conf.d", "*.toml"),
                 pattern("/etc/x", "extra.toml"),
             ],
+            referenced: vec![
+                ("/etc/keys/report.key".into(), None),
+                // A Kubernetes Secret's file: a link through `..data`, swapped by a rename.
+                (
+                    "/run/secret/token".into(),
+                    Some("/run/secret/..2026_12_07/token".into()),
+                ),
+            ],
         };
         for (path, want) in [
             ("/etc/x/monitor.toml", true),
@@ -493,6 +535,13 @@ mod tests {
             // The directory itself made or removed: what the pattern matches changes.
             ("/etc/x/conf.d", true),
             ("/etc/x/conf.e", false),
+            // A file the config names (a key file), and only that one of its directory.
+            ("/etc/keys/report.key", true),
+            ("/etc/keys/other.key", false),
+            // A linked one: any entry of the link's directory, and the file it leads to.
+            ("/run/secret/..data", true),
+            ("/run/secret/..2026_12_07/token", true),
+            ("/run/secret/..2026_12_07/other", false),
         ] {
             assert_eq!(relevant.covers(Path::new(path)), want, "{path}");
         }
@@ -566,6 +615,7 @@ mod tests {
             raw: loaded.raw,
             good: loaded.sources,
             bad: None,
+            read_files: Vec::new(),
             watcher: None,
             publish,
             status: status.clone(),
@@ -616,7 +666,10 @@ mod tests {
         let mut watcher = ConfigWatcher::start(&main, tx).unwrap();
         // A directory not there yet is skipped, not an error.
         let missing = pattern(root.path().join("missing").to_str().unwrap(), "*.toml");
-        watcher.follow(&[pattern(first.to_str().unwrap(), "*.toml"), missing.clone()]);
+        watcher.follow(
+            &[pattern(first.to_str().unwrap(), "*.toml"), missing.clone()],
+            &[],
+        );
         assert_eq!(watcher.watched, BTreeSet::from([first.clone()]));
         std::fs::write(first.join("web.toml"), "").unwrap();
         let seen = tokio::time::timeout(Duration::from_secs(10), rx.recv()).await;
@@ -635,7 +688,7 @@ mod tests {
 
         // A new config's patterns: the directory it no longer names is left. (No event is awaited here: one
         // of the write above may still be on its way, and would pass for one of this directory.)
-        watcher.follow(&[pattern(second.to_str().unwrap(), "*.toml"), missing]);
+        watcher.follow(&[pattern(second.to_str().unwrap(), "*.toml"), missing], &[]);
         assert_eq!(watcher.watched, BTreeSet::from([second.clone(), made]));
     }
 
@@ -658,7 +711,7 @@ mod tests {
         std::os::unix::fs::symlink("..data/monitor.toml", &main).unwrap();
         let (tx, mut rx) = mpsc::channel(64);
         let mut watcher = ConfigWatcher::start(&main, tx).unwrap();
-        watcher.follow(&[]);
+        watcher.follow(&[], &[]);
         assert_eq!(watcher.watched, BTreeSet::from([mount.join("..v1")]));
 
         version("..v2", "a = 2\n");
@@ -668,10 +721,86 @@ mod tests {
         assert_eq!(seen.ok().flatten(), Some(Cause::File), "no event for the swap");
         // The reload that follows leads the watch to the new version's directory, where an edit of the
         // file counts (those directories' other files do not).
-        watcher.follow(&[]);
+        watcher.follow(&[], &[]);
         assert_eq!(watcher.watched, BTreeSet::from([mount.join("..v2")]));
         let relevant = watcher.relevant.load();
         assert!(relevant.covers(&mount.join("..v2/monitor.toml")));
         assert!(!relevant.covers(&mount.join("..v2/other.toml")));
+    }
+
+    /// A role whose config names a key file.
+    #[derive(Debug)]
+    struct Keyed {
+        key: Vec<u8>,
+    }
+
+    #[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+    #[serde(default, deny_unknown_fields)]
+    struct KeyedRaw {
+        key_file: String,
+    }
+
+    impl RoleConfig for Keyed {
+        const ROLE: &'static str = "test";
+        type Raw = KeyedRaw;
+        fn validate(raw: &KeyedRaw) -> Result<Self, Vec<crate::config::ConfigIssue>> {
+            let mut v = crate::config::Validator::new();
+            let key = v.key_file("key_file", &raw.key_file);
+            v.finish(Keyed { key: key.bytes })
+        }
+    }
+
+    /// A key file rewritten alone (a rotated key) is a change to the config: the watcher sees it and the
+    /// reload applies it. Before, the config's own files were all that was compared and watched, and only
+    /// SIGHUP applied a new key. A rejected config's key file is watched too: writing it is the fix.
+    #[tokio::test]
+    async fn a_key_file_changed_alone_is_a_change_to_the_config() {
+        let dir = tempfile::tempdir().unwrap();
+        let keys = dir.path().join("keys");
+        std::fs::create_dir(&keys).unwrap();
+        let key = keys.join("report.key");
+        std::fs::write(&key, "first-key-0123456789\n").unwrap();
+        let main = dir.path().join("c.toml");
+        std::fs::write(&main, format!("key_file = \"{}\"\n", key.display())).unwrap();
+        let mut src = ConfigSource::file(&main);
+        src.use_env = false;
+        let loaded = crate::config::load::<Keyed>(&src).unwrap();
+        let sources = loaded.sources.as_ref().unwrap();
+        assert_eq!(sources.referenced_files(), vec![key.clone()]);
+        // Unchanged, the files read now are the load's.
+        let now = read_sources::<Keyed>(&main)
+            .unwrap()
+            .with_referenced(&sources.referenced_files());
+        assert_eq!(&now, sources);
+
+        let (publish, mut config) = watch::channel(Arc::new(loaded.config));
+        let cancel = CancellationToken::new();
+        let _stop = cancel.clone().drop_guard();
+        let seed = (loaded.raw, loaded.sources);
+        let reloader = spawn::<Keyed>(src, seed, publish, mpsc::channel(8), cancel, Notifier::disabled());
+        let status = reloader.status.subscribe();
+        std::fs::write(&key, "second-key-0123456789\n").unwrap();
+        tokio::time::timeout(Duration::from_secs(10), config.changed())
+            .await
+            .expect("no reload of the rotated key")
+            .unwrap();
+        assert_eq!(config.borrow().key, b"second-key-0123456789");
+
+        // Emptied, the key is refused and the one in force kept; written again, the fix is seen.
+        std::fs::write(&key, "").unwrap();
+        let mut refused = status.clone();
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            refused.wait_for(|s| s.last_error.is_some()),
+        )
+        .await
+        .expect("the emptied key file was not judged")
+        .unwrap();
+        std::fs::write(&key, "third-key-0123456789\n").unwrap();
+        tokio::time::timeout(Duration::from_secs(10), config.changed())
+            .await
+            .expect("no reload of the fixed key")
+            .unwrap();
+        assert_eq!(config.borrow().key, b"third-key-0123456789");
     }
 }

@@ -268,3 +268,45 @@ fn secret_files_readable_by_others_draw_a_warning() {
         }
     }
 }
+
+/// A token written to the monitor's `token_file` applies without a signal, as an edit of its config does:
+/// the file is part of the config. Before, the watcher knew only the config's own files, and the old token
+/// kept working (and the new one was refused) until SIGHUP.
+#[test]
+fn a_rotated_token_file_applies_without_a_signal() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = write_file(dir.path(), "token", TOKEN);
+    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let addr = free_addr();
+    let config = write_file(
+        dir.path(),
+        "monitor.toml",
+        &format!(
+            "role = \"monitor\"\nlisten = \"{addr}\"\nrun_dir = \"{}\"\ntoken_file = \"{}\"\n",
+            dir.path().join("run").display(),
+            token.display()
+        ),
+    );
+    let mon = Proc::xcluster("monitor", &["monitor", "--config", config.to_str().unwrap()]);
+    wait_ready(addr, Duration::from_secs(20));
+    let status_with = |t: &str| {
+        let auth = format!("Bearer {t}");
+        let r = request(
+            addr,
+            "POST",
+            "/v1/programs/x/stop",
+            &[("authorization", &auth)],
+            None,
+        )
+        .unwrap();
+        r.status
+    };
+    assert_ne!(status_with(TOKEN), 401, "the token in force is accepted");
+    let new = format!("{TOKEN}-rotated");
+    std::fs::write(&token, &new).unwrap();
+    eventually(Duration::from_secs(10), "the rotated token to apply", || {
+        (status_with(&new) != 401).then_some(())
+    });
+    assert_eq!(status_with(TOKEN), 401, "{}", mon.stderr());
+    assert!(mon.stderr().contains("config reloaded"), "{}", mon.stderr());
+}

@@ -15,6 +15,7 @@ use serde::de::DeserializeOwned;
 
 pub mod include;
 mod keys;
+pub mod referenced;
 mod sources;
 mod validator;
 
@@ -307,7 +308,7 @@ pub fn load<C: RoleConfig>(source: &ConfigSource) -> Result<Loaded<C>, ConfigErr
         Some(path) => Some(read_bounded(path)?),
         None => None,
     };
-    load_layered::<C>(bytes, source)
+    load_layered::<C>(bytes, source, &mut Vec::new())
 }
 
 /// [`load`] for a process already running on `running` (the raw config it started with): what a reload
@@ -316,6 +317,16 @@ pub fn load<C: RoleConfig>(source: &ConfigSource) -> Result<Loaded<C>, ConfigErr
 /// their running values until a restart; a role reads its config live, per use (the agent its `agent_id`
 /// per report, the app its `capacity` per request), so handed the file's values it applied them at once.
 pub fn reload<C: RoleConfig>(source: &ConfigSource, running: &C::Raw) -> Result<Loaded<C>, ConfigError> {
+    reload_noting(source, running, &mut Vec::new())
+}
+
+/// [`reload`], giving `read_files` the files the config names that its validation read ([`referenced`]),
+/// valid or not: the reloader watches them, so the fix of a rejected config's key file is seen.
+pub fn reload_noting<C: RoleConfig>(
+    source: &ConfigSource,
+    running: &C::Raw,
+    read_files: &mut Vec<PathBuf>,
+) -> Result<Loaded<C>, ConfigError> {
     // An empty file is every default, valid for every role, and what a file being rewritten in place holds
     // for a moment (`render > monitor.toml` truncates it first): taken, a monitor stopped every program and a
     // balancer closed its proxy ports. A role started without a file runs its defaults; a reload never
@@ -333,7 +344,8 @@ pub fn reload<C: RoleConfig>(source: &ConfigSource, running: &C::Raw) -> Result<
             )],
         });
     }
-    keep_restart_keys(load_layered::<C>(bytes, source)?, running, &source.origin())
+    let loaded = load_layered::<C>(bytes, source, read_files)?;
+    keep_restart_keys(loaded, running, &source.origin())
 }
 
 /// `loaded` with its config's restart keys at their values in `running` (see [`reload`]); `origin` names the
@@ -364,7 +376,7 @@ pub fn keep_restart_keys<C: RoleConfig>(
 
 /// [`load`] of `bytes` already read from `source.path`: a pipe (`<(...)`, `/dev/stdin`) can be read once only.
 pub fn load_read<C: RoleConfig>(bytes: Vec<u8>, source: &ConfigSource) -> Result<Loaded<C>, ConfigError> {
-    load_layered::<C>(Some(bytes), source)
+    load_layered::<C>(Some(bytes), source, &mut Vec::new())
 }
 
 /// Loads and validates a role's config from a file's bytes alone (no environment, no overrides): what a
@@ -380,12 +392,15 @@ pub fn load_bytes<C: RoleConfig>(bytes: &[u8]) -> Result<Loaded<C>, ConfigError>
         overrides: Vec::new(),
         use_env: false,
     };
-    load_layered::<C>(Some(bytes.to_vec()), &source)
+    load_layered::<C>(Some(bytes.to_vec()), &source, &mut Vec::new())
 }
 
+/// `read_files` gets the files its validation read besides the config's own ([`referenced`]), whether or not
+/// the config is valid.
 fn load_layered<C: RoleConfig>(
     file_bytes: Option<Vec<u8>>,
     source: &ConfigSource,
+    read_files: &mut Vec<PathBuf>,
 ) -> Result<Loaded<C>, ConfigError> {
     let origin = source.origin();
     let mut table = match &file_bytes {
@@ -479,7 +494,11 @@ fn load_layered<C: RoleConfig>(
     // A key that did not deserialize was left to its default: what validation finds wrong with the default
     // is not the user's to read.
     let unparsed: std::collections::HashSet<String> = issues.iter().map(|i| i.key.clone()).collect();
-    let config = match raw.as_ref().map(C::validate) {
+    // The files it names (key and token files) are part of the config's content (`referenced`).
+    let (validated, files) = referenced::during(|| raw.as_ref().map(C::validate));
+    *read_files = files.iter().map(|(path, _)| path.clone()).collect();
+    sources.referenced(files);
+    let config = match validated {
         Some(Ok(c)) => Some(c),
         Some(Err(more)) => {
             issues.extend(more.into_iter().filter(|i| !unparsed.contains(&i.key)));

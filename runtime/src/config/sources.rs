@@ -23,6 +23,9 @@ pub struct Sources {
     blank: bool,
     /// The included files read, and whether each was [`blank`].
     files: std::collections::BTreeMap<PathBuf, bool>,
+    /// The files the config names that its validation read (key and token files: [`super::referenced`]),
+    /// with a fingerprint of what each held.
+    referenced: std::collections::BTreeMap<PathBuf, Option<u64>>,
 }
 
 /// Whether a main file's bytes are nothing but white space: a file being rewritten in place (a `>`
@@ -39,6 +42,7 @@ impl Sources {
             fingerprint: hash(&(0u64, main)),
             blank: blank(main),
             files: Default::default(),
+            referenced: Default::default(),
         }
     }
 
@@ -63,6 +67,24 @@ impl Sources {
     pub(crate) fn pattern(&mut self, pattern: &IncludePattern, found: Result<&[PathBuf], &str>) {
         self.fingerprint = hash(&(self.fingerprint, &pattern.dir, &pattern.name, found));
         self.patterns.push(pattern.clone());
+    }
+
+    /// The files the config names that a load's validation read, with what each held.
+    pub(crate) fn referenced(&mut self, files: Vec<super::referenced::Read>) {
+        self.referenced.extend(files);
+    }
+
+    /// These sources with the files at `paths` (what the config named at the last load) as they are now:
+    /// equal to that load's own when none of them, nor the config's files, changed since.
+    pub fn with_referenced(mut self, paths: &[PathBuf]) -> Self {
+        let now = paths.iter().map(|p| (p.clone(), super::referenced::now(p)));
+        self.referenced = now.collect();
+        self
+    }
+
+    /// The files the config names that its load read (absolute), whose directories the watcher watches.
+    pub fn referenced_files(&self) -> Vec<PathBuf> {
+        self.referenced.keys().cloned().collect()
     }
 
     /// An included file read, with its bytes (`None`: it could not be read).

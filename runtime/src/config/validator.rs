@@ -3,7 +3,7 @@
 use std::fmt;
 use std::path::PathBuf;
 
-use super::{ConfigIssue, HmacKey, read_bounded};
+use super::{ConfigIssue, HmacKey};
 
 /// Accumulates validation problems and converts fields, so `validate()` reports everything at once.
 #[derive(Debug, Default)]
@@ -92,7 +92,8 @@ impl Validator {
     /// cannot be read or is empty.
     pub fn key_file(&mut self, key: &str, path: &str) -> HmacKey {
         let path = PathBuf::from(path);
-        let bytes = match read_bounded(&path) {
+        // Noted as part of the config's content: a rotated key file alone is a change the watcher applies.
+        let bytes = match super::referenced::read(&path) {
             Ok(bytes) => {
                 let text = String::from_utf8_lossy(&bytes).trim().to_string();
                 if text.is_empty() {

@@ -1,0 +1,84 @@
+//! Files a config names whose content is part of it: a key file, a token file. A role's `validate` reads them
+//! with [`read`], which notes each for the load in progress, so the load's [`super::Sources`] hold their
+//! content too: the watcher watches their directories, and a change to one alone (a rotated key) is a change
+//! to the config, applied as an edit of the main file is. Before, only SIGHUP applied it.
+//!
+//! A thread-local note, not an argument: `RoleConfig::validate` takes the raw config alone, and a load runs
+//! it synchronously on the calling thread ([`during`]).
+
+use std::cell::RefCell;
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::path::{Path, PathBuf};
+
+use super::{ConfigError, read_bounded};
+
+/// A file read and a fingerprint of what it held (`None`: it could not be read).
+pub(crate) type Read = (PathBuf, Option<u64>);
+
+thread_local! {
+    static NOTED: RefCell<Option<Vec<Read>>> = const { RefCell::new(None) };
+}
+
+/// Reads the file at `path` that a config names (bounded as a config file is), noting it for the load in
+/// progress, if any.
+pub fn read(path: &Path) -> Result<Vec<u8>, ConfigError> {
+    let bytes = read_bounded(path);
+    NOTED.with(|n| {
+        if let Some(noted) = n.borrow_mut().as_mut() {
+            noted.push((absolute(path), bytes.as_deref().ok().map(fingerprint)));
+        }
+    });
+    bytes
+}
+
+/// Runs `f` (a role's `validate`), returning what it gave and the files it read with [`read`].
+pub(crate) fn during<T>(f: impl FnOnce() -> T) -> (T, Vec<Read>) {
+    let outer = NOTED.with(|n| n.borrow_mut().replace(Vec::new()));
+    let out = f();
+    let noted = NOTED
+        .with(|n| std::mem::replace(&mut *n.borrow_mut(), outer))
+        .unwrap_or_default();
+    (out, noted)
+}
+
+/// What the file at `path` holds now, as [`read`] notes it.
+pub(crate) fn now(path: &Path) -> Option<u64> {
+    read_bounded(path).ok().as_deref().map(fingerprint)
+}
+
+fn fingerprint(bytes: &[u8]) -> u64 {
+    let mut h = DefaultHasher::new();
+    bytes.hash(&mut h);
+    h.finish()
+}
+
+/// Absolute, as the watcher's event paths are.
+fn absolute(path: &Path) -> PathBuf {
+    std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_read_is_noted_only_during_a_load_and_with_what_it_held() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("key");
+        std::fs::write(&key, "k1").unwrap();
+        // Outside a load: read, noted nowhere.
+        assert_eq!(read(&key).unwrap(), b"k1");
+        let missing = dir.path().join("missing");
+        let ((), noted) = during(|| {
+            read(&key).unwrap();
+            assert!(read(&missing).is_err());
+        });
+        assert_eq!(noted, vec![(key.clone(), now(&key)), (missing.clone(), None)]);
+        assert!(now(&key).is_some());
+        std::fs::write(&key, "k2").unwrap();
+        assert_ne!(noted[0].1, now(&key));
+        // A load's notes end with it.
+        let ((), later) = during(|| {});
+        assert!(later.is_empty());
+    }
+}
