@@ -142,8 +142,10 @@ impl Loop {
         for slot in 0..self.conns.len() {
             let Some(c) = &mut self.conns[slot] else { continue };
             c.flush_bytes();
-            // Half-closed once either source has ended: then `fin_timeout_ms` counts, if set.
-            let half = c.dirs[0].eof || c.dirs[1].eof;
+            // Half-closed once either end has been passed on (after every byte before it), as the tokio
+            // runtime's `is_done`: then `fin_timeout_ms` counts, if set. From the source's end (`eof`), a
+            // response whose last buffers waited for a slow client's window was cut by the fin timeout.
+            let half = c.dirs[0].done || c.dirs[1].done;
             let cfg = &c.active.l.cfg;
             let (limit, end) = match cfg.fin {
                 Some(fin) if half => (Some(fin), End::FinTimeout),
@@ -278,7 +280,10 @@ impl Loop {
             let peer = unsafe { SockAddr::new(storage, len) }.as_socket();
             let state = l.state.load_full();
             let permit = l.permit.take();
-            if let (Some(peer), Some(permit)) = (peer, permit) {
+            // Accepted as the worker was told to finish (its accepts cancelled, its connections closed):
+            // served, it would hold the worker its whole wait and be cut at its end.
+            let finishing = self.finishing.is_some();
+            if let (Some(peer), Some(permit), false) = (peer, permit, finishing) {
                 // Rejected: the socket and the permit drop here.
                 if let Admit::Open(slot) = state.admit(peer) {
                     self.start_conn(client, peer, state, permit, slot);

@@ -242,7 +242,7 @@ struct Lst {
 
 /// Buffers one direction may hold before its receive is paused (64 KiB in flight, as a socket buffer would
 /// hold); it resumes once its sends have brought the queue down to half of that.
-const QUEUE_MAX: u8 = 4;
+const QUEUE_MAX: u16 = 4;
 /// "No buffer" in the queue links; buffer ids stay below 32,768.
 const NO_BUF: u16 = u16::MAX;
 
@@ -257,7 +257,8 @@ struct Dir {
     tail: u16,
     /// At most `BUF_LEN`, so a u16: it keeps the slot small.
     off: u16,
-    queued: u8,
+    /// A u16: a multishot receive may take buffers past `QUEUE_MAX` before its cancel lands.
+    queued: u16,
     /// A multishot receive is live (until a completion without `IORING_CQE_F_MORE`).
     armed: bool,
     /// The queue is full and a cancel of the receive was submitted.
