@@ -434,7 +434,10 @@ async fn drive(
         (Some(file), Some(path), Some(acked)) => write_orders(file, path, acked),
         _ => Ok(()),
     };
-    let mut report = recorder.report(via, mode, started.elapsed());
+    // Rates are over the run's schedule: the answers of requests still in flight at its end (up to
+    // `--timeout-ms` later) count, but the wait for them does not lengthen the run.
+    let ran_for = started.elapsed().min(Duration::from_secs(args.duration_secs));
+    let mut report = recorder.report(via, mode, ran_for);
     report.interrupted = stopped.load(Ordering::Relaxed);
     report.lists = lists;
     report.released = Some(if args.keep_orders {

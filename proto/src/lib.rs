@@ -5,6 +5,7 @@
 //! - [`report`]: agent → balancer (`POST /v1/reports`, HMAC-signed).
 //! - [`directory`]: balancer → client and dashboard (`/v1/servers`, `/v1/pick`, `/v1/status`).
 //! - [`proxy_header`]: balancer's L4 proxy → backend (PROXY protocol v2).
+//! - [`local_error`]: which socket errors are the local host's, not the peer's (the proxy and the SDK).
 
 /// The version of the wire protocol these types describe.
 pub const PROTOCOL_VERSION: u32 = 1;
@@ -24,6 +25,7 @@ pub fn bracket_hint(value: &str) -> Option<String> {
     port.parse::<u16>().ok()?;
     Some(format!("; an IPv6 address takes brackets: [{ip}]:{port}"))
 }
+pub mod local_error;
 pub mod proxy_header;
 pub mod report;
 pub mod stats;

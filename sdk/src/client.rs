@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use tokio::net::TcpStream;
 use tokio_util::sync::{CancellationToken, DropGuard};
+use xcluster_proto::local_error;
 
 use crate::builder::{ClientBuilder, Options};
 use crate::directory::{Shared, TypeSlot, watch_loop};
@@ -33,6 +34,9 @@ pub struct Client {
     /// The whole budget of each call made through this handle (the builder's `deadline`, or
     /// [`Client::with_deadline`]'s).
     deadline: Duration,
+    /// The timeout of one exchange with an instance through this handle (the builder's `request_timeout`, or
+    /// [`Client::with_request_timeout`]'s).
+    pub(crate) request_timeout: Duration,
     cancel: CancellationToken,
     _guard: Arc<DropGuard>,
 }
@@ -216,6 +220,7 @@ impl Client {
         }
         Ok(Client {
             deadline: shared.opts.deadline,
+            request_timeout: shared.opts.request_timeout,
             shared,
             _guard: Arc::new(cancel.clone().drop_guard()),
             cancel,
@@ -241,6 +246,17 @@ impl Client {
     pub fn with_deadline(&self, d: Duration) -> Client {
         Client {
             deadline: d,
+            ..self.clone()
+        }
+    }
+
+    /// A handle to the same client whose exchanges with an instance time out after `d` instead of the
+    /// builder's [`ClientBuilder::request_timeout`] (still clipped to the call's deadline). An exchange that
+    /// outlives its own timeout ejects the instance; one cut by the deadline first does not, so a handle whose
+    /// calls must fail over from a hung instance keeps this below its deadline.
+    pub fn with_request_timeout(&self, d: Duration) -> Client {
+        Client {
+            request_timeout: d,
             ..self.clone()
         }
     }
@@ -345,6 +361,17 @@ impl Client {
                 Ok(Ok(stream)) => {
                     let _ = stream.set_nodelay(true);
                     return Ok((picked, stream));
+                }
+                // This host out of descriptors or memory: the instance is not at fault, and another would
+                // fail alike.
+                Ok(Err(source)) if local_error::is_resource_exhaustion(&source) => {
+                    return Err(Error::Connect { addr, source });
+                }
+                // Out of local ports toward this instance (TIME_WAITs of this client's own closes): not the
+                // instance's fault either, but ports run out per destination, so another is tried.
+                Ok(Err(source)) if local_error::out_of_local_ports(&source) => {
+                    tracing::debug!(%addr, error = %source, "no local port toward the instance; trying another");
+                    last = Some(Error::Connect { addr, source });
                 }
                 Ok(Err(source)) => {
                     tracing::debug!(%addr, error = %source, "connect failed; ejecting the instance");

@@ -193,6 +193,28 @@ impl Error {
         }
     }
 
+    /// The instance the error came from: the one that failed, or, for a call that gave up or ran out of
+    /// time, the last one that failed before; `None` when no instance was reached or none failed.
+    pub fn addr(&self) -> Option<SocketAddr> {
+        match self {
+            Error::Connect { addr, .. }
+            | Error::ConnectTimeout { addr }
+            | Error::Timeout { addr }
+            | Error::Http { addr, .. }
+            | Error::ResponseTooLarge { addr, .. } => Some(*addr),
+            Error::Exhausted { last, .. } => last.addr(),
+            Error::DeadlineExceeded { last, .. } => last.as_ref().and_then(|l| l.addr()),
+            Error::Config(_)
+            | Error::UnknownType(_)
+            | Error::Bootstrap { .. }
+            | Error::NotServed { .. }
+            | Error::Balancer { .. }
+            | Error::Stale { .. }
+            | Error::NoInstance(_)
+            | Error::Resolve { .. } => None,
+        }
+    }
+
     /// A short, stable name for the error kind (for metrics and the load generator's report).
     pub fn kind(&self) -> &'static str {
         match self {
@@ -245,6 +267,26 @@ mod tests {
             }
             .not_sent()
         );
+    }
+
+    #[test]
+    fn an_error_names_the_instance_it_failed_on() {
+        let addr: SocketAddr = "127.0.0.1:7101".parse().unwrap();
+        let timeout = Error::Timeout { addr };
+        assert_eq!(timeout.addr(), Some(addr));
+        let gave_up = Error::Exhausted {
+            attempts: 3,
+            last: Box::new(Error::ConnectTimeout { addr }),
+        };
+        assert_eq!(gave_up.addr(), Some(addr));
+        let cut = |last: Option<Error>| Error::DeadlineExceeded {
+            deadline: Duration::from_secs(1),
+            attempts: 1,
+            last: last.map(Box::new),
+        };
+        assert_eq!(cut(Some(timeout)).addr(), Some(addr));
+        assert_eq!(cut(None).addr(), None);
+        assert_eq!(Error::NoInstance("browse".into()).addr(), None);
     }
 
     #[test]

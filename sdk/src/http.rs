@@ -177,7 +177,7 @@ impl Client {
         let (picked, stream) = self.connect_excluding(request_type, tried, budget).await?;
         let addr = picked.addr();
         let opts = &self.shared.opts;
-        let Some((timeout, cut)) = budget.clip(opts.request_timeout) else {
+        let Some((timeout, cut)) = budget.clip(self.request_timeout) else {
             return Err(budget.exceeded(tried, None));
         };
         match exchange(stream, addr, req, timeout, opts.max_response_bytes).await {

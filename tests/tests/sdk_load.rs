@@ -16,12 +16,17 @@ use xcluster_tests::Proc;
 
 /// Runs `xcluster load ARGS --json` to completion and returns its report.
 fn load(args: &[&str]) -> Value {
+    load_exiting(args, 0)
+}
+
+/// [`load`] of a run that exits with `code`.
+fn load_exiting(args: &[&str], code: i32) -> Value {
     let mut all = vec!["load"];
     all.extend_from_slice(args);
     all.push("--json");
     let mut p = Proc::xcluster("load", &all);
-    let code = p.wait_exit(Duration::from_secs(60));
-    assert_eq!(code, Some(0), "xcluster load failed:\n{}", p.stderr());
+    let exit = p.wait_exit(Duration::from_secs(60));
+    assert_eq!(exit, Some(code), "xcluster load:\n{}", p.stderr());
     serde_json::from_str(&p.stdout()).unwrap_or_else(|e| panic!("bad json ({e}):\n{}", p.stdout()))
 }
 
@@ -677,4 +682,104 @@ fn an_end_of_run_cancel_refused_by_one_instance_is_retried_on_another() {
         cancels_refused.load(Ordering::Relaxed) > 0,
         "the draining instance met some cancels"
     );
+}
+
+/// In SDK mode an instance that accepts and never answers is timed out by the exchange's own timeout, four
+/// fifths of `--timeout-ms`, which ejects it: a browse that met it is retried on the other instance within
+/// what is left, and the runs' next requests keep off it. With the exchange's timeout equal to the
+/// request's, the deadline always cut first, which ejects nothing: every request that picked the hung
+/// instance waited out `--timeout-ms` and failed as `deadline`.
+#[test]
+fn sdk_mode_ejects_an_instance_that_never_answers() {
+    let (hung, good) = (Backend::hanging("hung"), Backend::start("ok"));
+    let lb = FakeBalancer::start(Duration::from_secs(60));
+    // Weighted towards the hung one, so the run meets it at once.
+    let both = [("hung", hung.addr, 9000), ("good", good.addr, 1000)];
+    lb.set(list("browse", 1, &both, &[lb.addr]));
+    let report = load(&[
+        "--via",
+        "sdk",
+        "--targets",
+        &lb.addr.to_string(),
+        "--mix",
+        "browse=1",
+        "--workers",
+        "1",
+        "--requests",
+        "10",
+        "--timeout-ms",
+        "1000",
+    ]);
+    assert_eq!(report["errors"], 0, "{report}");
+    assert_eq!(by_type(&report, "browse")["ok"], 10, "{report}");
+    assert_eq!(hung.hits(), 1, "ejected after its first timeout: {report}");
+}
+
+/// An SDK-mode request that fails is counted against the instance it failed on, as in the other modes, so
+/// an instance that fails every request shows in the shares (it was left out: SDK errors named none).
+#[test]
+fn sdk_mode_counts_a_failure_against_its_instance() {
+    let hung = Backend::hanging("hung");
+    let lb = FakeBalancer::start(Duration::from_secs(60));
+    lb.set(list("order", 1, &[("hung", hung.addr, 100)], &[lb.addr]));
+    let mut p = Proc::xcluster(
+        "load",
+        &[
+            "load",
+            "--via",
+            "sdk",
+            "--targets",
+            &lb.addr.to_string(),
+            "--mix",
+            "order=1",
+            "--workers",
+            "1",
+            "--requests",
+            "2",
+            "--timeout-ms",
+            "300",
+            "--json",
+        ],
+    );
+    assert_eq!(p.wait_exit(Duration::from_secs(60)), Some(1), "{}", p.stderr());
+    let report: Value = serde_json::from_str(&p.stdout()).unwrap();
+    assert_eq!(by_type(&report, "order")["errors"]["timeout"], 2, "{report}");
+    assert_eq!(
+        report["backends"][hung.addr.to_string()]["requests"],
+        2,
+        "{report}"
+    );
+}
+
+/// Rates are over the run's schedule: a 2 s run at 100 requests/s, half of them to a target that holds each
+/// until `--timeout-ms` (3 s), reports its ok/s over 2 s. Divided by the whole wait for the last answers,
+/// 5 s, it said 20 ok/s for 50.
+#[test]
+fn an_open_loops_rate_is_over_its_schedule_not_the_wait_for_its_last_answers() {
+    let ok = Backend::start("ok");
+    let hung = Backend::hanging("hung");
+    let targets = format!("{},{}", ok.addr, hung.addr);
+    let report = load_exiting(
+        &[
+            "--via",
+            "rr",
+            "--targets",
+            &targets,
+            "--mix",
+            "browse=1",
+            "--rate",
+            "100",
+            "--duration-secs",
+            "2",
+            "--timeout-ms",
+            "3000",
+        ],
+        0,
+    );
+    let browse = by_type(&report, "browse");
+    // Half the requests, as many as the schedule sent (a busy machine may send a few late).
+    let ok = browse["ok"].as_f64().unwrap();
+    assert!(ok >= 90.0, "{report}");
+    let rate = browse["throughput_rps"].as_f64().unwrap();
+    assert!((rate - ok / 2.0).abs() < 0.5, "ok/s {rate} for {ok} ok: {report}");
 }

@@ -79,6 +79,13 @@ pub async fn resolve(targets: &str) -> Result<Vec<Vec<SocketAddr>>, String> {
     Ok(out)
 }
 
+/// The timeout of one exchange with an instance within a request's `timeout`: four fifths of it, so an
+/// instance that does not answer is timed out (and ejected) before the request's deadline cuts it, with time
+/// left for an idempotent request's retry elsewhere.
+fn exchange_timeout(timeout: Duration) -> Duration {
+    timeout - timeout / 5
+}
+
 impl Target {
     /// Builds the target from `--targets` (`given`, as written, and `targets`, resolved); for the SDK this
     /// bootstraps from the balancers as given (a name stays a name, which the SDK resolves again while no
@@ -106,9 +113,11 @@ impl Target {
             Via::Sdk => Client::builder()
                 .balancers(given)
                 .request_types(types)
-                // One mechanism bounds a request: the SDK's deadline, which clips each attempt's timeouts.
+                // The SDK's deadline bounds a request, and clips each attempt's timeouts. An exchange's own
+                // timeout sits below it: equal, the deadline always cut first, and an instance that accepts
+                // and never answers was never ejected (each request to it waited out the whole deadline).
                 .deadline(timeout)
-                .request_timeout(timeout)
+                .request_timeout(exchange_timeout(timeout))
                 .max_response_bytes(MAX_BODY)
                 .build()
                 .await
@@ -137,12 +146,27 @@ impl Target {
     pub async fn send(&self, kind: &Kind, req: Request<Full<Bytes>>, timeout: Duration) -> Outcome {
         match self {
             Target::Sdk(client) => {
+                // A call with a budget of its own (the clean-up's cancels, given at least 2 s whatever
+                // `--timeout-ms` says) gets its exchanges' timeout to match.
+                let other;
+                let client = if timeout == client.deadline() {
+                    client
+                } else {
+                    other = client
+                        .with_deadline(timeout)
+                        .with_request_timeout(exchange_timeout(timeout));
+                    &other
+                };
                 let r = if kind.idempotent {
                     client.send_idempotent(kind.name, req).await
                 } else {
                     client.send(kind.name, req).await
                 };
-                let resp = r.map_err(|e| (e.kind().to_string(), String::new()))?;
+                // Named by the instance that failed, so one that fails every request shows in the shares.
+                let resp = r.map_err(|e| {
+                    let who = e.addr().map(|a| a.to_string()).unwrap_or_default();
+                    (e.kind().to_string(), who)
+                })?;
                 let who = resp
                     .extensions()
                     .get::<Backend>()

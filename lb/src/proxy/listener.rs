@@ -62,22 +62,10 @@ pub fn bind(
     Ok(socket.into())
 }
 
-/// Errors that mean the process or system is out of a resource: wait before accepting again.
-pub(super) fn is_resource_exhaustion(e: &io::Error) -> bool {
-    matches!(
-        e.raw_os_error(),
-        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
-    )
-}
-
-/// A connect that found no local port toward its backend (EADDRNOTAVAIL: the proxy sends the first FIN toward
-/// a backend when its client closes first, so it holds those sockets' TIME_WAIT). Not the backend's failure:
-/// counted as one, it held a healthy backend out and moved its clients to the others, which ran out in turn,
-/// until every one was "down" (HAProxy takes it as a local error too). Ports run out per destination, so
-/// another backend is tried, and none is held out.
-pub(super) fn out_of_local_ports(e: &io::Error) -> bool {
-    e.raw_os_error() == Some(libc::EADDRNOTAVAIL)
-}
+// Out of a resource (wait before accepting again), or of local ports toward a backend: the proxy sends the
+// first FIN toward a backend when its client closes first, so it holds those sockets' TIME_WAIT. Neither is
+// the backend's failure (HAProxy takes them as local errors too): another backend is tried, none held out.
+pub(super) use xcluster_proto::local_error::{is_resource_exhaustion, out_of_local_ports};
 
 /// Accepts until closed: `close` turns to `Some` when the listener is removed or the proxy drains,
 /// and the loop then ends as [`Closing`] says, which closes the socket. Must run on the worker runtime that
@@ -230,36 +218,6 @@ async fn interrupted(close: &mut watch::Receiver<Option<Close>>, closing: bool) 
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-
-    /// Out of local ports or of a resource is this host's failure; a refusal, a reset, an unreachable or
-    /// silent backend is the backend's, and holds it out.
-    #[test]
-    fn a_connect_failure_is_local_only_for_this_hosts_resources() {
-        let local = [
-            libc::EADDRNOTAVAIL,
-            libc::EMFILE,
-            libc::ENFILE,
-            libc::ENOBUFS,
-            libc::ENOMEM,
-        ];
-        let backends = [
-            libc::ECONNREFUSED,
-            libc::ECONNRESET,
-            libc::ETIMEDOUT,
-            libc::EHOSTUNREACH,
-            libc::ENETUNREACH,
-        ];
-        let is_local = |errno| {
-            let e = io::Error::from_raw_os_error(errno);
-            out_of_local_ports(&e) || is_resource_exhaustion(&e)
-        };
-        for errno in local {
-            assert!(is_local(errno), "{errno}");
-        }
-        for errno in backends {
-            assert!(!is_local(errno), "{errno}");
-        }
-    }
 
     fn loopback() -> ListenerConfig {
         ListenerConfig::for_tests("127.0.0.1:0".parse().unwrap())
