@@ -2,10 +2,12 @@
 //! `redis_url`, and the `[postgres]` and `[redis]` sections with pool size and timeouts. All need a restart.
 //! Passwords in the URLs are hidden by [`redact_url`] whenever the config is shown.
 
+use std::time::Duration;
+
 use serde::{Deserialize, Serialize};
 use xcluster_runtime::Validator;
 
-use crate::gate_redis::RedisOptions;
+use crate::gate_redis::{MIN_IN_FLIGHT_MARK, RedisOptions};
 use crate::store::postgres::PgOptions;
 
 /// `[postgres]`: used when `store = "postgres"`.
@@ -129,11 +131,16 @@ pub fn validate(
         v.check(crate::resp::parse_url(redis_url).is_some(), "redis_url", || {
             "expected redis://[:password@]host:port (the default user and database 0 only)".into()
         });
+        let in_flight_mark = match &backend {
+            Backend::Postgres(o) => (o.longest_call() + Duration::from_secs(5)).max(MIN_IN_FLIGHT_MARK),
+            Backend::Sqlite => MIN_IN_FLIGHT_MARK,
+        };
         Some(RedisOptions {
             url: redis_url.to_string(),
             timeout,
             retry_after,
             rebuild_every,
+            in_flight_mark,
         })
     };
     (backend, redis)

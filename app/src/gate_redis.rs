@@ -87,10 +87,8 @@ if redis.call('DECR', KEYS[1]) <= 0 then redis.call('DEL', KEYS[1]) end
 return 1
 "#;
 
-/// How long an in-flight mark lives unless an attempt settles first: longer than a store call takes (one
-/// on PostgreSQL is bounded well within it), so that only an instance that died mid-attempt leaves a mark
-/// to expire; its buyer's retries are answered `in_progress` until then.
-const IN_FLIGHT_MARK_MS: u64 = 30_000;
+/// The least an in-flight mark lives unless its attempt settles first ([`RedisOptions::in_flight_mark`]).
+pub const MIN_IN_FLIGHT_MARK: Duration = Duration::from_secs(30);
 
 /// What the gate says about one attempt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -149,6 +147,12 @@ pub struct RedisOptions {
     pub retry_after: Duration,
     /// How often the reconciler rebuilds the stock counters from the store.
     pub rebuild_every: Duration,
+    /// How long an in-flight mark lives unless its attempt settles first: longer than a store call may run
+    /// (with PostgreSQL, its retries included), so that only an attempt whose instance died leaves one to
+    /// expire, and its buyer's retries are answered `in_progress` until then. An attempt given up on while
+    /// it ran keeps its mark: it may still commit, and a retry let through would find the last unit gone and
+    /// be told `sold_out` while the first attempt's order was placed.
+    pub in_flight_mark: Duration,
 }
 
 /// The Redis gate.
@@ -260,8 +264,10 @@ impl RedisGate {
             Some(c) => self.call_on(Ok(c), args).await,
             None => Err(RespError::Closed),
         };
-        // Closed, or reset when written to: the command went nowhere, so it is sent again on a fresh one.
-        if matches!(result, Err(RespError::Closed | RespError::Io(_))) {
+        // Closed before any reply, or failed as it was written: the command went nowhere, so it is sent again
+        // on a fresh one. Not after any other failure: a script that ran but whose reply was lost would apply
+        // twice (another unit taken, the buyer's count and mark raised again, never given back).
+        if result.as_ref().is_err_and(RespError::not_run) {
             let fresh = Conn::connect(&self.addr, self.password.as_deref(), self.opts.timeout).await;
             result = self.call_on(fresh, args).await;
         }
@@ -332,7 +338,7 @@ impl RedisGate {
             qty.to_string(),
             limit.to_string(),
             self.counter_ttl_ms().to_string(),
-            IN_FLIGHT_MARK_MS.to_string(),
+            self.opts.in_flight_mark.as_millis().to_string(),
         );
         let answer = match self
             .call(&[
@@ -567,6 +573,7 @@ mod tests {
             timeout: Duration::from_secs(5),
             retry_after: Duration::from_millis(1),
             rebuild_every: Duration::from_secs(1),
+            in_flight_mark: MIN_IN_FLIGHT_MARK,
         })
         .unwrap();
         gate.release("sku-1", 3, "u1", 1).await;
@@ -586,6 +593,46 @@ mod tests {
         assert!(gate.is_up());
     }
 
+    /// A command Redis read and whose reply was lost to a reset is not sent again on a fresh connection: the
+    /// script may have run, and a second run of `ADMIT` took another unit and raised the buyer's count and
+    /// mark again, never given back. (A command that went nowhere, closed before any reply, is: test above.)
+    #[tokio::test]
+    async fn a_command_reset_after_redis_read_it_is_not_sent_again() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let read = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let count = read.clone();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                let mut buf = [0u8; 4096];
+                // The first command is answered (the connection goes back to the pool); the next is read
+                // and reset, with no reply (a zero linger sends an RST at close).
+                while s.read(&mut buf).await.is_ok_and(|r| r > 0) {
+                    if count.fetch_add(1, Ordering::Relaxed) > 0 {
+                        let _ = s.set_zero_linger();
+                        break;
+                    }
+                    let _ = s.write_all(b":1\r\n").await;
+                }
+            }
+        });
+        let gate = RedisGate::new(RedisOptions {
+            url: format!("redis://{addr}"),
+            timeout: Duration::from_secs(5),
+            retry_after: Duration::from_secs(60),
+            rebuild_every: Duration::from_secs(1),
+            in_flight_mark: MIN_IN_FLIGHT_MARK,
+        })
+        .unwrap();
+        gate.release("sku-1", 3, "u1", 1).await;
+        assert_eq!(read.load(Ordering::Relaxed), 1);
+        assert!(gate.is_up());
+        gate.release("sku-1", 3, "u2", 1).await;
+        assert_eq!(read.load(Ordering::Relaxed), 2, "sent once");
+        assert!(!gate.is_up(), "the circuit opened: the store alone decides");
+    }
+
     /// A new SKU's attempts always get its counter built: when the set is full, the coldest SKU gives way.
     #[test]
     fn a_full_hot_set_takes_a_new_sku_in_place_of_the_coldest() {
@@ -594,6 +641,7 @@ mod tests {
             timeout: Duration::from_millis(10),
             retry_after: Duration::from_secs(1),
             rebuild_every: Duration::from_secs(1),
+            in_flight_mark: MIN_IN_FLIGHT_MARK,
         })
         .expect("a valid url");
         for i in 0..MAX_HOT {

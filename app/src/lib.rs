@@ -33,8 +33,9 @@
 //! `Retry-After` for `overloaded`, `read_only` and `store_busy` (all retryable). `overloaded` and `read_only`
 //! refuse before the store is asked; `store_busy` may also answer a call that a store which stopped
 //! answering in time (`[postgres]`'s bound) still runs, and may commit: a write with an `Idempotency-Key`
-//! is safe to send again (the key replays the first run), an unkeyed one may have applied. So may a 500
-//! `internal` that says the connection failed at COMMIT (never retried inside the store).
+//! is safe to send again (the key replays the first run), an unkeyed one may have applied: a credit or stock
+//! batch is then answered 504 `outcome_unknown`, as is one whose connection failed at COMMIT (never retried
+//! inside the store).
 
 pub mod api;
 pub mod audit;

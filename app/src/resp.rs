@@ -29,6 +29,19 @@ pub enum RespError {
     /// server (or a NAT) closed it while idle, and the command went nowhere.
     #[error("redis closed the connection before replying")]
     Closed,
+    /// Writing the command failed (the connection was reset or closed): it did not reach the server whole,
+    /// so it did not run.
+    #[error("redis connection failed before the command was sent: {0}")]
+    Unsent(std::io::Error),
+}
+
+impl RespError {
+    /// Whether the command certainly did not run, so it may be sent again on another connection. An error
+    /// once it was written may come after the server ran it (a reset before or during its reply): a script
+    /// sent again would apply twice.
+    pub fn not_run(&self) -> bool {
+        matches!(self, RespError::Closed | RespError::Unsent(_))
+    }
 }
 
 /// A reply value.
@@ -83,8 +96,11 @@ impl Conn {
             buf.extend_from_slice(a.as_bytes());
             buf.extend_from_slice(b"\r\n");
         }
-        self.io.write_all(&buf).await?;
-        self.io.flush().await?;
+        let sent = async {
+            self.io.write_all(&buf).await?;
+            self.io.flush().await
+        };
+        sent.await.map_err(RespError::Unsent)?;
         // A reply's first byte, or the sign that the connection was closed before it.
         if self.io.fill_buf().await?.is_empty() {
             return Err(RespError::Closed);

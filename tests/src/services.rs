@@ -293,6 +293,24 @@ impl Redis {
     }
 }
 
+impl Redis {
+    /// Whether `key` (no white space in it) exists, asked over RESP.
+    pub fn exists(&self, key: &str) -> bool {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect_timeout(&self.addr, Duration::from_secs(5)).expect("redis");
+        s.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+        s.write_all(format!("EXISTS {key}\r\n").as_bytes())
+            .expect("send EXISTS");
+        let mut buf = [0u8; 4];
+        s.read_exact(&mut buf).expect("EXISTS's answer");
+        match &buf {
+            b":1\r\n" => true,
+            b":0\r\n" => false,
+            other => panic!("EXISTS answered {other:?}"),
+        }
+    }
+}
+
 /// Sends `PING` over RESP and expects `+PONG`.
 pub fn ping(addr: SocketAddr) -> bool {
     use std::io::{Read, Write};

@@ -915,21 +915,7 @@ fn an_unkeyed_write_the_store_did_not_confirm_is_not_answered_retry_later() {
     };
     let balance = || get(addr, "/v1/wallets/slow").unwrap().json()["balance_cents"].as_i64();
     assert_eq!(balance(), Some(0));
-    // Reads side by side open connections, which then wait in the pool: more than the housekeeping tasks
-    // can hold while PostgreSQL is silent.
-    eventually(Duration::from_secs(30), "the app to hold 8 connections", || {
-        let warm: Vec<_> = (0..16)
-            .map(|_| std::thread::spawn(move || get(addr, "/v1/wallets/warm")))
-            .collect();
-        for w in warm {
-            assert_eq!(w.join().unwrap().unwrap().status, 200);
-        }
-        let open = app
-            .pg
-            .query("SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend'");
-        // One of them is this query's own.
-        (open.parse::<u32>().unwrap() > 8).then_some(())
-    });
+    app.hold_connections(8);
     let sale = request(
         addr,
         "POST",
@@ -980,6 +966,94 @@ fn an_unkeyed_write_the_store_did_not_confirm_is_not_answered_retry_later() {
 }
 
 /// One app on PostgreSQL through a [`FreezeRelay`]; everything stops when it drops.
+/// A keyed flash-sale attempt the app gave up on while PostgreSQL was silent may still commit, so it keeps its
+/// in-flight mark at the Redis gate, and a retry under its key that the gate would refuse is told to wait
+/// (409 `in_progress`). Its mark taken off, at a sale's last unit the gate refused such a retry `sold_out`,
+/// with no order under its key yet, while the first attempt's order was placed.
+#[test]
+fn a_keyed_flash_sale_attempt_given_up_on_keeps_its_mark() {
+    let redis = Redis::start();
+    // Connections enough that the attempt below finds one open while PostgreSQL is silent, so it begins
+    // (one that must connect first fails its connect, which applies nothing, and rightly gives its mark up).
+    let top = format!("redis_url = \"{}\"\nstore_threads = 16", redis.url);
+    let app = RelayedApp::edited("level = \"sync\"", |text| {
+        (text.replace("store_threads = 4", &top)).replace("pool_size = 4", "pool_size = 32")
+    });
+    let addr = app.addr;
+    app.hold_connections(8);
+    let opened = request(
+        addr,
+        "POST",
+        "/v1/merchant/flash-sales/flash-1",
+        &[("Authorization", &auth())],
+        None,
+    )
+    .unwrap();
+    assert_eq!(opened.status, 200, "{}", opened.body);
+    let buy = |user: &str, key: &str| {
+        let body = format!(r#"{{"user": "{user}"}}"#);
+        let headers = [("Idempotency-Key", key)];
+        request(
+            addr,
+            "POST",
+            "/v1/seckill/flash-1",
+            &headers,
+            Some(body.as_bytes()),
+        )
+        .unwrap()
+    };
+    let taken = || {
+        let m = get(addr, "/metrics").unwrap().body;
+        metric_value(&m, "xcluster_app_redis_gate_total", "answer=\"taken\"").unwrap_or(0.0)
+    };
+    // Until the gate takes attempts (its counters built), each from a buyer of its own: the connections
+    // these open stay in the pool, so the attempt below finds one open while PostgreSQL is silent.
+    let mut warm = 0;
+    eventually(
+        Duration::from_secs(30),
+        "the redis gate to take an attempt",
+        || {
+            warm += 1;
+            let r = buy(&format!("warm-{warm}"), &format!("warm-{warm}"));
+            assert_eq!(r.status, 201, "{}", r.body);
+            (taken() >= 1.0).then_some(())
+        },
+    );
+    app.relay.set_frozen(true);
+    let first = buy("slow", "slow-1");
+    assert_eq!(
+        (first.status, first.json()["error"]["code"].as_str()),
+        (503, Some("store_busy")),
+        "{}",
+        first.body
+    );
+    assert!(
+        first.body.contains("did not answer within"),
+        "given up on as it ran: {}",
+        first.body
+    );
+    // It may still commit: its mark stays, so a retry the gate would refuse waits for its answer.
+    assert!(
+        redis.exists("xbuy:inflight:slow/slow-1"),
+        "the attempt's in-flight mark"
+    );
+    // Once PostgreSQL answers, the retry is answered with an order: the first attempt's if it committed
+    // (its connection may also have been ended while silent, and rolled back), and the buyer holds one.
+    app.relay.set_frozen(false);
+    let again = eventually(Duration::from_secs(30), "the retry's answer", || {
+        let r = buy("slow", "slow-1");
+        matches!(r.status, 200 | 201).then_some(r)
+    });
+    let orders = get(addr, "/v1/users/slow/orders").unwrap().json();
+    let ids: Vec<&serde_json::Value> = orders["orders"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| &o["id"])
+        .collect();
+    assert_eq!(ids, [&again.json()["id"]], "{orders}");
+}
+
 struct RelayedApp {
     addr: SocketAddr,
     relay: FreezeRelay,
@@ -989,6 +1063,25 @@ struct RelayedApp {
 }
 
 impl RelayedApp {
+    /// Until the app holds more than `n` connections to PostgreSQL: reads side by side open them, and they
+    /// then wait in the pool, more than the housekeeping tasks can hold while PostgreSQL is silent.
+    fn hold_connections(&self, n: u32) {
+        let addr = self.addr;
+        eventually(Duration::from_secs(30), "the app to hold its connections", || {
+            let warm: Vec<_> = (0..2 * n)
+                .map(|_| std::thread::spawn(move || get(addr, "/v1/wallets/warm")))
+                .collect();
+            for w in warm {
+                assert_eq!(w.join().unwrap().unwrap().status, 200);
+            }
+            let open = self
+                .pg
+                .query("SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend'");
+            // One of them is this query's own.
+            (open.parse::<u32>().unwrap() > n).then_some(())
+        });
+    }
+
     /// Short store timeouts, and the given `[degrade]` lines.
     fn start(degrade: &str) -> RelayedApp {
         Self::edited(degrade, |text| text)

@@ -191,7 +191,9 @@ pub async fn seckill(
         {
             g.heat(sku);
         }
-        // What the gate took is given back unless it became a new order (a replay took nothing).
+        // What the gate took is given back unless it became a new order (a replay took nothing). One given up
+        // on while it ran may still become one: given back, the gate is only more lenient than the store,
+        // which decides.
         if let Some(g) = &redis
             && let Admission::Taken { sale } = admission
             && !matches!(&out, Ok(Ok(c)) if !c.replay)
@@ -199,7 +201,11 @@ pub async fn seckill(
             g.release(sku, sale, &user, qty).await;
         }
         // Settled, before its answer leaves: a retry sent the moment it arrives is answered, not told to wait.
+        // Given up on while it ran, it may still commit: its mark stays until it expires, so a retry under its
+        // key is told to wait (`in_progress`), not let through to find the last unit gone and be told
+        // `sold_out` while this attempt's order is placed.
         if let Some(g) = &redis
+            && !matches!(&out, Err(StoreError::Unsettled(_)))
             && let Some(key) = &key
             && matches!(
                 admission,

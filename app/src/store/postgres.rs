@@ -46,6 +46,12 @@ impl PgOptions {
     pub fn call_bound(&self) -> Duration {
         self.statement_timeout + self.connect_timeout + Duration::from_secs(1)
     }
+
+    /// How long a store call given up on at [`PgOptions::call_bound`] may still run on: its transaction's
+    /// retries each take up to about that bound again.
+    pub fn longest_call(&self) -> Duration {
+        self.call_bound() * ATTEMPTS
+    }
 }
 
 /// Attempts for a transaction that failed with a retryable error (deadlock, serialization, lost connection).
@@ -134,12 +140,13 @@ impl From<postgres::Error> for StoreError {
 /// A failed COMMIT. One whose answer was lost with the connection (no SQLSTATE: the socket failed or
 /// closed; `08xxx`; the server shutting down) may have committed: it is not retried as a busy store is, since
 /// the retry of an unkeyed credit or stock batch applied it twice (a fresh reference each run, so no unique
-/// key caught it). The caller gets a store failure; a keyed request may be sent again, and its key replays
-/// the first run if it committed. A refusal the server sent (a serialization failure at commit) rolled back,
-/// and is retried as before.
+/// key caught it). It is `Unsettled`, as a write given up on while it ran: a keyed request is answered 503
+/// and its retry replays the first run if it committed; an unkeyed credit or stock batch 504
+/// `outcome_unknown` (a 500 `internal` read as "failed", and an operator's retry applied it twice). A
+/// refusal the server sent (a serialization failure at commit) rolled back, and is retried as before.
 fn at_commit(e: postgres::Error) -> StoreError {
     if connection_lost(e.code()) {
-        return StoreError::Internal(format!(
+        return StoreError::Unsettled(format!(
             "the connection failed at COMMIT, so the transaction may have committed (not retried): {}",
             describe(&e)
         ));
