@@ -24,8 +24,8 @@ const SHOWN_ON_FAILURE: u64 = 4096;
 
 /// Starts the monitor of `args` (already checked: its config loads, its port and run directory are free) in
 /// the background, with its log at `run_dir/monitor.log`, and waits until `listen` answers ready. Returns the
-/// exit code of `xcluster up`.
-pub fn detach(args: &UpArgs, listen: SocketAddr, run_dir: &Path) -> i32 {
+/// exit code of `xcluster up`. `tokened`: the monitor has a token, so `ctl shutdown` can stop it.
+pub fn detach(args: &UpArgs, listen: SocketAddr, run_dir: &Path, tokened: bool) -> i32 {
     let log_path = run_dir.join("monitor.log");
     let log = std::fs::create_dir_all(run_dir).and_then(|()| {
         std::fs::OpenOptions::new()
@@ -82,7 +82,9 @@ pub fn detach(args: &UpArgs, listen: SocketAddr, run_dir: &Path) -> i32 {
                     log_path.display()
                 );
                 eprint!("{}", String::from_utf8_lossy(&log_since(&log_path, start)));
-                return status.code().unwrap_or(1);
+                // Never 0: a monitor stopped (SIGTERM, `ctl shutdown`) as it started is not running, and
+                // `up -d && ...` must not go on as if it were.
+                return status.code().filter(|&c| c != 0).unwrap_or(1);
             }
             Ok(None) => {}
             Err(e) => eprintln!("xcluster up: cannot tell whether the monitor runs: {e}"),
@@ -94,10 +96,15 @@ pub fn detach(args: &UpArgs, listen: SocketAddr, run_dir: &Path) -> i32 {
             } else {
                 format!(" --url http://{listen}")
             };
+            // Without a token the monitor refuses every mutating call, `shutdown` too: its pid is the way.
+            let stop = if tokened {
+                format!("`xcluster ctl{url} --token TOKEN shutdown`")
+            } else {
+                format!("`kill {}`", child.id())
+            };
             println!(
                 "xcluster up: running in the background (pid {}); dashboard at http://{listen}/ ; log {} \
-                 (`xcluster ctl{url} maintail -f`); `xcluster ctl{url} --token TOKEN shutdown` stops every \
-                 program",
+                 (`xcluster ctl{url} maintail -f`); {stop} stops every program",
                 child.id(),
                 log_path.display()
             );

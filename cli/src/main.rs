@@ -55,7 +55,14 @@ fn up(a: args::UpArgs) -> i32 {
                 && xcluster_monitor::statefile::RunDir::acquire(&l.config.run_dir).is_ok()
         };
         match (loaded.ok().filter(free), up_args) {
-            (Some(l), Some(up)) => return detach::detach(&up, l.config.listen, &l.config.run_dir),
+            (Some(l), Some(up)) => {
+                return detach::detach(
+                    &up,
+                    l.config.listen,
+                    &l.config.run_dir,
+                    !l.config.token.is_empty(),
+                );
+            }
             (Some(l), None) if !detached => println!(
                 "xcluster up: dashboard at http://{}/ ; Ctrl-C stops every program",
                 l.config.listen

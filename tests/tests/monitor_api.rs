@@ -205,7 +205,7 @@ fn ctl_at_a_server_that_is_no_xcluster_api_says_so() {
     assert!(!text.contains("<body>"), "the page dumped: {text}");
 }
 
-/// A `--url` without its port, or with a user part, is a usage error naming what is missing (64), not the
+/// A `--url` without its port, with a user part or with a path, is a usage error naming what is missing (64), not the
 /// resolver's "invalid socket address".
 #[test]
 fn a_url_without_its_port_is_a_usage_error_that_says_so() {
@@ -213,6 +213,8 @@ fn a_url_without_its_port_is_a_usage_error_that_says_so() {
         ("http://127.0.0.1", "with the port"),
         ("http://user@127.0.0.1:7300", "without a user part"),
         ("ftp://127.0.0.1:7300", "must be http://HOST:PORT"),
+        // Every call goes to the monitor's own paths: a gateway's prefix was dropped without a word.
+        ("http://127.0.0.1:7300/monitor", "without a path"),
     ] {
         let o = std::process::Command::new(xcluster_bin())
             .args(["ctl", "--url", url, "status"])

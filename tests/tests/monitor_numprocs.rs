@@ -288,7 +288,17 @@ fn an_update_rolls_a_program_whose_strategy_says_so_and_update_rolling_rolls_any
     let o = m.ctl(&["update"]);
     let text = out(&o);
     assert!(o.status.success(), "{text}");
-    assert!(text.contains("app-0: changed (applied)"), "{text}");
+    assert!(text.contains("web-0: changed (applied)"), "{text}");
+    // The roll is followed to its end, as `--rolling`'s is: it said "applied" and exited as the roll began.
+    for name in &apps {
+        assert!(text.contains(&format!("{name}: changed (rolling)")), "{text}");
+        assert!(text.contains(&format!("{name}: started")), "{text}");
+        assert!(
+            runs(name, "v2").is_some(),
+            "{name} once ctl returned: {}",
+            m.prog(name)
+        );
+    }
     for name in apps.iter().chain(&webs) {
         eventually(T, &format!("{name} to run v2"), || runs(name, "v2"));
     }

@@ -17,7 +17,14 @@ impl Client {
             Some(("http", rest)) => rest,
             Some(_) => return Err(format!("--url must be http://HOST:PORT, found {:?}", args.url)),
         };
-        let hostport = rest.split('/').next().unwrap_or(rest);
+        let (hostport, path) = rest.split_once('/').unwrap_or((rest, ""));
+        // Every call goes to the monitor's own paths (`/v1/...`): a path given would be dropped.
+        if !path.is_empty() {
+            return Err(format!(
+                "--url must be http://HOST:PORT, without a path: found {:?}",
+                args.url
+            ));
+        }
         // Said plainly, where the resolver's own words ("invalid socket address", "failed to lookup address
         // information") named neither the port nor the user part.
         if hostport.contains('@') {
@@ -63,10 +70,12 @@ impl Client {
         s.set_read_timeout(Some(self.timeout)).map_err(io_failure)?;
         s.set_write_timeout(Some(self.timeout)).map_err(io_failure)?;
         let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
-        if let Some(t) = &self.token {
-            head.push_str(&format!("Authorization: Bearer {t}\r\n"));
-        }
+        // Only where the monitor checks it: a read sends no token over plain HTTP, nor to whatever answers
+        // a mistyped --url.
         if method == "POST" {
+            if let Some(t) = &self.token {
+                head.push_str(&format!("Authorization: Bearer {t}\r\n"));
+            }
             head.push_str("Content-Length: 0\r\n");
         }
         head.push_str("\r\n");
@@ -117,8 +126,15 @@ impl Client {
         // hung) is one, where `tail -f` used to wait on it for ever.
         let (status, chunked) = read_head(&mut r)?;
         if follow {
-            // A quiet log is not a dead monitor: no read timeout on the body while following.
+            // A quiet log is not a dead monitor: no read timeout on the body while following. Keepalive
+            // probes end it (in about a minute) when the monitor's host is gone or cut off, which no read
+            // would ever tell.
             let _ = r.get_ref().set_read_timeout(None);
+            let probes = socket2::TcpKeepalive::new()
+                .with_time(Duration::from_secs(30))
+                .with_interval(Duration::from_secs(10))
+                .with_retries(3);
+            let _ = socket2::SockRef::from(r.get_ref()).set_tcp_keepalive(&probes);
         }
         if status != 200 {
             let mut body = Vec::new();
@@ -141,9 +157,18 @@ impl Client {
     }
 }
 
+/// The longest line of an answer's head or of a chunk's size read: a server that sends bytes without a
+/// newline ends the read there instead of growing it without bound.
+const MAX_LINE: u64 = 16 * 1024;
+
+/// Reads one line of at most [`MAX_LINE`] bytes into `line`: its length, 0 at the end of the stream.
+fn read_line(r: &mut impl BufRead, line: &mut String) -> Result<usize, Failure> {
+    r.take(MAX_LINE).read_line(line).map_err(io_failure)
+}
+
 pub(super) fn read_head(r: &mut impl BufRead) -> Result<(u16, bool), Failure> {
     let mut line = String::new();
-    r.read_line(&mut line).map_err(io_failure)?;
+    read_line(r, &mut line)?;
     let status = line
         .split(' ')
         .nth(1)
@@ -152,7 +177,7 @@ pub(super) fn read_head(r: &mut impl BufRead) -> Result<(u16, bool), Failure> {
     let mut chunked = false;
     for _ in 0..100 {
         line.clear();
-        if r.read_line(&mut line).map_err(io_failure)? == 0 || line == "\r\n" {
+        if read_line(r, &mut line)? == 0 || line == "\r\n" {
             break;
         }
         let l = line.to_ascii_lowercase();
@@ -165,7 +190,7 @@ pub(super) fn read_head(r: &mut impl BufRead) -> Result<(u16, bool), Failure> {
 
 pub(super) fn read_chunk(r: &mut impl BufRead) -> Result<Option<Vec<u8>>, Failure> {
     let mut line = String::new();
-    if r.read_line(&mut line).map_err(io_failure)? == 0 {
+    if read_line(r, &mut line)? == 0 {
         // Closed without the last chunk: the monitor died, or its connection did. Taken as the end, a
         // `tail -f` of a monitor killed mid-follow exited 0, as after a normal end.
         return Err(Failure::Unreachable(

@@ -211,30 +211,25 @@ fn run_verb(c: &Client, args: &CtlArgs) -> Result<i32, Failure> {
         CtlVerb::Drain { ids } => server_action(c, ids, ServerAction::Drain(true), args.json),
         CtlVerb::Undrain { ids } => server_action(c, ids, ServerAction::Drain(false), args.json),
         CtlVerb::Weight { weight, ids } => server_action(c, ids, ServerAction::Weight(*weight), args.json),
-        CtlVerb::Reread => plan(c, "/v1/reread", false, args.json),
+        CtlVerb::Reread => plan(c, "/v1/reread", false, args),
         CtlVerb::Avail => avail(c, args.json),
         CtlVerb::Update {
             rolling: false,
             names,
-        } => plan(
-            c,
-            &format!("/v1/update{}", names_query(names, '?')),
-            true,
-            args.json,
-        ),
+        } => plan(c, &format!("/v1/update{}", names_query(names, '?')), true, args),
         CtlVerb::Update { rolling: true, names } => rolling_update(c, args, names),
         CtlVerb::Add { names } => programs::plan_with(
             c,
             &format!("/v1/update{}&only=added", names_query(names, '?')),
             true,
-            args.json,
+            args,
             programs::NOT_ADDED,
         ),
         CtlVerb::Remove { names } => programs::plan_with(
             c,
             &format!("/v1/update{}&only=removed", names_query(names, '?')),
             true,
-            args.json,
+            args,
             programs::NOT_REMOVED,
         ),
         CtlVerb::Shutdown => shutdown(c, args),
@@ -256,6 +251,12 @@ fn check(r: &Resp) -> Result<(), Failure> {
         403 => {
             eprintln!("xcluster ctl: {}", r.message());
             Err(Failure::Exit(EXIT_NOPERM))
+        }
+        // Over its connection limit, or its supervisor busy past the call's time: unavailable for now (69),
+        // which a script may retry, not a failed action.
+        503 if r.json()["error"]["code"].is_string() => {
+            eprintln!("xcluster ctl: {}", r.message());
+            Err(Failure::Exit(EXIT_UNAVAILABLE))
         }
         // Not an XCluster API's error (an HTML page, nothing): said as such, not dumped whole, and as a
         // monitor not found (69).

@@ -380,34 +380,7 @@ pub(super) fn rolling_update(c: &Client, args: &CtlArgs, names: &[String]) -> Re
         args.wait_secs,
         names_query(names, '&')
     );
-    let r = c.call("POST", &path)?;
-    check(&r)?;
-    let v = r.json();
-    let rolled: Vec<String> = items(&v["roll"]["programs"]).iter().map(roll_name).collect();
-    if !args.json {
-        let mut any = false;
-        for key in ["added", "changed", "removed"] {
-            for n in items(&v[key]).iter().filter_map(Value::as_str) {
-                any = true;
-                let how = if rolled.iter().any(|r| r == n) {
-                    "rolling"
-                } else {
-                    "applied"
-                };
-                println!("{n}: {key} ({how})");
-            }
-        }
-        if !any {
-            println!("No config updates to processes");
-        }
-    }
-    if v["roll"].is_null() {
-        if args.json {
-            println!("{v}");
-        }
-        return Ok(0);
-    }
-    see_roll_through(c, v["roll"].clone(), args)
+    plan_with(c, &path, true, args, "")
 }
 
 /// Follows the roll `roll` in the status until it has finished, printing (with `print`) each program's
@@ -505,6 +478,8 @@ fn overdue(p: &Value, limit: Duration) -> String {
 
 /// How often a waiting start, stop, restart or shutdown asks the monitor again.
 pub(super) const WAIT_POLL: Duration = Duration::from_millis(100);
+/// Status polls in a row a wait may miss before it gives up.
+const MISSED_POLLS: u32 = 3;
 
 /// Waits until every program whose command was taken reaches `goal` or fails, up to `limit`, and puts the
 /// final answer in its result.
@@ -527,8 +502,23 @@ fn await_goal(
     let mut open: Vec<usize> = (0..results.len())
         .filter(|&i| results[i].1.is_ok() || done_already(i))
         .collect();
+    let mut missed = 0;
     while !open.is_empty() {
-        let v = monitor_status(c)?;
+        // The command was taken: a poll the monitor did not answer (busy, or at its connection limit) is
+        // asked again, a few times in a row, before the wait gives up on it. One miss ended the command with
+        // none of its answers.
+        let v = match monitor_status(c) {
+            Ok(v) => {
+                missed = 0;
+                v
+            }
+            Err(_) if missed < MISSED_POLLS => {
+                missed += 1;
+                std::thread::sleep(WAIT_POLL);
+                continue;
+            }
+            Err(f) => return Err(f),
+        };
         let late = deadline.is_some_and(|d| Instant::now() >= d);
         open.retain(|&i| {
             let (name, result) = &mut results[i];
@@ -564,43 +554,49 @@ pub(super) const NOT_ADDED: &str = "not added: nothing of it is new in the saved
 pub(super) const NOT_REMOVED: &str = "not removed: it is still in the saved config";
 
 /// Prints the changes `path` applied (or, `applied` false, would apply): `reread`, `update`.
-pub(super) fn plan(c: &Client, path: &str, applied: bool, as_json: bool) -> Result<i32, Failure> {
-    plan_with(c, path, applied, as_json, "")
+pub(super) fn plan(c: &Client, path: &str, applied: bool, args: &CtlArgs) -> Result<i32, Failure> {
+    plan_with(c, path, applied, args, "")
 }
 
 /// [`plan`], and each name `add` or `remove` was given that had nothing of its kind, with `skipped` (the
-/// monitor lists them only for those verbs).
+/// monitor lists them only for those verbs). A roll the update began (`--rolling`, or a changed program's
+/// `update_strategy = "rolling"`) is followed to its end, as `restart --rolling` is: a plain `update` said
+/// "applied" and exited 0 as its roll began, and one that stopped at a broken instance went unseen.
 pub(super) fn plan_with(
     c: &Client,
     path: &str,
     applied: bool,
-    as_json: bool,
+    args: &CtlArgs,
     skipped: &str,
 ) -> Result<i32, Failure> {
     let r = c.call("POST", path)?;
     check(&r)?;
-    if as_json {
-        println!("{}", String::from_utf8_lossy(&r.body));
-        return Ok(0);
-    }
     let v = r.json();
-    let mut any = false;
-    for (key, word) in [("added", "added"), ("changed", "changed"), ("removed", "removed")] {
-        for n in v[key].as_array().cloned().unwrap_or_default() {
-            any = true;
-            let verb = if applied {
-                format!("{word} (applied)")
-            } else {
-                word.to_string()
-            };
-            println!("{}: {verb}", n.as_str().unwrap_or("?"));
+    let rolled: Vec<String> = items(&v["roll"]["programs"]).iter().map(roll_name).collect();
+    if !args.json {
+        let mut any = false;
+        for key in ["added", "changed", "removed"] {
+            for n in items(&v[key]).iter().filter_map(Value::as_str) {
+                any = true;
+                match (applied, rolled.iter().any(|r| r == n)) {
+                    (false, _) => println!("{n}: {key}"),
+                    (true, true) => println!("{n}: {key} (rolling)"),
+                    (true, false) => println!("{n}: {key} (applied)"),
+                }
+            }
+        }
+        if !any {
+            println!("No config updates to processes");
+        }
+        for n in items(&v["skipped"]).iter().filter_map(Value::as_str) {
+            println!("{n}: {skipped}");
         }
     }
-    if !any {
-        println!("No config updates to processes");
+    if v["roll"].is_object() {
+        return see_roll_through(c, v["roll"].clone(), args);
     }
-    for n in v["skipped"].as_array().cloned().unwrap_or_default() {
-        println!("{}: {skipped}", n.as_str().unwrap_or("?"));
+    if args.json {
+        println!("{v}");
     }
     Ok(0)
 }
