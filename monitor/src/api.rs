@@ -321,10 +321,12 @@ impl Api {
                 };
                 error(status, code, &e.to_string())
             }
+            // Taken, and perhaps carried out: not a 503, which a client may send again (a second update
+            // or restart).
             _ => error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "unavailable",
-                "the supervisor did not answer in time",
+                StatusCode::GATEWAY_TIMEOUT,
+                "command_timeout",
+                "the supervisor took the command but did not answer in time: see `status` for its outcome",
             ),
         }
     }

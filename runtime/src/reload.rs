@@ -786,21 +786,40 @@ mod tests {
             .unwrap();
         assert_eq!(config.borrow().key, b"second-key-0123456789");
 
-        // Emptied, the key is refused and the one in force kept; written again, the fix is seen.
+        // Emptied (`echo new > key` truncates it first), it is a file being written: judged, an empty token
+        // was taken and refused every call. What is written to it then applies.
+        let read_now = || {
+            read_sources::<Keyed>(&main)
+                .unwrap()
+                .with_referenced(std::slice::from_ref(&key))
+        };
+        let full = read_now();
         std::fs::write(&key, "").unwrap();
+        assert!(read_now().being_rewritten(Some(&full)));
+        std::fs::write(&key, "third-key-0123456789\n").unwrap();
+        tokio::time::timeout(Duration::from_secs(10), config.changed())
+            .await
+            .expect("no reload of the rewritten key")
+            .unwrap();
+        assert_eq!(config.borrow().key, b"third-key-0123456789");
+        assert_eq!(status.borrow().last_error, None);
+
+        // Named by a rejected config and not there yet, it is watched: writing it is the fix.
+        let other = keys.join("next.key");
+        std::fs::write(&main, format!("key_file = \"{}\"\n", other.display())).unwrap();
         let mut refused = status.clone();
         tokio::time::timeout(
             Duration::from_secs(10),
             refused.wait_for(|s| s.last_error.is_some()),
         )
         .await
-        .expect("the emptied key file was not judged")
+        .expect("the config naming a missing key file was not judged")
         .unwrap();
-        std::fs::write(&key, "third-key-0123456789\n").unwrap();
+        std::fs::write(&other, "fourth-key-0123456789\n").unwrap();
         tokio::time::timeout(Duration::from_secs(10), config.changed())
             .await
-            .expect("no reload of the fixed key")
+            .expect("no reload once the key file was written")
             .unwrap();
-        assert_eq!(config.borrow().key, b"third-key-0123456789");
+        assert_eq!(config.borrow().key, b"fourth-key-0123456789");
     }
 }

@@ -486,15 +486,7 @@ impl FlashSale {
     }
 
     fn open(one: OneApp) -> FlashSale {
-        let r = request(
-            one.addr,
-            "POST",
-            "/v1/merchant/flash-sales/flash-1",
-            &[("Authorization", &auth())],
-            None,
-        )
-        .unwrap();
-        assert_eq!(r.status, 200, "{}", r.body);
+        open_flash_sale(one.addr);
         let sale = FlashSale { one };
         let mut warm = 0;
         eventually(
@@ -510,15 +502,7 @@ impl FlashSale {
     }
 
     fn buy(&self, user: &str) -> HttpResponse {
-        let body = format!(r#"{{"user": "{user}"}}"#);
-        request(
-            self.one.addr,
-            "POST",
-            "/v1/seckill/flash-1",
-            &[],
-            Some(body.as_bytes()),
-        )
-        .unwrap()
+        seckill(self.one.addr, user, None)
     }
 
     fn taken(&self) -> f64 {
@@ -682,18 +666,7 @@ fn an_expired_flash_sale_order_frees_the_buyers_allowance_at_the_redis_gate() {
 fn a_keyed_retry_while_its_first_attempt_is_in_the_store_waits_for_its_answer() {
     let sale = FlashSale::slow();
     let addr = sale.one.addr;
-    let buy = move |key: &str| {
-        let body = r#"{"user": "retrier"}"#;
-        let headers = [("Idempotency-Key", key)];
-        request(
-            addr,
-            "POST",
-            "/v1/seckill/flash-1",
-            &headers,
-            Some(body.as_bytes()),
-        )
-        .unwrap()
-    };
+    let buy = move |key: &str| seckill(addr, "retrier", Some(key));
     // Every sale of flash-1 waits for this transaction (a slow store).
     let lock = sale.lock_sku();
     let before = sale.taken();
@@ -916,15 +889,7 @@ fn an_unkeyed_write_the_store_did_not_confirm_is_not_answered_retry_later() {
     let balance = || get(addr, "/v1/wallets/slow").unwrap().json()["balance_cents"].as_i64();
     assert_eq!(balance(), Some(0));
     app.hold_connections(8);
-    let sale = request(
-        addr,
-        "POST",
-        "/v1/merchant/flash-sales/flash-1",
-        &[("Authorization", &auth())],
-        None,
-    )
-    .unwrap();
-    assert_eq!(sale.status, 200, "{}", sale.body);
+    open_flash_sale(addr);
     relay.set_frozen(true);
     let r = credit(None);
     assert_eq!(
@@ -981,27 +946,8 @@ fn a_keyed_flash_sale_attempt_given_up_on_keeps_its_mark() {
     });
     let addr = app.addr;
     app.hold_connections(8);
-    let opened = request(
-        addr,
-        "POST",
-        "/v1/merchant/flash-sales/flash-1",
-        &[("Authorization", &auth())],
-        None,
-    )
-    .unwrap();
-    assert_eq!(opened.status, 200, "{}", opened.body);
-    let buy = |user: &str, key: &str| {
-        let body = format!(r#"{{"user": "{user}"}}"#);
-        let headers = [("Idempotency-Key", key)];
-        request(
-            addr,
-            "POST",
-            "/v1/seckill/flash-1",
-            &headers,
-            Some(body.as_bytes()),
-        )
-        .unwrap()
-    };
+    open_flash_sale(addr);
+    let buy = |user: &str, key: &str| seckill(addr, user, Some(key));
     let taken = || {
         let m = get(addr, "/metrics").unwrap().body;
         metric_value(&m, "xcluster_app_redis_gate_total", "answer=\"taken\"").unwrap_or(0.0)
@@ -1052,6 +998,33 @@ fn a_keyed_flash_sale_attempt_given_up_on_keeps_its_mark() {
         .map(|o| &o["id"])
         .collect();
     assert_eq!(ids, [&again.json()["id"]], "{orders}");
+}
+
+/// `user`'s flash-sale attempt at `flash-1` on the app at `addr`, under `key` if given.
+fn seckill(addr: SocketAddr, user: &str, key: Option<&str>) -> HttpResponse {
+    let body = format!(r#"{{"user": "{user}"}}"#);
+    let headers: Vec<(&str, &str)> = key.map(|k| ("Idempotency-Key", k)).into_iter().collect();
+    request(
+        addr,
+        "POST",
+        "/v1/seckill/flash-1",
+        &headers,
+        Some(body.as_bytes()),
+    )
+    .unwrap()
+}
+
+/// Opens the sale of `flash-1` on the app at `addr`.
+fn open_flash_sale(addr: SocketAddr) {
+    let r = request(
+        addr,
+        "POST",
+        "/v1/merchant/flash-sales/flash-1",
+        &[("Authorization", &auth())],
+        None,
+    )
+    .unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
 }
 
 struct RelayedApp {

@@ -6,6 +6,7 @@
 
 mod sdk_support;
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -45,6 +46,27 @@ fn closed_loop(via: &str, targets: &str, mix: &str, workers: u32, requests: u32)
         "--requests",
         &requests,
     ])
+}
+
+/// `requests` of `mix` from one worker through the SDK, the balancer at `lb`, each within `timeout_ms`: the
+/// JSON report of a run that exits with `code`.
+fn sdk_one_worker(lb: SocketAddr, mix: &str, requests: u32, timeout_ms: u32, code: i32) -> Value {
+    let (lb, requests, timeout) = (lb.to_string(), requests.to_string(), timeout_ms.to_string());
+    let args = [
+        "--via",
+        "sdk",
+        "--targets",
+        &lb,
+        "--mix",
+        mix,
+        "--workers",
+        "1",
+        "--requests",
+        &requests,
+        "--timeout-ms",
+        &timeout,
+    ];
+    load_exiting(&args, code)
 }
 
 fn by_type<'a>(report: &'a Value, t: &str) -> &'a Value {
@@ -345,27 +367,7 @@ fn sdk_mode_bounds_a_request_retries_included() {
         ],
         &[lb.addr],
     ));
-    let mut p = Proc::xcluster(
-        "load",
-        &[
-            "load",
-            "--via",
-            "sdk",
-            "--targets",
-            &lb.addr.to_string(),
-            "--mix",
-            "browse=1",
-            "--workers",
-            "1",
-            "--requests",
-            "1",
-            "--timeout-ms",
-            "500",
-            "--json",
-        ],
-    );
-    assert_eq!(p.wait_exit(Duration::from_secs(60)), Some(1), "{}", p.stderr());
-    let report: Value = serde_json::from_str(&p.stdout()).unwrap();
+    let report = sdk_one_worker(lb.addr, "browse=1", 1, 500, 1);
     let browse = by_type(&report, "browse");
     assert_eq!(browse["errors"]["deadline"], 1, "{report}");
     for k in ["p50", "p90", "p99", "p999", "max", "mean"] {
@@ -696,20 +698,8 @@ fn sdk_mode_ejects_an_instance_that_never_answers() {
     // Weighted towards the hung one, so the run meets it at once.
     let both = [("hung", hung.addr, 9000), ("good", good.addr, 1000)];
     lb.set(list("browse", 1, &both, &[lb.addr]));
-    let report = load(&[
-        "--via",
-        "sdk",
-        "--targets",
-        &lb.addr.to_string(),
-        "--mix",
-        "browse=1",
-        "--workers",
-        "1",
-        "--requests",
-        "10",
-        "--timeout-ms",
-        "1000",
-    ]);
+    // The retry gets the fifth left after the hung exchange's timeout: 400 ms, ample on a busy machine.
+    let report = sdk_one_worker(lb.addr, "browse=1", 10, 2000, 0);
     assert_eq!(report["errors"], 0, "{report}");
     assert_eq!(by_type(&report, "browse")["ok"], 10, "{report}");
     assert_eq!(hung.hits(), 1, "ejected after its first timeout: {report}");
@@ -722,27 +712,7 @@ fn sdk_mode_counts_a_failure_against_its_instance() {
     let hung = Backend::hanging("hung");
     let lb = FakeBalancer::start(Duration::from_secs(60));
     lb.set(list("order", 1, &[("hung", hung.addr, 100)], &[lb.addr]));
-    let mut p = Proc::xcluster(
-        "load",
-        &[
-            "load",
-            "--via",
-            "sdk",
-            "--targets",
-            &lb.addr.to_string(),
-            "--mix",
-            "order=1",
-            "--workers",
-            "1",
-            "--requests",
-            "2",
-            "--timeout-ms",
-            "300",
-            "--json",
-        ],
-    );
-    assert_eq!(p.wait_exit(Duration::from_secs(60)), Some(1), "{}", p.stderr());
-    let report: Value = serde_json::from_str(&p.stdout()).unwrap();
+    let report = sdk_one_worker(lb.addr, "order=1", 2, 300, 1);
     assert_eq!(by_type(&report, "order")["errors"]["timeout"], 2, "{report}");
     assert_eq!(
         report["backends"][hung.addr.to_string()]["requests"],

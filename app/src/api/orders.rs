@@ -146,9 +146,14 @@ pub async fn seckill(
         None => Admission::Pass { marked: false },
     };
     // The attempt before under this key is still in the store, and the units Redis counts may be its own:
-    // refused, a buyer whose first answer was lost could be told `sold_out` and then hold that order.
+    // refused, a buyer whose first answer was lost could be told `sold_out` and then hold that order. One
+    // given up on keeps its mark while it may still commit: once it has, its order is the answer (told
+    // `in_progress`, its buyer waited out the mark's life).
     if admission == Admission::InFlight {
-        return in_progress();
+        return match stored_answer(app, order).await {
+            Some(answer) => answer,
+            None => in_progress(),
+        };
     }
     let refusal = refusal.or(match admission {
         Admission::SoldOut => Some(Reject::SoldOut { sku: sku.to_string() }),
@@ -160,12 +165,8 @@ pub async fn seckill(
         _ => None,
     });
     if let Some(refusal) = refusal {
-        if order.idem_key.is_some() {
-            match app.exec.read(move |s| s.keyed_answer(&order)).await {
-                Ok(Some(answer)) => return created(Ok(answer)),
-                Ok(None) => {}
-                Err(e) => return created(Err(e)),
-            }
+        if let Some(answer) = stored_answer(app, order).await {
+            return answer;
         }
         return reject(&refusal);
     }
@@ -223,6 +224,17 @@ pub async fn seckill(
         Ok(Err(e)) if !keyed => unkeyed_write_failed(&e),
         Ok(out) => created(out),
         Err(e) => created(Err(StoreError::Internal(format!("order task: {e}")))),
+    }
+}
+
+/// The answer an earlier attempt under `order`'s idempotency key stored (its order), if one did; none for an
+/// order without a key.
+async fn stored_answer(app: &Arc<App>, order: NewOrder) -> Option<Response<Body>> {
+    order.idem_key.as_ref()?;
+    match app.exec.read(move |s| s.keyed_answer(&order)).await {
+        Ok(Some(answer)) => Some(created(Ok(answer))),
+        Ok(None) => None,
+        Err(e) => Some(created(Err(e))),
     }
 }
 

@@ -252,8 +252,9 @@ fn check(r: &Resp) -> Result<(), Failure> {
             eprintln!("xcluster ctl: {}", r.message());
             Err(Failure::Exit(EXIT_NOPERM))
         }
-        // Over its connection limit, or its supervisor busy past the call's time: unavailable for now (69),
-        // which a script may retry, not a failed action.
+        // Over its connection limit, or its supervisor not taking commands: unavailable for now (69), which
+        // a script may retry, not a failed action. (A command taken and not answered in time is a 504, a
+        // failure: sent again, it could apply twice.)
         503 if r.json()["error"]["code"].is_string() => {
             eprintln!("xcluster ctl: {}", r.message());
             Err(Failure::Exit(EXIT_UNAVAILABLE))

@@ -211,7 +211,7 @@ pub(super) fn action(
         )?;
     }
     if args.json {
-        print_json(&results, &already);
+        print_json(&results, &already, None);
     } else {
         results.iter().for_each(print_line);
     }
@@ -270,7 +270,8 @@ fn print_line((name, r): &Answer) {
 }
 
 /// Every program's answer, as one JSON object.
-fn print_json(results: &[Answer], already: &[bool]) {
+/// `{"results": [...]}`, beside what `plan` (an update's plan, when the results are its roll's) holds.
+fn print_json(results: &[Answer], already: &[bool], plan: Option<&Value>) {
     let list: Vec<Value> = (results.iter().enumerate())
         .map(|(i, (name, r))| {
             let (ok, message) = match r {
@@ -281,7 +282,12 @@ fn print_json(results: &[Answer], already: &[bool]) {
             serde_json::json!({ "name": name, "ok": ok, "already": already, "message": message })
         })
         .collect();
-    println!("{}", serde_json::json!({ "results": list }));
+    let mut out = plan
+        .filter(|p| p.is_object())
+        .cloned()
+        .unwrap_or_else(|| serde_json::json!({}));
+    out["results"] = Value::Array(list);
+    println!("{out}");
 }
 
 /// `restart --rolling`: the monitor restarts one program at a time, the next only once this one runs and is
@@ -297,12 +303,19 @@ pub(super) fn rolling_restart(c: &Client, names: &[String], args: &CtlArgs) -> R
     );
     let r = c.call("POST", &path)?;
     check(&r)?;
-    see_roll_through(c, r.json()["roll"].clone(), args)
+    see_roll_through(c, r.json()["roll"].clone(), args, None)
 }
 
 /// Follows the roll `roll` the monitor has just begun (unless `--no-wait`), printing each program's outcome,
 /// and answers with the exit code of the worst.
-fn see_roll_through(c: &Client, mut roll: Value, args: &CtlArgs) -> Result<i32, Failure> {
+/// Follows `roll` to its end (unless `--no-wait`) and answers each program's outcome; in JSON, beside `plan`
+/// (the update that began the roll, if one did).
+fn see_roll_through(
+    c: &Client,
+    mut roll: Value,
+    args: &CtlArgs,
+    plan: Option<&Value>,
+) -> Result<i32, Failure> {
     let mut printed = 0;
     if !args.no_wait {
         (roll, printed) = follow_roll(c, roll, !args.json)?;
@@ -315,7 +328,7 @@ fn see_roll_through(c: &Client, mut roll: Value, args: &CtlArgs) -> Result<i32, 
         })
         .collect();
     if args.json {
-        print_json(&results, &[]);
+        print_json(&results, &[], plan);
     } else {
         results.iter().skip(printed).for_each(print_line);
     }
@@ -512,7 +525,7 @@ fn await_goal(
                 missed = 0;
                 v
             }
-            Err(_) if missed < MISSED_POLLS => {
+            Err(_) if missed < MISSED_POLLS && deadline.is_none_or(|d| Instant::now() < d) => {
                 missed += 1;
                 std::thread::sleep(WAIT_POLL);
                 continue;
@@ -593,7 +606,7 @@ pub(super) fn plan_with(
         }
     }
     if v["roll"].is_object() {
-        return see_roll_through(c, v["roll"].clone(), args);
+        return see_roll_through(c, v["roll"].clone(), args, Some(&v));
     }
     if args.json {
         println!("{v}");

@@ -162,9 +162,16 @@ impl Target {
                 } else {
                     client.send(kind.name, req).await
                 };
-                // Named by the instance that failed, so one that fails every request shows in the shares.
+                // Named by the instance that failed, so one that fails every request shows in the shares; not
+                // this host's own want (out of descriptors), no instance's doing.
                 let resp = r.map_err(|e| {
-                    let who = e.addr().map(|a| a.to_string()).unwrap_or_default();
+                    let local = matches!(&e, xcluster_sdk::Error::Connect { source, .. }
+                        if xcluster_proto::local_error::is_resource_exhaustion(source));
+                    let who = e
+                        .addr()
+                        .filter(|_| !local)
+                        .map(|a| a.to_string())
+                        .unwrap_or_default();
                     (e.kind().to_string(), who)
                 })?;
                 let who = resp

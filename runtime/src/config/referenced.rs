@@ -12,8 +12,12 @@ use std::path::{Path, PathBuf};
 
 use super::{ConfigError, read_bounded};
 
-/// A file read and a fingerprint of what it held (`None`: it could not be read).
-pub(crate) type Read = (PathBuf, Option<u64>);
+/// A file read and what it held (`None`: it could not be read).
+pub(crate) type Read = (PathBuf, Option<Held>);
+
+/// A fingerprint of a file's bytes, and whether they were only white space (a file being rewritten in place:
+/// `echo new > token` truncates it first).
+pub(crate) type Held = (u64, bool);
 
 thread_local! {
     static NOTED: RefCell<Option<Vec<Read>>> = const { RefCell::new(None) };
@@ -25,7 +29,7 @@ pub fn read(path: &Path) -> Result<Vec<u8>, ConfigError> {
     let bytes = read_bounded(path);
     NOTED.with(|n| {
         if let Some(noted) = n.borrow_mut().as_mut() {
-            noted.push((absolute(path), bytes.as_deref().ok().map(fingerprint)));
+            noted.push((absolute(path), bytes.as_deref().ok().map(held)));
         }
     });
     bytes
@@ -33,23 +37,29 @@ pub fn read(path: &Path) -> Result<Vec<u8>, ConfigError> {
 
 /// Runs `f` (a role's `validate`), returning what it gave and the files it read with [`read`].
 pub(crate) fn during<T>(f: impl FnOnce() -> T) -> (T, Vec<Read>) {
-    let outer = NOTED.with(|n| n.borrow_mut().replace(Vec::new()));
+    /// Puts the outer load's notes (none, mostly) back when dropped, also when `f` panics.
+    struct Restore(Option<Vec<Read>>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            let outer = self.0.take();
+            NOTED.with(|n| *n.borrow_mut() = outer);
+        }
+    }
+    let _restore = Restore(NOTED.with(|n| n.borrow_mut().replace(Vec::new())));
     let out = f();
-    let noted = NOTED
-        .with(|n| std::mem::replace(&mut *n.borrow_mut(), outer))
-        .unwrap_or_default();
+    let noted = NOTED.with(|n| n.borrow_mut().take()).unwrap_or_default();
     (out, noted)
 }
 
 /// What the file at `path` holds now, as [`read`] notes it.
-pub(crate) fn now(path: &Path) -> Option<u64> {
-    read_bounded(path).ok().as_deref().map(fingerprint)
+pub(crate) fn now(path: &Path) -> Option<Held> {
+    read_bounded(path).ok().as_deref().map(held)
 }
 
-fn fingerprint(bytes: &[u8]) -> u64 {
+fn held(bytes: &[u8]) -> Held {
     let mut h = DefaultHasher::new();
     bytes.hash(&mut h);
-    h.finish()
+    (h.finish(), super::sources::blank(bytes))
 }
 
 /// Absolute, as the watcher's event paths are.
@@ -80,5 +90,19 @@ mod tests {
         // A load's notes end with it.
         let ((), later) = during(|| {});
         assert!(later.is_empty());
+        // A validation that panics leaves the load around it its own notes.
+        let ((), outer) = during(|| {
+            read(&key).unwrap();
+            let inner = std::panic::catch_unwind(|| during(|| read(&missing).map(drop)));
+            assert!(inner.is_ok());
+            let panicked = std::panic::catch_unwind(|| {
+                during(|| {
+                    let _ = read(&missing);
+                    panic!("a validate that panics");
+                })
+            });
+            assert!(panicked.is_err());
+        });
+        assert_eq!(outer, vec![(key.clone(), now(&key))]);
     }
 }

@@ -24,8 +24,8 @@ pub struct Sources {
     /// The included files read, and whether each was [`blank`].
     files: std::collections::BTreeMap<PathBuf, bool>,
     /// The files the config names that its validation read (key and token files: [`super::referenced`]),
-    /// with a fingerprint of what each held.
-    referenced: std::collections::BTreeMap<PathBuf, Option<u64>>,
+    /// with what each held.
+    referenced: std::collections::BTreeMap<PathBuf, Option<super::referenced::Held>>,
 }
 
 /// Whether a main file's bytes are nothing but white space: a file being rewritten in place (a `>`
@@ -47,7 +47,8 @@ impl Sources {
     }
 
     /// Whether a file is being rewritten in place (a `>` truncates it first), judged against `before` (the
-    /// files last read): the main file blank, or an included file blank now that held something then. An
+    /// files last read): the main file blank, or an included file or a file the config names (a key or token
+    /// file) blank now that held something then. An
     /// emptied included file was taken as a file of no entries, and the monitor stopped the programs it had
     /// defined until the rest was written. One empty before (a placeholder) or new is no rewrite: judged
     /// blank, it held back every reload for as long as it stayed empty.
@@ -55,6 +56,11 @@ impl Sources {
         self.blank
             || (self.files.iter())
                 .any(|(path, blank)| *blank && before.is_some_and(|b| b.files.get(path) == Some(&false)))
+            // A key or token file too: emptied, the monitor took an empty token and refused every call.
+            || (self.referenced.iter()).any(|(path, now)| {
+                let then = before.and_then(|b| b.referenced.get(path));
+                matches!(now, Some((_, true))) && matches!(then, Some(Some((_, false))))
+            })
     }
 
     /// The include patterns the main file names (those that parsed), in its order.
