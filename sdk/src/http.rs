@@ -196,10 +196,9 @@ impl Client {
             }
             Err(Error::Timeout { .. }) if cut => {
                 // Slow for this caller, so it counts against the instance; but it did not break its own
-                // request_timeout, so it is not ejected. Named as the last failure, so the caller knows
-                // which instance it was cut on.
+                // request_timeout, so it is not ejected.
                 picked.failure();
-                Err(budget.exceeded(tried, Some(Error::Timeout { addr })))
+                Err(budget.exceeded(tried, None))
             }
             Err(e) => {
                 if matches!(e, Error::Timeout { .. }) {

@@ -47,8 +47,13 @@ pub fn stats(app: &App) -> Response<Body> {
 }
 
 /// `GET /admin/audit`: 200 when every invariant holds, 409 with the report when one does not.
-pub async fn audit(app: &Arc<App>) -> Response<Body> {
+/// `counted`, the request's place in `in_flight`, is given up while it waits its turn and taken again for its
+/// run: anyone may ask (no token), and a crowd of audits waiting behind one held the places the admission
+/// limit leaves orders, which were refused `overloaded`.
+pub async fn audit(app: &Arc<App>, counted: &mut Option<crate::stats::InFlight>) -> Response<Body> {
+    drop(counted.take());
     let _turn = app.audits.lock().await;
+    *counted = Some(app.stats.enter());
     match app.exec.read(|s| s.audit()).await {
         Ok(report) => json(
             if report.ok {

@@ -217,7 +217,7 @@ async fn admitted(
         Route::FlashSale(sku) => admin::flash_sale(app, &cfg, &sku, req).await,
         Route::CloseFlashSale(sku) => admin::close_flash_sale(app, &cfg, &sku, req).await,
         Route::Stats => admin::stats(app),
-        Route::Audit => admin::audit(app).await,
+        Route::Audit => admin::audit(app, counted).await,
         Route::DegradeGet => admin::degrade_get(app),
         Route::DegradeSet => admin::degrade_set(app, &cfg, req).await,
         Route::Credit => money::credit(app, &cfg, req).await,
