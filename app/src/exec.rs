@@ -217,18 +217,22 @@ impl StoreExec {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
     use std::time::Duration;
 
+    /// An executor with one write lane on a fresh SQLite store in `dir`.
+    pub(crate) fn one_lane(dir: &std::path::Path) -> StoreExec {
+        let store = crate::store::sqlite::SqliteStore::open(&dir.join("x.db"), Duration::from_secs(10), true)
+            .unwrap();
+        StoreExec::new(Arc::new(store), 1)
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_read_does_not_wait_behind_writes_that_hold_every_write_slot() {
         let dir = tempfile::tempdir().unwrap();
-        let store =
-            crate::store::sqlite::SqliteStore::open(&dir.path().join("x.db"), Duration::from_secs(5), true)
-                .unwrap();
-        let exec = StoreExec::new(Arc::new(store), 1);
+        let exec = one_lane(dir.path());
         // The one write slot is taken by a call that blocks until told to finish.
         let (release, held) = std::sync::mpsc::channel::<()>();
         let (entered, started) = tokio::sync::oneshot::channel::<()>();

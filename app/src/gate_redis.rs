@@ -539,6 +539,18 @@ pub async fn reconciler(gate: Arc<RedisGate>, exec: StoreExec, cancel: Cancellat
 mod tests {
     use super::*;
 
+    /// A gate on the Redis at `addr`, with `timeout` on each command and the circuit open `retry_after`.
+    fn gate(addr: &str, timeout: Duration, retry_after: Duration) -> RedisGate {
+        RedisGate::new(RedisOptions {
+            url: format!("redis://{addr}"),
+            timeout,
+            retry_after,
+            rebuild_every: Duration::from_secs(1),
+            in_flight_mark: MIN_IN_FLIGHT_MARK,
+        })
+        .expect("a valid url")
+    }
+
     /// A give-back Redis does not take (here its first connection is closed at once, and the retry on a
     /// fresh one too) is kept, and sent again once the circuit has closed: dropped, the buyer's count kept
     /// units the store never sold, and they were refused `limit_exceeded` for its life.
@@ -568,14 +580,11 @@ mod tests {
                 });
             }
         });
-        let gate = RedisGate::new(RedisOptions {
-            url: format!("redis://{addr}"),
-            timeout: Duration::from_secs(5),
-            retry_after: Duration::from_millis(1),
-            rebuild_every: Duration::from_secs(1),
-            in_flight_mark: MIN_IN_FLIGHT_MARK,
-        })
-        .unwrap();
+        let gate = gate(
+            &addr.to_string(),
+            Duration::from_secs(5),
+            Duration::from_millis(1),
+        );
         gate.release("sku-1", 3, "u1", 1).await;
         assert_eq!(gate.pending(), 1, "kept");
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -617,14 +626,7 @@ mod tests {
                 }
             }
         });
-        let gate = RedisGate::new(RedisOptions {
-            url: format!("redis://{addr}"),
-            timeout: Duration::from_secs(5),
-            retry_after: Duration::from_secs(60),
-            rebuild_every: Duration::from_secs(1),
-            in_flight_mark: MIN_IN_FLIGHT_MARK,
-        })
-        .unwrap();
+        let gate = gate(&addr.to_string(), Duration::from_secs(5), Duration::from_secs(60));
         gate.release("sku-1", 3, "u1", 1).await;
         assert_eq!(read.load(Ordering::Relaxed), 1);
         assert!(gate.is_up());
@@ -636,14 +638,7 @@ mod tests {
     /// A new SKU's attempts always get its counter built: when the set is full, the coldest SKU gives way.
     #[test]
     fn a_full_hot_set_takes_a_new_sku_in_place_of_the_coldest() {
-        let gate = RedisGate::new(RedisOptions {
-            url: "redis://127.0.0.1:1".into(),
-            timeout: Duration::from_millis(10),
-            retry_after: Duration::from_secs(1),
-            rebuild_every: Duration::from_secs(1),
-            in_flight_mark: MIN_IN_FLIGHT_MARK,
-        })
-        .expect("a valid url");
+        let gate = gate("127.0.0.1:1", Duration::from_millis(10), Duration::from_secs(1));
         for i in 0..MAX_HOT {
             gate.heat(&format!("old-{i}"));
         }

@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use xcluster_runtime::common::{HttpSection, LogSection, ShutdownSection, ShutdownTimes};
+use xcluster_runtime::config::absolute;
 use xcluster_runtime::{ConfigIssue, DaemonConfig, RoleConfig, Validator};
 
 use crate::program::{ProcessSpec, RawProgram};
@@ -375,10 +376,6 @@ fn check_groups(
         groups.insert(name.clone(), g.programs.clone());
     }
     groups
-}
-
-fn absolute(p: &str) -> PathBuf {
-    std::path::absolute(p).unwrap_or_else(|_| PathBuf::from(p))
 }
 
 #[cfg(test)]

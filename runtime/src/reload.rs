@@ -387,7 +387,7 @@ fn file_event(tx: &mpsc::Sender<Cause>) {
 
 impl ConfigWatcher {
     fn start(path: &Path, tx: mpsc::Sender<Cause>) -> Option<Self> {
-        let main = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+        let main = crate::config::absolute(path);
         let dir = main.parent()?.to_path_buf();
         let relevant = Arc::new(ArcSwap::from_pointee(Relevant {
             main: main.clone(),
@@ -750,6 +750,12 @@ mod tests {
         }
     }
 
+    /// Waits up to 10 s for the next config published, after `what`.
+    async fn reloaded(config: &mut watch::Receiver<Arc<Keyed>>, what: &str) {
+        let next = tokio::time::timeout(Duration::from_secs(10), config.changed()).await;
+        assert!(matches!(next, Ok(Ok(()))), "no reload of {what}");
+    }
+
     /// A key file rewritten alone (a rotated key) is a change to the config: the watcher sees it and the
     /// reload applies it. Before, the config's own files were all that was compared and watched, and only
     /// SIGHUP applied a new key. A rejected config's key file is watched too: writing it is the fix.
@@ -768,10 +774,12 @@ mod tests {
         let sources = loaded.sources.as_ref().unwrap();
         assert_eq!(sources.referenced_files(), vec![key.clone()]);
         // Unchanged, the files read now are the load's.
-        let now = read_sources::<Keyed>(&main)
-            .unwrap()
-            .with_referenced(&sources.referenced_files());
-        assert_eq!(&now, sources);
+        let read_now = || {
+            read_sources::<Keyed>(&main)
+                .unwrap()
+                .with_referenced(std::slice::from_ref(&key))
+        };
+        assert_eq!(&read_now(), sources);
 
         let (publish, mut config) = watch::channel(Arc::new(loaded.config));
         let cancel = CancellationToken::new();
@@ -780,27 +788,16 @@ mod tests {
         let reloader = spawn::<Keyed>(src, seed, publish, mpsc::channel(8), cancel, Notifier::disabled());
         let status = reloader.status.subscribe();
         std::fs::write(&key, "second-key-0123456789\n").unwrap();
-        tokio::time::timeout(Duration::from_secs(10), config.changed())
-            .await
-            .expect("no reload of the rotated key")
-            .unwrap();
+        reloaded(&mut config, "the rotated key").await;
         assert_eq!(config.borrow().key, b"second-key-0123456789");
 
         // Emptied (`echo new > key` truncates it first), it is a file being written: judged, an empty token
         // was taken and refused every call. What is written to it then applies.
-        let read_now = || {
-            read_sources::<Keyed>(&main)
-                .unwrap()
-                .with_referenced(std::slice::from_ref(&key))
-        };
         let full = read_now();
         std::fs::write(&key, "").unwrap();
         assert!(read_now().being_rewritten(Some(&full)));
         std::fs::write(&key, "third-key-0123456789\n").unwrap();
-        tokio::time::timeout(Duration::from_secs(10), config.changed())
-            .await
-            .expect("no reload of the rewritten key")
-            .unwrap();
+        reloaded(&mut config, "the rewritten key").await;
         assert_eq!(config.borrow().key, b"third-key-0123456789");
         assert_eq!(status.borrow().last_error, None);
 
@@ -816,10 +813,7 @@ mod tests {
         .expect("the config naming a missing key file was not judged")
         .unwrap();
         std::fs::write(&other, "fourth-key-0123456789\n").unwrap();
-        tokio::time::timeout(Duration::from_secs(10), config.changed())
-            .await
-            .expect("no reload once the key file was written")
-            .unwrap();
+        reloaded(&mut config, "the key file written").await;
         assert_eq!(config.borrow().key, b"fourth-key-0123456789");
     }
 }

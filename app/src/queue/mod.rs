@@ -144,10 +144,7 @@ mod tests {
     #[tokio::test]
     async fn a_caller_gone_before_its_order_had_a_place_leaves_no_count() {
         let dir = tempfile::tempdir().unwrap();
-        let store =
-            crate::store::sqlite::SqliteStore::open(&dir.path().join("x.db"), Duration::from_secs(10), true)
-                .unwrap();
-        let exec = StoreExec::new(Arc::new(store), 1);
+        let exec = crate::exec::tests::one_lane(dir.path());
         // The only write lane held, so the committer waits with the first order and the next fills the queue.
         let (release, held) = std::sync::mpsc::channel::<()>();
         let blocker = tokio::spawn({

@@ -24,6 +24,13 @@ pub use keys::{changed_under, diff, flatten, keep_under};
 pub use sources::{Sources, read_sources};
 pub use validator::Validator;
 
+/// `path` made absolute against the working directory (as it is, if that cannot be read): what the watcher's
+/// event paths compare with, and what a path in a config means whatever directory the process later enters.
+pub fn absolute(path: impl AsRef<Path>) -> PathBuf {
+    let path = path.as_ref();
+    std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf())
+}
+
 /// Largest config file we read; anything bigger is certainly a mistake and must not exhaust memory.
 pub const MAX_CONFIG_BYTES: u64 = 1024 * 1024;
 

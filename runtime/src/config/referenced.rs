@@ -29,7 +29,8 @@ pub fn read(path: &Path) -> Result<Vec<u8>, ConfigError> {
     let bytes = read_bounded(path);
     NOTED.with(|n| {
         if let Some(noted) = n.borrow_mut().as_mut() {
-            noted.push((absolute(path), bytes.as_deref().ok().map(held)));
+            // Absolute, as the watcher's event paths are.
+            noted.push((super::absolute(path), bytes.as_deref().ok().map(held)));
         }
     });
     bytes
@@ -60,11 +61,6 @@ fn held(bytes: &[u8]) -> Held {
     let mut h = DefaultHasher::new();
     bytes.hash(&mut h);
     (h.finish(), super::sources::blank(bytes))
-}
-
-/// Absolute, as the watcher's event paths are.
-fn absolute(path: &Path) -> PathBuf {
-    std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf())
 }
 
 #[cfg(test)]

@@ -112,8 +112,7 @@ fn hash(value: &impl Hash) -> u64 {
 /// its patterns, and the patterns' directories compare with the watcher's event paths, which are absolute;
 /// none for bytes with no file (`load_bytes`).
 pub(crate) fn include_base(path: Option<&Path>) -> Option<PathBuf> {
-    path.filter(|p| *p != Path::new("<bytes>"))
-        .map(|p| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf()))
+    path.filter(|p| *p != Path::new("<bytes>")).map(super::absolute)
 }
 
 /// Reads what a load of the file at `path` would read, without validating it: the same as the [`Sources`] of
