@@ -11,13 +11,12 @@
 //! request nothing and orders take the store-only path.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
-use crate::domain::now_ms;
 use crate::exec::StoreExec;
 use crate::resp::{self, Conn, RespError, Value};
 
@@ -81,6 +80,15 @@ if b > 0 then redis.call('DECRBY', KEYS[2], math.min(b, tonumber(ARGV[1]))) end
 return 1
 "#;
 
+/// Puts units back on a SKU's stock counter, if it has one (none: the gate asks the store until the reconciler
+/// builds it, and a counter of only these units would refuse the rest). Keys: stock; then, when given, a
+/// buyer's count to delete ([`RedisGate::forget`]). Args: the units, 0 or more.
+const PUT_BACK: &str = r#"
+if tonumber(ARGV[1]) > 0 and redis.call('EXISTS', KEYS[1]) == 1 then redis.call('INCRBY', KEYS[1], ARGV[1]) end
+if KEYS[2] then redis.call('DEL', KEYS[2]) end
+return 1
+"#;
+
 /// Takes a settled attempt off its key's in-flight mark. Keys: the mark.
 const UNMARK: &str = r#"
 if redis.call('DECR', KEYS[1]) <= 0 then redis.call('DEL', KEYS[1]) end
@@ -127,15 +135,24 @@ impl Admission {
 /// The `answer` label of a call that failed (the circuit opens).
 const FAILED_ANSWER: &str = "error";
 
-/// Every `answer` label of `xcluster_app_redis_gate_total`: an admission's, or a failed call's.
-const ANSWERS: [&str; 6] = [
+/// The `answer` label of a call not made: every connection was busy for the whole command timeout.
+const BUSY_ANSWER: &str = "busy";
+
+/// Every `answer` label of `xcluster_app_redis_gate_total`: an admission's, or a failed or unmade call's.
+const ANSWERS: [&str; 7] = [
     Admission::Taken { sale: 0 }.label(),
     Admission::Pass { marked: false }.label(),
     Admission::SoldOut.label(),
     Admission::OverLimit.label(),
     Admission::InFlight.label(),
     FAILED_ANSWER,
+    BUSY_ANSWER,
 ];
+
+/// Most connections to Redis at once, each carrying one command: a flood at a sale's opening waits for one
+/// (up to the command timeout) rather than opening a connection per attempt, a connect storm that itself
+/// timed out and opened the circuit. Redis runs one script at a time, so more would only queue there.
+const MAX_CONNECTIONS: usize = 64;
 
 /// Redis connection settings and timeouts.
 #[derive(Debug, Clone)]
@@ -162,8 +179,13 @@ pub struct RedisGate {
     password: Option<String>,
     opts: RedisOptions,
     idle: Mutex<Vec<Conn>>,
-    /// Until when (unix ms) the circuit is open.
-    open_until_ms: AtomicI64,
+    /// A connection's turn ([`MAX_CONNECTIONS`]), taken for each command.
+    turns: tokio::sync::Semaphore,
+    /// What the circuit's clock counts from: a monotonic one, so a wall clock stepped back (NTP) cannot hold
+    /// the circuit open for the step, nor one stepped forward close it at once.
+    epoch: Instant,
+    /// Until when (ms since `epoch`) the circuit is open.
+    open_until_ms: AtomicU64,
     /// SKUs the store answered flash-sale attempts for ([`RedisGate::heat`]), with the time of the latest:
     /// the reconciler keeps their counters (bounded).
     hot: Mutex<BTreeMap<String, Instant>>,
@@ -191,12 +213,13 @@ enum GiveBack {
         sku: String,
         sale: i64,
         user: String,
+        /// Units the order's end put back on sale, which go back on the stock counter.
+        freed: u32,
     },
+    /// Units added to a SKU's stock ([`RedisGate::restock`]).
+    Restock { sku: String, qty: u32 },
     /// An attempt under `user`'s idempotency `key` settled ([`RedisGate::unmark`]).
-    Unmark {
-        user: String,
-        key: String,
-    },
+    Unmark { user: String, key: String },
 }
 
 fn stock_key(sku: &str) -> String {
@@ -241,7 +264,9 @@ impl RedisGate {
             password,
             opts,
             idle: Mutex::new(Vec::new()),
-            open_until_ms: AtomicI64::new(0),
+            turns: tokio::sync::Semaphore::new(MAX_CONNECTIONS),
+            epoch: Instant::now(),
+            open_until_ms: AtomicU64::new(0),
             hot: Mutex::new(BTreeMap::new()),
             pending: Mutex::default(),
         })
@@ -249,7 +274,11 @@ impl RedisGate {
 
     /// Whether the circuit is closed (Redis is being used).
     pub fn is_up(&self) -> bool {
-        now_ms() >= self.open_until_ms.load(Ordering::Relaxed)
+        self.clock_ms() >= self.open_until_ms.load(Ordering::Relaxed)
+    }
+
+    fn clock_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
     }
 
     /// Runs one command on a pooled connection, opening the circuit on any failure. A pooled connection
@@ -259,6 +288,12 @@ impl RedisGate {
         if !self.is_up() {
             return None;
         }
+        // Waiting for a turn is not Redis failing: the circuit stays closed, and this attempt alone goes to
+        // the store (a give-back is kept for the reconciler).
+        let Ok(Ok(_turn)) = tokio::time::timeout(self.opts.timeout, self.turns.acquire()).await else {
+            metrics::counter!(crate::metrics::REDIS_GATE_TOTAL, "answer" => BUSY_ANSWER).increment(1);
+            return None;
+        };
         let pooled = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
         let mut result = match pooled {
             Some(c) => self.call_on(Ok(c), args).await,
@@ -287,17 +322,19 @@ impl RedisGate {
         // reply too (a bug of ours, or a Redis that is not what we expect), so the circuit opens and the
         // store alone decides.
         let v = c.call(args, self.opts.timeout).await?;
+        // Never more than the turns allow, so a burst's connections stay for the next one.
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        if idle.len() < 32 {
+        if idle.len() < MAX_CONNECTIONS {
             idle.push(c);
         }
         Ok(v)
     }
 
     fn trip(&self, e: &RespError) {
-        let until = now_ms() + self.opts.retry_after.as_millis() as i64;
+        let now = self.clock_ms();
+        let until = now + self.opts.retry_after.as_millis() as u64;
         let was = self.open_until_ms.swap(until, Ordering::Relaxed);
-        if was < now_ms() {
+        if was < now {
             tracing::warn!(error = %e, retry_ms = self.opts.retry_after.as_millis() as u64, "redis gate circuit open: store-only path");
         }
         metrics::counter!(crate::metrics::REDIS_GATE_TOTAL, "answer" => FAILED_ANSWER).increment(1);
@@ -385,19 +422,33 @@ impl RedisGate {
 
     /// Forgets what `user` took of `sku` in sale `sale` (their flash-sale order of that sale was cancelled),
     /// so the gate does not refuse them `limit_exceeded` when the store, which counts only live orders, would
-    /// sell to them again.
-    pub async fn forget(&self, sku: &str, sale: i64, user: &str) {
+    /// sell to them again; and puts the `freed` units the order's end put back on sale on the stock counter,
+    /// so the gate does not answer `sold_out` for them until the reconciler's next rebuild.
+    pub async fn forget(&self, sku: &str, sale: i64, user: &str, freed: u32) {
         self.give_back(GiveBack::Forget {
             sku: sku.to_string(),
             sale,
             user: user.to_string(),
+            freed,
+        })
+        .await;
+    }
+
+    /// Puts `qty` units a merchant added to `sku` (once committed) on its stock counter: a restocked sold-out
+    /// item was refused `sold_out` by the gate until the reconciler's next rebuild.
+    pub async fn restock(&self, sku: &str, qty: u32) {
+        self.give_back(GiveBack::Restock {
+            sku: sku.to_string(),
+            qty,
         })
         .await;
     }
 
     /// Sends a give-back, or keeps it for the reconciler when Redis does not take it (a failed call, an open
     /// circuit): dropped, the buyer's count kept units the store never sold or had taken back, and they were
-    /// refused `limit_exceeded` for the count's life (10 s, or 10 minutes with a slow rebuild).
+    /// refused `limit_exceeded` for the count's life (10 s, or 10 minutes with a slow rebuild). Units sent
+    /// again after a rebuild that already counted them make the counter too high until the next one: the
+    /// gate is then more lenient, and the store still decides.
     async fn give_back(&self, g: GiveBack) {
         if !self.send(&g).await {
             let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
@@ -418,7 +469,20 @@ impl RedisGate {
                 let qty = qty.to_string();
                 self.call(&["EVAL", RELEASE, "2", &stock, &bought, &qty]).await
             }
-            GiveBack::Forget { sku, sale, user } => self.call(&["DEL", &bought_key(sku, *sale, user)]).await,
+            GiveBack::Forget {
+                sku,
+                sale,
+                user,
+                freed,
+            } => {
+                let (stock, bought) = (stock_key(sku), bought_key(sku, *sale, user));
+                let freed = freed.to_string();
+                self.call(&["EVAL", PUT_BACK, "2", &stock, &bought, &freed]).await
+            }
+            GiveBack::Restock { sku, qty } => {
+                self.call(&["EVAL", PUT_BACK, "1", &stock_key(sku), &qty.to_string()])
+                    .await
+            }
             GiveBack::Unmark { user, key } => {
                 self.call(&["EVAL", UNMARK, "1", &in_flight_key(user, key)]).await
             }
@@ -596,7 +660,7 @@ mod tests {
         assert_eq!(gate.pending(), 0, "sent again");
         assert_eq!(served.load(Ordering::Relaxed), 1);
         // A pooled connection Redis closed meanwhile is replaced, not taken as a failure.
-        gate.forget("sku-1", 3, "u1").await;
+        gate.forget("sku-1", 3, "u1", 1).await;
         assert_eq!(gate.pending(), 0, "taken on a fresh connection");
         assert_eq!(served.load(Ordering::Relaxed), 2);
         assert!(gate.is_up());
@@ -633,6 +697,52 @@ mod tests {
         gate.release("sku-1", 3, "u2", 1).await;
         assert_eq!(read.load(Ordering::Relaxed), 2, "sent once");
         assert!(!gate.is_up(), "the circuit opened: the store alone decides");
+    }
+
+    /// A burst of attempts opens at most [`MAX_CONNECTIONS`] connections, the rest waiting their turn, and each
+    /// is answered by Redis: a connection per attempt was a connect storm at a sale's opening.
+    #[tokio::test]
+    async fn a_burst_opens_no_more_connections_than_its_turns() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (open, opened) = tokio::sync::watch::channel(false);
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                // No answer until the turns are all taken: without them, every attempt would connect first.
+                if count.fetch_add(1, Ordering::Relaxed) + 1 >= MAX_CONNECTIONS {
+                    let _ = open.send(true);
+                }
+                let mut opened = opened.clone();
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 4096];
+                    while s.read(&mut buf).await.is_ok_and(|r| r > 0) {
+                        if opened.wait_for(|o| *o).await.is_err() {
+                            return;
+                        }
+                        let _ = s.write_all(b":0\r\n").await;
+                    }
+                });
+            }
+        });
+        let gate = Arc::new(gate(
+            &addr.to_string(),
+            Duration::from_secs(10),
+            Duration::from_secs(60),
+        ));
+        let attempts: Vec<_> = (0..3 * MAX_CONNECTIONS)
+            .map(|i| {
+                let gate = gate.clone();
+                tokio::spawn(async move { gate.admit("sku-1", &format!("u{i}"), 1, 1, None).await })
+            })
+            .collect();
+        for a in attempts {
+            assert_eq!(a.await.unwrap(), Admission::SoldOut, "answered by redis");
+        }
+        assert_eq!(accepted.load(Ordering::Relaxed), MAX_CONNECTIONS);
+        assert!(gate.is_up());
     }
 
     /// A new SKU's attempts always get its counter built: when the set is full, the coldest SKU gives way.

@@ -185,8 +185,11 @@ impl Proc {
         let stdout = std::fs::File::create(dir.path().join("stdout.log")).unwrap();
         let stderr = std::fs::File::create(dir.path().join("stderr.log")).unwrap();
         let mut cmd = Command::new(program);
+        // Its own $TMPDIR too: a monitor without `run_dir` keeps its lock under it, and would leave one more
+        // directory in the shared /tmp for every test run.
         cmd.args(&spec.args)
             .env("XCLUSTER_TEST_TAG", &tag)
+            .env("TMPDIR", dir.path())
             .envs(spec.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(stdout);

@@ -294,18 +294,27 @@ impl Redis {
 }
 
 impl Redis {
-    /// Whether `key` (no white space in it) exists, asked over RESP.
-    pub fn exists(&self, key: &str) -> bool {
-        use std::io::{Read, Write};
+    /// Sends one inline command (no white space within an argument) over RESP and returns the first line of
+    /// its reply (`+OK`, `:1`, `$2` before a bulk string...).
+    pub fn command(&self, line: &str) -> String {
+        use std::io::{BufRead, Read, Write};
         let mut s = std::net::TcpStream::connect_timeout(&self.addr, Duration::from_secs(5)).expect("redis");
         s.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
-        s.write_all(format!("EXISTS {key}\r\n").as_bytes())
-            .expect("send EXISTS");
-        let mut buf = [0u8; 4];
-        s.read_exact(&mut buf).expect("EXISTS's answer");
-        match &buf {
-            b":1\r\n" => true,
-            b":0\r\n" => false,
+        s.write_all(format!("{line}\r\n").as_bytes())
+            .expect("send the command");
+        let mut reply = String::new();
+        std::io::BufReader::new(s)
+            .take(4096)
+            .read_line(&mut reply)
+            .expect("the reply");
+        reply.trim_end().to_string()
+    }
+
+    /// Whether `key` (no white space in it) exists.
+    pub fn exists(&self, key: &str) -> bool {
+        match self.command(&format!("EXISTS {key}")).as_str() {
+            ":1" => true,
+            ":0" => false,
             other => panic!("EXISTS answered {other:?}"),
         }
     }

@@ -133,9 +133,11 @@ pub async fn merchant_stock(app: &Arc<App>, cfg: &Config, req: Request<Incoming>
     if let Err((code, msg)) = body.check() {
         return error(StatusCode::BAD_REQUEST, code, &msg);
     }
-    let received: Vec<String> = (body.updates.iter())
+    // What each SKU gained: a write-off in the same update is netted out, so the gate never counts more units
+    // than the store added (one only written off is left to the reconciler: a counter too high is lenient).
+    let received: Vec<(String, u32)> = (body.updates.iter())
         .filter(|u| u.receive > 0)
-        .map(|u| u.sku.clone())
+        .map(|u| (u.sku.clone(), u.receive.saturating_sub(u.write_off)))
         .collect();
     let keyed = key.is_some();
     let done = app
@@ -150,9 +152,15 @@ pub async fn merchant_stock(app: &Arc<App>, cfg: &Config, req: Request<Incoming>
     match done {
         Ok(Ok(done)) => {
             // Once committed: cleared before, an attempt answered sold out from the stock before it marked
-            // the SKU again, refused until the mark's end.
-            for sku in &received {
+            // the SKU again, refused until the mark's end. A replay's units were counted by its first run.
+            for (sku, gained) in &received {
                 app.gate.clear(sku);
+                if let Some(g) = &app.redis_gate
+                    && *gained > 0
+                    && !done.replay
+                {
+                    g.restock(sku, *gained).await;
+                }
             }
             keyed_json(
                 StatusCode::OK,

@@ -104,7 +104,7 @@ pub async fn refund(app: &Arc<App>, cfg: &Config, req: Request<Incoming>) -> Res
     match app.exec.run(move |s| s.refund(&r, weak)).await {
         Ok(Ok(done)) => {
             // A partial refund's units leave the buyer's flash-sale count in the store, as a full one's do.
-            super::orders::forget_at_gate(app, &done.order, true).await;
+            super::orders::forget_at_gate(app, &done.order, super::orders::Freed::Allowance).await;
             keyed_json(StatusCode::OK, &done.order, done.replay)
         }
         Ok(Err(r)) => reject(&r),

@@ -324,13 +324,11 @@ pub async fn cancel(app: &Arc<App>, id: &str) -> Response<Body> {
     // the give-back for good.
     let settled = tokio::spawn(async move {
         let out = app.exec.run(move |s| s.cancel(&id)).await;
-        if let Ok(Ok((view, ended))) = &out {
-            forget_at_gate(
-                &app,
-                view,
-                *ended && view.status == OrderStatus::Cancelled.as_str(),
-            )
-            .await;
+        if let Ok(Ok((view, ended))) = &out
+            && *ended
+            && view.status == OrderStatus::Cancelled.as_str()
+        {
+            forget_at_gate(&app, view, Freed::Units).await;
         }
         out
     });
@@ -338,13 +336,22 @@ pub async fn cancel(app: &Arc<App>, id: &str) -> Response<Body> {
     respond(StatusCode::OK, out.map(|r| r.map(|(view, _)| view)))
 }
 
+/// What an order's end gave back, for [`forget_at_gate`].
+pub(super) enum Freed {
+    /// A cancelled reservation: every unit of its lines is back on sale.
+    Units,
+    /// A refund, in full or in part: the buyer's allowance. Its units are back on sale only if the order had
+    /// not shipped, which the view does not say: the Redis stock counter gets them at its next rebuild.
+    Allowance,
+}
+
 /// The Redis gate counted the buyer's flash-sale units; the store no longer counts those of an order that
-/// ended (cancelled) or were refunded (`freed`), so neither may the gate, or it refuses a purchase the store
-/// would make for as long as its counter lives. Those units are back on sale (unless a refunded order had
-/// shipped), so this instance's sold-out mark on them goes too: it may only refuse what the store would.
-/// (The sweeper does the same for expired ones.)
-pub(super) async fn forget_at_gate(app: &App, view: &crate::store::OrderView, freed: bool) {
-    if view.kind != OrderKind::Seckill.as_str() || !freed {
+/// ended (cancelled) or were refunded, so neither may the gate, or it refuses a purchase the store would make
+/// for as long as its counter lives. Those units are back on sale (unless a refunded order had shipped), so
+/// this instance's sold-out mark on them goes too, and a cancelled order's units go back on the gate's stock
+/// counter: it may only refuse what the store would. (The sweeper does the same for expired ones.)
+pub(super) async fn forget_at_gate(app: &App, view: &crate::store::OrderView, freed: Freed) {
+    if view.kind != OrderKind::Seckill.as_str() {
         return;
     }
     for line in &view.lines {
@@ -352,7 +359,12 @@ pub(super) async fn forget_at_gate(app: &App, view: &crate::store::OrderView, fr
         if let Some(g) = &app.redis_gate
             && let Some(sale) = line.sale_seq
         {
-            g.forget(&line.sku, sale, &view.user).await;
+            let units = match freed {
+                Freed::Units => line.qty - line.refunded_qty,
+                Freed::Allowance => 0,
+            };
+            g.forget(&line.sku, sale, &view.user, u32::try_from(units).unwrap_or(0))
+                .await;
         }
         app.gate.clear(&line.sku);
     }

@@ -89,17 +89,15 @@ pub async fn sweeper(app: Arc<App>, cancel: CancellationToken) {
                     // The store no longer counts an expired flash-sale order against its buyer; neither may
                     // the gate, or it refuses them a purchase the store would make, for a counter's life.
                     if let Some(g) = &app.redis_gate {
-                        for (user, sku, sale) in &expired.flash_sale {
-                            g.forget(sku, *sale, user).await;
+                        for l in &expired.flash_sale {
+                            let freed = u32::try_from(l.qty).unwrap_or(0);
+                            g.forget(&l.sku, l.sale, &l.user, freed).await;
                         }
                     }
                     // Its units are back in the sale: a sold-out mark would refuse them for its life. Once per
                     // SKU: a clear copies the gate's map, and a sale's expiries come by the hundred.
-                    let skus: std::collections::BTreeSet<&str> = expired
-                        .flash_sale
-                        .iter()
-                        .map(|(_, sku, _)| sku.as_str())
-                        .collect();
+                    let skus: std::collections::BTreeSet<&str> =
+                        expired.flash_sale.iter().map(|l| l.sku.as_str()).collect();
                     for sku in skus {
                         app.gate.clear(sku);
                     }

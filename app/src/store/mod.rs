@@ -165,10 +165,21 @@ pub struct Refunded {
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Expired {
     pub orders: u32,
-    /// (user, SKU, sale number) of each expired flash-sale order's lines: the Redis gate forgets what it
-    /// counted of them under that sale, as on a cancel. A line without a number (written by the build before,
-    /// during a rolling upgrade) is in the SKU's current sale, where the limit counts it.
-    pub flash_sale: Vec<(String, String, i64)>,
+    /// Each expired flash-sale order's lines: the Redis gate forgets what it counted of them under their
+    /// sale, as on a cancel, and has their units back on its stock counter.
+    pub flash_sale: Vec<ExpiredLine>,
+}
+
+/// A line of an expired flash-sale order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExpiredLine {
+    pub user: String,
+    pub sku: String,
+    /// The sale it was sold in. A line without a number (written by the build before, during a rolling
+    /// upgrade) is in the SKU's current sale, where the limit counts it.
+    pub sale: i64,
+    /// Its units, back on sale.
+    pub qty: i64,
 }
 
 /// A payment provider's callback.

@@ -306,12 +306,16 @@ pub fn expire_due(t: &mut Tx<'_>, now: i64, limit: u32) -> Result<super::Expired
             out.orders += 1;
             if kind == crate::domain::OrderKind::Seckill.as_str() {
                 let lines = t.query(
-                    "SELECT l.sku, COALESCE(l.sale_seq, s.sale_seq) FROM order_lines l
+                    "SELECT l.sku, COALESCE(l.sale_seq, s.sale_seq), l.qty FROM order_lines l
                      JOIN skus s ON s.sku = l.sku WHERE l.order_id = $1",
                     &[&id],
                 )?;
-                out.flash_sale
-                    .extend(lines.iter().map(|r| (user.clone(), r.get(0), r.get(1))));
+                out.flash_sale.extend(lines.iter().map(|r| super::ExpiredLine {
+                    user: user.clone(),
+                    sku: r.get(0),
+                    sale: r.get(1),
+                    qty: r.get(2),
+                }));
             }
         }
     }

@@ -459,13 +459,19 @@ pub fn expire_due(tx: &Transaction<'_>, now: i64, limit: u32) -> Result<super::E
             if kind == OrderKind::Seckill.as_str() {
                 let lines = tx
                     .prepare_cached(
-                        "SELECT l.sku, COALESCE(l.sale_seq, s.sale_seq) FROM order_lines l
+                        "SELECT l.sku, COALESCE(l.sale_seq, s.sale_seq), l.qty FROM order_lines l
                          JOIN skus s ON s.sku = l.sku WHERE l.order_id = ?1",
                     )?
-                    .query_map([&id], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?
+                    .query_map([&id], |r| {
+                        Ok(super::ExpiredLine {
+                            user: user.clone(),
+                            sku: r.get(0)?,
+                            sale: r.get(1)?,
+                            qty: r.get(2)?,
+                        })
+                    })?
                     .collect::<Result<Vec<_>, _>>()?;
-                out.flash_sale
-                    .extend(lines.into_iter().map(|(sku, sale)| (user.clone(), sku, sale)));
+                out.flash_sale.extend(lines);
             }
         }
     }

@@ -482,7 +482,12 @@ fn reservations_expire_exactly_once_across_handles(fx: &dyn Fixture) {
     assert_eq!(a.orders + b.orders, 21);
     assert_eq!(
         [a.flash_sale, b.flash_sale].concat(),
-        [("f".to_string(), "flash-1".to_string(), 1)]
+        [crate::store::ExpiredLine {
+            user: "f".to_string(),
+            sku: "flash-1".to_string(),
+            sale: 1,
+            qty: 1
+        }]
     );
     let r = assert_audit(&s1);
     assert_eq!(r.totals.expired, 21);

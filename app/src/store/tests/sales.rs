@@ -157,7 +157,12 @@ pub(super) fn a_flash_sale_line_without_a_number_counts_in_the_current_sale(fx: 
     // Expired, it is named with that sale too, for the gate to forget where the limit counted it.
     let expired = s.expire_due(i64::MAX, 100).unwrap();
     assert!(
-        expired.flash_sale.contains(&("ann".into(), "flash-1".into(), 1)),
+        expired.flash_sale.contains(&crate::store::ExpiredLine {
+            user: "ann".into(),
+            sku: "flash-1".into(),
+            sale: 1,
+            qty: 2
+        }),
         "{expired:?}"
     );
 }
