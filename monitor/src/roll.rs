@@ -31,6 +31,10 @@ pub struct RollStatus {
     pub programs: Vec<RollStep>,
 }
 
+/// Finished rolls kept after the next began (`past_rolls` in `/v1/status`): a client following one that ended
+/// between two of its polls, and another began, finds its outcome there rather than losing it.
+pub const PAST_ROLLS: usize = 8;
+
 /// One program of a roll.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct RollStep {
@@ -174,6 +178,12 @@ impl Supervisor {
         self.bus.publish(Kind::Monitor {
             detail: format!("rolling restart {id} of {}", picked.join(", ")),
         });
+        if let Some(before) = self.roll.take() {
+            if self.past_rolls.len() >= PAST_ROLLS {
+                self.past_rolls.pop_front();
+            }
+            self.past_rolls.push_back(before.status);
+        }
         self.roll = Some(Roll::new(id, picked, limit));
         self.advance_roll();
         Ok(Reply::Roll(self.roll.as_ref().map(|r| r.status.clone())))

@@ -458,6 +458,12 @@ period_ms = 50
         ],
     );
     assert_eq!(m.pid("app-2"), Some(app_2));
+    // The rolls before the last stay in the status, finished, for a client that followed one of them.
+    let past = m.status()["past_rolls"].clone();
+    let past: Vec<_> = (past.as_array().unwrap().iter())
+        .map(|r| (r["id"].clone(), r["finished"].clone()))
+        .collect();
+    assert_eq!(past, [(1.into(), true.into()), (2.into(), true.into())]);
 }
 
 /// A roll restarts an instance that is not ready (down already) before those that serve: here it does not

@@ -291,8 +291,21 @@ fn check(r: &Resp) -> Result<(), Failure> {
 
 /// The monitor's `/v1/status`: the programs, the monitor itself, the last reload and the roll.
 fn monitor_status(c: &Client) -> Result<Value, Failure> {
-    let r = c.call("GET", "/v1/status")?;
-    check(&r)?;
+    status_of(c, &c.call("GET", "/v1/status")?)
+}
+
+/// A status poll of a wait: `None`, said nothing about, when the monitor did not answer it now (busy, at its
+/// connection limit, or not reached), for the wait to ask again ([`monitor_status`] says why on the last).
+fn poll_status(c: &Client) -> Result<Option<Value>, Failure> {
+    match c.call("GET", "/v1/status") {
+        Ok(r) if r.status != 503 => status_of(c, &r).map(Some),
+        Ok(_) | Err(_) => Ok(None),
+    }
+}
+
+/// The monitor's answer to `GET /v1/status`, checked.
+fn status_of(c: &Client, r: &Resp) -> Result<Value, Failure> {
+    check(r)?;
     let v = r.json();
     // A balancer answers /v1/status too: without this, `ctl status` there printed nothing and exited 0.
     if !(v["programs"].is_array() && v["monitor"]["version"].is_string()) {

@@ -11,7 +11,7 @@ use xcluster_runtime::http::percent_encode;
 use super::cluster::cell;
 use super::{
     Answer, Client, EXIT_FAILED, EXIT_NOT_RUNNING, EXIT_UNKNOWN, Failure, check, items, monitor_status, pick,
-    pick_quietly,
+    pick_quietly, poll_status,
 };
 use crate::args::CtlArgs;
 
@@ -413,8 +413,14 @@ fn follow_roll(c: &Client, mut roll: Value, print: bool) -> Result<(Value, usize
             return Ok((roll, printed));
         }
         std::thread::sleep(WAIT_POLL);
-        roll = monitor_status(c)?["roll"].clone();
-        if roll["id"] != id {
+        let v = monitor_status(c)?;
+        // Ended between two polls, and another began: it is among the monitor's past rolls.
+        roll = std::iter::once(&v["roll"])
+            .chain(items(&v["past_rolls"]))
+            .find(|r| r["id"] == id)
+            .cloned()
+            .unwrap_or(Value::Null);
+        if roll.is_null() {
             eprintln!(
                 "xcluster ctl: the rolling restart is gone from the monitor's status (did it restart?)"
             );
@@ -518,20 +524,20 @@ fn await_goal(
     let mut missed = 0;
     while !open.is_empty() {
         // The command was taken: a poll the monitor did not answer (busy, or at its connection limit) is
-        // asked again, a few times in a row, before the wait gives up on it. One miss ended the command with
-        // none of its answers.
-        let v = match monitor_status(c) {
-            Ok(v) => {
-                missed = 0;
-                v
-            }
-            Err(_) if missed < MISSED_POLLS && deadline.is_none_or(|d| Instant::now() < d) => {
-                missed += 1;
-                std::thread::sleep(WAIT_POLL);
-                continue;
-            }
-            Err(f) => return Err(f),
+        // asked again, a few times in a row and without a word, before the wait gives up on it and says why.
+        // One miss ended the command with none of its answers; a miss said aloud looked like a failure of a
+        // wait that then succeeded.
+        let polled = if missed < MISSED_POLLS && deadline.is_none_or(|d| Instant::now() < d) {
+            poll_status(c)?
+        } else {
+            Some(monitor_status(c)?)
         };
+        let Some(v) = polled else {
+            missed += 1;
+            std::thread::sleep(WAIT_POLL);
+            continue;
+        };
+        missed = 0;
         let late = deadline.is_some_and(|d| Instant::now() >= d);
         open.retain(|&i| {
             let (name, result) = &mut results[i];
@@ -617,6 +623,79 @@ pub(super) fn plan_with(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A monitor on a free port answering each status poll with the next of `answers` (status, body); the
+    /// last is answered from then on.
+    fn scripted_monitor(answers: Vec<(u16, String)>) -> Client {
+        use std::io::{BufRead, Write};
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        std::thread::spawn(move || {
+            for (i, s) in l.incoming().enumerate() {
+                let Ok(mut s) = s else { return };
+                let mut head = String::new();
+                let mut r = std::io::BufReader::new(s.try_clone().unwrap());
+                while r.read_line(&mut head).is_ok_and(|n| n > 2) {}
+                let (status, body) = &answers[i.min(answers.len() - 1)];
+                let _ = write!(
+                    s,
+                    "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+            }
+        });
+        Client {
+            addrs: crate::addrs::Addrs::new(vec![addr]),
+            url: format!("http://{addr}"),
+            token: None,
+            timeout: Duration::from_secs(5),
+        }
+    }
+
+    /// A wait asks again after status polls the monitor did not take (here two 503s: at its connection
+    /// limit), and ends with the program's answer; past `MISSED_POLLS` in a row it gives up, exit 69.
+    #[test]
+    fn a_wait_asks_again_after_missed_polls() {
+        let busy = (
+            503,
+            r#"{"error": {"code": "unavailable", "message": "busy"}}"#.to_string(),
+        );
+        let running = serde_json::json!({
+            "monitor": { "version": "test" },
+            "programs": [{ "name": "p", "state": "RUNNING", "ready": true }],
+        });
+        let c = scripted_monitor(vec![busy.clone(), busy.clone(), (200, running.to_string())]);
+        let mut results = vec![("p".to_string(), Ok("starting".to_string()))];
+        let limit = Duration::from_secs(10);
+        assert!(await_goal(&c, &mut results, &mut [false], Goal::Running, limit).is_ok());
+        assert_eq!(results[0].1, Ok("started".to_string()));
+
+        let c = scripted_monitor(vec![busy]);
+        let mut results = vec![("p".to_string(), Ok("starting".to_string()))];
+        let given_up = await_goal(&c, &mut results, &mut [false], Goal::Running, limit);
+        assert!(matches!(given_up, Err(Failure::Exit(69))));
+    }
+
+    /// A roll that ended between two polls, another begun meanwhile, is found among the monitor's past rolls:
+    /// its outcome was reported "gone".
+    #[test]
+    fn a_roll_followed_is_found_after_the_next_began() {
+        let step =
+            |step: &str, message: &str| serde_json::json!({ "name": "p", "step": step, "message": message });
+        let roll = |id: u64, finished: bool, s: Value| serde_json::json!({ "id": id, "finished": finished, "limit_secs": 60, "programs": [s] });
+        let status = serde_json::json!({
+            "monitor": { "version": "test" },
+            "programs": [],
+            "roll": roll(8, false, step("restarting", "")),
+            "past_rolls": [roll(7, true, step("done", "started"))],
+        });
+        let c = scripted_monitor(vec![(200, status.to_string())]);
+        let (followed, _) = follow_roll(&c, roll(7, false, step("restarting", "")), false).unwrap();
+        assert_eq!(
+            (followed["id"].clone(), roll_outcome(&followed["programs"][0])),
+            (7.into(), Some(Ok("started".into())))
+        );
+    }
 
     #[test]
     fn only_a_program_with_a_process_is_ready_or_not() {
