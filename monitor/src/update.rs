@@ -303,6 +303,14 @@ impl Supervisor {
                     continue;
                 };
                 let runs = p.m.state.has_process();
+                // Back to the settings its process runs (a change left pending by a roll that stopped, or
+                // not reached yet, then reverted in the file): the pending change is dropped and the process
+                // left alone. It was restarted onto what it already ran. (One stopping for that change
+                // starts again on these settings, as it is still wanted.)
+                if runs && !p.removing && *p.spec == *spec {
+                    p.replacement = None;
+                    continue;
+                }
                 if (rolling.is_some() || spec.rolling_update) && runs && !p.removing {
                     p.replacement = Some(Arc::new(spec.clone()));
                     to_roll.push(spec.name.clone());

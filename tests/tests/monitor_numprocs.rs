@@ -372,6 +372,20 @@ fn an_update_rolls_a_program_whose_strategy_says_so_and_update_rolling_rolls_any
         status.contains("runs an older config (a restart applies the new one)"),
         "{status}"
     );
+
+    // Reverted: the instances still on v3 keep their processes, their pending change dropped (they were
+    // restarted onto what they ran), and app-0, restarted into the broken version, rolls back.
+    write("v3");
+    let o = m.ctl(&["update"]);
+    let text = out(&o);
+    assert_eq!(o.status.code(), Some(0), "{text}");
+    assert!(text.contains("app-0: started"), "{text}");
+    for name in ["app-1", "app-2", "web-0", "web-1", "web-2"] {
+        let i = order.iter().position(|n| n == &name).unwrap();
+        assert_eq!(m.pid(name), pids[i], "{name}: {text}");
+        assert_eq!(m.prog(name)["update_pending"], false, "{}", m.prog(name));
+    }
+    assert!(runs("app-0", "v3").is_some(), "{}", m.prog("app-0"));
 }
 
 /// Waits for the roll under way to end; asserts each program's step and message then.
