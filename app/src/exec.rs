@@ -28,6 +28,9 @@ pub struct StoreExec {
     /// Bound on one call, the wait for a store thread included: `None` for a store whose calls are bounded
     /// by themselves (SQLite's busy timeout on a local file).
     call_timeout: Option<Duration>,
+    /// Whether a call waiting for a thread counts in [`Self::waiting`]: a request's does; a background
+    /// task's ([`Self::background`]) does not.
+    counted: bool,
 }
 
 impl std::fmt::Debug for StoreExec {
@@ -62,6 +65,7 @@ impl StoreExec {
             reads: Arc::new(Semaphore::new(threads.max(1))),
             counters: Arc::default(),
             call_timeout: None,
+            counted: true,
         }
     }
 
@@ -86,7 +90,18 @@ impl StoreExec {
         }
     }
 
-    /// Calls waiting for a store thread.
+    /// The same store, lanes and bound, for a background task (the sweeper, the outbox and maintenance
+    /// workers, the samplers and reconcilers): its calls waiting for a thread are not counted as waiting
+    /// requests. Counted, `GET /v1/stats` reported them as `queued` requests (and as many fewer in flight),
+    /// and the balancers weighed the instance as busier than its requests made it.
+    pub fn background(&self) -> Self {
+        Self {
+            counted: false,
+            ..self.clone()
+        }
+    }
+
+    /// Requests' calls waiting for a store thread.
     pub fn waiting(&self) -> u32 {
         self.counters.waiting.load(Ordering::Relaxed)
     }
@@ -154,8 +169,10 @@ impl StoreExec {
                 self.0.fetch_sub(1, Ordering::Relaxed);
             }
         }
-        self.counters.waiting.fetch_add(1, Ordering::Relaxed);
-        let waiting = Waiting(&self.counters.waiting);
+        let waiting = self.counted.then(|| {
+            self.counters.waiting.fetch_add(1, Ordering::Relaxed);
+            Waiting(&self.counters.waiting)
+        });
         let permit = permits.clone().acquire_owned().await;
         drop(waiting);
         let permit = permit.map_err(|_| StoreError::Internal("store executor closed".into()))?;
@@ -266,5 +283,57 @@ pub(crate) mod tests {
         release.send(()).unwrap();
         write.await.unwrap().unwrap();
         queued.await.unwrap().unwrap();
+    }
+
+    /// A background task's call waiting for a thread is not a waiting request; a request's is. (On one
+    /// thread: both calls have begun to wait once the test's first sleep lets them run.)
+    #[tokio::test]
+    async fn only_requests_count_as_waiting() {
+        let dir = tempfile::tempdir().unwrap();
+        let exec = one_lane(dir.path());
+        let (release, held) = std::sync::mpsc::channel::<()>();
+        let (entered, started) = tokio::sync::oneshot::channel::<()>();
+        let holder = exec.clone();
+        let hold = tokio::spawn(async move {
+            holder
+                .run(move |_| {
+                    let _ = entered.send(());
+                    let _ = held.recv();
+                    Ok(())
+                })
+                .await
+        });
+        started.await.unwrap();
+        let until = |n: u32| {
+            let exec = exec.clone();
+            async move {
+                let deadline = Instant::now() + Duration::from_secs(10);
+                while exec.waiting() != n {
+                    assert!(
+                        Instant::now() < deadline,
+                        "waiting stayed {} (not {n})",
+                        exec.waiting()
+                    );
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+        };
+        let background = tokio::spawn({
+            let exec = exec.background();
+            async move { exec.run(|_| Ok(())).await }
+        });
+        let request = tokio::spawn({
+            let exec = exec.clone();
+            async move { exec.run(|_| Ok(())).await }
+        });
+        until(1).await;
+        // Both wait for the one thread; only the request is counted.
+        assert!(!background.is_finished() && !request.is_finished());
+        assert_eq!(exec.waiting(), 1);
+        release.send(()).unwrap();
+        hold.await.unwrap().unwrap();
+        background.await.unwrap().unwrap();
+        request.await.unwrap().unwrap();
+        until(0).await;
     }
 }

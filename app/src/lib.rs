@@ -126,12 +126,15 @@ pub async fn run(ctx: Context<Config>) -> Result<(), Error> {
         queue_depth: Default::default(),
         audits: tokio::sync::Mutex::new(()),
     });
-    tokio::spawn(queue::workers::outbox_worker(exec.clone(), background.clone()));
-    tokio::spawn(queue::workers::maintainer(exec.clone(), background.clone()));
+    tokio::spawn(queue::workers::outbox_worker(
+        exec.background(),
+        background.clone(),
+    ));
+    tokio::spawn(queue::workers::maintainer(exec.background(), background.clone()));
     tokio::spawn(queue::workers::sweeper(app.clone(), background.clone()));
     tokio::spawn(sampler(app.clone(), background.clone()));
     if let Some(g) = redis_gate {
-        tokio::spawn(gate_redis::reconciler(g, exec.clone(), background.clone()));
+        tokio::spawn(gate_redis::reconciler(g, exec.background(), background.clone()));
     }
     tokio::spawn(follow_config(app.clone(), background.clone()));
     tokio::spawn(reconciler(app.clone(), background.clone()));
@@ -167,6 +170,7 @@ pub async fn run(ctx: Context<Config>) -> Result<(), Error> {
 /// Once a second: closes the stats window, samples the outbox depth and how overdue the oldest reservation
 /// is, and feeds the degrade breakers.
 async fn sampler(app: Arc<api::App>, cancel: CancellationToken) {
+    let exec = app.exec.background();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     // A sample held up by a slow store call is followed by the next a second on, not by the missed ticks
     // back to back: they rolled windows of a millisecond (rates up a thousandfold or nothing, an error
@@ -184,9 +188,7 @@ async fn sampler(app: Arc<api::App>, cancel: CancellationToken) {
         // the breakers' feed (below) twice as long in the outage they are there to react to. The overdue
         // reservation is read here, not by the sweeper: a sweeper stuck in a store call, or failing every
         // pass, would stop updating the very gauge that should show it. On a failed read the last values stay.
-        let read = app
-            .exec
-            .read(|s| Ok((s.outbox_depth()?, s.oldest_reservation_expiry()?)));
+        let read = exec.read(|s| Ok((s.outbox_depth()?, s.oldest_reservation_expiry()?)));
         let depth = match read.await {
             Ok((depth, expiry)) => {
                 ::metrics::gauge!(crate::metrics::RESERVATIONS_OVERDUE)
@@ -248,6 +250,7 @@ async fn follow_config(app: Arc<api::App>, cancel: CancellationToken) {
 
 /// The reconciler: runs the invariant audit every `audit_interval_ms` and reports any breach loudly.
 async fn reconciler(app: Arc<api::App>, cancel: CancellationToken) {
+    let exec = app.exec.background();
     loop {
         let every = app.cfg().audit_interval.unwrap_or(Duration::from_secs(60));
         tokio::select! {
@@ -257,7 +260,7 @@ async fn reconciler(app: Arc<api::App>, cancel: CancellationToken) {
         if app.cfg().audit_interval.is_none() {
             continue;
         }
-        match app.exec.read(|s| s.audit()).await {
+        match exec.read(|s| s.audit()).await {
             Ok(report) if report.ok => tracing::debug!("reconciler: every invariant holds"),
             Ok(report) => {
                 ::metrics::counter!(crate::metrics::AUDIT_FAILURES_TOTAL).increment(1);

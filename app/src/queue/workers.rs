@@ -73,7 +73,7 @@ const MAINTAIN_EVERY: Duration = Duration::from_millis(200);
 pub async fn sweeper(app: Arc<App>, cancel: CancellationToken) {
     // Unbounded: an expiry's gate cleanup below needs its outcome, which a given-up call loses while the
     // call may still commit.
-    let exec = app.exec.unbounded();
+    let exec = app.exec.unbounded().background();
     loop {
         let ttl = app.config.borrow().reservation_ttl;
         let every = (ttl / 10).clamp(Duration::from_millis(50), Duration::from_secs(1));
