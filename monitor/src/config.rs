@@ -48,6 +48,9 @@ impl Default for RawCluster {
 pub struct RawGroup {
     /// The `[programs.*]` it holds, by name.
     pub programs: Vec<String>,
+    /// Supervisord's group `priority`: its programs start (and stop) as one, at this priority among the
+    /// others', and by their own `priority` within it. None: each program at its own.
+    pub priority: Option<i32>,
 }
 
 /// Most programs one `[groups.*]` section may name.
@@ -131,7 +134,7 @@ pub struct Config {
     pub shutdown: ShutdownTimes,
     /// The API server's limits (`[http]`, with `[shutdown]`'s grace period).
     pub http: xcluster_runtime::http::ServerLimits,
-    /// Every process after `numprocs` expansion, in start order (priority, then name).
+    /// Every process after `numprocs` expansion, in start order (`ProcessSpec::order`, then name).
     pub processes: Arc<Vec<ProcessSpec>>,
     /// `[groups.*]`: each named group's programs ([`crate::select::Groups`]).
     pub groups: Arc<crate::select::Groups>,
@@ -224,6 +227,7 @@ impl RoleConfig for Config {
             processes.extend(prog.expand(name, &dirs, &mut v));
         }
         let groups = check_groups(&raw.groups, &raw.programs, &processes, &mut v);
+        group_priorities(&raw.groups, &mut processes, &mut v);
         for p in &mut processes {
             p.depends_on = crate::program::through_groups(&p.depends_on, &groups);
         }
@@ -239,7 +243,7 @@ impl RoleConfig for Config {
                 ),
             );
         }
-        processes.sort_by(|a, b| (a.priority, &a.name).cmp(&(b.priority, &b.name)));
+        processes.sort_by(|a, b| (a.order(), &a.name).cmp(&(b.order(), &b.name)));
         v.finish(Config {
             listen,
             token,
@@ -321,6 +325,29 @@ fn check_log_files(processes: &[ProcessSpec], v: &mut Validator) {
     }
 }
 
+/// Gives each process the `priority` of the `[groups.*]` holding its program, if one sets it. A program in two
+/// groups with different priorities is refused: its place in the start order would depend on which won.
+fn group_priorities(raw: &BTreeMap<String, RawGroup>, processes: &mut [ProcessSpec], v: &mut Validator) {
+    let prioritized = || (raw.iter()).filter_map(|(name, g)| Some((name, g.priority?, &g.programs)));
+    for (name, priority, programs) in prioritized() {
+        for program in programs {
+            let other = prioritized().find(|(n, p, ps)| *n < name && *p != priority && ps.contains(program));
+            if let Some((other, p, _)) = other {
+                v.error(
+                    format!("groups.{name}.priority"),
+                    format!(
+                        "{program:?} is also in group {other:?} with priority {p}: a program's start order \
+                         comes from one group's priority"
+                    ),
+                );
+            }
+        }
+        for p in processes.iter_mut().filter(|p| programs.contains(&p.group)) {
+            p.group_priority = Some(priority);
+        }
+    }
+}
+
 /// `[groups.*]`: names that select, so none may also be a program's or a process's name (`web:*` would pick
 /// two different sets) or `all`; each names programs that exist, each once.
 fn check_groups(
@@ -398,7 +425,11 @@ mod tests {
             }
             for (name, programs) in groups {
                 let programs = programs.iter().map(|p| p.to_string()).collect();
-                raw.groups.insert(name.to_string(), RawGroup { programs });
+                let group = RawGroup {
+                    programs,
+                    ..RawGroup::default()
+                };
+                raw.groups.insert(name.to_string(), group);
             }
             Config::validate(&raw).map(|c| c.groups).map_err(|issues| {
                 (issues.into_iter())
@@ -432,6 +463,52 @@ mod tests {
         let names: Vec<String> = (0..=MAX_PROCESSES).map(|i| format!("g{i}")).collect();
         let many: Vec<(&str, &[&str])> = names.iter().map(|n| (n.as_str(), &["web"][..])).collect();
         assert_eq!(check(&many).unwrap_err(), ["groups: 513 groups (max 512)"]);
+    }
+
+    /// A group's `priority` orders its programs as one among the others, by their own within it (Supervisord's
+    /// group priority), for starting and, reversed, for stopping; a program in two groups of different
+    /// priorities is refused.
+    #[test]
+    fn a_groups_priority_orders_its_programs_as_one() {
+        let config = |groups: &[(&str, &[&str], i32)]| {
+            let mut raw = RawConfig::default();
+            for (p, priority) in [("web", 999), ("worker", 5), ("db", 50)] {
+                let prog = RawProgram {
+                    command: "sleep 1000".into(),
+                    priority,
+                    ..RawProgram::default()
+                };
+                raw.programs.insert(p.into(), prog);
+            }
+            for (name, programs, priority) in groups {
+                let group = RawGroup {
+                    programs: programs.iter().map(|p| p.to_string()).collect(),
+                    priority: Some(*priority),
+                };
+                raw.groups.insert(name.to_string(), group);
+            }
+            Config::validate(&raw).map_err(|issues| {
+                (issues.into_iter())
+                    .map(|i| format!("{}: {}", i.key, i.message))
+                    .collect::<Vec<_>>()
+            })
+        };
+        let order = |c: &Config| c.processes.iter().map(|p| p.name.clone()).collect::<Vec<_>>();
+        assert_eq!(order(&config(&[]).unwrap()), ["worker", "db", "web"]);
+        let c = config(&[("site", &["web", "worker"], 10)]).unwrap();
+        assert_eq!(order(&c), ["worker", "web", "db"]);
+        let levels = crate::program::stop_levels(&c.processes);
+        assert!(levels["web"] < levels["db"], "db stops first: {levels:?}");
+        assert!(levels["worker"] < levels["web"], "{levels:?}");
+        // Two groups may hold one program at one priority, not at two.
+        config(&[("a", &["web"], 10), ("b", &["web", "db"], 10)]).unwrap();
+        assert_eq!(
+            config(&[("a", &["web"], 10), ("b", &["web", "db"], 20)]).unwrap_err(),
+            [
+                "groups.b.priority: \"web\" is also in group \"a\" with priority 10: a program's start order comes \
+              from one group's priority"
+            ]
+        );
     }
 
     /// Counts past their ranges are errors, not overflows (a panic in a debug or fuzz build, a wrapped port
@@ -485,7 +562,11 @@ mod tests {
             let dependent = raw.programs.get_mut(who).unwrap();
             dependent.depends_on = depends_on.iter().map(|d| d.to_string()).collect();
             let programs = vec!["db".to_string(), "cache".to_string()];
-            raw.groups.insert("backend".into(), RawGroup { programs });
+            let group = RawGroup {
+                programs,
+                ..RawGroup::default()
+            };
+            raw.groups.insert("backend".into(), group);
             Config::validate(&raw).map_err(|issues| {
                 (issues.into_iter())
                     .map(|i| format!("{}: {}", i.key, i.message))

@@ -148,6 +148,8 @@ pub struct ProcessSpec {
     pub umask: Option<u32>,
     pub user: Option<String>,
     pub priority: i32,
+    /// The `priority` of the `[groups.*]` holding its program, if that sets one (see [`Self::order`]).
+    pub group_priority: Option<i32>,
     pub autostart: bool,
     pub policy: Policy,
     pub stopsignal: nix::sys::signal::Signal,
@@ -163,6 +165,13 @@ pub struct ProcessSpec {
 }
 
 impl ProcessSpec {
+    /// Where it starts among the others (lower first) and stops (lower last), as Supervisord orders them: by
+    /// its group's priority when that has one, and by its own within the group; a program in no such group
+    /// is a group of its own at its own priority.
+    pub fn order(&self) -> (i32, i32) {
+        (self.group_priority.unwrap_or(self.priority), self.priority)
+    }
+
     /// The settings its process, and its probes' commands, run with (`child::as_program`).
     pub fn run_as(&self) -> crate::probe::RunAs {
         crate::probe::RunAs {
@@ -622,6 +631,7 @@ impl RawProgram {
                     umask,
                     user: (!self.user.is_empty()).then(|| self.user.clone()),
                     priority: self.priority,
+                    group_priority: None,
                     autostart: self.autostart,
                     policy: policy.clone(),
                     stopsignal,
@@ -712,18 +722,19 @@ impl RawProgram {
 
 /// Each group's stop level: one command (or the shutdown) stopping several programs stops those of a higher
 /// level first, and each waits for the higher levels to have exited. A group is above every group it
-/// `depends_on`, and otherwise at the rank of its `priority` among the priorities in use (Supervisord: lower
-/// starts first and stops last); where the two disagree (`a` depends on `b`, yet has the lower priority) the
-/// dependency wins. Levels are numbers, so the order has no cycle; groups on one level stop together.
+/// `depends_on`, and otherwise at the rank of its priority ([`ProcessSpec::order`]) among those in use
+/// (Supervisord: lower starts first and stops last); where the two disagree (`a` depends on `b`, yet has the
+/// lower priority) the dependency wins. Levels are numbers, so the order has no cycle; groups on one level
+/// stop together.
 pub fn stop_levels(specs: &[ProcessSpec]) -> BTreeMap<String, u32> {
-    let mut priorities: Vec<i32> = specs.iter().map(|s| s.priority).collect();
+    let mut priorities: Vec<(i32, i32)> = specs.iter().map(ProcessSpec::order).collect();
     priorities.sort_unstable();
     priorities.dedup();
     let groups: BTreeMap<&str, &ProcessSpec> = specs.iter().map(|s| (s.group.as_str(), s)).collect();
     fn level<'a>(
         g: &'a str,
         groups: &BTreeMap<&'a str, &'a ProcessSpec>,
-        priorities: &[i32],
+        priorities: &[(i32, i32)],
         done: &mut BTreeMap<&'a str, u32>,
         path: &mut Vec<&'a str>,
     ) -> u32 {
@@ -735,7 +746,7 @@ pub fn stop_levels(specs: &[ProcessSpec]) -> BTreeMap<String, u32> {
             return 0; // a cycle, which validation refuses
         }
         path.push(g);
-        let rank = priorities.partition_point(|p| *p < spec.priority) as u32;
+        let rank = priorities.partition_point(|p| *p < spec.order()) as u32;
         let above = (spec.depends_on.iter())
             .map(|d| level(d, groups, priorities, done, path) + 1)
             .max()
