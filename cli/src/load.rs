@@ -251,13 +251,22 @@ impl Run {
             tokio::time::sleep(Duration::from_millis(1)).await;
             return;
         };
-        // A pay that fails leaves its order to cancel at the end (`Ctx::pay_failed`).
+        // A pay that fails leaves its order to cancel at the end (`Ctx::pay_failed`); an order whose answer
+        // is lost is asked again then (`Ctx::lost`).
         let paying = (kind.name == "pay").then(|| req.uri().path().to_string());
+        let lost = mix::Lost::of(kind, &req);
         let outcome = self.target.send(kind, req, self.timeout).await;
         if let Some(path) = paying
             && !outcome.as_ref().is_ok_and(|(resp, _)| resp.status().is_success())
         {
             self.ctx.pay_failed(&path);
+        }
+        if let Some(lost) = lost
+            && outcome
+                .as_ref()
+                .map_or(true, |(resp, _)| mix::may_have_placed(resp))
+        {
+            self.ctx.lost(lost);
         }
         let latency = intended.elapsed();
         let sample = match outcome {
@@ -442,8 +451,10 @@ async fn drive(
     report.lists = lists;
     report.released = Some(if args.keep_orders {
         let (ids, forgotten) = ctx.take_unpaid();
+        // Those whose answer was lost may hold stock too: counted among the kept, not asked again.
+        let lost = ctx.take_lost().len() as u64;
         report::Released {
-            kept: ids.len() as u64 + forgotten,
+            kept: ids.len() as u64 + forgotten + lost,
             ..Default::default()
         }
     } else {
@@ -467,39 +478,77 @@ async fn drive(
 /// time after the run: a few at once, each within `timeout` but at least [`CANCEL_TIMEOUT`], all within
 /// [`RELEASE_WITHIN`]. Not counted in the report's requests: they are the run's clean-up, not its load.
 async fn release_unpaid(ctx: &Ctx, target: &Arc<Target>, timeout: Duration) -> report::Released {
-    const AT_ONCE: usize = 16;
     // A run that measures how a short `--timeout-ms` fails (5 ms) must still clean up: within it, most
     // cancels failed, and a thousand reservations a run were left for the app's reservation time.
     let timeout = timeout.max(CANCEL_TIMEOUT);
-    let (ids, forgotten) = ctx.take_unpaid();
+    let deadline = Instant::now() + RELEASE_WITHIN;
+    // First the orders whose answer was lost: asked again under their keys, each placed one answers with
+    // its order (a replay), which is then cancelled with the others. One that had not been placed is placed
+    // now, and cancelled as well: either way its stock is free again.
+    let lost: Vec<_> = ctx.take_lost().iter().map(mix::Lost::request).collect();
     let mut released = report::Released {
-        forgotten,
+        asked_again: lost.len() as u64,
         ..Default::default()
     };
-    let mut ids = ids.into_iter();
-    let mut cancels = tokio::task::JoinSet::new();
-    let deadline = Instant::now() + RELEASE_WITHIN;
+    let unplaced = send_all(target, lost, timeout, deadline, |kind, answer| {
+        if let Some(body) = answer {
+            ctx.observe(kind, body);
+        }
+    })
+    .await;
+    let (ids, forgotten) = ctx.take_unpaid();
+    released.forgotten = forgotten;
+    let cancels = ids.into_iter().map(|(kind, id)| (kind, mix::cancel_request(&id)));
+    let cancels: Vec<_> = cancels.collect();
+    released.cancelled = cancels.len() as u64;
+    released.failed = send_all(target, cancels, timeout, deadline, |_, _| {}).await;
+    released.cancelled -= released.failed;
+    // Not placed, nor known not to be, by the end: they may hold stock.
+    released.failed += unplaced;
+    released
+}
+
+/// Sends `requests` a few at once, each within `timeout` and all by `deadline`, telling `answered` each one's
+/// 2xx body (`None` for any other answer or none); returns how many got no 2xx.
+async fn send_all(
+    target: &Arc<Target>,
+    requests: Vec<(
+        &'static mix::Kind,
+        http::Request<http_body_util::Full<bytes::Bytes>>,
+    )>,
+    timeout: Duration,
+    deadline: Instant,
+    mut answered: impl FnMut(&'static mix::Kind, Option<&[u8]>),
+) -> u64 {
+    const AT_ONCE: usize = 16;
+    let mut requests = requests.into_iter();
+    let mut sent = tokio::task::JoinSet::new();
+    let mut failed = 0;
     loop {
-        while cancels.len() < AT_ONCE {
-            let Some((kind, id)) = ids.next() else { break };
+        while sent.len() < AT_ONCE {
+            let Some((kind, req)) = requests.next() else { break };
             let target = target.clone();
-            cancels.spawn(async move {
-                let answer = target.send(kind, mix::cancel_request(&id), timeout).await;
-                answer.is_ok_and(|(resp, _)| resp.status().is_success())
+            sent.spawn(async move {
+                let answer = target.send(kind, req, timeout).await;
+                let body = answer.ok().filter(|(resp, _)| resp.status().is_success());
+                (kind, body.map(|(resp, _)| resp.into_body()))
             });
         }
-        match tokio::time::timeout_at(deadline, cancels.join_next()).await {
-            Ok(Some(Ok(true))) => released.cancelled += 1,
-            Ok(Some(_)) => released.failed += 1,
+        match tokio::time::timeout_at(deadline, sent.join_next()).await {
+            Ok(Some(Ok((kind, body)))) => {
+                failed += u64::from(body.is_none());
+                answered(kind, body.as_deref());
+            }
+            Ok(Some(Err(_))) => failed += 1,
             Ok(None) => break,
             Err(_) => {
-                released.failed += (cancels.len() + ids.len()) as u64;
-                cancels.abort_all();
+                failed += (sent.len() + requests.len()) as u64;
+                sent.abort_all();
                 break;
             }
         }
     }
-    released
+    failed
 }
 
 /// How long the run's clean-up may take at most ([`release_unpaid`]).

@@ -469,6 +469,63 @@ fn orders_whose_pay_failed_are_cancelled_at_the_end() {
     assert_eq!(shop.hits(), 2 * placed, "each order and its cancel");
 }
 
+/// An order whose answer was lost (here a 504, as XBuy's `outcome_unknown`) is asked again under its key after
+/// the run, and the order that answers (a replay) is cancelled with the others: it was neither cancelled nor
+/// known to the run, and held its stock for the app's reservation time. A refusal made before any work (a
+/// 503 `overloaded`) is not asked again: that would place an order only to cancel it.
+#[test]
+fn an_order_whose_answer_was_lost_is_asked_again_and_cancelled() {
+    let posts = Arc::new(AtomicU64::new(0));
+    let (count, cancels) = (posts.clone(), Arc::new(AtomicU64::new(0)));
+    let cancelled = cancels.clone();
+    let shop = Backend::scripted(r#"{"id":"o-1"}"#, move |head| {
+        if head.contains("/cancel ") {
+            cancelled.fetch_add(1, Ordering::Relaxed);
+            200
+        } else if count.fetch_add(1, Ordering::Relaxed) == 0 {
+            504
+        } else {
+            201
+        }
+    });
+    // One order, and it failed: the run exits 1.
+    let one_order = |addr: SocketAddr| {
+        let addr = addr.to_string();
+        let args = [
+            "--via",
+            "rr",
+            "--targets",
+            &addr,
+            "--mix",
+            "order=1",
+            "--requests",
+            "1",
+        ];
+        load_exiting(&args, 1)
+    };
+    let report = one_order(shop.addr);
+    assert_eq!(report["errors"], 1, "{report}");
+    let released = &report["released"];
+    assert_eq!(
+        (
+            &released["asked_again"],
+            &released["cancelled"],
+            &released["failed"]
+        ),
+        (&1.into(), &1.into(), &0.into()),
+        "{report}"
+    );
+    assert_eq!(
+        (posts.load(Ordering::Relaxed), cancels.load(Ordering::Relaxed)),
+        (2, 1)
+    );
+
+    let refused = Backend::scripted(r#"{"error":{"code":"overloaded","message":"busy"}}"#, |_| 503);
+    let report = one_order(refused.addr);
+    assert_eq!(report["released"]["asked_again"], 0, "{report}");
+    assert_eq!(refused.hits(), 1, "{report}");
+}
+
 /// A run through the SDK says when no balancer vouched for its lists: here the only balancer dies once the
 /// run has its list, the instance keeps answering from that list, and the report says for how long it was
 /// served so (`lists.static_s`). Such a run used to read like one through a healthy cluster.

@@ -39,7 +39,61 @@ struct Unpaid {
     /// `order`'s whose `pay` got no 2xx: not paid, or not known to be, so not paid again (a refused one
     /// would be refused again) but cancelled at the end with the others.
     unsettled: VecDeque<String>,
+    /// `order`'s and `seckill`'s requests whose answer was lost: each may have placed its order.
+    lost: VecDeque<Lost>,
     forgotten: u64,
+}
+
+/// An `order` or `seckill` request answered by an error, a timeout or a 5xx (`504 outcome_unknown` among
+/// them): the order may stand, and only asking again under its key, which replays the first answer if it
+/// committed, tells. Not remembered, such an order was neither cancelled after the run nor listed.
+#[derive(Debug, Clone)]
+pub struct Lost {
+    flash: bool,
+    path: String,
+    key: String,
+    /// Its bytes until sent: cloning it copies nothing.
+    body: Full<Bytes>,
+}
+
+/// Whether an order request's answer leaves its order unknown: a 5xx, but for the refusals XBuy makes before
+/// any work (`overloaded`, `read_only`), which asked again would place an order only for the clean-up to
+/// cancel it. (A `store_busy` 503 of a keyed request may have committed: its retry replays.)
+pub fn may_have_placed(resp: &http::Response<Bytes>) -> bool {
+    if !resp.status().is_server_error() {
+        return false;
+    }
+    let code = serde_json::from_slice::<serde_json::Value>(resp.body())
+        .ok()
+        .and_then(|v| v["error"]["code"].as_str().map(str::to_string));
+    !matches!(code.as_deref(), Some("overloaded" | "read_only"))
+}
+
+impl Lost {
+    /// What asking again needs of `req` (its body shared, not copied), if it is an order of `kind` under a
+    /// key.
+    pub fn of(kind: &Kind, req: &Request<Full<Bytes>>) -> Option<Lost> {
+        if kind.name != "order" && kind.name != "seckill" {
+            return None;
+        }
+        let key = req.headers().get("idempotency-key")?.to_str().ok()?.to_string();
+        Some(Lost {
+            flash: kind.name == "seckill",
+            path: req.uri().path().to_string(),
+            key,
+            body: req.body().clone(),
+        })
+    }
+
+    /// The same request again, and the kind that routes it.
+    pub fn request(&self) -> (&'static Kind, Request<Full<Bytes>>) {
+        let req = Request::post(self.path.as_str())
+            .header("content-type", "application/json")
+            .header("idempotency-key", self.key.as_str())
+            .body(self.body.clone())
+            .unwrap_or_else(|_| Request::new(self.body.clone()));
+        (&CANCEL[usize::from(self.flash)], req)
+    }
 }
 
 impl Unpaid {
@@ -104,6 +158,21 @@ impl Ctx {
             let u = &mut *self.unpaid();
             Unpaid::push(&mut u.unsettled, &mut u.forgotten, id.to_string());
         }
+    }
+
+    /// An order request whose answer was lost ([`Lost`]), to ask again after the run.
+    pub fn lost(&self, lost: Lost) {
+        let u = &mut *self.unpaid();
+        if u.lost.len() >= ORDER_IDS_KEPT {
+            u.lost.pop_front();
+            u.forgotten += 1;
+        }
+        u.lost.push_back(lost);
+    }
+
+    /// Takes the order requests whose answer was lost.
+    pub fn take_lost(&self) -> Vec<Lost> {
+        std::mem::take(&mut self.unpaid().lost).into()
     }
 
     /// Takes every order still unpaid, each with the kind that cancels it (as [`CANCEL`] routes it), and

@@ -397,6 +397,10 @@ pub struct Released {
     pub forgotten: u64,
     /// Left as they are (`--keep-orders`): they hold their stock until paid, cancelled or expired.
     pub kept: u64,
+    /// Order requests whose answer was lost (an error, a timeout, a 5xx), asked again under their keys before
+    /// the cancels: the orders they placed are among those cancelled (or failed); with `--keep-orders`, not
+    /// asked again, and among `kept`.
+    pub asked_again: u64,
 }
 
 /// One timeline line's backend shares, and its end.
@@ -493,6 +497,12 @@ impl Report {
                     "\nunpaid orders cancelled after the run: {} ({} failed, {} forgotten; --keep-orders keeps them)\n",
                     r.cancelled, r.failed, r.forgotten
                 );
+                if r.asked_again > 0 {
+                    out += &format!(
+                        "order requests whose answer was lost, asked again under their keys first: {}\n",
+                        r.asked_again
+                    );
+                }
             }
             _ => {}
         }
