@@ -294,6 +294,10 @@ impl RedisGate {
             metrics::counter!(crate::metrics::REDIS_GATE_TOTAL, "answer" => BUSY_ANSWER).increment(1);
             return None;
         };
+        // The circuit may have opened while this call waited: it is not sent into the failure just seen.
+        if !self.is_up() {
+            return None;
+        }
         let pooled = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
         let mut result = match pooled {
             Some(c) => self.call_on(Ok(c), args).await,
@@ -543,6 +547,14 @@ impl RedisGate {
             &sellable.max(0).to_string(),
         ])
         .await;
+    }
+
+    /// Whether the reconciler keeps `sku`'s counter ([`RedisGate::heat`]).
+    pub fn is_hot(&self, sku: &str) -> bool {
+        self.hot
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains_key(sku)
     }
 
     fn hot(&self) -> Vec<String> {

@@ -31,9 +31,11 @@ xcluster_runtime::metric_names! {
     pub const DEGRADE_BREAKER_TRIPS_TOTAL: &str = "xcluster_app_degrade_breaker_trips_total";
     /// Orders committed per group commit at the queued level.
     pub const BATCH_SIZE: &str = "xcluster_app_batch_orders";
-    /// Redis gate answers, by `answer` (taken, pass, sold_out, over_limit, in_flight, error) — issue 8.
+    /// Redis gate answers, by `answer` (taken, pass, sold_out, over_limit, in_flight; and error, a failed call,
+    /// or busy, one not made as no connection was free within the command timeout, each also counted as pass
+    /// when it was an attempt's) — issue 8.
     pub const REDIS_GATE_TOTAL: &str = "xcluster_app_redis_gate_total";
-    /// Redis gate give-backs (a unit the store did not sell, a buyer's count of an ended order) waiting for Redis to take them: the reconciler sends them again once it answers.
+    /// Redis gate give-backs (a unit the store did not sell, a buyer's count of an ended order, units back on sale) waiting for Redis to take them: the reconciler sends them again once it answers.
     pub const REDIS_GIVE_BACKS_PENDING: &str = "xcluster_app_redis_give_backs_pending";
     /// Give-backs dropped, the oldest first, past 10,000 waiting: those buyers may be refused `limit_exceeded` until their count expires.
     pub const REDIS_GIVE_BACKS_DROPPED_TOTAL: &str = "xcluster_app_redis_give_backs_dropped_total";

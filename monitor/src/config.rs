@@ -325,25 +325,31 @@ fn check_log_files(processes: &[ProcessSpec], v: &mut Validator) {
     }
 }
 
-/// Gives each process the `priority` of the `[groups.*]` holding its program, if one sets it. A program in two
-/// groups with different priorities is refused: its place in the start order would depend on which won.
+/// Gives each process the `priority` of the `[groups.*]` holding its program, if one sets it, and that
+/// group's name. A program in two groups that set one is refused: its place in the start order would depend
+/// on which won. One pass over the groups' names (up to 512 × 256 of them).
 fn group_priorities(raw: &BTreeMap<String, RawGroup>, processes: &mut [ProcessSpec], v: &mut Validator) {
-    let prioritized = || (raw.iter()).filter_map(|(name, g)| Some((name, g.priority?, &g.programs)));
-    for (name, priority, programs) in prioritized() {
-        for program in programs {
-            let other = prioritized().find(|(n, p, ps)| *n < name && *p != priority && ps.contains(program));
-            if let Some((other, p, _)) = other {
-                v.error(
+    let mut held: BTreeMap<&str, (i32, &str)> = BTreeMap::new();
+    for (name, g) in raw {
+        let Some(priority) = g.priority else { continue };
+        for program in &g.programs {
+            match held.get(program.as_str()) {
+                Some((_, other)) => v.error(
                     format!("groups.{name}.priority"),
                     format!(
-                        "{program:?} is also in group {other:?} with priority {p}: a program's start order \
-                         comes from one group's priority"
+                        "{program:?} is also in group {other:?}, which sets a priority too: a program's start \
+                         order comes from one group"
                     ),
-                );
+                ),
+                None => {
+                    held.insert(program, (priority, name));
+                }
             }
         }
-        for p in processes.iter_mut().filter(|p| programs.contains(&p.group)) {
-            p.group_priority = Some(priority);
+    }
+    for p in processes.iter_mut() {
+        if let Some((priority, group)) = held.get(p.group.as_str()) {
+            p.group_priority = Some((*priority, group.to_string()));
         }
     }
 }
@@ -487,6 +493,12 @@ mod tests {
                 };
                 raw.groups.insert(name.to_string(), group);
             }
+            // A group without a priority holds what it likes.
+            let any = RawGroup {
+                programs: vec!["web".into(), "db".into()],
+                priority: None,
+            };
+            raw.groups.insert("any".into(), any);
             Config::validate(&raw).map_err(|issues| {
                 (issues.into_iter())
                     .map(|i| format!("{}: {}", i.key, i.message))
@@ -500,13 +512,20 @@ mod tests {
         let levels = crate::program::stop_levels(&c.processes);
         assert!(levels["web"] < levels["db"], "db stops first: {levels:?}");
         assert!(levels["worker"] < levels["web"], "{levels:?}");
-        // Two groups may hold one program at one priority, not at two.
-        config(&[("a", &["web"], 10), ("b", &["web", "db"], 10)]).unwrap();
+        // At a program's own priority, the group stays together: db (50) before it or after it, not between.
+        let c = config(&[("site", &["web", "worker"], 50)]).unwrap();
+        assert_eq!(order(&c), ["db", "worker", "web"]);
+        let levels = crate::program::stop_levels(&c.processes);
+        assert!(
+            levels["db"] < levels["worker"] && levels["worker"] < levels["web"],
+            "{levels:?}"
+        );
+        // Another group may hold a program, but only one that sets a priority.
         assert_eq!(
-            config(&[("a", &["web"], 10), ("b", &["web", "db"], 20)]).unwrap_err(),
+            config(&[("a", &["web"], 10), ("b", &["web", "db"], 10)]).unwrap_err(),
             [
-                "groups.b.priority: \"web\" is also in group \"a\" with priority 10: a program's start order comes \
-              from one group's priority"
+                "groups.b.priority: \"web\" is also in group \"a\", which sets a priority too: a program's start \
+              order comes from one group"
             ]
         );
     }

@@ -148,8 +148,9 @@ pub struct ProcessSpec {
     pub umask: Option<u32>,
     pub user: Option<String>,
     pub priority: i32,
-    /// The `priority` of the `[groups.*]` holding its program, if that sets one (see [`Self::order`]).
-    pub group_priority: Option<i32>,
+    /// The `priority` of the `[groups.*]` holding its program, if that sets one, and its name (see
+    /// [`Self::order`]).
+    pub group_priority: Option<(i32, String)>,
     pub autostart: bool,
     pub policy: Policy,
     pub stopsignal: nix::sys::signal::Signal,
@@ -167,9 +168,13 @@ pub struct ProcessSpec {
 impl ProcessSpec {
     /// Where it starts among the others (lower first) and stops (lower last), as Supervisord orders them: by
     /// its group's priority when that has one, and by its own within the group; a program in no such group
-    /// is a group of its own at its own priority.
-    pub fn order(&self) -> (i32, i32) {
-        (self.group_priority.unwrap_or(self.priority), self.priority)
+    /// is a group of its own at its own priority. At one priority, such programs come first, then each group
+    /// whole, by name: a program at a group's priority does not fall between two of its programs.
+    pub fn order(&self) -> (i32, &str, i32) {
+        match &self.group_priority {
+            Some((priority, group)) => (*priority, group, self.priority),
+            None => (self.priority, "", self.priority),
+        }
     }
 
     /// The settings its process, and its probes' commands, run with (`child::as_program`).
@@ -727,14 +732,14 @@ impl RawProgram {
 /// lower priority) the dependency wins. Levels are numbers, so the order has no cycle; groups on one level
 /// stop together.
 pub fn stop_levels(specs: &[ProcessSpec]) -> BTreeMap<String, u32> {
-    let mut priorities: Vec<(i32, i32)> = specs.iter().map(ProcessSpec::order).collect();
+    let mut priorities: Vec<(i32, &str, i32)> = specs.iter().map(ProcessSpec::order).collect();
     priorities.sort_unstable();
     priorities.dedup();
     let groups: BTreeMap<&str, &ProcessSpec> = specs.iter().map(|s| (s.group.as_str(), s)).collect();
     fn level<'a>(
         g: &'a str,
         groups: &BTreeMap<&'a str, &'a ProcessSpec>,
-        priorities: &[(i32, i32)],
+        priorities: &[(i32, &str, i32)],
         done: &mut BTreeMap<&'a str, u32>,
         path: &mut Vec<&'a str>,
     ) -> u32 {

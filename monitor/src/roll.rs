@@ -35,11 +35,18 @@ pub struct RollStatus {
 /// between two of its polls, and another began, finds its outcome there rather than losing it.
 pub const PAST_ROLLS: usize = 8;
 
+/// What a roll says of a program an update put in it whose change was no longer pending when reached.
+pub const UNCHANGED: &str = "not restarted: its settings are those in force";
+
 /// One program of a roll.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct RollStep {
     pub name: String,
     pub step: Step,
+    /// Put in the roll by an update, to apply its change (not by `restart --rolling`): reached with no change
+    /// pending any more (reverted in the file, or applied since), it is passed over, not restarted.
+    #[serde(skip)]
+    pub(crate) for_update: bool,
     /// Its outcome once known: `started`, or why not.
     pub message: String,
 }
@@ -64,12 +71,13 @@ pub(crate) struct Roll {
 }
 
 impl Roll {
-    pub fn new(id: u64, names: Vec<String>, limit: Duration) -> Self {
+    pub fn new(id: u64, names: Vec<String>, limit: Duration, for_update: bool) -> Self {
         let programs = (names.into_iter())
             .map(|name| RollStep {
                 name,
                 step: Step::Waiting,
                 message: String::new(),
+                for_update,
             })
             .collect();
         Self {
@@ -170,7 +178,13 @@ impl Supervisor {
     }
 
     /// Begins a roll of the programs `names` pick, each given `limit`: refused while another runs.
-    pub(crate) fn begin_roll(&mut self, names: &[String], limit: Duration) -> Result<Reply, CommandError> {
+    /// `for_update`: an update's, to apply the changes it left pending ([`RollStep::for_update`]).
+    pub(crate) fn begin_roll(
+        &mut self,
+        names: &[String],
+        limit: Duration,
+        for_update: bool,
+    ) -> Result<Reply, CommandError> {
         self.refuse_while_rolling()?;
         let picked: Vec<String> = self.resolve(names)?.into_iter().map(|(n, _)| n).collect();
         // Numbered from 1 in each monitor's life.
@@ -184,7 +198,7 @@ impl Supervisor {
             }
             self.past_rolls.push_back(before.status);
         }
-        self.roll = Some(Roll::new(id, picked, limit));
+        self.roll = Some(Roll::new(id, picked, limit, for_update));
         self.advance_roll();
         Ok(Reply::Roll(self.roll.as_ref().map(|r| r.status.clone())))
     }
@@ -204,6 +218,7 @@ impl Supervisor {
                 name: name.clone(),
                 step: Step::Waiting,
                 message: String::new(),
+                for_update: true,
             });
         }
         if !added.is_empty() {
@@ -273,6 +288,16 @@ impl Supervisor {
             // the programs after it, an update's changes among them, kept their old settings.
             if self.procs.get(&next.name).is_none_or(|p| p.removing) {
                 (next.step, next.message) = (Step::Skipped, crate::status::REMOVED.into());
+                continue;
+            }
+            // An update's step whose change is no longer pending: its process runs the settings in force.
+            if next.for_update
+                && self
+                    .procs
+                    .get(&next.name)
+                    .is_some_and(|p| p.replacement.is_none())
+            {
+                (next.step, next.message) = (Step::Done, UNCHANGED.into());
                 continue;
             }
             next.step = Step::Restarting;

@@ -339,7 +339,7 @@ impl Supervisor {
             plan.roll = if self.extend_roll(&to_roll) {
                 self.roll.as_ref().map(|r| r.status.clone())
             } else {
-                match self.begin_roll(&to_roll, rolling.unwrap_or(ROLL_LIMIT)) {
+                match self.begin_roll(&to_roll, rolling.unwrap_or(ROLL_LIMIT), true) {
                     Ok(Reply::Roll(roll)) => roll,
                     _ => None,
                 }

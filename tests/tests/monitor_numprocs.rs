@@ -224,7 +224,8 @@ fn assert_one_at_a_time(events: &[serde_json::Value], names: &[&str], after: u64
 }
 
 /// Programs ready once their marker exists (made at start, removed on TERM), each `numprocs = 3`, started
-/// with `version` as an argument (`broken` never gets ready); `app` rolls on an update by itself.
+/// with `version` as an argument (`broken` never gets ready, `slow` in 3 s); `app` rolls on an update by
+/// itself.
 fn versioned(d: &std::path::Path, version: &str) -> String {
     let d = d.display();
     let mut s = String::new();
@@ -232,7 +233,7 @@ fn versioned(d: &std::path::Path, version: &str) -> String {
         s += &format!(
             r#"
 [programs.{name}]
-command = "/bin/sh -c 'trap \"rm -f {d}/{{name}}.ready; exit 0\" TERM; [ {version} = broken ] || touch {d}/{{name}}.ready; while :; do sleep 0.05; done' {version}"
+command = "/bin/sh -c 'trap \"rm -f {d}/{{name}}.ready; exit 0\" TERM; [ {version} = slow ] && sleep 3; [ {version} = broken ] || touch {d}/{{name}}.ready; while :; do sleep 0.05; done' {version}"
 numprocs = 3
 startsecs = 0
 update_strategy = "{strategy}"
@@ -386,6 +387,52 @@ fn an_update_rolls_a_program_whose_strategy_says_so_and_update_rolling_rolls_any
         assert_eq!(m.prog(name)["update_pending"], false, "{}", m.prog(name));
     }
     assert!(runs("app-0", "v3").is_some(), "{}", m.prog("app-0"));
+}
+
+/// An update reverted while its roll is under way: the instances still waiting for it are passed over, not
+/// restarted onto the settings they already run, and the one the roll was restarting rolls back at its end.
+#[test]
+fn a_change_reverted_while_its_roll_runs_restarts_nothing_more() {
+    let dir = std::sync::Arc::new(tempfile::tempdir().unwrap());
+    let real = tempfile::tempdir().unwrap();
+    let text = |addr, version: &str| {
+        let programs = format!("auto_update = false\n{}", versioned(real.path(), version));
+        config_text(addr, dir.path(), &programs)
+    };
+    let m = Mon::launch(dir.clone(), None, |addr| {
+        write_file(dir.path(), "monitor.toml", &text(addr, "v1"))
+    });
+    let apps = ["app-0", "app-1", "app-2"];
+    for name in apps {
+        eventually(T, "every instance ready", || {
+            (m.prog(name)["ready"] == true).then_some(())
+        });
+    }
+    let pids: Vec<_> = apps.iter().map(|n| m.pid(n)).collect();
+    // `slow` takes 3 s to be ready: the roll is at app-0 meanwhile, app-1 and app-2 waiting.
+    std::fs::write(&m.config, text(m.addr, "slow")).unwrap();
+    m.ctl_ok(&["--no-wait", "update"]);
+    let step = |i: usize| m.status()["roll"]["programs"][i]["step"].clone();
+    assert_eq!((step(0), step(1)), ("restarting".into(), "waiting".into()));
+    std::fs::write(&m.config, text(m.addr, "v1")).unwrap();
+    let o = m.ctl(&["update"]);
+    let said = out(&o);
+    assert_eq!(o.status.code(), Some(0), "{said}");
+    // app-0 was restarting onto `slow`: back on v1 by the end, in that step (its old process was still
+    // stopping) or in one the revert added (it ran `slow` already).
+    let roll = eventually(T, "the roll to end", || {
+        let roll = m.status()["roll"].clone();
+        (roll["finished"] == true).then_some(roll)
+    });
+    let steps: Vec<(&str, &str)> = (roll["programs"].as_array().unwrap().iter())
+        .map(|s| (s["step"].as_str().unwrap(), s["message"].as_str().unwrap()))
+        .collect();
+    let unchanged = ("done", "not restarted: its settings are those in force");
+    assert_eq!(&steps[..3], [("done", "started"), unchanged, unchanged], "{roll}");
+    assert!(steps[3..].iter().all(|s| *s == ("done", "started")), "{roll}");
+    assert_eq!((m.pid("app-1"), m.pid("app-2")), (pids[1], pids[2]), "{said}");
+    let v1 = serde_json::json!("v1");
+    assert_eq!(m.prog("app-0")["command"].as_array().unwrap().last(), Some(&v1));
 }
 
 /// Waits for the roll under way to end; asserts each program's step and message then.

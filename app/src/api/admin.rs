@@ -133,12 +133,16 @@ pub async fn merchant_stock(app: &Arc<App>, cfg: &Config, req: Request<Incoming>
     if let Err((code, msg)) = body.check() {
         return error(StatusCode::BAD_REQUEST, code, &msg);
     }
-    // What each SKU gained: a write-off in the same update is netted out, so the gate never counts more units
-    // than the store added (one only written off is left to the reconciler: a counter too high is lenient).
-    let received: Vec<(String, u32)> = (body.updates.iter())
+    let received: Vec<String> = (body.updates.iter())
         .filter(|u| u.receive > 0)
-        .map(|u| (u.sku.clone(), u.receive.saturating_sub(u.write_off)))
+        .map(|u| u.sku.clone())
         .collect();
+    // What each SKU gained over the batch, its write-offs netted out, so the Redis gate never counts more units
+    // than the store added (a loss is left to the reconciler: a counter too high is only lenient).
+    let mut gained: std::collections::BTreeMap<String, i64> = Default::default();
+    for u in &body.updates {
+        *gained.entry(u.sku.clone()).or_default() += i64::from(u.receive) - i64::from(u.write_off);
+    }
     let keyed = key.is_some();
     let done = app
         .exec
@@ -152,15 +156,27 @@ pub async fn merchant_stock(app: &Arc<App>, cfg: &Config, req: Request<Incoming>
     match done {
         Ok(Ok(done)) => {
             // Once committed: cleared before, an attempt answered sold out from the stock before it marked
-            // the SKU again, refused until the mark's end. A replay's units were counted by its first run.
-            for (sku, gained) in &received {
+            // the SKU again, refused until the mark's end.
+            for sku in &received {
                 app.gate.clear(sku);
-                if let Some(g) = &app.redis_gate
-                    && *gained > 0
-                    && !done.replay
-                {
-                    g.restock(sku, *gained).await;
-                }
+            }
+            // The units on the Redis gate's counters, of the SKUs it keeps one for (at most 256), not again on
+            // a replay; on a task of their own, as a cancel's give-back, so a merchant gone before the answer
+            // does not drop them.
+            if let Some(g) = &app.redis_gate
+                && !done.replay
+            {
+                let puts: Vec<(String, u32)> = (gained.into_iter())
+                    .filter(|(sku, n)| *n > 0 && g.is_hot(sku))
+                    .map(|(sku, n)| (sku, u32::try_from(n).unwrap_or(u32::MAX)))
+                    .collect();
+                let g = g.clone();
+                let _ = tokio::spawn(async move {
+                    for (sku, n) in puts {
+                        g.restock(&sku, n).await;
+                    }
+                })
+                .await;
             }
             keyed_json(
                 StatusCode::OK,

@@ -400,7 +400,7 @@ pub(super) fn rolling_update(c: &Client, args: &CtlArgs, names: &[String]) -> Re
 /// outcome in order as it settles. Returns the finished roll and how many lines were printed.
 fn follow_roll(c: &Client, mut roll: Value, print: bool) -> Result<(Value, usize), Failure> {
     let id = roll["id"].clone();
-    let mut printed = 0;
+    let (mut printed, mut missed) = (0, 0);
     loop {
         for s in items(&roll["programs"]).iter().skip(printed) {
             let Some(outcome) = roll_outcome(s).filter(|_| print) else {
@@ -413,7 +413,10 @@ fn follow_roll(c: &Client, mut roll: Value, print: bool) -> Result<(Value, usize
             return Ok((roll, printed));
         }
         std::thread::sleep(WAIT_POLL);
-        let v = monitor_status(c)?;
+        // The roll goes on without us: its limits are the monitor's, so a poll missed is asked again.
+        let Some(v) = poll(c, &mut missed, None)? else {
+            continue;
+        };
         // Ended between two polls, and another began: it is among the monitor's past rolls.
         roll = std::iter::once(&v["roll"])
             .chain(items(&v["past_rolls"]))
@@ -500,6 +503,19 @@ pub(super) const WAIT_POLL: Duration = Duration::from_millis(100);
 /// Status polls in a row a wait may miss before it gives up.
 const MISSED_POLLS: u32 = 3;
 
+/// A wait's status poll, once its command was taken: one the monitor did not answer (busy, at its connection
+/// limit) is `None`, to be asked again, a few times in a row (`missed` counts them) within `deadline` and
+/// without a word; past that, the last says why. One miss ended the command with none of its answers, and a
+/// miss said aloud looked like the failure of a wait that then succeeded.
+fn poll(c: &Client, missed: &mut u32, deadline: Option<Instant>) -> Result<Option<Value>, Failure> {
+    if *missed >= MISSED_POLLS || deadline.is_some_and(|d| Instant::now() >= d) {
+        return monitor_status(c).map(Some);
+    }
+    let v = poll_status(c)?;
+    *missed = if v.is_some() { 0 } else { *missed + 1 };
+    Ok(v)
+}
+
 /// Waits until every program whose command was taken reaches `goal` or fails, up to `limit`, and puts the
 /// final answer in its result.
 ///
@@ -523,21 +539,10 @@ fn await_goal(
         .collect();
     let mut missed = 0;
     while !open.is_empty() {
-        // The command was taken: a poll the monitor did not answer (busy, or at its connection limit) is
-        // asked again, a few times in a row and without a word, before the wait gives up on it and says why.
-        // One miss ended the command with none of its answers; a miss said aloud looked like a failure of a
-        // wait that then succeeded.
-        let polled = if missed < MISSED_POLLS && deadline.is_none_or(|d| Instant::now() < d) {
-            poll_status(c)?
-        } else {
-            Some(monitor_status(c)?)
-        };
-        let Some(v) = polled else {
-            missed += 1;
+        let Some(v) = poll(c, &mut missed, deadline)? else {
             std::thread::sleep(WAIT_POLL);
             continue;
         };
-        missed = 0;
         let late = deadline.is_some_and(|d| Instant::now() >= d);
         open.retain(|&i| {
             let (name, result) = &mut results[i];
@@ -665,6 +670,8 @@ mod tests {
             "programs": [{ "name": "p", "state": "RUNNING", "ready": true }],
         });
         let c = scripted_monitor(vec![busy.clone(), busy.clone(), (200, running.to_string())]);
+        // Said nothing about: the poll that got the 503 went through `poll_status`, which prints nothing.
+        assert!(matches!(poll_status(&c), Ok(None)));
         let mut results = vec![("p".to_string(), Ok("starting".to_string()))];
         let limit = Duration::from_secs(10);
         assert!(await_goal(&c, &mut results, &mut [false], Goal::Running, limit).is_ok());
@@ -689,7 +696,12 @@ mod tests {
             "roll": roll(8, false, step("restarting", "")),
             "past_rolls": [roll(7, true, step("done", "started"))],
         });
-        let c = scripted_monitor(vec![(200, status.to_string())]);
+        // A poll the monitor did not take first (at its connection limit): asked again.
+        let busy = (
+            503,
+            r#"{"error": {"code": "unavailable", "message": "busy"}}"#.to_string(),
+        );
+        let c = scripted_monitor(vec![busy, (200, status.to_string())]);
         let (followed, _) = follow_roll(&c, roll(7, false, step("restarting", "")), false).unwrap();
         assert_eq!(
             (followed["id"].clone(), roll_outcome(&followed["programs"][0])),

@@ -37,7 +37,7 @@ impl Supervisor {
                 None,
                 |s, name, _, _| s.user_signal(name, sig),
             )?)),
-            Command::Roll(names, limit) => self.begin_roll(&names, limit),
+            Command::Roll(names, limit) => self.begin_roll(&names, limit, false),
             Command::Clear(names) => Ok(Reply::Results(self.each(
                 &names,
                 |_| false,
