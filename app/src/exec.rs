@@ -246,25 +246,36 @@ pub(crate) mod tests {
         StoreExec::new(Arc::new(store), 1)
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_read_does_not_wait_behind_writes_that_hold_every_write_slot() {
-        let dir = tempfile::tempdir().unwrap();
-        let exec = one_lane(dir.path());
-        // The one write slot is taken by a call that blocks until told to finish.
+    /// Takes `exec`'s one write thread with a call that blocks until the sender is used (or dropped: a test
+    /// that fails first lets it go); returns once the call runs.
+    async fn hold_the_write_lane(
+        exec: &StoreExec,
+    ) -> (
+        std::sync::mpsc::Sender<()>,
+        tokio::task::JoinHandle<Result<(), StoreError>>,
+    ) {
         let (release, held) = std::sync::mpsc::channel::<()>();
         let (entered, started) = tokio::sync::oneshot::channel::<()>();
-        let writer = exec.clone();
-        let write = tokio::spawn(async move {
-            writer
+        let holder = exec.clone();
+        let hold = tokio::spawn(async move {
+            holder
                 .run(move |_| {
                     let _ = entered.send(());
-                    // Returns on the release, or at once if the test fails first and drops the sender.
                     let _ = held.recv();
                     Ok(())
                 })
                 .await
         });
         started.await.unwrap();
+        (release, hold)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_read_does_not_wait_behind_writes_that_hold_every_write_slot() {
+        let dir = tempfile::tempdir().unwrap();
+        let exec = one_lane(dir.path());
+        // The one write slot is taken by a call that blocks until told to finish.
+        let (release, write) = hold_the_write_lane(&exec).await;
         // A second write has to wait for that slot...
         let queued = tokio::spawn({
             let exec = exec.clone();
@@ -291,19 +302,7 @@ pub(crate) mod tests {
     async fn only_requests_count_as_waiting() {
         let dir = tempfile::tempdir().unwrap();
         let exec = one_lane(dir.path());
-        let (release, held) = std::sync::mpsc::channel::<()>();
-        let (entered, started) = tokio::sync::oneshot::channel::<()>();
-        let holder = exec.clone();
-        let hold = tokio::spawn(async move {
-            holder
-                .run(move |_| {
-                    let _ = entered.send(());
-                    let _ = held.recv();
-                    Ok(())
-                })
-                .await
-        });
-        started.await.unwrap();
+        let (release, hold) = hold_the_write_lane(&exec).await;
         let until = |n: u32| {
             let exec = exec.clone();
             async move {

@@ -246,20 +246,47 @@ period_ms = 50
     s
 }
 
+/// A monitor running [`versioned`] programs at `v1`, with `auto_update = false`, so the file watcher leaves
+/// the updates to `ctl update`.
+struct Versioned {
+    m: Mon,
+    /// Where the programs' ready markers are.
+    real: tempfile::TempDir,
+}
+
+impl Versioned {
+    fn start() -> Versioned {
+        let real = tempfile::tempdir().unwrap();
+        let dir = std::sync::Arc::new(tempfile::tempdir().unwrap());
+        let d = dir.clone();
+        let programs = Self::programs(real.path(), "v1");
+        let m = Mon::launch(dir, None, move |addr| {
+            write_file(d.path(), "monitor.toml", &config_text(addr, d.path(), &programs))
+        });
+        Versioned { m, real }
+    }
+
+    fn programs(real: &std::path::Path, version: &str) -> String {
+        format!("auto_update = false\n{}", versioned(real, version))
+    }
+
+    /// Saves the config at `version` (applied by `ctl update`).
+    fn write(&self, version: &str) {
+        let programs = Self::programs(self.real.path(), version);
+        std::fs::write(
+            &self.m.config,
+            config_text(self.m.addr, self.m.dir.path(), &programs),
+        )
+        .unwrap();
+    }
+}
+
 /// An update restarts the changed instances of a program with `update_strategy = "rolling"` one at a time,
 /// and `ctl update --rolling` those of any program; added programs start at once.
 #[test]
 fn an_update_rolls_a_program_whose_strategy_says_so_and_update_rolling_rolls_any() {
-    // `auto_update = false`, so the file watcher leaves the updates to `ctl update`.
-    let dir = std::sync::Arc::new(tempfile::tempdir().unwrap());
-    let real = tempfile::tempdir().unwrap();
-    let text = |addr, version: &str| {
-        let programs = format!("auto_update = false\n{}", versioned(real.path(), version));
-        config_text(addr, dir.path(), &programs)
-    };
-    let m = Mon::launch(dir.clone(), None, |addr| {
-        write_file(dir.path(), "monitor.toml", &text(addr, "v1"))
-    });
+    let v = Versioned::start();
+    let m = &v.m;
     let apps = ["app-0", "app-1", "app-2"];
     let webs = ["web-0", "web-1", "web-2"];
     for name in apps.iter().chain(&webs) {
@@ -274,9 +301,7 @@ fn an_update_rolls_a_program_whose_strategy_says_so_and_update_rolling_rolls_any
             .max()
             .unwrap_or(0)
     };
-    let write = |version: &str| {
-        std::fs::write(&m.config, text(m.addr, version)).unwrap();
-    };
+    let write = |version: &str| v.write(version);
     let runs = |name: &str, version: &str| {
         let p = m.prog(name);
         (p["command"].as_array().unwrap().last() == Some(&serde_json::json!(version)) && p["ready"] == true)
@@ -393,15 +418,8 @@ fn an_update_rolls_a_program_whose_strategy_says_so_and_update_rolling_rolls_any
 /// restarted onto the settings they already run, and the one the roll was restarting rolls back at its end.
 #[test]
 fn a_change_reverted_while_its_roll_runs_restarts_nothing_more() {
-    let dir = std::sync::Arc::new(tempfile::tempdir().unwrap());
-    let real = tempfile::tempdir().unwrap();
-    let text = |addr, version: &str| {
-        let programs = format!("auto_update = false\n{}", versioned(real.path(), version));
-        config_text(addr, dir.path(), &programs)
-    };
-    let m = Mon::launch(dir.clone(), None, |addr| {
-        write_file(dir.path(), "monitor.toml", &text(addr, "v1"))
-    });
+    let v = Versioned::start();
+    let m = &v.m;
     let apps = ["app-0", "app-1", "app-2"];
     for name in apps {
         eventually(T, "every instance ready", || {
@@ -410,11 +428,11 @@ fn a_change_reverted_while_its_roll_runs_restarts_nothing_more() {
     }
     let pids: Vec<_> = apps.iter().map(|n| m.pid(n)).collect();
     // `slow` takes 3 s to be ready: the roll is at app-0 meanwhile, app-1 and app-2 waiting.
-    std::fs::write(&m.config, text(m.addr, "slow")).unwrap();
+    v.write("slow");
     m.ctl_ok(&["--no-wait", "update"]);
     let step = |i: usize| m.status()["roll"]["programs"][i]["step"].clone();
     assert_eq!((step(0), step(1)), ("restarting".into(), "waiting".into()));
-    std::fs::write(&m.config, text(m.addr, "v1")).unwrap();
+    v.write("v1");
     let o = m.ctl(&["update"]);
     let said = out(&o);
     assert_eq!(o.status.code(), Some(0), "{said}");
