@@ -438,16 +438,11 @@ fn a_change_reverted_while_its_roll_runs_restarts_nothing_more() {
     assert_eq!(o.status.code(), Some(0), "{said}");
     // app-0 was restarting onto `slow`: back on v1 by the end, in that step (its old process was still
     // stopping) or in one the revert added (it ran `slow` already).
-    let roll = eventually(T, "the roll to end", || {
-        let roll = m.status()["roll"].clone();
-        (roll["finished"] == true).then_some(roll)
-    });
-    let steps: Vec<(&str, &str)> = (roll["programs"].as_array().unwrap().iter())
-        .map(|s| (s["step"].as_str().unwrap(), s["message"].as_str().unwrap()))
-        .collect();
-    let unchanged = ("done", "not restarted: its settings are those in force");
-    assert_eq!(&steps[..3], [("done", "started"), unchanged, unchanged], "{roll}");
-    assert!(steps[3..].iter().all(|s| *s == ("done", "started")), "{roll}");
+    let steps = roll_ended(m);
+    let unchanged = "done: not restarted: its settings are those in force";
+    let started = "done: started";
+    assert_eq!(&steps[..3], [started, unchanged, unchanged], "{steps:?}");
+    assert!(steps[3..].iter().all(|s| *s == started), "{steps:?}");
     assert_eq!((m.pid("app-1"), m.pid("app-2")), (pids[1], pids[2]), "{said}");
     let v1 = serde_json::json!("v1");
     assert_eq!(m.prog("app-0")["command"].as_array().unwrap().last(), Some(&v1));
@@ -455,14 +450,28 @@ fn a_change_reverted_while_its_roll_runs_restarts_nothing_more() {
 
 /// Waits for the roll under way to end; asserts each program's step and message then.
 fn assert_roll_ended(m: &Mon, want: &[(&str, &str)]) {
+    let want: Vec<String> = want
+        .iter()
+        .map(|(step, message)| format!("{step}: {message}"))
+        .collect();
+    assert_eq!(roll_ended(m), want);
+}
+
+/// Waits for the roll under way to end; returns each program's `step: message`.
+fn roll_ended(m: &Mon) -> Vec<String> {
     let roll = eventually(T, "the roll to end", || {
         let roll = m.status()["roll"].clone();
         (roll["finished"] == true).then_some(roll)
     });
-    let steps: Vec<(&str, &str)> = (roll["programs"].as_array().unwrap().iter())
-        .map(|s| (s["step"].as_str().unwrap(), s["message"].as_str().unwrap()))
-        .collect();
-    assert_eq!(steps, want);
+    (roll["programs"].as_array().unwrap().iter())
+        .map(|s| {
+            format!(
+                "{}: {}",
+                s["step"].as_str().unwrap(),
+                s["message"].as_str().unwrap()
+            )
+        })
+        .collect()
 }
 
 #[test]
