@@ -549,14 +549,6 @@ impl RedisGate {
         .await;
     }
 
-    /// Whether the reconciler keeps `sku`'s counter ([`RedisGate::heat`]).
-    pub fn is_hot(&self, sku: &str) -> bool {
-        self.hot
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .contains_key(sku)
-    }
-
     fn hot(&self) -> Vec<String> {
         self.hot
             .lock()

@@ -262,9 +262,10 @@ impl Run {
             self.ctx.pay_failed(&path);
         }
         if let Some(lost) = lost
-            && outcome
-                .as_ref()
-                .map_or(true, |(resp, _)| mix::may_have_placed(resp))
+            && match &outcome {
+                Ok((resp, _)) => mix::may_have_placed(resp.status(), resp.body()),
+                Err((error, _)) => !mix::never_sent(error, self.target.single_attempt()),
+            }
         {
             self.ctx.lost(lost);
         }
@@ -481,35 +482,50 @@ async fn release_unpaid(ctx: &Ctx, target: &Arc<Target>, timeout: Duration) -> r
     // A run that measures how a short `--timeout-ms` fails (5 ms) must still clean up: within it, most
     // cancels failed, and a thousand reservations a run were left for the app's reservation time.
     let timeout = timeout.max(CANCEL_TIMEOUT);
-    let deadline = Instant::now() + RELEASE_WITHIN;
-    // First the orders whose answer was lost: asked again under their keys, each placed one answers with
-    // its order (a replay), which is then cancelled with the others. One that had not been placed is placed
-    // now, and cancelled as well: either way its stock is free again.
+    let start = Instant::now();
+    // First the orders whose answer was lost, within half the time, so the cancels of those known to stand
+    // keep theirs: asked again under their keys, each placed one answers with its order (a replay), cancelled
+    // then with the others. One that had not been placed is placed now, and cancelled as well; a refusal says
+    // none stands.
     let lost: Vec<_> = ctx.take_lost().iter().map(mix::Lost::request).collect();
     let mut released = report::Released {
         asked_again: lost.len() as u64,
         ..Default::default()
     };
-    let unplaced = send_all(target, lost, timeout, deadline, |kind, answer| {
-        if let Some(body) = answer {
-            ctx.observe(kind, body);
-        }
-    })
+    let unknown = send_all(
+        target,
+        lost,
+        timeout,
+        start + RELEASE_WITHIN / 2,
+        |kind, answer| match answer {
+            Some((status, body)) if status.is_success() => {
+                ctx.observe(kind, body);
+                false
+            }
+            Some((status, body)) => mix::may_have_placed(status, body),
+            None => true,
+        },
+    )
     .await;
     let (ids, forgotten) = ctx.take_unpaid();
     released.forgotten = forgotten;
-    let cancels = ids.into_iter().map(|(kind, id)| (kind, mix::cancel_request(&id)));
-    let cancels: Vec<_> = cancels.collect();
-    released.cancelled = cancels.len() as u64;
-    released.failed = send_all(target, cancels, timeout, deadline, |_, _| {}).await;
-    released.cancelled -= released.failed;
-    // Not placed, nor known not to be, by the end: they may hold stock.
-    released.failed += unplaced;
+    let cancels: Vec<_> = (ids.into_iter())
+        .map(|(kind, id)| (kind, mix::cancel_request(&id)))
+        .collect();
+    let sent = cancels.len() as u64;
+    released.failed = send_all(target, cancels, timeout, start + RELEASE_WITHIN, |_, answer| {
+        !answer.is_some_and(|(status, _)| status.is_success())
+    })
+    .await;
+    released.cancelled = sent - released.failed;
+    // Asked again with no answer that says whether it stands, by the end: it may hold stock.
+    released.failed += unknown;
     released
 }
 
-/// Sends `requests` a few at once, each within `timeout` and all by `deadline`, telling `answered` each one's
-/// 2xx body (`None` for any other answer or none); returns how many got no 2xx.
+/// Sends `requests` a few at once, each within `timeout` and all by `deadline` (none begun past it), telling
+/// `answered` each one's answer (`None`: none, an error); returns how many `answered` counted (it returns
+/// true) and how many had no answer by the deadline.
 async fn send_all(
     target: &Arc<Target>,
     requests: Vec<(
@@ -518,37 +534,43 @@ async fn send_all(
     )>,
     timeout: Duration,
     deadline: Instant,
-    mut answered: impl FnMut(&'static mix::Kind, Option<&[u8]>),
+    mut answered: impl FnMut(&'static mix::Kind, Option<(http::StatusCode, &[u8])>) -> bool,
 ) -> u64 {
     const AT_ONCE: usize = 16;
     let mut requests = requests.into_iter();
     let mut sent = tokio::task::JoinSet::new();
-    let mut failed = 0;
+    let mut counted = 0;
     loop {
-        while sent.len() < AT_ONCE {
+        // Each within what is left: one begun late is not cut off mid-way by the deadline below.
+        let left = deadline.saturating_duration_since(Instant::now());
+        while sent.len() < AT_ONCE && !left.is_zero() {
             let Some((kind, req)) = requests.next() else { break };
             let target = target.clone();
             sent.spawn(async move {
-                let answer = target.send(kind, req, timeout).await;
-                let body = answer.ok().filter(|(resp, _)| resp.status().is_success());
-                (kind, body.map(|(resp, _)| resp.into_body()))
+                let answer = target.send(kind, req, timeout.min(left)).await;
+                (kind, answer.ok().map(|(resp, _)| resp))
             });
         }
         match tokio::time::timeout_at(deadline, sent.join_next()).await {
-            Ok(Some(Ok((kind, body)))) => {
-                failed += u64::from(body.is_none());
-                answered(kind, body.as_deref());
+            Ok(Some(Ok((kind, resp)))) => {
+                let answer = resp.as_ref().map(|r| (r.status(), r.body().as_ref()));
+                counted += u64::from(answered(kind, answer));
             }
-            Ok(Some(Err(_))) => failed += 1,
-            Ok(None) => break,
+            Ok(Some(Err(_))) => counted += u64::from(answered(&mix::CANCEL[0], None)),
+            Ok(None) if requests.len() == 0 => break,
+            // Time is up with some not begun.
+            Ok(None) => {
+                counted += requests.len() as u64;
+                break;
+            }
             Err(_) => {
-                failed += (sent.len() + requests.len()) as u64;
+                counted += (sent.len() + requests.len()) as u64;
                 sent.abort_all();
                 break;
             }
         }
     }
-    failed
+    counted
 }
 
 /// How long the run's clean-up may take at most ([`release_unpaid`]).

@@ -134,10 +134,14 @@ pub struct Config {
     pub shutdown: ShutdownTimes,
     /// The API server's limits (`[http]`, with `[shutdown]`'s grace period).
     pub http: xcluster_runtime::http::ServerLimits,
-    /// Every process after `numprocs` expansion, in start order (`ProcessSpec::order`, then name).
+    /// Every process after `numprocs` expansion, in start order (`program::order`, then name).
     pub processes: Arc<Vec<ProcessSpec>>,
     /// `[groups.*]`: each named group's programs ([`crate::select::Groups`]).
     pub groups: Arc<crate::select::Groups>,
+    /// The programs of `[groups.*]` that set a `priority`, with it and the group's name. Apart from the
+    /// programs' specs: a group's priority orders them and nothing else, so changing it, or renaming the
+    /// group, restarts nothing.
+    pub group_order: Arc<crate::program::GroupOrder>,
 }
 
 impl std::fmt::Debug for Config {
@@ -227,7 +231,7 @@ impl RoleConfig for Config {
             processes.extend(prog.expand(name, &dirs, &mut v));
         }
         let groups = check_groups(&raw.groups, &raw.programs, &processes, &mut v);
-        group_priorities(&raw.groups, &mut processes, &mut v);
+        let group_order = group_priorities(&raw.groups, &mut v);
         for p in &mut processes {
             p.depends_on = crate::program::through_groups(&p.depends_on, &groups);
         }
@@ -243,7 +247,8 @@ impl RoleConfig for Config {
                 ),
             );
         }
-        processes.sort_by(|a, b| (a.order(), &a.name).cmp(&(b.order(), &b.name)));
+        let order = crate::program::order;
+        processes.sort_by(|a, b| (order(a, &group_order), &a.name).cmp(&(order(b, &group_order), &b.name)));
         v.finish(Config {
             listen,
             token,
@@ -260,6 +265,7 @@ impl RoleConfig for Config {
             http,
             processes: Arc::new(processes),
             groups: Arc::new(groups),
+            group_order: Arc::new(group_order),
         })
     }
 
@@ -325,15 +331,17 @@ fn check_log_files(processes: &[ProcessSpec], v: &mut Validator) {
     }
 }
 
-/// Gives each process the `priority` of the `[groups.*]` holding its program, if one sets it, and that
-/// group's name. A program in two groups that set one is refused: its place in the start order would depend
-/// on which won. One pass over the groups' names (up to 512 × 256 of them).
-fn group_priorities(raw: &BTreeMap<String, RawGroup>, processes: &mut [ProcessSpec], v: &mut Validator) {
+/// Each program in a `[groups.*]` that sets a `priority`: that priority and the group's name. A program in
+/// two groups that set one is refused: its place in the start order would depend on which won. One pass over
+/// the groups' names (up to 512 × 256 of them).
+fn group_priorities(raw: &BTreeMap<String, RawGroup>, v: &mut Validator) -> crate::program::GroupOrder {
     let mut held: BTreeMap<&str, (i32, &str)> = BTreeMap::new();
     for (name, g) in raw {
         let Some(priority) = g.priority else { continue };
         for program in &g.programs {
             match held.get(program.as_str()) {
+                // Named twice in this one: `check_groups` says so.
+                Some((_, other)) if other == name => {}
                 Some((_, other)) => v.error(
                     format!("groups.{name}.priority"),
                     format!(
@@ -347,11 +355,9 @@ fn group_priorities(raw: &BTreeMap<String, RawGroup>, processes: &mut [ProcessSp
             }
         }
     }
-    for p in processes.iter_mut() {
-        if let Some((priority, group)) = held.get(p.group.as_str()) {
-            p.group_priority = Some((*priority, group.to_string()));
-        }
-    }
+    (held.into_iter())
+        .map(|(program, (priority, group))| (program.to_string(), (priority, group.to_string())))
+        .collect()
 }
 
 /// `[groups.*]`: names that select, so none may also be a program's or a process's name (`web:*` would pick
@@ -509,13 +515,13 @@ mod tests {
         assert_eq!(order(&config(&[]).unwrap()), ["worker", "db", "web"]);
         let c = config(&[("site", &["web", "worker"], 10)]).unwrap();
         assert_eq!(order(&c), ["worker", "web", "db"]);
-        let levels = crate::program::stop_levels(&c.processes);
+        let levels = crate::program::stop_levels(&c.processes, &c.group_order);
         assert!(levels["web"] < levels["db"], "db stops first: {levels:?}");
         assert!(levels["worker"] < levels["web"], "{levels:?}");
         // At a program's own priority, the group stays together: db (50) before it or after it, not between.
         let c = config(&[("site", &["web", "worker"], 50)]).unwrap();
         assert_eq!(order(&c), ["db", "worker", "web"]);
-        let levels = crate::program::stop_levels(&c.processes);
+        let levels = crate::program::stop_levels(&c.processes, &c.group_order);
         assert!(
             levels["db"] < levels["worker"] && levels["worker"] < levels["web"],
             "{levels:?}"
@@ -596,7 +602,7 @@ mod tests {
         let web = c.processes.iter().find(|p| p.name == "web").unwrap();
         assert_eq!(web.depends_on, ["cache", "db"]);
         // The stop order follows: web, their dependent, stops before both.
-        let levels = crate::program::stop_levels(&c.processes);
+        let levels = crate::program::stop_levels(&c.processes, &c.group_order);
         assert!(
             levels["web"] > levels["db"] && levels["web"] > levels["cache"],
             "{levels:?}"

@@ -148,9 +148,6 @@ pub struct ProcessSpec {
     pub umask: Option<u32>,
     pub user: Option<String>,
     pub priority: i32,
-    /// The `priority` of the `[groups.*]` holding its program, if that sets one, and its name (see
-    /// [`Self::order`]).
-    pub group_priority: Option<(i32, String)>,
     pub autostart: bool,
     pub policy: Policy,
     pub stopsignal: nix::sys::signal::Signal,
@@ -166,17 +163,6 @@ pub struct ProcessSpec {
 }
 
 impl ProcessSpec {
-    /// Where it starts among the others (lower first) and stops (lower last), as Supervisord orders them: by
-    /// its group's priority when that has one, and by its own within the group; a program in no such group
-    /// is a group of its own at its own priority. At one priority, such programs come first, then each group
-    /// whole, by name: a program at a group's priority does not fall between two of its programs.
-    pub fn order(&self) -> (i32, &str, i32) {
-        match &self.group_priority {
-            Some((priority, group)) => (*priority, group, self.priority),
-            None => (self.priority, "", self.priority),
-        }
-    }
-
     /// The settings its process, and its probes' commands, run with (`child::as_program`).
     pub fn run_as(&self) -> crate::probe::RunAs {
         crate::probe::RunAs {
@@ -636,7 +622,6 @@ impl RawProgram {
                     umask,
                     user: (!self.user.is_empty()).then(|| self.user.clone()),
                     priority: self.priority,
-                    group_priority: None,
                     autostart: self.autostart,
                     policy: policy.clone(),
                     stopsignal,
@@ -725,21 +710,43 @@ impl RawProgram {
     }
 }
 
+/// Programs of a `[groups.*]` that sets a `priority`, by program: that priority and the group's name.
+pub type GroupOrder = BTreeMap<String, (i32, String)>;
+
+/// Where `spec` starts among the others (lower first) and stops (lower last), as Supervisord orders them: by
+/// its group's priority when that has one ([`GroupOrder`]), and by its own within the group; a program in no
+/// such group is a group of its own at its own priority. At one priority, such programs come first, then each
+/// group whole, by name: a program at a group's priority does not fall between two of its programs.
+pub fn order<'a>(spec: &'a ProcessSpec, groups: &'a GroupOrder) -> (i32, &'a str, i32) {
+    match groups.get(&spec.group) {
+        Some((priority, group)) => (*priority, group, spec.priority),
+        None => (spec.priority, "", spec.priority),
+    }
+}
+
 /// Each group's stop level: one command (or the shutdown) stopping several programs stops those of a higher
 /// level first, and each waits for the higher levels to have exited. A group is above every group it
 /// `depends_on`, and otherwise at the rank of its priority ([`ProcessSpec::order`]) among those in use
 /// (Supervisord: lower starts first and stops last); where the two disagree (`a` depends on `b`, yet has the
 /// lower priority) the dependency wins. Levels are numbers, so the order has no cycle; groups on one level
 /// stop together.
-pub fn stop_levels(specs: &[ProcessSpec]) -> BTreeMap<String, u32> {
-    let mut priorities: Vec<(i32, &str, i32)> = specs.iter().map(ProcessSpec::order).collect();
+pub fn stop_levels(specs: &[ProcessSpec], order_of: &GroupOrder) -> BTreeMap<String, u32> {
+    let mut priorities: Vec<(i32, &str, i32)> = specs.iter().map(|s| order(s, order_of)).collect();
     priorities.sort_unstable();
     priorities.dedup();
     let groups: BTreeMap<&str, &ProcessSpec> = specs.iter().map(|s| (s.group.as_str(), s)).collect();
+    let ranks: BTreeMap<&str, u32> = (groups.iter())
+        .map(|(g, spec)| {
+            (
+                *g,
+                priorities.partition_point(|p| *p < order(spec, order_of)) as u32,
+            )
+        })
+        .collect();
     fn level<'a>(
         g: &'a str,
         groups: &BTreeMap<&'a str, &'a ProcessSpec>,
-        priorities: &[(i32, &str, i32)],
+        ranks: &BTreeMap<&str, u32>,
         done: &mut BTreeMap<&'a str, u32>,
         path: &mut Vec<&'a str>,
     ) -> u32 {
@@ -751,9 +758,9 @@ pub fn stop_levels(specs: &[ProcessSpec]) -> BTreeMap<String, u32> {
             return 0; // a cycle, which validation refuses
         }
         path.push(g);
-        let rank = priorities.partition_point(|p| *p < spec.order()) as u32;
+        let rank = ranks.get(g).copied().unwrap_or(0);
         let above = (spec.depends_on.iter())
-            .map(|d| level(d, groups, priorities, done, path) + 1)
+            .map(|d| level(d, groups, ranks, done, path) + 1)
             .max()
             .unwrap_or(0);
         path.pop();
@@ -763,7 +770,7 @@ pub fn stop_levels(specs: &[ProcessSpec]) -> BTreeMap<String, u32> {
     }
     let mut done = BTreeMap::new();
     for g in groups.keys() {
-        level(g, &groups, &priorities, &mut done, &mut Vec::new());
+        level(g, &groups, &ranks, &mut done, &mut Vec::new());
     }
     done.into_iter().map(|(g, l)| (g.to_string(), l)).collect()
 }

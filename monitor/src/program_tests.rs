@@ -165,15 +165,18 @@ fn stop_levels_follow_priority_and_let_dependencies_win() {
         raw.expand(group, &dirs(Path::new("/tmp")), &mut Validator::new())
             .remove(0)
     };
-    let levels = stop_levels(&[
-        spec("db", 100, &[]),
-        spec("cache", 100, &[]),
-        spec("app", 200, &["db"]),
-        spec("agent", 999, &["app"]),
-        // Depends on `late`, yet has the lower priority: the dependency wins.
-        spec("early", 50, &["late"]),
-        spec("late", 900, &[]),
-    ]);
+    let levels = stop_levels(
+        &[
+            spec("db", 100, &[]),
+            spec("cache", 100, &[]),
+            spec("app", 200, &["db"]),
+            spec("agent", 999, &["app"]),
+            // Depends on `late`, yet has the lower priority: the dependency wins.
+            spec("early", 50, &["late"]),
+            spec("late", 900, &[]),
+        ],
+        &GroupOrder::new(),
+    );
     let l = |g: &str| levels[g];
     assert_eq!(l("db"), l("cache"), "one priority, one level: they stop together");
     assert!(l("agent") > l("app") && l("app") > l("db"));

@@ -475,18 +475,22 @@ fn orders_whose_pay_failed_are_cancelled_at_the_end() {
 /// 503 `overloaded`) is not asked again: that would place an order only to cancel it.
 #[test]
 fn an_order_whose_answer_was_lost_is_asked_again_and_cancelled() {
-    let posts = Arc::new(AtomicU64::new(0));
-    let (count, cancels) = (posts.clone(), Arc::new(AtomicU64::new(0)));
+    let keys = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let (seen, cancels) = (keys.clone(), Arc::new(AtomicU64::new(0)));
     let cancelled = cancels.clone();
     let shop = Backend::scripted(r#"{"id":"o-1"}"#, move |head| {
         if head.contains("/cancel ") {
             cancelled.fetch_add(1, Ordering::Relaxed);
-            200
-        } else if count.fetch_add(1, Ordering::Relaxed) == 0 {
-            504
-        } else {
-            201
+            return 200;
         }
+        let key = (head.lines()).find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("idempotency-key:")
+                .map(|k| k.trim().to_string())
+        });
+        let mut seen = seen.lock().unwrap();
+        seen.push(key);
+        if seen.len() == 1 { 504 } else { 201 }
     });
     // One order, and it failed: the run exits 1.
     let one_order = |addr: SocketAddr| {
@@ -515,10 +519,13 @@ fn an_order_whose_answer_was_lost_is_asked_again_and_cancelled() {
         (&1.into(), &1.into(), &0.into()),
         "{report}"
     );
-    assert_eq!(
-        (posts.load(Ordering::Relaxed), cancels.load(Ordering::Relaxed)),
-        (2, 1)
+    let keys = keys.lock().unwrap().clone();
+    assert_eq!(keys.len(), 2, "the order, and once asked again: {keys:?}");
+    assert!(
+        keys[0].is_some() && keys[0] == keys[1],
+        "under its own key: {keys:?}"
     );
+    assert_eq!(cancels.load(Ordering::Relaxed), 1);
 
     let refused = Backend::scripted(r#"{"error":{"code":"overloaded","message":"busy"}}"#, |_| 503);
     let report = one_order(refused.addr);

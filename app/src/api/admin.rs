@@ -160,14 +160,15 @@ pub async fn merchant_stock(app: &Arc<App>, cfg: &Config, req: Request<Incoming>
             for sku in &received {
                 app.gate.clear(sku);
             }
-            // The units on the Redis gate's counters, of the SKUs it keeps one for (at most 256), not again on
-            // a replay; on a task of their own, as a cancel's give-back, so a merchant gone before the answer
-            // does not drop them.
+            // The units on the Redis gate's counters (`PUT_BACK` adds to one only where it exists: the counter
+            // is shared, and this instance may have served no attempt on the SKU), not again on a replay; on a
+            // task of their own, as a cancel's give-back, so a merchant gone before the answer does not drop
+            // them.
             if let Some(g) = &app.redis_gate
                 && !done.replay
             {
                 let puts: Vec<(String, u32)> = (gained.into_iter())
-                    .filter(|(sku, n)| *n > 0 && g.is_hot(sku))
+                    .filter(|(_, n)| *n > 0)
                     .map(|(sku, n)| (sku, u32::try_from(n).unwrap_or(u32::MAX)))
                     .collect();
                 let g = g.clone();

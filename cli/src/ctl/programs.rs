@@ -669,8 +669,14 @@ mod tests {
             "monitor": { "version": "test" },
             "programs": [{ "name": "p", "state": "RUNNING", "ready": true }],
         });
-        let c = scripted_monitor(vec![busy.clone(), busy.clone(), (200, running.to_string())]);
-        // Said nothing about: the poll that got the 503 went through `poll_status`, which prints nothing.
+        // Said nothing about: a poll that gets a 503 goes through `poll_status`, which prints nothing (this
+        // one takes the first answer; the wait then meets two more).
+        let c = scripted_monitor(vec![
+            busy.clone(),
+            busy.clone(),
+            busy.clone(),
+            (200, running.to_string()),
+        ]);
         assert!(matches!(poll_status(&c), Ok(None)));
         let mut results = vec![("p".to_string(), Ok("starting".to_string()))];
         let limit = Duration::from_secs(10);

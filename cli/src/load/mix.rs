@@ -56,17 +56,40 @@ pub struct Lost {
     body: Full<Bytes>,
 }
 
-/// Whether an order request's answer leaves its order unknown: a 5xx, but for the refusals XBuy makes before
-/// any work (`overloaded`, `read_only`), which asked again would place an order only for the clean-up to
-/// cancel it. (A `store_busy` 503 of a keyed request may have committed: its retry replays.)
-pub fn may_have_placed(resp: &http::Response<Bytes>) -> bool {
-    if !resp.status().is_server_error() {
-        return false;
+/// Whether an order request answered `status` with `body` may have placed its order: a 5xx, but for the
+/// refusals XBuy makes before any work (`overloaded`, `read_only`), which asked again would place an order only
+/// for the clean-up to cancel it; and a 409 `in_progress`, another attempt under the key still in the store (a
+/// retry of one that timed out elsewhere). (A `store_busy` 503 of a keyed request may have committed: its
+/// retry replays.) Any other answer says none stands under the key: XBuy looks up a key's stored answer before
+/// it refuses.
+pub fn may_have_placed(status: http::StatusCode, body: &[u8]) -> bool {
+    let code = || {
+        serde_json::from_slice::<serde_json::Value>(body)
+            .ok()
+            .and_then(|v| v["error"]["code"].as_str().map(str::to_string))
+    };
+    if status.is_server_error() {
+        return !matches!(code().as_deref(), Some("overloaded" | "read_only"));
     }
-    let code = serde_json::from_slice::<serde_json::Value>(resp.body())
-        .ok()
-        .and_then(|v| v["error"]["code"].as_str().map(str::to_string));
-    !matches!(code.as_deref(), Some("overloaded" | "read_only"))
+    status == http::StatusCode::CONFLICT && code().as_deref() == Some("in_progress")
+}
+
+/// Whether a request that failed with error `kind` certainly never reached an instance: it found none to send
+/// to, or (`single_attempt`: not through the SDK, whose last attempt's kind may follow one that timed out)
+/// could not connect.
+pub fn never_sent(kind: &str, single_attempt: bool) -> bool {
+    const BEFORE_ANY: [&str; 9] = [
+        "config",
+        "unknown_type",
+        "bootstrap",
+        "not_served",
+        "balancer",
+        "stale",
+        "no_instance",
+        "resolve",
+        "no_target",
+    ];
+    BEFORE_ANY.contains(&kind) || (single_attempt && matches!(kind, "connect" | "connect_timeout"))
 }
 
 impl Lost {

@@ -142,6 +142,11 @@ impl Target {
         }
     }
 
+    /// Whether a request gets one attempt (not through the SDK, which retries).
+    pub fn single_attempt(&self) -> bool {
+        !matches!(self, Target::Sdk(_))
+    }
+
     /// Sends one request of `kind`, within `timeout` overall (through the SDK, its client's deadline).
     pub async fn send(&self, kind: &Kind, req: Request<Full<Bytes>>, timeout: Duration) -> Outcome {
         match self {

@@ -157,7 +157,7 @@ impl Supervisor {
             roll: None,
             past_rolls: std::collections::VecDeque::new(),
             pending: None,
-            stop_levels: crate::program::stop_levels(&cfg.processes),
+            stop_levels: crate::program::stop_levels(&cfg.processes, &cfg.group_order),
         };
         sup.update(cfg, None);
         sup.adopt(adopt);
@@ -655,7 +655,7 @@ impl Supervisor {
 
     pub fn set_config(&mut self, cfg: Arc<Config>) {
         self.bus.set_capacity(cfg.events_history);
-        self.stop_levels = crate::program::stop_levels(&cfg.processes);
+        self.stop_levels = crate::program::stop_levels(&cfg.processes, &cfg.group_order);
         self.cfg = cfg;
     }
 
