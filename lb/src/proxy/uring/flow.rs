@@ -463,8 +463,13 @@ impl Loop {
         // SAFETY: `dst` is this connection's open socket for as long as it is in its slot.
         let dst = unsafe { BorrowedFd::borrow_raw(dst) };
         match forward::splice(&pipe.r, dst, *left as usize) {
-            // At most `left`.
-            Ok(k) => *left -= k as u32,
+            // At most `left`. Bytes moved, as a send's (`on_send`).
+            Ok(k) => {
+                *left -= k as u32;
+                if k > 0 {
+                    c.last_ms = self.now_ms;
+                }
+            }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
             Err(e) => {
                 self.fail(
@@ -513,6 +518,7 @@ impl Loop {
         if !self.finish_op(slot) {
             return;
         }
+        let now_ms = self.now_ms;
         let Some(c) = self.conns.get_mut(slot as usize).and_then(Option::as_mut) else {
             return;
         };
@@ -525,6 +531,10 @@ impl Loop {
             self.close(slot);
             return;
         }
+        // Bytes moved: a slow reader draining what is queued for it is activity too, as in the tokio runtime.
+        // Stamped on receives only, a download to a client reading slower than the queue (4 buffers, and the
+        // socket's own buffer) drains was cut at the idle timeout while it still moved.
+        c.last_ms = now_ms;
         let dir = &mut c.dirs[d];
         let head = dir.head;
         // A send moves at most what is left of its buffer, so the sum is at most BUF_LEN.
