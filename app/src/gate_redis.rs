@@ -619,40 +619,45 @@ mod tests {
         .expect("a valid url")
     }
 
+    /// A fake Redis on a free port, handing each connection it accepts to `on_connection`; its address.
+    async fn fake_redis(mut on_connection: impl FnMut(tokio::net::TcpStream) + Send + 'static) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((s, _)) = listener.accept().await {
+                on_connection(s);
+            }
+        });
+        addr.to_string()
+    }
+
     /// A give-back Redis does not take (here its first connection is closed at once, and the retry on a
     /// fresh one too) is kept, and sent again once the circuit has closed: dropped, the buyer's count kept
     /// units the store never sold, and they were refused `limit_exceeded` for its life.
     #[tokio::test]
     async fn a_give_back_redis_did_not_take_is_sent_again() {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
         let served = Arc::new(std::sync::atomic::AtomicU32::new(0));
         let count = served.clone();
-        tokio::spawn(async move {
-            let mut n = 0;
-            while let Ok((mut s, _)) = listener.accept().await {
-                n += 1;
-                if n == 1 {
-                    continue; // closed at once: the first give-back fails
-                }
-                // Each later connection answers one command and is closed, so the pool only ever holds
-                // connections Redis has closed meanwhile.
-                let count = count.clone();
-                tokio::spawn(async move {
-                    let mut buf = [0u8; 4096];
-                    if s.read(&mut buf).await.is_ok_and(|r| r > 0) {
-                        count.fetch_add(1, Ordering::Relaxed);
-                        let _ = s.write_all(b":1\r\n").await;
-                    }
-                });
+        let mut n = 0;
+        let addr = fake_redis(move |mut s| {
+            n += 1;
+            if n == 1 {
+                return; // closed at once: the first give-back fails
             }
-        });
-        let gate = gate(
-            &addr.to_string(),
-            Duration::from_secs(5),
-            Duration::from_millis(1),
-        );
+            // Each later connection answers one command and is closed, so the pool only ever holds
+            // connections Redis has closed meanwhile.
+            let count = count.clone();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                if s.read(&mut buf).await.is_ok_and(|r| r > 0) {
+                    count.fetch_add(1, Ordering::Relaxed);
+                    let _ = s.write_all(b":1\r\n").await;
+                }
+            });
+        })
+        .await;
+        let gate = gate(&addr, Duration::from_secs(5), Duration::from_millis(1));
         gate.release("sku-1", 3, "u1", 1).await;
         assert_eq!(gate.pending(), 1, "kept");
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -676,12 +681,11 @@ mod tests {
     #[tokio::test]
     async fn a_command_reset_after_redis_read_it_is_not_sent_again() {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
         let read = Arc::new(std::sync::atomic::AtomicU32::new(0));
         let count = read.clone();
-        tokio::spawn(async move {
-            while let Ok((mut s, _)) = listener.accept().await {
+        let addr = fake_redis(move |mut s| {
+            let count = count.clone();
+            tokio::spawn(async move {
                 let mut buf = [0u8; 4096];
                 // The first command is answered (the connection goes back to the pool); the next is read
                 // and reset, with no reply (a zero linger sends an RST at close).
@@ -692,9 +696,10 @@ mod tests {
                     }
                     let _ = s.write_all(b":1\r\n").await;
                 }
-            }
-        });
-        let gate = gate(&addr.to_string(), Duration::from_secs(5), Duration::from_secs(60));
+            });
+        })
+        .await;
+        let gate = gate(&addr, Duration::from_secs(5), Duration::from_secs(60));
         gate.release("sku-1", 3, "u1", 1).await;
         assert_eq!(read.load(Ordering::Relaxed), 1);
         assert!(gate.is_up());
@@ -708,34 +713,27 @@ mod tests {
     #[tokio::test]
     async fn a_burst_opens_no_more_connections_than_its_turns() {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
         let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let (open, opened) = tokio::sync::watch::channel(false);
         let count = accepted.clone();
-        tokio::spawn(async move {
-            while let Ok((mut s, _)) = listener.accept().await {
-                // No answer until the turns are all taken: without them, every attempt would connect first.
-                if count.fetch_add(1, Ordering::Relaxed) + 1 >= MAX_CONNECTIONS {
-                    let _ = open.send(true);
-                }
-                let mut opened = opened.clone();
-                tokio::spawn(async move {
-                    let mut buf = [0u8; 4096];
-                    while s.read(&mut buf).await.is_ok_and(|r| r > 0) {
-                        if opened.wait_for(|o| *o).await.is_err() {
-                            return;
-                        }
-                        let _ = s.write_all(b":0\r\n").await;
-                    }
-                });
+        let addr = fake_redis(move |mut s| {
+            // No answer until the turns are all taken: without them, every attempt would connect first.
+            if count.fetch_add(1, Ordering::Relaxed) + 1 >= MAX_CONNECTIONS {
+                let _ = open.send(true);
             }
-        });
-        let gate = Arc::new(gate(
-            &addr.to_string(),
-            Duration::from_secs(10),
-            Duration::from_secs(60),
-        ));
+            let mut opened = opened.clone();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                while s.read(&mut buf).await.is_ok_and(|r| r > 0) {
+                    if opened.wait_for(|o| *o).await.is_err() {
+                        return;
+                    }
+                    let _ = s.write_all(b":0\r\n").await;
+                }
+            });
+        })
+        .await;
+        let gate = Arc::new(gate(&addr, Duration::from_secs(10), Duration::from_secs(60)));
         let attempts: Vec<_> = (0..3 * MAX_CONNECTIONS)
             .map(|i| {
                 let gate = gate.clone();

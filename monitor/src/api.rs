@@ -273,7 +273,7 @@ impl Api {
             "reload": *self.reloader.status().borrow(),
             "programs": programs,
             "roll": snap.roll,
-            "past_rolls": snap.past_rolls,
+            "past_rolls": *snap.past_rolls,
             "pending": snap.pending,
             "groups": *snap.groups,
         })

@@ -193,10 +193,11 @@ impl Supervisor {
             detail: format!("rolling restart {id} of {}", picked.join(", ")),
         });
         if let Some(before) = self.roll.take() {
-            if self.past_rolls.len() >= PAST_ROLLS {
-                self.past_rolls.pop_front();
-            }
-            self.past_rolls.push_back(before.status);
+            // A new list, rarely (a roll's start), that every status snapshot then shares.
+            let keep = self.past_rolls.len().saturating_sub(PAST_ROLLS - 1);
+            let mut past = self.past_rolls[keep..].to_vec();
+            past.push(before.status);
+            self.past_rolls = std::sync::Arc::new(past);
         }
         self.roll = Some(Roll::new(id, picked, limit, for_update));
         self.advance_roll();

@@ -51,7 +51,7 @@ pub(crate) fn build(sup: &Supervisor) -> Snapshot {
         programs,
         shutting_down: false,
         roll: sup.roll.as_ref().map(|r| r.status.clone()),
-        past_rolls: sup.past_rolls.iter().cloned().collect(),
+        past_rolls: sup.past_rolls.clone(),
         pending: sup.pending.clone(),
         groups: sup.cfg.groups.clone(),
     }

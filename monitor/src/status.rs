@@ -72,7 +72,8 @@ pub struct Snapshot {
     /// The rolling restart under way, or the last one.
     pub roll: Option<crate::roll::RollStatus>,
     /// The rolls before it, oldest first.
-    pub past_rolls: Vec<crate::roll::RollStatus>,
+    #[serde(serialize_with = "shared")]
+    pub past_rolls: Arc<Vec<crate::roll::RollStatus>>,
     /// What the config saved last would change, held for `ctl update` (`auto_update = false`).
     pub pending: Option<Plan>,
     /// `[groups.*]` of the config in force: each named group's programs (shared with it, not copied).

@@ -105,6 +105,17 @@ fn auth() -> String {
     format!("Bearer {TOKEN}")
 }
 
+/// How many times the app at `addr` counted `answer` in `xcluster_app_redis_gate_total`.
+fn gate_answers(addr: SocketAddr, answer: &str) -> f64 {
+    let m = get(addr, "/metrics").unwrap().body;
+    metric_value(
+        &m,
+        "xcluster_app_redis_gate_total",
+        &format!("answer=\"{answer}\""),
+    )
+    .unwrap_or(0.0)
+}
+
 fn audit(addr: SocketAddr) -> serde_json::Value {
     let r = request(addr, "GET", "/admin/audit", &[("Authorization", &auth())], None).unwrap();
     assert_eq!(r.status, 200, "audit on {addr} failed: {}", r.body);
@@ -340,9 +351,7 @@ sold_out_gate_ms = 0
         }
     }
     assert_eq!((won, sold_out), (100, 30));
-    let m = get(app_addr, "/metrics").unwrap().body;
-    let errors = metric_value(&m, "xcluster_app_redis_gate_total", "answer=\"error\"").unwrap_or(0.0);
-    let passed = metric_value(&m, "xcluster_app_redis_gate_total", "answer=\"pass\"").unwrap_or(0.0);
+    let (errors, passed) = (gate_answers(app_addr, "error"), gate_answers(app_addr, "pass"));
     assert_eq!(errors, 1.0, "the circuit should stop per-request Redis attempts");
     assert_eq!(passed, 130.0);
 }
@@ -506,8 +515,7 @@ impl FlashSale {
     }
 
     fn taken(&self) -> f64 {
-        let m = get(self.one.addr, "/metrics").unwrap().body;
-        metric_value(&m, "xcluster_app_redis_gate_total", "answer=\"taken\"").unwrap_or(0.0)
+        gate_answers(self.one.addr, "taken")
     }
 
     /// `user` buys their one unit, counted by the gate; returns the order's id.
@@ -618,10 +626,7 @@ fn attempts_on_unknown_skus_do_not_keep_a_sale_out_of_the_redis_gate() {
 #[test]
 fn a_buyer_of_the_last_sale_is_admitted_by_the_redis_gate_in_the_next() {
     let sale = FlashSale::open(OneApp::start());
-    let over_limit = || {
-        let m = get(sale.one.addr, "/metrics").unwrap().body;
-        metric_value(&m, "xcluster_app_redis_gate_total", "answer=\"over_limit\"").unwrap_or(0.0)
-    };
+    let over_limit = || gate_answers(sale.one.addr, "over_limit");
     let admin = |method: &str| {
         let path = "/v1/merchant/flash-sales/flash-1";
         let r = request(sale.one.addr, method, path, &[("Authorization", &auth())], None).unwrap();
@@ -693,10 +698,7 @@ fn merchant_stock(addr: SocketAddr, body: &str) {
 
 /// `user`'s attempt is refused `sold_out` by the Redis gate (not by the store).
 fn refused_by_the_gate(addr: SocketAddr, user: &str) {
-    let sold_out = || {
-        let m = get(addr, "/metrics").unwrap().body;
-        metric_value(&m, "xcluster_app_redis_gate_total", "answer=\"sold_out\"").unwrap_or(0.0)
-    };
+    let sold_out = || gate_answers(addr, "sold_out");
     let before = sold_out();
     let r = seckill(addr, user, None);
     assert_eq!(
@@ -1037,10 +1039,7 @@ fn a_keyed_flash_sale_attempt_given_up_on_keeps_its_mark() {
     app.hold_connections(8);
     open_flash_sale(addr);
     let buy = |user: &str, key: &str| seckill(addr, user, Some(key));
-    let taken = || {
-        let m = get(addr, "/metrics").unwrap().body;
-        metric_value(&m, "xcluster_app_redis_gate_total", "answer=\"taken\"").unwrap_or(0.0)
-    };
+    let taken = || gate_answers(addr, "taken");
     // Until the gate takes attempts (its counters built), each from a buyer of its own: the connections
     // these open stay in the pool, so the attempt below finds one open while PostgreSQL is silent.
     let mut warm = 0;

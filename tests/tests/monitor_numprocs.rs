@@ -224,8 +224,8 @@ fn assert_one_at_a_time(events: &[serde_json::Value], names: &[&str], after: u64
 }
 
 /// Programs ready once their marker exists (made at start, removed on TERM), each `numprocs = 3`, started
-/// with `version` as an argument (`broken` never gets ready, `slow` in 3 s); `app` rolls on an update by
-/// itself.
+/// with `version` as an argument (`broken` never gets ready, `held` once the file `release` is made in `d`);
+/// `app` rolls on an update by itself.
 fn versioned(d: &std::path::Path, version: &str) -> String {
     let d = d.display();
     let mut s = String::new();
@@ -233,7 +233,7 @@ fn versioned(d: &std::path::Path, version: &str) -> String {
         s += &format!(
             r#"
 [programs.{name}]
-command = "/bin/sh -c 'trap \"rm -f {d}/{{name}}.ready; exit 0\" TERM; [ {version} = slow ] && sleep 3; [ {version} = broken ] || touch {d}/{{name}}.ready; while :; do sleep 0.05; done' {version}"
+command = "/bin/sh -c 'trap \"rm -f {d}/{{name}}.ready; exit 0\" TERM; [ {version} = held ] && until [ -e {d}/release ]; do sleep 0.05; done; [ {version} = broken ] || touch {d}/{{name}}.ready; while :; do sleep 0.05; done' {version}"
 numprocs = 3
 startsecs = 0
 update_strategy = "{strategy}"
@@ -316,15 +316,15 @@ fn an_update_rolls_a_program_whose_strategy_says_so_and_update_rolling_rolls_any
     assert!(o.status.success(), "{text}");
     assert!(text.contains("web-0: changed (applied)"), "{text}");
     // The roll is followed to its end, as `--rolling`'s is: it said "applied" and exited as the roll began.
-    for name in &apps {
-        assert!(text.contains(&format!("{name}: changed (rolling)")), "{text}");
-        assert!(text.contains(&format!("{name}: started")), "{text}");
-        assert!(
-            runs(name, "v2").is_some(),
-            "{name} once ctl returned: {}",
-            m.prog(name)
-        );
-    }
+    let rolled = |text: &str, names: &[&str], version: &str| {
+        for name in names {
+            assert!(text.contains(&format!("{name}: changed (rolling)")), "{text}");
+            assert!(text.contains(&format!("{name}: started")), "{text}");
+            let p = m.prog(name);
+            assert!(runs(name, version).is_some(), "{name} once ctl returned: {p}");
+        }
+    };
+    rolled(&text, &apps, "v2");
     for name in apps.iter().chain(&webs) {
         eventually(T, &format!("{name} to run v2"), || runs(name, "v2"));
     }
@@ -353,15 +353,7 @@ fn an_update_rolls_a_program_whose_strategy_says_so_and_update_rolling_rolls_any
     let o = m.ctl(&["update", "--rolling"]);
     let text = out(&o);
     assert_eq!(o.status.code(), Some(0), "{text}");
-    for name in apps.iter().chain(&webs) {
-        assert!(text.contains(&format!("{name}: changed (rolling)")), "{text}");
-        assert!(text.contains(&format!("{name}: started")), "{text}");
-        assert!(
-            runs(name, "v3").is_some(),
-            "{name} after the roll: {}",
-            m.prog(name)
-        );
-    }
+    rolled(&text, &[apps, webs].concat(), "v3");
     let events = m.events();
     let order: Vec<&str> = apps.iter().chain(&webs).copied().collect();
     assert_one_at_a_time(&events, &order, before);
@@ -427,51 +419,37 @@ fn a_change_reverted_while_its_roll_runs_restarts_nothing_more() {
         });
     }
     let pids: Vec<_> = apps.iter().map(|n| m.pid(n)).collect();
-    // `slow` takes 3 s to be ready: the roll is at app-0 meanwhile, app-1 and app-2 waiting.
-    v.write("slow");
+    // `held` is not ready until released: the roll stays at app-0, app-1 and app-2 waiting.
+    v.write("held");
     m.ctl_ok(&["--no-wait", "update"]);
+    eventually(T, "app-0 to run the held version", || {
+        let p = m.prog("app-0");
+        (p["state"] == "RUNNING" && p["command"].as_array()?.last()? == "held").then_some(())
+    });
     let step = |i: usize| m.status()["roll"]["programs"][i]["step"].clone();
     assert_eq!((step(0), step(1)), ("restarting".into(), "waiting".into()));
     v.write("v1");
-    let o = m.ctl(&["update"]);
-    let said = out(&o);
-    assert_eq!(o.status.code(), Some(0), "{said}");
-    // app-0 was restarting onto `slow`: back on v1 by the end, in that step (its old process was still
-    // stopping) or in one the revert added (it ran `slow` already).
-    let steps = roll_ended(m);
-    let unchanged = "done: not restarted: its settings are those in force";
-    let started = "done: started";
-    assert_eq!(&steps[..3], [started, unchanged, unchanged], "{steps:?}");
-    assert!(steps[3..].iter().all(|s| *s == started), "{steps:?}");
-    assert_eq!((m.pid("app-1"), m.pid("app-2")), (pids[1], pids[2]), "{said}");
+    m.ctl_ok(&["--no-wait", "update"]);
+    std::fs::write(v.real.path().join("release"), "").unwrap();
+    // app-0 comes back on `held`, then rolls back to v1 in the step the revert added.
+    let unchanged = ("done", "not restarted: its settings are those in force");
+    let started = ("done", "started");
+    assert_roll_ended(m, &[started, unchanged, unchanged, started]);
+    assert_eq!((m.pid("app-1"), m.pid("app-2")), (pids[1], pids[2]));
     let v1 = serde_json::json!("v1");
     assert_eq!(m.prog("app-0")["command"].as_array().unwrap().last(), Some(&v1));
 }
 
 /// Waits for the roll under way to end; asserts each program's step and message then.
 fn assert_roll_ended(m: &Mon, want: &[(&str, &str)]) {
-    let want: Vec<String> = want
-        .iter()
-        .map(|(step, message)| format!("{step}: {message}"))
-        .collect();
-    assert_eq!(roll_ended(m), want);
-}
-
-/// Waits for the roll under way to end; returns each program's `step: message`.
-fn roll_ended(m: &Mon) -> Vec<String> {
     let roll = eventually(T, "the roll to end", || {
         let roll = m.status()["roll"].clone();
         (roll["finished"] == true).then_some(roll)
     });
-    (roll["programs"].as_array().unwrap().iter())
-        .map(|s| {
-            format!(
-                "{}: {}",
-                s["step"].as_str().unwrap(),
-                s["message"].as_str().unwrap()
-            )
-        })
-        .collect()
+    let steps: Vec<(&str, &str)> = (roll["programs"].as_array().unwrap().iter())
+        .map(|s| (s["step"].as_str().unwrap(), s["message"].as_str().unwrap()))
+        .collect();
+    assert_eq!(steps, want);
 }
 
 #[test]

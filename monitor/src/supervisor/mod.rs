@@ -108,7 +108,7 @@ pub(crate) struct Supervisor {
     /// The rolling restart under way, or the last one.
     pub(crate) roll: Option<Roll>,
     /// The rolls before it, oldest first (at most [`crate::roll::PAST_ROLLS`]).
-    pub(crate) past_rolls: std::collections::VecDeque<crate::roll::RollStatus>,
+    pub(crate) past_rolls: Arc<Vec<crate::roll::RollStatus>>,
     /// What a saved config would change, held for `ctl update` (`auto_update = false`); `None` when nothing
     /// waits.
     pub(crate) pending: Option<crate::status::Plan>,
@@ -155,7 +155,7 @@ impl Supervisor {
             shutting_down: false,
             saved: Vec::new(),
             roll: None,
-            past_rolls: std::collections::VecDeque::new(),
+            past_rolls: Arc::default(),
             pending: None,
             stop_levels: crate::program::stop_levels(&cfg.processes, &cfg.group_order),
         };
