@@ -154,6 +154,13 @@ const ANSWERS: [&str; 7] = [
 /// timed out and opened the circuit. Redis runs one script at a time, so more would only queue there.
 const MAX_CONNECTIONS: usize = 64;
 
+/// Idle time after which a pooled connection is checked with a `PING` before it carries a command. One a
+/// NAT or Redis's `timeout` dropped while idle may take the command and then be reset, and a command whose
+/// reply was lost cannot be sent again (a script would apply twice): the circuit opened, the flood going
+/// to the store. A failed `PING` is only a connection to replace. Under load, connections are reused long
+/// before this, and pay nothing.
+const CHECK_IDLE_AFTER: Duration = Duration::from_secs(10);
+
 /// Redis connection settings and timeouts.
 #[derive(Debug, Clone)]
 pub struct RedisOptions {
@@ -179,6 +186,8 @@ pub struct RedisGate {
     password: Option<String>,
     opts: RedisOptions,
     idle: Mutex<Vec<Conn>>,
+    /// [`CHECK_IDLE_AFTER`], shorter in tests.
+    check_idle_after: Duration,
     /// A connection's turn ([`MAX_CONNECTIONS`]), taken for each command.
     turns: tokio::sync::Semaphore,
     /// What the circuit's clock counts from: a monotonic one, so a wall clock stepped back (NTP) cannot hold
@@ -264,6 +273,7 @@ impl RedisGate {
             password,
             opts,
             idle: Mutex::new(Vec::new()),
+            check_idle_after: CHECK_IDLE_AFTER,
             turns: tokio::sync::Semaphore::new(MAX_CONNECTIONS),
             epoch: Instant::now(),
             open_until_ms: AtomicU64::new(0),
@@ -283,7 +293,8 @@ impl RedisGate {
 
     /// Runs one command on a pooled connection, opening the circuit on any failure. A pooled connection
     /// that Redis (or a NAT) closed while it sat idle is replaced once by a fresh one: taken as a failure,
-    /// it turned the gate off for `retry_after`, the flood going straight to the store.
+    /// it turned the gate off for `retry_after`, the flood going straight to the store. One idle for
+    /// [`CHECK_IDLE_AFTER`] is checked first, as one dropped may be reset only once it took the command.
     async fn call(&self, args: &[&str]) -> Option<Value> {
         if !self.is_up() {
             return None;
@@ -299,6 +310,10 @@ impl RedisGate {
             return None;
         }
         let pooled = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        let pooled = match pooled {
+            Some(c) if c.idle_for() >= self.check_idle_after => self.checked(c).await,
+            pooled => pooled,
+        };
         let mut result = match pooled {
             Some(c) => self.call_on(Ok(c), args).await,
             None => Err(RespError::Closed),
@@ -314,6 +329,17 @@ impl RedisGate {
             Ok(v) => Some(v),
             Err(e) => {
                 self.trip(&e);
+                None
+            }
+        }
+    }
+
+    /// `conn`, when it answers a `PING` (within the command timeout); dropped otherwise.
+    async fn checked(&self, mut conn: Conn) -> Option<Conn> {
+        match conn.call(&["PING"], self.opts.timeout).await {
+            Ok(_) => Some(conn),
+            Err(e) => {
+                tracing::debug!(error = %e, "an idle redis connection did not answer a PING; replaced");
                 None
             }
         }
@@ -706,6 +732,42 @@ mod tests {
         gate.release("sku-1", 3, "u2", 1).await;
         assert_eq!(read.load(Ordering::Relaxed), 2, "sent once");
         assert!(!gate.is_up(), "the circuit opened: the store alone decides");
+    }
+
+    /// A pooled connection a NAT forgot while it sat idle takes the next command and is reset: that command
+    /// cannot be sent again (the test above), and the circuit opened. One idle for long is checked with a
+    /// `PING` first, whose reset only replaces it.
+    #[tokio::test]
+    async fn an_idle_connection_dropped_by_the_network_is_replaced_before_a_command() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let commands = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let count = commands.clone();
+        // Each connection answers its first command and is reset at the next, as a NAT that forgot it.
+        let addr = fake_redis(move |mut s| {
+            let count = count.clone();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let mut answered = false;
+                while s.read(&mut buf).await.is_ok_and(|r| r > 0) {
+                    if answered {
+                        let _ = s.set_zero_linger();
+                        break;
+                    }
+                    count.fetch_add(1, Ordering::Relaxed);
+                    answered = true;
+                    let _ = s.write_all(b":1\r\n").await;
+                }
+            });
+        })
+        .await;
+        let mut gate = gate(&addr, Duration::from_secs(5), Duration::from_secs(60));
+        gate.check_idle_after = Duration::ZERO;
+        for user in ["u1", "u2", "u3"] {
+            gate.release("sku-1", 3, user, 1).await;
+            assert!(gate.is_up(), "the circuit opened at {user}'s give-back");
+        }
+        assert_eq!(commands.load(Ordering::Relaxed), 3, "each answered once");
+        assert_eq!(gate.pending(), 0);
     }
 
     /// A burst of attempts opens at most [`MAX_CONNECTIONS`] connections, the rest waiting their turn, and each

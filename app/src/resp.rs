@@ -3,7 +3,7 @@
 //! the gate needs (`EVAL`, `PING`): a full client crate would bring a second connection manager and retry
 //! policy we would have to switch off anyway, since a slow Redis must cost a request nothing.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufStream};
 use tokio::net::TcpStream;
@@ -13,6 +13,10 @@ const MAX_BULK: usize = 1 << 20;
 const MAX_ARRAY: usize = 4096;
 /// Deepest nesting of arrays accepted (the gate's scripts return one level).
 const MAX_DEPTH: usize = 4;
+/// Idle time before the kernel probes a connection: a NAT or firewall forgets a connection it has seen
+/// nothing on for some minutes (AWS's NAT gateway after 350 s), and one that sat in the pool longer was
+/// reset at its next command, which the gate cannot tell from Redis failing after it ran it.
+const KEEPALIVE: Duration = Duration::from_secs(60);
 
 /// Why a Redis call failed.
 #[derive(Debug, thiserror::Error)]
@@ -63,6 +67,8 @@ enum Head {
 #[derive(Debug)]
 pub struct Conn {
     io: BufStream<TcpStream>,
+    /// When its last reply came (or it connected).
+    used: Instant,
 }
 
 impl Conn {
@@ -72,8 +78,13 @@ impl Conn {
             .await
             .map_err(|_| RespError::Timeout)??;
         tcp.set_nodelay(true)?;
+        let probes = socket2::TcpKeepalive::new()
+            .with_time(KEEPALIVE)
+            .with_interval(KEEPALIVE / 6);
+        socket2::SockRef::from(&tcp).set_tcp_keepalive(&probes)?;
         let mut c = Conn {
             io: BufStream::new(tcp),
+            used: Instant::now(),
         };
         if let Some(p) = password {
             c.call(&["AUTH", p], timeout).await?;
@@ -83,9 +94,16 @@ impl Conn {
 
     /// Sends one command and reads its reply, all within `timeout`.
     pub async fn call(&mut self, args: &[&str], timeout: Duration) -> Result<Value, RespError> {
-        tokio::time::timeout(timeout, self.call_inner(args))
+        let reply = tokio::time::timeout(timeout, self.call_inner(args))
             .await
-            .map_err(|_| RespError::Timeout)?
+            .map_err(|_| RespError::Timeout)??;
+        self.used = Instant::now();
+        Ok(reply)
+    }
+
+    /// How long since its last reply.
+    pub fn idle_for(&self) -> Duration {
+        self.used.elapsed()
     }
 
     async fn call_inner(&mut self, args: &[&str]) -> Result<Value, RespError> {

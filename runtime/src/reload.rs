@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::config::include::IncludePattern;
-use crate::config::{ConfigSource, RoleConfig, Sources, read_sources, reload_noting};
+use crate::config::{ConfigSource, Judged, RoleConfig, Sources, read_sources, reload_noting};
 use crate::sdnotify::Notifier;
 
 /// Editors write a file in several steps; events closer together than this are one change.
@@ -137,7 +137,7 @@ pub fn spawn<C: RoleConfig>(
     let mut watcher = (source.path.as_deref()).and_then(|p| ConfigWatcher::start(p, tx.clone()));
     let read_files = seed.1.as_ref().map(Sources::referenced_files).unwrap_or_default();
     if let (Some(w), Some(sources)) = (&mut watcher, &seed.1) {
-        w.follow(sources.patterns(), &read_files);
+        w.follow(sources.patterns(), &followed(sources, &read_files));
     }
     let mut state = State::<C> {
         source,
@@ -215,9 +215,8 @@ impl<C: RoleConfig> State<C> {
         let now = unix_now();
         // A watcher event whose content we already judged is not a new change (editors touch files). The
         // content in force again after a rejected edit (the edit undone) clears that rejection. The content is
-        // the main file's and its included files': an edit to one of those alone is a change.
-        // Read before the load: a rejection remembers these, what was judged or older. Read again after it,
-        // they could be a fix written meanwhile, and that fix's own event then passed for judged already.
+        // the main file's and its included files': an edit to one of those alone is a change. A rejection
+        // remembers what its load read ([`Judged`]).
         let before = (self.source.path.as_deref())
             .and_then(|path| read_sources::<C>(path).ok())
             .map(|s| s.with_referenced(&self.read_files));
@@ -253,10 +252,11 @@ impl<C: RoleConfig> State<C> {
         // Here, not at the signal: an attempt the checks above end was no reload. A SIGHUP always gets here
         // (they apply to file events only), which `Type=notify-reload` waits for.
         self.notifier.reloading();
-        let mut read_files = Vec::new();
-        let result = reload_noting::<C>(&self.source, &self.started, &mut read_files);
+        let mut judged = Judged::default();
+        let result = reload_noting::<C>(&self.source, &self.started, &mut judged);
         // A config that did not get as far as its validation read none: the files in force stay watched.
-        if result.is_ok() || !read_files.is_empty() {
+        let validated = judged.read_files.is_some();
+        if let Some(read_files) = judged.read_files {
             self.read_files = read_files;
         }
         match result {
@@ -299,9 +299,17 @@ impl<C: RoleConfig> State<C> {
             Err(e) => {
                 warn!(role = self.role_label, ?cause, error = %e, "config reload rejected; keeping the old config");
                 if self.source.path.is_some() {
+                    // What the load read, which its verdict is about; compared with later events as read
+                    // with the files now watched (those in force still, when it did not get as far as its
+                    // validation). What was read before the load remains when the main file could not be.
+                    let read = match judged.sources {
+                        Some(read) if validated => Some(read),
+                        Some(read) => Some(read.with_referenced(&self.read_files)),
+                        None => before,
+                    };
                     // The rejected file's patterns: an edit to a file it newly includes may be its fix.
-                    self.follow(before.as_ref());
-                    self.bad = before;
+                    self.follow(read.as_ref());
+                    self.bad = read;
                 }
                 failed(&self.status, C::ROLE, &e.to_string());
                 // The old config serves on: ready still, and the status says the new one was refused.
@@ -316,9 +324,20 @@ impl<C: RoleConfig> State<C> {
     /// Watches what `sources` (the files just read) include, and the files the config names.
     fn follow(&mut self, sources: Option<&Sources>) {
         if let (Some(w), Some(sources)) = (&mut self.watcher, sources) {
-            w.follow(sources.patterns(), &self.read_files);
+            w.follow(sources.patterns(), &followed(sources, &self.read_files));
         }
     }
+}
+
+/// The files the watcher follows besides the patterns' directories: those the config names (`read_files`,
+/// key and token files), and the included files that are symbolic links, edited where they lead (a
+/// `conf.d/web.toml` linked to the application's own checkout), where no pattern's directory is.
+fn followed(sources: &Sources, read_files: &[PathBuf]) -> Vec<PathBuf> {
+    let links = (sources.included_files())
+        .filter(|f| std::fs::symlink_metadata(f).is_ok_and(|m| m.file_type().is_symlink()));
+    (read_files.iter().cloned())
+        .chain(links.map(Path::to_path_buf))
+        .collect()
 }
 
 /// The paths whose events are a change to the config: the main file, the files its include patterns name,
@@ -333,8 +352,9 @@ struct Relevant {
     /// an edit from the rest.
     target: Option<PathBuf>,
     patterns: Vec<IncludePattern>,
-    /// The files the config names that its load read (key and token files), each with where it leads when
-    /// it is a link (a Kubernetes Secret's file is one, swapped as a ConfigMap's is).
+    /// The files the config names that its load read (key and token files), and the included files that are
+    /// links ([`followed`]), each with where it leads when it is a link (a Kubernetes Secret's file is one,
+    /// swapped as a ConfigMap's is).
     referenced: Vec<(PathBuf, Option<PathBuf>)>,
 }
 
@@ -437,7 +457,7 @@ impl ConfigWatcher {
     }
 
     /// Watches the directories of `patterns` (the config's includes now), of the files in `referenced` (those
-    /// the config names that its load read), and of the files the main file and those lead to when they are
+    /// the config names that its load read, and the included links: [`followed`]), and of the files the main file and those lead to when they are
     /// links, and no others besides the main file's. One that is not there is skipped with one warning, and
     /// looked for again every [`MISSING_RETRY`] (and at each reload) until it is there.
     fn follow(&mut self, patterns: &[IncludePattern], referenced: &[PathBuf]) {
@@ -597,6 +617,37 @@ mod tests {
         assert_eq!(got.last(), Some(&Cause::Signal));
     }
 
+    /// The reload loop's state over a config loaded from `src`, with no watcher: a test makes its attempts
+    /// one by one, as the loop makes them once its debounce has ended.
+    #[allow(clippy::type_complexity)]
+    fn unwatched<C: RoleConfig>(
+        src: ConfigSource,
+        loaded: crate::config::Loaded<C>,
+    ) -> (
+        State<C>,
+        watch::Receiver<Arc<C>>,
+        Arc<watch::Sender<ReloadStatus>>,
+    ) {
+        let (publish, config) = watch::channel(Arc::new(loaded.config));
+        let status = Arc::new(watch::Sender::new(ReloadStatus::default()));
+        let state = State::<C> {
+            source: src,
+            started: loaded.raw.clone(),
+            raw: loaded.raw,
+            read_files: (loaded.sources.as_ref())
+                .map(Sources::referenced_files)
+                .unwrap_or_default(),
+            good: loaded.sources,
+            bad: None,
+            watcher: None,
+            publish,
+            status: status.clone(),
+            role_label: "test",
+            notifier: Notifier::disabled(),
+        };
+        (state, config, status)
+    }
+
     /// An emptied file (one being rewritten in place) is not a config: a file event waits for what is
     /// written to it, and a SIGHUP is refused, naming why; the config in force stays either way. Taken, an
     /// empty file was every default, and a monitor stopped every program. (The attempts are made here one
@@ -607,21 +658,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let src = file_source(dir.path(), "listen = \"a\"\n[inner]\ntimeout_ms = 10\n");
         let loaded = crate::config::load::<Kept>(&src).unwrap();
-        let (publish, mut config) = watch::channel(Arc::new(loaded.config));
-        let status = Arc::new(watch::Sender::new(ReloadStatus::default()));
-        let mut state = State::<Kept> {
-            source: src,
-            started: loaded.raw.clone(),
-            raw: loaded.raw,
-            good: loaded.sources,
-            bad: None,
-            read_files: Vec::new(),
-            watcher: None,
-            publish,
-            status: status.clone(),
-            role_label: "test",
-            notifier: Notifier::disabled(),
-        };
+        let (mut state, mut config, status) = unwatched(src, loaded);
 
         file_source(dir.path(), "");
         state.attempt(Cause::File);
@@ -815,5 +852,79 @@ mod tests {
         std::fs::write(&other, "fourth-key-0123456789\n").unwrap();
         reloaded(&mut config, "the key file written").await;
         assert_eq!(config.borrow().key, b"fourth-key-0123456789");
+    }
+
+    /// A rejected config is remembered by what its load read, the files it names included: a file event
+    /// with nothing changed since (an editor touching the file) is no new attempt. It was remembered with
+    /// the files the config in force names, so the next event found it changed and judged it once more.
+    #[test]
+    fn a_rejected_config_is_judged_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let [first, second] = ["first.key", "second.key"].map(|k| dir.path().join(k));
+        std::fs::write(&first, "first-key-0123456789\n").unwrap();
+        let main = dir.path().join("c.toml");
+        let names =
+            |key: &Path| std::fs::write(&main, format!("key_file = \"{}\"\n", key.display())).unwrap();
+        names(&first);
+        let mut src = ConfigSource::file(&main);
+        src.use_env = false;
+        let loaded = crate::config::load::<Keyed>(&src).unwrap();
+        let (mut state, mut config, status) = unwatched(src, loaded);
+        let failures = || status.borrow().failures;
+
+        // Naming a key file that is not there yet.
+        names(&second);
+        state.attempt(Cause::File);
+        assert_eq!(failures(), 1);
+        state.attempt(Cause::File);
+        assert_eq!(failures(), 1, "the same rejected config judged again");
+
+        // Not TOML: nothing read but the main file.
+        std::fs::write(&main, "key_file = \n").unwrap();
+        state.attempt(Cause::File);
+        state.attempt(Cause::File);
+        assert_eq!(failures(), 2);
+
+        // The fix: naming the file again, then writing it.
+        names(&second);
+        state.attempt(Cause::File);
+        assert_eq!(failures(), 3);
+        std::fs::write(&second, "second-key-0123456789\n").unwrap();
+        state.attempt(Cause::File);
+        assert_eq!((failures(), status.borrow().reloads), (3, 1));
+        assert_eq!(config.borrow_and_update().key, b"second-key-0123456789");
+    }
+
+    /// An included file that is a symbolic link (`conf.d/web.toml` leading to the application's own
+    /// checkout) is edited where it leads, a directory no pattern names: it is watched there. Before, the
+    /// edit was seen only at the next SIGHUP.
+    #[tokio::test]
+    async fn an_included_link_is_followed_to_where_it_leads() {
+        use crate::config::tests::Included;
+        let dir = tempfile::tempdir().unwrap();
+        let [conf_d, app] = ["conf.d", "app"].map(|d| dir.path().join(d));
+        std::fs::create_dir(&conf_d).unwrap();
+        std::fs::create_dir(&app).unwrap();
+        std::fs::write(app.join("web.toml"), "[programs.web]\n").unwrap();
+        std::os::unix::fs::symlink(app.join("web.toml"), conf_d.join("web.toml")).unwrap();
+        let main = dir.path().join("main.toml");
+        std::fs::write(&main, "include = [\"conf.d/*.toml\"]\n").unwrap();
+        let mut src = ConfigSource::file(&main);
+        src.use_env = false;
+        let loaded = crate::config::load::<Included>(&src).unwrap();
+        assert_eq!(loaded.config.programs, ["web"]);
+        let (publish, mut config) = watch::channel(Arc::new(loaded.config));
+        let cancel = CancellationToken::new();
+        let _stop = cancel.clone().drop_guard();
+        let seed = (loaded.raw, loaded.sources);
+        let _reloader = spawn::<Included>(src, seed, publish, mpsc::channel(8), cancel, Notifier::disabled());
+
+        std::fs::write(app.join("web.toml"), "[programs.web]\n[programs.api]\n").unwrap();
+        let next = tokio::time::timeout(Duration::from_secs(10), config.changed()).await;
+        assert!(
+            matches!(next, Ok(Ok(()))),
+            "the edit where the link leads was not seen"
+        );
+        assert_eq!(config.borrow().programs, ["api", "web"]);
     }
 }

@@ -315,7 +315,20 @@ pub fn load<C: RoleConfig>(source: &ConfigSource) -> Result<Loaded<C>, ConfigErr
         Some(path) => Some(read_bounded(path)?),
         None => None,
     };
-    load_layered::<C>(bytes, source, &mut Vec::new())
+    load_layered::<C>(bytes, source, &mut Judged::default())
+}
+
+/// What a reload read, valid or not: the content it judged. The reloader remembers a rejected config by
+/// this, not by the files read again after (a fix may be written meanwhile, and would pass for judged) nor
+/// before (the load may have read a newer write, and the older bytes written back passed for rejected).
+#[derive(Debug, Default)]
+pub struct Judged {
+    /// The main file and the files it includes as a load that failed read them (`None` when it succeeded,
+    /// whose [`Loaded::sources`] hold them, or could not read the main file).
+    pub sources: Option<Sources>,
+    /// The files the config names that its validation read ([`referenced`]); `None` when it failed before
+    /// its validation, which read none then. In `sources` too, with what each held.
+    pub read_files: Option<Vec<PathBuf>>,
 }
 
 /// [`load`] for a process already running on `running` (the raw config it started with): what a reload
@@ -324,15 +337,15 @@ pub fn load<C: RoleConfig>(source: &ConfigSource) -> Result<Loaded<C>, ConfigErr
 /// their running values until a restart; a role reads its config live, per use (the agent its `agent_id`
 /// per report, the app its `capacity` per request), so handed the file's values it applied them at once.
 pub fn reload<C: RoleConfig>(source: &ConfigSource, running: &C::Raw) -> Result<Loaded<C>, ConfigError> {
-    reload_noting(source, running, &mut Vec::new())
+    reload_noting(source, running, &mut Judged::default())
 }
 
-/// [`reload`], giving `read_files` the files the config names that its validation read ([`referenced`]),
-/// valid or not: the reloader watches them, so the fix of a rejected config's key file is seen.
+/// [`reload`], giving `judged` what it read, valid or not: the reloader watches the files a rejected config
+/// names, so the fix of its key file is seen, and remembers what it rejected.
 pub fn reload_noting<C: RoleConfig>(
     source: &ConfigSource,
     running: &C::Raw,
-    read_files: &mut Vec<PathBuf>,
+    judged: &mut Judged,
 ) -> Result<Loaded<C>, ConfigError> {
     // An empty file is every default, valid for every role, and what a file being rewritten in place holds
     // for a moment (`render > monitor.toml` truncates it first): taken, a monitor stopped every program and a
@@ -342,7 +355,8 @@ pub fn reload_noting<C: RoleConfig>(
         Some(path) => Some(read_bounded(path)?),
         None => None,
     };
-    if bytes.as_deref().is_some_and(sources::blank) {
+    if let Some(bytes) = bytes.as_deref().filter(|b| sources::blank(b)) {
+        judged.sources = Some(Sources::new(bytes));
         return Err(ConfigError::Invalid {
             origin: source.origin(),
             issues: vec![ConfigIssue::new(
@@ -351,8 +365,9 @@ pub fn reload_noting<C: RoleConfig>(
             )],
         });
     }
-    let loaded = load_layered::<C>(bytes, source, read_files)?;
-    keep_restart_keys(loaded, running, &source.origin())
+    let loaded = load_layered::<C>(bytes, source, judged)?;
+    let sources = loaded.sources.clone();
+    keep_restart_keys(loaded, running, &source.origin()).inspect_err(|_| judged.sources = sources)
 }
 
 /// `loaded` with its config's restart keys at their values in `running` (see [`reload`]); `origin` names the
@@ -383,7 +398,7 @@ pub fn keep_restart_keys<C: RoleConfig>(
 
 /// [`load`] of `bytes` already read from `source.path`: a pipe (`<(...)`, `/dev/stdin`) can be read once only.
 pub fn load_read<C: RoleConfig>(bytes: Vec<u8>, source: &ConfigSource) -> Result<Loaded<C>, ConfigError> {
-    load_layered::<C>(Some(bytes), source, &mut Vec::new())
+    load_layered::<C>(Some(bytes), source, &mut Judged::default())
 }
 
 /// Loads and validates a role's config from a file's bytes alone (no environment, no overrides): what a
@@ -399,48 +414,22 @@ pub fn load_bytes<C: RoleConfig>(bytes: &[u8]) -> Result<Loaded<C>, ConfigError>
         overrides: Vec::new(),
         use_env: false,
     };
-    load_layered::<C>(Some(bytes.to_vec()), &source, &mut Vec::new())
+    load_layered::<C>(Some(bytes.to_vec()), &source, &mut Judged::default())
 }
 
-/// `read_files` gets the files its validation read besides the config's own ([`referenced`]), whether or not
-/// the config is valid.
+/// `judged` gets what it read, whether or not the config is valid ([`Judged`]).
 fn load_layered<C: RoleConfig>(
     file_bytes: Option<Vec<u8>>,
     source: &ConfigSource,
-    read_files: &mut Vec<PathBuf>,
+    judged: &mut Judged,
 ) -> Result<Loaded<C>, ConfigError> {
     let origin = source.origin();
+    let mut sources = Sources::new(file_bytes.as_deref().unwrap_or_default());
     let mut table = match &file_bytes {
-        Some(bytes) => parse_table(bytes, &origin)?,
+        Some(bytes) => parse_table(bytes, &origin).inspect_err(|_| judged.sources = Some(sources.clone()))?,
         None => toml::Table::new(),
     };
     let mut issues = Vec::new();
-
-    if let Some(role) = table.remove("role") {
-        match role.as_str() {
-            Some(r) if r == C::ROLE => {}
-            // Another role's file: its keys would all be reported unknown too; this one line says it all.
-            Some(r) => {
-                let issue = ConfigIssue::new(
-                    "role",
-                    format!(
-                        "expected \"{}\", found {}: this file is for `xcluster {r}`",
-                        C::ROLE,
-                        quoted(&role)
-                    ),
-                );
-                return Err(ConfigError::Invalid {
-                    origin,
-                    issues: vec![issue],
-                });
-            }
-            None => issues.push(ConfigIssue::new(
-                "role",
-                format!("expected \"{}\", found {}", C::ROLE, quoted(&role)),
-            )),
-        }
-    }
-    let mut sources = Sources::new(file_bytes.as_deref().unwrap_or_default());
     let mut included = Vec::new();
     if !C::INCLUDE_SECTIONS.is_empty() {
         // Before the environment and `--set`, which may then set an included entry's keys too. Bytes with no
@@ -453,6 +442,32 @@ fn load_layered<C: RoleConfig>(
             &mut issues,
             &mut sources,
         );
+    }
+    if let Some(role) = table.remove("role") {
+        match role.as_str() {
+            Some(r) if r == C::ROLE => {}
+            // Another role's file: its keys would all be reported unknown too, and its includes' issues are
+            // beside the point; this one line says it all.
+            Some(r) => {
+                let issue = ConfigIssue::new(
+                    "role",
+                    format!(
+                        "expected \"{}\", found {}: this file is for `xcluster {r}`",
+                        C::ROLE,
+                        quoted(&role)
+                    ),
+                );
+                judged.sources = file_bytes.is_some().then_some(sources);
+                return Err(ConfigError::Invalid {
+                    origin,
+                    issues: vec![issue],
+                });
+            }
+            None => issues.push(ConfigIssue::new(
+                "role",
+                format!("expected \"{}\", found {}", C::ROLE, quoted(&role)),
+            )),
+        }
     }
     // The keys the environment and `--set` gave a value, and where from: an issue with one of them says so,
     // or it read as the file's fault.
@@ -503,7 +518,9 @@ fn load_layered<C: RoleConfig>(
     let unparsed: std::collections::HashSet<String> = issues.iter().map(|i| i.key.clone()).collect();
     // The files it names (key and token files) are part of the config's content (`referenced`).
     let (validated, files) = referenced::during(|| raw.as_ref().map(C::validate));
-    *read_files = files.iter().map(|(path, _)| path.clone()).collect();
+    judged.read_files = raw
+        .is_some()
+        .then(|| files.iter().map(|(path, _)| path.clone()).collect());
     sources.referenced(files);
     let config = match validated {
         Some(Ok(c)) => Some(c),
@@ -539,7 +556,10 @@ fn load_layered<C: RoleConfig>(
             raw,
             sources: file_bytes.is_some().then_some(sources),
         }),
-        _ => Err(ConfigError::Invalid { origin, issues }),
+        _ => {
+            judged.sources = file_bytes.is_some().then_some(sources);
+            Err(ConfigError::Invalid { origin, issues })
+        }
     }
 }
 

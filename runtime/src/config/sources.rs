@@ -93,6 +93,11 @@ impl Sources {
         self.referenced.keys().cloned().collect()
     }
 
+    /// The included files read (absolute).
+    pub fn included_files(&self) -> impl Iterator<Item = &Path> {
+        self.files.keys().map(PathBuf::as_path)
+    }
+
     /// An included file read, with its bytes (`None`: it could not be read).
     pub(crate) fn file(&mut self, path: &Path, bytes: Option<&[u8]>) {
         self.fingerprint = hash(&(self.fingerprint, path, bytes));
@@ -140,29 +145,12 @@ pub fn read_sources<C: RoleConfig>(path: &Path) -> Result<Sources, ConfigError> 
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
     use std::fs;
 
     use super::*;
-    use crate::config::{ConfigIssue, ConfigSource, load};
+    use crate::config::{ConfigSource, load};
 
-    #[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
-    #[serde(default, deny_unknown_fields)]
-    struct Raw {
-        programs: BTreeMap<String, toml::Table>,
-    }
-
-    #[derive(Debug)]
-    struct Cfg;
-
-    impl RoleConfig for Cfg {
-        const ROLE: &'static str = "test";
-        type Raw = Raw;
-        const INCLUDE_SECTIONS: &'static [&'static str] = &["programs"];
-        fn validate(_: &Raw) -> Result<Self, Vec<ConfigIssue>> {
-            Ok(Cfg)
-        }
-    }
+    use crate::config::tests::Included as Cfg;
 
     fn loaded(path: &Path) -> Sources {
         let mut source = ConfigSource::file(path);

@@ -608,3 +608,26 @@ fn keep_under_puts_back_keys_and_sections() {
     let kept = keep_under(&new, &new, &["nothing.here", "inner.timeout_ms"]).unwrap();
     assert_eq!(flatten(&kept), flatten(&new));
 }
+
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub(crate) struct IncludedRaw {
+    pub(crate) programs: std::collections::BTreeMap<String, toml::Table>,
+}
+
+/// A role whose `programs` other files may hold (`include`), as the monitor's.
+#[derive(Debug)]
+pub(crate) struct Included {
+    pub(crate) programs: Vec<String>,
+}
+
+impl RoleConfig for Included {
+    const ROLE: &'static str = "test";
+    type Raw = IncludedRaw;
+    const INCLUDE_SECTIONS: &'static [&'static str] = &["programs"];
+    fn validate(raw: &IncludedRaw) -> Result<Self, Vec<ConfigIssue>> {
+        Ok(Included {
+            programs: raw.programs.keys().cloned().collect(),
+        })
+    }
+}
