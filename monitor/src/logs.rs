@@ -7,11 +7,17 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
+use nix::errno::Errno;
+use nix::fcntl::OFlag;
+use nix::sys::stat::{Mode, SFlag};
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::sync::broadcast;
 use tracing::warn;
 
 use crate::program::LogSpec;
+
+/// How a log is opened to be written.
+const APPEND: OFlag = OFlag::O_WRONLY.union(OFlag::O_APPEND);
 
 /// Largest tail the API returns.
 pub const MAX_TAIL_BYTES: u64 = 1024 * 1024;
@@ -94,35 +100,108 @@ impl RotatingLog {
         if self.path.exists() {
             shift_backups(&self.path, self.backups)?;
         }
-        self.file = open_guarded(OpenOptions::new().create(true).append(true), 0, &self.path)?;
+        self.file = open_guarded(APPEND | OFlag::O_CREAT, &self.path)?;
         self.size = 0;
         Ok(())
     }
 }
 
-/// Opens `path` with `opts` and `flags`, following a symbolic link only when the monitor's own user or root
-/// owns it, as the kernel's `fs.protected_symlinks` does in sticky directories. The monitor (root) opens its
-/// programs' logs, in directories a program's user may write to: a link that user put in a log's place had
-/// root append the program's output to, or `clear` empty, any file on the host, and `tail` serve it. Root's
-/// links, such as `/dev/stdout`, are followed, by a monitor not running as root too (a container's user).
-fn open_guarded(opts: &mut OpenOptions, flags: i32, path: &Path) -> std::io::Result<File> {
-    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
-    match opts.custom_flags(flags | nix::libc::O_NOFOLLOW).open(path) {
-        Err(e) if e.raw_os_error() == Some(nix::libc::ELOOP) => {
-            let owner = std::fs::symlink_metadata(path)?.uid();
-            if owner != nix::unistd::geteuid().as_raw() && owner != 0 {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::PermissionDenied,
-                    format!(
-                        "{} is a symbolic link owned by uid {owner}: the monitor follows only its own",
-                        path.display()
-                    ),
-                ));
+/// The most symbolic links one path resolves through, the kernel's own limit (`ELOOP` past it).
+const MAX_LINKS: u32 = 40;
+
+/// Opens `path` with `flags`, following a symbolic link, in any of its components, only when the monitor's
+/// own user or root owns it, as the kernel's `fs.protected_symlinks` does in sticky directories. The monitor
+/// (root) opens its programs' logs, in directories a program's user may write to: a link that user put in a
+/// log's place, or in the place of a directory on its path (`/srv/app/logs` for `/srv/app/logs/out.log`),
+/// had root make or append the program's output to, or `clear` empty, any file on the host, and `tail` serve
+/// it. Root's links, such as `/dev/stdout`, are followed, by a monitor not running as root too (a
+/// container's user).
+///
+/// The path is walked one component at a time from a descriptor of the directory reached, each opened
+/// without following a link, and each link checked on a descriptor of the link itself before its text is
+/// read: checked by name first and followed after, a link swapped in between passed. A link under `/proc`
+/// (`/dev/stdout` leads to `/proc/self/fd/1`, whose text is `pipe:[...]` in a container) names no path:
+/// the kernel follows it, once its owner is checked.
+fn open_guarded(flags: OFlag, path: &Path) -> std::io::Result<File> {
+    use std::collections::VecDeque;
+    use std::ffi::OsString;
+    use std::os::unix::ffi::OsStrExt;
+    const DIR: OFlag = OFlag::O_PATH.union(OFlag::O_DIRECTORY).union(OFlag::O_CLOEXEC);
+    let start = if path.is_absolute() { "/" } else { "." };
+    let mut dir = nix::fcntl::open(start, DIR, Mode::empty())?;
+    let mut left: VecDeque<OsString> = names(path.as_os_str().as_bytes());
+    let mut links = 0;
+    while let Some(name) = left.pop_front() {
+        let last = left.is_empty();
+        let (how, mode) = match last {
+            true => (flags | OFlag::O_CLOEXEC, Mode::from_bits_truncate(0o666)),
+            false => (DIR, Mode::empty()),
+        };
+        let not_link = match nix::fcntl::openat(&dir, name.as_os_str(), how | OFlag::O_NOFOLLOW, mode) {
+            Ok(fd) if last => return Ok(File::from(fd)),
+            Ok(fd) => {
+                dir = fd;
+                continue;
             }
-            opts.custom_flags(flags).open(path)
+            // What a link named with `O_NOFOLLOW` gives: itself, or a directory's place, not one.
+            Err(e @ (Errno::ELOOP | Errno::ENOTDIR)) => e,
+            Err(e) => return Err(e.into()),
+        };
+        // `O_PATH` with `O_NOFOLLOW` opens a link itself: its owner and text are then of this one link.
+        let link = nix::fcntl::openat(
+            &dir,
+            name.as_os_str(),
+            OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )?;
+        let stat = nix::sys::stat::fstat(&link)?;
+        if SFlag::from_bits_truncate(stat.st_mode) & SFlag::S_IFMT != SFlag::S_IFLNK {
+            return Err(not_link.into());
         }
-        opened => opened,
+        let owner = stat.st_uid;
+        if owner != nix::unistd::geteuid().as_raw() && owner != 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::PermissionDenied,
+                format!(
+                    "{} leads through a symbolic link owned by uid {owner}: the monitor follows only its own",
+                    path.display()
+                ),
+            ));
+        }
+        links += 1;
+        if links > MAX_LINKS {
+            return Err(Errno::ELOOP.into());
+        }
+        let proc = nix::sys::statfs::fstatfs(&dir)
+            .is_ok_and(|fs| fs.filesystem_type() == nix::sys::statfs::PROC_SUPER_MAGIC);
+        if proc {
+            let fd = nix::fcntl::openat(&dir, name.as_os_str(), how, mode)?;
+            match last {
+                true => return Ok(File::from(fd)),
+                false => dir = fd,
+            }
+            continue;
+        }
+        let text = nix::fcntl::readlinkat(&link, "")?;
+        if text.as_bytes().starts_with(b"/") {
+            dir = nix::fcntl::open("/", DIR, Mode::empty())?;
+        }
+        for name in names(text.as_bytes()).into_iter().rev() {
+            left.push_front(name);
+        }
     }
+    // Nothing named after the last directory (`/`, `a/..`): no file.
+    Err(Errno::EISDIR.into())
+}
+
+/// A path's names, in order, without the empty ones and `.` (`..` stays: it leads to the parent of the
+/// directory reached, as the kernel takes it).
+fn names(path: &[u8]) -> std::collections::VecDeque<std::ffi::OsString> {
+    use std::os::unix::ffi::OsStrExt;
+    (path.split(|&b| b == b'/'))
+        .filter(|n| !n.is_empty() && *n != b".")
+        .map(|n| std::ffi::OsStr::from_bytes(n).to_owned())
+        .collect()
 }
 
 /// Opens a log for appending. A FIFO or a device (a terminal, a pipe reopened through `/dev/stdout`) is
@@ -135,13 +214,14 @@ fn open_log(path: &Path) -> std::io::Result<File> {
     use std::os::unix::fs::FileTypeExt;
     let kind = match std::fs::metadata(path) {
         Ok(m) if !m.is_file() => m.file_type(),
-        _ => return open_guarded(OpenOptions::new().create(true).append(true), 0, path),
+        _ => return open_guarded(APPEND | OFlag::O_CREAT, path),
     };
-    open_guarded(
-        OpenOptions::new().read(kind.is_fifo()).append(true),
-        nix::libc::O_NONBLOCK,
-        path,
-    )
+    let access = if kind.is_fifo() {
+        OFlag::O_RDWR
+    } else {
+        OFlag::O_WRONLY
+    };
+    open_guarded(access | OFlag::O_APPEND | OFlag::O_NONBLOCK, path)
 }
 
 /// Whether `path` names a device or a FIFO rather than a file: under `/dev/`, or there already and not a
@@ -157,7 +237,7 @@ pub fn clear(path: &Path) -> std::io::Result<()> {
     if std::fs::metadata(path).is_ok_and(|m| !m.is_file()) {
         return Ok(());
     }
-    match open_guarded(OpenOptions::new().write(true), 0, path) {
+    match open_guarded(OFlag::O_WRONLY, path) {
         Ok(f) => f.set_len(0)?,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(e),
@@ -330,7 +410,7 @@ pub fn tail(path: &Path, bytes: u64) -> std::io::Result<Vec<u8>> {
         Err(e) => return Err(e),
     };
     // The size is the one just read: a file truncated since reads less, which `whole_lines` takes.
-    let mut f = match open_guarded(OpenOptions::new().read(true), 0, path) {
+    let mut f = match open_guarded(OFlag::O_RDONLY, path) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
         Err(e) => return Err(e),
@@ -373,7 +453,7 @@ pub fn own_log_file() -> Option<std::path::PathBuf> {
 pub async fn read_from(path: &Path, at: &mut u64, max: u64) -> std::io::Result<Vec<u8>> {
     use tokio::io::{AsyncReadExt, AsyncSeekExt};
     let owned = path.to_owned();
-    let f = tokio::task::spawn_blocking(move || open_guarded(OpenOptions::new().read(true), 0, &owned))
+    let f = tokio::task::spawn_blocking(move || open_guarded(OFlag::O_RDONLY, &owned))
         .await
         .map_err(std::io::Error::other)??;
     let mut f = tokio::fs::File::from_std(f);
@@ -491,6 +571,64 @@ mod tests {
         assert!(clear(&path).is_err());
         assert!(tail(&path, 64).is_err());
         assert_eq!(std::fs::read_to_string(&target).unwrap(), "kept\nours\n");
+    }
+
+    /// A link in the place of a directory on a log's path is judged as one in the log's place: checked only
+    /// there, a program's user who may write to `/srv/app` replaced `logs` by a link to `/etc`, and root
+    /// made `/etc/out.log` and appended the program's output to it. Links of its own, relative, chained, or
+    /// into `/proc` (`/dev/stdout`), the monitor follows.
+    #[test]
+    fn a_log_follows_only_the_monitors_own_links_on_its_whole_path() {
+        use std::os::unix::fs::symlink;
+        let dir = tempfile::tempdir().unwrap();
+        let [app, elsewhere] = ["app", "elsewhere"].map(|d| dir.path().join(d));
+        std::fs::create_dir(&app).unwrap();
+        std::fs::create_dir(&elsewhere).unwrap();
+        symlink(&elsewhere, app.join("logs")).unwrap();
+        symlink("logs", app.join("chain")).unwrap();
+        symlink("../elsewhere/./", app.join("relative")).unwrap();
+        for (via, name) in [("logs", "a.log"), ("chain", "b.log"), ("relative", "c.log")] {
+            let path = app.join(via).join(name);
+            let mut log = open_log(&path).unwrap();
+            log.write_all(b"ours\n").unwrap();
+            assert_eq!(std::fs::read_to_string(elsewhere.join(name)).unwrap(), "ours\n");
+            assert_eq!(tail(&path, 64).unwrap(), b"ours\n");
+        }
+        let mut out = open_guarded(APPEND, Path::new("/dev/stdout")).unwrap();
+        out.write_all(b"through /proc\n").unwrap();
+        assert_eq!(
+            open_guarded(OFlag::O_RDONLY, &app.join("logs/a.log/x"))
+                .unwrap_err()
+                .raw_os_error(),
+            Some(nix::libc::ENOTDIR)
+        );
+        symlink("loop", app.join("loop")).unwrap();
+        assert_eq!(
+            open_guarded(OFlag::O_RDONLY, &app.join("loop/x"))
+                .unwrap_err()
+                .raw_os_error(),
+            Some(nix::libc::ELOOP)
+        );
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("the rest not run: giving a link to another user needs root");
+            return;
+        }
+        std::os::unix::fs::lchown(app.join("logs"), Some(65534), None).unwrap();
+        for via in ["logs", "chain"] {
+            let path = app.join(via).join("new.log");
+            let err = open_log(&path).unwrap_err();
+            assert!(
+                err.to_string().contains("symbolic link owned by uid 65534"),
+                "{err}"
+            );
+            assert!(tail(&app.join(via).join("a.log"), 64).is_err());
+            assert!(clear(&app.join(via).join("a.log")).is_err());
+        }
+        assert!(!elsewhere.join("new.log").exists(), "made through their link");
+        assert_eq!(
+            std::fs::read_to_string(elsewhere.join("a.log")).unwrap(),
+            "ours\n"
+        );
     }
 
     /// A write that fails drops its chunk, not the log: once the log can be written again, output lands
