@@ -2,7 +2,8 @@
 //!
 //! Reloads live: `log.level`, `shutdown.*`, `slowdown.*`, `degrade.*` (the manual level and the
 //! breaker thresholds), `reservation_ttl_ms`, `seckill.per_user_limit`, `seckill.sold_out_gate_ms`,
-//! `admin_token`, `payment_callback_secret`, `audit_interval_ms`.
+//! `admin_token`, `payment_callback_secret`, `buyer_key_file` (and a new key in that file),
+//! `audit_interval_ms`.
 //! Needs a restart: `listen`, `http.*`, `instance`, `db_path`, `store_threads`, `busy_timeout_ms`, `seed_demo`,
 //! `capacity`, `max_body_bytes`, `seckill.buckets` (buckets are laid out when a flash sale is opened), and
 //! the storage backend keys of `config_backend` (`store`, `postgres_url`, `redis_url`, `[postgres]`, `[redis]`).
@@ -47,6 +48,11 @@ pub struct RawConfig {
     /// The secret the payment provider signs its callbacks with (`X-Signature`); empty: callbacks carry the
     /// admin token instead.
     pub payment_callback_secret: String,
+    /// A file holding the key a shop's login service signs buyer tokens with (`xcluster buyer-token`): set,
+    /// the buyer calls (orders, flash sales, payments from the wallet, cancels, a buyer's orders and wallet)
+    /// need `Authorization: Bearer <token>` and act for its user alone (the admin token acts for any). Empty:
+    /// `user` is trusted as sent, and a gateway in front must set it.
+    pub buyer_key_file: String,
     /// How long a reservation holds stock before the sweeper gives it back.
     pub reservation_ttl_ms: u64,
     /// How often the reconciler runs the invariant audit in the background (0 = never).
@@ -142,6 +148,7 @@ impl Default for RawConfig {
             capacity: 1024,
             max_body_bytes: 64 * 1024,
             admin_token: String::new(),
+            buyer_key_file: String::new(),
             payment_callback_secret: String::new(),
             reservation_ttl_ms: 15 * 60 * 1000,
             audit_interval_ms: 60_000,
@@ -174,6 +181,8 @@ pub struct Config {
     pub admin_token: String,
     /// `payment_callback_secret`.
     pub callback_secret: String,
+    /// The key of `buyer_key_file`: `None` trusts `user` as sent.
+    pub buyer_key: Option<xcluster_runtime::config::HmacKey>,
     pub reservation_ttl: Duration,
     /// `None` disables the background reconciler.
     pub audit_interval: Option<Duration>,
@@ -295,6 +304,14 @@ impl RoleConfig for Config {
                 )
             },
         );
+        let buyer_key =
+            (!raw.buyer_key_file.is_empty()).then(|| v.key_file("buyer_key_file", &raw.buyer_key_file));
+        if let Some(key) = &buyer_key {
+            let len = key.bytes.len();
+            v.check(len == 0 || len >= 16, "buyer_key_file", || {
+                format!("the key is {len} bytes; at least 16")
+            });
+        }
         let (backend, redis) = crate::config_backend::validate(
             &mut v,
             &raw.store,
@@ -324,6 +341,7 @@ impl RoleConfig for Config {
             max_body_bytes,
             admin_token: raw.admin_token.clone(),
             callback_secret: raw.payment_callback_secret.clone(),
+            buyer_key,
             reservation_ttl,
             audit_interval,
             manual_level,

@@ -33,6 +33,9 @@ pub enum Command {
     Load(LoadArgs),
     /// Validate config files of any role (like `nginx -t`); exits 64 if any is invalid.
     CheckConfig(CheckArgs),
+    /// Print a buyer token for XBuy's `buyer_key_file`: what a shop's login service hands a buyer who
+    /// signed in (for scripts and tests; a service signs its own the same way).
+    BuyerToken(BuyerTokenArgs),
 }
 
 #[derive(Debug, Clone, Copy, Default, ValueEnum)]
@@ -355,6 +358,23 @@ pub struct LoadArgs {
     /// their stock is not held for the app's `reservation_ttl_ms` (15 minutes) after a test.
     #[arg(long)]
     pub keep_orders: bool,
+    /// XBuy's admin token, sent with every request: with `buyer_key_file` set, the app takes buyer calls
+    /// only with a buyer token or this one, which acts for any buyer.
+    #[arg(long, env = "XCLUSTER_APP_TOKEN", hide_env_values = true)]
+    pub app_token: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct BuyerTokenArgs {
+    /// The key file XBuy's `buyer_key_file` names.
+    #[arg(long, value_name = "FILE")]
+    pub key_file: PathBuf,
+    /// The buyer the token names.
+    #[arg(long)]
+    pub user: String,
+    /// How long the token is good for.
+    #[arg(long, default_value_t = 3600, value_parser = clap::value_parser!(u64).range(1..=31_536_000))]
+    pub ttl_secs: u64,
 }
 
 #[derive(Debug, Args)]

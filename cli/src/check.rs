@@ -47,6 +47,34 @@ fn check_as<C: RoleConfig>(file: &Path, bytes: Vec<u8>) -> Result<&'static str, 
         .map_err(|e| e.to_string())
 }
 
+/// `xcluster buyer-token`: prints a token for `--user`, signed with the key in `--key-file` as XBuy reads
+/// its `buyer_key_file` (the same reading: whitespace around the key is not part of it).
+pub fn buyer_token(a: &crate::args::BuyerTokenArgs) -> i32 {
+    if !xcluster_app::domain::request::valid_id(&a.user) {
+        eprintln!(
+            "--user {:?}: a user id is 1..=64 bytes of A-Z a-z 0-9 . _ : -",
+            a.user
+        );
+        return ConfigError::EXIT_CODE;
+    }
+    let mut v = xcluster_runtime::Validator::new();
+    let key = v.key_file("--key-file", &a.key_file.to_string_lossy());
+    if let Err(issues) = v.finish(()) {
+        for issue in issues {
+            eprintln!("{issue}");
+        }
+        return ConfigError::EXIT_CODE;
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    println!(
+        "{}",
+        xcluster_proto::buyer::mint(&key.bytes, &a.user, now + a.ttl_secs)
+    );
+    0
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -363,7 +363,10 @@ async fn drive(
     };
     let (tx, mut rx) = mpsc::channel::<Sample>(65_536);
     let acked = args.orders_out.as_ref().map(|_| Arc::default());
-    let (ctx, target) = (Arc::new(Ctx::default()), Arc::new(target));
+    let (ctx, target) = (
+        Arc::new(Ctx::with_token(args.app_token.as_deref())?),
+        Arc::new(target),
+    );
     let run = Arc::new(Run {
         mix,
         ctx: ctx.clone(),
@@ -487,7 +490,10 @@ async fn release_unpaid(ctx: &Ctx, target: &Arc<Target>, timeout: Duration) -> r
     // keep theirs: asked again under their keys, each placed one answers with its order (a replay), cancelled
     // then with the others. One that had not been placed is placed now, and cancelled as well; a refusal says
     // none stands.
-    let lost: Vec<_> = ctx.take_lost().iter().map(mix::Lost::request).collect();
+    let lost: Vec<_> = (ctx.take_lost().iter())
+        .map(mix::Lost::request)
+        .map(|(kind, req)| (kind, ctx.authorized(req)))
+        .collect();
     let mut released = report::Released {
         asked_again: lost.len() as u64,
         ..Default::default()
@@ -510,7 +516,7 @@ async fn release_unpaid(ctx: &Ctx, target: &Arc<Target>, timeout: Duration) -> r
     let (ids, forgotten) = ctx.take_unpaid();
     released.forgotten = forgotten;
     let cancels: Vec<_> = (ids.into_iter())
-        .map(|(kind, id)| (kind, mix::cancel_request(&id)))
+        .map(|(kind, id)| (kind, ctx.authorized(mix::cancel_request(&id))))
         .collect();
     let sent = cancels.len() as u64;
     released.failed = send_all(target, cancels, timeout, start + RELEASE_WITHIN, |_, answer| {

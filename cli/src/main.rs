@@ -101,6 +101,7 @@ fn main() {
             quiet_on_closed_output();
             check::run(&a.files)
         }
+        args::Command::BuyerToken(a) => check::buyer_token(&a),
     };
     // `exit` runs no destructors: the log lines still queued are written first.
     xcluster_runtime::logwriter::flush(std::time::Duration::from_secs(2));

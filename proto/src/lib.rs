@@ -5,11 +5,13 @@
 //! - [`report`]: agent → balancer (`POST /v1/reports`, HMAC-signed).
 //! - [`directory`]: balancer → client and dashboard (`/v1/servers`, `/v1/pick`, `/v1/status`).
 //! - [`proxy_header`]: balancer's L4 proxy → backend (PROXY protocol v2).
+//! - [`buyer`]: a shop's login service → XBuy (buyer tokens, HMAC-signed).
 //! - [`local_error`]: which socket errors are the local host's, not the peer's (the proxy and the SDK).
 
 /// The version of the wire protocol these types describe.
 pub const PROTOCOL_VERSION: u32 = 1;
 
+pub mod buyer;
 pub mod directory;
 
 /// The hint for an IPv6 address and port written without brackets (`::1:7103`), which no `SocketAddr`

@@ -352,25 +352,17 @@ fn decode_percent(s: &str, plus_is_space: bool) -> Result<String, String> {
 
 /// Checks `Authorization: Bearer <token>` in constant time. An empty configured token refuses everything.
 pub fn bearer_ok<B>(req: &Request<B>, token: &str) -> bool {
-    if token.is_empty() {
-        return false;
-    }
-    let Some(given) = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-    else {
-        return false;
-    };
+    !token.is_empty() && bearer(req).is_some_and(|given| same_secret(given.as_bytes(), token.as_bytes()))
+}
+
+/// The credentials of `Authorization: Bearer <credentials>`, if the request has that header.
+pub fn bearer<B>(req: &Request<B>) -> Option<&str> {
+    let given = req.headers().get(header::AUTHORIZATION)?.to_str().ok()?;
     // The scheme is case-insensitive (RFC 9110 §11.1): `bearer` and `BEARER` are `Bearer`.
-    let Some((scheme, given)) = given.split_once(' ') else {
-        return false;
-    };
-    if !scheme.eq_ignore_ascii_case("bearer") {
-        return false;
-    }
-    let given = given.trim_start_matches(' ');
-    same_secret(given.as_bytes(), token.as_bytes())
+    let (scheme, given) = given.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| given.trim_start_matches(' '))
 }
 
 /// Compares a presented secret with the configured one in time set by the configured one's length only: an

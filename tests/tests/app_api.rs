@@ -990,3 +990,125 @@ fn a_reload_leaves_the_keys_that_need_a_restart_as_they_were() {
         assert_eq!(r.status, 201, "{}", r.body);
     }
 }
+
+/// With `buyer_key_file` set, a buyer call needs a buyer token (`xcluster buyer-token`, as a shop's login
+/// service signs one) and acts for its user alone: another buyer's order is not there for it (404, paying
+/// or cancelling it too), another's wallet and order list are refused (403), and an order placed for
+/// another user is refused. No token, an altered one or an expired one is a 401. The admin token acts for
+/// any buyer; browsing needs nothing. Without it, anyone could place, pay or cancel any buyer's orders by
+/// naming them, straight at an instance, which is where the directory sends clients.
+#[test]
+fn buyer_calls_act_for_the_tokens_user_alone() {
+    let db = Db::new();
+    let key = write_file(db.dir.path(), "buyer.key", "buyer-key-0123456789\n");
+    let extra = format!("buyer_key_file = \"{}\"", key.display());
+    let (_p, addrs) = start_apps(&db, 1, &extra);
+    let a = addrs[0];
+    let mint = |user: &str| {
+        let out = std::process::Command::new(xcluster_bin())
+            .args(["buyer-token", "--key-file", key.to_str().unwrap(), "--user", user])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        format!("Bearer {}", String::from_utf8(out.stdout).unwrap().trim())
+    };
+    let (alice, bob) = (mint("demo-1"), mint("demo-2"));
+    let admin = format!("Bearer {TOKEN}");
+    let call = |method: &str, path: &str, auth: Option<&str>, body: Option<&str>| {
+        let mut headers = vec![("Idempotency-Key", "buy-1")];
+        headers.extend(auth.map(|v| ("Authorization", v)));
+        request(a, method, path, &headers, body.map(str::as_bytes)).unwrap()
+    };
+    let order = json!({"user": "demo-1", "lines": [{"sku": "sku-1-1", "qty": 1}]}).to_string();
+
+    let none = call("POST", "/v1/orders", None, Some(&order));
+    assert_eq!(none.status, 401, "{}", none.body);
+    assert_eq!(none.header("www-authenticate"), Some("Bearer realm=\"xbuy\""));
+    let altered = alice.replace("demo-1", "demo-2");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let expired = xcluster_proto::buyer::mint(b"buyer-key-0123456789", "demo-1", now - 1);
+    let expired = format!("Bearer {expired}");
+    for (auth, why) in [(&altered, "signature"), (&expired, "expired")] {
+        let refused = call("POST", "/v1/orders", Some(auth), Some(&order));
+        assert_eq!(refused.status, 401, "{}", refused.body);
+        assert!(refused.body.contains(why), "{}", refused.body);
+    }
+    let for_another = call("POST", "/v1/orders", Some(&bob), Some(&order));
+    assert_eq!(for_another.status, 403, "{}", for_another.body);
+    assert_eq!(for_another.json()["error"]["code"], "not_your_user");
+
+    let placed = call("POST", "/v1/orders", Some(&alice), Some(&order));
+    assert_eq!(placed.status, 201, "{}", placed.body);
+    let id = placed.json()["id"].as_str().unwrap().to_string();
+    let path = format!("/v1/orders/{id}");
+    assert_eq!(call("GET", &path, None, None).status, 401);
+    for (method, path) in [
+        ("GET", path.clone()),
+        ("POST", format!("{path}/pay")),
+        ("POST", format!("{path}/cancel")),
+    ] {
+        let other = call(method, &path, Some(&bob), None);
+        assert_eq!(
+            other.status, 404,
+            "{method} {path} by another buyer: {}",
+            other.body
+        );
+    }
+    let own = call("GET", &path, Some(&alice), None);
+    assert_eq!(
+        (own.status, own.json()["status"].as_str()),
+        (200, Some("reserved"))
+    );
+    for path in ["/v1/wallets/demo-1", "/v1/users/demo-1/orders"] {
+        assert_eq!(call("GET", path, Some(&bob), None).status, 403, "{path}");
+        assert_eq!(call("GET", path, Some(&alice), None).status, 200, "{path}");
+        assert_eq!(call("GET", path, Some(&admin), None).status, 200, "{path}");
+    }
+    assert_eq!(call("GET", &path, Some(&admin), None).status, 200);
+    assert_eq!(call("GET", "/v1/products", None, None).status, 200);
+    let paid = call("POST", &format!("{path}/pay"), Some(&alice), None);
+    assert_eq!(
+        (paid.status, paid.json()["status"].as_str()),
+        (200, Some("paid")),
+        "{}",
+        paid.body
+    );
+
+    // `xcluster load` acts for its many buyers with the admin token; without it, every order is refused.
+    let target = a.to_string();
+    let load = |token: Option<&str>| {
+        let mut args = vec![
+            "load",
+            "--via",
+            "rr",
+            "--targets",
+            &target,
+            "--mix",
+            "order=1,pay=1",
+        ];
+        args.extend(["--workers", "2", "--requests", "40", "--json"]);
+        args.extend(token.iter().flat_map(|t| ["--app-token", *t]));
+        let mut p = Proc::xcluster("load", &args);
+        p.wait_exit(Duration::from_secs(60));
+        let report: serde_json::Value = serde_json::from_str(&p.stdout())
+            .unwrap_or_else(|e| panic!("{e}: {}\n{}", p.stdout(), p.stderr()));
+        report
+    };
+    let with = load(Some(TOKEN));
+    assert_eq!(
+        (&with["requests"], &with["errors"], &with["refused"]),
+        (&json!(40), &json!(0), &json!(0)),
+        "{with}"
+    );
+    assert_eq!(
+        with["released"]["failed"], 0,
+        "the run's cancels pass too: {with}"
+    );
+    let without = load(None);
+    assert_eq!(without["errors"], 40, "{without}");
+    assert!(without.to_string().contains("\"status_401\":40"), "{without}");
+    audit_ok(a);
+}

@@ -8,6 +8,7 @@
 
 mod admin;
 pub mod bodies;
+mod buyers;
 mod catalog;
 mod money;
 mod orders;
@@ -196,19 +197,36 @@ async fn admitted(
             "the store is in read-only degrade; retry later",
         );
     }
+    let for_buyer = matches!(
+        r,
+        Route::Order(_)
+            | Route::Wallet(_)
+            | Route::UserOrders(_)
+            | Route::CreateOrder
+            | Route::Seckill(_)
+            | Route::Pay(_)
+            | Route::Cancel(_)
+    );
+    let buyer = match for_buyer {
+        true => match buyers::Buyer::of(&cfg, &req) {
+            Ok(b) => b,
+            Err(refused) => return refused,
+        },
+        false => buyers::Buyer::Any,
+    };
     if let Some(us) = cfg.cpu_us.get(ty.name()).copied().filter(|us| *us > 0) {
         burn(Duration::from_micros(us));
     }
     match r {
         Route::Products => catalog::list(app, &req).await,
         Route::Product(id) => catalog::product(app, &id).await,
-        Route::Order(id) => orders::get(app, &id).await,
-        Route::Wallet(user) => money::wallet(app, &user).await,
-        Route::UserOrders(user) => orders::user_orders(app, &user, &req).await,
-        Route::CreateOrder => orders::create(app, &cfg, req).await,
-        Route::Seckill(sku) => orders::seckill(app, &cfg, &sku, req, counted.take()).await,
-        Route::Pay(id) => money::pay(app, &id).await,
-        Route::Cancel(id) => orders::cancel(app, &id).await,
+        Route::Order(id) => orders::get(app, &id, &buyer).await,
+        Route::Wallet(user) => money::wallet(app, &user, &buyer).await,
+        Route::UserOrders(user) => orders::user_orders(app, &user, &buyer, &req).await,
+        Route::CreateOrder => orders::create(app, &cfg, &buyer, req).await,
+        Route::Seckill(sku) => orders::seckill(app, &cfg, &sku, &buyer, req, counted.take()).await,
+        Route::Pay(id) => money::pay(app, &id, &buyer).await,
+        Route::Cancel(id) => orders::cancel(app, &id, &buyer).await,
         Route::Fulfil(id) => orders::fulfil(app, &cfg, &id, req).await,
         Route::Callback => money::callback(app, &cfg, req).await,
         Route::Refund => money::refund(app, &cfg, req).await,

@@ -8,6 +8,7 @@ use hyper::body::Incoming;
 use xcluster_runtime::http::{Body, decode_json, error, json, read_body, read_json};
 
 use super::bodies::{CreditReq, RefundReq, check_callback};
+use super::buyers::Buyer;
 use super::signature;
 use super::{
     App, BODY_TIMEOUT, authorized, idem_key, keyed_json, path_id, reject, respond, store_failed,
@@ -22,8 +23,11 @@ fn inline_weak(app: &App) -> bool {
 }
 
 /// `POST /v1/orders/{id}/pay`: pays from the buyer's wallet; paying a paid order answers the same.
-pub async fn pay(app: &Arc<App>, id: &str) -> Response<Body> {
+pub async fn pay(app: &Arc<App>, id: &str, buyer: &Buyer) -> Response<Body> {
     if let Err(resp) = path_id("order", id) {
+        return resp;
+    }
+    if let Err(resp) = super::orders::owned(app, id, buyer).await {
         return resp;
     }
     let id = id.to_string();
@@ -113,8 +117,8 @@ pub async fn refund(app: &Arc<App>, cfg: &Config, req: Request<Incoming>) -> Res
 }
 
 /// `GET /v1/wallets/{user}`.
-pub async fn wallet(app: &Arc<App>, user: &str) -> Response<Body> {
-    if let Err(resp) = path_id("user", user) {
+pub async fn wallet(app: &Arc<App>, user: &str, buyer: &Buyer) -> Response<Body> {
+    if let Err(resp) = path_id("user", user).and_then(|()| buyer.check(user)) {
         return resp;
     }
     let account = crate::store::wallet_account(user);

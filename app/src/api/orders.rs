@@ -10,6 +10,7 @@ use hyper::body::Incoming;
 use xcluster_runtime::http::{Body, error, json, query_pairs, read_json};
 
 use super::bodies::{CreateOrder, SeckillReq};
+use super::buyers::Buyer;
 use super::{
     App, BODY_TIMEOUT, authorized, idem_key, keyed_json, path_id, reject, respond, store_failed,
     unkeyed_write_failed,
@@ -61,7 +62,7 @@ fn created(out: OrderOutcome) -> Response<Body> {
 }
 
 /// `POST /v1/orders` with `Idempotency-Key` and `{"user": "...", "lines": [{"sku": "...", "qty": 1}]}`.
-pub async fn create(app: &Arc<App>, cfg: &Config, req: Request<Incoming>) -> Response<Body> {
+pub async fn create(app: &Arc<App>, cfg: &Config, buyer: &Buyer, req: Request<Incoming>) -> Response<Body> {
     let key = match idem_key(&req) {
         Ok(Some(k)) => k,
         Ok(None) => {
@@ -79,6 +80,9 @@ pub async fn create(app: &Arc<App>, cfg: &Config, req: Request<Incoming>) -> Res
     };
     if let Err((code, msg)) = body.check() {
         return error(StatusCode::BAD_REQUEST, code, &msg);
+    }
+    if let Err(refused) = buyer.check(&body.user) {
+        return refused;
     }
     let now = now_ms();
     let order = NewOrder {
@@ -100,6 +104,7 @@ pub async fn seckill(
     app: &Arc<App>,
     cfg: &Config,
     sku: &str,
+    buyer: &Buyer,
     req: Request<Incoming>,
     held: Option<crate::stats::InFlight>,
 ) -> Response<Body> {
@@ -118,6 +123,9 @@ pub async fn seckill(
         Ok(lines) => lines,
         Err((code, msg)) => return error(StatusCode::BAD_REQUEST, code, &msg),
     };
+    if let Err(refused) = buyer.check(&body.user) {
+        return refused;
+    }
     let now = now_ms();
     let order = NewOrder {
         id: new_order_id(),
@@ -252,23 +260,46 @@ fn in_progress() -> Response<Body> {
 }
 
 /// `GET /v1/orders/{id}`.
-pub async fn get(app: &Arc<App>, id: &str) -> Response<Body> {
+pub async fn get(app: &Arc<App>, id: &str, buyer: &Buyer) -> Response<Body> {
     if let Err(resp) = path_id("order", id) {
         return resp;
     }
     let id = id.to_string();
     let key = id.clone();
     match app.exec.read(move |s| s.get_order(&key)).await {
-        Ok(Some(o)) => json(StatusCode::OK, &o),
-        Ok(None) => reject(&Reject::NotFound { what: "order", id }),
+        Ok(Some(o)) if buyer.may_act_for(&o.user) => json(StatusCode::OK, &o),
+        // Another buyer's order is not there for this one: a 403 would say that it exists.
+        Ok(_) => reject(&Reject::NotFound { what: "order", id }),
         Err(e) => store_failed(&e),
+    }
+}
+
+/// `Ok` when `buyer` may act on order `id`; the answer otherwise (404 for another buyer's order, as for
+/// one that is not there). Read before the call acts: an order's user never changes.
+pub(super) async fn owned(app: &App, id: &str, buyer: &Buyer) -> Result<(), Response<Body>> {
+    let Buyer::Only(user) = buyer else {
+        return Ok(());
+    };
+    let key = id.to_string();
+    match app.exec.read(move |s| s.get_order(&key)).await {
+        Ok(Some(o)) if o.user == *user => Ok(()),
+        Ok(_) => Err(reject(&Reject::NotFound {
+            what: "order",
+            id: id.to_string(),
+        })),
+        Err(e) => Err(store_failed(&e)),
     }
 }
 
 /// `GET /v1/users/{user}/orders?limit=N&before=CURSOR`: the user's orders, newest first (limit 1..=100,
 /// default 20); `next_before` is the cursor of the next page (`null` on the last).
-pub async fn user_orders(app: &Arc<App>, user: &str, req: &Request<Incoming>) -> Response<Body> {
-    if let Err(resp) = path_id("user", user) {
+pub async fn user_orders(
+    app: &Arc<App>,
+    user: &str,
+    buyer: &Buyer,
+    req: &Request<Incoming>,
+) -> Response<Body> {
+    if let Err(resp) = path_id("user", user).and_then(|()| buyer.check(user)) {
         return resp;
     }
     let pairs = match query_pairs(req.uri().query()) {
@@ -314,8 +345,11 @@ fn parse_cursor(v: &str) -> Option<(i64, String)> {
 }
 
 /// `POST /v1/orders/{id}/cancel`: gives a reservation back; a second cancel answers the same.
-pub async fn cancel(app: &Arc<App>, id: &str) -> Response<Body> {
+pub async fn cancel(app: &Arc<App>, id: &str, buyer: &Buyer) -> Response<Body> {
     if let Err(resp) = path_id("order", id) {
+        return resp;
+    }
+    if let Err(resp) = owned(app, id, buyer).await {
         return resp;
     }
     let (app, id) = (app.clone(), id.to_string());

@@ -28,6 +28,8 @@ const ORDER_IDS_KEPT: usize = 65_536;
 pub struct Ctx {
     seq: AtomicU64,
     orders: Mutex<Unpaid>,
+    /// `Authorization` of every request (`--app-token`).
+    auth: Option<http::HeaderValue>,
 }
 
 #[derive(Debug, Default)]
@@ -142,6 +144,31 @@ impl Unpaid {
 }
 
 impl Ctx {
+    /// A run's state, its requests carrying `token` as a bearer token (`--app-token`). A token that is no
+    /// header value (a control character) is refused.
+    pub fn with_token(token: Option<&str>) -> Result<Ctx, String> {
+        let auth = token
+            .map(|t| http::HeaderValue::try_from(format!("Bearer {t}")))
+            .transpose()
+            .map_err(|_| "--app-token: not a header value (a control character?)".to_string())?;
+        Ok(Ctx {
+            auth: auth.map(|mut v| {
+                v.set_sensitive(true);
+                v
+            }),
+            ..Ctx::default()
+        })
+    }
+
+    /// `req` with the run's `Authorization`, if it has one.
+    pub fn authorized(&self, mut req: Request<Full<Bytes>>) -> Request<Full<Bytes>> {
+        if let Some(auth) = &self.auth {
+            req.headers_mut()
+                .insert(http::header::AUTHORIZATION, auth.clone());
+        }
+        req
+    }
+
     fn next(&self) -> u64 {
         self.seq.fetch_add(1, Ordering::Relaxed)
     }
@@ -223,7 +250,7 @@ pub struct Kind {
 impl Kind {
     /// Builds one request; `None` when there is nothing to send yet (`pay` before any order was seen).
     pub fn build(&self, ctx: &Ctx) -> Option<Request<Full<Bytes>>> {
-        (self.build)(ctx, ctx.next())
+        (self.build)(ctx, ctx.next()).map(|req| ctx.authorized(req))
     }
 }
 

@@ -1,0 +1,114 @@
+//! Buyer tokens: how a shop's login service tells XBuy who a buyer is. With the directory, a buyer's client
+//! connects to an app instance directly, past any gateway that could vouch for it, so the instance checks
+//! the buyer itself: `Authorization: Bearer xb1.<user>.<expires>.<mac>`, where `expires` is a Unix time in
+//! seconds and `mac` the hex HMAC-SHA256, under the key both sides hold (`buyer_key_file`), of
+//! [`signed_text`]. Stateless, as a JWT with one algorithm and no header to trust: an instance needs no
+//! session store and no call to the login service per request.
+
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+
+/// What a token starts with: its format's version.
+pub const PREFIX: &str = "xb1.";
+/// Longest token taken: a user id is at most 64 bytes, a time 20 digits, the MAC 64 hex digits.
+pub const MAX_TOKEN_BYTES: usize = 192;
+
+/// Why a token was refused. The messages say what to fix, never what the MAC should have been.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TokenError {
+    #[error("not a buyer token (xb1.<user>.<expires>.<mac>)")]
+    Malformed,
+    #[error("the buyer token's signature does not match (another key, or an altered token)")]
+    BadSignature,
+    #[error("the buyer token expired at {0} (Unix seconds)")]
+    Expired(u64),
+}
+
+/// The text a token's MAC covers: a fixed label first, so a MAC made for something else under the same
+/// key (a load report's) is never a token's.
+fn signed_text(user: &str, expires_unix: u64) -> String {
+    format!("xbuy buyer token\n{user}\n{expires_unix}")
+}
+
+fn mac(key: &[u8], user: &str, expires_unix: u64) -> Hmac<Sha256> {
+    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(key)
+        .unwrap_or_else(|_| unreachable!("hmac takes any key length"));
+    mac.update(signed_text(user, expires_unix).as_bytes());
+    mac
+}
+
+/// A token that says `user` until `expires_unix` (Unix seconds).
+pub fn mint(key: &[u8], user: &str, expires_unix: u64) -> String {
+    let mac = hex::encode(mac(key, user, expires_unix).finalize().into_bytes());
+    format!("{PREFIX}{user}.{expires_unix}.{mac}")
+}
+
+/// The user `token` names, when `key` signed it and it has not expired at `now_unix`. The MAC is compared
+/// in constant time. A user id may hold dots: the last two fields are the time and the MAC.
+pub fn verify(key: &[u8], token: &str, now_unix: u64) -> Result<String, TokenError> {
+    if token.len() > MAX_TOKEN_BYTES {
+        return Err(TokenError::Malformed);
+    }
+    let rest = token.strip_prefix(PREFIX).ok_or(TokenError::Malformed)?;
+    let (rest, mac_hex) = rest.rsplit_once('.').ok_or(TokenError::Malformed)?;
+    let (user, expires) = rest.rsplit_once('.').ok_or(TokenError::Malformed)?;
+    // The one spelling `mint` writes: `parse` takes a leading `+` or zeros, and two tokens of one text would
+    // both verify.
+    let expires = match expires.parse::<u64>() {
+        Ok(n) if !user.is_empty() && expires == n.to_string() => n,
+        _ => return Err(TokenError::Malformed),
+    };
+    let given = hex::decode(mac_hex).map_err(|_| TokenError::Malformed)?;
+    (mac(key, user, expires).verify_slice(&given)).map_err(|_| TokenError::BadSignature)?;
+    if expires <= now_unix {
+        return Err(TokenError::Expired(expires));
+    }
+    Ok(user.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KEY: &[u8] = b"buyer-key-0123456789";
+
+    #[test]
+    fn a_token_names_its_user_until_it_expires() {
+        let token = mint(KEY, "demo.7", 1_000);
+        assert!(token.starts_with("xb1.demo.7.1000."), "{token}");
+        assert_eq!(verify(KEY, &token, 999), Ok("demo.7".to_string()));
+        assert_eq!(verify(KEY, &token, 1_000), Err(TokenError::Expired(1_000)));
+        assert_eq!(
+            verify(b"another-key-0123456789", &token, 999),
+            Err(TokenError::BadSignature)
+        );
+    }
+
+    /// Any change to a token, its user's above all, is refused.
+    #[test]
+    fn an_altered_token_is_refused() {
+        let token = mint(KEY, "demo-7", 1_000);
+        let mac = token.rsplit_once('.').unwrap().1;
+        for (altered, want) in [
+            (format!("xb1.demo-8.1000.{mac}"), TokenError::BadSignature),
+            (format!("xb1.demo-7.2000.{mac}"), TokenError::BadSignature),
+            (format!("xb1.demo-7.+1000.{mac}"), TokenError::Malformed),
+            (format!("xb1.demo-7.01000.{mac}"), TokenError::Malformed),
+            (
+                format!("xb1.demo-7.1000.{}", &mac[..62]),
+                TokenError::BadSignature,
+            ),
+            (format!("xb1.demo-7.1000.{mac}zz"), TokenError::Malformed),
+            (format!("xb2.demo-7.1000.{mac}"), TokenError::Malformed),
+            (format!("xb1..1000.{mac}"), TokenError::Malformed),
+            (format!("xb1.1000.{mac}"), TokenError::Malformed),
+            ("xb1.".to_string(), TokenError::Malformed),
+            (
+                format!("xb1.{}.1000.{mac}", "u".repeat(200)),
+                TokenError::Malformed,
+            ),
+        ] {
+            assert_eq!(verify(KEY, &altered, 0), Err(want), "{altered}");
+        }
+    }
+}
