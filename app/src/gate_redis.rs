@@ -160,6 +160,9 @@ const MAX_CONNECTIONS: usize = 64;
 /// to the store. A failed `PING` is only a connection to replace. Under load, connections are reused long
 /// before this, and pay nothing.
 const CHECK_IDLE_AFTER: Duration = Duration::from_secs(10);
+/// How long an idle connection's `PING` may take: a round trip to a Redis that is up, with room for one
+/// running a script.
+const PING_WITHIN: Duration = Duration::from_millis(250);
 
 /// Redis connection settings and timeouts.
 #[derive(Debug, Clone)]
@@ -334,9 +337,11 @@ impl RedisGate {
         }
     }
 
-    /// `conn`, when it answers a `PING` (within the command timeout); dropped otherwise.
+    /// `conn`, when it answers a `PING` within [`PING_WITHIN`] (or the command timeout, if shorter); dropped
+    /// otherwise. Bounded apart: a connection whose packets a middlebox now drops would hold the call for a
+    /// whole timeout before its fresh connection and its command took theirs.
     async fn checked(&self, mut conn: Conn) -> Option<Conn> {
-        match conn.call(&["PING"], self.opts.timeout).await {
+        match conn.call(&["PING"], self.opts.timeout.min(PING_WITHIN)).await {
             Ok(_) => Some(conn),
             Err(e) => {
                 tracing::debug!(error = %e, "an idle redis connection did not answer a PING; replaced");

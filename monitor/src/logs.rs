@@ -4,10 +4,12 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
 use nix::errno::Errno;
+use nix::fcntl::AtFlags;
 use nix::fcntl::OFlag;
 use nix::sys::stat::{Mode, SFlag};
 use tokio::io::{AsyncRead, AsyncReadExt};
@@ -36,7 +38,7 @@ impl RotatingLog {
     pub fn open(spec: &LogSpec) -> std::io::Result<Option<Self>> {
         let Some(path) = &spec.path else { return Ok(None) };
         if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir)?;
+            guarded_dir(dir, true)?;
         }
         let file = open_log(path)?;
         let meta = file.metadata()?;
@@ -97,8 +99,9 @@ impl RotatingLog {
         }
         // Shifted already when the log is not there: the last rotation's open failed (no descriptor, no
         // inode), and shifting again on each write, into the file it left open, pushed every backup off the end.
-        if self.path.exists() {
-            shift_backups(&self.path, self.backups)?;
+        let (dir, name) = dir_and_name(&self.path)?;
+        if nix::sys::stat::fstatat(&dir, name, AtFlags::AT_SYMLINK_NOFOLLOW).is_ok() {
+            shift_backups(&dir, name, self.backups)?;
         }
         self.file = open_guarded(APPEND | OFlag::O_CREAT, &self.path)?;
         self.size = 0;
@@ -109,38 +112,84 @@ impl RotatingLog {
 /// The most symbolic links one path resolves through, the kernel's own limit (`ELOOP` past it).
 const MAX_LINKS: u32 = 40;
 
-/// Opens `path` with `flags`, following a symbolic link, in any of its components, only when the monitor's
-/// own user or root owns it, as the kernel's `fs.protected_symlinks` does in sticky directories. The monitor
-/// (root) opens its programs' logs, in directories a program's user may write to: a link that user put in a
-/// log's place, or in the place of a directory on its path (`/srv/app/logs` for `/srv/app/logs/out.log`),
-/// had root make or append the program's output to, or `clear` empty, any file on the host, and `tail` serve
-/// it. Root's links, such as `/dev/stdout`, are followed, by a monitor not running as root too (a
-/// container's user).
-///
-/// The path is walked one component at a time from a descriptor of the directory reached, each opened
-/// without following a link, and each link checked on a descriptor of the link itself before its text is
-/// read: checked by name first and followed after, a link swapped in between passed. A link under `/proc`
-/// (`/dev/stdout` leads to `/proc/self/fd/1`, whose text is `pipe:[...]` in a container) names no path:
-/// the kernel follows it, once its owner is checked.
+/// What [`walk`] opens at the end of a path.
+#[derive(Clone, Copy)]
+enum End {
+    /// The file, with these flags (`O_NONBLOCK`, `O_NOFOLLOW` and `O_CLOEXEC` added).
+    File(OFlag),
+    /// The directory (`O_PATH`), each one missing on the way made when `create`.
+    Dir { create: bool },
+}
+
+/// Whose links the monitor follows: root's and its own user's.
+fn trusted(uid: u32) -> bool {
+    uid == 0 || uid == nix::unistd::geteuid().as_raw()
+}
+
+/// Opens `path` with `flags` ([`walk`]).
 fn open_guarded(flags: OFlag, path: &Path) -> std::io::Result<File> {
-    use std::collections::VecDeque;
-    use std::ffi::OsString;
+    walk(path, End::File(flags), &trusted).map(File::from)
+}
+
+/// The directory `dir`, made with the ones missing above it when `create` ([`walk`]): where a log's
+/// backups are renamed and removed, by name, never past a link a program's user put there.
+fn guarded_dir(dir: &Path, create: bool) -> std::io::Result<OwnedFd> {
+    let dir = if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    };
+    walk(dir, End::Dir { create }, &trusted)
+}
+
+/// Opens what `path` names as `end` says, following a symbolic link, in any of its components, only when a
+/// user `trust` accepts owns it (root or the monitor's own, [`trusted`]) and it lies in a directory such a
+/// user owns that no other may write to, or a sticky one (where only a link's owner may move it). The
+/// monitor (root) opens its programs' logs, rotates and clears them, in directories a program's user may
+/// write to: a link that user put in a log's place, or in the place of a directory on its path
+/// (`/srv/app/logs` for `/srv/app/logs/out.log`), had root make, append the program's output to, rename,
+/// empty or remove files anywhere on the host, and `tail` serve them. Root's links, such as `/dev/stdout`,
+/// are followed, by a monitor not running as root too (a container's user).
+///
+/// The path is walked one name at a time from a descriptor of the directory reached, each opened without
+/// following a link, and a link is checked on a descriptor of the link itself before its text is read:
+/// checked by name first and followed after, a link swapped in between passed. A link under `/proc`
+/// (`/dev/stdout` leads to `/proc/self/fd/1`, whose text is `pipe:[...]` in a container) names no path: the
+/// kernel follows it, once its owner is checked. The file is opened non-blocking, so a FIFO put in a log's
+/// place does not hold the open until a reader comes.
+fn walk(path: &Path, end: End, trust: &dyn Fn(u32) -> bool) -> std::io::Result<OwnedFd> {
     use std::os::unix::ffi::OsStrExt;
     const DIR: OFlag = OFlag::O_PATH.union(OFlag::O_DIRECTORY).union(OFlag::O_CLOEXEC);
+    let bytes = path.as_os_str().as_bytes();
+    // A name with a `/` after it is a directory's, never a file's to open.
+    if matches!(end, End::File(_)) && (bytes.ends_with(b"/") || bytes.ends_with(b"/.")) {
+        return Err(Errno::EISDIR.into());
+    }
     let start = if path.is_absolute() { "/" } else { "." };
     let mut dir = nix::fcntl::open(start, DIR, Mode::empty())?;
-    let mut left: VecDeque<OsString> = names(path.as_os_str().as_bytes());
+    let mut left = names(bytes);
     let mut links = 0;
     while let Some(name) = left.pop_front() {
         let last = left.is_empty();
-        let (how, mode) = match last {
-            true => (flags | OFlag::O_CLOEXEC, Mode::from_bits_truncate(0o666)),
-            false => (DIR, Mode::empty()),
+        let (how, mode) = match end {
+            End::File(flags) if last => (
+                flags | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC,
+                Mode::from_bits_truncate(0o666),
+            ),
+            _ => (DIR, Mode::empty()),
         };
         let not_link = match nix::fcntl::openat(&dir, name.as_os_str(), how | OFlag::O_NOFOLLOW, mode) {
-            Ok(fd) if last => return Ok(File::from(fd)),
+            Ok(fd) if last => return Ok(fd),
             Ok(fd) => {
                 dir = fd;
+                continue;
+            }
+            Err(Errno::ENOENT) if matches!(end, End::Dir { create: true }) => {
+                match nix::sys::stat::mkdirat(&dir, name.as_os_str(), Mode::from_bits_truncate(0o755)) {
+                    Ok(()) | Err(Errno::EEXIST) => {}
+                    Err(e) => return Err(e.into()),
+                }
+                left.push_front(name);
                 continue;
             }
             // What a link named with `O_NOFOLLOW` gives: itself, or a directory's place, not one.
@@ -158,12 +207,18 @@ fn open_guarded(flags: OFlag, path: &Path) -> std::io::Result<File> {
         if SFlag::from_bits_truncate(stat.st_mode) & SFlag::S_IFMT != SFlag::S_IFLNK {
             return Err(not_link.into());
         }
-        let owner = stat.st_uid;
-        if owner != nix::unistd::geteuid().as_raw() && owner != 0 {
+        let held = nix::sys::stat::fstat(&dir)?;
+        let (others_write, sticky) = (held.st_mode & 0o022 != 0, held.st_mode & 0o1000 != 0);
+        if !trust(stat.st_uid) || !trust(held.st_uid) || (others_write && !sticky) {
+            let whose = match trust(stat.st_uid) {
+                true => format!("in a directory uid {} or others may write to", held.st_uid),
+                false => format!("owned by uid {}", stat.st_uid),
+            };
             return Err(std::io::Error::new(
                 std::io::ErrorKind::PermissionDenied,
                 format!(
-                    "{} leads through a symbolic link owned by uid {owner}: the monitor follows only its own",
+                    "{} leads through a symbolic link {whose}: the monitor follows only root's and its own, \
+                     in directories only they may write to (`chown -h root` the link, or name its target)",
                     path.display()
                 ),
             ));
@@ -177,7 +232,7 @@ fn open_guarded(flags: OFlag, path: &Path) -> std::io::Result<File> {
         if proc {
             let fd = nix::fcntl::openat(&dir, name.as_os_str(), how, mode)?;
             match last {
-                true => return Ok(File::from(fd)),
+                true => return Ok(fd),
                 false => dir = fd,
             }
             continue;
@@ -190,8 +245,12 @@ fn open_guarded(flags: OFlag, path: &Path) -> std::io::Result<File> {
             left.push_front(name);
         }
     }
-    // Nothing named after the last directory (`/`, `a/..`): no file.
-    Err(Errno::EISDIR.into())
+    match end {
+        // The directory reached: the start itself (`.`, `/`), or where a link led.
+        End::Dir { .. } => Ok(dir),
+        // A link that led to `/` or `.` names no file.
+        End::File(_) => Err(Errno::EISDIR.into()),
+    }
 }
 
 /// A path's names, in order, without the empty ones and `.` (`..` stays: it leads to the parent of the
@@ -202,6 +261,12 @@ fn names(path: &[u8]) -> std::collections::VecDeque<std::ffi::OsString> {
         .filter(|n| !n.is_empty() && *n != b".")
         .map(|n| std::ffi::OsStr::from_bytes(n).to_owned())
         .collect()
+}
+
+/// The directory of `path` (walked, [`guarded_dir`]) and its file name, for calls by name within it.
+fn dir_and_name(path: &Path) -> std::io::Result<(OwnedFd, &std::ffi::OsStr)> {
+    let name = path.file_name().ok_or(Errno::EISDIR)?;
+    Ok((guarded_dir(path.parent().unwrap_or(Path::new(".")), false)?, name))
 }
 
 /// Opens a log for appending. A FIFO or a device (a terminal, a pipe reopened through `/dev/stdout`) is
@@ -233,55 +298,59 @@ pub fn is_device(path: &Path) -> bool {
 /// Empties the log at `path` and removes its rotated backups (`<path>.1`, ...). A writer keeps writing to
 /// it: it appends, so its next write lands at the start of the emptied file.
 pub fn clear(path: &Path) -> std::io::Result<()> {
-    // A FIFO or a device holds nothing to empty, and opening a FIFO for writing blocks until it has a reader.
-    if std::fs::metadata(path).is_ok_and(|m| !m.is_file()) {
-        return Ok(());
-    }
-    match open_guarded(OFlag::O_WRONLY, path) {
-        Ok(f) => f.set_len(0)?,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e),
-    }
-    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
-        return Ok(());
-    };
-    let dir = if dir.as_os_str().is_empty() {
-        Path::new(".")
-    } else {
-        dir
-    };
-    // A log never written may have no directory yet (one made at a program's first start): no backups.
-    let entries = match std::fs::read_dir(dir) {
-        Ok(entries) => entries,
+    // A log never written may have no directory yet (one made at a program's first start): nothing to do.
+    let (dir, name) = match dir_and_name(path) {
+        Ok(found) => found,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
         Err(e) => return Err(e),
     };
-    for entry in entries {
+    match open_guarded(OFlag::O_WRONLY, path) {
+        // A FIFO or a device holds nothing to empty.
+        Ok(f) if !f.metadata()?.is_file() => return Ok(()),
+        Ok(f) => f.set_len(0)?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        // A FIFO with no reader (opened non-blocking, it is refused rather than waited on).
+        Err(e) if e.raw_os_error() == Some(nix::libc::ENXIO) => return Ok(()),
+        Err(e) => return Err(e),
+    }
+    let mut entries = nix::dir::Dir::openat(
+        &dir,
+        ".",
+        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )?;
+    for entry in entries.iter() {
         let entry = entry?;
-        let backup = (entry.file_name().as_encoded_bytes())
+        let backup = (entry.file_name().to_bytes())
             .strip_prefix(name.as_encoded_bytes())
             .and_then(|rest| rest.strip_prefix(b"."))
             .is_some_and(|n| !n.is_empty() && n.iter().all(u8::is_ascii_digit));
         if backup {
-            std::fs::remove_file(entry.path())?;
+            nix::unistd::unlinkat(&dir, entry.file_name(), nix::unistd::UnlinkatFlags::NoRemoveDir)?;
         }
     }
     Ok(())
 }
 
-/// Moves `path` to `<path>.1`, each `<path>.i` to `<path>.i+1`, and drops the one past `backups` (at least 1).
-fn shift_backups(path: &Path, backups: u32) -> std::io::Result<()> {
+/// Moves `name` (in `dir`) to `<name>.1`, each `<name>.i` to `<name>.i+1`, and drops the one past `backups`
+/// (at least 1). By name in the directory walked to, so a link put in its place since is not followed.
+fn shift_backups(dir: &OwnedFd, name: &std::ffi::OsStr, backups: u32) -> std::io::Result<()> {
+    let numbered = |i: u32| {
+        let mut s = name.to_owned();
+        s.push(format!(".{i}"));
+        s
+    };
+    let rename = |from: &std::ffi::OsStr, to: &std::ffi::OsStr| match nix::fcntl::renameat(dir, from, dir, to)
+    {
+        // Not there: a backup not made yet, or the log itself gone (its directory removed and made again),
+        // nothing to keep, and the reopen makes it.
+        Ok(()) | Err(Errno::ENOENT) => Ok(()),
+        Err(e) => Err(std::io::Error::from(e)),
+    };
     for i in (1..backups).rev() {
-        let from = numbered(path, i);
-        if from.exists() {
-            std::fs::rename(&from, numbered(path, i + 1))?;
-        }
+        rename(&numbered(i), &numbered(i + 1))?;
     }
-    // The log itself gone (its directory removed and made again): nothing to keep, and the reopen makes it.
-    match std::fs::rename(path, numbered(path, 1)) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        done => done,
-    }
+    rename(name, &numbered(1))
 }
 
 /// Rotates the monitor's own log ([`own_log_file`]: `up --detach`'s `monitor.log`) once it holds `maxbytes`,
@@ -306,7 +375,8 @@ pub fn rotate_own_log(maxbytes: u64, backups: u32) -> std::io::Result<Option<Pat
     if backups == 0 {
         std::fs::remove_file(&path)?;
     } else {
-        shift_backups(&path, backups)?;
+        let (dir, name) = dir_and_name(&path)?;
+        shift_backups(&dir, name, backups)?;
     }
     let file = OpenOptions::new().create(true).append(true).open(&path)?;
     nix::unistd::dup2_stderr(&file).map_err(std::io::Error::from)?;
@@ -314,12 +384,6 @@ pub fn rotate_own_log(maxbytes: u64, backups: u32) -> std::io::Result<Option<Pat
         nix::unistd::dup2_stdout(&file).map_err(std::io::Error::from)?;
     }
     Ok(Some(path))
-}
-
-fn numbered(path: &Path, i: u32) -> PathBuf {
-    let mut s = path.as_os_str().to_owned();
-    s.push(format!(".{i}"));
-    PathBuf::from(s)
 }
 
 /// Copies a child's pipe into `log` (if any) and to followers until the pipe closes.
@@ -472,6 +536,13 @@ pub async fn read_from(path: &Path, at: &mut u64, max: u64) -> std::io::Result<V
 mod tests {
     use super::*;
 
+    /// `<path>.<i>`: a backup's name.
+    fn numbered(path: &Path, i: u32) -> PathBuf {
+        let mut s = path.as_os_str().to_owned();
+        s.push(format!(".{i}"));
+        PathBuf::from(s)
+    }
+
     /// A reader of the FIFO at `path` that needs no writer to open (non-blocking).
     fn fifo_reader(path: &Path) -> File {
         use std::os::unix::fs::OpenOptionsExt;
@@ -575,10 +646,11 @@ mod tests {
 
     /// A link in the place of a directory on a log's path is judged as one in the log's place: checked only
     /// there, a program's user who may write to `/srv/app` replaced `logs` by a link to `/etc`, and root
-    /// made `/etc/out.log` and appended the program's output to it. Links of its own, relative, chained, or
-    /// into `/proc` (`/dev/stdout`), the monitor follows.
+    /// made `/etc/out.log` and appended the program's output to it. Links of a trusted user, relative,
+    /// chained, or into `/proc`, are followed. (The links here are the test's own user's; `walk` is told
+    /// whom to trust, so this runs as any user.)
     #[test]
-    fn a_log_follows_only_the_monitors_own_links_on_its_whole_path() {
+    fn a_log_follows_only_trusted_links_on_its_whole_path() {
         use std::os::unix::fs::symlink;
         let dir = tempfile::tempdir().unwrap();
         let [app, elsewhere] = ["app", "elsewhere"].map(|d| dir.path().join(d));
@@ -587,48 +659,74 @@ mod tests {
         symlink(&elsewhere, app.join("logs")).unwrap();
         symlink("logs", app.join("chain")).unwrap();
         symlink("../elsewhere/./", app.join("relative")).unwrap();
+        let me = nix::unistd::geteuid().as_raw();
+        let (ours, theirs) = (move |uid: u32| uid == me, |uid: u32| uid == u32::MAX - 1);
+        let append = End::File(APPEND | OFlag::O_CREAT);
         for (via, name) in [("logs", "a.log"), ("chain", "b.log"), ("relative", "c.log")] {
             let path = app.join(via).join(name);
-            let mut log = open_log(&path).unwrap();
+            let mut log = File::from(walk(&path, append, &ours).unwrap());
             log.write_all(b"ours\n").unwrap();
             assert_eq!(std::fs::read_to_string(elsewhere.join(name)).unwrap(), "ours\n");
-            assert_eq!(tail(&path, 64).unwrap(), b"ours\n");
+            let err = walk(&app.join(via).join("new.log"), append, &theirs).unwrap_err();
+            assert!(err.to_string().contains("symbolic link owned by uid"), "{err}");
+            let err = walk(&app.join(via).join("sub"), End::Dir { create: true }, &theirs).unwrap_err();
+            assert_eq!(err.kind(), std::io::ErrorKind::PermissionDenied, "{err}");
         }
-        let mut out = open_guarded(APPEND, Path::new("/dev/stdout")).unwrap();
+        assert!(!elsewhere.join("new.log").exists() && !elsewhere.join("sub").exists());
+        // Through `/proc/self` (root's) and this process's own descriptor of a pipe (its user's).
+        let (read_end, write_end) = nix::unistd::pipe().unwrap();
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&write_end);
+        let mut out = File::from(walk(Path::new(&format!("/proc/self/fd/{fd}")), append, &ours).unwrap());
         out.write_all(b"through /proc\n").unwrap();
-        assert_eq!(
-            open_guarded(OFlag::O_RDONLY, &app.join("logs/a.log/x"))
-                .unwrap_err()
-                .raw_os_error(),
-            Some(nix::libc::ENOTDIR)
-        );
+        let mut got = [0u8; 14];
+        File::from(read_end).read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"through /proc\n");
+        let not_dir = walk(&app.join("logs/a.log/x"), End::File(OFlag::O_RDONLY), &ours).unwrap_err();
+        assert_eq!(not_dir.raw_os_error(), Some(nix::libc::ENOTDIR));
         symlink("loop", app.join("loop")).unwrap();
-        assert_eq!(
-            open_guarded(OFlag::O_RDONLY, &app.join("loop/x"))
-                .unwrap_err()
-                .raw_os_error(),
-            Some(nix::libc::ELOOP)
-        );
-        if !nix::unistd::geteuid().is_root() {
-            eprintln!("the rest not run: giving a link to another user needs root");
-            return;
+        let looped = walk(&app.join("loop/x"), End::File(OFlag::O_RDONLY), &ours).unwrap_err();
+        assert_eq!(looped.raw_os_error(), Some(nix::libc::ELOOP));
+        let slash = walk(&app.join("logs/"), append, &ours).unwrap_err();
+        assert_eq!(slash.raw_os_error(), Some(nix::libc::EISDIR));
+        // A directory others may write to holds no link the monitor follows, whoever owns it.
+        let open = dir.path().join("open");
+        std::fs::create_dir(&open).unwrap();
+        std::fs::set_permissions(&open, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+        symlink(&elsewhere, open.join("logs")).unwrap();
+        let err = walk(&open.join("logs/a.log"), append, &ours).unwrap_err();
+        assert!(err.to_string().contains("others may write to"), "{err}");
+    }
+
+    /// Rotating and clearing a log rename and remove files by name in the directory walked to: through a
+    /// link a program's user put in a directory's place, root renamed and removed the files of that name
+    /// wherever it led. A FIFO put in a log's place is refused at once, not waited on for a reader.
+    #[test]
+    fn rotating_and_clearing_stay_in_the_logs_own_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p.log");
+        let spec = LogSpec {
+            path: Some(path.clone()),
+            maxbytes: 8,
+            backups: 2,
+        };
+        let mut log = RotatingLog::open(&spec).unwrap().unwrap();
+        for line in ["aaa\n", "bbb\n", "ccc\n", "ddd\n", "eee\n", "fff\n"] {
+            log.write(line.as_bytes()).unwrap();
         }
-        std::os::unix::fs::lchown(app.join("logs"), Some(65534), None).unwrap();
-        for via in ["logs", "chain"] {
-            let path = app.join(via).join("new.log");
-            let err = open_log(&path).unwrap_err();
-            assert!(
-                err.to_string().contains("symbolic link owned by uid 65534"),
-                "{err}"
-            );
-            assert!(tail(&app.join(via).join("a.log"), 64).is_err());
-            assert!(clear(&app.join(via).join("a.log")).is_err());
-        }
-        assert!(!elsewhere.join("new.log").exists(), "made through their link");
+        assert!(numbered(&path, 1).exists() && numbered(&path, 2).exists());
+        clear(&path).unwrap();
+        assert!(!numbered(&path, 1).exists() && !numbered(&path, 2).exists());
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "");
+
+        let fifo = dir.path().join("f.log");
+        nix::unistd::mkfifo(&fifo, Mode::from_bits_truncate(0o600)).unwrap();
+        let refused = open_guarded(APPEND | OFlag::O_CREAT, &fifo).unwrap_err();
         assert_eq!(
-            std::fs::read_to_string(elsewhere.join("a.log")).unwrap(),
-            "ours\n"
+            refused.raw_os_error(),
+            Some(nix::libc::ENXIO),
+            "no reader: refused, not waited on"
         );
+        clear(&fifo).unwrap();
     }
 
     /// A write that fails drops its chunk, not the log: once the log can be written again, output lands

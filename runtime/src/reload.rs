@@ -233,9 +233,11 @@ impl<C: RoleConfig> State<C> {
                 return;
             }
             if Some(on_disk) == self.good.as_ref() {
+                // Followed again even so: a link (the main file, an included or a named one) may lead
+                // elsewhere now to the same bytes (a deploy relinking `conf.d/web.toml` to a new release),
+                // whose directory the next edit is made in.
+                self.follow(Some(on_disk));
                 if self.bad.take().is_some() {
-                    // The watches followed the rejected file's patterns; back to those in force.
-                    self.follow(Some(on_disk));
                     info!(role = self.role_label, "config file back to the config in force");
                     metrics::gauge!(crate::metrics::CONFIG_LAST_RELOAD_OK, "role" => C::ROLE).set(1.0);
                     self.status.send_modify(|s| {
@@ -302,13 +304,15 @@ impl<C: RoleConfig> State<C> {
                     // What the load read, which its verdict is about; compared with later events as read
                     // with the files now watched (those in force still, when it did not get as far as its
                     // validation). What was read before the load remains when the main file could not be.
+                    // None when the load could not read the main file (gone for a moment): what was read
+                    // before it was judged by no load, and remembered, its bytes written back were skipped.
                     let read = match judged.sources {
                         Some(read) if validated => Some(read),
                         Some(read) => Some(read.with_referenced(&self.read_files)),
-                        None => before,
+                        None => None,
                     };
                     // The rejected file's patterns: an edit to a file it newly includes may be its fix.
-                    self.follow(read.as_ref());
+                    self.follow(read.as_ref().or(before.as_ref()));
                     self.bad = read;
                 }
                 failed(&self.status, C::ROLE, &e.to_string());
@@ -377,7 +381,12 @@ fn names(file: &Path, target: Option<&Path>, path: &Path) -> bool {
 /// came named by the target's path, which no include pattern of the main file's directory matched.
 fn link_target(main: &Path) -> Option<PathBuf> {
     let link = std::fs::symlink_metadata(main).ok()?.file_type().is_symlink();
-    link.then(|| std::fs::canonicalize(main).ok()).flatten()
+    if !link {
+        return None;
+    }
+    // A link to a file not there yet (a config naming a key file about to be written) leads where its text
+    // says: making that file is the fix, whose event only a watch of that directory sees.
+    (std::fs::canonicalize(main).ok()).or_else(|| Some(main.parent()?.join(std::fs::read_link(main).ok()?)))
 }
 
 /// The notify watcher over the config file's directory (so a rename-on-save, a new inode, is still seen) and
@@ -926,5 +935,42 @@ mod tests {
             "the edit where the link leads was not seen"
         );
         assert_eq!(config.borrow().programs, ["api", "web"]);
+    }
+
+    /// An included link led anew to the same bytes elsewhere (a deploy's new release) is no change to the
+    /// config, but the next edit is made where it leads now: the watch follows it there.
+    #[test]
+    fn an_included_link_led_elsewhere_is_followed_there() {
+        use crate::config::tests::Included;
+        let dir = tempfile::tempdir().unwrap();
+        let [conf_d, first, second] = ["conf.d", "release-1", "release-2"].map(|d| {
+            let d = dir.path().join(d);
+            std::fs::create_dir(&d).unwrap();
+            d
+        });
+        for release in [&first, &second] {
+            std::fs::write(release.join("web.toml"), "[programs.web]\n").unwrap();
+        }
+        std::os::unix::fs::symlink(first.join("web.toml"), conf_d.join("web.toml")).unwrap();
+        let main = dir.path().join("main.toml");
+        std::fs::write(&main, "include = [\"conf.d/*.toml\"]\n").unwrap();
+        let mut src = ConfigSource::file(&main);
+        src.use_env = false;
+        let loaded = crate::config::load::<Included>(&src).unwrap();
+        let (mut state, _config, status) = unwatched(src, loaded);
+        let (tx, _rx) = mpsc::channel(64);
+        state.watcher = ConfigWatcher::start(&main, tx);
+        let good = state.good.clone();
+        state.follow(good.as_ref());
+        let watched = |state: &State<Included>| state.watcher.as_ref().unwrap().watched.clone();
+        assert!(watched(&state).contains(&first));
+
+        let relinked = conf_d.join(".web.toml.new");
+        std::os::unix::fs::symlink(second.join("web.toml"), &relinked).unwrap();
+        std::fs::rename(&relinked, conf_d.join("web.toml")).unwrap();
+        state.attempt(Cause::File);
+        assert_eq!(status.borrow().reloads, 0, "the same bytes: no reload");
+        let now = watched(&state);
+        assert!(now.contains(&second) && !now.contains(&first), "{now:?}");
     }
 }
