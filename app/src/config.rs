@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use xcluster_runtime::common::{HttpSection, LogSection, ShutdownSection, ShutdownTimes};
+use xcluster_runtime::config::MIN_KEY_BYTES;
 use xcluster_runtime::{ConfigIssue, DaemonConfig, RoleConfig, Validator};
 
 use crate::degrade::Level;
@@ -306,12 +307,16 @@ impl RoleConfig for Config {
         );
         let buyer_key =
             (!raw.buyer_key_file.is_empty()).then(|| v.key_file("buyer_key_file", &raw.buyer_key_file));
-        if let Some(key) = &buyer_key {
-            let len = key.bytes.len();
-            v.check(len == 0 || len >= 16, "buyer_key_file", || {
-                format!("the key is {len} bytes; at least 16")
-            });
-        }
+        // Each key held (one per line: the new and the old while one is changed, `HmacKey::each`).
+        let short = (buyer_key.iter())
+            .flat_map(|k| k.each().map(<[u8]>::len))
+            .find(|n| *n < MIN_KEY_BYTES);
+        v.check(short.is_none(), "buyer_key_file", || {
+            format!(
+                "a key of {} bytes; each at least {MIN_KEY_BYTES}",
+                short.unwrap_or_default()
+            )
+        });
         let (backend, redis) = crate::config_backend::validate(
             &mut v,
             &raw.store,

@@ -154,6 +154,10 @@ const ANSWERS: [&str; 7] = [
 /// timed out and opened the circuit. Redis runs one script at a time, so more would only queue there.
 const MAX_CONNECTIONS: usize = 64;
 
+/// Most give-backs of one batch in flight at once ([`RedisGate::forget_all`]): a quarter of the turns, so a
+/// sweep after a sale leaves the rest to the attempts it runs beside.
+const GIVE_BACKS_AT_ONCE: usize = MAX_CONNECTIONS / 4;
+
 /// Idle time after which a pooled connection is checked with a `PING` before it carries a command. One a
 /// NAT or Redis's `timeout` dropped while idle may take the command and then be reset, and a command whose
 /// reply was lost cannot be sent again (a script would apply twice): the circuit opened, the flood going
@@ -469,6 +473,19 @@ impl RedisGate {
         .await;
     }
 
+    /// [`Self::forget`] for each of a sweep's expired flash-sale `lines`, up to [`GIVE_BACKS_AT_ONCE`] at once
+    /// (each on a connection of its own): one at a time, a sale's hundreds of expiries waited a round trip
+    /// each, and their buyers were refused `limit_exceeded` meanwhile.
+    pub async fn forget_all(&self, lines: &[crate::store::ExpiredLine]) {
+        use futures_util::StreamExt;
+        (futures_util::stream::iter(lines))
+            .for_each_concurrent(GIVE_BACKS_AT_ONCE, |l| async move {
+                let freed = u32::try_from(l.qty).unwrap_or(0);
+                self.forget(&l.sku, l.sale, &l.user, freed).await;
+            })
+            .await;
+    }
+
     /// Puts `qty` units a merchant added to `sku` (once committed) on its stock counter: a restocked sold-out
     /// item was refused `sold_out` by the gate until the reconciler's next rebuild.
     pub async fn restock(&self, sku: &str, qty: u32) {
@@ -773,6 +790,41 @@ mod tests {
         }
         assert_eq!(commands.load(Ordering::Relaxed), 3, "each answered once");
         assert_eq!(gate.pending(), 0);
+    }
+
+    /// A sweep's give-backs go several at once: here Redis answers none until four have come, which one at a
+    /// time never happens (the first timed out, the circuit opened, and the rest waited for the reconciler).
+    #[tokio::test]
+    async fn a_sweeps_give_backs_go_several_at_once() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let arrived = Arc::new(tokio::sync::watch::Sender::new(0u32));
+        let seen = arrived.clone();
+        let addr = fake_redis(move |mut s| {
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                while s.read(&mut buf).await.is_ok_and(|r| r > 0) {
+                    seen.send_modify(|n| *n += 1);
+                    if seen.subscribe().wait_for(|n| *n >= 4).await.is_err() {
+                        break;
+                    }
+                    let _ = s.write_all(b":1\r\n").await;
+                }
+            });
+        })
+        .await;
+        let gate = gate(&addr, Duration::from_secs(2), Duration::from_secs(60));
+        let lines: Vec<crate::store::ExpiredLine> = (0..8)
+            .map(|i| crate::store::ExpiredLine {
+                user: format!("u{i}"),
+                sku: "sku-1".into(),
+                sale: 3,
+                qty: 1,
+            })
+            .collect();
+        gate.forget_all(&lines).await;
+        assert!(gate.is_up(), "a give-back was not answered");
+        assert_eq!((gate.pending(), *arrived.borrow()), (0, 8));
     }
 
     /// A burst of attempts opens at most [`MAX_CONNECTIONS`] connections, the rest waiting their turn, and each

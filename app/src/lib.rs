@@ -29,6 +29,12 @@
 //! | `GET /admin/degrade`, `POST /admin/degrade` | admin | token for POST; `{"level": "auto"|"sync"|"queued"|"shed"|"read_only"}` |
 //! | `GET /v1/stats` | — | `xcluster_proto::stats::InstanceStats` for the agent |
 //!
+//! With `buyer_key_file` set, the buyer calls (`GET /v1/orders/{id}`, `/v1/wallets/{user}`,
+//! `/v1/users/{user}/orders`, `POST /v1/orders`, `/v1/seckill/{sku}`, `/v1/orders/{id}/pay`,
+//! `/v1/orders/{id}/cancel`) take a buyer token (`xcluster_proto::buyer`) or the admin token, and act for the
+//! token's user alone (`api::buyers`): 401 without a valid one, 403 `not_your_user` for another's `user`, 404
+//! for another's order.
+//!
 //! Stock statuses: 409 `out_of_stock`/`sold_out`; 402 `insufficient_funds`; 429 `limit_exceeded`; 503 with
 //! `Retry-After` for `overloaded`, `read_only` and `store_busy` (all retryable). `overloaded` and `read_only`
 //! refuse before the store is asked; `store_busy` may also answer a call that a store which stopped

@@ -49,6 +49,11 @@ impl Unavailable {
     }
 }
 
+/// Marks an answer refused before any work that is no [`Unavailable`] (a buyer call without a valid token):
+/// kept out of the service time the balancers weigh by, as those are.
+#[derive(Debug, Clone, Copy)]
+pub struct BeforeWork;
+
 /// Every `outcome` of `xcluster_app_requests_total`, so each series is on `/metrics` at 0 from the start.
 pub const OUTCOMES: [&str; 6] = [
     "ok",
@@ -126,13 +131,23 @@ impl Stats {
     }
 
     /// Records a finished request; every 5xx counts toward the error rate (client errors do not), as the
-    /// balancers weigh an instance that cannot serve, whatever the reason.
-    pub fn record(&self, t: ReqType, started: Instant, status: u16, unavailable: Option<Unavailable>) {
+    /// balancers weigh an instance that cannot serve, whatever the reason. `before_work`: a refusal made
+    /// before any work (over capacity, read-only, an unauthorized buyer call: [`BeforeWork`]).
+    pub fn record(
+        &self,
+        t: ReqType,
+        started: Instant,
+        status: u16,
+        unavailable: Option<Unavailable>,
+        before_work: bool,
+    ) {
         let c = &self.types[t as usize];
         c.done.fetch_add(1, Ordering::Relaxed);
-        // A refusal before any work (over capacity, read-only) answers in microseconds: averaged in, an
-        // instance refusing most orders looked ten times faster than its peers to the balancers' weighting.
-        if !matches!(unavailable, Some(Unavailable::Overloaded | Unavailable::ReadOnly)) {
+        // A refusal before any work answers in microseconds: averaged in, an instance refusing most orders
+        // looked ten times faster than its peers to the balancers' weighting.
+        let before_work =
+            before_work || matches!(unavailable, Some(Unavailable::Overloaded | Unavailable::ReadOnly));
+        if !before_work {
             c.served.fetch_add(1, Ordering::Relaxed);
             c.service_us
                 .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
@@ -202,21 +217,31 @@ impl Stats {
 mod tests {
     use super::*;
 
-    /// Refusals before any work (over capacity, read-only) count in the rate and the errors, not in the service
-    /// time: averaged in, an instance refusing most orders in microseconds looked faster than its peers.
+    /// Refusals before any work (over capacity, read-only, an unauthorized buyer call) count in the rate (and
+    /// the 5xx in the errors), not in the service time: averaged in, an instance refusing most orders in microseconds looked faster than its peers.
     #[test]
     fn refusals_before_any_work_are_left_out_of_the_service_time() {
         let s = Stats::default();
         let slow = Instant::now() - std::time::Duration::from_millis(50);
-        s.record(ReqType::Order, slow, 201, None);
+        s.record(ReqType::Order, slow, 201, None, false);
         for _ in 0..9 {
-            s.record(ReqType::Order, Instant::now(), 503, Some(Unavailable::Overloaded));
+            s.record(
+                ReqType::Order,
+                Instant::now(),
+                503,
+                Some(Unavailable::Overloaded),
+                false,
+            );
+        }
+        // An unauthorized buyer call: a 401, no error, no service time either.
+        for _ in 0..10 {
+            s.record(ReqType::Order, Instant::now(), 401, None, true);
         }
         s.roll();
         let w = s.window.load();
         let order = &w.types["order"];
         assert!(order.service_ms >= 50.0, "{}", order.service_ms);
-        assert_eq!(order.error_rate, 0.9);
+        assert_eq!(order.error_rate, 0.45);
     }
 
     /// An error counted in a window after the one that counted its request leaves no rate above 1.
@@ -229,7 +254,7 @@ mod tests {
         c.done.fetch_add(1, Ordering::Relaxed);
         s.roll();
         c.errors.fetch_add(1, Ordering::Relaxed);
-        s.record(ReqType::Order, t0, 503, Some(Unavailable::StoreBusy));
+        s.record(ReqType::Order, t0, 503, Some(Unavailable::StoreBusy), false);
         s.roll();
         let w = s.window.load();
         assert_eq!(w.types["order"].error_rate, 1.0);
@@ -241,10 +266,10 @@ mod tests {
         let s = Arc::new(Stats::default());
         let t0 = Instant::now();
         for _ in 0..3 {
-            s.record(ReqType::Order, t0, 201, None);
+            s.record(ReqType::Order, t0, 201, None, false);
         }
-        s.record(ReqType::Order, t0, 503, Some(Unavailable::StoreBusy));
-        s.record(ReqType::Browse, t0, 404, None);
+        s.record(ReqType::Order, t0, 503, Some(Unavailable::StoreBusy), false);
+        s.record(ReqType::Browse, t0, 404, None, false);
         s.roll();
         let w = s.window();
         let o = &w.types["order"];

@@ -59,6 +59,16 @@ pub fn buyer_token(a: &crate::args::BuyerTokenArgs) -> i32 {
     }
     let mut v = xcluster_runtime::Validator::new();
     let key = v.key_file("--key-file", &a.key_file.to_string_lossy());
+    let short = key
+        .each()
+        .map(<[u8]>::len)
+        .find(|n| *n < xcluster_runtime::config::MIN_KEY_BYTES);
+    v.check(short.is_none(), "--key-file", || {
+        format!(
+            "a key of {} bytes; XBuy takes each of at least 16",
+            short.unwrap_or_default()
+        )
+    });
     if let Err(issues) = v.finish(()) {
         for issue in issues {
             eprintln!("{issue}");
@@ -70,7 +80,8 @@ pub fn buyer_token(a: &crate::args::BuyerTokenArgs) -> i32 {
         .map_or(0, |d| d.as_secs());
     println!(
         "{}",
-        xcluster_proto::buyer::mint(&key.bytes, &a.user, now + a.ttl_secs)
+        // The first key signs, as the agent's first report key does (`HmacKey::signing`).
+        xcluster_proto::buyer::mint(key.signing(), &a.user, now + a.ttl_secs)
     );
     0
 }

@@ -328,6 +328,7 @@ impl Supervisor {
         // Processes still being removed stay at the end until gone.
         order.extend(plan.removed.iter().cloned());
         self.order = order;
+        self.restamp_stop_levels();
         if plan != Plan::default() {
             self.bus.publish(Kind::Update {
                 added: plan.added.clone(),

@@ -52,6 +52,10 @@ pub fn verify(key: &[u8], token: &str, now_unix: u64) -> Result<String, TokenErr
     let rest = token.strip_prefix(PREFIX).ok_or(TokenError::Malformed)?;
     let (rest, mac_hex) = rest.rsplit_once('.').ok_or(TokenError::Malformed)?;
     let (user, expires) = rest.rsplit_once('.').ok_or(TokenError::Malformed)?;
+    // Lower-case hex of 32 bytes, as `mint` writes it: one token, one spelling.
+    if mac_hex.len() != 64 || !mac_hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+        return Err(TokenError::Malformed);
+    }
     // The one spelling `mint` writes: `parse` takes a leading `+` or zeros, and two tokens of one text would
     // both verify.
     let expires = match expires.parse::<u64>() {
@@ -64,6 +68,22 @@ pub fn verify(key: &[u8], token: &str, now_unix: u64) -> Result<String, TokenErr
         return Err(TokenError::Expired(expires));
     }
     Ok(user.to_string())
+}
+
+/// [`verify`] under each of `keys` (while a key is changed, the new one and the old): the user of the first
+/// that signed it. A malformed token is so under any key, and an expired one was signed by this one.
+pub fn verify_with_any<'k>(
+    keys: impl IntoIterator<Item = &'k [u8]>,
+    token: &str,
+    now_unix: u64,
+) -> Result<String, TokenError> {
+    for key in keys {
+        match verify(key, token, now_unix) {
+            Err(TokenError::BadSignature) => {}
+            decided => return decided,
+        }
+    }
+    Err(TokenError::BadSignature)
 }
 
 #[cfg(test)]
@@ -94,11 +114,12 @@ mod tests {
             (format!("xb1.demo-7.2000.{mac}"), TokenError::BadSignature),
             (format!("xb1.demo-7.+1000.{mac}"), TokenError::Malformed),
             (format!("xb1.demo-7.01000.{mac}"), TokenError::Malformed),
-            (
-                format!("xb1.demo-7.1000.{}", &mac[..62]),
-                TokenError::BadSignature,
-            ),
+            (format!("xb1.demo-7.1000.{}", &mac[..62]), TokenError::Malformed),
             (format!("xb1.demo-7.1000.{mac}zz"), TokenError::Malformed),
+            (
+                format!("xb1.demo-7.1000.{}", mac.to_uppercase()),
+                TokenError::Malformed,
+            ),
             (format!("xb2.demo-7.1000.{mac}"), TokenError::Malformed),
             (format!("xb1..1000.{mac}"), TokenError::Malformed),
             (format!("xb1.1000.{mac}"), TokenError::Malformed),
@@ -110,5 +131,20 @@ mod tests {
         ] {
             assert_eq!(verify(KEY, &altered, 0), Err(want), "{altered}");
         }
+    }
+
+    /// While a key is changed, a token signed with either the new or the old one passes.
+    #[test]
+    fn a_token_passes_under_any_key_held() {
+        let old: &[u8] = b"old-key-0123456789";
+        let token = mint(old, "demo-7", 1_000);
+        let keys = [KEY, old];
+        assert_eq!(verify_with_any(keys, &token, 0), Ok("demo-7".into()));
+        assert_eq!(verify_with_any([KEY], &token, 0), Err(TokenError::BadSignature));
+        assert_eq!(
+            verify_with_any(keys, &token, 1_000),
+            Err(TokenError::Expired(1_000))
+        );
+        assert_eq!(verify_with_any(keys, "xb1.x", 0), Err(TokenError::Malformed));
     }
 }

@@ -1039,6 +1039,9 @@ fn buyer_calls_act_for_the_tokens_user_alone() {
     let for_another = call("POST", "/v1/orders", Some(&bob), Some(&order));
     assert_eq!(for_another.status, 403, "{}", for_another.body);
     assert_eq!(for_another.json()["error"]["code"], "not_your_user");
+    let attempt = json!({"user": "demo-1", "qty": 1}).to_string();
+    let flash_for_another = call("POST", "/v1/seckill/flash-1", Some(&bob), Some(&attempt));
+    assert_eq!(flash_for_another.status, 403, "{}", flash_for_another.body);
 
     let placed = call("POST", "/v1/orders", Some(&alice), Some(&order));
     assert_eq!(placed.status, 201, "{}", placed.body);
@@ -1079,7 +1082,7 @@ fn buyer_calls_act_for_the_tokens_user_alone() {
 
     // `xcluster load` acts for its many buyers with the admin token; without it, every order is refused.
     let target = a.to_string();
-    let load = |token: Option<&str>| {
+    let load = |token: Option<&str>, exit: i32| {
         let mut args = vec![
             "load",
             "--via",
@@ -1092,12 +1095,12 @@ fn buyer_calls_act_for_the_tokens_user_alone() {
         args.extend(["--workers", "2", "--requests", "40", "--json"]);
         args.extend(token.iter().flat_map(|t| ["--app-token", *t]));
         let mut p = Proc::xcluster("load", &args);
-        p.wait_exit(Duration::from_secs(60));
+        assert_eq!(p.wait_exit(Duration::from_secs(60)), Some(exit), "{}", p.stderr());
         let report: serde_json::Value = serde_json::from_str(&p.stdout())
             .unwrap_or_else(|e| panic!("{e}: {}\n{}", p.stdout(), p.stderr()));
         report
     };
-    let with = load(Some(TOKEN));
+    let with = load(Some(TOKEN), 0);
     assert_eq!(
         (&with["requests"], &with["errors"], &with["refused"]),
         (&json!(40), &json!(0), &json!(0)),
@@ -1107,8 +1110,24 @@ fn buyer_calls_act_for_the_tokens_user_alone() {
         with["released"]["failed"], 0,
         "the run's cancels pass too: {with}"
     );
-    let without = load(None);
+    // Every request refused: the run exits 1, as one that served nothing.
+    let without = load(None, 1);
     assert_eq!(without["errors"], 40, "{without}");
     assert!(without.to_string().contains("\"status_401\":40"), "{without}");
+
+    // A key is changed with no moment of disagreement: the new one first in the file beside the old (the
+    // login service then signs with the new), then the old one dropped. The reload follows the file.
+    let wallet = |auth: &str| call("GET", "/v1/wallets/demo-1", Some(auth), None).status;
+    std::fs::write(&key, "second-key-0123456789\nbuyer-key-0123456789\n").unwrap();
+    let new = eventually(Duration::from_secs(10), "the new key to be taken", || {
+        let new = mint("demo-1");
+        (wallet(&new) == 200).then_some(new)
+    });
+    assert_eq!(wallet(&alice), 200, "the old key still passes beside the new");
+    std::fs::write(&key, "second-key-0123456789\n").unwrap();
+    eventually(Duration::from_secs(10), "the old key to be dropped", || {
+        (wallet(&alice) == 401).then_some(())
+    });
+    assert_eq!(wallet(&new), 200);
     audit_ok(a);
 }

@@ -683,17 +683,16 @@ fn sale_of(units: u32, ttl_ms: u64) -> OneApp {
 }
 
 fn merchant_stock(addr: SocketAddr, body: &str) {
+    admin_post(addr, "/v1/merchant/stock", body);
+}
+
+/// A POST with the admin token, which must answer 200: its answer.
+fn admin_post(addr: SocketAddr, path: &str, body: &str) -> HttpResponse {
     let auth = auth();
     let headers = [("Authorization", auth.as_str())];
-    let r = request(
-        addr,
-        "POST",
-        "/v1/merchant/stock",
-        &headers,
-        Some(body.as_bytes()),
-    )
-    .unwrap();
-    assert_eq!(r.status, 200, "{}", r.body);
+    let r = request(addr, "POST", path, &headers, Some(body.as_bytes())).unwrap();
+    assert_eq!(r.status, 200, "{path}: {}", r.body);
+    r
 }
 
 /// `user`'s attempt is refused `sold_out` by the Redis gate (not by the store).
@@ -710,9 +709,9 @@ fn refused_by_the_gate(addr: SocketAddr, user: &str) {
     assert_eq!(sold_out(), before + 1.0, "the gate refused {user}");
 }
 
-/// A cancelled reservation's units and a merchant's restock are sellable through the Redis gate at once: its
-/// stock counter kept them out until the reconciler's next rebuild (a second by default), and a buyer was
-/// told `sold_out` while the store had them.
+/// A cancelled reservation's units, a merchant's restock and a refund's units are sellable through the Redis
+/// gate at once: its stock counter kept them out until the reconciler's next rebuild (a second by default),
+/// and a buyer was told `sold_out` while the store had them.
 #[test]
 fn units_back_on_sale_pass_the_redis_gate_at_once() {
     let one = sale_of(2, 3_600_000);
@@ -730,6 +729,20 @@ fn units_back_on_sale_pass_the_redis_gate_at_once() {
     let r = seckill(one.addr, "buyer-d", None);
     assert_eq!(r.status, 201, "the restocked unit: {}", r.body);
     refused_by_the_gate(one.addr, "buyer-e");
+    // A refund of an order not shipped puts its units back on sale, and on the gate's counter.
+    let id = r.json()["id"].as_str().unwrap().to_string();
+    admin_post(
+        one.addr,
+        "/admin/credit",
+        r#"{"users": ["buyer-d"], "amount_cents": 100000}"#,
+    );
+    let paid = request(one.addr, "POST", &format!("/v1/orders/{id}/pay"), &[], None).unwrap();
+    assert_eq!(paid.json()["status"], "paid", "{}", paid.body);
+    let refunded = admin_post(one.addr, "/v1/refunds", &format!(r#"{{"order_id": "{id}"}}"#));
+    assert_eq!(refunded.json()["status"], "refunded", "{}", refunded.body);
+    let r = seckill(one.addr, "buyer-e", None);
+    assert_eq!(r.status, 201, "the refunded unit: {}", r.body);
+    refused_by_the_gate(one.addr, "buyer-f");
     audit(one.addr);
 }
 

@@ -519,3 +519,46 @@ depends_on = ["app"]
         }
     }
 }
+
+/// After a named update, the programs it left out stop at shutdown by the settings they run, not by the
+/// file's: here `b`'s new, lower `priority` waits for `ctl update b`, so `b` still stops before `a`. The stop
+/// order was taken from the file alone, and `a` was stopped under a `b` that still needed it.
+#[test]
+fn a_named_update_leaves_the_others_stopping_by_the_settings_they_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let order = dir.path().join("order");
+    let program = |name: &str, priority: u32| {
+        let trapped = dir.path().join(format!("{name}-trapped"));
+        format!(
+            "[programs.{name}]\ncommand = \"/bin/sh -c 'trap \\\"echo {name} >> {order}; exit 0\\\" TERM; \
+             touch {trapped}; while :; do sleep 0.05; done'\"\nstartsecs = 0\npriority = {priority}\n",
+            order = order.display(),
+            trapped = trapped.display(),
+        )
+    };
+    let mut m = Mon::start(&format!(
+        "auto_update = false\n{}{}",
+        program("a", 100),
+        program("b", 200)
+    ));
+    m.wait_state("b", "RUNNING", T);
+    m.rewrite(&format!(
+        "auto_update = false\n{}{}{}",
+        program("a", 100),
+        program("b", 50),
+        program("c", 300)
+    ));
+    let o = m.ctl(&["reread"]);
+    assert!(out(&o).contains("b: changed"), "{}", out(&o));
+    m.ctl_ok(&["update", "c"]);
+    m.wait_state("c", "RUNNING", T);
+    for name in ["a", "b", "c"] {
+        let trapped = dir.path().join(format!("{name}-trapped"));
+        eventually(T, "each program to set its TERM trap", || {
+            trapped.exists().then_some(())
+        });
+    }
+    m.proc.signal(nix::sys::signal::Signal::SIGTERM);
+    assert_eq!(m.proc.wait_exit(T), Some(0));
+    assert_eq!(std::fs::read_to_string(&order).unwrap(), "c\nb\na\n");
+}

@@ -160,7 +160,9 @@ async fn dispatch(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
     let mut held = Some(app.stats.enter());
     let resp = admitted(&app, ty, r, req, &mut held).await;
     let unavailable = resp.extensions().get::<Unavailable>().copied();
-    app.stats.record(ty, started, resp.status().as_u16(), unavailable);
+    let before_work = resp.extensions().get::<crate::stats::BeforeWork>().is_some();
+    app.stats
+        .record(ty, started, resp.status().as_u16(), unavailable, before_work);
     resp
 }
 

@@ -371,20 +371,21 @@ pub async fn cancel(app: &Arc<App>, id: &str, buyer: &Buyer) -> Response<Body> {
 }
 
 /// What an order's end gave back, for [`forget_at_gate`].
-pub(super) enum Freed {
+pub(super) enum Freed<'a> {
     /// A cancelled reservation: every unit of its lines is back on sale.
     Units,
-    /// A refund, in full or in part: the buyer's allowance. Its units are back on sale only if the order had
-    /// not shipped, which the view does not say: the Redis stock counter gets them at its next rebuild.
-    Allowance,
+    /// A refund, in full or in part: the buyer's allowance, and the units it put back on sale per SKU
+    /// (`Refunded::restocked`: none once the order had shipped).
+    Refunded(&'a [(String, i64)]),
 }
 
 /// The Redis gate counted the buyer's flash-sale units; the store no longer counts those of an order that
 /// ended (cancelled) or were refunded, so neither may the gate, or it refuses a purchase the store would make
 /// for as long as its counter lives. Those units are back on sale (unless a refunded order had shipped), so
-/// this instance's sold-out mark on them goes too, and a cancelled order's units go back on the gate's stock
-/// counter: it may only refuse what the store would. (The sweeper does the same for expired ones.)
-pub(super) async fn forget_at_gate(app: &App, view: &crate::store::OrderView, freed: Freed) {
+/// this instance's sold-out mark on them goes too, and the units a cancel or a refund put back on sale go on
+/// the gate's stock counter: it may only refuse what the store would. (The sweeper does the same for expired
+/// ones.)
+pub(super) async fn forget_at_gate(app: &App, view: &crate::store::OrderView, freed: Freed<'_>) {
     if view.kind != OrderKind::Seckill.as_str() {
         return;
     }
@@ -395,7 +396,9 @@ pub(super) async fn forget_at_gate(app: &App, view: &crate::store::OrderView, fr
         {
             let units = match freed {
                 Freed::Units => line.qty - line.refunded_qty,
-                Freed::Allowance => 0,
+                Freed::Refunded(restocked) => (restocked.iter())
+                    .find(|(sku, _)| *sku == line.sku)
+                    .map_or(0, |(_, qty)| *qty),
             };
             g.forget(&line.sku, sale, &view.user, u32::try_from(units).unwrap_or(0))
                 .await;

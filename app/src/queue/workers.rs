@@ -89,10 +89,7 @@ pub async fn sweeper(app: Arc<App>, cancel: CancellationToken) {
                     // The store no longer counts an expired flash-sale order against its buyer; neither may
                     // the gate, or it refuses them a purchase the store would make, for a counter's life.
                     if let Some(g) = &app.redis_gate {
-                        for l in &expired.flash_sale {
-                            let freed = u32::try_from(l.qty).unwrap_or(0);
-                            g.forget(&l.sku, l.sale, &l.user, freed).await;
-                        }
+                        g.forget_all(&expired.flash_sale).await;
                     }
                     // Its units are back in the sale: a sold-out mark would refuse them for its life. Once per
                     // SKU: a clear copies the gate's map, and a sale's expiries come by the hundred.

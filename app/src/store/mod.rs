@@ -159,6 +159,9 @@ impl RefundRequest {
 pub struct Refunded {
     pub order: OrderView,
     pub replay: bool,
+    /// The units this refund put back on sale, per SKU: none once the order had shipped (the goods are
+    /// with the buyer), nor for a replay or a refund of nothing. The Redis gate's stock counter takes them.
+    pub restocked: Vec<(String, i64)>,
 }
 
 /// What a sweep expired.

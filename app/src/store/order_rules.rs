@@ -504,7 +504,11 @@ pub(super) fn refund_replay(
     let answer = answer.unwrap_or_default();
     let order: OrderView = serde_json::from_str(answer)
         .map_err(|e| StoreError::Internal(format!("stored refund answer of key {key:?} is corrupt: {e}")))?;
-    Ok(Ok(Refunded { order, replay: true }))
+    Ok(Ok(Refunded {
+        order,
+        replay: true,
+        restocked: Vec::new(),
+    }))
 }
 
 /// The ledger entries and a fresh reference for minting `amount` into each of `users`' wallets.

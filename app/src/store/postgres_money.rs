@@ -187,6 +187,7 @@ pub fn refund(t: &mut Tx<'_>, r: &RefundRequest, inline_weak: bool) -> Res<Refun
         return Ok(Ok(Refunded {
             order: o,
             replay: false,
+            restocked: Vec::new(),
         }));
     }
     let n: i64 = t
@@ -234,9 +235,14 @@ pub fn refund(t: &mut Tx<'_>, r: &RefundRequest, inline_weak: bool) -> Res<Refun
         order_rules::refund_part_topic(n)
     };
     enqueue(t, &topic, id, inline_weak)?;
+    let restocked = match restock {
+        true => plan.take,
+        false => Vec::new(),
+    };
     Ok(Ok(Refunded {
         order: view,
         replay: false,
+        restocked,
     }))
 }
 

@@ -166,6 +166,7 @@ pub fn refund(tx: &Transaction<'_>, r: &RefundRequest, inline_weak: bool) -> Res
         return Ok(Ok(Refunded {
             order: o,
             replay: false,
+            restocked: Vec::new(),
         }));
     }
     let n: i64 = tx
@@ -207,9 +208,14 @@ pub fn refund(tx: &Transaction<'_>, r: &RefundRequest, inline_weak: bool) -> Res
         order_rules::refund_part_topic(n)
     };
     enqueue(tx, &topic, id, inline_weak)?;
+    let restocked = match restock {
+        true => plan.take,
+        false => Vec::new(),
+    };
     Ok(Ok(Refunded {
         order: view,
         replay: false,
+        restocked,
     }))
 }
 

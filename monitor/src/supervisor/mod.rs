@@ -306,7 +306,9 @@ impl Supervisor {
                 // update left pending (a rolling update) takes effect here.
                 if let Some(spec) = p.replacement.take() {
                     p.spec = spec;
+                    self.restamp_stop_levels();
                 }
+                let Some(p) = self.procs.get_mut(name) else { return };
                 self.next_id += 1;
                 p.spawn_id = self.next_id;
                 match child::spawn(&p.spec, &p.outputs, p.spawn_id, self.exits.clone()) {
@@ -527,7 +529,11 @@ impl Supervisor {
                 if let Some(spec) = p.replacement.take() {
                     p.spec = spec;
                     progressed = true;
+                    self.restamp_stop_levels();
                 }
+                let Some(p) = self.procs.get_mut(&name) else {
+                    continue;
+                };
                 if p.removing {
                     if p.m.state != State::Stopped && p.m.state != State::Exited {
                         self.event(&name, Event::Stop);
@@ -651,6 +657,15 @@ impl Supervisor {
             held: None,
             wanted_restart: false,
         }
+    }
+
+    /// Each group's stop level from the specs that run, with the group priorities in force: a named update
+    /// leaves programs of the old config running beside the new one's (a change not named, a removal left
+    /// pending), and a rolled program's change waits for its restart. Taken from the new config alone, a
+    /// program whose new `priority` had not applied stopped by it at shutdown.
+    pub(super) fn restamp_stop_levels(&mut self) {
+        let specs: Vec<ProcessSpec> = self.procs.values().map(|p| (*p.spec).clone()).collect();
+        self.stop_levels = crate::program::stop_levels(&specs, &self.cfg.group_order);
     }
 
     pub fn set_config(&mut self, cfg: Arc<Config>) {
