@@ -80,6 +80,11 @@ impl StoreExec {
         self
     }
 
+    /// The bound on a call's answer ([`Self::bounded`]), if any.
+    pub fn call_bound(&self) -> Option<Duration> {
+        self.call_timeout
+    }
+
     /// The same store and lanes, with no bound: for a background call whose outcome must not be lost to a
     /// time limit (the sweeper's expiries: given up on, one that committed late left its buyers' gate counts
     /// and sold-out marks in place), and whose wait holds back no request.

@@ -80,6 +80,19 @@ if b > 0 then redis.call('DECRBY', KEYS[2], math.min(b, tonumber(ARGV[1]))) end
 return 1
 "#;
 
+/// Gives back what an `ADMIT` whose reply was lost may have taken, in the SKU's current sale (its number read
+/// as `ADMIT` reads it). Keys: stock, sale number. Args: the buyer's count key around the number (as
+/// `ADMIT`'s), qty. No sale number: `ADMIT` took nothing.
+const RELEASE_UNSURE: &str = r#"
+local sale = redis.call('GET', KEYS[2])
+if not sale then return 1 end
+if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('INCRBY', KEYS[1], ARGV[3]) end
+local bought = ARGV[1] .. sale .. ARGV[2]
+local b = tonumber(redis.call('GET', bought) or '0')
+if b > 0 then redis.call('DECRBY', bought, math.min(b, tonumber(ARGV[3]))) end
+return 1
+"#;
+
 /// Puts units back on a SKU's stock counter, if it has one (none: the gate asks the store until the reconciler
 /// builds it, and a counter of only these units would refuse the rest). Keys: stock; then, when given, a
 /// buyer's count to delete ([`RedisGate::forget`]). Args: the units, 0 or more.
@@ -111,6 +124,15 @@ pub enum Admission {
     Pass {
         marked: bool,
     },
+    /// The call failed once Redis may have run it (a reset or a timeout after it was sent): its unit may be
+    /// taken, its buyer counted and its key `marked`, with no word of it. Ask the store; then give back as
+    /// for [`Admission::Taken`] in the SKU's current sale ([`RedisGate::release_unsure`]) unless it became
+    /// an order, and unmark. Left alone, its retries were told `in_progress` for the mark's life, and the
+    /// buyer was counted for a unit the store never sold. Given back when it had not run, the gate is only
+    /// more lenient: the store decides.
+    Unsure {
+        marked: bool,
+    },
     SoldOut,
     OverLimit,
     /// Redis would refuse, but an attempt under the same idempotency key is in flight, whose units may be
@@ -124,12 +146,22 @@ impl Admission {
     const fn label(self) -> &'static str {
         match self {
             Admission::Taken { .. } => "taken",
-            Admission::Pass { .. } => "pass",
+            // The call's failure counts too, as `error`.
+            Admission::Pass { .. } | Admission::Unsure { .. } => "pass",
             Admission::SoldOut => "sold_out",
             Admission::OverLimit => "over_limit",
             Admission::InFlight => "in_flight",
         }
     }
+}
+
+/// How a call to Redis went.
+enum Called {
+    Answered(Value),
+    /// It never reached Redis (the circuit open, no turn, closed or failed before it was sent whole).
+    NotRun,
+    /// It failed once it was sent: Redis may have run it.
+    MaybeRan,
 }
 
 /// The `answer` label of a call that failed (the circuit opens).
@@ -221,7 +253,8 @@ const MAX_PENDING: usize = 10_000;
 enum GiveBack {
     Release {
         sku: String,
-        sale: i64,
+        /// The sale `ADMIT` counted it in; `None`: not known ([`Admission::Unsure`]), the SKU's current one.
+        sale: Option<i64>,
         user: String,
         qty: u32,
     },
@@ -303,18 +336,26 @@ impl RedisGate {
     /// it turned the gate off for `retry_after`, the flood going straight to the store. One idle for
     /// [`CHECK_IDLE_AFTER`] is checked first, as one dropped may be reset only once it took the command.
     async fn call(&self, args: &[&str]) -> Option<Value> {
+        match self.call_telling(args).await {
+            Called::Answered(v) => Some(v),
+            Called::NotRun | Called::MaybeRan => None,
+        }
+    }
+
+    /// [`Self::call`], telling a call that never ran from one that may have.
+    async fn call_telling(&self, args: &[&str]) -> Called {
         if !self.is_up() {
-            return None;
+            return Called::NotRun;
         }
         // Waiting for a turn is not Redis failing: the circuit stays closed, and this attempt alone goes to
         // the store (a give-back is kept for the reconciler).
         let Ok(Ok(_turn)) = tokio::time::timeout(self.opts.timeout, self.turns.acquire()).await else {
             metrics::counter!(crate::metrics::REDIS_GATE_TOTAL, "answer" => BUSY_ANSWER).increment(1);
-            return None;
+            return Called::NotRun;
         };
         // The circuit may have opened while this call waited: it is not sent into the failure just seen.
         if !self.is_up() {
-            return None;
+            return Called::NotRun;
         }
         let pooled = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
         let pooled = match pooled {
@@ -330,13 +371,18 @@ impl RedisGate {
         // twice (another unit taken, the buyer's count and mark raised again, never given back).
         if result.as_ref().is_err_and(RespError::not_run) {
             let fresh = Conn::connect(&self.addr, self.password.as_deref(), self.opts.timeout).await;
+            // A connection that failed carried nothing.
+            let fresh = fresh.map_err(|e| RespError::Unsent(std::io::Error::other(e.to_string())));
             result = self.call_on(fresh, args).await;
         }
         match result {
-            Ok(v) => Some(v),
+            Ok(v) => Called::Answered(v),
             Err(e) => {
                 self.trip(&e);
-                None
+                match e.not_run() {
+                    true => Called::NotRun,
+                    false => Called::MaybeRan,
+                }
             }
         }
     }
@@ -416,23 +462,26 @@ impl RedisGate {
             self.counter_ttl_ms().to_string(),
             self.opts.in_flight_mark.as_millis().to_string(),
         );
-        let answer = match self
-            .call(&[
+        let called = self
+            .call_telling(&[
                 "EVAL", ADMIT, "2", &stock, &sale, &qty, &limit, &ttl, &head, &tail, &mark, &mark_ttl,
             ])
-            .await
-        {
-            Some(Value::Array(taken)) => match taken.as_slice() {
+            .await;
+        let answer = match called {
+            Called::Answered(Value::Array(taken)) => match taken.as_slice() {
                 [Value::Int(1), Value::Int(sale)] => Admission::Taken { sale: *sale },
                 _ => Admission::Pass { marked: false },
             },
-            Some(Value::Int(0)) => Admission::SoldOut,
-            Some(Value::Int(-1)) => Admission::OverLimit,
-            Some(Value::Int(-2)) => Admission::Pass {
+            Called::Answered(Value::Int(0)) => Admission::SoldOut,
+            Called::Answered(Value::Int(-1)) => Admission::OverLimit,
+            Called::Answered(Value::Int(-2)) => Admission::Pass {
                 marked: key.is_some(),
             },
-            Some(Value::Int(-3)) => Admission::InFlight,
-            _ => Admission::Pass { marked: false },
+            Called::Answered(Value::Int(-3)) => Admission::InFlight,
+            Called::MaybeRan => Admission::Unsure {
+                marked: key.is_some(),
+            },
+            Called::Answered(_) | Called::NotRun => Admission::Pass { marked: false },
         };
         metrics::counter!(crate::metrics::REDIS_GATE_TOTAL, "answer" => answer.label()).increment(1);
         answer
@@ -452,7 +501,19 @@ impl RedisGate {
     pub async fn release(&self, sku: &str, sale: i64, user: &str, qty: u32) {
         self.give_back(GiveBack::Release {
             sku: sku.to_string(),
-            sale,
+            sale: Some(sale),
+            user: user.to_string(),
+            qty,
+        })
+        .await;
+    }
+
+    /// Gives back what an [`Admission::Unsure`] may have taken, in the SKU's current sale, when the store did
+    /// not turn it into an order.
+    pub async fn release_unsure(&self, sku: &str, user: &str, qty: u32) {
+        self.give_back(GiveBack::Release {
+            sku: sku.to_string(),
+            sale: None,
             user: user.to_string(),
             qty,
         })
@@ -516,10 +577,26 @@ impl RedisGate {
 
     async fn send(&self, g: &GiveBack) -> bool {
         match g {
-            GiveBack::Release { sku, sale, user, qty } => {
+            GiveBack::Release {
+                sku,
+                sale: Some(sale),
+                user,
+                qty,
+            } => {
                 let (stock, bought) = (stock_key(sku), bought_key(sku, *sale, user));
                 let qty = qty.to_string();
                 self.call(&["EVAL", RELEASE, "2", &stock, &bought, &qty]).await
+            }
+            GiveBack::Release {
+                sku,
+                sale: None,
+                user,
+                qty,
+            } => {
+                let (stock, sale) = (stock_key(sku), sale_key(sku));
+                let ((head, tail), qty) = (bought_key_parts(sku, user), qty.to_string());
+                self.call(&["EVAL", RELEASE_UNSURE, "2", &stock, &sale, &head, &tail, &qty])
+                    .await
             }
             GiveBack::Forget {
                 sku,
@@ -790,6 +867,79 @@ mod tests {
         }
         assert_eq!(commands.load(Ordering::Relaxed), 3, "each answered once");
         assert_eq!(gate.pending(), 0);
+    }
+
+    /// A TCP proxy to `upstream` that, while `drop_reply` is set, resets the client's connection in place of
+    /// the next reply: Redis ran the command, and its answer was lost (a NAT's reset, a cut link).
+    async fn reply_dropping_proxy(
+        upstream: std::net::SocketAddr,
+        drop_reply: Arc<std::sync::atomic::AtomicBool>,
+    ) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        fake_redis(move |client| {
+            let drop_reply = drop_reply.clone();
+            tokio::spawn(async move {
+                let Ok(server) = tokio::net::TcpStream::connect(upstream).await else {
+                    return;
+                };
+                let ((mut from_client, mut to_client), (mut from_server, mut to_server)) =
+                    (client.into_split(), server.into_split());
+                let up = tokio::spawn(async move {
+                    let _ = tokio::io::copy(&mut from_client, &mut to_server).await;
+                });
+                let mut buf = [0u8; 4096];
+                while let Ok(n @ 1..) = from_server.read(&mut buf).await {
+                    if drop_reply.swap(false, Ordering::SeqCst) {
+                        // Closed with no FIN (a dropped write half shuts down with one), the read half going
+                        // with the task below: a reset.
+                        let _ = to_client.as_ref().set_zero_linger();
+                        to_client.forget();
+                        up.abort();
+                        return;
+                    }
+                    if to_client.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+                up.abort();
+            });
+        })
+        .await
+    }
+
+    /// An `ADMIT` whose reply was lost may have run: the attempt passes to the store as [`Admission::Unsure`],
+    /// and once the store did not sell, what it took is given back in the SKU's current sale and its mark
+    /// taken off. Before, the unit and the buyer's count stayed, and the mark told its retries
+    /// `in_progress` for the mark's life. On a real Redis, behind a proxy that loses the reply.
+    #[tokio::test]
+    async fn an_admit_whose_reply_was_lost_is_given_back() {
+        let redis = xcluster_tests::services::Redis::start();
+        let lost = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let addr = reply_dropping_proxy(redis.addr, lost.clone()).await;
+        let gate = gate(&addr, Duration::from_secs(5), Duration::from_millis(200));
+        for set in ["SET xbuy:stock:sku-1 5", "SET xbuy:sale:sku-1 3"] {
+            assert_eq!(redis.command(set), "+OK");
+        }
+        let read = |key: &str| redis.command(&format!("INCRBY {key} 0"));
+        lost.store(true, Ordering::SeqCst);
+        let admitted = gate.admit("sku-1", "u1", 1, 2, Some("k1")).await;
+        assert_eq!(admitted, Admission::Unsure { marked: true });
+        // It ran: the unit taken, the buyer counted, the key marked.
+        assert_eq!(read("xbuy:stock:sku-1"), ":4");
+        assert_eq!(read("xbuy:bought:sku-1/3/u1"), ":1");
+        assert!(redis.exists("xbuy:inflight:u1/k1"));
+        // The store refused it: given back (kept while the circuit is open, sent once it closes).
+        gate.release_unsure("sku-1", "u1", 1).await;
+        gate.unmark("u1", "k1").await;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while gate.pending() > 0 {
+            assert!(Instant::now() < deadline, "the give-backs were not sent");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            gate.resend_pending().await;
+        }
+        assert_eq!(read("xbuy:stock:sku-1"), ":5");
+        assert_eq!(read("xbuy:bought:sku-1/3/u1"), ":0");
+        assert!(!redis.exists("xbuy:inflight:u1/k1"));
     }
 
     /// A sweep's give-backs go several at once: here Redis answers none until four have come, which one at a

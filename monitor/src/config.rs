@@ -515,13 +515,13 @@ mod tests {
         assert_eq!(order(&config(&[]).unwrap()), ["worker", "db", "web"]);
         let c = config(&[("site", &["web", "worker"], 10)]).unwrap();
         assert_eq!(order(&c), ["worker", "web", "db"]);
-        let levels = crate::program::stop_levels(&c.processes, &c.group_order);
+        let levels = crate::program::stop_levels(c.processes.iter(), &c.group_order);
         assert!(levels["web"] < levels["db"], "db stops first: {levels:?}");
         assert!(levels["worker"] < levels["web"], "{levels:?}");
         // At a program's own priority, the group stays together: db (50) before it or after it, not between.
         let c = config(&[("site", &["web", "worker"], 50)]).unwrap();
         assert_eq!(order(&c), ["db", "worker", "web"]);
-        let levels = crate::program::stop_levels(&c.processes, &c.group_order);
+        let levels = crate::program::stop_levels(c.processes.iter(), &c.group_order);
         assert!(
             levels["db"] < levels["worker"] && levels["worker"] < levels["web"],
             "{levels:?}"
@@ -602,7 +602,7 @@ mod tests {
         let web = c.processes.iter().find(|p| p.name == "web").unwrap();
         assert_eq!(web.depends_on, ["cache", "db"]);
         // The stop order follows: web, their dependent, stops before both.
-        let levels = crate::program::stop_levels(&c.processes, &c.group_order);
+        let levels = crate::program::stop_levels(c.processes.iter(), &c.group_order);
         assert!(
             levels["web"] > levels["db"] && levels["web"] > levels["cache"],
             "{levels:?}"

@@ -730,11 +730,15 @@ pub fn order<'a>(spec: &'a ProcessSpec, groups: &'a GroupOrder) -> (i32, &'a str
 /// (Supervisord: lower starts first and stops last); where the two disagree (`a` depends on `b`, yet has the
 /// lower priority) the dependency wins. Levels are numbers, so the order has no cycle; groups on one level
 /// stop together.
-pub fn stop_levels(specs: &[ProcessSpec], order_of: &GroupOrder) -> BTreeMap<String, u32> {
+pub fn stop_levels<'a>(
+    specs: impl IntoIterator<Item = &'a ProcessSpec>,
+    order_of: &GroupOrder,
+) -> BTreeMap<String, u32> {
+    let specs: Vec<&ProcessSpec> = specs.into_iter().collect();
     let mut priorities: Vec<(i32, &str, i32)> = specs.iter().map(|s| order(s, order_of)).collect();
     priorities.sort_unstable();
     priorities.dedup();
-    let groups: BTreeMap<&str, &ProcessSpec> = specs.iter().map(|s| (s.group.as_str(), s)).collect();
+    let groups: BTreeMap<&str, &ProcessSpec> = specs.iter().map(|s| (s.group.as_str(), *s)).collect();
     let ranks: BTreeMap<&str, u32> = (groups.iter())
         .map(|(g, spec)| {
             (

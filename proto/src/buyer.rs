@@ -16,7 +16,7 @@ pub const MAX_TOKEN_BYTES: usize = 192;
 /// Why a token was refused. The messages say what to fix, never what the MAC should have been.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TokenError {
-    #[error("not a buyer token (xb1.<user>.<expires>.<mac>)")]
+    #[error("not a buyer token (xb1.<user>.<expires>.<mac>, the MAC 64 lower-case hex digits)")]
     Malformed,
     #[error("the buyer token's signature does not match (another key, or an altered token)")]
     BadSignature,

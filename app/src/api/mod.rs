@@ -245,6 +245,33 @@ async fn admitted(
     }
 }
 
+/// Runs `work` (a store call and its give-backs at the gates, with `exec`, the unbounded executor) on a task
+/// of its own, waiting for it within the store's bound: past it, the answer is that the call may still
+/// commit (`Unsettled`), and the task goes on, its give-backs with it. Run bounded inside the task, a call
+/// that committed after its bound was given up on and its give-backs with it, which no retry brought back
+/// (the order was refunded or cancelled already). Dropped with a client gone mid-way, the same.
+pub(super) async fn settle<T: Send + 'static>(
+    app: &Arc<App>,
+    what: &str,
+    work: impl std::future::Future<Output = Result<T, StoreError>> + Send + 'static,
+) -> Result<T, StoreError> {
+    let settled = tokio::spawn(work);
+    let done = match app.exec.call_bound() {
+        Some(bound) => match tokio::time::timeout(bound, settled).await {
+            Ok(done) => done,
+            Err(_) => {
+                let why = format!(
+                    "the store did not answer the {what} within {} ms",
+                    bound.as_millis()
+                );
+                return Err(StoreError::Unsettled(why));
+            }
+        },
+        None => settled.await,
+    };
+    done.unwrap_or_else(|e| Err(StoreError::Internal(format!("{what} task: {e}"))))
+}
+
 /// The CPU-work knob: busy work on the request's own worker, as a slow instance would do.
 fn burn(d: Duration) {
     let end = Instant::now() + d;

@@ -16,7 +16,7 @@ use super::{
 };
 use crate::Config;
 use crate::degrade::Level;
-use crate::store::{PaymentCallback, RefundRequest, StoreError};
+use crate::store::{PaymentCallback, RefundRequest};
 
 fn inline_weak(app: &App) -> bool {
     app.degrade.level() == Level::Sync
@@ -107,18 +107,19 @@ pub async fn refund(app: &Arc<App>, cfg: &Config, req: Request<Incoming>) -> Res
     let weak = inline_weak(app);
     // The refund and its give-back at the gates on a task of their own, as a cancel's: a merchant gone
     // between the two (its handler dropped) lost the give-back for good.
-    let app = app.clone();
-    let settled = tokio::spawn(async move {
-        let out = app.exec.run(move |s| s.refund(&r, weak)).await;
+    let task_app = app.clone();
+    let out = super::settle(app, "refund", async move {
+        let out = task_app.exec.unbounded().run(move |s| s.refund(&r, weak)).await;
         if let Ok(Ok(done)) = &out {
             // A partial refund's units leave the buyer's flash-sale count in the store, as a full one's do,
             // and those back on sale go on the gate's stock counter.
             let freed = super::orders::Freed::Refunded(&done.restocked);
-            super::orders::forget_at_gate(&app, &done.order, freed).await;
+            super::orders::forget_at_gate(&task_app, &done.order, freed).await;
         }
         out
-    });
-    match (settled.await).unwrap_or_else(|e| Err(StoreError::Internal(format!("refund task: {e}")))) {
+    })
+    .await;
+    match out {
         Ok(Ok(done)) => keyed_json(StatusCode::OK, &done.order, done.replay),
         Ok(Err(r)) => reject(&r),
         Err(e) => store_failed(&e),

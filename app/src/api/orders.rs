@@ -204,10 +204,13 @@ pub async fn seckill(
         // on while it ran may still become one: given back, the gate is only more lenient than the store,
         // which decides.
         if let Some(g) = &redis
-            && let Admission::Taken { sale } = admission
             && !matches!(&out, Ok(Ok(c)) if !c.replay)
         {
-            g.release(sku, sale, &user, qty).await;
+            match admission {
+                Admission::Taken { sale } => g.release(sku, sale, &user, qty).await,
+                Admission::Unsure { .. } => g.release_unsure(sku, &user, qty).await,
+                _ => {}
+            }
         }
         // Settled, before its answer leaves: a retry sent the moment it arrives is answered, not told to wait.
         // Given up on while it ran, it may still commit: its mark stays until it expires, so a retry under its
@@ -218,7 +221,9 @@ pub async fn seckill(
             && let Some(key) = &key
             && matches!(
                 admission,
-                Admission::Taken { .. } | Admission::Pass { marked: true }
+                Admission::Taken { .. }
+                    | Admission::Pass { marked: true }
+                    | Admission::Unsure { marked: true }
             )
         {
             g.unmark(&user, key).await;
@@ -352,21 +357,21 @@ pub async fn cancel(app: &Arc<App>, id: &str, buyer: &Buyer) -> Response<Body> {
     if let Err(resp) = owned(app, id, buyer).await {
         return resp;
     }
-    let (app, id) = (app.clone(), id.to_string());
-    // The cancel and its give-back at the gates on a task of their own, as a flash-sale attempt's: only the
-    // cancel that ended the order gives back, so a client gone between the two (its handler dropped) lost
+    let (task_app, id) = (app.clone(), id.to_string());
+    // The cancel and its give-back at the gates on a task of their own (`settle`), as a flash-sale
+    // attempt's: only the cancel that ended the order gives back, so one given up on between the two lost
     // the give-back for good.
-    let settled = tokio::spawn(async move {
-        let out = app.exec.run(move |s| s.cancel(&id)).await;
+    let out = super::settle(app, "cancel", async move {
+        let out = task_app.exec.unbounded().run(move |s| s.cancel(&id)).await;
         if let Ok(Ok((view, ended))) = &out
             && *ended
             && view.status == OrderStatus::Cancelled.as_str()
         {
-            forget_at_gate(&app, view, Freed::Units).await;
+            forget_at_gate(&task_app, view, Freed::Units).await;
         }
         out
-    });
-    let out = (settled.await).unwrap_or_else(|e| Err(StoreError::Internal(format!("cancel task: {e}"))));
+    })
+    .await;
     respond(StatusCode::OK, out.map(|r| r.map(|(view, _)| view)))
 }
 
@@ -387,6 +392,14 @@ pub(super) enum Freed<'a> {
 /// ones.)
 pub(super) async fn forget_at_gate(app: &App, view: &crate::store::OrderView, freed: Freed<'_>) {
     if view.kind != OrderKind::Seckill.as_str() {
+        // A regular order's refunded units are on sale again too, which a flash sale of the SKU sells from
+        // the shelf: on the counter, if it has one (`restock` touches no other).
+        if let (Some(g), Freed::Refunded(restocked)) = (&app.redis_gate, freed) {
+            for (sku, qty) in restocked {
+                g.restock(sku, u32::try_from(*qty).unwrap_or(0)).await;
+                app.gate.clear(sku);
+            }
+        }
         return;
     }
     for line in &view.lines {

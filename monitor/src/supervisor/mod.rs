@@ -157,7 +157,7 @@ impl Supervisor {
             roll: None,
             past_rolls: Arc::default(),
             pending: None,
-            stop_levels: crate::program::stop_levels(&cfg.processes, &cfg.group_order),
+            stop_levels: crate::program::stop_levels(cfg.processes.iter(), &cfg.group_order),
         };
         sup.update(cfg, None);
         sup.adopt(adopt);
@@ -664,13 +664,13 @@ impl Supervisor {
     /// pending), and a rolled program's change waits for its restart. Taken from the new config alone, a
     /// program whose new `priority` had not applied stopped by it at shutdown.
     pub(super) fn restamp_stop_levels(&mut self) {
-        let specs: Vec<ProcessSpec> = self.procs.values().map(|p| (*p.spec).clone()).collect();
-        self.stop_levels = crate::program::stop_levels(&specs, &self.cfg.group_order);
+        let running = self.procs.values().map(|p| &*p.spec);
+        self.stop_levels = crate::program::stop_levels(running, &self.cfg.group_order);
     }
 
     pub fn set_config(&mut self, cfg: Arc<Config>) {
         self.bus.set_capacity(cfg.events_history);
-        self.stop_levels = crate::program::stop_levels(&cfg.processes, &cfg.group_order);
+        self.stop_levels = crate::program::stop_levels(cfg.processes.iter(), &cfg.group_order);
         self.cfg = cfg;
     }
 
