@@ -536,6 +536,17 @@ pub async fn read_from(path: &Path, at: &mut u64, max: u64) -> std::io::Result<V
 mod tests {
     use super::*;
 
+    /// A log `p.log` in `dir` rotating at `maxbytes` with `backups`: its path, and it opened.
+    fn rotating_in(dir: &Path, maxbytes: u64, backups: u32) -> (PathBuf, RotatingLog) {
+        let path = dir.join("p.log");
+        let spec = LogSpec {
+            path: Some(path.clone()),
+            maxbytes,
+            backups,
+        };
+        (path, RotatingLog::open(&spec).unwrap().unwrap())
+    }
+
     /// `<path>.<i>`: a backup's name.
     fn numbered(path: &Path, i: u32) -> PathBuf {
         let mut s = path.as_os_str().to_owned();
@@ -703,13 +714,7 @@ mod tests {
     #[test]
     fn rotating_and_clearing_stay_in_the_logs_own_directory() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("p.log");
-        let spec = LogSpec {
-            path: Some(path.clone()),
-            maxbytes: 8,
-            backups: 2,
-        };
-        let mut log = RotatingLog::open(&spec).unwrap().unwrap();
+        let (path, mut log) = rotating_in(dir.path(), 8, 2);
         for line in ["aaa\n", "bbb\n", "ccc\n", "ddd\n", "eee\n", "fff\n"] {
             log.write(line.as_bytes()).unwrap();
         }
@@ -854,13 +859,7 @@ mod tests {
     #[test]
     fn rotates_by_size_and_keeps_backups() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("p.log");
-        let spec = LogSpec {
-            path: Some(path.clone()),
-            maxbytes: 1024,
-            backups: 2,
-        };
-        let mut log = RotatingLog::open(&spec).unwrap().unwrap();
+        let (path, mut log) = rotating_in(dir.path(), 1024, 2);
         for i in 0..5u8 {
             log.write(&[b'a' + i; 1024]).unwrap();
         }

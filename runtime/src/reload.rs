@@ -904,6 +904,24 @@ mod tests {
         assert_eq!(config.borrow_and_update().key, b"second-key-0123456789");
     }
 
+    /// `dir/main.toml` including `conf.d/*.toml`, where `conf.d/web.toml` (`conf.d` made already) is a link to
+    /// `target`: its source and its load.
+    fn linked_include(
+        dir: &Path,
+        target: &Path,
+    ) -> (
+        ConfigSource,
+        crate::config::Loaded<crate::config::tests::Included>,
+    ) {
+        std::os::unix::fs::symlink(target, dir.join("conf.d/web.toml")).unwrap();
+        let main = dir.join("main.toml");
+        std::fs::write(&main, "include = [\"conf.d/*.toml\"]\n").unwrap();
+        let mut src = ConfigSource::file(&main);
+        src.use_env = false;
+        let loaded = crate::config::load(&src).unwrap();
+        (src, loaded)
+    }
+
     /// An included file that is a symbolic link (`conf.d/web.toml` leading to the application's own
     /// checkout) is edited where it leads, a directory no pattern names: it is watched there. Before, the
     /// edit was seen only at the next SIGHUP.
@@ -915,12 +933,7 @@ mod tests {
         std::fs::create_dir(&conf_d).unwrap();
         std::fs::create_dir(&app).unwrap();
         std::fs::write(app.join("web.toml"), "[programs.web]\n").unwrap();
-        std::os::unix::fs::symlink(app.join("web.toml"), conf_d.join("web.toml")).unwrap();
-        let main = dir.path().join("main.toml");
-        std::fs::write(&main, "include = [\"conf.d/*.toml\"]\n").unwrap();
-        let mut src = ConfigSource::file(&main);
-        src.use_env = false;
-        let loaded = crate::config::load::<Included>(&src).unwrap();
+        let (src, loaded) = linked_include(dir.path(), &app.join("web.toml"));
         assert_eq!(loaded.config.programs, ["web"]);
         let (publish, mut config) = watch::channel(Arc::new(loaded.config));
         let cancel = CancellationToken::new();
@@ -951,12 +964,8 @@ mod tests {
         for release in [&first, &second] {
             std::fs::write(release.join("web.toml"), "[programs.web]\n").unwrap();
         }
-        std::os::unix::fs::symlink(first.join("web.toml"), conf_d.join("web.toml")).unwrap();
-        let main = dir.path().join("main.toml");
-        std::fs::write(&main, "include = [\"conf.d/*.toml\"]\n").unwrap();
-        let mut src = ConfigSource::file(&main);
-        src.use_env = false;
-        let loaded = crate::config::load::<Included>(&src).unwrap();
+        let (src, loaded) = linked_include(dir.path(), &first.join("web.toml"));
+        let main = src.path.clone().unwrap();
         let (mut state, _config, status) = unwatched(src, loaded);
         let (tx, _rx) = mpsc::channel(64);
         state.watcher = ConfigWatcher::start(&main, tx);
