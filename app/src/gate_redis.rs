@@ -800,30 +800,43 @@ mod tests {
         assert!(gate.is_up());
     }
 
-    /// A command Redis read and whose reply was lost to a reset is not sent again on a fresh connection: the
-    /// script may have run, and a second run of `ADMIT` took another unit and raised the buyer's count and
-    /// mark again, never given back. (A command that went nowhere, closed before any reply, is: test above.)
-    #[tokio::test]
-    async fn a_command_reset_after_redis_read_it_is_not_sent_again() {
+    /// A fake Redis each of whose connections answers its first command and is reset at the next (a zero
+    /// linger sends an RST at close), as a NAT that forgot it: its address, and the commands it read and
+    /// answered.
+    async fn resetting_redis() -> (
+        String,
+        Arc<std::sync::atomic::AtomicU32>,
+        Arc<std::sync::atomic::AtomicU32>,
+    ) {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let read = Arc::new(std::sync::atomic::AtomicU32::new(0));
-        let count = read.clone();
+        let [read, answered] = [(); 2].map(|()| Arc::new(std::sync::atomic::AtomicU32::new(0)));
+        let counts = (read.clone(), answered.clone());
         let addr = fake_redis(move |mut s| {
-            let count = count.clone();
+            let (read, answered) = counts.clone();
             tokio::spawn(async move {
                 let mut buf = [0u8; 4096];
-                // The first command is answered (the connection goes back to the pool); the next is read
-                // and reset, with no reply (a zero linger sends an RST at close).
+                let mut first = true;
                 while s.read(&mut buf).await.is_ok_and(|r| r > 0) {
-                    if count.fetch_add(1, Ordering::Relaxed) > 0 {
+                    read.fetch_add(1, Ordering::Relaxed);
+                    if !std::mem::take(&mut first) {
                         let _ = s.set_zero_linger();
                         break;
                     }
+                    answered.fetch_add(1, Ordering::Relaxed);
                     let _ = s.write_all(b":1\r\n").await;
                 }
             });
         })
         .await;
+        (addr, read, answered)
+    }
+
+    /// A command Redis read and whose reply was lost to a reset is not sent again on a fresh connection: the
+    /// script may have run, and a second run of `ADMIT` took another unit and raised the buyer's count and
+    /// mark again, never given back. (A command that went nowhere, closed before any reply, is: test above.)
+    #[tokio::test]
+    async fn a_command_reset_after_redis_read_it_is_not_sent_again() {
+        let (addr, read, _) = resetting_redis().await;
         let gate = gate(&addr, Duration::from_secs(5), Duration::from_secs(60));
         gate.release("sku-1", 3, "u1", 1).await;
         assert_eq!(read.load(Ordering::Relaxed), 1);
@@ -838,27 +851,7 @@ mod tests {
     /// `PING` first, whose reset only replaces it.
     #[tokio::test]
     async fn an_idle_connection_dropped_by_the_network_is_replaced_before_a_command() {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let commands = Arc::new(std::sync::atomic::AtomicU32::new(0));
-        let count = commands.clone();
-        // Each connection answers its first command and is reset at the next, as a NAT that forgot it.
-        let addr = fake_redis(move |mut s| {
-            let count = count.clone();
-            tokio::spawn(async move {
-                let mut buf = [0u8; 4096];
-                let mut answered = false;
-                while s.read(&mut buf).await.is_ok_and(|r| r > 0) {
-                    if answered {
-                        let _ = s.set_zero_linger();
-                        break;
-                    }
-                    count.fetch_add(1, Ordering::Relaxed);
-                    answered = true;
-                    let _ = s.write_all(b":1\r\n").await;
-                }
-            });
-        })
-        .await;
+        let (addr, _, commands) = resetting_redis().await;
         let mut gate = gate(&addr, Duration::from_secs(5), Duration::from_secs(60));
         gate.check_idle_after = Duration::ZERO;
         for user in ["u1", "u2", "u3"] {
