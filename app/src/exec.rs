@@ -117,7 +117,20 @@ impl StoreExec {
         T: Send + 'static,
         F: FnOnce(&dyn Store) -> Result<T, StoreError> + Send + 'static,
     {
-        self.lane(&self.writes, true, f).await
+        self.lane(&self.writes, true, false, f).await
+    }
+
+    /// [`Self::run`], but a write that has begun by the bound is waited for to its end: its outcome is the
+    /// caller's, for the give-backs at the gates that follow it (a cancel's, a refund's), where `run`
+    /// answers `Unsettled` and the outcome is lost. One still waiting for a thread at the bound is given up
+    /// (`Busy`), as with `run`, so calls do not pile up behind a stuck store; counted for the breakers at the
+    /// bound, as `run` counts them.
+    pub async fn run_to_end<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&dyn Store) -> Result<T, StoreError> + Send + 'static,
+    {
+        self.lane(&self.writes, true, true, f).await
     }
 
     /// Runs `f`, which only reads, in the read lane: it never waits behind writers queued for the lock.
@@ -126,13 +139,20 @@ impl StoreExec {
         T: Send + 'static,
         F: FnOnce(&dyn Store) -> Result<T, StoreError> + Send + 'static,
     {
-        self.lane(&self.reads, false, f).await
+        self.lane(&self.reads, false, false, f).await
     }
 
     /// Runs `f` on a thread of the lane `permits` guards; `writes`: it may write. Its state ([`QUEUED`],
     /// [`RUNNING`], [`GIVEN_UP`]) tells a call given up on by its bound whether it began: a write that began
-    /// may still commit (`Unsettled`), one that had not never begins (`Busy`).
-    async fn lane<T, F>(&self, permits: &Arc<Semaphore>, writes: bool, f: F) -> Result<T, StoreError>
+    /// may still commit (`Unsettled`), one that had not never begins (`Busy`). `to_end`: one that began is
+    /// waited for to its end instead ([`Self::run_to_end`]).
+    async fn lane<T, F>(
+        &self,
+        permits: &Arc<Semaphore>,
+        writes: bool,
+        to_end: bool,
+        f: F,
+    ) -> Result<T, StoreError>
     where
         T: Send + 'static,
         F: FnOnce(&dyn Store) -> Result<T, StoreError> + Send + 'static,
@@ -141,7 +161,9 @@ impl StoreExec {
         let Some(limit) = self.call_timeout else {
             return self.call(permits, f, state).await;
         };
-        match tokio::time::timeout(limit, self.call(permits, f, state.clone())).await {
+        let call = self.call(permits, f, state.clone());
+        tokio::pin!(call);
+        match tokio::time::timeout(limit, &mut call).await {
             Ok(out) => out,
             Err(_) => {
                 // An error for the breakers, as a failed call is; counted here alone: the call, which runs on
@@ -152,6 +174,9 @@ impl StoreExec {
                 self.counters.errors.fetch_add(1, Ordering::Relaxed);
                 metrics::counter!(crate::metrics::STORE_ERRORS_TOTAL, "retryable" => "true").increment(1);
                 let why = format!("the store did not answer within {} ms", limit.as_millis());
+                if to_end && began {
+                    return call.await;
+                }
                 // A write that had begun runs on, and may commit after this answer.
                 Err(if writes && began {
                     StoreError::Unsettled(why)
@@ -273,6 +298,42 @@ pub(crate) mod tests {
         });
         started.await.unwrap();
         (release, hold)
+    }
+
+    /// With a bound, `run_to_end` waits for a call that began to its end (its outcome, for the give-backs
+    /// after it, where `run` answers `Unsettled`) and gives up one still waiting for a thread (`Busy`, and it
+    /// never runs), so calls do not pile up behind a stuck store.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_call_run_to_end_answers_its_outcome_and_a_queued_one_never_begins() {
+        let dir = tempfile::tempdir().unwrap();
+        let exec = one_lane(dir.path()).bounded(Duration::from_millis(100));
+        // A store call slower than the bound (the store here is scripted slow).
+        let slow = || {
+            move |_: &dyn crate::store::Store| {
+                std::thread::sleep(Duration::from_millis(300));
+                Ok(7)
+            }
+        };
+        assert_eq!(exec.run_to_end(slow()).await.unwrap(), 7);
+        assert!(matches!(exec.run(slow()).await, Err(StoreError::Unsettled(_))));
+        // That call keeps the one thread until it ends: waited for with no bound.
+        exec.unbounded().run(|_| Ok(())).await.unwrap();
+
+        let (release, held) = hold_the_write_lane(&exec).await;
+        let ran = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let marks = ran.clone();
+        let queued = exec
+            .run_to_end(move |_| {
+                marks.store(true, Ordering::SeqCst);
+                Ok(())
+            })
+            .await;
+        assert!(matches!(queued, Err(StoreError::Busy(_))), "{queued:?}");
+        release.send(()).unwrap();
+        let _ = held.await.unwrap();
+        // The lane is free again, and what it runs now comes after anything still queued.
+        exec.run_to_end(|_| Ok(())).await.unwrap();
+        assert!(!ran.load(Ordering::SeqCst), "the call given up on ran");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

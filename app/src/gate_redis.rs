@@ -119,17 +119,19 @@ pub enum Admission {
     Taken {
         sale: i64,
     },
-    /// Redis has no opinion (no counter, circuit open, or an error): ask the store. `marked`: the attempt is
-    /// counted on its key's in-flight mark (Redis answered), to be taken off with [`RedisGate::unmark`].
+    /// Redis has no opinion (no counter, circuit open, or a call that never reached it): ask the store.
+    /// `marked`: the attempt is counted on its key's in-flight mark (Redis answered), to be taken off with
+    /// [`RedisGate::unmark`].
     Pass {
         marked: bool,
     },
     /// The call failed once Redis may have run it (a reset or a timeout after it was sent): its unit may be
-    /// taken, its buyer counted and its key `marked`, with no word of it. Ask the store; then give back as
-    /// for [`Admission::Taken`] in the SKU's current sale ([`RedisGate::release_unsure`]) unless it became
-    /// an order, and unmark. Left alone, its retries were told `in_progress` for the mark's life, and the
-    /// buyer was counted for a unit the store never sold. Given back when it had not run, the gate is only
-    /// more lenient: the store decides.
+    /// taken and its buyer counted, with no word of it. Ask the store; then give back as for
+    /// [`Admission::Taken`] in the SKU's current sale ([`RedisGate::release_unsure`]) unless it became an
+    /// order. Left alone, the buyer was counted for a unit the store never sold. Given back when it had not
+    /// run, the gate is only more lenient: the store decides. Its key's mark, if the script counted it, is
+    /// left to expire (`marked`: it may have): taken off when it had not counted it, it took another
+    /// attempt's count under the key, whose retries were then let through while it ran.
     Unsure {
         marked: bool,
     },
@@ -576,7 +578,7 @@ impl RedisGate {
     }
 
     async fn send(&self, g: &GiveBack) -> bool {
-        match g {
+        let called = match g {
             GiveBack::Release {
                 sku,
                 sale: Some(sale),
@@ -613,10 +615,15 @@ impl RedisGate {
                     .await
             }
             GiveBack::Unmark { user, key } => {
-                self.call(&["EVAL", UNMARK, "1", &in_flight_key(user, key)]).await
+                let called = self
+                    .call_telling(&["EVAL", UNMARK, "1", &in_flight_key(user, key)])
+                    .await;
+                // Sent again after it may have run, it took another attempt's count under the key off the
+                // mark: left to expire, its retries are told to wait a little longer.
+                return !matches!(called, Called::NotRun);
             }
-        }
-        .is_some()
+        };
+        called.is_some()
     }
 
     /// Sends the give-backs kept while Redis did not take them, oldest first, until one fails.

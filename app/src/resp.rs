@@ -44,9 +44,26 @@ impl RespError {
     /// once it was written may come after the server ran it (a reset before or during its reply): a script
     /// sent again would apply twice.
     pub fn not_run(&self) -> bool {
-        matches!(self, RespError::Closed | RespError::Unsent(_))
+        match self {
+            RespError::Closed | RespError::Unsent(_) => true,
+            // Refusals Redis makes before it runs anything: loading its data, busy with another script, out
+            // of memory, a replica, no quorum, not authenticated or not allowed.
+            RespError::Server(m) => NOT_RUN_REPLIES.iter().any(|p| m.starts_with(p)),
+            _ => false,
+        }
     }
 }
+
+/// The error replies of a command Redis refused before running it ([`RespError::not_run`]).
+const NOT_RUN_REPLIES: [&str; 7] = [
+    "LOADING",
+    "BUSY",
+    "OOM",
+    "READONLY",
+    "MASTERDOWN",
+    "NOAUTH",
+    "NOPERM",
+];
 
 /// A reply value.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -245,11 +245,15 @@ async fn admitted(
     }
 }
 
-/// Runs `work` (a store call and its give-backs at the gates, with `exec`, the unbounded executor) on a task
-/// of its own, waiting for it within the store's bound: past it, the answer is that the call may still
-/// commit (`Unsettled`), and the task goes on, its give-backs with it. Run bounded inside the task, a call
-/// that committed after its bound was given up on and its give-backs with it, which no retry brought back
-/// (the order was refunded or cancelled already). Dropped with a client gone mid-way, the same.
+/// What [`settle`] waits past the store's bound: for the task's own answer at the bound (`Busy`).
+const SETTLE_MARGIN: Duration = Duration::from_millis(100);
+
+/// Runs `work` (a store call with [`crate::exec::StoreExec::run_to_end`], and its give-backs at the gates)
+/// on a task of its own, waiting for it within the store's bound: past it, the answer is that the call may
+/// still commit (`Unsettled`), and the task goes on, its give-backs with it. With `run`, a call that
+/// committed after its bound was given up on and its give-backs with it, which no retry brought back (the
+/// order was refunded or cancelled already); dropped with a client gone mid-way, the same. The wait is the
+/// bound and a little more, so a call given up before it began answers its own `Busy`.
 pub(super) async fn settle<T: Send + 'static>(
     app: &Arc<App>,
     what: &str,
@@ -257,7 +261,7 @@ pub(super) async fn settle<T: Send + 'static>(
 ) -> Result<T, StoreError> {
     let settled = tokio::spawn(work);
     let done = match app.exec.call_bound() {
-        Some(bound) => match tokio::time::timeout(bound, settled).await {
+        Some(bound) => match tokio::time::timeout(bound + SETTLE_MARGIN, settled).await {
             Ok(done) => done,
             Err(_) => {
                 let why = format!(

@@ -109,7 +109,7 @@ pub async fn refund(app: &Arc<App>, cfg: &Config, req: Request<Incoming>) -> Res
     // between the two (its handler dropped) lost the give-back for good.
     let task_app = app.clone();
     let out = super::settle(app, "refund", async move {
-        let out = task_app.exec.unbounded().run(move |s| s.refund(&r, weak)).await;
+        let out = task_app.exec.run_to_end(move |s| s.refund(&r, weak)).await;
         if let Ok(Ok(done)) = &out {
             // A partial refund's units leave the buyer's flash-sale count in the store, as a full one's do,
             // and those back on sale go on the gate's stock counter.

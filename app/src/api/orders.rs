@@ -221,9 +221,7 @@ pub async fn seckill(
             && let Some(key) = &key
             && matches!(
                 admission,
-                Admission::Taken { .. }
-                    | Admission::Pass { marked: true }
-                    | Admission::Unsure { marked: true }
+                Admission::Taken { .. } | Admission::Pass { marked: true }
             )
         {
             g.unmark(&user, key).await;
@@ -362,7 +360,7 @@ pub async fn cancel(app: &Arc<App>, id: &str, buyer: &Buyer) -> Response<Body> {
     // attempt's: only the cancel that ended the order gives back, so one given up on between the two lost
     // the give-back for good.
     let out = super::settle(app, "cancel", async move {
-        let out = task_app.exec.unbounded().run(move |s| s.cancel(&id)).await;
+        let out = task_app.exec.run_to_end(move |s| s.cancel(&id)).await;
         if let Ok(Ok((view, ended))) = &out
             && *ended
             && view.status == OrderStatus::Cancelled.as_str()
@@ -394,9 +392,11 @@ pub(super) async fn forget_at_gate(app: &App, view: &crate::store::OrderView, fr
     if view.kind != OrderKind::Seckill.as_str() {
         // A regular order's refunded units are on sale again too, which a flash sale of the SKU sells from
         // the shelf: on the counter, if it has one (`restock` touches no other).
-        if let (Some(g), Freed::Refunded(restocked)) = (&app.redis_gate, freed) {
+        if let Freed::Refunded(restocked) = freed {
             for (sku, qty) in restocked {
-                g.restock(sku, u32::try_from(*qty).unwrap_or(0)).await;
+                if let Some(g) = &app.redis_gate {
+                    g.restock(sku, u32::try_from(*qty).unwrap_or(0)).await;
+                }
                 app.gate.clear(sku);
             }
         }
