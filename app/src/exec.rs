@@ -69,7 +69,8 @@ impl StoreExec {
         }
     }
 
-    /// Answers a call that has not finished within `limit` with a retryable [`StoreError::Busy`]. A network
+    /// Answers a call that has not finished within `limit` with a retryable [`StoreError::Busy`] (a write
+    /// that began: [`StoreError::Unsettled`]; [`Self::run_to_end`] waits for that one instead). A network
     /// store needs it: a server that stops answering (hung, or its host cut off) holds a query for good
     /// when the client has no timeout of its own, and every request behind it waited with it. The call
     /// itself runs on and keeps its thread, so at most `store_threads` calls per lane are held by such a
@@ -208,6 +209,7 @@ impl StoreExec {
         let permit = permit.map_err(|_| StoreError::Internal("store executor closed".into()))?;
         let store = self.store.clone();
         let counters = self.counters.clone();
+        let state_after = state.clone();
         let out = tokio::task::spawn_blocking(move || {
             // Given up on while it waited for this thread: its caller was answered, so it is not begun late.
             if (state.compare_exchange(QUEUED, RUNNING, Ordering::AcqRel, Ordering::Acquire)).is_err() {
@@ -231,7 +233,10 @@ impl StoreExec {
         .await;
         match out {
             Ok(r) => {
-                if let Err(e) = &r {
+                // One given up on was counted at its bound (`lane`), and its late error is not counted again.
+                if let Err(e) = &r
+                    && state_after.load(Ordering::Acquire) != GIVEN_UP
+                {
                     metrics::counter!(crate::metrics::STORE_ERRORS_TOTAL, "retryable" => if e.is_retryable() { "true" } else { "false" }).increment(1);
                 }
                 r
@@ -331,8 +336,8 @@ pub(crate) mod tests {
         assert!(matches!(queued, Err(StoreError::Busy(_))), "{queued:?}");
         release.send(()).unwrap();
         let _ = held.await.unwrap();
-        // The lane is free again, and what it runs now comes after anything still queued.
-        exec.run_to_end(|_| Ok(())).await.unwrap();
+        // Once the held call has let the thread go (waited for with no bound), nothing queued is left.
+        exec.unbounded().run(|_| Ok(())).await.unwrap();
         assert!(!ran.load(Ordering::SeqCst), "the call given up on ran");
     }
 

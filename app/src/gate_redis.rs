@@ -119,7 +119,7 @@ pub enum Admission {
     Taken {
         sale: i64,
     },
-    /// Redis has no opinion (no counter, circuit open, or a call that never reached it): ask the store.
+    /// Redis has no opinion (no counter, circuit open, or a call that never ran): ask the store.
     /// `marked`: the attempt is counted on its key's in-flight mark (Redis answered), to be taken off with
     /// [`RedisGate::unmark`].
     Pass {
@@ -131,7 +131,9 @@ pub enum Admission {
     /// order. Left alone, the buyer was counted for a unit the store never sold. Given back when it had not
     /// run, the gate is only more lenient: the store decides. Its key's mark, if the script counted it, is
     /// left to expire (`marked`: it may have): taken off when it had not counted it, it took another
-    /// attempt's count under the key, whose retries were then let through while it ran.
+    /// attempt's count under the key, whose retries were then let through while it ran. The price: when the
+    /// store refused it, a retry under the key that Redis would refuse is told `in_progress` until the mark
+    /// expires (`in_flight_mark`), as after any attempt given up on while it ran.
     Unsure {
         marked: bool,
     },
@@ -368,8 +370,8 @@ impl RedisGate {
             Some(c) => self.call_on(Ok(c), args).await,
             None => Err(RespError::Closed),
         };
-        // Closed before any reply, or failed as it was written: the command went nowhere, so it is sent again
-        // on a fresh one. Not after any other failure: a script that ran but whose reply was lost would apply
+        // Closed before any reply, failed as it was written, or refused by Redis before it ran anything
+        // (`RespError::not_run`): the command did not run, so it is sent again on a fresh one. Not after any other failure: a script that ran but whose reply was lost would apply
         // twice (another unit taken, the buyer's count and mark raised again, never given back).
         if result.as_ref().is_err_and(RespError::not_run) {
             let fresh = Conn::connect(&self.addr, self.password.as_deref(), self.opts.timeout).await;
@@ -619,7 +621,7 @@ impl RedisGate {
                     .call_telling(&["EVAL", UNMARK, "1", &in_flight_key(user, key)])
                     .await;
                 // Sent again after it may have run, it took another attempt's count under the key off the
-                // mark: left to expire, its retries are told to wait a little longer.
+                // mark: left to expire, a retry Redis would refuse is told `in_progress` until it does.
                 return !matches!(called, Called::NotRun);
             }
         };
@@ -908,9 +910,9 @@ mod tests {
     }
 
     /// An `ADMIT` whose reply was lost may have run: the attempt passes to the store as [`Admission::Unsure`],
-    /// and once the store did not sell, what it took is given back in the SKU's current sale and its mark
-    /// taken off. Before, the unit and the buyer's count stayed, and the mark told its retries
-    /// `in_progress` for the mark's life. On a real Redis, behind a proxy that loses the reply.
+    /// and once the store did not sell, what it took is given back in the SKU's current sale. Before, the
+    /// unit and the buyer's count stayed until the counters expired. Its mark is left to expire. On a real
+    /// Redis, behind a proxy that loses the reply.
     #[tokio::test]
     async fn an_admit_whose_reply_was_lost_is_given_back() {
         let redis = xcluster_tests::services::Redis::start();
@@ -928,9 +930,9 @@ mod tests {
         assert_eq!(read("xbuy:stock:sku-1"), ":4");
         assert_eq!(read("xbuy:bought:sku-1/3/u1"), ":1");
         assert!(redis.exists("xbuy:inflight:u1/k1"));
-        // The store refused it: given back (kept while the circuit is open, sent once it closes).
+        // The store refused it: given back (kept while the circuit is open, sent once it closes), as the
+        // seckill handler does for an `Unsure` admission.
         gate.release_unsure("sku-1", "u1", 1).await;
-        gate.unmark("u1", "k1").await;
         let deadline = Instant::now() + Duration::from_secs(10);
         while gate.pending() > 0 {
             assert!(Instant::now() < deadline, "the give-backs were not sent");
@@ -939,7 +941,7 @@ mod tests {
         }
         assert_eq!(read("xbuy:stock:sku-1"), ":5");
         assert_eq!(read("xbuy:bought:sku-1/3/u1"), ":0");
-        assert!(!redis.exists("xbuy:inflight:u1/k1"));
+        assert!(redis.exists("xbuy:inflight:u1/k1"), "the mark is left to expire");
     }
 
     /// A sweep's give-backs go several at once: here Redis answers none until four have come, which one at a

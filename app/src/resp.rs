@@ -48,7 +48,7 @@ impl RespError {
             RespError::Closed | RespError::Unsent(_) => true,
             // Refusals Redis makes before it runs anything: loading its data, busy with another script, out
             // of memory, a replica, no quorum, not authenticated or not allowed.
-            RespError::Server(m) => NOT_RUN_REPLIES.iter().any(|p| m.starts_with(p)),
+            RespError::Server(m) => NOT_RUN_REPLIES.contains(&m.split(' ').next().unwrap_or_default()),
             _ => false,
         }
     }
