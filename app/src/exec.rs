@@ -312,15 +312,31 @@ pub(crate) mod tests {
     async fn a_call_run_to_end_answers_its_outcome_and_a_queued_one_never_begins() {
         let dir = tempfile::tempdir().unwrap();
         let exec = one_lane(dir.path()).bounded(Duration::from_millis(100));
-        // A store call slower than the bound (the store here is scripted slow).
+        // A store call that runs until the test lets it end, past its bound.
         let slow = || {
-            move |_: &dyn crate::store::Store| {
-                std::thread::sleep(Duration::from_millis(300));
+            let (end, ends) = std::sync::mpsc::channel::<()>();
+            (end, move |_: &dyn crate::store::Store| {
+                let _ = ends.recv();
                 Ok(7)
-            }
+            })
         };
-        assert_eq!(exec.run_to_end(slow()).await.unwrap(), 7);
-        assert!(matches!(exec.run(slow()).await, Err(StoreError::Unsettled(_))));
+        let (end, call) = slow();
+        let errors = exec.counters.errors.load(Ordering::Relaxed);
+        let to_end = tokio::spawn({
+            let exec = exec.clone();
+            async move { exec.run_to_end(call).await }
+        });
+        // Past the bound: the lane counts the call as an error there.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while exec.counters.errors.load(Ordering::Relaxed) == errors {
+            assert!(std::time::Instant::now() < deadline, "the bound never passed");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        end.send(()).unwrap();
+        assert_eq!(to_end.await.unwrap().unwrap(), 7);
+        let (end, call) = slow();
+        assert!(matches!(exec.run(call).await, Err(StoreError::Unsettled(_))));
+        end.send(()).unwrap();
         // That call keeps the one thread until it ends: waited for with no bound.
         exec.unbounded().run(|_| Ok(())).await.unwrap();
 

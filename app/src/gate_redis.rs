@@ -130,13 +130,11 @@ pub enum Admission {
     /// [`Admission::Taken`] in the SKU's current sale ([`RedisGate::release_unsure`]) unless it became an
     /// order. Left alone, the buyer was counted for a unit the store never sold. Given back when it had not
     /// run, the gate is only more lenient: the store decides. Its key's mark, if the script counted it, is
-    /// left to expire (`marked`: it may have): taken off when it had not counted it, it took another
+    /// left to expire: taken off when it had not counted it, it took another
     /// attempt's count under the key, whose retries were then let through while it ran. The price: when the
     /// store refused it, a retry under the key that Redis would refuse is told `in_progress` until the mark
     /// expires (`in_flight_mark`), as after any attempt given up on while it ran.
-    Unsure {
-        marked: bool,
-    },
+    Unsure,
     SoldOut,
     OverLimit,
     /// Redis would refuse, but an attempt under the same idempotency key is in flight, whose units may be
@@ -151,7 +149,7 @@ impl Admission {
         match self {
             Admission::Taken { .. } => "taken",
             // The call's failure counts too, as `error`.
-            Admission::Pass { .. } | Admission::Unsure { .. } => "pass",
+            Admission::Pass { .. } | Admission::Unsure => "pass",
             Admission::SoldOut => "sold_out",
             Admission::OverLimit => "over_limit",
             Admission::InFlight => "in_flight",
@@ -482,9 +480,7 @@ impl RedisGate {
                 marked: key.is_some(),
             },
             Called::Answered(Value::Int(-3)) => Admission::InFlight,
-            Called::MaybeRan => Admission::Unsure {
-                marked: key.is_some(),
-            },
+            Called::MaybeRan => Admission::Unsure,
             Called::Answered(_) | Called::NotRun => Admission::Pass { marked: false },
         };
         metrics::counter!(crate::metrics::REDIS_GATE_TOTAL, "answer" => answer.label()).increment(1);
@@ -925,7 +921,7 @@ mod tests {
         let read = |key: &str| redis.command(&format!("INCRBY {key} 0"));
         lost.store(true, Ordering::SeqCst);
         let admitted = gate.admit("sku-1", "u1", 1, 2, Some("k1")).await;
-        assert_eq!(admitted, Admission::Unsure { marked: true });
+        assert_eq!(admitted, Admission::Unsure);
         // It ran: the unit taken, the buyer counted, the key marked.
         assert_eq!(read("xbuy:stock:sku-1"), ":4");
         assert_eq!(read("xbuy:bought:sku-1/3/u1"), ":1");

@@ -59,25 +59,15 @@ pub fn buyer_token(a: &crate::args::BuyerTokenArgs) -> i32 {
     }
     let mut v = xcluster_runtime::Validator::new();
     let key = v.key_file("--key-file", &a.key_file.to_string_lossy());
-    let short = key
-        .each()
-        .map(<[u8]>::len)
-        .find(|n| *n < xcluster_runtime::config::MIN_KEY_BYTES);
-    v.check(short.is_none(), "--key-file", || {
-        format!(
-            "a key of {} bytes; XBuy takes each of at least 16",
-            short.unwrap_or_default()
-        )
-    });
+    // XBuy's own check of `buyer_key_file`.
+    v.long_keys("--key-file", &key);
     if let Err(issues) = v.finish(()) {
         for issue in issues {
             eprintln!("{issue}");
         }
         return ConfigError::EXIT_CODE;
     }
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
+    let now = u64::try_from(xcluster_app::domain::now_ms() / 1000).unwrap_or(0);
     println!(
         "{}",
         // The first key signs, as the agent's first report key does (`HmacKey::signing`).

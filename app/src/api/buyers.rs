@@ -33,9 +33,7 @@ impl Buyer {
                 "a buyer call needs a buyer token: Authorization: Bearer xb1.<user>.<expires>.<mac>",
             ));
         };
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
+        let now = u64::try_from(crate::domain::now_ms() / 1000).unwrap_or(0);
         match xcluster_proto::buyer::verify_with_any(key.each(), token, now) {
             Ok(user) => Ok(Buyer::Only(user)),
             Err(e) => Err(unauthorized(&e.to_string())),

@@ -208,7 +208,7 @@ pub async fn seckill(
         {
             match admission {
                 Admission::Taken { sale } => g.release(sku, sale, &user, qty).await,
-                Admission::Unsure { .. } => g.release_unsure(sku, &user, qty).await,
+                Admission::Unsure => g.release_unsure(sku, &user, qty).await,
                 _ => {}
             }
         }

@@ -243,11 +243,16 @@ impl HmacKey {
         self.each().next().unwrap_or_default()
     }
 
+    /// The length of a key it holds that is shorter than [`MIN_KEY_BYTES`], if one is.
+    pub fn too_short(&self) -> Option<usize> {
+        self.each().map(<[u8]>::len).find(|n| *n < MIN_KEY_BYTES)
+    }
+
     /// Warns about a key that works but should not be as it is: shorter than [`MIN_KEY_BYTES`] (one captured
     /// signed message lets anyone try short keys offline; a bearer token is only tried online), or kept in a
     /// file readable by group or others. `what` names it in the warning.
     pub fn warn(&self, what: &str) {
-        if let Some(short) = self.each().map(<[u8]>::len).find(|n| *n < MIN_KEY_BYTES) {
+        if let Some(short) = self.too_short() {
             tracing::warn!(
                 bytes = short,
                 "the {what} is shorter than {MIN_KEY_BYTES} bytes; use a longer random one"

@@ -3,7 +3,7 @@
 use std::fmt;
 use std::path::PathBuf;
 
-use super::{ConfigIssue, HmacKey};
+use super::{ConfigIssue, HmacKey, MIN_KEY_BYTES};
 
 /// Accumulates validation problems and converts fields, so `validate()` reports everything at once.
 #[derive(Debug, Default)]
@@ -109,6 +109,17 @@ impl Validator {
         HmacKey {
             bytes,
             file: Some(path),
+        }
+    }
+
+    /// Checks that each key `hmac` holds (one per line, [`HmacKey::each`]) is at least [`MIN_KEY_BYTES`]
+    /// long: refused, where [`HmacKey::warn`] only warns, for a key that signs what a client presents.
+    pub fn long_keys(&mut self, key: &str, hmac: &HmacKey) {
+        if let Some(short) = hmac.too_short() {
+            self.error(
+                key,
+                format!("a key of {short} bytes; each at least {MIN_KEY_BYTES}"),
+            );
         }
     }
 
