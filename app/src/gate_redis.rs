@@ -24,37 +24,40 @@ use crate::resp::{self, Conn, RespError, Value};
 /// and the SKU's sale number ([`sale_key`]). Args: qty, limit, the count's life in ms, the user's count key
 /// ([`bought_key`]) split around the sale number, which only the script reads atomically with the counts (a
 /// standalone Redis, as the gate needs, lets a script name a key it builds), and, for a keyed attempt, its
-/// in-flight mark ([`in_flight_key`], else empty) and the mark's life in ms. Returns {1, sale} (taken,
-/// counted in that sale), 0 (sold out), -1 (over the user's limit in this sale), -2 (no counter or no sale
-/// number yet, or fewer units than asked but some: ask the store, whose answer says how many are left), -3
-/// (it would refuse, but an attempt under the same key is in flight: the units it counts may be that
-/// attempt's own). An attempt sent on to the store (1, -2) counts itself on its mark until it settles.
+/// key's in-flight mark ([`in_flight_key`], else empty), the mark's life in ms and the attempt's own name
+/// on it ([`Mark`]). Returns {1, sale} (taken, counted in that sale), 0 (sold out), -1 (over the user's
+/// limit in this sale), -2 (no counter or no sale number yet, or fewer units than asked but some: ask the
+/// store, whose answer says how many are left), -3 (it would refuse, but an attempt under the same key is in
+/// flight: the units it counts may be that attempt's own). An attempt sent on to the store (1, -2) is
+/// written on its key's mark, a hash, with what it took (the sale it was counted in, or `-`) until it
+/// settles: so its give-back, when its reply was lost, is exactly what it took ([`SETTLE_UNSURE`]), and
+/// taking it off is the same however often it is sent.
 const ADMIT: &str = r#"
 local mark = ARGV[6]
 local function refuse(code)
   if mark ~= '' and redis.call('EXISTS', mark) == 1 then return -3 end
   return code
 end
-local function marked(answer)
+local function marked(answer, took)
   if mark ~= '' then
-    redis.call('INCR', mark)
+    redis.call('HSET', mark, ARGV[8], took)
     redis.call('PEXPIRE', mark, ARGV[7])
   end
   return answer
 end
 local s = redis.call('GET', KEYS[1])
 local sale = redis.call('GET', KEYS[2])
-if not s or not sale then return marked(-2) end
+if not s or not sale then return marked(-2, '-') end
 local q = tonumber(ARGV[1])
 if tonumber(s) <= 0 then return refuse(0) end
-if tonumber(s) < q then return marked(-2) end
+if tonumber(s) < q then return marked(-2, '-') end
 local bought = ARGV[4] .. sale .. ARGV[5]
 local b = tonumber(redis.call('GET', bought) or '0')
 if b + q > tonumber(ARGV[2]) then return refuse(-1) end
 redis.call('DECRBY', KEYS[1], q)
 redis.call('INCRBY', bought, q)
 redis.call('PEXPIRE', bought, ARGV[3])
-return marked({1, tonumber(sale)})
+return marked({1, tonumber(sale)}, sale)
 "#;
 
 /// Raises a SKU's sale number to ARGV[1] (never lowers it: a reconciler that read the store before a sale
@@ -72,26 +75,58 @@ if ARGV[3] then redis.call('SET', KEYS[2], ARGV[3], 'PX', ARGV[2]) end
 return 1
 "#;
 
-/// Gives back what `ADMIT` took (the store refused or failed). Args: qty.
-const RELEASE: &str = r#"
-if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('INCRBY', KEYS[1], ARGV[1]) end
-local b = tonumber(redis.call('GET', KEYS[2]) or '0')
-if b > 0 then redis.call('DECRBY', KEYS[2], math.min(b, tonumber(ARGV[1]))) end
-return 1
-"#;
+/// The Lua function the give-back scripts share: puts `qty` back on the stock counter (if there is one: a
+/// counter of only these units would refuse the rest) and takes it off the buyer's count `bought`.
+macro_rules! give_back_lua {
+    () => {
+        r#"
+local function give_back(stock, bought, qty)
+  if redis.call('EXISTS', stock) == 1 then redis.call('INCRBY', stock, qty) end
+  local b = tonumber(redis.call('GET', bought) or '0')
+  if b > 0 then redis.call('DECRBY', bought, math.min(b, tonumber(qty))) end
+end
+"#
+    };
+}
 
-/// Gives back what an `ADMIT` whose reply was lost may have taken, in the SKU's current sale (its number read
-/// as `ADMIT` reads it). Keys: stock, sale number. Args: the buyer's count key around the number (as
-/// `ADMIT`'s), qty. No sale number: `ADMIT` took nothing.
-const RELEASE_UNSURE: &str = r#"
+/// Gives back what `ADMIT` took (the store refused or failed). Keys: stock, the buyer's count. Args: qty.
+const RELEASE: &str = concat!(
+    give_back_lua!(),
+    "give_back(KEYS[1], KEYS[2], ARGV[1])\nreturn 1\n"
+);
+
+/// Gives back what an unkeyed `ADMIT` whose reply was lost may have taken, in the SKU's current sale (its
+/// number read as `ADMIT` reads it): with no mark, nothing says whether it ran, nor in which sale. Keys:
+/// stock, sale number. Args: the buyer's count key around the number (as `ADMIT`'s), qty. No sale number:
+/// `ADMIT` took nothing.
+const RELEASE_UNSURE: &str = concat!(
+    give_back_lua!(),
+    r#"
 local sale = redis.call('GET', KEYS[2])
-if not sale then return 1 end
-if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('INCRBY', KEYS[1], ARGV[3]) end
-local bought = ARGV[1] .. sale .. ARGV[2]
-local b = tonumber(redis.call('GET', bought) or '0')
-if b > 0 then redis.call('DECRBY', bought, math.min(b, tonumber(ARGV[3]))) end
+if sale then give_back(KEYS[1], ARGV[1] .. sale .. ARGV[2], ARGV[3]) end
 return 1
-"#;
+"#
+);
+
+/// Gives back what a keyed `ADMIT` whose reply was lost took, as its mark says: nothing when it is not on
+/// the mark (it never ran, or refused), else in the sale it names. What it took is then written as `-`, so
+/// the script sent again gives nothing more; and with ARGV[5] `1` (the attempt settled) it is taken off the
+/// mark. Keys: stock, the mark. Args: the buyer's count key around the number (as `ADMIT`'s), qty, the
+/// attempt's name on the mark, `1` or `0`.
+const SETTLE_UNSURE: &str = concat!(
+    give_back_lua!(),
+    r#"
+local took = redis.call('HGET', KEYS[2], ARGV[4])
+if not took then return 0 end
+if took ~= '-' then give_back(KEYS[1], ARGV[1] .. took .. ARGV[2], ARGV[3]) end
+if ARGV[5] == '1' then
+  redis.call('HDEL', KEYS[2], ARGV[4])
+else
+  redis.call('HSET', KEYS[2], ARGV[4], '-')
+end
+return 1
+"#
+);
 
 /// Puts units back on a SKU's stock counter, if it has one (none: the gate asks the store until the reconciler
 /// builds it, and a counter of only these units would refuse the rest). Keys: stock; then, when given, a
@@ -102,39 +137,37 @@ if KEYS[2] then redis.call('DEL', KEYS[2]) end
 return 1
 "#;
 
-/// Takes a settled attempt off its key's in-flight mark. Keys: the mark.
-const UNMARK: &str = r#"
-if redis.call('DECR', KEYS[1]) <= 0 then redis.call('DEL', KEYS[1]) end
-return 1
-"#;
-
 /// The least an in-flight mark lives unless its attempt settles first ([`RedisOptions::in_flight_mark`]).
 pub const MIN_IN_FLIGHT_MARK: Duration = Duration::from_secs(30);
 
-/// What the gate says about one attempt.
+/// An attempt's own name on its idempotency key's in-flight mark: random, so attempts under one key on
+/// several instances never share one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Mark(u64);
+
+/// What the gate says about one attempt. Each one sent on to the store is settled with
+/// [`RedisGate::settle`] once the store has answered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Admission {
-    /// Taken from the Redis counters, counted in sale `sale`: give back with [`RedisGate::release`] if the
-    /// store refuses.
+    /// Taken from the Redis counters, counted in sale `sale`; `mark`: a keyed attempt's name on its key's
+    /// in-flight mark.
     Taken {
         sale: i64,
+        mark: Option<Mark>,
     },
-    /// Redis has no opinion (no counter, circuit open, or a call that never ran): ask the store.
-    /// `marked`: the attempt is counted on its key's in-flight mark (Redis answered), to be taken off with
-    /// [`RedisGate::unmark`].
+    /// Redis has no opinion (no counter, circuit open, or a call that never ran): ask the store. `mark`:
+    /// written on its key's in-flight mark (Redis answered).
     Pass {
-        marked: bool,
+        mark: Option<Mark>,
     },
     /// The call failed once Redis may have run it (a reset or a timeout after it was sent): its unit may be
-    /// taken and its buyer counted, with no word of it. Ask the store; then give back as for
-    /// [`Admission::Taken`] in the SKU's current sale ([`RedisGate::release_unsure`]) unless it became an
-    /// order. Left alone, the buyer was counted for a unit the store never sold. Given back when it had not
-    /// run, the gate is only more lenient: the store decides. Its key's mark, if the script counted it, is
-    /// left to expire: taken off when it had not counted it, it took another
-    /// attempt's count under the key, whose retries were then let through while it ran. The price: when the
-    /// store refused it, a retry under the key that Redis would refuse is told `in_progress` until the mark
-    /// expires (`in_flight_mark`), as after any attempt given up on while it ran.
-    Unsure,
+    /// taken and its buyer counted, with no word of it. Ask the store. Left alone, the buyer was counted for a
+    /// unit the store never sold. Keyed (`mark`), its mark says whether it ran and what it took, and that is
+    /// given back exactly. Unkeyed, as for a taken one, in the SKU's current sale: given back when it had not
+    /// run, or in a sale opened since, the gate is only more lenient, and the store decides.
+    Unsure {
+        mark: Option<Mark>,
+    },
     SoldOut,
     OverLimit,
     /// Redis would refuse, but an attempt under the same idempotency key is in flight, whose units may be
@@ -149,7 +182,7 @@ impl Admission {
         match self {
             Admission::Taken { .. } => "taken",
             // The call's failure counts too, as `error`.
-            Admission::Pass { .. } | Admission::Unsure => "pass",
+            Admission::Pass { .. } | Admission::Unsure { .. } => "pass",
             Admission::SoldOut => "sold_out",
             Admission::OverLimit => "over_limit",
             Admission::InFlight => "in_flight",
@@ -174,8 +207,8 @@ const BUSY_ANSWER: &str = "busy";
 
 /// Every `answer` label of `xcluster_app_redis_gate_total`: an admission's, or a failed or unmade call's.
 const ANSWERS: [&str; 7] = [
-    Admission::Taken { sale: 0 }.label(),
-    Admission::Pass { marked: false }.label(),
+    Admission::Taken { sale: 0, mark: None }.label(),
+    Admission::Pass { mark: None }.label(),
     Admission::SoldOut.label(),
     Admission::OverLimit.label(),
     Admission::InFlight.label(),
@@ -269,8 +302,31 @@ enum GiveBack {
     },
     /// Units added to a SKU's stock ([`RedisGate::restock`]).
     Restock { sku: String, qty: u32 },
-    /// An attempt under `user`'s idempotency `key` settled ([`RedisGate::unmark`]).
-    Unmark { user: String, key: String },
+    /// A keyed attempt settled: taken off its key's mark.
+    Unmark { user: String, key: String, mark: Mark },
+    /// A keyed [`Admission::Unsure`]'s give-back ([`SETTLE_UNSURE`]); `settled`: also taken off the mark.
+    Unsure {
+        sku: String,
+        user: String,
+        key: String,
+        qty: u32,
+        mark: Mark,
+        settled: bool,
+    },
+}
+
+/// What became of an attempt the gate sent on to the store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// A new order: it keeps what it took.
+    Ordered,
+    /// No new order (refused, failed, or a replay, which took nothing): what it took is given back.
+    NotOrdered,
+    /// Given up on while it ran: it may still commit. What it took is given back (the gate only more lenient,
+    /// the store decides), and its mark stays until it expires, so a retry under its key is told to wait
+    /// (`in_progress`), not let through to find the last unit gone and be told `sold_out` while this
+    /// attempt's order is placed.
+    MayCommit,
 }
 
 fn stock_key(sku: &str) -> String {
@@ -294,10 +350,11 @@ fn bought_key(sku: &str, sale: i64, user: &str) -> String {
     format!("{head}{sale}{tail}")
 }
 
-/// The in-flight mark of `user`'s attempts under idempotency `key` (a key is its user's own). The user comes
-/// first: `/` is in no id, so no two pairs share a mark.
+/// The in-flight mark of `user`'s attempts under idempotency `key` (a key is its user's own): a hash of the
+/// attempts in flight, each with what it took. The user comes first: `/` is in no id, so no two pairs share
+/// a mark.
 fn in_flight_key(user: &str, key: &str) -> String {
-    format!("xbuy:inflight:{user}/{key}")
+    format!("xbuy:attempts:{user}/{key}")
 }
 
 impl RedisGate {
@@ -457,7 +514,11 @@ impl RedisGate {
     pub async fn admit(&self, sku: &str, user: &str, qty: u32, limit: u32, key: Option<&str>) -> Admission {
         let (stock, sale) = (stock_key(sku), sale_key(sku));
         let (head, tail) = bought_key_parts(sku, user);
-        let mark = key.map(|k| in_flight_key(user, k)).unwrap_or_default();
+        let mark = key.map(|_| Mark(rand::random()));
+        let (mark_key, name) = match (key, mark) {
+            (Some(k), Some(m)) => (in_flight_key(user, k), m.0.to_string()),
+            _ => Default::default(),
+        };
         let (qty, limit, ttl, mark_ttl) = (
             qty.to_string(),
             limit.to_string(),
@@ -466,54 +527,87 @@ impl RedisGate {
         );
         let called = self
             .call_telling(&[
-                "EVAL", ADMIT, "2", &stock, &sale, &qty, &limit, &ttl, &head, &tail, &mark, &mark_ttl,
+                "EVAL", ADMIT, "2", &stock, &sale, &qty, &limit, &ttl, &head, &tail, &mark_key, &mark_ttl,
+                &name,
             ])
             .await;
         let answer = match called {
             Called::Answered(Value::Array(taken)) => match taken.as_slice() {
-                [Value::Int(1), Value::Int(sale)] => Admission::Taken { sale: *sale },
-                _ => Admission::Pass { marked: false },
+                [Value::Int(1), Value::Int(sale)] => Admission::Taken { sale: *sale, mark },
+                // Not a reply of ours: as if it had not run. Had it, the mark names what to give back.
+                _ => Admission::Pass { mark },
             },
             Called::Answered(Value::Int(0)) => Admission::SoldOut,
             Called::Answered(Value::Int(-1)) => Admission::OverLimit,
-            Called::Answered(Value::Int(-2)) => Admission::Pass {
-                marked: key.is_some(),
-            },
+            Called::Answered(Value::Int(-2)) => Admission::Pass { mark },
             Called::Answered(Value::Int(-3)) => Admission::InFlight,
-            Called::MaybeRan => Admission::Unsure,
-            Called::Answered(_) | Called::NotRun => Admission::Pass { marked: false },
+            Called::MaybeRan => Admission::Unsure { mark },
+            Called::Answered(_) => Admission::Pass { mark },
+            Called::NotRun => Admission::Pass { mark: None },
         };
         metrics::counter!(crate::metrics::REDIS_GATE_TOTAL, "answer" => answer.label()).increment(1);
         answer
     }
 
-    /// Takes a settled attempt under `user`'s idempotency `key` off its in-flight mark (one the gate counted:
-    /// [`Admission::Taken`], or [`Admission::Pass`] `marked`), so a retry of it is answered, not told to wait.
-    pub async fn unmark(&self, user: &str, key: &str) {
-        self.give_back(GiveBack::Unmark {
+    /// Settles an attempt at `qty` units of `sku` by `user` (under idempotency `key`, if any) that the gate
+    /// sent on to the store as `admission`: gives back what it took unless it became an order, and takes a
+    /// keyed one off its key's mark, before its answer leaves, so a retry sent the moment it arrives is
+    /// answered, not told to wait.
+    pub async fn settle(
+        &self,
+        sku: &str,
+        user: &str,
+        qty: u32,
+        key: Option<&str>,
+        admission: Admission,
+        outcome: Outcome,
+    ) {
+        let give_back = outcome != Outcome::Ordered;
+        let settled = outcome != Outcome::MayCommit;
+        let unmark = |mark| GiveBack::Unmark {
             user: user.to_string(),
-            key: key.to_string(),
-        })
-        .await;
+            key: key.unwrap_or_default().to_string(),
+            mark,
+        };
+        let release = |sale| GiveBack::Release {
+            sku: sku.to_string(),
+            sale,
+            user: user.to_string(),
+            qty,
+        };
+        let (first, then) = match (admission, key) {
+            (Admission::Taken { sale, mark }, _) => (
+                give_back.then(|| release(Some(sale))),
+                mark.filter(|_| settled).map(unmark),
+            ),
+            (Admission::Pass { mark }, _) => (None, mark.filter(|_| settled).map(unmark)),
+            // Ordered, it keeps what it took, whatever that was.
+            (Admission::Unsure { mark: Some(mark) }, Some(key)) if give_back => (
+                Some(GiveBack::Unsure {
+                    sku: sku.to_string(),
+                    user: user.to_string(),
+                    key: key.to_string(),
+                    qty,
+                    mark,
+                    settled,
+                }),
+                None,
+            ),
+            (Admission::Unsure { mark: Some(mark) }, Some(_)) => (None, Some(unmark(mark))),
+            (Admission::Unsure { .. }, _) => (give_back.then(|| release(None)), None),
+            (Admission::SoldOut | Admission::OverLimit | Admission::InFlight, _) => (None, None),
+        };
+        for g in [first, then].into_iter().flatten() {
+            self.give_back(g).await;
+        }
     }
 
     /// Gives back a [`Admission::Taken`] in sale `sale` the store did not turn into an order.
-    pub async fn release(&self, sku: &str, sale: i64, user: &str, qty: u32) {
+    #[cfg(test)]
+    async fn release(&self, sku: &str, sale: i64, user: &str, qty: u32) {
         self.give_back(GiveBack::Release {
             sku: sku.to_string(),
             sale: Some(sale),
-            user: user.to_string(),
-            qty,
-        })
-        .await;
-    }
-
-    /// Gives back what an [`Admission::Unsure`] may have taken, in the SKU's current sale, when the store did
-    /// not turn it into an order.
-    pub async fn release_unsure(&self, sku: &str, user: &str, qty: u32) {
-        self.give_back(GiveBack::Release {
-            sku: sku.to_string(),
-            sale: None,
             user: user.to_string(),
             qty,
         })
@@ -612,13 +706,35 @@ impl RedisGate {
                 self.call(&["EVAL", PUT_BACK, "1", &stock_key(sku), &qty.to_string()])
                     .await
             }
-            GiveBack::Unmark { user, key } => {
-                let called = self
-                    .call_telling(&["EVAL", UNMARK, "1", &in_flight_key(user, key)])
-                    .await;
-                // Sent again after it may have run, it took another attempt's count under the key off the
-                // mark: left to expire, a retry Redis would refuse is told `in_progress` until it does.
-                return !matches!(called, Called::NotRun);
+            // Both take the attempt's own name off, the same however often they run.
+            GiveBack::Unmark { user, key, mark } => {
+                self.call(&["HDEL", &in_flight_key(user, key), &mark.0.to_string()])
+                    .await
+            }
+            GiveBack::Unsure {
+                sku,
+                user,
+                key,
+                qty,
+                mark,
+                settled,
+            } => {
+                let (stock, mark_key) = (stock_key(sku), in_flight_key(user, key));
+                let ((head, tail), qty) = (bought_key_parts(sku, user), qty.to_string());
+                let (name, settled) = (mark.0.to_string(), if *settled { "1" } else { "0" });
+                self.call(&[
+                    "EVAL",
+                    SETTLE_UNSURE,
+                    "2",
+                    &stock,
+                    &mark_key,
+                    &head,
+                    &tail,
+                    &qty,
+                    &name,
+                    settled,
+                ])
+                .await
             }
         };
         called.is_some()
@@ -867,36 +983,67 @@ mod tests {
         assert_eq!(gate.pending(), 0);
     }
 
-    /// A TCP proxy to `upstream` that, while `drop_reply` is set, resets the client's connection in place of
-    /// the next reply: Redis ran the command, and its answer was lost (a NAT's reset, a cut link).
-    async fn reply_dropping_proxy(
-        upstream: std::net::SocketAddr,
-        drop_reply: Arc<std::sync::atomic::AtomicBool>,
-    ) -> String {
+    /// What [`losing_proxy`] loses next.
+    #[derive(Clone, Default)]
+    struct Lose {
+        /// The next command: the connection is reset as it arrives, and Redis never sees it.
+        request: Arc<std::sync::atomic::AtomicBool>,
+        /// The next reply: Redis ran the command, and the connection is reset in place of its answer.
+        reply: Arc<std::sync::atomic::AtomicBool>,
+    }
+
+    /// A TCP proxy to `upstream` that resets the client's connection in place of what `lose` says (a NAT's
+    /// reset, a cut link): its address.
+    async fn losing_proxy(upstream: std::net::SocketAddr, lose: Lose) -> String {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        /// Closed with no FIN (a dropped write half shuts down with one), the read half going with its task:
+        /// a reset.
+        fn reset(to_client: tokio::net::tcp::OwnedWriteHalf) {
+            let _ = to_client.as_ref().set_zero_linger();
+            to_client.forget();
+        }
+        /// Copies `from` to `to` until either ends or `now` is found set (taken); whether it was.
+        async fn pass(
+            mut from: tokio::net::tcp::OwnedReadHalf,
+            to: &mut tokio::net::tcp::OwnedWriteHalf,
+            now: &std::sync::atomic::AtomicBool,
+        ) -> bool {
+            let mut buf = [0u8; 4096];
+            while let Ok(n @ 1..) = from.read(&mut buf).await {
+                if now.swap(false, Ordering::SeqCst) {
+                    return true;
+                }
+                if to.write_all(&buf[..n]).await.is_err() {
+                    break;
+                }
+            }
+            false
+        }
         fake_redis(move |client| {
-            let drop_reply = drop_reply.clone();
+            let lose = lose.clone();
             tokio::spawn(async move {
                 let Ok(server) = tokio::net::TcpStream::connect(upstream).await else {
                     return;
                 };
-                let ((mut from_client, mut to_client), (mut from_server, mut to_server)) =
+                let ((from_client, mut to_client), (from_server, mut to_server)) =
                     (client.into_split(), server.into_split());
+                let (reply, request) = (lose.reply.clone(), lose.request.clone());
+                // Each direction stops the other when it ends: the client's half goes to whichever resets.
+                let (tx, mut rx) = tokio::sync::oneshot::channel();
                 let up = tokio::spawn(async move {
-                    let _ = tokio::io::copy(&mut from_client, &mut to_server).await;
+                    let lost = pass(from_client, &mut to_server, &request).await;
+                    let _ = tx.send(lost);
                 });
-                let mut buf = [0u8; 4096];
-                while let Ok(n @ 1..) = from_server.read(&mut buf).await {
-                    if drop_reply.swap(false, Ordering::SeqCst) {
-                        // Closed with no FIN (a dropped write half shuts down with one), the read half going
-                        // with the task below: a reset.
-                        let _ = to_client.as_ref().set_zero_linger();
-                        to_client.forget();
-                        up.abort();
-                        return;
+                tokio::select! {
+                    lost = pass(from_server, &mut to_client, &reply) => {
+                        if lost {
+                            reset(to_client);
+                        }
                     }
-                    if to_client.write_all(&buf[..n]).await.is_err() {
-                        break;
+                    lost = &mut rx => {
+                        if lost.unwrap_or(false) {
+                            reset(to_client);
+                        }
                     }
                 }
                 up.abort();
@@ -905,39 +1052,120 @@ mod tests {
         .await
     }
 
-    /// An `ADMIT` whose reply was lost may have run: the attempt passes to the store as [`Admission::Unsure`],
-    /// and once the store did not sell, what it took is given back in the SKU's current sale. Before, the
-    /// unit and the buyer's count stayed until the counters expired. Its mark is left to expire. On a real
-    /// Redis, behind a proxy that loses the reply.
-    #[tokio::test]
-    async fn an_admit_whose_reply_was_lost_is_given_back() {
+    /// Starts a real Redis behind a [`losing_proxy`], and a gate on the proxy whose circuit closes soon,
+    /// with `sku-1` at 5 units in sale 3.
+    async fn redis_behind_a_losing_proxy() -> (xcluster_tests::services::Redis, Lose, RedisGate) {
         let redis = xcluster_tests::services::Redis::start();
-        let lost = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let addr = reply_dropping_proxy(redis.addr, lost.clone()).await;
+        let lose = Lose::default();
+        let addr = losing_proxy(redis.addr, lose.clone()).await;
         let gate = gate(&addr, Duration::from_secs(5), Duration::from_millis(200));
         for set in ["SET xbuy:stock:sku-1 5", "SET xbuy:sale:sku-1 3"] {
             assert_eq!(redis.command(set), "+OK");
         }
-        let read = |key: &str| redis.command(&format!("INCRBY {key} 0"));
-        lost.store(true, Ordering::SeqCst);
-        let admitted = gate.admit("sku-1", "u1", 1, 2, Some("k1")).await;
-        assert_eq!(admitted, Admission::Unsure);
-        // It ran: the unit taken, the buyer counted, the key marked.
-        assert_eq!(read("xbuy:stock:sku-1"), ":4");
-        assert_eq!(read("xbuy:bought:sku-1/3/u1"), ":1");
-        assert!(redis.exists("xbuy:inflight:u1/k1"));
-        // The store refused it: given back (kept while the circuit is open, sent once it closes), as the
-        // seckill handler does for an `Unsure` admission.
-        gate.release_unsure("sku-1", "u1", 1).await;
+        (redis, lose, gate)
+    }
+
+    /// Sends the give-backs the gate kept while its circuit was open, once it closes (within 10 s).
+    async fn flush(gate: &RedisGate) {
         let deadline = Instant::now() + Duration::from_secs(10);
         while gate.pending() > 0 {
             assert!(Instant::now() < deadline, "the give-backs were not sent");
             tokio::time::sleep(Duration::from_millis(50)).await;
             gate.resend_pending().await;
         }
+    }
+
+    /// An `ADMIT` whose reply was lost may have run: the attempt passes to the store as [`Admission::Unsure`],
+    /// and once the store did not sell, what it took is given back. Before, the unit and the buyer's count
+    /// stayed until the counters expired. A keyed attempt's mark says what it took: given back in its own
+    /// sale (here a new one opened meanwhile), once however often it is sent, and the attempt is off the
+    /// mark, so a retry is answered at once. An unkeyed one is given back in the SKU's current sale. On a
+    /// real Redis, behind a proxy that loses the reply.
+    #[tokio::test]
+    async fn an_admit_whose_reply_was_lost_is_given_back_what_it_took() {
+        let (redis, lose, gate) = redis_behind_a_losing_proxy().await;
+        let read = |key: &str| redis.command(&format!("INCRBY {key} 0"));
+        lose.reply.store(true, Ordering::SeqCst);
+        let admitted = gate.admit("sku-1", "u1", 1, 2, Some("k1")).await;
+        let Admission::Unsure { mark: Some(_) } = admitted else {
+            panic!("{admitted:?}")
+        };
+        // It ran: the unit taken, the buyer counted, the attempt on its key's mark.
+        assert_eq!(read("xbuy:stock:sku-1"), ":4");
+        assert_eq!(read("xbuy:bought:sku-1/3/u1"), ":1");
+        assert_eq!(redis.command("HLEN xbuy:attempts:u1/k1"), ":1");
+        assert_eq!(redis.command("SET xbuy:sale:sku-1 4"), "+OK", "a new sale");
+        // The store refused it: given back (kept while the circuit is open, sent once it closes), as the
+        // seckill handler does; a second time, as a give-back resent after it applied.
+        for _ in 0..2 {
+            gate.settle("sku-1", "u1", 1, Some("k1"), admitted, Outcome::NotOrdered)
+                .await;
+            flush(&gate).await;
+        }
+        assert_eq!(read("xbuy:stock:sku-1"), ":5", "given back once");
+        assert_eq!(
+            read("xbuy:bought:sku-1/3/u1"),
+            ":0",
+            "in the sale it was counted in"
+        );
+        assert!(!redis.exists("xbuy:attempts:u1/k1"), "settled: off its mark");
+        // Unkeyed, nothing says which sale: the current one.
+        lose.reply.store(true, Ordering::SeqCst);
+        let admitted = gate.admit("sku-1", "u2", 1, 2, None).await;
+        assert_eq!(admitted, Admission::Unsure { mark: None });
+        assert_eq!(read("xbuy:bought:sku-1/4/u2"), ":1");
+        gate.settle("sku-1", "u2", 1, None, admitted, Outcome::NotOrdered)
+            .await;
+        flush(&gate).await;
         assert_eq!(read("xbuy:stock:sku-1"), ":5");
-        assert_eq!(read("xbuy:bought:sku-1/3/u1"), ":0");
-        assert!(redis.exists("xbuy:inflight:u1/k1"), "the mark is left to expire");
+        assert_eq!(read("xbuy:bought:sku-1/4/u2"), ":0");
+    }
+
+    /// A keyed `ADMIT` lost on its way, which Redis never ran, is given back nothing: its mark does not name
+    /// it. Given back as an unkeyed one is, the counter held a unit the store may not have (only lenient),
+    /// and a buyer's count of another attempt was taken off. One the store may still commit keeps its key's
+    /// mark, so a retry is told to wait.
+    #[tokio::test]
+    async fn a_keyed_admit_redis_never_ran_is_given_back_nothing() {
+        let (redis, lose, gate) = redis_behind_a_losing_proxy().await;
+        let read = |key: &str| redis.command(&format!("INCRBY {key} 0"));
+        let first = gate.admit("sku-1", "u1", 1, 2, Some("k1")).await;
+        assert!(
+            matches!(
+                first,
+                Admission::Taken {
+                    sale: 3,
+                    mark: Some(_)
+                }
+            ),
+            "{first:?}"
+        );
+        lose.request.store(true, Ordering::SeqCst);
+        let lost = gate.admit("sku-1", "u1", 1, 2, Some("k2")).await;
+        let Admission::Unsure { mark: Some(_) } = lost else {
+            panic!("{lost:?}")
+        };
+        gate.settle("sku-1", "u1", 1, Some("k2"), lost, Outcome::MayCommit)
+            .await;
+        flush(&gate).await;
+        assert_eq!(
+            read("xbuy:stock:sku-1"),
+            ":4",
+            "the first attempt's unit alone taken"
+        );
+        assert_eq!(
+            read("xbuy:bought:sku-1/3/u1"),
+            ":1",
+            "the first attempt's count kept"
+        );
+        // The first may still commit: its key stays marked, and a retry under it that Redis would refuse
+        // waits.
+        gate.settle("sku-1", "u1", 1, Some("k1"), first, Outcome::MayCommit)
+            .await;
+        assert_eq!(redis.command("HLEN xbuy:attempts:u1/k1"), ":1");
+        assert_eq!(redis.command("SET xbuy:stock:sku-1 0"), "+OK");
+        let retry = gate.admit("sku-1", "u1", 1, 2, Some("k1")).await;
+        assert_eq!(retry, Admission::InFlight);
     }
 
     /// A sweep's give-backs go several at once: here Redis answers none until four have come, which one at a

@@ -667,19 +667,34 @@ fn an_expired_flash_sale_order_frees_the_buyers_allowance_at_the_redis_gate() {
 /// stock counter is set by hand, as its rebuild would, so what the gate then says comes from what the app
 /// told it since.
 fn sale_of(units: u32, ttl_ms: u64) -> OneApp {
+    sale_after_regular_orders(units, &[], ttl_ms).0
+}
+
+/// [`sale_of`], after each of `buyers` reserved a unit of `flash-1` in a regular order (their ids, in
+/// order), before the sale opened: units off the sale until their orders end.
+fn sale_after_regular_orders(units: u32, buyers: &[&str], ttl_ms: u64) -> (OneApp, Vec<String>) {
     let ttl = format!("reservation_ttl_ms = {ttl_ms}");
     let one = OneApp::edited(|t| {
         (t.replace("rebuild_ms = 200", "rebuild_ms = 600000")).replace("reservation_ttl_ms = 3600000", &ttl)
     });
     let body = format!(
         r#"{{"updates": [{{"sku": "flash-1", "write_off": {}}}]}}"#,
-        100 - units
+        100 - units as usize - buyers.len()
     );
     merchant_stock(one.addr, &body);
+    let ids = (buyers.iter())
+        .map(|user| {
+            let body = serde_json::json!({"user": user, "lines": [{"sku": "flash-1", "qty": 1}]}).to_string();
+            let key = [("Idempotency-Key", *user)];
+            let r = request(one.addr, "POST", "/v1/orders", &key, Some(body.as_bytes())).unwrap();
+            assert_eq!(r.status, 201, "{}", r.body);
+            r.json()["id"].as_str().unwrap().to_string()
+        })
+        .collect();
     open_flash_sale(one.addr);
     let set = format!("SET xbuy:stock:flash-1 {units} PX 600000");
     assert_eq!(one.redis.command(&set), "+OK");
-    one
+    (one, ids)
 }
 
 fn merchant_stock(addr: SocketAddr, body: &str) {
@@ -743,6 +758,47 @@ fn units_back_on_sale_pass_the_redis_gate_at_once() {
     let r = seckill(one.addr, "buyer-e", None);
     assert_eq!(r.status, 201, "the refunded unit: {}", r.body);
     refused_by_the_gate(one.addr, "buyer-f");
+    audit(one.addr);
+}
+
+/// A regular order's units, reserved before a sale of the SKU opened, pass the Redis gate at once when the
+/// order is cancelled or expires: the sale sells them, and the gate refused them `sold_out` until the
+/// reconciler's next rebuild. (The expiry is asked until admitted, as in the test below.)
+#[test]
+fn a_regular_orders_units_pass_the_redis_gate_at_once_when_it_ends() {
+    let (one, ids) = sale_after_regular_orders(1, &["regular-a", "regular-b"], 8_000);
+    let credit = r#"{"users": ["buyer-a", "buyer-b"], "amount_cents": 100000}"#;
+    admin_post(one.addr, "/admin/credit", credit);
+    // Paid, the sale's orders do not expire: only the regular order's end can put a unit back.
+    let bought = |user: &str, what: &str| {
+        let r = seckill(one.addr, user, None);
+        assert_eq!(r.status, 201, "{what}: {}", r.body);
+        let pay = format!("/v1/orders/{}/pay", r.json()["id"].as_str().unwrap());
+        let paid = request(one.addr, "POST", &pay, &[], None).unwrap();
+        assert_eq!(paid.json()["status"], "paid", "{}", paid.body);
+    };
+    bought("buyer-a", "the sale's unit");
+    refused_by_the_gate(one.addr, "buyer-b");
+    let r = request(
+        one.addr,
+        "POST",
+        &format!("/v1/orders/{}/cancel", ids[0]),
+        &[],
+        None,
+    )
+    .unwrap();
+    assert_eq!(r.json()["status"], "cancelled", "{}", r.body);
+    bought("buyer-b", "the cancelled unit");
+    refused_by_the_gate(one.addr, "buyer-c");
+    eventually(Duration::from_secs(30), "the reservation to expire", || {
+        let r = get(one.addr, &format!("/v1/orders/{}", ids[1])).unwrap();
+        (r.json()["status"] == "expired").then_some(())
+    });
+    eventually(Duration::from_secs(10), "the expired unit to sell", || {
+        let r = seckill(one.addr, "buyer-c", None);
+        assert!(matches!(r.status, 201 | 409), "{}", r.body);
+        (r.status == 201).then_some(())
+    });
     audit(one.addr);
 }
 
@@ -1081,7 +1137,7 @@ fn a_keyed_flash_sale_attempt_given_up_on_keeps_its_mark() {
     );
     // It may still commit: its mark stays, so a retry the gate would refuse waits for its answer.
     assert!(
-        redis.exists("xbuy:inflight:slow/slow-1"),
+        redis.exists("xbuy:attempts:slow/slow-1"),
         "the attempt's in-flight mark"
     );
     // Once PostgreSQL answers, the retry is answered with an order: the first attempt's if it committed

@@ -59,6 +59,22 @@ impl App {
     pub fn cfg(&self) -> Arc<Config> {
         self.config.borrow().clone()
     }
+
+    /// Units an order's end (a cancel, an expiry, a refund) put back on the shelf, per SKU, once committed:
+    /// on the Redis gate's stock counter, if it has one (`restock` touches no other), and off this instance's
+    /// sold-out mark. A flash sale of the SKU sells them, and left to the gates' next rebuild or the mark's
+    /// end, they were refused `sold_out` until then.
+    pub async fn back_on_sale(&self, units: &[(String, i64)]) {
+        for (sku, qty) in units {
+            let Ok(qty @ 1..) = u32::try_from(*qty) else {
+                continue;
+            };
+            if let Some(g) = &self.redis_gate {
+                g.restock(sku, qty).await;
+            }
+            self.gate.clear(sku);
+        }
+    }
 }
 
 /// A route with its captured path parts.

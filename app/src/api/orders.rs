@@ -18,7 +18,7 @@ use super::{
 use crate::Config;
 use crate::degrade::Level;
 use crate::domain::{NewOrder, OrderKind, OrderStatus, Reject, fingerprint, new_order_id, now_ms};
-use crate::gate_redis::Admission;
+use crate::gate_redis::{Admission, Outcome};
 use crate::queue::OrderOutcome;
 use crate::store::StoreError;
 
@@ -151,7 +151,7 @@ pub async fn seckill(
     let redis = app.redis_gate.clone().filter(|_| refusal.is_none());
     let admission = match &redis {
         Some(g) => (g.admit(sku, &user, qty, cfg.per_user_limit, order.idem_key.as_deref())).await,
-        None => Admission::Pass { marked: false },
+        None => Admission::Pass { mark: None },
     };
     // The attempt before under this key is still in the store, and the units Redis counts may be its own:
     // refused, a buyer whose first answer was lost could be told `sold_out` and then hold that order. One
@@ -200,31 +200,16 @@ pub async fn seckill(
         {
             g.heat(sku);
         }
-        // What the gate took is given back unless it became a new order (a replay took nothing). One given up
-        // on while it ran may still become one: given back, the gate is only more lenient than the store,
-        // which decides.
-        if let Some(g) = &redis
-            && !matches!(&out, Ok(Ok(c)) if !c.replay)
-        {
-            match admission {
-                Admission::Taken { sale } => g.release(sku, sale, &user, qty).await,
-                Admission::Unsure => g.release_unsure(sku, &user, qty).await,
-                _ => {}
-            }
-        }
-        // Settled, before its answer leaves: a retry sent the moment it arrives is answered, not told to wait.
-        // Given up on while it ran, it may still commit: its mark stays until it expires, so a retry under its
-        // key is told to wait (`in_progress`), not let through to find the last unit gone and be told
-        // `sold_out` while this attempt's order is placed.
-        if let Some(g) = &redis
-            && !matches!(&out, Err(StoreError::Unsettled(_)))
-            && let Some(key) = &key
-            && matches!(
-                admission,
-                Admission::Taken { .. } | Admission::Pass { marked: true }
-            )
-        {
-            g.unmark(&user, key).await;
+        // What the gate took is given back unless it became a new order (a replay took nothing), and a keyed
+        // attempt is taken off its key's mark unless it may still commit.
+        if let Some(g) = &redis {
+            let outcome = match &out {
+                Ok(Ok(c)) if !c.replay => Outcome::Ordered,
+                Err(StoreError::Unsettled(_)) => Outcome::MayCommit,
+                _ => Outcome::NotOrdered,
+            };
+            g.settle(sku, &user, qty, key.as_deref(), admission, outcome)
+                .await;
         }
         out
     });
@@ -390,14 +375,14 @@ pub(super) enum Freed<'a> {
 /// ones.)
 pub(super) async fn forget_at_gate(app: &App, view: &crate::store::OrderView, freed: Freed<'_>) {
     if view.kind != OrderKind::Seckill.as_str() {
-        // A regular order's refunded units are on sale again too, which a flash sale of the SKU sells from
-        // the shelf: on the counter, if it has one (`restock` touches no other).
-        if let Freed::Refunded(restocked) = freed {
-            for (sku, qty) in restocked {
-                if let Some(g) = &app.redis_gate {
-                    g.restock(sku, u32::try_from(*qty).unwrap_or(0)).await;
-                }
-                app.gate.clear(sku);
+        // A regular order's cancelled or refunded units are on sale again too, which a flash sale of the SKU
+        // sells from the shelf.
+        match freed {
+            Freed::Refunded(restocked) => app.back_on_sale(restocked).await,
+            Freed::Units => {
+                let lines = view.lines.iter();
+                let cancelled: Vec<_> = lines.map(|l| (l.sku.clone(), l.qty - l.refunded_qty)).collect();
+                app.back_on_sale(&cancelled).await
             }
         }
         return;

@@ -98,6 +98,8 @@ pub async fn sweeper(app: Arc<App>, cancel: CancellationToken) {
                     for sku in skus {
                         app.gate.clear(sku);
                     }
+                    // The other orders' units are back on the shelf, which a flash sale sells too.
+                    app.back_on_sale(&expired.restocked).await;
                     if n < 500 {
                         break;
                     }

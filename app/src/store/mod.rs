@@ -171,6 +171,19 @@ pub struct Expired {
     /// Each expired flash-sale order's lines: the Redis gate forgets what it counted of them under their
     /// sale, as on a cancel, and has their units back on its stock counter.
     pub flash_sale: Vec<ExpiredLine>,
+    /// The units the other expired orders put back on sale, per SKU (in name order): a flash sale of the
+    /// SKU sells them too, so they go on the gate's stock counter.
+    pub restocked: Vec<(String, i64)>,
+}
+
+impl Expired {
+    /// Counts `qty` units of `sku` back on sale in [`Expired::restocked`].
+    fn restock(&mut self, sku: String, qty: i64) {
+        match self.restocked.binary_search_by(|(s, _)| s.as_str().cmp(&sku)) {
+            Ok(at) => self.restocked[at].1 += qty,
+            Err(at) => self.restocked.insert(at, (sku, qty)),
+        }
+    }
 }
 
 /// A line of an expired flash-sale order.

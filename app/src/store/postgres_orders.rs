@@ -316,6 +316,11 @@ pub fn expire_due(t: &mut Tx<'_>, now: i64, limit: u32) -> Result<super::Expired
                     sale: r.get(1),
                     qty: r.get(2),
                 }));
+            } else {
+                let lines = t.query("SELECT sku, qty FROM order_lines WHERE order_id = $1", &[&id])?;
+                for r in &lines {
+                    out.restock(r.get(0), r.get(1));
+                }
             }
         }
     }

@@ -472,6 +472,14 @@ pub fn expire_due(tx: &Transaction<'_>, now: i64, limit: u32) -> Result<super::E
                     })?
                     .collect::<Result<Vec<_>, _>>()?;
                 out.flash_sale.extend(lines);
+            } else {
+                let lines = tx
+                    .prepare_cached("SELECT sku, qty FROM order_lines WHERE order_id = ?1")?
+                    .query_map([&id], |r| Ok((r.get(0)?, r.get(1)?)))?
+                    .collect::<Result<Vec<_>, _>>()?;
+                for (sku, qty) in lines {
+                    out.restock(sku, qty);
+                }
             }
         }
     }

@@ -468,6 +468,7 @@ fn reservations_expire_exactly_once_across_handles(fx: &dyn Fixture) {
     let both = |x: Expired, y: Expired| Expired {
         orders: x.orders + y.orders,
         flash_sale: [x.flash_sale, y.flash_sale].concat(),
+        restocked: [x.restocked, y.restocked].concat(),
     };
     let (a, b) = std::thread::scope(|sc| {
         let h1 = sc.spawn(|| {
@@ -480,6 +481,10 @@ fn reservations_expire_exactly_once_across_handles(fx: &dyn Fixture) {
         (h1.join().unwrap(), h2.join().unwrap())
     });
     assert_eq!(a.orders + b.orders, 21);
+    // The regular orders' units back on sale, per SKU (for the Redis gate's counter), each once.
+    let restocked: Vec<(String, i64)> = [&a.restocked[..], &b.restocked[..]].concat();
+    assert!(restocked.iter().all(|(sku, _)| sku == "sku-3-1"), "{restocked:?}");
+    assert_eq!(restocked.iter().map(|(_, n)| n).sum::<i64>(), 40, "{restocked:?}");
     assert_eq!(
         [a.flash_sale, b.flash_sale].concat(),
         [crate::store::ExpiredLine {
