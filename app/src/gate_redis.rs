@@ -416,24 +416,29 @@ impl RedisGate {
         if !self.is_up() {
             return Called::NotRun;
         }
+        // One Redis (or a NAT) closed while it sat in the pool is replaced before it carries anything.
         let pooled = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
-        let pooled = match pooled {
+        let pooled = match pooled.filter(|c| !c.closed_by_peer()) {
             Some(c) if c.idle_for() >= self.check_idle_after => self.checked(c).await,
             pooled => pooled,
         };
-        let mut result = match pooled {
-            Some(c) => self.call_on(Ok(c), args).await,
-            None => Err(RespError::Closed),
-        };
-        // Closed before any reply, failed as it was written, or refused by Redis before it ran anything
-        // (`RespError::not_run`): the command did not run, so it is sent again on a fresh one. Not after any other failure: a script that ran but whose reply was lost would apply
-        // twice (another unit taken, the buyer's count and mark raised again, never given back).
-        if result.as_ref().is_err_and(RespError::not_run) {
+        let fresh = || async {
             let fresh = Conn::connect(&self.addr, self.password.as_deref(), self.opts.timeout).await;
             // A connection that failed carried nothing.
-            let fresh = fresh.map_err(|e| RespError::Unsent(std::io::Error::other(e.to_string())));
-            result = self.call_on(fresh, args).await;
-        }
+            fresh.map_err(|e| RespError::Unsent(std::io::Error::other(e.to_string())))
+        };
+        // On a pooled connection that failed as the command was written, or that Redis refused before it ran
+        // anything (`RespError::not_run`), the command did not run, so it is sent again on a fresh one. Not
+        // after any other failure, a close before the reply too: a script that ran but whose reply was lost
+        // would apply twice (another unit taken, the buyer's count raised again, never given back). Nor when
+        // the fresh one failed: a Redis that does not answer a connect is not asked twice per call.
+        let result = match pooled {
+            Some(c) => match self.call_on(Ok(c), args).await {
+                Err(e) if e.not_run() => self.call_on(fresh().await, args).await,
+                answered => answered,
+            },
+            None => self.call_on(fresh().await, args).await,
+        };
         match result {
             Ok(v) => Called::Answered(v),
             Err(e) => {
@@ -914,7 +919,13 @@ mod tests {
         gate.resend_pending().await;
         assert_eq!(gate.pending(), 0, "sent again");
         assert_eq!(served.load(Ordering::Relaxed), 1);
-        // A pooled connection Redis closed meanwhile is replaced, not taken as a failure.
+        // A pooled connection Redis closed meanwhile is replaced, not taken as a failure (once the close has
+        // come: one that comes after the command leaves it in doubt, the next test).
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !gate.idle.lock().unwrap().iter().all(Conn::closed_by_peer) {
+            assert!(Instant::now() < deadline, "the fake never closed the connection");
+            tokio::task::yield_now().await;
+        }
         gate.forget("sku-1", 3, "u1", 1).await;
         assert_eq!(gate.pending(), 0, "taken on a fresh connection");
         assert_eq!(served.load(Ordering::Relaxed), 2);
@@ -965,6 +976,31 @@ mod tests {
         gate.release("sku-1", 3, "u2", 1).await;
         assert_eq!(read.load(Ordering::Relaxed), 2, "sent once");
         assert!(!gate.is_up(), "the circuit opened: the store alone decides");
+    }
+
+    /// A connection closed cleanly once a command was sent, before its reply, may have run it (a proxy
+    /// between that ran it and then closed): the command is not sent again, and `ADMIT` is
+    /// [`Admission::Unsure`]. Taken for one that went nowhere, a script whose reply was lost ran twice.
+    #[tokio::test]
+    async fn a_close_after_a_command_was_sent_leaves_it_in_doubt() {
+        use tokio::io::AsyncReadExt;
+        let read = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let count = read.clone();
+        let addr = fake_redis(move |mut s| {
+            let count = count.clone();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                if s.read(&mut buf).await.is_ok_and(|r| r > 0) {
+                    count.fetch_add(1, Ordering::Relaxed);
+                }
+                // Dropped: closed with a FIN, no reply.
+            });
+        })
+        .await;
+        let gate = gate(&addr, Duration::from_secs(5), Duration::from_secs(60));
+        let admitted = gate.admit("sku-1", "u1", 1, 2, None).await;
+        assert_eq!(admitted, Admission::Unsure { mark: None });
+        assert_eq!(read.load(Ordering::Relaxed), 1, "sent once");
     }
 
     /// A pooled connection a NAT forgot while it sat idle takes the next command and is reset: that command

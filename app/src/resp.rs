@@ -29,8 +29,9 @@ pub enum RespError {
     Server(String),
     #[error("redis protocol: {0}")]
     Protocol(String),
-    /// The connection was closed before any byte of the reply: on a connection that sat in the pool, the
-    /// server (or a NAT) closed it while idle, and the command went nowhere.
+    /// The connection was closed once the command was sent, before any byte of its reply: the server, or a
+    /// proxy between, may have run it. (One closed while it sat idle is seen before a command is sent on
+    /// it: [`Conn::closed_by_peer`].)
     #[error("redis closed the connection before replying")]
     Closed,
     /// Writing the command failed (the connection was reset or closed): it did not reach the server whole,
@@ -45,7 +46,7 @@ impl RespError {
     /// sent again would apply twice.
     pub fn not_run(&self) -> bool {
         match self {
-            RespError::Closed | RespError::Unsent(_) => true,
+            RespError::Unsent(_) => true,
             // Refusals Redis makes before it runs anything: loading its data, busy with another script, out
             // of memory, a replica, no quorum, not authenticated or not allowed.
             RespError::Server(m) => NOT_RUN_REPLIES.contains(&m.split(' ').next().unwrap_or_default()),
@@ -121,6 +122,19 @@ impl Conn {
     /// How long since its last reply.
     pub fn idle_for(&self) -> Duration {
         self.used.elapsed()
+    }
+
+    /// Whether the server closed or reset the connection while it sat idle, or sent what no command asked
+    /// for: a command sent on it would go nowhere, or be answered out of step. Told before the command is
+    /// sent (the socket is non-blocking, so the peek never waits), a close is no doubt about the command:
+    /// seen only after it was sent, it could have come from a proxy that ran it.
+    pub fn closed_by_peer(&self) -> bool {
+        let mut byte = [std::mem::MaybeUninit::<u8>::uninit()];
+        match socket2::SockRef::from(self.io.get_ref()).peek(&mut byte) {
+            Err(e) => e.kind() != std::io::ErrorKind::WouldBlock,
+            // The end of the stream, or a byte out of step.
+            Ok(_) => true,
+        }
     }
 
     async fn call_inner(&mut self, args: &[&str]) -> Result<Value, RespError> {
