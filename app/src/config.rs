@@ -3,6 +3,7 @@
 //! Reloads live: `log.level`, `shutdown.*`, `slowdown.*`, `degrade.*` (the manual level and the
 //! breaker thresholds), `reservation_ttl_ms`, `seckill.per_user_limit`, `seckill.sold_out_gate_ms`,
 //! `admin_token`, `payment_callback_secret`, `buyer_key_file` (and a new key in that file),
+//! `buyer_token_max_life_secs`,
 //! `audit_interval_ms`.
 //! Needs a restart: `listen`, `http.*`, `instance`, `db_path`, `store_threads`, `busy_timeout_ms`, `seed_demo`,
 //! `capacity`, `max_body_bytes`, `seckill.buckets` (buckets are laid out when a flash sale is opened), and
@@ -22,6 +23,9 @@ use crate::degrade::Level;
 
 /// The request types the app classifies (the keys of `slowdown.cpu_us_per_request`).
 pub const REQUEST_TYPES: [&str; 5] = ["browse", "order", "seckill", "pay", "admin"];
+
+/// The longest `buyer_token_max_life_secs` (and `xcluster buyer-token --ttl-secs`): a year.
+pub const MAX_BUYER_TOKEN_LIFE_SECS: u64 = 365 * 86_400;
 
 /// The file-facing config (`role = "app"`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -53,6 +57,9 @@ pub struct RawConfig {
     /// need `Authorization: Bearer <token>` and act for its user alone (the admin token acts for any). Empty:
     /// `user` is trusted as sent, and a gateway in front must set it.
     pub buyer_key_file: String,
+    /// The longest a buyer token may still live when it comes (its `expires` from now, with a minute of
+    /// slack for the signer's clock): a longer one is refused, so a token that leaks works this long at most.
+    pub buyer_token_max_life_secs: u64,
     /// How long a reservation holds stock before the sweeper gives it back.
     pub reservation_ttl_ms: u64,
     /// How often the reconciler runs the invariant audit in the background (0 = never).
@@ -149,6 +156,7 @@ impl Default for RawConfig {
             max_body_bytes: 64 * 1024,
             admin_token: String::new(),
             buyer_key_file: String::new(),
+            buyer_token_max_life_secs: 7 * 86_400,
             payment_callback_secret: String::new(),
             reservation_ttl_ms: 15 * 60 * 1000,
             audit_interval_ms: 60_000,
@@ -183,6 +191,8 @@ pub struct Config {
     pub callback_secret: String,
     /// The key of `buyer_key_file`: `None` trusts `user` as sent.
     pub buyer_key: Option<xcluster_runtime::config::HmacKey>,
+    /// `buyer_token_max_life_secs`.
+    pub buyer_token_max_life_secs: u64,
     pub reservation_ttl: Duration,
     /// `None` disables the background reconciler.
     pub audit_interval: Option<Duration>,
@@ -310,6 +320,12 @@ impl RoleConfig for Config {
         if let Some(key) = &buyer_key {
             v.long_keys("buyer_key_file", key);
         }
+        let buyer_token_max_life_secs = v.range(
+            "buyer_token_max_life_secs",
+            raw.buyer_token_max_life_secs,
+            60,
+            MAX_BUYER_TOKEN_LIFE_SECS,
+        );
         let (backend, redis) = crate::config_backend::validate(
             &mut v,
             &raw.store,
@@ -340,6 +356,7 @@ impl RoleConfig for Config {
             admin_token: raw.admin_token.clone(),
             callback_secret: raw.payment_callback_secret.clone(),
             buyer_key,
+            buyer_token_max_life_secs,
             reservation_ttl,
             audit_interval,
             manual_level,

@@ -372,8 +372,9 @@ pub struct BuyerTokenArgs {
     /// The buyer the token names.
     #[arg(long)]
     pub user: String,
-    /// How long the token is good for.
-    #[arg(long, default_value_t = 3600, value_parser = clap::value_parser!(u64).range(1..=31_536_000))]
+    /// How long the token is good for. XBuy refuses one that lives longer than its
+    /// `buyer_token_max_life_secs` (7 days unless set).
+    #[arg(long, default_value_t = 3600, value_parser = clap::value_parser!(u64).range(1..=xcluster_app::config::MAX_BUYER_TOKEN_LIFE_SECS))]
     pub ttl_secs: u64,
 }
 

@@ -22,7 +22,24 @@ pub enum TokenError {
     BadSignature,
     #[error("the buyer token expired at {0} (Unix seconds)")]
     Expired(u64),
+    #[error(
+        "the buyer token lives until {expires} (Unix seconds), past the longest life taken ({max_secs} s from now)"
+    )]
+    TooLong { expires: u64, max_secs: u64 },
 }
+
+/// What a token must meet besides its signature: the time now, and the longest life it may still have.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub now_unix: u64,
+    /// A token that expires further ahead than this (beyond [`CLOCK_SLACK_SECS`]) is refused: one that leaks
+    /// works this long at most, where a token minted for years worked until the key was changed.
+    pub max_life_secs: u64,
+}
+
+/// How far the signer's clock may run ahead of the checker's: a token minted for the longest life on a clock
+/// a little ahead is still taken.
+pub const CLOCK_SLACK_SECS: u64 = 60;
 
 /// The text a token's MAC covers: a fixed label first, so a MAC made for something else under the same
 /// key (a load report's) is never a token's.
@@ -43,9 +60,10 @@ pub fn mint(key: &[u8], user: &str, expires_unix: u64) -> String {
     format!("{PREFIX}{user}.{expires_unix}.{mac}")
 }
 
-/// The user `token` names, when `key` signed it and it has not expired at `now_unix`. The MAC is compared
-/// in constant time. A user id may hold dots: the last two fields are the time and the MAC.
-pub fn verify(key: &[u8], token: &str, now_unix: u64) -> Result<String, TokenError> {
+/// The user `token` names, when `key` signed it, it has not expired and it lives no longer than `limits`
+/// allow. The MAC is compared in constant time. A user id may hold dots: the last two fields are the time
+/// and the MAC.
+pub fn verify(key: &[u8], token: &str, limits: Limits) -> Result<String, TokenError> {
     if token.len() > MAX_TOKEN_BYTES {
         return Err(TokenError::Malformed);
     }
@@ -64,8 +82,17 @@ pub fn verify(key: &[u8], token: &str, now_unix: u64) -> Result<String, TokenErr
     };
     let given = hex::decode(mac_hex).map_err(|_| TokenError::Malformed)?;
     (mac(key, user, expires).verify_slice(&given)).map_err(|_| TokenError::BadSignature)?;
-    if expires <= now_unix {
+    if expires <= limits.now_unix {
         return Err(TokenError::Expired(expires));
+    }
+    let longest = (limits.now_unix)
+        .saturating_add(limits.max_life_secs)
+        .saturating_add(CLOCK_SLACK_SECS);
+    if expires > longest {
+        return Err(TokenError::TooLong {
+            expires,
+            max_secs: limits.max_life_secs,
+        });
     }
     Ok(user.to_string())
 }
@@ -75,10 +102,10 @@ pub fn verify(key: &[u8], token: &str, now_unix: u64) -> Result<String, TokenErr
 pub fn verify_with_any<'k>(
     keys: impl IntoIterator<Item = &'k [u8]>,
     token: &str,
-    now_unix: u64,
+    limits: Limits,
 ) -> Result<String, TokenError> {
     for key in keys {
-        match verify(key, token, now_unix) {
+        match verify(key, token, limits) {
             Err(TokenError::BadSignature) => {}
             decided => return decided,
         }
@@ -92,14 +119,22 @@ mod tests {
 
     const KEY: &[u8] = b"buyer-key-0123456789";
 
+    /// At `now_unix`, taking any life.
+    fn at(now_unix: u64) -> Limits {
+        Limits {
+            now_unix,
+            max_life_secs: u64::MAX,
+        }
+    }
+
     #[test]
     fn a_token_names_its_user_until_it_expires() {
         let token = mint(KEY, "demo.7", 1_000);
         assert!(token.starts_with("xb1.demo.7.1000."), "{token}");
-        assert_eq!(verify(KEY, &token, 999), Ok("demo.7".to_string()));
-        assert_eq!(verify(KEY, &token, 1_000), Err(TokenError::Expired(1_000)));
+        assert_eq!(verify(KEY, &token, at(999)), Ok("demo.7".to_string()));
+        assert_eq!(verify(KEY, &token, at(1_000)), Err(TokenError::Expired(1_000)));
         assert_eq!(
-            verify(b"another-key-0123456789", &token, 999),
+            verify(b"another-key-0123456789", &token, at(999)),
             Err(TokenError::BadSignature)
         );
     }
@@ -129,7 +164,7 @@ mod tests {
                 TokenError::Malformed,
             ),
         ] {
-            assert_eq!(verify(KEY, &altered, 0), Err(want), "{altered}");
+            assert_eq!(verify(KEY, &altered, at(0)), Err(want), "{altered}");
         }
     }
 
@@ -139,12 +174,47 @@ mod tests {
         let old: &[u8] = b"old-key-0123456789";
         let token = mint(old, "demo-7", 1_000);
         let keys = [KEY, old];
-        assert_eq!(verify_with_any(keys, &token, 0), Ok("demo-7".into()));
-        assert_eq!(verify_with_any([KEY], &token, 0), Err(TokenError::BadSignature));
+        assert_eq!(verify_with_any(keys, &token, at(0)), Ok("demo-7".into()));
         assert_eq!(
-            verify_with_any(keys, &token, 1_000),
+            verify_with_any([KEY], &token, at(0)),
+            Err(TokenError::BadSignature)
+        );
+        assert_eq!(
+            verify_with_any(keys, &token, at(1_000)),
             Err(TokenError::Expired(1_000))
         );
-        assert_eq!(verify_with_any(keys, "xb1.x", 0), Err(TokenError::Malformed));
+        assert_eq!(verify_with_any(keys, "xb1.x", at(0)), Err(TokenError::Malformed));
+    }
+
+    /// A token that lives longer than the limit from now (a minute of slack for the signer's clock) is
+    /// refused, however well signed.
+    #[test]
+    fn a_token_that_lives_too_long_is_refused() {
+        let week = 7 * 86_400;
+        let limits = Limits {
+            now_unix: 1_000,
+            max_life_secs: week,
+        };
+        let edge = 1_000 + week + CLOCK_SLACK_SECS;
+        assert_eq!(
+            verify(KEY, &mint(KEY, "demo-7", edge), limits),
+            Ok("demo-7".into())
+        );
+        let past = mint(KEY, "demo-7", edge + 1);
+        assert_eq!(
+            verify(KEY, &past, limits),
+            Err(TokenError::TooLong {
+                expires: edge + 1,
+                max_secs: week
+            })
+        );
+        // Decided under the key that signed it.
+        assert!(matches!(
+            verify_with_any([b"other-key-0123456789" as &[u8], KEY], &past, limits),
+            Err(TokenError::TooLong { .. })
+        ));
+        // A forged one is refused for its signature first.
+        let forged = mint(b"other-key-0123456789", "demo-7", edge + 1);
+        assert_eq!(verify(KEY, &forged, limits), Err(TokenError::BadSignature));
     }
 }

@@ -994,7 +994,8 @@ fn a_reload_leaves_the_keys_that_need_a_restart_as_they_were() {
 /// With `buyer_key_file` set, a buyer call needs a buyer token (`xcluster buyer-token`, as a shop's login
 /// service signs one) and acts for its user alone: another buyer's order is not there for it (404, paying
 /// or cancelling it too), another's wallet and order list are refused (403), and an order placed for
-/// another user is refused. No token, an altered one or an expired one is a 401. The admin token acts for
+/// another user is refused. No token, an altered one, an expired one or one that lives longer than
+/// `buyer_token_max_life_secs` is a 401. The admin token acts for
 /// any buyer; browsing needs nothing. Without it, anyone could place, pay or cancel any buyer's orders by
 /// naming them, straight at an instance, which is where the directory sends clients.
 #[test]
@@ -1029,9 +1030,19 @@ fn buyer_calls_act_for_the_tokens_user_alone() {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_secs();
-    let expired = xcluster_proto::buyer::mint(b"buyer-key-0123456789", "demo-1", now - 1);
-    let expired = format!("Bearer {expired}");
-    for (auth, why) in [(&altered, "signature"), (&expired, "expired")] {
+    let signed = |expires| {
+        let token = xcluster_proto::buyer::mint(b"buyer-key-0123456789", "demo-1", expires);
+        format!("Bearer {token}")
+    };
+    let expired = signed(now - 1);
+    // Past the longest life taken (7 days and a minute's slack by default): a token that leaks works that
+    // long at most.
+    let too_long = signed(now + 8 * 86_400);
+    for (auth, why) in [
+        (&altered, "signature"),
+        (&expired, "expired"),
+        (&too_long, "longest life"),
+    ] {
         let refused = call("POST", "/v1/orders", Some(auth), Some(&order));
         assert_eq!(refused.status, 401, "{}", refused.body);
         assert!(refused.body.contains(why), "{}", refused.body);

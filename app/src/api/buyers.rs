@@ -33,8 +33,11 @@ impl Buyer {
                 "a buyer call needs a buyer token: Authorization: Bearer xb1.<user>.<expires>.<mac>",
             ));
         };
-        let now = u64::try_from(crate::domain::now_ms() / 1000).unwrap_or(0);
-        match xcluster_proto::buyer::verify_with_any(key.each(), token, now) {
+        let limits = xcluster_proto::buyer::Limits {
+            now_unix: u64::try_from(crate::domain::now_ms() / 1000).unwrap_or(0),
+            max_life_secs: cfg.buyer_token_max_life_secs,
+        };
+        match xcluster_proto::buyer::verify_with_any(key.each(), token, limits) {
             Ok(user) => Ok(Buyer::Only(user)),
             Err(e) => Err(unauthorized(&e.to_string())),
         }
