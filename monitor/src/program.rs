@@ -729,7 +729,9 @@ pub fn order<'a>(spec: &'a ProcessSpec, groups: &'a GroupOrder) -> (i32, &'a str
 /// `depends_on`, and otherwise at the rank of its priority ([`ProcessSpec::order`]) among those in use
 /// (Supervisord: lower starts first and stops last); where the two disagree (`a` depends on `b`, yet has the
 /// lower priority) the dependency wins. Levels are numbers, so the order has no cycle; groups on one level
-/// stop together.
+/// stop together. A group whose processes run different specs (mid-roll, after a change) is above the
+/// dependencies of each and at the highest rank of any: taken from one of them, a dependency only the
+/// others had was stopped first, under them.
 pub fn stop_levels<'a>(
     specs: impl IntoIterator<Item = &'a ProcessSpec>,
     order_of: &GroupOrder,
@@ -738,18 +740,17 @@ pub fn stop_levels<'a>(
     let mut priorities: Vec<(i32, &str, i32)> = specs.iter().map(|s| order(s, order_of)).collect();
     priorities.sort_unstable();
     priorities.dedup();
-    let groups: BTreeMap<&str, &ProcessSpec> = specs.iter().map(|s| (s.group.as_str(), *s)).collect();
+    let mut groups: BTreeMap<&str, Vec<&ProcessSpec>> = BTreeMap::new();
+    for s in &specs {
+        groups.entry(s.group.as_str()).or_default().push(s);
+    }
+    let rank = |spec: &ProcessSpec| priorities.partition_point(|p| *p < order(spec, order_of)) as u32;
     let ranks: BTreeMap<&str, u32> = (groups.iter())
-        .map(|(g, spec)| {
-            (
-                *g,
-                priorities.partition_point(|p| *p < order(spec, order_of)) as u32,
-            )
-        })
+        .map(|(g, specs)| (*g, specs.iter().map(|s| rank(s)).max().unwrap_or(0)))
         .collect();
     fn level<'a>(
         g: &'a str,
-        groups: &BTreeMap<&'a str, &'a ProcessSpec>,
+        groups: &BTreeMap<&'a str, Vec<&'a ProcessSpec>>,
         ranks: &BTreeMap<&str, u32>,
         done: &mut BTreeMap<&'a str, u32>,
         path: &mut Vec<&'a str>,
@@ -757,13 +758,13 @@ pub fn stop_levels<'a>(
         if let Some(l) = done.get(g) {
             return *l;
         }
-        let Some(spec) = groups.get(g) else { return 0 };
+        let Some(specs) = groups.get(g) else { return 0 };
         if path.contains(&g) {
             return 0; // a cycle, which validation refuses
         }
         path.push(g);
         let rank = ranks.get(g).copied().unwrap_or(0);
-        let above = (spec.depends_on.iter())
+        let above = (specs.iter().flat_map(|s| &s.depends_on))
             .map(|d| level(d, groups, ranks, done, path) + 1)
             .max()
             .unwrap_or(0);

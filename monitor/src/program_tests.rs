@@ -184,6 +184,40 @@ fn stop_levels_follow_priority_and_let_dependencies_win() {
     assert!(l("late") > l("app"), "by priority");
 }
 
+/// Mid-roll, a program's processes run different specs: its level is above the dependencies of each and at
+/// the highest rank of any, whichever spec comes last. Taken from the last, `web`, whose new spec no longer
+/// depends on `cache`, was stopped with its old process still using `cache`, stopped first.
+#[test]
+fn a_program_mid_roll_stops_above_every_specs_dependencies() {
+    let spec = |group: &str, name: &str, priority: i32, deps: &[&str]| {
+        let raw = RawProgram {
+            command: "x".into(),
+            priority,
+            depends_on: deps.iter().map(|d| d.to_string()).collect(),
+            ..RawProgram::default()
+        };
+        let mut s = (raw.expand(group, &dirs(Path::new("/tmp")), &mut Validator::new())).remove(0);
+        s.name = name.to_string();
+        s
+    };
+    let (old, new) = (
+        spec("web", "web_0", 100, &["cache"]),
+        spec("web", "web_1", 100, &[]),
+    );
+    let cache = spec("cache", "cache", 500, &[]);
+    for specs in [[&old, &new, &cache], [&new, &old, &cache]] {
+        let levels = stop_levels(specs, &GroupOrder::new());
+        assert!(levels["web"] > levels["cache"], "{levels:?}");
+    }
+    // The highest rank of any: a new priority above another program's puts it above, before it stops.
+    let raised = spec("web", "web_1", 900, &[]);
+    let db = spec("db", "db", 500, &[]);
+    for specs in [[&old, &raised, &db], [&raised, &old, &db]] {
+        let levels = stop_levels(specs, &GroupOrder::new());
+        assert!(levels["web"] > levels["db"], "{levels:?}");
+    }
+}
+
 #[test]
 fn a_log_file_in_a_missing_directory_is_an_error() {
     let dir = std::env::temp_dir();
