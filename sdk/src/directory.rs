@@ -352,6 +352,7 @@ pub(crate) async fn watch_loop(
 ) {
     let slot = &shared.types[idx];
     let opts = &shared.opts;
+    let _unvouched = Unvouched(slot);
     let mut preferred = Some(first);
     let mut backoff = Duration::from_millis(100);
     let mut warned = false;
@@ -450,6 +451,19 @@ pub(crate) async fn watch_loop(
             _ = cancel.cancelled() => return,
             _ = tokio::time::sleep(delay) => {}
         }
+    }
+}
+
+/// Once the watch ends (`Client::shutdown`, or the last clone dropped), nothing vouches for its list: it ages
+/// from the last answer and expires after `max_staleness`, as `shutdown` says. Cancelled between answers
+/// (in the sleep before the next watch, where a balancer that answers at once leaves it most of the time),
+/// the answer before kept vouching, and the list read `Live` for good.
+struct Unvouched<'a>(&'a TypeSlot);
+
+impl Drop for Unvouched<'_> {
+    fn drop(&mut self) {
+        self.0.reachable.store(false, Ordering::Relaxed);
+        self.0.in_poll.store(false, Ordering::Relaxed);
     }
 }
 

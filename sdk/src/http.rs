@@ -154,6 +154,12 @@ impl Client {
             // (all drained, weight 0) emptied the bucket in 100 calls, and 501 answers were then needed
             // before a real failure was retried again. Another pick follows a failed connect's round;
             // none follows "none to pick".
+            // Nor after this host ran out of descriptors or memory: another attempt would fail alike.
+            Err(Error::Connect { source, .. })
+                if xcluster_proto::local_error::is_resource_exhaustion(source) =>
+            {
+                return false;
+            }
             Err(e) if e.not_sent() => return !matches!(e, Error::NoInstance(_)),
             Err(e) => e.is_retryable(),
         };
@@ -267,19 +273,30 @@ impl Client {
                     prev => Err(with_last(e, prev.and_then(Result::err))),
                 };
             }
-            if let (Err(Error::NoInstance(_)), Some(prev)) = (&r, last.take()) {
+            if matches!(r, Err(Error::NoInstance(_)))
+                && let Some(prev) = last.take()
+            {
                 // Every instance has been tried: the previous failure says more than "none left".
                 return prev;
             }
+            // An answer in hand (a 503) says more than a later attempt that reached no instance: it stands.
+            // Replaced by the connect error, what the caller got hung on the order the instances were
+            // picked in.
+            let answered_before = matches!(&last, Some(Ok(_))) && r.as_ref().is_err_and(Error::not_sent);
             if !self.may_retry(request_type, &r) || attempt + 1 == attempts {
-                return r;
+                return match last {
+                    Some(answer @ Ok(_)) if answered_before => answer,
+                    _ => r,
+                };
             }
             tracing::debug!(
                 request_type,
                 attempt,
                 "retrying an idempotent request on another instance"
             );
-            last = Some(r);
+            if !answered_before {
+                last = Some(r);
+            }
         }
         last.unwrap_or_else(|| Err(Error::NoInstance(request_type.to_string())))
     }

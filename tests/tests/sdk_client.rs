@@ -155,6 +155,34 @@ async fn fails_over_when_its_balancer_dies_with_no_failed_request() {
     assert!(!client.state().is_static());
 }
 
+/// An instance's 503 in hand stands when the retry reaches no instance (the other refuses connections):
+/// what the caller got, the 503 or the connect error, hung on which instance was picked first. A fresh
+/// client each round, so the refused instance is not ejected and either may come first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_in_hand_stands_when_the_retry_reaches_no_instance() {
+    let busy = Backend::with_status("busy", 503);
+    let dead = dead_addr();
+    let lb = FakeBalancer::start(HOLD);
+    lb.set(list(
+        "browse",
+        1,
+        &[("busy", busy.addr, 100), ("dead", dead, 100)],
+        &[lb.addr],
+    ));
+    for round in 0..12 {
+        let client = Client::builder()
+            .balancers([lb.addr.to_string()])
+            .request_types(["browse"])
+            .build()
+            .await
+            .unwrap();
+        let resp = client.send_idempotent("browse", get("/v1/products")).await;
+        let resp = resp.unwrap_or_else(|e| panic!("round {round}: {e}"));
+        assert_eq!(resp.status(), 503, "round {round}");
+        client.shutdown();
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn avoids_a_refused_instance_at_once() {
     let a = Backend::start("a");
@@ -241,6 +269,35 @@ async fn serves_from_its_last_list_with_every_balancer_down() {
     let err = client.pick("browse").unwrap_err();
     assert!(matches!(err, Error::Stale { .. }), "{err}");
     assert_eq!(err.side(), Side::Balancer);
+}
+
+/// After `shutdown`, picks work from the last list until it expires (`max_staleness`): nothing vouches for
+/// it any more. A watch cancelled in its sleep between answers (where a balancer that answers at once, as
+/// one past its `max_watches` does, leaves it most of the time) left it `Live` for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_shutdown_the_list_expires() {
+    let a = Backend::start("a");
+    let lb = FakeBalancer::start(Duration::ZERO);
+    lb.set(list("browse", 1, &[("a", a.addr, 100)], &[lb.addr]));
+    let client = Client::builder()
+        .balancers([lb.addr.to_string()])
+        .request_types(["browse"])
+        .max_staleness(Duration::from_secs(3))
+        .build()
+        .await
+        .unwrap();
+    eventually_async("an answer to a watch", || {
+        (lb.requests.load(Ordering::Relaxed) >= 2).then_some(())
+    })
+    .await;
+    client.shutdown();
+    client.pick("browse").expect("the last list, until it expires");
+    eventually_async("the list to expire", || {
+        matches!(client.state().types[0].freshness, Freshness::Expired { .. }).then_some(())
+    })
+    .await;
+    let err = client.pick("browse").unwrap_err();
+    assert!(matches!(err, Error::Stale { .. }), "{err}");
 }
 
 /// A balancer that hangs (a host stopped without closing its sockets) stops vouching for the list within the
