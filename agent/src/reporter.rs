@@ -175,6 +175,13 @@ fn wall_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
+/// The wall clock in µs, as sequence numbers start.
+fn wall_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(1, |d| d.as_micros() as u64)
+}
+
 /// Runs the loop until `cancel` fires. The latest report is published on `latest` (for `/v1/report`).
 pub async fn run(
     config: watch::Receiver<Arc<Config>>,
@@ -192,9 +199,7 @@ pub async fn run(
         () = cancel.cancelled() => return,
     }
     // Sequence numbers start at the wall clock in µs, so they keep increasing across restarts.
-    let mut seq = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(1, |d| d.as_micros() as u64);
+    let mut seq = wall_us();
     // This process, for the balancers: a restart reads as one, a second agent under our id as a conflict.
     let boot = seq;
     let pushes = Arc::new(PushLog::default());
@@ -291,8 +296,8 @@ struct PushLog {
     far_ahead: xcluster_runtime::telemetry::Throttle,
 }
 
-/// How far above our own sequence number a balancer's last one may be for us to continue above it: a day
-/// of the wall clock in µs. A clock stepped back by more than that is a host to fix, and a number past it
+/// How far above the wall clock (in µs, as sequence numbers start) a balancer's last number may be for us to
+/// continue above it: a day. A clock stepped back by more than that is a host to fix, and a number past it
 /// is no answer of ours to follow.
 const MAX_SEQ_CATCH_UP: u64 = 86_400 * 1_000_000;
 
@@ -334,12 +339,15 @@ impl PushLog {
     }
 
     /// A balancer refused report `seq` as a replay, having accepted `last` from this agent id: a run of
-    /// ours before the clock stepped back, most likely, so the next report is numbered above it (a
-    /// balancer's refusal cannot name a number no report of this key's signed). Before, the balancers
-    /// refused this run until they forgot the id (`forget_after_ms`), its instances out of every list.
-    fn replayed(&self, balancer: std::net::SocketAddr, seq: u64, last: u64) {
+    /// ours before the clock stepped back, most likely, so the next report is numbered above it. Before,
+    /// the balancers refused this run until they forgot the id (`forget_after_ms`), its instances out of
+    /// every list. The refusal is not signed, so what it names is bounded by the wall clock (`now_us`, in
+    /// µs as the numbers start), not by our own number: bounded by ours, anything answering at a
+    /// balancer's address could raise it a day per report, years within an hour, which the balancers then
+    /// accepted, and this agent's next run, numbered from the clock, was refused until they forgot it.
+    fn replayed(&self, balancer: std::net::SocketAddr, seq: u64, last: u64, now_us: u64) {
         use std::sync::atomic::Ordering;
-        if last > seq.saturating_add(MAX_SEQ_CATCH_UP) {
+        if last > now_us.saturating_add(MAX_SEQ_CATCH_UP) {
             if self.far_ahead.due(wall_ms(), UNSENT_WARN_EVERY_MS) {
                 error!(%balancer, seq, last, "a balancer has accepted sequence numbers from this agent id more                     than a day above ours: another agent shares the id, or this host's clock is a day behind;                     not followed (logged again every 30 s while it lasts)");
             }
@@ -467,7 +475,7 @@ fn push_all(cfg: &Config, report: &LoadReport, log: &Arc<PushLog>) {
                         _ => None,
                     };
                     if let Some(last) = refusal.as_ref().and_then(Refusal::replay_last_seq) {
-                        log.replayed(addr, seq, last);
+                        log.replayed(addr, seq, last, wall_us());
                     }
                     if log.restarting(refusal.as_ref(), grace) {
                         debug!(balancer = %addr, error = %e, "report refused while the balancer still hears our predecessor");
@@ -511,23 +519,31 @@ mod tests {
         );
     }
 
-    /// A replay refusal's last number is followed up to a day above ours, never further, and never down.
+    /// A replay refusal's last number is followed up to a day above the clock, never further, and never
+    /// down; and no run of refusals, each a day above the number before, takes it past that.
     #[test]
-    fn a_balancers_last_number_is_followed_within_a_day() {
+    fn a_balancers_last_number_is_followed_within_a_day_of_the_clock() {
         let log = PushLog::default();
         let b: std::net::SocketAddr = "127.0.0.1:9".parse().unwrap();
-        log.replayed(b, 1_000, 5_000);
+        let now = 1_000;
+        log.replayed(b, 1_000, 5_000, now);
         assert_eq!(log.seq_floor(), 5_000);
-        log.replayed(b, 1_000, 3_000);
+        log.replayed(b, 1_000, 3_000, now);
         assert_eq!(log.seq_floor(), 5_000, "never down");
-        log.replayed(b, 1_000, 1_000 + MAX_SEQ_CATCH_UP + 1);
+        log.replayed(b, 1_000, now + MAX_SEQ_CATCH_UP + 1, now);
         assert_eq!(
             log.seq_floor(),
             5_000,
-            "more than a day above ours is not followed"
+            "more than a day above the clock is not followed"
         );
-        log.replayed(b, 1_000, 1_000 + MAX_SEQ_CATCH_UP);
-        assert_eq!(log.seq_floor(), 1_000 + MAX_SEQ_CATCH_UP);
+        log.replayed(b, 1_000, now + MAX_SEQ_CATCH_UP, now);
+        assert_eq!(log.seq_floor(), now + MAX_SEQ_CATCH_UP);
+        // Unsigned refusals, each naming a day above the number it refused: followed no further.
+        for _ in 0..100 {
+            let seq = log.seq_floor() + 1;
+            log.replayed(b, seq, seq + MAX_SEQ_CATCH_UP, now);
+        }
+        assert_eq!(log.seq_floor(), now + MAX_SEQ_CATCH_UP);
     }
 
     /// An instance that accepts and never answers holds back no sample of the others: a round waits at
