@@ -294,6 +294,8 @@ struct PushLog {
     seq_floor: std::sync::atomic::AtomicU64,
     /// When a balancer's sequence number too far above ours was last logged.
     far_ahead: xcluster_runtime::telemetry::Throttle,
+    /// Each balancer's pushes in flight ([`push_all`]).
+    lanes: std::sync::Mutex<std::collections::HashMap<std::net::SocketAddr, Lane>>,
 }
 
 /// How far above the wall clock (in µs, as sequence numbers start) a balancer's last number may be for us to
@@ -311,6 +313,7 @@ impl Default for PushLog {
             unsent: Default::default(),
             seq_floor: Default::default(),
             far_ahead: Default::default(),
+            lanes: Default::default(),
         }
     }
 }
@@ -438,53 +441,108 @@ fn push_all(cfg: &Config, report: &LoadReport, log: &Arc<PushLog>) {
             return;
         }
     };
-    let sig: Arc<str> = Arc::from(report::sign(cfg.key.signing(), &body));
-    // Names the signer, so a balancer that gives this agent its own key checks the signature with it.
-    let agent: Arc<str> = Arc::from(report.agent.as_str());
-    let seq = report.seq;
-    // Our predecessor is taken over once it has been silent two of its intervals.
-    let grace = cfg.interval * 2 + Duration::from_secs(1);
+    let push = Arc::new(Push {
+        sig: Arc::from(report::sign(cfg.key.signing(), &body)),
+        body,
+        // Names the signer, so a balancer that gives this agent its own key checks the signature with it.
+        agent: Arc::from(report.agent.as_str()),
+        seq: report.seq,
+        timeout: cfg.timeout,
+        // Our predecessor is taken over once it has been silent two of its intervals.
+        grace: cfg.interval * 2 + Duration::from_secs(1),
+    });
     for &addr in &cfg.balancers {
-        let (body, sig, agent, timeout, log) =
-            (body.clone(), sig.clone(), agent.clone(), cfg.timeout, log.clone());
+        // One push at a time to each balancer, the latest report waiting for the one in flight (and taking
+        // the place of any other waiting). Pushed each in a task of its own, reports 50 ms apart (an early
+        // one) overtook one another on a slow link or balancer, and the older was refused as a replay and
+        // warned about on both sides; a silent balancer held a socket per report for `timeout_ms`.
+        let mut lanes = log.lanes.lock().unwrap_or_else(|e| e.into_inner());
+        let lane = lanes.entry(addr).or_default();
+        if lane.busy {
+            if lane.waiting.replace(push.clone()).is_some() {
+                ::metrics::counter!(metrics::REPORTS_SUPERSEDED_TOTAL).increment(1);
+            }
+            continue;
+        }
+        lane.busy = true;
+        drop(lanes);
+        let (log, mut push) = (log.clone(), push.clone());
         tokio::spawn(async move {
-            let r = client::call(
-                addr,
-                Method::POST,
-                "/v1/reports",
-                &[(SIGNATURE_HEADER, &sig), (AGENT_HEADER, &agent)],
-                body,
-                16 * 1024,
-                timeout,
-            )
-            .await;
-            let result = if r.is_ok() { "ok" } else { "error" };
-            ::metrics::counter!(metrics::PUSHES_TOTAL, "balancer" => addr.to_string(), "result" => result)
-                .increment(1);
-            match r {
-                Ok(_) => log.accepted(addr),
-                Err(e) => {
-                    // A 409's body says which: a replay names the last number accepted, a conflict may be
-                    // our predecessor still heard.
-                    let refusal = match &e {
-                        client::CallError::Status {
-                            status: http::StatusCode::CONFLICT,
-                            body,
-                            ..
-                        } => Refusal::decode(body.as_bytes()),
-                        _ => None,
-                    };
-                    if let Some(last) = refusal.as_ref().and_then(Refusal::replay_last_seq) {
-                        log.replayed(addr, seq, last, wall_us());
-                    }
-                    if log.restarting(refusal.as_ref(), grace) {
-                        debug!(balancer = %addr, error = %e, "report refused while the balancer still hears our predecessor");
-                    } else {
-                        log.failed(addr, &e.to_string());
+            loop {
+                send(addr, &push, &log).await;
+                let mut lanes = log.lanes.lock().unwrap_or_else(|e| e.into_inner());
+                let lane = lanes.entry(addr).or_default();
+                match lane.waiting.take() {
+                    Some(next) => push = next,
+                    None => {
+                        lane.busy = false;
+                        // A balancer no longer configured leaves no entry behind.
+                        lanes.remove(&addr);
+                        return;
                     }
                 }
             }
         });
+    }
+}
+
+/// One signed report, as pushed to each balancer.
+#[derive(Debug)]
+struct Push {
+    body: Bytes,
+    sig: Arc<str>,
+    agent: Arc<str>,
+    seq: u64,
+    timeout: Duration,
+    grace: Duration,
+}
+
+/// A balancer's pushes: whether one is in flight, and the latest report waiting for it.
+#[derive(Debug, Default)]
+struct Lane {
+    busy: bool,
+    waiting: Option<Arc<Push>>,
+}
+
+/// Pushes `push` to the balancer at `addr`, and notes how it went.
+async fn send(addr: std::net::SocketAddr, push: &Push, log: &PushLog) {
+    let headers = [(SIGNATURE_HEADER, &*push.sig), (AGENT_HEADER, &*push.agent)];
+    let r = client::call(
+        addr,
+        Method::POST,
+        "/v1/reports",
+        &headers,
+        push.body.clone(),
+        16 * 1024,
+        push.timeout,
+    )
+    .await;
+    let result = if r.is_ok() { "ok" } else { "error" };
+    ::metrics::counter!(metrics::PUSHES_TOTAL, "balancer" => addr.to_string(), "result" => result)
+        .increment(1);
+    let (seq, grace) = (push.seq, push.grace);
+    match r {
+        Ok(_) => log.accepted(addr),
+        Err(e) => {
+            // A 409's body says which: a replay names the last number accepted, a conflict may be
+            // our predecessor still heard.
+            let refusal = match &e {
+                client::CallError::Status {
+                    status: http::StatusCode::CONFLICT,
+                    body,
+                    ..
+                } => Refusal::decode(body.as_bytes()),
+                _ => None,
+            };
+            if let Some(last) = refusal.as_ref().and_then(Refusal::replay_last_seq) {
+                log.replayed(addr, seq, last, wall_us());
+            }
+            if log.restarting(refusal.as_ref(), grace) {
+                debug!(balancer = %addr, error = %e, "report refused while the balancer still hears our predecessor");
+            } else {
+                log.failed(addr, &e.to_string());
+            }
+        }
     }
 }
 
@@ -580,6 +638,77 @@ mod tests {
         .unwrap();
         assert!(!again[1].ready);
         drop(silent);
+    }
+
+    /// One push at a time to each balancer, the latest report next: pushed each in a task of its own, a report
+    /// made while the one before was still in flight overtook it on a slow balancer, which refused the older
+    /// as a replay (and a silent balancer held a socket per report). Here the balancer answers only once
+    /// told; reports 2 and 3 come while 1 is held, and 3 takes 2's place.
+    #[tokio::test]
+    async fn a_slow_balancer_gets_one_push_at_a_time_the_latest_next() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (release, released) = tokio::sync::watch::channel(false);
+        // The sequence numbers received, and the most connections open at once.
+        let seen = Arc::new(std::sync::Mutex::new((Vec::<u64>::new(), 0usize)));
+        let open = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (got, now_open) = (seen.clone(), open.clone());
+        tokio::spawn(async move {
+            while let Ok((mut c, _)) = listener.accept().await {
+                let at_once = now_open.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+                let (got, now_open, mut released) = (got.clone(), now_open.clone(), released.clone());
+                tokio::spawn(async move {
+                    let mut req = Vec::new();
+                    let mut buf = [0u8; 4096];
+                    // The body ends the request: the JSON's last brace (a report is one object).
+                    while !req.ends_with(b"}") {
+                        match c.read(&mut buf).await {
+                            Ok(n @ 1..) => req.extend_from_slice(&buf[..n]),
+                            _ => return,
+                        }
+                    }
+                    let text = String::from_utf8_lossy(&req);
+                    let body = &text[text.find("\r\n\r\n").unwrap() + 4..];
+                    let report: LoadReport = serde_json::from_str(body).unwrap();
+                    {
+                        let mut g = got.lock().unwrap();
+                        g.0.push(report.seq);
+                        g.1 = g.1.max(at_once);
+                    }
+                    let _ = released.wait_for(|r| *r).await;
+                    now_open.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+                    let _ = c.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n").await;
+                });
+            }
+        });
+        let text = format!("balancers = [\"{addr}\"]\nkey = \"0123456789abcdef\"\ntimeout_ms = 10000\n");
+        let cfg = xcluster_runtime::config::load_bytes::<Config>(text.as_bytes())
+            .unwrap()
+            .config;
+        let log = Arc::new(PushLog::default());
+        let report = |seq| LoadReport {
+            agent: cfg.agent_id.clone(),
+            seq,
+            boot: 1,
+            timestamp_ms: wall_ms(),
+            host: Default::default(),
+            instances: Vec::new(),
+        };
+        for seq in 1..=3 {
+            push_all(&cfg, &report(seq), &log);
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while seen.lock().unwrap().0.is_empty() {
+            assert!(Instant::now() < deadline, "the first push never came");
+            tokio::task::yield_now().await;
+        }
+        release.send_replace(true);
+        while seen.lock().unwrap().0.len() < 2 || !log.lanes.lock().unwrap().is_empty() {
+            assert!(Instant::now() < deadline, "the latest report never came");
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(*seen.lock().unwrap(), (vec![1, 3], 1));
     }
 
     /// An instance's stats endpoint that answers its first `answers` fetches ready at once, and those after
