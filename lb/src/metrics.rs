@@ -12,6 +12,8 @@ xcluster_runtime::metric_names! {
     pub const INSTANCE_REPORT_AGE_SECONDS: &str = "xcluster_lb_instance_report_age_seconds";
     /// 1 while a type's list is in panic mode (equal weights), by `type`.
     pub const PANIC: &str = "xcluster_lb_panic";
+    /// Instances of accepted reports left out of the table because it held `[reports] max_instances`.
+    pub const INSTANCES_LEFT_OUT_TOTAL: &str = "xcluster_lb_instances_left_out_total";
     /// Instances known to the table.
     pub const INSTANCES: &str = "xcluster_lb_instances";
     /// Directory queries answered, by `endpoint` (servers, watch, pick).

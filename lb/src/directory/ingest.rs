@@ -204,8 +204,21 @@ impl Directory {
         }
         let mut table = self.table();
         table.check_seq(&r, settings.max_agents, self.now_ms(), &settings.params)?;
-        table.check_room(&r, settings.max_instances)?;
-        table.apply(&r, self.now_ms(), &settings.params);
+        let (now_ms, room) = (self.now_ms(), table.room(&r, settings.max_instances));
+        if room.fits < room.new {
+            let left_out = room.new - room.fits;
+            ::metrics::counter!(metrics::INSTANCES_LEFT_OUT_TOTAL).increment(left_out as u64);
+            if table.full_warned.due(now_ms, 10_000) {
+                tracing::warn!(
+                    agent = %r.agent,
+                    left_out,
+                    max_instances = settings.max_instances,
+                    "the table is full: instances new to it are left out of the lists (the agent's others are \
+                     updated); raise [reports] max_instances (logged at most every 10 s)"
+                );
+            }
+        }
+        table.apply_within(&r, now_ms, &settings.params, room.fits);
         self.after_report(&table);
         Ok(r)
     }

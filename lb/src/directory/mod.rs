@@ -117,8 +117,11 @@ struct Inner {
     counts: ReportCounts,
     clock: Instant,
     closing: CancellationToken,
-    /// When the snapshot was last rebuilt (directory clock, ms), and whether the table changed since.
+    /// When the last snapshot rebuild ended (directory clock, ms), and whether the table changed since.
     last_publish_ms: AtomicU64,
+    /// How long after it reports share the next rebuild: [`COALESCE_MS`], or the last rebuild's own time
+    /// if longer.
+    window_ms: AtomicU64,
     dirty: std::sync::atomic::AtomicBool,
     wake: tokio::sync::Notify,
     /// Watches held now (`Settings::max_watches`).
@@ -176,7 +179,11 @@ fn touched(table: &mut Table) {
 }
 
 /// Reports closer together than this share one snapshot rebuild: a rebuild costs O(instances × types), so
-/// a busy balancer rebuilds at most 200 times a second, and a watcher waits at most this much longer.
+/// a busy balancer rebuilds at most 200 times a second, and a watcher waits at most this much longer. A
+/// rebuild that takes longer (a full table of many types) widens the window to its own time, counted from
+/// its end: counted from its start, a rebuild of 5 ms or more left no window, every report rebuilt again
+/// under the table's lock, and report handlers, blocked on it, held the runtime's threads from watches and
+/// `/readyz`.
 const COALESCE_MS: u64 = 5;
 
 impl Directory {
@@ -199,6 +206,7 @@ impl Directory {
                 clock: Instant::now(),
                 closing: CancellationToken::new(),
                 last_publish_ms: AtomicU64::new(0),
+                window_ms: AtomicU64::new(COALESCE_MS),
                 dirty: std::sync::atomic::AtomicBool::new(false),
                 wake: tokio::sync::Notify::new(),
                 watching: AtomicUsize::new(0),
@@ -267,9 +275,14 @@ impl Directory {
         let settings = self.inner.settings.load();
         let now = self.now_ms();
         self.inner.dirty.store(false, Ordering::Relaxed);
-        // 0 means "never after a report", so the first report always publishes at once.
-        self.inner.last_publish_ms.store(now.max(1), Ordering::Relaxed);
+        let started = Instant::now();
         let snap = Snapshot::build(table, now, &settings.params, Some(&self.inner.snapshot.load()));
+        let took = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.inner
+            .window_ms
+            .store(took.max(COALESCE_MS), Ordering::Relaxed);
+        // 0 means "never after a report", so the first report always publishes at once.
+        (self.inner.last_publish_ms).store(self.now_ms().max(1), Ordering::Relaxed);
         let version = snap.version;
         self.inner.snapshot.store(Arc::new(snap));
         self.inner.changed.send_if_modified(|v| {
@@ -279,11 +292,13 @@ impl Directory {
         });
     }
 
-    /// After a report changed the table: rebuild now, unless a rebuild happened within `COALESCE_MS`; then
-    /// the publisher task rebuilds once that window ends (with every report that arrived meanwhile).
+    /// After a report changed the table: rebuild now, unless a rebuild ended within its window
+    /// ([`COALESCE_MS`]); then the publisher task rebuilds once that window ends (with every report that
+    /// arrived meanwhile).
     fn after_report(&self, table: &Table) {
         let last = self.inner.last_publish_ms.load(Ordering::Relaxed);
-        if last == 0 || self.now_ms().saturating_sub(last) >= COALESCE_MS {
+        let window = self.inner.window_ms.load(Ordering::Relaxed);
+        if last == 0 || self.now_ms().saturating_sub(last) >= window {
             self.publish_locked(table);
         } else {
             self.inner.dirty.store(true, Ordering::Relaxed);
@@ -298,7 +313,8 @@ impl Directory {
                 _ = cancel.cancelled() => return,
                 _ = self.inner.wake.notified() => {}
             }
-            let due = self.inner.last_publish_ms.load(Ordering::Relaxed) + COALESCE_MS;
+            let due = (self.inner.last_publish_ms.load(Ordering::Relaxed))
+                .saturating_add(self.inner.window_ms.load(Ordering::Relaxed));
             let wait = due.saturating_sub(self.now_ms());
             tokio::time::sleep(Duration::from_millis(wait)).await;
             let table = self.table();
@@ -530,6 +546,9 @@ impl Directory {
                 break;
             }
             if valid_server_id(&id) {
+                // As the API keeps it (an address in Rust's spelling): kept as written, `[2001:DB8::1]:80`
+                // still withheld its backend, but no undrain, under any spelling, could take it off.
+                let id = self.named(&table, &id).id;
                 table.drained.insert(id);
             }
         }
@@ -559,6 +578,7 @@ impl Directory {
                 break;
             }
             if valid_server_id(&id) && !w.is_neutral() {
+                let id = self.named(&table, &id).id;
                 table.weights.entry(id).or_insert(w);
             }
         }

@@ -231,6 +231,28 @@ mod tests {
         assert_eq!(d.status().drained.len(), MAX_DRAINED);
     }
 
+    /// An address restored in another spelling (a hand-edited state file, an older peer) is kept as the API
+    /// keeps it, so an undrain in any spelling takes it off: kept as written, it still withheld its
+    /// backend, and every undrain answered `drained: false` while it stayed.
+    #[test]
+    fn a_restored_address_is_kept_in_the_apis_spelling() {
+        let d = dir();
+        assert_eq!(
+            d.restore_drained(["[2001:DB8::1]:80".into(), "127.0.0.1:08001".into()]),
+            2
+        );
+        assert_eq!(d.status().drained, ["127.0.0.1:8001", "[2001:db8::1]:80"]);
+        assert_eq!(
+            d.set_drained("[2001:db8::1]:80", false).as_deref(),
+            Some("[2001:db8::1]:80")
+        );
+        assert_eq!(
+            d.set_drained("127.0.0.1:8001", false).as_deref(),
+            Some("127.0.0.1:8001")
+        );
+        assert!(d.status().drained.is_empty());
+    }
+
     /// Only `drained` is read of a peer's status; an older peer without it has none.
     #[test]
     fn a_status_without_drains_reads_as_none() {

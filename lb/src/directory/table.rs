@@ -38,6 +38,15 @@ pub struct Instance {
     pub predicted: Arc<AtomicU64>,
 }
 
+/// What room a report finds in a full table ([`Table::room`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Room {
+    /// Instances it lists that the table does not hold yet.
+    pub new: usize,
+    /// How many of them fit under `max_instances`.
+    pub fits: usize,
+}
+
 /// The mutable state behind the directory. Only the ingest path and the housekeeping tick write it.
 #[derive(Debug, Default)]
 pub struct Table {
@@ -56,6 +65,8 @@ pub struct Table {
     pub clash_warned: xcluster_runtime::telemetry::Throttle,
     /// The WARN line of an agent that reports less often than the TTL, at most every 10 s.
     pub rare_warned: xcluster_runtime::telemetry::Throttle,
+    /// The WARN line of a report whose new instances do not all fit the table, at most every 10 s.
+    pub full_warned: xcluster_runtime::telemetry::Throttle,
     /// Whether any report has been applied since this balancer started: until then its lists are empty
     /// for want of reports, not of instances (`ServerList::warming`).
     pub heard: bool,
@@ -154,11 +165,11 @@ impl Table {
         }
     }
 
-    /// Refuses `report` if the instances it would add (ids the table does not hold yet) take the table
-    /// past `max_instances`; those it holds already are only updated, and those of its agent it no longer
-    /// lists leave (as `apply` drops them), so an agent whose instances were renamed (a deploy) still fits
-    /// a full table: counting only the new ids locked it out until its old ones were forgotten.
-    pub fn check_room(&self, report: &LoadReport, max_instances: usize) -> Result<(), ReportError> {
+    /// How many of the instances `report` would add (ids the table does not hold yet) fit under
+    /// `max_instances`: those it holds already are only updated, and those of its agent it no longer lists
+    /// leave (as `apply` drops them), so an agent whose instances were renamed (a deploy) still fits a full
+    /// table: counting only the new ids locked it out until its old ones were forgotten.
+    pub fn room(&self, report: &LoadReport, max_instances: usize) -> Room {
         let new = report
             .instances
             .iter()
@@ -169,20 +180,24 @@ impl Table {
         let leaving = (self.instances.values())
             .filter(|i| i.agent == report.agent && !listed.contains(&*i.id))
             .count();
-        if new > 0 && self.instances.len() - leaving + new > max_instances {
-            return Err(ReportError::Malformed(format!(
-                "{} new instances would take the table past [reports] max_instances = {max_instances} (it holds {}); agent {:?} refused",
-                new,
-                self.instances.len(),
-                report.agent
-            )));
+        let free = max_instances.saturating_sub(self.instances.len() - leaving);
+        Room {
+            new,
+            fits: new.min(free),
         }
-        Ok(())
     }
 
     /// Applies an accepted report: updates each instance's load, damped weights and readiness ramp, and
     /// drops instances the agent no longer reports.
     pub fn apply(&mut self, report: &LoadReport, now_ms: u64, p: &Params) {
+        self.apply_within(report, now_ms, p, usize::MAX);
+    }
+
+    /// [`Self::apply`], adding at most `room` instances the table does not hold yet ([`Self::room`]), the
+    /// first the report lists: those it holds are updated all the same. A report that would overfill the
+    /// table was refused whole, so none of its agent's instances was updated, and one more instance on a
+    /// host took the whole host out of the lists, for as long as the table stayed full.
+    pub fn apply_within(&mut self, report: &LoadReport, now_ms: u64, p: &Params, mut room: usize) {
         self.heard = true;
         let ttl = p.report_ttl.as_millis() as u64;
         let (gap_ms, rare) = match self.last_seq.get(&report.agent) {
@@ -232,6 +247,12 @@ impl Table {
             let Ok(addr) = i.addr.parse::<SocketAddr>() else {
                 continue;
             };
+            if !self.instances.contains_key(i.id.as_str()) {
+                match room.checked_sub(1) {
+                    Some(left) => room = left,
+                    None => continue,
+                }
+            }
             let id: Arc<str> = Arc::from(i.id.as_str());
             // Another agent reports this id, freshly: its claim stands (the id names one instance; taking
             // turns made the address flap with every report).

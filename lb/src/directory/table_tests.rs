@@ -643,10 +643,12 @@ fn clients_are_shown_a_new_list_only_when_it_changed_enough() {
     assert_eq!(shown_weight(&s3, "h1/b"), Some(0));
 }
 
-/// The table holds at most `max_instances` over every agent: a report that would add past it is refused
-/// whole, while reports of instances it holds already still update them.
+/// The table holds at most `max_instances` over every agent: of what a report would add past it, only what
+/// fits is taken (the first it lists), while the instances the table holds are updated all the same. A
+/// report that would overfill it was refused whole: one more instance on a host took the whole host out of
+/// the lists, for as long as the table stayed full.
 #[test]
-fn a_report_that_would_overfill_the_table_is_refused() {
+fn a_report_that_would_overfill_the_table_adds_only_what_fits() {
     let p = params();
     let mut t = Table::default();
     let two = |agent: &str, base: u16| {
@@ -656,29 +658,27 @@ fn a_report_that_would_overfill_the_table_is_refused() {
         ]
     };
     let first = report("h1", 1, 0, 0.1, two("h1", 1));
-    assert!(t.check_room(&first, 3).is_ok());
-    t.apply(&first, 0, &p);
+    assert_eq!(t.room(&first, 3), Room { new: 2, fits: 2 });
+    t.apply_within(&first, 0, &p, 2);
     let second = report("h2", 1, 0, 0.1, two("h2", 10));
-    let e = t.check_room(&second, 3).unwrap_err();
-    assert!(e.to_string().contains("max_instances = 3"), "{e}");
-    // h1 again, same instances: nothing new, so not refused.
-    assert!(t.check_room(&report("h1", 2, 100, 0.1, two("h1", 1)), 3).is_ok());
-    // One new instance fits.
-    assert!(
-        t.check_room(&report("h2", 1, 0, 0.1, vec![inst("h2/a", 10, 1)]), 3)
-            .is_ok()
-    );
-    // A full table: h1's instances renamed (a deploy) replace its old ones, which it no longer lists.
-    let full = report("h2", 1, 0, 0.1, vec![inst("h2/a", 10, 1)]);
-    t.apply(&full, 0, &p);
-    let renamed = vec![inst("h1/c", 3, 1), inst("h1/d", 4, 1)];
-    assert!(
-        t.check_room(&report("h1", 3, 200, 0.1, renamed.clone()), 3)
-            .is_ok()
-    );
-    // But not more of them than it had.
-    let more = [renamed, vec![inst("h1/e", 5, 1)]].concat();
-    assert!(t.check_room(&report("h1", 3, 200, 0.1, more), 3).is_err());
+    let room = t.room(&second, 3);
+    assert_eq!(room, Room { new: 2, fits: 1 });
+    t.apply_within(&second, 0, &p, room.fits);
+    let ids = |t: &Table| t.instances.keys().map(|k| k.to_string()).collect::<Vec<_>>();
+    assert_eq!(ids(&t), ["h1/a", "h1/b", "h2/a"], "the first it lists");
+    // A full table: h1 reports a third instance; the two it has are updated, the third left out.
+    let three = [two("h1", 1), vec![inst("h1/c", 3, 1)]].concat();
+    let grown = report("h1", 2, 500, 0.1, three);
+    let room = t.room(&grown, 3);
+    assert_eq!(room, Room { new: 1, fits: 0 });
+    t.apply_within(&grown, 500, &p, room.fits);
+    assert_eq!(ids(&t), ["h1/a", "h1/b", "h2/a"]);
+    assert_eq!(t.instances["h1/a"].received_ms, 500, "updated all the same");
+    // h1's instances renamed (a deploy) replace its old ones, which it no longer lists.
+    let renamed = report("h1", 3, 600, 0.1, vec![inst("h1/c", 3, 1), inst("h1/d", 4, 1)]);
+    assert_eq!(t.room(&renamed, 3), Room { new: 2, fits: 2 });
+    t.apply_within(&renamed, 600, &p, 2);
+    assert_eq!(ids(&t), ["h1/c", "h1/d", "h2/a"]);
 }
 
 /// Only the types the balancer weighs keep a service time: a report of 32 new names each time, under a
