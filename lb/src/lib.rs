@@ -141,10 +141,25 @@ pub async fn run(ctx: Context<Config>) -> Result<(), Error> {
 async fn restore_state_file(dir: &Directory, path: std::path::PathBuf) -> bool {
     let at = path.clone();
     let now = directory::state::unix_ms();
-    let restored = tokio::task::spawn_blocking(move || directory::state::load_logged(&at, now)).await;
-    let Ok(restored) = restored else {
-        dir.keep_state_in(path);
-        return true;
+    let restored = tokio::task::spawn_blocking(move || directory::state::load_logged(&at, now));
+    let restored = match tokio::time::timeout(directory::STATE_FILE_WITHIN, restored).await {
+        Ok(Ok(restored)) => restored,
+        Ok(Err(_)) => {
+            dir.keep_state_in(path);
+            return true;
+        }
+        // Storage that does not answer held the start for ever, before the balancer was ready: it starts
+        // from its peers' state, and the file, which may hold the only copy of the drains, is not written
+        // over.
+        Err(_) => {
+            tracing::error!(
+                file = %path.display(),
+                within_s = directory::STATE_FILE_WITHIN.as_secs(),
+                "the state file was not read in time; starting from the peers' drains and weights, and not \
+                 writing the file"
+            );
+            return true;
+        }
     };
     // A file that could not be read (permissions, an I/O error) may hold the only copy of the drains: it
     // is not written over (the first save renamed a new file onto it).

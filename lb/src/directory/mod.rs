@@ -178,6 +178,10 @@ fn touched(table: &mut Table) {
     table.state_changed_unix_ms = state::unix_ms().max(table.state_changed_unix_ms.saturating_add(1));
 }
 
+/// Longest wait for a read or write of `[directory] state_file`: past it the balancer goes on without it
+/// (starting from its peers' state, or answering a drain call with the change in memory).
+pub const STATE_FILE_WITHIN: Duration = Duration::from_secs(10);
+
 /// Reports closer together than this share one snapshot rebuild: a rebuild costs O(instances × types), so
 /// a busy balancer rebuilds at most 200 times a second, and a watcher waits at most this much longer. A
 /// rebuild that takes longer (a full table of many types) widens the window to its own time, counted from
@@ -643,11 +647,17 @@ impl Directory {
             return;
         };
         let dir = self.clone();
-        let written = tokio::task::spawn_blocking(move || file.save(|| dir.runtime_state())).await;
-        let error = match written {
-            Ok(Ok(())) => return,
-            Ok(Err(e)) => e.to_string(),
-            Err(e) => format!("the write task failed: {e}"),
+        let written = tokio::task::spawn_blocking(move || file.save(|| dir.runtime_state()));
+        let error = match tokio::time::timeout(STATE_FILE_WITHIN, written).await {
+            Ok(Ok(Ok(()))) => return,
+            Ok(Ok(Err(e))) => e.to_string(),
+            Ok(Err(e)) => format!("the write task failed: {e}"),
+            // Storage that stopped answering (a hard NFS mount) held every drain call, each on a blocking
+            // thread, for ever: the call is answered, the write left to finish if it ever does.
+            Err(_) => format!(
+                "the write did not finish within {} s",
+                STATE_FILE_WITHIN.as_secs()
+            ),
         };
         ::metrics::counter!(crate::metrics::STATE_WRITE_ERRORS_TOTAL).increment(1);
         tracing::warn!(
