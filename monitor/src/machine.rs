@@ -249,10 +249,14 @@ impl Machine {
                 self.go(State::Stopped, &mut step);
                 if std::mem::take(&mut self.restart_after_stop) {
                     if std::mem::take(&mut self.count_restart) {
-                        self.restart_count += 1;
+                        // The monitor's own restart (its liveness probe failed): within the restart budget
+                        // and backoff, as a crash's. Restarted at once, a probe that always fails restarted
+                        // its program every few seconds for ever, never FATAL.
+                        self.after_crash(p, now, rand01, &mut step);
+                    } else {
+                        self.start_failures = 0;
+                        self.enter_starting(p, now, &mut step);
                     }
-                    self.start_failures = 0;
-                    self.enter_starting(p, now, &mut step);
                 }
             }
             (State::Backoff | State::Fatal, Event::Stop) => {
@@ -329,6 +333,16 @@ impl Machine {
         step.transitions.push((self.state, to));
         self.state = to;
         self.generation += 1;
+    }
+
+    /// A start the supervisor will not make (it is shutting down): STARTING back to STOPPED, the timer armed
+    /// with it stale.
+    pub fn abandon_start(&mut self) -> Step {
+        let mut step = Step::default();
+        if self.state == State::Starting {
+            self.go(State::Stopped, &mut step);
+        }
+        step
     }
 
     /// The generation of the timer the current state armed (for tests and the supervisor's bookkeeping).

@@ -344,15 +344,43 @@ fn only_restarts_the_monitor_makes_by_itself_count() {
     assert_eq!(t.m.state, Starting);
     assert_eq!(t.m.restart_count, 1);
     t.running();
-    // So does a restart for a failing liveness probe, once the process has stopped.
+    // So does a restart for a failing liveness probe, once the process has stopped: as a crash's, the
+    // second in a row of a process that died young waits its backoff.
     assert_eq!(t.ev(Event::Unhealthy).transitions, vec![(Running, Stopping)]);
     assert_eq!(t.m.restart_count, 1);
     let s = t.ev(Event::Exited(ExitInfo {
         code: None,
         signal: Some(15),
     }));
-    assert_eq!(s.transitions, vec![(Stopping, Stopped), (Stopped, Starting)]);
+    assert_eq!(s.transitions, vec![(Stopping, Stopped), (Stopped, Backoff)]);
+    assert_eq!(t.timer().transitions, vec![(Backoff, Starting)]);
     assert_eq!(t.m.restart_count, 2);
+}
+
+/// A liveness probe that always fails restarts its program within the restart budget, with the crash
+/// backoff, and then the program is FATAL: restarted at once, it went on every few seconds for ever.
+#[test]
+fn a_liveness_probe_that_always_fails_ends_fatal() {
+    let mut t = T::new();
+    t.running();
+    let mut restarts = 0;
+    while t.m.state != Fatal {
+        assert!(restarts <= t.p.max_restarts, "restarted past the budget");
+        t.ev(Event::Unhealthy);
+        t.ev(Event::Exited(ExitInfo {
+            code: None,
+            signal: Some(15),
+        }));
+        if t.m.state == Backoff {
+            t.timer();
+        }
+        if t.m.state == Starting {
+            t.running();
+            restarts += 1;
+        }
+    }
+    assert_eq!(restarts, t.p.max_restarts);
+    assert_eq!(t.m.fatal_reason, Some("restart budget exhausted"));
 }
 
 #[test]

@@ -217,7 +217,8 @@ pub fn open_pidfd(e: &Entry) -> std::io::Result<std::os::fd::OwnedFd> {
     Ok(owned)
 }
 
-fn is_same_process(e: &Entry) -> bool {
+/// Whether the process at `e`'s pid is the one `e` recorded (its start time): not gone, its pid not reused.
+pub fn is_same_process(e: &Entry) -> bool {
     e.pid > 0 && start_time(e.pid).is_some_and(|t| t == e.start_time)
 }
 

@@ -296,7 +296,8 @@ impl Supervisor {
         }
         for spec in cfg.processes.iter() {
             if plan.added.contains(&spec.name) {
-                let p = self.new_proc(Arc::new(spec.clone()));
+                let mut p = self.new_proc(Arc::new(spec.clone()));
+                p.after_removals = true;
                 self.procs.insert(spec.name.clone(), p);
             } else if plan.changed.contains(&spec.name) {
                 let Some(p) = self.procs.get_mut(&spec.name) else {

@@ -904,6 +904,50 @@ mod tests {
         assert_eq!(config.borrow_and_update().key, b"second-key-0123456789");
     }
 
+    /// [`Keyed`] with its key file a restart key: a reload keeps the running one, which only the second
+    /// validation (with the restart keys at their running values) reads.
+    #[derive(Debug)]
+    struct KeptKey {
+        key: Vec<u8>,
+    }
+
+    impl RoleConfig for KeptKey {
+        const ROLE: &'static str = "test";
+        const RESTART_KEYS: &'static [&'static str] = &["key_file"];
+        type Raw = KeyedRaw;
+        fn validate(raw: &KeyedRaw) -> Result<Self, Vec<crate::config::ConfigIssue>> {
+            Keyed::validate(raw).map(|k| KeptKey { key: k.key })
+        }
+    }
+
+    /// A key file only the second validation read (the running value of a restart key) is watched and
+    /// judged by as the others: an edit of it was seen only at the next SIGHUP.
+    #[test]
+    fn a_file_only_the_restart_keys_validation_read_is_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let [running, named] = ["running.key", "named.key"].map(|k| dir.path().join(k));
+        std::fs::write(&running, "first-key-0123456789\n").unwrap();
+        std::fs::write(&named, "named-key-0123456789\n").unwrap();
+        let main = dir.path().join("c.toml");
+        let names =
+            |key: &Path| std::fs::write(&main, format!("key_file = \"{}\"\n", key.display())).unwrap();
+        names(&running);
+        let mut src = ConfigSource::file(&main);
+        src.use_env = false;
+        let loaded = crate::config::load::<KeptKey>(&src).unwrap();
+        let (mut state, mut config, status) = unwatched(src, loaded);
+        // The file names another key file: the running one is kept until a restart.
+        names(&named);
+        state.attempt(Cause::File);
+        assert_eq!(status.borrow().failures, 0);
+        assert_eq!(config.borrow_and_update().key, b"first-key-0123456789");
+        assert!(state.read_files.contains(&running), "{:?}", state.read_files);
+        // The running key file rewritten: a change to the config in force.
+        std::fs::write(&running, "second-key-0123456789\n").unwrap();
+        state.attempt(Cause::File);
+        assert_eq!(config.borrow_and_update().key, b"second-key-0123456789");
+    }
+
     /// `dir/main.toml` including `conf.d/*.toml`, where `conf.d/web.toml` (`conf.d` made already) is a link to
     /// `target`: its source and its load.
     fn linked_include(

@@ -133,6 +133,38 @@ fatal_retry_secs = 1
     });
 }
 
+/// A shutdown starts nothing again: `base` crashes while the shutdown waits for `slow`, which depends on it,
+/// to stop. Its restart spawned a new `base` in the middle of the shutdown, which then had to be stopped
+/// in its turn (a BACKOFF or FATAL timer, or a failing liveness probe, did the same).
+#[test]
+fn a_shutdown_starts_nothing_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let starts = dir.path().join("base.starts");
+    let mut m = Mon::start(&format!(
+        r#"
+[programs.base]
+command = "/bin/sh -c 'echo started >> {starts}; exec sleep 1000'"
+startsecs = 0
+[programs.slow]
+command = "/bin/sh -c 'trap \"sleep 3; exit 0\" TERM; echo trapped; while :; do sleep 0.1; done'"
+depends_on = ["base"]
+startsecs = 0
+stopwaitsecs = 20
+"#,
+        starts = starts.display()
+    ));
+    m.wait_state("slow", "RUNNING", T);
+    trapped(&m, "slow", 1);
+    let base = m.pid("base").unwrap();
+    m.proc.signal(nix::sys::signal::Signal::SIGTERM);
+    m.wait_state("slow", "STOPPING", T);
+    assert_eq!(m.state("base"), "RUNNING", "held for slow, which depends on it");
+    kill9(base);
+    assert_eq!(m.proc.wait_exit(T), Some(0));
+    let started = std::fs::read_to_string(&starts).unwrap();
+    assert_eq!(started.lines().count(), 1, "base started again: {started:?}");
+}
+
 /// A monitor running `stubborn`, a program that ignores SIGTERM (so a stop lasts until `stopwaitsecs` ends
 /// it with SIGKILL), once its trap is set.
 fn stubborn(stopwaitsecs: u32) -> Mon {

@@ -329,6 +329,37 @@ fn a_named_removal_of_a_dependency_names_its_dependent() {
     });
 }
 
+/// An update that removes one program and adds another starts the new one once the old one is gone
+/// (Supervisord's `update` stops before it adds): started beside it, a renamed program (`numprocs` 1 to 2:
+/// `web` out, `web-0` in on the same port) failed to bind while the old one stopped, and could end FATAL.
+#[test]
+fn an_update_starts_what_it_adds_once_what_it_removes_is_gone() {
+    let dir = tempfile::tempdir().unwrap();
+    let old = format!(
+        "auto_update = false\n[programs.web]\ncommand = '''{}'''\nstartsecs = 0\nstopwaitsecs = 600\n",
+        held_until_released(dir.path())
+    );
+    let m = Mon::start(&old);
+    m.wait_state("web", "RUNNING", T);
+    eventually(T, "web's TERM trap", || {
+        let r = get(m.addr, "/v1/programs/web/log?stream=stdout&bytes=4096").ok()?;
+        r.body.contains("trapped").then_some(())
+    });
+    let pid = m.pid("web").unwrap();
+    m.rewrite("auto_update = false\n[programs.web]\ncommand = \"sleep 309\"\nnumprocs = 2\nstartsecs = 0\n");
+    let o = m.ctl(&["update"]);
+    assert!(o.status.success(), "{}", out(&o));
+    m.wait_state("web", "STOPPING", T);
+    assert_eq!(
+        m.state("web-0"),
+        "STOPPED",
+        "started beside the program it replaces"
+    );
+    release(dir.path(), pid);
+    m.wait_state("web-0", "RUNNING", T);
+    assert!(!lists(&m.status(), "web"));
+}
+
 /// A named update that rolls (`--rolling`, or `update_strategy = "rolling"`) beside an added program it
 /// does not name rolls only what it names: the monitor panicked, its roll looking up the unnamed program.
 #[test]
@@ -493,7 +524,7 @@ depends_on = ["app"]
     for name in ["app-0", "app-1", "web"] {
         m.wait_state(name, "RUNNING", T);
     }
-    let app1 = m.pid("app-1").unwrap();
+    let (app0, app1) = (m.pid("app-0").unwrap(), m.pid("app-1").unwrap());
     m.rewrite(&programs(1));
     // STOPPING until released.
     m.wait_state("app-1", "STOPPING", T);
@@ -508,6 +539,14 @@ depends_on = ["app"]
     eventually(T, "app-1 to leave once gone", || {
         (!lists(&m.status(), "app-1")).then_some(())
     });
+    // `app` (one process now, under its own name) starts once `app-0`, removed too, is gone.
+    assert_eq!(
+        m.state("app"),
+        "STOPPED",
+        "started beside the processes it replaces"
+    );
+    release(app0);
+    m.wait_state("app", "RUNNING", T);
     let o = m.ctl(&["restart", "--wait-secs", "10", "web"]);
     assert_says(&o, 0, "web: started");
     // So the monitor's own stop at the end does not wait on the processes of `app` still running.

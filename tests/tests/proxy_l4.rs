@@ -338,6 +338,28 @@ fn bulk_answers_with_pauses_arrive_in_every_mode(rt: &'static str) {
     }
 }
 
+/// A byte a client sends as TCP urgent data stalls no direction: `splice` stops at the urgent mark for good
+/// (a read passes it), so the bytes after it waited for the idle timeout, and under io_uring a worker spun
+/// at 100% meanwhile. The urgent byte itself is not forwarded (the proxy reads it as a plain read does:
+/// out of band); the bytes around it arrive intact.
+fn an_urgent_byte_stalls_no_direction(rt: &'static str) {
+    for forwarding in ["splice", "auto"] {
+        let (_lb, front) = echo_lb(rt, 1000, &format!("forwarding = \"{forwarding}\"\n"), "");
+        let mut s = connect(front);
+        for (i, len) in [65_536, 65_536, 16_384].into_iter().enumerate() {
+            if i > 0 {
+                socket2::SockRef::from(&s).send_out_of_band(b"!").unwrap();
+            }
+            let msg = payload(len, i as u64 + 7);
+            s.write_all(&msg).unwrap();
+            let mut back = vec![0u8; len];
+            s.read_exact(&mut back)
+                .unwrap_or_else(|e| panic!("{forwarding}: the {len} bytes after urgent byte {i}: {e}"));
+            assert!(back == msg, "{forwarding}: answer {i} came back altered");
+        }
+    }
+}
+
 fn half_close_propagates_both_ways(rt: &'static str) {
     // Client closes its side first; the backend answers after seeing end-of-stream.
     let counter = backend(|mut s| {
@@ -3433,6 +3455,7 @@ macro_rules! per_runtime {
 
 per_runtime!(
     random_payloads_arrive_byte_exact_both_ways,
+    an_urgent_byte_stalls_no_direction,
     half_close_propagates_both_ways,
     bulk_answers_with_pauses_arrive_in_every_mode,
     dead_backend_is_skipped_by_redispatch,

@@ -450,6 +450,10 @@ pin_project! {
         finning: bool,
         // Woken when health checks put the backend down, if it has `close_on_down` (else no allocation).
         backend_down: DownWatch,
+        // Which direction goes first at the next poll: they take turns. Both spend the task's one
+        // cooperative budget, so with `up` always first, an upload that never ran dry spent it all at every
+        // poll, and the download read nothing for as long as the upload lasted.
+        down_first: bool,
         // Pushed forward lazily: activity only stamps `last_ms`, and the timer, when it fires, re-arms itself
         // for `last + idle`. One timer for the connection's life, never one per read.
         #[pin]
@@ -490,6 +494,7 @@ impl Conn {
             idle,
             fin,
             finning: false,
+            down_first: false,
             backend_down,
             timer: tokio::time::sleep_until(tokio::time::Instant::from_std(start + idle)),
         }
@@ -504,22 +509,34 @@ impl Future for Conn {
         let (l, bm) = (&this.active.l.metrics, this.active.bm.as_deref());
         let (client_r, client_w) = this.client.split();
         let (backend_r, backend_w) = this.backend.split();
+        let (mut up_halves, mut down_halves) = (Some((client_r, backend_w)), Some((backend_r, client_w)));
         let mut moved = false;
         let mut result = None;
-        if !this.up.is_done() {
-            let logged = this.active.log.as_deref_mut().map(|g| &mut g.bytes[0]);
-            let count = counting(&mut moved, &l.bytes_up, bm.map(|b| &b.bytes_up), logged);
-            let last = this.down.is_done();
-            if let Poll::Ready(Err(f)) = this.up.poll_forward(cx, client_r, backend_w, last, count) {
-                result = Some(Outcome::Error(f.side(0), f.error));
+        let down_first = std::mem::replace(this.down_first, !*this.down_first);
+        for up in [!down_first, down_first] {
+            if result.is_some() {
+                break;
             }
-        }
-        if result.is_none() && !this.down.is_done() {
-            let logged = this.active.log.as_deref_mut().map(|g| &mut g.bytes[1]);
-            let count = counting(&mut moved, &l.bytes_down, bm.map(|b| &b.bytes_down), logged);
-            let last = this.up.is_done();
-            if let Poll::Ready(Err(f)) = this.down.poll_forward(cx, backend_r, client_w, last, count) {
-                result = Some(Outcome::Error(f.side(1), f.error));
+            if up {
+                let Some((src, dst)) = up_halves.take().filter(|_| !this.up.is_done()) else {
+                    continue;
+                };
+                let logged = this.active.log.as_deref_mut().map(|g| &mut g.bytes[0]);
+                let count = counting(&mut moved, &l.bytes_up, bm.map(|b| &b.bytes_up), logged);
+                let last = this.down.is_done();
+                if let Poll::Ready(Err(f)) = this.up.poll_forward(cx, src, dst, last, count) {
+                    result = Some(Outcome::Error(f.side(0), f.error));
+                }
+            } else {
+                let Some((src, dst)) = down_halves.take().filter(|_| !this.down.is_done()) else {
+                    continue;
+                };
+                let logged = this.active.log.as_deref_mut().map(|g| &mut g.bytes[1]);
+                let count = counting(&mut moved, &l.bytes_down, bm.map(|b| &b.bytes_down), logged);
+                let last = this.up.is_done();
+                if let Poll::Ready(Err(f)) = this.down.poll_forward(cx, src, dst, last, count) {
+                    result = Some(Outcome::Error(f.side(1), f.error));
+                }
             }
         }
         if result.is_none() && this.up.is_done() && this.down.is_done() {
@@ -582,6 +599,10 @@ fn counting<'a>(
 ) -> impl FnMut(usize) + 'a {
     move |n| {
         *moved = true;
+        // A write (`poll_forward` says 0): activity, its bytes counted at their read.
+        if n == 0 {
+            return;
+        }
         listener.increment(n as u64);
         if let Some(b) = backend {
             b.increment(n as u64);

@@ -168,6 +168,12 @@ pub struct Direction {
     splicing: bool,
     done: bool,
     held: Held,
+    /// Reading straight from the socket, past tokio's readiness, until it runs dry: set when `splice` moved
+    /// nothing from a socket that polled readable, which at TCP's urgent mark it does for good
+    /// (`tcp_read_sock` stops there, while a read passes it). The splice's `WouldBlock` cleared the
+    /// readiness, so waiting on it, the bytes past the mark waited for more to come (a direction stalled
+    /// until its idle timeout, or its end read as the stream's with the bytes before it dropped).
+    raw_reads: bool,
 }
 
 /// Bytes read but not yet written, in the pipe or buffer they were read into. `Nothing` while idle.
@@ -189,6 +195,7 @@ impl Direction {
             splicing: mode == Forwarding::Splice,
             done: false,
             held: Held::Nothing,
+            raw_reads: false,
         }
     }
 
@@ -198,7 +205,10 @@ impl Direction {
     }
 
     /// Moves bytes from `src` to `dst` until `src` has nothing more for now (`Pending`, with `cx` woken when
-    /// either socket is ready again) or has ended (`Ready(Ok)`). `moved` is told the size of every batch read.
+    /// either socket is ready again) or has ended (`Ready(Ok)`). `moved` is told the size of every batch read,
+    /// and 0 for every write that moved bytes: a write is activity too. Stamped at reads alone, a download to
+    /// a client reading slowly (a batch written over seconds, the next read only then) was cut by the idle or
+    /// fin timeout while its bytes kept arriving; the io_uring runtime stamps its sends.
     ///
     /// At the end `dst` is half-closed, unless `last` says the other direction has ended already: the
     /// connection is then closed next, and `close` sends the FIN itself (both receive queues were read to
@@ -213,7 +223,40 @@ impl Direction {
     ) -> Poll<Result<(), Fault>> {
         let d = dst.as_ref();
         loop {
-            ready!(self.poll_flush(cx, d)).map_err(Fault::destination)?;
+            ready!(self.poll_flush(cx, d, &mut moved)).map_err(Fault::destination)?;
+            if self.raw_reads {
+                // Not through tokio: budgeted here, as `poll_read_ready` budgets the other reads.
+                let coop = ready!(tokio::task::coop::poll_proceed(cx));
+                let mut buf = take_buf();
+                let read = io::Read::read(&mut &*socket2::SockRef::from(src.as_ref()), &mut buf.0);
+                let n = match read {
+                    Ok(n) => n,
+                    Err(e) => {
+                        give_buf(buf);
+                        match e.kind() {
+                            // Dry: readiness (cleared) says when more comes.
+                            io::ErrorKind::WouldBlock => self.raw_reads = false,
+                            io::ErrorKind::Interrupted => {}
+                            _ => return Poll::Ready(Err(Fault::source(e))),
+                        }
+                        continue;
+                    }
+                };
+                coop.made_progress();
+                if n == 0 {
+                    give_buf(buf);
+                    if !last {
+                        half_close(d);
+                    }
+                    self.done = true;
+                    return Poll::Ready(Ok(()));
+                }
+                // `n` is at most BUF_SIZE, far below u32::MAX.
+                let len = u32::try_from(n).unwrap_or(u32::MAX);
+                self.held = Held::Buf { buf, off: 0, len };
+                moved(n);
+                continue;
+            }
             // Wait with nothing borrowed: an idle direction holds no pipe and no buffer. This spends tokio's
             // cooperative budget, so an always-ready bulk stream still yields to the other connections.
             ready!(src.as_ref().poll_read_ready(cx)).map_err(Fault::source)?;
@@ -234,6 +277,9 @@ impl Direction {
                     Err(e) => {
                         give_pipe(pipe);
                         if e.kind() == io::ErrorKind::WouldBlock {
+                            // Readable, yet nothing spliced: the urgent mark (see `raw_reads`), or readiness
+                            // gone stale, which the first read finds.
+                            self.raw_reads = true;
                             continue;
                         }
                         return Poll::Ready(Err(Fault::source(e)));
@@ -283,7 +329,12 @@ impl Direction {
     }
 
     /// Writes what is held to `dst`; once it is all written, the pipe or buffer goes back to its pool.
-    fn poll_flush(&mut self, cx: &mut Context<'_>, dst: &TcpStream) -> Poll<io::Result<()>> {
+    fn poll_flush(
+        &mut self,
+        cx: &mut Context<'_>,
+        dst: &TcpStream,
+        wrote_some: &mut impl FnMut(usize),
+    ) -> Poll<io::Result<()>> {
         loop {
             let wrote = match &mut self.held {
                 Held::Nothing => return Poll::Ready(Ok(())),
@@ -308,7 +359,7 @@ impl Direction {
                 }
             };
             match wrote {
-                Ok(()) => {}
+                Ok(()) => wrote_some(0),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => ready!(dst.poll_write_ready(cx))?,
                 // A pipe that still holds bytes is dropped with `self`, never pooled.
                 Err(e) => return Poll::Ready(Err(e)),
@@ -384,6 +435,31 @@ mod tests {
         drop(again);
         drop(out);
         assert_eq!(LENT.load(Ordering::Relaxed), 0);
+    }
+
+    /// A write that moves bytes is told as activity (`moved(0)`), not only a read: stamped at reads alone, a
+    /// download to a slow reader was cut by the idle timeout while its bytes kept arriving.
+    #[tokio::test]
+    async fn a_write_is_told_as_activity() {
+        let _one = PIPES_LOCK.lock().await;
+        for mode in [Forwarding::Copy, Forwarding::Splice] {
+            let (mut client, mut from_client) = pair().await;
+            let (_backend, mut to_backend) = pair().await;
+            client.write_all(&[7u8; 1000]).await.unwrap();
+            client.shutdown().await.unwrap();
+            let mut dir = Direction::new(mode);
+            let mut told = Vec::new();
+            std::future::poll_fn(|cx| {
+                let (src, _) = from_client.split();
+                let (_, dst) = to_backend.split();
+                dir.poll_forward(cx, src, dst, false, |n| told.push(n))
+            })
+            .await
+            .unwrap();
+            assert_eq!(told.iter().sum::<usize>(), 1000, "{mode:?}: {told:?}");
+            let first_write = told.iter().position(|n| *n == 0);
+            assert!(first_write.is_some_and(|at| at > 0), "{mode:?}: {told:?}");
+        }
     }
 
     #[tokio::test]

@@ -65,6 +65,10 @@ pub(crate) struct Proc {
     pub wanted_restart: bool,
     /// Removed by an update: dropped once it has no process.
     pub removing: bool,
+    /// Added by an update: starts once the processes it removed are gone (Supervisord's `update` stops
+    /// before it adds). Started beside them, a renamed program (`numprocs` 1 to 2: `web` out, `web-0` in on
+    /// the same port) failed to bind while the old one stopped, and could reach FATAL.
+    pub after_removals: bool,
     /// Changed by an update: swapped in once the old process is gone.
     pub replacement: Option<Arc<ProcessSpec>>,
     pub spawn_error: Option<String>,
@@ -122,6 +126,25 @@ pub(crate) struct Inputs {
     pub config: watch::Receiver<Arc<Config>>,
     pub drain: CancellationToken,
     pub stop: CancellationToken,
+}
+
+/// Ends a process a previous monitor left that this one cannot watch: SIGKILL to its group, then a wait (at
+/// most 2 s, polling `/proc`) for its leader to be gone, so the copy started in its place does not find it
+/// still holding its port. Its stop signal and `stopwaitsecs` are not waited out: with no pidfd, nothing
+/// would say when it ended.
+fn end_leftover(pid: u32) {
+    let _ = child::signal_group(pid, nix::sys::signal::Signal::SIGKILL);
+    // Dead once gone, or a zombie its reaper (not this monitor: it was the old one's child) has yet to reap.
+    let alive = || {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|stat| Some(stat.rsplit_once(") ")?.1.starts_with('Z')))
+            .is_some_and(|zombie| !zombie)
+    };
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while alive() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
 
 pub(crate) fn unix_ms() -> u64 {
@@ -224,6 +247,17 @@ impl Supervisor {
             };
             let fd = match crate::statefile::open_pidfd(&e) {
                 Ok(fd) => fd,
+                // Still there, but no pidfd for it (a kernel without `pidfd_open`, a seccomp profile that
+                // refuses it, no descriptor left): it cannot be watched, so it goes, as below. Taken for
+                // gone, it ran on unsupervised beside the new copy, which took its place in the state file.
+                Err(err)
+                    if err.raw_os_error() != Some(nix::libc::ESRCH)
+                        && crate::statefile::is_same_process(&e) =>
+                {
+                    warn!(program = %e.name, pid, error = %err, "cannot watch a process left by the previous monitor; replacing it");
+                    end_leftover(pid);
+                    continue;
+                }
                 // Gone since it was found: nothing to take over. What it left in its group still goes (no
                 // process can take a pid a group still uses as its id), but not when its pid is another
                 // process's now: that one may lead a group of its own under the id.
@@ -240,7 +274,7 @@ impl Supervisor {
             });
             if let Err(err) = watched {
                 warn!(program = %e.name, pid, error = %err, "cannot watch a process left by the previous monitor; replacing it");
-                let _ = child::signal_group(pid, nix::sys::signal::Signal::SIGKILL);
+                end_leftover(pid);
                 continue;
             }
             p.pid = pid;
@@ -278,7 +312,15 @@ impl Supervisor {
     pub fn event(&mut self, name: &str, ev: Event) {
         let Some(p) = self.procs.get_mut(name) else { return };
         let now = Instant::now();
-        let step = p.m.handle(ev, &p.spec.policy, now, rand::random::<f64>());
+        let mut step = p.m.handle(ev, &p.spec.policy, now, rand::random::<f64>());
+        // Shutting down, nothing starts again: a BACKOFF or FATAL timer, a crash's or a failing liveness
+        // probe's restart spawned a process in the middle of the shutdown (a dependency waiting for its
+        // dependents to stop was one), which then had to be stopped in its turn.
+        if self.shutting_down && step.actions.contains(&Action::Spawn) {
+            step.actions
+                .retain(|a| !matches!(a, Action::Spawn | Action::Timer(..)));
+            step.transitions.extend(p.m.abandon_start().transitions);
+        }
         let (pid, exit) = (p.pid, p.m.last_exit);
         for (from, to) in &step.transitions {
             let exited = matches!(to, State::Exited | State::Backoff | State::Stopped)
@@ -489,6 +531,11 @@ impl Supervisor {
     /// operator stopped, holds its group's dependents no longer once another is ready: waiting for every
     /// member, one app that could not bind its port kept the local cluster's agent from ever starting, and
     /// every client's list empty.
+    /// Whether a process an update removed is still stopping.
+    fn removals_stopping(&self) -> bool {
+        (self.procs.values()).any(|p| p.removing && p.m.state.has_process())
+    }
+
     pub fn waiting_for(&self, name: &str) -> Vec<String> {
         let Some(p) = self.procs.get(name) else {
             return Vec::new();
@@ -543,10 +590,16 @@ impl Supervisor {
                     progressed = true;
                     continue;
                 }
-                if p.wanted && !self.shutting_down && self.waiting_for(&name).is_empty() {
+                let (wanted, after_removals) = (p.wanted, p.after_removals);
+                if wanted
+                    && !self.shutting_down
+                    && !(after_removals && self.removals_stopping())
+                    && self.waiting_for(&name).is_empty()
+                {
                     let mut ev = Event::Start;
                     if let Some(p) = self.procs.get_mut(&name) {
                         p.wanted = false;
+                        p.after_removals = false;
                         if std::mem::take(&mut p.wanted_restart) {
                             ev = Event::Restart;
                         }
@@ -652,6 +705,7 @@ impl Supervisor {
             readiness: None,
             outputs: Outputs::default(),
             removing: false,
+            after_removals: false,
             replacement: None,
             spawn_error: None,
             held: None,

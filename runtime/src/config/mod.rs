@@ -371,8 +371,7 @@ pub fn reload_noting<C: RoleConfig>(
         });
     }
     let loaded = load_layered::<C>(bytes, source, judged)?;
-    let sources = loaded.sources.clone();
-    keep_restart_keys(loaded, running, &source.origin()).inspect_err(|_| judged.sources = sources)
+    keep_restart_keys_noting(loaded, running, &source.origin(), judged)
 }
 
 /// `loaded` with its config's restart keys at their values in `running` (see [`reload`]); `origin` names the
@@ -381,6 +380,18 @@ pub fn keep_restart_keys<C: RoleConfig>(
     loaded: Loaded<C>,
     running: &C::Raw,
     origin: &str,
+) -> Result<Loaded<C>, ConfigError> {
+    keep_restart_keys_noting(loaded, running, origin, &mut Judged::default())
+}
+
+/// [`keep_restart_keys`]; `judged` also gets the files its second validation read, which the reloader then
+/// watches and judges a rejection by: a key file only that validation read (one a restart key's running
+/// value names) was not watched, and an edit of it was seen only at the next SIGHUP.
+fn keep_restart_keys_noting<C: RoleConfig>(
+    mut loaded: Loaded<C>,
+    running: &C::Raw,
+    origin: &str,
+    judged: &mut Judged,
 ) -> Result<Loaded<C>, ConfigError> {
     let pending = changed_under(running, &loaded.raw, C::RESTART_KEYS);
     if pending.is_empty() {
@@ -396,9 +407,24 @@ pub fn keep_restart_keys<C: RoleConfig>(
     let kept = keep_under(running, &loaded.raw, C::RESTART_KEYS).map_err(|message| ConfigError::Invalid {
         origin: origin.clone(),
         issues: vec![ConfigIssue::new("", message)],
-    })?;
-    let config = C::validate(&kept).map_err(|issues| ConfigError::Invalid { origin, issues })?;
-    Ok(Loaded { config, ..loaded })
+    });
+    let kept = kept.inspect_err(|_| judged.sources = loaded.sources.clone())?;
+    let (validated, files) = referenced::during(|| C::validate(&kept));
+    if let Some(read) = judged.read_files.as_mut() {
+        read.extend(files.iter().map(|(path, _)| path.clone()));
+        read.sort();
+        read.dedup();
+    }
+    if let Some(sources) = loaded.sources.as_mut() {
+        sources.referenced(files);
+    }
+    match validated {
+        Ok(config) => Ok(Loaded { config, ..loaded }),
+        Err(issues) => {
+            judged.sources = loaded.sources;
+            Err(ConfigError::Invalid { origin, issues })
+        }
+    }
 }
 
 /// [`load`] of `bytes` already read from `source.path`: a pipe (`<(...)`, `/dev/stdin`) can be read once only.

@@ -21,6 +21,11 @@ impl Loop {
     /// Starts the multishot receive of direction `d`, unless one is live or the source has ended; a bulk
     /// direction pumps instead, once its queue is sent.
     pub(super) fn arm_recv(&mut self, slot: u32, d: usize) {
+        self.arm_recv_after(slot, d, false);
+    }
+
+    /// [`Loop::arm_recv`]; `polled`: the source has just polled readable ([`Loop::on_ready`]).
+    fn arm_recv_after(&mut self, slot: u32, d: usize, polled: bool) {
         let splice = self.shared.forwarding != Forwarding::Copy;
         let Some(c) = self.conn(slot) else { return };
         let dir = &mut c.dirs[d];
@@ -30,7 +35,7 @@ impl Loop {
         if dir.bulk {
             if dir.head == NO_BUF && !dir.polling {
                 if splice {
-                    self.pump_splice(slot, d);
+                    self.pump_splice(slot, d, polled);
                 } else {
                     self.pump(slot, d);
                 }
@@ -348,24 +353,28 @@ impl Loop {
             self.fail(slot, Side::source_of(d), -res);
             return;
         }
-        self.arm_recv(slot, d);
+        self.arm_recv_after(slot, d, true);
     }
 
     /// [`Loop::pump`] through a pipe: a bulk direction's bytes go socket → pipe → socket with `splice`,
     /// never through this process, for up to `PUMP_BYTES`, then it waits for more with a poll.
-    pub(super) fn pump_splice(&mut self, slot: u32, d: usize) {
-        let moved = self.splice_turn(slot, d);
+    pub(super) fn pump_splice(&mut self, slot: u32, d: usize, polled: bool) {
+        let moved = self.splice_turn(slot, d, polled);
         if moved > 0 {
             metrics::counter!(SPLICED_BYTES_TOTAL).increment(moved as u64);
         }
     }
 
-    /// One turn of [`Loop::pump_splice`]; returns the bytes spliced in.
+    /// One turn of [`Loop::pump_splice`]; returns the bytes spliced in. `polled`: the source has just polled
+    /// readable, so a first splice that moves nothing is at TCP's urgent mark, which `splice` never passes
+    /// (`tcp_read_sock` stops there): the turn copies instead, whose `recv` passes it. Polling again, the
+    /// poll answered at once and the splice moved nothing again: a worker spun at 100% until the idle
+    /// timeout, on any client's urgent byte.
     ///
     /// The pipe comes from the thread's pool (shared with [`super::forward`]) and goes back empty; when the
     /// destination takes only part of it, the direction keeps it in `Loop::pipes` and polls for room.
     /// Called, as `pump`, only with the queue empty and nothing of the direction's in flight.
-    pub(super) fn splice_turn(&mut self, slot: u32, d: usize) -> usize {
+    pub(super) fn splice_turn(&mut self, slot: u32, d: usize, polled: bool) -> usize {
         let now_ms = self.now_ms;
         let mut moved = 0;
         loop {
@@ -392,6 +401,7 @@ impl Loop {
                 Err(e) => {
                     forward::give_pipe(pipe);
                     match e.kind() {
+                        io::ErrorKind::WouldBlock if polled && moved == 0 => self.pump(slot, d),
                         io::ErrorKind::WouldBlock => self.arm_ready(slot, d),
                         io::ErrorKind::Interrupted => continue,
                         _ => self.fail(slot, Side::source_of(d), e.raw_os_error().unwrap_or(libc::EIO)),
