@@ -30,7 +30,7 @@ use crate::resp::{self, Conn, RespError, Value};
 /// store, whose answer says how many are left), -3 (it would refuse, but an attempt under the same key is in
 /// flight: the units it counts may be that attempt's own). An attempt sent on to the store (1, -2) is
 /// written on its key's mark, a hash, with what it took (the sale it was counted in, or `-`) until it
-/// settles: so its give-back, when its reply was lost, is exactly what it took ([`SETTLE_UNSURE`]), and
+/// settles: so its give-back, when its reply was lost, is exactly what it took ([`SETTLE_MARKED`]), and
 /// taking it off is the same however often it is sent.
 const ADMIT: &str = r#"
 local mark = ARGV[6]
@@ -89,7 +89,8 @@ end
     };
 }
 
-/// Gives back what `ADMIT` took (the store refused or failed). Keys: stock, the buyer's count. Args: qty.
+/// Gives back what an unkeyed `ADMIT` took (the store refused or failed). Keys: stock, the buyer's count.
+/// Args: qty. Sent again after a reply lost, it applies twice (only lenient: the store decides).
 const RELEASE: &str = concat!(
     give_back_lua!(),
     "give_back(KEYS[1], KEYS[2], ARGV[1])\nreturn 1\n"
@@ -108,12 +109,15 @@ return 1
 "#
 );
 
-/// Gives back what a keyed `ADMIT` whose reply was lost took, as its mark says: nothing when it is not on
-/// the mark (it never ran, or refused), else in the sale it names. What it took is then written as `-`, so
-/// the script sent again gives nothing more; and with ARGV[5] `1` (the attempt settled) it is taken off the
-/// mark. Keys: stock, the mark. Args: the buyer's count key around the number (as `ADMIT`'s), qty, the
-/// attempt's name on the mark, `1` or `0`.
-const SETTLE_UNSURE: &str = concat!(
+/// Gives back what a keyed attempt took, as its mark says ([`Admission::Taken`], or an
+/// [`Admission::Unsure`] whose `ADMIT` reply was lost): nothing when it is not on the mark (it never ran, or
+/// refused), else in the sale it names. What it took is then written as `-`, so the script sent again
+/// (after a reply lost in turn) gives nothing more, where `RELEASE` sent twice took another attempt's count
+/// off; and with ARGV[5] `1` (the attempt settled) it is taken off the mark. Keys: stock, the mark. Args:
+/// the buyer's count key around the number (as `ADMIT`'s), qty, the attempt's name on the mark, `1` or `0`.
+/// Were the mark to expire first (`in_flight_mark`, 30 s or more), nothing is given back: the buyer's count
+/// then lasts its own life.
+const SETTLE_MARKED: &str = concat!(
     give_back_lua!(),
     r#"
 local took = redis.call('HGET', KEYS[2], ARGV[4])
@@ -304,8 +308,8 @@ enum GiveBack {
     Restock { sku: String, qty: u32 },
     /// A keyed attempt settled: taken off its key's mark.
     Unmark { user: String, key: String, mark: Mark },
-    /// A keyed [`Admission::Unsure`]'s give-back ([`SETTLE_UNSURE`]); `settled`: also taken off the mark.
-    Unsure {
+    /// A keyed attempt's give-back by its mark ([`SETTLE_MARKED`]); `settled`: also taken off the mark.
+    Marked {
         sku: String,
         user: String,
         key: String,
@@ -581,14 +585,12 @@ impl RedisGate {
             qty,
         };
         let (first, then) = match (admission, key) {
-            (Admission::Taken { sale, mark }, _) => (
-                give_back.then(|| release(Some(sale))),
-                mark.filter(|_| settled).map(unmark),
-            ),
-            (Admission::Pass { mark }, _) => (None, mark.filter(|_| settled).map(unmark)),
-            // Ordered, it keeps what it took, whatever that was.
-            (Admission::Unsure { mark: Some(mark) }, Some(key)) if give_back => (
-                Some(GiveBack::Unsure {
+            // A keyed attempt's mark says what it took: given back exactly, once however often sent.
+            (
+                Admission::Taken { mark: Some(mark), .. } | Admission::Unsure { mark: Some(mark) },
+                Some(key),
+            ) if give_back => (
+                Some(GiveBack::Marked {
                     sku: sku.to_string(),
                     user: user.to_string(),
                     key: key.to_string(),
@@ -598,7 +600,12 @@ impl RedisGate {
                 }),
                 None,
             ),
-            (Admission::Unsure { mark: Some(mark) }, Some(_)) => (None, Some(unmark(mark))),
+            // Ordered, it keeps what it took, whatever that was.
+            (Admission::Taken { mark: Some(mark), .. } | Admission::Unsure { mark: Some(mark) }, Some(_)) => {
+                (None, Some(unmark(mark)))
+            }
+            (Admission::Taken { sale, .. }, _) => (give_back.then(|| release(Some(sale))), None),
+            (Admission::Pass { mark }, _) => (None, mark.filter(|_| settled).map(unmark)),
             (Admission::Unsure { .. }, _) => (give_back.then(|| release(None)), None),
             (Admission::SoldOut | Admission::OverLimit | Admission::InFlight, _) => (None, None),
         };
@@ -716,7 +723,7 @@ impl RedisGate {
                 self.call(&["HDEL", &in_flight_key(user, key), &mark.0.to_string()])
                     .await
             }
-            GiveBack::Unsure {
+            GiveBack::Marked {
                 sku,
                 user,
                 key,
@@ -729,7 +736,7 @@ impl RedisGate {
                 let (name, settled) = (mark.0.to_string(), if *settled { "1" } else { "0" });
                 self.call(&[
                     "EVAL",
-                    SETTLE_UNSURE,
+                    SETTLE_MARKED,
                     "2",
                     &stock,
                     &mark_key,
@@ -1155,6 +1162,45 @@ mod tests {
         flush(&gate).await;
         assert_eq!(read("xbuy:stock:sku-1"), ":5");
         assert_eq!(read("xbuy:bought:sku-1/4/u2"), ":0");
+    }
+
+    /// A keyed taken attempt's give-back applies once, however often it is sent (its reply lost, it is kept
+    /// and sent again): `RELEASE` sent twice put two units back and took the buyer's other attempt's count
+    /// off, letting them past their limit at the gate.
+    #[tokio::test]
+    async fn a_taken_attempts_give_back_applies_once() {
+        let (redis, _lose, gate) = redis_behind_a_losing_proxy().await;
+        let read = |key: &str| redis.command(&format!("INCRBY {key} 0"));
+        let first = gate.admit("sku-1", "u1", 1, 2, Some("k1")).await;
+        let second = gate.admit("sku-1", "u1", 1, 2, Some("k2")).await;
+        for a in [first, second] {
+            assert!(
+                matches!(
+                    a,
+                    Admission::Taken {
+                        sale: 3,
+                        mark: Some(_)
+                    }
+                ),
+                "{a:?}"
+            );
+        }
+        for _ in 0..2 {
+            gate.settle("sku-1", "u1", 1, Some("k1"), first, Outcome::NotOrdered)
+                .await;
+        }
+        assert_eq!(
+            read("xbuy:stock:sku-1"),
+            ":4",
+            "one unit back, the other attempt's held"
+        );
+        assert_eq!(
+            read("xbuy:bought:sku-1/3/u1"),
+            ":1",
+            "the other attempt's count kept"
+        );
+        assert!(!redis.exists("xbuy:attempts:u1/k1"));
+        assert_eq!(redis.command("HLEN xbuy:attempts:u1/k2"), ":1");
     }
 
     /// A keyed `ADMIT` lost on its way, which Redis never ran, is given back nothing: its mark does not name

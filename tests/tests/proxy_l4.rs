@@ -357,6 +357,18 @@ fn an_urgent_byte_stalls_no_direction(rt: &'static str) {
                 .unwrap_or_else(|e| panic!("{forwarding}: the {len} bytes after urgent byte {i}: {e}"));
             assert!(back == msg, "{forwarding}: answer {i} came back altered");
         }
+        // With the client's end right behind (splice answers 0 at the mark once the FIN is in): the bytes
+        // past the mark were taken for nothing and the end forwarded.
+        socket2::SockRef::from(&s).send_out_of_band(b"!").unwrap();
+        let msg = payload(65_536, 11);
+        s.write_all(&msg).unwrap();
+        let back = finish(&mut s);
+        assert!(
+            back == msg,
+            "{forwarding}: {} bytes came back of the last {}",
+            back.len(),
+            msg.len()
+        );
     }
 }
 

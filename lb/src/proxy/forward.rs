@@ -266,9 +266,13 @@ impl Direction {
                 // socket → pooled pipe; the pipe → socket half is `poll_flush`.
                 let s = src.as_ref();
                 match s.try_io(Interest::READABLE, || splice(s, &pipe.w, PIPE_CHUNK)) {
+                    // The end, or the urgent mark with the peer's FIN behind it (splice says 0 there too):
+                    // a plain read tells, 0 at the real end. Taken for the end, the bytes past the mark
+                    // were dropped and the backend half-closed.
                     Ok(0) => {
                         give_pipe(pipe);
-                        0
+                        self.raw_reads = true;
+                        continue;
                     }
                     Ok(n) => {
                         self.held = Held::Pipe { pipe, left: n };

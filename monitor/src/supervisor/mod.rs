@@ -65,9 +65,10 @@ pub(crate) struct Proc {
     pub wanted_restart: bool,
     /// Removed by an update: dropped once it has no process.
     pub removing: bool,
-    /// Added by an update: starts once the processes it removed are gone (Supervisord's `update` stops
-    /// before it adds). Started beside them, a renamed program (`numprocs` 1 to 2: `web` out, `web-0` in on
-    /// the same port) failed to bind while the old one stopped, and could reach FATAL.
+    /// Added by an update: starts once the processes of its program the update removed are gone
+    /// (Supervisord's `update` stops before it adds). Started beside them, a renamed process (`numprocs` 1 to
+    /// 2: `web` out, `web-0` in on the same port) failed to bind while the old one stopped, and could reach
+    /// FATAL. Other programs' removals hold nothing up: one stuck stopping would have held every addition.
     pub after_removals: bool,
     /// Changed by an update: swapped in once the old process is gone.
     pub replacement: Option<Arc<ProcessSpec>>,
@@ -531,9 +532,9 @@ impl Supervisor {
     /// operator stopped, holds its group's dependents no longer once another is ready: waiting for every
     /// member, one app that could not bind its port kept the local cluster's agent from ever starting, and
     /// every client's list empty.
-    /// Whether a process an update removed is still stopping.
-    fn removals_stopping(&self) -> bool {
-        (self.procs.values()).any(|p| p.removing && p.m.state.has_process())
+    /// Whether a process of program `group` an update removed is still stopping.
+    fn removals_stopping(&self, group: &str) -> bool {
+        (self.procs.values()).any(|p| p.removing && p.spec.group == group && p.m.state.has_process())
     }
 
     pub fn waiting_for(&self, name: &str) -> Vec<String> {
@@ -590,10 +591,10 @@ impl Supervisor {
                     progressed = true;
                     continue;
                 }
-                let (wanted, after_removals) = (p.wanted, p.after_removals);
+                let (wanted, after_removals, spec) = (p.wanted, p.after_removals, p.spec.clone());
                 if wanted
                     && !self.shutting_down
-                    && !(after_removals && self.removals_stopping())
+                    && !(after_removals && self.removals_stopping(&spec.group))
                     && self.waiting_for(&name).is_empty()
                 {
                     let mut ev = Event::Start;

@@ -391,10 +391,12 @@ impl Loop {
             // SAFETY: `src` and `dst` are this connection's open sockets for as long as it is in its slot.
             let (src, dst) = unsafe { (BorrowedFd::borrow_raw(src), BorrowedFd::borrow_raw(dst)) };
             let n = match forward::splice(src, &pipe.w, forward::PIPE_CHUNK) {
+                // The end, or the urgent mark with the peer's FIN behind it (splice says 0 there too): the
+                // copy's `recv` tells, 0 at the real end. Taken for the end, the bytes past the mark were
+                // dropped and the backend half-closed.
                 Ok(0) => {
                     forward::give_pipe(pipe);
-                    c.dirs[d].eof = true;
-                    self.end_direction(slot, d);
+                    self.pump(slot, d);
                     return moved;
                 }
                 Ok(n) => n,
