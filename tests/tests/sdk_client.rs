@@ -155,20 +155,20 @@ async fn fails_over_when_its_balancer_dies_with_no_failed_request() {
     assert!(!client.state().is_static());
 }
 
+/// A balancer (holding watches [`HOLD`]) whose list of type `ty` (version 1) names `servers`.
+fn listing(ty: &str, servers: &[(&str, SocketAddr, u32)]) -> FakeBalancer {
+    let lb = FakeBalancer::start(HOLD);
+    lb.set(list(ty, 1, servers, &[lb.addr]));
+    lb
+}
+
 /// An instance's 503 in hand stands when the retry reaches no instance (the other refuses connections):
 /// what the caller got, the 503 or the connect error, hung on which instance was picked first. A fresh
 /// client each round, so the refused instance is not ejected and either may come first.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_answer_in_hand_stands_when_the_retry_reaches_no_instance() {
     let busy = Backend::with_status("busy", 503);
-    let dead = dead_addr();
-    let lb = FakeBalancer::start(HOLD);
-    lb.set(list(
-        "browse",
-        1,
-        &[("busy", busy.addr, 100), ("dead", dead, 100)],
-        &[lb.addr],
-    ));
+    let lb = listing("browse", &[("busy", busy.addr, 100), ("dead", dead_addr(), 100)]);
     for round in 0..12 {
         let client = Client::builder()
             .balancers([lb.addr.to_string()])
@@ -187,13 +187,7 @@ async fn an_answer_in_hand_stands_when_the_retry_reaches_no_instance() {
 async fn avoids_a_refused_instance_at_once() {
     let a = Backend::start("a");
     let dead = dead_addr();
-    let lb = FakeBalancer::start(HOLD);
-    lb.set(list(
-        "order",
-        1,
-        &[("a", a.addr, 100), ("dead", dead, 100)],
-        &[lb.addr],
-    ));
+    let lb = listing("order", &[("a", a.addr, 100), ("dead", dead, 100)]);
     let client = Client::builder()
         .balancers([lb.addr.to_string()])
         .request_types(["order"])
@@ -262,13 +256,7 @@ async fn serves_from_its_last_list_with_every_balancer_down() {
     }
     assert!(a.hits() >= 20);
     // Past max_staleness the list is no longer trusted, and the error says the balancers are the cause.
-    eventually_async("the list to expire", || {
-        matches!(client.state().types[0].freshness, Freshness::Expired { .. }).then_some(())
-    })
-    .await;
-    let err = client.pick("browse").unwrap_err();
-    assert!(matches!(err, Error::Stale { .. }), "{err}");
-    assert_eq!(err.side(), Side::Balancer);
+    expires(&client).await;
 }
 
 /// After `shutdown`, picks work from the last list until it expires (`max_staleness`): nothing vouches for
@@ -276,8 +264,17 @@ async fn serves_from_its_last_list_with_every_balancer_down() {
 /// one past its `max_watches` does, leaves it most of the time) left it `Live` for good.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_shutdown_the_list_expires() {
+    let (_a, _lb, client) = watching_one_balancer(Duration::ZERO).await;
+    client.shutdown();
+    client.pick("browse").expect("the last list, until it expires");
+    expires(&client).await;
+}
+
+/// A client with `max_staleness` 3 s of type `browse` on one balancer (holding watches `hold`) that lists
+/// one backend, once the balancer has had a second request (a watch after the first answer).
+async fn watching_one_balancer(hold: Duration) -> (Backend, FakeBalancer, Client) {
     let a = Backend::start("a");
-    let lb = FakeBalancer::start(Duration::ZERO);
+    let lb = FakeBalancer::start(hold);
     lb.set(list("browse", 1, &[("a", a.addr, 100)], &[lb.addr]));
     let client = Client::builder()
         .balancers([lb.addr.to_string()])
@@ -286,18 +283,22 @@ async fn after_shutdown_the_list_expires() {
         .build()
         .await
         .unwrap();
-    eventually_async("an answer to a watch", || {
+    eventually_async("a watch after the first answer", || {
         (lb.requests.load(Ordering::Relaxed) >= 2).then_some(())
     })
     .await;
-    client.shutdown();
-    client.pick("browse").expect("the last list, until it expires");
+    (a, lb, client)
+}
+
+/// Waits for `client`'s `browse` list to expire, and checks a pick then fails as stale.
+async fn expires(client: &Client) {
     eventually_async("the list to expire", || {
         matches!(client.state().types[0].freshness, Freshness::Expired { .. }).then_some(())
     })
     .await;
     let err = client.pick("browse").unwrap_err();
     assert!(matches!(err, Error::Stale { .. }), "{err}");
+    assert_eq!(err.side(), Side::Balancer, "{err}");
 }
 
 /// A balancer that hangs (a host stopped without closing its sockets) stops vouching for the list within the
@@ -780,29 +781,11 @@ async fn calls_that_reach_no_instance_spend_no_retry_budget() {
 /// a sign of life, which kept the list's age under the watch's 2 s backoff: it never expired.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn balancers_answering_only_errors_do_not_keep_the_list_fresh() {
-    let a = Backend::start("a");
-    let lb = FakeBalancer::start(HOLD);
-    lb.set(list("browse", 1, &[("a", a.addr, 100)], &[lb.addr]));
-    let client = Client::builder()
-        .balancers([lb.addr.to_string()])
-        .request_types(["browse"])
-        .max_staleness(Duration::from_secs(3))
-        .build()
-        .await
-        .unwrap();
-    eventually_async("the watch request", || {
-        (lb.requests.load(Ordering::Relaxed) >= 2).then_some(())
-    })
-    .await;
+    let (a, lb, client) = watching_one_balancer(HOLD).await;
     lb.set_for("browse", list("order", 2, &[("a", a.addr, 100)], &[lb.addr]));
     eventually_async("the list to go static", || {
         matches!(client.state().types[0].freshness, Freshness::Static { .. }).then_some(())
     })
     .await;
-    eventually_async("the list to expire", || {
-        matches!(client.state().types[0].freshness, Freshness::Expired { .. }).then_some(())
-    })
-    .await;
-    let err = client.pick("browse").unwrap_err();
-    assert!(matches!(err, Error::Stale { .. }), "{err}");
+    expires(&client).await;
 }

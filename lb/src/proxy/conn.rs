@@ -513,30 +513,26 @@ impl Future for Conn {
         let mut moved = false;
         let mut result = None;
         let down_first = std::mem::replace(this.down_first, !*this.down_first);
-        for up in [!down_first, down_first] {
+        // 0: up (client to backend), 1: down.
+        for d in if down_first { [1, 0] } else { [0, 1] } {
             if result.is_some() {
                 break;
             }
-            if up {
-                let Some((src, dst)) = up_halves.take().filter(|_| !this.up.is_done()) else {
-                    continue;
-                };
-                let logged = this.active.log.as_deref_mut().map(|g| &mut g.bytes[0]);
-                let count = counting(&mut moved, &l.bytes_up, bm.map(|b| &b.bytes_up), logged);
-                let last = this.down.is_done();
-                if let Poll::Ready(Err(f)) = this.up.poll_forward(cx, src, dst, last, count) {
-                    result = Some(Outcome::Error(f.side(0), f.error));
-                }
-            } else {
-                let Some((src, dst)) = down_halves.take().filter(|_| !this.down.is_done()) else {
-                    continue;
-                };
-                let logged = this.active.log.as_deref_mut().map(|g| &mut g.bytes[1]);
-                let count = counting(&mut moved, &l.bytes_down, bm.map(|b| &b.bytes_down), logged);
-                let last = this.up.is_done();
-                if let Poll::Ready(Err(f)) = this.down.poll_forward(cx, src, dst, last, count) {
-                    result = Some(Outcome::Error(f.side(1), f.error));
-                }
+            let (dir, other, halves) = match d {
+                0 => (&mut *this.up, &*this.down, up_halves.take()),
+                _ => (&mut *this.down, &*this.up, down_halves.take()),
+            };
+            let Some((src, dst)) = halves.filter(|_| !dir.is_done()) else {
+                continue;
+            };
+            let (listener, backend) = match d {
+                0 => (&l.bytes_up, bm.map(|b| &b.bytes_up)),
+                _ => (&l.bytes_down, bm.map(|b| &b.bytes_down)),
+            };
+            let logged = this.active.log.as_deref_mut().map(|g| &mut g.bytes[d]);
+            let count = counting(&mut moved, listener, backend, logged);
+            if let Poll::Ready(Err(f)) = dir.poll_forward(cx, src, dst, other.is_done(), count) {
+                result = Some(Outcome::Error(f.side(d), f.error));
             }
         }
         if result.is_none() && this.up.is_done() && this.down.is_done() {
