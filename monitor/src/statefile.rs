@@ -175,21 +175,31 @@ impl RunDir {
     /// Stops `alive` (leftovers that are not adopted): the stop signal to each group, SIGKILL after `wait`.
     /// Returns their names.
     pub fn stop_leftovers(&self, alive: Vec<Entry>, wait: Duration) -> Vec<String> {
+        // What a leftover started outside its group (a `setsid` daemon, carrying its leader's mark) goes
+        // with it, as a program's own stop takes its strays (`end_group`): signalled by group alone, it ran
+        // on unsupervised beside the new copy, holding its port.
+        let strays: Vec<crate::strays::Stray> = (alive.iter())
+            .filter_map(|e| Some(crate::strays::find(&crate::strays::mark_of(e.pid as u32)?, e.pid)))
+            .flatten()
+            .collect();
         for e in &alive {
             info!(program = %e.name, pid = e.pid, "stopping a process left by the previous monitor");
             let _ = kill(Pid::from_raw(-e.pid), Signal::SIGTERM);
         }
+        strays.iter().for_each(|s| s.signal(Signal::SIGTERM));
+        let lives = || alive.iter().any(is_same_process) || strays.iter().any(crate::strays::Stray::lives);
         // They are not our children, so there is nothing to wait on: poll /proc, bounded by `wait`.
         let deadline = Instant::now() + wait;
-        while alive.iter().any(is_same_process) && Instant::now() < deadline {
+        while lives() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));
         }
         for e in &alive {
             // Also reaches grandchildren left in the group after the leader exited.
             let _ = kill(Pid::from_raw(-e.pid), Signal::SIGKILL);
         }
+        strays.iter().for_each(|s| s.signal(Signal::SIGKILL));
         let deadline = Instant::now() + Duration::from_secs(2);
-        while alive.iter().any(is_same_process) && Instant::now() < deadline {
+        while lives() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));
         }
         alive.into_iter().map(|e| e.name).collect()

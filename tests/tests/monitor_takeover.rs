@@ -269,3 +269,42 @@ impl Drop for Marked {
         }
     }
 }
+
+/// A leftover that is not adopted (its command changed) is stopped with what it started outside its group
+/// (a `setsid` daemon, found by its mark), as a program's own stop takes its strays: stopped by group
+/// alone, the daemon ran on unsupervised beside the new copy.
+#[test]
+fn a_replaced_leftovers_strays_go_with_it() {
+    let dir = std::sync::Arc::new(tempfile::tempdir().unwrap());
+    let files = tempfile::tempdir().unwrap();
+    let daemon_file = files.path().join("daemon");
+    let program = |arg: &str| {
+        format!(
+            r#"
+[programs.daemonizes]
+command = "/bin/sh -c 'setsid sleep 31{arg} & echo $! > {file}; exec sleep 32{arg}'"
+startsecs = 0
+"#,
+            file = daemon_file.display()
+        )
+    };
+    let addr = free_addr();
+    let mut first = Mon::start_in(dir.clone(), addr, &program("1"));
+    first.wait_state("daemonizes", "RUNNING", T);
+    let daemon = eventually(T, "the daemon's pid written", || {
+        let pid: i32 = std::fs::read_to_string(&daemon_file).ok()?.trim().parse().ok()?;
+        // Once `setsid` has its session (it execs `sleep` in place).
+        let pgrp = nix::unistd::getpgid(Some(nix::unistd::Pid::from_raw(pid))).ok()?;
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
+        (comm.trim() == "sleep" && pgrp.as_raw() == pid).then_some(pid)
+    });
+    first.proc.signal(nix::sys::signal::Signal::SIGKILL);
+    first.proc.wait_exit(T).unwrap();
+    assert!(alive(daemon), "the daemon outlives the monitor's kill -9");
+    let second = Mon::start_in(dir, addr, &program("2"));
+    second.wait_state("daemonizes", "RUNNING", T);
+    eventually(T, "the old daemon stopped with its leftover", || {
+        (!alive(daemon)).then_some(())
+    });
+    drop(first);
+}
