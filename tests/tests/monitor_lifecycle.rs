@@ -146,20 +146,27 @@ fn a_shutdown_starts_nothing_again() {
 command = "/bin/sh -c 'echo started >> {starts}; exec sleep 1000'"
 startsecs = 0
 [programs.slow]
-command = "/bin/sh -c 'trap \"sleep 3; exit 0\" TERM; echo trapped; while :; do sleep 0.1; done'"
+command = '''{held}'''
 depends_on = ["base"]
 startsecs = 0
-stopwaitsecs = 20
+stopwaitsecs = 600
 "#,
-        starts = starts.display()
+        starts = starts.display(),
+        held = held_until_released(dir.path())
     ));
     m.wait_state("slow", "RUNNING", T);
     trapped(&m, "slow", 1);
-    let base = m.pid("base").unwrap();
+    let (base, slow) = (m.pid("base").unwrap(), m.pid("slow").unwrap());
     m.proc.signal(nix::sys::signal::Signal::SIGTERM);
     m.wait_state("slow", "STOPPING", T);
     assert_eq!(m.state("base"), "RUNNING", "held for slow, which depends on it");
     kill9(base);
+    // Its exit handled (abandoned, or started again) while slow still stops.
+    eventually(T, "base's exit seen", || {
+        let p = m.prog("base");
+        (p["pid"].as_i64() != Some(i64::from(base)) || p["state"] != "RUNNING").then_some(())
+    });
+    release(dir.path(), slow);
     assert_eq!(m.proc.wait_exit(T), Some(0));
     let started = std::fs::read_to_string(&starts).unwrap();
     assert_eq!(started.lines().count(), 1, "base started again: {started:?}");

@@ -224,13 +224,16 @@ impl Direction {
         let d = dst.as_ref();
         loop {
             ready!(self.poll_flush(cx, d, &mut moved)).map_err(Fault::destination)?;
-            if self.raw_reads {
+            let n = if self.raw_reads {
                 // Not through tokio: budgeted here, as `poll_read_ready` budgets the other reads.
                 let coop = ready!(tokio::task::coop::poll_proceed(cx));
                 let mut buf = take_buf();
-                let read = io::Read::read(&mut &*socket2::SockRef::from(src.as_ref()), &mut buf.0);
-                let n = match read {
-                    Ok(n) => n,
+                match io::Read::read(&mut &*socket2::SockRef::from(src.as_ref()), &mut buf.0) {
+                    Ok(n) => {
+                        coop.made_progress();
+                        self.hold(buf, n);
+                        n
+                    }
                     Err(e) => {
                         give_buf(buf);
                         match e.kind() {
@@ -241,78 +244,63 @@ impl Direction {
                         }
                         continue;
                     }
-                };
-                coop.made_progress();
-                if n == 0 {
-                    give_buf(buf);
-                    if !last {
-                        half_close(d);
-                    }
-                    self.done = true;
-                    return Poll::Ready(Ok(()));
                 }
-                // `n` is at most BUF_SIZE, far below u32::MAX.
-                let len = u32::try_from(n).unwrap_or(u32::MAX);
-                self.held = Held::Buf { buf, off: 0, len };
-                moved(n);
-                continue;
-            }
-            // Wait with nothing borrowed: an idle direction holds no pipe and no buffer. This spends tokio's
-            // cooperative budget, so an always-ready bulk stream still yields to the other connections.
-            ready!(src.as_ref().poll_read_ready(cx)).map_err(Fault::source)?;
-            // No pipe to be had (see `take_pipe`): this batch copies instead.
-            let pipe = if self.splicing { take_pipe() } else { None };
-            let n = if let Some(pipe) = pipe {
-                // socket → pooled pipe; the pipe → socket half is `poll_flush`.
-                let s = src.as_ref();
-                match s.try_io(Interest::READABLE, || splice(s, &pipe.w, PIPE_CHUNK)) {
-                    // The end, or the urgent mark with the peer's FIN behind it (splice says 0 there too):
-                    // a plain read tells, 0 at the real end. Taken for the end, the bytes past the mark
-                    // were dropped and the backend half-closed.
-                    Ok(0) => {
-                        give_pipe(pipe);
-                        self.raw_reads = true;
-                        continue;
-                    }
-                    Ok(n) => {
-                        self.held = Held::Pipe { pipe, left: n };
-                        n
-                    }
-                    Err(e) => {
-                        give_pipe(pipe);
-                        if e.kind() == io::ErrorKind::WouldBlock {
-                            // Readable, yet nothing spliced: the urgent mark (see `raw_reads`), or readiness
-                            // gone stale, which the first read finds.
+            } else {
+                // Wait with nothing borrowed: an idle direction holds no pipe and no buffer. This spends
+                // tokio's cooperative budget, so an always-ready bulk stream still yields to the other
+                // connections.
+                ready!(src.as_ref().poll_read_ready(cx)).map_err(Fault::source)?;
+                // No pipe to be had (see `take_pipe`): this batch copies instead.
+                let pipe = if self.splicing { take_pipe() } else { None };
+                if let Some(pipe) = pipe {
+                    // socket → pooled pipe; the pipe → socket half is `poll_flush`.
+                    let s = src.as_ref();
+                    match s.try_io(Interest::READABLE, || splice(s, &pipe.w, PIPE_CHUNK)) {
+                        // The end, or the urgent mark with the peer's FIN behind it (splice says 0 there
+                        // too): a plain read tells, 0 at the real end. Taken for the end, the bytes past the
+                        // mark were dropped and the backend half-closed.
+                        Ok(0) => {
+                            give_pipe(pipe);
                             self.raw_reads = true;
                             continue;
                         }
-                        return Poll::Ready(Err(Fault::source(e)));
+                        Ok(n) => {
+                            self.held = Held::Pipe { pipe, left: n };
+                            n
+                        }
+                        Err(e) => {
+                            give_pipe(pipe);
+                            if e.kind() == io::ErrorKind::WouldBlock {
+                                // Readable, yet nothing spliced: the urgent mark (see `raw_reads`), or
+                                // readiness gone stale, which the first read finds.
+                                self.raw_reads = true;
+                                continue;
+                            }
+                            return Poll::Ready(Err(Fault::source(e)));
+                        }
                     }
+                } else {
+                    // socket → pooled buffer through `poll_read`, which clears readiness after a short
+                    // read.
+                    let mut buf = take_buf();
+                    let mut rb = ReadBuf::new(&mut buf.0);
+                    let read = Pin::new(&mut src).poll_read(cx, &mut rb);
+                    let n = rb.filled().len();
+                    match read {
+                        Poll::Ready(Ok(())) => self.hold(buf, n),
+                        Poll::Ready(Err(e)) => {
+                            give_buf(buf);
+                            return Poll::Ready(Err(Fault::source(e)));
+                        }
+                        // Stale readiness (now cleared and the waker registered), or no budget
+                        // left.
+                        Poll::Pending => {
+                            give_buf(buf);
+                            return Poll::Pending;
+                        }
+                    }
+                    n
                 }
-            } else {
-                // socket → pooled buffer through `poll_read`, which clears readiness after a short read.
-                let mut buf = take_buf();
-                let mut rb = ReadBuf::new(&mut buf.0);
-                let read = Pin::new(&mut src).poll_read(cx, &mut rb);
-                let n = rb.filled().len();
-                match read {
-                    Poll::Ready(Ok(())) if n > 0 => {
-                        // `n` is at most BUF_SIZE, far below u32::MAX.
-                        let len = u32::try_from(n).unwrap_or(u32::MAX);
-                        self.held = Held::Buf { buf, off: 0, len };
-                    }
-                    Poll::Ready(Ok(())) => give_buf(buf),
-                    Poll::Ready(Err(e)) => {
-                        give_buf(buf);
-                        return Poll::Ready(Err(Fault::source(e)));
-                    }
-                    // Stale readiness (now cleared and the waker registered), or no budget left.
-                    Poll::Pending => {
-                        give_buf(buf);
-                        return Poll::Pending;
-                    }
-                }
-                n
             };
             if n == 0 {
                 if !last {
@@ -329,6 +317,18 @@ impl Direction {
                     n == BUF_SIZE
                 };
             }
+        }
+    }
+
+    /// Holds the `n` bytes read into `buf` until they are written; none (the end): `buf` goes back to its
+    /// pool.
+    fn hold(&mut self, buf: Box<Buf>, n: usize) {
+        if n == 0 {
+            give_buf(buf);
+        } else {
+            // `n` is at most BUF_SIZE, far below u32::MAX.
+            let len = u32::try_from(n).unwrap_or(u32::MAX);
+            self.held = Held::Buf { buf, off: 0, len };
         }
     }
 
