@@ -233,7 +233,7 @@ mod tests {
 
     use super::*;
     use crate::directory::weights::Params;
-    use crate::directory::{SetWeightError, Settings};
+    use crate::directory::{MAX_DRAINED, SetWeightError, Settings};
     use std::time::Duration;
     use xcluster_proto::directory::WeightSet;
 
@@ -649,6 +649,42 @@ mod tests {
         assert_eq!(withheld(), ["10.0.0.9:1".parse::<SocketAddr>().unwrap()]);
         assert_eq!(d.set_drained("10.0.0.9:1", false).as_deref(), Some("10.0.0.9:1"));
         assert_eq!(withheld(), []);
+    }
+
+    /// Drains and run-time weights are kept to `MAX_DRAINED`: a new one of a server here takes the place of
+    /// one of a server long gone (the first by name), never of one here. They grew without bound, and a
+    /// restart restored only the first `MAX_DRAINED` by name, which could leave a current drain out.
+    #[test]
+    fn a_full_set_of_drains_gives_way_to_a_current_server_not_a_gone_one() {
+        let d = dir();
+        let b = body(1, wall_ms());
+        d.ingest(&b, Some(&report::sign(b"k", &b)), None).unwrap();
+        // A configured backend, first by name, then servers this balancer does not have.
+        let ids = || {
+            std::iter::once("127.0.0.1:8001".to_string())
+                .chain((1..MAX_DRAINED).map(|i| format!("gone{i:05}")))
+        };
+        assert_eq!(d.restore_drained(ids()), MAX_DRAINED);
+        assert_eq!(
+            d.restore_weights(ids().map(|id| (id, "50%".to_string()))),
+            MAX_DRAINED
+        );
+        assert_eq!(d.set_drained("h/a", true).as_deref(), Some("h/a"));
+        assert_eq!(d.set_weight("h/a", "10%".parse().unwrap()).unwrap(), "h/a");
+        let status = d.status();
+        assert_eq!(
+            (status.drained.len(), status.weights.len()),
+            (MAX_DRAINED, MAX_DRAINED)
+        );
+        for kept in ["h/a", "127.0.0.1:8001", "gone00002"] {
+            assert!(status.drained.iter().any(|id| id == kept), "{kept} drained");
+            assert!(status.weights.contains_key(kept), "{kept} weighted");
+        }
+        assert!(!status.drained.iter().any(|id| id == "gone00001"));
+        assert!(!status.weights.contains_key("gone00001"));
+        // Setting one kept already drops nothing.
+        d.set_drained("h/a", true).unwrap();
+        assert!(d.status().drained.iter().any(|id| id == "gone00002"));
     }
 
     #[test]

@@ -464,6 +464,27 @@ impl Directory {
         }
     }
 
+    /// The entry of `kept` (the drains' or the run-time weights' ids) to drop before one more is kept, when
+    /// it holds [`MAX_DRAINED`] already: the first by name of a server this balancer does not have now. A
+    /// drain outlives its server's absence (it is meant for its return), but long-gone servers' entries
+    /// must not crowd out current ones: the set grew past what a restart restores (the state file's and the
+    /// peers' first `MAX_DRAINED` by name), and a current drain could be the one left out. `None` when it
+    /// has room, or names only servers here (bounded, then, by the table and `[[proxy.backends]]`).
+    fn long_gone<'a>(
+        &self,
+        table: &Table,
+        mut kept: impl ExactSizeIterator<Item = &'a String>,
+    ) -> Option<String> {
+        if kept.len() < MAX_DRAINED {
+            return None;
+        }
+        kept.find(|id| {
+            let n = self.named(table, id);
+            !n.instance && !n.backend
+        })
+        .cloned()
+    }
+
     /// Drains (`on = true`) or undrains an instance, or a `[[proxy.backends]]` entry by its address (HAProxy's
     /// `set server state drain`): what is drained gets no new connection, on this balancer until undrained,
     /// and on one that restarts (it takes the drains of its peers). Returns the id as kept, `None` if unknown.
@@ -476,6 +497,16 @@ impl Directory {
         }
         let id = named.id;
         if on {
+            if !table.drained.contains(&id)
+                && let Some(gone) = self.long_gone(&table, table.drained.iter())
+            {
+                table.drained.remove(&gone);
+                tracing::warn!(
+                    dropped = gone,
+                    kept = MAX_DRAINED,
+                    "drains full: the drain of a server this balancer no longer has was dropped"
+                );
+            }
             table.drained.insert(id.clone());
         } else {
             table.drained.remove(&id);
@@ -498,6 +529,17 @@ impl Directory {
         let id = named.id;
         if named.instance && matches!(set, WeightSet::Absolute(_)) {
             return Err(SetWeightError::InstanceAbsolute(id));
+        }
+        if !set.is_neutral()
+            && !table.weights.contains_key(&id)
+            && let Some(gone) = self.long_gone(&table, table.weights.keys())
+        {
+            table.set_weight(gone.clone(), WeightSet::Percent(100));
+            tracing::warn!(
+                dropped = gone,
+                kept = MAX_DRAINED,
+                "run-time weights full: the weight of a server this balancer no longer has was dropped"
+            );
         }
         table.set_weight(id.clone(), set);
         touched(&mut table);
