@@ -6,7 +6,7 @@
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwap;
 use notify::{RecursiveMode, Watcher};
@@ -25,6 +25,14 @@ const DEBOUNCE: Duration = Duration::from_millis(150);
 const DEBOUNCE_MAX: Duration = Duration::from_secs(2);
 /// How often an include directory that is not there is looked for.
 const MISSING_RETRY: Duration = Duration::from_secs(2);
+/// How long a file emptied in place is taken for one being written ([`Sources::being_rewritten`]): past it,
+/// it is judged as it is. An include emptied on purpose (a template rendering a program away) held back
+/// every reload until a SIGHUP, an edit of the main file's included.
+const BLANK_PATIENCE: Duration = Duration::from_secs(5);
+/// How long a rejected config's bytes are not judged again on a file event. A verdict may hang on more
+/// than the files (a user or a log directory made since, a backend's name that resolves now): the same
+/// bytes saved again after it were skipped until a SIGHUP.
+const REJUDGE_AFTER: Duration = Duration::from_secs(5);
 
 /// What asked for a reload.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -106,7 +114,11 @@ struct State<C: RoleConfig> {
     /// What the config in force was read from, and what the last rejected attempt read (cleared by a success
     /// or by the files coming back to the config in force).
     good: Option<Sources>,
-    bad: Option<Sources>,
+    /// With when it was judged ([`REJUDGE_AFTER`]).
+    bad: Option<(Sources, Instant)>,
+    /// Since when a file has been found emptied ([`BLANK_PATIENCE`]), and when to look at it again.
+    blank_since: Option<Instant>,
+    recheck: Option<Instant>,
     /// The files the config names that the last load read (key and token files), watched and compared with
     /// the config's own.
     read_files: Vec<PathBuf>,
@@ -138,6 +150,9 @@ pub fn spawn<C: RoleConfig>(
     let read_files = seed.1.as_ref().map(Sources::referenced_files).unwrap_or_default();
     if let (Some(w), Some(sources)) = (&mut watcher, &seed.1) {
         w.follow(sources.patterns(), &followed(sources, &read_files));
+        // An edit made while the role loaded (a balancer resolving its backends' names takes seconds) had
+        // no watch to see it, and a SIGHUP then is ignored: the files are compared with the seed once.
+        file_event(&tx);
     }
     let mut state = State::<C> {
         source,
@@ -145,6 +160,8 @@ pub fn spawn<C: RoleConfig>(
         raw: seed.0,
         good: seed.1,
         bad: None,
+        blank_since: None,
+        recheck: None,
         read_files,
         watcher,
         publish,
@@ -166,6 +183,12 @@ pub fn spawn<C: RoleConfig>(
                         true => Cause::File,
                         false => continue,
                     }
+                }
+                // A file found emptied, looked at again once [`BLANK_PATIENCE`] is over.
+                _ = tokio::time::sleep_until(state.recheck.unwrap_or_else(Instant::now).into()),
+                    if state.recheck.is_some() => {
+                    state.recheck = None;
+                    Cause::File
                 }
             };
             let mut cause = cause;
@@ -226,11 +249,21 @@ impl<C: RoleConfig> State<C> {
             // A file empty now is one being written (a `>` truncates it first): its next event brings the rest.
             // An included one too; SIGHUP and `ctl` take it as it is.
             if on_disk.being_rewritten(self.good.as_ref()) {
-                tracing::info!(
-                    role = self.role_label,
-                    "a config file is empty: waiting for what is written to it (SIGHUP reloads it as it is)"
+                let since = *self.blank_since.get_or_insert_with(Instant::now);
+                if since.elapsed() < BLANK_PATIENCE {
+                    tracing::info!(
+                        role = self.role_label,
+                        "a config file is empty: waiting for what is written to it (SIGHUP takes it as it is)"
+                    );
+                    self.recheck = Some(since + BLANK_PATIENCE);
+                    return;
+                }
+                info!(
+                    role = self.role_label, patience = ?BLANK_PATIENCE,
+                    "a config file stayed empty: judging it as it is"
                 );
-                return;
+            } else {
+                self.blank_since = None;
             }
             if Some(on_disk) == self.good.as_ref() {
                 // Followed again even so: a link (the main file, an included or a named one) may lead
@@ -247,7 +280,7 @@ impl<C: RoleConfig> State<C> {
                 }
                 return;
             }
-            if Some(on_disk) == self.bad.as_ref() {
+            if (self.bad.as_ref()).is_some_and(|(bad, at)| bad == on_disk && at.elapsed() < REJUDGE_AFTER) {
                 return;
             }
         }
@@ -311,9 +344,12 @@ impl<C: RoleConfig> State<C> {
                         Some(read) => Some(read.with_referenced(&self.read_files)),
                         None => None,
                     };
-                    // The rejected file's patterns: an edit to a file it newly includes may be its fix.
-                    self.follow(read.as_ref().or(before.as_ref()));
-                    self.bad = read;
+                    // The rejected file's patterns: an edit to a file it newly includes may be its fix. With
+                    // nothing read (the main file's directory removed), those in force: the main file's
+                    // directory is watched again once it is back.
+                    let follow = read.as_ref().or(before.as_ref()).or(self.good.as_ref());
+                    follow_in(&mut self.watcher, &self.read_files, follow);
+                    self.bad = read.map(|read| (read, Instant::now()));
                 }
                 failed(&self.status, C::ROLE, &e.to_string());
                 // The old config serves on: ready still, and the status says the new one was refused.
@@ -327,9 +363,14 @@ impl<C: RoleConfig> State<C> {
 
     /// Watches what `sources` (the files just read) include, and the files the config names.
     fn follow(&mut self, sources: Option<&Sources>) {
-        if let (Some(w), Some(sources)) = (&mut self.watcher, sources) {
-            w.follow(sources.patterns(), &followed(sources, &self.read_files));
-        }
+        follow_in(&mut self.watcher, &self.read_files, sources);
+    }
+}
+
+/// [`State::follow`], of its fields (`sources` may be another of them).
+fn follow_in(watcher: &mut Option<ConfigWatcher>, read_files: &[PathBuf], sources: Option<&Sources>) {
+    if let (Some(w), Some(sources)) = (watcher, sources) {
+        w.follow(sources.patterns(), &followed(sources, read_files));
     }
 }
 
@@ -364,7 +405,9 @@ struct Relevant {
 
 impl Relevant {
     fn covers(&self, path: &Path) -> bool {
-        names(&self.main, self.target.as_deref(), path)
+        // The main file's directory itself removed or renamed: its watch is gone with it.
+        Some(path) == self.main.parent()
+            || names(&self.main, self.target.as_deref(), path)
             || (self.patterns.iter()).any(|p| p.names(path) || path == p.dir)
             || (self.referenced.iter()).any(|(file, target)| names(file, target.as_deref(), path))
     }
@@ -426,7 +469,12 @@ impl ConfigWatcher {
         }));
         let judge = relevant.clone();
         let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-            let Ok(event) = res else { return };
+            // An error, or events lost to a full queue (`Rescan`): what changed is not known, so the files
+            // are read again.
+            let Ok(event) = res else { return file_event(&tx) };
+            if event.need_rescan() {
+                return file_event(&tx);
+            }
             if event.kind.is_access() {
                 return;
             }
@@ -485,7 +533,8 @@ impl ConfigWatcher {
                     .flatten()
                     .filter_map(|f| f.parent().map(Path::to_path_buf)),
             )
-            .filter(|d| Some(d) != main_dir.as_ref())
+            // The main file's own, watched again too: removed and made again, it is a new directory.
+            .chain(main_dir)
             .collect();
         // Before the watches change, so an event of a newly watched directory is judged by its pattern.
         self.relevant.store(Arc::new(Relevant {
@@ -648,6 +697,8 @@ mod tests {
                 .unwrap_or_default(),
             good: loaded.sources,
             bad: None,
+            blank_since: None,
+            recheck: None,
             watcher: None,
             publish,
             status: status.clone(),
@@ -696,6 +747,68 @@ mod tests {
         assert!(!config.has_changed().unwrap());
     }
 
+    /// An included file emptied and left so (a template rendering a program away) is judged as it is once
+    /// [`BLANK_PATIENCE`] is over: it held back every later reload, an edit of the main file's too, until a
+    /// SIGHUP. Until then it is taken for one being written, and the loop is asked to look at it again.
+    #[test]
+    fn an_include_left_empty_is_judged_once_the_patience_is_over() {
+        use crate::config::tests::Included;
+        let dir = tempfile::tempdir().unwrap();
+        let conf_d = dir.path().join("conf.d");
+        std::fs::create_dir(&conf_d).unwrap();
+        std::fs::write(conf_d.join("web.toml"), "[programs.web]\n").unwrap();
+        std::fs::write(conf_d.join("api.toml"), "[programs.api]\n").unwrap();
+        let main = dir.path().join("main.toml");
+        std::fs::write(&main, "include = [\"conf.d/*.toml\"]\n").unwrap();
+        let mut src = ConfigSource::file(&main);
+        src.use_env = false;
+        let loaded = crate::config::load::<Included>(&src).unwrap();
+        let (mut state, mut config, status) = unwatched(src, loaded);
+        assert_eq!(config.borrow_and_update().programs, ["api", "web"]);
+
+        std::fs::write(conf_d.join("web.toml"), "").unwrap();
+        state.attempt(Cause::File);
+        assert_eq!(status.borrow().reloads, 0, "held while it may be being written");
+        assert!(state.recheck.expect("a look again asked for") > Instant::now());
+        // The patience over (moved back here, not waited out).
+        state.blank_since = state.blank_since.and_then(|t| t.checked_sub(BLANK_PATIENCE));
+        state.attempt(Cause::File);
+        assert_eq!(status.borrow().reloads, 1, "still held");
+        assert_eq!(config.borrow_and_update().programs, ["api"]);
+    }
+
+    /// The main file's directory removed and made again (`rm -rf /etc/xcluster; cp -r new /etc/xcluster`) is
+    /// a new directory to the kernel, and its watch went with the old one: it is watched again once it is
+    /// there, as an include directory is. Before, it was watched once at start, and no edit was seen after.
+    #[tokio::test]
+    async fn the_main_files_directory_made_again_is_watched_again() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("etc");
+        std::fs::create_dir(&dir).unwrap();
+        let main = dir.join("monitor.toml");
+        std::fs::write(&main, "").unwrap();
+        let (tx, mut rx) = mpsc::channel(64);
+        let mut watcher = ConfigWatcher::start(&main, tx).unwrap();
+        watcher.follow(&[], &[]);
+        std::fs::remove_dir_all(&dir).unwrap();
+        let seen = tokio::time::timeout(Duration::from_secs(10), rx.recv()).await;
+        assert_eq!(seen.ok().flatten(), Some(Cause::File), "no event for the removal");
+        // The reload that follows reads nothing and follows the config in force, whose directory is missing.
+        watcher.follow(&[], &[]);
+        assert!(watcher.warned.contains(&dir), "{:?}", watcher.warned);
+        std::fs::create_dir(&dir).unwrap();
+        assert!(watcher.retry_missing());
+        assert!(watcher.watched.contains(&dir));
+        while rx.try_recv().is_ok() {}
+        std::fs::write(&main, "a = 1\n").unwrap();
+        let seen = tokio::time::timeout(Duration::from_secs(10), rx.recv()).await;
+        assert_eq!(
+            seen.ok().flatten(),
+            Some(Cause::File),
+            "no event from the new directory"
+        );
+    }
+
     /// A pattern whose directory lies outside the main file's is seen only through a watch of its own, so an
     /// event from it shows that `follow` watched it, as it does after a reload that names a new pattern.
     #[tokio::test]
@@ -716,7 +829,7 @@ mod tests {
             &[pattern(first.to_str().unwrap(), "*.toml"), missing.clone()],
             &[],
         );
-        assert_eq!(watcher.watched, BTreeSet::from([first.clone()]));
+        assert_eq!(watcher.watched, BTreeSet::from([first.clone(), main_dir.clone()]));
         std::fs::write(first.join("web.toml"), "").unwrap();
         let seen = tokio::time::timeout(Duration::from_secs(10), rx.recv()).await;
         assert_eq!(
@@ -735,7 +848,7 @@ mod tests {
         // A new config's patterns: the directory it no longer names is left. (No event is awaited here: one
         // of the write above may still be on its way, and would pass for one of this directory.)
         watcher.follow(&[pattern(second.to_str().unwrap(), "*.toml"), missing], &[]);
-        assert_eq!(watcher.watched, BTreeSet::from([second.clone(), made]));
+        assert_eq!(watcher.watched, BTreeSet::from([second.clone(), made, main_dir]));
     }
 
     /// A main file that is a symbolic link, as Kubernetes mounts a ConfigMap's (`monitor.toml` ->
@@ -758,7 +871,10 @@ mod tests {
         let (tx, mut rx) = mpsc::channel(64);
         let mut watcher = ConfigWatcher::start(&main, tx).unwrap();
         watcher.follow(&[], &[]);
-        assert_eq!(watcher.watched, BTreeSet::from([mount.join("..v1")]));
+        assert_eq!(
+            watcher.watched,
+            BTreeSet::from([mount.join("..v1"), mount.clone()])
+        );
 
         version("..v2", "a = 2\n");
         std::os::unix::fs::symlink("..v2", mount.join("..data_tmp")).unwrap();
@@ -768,7 +884,10 @@ mod tests {
         // The reload that follows leads the watch to the new version's directory, where an edit of the
         // file counts (those directories' other files do not).
         watcher.follow(&[], &[]);
-        assert_eq!(watcher.watched, BTreeSet::from([mount.join("..v2")]));
+        assert_eq!(
+            watcher.watched,
+            BTreeSet::from([mount.join("..v2"), mount.clone()])
+        );
         let relevant = watcher.relevant.load();
         assert!(relevant.covers(&mount.join("..v2/monitor.toml")));
         assert!(!relevant.covers(&mount.join("..v2/other.toml")));
@@ -887,20 +1006,26 @@ mod tests {
         assert_eq!(failures(), 1);
         state.attempt(Cause::File);
         assert_eq!(failures(), 1, "the same rejected config judged again");
+        // Once the verdict is REJUDGE_AFTER old (moved back here, not waited out), the same bytes are judged
+        // again: what it hung on besides the files (a user, a directory) may have been made since.
+        let (_, at) = state.bad.as_mut().expect("a rejection remembered");
+        *at = at.checked_sub(REJUDGE_AFTER).unwrap();
+        state.attempt(Cause::File);
+        assert_eq!(failures(), 2, "an old verdict taken for good");
 
         // Not TOML: nothing read but the main file.
         std::fs::write(&main, "key_file = \n").unwrap();
         state.attempt(Cause::File);
         state.attempt(Cause::File);
-        assert_eq!(failures(), 2);
+        assert_eq!(failures(), 3);
 
         // The fix: naming the file again, then writing it.
         names(&second);
         state.attempt(Cause::File);
-        assert_eq!(failures(), 3);
+        assert_eq!(failures(), 4);
         std::fs::write(&second, "second-key-0123456789\n").unwrap();
         state.attempt(Cause::File);
-        assert_eq!((failures(), status.borrow().reloads), (3, 1));
+        assert_eq!((failures(), status.borrow().reloads), (4, 1));
         assert_eq!(config.borrow_and_update().key, b"second-key-0123456789");
     }
 
