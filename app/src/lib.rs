@@ -131,6 +131,8 @@ pub async fn run(ctx: Context<Config>) -> Result<(), Error> {
         health: ctx.health.clone(),
         queue_depth: Default::default(),
         audits: tokio::sync::Mutex::new(()),
+        // `instance` needs a restart: made once.
+        instance_header: http::HeaderValue::from_str(&cfg.instance).ok(),
     });
     tokio::spawn(queue::workers::outbox_worker(
         exec.background(),

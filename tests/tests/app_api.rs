@@ -712,6 +712,13 @@ fn stats_contract_degrade_switch_and_flash_sale() {
         },
     );
     assert_eq!(stats["instance"], "app-1");
+    // Every answer names the instance that gave it, for a client behind an L4 proxy (`xcluster load --via
+    // proxy` reported the proxy's listener as the backend), refusals too.
+    assert_eq!(
+        get(a, "/v1/stats").unwrap().header("x-xcluster-instance"),
+        Some("app-1")
+    );
+    assert_eq!(again.header("x-xcluster-instance"), Some("app-1"));
     assert_eq!(stats["ready"], true);
     assert!(stats["capacity"].as_u64().unwrap() > 0);
     for t in ["browse", "order", "seckill", "pay"] {

@@ -53,6 +53,10 @@ pub struct App {
     /// so a loop of them holds one read lane, not all of them (browsing and the stats sampler queued
     /// behind).
     pub audits: tokio::sync::Mutex<()>,
+    /// `X-XCluster-Instance` of every answer: this instance's id, which tells a client behind an L4 proxy
+    /// (`xcluster load --via proxy`, whose report of backend shares named only the proxy's listener) which
+    /// backend answered. `None` if the id is no header value.
+    pub instance_header: Option<http::HeaderValue>,
 }
 
 impl App {
@@ -158,6 +162,17 @@ pub fn handler(app: Arc<App>) -> Handler {
 }
 
 async fn dispatch(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
+    let mut resp = answer(&app, req).await;
+    if let Some(id) = &app.instance_header {
+        resp.headers_mut().insert(INSTANCE_HEADER, id.clone());
+    }
+    resp
+}
+
+/// Names the instance that answered ([`App::instance_header`]).
+pub const INSTANCE_HEADER: http::HeaderName = http::HeaderName::from_static("x-xcluster-instance");
+
+async fn answer(app: &Arc<App>, req: Request<Incoming>) -> Response<Body> {
     let started = Instant::now();
     let (ty, r) = match route(req.method(), req.uri().path()) {
         Ok(found) => found,
@@ -171,10 +186,10 @@ async fn dispatch(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
         }
     };
     if matches!(r, Route::Stats) {
-        return admin::stats(&app);
+        return admin::stats(app);
     }
     let mut held = Some(app.stats.enter());
-    let resp = admitted(&app, ty, r, req, &mut held).await;
+    let resp = admitted(app, ty, r, req, &mut held).await;
     let unavailable = resp.extensions().get::<Unavailable>().copied();
     let before_work = resp.extensions().get::<crate::stats::BeforeWork>().is_some();
     app.stats

@@ -140,7 +140,8 @@ fn lock_and_read(t: &mut Tx<'_>, orders: &[NewOrder]) -> Result<Plan, StoreError
     // `FOR UPDATE` returns each row's newest version once its lock is ours: the stock the decisions start from.
     for r in t.query(
         "SELECT s.sku, s.price_cents, p.shop_id, s.available, s.sale_seq FROM skus s
-         JOIN products p ON p.id = s.product_id WHERE s.sku = ANY($1) ORDER BY s.sku FOR UPDATE OF s",
+         JOIN products p ON p.id = s.product_id WHERE s.sku = ANY($1)
+         ORDER BY s.sku COLLATE \"C\" FOR UPDATE OF s",
         &[&skus],
     )? {
         plan.shelves.insert(
@@ -156,7 +157,8 @@ fn lock_and_read(t: &mut Tx<'_>, orders: &[NewOrder]) -> Result<Plan, StoreError
         );
     }
     for r in t.query(
-        "SELECT sku, bucket, available FROM sku_buckets WHERE sku = ANY($1) ORDER BY sku, bucket",
+        "SELECT sku, bucket, available FROM sku_buckets WHERE sku = ANY($1)
+         ORDER BY sku COLLATE \"C\", bucket",
         &[&skus],
     )? {
         let sku: String = r.get(0);

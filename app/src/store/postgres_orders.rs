@@ -49,7 +49,7 @@ pub fn list_products_from(
             skus: Vec::new(),
         })
         .collect();
-    let sql = format!("{SKU_COLUMNS} WHERE s.product_id = $1 ORDER BY s.sku");
+    let sql = format!("{SKU_COLUMNS} WHERE s.product_id = $1 ORDER BY s.sku COLLATE \"C\"");
     for p in &mut products {
         p.skus = t.query(&sql, &[&p.id])?.iter().map(sku_row).collect();
     }
@@ -83,7 +83,7 @@ pub fn user_orders(
     let lines: Vec<(String, LineView)> = t
         .query(
             "SELECT order_id, sku, qty, price_cents, refunded_qty, sale_seq FROM order_lines
-             WHERE order_id = ANY($1) ORDER BY sku",
+             WHERE order_id = ANY($1) ORDER BY sku COLLATE \"C\"",
             &[&ids],
         )?
         .iter()
@@ -131,7 +131,7 @@ pub fn load_order(t: &mut Tx<'_>, id: &str) -> Result<Option<OrderView>, StoreEr
     let lines = t
         .query(
             "SELECT sku, qty, price_cents, refunded_qty, sale_seq FROM order_lines WHERE order_id = $1
-             ORDER BY sku",
+             ORDER BY sku COLLATE \"C\"",
             &[&id],
         )?
         .iter()
@@ -185,7 +185,7 @@ pub fn lock_order(t: &mut Tx<'_>, id: &str) -> Result<(), StoreError> {
 pub fn lock_skus_of(t: &mut Tx<'_>, ids: &[&str]) -> Result<(), StoreError> {
     t.exec(
         "SELECT 1 FROM skus WHERE sku IN (SELECT sku FROM order_lines WHERE order_id = ANY($1))
-         ORDER BY sku FOR UPDATE",
+         ORDER BY sku COLLATE \"C\" FOR UPDATE",
         &[&ids],
     )?;
     Ok(())
@@ -194,7 +194,7 @@ pub fn lock_skus_of(t: &mut Tx<'_>, ids: &[&str]) -> Result<(), StoreError> {
 /// Locks SKU rows `skus` by name (see [`lock_skus_of`]).
 fn lock_skus(t: &mut Tx<'_>, skus: &[&str]) -> Result<(), StoreError> {
     t.exec(
-        "SELECT 1 FROM skus WHERE sku = ANY($1) ORDER BY sku FOR UPDATE",
+        "SELECT 1 FROM skus WHERE sku = ANY($1) ORDER BY sku COLLATE \"C\" FOR UPDATE",
         &[&skus],
     )?;
     Ok(())
@@ -231,20 +231,20 @@ pub fn return_units(t: &mut Tx<'_>, sku: &str, qty: i64, restock: bool) -> Resul
 
 /// The lines of order `id` as a refund reads them (the caller holds the order's row lock).
 pub fn refund_lines(t: &mut Tx<'_>, id: &str) -> Result<Vec<order_rules::RefundLine>, StoreError> {
-    Ok(t
-        .query(
-            "SELECT sku, qty, refunded_qty, price_cents, shop_id FROM order_lines WHERE order_id = $1 ORDER BY sku",
-            &[&id],
-        )?
-        .iter()
-        .map(|r| order_rules::RefundLine {
-            sku: r.get(0),
-            qty: r.get(1),
-            refunded: r.get(2),
-            price_cents: r.get(3),
-            shop_id: r.get(4),
-        })
-        .collect())
+    Ok(t.query(
+        "SELECT sku, qty, refunded_qty, price_cents, shop_id FROM order_lines WHERE order_id = $1
+             ORDER BY sku COLLATE \"C\"",
+        &[&id],
+    )?
+    .iter()
+    .map(|r| order_rules::RefundLine {
+        sku: r.get(0),
+        qty: r.get(1),
+        refunded: r.get(2),
+        price_cents: r.get(3),
+        shop_id: r.get(4),
+    })
+    .collect())
 }
 
 fn view(t: &mut Tx<'_>, id: &str) -> Res<OrderView> {

@@ -234,7 +234,9 @@ impl Store for SqliteStore {
         before: Option<(i64, String)>,
         limit: u32,
     ) -> Result<Vec<OrderView>, StoreError> {
-        self.with_conn(|c| super::sqlite_orders::user_orders(c, user, before, limit))
+        // One snapshot for the orders and their lines, as `get_order`: a refund committed between the two
+        // reads showed an order `paid` with every line refunded.
+        self.with_conn(|c| super::sqlite_orders::user_orders(&*c.transaction()?, user, before, limit))
     }
     fn create_orders(
         &self,
