@@ -22,6 +22,30 @@ const ASK_TIMEOUT: Duration = Duration::from_secs(1);
 /// How much of the log the parent shows when the child ends early.
 const SHOWN_ON_FAILURE: u64 = 4096;
 
+/// Set by SIGINT or SIGTERM while the parent waits.
+static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+extern "C" fn interrupted(_: nix::libc::c_int) {
+    // An atomic store is all a handler may do here (async-signal-safe).
+    INTERRUPTED.store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Ctrl-C (or a SIGTERM) while the parent waits stops the monitor it started: the monitor is in a session
+/// of its own, so the signal reached only the parent, which died and left the monitor starting every program
+/// without a word (and the next `up` failed on its run directory).
+fn stop_on_interrupt() {
+    use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction};
+    let action = SigAction::new(
+        SigHandler::Handler(interrupted),
+        SaFlags::SA_RESTART,
+        SigSet::empty(),
+    );
+    for sig in [Signal::SIGINT, Signal::SIGTERM] {
+        // SAFETY: the handler only stores to an atomic.
+        let _ = unsafe { sigaction(sig, &action) };
+    }
+}
+
 /// Starts the monitor of `args` (already checked: its config loads, its port and run directory are free) in
 /// the background, with its log at `run_dir/monitor.log`, and waits until `listen` answers ready. Returns the
 /// exit code of `xcluster up`. `tokened`: the monitor has a token, so `ctl shutdown` can stop it.
@@ -74,7 +98,21 @@ pub fn detach(args: &UpArgs, listen: SocketAddr, run_dir: &Path, tokened: bool) 
         }
     };
     let deadline = Instant::now() + READY_WITHIN;
+    stop_on_interrupt();
     loop {
+        if INTERRUPTED.load(std::sync::atomic::Ordering::Relaxed) {
+            eprintln!(
+                "xcluster up: interrupted; stopping the monitor (pid {}) and what it started",
+                child.id()
+            );
+            if let Ok(pid) = i32::try_from(child.id()) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGTERM,
+                );
+            }
+            return 130;
+        }
         match child.try_wait() {
             Ok(Some(status)) => {
                 eprintln!(

@@ -101,7 +101,11 @@ fn main() {
             quiet_on_closed_output();
             check::run(&a.files)
         }
-        args::Command::BuyerToken(a) => check::buyer_token(&a),
+        args::Command::BuyerToken(a) => {
+            // Printed as `ctl` prints: `xcluster buyer-token ... | head -c0` panicked on the closed pipe.
+            quiet_on_closed_output();
+            check::buyer_token(&a)
+        }
     };
     // `exit` runs no destructors: the log lines still queued are written first.
     xcluster_runtime::logwriter::flush(std::time::Duration::from_secs(2));

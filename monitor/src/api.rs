@@ -31,7 +31,11 @@ use crate::supervisor::unix_ms;
 /// Largest request body (a signal name).
 const MAX_BODY: usize = 4096;
 const BODY_TIMEOUT: Duration = Duration::from_secs(5);
-const COMMAND_TIMEOUT: Duration = Duration::from_secs(10);
+/// The longest a command waits, to be taken by the supervisor and answered, in all: under `ctl`'s
+/// `--timeout-secs` (10 by default), so that `ctl` reads the `504 command_timeout` of a command taken and not
+/// answered (exit 1: it may have been carried out) instead of timing out itself (exit 69: try again). Each of
+/// the two waits had 10 s of its own.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(8);
 
 /// What the handlers share.
 #[derive(Debug, Clone)]
@@ -298,7 +302,8 @@ impl Api {
 
     async fn call(&self, cmd: Command) -> Response<Body> {
         let (tx, rx) = oneshot::channel();
-        let sent = tokio::time::timeout(COMMAND_TIMEOUT, self.commands.send((cmd, tx))).await;
+        let deadline = tokio::time::Instant::now() + COMMAND_TIMEOUT;
+        let sent = tokio::time::timeout_at(deadline, self.commands.send((cmd, tx))).await;
         if !matches!(sent, Ok(Ok(()))) {
             return error(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -306,7 +311,7 @@ impl Api {
                 "the supervisor is not accepting commands",
             );
         }
-        match tokio::time::timeout(COMMAND_TIMEOUT, rx).await {
+        match tokio::time::timeout_at(deadline, rx).await {
             Ok(Ok(Ok(Reply::Results(results)))) => json(StatusCode::OK, &json!({ "results": results })),
             Ok(Ok(Ok(Reply::Plan(plan)))) => json(StatusCode::OK, &plan),
             Ok(Ok(Ok(Reply::Roll(roll)))) => json(StatusCode::OK, &json!({ "roll": roll })),

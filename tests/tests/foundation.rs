@@ -160,14 +160,18 @@ fn help_lists_every_subcommand_and_print_config_works() {
 }
 
 /// A printing command whose reader has gone (`xcluster check-config ... | head`) ends by SIGPIPE, quietly,
-/// as Unix tools do, instead of panicking on the write.
+/// as Unix tools do, instead of panicking on the write (`buyer-token` did).
 #[test]
 fn printing_commands_end_quietly_when_their_reader_is_gone() {
     use std::os::unix::process::ExitStatusExt;
     let lb = workspace_root().join("configs/lb.toml");
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("buyer.key");
+    std::fs::write(&key, "buyer-key-0123456789\n").unwrap();
     for args in [
         vec!["check-config", lb.to_str().unwrap()],
         vec!["lb", "--print-config"],
+        vec!["buyer-token", "--key-file", key.to_str().unwrap(), "--user", "u1"],
     ] {
         let (read, write) = nix::unistd::pipe().unwrap();
         drop(read);

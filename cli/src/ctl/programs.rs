@@ -509,7 +509,11 @@ const MISSED_POLLS: u32 = 3;
 /// miss said aloud looked like the failure of a wait that then succeeded.
 fn poll(c: &Client, missed: &mut u32, deadline: Option<Instant>) -> Result<Option<Value>, Failure> {
     if *missed >= MISSED_POLLS || deadline.is_some_and(|d| Instant::now() >= d) {
-        return monitor_status(c).map(Some);
+        // Answered, the misses in a row are over: kept, one more miss for the rest of a long wait (a roll)
+        // ended it.
+        let v = monitor_status(c)?;
+        *missed = 0;
+        return Ok(Some(v));
     }
     let v = poll_status(c)?;
     *missed = if v.is_some() { 0 } else { *missed + 1 };
@@ -687,6 +691,32 @@ mod tests {
         let mut results = vec![("p".to_string(), Ok("starting".to_string()))];
         let given_up = await_goal(&c, &mut results, &mut [false], Goal::Running, limit);
         assert!(matches!(given_up, Err(Failure::Exit(69))));
+    }
+
+    /// Misses in a row are over once a poll is answered: a wait that had missed `MISSED_POLLS` once gave up
+    /// at the next single miss for the rest of its life (a long roll's follow ended exit 69 on one 503).
+    #[test]
+    fn an_answer_ends_a_run_of_missed_polls() {
+        let busy = (503, r#"{"error": {"code": "unavailable"}}"#.to_string());
+        let up = serde_json::json!({ "monitor": { "version": "test" }, "programs": [] });
+        let c = scripted_monitor(vec![
+            busy.clone(),
+            busy.clone(),
+            busy.clone(),
+            (200, up.to_string()),
+            busy,
+            (200, up.to_string()),
+        ]);
+        let mut missed = 0;
+        for _ in 0..MISSED_POLLS {
+            assert!(matches!(poll(&c, &mut missed, None), Ok(None)));
+        }
+        assert!(matches!(poll(&c, &mut missed, None), Ok(Some(_))));
+        assert!(
+            matches!(poll(&c, &mut missed, None), Ok(None)),
+            "one miss after an answer ended the wait"
+        );
+        assert!(matches!(poll(&c, &mut missed, None), Ok(Some(_))));
     }
 
     /// A roll that ended between two polls, another begun meanwhile, is found among the monitor's past rolls:

@@ -26,6 +26,11 @@ const ORDER_IDS_KEPT: usize = 65_536;
 /// acknowledged and nothing paid yet: `order`'s for `pay` to pay real orders, `seckill`'s beside them.
 #[derive(Debug, Default)]
 pub struct Ctx {
+    /// This run's part of every idempotency key, drawn at random. The process id was, and two generators in
+    /// containers (both pid 1) or two runs a pid wrap apart sent the same keys for the same users: an
+    /// `order` was refused `idempotency_conflict`, a `seckill` answered with the other run's order, which
+    /// this run then cancelled.
+    run: u64,
     seq: AtomicU64,
     orders: Mutex<Unpaid>,
     /// `Authorization` of every request (`--app-token`).
@@ -152,6 +157,7 @@ impl Ctx {
             .transpose()
             .map_err(|_| "--app-token: not a header value (a control character?)".to_string())?;
         Ok(Ctx {
+            run: rand::random(),
             auth: auth.map(|mut v| {
                 v.set_sensitive(true);
                 v
@@ -277,8 +283,8 @@ fn browse(_: &Ctx, n: u64) -> Option<Request<Full<Bytes>>> {
     Request::get(path.as_str()).body(Full::new(Bytes::new())).ok()
 }
 
-fn order(_: &Ctx, n: u64) -> Option<Request<Full<Bytes>>> {
-    let key = format!("load-{}-{n}", std::process::id());
+fn order(ctx: &Ctx, n: u64) -> Option<Request<Full<Bytes>>> {
+    let key = format!("load-{:016x}-{n}", ctx.run);
     let user = format!("demo-{}", n % USER_COUNT);
     Some(json_post(
         "/v1/orders",
@@ -287,8 +293,8 @@ fn order(_: &Ctx, n: u64) -> Option<Request<Full<Bytes>>> {
     ))
 }
 
-fn seckill(_: &Ctx, n: u64) -> Option<Request<Full<Bytes>>> {
-    let key = format!("load-sk-{}-{n}", std::process::id());
+fn seckill(ctx: &Ctx, n: u64) -> Option<Request<Full<Bytes>>> {
+    let key = format!("load-sk-{:016x}-{n}", ctx.run);
     let user = format!("demo-{}", n % USER_COUNT);
     Some(json_post(
         "/v1/seckill/flash-1",
@@ -300,7 +306,7 @@ fn seckill(_: &Ctx, n: u64) -> Option<Request<Full<Bytes>>> {
 fn pay(ctx: &Ctx, n: u64) -> Option<Request<Full<Bytes>>> {
     // Only real orders are paid: a made-up id would get a 404 that says nothing about the cluster.
     let id = ctx.order_id()?;
-    let key = format!("load-pay-{}-{n}", std::process::id());
+    let key = format!("load-pay-{:016x}-{n}", ctx.run);
     Some(json_post(
         &format!("/v1/orders/{id}/pay"),
         Some(key),
@@ -441,6 +447,18 @@ mod tests {
         ] {
             assert!(Mix::parse(bad).is_err(), "{bad:?} accepted");
         }
+    }
+
+    /// Two runs never send the same idempotency key: keyed by the process id, two generators in
+    /// containers (both pid 1) sent the same keys for the same users, and got each other's orders.
+    #[test]
+    fn two_runs_send_different_keys() {
+        let key = |ctx: &Ctx| {
+            let r = KINDS[2].build(ctx).unwrap();
+            r.headers()["idempotency-key"].to_str().unwrap().to_string()
+        };
+        let [a, b] = [(); 2].map(|()| Ctx::with_token(None).unwrap());
+        assert_ne!(key(&a), key(&b));
     }
 
     #[test]
