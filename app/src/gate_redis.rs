@@ -63,7 +63,10 @@ return marked({1, tonumber(sale)}, sale)
 /// Raises a SKU's sale number to ARGV[1] (never lowers it: a reconciler that read the store before a sale
 /// opened must not take the gate back to the sale before, whose counts would refuse that sale's buyers), and
 /// keeps it ARGV[2] ms more. Keys: the sale number; then, when ARGV[3] is given, the stock counter set to it
-/// (the reconciler's rebuild, in the same call).
+/// (the reconciler's rebuild, in the same call) plus the units put back since its read of the store (the
+/// count KEYS[3] now, less ARGV[4], the count it read before the store): set to what it read, a unit a cancel
+/// put back meanwhile was overwritten, and refused `sold_out` until the next rebuild. (One put back after
+/// its commit, which the read saw, counts twice until then: the lenient side.)
 const RAISE_SALE: &str = r#"
 local cur = tonumber(redis.call('GET', KEYS[1]) or '-1')
 if tonumber(ARGV[1]) > cur then
@@ -71,7 +74,10 @@ if tonumber(ARGV[1]) > cur then
 else
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
 end
-if ARGV[3] then redis.call('SET', KEYS[2], ARGV[3], 'PX', ARGV[2]) end
+if ARGV[3] then
+  local since = tonumber(redis.call('GET', KEYS[3]) or '0') - tonumber(ARGV[4])
+  redis.call('SET', KEYS[2], tonumber(ARGV[3]) + math.max(since, 0), 'PX', ARGV[2])
+end
 return 1
 "#;
 
@@ -133,11 +139,16 @@ return 1
 );
 
 /// Puts units back on a SKU's stock counter, if it has one (none: the gate asks the store until the reconciler
-/// builds it, and a counter of only these units would refuse the rest). Keys: stock; then, when given, a
-/// buyer's count to delete ([`RedisGate::forget`]). Args: the units, 0 or more.
+/// builds it, and a counter of only these units would refuse the rest), and counts them for the reconciler
+/// (`RAISE_SALE`). Keys: stock, the count of units put back; then, when given, a buyer's count to delete
+/// ([`RedisGate::forget`]). Args: the units, 0 or more; how long the count lives (ms).
 const PUT_BACK: &str = r#"
-if tonumber(ARGV[1]) > 0 and redis.call('EXISTS', KEYS[1]) == 1 then redis.call('INCRBY', KEYS[1], ARGV[1]) end
-if KEYS[2] then redis.call('DEL', KEYS[2]) end
+if tonumber(ARGV[1]) > 0 then
+  if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('INCRBY', KEYS[1], ARGV[1]) end
+  redis.call('INCRBY', KEYS[2], ARGV[1])
+  redis.call('PEXPIRE', KEYS[2], ARGV[2])
+end
+if KEYS[3] then redis.call('DEL', KEYS[3]) end
 return 1
 "#;
 
@@ -340,6 +351,11 @@ fn stock_key(sku: &str) -> String {
 /// The number of `sku`'s latest flash sale, as the store's `skus.sale_seq`: the per-user counts are per sale.
 fn sale_key(sku: &str) -> String {
     format!("xbuy:sale:{sku}")
+}
+
+/// The units put back on `sku`'s counter lately ([`PUT_BACK`]), which the reconciler reads before the store.
+fn put_back_key(sku: &str) -> String {
+    format!("xbuy:putback:{sku}")
 }
 
 /// The key of the units of `sku` the gate let `user` take lately in sale `sale`, in two parts around the
@@ -710,12 +726,15 @@ impl RedisGate {
                 user,
                 freed,
             } => {
-                let (stock, bought) = (stock_key(sku), bought_key(sku, *sale, user));
-                let freed = freed.to_string();
-                self.call(&["EVAL", PUT_BACK, "2", &stock, &bought, &freed]).await
+                let (stock, put, bought) = (stock_key(sku), put_back_key(sku), bought_key(sku, *sale, user));
+                let (freed, ttl) = (freed.to_string(), self.counter_ttl_ms().to_string());
+                self.call(&["EVAL", PUT_BACK, "3", &stock, &put, &bought, &freed, &ttl])
+                    .await
             }
             GiveBack::Restock { sku, qty } => {
-                self.call(&["EVAL", PUT_BACK, "1", &stock_key(sku), &qty.to_string()])
+                let (stock, put) = (stock_key(sku), put_back_key(sku));
+                let (qty, ttl) = (qty.to_string(), self.counter_ttl_ms().to_string());
+                self.call(&["EVAL", PUT_BACK, "2", &stock, &put, &qty, &ttl])
                     .await
             }
             // Both take the attempt's own name off, the same however often they run.
@@ -792,19 +811,40 @@ impl RedisGate {
     /// Sets a SKU's stock counter to what the store says is sellable, and raises its sale number to the
     /// store's (a restarted Redis has none, and an instance's write at a sale's opening may have failed). Both
     /// expire unless rebuilt, so a stopped reconciler cannot leave Redis rejecting on stale numbers for long.
-    async fn rebuild(&self, sku: &str, sellable: i64, sale: i64) {
+    /// `put_back`: the SKU's count of units put back ([`Self::put_backs`]) read before `sellable` was read
+    /// from the store.
+    async fn rebuild(&self, sku: &str, sellable: i64, sale: i64, put_back: i64) {
         let ttl = self.counter_ttl_ms().to_string();
         self.call(&[
             "EVAL",
             RAISE_SALE,
-            "2",
+            "3",
             &sale_key(sku),
             &stock_key(sku),
+            &put_back_key(sku),
             &sale.to_string(),
             &ttl,
             &sellable.max(0).to_string(),
+            &put_back.to_string(),
         ])
         .await;
+    }
+
+    /// Each of `skus`' count of units put back ([`PUT_BACK`]; 0 for none), in their order; `None` if Redis
+    /// did not answer.
+    async fn put_backs(&self, skus: &[String]) -> Option<Vec<i64>> {
+        let keys: Vec<String> = skus.iter().map(|s| put_back_key(s)).collect();
+        let args: Vec<&str> = std::iter::once("MGET")
+            .chain(keys.iter().map(String::as_str))
+            .collect();
+        let Value::Array(counts) = self.call(&args).await? else {
+            return None;
+        };
+        let count = |v: &Value| match v {
+            Value::Text(t) => t.parse().unwrap_or(0),
+            _ => 0,
+        };
+        (counts.len() == skus.len()).then(|| counts.iter().map(count).collect())
     }
 
     fn hot(&self) -> Vec<String> {
@@ -835,6 +875,10 @@ pub async fn reconciler(gate: Arc<RedisGate>, exec: StoreExec, cancel: Cancellat
         if hot.is_empty() {
             continue;
         }
+        // Before the store: what is put back once the store was read is added to what it says.
+        let Some(put_backs) = gate.put_backs(&hot).await else {
+            continue;
+        };
         // Products are few and small; a bounded scan finds the hot SKUs' sellable stock. On a read lane: a
         // write lane is for the orders.
         let products = exec
@@ -853,8 +897,10 @@ pub async fn reconciler(gate: Arc<RedisGate>, exec: StoreExec, cancel: Cancellat
         let Ok(products) = products else { continue };
         for p in products {
             for s in p.skus {
-                if hot.contains(&s.sku) {
-                    gate.rebuild(&s.sku, s.available + s.bucketed, s.sale_seq).await;
+                if let Some(i) = hot.iter().position(|h| *h == s.sku) {
+                    let put_back = put_backs.get(i).copied().unwrap_or(0);
+                    gate.rebuild(&s.sku, s.available + s.bucketed, s.sale_seq, put_back)
+                        .await;
                 }
             }
         }
@@ -1162,6 +1208,34 @@ mod tests {
         flush(&gate).await;
         assert_eq!(read("xbuy:stock:sku-1"), ":5");
         assert_eq!(read("xbuy:bought:sku-1/4/u2"), ":0");
+    }
+
+    /// A unit put back while the reconciler read the store (a cancel committed after its read) stays on the
+    /// counter: the rebuild set the counter to what it had read, and the unit was refused `sold_out` until
+    /// the next one, while the store had it. On a real Redis.
+    #[tokio::test]
+    async fn a_unit_put_back_while_the_store_was_read_stays_on_sale() {
+        let redis = xcluster_tests::services::Redis::start();
+        let gate = gate(
+            &redis.addr.to_string(),
+            Duration::from_secs(5),
+            Duration::from_millis(200),
+        );
+        let hot = ["sku-1".to_string()];
+        let read = || redis.command("INCRBY xbuy:stock:sku-1 0");
+        gate.rebuild("sku-1", 0, 3, 0).await;
+        assert_eq!(read(), ":0", "sold out");
+        // The reconciler's round: the counts put back, then the store (0 left), then a cancel commits and
+        // puts its unit back, then the rebuild.
+        let seen = gate.put_backs(&hot).await.expect("an answer");
+        gate.restock("sku-1", 1).await;
+        assert_eq!(read(), ":1");
+        gate.rebuild("sku-1", 0, 3, seen[0]).await;
+        assert_eq!(read(), ":1", "the unit put back was overwritten");
+        // The next round reads the store with it.
+        let seen = gate.put_backs(&hot).await.expect("an answer");
+        gate.rebuild("sku-1", 1, 3, seen[0]).await;
+        assert_eq!(read(), ":1");
     }
 
     /// A keyed taken attempt's give-back applies once, however often it is sent (its reply lost, it is kept

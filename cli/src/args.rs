@@ -362,6 +362,11 @@ pub struct LoadArgs {
     /// only with a buyer token or this one, which acts for any buyer.
     #[arg(long, env = "XCLUSTER_APP_TOKEN", hide_env_values = true)]
     pub app_token: Option<String>,
+    /// XBuy's `buyer_key_file`: each buyer call (order, seckill, pay, and the clean-up's cancels) carries a
+    /// token for its own buyer, minted here for two minutes at a time as a shop's login would, in place of
+    /// --app-token (which browsing still carries). A load run then needs no admin token.
+    #[arg(long, value_name = "FILE")]
+    pub buyer_key_file: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Args)]

@@ -57,23 +57,35 @@ pub fn buyer_token(a: &crate::args::BuyerTokenArgs) -> i32 {
         );
         return ConfigError::EXIT_CODE;
     }
-    let mut v = xcluster_runtime::Validator::new();
-    let key = v.key_file("--key-file", &a.key_file.to_string_lossy());
-    // XBuy's own check of `buyer_key_file`.
-    v.long_keys("--key-file", &key);
-    if let Err(issues) = v.finish(()) {
-        for issue in issues {
-            eprintln!("{issue}");
+    let key = match buyer_key("--key-file", &a.key_file) {
+        Ok(key) => key,
+        Err(issues) => {
+            eprint!("{issues}");
+            return ConfigError::EXIT_CODE;
         }
-        return ConfigError::EXIT_CODE;
-    }
-    let now = u64::try_from(xcluster_app::domain::now_ms() / 1000).unwrap_or(0);
-    println!(
-        "{}",
-        // The first key signs, as the agent's first report key does (`HmacKey::signing`).
-        xcluster_proto::buyer::mint(key.signing(), &a.user, now + a.ttl_secs)
-    );
+    };
+    println!("{}", mint_buyer_token(&key, &a.user, a.ttl_secs));
     0
+}
+
+/// Reads XBuy's `buyer_key_file` at `path` (named `flag` in errors) as the app reads it: the key that signs,
+/// or the issues found, one per line.
+pub fn buyer_key(flag: &str, path: &Path) -> Result<Vec<u8>, String> {
+    let mut v = xcluster_runtime::Validator::new();
+    let key = v.key_file(flag, &path.to_string_lossy());
+    // XBuy's own check of `buyer_key_file`.
+    v.long_keys(flag, &key);
+    match v.finish(()) {
+        // The first key signs, as the agent's first report key does (`HmacKey::signing`).
+        Ok(()) => Ok(key.signing().to_vec()),
+        Err(issues) => Err(issues.iter().map(|i| format!("{i}\n")).collect()),
+    }
+}
+
+/// A buyer token for `user` signed with `key`, good for `ttl_secs` from now.
+pub fn mint_buyer_token(key: &[u8], user: &str, ttl_secs: u64) -> String {
+    let now = u64::try_from(xcluster_app::domain::now_ms() / 1000).unwrap_or(0);
+    xcluster_proto::buyer::mint(key, user, now + ttl_secs)
 }
 
 #[cfg(test)]

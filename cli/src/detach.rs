@@ -22,12 +22,25 @@ const ASK_TIMEOUT: Duration = Duration::from_secs(1);
 /// How much of the log the parent shows when the child ends early.
 const SHOWN_ON_FAILURE: u64 = 4096;
 
-/// Set by SIGINT or SIGTERM while the parent waits.
-static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+/// The SIGINT or SIGTERM that came while the parent waited (0: none).
+static INTERRUPTED: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
 
-extern "C" fn interrupted(_: nix::libc::c_int) {
+extern "C" fn interrupted(sig: nix::libc::c_int) {
     // An atomic store is all a handler may do here (async-signal-safe).
-    INTERRUPTED.store(true, std::sync::atomic::Ordering::Relaxed);
+    INTERRUPTED.store(sig, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// When a signal came, stops the monitor started as `pid` and returns the exit code (128 + the signal).
+fn stop_if_interrupted(pid: u32) -> Option<i32> {
+    let sig = INTERRUPTED.load(std::sync::atomic::Ordering::Relaxed);
+    if sig == 0 {
+        return None;
+    }
+    eprintln!("xcluster up: interrupted; stopping the monitor (pid {pid}) and what it started");
+    if let Ok(pid) = i32::try_from(pid) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGTERM);
+    }
+    Some(128 + sig)
 }
 
 /// Ctrl-C (or a SIGTERM) while the parent waits stops the monitor it started: the monitor is in a session
@@ -100,18 +113,8 @@ pub fn detach(args: &UpArgs, listen: SocketAddr, run_dir: &Path, tokened: bool) 
     let deadline = Instant::now() + READY_WITHIN;
     stop_on_interrupt();
     loop {
-        if INTERRUPTED.load(std::sync::atomic::Ordering::Relaxed) {
-            eprintln!(
-                "xcluster up: interrupted; stopping the monitor (pid {}) and what it started",
-                child.id()
-            );
-            if let Ok(pid) = i32::try_from(child.id()) {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid),
-                    nix::sys::signal::Signal::SIGTERM,
-                );
-            }
-            return 130;
+        if let Some(code) = stop_if_interrupted(child.id()) {
+            return code;
         }
         match child.try_wait() {
             Ok(Some(status)) => {
@@ -128,6 +131,10 @@ pub fn detach(args: &UpArgs, listen: SocketAddr, run_dir: &Path, tokened: bool) 
             Err(e) => eprintln!("xcluster up: cannot tell whether the monitor runs: {e}"),
         }
         if crate::ctl::monitor_ready(listen, ASK_TIMEOUT) {
+            // A signal during the check (up to a second) still stops it.
+            if let Some(code) = stop_if_interrupted(child.id()) {
+                return code;
+            }
             // `ctl` goes to 127.0.0.1:7300 unless told: on another address, the commands shown say where.
             let url = if format!("http://{listen}") == crate::args::DEFAULT_MONITOR_URL {
                 String::new()

@@ -90,7 +90,18 @@ fn run_on(rt: &tokio::runtime::Runtime, args: LoadArgs) -> i32 {
             return 64;
         }
     };
-    match rt.block_on(drive(args, targets, orders)) {
+    // Read as XBuy reads it, before the run: a key it would refuse is a bad argument.
+    let buyer_key = (args.buyer_key_file.as_deref())
+        .map(|path| crate::check::buyer_key("--buyer-key-file", path))
+        .transpose();
+    let buyer_key = match buyer_key {
+        Ok(k) => k,
+        Err(issues) => {
+            say(format_args!("{}", issues.trim_end()));
+            return 64;
+        }
+    };
+    match rt.block_on(drive(args, targets, orders, buyer_key)) {
         Ok(Ran::Served) => 0,
         Ok(Ran::AllFailed) => {
             say(format_args!("every request failed"));
@@ -253,13 +264,16 @@ impl Run {
         };
         // A pay that fails leaves its order to cancel at the end (`Ctx::pay_failed`); an order whose answer
         // is lost is asked again then (`Ctx::lost`).
-        let paying = (kind.name == "pay").then(|| req.uri().path().to_string());
+        let paying = (kind.name == "pay").then(|| {
+            let buyer = req.extensions().get::<mix::BuyerOf>().cloned();
+            (req.uri().path().to_string(), buyer)
+        });
         let lost = mix::Lost::of(kind, &req);
         let outcome = self.target.send(kind, req, self.timeout).await;
-        if let Some(path) = paying
+        if let Some((path, buyer)) = paying
             && !outcome.as_ref().is_ok_and(|(resp, _)| resp.status().is_success())
         {
-            self.ctx.pay_failed(&path);
+            self.ctx.pay_failed(&path, buyer.as_ref());
         }
         if let Some(lost) = lost
             && match &outcome {
@@ -320,6 +334,7 @@ async fn drive(
     args: LoadArgs,
     targets: Vec<Vec<std::net::SocketAddr>>,
     orders: Option<std::fs::File>,
+    buyer_key: Option<Vec<u8>>,
 ) -> Result<Ran, String> {
     let mix = Mix::parse(&args.mix)?;
     let timeout = Duration::from_millis(args.timeout_ms);
@@ -364,7 +379,7 @@ async fn drive(
     let (tx, mut rx) = mpsc::channel::<Sample>(65_536);
     let acked = args.orders_out.as_ref().map(|_| Arc::default());
     let (ctx, target) = (
-        Arc::new(Ctx::with_token(args.app_token.as_deref())?),
+        Arc::new(Ctx::with_auth(args.app_token.as_deref(), buyer_key)?),
         Arc::new(target),
     );
     let run = Arc::new(Run {
@@ -513,10 +528,10 @@ async fn release_unpaid(ctx: &Ctx, target: &Arc<Target>, timeout: Duration) -> r
         },
     )
     .await;
-    let (ids, forgotten) = ctx.take_unpaid();
+    let (cancels, forgotten) = ctx.take_unpaid();
     released.forgotten = forgotten;
-    let cancels: Vec<_> = (ids.into_iter())
-        .map(|(kind, id)| (kind, ctx.authorized(mix::cancel_request(&id))))
+    let cancels: Vec<_> = (cancels.into_iter())
+        .map(|(kind, req)| (kind, ctx.authorized(req)))
         .collect();
     let sent = cancels.len() as u64;
     released.failed = send_all(target, cancels, timeout, start + RELEASE_WITHIN, |_, answer| {

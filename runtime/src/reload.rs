@@ -262,9 +262,10 @@ impl<C: RoleConfig> State<C> {
                     role = self.role_label, patience = ?BLANK_PATIENCE,
                     "a config file stayed empty: judging it as it is"
                 );
-            } else {
-                self.blank_since = None;
             }
+            // Past the check: the next file found emptied waits afresh. Kept, it was taken half-written at
+            // once, its patience long over.
+            self.blank_since = None;
             if Some(on_disk) == self.good.as_ref() {
                 // Followed again even so: a link (the main file, an included or a named one) may lead
                 // elsewhere now to the same bytes (a deploy relinking `conf.d/web.toml` to a new release),
@@ -281,6 +282,9 @@ impl<C: RoleConfig> State<C> {
                 return;
             }
             if (self.bad.as_ref()).is_some_and(|(bad, at)| bad == on_disk && at.elapsed() < REJUDGE_AFTER) {
+                // Followed even so, as above: the main file's directory made again with these bytes is a new
+                // one to watch.
+                self.follow(Some(on_disk));
                 return;
             }
         }
@@ -438,7 +442,8 @@ struct ConfigWatcher {
     watcher: notify::RecommendedWatcher,
     relevant: Arc<ArcSwap<Relevant>>,
     main: PathBuf,
-    /// The include directories watched besides the main file's, to unwatch those the config no longer names.
+    /// The directories watched, the main file's among them (never unwatched), to unwatch those the config no
+    /// longer names.
     watched: BTreeSet<PathBuf>,
     /// Include directories that could not be watched, each warned about once until it can be.
     warned: BTreeSet<PathBuf>,
@@ -612,6 +617,8 @@ mod tests {
             ("/etc/x/extra.toml", true),
             // The directory itself made or removed: what the pattern matches changes.
             ("/etc/x/conf.d", true),
+            // The main file's directory itself removed or renamed away: its watch went with it.
+            ("/etc/x", true),
             ("/etc/x/conf.e", false),
             // A file the config names (a key file), and only that one of its directory.
             ("/etc/keys/report.key", true),
@@ -775,6 +782,10 @@ mod tests {
         state.attempt(Cause::File);
         assert_eq!(status.borrow().reloads, 1, "still held");
         assert_eq!(config.borrow_and_update().programs, ["api"]);
+        // Another emptied later waits afresh: the first one's patience, long over, is not its own.
+        std::fs::write(conf_d.join("api.toml"), "").unwrap();
+        state.attempt(Cause::File);
+        assert_eq!(status.borrow().reloads, 1, "taken half-written at once");
     }
 
     /// The main file's directory removed and made again (`rm -rf /etc/xcluster; cp -r new /etc/xcluster`) is

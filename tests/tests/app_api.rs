@@ -689,6 +689,22 @@ fn stats_contract_degrade_switch_and_flash_sale() {
         "{}",
         again.body
     );
+    // A SKU that does not exist is not found, however many units are asked for: past the limit it was
+    // `limit_exceeded` ("at most 1 unit of nosuch").
+    let unknown = post(
+        a,
+        "/v1/seckill/nosuch",
+        None,
+        false,
+        &json!({"user": "u", "qty": 2}),
+    )
+    .unwrap();
+    assert_eq!(
+        (unknown.status, unknown.json()["error"]["code"].as_str()),
+        (404, Some("not_found")),
+        "{}",
+        unknown.body
+    );
     let res = parallel(150, 20, |i| {
         until_answered(&addrs, i, |x| {
             post(
@@ -1098,9 +1114,10 @@ fn buyer_calls_act_for_the_tokens_user_alone() {
         paid.body
     );
 
-    // `xcluster load` acts for its many buyers with the admin token; without it, every order is refused.
+    // `xcluster load` acts for its many buyers with the admin token, or with a token of each buyer minted
+    // with the buyer key; without either, every order is refused.
     let target = a.to_string();
-    let load = |token: Option<&str>, exit: i32| {
+    let load = |auth: &[&str], exit: i32| {
         let mut args = vec![
             "load",
             "--via",
@@ -1111,25 +1128,28 @@ fn buyer_calls_act_for_the_tokens_user_alone() {
             "order=1,pay=1",
         ];
         args.extend(["--workers", "2", "--requests", "40", "--json"]);
-        args.extend(token.iter().flat_map(|t| ["--app-token", *t]));
+        args.extend(auth);
         let mut p = Proc::xcluster("load", &args);
         assert_eq!(p.wait_exit(Duration::from_secs(60)), Some(exit), "{}", p.stderr());
         let report: serde_json::Value = serde_json::from_str(&p.stdout())
             .unwrap_or_else(|e| panic!("{e}: {}\n{}", p.stdout(), p.stderr()));
         report
     };
-    let with = load(Some(TOKEN), 0);
-    assert_eq!(
-        (&with["requests"], &with["errors"], &with["refused"]),
-        (&json!(40), &json!(0), &json!(0)),
-        "{with}"
-    );
-    assert_eq!(
-        with["released"]["failed"], 0,
-        "the run's cancels pass too: {with}"
-    );
+    let key_file = key.to_str().unwrap();
+    for auth in [["--app-token", TOKEN], ["--buyer-key-file", key_file]] {
+        let with = load(&auth, 0);
+        assert_eq!(
+            (&with["requests"], &with["errors"], &with["refused"]),
+            (&json!(40), &json!(0), &json!(0)),
+            "{auth:?}: {with}"
+        );
+        assert_eq!(
+            with["released"]["failed"], 0,
+            "{auth:?}: the run's cancels pass too: {with}"
+        );
+    }
     // Every request refused: the run exits 1, as one that served nothing.
-    let without = load(None, 1);
+    let without = load(&[], 1);
     assert_eq!(without["errors"], 40, "{without}");
     assert!(without.to_string().contains("\"status_401\":40"), "{without}");
 

@@ -228,7 +228,10 @@ fn decide(plan: &mut Plan, o: &NewOrder) -> Result<Decision, StoreError> {
                 .get(&(o.user.clone(), l.sku.clone()))
                 .copied()
                 .unwrap_or(0);
-            if let Some(r) = order_rules::over_limit(o, l, bought) {
+            // An unknown SKU is refused below as not found, not as over the limit of a sale it has none of.
+            if let Some(r) =
+                order_rules::over_limit(o, l, bought).filter(|_| plan.shelves.contains_key(&l.sku))
+            {
                 return Ok(Decision::Answer(Err(r)));
             }
         }

@@ -116,8 +116,8 @@ pub fn user_orders(
     if orders.is_empty() {
         return Ok(orders);
     }
-    // A line changes only by a refund, which also moves its order's stock, not its listing; a page is a
-    // display, and each order read alone (`load_order`) is consistent.
+    // Read in the caller's transaction with the orders (`Store::user_orders`): a refund committed between
+    // the two reads showed an order `paid` with every line refunded.
     let marks = vec!["?"; orders.len()].join(",");
     let lines: Vec<(String, LineView)> = c
         .prepare(&format!(
@@ -215,7 +215,12 @@ fn create_one(tx: &Transaction<'_>, o: &NewOrder, inline_weak: bool) -> Res<Crea
                 )?
                 .query_row(params![o.user, l.sku], |r| r.get(0))?;
             if let Some(r) = order_rules::over_limit(o, l, bought) {
-                return Ok(Err(r));
+                // An unknown SKU (it counts nothing) is refused below as not found, not as over a limit.
+                let known = bought > 0
+                    || (tx.prepare_cached("SELECT 1 FROM skus WHERE sku = ?1")?).exists([&l.sku])?;
+                if known {
+                    return Ok(Err(r));
+                }
             }
         }
     }

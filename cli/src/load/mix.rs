@@ -21,6 +21,11 @@ const USER_COUNT: u64 = 1_000;
 /// Unpaid order ids remembered, for `pay` and to cancel at the end of the run; past it the oldest are
 /// forgotten (counted).
 const ORDER_IDS_KEPT: usize = 65_536;
+/// How long a buyer token minted here lives (`--buyer-key-file`), and how much of it must be left for it to
+/// be sent again: short, so that any `buyer_token_max_life_secs` (60 s at the least, with a minute's slack
+/// for the clocks) takes it, and minted again as it runs out.
+const BUYER_TOKEN_SECS: u64 = 120;
+const BUYER_TOKEN_LEFT_SECS: u64 = 60;
 
 /// State shared by the builders: sequence numbers for idempotency keys, and the ids of the orders the app
 /// acknowledged and nothing paid yet: `order`'s for `pay` to pay real orders, `seckill`'s beside them.
@@ -33,19 +38,68 @@ pub struct Ctx {
     run: u64,
     seq: AtomicU64,
     orders: Mutex<Unpaid>,
-    /// `Authorization` of every request (`--app-token`).
+    /// `Authorization` of every request (`--app-token`), but a buyer's with `buyers`.
     auth: Option<http::HeaderValue>,
+    /// `--buyer-key-file`: a buyer call carries a token for its buyer.
+    buyers: Option<Buyers>,
+}
+
+/// Buyer tokens minted with XBuy's `buyer_key_file` (`--buyer-key-file`), as a shop's login hands them
+/// out, kept per buyer until they run low.
+#[derive(Default)]
+struct Buyers {
+    key: Vec<u8>,
+    /// Each buyer's token and when it expires (Unix seconds).
+    tokens: Mutex<std::collections::HashMap<String, (http::HeaderValue, u64)>>,
+}
+
+impl std::fmt::Debug for Buyers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Buyers { key: <redacted> }")
+    }
+}
+
+impl Buyers {
+    /// `user`'s token, minted again when less than [`BUYER_TOKEN_LEFT_SECS`] of it is left.
+    fn token(&self, user: &str) -> Option<http::HeaderValue> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let mut tokens = self.tokens.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((token, expires)) = tokens.get(user)
+            && *expires >= now + BUYER_TOKEN_LEFT_SECS
+        {
+            return Some(token.clone());
+        }
+        let minted = crate::check::mint_buyer_token(&self.key, user, BUYER_TOKEN_SECS);
+        let mut token = http::HeaderValue::try_from(format!("Bearer {minted}")).ok()?;
+        token.set_sensitive(true);
+        tokens.insert(user.to_string(), (token.clone(), now + BUYER_TOKEN_SECS));
+        Some(token)
+    }
+}
+
+/// The buyer a request acts for, carried in its extensions from the builder to [`Ctx::authorized`] (and to
+/// the clean-up's requests, through [`Lost`] and the unpaid orders).
+#[derive(Debug, Clone)]
+pub struct BuyerOf(String);
+
+/// An order the app acknowledged, with its buyer (from its answer; `None` if it named none).
+#[derive(Debug, Clone)]
+struct Order {
+    id: String,
+    user: Option<String>,
 }
 
 #[derive(Debug, Default)]
 struct Unpaid {
     /// `order`'s, paid by `pay` from the front.
-    payable: VecDeque<String>,
+    payable: VecDeque<Order>,
     /// `seckill`'s.
-    flash: VecDeque<String>,
+    flash: VecDeque<Order>,
     /// `order`'s whose `pay` got no 2xx: not paid, or not known to be, so not paid again (a refused one
     /// would be refused again) but cancelled at the end with the others.
-    unsettled: VecDeque<String>,
+    unsettled: VecDeque<Order>,
     /// `order`'s and `seckill`'s requests whose answer was lost: each may have placed its order.
     lost: VecDeque<Lost>,
     forgotten: u64,
@@ -59,6 +113,7 @@ pub struct Lost {
     flash: bool,
     path: String,
     key: String,
+    buyer: Option<BuyerOf>,
     /// Its bytes until sent: cloning it copies nothing.
     body: Full<Bytes>,
 }
@@ -111,47 +166,55 @@ impl Lost {
             flash: kind.name == "seckill",
             path: req.uri().path().to_string(),
             key,
+            buyer: req.extensions().get::<BuyerOf>().cloned(),
             body: req.body().clone(),
         })
     }
 
     /// The same request again, and the kind that routes it.
-    pub fn request(&self) -> (&'static Kind, Request<Full<Bytes>>) {
-        let req = Request::post(self.path.as_str())
+    pub fn request(&self) -> Routed {
+        let mut req = Request::post(self.path.as_str())
             .header("content-type", "application/json")
             .header("idempotency-key", self.key.as_str())
             .body(self.body.clone())
             .unwrap_or_else(|_| Request::new(self.body.clone()));
+        if let Some(b) = &self.buyer {
+            req.extensions_mut().insert(b.clone());
+        }
         (&CANCEL[usize::from(self.flash)], req)
     }
 }
 
 impl Unpaid {
-    fn keep(&mut self, flash: bool, id: String) {
+    fn keep(&mut self, flash: bool, order: Order) {
         let q = if flash { &mut self.flash } else { &mut self.payable };
-        Self::push(q, &mut self.forgotten, id);
+        Self::push(q, &mut self.forgotten, order);
     }
 
-    fn push(q: &mut VecDeque<String>, forgotten: &mut u64, id: String) {
+    fn push(q: &mut VecDeque<Order>, forgotten: &mut u64, mut order: Order) {
         // It goes into a path: anything else than an id's usual characters is not sent back.
-        if !id
+        if !order
+            .id
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
         {
             return;
         }
+        // And the buyer into a token: one that is no buyer id is no buyer of ours.
+        order.user = order.user.filter(|u| xcluster_app::domain::request::valid_id(u));
         if q.len() >= ORDER_IDS_KEPT {
             q.pop_front();
             *forgotten += 1;
         }
-        q.push_back(id);
+        q.push_back(order);
     }
 }
 
 impl Ctx {
-    /// A run's state, its requests carrying `token` as a bearer token (`--app-token`). A token that is no
-    /// header value (a control character) is refused.
-    pub fn with_token(token: Option<&str>) -> Result<Ctx, String> {
+    /// A run's state, its requests carrying `token` as a bearer token (`--app-token`), and with `buyer_key`
+    /// (`--buyer-key-file`'s) each buyer call a token of its buyer in its place. A token that is no header
+    /// value (a control character) is refused.
+    pub fn with_auth(token: Option<&str>, buyer_key: Option<Vec<u8>>) -> Result<Ctx, String> {
         let auth = token
             .map(|t| http::HeaderValue::try_from(format!("Bearer {t}")))
             .transpose()
@@ -162,13 +225,21 @@ impl Ctx {
                 v.set_sensitive(true);
                 v
             }),
+            buyers: buyer_key.map(|key| Buyers {
+                key,
+                ..Buyers::default()
+            }),
             ..Ctx::default()
         })
     }
 
-    /// `req` with the run's `Authorization`, if it has one.
+    /// `req` with the run's `Authorization`, if it has one: its buyer's token for a buyer call
+    /// (`--buyer-key-file`), else `--app-token`.
     pub fn authorized(&self, mut req: Request<Full<Bytes>>) -> Request<Full<Bytes>> {
-        if let Some(auth) = &self.auth {
+        let buyer = (self.buyers.as_ref())
+            .zip(req.extensions().get::<BuyerOf>())
+            .and_then(|(buyers, b)| buyers.token(&b.0));
+        if let Some(auth) = buyer.as_ref().or(self.auth.as_ref()) {
             req.headers_mut()
                 .insert(http::header::AUTHORIZATION, auth.clone());
         }
@@ -191,7 +262,8 @@ impl Ctx {
             serde_json::Value::Number(n) => Some(n.to_string()),
             _ => None,
         })?;
-        self.unpaid().keep(kind.name == "seckill", id.clone());
+        let user = v["user"].as_str().map(str::to_string);
+        (self.unpaid()).keep(kind.name == "seckill", Order { id: id.clone(), user });
         Some(id)
     }
 
@@ -199,20 +271,24 @@ impl Ctx {
         self.orders.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn order_id(&self) -> Option<String> {
+    fn payable(&self) -> Option<Order> {
         self.unpaid().payable.pop_front()
     }
 
     /// A `pay` request to `path` got no 2xx (an error, a 503, a refusal such as `insufficient_funds`): its
     /// order may still be unpaid, so it is cancelled with the others at the end. It used to be dropped
     /// with the pay, and held its stock for the app's reservation time after the run.
-    pub fn pay_failed(&self, path: &str) {
+    pub fn pay_failed(&self, path: &str, buyer: Option<&BuyerOf>) {
         if let Some(id) = path
             .strip_prefix("/v1/orders/")
             .and_then(|p| p.strip_suffix("/pay"))
         {
             let u = &mut *self.unpaid();
-            Unpaid::push(&mut u.unsettled, &mut u.forgotten, id.to_string());
+            let order = Order {
+                id: id.to_string(),
+                user: buyer.map(|b| b.0.clone()),
+            };
+            Unpaid::push(&mut u.unsettled, &mut u.forgotten, order);
         }
     }
 
@@ -231,17 +307,21 @@ impl Ctx {
         std::mem::take(&mut self.unpaid().lost).into()
     }
 
-    /// Takes every order still unpaid, each with the kind that cancels it (as [`CANCEL`] routes it), and
+    /// Takes every order still unpaid, each as its cancel with the kind that routes it (as [`CANCEL`]), and
     /// how many were forgotten (past [`ORDER_IDS_KEPT`]).
-    pub fn take_unpaid(&self) -> (Vec<(&'static Kind, String)>, u64) {
+    pub fn take_unpaid(&self) -> (Vec<Routed>, u64) {
         let u = std::mem::take(&mut *self.unpaid());
         let [order, flash] = &CANCEL;
-        let ids = (u.payable.into_iter().chain(u.unsettled).map(|id| (order, id)))
-            .chain(u.flash.into_iter().map(|id| (flash, id)))
+        let cancels = (u.payable.into_iter().chain(u.unsettled).map(|o| (order, o)))
+            .chain(u.flash.into_iter().map(|o| (flash, o)))
+            .map(|(kind, o)| (kind, cancel_request(&o)))
             .collect();
-        (ids, u.forgotten)
+        (cancels, u.forgotten)
     }
 }
+
+/// A request with the kind that routes it.
+pub type Routed = (&'static Kind, Request<Full<Bytes>>);
 
 /// One request type of the workload.
 #[derive(Debug)]
@@ -269,13 +349,23 @@ fn sku() -> String {
     )
 }
 
-fn json_post(path: &str, key: Option<String>, body: serde_json::Value) -> Request<Full<Bytes>> {
+/// A POST of `body` under `key`, acting for `buyer`.
+fn json_post(
+    path: &str,
+    key: Option<String>,
+    buyer: Option<String>,
+    body: serde_json::Value,
+) -> Request<Full<Bytes>> {
     let mut b = Request::post(path).header("content-type", "application/json");
     if let Some(k) = key {
         b = b.header("idempotency-key", k);
     }
     let body = Full::new(Bytes::from(body.to_string()));
-    b.body(body.clone()).unwrap_or_else(|_| Request::new(body))
+    let mut req = b.body(body.clone()).unwrap_or_else(|_| Request::new(body));
+    if let Some(user) = buyer {
+        req.extensions_mut().insert(BuyerOf(user));
+    }
+    req
 }
 
 fn browse(_: &Ctx, n: u64) -> Option<Request<Full<Bytes>>> {
@@ -286,32 +376,23 @@ fn browse(_: &Ctx, n: u64) -> Option<Request<Full<Bytes>>> {
 fn order(ctx: &Ctx, n: u64) -> Option<Request<Full<Bytes>>> {
     let key = format!("load-{:016x}-{n}", ctx.run);
     let user = format!("demo-{}", n % USER_COUNT);
-    Some(json_post(
-        "/v1/orders",
-        Some(key),
-        serde_json::json!({"user": user, "lines": [{"sku": sku(), "qty": 1}]}),
-    ))
+    let body = serde_json::json!({"user": user, "lines": [{"sku": sku(), "qty": 1}]});
+    Some(json_post("/v1/orders", Some(key), Some(user), body))
 }
 
 fn seckill(ctx: &Ctx, n: u64) -> Option<Request<Full<Bytes>>> {
     let key = format!("load-sk-{:016x}-{n}", ctx.run);
     let user = format!("demo-{}", n % USER_COUNT);
-    Some(json_post(
-        "/v1/seckill/flash-1",
-        Some(key),
-        serde_json::json!({"user": user}),
-    ))
+    let body = serde_json::json!({"user": user});
+    Some(json_post("/v1/seckill/flash-1", Some(key), Some(user), body))
 }
 
 fn pay(ctx: &Ctx, n: u64) -> Option<Request<Full<Bytes>>> {
     // Only real orders are paid: a made-up id would get a 404 that says nothing about the cluster.
-    let id = ctx.order_id()?;
+    let order = ctx.payable()?;
     let key = format!("load-pay-{:016x}-{n}", ctx.run);
-    Some(json_post(
-        &format!("/v1/orders/{id}/pay"),
-        Some(key),
-        serde_json::json!({}),
-    ))
+    let path = format!("/v1/orders/{}/pay", order.id);
+    Some(json_post(&path, Some(key), order.user, serde_json::json!({})))
 }
 
 /// `POST /v1/orders/{id}/cancel`: gives an unpaid order's stock back (a second cancel answers the same, so
@@ -333,13 +414,10 @@ pub static CANCEL: [Kind; 2] = [
 /// A cancel carries a key of its own so that the SDK retries it (a POST without one is sent once): a cancel
 /// again answers as the first did, and without the retry an order whose cancel met a draining instance (a
 /// roll at the run's end) stayed reserved for the app's reservation time.
-pub fn cancel_request(id: &str) -> Request<Full<Bytes>> {
-    let key = format!("cancel-{id}");
-    json_post(
-        &format!("/v1/orders/{id}/cancel"),
-        Some(key),
-        serde_json::json!({}),
-    )
+fn cancel_request(order: &Order) -> Request<Full<Bytes>> {
+    let key = format!("cancel-{}", order.id);
+    let path = format!("/v1/orders/{}/cancel", order.id);
+    json_post(&path, Some(key), order.user.clone(), serde_json::json!({}))
 }
 
 /// The request table.
@@ -457,7 +535,7 @@ mod tests {
             let r = KINDS[2].build(ctx).unwrap();
             r.headers()["idempotency-key"].to_str().unwrap().to_string()
         };
-        let [a, b] = [(); 2].map(|()| Ctx::with_token(None).unwrap());
+        let [a, b] = [(); 2].map(|()| Ctx::with_auth(None, None).unwrap());
         assert_ne!(key(&a), key(&b));
     }
 
@@ -493,6 +571,40 @@ mod tests {
         );
     }
 
+    /// With `--buyer-key-file`, each buyer call carries a token of its own buyer, which the app's check
+    /// takes (`proto::buyer::verify` with the same key): the order, its pay, and the clean-up's cancel of an
+    /// order whose pay failed; browsing carries the app token, as before.
+    #[test]
+    fn buyer_calls_carry_their_buyers_token() {
+        let key = b"buyer-key-0123456789".to_vec();
+        let ctx = Ctx::with_auth(Some("admin"), Some(key.clone())).unwrap();
+        let acts_for = |req: &Request<Full<Bytes>>| {
+            let auth = req.headers()[http::header::AUTHORIZATION].to_str().unwrap();
+            let token = auth.strip_prefix("Bearer ").unwrap();
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap();
+            let limits = xcluster_proto::buyer::Limits {
+                now_unix: now.as_secs(),
+                max_life_secs: 60,
+            };
+            xcluster_proto::buyer::verify(&key, token, limits).ok()
+        };
+        let order = KINDS[1].build(&ctx).unwrap();
+        let buyer = acts_for(&order).expect("a buyer token the app takes, within a 60 s limit");
+        assert!(buyer.starts_with("demo-"), "{buyer}");
+        let body = format!(r#"{{"id":"o-1","user":"{buyer}"}}"#);
+        ctx.observe(&KINDS[1], body.as_bytes());
+        let pay = KINDS[3].build(&ctx).unwrap();
+        assert_eq!(acts_for(&pay).as_deref(), Some(buyer.as_str()));
+        ctx.pay_failed(pay.uri().path(), pay.extensions().get::<BuyerOf>());
+        let (cancels, _) = ctx.take_unpaid();
+        let cancel = ctx.authorized(cancels.into_iter().next().unwrap().1);
+        assert_eq!(acts_for(&cancel).as_deref(), Some(buyer.as_str()));
+        let browse = KINDS[0].build(&ctx).unwrap();
+        assert_eq!(browse.headers()[http::header::AUTHORIZATION], "Bearer admin");
+    }
+
     /// An order whose pay failed is cancelled at the end of the run, not paid again (a refused pay would be
     /// refused again) and not dropped (it would hold its stock for the app's reservation time).
     #[test]
@@ -500,11 +612,14 @@ mod tests {
         let ctx = Ctx::default();
         ctx.observe(&KINDS[1], br#"{"id":"o-1"}"#);
         let pay = KINDS[3].build(&ctx).unwrap();
-        ctx.pay_failed(pay.uri().path());
-        ctx.pay_failed("/v1/orders/../pay/x");
+        ctx.pay_failed(pay.uri().path(), None);
+        ctx.pay_failed("/v1/orders/../pay/x", None);
         assert!(KINDS[3].build(&ctx).is_none(), "not paid again");
-        let (ids, forgotten) = ctx.take_unpaid();
-        let ids: Vec<_> = ids.iter().map(|(k, id)| (k.name, id.as_str())).collect();
-        assert_eq!((ids, forgotten), (vec![("order", "o-1")], 0));
+        let (cancels, forgotten) = ctx.take_unpaid();
+        let cancels: Vec<_> = (cancels.iter()).map(|(k, r)| (k.name, r.uri().path())).collect();
+        assert_eq!(
+            (cancels, forgotten),
+            (vec![("order", "/v1/orders/o-1/cancel")], 0)
+        );
     }
 }
