@@ -66,7 +66,8 @@ return marked({1, tonumber(sale)}, sale)
 /// (the reconciler's rebuild, in the same call) plus the units put back since its read of the store (the
 /// count KEYS[3] now, less ARGV[4], the count it read before the store): set to what it read, a unit a cancel
 /// put back meanwhile was overwritten, and refused `sold_out` until the next rebuild. (One put back after
-/// its commit, which the read saw, counts twice until then: the lenient side.)
+/// its commit, which the read saw, counts twice until then: the lenient side.) The count lives as long as
+/// the counter, so it does not expire between the reconciler's read of it and the rebuild.
 const RAISE_SALE: &str = r#"
 local cur = tonumber(redis.call('GET', KEYS[1]) or '-1')
 if tonumber(ARGV[1]) > cur then
@@ -76,6 +77,7 @@ else
 end
 if ARGV[3] then
   local since = tonumber(redis.call('GET', KEYS[3]) or '0') - tonumber(ARGV[4])
+  redis.call('PEXPIRE', KEYS[3], ARGV[2])
   redis.call('SET', KEYS[2], tonumber(ARGV[3]) + math.max(since, 0), 'PX', ARGV[2])
 end
 return 1

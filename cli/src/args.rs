@@ -363,7 +363,7 @@ pub struct LoadArgs {
     #[arg(long, env = "XCLUSTER_APP_TOKEN", hide_env_values = true)]
     pub app_token: Option<String>,
     /// XBuy's `buyer_key_file`: each buyer call (order, seckill, pay, and the clean-up's cancels) carries a
-    /// token for its own buyer, minted here for two minutes at a time as a shop's login would, in place of
+    /// token for its own buyer, minted here for a minute at a time as a shop's login would, in place of
     /// --app-token (which browsing still carries). A load run then needs no admin token.
     #[arg(long, value_name = "FILE")]
     pub buyer_key_file: Option<std::path::PathBuf>,

@@ -81,16 +81,8 @@ fn run_on(rt: &tokio::runtime::Runtime, args: LoadArgs) -> i32 {
             return 64;
         }
     };
-    // Opened before the run, so a path that cannot be written is a bad argument: found at the end, it cost
-    // the whole run's report, and the orders placed were left reserved (the clean-up was skipped too).
-    let orders = match args.orders_out.as_deref().map(open_orders).transpose() {
-        Ok(f) => f,
-        Err(e) => {
-            say(format_args!("{e}"));
-            return 64;
-        }
-    };
-    // Read as XBuy reads it, before the run: a key it would refuse is a bad argument.
+    // Read as XBuy reads it, before the run: a key it would refuse is a bad argument. Before `--orders-out`,
+    // which is emptied when opened: a mistyped key path cost the last run's list.
     let buyer_key = (args.buyer_key_file.as_deref())
         .map(|path| crate::check::buyer_key("--buyer-key-file", path))
         .transpose();
@@ -98,6 +90,15 @@ fn run_on(rt: &tokio::runtime::Runtime, args: LoadArgs) -> i32 {
         Ok(k) => k,
         Err(issues) => {
             say(format_args!("{}", issues.trim_end()));
+            return 64;
+        }
+    };
+    // Opened before the run, so a path that cannot be written is a bad argument: found at the end, it cost
+    // the whole run's report, and the orders placed were left reserved (the clean-up was skipped too).
+    let orders = match args.orders_out.as_deref().map(open_orders).transpose() {
+        Ok(f) => f,
+        Err(e) => {
+            say(format_args!("{e}"));
             return 64;
         }
     };

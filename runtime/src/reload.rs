@@ -116,8 +116,9 @@ struct State<C: RoleConfig> {
     good: Option<Sources>,
     /// With when it was judged ([`REJUDGE_AFTER`]).
     bad: Option<(Sources, Instant)>,
-    /// Since when a file has been found emptied ([`BLANK_PATIENCE`]), and when to look at it again.
-    blank_since: Option<Instant>,
+    /// Since when the files have been found as they are, with one emptied ([`BLANK_PATIENCE`]), and when to
+    /// look at them again.
+    blank_since: Option<(Instant, Sources)>,
     recheck: Option<Instant>,
     /// The files the config names that the last load read (key and token files), watched and compared with
     /// the config's own.
@@ -249,7 +250,12 @@ impl<C: RoleConfig> State<C> {
             // A file empty now is one being written (a `>` truncates it first): its next event brings the rest.
             // An included one too; SIGHUP and `ctl` take it as it is.
             if on_disk.being_rewritten(self.good.as_ref()) {
-                let since = *self.blank_since.get_or_insert_with(Instant::now);
+                // Its own patience: restarted when the files are not those found before (another file
+                // emptied since, the first written), which would otherwise get what was left of it.
+                let since = match &self.blank_since {
+                    Some((since, found)) if found == on_disk => *since,
+                    _ => self.blank_since.insert((Instant::now(), on_disk.clone())).0,
+                };
                 if since.elapsed() < BLANK_PATIENCE {
                     tracing::info!(
                         role = self.role_label,
@@ -266,6 +272,7 @@ impl<C: RoleConfig> State<C> {
             // Past the check: the next file found emptied waits afresh. Kept, it was taken half-written at
             // once, its patience long over.
             self.blank_since = None;
+            self.recheck = None;
             if Some(on_disk) == self.good.as_ref() {
                 // Followed again even so: a link (the main file, an included or a named one) may lead
                 // elsewhere now to the same bytes (a deploy relinking `conf.d/web.toml` to a new release),
@@ -289,7 +296,9 @@ impl<C: RoleConfig> State<C> {
             }
         }
         // Here, not at the signal: an attempt the checks above end was no reload. A SIGHUP always gets here
-        // (they apply to file events only), which `Type=notify-reload` waits for.
+        // (they apply to file events only), which `Type=notify-reload` waits for. It judges the files as they
+        // are: a file found emptied before waits afresh after it.
+        (self.blank_since, self.recheck) = (None, None);
         self.notifier.reloading();
         let mut judged = Judged::default();
         let result = reload_noting::<C>(&self.source, &self.started, &mut judged);
@@ -773,12 +782,23 @@ mod tests {
         let (mut state, mut config, status) = unwatched(src, loaded);
         assert_eq!(config.borrow_and_update().programs, ["api", "web"]);
 
-        std::fs::write(conf_d.join("web.toml"), "").unwrap();
+        // The patience over (moved back here, not waited out).
+        let age = |state: &mut State<Included>| {
+            let (since, _) = state.blank_since.as_mut().expect("a file found emptied");
+            *since = since.checked_sub(BLANK_PATIENCE).unwrap();
+        };
+        std::fs::write(conf_d.join("api.toml"), "").unwrap();
         state.attempt(Cause::File);
         assert_eq!(status.borrow().reloads, 0, "held while it may be being written");
         assert!(state.recheck.expect("a look again asked for") > Instant::now());
-        // The patience over (moved back here, not waited out).
-        state.blank_since = state.blank_since.and_then(|t| t.checked_sub(BLANK_PATIENCE));
+        // Written meanwhile, and another file emptied: that one has its own patience, not what was left of
+        // the first's.
+        std::fs::write(conf_d.join("api.toml"), "[programs.api]\n").unwrap();
+        std::fs::write(conf_d.join("web.toml"), "").unwrap();
+        age(&mut state);
+        state.attempt(Cause::File);
+        assert_eq!(status.borrow().reloads, 0, "the second file taken half-written");
+        age(&mut state);
         state.attempt(Cause::File);
         assert_eq!(status.borrow().reloads, 1, "still held");
         assert_eq!(config.borrow_and_update().programs, ["api"]);

@@ -22,10 +22,10 @@ const USER_COUNT: u64 = 1_000;
 /// forgotten (counted).
 const ORDER_IDS_KEPT: usize = 65_536;
 /// How long a buyer token minted here lives (`--buyer-key-file`), and how much of it must be left for it to
-/// be sent again: short, so that any `buyer_token_max_life_secs` (60 s at the least, with a minute's slack
-/// for the clocks) takes it, and minted again as it runs out.
-const BUYER_TOKEN_SECS: u64 = 120;
-const BUYER_TOKEN_LEFT_SECS: u64 = 60;
+/// be sent again: no longer than the least `buyer_token_max_life_secs` (60 s), so the app's minute of slack
+/// is left whole for a clock here that runs ahead of the app's, and minted again as it runs out.
+const BUYER_TOKEN_SECS: u64 = 60;
+const BUYER_TOKEN_LEFT_SECS: u64 = 30;
 
 /// State shared by the builders: sequence numbers for idempotency keys, and the ids of the orders the app
 /// acknowledged and nothing paid yet: `order`'s for `pay` to pay real orders, `seckill`'s beside them.
