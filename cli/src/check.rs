@@ -64,7 +64,8 @@ pub fn buyer_token(a: &crate::args::BuyerTokenArgs) -> i32 {
             return ConfigError::EXIT_CODE;
         }
     };
-    println!("{}", mint_buyer_token(&key, &a.user, a.ttl_secs));
+    let now = u64::try_from(xcluster_app::domain::now_ms() / 1000).unwrap_or(0);
+    println!("{}", xcluster_proto::buyer::mint(&key, &a.user, now + a.ttl_secs));
     0
 }
 
@@ -80,12 +81,6 @@ pub fn buyer_key(flag: &str, path: &Path) -> Result<Vec<u8>, String> {
         Ok(()) => Ok(key.signing().to_vec()),
         Err(issues) => Err(issues.iter().map(|i| format!("{i}\n")).collect()),
     }
-}
-
-/// A buyer token for `user` signed with `key`, good for `ttl_secs` from now.
-pub fn mint_buyer_token(key: &[u8], user: &str, ttl_secs: u64) -> String {
-    let now = u64::try_from(xcluster_app::domain::now_ms() / 1000).unwrap_or(0);
-    xcluster_proto::buyer::mint(key, user, now + ttl_secs)
 }
 
 #[cfg(test)]

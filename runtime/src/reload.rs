@@ -116,10 +116,8 @@ struct State<C: RoleConfig> {
     good: Option<Sources>,
     /// With when it was judged ([`REJUDGE_AFTER`]).
     bad: Option<(Sources, Instant)>,
-    /// Since when the files have been found as they are, with one emptied ([`BLANK_PATIENCE`]), and when to
-    /// look at them again.
+    /// Since when the files have been found as they are, with one emptied ([`BLANK_PATIENCE`]).
     blank_since: Option<(Instant, Sources)>,
-    recheck: Option<Instant>,
     /// The files the config names that the last load read (key and token files), watched and compared with
     /// the config's own.
     read_files: Vec<PathBuf>,
@@ -162,7 +160,6 @@ pub fn spawn<C: RoleConfig>(
         good: seed.1,
         bad: None,
         blank_since: None,
-        recheck: None,
         read_files,
         watcher,
         publish,
@@ -173,6 +170,7 @@ pub fn spawn<C: RoleConfig>(
     tokio::spawn(async move {
         loop {
             let missing = state.watcher.as_ref().is_some_and(|w| !w.warned.is_empty());
+            let recheck = state.recheck();
             let cause = tokio::select! {
                 _ = cancel.cancelled() => return,
                 c = rx.recv() => match c { Some(c) => c, None => return },
@@ -186,9 +184,7 @@ pub fn spawn<C: RoleConfig>(
                     }
                 }
                 // A file found emptied, looked at again once [`BLANK_PATIENCE`] is over.
-                _ = tokio::time::sleep_until(state.recheck.unwrap_or_else(Instant::now).into()),
-                    if state.recheck.is_some() => {
-                    state.recheck = None;
+                _ = tokio::time::sleep_until(recheck.unwrap_or_else(Instant::now).into()), if recheck.is_some() => {
                     Cause::File
                 }
             };
@@ -235,6 +231,12 @@ pub fn spawn<C: RoleConfig>(
 }
 
 impl<C: RoleConfig> State<C> {
+    /// When to look again at files found with one emptied: once its patience is over. Every attempt either
+    /// waits (the patience not over), or ends it.
+    fn recheck(&self) -> Option<Instant> {
+        (self.blank_since.as_ref()).map(|(since, _)| *since + BLANK_PATIENCE)
+    }
+
     fn attempt(&mut self, cause: Cause) {
         let now = unix_now();
         // A watcher event whose content we already judged is not a new change (editors touch files). The
@@ -261,7 +263,6 @@ impl<C: RoleConfig> State<C> {
                         role = self.role_label,
                         "a config file is empty: waiting for what is written to it (SIGHUP takes it as it is)"
                     );
-                    self.recheck = Some(since + BLANK_PATIENCE);
                     return;
                 }
                 info!(
@@ -272,7 +273,6 @@ impl<C: RoleConfig> State<C> {
             // Past the check: the next file found emptied waits afresh. Kept, it was taken half-written at
             // once, its patience long over.
             self.blank_since = None;
-            self.recheck = None;
             if Some(on_disk) == self.good.as_ref() {
                 // Followed again even so: a link (the main file, an included or a named one) may lead
                 // elsewhere now to the same bytes (a deploy relinking `conf.d/web.toml` to a new release),
@@ -298,7 +298,7 @@ impl<C: RoleConfig> State<C> {
         // Here, not at the signal: an attempt the checks above end was no reload. A SIGHUP always gets here
         // (they apply to file events only), which `Type=notify-reload` waits for. It judges the files as they
         // are: a file found emptied before waits afresh after it.
-        (self.blank_since, self.recheck) = (None, None);
+        self.blank_since = None;
         self.notifier.reloading();
         let mut judged = Judged::default();
         let result = reload_noting::<C>(&self.source, &self.started, &mut judged);
@@ -714,7 +714,6 @@ mod tests {
             good: loaded.sources,
             bad: None,
             blank_since: None,
-            recheck: None,
             watcher: None,
             publish,
             status: status.clone(),
@@ -722,6 +721,19 @@ mod tests {
             notifier: Notifier::disabled(),
         };
         (state, config, status)
+    }
+
+    /// The config file at `main` (no environment layered on it) and its load.
+    fn loaded_from<C: RoleConfig>(main: &Path) -> (ConfigSource, crate::config::Loaded<C>) {
+        let mut src = ConfigSource::file(main);
+        src.use_env = false;
+        let loaded = crate::config::load::<C>(&src).unwrap();
+        (src, loaded)
+    }
+
+    /// Writes `main` as a config whose `key_file` is the path it is given.
+    fn key_namer(main: &Path) -> impl Fn(&Path) + '_ {
+        move |key| std::fs::write(main, format!("key_file = \"{}\"\n", key.display())).unwrap()
     }
 
     /// An emptied file (one being rewritten in place) is not a config: a file event waits for what is
@@ -776,9 +788,7 @@ mod tests {
         std::fs::write(conf_d.join("api.toml"), "[programs.api]\n").unwrap();
         let main = dir.path().join("main.toml");
         std::fs::write(&main, "include = [\"conf.d/*.toml\"]\n").unwrap();
-        let mut src = ConfigSource::file(&main);
-        src.use_env = false;
-        let loaded = crate::config::load::<Included>(&src).unwrap();
+        let (src, loaded) = loaded_from::<Included>(&main);
         let (mut state, mut config, status) = unwatched(src, loaded);
         assert_eq!(config.borrow_and_update().programs, ["api", "web"]);
 
@@ -790,7 +800,7 @@ mod tests {
         std::fs::write(conf_d.join("api.toml"), "").unwrap();
         state.attempt(Cause::File);
         assert_eq!(status.borrow().reloads, 0, "held while it may be being written");
-        assert!(state.recheck.expect("a look again asked for") > Instant::now());
+        assert!(state.recheck().expect("a look again asked for") > Instant::now());
         // Written meanwhile, and another file emptied: that one has its own patience, not what was left of
         // the first's.
         std::fs::write(conf_d.join("api.toml"), "[programs.api]\n").unwrap();
@@ -963,10 +973,8 @@ mod tests {
         let key = keys.join("report.key");
         std::fs::write(&key, "first-key-0123456789\n").unwrap();
         let main = dir.path().join("c.toml");
-        std::fs::write(&main, format!("key_file = \"{}\"\n", key.display())).unwrap();
-        let mut src = ConfigSource::file(&main);
-        src.use_env = false;
-        let loaded = crate::config::load::<Keyed>(&src).unwrap();
+        key_namer(&main)(&key);
+        let (src, loaded) = loaded_from::<Keyed>(&main);
         let sources = loaded.sources.as_ref().unwrap();
         assert_eq!(sources.referenced_files(), vec![key.clone()]);
         // Unchanged, the files read now are the load's.
@@ -999,7 +1007,7 @@ mod tests {
 
         // Named by a rejected config and not there yet, it is watched: writing it is the fix.
         let other = keys.join("next.key");
-        std::fs::write(&main, format!("key_file = \"{}\"\n", other.display())).unwrap();
+        key_namer(&main)(&other);
         let mut refused = status.clone();
         tokio::time::timeout(
             Duration::from_secs(10),
@@ -1022,12 +1030,9 @@ mod tests {
         let [first, second] = ["first.key", "second.key"].map(|k| dir.path().join(k));
         std::fs::write(&first, "first-key-0123456789\n").unwrap();
         let main = dir.path().join("c.toml");
-        let names =
-            |key: &Path| std::fs::write(&main, format!("key_file = \"{}\"\n", key.display())).unwrap();
+        let names = key_namer(&main);
         names(&first);
-        let mut src = ConfigSource::file(&main);
-        src.use_env = false;
-        let loaded = crate::config::load::<Keyed>(&src).unwrap();
+        let (src, loaded) = loaded_from::<Keyed>(&main);
         let (mut state, mut config, status) = unwatched(src, loaded);
         let failures = || status.borrow().failures;
 
@@ -1085,12 +1090,9 @@ mod tests {
         std::fs::write(&running, "first-key-0123456789\n").unwrap();
         std::fs::write(&named, "named-key-0123456789\n").unwrap();
         let main = dir.path().join("c.toml");
-        let names =
-            |key: &Path| std::fs::write(&main, format!("key_file = \"{}\"\n", key.display())).unwrap();
+        let names = key_namer(&main);
         names(&running);
-        let mut src = ConfigSource::file(&main);
-        src.use_env = false;
-        let loaded = crate::config::load::<KeptKey>(&src).unwrap();
+        let (src, loaded) = loaded_from::<KeptKey>(&main);
         let (mut state, mut config, status) = unwatched(src, loaded);
         // The file names another key file: the running one is kept until a restart.
         names(&named);
@@ -1116,10 +1118,7 @@ mod tests {
         std::os::unix::fs::symlink(target, dir.join("conf.d/web.toml")).unwrap();
         let main = dir.join("main.toml");
         std::fs::write(&main, "include = [\"conf.d/*.toml\"]\n").unwrap();
-        let mut src = ConfigSource::file(&main);
-        src.use_env = false;
-        let loaded = crate::config::load(&src).unwrap();
-        (src, loaded)
+        loaded_from(&main)
     }
 
     /// An included file that is a symbolic link (`conf.d/web.toml` leading to the application's own

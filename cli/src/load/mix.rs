@@ -62,19 +62,18 @@ impl std::fmt::Debug for Buyers {
 impl Buyers {
     /// `user`'s token, minted again when less than [`BUYER_TOKEN_LEFT_SECS`] of it is left.
     fn token(&self, user: &str) -> Option<http::HeaderValue> {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
+        let now = u64::try_from(xcluster_app::domain::now_ms() / 1000).unwrap_or(0);
         let mut tokens = self.tokens.lock().unwrap_or_else(|p| p.into_inner());
         if let Some((token, expires)) = tokens.get(user)
             && *expires >= now + BUYER_TOKEN_LEFT_SECS
         {
             return Some(token.clone());
         }
-        let minted = crate::check::mint_buyer_token(&self.key, user, BUYER_TOKEN_SECS);
+        let expires = now + BUYER_TOKEN_SECS;
+        let minted = xcluster_proto::buyer::mint(&self.key, user, expires);
         let mut token = http::HeaderValue::try_from(format!("Bearer {minted}")).ok()?;
         token.set_sensitive(true);
-        tokens.insert(user.to_string(), (token.clone(), now + BUYER_TOKEN_SECS));
+        tokens.insert(user.to_string(), (token.clone(), expires));
         Some(token)
     }
 }
@@ -88,7 +87,7 @@ pub struct BuyerOf(String);
 #[derive(Debug, Clone)]
 struct Order {
     id: String,
-    user: Option<String>,
+    buyer: Option<BuyerOf>,
 }
 
 #[derive(Debug, Default)]
@@ -201,7 +200,9 @@ impl Unpaid {
             return;
         }
         // And the buyer into a token: one that is no buyer id is no buyer of ours.
-        order.user = order.user.filter(|u| xcluster_app::domain::request::valid_id(u));
+        order.buyer = order
+            .buyer
+            .filter(|b| xcluster_app::domain::request::valid_id(&b.0));
         if q.len() >= ORDER_IDS_KEPT {
             q.pop_front();
             *forgotten += 1;
@@ -262,8 +263,14 @@ impl Ctx {
             serde_json::Value::Number(n) => Some(n.to_string()),
             _ => None,
         })?;
-        let user = v["user"].as_str().map(str::to_string);
-        (self.unpaid()).keep(kind.name == "seckill", Order { id: id.clone(), user });
+        let buyer = v["user"].as_str().map(|u| BuyerOf(u.to_string()));
+        (self.unpaid()).keep(
+            kind.name == "seckill",
+            Order {
+                id: id.clone(),
+                buyer,
+            },
+        );
         Some(id)
     }
 
@@ -286,7 +293,7 @@ impl Ctx {
             let u = &mut *self.unpaid();
             let order = Order {
                 id: id.to_string(),
-                user: buyer.map(|b| b.0.clone()),
+                buyer: buyer.cloned(),
             };
             Unpaid::push(&mut u.unsettled, &mut u.forgotten, order);
         }
@@ -353,7 +360,7 @@ fn sku() -> String {
 fn json_post(
     path: &str,
     key: Option<String>,
-    buyer: Option<String>,
+    buyer: Option<BuyerOf>,
     body: serde_json::Value,
 ) -> Request<Full<Bytes>> {
     let mut b = Request::post(path).header("content-type", "application/json");
@@ -362,8 +369,8 @@ fn json_post(
     }
     let body = Full::new(Bytes::from(body.to_string()));
     let mut req = b.body(body.clone()).unwrap_or_else(|_| Request::new(body));
-    if let Some(user) = buyer {
-        req.extensions_mut().insert(BuyerOf(user));
+    if let Some(buyer) = buyer {
+        req.extensions_mut().insert(buyer);
     }
     req
 }
@@ -377,14 +384,19 @@ fn order(ctx: &Ctx, n: u64) -> Option<Request<Full<Bytes>>> {
     let key = format!("load-{:016x}-{n}", ctx.run);
     let user = format!("demo-{}", n % USER_COUNT);
     let body = serde_json::json!({"user": user, "lines": [{"sku": sku(), "qty": 1}]});
-    Some(json_post("/v1/orders", Some(key), Some(user), body))
+    Some(json_post("/v1/orders", Some(key), Some(BuyerOf(user)), body))
 }
 
 fn seckill(ctx: &Ctx, n: u64) -> Option<Request<Full<Bytes>>> {
     let key = format!("load-sk-{:016x}-{n}", ctx.run);
     let user = format!("demo-{}", n % USER_COUNT);
     let body = serde_json::json!({"user": user});
-    Some(json_post("/v1/seckill/flash-1", Some(key), Some(user), body))
+    Some(json_post(
+        "/v1/seckill/flash-1",
+        Some(key),
+        Some(BuyerOf(user)),
+        body,
+    ))
 }
 
 fn pay(ctx: &Ctx, n: u64) -> Option<Request<Full<Bytes>>> {
@@ -392,7 +404,7 @@ fn pay(ctx: &Ctx, n: u64) -> Option<Request<Full<Bytes>>> {
     let order = ctx.payable()?;
     let key = format!("load-pay-{:016x}-{n}", ctx.run);
     let path = format!("/v1/orders/{}/pay", order.id);
-    Some(json_post(&path, Some(key), order.user, serde_json::json!({})))
+    Some(json_post(&path, Some(key), order.buyer, serde_json::json!({})))
 }
 
 /// `POST /v1/orders/{id}/cancel`: gives an unpaid order's stock back (a second cancel answers the same, so
@@ -417,7 +429,7 @@ pub static CANCEL: [Kind; 2] = [
 fn cancel_request(order: &Order) -> Request<Full<Bytes>> {
     let key = format!("cancel-{}", order.id);
     let path = format!("/v1/orders/{}/cancel", order.id);
-    json_post(&path, Some(key), order.user.clone(), serde_json::json!({}))
+    json_post(&path, Some(key), order.buyer.clone(), serde_json::json!({}))
 }
 
 /// The request table.
