@@ -67,7 +67,6 @@ use tokio_util::sync::CancellationToken;
 use xcluster_runtime::Context;
 
 use crate::degrade::{Signals, Thresholds};
-use crate::domain::now_ms;
 
 /// Why the app stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -104,6 +103,7 @@ pub async fn run(ctx: Context<Config>) -> Result<(), Error> {
         },
         source,
     })?;
+    let clock = opened.clock();
     let exec = exec::StoreExec::new(opened, cfg.store_threads);
     let exec = match &cfg.backend {
         config_backend::Backend::Postgres(o) => exec.bounded(o.call_bound()),
@@ -133,6 +133,8 @@ pub async fn run(ctx: Context<Config>) -> Result<(), Error> {
         audits: tokio::sync::Mutex::new(()),
         // `instance` needs a restart: made once.
         instance_header: http::HeaderValue::from_str(&cfg.instance).ok(),
+        placing: Arc::default(),
+        clock,
     });
     tokio::spawn(queue::workers::outbox_worker(
         exec.background(),
@@ -175,8 +177,12 @@ pub async fn run(ctx: Context<Config>) -> Result<(), Error> {
     Ok(())
 }
 
+/// The sampler reads the store's clock every this many ticks (seconds), the first at its first tick: clocks
+/// drift by milliseconds a day, but NTP steps a host's clock at once.
+const CLOCK_SYNC_TICKS: u32 = 10;
+
 /// Once a second: closes the stats window, samples the outbox depth and how overdue the oldest reservation
-/// is, and feeds the degrade breakers.
+/// is, reads the store's clock every [`CLOCK_SYNC_TICKS`], and feeds the degrade breakers.
 async fn sampler(app: Arc<api::App>, cancel: CancellationToken) {
     let exec = app.exec.background();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -184,6 +190,7 @@ async fn sampler(app: Arc<api::App>, cancel: CancellationToken) {
     // back to back: they rolled windows of a millisecond (rates up a thousandfold or nothing, an error
     // rate of 0 or 1 from one request) and fed the breakers samples a second apart that were not.
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut synced = CLOCK_SYNC_TICKS;
     loop {
         // The tick's scheduled time, not the time the sample is fed: the outbox read below takes a varying
         // while, and a breaker's 1 s wait measured from jittered instants would miss a tick (2 s).
@@ -192,6 +199,15 @@ async fn sampler(app: Arc<api::App>, cancel: CancellationToken) {
             at = tick.tick() => at.into_std(),
         };
         app.stats.roll();
+        synced += 1;
+        if synced >= CLOCK_SYNC_TICKS {
+            synced = 0;
+            // Alone, not in the read below: a clock the server is slow to give must not hold the sample up.
+            if let Err(e) = exec.read(|s| s.sync_clock()).await {
+                tracing::debug!(error = %e, "cannot read the store's clock; the last reading stays");
+            }
+            ::metrics::gauge!(crate::metrics::STORE_CLOCK_OFFSET).set(app.clock.offset_ms() as f64 / 1000.0);
+        }
         // One store call for both: a store that hangs holds the call up to its bound, and two calls held
         // the breakers' feed (below) twice as long in the outage they are there to react to. The overdue
         // reservation is read here, not by the sweeper: a sweeper stuck in a store call, or failing every
@@ -200,7 +216,7 @@ async fn sampler(app: Arc<api::App>, cancel: CancellationToken) {
         let depth = match read.await {
             Ok((depth, expiry)) => {
                 ::metrics::gauge!(crate::metrics::RESERVATIONS_OVERDUE)
-                    .set(overdue_seconds(expiry, now_ms()));
+                    .set(overdue_seconds(expiry, app.clock.now_ms()));
                 depth
             }
             Err(_) => app.queue_depth.load(Ordering::Relaxed),

@@ -876,6 +876,69 @@ fn a_keyed_retry_while_its_first_attempt_is_in_the_store_waits_for_its_answer() 
     );
 }
 
+/// A keyed retry that reaches another instance, whose own sold-out gate refuses it, while its first attempt
+/// is in the store on the first instance, is answered `in_progress`, then the first attempt's order: the
+/// gate's refusal was final, so the buyer was told `sold_out` and then held the order.
+#[test]
+fn a_keyed_retry_another_instances_gate_refuses_waits_for_its_first_attempt() {
+    // No Redis (each instance's own gate alone), a gate that remembers a sale sold out for a minute, and
+    // statements that wait on a lock rather than time out.
+    let edit = |t: String| {
+        (t.lines()
+            .filter(|l| !l.starts_with("redis_url"))
+            .collect::<Vec<_>>()
+            .join("\n"))
+        .replace("sold_out_gate_ms = 0", "sold_out_gate_ms = 60000")
+        .replace("statement_timeout_ms = 5000", "statement_timeout_ms = 30000")
+    };
+    let first = OneApp::edited(edit);
+    let (a, dir) = (first.addr, tempfile::tempdir().unwrap());
+    let b = free_addr();
+    let config = app_config(dir.path(), 1, b, &first.pg, &first.redis);
+    std::fs::write(&config, edit(std::fs::read_to_string(&config).unwrap())).unwrap();
+    let _second = start_app(1, &config, b);
+    merchant_stock(a, r#"{"updates": [{"sku": "flash-1", "write_off": 99}]}"#);
+    open_flash_sale(a);
+    // The one unit sold on the first instance; the second is told `sold_out` by the store and remembers it.
+    let sold = seckill(a, "early", None);
+    assert_eq!(sold.status, 201, "{}", sold.body);
+    let refused = seckill(b, "late", None);
+    assert_eq!(
+        (refused.status, refused.json()["error"]["code"].as_str()),
+        (409, Some("sold_out"))
+    );
+    // The unit comes back on the first instance: the second's gate, which no cancel there cleared, still
+    // refuses the sale.
+    let id = sold.json()["id"].as_str().unwrap().to_string();
+    admin_post(a, &format!("/v1/orders/{id}/cancel"), "");
+    let lock = first
+        .pg
+        .hold("SELECT 1 FROM skus WHERE sku = 'flash-1' FOR UPDATE");
+    let attempt = std::thread::spawn(move || seckill(a, "retrier", Some("once")));
+    eventually(Duration::from_secs(20), "the attempt to hold its key", || {
+        let held = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted";
+        (first.pg.query(held) == "1").then_some(())
+    });
+    let retry = seckill(b, "retrier", Some("once"));
+    assert_eq!(
+        (retry.status, retry.json()["error"]["code"].as_str()),
+        (409, Some("in_progress")),
+        "{}",
+        retry.body
+    );
+    assert_eq!(retry.header("retry-after"), Some("1"), "{}", retry.body);
+    lock.commit();
+    let attempt = attempt.join().unwrap();
+    assert_eq!(attempt.status, 201, "{}", attempt.body);
+    let again = seckill(b, "retrier", Some("once"));
+    assert_eq!(again.status, 200, "{}", again.body);
+    assert_eq!(
+        again.json()["id"],
+        attempt.json()["id"],
+        "the retry is answered with the first order"
+    );
+}
+
 /// A flash-sale attempt whose client left while the store worked stays counted in `in_flight` until it
 /// settles: its store call runs on, and counted by its handler alone, such work escaped the admission limit
 /// and piled up in the store's lanes while new requests were admitted.

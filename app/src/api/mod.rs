@@ -57,6 +57,11 @@ pub struct App {
     /// (`xcluster load --via proxy`, whose report of backend shares named only the proxy's listener) which
     /// backend answered. `None` if the id is no header value.
     pub instance_header: Option<http::HeaderValue>,
+    /// The keyed flash-sale attempts this instance is placing, which a retry refused by a gate must not be
+    /// told `sold_out` while they may commit.
+    pub placing: Arc<orders::Placing>,
+    /// The store's clock, which reservations are timed by (`Store::clock`).
+    pub clock: crate::domain::Clock,
 }
 
 impl App {

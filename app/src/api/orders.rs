@@ -17,10 +17,10 @@ use super::{
 };
 use crate::Config;
 use crate::degrade::Level;
-use crate::domain::{NewOrder, OrderKind, OrderStatus, Reject, fingerprint, new_order_id, now_ms};
+use crate::domain::{NewOrder, OrderKind, OrderStatus, Reject, fingerprint, new_order_id};
 use crate::gate_redis::{Admission, Outcome};
 use crate::queue::OrderOutcome;
-use crate::store::StoreError;
+use crate::store::{Keyed, StoreError};
 
 /// Creates an order on the path of the current degrade level.
 async fn place(app: &Arc<App>, order: NewOrder) -> OrderOutcome {
@@ -84,7 +84,7 @@ pub async fn create(app: &Arc<App>, cfg: &Config, buyer: &Buyer, req: Request<In
     if let Err(refused) = buyer.check(&body.user) {
         return refused;
     }
-    let now = now_ms();
+    let now = app.clock.now_ms();
     let order = NewOrder {
         id: new_order_id(),
         fingerprint: fingerprint(OrderKind::Regular, &body.user, &body.lines),
@@ -126,7 +126,7 @@ pub async fn seckill(
     if let Err(refused) = buyer.check(&body.user) {
         return refused;
     }
-    let now = now_ms();
+    let now = app.clock.now_ms();
     let order = NewOrder {
         id: new_order_id(),
         fingerprint: fingerprint(OrderKind::Seckill, &body.user, &lines),
@@ -148,6 +148,11 @@ pub async fn seckill(
     } else {
         None
     };
+    // Held from before the Redis gate, which may admit it, until the store has answered: a retry that a gate
+    // refuses meanwhile is answered `in_progress`, not `sold_out`.
+    let placing = (refusal.is_none())
+        .then(|| Placing::hold(&app.placing, &user, order.idem_key.as_deref()))
+        .flatten();
     let redis = app.redis_gate.clone().filter(|_| refusal.is_none());
     let admission = match &redis {
         Some(g) => (g.admit(sku, &user, qty, cfg.per_user_limit, order.idem_key.as_deref())).await,
@@ -158,6 +163,7 @@ pub async fn seckill(
     // given up on keeps its mark while it may still commit: once it has, its order is the answer (told
     // `in_progress`, its buyer waited out the mark's life).
     if admission == Admission::InFlight {
+        drop(placing);
         return match stored_answer(app, order).await {
             Some(answer) => answer,
             None => in_progress(),
@@ -173,6 +179,7 @@ pub async fn seckill(
         _ => None,
     });
     if let Some(refusal) = refusal {
+        drop(placing);
         if let Some(answer) = stored_answer(app, order).await {
             return answer;
         }
@@ -192,6 +199,9 @@ pub async fn seckill(
         let sku = sku.as_str();
         let asked = app.gate.generation();
         let out = place(&app, order).await;
+        // Answered: a retry finds the order, or no attempt that may commit. (One the store gave up on while it
+        // ran may still commit; PostgreSQL's key lock tells a retry so, SQLite's writer does not.)
+        drop(placing);
         if let Ok(Err(Reject::SoldOut { .. })) = &out {
             app.gate.mark(sku, sold_out_gate, asked);
         }
@@ -223,14 +233,67 @@ pub async fn seckill(
     }
 }
 
-/// The answer an earlier attempt under `order`'s idempotency key stored (its order), if one did; none for an
-/// order without a key.
+/// The answer to a request a gate refuses, if its idempotency key has one: the order an earlier attempt
+/// under it stored, or `in_progress` while an attempt under it (on this instance, or on any with PostgreSQL)
+/// may still commit. None for a key that holds nothing, and for an order without a key.
 async fn stored_answer(app: &Arc<App>, order: NewOrder) -> Option<Response<Body>> {
-    order.idem_key.as_ref()?;
+    let key = order.idem_key.as_deref()?;
+    if app.placing.holds(&order.user, key) {
+        return Some(in_progress());
+    }
     match app.exec.read(move |s| s.keyed_answer(&order)).await {
-        Ok(Some(answer)) => Some(created(Ok(answer))),
-        Ok(None) => None,
+        Ok(Keyed::Stored(answer)) => Some(created(Ok(answer))),
+        Ok(Keyed::Writing) => Some(in_progress()),
+        Ok(Keyed::Free) => None,
         Err(e) => Some(created(Err(e))),
+    }
+}
+
+/// The keyed flash-sale attempts this instance is placing, by (user, idempotency key), with how many of each
+/// (a buyer's two concurrent retries both go on, and the second replays the first). Touched twice per keyed
+/// attempt and once per refused one, under a lock held for a map operation: far below the store call that
+/// each of them makes.
+#[derive(Debug, Default)]
+pub struct Placing(std::sync::Mutex<std::collections::HashMap<(String, String), u32>>);
+
+/// One attempt's place in [`Placing`], given up when dropped.
+#[derive(Debug)]
+struct Hold {
+    placing: Arc<Placing>,
+    key: (String, String),
+}
+
+impl Placing {
+    /// Counts an attempt under `user`'s `key` as placing until the hold is dropped; none without a key.
+    fn hold(placing: &Arc<Placing>, user: &str, key: Option<&str>) -> Option<Hold> {
+        let key = (user.to_string(), key?.to_string());
+        *placing.lock().entry(key.clone()).or_default() += 1;
+        Some(Hold {
+            placing: placing.clone(),
+            key,
+        })
+    }
+
+    fn holds(&self, user: &str, key: &str) -> bool {
+        // Borrowed keys cannot look up a tuple of `String`s; a refused keyed attempt costs this copy.
+        self.lock().contains_key(&(user.to_string(), key.to_string()))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<(String, String), u32>> {
+        // The map stays whole across a panic elsewhere: each operation on it is one call.
+        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        let mut map = self.placing.lock();
+        if let Some(n) = map.get_mut(&self.key) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.key);
+            }
+        }
     }
 }
 
@@ -415,4 +478,25 @@ pub async fn fulfil(app: &Arc<App>, cfg: &Config, id: &str, req: Request<Incomin
     }
     let id = id.to_string();
     respond(StatusCode::OK, app.exec.run(move |s| s.fulfil(&id)).await)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A key is placing while any attempt under it holds it, for its user alone, and not without a key.
+    #[test]
+    fn a_key_is_placing_until_its_last_attempt_lets_go() {
+        let placing = Arc::new(Placing::default());
+        let first = Placing::hold(&placing, "u1", Some("k"));
+        let second = Placing::hold(&placing, "u1", Some("k"));
+        assert!(Placing::hold(&placing, "u1", None).is_none());
+        assert!(placing.holds("u1", "k"));
+        assert!(!placing.holds("u2", "k"), "another user's key of the same text");
+        drop(first);
+        assert!(placing.holds("u1", "k"), "the second attempt still places");
+        drop(second);
+        assert!(!placing.holds("u1", "k"));
+        assert!(placing.lock().is_empty(), "nothing is left behind");
+    }
 }

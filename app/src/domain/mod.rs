@@ -1,9 +1,11 @@
 //! Pure domain types and rules: money in integer minor units, the order state machine, validated requests
 //! and idempotency fingerprints. No I/O here; the store and the API both speak these types.
 
+pub mod clock;
 pub mod order;
 pub mod request;
 
+pub use clock::Clock;
 pub use order::{OrderKind, OrderStatus, Transition};
 pub use request::{
     NewOrder, OrderLineReq, fingerprint, new_order_id, now_ms, refund_fingerprint, stock_fingerprint,

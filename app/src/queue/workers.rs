@@ -9,7 +9,6 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::api::App;
-use crate::domain::now_ms;
 use crate::exec::StoreExec;
 
 const OUTBOX_BATCH: u32 = 500;
@@ -82,7 +81,9 @@ pub async fn sweeper(app: Arc<App>, cancel: CancellationToken) {
             _ = tokio::time::sleep(every) => {}
         }
         loop {
-            match exec.run(|s| s.expire_due(now_ms(), 500)).await {
+            // By the store's clock, which every instance on it shares: by this host's, one whose clock ran
+            // ahead expired the others' reservations early.
+            match exec.run(|s| s.expire_due(s.clock().now_ms(), 500)).await {
                 Ok(expired) => {
                     let n = expired.orders;
                     metrics::counter!(crate::metrics::RESERVATIONS_EXPIRED_TOTAL).increment(u64::from(n));

@@ -26,7 +26,7 @@ pub(crate) mod tests;
 use serde::{Deserialize, Serialize};
 
 use crate::audit::AuditReport;
-use crate::domain::{Cents, NewOrder, OrderLineReq, Reject, refund_fingerprint};
+use crate::domain::{Cents, Clock, NewOrder, OrderLineReq, Reject, refund_fingerprint};
 
 /// Why a store call failed: infrastructure, not the request.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -129,6 +129,17 @@ pub struct OrderView {
 pub struct Created {
     pub order: OrderView,
     pub replay: bool,
+}
+
+/// What an idempotency key holds for a request a gate would refuse ([`Store::keyed_answer`]).
+#[derive(Debug)]
+pub enum Keyed {
+    /// No order is stored under it, and no attempt under it is writing one that this store can see.
+    Free,
+    /// An attempt under it is in its transaction (on any instance, with PostgreSQL) and may yet commit.
+    Writing,
+    /// What the order stored under it answers: its replay, or the conflict when asked for differently.
+    Stored(Result<Created, Reject>),
 }
 
 /// A refund as the store takes it (the API has checked its lines: `bodies::RefundReq::check`).
@@ -264,10 +275,12 @@ pub trait Store: Send + Sync + 'static {
         limit: u32,
     ) -> Result<Vec<OrderView>, StoreError>;
 
-    /// The answer an earlier order under `o`'s idempotency key gave (or the conflict, when that order was
-    /// asked for differently), if there is one; `None` for a request without a key. A gate that would refuse
-    /// `o` (sold out, over the buyer's limit) asks this first, so a replay still gets its first answer.
-    fn keyed_answer(&self, o: &NewOrder) -> Result<Option<Result<Created, Reject>>, StoreError>;
+    /// What `o`'s idempotency key holds: the answer an earlier order under it gave (or the conflict, when
+    /// that order was asked for differently), an attempt under it still writing, or nothing (as for a
+    /// request without a key). A gate that would refuse `o` (sold out, over the buyer's limit) asks this
+    /// first, so a replay still gets its first answer, and a retry is not told `sold_out` while its first
+    /// attempt may still commit.
+    fn keyed_answer(&self, o: &NewOrder) -> Result<Keyed, StoreError>;
 
     /// Creates orders in ONE transaction (one per call at the sync level, a group at the queued level):
     /// for each, the conditional stock decrements, the order row and its outbox row, or nothing (a
@@ -305,6 +318,17 @@ pub trait Store: Send + Sync + 'static {
     /// in the `orders_due (status, expires_ms)` index, cheap enough for the once-a-second sampler, which
     /// turns it into `xcluster_app_reservations_overdue_seconds` (how far the sweepers lag).
     fn oldest_reservation_expiry(&self) -> Result<Option<i64>, StoreError>;
+
+    /// The clock this store's reservations are timed by ([`Clock`]); clones share its offset.
+    fn clock(&self) -> Clock {
+        Clock::default()
+    }
+
+    /// Reads the store's clock again, to keep [`Store::clock`]'s offset true (clocks drift, and are stepped).
+    /// Nothing to read for a store whose clock is this host's.
+    fn sync_clock(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
 
     fn update_stock(&self, updates: &[StockUpdate]) -> StoreResult<Vec<Sku>>;
     /// A batch sent with idempotency key `key` applies once: the batch and the key's record (its fingerprint

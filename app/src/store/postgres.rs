@@ -24,7 +24,7 @@ use super::{
     StockUpdate, Store, StoreError, StoreResult,
 };
 use crate::audit::AuditReport;
-use crate::domain::{Cents, NewOrder, Reject};
+use crate::domain::{Cents, Clock, NewOrder, Reject, now_ms};
 
 /// How to reach PostgreSQL and how long to wait for it.
 #[derive(Debug, Clone)]
@@ -81,6 +81,8 @@ pub struct PostgresStore {
     acquire_timeout: Duration,
     pool: Mutex<PoolState>,
     freed: Condvar,
+    /// The server's clock, as read last (`sync_clock`): reservations are timed by it on every instance.
+    clock: Clock,
 }
 
 impl Drop for PostgresStore {
@@ -275,8 +277,11 @@ impl PostgresStore {
             acquire_timeout: opts.statement_timeout.max(Duration::from_secs(1)),
             pool: Mutex::new(PoolState::default()),
             freed: Condvar::new(),
+            clock: Clock::default(),
         };
         store.write(super::postgres_schema::migrate)?;
+        // Before the first order: its expiry is timed by the server's clock too.
+        store.sync_clock()?;
         if opts.seed_demo {
             store.write(super::postgres_schema::seed_demo)?;
         }
@@ -477,8 +482,15 @@ impl Store for PostgresStore {
     fn get_order(&self, id: &str) -> Result<Option<OrderView>, StoreError> {
         self.read(|t| orders::load_order(t, id))
     }
-    fn keyed_answer(&self, o: &NewOrder) -> Result<Option<Result<Created, Reject>>, StoreError> {
-        self.read(|t| create::keyed_answer(t, o))
+    // Read committed, not the repeatable read of other reads: the select after the key's lock must see what
+    // the writer that held it committed, and a repeatable read's snapshot is taken before the lock.
+    fn keyed_answer(&self, o: &NewOrder) -> Result<super::Keyed, StoreError> {
+        self.run(
+            IsolationLevel::ReadCommitted,
+            true,
+            &mut |t| create::key_held(t, o),
+            |_| true,
+        )
     }
     fn user_orders(
         &self,
@@ -499,10 +511,10 @@ impl Store for PostgresStore {
         self.write(|t| create::create_orders(t, new, inline_weak))
     }
     fn pay_wallet(&self, order_id: &str, inline_weak: bool) -> StoreResult<OrderView> {
-        self.write_domain(|t| money::pay(t, order_id, None, inline_weak))
+        self.write_domain(|t| money::pay(t, order_id, None, inline_weak, &self.clock))
     }
     fn payment_callback(&self, cb: &PaymentCallback, inline_weak: bool) -> StoreResult<OrderView> {
-        self.write_domain(|t| money::callback(t, cb, inline_weak))
+        self.write_domain(|t| money::callback(t, cb, inline_weak, &self.clock))
     }
     fn cancel(&self, order_id: &str) -> StoreResult<(OrderView, bool)> {
         self.write_domain(|t| orders::cancel(t, order_id))
@@ -530,6 +542,26 @@ impl Store for PostgresStore {
             let row = t.opt(super::OLDEST_HELD_SQL, &[])?;
             Ok(row.map(|r| r.get(0)))
         })
+    }
+    fn clock(&self) -> Clock {
+        self.clock.clone()
+    }
+    fn sync_clock(&self) -> Result<(), StoreError> {
+        let (before, server, after) = self.read(|t| {
+            // This host's readings around the statement alone: the transaction's begin is another round trip.
+            let before = now_ms();
+            let server: i64 = t
+                .one("SELECT (extract(epoch FROM clock_timestamp()) * 1000)::int8", &[])?
+                .get(0);
+            Ok((before, server, now_ms()))
+        })?;
+        if !self.clock.set_from(before, server, after) {
+            tracing::debug!(
+                took_ms = after - before,
+                "postgres clock reading too slow to take; the last one stays"
+            );
+        }
+        Ok(())
     }
     fn update_stock(&self, updates: &[StockUpdate]) -> StoreResult<Vec<Sku>> {
         self.write_domain(|t| orders::update_stock(t, updates))

@@ -20,7 +20,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use super::order_rules;
 use super::postgres::Tx;
-use super::{Created, LineView, StoreError};
+use super::{Created, Keyed, LineView, StoreError};
 use crate::domain::{NewOrder, OrderKind, Reject};
 
 /// The answer of the order stored under `o`'s idempotency key, if any ([`crate::store::Store::keyed_answer`]).
@@ -35,6 +35,33 @@ pub fn keyed_answer(t: &mut Tx<'_>, o: &NewOrder) -> Result<Option<Result<Create
     prior
         .map(|r| order_rules::replay(key, o, r.get(0), r.get(1)))
         .transpose()
+}
+
+/// What `o`'s idempotency key holds ([`crate::store::Store::keyed_answer`]), in a read-committed
+/// transaction: an attempt writing under it holds the key's lock (`lock_and_read`) until it commits or
+/// rolls back, so a lock not had says it may yet commit, and one had says it is over and its order, if any,
+/// is there for the select after it.
+pub fn key_held(t: &mut Tx<'_>, o: &NewOrder) -> Result<Keyed, StoreError> {
+    let Some(key) = &o.idem_key else {
+        return Ok(Keyed::Free);
+    };
+    let had: bool = t
+        .one(
+            "SELECT pg_try_advisory_xact_lock(hashtextextended($1, 0))",
+            &[&key_lock(&o.user, key)],
+        )?
+        .get(0);
+    if !had {
+        return Ok(Keyed::Writing);
+    }
+    Ok(keyed_answer(t, o)?.map_or(Keyed::Free, Keyed::Stored))
+}
+
+/// The name of the advisory lock an attempt under `user`'s idempotency `key` holds while it writes. A user id
+/// never holds a space, so it names one pair; the text is the single-order path's before groups, so
+/// instances of either version exclude each other on a key.
+fn key_lock(user: &str, key: &str) -> String {
+    format!("idem:{user} {key}")
 }
 
 /// A SKU as the group found it under its row lock, with what the group's orders have taken so far.
@@ -116,11 +143,9 @@ pub fn create_orders(
 /// then SKU rows (by name); bucket rows are written only under their SKU's row lock.
 fn lock_and_read(t: &mut Tx<'_>, orders: &[NewOrder]) -> Result<Plan, StoreError> {
     let mut plan = Plan::default();
-    // A user id never holds a space, so "user key" names one pair; the text is the single-order path's
-    // before groups, so instances of either version exclude each other on a key.
     let keys: Vec<String> = orders
         .iter()
-        .filter_map(|o| o.idem_key.as_ref().map(|k| format!("idem:{} {k}", o.user)))
+        .filter_map(|o| o.idem_key.as_ref().map(|k| key_lock(&o.user, k)))
         .collect();
     if !keys.is_empty() {
         // Concurrent requests with one key queue here; the second then sees the first's row (the reads below

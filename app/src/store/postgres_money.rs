@@ -8,7 +8,7 @@ use super::postgres_orders::{
     load_order, lock_order, lock_skus_of, move_stock, refund_lines, return_units, transition,
 };
 use super::{OrderView, PaymentCallback, RefundRequest, Refunded, Settlement, StoreError};
-use crate::domain::{Cents, OrderStatus, Reject, Transition, now_ms};
+use crate::domain::{Cents, Clock, OrderStatus, Reject, Transition, now_ms};
 
 use super::order_rules::{self, PriorPayment, RefundDone, RefundEvent, Res};
 
@@ -71,13 +71,19 @@ fn order(t: &mut Tx<'_>, id: &str) -> Res<OrderView> {
 }
 
 /// Pays a reserved order, from the wallet (`via = None`) or from the provider.
-pub fn pay(t: &mut Tx<'_>, id: &str, via: Option<&PaymentCallback>, inline_weak: bool) -> Res<OrderView> {
+pub fn pay(
+    t: &mut Tx<'_>,
+    id: &str,
+    via: Option<&PaymentCallback>,
+    inline_weak: bool,
+    clock: &Clock,
+) -> Res<OrderView> {
     lock_order(t, id)?;
     let o = match order(t, id)? {
         Ok(o) => o,
         Err(r) => return Ok(Err(r)),
     };
-    if let Some(answer) = order_rules::before_pay(&o, via, now_ms()) {
+    if let Some(answer) = order_rules::before_pay(&o, via, clock.now_ms()) {
         return Ok(answer);
     }
     if let Err(r) = transition(t, id, Transition::Pay)? {
@@ -109,7 +115,7 @@ pub fn pay(t: &mut Tx<'_>, id: &str, via: Option<&PaymentCallback>, inline_weak:
 }
 
 /// A provider callback; `payment_id` makes it idempotent (an advisory lock orders concurrent deliveries).
-pub fn callback(t: &mut Tx<'_>, cb: &PaymentCallback, inline_weak: bool) -> Res<OrderView> {
+pub fn callback(t: &mut Tx<'_>, cb: &PaymentCallback, inline_weak: bool, clock: &Clock) -> Res<OrderView> {
     t.lock_key(&format!("payment:{}", cb.payment_id))?;
     let prior = t.opt(
         "SELECT order_id, status, amount_cents FROM payments WHERE payment_id = $1",
@@ -139,7 +145,7 @@ pub fn callback(t: &mut Tx<'_>, cb: &PaymentCallback, inline_weak: bool) -> Res<
             }
         }
     }
-    match pay(t, &cb.order_id, Some(cb), inline_weak)? {
+    match pay(t, &cb.order_id, Some(cb), inline_weak, clock)? {
         Err(r) if order_rules::cannot_take_payment(&r) => {
             t.exec(
                 "UPDATE payments SET status = $2 WHERE payment_id = $1",

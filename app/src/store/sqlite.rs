@@ -225,8 +225,11 @@ impl Store for SqliteStore {
     fn get_order(&self, id: &str) -> Result<Option<OrderView>, StoreError> {
         self.with_conn(|c| super::sqlite_orders::load_order(&*c.transaction()?, id))
     }
-    fn keyed_answer(&self, o: &NewOrder) -> Result<Option<Result<Created, Reject>>, StoreError> {
-        self.with_conn(|c| super::sqlite_orders::keyed_answer(&*c.transaction()?, o))
+    // One process writes through one connection: an attempt of this process in flight is the API's to know
+    // (`api::orders::Placing`), so `Writing` is never answered here.
+    fn keyed_answer(&self, o: &NewOrder) -> Result<super::Keyed, StoreError> {
+        let stored = self.with_conn(|c| super::sqlite_orders::keyed_answer(&*c.transaction()?, o))?;
+        Ok(stored.map_or(super::Keyed::Free, super::Keyed::Stored))
     }
     fn user_orders(
         &self,

@@ -13,6 +13,8 @@ use refunds::*;
 use sales::*;
 use stock_keys::*;
 
+use std::time::{Duration, Instant};
+
 use super::sqlite::SqliteStore;
 use super::*;
 use crate::domain::{OrderKind, OrderLineReq, fingerprint, new_order_id, now_ms};
@@ -249,13 +251,13 @@ fn idempotent_create_and_conflict(fx: &dyn Fixture) {
         s.keyed_answer(&order(user, key, OrderKind::Regular, "sku-1-1", qty, 60_000))
             .unwrap()
     };
-    assert!(matches!(keyed("u1", Some("k"), 2), Some(Ok(c)) if c.replay && c.order == a.order));
+    assert!(matches!(keyed("u1", Some("k"), 2), Keyed::Stored(Ok(c)) if c.replay && c.order == a.order));
     assert!(matches!(
         keyed("u1", Some("k"), 3),
-        Some(Err(Reject::IdempotencyConflict { .. }))
+        Keyed::Stored(Err(Reject::IdempotencyConflict { .. }))
     ));
-    assert!(keyed("u1", Some("other"), 2).is_none());
-    assert!(keyed("u1", None, 2).is_none());
+    assert!(matches!(keyed("u1", Some("other"), 2), Keyed::Free));
+    assert!(matches!(keyed("u1", None, 2), Keyed::Free));
     let r = assert_audit(&s);
     assert_eq!(r.totals.orders, 2);
     assert_eq!(r.totals.units_reserved, 5);
@@ -1065,4 +1067,71 @@ fn sqlite_database_files_are_the_owners_alone() {
     let store = SqliteStore::open(&path, std::time::Duration::from_secs(10), false).unwrap();
     assert_eq!(store.balance("user:perm").unwrap(), 1);
     assert_eq!(mode("x.db"), 0o640, "an existing file's mode is the operator's");
+}
+
+/// PostgreSQL only: an attempt under a key that is writing (on another instance: another handle) is told
+/// apart from a key that holds nothing, so a retry a gate refuses is not told `sold_out` while it may
+/// commit; once it has, its order is the answer.
+#[test]
+fn postgres_a_key_whose_attempt_is_writing_is_not_free() {
+    let fx = PostgresFixture::new();
+    let (writer, asker) = (fx.open(), fx.open());
+    let attempt = order("u1", Some("k"), OrderKind::Regular, "sku-1-1", 1, 60_000);
+    assert!(matches!(asker.keyed_answer(&attempt).unwrap(), Keyed::Free));
+    // Another client holds the SKU's row: the attempt takes its key's lock first, then waits for the row.
+    let mut blocker = ::postgres::Client::connect(&fx.0.url, ::postgres::NoTls).unwrap();
+    let mut held = blocker.transaction().unwrap();
+    held.execute("SELECT 1 FROM skus WHERE sku = 'sku-1-1' FOR UPDATE", &[])
+        .unwrap();
+    std::thread::scope(|sc| {
+        let placed = sc.spawn(|| create(&writer, attempt.clone(), true));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match asker.keyed_answer(&attempt).unwrap() {
+                Keyed::Writing => break,
+                Keyed::Free if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
+                other => panic!("the attempt is waiting for the row: {other:?}"),
+            }
+        }
+        held.rollback().unwrap();
+        let first = placed.join().unwrap().unwrap();
+        assert!(matches!(
+            asker.keyed_answer(&attempt).unwrap(),
+            Keyed::Stored(Ok(c)) if c.replay && c.order == first.order
+        ));
+    });
+}
+
+/// PostgreSQL only: reservations are timed by the server's clock, read at open and again by `sync_clock`,
+/// not by this host's: a host whose clock runs ahead would expire other instances' reservations early and
+/// refuse their payments as late.
+#[test]
+fn postgres_reservations_are_timed_by_the_servers_clock() {
+    let fx = PostgresFixture::new();
+    let s = fx.open();
+    let clock = s.clock();
+    let near = |clock: &crate::domain::Clock| clock.offset_ms().abs() < 1_000;
+    assert!(
+        near(&clock),
+        "the server runs on this host: {}",
+        clock.offset_ms()
+    );
+    s.credit(&["u1".to_string()], 10_000).unwrap();
+    let held = create(
+        &s,
+        order("u1", None, OrderKind::Regular, "sku-1-1", 1, 60_000),
+        true,
+    )
+    .unwrap()
+    .order;
+    // As the handle of a host whose clock runs two minutes ahead of the server's would time things.
+    assert!(clock.set_from(0, 120_000, 0));
+    assert!(matches!(
+        s.pay_wallet(&held.id, true).unwrap(),
+        Err(Reject::BadTransition { from: "expired", .. })
+    ));
+    s.sync_clock().unwrap();
+    assert!(near(&s.clock()), "read again: {}", s.clock().offset_ms());
+    assert_eq!(s.expire_due(s.clock().now_ms(), 100).unwrap().orders, 0);
+    assert_eq!(s.pay_wallet(&held.id, true).unwrap().unwrap().status, "paid");
 }
