@@ -1,10 +1,13 @@
 //! Config hot reload. The file watcher (debounced; watches the directories of the file and of its `include`
-//! patterns, so editors that save by rename are seen, and a file dropped into `conf.d` too) and SIGHUP take
+//! patterns, so editors that save by rename are seen, and a file dropped into `conf.d` too, and those of the
+//! directory links on the main file's way, so a deploy swapping `current` is seen) and SIGHUP take
 //! the same path: load and validate completely; on failure keep the old config, warn, and count; on success
 //! publish the new snapshot, count, and log a one-line diff.
 
-use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
+use std::collections::{BTreeMap, BTreeSet};
+use std::ffi::OsString;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -29,6 +32,9 @@ const MISSING_RETRY: Duration = Duration::from_secs(2);
 /// it is judged as it is. An include emptied on purpose (a template rendering a program away) held back
 /// every reload until a SIGHUP, an edit of the main file's included.
 const BLANK_PATIENCE: Duration = Duration::from_secs(5);
+/// The most symbolic links followed on the way to the main file's directory, the kernel's own limit (past
+/// it, `ELOOP`): links leading into each other end there.
+const MAX_LINKS: usize = 40;
 /// How long a rejected config's bytes are not judged again on a file event. A verdict may hang on more
 /// than the files (a user or a log directory made since, a backend's name that resolves now): the same
 /// bytes saved again after it were skipped until a SIGHUP.
@@ -409,20 +415,52 @@ struct Relevant {
     /// any entry of the main file's directory and the target itself count; the content fingerprint tells
     /// an edit from the rest.
     target: Option<PathBuf>,
+    /// The symbolic links on the way to the main file's directory ([`links_to`]). A deploy swapping one
+    /// (Capistrano's `current -> releases/1`, renamed over by a link to `releases/2`) leads the main file
+    /// into another directory with an event on the link alone: the main file's directory is watched by
+    /// inode, the old release's, and the new config was not loaded until a SIGHUP.
+    dir_links: Vec<PathBuf>,
     patterns: Vec<IncludePattern>,
     /// The files the config names that its load read (key and token files), and the included files that are
     /// links ([`followed`]), each with where it leads when it is a link (a Kubernetes Secret's file is one,
     /// swapped as a ConfigMap's is).
     referenced: Vec<(PathBuf, Option<PathBuf>)>,
+    /// The watched directories that are one directory under several names (`current` and the release it
+    /// leads to, both named by the config), a group each ([`same_dirs`]). inotify watches a directory once,
+    /// and notify names its events by the name it was watched under last: the other names' events came
+    /// under that one, and matched nothing.
+    same_dirs: Vec<Vec<PathBuf>>,
 }
 
 impl Relevant {
     fn covers(&self, path: &Path) -> bool {
+        self.covers_as_named(path) || (self.other_names(path).iter()).any(|p| self.covers_as_named(p))
+    }
+
+    fn covers_as_named(&self, path: &Path) -> bool {
         // The main file's directory itself removed or renamed: its watch is gone with it.
         Some(path) == self.main.parent()
             || names(&self.main, self.target.as_deref(), path)
+            || self.dir_links.iter().any(|link| link == path)
             || (self.patterns.iter()).any(|p| p.names(path) || path == p.dir)
             || (self.referenced.iter()).any(|(file, target)| names(file, target.as_deref(), path))
+    }
+
+    /// `path` as named under the other names of its directory, or of itself when it is a watched
+    /// directory. None, and no allocation, when no directory is watched under two names.
+    fn other_names(&self, path: &Path) -> Vec<PathBuf> {
+        let mut others = Vec::new();
+        for group in &self.same_dirs {
+            if group.iter().any(|d| d == path) {
+                others.extend(group.iter().filter(|d| *d != path).cloned());
+            }
+            if let (Some(dir), Some(name)) = (path.parent(), path.file_name())
+                && group.iter().any(|d| d == dir)
+            {
+                others.extend(group.iter().filter(|d| *d != dir).map(|d| d.join(name)));
+            }
+        }
+        others
     }
 }
 
@@ -445,15 +483,83 @@ fn link_target(main: &Path) -> Option<PathBuf> {
     (std::fs::canonicalize(main).ok()).or_else(|| Some(main.parent()?.join(std::fs::read_link(main).ok()?)))
 }
 
-/// The notify watcher over the config file's directory (so a rename-on-save, a new inode, is still seen) and
-/// the directories its include patterns name, none of them recursively. Dropping it stops the watch.
+/// The symbolic links met on the way to `dir` (absolute), each named by where it was met: those `dir`
+/// names (`/srv/xc/current` in `/srv/xc/current/conf`), then those the links lead through, named by where
+/// they lead (`/srv/xc/releases/2/conf` when `current` leads to `releases/2` and `conf` is a link too).
+/// Watching each one's directory sees it swapped. At most [`MAX_LINKS`] are followed, so links leading into
+/// each other end; a part not there ends nothing (a link to a release not made yet is still a link).
+fn links_to(dir: &Path) -> Vec<PathBuf> {
+    let mut links: Vec<PathBuf> = Vec::new();
+    // Where the walk is: no link in it (each part was found to be none, or was a link's target, walked in
+    // turn), so a `..` after it leads to its parent, as the kernel takes it.
+    let mut at = PathBuf::from(if dir.has_root() { "/" } else { "" });
+    // The parts left, the next one last; `..` as itself (a path never has it as a name).
+    let mut left: Vec<OsString> = Vec::new();
+    push_parts(&mut left, dir);
+    let mut followed = 0;
+    while let Some(part) = left.pop() {
+        if part == ".." {
+            at.pop();
+            continue;
+        }
+        let next = at.join(&part);
+        match std::fs::read_link(&next) {
+            Ok(_) if followed == MAX_LINKS => break,
+            Ok(target) => {
+                followed += 1;
+                if !links.contains(&next) {
+                    links.push(next);
+                }
+                if target.has_root() {
+                    at = PathBuf::from("/");
+                }
+                push_parts(&mut left, &target);
+            }
+            // Not a link, or not there.
+            Err(_) => at = next,
+        }
+    }
+    links
+}
+
+/// Puts `path`'s names and `..`s on `left`, its first last (popped first); `.` and the root say nothing.
+fn push_parts(left: &mut Vec<OsString>, path: &Path) {
+    left.extend(path.components().rev().filter_map(|c| match c {
+        Component::Normal(name) => Some(name.to_os_string()),
+        Component::ParentDir => Some("..".into()),
+        Component::RootDir | Component::CurDir | Component::Prefix(_) => None,
+    }));
+}
+
+/// Which directory a path leads to (device and inode): inotify watches that, not the name.
+type DirId = (u64, u64);
+
+fn dir_id(dir: &Path) -> Option<DirId> {
+    std::fs::metadata(dir).ok().map(|m| (m.dev(), m.ino()))
+}
+
+/// The names among `dirs` that lead to one directory, a group each, for [`Relevant::same_dirs`].
+fn same_dirs(dirs: &BTreeMap<PathBuf, Option<DirId>>) -> Vec<Vec<PathBuf>> {
+    let mut by_id: BTreeMap<DirId, Vec<PathBuf>> = BTreeMap::new();
+    for (dir, id) in dirs {
+        if let Some(id) = id {
+            by_id.entry(*id).or_default().push(dir.clone());
+        }
+    }
+    by_id.into_values().filter(|names| names.len() > 1).collect()
+}
+
+/// The notify watcher over the config file's directory (so a rename-on-save, a new inode, is still seen),
+/// the directories its include patterns name and those of the links on its way, none of them recursively.
+/// Dropping it stops the watch.
 struct ConfigWatcher {
     watcher: notify::RecommendedWatcher,
     relevant: Arc<ArcSwap<Relevant>>,
     main: PathBuf,
-    /// The directories watched, the main file's among them (never unwatched), to unwatch those the config no
-    /// longer names.
-    watched: BTreeSet<PathBuf>,
+    /// The directories watched, the main file's among them, to unwatch those the config no longer names,
+    /// each with the directory it led to when watched: one that leads to another now (a link on its way
+    /// swapped) has its watch of the old one removed.
+    watched: BTreeMap<PathBuf, Option<DirId>>,
     /// Include directories that could not be watched, each warned about once until it can be.
     warned: BTreeSet<PathBuf>,
 }
@@ -478,8 +584,10 @@ impl ConfigWatcher {
         let relevant = Arc::new(ArcSwap::from_pointee(Relevant {
             main: main.clone(),
             target: None,
+            dir_links: Vec::new(),
             patterns: Vec::new(),
             referenced: Vec::new(),
+            same_dirs: Vec::new(),
         }));
         let judge = relevant.clone();
         let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
@@ -499,6 +607,7 @@ impl ConfigWatcher {
         })
         .map_err(|e| warn!(error = %e, "cannot start the config watcher; SIGHUP still reloads"))
         .ok()?;
+        let id = dir_id(&dir);
         if let Err(e) = watcher.watch(&dir, RecursiveMode::NonRecursive) {
             warn!(error = %e, dir = %dir.display(), "cannot watch the config directory; SIGHUP still reloads");
             return None;
@@ -507,7 +616,7 @@ impl ConfigWatcher {
             watcher,
             relevant,
             main,
-            watched: BTreeSet::new(),
+            watched: BTreeMap::from([(dir, id)]),
             warned: BTreeSet::new(),
         })
     }
@@ -516,9 +625,10 @@ impl ConfigWatcher {
     fn retry_missing(&mut self) -> bool {
         let mut found = false;
         for dir in std::mem::take(&mut self.warned) {
+            let id = dir_id(&dir);
             if self.watcher.watch(&dir, RecursiveMode::NonRecursive).is_ok() {
                 info!(dir = %dir.display(), "a directory the config reads from is there now; watching it");
-                self.watched.insert(dir);
+                self.watched.insert(dir, id);
                 found = true;
             } else {
                 self.warned.insert(dir);
@@ -528,16 +638,21 @@ impl ConfigWatcher {
     }
 
     /// Watches the directories of `patterns` (the config's includes now), of the files in `referenced` (those
-    /// the config names that its load read, and the included links: [`followed`]), and of the files the main file and those lead to when they are
-    /// links, and no others besides the main file's. One that is not there is skipped with one warning, and
-    /// looked for again every [`MISSING_RETRY`] (and at each reload) until it is there.
+    /// the config names that its load read, and the included links: [`followed`]), of the files the main
+    /// file and those lead to when they are links, and of the links on the main file's way ([`links_to`]),
+    /// and no others besides the main file's. One that is not there is skipped with one warning, and looked
+    /// for again every [`MISSING_RETRY`] (and at each reload) until it is there.
     fn follow(&mut self, patterns: &[IncludePattern], referenced: &[PathBuf]) {
         let main_dir = self.main.parent().map(Path::to_path_buf);
-        // Looked up again at each reload: a swap of a ConfigMap's `..data` leads it into a new directory.
+        // Looked up again at each reload: a swap of a ConfigMap's `..data` leads it into a new directory, a
+        // deploy's swap of `current` into a new release, whose own links may be others.
         let target = link_target(&self.main);
+        let dir_links = main_dir.as_deref().map(links_to).unwrap_or_default();
         let referenced: Vec<(PathBuf, Option<PathBuf>)> =
             (referenced.iter()).map(|f| (f.clone(), link_target(f))).collect();
-        let dirs: BTreeSet<PathBuf> = (patterns.iter())
+        // Each with the directory it leads to, looked up before it is watched: one swapped between the two
+        // is taken for swapped again at the next reload, and watched anew, never left watched behind.
+        let dirs: BTreeMap<PathBuf, Option<DirId>> = (patterns.iter())
             .map(|p| p.dir.clone())
             .chain(target.as_deref().and_then(Path::parent).map(Path::to_path_buf))
             .chain(
@@ -547,29 +662,41 @@ impl ConfigWatcher {
                     .flatten()
                     .filter_map(|f| f.parent().map(Path::to_path_buf)),
             )
+            .chain(dir_links.iter().filter_map(|l| l.parent().map(Path::to_path_buf)))
             // The main file's own, watched again too: removed and made again, it is a new directory.
             .chain(main_dir)
+            .map(|dir| {
+                let id = dir_id(&dir);
+                (dir, id)
+            })
             .collect();
         // Before the watches change, so an event of a newly watched directory is judged by its pattern.
         self.relevant.store(Arc::new(Relevant {
             main: self.main.clone(),
             target,
+            dir_links,
             patterns: patterns.to_vec(),
             referenced,
+            same_dirs: same_dirs(&dirs),
         }));
-        for gone in self.watched.difference(&dirs) {
-            // It may be gone already (removed with its directory); nothing else to undo then.
-            let _ = self.watcher.unwatch(gone);
+        for (dir, was) in &self.watched {
+            // No longer named, or leading to another directory now. inotify watches the directory, not the
+            // name: watched again by its name, the new one was watched besides the old, whose events still
+            // came under that name, and whose removal (an old release deleted) notify took for the name's
+            // and unwatched the new one with it. It may be gone already (removed with its directory).
+            if dirs.get(dir).is_none_or(|now| now != was) {
+                let _ = self.watcher.unwatch(dir);
+            }
         }
         self.watched.clear();
-        self.warned.retain(|d| dirs.contains(d));
-        for dir in dirs {
+        self.warned.retain(|d| dirs.contains_key(d));
+        for (dir, id) in dirs {
             // Watched again each time: a directory removed and made again is a new one to the kernel, and
             // watching one already watched changes nothing.
             match self.watcher.watch(&dir, RecursiveMode::NonRecursive) {
                 Ok(()) => {
                     self.warned.remove(&dir);
-                    self.watched.insert(dir);
+                    self.watched.insert(dir, id);
                 }
                 Err(e) => {
                     if self.warned.insert(dir.clone()) {
@@ -586,6 +713,12 @@ impl ConfigWatcher {
 mod tests {
     use super::*;
 
+    impl ConfigWatcher {
+        fn watched_dirs(&self) -> BTreeSet<PathBuf> {
+            self.watched.keys().cloned().collect()
+        }
+    }
+
     fn pattern(dir: &str, name: &str) -> IncludePattern {
         IncludePattern {
             dir: dir.into(),
@@ -598,6 +731,7 @@ mod tests {
         let relevant = Relevant {
             main: "/etc/x/monitor.toml".into(),
             target: None,
+            dir_links: vec!["/etc/x/current".into()],
             patterns: vec![
                 pattern("/etc/x/conf.d", "*.toml"),
                 pattern("/etc/x", "extra.toml"),
@@ -610,6 +744,8 @@ mod tests {
                     Some("/run/secret/..2026_12_07/token".into()),
                 ),
             ],
+            // `/etc/x/conf.d`, watched under a second name too.
+            same_dirs: vec![vec!["/etc/x/conf.d".into(), "/srv/conf".into()]],
         };
         for (path, want) in [
             ("/etc/x/monitor.toml", true),
@@ -636,6 +772,14 @@ mod tests {
             ("/run/secret/..data", true),
             ("/run/secret/..2026_12_07/token", true),
             ("/run/secret/..2026_12_07/other", false),
+            // A link on the main file's way (swapped by a deploy), not the other entries of its directory.
+            ("/etc/x/current", true),
+            ("/etc/x/current.tmp", false),
+            // The include directory's events named by its other name, and the directory itself so named.
+            ("/srv/conf/web.toml", true),
+            ("/srv/conf/web.toml.bak", false),
+            ("/srv/conf", true),
+            ("/srv/other/web.toml", false),
         ] {
             assert_eq!(relevant.covers(Path::new(path)), want, "{path}");
         }
@@ -839,7 +983,7 @@ mod tests {
         assert!(watcher.warned.contains(&dir), "{:?}", watcher.warned);
         std::fs::create_dir(&dir).unwrap();
         assert!(watcher.retry_missing());
-        assert!(watcher.watched.contains(&dir));
+        assert!(watcher.watched.contains_key(&dir));
         while rx.try_recv().is_ok() {}
         std::fs::write(&main, "a = 1\n").unwrap();
         let seen = tokio::time::timeout(Duration::from_secs(10), rx.recv()).await;
@@ -870,7 +1014,10 @@ mod tests {
             &[pattern(first.to_str().unwrap(), "*.toml"), missing.clone()],
             &[],
         );
-        assert_eq!(watcher.watched, BTreeSet::from([first.clone(), main_dir.clone()]));
+        assert_eq!(
+            watcher.watched_dirs(),
+            BTreeSet::from([first.clone(), main_dir.clone()])
+        );
         std::fs::write(first.join("web.toml"), "").unwrap();
         let seen = tokio::time::timeout(Duration::from_secs(10), rx.recv()).await;
         assert_eq!(
@@ -884,12 +1031,15 @@ mod tests {
         let made = root.path().join("missing");
         std::fs::create_dir(&made).unwrap();
         assert!(watcher.retry_missing());
-        assert!(watcher.watched.contains(&made) && watcher.warned.is_empty());
+        assert!(watcher.watched.contains_key(&made) && watcher.warned.is_empty());
 
         // A new config's patterns: the directory it no longer names is left. (No event is awaited here: one
         // of the write above may still be on its way, and would pass for one of this directory.)
         watcher.follow(&[pattern(second.to_str().unwrap(), "*.toml"), missing], &[]);
-        assert_eq!(watcher.watched, BTreeSet::from([second.clone(), made, main_dir]));
+        assert_eq!(
+            watcher.watched_dirs(),
+            BTreeSet::from([second.clone(), made, main_dir])
+        );
     }
 
     /// A main file that is a symbolic link, as Kubernetes mounts a ConfigMap's (`monitor.toml` ->
@@ -913,7 +1063,7 @@ mod tests {
         let mut watcher = ConfigWatcher::start(&main, tx).unwrap();
         watcher.follow(&[], &[]);
         assert_eq!(
-            watcher.watched,
+            watcher.watched_dirs(),
             BTreeSet::from([mount.join("..v1"), mount.clone()])
         );
 
@@ -926,7 +1076,7 @@ mod tests {
         // file counts (those directories' other files do not).
         watcher.follow(&[], &[]);
         assert_eq!(
-            watcher.watched,
+            watcher.watched_dirs(),
             BTreeSet::from([mount.join("..v2"), mount.clone()])
         );
         let relevant = watcher.relevant.load();
@@ -1170,7 +1320,7 @@ mod tests {
         state.watcher = ConfigWatcher::start(&main, tx);
         let good = state.good.clone();
         state.follow(good.as_ref());
-        let watched = |state: &State<Included>| state.watcher.as_ref().unwrap().watched.clone();
+        let watched = |state: &State<Included>| state.watcher.as_ref().unwrap().watched_dirs();
         assert!(watched(&state).contains(&first));
 
         let relinked = conf_d.join(".web.toml.new");
@@ -1180,5 +1330,160 @@ mod tests {
         assert_eq!(status.borrow().reloads, 0, "the same bytes: no reload");
         let now = watched(&state);
         assert!(now.contains(&second) && !now.contains(&first), "{now:?}");
+    }
+
+    /// `links_to` names each link where the kernel meets it: those the path names as it names them, then
+    /// those their targets lead through, a `..` after a link taken from where the link leads.
+    #[test]
+    fn the_links_on_the_way_are_named_where_they_are_met() {
+        let tmp = tempfile::tempdir().unwrap();
+        // Free of links itself, so the links found are the test's.
+        let root = std::fs::canonicalize(tmp.path()).unwrap();
+        std::fs::create_dir_all(root.join("releases/2")).unwrap();
+        std::fs::create_dir_all(root.join("shared/conf")).unwrap();
+        let link = |target: &Path, at: &str| std::os::unix::fs::symlink(target, root.join(at)).unwrap();
+        link(Path::new("releases/2"), "current");
+        link(Path::new("2"), "releases/1");
+        link(&root.join("shared/conf"), "releases/2/conf");
+        link(Path::new("loop-b"), "loop-a");
+        link(Path::new("loop-a"), "loop-b");
+
+        assert_eq!(links_to(&root.join("shared/conf")), Vec::<PathBuf>::new());
+        assert_eq!(
+            links_to(&root.join("current/conf")),
+            [root.join("current"), root.join("releases/2/conf")]
+        );
+        // `current/..` is `releases`, where `1` is a link (`root/1`, taken by name, is nothing).
+        assert_eq!(
+            links_to(&root.join("current/../1")),
+            [root.join("current"), root.join("releases/1")]
+        );
+        // A link to a release not made yet is on the way all the same.
+        link(Path::new("releases/3"), "next");
+        assert_eq!(links_to(&root.join("next")), [root.join("next")]);
+        // Links leading into each other end, each named once.
+        assert_eq!(
+            links_to(&root.join("loop-a/conf")),
+            [root.join("loop-a"), root.join("loop-b")]
+        );
+    }
+
+    /// The inodes of what this process's inotify instances watch (`/proc/self/fdinfo`): whether a watch was
+    /// removed, which no event tells. A directory there now is the test's own, whichever other test shares
+    /// the process, and a removed one's watches went with it.
+    fn watched_inodes() -> BTreeSet<u64> {
+        let mut inodes = BTreeSet::new();
+        for fd in std::fs::read_dir("/proc/self/fdinfo").unwrap().flatten() {
+            let Ok(info) = std::fs::read_to_string(fd.path()) else {
+                continue;
+            };
+            let lines = info.lines().filter(|l| l.starts_with("inotify wd:"));
+            let inos = lines.filter_map(|l| l.split(' ').find_map(|f| f.strip_prefix("ino:")));
+            inodes.extend(inos.filter_map(|ino| u64::from_str_radix(ino, 16).ok()));
+        }
+        inodes
+    }
+
+    fn inode(path: &Path) -> u64 {
+        std::fs::metadata(path).unwrap().ino()
+    }
+
+    /// `dir/releases/1/x.toml` and `dir/releases/2/x.toml` holding `grace_ms` 1 and 2, and `dir/current`
+    /// leading to the first: a Capistrano deploy's layout. The main file, as named through the link.
+    fn releases(dir: &Path) -> PathBuf {
+        for n in [1, 2] {
+            let release = dir.join(format!("releases/{n}"));
+            std::fs::create_dir_all(&release).unwrap();
+            std::fs::write(release.join("x.toml"), grace(n)).unwrap();
+        }
+        std::os::unix::fs::symlink("releases/1", dir.join("current")).unwrap();
+        dir.join("current/x.toml")
+    }
+
+    /// A [`crate::config::tests::Kept`] config of this `grace_ms`.
+    fn grace(ms: u64) -> String {
+        format!("grace_ms = {ms}\n[inner]\ntimeout_ms = 10\n")
+    }
+
+    /// Waits up to 10 s for a config of `grace_ms` `ms` to be published, after `what`.
+    async fn loads(config: &mut watch::Receiver<Arc<crate::config::tests::Kept>>, ms: u64, what: &str) {
+        let next = tokio::time::timeout(Duration::from_secs(10), config.wait_for(|c| c.grace_ms == ms));
+        assert!(matches!(next.await, Ok(Ok(_))), "{what} was not loaded");
+    }
+
+    /// Leads `dir/current` to `release` as a deploy does: a new link renamed over it.
+    fn swap_current(dir: &Path, release: &str) {
+        std::os::unix::fs::symlink(release, dir.join("current.tmp")).unwrap();
+        std::fs::rename(dir.join("current.tmp"), dir.join("current")).unwrap();
+    }
+
+    /// A main file named through a directory link that a deploy swaps (`current -> releases/1`, then
+    /// `releases/2`) is in another directory after the swap, and the only event is the link's, in its own
+    /// directory: it is watched, the swap loads the new release, and the watch of the main file's directory
+    /// moves to it. Before, nothing saw the swap, and the new release's config waited for a SIGHUP.
+    #[tokio::test]
+    async fn a_swapped_directory_link_loads_the_new_release_and_is_followed() {
+        use crate::config::tests::Kept;
+        let dir = tempfile::tempdir().unwrap();
+        let main = releases(dir.path());
+        let (src, loaded) = loaded_from::<Kept>(&main);
+        let (publish, mut config) = watch::channel(Arc::new(loaded.config));
+        let cancel = CancellationToken::new();
+        let _stop = cancel.clone().drop_guard();
+        let seed = (loaded.raw, loaded.sources);
+        let _reloader = spawn::<Kept>(src, seed, publish, mpsc::channel(8), cancel, Notifier::disabled());
+        assert_eq!(config.borrow().grace_ms, 1);
+        // An edit seen first: the attempt queued at start is spent by then, and cannot be the one that
+        // reads the new release.
+        std::fs::write(dir.path().join("releases/1/x.toml"), grace(3)).unwrap();
+        loads(&mut config, 3, "the edit of the first release").await;
+
+        swap_current(dir.path(), "releases/2");
+        loads(&mut config, 2, "the new release").await;
+        std::fs::write(dir.path().join("releases/2/x.toml"), grace(4)).unwrap();
+        loads(&mut config, 4, "the edit of the new release").await;
+    }
+
+    /// After a swap of a directory link on the main file's way, its directory's watch is on the new
+    /// release and no longer on the old one: watched again by name, the old one's stayed, its events came
+    /// named as the new one's, and its removal unwatched the new one in notify. A directory watched under
+    /// two names (the release named by the config too) has its events count under either.
+    #[tokio::test]
+    async fn the_watch_leaves_the_release_a_link_no_longer_leads_to() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = std::fs::canonicalize(tmp.path()).unwrap();
+        let main = releases(&dir);
+        let [first, second] = ["releases/1", "releases/2"].map(|r| dir.join(r));
+        let (tx, mut rx) = mpsc::channel(64);
+        let mut watcher = ConfigWatcher::start(&main, tx).unwrap();
+        watcher.follow(&[], &[]);
+        assert_eq!(
+            watcher.watched_dirs(),
+            BTreeSet::from([dir.clone(), dir.join("current")])
+        );
+        assert!(watched_inodes().contains(&inode(&first)));
+
+        swap_current(&dir, "releases/2");
+        let seen = tokio::time::timeout(Duration::from_secs(10), rx.recv()).await;
+        assert_eq!(seen.ok().flatten(), Some(Cause::File), "no event for the swap");
+        watcher.follow(&[], &[]);
+        let inodes = watched_inodes();
+        assert!(inodes.contains(&inode(&second)), "the new release is not watched");
+        assert!(
+            !inodes.contains(&inode(&first)),
+            "the old release is watched still"
+        );
+
+        // The new release named by the config too (a pattern in it), watched after `current`: notify names
+        // its events by that name from then on.
+        watcher.follow(&[pattern(second.to_str().unwrap(), "*.key")], &[]);
+        while rx.try_recv().is_ok() {}
+        std::fs::write(second.join("x.toml"), grace(5)).unwrap();
+        let seen = tokio::time::timeout(Duration::from_secs(10), rx.recv()).await;
+        assert_eq!(
+            seen.ok().flatten(),
+            Some(Cause::File),
+            "no event for the main file named by the release's name"
+        );
     }
 }
