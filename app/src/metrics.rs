@@ -17,7 +17,8 @@ xcluster_runtime::metric_names! {
     pub const RESERVATIONS_EXPIRED_TOTAL: &str = "xcluster_app_reservations_expired_total";
     /// Seconds past its expiry of the oldest reservation still held (0 when none is overdue): how far the sweepers lag (sampled).
     pub const RESERVATIONS_OVERDUE: &str = "xcluster_app_reservations_overdue_seconds";
-    /// How far the store's clock, which reservations are timed by, runs ahead of this host's (sampled; 0 on SQLite).
+    /// How far the store's clock, which reservations are timed by, runs ahead of this host's (sampled; 0 on
+    /// SQLite).
     pub const STORE_CLOCK_OFFSET: &str = "xcluster_app_store_clock_offset_seconds";
     /// Outbox items run by this process's workers.
     pub const OUTBOX_RUN_TOTAL: &str = "xcluster_app_outbox_run_total";

@@ -199,8 +199,8 @@ pub async fn seckill(
         let sku = sku.as_str();
         let asked = app.gate.generation();
         let out = place(&app, order).await;
-        // Answered: a retry finds the order, or no attempt that may commit. (One the store gave up on while it
-        // ran may still commit; PostgreSQL's key lock tells a retry so, SQLite's writer does not.)
+        // Answered: a retry finds the order, or no attempt that may commit. (One the store gave up on while
+        // it ran may still commit; PostgreSQL's key lock tells a retry so, SQLite's writer does not.)
         drop(placing);
         if let Ok(Err(Reject::SoldOut { .. })) = &out {
             app.gate.mark(sku, sold_out_gate, asked);
