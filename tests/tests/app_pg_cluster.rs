@@ -849,13 +849,7 @@ fn a_keyed_retry_while_its_first_attempt_is_in_the_store_waits_for_its_answer() 
         || (sale.taken() > before).then_some(()),
     );
     let retry = buy("retry-1");
-    assert_eq!(
-        (retry.status, retry.json()["error"]["code"].as_str()),
-        (409, Some("in_progress")),
-        "{}",
-        retry.body
-    );
-    assert_eq!(retry.header("retry-after"), Some("1"), "{}", retry.body);
+    told_in_progress(&retry);
     // Another key is another purchase, over the limit whatever is in flight.
     assert_eq!(buy("retry-2").status, 429);
     lock.commit();
@@ -920,13 +914,7 @@ fn a_keyed_retry_another_instances_gate_refuses_waits_for_its_first_attempt() {
         (first.pg.query(held) == "1").then_some(())
     });
     let retry = seckill(b, "retrier", Some("once"));
-    assert_eq!(
-        (retry.status, retry.json()["error"]["code"].as_str()),
-        (409, Some("in_progress")),
-        "{}",
-        retry.body
-    );
-    assert_eq!(retry.header("retry-after"), Some("1"), "{}", retry.body);
+    told_in_progress(&retry);
     lock.commit();
     let attempt = attempt.join().unwrap();
     assert_eq!(attempt.status, 201, "{}", attempt.body);
@@ -1226,6 +1214,17 @@ fn a_keyed_flash_sale_attempt_given_up_on_keeps_its_mark() {
 }
 
 /// `user`'s flash-sale attempt at `flash-1` on the app at `addr`, under `key` if given.
+/// `r` is 409 `in_progress` with `Retry-After: 1`: an attempt under its key may still commit.
+fn told_in_progress(r: &HttpResponse) {
+    assert_eq!(
+        (r.status, r.json()["error"]["code"].as_str()),
+        (409, Some("in_progress")),
+        "{}",
+        r.body
+    );
+    assert_eq!(r.header("retry-after"), Some("1"), "{}", r.body);
+}
+
 fn seckill(addr: SocketAddr, user: &str, key: Option<&str>) -> HttpResponse {
     let body = format!(r#"{{"user": "{user}"}}"#);
     let headers: Vec<(&str, &str)> = key.map(|k| ("Idempotency-Key", k)).into_iter().collect();
