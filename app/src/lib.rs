@@ -53,6 +53,7 @@ pub mod exec;
 pub mod gate;
 pub mod gate_redis;
 pub mod metrics;
+pub mod placing;
 pub mod queue;
 pub mod resp;
 pub mod stats;
@@ -190,7 +191,7 @@ async fn sampler(app: Arc<api::App>, cancel: CancellationToken) {
     // back to back: they rolled windows of a millisecond (rates up a thousandfold or nothing, an error
     // rate of 0 or 1 from one request) and fed the breakers samples a second apart that were not.
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut synced = CLOCK_SYNC_TICKS;
+    let (mut synced, mut syncing) = (CLOCK_SYNC_TICKS, None::<tokio::task::JoinHandle<()>>);
     loop {
         // The tick's scheduled time, not the time the sample is fed: the outbox read below takes a varying
         // while, and a breaker's 1 s wait measured from jittered instants would miss a tick (2 s).
@@ -200,13 +201,17 @@ async fn sampler(app: Arc<api::App>, cancel: CancellationToken) {
         };
         app.stats.roll();
         synced += 1;
-        if synced >= CLOCK_SYNC_TICKS {
+        // On a task of its own, one at a time: awaited here, a store that hangs held every tenth sample (and
+        // the breakers' feed) up a whole call bound more, in the outage the breakers are there for.
+        if synced >= CLOCK_SYNC_TICKS && syncing.as_ref().is_none_or(|t| t.is_finished()) {
             synced = 0;
-            // Alone, not in the read below: a clock the server is slow to give must not hold the sample up.
-            if let Err(e) = exec.read(|s| s.sync_clock()).await {
-                tracing::debug!(error = %e, "cannot read the store's clock; the last reading stays");
-            }
-            ::metrics::gauge!(crate::metrics::STORE_CLOCK_OFFSET).set(app.clock.offset_ms() as f64 / 1000.0);
+            let (exec, clock) = (exec.clone(), app.clock.clone());
+            syncing = Some(tokio::spawn(async move {
+                if let Err(e) = exec.read(|s| s.sync_clock()).await {
+                    tracing::debug!(error = %e, "cannot read the store's clock; the last reading stays");
+                }
+                ::metrics::gauge!(crate::metrics::STORE_CLOCK_OFFSET).set(clock.offset_ms() as f64 / 1000.0);
+            }));
         }
         // One store call for both: a store that hangs holds the call up to its bound, and two calls held
         // the breakers' feed (below) twice as long in the outage they are there to react to. The overdue

@@ -59,7 +59,7 @@ pub struct App {
     pub instance_header: Option<http::HeaderValue>,
     /// The keyed flash-sale attempts this instance is placing, which a retry refused by a gate must not be
     /// told `sold_out` while they may commit.
-    pub placing: Arc<orders::Placing>,
+    pub placing: Arc<crate::placing::Placing>,
     /// The store's clock, which reservations are timed by (`Store::clock`).
     pub clock: crate::domain::Clock,
 }

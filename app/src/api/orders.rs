@@ -19,16 +19,21 @@ use crate::Config;
 use crate::degrade::Level;
 use crate::domain::{NewOrder, OrderKind, OrderStatus, Reject, fingerprint, new_order_id};
 use crate::gate_redis::{Admission, Outcome};
+use crate::placing::{Hold, Placing};
 use crate::queue::OrderOutcome;
 use crate::store::{Keyed, StoreError};
 
-/// Creates an order on the path of the current degrade level.
-async fn place(app: &Arc<App>, order: NewOrder) -> OrderOutcome {
+/// Creates an order on the path of the current degrade level. `hold`, a keyed flash-sale attempt's place
+/// in [`Placing`], goes into the store call and is let go when that call ends.
+async fn place(app: &Arc<App>, order: NewOrder, hold: Option<Hold>) -> OrderOutcome {
     let level = app.degrade.level();
     let out = if level == Level::Sync {
         let orders = vec![order];
         app.exec
-            .run(move |s| s.create_orders(&orders, true))
+            .run(move |s| {
+                let _hold = hold;
+                s.create_orders(&orders, true)
+            })
             .await
             .and_then(|v| {
                 v.into_iter()
@@ -36,7 +41,7 @@ async fn place(app: &Arc<App>, order: NewOrder) -> OrderOutcome {
                     .ok_or_else(|| StoreError::Internal("store returned no outcome".into()))
             })
     } else {
-        app.batcher.submit(order).await
+        app.batcher.submit(order, hold).await
     };
     if let Ok(Ok(c)) = &out
         && !c.replay
@@ -96,7 +101,7 @@ pub async fn create(app: &Arc<App>, cfg: &Config, buyer: &Buyer, req: Request<In
         expires_ms: now + cfg.reservation_ttl.as_millis() as i64,
         per_user_limit: 0,
     };
-    created(place(app, order).await)
+    created(place(app, order, None).await)
 }
 
 /// `POST /v1/seckill/{sku}` with `{"user": "...", "qty": 1}` and an optional `Idempotency-Key`.
@@ -142,17 +147,16 @@ pub async fn seckill(
     // replay: a keyed request they would refuse is looked up first, so a buyer whose answer was lost and who
     // retries after the sale sold out is shown the order they hold, not "sold out".
     let (user, qty) = (body.user, body.qty);
+    // Held from before the gates, which may let it through, until its store call has ended: a retry that a
+    // gate refuses meanwhile is answered `in_progress`, not `sold_out`. Let go at once when a gate refuses
+    // this attempt itself, so its own look-up does not find it.
+    let placing = Placing::hold(&app.placing, &user, order.idem_key.as_deref());
     let refusal = if app.gate.is_sold_out(sku) {
         metrics::counter!(crate::metrics::SOLD_OUT_GATE_TOTAL).increment(1);
         Some(Reject::SoldOut { sku: sku.to_string() })
     } else {
         None
     };
-    // Held from before the Redis gate, which may admit it, until the store has answered: a retry that a gate
-    // refuses meanwhile is answered `in_progress`, not `sold_out`.
-    let placing = (refusal.is_none())
-        .then(|| Placing::hold(&app.placing, &user, order.idem_key.as_deref()))
-        .flatten();
     let redis = app.redis_gate.clone().filter(|_| refusal.is_none());
     let admission = match &redis {
         Some(g) => (g.admit(sku, &user, qty, cfg.per_user_limit, order.idem_key.as_deref())).await,
@@ -198,10 +202,7 @@ pub async fn seckill(
         let _held = held;
         let sku = sku.as_str();
         let asked = app.gate.generation();
-        let out = place(&app, order).await;
-        // Answered: a retry finds the order, or no attempt that may commit. (One the store gave up on while
-        // it ran may still commit; PostgreSQL's key lock tells a retry so, SQLite's writer does not.)
-        drop(placing);
+        let out = place(&app, order, placing).await;
         if let Ok(Err(Reject::SoldOut { .. })) = &out {
             app.gate.mark(sku, sold_out_gate, asked);
         }
@@ -246,54 +247,6 @@ async fn stored_answer(app: &Arc<App>, order: NewOrder) -> Option<Response<Body>
         Ok(Keyed::Writing) => Some(in_progress()),
         Ok(Keyed::Free) => None,
         Err(e) => Some(created(Err(e))),
-    }
-}
-
-/// The keyed flash-sale attempts this instance is placing, by (user, idempotency key), with how many of each
-/// (a buyer's two concurrent retries both go on, and the second replays the first). Touched twice per keyed
-/// attempt and once per refused one, under a lock held for a map operation: far below the store call that
-/// each of them makes.
-#[derive(Debug, Default)]
-pub struct Placing(std::sync::Mutex<std::collections::HashMap<(String, String), u32>>);
-
-/// One attempt's place in [`Placing`], given up when dropped.
-#[derive(Debug)]
-struct Hold {
-    placing: Arc<Placing>,
-    key: (String, String),
-}
-
-impl Placing {
-    /// Counts an attempt under `user`'s `key` as placing until the hold is dropped; none without a key.
-    fn hold(placing: &Arc<Placing>, user: &str, key: Option<&str>) -> Option<Hold> {
-        let key = (user.to_string(), key?.to_string());
-        *placing.lock().entry(key.clone()).or_default() += 1;
-        Some(Hold {
-            placing: placing.clone(),
-            key,
-        })
-    }
-
-    fn holds(&self, user: &str, key: &str) -> bool {
-        // Borrowed keys cannot look up a tuple of `String`s; a refused keyed attempt costs this copy.
-        self.lock().contains_key(&(user.to_string(), key.to_string()))
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<(String, String), u32>> {
-        // The map stays whole across a panic elsewhere: each operation on it is one call.
-        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-}
-
-impl Drop for Hold {
-    fn drop(&mut self) {
-        let mut map = self.placing.lock();
-        if let Some(n) = map.get_mut(&self.key) {
-            *n -= 1;
-            if *n == 0 {
-                map.remove(&self.key);
-            }
-        }
     }
 }
 
@@ -478,25 +431,4 @@ pub async fn fulfil(app: &Arc<App>, cfg: &Config, id: &str, req: Request<Incomin
     }
     let id = id.to_string();
     respond(StatusCode::OK, app.exec.run(move |s| s.fulfil(&id)).await)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// A key is placing while any attempt under it holds it, for its user alone, and not without a key.
-    #[test]
-    fn a_key_is_placing_until_its_last_attempt_lets_go() {
-        let placing = Arc::new(Placing::default());
-        let first = Placing::hold(&placing, "u1", Some("k"));
-        let second = Placing::hold(&placing, "u1", Some("k"));
-        assert!(Placing::hold(&placing, "u1", None).is_none());
-        assert!(placing.holds("u1", "k"));
-        assert!(!placing.holds("u2", "k"), "another user's key of the same text");
-        drop(first);
-        assert!(placing.holds("u1", "k"), "the second attempt still places");
-        drop(second);
-        assert!(!placing.holds("u1", "k"));
-        assert!(placing.lock().is_empty(), "nothing is left behind");
-    }
 }

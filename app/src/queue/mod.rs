@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::domain::{NewOrder, Reject};
 use crate::exec::StoreExec;
+use crate::placing::Hold;
 use crate::store::{Created, StoreError};
 
 /// Most orders in one group commit.
@@ -26,6 +27,8 @@ pub type OrderOutcome = Result<Result<Created, Reject>, StoreError>;
 struct Job {
     order: NewOrder,
     reply: oneshot::Sender<OrderOutcome>,
+    /// A keyed flash-sale attempt's place in `Placing`, let go when the group's store call ends.
+    hold: Option<Hold>,
 }
 
 /// The handle requests submit to.
@@ -55,8 +58,8 @@ impl Batcher {
         self.queued.load(Ordering::Relaxed)
     }
 
-    /// Queues an order and waits for its commit.
-    pub async fn submit(&self, order: NewOrder) -> OrderOutcome {
+    /// Queues an order and waits for its commit; `hold` is let go when its group's store call ends.
+    pub async fn submit(&self, order: NewOrder, hold: Option<Hold>) -> OrderOutcome {
         let (reply, rx) = oneshot::channel();
         // Counted once it has its place, in the same poll as the send: counted before, a caller dropped while
         // it waited for a place (its client gone) was never taken off, and the instance reported that order
@@ -65,7 +68,7 @@ impl Batcher {
             return Err(StoreError::Busy("order queue closed (shutting down)".into()));
         };
         self.queued.fetch_add(1, Ordering::Relaxed);
-        place.send(Job { order, reply });
+        place.send(Job { order, reply, hold });
         rx.await
             .unwrap_or_else(|_| Err(StoreError::Internal("order committer stopped".into())))
     }
@@ -95,7 +98,14 @@ async fn commit_loop(
         queued.fetch_sub(jobs.len() as u32, Ordering::Relaxed);
         metrics::histogram!(crate::metrics::BATCH_SIZE).record(jobs.len() as f64);
         let orders: Vec<NewOrder> = jobs.iter().map(|j| j.order.clone()).collect();
-        let result = exec.run(move |s| s.create_orders(&orders, false)).await;
+        // Into the call, which may run on after it is given up on (and commit): held as long as it runs.
+        let holds: Vec<Hold> = jobs.iter_mut().filter_map(|j| j.hold.take()).collect();
+        let result = exec
+            .run(move |s| {
+                let _holds = holds;
+                s.create_orders(&orders, false)
+            })
+            .await;
         match result {
             Ok(outcomes) => {
                 for (job, outcome) in jobs.into_iter().zip(outcomes) {
@@ -154,14 +164,14 @@ mod tests {
         let batcher = Arc::new(Batcher::spawn(exec.clone(), 1, CancellationToken::new()));
         let submit = |user: &'static str| {
             let b = batcher.clone();
-            tokio::spawn(async move { b.submit(order(user)).await })
+            tokio::spawn(async move { b.submit(order(user), None).await })
         };
         let first = submit("a");
         until(|| exec.waiting() == 1).await;
         let second = submit("b");
         until(|| batcher.tx.capacity() == 0).await;
         // A third, polled once while the queue is full, then dropped.
-        let mut third = Box::pin(batcher.submit(order("c")));
+        let mut third = Box::pin(batcher.submit(order("c"), None));
         let mut cx = Context::from_waker(std::task::Waker::noop());
         assert!(matches!(third.as_mut().poll(&mut cx), Poll::Pending));
         drop(third);
@@ -171,5 +181,25 @@ mod tests {
             let _ = done.await.unwrap();
         }
         assert_eq!(batcher.queued(), 0);
+    }
+
+    /// A keyed attempt's place in `Placing` lasts as long as its group's store call, not its caller's wait:
+    /// one given up on while it ran (`Unsettled`) may still commit, and a retry a gate refuses meanwhile
+    /// must find it held, not be told `sold_out`.
+    #[tokio::test]
+    async fn an_attempt_given_up_on_while_it_runs_stays_placing_until_its_call_ends() {
+        let dir = tempfile::tempdir().unwrap();
+        let exec = crate::exec::tests::one_lane(dir.path()).bounded(Duration::from_millis(300));
+        // Another process holds SQLite's write lock: the group's transaction waits for it (busy timeout).
+        let other = rusqlite::Connection::open(dir.path().join("x.db")).unwrap();
+        other.execute_batch("BEGIN IMMEDIATE").unwrap();
+        let batcher = Batcher::spawn(exec, 8, CancellationToken::new());
+        let placing = Arc::new(crate::placing::Placing::default());
+        let hold = crate::placing::Placing::hold(&placing, "a", Some("a-key"));
+        let out = batcher.submit(order("a"), hold).await;
+        assert!(matches!(out, Err(StoreError::Unsettled(_))), "{out:?}");
+        assert!(placing.holds("a", "a-key"), "let go while its call runs on");
+        other.execute_batch("ROLLBACK").unwrap();
+        until(|| !placing.holds("a", "a-key")).await;
     }
 }

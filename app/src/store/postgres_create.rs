@@ -47,7 +47,9 @@ pub fn key_held(t: &mut Tx<'_>, o: &NewOrder) -> Result<Keyed, StoreError> {
     };
     let had: bool = t
         .one(
-            "SELECT pg_try_advisory_xact_lock(hashtextextended($1, 0))",
+            // Shared: it waits for no one and fails only while a writer holds the key, so two retries of
+            // one key asking at once do not take each other for a writer.
+            "SELECT pg_try_advisory_xact_lock_shared(hashtextextended($1, 0))",
             &[&key_lock(&o.user, key)],
         )?
         .get(0);

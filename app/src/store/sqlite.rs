@@ -225,8 +225,8 @@ impl Store for SqliteStore {
     fn get_order(&self, id: &str) -> Result<Option<OrderView>, StoreError> {
         self.with_conn(|c| super::sqlite_orders::load_order(&*c.transaction()?, id))
     }
-    // One process writes through one connection: an attempt of this process in flight is the API's to know
-    // (`api::orders::Placing`), so `Writing` is never answered here.
+    // An attempt of this process in flight is the API's to know (`placing::Placing`), so `Writing` is never
+    // answered here. One of another process on the same file (waiting for SQLite's write lock) is not seen.
     fn keyed_answer(&self, o: &NewOrder) -> Result<super::Keyed, StoreError> {
         let stored = self.with_conn(|c| super::sqlite_orders::keyed_answer(&*c.transaction()?, o))?;
         Ok(stored.map_or(super::Keyed::Free, super::Keyed::Stored))
