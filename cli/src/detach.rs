@@ -3,12 +3,13 @@
 //! this process's config load or logger; in a session of its own, so the terminal's Ctrl-C and hang-up do
 //! not reach it; with stdin from /dev/null and stdout and stderr appended to `<run_dir>/monitor.log`, which
 //! `GET /v1/log` (`ctl maintail`) reads. The parent returns once the monitor answers `/readyz`, or with the
-//! child's own exit and this start's log lines if it ends first.
+//! child's own exit and this start's log lines if it ends first, or, on Ctrl-C or SIGTERM meanwhile, once
+//! the monitor it passed the signal on to has ended.
 
 use std::net::SocketAddr;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::args::UpArgs;
@@ -30,17 +31,58 @@ extern "C" fn interrupted(sig: nix::libc::c_int) {
     INTERRUPTED.store(sig, std::sync::atomic::Ordering::Relaxed);
 }
 
-/// When a signal came, stops the monitor started as `pid` and returns the exit code (128 + the signal).
-fn stop_if_interrupted(pid: u32) -> Option<i32> {
-    let sig = INTERRUPTED.load(std::sync::atomic::Ordering::Relaxed);
+/// Beyond its `[shutdown]` times, what a monitor's end may take: its programs' SIGKILL 3 s after a fast stop,
+/// their exits, the API's answers (2 s) and its log's last lines (2 s).
+const END_MARGIN: Duration = Duration::from_secs(10);
+/// How often the parent looks whether the monitor it stopped has ended.
+const END_POLL: Duration = Duration::from_millis(20);
+
+/// When a signal came, stops the monitor started as `child` with that signal (Ctrl-C stops it fast, as it
+/// stops a foreground `up`; SIGTERM drains it) and waits for it to end, at most `within`; returns the exit
+/// code (128 + the signal). Returned at once, an `up` run again at once found the run directory still held
+/// by the monitor that was stopping.
+fn stop_if_interrupted(child: &mut Child, within: Duration, log: &Path) -> Option<i32> {
+    let sig = INTERRUPTED.swap(0, std::sync::atomic::Ordering::Relaxed);
     if sig == 0 {
         return None;
     }
+    let pid = child.id();
     eprintln!("xcluster up: interrupted; stopping the monitor (pid {pid}) and what it started");
-    if let Ok(pid) = i32::try_from(pid) {
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGTERM);
+    pass_on(pid, sig);
+    let deadline = Instant::now() + within;
+    loop {
+        match child.try_wait() {
+            Ok(Some(_)) => return Some(128 + sig),
+            Ok(None) => {}
+            Err(e) => {
+                eprintln!("xcluster up: cannot tell whether the monitor (pid {pid}) has ended: {e}");
+                return Some(128 + sig);
+            }
+        }
+        if Instant::now() >= deadline {
+            eprintln!(
+                "xcluster up: the monitor (pid {pid}) has not ended within {}s; it may still be stopping its \
+                 programs: see {}",
+                within.as_secs(),
+                log.display()
+            );
+            return Some(128 + sig);
+        }
+        // A second Ctrl-C goes on to the monitor too, which takes it as forcing its exit, as in the
+        // foreground.
+        let again = INTERRUPTED.swap(0, std::sync::atomic::Ordering::Relaxed);
+        if again != 0 {
+            pass_on(pid, again);
+        }
+        std::thread::sleep(END_POLL);
     }
-    Some(128 + sig)
+}
+
+/// Sends signal number `sig` to the monitor `pid`.
+fn pass_on(pid: u32, sig: i32) {
+    if let (Ok(pid), Ok(sig)) = (i32::try_from(pid), nix::sys::signal::Signal::try_from(sig)) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig);
+    }
 }
 
 /// Ctrl-C (or a SIGTERM) while the parent waits stops the monitor it started: the monitor is in a session
@@ -61,8 +103,15 @@ fn stop_on_interrupt() {
 
 /// Starts the monitor of `args` (already checked: its config loads, its port and run directory are free) in
 /// the background, with its log at `run_dir/monitor.log`, and waits until `listen` answers ready. Returns the
-/// exit code of `xcluster up`. `tokened`: the monitor has a token, so `ctl shutdown` can stop it.
-pub fn detach(args: &UpArgs, listen: SocketAddr, run_dir: &Path, tokened: bool) -> i32 {
+/// exit code of `xcluster up`. `tokened`: the monitor has a token, so `ctl shutdown` can stop it. `shutdown`:
+/// its `[shutdown]` times, which bound the wait for it to end once a signal here stopped it.
+pub fn detach(
+    args: &UpArgs,
+    listen: SocketAddr,
+    run_dir: &Path,
+    tokened: bool,
+    shutdown: xcluster_runtime::common::ShutdownTimes,
+) -> i32 {
     let log_path = run_dir.join("monitor.log");
     let log = std::fs::create_dir_all(run_dir).and_then(|()| {
         std::fs::OpenOptions::new()
@@ -111,9 +160,10 @@ pub fn detach(args: &UpArgs, listen: SocketAddr, run_dir: &Path, tokened: bool) 
         }
     };
     let deadline = Instant::now() + READY_WITHIN;
+    let ends_within = shutdown.deregister + shutdown.grace + END_MARGIN;
     stop_on_interrupt();
     loop {
-        if let Some(code) = stop_if_interrupted(child.id()) {
+        if let Some(code) = stop_if_interrupted(&mut child, ends_within, &log_path) {
             return code;
         }
         match child.try_wait() {
@@ -132,7 +182,7 @@ pub fn detach(args: &UpArgs, listen: SocketAddr, run_dir: &Path, tokened: bool) 
         }
         if crate::ctl::monitor_ready(listen, ASK_TIMEOUT) {
             // A signal during the check (up to a second) still stops it.
-            if let Some(code) = stop_if_interrupted(child.id()) {
+            if let Some(code) = stop_if_interrupted(&mut child, ends_within, &log_path) {
                 return code;
             }
             // `ctl` goes to 127.0.0.1:7300 unless told: on another address, the commands shown say where.

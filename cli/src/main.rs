@@ -61,6 +61,7 @@ fn up(a: args::UpArgs) -> i32 {
                     l.config.listen,
                     &l.config.run_dir,
                     !l.config.token.is_empty(),
+                    l.config.shutdown,
                 );
             }
             (Some(l), None) if !detached => println!(

@@ -334,7 +334,7 @@ const STRAY_SCAN_LIMIT: Duration = Duration::from_secs(5);
 
 /// Whether a process of group `pgid` still runs. A zombie does not count: the group's orphans are reaped
 /// by init, not by us, and an init that reaps them late (a container's) would hold a stop for nothing.
-fn group_lives(pgid: i32) -> bool {
+pub(crate) fn group_lives(pgid: i32) -> bool {
     kill(Pid::from_raw(-pgid), None).is_ok()
         && crate::statefile::pids().any(|pid| crate::statefile::live_group(pid) == Some(pgid))
 }

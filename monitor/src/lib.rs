@@ -52,8 +52,10 @@ pub async fn run(ctx: Context<Config>) -> Result<(), Error> {
     let run_dir = statefile::RunDir::acquire(&cfg.run_dir)?;
     // A previous monitor killed with -9 may have left programs running. Those still configured with the
     // same launch settings are adopted (no downtime); the rest are stopped before anything starts, so no two
-    // copies of a program fight for a port.
-    let wait = cfg
+    // copies of a program fight for a port. Each is stopped as it was started to be; one whose entry does
+    // not say (a file written before entries did) as its program is configured now, else by SIGTERM and the
+    // longest stopwaitsecs configured.
+    let longest = cfg
         .processes
         .iter()
         .map(|p| p.policy.stopwait)
@@ -67,7 +69,17 @@ pub async fn run(ctx: Context<Config>) -> Result<(), Error> {
                 .iter()
                 .any(|s| s.name == e.name && s.launch_fingerprint() == e.launch)
         });
-        let stopped = run_dir.stop_leftovers(stop, wait);
+        let fallback = |name: &str| match specs.processes.iter().find(|s| s.name == name) {
+            Some(s) => statefile::StopBy {
+                signal: s.stopsignal,
+                wait: s.policy.stopwait,
+            },
+            None => statefile::StopBy {
+                signal: nix::sys::signal::Signal::SIGTERM,
+                wait: longest,
+            },
+        };
+        let stopped = run_dir.stop_leftovers(stop, fallback);
         (run_dir, adopt, stopped)
     })
     .await

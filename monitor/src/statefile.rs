@@ -34,6 +34,55 @@ pub struct Entry {
     /// monitor that adopts it counts on from; 0 in files written before it did.
     #[serde(default)]
     pub restarts: u64,
+    /// Its program's `stopsignal` when it started (by name, `SIGINT`), which the monitor that stops it as a
+    /// leftover sends; `None` in files written before it was kept, or naming no signal of this system.
+    #[serde(default, with = "signal_name")]
+    pub stopsignal: Option<Signal>,
+    /// Its program's `stopwaitsecs` when it started, in milliseconds: how long a monitor that stops it as a
+    /// leftover waits before SIGKILL; `None` in files written before it was kept.
+    #[serde(default)]
+    pub stopwait_ms: Option<u64>,
+}
+
+/// How a process is stopped: `signal` to its group, then SIGKILL once `wait` has passed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StopBy {
+    pub signal: Signal,
+    pub wait: Duration,
+}
+
+/// The most `stopwaitsecs` allows: a state file is read from disk, and a larger value there would overflow
+/// the deadline.
+const MAX_STOPWAIT: Duration = Duration::from_secs(3600);
+
+impl Entry {
+    /// How it is stopped as a leftover: as it was started to be stopped, and for what the file does not say
+    /// (written before it kept this), as `fallback`.
+    pub fn stop_by(&self, fallback: StopBy) -> StopBy {
+        StopBy {
+            signal: self.stopsignal.unwrap_or(fallback.signal),
+            wait: (self.stopwait_ms)
+                .map_or(fallback.wait, Duration::from_millis)
+                .min(MAX_STOPWAIT),
+        }
+    }
+}
+
+/// `Entry::stopsignal` as the signal's name, as the config names it and a reader of the file knows it. A
+/// name this system does not know reads as none (the fallback), not as an unreadable file, which would
+/// leave every leftover running beside its new copy.
+mod signal_name {
+    use nix::sys::signal::Signal;
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn serialize<S: Serializer>(sig: &Option<Signal>, s: S) -> Result<S::Ok, S::Error> {
+        sig.map(Signal::as_str).serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Signal>, D::Error> {
+        let name = Option::<String>::deserialize(d)?;
+        Ok(name.and_then(|n| n.parse().ok()))
+    }
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -172,37 +221,108 @@ impl RunDir {
         alive
     }
 
-    /// Stops `alive` (leftovers that are not adopted): the stop signal to each group, SIGKILL after `wait`.
-    /// Returns their names.
-    pub fn stop_leftovers(&self, alive: Vec<Entry>, wait: Duration) -> Vec<String> {
+    /// Stops `alive` (leftovers that are not adopted), each as it was started to be stopped
+    /// ([`Entry::stop_by`], with `fallback(name)` for what its entry does not say): its stop signal to its
+    /// group and its strays, then SIGKILL once its own wait has passed. A Supervisord user configures how
+    /// each program stops (nginx's graceful SIGQUIT, a long drain): one SIGTERM and the longest wait of all
+    /// ended those by a signal they do not stop cleanly on, and held quick ones to the slowest's wait. They
+    /// stop together, so the whole takes the longest wait at most. Returns their names.
+    pub fn stop_leftovers(&self, alive: Vec<Entry>, fallback: impl Fn(&str) -> StopBy) -> Vec<String> {
         // What a leftover started outside its group (a `setsid` daemon, carrying its leader's mark) goes
         // with it, as a program's own stop takes its strays (`end_group`): signalled by group alone, it ran
-        // on unsupervised beside the new copy, holding its port.
-        let strays: Vec<crate::strays::Stray> = (alive.iter())
-            .filter_map(|e| Some(crate::strays::find(&crate::strays::mark_of(e.pid as u32)?, e.pid)))
-            .flatten()
+        // on unsupervised beside the new copy, holding its port. Found before any signal, while the leader
+        // that carries the mark lives.
+        let mut stopping: Vec<Leftover> = (alive.into_iter())
+            .map(|e| {
+                let by = e.stop_by(fallback(&e.name));
+                let strays = crate::strays::mark_of(e.pid as u32)
+                    .map(|mark| crate::strays::find(&mark, e.pid))
+                    .unwrap_or_default();
+                Leftover {
+                    entry: e,
+                    by,
+                    strays,
+                    ended: false,
+                    killed: false,
+                }
+            })
             .collect();
-        for e in &alive {
-            info!(program = %e.name, pid = e.pid, "stopping a process left by the previous monitor");
-            let _ = kill(Pid::from_raw(-e.pid), Signal::SIGTERM);
+        let began = Instant::now();
+        for l in &stopping {
+            let (e, sig) = (&l.entry, l.by.signal);
+            info!(
+                program = %e.name,
+                pid = e.pid,
+                signal = sig.as_str(),
+                wait = ?l.by.wait,
+                "stopping a process left by the previous monitor"
+            );
+            let _ = kill(Pid::from_raw(-e.pid), sig);
+            // As a program's own stop (`Action::SignalStop`, `end_group`): a stopped process acts on its
+            // signal only once continued, and strays get SIGTERM where the signal would only pause them.
+            let to_strays = if crate::child::stops_the_process(sig) {
+                Signal::SIGTERM
+            } else {
+                let _ = kill(Pid::from_raw(-e.pid), Signal::SIGCONT);
+                sig
+            };
+            l.strays.iter().for_each(|s| s.signal(to_strays));
         }
-        strays.iter().for_each(|s| s.signal(Signal::SIGTERM));
-        let lives = || alive.iter().any(is_same_process) || strays.iter().any(crate::strays::Stray::lives);
-        // They are not our children, so there is nothing to wait on: poll /proc, bounded by `wait`.
-        let deadline = Instant::now() + wait;
-        while lives() && Instant::now() < deadline {
+        // They are not our children, so there is nothing to wait on: poll /proc until each is gone or past
+        // its own wait, which bounds the loop.
+        loop {
+            let now = Instant::now();
+            let mut waiting = false;
+            for l in stopping.iter_mut().filter(|l| !l.ended) {
+                if !l.lives() {
+                    l.ended = true;
+                } else if now >= began + l.by.wait {
+                    warn!(
+                        program = %l.entry.name,
+                        pid = l.entry.pid,
+                        "a leftover did not stop within its stopwaitsecs; killing its group"
+                    );
+                    // The group, not just the leader: it reaches what is left of it once the leader exited.
+                    let _ = kill(Pid::from_raw(-l.entry.pid), Signal::SIGKILL);
+                    l.strays.iter().for_each(|s| s.signal(Signal::SIGKILL));
+                    (l.ended, l.killed) = (true, true);
+                } else {
+                    waiting = true;
+                }
+            }
+            if !waiting {
+                break;
+            }
             std::thread::sleep(Duration::from_millis(20));
         }
-        for e in &alive {
-            // Also reaches grandchildren left in the group after the leader exited.
-            let _ = kill(Pid::from_raw(-e.pid), Signal::SIGKILL);
-        }
-        strays.iter().for_each(|s| s.signal(Signal::SIGKILL));
+        // A SIGKILL takes effect at once, but a big address space takes time to free and a process in
+        // uninterruptible sleep dies when its I/O ends: the new copy must not meet the old one on its port.
         let deadline = Instant::now() + Duration::from_secs(2);
-        while lives() && Instant::now() < deadline {
+        while stopping.iter().any(|l| l.killed && l.lives()) && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));
         }
-        alive.into_iter().map(|e| e.name).collect()
+        stopping.into_iter().map(|l| l.entry.name).collect()
+    }
+}
+
+/// A leftover being stopped.
+#[derive(Debug)]
+struct Leftover {
+    entry: Entry,
+    by: StopBy,
+    strays: Vec<crate::strays::Stray>,
+    /// Gone, or SIGKILLed once past its wait.
+    ended: bool,
+    killed: bool,
+}
+
+impl Leftover {
+    /// Whether any of it still runs: its leader, what is left of its group (a wrapper's server still
+    /// shutting down once the wrapper exited), or its strays.
+    fn lives(&self) -> bool {
+        is_same_process(&self.entry)
+            || crate::child::group_lives(self.entry.pid)
+            || self.strays.iter().any(crate::strays::Stray::lives)
     }
 }
 
@@ -307,8 +427,6 @@ mod tests {
         );
     }
 
-    /// The default run_dir is in the shared $TMPDIR: one another user made first (or opened to all) would let
-    /// them plant the state file whose pids the monitor kills at start.
     /// A state file from another boot names no live process, whatever its pids and start times match now.
     #[test]
     fn a_state_file_of_an_earlier_boot_has_no_leftovers() {
@@ -322,6 +440,8 @@ mod tests {
             launch: 0,
             pipes: Default::default(),
             restarts: 0,
+            stopsignal: None,
+            stopwait_ms: None,
         };
         run.save(vec![entry]);
         assert_eq!(
@@ -339,6 +459,8 @@ mod tests {
         );
     }
 
+    /// The default run_dir is in the shared $TMPDIR: one another user made first (or opened to all) would let
+    /// them plant the state file whose pids the monitor kills at start.
     #[test]
     fn run_dir_of_another_user_or_writable_by_others_is_refused() {
         use std::os::unix::fs::PermissionsExt;
@@ -367,6 +489,141 @@ mod tests {
             nix::unistd::chown(&theirs, Some(nix::unistd::Uid::from_raw(65534)), None).unwrap();
             let err = RunDir::acquire(&theirs).unwrap_err();
             assert!(err.to_string().contains("owned by uid 65534"), "{err}");
+        }
+    }
+
+    /// A file written before entries kept their stop reads, and stops by the fallback; one that names a
+    /// signal this system does not know still reads (its leftovers must still be stopped), and a wait no
+    /// config allows is cut to what one does.
+    #[test]
+    fn an_entry_stops_as_it_says_and_by_the_fallback_where_it_does_not() {
+        let fallback = StopBy {
+            signal: Signal::SIGTERM,
+            wait: Duration::from_secs(7),
+        };
+        let old = r#"{"name": "web", "pid": 12, "start_time": 34}"#;
+        let e: Entry = serde_json::from_str(old).unwrap();
+        assert_eq!((e.stopsignal, e.stopwait_ms), (None, None));
+        assert_eq!(e.stop_by(fallback), fallback);
+
+        let own = Entry {
+            stopsignal: Some(Signal::SIGINT),
+            stopwait_ms: Some(1500),
+            ..e
+        };
+        let text = serde_json::to_string(&own).unwrap();
+        assert!(text.contains(r#""stopsignal":"SIGINT""#), "{text}");
+        let read: Entry = serde_json::from_str(&text).unwrap();
+        assert_eq!(read, own);
+        let by = StopBy {
+            signal: Signal::SIGINT,
+            wait: Duration::from_millis(1500),
+        };
+        assert_eq!(read.stop_by(fallback), by);
+
+        let odd = text
+            .replace("SIGINT", "SIGNOPE")
+            .replace("1500", &u64::MAX.to_string());
+        let read: Entry = serde_json::from_str(&odd).unwrap();
+        assert_eq!(read.stopsignal, None);
+        assert_eq!(
+            read.stop_by(fallback),
+            StopBy {
+                signal: Signal::SIGTERM,
+                wait: MAX_STOPWAIT
+            }
+        );
+    }
+
+    /// Leftovers that stop together each get their own signal and their own wait: one that ignores its
+    /// signal is SIGKILLed once its wait has passed, not the longest one's, and one that ends on its own
+    /// signal is not held to its wait. They all got SIGTERM and the longest wait.
+    #[test]
+    fn each_leftover_gets_its_own_signal_and_wait() {
+        use std::os::unix::process::CommandExt;
+        let dir = tempfile::tempdir().unwrap();
+        let run = RunDir::acquire(&dir.path().join("run")).unwrap();
+        // (name, its stop signal, its wait): each ignores SIGTERM.
+        let cases = [
+            ("quick", Signal::SIGTERM, Duration::from_millis(200)),
+            ("slow", Signal::SIGTERM, Duration::from_millis(2500)),
+            ("on-int", Signal::SIGINT, Duration::from_secs(30)),
+        ];
+        let mut groups = Groups(Vec::new());
+        let (tx, rx) = std::sync::mpsc::channel();
+        let mut entries = Vec::new();
+        for (name, signal, wait) in cases {
+            let ready = dir.path().join(name);
+            let script = format!(
+                "trap '' TERM; touch {}; while :; do sleep 0.05; done",
+                ready.display()
+            );
+            let mut child = std::process::Command::new("sh")
+                .args(["-c", &script])
+                .process_group(0)
+                .spawn()
+                .unwrap();
+            let pid = child.id() as i32;
+            groups.0.push(pid);
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !ready.exists() {
+                assert!(Instant::now() < deadline, "{name} did not start");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            entries.push(Entry {
+                name: name.into(),
+                pid,
+                start_time: start_time(pid).unwrap(),
+                launch: 0,
+                pipes: Default::default(),
+                restarts: 0,
+                stopsignal: Some(signal),
+                stopwait_ms: Some(wait.as_millis() as u64),
+            });
+            let tx = tx.clone();
+            // Reaped here (it is this test's child), timed as it ends.
+            std::thread::spawn(move || {
+                let _ = child.wait();
+                let _ = tx.send((name, Instant::now()));
+            });
+        }
+        let began = Instant::now();
+        // What they all got before: SIGTERM and the longest wait.
+        let fallback = |_: &str| StopBy {
+            signal: Signal::SIGTERM,
+            wait: Duration::from_secs(30),
+        };
+        let stopped = run.stop_leftovers(entries, fallback);
+        let took = began.elapsed();
+        assert_eq!(stopped, ["quick", "slow", "on-int"]);
+        let mut ended = std::collections::BTreeMap::new();
+        while ended.len() < cases.len() {
+            let (name, at) = rx
+                .recv_timeout(Duration::from_secs(10))
+                .expect("a leftover left running");
+            ended.insert(name, at.duration_since(began));
+        }
+        assert!(
+            ended["quick"] >= Duration::from_millis(200) && ended["quick"] < Duration::from_millis(2000),
+            "{ended:?}"
+        );
+        assert!(ended["slow"] >= Duration::from_millis(2500), "{ended:?}");
+        assert!(ended["on-int"] < Duration::from_millis(2000), "{ended:?}");
+        assert!(took < Duration::from_secs(10), "held to the 30 s wait: {took:?}");
+    }
+
+    /// SIGKILLs the process groups a test started, should it fail (once it passed they are gone, and their
+    /// ids may be another's).
+    struct Groups(Vec<i32>);
+
+    impl Drop for Groups {
+        fn drop(&mut self) {
+            if !std::thread::panicking() {
+                return;
+            }
+            for pid in &self.0 {
+                let _ = kill(Pid::from_raw(-pid), Signal::SIGKILL);
+            }
         }
     }
 }

@@ -308,3 +308,47 @@ startsecs = 0
     });
     drop(first);
 }
+
+/// A leftover that is not adopted is stopped as its program is configured to stop, as the monitor that
+/// started it would have: here `stopsignal = "INT"` (a server's graceful stop). Every leftover got SIGTERM.
+#[test]
+fn a_replaced_leftover_is_stopped_with_its_own_stop_signal() {
+    let dir = std::sync::Arc::new(tempfile::tempdir().unwrap());
+    let files = tempfile::tempdir().unwrap();
+    let (said, ready) = (files.path().join("stopped-by"), files.path().join("ready"));
+    let script = write_file(
+        files.path(),
+        "graceful.sh",
+        &format!(
+            "trap 'echo int > {said}; exit 0' INT\ntrap 'echo term > {said}; exit 0' TERM\ntouch {ready}\n\
+             while :; do sleep $1; done\n",
+            said = said.display(),
+            ready = ready.display()
+        ),
+    );
+    // The loop's nap differs between the two configs, so the second monitor does not adopt the first's.
+    let program = |nap: &str| {
+        format!(
+            "[programs.graceful]\ncommand = \"/bin/sh {} {nap}\"\nstopsignal = \"INT\"\nstartsecs = 0\n",
+            script.display()
+        )
+    };
+    let addr = free_addr();
+    let mut first = Mon::start_in(dir.clone(), addr, &program("0.1"));
+    first.wait_state("graceful", "RUNNING", T);
+    let old = first.pid("graceful").unwrap();
+    eventually(T, "its traps set", || ready.exists().then_some(()));
+    first.proc.signal(nix::sys::signal::Signal::SIGKILL);
+    first.proc.wait_exit(T).unwrap();
+    assert!(alive(old), "the program outlives the monitor's kill -9");
+
+    let second = Mon::start_in(dir, addr, &program("0.2"));
+    eventually(T, "the leftover stopped", || (!alive(old)).then_some(()));
+    let by = std::fs::read_to_string(&said).unwrap_or_default();
+    assert_eq!(by.trim(), "int", "stopped by its own stop signal");
+    let fresh = second.wait_state("graceful", "RUNNING", T)["pid"]
+        .as_i64()
+        .unwrap() as i32;
+    assert_ne!(fresh, old);
+    drop(first);
+}

@@ -316,6 +316,75 @@ fn up_detach_runs_the_monitor_in_the_background_until_shutdown() {
     eventually(T, "the detached monitor to exit", || (!alive(pid)).then_some(()));
 }
 
+/// Ctrl-C while `up -d` waits for its monitor returns once that monitor has ended, so an `up` run again at
+/// once finds the run directory free. It returned as soon as it had signalled the monitor, which was still
+/// stopping: here, a leftover of a killed monitor that ignores its stop signal (`stopwaitsecs = 3`), which
+/// keeps the new monitor from being ready, then its own copy, which ignores it too.
+#[test]
+fn ctrl_c_while_up_detach_waits_returns_once_its_monitor_has_ended() {
+    let dir = std::sync::Arc::new(tempfile::tempdir().unwrap());
+    let files = tempfile::tempdir().unwrap();
+    let ready = files.path().join("ready");
+    let script = write_file(
+        files.path(),
+        "deaf.sh",
+        &format!(
+            "trap '' INT TERM\ntouch {}\nwhile :; do sleep $1; done\n",
+            ready.display()
+        ),
+    );
+    // The loop's nap differs between the two configs, so the second monitor does not adopt the first's.
+    let program = |nap: &str| {
+        format!(
+            "[programs.deaf]\ncommand = \"/bin/sh {} {nap}\"\nstopsignal = \"INT\"\nstopwaitsecs = 3\n\
+             startsecs = 0\n",
+            script.display()
+        )
+    };
+    let addr = free_addr();
+    let mut first = Mon::start_in(dir.clone(), addr, &program("0.1"));
+    first.wait_state("deaf", "RUNNING", T);
+    let leftover = first.pid("deaf").unwrap();
+    eventually(T, "its traps set", || ready.exists().then_some(()));
+    first.proc.signal(nix::sys::signal::Signal::SIGKILL);
+    first.proc.wait_exit(T).unwrap();
+
+    let config = write_file(
+        dir.path(),
+        "up.toml",
+        &config_text(addr, dir.path(), &program("0.2")),
+    );
+    let mut up = Proc::xcluster("up", &["up", "--config", config.to_str().unwrap(), "--detach"]);
+    let log = dir.path().join("run/monitor.log");
+    eventually(T, "the new monitor to stop the leftover", || {
+        let text = std::fs::read_to_string(&log).ok()?;
+        text.contains("stopping a process left by the previous monitor")
+            .then_some(())
+    });
+    let monitor = eventually(T, "the detached monitor's pid", || {
+        tagged_pids(&format!("XCLUSTER_TEST_TAG={}", up.tag()))
+            .into_iter()
+            .find(|pid| {
+                let args = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                args.split(|b| *b == 0).any(|a| a == b"--detached")
+            })
+    });
+    up.signal(nix::sys::signal::Signal::SIGINT);
+    assert_eq!(
+        up.wait_exit(Duration::from_secs(30)),
+        Some(130),
+        "{}",
+        up.stderr()
+    );
+    assert!(
+        !alive(monitor),
+        "`up -d` returned before the monitor it stopped ended: {}",
+        up.stderr()
+    );
+    assert!(!alive(leftover), "the leftover outlived its monitor");
+    drop(first);
+}
+
 /// A missing cluster file: the default one, from outside the repository's root, is explained (run it from
 /// there); one named with --config is just not there, with no advice about configs/ (64 both).
 #[test]

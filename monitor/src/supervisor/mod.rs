@@ -131,8 +131,9 @@ pub(crate) struct Inputs {
 
 /// Ends a process a previous monitor left that this one cannot watch: SIGKILL to its group, then a wait (at
 /// most 2 s, polling `/proc`) for its leader to be gone, so the copy started in its place does not find it
-/// still holding its port. Its stop signal and `stopwaitsecs` are not waited out: with no pidfd, nothing
-/// would say when it ended.
+/// still holding its port. Its stop signal and `stopwaitsecs` are not waited out, as `stop_leftovers` waits
+/// them out for the leftovers not adopted: no pidfd will say when it ends, and polling `/proc` for up to
+/// `stopwaitsecs` here, as the supervisor starts, would hold the async runtime's thread and the start.
 fn end_leftover(pid: u32) {
     let _ = child::signal_group(pid, nix::sys::signal::Signal::SIGKILL);
     // Dead once gone, or a zombie its reaper (not this monitor: it was the old one's child) has yet to reap.
@@ -747,6 +748,8 @@ impl Supervisor {
                 launch: p.spec.launch_fingerprint(),
                 pipes: p.pipes,
                 restarts: p.m.restart_count,
+                stopsignal: Some(p.spec.stopsignal),
+                stopwait_ms: Some(u64::try_from(p.spec.policy.stopwait.as_millis()).unwrap_or(u64::MAX)),
             })
             .collect();
         if entries != self.saved {
