@@ -62,6 +62,7 @@ pub async fn run(ctx: Context<Config>) -> Result<(), Error> {
         .max()
         .unwrap_or_default();
     let specs = cfg.clone();
+    let stop_now = ctx.shutdown.stop_token();
     let (rd, adopt, stopped) = tokio::task::spawn_blocking(move || {
         let (adopt, stop): (Vec<_>, Vec<_>) = run_dir.leftovers().into_iter().partition(|e| {
             specs
@@ -79,7 +80,7 @@ pub async fn run(ctx: Context<Config>) -> Result<(), Error> {
                 wait: longest,
             },
         };
-        let stopped = run_dir.stop_leftovers(stop, fallback);
+        let stopped = run_dir.stop_leftovers(stop, fallback, || stop_now.is_cancelled());
         (run_dir, adopt, stopped)
     })
     .await

@@ -39,8 +39,9 @@ pub struct Entry {
     #[serde(default, with = "signal_name")]
     pub stopsignal: Option<Signal>,
     /// Its program's `stopwaitsecs` when it started, in milliseconds: how long a monitor that stops it as a
-    /// leftover waits before SIGKILL; `None` in files written before it was kept.
-    #[serde(default)]
+    /// leftover waits before SIGKILL; `None` in files written before it was kept, or holding no count of
+    /// milliseconds (read as none, as a signal's unknown name is, not as an unreadable file).
+    #[serde(default, deserialize_with = "signal_name::any_count")]
     pub stopwait_ms: Option<u64>,
 }
 
@@ -69,8 +70,8 @@ impl Entry {
 }
 
 /// `Entry::stopsignal` as the signal's name, as the config names it and a reader of the file knows it. A
-/// name this system does not know reads as none (the fallback), not as an unreadable file, which would
-/// leave every leftover running beside its new copy.
+/// name this system does not know, or a value of another type, reads as none (the fallback), not as an
+/// unreadable file, which would leave every leftover running beside its new copy.
 mod signal_name {
     use nix::sys::signal::Signal;
     use serde::{Deserialize, Deserializer, Serialize, Serializer};
@@ -80,8 +81,13 @@ mod signal_name {
     }
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Signal>, D::Error> {
-        let name = Option::<String>::deserialize(d)?;
-        Ok(name.and_then(|n| n.parse().ok()))
+        let value = serde_json::Value::deserialize(d)?;
+        Ok(value.as_str().and_then(|n| n.parse().ok()))
+    }
+
+    /// A count (`Entry::stopwait_ms`), none for any other value, as a signal's unknown name is.
+    pub fn any_count<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+        Ok(serde_json::Value::deserialize(d)?.as_u64())
     }
 }
 
@@ -227,7 +233,16 @@ impl RunDir {
     /// each program stops (nginx's graceful SIGQUIT, a long drain): one SIGTERM and the longest wait of all
     /// ended those by a signal they do not stop cleanly on, and held quick ones to the slowest's wait. They
     /// stop together, so the whole takes the longest wait at most. Returns their names.
-    pub fn stop_leftovers(&self, alive: Vec<Entry>, fallback: impl Fn(&str) -> StopBy) -> Vec<String> {
+    ///
+    /// `hurried` says when the monitor's stop signal has come (a Ctrl-C as it starts): each wait then ends
+    /// [`HURRIED_WAIT`] on at most, so the monitor's own end, forced 5 s after that signal, does not leave a
+    /// leftover behind unkilled.
+    pub fn stop_leftovers(
+        &self,
+        alive: Vec<Entry>,
+        fallback: impl Fn(&str) -> StopBy,
+        hurried: impl Fn() -> bool,
+    ) -> Vec<String> {
         // What a leftover started outside its group (a `setsid` daemon, carrying its leader's mark) goes
         // with it, as a program's own stop takes its strays (`end_group`): signalled by group alone, it ran
         // on unsupervised beside the new copy, holding its port. Found before any signal, while the leader
@@ -270,13 +285,17 @@ impl RunDir {
         }
         // They are not our children, so there is nothing to wait on: poll /proc until each is gone or past
         // its own wait, which bounds the loop.
+        let mut hurry: Option<Instant> = None;
         loop {
             let now = Instant::now();
+            if hurry.is_none() && hurried() {
+                hurry = Some(now + HURRIED_WAIT);
+            }
             let mut waiting = false;
             for l in stopping.iter_mut().filter(|l| !l.ended) {
                 if !l.lives() {
                     l.ended = true;
-                } else if now >= began + l.by.wait {
+                } else if now >= (began + l.by.wait).min(hurry.unwrap_or(far_future(now))) {
                     warn!(
                         program = %l.entry.name,
                         pid = l.entry.pid,
@@ -303,6 +322,15 @@ impl RunDir {
         }
         stopping.into_iter().map(|l| l.entry.name).collect()
     }
+}
+
+/// How long a leftover is waited for once the monitor's stop signal has come ([`RunDir::stop_leftovers`]):
+/// with the 2 s its SIGKILL is given, within the 5 s after which the daemon forces the monitor's exit.
+const HURRIED_WAIT: Duration = Duration::from_secs(2);
+
+/// An instant no wait reaches: `now` plus a year.
+fn far_future(now: Instant) -> Instant {
+    now + Duration::from_secs(365 * 24 * 3600)
 }
 
 /// A leftover being stopped.
@@ -533,6 +561,10 @@ mod tests {
                 wait: MAX_STOPWAIT
             }
         );
+        // Values of another type (a hand edit, another build's) read as none too, not as an unreadable file.
+        let typed = text.replace(r#""SIGINT""#, "15").replace("1500", "-1");
+        let read: Entry = serde_json::from_str(&typed).unwrap();
+        assert_eq!((read.stopsignal, read.stopwait_ms), (None, None));
     }
 
     /// Leftovers that stop together each get their own signal and their own wait: one that ignores its
@@ -540,7 +572,6 @@ mod tests {
     /// signal is not held to its wait. They all got SIGTERM and the longest wait.
     #[test]
     fn each_leftover_gets_its_own_signal_and_wait() {
-        use std::os::unix::process::CommandExt;
         let dir = tempfile::tempdir().unwrap();
         let run = RunDir::acquire(&dir.path().join("run")).unwrap();
         // (name, its stop signal, its wait): each ignores SIGTERM.
@@ -553,33 +584,8 @@ mod tests {
         let (tx, rx) = std::sync::mpsc::channel();
         let mut entries = Vec::new();
         for (name, signal, wait) in cases {
-            let ready = dir.path().join(name);
-            let script = format!(
-                "trap '' TERM; touch {}; while :; do sleep 0.05; done",
-                ready.display()
-            );
-            let mut child = std::process::Command::new("sh")
-                .args(["-c", &script])
-                .process_group(0)
-                .spawn()
-                .unwrap();
-            let pid = child.id() as i32;
-            groups.0.push(pid);
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while !ready.exists() {
-                assert!(Instant::now() < deadline, "{name} did not start");
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            entries.push(Entry {
-                name: name.into(),
-                pid,
-                start_time: start_time(pid).unwrap(),
-                launch: 0,
-                pipes: Default::default(),
-                restarts: 0,
-                stopsignal: Some(signal),
-                stopwait_ms: Some(wait.as_millis() as u64),
-            });
+            let (entry, mut child) = deaf_to_term(dir.path(), name, signal, wait, &mut groups);
+            entries.push(entry);
             let tx = tx.clone();
             // Reaped here (it is this test's child), timed as it ends.
             std::thread::spawn(move || {
@@ -593,7 +599,7 @@ mod tests {
             signal: Signal::SIGTERM,
             wait: Duration::from_secs(30),
         };
-        let stopped = run.stop_leftovers(entries, fallback);
+        let stopped = run.stop_leftovers(entries, fallback, || false);
         let took = began.elapsed();
         assert_eq!(stopped, ["quick", "slow", "on-int"]);
         let mut ended = std::collections::BTreeMap::new();
@@ -610,6 +616,67 @@ mod tests {
         assert!(ended["slow"] >= Duration::from_millis(2500), "{ended:?}");
         assert!(ended["on-int"] < Duration::from_millis(2000), "{ended:?}");
         assert!(took < Duration::from_secs(10), "held to the 30 s wait: {took:?}");
+    }
+
+    /// Once the monitor's stop signal has come, a leftover's long wait is cut short: waited out, the daemon
+    /// forced the monitor's end 5 s on and left the leftover running, never SIGKILLed.
+    #[test]
+    fn a_hurried_stop_cuts_every_wait_short() {
+        let dir = tempfile::tempdir().unwrap();
+        let run = RunDir::acquire(&dir.path().join("run")).unwrap();
+        let mut groups = Groups(Vec::new());
+        let long = Duration::from_secs(30);
+        let (entry, mut child) = deaf_to_term(dir.path(), "deaf", Signal::SIGTERM, long, &mut groups);
+        let fallback = |_: &str| StopBy {
+            signal: Signal::SIGTERM,
+            wait: long,
+        };
+        let began = Instant::now();
+        assert_eq!(run.stop_leftovers(vec![entry], fallback, || true), ["deaf"]);
+        let took = began.elapsed();
+        let status = std::os::unix::process::ExitStatusExt::signal(&child.wait().unwrap());
+        assert_eq!(status, Some(Signal::SIGKILL as i32), "ended otherwise");
+        assert!(took < Duration::from_secs(10), "held to its 30 s wait: {took:?}");
+    }
+
+    /// A process in a group of its own that ignores SIGTERM, running once this returns, as a leftover
+    /// `name` whose entry stops it with `signal` and `wait`.
+    fn deaf_to_term(
+        dir: &Path,
+        name: &str,
+        signal: Signal,
+        wait: Duration,
+        groups: &mut Groups,
+    ) -> (Entry, std::process::Child) {
+        use std::os::unix::process::CommandExt;
+        let ready = dir.join(name);
+        let script = format!(
+            "trap '' TERM; touch {}; while :; do sleep 0.05; done",
+            ready.display()
+        );
+        let child = std::process::Command::new("sh")
+            .args(["-c", &script])
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        let pid = child.id() as i32;
+        groups.0.push(pid);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !ready.exists() {
+            assert!(Instant::now() < deadline, "{name} did not start");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let entry = Entry {
+            name: name.into(),
+            pid,
+            start_time: start_time(pid).unwrap(),
+            launch: 0,
+            pipes: Default::default(),
+            restarts: 0,
+            stopsignal: Some(signal),
+            stopwait_ms: Some(wait.as_millis() as u64),
+        };
+        (entry, child)
     }
 
     /// SIGKILLs the process groups a test started, should it fail (once it passed they are gone, and their

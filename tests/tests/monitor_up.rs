@@ -319,7 +319,8 @@ fn up_detach_runs_the_monitor_in_the_background_until_shutdown() {
 /// Ctrl-C while `up -d` waits for its monitor returns once that monitor has ended, so an `up` run again at
 /// once finds the run directory free. It returned as soon as it had signalled the monitor, which was still
 /// stopping: here, a leftover of a killed monitor that ignores its stop signal (`stopwaitsecs = 3`), which
-/// keeps the new monitor from being ready, then its own copy, which ignores it too.
+/// keeps the new monitor from being ready. The monitor told to stop meanwhile starts nothing after it: it
+/// started the program's new copy, which ignores the signal too, and its forced end left that running.
 #[test]
 fn ctrl_c_while_up_detach_waits_returns_once_its_monitor_has_ended() {
     let dir = std::sync::Arc::new(tempfile::tempdir().unwrap());
@@ -382,6 +383,12 @@ fn ctrl_c_while_up_detach_waits_returns_once_its_monitor_has_ended() {
         up.stderr()
     );
     assert!(!alive(leftover), "the leftover outlived its monitor");
+    let started = || tagged_pids(&format!("XCLUSTER_TEST_TAG={}", up.tag()));
+    eventually(
+        Duration::from_secs(5),
+        "nothing the monitor started to be left",
+        || started().is_empty().then_some(()),
+    );
     drop(first);
 }
 

@@ -186,11 +186,20 @@ impl Supervisor {
         };
         sup.update(cfg, None);
         sup.adopt(adopt);
+        // A drain or stop that came while the monitor stopped leftovers (a Ctrl-C to `up -d` as it waits for
+        // the monitor to be ready): nothing is started, and what was adopted stops. Started first, a program
+        // was then left running once the daemon forced the monitor's end.
+        let mut hard = inputs.stop.is_cancelled();
+        if hard || inputs.drain.is_cancelled() {
+            sup.begin_shutdown();
+        }
+        if hard {
+            sup.stop_everything_now();
+        }
         // The first snapshot is out before the API reports ready.
         sup.kick();
         sup.publish();
         tokio::spawn(async move {
-            let mut hard = false;
             loop {
                 sup.kick();
                 sup.publish();
