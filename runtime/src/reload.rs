@@ -32,8 +32,8 @@ const MISSING_RETRY: Duration = Duration::from_secs(2);
 /// it is judged as it is. An include emptied on purpose (a template rendering a program away) held back
 /// every reload until a SIGHUP, an edit of the main file's included.
 const BLANK_PATIENCE: Duration = Duration::from_secs(5);
-/// The most symbolic links followed on the way to the main file's directory, the kernel's own limit (past
-/// it, `ELOOP`): links leading into each other end there.
+/// The most symbolic links followed on one walk of [`links_to`] (a file's way), the kernel's own limit
+/// (past it, `ELOOP`): links leading into each other end there.
 const MAX_LINKS: usize = 40;
 /// How long a rejected config's bytes are not judged again on a file event. A verdict may hang on more
 /// than the files (a user or a log directory made since, a backend's name that resolves now): the same
@@ -406,7 +406,7 @@ fn followed(sources: &Sources, read_files: &[PathBuf]) -> Vec<PathBuf> {
 
 /// The paths whose events are a change to the config: the main file, the files its include patterns name,
 /// and those patterns' directories themselves (made, removed or renamed: what the patterns match changes).
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct Relevant {
     main: PathBuf,
     /// Where `main` leads when it is a symbolic link ([`link_target`]). Events name directory entries, never
@@ -415,10 +415,12 @@ struct Relevant {
     /// any entry of the main file's directory and the target itself count; the content fingerprint tells
     /// an edit from the rest.
     target: Option<PathBuf>,
-    /// The symbolic links on the way to the main file's directory ([`links_to`]). A deploy swapping one
-    /// (Capistrano's `current -> releases/1`, renamed over by a link to `releases/2`) leads the main file
-    /// into another directory with an event on the link alone: the main file's directory is watched by
-    /// inode, the old release's, and the new config was not loaded until a SIGHUP.
+    /// The symbolic links on the way to the main file ([`links_to`]), and to the referenced files that are
+    /// links. A deploy swapping one (Capistrano's `current -> releases/1`, renamed over by a link to
+    /// `releases/2`) leads the main file into another directory with an event on the link alone: the main
+    /// file's directory is watched by inode, the old release's, and the new config was not loaded until a
+    /// SIGHUP. The main file a link into such a path (`/etc/xc/lb.toml -> /srv/xc/current/lb.toml`) has
+    /// the swap on its target's way, which [`link_target`] resolves past: those are walked too.
     dir_links: Vec<PathBuf>,
     patterns: Vec<IncludePattern>,
     /// The files the config names that its load read (key and token files), and the included files that are
@@ -486,8 +488,11 @@ fn link_target(main: &Path) -> Option<PathBuf> {
 /// The symbolic links met on the way to `dir` (absolute), each named by where it was met: those `dir`
 /// names (`/srv/xc/current` in `/srv/xc/current/conf`), then those the links lead through, named by where
 /// they lead (`/srv/xc/releases/2/conf` when `current` leads to `releases/2` and `conf` is a link too).
-/// Watching each one's directory sees it swapped. At most [`MAX_LINKS`] are followed, so links leading into
-/// each other end; a part not there ends nothing (a link to a release not made yet is still a link).
+/// Its last part is walked as the others: a file that is a link is named, and the links on the way its
+/// text says (relative to the link's directory as the kernel takes it, `..` after a link included), which
+/// resolving it whole ([`link_target`]) leaves unnamed. Watching each one's directory sees it swapped. At
+/// most [`MAX_LINKS`] are followed, so links leading into each other end; a part not there ends nothing (a
+/// link to a release not made yet is still a link).
 fn links_to(dir: &Path) -> Vec<PathBuf> {
     let mut links: Vec<PathBuf> = Vec::new();
     // Where the walk is: no link in it (each part was found to be none, or was a link's target, walked in
@@ -634,22 +639,43 @@ impl ConfigWatcher {
                 self.warned.insert(dir);
             }
         }
+        if found {
+            // One made since may be a directory watched already under another name (a link to it named by
+            // the config too): notify names both's events by one name from then on, and the other's matched
+            // nothing until the next reload regrouped them.
+            let relevant = Relevant {
+                same_dirs: same_dirs(&self.watched),
+                ..Relevant::clone(&self.relevant.load())
+            };
+            self.relevant.store(Arc::new(relevant));
+        }
         found
     }
 
     /// Watches the directories of `patterns` (the config's includes now), of the files in `referenced` (those
     /// the config names that its load read, and the included links: [`followed`]), of the files the main
-    /// file and those lead to when they are links, and of the links on the main file's way ([`links_to`]),
-    /// and no others besides the main file's. One that is not there is skipped with one warning, and looked
-    /// for again every [`MISSING_RETRY`] (and at each reload) until it is there.
+    /// file and those lead to when they are links, and of the links on the main file's way and on the linked
+    /// referenced files' ([`links_to`]), and no others besides the main file's. One that is not there is
+    /// skipped with one warning, and looked for again every [`MISSING_RETRY`] (and at each reload) until it
+    /// is there.
     fn follow(&mut self, patterns: &[IncludePattern], referenced: &[PathBuf]) {
         let main_dir = self.main.parent().map(Path::to_path_buf);
         // Looked up again at each reload: a swap of a ConfigMap's `..data` leads it into a new directory, a
         // deploy's swap of `current` into a new release, whose own links may be others.
         let target = link_target(&self.main);
-        let dir_links = main_dir.as_deref().map(links_to).unwrap_or_default();
         let referenced: Vec<(PathBuf, Option<PathBuf>)> =
             (referenced.iter()).map(|f| (f.clone(), link_target(f))).collect();
+        // The main file walked whole, not its directory: a link, its target's way is walked too (`current`
+        // in `/etc/xc/lb.toml -> /srv/xc/current/lb.toml`). So are the referenced files that are links, a
+        // Secret's or an included file's, deployed the same way.
+        let mut dir_links = links_to(&self.main);
+        for (file, _) in referenced.iter().filter(|(_, target)| target.is_some()) {
+            for link in links_to(file) {
+                if !dir_links.contains(&link) {
+                    dir_links.push(link);
+                }
+            }
+        }
         // Each with the directory it leads to, looked up before it is watched: one swapped between the two
         // is taken for swapped again at the next reload, and watched anew, never left watched behind.
         let dirs: BTreeMap<PathBuf, Option<DirId>> = (patterns.iter())
@@ -1361,6 +1387,14 @@ mod tests {
         // A link to a release not made yet is on the way all the same.
         link(Path::new("releases/3"), "next");
         assert_eq!(links_to(&root.join("next")), [root.join("next")]);
+        // A file that is a link is walked as a part: it is named, then the links its text leads through,
+        // relative to its directory (`current`, which resolving the link whole would leave unnamed).
+        std::fs::create_dir(root.join("etc")).unwrap();
+        link(Path::new("../current/x.toml"), "etc/x.toml");
+        assert_eq!(
+            links_to(&root.join("etc/x.toml")),
+            [root.join("etc/x.toml"), root.join("current")]
+        );
         // Links leading into each other end, each named once.
         assert_eq!(
             links_to(&root.join("loop-a/conf")),
@@ -1442,6 +1476,90 @@ mod tests {
         loads(&mut config, 2, "the new release").await;
         std::fs::write(dir.path().join("releases/2/x.toml"), grace(4)).unwrap();
         loads(&mut config, 4, "the edit of the new release").await;
+    }
+
+    /// A main file that is itself a link into such a path (`etc/x.toml -> ../current/x.toml`): the link is
+    /// resolved whole to `releases/1/x.toml`, whose way names no `current`, so the links on the way its text
+    /// says are watched too. Before, the swap made an event in a directory nobody watched.
+    #[tokio::test]
+    async fn a_main_file_linked_through_a_swapped_directory_link_loads_the_new_release() {
+        use crate::config::tests::Kept;
+        let dir = tempfile::tempdir().unwrap();
+        releases(dir.path());
+        std::fs::create_dir(dir.path().join("etc")).unwrap();
+        let main = dir.path().join("etc/x.toml");
+        std::os::unix::fs::symlink("../current/x.toml", &main).unwrap();
+        let (src, loaded) = loaded_from::<Kept>(&main);
+        let (publish, mut config) = watch::channel(Arc::new(loaded.config));
+        let cancel = CancellationToken::new();
+        let _stop = cancel.clone().drop_guard();
+        let seed = (loaded.raw, loaded.sources);
+        let _reloader = spawn::<Kept>(src, seed, publish, mpsc::channel(8), cancel, Notifier::disabled());
+        assert_eq!(config.borrow().grace_ms, 1);
+        // As above: the attempt queued at start is spent once the edit is loaded.
+        std::fs::write(dir.path().join("releases/1/x.toml"), grace(3)).unwrap();
+        loads(&mut config, 3, "the edit of the first release").await;
+
+        swap_current(dir.path(), "releases/2");
+        loads(&mut config, 2, "the new release").await;
+        std::fs::write(dir.path().join("releases/2/x.toml"), grace(4)).unwrap();
+        loads(&mut config, 4, "the edit of the new release").await;
+    }
+
+    /// A referenced file that is a link into a deploy's layout (a key file, `etc/x.key -> ../current/x.key`)
+    /// has the links on its way watched as the main file's are: a swap of `current` counts.
+    #[test]
+    fn a_linked_referenced_file_has_the_links_on_its_way_watched() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = std::fs::canonicalize(tmp.path()).unwrap();
+        releases(&root);
+        std::fs::create_dir(root.join("etc")).unwrap();
+        let main = root.join("etc/x.toml");
+        std::fs::write(&main, "").unwrap();
+        let key = root.join("etc/x.key");
+        std::os::unix::fs::symlink("../current/x.toml", &key).unwrap();
+        let (tx, _rx) = mpsc::channel(64);
+        let mut watcher = ConfigWatcher::start(&main, tx).unwrap();
+        watcher.follow(&[], std::slice::from_ref(&key));
+        assert!(
+            watcher.watched_dirs().contains(&root),
+            "{:?}",
+            watcher.watched_dirs()
+        );
+        let relevant = watcher.relevant.load();
+        assert!(relevant.covers(&root.join("current")), "{:?}", relevant.dir_links);
+        assert!(!relevant.covers(&root.join("current.tmp")));
+    }
+
+    /// A directory that was not there, made later and watched by `retry_missing`, may be one watched
+    /// under two names (a pattern's, and a link to it another pattern names): notify names its events by
+    /// one of them, and those of the other name's pattern count only once the names are grouped anew.
+    #[test]
+    fn a_directory_made_under_two_names_counts_under_either() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = std::fs::canonicalize(tmp.path()).unwrap();
+        let main = root.join("x.toml");
+        std::fs::write(&main, "").unwrap();
+        let [real, alias] = ["real", "alias"].map(|d| root.join(d));
+        std::os::unix::fs::symlink("real", &alias).unwrap();
+        let (tx, _rx) = mpsc::channel(64);
+        let mut watcher = ConfigWatcher::start(&main, tx).unwrap();
+        let patterns = [
+            pattern(alias.to_str().unwrap(), "*.toml"),
+            pattern(real.to_str().unwrap(), "*.key"),
+        ];
+        watcher.follow(&patterns, &[]);
+        assert_eq!(watcher.warned, BTreeSet::from([alias.clone(), real.clone()]));
+
+        std::fs::create_dir(&real).unwrap();
+        assert!(watcher.retry_missing());
+        assert!(watcher.warned.is_empty(), "{:?}", watcher.warned);
+        let relevant = watcher.relevant.load();
+        assert_eq!(relevant.same_dirs, [vec![alias.clone(), real.clone()]]);
+        // `alias`'s pattern, an event named under either name.
+        for dir in [&alias, &real] {
+            assert!(relevant.covers(&dir.join("web.toml")), "{}", dir.display());
+        }
     }
 
     /// After a swap of a directory link on the main file's way, its directory's watch is on the new
