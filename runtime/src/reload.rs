@@ -1457,9 +1457,16 @@ mod tests {
     /// moves to it. Before, nothing saw the swap, and the new release's config waited for a SIGHUP.
     #[tokio::test]
     async fn a_swapped_directory_link_loads_the_new_release_and_is_followed() {
-        use crate::config::tests::Kept;
         let dir = tempfile::tempdir().unwrap();
         let main = releases(dir.path());
+        a_swap_loads_the_new_release(dir.path(), &main).await;
+    }
+
+    /// Runs the reload loop on `main` (in `dir`'s deploy layout, [`releases`]) and checks that an edit of the
+    /// first release loads, then the swap of `current` to the second, then an edit of the second.
+    async fn a_swap_loads_the_new_release(dir: &Path, main: &Path) {
+        use crate::config::tests::Kept;
+        let main = main.to_path_buf();
         let (src, loaded) = loaded_from::<Kept>(&main);
         let (publish, mut config) = watch::channel(Arc::new(loaded.config));
         let cancel = CancellationToken::new();
@@ -1469,12 +1476,12 @@ mod tests {
         assert_eq!(config.borrow().grace_ms, 1);
         // An edit seen first: the attempt queued at start is spent by then, and cannot be the one that
         // reads the new release.
-        std::fs::write(dir.path().join("releases/1/x.toml"), grace(3)).unwrap();
+        std::fs::write(dir.join("releases/1/x.toml"), grace(3)).unwrap();
         loads(&mut config, 3, "the edit of the first release").await;
 
-        swap_current(dir.path(), "releases/2");
+        swap_current(dir, "releases/2");
         loads(&mut config, 2, "the new release").await;
-        std::fs::write(dir.path().join("releases/2/x.toml"), grace(4)).unwrap();
+        std::fs::write(dir.join("releases/2/x.toml"), grace(4)).unwrap();
         loads(&mut config, 4, "the edit of the new release").await;
     }
 
@@ -1483,27 +1490,12 @@ mod tests {
     /// says are watched too. Before, the swap made an event in a directory nobody watched.
     #[tokio::test]
     async fn a_main_file_linked_through_a_swapped_directory_link_loads_the_new_release() {
-        use crate::config::tests::Kept;
         let dir = tempfile::tempdir().unwrap();
         releases(dir.path());
         std::fs::create_dir(dir.path().join("etc")).unwrap();
         let main = dir.path().join("etc/x.toml");
         std::os::unix::fs::symlink("../current/x.toml", &main).unwrap();
-        let (src, loaded) = loaded_from::<Kept>(&main);
-        let (publish, mut config) = watch::channel(Arc::new(loaded.config));
-        let cancel = CancellationToken::new();
-        let _stop = cancel.clone().drop_guard();
-        let seed = (loaded.raw, loaded.sources);
-        let _reloader = spawn::<Kept>(src, seed, publish, mpsc::channel(8), cancel, Notifier::disabled());
-        assert_eq!(config.borrow().grace_ms, 1);
-        // As above: the attempt queued at start is spent once the edit is loaded.
-        std::fs::write(dir.path().join("releases/1/x.toml"), grace(3)).unwrap();
-        loads(&mut config, 3, "the edit of the first release").await;
-
-        swap_current(dir.path(), "releases/2");
-        loads(&mut config, 2, "the new release").await;
-        std::fs::write(dir.path().join("releases/2/x.toml"), grace(4)).unwrap();
-        loads(&mut config, 4, "the edit of the new release").await;
+        a_swap_loads_the_new_release(dir.path(), &main).await;
     }
 
     /// A referenced file that is a link into a deploy's layout (a key file, `etc/x.key -> ../current/x.key`)
